@@ -1,0 +1,41 @@
+"""Warning and error types of spectral-lens, so users can filter or catch them precisely."""
+
+from __future__ import annotations
+
+__all__ = [
+    "SpectralLensWarning",
+    "InsufficientRowsWarning",
+    "CompiledModelWarning",
+    "NonFiniteRowsWarning",
+    "NonFiniteError",
+    "SpectrumFormatError",
+    "StateFormatError",
+]
+
+
+class SpectralLensWarning(UserWarning):
+    """Base class of every warning spectral-lens emits (``warnings.filterwarnings`` on it)."""
+
+
+class InsufficientRowsWarning(SpectralLensWarning):
+    """Fewer rows (samples) than a rank window needs: eigenvalues beyond ``rows - 1`` are noise or zero."""
+
+
+class CompiledModelWarning(SpectralLensWarning):
+    """Hooks were attached to a ``torch.compile`` wrapper, where they may not fire as expected."""
+
+
+class NonFiniteRowsWarning(SpectralLensWarning):
+    """Rows containing NaN or Inf were skipped (only under ``nonfinite="skip"``)."""
+
+
+class NonFiniteError(ValueError):
+    """Input rows or losses contained NaN or Inf."""
+
+
+class SpectrumFormatError(ValueError):
+    """A file on disk is not a valid spectral-lens file (corrupted, truncated or of another kind)."""
+
+
+class StateFormatError(ValueError):
+    """An accumulator state (dict or file) is malformed, corrupted or of another configuration."""

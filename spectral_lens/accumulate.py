@@ -1,0 +1,440 @@
+"""``ActivationCovarianceAccumulator``: streaming, mergeable, checkpointable centered covariance.
+
+State is the float64 shifted sums of :mod:`spectral_lens.spectra.moments` around a fixed shift
+(the first rows' mean): ``n``, ``m = sum (x - s)``, ``S = sum (x - s)(x - s)^T``. ``update`` never
+synchronizes with the host; ``compute`` solves the eigenproblem once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._warnings import NonFiniteError, NonFiniteRowsWarning, StateFormatError
+from .capture import HookSet, Target, pick_tensor, select_modules, warn_if_compiled
+from .spectra.eigen import eigenvalues_descending
+from .spectra.moments import PRECISIONS, chunk_moments, covariance_from_moments, representable_shift, reshift
+from .spectrum import Spectrum
+
+__all__ = ["ActivationCovarianceAccumulator", "ActivationCapture", "attach"]
+
+_STATE_FORMAT = "spectral-lens/covariance-state"
+_SHIFT_ROWS = 4096  # rows of the first update that set the shift
+
+
+class ActivationCovarianceAccumulator:
+    """Streaming centered covariance of d-dimensional rows and its eigen-spectrum.
+
+    Args:
+        dim: row width ``d``; inferred from the first ``update`` when ``None``.
+        precision: ``"exact"`` (default; fp32 products with TF32 off, fp64 for fp64 input),
+            ``"fast"`` (bf16 products with fp32 accumulation on CUDA tensor cores; same as
+            ``"exact"`` on other devices) or ``"float64"`` (fp64 products). Chunk sums are always
+            merged in float64 around a shift, never as raw second moments.
+        nonfinite: ``"raise"`` (default): a NaN/Inf anywhere makes ``compute`` raise
+            :class:`NonFiniteError` naming the module and the first offending update (checked
+            without a host sync); ``"skip"``: rows with a NaN/Inf are dropped and counted
+            (``Spectrum.metadata["skipped_rows"]``) and ``compute`` warns.
+        max_chunk_rows: rows per product; bounds fp32 accumulation length and scratch memory.
+        name: label used in errors and as ``Spectrum.source`` (``attach`` sets the module name).
+
+    Methods follow torchmetrics: ``update``, ``compute``, ``reset``, ``merge``, ``state_dict`` /
+    ``load_state_dict``, plus ``save``/``load`` (``.npz``, no pickle) and ``sync`` across ranks.
+    """
+
+    def __init__(
+        self,
+        dim: int | None = None,
+        *,
+        precision: str = "exact",
+        nonfinite: str = "raise",
+        max_chunk_rows: int = 65536,
+        name: str | None = None,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if dim is not None and (not isinstance(dim, int) or dim < 1):
+            raise ValueError(f"dim must be a positive int or None, got {dim!r}")
+        if max_chunk_rows < 1:
+            raise ValueError(f"max_chunk_rows must be >= 1, got {max_chunk_rows}")
+        self.dim = dim
+        self.precision = precision
+        self.nonfinite = nonfinite
+        self.max_chunk_rows = int(max_chunk_rows)
+        self.name = name
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget every row (keeps the configuration, including an explicit ``dim``)."""
+        self._shift: torch.Tensor | None = None
+        self._n = self._m = self._s = None
+        self._bad_rows = self._first_bad = None
+        self._updates = 0
+        self._synced = False
+
+    def _label(self) -> str:
+        return self.name or "ActivationCovarianceAccumulator"
+
+    def _init_state(self, dim: int, device: torch.device, shift: torch.Tensor) -> None:
+        self.dim = dim
+        f64 = dict(dtype=torch.float64, device=device)
+        self._shift = representable_shift(shift.to(device), self.precision)
+        self._n = torch.zeros((), dtype=torch.int64, device=device)
+        self._m = torch.zeros(dim, **f64)
+        self._s = torch.zeros(dim, dim, **f64)
+        self._bad_rows = torch.zeros((), dtype=torch.int64, device=device)
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+
+    @property
+    def initialized(self) -> bool:
+        """Whether any state (rows or a loaded state) exists."""
+        return self._s is not None
+
+    @property
+    def n_rows(self) -> int:
+        """Rows accumulated so far (a host sync; not for hot loops)."""
+        return int(self._n) if self.initialized else 0
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Float64 mean of the rows seen so far."""
+        self._require_rows(1)
+        return self._shift + self._m / self._n.to(torch.float64)
+
+    # ----------------------------------------------------------------- update
+    def _check_input(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        where = self._label()
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{where}: update expects a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{where}: rows must be floating point, got dtype {x.dtype} with shape {tuple(x.shape)}")
+        if x.ndim < 1 or x.shape[-1] == 0:
+            raise ValueError(f"{where}: expected rows of shape (..., d), got {tuple(x.shape)}")
+        if self.dim is not None and x.shape[-1] != self.dim:
+            raise ValueError(f"{where}: expected last dim d={self.dim}, got input of shape {tuple(x.shape)}")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"{where}: mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+            if tuple(mask.shape) != tuple(x.shape[:-1]):
+                raise ValueError(
+                    f"{where}: mask shape {tuple(mask.shape)} must equal the input's leading shape {tuple(x.shape[:-1])}"
+                )
+        if self._synced:
+            raise RuntimeError(f"{where}: state was synced across ranks; call reset() before new updates")
+        if self.initialized and x.device != self._s.device:
+            raise ValueError(f"{where}: input on {x.device}, accumulator state on {self._s.device}")
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add rows: ``x`` of shape (..., d), leading dims flattened; ``mask`` (...,) bool marks valid rows."""
+        self._check_input(x, mask)
+        rows = x.detach().reshape(-1, x.shape[-1])
+        valid = None if mask is None else mask.reshape(-1).to(rows.device)
+        if self.nonfinite == "skip":
+            finite = torch.isfinite(rows).all(-1)
+            considered = finite if valid is None else valid
+            bad = (~finite if valid is None else valid & ~finite).sum()
+            valid = finite if valid is None else valid & finite
+        if not self.initialized:
+            head, hv = rows[:_SHIFT_ROWS], None if valid is None else valid[:_SHIFT_ROWS]
+            if hv is None:
+                shift = head.sum(0, dtype=torch.float64) / max(head.shape[0], 1)
+            else:
+                w = hv.to(torch.float64).unsqueeze(-1)
+                shift = (torch.where(hv.unsqueeze(-1), head.to(torch.float64), 0.0) * w).sum(0) / w.sum().clamp_min(1)
+            self._init_state(rows.shape[-1], rows.device, shift)
+        index = self._updates
+        self._updates += 1
+        for start in range(0, rows.shape[0], self.max_chunk_rows):
+            chunk = rows[start : start + self.max_chunk_rows]
+            cv = None if valid is None else valid[start : start + self.max_chunk_rows]
+            m, s = chunk_moments(chunk, self._shift, self.precision, cv)
+            self._m += m
+            self._s += s
+            self._n += chunk.shape[0] if cv is None else cv.sum()
+            if self.nonfinite == "raise":
+                broken = ~torch.isfinite(m).all()
+                self._first_bad = torch.where(broken & (self._first_bad < 0), index, self._first_bad)
+        if self.nonfinite == "skip":
+            self._bad_rows += bad
+            self._first_bad = torch.where((bad > 0) & (self._first_bad < 0), index, self._first_bad)
+
+    # ---------------------------------------------------------------- results
+    def _require_rows(self, k: int) -> int:
+        n = self.n_rows
+        if n < k:
+            raise ValueError(f"{self._label()}: need at least {k} rows, have {n}")
+        return n
+
+    def _check_finite(self) -> int:
+        first = int(self._first_bad) if self.initialized else -1
+        if self.nonfinite == "raise" and first >= 0:
+            raise NonFiniteError(
+                f"{self._label()}: non-finite values (NaN/Inf) in the rows of update #{first} "
+                "(0-based); fix the model or pass nonfinite='skip' to drop and count such rows"
+            )
+        skipped = int(self._bad_rows) if self.initialized else 0
+        if skipped:
+            warnings.warn(
+                f"{self._label()}: skipped {skipped} rows containing NaN/Inf (first in update #{first})",
+                NonFiniteRowsWarning,
+                stacklevel=3,
+            )
+        return skipped
+
+    def covariance(self) -> torch.Tensor:
+        """The float64 (d, d) centered covariance ``1/(N-1) sum (h - mean)(h - mean)^T``."""
+        self._check_finite()
+        self._require_rows(2)
+        return covariance_from_moments(self._n, self._m, self._s)
+
+    def compute(self) -> Spectrum:
+        """Eigenvalues of the covariance, descending, as a :class:`Spectrum` (raises if < 2 rows)."""
+        skipped = self._check_finite()
+        n = self._require_rows(2)
+        values = eigenvalues_descending(covariance_from_moments(self._n, self._m, self._s))
+        meta: dict[str, Any] = {"precision": self.precision, "skipped_rows": skipped}
+        return Spectrum(values.cpu(), n_rows=n, dim=self.dim, kind="activation_covariance", source=self.name, metadata=meta)
+
+    # ------------------------------------------------------------ combination
+    def merge(self, other: "ActivationCovarianceAccumulator") -> "ActivationCovarianceAccumulator":
+        """Add ``other``'s rows to this accumulator (exact float64 re-shift); returns ``self``."""
+        if not isinstance(other, ActivationCovarianceAccumulator):
+            raise TypeError(f"{self._label()}: can only merge another ActivationCovarianceAccumulator")
+        if not other.initialized:
+            return self
+        if self.dim is not None and other.dim != self.dim:
+            raise ValueError(f"{self._label()}: cannot merge d={other.dim} into d={self.dim}")
+        if self._synced:
+            raise RuntimeError(f"{self._label()}: state was synced across ranks; call reset() before merging")
+        dev = other._s.device
+        if not self.initialized:
+            self._init_state(other.dim, dev, other._shift)
+        o = {k: getattr(other, k).to(self._s.device) for k in ("_n", "_m", "_s", "_shift", "_bad_rows", "_first_bad")}
+        m, s = reshift(o["_n"], o["_m"], o["_s"], o["_shift"], self._shift)
+        self._n += o["_n"]
+        self._m += m
+        self._s += s
+        self._bad_rows += o["_bad_rows"]
+        shifted = torch.where(o["_first_bad"] >= 0, o["_first_bad"] + self._updates, -1)
+        self._first_bad = torch.where(self._first_bad >= 0, self._first_bad, shifted)
+        self._updates += other._updates
+        return self
+
+    def sync(self, group=None) -> "ActivationCovarianceAccumulator":
+        """Replace each rank's state by the sum over ranks (``all_reduce`` of float64 sufficient statistics).
+
+        All ranks first agree on a common shift (the global mean) and re-shift exactly, then sum
+        ``n``, ``m`` and ``S``: memory is O(d^2) per rank, not world_size x d^2 as with all_gather.
+        A no-op without an initialized process group. Afterwards ``update`` raises until ``reset``.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+            return self
+        if self._synced:
+            raise RuntimeError(f"{self._label()}: already synced; reset() before accumulating again")
+        if not self.initialized:
+            if self.dim is None:
+                raise RuntimeError(f"{self._label()}: this rank saw no rows; pass dim= so it can join sync")
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+            self._init_state(self.dim, dev, torch.zeros(self.dim, dtype=torch.float64))
+        dims = torch.tensor([self.dim, -self.dim], dtype=torch.int64, device=self._s.device)
+        dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=group)
+        if int(dims[0]) != self.dim or int(-dims[1]) != self.dim:
+            raise ValueError(f"{self._label()}: ranks disagree on d (min {int(-dims[1])}, max {int(dims[0])})")
+        n64 = self._n.to(torch.float64)
+        totals = torch.cat([self._m + n64 * self._shift, n64.view(1)])
+        dist.all_reduce(totals, group=group)
+        common = self._shift if float(totals[-1]) == 0 else representable_shift(totals[:-1] / totals[-1], self.precision)
+        m, s = reshift(self._n, self._m, self._s, self._shift, common)
+        dist.all_reduce(s, group=group)
+        packed = torch.cat([m, self._n.to(torch.float64).view(1), self._bad_rows.to(torch.float64).view(1)])
+        dist.all_reduce(packed, group=group)
+        flags = torch.stack([self._first_bad, self._first_bad.clamp_max(0)])  # any rank broken -> flag
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        self._shift, self._s, self._m = common, s, packed[:-2]
+        self._n = packed[-2].round().to(torch.int64)
+        self._bad_rows = packed[-1].round().to(torch.int64)
+        self._first_bad = flags[0]
+        self._synced = True
+        return self
+
+    # ------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Configuration and sufficient statistics (tensors on their device); restores exactly."""
+        sd: dict[str, Any] = {
+            "format": _STATE_FORMAT,
+            "dim": self.dim,
+            "precision": self.precision,
+            "nonfinite": self.nonfinite,
+            "updates": self._updates,
+            "synced": self._synced,
+        }
+        if self.initialized:
+            sd.update(shift=self._shift, n=self._n, m=self._m, s=self._s, bad_rows=self._bad_rows, first_bad=self._first_bad)
+        return sd
+
+    def load_state_dict(self, state: dict[str, Any], origin: str = "state_dict") -> None:
+        """Restore a :meth:`state_dict`; validates format, configuration, shapes and dtypes."""
+        def fail(why: str) -> None:
+            raise StateFormatError(f"{self._label()}: cannot load {origin}: {why}")
+
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            fail("not an ActivationCovarianceAccumulator state")
+        if state.get("precision") != self.precision:
+            fail(f"precision {state.get('precision')!r} differs from this accumulator's {self.precision!r}")
+        dim = state.get("dim")
+        if self.dim is not None and dim is not None and dim != self.dim:
+            fail(f"dim {dim} differs from this accumulator's {self.dim}")
+        self.reset()
+        self._updates = int(state.get("updates", 0))
+        self._synced = bool(state.get("synced", False))
+        if "s" not in state:
+            self.dim = dim if dim is not None else self.dim
+            return
+        expect = {"shift": (dim,), "m": (dim,), "s": (dim, dim), "n": (), "bad_rows": (), "first_bad": ()}
+        for key, shape in expect.items():
+            t = state.get(key)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                fail(f"{key!r} must be a tensor of shape {shape}, got {getattr(t, 'shape', type(t).__name__)}")
+        if not bool(torch.isfinite(state["shift"]).all()) or int(state["n"]) < 0:
+            fail("shift is not finite or n is negative")
+        dev = state["s"].device
+        self._init_state(dim, dev, state["shift"].to(torch.float64))
+        self._shift = state["shift"].to(dev, torch.float64).clone()
+        self._n = state["n"].to(dev, torch.int64).clone()
+        self._m = state["m"].to(dev, torch.float64).clone()
+        self._s = state["s"].to(dev, torch.float64).clone()
+        self._bad_rows = state["bad_rows"].to(dev, torch.int64).clone()
+        self._first_bad = state["first_bad"].to(dev, torch.int64).clone()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the state as ``.npz`` with a JSON header (no pickle); resume with :meth:`load`."""
+        sd = self.state_dict()
+        header = {k: sd[k] for k in ("format", "dim", "precision", "nonfinite", "updates", "synced")}
+        arrays = {k: v.detach().cpu().numpy() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        path = Path(path)
+        np.savez(path, header=np.array(json.dumps(header)), **arrays)
+        return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", name: str | None = None,
+             max_chunk_rows: int = 65536) -> "ActivationCovarianceAccumulator":
+        """Rebuild an accumulator from :meth:`save` output; corrupt files raise :class:`StateFormatError`."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                header = json.loads(str(data["header"]))
+                arrays = {k: torch.from_numpy(data[k].copy()).to(device) for k in data.files if k != "header"}
+        except FileNotFoundError:
+            raise
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
+            raise StateFormatError(f"{path}: not a readable accumulator state file ({exc})") from exc
+        if not isinstance(header, dict) or header.get("precision") not in PRECISIONS:
+            raise StateFormatError(f"{path}: header is not an accumulator state header")
+        acc = cls(header.get("dim"), precision=header["precision"], nonfinite=header.get("nonfinite", "raise"),
+                  max_chunk_rows=max_chunk_rows, name=name)
+        acc.load_state_dict({**header, **arrays}, origin=str(path))
+        return acc
+
+    def __repr__(self) -> str:
+        return (f"ActivationCovarianceAccumulator(name={self.name!r}, dim={self.dim}, precision={self.precision!r}, "
+                f"nonfinite={self.nonfinite!r}, updates={self._updates})")
+
+
+class ActivationCapture(HookSet):
+    """Forward hooks feeding selected modules' outputs into one accumulator each.
+
+    Attributes:
+        accumulators: ``{module_name: ActivationCovarianceAccumulator}`` in model order.
+
+    Use as a context manager (hooks are removed on exit, also on exceptions) or call ``remove()``.
+    Set a padding mask for the next forward passes with ``with capture.mask(attention_mask): ...``.
+    """
+
+    def __init__(self, accumulators: dict[str, ActivationCovarianceAccumulator]) -> None:
+        super().__init__()
+        self.accumulators = accumulators
+        self._mask: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def mask(self, mask: torch.Tensor | None):
+        """Valid-position mask (bool, the module output's leading shape) for forwards inside the block."""
+        previous, self._mask = self._mask, mask
+        try:
+            yield self
+        finally:
+            self._mask = previous
+
+    def compute(self) -> dict[str, Spectrum]:
+        """``{module_name: Spectrum}`` for every attached module."""
+        return {name: acc.compute() for name, acc in self.accumulators.items()}
+
+    def reset(self) -> None:
+        """Reset every accumulator."""
+        for acc in self.accumulators.values():
+            acc.reset()
+
+
+def attach(
+    model: nn.Module,
+    target: Target,
+    *,
+    pick=None,
+    dim: int | None = None,
+    precision: str = "exact",
+    nonfinite: str = "raise",
+    max_chunk_rows: int = 65536,
+) -> ActivationCapture:
+    """Register forward hooks on the modules ``target`` selects; each feeds its own accumulator.
+
+    Args:
+        model: any ``nn.Module`` (attach to the uncompiled module; a ``torch.compile`` wrapper warns).
+        target: exact dotted name, glob, compiled regex, callable ``(name, module) -> bool`` or a list.
+        pick: which tensor of a module output to measure: ``None`` (the output must be a tensor),
+            an ``int`` (tuple/list index), a ``str`` (dict key or attribute), or a callable.
+        dim, precision, nonfinite, max_chunk_rows: passed to each
+            :class:`ActivationCovarianceAccumulator`.
+
+    The hooks read outputs under ``torch.no_grad()`` and return nothing, so the model's outputs,
+    gradients and autograd graph are unchanged. A module called several times per forward
+    contributes rows from every call.
+    """
+    warn_if_compiled(model)
+    selected = select_modules(model, target)
+    accs = {
+        name: ActivationCovarianceAccumulator(
+            dim, precision=precision, nonfinite=nonfinite, max_chunk_rows=max_chunk_rows, name=name
+        )
+        for name, _ in selected
+    }
+    capture = ActivationCapture(accs)
+    try:
+        for name, module in selected:
+            capture.add(module.register_forward_hook(_make_hook(capture, name, pick)))
+    except BaseException:
+        capture.remove()
+        raise
+    return capture
+
+
+def _make_hook(capture: ActivationCapture, name: str, pick):
+    acc = capture.accumulators[name]
+
+    def hook(module, args, output):
+        tensor = pick_tensor(output, pick, name)
+        acc.update(tensor, mask=capture._mask)
+
+    return hook

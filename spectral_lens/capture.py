@@ -1,0 +1,128 @@
+"""Module selection and scoped forward hooks.
+
+Targets name modules the way ``model.named_modules()`` does. A target is an exact dotted name, a
+glob (``"blocks.*.mlp"``), a compiled regular expression (matched against the full name), a
+callable ``(name, module) -> bool``, or a list of these (their union, in model order).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+import warnings
+from typing import Callable, Iterable, Union
+
+import torch
+from torch import nn
+
+from ._warnings import CompiledModelWarning
+
+__all__ = ["Target", "select_modules", "pick_tensor", "HookSet", "warn_if_compiled"]
+
+Target = Union[str, "re.Pattern[str]", Callable[[str, nn.Module], bool], Iterable]
+
+_GLOB_CHARS = set("*?[")
+
+
+def _matcher(target) -> Callable[[str, nn.Module], bool]:
+    if isinstance(target, re.Pattern):
+        return lambda name, _m: target.fullmatch(name) is not None
+    if isinstance(target, str):
+        if _GLOB_CHARS & set(target):
+            return lambda name, _m: fnmatch.fnmatchcase(name, target)
+        return lambda name, _m: name == target
+    if callable(target):
+        return lambda name, m: bool(target(name, m))
+    raise TypeError(
+        f"module target must be a name, glob, compiled regex, callable or a list of them; got {type(target).__name__}"
+    )
+
+
+def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Module]]:
+    """Modules of ``model`` selected by ``target``, as ``(dotted_name, module)`` in model order.
+
+    Raises ``ValueError`` naming the closest module names when nothing matches.
+    """
+    targets = list(target) if isinstance(target, (list, tuple, set, frozenset)) else [target]
+    if not targets:
+        raise ValueError("empty module target list")
+    matchers = [_matcher(t) for t in targets]
+    named = list(model.named_modules())
+    chosen = [(name, mod) for name, mod in named if any(f(name, mod) for f in matchers)]
+    if not chosen:
+        names = [n for n, _ in named if n]
+        hints = []
+        for t in targets:
+            if isinstance(t, str):
+                hints += difflib.get_close_matches(t, names, n=5, cutoff=0.5)
+        shown = hints or names[:8]
+        raise ValueError(
+            f"{type(model).__name__}: no module matches target {target!r}; "
+            f"{'closest names' if hints else 'some module names'}: {shown}"
+        )
+    return chosen
+
+
+def pick_tensor(output, pick, where: str) -> torch.Tensor:
+    """The tensor a hook measures from a module output.
+
+    ``pick=None`` requires the output to be a tensor. An ``int`` indexes a tuple/list output, a
+    ``str`` keys a dict (or an attribute of a model-output object), a callable receives the output.
+    """
+    if pick is None:
+        value = output
+    elif callable(pick):
+        value = pick(output)
+    elif isinstance(pick, int) and isinstance(output, (tuple, list)):
+        value = output[pick]
+    elif isinstance(pick, str) and isinstance(output, dict):
+        value = output[pick]
+    elif isinstance(pick, str) and hasattr(output, pick):
+        value = getattr(output, pick)
+    else:
+        raise TypeError(f"{where}: cannot pick {pick!r} from an output of type {type(output).__name__}")
+    if not isinstance(value, torch.Tensor):
+        hint = " (pass pick=0 for the first element, pick='key' for a dict entry, or a callable)" if pick is None else ""
+        raise TypeError(f"{where}: module output is {type(value).__name__}, expected a tensor{hint}")
+    return value
+
+
+def warn_if_compiled(model: nn.Module) -> None:
+    """Warn when ``model`` is a ``torch.compile`` wrapper (hooks may not fire inside compiled graphs)."""
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        warnings.warn(
+            "model is a torch.compile wrapper: hooks registered after compilation may be skipped or trigger "
+            "recompiles. Attach to model._orig_mod and measure with the uncompiled module.",
+            CompiledModelWarning,
+            stacklevel=3,
+        )
+
+
+class HookSet:
+    """Handles of the hooks one attachment registered; removes exactly those, once.
+
+    A context manager: leaving the ``with`` block removes the hooks, also when the body raises.
+    Hooks registered by the user or by other attachments are never touched.
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def add(self, handle: torch.utils.hooks.RemovableHandle) -> None:
+        self._handles.append(handle)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Remove every hook of this set (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> "HookSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -1,0 +1,33 @@
+"""Eigen-solves: descending float64 spectra of symmetric PSD matrices and of stacked rows."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["eigenvalues_descending", "gram_eigenvalues", "trace_normalize"]
+
+
+def eigenvalues_descending(sym: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a symmetric matrix, float64, sorted descending.
+
+    Round-off can make eigenvalues of a PSD matrix slightly negative; they are clamped to zero so the
+    result is a valid spectrum (the clamp is below float64 precision of the largest eigenvalue).
+    """
+    if sym.ndim != 2 or sym.shape[0] != sym.shape[1]:
+        raise ValueError(f"expected a square matrix, got shape {tuple(sym.shape)}")
+    vals = torch.linalg.eigvalsh(sym.to(torch.float64))
+    return vals.flip(0).clamp_min(0.0)
+
+
+def gram_eigenvalues(rows: torch.Tensor) -> torch.Tensor:
+    """Squared singular values of an (M, P) matrix via its M x M Gram matrix in float64, descending."""
+    g = rows.to(torch.float64)
+    return eigenvalues_descending(g @ g.t())
+
+
+def trace_normalize(values: torch.Tensor) -> torch.Tensor:
+    """``p_j = lambda_j / sum_k lambda_k``; raises on an all-zero spectrum."""
+    total = values.sum()
+    if not bool(total > 0):
+        raise ValueError("cannot trace-normalize a spectrum whose eigenvalues sum to zero")
+    return values / total

@@ -1,0 +1,218 @@
+"""Power-law fits on trace-normalized spectra: band-restricted alpha and the head/tail crossover rank.
+
+Ranks are 1-based, windows are inclusive ``[lo, hi]`` as in the paper (Sec. 2). These functions work
+on small host arrays (one value per eigenvalue); they are not on any hot path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "PAPER_WINDOWS",
+    "AlphaFit",
+    "CrossoverFit",
+    "band_alpha",
+    "tail_window",
+    "estimate_crossover",
+]
+
+#: The paper's pre-registered window bank (Sec. 2).
+PAPER_WINDOWS: tuple[tuple[int, int], ...] = ((100, 200), (200, 400), (400, 800))
+
+
+@dataclass(frozen=True)
+class AlphaFit:
+    """Least-squares fit of ``log p_j = intercept - alpha * log j`` over ranks ``window``.
+
+    Attributes:
+        window: inclusive 1-based rank window ``(lo, hi)``.
+        alpha: minus the slope (larger = steeper decay).
+        intercept: fitted ``log p`` at ``j = 1``.
+        r2: coefficient of determination of the log-log fit.
+        stderr: ordinary-least-squares standard error of ``alpha``.
+        n_points: number of ranks used (``hi - lo + 1``).
+    """
+
+    window: tuple[int, int]
+    alpha: float
+    intercept: float
+    r2: float
+    stderr: float
+    n_points: int
+
+
+@dataclass(frozen=True)
+class CrossoverFit:
+    """Two-segment (broken-stick) fit of the log-log spectrum.
+
+    Attributes:
+        rank: estimated crossover rank ``r*`` between the learned head and the unresolved tail
+            (where the two fitted power laws meet).
+        head_alpha: exponent of the segment below ``rank``.
+        tail_alpha: exponent of the segment above ``rank``.
+        ranks: inclusive range of ranks the fit used.
+        improvement: fraction of the single-line residual sum of squares removed by the break
+            (0 = no evidence of a bend, near 1 = a clean two-regime spectrum).
+    """
+
+    rank: float
+    head_alpha: float
+    tail_alpha: float
+    ranks: tuple[int, int]
+    improvement: float
+
+
+def _as_numpy(p) -> np.ndarray:
+    if isinstance(p, torch.Tensor):
+        p = p.detach().to("cpu", torch.float64).numpy()
+    return np.asarray(p, dtype=np.float64)
+
+
+def _check_window(p: np.ndarray, window: tuple[int, int]) -> tuple[int, int]:
+    try:
+        lo, hi = (int(window[0]), int(window[1]))
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"window must be a pair of 1-based ranks (lo, hi), got {window!r}") from None
+    if lo < 1 or hi <= lo:
+        raise ValueError(f"window {window!r}: need 1 <= lo < hi (ranks are 1-based and inclusive)")
+    if hi > p.size:
+        raise ValueError(
+            f"window [{lo}, {hi}] exceeds the spectrum: only {p.size} eigenvalues are available"
+        )
+    nonzero = int(np.count_nonzero(p > 0))
+    if np.any(p[lo - 1 : hi] <= 0):
+        raise ValueError(
+            f"window [{lo}, {hi}] reaches zero eigenvalues: only {nonzero} are nonzero "
+            "(too few samples or a rank-deficient representation)"
+        )
+    return lo, hi
+
+
+def _line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
+    """OLS of y on x: (slope, intercept, r2, stderr of slope)."""
+    xm, ym = x.mean(), y.mean()
+    sxx = float(((x - xm) ** 2).sum())
+    slope = float(((x - xm) * (y - ym)).sum() / sxx)
+    intercept = float(ym - slope * xm)
+    resid = y - (intercept + slope * x)
+    sse = float((resid**2).sum())
+    sst = float(((y - ym) ** 2).sum())
+    r2 = 1.0 - sse / sst if sst > 0 else 1.0
+    dof = x.size - 2
+    stderr = math.sqrt(sse / dof / sxx) if dof > 0 else float("nan")
+    return slope, intercept, r2, stderr
+
+
+def band_alpha(p, window: tuple[int, int]) -> AlphaFit:
+    """Band-restricted exponent ``alpha(I)`` of a (trace-normalized) spectrum ``p`` over ``window``.
+
+    ``p`` must be sorted descending; normalization does not change ``alpha`` (only the intercept).
+    Raises ``ValueError`` if the window is malformed, exceeds the spectrum or reaches zero eigenvalues.
+    """
+    arr = _as_numpy(p)
+    lo, hi = _check_window(arr, window)
+    ranks = np.arange(lo, hi + 1, dtype=np.float64)
+    slope, intercept, r2, stderr = _line_fit(np.log(ranks), np.log(arr[lo - 1 : hi]))
+    return AlphaFit((lo, hi), -slope, intercept, r2, stderr, hi - lo + 1)
+
+
+def tail_window(n_layer: int) -> tuple[int, int]:
+    """The paper's scale rule for the tail window (Sec. 2).
+
+    d12 (and shallower) -> [100, 200]; d36 -> [200, 400]; d48 -> [400, 800]. Depths between tiers take
+    the next tier's window; deeper models continue outward by doubling per further 1.33x in depth
+    (the ratio 48/36), i.e. 64 layers -> [800, 1600]. The extrapolation beyond d48 is ours, not the
+    paper's: check it against :func:`estimate_crossover` on your own spectra.
+    """
+    if n_layer < 1:
+        raise ValueError(f"n_layer must be >= 1, got {n_layer}")
+    if n_layer <= 12:
+        return (100, 200)
+    if n_layer <= 36:
+        return (200, 400)
+    if n_layer <= 48:
+        return (400, 800)
+    steps = math.ceil(math.log(n_layer / 48) / math.log(48 / 36) - 1e-9)
+    return (400 * 2**steps, 800 * 2**steps)
+
+
+def _broken_stick(x: np.ndarray, y: np.ndarray, min_segment: float) -> tuple[float, float, float, float]:
+    """Continuous two-segment least squares in (x, y): (break, slope below, slope above, sse)."""
+    span = x[-1] - x[0]
+    best = (np.inf, 0.0, 0.0, 0.0)
+    for b in np.linspace(x[0] + min_segment * span, x[-1] - min_segment * span, 4 * x.size):
+        design = np.stack([np.ones_like(x), np.minimum(x - b, 0.0), np.maximum(x - b, 0.0)], axis=1)
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        sse = float(((design @ coef - y) ** 2).sum())
+        if sse < best[0]:
+            best = (sse, float(b), float(coef[1]), float(coef[2]))
+    return best[1], best[2], best[3], best[0]
+
+
+def _bend_model(theta: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``log p`` of the Theorem-6 spectrum ``C r^-a (1 - exp(-(r*/r)^q))^2`` at ``x = log r``."""
+    c, a, q, log_rstar = theta
+    z = np.exp(q * (log_rstar - x))
+    return c - a * x + 2.0 * np.log(-np.expm1(-z))
+
+
+def estimate_crossover(
+    p,
+    ranks: tuple[int, int] | None = None,
+    method: str = "bend",
+    n_grid: int = 256,
+    min_segment: float = 0.15,
+) -> CrossoverFit:
+    """Estimate the crossover rank ``r*`` between the learned head and the unresolved tail.
+
+    The spectrum is resampled on ``n_grid`` log-spaced ranks inside ``ranks`` (default: all nonzero
+    eigenvalues), so every decade weighs the same. Two estimators:
+
+    * ``method="broken_stick"``: continuous two-segment least squares in log-log; ``r*`` is where the
+      two fitted lines meet. Model-free but biased toward the middle of a smooth bend.
+    * ``method="bend"`` (default): nonlinear least squares of the paper's Theorem-6 shape
+      ``log p = c - a log r + 2 log(1 - exp(-(r*/r)^q))``, started from the broken stick. Its
+      asymptotes are a head of exponent ``a`` and a tail of exponent ``a + 2q`` meeting at ``r*``, so
+      on analytic spectra ``lambda_r = C r^-p (1 - exp(-eta t r^-q))^2`` it returns
+      ``r* = (eta t)^(1/q)``, ``head_alpha = p`` and ``tail_alpha = p + 2q``.
+
+    ``min_segment`` is the smallest fraction of the log-rank range either broken-stick segment covers.
+    Use the estimate to check that a tail window lies beyond the bend (``window[0] > rank``).
+    """
+    from scipy.optimize import least_squares
+
+    arr = _as_numpy(p)
+    nonzero = int(np.count_nonzero(arr > 0))
+    lo, hi = ranks if ranks is not None else (1, nonzero)
+    lo, hi = _check_window(arr, (lo, hi))
+    if hi - lo < 8:
+        raise ValueError(f"ranks [{lo}, {hi}]: need at least 9 ranks to locate a crossover")
+    if method not in ("bend", "broken_stick"):
+        raise ValueError(f"method must be 'bend' or 'broken_stick', got {method!r}")
+    grid = np.unique(np.round(np.geomspace(lo, hi, n_grid)).astype(np.int64))
+    x = np.log(grid.astype(np.float64))
+    y = np.log(arr[grid - 1])
+    sst = float(((y - y.mean()) ** 2).sum())
+    _, _, r2_line, _ = _line_fit(x, y)
+    sse_line = (1.0 - r2_line) * sst
+    b, s_head, s_tail, sse = _broken_stick(x, y, min_segment)
+    log_rstar, head, tail = b, -s_head, -s_tail
+    if method == "bend":
+        q0 = max((tail - head) / 2.0, 0.05)
+        theta0 = np.array([y[0] + head * x[0], head, q0, b])
+        fit = least_squares(
+            lambda t: _bend_model(t, x) - y,
+            theta0,
+            bounds=([-np.inf, -np.inf, 1e-3, x[0] - 5.0], [np.inf, np.inf, 50.0, x[-1] + 5.0]),
+        )
+        if fit.success and np.all(np.isfinite(fit.x)):
+            _, head, q, log_rstar = (float(v) for v in fit.x)
+            tail = head + 2.0 * q
+            sse = float((fit.fun**2).sum())
+    improvement = 1.0 - sse / sse_line if sse_line > 0 else 0.0
+    return CrossoverFit(float(np.exp(log_rstar)), float(head), float(tail), (lo, hi), float(improvement))

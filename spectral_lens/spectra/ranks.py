@@ -1,0 +1,39 @@
+"""Effective ranks of a spectrum given as eigenvalues ``lambda_j >= 0`` (covariance, or ``s_j^2``)."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["rankme", "participation_ratio", "stable_rank"]
+
+
+def rankme(values: torch.Tensor, on: str = "eigenvalues") -> torch.Tensor:
+    """Entropy effective rank ``exp(-sum_j p_j log p_j)``.
+
+    ``on="eigenvalues"`` uses ``p_j = lambda_j / sum lambda`` (the paper's definition for covariances);
+    ``on="singular_values"`` uses ``p_j = sigma_j / sum sigma`` with ``sigma_j = sqrt(lambda_j)``
+    (Garrido et al.'s RankMe on embedding singular values). Zero entries contribute 0.
+    """
+    if on == "eigenvalues":
+        w = values.to(torch.float64)
+    elif on == "singular_values":
+        w = values.to(torch.float64).clamp_min(0).sqrt()
+    else:
+        raise ValueError(f"rankme: on must be 'eigenvalues' or 'singular_values', got {on!r}")
+    if not bool(w.sum() > 0):
+        raise ValueError("rankme: spectrum is all zero")
+    p = w / w.sum()
+    plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), torch.zeros_like(p))
+    return torch.exp(-plogp.sum())
+
+
+def participation_ratio(values: torch.Tensor) -> torch.Tensor:
+    """``(sum lambda)^2 / sum lambda^2``."""
+    v = values.to(torch.float64)
+    return v.sum() ** 2 / (v * v).sum()
+
+
+def stable_rank(values: torch.Tensor) -> torch.Tensor:
+    """``sum lambda / max lambda`` (for a weight, ``||W||_F^2 / ||W||_2^2`` with ``lambda = s^2``)."""
+    v = values.to(torch.float64)
+    return v.sum() / v.max()

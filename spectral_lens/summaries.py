@@ -1,0 +1,112 @@
+"""Summaries of a ``Spectrum``: band-restricted power-law exponents and effective ranks."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+
+from ._warnings import InsufficientRowsWarning
+from .spectra.fit import PAPER_WINDOWS, AlphaFit, CrossoverFit, band_alpha, estimate_crossover, tail_window
+from .spectra import ranks as _ranks
+from .spectrum import Spectrum
+
+__all__ = ["BandAlphaFitter", "RankMe", "participation_ratio", "stable_rank", "crossover_rank"]
+
+
+class BandAlphaFitter:
+    """Fits ``alpha(I)`` (minus the log-log slope of the trace-normalized spectrum) over rank windows.
+
+    Args:
+        windows: one window ``(lo, hi)`` or several; 1-based inclusive ranks. Default: the paper's
+            bank ``[100,200], [200,400], [400,800]``.
+
+    Use :meth:`tail` for the scale rule (d12 -> [100,200], d36 -> [200,400], d48 -> [400,800]) and
+    :meth:`head` for a leading window. ``fit`` returns one :class:`AlphaFit` for a single window, a
+    list for several.
+
+    Example::
+
+        fit = BandAlphaFitter.tail(n_layer=12).fit(spectrum)
+        fit.alpha, fit.r2, fit.stderr
+    """
+
+    def __init__(self, windows: tuple[int, int] | Iterable[tuple[int, int]] = PAPER_WINDOWS):
+        ws = list(windows)
+        self.single = len(ws) == 2 and all(isinstance(w, int) for w in ws)
+        self.windows = [tuple(windows)] if self.single else [tuple(w) for w in ws]
+        if not self.windows:
+            raise ValueError("BandAlphaFitter needs at least one window")
+
+    @classmethod
+    def tail(cls, n_layer: int) -> "BandAlphaFitter":
+        """The scale rule's tail window for a model of ``n_layer`` blocks (:func:`tail_window`)."""
+        return cls(tail_window(n_layer))
+
+    @classmethod
+    def head(cls, window: tuple[int, int] = (10, 40)) -> "BandAlphaFitter":
+        """A leading window (the paper's local windows: 10-40, 40-90, 90-200)."""
+        return cls(window)
+
+    def fit(self, spectrum: Spectrum) -> AlphaFit | list[AlphaFit]:
+        """Fit every window on ``spectrum.normalized``; warns when the row count limits a window."""
+        fits = []
+        for lo, hi in self.windows:
+            sample_rank = spectrum.n_rows - 1 if spectrum.kind == "activation_covariance" else spectrum.n_rows
+            if sample_rank < hi:
+                warnings.warn(
+                    f"{spectrum.source or 'spectrum'}: window [{lo}, {hi}] needs more than {hi} rows, "
+                    f"got n_rows={spectrum.n_rows}; ranks beyond the sample rank are not resolved",
+                    InsufficientRowsWarning,
+                    stacklevel=2,
+                )
+            try:
+                fits.append(band_alpha(spectrum.normalized, (lo, hi)))
+            except ValueError as exc:
+                raise ValueError(f"{spectrum.source or 'spectrum'} (dim={spectrum.dim}): {exc}") from None
+        return fits[0] if self.single else fits
+
+    def __repr__(self) -> str:
+        return f"BandAlphaFitter(windows={self.windows})"
+
+
+class RankMe:
+    """Entropy effective rank ``exp(-sum p log p)`` with the variant explicit.
+
+    Args:
+        on: ``"eigenvalues"`` (default; the paper's definition, ``p = lambda / sum lambda``; for
+            gradient spectra this is RankMe of ``s^2``) or ``"singular_values"`` (Garrido et al.,
+            ``p = s / sum s`` with ``s = sqrt(lambda)``).
+    """
+
+    def __init__(self, on: str = "eigenvalues"):
+        if on not in ("eigenvalues", "singular_values"):
+            raise ValueError(f"RankMe: on must be 'eigenvalues' or 'singular_values', got {on!r}")
+        self.on = on
+
+    def __call__(self, spectrum: Spectrum | torch.Tensor) -> float:
+        values = spectrum.values if isinstance(spectrum, Spectrum) else torch.as_tensor(spectrum)
+        return float(_ranks.rankme(values, on=self.on))
+
+    def __repr__(self) -> str:
+        return f"RankMe(on={self.on!r})"
+
+
+def crossover_rank(spectrum: Spectrum, ranks: tuple[int, int] | None = None, method: str = "bend") -> CrossoverFit:
+    """Automatic head/tail crossover estimate of a spectrum (see :func:`spectral_lens.spectra.estimate_crossover`)."""
+    return estimate_crossover(spectrum.normalized, ranks=ranks, method=method)
+
+
+def _values(spectrum: Spectrum | torch.Tensor) -> torch.Tensor:
+    return spectrum.values if isinstance(spectrum, Spectrum) else torch.as_tensor(spectrum)
+
+
+def participation_ratio(spectrum: Spectrum | torch.Tensor) -> float:
+    """Participation ratio ``(sum lambda)^2 / sum lambda^2`` of a spectrum or eigenvalue tensor."""
+    return float(_ranks.participation_ratio(_values(spectrum)))
+
+
+def stable_rank(spectrum: Spectrum | torch.Tensor) -> float:
+    """Stable rank ``sum lambda / max lambda`` (``||W||_F^2 / ||W||_2^2`` for a weight spectrum)."""
+    return float(_ranks.stable_rank(_values(spectrum)))
