@@ -1,14 +1,15 @@
 """Module selection and scoped forward hooks.
 
 Targets name modules the way ``model.named_modules()`` does. A target is an exact dotted name, a
-glob (``"blocks.*.mlp"``), a compiled regular expression (matched against the full name), a
-callable ``(name, module) -> bool``, or a list of these (their union, in model order).
+glob (``"blocks.*.mlp"``: ``*`` and ``?`` stay inside one dotted segment, ``**`` crosses segments),
+a compiled regular expression (matched against the full name), a callable
+``(name, module) -> bool``, or a list of these (their union, in model order).
 """
 
 from __future__ import annotations
 
 import difflib
-import fnmatch
+import functools
 import re
 import warnings
 from typing import Callable, Iterable, Union
@@ -18,11 +19,38 @@ from torch import nn
 
 from ._warnings import CompiledModelWarning
 
-__all__ = ["Target", "select_modules", "pick_tensor", "HookSet", "warn_if_compiled"]
+__all__ = ["Target", "glob_to_regex", "select_modules", "pick_tensor", "HookSet", "warn_if_compiled"]
 
 Target = Union[str, "re.Pattern[str]", Callable[[str, nn.Module], bool], Iterable]
 
 _GLOB_CHARS = set("*?[")
+
+
+@functools.lru_cache(maxsize=256)
+def glob_to_regex(pattern: str) -> "re.Pattern[str]":
+    """Compile a dotted-name glob: ``*``/``?`` match within a segment, ``**`` across segments, ``[..]`` a class."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append(r"[^.]*")
+        elif c == "?":
+            out.append(r"[^.]")
+        elif c == "[":
+            end = pattern.find("]", i + 1)
+            if end < 0:
+                raise ValueError(f"unclosed '[' in module glob {pattern!r}")
+            body = pattern[i + 1 : end]
+            out.append("[^" + re.escape(body[1:]) + "]" if body.startswith("!") else "[" + re.escape(body) + "]")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out))
 
 
 def _matcher(target) -> Callable[[str, nn.Module], bool]:
@@ -30,7 +58,8 @@ def _matcher(target) -> Callable[[str, nn.Module], bool]:
         return lambda name, _m: target.fullmatch(name) is not None
     if isinstance(target, str):
         if _GLOB_CHARS & set(target):
-            return lambda name, _m: fnmatch.fnmatchcase(name, target)
+            rx = glob_to_regex(target)
+            return lambda name, _m: rx.fullmatch(name) is not None
         return lambda name, _m: name == target
     if callable(target):
         return lambda name, m: bool(target(name, m))

@@ -1,0 +1,180 @@
+"""attach(): selection, tensor picking, masks, and that measuring leaves the model untouched."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from spectral_lens import CompiledModelWarning, attach, select_modules
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(0.1), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        return x + self.mlp(self.ln(x))
+
+
+class Tiny(nn.Module):
+    def __init__(self, d: int = 16, n: int = 3, vocab: int = 50) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class TupleOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x), {"aux": x * 2}
+
+
+def _all_hooks(model: nn.Module) -> list:
+    out = []
+    for m in model.modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_forward_hooks_with_kwargs"):
+            out.append(len(getattr(m, attr, {})))
+    return out
+
+
+def test_outputs_grads_mode_rng_unchanged_and_no_hooks_left():
+    torch.manual_seed(0)
+    model = Tiny()
+    model.train()
+    idx = torch.randint(0, 50, (2, 7))
+    hooks_before = _all_hooks(model)
+
+    def run():
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        out = model(idx)
+        out.square().mean().backward()
+        return out.detach().clone(), [p.grad.clone() for p in model.parameters()], torch.get_rng_state()
+
+    ref_out, ref_grads, ref_rng = run()
+    with attach(model, "blocks.*") as cap:
+        out, grads, rng = run()
+        assert len(cap.accumulators) == 3
+    assert torch.equal(out, ref_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert torch.equal(rng, ref_rng)
+    assert model.training
+    assert _all_hooks(model) == hooks_before
+    spectra = cap.compute()
+    assert set(spectra) == {"blocks.0", "blocks.1", "blocks.2"}
+    assert spectra["blocks.2"].n_rows == 14 and spectra["blocks.2"].source == "blocks.2"
+
+
+def test_hooks_removed_when_forward_raises_and_user_hooks_kept():
+    model = Tiny()
+    calls = []
+    user = model.blocks[1].register_forward_hook(lambda m, a, o: calls.append(1))
+    before = _all_hooks(model)
+    with pytest.raises(IndexError):
+        with attach(model, "blocks.1"):
+            model(torch.tensor([[999]]))  # out-of-vocabulary id raises inside the forward
+    assert _all_hooks(model) == before
+    model(torch.tensor([[1, 2]]))
+    assert calls == [1]  # the user's hook survived and still fires
+    user.remove()
+
+
+def test_measured_rows_are_the_module_outputs():
+    torch.manual_seed(0)
+    model = Tiny().double().eval()
+    idx = torch.randint(0, 50, (4, 9))
+    captured = {}
+    h = model.blocks[2].register_forward_hook(lambda m, a, o: captured.setdefault("x", o.detach().clone()))
+    with attach(model, "blocks.2", precision="float64") as cap:
+        model(idx)
+    h.remove()
+    rows = captured["x"].reshape(-1, 16).numpy()
+    ref = np.linalg.eigvalsh(np.cov(rows, rowvar=False))[::-1]
+    got = cap.accumulators["blocks.2"].compute().values.numpy()
+    assert np.abs(got - np.clip(ref, 0, None)).max() <= 1e-10 * ref[0]
+
+
+def test_mask_context_selects_valid_positions():
+    torch.manual_seed(0)
+    model = Tiny().double().eval()
+    idx = torch.randint(0, 50, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[0, 5:] = False
+    mask[2, 2:] = False
+    with attach(model, "blocks.0", precision="float64") as cap, cap.mask(mask):
+        model(idx)
+    ref = attach(model, "blocks.0", precision="float64")
+    with ref:
+        for b in range(3):
+            model(idx[b : b + 1, : int(mask[b].sum())])  # causal-free MLP model: same rows either way
+    a = cap.accumulators["blocks.0"].covariance()
+    b = ref.accumulators["blocks.0"].covariance()
+    assert cap.accumulators["blocks.0"].n_rows == int(mask.sum())
+    assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_selection_by_glob_regex_callable_and_list():
+    model = Tiny()
+    names = lambda t: [n for n, _ in select_modules(model, t)]
+    assert names("blocks.1.mlp") == ["blocks.1.mlp"]
+    assert names("blocks.*.ln") == ["blocks.0.ln", "blocks.1.ln", "blocks.2.ln"]
+    assert names(re.compile(r"blocks\.[02]")) == ["blocks.0", "blocks.2"]
+    assert names(lambda n, m: isinstance(m, nn.Embedding)) == ["emb"]
+    assert names(["head", "emb"]) == ["emb", "head"]  # model order, not target order
+
+
+def test_no_match_lists_close_names():
+    with pytest.raises(ValueError, match=r"no module matches target 'block.1'.*blocks\.1"):
+        select_modules(Tiny(), "block.1")
+    with pytest.raises(TypeError, match="module target"):
+        select_modules(Tiny(), 3.5)
+
+
+def test_tuple_and_dict_outputs_need_an_explicit_pick():
+    model = TupleOut()
+    with attach(model, "") as cap:  # "" is the root module's name
+        with pytest.raises(TypeError, match=r"output is tuple, expected a tensor \(pass pick=0"):
+            model(torch.randn(3, 4))
+    with attach(model, "", pick=0) as cap:
+        model(torch.randn(3, 4))
+    assert cap.accumulators[""].n_rows == 3
+    with attach(model, "", pick=lambda out: out[1]["aux"]) as cap:
+        model(torch.randn(5, 4))
+    assert cap.accumulators[""].n_rows == 5
+
+
+def test_compiled_wrapper_warns():
+    model = Tiny()
+    compiled = torch.compile(model)  # wrapping only; nothing is compiled until called
+    with pytest.warns(CompiledModelWarning, match="_orig_mod"):
+        cap = attach(compiled, "_orig_mod.blocks.0")
+    cap.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attach(model, "blocks.0").remove()
+
+
+def test_glob_segments():
+    model = Tiny()
+    names = lambda t: [n for n, _ in select_modules(model, t)]
+    assert names("blocks.*") == ["blocks.0", "blocks.1", "blocks.2"]
+    assert names("blocks.**.0") == ["blocks.0.mlp.0", "blocks.1.mlp.0", "blocks.2.mlp.0"]
+    assert names("blocks.[!01]") == ["blocks.2"]
+    assert names("blocks.?.ln") == ["blocks.0.ln", "blocks.1.ln", "blocks.2.ln"]

@@ -1,0 +1,171 @@
+"""Spectrum file format, band alpha, crossover estimate and effective ranks vs float64 references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spectral_lens import (
+    PAPER_WINDOWS,
+    ActivationCovarianceAccumulator,
+    BandAlphaFitter,
+    InsufficientRowsWarning,
+    RankMe,
+    Spectrum,
+    SpectrumFormatError,
+    crossover_rank,
+    participation_ratio,
+    stable_rank,
+    tail_window,
+)
+from spectral_lens.spectra import band_alpha, estimate_crossover
+
+from support.data import exact_covariance_rows, theorem6_spectrum
+
+
+def _spectrum(values, n_rows=10**6, kind="activation_covariance"):
+    v = np.sort(np.asarray(values, dtype=np.float64))[::-1].copy()
+    return Spectrum(torch.from_numpy(v), n_rows=n_rows, dim=v.size, kind=kind, source="test")
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    alpha=st.floats(0.2, 3.0),
+    lo=st.integers(1, 300),
+    width=st.integers(3, 400),
+    noise=st.floats(0, 0.2),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_band_alpha_matches_numpy_least_squares(alpha, lo, width, noise, seed):
+    rng = np.random.default_rng(seed)
+    r = np.arange(1, 800, dtype=np.float64)
+    values = r**-alpha * np.exp(noise * rng.standard_normal(r.size))
+    values = np.sort(values)[::-1]
+    p = values / values.sum()
+    hi = min(lo + width, p.size)
+    fit = band_alpha(p, (lo, hi))
+    x, y = np.log(np.arange(lo, hi + 1.0)), np.log(p[lo - 1 : hi])
+    (slope, icpt), res, *_ = np.polyfit(x, y, 1, full=True)
+    assert fit.alpha == pytest.approx(-slope, rel=1e-9, abs=1e-12)
+    assert fit.intercept == pytest.approx(icpt, rel=1e-9, abs=1e-9)
+    assert fit.n_points == hi - lo + 1
+    sse = float(res[0]) if res.size else 0.0
+    sst = float(((y - y.mean()) ** 2).sum())
+    assert fit.r2 == pytest.approx(1 - sse / sst if sst > 0 else 1.0, abs=1e-9)
+    se = np.sqrt(sse / (x.size - 2) / ((x - x.mean()) ** 2).sum())
+    assert fit.stderr == pytest.approx(se, rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("p,q,eta_t", [(1.0, 1.0, 2.0), (1.2, 0.5, 0.2), (0.8, 1.5, 30.0), (1.5, 2.0, 250.0)])
+def test_theorem6_tail_alpha_is_p_plus_2q(p, q, eta_t):
+    """Analytic three-zone spectra (learned head, bend at r*, unresolved tail): alpha_tail = p + 2q within 1%.
+
+    The local exponent is ``p + 2q - q x + O(x^2)`` with ``x = eta t r^-q``, so the asymptotic law holds
+    where ``x << 1`` across the window; the parameters put ``x <= 0.03`` at rank 100.
+    """
+    values = theorem6_spectrum(768, p, q, eta_t)
+    spectrum = _spectrum(values)
+    r_star = eta_t ** (1 / q)
+    assert eta_t * 100.0**-q <= 0.03  # the [100, 200] tail window is past the bend
+    fit = BandAlphaFitter.tail(n_layer=12).fit(spectrum)
+    assert fit.window == (100, 200)
+    assert fit.alpha == pytest.approx(p + 2 * q, rel=0.01)
+    # the head window sees the learned exponent p, not the tail
+    est = crossover_rank(spectrum)
+    assert est.rank == pytest.approx(r_star, rel=1e-3)
+    assert est.head_alpha == pytest.approx(p, rel=1e-3)
+    assert est.tail_alpha == pytest.approx(p + 2 * q, rel=1e-3)
+
+
+def test_theorem6_through_the_accumulator():
+    """Rows whose sample covariance has a Theorem-6 spectrum: accumulate in fp32 chunks, recover p + 2q."""
+    rng = np.random.default_rng(7)
+    values = theorem6_spectrum(256, 1.0, 1.0, 4.0)
+    rows = exact_covariance_rows(values, 4000, rng, mean_scale=100.0)
+    acc = ActivationCovarianceAccumulator(precision="exact")
+    for chunk in torch.from_numpy(rows).float().split(512):
+        acc.update(chunk)
+    fit = BandAlphaFitter((100, 200)).fit(acc.compute())
+    assert fit.alpha == pytest.approx(3.0, rel=0.01)
+    assert crossover_rank(acc.compute()).rank == pytest.approx(4.0, rel=0.05)
+
+
+def test_crossover_on_noisy_spectrum_and_broken_stick():
+    rng = np.random.default_rng(0)
+    values = theorem6_spectrum(1024, 1.0, 1.0, 30.0) * np.exp(0.05 * rng.standard_normal(1024))
+    est = estimate_crossover(np.sort(values)[::-1])
+    assert est.rank == pytest.approx(30.0, rel=0.15)
+    assert est.tail_alpha == pytest.approx(3.0, rel=0.05)
+    stick = estimate_crossover(values, method="broken_stick")
+    assert 5 < stick.rank < 200 and stick.improvement > 0.5
+    pure = r = np.arange(1, 500.0) ** -1.3
+    assert estimate_crossover(pure, method="broken_stick").improvement < 1e-6 + 1e-3  # no bend, no evidence
+
+
+def test_fitter_bank_windows_and_errors():
+    spectrum = _spectrum(np.arange(1, 1001.0) ** -1.1)
+    fits = BandAlphaFitter().fit(spectrum)
+    assert [f.window for f in fits] == list(PAPER_WINDOWS)
+    assert all(f.alpha == pytest.approx(1.1, rel=1e-9) for f in fits)
+    with pytest.raises(ValueError, match=r"window \[400, 800\] exceeds the spectrum: only 768"):
+        BandAlphaFitter.tail(48).fit(_spectrum(np.arange(1, 769.0) ** -1.0))
+    zeros = np.concatenate([np.arange(1, 151.0) ** -1.0, np.zeros(100)])
+    with pytest.raises(ValueError, match=r"reaches zero eigenvalues: only 150 are nonzero"):
+        BandAlphaFitter((100, 200)).fit(_spectrum(zeros))
+    with pytest.raises(ValueError, match="1 <= lo < hi"):
+        band_alpha(np.ones(10), (5, 5))
+    with pytest.warns(InsufficientRowsWarning, match="n_rows=150"):
+        BandAlphaFitter((100, 200)).fit(_spectrum(np.arange(1, 301.0) ** -1.0, n_rows=150))
+
+
+def test_tail_window_scale_rule():
+    assert tail_window(12) == (100, 200)
+    assert tail_window(6) == (100, 200)
+    assert tail_window(36) == (200, 400)
+    assert tail_window(48) == (400, 800)
+    assert tail_window(64) == (800, 1600)
+    with pytest.raises(ValueError):
+        tail_window(0)
+
+
+def test_ranks_against_numpy():
+    rng = np.random.default_rng(1)
+    lam = np.sort(rng.exponential(size=50) ** 3)[::-1]
+    lam[-5:] = 0.0
+    p = lam / lam.sum()
+    nz = p[p > 0]
+    spectrum = _spectrum(lam)
+    assert RankMe()(spectrum) == pytest.approx(np.exp(-(nz * np.log(nz)).sum()), rel=1e-12)
+    s = np.sqrt(lam)
+    ps = s[s > 0] / s.sum()
+    assert RankMe(on="singular_values")(spectrum) == pytest.approx(np.exp(-(ps * np.log(ps)).sum()), rel=1e-12)
+    assert participation_ratio(spectrum) == pytest.approx(lam.sum() ** 2 / (lam**2).sum(), rel=1e-12)
+    assert stable_rank(spectrum) == pytest.approx(lam.sum() / lam.max(), rel=1e-12)
+    assert RankMe()(_spectrum(np.ones(7))) == pytest.approx(7.0)
+    with pytest.raises(ValueError, match="on must be"):
+        RankMe(on="values")
+
+
+def test_spectrum_roundtrip_and_corruption(tmp_path):
+    spectrum = Spectrum(torch.tensor([3.0, 2.0, 0.5]), n_rows=10, dim=3, kind="gradient", source="h.11",
+                        metadata={"step": 100, "tokens": 5e6})
+    path = spectrum.save(tmp_path / "s.npz")
+    back = Spectrum.load(path)
+    assert torch.equal(back.values, spectrum.values)
+    assert (back.n_rows, back.dim, back.kind, back.source, back.metadata) == (10, 3, "gradient", "h.11", spectrum.metadata)
+    assert torch.allclose(back.singular_values, spectrum.values.sqrt())
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(SpectrumFormatError, match="bad.npz"):
+        Spectrum.load(bad)
+    other = tmp_path / "other.npz"
+    np.savez(other, values=np.ones(3), header=np.array('{"format": "x"}'))
+    with pytest.raises(SpectrumFormatError, match="not a spectral-lens spectrum header"):
+        Spectrum.load(other)
+    with pytest.raises(ValueError, match="descending"):
+        Spectrum(torch.tensor([1.0, 2.0]), n_rows=3, dim=2)
+    with pytest.raises(ValueError, match="kind"):
+        Spectrum(torch.tensor([1.0]), n_rows=3, dim=1, kind="hessian")
