@@ -1,7 +1,9 @@
 """``ActivationCovarianceAccumulator``: streaming, mergeable, checkpointable centered covariance.
 
-State is the float64 shifted sums of :mod:`spectral_lens.spectra.moments` around a fixed shift
-(the first rows' mean): ``n``, ``m = sum (x - s)``, ``S = sum (x - s)(x - s)^T``. ``update`` never
+State is the float64 shifted sums of :mod:`spectral_lens.spectra.moments` around a shift ``s``:
+``n``, ``m = sum (x - s)``, ``S = sum (x - s)(x - s)^T``. Each chunk is centered on its own shift (the
+mean of its first rows) before any product, and its sums are re-shifted into the state exactly in
+float64, so pools whose mean drifts from chunk to chunk lose no precision. ``update`` never
 synchronizes with the host; ``compute`` solves the eigenproblem once.
 """
 
@@ -27,7 +29,17 @@ from .spectrum import Spectrum
 __all__ = ["ActivationCovarianceAccumulator", "ActivationCapture", "attach"]
 
 _STATE_FORMAT = "spectral-lens/covariance-state"
-_SHIFT_ROWS = 4096  # rows of the first update that set the shift
+_SHIFT_ROWS = 1024  # rows sampled (evenly spaced) from each chunk; their mean is the chunk's shift
+
+
+def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Float64 mean of up to 1024 evenly spaced valid rows of a chunk (its shift; need not be exact)."""
+    step = max(1, rows.shape[0] // _SHIFT_ROWS)
+    head = rows[::step].to(torch.float64)
+    if valid is None:
+        return head.mean(0)
+    keep = valid[::step].unsqueeze(-1)
+    return torch.where(keep, head, 0.0).sum(0) / keep.sum().clamp_min(1)
 
 
 class ActivationCovarianceAccumulator:
@@ -143,26 +155,24 @@ class ActivationCovarianceAccumulator:
         valid = None if mask is None else mask.reshape(-1).to(rows.device)
         if self.nonfinite == "skip":
             finite = torch.isfinite(rows).all(-1)
-            considered = finite if valid is None else valid
             bad = (~finite if valid is None else valid & ~finite).sum()
             valid = finite if valid is None else valid & finite
-        if not self.initialized:
-            head, hv = rows[:_SHIFT_ROWS], None if valid is None else valid[:_SHIFT_ROWS]
-            if hv is None:
-                shift = head.sum(0, dtype=torch.float64) / max(head.shape[0], 1)
-            else:
-                w = hv.to(torch.float64).unsqueeze(-1)
-                shift = (torch.where(hv.unsqueeze(-1), head.to(torch.float64), 0.0) * w).sum(0) / w.sum().clamp_min(1)
-            self._init_state(rows.shape[-1], rows.device, shift)
         index = self._updates
         self._updates += 1
         for start in range(0, rows.shape[0], self.max_chunk_rows):
             chunk = rows[start : start + self.max_chunk_rows]
             cv = None if valid is None else valid[start : start + self.max_chunk_rows]
-            m, s = chunk_moments(chunk, self._shift, self.precision, cv)
+            # Each chunk is centered on its own shift (a row sample's mean), so drifting pools keep
+            # low-precision products small; the exact float64 re-shift merges it into the state.
+            local = representable_shift(_sample_mean(chunk, cv), self.precision)
+            if not self.initialized:
+                self._init_state(rows.shape[-1], rows.device, local)
+            m, s = chunk_moments(chunk, local, self.precision, cv)
+            n = chunk.shape[0] if cv is None else cv.sum()
+            m, s = reshift(n, m, s, local, self._shift)
             self._m += m
             self._s += s
-            self._n += chunk.shape[0] if cv is None else cv.sum()
+            self._n += n
             if self.nonfinite == "raise":
                 broken = ~torch.isfinite(m).all()
                 self._first_bad = torch.where(broken & (self._first_bad < 0), index, self._first_bad)

@@ -21,6 +21,7 @@ __all__ = [
     "product_dtype",
     "representable_shift",
     "reshift",
+    "symmetric_product",
 ]
 
 #: Product precisions. "float64": fp64 products (reference quality, slow on GPU);
@@ -59,11 +60,43 @@ def representable_shift(shift: torch.Tensor, precision: str) -> torch.Tensor:
     return shift if precision == "float64" else shift.to(torch.float32).to(torch.float64)
 
 
+def symmetric_product(y: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``y^T y``; on CUDA for wide ``y`` only the upper block triangle (3 of 4 GEMM blocks) is computed.
+
+    On CPU the single GEMM is as fast (measured), so it is used as is.
+    """
+    def mm(a, b):
+        return torch.mm(a, b, out_dtype=out_dtype) if out_dtype is not None else a @ b
+
+    d = y.shape[1]
+    if d < 512 or not y.is_cuda:
+        return mm(y.t(), y)
+    h = (d // 2 + 63) // 64 * 64
+    a, b = y[:, :h], y[:, h:]
+    s11, s12, s22 = mm(a.t(), a), mm(a.t(), b), mm(b.t(), b)
+    return torch.cat([torch.cat([s11, s12], 1), torch.cat([s12.t(), s22], 1)], 0)
+
+
+_TRITON: list = []
+
+
+def _fused_kernel():
+    """The Triton fast-mode kernel, or ``None`` when Triton is unavailable (imported once)."""
+    if not _TRITON:
+        try:
+            from ._triton_syrk import shifted_syrk
+        except Exception:  # no Triton, or a broken install: the PyTorch path serves
+            shifted_syrk = None
+        _TRITON.append(shifted_syrk)
+    return _TRITON[0]
+
+
 def chunk_moments(
     x: torch.Tensor,
     shift: torch.Tensor,
     precision: str = "exact",
     valid: torch.Tensor | None = None,
+    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shifted sums of one chunk of rows.
 
@@ -72,30 +105,35 @@ def chunk_moments(
         shift: (d,) float64 shift ``s``.
         precision: one of :data:`PRECISIONS`.
         valid: optional (n,) bool; rows where it is False contribute nothing (also if they hold NaN).
+        kernel: ``"auto"`` (the fused Triton kernel for ``"fast"`` on CUDA when available) or
+            ``"torch"`` (plain PyTorch ops everywhere).
 
     Returns:
         ``(m, S)`` as float64 over the valid rows: ``m = sum_i (x_i - s)`` (d,) and
         ``S = sum_i (x_i - s)(x_i - s)^T`` (d, d).
     """
     dtype = product_dtype(x, precision)
-    # One fused kernel: subtract in the shift's precision (>= fp32) and round once to the product dtype.
+    if dtype == torch.bfloat16 and kernel == "auto" and _fused_kernel() is not None:
+        m, s = _fused_kernel()(x, shift, valid)
+        return m.double(), s.double()
+    # One fused elementwise kernel: subtract in >= fp32 and round once to the product dtype.
     work = torch.float64 if dtype == torch.float64 else torch.float32
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
     torch.sub(x, shift.to(work), out=y)
     if valid is not None:
         y.masked_fill_(~valid.unsqueeze(-1), 0)
     if dtype == torch.bfloat16:
-        s = torch.mm(y.t(), y, out_dtype=torch.float32)
+        s = symmetric_product(y, out_dtype=torch.float32)
         m = y.sum(0, dtype=torch.float32)
     else:
         with matmul_precision(precision):
-            s = y.t() @ y
+            s = symmetric_product(y)
         m = y.sum(0)
     return m.double(), s.double()
 
 
 def reshift(
-    n: torch.Tensor, m: torch.Tensor, s: torch.Tensor, old_shift: torch.Tensor, new_shift: torch.Tensor
+    n: "torch.Tensor | int", m: torch.Tensor, s: torch.Tensor, old_shift: torch.Tensor, new_shift: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Express shifted sums around ``old_shift`` as sums around ``new_shift`` (exact in float64).
 
@@ -103,7 +141,7 @@ def reshift(
     ``sum (x - new)(x - new)^T = S + m c^T + c m^T + n c c^T``.
     """
     c = old_shift - new_shift
-    n = n.to(torch.float64)
+    n = n.to(torch.float64) if isinstance(n, torch.Tensor) else float(n)
     m_new = m + n * c
     s_new = s + torch.outer(m, c) + torch.outer(c, m) + n * torch.outer(c, c)
     return m_new, s_new

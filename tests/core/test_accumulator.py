@@ -93,6 +93,22 @@ def test_merges_in_any_order_equal_one_pass(precision, pool, data):
     _assert_matches(accs[0], x.double().numpy(), TOL[precision])
 
 
+@pytest.mark.parametrize("precision", ["float64", "exact"])
+@settings(max_examples=25, deadline=None)
+@given(pool=pools(), offsets=st.lists(st.floats(-1e4, 1e4), min_size=1, max_size=6))
+def test_drifting_pool_means(precision, pool, offsets):
+    """Chunks whose means jump by up to 1e4 from chunk to chunk: each chunk's own shift keeps fp32 exact."""
+    rows, sizes, _ = pool
+    rows = rows.copy()
+    start = 0
+    for size, off in zip(sizes, offsets * len(sizes)):
+        rows[start : start + size] += off
+        start += size
+    x = as_tensor(rows, INPUT_DTYPE[precision])
+    acc = _accumulate(x, sizes, precision)
+    _assert_matches(acc, x.double().numpy(), TOL[precision])
+
+
 def test_merge_into_empty_and_from_empty():
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rows_with_spectrum(300, np.logspace(0, -3, 8), 100.0, rng))

@@ -1,0 +1,79 @@
+"""CUDA-only checks (skipped without a GPU): fast/exact modes vs float64, the fused kernel vs the
+PyTorch path, masks, and that ``update`` never synchronizes with the host."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spectral_lens import ActivationCovarianceAccumulator, BandAlphaFitter
+from spectral_lens.spectra.moments import chunk_moments
+
+from support.data import rows_with_spectrum
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _pool(n=200_000, d=768, mean=5.0, seed=0, dtype=torch.bfloat16):
+    rng = np.random.default_rng(seed)
+    rows = rows_with_spectrum(n, np.arange(1, d + 1.0) ** -1.2, mean, rng)
+    return torch.from_numpy(rows).to("cuda", dtype)
+
+
+@pytest.mark.parametrize("precision,tol_eig,tol_alpha", [("fast", 2e-3, 1e-3), ("exact", 1e-4, 1e-5), ("float64", 1e-9, 1e-9)])
+def test_modes_against_float64(precision, tol_eig, tol_alpha):
+    x = _pool()
+    ref = np.linalg.eigvalsh(np.cov(x.double().cpu().numpy(), rowvar=False))[::-1]
+    acc = ActivationCovarianceAccumulator(precision=precision, max_chunk_rows=65536)
+    for chunk in x.split(50_000):
+        acc.update(chunk)
+    vals = acc.compute().values.numpy()
+    assert np.abs(vals[:700] - ref[:700]).max() / ref[699] < tol_eig * 50  # relative to the tail's scale
+    assert (np.abs(vals[:700] - ref[:700]) / ref[:700]).max() < tol_eig
+    ours = BandAlphaFitter((400, 700)).fit(acc.compute()).alpha
+    from spectral_lens.spectra import band_alpha
+
+    assert abs(ours - band_alpha(ref, (400, 700)).alpha) < tol_alpha
+
+
+@pytest.mark.parametrize("d", [64, 130, 768, 1600])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_kernel_equals_torch_path(d, masked):
+    x = _pool(n=70_001, d=d, dtype=torch.bfloat16, seed=d)
+    shift = x[:1024].double().mean(0).float().double()
+    valid = (torch.rand(x.shape[0], device="cuda") > 0.3) if masked else None
+    m1, s1 = chunk_moments(x, shift, "fast", valid)
+    m2, s2 = chunk_moments(x, shift, "fast", valid, kernel="torch")
+    scale = s2.diagonal().max()
+    assert torch.allclose(s1, s2, rtol=0, atol=1e-5 * float(scale))
+    assert torch.allclose(m1, m2, rtol=0, atol=1e-4 * float(m2.abs().max() + 1))
+    assert torch.allclose(s1, s1.t())
+
+
+def test_update_never_syncs_with_host():
+    x = _pool(n=100_000, d=256)
+    mask = torch.rand(x.shape[0], device="cuda") > 0.1
+    for precision in ("fast", "exact"):
+        for nonfinite in ("raise", "skip"):
+            acc = ActivationCovarianceAccumulator(precision=precision, nonfinite=nonfinite, max_chunk_rows=30_000)
+            acc.update(x[:10], mask=mask[:10])  # first call builds caches and compiles kernels
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                acc.update(x)
+                acc.update(x, mask=mask)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert acc.n_rows == 10 if False else acc.n_rows > 0
+
+
+def test_merge_across_devices_and_fp32_input():
+    x = _pool(n=20_000, d=128, dtype=torch.float32)
+    gpu = ActivationCovarianceAccumulator(precision="fast")
+    gpu.update(x[:10_000])
+    cpu = ActivationCovarianceAccumulator(precision="fast")
+    cpu.update(x[10_000:].cpu())
+    gpu.merge(cpu)
+    ref = np.cov(x.double().cpu().numpy(), rowvar=False)
+    assert np.abs(gpu.covariance().cpu().numpy() - ref).max() < 5e-3 * np.abs(ref).max()
