@@ -164,7 +164,7 @@ class ActivationCovarianceAccumulator:
             cv = None if valid is None else valid[start : start + self.max_chunk_rows]
             # Each chunk is centered on its own shift (a row sample's mean), so drifting pools keep
             # low-precision products small; the exact float64 re-shift merges it into the state.
-            local = representable_shift(_sample_mean(chunk, cv), self.precision)
+            local = representable_shift(_sample_mean(chunk, cv), self.precision, chunk.dtype)
             if not self.initialized:
                 self._init_state(rows.shape[-1], rows.device, local)
             m, s = chunk_moments(chunk, local, self.precision, cv)

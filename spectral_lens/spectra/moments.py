@@ -54,41 +54,33 @@ def product_dtype(x: torch.Tensor, precision: str) -> torch.dtype:
     return torch.float32
 
 
-def representable_shift(shift: torch.Tensor, precision: str) -> torch.Tensor:
-    """Round a float64 shift to what the products subtract, so the recorded shift is the one used."""
-    shift = shift.to(torch.float64)
-    return shift if precision == "float64" else shift.to(torch.float32).to(torch.float64)
+def representable_shift(shift: torch.Tensor, precision: str, input_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Round a float64 shift to what the products subtract, so the recorded shift is the one used.
 
-
-def symmetric_product(y: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``y^T y``; on CUDA for wide ``y`` only the upper block triangle (3 of 4 GEMM blocks) is computed.
-
-    On CPU the single GEMM is as fast (measured), so it is used as is.
+    For bf16 rows in ``"fast"`` mode the shift is rounded to bf16: the subtraction then runs natively
+    in bf16 and rounds exactly as an fp32 subtraction followed by one rounding to bf16 would.
     """
-    def mm(a, b):
-        return torch.mm(a, b, out_dtype=out_dtype) if out_dtype is not None else a @ b
+    shift = shift.to(torch.float64)
+    if precision == "float64":
+        return shift
+    if precision == "fast" and input_dtype == torch.bfloat16:
+        return shift.to(torch.bfloat16).to(torch.float64)
+    return shift.to(torch.float32).to(torch.float64)
 
+
+def symmetric_product(y: torch.Tensor) -> torch.Tensor:
+    """``y^T y`` for fp32/fp64 ``y``; on CUDA for wide ``y`` only the upper block triangle is computed.
+
+    Measured on an H100: for fp32 products the 3-of-4-block form beats one GEMM at d >= 1280; for
+    bf16 tensor-core products (and on CPU) one GEMM is faster, so those never come here.
+    """
     d = y.shape[1]
-    if d < 512 or not y.is_cuda:
-        return mm(y.t(), y)
+    if d < 1024 or not y.is_cuda:
+        return y.t() @ y
     h = (d // 2 + 63) // 64 * 64
     a, b = y[:, :h], y[:, h:]
-    s11, s12, s22 = mm(a.t(), a), mm(a.t(), b), mm(b.t(), b)
+    s11, s12, s22 = a.t() @ a, a.t() @ b, b.t() @ b
     return torch.cat([torch.cat([s11, s12], 1), torch.cat([s12.t(), s22], 1)], 0)
-
-
-_TRITON: list = []
-
-
-def _fused_kernel():
-    """The Triton fast-mode kernel, or ``None`` when Triton is unavailable (imported once)."""
-    if not _TRITON:
-        try:
-            from ._triton_syrk import shifted_syrk
-        except Exception:  # no Triton, or a broken install: the PyTorch path serves
-            shifted_syrk = None
-        _TRITON.append(shifted_syrk)
-    return _TRITON[0]
 
 
 def chunk_moments(
@@ -96,40 +88,37 @@ def chunk_moments(
     shift: torch.Tensor,
     precision: str = "exact",
     valid: torch.Tensor | None = None,
-    kernel: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shifted sums of one chunk of rows.
 
     Args:
         x: (n, d) rows, any floating dtype.
-        shift: (d,) float64 shift ``s``.
+        shift: (d,) float64 shift ``s``, as returned by :func:`representable_shift` for ``x.dtype``.
         precision: one of :data:`PRECISIONS`.
         valid: optional (n,) bool; rows where it is False contribute nothing (also if they hold NaN).
-        kernel: ``"auto"`` (the fused Triton kernel for ``"fast"`` on CUDA when available) or
-            ``"torch"`` (plain PyTorch ops everywhere).
 
     Returns:
         ``(m, S)`` as float64 over the valid rows: ``m = sum_i (x_i - s)`` (d,) and
         ``S = sum_i (x_i - s)(x_i - s)^T`` (d, d).
     """
     dtype = product_dtype(x, precision)
-    if dtype == torch.bfloat16 and kernel == "auto" and _fused_kernel() is not None:
-        m, s = _fused_kernel()(x, shift, valid)
+    if dtype == torch.bfloat16:
+        # Native bf16 subtraction when possible (the shift is bf16-representable), else fp32 then round.
+        y = x - shift.to(torch.bfloat16) if x.dtype == torch.bfloat16 else (x - shift.to(torch.float32)).to(dtype)
+        if valid is not None:
+            y.masked_fill_(~valid.unsqueeze(-1), 0)
+        s = torch.mm(y.t(), y, out_dtype=torch.float32)
+        ones = torch.ones(1, y.shape[0], dtype=dtype, device=y.device)
+        m = torch.mm(ones, y, out_dtype=torch.float32).squeeze(0)  # column sums on the tensor cores
         return m.double(), s.double()
-    # One fused elementwise kernel: subtract in >= fp32 and round once to the product dtype.
     work = torch.float64 if dtype == torch.float64 else torch.float32
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
     torch.sub(x, shift.to(work), out=y)
     if valid is not None:
         y.masked_fill_(~valid.unsqueeze(-1), 0)
-    if dtype == torch.bfloat16:
-        s = symmetric_product(y, out_dtype=torch.float32)
-        m = y.sum(0, dtype=torch.float32)
-    else:
-        with matmul_precision(precision):
-            s = symmetric_product(y)
-        m = y.sum(0)
-    return m.double(), s.double()
+    with matmul_precision(precision):
+        s = symmetric_product(y)
+    return y.sum(0).double(), s.double()
 
 
 def reshift(

@@ -1,5 +1,5 @@
-"""CUDA-only checks (skipped without a GPU): fast/exact modes vs float64, the fused kernel vs the
-PyTorch path, masks, and that ``update`` never synchronizes with the host."""
+"""CUDA-only checks (skipped without a GPU): fast/exact modes vs float64, bf16 chunk sums with masks,
+and that ``update`` never synchronizes with the host."""
 
 from __future__ import annotations
 
@@ -39,16 +39,21 @@ def test_modes_against_float64(precision, tol_eig, tol_alpha):
 
 @pytest.mark.parametrize("d", [64, 130, 768, 1600])
 @pytest.mark.parametrize("masked", [False, True])
-def test_fused_kernel_equals_torch_path(d, masked):
+def test_fast_chunk_sums_against_float64(d, masked):
+    from spectral_lens.spectra.moments import representable_shift
+
     x = _pool(n=70_001, d=d, dtype=torch.bfloat16, seed=d)
-    shift = x[:1024].double().mean(0).float().double()
+    shift = representable_shift(x[:1024].double().mean(0), "fast", torch.bfloat16)
     valid = (torch.rand(x.shape[0], device="cuda") > 0.3) if masked else None
+    x[~valid if masked else slice(0, 0)] = float("nan")  # masked rows may hold anything
     m1, s1 = chunk_moments(x, shift, "fast", valid)
-    m2, s2 = chunk_moments(x, shift, "fast", valid, kernel="torch")
-    scale = s2.diagonal().max()
-    assert torch.allclose(s1, s2, rtol=0, atol=1e-5 * float(scale))
-    assert torch.allclose(m1, m2, rtol=0, atol=1e-4 * float(m2.abs().max() + 1))
-    assert torch.allclose(s1, s1.t())
+    m2, s2 = chunk_moments(x, shift, "float64", valid)
+    scale = float(s2.diagonal().max())
+    # bf16 rounding of centered values (2^-9 relative) and fp32 accumulation: entries within 1e-2 of scale,
+    # and the symmetric result exact in symmetry.
+    assert torch.allclose(s1, s2, rtol=0, atol=1e-2 * scale)
+    assert torch.allclose(m1, m2, rtol=0, atol=1e-2 * float(m2.abs().max() + 1))
+    assert torch.equal(s1, s1.t())
 
 
 def test_update_never_syncs_with_host():
@@ -57,7 +62,7 @@ def test_update_never_syncs_with_host():
     for precision in ("fast", "exact"):
         for nonfinite in ("raise", "skip"):
             acc = ActivationCovarianceAccumulator(precision=precision, nonfinite=nonfinite, max_chunk_rows=30_000)
-            acc.update(x[:10], mask=mask[:10])  # first call builds caches and compiles kernels
+            acc.update(x[:10], mask=mask[:10])  # first call allocates state and warms cuBLAS
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
             try:
