@@ -21,6 +21,8 @@ from ._warnings import (
 from .accumulate import ActivationCapture, ActivationCovarianceAccumulator, attach
 from .capture import select_modules
 from .spectra.fit import PAPER_WINDOWS, AlphaFit, CrossoverFit, tail_window
+from .gradients import NoiseScale, PerSampleGradientProbe
+from .lens import LensMeasurement, Schedule, SpectralLens
 from .spectrum import Spectrum
 from .summaries import BandAlphaFitter, RankMe, crossover_rank, participation_ratio, stable_rank
 
@@ -35,6 +37,11 @@ __all__ = [
     "CompiledModelWarning",
     "CrossoverFit",
     "InsufficientRowsWarning",
+    "LensMeasurement",
+    "NoiseScale",
+    "PerSampleGradientProbe",
+    "Schedule",
+    "SpectralLens",
     "NonFiniteError",
     "NonFiniteRowsWarning",
     "RankMe",

@@ -68,7 +68,7 @@ class ActivationCovarianceAccumulator:
         *,
         precision: str = "exact",
         nonfinite: str = "raise",
-        max_chunk_rows: int = 65536,
+        max_chunk_rows: int = 131072,
         name: str | None = None,
     ) -> None:
         if precision not in PRECISIONS:
@@ -341,7 +341,7 @@ class ActivationCovarianceAccumulator:
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu", name: str | None = None,
-             max_chunk_rows: int = 65536) -> "ActivationCovarianceAccumulator":
+             max_chunk_rows: int = 131072) -> "ActivationCovarianceAccumulator":
         """Rebuild an accumulator from :meth:`save` output; corrupt files raise :class:`StateFormatError`."""
         path = Path(path)
         try:
@@ -406,7 +406,7 @@ def attach(
     dim: int | None = None,
     precision: str = "exact",
     nonfinite: str = "raise",
-    max_chunk_rows: int = 65536,
+    max_chunk_rows: int = 131072,
 ) -> ActivationCapture:
     """Register forward hooks on the modules ``target`` selects; each feeds its own accumulator.
 

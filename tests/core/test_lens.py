@@ -1,0 +1,146 @@
+"""SpectralLens: the orchestrator measures exactly what the parts measure, writes records, and
+leaves the model untouched."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from spectral_lens import PerSampleGradientProbe, Schedule, SpectralLens
+from spectral_lens.lens import all_blocks, deepest_block
+from spectral_lens.records import RunInfo, RunRecord, RunWriter
+
+from support.models import TinyLM, lm_pool
+
+
+def _model(seed=0, tied=False):
+    torch.manual_seed(seed)
+    return TinyLM(tied=tied).double()
+
+
+def test_default_layer_and_param():
+    model = _model()
+    assert deepest_block(model) == "h.2"
+    assert all_blocks(model) == ["h.0", "h.1", "h.2"]
+    lens = SpectralLens(model, lm_pool())
+    assert lens.layers == "h.2"
+    assert list(lens.probe.params) == ["h.2.attn.c_proj.weight"]
+
+
+def test_measure_equals_manual_protocols():
+    model = _model()
+    pool = lm_pool()
+    lens = SpectralLens(model, pool, layers="all", precision="float64")
+    m = lens.measure(step=10, tokens=480)
+    # activations: the deepest block's outputs over the whole pool, in eval mode
+    rows = []
+    hook = model.h[2].register_forward_hook(lambda mod, a, out: rows.append(out.detach().reshape(-1, 32)))
+    model.eval()
+    with torch.no_grad():
+        for x, _ in pool:
+            model(x)
+    hook.remove()
+    ref = np.linalg.eigvalsh(np.cov(torch.cat(rows).numpy(), rowvar=False))[::-1]
+    got = m.spectra["act:h.2"].values.numpy()
+    assert np.abs(got - np.clip(ref, 0, None)).max() <= 1e-10 * ref[0]
+    assert set(m.spectra) == {"act:h.0", "act:h.1", "act:h.2", "grad:h.2.attn.c_proj.weight"}
+    # gradients: identical to a probe run by hand
+    probe = PerSampleGradientProbe(model)
+    for batch in pool:
+        probe.update(batch)
+    assert torch.allclose(m.spectra["grad:h.2.attn.c_proj.weight"].values, probe.compute().values, rtol=1e-10, atol=0)
+    assert m.scalars["noise_scale"] == pytest.approx(probe.noise_scale().b_simple, rel=1e-10)
+    assert m.spectra["act:h.2"].metadata["step"] == 10
+
+
+def test_gradient_samples_cap_and_no_gradients():
+    model = _model()
+    lens = SpectralLens(model, lm_pool(), gradient_samples=5)
+    assert lens.measure(0, 0).spectra["grad:h.2.attn.c_proj.weight"].n_rows == 5
+    lens = SpectralLens(model, lm_pool(), params=[])
+    assert all(k.startswith("act:") for k in lens.measure(0, 0).spectra)
+    with pytest.raises(ValueError, match="not both"):
+        SpectralLens(model, lm_pool(), params="h.0.attn.c_proj.weight", probe=PerSampleGradientProbe(model))
+
+
+def test_measure_has_no_side_effects():
+    model = _model()
+    model.train()
+    model.h[1].eval()  # mixed modes must come back exactly
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = lm_pool()[0]
+    loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    loss.backward()
+    opt.step()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    state = {k: {kk: vv.clone() if torch.is_tensor(vv) else vv for kk, vv in v.items()} for k, v in opt.state.items()}
+    modes = [m.training for m in model.modules()]
+    hooks = [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()]
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    SpectralLens(model, lm_pool()).measure(1, 1)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(opt.state[k][kk], vv) for k, v in state.items() for kk, vv in v.items() if torch.is_tensor(vv))
+    assert [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()] == hooks
+
+
+def test_records_written_and_readable(tmp_path):
+    model = _model()
+    writer = RunWriter(tmp_path / "run", RunInfo("run", family="tiny", batch_tier=2, total_tokens=1000, n_layer=3), fsync=False)
+    lens = SpectralLens(model, lm_pool(), writer=writer, schedule=Schedule.every(5))
+    assert lens.maybe_measure(3, 100) is None
+    lens.maybe_measure(5, 200, val_loss=3.5)
+    lens.maybe_measure(10, 400, val_loss=3.1)
+    writer.close()
+    record = RunRecord.open(tmp_path / "run")
+    assert [m.step for m in record.measurements] == [5, 10]
+    m = record.measurements[1]
+    assert m.val_loss == pytest.approx(3.1)
+    assert torch.equal(m.spectra["act:h.2"].values, lens.history[1].spectra["act:h.2"].values)
+    assert m.scalars["noise_scale"] == pytest.approx(lens.history[1].scalars["noise_scale"])
+
+
+def test_schedules():
+    s = Schedule.every(10) | Schedule.at_fractions(1000, [0.2, 0.55])
+    assert [k for k in range(0, 61) if k in s] == [0, 10, 20, 30, 40, 50, 60]
+    assert 200 in s and 550 in s and 201 not in s
+    assert sorted(Schedule.log_spaced(1000, 4).steps) == [1, 10, 100, 1000]
+    assert [k for k in range(0, 12) if k in Schedule.every(4, start=3)] == [3, 7, 11]
+    with pytest.raises(ValueError):
+        Schedule.at_fractions(100, [1.5])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        m = SpectralLens(_model(), lm_pool(n_batches=5), precision="float64").measure(1, 1)
+        if rank == 1:  # a non-zero rank holds the synced activation and broadcast gradient spectra too
+            np.save(out + ".act.npy", m.spectra["act:h.2"].values.numpy())
+            np.save(out + ".grad.npy", m.spectra["grad:h.2.attn.c_proj.weight"].values.numpy())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_ranks_equal_one_process(tmp_path):
+    out = str(tmp_path / "m")
+    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    single = SpectralLens(_model(), lm_pool(n_batches=5), precision="float64").measure(1, 1)
+    act = single.spectra["act:h.2"].values.numpy()
+    assert np.abs(np.load(out + ".act.npy") - act).max() <= 1e-10 * act[0]
+    assert np.allclose(np.load(out + ".grad.npy"), single.spectra["grad:h.2.attn.c_proj.weight"].values.numpy(), rtol=1e-10)
