@@ -1,0 +1,106 @@
+"""Analyses of run records: token efficiency, alignment, early prediction, taxonomy.
+
+* :mod:`~spectral_lens.analysis.efficiency`: tokens-to-target ``T(B)``, ``eps_tok``, token and
+  throughput gains, matched-loss / matched-token / matched-fraction alignment.
+* :mod:`~spectral_lens.analysis.predictor`: :class:`TailPredictor` (early ``alpha_tail`` orders batch
+  tiers), :class:`NoiseScalePredictor` (gradient-noise-scale baseline), :class:`SweepController`
+  (stop / continue decisions for a sweep in progress).
+* :mod:`~spectral_lens.analysis.taxonomy`: :class:`TransitionClassifier` for architectural transitions.
+* :mod:`~spectral_lens.analysis.synthetic`: sweeps generated from the paper's Theorem-6 model.
+"""
+
+from .efficiency import (
+    NO_FAMILY,
+    Matched,
+    TransitionGains,
+    align,
+    eps_tok,
+    group_by_family,
+    log_gains,
+    matched_fraction,
+    matched_loss,
+    matched_tokens,
+    thr_gain,
+    tok_gain,
+    token_inefficiency,
+    tokens_to_target,
+    transition_gains,
+)
+from .predictor import (
+    EarlyStatistic,
+    FamilyScore,
+    FractionNotReachedError,
+    NoiseScalePredictor,
+    PredictionScore,
+    SweepController,
+    SweepDecision,
+    TailPredictor,
+    TierDecision,
+    TierRanking,
+    alpha_trajectory,
+    early_alpha,
+    rank_tiers,
+    resolve_spectrum,
+    resolve_window,
+)
+from .taxonomy import (
+    ACTIVATION_LED,
+    GRADIENT_LED,
+    LABELS,
+    MIXED_TRADEOFF,
+    NO_CLEAR_CHANGE,
+    REGRESSION,
+    THROUGHPUT_LEANING,
+    UNATTRIBUTED_LEARNING,
+    TaxonomyResult,
+    TransitionClassifier,
+    TransitionEvidence,
+    js_divergence,
+    transition_evidence,
+)
+
+__all__ = [
+    "ACTIVATION_LED",
+    "GRADIENT_LED",
+    "LABELS",
+    "MIXED_TRADEOFF",
+    "NO_CLEAR_CHANGE",
+    "NO_FAMILY",
+    "REGRESSION",
+    "THROUGHPUT_LEANING",
+    "UNATTRIBUTED_LEARNING",
+    "EarlyStatistic",
+    "FamilyScore",
+    "FractionNotReachedError",
+    "Matched",
+    "NoiseScalePredictor",
+    "PredictionScore",
+    "SweepController",
+    "SweepDecision",
+    "TailPredictor",
+    "TaxonomyResult",
+    "TierDecision",
+    "TierRanking",
+    "TransitionClassifier",
+    "TransitionEvidence",
+    "TransitionGains",
+    "align",
+    "alpha_trajectory",
+    "early_alpha",
+    "eps_tok",
+    "group_by_family",
+    "js_divergence",
+    "log_gains",
+    "matched_fraction",
+    "matched_loss",
+    "matched_tokens",
+    "rank_tiers",
+    "resolve_spectrum",
+    "resolve_window",
+    "thr_gain",
+    "tok_gain",
+    "token_inefficiency",
+    "tokens_to_target",
+    "transition_evidence",
+    "transition_gains",
+]

@@ -1,0 +1,314 @@
+"""Token efficiency, throughput gains and alignment of measurements across runs (paper Sec. 2.2, 5).
+
+Pure functions on :class:`~spectral_lens.records.RunRecord` objects or plain arrays.
+
+Definitions (protocol section 5):
+
+* tokens-to-target ``T(B)``: training tokens consumed at the **first checkpoint** whose validation
+  loss is ``<= target`` (equality counts as reached). ``math.inf`` when never reached.
+* token inefficiency within a family: ``eps_tok(B) = T(B) / min_B' T(B')`` (1 for the best run).
+* for a transition ``a -> b``: ``TokGain = T(a)/T(b) - 1``, ``ThrGain = Q(b)/Q(a) - 1`` and the
+  log-gain coordinates ``g_tok = log(T(a)/T(b))``, ``g_thr = log(Q(b)/Q(a))``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Hashable, Iterable, Mapping
+
+import numpy as np
+
+from .._warnings import SpectralLensWarning
+from ..records import Measurement, RunRecord
+
+__all__ = [
+    "NO_FAMILY",
+    "tokens_to_target",
+    "eps_tok",
+    "token_inefficiency",
+    "tok_gain",
+    "thr_gain",
+    "log_gains",
+    "TransitionGains",
+    "transition_gains",
+    "Matched",
+    "align",
+    "matched_loss",
+    "matched_tokens",
+    "matched_fraction",
+    "group_by_family",
+]
+
+#: Family name used for runs whose ``RunInfo.family`` is ``None``.
+NO_FAMILY = "(no family)"
+
+
+def _curve(run_or_curve) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(run_or_curve, RunRecord):
+        return run_or_curve.val_curve()
+    try:
+        tokens, losses = run_or_curve
+    except (TypeError, ValueError):
+        raise TypeError(
+            "expected a RunRecord or a pair (tokens, val_losses) of equal-length sequences, "
+            f"got {type(run_or_curve).__name__}"
+        ) from None
+    tokens = np.asarray(tokens, dtype=np.float64)
+    losses = np.asarray(losses, dtype=np.float64)
+    if tokens.shape != losses.shape or tokens.ndim != 1:
+        raise ValueError(f"tokens and val_losses must be 1-D of equal length, got {tokens.shape} and {losses.shape}")
+    order = np.argsort(tokens, kind="stable")
+    return tokens[order], losses[order]
+
+
+def tokens_to_target(run_or_curve, target: float, *, interpolate: bool = False) -> float:
+    """Tokens to reach validation loss ``target``: ``T`` at the first checkpoint with loss ``<= target``.
+
+    Args:
+        run_or_curve: a :class:`RunRecord` (its :meth:`~RunRecord.val_curve`: logged events and
+            measurements merged) or a pair ``(tokens, val_losses)``.
+        target: target validation loss.
+        interpolate: ``False`` (the paper's definition): the token count of that checkpoint.
+            ``True``: the token count where the straight line between the previous checkpoint and
+            that one crosses ``target`` (a finer estimate when checkpoints are sparse; the first
+            checkpoint itself if it already reaches the target).
+
+    Returns ``math.inf`` when no checkpoint reaches the target. Ties: checkpoints are taken in
+    token order, equal token counts in file order; a loss exactly equal to ``target`` counts as
+    reached; NaN losses never do.
+    """
+    tokens, losses = _curve(run_or_curve)
+    hit = np.flatnonzero(losses <= target)
+    if hit.size == 0:
+        return math.inf
+    i = int(hit[0])
+    if not interpolate or i == 0:
+        return float(tokens[i])
+    t0, t1, l0, l1 = tokens[i - 1], tokens[i], losses[i - 1], losses[i]
+    if not np.isfinite(l0) or l0 == l1:
+        return float(t1)
+    return float(t0 + (l0 - target) / (l0 - l1) * (t1 - t0))
+
+
+def eps_tok(T: Mapping[Hashable, float]) -> dict[Hashable, float]:
+    """Token inefficiency ``eps_tok = T / min(T)`` of runs in one family, keyed like ``T``.
+
+    Runs that never reached the target (``T = inf``) get ``inf``. Equal ``T`` give equal ``eps_tok``
+    (two best runs both get 1). If no run reached the target, every value is NaN and a
+    :class:`SpectralLensWarning` is emitted.
+    """
+    if not T:
+        return {}
+    values = {k: float(v) for k, v in T.items()}
+    for k, v in values.items():
+        if not (v > 0):
+            raise ValueError(f"eps_tok: T[{k!r}] = {v} must be positive (tokens to target)")
+    best = min(values.values())
+    if math.isinf(best):
+        warnings.warn("eps_tok: no run reached the target; eps_tok is undefined (NaN)", SpectralLensWarning, stacklevel=2)
+        return {k: math.nan for k in values}
+    return {k: v / best for k, v in values.items()}
+
+
+def group_by_family(runs: Iterable[RunRecord]) -> dict[str, list[RunRecord]]:
+    """Runs grouped by ``info.family`` (``None`` -> :data:`NO_FAMILY`), families and runs in input order."""
+    groups: dict[str, list[RunRecord]] = {}
+    for r in runs:
+        groups.setdefault(r.info.family if r.info.family is not None else NO_FAMILY, []).append(r)
+    return groups
+
+
+def token_inefficiency(
+    runs: Iterable[RunRecord], target: float, *, interpolate: bool = False
+) -> dict[str, float]:
+    """``eps_tok`` of every run (keyed by run id), normalized within its family.
+
+    Seeds of one tier are separate runs, each with its own ``eps_tok`` against the family's best run.
+    """
+    out: dict[str, float] = {}
+    for family, members in group_by_family(runs).items():
+        T = {r.run_id: tokens_to_target(r, target, interpolate=interpolate) for r in members}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SpectralLensWarning)
+            eps = eps_tok(T)
+        if all(math.isnan(v) for v in eps.values()):
+            warnings.warn(
+                f"family {family!r}: no run reached val loss {target}; eps_tok is NaN for its runs",
+                SpectralLensWarning,
+                stacklevel=2,
+            )
+        out.update(eps)
+    return out
+
+
+def tok_gain(T_a: float, T_b: float) -> float:
+    """Relative token gain of a transition ``a -> b``: ``T(a)/T(b) - 1`` (positive = b needs fewer tokens)."""
+    _check_positive(T_a=T_a, T_b=T_b)
+    return T_a / T_b - 1.0
+
+
+def thr_gain(Q_a: float, Q_b: float) -> float:
+    """Relative throughput gain of ``a -> b``: ``Q(b)/Q(a) - 1`` (positive = b is faster)."""
+    _check_positive(Q_a=Q_a, Q_b=Q_b)
+    return Q_b / Q_a - 1.0
+
+
+def log_gains(T_a: float, T_b: float, Q_a: float, Q_b: float) -> tuple[float, float]:
+    """Log-gain coordinates ``(g_tok, g_thr) = (log(T(a)/T(b)), log(Q(b)/Q(a)))``."""
+    _check_positive(T_a=T_a, T_b=T_b, Q_a=Q_a, Q_b=Q_b)
+    return math.log(T_a / T_b), math.log(Q_b / Q_a)
+
+
+def _check_positive(**values: float) -> None:
+    for name, v in values.items():
+        if v is None or not (v > 0):
+            raise ValueError(f"{name} must be a positive number, got {v!r}")
+
+
+@dataclass(frozen=True)
+class TransitionGains:
+    """Outcome coordinates of a transition ``a -> b`` (paper Sec. 2.2).
+
+    Attributes:
+        a, b: run ids.
+        target: target validation loss used for ``T``.
+        T_a, T_b: tokens to target (``inf`` if never reached).
+        Q_a, Q_b: throughput in tokens/s (``None`` if not logged).
+        tok_gain, thr_gain: relative gains (NaN when an input is missing or infinite).
+        g_tok, g_thr: log gains (NaN likewise).
+    """
+
+    a: str
+    b: str
+    target: float
+    T_a: float
+    T_b: float
+    Q_a: float | None
+    Q_b: float | None
+    tok_gain: float
+    thr_gain: float
+    g_tok: float
+    g_thr: float
+
+
+def transition_gains(run_a: RunRecord, run_b: RunRecord, target: float, *, warmup: float = 0.1) -> TransitionGains:
+    """Token and throughput gains of ``run_a -> run_b`` from their records.
+
+    ``Q`` is :meth:`RunRecord.throughput` (median logged tokens/s after ``warmup``).
+    """
+    T_a, T_b = tokens_to_target(run_a, target), tokens_to_target(run_b, target)
+    Q_a, Q_b = run_a.throughput(warmup), run_b.throughput(warmup)
+    t_ok = math.isfinite(T_a) and math.isfinite(T_b)
+    q_ok = Q_a is not None and Q_b is not None and Q_a > 0 and Q_b > 0
+    nan = math.nan
+    return TransitionGains(
+        a=run_a.run_id,
+        b=run_b.run_id,
+        target=float(target),
+        T_a=T_a,
+        T_b=T_b,
+        Q_a=Q_a,
+        Q_b=Q_b,
+        tok_gain=tok_gain(T_a, T_b) if t_ok else nan,
+        thr_gain=thr_gain(Q_a, Q_b) if q_ok else nan,
+        g_tok=math.log(T_a / T_b) if t_ok else nan,
+        g_thr=math.log(Q_b / Q_a) if q_ok else nan,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# alignment
+
+
+@dataclass(frozen=True)
+class Matched:
+    """The measurement of one run picked by an alignment.
+
+    Attributes:
+        run_id: the run.
+        measurement: the chosen :class:`Measurement`.
+        index: its position in ``run.measurements``.
+        by: ``"loss"``, ``"tokens"`` or ``"progress"``.
+        target: the value aligned to.
+        value: the measurement's own value of ``by``.
+        gap: ``value - target`` (for loss: how far above (+) or below (-) the target it is).
+    """
+
+    run_id: str
+    measurement: Measurement
+    index: int
+    by: str
+    target: float
+    value: float
+    gap: float
+
+
+_RULES = {"loss": ("first_below", "nearest"), "tokens": ("nearest", "first_after"), "progress": ("nearest", "first_after")}
+
+
+def align(
+    runs: Iterable[RunRecord],
+    by: str,
+    target: float,
+    *,
+    rule: str | None = None,
+    tolerance: float | None = None,
+) -> dict[str, Matched | None]:
+    """Pick one measurement per run at a matched loss, token count or progress fraction.
+
+    Args:
+        by: ``"loss"`` (the paper's primary comparison), ``"tokens"`` or ``"progress"``.
+        target: the loss, token count or fraction to match.
+        rule: for ``by="loss"``: ``"first_below"`` (default; the first measurement in token order
+            with ``val_loss <= target``, consistent with tokens-to-target) or ``"nearest"`` (smallest
+            ``|val_loss - target|``). For tokens/progress: ``"nearest"`` (default) or
+            ``"first_after"`` (the first measurement at or beyond the target).
+            Ties (equal distance) go to the earlier measurement.
+        tolerance: if given, a match with ``|gap| > tolerance`` counts as no match.
+
+    Returns run id -> :class:`Matched`, or ``None`` for a run with no eligible measurement (no
+    measurement with a val loss, loss never reached under ``first_below``, unknown progress, ...).
+    """
+    if by not in _RULES:
+        raise ValueError(f"align: by must be one of {tuple(_RULES)}, got {by!r}")
+    rule = rule or _RULES[by][0]
+    if rule not in _RULES[by]:
+        raise ValueError(f"align: rule for by={by!r} must be one of {_RULES[by]}, got {rule!r}")
+    out: dict[str, Matched | None] = {}
+    for run in runs:
+        cands = []
+        for i, m in enumerate(run.measurements):
+            v = m.val_loss if by == "loss" else float(m.tokens) if by == "tokens" else run.progress(m)
+            if v is not None and math.isfinite(v):
+                cands.append((m.tokens, i, float(v)))
+        cands.sort(key=lambda c: c[0])  # stable: equal tokens keep file order
+        pick = None
+        if rule == "first_below":
+            pick = next((c for c in cands if c[2] <= target), None)
+        elif rule == "first_after":
+            pick = next((c for c in cands if c[2] >= target), None)
+        elif cands:
+            pick = min(cands, key=lambda c: abs(c[2] - target))  # min keeps the first of equals
+        if pick is not None and tolerance is not None and abs(pick[2] - target) > tolerance:
+            pick = None
+        out[run.run_id] = None if pick is None else Matched(
+            run.run_id, run.measurements[pick[1]], pick[1], by, float(target), pick[2], pick[2] - float(target)
+        )
+    return out
+
+
+def matched_loss(runs: Iterable[RunRecord], target: float, *, rule: str = "first_below", tolerance: float | None = None):
+    """:func:`align` with ``by="loss"``: each run's measurement at validation loss ``target``."""
+    return align(runs, "loss", target, rule=rule, tolerance=tolerance)
+
+
+def matched_tokens(runs: Iterable[RunRecord], tokens: float, *, rule: str = "nearest", tolerance: float | None = None):
+    """:func:`align` with ``by="tokens"``: each run's measurement at ``tokens`` training tokens."""
+    return align(runs, "tokens", tokens, rule=rule, tolerance=tolerance)
+
+
+def matched_fraction(runs: Iterable[RunRecord], fraction: float, *, rule: str = "nearest", tolerance: float | None = None):
+    """:func:`align` with ``by="progress"``: each run's measurement at a schedule fraction."""
+    return align(runs, "progress", fraction, rule=rule, tolerance=tolerance)

@@ -1,0 +1,353 @@
+"""Taxonomy of architectural transitions (paper Sec. 4, Fig. 3).
+
+A transition ``a -> b`` (two runs of different variants, same batch tier) is placed by its outcome
+coordinates (token gain, throughput gain) and attributed by spectral evidence:
+
+* **activation-led learning**: token gain with a clear displacement of the activation spectrum
+  (``alpha_head`` moves and/or the normalized spectra differ);
+* **gradient-led learning**: token gain whose dominant geometric change is in the gradient spectrum,
+  the activation endpoint staying comparatively static;
+* **throughput/execution-leaning**: mainly a throughput gain;
+* **mixed/tradeoff**: one objective improves while the other worsens comparably;
+* **no clear change**: neither gain exceeds the threshold.
+
+Two more labels make the classifier total instead of forcing a case into the wrong bucket:
+**learning gain, spectrally unattributed** (a token gain with neither spectrum moving beyond its
+threshold) and **regression** (one or both objectives worsen, none improves).
+
+The paper gives no numeric thresholds; every threshold is a constructor parameter of
+:class:`TransitionClassifier` and every result carries the numbers and the rule that fired.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..records import RunRecord
+from ..spectrum import Spectrum
+from ..summaries import BandAlphaFitter
+from .efficiency import align, transition_gains
+from .predictor import resolve_spectrum
+
+__all__ = [
+    "ACTIVATION_LED",
+    "GRADIENT_LED",
+    "THROUGHPUT_LEANING",
+    "MIXED_TRADEOFF",
+    "NO_CLEAR_CHANGE",
+    "UNATTRIBUTED_LEARNING",
+    "REGRESSION",
+    "LABELS",
+    "TransitionEvidence",
+    "TaxonomyResult",
+    "TransitionClassifier",
+    "js_divergence",
+    "transition_evidence",
+]
+
+ACTIVATION_LED = "activation-led learning"
+GRADIENT_LED = "gradient-led learning"
+THROUGHPUT_LEANING = "throughput/execution-leaning"
+MIXED_TRADEOFF = "mixed/tradeoff"
+NO_CLEAR_CHANGE = "no clear change"
+UNATTRIBUTED_LEARNING = "learning gain, spectrally unattributed"
+REGRESSION = "regression"
+#: Every label the classifier can return.
+LABELS = (
+    ACTIVATION_LED,
+    GRADIENT_LED,
+    THROUGHPUT_LEANING,
+    MIXED_TRADEOFF,
+    NO_CLEAR_CHANGE,
+    UNATTRIBUTED_LEARNING,
+    REGRESSION,
+)
+
+
+def js_divergence(a: Spectrum | np.ndarray, b: Spectrum | np.ndarray) -> float:
+    """Jensen-Shannon divergence (natural log, in [0, log 2]) of two trace-normalized spectra.
+
+    Spectra are compared rank by rank; a shorter one is padded with zeros.
+    """
+    p = _normalized(a)
+    q = _normalized(b)
+    n = max(p.size, q.size)
+    p = np.pad(p, (0, n - p.size))
+    q = np.pad(q, (0, n - q.size))
+    m = 0.5 * (p + q)
+
+    def kl(x: np.ndarray) -> float:
+        nz = x > 0
+        return float(np.sum(x[nz] * np.log(x[nz] / m[nz])))
+
+    return max(0.0, 0.5 * kl(p) + 0.5 * kl(q))
+
+
+def _normalized(s: Spectrum | np.ndarray) -> np.ndarray:
+    v = s.values.numpy() if isinstance(s, Spectrum) else np.asarray(s, dtype=np.float64)
+    v = np.clip(v.astype(np.float64), 0.0, None)
+    total = v.sum()
+    if not total > 0:
+        raise ValueError("js_divergence: spectrum is all zero")
+    return v / total
+
+
+@dataclass(frozen=True)
+class TransitionEvidence:
+    """The numbers behind a transition's label.
+
+    Attributes:
+        a, b: names of the two sides (run ids, or free text when built by hand).
+        tok_gain, thr_gain: relative gains ``T(a)/T(b) - 1`` and ``Q(b)/Q(a) - 1``.
+        g_tok, g_thr: log gains (the classifier's coordinates; NaN when unknown).
+        d_alpha_head: ``alpha_head(b) - alpha_head(a)`` of the activation spectrum at matched loss.
+        act_jsd: Jensen-Shannon divergence of the two normalized activation spectra.
+        d_grad_alpha: ``alpha(b) - alpha(a)`` of the gradient spectrum (head window).
+        grad_jsd: Jensen-Shannon divergence of the two normalized gradient spectra.
+        details: provenance (target loss, matched steps and losses, spectrum names, windows, T, Q).
+    """
+
+    a: str
+    b: str
+    tok_gain: float
+    thr_gain: float
+    g_tok: float
+    g_thr: float
+    d_alpha_head: float = math.nan
+    act_jsd: float = math.nan
+    d_grad_alpha: float = math.nan
+    grad_jsd: float = math.nan
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_gains(cls, a: str, b: str, tok_gain: float, thr_gain: float, **spectral) -> "TransitionEvidence":
+        """Build from relative gains (log gains derived) and optional spectral numbers."""
+        return cls(a, b, tok_gain, thr_gain, _log1p(tok_gain), _log1p(thr_gain), **spectral)
+
+
+def _log1p(x: float) -> float:
+    return math.log1p(x) if x is not None and math.isfinite(x) and x > -1 else math.nan
+
+
+@dataclass(frozen=True)
+class TaxonomyResult:
+    """A transition's label with its evidence.
+
+    Attributes:
+        label: one of :data:`LABELS`.
+        rule: which rule fired, in words with the numbers.
+        evidence: the :class:`TransitionEvidence`.
+        act_score: activation movement in threshold units ``max(|d_alpha_head|/head_threshold,
+            act_jsd/act_jsd_threshold)`` (>= 1 = clear); NaN if no activation evidence.
+        grad_score: gradient movement likewise; NaN if no gradient evidence.
+        thresholds: the classifier's thresholds.
+    """
+
+    label: str
+    rule: str
+    evidence: TransitionEvidence
+    act_score: float
+    grad_score: float
+    thresholds: dict[str, float]
+
+
+def _score(pairs: list[tuple[float, float]]) -> float:
+    vals = [abs(v) / t for v, t in pairs if v is not None and math.isfinite(v)]
+    return max(vals) if vals else math.nan
+
+
+class TransitionClassifier:
+    """Rule-based classifier of transitions ``a -> b`` (paper Sec. 4).
+
+    Args:
+        gain_threshold: smallest |log gain| that counts as a change (default 0.02, i.e. about 2%;
+            below it a gain is within checkpoint resolution and run-to-run noise).
+        tradeoff_ratio: a gain and a loss are "comparable" when the smaller magnitude is at least
+            this fraction of the larger (default 0.5).
+        head_threshold: clear activation-head displacement, ``|d alpha_head|`` (default 0.05).
+        act_jsd_threshold: clear activation-spectrum displacement in JSD (default 0.005, about a
+            0.1 change of a pure power-law exponent over 768 ranks).
+        grad_alpha_threshold: clear gradient-spectrum change in ``|d alpha|`` (default 0.1).
+        grad_jsd_threshold: clear gradient-spectrum change in JSD (default 0.005).
+
+    Rules, in order (on log gains ``g_tok``, ``g_thr``; an unknown gain counts as 0; ``g`` is
+    ``gain_threshold``):
+
+    1. ``mixed/tradeoff``: one gain >= g, the other <= -g, and
+       ``min(|g_tok|, |g_thr|) >= tradeoff_ratio * max(|g_tok|, |g_thr|)``.
+    2. ``no clear change``: ``|g_tok| < g`` and ``|g_thr| < g``.
+    3. ``regression``: no gain >= g (so at least one <= -g).
+    4. token-led (``g_tok >= g`` and ``g_tok >= g_thr``):
+       ``activation-led`` if ``act_score >= 1`` and ``act_score >= grad_score``; else
+       ``gradient-led`` if ``grad_score >= 1``; else ``learning gain, spectrally unattributed``.
+    5. otherwise (throughput gain dominant): ``throughput/execution-leaning``.
+    """
+
+    def __init__(
+        self,
+        *,
+        gain_threshold: float = 0.02,
+        tradeoff_ratio: float = 0.5,
+        head_threshold: float = 0.05,
+        act_jsd_threshold: float = 0.005,
+        grad_alpha_threshold: float = 0.1,
+        grad_jsd_threshold: float = 0.005,
+    ):
+        for name, v in dict(
+            gain_threshold=gain_threshold, head_threshold=head_threshold, act_jsd_threshold=act_jsd_threshold,
+            grad_alpha_threshold=grad_alpha_threshold, grad_jsd_threshold=grad_jsd_threshold,
+        ).items():
+            if not v > 0:
+                raise ValueError(f"TransitionClassifier: {name} must be > 0, got {v}")
+        if not 0 < tradeoff_ratio <= 1:
+            raise ValueError(f"TransitionClassifier: tradeoff_ratio must be in (0, 1], got {tradeoff_ratio}")
+        self.gain_threshold = gain_threshold
+        self.tradeoff_ratio = tradeoff_ratio
+        self.head_threshold = head_threshold
+        self.act_jsd_threshold = act_jsd_threshold
+        self.grad_alpha_threshold = grad_alpha_threshold
+        self.grad_jsd_threshold = grad_jsd_threshold
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The thresholds as a dict (also stored in every result)."""
+        return {
+            "gain_threshold": self.gain_threshold,
+            "tradeoff_ratio": self.tradeoff_ratio,
+            "head_threshold": self.head_threshold,
+            "act_jsd_threshold": self.act_jsd_threshold,
+            "grad_alpha_threshold": self.grad_alpha_threshold,
+            "grad_jsd_threshold": self.grad_jsd_threshold,
+        }
+
+    def classify(self, ev: TransitionEvidence) -> TaxonomyResult:
+        """Label one transition from its evidence (see the class docstring for the rules)."""
+        g = self.gain_threshold
+        gt = ev.g_tok if math.isfinite(ev.g_tok) else 0.0
+        gq = ev.g_thr if math.isfinite(ev.g_thr) else 0.0
+        act = _score([(ev.d_alpha_head, self.head_threshold), (ev.act_jsd, self.act_jsd_threshold)])
+        grad = _score([(ev.d_grad_alpha, self.grad_alpha_threshold), (ev.grad_jsd, self.grad_jsd_threshold)])
+        coords = f"g_tok={gt:+.3f}, g_thr={gq:+.3f}"
+        big, small = max(abs(gt), abs(gq)), min(abs(gt), abs(gq))
+        if max(gt, gq) >= g and min(gt, gq) <= -g and small >= self.tradeoff_ratio * big:
+            label = MIXED_TRADEOFF
+            rule = f"rule 1: {coords}: opposite signs beyond ±{g}, |smaller|/|larger|={small / big:.2f} >= {self.tradeoff_ratio}"
+        elif abs(gt) < g and abs(gq) < g:
+            label, rule = NO_CLEAR_CHANGE, f"rule 2: {coords}: both |gains| < {g}"
+        elif max(gt, gq) < g:
+            label, rule = REGRESSION, f"rule 3: {coords}: no gain >= {g}, at least one <= -{g}"
+        elif gt >= g and gt >= gq:
+            scores = f"act_score={act:.2f}, grad_score={grad:.2f}"
+            a_ok = math.isfinite(act) and act >= 1 and not (math.isfinite(grad) and grad > act)
+            if a_ok:
+                label, rule = ACTIVATION_LED, f"rule 4a: token-led ({coords}); {scores}: activation displacement clear and dominant"
+            elif math.isfinite(grad) and grad >= 1:
+                label, rule = GRADIENT_LED, f"rule 4b: token-led ({coords}); {scores}: gradient change clear and dominant"
+            else:
+                label, rule = UNATTRIBUTED_LEARNING, f"rule 4c: token-led ({coords}); {scores}: neither spectrum moved beyond threshold"
+        else:
+            label = THROUGHPUT_LEANING
+            rule = f"rule 5: {coords}: throughput gain >= {g} dominates (act_score={act:.2f})"
+        return TaxonomyResult(label, rule, ev, act, grad, self.thresholds)
+
+    def classify_runs(self, run_a: RunRecord, run_b: RunRecord, target: float, **kwargs) -> TaxonomyResult:
+        """:func:`transition_evidence` then :meth:`classify`; ``kwargs`` go to the evidence."""
+        return self.classify(transition_evidence(run_a, run_b, target, **kwargs))
+
+    def __repr__(self) -> str:
+        return "TransitionClassifier(" + ", ".join(f"{k}={v}" for k, v in self.thresholds.items()) + ")"
+
+
+def _gradient_name(run: RunRecord, gradient: str | None) -> str | None:
+    names = run.spectrum_names("gradient")
+    if gradient is not None:
+        if gradient not in run.spectrum_names():
+            raise ValueError(f"run {run.run_id!r}: no spectrum named {gradient!r}; available: {run.spectrum_names()}")
+        return gradient
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        return None
+    raise ValueError(f"run {run.run_id!r}: several gradient spectra {names}; pass gradient=NAME")
+
+
+def _alpha(spec: Spectrum, window: tuple[int, int]) -> float:
+    try:
+        return float(BandAlphaFitter(window).fit(spec).alpha)
+    except ValueError:
+        return math.nan
+
+
+def transition_evidence(
+    run_a: RunRecord,
+    run_b: RunRecord,
+    target: float,
+    *,
+    activation: str | None = None,
+    gradient: str | None = None,
+    head_window: tuple[int, int] = (10, 40),
+    gradient_window: tuple[int, int] = (10, 40),
+    at: str = "loss",
+) -> TransitionEvidence:
+    """Gains and spectral evidence of ``run_a -> run_b`` from their records.
+
+    Args:
+        target: target validation loss (for ``T`` and for the matched-loss measurement).
+        activation: activation spectrum name (default :func:`~spectral_lens.analysis.resolve_spectrum`).
+        gradient: gradient spectrum name (default: the run's only gradient spectrum; none -> NaN).
+        head_window: window of ``alpha_head`` on the activation spectrum.
+        gradient_window: window of the gradient-spectrum alpha (concentration of the head).
+        at: ``"loss"``: each run's first measurement with ``val_loss <= target`` (falls back to
+            the last measurement when a run never reaches it, noted in ``details``); ``"final"``:
+            each run's last measurement (the paper's "final" spectra).
+    """
+    if at not in ("loss", "final"):
+        raise ValueError(f"at must be 'loss' or 'final', got {at!r}")
+    gains = transition_gains(run_a, run_b, target)
+    details: dict[str, Any] = {"target": float(target), "at": at, "T_a": gains.T_a, "T_b": gains.T_b,
+                               "Q_a": gains.Q_a, "Q_b": gains.Q_b}
+    picks = {}
+    for side, run in (("a", run_a), ("b", run_b)):
+        if not run.measurements:
+            raise ValueError(f"run {run.run_id!r} has no measurements")
+        m = None
+        if at == "loss":
+            match = align([run], "loss", target)[run.run_id]
+            m = match.measurement if match else None
+            if m is None:
+                details[f"fallback_{side}"] = "target never reached: last measurement used"
+        if m is None:
+            m = max(run.measurements, key=lambda x: x.tokens)
+        picks[side] = m
+        details[f"step_{side}"] = m.step
+        details[f"val_loss_{side}"] = m.val_loss
+    act_a = resolve_spectrum(run_a, activation)
+    act_b = resolve_spectrum(run_b, activation)
+    sa, sb = picks["a"].spectra[act_a], picks["b"].spectra[act_b]
+    d_head = _alpha(sb, head_window) - _alpha(sa, head_window)
+    details.update(activation=(act_a, act_b), head_window=tuple(head_window),
+                   alpha_head_a=_alpha(sa, head_window), alpha_head_b=_alpha(sb, head_window))
+    d_grad = grad_jsd = math.nan
+    g_a, g_b = _gradient_name(run_a, gradient), _gradient_name(run_b, gradient)
+    if g_a and g_b and g_a in picks["a"].spectra and g_b in picks["b"].spectra:
+        ga, gb = picks["a"].spectra[g_a], picks["b"].spectra[g_b]
+        d_grad = _alpha(gb, gradient_window) - _alpha(ga, gradient_window)
+        grad_jsd = js_divergence(ga, gb)
+        details.update(gradient=(g_a, g_b), gradient_window=tuple(gradient_window))
+    return TransitionEvidence(
+        a=run_a.run_id,
+        b=run_b.run_id,
+        tok_gain=gains.tok_gain,
+        thr_gain=gains.thr_gain,
+        g_tok=gains.g_tok,
+        g_thr=gains.g_thr,
+        d_alpha_head=d_head,
+        act_jsd=js_divergence(sa, sb),
+        d_grad_alpha=d_grad,
+        grad_jsd=grad_jsd,
+        details=details,
+    )

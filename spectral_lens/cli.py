@@ -1,0 +1,217 @@
+"""The ``spectral-lens`` command line: ``report``, ``predict`` and ``inspect``.
+
+Examples::
+
+    spectral-lens report runs/sweep --out report/ --format html --target-loss 3.2
+    spectral-lens report runs/a runs/b --out r/ --target-loss 3.2 --transition a:b
+    spectral-lens predict runs/sweep --target-loss 3.2
+    spectral-lens inspect runs/sweep/toy-b4/spectra/00000763_act_blocks.11.npz
+    spectral-lens inspect runs/sweep/toy-b4
+
+A RUN_DIR may be a run directory or a directory of run directories (a sweep root). Errors in the
+input (missing or corrupted records, unknown spectrum names) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _window(values):
+    if values is None:
+        return None
+    lo, hi = values
+    return (lo, hi)
+
+
+def _transition(text: str) -> tuple[str, str]:
+    a, sep, b = text.partition(":")
+    if not sep or not a or not b:
+        raise argparse.ArgumentTypeError(f"transition must be RUN_A:RUN_B (run ids), got {text!r}")
+    return a, b
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``spectral-lens`` (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="spectral-lens",
+        description="Reports, early batch-tier prediction and inspection of spectral-lens run records.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def early_args(p):
+        p.add_argument("--fraction", type=float, default=0.2, help="early checkpoint, fraction of the token budget (default 0.2)")
+        p.add_argument("--window", type=int, nargs=2, metavar=("LO", "HI"),
+                       help="rank window of alpha_tail (default: scale rule from the runs' n_layer)")
+        p.add_argument("--spectrum", help="spectrum name (default: each run's primary / only activation spectrum)")
+        p.add_argument("--target-loss", type=float, help="target validation loss for tokens-to-target and eps_tok")
+
+    rp = sub.add_parser("report", help="write a Markdown or HTML report with figures")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    rp.add_argument("--out", required=True, help="output directory")
+    rp.add_argument("--format", choices=("md", "html"), default="md")
+    rp.add_argument("--transition", type=_transition, action="append", default=[], metavar="RUN_A:RUN_B",
+                    help="classify a transition between two runs (repeatable)")
+    rp.add_argument("--no-plots", action="store_true", help="tables only")
+    early_args(rp)
+
+    pp = sub.add_parser("predict", help="rank batch tiers by the early tail exponent")
+    pp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    pp.add_argument("--json", action="store_true", help="machine-readable output")
+    early_args(pp)
+
+    ip = sub.add_parser("inspect", help="summarize a spectrum .npz file or a run directory")
+    ip.add_argument("path", metavar="FILE")
+    return parser
+
+
+def _cmd_report(args) -> int:
+    from .report import build_report
+
+    rep = build_report(
+        args.runs, args.out, fmt=args.format, target_loss=args.target_loss, fraction=args.fraction,
+        window=_window(args.window), spectrum=args.spectrum, transitions=args.transition, plots=not args.no_plots,
+    )
+    print(f"wrote {rep.path}" + (f" and {len(rep.figures)} figures" if rep.figures else ""))
+    for n in rep.notes:
+        print(f"note: {n}")
+    return 0
+
+
+def _fmt(v: float, spec: str = ".4f") -> str:
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def _cmd_predict(args) -> int:
+    from .analysis.predictor import TailPredictor
+    from .records import open_runs
+
+    runs = open_runs(args.runs)
+    pred = TailPredictor(args.fraction, window=_window(args.window), spectrum=args.spectrum).fit(runs)
+    rankings = pred.predict()
+    score = pred.score(targets=args.target_loss) if args.target_loss is not None else None
+    if args.json:
+        out = {
+            "fraction": args.fraction,
+            "families": {
+                f: {
+                    "recommended": rk.recommended,
+                    "p_recommended": rk.p_recommended,
+                    "tiers": [
+                        {"tier": t, "alpha_tail": rk.values[t], "sigma": rk.sigmas[t], "p_best": rk.p_best[t],
+                         "runs": list(rk.run_ids[t])}
+                        for t in rk.tiers
+                    ],
+                }
+                for f, rk in rankings.items()
+            },
+        }
+        if score is not None:
+            out["score"] = {"rho": score.rho, "pvalue": score.pvalue, "n": score.n,
+                            "within": {f: {"rho": w.rho, "pvalue": w.pvalue, "n": w.n} for f, w in score.within.items()}}
+        print(json.dumps(out, indent=2))
+        return 0
+    for f, rk in rankings.items():
+        print(f"family {f}: recommended tier {rk.recommended:g} (P(best) = {_fmt(rk.p_recommended, '.2f')})")
+        print(f"  {'rank':>4}  {'tier':>6}  {'alpha_tail':>10}  {'sigma':>8}  {'P(best)':>7}  runs")
+        for i, t in enumerate(rk.tiers, 1):
+            print(f"  {i:>4}  {t:>6g}  {rk.values[t]:>10.4f}  {_fmt(rk.sigmas[t], '.2g'):>8}  "
+                  f"{_fmt(rk.p_best[t], '.3f'):>7}  {', '.join(rk.run_ids[t])}")
+    if score is not None:
+        for f, w in score.within.items():
+            print(f"Spearman rho (early alpha_tail vs eps_tok), {f}: {_fmt(w.rho, '.3f')} (p = {_fmt(w.pvalue, '.3g')}, n = {w.n})")
+        if len(score.within) > 1:
+            print(f"pooled (per-family min-max normalized): {_fmt(score.rho, '.3f')} (p = {_fmt(score.pvalue, '.3g')})")
+    return 0
+
+
+def _inspect_spectrum(path: Path) -> None:
+    from .spectrum import Spectrum
+    from .summaries import RankMe, crossover_rank, participation_ratio, stable_rank
+    from .records import spectrum_summaries
+
+    s = Spectrum.load(path)
+    v = s.values
+    print(f"{path}: {s.kind} spectrum")
+    print(f"  source: {s.source}   dim: {s.dim}   n_rows: {s.n_rows}   nonzero: {s.n_nonzero}")
+    print(f"  top eigenvalues: {', '.join(f'{x:.4g}' for x in v[:5].tolist())}")
+    print(f"  trace: {float(v.sum()):.6g}")
+    if s.n_nonzero:
+        print(f"  RankMe: {RankMe()(s):.4g}   participation ratio: {participation_ratio(s):.4g}   "
+              f"stable rank: {stable_rank(s):.4g}")
+        summ = spectrum_summaries(s)
+        for key, win in (("alpha_head", (10, 40)), ("alpha_tail", (100, 200))):
+            if key in summ:
+                print(f"  {key} [{win[0]}, {win[1]}]: {summ[key]:.4f} (r2 {summ[key + '_r2']:.3f})")
+        if s.n_nonzero >= 9:
+            try:
+                c = crossover_rank(s)
+                print(f"  crossover rank r*: {c.rank:.1f} (head alpha {c.head_alpha:.3f}, tail alpha {c.tail_alpha:.3f})")
+            except ValueError:
+                pass
+    if s.metadata:
+        print(f"  metadata: {json.dumps(s.metadata)[:300]}")
+
+
+def _inspect_run(path: Path) -> None:
+    from .records import RunRecord
+
+    r = RunRecord.open(path)
+    i = r.info
+    print(f"{path}: run {i.run_id!r}")
+    print(f"  family: {i.family}   batch tier: {i.batch_tier}   tokens/step: {i.tokens_per_step}   seed: {i.seed}")
+    print(f"  n_layer: {i.n_layer}   total tokens: {i.total_tokens}   primary spectrum: {i.primary_spectrum}")
+    if i.extras:
+        print(f"  extras: {json.dumps(i.extras)[:300]}")
+    print(f"  events: {len(r.events)}   measurements: {len(r.measurements)}")
+    tokens, losses = r.val_curve()
+    if losses.size:
+        k = int(losses.argmin())
+        print(f"  val loss: first {losses[0]:.4g} at {tokens[0]:.4g} tokens, last {losses[-1]:.4g} at {tokens[-1]:.4g}, "
+              f"min {losses[k]:.4g} at {tokens[k]:.4g}")
+    q = r.throughput()
+    if q is not None:
+        print(f"  throughput: {q:.4g} tokens/s (median)")
+    if r.measurements:
+        steps = [m.step for m in r.measurements]
+        print(f"  measurement steps: {steps[0]} .. {steps[-1]}")
+        last = r.measurements[-1]
+        for name in r.spectrum_names():
+            kind = next((m.kinds.get(name) for m in r.measurements if name in m.kinds), None)
+            summ = last.summaries.get(name, {})
+            parts = [f"{k}={v:.4g}" for k, v in summ.items() if not k.endswith("_r2")]
+            print(f"  spectrum {name!r} ({kind}); last: {', '.join(parts) or '–'}")
+
+
+def _cmd_inspect(args) -> int:
+    path = Path(args.path)
+    if path.is_dir():
+        _inspect_run(path)
+    elif path.is_file():
+        _inspect_spectrum(path)
+    else:
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spectral-lens`` script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    from ._warnings import SpectrumFormatError
+
+    try:
+        return {"report": _cmd_report, "predict": _cmd_predict, "inspect": _cmd_inspect}[args.command](args)
+    except (ValueError, SpectrumFormatError, FileNotFoundError, FileExistsError, ImportError) as exc:
+        print(f"spectral-lens {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Figures of the analyses (matplotlib is an optional extra: ``pip install 'spectral-lens[plot]'``).
+
+Every function returns a ``matplotlib.figure.Figure`` built without pyplot, so nothing here touches
+the user's backend or global figure state; save with ``fig.savefig(path)``. Colors encode the batch
+tier consistently across figures (small tiers dark, large tiers light).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .analysis.efficiency import group_by_family, matched_loss
+from .analysis.predictor import PredictionScore, alpha_trajectory, resolve_spectrum, resolve_window
+from .analysis.taxonomy import LABELS, TaxonomyResult
+from .records import RunRecord
+
+__all__ = [
+    "require_matplotlib",
+    "plot_spectra",
+    "plot_alpha_trajectories",
+    "plot_early_vs_eps",
+    "plot_gain_plane",
+]
+
+
+def require_matplotlib():
+    """Import matplotlib or raise an ``ImportError`` that names the ``plot`` extra."""
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError(
+            "spectral-lens plotting needs matplotlib, an optional extra: pip install 'spectral-lens[plot]'"
+        ) from None
+    return Figure
+
+
+def _tier_colors(runs: Iterable[RunRecord]) -> dict[float, tuple]:
+    from matplotlib import colormaps
+
+    tiers = sorted({r.info.batch_tier for r in runs if r.info.batch_tier is not None})
+    cmap = colormaps["viridis"]
+    n = max(len(tiers) - 1, 1)
+    return {t: cmap(0.9 * i / n) for i, t in enumerate(tiers)}
+
+
+def _tier_label(t) -> str:
+    if t is None:
+        return "B=?"
+    return f"B={int(t)}" if float(t).is_integer() else f"B={t:g}"
+
+
+def _grid(Figure, n: int, width: float = 5.2, height: float = 4.0):
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _sorted_runs(runs: Sequence[RunRecord]) -> list[RunRecord]:
+    return sorted(runs, key=lambda r: (r.info.batch_tier is None, r.info.batch_tier or 0, r.run_id))
+
+
+def plot_spectra(
+    runs: Sequence[RunRecord],
+    target_loss: float | None = None,
+    *,
+    spectrum: str | None = None,
+    window: tuple[int, int] | None = None,
+) -> "Figure":
+    """Trace-normalized spectra overlaid per family, at matched loss (paper Fig. 1a).
+
+    Each run contributes its first measurement with ``val_loss <= target_loss`` (runs that never
+    reach it are listed in the panel as "not reached"); without a target, its last measurement. The
+    tail window is shaded. Under each family's log-log panel, a second panel shows every spectrum
+    divided by the family's geometric-mean spectrum, where differences of a few percent that the
+    log-log view hides become visible.
+    """
+    Figure = require_matplotlib()
+    fams = group_by_family(runs)
+    n = len(fams)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(5.4 * cols, 5.6 * rows), layout="constrained")
+    subfigs = np.atleast_1d(fig.subfigures(rows, cols, squeeze=False).ravel())
+    colors = _tier_colors(runs)
+    for sf in subfigs[n:]:
+        sf.set_visible(False)
+    for sf, (family, members) in zip(subfigs, fams.items()):
+        ax, rax = sf.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
+        missing, curves = [], []
+        win = None
+        for run in _sorted_runs(members):
+            name = resolve_spectrum(run, spectrum)
+            win = resolve_window(run, window)
+            if target_loss is not None:
+                match = matched_loss([run], target_loss)[run.run_id]
+                m = match.measurement if match is not None else None
+            else:
+                m = max(run.measurements, key=lambda x: x.tokens) if run.measurements else None
+            if m is None or name not in m.spectra:
+                missing.append(_tier_label(run.info.batch_tier))
+                continue
+            loss = f", loss {m.val_loss:.3f}" if m.val_loss is not None else ""
+            curves.append((run, m.spectra[name].normalized.numpy(), f"{_tier_label(run.info.batch_tier)} (step {m.step}{loss})"))
+        for run, p, label in curves:
+            ranks = np.arange(1, p.size + 1)
+            keep = p > 0
+            ax.loglog(ranks[keep], p[keep], color=colors.get(run.info.batch_tier), lw=1.4, label=label)
+        if curves:
+            k = min(int(np.count_nonzero(p > 0)) for _, p, _ in curves)
+            ref = np.exp(np.mean([np.log(p[:k]) for _, p, _ in curves], axis=0))
+            for run, p, _ in curves:
+                rax.semilogx(np.arange(1, k + 1), p[:k] / ref, color=colors.get(run.info.batch_tier), lw=1.2)
+        rax.axhline(1.0, color="0.5", lw=0.8)
+        for a in (ax, rax):
+            if win is not None:
+                a.axvspan(win[0], win[1], color="0.85", zorder=0, label=f"tail window [{win[0]}, {win[1]}]" if a is ax else None)
+            a.grid(True, which="major", alpha=0.3)
+        where = f"first checkpoint with val loss ≤ {target_loss:g}" if target_loss is not None else "last checkpoint"
+        ax.set_title(f"{family}: spectra at {where}", fontsize=10)
+        ax.set_ylabel("normalized eigenvalue  p_j = λ_j / Σλ")
+        rax.set_ylabel("p_j / family\ngeometric mean")
+        rax.set_xlabel("rank j")
+        if missing:
+            ax.text(0.02, 0.02, "not reached: " + ", ".join(missing), transform=ax.transAxes, fontsize=8, color="0.3")
+        ax.legend(fontsize=7, loc="upper right")
+    return fig
+
+
+def plot_alpha_trajectories(
+    runs: Sequence[RunRecord],
+    *,
+    fraction: float | None = 0.2,
+    spectrum: str | None = None,
+    window: tuple[int, int] | None = None,
+) -> "Figure":
+    """``alpha_tail`` against training progress, one panel per family, one line per run."""
+    Figure = require_matplotlib()
+    fams = group_by_family(runs)
+    fig, axes = _grid(Figure, len(fams))
+    colors = _tier_colors(runs)
+    for ax, (family, members) in zip(axes, fams.items()):
+        win = None
+        for run in _sorted_runs(members):
+            win = resolve_window(run, window)
+            prog, alpha, _ = alpha_trajectory(run, window=window, spectrum=spectrum)
+            ax.plot(100 * prog, alpha, marker="o", ms=2.5, lw=1.3, color=colors.get(run.info.batch_tier),
+                    label=_tier_label(run.info.batch_tier))
+        if fraction is not None:
+            ax.axvline(100 * fraction, color="0.4", ls="--", lw=1, label=f"early checkpoint ({fraction:.0%})")
+        ax.set_title(f"{family}: tail exponent during training", fontsize=10)
+        ax.set_xlabel("training progress (% of token budget)")
+        ax.set_ylabel(f"α_tail (ranks {win[0]}–{win[1]})" if win else "α_tail")
+        ax.set_xlim(0, 100)
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(True, alpha=0.3)
+    return fig
+
+
+def plot_early_vs_eps(score: PredictionScore, baseline: PredictionScore | None = None) -> "Figure":
+    """Normalized early statistic against realized token inefficiency (paper Fig. 2).
+
+    One panel for the tail predictor's ``score`` and, if given, one for a baseline's. Points are
+    colored by family and labeled by tier; runs that never reached the target (``eps_tok = inf``)
+    are drawn as triangles at the top edge.
+    """
+    Figure = require_matplotlib()
+    from matplotlib import colormaps
+
+    panels = [s for s in (score, baseline) if s is not None]
+    fig = Figure(figsize=(5.6 * len(panels), 4.4), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+    families = sorted({p[1] for s in panels for p in s.points})
+    cmap = colormaps["tab10"]
+    fam_color = {f: cmap(i % 10) for i, f in enumerate(families)}
+    names = {"alpha_tail": "early α_tail", "noise_scale_distance": "early |log(B / B_simple)| (noise-scale baseline)"}
+    for ax, s in zip(axes, panels):
+        finite = [p[4] for p in s.points if math.isfinite(p[4])]
+        top = max(finite) * 1.08 if finite else 2.0
+        for fam in families:
+            pts = [p for p in s.points if p[1] == fam]
+            xs = [p[3] for p in pts if math.isfinite(p[4])]
+            ys = [p[4] for p in pts if math.isfinite(p[4])]
+            ax.scatter(xs, ys, color=fam_color[fam], s=36, label=fam, zorder=3)
+            inf_x = [p[3] for p in pts if not math.isfinite(p[4])]
+            if inf_x:
+                ax.scatter(inf_x, [top] * len(inf_x), marker="^", color=fam_color[fam], s=40, zorder=3)
+            k = families.index(fam)
+            n_inf = 0
+            for p in pts:  # offset labels per family (and per unreached point) so they stay readable
+                dy = 3 - 9 * k
+                if not math.isfinite(p[4]):
+                    dy -= 9 * n_inf
+                    n_inf += 1
+                ax.annotate(_tier_label(p[2]), (p[3], p[4] if math.isfinite(p[4]) else top), fontsize=7,
+                            color=fam_color[fam] if len(families) > 1 else "black",
+                            xytext=(5, dy), textcoords="offset points")
+        label = names.get(s.statistic, s.statistic)
+        ax.set_xlabel(f"{label.split(' (')[0]}, min-max normalized per family")
+        ax.set_ylabel("token inefficiency ε_tok = T(B) / min T")
+        rho = f"ρ_S = {s.rho:.2f} (p = {s.pvalue:.2g}, n = {s.n})" if math.isfinite(s.rho) else "ρ_S undefined"
+        within = f"; within-family mean {s.mean_within_rho:.2f}" if len(s.within) > 1 and math.isfinite(s.mean_within_rho) else ""
+        ax.set_title(f"{label} vs ε_tok\npooled {rho}{within}", fontsize=9)
+        ax.set_xlim(-0.08, 1.12)
+        ax.grid(True, alpha=0.3)
+        if len(families) > 1:
+            ax.legend(fontsize=7, title="family", title_fontsize=7)
+        if any(not math.isfinite(p[4]) for p in s.points):
+            ax.text(0.02, 0.97, "▲ target not reached", transform=ax.transAxes, fontsize=7, va="top", color="0.3")
+    return fig
+
+
+_LABEL_COLORS = dict(zip(LABELS, ["tab:blue", "tab:purple", "tab:orange", "tab:red", "tab:gray", "tab:olive", "black"]))
+
+
+def plot_gain_plane(results: Sequence[TaxonomyResult]) -> "Figure":
+    """Transitions on the log-gain plane (paper Fig. 3a): ``g_thr`` across, ``g_tok`` up, colored by label.
+
+    The band ``|g| < gain_threshold`` (no clear change) is shaded.
+    """
+    Figure = require_matplotlib()
+    fig = Figure(figsize=(6.4, 5.0), layout="constrained")
+    ax = fig.subplots()
+    g = results[0].thresholds["gain_threshold"] if results else 0.02
+    xs = [r.evidence.g_thr for r in results]
+    ys = [r.evidence.g_tok for r in results]
+    finite = [abs(v) for v in xs + ys if math.isfinite(v)]
+    lim = max(finite + [2 * g]) * 1.25
+    ax.axhspan(-g, g, color="0.92", zorder=0)
+    ax.axvspan(-g, g, color="0.92", zorder=0)
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.axvline(0, color="0.5", lw=0.8)
+    seen = set()
+    for r, x, y in zip(results, xs, ys):
+        x = x if math.isfinite(x) else 0.0
+        y = y if math.isfinite(y) else 0.0
+        ax.scatter([x], [y], color=_LABEL_COLORS.get(r.label, "k"), s=50, zorder=3,
+                   label=r.label if r.label not in seen else None)
+        seen.add(r.label)
+        ax.annotate(f"{r.evidence.a}→{r.evidence.b}", (x, y), fontsize=7, xytext=(5, 4), textcoords="offset points")
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_xlabel("throughput gain  g_thr = log(Q(b) / Q(a))")
+    ax.set_ylabel("token gain  g_tok = log(T(a) / T(b))")
+    ax.set_title(f"Transitions on the gain plane (shaded: |g| < {g:g}, no clear change)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(True, alpha=0.3)
+    return fig

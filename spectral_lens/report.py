@@ -1,0 +1,331 @@
+"""Self-contained reports of a set of runs: Markdown or HTML, with PNG figures when matplotlib is there.
+
+:func:`build_report` gathers the analyses (tokens-to-target, ``eps_tok``, throughput, early tail
+prediction and its score, the noise-scale baseline, taxonomy of given transitions), renders them as
+tables and figures, and writes ``report.md`` or ``report.html`` (figures embedded as base64 PNG, and
+also written next to it). Without matplotlib it writes a Markdown/HTML report with tables only and
+says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .analysis.efficiency import token_inefficiency, tokens_to_target
+from .analysis.predictor import NoiseScalePredictor, PredictionScore, TailPredictor, TierRanking
+from .analysis.taxonomy import TaxonomyResult, TransitionClassifier
+from .records import RunRecord, open_runs
+
+__all__ = ["Report", "build_report"]
+
+
+@dataclass
+class Report:
+    """What :func:`build_report` wrote and computed.
+
+    Attributes:
+        path: the report file.
+        figures: PNG files written (empty without matplotlib).
+        rankings: family -> :class:`TierRanking` of the tail predictor (empty if it could not run).
+        score: the tail predictor's :class:`PredictionScore` (``None`` without a target loss).
+        baseline_rankings, baseline_score: the same for the noise-scale baseline (when available).
+        taxonomy: one :class:`TaxonomyResult` per requested transition.
+        notes: what was skipped and why.
+    """
+
+    path: Path
+    figures: list[Path] = field(default_factory=list)
+    rankings: dict[str, TierRanking] = field(default_factory=dict)
+    score: PredictionScore | None = None
+    baseline_rankings: dict[str, TierRanking] = field(default_factory=dict)
+    baseline_score: PredictionScore | None = None
+    taxonomy: list[TaxonomyResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _num(v: Any, fmt: str = ".4g") -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "–"
+        if math.isinf(v):
+            return "not reached" if v > 0 else "-inf"
+    return format(v, fmt)
+
+
+def _tier(t) -> str:
+    return "?" if t is None else (str(int(t)) if float(t).is_integer() else f"{t:g}")
+
+
+class _Doc:
+    """A tiny block model rendered to Markdown or HTML."""
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple] = []
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", level, text))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def table(self, headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+        self.blocks.append(("table", list(headers), [[str(c) for c in r] for r in rows]))
+
+    def fig(self, path: Path, caption: str) -> None:
+        self.blocks.append(("fig", path, caption))
+
+    def markdown(self) -> str:
+        out = []
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append("#" * b[1] + " " + b[2])
+            elif b[0] == "p":
+                out.append(b[1])
+            elif b[0] == "table":
+                esc = lambda c: c.replace("|", "\\|")  # noqa: E731
+                out.append("| " + " | ".join(map(esc, b[1])) + " |")
+                out.append("|" + "|".join("---" for _ in b[1]) + "|")
+                out.extend("| " + " | ".join(map(esc, r)) + " |" for r in b[2])
+            elif b[0] == "fig":
+                out.append(f"![{b[2]}]({b[1].name})\n\n*{b[2]}*")
+            out.append("")
+        return "\n".join(out)
+
+    def html(self, title: str) -> str:
+        e = html.escape
+        out = [
+            "<!DOCTYPE html>",
+            '<html><head><meta charset="utf-8">',
+            f"<title>{e(title)}</title>",
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
+            "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f3f3f3}"
+            "img{max-width:100%}figcaption{font-style:italic;color:#444}code{background:#f6f6f6}</style>",
+            "</head><body>",
+        ]
+        for b in self.blocks:
+            if b[0] == "h":
+                out.append(f"<h{b[1]}>{e(b[2])}</h{b[1]}>")
+            elif b[0] == "p":
+                out.append(f"<p>{e(b[1])}</p>")
+            elif b[0] == "table":
+                out.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in b[1]) + "</tr>")
+                out.extend("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in b[2])
+                out.append("</table>")
+            elif b[0] == "fig":
+                data = base64.b64encode(Path(b[1]).read_bytes()).decode("ascii")
+                out.append(
+                    f'<figure><img alt="{e(b[2])}" src="data:image/png;base64,{data}">'
+                    f"<figcaption>{e(b[2])}</figcaption></figure>"
+                )
+        out.append("</body></html>")
+        return "\n".join(out)
+
+
+def _matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_report(
+    runs: Sequence[RunRecord | str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    fmt: str = "md",
+    target_loss: float | None = None,
+    fraction: float = 0.2,
+    window: tuple[int, int] | None = None,
+    spectrum: str | None = None,
+    transitions: Sequence[tuple[str, str]] = (),
+    classifier: TransitionClassifier | None = None,
+    plots: bool = True,
+    title: str = "spectral-lens report",
+) -> Report:
+    """Write a report of ``runs`` into directory ``out``; returns a :class:`Report`.
+
+    Args:
+        runs: run records or directories (a sweep root expands to its runs).
+        out: output directory (created).
+        fmt: ``"md"`` (``report.md`` + PNG files) or ``"html"`` (``report.html`` with the PNGs
+            embedded; the PNG files are written too).
+        target_loss: target validation loss for ``T``, ``eps_tok``, the prediction score, the
+            matched-loss spectra and the taxonomy. Without it those parts are skipped (noted).
+        fraction, window, spectrum: the early measurement of :class:`TailPredictor`.
+        transitions: pairs of run ids ``(a, b)`` to place on the gain plane and classify.
+        classifier: thresholds for the taxonomy (default :class:`TransitionClassifier()`).
+        plots: draw figures (needs matplotlib, the ``plot`` extra).
+    """
+    if fmt not in ("md", "html"):
+        raise ValueError(f"fmt must be 'md' or 'html', got {fmt!r}")
+    records = open_runs(runs)
+    if not records:
+        raise ValueError("build_report: no runs given")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(path=out / f"report.{fmt}")
+    doc = _Doc()
+    doc.h(1, title)
+    fams = sorted({r.info.family or "(no family)" for r in records})
+    doc.p(
+        f"{len(records)} runs in {len(fams)} famil{'y' if len(fams) == 1 else 'ies'} ({', '.join(fams)}). "
+        + (f"Target validation loss {target_loss:g}. " if target_loss is not None else "No target loss given: "
+           "tokens-to-target, eps_tok, the prediction score and the taxonomy are skipped (pass --target-loss). ")
+        + f"Early checkpoint at {fraction:.0%} of the token budget."
+    )
+    want_plots = plots and _matplotlib_available()
+    if plots and not want_plots:
+        report.notes.append("matplotlib is not installed: tables only (pip install 'spectral-lens[plot]' for figures)")
+
+    # ---- prediction --------------------------------------------------------------------------
+    pred = TailPredictor(fraction, window=window, spectrum=spectrum)
+    try:
+        pred.fit(records)
+        report.rankings = pred.predict()
+    except ValueError as exc:
+        pred = None
+        report.notes.append(f"tail predictor not run: {exc}")
+    base = NoiseScalePredictor(fraction)
+    try:
+        base.fit(records)
+        report.baseline_rankings = base.predict()
+    except ValueError as exc:
+        base = None
+        report.notes.append(f"noise-scale baseline not run: {exc}")
+    eps = {}
+    if target_loss is not None:
+        eps = token_inefficiency(records, target_loss)
+        if pred is not None:
+            report.score = pred.score(targets=eps)
+        if base is not None:
+            report.baseline_score = base.score(targets=eps)
+
+    # ---- runs table ----------------------------------------------------------------------------
+    doc.h(2, "Runs")
+    early = {s.run_id: s for s in (pred.statistics_ if pred is not None else [])}
+    rows = []
+    for r in sorted(records, key=lambda r: (r.info.family or "", r.info.batch_tier or 0, r.run_id)):
+        _, losses = r.val_curve()
+        T = tokens_to_target(r, target_loss) if target_loss is not None else None
+        s = early.get(r.run_id)
+        rows.append([
+            r.run_id, r.info.family or "–", _tier(r.info.batch_tier), len(r.measurements),
+            _num(float(losses[-1]) if losses.size else None),
+            _num(T, ".4g") if T is not None else "–",
+            _num(eps.get(r.run_id), ".3f") if eps else "–",
+            _num(r.throughput(), ".4g"),
+            f"{s.value:.3f} ± {_num(s.sigma, '.2g')}" if s else "–",
+        ])
+    win_txt = f"ranks {early[next(iter(early))].window}" if early else ""
+    doc.table(
+        ["run", "family", "tier", "measurements", "final val loss", "T (tokens to target)", "eps_tok",
+         "Q (tokens/s)", f"early α_tail {win_txt}"],
+        rows,
+    )
+
+    # ---- prediction tables ---------------------------------------------------------------------
+    if report.rankings:
+        doc.h(2, "Early prediction of the token-efficient tier")
+        doc.p(
+            "Tiers ordered by early α_tail (flatter tail = predicted more token-efficient). "
+            "σ is the checkpoint-to-checkpoint jitter of α_tail near the early checkpoint; "
+            "P(best) is the probability that a tier has the smallest true α_tail under that uncertainty."
+        )
+        for family, rk in report.rankings.items():
+            doc.h(3, f"{family}: recommended tier {_tier(rk.recommended)} (P(best) = {_num(rk.p_recommended, '.2f')})")
+            b_rk = report.baseline_rankings.get(family)
+            rows = []
+            for i, t in enumerate(rk.tiers, 1):
+                row = [i, _tier(t), f"{rk.values[t]:.4f}", _num(rk.sigmas[t], ".2g"), _num(rk.p_best[t], ".3f")]
+                if b_rk is not None:
+                    row.append(b_rk.tiers.index(t) + 1 if t in b_rk.tiers else "–")
+                if eps:
+                    row.append(", ".join(_num(eps.get(rid), ".3f") for rid in rk.run_ids[t]))
+                rows.append(row)
+            headers = ["rank", "tier", "early α_tail", "σ", "P(best)"]
+            if b_rk is not None:
+                headers.append("noise-scale baseline rank")
+            if eps:
+                headers.append("realized eps_tok")
+            doc.table(headers, rows)
+    if report.score is not None:
+        doc.h(2, "Score: does the early tail order realized token efficiency?")
+        rows = [[f, _num(w.rho, ".3f"), _num(w.pvalue, ".3g"), w.n] for f, w in report.score.within.items()]
+        rows.append(["pooled (per-family min-max normalized)", _num(report.score.rho, ".3f"),
+                     _num(report.score.pvalue, ".3g"), report.score.n])
+        doc.table(["family", "Spearman ρ (early α_tail vs eps_tok)", "p-value", "runs"], rows)
+        if report.baseline_score is not None:
+            bs = report.baseline_score
+            doc.p(
+                f"Noise-scale baseline (tier closest to the early gradient noise scale B_simple): pooled ρ = "
+                f"{_num(bs.rho, '.3f')} (p = {_num(bs.pvalue, '.3g')}), within-family mean "
+                f"{_num(bs.mean_within_rho, '.3f')}, against the tail predictor's "
+                f"{_num(report.score.mean_within_rho, '.3f')}."
+            )
+        doc.p("p-values: exact permutation test for up to 8 runs, scipy's t-approximation above.")
+
+    # ---- taxonomy -------------------------------------------------------------------------------
+    if transitions:
+        if target_loss is None:
+            report.notes.append("transitions given but no target loss: taxonomy skipped")
+        else:
+            clf = classifier or TransitionClassifier()
+            by_id = {r.run_id: r for r in records}
+            for a, b in transitions:
+                for x in (a, b):
+                    if x not in by_id:
+                        raise ValueError(f"transition {a}->{b}: no run with id {x!r}; run ids: {sorted(by_id)}")
+                report.taxonomy.append(clf.classify_runs(by_id[a], by_id[b], target_loss, activation=spectrum))
+            doc.h(2, "Taxonomy of transitions")
+            doc.p("Thresholds: " + ", ".join(f"{k}={v:g}" for k, v in clf.thresholds.items()) + ".")
+            rows = []
+            for t in report.taxonomy:
+                ev = t.evidence
+                rows.append([f"{ev.a} → {ev.b}", t.label, f"{ev.tok_gain:+.3f}" if math.isfinite(ev.tok_gain) else "–",
+                             f"{ev.thr_gain:+.3f}" if math.isfinite(ev.thr_gain) else "–",
+                             _num(ev.d_alpha_head, "+.3f"), _num(ev.act_jsd, ".2g"), _num(ev.d_grad_alpha, "+.3f"),
+                             _num(ev.grad_jsd, ".2g"), t.rule])
+            doc.table(["transition", "label", "TokGain", "ThrGain", "Δα_head", "JSD act", "Δα_grad", "JSD grad", "rule"], rows)
+
+    # ---- figures --------------------------------------------------------------------------------
+    if want_plots:
+        from . import plot
+
+        def save(fig, name: str, caption: str) -> None:
+            path = out / name
+            fig.savefig(path, dpi=110)
+            report.figures.append(path)
+            doc.fig(path, caption)
+
+        doc.h(2, "Figures")
+        try:
+            save(plot.plot_spectra(records, target_loss, spectrum=spectrum, window=window), "spectra.png",
+                 "Normalized activation spectra at matched loss" if target_loss is not None
+                 else "Normalized activation spectra at the last checkpoint")
+            save(plot.plot_alpha_trajectories(records, fraction=fraction, spectrum=spectrum, window=window),
+                 "alpha_tail.png", "α_tail during training; dashed: the early checkpoint")
+        except ValueError as exc:
+            report.notes.append(f"spectrum figures skipped: {exc}")
+        if report.score is not None:
+            save(plot.plot_early_vs_eps(report.score, report.baseline_score), "early_alpha_vs_eps.png",
+                 "Early statistic (min-max normalized per family) against realized token inefficiency")
+        if report.taxonomy:
+            save(plot.plot_gain_plane(report.taxonomy), "gain_plane.png", "Transitions on the log-gain plane")
+
+    if report.notes:
+        doc.h(2, "Notes")
+        for n in report.notes:
+            doc.p("- " + n)
+    text = doc.markdown() if fmt == "md" else doc.html(title)
+    report.path.write_text(text, encoding="utf-8")
+    return report

@@ -1,0 +1,243 @@
+"""Weight-matrix spectra: singular values of a model's weights, stable rank, and a power-law tail fit.
+
+A weight ``W`` (``d_out x d_in``) gives ``Spectrum(kind="weight")`` whose ``values`` are the squared
+singular values ``s_j^2``, i.e. the eigenvalues of ``W^T W``, so ranks, trace normalization and the
+band alpha mean the same as for activation and gradient spectra. Parameters with more than two
+dimensions (convolutions ``out x in x k...``) are reshaped to ``out x (in * prod(k))``: the linear
+map on flattened input patches. One-dimensional parameters (biases, norms) are skipped.
+
+Two exponents, two questions (derivation in ``docs/analysis.md``): the band alpha is the slope of
+the rank-ordered spectrum, ``lambda_r ~ r^-a``; :func:`powerlaw_fit` is WeightWatcher's
+Hill/Clauset maximum-likelihood exponent of the empirical spectral density, ``rho(lambda) ~
+lambda^-alpha_ESD`` above ``xmin``. For an exact power law they are tied by
+``alpha_ESD = 1 + 1/a`` (:func:`esd_alpha_from_rank_alpha`), but the MLE only sees the
+largest eigenvalues (the head of the rank plot), while the paper's tail window sits at ranks 100+.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .capture import glob_to_regex
+from .spectrum import Spectrum
+from .summaries import stable_rank
+
+__all__ = [
+    "ParamTarget",
+    "weight_spectrum",
+    "weight_spectra",
+    "select_parameters",
+    "PowerLawFit",
+    "powerlaw_fit",
+    "esd_alpha_from_rank_alpha",
+    "rank_alpha_from_esd_alpha",
+    "stable_rank",
+]
+
+#: A parameter selector: exact dotted name, glob (``*``/``?`` within a segment, ``**`` across),
+#: compiled regex (full match), callable ``(name, parameter) -> bool``, or a list of these.
+ParamTarget = Union[str, "re.Pattern[str]", Callable[[str, torch.Tensor], bool], Iterable]
+
+
+def weight_spectrum(weight: torch.Tensor, name: str | None = None) -> Spectrum:
+    """Squared singular values of one weight (float64 SVD on the CPU) as ``Spectrum(kind="weight")``.
+
+    A >2-D weight is reshaped to ``(shape[0], -1)``. ``metadata`` records the original shape and the
+    matrix shape used.
+    """
+    w = weight.detach()
+    if w.ndim < 2:
+        raise ValueError(f"{name or 'weight'}: shape {tuple(w.shape)} is not a matrix (need >= 2 dims)")
+    mat = w.reshape(w.shape[0], -1).to("cpu", torch.float64)
+    if not bool(torch.isfinite(mat).all()):
+        raise ValueError(f"{name or 'weight'}: shape {tuple(w.shape)} contains NaN or Inf")
+    s = torch.linalg.svdvals(mat)
+    m, n = mat.shape
+    return Spectrum(
+        values=s * s,
+        n_rows=int(m),
+        dim=int(min(m, n)),
+        kind="weight",
+        source=name,
+        metadata={"shape": list(w.shape), "matrix_shape": [int(m), int(n)]},
+    )
+
+
+def _param_matcher(target) -> Callable[[str, torch.Tensor], bool]:
+    if isinstance(target, re.Pattern):
+        return lambda name, _p: target.fullmatch(name) is not None
+    if isinstance(target, str):
+        if set("*?[") & set(target):
+            rx = glob_to_regex(target)
+            return lambda name, _p: rx.fullmatch(name) is not None
+        return lambda name, _p: name == target
+    if callable(target):
+        return lambda name, p: bool(target(name, p))
+    raise TypeError(
+        f"parameter target must be a name, glob, compiled regex, callable or a list of them; got {type(target).__name__}"
+    )
+
+
+def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Matrix-shaped parameters of ``model`` chosen by ``select`` (default: all with >= 2 dims).
+
+    Parameters with fewer than two dimensions are never returned. Raises ``ValueError`` naming the
+    closest parameter names when nothing matches.
+    """
+    named = list(model.named_parameters())
+    if select is None:
+        chosen = [(n, p) for n, p in named if p.ndim >= 2]
+    else:
+        targets = list(select) if isinstance(select, (list, tuple, set, frozenset)) else [select]
+        if not targets:
+            raise ValueError("empty parameter target list")
+        matchers = [_param_matcher(t) for t in targets]
+        matched = [(n, p) for n, p in named if any(f(n, p) for f in matchers)]
+        chosen = [(n, p) for n, p in matched if p.ndim >= 2]
+        if matched and not chosen:
+            raise ValueError(
+                f"{type(model).__name__}: target {select!r} matches only parameters with < 2 dims "
+                f"({[n for n, _ in matched][:5]}); weight spectra need matrices"
+            )
+    if not chosen:
+        names = [n for n, p in named if p.ndim >= 2]
+        hints = []
+        if select is not None:
+            for t in (select if isinstance(select, (list, tuple)) else [select]):
+                if isinstance(t, str):
+                    hints += difflib.get_close_matches(t, names, n=5, cutoff=0.5)
+        raise ValueError(
+            f"{type(model).__name__}: no matrix parameter matches {select!r}; "
+            f"{'closest names' if hints else 'matrix parameters'}: {(hints or names)[:8]}"
+        )
+    return chosen
+
+
+def weight_spectra(model: nn.Module, select: ParamTarget | None = None) -> dict[str, Spectrum]:
+    """Weight spectra of the selected parameters, keyed by parameter name (model order).
+
+    Example::
+
+        spectra = weight_spectra(model, ["blocks.11.attn.c_proj.weight", "blocks.*.mlp.c_proj.weight"])
+        {name: stable_rank(s) for name, s in spectra.items()}
+    """
+    return {name: weight_spectrum(p, name) for name, p in select_parameters(model, select)}
+
+
+# --------------------------------------------------------------------------------------------------
+# power-law tail of the ESD (Hill / Clauset-Shalizi-Newman, as in WeightWatcher)
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """Maximum-likelihood power-law fit of the eigenvalue density above ``xmin``.
+
+    Attributes:
+        alpha: density exponent, ``rho(lambda) ~ lambda^-alpha`` for ``lambda >= xmin``.
+        xmin: lower cutoff of the tail (chosen by minimum KS distance unless given).
+        n_tail: eigenvalues ``>= xmin`` used by the fit.
+        n_total: positive eigenvalues available.
+        ks_distance: Kolmogorov-Smirnov distance between the tail and the fitted law.
+        stderr: asymptotic standard error ``(alpha - 1) / sqrt(n_tail)``.
+    """
+
+    alpha: float
+    xmin: float
+    n_tail: int
+    n_total: int
+    ks_distance: float
+    stderr: float
+
+
+def _mle_at(x: np.ndarray, k: int, logs: np.ndarray, suffix: np.ndarray) -> tuple[float, float]:
+    n = x.size - k
+    denom = suffix[k] - n * logs[k]
+    if not denom > 0:
+        return math.nan, math.inf
+    alpha = 1.0 + n / denom
+    tail = x[k:]
+    cdf = 1.0 - (tail / x[k]) ** (1.0 - alpha)
+    i = np.arange(1, n + 1)
+    ks = float(max(np.max(i / n - cdf), np.max(cdf - (i - 1) / n)))
+    return alpha, ks
+
+
+def powerlaw_fit(
+    values: Spectrum | torch.Tensor | np.ndarray,
+    *,
+    xmin: float | None = None,
+    min_tail: int = 10,
+    max_candidates: int = 512,
+) -> PowerLawFit:
+    """Hill/Clauset MLE of the power-law exponent of the eigenvalue density (WeightWatcher's alpha).
+
+    ``alpha = 1 + n / sum_i log(x_i / xmin)`` over the ``n`` eigenvalues ``x_i >= xmin``. Unless
+    ``xmin`` is given, it is the candidate (an eigenvalue, leaving at least ``min_tail`` above it)
+    that minimizes the KS distance between the empirical tail and the fitted law; with more than
+    ``max_candidates`` candidates, an evenly spaced subset (in rank) is tried.
+
+    For a weight spectrum pass the ``Spectrum`` (its values are eigenvalues of ``W^T W``).
+    """
+    v = values.values.numpy() if isinstance(values, Spectrum) else (
+        values.detach().to("cpu", torch.float64).numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
+    )
+    x = np.sort(v[v > 0].astype(np.float64))
+    n_total = x.size
+    if min_tail < 2:
+        raise ValueError(f"min_tail must be >= 2, got {min_tail}")
+    if n_total < min_tail:
+        raise ValueError(f"powerlaw_fit: need at least min_tail={min_tail} positive eigenvalues, got {n_total}")
+    logs = np.log(x)
+    suffix = np.concatenate([np.cumsum(logs[::-1])[::-1], [0.0]])
+    if xmin is not None:
+        k = int(np.searchsorted(x, xmin, side="left"))
+        if x.size - k < min_tail:
+            raise ValueError(f"powerlaw_fit: only {x.size - k} eigenvalues >= xmin={xmin}; need {min_tail}")
+        # the MLE uses the given xmin, not the smallest eigenvalue above it
+        n = x.size - k
+        denom = suffix[k] - n * math.log(xmin)
+        if not denom > 0:
+            raise ValueError(f"powerlaw_fit: degenerate tail above xmin={xmin} (all equal)")
+        alpha = 1.0 + n / denom
+        cdf = 1.0 - (x[k:] / xmin) ** (1.0 - alpha)
+        i = np.arange(1, n + 1)
+        ks = float(max(np.max(i / n - cdf), np.max(cdf - (i - 1) / n)))
+        return PowerLawFit(float(alpha), float(xmin), n, n_total, ks, float((alpha - 1) / math.sqrt(n)))
+    last = x.size - min_tail
+    cands = np.arange(0, last + 1)
+    if cands.size > max_candidates:
+        cands = np.unique(np.linspace(0, last, max_candidates).round().astype(int))
+    best = (math.inf, math.nan, -1)
+    for k in cands:
+        if k > 0 and x[k] == x[k - 1]:
+            continue
+        alpha, ks = _mle_at(x, int(k), logs, suffix)
+        if ks < best[0]:
+            best = (ks, alpha, int(k))
+    ks, alpha, k = best
+    if k < 0:
+        raise ValueError("powerlaw_fit: every candidate tail is degenerate (equal eigenvalues)")
+    n = x.size - k
+    return PowerLawFit(float(alpha), float(x[k]), n, n_total, float(ks), float((alpha - 1) / math.sqrt(n)))
+
+
+def esd_alpha_from_rank_alpha(rank_alpha: float) -> float:
+    """Density exponent of an exact rank power law ``lambda_r ~ r^-a``: ``alpha_ESD = 1 + 1/a``."""
+    if not rank_alpha > 0:
+        raise ValueError(f"rank_alpha must be > 0, got {rank_alpha}")
+    return 1.0 + 1.0 / rank_alpha
+
+
+def rank_alpha_from_esd_alpha(esd_alpha: float) -> float:
+    """Inverse of :func:`esd_alpha_from_rank_alpha`: ``a = 1 / (alpha_ESD - 1)``."""
+    if not esd_alpha > 1:
+        raise ValueError(f"esd_alpha must be > 1, got {esd_alpha}")
+    return 1.0 / (esd_alpha - 1.0)

@@ -1,0 +1,137 @@
+"""Transition taxonomy: one constructed transition per label, evidence and thresholds checked."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from spectral_lens import BandAlphaFitter, Spectrum
+from spectral_lens.analysis import (
+    ACTIVATION_LED,
+    GRADIENT_LED,
+    MIXED_TRADEOFF,
+    NO_CLEAR_CHANGE,
+    REGRESSION,
+    THROUGHPUT_LEANING,
+    UNATTRIBUTED_LEARNING,
+    TransitionClassifier,
+    TransitionEvidence,
+    js_divergence,
+    transition_evidence,
+)
+from spectral_lens.records import RunInfo, RunRecord, RunWriter
+
+E = TransitionEvidence.from_gains
+STATIC = dict(d_alpha_head=0.01, act_jsd=0.0005, d_grad_alpha=0.02, grad_jsd=0.0005)
+
+
+@pytest.mark.parametrize(
+    "ev, label, rule",
+    [
+        (E("a", "b", 0.15, 0.0, d_alpha_head=0.2, act_jsd=0.01, d_grad_alpha=0.05, grad_jsd=0.001), ACTIVATION_LED, "rule 4a"),
+        (E("a", "b", 0.10, 0.01, d_alpha_head=0.01, act_jsd=0.001, d_grad_alpha=0.3, grad_jsd=0.02), GRADIENT_LED, "rule 4b"),
+        (E("a", "b", 0.005, 0.20, **STATIC), THROUGHPUT_LEANING, "rule 5"),
+        (E("a", "b", 0.15, -0.10, **STATIC), MIXED_TRADEOFF, "rule 1"),
+        (E("a", "b", 0.01, -0.01, **STATIC), NO_CLEAR_CHANGE, "rule 2"),
+        (E("a", "b", 0.10, 0.0, **STATIC), UNATTRIBUTED_LEARNING, "rule 4c"),
+        (E("a", "b", -0.10, 0.0, **STATIC), REGRESSION, "rule 3"),
+        # a token gain with a small, non-comparable throughput loss is still learning-side
+        (E("a", "b", 0.30, -0.03, d_alpha_head=0.2, act_jsd=0.01), ACTIVATION_LED, "rule 4a"),
+        # a joint gain where throughput dominates is throughput-leaning
+        (E("a", "b", 0.05, 0.25, d_alpha_head=0.2), THROUGHPUT_LEANING, "rule 5"),
+    ],
+)
+def test_labels(ev, label, rule):
+    res = TransitionClassifier().classify(ev)
+    assert res.label == label
+    assert res.rule.startswith(rule)
+    assert res.evidence is ev
+    assert res.thresholds["gain_threshold"] == 0.02
+
+
+def test_evidence_scores_and_thresholds():
+    ev = E("a", "b", 0.15, 0.0, d_alpha_head=0.2, act_jsd=0.01, d_grad_alpha=0.05, grad_jsd=0.001)
+    assert ev.g_tok == pytest.approx(math.log(1.15)) and ev.g_thr == 0.0
+    res = TransitionClassifier().classify(ev)
+    assert res.act_score == pytest.approx(4.0)  # max(0.2/0.05, 0.01/0.005)
+    assert res.grad_score == pytest.approx(0.5)  # max(0.05/0.1, 0.001/0.005)
+    assert "act_score=4.00" in res.rule and "g_tok=+0.140" in res.rule
+    # raising the activation thresholds moves the same evidence out of "activation-led"
+    strict = TransitionClassifier(head_threshold=1.0, act_jsd_threshold=1.0).classify(ev)
+    assert strict.label == UNATTRIBUTED_LEARNING
+    # a gradient change larger than the activation one wins
+    both = E("a", "b", 0.15, 0.0, d_alpha_head=0.06, d_grad_alpha=0.5)
+    assert TransitionClassifier().classify(both).label == GRADIENT_LED
+    # unknown throughput counts as 0, unknown spectra as no evidence
+    res = TransitionClassifier().classify(E("a", "b", 0.15, math.nan))
+    assert res.label == UNATTRIBUTED_LEARNING and math.isnan(res.act_score)
+
+
+def test_classifier_validates_thresholds():
+    with pytest.raises(ValueError, match="gain_threshold must be > 0"):
+        TransitionClassifier(gain_threshold=0)
+    with pytest.raises(ValueError, match="tradeoff_ratio must be in"):
+        TransitionClassifier(tradeoff_ratio=1.5)
+
+
+def test_js_divergence():
+    p = np.arange(1, 101, dtype=float) ** -1.0
+    assert js_divergence(p, p) == pytest.approx(0.0, abs=1e-15)
+    q = np.arange(1, 101, dtype=float) ** -1.5
+    assert js_divergence(p, q) == pytest.approx(js_divergence(q, p))
+    assert js_divergence(np.array([1.0, 0.0]), np.array([0.0, 1.0])) == pytest.approx(math.log(2))
+    assert js_divergence(np.array([1.0]), np.array([1.0, 0.0])) == pytest.approx(0.0)  # zero padding
+    s = Spectrum(p[::-1].copy()[::-1].copy(), n_rows=1000, dim=100)
+    assert js_divergence(s, p * 7) == pytest.approx(0.0, abs=1e-15)  # scale-free
+
+
+def _run(root, run_id, *, losses, act_alpha, grad_alpha, tps):
+    info = RunInfo(run_id, family=run_id, batch_tier=8, total_tokens=len(losses) * 100, n_layer=12)
+    r = np.arange(1, 301, dtype=float)
+    with RunWriter(root / run_id, info, fsync=False) as w:
+        for i, loss in enumerate(losses):
+            w.log(i, (i + 1) * 100, val_loss=loss, tokens_per_s=tps)
+            w.log_measurement(i, (i + 1) * 100, {
+                "act": Spectrum(r**-act_alpha, n_rows=10_000, dim=300),
+                "grad": Spectrum(r[:200] ** -grad_alpha, n_rows=200, dim=200, kind="gradient"),
+            }, val_loss=loss)
+    return RunRecord.open(root / run_id)
+
+
+def test_evidence_from_records(tmp_path):
+    base = _run(tmp_path, "base", losses=[4.0, 3.6, 3.3, 3.1, 3.0], act_alpha=1.0, grad_alpha=0.5, tps=1000.0)
+    act = _run(tmp_path, "act", losses=[3.9, 3.4, 3.1, 3.0, 2.9], act_alpha=1.3, grad_alpha=0.5, tps=1000.0)
+    grad = _run(tmp_path, "grad", losses=[3.9, 3.4, 3.1, 3.0, 2.9], act_alpha=1.0, grad_alpha=0.9, tps=1000.0)
+    fast = _run(tmp_path, "fast", losses=[4.0, 3.6, 3.3, 3.1, 3.0], act_alpha=1.0, grad_alpha=0.5, tps=1300.0)
+    clf = TransitionClassifier()
+
+    ev = transition_evidence(base, act, 3.2)
+    assert ev.tok_gain == pytest.approx(400 / 300 - 1) and ev.thr_gain == pytest.approx(0.0)
+    assert ev.d_alpha_head == pytest.approx(0.3)
+    p_a = base.measurements[3].spectra["act"]
+    p_b = act.measurements[2].spectra["act"]
+    assert ev.act_jsd == pytest.approx(js_divergence(p_a, p_b))
+    assert ev.details["step_a"] == 3 and ev.details["step_b"] == 2  # first checkpoints at loss <= 3.2
+    assert ev.details["alpha_head_a"] == pytest.approx(BandAlphaFitter((10, 40)).fit(p_a).alpha)
+    assert ev.d_grad_alpha == pytest.approx(0.0, abs=1e-9) and ev.grad_jsd == pytest.approx(0.0, abs=1e-12)
+    assert clf.classify(ev).label == ACTIVATION_LED
+
+    res = clf.classify_runs(base, grad, 3.2)
+    assert res.label == GRADIENT_LED
+    assert res.evidence.d_alpha_head == pytest.approx(0.0, abs=1e-9)
+    assert res.evidence.d_grad_alpha == pytest.approx(0.4)
+
+    res = clf.classify_runs(base, fast, 3.2)
+    assert res.label == THROUGHPUT_LEANING and res.evidence.thr_gain == pytest.approx(0.3)
+
+    res = clf.classify_runs(base, base, 3.2)
+    assert res.label == NO_CLEAR_CHANGE
+
+    final = transition_evidence(base, act, 3.2, at="final")
+    assert final.details["step_a"] == 4 and final.details["step_b"] == 4
+    never = transition_evidence(base, act, 2.0)
+    assert "fallback_a" in never.details and math.isnan(never.tok_gain)
+    with pytest.raises(ValueError, match="at must be"):
+        transition_evidence(base, act, 3.2, at="middle")
