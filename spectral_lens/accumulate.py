@@ -23,7 +23,14 @@ from torch import nn
 from ._warnings import NonFiniteError, NonFiniteRowsWarning, StateFormatError
 from .capture import HookSet, Target, pick_tensor, select_modules, warn_if_compiled
 from .spectra.eigen import eigenvalues_descending
-from .spectra.moments import PRECISIONS, chunk_moments, covariance_from_moments, representable_shift, reshift
+from .spectra.moments import (
+    PRECISIONS,
+    accumulate_shifted,
+    chunk_moments,
+    covariance_from_moments,
+    representable_shift,
+    reshift,
+)
 from .spectrum import Spectrum
 
 __all__ = ["ActivationCovarianceAccumulator", "ActivationCapture", "attach"]
@@ -169,9 +176,7 @@ class ActivationCovarianceAccumulator:
                 self._init_state(rows.shape[-1], rows.device, local)
             m, s = chunk_moments(chunk, local, self.precision, cv)
             n = chunk.shape[0] if cv is None else cv.sum()
-            m, s = reshift(n, m, s, local, self._shift)
-            self._m += m
-            self._s += s
+            accumulate_shifted(self._m, self._s, n, m, s, local, self._shift)
             self._n += n
             if self.nonfinite == "raise":
                 broken = ~torch.isfinite(m).all()

@@ -18,6 +18,7 @@ __all__ = [
     "chunk_moments",
     "covariance_from_moments",
     "matmul_precision",
+    "accumulate_shifted",
     "product_dtype",
     "representable_shift",
     "reshift",
@@ -98,8 +99,9 @@ def chunk_moments(
         valid: optional (n,) bool; rows where it is False contribute nothing (also if they hold NaN).
 
     Returns:
-        ``(m, S)`` as float64 over the valid rows: ``m = sum_i (x_i - s)`` (d,) and
-        ``S = sum_i (x_i - s)(x_i - s)^T`` (d, d).
+        ``(m, S)`` over the valid rows, in fp32 (fp64 for fp64 products): ``m = sum_i (x_i - s)`` (d,)
+        and ``S = sum_i (x_i - s)(x_i - s)^T`` (d, d). Merge them into float64 state with
+        :func:`accumulate_shifted`.
     """
     dtype = product_dtype(x, precision)
     if dtype == torch.bfloat16:
@@ -110,7 +112,7 @@ def chunk_moments(
         s = torch.mm(y.t(), y, out_dtype=torch.float32)
         ones = torch.ones(1, y.shape[0], dtype=dtype, device=y.device)
         m = torch.mm(ones, y, out_dtype=torch.float32).squeeze(0)  # column sums on the tensor cores
-        return m.double(), s.double()
+        return m, s
     work = torch.float64 if dtype == torch.float64 else torch.float32
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
     torch.sub(x, shift.to(work), out=y)
@@ -118,7 +120,13 @@ def chunk_moments(
         y.masked_fill_(~valid.unsqueeze(-1), 0)
     with matmul_precision(precision):
         s = symmetric_product(y)
-    return y.sum(0).double(), s.double()
+    return y.sum(0), s
+
+
+def _rank2(m: torch.Tensor, c: torch.Tensor, n) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``(U, V)`` with ``U @ V = m c^T + c m^T + n c c^T`` (``u = m + n c / 2``)."""
+    u = m + (0.5 * n) * c
+    return torch.stack([u, c], 1), torch.stack([c, u], 0)
 
 
 def reshift(
@@ -131,9 +139,23 @@ def reshift(
     """
     c = old_shift - new_shift
     n = n.to(torch.float64) if isinstance(n, torch.Tensor) else float(n)
-    m_new = m + n * c
-    s_new = s + torch.outer(m, c) + torch.outer(c, m) + n * torch.outer(c, c)
-    return m_new, s_new
+    u, v = _rank2(m, c, n)
+    return m + n * c, torch.addmm(s, u, v)
+
+
+def accumulate_shifted(
+    state_m: torch.Tensor, state_s: torch.Tensor, n: "torch.Tensor | int",
+    m: torch.Tensor, s: torch.Tensor, shift: torch.Tensor, state_shift: torch.Tensor,
+) -> None:
+    """In place: add a chunk's sums ``(n, m, S)`` taken around ``shift`` to float64 state around
+    ``state_shift``. ``m``/``S`` may be fp32 (promoted inside the adds); two passes over d^2."""
+    c = shift - state_shift
+    n = n.to(torch.float64) if isinstance(n, torch.Tensor) else float(n)
+    m64 = m.to(torch.float64)
+    u, v = _rank2(m64, c, n)
+    state_s.add_(s)
+    state_s.addmm_(u, v)
+    state_m.add_(m64 + n * c)
 
 
 def covariance_from_moments(n: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
