@@ -19,7 +19,7 @@ from torch import nn
 
 from ._warnings import CompiledModelWarning
 
-__all__ = ["Target", "glob_to_regex", "select_modules", "pick_tensor", "HookSet", "warn_if_compiled"]
+__all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "pick_tensor", "HookSet", "warn_if_compiled"]
 
 Target = Union[str, "re.Pattern[str]", Callable[[str, nn.Module], bool], Iterable]
 
@@ -53,7 +53,8 @@ def glob_to_regex(pattern: str) -> "re.Pattern[str]":
     return re.compile("".join(out))
 
 
-def _matcher(target) -> Callable[[str, nn.Module], bool]:
+def name_matcher(target, what: str = "module") -> Callable[[str, object], bool]:
+    """A predicate ``(name, obj) -> bool`` for one target: exact name, glob, compiled regex or callable."""
     if isinstance(target, re.Pattern):
         return lambda name, _m: target.fullmatch(name) is not None
     if isinstance(target, str):
@@ -64,7 +65,7 @@ def _matcher(target) -> Callable[[str, nn.Module], bool]:
     if callable(target):
         return lambda name, m: bool(target(name, m))
     raise TypeError(
-        f"module target must be a name, glob, compiled regex, callable or a list of them; got {type(target).__name__}"
+        f"{what} target must be a name, glob, compiled regex, callable or a list of them; got {type(target).__name__}"
     )
 
 
@@ -76,7 +77,7 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     targets = list(target) if isinstance(target, (list, tuple, set, frozenset)) else [target]
     if not targets:
         raise ValueError("empty module target list")
-    matchers = [_matcher(t) for t in targets]
+    matchers = [name_matcher(t) for t in targets]
     named = list(model.named_modules())
     chosen = [(name, mod) for name, mod in named if any(f(name, mod) for f in matchers)]
     if not chosen:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import glob_to_regex
+from .capture import name_matcher
 from .spectrum import Spectrum
 from .summaries import stable_rank
 
@@ -71,21 +71,6 @@ def weight_spectrum(weight: torch.Tensor, name: str | None = None) -> Spectrum:
     )
 
 
-def _param_matcher(target) -> Callable[[str, torch.Tensor], bool]:
-    if isinstance(target, re.Pattern):
-        return lambda name, _p: target.fullmatch(name) is not None
-    if isinstance(target, str):
-        if set("*?[") & set(target):
-            rx = glob_to_regex(target)
-            return lambda name, _p: rx.fullmatch(name) is not None
-        return lambda name, _p: name == target
-    if callable(target):
-        return lambda name, p: bool(target(name, p))
-    raise TypeError(
-        f"parameter target must be a name, glob, compiled regex, callable or a list of them; got {type(target).__name__}"
-    )
-
-
 def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> list[tuple[str, torch.Tensor]]:
     """Matrix-shaped parameters of ``model`` chosen by ``select`` (default: all with >= 2 dims).
 
@@ -99,7 +84,7 @@ def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> li
         targets = list(select) if isinstance(select, (list, tuple, set, frozenset)) else [select]
         if not targets:
             raise ValueError("empty parameter target list")
-        matchers = [_param_matcher(t) for t in targets]
+        matchers = [name_matcher(t, "parameter") for t in targets]
         matched = [(n, p) for n, p in named if any(f(n, p) for f in matchers)]
         chosen = [(n, p) for n, p in matched if p.ndim >= 2]
         if matched and not chosen:
