@@ -33,8 +33,9 @@ def test_default_layer_and_param():
     assert list(lens.probe.params) == ["h.2.attn.c_proj.weight"]
 
 
-def test_measure_equals_manual_protocols():
-    model = _model()
+@pytest.mark.parametrize("tied", [False, True])  # fast Linear path / vmap engine for a tied head
+def test_measure_equals_manual_protocols(tied):
+    model = _model(tied=tied)
     pool = lm_pool()
     lens = SpectralLens(model, pool, layers="all", precision="float64")
     m = lens.measure(step=10, tokens=480)

@@ -1,0 +1,243 @@
+"""Per-sample gradient spectrum of the final block's W_O on a GPT-2-small-like model.
+
+Compares, in one run and on the same sequences:
+
+* ``nograd``      bare forward under ``torch.no_grad()`` (the floor's main term; ratio 1.0 by definition);
+* ``probe``       ``PerSampleGradientProbe`` (nn.Linear fast path), ``update`` + ``compute``;
+* ``probe_vmap``  the probe's generic ``torch.func`` engine;
+* ``recipe_vmap`` the textbook whole-model recipe ``vmap(grad(functional_call(model)))`` w.r.t. W_O,
+                  float64 Gram + eigvalsh of the stacked rows;
+* ``loop``        one ``torch.autograd.grad`` per sequence (``--no-loop`` skips it);
+* ``probe_fp32``  the fast path without autocast: the reference for bf16 agreement.
+
+Reports seconds (median of ``--repeats`` after one warm-up), the ratio to ``nograd``, peak CUDA memory
+and the relative error of singular values against ``probe_fp32`` (max over all j of
+``|s_j - s_ref_j| / s_ref_j``, and of ``|s_j - s_ref_j| / s_ref_1``). Targets: probe <= 1.5x nograd and
+>= 1.5x faster than recipe_vmap.
+
+    python benchmarks/bench_gradients.py --device cuda --m 64 512 --out runs/bench_gradients.json
+    python benchmarks/bench_gradients.py --quick          # CPU smoke test, tiny sizes, < 60 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from spectral_lens.gradients import PerSampleGradientProbe  # noqa: E402
+from spectral_lens.spectra.eigen import gram_eigenvalues  # noqa: E402
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.c_attn, self.c_proj = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.c_attn(x).split(c, 2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(d), Attention(d, heads), nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """nanoGPT / GPT-2 small shape: learned positions, pre-LN, tied embedding and head."""
+
+    def __init__(self, vocab: int, d: int, heads: int, layers: int, ctx: int) -> None:
+        super().__init__()
+        self.transformer = nn.ModuleDict(
+            dict(wte=nn.Embedding(vocab, d), wpe=nn.Embedding(ctx, d),
+                 h=nn.ModuleList(Block(d, heads) for _ in range(layers)), ln_f=nn.LayerNorm(d))
+        )
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+        for name, p in self.named_parameters():
+            if p.ndim == 2:
+                std = 0.02 / math.sqrt(2 * layers) if name.endswith("c_proj.weight") or name.endswith("mlp.2.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx):
+        tr = self.transformer
+        x = tr.wte(idx) + tr.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in tr.h:
+            x = block(x)
+        return self.lm_head(tr.ln_f(x))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, device, repeats):
+    """(median seconds, peak CUDA bytes or None, last result) after one warm-up call."""
+    fn()
+    times, peak, out = [], None, None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        if device.type == "cuda":
+            peak = max(peak or 0, torch.cuda.max_memory_allocated(device))
+    return statistics.median(times), peak, out
+
+
+def run(m, args, device, model, name):
+    g = torch.Generator().manual_seed(1000 + m)
+    ids = torch.randint(0, args.vocab, (m, args.seq + 1), generator=g).to(device)
+    x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    c = args.chunk
+    amp = torch.bfloat16 if args.autocast == "bf16" else None
+    cast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
+    w = dict(model.named_parameters())[name]
+
+    def nograd():
+        with torch.no_grad(), cast():
+            for s in range(0, m, c):
+                model(x[s : s + c])
+
+    def probe(engine="auto", autocast=amp):
+        return lambda: PerSampleGradientProbe(model, name, engine=engine, chunk_size=c, autocast_dtype=autocast).update((x, y)).compute().values
+
+    def loss_of(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),))[0].float(), yi)
+
+    per_sample = vmap(grad(loss_of), in_dims=(None, 0, 0))
+
+    def recipe_vmap():
+        rows = []
+        with cast():
+            for s in range(0, m, c):
+                rows.append(per_sample({name: w.detach()}, x[s : s + c], y[s : s + c])[name].reshape(min(c, m - s), -1).float())
+        return gram_eigenvalues(torch.cat(rows))
+
+    def loop():
+        rows = []
+        with cast():
+            for i in range(m):
+                loss = F.cross_entropy(model(x[i : i + 1])[0].float(), y[i])
+                rows.append(torch.autograd.grad(loss, w)[0].reshape(1, -1).float())
+        return gram_eigenvalues(torch.cat(rows))
+
+    cases = {"nograd": nograd, "probe": probe(), "probe_vmap": probe("vmap"), "recipe_vmap": recipe_vmap}
+    if not args.no_loop:
+        cases["loop"] = loop
+    cases["probe_fp32"] = probe(autocast=None)
+    base_mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    results, spectra = [], {}
+    for label, fn in cases.items():
+        reps = 1 if label in ("loop", "probe_fp32") else args.repeats
+        try:
+            t, peak, out = measure(fn, device, reps)
+        except Exception as exc:  # one failing case (OOM, a missing vmap rule) must not sink the run
+            print(f"M={m} {label}: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
+            results.append({"m": m, "case": label, "seconds": float("nan"), "peak_bytes": None, "error": repr(exc)[:500]})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        results.append({"m": m, "case": label, "seconds": t, "peak_bytes": peak, "repeats": reps})
+        if out is not None:
+            spectra[label] = out.detach().double().cpu().clamp_min(0).sqrt()
+    ref = spectra.get("probe_fp32", spectra.get("probe"))
+    t0 = results[0]["seconds"]
+    for r in results:
+        r["vs_nograd"] = r["seconds"] / t0
+        r["model_bytes"] = base_mem
+        s = spectra.get(r["case"])
+        if s is not None and ref is not None:
+            r["rel_err_max"] = float(((s - ref).abs() / ref).max())
+            r["rel_err_vs_s1"] = float((s - ref).abs().max() / ref[0])
+    by = {r["case"]: r["seconds"] for r in results}
+    summary = {
+        "m": m,
+        "probe_vs_nograd": by["probe"] / by["nograd"],
+        "recipe_vmap_over_probe": by["recipe_vmap"] / by["probe"],
+    }
+    summary["target_probe_le_1.5x_nograd"] = bool(summary["probe_vs_nograd"] <= 1.5)
+    summary["target_ge_1.5x_faster_than_vmap"] = bool(summary["recipe_vmap_over_probe"] >= 1.5)
+    return results, summary
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--m", type=int, nargs="+", default=None, help="samples (sequences); default 64 512")
+    ap.add_argument("--quick", action="store_true", help="tiny model and sizes (CPU smoke test)")
+    ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--autocast", choices=["bf16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
+    ap.add_argument("--no-loop", action="store_true", help="skip the per-sample autograd loop")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if args.quick:
+        cfg = dict(vocab=512, d=64, heads=4, layers=2)
+        args.seq, args.m, args.chunk, args.repeats = args.seq or 64, args.m or [8, 16], min(args.chunk, 4), 1
+    else:
+        cfg = dict(vocab=50304, d=768, heads=12, layers=12)
+        args.seq, args.m = args.seq or 1024, args.m or [64, 512]
+    args.vocab = cfg["vocab"]
+    args.autocast = args.autocast or ("bf16" if device.type == "cuda" else "none")
+    torch.manual_seed(0)
+    model = GPT(ctx=args.seq, **cfg).to(device).eval()
+    name = f"transformer.h.{cfg['layers'] - 1}.attn.c_proj.weight"
+    rows, summaries = [], []
+    for m in args.m:
+        r, s = run(m, args, device, model, name)
+        rows += r
+        summaries.append(s)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\n### Per-sample gradients of `{name}` ({dev_name}, torch {torch.__version__}, autocast={args.autocast}, "
+          f"{cfg['layers']} layers, width {cfg['d']}, vocab {cfg['vocab']}, {args.seq} tokens/sequence, chunk {args.chunk})\n")
+    print("| M | case | seconds | vs no-grad fwd | peak GiB | s_j rel. err (max) | rel. to s_1 |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
+        e1 = "-" if "rel_err_max" not in r else f"{r['rel_err_max']:.1e}"
+        e2 = "-" if "rel_err_vs_s1" not in r else f"{r['rel_err_vs_s1']:.1e}"
+        print(f"| {r['m']} | {r['case']} | {r['seconds']:.3f} | {r['vs_nograd']:.2f}x | {peak} | {e1} | {e2} |")
+    print()
+    for s in summaries:
+        print(f"M={s['m']}: probe = {s['probe_vs_nograd']:.2f}x no-grad forward (target <= 1.5x: "
+              f"{'met' if s['target_probe_le_1.5x_nograd'] else 'MISSED'}); recipe vmap / probe = "
+              f"{s['recipe_vmap_over_probe']:.2f}x (target >= 1.5x: {'met' if s['target_ge_1.5x_faster_than_vmap'] else 'MISSED'})")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"device": dev_name, "torch": torch.__version__, "config": cfg, "seq": args.seq, "chunk": args.chunk,
+                "autocast": args.autocast, "param": name}
+        out.write_text(json.dumps({"meta": meta, "rows": rows, "summary": summaries}, indent=2))
+        print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

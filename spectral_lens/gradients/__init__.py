@@ -1,0 +1,40 @@
+"""Per-sample gradient spectra (paper Sec. 2, App. C) and the gradient noise scale.
+
+* :class:`PerSampleGradientProbe`: ``update(batch)`` / ``compute()`` / ``noise_scale()`` / ``reset()``.
+* Engines (:mod:`.engines`): per-layer fast paths (:mod:`.registry`, ``nn.Linear`` in :mod:`.linear`),
+  the generic ``torch.func`` engine and a per-sample loop.
+* Pure math: :mod:`.gram` (float64 Gram blocks), :mod:`.noise_scale`.
+"""
+
+from ._batch import default_forward
+from .engines import NoGradientPathError, fast_engine, loop_engine, vmap_engine
+from .gram import fill_gram, gram_against, gram_spectrum
+from .linear import linear_per_sample_grad  # importing it registers the nn.Linear fast path
+from .losses import causal_lm_loss, extract_logits, token_cross_entropy
+from .noise_scale import NoiseScale, noise_scale_from_gram
+from .probe import ATTENTION_OUTPUT_PATTERNS, PerSampleGradientProbe, default_gradient_param
+from .registry import FAST_PATHS, FastPath, fast_path_for, register_fast_path
+
+__all__ = [
+    "ATTENTION_OUTPUT_PATTERNS",
+    "FAST_PATHS",
+    "FastPath",
+    "NoGradientPathError",
+    "NoiseScale",
+    "PerSampleGradientProbe",
+    "causal_lm_loss",
+    "default_forward",
+    "default_gradient_param",
+    "extract_logits",
+    "fast_engine",
+    "fast_path_for",
+    "fill_gram",
+    "gram_against",
+    "gram_spectrum",
+    "linear_per_sample_grad",
+    "loop_engine",
+    "noise_scale_from_gram",
+    "register_fast_path",
+    "token_cross_entropy",
+    "vmap_engine",
+]

@@ -1,0 +1,50 @@
+"""Batches as pytrees: size, slicing, device moves and the default way to call a model on one.
+
+A batch is a tensor or a (nested) tuple / list / dict of tensors whose dimension 0 indexes samples
+(sequences). Non-tensor leaves (strings, ints, flags) are passed through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+__all__ = ["batch_size", "slice_batch", "map_tensors", "default_forward"]
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], batch: Any) -> Any:
+    """Apply ``fn`` to every tensor leaf of ``batch``; other leaves are returned unchanged."""
+    return pytree.tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, batch)
+
+
+def batch_size(batch: Any) -> int:
+    """Number of samples: the shared size of dimension 0 of every tensor leaf."""
+    sizes = {t.shape[0] for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.ndim > 0}
+    if len(sizes) != 1:
+        found = sorted(sizes) or "no tensor with a batch dimension"
+        raise ValueError(f"a batch needs tensors that share dimension 0 (the sample index); got sizes {found}")
+    return sizes.pop()
+
+
+def slice_batch(batch: Any, start: int, stop: int) -> Any:
+    """Samples ``start:stop`` of every tensor leaf (views, no copy)."""
+    return map_tensors(lambda t: t[start:stop] if t.ndim > 0 else t, batch)
+
+
+def default_forward(model: torch.nn.Module, batch: Any) -> Any:
+    """How the probe calls ``model`` on ``batch`` unless a ``forward_fn`` is given.
+
+    * tensor ``x``: ``model(x)``;
+    * tuple / list ``(inputs, targets, ...)``: ``model(inputs)`` (nanoGPT convention);
+    * dict: ``model(**batch)`` without the ``"labels"`` key (Hugging Face convention; the loss is
+      computed by the probe from ``labels``, so the model never sees them).
+    """
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    if isinstance(batch, dict):
+        return model(**{k: v for k, v in batch.items() if k != "labels"})
+    raise TypeError(f"cannot call the model on a batch of type {type(batch).__name__}; pass forward_fn=")

@@ -1,0 +1,211 @@
+"""Per-sample gradient engines. Each maps a batch chunk to rows ``g_m`` (M_chunk, P) and losses.
+
+* :func:`fast_engine`: registered per-layer fast paths (:mod:`.registry`). Every parameter's
+  ``requires_grad`` is switched off for the pass, so the trunk runs without building an autograd
+  graph; a forward hook on each probed module detaches its output into a fresh leaf that requires
+  grad, and a single ``torch.autograd.grad(sum_m L_m, outputs)`` returns ``dL/dy`` for every probed
+  module. Autograd therefore only differentiates the graph *above* the lowest probed module, and never
+  forms any parameter gradient. The fast path then contracts ``x`` and ``dy`` per sample.
+* :func:`vmap_engine`: the generic ``torch.func`` recipe ``vmap(grad(functional_call))`` for any
+  parameter of any module; non-probed parameters are constants (the call runs under
+  ``torch.no_grad``, which ``torch.func.grad`` ignores for its own argument only). Tied parameters get
+  the sum of all their uses (``functional_call(..., tie_weights=True)``).
+* :func:`loop_engine`: one ``torch.autograd.grad`` per sample; slow, works for any model (also models
+  that ``vmap`` cannot trace: data-dependent control flow, ``.item()``).
+
+None of them writes ``.grad``: gradients are taken with ``torch.autograd.grad`` or ``torch.func.grad``
+with respect to chosen tensors. ``requires_grad`` flags they change are restored in ``finally``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
+from torch.utils import _pytree as pytree
+
+from ._batch import slice_batch
+from .registry import fast_path_for
+
+__all__ = ["fast_engine", "vmap_engine", "loop_engine", "only_requires_grad", "NoGradientPathError"]
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+class NoGradientPathError(ValueError):
+    """A probed parameter does not influence the loss (its module's output is not used by the loss)."""
+
+
+@contextmanager
+def only_requires_grad(model: nn.Module, params: Iterable[torch.Tensor] = ()):
+    """Set ``requires_grad`` to True exactly for ``params`` (False for every other parameter of
+    ``model``) inside the block; restore every flag on exit, also on an exception."""
+    keep = {id(p) for p in params}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def _checked_losses(losses: Any, n: int) -> torch.Tensor:
+    if not isinstance(losses, torch.Tensor) or losses.shape != (n,):
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(f"loss_fn must return per-sample losses of shape ({n},), got {shape}")
+    return losses
+
+
+def fast_engine(
+    model: nn.Module,
+    sites: dict[str, tuple[nn.Module, str]],
+    batch: Any,
+    n: int,
+    forward_fn: ForwardFn,
+    loss_fn: LossFn,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
+    """Rows ``(n, P)`` for every ``name -> (module, local_param_name)`` in ``sites`` from one backward.
+
+    Returns ``(rows, losses, not_called)``; ``not_called`` lists the names whose module never ran in
+    the forward (for example ``nn.MultiheadAttention.out_proj``, whose weight is used functionally):
+    their gradients need the generic engine. A module called several times gets the sum over calls.
+    Raises :class:`NoGradientPathError` when a probed module's output does not reach the loss.
+    """
+    modules = {id(mod): mod for mod, _ in sites.values()}
+    calls: dict[int, list] = {k: [] for k in modules}
+    active = [True]
+
+    def hook(module, args, kwargs, output):
+        if not active[0]:
+            return None
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"fast path for {type(module).__name__}: module output is not a tensor")
+        x = (args[0] if args else next(iter(kwargs.values()))).detach()
+        y = output.detach().requires_grad_() if not output.requires_grad else output
+        calls[id(module)].append((x, x._version, y))
+        # downstream sees a clone of the leaf: gradients reach y, and in-place ops cannot rewrite it
+        return y.clone()
+
+    handles = [mod.register_forward_hook(hook, with_kwargs=True) for mod in modules.values()]
+    try:
+        with only_requires_grad(model), torch.enable_grad():
+            losses = _checked_losses(loss_fn(forward_fn(model, batch), batch), n)
+            active[0] = False
+            ys = [y for k in calls for _, _, y in calls[k]]
+            dys = (
+                torch.autograd.grad(losses.sum(), ys, allow_unused=True)
+                if ys and losses.requires_grad
+                else [None] * len(ys)
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    it = iter(dys)
+    grads_of = {k: [(x, v, next(it)) for x, v, _ in c] for k, c in calls.items()}
+
+    rows, not_called = {}, []
+    for name, (mod, local) in sites.items():
+        used = [(x, v, dy) for x, v, dy in grads_of[id(mod)] if dy is not None]
+        if not grads_of[id(mod)]:
+            not_called.append(name)
+            continue
+        if not used:
+            raise NoGradientPathError(
+                f"{name}: the output of {type(mod).__name__} does not reach the loss (no gradient path)"
+            )
+        fn = fast_path_for(mod, local).per_sample_grad
+        total = None
+        for x, version, dy in used:
+            if x._version != version:
+                raise RuntimeError(
+                    f"{name}: the input of {type(mod).__name__} was modified in place after the call; "
+                    "the fast path needs it intact (use engine='vmap')"
+                )
+            g = fn(mod, local, x, dy)
+            total = g if total is None else total + g
+        rows[name] = total.reshape(n, -1)
+    return rows, losses.detach(), not_called
+
+
+class _Bound(nn.Module):
+    """``batch -> per-sample losses`` as a module, so ``functional_call`` can swap its parameters."""
+
+    def __init__(self, model: nn.Module, forward_fn: ForwardFn, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.forward_fn, self.loss_fn = forward_fn, loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.forward_fn(self.model, batch), batch)
+
+
+def vmap_engine(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    batch: Any,
+    n: int,
+    forward_fn: ForwardFn,
+    loss_fn: LossFn,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Rows ``(n, P)`` for ``params`` (dotted name -> parameter) via ``vmap(grad(functional_call))``.
+
+    The model must be traceable by ``torch.func.vmap`` (no ``.item()``, no data-dependent Python
+    control flow, no in-place ops on captured buffers). A parameter with no path to the loss gets zero
+    rows (``torch.func.grad`` cannot tell); the probe reports all-zero gradients as an error.
+    """
+    bound = _Bound(model, forward_fn, loss_fn)
+    leaves, spec = pytree.tree_flatten(batch)
+    dims = tuple(0 if isinstance(t, torch.Tensor) and t.ndim > 0 else None for t in leaves)
+
+    def one(p, *sample):
+        sample = pytree.tree_unflatten([t.unsqueeze(0) if d == 0 else t for t, d in zip(sample, dims)], spec)
+        loss = _checked_losses(functional_call(bound, p, (sample,)), 1)
+        return loss.sum()
+
+    first = {}  # one name per tensor: tied names must not receive two different tensors
+    for k, v in params.items():
+        first.setdefault(id(v), k)
+    detached = {"model." + k: params[k].detach() for k in first.values()}
+    with torch.no_grad(), warnings.catch_warnings():
+        # vmap falls back to a per-sample loop for kernels without batching rules (SDPA on some
+        # backends) and says so on every call; that is the documented cost of this engine.
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        grads, losses = vmap(grad_and_value(one), in_dims=(None, *dims), randomness="different")(detached, *leaves)
+    rows = {k: grads["model." + first[id(v)]].reshape(n, -1) for k, v in params.items()}
+    return rows, losses
+
+
+def loop_engine(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    batch: Any,
+    n: int,
+    forward_fn: ForwardFn,
+    loss_fn: LossFn,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Rows ``(n, P)`` for ``params`` with one forward and one ``torch.autograd.grad`` per sample.
+
+    Only the probed parameters require grad during the loop, so nothing below them builds a graph.
+    """
+    unique = list({id(p): p for p in params.values()}.values())
+    rows: dict[str, list] = {k: [] for k in params}
+    losses = []
+    with only_requires_grad(model, unique), torch.enable_grad():
+        for i in range(n):
+            sample = slice_batch(batch, i, i + 1)
+            loss = _checked_losses(loss_fn(forward_fn(model, sample), sample), 1).sum()
+            gs = (
+                torch.autograd.grad(loss, unique, allow_unused=True) if loss.requires_grad else [None] * len(unique)
+            )
+            by_id = {id(p): (torch.zeros_like(p) if g is None else g) for p, g in zip(unique, gs)}
+            for k, p in params.items():
+                rows[k].append(by_id[id(p)].reshape(1, -1))
+            losses.append(loss.detach().reshape(1))
+    return {k: torch.cat(v) for k, v in rows.items()}, torch.cat(losses)

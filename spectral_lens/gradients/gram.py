@@ -1,0 +1,81 @@
+"""Pure math for gradient spectra: the float64 Gram matrix of per-sample gradients, by blocks.
+
+The squared singular values of ``G`` (M x P) are the eigenvalues of the M x M Gram matrix
+``K = G G^T``. Rows are held in their storage dtype as a list of row blocks (one per chunk of
+samples); entries of ``K`` are float64 products of those stored rows, so ``K`` is the Gram matrix
+of one well-defined matrix (symmetric PSD up to float64 round-off).
+
+Products are formed on groups of up to ``block_rows`` rows, converted to float64 once per group
+pair: filling the Gram of ``n`` rows costs ``n^2 P`` multiply-adds and about ``n^2 P / block_rows``
+element conversions, with two ``block_rows x P`` float64 temporaries.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..spectra.eigen import eigenvalues_descending
+
+__all__ = ["GRAM_BLOCK_ELEMENTS", "block_rows_for", "gather_rows", "fill_gram", "gram_against", "grow_square", "gram_spectrum"]
+
+#: Elements of one float64 temporary block (2**26 = 512 MiB); two are alive at once.
+GRAM_BLOCK_ELEMENTS = 2**26
+
+
+def block_rows_for(n_params: int, budget: int = GRAM_BLOCK_ELEMENTS) -> int:
+    """Rows per float64 block so that one block holds at most ``budget`` elements (at least 1)."""
+    return max(1, budget // max(1, n_params))
+
+
+def gather_rows(blocks: list[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+    """Rows ``lo:hi`` of ``cat(blocks)`` as one float64 tensor, converted in a single copy."""
+    out = torch.empty(hi - lo, blocks[0].shape[1], dtype=torch.float64, device=blocks[0].device)
+    start = 0
+    for b in blocks:
+        stop = start + b.shape[0]
+        a, z = max(lo, start), min(hi, stop)
+        if a < z:
+            out[a - lo : z - lo].copy_(b[a - start : z - start])
+        start = stop
+    return out
+
+
+def fill_gram(k: torch.Tensor, blocks: list[torch.Tensor], start: int, block_rows: int) -> None:
+    """Set ``k[i, j] = <row_i, row_j>`` for every ``i, j < n`` with ``max(i, j) >= start``, in place.
+
+    ``blocks`` hold the ``n`` rows; entries among the first ``start`` rows are left untouched.
+    """
+    n = sum(b.shape[0] for b in blocks)
+    for a in range(start, n, block_rows):
+        a_end = min(n, a + block_rows)
+        rows_a = gather_rows(blocks, a, a_end)
+        for b in range(0, a_end, block_rows):
+            b_end = min(a_end, b + block_rows)
+            rows_b = rows_a[b - a :] if b >= a else gather_rows(blocks, b, b_end)
+            prod = rows_a @ rows_b.t()
+            k[a:a_end, b:b_end] = prod
+            k[b:b_end, a:a_end] = prod.t()
+
+
+def gram_against(a: torch.Tensor, blocks: list[torch.Tensor], block_rows: int) -> torch.Tensor:
+    """``a @ cat(blocks)^T`` in float64 (``a``: m x P), converting ``blocks`` group by group."""
+    n = sum(b.shape[0] for b in blocks)
+    a64 = a.to(torch.float64)
+    out = torch.empty(a.shape[0], n, dtype=torch.float64, device=a.device)
+    for lo in range(0, n, block_rows):
+        hi = min(n, lo + block_rows)
+        out[:, lo:hi] = a64 @ gather_rows(blocks, lo, hi).t()
+    return out
+
+
+def grow_square(k: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    """``k`` (m, m) zero-padded to (n, n) float64; a fresh zero matrix when ``k`` is None."""
+    out = torch.zeros(n, n, dtype=torch.float64, device=device)
+    if k is not None:
+        out[: k.shape[0], : k.shape[0]] = k
+    return out
+
+
+def gram_spectrum(k: torch.Tensor, n_params: int) -> torch.Tensor:
+    """Squared singular values of ``G`` from its Gram matrix: ``min(M, P)`` values, descending."""
+    return eigenvalues_descending(k)[: min(k.shape[0], n_params)]

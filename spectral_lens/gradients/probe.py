@@ -1,0 +1,526 @@
+"""``PerSampleGradientProbe``: per-sample gradient spectra of chosen weight matrices (paper Sec. 2).
+
+The thin stateful layer: parameter selection, the isolation that keeps measuring free of side
+effects, chunking, and the float64 Gram state. The gradients come from :mod:`.engines`, the math
+from :mod:`.gram` and :mod:`.noise_scale`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from .._warnings import NonFiniteError
+from ..capture import glob_to_regex
+from ..spectrum import Spectrum
+from ._batch import batch_size, default_forward, map_tensors, slice_batch
+from .engines import NoGradientPathError, fast_engine, loop_engine, vmap_engine
+from .gram import block_rows_for, fill_gram, gram_against, gram_spectrum, grow_square
+from .losses import causal_lm_loss
+from .noise_scale import NoiseScale, noise_scale_from_gram
+from .registry import fast_path_for
+
+__all__ = ["PerSampleGradientProbe", "ATTENTION_OUTPUT_PATTERNS", "default_gradient_param"]
+
+#: Globs (``**`` crosses dotted segments) naming attention output projections W_O in common code
+#: bases; the default probe is the match in the deepest block (largest block index in the name).
+ATTENTION_OUTPUT_PATTERNS = (
+    "**.attn.c_proj.weight",  # GPT-2, nanoGPT, modded-nanogpt
+    "**.self_attn.o_proj.weight",  # Llama, Mistral, Qwen, Gemma
+    "**.attn.o_proj.weight",
+    "**.attn.proj.weight",
+    "**.attention.wo.weight",  # Meta's Llama reference code
+    "**.attention.dense.weight",  # GPT-NeoX / Pythia
+    "**.self_attention.dense.weight",  # Falcon, BLOOM
+    "**.attention.output.dense.weight",  # BERT family
+    "**.out_proj.weight",  # OPT, GPT-Neo/J, nn.MultiheadAttention
+)
+
+ENGINES = ("auto", "fast", "vmap", "loop")
+
+
+def _block_index(name: str) -> int:
+    nums = re.findall(r"(?:^|\.)(\d+)(?=\.)", name)
+    return int(nums[-1]) if nums else -1
+
+
+def default_gradient_param(model: nn.Module) -> str:
+    """Dotted name of the final block's attention output projection weight (the paper's default).
+
+    Candidates are parameters matching :data:`ATTENTION_OUTPUT_PATTERNS`; the one with the largest
+    block index (the last integer segment of its name) wins. Raises ``ValueError`` listing the
+    candidates when none matches or when several share the deepest block (e.g. self- and
+    cross-attention), so the caller can pass ``params=`` explicitly.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    found = [n for n in names if any(glob_to_regex(p).fullmatch(n) for p in ATTENTION_OUTPUT_PATTERNS)]
+    if not found:
+        mats = [n for n, p in model.named_parameters() if p.ndim == 2][:12]
+        raise ValueError(
+            f"{type(model).__name__}: no attention output projection found by the default heuristic "
+            f"(patterns {list(ATTENTION_OUTPUT_PATTERNS)}); pass params=... explicitly. Weight matrices: {mats}"
+        )
+    deepest = max(_block_index(n) for n in found)
+    best = [n for n in found if _block_index(n) == deepest]
+    if len(best) > 1:
+        raise ValueError(
+            f"{type(model).__name__}: the default attention-output heuristic is ambiguous, candidates in the "
+            f"deepest block: {best}; pass params=... explicitly"
+        )
+    return best[0]
+
+
+def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
+    named = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+    wanted = [default_gradient_param(model)] if params is None else [params] if isinstance(params, str) else list(params)
+    if not wanted:
+        raise ValueError("params is empty: name at least one parameter")
+    out: dict[str, nn.Parameter] = {}
+    for w in wanted:
+        if not isinstance(w, str):
+            raise TypeError(f"params must be dotted parameter names (str), got {type(w).__name__}")
+        if w in named:
+            hits = [w]
+        elif set("*?[") & set(w):
+            hits = [n for n, _ in model.named_parameters() if glob_to_regex(w).fullmatch(n)]
+        elif w in modules and isinstance(getattr(modules[w], "weight", None), nn.Parameter):
+            hits = [f"{w}.weight" if w else "weight"]
+        else:
+            hits = []
+        if not hits:
+            close = difflib.get_close_matches(w, list(named), n=5, cutoff=0.4)
+            raise ValueError(
+                f"{type(model).__name__} has no parameter {w!r}; closest names: {close or list(named)[:8]}"
+            )
+        for n in hits:
+            out[n] = named[n]
+    return out
+
+
+@dataclass
+class _Chunk:
+    """Samples ``start:stop``; a non-resident chunk keeps its input batch and RNG state instead of rows."""
+
+    start: int
+    stop: int
+    batch: Any = None  # cloned inputs, kept only for recomputation in bounded-memory mode
+    rng: Any = None  # (CPU, [CUDA]) RNG states at the first computation, replayed on recomputation
+
+    @property
+    def resident(self) -> bool:
+        return self.batch is None
+
+
+class PerSampleGradientProbe:
+    """Singular-value spectra of ``G`` (M x P), the stacked per-sample gradients of weight matrices.
+
+    One sample is one sequence; ``g_m = vec(grad_W L_m)`` with ``L_m`` the mean loss over that
+    sequence's valid positions (paper Sec. 2). ``update(batch)`` adds the batch's samples, ``compute()``
+    returns a :class:`~spectral_lens.Spectrum` (``kind="gradient"``, values ``s_j^2``) per parameter.
+
+    Args:
+        model: any ``nn.Module``.
+        params: dotted parameter name(s), globs over parameter names (``"blocks.*.attn.c_proj.weight"``)
+            or module names (meaning the module's ``weight``). Default: the final block's attention
+            output projection (:func:`default_gradient_param`). Several matrices share each pass.
+        loss_fn: ``loss_fn(model_output, batch) -> (M,)`` per-sample losses. Default:
+            :func:`~spectral_lens.gradients.causal_lm_loss` (mean next-token cross-entropy, padding
+            masked by ``ignore_index``).
+        forward_fn: ``forward_fn(model, batch) -> output``; default :func:`default_forward`.
+        engine: ``"auto"`` (fast path where one is registered for the module type and the weight is
+            not shared, ``"vmap"`` otherwise), ``"fast"`` (error if impossible), ``"vmap"``, ``"loop"``.
+        chunk_size: samples per forward/backward pass.
+        keep_matrix: keep ``G`` retrievable with :meth:`matrix` (needs all rows resident).
+        max_resident_samples: ``None`` (default): every row of ``G`` stays in memory, one pass,
+            peak ``O(M^2 + M P)``. An int ``K``: at most ``K`` rows (plus one chunk) are held, the other
+            chunks' input batches are kept and their cross Gram blocks are recomputed in
+            :meth:`compute`, peak ``O(M^2 + (K + chunk) P)`` for ~``(M-K)^2/(2K)`` extra sample gradients.
+        storage_dtype: dtype of the held rows; default float32 (float64 for float64 parameters).
+            ``torch.bfloat16`` halves memory at ~3 significant digits per entry.
+        autocast_dtype: run forward passes under ``torch.autocast(device, dtype)`` (e.g. bfloat16).
+        train_mode: measure in train mode (dropout active). Default False: eval mode, the caller's
+            mode is restored afterwards.
+        ignore_index: target value excluded from the default loss.
+
+    Measuring has no side effects: ``.grad``, ``requires_grad``, train/eval flags, the CPU and CUDA RNG
+    states and the hook dictionaries are as before, also when an exception interrupts ``update``.
+
+    Example::
+
+        probe = PerSampleGradientProbe(model, chunk_size=8, autocast_dtype=torch.bfloat16)
+        for x, y in pool:
+            probe.update((x, y))
+        spectrum = probe.compute()
+        RankMe()(spectrum), probe.noise_scale().b_simple
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: str | Sequence[str] | None = None,
+        *,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+        engine: str = "auto",
+        chunk_size: int = 8,
+        keep_matrix: bool = False,
+        max_resident_samples: int | None = None,
+        storage_dtype: torch.dtype | None = None,
+        autocast_dtype: torch.dtype | None = None,
+        train_mode: bool = False,
+        ignore_index: int = -100,
+    ) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if int(chunk_size) < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        if max_resident_samples is not None and int(max_resident_samples) < 1:
+            raise ValueError(f"max_resident_samples must be >= 1 or None, got {max_resident_samples}")
+        if keep_matrix and max_resident_samples is not None:
+            raise ValueError("keep_matrix=True needs every row resident: leave max_resident_samples=None")
+        self.model = model
+        self.params = _resolve_params(model, params)
+        self.loss_fn = loss_fn or (lambda out, batch: causal_lm_loss(out, batch, ignore_index=ignore_index))
+        self.forward_fn = forward_fn or default_forward
+        self.engine = engine
+        self.chunk_size = int(chunk_size)
+        self.keep_matrix = keep_matrix
+        self.max_resident_samples = max_resident_samples
+        self.storage_dtype = storage_dtype
+        self.autocast_dtype = autocast_dtype
+        self.train_mode = train_mode
+        self.sites = {n: self._site(n) for n in self.params}
+        self.engines_ = {n: self._choose_engine(n) for n in self.params}
+        self.reset()
+
+    # ----------------------------------------------------------------------------- configuration
+    def _site(self, name: str) -> tuple[nn.Module, str]:
+        path, _, local = name.rpartition(".")
+        return self.model.get_submodule(path), local
+
+    def _shared(self, name: str) -> list[str]:
+        p = self.params[name]
+        return [n for n, q in self.model.named_parameters(remove_duplicate=False) if q is p]
+
+    def _choose_engine(self, name: str) -> str:
+        if self.engine in ("vmap", "loop"):
+            return self.engine
+        mod, local = self.sites[name]
+        shared = self._shared(name)
+        reason = None
+        if len(shared) > 1:
+            reason = f"it is shared by {shared} (tied weights: the fast path sees one use only)"
+        elif fast_path_for(mod, local) is None:
+            reason = f"no fast path is registered for {type(mod).__name__}.{local}"
+        if reason is None:
+            return "fast"
+        if self.engine == "fast":
+            raise ValueError(f"engine='fast' impossible for {name}: {reason}; use engine='auto' or 'vmap'")
+        return "vmap"
+
+    def _row_dtype(self, name: str) -> torch.dtype:
+        if self.storage_dtype is not None:
+            return self.storage_dtype
+        return torch.float64 if self.params[name].dtype == torch.float64 else torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first probed parameter (batches are moved there)."""
+        return next(iter(self.params.values())).device
+
+    # ----------------------------------------------------------------------------- state
+    def reset(self) -> "PerSampleGradientProbe":
+        """Forget every sample (the configuration is kept)."""
+        self.n_samples_ = 0
+        self._gram: dict[str, torch.Tensor | None] = {n: None for n in self.params}
+        self._rows: dict[str, list[torch.Tensor]] = {n: [] for n in self.params}  # resident chunks only
+        self._chunks: list[_Chunk] = []
+        self._losses: list[torch.Tensor] = []
+        self._finite: list[tuple[str, torch.Tensor]] = []  # per-chunk row finiteness, checked per update
+        self._filled = 0  # leading resident rows whose Gram entries among themselves are complete
+        self._far_done: set[tuple[int, int]] = set()  # non-resident chunk pairs whose block is filled
+        self._versions: tuple[int, ...] | None = None
+        return self
+
+    def _snapshot(self):
+        return (self.n_samples_, dict(self._gram), {n: list(r) for n, r in self._rows.items()}, list(self._chunks),
+                list(self._losses), self._filled, set(self._far_done), self._versions, dict(self.engines_))
+
+    def _restore(self, snap) -> None:
+        # update() replaces the Gram tensors (grow_square) before writing, so the snapshot's are intact
+        (self.n_samples_, self._gram, self._rows, self._chunks, self._losses, self._filled, self._far_done,
+         self._versions, self.engines_) = snap
+        self._finite = []
+
+    @contextlib.contextmanager
+    def _isolated(self):
+        """Eval (or train) mode, forked RNG, optional autocast; every flag restored on exit."""
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("PerSampleGradientProbe cannot differentiate inside torch.inference_mode()")
+        modes = [(m, m.training) for m in self.model.modules()]
+        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        dev = self.device
+        devices = sorted({p.device.index for p in self.model.parameters() if p.device.type == "cuda"})
+        cast = (
+            torch.autocast(dev.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        try:
+            with torch.random.fork_rng(devices=devices), cast:
+                self.model.train(self.train_mode)
+                yield devices
+        finally:
+            for m, training in modes:
+                m.training = training
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    def _check_versions(self) -> None:
+        if self.max_resident_samples is None:
+            return
+        now = tuple(p._version for p in self.model.parameters())
+        if self._versions is None:
+            self._versions = now
+        elif now != self._versions:
+            raise RuntimeError(
+                "model parameters were modified in place since the first update(); bounded-memory mode "
+                "(max_resident_samples) recomputes earlier samples and would mix checkpoints. Call reset()."
+            )
+
+    # ----------------------------------------------------------------------------- gradients
+    def _gradients(self, batch: Any, n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Rows (n, P) in storage dtype for every probed parameter, and the n losses."""
+        rows: dict[str, torch.Tensor] = {}
+        losses = None
+        fast = {k: self.sites[k] for k, e in self.engines_.items() if e == "fast"}
+        if fast:
+            got, losses, not_called = fast_engine(self.model, fast, batch, n, self.forward_fn, self.loss_fn)
+            rows.update(got)
+            for k in not_called:
+                if self.engine == "fast":
+                    raise ValueError(
+                        f"engine='fast' impossible for {k}: its module never ran its forward (the weight is "
+                        "used functionally); use engine='auto' or 'vmap'"
+                    )
+                self.engines_[k] = "vmap"
+        for kind, run in (("vmap", vmap_engine), ("loop", loop_engine)):
+            todo = {k: self.params[k] for k, e in self.engines_.items() if e == kind and k not in rows}
+            if todo:
+                got, lo = run(self.model, todo, batch, n, self.forward_fn, self.loss_fn)
+                rows.update(got)
+                losses = lo if losses is None else losses
+        return {k: rows[k].to(self._row_dtype(k)) for k in self.params}, losses
+
+    def _chunk_rows(self, chunk: _Chunk, devices) -> dict[str, torch.Tensor]:
+        """Recompute a non-resident chunk's rows, replaying its RNG state."""
+        cpu, cuda = chunk.rng
+        torch.set_rng_state(cpu)
+        for d, s in zip(devices, cuda):
+            torch.cuda.set_rng_state(s, d)
+        return self._gradients(chunk.batch, chunk.stop - chunk.start)[0]
+
+    # ----------------------------------------------------------------------------- public API
+    def update(self, batch: Any) -> "PerSampleGradientProbe":
+        """Add the per-sample gradients of every sample (sequence) in ``batch``.
+
+        ``batch``: what ``forward_fn``/``loss_fn`` take (default: ``(input_ids, targets)``, a dict with
+        ``input_ids``/``labels``, or ``input_ids``), sample index in dimension 0 of every tensor. On an
+        exception the probe is left exactly as before the call. Returns ``self``.
+        """
+        n = batch_size(batch)
+        dev = self.device
+        batch = map_tensors(lambda t: t.to(dev, non_blocking=True), batch)
+        snap = self._snapshot()
+        try:
+            self._check_versions()
+            total = self.n_samples_ + n
+            self._gram = {k: grow_square(g, total, dev) for k, g in self._gram.items()}
+            with self._isolated() as devices:
+                for s in range(0, n, self.chunk_size):
+                    e = min(n, s + self.chunk_size)
+                    sub = slice_batch(batch, s, e)
+                    chunk = _Chunk(self.n_samples_, self.n_samples_ + e - s)
+                    if not self._fits(e - s):  # keep what recomputation needs instead of the rows
+                        chunk.batch = map_tensors(torch.clone, sub)
+                        chunk.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
+                    self._add_chunk(chunk, *self._gradients(sub, e - s))
+            self._check_new(snap[0])
+        except BaseException:
+            self._restore(snap)
+            raise
+        return self
+
+    def _fits(self, n: int) -> bool:
+        """Whether the next chunk of ``n`` rows stays resident. Resident chunks form a prefix, so every
+        later chunk meets all of them at its own creation and only non-resident pairs are left over."""
+        if self.max_resident_samples is None:
+            return True
+        if self._chunks and not self._chunks[-1].resident:
+            return False
+        return self.n_samples_ + n <= self.max_resident_samples
+
+    def _add_chunk(self, chunk: _Chunk, rows: dict[str, torch.Tensor], losses: torch.Tensor) -> None:
+        """Record a chunk. Resident rows are kept and their Gram entries deferred to one blocked fill;
+        a non-resident chunk gets its blocks against itself and every resident row now."""
+        s, e = chunk.start, chunk.stop
+        for name, r in rows.items():
+            self._finite.append((name, r.isfinite().all(1)))
+            if chunk.resident:
+                self._rows[name].append(r)
+                continue
+            k, br = self._gram[name], block_rows_for(r.shape[1])
+            k[s:e, s:e] = gram_against(r, [r], br)
+            if self._rows[name]:
+                cross = gram_against(r, self._rows[name], br)
+                k[s:e, : cross.shape[1]] = cross
+                k[: cross.shape[1], s:e] = cross.t()
+        self._chunks.append(chunk)
+        self._losses.append(losses.detach().to(torch.float64))
+        self.n_samples_ = e
+
+    def _check_new(self, start: int) -> None:
+        """One host sync per update: non-finite losses or gradients among the new samples."""
+        finite, self._finite = self._finite, []
+        if self.n_samples_ == start:
+            return
+        losses = torch.cat(self._losses)[start:].cpu()
+        bad = (~torch.isfinite(losses)).nonzero().flatten() + start
+        if bad.numel():
+            raise NonFiniteError(
+                f"non-finite per-sample loss for sample(s) {bad.tolist()[:20]} (indices counted from the first "
+                f"update) while measuring {list(self.params)}; a sequence whose targets are all ignore_index "
+                "has loss 0/0 = NaN"
+            )
+        for name in self.params:
+            ok = torch.cat([f for n, f in finite if n == name]).cpu()
+            bad = (~ok).nonzero().flatten() + start
+            if bad.numel():
+                raise NonFiniteError(f"{name}: non-finite per-sample gradient for sample(s) {bad.tolist()[:20]}")
+
+    def _complete(self) -> None:
+        """Fill the Gram entries still missing: resident rows by float64 blocks, then the blocks between
+        non-resident chunks (bounded-memory mode) by recomputing their gradients panel by panel."""
+        n_res = sum(c.stop - c.start for c in self._chunks if c.resident)
+        if self._filled < n_res:
+            for name, blocks in self._rows.items():
+                fill_gram(self._gram[name], blocks, self._filled, block_rows_for(self.params[name].numel()))
+            self._filled = n_res
+        far = [i for i, c in enumerate(self._chunks) if not c.resident]
+        missing = lambda i, j: i != j and (min(i, j), max(i, j)) not in self._far_done  # noqa: E731
+        if not any(missing(i, j) for i in far for j in far):
+            return
+        self._check_versions()
+        with self._isolated() as devices:
+            while True:
+                pending = [i for i in far if any(missing(i, j) for j in far)]
+                if not pending:
+                    break
+                panel, size = {}, 0  # up to max_resident_samples rows held at once
+                for i in pending:
+                    c = self._chunks[i]
+                    if panel and size + (c.stop - c.start) > self.max_resident_samples:
+                        break
+                    panel[i] = self._chunk_rows(c, devices)
+                    size += c.stop - c.start
+                for i in far:
+                    todo = [j for j in panel if missing(i, j)]
+                    if not todo:
+                        continue
+                    rows_i = panel[i] if i in panel else self._chunk_rows(self._chunks[i], devices)
+                    for j in todo:
+                        a, b = self._chunks[i], self._chunks[j]
+                        for name in self.params:
+                            blk = gram_against(rows_i[name], [panel[j][name]], block_rows_for(self.params[name].numel()))
+                            self._gram[name][a.start : a.stop, b.start : b.stop] = blk
+                            self._gram[name][b.start : b.stop, a.start : a.stop] = blk.t()
+                        self._far_done.add((min(i, j), max(i, j)))
+
+    def _need_samples(self, what: str) -> None:
+        if self.n_samples_ < 2:
+            raise ValueError(f"{what} needs at least 2 samples (sequences), got {self.n_samples_}; call update() first")
+
+    def gram(self, name: str | None = None) -> torch.Tensor:
+        """The (M, M) float64 Gram matrix ``G G^T`` of parameter ``name`` (default: the only one)."""
+        name = self._name(name)
+        self._need_samples("gram()")
+        self._complete()
+        return self._gram[name].clone()
+
+    def matrix(self, name: str | None = None) -> torch.Tensor:
+        """``G`` (M, P) in the storage dtype; needs ``keep_matrix=True``."""
+        if not self.keep_matrix:
+            raise RuntimeError("matrix() needs PerSampleGradientProbe(..., keep_matrix=True)")
+        name = self._name(name)
+        if not self._rows[name]:
+            raise ValueError("matrix(): no samples yet; call update() first")
+        return torch.cat(self._rows[name])
+
+    def _name(self, name: str | None) -> str:
+        if name is None:
+            if len(self.params) > 1:
+                raise ValueError(f"several parameters are probed, name one of {list(self.params)}")
+            return next(iter(self.params))
+        if name not in self.params:
+            raise KeyError(f"{name!r} is not probed; probed: {list(self.params)}")
+        return name
+
+    @property
+    def losses_(self) -> torch.Tensor:
+        """The per-sample losses ``L_m`` seen so far, (M,) float64 on the CPU."""
+        return torch.cat(self._losses).cpu() if self._losses else torch.zeros(0, dtype=torch.float64)
+
+    def compute(self) -> Spectrum | dict[str, Spectrum]:
+        """Squared singular values of ``G`` per parameter, as ``Spectrum(kind="gradient")``.
+
+        A single :class:`Spectrum` when one parameter is probed, else ``{name: Spectrum}``.
+        ``dim = min(M, P)``; ``metadata`` records the engine, shapes, dtypes and the mean loss.
+        """
+        self._need_samples("a gradient spectrum")
+        self._complete()
+        out = {}
+        for name, p in self.params.items():
+            k = self._gram[name]
+            if not bool(torch.diagonal(k).sum() > 0):
+                raise NoGradientPathError(
+                    f"{name}: all {self.n_samples_} per-sample gradients are exactly zero; the parameter has no "
+                    "gradient path to the loss (unused module, detached output, or frozen branch)"
+                )
+            out[name] = Spectrum(
+                values=gram_spectrum(k, p.numel()),
+                n_rows=self.n_samples_,
+                dim=min(self.n_samples_, p.numel()),
+                kind="gradient",
+                source=name,
+                metadata={
+                    "engine": self.engines_[name],
+                    "param_shape": list(p.shape),
+                    "n_params": p.numel(),
+                    "storage_dtype": str(self._row_dtype(name)).replace("torch.", ""),
+                    "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype).replace("torch.", ""),
+                    "train_mode": self.train_mode,
+                    "mean_loss": float(self.losses_.mean()),
+                },
+            )
+        return out[next(iter(out))] if len(out) == 1 else out
+
+    def noise_scale(self) -> NoiseScale | dict[str, NoiseScale]:
+        """Gradient noise scale ``B_simple`` per parameter from the same per-sample gradients
+        (:func:`~spectral_lens.gradients.noise_scale_from_gram`)."""
+        self._need_samples("the noise scale")
+        self._complete()
+        out = {n: noise_scale_from_gram(self._gram[n], source=n) for n in self.params}
+        return out[next(iter(out))] if len(out) == 1 else out
+
+    def __repr__(self) -> str:
+        return (
+            f"PerSampleGradientProbe(params={list(self.params)}, engines={self.engines_}, "
+            f"n_samples={self.n_samples_}, chunk_size={self.chunk_size})"
+        )

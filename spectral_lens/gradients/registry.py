@@ -1,0 +1,63 @@
+"""Per-layer-type fast paths for per-sample gradients (the Opacus ``grad_sample`` shape).
+
+A fast path turns what one ordinary backward pass already provides, the layer's input ``x`` (saved
+by a forward hook) and the gradient ``dy`` of the summed per-sample losses with respect to the
+layer's output, into per-sample gradients of the layer's own parameters, without a per-sample
+backward. Lookup is by the *exact* module type: a subclass that overrides ``forward`` may use its
+weight differently, so it must be registered on its own.
+
+Register one for a custom layer::
+
+    @register_fast_path(MyLinear, params=("weight",))
+    def my_linear(module, name, x, dy):
+        return torch.einsum("bto,bti->boi", dy, x)   # (M, *param.shape)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["FastPath", "PerSampleGradFn", "register_fast_path", "fast_path_for", "FAST_PATHS"]
+
+#: ``fn(module, param_name, x, dy) -> Tensor (M, *param.shape)`` with ``x`` the module's first
+#: positional input and ``dy`` the gradient of ``sum_m L_m`` w.r.t. its output, both with the sample
+#: index in dimension 0. Called once per module call; calls are summed.
+PerSampleGradFn = Callable[[nn.Module, str, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """A registered fast path: the function and the local parameter names it handles."""
+
+    per_sample_grad: PerSampleGradFn
+    params: tuple[str, ...]
+
+
+#: Module type -> :class:`FastPath`. Populated by :func:`register_fast_path`.
+FAST_PATHS: dict[type, FastPath] = {}
+
+
+def register_fast_path(module_type: type, fn: PerSampleGradFn | None = None, *, params: tuple[str, ...] = ("weight", "bias")):
+    """Register ``fn`` as the fast path for parameters ``params`` of modules of exactly ``module_type``.
+
+    Usable as a call (``register_fast_path(T, fn)``) or a decorator (``@register_fast_path(T)``).
+    Re-registering a type replaces its entry.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_fast_path needs an nn.Module subclass, got {module_type!r}")
+
+    def add(f: PerSampleGradFn) -> PerSampleGradFn:
+        FAST_PATHS[module_type] = FastPath(f, tuple(params))
+        return f
+
+    return add if fn is None else add(fn)
+
+
+def fast_path_for(module: nn.Module, param_name: str) -> FastPath | None:
+    """The fast path handling ``module.<param_name>``, or ``None`` (then the generic engine is used)."""
+    entry = FAST_PATHS.get(type(module))
+    return entry if entry is not None and param_name in entry.params else None

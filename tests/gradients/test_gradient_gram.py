@@ -1,0 +1,56 @@
+"""Blocked float64 Gram assembly against numpy, including multi-block paths inside the probe."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spectral_lens.gradients import PerSampleGradientProbe, fill_gram, gram_against, gram_spectrum
+from spectral_lens.gradients import probe as probe_module
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 4), min_size=1, max_size=6),
+    block_rows=st.integers(1, 7),
+    start_frac=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+)
+def test_fill_gram_matches_numpy(sizes, block_rows, start_frac, seed):
+    rng = np.random.default_rng(seed)
+    blocks = [torch.from_numpy(rng.standard_normal((s, 5))).float() for s in sizes]
+    g = torch.cat(blocks).double().numpy()
+    n = g.shape[0]
+    start = int(start_frac * n)
+    k = torch.full((n, n), -7.0, dtype=torch.float64)
+    fill_gram(k, blocks, start, block_rows)
+    ref = g @ g.T
+    filled = np.maximum.outer(np.arange(n), np.arange(n)) >= start
+    np.testing.assert_allclose(k.numpy()[filled], ref[filled], rtol=1e-12, atol=1e-12)
+    assert (k.numpy()[~filled] == -7.0).all()  # entries among the first `start` rows untouched
+    a = torch.from_numpy(rng.standard_normal((3, 5)))
+    np.testing.assert_allclose(gram_against(a, blocks, block_rows).numpy(), a.numpy() @ g.T, rtol=1e-12, atol=1e-12)
+
+
+def test_gram_spectrum_truncates_to_rank_bound():
+    g = np.random.default_rng(0).standard_normal((6, 4))
+    vals = gram_spectrum(torch.from_numpy(g @ g.T), n_params=4)
+    assert vals.shape == (4,)
+    np.testing.assert_allclose(vals.numpy(), np.linalg.svd(g, compute_uv=False) ** 2, rtol=1e-12)
+
+
+def test_probe_with_tiny_blocks(gpt, helpers, monkeypatch):
+    model, batch = gpt(), helpers.lm_batch(m=9)
+    names = ["transformer.h.1.attn.c_proj.weight", "transformer.ln_f.weight"]
+    ref = PerSampleGradientProbe(model, names, chunk_size=2, keep_matrix=True).update(batch)
+    monkeypatch.setattr(probe_module, "block_rows_for", lambda p: 3)
+    for cap in (None, 4):
+        small = PerSampleGradientProbe(model, names, chunk_size=2, max_resident_samples=cap)
+        small.update((batch[0][:4], batch[1][:4]))
+        small.gram(names[0])  # a fill between updates
+        small.update((batch[0][4:], batch[1][4:]))
+        for n in names:
+            r = ref.matrix(n).numpy()
+            np.testing.assert_allclose(small.gram(n).numpy(), r @ r.T, rtol=1e-12, atol=1e-14)
