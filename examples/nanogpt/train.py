@@ -1,0 +1,286 @@
+"""Trainer for the variant zoo.
+
+One optimizer step at batch tier ``B`` consumes ``B`` micro-batches of ``rows x seq_len`` tokens
+(gradient accumulation; the loss of each micro-batch is divided by ``B``). By default a micro-batch
+is the profile's ``long_ctx`` tokens: one packed row for windowed variants, or
+``long_ctx / short_ctx`` rows for dense-causal ones. At d12 that is 65,536 tokens, so tier 8 is the
+records' 524,288 tokens per step (8 x 65,536-token rows, or 512 rows of 1,024).
+
+Data parallelism: launched by ``torchrun`` (or inside an initialized process group) each rank
+takes micro-batches ``i = rank, rank + W, ...`` of every step and gradients are summed with one
+all-reduce per step, so W ranks compute the same update as one process (records from 01-13 on
+do the same instead of wrapping the model in DDP). NCCL on CUDA, gloo on CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .data import load_data, micro_batch
+from .model import GPT, count_params, window_at
+from .optim import apply_schedule, build_optimizers, lr_multiplier
+from .variants import build_config, build_recipe, canonical_name, get_profile
+
+OnEval = Callable[[torch.nn.Module, int, int, float], None]
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. ``history`` holds the evaluation rows written to ``metrics.jsonl``."""
+
+    run_dir: Path
+    steps: int
+    tokens: int
+    final_val_loss: float
+    tokens_per_s: float
+    history: list[dict]
+
+
+def _setup_distributed(device: torch.device) -> tuple[int, int, bool]:
+    """(rank, world size, whether we created the process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    return 0, 1, False
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over ranks with one flat all-reduce per dtype."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def accumulate_gradients(model: GPT, stream, step: int, *, batch_tier: int, rows: int, seq_len: int,
+                         window=None, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Gradients of optimizer step ``step`` into ``.grad``; returns the step's mean loss (a tensor).
+
+    This rank runs micro-batches ``step * batch_tier + i`` for ``i = rank, rank + world, ...``,
+    each loss divided by ``batch_tier``; with ``world > 1`` gradients and loss are then summed
+    over ranks, so every rank holds the gradient one process would compute for the whole step.
+    bf16 autocast on CUDA.
+    """
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    for i in range(rank, batch_tier, world):
+        x, y = micro_batch(stream, step * batch_tier + i, rows, seq_len, device, model.config.vocab_size)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(x, y, window=window)
+        (loss / batch_tier).backward()
+        loss_sum += loss.detach()
+    if world > 1:
+        _all_reduce_grads([p for p in model.parameters() if p.requires_grad])
+        dist.all_reduce(loss_sum)
+    return loss_sum / batch_tier
+
+
+def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc", run_dir: str | os.PathLike = "runs/nanogpt",
+          steps: int | None = None, tokens: int | None = None, batch_tier: int = 8, seq_len: int | None = None,
+          rows: int | None = None, lr_scale: float = 1.0, matrix_optimizer: str | None = None,
+          matrix_lr: float | None = None, muon_impl: str = "auto", eval_every_tokens: int | None = None,
+          val_tokens: int | None = None, target_val_loss: float | None = None,
+          checkpoint_every_tokens: int | None = None, save_final: bool = True, resume: str | os.PathLike | None = None,
+          seed: int = 0, device: str | None = None, compile: bool = False, attn_impl: str = "auto",
+          on_eval: OnEval | None = None, log_every: int = 10, verbose: bool = True) -> TrainResult:
+    """Train ``variant`` at ``profile`` and return a :class:`TrainResult`.
+
+    Length: ``steps`` optimizer steps, or enough steps for ``tokens`` training tokens.
+    ``batch_tier``: micro-batches per step (see the module docstring); ``seq_len``/``rows`` override
+    the micro-batch geometry. ``lr_scale`` multiplies every group's base rate (the paper's
+    per-tier LR sweep). ``matrix_optimizer``: "muon" | "adamw" | "lamb" for the hidden matrices
+    (default: the variant's), with ``matrix_lr`` as its base rate.
+
+    Evaluation: mean loss on the first ``val_tokens`` held-out tokens (default: up to the records'
+    10,485,760), at step 0, every ``eval_every_tokens`` training tokens (default: ten times per run)
+    and at the end, with the window of the current step. After each evaluation
+    ``on_eval(model, step, tokens, val_loss)`` is called on every rank with the unwrapped model in
+    eval mode (train mode is restored afterwards). ``target_val_loss`` stops at the first
+    evaluation at or below it. Every evaluation and every ``log_every`` steps append a JSON line
+    (step, tokens, train_loss, val_loss, tokens_per_s, lr_mult, elapsed_s) to
+    ``run_dir/metrics.jsonl``; checkpoints are ``run_dir/ckpt_<step>.pt`` state dicts.
+    """
+    variant = canonical_name(variant)
+    prof = get_profile(profile)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    rank, world, own_group = _setup_distributed(device)
+    try:
+        td = load_data(data)
+        base = build_config(variant, prof)
+        windowed = base.attn_mask == "window"
+        seq_len = seq_len or base.seq_len
+        rows = rows or (1 if windowed else max(1, prof.long_ctx // seq_len))
+        if td.vocab_size > base.vocab_size:
+            raise ValueError(f"data {td.name} has {td.vocab_size} token ids but profile {profile!r} has "
+                             f"vocab_size={base.vocab_size}; use a profile that fits the tokenizer")
+        cfg = build_config(variant, prof, seq_len=seq_len, eot_id=td.eot_id)
+        if batch_tier < world:
+            raise ValueError(f"batch_tier={batch_tier} < world size {world}: every rank needs a micro-batch")
+        tokens_per_step = batch_tier * rows * seq_len
+        if steps is None:
+            if tokens is None:
+                raise ValueError("train: give steps= or tokens=")
+            steps = math.ceil(tokens / tokens_per_step)
+        recipe = build_recipe(variant)
+
+        torch.manual_seed(seed)
+        model = GPT(cfg).to(device)
+        model.attn_impl = attn_impl
+        if world > 1:
+            for t in model.state_dict().values():
+                dist.broadcast(t, 0)
+        opts = build_optimizers(model, recipe, matrix_optimizer=matrix_optimizer, matrix_lr=matrix_lr,
+                                lr_scale=lr_scale, muon_impl=muon_impl)
+        start = 0
+        if resume is not None:
+            start = _load_checkpoint(resume, model, opts, variant, profile, device)
+        if compile:
+            for b in model.blocks:   # blocks only: mask building and window changes stay eager
+                b.compile()
+
+        micro_tokens = rows * seq_len
+        n_val = td.val.num_chunks(micro_tokens)
+        if val_tokens is not None:
+            n_val = min(n_val, max(1, val_tokens // micro_tokens))
+        n_val = min(n_val, max(1, 10_485_760 // micro_tokens))
+        if n_val == 0:
+            raise ValueError(f"held-out stream of {td.name} has {td.val.num_tokens:,} tokens, fewer than one "
+                             f"micro-batch of {micro_tokens + 1:,}")
+        eval_steps = max(1, round(eval_every_tokens / tokens_per_step)) if eval_every_tokens else max(1, steps // 10)
+        ckpt_steps = max(1, round(checkpoint_every_tokens / tokens_per_step)) if checkpoint_every_tokens else None
+
+        run_dir = Path(run_dir)
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            meta = dict(variant=variant, profile=profile, data=td.name, world_size=world, steps=steps,
+                        batch_tier=batch_tier, rows=rows, seq_len=seq_len, tokens_per_step=tokens_per_step,
+                        lr_scale=lr_scale, matrix_optimizer=matrix_optimizer or recipe.matrix_optimizer,
+                        matrix_lr=matrix_lr, optimizers=[type(o).__module__ + "." + type(o).__name__ for o in opts],
+                        params=count_params(model), seed=seed, device=str(device),
+                        fp8_head_active=cfg.fp8_head and model.fp8_head_active(torch.empty(16, cfg.n_embd, device=device)),
+                        config=dataclasses.asdict(cfg), recipe=dataclasses.asdict(recipe))
+            (run_dir / "config.json").write_text(json.dumps(meta, indent=2))
+            log_file = open(run_dir / "metrics.jsonl", "a")
+
+        def log(row: dict):
+            if rank == 0:
+                log_file.write(json.dumps(row) + "\n")
+                log_file.flush()
+                if verbose:
+                    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                          flush=True)
+
+        @torch.no_grad()
+        def evaluate(step: int) -> float:
+            model.eval()
+            window = window_at(cfg, step / steps)
+            total = torch.zeros((), device=device, dtype=torch.float64)
+            for k in range(rank, n_val, world):
+                x, y = micro_batch(td.val, k, rows, seq_len, device, cfg.vocab_size)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    total += model(x, y, window=window).double()
+            if world > 1:
+                dist.all_reduce(total)
+            return float(total) / n_val
+
+        history: list[dict] = []
+        t_start, train_time, train_tokens, last_loss = time.perf_counter(), 0.0, 0, None
+        step = start
+        while True:
+            last = step >= steps
+            if last or step % eval_steps == 0 or step == start:
+                val = evaluate(step)
+                row = dict(step=step, tokens=step * tokens_per_step, train_loss=last_loss, val_loss=val,
+                           tokens_per_s=train_tokens / train_time if train_time else None,
+                           lr_mult=lr_multiplier(recipe, min(step, steps - 1), steps),
+                           elapsed_s=time.perf_counter() - t_start)
+                history.append(row)
+                log(row)
+                if on_eval is not None:
+                    on_eval(model, step, step * tokens_per_step, val)
+                model.train()
+                stop = target_val_loss is not None and val <= target_val_loss
+                if last or stop:
+                    break
+            t0 = time.perf_counter()
+            mult = apply_schedule(opts, recipe, step, steps)
+            loss = accumulate_gradients(model, td.train, step, batch_tier=batch_tier, rows=rows, seq_len=seq_len,
+                                        window=window_at(cfg, step / steps), rank=rank, world=world)
+            for opt in opts:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            step += 1
+            if step % log_every == 0 or step >= steps or (step % eval_steps == 0):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                last_loss = float(loss)
+            train_time += time.perf_counter() - t0
+            train_tokens += tokens_per_step
+            if step % log_every == 0 and step % eval_steps != 0 and step < steps:
+                log(dict(step=step, tokens=step * tokens_per_step, train_loss=last_loss, val_loss=None,
+                         tokens_per_s=train_tokens / train_time, lr_mult=mult,
+                         elapsed_s=time.perf_counter() - t_start))
+            if rank == 0 and ckpt_steps and step % ckpt_steps == 0 and step < steps:
+                _save_checkpoint(run_dir / f"ckpt_{step:06d}.pt", model, opts, step, tokens_per_step, variant, profile, cfg)
+        if rank == 0:
+            if save_final:
+                _save_checkpoint(run_dir / f"ckpt_{step:06d}.pt", model, opts, step, tokens_per_step, variant, profile, cfg)
+            log_file.close()
+        return TrainResult(run_dir, step, step * tokens_per_step, history[-1]["val_loss"],
+                           train_tokens / train_time if train_time else float("nan"), history)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _save_checkpoint(path: Path, model, opts, step, tokens_per_step, variant, profile, cfg) -> None:
+    torch.save(dict(model=model.state_dict(), optimizers=[o.state_dict() for o in opts], step=step,
+                    tokens=step * tokens_per_step, variant=variant, profile=profile,
+                    config=dataclasses.asdict(cfg)), path)
+
+
+def _load_checkpoint(path, model, opts, variant, profile, device) -> int:
+    """Restore model and optimizer state (``weights_only=True``: no pickled code); returns the step."""
+    ck = torch.load(path, map_location=device, weights_only=True)
+    if (ck.get("variant"), ck.get("profile")) != (variant, profile):
+        raise ValueError(f"{path}: checkpoint is {ck.get('variant')}@{ck.get('profile')}, "
+                         f"but this run is {variant}@{profile}")
+    model.load_state_dict(ck["model"])
+    if len(ck["optimizers"]) != len(opts):
+        raise ValueError(f"{path}: checkpoint has {len(ck['optimizers'])} optimizers, this run builds {len(opts)}")
+    for o, s in zip(opts, ck["optimizers"]):
+        o.load_state_dict(s)
+    return int(ck["step"])
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu") -> GPT:
+    """Rebuild a :class:`GPT` from a trainer checkpoint (``weights_only=True``)."""
+    from .model import GPTConfig
+
+    ck = torch.load(path, map_location=device, weights_only=True)
+    cfg = ck["config"]
+    cfg["no_attn_layers"] = tuple(cfg["no_attn_layers"])
+    model = GPT(GPTConfig(**cfg)).to(device)
+    model.load_state_dict(ck["model"])
+    return model

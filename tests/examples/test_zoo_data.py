@@ -1,0 +1,106 @@
+"""Shard format, streams, the bundled corpus and the held-out pool."""
+import numpy as np
+import pytest
+import torch
+
+from examples.nanogpt.data import (HEADER_BYTES, MAGIC, ByteTokenizer, TokenStream, bin_data, builtin_data,
+                                   heldout_pool, load_data, micro_batch, read_shard, write_shard)
+
+
+def test_shard_round_trip(tmp_path):
+    toks = np.arange(1000, dtype=np.int64) * 37 % 50257
+    write_shard(tmp_path / "a.bin", toks)
+    header = np.fromfile(tmp_path / "a.bin", dtype=np.int32, count=256)
+    assert list(header[:3]) == [MAGIC, 1, 1000] and not header[3:].any()
+    got = read_shard(tmp_path / "a.bin")
+    assert got.dtype == np.uint16 and isinstance(got, np.memmap)
+    assert np.array_equal(got, toks)
+
+
+def _raw(path, header3, ntok_written):
+    h = np.zeros(256, dtype=np.int32)
+    h[:3] = header3
+    path.write_bytes(h.tobytes() + np.zeros(ntok_written, dtype=np.uint16).tobytes())
+    return path
+
+
+def test_bad_magic_names_the_file(tmp_path):
+    p = _raw(tmp_path / "bad.bin", (12345, 1, 10), 10)
+    with pytest.raises(ValueError, match=r"bad\.bin: bad magic number 12345, expected 20240520"):
+        read_shard(p)
+
+
+def test_bad_version(tmp_path):
+    with pytest.raises(ValueError, match="unsupported shard version 7"):
+        read_shard(_raw(tmp_path / "v.bin", (MAGIC, 7, 10), 10))
+
+
+def test_short_shard(tmp_path):
+    p = _raw(tmp_path / "short.bin", (MAGIC, 1, 100), 60)
+    with pytest.raises(ValueError, match=r"short\.bin: header promises 100 tokens .*truncated"):
+        read_shard(p)
+    (tmp_path / "tiny.bin").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="shorter than the 1024-byte shard header"):
+        read_shard(tmp_path / "tiny.bin")
+    with pytest.raises(ValueError, match="trailing bytes"):
+        read_shard(_raw(tmp_path / "long.bin", (MAGIC, 1, 10), 12))
+
+
+def test_write_rejects_out_of_range(tmp_path):
+    with pytest.raises(ValueError, match="0..65535"):
+        write_shard(tmp_path / "x.bin", [1, 70000])
+
+
+def test_stream_chunks_and_micro_batches(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000001.bin", np.arange(0, 101))
+    write_shard(tmp_path / "fineweb_train_000002.bin", np.arange(1000, 1051))
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(5000, 5041))
+    td = bin_data(tmp_path)
+    assert (td.eot_id, td.vocab_size) == (50256, 50257)
+    assert td.train.num_chunks(10) == 10 + 5          # chunks never straddle shards
+    assert list(td.train.chunk(0, 10)) == list(range(0, 11))
+    assert list(td.train.chunk(10, 10)) == list(range(1000, 1011))
+    assert list(td.train.chunk(15, 10)) == list(td.train.chunk(0, 10))  # wraps around
+    x, y = micro_batch(td.train, 1, rows=2, seq_len=5)
+    assert x.tolist() == [[10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]
+    assert torch.equal(y, x + 1)
+    with pytest.raises(ValueError, match="token id 1010 >= model vocab_size 1000"):
+        micro_batch(td.train, 10, rows=1, seq_len=10, vocab_size=1000)
+    assert load_data(str(tmp_path)).name == td.name
+
+
+def test_heldout_pool_is_fixed(tmp_path):
+    s = TokenStream([np.arange(200, dtype=np.uint16)], ["mem"])
+    a = list(heldout_pool(s, seq_len=16, n_seqs=5, batch_size=2))
+    b = list(heldout_pool(s, seq_len=16, n_seqs=5, batch_size=2))
+    assert [x.shape[0] for x, _ in a] == [2, 2, 1]
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    x, y = a[0]
+    assert x[1, 0] == 16 and torch.equal(y, x + 1)
+    with pytest.raises(ValueError, match="holds 12"):
+        next(heldout_pool(s, seq_len=16, n_seqs=13))
+
+
+def test_builtin_corpus_offline_and_deterministic():
+    td = builtin_data("pydoc")
+    tok = ByteTokenizer()
+    assert (td.eot_id, td.vocab_size) == (256, 257)
+    train, val = td.train.shards[0], td.val.shards[0]
+    assert train[0] == 256 and val[0] == 256                   # every document starts with EOT
+    assert train.max() <= 256 and 0.03 < len(val) / (len(val) + len(train)) < 0.2
+    assert "the" in tok.decode(train[:5000])
+    builtin_data.cache_clear()
+    again = builtin_data("pydoc")
+    assert np.array_equal(again.val.shards[0], val)
+    with pytest.raises(ValueError, match="expected 'pydoc' or 'stdlib'"):
+        builtin_data("web")
+
+
+def test_bin_data_needs_both_splits(tmp_path):
+    write_shard(tmp_path / "fineweb_train_000001.bin", np.arange(10))
+    with pytest.raises(FileNotFoundError, match="found 1 train, 0 val"):
+        bin_data(tmp_path)
+
+
+def test_header_size_constant():
+    assert HEADER_BYTES == 1024

@@ -1,0 +1,107 @@
+"""Trainer: every variant learns on CPU at the tiny profile; logs, hooks, checkpoints, schedules."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from examples.nanogpt.data import write_shard
+from examples.nanogpt.optim import lr_multiplier, muon_momentum
+from examples.nanogpt.train import load_model, train
+from examples.nanogpt.variants import VARIANTS, build_recipe
+
+FAST = dict(profile="tiny", data="pydoc", batch_tier=2, val_tokens=4 * 512, save_final=False, verbose=False)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_variant_trains_with_falling_loss(variant, tmp_path):
+    torch.manual_seed(0)
+    res = train(variant=variant, run_dir=tmp_path, steps=6, eval_every_tokens=10**9, **FAST)
+    start, end = res.history[0]["val_loss"], res.history[-1]["val_loss"]
+    assert math.isfinite(end) and end < start - 0.3, (variant, start, end)
+    assert res.steps == 6 and res.tokens == 6 * 2 * 512
+
+
+def test_metrics_log_and_on_eval_hook(tmp_path):
+    calls = []
+
+    def on_eval(model, step, tokens, val_loss):
+        assert not model.training            # measured in eval mode
+        calls.append((step, tokens, val_loss))
+
+    res = train(variant="U-Net", run_dir=tmp_path, steps=4, eval_every_tokens=2 * 2 * 512, on_eval=on_eval,
+                log_every=1, **FAST)
+    assert [c[0] for c in calls] == [0, 2, 4] and [c[1] for c in calls] == [0, 2048, 4096]
+    assert [c[2] for c in calls] == [h["val_loss"] for h in res.history]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert {"step", "tokens", "train_loss", "val_loss", "tokens_per_s"} <= set(rows[0])
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4] and rows[1]["val_loss"] is None
+    assert all(r["tokens_per_s"] > 0 for r in rows[1:])
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["variant"] == "U-Net" and meta["tokens_per_step"] == 1024 and meta["rows"] == 4
+
+
+def test_checkpoint_resume_is_exact(tmp_path):
+    kw = dict(variant="BetterWin", steps=4, eval_every_tokens=10**9, **{**FAST, "save_final": True})
+    train(run_dir=tmp_path / "a", checkpoint_every_tokens=2 * 2 * 512, **kw)
+    assert (tmp_path / "a" / "ckpt_000002.pt").exists() and (tmp_path / "a" / "ckpt_000004.pt").exists()
+    train(run_dir=tmp_path / "b", resume=tmp_path / "a" / "ckpt_000002.pt", **kw)
+    a, b = load_model(tmp_path / "a" / "ckpt_000004.pt"), load_model(tmp_path / "b" / "ckpt_000004.pt")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match="checkpoint is BetterWin@tiny"):
+        train(run_dir=tmp_path / "c", resume=tmp_path / "a" / "ckpt_000002.pt", **{**kw, "variant": "VTE"})
+
+
+@pytest.mark.parametrize("kind", ["adamw", "lamb"])
+def test_matrix_optimizer_switch(kind, tmp_path):
+    if kind == "lamb":
+        pytest.importorskip("torch_optimizer")
+    res = train(variant="ValueMix", run_dir=tmp_path, steps=5, matrix_optimizer=kind, eval_every_tokens=10**9, **FAST)
+    meta = json.loads((tmp_path / "config.json").read_text())
+    assert meta["optimizers"][1].lower().endswith(kind)
+    assert res.history[-1]["val_loss"] < res.history[0]["val_loss"] - 0.3
+
+
+def test_target_val_loss_stops_early(tmp_path):
+    res = train(variant="U-Net", run_dir=tmp_path, steps=50, eval_every_tokens=2 * 512, target_val_loss=4.5, **FAST)
+    assert res.steps < 50 and res.final_val_loss <= 4.5
+
+
+def test_vocab_mismatch_is_reported(tmp_path):
+    for split in ("train", "val"):
+        write_shard(tmp_path / f"fineweb_{split}_000000.bin", np.arange(5000) % 50257)
+    with pytest.raises(ValueError, match="50257 token ids but profile 'tiny' has vocab_size=320"):
+        train(variant="RoPE", profile="tiny", data=str(tmp_path), run_dir=tmp_path / "run", steps=1, verbose=False)
+
+
+def test_schedules():
+    r = build_recipe("FP8Head")                          # flat, then linear to 0.1 over the last 40%
+    assert lr_multiplier(r, 0, 100) == 1.0 and lr_multiplier(r, 60, 100) == 1.0
+    assert lr_multiplier(r, 80, 100) == pytest.approx(0.55) and lr_multiplier(r, 100, 100) == pytest.approx(0.1)
+    b = build_recipe("Baseline")                         # llm.c: warm-up 700/19,560, cosine to 0
+    assert lr_multiplier(b, 0, 19560) == pytest.approx(1 / 700)
+    assert lr_multiplier(b, 700, 19560) == pytest.approx(1.0) and lr_multiplier(b, 19560, 19560) == pytest.approx(0)
+    assert lr_multiplier(build_recipe("SoftCap"), 1390, 1390) == 0.0
+    fw = build_recipe("FlexWin")
+    assert muon_momentum(fw, 0) == 0.85 and muon_momentum(fw, 150) == pytest.approx(0.9)
+    assert muon_momentum(fw, 300) == 0.95 and muon_momentum(build_recipe("Untied"), 0) == 0.95
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_backward_under_bf16_autocast(variant):
+    """The CUDA trainer runs under bf16 autocast; dtype mix-ups (fp32 value embeddings, fp32 norms)
+    must not reach attention. CPU autocast exercises the same casts."""
+    from examples.nanogpt.model import GPT
+    from examples.nanogpt.variants import build_config
+
+    torch.manual_seed(0)
+    model = GPT(build_config(variant, "tiny", seq_len=64))
+    idx = torch.randint(0, 256, (2, 64))
+    idx[:, 20] = model.config.eot_id
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, idx.roll(-1, 1))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
