@@ -1,4 +1,4 @@
-"""The default per-sample loss: blocked token cross-entropy, logits extraction, target conventions."""
+"""The default per-sample loss: token cross-entropy, logits extraction, target conventions."""
 
 from __future__ import annotations
 
@@ -10,13 +10,10 @@ import torch.nn.functional as F
 from torch.func import grad, vmap
 
 from spectral_lens.gradients import causal_lm_loss, extract_logits
-from spectral_lens.gradients import losses as losses_module
 from spectral_lens.gradients.losses import token_cross_entropy
 
 
-@pytest.mark.parametrize("block", [5, 7, 10**9])
-def test_token_cross_entropy_matches_torch(monkeypatch, block):
-    monkeypatch.setattr(losses_module, "_CE_BLOCK_ELEMENTS", block)  # several row blocks or one
+def test_token_cross_entropy_matches_torch():
     torch.manual_seed(0)
     x = torch.randn(13, 7, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 7, (13,))
@@ -37,11 +34,12 @@ def test_token_cross_entropy_bf16_logits():
     t = torch.randint(0, 50, (9,))
     a = token_cross_entropy(x, t)
     assert a.dtype == torch.float32
-    torch.testing.assert_close(a, F.cross_entropy(x.float(), t, reduction="none"), rtol=1e-6, atol=1e-6)
+    # computed by the bf16 kernels (float32 accumulation, bf16 result): bf16 rounding of the loss
+    torch.testing.assert_close(a, F.cross_entropy(x.float(), t, reduction="none"), rtol=8e-3, atol=8e-3)
     g = torch.autograd.grad(a.sum(), x)[0]
     assert g.dtype == torch.bfloat16
     ref = torch.autograd.grad(F.cross_entropy(x.float(), t, reduction="sum"), x)[0]
-    torch.testing.assert_close(g, ref)
+    torch.testing.assert_close(g.float(), ref.float(), rtol=1.6e-2, atol=4e-3)
 
 
 def test_extract_logits_and_target_conventions():
