@@ -17,6 +17,7 @@ from ._warnings import (
     SpectralLensWarning,
     SpectrumFormatError,
     StateFormatError,
+    ZeroGradientWarning,
 )
 from .accumulate import ActivationCapture, ActivationCovarianceAccumulator, attach
 from .capture import select_modules
@@ -55,4 +56,5 @@ __all__ = [
     "select_modules",
     "stable_rank",
     "tail_window",
+    "ZeroGradientWarning",
 ]

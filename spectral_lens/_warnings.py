@@ -7,6 +7,7 @@ __all__ = [
     "InsufficientRowsWarning",
     "CompiledModelWarning",
     "NonFiniteRowsWarning",
+    "ZeroGradientWarning",
     "NonFiniteError",
     "SpectrumFormatError",
     "StateFormatError",
@@ -27,6 +28,11 @@ class CompiledModelWarning(SpectralLensWarning):
 
 class NonFiniteRowsWarning(SpectralLensWarning):
     """Rows containing NaN or Inf were skipped (only under ``nonfinite="skip"``)."""
+
+
+class ZeroGradientWarning(SpectralLensWarning):
+    """Every per-sample gradient of a probed parameter is exactly zero (zero-initialized head at
+    step 0, or no gradient path); the gradient spectrum is all zero."""
 
 
 class NonFiniteError(ValueError):

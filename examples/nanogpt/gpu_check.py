@@ -120,15 +120,45 @@ def check_fp8_head(M: int = 8192, d: int = 768, V: int = 50304, seed: int = 0, d
 
 
 def check_smoke(variant: str, steps: int, seq_len: int, batch_tier: int, profile: str = "d12",
-                compile: bool = False, device: str = "cuda") -> dict:
-    """Train ``variant`` for ``steps`` steps on the bundled corpus; throughput and start/end loss."""
+                compile: bool = False, device: str = "cuda", measure: bool = False) -> dict:
+    """Train ``variant`` for ``steps`` steps on the bundled corpus; throughput and start/end loss.
+
+    With ``measure``, a :class:`spectral_lens.SpectralLens` measures the deepest block's activation
+    spectrum (fast precision, bf16 autocast) and the final W_O's per-sample gradient spectrum over a
+    fixed held-out pool at every evaluation (4 per run), and the measurement times are reported.
+    """
+    import spectral_lens as sl
+
+    from .data import builtin_data, heldout_pool
     from .train import train
+
+    measurements: list[dict] = []
+
+    def on_eval(model, step, tokens, val_loss):
+        pool = list(heldout_pool(builtin_data("stdlib").val, seq_len, 16, batch_size=2, device=device))
+        probe = sl.PerSampleGradientProbe(model, chunk_size=2, autocast_dtype=torch.bfloat16)
+        lens = sl.SpectralLens(model, pool, pick=0, probe=probe, precision="fast", autocast_dtype=torch.bfloat16)
+        sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda *a: None)
+        sync(device)
+        t = time.perf_counter()
+        m = lens.measure(step, tokens, val_loss=val_loss)
+        sync(device)
+        act = next(v for k, v in m.spectra.items() if k.startswith("act:"))
+        grad = next(v for k, v in m.spectra.items() if k.startswith("grad:"))
+        measurements.append(dict(step=step, val_loss=val_loss, seconds=time.perf_counter() - t,
+                                 rankme_act=sl.RankMe()(act),
+                                 alpha_tail=sl.BandAlphaFitter((100, 200) if act.dim >= 200 else (10, 40)).fit(act).alpha,
+                                 rankme_grad=sl.RankMe()(grad) if grad.n_nonzero else None,  # zero head at step 0
+                                 noise_scale=m.scalars["noise_scale"],
+                                 act_rows=act.n_rows, grad_samples=grad.n_rows))
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         res = train(variant=variant, profile=profile, data="stdlib", run_dir=tmp, steps=steps,
-                    batch_tier=batch_tier, seq_len=seq_len, eval_every_tokens=10**15, val_tokens=4 * seq_len,
-                    save_final=False, compile=compile, log_every=max(1, steps // 10), verbose=False, device=device)
+                    batch_tier=batch_tier, seq_len=seq_len,
+                    eval_every_tokens=max(1, steps * batch_tier * seq_len // 3) if measure else 10**15,
+                    val_tokens=4 * seq_len, save_final=False, compile=compile, log_every=max(1, steps // 10),
+                    verbose=False, device=device, on_eval=on_eval if measure else None)
         rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")]
         cfg = json.loads((Path(tmp) / "config.json").read_text())
     train_losses = [r["train_loss"] for r in rows if r["train_loss"] is not None]
@@ -138,7 +168,10 @@ def check_smoke(variant: str, steps: int, seq_len: int, batch_tier: int, profile
                train_loss_last=train_losses[-1] if train_losses else None, wall_s=time.perf_counter() - t0,
                params=cfg["params"], fp8_head_active=cfg["fp8_head_active"], optimizers=cfg["optimizers"],
                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else None)
+    out["measurements"] = measurements
     out["ok"] = math.isfinite(res.final_val_loss) and res.final_val_loss < res.history[0]["val_loss"] - 0.5
+    if measure:
+        out["ok"] = out["ok"] and len(measurements) >= 2 and all(math.isfinite(m["alpha_tail"]) for m in measurements)
     print(f"smoke {variant}: {json.dumps(out)}", flush=True)
     return out
 
@@ -169,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                  device=a.device)
     sections = [("attention", check_attention, dict(device=a.device)),
                 ("fp8_head", check_fp8_head, dict(device=a.device)),
-                ("smoke", check_smoke, dict(variant=a.variant, **smoke)),
+                ("smoke", check_smoke, dict(variant=a.variant, measure=True, **smoke)),
                 ("smoke_fp8", check_smoke, dict(smoke, variant="AttnScale", steps=a.fp8_steps))]
     for name, fn, kw in sections:
         t0 = time.perf_counter()

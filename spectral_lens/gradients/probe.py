@@ -7,6 +7,8 @@ from :mod:`.gram` and :mod:`.noise_scale`.
 
 from __future__ import annotations
 
+import warnings
+
 import contextlib
 import difflib
 import re
@@ -18,6 +20,7 @@ from torch import nn
 
 from .._warnings import NonFiniteError
 from ..capture import glob_to_regex
+from .._warnings import ZeroGradientWarning
 from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, slice_batch
 from .engines import NoGradientPathError, fast_engine, loop_engine, vmap_engine
@@ -489,9 +492,12 @@ class PerSampleGradientProbe:
         for name, p in self.params.items():
             k = self._gram[name]
             if not bool(torch.diagonal(k).sum() > 0):
-                raise NoGradientPathError(
-                    f"{name}: all {self.n_samples_} per-sample gradients are exactly zero; the parameter has no "
-                    "gradient path to the loss (unused module, detached output, or frozen branch)"
+                warnings.warn(
+                    f"{name}: all {self.n_samples_} per-sample gradients are exactly zero: either nothing upstream "
+                    "passes gradient yet (e.g. a zero-initialized head at step 0) or the parameter has no gradient "
+                    "path to the loss (unused module, detached output, frozen branch); the spectrum is all zero",
+                    ZeroGradientWarning,
+                    stacklevel=2,
                 )
             out[name] = Spectrum(
                 values=gram_spectrum(k, p.numel()),
