@@ -35,7 +35,7 @@ def run_tier(out: Path, variant: str, tier: int, tokens: int, seq_len: int, rows
     cfg = build_config(variant, "tiny")
     run_dir = out / f"{variant.lower()}-b{tier}"
     info = RunInfo(run_dir.name, family=variant, batch_tier=tier, tokens_per_step=tier * rows * seq_len,
-                   seed=seed, n_layer=cfg.n_layer, total_tokens=tokens,
+                   seed=seed, n_layer=cfg.n_layer, total_tokens=tokens, batch_size=tier * rows,
                    primary_spectrum=f"act:blocks.{cfg.n_layer - 1}")  # the deepest block, as in the paper
     # The tiny profile is 128 wide: the d12 window [100, 200] does not fit, so use the paper's local
     # windows (App. E.1: 10-40 for the tail statistic) and a leading window for the head.
