@@ -158,7 +158,7 @@ def vmap_engine(
 
     The model must be traceable by ``torch.func.vmap`` (no ``.item()``, no data-dependent Python
     control flow, no in-place ops on captured buffers). A parameter with no path to the loss gets zero
-    rows (``torch.func.grad`` cannot tell); the probe reports all-zero gradients as an error.
+    rows (``torch.func.grad`` cannot tell); the probe warns (``ZeroGradientWarning``) on all-zero gradients.
     """
     bound = _Bound(model, forward_fn, loss_fn)
     leaves, spec = pytree.tree_flatten(batch)
