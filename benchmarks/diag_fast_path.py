@@ -9,25 +9,17 @@ bf16; native bf16 subtraction; column sums as a GEMV).
 from __future__ import annotations
 
 import json
-import statistics
 
 import torch
 
+from bench_covariance import _timer  # same directory: run as `python benchmarks/diag_fast_path.py`
 from spectral_lens.spectra.moments import chunk_moments, representable_shift, symmetric_product
 
 
 def bench(fn, reps: int = 30) -> float:
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
+    return _timer(torch.device("cuda"))(fn, reps)
 
 
 def main() -> None:

@@ -44,8 +44,8 @@ def glob_to_regex(pattern: str) -> "re.Pattern[str]":
             end = pattern.find("]", i + 1)
             if end < 0:
                 raise ValueError(f"unclosed '[' in module glob {pattern!r}")
-            body = pattern[i + 1 : end]
-            out.append("[^" + re.escape(body[1:]) + "]" if body.startswith("!") else "[" + re.escape(body) + "]")
+            body = pattern[i + 1 : end].replace("\\", "\\\\")  # ranges like [0-9] keep their meaning
+            out.append("[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]")
             i = end
         else:
             out.append(re.escape(c))

@@ -58,23 +58,26 @@ class Schedule:
     """When to measure, as a set of training steps.
 
     Build with :meth:`every`, :meth:`log_spaced` or :meth:`at_fractions`, combine with ``|``, and ask
-    ``step in schedule``.
+    ``step in schedule``. A schedule is its explicit ``steps``, plus every ``period``-th step from
+    ``start``, plus the steps of any schedule in ``parts``.
     """
 
     steps: frozenset[int] = field(default_factory=frozenset)
     period: int | None = None
+    start: int = 0
+    parts: tuple["Schedule", ...] = ()
 
     @classmethod
     def every(cls, k: int, start: int = 0) -> "Schedule":
         """Every ``k`` steps from ``start`` (inclusive)."""
         if k < 1:
             raise ValueError(f"Schedule.every: k must be >= 1, got {k}")
-        return _Offset(frozenset(), k, start)
+        return cls(period=k, start=start)
 
     @classmethod
     def log_spaced(cls, total_steps: int, n: int, first: int = 1) -> "Schedule":
         """About ``n`` steps spaced evenly in log between ``first`` and ``total_steps`` (inclusive)."""
-        if total_steps < first or n < 1:
+        if total_steps < first or first < 1 or n < 1:
             raise ValueError(f"Schedule.log_spaced: need total_steps >= first >= 1 and n >= 1, got {total_steps}, {first}, {n}")
         if n == 1:
             return cls(frozenset({total_steps}))
@@ -92,26 +95,11 @@ class Schedule:
         return cls(frozenset(out))
 
     def __contains__(self, step: int) -> bool:
-        return step in self.steps or (self.period is not None and step % self.period == 0)
+        periodic = self.period is not None and step >= self.start and (step - self.start) % self.period == 0
+        return step in self.steps or periodic or any(step in p for p in self.parts)
 
     def __or__(self, other: "Schedule") -> "Schedule":
-        return _Union(frozenset(), None, (self, other))
-
-
-@dataclass(frozen=True)
-class _Offset(Schedule):
-    start: int = 0
-
-    def __contains__(self, step: int) -> bool:
-        return step >= self.start and (step - self.start) % self.period == 0
-
-
-@dataclass(frozen=True)
-class _Union(Schedule):
-    parts: tuple = ()
-
-    def __contains__(self, step: int) -> bool:
-        return any(step in p for p in self.parts)
+        return Schedule(parts=(self, other))
 
 
 @dataclass(frozen=True)

@@ -69,14 +69,16 @@ def representable_shift(shift: torch.Tensor, precision: str, input_dtype: torch.
     return shift.to(torch.float32).to(torch.float64)
 
 
-def symmetric_product(y: torch.Tensor) -> torch.Tensor:
-    """``y^T y`` for fp32/fp64 ``y``; on CUDA for wide ``y`` only the upper block triangle is computed.
+def symmetric_product(y: torch.Tensor, blocks: bool | None = None) -> torch.Tensor:
+    """``y^T y`` for fp32/fp64 ``y``; with ``blocks`` only the upper block triangle is computed.
 
-    Measured on an H100: for fp32 products the 3-of-4-block form beats one GEMM at d >= 1280; for
-    bf16 tensor-core products (and on CPU) one GEMM is faster, so those never come here.
+    ``blocks=None`` chooses: on CUDA for d >= 1024 (measured on an H100: for fp32 products the
+    3-of-4-block form beats one GEMM at d >= 1280), else one GEMM (faster on CPU and for bf16).
     """
     d = y.shape[1]
-    if d < 1024 or not y.is_cuda:
+    if blocks is None:
+        blocks = y.is_cuda and d >= 1024
+    if not blocks or d < 2:
         return y.t() @ y
     h = (d // 2 + 63) // 64 * 64
     a, b = y[:, :h], y[:, h:]

@@ -267,3 +267,11 @@ def test_update_after_sync_is_refused_and_reset_recovers():
     acc.reset()
     acc.update(torch.randn(8, 3))
     assert acc.n_rows == 8
+
+
+@pytest.mark.parametrize("d", [1, 5, 200, 700])
+def test_symmetric_block_product_equals_one_gemm(d):
+    from spectral_lens.spectra.moments import symmetric_product
+
+    y = torch.randn(300, d, dtype=torch.float64)
+    assert torch.allclose(symmetric_product(y, blocks=True), y.t() @ y, rtol=1e-12, atol=1e-10)

@@ -178,3 +178,4 @@ def test_glob_segments():
     assert names("blocks.**.0") == ["blocks.0.mlp.0", "blocks.1.mlp.0", "blocks.2.mlp.0"]
     assert names("blocks.[!01]") == ["blocks.2"]
     assert names("blocks.?.ln") == ["blocks.0.ln", "blocks.1.ln", "blocks.2.ln"]
+    assert names("blocks.[1-2]") == ["blocks.1", "blocks.2"]
