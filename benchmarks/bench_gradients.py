@@ -6,6 +6,7 @@ Compares, in one run and on the same sequences:
 * ``probe``       ``PerSampleGradientProbe`` (nn.Linear fast path), ``update`` + ``compute``;
 * ``probe_native_ce`` the same with PyTorch's autocast cross-entropy (``causal_lm_loss(method="native")``)
                   instead of the default, which recomputes the softmax for bf16 logits on CUDA;
+* ``probe_offload`` the same with ``offload_rows=True`` (rows of G in pinned host memory: peak device memory);
 * ``probe_vmap``  the probe's generic ``torch.func`` engine;
 * ``recipe_vmap`` the textbook whole-model recipe ``vmap(grad(functional_call(model)))`` w.r.t. W_O,
                   float64 Gram + eigvalsh of the stacked rows; on out-of-memory it retries with
@@ -128,10 +129,10 @@ def run(m, args, device, model, name):
             for s in range(0, m, c):
                 model(x[s : s + c])
 
-    def probe(engine="auto", autocast=amp, ce="auto"):
+    def probe(engine="auto", autocast=amp, ce="auto", offload=False):
         loss = functools.partial(causal_lm_loss, method=ce)
         return lambda: PerSampleGradientProbe(
-            model, name, engine=engine, chunk_size=c, autocast_dtype=autocast, loss_fn=loss
+            model, name, engine=engine, chunk_size=c, autocast_dtype=autocast, loss_fn=loss, offload_rows=offload
         ).update((x, y)).compute().values
 
     def loss_of(p, xi, yi):
@@ -165,8 +166,8 @@ def run(m, args, device, model, name):
                 rows.append(torch.autograd.grad(loss, w)[0].reshape(1, -1).float())
         return gram_eigenvalues(torch.cat(rows))
 
-    cases = {"nograd": nograd, "probe": probe(), "probe_native_ce": probe(ce="native"), "probe_vmap": probe("vmap"),
-             "recipe_vmap": recipe_vmap}
+    cases = {"nograd": nograd, "probe": probe(), "probe_native_ce": probe(ce="native"),
+             "probe_offload": probe(offload=True), "probe_vmap": probe("vmap"), "recipe_vmap": recipe_vmap}
     if not args.no_loop:
         cases["loop"] = loop
     cases["probe_fp32"] = probe(autocast=None)

@@ -8,7 +8,7 @@
 
 from ._batch import default_forward
 from .engines import NoGradientPathError, fast_engine, loop_engine, vmap_engine
-from .gram import fill_gram, gram_against, gram_spectrum
+from .gram import fill_gram, fill_gram_by_columns, gram_against, gram_spectrum
 from .linear import linear_per_sample_grad  # importing it registers the nn.Linear fast path
 from .losses import causal_lm_loss, extract_logits, token_cross_entropy
 from .noise_scale import NoiseScale, noise_scale_from_gram
@@ -29,6 +29,7 @@ __all__ = [
     "fast_engine",
     "fast_path_for",
     "fill_gram",
+    "fill_gram_by_columns",
     "gram_against",
     "gram_spectrum",
     "linear_per_sample_grad",

@@ -16,7 +16,16 @@ import torch
 
 from ..spectra.eigen import eigenvalues_descending
 
-__all__ = ["GRAM_BLOCK_ELEMENTS", "block_rows_for", "gather_rows", "fill_gram", "gram_against", "grow_square", "gram_spectrum"]
+__all__ = [
+    "GRAM_BLOCK_ELEMENTS",
+    "block_rows_for",
+    "gather_rows",
+    "fill_gram",
+    "fill_gram_by_columns",
+    "gram_against",
+    "grow_square",
+    "gram_spectrum",
+]
 
 #: Elements of one float64 temporary block (2**26 = 512 MiB); two are alive at once.
 GRAM_BLOCK_ELEMENTS = 2**26
@@ -27,9 +36,9 @@ def block_rows_for(n_params: int, budget: int = GRAM_BLOCK_ELEMENTS) -> int:
     return max(1, budget // max(1, n_params))
 
 
-def gather_rows(blocks: list[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
-    """Rows ``lo:hi`` of ``cat(blocks)`` as one float64 tensor, converted in a single copy."""
-    out = torch.empty(hi - lo, blocks[0].shape[1], dtype=torch.float64, device=blocks[0].device)
+def gather_rows(blocks: list[torch.Tensor], lo: int, hi: int, device: torch.device | None = None) -> torch.Tensor:
+    """Rows ``lo:hi`` of ``cat(blocks)`` as one float64 tensor on ``device`` (default: the blocks')."""
+    out = torch.empty(hi - lo, blocks[0].shape[1], dtype=torch.float64, device=device or blocks[0].device)
     start = 0
     for b in blocks:
         stop = start + b.shape[0]
@@ -48,10 +57,10 @@ def fill_gram(k: torch.Tensor, blocks: list[torch.Tensor], start: int, block_row
     n = sum(b.shape[0] for b in blocks)
     for a in range(start, n, block_rows):
         a_end = min(n, a + block_rows)
-        rows_a = gather_rows(blocks, a, a_end)
+        rows_a = gather_rows(blocks, a, a_end, k.device)
         for b in range(0, a_end, block_rows):
             b_end = min(a_end, b + block_rows)
-            rows_b = rows_a[b - a :] if b >= a else gather_rows(blocks, b, b_end)
+            rows_b = rows_a[b - a :] if b >= a else gather_rows(blocks, b, b_end, k.device)
             prod = rows_a @ rows_b.t()
             k[a:a_end, b:b_end] = prod
             k[b:b_end, a:a_end] = prod.t()
@@ -64,8 +73,36 @@ def gram_against(a: torch.Tensor, blocks: list[torch.Tensor], block_rows: int) -
     out = torch.empty(a.shape[0], n, dtype=torch.float64, device=a.device)
     for lo in range(0, n, block_rows):
         hi = min(n, lo + block_rows)
-        out[:, lo:hi] = a64 @ gather_rows(blocks, lo, hi).t()
+        out[:, lo:hi] = a64 @ gather_rows(blocks, lo, hi, a.device).t()
     return out
+
+
+def fill_gram_by_columns(k: torch.Tensor, blocks: list[torch.Tensor], start: int, cols: int) -> None:
+    """:func:`fill_gram` for rows held in host memory while ``k`` lives on an accelerator.
+
+    Row-block products would move every row block once per partner block; here ``G`` crosses to
+    ``k``'s device once, ``cols`` columns at a time (one ``n x cols`` float64 slab there), and the
+    entries accumulate ``k[i, j] += <row_i[a:b], row_j[a:b]>`` over column slabs. Same entries as
+    :func:`fill_gram` up to float64 summation order.
+    """
+    n = sum(b.shape[0] for b in blocks)
+    if start >= n:
+        return
+    p = blocks[0].shape[1]
+    cols = max(1, min(cols, p))
+    k[start:n, :n] = 0.0
+    staging = torch.empty(n, cols, dtype=blocks[0].dtype, pin_memory=k.device.type == "cuda")
+    for a in range(0, p, cols):
+        b = min(p, a + cols)
+        stage, r = staging[:, : b - a], 0
+        for blk in blocks:
+            stage[r : r + blk.shape[0]].copy_(blk[:, a:b])
+            r += blk.shape[0]
+        slab = stage.to(k.device).to(torch.float64)  # blocking: the staging buffer is reused next slab
+        k[start:n, :n] += slab[start:] @ slab.t()
+    new = k[start:n, start:n]
+    k[start:n, start:n] = torch.triu(new) + torch.triu(new, 1).t()  # exactly symmetric, as fill_gram
+    k[:start, start:n] = k[start:n, :start].t()
 
 
 def grow_square(k: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:

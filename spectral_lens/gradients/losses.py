@@ -28,9 +28,9 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     The loss is ``lse - z_t`` with ``lse = z_max - log p_max``: ``p_max >= 1/V`` is always a normal
     number, so the log-sum-exp is exact up to one rounding of ``p_max`` (absolute error <= 2^-8 for
     bf16) and never overflows or underflows. The gradient ``w_t (softmax(z) - onehot(t))`` carries two
-    roundings to the logits' dtype per element (PyTorch's path carries one: it casts a float32 gradient
-    back for a bf16 head); the target entry is minus the sum of the others, so it stays accurate
-    relative to itself when ``p_t ~ 1``. Any float dtype works (the tests check float64 to 1e-14).
+    roundings to the logits' dtype per element, three at the target (PyTorch's path carries one: it
+    casts a float32 gradient back for a bf16 head); the target entry is minus the sum of the others,
+    so it stays accurate relative to itself when ``p_t ~ 1``. Any float dtype works (the tests check float64 to 1e-14).
     """
 
     generate_vmap_rule = True
@@ -85,7 +85,8 @@ def token_cross_entropy(
     * ``"recompute"``: :class:`_SoftmaxCrossEntropy`: no float32 copy, no saved log-probs, the
       backward recomputes the softmax in the logits' dtype. For bf16 logits it moves 0.44x the
       (N, V) bytes of the native autocast path (``benchmarks/bench_loss.py``); the loss is within 2^-8
-      absolute and each gradient entry within about two bf16 roundings of float64 on the same logits.
+      absolute and each gradient entry within two bf16 roundings (three at the target) of float64 on
+      the same logits.
     * ``"auto"`` (default): ``"recompute"`` for bf16 logits on CUDA, ``"native"`` otherwise. On CPU the
       native kernels are faster (its mixed-precision elementwise kernels are not vectorized; measured
       1.5x in ``benchmarks/bench_loss.py``).

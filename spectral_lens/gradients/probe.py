@@ -24,7 +24,15 @@ from .._warnings import ZeroGradientWarning
 from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, slice_batch
 from .engines import NoGradientPathError, fast_engine, loop_engine, vmap_engine
-from .gram import block_rows_for, fill_gram, gram_against, gram_spectrum, grow_square
+from .gram import (
+    GRAM_BLOCK_ELEMENTS,
+    block_rows_for,
+    fill_gram,
+    fill_gram_by_columns,
+    gram_against,
+    gram_spectrum,
+    grow_square,
+)
 from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .registry import fast_path_for
@@ -145,6 +153,10 @@ class PerSampleGradientProbe:
             peak ``O(M^2 + M P)``. An int ``K``: at most ``K`` rows (plus one chunk) are held, the other
             chunks' input batches are kept and their cross Gram blocks are recomputed in
             :meth:`compute`, peak ``O(M^2 + (K + chunk) P)`` for ~``(M-K)^2/(2K)`` extra sample gradients.
+        offload_rows: hold the resident rows of ``G`` in host memory (pinned when the model is on CUDA)
+            instead of on the model's device: device memory ``O(M^2 + one chunk)`` without recomputation,
+            host memory ``O(M P)``. :meth:`compute` then moves ``G`` to the device once, in column
+            slabs (:func:`~spectral_lens.gradients.gram.fill_gram_by_columns`). No effect on a CPU model.
         storage_dtype: dtype of the held rows; default float32 (float64 for float64 parameters).
             ``torch.bfloat16`` halves memory at ~3 significant digits per entry.
         autocast_dtype: run forward passes under ``torch.autocast(device, dtype)`` (e.g. bfloat16).
@@ -175,6 +187,7 @@ class PerSampleGradientProbe:
         chunk_size: int = 8,
         keep_matrix: bool = False,
         max_resident_samples: int | None = None,
+        offload_rows: bool = False,
         storage_dtype: torch.dtype | None = None,
         autocast_dtype: torch.dtype | None = None,
         train_mode: bool = False,
@@ -196,6 +209,7 @@ class PerSampleGradientProbe:
         self.chunk_size = int(chunk_size)
         self.keep_matrix = keep_matrix
         self.max_resident_samples = max_resident_samples
+        self.offload_rows = bool(offload_rows)
         self.storage_dtype = storage_dtype
         self.autocast_dtype = autocast_dtype
         self.train_mode = train_mode
@@ -361,6 +375,14 @@ class PerSampleGradientProbe:
             raise
         return self
 
+    def _hold(self, rows: torch.Tensor) -> torch.Tensor:
+        """Resident rows as kept: on the device, or copied to pinned host memory without a sync (the
+        copy is stream-ordered, and the host reads it only after update()'s own sync)."""
+        if not self.offload_rows or rows.device.type == "cpu":
+            return rows
+        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        return host.copy_(rows, non_blocking=True)
+
     def _fits(self, n: int) -> bool:
         """Whether the next chunk of ``n`` rows stays resident. Resident chunks form a prefix, so every
         later chunk meets all of them at its own creation and only non-resident pairs are left over."""
@@ -377,7 +399,7 @@ class PerSampleGradientProbe:
         for name, r in rows.items():
             self._finite.append((name, r.isfinite().all(1)))
             if chunk.resident:
-                self._rows[name].append(r)
+                self._rows[name].append(self._hold(r))
                 continue
             k, br = self._gram[name], block_rows_for(r.shape[1])
             k[s:e, s:e] = gram_against(r, [r], br)
@@ -414,7 +436,11 @@ class PerSampleGradientProbe:
         n_res = sum(c.stop - c.start for c in self._chunks if c.resident)
         if self._filled < n_res:
             for name, blocks in self._rows.items():
-                fill_gram(self._gram[name], blocks, self._filled, block_rows_for(self.params[name].numel()))
+                k = self._gram[name]
+                if blocks and blocks[0].device != k.device:  # offloaded rows: one pass over G
+                    fill_gram_by_columns(k, blocks, self._filled, GRAM_BLOCK_ELEMENTS // max(1, k.shape[0]))
+                else:
+                    fill_gram(k, blocks, self._filled, block_rows_for(self.params[name].numel()))
             self._filled = n_res
         far = [i for i, c in enumerate(self._chunks) if not c.resident]
         missing = lambda i, j: i != j and (min(i, j), max(i, j)) not in self._far_done  # noqa: E731
@@ -458,7 +484,7 @@ class PerSampleGradientProbe:
         return self._gram[name].clone()
 
     def matrix(self, name: str | None = None) -> torch.Tensor:
-        """``G`` (M, P) in the storage dtype; needs ``keep_matrix=True``."""
+        """``G`` (M, P) in the storage dtype; needs ``keep_matrix=True``. In host memory with ``offload_rows``."""
         if not self.keep_matrix:
             raise RuntimeError("matrix() needs PerSampleGradientProbe(..., keep_matrix=True)")
         name = self._name(name)

@@ -7,7 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spectral_lens.gradients import PerSampleGradientProbe, fill_gram, gram_against, gram_spectrum
+import pytest
+
+from spectral_lens.gradients import PerSampleGradientProbe, fill_gram, fill_gram_by_columns, gram_against, gram_spectrum
 from spectral_lens.gradients import probe as probe_module
 
 
@@ -32,6 +34,60 @@ def test_fill_gram_matches_numpy(sizes, block_rows, start_frac, seed):
     assert (k.numpy()[~filled] == -7.0).all()  # entries among the first `start` rows untouched
     a = torch.from_numpy(rng.standard_normal((3, 5)))
     np.testing.assert_allclose(gram_against(a, blocks, block_rows).numpy(), a.numpy() @ g.T, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 4), min_size=1, max_size=6),
+    cols=st.integers(1, 9),
+    start_frac=st.floats(0, 1),
+    offset=st.sampled_from([0.0, 1e3]),
+    seed=st.integers(0, 2**16),
+)
+def test_fill_gram_by_columns_matches_numpy(sizes, cols, start_frac, offset, seed):
+    """Column slabs (rows in host memory) give the entries of the row-block fill, same contract."""
+    rng = np.random.default_rng(seed)
+    blocks = [torch.from_numpy(rng.standard_normal((s, 7)) + offset).float() for s in sizes]
+    g = torch.cat(blocks).double().numpy()
+    n = g.shape[0]
+    start = int(start_frac * n)
+    k = torch.full((n, n), -7.0, dtype=torch.float64)
+    fill_gram_by_columns(k, blocks, start, cols)
+    ref = g @ g.T
+    filled = np.maximum.outer(np.arange(n), np.arange(n)) >= start
+    np.testing.assert_allclose(k.numpy()[filled], ref[filled], rtol=1e-12, atol=1e-12)
+    assert (k.numpy()[~filled] == -7.0).all()
+    np.testing.assert_array_equal(k.numpy(), k.numpy().T)
+
+
+def test_offload_rows_is_a_no_op_on_cpu(gpt, helpers):
+    model, batch = gpt(), helpers.lm_batch(m=7)
+    a = PerSampleGradientProbe(model, chunk_size=3).update(batch)
+    b = PerSampleGradientProbe(model, chunk_size=3, offload_rows=True).update(batch)
+    assert all(r.device.type == "cpu" and not r.is_pinned() for r in b._rows[next(iter(b.params))])
+    torch.testing.assert_close(a.gram(), b.gram(), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offload_rows_on_cuda(gpt, helpers):
+    """Rows in pinned host memory: the same Gram, and device memory without the M x P rows."""
+    model = gpt(d=256, heads=4, vocab=97, ctx=16).float().cuda()
+    batch = tuple(t.cuda() for t in helpers.lm_batch(m=64, t=16, vocab=97))
+    peaks, grams = {}, {}
+    for offload in (False, True):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        probe = PerSampleGradientProbe(model, chunk_size=8, offload_rows=offload).update(batch)
+        grams[offload] = probe.gram()
+        peaks[offload] = torch.cuda.max_memory_allocated() - base
+        if offload:
+            rows = probe._rows[next(iter(probe.params))]
+            assert all(r.device.type == "cpu" and r.is_pinned() for r in rows)
+    torch.testing.assert_close(grams[True], grams[False], rtol=1e-12, atol=1e-9)
+    rows_bytes = 64 * 256 * 256 * 4
+    assert peaks[False] - peaks[True] >= rows_bytes // 2, (peaks, rows_bytes)
 
 
 def test_gram_spectrum_truncates_to_rank_bound():
