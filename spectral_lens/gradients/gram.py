@@ -3,7 +3,7 @@
 The squared singular values of ``G`` (M x P) are the eigenvalues of the M x M Gram matrix
 ``K = G G^T``. Rows are held in their storage dtype as a list of row blocks (one per chunk of
 samples); entries of ``K`` are float64 products of those stored rows, so ``K`` is the Gram matrix
-of one well-defined matrix (symmetric PSD up to float64 round-off).
+of one well-defined matrix (exactly symmetric, PSD up to float64 round-off).
 
 Products are formed on groups of up to ``block_rows`` rows, converted to float64 once per group
 pair: filling the Gram of ``n`` rows costs ``n^2 P`` multiply-adds and about ``n^2 P / block_rows``
@@ -23,6 +23,7 @@ __all__ = [
     "fill_gram",
     "fill_gram_by_columns",
     "gram_against",
+    "symmetrized",
     "grow_square",
     "gram_spectrum",
 ]
@@ -49,6 +50,12 @@ def gather_rows(blocks: list[torch.Tensor], lo: int, hi: int, device: torch.devi
     return out
 
 
+def symmetrized(square: torch.Tensor) -> torch.Tensor:
+    """The upper triangle mirrored onto the lower one: exactly symmetric (a product ``A A^T`` from BLAS
+    may differ from its transpose in the last bit)."""
+    return torch.triu(square) + torch.triu(square, 1).t()
+
+
 def fill_gram(k: torch.Tensor, blocks: list[torch.Tensor], start: int, block_rows: int) -> None:
     """Set ``k[i, j] = <row_i, row_j>`` for every ``i, j < n`` with ``max(i, j) >= start``, in place.
 
@@ -62,6 +69,8 @@ def fill_gram(k: torch.Tensor, blocks: list[torch.Tensor], start: int, block_row
             b_end = min(a_end, b + block_rows)
             rows_b = rows_a[b - a :] if b >= a else gather_rows(blocks, b, b_end, k.device)
             prod = rows_a @ rows_b.t()
+            if b == a:
+                prod = symmetrized(prod)
             k[a:a_end, b:b_end] = prod
             k[b:b_end, a:a_end] = prod.t()
 
@@ -100,8 +109,7 @@ def fill_gram_by_columns(k: torch.Tensor, blocks: list[torch.Tensor], start: int
             r += blk.shape[0]
         slab = stage.to(k.device).to(torch.float64)  # blocking: the staging buffer is reused next slab
         k[start:n, :n] += slab[start:] @ slab.t()
-    new = k[start:n, start:n]
-    k[start:n, start:n] = torch.triu(new) + torch.triu(new, 1).t()  # exactly symmetric, as fill_gram
+    k[start:n, start:n] = symmetrized(k[start:n, start:n])
     k[:start, start:n] = k[start:n, :start].t()
 
 

@@ -32,6 +32,7 @@ from .gram import (
     gram_against,
     gram_spectrum,
     grow_square,
+    symmetrized,
 )
 from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
@@ -402,7 +403,7 @@ class PerSampleGradientProbe:
                 self._rows[name].append(self._hold(r))
                 continue
             k, br = self._gram[name], block_rows_for(r.shape[1])
-            k[s:e, s:e] = gram_against(r, [r], br)
+            k[s:e, s:e] = symmetrized(gram_against(r, [r], br))
             if self._rows[name]:
                 cross = gram_against(r, self._rows[name], br)
                 k[s:e, : cross.shape[1]] = cross
