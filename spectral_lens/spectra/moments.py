@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from scipy.linalg import blas as scipy_blas
 
 __all__ = [
     "PRECISIONS",
@@ -70,13 +71,23 @@ def representable_shift(shift: torch.Tensor, precision: str, input_dtype: torch.
 
 
 def symmetric_product(y: torch.Tensor, blocks: bool | None = None) -> torch.Tensor:
-    """``y^T y`` for fp32/fp64 ``y``; with ``blocks`` only the upper block triangle is computed.
+    """``y^T y`` for fp32/fp64 ``y``, exactly symmetric.
 
-    ``blocks=None`` chooses: on CUDA for d >= 1024 (measured on an H100: for fp32 products the
-    3-of-4-block form beats one GEMM at d >= 1280), else one GEMM (faster on CPU and for bf16).
+    ``blocks=None`` chooses by device:
+
+    * CPU: BLAS ``syrk`` through SciPy, which forms one triangle (half the multiply-adds): 1.7x
+      faster than torch's GEMM for n = 65,536, d = 768 on the project's 2-core machine. SciPy's BLAS
+      keeps its own thread pool (``OPENBLAS_NUM_THREADS``), not ``torch.set_num_threads``.
+    * CUDA: for d >= 1024 the upper block triangle (3 of 4 GEMM blocks; measured on an H100: faster
+      than one fp32 GEMM at d >= 1280), else one GEMM.
+
+    ``blocks=True`` / ``False`` force the block form / one GEMM on any device.
     """
     d = y.shape[1]
     if blocks is None:
+        cpu_blas = y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64)
+        if cpu_blas and not y.requires_grad and y.shape[0] > 0:
+            return _syrk(y)
         blocks = y.is_cuda and d >= 1024
     if not blocks or d < 2:
         return y.t() @ y
@@ -84,6 +95,14 @@ def symmetric_product(y: torch.Tensor, blocks: bool | None = None) -> torch.Tens
     a, b = y[:, :h], y[:, h:]
     s11, s12, s22 = a.t() @ a, a.t() @ b, b.t() @ b
     return torch.cat([torch.cat([s11, s12], 1), torch.cat([s12.t(), s22], 1)], 0)
+
+
+def _syrk(y: torch.Tensor) -> torch.Tensor:
+    """``y^T y`` on the CPU from the upper triangle that BLAS ``?syrk`` forms."""
+    a = y.contiguous().numpy().T  # (d, n), Fortran-ordered: no copy on the way into BLAS
+    f = scipy_blas.dsyrk if y.dtype == torch.float64 else scipy_blas.ssyrk
+    upper = torch.from_numpy(f(1.0, a, trans=0, lower=0)).triu()
+    return upper + upper.triu(1).t()
 
 
 def chunk_moments(
