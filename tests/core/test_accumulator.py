@@ -275,3 +275,18 @@ def test_symmetric_block_product_equals_one_gemm(d):
 
     y = torch.randn(300, d, dtype=torch.float64)
     assert torch.allclose(symmetric_product(y, blocks=True), y.t() @ y, rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n, d", [(1, 1), (300, 5), (64, 257), (2, 300)])
+def test_symmetric_product_cpu_syrk(dtype, n, d):
+    """The CPU default (BLAS syrk via SciPy) is exactly symmetric and matches float64 to rounding,
+    also for non-contiguous input."""
+    from spectral_lens.spectra.moments import symmetric_product
+
+    y = (torch.randn(d, n, dtype=torch.float64) + 3.0).t().to(dtype)  # transposed: not contiguous
+    s = symmetric_product(y)
+    assert s.dtype == dtype and s.shape == (d, d) and torch.equal(s, s.t())
+    ref = y.double().t() @ y.double()
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert ((s.double() - ref).abs() <= tol * ref.abs().max()).all()
