@@ -62,9 +62,11 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
             g = torch.softmax(logits, -1)  # a fresh tensor: scaling it in place is safe under retain_graph
             g.mul_(w)  # float32 product, rounded to the logits' dtype
             # the target entry -w (1 - p_t) as minus the sum of the other entries: exact to rounding even
-            # when p_t ~ 1, where (bf16(p_t) - 1) would cancel; scatter_add_ (twice) batches under vmap
-            g.scatter_add_(-1, safe, -g.gather(-1, safe))  # x + (-x): the target entry is now exactly 0
-            g.scatter_add_(-1, safe, g.sum(-1, keepdim=True).neg())  # float32 accumulation, one rounding
+            # when p_t ~ 1, where (bf16(p_t) - 1) would cancel. index_put_ (not scatter_add_) is
+            # deterministic on CUDA and batches under vmap.
+            at = (torch.arange(g.shape[0], device=g.device), safe.squeeze(-1))
+            g.index_put_(at, g.new_zeros(()).expand(g.shape[0]))
+            g.index_put_(at, g.sum(-1).neg())  # float32 accumulation, one rounding
         return g, None, None
 
 

@@ -159,7 +159,8 @@ def test_extract_logits_and_target_conventions():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_auto_method_on_cuda_bf16():
-    """On CUDA, bf16 logits take the recompute kernel: same bounds as on CPU, no float32 (N, V) array."""
+    """On CUDA, bf16 logits take the recompute kernel: same bounds as on CPU, no float32 (N, V) array,
+    and it runs under ``torch.use_deterministic_algorithms(True)``."""
     g = torch.Generator().manual_seed(5)
     z = (torch.randn(512, 4099, generator=g, dtype=torch.float64) * 4).cuda()
     t = torch.randint(0, 4099, (512,), generator=g).cuda()
@@ -167,9 +168,14 @@ def test_auto_method_on_cuda_bf16():
     w = (torch.rand(512, generator=g, dtype=torch.float64) + 0.5).cuda()
     x = z.to(torch.bfloat16).requires_grad_()
     spy = _Float32Arrays()
-    with torch.autocast("cuda", dtype=torch.bfloat16), spy:
-        loss = token_cross_entropy(x, t)
-        gx = torch.autograd.grad((loss * w.float()).sum(), x)[0]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # no op without a deterministic CUDA kernel may be used
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16), spy:
+            loss = token_cross_entropy(x, t)
+            gx = torch.autograd.grad((loss * w.float()).sum(), x)[0]
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     assert (512, 4099) not in spy.shapes
     assert (loss.double() - F.cross_entropy(x.detach().double(), t, reduction="none")).abs().max() <= 2**-8 * 1.01
     ref = _reference_grad(x.detach(), t, w)
