@@ -5,7 +5,7 @@ For one chunk of tokens (N = chunk x sequence length) over a 50k vocabulary, in 
 * ``head_nograd``   the bf16 head ``h @ W^T`` under ``torch.no_grad`` (what a bare forward pays);
 * ``torch_ce``      head + ``F.cross_entropy(reduction="none")`` under autocast + the head input gradient
                     (autocast casts the (N, V) logits to float32 first; this was the probe's path);
-* ``ours``          head + :func:`spectral_lens.gradients.token_cross_entropy` + the head input gradient;
+* ``ours``          head + ``token_cross_entropy(method="recompute")`` + the head input gradient;
 * ``*_loss_only``   the same two losses on fixed bf16 logits: loss and gradient of the logits only.
 
 Also counts the bytes of (N x V) arrays that each path's ATen ops read and write (a dispatch-mode
@@ -40,12 +40,15 @@ class VocabBytes(TorchDispatchMode):
     """Tallies the bytes of (N x V) arrays that ATen ops read and write.
 
     Each distinct (N, V) operand of an op counts once as a read and each (N, V) result once as a write
-    (an in-place op's ``self`` counts as both). Views move nothing and are skipped; for gather and
-    scatter ops only N elements of an (N, V) operand are touched, which this tally ignores.
+    (an in-place op's ``self`` counts as both). Views and ``new_*`` factories move nothing and are
+    skipped; gather, scatter and index_put touch N elements of an (N, V) operand, which this tally
+    ignores.
     """
 
-    SPARSE = {"gather", "scatter", "scatter_", "scatter_add", "scatter_add_", "index_select", "nll_loss_forward"}
+    SPARSE = {"gather", "scatter", "scatter_", "scatter_add", "scatter_add_", "index_select", "index_put", "index_put_",
+              "nll_loss_forward"}
     WRITE_ONLY = {"nll_loss_backward"}  # takes the (N, V) log-probs for their shape, writes a dense gradient
+    METADATA = {"new_zeros", "new_empty", "new_full", "new_ones"}  # read only dtype and device of self
 
     def __init__(self, shape: tuple[int, int]) -> None:
         super().__init__()
@@ -54,7 +57,7 @@ class VocabBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if func.is_view or name in self.SPARSE:
+        if func.is_view or name in self.SPARSE or name in self.METADATA:
             return out
 
         def big(tree):
@@ -116,10 +119,13 @@ def main(argv=None) -> None:
     def torch_ce_fn(z, y):
         return F.cross_entropy(z, y, reduction="none")
 
+    def ours_fn(z, y):
+        return token_cross_entropy(z, y, method="recompute")
+
     cases = {"head_nograd": head_nograd}
     if not args.loss_only:
-        cases.update(torch_ce=with_loss(torch_ce_fn), ours=with_loss(token_cross_entropy))
-    cases.update(torch_ce_loss_only=loss_only(torch_ce_fn), ours_loss_only=loss_only(token_cross_entropy))
+        cases.update(torch_ce=with_loss(torch_ce_fn), ours=with_loss(ours_fn))
+    cases.update(torch_ce_loss_only=loss_only(torch_ce_fn), ours_loss_only=loss_only(ours_fn))
 
     # float64 reference on the same bf16 logits
     with torch.no_grad(), autocast():

@@ -86,17 +86,16 @@ def token_cross_entropy(
       logits to a float32 (N, V) copy; the loss is then exact to float32 rounding.
     * ``"recompute"``: :class:`_SoftmaxCrossEntropy`: no float32 copy, no saved log-probs, the
       backward recomputes the softmax in the logits' dtype. For bf16 logits it moves 0.44x the
-      (N, V) bytes of the native autocast path (``benchmarks/bench_loss.py``); the loss is within 2^-8
+      (N, V) bytes of the native autocast path and took 0.69-0.92x its time on a 2-core CPU
+      (``benchmarks/bench_loss.py``; not yet timed on a GPU); the loss is within 2^-8
       absolute and each gradient entry within two bf16 roundings (three at the target) of float64 on
       the same logits.
-    * ``"auto"`` (default): ``"recompute"`` for bf16 logits on CUDA, ``"native"`` otherwise. On CPU the
-      native kernels are faster (its mixed-precision elementwise kernels are not vectorized; measured
-      1.5x in ``benchmarks/bench_loss.py``).
+    * ``"auto"`` (default): ``"recompute"`` for bf16 logits, ``"native"`` otherwise.
     """
     if method not in METHODS:
         raise ValueError(f"token_cross_entropy: method must be one of {METHODS}, got {method!r}")
     if method == "auto":
-        method = "recompute" if logits.dtype == torch.bfloat16 and logits.device.type == "cuda" else "native"
+        method = "recompute" if logits.dtype == torch.bfloat16 else "native"
     if method == "recompute":
         with torch.autocast(logits.device.type, enabled=False):
             return _SoftmaxCrossEntropy.apply(logits, targets, ignore_index)
