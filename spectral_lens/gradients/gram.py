@@ -69,10 +69,11 @@ def fill_gram(k: torch.Tensor, blocks: list[torch.Tensor], start: int, block_row
             b_end = min(a_end, b + block_rows)
             rows_b = rows_a[b - a :] if b >= a else gather_rows(blocks, b, b_end, k.device)
             prod = rows_a @ rows_b.t()
-            if b == a:
-                prod = symmetrized(prod)
             k[a:a_end, b:b_end] = prod
             k[b:b_end, a:a_end] = prod.t()
+    if start < n:  # blocks straddling the diagonal wrote some pairs twice from different products
+        k[start:n, start:n] = symmetrized(k[start:n, start:n])
+        k[:start, start:n] = k[start:n, :start].t()
 
 
 def gram_against(a: torch.Tensor, blocks: list[torch.Tensor], block_rows: int) -> torch.Tensor:

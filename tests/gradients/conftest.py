@@ -1,4 +1,4 @@
-"""Tiny models and an independent per-sample gradient reference for the gradient-probe tests."""
+"""An independent per-sample gradient reference and fixtures for the gradient-probe tests."""
 
 from __future__ import annotations
 
@@ -6,82 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, d: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        self.heads = heads
-        self.c_attn = nn.Linear(d, 3 * d)
-        self.c_proj = nn.Linear(d, d)
-        self.resid_dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        b, t, c = x.shape
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.c_attn(x).split(c, 2))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(b, t, c)))
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = CausalSelfAttention(d, heads, dropout)
-        self.mlp = nn.Sequential()
-        self.mlp.c_fc = nn.Linear(d, 4 * d)
-        self.mlp.act = nn.GELU()
-        self.mlp.c_proj = nn.Linear(4 * d, d)
-        self.mlp.dropout = nn.Dropout(dropout)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class TinyGPT(nn.Module):
-    """nanoGPT in miniature: learned positions, pre-LN blocks, SDPA causal attention, optional tying."""
-
-    def __init__(self, vocab=37, d=16, heads=2, layers=2, ctx=12, tie=False, dropout=0.0) -> None:
-        super().__init__()
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(vocab, d),
-                wpe=nn.Embedding(ctx, d),
-                h=nn.ModuleList(Block(d, heads, dropout) for _ in range(layers)),
-                ln_f=nn.LayerNorm(d),
-            )
-        )
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-        if tie:
-            self.lm_head.weight = self.transformer.wte.weight
-
-    def forward(self, idx):
-        tr = self.transformer
-        x = tr.wte(idx) + tr.wpe(torch.arange(idx.shape[1], device=idx.device))
-        for block in tr.h:
-            x = block(x)
-        return self.lm_head(tr.ln_f(x))
-
-
-class TinyCNN(nn.Module):
-    """A non-LM model: conv + LayerNorm + linear classifier, for a user-supplied loss_fn."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3, padding=1)
-        self.norm = nn.LayerNorm([4, 5, 5])
-        self.head = nn.Linear(4 * 25, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.norm(self.conv(x))).flatten(1))
-
-
-def lm_batch(m=6, t=10, vocab=37, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (m, t + 1), generator=g)
-    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+from support.models import TinyCNN, TinyGPT, lm_batch
 
 
 def reference_rows(model, params, batch, loss_of_sample) -> dict[str, np.ndarray]:
