@@ -100,6 +100,8 @@ def fill_gram_by_columns(k: torch.Tensor, blocks: list[torch.Tensor], start: int
         return
     p = blocks[0].shape[1]
     cols = max(1, min(cols, p))
+    if k.is_cuda:
+        torch.cuda.synchronize(k.device)  # rows may still be arriving by non-blocking device-to-host copies
     k[start:n, :n] = 0.0
     staging = torch.empty(n, cols, dtype=blocks[0].dtype, pin_memory=k.device.type == "cuda")
     for a in range(0, p, cols):

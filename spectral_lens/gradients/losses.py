@@ -30,7 +30,9 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     bf16) and never overflows or underflows. The gradient ``w_t (softmax(z) - onehot(t))`` carries two
     roundings to the logits' dtype per element, three at the target (PyTorch's path carries one: it
     casts a float32 gradient back for a bf16 head); the target entry is minus the sum of the others,
-    so it stays accurate relative to itself when ``p_t ~ 1``. Any float dtype works (the tests check float64 to 1e-14).
+    so it stays accurate relative to itself when ``p_t ~ 1``. The algebra holds in any float dtype (the
+    tests check float64 to 1e-14); in float16 ``p_max`` can be subnormal (flat rows over more than
+    ~16k classes), so ``"auto"`` never picks it for float16.
     """
 
     generate_vmap_rule = True
@@ -155,6 +157,7 @@ def causal_lm_loss(output: Any, batch: Any, ignore_index: int = -100, method: st
             f"causal_lm_loss: logits of shape {tuple(logits.shape)} do not match targets of shape "
             f"{tuple(targets.shape)}; expected logits (M, T, vocab) and targets (M, T)"
         )
-    token_loss = token_cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index, method).view(targets.shape)
+    token_loss = token_cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index, method)
+    token_loss = token_loss.view(targets.shape)
     valid = (targets != ignore_index).to(token_loss.dtype)
     return token_loss.sum(-1) / valid.sum(-1)

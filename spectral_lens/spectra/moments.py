@@ -71,7 +71,7 @@ def representable_shift(shift: torch.Tensor, precision: str, input_dtype: torch.
 
 
 def symmetric_product(y: torch.Tensor, blocks: bool | None = None) -> torch.Tensor:
-    """``y^T y`` for fp32/fp64 ``y``, exactly symmetric.
+    """``y^T y`` for fp32/fp64 ``y`` (exactly symmetric on the CPU).
 
     ``blocks=None`` chooses by device:
 
