@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from scipy.linalg import blas as scipy_blas
 
 __all__ = [
     "PRECISIONS",
@@ -99,8 +98,10 @@ def symmetric_product(y: torch.Tensor, blocks: bool | None = None) -> torch.Tens
 
 def _syrk(y: torch.Tensor) -> torch.Tensor:
     """``y^T y`` on the CPU from the upper triangle that BLAS ``?syrk`` forms."""
+    from scipy.linalg import blas  # imported on first use: keeps `import spectral_lens` light
+
     a = y.contiguous().numpy().T  # (d, n), Fortran-ordered: no copy on the way into BLAS
-    f = scipy_blas.dsyrk if y.dtype == torch.float64 else scipy_blas.ssyrk
+    f = blas.dsyrk if y.dtype == torch.float64 else blas.ssyrk
     upper = torch.from_numpy(f(1.0, a, trans=0, lower=0)).triu()
     return upper + upper.triu(1).t()
 
