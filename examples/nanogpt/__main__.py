@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device")
-    t.add_argument("--compile", action="store_true", help="torch.compile each block")
+    t.add_argument("--compile", action="store_true", help="torch.compile the whole model for the training steps")
     t.add_argument("--attn-impl", default="auto", choices=("auto", "dense", "flex"))
     t.add_argument("--log-every", type=int, default=10)
     t.add_argument("--quiet", action="store_true")

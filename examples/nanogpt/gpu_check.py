@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--batch-tier", type=int, default=4)
     ap.add_argument("--fp8-steps", type=int, default=50)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the blocks in the smoke runs")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model for the training steps of the smoke runs")
     ap.add_argument("--profile", default="d12", help="smoke-run profile (tiny for a CPU dry run)")
     ap.add_argument("--device", default="cuda", help="'cpu' for a dry run of the script itself")
     a = ap.parse_args(argv)

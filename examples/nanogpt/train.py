@@ -155,9 +155,11 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
         start = 0
         if resume is not None:
             start = _load_checkpoint(resume, model, opts, variant, profile, device)
-        if compile:
-            for b in model.blocks:   # blocks only: mask building and window changes stay eager
-                b.compile()
+        # compile=True: one compiled graph of the whole model for the training steps only. Evaluation
+        # and on_eval measurements use the eager module: no recompiles for grad mode or for the
+        # measurement hooks. (Compiling each block separately re-specialized per block and grad mode
+        # and hit dynamo's recompile limit within three steps, after which blocks ran eager.)
+        step_model = torch.compile(model) if compile else model
 
         micro_tokens = rows * seq_len
         n_val = td.val.num_chunks(micro_tokens)
@@ -225,7 +227,7 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
                     break
             t0 = time.perf_counter()
             mult = apply_schedule(opts, recipe, step, steps)
-            loss = accumulate_gradients(model, td.train, step, batch_tier=batch_tier, rows=rows, seq_len=seq_len,
+            loss = accumulate_gradients(step_model, td.train, step, batch_tier=batch_tier, rows=rows, seq_len=seq_len,
                                         window=window_at(cfg, step / steps), rank=rank, world=world)
             for opt in opts:
                 opt.step()
