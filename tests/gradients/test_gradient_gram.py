@@ -51,8 +51,10 @@ def test_offload_rows_is_a_no_op_on_cpu(gpt, helpers):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_offload_rows_on_cuda(gpt, helpers):
-    """Rows in pinned host memory: the same Gram, and device memory without the M x P rows."""
+def test_offload_rows_on_cuda(gpt, helpers, monkeypatch):
+    """Rows in pinned host memory: the same Gram, and device memory without the M x P rows (the
+    column slab is capped at 64 x 4,096 float64 here so that it is small next to the rows)."""
+    monkeypatch.setattr(probe_module, "GRAM_BLOCK_ELEMENTS", 64 * 4096)
     model = gpt(d=256, heads=4, vocab=97, ctx=16).float().cuda()
     batch = tuple(t.cuda() for t in helpers.lm_batch(m=64, t=16, vocab=97))
     peaks, grams = {}, {}
