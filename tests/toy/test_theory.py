@@ -160,6 +160,11 @@ def test_prop5_concentration_and_time_to_target_both_fall_with_slow_rate():
     C = np.array([th.fast_band_concentration(t0, P5["kappa_fast"], s, P5["k"], P5["m"]) for s in ks])
     T = np.array([th.time_to_target(eps, P5["kappa_fast"], s, P5["k"], P5["m"]) for s in ks])
     assert np.all(np.diff(C) < 0) and np.all(np.diff(T) < 0)
+    # C is the fast band's share of the activation energies at t0; T_eps is where the loss hits eps
+    kappa = np.r_[np.full(P5["k"], P5["kappa_fast"]), np.full(P5["m"] - P5["k"], ks[5])]
+    share = th.activation_energies(t0, np.ones(P5["m"]), kappa)
+    assert _rel(C[5], share[: P5["k"]].sum() / share.sum()) < 1e-14
+    assert _rel(th.mode_loss(T[5], np.ones(P5["m"]), kappa), eps) < 1e-12
     assert spearmanr(C, T).statistic == pytest.approx(1.0)
     for s in ks[::7]:  # implicit-differentiation slope against a central difference
         h = 1e-5
