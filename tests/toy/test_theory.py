@@ -459,5 +459,10 @@ def test_quintic_band_matches_published_range():
     a, b, c = NS_COEFFICIENTS
     lo2, hi2 = th.quintic_band(0.01, (a, b, c + 0.1))
     assert abs(lo2 - 0.6818) > 1e-2 or abs(hi2 - 1.1344) > 1e-2
+    # more steps do not converge to 1: phi(1) = 0.701, and the band is the same after 6, 10, 20 steps
+    assert abs(th.quintic_map([1.0], NS_COEFFICIENTS, steps=1)[0] - 0.701) < 1e-12
+    for k in (6, 10, 20):
+        lo_k, hi_k = th.quintic_band(0.01, NS_COEFFICIENTS, steps=k)
+        assert abs(lo_k - lo) < 1e-6 and abs(hi_k - hi) < 1e-6
     # the classic cubic (1.5, -0.5, 0) converges toward 1 from below; it never overshoots
     assert th.quintic_band(0.5, (1.5, -0.5, 0.0))[1] <= 1.0
