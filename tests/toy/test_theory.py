@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.integrate import solve_ivp
 from scipy.linalg import polar
 from scipy.stats import spearmanr
@@ -65,6 +67,19 @@ def test_thm7_recruitment_time_matches_simulated_dynamics(eta, q, p, R, delta):
     a = th.mode_amplitudes(closed, beta, kappa)
     assert abs((1 - a[-1] / beta[-1]) - delta) < 1e-12
     assert np.all(1 - a / beta <= delta * (1 + 1e-12))
+
+
+@settings(max_examples=20, deadline=None)
+@given(eta=st.floats(0.05, 50.0), q=st.floats(0.0, 1.0), p=st.floats(0.0, 3.0), R=st.integers(1, 40),
+       delta=st.floats(1e-6, 0.9))
+def test_thm7_property(eta, q, p, R, delta):
+    # q <= 1 and R <= 40 keep the explicit integrator's stiffness (kappa_1 / kappa_R <= 40) cheap.
+    # At small delta the event sits where 1 - a_R/beta_R ~ delta, so the integrator's absolute error
+    # (~1e-12) becomes a relative time error of about 1e-12 / (delta log(1/delta)): widen by that.
+    beta, kappa = _thm7_setup(eta, q, p, R)
+    sim = th.simulated_recruitment_time(beta, kappa, R, delta)
+    tol = THM7_TOL + 10 * 1e-12 / (delta * math.log(1 / delta))
+    assert _rel(th.recruitment_time(R, delta, eta, q), sim) < tol
 
 
 @pytest.mark.parametrize("wrong", ["exponent+0.05", "log(1/(2 delta))", "-log(1-delta)", "R-1"])
@@ -370,6 +385,19 @@ def test_thm17_polar_factor_properties(shape, cond):
     assert _rel(nuc, np.linalg.norm(G, "nuc")) < 1e-13
     assert _rel(float(np.sum(G * Q)), nuc) < 1e-13  # (2) <G, Q(G)> = ||G||_*
     assert np.linalg.norm(Q, "fro") ** 2 == pytest.approx(k, rel=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 12), n=st.integers(1, 12), log_cond=st.floats(0.0, 6.0), log_scale=st.floats(-8.0, 8.0),
+       seed=st.integers(0, 2**31 - 1))
+def test_thm17_property(m, n, log_cond, log_scale, seed):
+    G = 10.0**log_scale * _matrix((m, n), 10.0**log_cond, seed)
+    Q, nuc = th.polar_factor(G), th.nuclear_norm(G)
+    assert np.abs(np.linalg.svd(Q, compute_uv=False) - 1).max() < 1e-12
+    assert _rel(float(np.sum(G * Q)), nuc) < 1e-12
+    assert np.abs(th.polar_factor(3.7 * G) - Q).max() < 50 * np.finfo(float).eps * 10.0**log_cond
+    D = np.random.default_rng(seed).standard_normal((m, n))
+    assert np.sum(G * D) / np.linalg.norm(D, 2) <= nuc * (1 + 1e-12)
 
 
 @pytest.mark.parametrize("shape", [(30, 30), (50, 20)])
