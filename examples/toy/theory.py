@@ -203,8 +203,9 @@ def fast_band_concentration(t0: float, kappa_fast: float, kappa_slow: float, k: 
 
     ``k`` fast modes at rate ``kappa_fast``, ``m - k`` slow ones at ``kappa_slow``, all ``beta_r = 1``.
     """
-    if not 0 < k < m:
-        raise ValueError(f"fast_band_concentration: need 0 < k < m, got k={k!r}, m={m!r}")
+    _two_band(kappa_fast, kappa_slow, k, m)
+    if t0 <= 0:
+        raise ValueError(f"fast_band_concentration: need t0 > 0, got {t0!r}")
     a_f = (-math.expm1(-kappa_fast * t0)) ** 2
     a_s = (-math.expm1(-kappa_slow * t0)) ** 2
     return k * a_f / (k * a_f + (m - k) * a_s)

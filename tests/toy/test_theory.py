@@ -194,6 +194,17 @@ def test_prop5_concentration_and_time_to_target_both_fall_with_slow_rate():
         assert _rel(wrong, fd) > 1e-2
 
 
+def test_prop5_and_prop9_bad_input_is_named():
+    with pytest.raises(ValueError, match="0 < k < m"):
+        th.fast_band_concentration(0.1, 2.0, 1.0, 5, 5)
+    with pytest.raises(ValueError, match="t0 > 0"):
+        th.fast_band_concentration(0.0, 2.0, 1.0, 2, 5)
+    with pytest.raises(ValueError, match="q > 0"):
+        th.local_alpha([1.0, 2.0], 1.0, p=1.0, eta=1.0, q=0.0)
+    with pytest.raises(ValueError, match="lo must lie in"):
+        th.quintic_band(0.0, NS_COEFFICIENTS)
+
+
 def test_prop5_prediction_is_family_local():
     # varying the fast rate instead (not the proposition's family) reverses the ordering
     t0, eps = 0.2, 0.3
