@@ -110,6 +110,11 @@ class _GroupState:
 def _group_state(live: Mapping[str, object], n_rungs: int) -> _GroupState:
     entered, survived = [sorted(live)], []
     for k in range(n_rungs):
+        if not entered[k]:  # every candidate failed: nothing left to decide
+            survived.append([])
+            if k + 1 < n_rungs:
+                entered.append([])
+            continue
         entries = []
         for key in entered[k]:
             ft = live[key]
@@ -125,7 +130,8 @@ def _group_state(live: Mapping[str, object], n_rungs: int) -> _GroupState:
         else:
             keep = [e.key for e in survivors(entries)]
             survived.append(keep)
-            entered.append(sorted(keep))
+            if k + 1 < n_rungs:
+                entered.append(sorted(keep))
     return _GroupState(entered, survived, None)
 
 
