@@ -93,6 +93,16 @@ def _live(trials) -> dict[str, object]:
     return out
 
 
+def _retry_callback():
+    """Optuna's re-enqueue of a lost trial, keeping its intermediate values and attributes."""
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if cls is None:
+            return optuna.storages.RetryFailedTrialCallback(inherit_intermediate_values=True)
+        return cls(inherit_intermediate_values=True)
+
+
 def _is_failed(ft) -> bool:
 
     return ft.state == optuna.trial.TrialState.FAIL
@@ -355,8 +365,7 @@ class _Worker:
             except UpdateFinishedTrialError:
                 continue  # another worker failed it first
             if "key" in ft.user_attrs and live.get(ft.user_attrs["key"]) is ft:
-                optuna.storages.RetryFailedTrialCallback(inherit_intermediate_values=True)(
-                    study, study._storage.get_trial(ft._trial_id))
+                _retry_callback()(study, study._storage.get_trial(ft._trial_id))
                 if self.progress:
                     self.progress.note(f"trial {ft.number} ({ft.user_attrs['key']}) lost its worker; re-enqueued")
 
