@@ -387,6 +387,16 @@ class _Worker:
             self.held[trial._trial_id] = trial
         return cand
 
+    def _drop_taken_over(self, by_id) -> None:
+        """Forget held trials another worker failed (our heartbeats were late): their retry owns the candidate."""
+        with self.lock:
+            gone = [tid for tid in self.held if by_id[tid].state != optuna.trial.TrialState.RUNNING]
+            for tid in gone:
+                del self.held[tid]
+        for tid in gone:
+            warnings.warn(f"tune: trial {by_id[tid].number} was taken over by another worker (heartbeat older than "
+                          f"grace_period={self.grace_period}s); dropping it here")
+
     def _drop(self, trial) -> None:
         with self.lock:
             self.held.pop(trial._trial_id, None)
@@ -457,6 +467,7 @@ class _Worker:
         for key, ft in live.items():
             groups[_group_of(ft)][key] = ft
         states = {g: _group_state(members, n) for g, members in groups.items()}
+        self._drop_taken_over(by_id)
         with self.lock:
             held = sorted(self.held.items(), key=lambda kv: by_id[kv[0]].number)
         ready = []
@@ -640,7 +651,7 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
          progress: bool | None = None, min_resource: int | None = None, reduction_factor: int = 2,
          multipliers: Sequence[float] = PAPER_MULTIPLIERS, rel_tol: float = 1e-9,
          extrapolate_to: int | None = None, heartbeat_interval: float = 10.0, grace_period: float = 60.0,
-         poll_interval: float = 0.2) -> TuneResult:
+         poll_interval: float = 1.0) -> TuneResult:
     """Tune the learning rate of every family at every batch tier and write the choices file.
 
     Args:

@@ -111,3 +111,21 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     tune(SyntheticTrainable(), **(CFG | kw | dict(tiers=[8], multipliers=(1.0,))))
     with pytest.raises(ValueError, match=r"study 'tune' in storage .* was started with other settings \(tiers differ\)"):
         tune(SyntheticTrainable(), **(CFG | kw | dict(multipliers=(1.0,))))
+
+
+def test_a_worker_whose_trial_was_taken_over_lets_it_go(tmp_path):
+    import optuna
+
+    from examples.tune.tuner import _claim, _open_studies, _validate, _Worker
+
+    cfg = _validate({"f": {"lr": 1.0}}, [8], 8, [30], "synchronized", 1, None, None, 2, (1.0,), 1e-9, None)
+    (study,) = _open_studies(cfg, None, "x").values()
+    w = _Worker({None: study}, SyntheticTrainable(), cfg, tmp_path, heartbeat_interval=1.0, grace_period=0.0,
+                poll_interval=0.01, progress=None)
+    trial = _claim(study)
+    w._start(study, trial)
+    assert list(w.held) == [trial._trial_id]
+    study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)   # another worker's sweep
+    with pytest.warns(UserWarning, match="was taken over by another worker"):
+        w._drop_taken_over({t._trial_id: t for t in study.get_trials(deepcopy=False)})
+    assert w.held == {}
