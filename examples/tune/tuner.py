@@ -17,7 +17,8 @@ running the same call against the same storage. Two modes:
 Fault tolerance: a worker writes a heartbeat (system attribute ``tune:heartbeat``) for the trials
 it holds; a RUNNING trial whose heartbeat is older than ``grace_period`` seconds is failed by any
 other worker and re-enqueued with its intermediate values and rung losses
-(``RetryFailedTrialCallback(inherit_intermediate_values=True)``), so the retry continues from the
+(``RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)``; ``RetryFailedTrialCallback``
+before Optuna 4.9), so the retry continues from the
 candidate's checkpoint in ``workdir`` and never retrains a finished rung.
 """
 from __future__ import annotations

@@ -43,7 +43,9 @@ def _check_each_rung_trained_once(calls, survivors):
 
 def test_two_worker_processes_share_a_journal(tmp_path):
     ref = _reference(tmp_path)
-    res = tune(SyntheticTrainable(sleep=0.1), workdir=tmp_path / "w", storage=f"journal:{tmp_path}/j.log",
+    # 0.15 s per validation point: rung 0 alone keeps the first worker busy for ~9 s, long enough for
+    # the spawned worker to start and claim trials too
+    res = tune(SyntheticTrainable(sleep=0.15), workdir=tmp_path / "w", storage=f"journal:{tmp_path}/j.log",
                n_workers=2, progress=False, poll_interval=0.05, **CFG)
     assert res.survivors == ref.survivors and res.choices == ref.choices
     assert [(s.candidate, s.state, s.rung_losses) for s in res.trials] == \
