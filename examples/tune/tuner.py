@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
+import numbers
 import sys
 import threading
 import time
@@ -47,7 +47,7 @@ from .trainable import Candidate, Trainable
 optuna = _optuna()
 from optuna.exceptions import UpdateFinishedTrialError  # noqa: E402
 
-__all__ = ["tune", "TuneResult", "TrialSummary", "SynchronizedHalvingPruner", "MODES"]
+__all__ = ["tune", "TuneResult", "TrialSummary", "SynchronizedHalvingPruner", "TrialFailed", "MODES"]
 
 MODES = ("synchronized", "asynchronous")
 _HEARTBEAT = "tune:heartbeat"
@@ -429,6 +429,9 @@ class _Worker:
         reported = set(study._storage.get_trial(trial._trial_id).intermediate_values)
 
         def report(resource: int, val_loss: float) -> None:
+            if isinstance(resource, bool) or not isinstance(resource, numbers.Integral) or resource < 0:
+                raise TrialFailed(f"{cand.key}: report(resource={resource!r}, ...): resource must be an int >= 0 "
+                                  "(cumulative units consumed)")
             resource, val_loss = int(resource), float(val_loss)
             if not math.isfinite(val_loss):
                 raise TrialFailed(f"{cand.key}: validation loss {val_loss} at resource {resource}")

@@ -107,3 +107,12 @@ def test_trainable_that_never_reports_at_the_budget_fails_clearly(tmp_path):
     res = _run(tmp_path, late, tiers=[8], multipliers=(1.0,))
     (s,) = res.trials
     assert s.state == "failed" and "reported no validation loss at or before the rung budget 30" in s.error
+
+
+def test_trainable_reporting_a_bad_resource_fails_clearly(tmp_path):
+    def bad(candidate, budget, *, horizon, workdir, report):
+        report(-5, 3.0)
+
+    res = _run(tmp_path, bad, tiers=[8], multipliers=(1.0,))
+    (s,) = res.trials
+    assert s.state == "failed" and "report(resource=-5, ...): resource must be an int >= 0" in s.error
