@@ -98,3 +98,25 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, argv, match):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and match in err and "Traceback" not in err
+
+
+def test_progress_bar_on_a_tty(tmp_path):
+    import io
+
+    from examples.tune.progress import Progress
+    from examples.tune.tuner import _open_studies, _validate
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    cfg = _validate({"f": {"lr": 1.0}}, [8], 8, [30], "synchronized", 1, None, None, 2, (1.0, 2.0), 1e-9, None)
+    studies = _open_studies(cfg, None, "x")
+    out = Tty()
+    bar = Progress(total=2, stream=out)
+    assert bar.bar is not None                       # tqdm, not plain lines
+    bar.update(studies.values())
+    bar.note("hello")
+    bar.close()
+    text = out.getvalue()
+    assert "done 0 running 0 pruned 0 failed 0 waiting 2" in text and "tune: hello" in text

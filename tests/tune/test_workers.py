@@ -131,3 +131,32 @@ def test_a_worker_whose_trial_was_taken_over_lets_it_go(tmp_path):
     with pytest.warns(UserWarning, match="was taken over by another worker"):
         w._drop_taken_over({t._trial_id: t for t in study.get_trials(deepcopy=False)})
     assert w.held == {}
+
+
+def test_a_duplicate_enqueue_is_dropped_before_it_trains(tmp_path):
+    import optuna
+
+    from examples.tune.tuner import _open_studies, _validate
+
+    storage = f"journal:{tmp_path}/j.log"
+    cfg = _validate({"f": {"lr": 1.0}}, [8], 8, [30, 90], "synchronized", 1, storage, None, 2, (1.0, 2.0), 1e-9, None)
+    (study,) = _open_studies(cfg, storage, "tune").values()
+    first = study.trials[0]           # what a second worker racing the set-up would have enqueued again
+    study.enqueue_trial(first.system_attrs["fixed_params"], user_attrs=first.user_attrs)
+    res = tune(SyntheticTrainable(), families={"f": {"lr": 1.0}}, tiers=[8], reference_tier=8, rungs=[30, 90],
+               multipliers=(1.0, 2.0), workdir=tmp_path / "w", storage=storage, progress=False)
+    dup = optuna.load_study(study_name="tune", storage=study._storage).trials[2]
+    assert dup.user_attrs["duplicate_of"] == 0 and dup.state == optuna.trial.TrialState.FAIL
+    assert len(res.trials) == 2
+    ends = Counter((c["key"], c["budget"]) for c in _calls(tmp_path / "w") if c["event"] == "end")
+    assert ends == Counter({("f/b8/x1", 30): 1, ("f/b8/x2", 30): 1, ("f/b8/x1", 90): 1})
+
+
+def test_two_workers_asynchronous(tmp_path):
+    res = tune(SyntheticTrainable(sleep=0.05), workdir=tmp_path / "w", storage=f"journal:{tmp_path}/j.log",
+               mode="asynchronous", n_workers=2, progress=False, poll_interval=0.05, **CFG)
+    ends = Counter((c["key"], c["budget"]) for c in _calls(tmp_path / "w") if c["event"] == "end")
+    assert all(n == 1 for n in ends.values())
+    assert {k for k, _ in ends} == {s.candidate.key for s in res.trials} and len(res.trials) == 15
+    assert all(s.state in ("complete", "pruned") for s in res.trials)
+    assert set(res.choices) == {("synthetic", 1), ("synthetic", 32)} and not res.missing
