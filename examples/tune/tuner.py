@@ -709,6 +709,10 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
     try:
         _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                 poll_interval=poll_interval, progress=bar).run()
+    except BaseException:
+        for p in procs:  # stop the workers this call started; a later run resumes their trials
+            p.terminate()
+        raise
     finally:
         for p in procs:
             p.join()
