@@ -118,7 +118,8 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 def test_a_worker_whose_trial_was_taken_over_lets_it_go(tmp_path):
     import optuna
 
-    from examples.tune.tuner import _claim, _open_studies, _validate, _Worker
+    from examples.tune.tuner import _open_studies, _validate
+    from examples.tune.worker import _claim, _Worker
 
     cfg = _validate({"f": {"lr": 1.0}}, [8], 8, [30], "synchronized", 1, None, None, 2, (1.0,), 1e-9, None)
     (study,) = _open_studies(cfg, None, "x").values()
