@@ -39,7 +39,6 @@ def _rung_losses(ft, n_rungs: int) -> list[float]:
 
 
 def _is_stale_fail(ft) -> bool:
-
     return ft.state == optuna.trial.TrialState.FAIL and "error" not in ft.user_attrs
 
 
@@ -66,14 +65,12 @@ def _retry_callback():
 
 
 def _is_failed(ft) -> bool:
-
     return ft.state == optuna.trial.TrialState.FAIL
 
 
 @dataclass(frozen=True)
 class _GroupState:
     """Replay of the synchronized rule for one family/tier: who entered each decided rung, who survived."""
-
     entered: list[list[str]]      # keys that entered rung k, for every rung reached
     survived: list[list[str]]     # keys promoted at rung k, for every decided rung
     pending: int | None           # the first undecided rung, None when all are decided

@@ -130,7 +130,7 @@ class _Config:
 
 
 def _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, min_resource, reduction_factor,
-              multipliers, rel_tol, extrapolate_to) -> _Config:
+              multipliers, rel_tol, extrapolate_to, heartbeat_interval=10.0, grace_period=60.0) -> _Config:
     if mode not in MODES:
         raise ValueError(f"tune: mode={mode!r}; expected one of {MODES}")
     if not isinstance(families, Mapping) or not families:
@@ -167,6 +167,9 @@ def _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, 
     if not isinstance(reduction_factor, int) or reduction_factor < 2:
         raise ValueError(f"tune: reduction_factor={reduction_factor!r} must be an int >= 2")
     extrapolate_to = 2 * rungs[-1] if extrapolate_to is None else int(extrapolate_to)
+    if not (0 < heartbeat_interval < grace_period):
+        raise ValueError(f"tune: heartbeat_interval={heartbeat_interval!r} must be > 0 and below "
+                         f"grace_period={grace_period!r} (a live worker's trials would be taken over)")
     cfg = _Config(fam, tiers, reference_tier, rungs, tuple(float(m) for m in multipliers), float(rel_tol), mode,
                   min_resource, reduction_factor, extrapolate_to)
     cfg.candidates()  # raises on an empty or invalid candidate set
@@ -192,7 +195,6 @@ def _setup_lock(storage_url: str | None):
 
 
 def _open_studies(cfg: _Config, storage_url: str | None, study_name: str, storage=None):
-
     storage = open_storage(storage_url) if storage is None else storage
     cands = cfg.candidates()
     names: dict[tuple[str, int] | None, str]
@@ -227,7 +229,6 @@ def _open_studies(cfg: _Config, storage_url: str | None, study_name: str, storag
 
 
 def _collect(studies, cfg: _Config, storage_url, study_name, choices_path: Path) -> TuneResult:
-
     n = len(cfg.rungs)
     summaries, choices, losses, surv, missing = [], {}, {}, {}, []
     groups: dict[tuple[str, int], dict] = defaultdict(dict)
@@ -310,7 +311,7 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
         A :class:`TuneResult`; the choices file is written atomically.
     """
     cfg = _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, min_resource,
-                    reduction_factor, multipliers, rel_tol, extrapolate_to)
+                    reduction_factor, multipliers, rel_tol, extrapolate_to, heartbeat_interval, grace_period)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     choices_path = Path(choices_path) if choices_path is not None else workdir / "choices.json"

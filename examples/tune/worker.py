@@ -38,7 +38,6 @@ class TrialFailed(RuntimeError):
 
 def _claim(study):
     """Atomically move one WAITING trial of ``study`` to RUNNING; an ``optuna.Trial`` or None."""
-
     storage = study._storage
     for ft in storage.get_all_trials(study._study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
         try:
@@ -51,7 +50,6 @@ def _claim(study):
 
 class _Worker:
     """One worker process: claims, trains, holds and finishes trials until every study is finished."""
-
     def __init__(self, studies: Mapping[tuple[str, int] | None, object], trainable: Trainable, cfg: _Config,
                  workdir: Path, *, heartbeat_interval: float, grace_period: float, poll_interval: float,
                  progress: Progress | None):
@@ -65,7 +63,6 @@ class _Worker:
 
     # -- heartbeats
     def _beat(self, trial) -> None:
-
         try:
             trial.study._storage.set_trial_system_attr(trial._trial_id, _HEARTBEAT, time.time())
         except (UpdateFinishedTrialError, KeyError):
@@ -80,7 +77,6 @@ class _Worker:
 
     def _sweep_stale(self, study) -> None:
         """Fail RUNNING trials whose worker stopped beating; re-enqueue the ones that stand for a candidate."""
-
         now = time.time()
         trials = study.get_trials(deepcopy=False)
         live = _live(trials)
@@ -135,7 +131,6 @@ class _Worker:
             self.held.pop(trial._trial_id, None)
 
     def _finish(self, study, trial, state, value=None, error=None) -> None:
-
         try:
             if error is not None:
                 trial.set_user_attr("error", error)
@@ -156,7 +151,6 @@ class _Worker:
 
     def _train_rung(self, study, trial, cand: Candidate, k: int) -> bool:
         """Train ``cand`` to rung ``k``; store the rung loss. False if the trial failed (and was finished)."""
-
         budget = self.cfg.rungs[k]
         reported = set(study._storage.get_trial(trial._trial_id).intermediate_values)
 
@@ -194,7 +188,6 @@ class _Worker:
     # -- synchronized mode
     def _sync_step(self, study) -> str:
         """One scheduling step; returns "worked", "waiting" or "done"."""
-
         n = len(self.cfg.rungs)
         trials = study.get_trials(deepcopy=False)
         live = _live(trials)
@@ -236,7 +229,6 @@ class _Worker:
 
     # -- asynchronous mode
     def _async_step(self) -> str:
-
         for study in self.studies.values():
             trial = _claim(study)
             if trial is None:
