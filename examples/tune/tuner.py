@@ -126,6 +126,11 @@ class _Config:
                 cs = candidate_set(family, tier, reference_tier=self.reference_tier, reference_lrs=lrs,
                                    multipliers=self.multipliers, rel_tol=self.rel_tol)
                 out.extend(cs)
+        keys = [c.key for c in out]
+        if len(set(keys)) != len(keys):
+            clash = sorted({k for k in keys if keys.count(k) > 1})
+            raise ValueError(f"tune: candidates {clash} share a key (scales equal to 4 significant digits); "
+                             "use multipliers further apart")
         return out
 
 
