@@ -453,17 +453,16 @@ class ActivationCovarianceAccumulator:
         if path.is_dir():
             raise StateFormatError(f"{path}: is a directory, expected an accumulator state file (.npz)")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                if not hasattr(data, "files"):
-                    raise StateFormatError(f"{path}: a single .npy array, expected an accumulator state file (.npz)")
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise StateFormatError(f"{path}: a single .npy array, expected an accumulator state file (.npz)")
+            with data:
                 raw = data["header"]
                 if raw.dtype.kind != "U" or raw.ndim != 0:
                     raise StateFormatError(f"{path}: 'header' must be a JSON string, got dtype {raw.dtype}")
                 header = json.loads(str(raw))
                 arrays = {k: torch.from_numpy(data[k].copy()).to(device) for k in data.files if k != "header"}
-        except FileNotFoundError:
-            raise
-        except StateFormatError:
+        except (FileNotFoundError, StateFormatError):
             raise
         except (zipfile.BadZipFile, KeyError, ValueError, TypeError, OSError, EOFError, RecursionError) as exc:
             raise StateFormatError(f"{path}: not a readable accumulator state file ({exc})") from exc

@@ -111,17 +111,16 @@ class Spectrum:
         if path.is_dir():
             raise SpectrumFormatError(f"{path}: is a directory, expected a spectral-lens spectrum file (.npz)")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                if not hasattr(data, "files"):
-                    raise SpectrumFormatError(f"{path}: a single .npy array, expected a spectral-lens spectrum file (.npz)")
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise SpectrumFormatError(f"{path}: a single .npy array, expected a spectral-lens spectrum file (.npz)")
+            with data:
                 values = data["values"]
                 header_raw = data["header"]
                 if header_raw.dtype.kind != "U" or header_raw.ndim != 0:
                     raise SpectrumFormatError(f"{path}: 'header' must be a JSON string, got dtype {header_raw.dtype}")
                 header = json.loads(str(header_raw))
-        except FileNotFoundError:
-            raise
-        except SpectrumFormatError:
+        except (FileNotFoundError, SpectrumFormatError):
             raise
         except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, RecursionError) as exc:
             raise SpectrumFormatError(f"{path}: not a readable spectral-lens spectrum file ({exc})") from exc
