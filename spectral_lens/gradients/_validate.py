@@ -36,5 +36,5 @@ def nonfinite_loss_message(samples: list[int], params: list[str], loss_fn: Calla
     )
     if loss_fn is None:
         return head + "; a sequence whose targets are all ignore_index has loss 0/0 = NaN"
-    name = getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
+    name = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
     return head + f"; the custom loss_fn {name} must return finite per-sample losses of shape (M,)"
