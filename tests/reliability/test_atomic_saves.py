@@ -1,4 +1,4 @@
-"""Fault injection on saves: a write that fails mid-way (file-size limit, an exception inside the
+"""Fault injection on saves: a write that fails mid-way (file-size limit, SIGKILL, an exception in the
 serializer) leaves the previous file intact and loadable, and leaves no temporary file behind."""
 
 from __future__ import annotations
@@ -112,3 +112,36 @@ def test_run_metadata_update_failing_mid_write_keeps_run_json(tmp_path, monkeypa
     assert (tmp_path / "run" / "run.json").read_bytes() == before
     assert RunRecord.open(tmp_path / "run").run_id == "r"
     assert _leftovers(tmp_path / "run") == []
+
+
+# The child process is SIGKILLed by its own serializer after part of the archive is on disk.
+_KILLED_CHILD = textwrap.dedent('''
+    import os, signal, sys, numpy as np, torch
+    from spectral_lens import ActivationCovarianceAccumulator, Spectrum
+    kind, path = sys.argv[1], sys.argv[2]
+    def savez_then_die(file, **arrays):
+        file.write(b"PK\\x03\\x04" + b"\\0" * 8192)
+        file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    np.savez = savez_then_die
+    if kind == "accumulator":
+        obj = ActivationCovarianceAccumulator(3, precision="float64")
+        obj.update(torch.randn(10, 3, dtype=torch.float64))
+    else:
+        obj = Spectrum(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), n_rows=9, dim=3)
+    obj.save(path)
+''')
+
+
+@pytest.mark.parametrize("kind", ["accumulator", "spectrum"])
+def test_save_killed_mid_write_keeps_the_old_file(kind, tmp_path):
+    path = tmp_path / "x.npz"
+    old = _acc(6, 3) if kind == "accumulator" else _spectrum(6)
+    old.save(path)
+    before = path.read_bytes()
+    run = subprocess.run([sys.executable, "-c", _KILLED_CHILD, kind, str(path)], capture_output=True, timeout=120)
+    assert run.returncode == -9, (run.returncode, run.stderr[-2000:])
+    assert path.read_bytes() == before
+    loaded = ActivationCovarianceAccumulator.load(path) if kind == "accumulator" else Spectrum.load(path)
+    assert loaded.n_rows == old.n_rows
+    assert len(_leftovers(tmp_path)) == 1  # a killed process cannot clean up; RunWriter(resume=True) does
