@@ -1,5 +1,5 @@
 """Fault injection on saves: a write that fails mid-way (file-size limit, SIGKILL, an exception in the
-serializer) leaves the previous file intact and loadable, and leaves no temporary file behind."""
+serializer) leaves the previous file intact and loadable; short of a kill, its temporary file is removed."""
 
 from __future__ import annotations
 
