@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 
 from examples.nanogpt.data import builtin_data
 from examples.nanogpt.model import GPT, window_at
-from examples.nanogpt.train import accumulate_gradients, load_model, train
+from examples.nanogpt.train import accumulate_gradients, train
 from examples.nanogpt.variants import build_config
 
 VARIANT = "AttnScale"   # Muon + Adam groups, value embeddings, a layer without attention, LSWA
