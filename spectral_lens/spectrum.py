@@ -95,12 +95,15 @@ class Spectrum:
         """Write an ``.npz`` (no pickle): the eigenvalues plus a JSON header.
 
         ``.npz`` is appended to a path without it. The write is atomic (temporary file in the same
-        directory, fsync, rename): a failed save leaves a previous file at ``path`` intact.
+        directory, fsync, rename): a failed save leaves a previous file at ``path`` intact. A spectrum
+        that :meth:`load` would refuse (negative ``n_rows`` or eigenvalues, ``dim`` not the number of
+        values) raises ``SpectrumFormatError`` instead of being written.
         """
         path = Path(path)
         path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
         header = json.dumps(self.to_dict())
         values = self.values.numpy()
+        self.from_dict(self.to_dict(), values, origin=f"Spectrum.save({path})")  # what load will check
         write_atomic(path, lambda fh: np.savez(fh, values=values, header=np.array(header)), fsync=fsync)
         return path
 

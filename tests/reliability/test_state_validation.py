@@ -188,3 +188,12 @@ def test_overflowing_products_raise_the_nonfinite_error_naming_the_module():
     ok = ActivationCovarianceAccumulator(precision="float64")  # the suggested fix works
     ok.update(x.double())
     assert torch.isfinite(ok.compute().values).all()
+
+
+@pytest.mark.parametrize("kw", [dict(n_rows=-1, dim=3), dict(n_rows=5, dim=4), dict(n_rows=5, dim=3, neg=True)])
+def test_save_refuses_what_load_would_refuse(tmp_path, kw):
+    values = torch.tensor([3.0, 2.0, -1.0 if kw.pop("neg", False) else 1.0], dtype=torch.float64)
+    path = tmp_path / "s.npz"
+    with pytest.raises(SpectrumFormatError, match="s.npz"):
+        Spectrum(values, **kw).save(path)
+    assert list(tmp_path.iterdir()) == []
