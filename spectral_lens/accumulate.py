@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._io import write_atomic
 from ._warnings import NonFiniteError, NonFiniteRowsWarning, StateFormatError
 from .capture import HookSet, Target, pick_tensor, select_modules, warn_if_compiled
 from .spectra.eigen import eigenvalues_descending
@@ -36,6 +37,17 @@ from .spectrum import Spectrum
 __all__ = ["ActivationCovarianceAccumulator", "ActivationCapture", "attach"]
 
 _STATE_FORMAT = "spectral-lens/covariance-state"
+_NONFINITE = ("raise", "skip")
+_HEADER_KEYS = ("format", "dim", "precision", "nonfinite", "updates", "synced", "initialized")
+# arrays of an initialized state: (shape in terms of d, dtype)
+_ARRAYS = {
+    "shift": ("d", torch.float64),
+    "n": ((), torch.int64),
+    "m": ("d", torch.float64),
+    "s": ("dd", torch.float64),
+    "bad_rows": ((), torch.int64),
+    "first_bad": ((), torch.int64),
+}
 _SHIFT_ROWS = 1024  # rows sampled (evenly spaced) from each chunk; their mean is the chunk's shift
 
 
@@ -199,6 +211,13 @@ class ActivationCovarianceAccumulator:
                 f"{self._label()}: non-finite values (NaN/Inf) in the rows of update #{first} "
                 "(0-based); fix the model or pass nonfinite='skip' to drop and count such rows"
             )
+        if self.initialized and first < 0 and not bool(torch.isfinite(self._s).all()):
+            raise NonFiniteError(
+                f"{self._label()}: the second moments overflowed to Inf in one of updates #0..#{self._updates - 1} "
+                f"although every row is finite: products of rows exceed the range of the "
+                f"{'float64' if self.precision == 'float64' else 'float32'} products (|x| too large); rescale "
+                "the rows or use precision='float64'"
+            )
         skipped = int(self._bad_rows) if self.initialized else 0
         if skipped:
             warnings.warn(
@@ -227,6 +246,11 @@ class ActivationCovarianceAccumulator:
         """Add ``other``'s rows to this accumulator (exact float64 re-shift); returns ``self``."""
         if not isinstance(other, ActivationCovarianceAccumulator):
             raise TypeError(f"{self._label()}: can only merge another ActivationCovarianceAccumulator")
+        if other.nonfinite != self.nonfinite:
+            raise ValueError(
+                f"{self._label()}: cannot merge an accumulator with nonfinite={other.nonfinite!r} into one with "
+                f"nonfinite={self.nonfinite!r}: their NaN/Inf bookkeeping differs; use one policy everywhere"
+            )
         if not other.initialized:
             return self
         if self.dim is not None and other.dim != self.dim:
@@ -247,28 +271,64 @@ class ActivationCovarianceAccumulator:
         self._updates += other._updates
         return self
 
+    def _sync_status(self, group, dev: torch.device) -> None:
+        """Collective agreement before any sum: every rank raises the same error, or none does.
+
+        Each rank contributes ``(dim or -1, nonfinite code, precision code, already synced)``; one
+        ``all_reduce(MAX)`` of ``(v, -v)`` gives every rank the maximum and the minimum of each field.
+        """
+        import torch.distributed as dist
+
+        local = [
+            self.dim if self.dim is not None else -1,
+            _NONFINITE.index(self.nonfinite),
+            PRECISIONS.index(self.precision),
+            int(self._synced),
+        ]
+        v = torch.tensor(local, dtype=torch.int64, device=dev)
+        both = torch.cat([v, -v])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+        hi, lo = both[:4].tolist(), (-both[4:]).tolist()
+        where = f"{self._label()}: sync across {dist.get_world_size(group)} ranks refused"
+        if hi[3]:
+            raise RuntimeError(f"{where}: a rank is already synced; reset() on every rank before accumulating again")
+        if lo[0] < 0:
+            raise RuntimeError(
+                f"{where}: a rank saw no rows and has no dim; pass dim= to the accumulator so an empty rank can join"
+            )
+        if lo[0] != hi[0]:
+            raise ValueError(f"{where}: ranks disagree on d (min {lo[0]}, max {hi[0]})")
+        if lo[1] != hi[1]:
+            raise ValueError(f"{where}: ranks disagree on nonfinite (both {_NONFINITE} are in use); use one policy")
+        if lo[2] != hi[2]:
+            raise ValueError(
+                f"{where}: ranks disagree on precision ({PRECISIONS[lo[2]]!r} .. {PRECISIONS[hi[2]]!r}); use one precision"
+            )
+
     def sync(self, group=None) -> "ActivationCovarianceAccumulator":
         """Replace each rank's state by the sum over ranks (``all_reduce`` of float64 sufficient statistics).
 
-        All ranks first agree on a common shift (the global mean) and re-shift exactly, then sum
-        ``n``, ``m`` and ``S``: memory is O(d^2) per rank, not world_size x d^2 as with all_gather.
-        A no-op without an initialized process group. Afterwards ``update`` raises until ``reset``.
+        First every rank all-reduces a small status vector (``dim``, ``nonfinite``, ``precision``,
+        already synced), so a rank that saw no rows and has no ``dim``, mismatched widths or policies
+        make *every* rank raise the same error at once instead of leaving the others waiting in a
+        collective. Then all ranks agree on a common shift (the global mean) and re-shift exactly,
+        and sum ``n``, ``m`` and ``S``: memory is O(d^2) per rank, not world_size x d^2 as with
+        all_gather. A no-op without an initialized process group. Afterwards ``update`` raises until
+        ``reset``.
         """
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return self
-        if self._synced:
-            raise RuntimeError(f"{self._label()}: already synced; reset() before accumulating again")
+        if self.initialized:
+            dev = self._s.device
+        elif dist.get_backend(group) == "nccl":
+            dev = torch.device("cuda", torch.cuda.current_device())
+        else:
+            dev = torch.device("cpu")
+        self._sync_status(group, dev)
         if not self.initialized:
-            if self.dim is None:
-                raise RuntimeError(f"{self._label()}: this rank saw no rows; pass dim= so it can join sync")
-            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
             self._init_state(self.dim, dev, torch.zeros(self.dim, dtype=torch.float64))
-        dims = torch.tensor([self.dim, -self.dim], dtype=torch.int64, device=self._s.device)
-        dist.all_reduce(dims, op=dist.ReduceOp.MAX, group=group)
-        if int(dims[0]) != self.dim or int(-dims[1]) != self.dim:
-            raise ValueError(f"{self._label()}: ranks disagree on d (min {int(-dims[1])}, max {int(dims[0])})")
         n64 = self._n.to(torch.float64)
         totals = torch.cat([self._m + n64 * self._shift, n64.view(1)])
         dist.all_reduce(totals, group=group)
@@ -296,13 +356,15 @@ class ActivationCovarianceAccumulator:
             "nonfinite": self.nonfinite,
             "updates": self._updates,
             "synced": self._synced,
+            "initialized": self.initialized,
         }
         if self.initialized:
             sd.update(shift=self._shift, n=self._n, m=self._m, s=self._s, bad_rows=self._bad_rows, first_bad=self._first_bad)
         return sd
 
-    def load_state_dict(self, state: dict[str, Any], origin: str = "state_dict") -> None:
-        """Restore a :meth:`state_dict`; validates format, configuration, shapes and dtypes."""
+    def _validated(self, state: Any, origin: str) -> dict[str, Any]:
+        """Check every field of a state against the format and this accumulator's configuration;
+        returns the new attribute values (cloned tensors) without touching ``self``."""
         def fail(why: str) -> None:
             raise StateFormatError(f"{self._label()}: cannot load {origin}: {why}")
 
@@ -310,56 +372,111 @@ class ActivationCovarianceAccumulator:
             fail("not an ActivationCovarianceAccumulator state")
         if state.get("precision") != self.precision:
             fail(f"precision {state.get('precision')!r} differs from this accumulator's {self.precision!r}")
-        dim = state.get("dim")
+        if state.get("nonfinite", self.nonfinite) != self.nonfinite:
+            fail(f"nonfinite {state.get('nonfinite')!r} differs from this accumulator's {self.nonfinite!r}")
+        dim, updates, synced = state.get("dim"), state.get("updates", 0), state.get("synced", False)
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+            fail(f"dim must be a positive int or null, got {dim!r}")
         if self.dim is not None and dim is not None and dim != self.dim:
             fail(f"dim {dim} differs from this accumulator's {self.dim}")
-        self.reset()
-        self._updates = int(state.get("updates", 0))
-        self._synced = bool(state.get("synced", False))
-        if "s" not in state:
-            self.dim = dim if dim is not None else self.dim
-            return
-        expect = {"shift": (dim,), "m": (dim,), "s": (dim, dim), "n": (), "bad_rows": (), "first_bad": ()}
-        for key, shape in expect.items():
-            t = state.get(key)
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
-                fail(f"{key!r} must be a tensor of shape {shape}, got {getattr(t, 'shape', type(t).__name__)}")
-        if not bool(torch.isfinite(state["shift"]).all()) or int(state["n"]) < 0:
-            fail("shift is not finite or n is negative")
-        dev = state["s"].device
-        self._init_state(dim, dev, state["shift"].to(torch.float64))
-        self._shift = state["shift"].to(dev, torch.float64).clone()
-        self._n = state["n"].to(dev, torch.int64).clone()
-        self._m = state["m"].to(dev, torch.float64).clone()
-        self._s = state["s"].to(dev, torch.float64).clone()
-        self._bad_rows = state["bad_rows"].to(dev, torch.int64).clone()
-        self._first_bad = state["first_bad"].to(dev, torch.int64).clone()
+        if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
+            fail(f"updates must be a non-negative int, got {updates!r}")
+        if not isinstance(synced, bool):
+            fail(f"synced must be true or false, got {synced!r}")
+        present = [k for k in _ARRAYS if k in state]
+        initialized = state.get("initialized", bool(present))
+        if not isinstance(initialized, bool):
+            fail(f"initialized must be true or false, got {initialized!r}")
+        out: dict[str, Any] = {"dim": dim if dim is not None else self.dim, "_updates": updates, "_synced": synced}
+        if not initialized:
+            if present:
+                fail(f"state without rows carries arrays {present}")
+            return out
+        missing = [k for k in _ARRAYS if k not in state]
+        if missing:
+            fail(f"array(s) {missing} missing")
+        if dim is None:
+            fail("a state with rows needs an integer dim")
+        dev = state["s"].device if isinstance(state["s"], torch.Tensor) else torch.device("cpu")
+        for key, (shape, dtype) in _ARRAYS.items():
+            t = state[key]
+            want = {"d": (dim,), "dd": (dim, dim)}.get(shape, shape)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want or t.dtype != dtype:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                fail(f"{key!r} must be a tensor of shape {want} and dtype {dtype}, got {got}")
+            if t.device != dev:
+                fail(f"{key!r} is on {t.device}, 's' on {dev}")
+            out["_" + key] = t.clone()
+        if not bool(torch.isfinite(out["_shift"]).all()):
+            fail("shift is not finite")
+        if int(out["_n"]) < 0 or int(out["_bad_rows"]) < 0 or int(out["_first_bad"]) < -1:
+            fail(f"counts out of range (n={int(out['_n'])}, bad_rows={int(out['_bad_rows'])}, "
+                 f"first_bad={int(out['_first_bad'])})")
+        return out
 
-    def save(self, path: str | Path) -> Path:
-        """Write the state as ``.npz`` with a JSON header (no pickle); resume with :meth:`load`."""
+    def load_state_dict(self, state: dict[str, Any], origin: str = "state_dict") -> None:
+        """Restore a :meth:`state_dict`.
+
+        Every field is validated (format, configuration including ``nonfinite``, shapes, dtypes,
+        counts) before anything changes: a rejected state raises :class:`StateFormatError` and leaves
+        this accumulator exactly as it was.
+        """
+        new = self._validated(state, origin)
+        self.reset()
+        for key, value in new.items():
+            setattr(self, key, value)
+
+    def save(self, path: str | Path, *, fsync: bool = True) -> Path:
+        """Write the state as ``.npz`` with a JSON header (no pickle); resume with :meth:`load`.
+
+        ``.npz`` is appended to a path without it. The write is atomic (temporary file in the same
+        directory, fsync, rename): a failed save leaves a previous file at ``path`` intact.
+        """
         sd = self.state_dict()
-        header = {k: sd[k] for k in ("format", "dim", "precision", "nonfinite", "updates", "synced")}
+        header = {k: sd[k] for k in _HEADER_KEYS}
         arrays = {k: v.detach().cpu().numpy() for k, v in sd.items() if isinstance(v, torch.Tensor)}
         path = Path(path)
-        np.savez(path, header=np.array(json.dumps(header)), **arrays)
-        return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+        path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+        blob = np.array(json.dumps(header))
+        write_atomic(path, lambda fh: np.savez(fh, header=blob, **arrays), fsync=fsync)
+        return path
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu", name: str | None = None,
              max_chunk_rows: int = 131072) -> "ActivationCovarianceAccumulator":
-        """Rebuild an accumulator from :meth:`save` output; corrupt files raise :class:`StateFormatError`."""
+        """Rebuild an accumulator from :meth:`save` output.
+
+        A corrupted, truncated, tampered (wrong dtype, shape, count or header field) or foreign file,
+        or one missing an array, raises :class:`StateFormatError` naming the file.
+        """
         path = Path(path)
+        if path.is_dir():
+            raise StateFormatError(f"{path}: is a directory, expected an accumulator state file (.npz)")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                header = json.loads(str(data["header"]))
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise StateFormatError(f"{path}: a single .npy array, expected an accumulator state file (.npz)")
+            with data:
+                raw = data["header"]
+                if raw.dtype.kind != "U" or raw.ndim != 0:
+                    raise StateFormatError(f"{path}: 'header' must be a JSON string, got dtype {raw.dtype}")
+                header = json.loads(str(raw))
                 arrays = {k: torch.from_numpy(data[k].copy()).to(device) for k in data.files if k != "header"}
-        except FileNotFoundError:
+        except (FileNotFoundError, StateFormatError):
             raise
-        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
+        except (zipfile.BadZipFile, KeyError, ValueError, TypeError, OSError, EOFError, RecursionError) as exc:
             raise StateFormatError(f"{path}: not a readable accumulator state file ({exc})") from exc
         if not isinstance(header, dict) or header.get("precision") not in PRECISIONS:
             raise StateFormatError(f"{path}: header is not an accumulator state header")
-        acc = cls(header.get("dim"), precision=header["precision"], nonfinite=header.get("nonfinite", "raise"),
+        if header.get("nonfinite", "raise") not in _NONFINITE:
+            raise StateFormatError(f"{path}: header field nonfinite={header.get('nonfinite')!r} is not one of {_NONFINITE}")
+        unknown = sorted(set(header) - set(_HEADER_KEYS)) + sorted(set(arrays) - set(_ARRAYS))
+        if unknown:
+            raise StateFormatError(f"{path}: unknown field(s) {unknown} in an accumulator state file")
+        dim = header.get("dim")
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+            raise StateFormatError(f"{path}: header field dim={dim!r} is not a positive int or null")
+        acc = cls(dim, precision=header["precision"], nonfinite=header.get("nonfinite", "raise"),
                   max_chunk_rows=max_chunk_rows, name=name)
         acc.load_state_dict({**header, **arrays}, origin=str(path))
         return acc

@@ -201,15 +201,30 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _user_error(exc: BaseException) -> str:
+    """One line describing a user error (OSError messages name the file; newlines are folded)."""
+    if isinstance(exc, RecursionError):
+        text = "input JSON is nested too deeply"
+    elif isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``spectral-lens`` script; returns the exit status."""
+    """Entry point of the ``spectral-lens`` script; returns the exit status.
+
+    Every user error (missing, unreadable or malformed files and directories, bad arguments) prints
+    one line ``spectral-lens COMMAND: error: ...`` naming the path and returns 2.
+    """
     args = build_parser().parse_args(argv)
     from ._warnings import SpectrumFormatError
 
     try:
         return {"report": _cmd_report, "predict": _cmd_predict, "inspect": _cmd_inspect}[args.command](args)
-    except (ValueError, SpectrumFormatError, FileNotFoundError, FileExistsError, ImportError) as exc:
-        print(f"spectral-lens {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, SpectrumFormatError, OSError, ImportError, RecursionError) as exc:
+        print(f"spectral-lens {args.command}: error: {_user_error(exc)}", file=sys.stderr)
         return 2
 
 

@@ -33,7 +33,6 @@ import math
 import os
 import re
 import time
-import uuid
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -42,6 +41,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from ._io import TMP_SUFFIX, write_json_atomic
+from ._io import fsync_dir as _fsync_dir
 from ._warnings import InsufficientRowsWarning, SpectralLensWarning, SpectrumFormatError
 from .spectra.fit import tail_window as _tail_window
 from .spectrum import Spectrum
@@ -81,6 +82,13 @@ class RecordWarning(SpectralLensWarning):
 
 # --------------------------------------------------------------------------------------------------
 # metadata
+
+# JSON types of RunInfo fields read from disk (None is always allowed)
+_INFO_TYPES = {
+    "run_id": (str,), "family": (str,), "primary_spectrum": (str,), "batch_tier": (int, float),
+    "tokens_per_step": (int, float), "seed": (int,), "n_layer": (int,), "total_tokens": (int, float),
+    "batch_size": (int, float),
+}
 
 
 @dataclass
@@ -133,8 +141,16 @@ class RunInfo:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], origin: str = "<dict>") -> "RunInfo":
         """Rebuild from :meth:`to_dict`; unknown keys are kept in ``extras``."""
+        if not isinstance(data, Mapping):
+            raise RecordFormatError(f"{origin}: run metadata must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}
+        for key, kinds in _INFO_TYPES.items():
+            v = kwargs.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, kinds)):
+                raise RecordFormatError(f"{origin}: run metadata field {key!r} has the wrong type ({type(v).__name__})")
+        if not isinstance(kwargs.get("extras") or {}, dict):
+            raise RecordFormatError(f"{origin}: run metadata field 'extras' must be an object")
         unknown = {k: v for k, v in data.items() if k not in known and k not in ("format", "version")}
         if unknown:
             kwargs["extras"] = {**unknown, **dict(kwargs.get("extras") or {})}
@@ -285,30 +301,8 @@ def _json_default(obj):
     raise TypeError(f"value of type {type(obj).__name__} is not JSON-serializable")
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json_atomic(path: Path, obj: Any, fsync: bool) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, default=_json_default)
-        fh.write("\n")
-        fh.flush()
-        if fsync:
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        _fsync_dir(path.parent)
+    write_json_atomic(path, obj, fsync=fsync, default=_json_default)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,6 +381,8 @@ class RunWriter:
             }
             _write_json_atomic(run_file, header, fsync)
         (self.path / SPECTRA_DIR).mkdir(exist_ok=True)
+        if resume:
+            self._clean_orphans()
         self._fds: dict[str, int] = {}
         for name in (LOG_FILE, MEASUREMENTS_FILE):
             self._fds[name] = self._open_append(self.path / name)
@@ -398,7 +394,10 @@ class RunWriter:
             # cut off a partial last line left by a crash, so the next line does not glue onto it
             os.lseek(fd, max(0, size - (1 << 20)), os.SEEK_SET)  # O_APPEND writes still go to the end
             tail = os.read(fd, min(size, 1 << 20))
-            if not tail.endswith(b"\n"):
+            if not tail.endswith(b"\n") and _is_record_line(tail[tail.rfind(b"\n") + 1 :]):
+                # a complete line that only lacks its newline (e.g. written by another tool): keep it
+                os.write(fd, b"\n")
+            elif not tail.endswith(b"\n"):
                 cut = tail.rfind(b"\n")
                 keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= len(tail) else None)
                 if keep is None:
@@ -411,6 +410,41 @@ class RunWriter:
                 )
                 os.ftruncate(fd, keep)
         return fd
+
+    def _clean_orphans(self) -> None:
+        """On resume: remove temporary files and spectrum files no measurement line refers to, both
+        left by a writer killed mid-measurement (its line was never appended). Nothing is removed when
+        ``measurements.jsonl`` has an unreadable line (its references are unknown)."""
+        spectra = self.path / SPECTRA_DIR
+        tmps = [p for d in (self.path, spectra) if d.is_dir() for p in d.iterdir()
+                if p.name.startswith(".") and (p.name.endswith(TMP_SUFFIX) or p.name.endswith(".tmp.npz"))]
+        referenced: set[str] = set()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lines = _read_jsonl(self.path / MEASUREMENTS_FILE, "skip")
+        if any(issubclass(w.category, RecordWarning) and "truncated last line" not in str(w.message) for w in caught):
+            orphans = []
+        else:
+            for _, obj in lines:
+                entries = obj.get("spectra")
+                for entry in entries.values() if isinstance(entries, dict) else ():
+                    if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+                        referenced.add(Path(entry["file"]).name)
+            pattern = re.compile(r"\d{8}_[A-Za-z0-9._-]+\.npz")
+            orphans = [p for p in spectra.iterdir() if pattern.fullmatch(p.name) and p.name not in referenced] \
+                if spectra.is_dir() else []
+        for p in tmps + orphans:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        if tmps or orphans:
+            warnings.warn(
+                f"{self.path}: removed {len(tmps)} temporary file(s) and {len(orphans)} spectrum file(s) that no "
+                f"measurement refers to, left by an interrupted writer",
+                RecordWarning,
+                stacklevel=3,
+            )
 
     def _append(self, name: str, obj: Mapping[str, Any]) -> None:
         fd = self._fds.get(name)
@@ -486,13 +520,7 @@ class RunWriter:
         all_summaries: dict[str, dict[str, float]] = {}
         for name, spec in spectra.items():
             rel = self._spectrum_file(step, name, taken)
-            final = self.path / rel
-            tmp = final.with_name(f".{final.stem}.{uuid.uuid4().hex}.tmp.npz")
-            spec.save(tmp)
-            if self.fsync:
-                with open(tmp, "rb") as fh:
-                    os.fsync(fh.fileno())
-            os.replace(tmp, final)
+            spec.save(self.path / rel, fsync=self.fsync)  # atomic: temp file, fsync, rename
             summ = spectrum_summaries(spec, self.tail_window, self.head_window) if summarize else {}
             if summaries is not None and name in summaries:
                 summ.update({k: float(v) for k, v in summaries[name].items()})
@@ -571,20 +599,49 @@ def _read_jsonl(path: Path, errors: str) -> list[tuple[int, dict[str, Any]]]:
             obj = json.loads(raw.decode("utf-8"))
             if not isinstance(obj, dict):
                 raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-        except (ValueError, UnicodeDecodeError) as exc:
-            msg = f"{path}, line {i}: corrupted record line ({exc}): {raw[:80]!r}"
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            msg = f"{path}, line {i}: corrupted record line ({why}): {raw[:80]!r}"
             if errors == "raise":
                 raise RecordFormatError(msg + "; open with errors='skip' to skip it") from None
             warnings.warn(msg + "; skipped", RecordWarning, stacklevel=4)
             continue
         out.append((i, obj))
-    if partial.strip():
+    if _is_record_line(partial):  # complete, only the newline is missing: nothing to skip
+        out.append((len(complete) + 1, json.loads(partial.decode("utf-8"))))
+    elif partial.strip():
         warnings.warn(
             f"{path}, line {len(complete) + 1}: truncated last line ({len(partial)} bytes, no newline) skipped; "
             "a crash mid-write or a write still in progress",
             RecordWarning,
             stacklevel=4,
         )
+    return out
+
+
+def _is_record_line(raw: bytes) -> bool:
+    """Whether ``raw`` (without newline) is a complete record line: a JSON object."""
+    if not raw.strip():
+        return False
+    try:
+        return isinstance(json.loads(raw.decode("utf-8")), dict)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+
+
+def _number_map(value: Any, what: str) -> dict[str, float]:
+    """A JSON object of numbers (nulls dropped), as floats; anything else raises ValueError."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be an object of numbers, got {type(value).__name__}")
+    out = {}
+    for k, v in value.items():
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{what}[{k!r}] must be a number, got {type(v).__name__}")
+        out[k] = float(v)
     return out
 
 
@@ -625,15 +682,26 @@ class RunRecord:
         run_file = Path(path) / RUN_FILE
         if not run_file.exists():
             raise RecordFormatError(f"{path}: not a spectral-lens run directory (no {RUN_FILE})")
+        if not run_file.is_file():
+            raise RecordFormatError(f"{run_file}: is not a regular file")
         try:
             header = json.loads(run_file.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except RecursionError:
+            raise RecordFormatError(f"{run_file}: corrupted run metadata (JSON nested too deeply)") from None
+        except (ValueError, UnicodeDecodeError, OSError) as exc:
             raise RecordFormatError(f"{run_file}: corrupted run metadata ({exc})") from exc
         if not isinstance(header, dict) or header.get("format") != _FORMAT:
             raise RecordFormatError(f"{run_file}: not a spectral-lens run file (format {header.get('format')!r})"
                                     if isinstance(header, dict) else f"{run_file}: not a JSON object")
         if header.get("version") != _VERSION:
             raise RecordFormatError(f"{run_file}: unsupported run record version {header.get('version')!r}")
+        windows = header.get("summary_windows") or {}
+        ok = isinstance(windows, dict) and all(
+            w is None or (isinstance(w, list) and len(w) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in w))
+            for w in windows.values()
+        )
+        if not ok:
+            raise RecordFormatError(f"{run_file}: 'summary_windows' must map names to [lo, hi] integer pairs or null")
         return header
 
     @classmethod
@@ -664,8 +732,11 @@ class RunRecord:
         windows = {k: tuple(v) if v else None for k, v in (header.get("summary_windows") or {}).items()}
         events = []
         for lineno, obj in _read_jsonl(path / LOG_FILE, errors):
-            if not isinstance(obj.get("step"), int) or not isinstance(obj.get("tokens"), int):
-                msg = f"{path / LOG_FILE}, line {lineno}: event needs integer 'step' and 'tokens'"
+            bad = [k for k in ("val_loss", "train_loss", "tokens_per_s") if obj.get(k) is not None
+                   and (isinstance(obj[k], bool) or not isinstance(obj[k], (int, float)))]
+            if not isinstance(obj.get("step"), int) or not isinstance(obj.get("tokens"), int) or bad:
+                what = f"{bad} must be numbers" if bad else "event needs integer 'step' and 'tokens'"
+                msg = f"{path / LOG_FILE}, line {lineno}: {what}"
                 if errors == "raise":
                     raise RecordFormatError(msg)
                 warnings.warn(msg + "; skipped", RecordWarning, stacklevel=2)
@@ -680,7 +751,7 @@ class RunRecord:
                 if verify:
                     for name in m.spectra:
                         m.spectra[name]
-            except (RecordFormatError, ValueError, TypeError, KeyError) as exc:
+            except (RecordFormatError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
                 msg = str(exc) if isinstance(exc, RecordFormatError) else f"{origin}: invalid measurement ({exc})"
                 if errors == "raise":
                     raise RecordFormatError(msg + "; open with errors='skip' to skip it") from None
@@ -707,9 +778,12 @@ class RunRecord:
             if not (root / rel).is_file():
                 raise RecordFormatError(f"{origin}: spectrum file {root / rel} (spectrum {name!r}) is missing")
             files[name] = rel
-            kinds[name] = entry.get("kind")
-            summaries[name] = {k: float(v) for k, v in (entry.get("summaries") or {}).items() if v is not None}
-        scalars = {k: float(v) for k, v in (obj.get("scalars") or {}).items() if v is not None}
+            kind = entry.get("kind")
+            if kind is not None and not isinstance(kind, str):
+                raise ValueError(f"spectrum {name!r}: 'kind' must be a string, got {type(kind).__name__}")
+            kinds[name] = kind
+            summaries[name] = _number_map(entry.get("summaries"), f"spectrum {name!r} summaries")
+        scalars = _number_map(obj.get("scalars"), "'scalars'")
         return Measurement(
             step=step,
             tokens=tokens,

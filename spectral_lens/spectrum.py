@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._io import write_atomic
 from ._warnings import SpectrumFormatError
 from .spectra.eigen import trace_normalize
 
@@ -90,24 +91,41 @@ class Spectrum:
             "metadata": self.metadata,
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write an ``.npz`` (no pickle): the eigenvalues plus a JSON header."""
+    def save(self, path: str | Path, *, fsync: bool = True) -> Path:
+        """Write an ``.npz`` (no pickle): the eigenvalues plus a JSON header.
+
+        ``.npz`` is appended to a path without it. The write is atomic (temporary file in the same
+        directory, fsync, rename): a failed save leaves a previous file at ``path`` intact. A spectrum
+        that :meth:`load` would refuse (negative ``n_rows`` or eigenvalues, ``dim`` not the number of
+        values) raises ``SpectrumFormatError`` instead of being written.
+        """
         path = Path(path)
+        path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
         header = json.dumps(self.to_dict())
-        np.savez(path, values=self.values.numpy(), header=np.array(header))
-        return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+        values = self.values.numpy()
+        self.from_dict(self.to_dict(), values, origin=f"Spectrum.save({path})")  # what load will check
+        write_atomic(path, lambda fh: np.savez(fh, values=values, header=np.array(header)), fsync=fsync)
+        return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Spectrum":
         """Read a file written by :meth:`save`; a corrupted or foreign file raises ``SpectrumFormatError``."""
         path = Path(path)
+        if path.is_dir():
+            raise SpectrumFormatError(f"{path}: is a directory, expected a spectral-lens spectrum file (.npz)")
         try:
-            with np.load(path, allow_pickle=False) as data:
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise SpectrumFormatError(f"{path}: a single .npy array, expected a spectral-lens spectrum file (.npz)")
+            with data:
                 values = data["values"]
-                header = json.loads(str(data["header"]))
-        except FileNotFoundError:
+                header_raw = data["header"]
+                if header_raw.dtype.kind != "U" or header_raw.ndim != 0:
+                    raise SpectrumFormatError(f"{path}: 'header' must be a JSON string, got dtype {header_raw.dtype}")
+                header = json.loads(str(header_raw))
+        except (FileNotFoundError, SpectrumFormatError):
             raise
-        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError) as exc:
+        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, RecursionError) as exc:
             raise SpectrumFormatError(f"{path}: not a readable spectral-lens spectrum file ({exc})") from exc
         return cls.from_dict(header, values, origin=str(path))
 
@@ -118,17 +136,37 @@ class Spectrum:
             raise SpectrumFormatError(f"{origin}: header is not a spectral-lens spectrum header")
         if header.get("version") != _VERSION:
             raise SpectrumFormatError(f"{origin}: unsupported spectrum version {header.get('version')!r}")
+        def bad(why: str) -> SpectrumFormatError:
+            return SpectrumFormatError(f"{origin}: invalid spectrum content: {why}")
+
+        arr = np.asarray(values)
+        if arr.dtype.kind not in "fiu" or arr.ndim != 1:
+            raise bad(f"'values' must be a 1-D real array, got dtype {arr.dtype} and shape {arr.shape}")
+        n_rows, dim = header.get("n_rows"), header.get("dim")
+        for key, v in (("n_rows", n_rows), ("dim", dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise bad(f"{key!r} must be a non-negative integer, got {v!r}")
+        if dim != arr.shape[0]:
+            raise bad(f"'dim' is {dim} but 'values' has {arr.shape[0]} entries")
+        if not isinstance(header.get("source"), (str, type(None))):
+            raise bad(f"'source' must be a string or null, got {header.get('source')!r}")
+        metadata = header.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise bad(f"'metadata' must be an object, got {type(metadata).__name__}")
+        v64 = arr.astype(np.float64)
+        if v64.size and v64.min() < 0:  # every writer clamps round-off negatives to 0: this is damage
+            raise bad(f"negative eigenvalue {v64.min():.6g} (eigenvalues of a PSD operator must be >= 0)")
         try:
             return cls(
-                values=torch.from_numpy(np.asarray(values, dtype=np.float64).copy()),
-                n_rows=int(header["n_rows"]),
-                dim=int(header["dim"]),
-                kind=header["kind"],
+                values=torch.from_numpy(v64.copy()),
+                n_rows=n_rows,
+                dim=dim,
+                kind=header.get("kind"),
                 source=header.get("source"),
-                metadata=dict(header.get("metadata") or {}),
+                metadata=dict(metadata),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise SpectrumFormatError(f"{origin}: invalid spectrum content ({exc})") from exc
+            raise bad(str(exc)) from exc
 
     def __repr__(self) -> str:
         top = ", ".join(f"{v:.3g}" for v in self.values[:3].tolist())

@@ -237,6 +237,11 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or kept in fp64 (``.float()`` would round an fp64 model's activations)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class Rotary(nn.Module):
     """Rotate-half RoPE on (B, T, H, hd); cos/sin cached as non-persistent fp32 buffers."""
 
@@ -254,7 +259,7 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.size(1)
         cos, sin = self.cos[None, :T, None, :], self.sin[None, :T, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
+        x1, x2 = _at_least_fp32(x).chunk(2, dim=-1)
         return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
@@ -435,12 +440,12 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 logits; FP8 matmul while training when ``fp8_head`` and the GPU supports it."""
+        """fp32 logits (fp64 for an fp64 model); FP8 matmul while training when ``fp8_head`` and the GPU supports it."""
         w = self.wte.weight if self.lm_head is None else self.lm_head.weight
         if self.fp8_head_active(x):
             y = FP8Matmul.apply(x.reshape(-1, x.size(-1)), w, *FP8_SCALES)
             return y.view(*x.shape[:-1], -1).float()
-        return F.linear(x, w).float()
+        return _at_least_fp32(F.linear(x, w))
 
     def fp8_head_active(self, x: torch.Tensor) -> bool:
         """Whether :meth:`head` takes the FP8 path for activations ``x`` (else a plain matmul)."""

@@ -5,7 +5,8 @@ Per hidden matrix W (rows x cols) with gradient G, momentum mu:
 1. momentum: "classical" B = mu*B + G, U = G + mu*B (records up to 12-04), or "ema"
    B = mu*B + (1-mu)*G, U = (1-mu)*G + mu*B (12-08 on); with constant mu these differ by a
    factor (1-mu) that step 3 normalizes away;
-2. X = U in ``ns_dtype`` (bf16 on GPUs, fp32 on CPU by default), transposed when rows > cols;
+2. X = U in ``ns_dtype`` (bf16 on GPUs; on CPU by default the parameter's dtype, at least fp32),
+   transposed when rows > cols;
 3. X = X / (||X||_F + 1e-7), so the spectral norm is at most 1;
 4. five steps of X = a*X + (b*A + c*A@A) @ X with A = X @ X.T and (a, b, c) = (3.4445, -4.7750, 2.0315);
 5. W = W - lr * s(W) * X with the era's shape factor s: "none" = 1 (10-04), "sqrt_max" =
@@ -60,7 +61,8 @@ def shape_scale(shape: torch.Size, rule: str) -> float:
 class Muon(torch.optim.Optimizer):
     """Muon for hidden matrices, record-faithful (see the module docstring for the algorithm).
 
-    ``ns_dtype=None`` runs the iteration in bf16 on CUDA and fp32 elsewhere.
+    ``ns_dtype=None`` runs the iteration in bf16 on CUDA and elsewhere in the parameter's dtype,
+    at least fp32 (an fp64 model is orthogonalized in fp64, not rounded to fp32).
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
@@ -100,7 +102,8 @@ class Muon(torch.optim.Optimizer):
                 else:
                     buf.mul_(mu).add_(g)
                     u = g.add(buf, alpha=mu) if group["nesterov"] else buf
-                dtype = group["ns_dtype"] or (torch.bfloat16 if p.is_cuda else torch.float32)
+                dtype = group["ns_dtype"] or (
+                    torch.bfloat16 if p.is_cuda else torch.promote_types(p.dtype, torch.float32))
                 x = newton_schulz5(u, steps=group["ns_steps"], dtype=dtype)
                 p.add_(x.to(p.dtype), alpha=-group["lr"] * shape_scale(p.shape, group["shape_scale"]))
         return loss

@@ -21,6 +21,8 @@ from torch import nn
 from .._warnings import NonFiniteError
 from ..capture import glob_to_regex
 from .._warnings import ZeroGradientWarning
+from ._isolation import preserved_buffers
+from ._validate import nonfinite_loss_message, param_names
 from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, slice_batch
 from .engines import NoGradientPathError, fast_engine, loop_engine, vmap_engine
@@ -91,7 +93,8 @@ def default_gradient_param(model: nn.Module) -> str:
 def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
     named = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
-    wanted = [default_gradient_param(model)] if params is None else [params] if isinstance(params, str) else list(params)
+    wanted = param_names(params)
+    wanted = [default_gradient_param(model)] if wanted is None else wanted
     if not wanted:
         raise ValueError("params is empty: name at least one parameter")
     out: dict[str, nn.Parameter] = {}
@@ -165,8 +168,9 @@ class PerSampleGradientProbe:
             mode is restored afterwards.
         ignore_index: target value excluded from the default loss.
 
-    Measuring has no side effects: ``.grad``, ``requires_grad``, train/eval flags, the CPU and CUDA RNG
-    states and the hook dictionaries are as before, also when an exception interrupts ``update``.
+    Measuring has no side effects: ``.grad``, ``requires_grad``, train/eval flags, module buffers
+    (BatchNorm running statistics also with ``train_mode=True``), the CPU and CUDA RNG states and the
+    hook dictionaries are as before, also when an exception interrupts ``update``.
 
     Example::
 
@@ -205,6 +209,7 @@ class PerSampleGradientProbe:
         self.model = model
         self.params = _resolve_params(model, params)
         self.loss_fn = loss_fn or (lambda out, batch: causal_lm_loss(out, batch, ignore_index=ignore_index))
+        self._custom_loss = loss_fn
         self.forward_fn = forward_fn or default_forward
         self.engine = engine
         self.chunk_size = int(chunk_size)
@@ -279,7 +284,7 @@ class PerSampleGradientProbe:
 
     @contextlib.contextmanager
     def _isolated(self):
-        """Eval (or train) mode, forked RNG, optional autocast; every flag restored on exit."""
+        """Eval (or train) mode, forked RNG, buffers preserved, optional autocast; every flag restored on exit."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("PerSampleGradientProbe cannot differentiate inside torch.inference_mode()")
         modes = [(m, m.training) for m in self.model.modules()]
@@ -292,7 +297,7 @@ class PerSampleGradientProbe:
             else contextlib.nullcontext()
         )
         try:
-            with torch.random.fork_rng(devices=devices), cast:
+            with torch.random.fork_rng(devices=devices), preserved_buffers(self.model), cast:
                 self.model.train(self.train_mode)
                 yield devices
         finally:
@@ -420,11 +425,7 @@ class PerSampleGradientProbe:
         losses = torch.cat(self._losses)[start:].cpu()
         bad = (~torch.isfinite(losses)).nonzero().flatten() + start
         if bad.numel():
-            raise NonFiniteError(
-                f"non-finite per-sample loss for sample(s) {bad.tolist()[:20]} (indices counted from the first "
-                f"update) while measuring {list(self.params)}; a sequence whose targets are all ignore_index "
-                "has loss 0/0 = NaN"
-            )
+            raise NonFiniteError(nonfinite_loss_message(bad.tolist(), list(self.params), self._custom_loss))
         for name in self.params:
             ok = torch.cat([f for n, f in finite if n == name]).cpu()
             bad = (~ok).nonzero().flatten() + start

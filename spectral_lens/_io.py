@@ -1,0 +1,66 @@
+"""Atomic file writes: a temporary file in the target's directory, fsync, rename.
+
+A write that fails for any reason (disk full, file-size limit, an exception in the serializer, a
+crash) leaves the previous file at ``path`` untouched and removes its temporary file (a killed
+process can leave a ``.*.tmp`` file behind; :class:`~spectral_lens.records.RunWriter` cleans those on
+resume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, IO
+
+__all__ = ["write_atomic", "write_json_atomic", "fsync_dir", "TMP_SUFFIX"]
+
+#: Suffix of every temporary file written here (``.<name>.<hex>.tmp``).
+TMP_SUFFIX = ".tmp"
+
+
+def fsync_dir(path: Path) -> None:
+    """Best-effort fsync of a directory, so a rename inside it is durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, fsync: bool = True) -> Path:
+    """Call ``write(fh)`` on a binary temporary file next to ``path``, then rename it onto ``path``.
+
+    ``fsync=False`` skips the fsyncs (the rename is still atomic, so readers never see a partial
+    file; only durability across a power loss is traded for speed). Returns ``path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if fsync:
+        fsync_dir(path.parent)
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, fsync: bool = True, default=None) -> Path:
+    """Write ``obj`` as indented JSON (plus a newline) atomically; see :func:`write_atomic`."""
+    data = (json.dumps(obj, indent=2, default=default) + "\n").encode("utf-8")
+    return write_atomic(path, lambda fh: fh.write(data), fsync=fsync)

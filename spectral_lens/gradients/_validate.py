@@ -1,0 +1,40 @@
+"""Argument checks and error messages of :class:`~spectral_lens.gradients.PerSampleGradientProbe`
+that name the parameter or loss at fault and what was expected."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+__all__ = ["param_names", "nonfinite_loss_message"]
+
+
+def param_names(params: Any) -> list[str] | None:
+    """``params=`` as a list of names (``None``: the default parameter); a clear ``TypeError`` for
+    anything that is not a string or an iterable of strings."""
+    if params is None:
+        return None
+    if isinstance(params, str):
+        return [params]
+    try:
+        names = list(params)
+    except TypeError:
+        raise TypeError(
+            f"params must be a dotted parameter name, a glob or a list of them (str), "
+            f"got {type(params).__name__} {params!r}"
+        ) from None
+    for w in names:
+        if not isinstance(w, str):
+            raise TypeError(f"params must be dotted parameter names (str), got {type(w).__name__} {w!r} in {params!r}")
+    return names
+
+
+def nonfinite_loss_message(samples: list[int], params: list[str], loss_fn: Callable | None) -> str:
+    """Message for non-finite per-sample losses; the ``ignore_index`` hint only for the default loss."""
+    head = (
+        f"non-finite per-sample loss for sample(s) {samples[:20]} (indices counted from the first update) "
+        f"while measuring {params}"
+    )
+    if loss_fn is None:
+        return head + "; a sequence whose targets are all ignore_index has loss 0/0 = NaN"
+    name = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
+    return head + f"; the custom loss_fn {name} must return finite per-sample losses of shape (M,)"

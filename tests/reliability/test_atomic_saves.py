@@ -1,0 +1,147 @@
+"""Fault injection on saves: a write that fails mid-way (file-size limit, SIGKILL, an exception in the
+serializer) leaves the previous file intact and loadable; short of a kill, its temporary file is removed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from spectral_lens import ActivationCovarianceAccumulator, Spectrum
+from spectral_lens import _io
+from spectral_lens.records import RunInfo, RunWriter, RunRecord
+
+
+def _acc(d: int, seed: int) -> ActivationCovarianceAccumulator:
+    acc = ActivationCovarianceAccumulator(d, precision="float64")
+    acc.update(torch.randn(50, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return acc
+
+
+def _spectrum(d: int) -> Spectrum:
+    return Spectrum(torch.logspace(0, -4, d, dtype=torch.float64), n_rows=3 * d, dim=d)
+
+
+def _leftovers(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(_io.TMP_SUFFIX))
+
+
+# The child process saves a large object over a small file under RLIMIT_FSIZE: the write fails with
+# EFBIG part-way through (SIGXFSZ ignored so the write raises instead of killing the process).
+_CHILD = textwrap.dedent('''
+    import resource, signal, sys, torch
+    from spectral_lens import ActivationCovarianceAccumulator, Spectrum
+    kind, path = sys.argv[1], sys.argv[2]
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    if kind == "accumulator":
+        big = ActivationCovarianceAccumulator(400, precision="float64")
+        big.update(torch.randn(10, 400, dtype=torch.float64))
+    else:
+        big = Spectrum(torch.linspace(1, 0, 200_000, dtype=torch.float64), n_rows=10, dim=200_000)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+    try:
+        big.save(path)
+    except OSError as exc:
+        print("EFBIG", exc.errno)
+        sys.exit(0)
+    print("SAVED")
+''')
+
+
+@pytest.mark.parametrize("kind", ["accumulator", "spectrum"])
+def test_size_limited_overwrite_keeps_the_old_file(kind, tmp_path):
+    path = tmp_path / "state.npz"
+    old = _acc(6, 0) if kind == "accumulator" else _spectrum(6)
+    old.save(path)
+    before = path.read_bytes()
+    run = subprocess.run([sys.executable, "-c", _CHILD, kind, str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[0] == "EFBIG", run.stdout  # the limit did hit the write
+    assert path.read_bytes() == before
+    if kind == "accumulator":
+        back = ActivationCovarianceAccumulator.load(path)
+        assert torch.equal(back.covariance(), old.covariance())
+    else:
+        assert torch.equal(Spectrum.load(path).values, old.values)
+    assert _leftovers(tmp_path) == []
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def _savez_dies_mid_write(file, **arrays):
+    """Writes part of the archive to the open file, then fails (a crash or full disk mid-write)."""
+    file.write(b"PK\x03\x04" + b"\0" * 4096)
+    raise _Boom("injected failure mid-write")
+
+
+@pytest.mark.parametrize("kind", ["accumulator", "spectrum"])
+def test_exception_mid_write_keeps_the_old_file(kind, tmp_path, monkeypatch):
+    path = tmp_path / "x.npz"
+    old = _acc(5, 1) if kind == "accumulator" else _spectrum(5)
+    old.save(path)
+    before = path.read_bytes()
+    monkeypatch.setattr(np, "savez", _savez_dies_mid_write)
+    new = _acc(5, 2) if kind == "accumulator" else _spectrum(7)
+    with pytest.raises(_Boom):
+        new.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    loaded = ActivationCovarianceAccumulator.load(path) if kind == "accumulator" else Spectrum.load(path)
+    assert loaded.n_rows == old.n_rows
+    assert _leftovers(tmp_path) == []
+
+
+def test_run_metadata_update_failing_mid_write_keeps_run_json(tmp_path, monkeypatch):
+    real = _io.write_atomic
+
+    def half_then_fail(fh):
+        fh.write(b'{"format": ')
+        raise _Boom("injected failure mid-write")
+
+    with RunWriter(tmp_path / "run", RunInfo("r", total_tokens=100), fsync=False) as w:
+        before = (tmp_path / "run" / "run.json").read_bytes()
+        monkeypatch.setattr(_io, "write_atomic", lambda path, write, fsync=True: real(path, half_then_fail, fsync=fsync))
+        with pytest.raises(_Boom):
+            w.update_info(status="done")
+    assert (tmp_path / "run" / "run.json").read_bytes() == before
+    assert RunRecord.open(tmp_path / "run").run_id == "r"
+    assert _leftovers(tmp_path / "run") == []
+
+
+# The child process is SIGKILLed by its own serializer after part of the archive is on disk.
+_KILLED_CHILD = textwrap.dedent('''
+    import os, signal, sys, numpy as np, torch
+    from spectral_lens import ActivationCovarianceAccumulator, Spectrum
+    kind, path = sys.argv[1], sys.argv[2]
+    def savez_then_die(file, **arrays):
+        file.write(b"PK\\x03\\x04" + b"\\0" * 8192)
+        file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    np.savez = savez_then_die
+    if kind == "accumulator":
+        obj = ActivationCovarianceAccumulator(3, precision="float64")
+        obj.update(torch.randn(10, 3, dtype=torch.float64))
+    else:
+        obj = Spectrum(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), n_rows=9, dim=3)
+    obj.save(path)
+''')
+
+
+@pytest.mark.parametrize("kind", ["accumulator", "spectrum"])
+def test_save_killed_mid_write_keeps_the_old_file(kind, tmp_path):
+    path = tmp_path / "x.npz"
+    old = _acc(6, 3) if kind == "accumulator" else _spectrum(6)
+    old.save(path)
+    before = path.read_bytes()
+    run = subprocess.run([sys.executable, "-c", _KILLED_CHILD, kind, str(path)], capture_output=True, timeout=120)
+    assert run.returncode == -9, (run.returncode, run.stderr[-2000:])
+    assert path.read_bytes() == before
+    loaded = ActivationCovarianceAccumulator.load(path) if kind == "accumulator" else Spectrum.load(path)
+    assert loaded.n_rows == old.n_rows
+    assert len(_leftovers(tmp_path)) == 1  # a killed process cannot clean up; RunWriter(resume=True) does

@@ -1,0 +1,99 @@
+"""Every user error of the CLI is one line on stderr naming the path, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from spectral_lens import Spectrum
+from spectral_lens.cli import main
+from spectral_lens.records import RunInfo, RunWriter
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def _make(tmp_path, case: str):
+    """Build the broken input of ``case``; returns (argv tail, path the message must name)."""
+    p = tmp_path / case
+    if case == "nested_run_json":
+        p.mkdir()
+        (p / "run.json").write_text(DEEP)
+        return [str(p)], p / "run.json"
+    if case == "run_json_is_a_directory":
+        (p / "run.json").mkdir(parents=True)
+        return [str(p)], p / "run.json"
+    if case == "run_json_wrong_field_types":
+        p.mkdir()
+        (p / "run.json").write_text(json.dumps({"format": "spectral-lens/run", "version": 1, "run_id": {"a": 1}}))
+        return [str(p)], p / "run.json"
+    if case == "run_json_bad_windows":
+        with RunWriter(p, RunInfo("r"), fsync=False):
+            pass
+        header = json.loads((p / "run.json").read_text())
+        header["summary_windows"] = {"tail": "wide"}
+        (p / "run.json").write_text(json.dumps(header))
+        return [str(p)], p / "run.json"
+    if case == "spectra_dir_entry_is_a_directory":
+        with RunWriter(p, RunInfo("r"), fsync=False) as w:
+            w.log_measurement(1, 10, {"act": Spectrum(torch.tensor([2.0, 1.0]), n_rows=5, dim=2)})
+        f = next((p / "spectra").iterdir())
+        f.unlink()
+        f.mkdir()
+        return [str(p)], f
+    raise AssertionError(case)
+
+
+RUN_CASES = ["nested_run_json", "run_json_is_a_directory", "run_json_wrong_field_types", "run_json_bad_windows",
+             "spectra_dir_entry_is_a_directory"]
+
+
+def _one_line_error(capsys, argv, path) -> str:
+    code = main(argv)
+    out = capsys.readouterr()
+    assert code == 2, (code, out)
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and "Traceback" not in out.err, out.err
+    assert str(path) in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", RUN_CASES)
+def test_inspect_broken_run_directories(tmp_path, capsys, case):
+    args, path = _make(tmp_path, case)
+    if case == "spectra_dir_entry_is_a_directory":
+        args = [str(path)]  # a directory where a spectrum file should be
+    _one_line_error(capsys, ["inspect", *args], path)
+
+
+@pytest.mark.parametrize("case", [c for c in RUN_CASES if c != "spectra_dir_entry_is_a_directory"])
+def test_predict_broken_run_directories(tmp_path, capsys, case):
+    args, path = _make(tmp_path, case)
+    _one_line_error(capsys, ["predict", *args], path)
+
+
+def test_report_on_a_broken_run(tmp_path, capsys):
+    args, path = _make(tmp_path, "run_json_is_a_directory")
+    _one_line_error(capsys, ["report", *args, "--out", str(tmp_path / "out"), "--no-plots"], path)
+
+
+@pytest.mark.parametrize("name", ["a.npy", "nested.npz", "garbage.npz", "missing.npz"])
+def test_bad_spectrum_files(tmp_path, capsys, name):
+    path = tmp_path / name
+    if name == "a.npy":
+        np.save(path, np.arange(3.0))
+    elif name == "nested.npz":
+        np.savez(path, values=np.arange(3.0)[::-1], header=np.array(DEEP))
+    elif name == "garbage.npz":
+        path.write_bytes(b"not a zip")
+    _one_line_error(capsys, ["inspect", str(path)], path)
+
+
+def test_report_output_under_a_file(tmp_path, capsys):
+    with RunWriter(tmp_path / "run", RunInfo("r", total_tokens=100), fsync=False):
+        pass
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _one_line_error(capsys, ["report", str(tmp_path / "run"), "--out", str(blocker / "out"), "--no-plots"], blocker)

@@ -1,0 +1,119 @@
+"""Run records under faults: a malformed line costs that line only; resume keeps every complete line
+and cleans what a killed writer left behind."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from spectral_lens import Spectrum
+from spectral_lens.records import RecordFormatError, RecordWarning, RunInfo, RunRecord, RunWriter
+
+
+def _spec(d=30):
+    return Spectrum(torch.logspace(0, -3, d, dtype=torch.float64), n_rows=4 * d, dim=d)
+
+
+def _run(path, n=3):
+    with RunWriter(path, RunInfo("r", total_tokens=1000), fsync=False) as w:
+        for step in range(1, n + 1):
+            w.log(step, 100 * step, train_loss=3.0 / step)
+            w.log_measurement(step, 100 * step, {"act": _spec()}, val_loss=3.0 / step, scalars={"noise_scale": 5.0})
+    return path
+
+
+BAD_LINES = {
+    "scalars_list": {"step": 9, "tokens": 900, "scalars": [1], "spectra": {}},
+    "summaries_list": {"step": 9, "tokens": 900, "spectra": {"act": {"file": "spectra/00000001_act.npz", "summaries": [2]}}},
+    "scalar_string": {"step": 9, "tokens": 900, "scalars": {"noise_scale": "big"}, "spectra": {}},
+    "spectra_entry_list": {"step": 9, "tokens": 900, "spectra": {"act": [1]}},
+    "kind_number": {"step": 9, "tokens": 900, "spectra": {"act": {"file": "spectra/00000001_act.npz", "kind": 3}}},
+    "nested": "[" * 50_000 + "]" * 50_000,
+    "nested_object": '{"step": 9, "tokens": 900, "scalars": ' + '{"a": ' * 50_000 + "1" + "}" * 50_001,
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_a_malformed_measurement_line_costs_that_line_only(tmp_path, case):
+    run = _run(tmp_path / "run")
+    mfile = run / "measurements.jsonl"
+    lines = mfile.read_text().splitlines(keepends=True)
+    bad = BAD_LINES[case]
+    lines.insert(1, (bad if isinstance(bad, str) else json.dumps(bad)) + "\n")
+    mfile.write_text("".join(lines))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rec = RunRecord.open(run, errors="skip", verify=True)
+    assert [m.step for m in rec.measurements] == [1, 2, 3]
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RecordWarning)]
+    assert len(msgs) == 1 and f"{mfile}, line 2" in msgs[0], msgs
+    with pytest.raises(RecordFormatError, match="line 2"):
+        RunRecord.open(run)
+
+
+@pytest.mark.parametrize("event", [{"step": 9, "tokens": 9, "val_loss": "low"}, "{" * 50_000 + "}" * 50_000])
+def test_a_malformed_event_line_costs_that_line_only(tmp_path, event):
+    run = _run(tmp_path / "run")
+    log = run / "log.jsonl"
+    log.write_text(log.read_text() + (event if isinstance(event, str) else json.dumps(event)) + "\n")
+    with pytest.warns(RecordWarning, match=r"log.jsonl, line 4"):
+        rec = RunRecord.open(run, errors="skip")
+    assert len(rec.events) == 3
+    rec.val_curve()
+
+
+def test_resume_keeps_a_complete_last_line_that_lacks_its_newline(tmp_path):
+    run = _run(tmp_path / "run")
+    mfile = run / "measurements.jsonl"
+    mfile.write_bytes(mfile.read_bytes().rstrip(b"\n"))
+    assert [m.step for m in RunRecord.open(run).measurements] == [1, 2, 3]  # readers keep it too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecordWarning)  # nothing is dropped, so nothing to warn about
+        with RunWriter(run, resume=True, fsync=False) as w:
+            w.log_measurement(4, 400, {"act": _spec()})
+    assert [m.step for m in RunRecord.open(run, verify=True).measurements] == [1, 2, 3, 4]
+
+
+def test_resume_still_cuts_a_truncated_last_line(tmp_path):
+    run = _run(tmp_path / "run")
+    mfile = run / "measurements.jsonl"
+    data = mfile.read_bytes()
+    mfile.write_bytes(data[: data.rfind(b"\n", 0, len(data) - 1) + 1] + data[data.rfind(b"\n", 0, len(data) - 1) + 1 : -20])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        RunWriter(run, resume=True, fsync=False).close()
+    msgs = " | ".join(str(w.message) for w in caught)
+    assert "truncated" in msgs and "1 spectrum file(s)" in msgs, msgs  # the cut line's spectrum goes too
+    assert [m.step for m in RunRecord.open(run).measurements] == [1, 2]
+    assert len(list((run / "spectra").iterdir())) == 2
+
+
+def test_resume_removes_orphan_temp_and_spectrum_files(tmp_path):
+    run = _run(tmp_path / "run")
+    spectra = run / "spectra"
+    kept = sorted(p.name for p in spectra.iterdir())
+    # what a writer killed mid-measurement leaves: a temp file, and spectra whose line never came
+    (spectra / ".00000004_act.npz.0123abcd.tmp").write_bytes(b"PK partial")
+    (run / ".run.json.0123abcd.tmp").write_text("{")
+    _spec().save(spectra / "00000004_act.npz")
+    unrelated = spectra / "notes.txt"
+    unrelated.write_text("user file, not ours")
+    with pytest.warns(RecordWarning, match=r"removed 2 temporary file\(s\) and 1 spectrum file"):
+        RunWriter(run, resume=True, fsync=False).close()
+    assert sorted(p.name for p in spectra.iterdir()) == sorted(kept + ["notes.txt"])
+    assert not (run / ".run.json.0123abcd.tmp").exists()
+    assert len(RunRecord.open(run, verify=True).measurements) == 3
+
+
+def test_resume_cleans_nothing_when_a_line_is_unreadable(tmp_path):
+    run = _run(tmp_path / "run")
+    mfile = run / "measurements.jsonl"
+    lines = mfile.read_text().splitlines(keepends=True)
+    lines[0] = "{corrupted\n"  # its spectrum file may still be referenced: do not delete it
+    mfile.write_text("".join(lines))
+    before = sorted(p.name for p in (run / "spectra").iterdir())
+    RunWriter(run, resume=True, fsync=False).close()
+    assert sorted(p.name for p in (run / "spectra").iterdir()) == before
