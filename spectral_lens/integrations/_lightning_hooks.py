@@ -1,0 +1,73 @@
+"""The hooks of the Lightning callback, shared by ``lightning.pytorch`` and ``pytorch_lightning``."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from ..lens import SpectralLens
+from ._driver import LensDriver
+
+
+class LightningHooks:
+    """Mixin with the callback's behaviour; each module combines it with its package's ``Callback``."""
+
+    def __init__(
+        self,
+        lens: SpectralLens,
+        *,
+        on_validation: bool = False,
+        val_loss_key: str = "val_loss",
+        tokens_per_step: int | None = None,
+        sinks: Iterable = (),
+    ) -> None:
+        super().__init__()
+        self.driver = LensDriver(lens, sinks, tokens_per_step)
+        self.on_validation = bool(on_validation)
+        self.val_loss_key = val_loss_key
+
+    def _measure(self, trainer, val_loss: float | None = None) -> None:
+        step = int(trainer.global_step)
+        scalars = self.driver.measure(step, self.driver.tokens(step), val_loss)
+        if scalars:
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=step)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Check that the trainer fits the module the lens measures."""
+        self.driver.check_model(pl_module, type(self).__name__)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Measure when the lens's schedule names the current ``trainer.global_step``."""
+        if self.driver.due(int(trainer.global_step)):
+            self._measure(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """With ``on_validation=True``, measure after each validation run (not the sanity check)."""
+        if not self.on_validation or trainer.sanity_checking or int(trainer.global_step) == self.driver.last_step:
+            return
+        value = trainer.callback_metrics.get(self.val_loss_key)
+        self._measure(trainer, None if value is None else float(value))
+
+
+DOC = """Measure spectra during ``Trainer.fit()``.
+
+    Build a :class:`~spectral_lens.SpectralLens` on the ``LightningModule`` (or on the inner model
+    the module trains) with its held-out pool, a :class:`~spectral_lens.records.RunWriter` and a
+    :class:`~spectral_lens.Schedule` (pass ``forward_fn=`` when the module's ``forward`` does not
+    take the pool's batches). The callback measures after every optimizer step the schedule names
+    (``trainer.global_step``) and, with ``on_validation=True``, after every validation run,
+    recording ``trainer.callback_metrics[val_loss_key]`` as the validation loss. A step is measured
+    once.
+
+    Each measurement is appended to the lens's run record, sent to every sink, and its scalars (per
+    spectrum ``alpha_tail``, ``alpha_head``, ``rankme``, ``stable_rank``; ``noise_scale``) go to
+    every logger of the trainer (``trainer.loggers``: TensorBoard, CSV, W&B, ...).
+
+    Args:
+        lens: the configured ``SpectralLens`` (its ``schedule`` and ``writer`` are used).
+        on_validation: also measure after every validation run.
+        val_loss_key: the logged metric recorded as validation loss.
+        tokens_per_step: training tokens per optimizer step (records' ``tokens``); without it,
+            ``tokens`` counts optimizer steps.
+        sinks: extra loggers with a ``log_measurement`` method.
+    """
