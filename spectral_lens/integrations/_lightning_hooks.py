@@ -48,26 +48,3 @@ class LightningHooks:
         value = trainer.callback_metrics.get(self.val_loss_key)
         self._measure(trainer, None if value is None else float(value))
 
-
-DOC = """Measure spectra during ``Trainer.fit()``.
-
-    Build a :class:`~spectral_lens.SpectralLens` on the ``LightningModule`` (or on the inner model
-    the module trains) with its held-out pool, a :class:`~spectral_lens.records.RunWriter` and a
-    :class:`~spectral_lens.Schedule` (pass ``forward_fn=`` when the module's ``forward`` does not
-    take the pool's batches). The callback measures after every optimizer step the schedule names
-    (``trainer.global_step``) and, with ``on_validation=True``, after every validation run,
-    recording ``trainer.callback_metrics[val_loss_key]`` as the validation loss. A step is measured
-    once.
-
-    Each measurement is appended to the lens's run record, sent to every sink, and its scalars (per
-    spectrum ``alpha_tail``, ``alpha_head``, ``rankme``, ``stable_rank``; ``noise_scale``) go to
-    every logger of the trainer (``trainer.loggers``: TensorBoard, CSV, W&B, ...).
-
-    Args:
-        lens: the configured ``SpectralLens`` (its ``schedule`` and ``writer`` are used).
-        on_validation: also measure after every validation run.
-        val_loss_key: the logged metric recorded as validation loss.
-        tokens_per_step: training tokens per optimizer step (records' ``tokens``); without it,
-            ``tokens`` counts optimizer steps.
-        sinks: extra loggers with a ``log_measurement`` method.
-    """

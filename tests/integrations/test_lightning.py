@@ -84,6 +84,7 @@ def test_no_logger_and_module_check(tmp_path):
                            schedule=sl.Schedule.at_fractions(6, [0.5, 1.0]))
     trainer(tmp_path, SpectralLensLightningCallback(lens), False, limit_val_batches=0).fit(module, loader(6, 0))
     assert [m.step for m in lens.history] == [3, 6]
+    assert [m.tokens for m in lens.history] == [3, 6]  # no tokens_per_step: tokens count steps
     other = sl.SpectralLens(TinyGPT(), lm_pool(1), params=(), schedule=sl.Schedule.every(1))
     with pytest.raises(ValueError, match="not the model the SpectralLens measures"):
         trainer(tmp_path, SpectralLensLightningCallback(other), False, limit_val_batches=0).fit(TinyLit(), loader(2, 0))
