@@ -50,6 +50,7 @@ def trainer_for(model, tmp_path, **kw):
 
 
 def test_records_and_trainer_logs(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard", reason="the Trainer's TensorBoard logger needs the tensorboard extra")
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # read by the Trainer's TensorBoardCallback
     model = tiny_llama()
     writer = RunWriter(tmp_path / "run", RunInfo("hf", family="llama", batch_tier=1, total_tokens=20 * 4 * T),

@@ -47,6 +47,7 @@ def trainer(tmp_path, callback, logger, **kw):
 
 
 def test_records_and_logger_scalars(tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoardLogger needs the tensorboard extra")
     torch.manual_seed(0)
     module = TinyLit()
     writer = RunWriter(tmp_path / "run", RunInfo("lit", batch_tier=1), fsync=False, tail_window=(4, 12),
