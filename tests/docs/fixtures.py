@@ -5,7 +5,7 @@ docs-blocks test injects a fixture only when a block reads that name and the pag
 it, so a block that defines ``model`` itself uses its own. Sizes are the smallest that keep the
 prose true: the README's ``transformer.h.11`` and its d12 tail window [100, 200] need 12 blocks,
 width 256 and at least 200 token rows; so ``model`` is a cheap 12-block network with nanoGPT's
-module names (two 256 x 256 matrices per block) and the pool holds 512 tokens.
+module names (two 256 x 256 matrices per block; learned positions keep its rows full-rank) and the pool holds 512 tokens.
 """
 
 from __future__ import annotations
@@ -60,12 +60,13 @@ class DocsLM(torch.nn.Module):
     def __init__(self, vocab: int = VOCAB, d: int = WIDTH, layers: int = DEPTH) -> None:
         super().__init__()
         self.transformer = torch.nn.ModuleDict(dict(
-            wte=torch.nn.Embedding(vocab, d), h=torch.nn.ModuleList(_Block(d) for _ in range(layers)),
+            wte=torch.nn.Embedding(vocab, d), wpe=torch.nn.Embedding(CTX, d),
+            h=torch.nn.ModuleList(_Block(d) for _ in range(layers)),
             ln_f=torch.nn.LayerNorm(d)))
         self.lm_head = torch.nn.Linear(d, vocab, bias=False)
 
     def forward(self, idx):
-        x = self.transformer.wte(idx)
+        x = self.transformer.wte(idx) + self.transformer.wpe(torch.arange(idx.shape[1], device=idx.device))
         for block in self.transformer.h:
             x = block(x)
         return self.lm_head(self.transformer.ln_f(x))
