@@ -13,7 +13,9 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .analysis.efficiency import group_by_family, matched_loss
-from .analysis.predictor import PredictionScore, alpha_trajectory, resolve_spectrum, resolve_window
+from .analysis.early import alpha_trajectory
+from .analysis.tier_predictor import PredictionScore
+from .analysis.windows import resolve_spectrum, resolve_window
 from .analysis.taxonomy import LABELS, TaxonomyResult
 from .records import RunRecord
 

@@ -31,7 +31,7 @@ from ..records import RunRecord
 from ..spectrum import Spectrum
 from ..summaries import BandAlphaFitter
 from .efficiency import align, transition_gains
-from .predictor import resolve_spectrum
+from .windows import resolve_spectrum
 
 __all__ = [
     "ACTIVATION_LED",
