@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     def early_args(p):
         p.add_argument("--fraction", type=float, default=0.2, help="early checkpoint, fraction of the token budget (default 0.2)")
         p.add_argument("--window", type=int, nargs=2, metavar=("LO", "HI"),
-                       help="rank window of alpha_tail (default: scale rule from the runs' n_layer)")
+                       help="rank window of alpha_tail (default: the tail window each run recorded in its run.json; "
+                            "the runs of a family must agree)")
         p.add_argument("--spectrum", help="spectrum name (default: each run's primary / only activation spectrum)")
         p.add_argument("--target-loss", type=float, help="target validation loss for tokens-to-target and eps_tok")
 
@@ -80,6 +81,8 @@ def _cmd_report(args) -> int:
         window=_window(args.window), spectrum=args.spectrum, transitions=args.transition, plots=not args.no_plots,
     )
     print(f"wrote {rep.path}" + (f" and {len(rep.figures)} figures" if rep.figures else ""))
+    for f in rep.flags:
+        print(f"caution: {f}")
     for n in rep.notes:
         print(f"note: {n}")
     return 0
@@ -90,7 +93,7 @@ def _fmt(v: float, spec: str = ".4f") -> str:
 
 
 def _cmd_predict(args) -> int:
-    from .analysis.predictor import TailPredictor
+    from .analysis.tail import TailPredictor
     from .records import open_runs
 
     runs = open_runs(args.runs)
