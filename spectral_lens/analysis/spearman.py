@@ -24,7 +24,10 @@ def spearman(x: Sequence[float], y: Sequence[float], exact_max: int = EXACT_MAX)
     """Spearman ``(rho, two-sided p-value)``.
 
     Pairs with a NaN are dropped; fewer than 3 points or a constant input give ``(nan, nan)``.
-    ``inf`` values are ranked (a run that never reached the target ranks last).
+    ``inf`` values are ranked (a run that never reached the target ranks last). Two-sided is scipy's
+    definition: twice the smaller one-sided p-value, capped at 1. Without ties the null distribution
+    is symmetric and this equals the share of pairings with ``|rho| >= |rho_observed|``; with ties it
+    can be up to twice that share.
     """
     from scipy import stats
 
