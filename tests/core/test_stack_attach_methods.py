@@ -112,3 +112,18 @@ def test_lens_attach_later_equals_the_direct_form():
         torch.testing.assert_close(late.spectra[k].values, direct.spectra[k].values, rtol=0, atol=0)
     with lens.attach(model):  # re-attachable
         assert lens.measure(4, 40).step == 4
+
+
+def test_hf_llama_decoder_layer_returns_a_tensor_and_pick_none_works():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    model = transformers.LlamaForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    with sl.attach(model, "model.layers.1") as cap, torch.no_grad():  # pick=None: transformers 5 layers
+        model(input_ids=ids)
+    assert cap.accumulators["model.layers.1"].n_rows == 12
+    with pytest.raises(TypeError, match=r"pick=0 indexes a tuple output, but this module returns a tensor .*pick=None"):
+        with sl.attach(model, "model.layers.1", pick=0), torch.no_grad():
+            model(input_ids=ids)
