@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any, Iterable
 
-__all__ = ["progress_enabled", "progress_bar"]
+__all__ = ["progress_enabled", "progress_bar", "sized_total"]
 
 
 def progress_enabled(progress: bool | None) -> bool:
