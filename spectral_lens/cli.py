@@ -95,6 +95,7 @@ def _fmt(v: float, spec: str = ".4f") -> str:
 def _cmd_predict(args) -> int:
     from .analysis.tail import TailPredictor
     from .records import open_runs
+    from .report import score_flags
 
     runs = open_runs(args.runs)
     pred = TailPredictor(args.fraction, window=_window(args.window), spectrum=args.spectrum).fit(runs)
@@ -118,7 +119,8 @@ def _cmd_predict(args) -> int:
         }
         if score is not None:
             out["score"] = {"rho": score.rho, "pvalue": score.pvalue, "n": score.n,
-                            "within": {f: {"rho": w.rho, "pvalue": w.pvalue, "n": w.n} for f, w in score.within.items()}}
+                            "within": {f: {"rho": w.rho, "pvalue": w.pvalue, "n": w.n} for f, w in score.within.items()},
+                            "cautions": score_flags(score)}
         print(json.dumps(out, indent=2))
         return 0
     for f, rk in rankings.items():
@@ -132,6 +134,8 @@ def _cmd_predict(args) -> int:
             print(f"Spearman rho (early alpha_tail vs eps_tok), {f}: {_fmt(w.rho, '.3f')} (p = {_fmt(w.pvalue, '.3g')}, n = {w.n})")
         if len(score.within) > 1:
             print(f"pooled (per-family min-max normalized): {_fmt(score.rho, '.3f')} (p = {_fmt(score.pvalue, '.3g')})")
+        for f in score_flags(score):
+            print(f"caution: {f}")
     return 0
 
 

@@ -45,6 +45,8 @@ def test_report_prints_cautions_for_three_tiers(tmp_path, capsys):
     assert "caution: family three: underpowered (only 3 runs (fewer than 4)" in out
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "### Caution" in text and "underpowered" in text
+    assert main(["predict", str(tmp_path / "runs"), "--target-loss", "3.2"]) == 0
+    assert "caution: family three: underpowered" in capsys.readouterr().out
 
 
 def test_loss_curves_plot_the_records(tmp_path):
