@@ -33,21 +33,37 @@ class LensDriver:
                 raise TypeError(f"sink {type(s).__name__} has no log_measurement(measurement, tail=, head=) method")
         self.tokens_per_step = tokens_per_step
         self.last_step: int | None = None
+        self.handle = None
 
-    def check_model(self, model: Any, where: str) -> None:
-        """Raise when the framework trains a module that neither is nor contains the lens's model."""
-        if model is not None and not any(m is self.lens.model for m in model.modules()):
+    def release(self) -> None:
+        """Detach the lens again if :meth:`bind` attached it."""
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def bind(self, model: Any, where: str) -> None:
+        """Attach a lens built without a model (``SpectralLens(pool=...)``) to the trained ``model``;
+        for a lens with a model, raise when ``model`` neither is nor contains it."""
+        if model is None:
+            return
+        if self.lens.model is None:
+            self.handle = self.lens.attach(model)
+            return
+        if not any(m is self.lens.model for m in model.modules()):
             raise ValueError(
                 f"{where}: the trainer's model ({type(model).__name__}) is not the model the SpectralLens "
                 f"measures ({type(self.lens.model).__name__}); build the lens on the model you train"
             )
 
     def windows(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
-        """The alpha windows of the lens's run record (the records' defaults without a writer)."""
+        """The alpha windows of the lens's run record (the lens's own windows without a writer).
+
+        Only used for spectra whose summaries a measurement does not carry.
+        """
         writer = self.lens.writer
         if writer is not None:
             return writer.tail_window, writer.head_window
-        return (100, 200), (10, 40)
+        return self.lens.tail_window or (100, 200), self.lens.head_window or (10, 40)
 
     def tokens(self, step: int, counted: int | None = None) -> int:
         """Training tokens at ``step``: the framework's count when it keeps one, else

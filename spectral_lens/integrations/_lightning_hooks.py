@@ -33,8 +33,12 @@ class LightningHooks:
                 logger.log_metrics(scalars, step=step)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        """Check that the trainer fits the module the lens measures."""
-        self.driver.check_model(pl_module, type(self).__name__)
+        """Attach a lens without a model to ``pl_module``; else check that it is (or contains) the lens's."""
+        self.driver.bind(pl_module, type(self).__name__)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        """Detach the lens if this callback attached it."""
+        self.driver.release()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Measure when the lens's schedule names the current ``trainer.global_step``."""

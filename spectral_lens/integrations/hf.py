@@ -16,8 +16,10 @@ __all__ = ["SpectralLensCallback"]
 class SpectralLensCallback(_transformers.TrainerCallback):
     """Measure spectra during ``transformers.Trainer.train()``.
 
-    Build a :class:`~spectral_lens.SpectralLens` on the model you train, with its held-out pool (dict
-    batches as the model takes them, on the model's device), a
+    Build a :class:`~spectral_lens.SpectralLens` with the held-out pool (dict batches as the model
+    takes them, on the model's device; padded positions are left out by default), either on the
+    model you train or without a model (``SpectralLens(pool=...)``: the callback attaches it to the
+    trainer's model for the run and detaches it afterwards), a
     :class:`~spectral_lens.records.RunWriter` and a :class:`~spectral_lens.Schedule`; the callback
     measures after every optimizer step the schedule names (``TrainerState.global_step``) and, with
     ``on_evaluate=True``, after every evaluation too (recording its ``eval_loss`` as the validation
@@ -33,7 +35,8 @@ class SpectralLensCallback(_transformers.TrainerCallback):
       the trainer's loggers).
 
     Args:
-        lens: the configured ``SpectralLens`` (its ``schedule`` and ``writer`` are used).
+        lens: the configured ``SpectralLens`` (its ``schedule`` and ``writer`` are used), with or
+            without a model.
         on_evaluate: also measure at every evaluation.
         tokens_per_step: training tokens per optimizer step, used when the trainer does not count
             input tokens (``TrainingArguments(include_num_input_tokens_seen=...)``); without
@@ -55,7 +58,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
 
     def attach(self, trainer) -> "SpectralLensCallback":
         """Add this callback to ``trainer`` and log its scalars through ``trainer.log``; returns self."""
-        self.driver.check_model(trainer.model, "SpectralLensCallback.attach")
+        self.driver.bind(trainer.model, "SpectralLensCallback.attach")
         trainer.add_callback(self)
         self.trainer = trainer
         return self
@@ -71,8 +74,12 @@ class SpectralLensCallback(_transformers.TrainerCallback):
             state.log_history.append({**scalars, "step": step})
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        """Check that the trainer trains the model the lens measures."""
-        self.driver.check_model(model, "SpectralLensCallback")
+        """Attach a lens without a model to the trainer's model; else check that it is the lens's."""
+        self.driver.bind(model, "SpectralLensCallback")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Detach the lens if this callback attached it."""
+        self.driver.release()
 
     def on_step_end(self, args, state, control, **kwargs):
         """Measure when the lens's schedule names this optimizer step."""

@@ -13,8 +13,9 @@ __all__ = ["SpectralLensLightningCallback"]
 class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
     """Measure spectra during ``Trainer.fit()`` of the standalone ``pytorch_lightning`` package.
 
-    Build a :class:`~spectral_lens.SpectralLens` on the ``LightningModule`` (or on the inner model
-    the module trains) with its held-out pool, a :class:`~spectral_lens.records.RunWriter` and a
+    Build a :class:`~spectral_lens.SpectralLens` on the ``LightningModule`` or on the inner model it
+    trains, or without a model (``SpectralLens(pool=...)``: the callback attaches it to the
+    ``LightningModule`` for the fit and detaches it afterwards), with its held-out pool, a :class:`~spectral_lens.records.RunWriter` and a
     :class:`~spectral_lens.Schedule` (pass ``forward_fn=`` when the module's ``forward`` does not
     take the pool's batches). The callback measures after every optimizer step the schedule names
     (``trainer.global_step``) and, with ``on_validation=True``, after every validation run,
@@ -26,7 +27,8 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
     every logger of the trainer (``trainer.loggers``: TensorBoard, CSV, W&B, ...).
 
     Args:
-        lens: the configured ``SpectralLens`` (its ``schedule`` and ``writer`` are used).
+        lens: the configured ``SpectralLens`` (its ``schedule`` and ``writer`` are used), with or
+            without a model.
         on_validation: also measure after every validation run.
         val_loss_key: the logged metric recorded as validation loss.
         tokens_per_step: training tokens per optimizer step (records' ``tokens``); without it,

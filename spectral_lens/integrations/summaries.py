@@ -1,8 +1,10 @@
 """The scalars a logging sink shows for one :class:`~spectral_lens.lens.LensMeasurement`.
 
-One small helper so every sink logs the same names. The summaries are computed here from
-``LensMeasurement.spectra`` with :func:`spectral_lens.records.spectrum_summaries`, the function that
-also fills ``measurements.jsonl``, so the logged values equal the recorded ones for the same windows.
+One small helper so every sink logs the same names. A measurement of
+:class:`~spectral_lens.SpectralLens` carries its summaries (``LensMeasurement.summaries``, computed
+with the run record's windows by :func:`spectral_lens.records.spectrum_summaries`, the function that
+also fills ``measurements.jsonl``), so the logged values equal the recorded ones; for a spectrum
+without stored summaries (a measurement built by hand) they are computed here with the same function.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ def measurement_summaries(
 
     Args:
         measurement: one measurement of :class:`~spectral_lens.SpectralLens`.
-        tail, head: rank windows of ``alpha_tail`` and ``alpha_head`` (those of the run's
-            :class:`~spectral_lens.records.RunWriter` keep logs and records equal).
+        tail, head: rank windows of ``alpha_tail`` and ``alpha_head`` for spectra whose summaries
+            the measurement does not carry (its own summaries use the lens's windows).
 
     A key whose value :func:`~spectral_lens.records.spectrum_summaries` leaves out (a window outside
     the spectrum or beyond the sample rank, an all-zero spectrum) is ``NaN``, so a chart shows a gap
@@ -37,7 +39,9 @@ def measurement_summaries(
     """
     out: dict[str, dict[str, float]] = {}
     for name, spectrum in measurement.spectra.items():
-        summ = spectrum_summaries(spectrum, tail, head)
+        summ = measurement.summaries.get(name)
+        if summ is None:
+            summ = spectrum_summaries(spectrum, tail, head)
         out[name] = {key: float(summ.get(key, math.nan)) for key in SUMMARY_KEYS}
     return out
 

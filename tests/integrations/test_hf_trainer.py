@@ -89,16 +89,19 @@ def test_records_and_trainer_logs(tmp_path, monkeypatch):
     assert len(tags) == 1 and [e.step for e in acc.Scalars(tags[0])] == [5, 10, 15, 20]
 
 
-def test_plain_callback_logs_into_state_and_sinks(tmp_path):
+def test_plain_callback_attaches_a_lens_without_model_and_logs_into_state(tmp_path):
     model = tiny_llama()
-    lens = sl.SpectralLens(model, heldout_pool(), params=(), schedule=sl.Schedule.at_fractions(20, [0.5, 1.0]))
+    lens = sl.SpectralLens(pool=heldout_pool(), params=(), schedule=sl.Schedule.every(10))
     sink = Recorder()
     trainer = trainer_for(model, tmp_path)
     trainer.add_callback(SpectralLensCallback(lens, sinks=[sink]))
     trainer.train()
     assert [m.step for m in lens.history] == [10, 20] == [m.step for m in sink.seen]
     assert [m.tokens for m in lens.history] == [10, 20]  # no token count: tokens count steps
-    assert [h["step"] for h in trainer.state.log_history if "spectral_lens/act:model.layers.1/rankme" in h] == [10, 20]
+    assert lens.model is None  # attached for the run only
+    logged = [h for h in trainer.state.log_history if "spectral_lens/act:model.layers.1/rankme" in h]
+    assert [h["step"] for h in logged] == [10, 20]
+    assert logged[-1]["spectral_lens/act:model.layers.1/rankme"] == lens.history[-1].summaries["act:model.layers.1"]["rankme"]
 
 
 def test_wrong_model_is_a_clear_error(tmp_path):

@@ -84,8 +84,11 @@ def test_no_logger_and_module_check(tmp_path):
     lens = sl.SpectralLens(module.net, lm_pool(1, batch=4, t=12, vocab=37), params=(),
                            schedule=sl.Schedule.at_fractions(6, [0.5, 1.0]))
     trainer(tmp_path, SpectralLensLightningCallback(lens), False, limit_val_batches=0).fit(module, loader(6, 0))
-    assert [m.step for m in lens.history] == [3, 6]
-    assert [m.tokens for m in lens.history] == [3, 6]  # no tokens_per_step: tokens count steps
+    assert [m.step for m in lens.history] == [3, 5]  # at_fractions maps 1.0 to the last step a loop runs
+    assert [m.tokens for m in lens.history] == [3, 5]  # no tokens_per_step: tokens count steps
+    unbound = sl.SpectralLens(pool=lm_pool(1, batch=4, t=12, vocab=37), params=(), schedule=sl.Schedule.every(3))
+    trainer(tmp_path, SpectralLensLightningCallback(unbound), False, limit_val_batches=0).fit(TinyLit(), loader(6, 0))
+    assert [m.step for m in unbound.history] == [3, 6] and unbound.model is None  # attached for the fit only
     other = sl.SpectralLens(TinyGPT(), lm_pool(1), params=(), schedule=sl.Schedule.every(1))
     with pytest.raises(ValueError, match="not the model the SpectralLens measures"):
         trainer(tmp_path, SpectralLensLightningCallback(other), False, limit_val_batches=0).fit(TinyLit(), loader(2, 0))

@@ -55,3 +55,31 @@ def test_scalars_are_flat_prefixed_and_keep_non_finite_values():
     assert flat["p/act:a/alpha_tail"] == pytest.approx(1.0, abs=1e-9)
     assert set(flat) == {"p/noise_scale", "p/val_loss"} | {f"p/act:a/{k}" for k in
                                                           ("alpha_tail", "alpha_head", "rankme", "stable_rank")}
+
+
+def test_summaries_the_measurement_carries_are_used_as_they_are():
+    m = sl.LensMeasurement(1, 1, {"act:a": power_law(64, 1.0)}, {"noise_scale": 2.0},
+                           summaries={"act:a": {"alpha_tail": 0.25, "rankme": 3.0}})
+    flat = measurement_scalars(m, (10, 40), (1, 4))
+    assert flat["spectral_lens/act:a/alpha_tail"] == 0.25 and flat["spectral_lens/act:a/rankme"] == 3.0
+    assert math.isnan(flat["spectral_lens/act:a/stable_rank"])  # not carried: NaN, not recomputed
+
+
+def test_a_lens_measurement_logs_what_it_records(tmp_path):
+    from support.models import TinyGPT, lm_pool
+
+    from spectral_lens.records import RunInfo, RunWriter, open_runs
+
+    model = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
+    with RunWriter(tmp_path / "r", RunInfo("r"), fsync=False, tail_window=(3, 12), head_window=(1, 3)) as w:
+        m = sl.SpectralLens(model, lm_pool(2, batch=4, t=12, vocab=37), writer=w).measure(1, 10)
+    flat = measurement_scalars(m)
+    stored = open_runs([tmp_path / "r"])[0].measurements[0].summaries
+    assert set(stored) == {"act:transformer.h.1", "grad:transformer.h.1.attn.c_proj.weight"}
+    assert "alpha_tail" in stored["act:transformer.h.1"]
+    for name, summ in stored.items():
+        for key in ("alpha_tail", "alpha_head", "rankme", "stable_rank"):
+            if key in summ:
+                assert flat[f"spectral_lens/{name}/{key}"] == pytest.approx(summ[key], rel=1e-12)
+            else:  # a window 8 gradient samples cannot resolve: not stored, logged as NaN
+                assert math.isnan(flat[f"spectral_lens/{name}/{key}"])
