@@ -10,6 +10,7 @@ lines may sit between them) is not run. A failure names the page and the block's
 from __future__ import annotations
 
 import ast
+import importlib.util
 import os
 import re
 import traceback
@@ -19,9 +20,18 @@ from pathlib import Path
 
 import pytest
 
-from docs.fixtures import FIXTURES
-
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_fixtures():
+    # by path: a plain ``import docs.fixtures`` could also find the repository's docs/ folder
+    spec = importlib.util.spec_from_file_location("spectral_lens_docs_fixtures", Path(__file__).with_name("fixtures.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FIXTURES = _load_fixtures().FIXTURES
 SKIP = "<!-- docs-test: skip -->"
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([\w+-]*)")
 
