@@ -9,7 +9,7 @@ import spectral_lens as sl
 
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the hf extra installs it)")
-from spectral_lens.integrations import SpectralLensCallback, TensorBoardSink  # noqa: E402
+from spectral_lens.integrations import SpectralLensCallback  # noqa: E402
 from spectral_lens.records import RunInfo, RunWriter, open_runs, spectrum_summaries  # noqa: E402
 
 VOCAB, T = 64, 16
