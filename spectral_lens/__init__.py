@@ -2,7 +2,11 @@
 
 Core pieces (attach to any ``nn.Module``):
 
-* :class:`ActivationCovarianceAccumulator` and :func:`attach`: streaming centered covariance spectra.
+* :class:`ActivationCovarianceAccumulator` (``acc.attach(model, target)``) and :func:`attach`:
+  streaming centered covariance spectra.
+* :class:`PerSampleGradientProbe` (``probe.attach(model)``) and :class:`SpectralLens`
+  (``lens.attach(model)``): per-sample gradient spectra and the whole measurement protocol.
+* :class:`TailPredictor` and :class:`SweepController`: early prediction of the token-efficient batch tier.
 * :class:`Spectrum`: the result type (float64 eigenvalues, descending) with a pickle-free file format.
 * :class:`BandAlphaFitter`, :class:`RankMe`, :func:`participation_ratio`, :func:`stable_rank`,
   :func:`crossover_rank`: summaries.
@@ -22,8 +26,11 @@ from ._warnings import (
 from .accumulate import ActivationCapture, ActivationCovarianceAccumulator, attach
 from .capture import select_modules
 from .spectra.fit import PAPER_WINDOWS, AlphaFit, CrossoverFit, tail_window
-from .gradients import NoiseScale, PerSampleGradientProbe
-from .lens import LensMeasurement, Schedule, SpectralLens
+from .gradients import NoiseScale, PerSampleGradientProbe, ProbeAttachment
+from .gradients.fallback import EngineFallbackWarning
+from .lens import LensAttachment, LensMeasurement, Schedule, SpectralLens, attention_mask
+from .analysis.sweep import SweepController
+from .analysis.tail import TailPredictor
 from .spectrum import Spectrum
 from .summaries import BandAlphaFitter, RankMe, crossover_rank, participation_ratio, stable_rank
 
@@ -37,10 +44,13 @@ __all__ = [
     "BandAlphaFitter",
     "CompiledModelWarning",
     "CrossoverFit",
+    "EngineFallbackWarning",
     "InsufficientRowsWarning",
+    "LensAttachment",
     "LensMeasurement",
     "NoiseScale",
     "PerSampleGradientProbe",
+    "ProbeAttachment",
     "Schedule",
     "SpectralLens",
     "NonFiniteError",
@@ -49,8 +59,11 @@ __all__ = [
     "SpectralLensWarning",
     "Spectrum",
     "SpectrumFormatError",
+    "SweepController",
+    "TailPredictor",
     "StateFormatError",
     "attach",
+    "attention_mask",
     "crossover_rank",
     "participation_ratio",
     "select_modules",

@@ -481,6 +481,15 @@ class ActivationCovarianceAccumulator:
         acc.load_state_dict({**header, **arrays}, origin=str(path))
         return acc
 
+    def attach(self, model: nn.Module, target: Target, *, pick=None) -> "ActivationCapture":
+        """Feed this accumulator from the output of the one module of ``model`` that ``target`` selects.
+
+        ``target`` and ``pick`` are as in :func:`attach` (which builds one accumulator per module);
+        here it must select exactly one module. Sets ``name`` to the module's name if unset. Returns
+        the hook handle: a context manager with ``remove()`` and ``mask(...)``.
+        """
+        return _attach_one(self, model, target, pick)
+
     def __repr__(self) -> str:
         return (f"ActivationCovarianceAccumulator(name={self.name!r}, dim={self.dim}, precision={self.precision!r}, "
                 f"nonfinite={self.nonfinite!r}, updates={self._updates})")
@@ -559,6 +568,23 @@ def attach(
     except BaseException:
         capture.remove()
         raise
+    return capture
+
+
+def _attach_one(acc: ActivationCovarianceAccumulator, model: nn.Module, target: Target, pick) -> ActivationCapture:
+    warn_if_compiled(model)
+    selected = select_modules(model, target)
+    if len(selected) != 1:
+        raise ValueError(
+            f"{acc._label()}.attach: target {target!r} selects {len(selected)} modules of {type(model).__name__} "
+            f"({[n for n, _ in selected][:8]}); one accumulator measures one module: name exactly one, or use "
+            "spectral_lens.attach(model, target) for one accumulator per module"
+        )
+    name, module = selected[0]
+    if acc.name is None:
+        acc.name = name
+    capture = ActivationCapture({name: acc})
+    capture.add(module.register_forward_hook(_make_hook(capture, name, pick)))
     return capture
 
 

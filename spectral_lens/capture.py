@@ -97,8 +97,9 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
 def pick_tensor(output, pick, where: str) -> torch.Tensor:
     """The tensor a hook measures from a module output.
 
-    ``pick=None`` requires the output to be a tensor. An ``int`` indexes a tuple/list output, a
-    ``str`` keys a dict (or an attribute of a model-output object), a callable receives the output.
+    ``pick=None`` requires the output to be a tensor. An ``int`` indexes a tuple/list output (an int
+    on a tensor output is an error, never a silent index into the batch), a ``str`` keys a dict (or
+    an attribute of a model-output object), a callable receives the output.
     """
     if pick is None:
         value = output
@@ -110,6 +111,13 @@ def pick_tensor(output, pick, where: str) -> torch.Tensor:
         value = output[pick]
     elif isinstance(pick, str) and hasattr(output, pick):
         value = getattr(output, pick)
+    elif isinstance(pick, int) and isinstance(output, torch.Tensor):
+        # indexing would silently measure sample `pick` only; say what changed instead
+        raise TypeError(
+            f"{where}: pick={pick} indexes a tuple output, but this module returns a tensor of shape "
+            f"{tuple(output.shape)}: pass pick=None (Hugging Face decoder layers return a tensor since "
+            "transformers 5; older versions returned a tuple and needed pick=0)"
+        )
     else:
         raise TypeError(f"{where}: cannot pick {pick!r} from an output of type {type(output).__name__}")
     if not isinstance(value, torch.Tensor):

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     def early_args(p):
         p.add_argument("--fraction", type=float, default=0.2, help="early checkpoint, fraction of the token budget (default 0.2)")
         p.add_argument("--window", type=int, nargs=2, metavar=("LO", "HI"),
-                       help="rank window of alpha_tail (default: scale rule from the runs' n_layer)")
+                       help="rank window of alpha_tail (default: the tail window each run recorded in its run.json; "
+                            "the runs of a family must agree)")
         p.add_argument("--spectrum", help="spectrum name (default: each run's primary / only activation spectrum)")
         p.add_argument("--target-loss", type=float, help="target validation loss for tokens-to-target and eps_tok")
 
@@ -80,6 +81,8 @@ def _cmd_report(args) -> int:
         window=_window(args.window), spectrum=args.spectrum, transitions=args.transition, plots=not args.no_plots,
     )
     print(f"wrote {rep.path}" + (f" and {len(rep.figures)} figures" if rep.figures else ""))
+    for f in rep.flags:
+        print(f"caution: {f}")
     for n in rep.notes:
         print(f"note: {n}")
     return 0
@@ -90,8 +93,9 @@ def _fmt(v: float, spec: str = ".4f") -> str:
 
 
 def _cmd_predict(args) -> int:
-    from .analysis.predictor import TailPredictor
+    from .analysis.tail import TailPredictor
     from .records import open_runs
+    from .report import score_flags
 
     runs = open_runs(args.runs)
     pred = TailPredictor(args.fraction, window=_window(args.window), spectrum=args.spectrum).fit(runs)
@@ -115,7 +119,8 @@ def _cmd_predict(args) -> int:
         }
         if score is not None:
             out["score"] = {"rho": score.rho, "pvalue": score.pvalue, "n": score.n,
-                            "within": {f: {"rho": w.rho, "pvalue": w.pvalue, "n": w.n} for f, w in score.within.items()}}
+                            "within": {f: {"rho": w.rho, "pvalue": w.pvalue, "n": w.n} for f, w in score.within.items()},
+                            "cautions": score_flags(score)}
         print(json.dumps(out, indent=2))
         return 0
     for f, rk in rankings.items():
@@ -129,6 +134,8 @@ def _cmd_predict(args) -> int:
             print(f"Spearman rho (early alpha_tail vs eps_tok), {f}: {_fmt(w.rho, '.3f')} (p = {_fmt(w.pvalue, '.3g')}, n = {w.n})")
         if len(score.within) > 1:
             print(f"pooled (per-family min-max normalized): {_fmt(score.rho, '.3f')} (p = {_fmt(score.pvalue, '.3g')})")
+        for f in score_flags(score):
+            print(f"caution: {f}")
     return 0
 
 

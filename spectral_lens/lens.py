@@ -16,13 +16,36 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from ._progress import progress_bar, sized_total
 from .accumulate import attach
 from .capture import Target
 from .gradients import PerSampleGradientProbe
-from .gradients._batch import default_forward
+from .gradients._batch import batch_size, default_forward, slice_batch
+from .spectra.fit import tail_window
+from .records import spectrum_summaries
 from .spectrum import Spectrum
 
-__all__ = ["SpectralLens", "Schedule", "LensMeasurement", "deepest_block", "all_blocks"]
+__all__ = [
+    "SpectralLens",
+    "LensAttachment",
+    "Schedule",
+    "LensMeasurement",
+    "attention_mask",
+    "deepest_block",
+    "all_blocks",
+]
+
+
+def attention_mask(batch: Any) -> torch.Tensor | None:
+    """The default ``mask_fn`` of :class:`SpectralLens`: valid positions of a padded batch.
+
+    For a dict batch with an ``"attention_mask"`` entry, that mask as bool (``True`` = real token);
+    for every other batch ``None`` (all rows measured). The mask must have the measured module
+    output's leading shape (``(M, T)`` for a ``(M, T, d)`` block output).
+    """
+    if isinstance(batch, dict) and batch.get("attention_mask") is not None:
+        return batch["attention_mask"].bool()
+    return None
 
 
 def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -86,12 +109,19 @@ class Schedule:
 
     @classmethod
     def at_fractions(cls, total_steps: int, fractions: Iterable[float] = (0.2,)) -> "Schedule":
-        """The steps at fractions of training progress (the paper's early prediction uses 0.2)."""
+        """The steps at fractions of training progress (the paper's early prediction uses 0.2).
+
+        For a loop ``for step in range(total_steps)``: fraction ``f`` maps to step
+        ``min(ceil(f * total_steps), total_steps - 1)``, so ``1.0`` is the last step the loop runs
+        (``total_steps - 1``) and every fraction is measured.
+        """
+        if int(total_steps) < 1:
+            raise ValueError(f"Schedule.at_fractions: total_steps must be >= 1, got {total_steps}")
         out = set()
         for f in fractions:
             if not 0.0 <= f <= 1.0:
                 raise ValueError(f"Schedule.at_fractions: fraction {f} outside [0, 1]")
-            out.add(int(math.ceil(f * total_steps)))
+            out.add(min(int(math.ceil(f * total_steps)), int(total_steps) - 1))
         return cls(frozenset(out))
 
     def __contains__(self, step: int) -> bool:
@@ -110,20 +140,66 @@ class LensMeasurement:
         step, tokens: checkpoint position.
         spectra: ``{"act:<module>": Spectrum, "grad:<parameter>": Spectrum}``.
         scalars: ``noise_scale`` (B_simple in samples, from the first probed matrix),
-            ``noise_scale:<parameter>`` for each, ``val_loss`` when given.
+            ``noise_scale:<parameter>`` for each, ``val_loss`` when given. A noise scale is
+            ``math.inf`` when the estimated squared mean gradient is <= 0 (for example all gradients
+            zero): it is kept as ``inf``, never dropped or clipped.
+        summaries: per spectrum name, the scalar summaries of
+            :func:`~spectral_lens.records.spectrum_summaries`: ``rankme``, ``participation_ratio``,
+            ``stable_rank``, and ``alpha_tail``/``alpha_head`` (with ``_r2``) when the lens's windows
+            fit the spectrum (see ``SpectralLens(tail_window=..., head_window=...)``). The same values
+            the run record stores.
     """
 
     step: int
     tokens: int
     spectra: dict[str, Spectrum]
     scalars: dict[str, float]
+    summaries: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def flat(self) -> dict[str, float]:
+        """Every scalar as one flat mapping for logging sinks: ``scalars`` as they are, and each
+        summary as ``"<spectrum>/<summary>"`` (e.g. ``"act:blocks.3/alpha_tail"``). Values may be
+        ``inf`` or ``nan``; a sink decides how to show them."""
+        out = dict(self.scalars)
+        for name, summ in self.summaries.items():
+            out.update({f"{name}/{k}": float(v) for k, v in summ.items()})
+        return out
+
+
+class LensAttachment:
+    """Handle returned by :meth:`SpectralLens.attach`: ``remove()`` unbinds the lens from its model.
+
+    A context manager; ``remove()`` is idempotent. The lens registers hooks only while it measures,
+    so attaching and removing change nothing in the model.
+    """
+
+    def __init__(self, lens: "SpectralLens", model: nn.Module) -> None:
+        self.lens, self.model = lens, model
+
+    @property
+    def active(self) -> bool:
+        """Whether the lens is still bound to this handle's model."""
+        return self.model is not None and self.lens.model is self.model
+
+    def remove(self) -> None:
+        """Unbind the lens (see :meth:`SpectralLens.detach`)."""
+        if self.active:
+            self.lens.detach()
+        self.model = None
+
+    def __enter__(self) -> "LensAttachment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
 
 
 class SpectralLens:
     """Measure activation and per-sample gradient spectra of a model over a fixed held-out pool.
 
     Args:
-        model: the model being trained (measure the uncompiled module).
+        model: the model being trained (measure the uncompiled module), or ``None`` to configure the
+            lens first and bind it later with :meth:`attach`.
         pool: a re-iterable of batches (list, DataLoader): each batch as the model's forward takes it
             through ``forward_fn`` (default: ``model(batch[0])`` for ``(input_ids, targets)`` tuples,
             ``model(**batch)`` for dicts, ``model(batch)`` for tensors). Reuse the same pool at every
@@ -134,15 +210,26 @@ class SpectralLens:
             output projection; a name/glob/list as :class:`PerSampleGradientProbe` takes; ``()`` = none.
         gradient_pool: batches for the gradient protocol (default: ``pool``).
         gradient_samples: cap on sequences M used for gradient spectra (paper: 512); ``None`` = all.
-        precision, pick: passed to the activation accumulators.
-        mask_fn: ``mask_fn(batch) -> bool mask`` of valid positions (padding), or ``None``.
+        precision, pick: passed to the activation accumulators. Hugging Face decoder layers of
+            ``transformers`` >= 5 return a tensor: leave ``pick=None`` (older versions returned a
+            tuple, ``pick=0``).
+        mask_fn: ``mask_fn(batch) -> bool mask`` of the positions to measure, or ``None``. Default
+            :func:`attention_mask`: padded positions of dict batches with an ``"attention_mask"``
+            are excluded from the activation rows (the gradient loss masks them too). Pass your own
+            function to override, or ``mask_fn=None`` to measure every position.
         forward_fn: how to call the model on a batch for the activation pass.
         probe: a configured :class:`PerSampleGradientProbe` (custom ``loss_fn``, ``chunk_size``,
-            ``autocast_dtype``, ...) to use instead of one built from ``params``.
+            ``autocast_dtype``, ...) to use instead of one built from ``params``; an unattached probe
+            is attached to the model.
         autocast_dtype: run the activation pass under ``torch.autocast`` with this dtype (e.g. bf16).
         writer: a :class:`~spectral_lens.records.RunWriter`; each measurement is appended to it.
         schedule: a :class:`Schedule` used by :meth:`maybe_measure`.
-        progress: show a progress bar (needs ``tqdm``; silently none without it).
+        progress: progress bars over the pool (``tqdm``): ``None`` (default) = on in a terminal, off
+            in CI (``$CI`` set) and when stderr is not a TTY; ``True``/``False`` force it.
+        tail_window, head_window: rank windows of ``alpha_tail``/``alpha_head`` in
+            :attr:`LensMeasurement.summaries`. Default: the ``writer``'s recorded windows; without a
+            writer, the scale rule for the depth of the model's layer stack
+            (:func:`~spectral_lens.tail_window`) and ``(10, 40)``.
         group: ``torch.distributed`` process group. With one, each rank runs the activation pass on
             its share of the pool (batch ``i`` goes to rank ``i % world``) and statistics are synced;
             the gradient protocol runs on rank 0 over the whole gradient pool (cross-sample Gram
@@ -153,8 +240,8 @@ class SpectralLens:
 
     def __init__(
         self,
-        model: nn.Module,
-        pool: Iterable[Any],
+        model: nn.Module | None = None,
+        pool: Iterable[Any] | None = None,
         *,
         layers: Target | str | None = None,
         params: str | Sequence[str] | None = None,
@@ -162,22 +249,24 @@ class SpectralLens:
         gradient_samples: int | None = None,
         precision: str = "exact",
         pick=None,
-        mask_fn: Callable[[Any], torch.Tensor | None] | None = None,
+        mask_fn: Callable[[Any], torch.Tensor | None] | None = attention_mask,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         probe: PerSampleGradientProbe | None = None,
         autocast_dtype: torch.dtype | None = None,
         writer=None,
         schedule: Schedule | None = None,
-        progress: bool = False,
+        progress: bool | None = None,
+        tail_window: tuple[int, int] | None = None,
+        head_window: tuple[int, int] | None = None,
         group=None,
     ) -> None:
-        self.model = model
+        if pool is None:
+            raise ValueError("SpectralLens needs pool=: a re-iterable of held-out batches")
+        if probe is not None and params is not None:
+            raise ValueError("SpectralLens: pass params= or a configured probe=, not both")
         self.pool = pool
-        if layers is None:
-            layers = deepest_block(model)
-        elif layers == "all":
-            layers = all_blocks(model)
-        self.layers = layers
+        self.layers_spec = layers
+        self.params_spec = params
         self.gradient_pool = pool if gradient_pool is None else gradient_pool
         self.gradient_samples = gradient_samples
         self.precision = precision
@@ -188,14 +277,58 @@ class SpectralLens:
         self.writer = writer
         self.schedule = schedule
         self.progress = progress
+        self.tail_window = tail_window
+        self.head_window = head_window
         self.group = group
-        if probe is not None and params is not None:
-            raise ValueError("SpectralLens: pass params= or a configured probe=, not both")
-        if probe is not None and probe.model is not model:
-            raise ValueError("SpectralLens: probe= was built for another model")
-        no_grad = isinstance(params, (list, tuple)) and len(params) == 0
-        self.probe = probe if probe is not None else (None if no_grad else PerSampleGradientProbe(model, params))
+        self.model: nn.Module | None = None
+        self.layers = None
+        self.probe: PerSampleGradientProbe | None = probe
         self.history: list[LensMeasurement] = []
+        if model is not None:
+            self._bind(model)
+
+    # ------------------------------------------------------------------ attachment
+    def _bind(self, model: nn.Module) -> None:
+        layers = self.layers_spec
+        if layers is None:
+            layers = deepest_block(model)
+        elif isinstance(layers, str) and layers == "all":
+            layers = all_blocks(model)
+        probe = self.probe
+        no_grad = isinstance(self.params_spec, (list, tuple)) and len(self.params_spec) == 0
+        if probe is not None:
+            if probe.model is None:
+                probe.attach(model)
+            elif probe.model is not model:
+                raise ValueError("SpectralLens: probe= was built for another model")
+        elif not no_grad:
+            probe = PerSampleGradientProbe(model, self.params_spec)
+        self.model, self.layers, self.probe = model, layers, probe
+
+    def attach(self, model: nn.Module) -> LensAttachment:
+        """Bind a lens built without a model (``SpectralLens(pool=..., ...)``) to ``model``.
+
+        Resolves ``layers`` and the probed ``params`` in it. Returns a handle; ``handle.remove()``
+        (or leaving ``with lens.attach(model):``) unbinds the lens again. Hooks are registered only
+        while measuring.
+        """
+        if self.model is not None and self.model is not model:
+            raise ValueError(
+                f"SpectralLens is attached to another {type(self.model).__name__}; call remove() on its handle first"
+            )
+        self._bind(model)
+        return LensAttachment(self, model)
+
+    def detach(self) -> None:
+        """Unbind the lens and its probe from the model (idempotent); the history is kept."""
+        if self.probe is not None:
+            self.probe.detach()
+        self.model, self.layers = None, None
+
+    def _require_model(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("SpectralLens is not attached to a model: call lens.attach(model) first")
+        return self.model
 
     # ------------------------------------------------------------------ helpers
     def _dist(self) -> tuple[int, int]:
@@ -205,27 +338,27 @@ class SpectralLens:
             return dist.get_rank(self.group), dist.get_world_size(self.group)
         return 0, 1
 
-    def _iterate(self, batches: Iterable[Any], desc: str, shard: bool):
-        rank, world = self._dist() if shard else (0, 1)
-        it = (b for i, b in enumerate(batches) if i % world == rank)
-        if self.progress:
-            try:
-                from tqdm.auto import tqdm
-
-                total = len(batches) if hasattr(batches, "__len__") else None
-                return tqdm(it, desc=desc, total=None if total is None else math.ceil((total - rank) / world), leave=False)
-            except ImportError:
-                pass
-        return it
-
     def _device(self) -> torch.device:
-        p = next(self.model.parameters(), None)
+        p = next(self._require_model().parameters(), None)
         return p.device if p is not None else torch.device("cpu")
+
+    def _windows(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        tail, head = self.tail_window, self.head_window
+        if self.writer is not None:
+            tail = tail if tail is not None else getattr(self.writer, "tail_window", None)
+            head = head if head is not None else getattr(self.writer, "head_window", None)
+        if tail is None:
+            try:
+                tail = tail_window(len(all_blocks(self._require_model())))
+            except ValueError:
+                tail = tail_window(12)
+        return tail, head if head is not None else (10, 40)
 
     @contextlib.contextmanager
     def _eval_mode(self):
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
+        model = self._require_model()
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
         dev = self._device()
         devices = [dev] if dev.type == "cuda" else []
         try:
@@ -238,39 +371,74 @@ class SpectralLens:
     # ---------------------------------------------------------------- protocols
     def activation_spectra(self) -> dict[str, Spectrum]:
         """Covariance spectra of every selected layer over the pool (synced across ranks)."""
-        capture = attach(self.model, self.layers, pick=self.pick, precision=self.precision)
+        model = self._require_model()
+        capture = attach(model, self.layers, pick=self.pick, precision=self.precision)
         dev = self._device()
         autocast = (
             torch.autocast(dev.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None else contextlib.nullcontext()
         )
-        with capture, self._eval_mode(), torch.no_grad(), autocast:
-            for batch in self._iterate(self.pool, "activations", shard=True):
-                mask = self.mask_fn(batch) if self.mask_fn is not None else None
-                with capture.mask(mask):
-                    self.forward_fn(self.model, batch)
+        rank, world = self._dist()
+        total = sized_total(self.pool)
+        bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
+        try:
+            with capture, self._eval_mode(), torch.no_grad(), autocast:
+                for i, batch in enumerate(self.pool):
+                    if i % world != rank:
+                        continue
+                    mask = self.mask_fn(batch) if self.mask_fn is not None else None
+                    with capture.mask(mask):
+                        self.forward_fn(model, batch)
+                    if bar is not None:
+                        bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         for acc in capture.accumulators.values():
             acc.sync(self.group)
         return {f"act:{name}": spectrum for name, spectrum in capture.compute().items()}
 
+    def _gradient_total(self) -> int | None:
+        """Samples the gradient pass will take: the pool's sample count (lists, tuples, DataLoaders
+        over a sized dataset) capped by ``gradient_samples``; ``None`` when unknown."""
+        pool, cap = self.gradient_pool, self.gradient_samples
+        n = None
+        if isinstance(pool, (list, tuple)):
+            n = sum(batch_size(b) for b in pool)
+        else:
+            data = getattr(pool, "dataset", None)
+            bs = getattr(pool, "batch_size", None)
+            if data is not None and bs is not None and sized_total(data) is not None:
+                n = len(data) - (len(data) % bs if getattr(pool, "drop_last", False) else 0)
+        if cap is None:
+            return n
+        return cap if n is None else min(cap, n)
+
     def gradient_spectra(self) -> tuple[dict[str, Spectrum], dict[str, float]]:
         """Per-sample gradient spectra of the probed matrices and their noise scales (rank 0 computes)."""
+        self._require_model()
         if self.probe is None:
             return {}, {}
         rank, world = self._dist()
         result: list = [None]
         if rank == 0:
-            from .gradients._batch import batch_size, slice_batch
-
             self.probe.reset()
             seen = 0
-            for batch in self._iterate(self.gradient_pool, "gradients", shard=False):
-                if self.gradient_samples is not None:
-                    take = min(batch_size(batch), self.gradient_samples - seen)
-                    if take <= 0:
-                        break
-                    batch = slice_batch(batch, 0, take)
-                self.probe.update(batch)
-                seen += batch_size(batch)
+            bar = progress_bar(self._gradient_total(), "gradients", self.progress, "sample")
+            try:
+                for batch in self.gradient_pool:
+                    if self.gradient_samples is not None:
+                        take = min(batch_size(batch), self.gradient_samples - seen)
+                        if take <= 0:
+                            break
+                        batch = slice_batch(batch, 0, take)
+                    self.probe.update(batch)
+                    k = batch_size(batch)
+                    seen += k
+                    if bar is not None:
+                        bar.update(k)
+            finally:
+                if bar is not None:
+                    bar.close()
             spectra = self.probe.compute()
             noise = self.probe.noise_scale()
             if isinstance(spectra, Spectrum):
@@ -295,7 +463,9 @@ class SpectralLens:
             s.metadata.update(step=int(step), tokens=int(tokens))
         if val_loss is not None:
             scalars["val_loss"] = float(val_loss)
-        m = LensMeasurement(int(step), int(tokens), spectra, scalars)
+        tail, head = self._windows()
+        summaries = {name: spectrum_summaries(s, tail=tail, head=head) for name, s in spectra.items()}
+        m = LensMeasurement(int(step), int(tokens), spectra, scalars, summaries)
         self.history.append(m)
         if self.writer is not None and self._dist()[0] == 0:
             extra = {k: v for k, v in scalars.items() if k != "val_loss"}

@@ -13,13 +13,17 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .analysis.efficiency import group_by_family, matched_loss
-from .analysis.predictor import PredictionScore, alpha_trajectory, resolve_spectrum, resolve_window
+from .analysis.early import alpha_trajectory
+from .analysis.tier_predictor import PredictionScore
+from .analysis.windows import resolve_spectrum, resolve_window
 from .analysis.taxonomy import LABELS, TaxonomyResult
 from .records import RunRecord
 
 __all__ = [
     "require_matplotlib",
     "plot_spectra",
+    "plot_loss_curves",
+    "plot_gradient_spectra",
     "plot_alpha_trajectories",
     "plot_early_vs_eps",
     "plot_gain_plane",
@@ -134,6 +138,92 @@ def plot_spectra(
     return fig
 
 
+def plot_loss_curves(runs: Sequence[RunRecord], target_loss: float | None = None) -> "Figure":
+    """Validation loss against tokens (log x), one panel per family, one line per run.
+
+    Training loss from ``log.jsonl`` (``train_loss``), when recorded, is drawn thin and dashed in the
+    same color; ``target_loss`` as a horizontal line.
+    """
+    Figure = require_matplotlib()
+    fams = group_by_family(runs)
+    fig, axes = _grid(Figure, len(fams))
+    colors = _tier_colors(runs)
+    for ax, (family, members) in zip(axes, fams.items()):
+        drawn = False
+        for run in _sorted_runs(members):
+            c = colors.get(run.info.batch_tier)
+            train = [(e["tokens"], float(e["train_loss"])) for e in run.events
+                     if e.get("train_loss") is not None and e["tokens"] > 0]
+            if train:
+                t, l = zip(*sorted(train))
+                ax.plot(t, l, color=c, lw=0.8, ls="--", alpha=0.6)
+            tokens, losses = run.val_curve()
+            keep = tokens > 0
+            if keep.any():
+                ax.plot(tokens[keep], losses[keep], color=c, lw=1.5, label=_tier_label(run.info.batch_tier))
+                drawn = True
+        if target_loss is not None:
+            ax.axhline(target_loss, color="0.3", ls=":", lw=1, label=f"target {target_loss:g}")
+        if drawn:
+            ax.set_xscale("log")
+        else:
+            ax.text(0.5, 0.5, "no loss recorded", transform=ax.transAxes, ha="center", color="0.4")
+        ax.set_title(f"{family}: loss (solid: validation, dashed: training)", fontsize=10)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("loss")
+        ax.grid(True, which="major", alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def plot_gradient_spectra(runs: Sequence[RunRecord], target_loss: float | None = None) -> "Figure":
+    """Trace-normalized per-sample gradient spectra (``s_j^2``), overlaid per family.
+
+    Each run contributes its first gradient spectrum (the first name of kind ``"gradient"`` it
+    recorded) at its first measurement with ``val_loss <= target_loss`` or, without a target or when
+    it never reaches it, at its last measurement. Raises ``ValueError`` when no run recorded one.
+    """
+    Figure = require_matplotlib()
+    if not any(r.spectrum_names("gradient") for r in runs):
+        raise ValueError("no run recorded a gradient spectrum")
+    fams = group_by_family(runs)
+    fig, axes = _grid(Figure, len(fams))
+    colors = _tier_colors(runs)
+    for ax, (family, members) in zip(axes, fams.items()):
+        names = set()
+        for run in _sorted_runs(members):
+            grads = run.spectrum_names("gradient")
+            if not grads:
+                continue
+            name = grads[0]
+            with_grad = [m for m in run.measurements if name in m.spectra]
+            m = None
+            if target_loss is not None:
+                m = next((x for x in sorted(with_grad, key=lambda x: x.tokens)
+                          if x.val_loss is not None and x.val_loss <= target_loss), None)
+            if m is None and with_grad:
+                m = max(with_grad, key=lambda x: x.tokens)
+            if m is None:
+                continue
+            p = m.spectra[name].normalized.numpy()
+            keep = p > 0
+            if not keep.any():
+                continue
+            names.add(name)
+            ranks = np.arange(1, p.size + 1)
+            ax.loglog(ranks[keep], p[keep], color=colors.get(run.info.batch_tier), lw=1.3,
+                      label=f"{_tier_label(run.info.batch_tier)} (step {m.step})")
+        title = ", ".join(sorted(names)) or "no gradient spectrum"
+        ax.set_title(f"{family}: gradient spectrum {title}", fontsize=9)
+        ax.set_xlabel("rank j")
+        ax.set_ylabel("normalized s_j² / Σ s²")
+        ax.grid(True, which="major", alpha=0.3)
+        if names:
+            ax.legend(fontsize=7)
+    return fig
+
+
 def plot_alpha_trajectories(
     runs: Sequence[RunRecord],
     *,
@@ -209,6 +299,10 @@ def plot_early_vs_eps(score: PredictionScore, baseline: PredictionScore | None =
         within = f"; within-family mean {s.mean_within_rho:.2f}" if len(s.within) > 1 and math.isfinite(s.mean_within_rho) else ""
         ax.set_title(f"{label} vs ε_tok\npooled {rho}{within}", fontsize=9)
         ax.set_xlim(-0.08, 1.12)
+        # eps_tok >= 1 by definition: keep 1 in view and a visible span even for one run (or all equal)
+        ax.set_ylim(min(0.97, min(finite, default=1.0) - 0.03), max(top, 1.1) + (0.04 if any(not math.isfinite(p[4]) for p in s.points) else 0))
+        if s.n < 2:
+            ax.text(0.5, 0.5, "one run: nothing to rank", transform=ax.transAxes, ha="center", fontsize=8, color="0.4")
         ax.grid(True, alpha=0.3)
         if len(families) > 1:
             ax.legend(fontsize=7, title="family", title_fontsize=7)

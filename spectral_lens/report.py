@@ -18,11 +18,52 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .analysis.efficiency import token_inefficiency, tokens_to_target
-from .analysis.predictor import NoiseScalePredictor, PredictionScore, TailPredictor, TierRanking
+from .analysis.noise_predictor import NoiseScalePredictor
+from .analysis.ranking import TierRanking
+from .analysis.tail import TailPredictor
+from .analysis.tier_predictor import PredictionScore
+from .analysis.windows import common_windows
 from .analysis.taxonomy import TaxonomyResult, TransitionClassifier
+from ._progress import progress_bar
 from .records import RunRecord, open_runs
 
-__all__ = ["Report", "build_report"]
+__all__ = ["Report", "build_report", "score_flags", "MIN_TIERS", "MAX_PVALUE"]
+
+#: Fewer tiers than this in a family and its Spearman rho is flagged as underpowered.
+MIN_TIERS = 4
+#: A p-value above this and the rho is flagged as underpowered.
+MAX_PVALUE = 0.1
+
+
+def score_flags(score: PredictionScore, statistic: str = "early α_tail") -> list[str]:
+    """Plain-words cautions about a :class:`PredictionScore`, one sentence per problem.
+
+    Per family: a negative rho (the early statistic ordered the tiers the wrong way round), and an
+    underpowered one (fewer than :data:`MIN_TIERS` tiers, or p > :data:`MAX_PVALUE`); an undefined
+    rho (fewer than 3 runs or constant values) is said too.
+    """
+    out = []
+    for family, w in score.within.items():
+        where = f"family {family}" if family else "these runs"
+        if not math.isfinite(w.rho):
+            out.append(f"{where}: the correlation is undefined ({w.n} run(s), or constant values): nothing to rank.")
+            continue
+        if w.rho < 0:
+            out.append(
+                f"{where}: ρ = {w.rho:.2f} is negative: a flatter early tail went with MORE tokens to the target, "
+                f"the opposite of what the predictor assumes; do not trust its recommendation here."
+            )
+        reasons = []
+        if w.n < MIN_TIERS:
+            reasons.append(f"only {w.n} runs (fewer than {MIN_TIERS})")
+        if math.isfinite(w.pvalue) and w.pvalue > MAX_PVALUE:
+            reasons.append(f"p = {w.pvalue:.2g} > {MAX_PVALUE}")
+        if reasons:
+            out.append(
+                f"{where}: underpowered ({', '.join(reasons)}): a ρ of {w.rho:.2f} could be chance; "
+                f"treat the {statistic} ranking as a guess, not evidence."
+            )
+    return out
 
 
 @dataclass
@@ -36,6 +77,7 @@ class Report:
         score: the tail predictor's :class:`PredictionScore` (``None`` without a target loss).
         baseline_rankings, baseline_score: the same for the noise-scale baseline (when available).
         taxonomy: one :class:`TaxonomyResult` per requested transition.
+        flags: plain-words cautions about the prediction score (see :func:`score_flags`).
         notes: what was skipped and why.
     """
 
@@ -46,6 +88,7 @@ class Report:
     baseline_rankings: dict[str, TierRanking] = field(default_factory=dict)
     baseline_score: PredictionScore | None = None
     taxonomy: list[TaxonomyResult] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -151,6 +194,7 @@ def build_report(
     classifier: TransitionClassifier | None = None,
     plots: bool = True,
     title: str = "spectral-lens report",
+    progress: bool | None = None,
 ) -> Report:
     """Write a report of ``runs`` into directory ``out``; returns a :class:`Report`.
 
@@ -164,13 +208,19 @@ def build_report(
         fraction, window, spectrum: the early measurement of :class:`TailPredictor`.
         transitions: pairs of run ids ``(a, b)`` to place on the gain plane and classify.
         classifier: thresholds for the taxonomy (default :class:`TransitionClassifier()`).
-        plots: draw figures (needs matplotlib, the ``plot`` extra).
+        plots: draw figures (needs matplotlib, the ``plot`` extra): loss curves, activation spectra,
+            α_tail trajectories, gradient spectra (when recorded), the prediction score, the gain plane.
+        progress: a progress bar over the figures (``None`` = on in a terminal, off in CI / non-TTY).
+
+    The tail window is each run's recorded one unless ``window`` is given; runs of a family that
+    recorded different windows raise :class:`~spectral_lens.analysis.WindowMismatchError`.
     """
     if fmt not in ("md", "html"):
         raise ValueError(f"fmt must be 'md' or 'html', got {fmt!r}")
     records = open_runs(runs)
     if not records:
         raise ValueError("build_report: no runs given")
+    windows = common_windows(records, window)  # runs that disagree fail here, not as a skipped figure
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(path=out / f"report.{fmt}")
@@ -181,7 +231,9 @@ def build_report(
         f"{len(records)} runs in {len(fams)} famil{'y' if len(fams) == 1 else 'ies'} ({', '.join(fams)}). "
         + (f"Target validation loss {target_loss:g}. " if target_loss is not None else "No target loss given: "
            "tokens-to-target, eps_tok, the prediction score and the taxonomy are skipped (pass --target-loss). ")
-        + f"Early checkpoint at {fraction:.0%} of the token budget."
+        + f"Early checkpoint at {fraction:.0%} of the token budget. α_tail window"
+        + (f" (given): ranks {list(window)}." if window is not None else
+           " (recorded by each run): " + ", ".join(f"{f or '(no family)'} ranks {list(w)}" for f, w in windows.items()) + ".")
     )
     want_plots = plots and _matplotlib_available()
     if plots and not want_plots:
@@ -272,7 +324,13 @@ def build_report(
                 f"{_num(bs.mean_within_rho, '.3f')}, against the tail predictor's "
                 f"{_num(report.score.mean_within_rho, '.3f')}."
             )
-        doc.p("p-values: exact permutation test for up to 8 runs, scipy's t-approximation above.")
+        doc.p("p-values: exact permutation test (scipy.stats.permutation_test) for up to 8 runs, "
+              "scipy.stats.spearmanr's t-approximation above.")
+        report.flags = score_flags(report.score)
+        if report.flags:
+            doc.h(3, "Caution")
+            for f in report.flags:
+                doc.p("- " + f)
 
     # ---- taxonomy -------------------------------------------------------------------------------
     if transitions:
@@ -308,19 +366,37 @@ def build_report(
             doc.fig(path, caption)
 
         doc.h(2, "Figures")
-        try:
-            save(plot.plot_spectra(records, target_loss, spectrum=spectrum, window=window), "spectra.png",
-                 "Normalized activation spectra at matched loss" if target_loss is not None
-                 else "Normalized activation spectra at the last checkpoint")
-            save(plot.plot_alpha_trajectories(records, fraction=fraction, spectrum=spectrum, window=window),
-                 "alpha_tail.png", "α_tail during training; dashed: the early checkpoint")
-        except ValueError as exc:
-            report.notes.append(f"spectrum figures skipped: {exc}")
+        figures = [
+            ("loss.png", "Loss against tokens (solid: validation, dashed: training)",
+             lambda: plot.plot_loss_curves(records, target_loss)),
+            ("spectra.png", "Normalized activation spectra at matched loss" if target_loss is not None
+             else "Normalized activation spectra at the last checkpoint",
+             lambda: plot.plot_spectra(records, target_loss, spectrum=spectrum, window=window)),
+            ("alpha_tail.png", "α_tail during training; dashed: the early checkpoint",
+             lambda: plot.plot_alpha_trajectories(records, fraction=fraction, spectrum=spectrum, window=window)),
+            ("gradient_spectra.png", "Normalized per-sample gradient spectra at matched loss" if target_loss is not None
+             else "Normalized per-sample gradient spectra at the last checkpoint",
+             lambda: plot.plot_gradient_spectra(records, target_loss)),
+        ]
         if report.score is not None:
-            save(plot.plot_early_vs_eps(report.score, report.baseline_score), "early_alpha_vs_eps.png",
-                 "Early statistic (min-max normalized per family) against realized token inefficiency")
+            figures.append(("early_alpha_vs_eps.png",
+                            "Early statistic (min-max normalized per family) against realized token inefficiency",
+                            lambda: plot.plot_early_vs_eps(report.score, report.baseline_score)))
         if report.taxonomy:
-            save(plot.plot_gain_plane(report.taxonomy), "gain_plane.png", "Transitions on the log-gain plane")
+            figures.append(("gain_plane.png", "Transitions on the log-gain plane",
+                            lambda: plot.plot_gain_plane(report.taxonomy)))
+        bar = progress_bar(len(figures), "report figures", progress, "fig")
+        try:
+            for name, caption, draw in figures:
+                try:
+                    save(draw(), name, caption)
+                except ValueError as exc:
+                    report.notes.append(f"figure {name} skipped: {exc}")
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
 
     if report.notes:
         doc.h(2, "Notes")

@@ -2,9 +2,12 @@
 
 * :mod:`~spectral_lens.analysis.efficiency`: tokens-to-target ``T(B)``, ``eps_tok``, token and
   throughput gains, matched-loss / matched-token / matched-fraction alignment.
-* :mod:`~spectral_lens.analysis.predictor`: :class:`TailPredictor` (early ``alpha_tail`` orders batch
-  tiers), :class:`NoiseScalePredictor` (gradient-noise-scale baseline), :class:`SweepController`
-  (stop / continue decisions for a sweep in progress).
+* Early prediction, one module per concept (all re-exported by :mod:`~spectral_lens.analysis.predictor`):
+  :mod:`.windows` (spectrum and rank window per run), :mod:`.early` (early statistic with jitter),
+  :mod:`.ranking`, :mod:`.spearman`, :mod:`.tier_predictor` (fit / predict / score),
+  :class:`TailPredictor` (:mod:`.tail`, early ``alpha_tail`` orders batch tiers),
+  :class:`NoiseScalePredictor` (:mod:`.noise_predictor`, gradient-noise-scale baseline) and
+  :class:`SweepController` (:mod:`.sweep`, stop / continue decisions for a sweep in progress).
 * :mod:`~spectral_lens.analysis.taxonomy`: :class:`TransitionClassifier` for architectural transitions.
 * :mod:`~spectral_lens.analysis.synthetic`: sweeps generated from the paper's Theorem-6 model.
 """
@@ -26,23 +29,14 @@ from .efficiency import (
     tokens_to_target,
     transition_gains,
 )
-from .predictor import (
-    EarlyStatistic,
-    FamilyScore,
-    FractionNotReachedError,
-    NoiseScalePredictor,
-    PredictionScore,
-    SweepController,
-    SweepDecision,
-    TailPredictor,
-    TierDecision,
-    TierRanking,
-    alpha_trajectory,
-    early_alpha,
-    rank_tiers,
-    resolve_spectrum,
-    resolve_window,
-)
+from .early import EarlyStatistic, FractionNotReachedError, alpha_trajectory, early_alpha
+from .noise_predictor import NoiseScalePredictor
+from .ranking import TierRanking, rank_tiers
+from .spearman import spearman
+from .sweep import SweepController, SweepDecision, TierDecision
+from .tail import TailPredictor
+from .tier_predictor import FamilyScore, PredictionScore, TierPredictor
+from .windows import WindowMismatchError, common_windows, resolve_spectrum, resolve_window
 from .taxonomy import (
     ACTIVATION_LED,
     GRADIENT_LED,
@@ -80,12 +74,15 @@ __all__ = [
     "TailPredictor",
     "TaxonomyResult",
     "TierDecision",
+    "TierPredictor",
     "TierRanking",
     "TransitionClassifier",
     "TransitionEvidence",
     "TransitionGains",
+    "WindowMismatchError",
     "align",
     "alpha_trajectory",
+    "common_windows",
     "early_alpha",
     "eps_tok",
     "group_by_family",
@@ -95,6 +92,7 @@ __all__ = [
     "matched_loss",
     "matched_tokens",
     "rank_tiers",
+    "spearman",
     "resolve_spectrum",
     "resolve_window",
     "thr_gain",

@@ -80,6 +80,8 @@ def write_theorem6_sweep(
     loss_floor: float = 2.8,
     loss_scale: float = 1.5,
     fsync: bool = False,
+    tail_window: tuple[int, int] | None = None,
+    head_window: tuple[int, int] | None = (10, 40),
 ) -> list[Path]:
     """Write one run directory per tier under ``root/<family>-b<tier>``; returns their paths.
 
@@ -93,7 +95,8 @@ def write_theorem6_sweep(
             (and of the log noise scale), per measurement; 0 = exact model.
         seed: seed of that noise.
         throughput: tier -> tokens/s (default ``4e5 * B / (B + 4)``), logged with 2% jitter.
-        fsync: passed to :class:`~spectral_lens.records.RunWriter`.
+        fsync, tail_window, head_window: passed to :class:`~spectral_lens.records.RunWriter` (the
+            windows recorded in ``run.json``; default tail window: the scale rule for ``n_layer=12``).
 
     The measurement scalar ``noise_scale`` is a toy gradient noise scale in samples per step:
     ``B_simple(t) = 64 * 4 * (L(0.05) - floor) / (L(t) - floor)`` times the noise.
@@ -125,7 +128,7 @@ def write_theorem6_sweep(
         kw = dict(p=p, eta=eb, q=qb)
         loss0 = theorem6_loss(0.05, dim=dim, loss_floor=loss_floor, loss_scale=loss_scale, **kw) - loss_floor
         q_tier = thr_of(tier)
-        with RunWriter(path, info, fsync=fsync) as w:
+        with RunWriter(path, info, fsync=fsync, tail_window=tail_window, head_window=head_window) as w:
             for k in range(1, n_eval + 1):
                 t = k / n_eval
                 step = int(round(t * n_steps))

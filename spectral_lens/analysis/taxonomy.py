@@ -31,7 +31,7 @@ from ..records import RunRecord
 from ..spectrum import Spectrum
 from ..summaries import BandAlphaFitter
 from .efficiency import align, transition_gains
-from .predictor import resolve_spectrum
+from .windows import resolve_spectrum
 
 __all__ = [
     "ACTIVATION_LED",
@@ -71,20 +71,22 @@ LABELS = (
 def js_divergence(a: Spectrum | np.ndarray, b: Spectrum | np.ndarray) -> float:
     """Jensen-Shannon divergence (natural log, in [0, log 2]) of two trace-normalized spectra.
 
-    Spectra are compared rank by rank; a shorter one is padded with zeros.
+    Spectra are compared rank by rank; a shorter one is padded with zeros. Computed with
+    ``scipy.spatial.distance.jensenshannon`` (which returns the JS *distance*, the square root of
+    the divergence). For nearly equal spectra scipy's sum of relative entropies can round to a tiny
+    negative number, whose square root it returns as NaN (about half the time for spectra equal to
+    1e-15 relative, see ``tests/analysis/test_stack_scipy_stats.py``); that case is the divergence 0.
     """
+    from scipy.spatial.distance import jensenshannon
+
     p = _normalized(a)
     q = _normalized(b)
     n = max(p.size, q.size)
     p = np.pad(p, (0, n - p.size))
     q = np.pad(q, (0, n - q.size))
-    m = 0.5 * (p + q)
-
-    def kl(x: np.ndarray) -> float:
-        nz = x > 0
-        return float(np.sum(x[nz] * np.log(x[nz] / m[nz])))
-
-    return max(0.0, 0.5 * kl(p) + 0.5 * kl(q))
+    with np.errstate(invalid="ignore"):
+        distance = float(jensenshannon(p, q))
+    return 0.0 if math.isnan(distance) else min(distance * distance, math.log(2.0))
 
 
 def _normalized(s: Spectrum | np.ndarray) -> np.ndarray:

@@ -1,28 +1,42 @@
 """Per-sample gradient spectra (paper Sec. 2, App. C) and the gradient noise scale.
 
 * :class:`PerSampleGradientProbe`: ``update(batch)`` / ``compute()`` / ``noise_scale()`` / ``reset()``.
-* Engines (:mod:`.engines`): per-layer fast paths (:mod:`.registry`, ``nn.Linear`` in :mod:`.linear`),
+* Engines (:mod:`.engines`): per-layer fast paths (:mod:`.registry`, ``nn.Linear`` in :mod:`.linear`,
+  ``transformers``' ``Conv1D`` in :mod:`.conv1d`),
   the generic ``torch.func`` engine and a per-sample loop.
 * Pure math: :mod:`.gram` (float64 Gram blocks), :mod:`.noise_scale`.
 """
 
 from ._batch import default_forward
 from .engines import NoGradientPathError, fast_engine, loop_engine, vmap_engine
+from .conv1d import conv1d_per_sample_grad  # registers transformers' Conv1D by name (no import)
 from .gram import fill_gram, fill_gram_by_columns, gram_against, gram_spectrum
 from .linear import linear_per_sample_grad  # importing it registers the nn.Linear fast path
 from .losses import causal_lm_loss, extract_logits, token_cross_entropy
 from .noise_scale import NoiseScale, noise_scale_from_gram
-from .probe import ATTENTION_OUTPUT_PATTERNS, PerSampleGradientProbe, default_gradient_param
-from .registry import FAST_PATHS, FastPath, fast_path_for, register_fast_path
+from .fallback import EngineFallbackWarning
+from .probe import ATTENTION_OUTPUT_PATTERNS, PerSampleGradientProbe, ProbeAttachment, default_gradient_param
+from .registry import (
+    FAST_PATHS,
+    FAST_PATHS_BY_NAME,
+    FastPath,
+    fast_path_for,
+    register_fast_path,
+    register_fast_path_by_name,
+)
 
 __all__ = [
     "ATTENTION_OUTPUT_PATTERNS",
     "FAST_PATHS",
+    "FAST_PATHS_BY_NAME",
+    "EngineFallbackWarning",
     "FastPath",
     "NoGradientPathError",
     "NoiseScale",
     "PerSampleGradientProbe",
+    "ProbeAttachment",
     "causal_lm_loss",
+    "conv1d_per_sample_grad",
     "default_forward",
     "default_gradient_param",
     "extract_logits",
@@ -36,6 +50,7 @@ __all__ = [
     "loop_engine",
     "noise_scale_from_gram",
     "register_fast_path",
+    "register_fast_path_by_name",
     "token_cross_entropy",
     "vmap_engine",
 ]

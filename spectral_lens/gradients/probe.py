@@ -25,7 +25,8 @@ from ._isolation import preserved_buffers
 from ._validate import nonfinite_loss_message, param_names
 from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, slice_batch
-from .engines import NoGradientPathError, fast_engine, loop_engine, vmap_engine
+from .engines import NoGradientPathError, fast_engine, loop_engine
+from .fallback import vmap_or_loop
 from .gram import (
     GRAM_BLOCK_ELEMENTS,
     block_rows_for,
@@ -40,7 +41,7 @@ from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .registry import fast_path_for
 
-__all__ = ["PerSampleGradientProbe", "ATTENTION_OUTPUT_PATTERNS", "default_gradient_param"]
+__all__ = ["PerSampleGradientProbe", "ProbeAttachment", "ATTENTION_OUTPUT_PATTERNS", "default_gradient_param"]
 
 #: Globs (``**`` crosses dotted segments) naming attention output projections W_O in common code
 #: bases; the default probe is the match in the deepest block (largest block index in the name).
@@ -119,6 +120,34 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
     return out
 
 
+class ProbeAttachment:
+    """Handle returned by :meth:`PerSampleGradientProbe.attach`: ``remove()`` unbinds the probe.
+
+    A context manager (leaving the block removes it, also on an exception); ``remove()`` is idempotent
+    and does nothing if the probe was re-attached elsewhere meanwhile.
+    """
+
+    def __init__(self, probe: "PerSampleGradientProbe", model: nn.Module) -> None:
+        self.probe, self.model = probe, model
+
+    @property
+    def active(self) -> bool:
+        """Whether the probe is still bound to this handle's model."""
+        return self.probe.model is self.model and self.model is not None
+
+    def remove(self) -> None:
+        """Unbind the probe (see :meth:`PerSampleGradientProbe.detach`)."""
+        if self.active:
+            self.probe.detach()
+        self.model = None
+
+    def __enter__(self) -> "ProbeAttachment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
 @dataclass
 class _Chunk:
     """Samples ``start:stop``; a non-resident chunk keeps its input batch and RNG state instead of rows."""
@@ -141,7 +170,8 @@ class PerSampleGradientProbe:
     returns a :class:`~spectral_lens.Spectrum` (``kind="gradient"``, values ``s_j^2``) per parameter.
 
     Args:
-        model: any ``nn.Module``.
+        model: any ``nn.Module``, or ``None`` to build the probe first and bind it later with
+            :meth:`attach` (``params`` are resolved then).
         params: dotted parameter name(s), globs over parameter names (``"blocks.*.attn.c_proj.weight"``)
             or module names (meaning the module's ``weight``). Default: the final block's attention
             output projection (:func:`default_gradient_param`). Several matrices share each pass.
@@ -183,7 +213,7 @@ class PerSampleGradientProbe:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | None = None,
         params: str | Sequence[str] | None = None,
         *,
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
@@ -206,8 +236,9 @@ class PerSampleGradientProbe:
             raise ValueError(f"max_resident_samples must be >= 1 or None, got {max_resident_samples}")
         if keep_matrix and max_resident_samples is not None:
             raise ValueError("keep_matrix=True needs every row resident: leave max_resident_samples=None")
-        self.model = model
-        self.params = _resolve_params(model, params)
+        self.model: nn.Module | None = None
+        self.params: dict[str, nn.Parameter] = {}
+        self.params_spec = params
         self.loss_fn = loss_fn or (lambda out, batch: causal_lm_loss(out, batch, ignore_index=ignore_index))
         self._custom_loss = loss_fn
         self.forward_fn = forward_fn or default_forward
@@ -219,9 +250,49 @@ class PerSampleGradientProbe:
         self.storage_dtype = storage_dtype
         self.autocast_dtype = autocast_dtype
         self.train_mode = train_mode
-        self.sites = {n: self._site(n) for n in self.params}
-        self.engines_ = {n: self._choose_engine(n) for n in self.params}
+        self.sites: dict[str, tuple[nn.Module, str]] = {}
+        self.engines_: dict[str, str] = {}
         self.reset()
+        if model is not None:
+            self._bind(model)
+
+    # ----------------------------------------------------------------------------- attachment
+    def _bind(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"PerSampleGradientProbe.attach needs an nn.Module, got {type(model).__name__}")
+        params = _resolve_params(model, self.params_spec)
+        self.model, self.params = model, params
+        self.sites = {n: self._site(n) for n in params}
+        self.engines_ = {n: self._choose_engine(n) for n in params}
+        self.reset()
+
+    def attach(self, model: nn.Module) -> "ProbeAttachment":
+        """Bind the probe to ``model``: resolve ``params`` in it and choose the engines.
+
+        For a probe built before the model is known (``PerSampleGradientProbe(params=..., ...)``).
+        Returns a handle; ``handle.remove()`` (or leaving ``with probe.attach(model):``) unbinds the
+        probe and forgets its samples. The probe registers no hook outside ``update``, so attaching
+        changes nothing in the model. A probe already bound to another model must be removed first.
+        """
+        if self.model is not None and self.model is not model:
+            raise ValueError(
+                f"PerSampleGradientProbe is attached to another {type(self.model).__name__}; "
+                "call remove() on its handle (or detach()) first"
+            )
+        self._bind(model)
+        return ProbeAttachment(self, model)
+
+    def detach(self) -> None:
+        """Unbind the probe from its model and forget every sample (idempotent)."""
+        self.model, self.params, self.sites, self.engines_ = None, {}, {}, {}
+        self.reset()
+
+    def _require_model(self, what: str) -> None:
+        if self.model is None:
+            raise RuntimeError(
+                f"PerSampleGradientProbe: {what} needs a model, and the probe is not attached to one; "
+                "call probe.attach(model) first (or build it as PerSampleGradientProbe(model, params))"
+            )
 
     # ----------------------------------------------------------------------------- configuration
     def _site(self, name: str) -> tuple[nn.Module, str]:
@@ -334,10 +405,15 @@ class PerSampleGradientProbe:
                         "used functionally); use engine='auto' or 'vmap'"
                     )
                 self.engines_[k] = "vmap"
-        for kind, run in (("vmap", vmap_engine), ("loop", loop_engine)):
+        for kind in ("vmap", "loop"):
             todo = {k: self.params[k] for k, e in self.engines_.items() if e == kind and k not in rows}
+            if todo and kind == "vmap":
+                got, lo, fell_back = vmap_or_loop(self.model, todo, batch, n, self.forward_fn, self.loss_fn)
+                if fell_back:
+                    self.engines_.update({k: "loop" for k in todo})
+            elif todo:
+                got, lo = loop_engine(self.model, todo, batch, n, self.forward_fn, self.loss_fn)
             if todo:
-                got, lo = run(self.model, todo, batch, n, self.forward_fn, self.loss_fn)
                 rows.update(got)
                 losses = lo if losses is None else losses
         return {k: rows[k].to(self._row_dtype(k)) for k in self.params}, losses
@@ -358,6 +434,7 @@ class PerSampleGradientProbe:
         ``input_ids``/``labels``, or ``input_ids``), sample index in dimension 0 of every tensor. On an
         exception the probe is left exactly as before the call. Returns ``self``.
         """
+        self._require_model("update()")
         n = batch_size(batch)
         dev = self.device
         batch = map_tensors(lambda t: t.to(dev, non_blocking=True), batch)
@@ -475,6 +552,7 @@ class PerSampleGradientProbe:
                         self._far_done.add((min(i, j), max(i, j)))
 
     def _need_samples(self, what: str) -> None:
+        self._require_model(what)
         if self.n_samples_ < 2:
             raise ValueError(f"{what} needs at least 2 samples (sequences), got {self.n_samples_}; call update() first")
 

@@ -21,7 +21,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["FastPath", "PerSampleGradFn", "register_fast_path", "fast_path_for", "FAST_PATHS"]
+__all__ = [
+    "FastPath",
+    "PerSampleGradFn",
+    "register_fast_path",
+    "register_fast_path_by_name",
+    "fast_path_for",
+    "FAST_PATHS",
+    "FAST_PATHS_BY_NAME",
+]
 
 #: ``fn(module, param_name, x, dy) -> Tensor (M, *param.shape)`` with ``x`` the module's first
 #: positional input and ``dy`` the gradient of ``sum_m L_m`` w.r.t. its output, both with the sample
@@ -57,7 +65,38 @@ def register_fast_path(module_type: type, fn: PerSampleGradFn | None = None, *, 
     return add if fn is None else add(fn)
 
 
+#: ``(module's __module__, class __qualname__)`` -> :class:`FastPath`, for layer types of optional
+#: libraries that must not be imported to register them (``transformers``' ``Conv1D``). Populated by
+#: :func:`register_fast_path_by_name`; an entry in :data:`FAST_PATHS` for the same class wins.
+FAST_PATHS_BY_NAME: dict[tuple[str, str], FastPath] = {}
+
+
+def register_fast_path_by_name(
+    module: str, qualname: str, fn: PerSampleGradFn | None = None, *, params: tuple[str, ...] = ("weight", "bias")
+):
+    """Register ``fn`` for the class ``qualname`` defined in module ``module`` without importing it.
+
+    Matching is exact on ``type(m).__module__`` and ``type(m).__qualname__`` (subclasses are not
+    matched, as with :func:`register_fast_path`). Usable as a call or a decorator.
+    """
+    if not (isinstance(module, str) and module and isinstance(qualname, str) and qualname):
+        raise TypeError(f"register_fast_path_by_name needs two non-empty strings, got {module!r}, {qualname!r}")
+
+    def add(f: PerSampleGradFn) -> PerSampleGradFn:
+        FAST_PATHS_BY_NAME[(module, qualname)] = FastPath(f, tuple(params))
+        return f
+
+    return add if fn is None else add(fn)
+
+
 def fast_path_for(module: nn.Module, param_name: str) -> FastPath | None:
-    """The fast path handling ``module.<param_name>``, or ``None`` (then the generic engine is used)."""
-    entry = FAST_PATHS.get(type(module))
+    """The fast path handling ``module.<param_name>``, or ``None`` (then the generic engine is used).
+
+    Looked up by exact type in :data:`FAST_PATHS`, then by ``(__module__, __qualname__)`` in
+    :data:`FAST_PATHS_BY_NAME`.
+    """
+    cls = type(module)
+    entry = FAST_PATHS.get(cls)
+    if entry is None:
+        entry = FAST_PATHS_BY_NAME.get((cls.__module__, cls.__qualname__))
     return entry if entry is not None and param_name in entry.params else None

@@ -60,7 +60,7 @@ def test_report_html_is_self_contained(two_families, tmp_path):
     assert main(["report", str(two_families / "base-b4"), str(two_families / "base-b8"), "--out", str(out),
                  "--format", "html", "--target-loss", "3.2"]) == 0
     html = (out / "report.html").read_text()
-    assert html.startswith("<!DOCTYPE html>") and html.count("data:image/png;base64,") == 3
+    assert html.startswith("<!DOCTYPE html>") and html.count("data:image/png;base64,") == 5  # loss, spectra, alpha_tail, gradient spectra, score
     assert "<table>" in html and "base-b4" in html
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import shutil
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -228,7 +230,9 @@ def test_alpha_trajectory(tmp_path):
     from spectral_lens.analysis import alpha_trajectory
 
     run = _manual_run(tmp_path, "a", [(0.3, 2.0), (0.1, 1.0), (0.5, 3.0)])
-    with pytest.warns(Warning, match="n_layer unknown; using the d12 tail window"):
+    assert run.summary_windows["tail"] == (100, 200)  # recorded by RunWriter: used without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         prog, alpha, steps = alpha_trajectory(run)
     np.testing.assert_allclose(prog, [0.1, 0.3, 0.5])  # sorted by progress
     np.testing.assert_allclose(alpha, [1.0, 2.0, 3.0])

@@ -1,0 +1,203 @@
+"""``SweepController``: stop / continue decisions for a batch sweep that is still running.
+
+At the decision fraction the early statistic of each tier (from a :class:`TailPredictor` or
+:class:`NoiseScalePredictor`) is compared with the best tier's; tiers clearly worse are stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..records import open_runs
+from .early import FractionNotReachedError
+from .efficiency import group_by_family
+from .ranking import TierRanking, rank_tiers
+from .tail import TailPredictor
+from .tier_predictor import TierPredictor
+
+__all__ = ["TierDecision", "SweepDecision", "SweepController"]
+
+
+@dataclass(frozen=True)
+class TierDecision:
+    """What to do with one tier of a running sweep.
+
+    Attributes:
+        tier: the batch tier.
+        action: ``"continue"``, ``"stop"`` or ``"wait"`` (not yet at the decision fraction).
+        run_ids: the runs of the tier.
+        value, sigma, p_best: the tier's early statistic, its uncertainty and probability of being
+            the best (NaN while waiting).
+        reason: a sentence with the numbers behind the action.
+    """
+
+    tier: float
+    action: str
+    run_ids: tuple[str, ...]
+    value: float
+    sigma: float
+    p_best: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class SweepDecision:
+    """The controller's decisions for one family.
+
+    Attributes:
+        family: the family.
+        fraction: the decision fraction.
+        ready: ``True`` when the decision was made (no tier left waiting under ``wait_for_all``).
+        decisions: one :class:`TierDecision` per tier, best first (waiting tiers last).
+    """
+
+    family: str
+    fraction: float
+    ready: bool
+    decisions: tuple[TierDecision, ...]
+
+    @property
+    def continue_tiers(self) -> list[float]:
+        """Tiers to keep training."""
+        return [d.tier for d in self.decisions if d.action == "continue"]
+
+    @property
+    def stop_tiers(self) -> list[float]:
+        """Tiers to stop now."""
+        return [d.tier for d in self.decisions if d.action == "stop"]
+
+    @property
+    def waiting_tiers(self) -> list[float]:
+        """Tiers that have not reached the decision fraction."""
+        return [d.tier for d in self.decisions if d.action == "wait"]
+
+
+def _fmt_tier(t: float) -> str:
+    return str(int(t)) if float(t).is_integer() else f"{t:g}"
+
+
+class SweepController:
+    """Stop / continue decisions for a batch sweep in progress, from the early tail statistic.
+
+    At the decision fraction (the predictor's, default 0.2) a tier is **continued** if any rule holds:
+
+    1. it is among the ``keep`` best tiers (always at least the best);
+    2. its statistic is within ``margin + n_sigma * sqrt(sigma^2 + sigma_best^2)`` of the best
+       tier's (statistically indistinguishable from the best);
+    3. its probability of being the best, ``p_best``, is at least ``min_probability``.
+
+    Otherwise it is **stopped**. When sigmas are NaN (too few measurements), only rules 1 and the
+    ``margin`` part of 2 apply, and the reason says so.
+
+    Args:
+        predictor: a fitted-or-not :class:`TailPredictor` (default ``TailPredictor(window=window)``)
+            or :class:`NoiseScalePredictor`; only its configuration is used.
+        window: rank window of ``alpha_tail`` for the default predictor; ``None`` (default): each
+            run's recorded window (the runs of a family must agree). Give either this or ``predictor``.
+        keep: number of best tiers always continued (>= 1).
+        n_sigma, min_probability, margin: rules 2 and 3 (``margin`` in units of the statistic).
+        wait_for_all: decide only when every tier of a family reached the fraction (default); with
+            ``False``, tiers that have reached it are decided among themselves.
+    """
+
+    def __init__(
+        self,
+        predictor: TierPredictor | None = None,
+        *,
+        window: tuple[int, int] | None = None,
+        keep: int = 1,
+        n_sigma: float = 2.0,
+        min_probability: float = 0.05,
+        margin: float = 0.0,
+        wait_for_all: bool = True,
+    ):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        if predictor is not None and window is not None:
+            raise ValueError("SweepController: pass window= or a configured predictor=, not both")
+        self.predictor = predictor if predictor is not None else TailPredictor(window=window)
+        self.window = window
+        self.keep = keep
+        self.n_sigma = n_sigma
+        self.min_probability = min_probability
+        self.margin = margin
+        self.wait_for_all = wait_for_all
+
+    def decide(self, runs) -> dict[str, SweepDecision]:
+        """Read the runs' records as they are now and return family -> :class:`SweepDecision`."""
+        pred = self.predictor
+        frac = pred.fraction
+        out = {}
+        runs = open_runs(runs)
+        pred._check_runs(runs)
+        for family, members in group_by_family(runs).items():
+            reached, waiting = [], {}
+            for r in members:
+                try:
+                    s = pred._early(r)
+                except FractionNotReachedError as exc:
+                    waiting.setdefault(r.info.batch_tier, []).append((r.run_id, str(exc)))
+                    continue
+                reached.append((s.tier, s.run_id, *pred._badness(s, r)))
+            if not self.wait_for_all:  # a tier with some runs past the fraction is decided on those
+                waiting = {t: rows for t, rows in waiting.items() if t not in {e[0] for e in reached}}
+            wait = {
+                t: TierDecision(t, "wait", tuple(r[0] for r in rows), math.nan, math.nan, math.nan,
+                                f"not yet at {frac:.0%} progress ({rows[0][1]})")
+                for t, rows in sorted(waiting.items())
+            }
+            if not reached or (wait and self.wait_for_all):
+                note = f"reached {frac:.0%}; waiting for tier(s) {', '.join(_fmt_tier(t) for t in wait)}"
+                held = {t: TierDecision(t, "wait", ids, math.nan, math.nan, math.nan, note)
+                        for t, ids in _tier_ids(reached).items() if t not in wait}
+                out[family] = SweepDecision(family, frac, False, tuple(held.values()) + tuple(wait.values()))
+                continue
+            ranking = rank_tiers(family, reached, statistic=pred.statistic, n_draws=pred.n_draws,
+                                 random_state=pred.random_state)
+            out[family] = SweepDecision(family, frac, True, self._decide(ranking) + tuple(wait.values()))
+        return out
+
+    def _decide(self, rk: TierRanking) -> tuple[TierDecision, ...]:
+        best = rk.tiers[0]
+        v0, s0 = rk.values[best], rk.sigmas[best]
+        stat = rk.statistic
+        decisions = []
+        for i, t in enumerate(rk.tiers):
+            v, s, p = rk.values[t], rk.sigmas[t], rk.p_best[t]
+            gap = v - v0
+            desc = f"{stat}={v:.4g}" + (f"±{s:.2g}" if math.isfinite(s) else " (sigma unknown)")
+            reasons = []
+            if i < self.keep:
+                reasons.append("best" if i == 0 else f"among the {self.keep} best")
+            allowed = self.margin + (self.n_sigma * math.hypot(s, s0) if math.isfinite(s) and math.isfinite(s0) else 0.0)
+            if i > 0 and gap <= allowed:
+                reasons.append(f"within {allowed:.3g} of the best (gap {gap:.3g})")
+            if i > 0 and math.isfinite(p) and p >= self.min_probability:
+                reasons.append(f"p_best={p:.3f} >= {self.min_probability}")
+            if reasons:
+                action, why = "continue", "; ".join(reasons)
+            else:
+                z = gap / math.hypot(s, s0) if math.isfinite(s) and math.isfinite(s0) and math.hypot(s, s0) > 0 else math.inf
+                ptxt = f", p_best={p:.3f} < {self.min_probability}" if math.isfinite(p) else ", no uncertainty estimate"
+                action = "stop"
+                why = (
+                    f"{gap:.3g} above the best (tier {_fmt_tier(best)}, {v0:.4g})"
+                    + (f", {z:.1f} sigma" if math.isfinite(z) else "")
+                    + ptxt
+                )
+            decisions.append(TierDecision(t, action, rk.run_ids[t], v, s, p, f"{desc}: {why}"))
+        return tuple(decisions)
+
+    def __repr__(self) -> str:
+        return (
+            f"SweepController({self.predictor!r}, keep={self.keep}, n_sigma={self.n_sigma}, "
+            f"min_probability={self.min_probability}, margin={self.margin})"
+        )
+
+
+def _tier_ids(entries) -> dict[float, tuple[str, ...]]:
+    out: dict[float, list[str]] = {}
+    for e in entries:
+        out.setdefault(e[0], []).append(e[1])
+    return {t: tuple(v) for t, v in sorted(out.items())}

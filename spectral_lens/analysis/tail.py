@@ -1,0 +1,72 @@
+"""``TailPredictor``: the token-efficient batch tier from the early activation tail (paper Sec. 3, Cor. 8).
+
+A flatter early tail (smaller ``alpha_tail`` at 20% of the token budget) predicts fewer tokens to
+the target: ``T ~ (R/r_h)^((alpha_tail - p)/2)``.
+"""
+
+from __future__ import annotations
+
+from ..records import RunRecord
+from .early import EarlyStatistic, early_alpha
+from .tier_predictor import TierPredictor
+from .windows import common_windows
+
+__all__ = ["TailPredictor"]
+
+
+class TailPredictor(TierPredictor):
+    """Predicts the token-efficient batch tier from the early activation tail (paper Sec. 3, Cor. 8).
+
+    Args:
+        fraction: progress fraction of the early measurement (paper: 0.2, App. E.1).
+        window: rank window of ``alpha_tail`` for every run. Default: the window each run recorded
+            (``summary_windows`` in its ``run.json``), else the scale rule for ``RunInfo.n_layer``
+            (d12 -> [100, 200], d36 -> [200, 400], d48 -> [400, 800]); the runs of a family must
+            agree (:func:`~spectral_lens.analysis.common_windows`), else
+            :class:`~spectral_lens.analysis.WindowMismatchError`.
+        spectrum: spectrum name; default :func:`resolve_spectrum` (the run's primary / only
+            activation spectrum).
+        noise_neighbors: measurements nearest to ``fraction`` used for the jitter ``sigma``.
+        n_draws, random_state: Monte Carlo draws for ``p_best`` and their seed.
+
+    A smaller early ``alpha_tail`` (flatter tail) predicts fewer tokens to target. ``fit(runs)``
+    returns ``self`` with ``statistics_``, ``family_range_``, ``rankings_``; ``predict(runs)``
+    returns family -> :class:`TierRanking`; ``score(runs, target_loss)`` returns
+    :class:`PredictionScore`.
+
+    Example::
+
+        pred = TailPredictor().fit(open_runs(["runs/sweep"]))
+        ranking = pred.predict()["FlexWin"]
+        ranking.recommended, ranking.p_recommended
+        pred.score(targets=3.2).rho
+    """
+
+    statistic = "alpha_tail"
+
+    def __init__(
+        self,
+        fraction: float = 0.2,
+        *,
+        window: tuple[int, int] | None = None,
+        spectrum: str | None = None,
+        noise_neighbors: int = 5,
+        n_draws: int = 4000,
+        random_state: int = 0,
+    ):
+        super().__init__(fraction, noise_neighbors=noise_neighbors, n_draws=n_draws, random_state=random_state)
+        self.window = None if window is None else (int(window[0]), int(window[1]))
+        self.spectrum = spectrum
+
+    def _check_runs(self, runs: list[RunRecord]) -> None:
+        """Every family's runs share one tail window (raises :class:`WindowMismatchError` otherwise);
+        learned as ``windows_`` (family -> window)."""
+        self.windows_ = common_windows(runs, self.window)
+
+    def _early(self, run: RunRecord) -> EarlyStatistic:
+        return early_alpha(
+            run, self.fraction, window=self.window, spectrum=self.spectrum, noise_neighbors=self.noise_neighbors
+        )
+
+    def __repr__(self) -> str:
+        return f"TailPredictor(fraction={self.fraction}, window={self.window}, spectrum={self.spectrum!r})"

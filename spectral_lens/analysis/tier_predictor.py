@@ -1,0 +1,205 @@
+"""Shared fit / predict / score machinery of the tier predictors, and their score types.
+
+A tier predictor computes one early statistic per run (:mod:`.early`), ranks each family's batch
+tiers by it (:mod:`.ranking`) and scores the ranking against realized token inefficiency with a
+Spearman correlation (:mod:`.spearman`, paper Fig. 2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from ..records import RunRecord, open_runs
+from .early import EarlyStatistic
+from .efficiency import token_inefficiency
+from .ranking import TierRanking, rank_tiers
+from .spearman import spearman
+
+__all__ = ["FamilyScore", "PredictionScore", "TierPredictor"]
+
+
+@dataclass(frozen=True)
+class FamilyScore:
+    """Spearman correlation of one family's early statistic with its realized ``eps_tok``."""
+
+    rho: float
+    pvalue: float
+    n: int
+
+
+@dataclass(frozen=True)
+class PredictionScore:
+    """How well an early statistic orders realized token inefficiency (paper Fig. 2).
+
+    Attributes:
+        statistic: the statistic scored.
+        rho, pvalue, n: Spearman correlation (``scipy.stats.spearmanr``) between the per-family
+            min-max normalized statistic and ``eps_tok``, pooled over all runs (for one family this
+            equals the within-family value: min-max scaling keeps ranks). The two-sided p-value is
+            exact (all rank permutations) for n <= 8, scipy's t-approximation above.
+        within: per family, :class:`FamilyScore` (rho is NaN with fewer than 3 runs, or constant input).
+        mean_within_rho: mean of the finite within-family rhos (the paper's "within-family mean").
+        points: ``(run_id, family, tier, normalized statistic, eps_tok)`` for plotting.
+    """
+
+    statistic: str
+    rho: float
+    pvalue: float
+    n: int
+    within: dict[str, FamilyScore]
+    mean_within_rho: float
+    points: tuple[tuple[str, str, float, float, float], ...] = field(repr=False)
+
+
+class TierPredictor:
+    """Shared fit / predict / score machinery: subclasses define the per-run early statistic
+    (``_early``), optionally its ordering value (``_badness``) and a check across runs (``_check_runs``)."""
+
+    statistic = "statistic"
+
+    def __init__(self, fraction: float = 0.2, *, noise_neighbors: int = 5, n_draws: int = 4000, random_state: int = 0):
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        if noise_neighbors < 2:
+            raise ValueError(f"noise_neighbors must be >= 2, got {noise_neighbors}")
+        self.fraction = fraction
+        self.noise_neighbors = noise_neighbors
+        self.n_draws = n_draws
+        self.random_state = random_state
+
+    # subclass hooks
+    def _early(self, run: RunRecord) -> EarlyStatistic:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _check_runs(self, runs: list[RunRecord]) -> None:
+        """Validate a set of runs before their statistics are compared (default: nothing)."""
+
+    def _badness(self, stat: EarlyStatistic, run: RunRecord) -> tuple[float, float]:
+        """(value, sigma) of the ordering statistic: smaller = predicted more token-efficient."""
+        return stat.value, stat.sigma
+
+    def fit(self, runs) -> "TierPredictor":
+        """Measure every run's early statistic and learn per-family min/max for normalization.
+
+        Learned attributes: ``runs_``, ``statistics_`` (list of :class:`EarlyStatistic`),
+        ``values_`` (run id -> (value, sigma) of the ordering statistic), ``family_range_``
+        (family -> (min, max) of the statistic), ``rankings_`` (family -> :class:`TierRanking`).
+        Returns ``self``.
+        """
+        self.runs_ = open_runs(runs)
+        if not self.runs_:
+            raise ValueError(f"{type(self).__name__}.fit: no runs given")
+        self._check_runs(self.runs_)
+        self.statistics_ = [self._early(r) for r in self.runs_]
+        self.values_ = {s.run_id: self._badness(s, r) for s, r in zip(self.statistics_, self.runs_)}
+        self.family_range_ = _family_ranges(self.statistics_, self.values_)
+        self.rankings_ = self._rank(self.statistics_, self.values_)
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "statistics_"):
+            raise RuntimeError(f"{type(self).__name__} is not fitted: call fit(runs) first")
+
+    def _measure(self, runs):
+        if runs is None:
+            self._check_fitted()
+            return self.runs_, self.statistics_, self.values_
+        runs = open_runs(runs)
+        self._check_runs(runs)
+        stats = [self._early(r) for r in runs]
+        return runs, stats, {s.run_id: self._badness(s, r) for s, r in zip(stats, runs)}
+
+    def predict(self, runs=None) -> dict[str, TierRanking]:
+        """Order each family's tiers by the early statistic (best first), with ``p_best``.
+
+        ``runs=None`` uses the runs given to :meth:`fit`. Returns family -> :class:`TierRanking`.
+        """
+        _, stats, values = self._measure(runs)
+        return self._rank(stats, values)
+
+    def _rank(self, stats: list[EarlyStatistic], values: dict[str, tuple[float, float]]) -> dict[str, TierRanking]:
+        out = {}
+        by_family: dict[str, list[EarlyStatistic]] = {}
+        for s in stats:
+            by_family.setdefault(s.family, []).append(s)
+        for family, members in by_family.items():
+            out[family] = rank_tiers(
+                family, [(s.tier, s.run_id, *values[s.run_id]) for s in members],
+                statistic=self.statistic, n_draws=self.n_draws, random_state=self.random_state,
+            )
+        return out
+
+    def normalized(self, runs=None) -> dict[str, float]:
+        """Per-family min-max normalized statistic per run id (0 = best of its family, 1 = worst).
+
+        ``runs=None``: the fitted runs with the learned ``family_range_``. Otherwise the range of each
+        family is taken from the runs given. A family whose values are all equal maps to 0.
+        """
+        _, stats, values = self._measure(runs)
+        return _normalize(stats, values, self.family_range_ if runs is None else None)
+
+    def score(self, runs=None, targets: float | Mapping[str, float] | None = None) -> PredictionScore:
+        """Spearman rho between the early statistic and realized ``eps_tok`` (paper Fig. 2).
+
+        Args:
+            runs: runs to score (default: the fitted runs); they must have run past the target.
+            targets: the target validation loss (``eps_tok`` is computed from the records with
+                :func:`~spectral_lens.analysis.token_inefficiency`), or a mapping run id -> eps_tok.
+
+        Within-family rhos use the raw statistic; the pooled rho uses per-family min-max
+        normalized values (paper: "across-family rho"). Runs that never reached the target have
+        ``eps_tok = inf`` and rank last. Each run counts once (seeds are not averaged here).
+        """
+        if targets is None:
+            raise ValueError("score needs targets: a target validation loss, or a mapping run id -> eps_tok")
+        run_list, stats, values = self._measure(runs)
+        if isinstance(targets, Mapping):
+            eps = {k: float(v) for k, v in targets.items()}
+            missing = [s.run_id for s in stats if s.run_id not in eps]
+            if missing:
+                raise ValueError(f"score: targets has no eps_tok for runs {missing}")
+        else:
+            eps = token_inefficiency(run_list, float(targets))
+        norm = _normalize(stats, values, self.family_range_ if runs is None else None)
+        within = {}
+        by_family: dict[str, list[EarlyStatistic]] = {}
+        for s in stats:
+            by_family.setdefault(s.family, []).append(s)
+        for family, members in by_family.items():
+            rho, p = spearman([values[s.run_id][0] for s in members], [eps[s.run_id] for s in members])
+            within[family] = FamilyScore(rho, p, len(members))
+        rho, p = spearman([norm[s.run_id] for s in stats], [eps[s.run_id] for s in stats])
+        finite = [w.rho for w in within.values() if math.isfinite(w.rho)]
+        points = tuple((s.run_id, s.family, s.tier, norm[s.run_id], eps[s.run_id]) for s in stats)
+        return PredictionScore(
+            statistic=self.statistic,
+            rho=rho,
+            pvalue=p,
+            n=len(stats),
+            within=within,
+            mean_within_rho=float(np.mean(finite)) if finite else math.nan,
+            points=points,
+        )
+
+
+def _family_ranges(stats: list[EarlyStatistic], values: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """family -> (min, max) of the ordering statistic."""
+    ranges: dict[str, tuple[float, float]] = {}
+    for s in stats:
+        v = values[s.run_id][0]
+        lo, hi = ranges.get(s.family, (v, v))
+        ranges[s.family] = (min(lo, v), max(hi, v))
+    return ranges
+
+
+def _normalize(stats, values, ranges=None) -> dict[str, float]:
+    ranges = ranges if ranges is not None else _family_ranges(stats, values)
+    out = {}
+    for s in stats:
+        lo, hi = ranges[s.family]
+        out[s.run_id] = (values[s.run_id][0] - lo) / (hi - lo) if hi > lo else 0.0
+    return out

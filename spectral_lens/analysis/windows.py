@@ -1,0 +1,107 @@
+"""Which spectrum and which rank window an analysis of a run uses.
+
+The window of ``alpha_tail`` is the one each run recorded (``summary_windows["tail"]`` in its
+``run.json``, written by :class:`~spectral_lens.records.RunWriter`) unless the caller passes one.
+Runs compared with each other (the tiers of one family) must use the same window:
+:func:`common_windows` checks that and names the runs that disagree.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+from .._warnings import SpectralLensWarning
+from ..records import RunRecord
+from ..spectra.fit import tail_window
+from .efficiency import NO_FAMILY
+
+__all__ = ["DEFAULT_WINDOW", "WindowMismatchError", "resolve_spectrum", "resolve_window", "common_windows"]
+
+#: The d12 tail window, used when neither a window, a recorded window nor ``RunInfo.n_layer`` is known.
+DEFAULT_WINDOW = (100, 200)
+
+
+class WindowMismatchError(ValueError):
+    """Runs that are compared with each other recorded different tail windows."""
+
+
+def resolve_spectrum(run: RunRecord, spectrum: str | None = None) -> str:
+    """The spectrum name an analysis of ``run`` uses.
+
+    Order: ``spectrum`` if given (must exist in the run); else ``run.info.primary_spectrum``; else
+    the run's only activation-covariance spectrum. Several candidates and no choice is an error
+    that lists them (pass ``spectrum=`` or record ``primary_spectrum``; the paper's convention is
+    the deepest activation probe).
+    """
+    names = run.spectrum_names()
+    if spectrum is not None:
+        if spectrum not in names:
+            raise ValueError(f"run {run.run_id!r}: no spectrum named {spectrum!r}; available: {names}")
+        return spectrum
+    if run.info.primary_spectrum is not None:
+        if run.info.primary_spectrum not in names:
+            raise ValueError(
+                f"run {run.run_id!r}: primary_spectrum {run.info.primary_spectrum!r} never measured; available: {names}"
+            )
+        return run.info.primary_spectrum
+    acts = run.spectrum_names("activation_covariance")
+    if len(acts) == 1:
+        return acts[0]
+    if not acts:
+        raise ValueError(f"run {run.run_id!r}: no activation-covariance spectrum recorded (spectra: {names})")
+    raise ValueError(
+        f"run {run.run_id!r}: several activation spectra {acts}; pass spectrum=NAME "
+        "(the paper uses the deepest layer) or record RunInfo.primary_spectrum"
+    )
+
+
+def resolve_window(run: RunRecord, window: tuple[int, int] | None = None) -> tuple[int, int]:
+    """The tail window for ``run``, in this order: ``window`` if given; the window the run recorded
+    (``run.summary_windows["tail"]``, from ``run.json``); the scale rule for ``info.n_layer``
+    (:func:`spectral_lens.tail_window`); else the d12 window ``(100, 200)`` with a warning."""
+    if window is not None:
+        lo, hi = window
+        return (int(lo), int(hi))
+    recorded = (getattr(run, "summary_windows", None) or {}).get("tail")
+    if recorded:
+        return (int(recorded[0]), int(recorded[1]))
+    if run.info.n_layer:
+        return tail_window(int(run.info.n_layer))
+    warnings.warn(  # the default warning filter shows each run's message once
+        f"run {run.run_id!r}: no recorded tail window and RunInfo.n_layer unknown; using the d12 tail window "
+        f"{DEFAULT_WINDOW} (pass window= to choose)",
+        SpectralLensWarning,
+        stacklevel=3,
+    )
+    return DEFAULT_WINDOW
+
+
+def common_windows(runs: Iterable[RunRecord], window: tuple[int, int] | None = None) -> dict[str, tuple[int, int]]:
+    """Family -> the one tail window its runs are compared on.
+
+    With ``window`` given, every family uses it. Otherwise each run's window comes from
+    :func:`resolve_window` (its recorded window first), and all runs of a family must agree: the
+    tiers of a family are ranked against each other, so their ``alpha_tail`` must be fitted on the
+    same ranks. Families may differ (the paper's scale rule gives deeper models wider windows; the
+    pooled score min-max normalizes each family). Disagreement raises :class:`WindowMismatchError`
+    naming the runs and their windows.
+    """
+    by_family: dict[str, dict[tuple[int, int], list[str]]] = {}
+    for run in runs:
+        family = run.info.family if run.info.family is not None else NO_FAMILY
+        win = resolve_window(run, window)
+        by_family.setdefault(family, {}).setdefault(win, []).append(run.run_id)
+    out = {}
+    for family, wins in by_family.items():
+        if len(wins) > 1:
+            parts = "; ".join(
+                f"{', '.join(ids[:4])}{' ...' if len(ids) > 4 else ''}: {list(w)}" for w, ids in sorted(wins.items())
+            )
+            where = "" if family == NO_FAMILY else f" of family {family!r}"
+            raise WindowMismatchError(
+                f"runs{where} recorded different tail windows ({parts}); ranking them needs one window: "
+                "pass window=(LO, HI) (CLI: --window LO HI)"
+            )
+        out[family] = next(iter(wins))
+    return out

@@ -1,0 +1,89 @@
+"""What every framework callback does at a checkpoint: measure, record, fan out to sinks."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Protocol
+
+from ..lens import LensMeasurement, SpectralLens
+from .summaries import measurement_scalars
+
+
+class Sink(Protocol):
+    """Anything with ``log_measurement(measurement, tail=..., head=...)`` (see TensorBoardSink)."""
+
+    def log_measurement(self, measurement: LensMeasurement, tail=..., head=...) -> None: ...
+
+
+class LensDriver:
+    """Runs a configured :class:`~spectral_lens.SpectralLens` for a framework callback.
+
+    Measures at most once per step; rank 0 sends the measurement to every sink and returns its
+    flat scalars (other ranks measure with it, as ``SpectralLens`` needs, and return ``{}``).
+    """
+
+    def __init__(self, lens: SpectralLens, sinks: Iterable[Sink], tokens_per_step: int | None) -> None:
+        if not isinstance(lens, SpectralLens):
+            raise TypeError(f"expected a spectral_lens.SpectralLens, got {type(lens).__name__}")
+        if tokens_per_step is not None and tokens_per_step < 1:
+            raise ValueError(f"tokens_per_step must be a positive integer, got {tokens_per_step!r}")
+        self.lens = lens
+        self.sinks = list(sinks)
+        for s in self.sinks:
+            if not callable(getattr(s, "log_measurement", None)):
+                raise TypeError(f"sink {type(s).__name__} has no log_measurement(measurement, tail=, head=) method")
+        self.tokens_per_step = tokens_per_step
+        self.last_step: int | None = None
+        self.handle = None
+
+    def release(self) -> None:
+        """Detach the lens again if :meth:`bind` attached it."""
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+    def bind(self, model: Any, where: str) -> None:
+        """Attach a lens built without a model (``SpectralLens(pool=...)``) to the trained ``model``;
+        for a lens with a model, raise when ``model`` neither is nor contains it."""
+        if model is None:
+            return
+        if self.lens.model is None:
+            self.handle = self.lens.attach(model)
+            return
+        if not any(m is self.lens.model for m in model.modules()):
+            raise ValueError(
+                f"{where}: the trainer's model ({type(model).__name__}) is not the model the SpectralLens "
+                f"measures ({type(self.lens.model).__name__}); build the lens on the model you train"
+            )
+
+    def windows(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """The alpha windows of the lens's run record (the lens's own windows without a writer).
+
+        Only used for spectra whose summaries a measurement does not carry.
+        """
+        writer = self.lens.writer
+        if writer is not None:
+            return writer.tail_window, writer.head_window
+        return self.lens.tail_window or (100, 200), self.lens.head_window or (10, 40)
+
+    def tokens(self, step: int, counted: int | None = None) -> int:
+        """Training tokens at ``step``: the framework's count when it keeps one, else
+        ``step * tokens_per_step``, else ``step`` (tokens then count optimizer steps)."""
+        if counted:
+            return int(counted)
+        return int(step) * (self.tokens_per_step or 1)
+
+    def due(self, step: int) -> bool:
+        """Whether the lens's schedule asks for ``step`` and it was not measured yet."""
+        schedule = self.lens.schedule
+        return schedule is not None and step in schedule and step != self.last_step
+
+    def measure(self, step: int, tokens: int, val_loss: float | None = None) -> dict[str, float]:
+        """Measure now; fan out to the sinks on rank 0 and return the flat scalars there."""
+        m = self.lens.measure(step, tokens, val_loss=val_loss)
+        self.last_step = step
+        if self.lens._dist()[0] != 0:
+            return {}
+        tail, head = self.windows()
+        for sink in self.sinks:
+            sink.log_measurement(m, tail=tail, head=head)
+        return measurement_scalars(m, tail, head)

@@ -1,0 +1,54 @@
+"""The hooks of the Lightning callback, shared by ``lightning.pytorch`` and ``pytorch_lightning``."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from ..lens import SpectralLens
+from ._driver import LensDriver
+
+
+class LightningHooks:
+    """Mixin with the callback's behaviour; each module combines it with its package's ``Callback``."""
+
+    def __init__(
+        self,
+        lens: SpectralLens,
+        *,
+        on_validation: bool = False,
+        val_loss_key: str = "val_loss",
+        tokens_per_step: int | None = None,
+        sinks: Iterable = (),
+    ) -> None:
+        super().__init__()
+        self.driver = LensDriver(lens, sinks, tokens_per_step)
+        self.on_validation = bool(on_validation)
+        self.val_loss_key = val_loss_key
+
+    def _measure(self, trainer, val_loss: float | None = None) -> None:
+        step = int(trainer.global_step)
+        scalars = self.driver.measure(step, self.driver.tokens(step), val_loss)
+        if scalars:
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=step)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Attach a lens without a model to ``pl_module``; else check that it is (or contains) the lens's."""
+        self.driver.bind(pl_module, type(self).__name__)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        """Detach the lens if this callback attached it."""
+        self.driver.release()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """Measure when the lens's schedule names the current ``trainer.global_step``."""
+        if self.driver.due(int(trainer.global_step)):
+            self._measure(trainer)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        """With ``on_validation=True``, measure after each validation run (not the sanity check)."""
+        if not self.on_validation or trainer.sanity_checking or int(trainer.global_step) == self.driver.last_step:
+            return
+        value = trainer.callback_metrics.get(self.val_loss_key)
+        self._measure(trainer, None if value is None else float(value))
+

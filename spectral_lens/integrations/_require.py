@@ -1,0 +1,17 @@
+"""Import an optional framework or raise an ``ImportError`` that names the extra to install."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+
+def require(module: str, extra: str, feature: str) -> ModuleType:
+    """``importlib.import_module(module)``, or an ``ImportError`` naming ``feature`` and ``extra``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(
+            f"{feature} needs the optional package {module.split('.')[0]!r} ({exc}): "
+            f"pip install 'spectral-lens[{extra}]'"
+        ) from exc

@@ -1,0 +1,93 @@
+"""Hugging Face ``transformers.Trainer`` callback (extra ``hf``: ``pip install 'spectral-lens[hf]'``)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from ..lens import SpectralLens
+from ._driver import LensDriver
+from ._require import require
+
+_transformers = require("transformers", "hf", "spectral_lens.integrations.hf.SpectralLensCallback")
+
+__all__ = ["SpectralLensCallback"]
+
+
+class SpectralLensCallback(_transformers.TrainerCallback):
+    """Measure spectra during ``transformers.Trainer.train()``.
+
+    Build a :class:`~spectral_lens.SpectralLens` with the held-out pool (dict batches as the model
+    takes them, on the model's device; padded positions are left out by default), either on the
+    model you train or without a model (``SpectralLens(pool=...)``: the callback attaches it to the
+    trainer's model for the run and detaches it afterwards), a
+    :class:`~spectral_lens.records.RunWriter` and a :class:`~spectral_lens.Schedule`; the callback
+    measures after every optimizer step the schedule names (``TrainerState.global_step``) and, with
+    ``on_evaluate=True``, after every evaluation too (recording its ``eval_loss`` as the validation
+    loss). A step is measured once.
+
+    Each measurement is appended to the lens's run record, sent to every sink (e.g.
+    :class:`~spectral_lens.integrations.TensorBoardSink`), and its scalars (per spectrum
+    ``alpha_tail``, ``alpha_head``, ``rankme``, ``stable_rank``; ``noise_scale``) are logged:
+
+    * through ``trainer.log`` (every ``report_to`` logger and ``trainer.state.log_history``) when the
+      callback was added with :meth:`attach`;
+    * otherwise, only into ``TrainerState.log_history`` (a plain ``TrainerCallback`` has no handle on
+      the trainer's loggers).
+
+    Args:
+        lens: the configured ``SpectralLens`` (its ``schedule`` and ``writer`` are used), with or
+            without a model.
+        on_evaluate: also measure at every evaluation.
+        tokens_per_step: training tokens per optimizer step, used when the trainer does not count
+            input tokens (``TrainingArguments(include_num_input_tokens_seen=...)``); without
+            either, ``tokens`` counts optimizer steps.
+        sinks: extra loggers with a ``log_measurement`` method.
+    """
+
+    def __init__(
+        self,
+        lens: SpectralLens,
+        *,
+        on_evaluate: bool = False,
+        tokens_per_step: int | None = None,
+        sinks: Iterable = (),
+    ) -> None:
+        self.driver = LensDriver(lens, sinks, tokens_per_step)
+        self.on_evaluate_ = bool(on_evaluate)
+        self.trainer = None
+
+    def attach(self, trainer) -> "SpectralLensCallback":
+        """Add this callback to ``trainer`` and log its scalars through ``trainer.log``; returns self."""
+        self.driver.bind(trainer.model, "SpectralLensCallback.attach")
+        trainer.add_callback(self)
+        self.trainer = trainer
+        return self
+
+    def _measure(self, state, val_loss: float | None = None) -> None:
+        step = int(state.global_step)
+        scalars = self.driver.measure(step, self.driver.tokens(step, state.num_input_tokens_seen), val_loss)
+        if not scalars:
+            return
+        if self.trainer is not None:
+            self.trainer.log(dict(scalars))
+        else:
+            state.log_history.append({**scalars, "step": step})
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """Attach a lens without a model to the trainer's model; else check that it is the lens's."""
+        self.driver.bind(model, "SpectralLensCallback")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Detach the lens if this callback attached it."""
+        self.driver.release()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """Measure when the lens's schedule names this optimizer step."""
+        if self.driver.due(int(state.global_step)):
+            self._measure(state)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        """With ``on_evaluate=True``, measure now, recording the evaluation's ``eval_loss``."""
+        if self.on_evaluate_ and int(state.global_step) != self.driver.last_step:
+            val_loss = (metrics or {}).get("eval_loss")
+            self._measure(state, None if val_loss is None else float(val_loss))

@@ -1,0 +1,77 @@
+"""TensorBoard sink (extra ``tensorboard``: ``pip install 'spectral-lens[tensorboard]'``)."""
+
+from __future__ import annotations
+
+import os
+
+from ..lens import LensMeasurement
+from ._figure import spectrum_image
+from ._require import require
+from .summaries import measurement_scalars
+
+__all__ = ["TensorBoardSink"]
+
+
+class TensorBoardSink:
+    """Log measurements to TensorBoard through ``torch.utils.tensorboard.SummaryWriter``.
+
+    Per measurement, at ``global_step = measurement.step``: one scalar per spectrum and summary
+    (``<prefix><spectrum>/alpha_tail``, ``.../alpha_head``, ``.../rankme``, ``.../stable_rank``) and
+    per measurement scalar (``<prefix>noise_scale``, ...), see
+    :func:`~spectral_lens.integrations.measurement_scalars`; with ``figures=True`` one image per
+    spectrum (``<prefix><spectrum>/spectrum``: the trace-normalized spectrum against rank, log-log,
+    alpha windows shaded; needs matplotlib). Non-finite values (``NaN`` for a window the spectrum
+    cannot resolve, ``inf`` for the noise scale of a zero mean gradient) are logged as they are.
+
+    Args:
+        writer: a ``SummaryWriter`` (left open; you close it) or a log directory (a writer is
+            created there and closed by :meth:`close`).
+        figures: also log spectrum figures.
+        prefix: prefix of every tag.
+
+    Use with a framework callback (``sinks=[TensorBoardSink("tb")]``) or by hand:
+    ``sink.log_measurement(lens.measure(step, tokens))``.
+    """
+
+    def __init__(self, writer, *, figures: bool = True, prefix: str = "spectral_lens/") -> None:
+        if isinstance(writer, (str, os.PathLike)):
+            tb = require("torch.utils.tensorboard", "tensorboard", "TensorBoardSink")
+            self.writer = tb.SummaryWriter(log_dir=os.fspath(writer))
+            self._owned = True
+        elif callable(getattr(writer, "add_scalar", None)):
+            self.writer = writer
+            self._owned = False
+        else:
+            raise TypeError(
+                f"TensorBoardSink: writer must be a SummaryWriter or a log directory, got {type(writer).__name__}"
+            )
+        self.figures = bool(figures)
+        self.prefix = prefix
+
+    def log_measurement(
+        self,
+        measurement: LensMeasurement,
+        tail: tuple[int, int] | None = (100, 200),
+        head: tuple[int, int] | None = (10, 40),
+    ) -> None:
+        """Write one measurement's scalars (and figures) at ``measurement.step``; flush."""
+        step = int(measurement.step)
+        for tag, value in measurement_scalars(measurement, tail, head, self.prefix).items():
+            self.writer.add_scalar(tag, value, global_step=step)
+        if self.figures:
+            for name, spectrum in measurement.spectra.items():
+                image = spectrum_image(spectrum, f"{name} @ step {step}", tail, head)
+                self.writer.add_image(f"{self.prefix}{name}/spectrum", image, global_step=step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        """Flush, and close the writer if this sink created it."""
+        self.writer.flush()
+        if self._owned:
+            self.writer.close()
+
+    def __enter__(self) -> "TensorBoardSink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

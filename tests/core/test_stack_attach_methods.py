@@ -1,0 +1,129 @@
+"""attach() as a method on every composable piece: accumulator, probe (also built before the model)
+and SpectralLens; each returns a context-manager handle with remove()."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import spectral_lens as sl
+from spectral_lens import ActivationCovarianceAccumulator, PerSampleGradientProbe, SpectralLens
+
+from support.models import TinyLM, lm_pool
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return TinyLM(tied=False, dropout=0.0).double().eval()
+
+
+def _hook_counts(model):
+    return {n: len(m._forward_hooks) + len(m._forward_pre_hooks) for n, m in model.named_modules()}
+
+
+def test_top_level_exports():
+    from spectral_lens.analysis import SweepController, TailPredictor
+
+    assert sl.TailPredictor is TailPredictor and sl.SweepController is SweepController
+    for name in ("TailPredictor", "SweepController", "ProbeAttachment", "LensAttachment", "EngineFallbackWarning"):
+        assert name in sl.__all__
+
+
+def test_accumulator_attach_measures_the_module_output_and_removes_its_hook():
+    model, pool = _model(), lm_pool()
+    before = _hook_counts(model)
+    acc = ActivationCovarianceAccumulator(precision="float64")
+    outs = []
+    ref_hook = model.h[1].register_forward_hook(lambda m, a, o: outs.append(o.detach().reshape(-1, o.shape[-1])))
+    with acc.attach(model, "h.1") as handle:
+        assert handle.active and handle.accumulators == {"h.1": acc}
+        with torch.no_grad():
+            for x, _ in pool:
+                model(x)
+    ref_hook.remove()
+    assert not handle.active and _hook_counts(model) == before
+    assert acc.name == "h.1"
+    rows = torch.cat(outs).numpy()
+    assert acc.n_rows == rows.shape[0]
+    want = np.sort(np.linalg.eigvalsh(np.cov(rows, rowvar=False)))[::-1]
+    np.testing.assert_allclose(acc.compute().values.numpy(), want, rtol=1e-10, atol=1e-13 * want[0])
+    with torch.no_grad():  # removed: no more rows
+        model(pool[0][0])
+    assert acc.n_rows == rows.shape[0]
+
+
+def test_accumulator_attach_needs_exactly_one_module():
+    acc = ActivationCovarianceAccumulator()
+    with pytest.raises(ValueError, match=r"selects 3 modules .*spectral_lens.attach"):
+        acc.attach(_model(), "h.*")
+
+
+def test_probe_built_before_the_model_equals_the_direct_form():
+    model, pool = _model(), lm_pool()
+    direct = PerSampleGradientProbe(model, "h.2.attn.c_proj.weight", keep_matrix=True)
+    late = PerSampleGradientProbe(params="h.2.attn.c_proj.weight", keep_matrix=True)
+    assert late.model is None and late.params == {}
+    with pytest.raises(RuntimeError, match=r"not attached .*probe.attach\(model\)"):
+        late.update(pool[0])
+    before = _hook_counts(model)
+    with late.attach(model) as handle:
+        assert handle.active and late.model is model and list(late.params) == ["h.2.attn.c_proj.weight"]
+        for b in pool:
+            direct.update(b)
+            late.update(b)
+        torch.testing.assert_close(late.matrix(), direct.matrix(), rtol=0, atol=0)
+        torch.testing.assert_close(late.compute().values, direct.compute().values, rtol=0, atol=0)
+    assert not handle.active and late.model is None and late.n_samples_ == 0
+    assert _hook_counts(model) == before
+    handle.remove()  # idempotent
+
+
+def test_probe_attach_to_a_second_model_needs_remove_first():
+    a, b = _model(0), _model(1)
+    probe = PerSampleGradientProbe(params="h.0.attn.c_proj.weight")
+    h = probe.attach(a)
+    with pytest.raises(ValueError, match="attached to another TinyLM"):
+        probe.attach(b)
+    h.remove()
+    probe.attach(b)
+    assert probe.model is b and probe.params["h.0.attn.c_proj.weight"] is b.h[0].attn.c_proj.weight
+
+
+def test_probe_attach_resolves_params_in_the_model():
+    probe = PerSampleGradientProbe(params="h.9.attn.c_proj.weight")
+    with pytest.raises(ValueError, match=r"TinyLM has no parameter 'h.9.attn.c_proj.weight'"):
+        probe.attach(_model())
+    assert probe.model is None
+
+
+def test_lens_attach_later_equals_the_direct_form():
+    model, pool = _model(), lm_pool()
+    direct = SpectralLens(model, pool, precision="float64", progress=False).measure(3, 30)
+    lens = SpectralLens(pool=pool, precision="float64", progress=False)
+    with pytest.raises(RuntimeError, match=r"lens.attach\(model\)"):
+        lens.measure(3, 30)
+    with lens.attach(model) as handle:
+        assert lens.layers == "h.2" and list(lens.probe.params) == ["h.2.attn.c_proj.weight"]
+        late = lens.measure(3, 30)
+    assert not handle.active and lens.model is None and lens.probe.model is None
+    assert late.spectra.keys() == direct.spectra.keys()
+    for k in direct.spectra:
+        torch.testing.assert_close(late.spectra[k].values, direct.spectra[k].values, rtol=0, atol=0)
+    with lens.attach(model):  # re-attachable
+        assert lens.measure(4, 40).step == 4
+
+
+def test_hf_llama_decoder_layer_returns_a_tensor_and_pick_none_works():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
+    model = transformers.LlamaForCausalLM(cfg).double().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    with sl.attach(model, "model.layers.1") as cap, torch.no_grad():  # pick=None: transformers 5 layers
+        model(input_ids=ids)
+    assert cap.accumulators["model.layers.1"].n_rows == 12
+    with pytest.raises(TypeError, match=r"pick=0 indexes a tuple output, but this module returns a tensor .*pick=None"):
+        with sl.attach(model, "model.layers.1", pick=0), torch.no_grad():
+            model(input_ids=ids)

@@ -1,0 +1,119 @@
+"""SpectralLensCallback inside a real transformers.Trainer (tiny config-built Llama, CPU, no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spectral_lens as sl
+
+transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the hf extra installs it)")
+from spectral_lens.integrations import SpectralLensCallback  # noqa: E402
+from spectral_lens.records import RunInfo, RunWriter, open_runs, spectrum_summaries  # noqa: E402
+
+VOCAB, T = 64, 16
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Tokenizer-free: random token ids; labels = input_ids (the model shifts them)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.ids = torch.randint(0, VOCAB, (n, T), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def heldout_pool():
+    ids = torch.randint(0, VOCAB, (4, T), generator=torch.Generator().manual_seed(99))
+    return [{"input_ids": ids[:2], "labels": ids[:2]}, {"input_ids": ids[2:], "labels": ids[2:]}]
+
+
+def trainer_for(model, tmp_path, **kw):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=20, per_device_train_batch_size=4, learning_rate=1e-3,
+        report_to=kw.pop("report_to", []), save_strategy="no", use_cpu=True, disable_tqdm=True, **kw,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(80, 0),
+                                eval_dataset=RandomTokens(8, 1))
+
+
+def test_records_and_trainer_logs(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard", reason="the Trainer's TensorBoard logger needs the tensorboard extra")
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))  # read by the Trainer's TensorBoardCallback
+    model = tiny_llama()
+    writer = RunWriter(tmp_path / "run", RunInfo("hf", family="llama", batch_tier=1, total_tokens=20 * 4 * T),
+                       fsync=False, tail_window=(4, 16), head_window=(1, 4))
+    lens = sl.SpectralLens(model, heldout_pool(), writer=writer, schedule=sl.Schedule.every(10, start=10))
+    trainer = trainer_for(model, tmp_path, report_to=["tensorboard"], eval_strategy="steps", eval_steps=5)
+    cb = SpectralLensCallback(lens, on_evaluate=True, tokens_per_step=4 * T).attach(trainer)
+    trainer.train()
+    writer.close()
+
+    (run,) = open_runs([tmp_path / "run"])
+    # schedule: 10, 20; evaluations: 5, 10 (already measured), 15, 20 (already measured)
+    assert [m.step for m in run.measurements] == [5, 10, 15, 20]
+    assert [m.tokens for m in run.measurements] == [5 * 4 * T, 10 * 4 * T, 15 * 4 * T, 20 * 4 * T]
+    assert [m.val_loss is not None for m in run.measurements] == [True, False, True, False]
+    m = run.measurements[-1]
+    assert set(m.spectra) == {"act:model.layers.1", "grad:model.layers.1.self_attn.o_proj.weight"}
+    assert m.spectra["act:model.layers.1"].n_rows == 4 * T
+    assert "noise_scale" in m.scalars
+    # the spectra differ across checkpoints: the callback measured the model being trained
+    first = run.measurements[0].spectra["act:model.layers.1"].values
+    assert not torch.equal(first, m.spectra["act:model.layers.1"].values)
+
+    # scalars went through trainer.log: into log_history and the Trainer's TensorBoard logger
+    logged = [h for h in trainer.state.log_history if "spectral_lens/noise_scale" in h]
+    assert [h["step"] for h in logged] == [5, 10, 15, 20]
+    want = spectrum_summaries(m.spectra["act:model.layers.1"], (4, 16), (1, 4))
+    assert logged[-1]["spectral_lens/act:model.layers.1/rankme"] == pytest.approx(want["rankme"], rel=1e-12)
+    assert logged[-1]["spectral_lens/act:model.layers.1/alpha_tail"] == pytest.approx(want["alpha_tail"], rel=1e-12)
+    assert logged[-1]["spectral_lens/noise_scale"] == m.scalars["noise_scale"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = [t for t in acc.Tags()["scalars"] if t.endswith("act:model.layers.1/rankme")]
+    assert len(tags) == 1 and [e.step for e in acc.Scalars(tags[0])] == [5, 10, 15, 20]
+
+
+def test_plain_callback_attaches_a_lens_without_model_and_logs_into_state(tmp_path):
+    model = tiny_llama()
+    lens = sl.SpectralLens(pool=heldout_pool(), params=(), schedule=sl.Schedule.every(10))
+    sink = Recorder()
+    trainer = trainer_for(model, tmp_path)
+    trainer.add_callback(SpectralLensCallback(lens, sinks=[sink]))
+    trainer.train()
+    assert [m.step for m in lens.history] == [10, 20] == [m.step for m in sink.seen]
+    assert [m.tokens for m in lens.history] == [10, 20]  # no token count: tokens count steps
+    assert lens.model is None  # attached for the run only
+    logged = [h for h in trainer.state.log_history if "spectral_lens/act:model.layers.1/rankme" in h]
+    assert [h["step"] for h in logged] == [10, 20]
+    assert logged[-1]["spectral_lens/act:model.layers.1/rankme"] == lens.history[-1].summaries["act:model.layers.1"]["rankme"]
+
+
+def test_wrong_model_is_a_clear_error(tmp_path):
+    lens = sl.SpectralLens(tiny_llama(), heldout_pool(), params=(), schedule=sl.Schedule.every(1))
+    trainer = trainer_for(tiny_llama(), tmp_path)
+    with pytest.raises(ValueError, match="not the model the SpectralLens measures"):
+        SpectralLensCallback(lens).attach(trainer)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.seen = []
+
+    def log_measurement(self, measurement, tail=None, head=None):
+        self.seen.append(measurement)

@@ -1,0 +1,120 @@
+"""SpectralLensLightningCallback inside a real Lightning Trainer (tiny module, CPU, few steps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support.models import TinyGPT, lm_pool
+
+import spectral_lens as sl
+
+pl = pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
+from spectral_lens.integrations import SpectralLensLightningCallback  # noqa: E402
+from spectral_lens.records import RunInfo, RunWriter, open_runs, spectrum_summaries  # noqa: E402
+
+
+class TinyLit(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
+
+    def forward(self, idx):
+        return self.net(idx)
+
+    def _loss(self, batch):
+        x, y = batch
+        return F.cross_entropy(self(x).flatten(0, 1), y.flatten())
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+
+def loader(n: int, seed: int):
+    return torch.utils.data.DataLoader(lm_pool(n, batch=4, t=12, vocab=37, seed=seed), batch_size=None)
+
+
+def trainer(tmp_path, callback, logger, **kw):
+    return pl.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=logger, callbacks=[callback],
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=str(tmp_path), **kw)
+
+
+def test_records_and_logger_scalars(tmp_path):
+    pytest.importorskip("tensorboard", reason="TensorBoardLogger needs the tensorboard extra")
+    torch.manual_seed(0)
+    module = TinyLit()
+    writer = RunWriter(tmp_path / "run", RunInfo("lit", batch_tier=1), fsync=False, tail_window=(4, 12),
+                       head_window=(1, 4))
+    lens = sl.SpectralLens(module.net, lm_pool(2, batch=4, t=12, vocab=37, seed=9), writer=writer,
+                           schedule=sl.Schedule.every(3, start=3))
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    cb = SpectralLensLightningCallback(lens, on_validation=True, tokens_per_step=48)
+    trainer(tmp_path, cb, logger, val_check_interval=2, num_sanity_val_steps=1, limit_val_batches=2).fit(
+        module, loader(6, 0), loader(2, 1))
+    writer.close()
+
+    (run,) = open_runs([tmp_path / "run"])
+    # validation after steps 2, 4, 6; schedule 3, 6; a step is measured once; the sanity check never
+    assert [m.step for m in run.measurements] == [2, 3, 4, 6]
+    assert [m.tokens for m in run.measurements] == [96, 144, 192, 288]
+    assert [m.val_loss is not None for m in run.measurements] == [True, False, True, False]  # step 6: the schedule came first
+    m = run.measurements[-1]
+    assert set(m.spectra) == {"act:transformer.h.1", "grad:transformer.h.1.attn.c_proj.weight"}
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb" / "version_0"))
+    acc.Reload()
+    rankme = acc.Scalars("spectral_lens/act:transformer.h.1/rankme")
+    assert [e.step for e in rankme] == [2, 3, 4, 6]
+    want = spectrum_summaries(m.spectra["act:transformer.h.1"], (4, 12), (1, 4))
+    assert rankme[-1].value == pytest.approx(want["rankme"], rel=1e-6)
+    assert acc.Scalars("spectral_lens/noise_scale")[-1].value == pytest.approx(m.scalars["noise_scale"], rel=1e-6)
+
+
+def test_no_logger_and_module_check(tmp_path):
+    module = TinyLit()
+    lens = sl.SpectralLens(module.net, lm_pool(1, batch=4, t=12, vocab=37), params=(),
+                           schedule=sl.Schedule.at_fractions(6, [0.5, 1.0]))
+    trainer(tmp_path, SpectralLensLightningCallback(lens), False, limit_val_batches=0).fit(module, loader(6, 0))
+    assert [m.step for m in lens.history] == [3, 5]  # at_fractions maps 1.0 to the last step a loop runs
+    assert [m.tokens for m in lens.history] == [3, 5]  # no tokens_per_step: tokens count steps
+    unbound = sl.SpectralLens(pool=lm_pool(1, batch=4, t=12, vocab=37), params=(), schedule=sl.Schedule.every(3))
+    trainer(tmp_path, SpectralLensLightningCallback(unbound), False, limit_val_batches=0).fit(TinyLit(), loader(6, 0))
+    assert [m.step for m in unbound.history] == [3, 6] and unbound.model is None  # attached for the fit only
+    other = sl.SpectralLens(TinyGPT(), lm_pool(1), params=(), schedule=sl.Schedule.every(1))
+    with pytest.raises(ValueError, match="not the model the SpectralLens measures"):
+        trainer(tmp_path, SpectralLensLightningCallback(other), False, limit_val_batches=0).fit(TinyLit(), loader(2, 0))
+
+
+def test_standalone_pytorch_lightning_package(tmp_path):
+    ptl = pytest.importorskip("pytorch_lightning", reason="pytorch_lightning is not installed")
+    from spectral_lens.integrations.pytorch_lightning import SpectralLensLightningCallback as PTLCallback
+
+    class Module(ptl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x).flatten(0, 1), y.flatten())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Module()
+    lens = sl.SpectralLens(module.net, lm_pool(1, batch=4, t=12, vocab=37), params=(), schedule=sl.Schedule.every(2))
+    cb = PTLCallback(lens)
+    assert isinstance(cb, ptl.Callback) and not isinstance(cb, pl.Callback)
+    ptl.Trainer(max_steps=2, accelerator="cpu", logger=False, callbacks=[cb], enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path)).fit(
+        module, loader(2, 0))
+    assert [m.step for m in lens.history] == [2]
