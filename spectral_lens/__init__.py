@@ -26,9 +26,10 @@ from ._warnings import (
 from .accumulate import ActivationCapture, ActivationCovarianceAccumulator, attach
 from .capture import select_modules
 from .spectra.fit import PAPER_WINDOWS, AlphaFit, CrossoverFit, tail_window
-from .gradients import NoiseScale, PerSampleGradientProbe, ProbeAttachment
+from .attachment import Attachment
+from .gradients import NoiseScale, PerSampleGradientProbe
 from .gradients.fallback import EngineFallbackWarning
-from .lens import LensAttachment, LensMeasurement, Schedule, SpectralLens, attention_mask
+from .lens import LensMeasurement, Schedule, SpectralLens, attention_mask
 from .analysis.sweep import SweepController
 from .analysis.tail import TailPredictor
 from .spectrum import Spectrum
@@ -41,16 +42,15 @@ __all__ = [
     "ActivationCapture",
     "ActivationCovarianceAccumulator",
     "AlphaFit",
+    "Attachment",
     "BandAlphaFitter",
     "CompiledModelWarning",
     "CrossoverFit",
     "EngineFallbackWarning",
     "InsufficientRowsWarning",
-    "LensAttachment",
     "LensMeasurement",
     "NoiseScale",
     "PerSampleGradientProbe",
-    "ProbeAttachment",
     "Schedule",
     "SpectralLens",
     "NonFiniteError",

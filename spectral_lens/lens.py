@@ -18,6 +18,7 @@ from torch import nn
 
 from ._progress import progress_bar, sized_total
 from .accumulate import attach
+from .attachment import Attachment
 from .capture import Target
 from .gradients import PerSampleGradientProbe
 from .gradients._batch import batch_size, default_forward, slice_batch
@@ -27,7 +28,6 @@ from .spectrum import Spectrum
 
 __all__ = [
     "SpectralLens",
-    "LensAttachment",
     "Schedule",
     "LensMeasurement",
     "attention_mask",
@@ -166,34 +166,6 @@ class LensMeasurement:
         return out
 
 
-class LensAttachment:
-    """Handle returned by :meth:`SpectralLens.attach`: ``remove()`` unbinds the lens from its model.
-
-    A context manager; ``remove()`` is idempotent. The lens registers hooks only while it measures,
-    so attaching and removing change nothing in the model.
-    """
-
-    def __init__(self, lens: "SpectralLens", model: nn.Module) -> None:
-        self.lens, self.model = lens, model
-
-    @property
-    def active(self) -> bool:
-        """Whether the lens is still bound to this handle's model."""
-        return self.model is not None and self.lens.model is self.model
-
-    def remove(self) -> None:
-        """Unbind the lens (see :meth:`SpectralLens.detach`)."""
-        if self.active:
-            self.lens.detach()
-        self.model = None
-
-    def __enter__(self) -> "LensAttachment":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
 class SpectralLens:
     """Measure activation and per-sample gradient spectra of a model over a fixed held-out pool.
 
@@ -305,10 +277,11 @@ class SpectralLens:
             probe = PerSampleGradientProbe(model, self.params_spec)
         self.model, self.layers, self.probe = model, layers, probe
 
-    def attach(self, model: nn.Module) -> LensAttachment:
+    def attach(self, model: nn.Module) -> Attachment:
         """Bind a lens built without a model (``SpectralLens(pool=..., ...)``) to ``model``.
 
-        Resolves ``layers`` and the probed ``params`` in it. Returns a handle; ``handle.remove()``
+        Resolves ``layers`` and the probed ``params`` in it. Returns an
+        :class:`~spectral_lens.attachment.Attachment`; ``handle.remove()``
         (or leaving ``with lens.attach(model):``) unbinds the lens again. Hooks are registered only
         while measuring.
         """
@@ -317,7 +290,7 @@ class SpectralLens:
                 f"SpectralLens is attached to another {type(self.model).__name__}; call remove() on its handle first"
             )
         self._bind(model)
-        return LensAttachment(self, model)
+        return Attachment(self, model)
 
     def detach(self) -> None:
         """Unbind the lens and its probe from the model (idempotent); the history is kept."""

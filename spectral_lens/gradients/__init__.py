@@ -15,7 +15,7 @@ from .linear import linear_per_sample_grad  # importing it registers the nn.Line
 from .losses import causal_lm_loss, extract_logits, token_cross_entropy
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .fallback import EngineFallbackWarning
-from .probe import ATTENTION_OUTPUT_PATTERNS, PerSampleGradientProbe, ProbeAttachment, default_gradient_param
+from .probe import ATTENTION_OUTPUT_PATTERNS, PerSampleGradientProbe, default_gradient_param
 from .registry import (
     FAST_PATHS,
     FAST_PATHS_BY_NAME,
@@ -34,7 +34,6 @@ __all__ = [
     "NoGradientPathError",
     "NoiseScale",
     "PerSampleGradientProbe",
-    "ProbeAttachment",
     "causal_lm_loss",
     "conv1d_per_sample_grad",
     "default_forward",

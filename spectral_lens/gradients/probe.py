@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .._warnings import NonFiniteError
+from ..attachment import Attachment
 from ..capture import glob_to_regex
 from .._warnings import ZeroGradientWarning
 from ._isolation import preserved_buffers
@@ -41,7 +42,7 @@ from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .registry import fast_path_for
 
-__all__ = ["PerSampleGradientProbe", "ProbeAttachment", "ATTENTION_OUTPUT_PATTERNS", "default_gradient_param"]
+__all__ = ["PerSampleGradientProbe", "ATTENTION_OUTPUT_PATTERNS", "default_gradient_param"]
 
 #: Globs (``**`` crosses dotted segments) naming attention output projections W_O in common code
 #: bases; the default probe is the match in the deepest block (largest block index in the name).
@@ -118,34 +119,6 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
         for n in hits:
             out[n] = named[n]
     return out
-
-
-class ProbeAttachment:
-    """Handle returned by :meth:`PerSampleGradientProbe.attach`: ``remove()`` unbinds the probe.
-
-    A context manager (leaving the block removes it, also on an exception); ``remove()`` is idempotent
-    and does nothing if the probe was re-attached elsewhere meanwhile.
-    """
-
-    def __init__(self, probe: "PerSampleGradientProbe", model: nn.Module) -> None:
-        self.probe, self.model = probe, model
-
-    @property
-    def active(self) -> bool:
-        """Whether the probe is still bound to this handle's model."""
-        return self.probe.model is self.model and self.model is not None
-
-    def remove(self) -> None:
-        """Unbind the probe (see :meth:`PerSampleGradientProbe.detach`)."""
-        if self.active:
-            self.probe.detach()
-        self.model = None
-
-    def __enter__(self) -> "ProbeAttachment":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 @dataclass
@@ -266,11 +239,11 @@ class PerSampleGradientProbe:
         self.engines_ = {n: self._choose_engine(n) for n in params}
         self.reset()
 
-    def attach(self, model: nn.Module) -> "ProbeAttachment":
+    def attach(self, model: nn.Module) -> Attachment:
         """Bind the probe to ``model``: resolve ``params`` in it and choose the engines.
 
         For a probe built before the model is known (``PerSampleGradientProbe(params=..., ...)``).
-        Returns a handle; ``handle.remove()`` (or leaving ``with probe.attach(model):``) unbinds the
+        Returns an :class:`~spectral_lens.attachment.Attachment`; ``handle.remove()`` (or leaving ``with probe.attach(model):``) unbinds the
         probe and forgets its samples. The probe registers no hook outside ``update``, so attaching
         changes nothing in the model. A probe already bound to another model must be removed first.
         """
@@ -280,7 +253,7 @@ class PerSampleGradientProbe:
                 "call remove() on its handle (or detach()) first"
             )
         self._bind(model)
-        return ProbeAttachment(self, model)
+        return Attachment(self, model)
 
     def detach(self) -> None:
         """Unbind the probe from its model and forget every sample (idempotent)."""

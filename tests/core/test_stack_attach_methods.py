@@ -26,7 +26,7 @@ def test_top_level_exports():
     from spectral_lens.analysis import SweepController, TailPredictor
 
     assert sl.TailPredictor is TailPredictor and sl.SweepController is SweepController
-    for name in ("TailPredictor", "SweepController", "ProbeAttachment", "LensAttachment", "EngineFallbackWarning"):
+    for name in ("TailPredictor", "SweepController", "Attachment", "EngineFallbackWarning"):
         assert name in sl.__all__
 
 
@@ -68,6 +68,7 @@ def test_probe_built_before_the_model_equals_the_direct_form():
         late.update(pool[0])
     before = _hook_counts(model)
     with late.attach(model) as handle:
+        assert isinstance(handle, sl.Attachment) and "active=True" in repr(handle)
         assert handle.active and late.model is model and list(late.params) == ["h.2.attn.c_proj.weight"]
         for b in pool:
             direct.update(b)

@@ -140,3 +140,14 @@ def test_at_fractions_measures_the_last_step_of_range():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert 999 in Schedule.at_fractions(1000, [1.0])
+
+
+def test_attention_mask_default_mask_fn():
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    am = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    got = sl.attention_mask({"input_ids": ids, "attention_mask": am})
+    assert got.dtype == torch.bool and got.tolist() == [[True, True, False], [True, False, False]]
+    assert sl.attention_mask({"input_ids": ids}) is None
+    assert sl.attention_mask({"input_ids": ids, "attention_mask": None}) is None
+    assert sl.attention_mask((ids, ids)) is None and sl.attention_mask(ids) is None
+    assert SpectralLens(_model(), lm_pool(), params=()).mask_fn is sl.attention_mask

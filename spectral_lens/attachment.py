@@ -1,0 +1,47 @@
+"""``Attachment``: the handle ``attach(model)`` returns for pieces that bind to a model without hooks.
+
+:meth:`PerSampleGradientProbe.attach <spectral_lens.PerSampleGradientProbe.attach>` and
+:meth:`SpectralLens.attach <spectral_lens.SpectralLens.attach>` bind their owner to a model (resolve
+names, choose engines); hooks exist only while they measure. The handle unbinds the owner again.
+(Accumulators, which do hook the model, return an :class:`~spectral_lens.ActivationCapture`: the
+same context-manager shape with ``remove()``.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+__all__ = ["Attachment"]
+
+
+class Attachment:
+    """Handle of one ``owner.attach(model)``: ``remove()`` calls ``owner.detach()``.
+
+    A context manager (leaving the block removes it, also on an exception). ``remove()`` is
+    idempotent and does nothing when the owner has been bound to another model meanwhile.
+    """
+
+    def __init__(self, owner: Any, model: nn.Module) -> None:
+        self.owner, self.model = owner, model
+
+    @property
+    def active(self) -> bool:
+        """Whether the owner is still bound to this handle's model."""
+        return self.model is not None and self.owner.model is self.model
+
+    def remove(self) -> None:
+        """Unbind the owner from the model (once)."""
+        if self.active:
+            self.owner.detach()
+        self.model = None
+
+    def __enter__(self) -> "Attachment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"Attachment({type(self.owner).__name__}, active={self.active})"
