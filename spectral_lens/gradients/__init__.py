@@ -3,6 +3,7 @@
 * :class:`PerSampleGradientProbe`: ``update(batch)`` / ``compute()`` / ``noise_scale()`` / ``reset()``.
 * Engines (:mod:`.engines`): per-layer fast paths (:mod:`.registry`, ``nn.Linear`` in :mod:`.linear`),
   the generic ``torch.func`` engine and a per-sample loop.
+* Head + loss chunked over tokens, never the full logits: :mod:`.fused_head`.
 * Pure math: :mod:`.gram` (float64 Gram blocks), :mod:`.noise_scale`.
 """
 
@@ -10,7 +11,8 @@ from ._batch import default_forward
 from .engines import NoGradientPathError, fast_engine, loop_engine, vmap_engine
 from .gram import fill_gram, fill_gram_by_columns, gram_against, gram_spectrum
 from .linear import linear_per_sample_grad  # importing it registers the nn.Linear fast path
-from .losses import causal_lm_loss, extract_logits, token_cross_entropy
+from .fused_head import causal_lm_head_loss, head_loss_fns, linear_cross_entropy, without_head
+from .losses import causal_lm_loss, causal_lm_targets, extract_logits, token_cross_entropy
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .probe import ATTENTION_OUTPUT_PATTERNS, PerSampleGradientProbe, default_gradient_param
 from .registry import FAST_PATHS, FastPath, fast_path_for, register_fast_path
@@ -22,7 +24,9 @@ __all__ = [
     "NoGradientPathError",
     "NoiseScale",
     "PerSampleGradientProbe",
+    "causal_lm_head_loss",
     "causal_lm_loss",
+    "causal_lm_targets",
     "default_forward",
     "default_gradient_param",
     "extract_logits",
@@ -32,10 +36,13 @@ __all__ = [
     "fill_gram_by_columns",
     "gram_against",
     "gram_spectrum",
+    "head_loss_fns",
+    "linear_cross_entropy",
     "linear_per_sample_grad",
     "loop_engine",
     "noise_scale_from_gram",
     "register_fast_path",
     "token_cross_entropy",
     "vmap_engine",
+    "without_head",
 ]
