@@ -54,53 +54,65 @@ def _logits(h, w, b, dtype) -> torch.Tensor:
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Per-token loss (N,) of ``F.linear(h, w, b)`` against ``targets``, chunked over tokens."""
+    """Per-token loss (N,) of ``F.linear(h, w, b)`` against ``targets``, chunked over tokens, and the
+    (N,) log-sum-exp the backward reuses. Out-of-place per chunk, so ``torch.func`` can batch it
+    (``generate_vmap_rule``): the probe's ``vmap`` engine works with it too."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, h, w, b, targets, ignore_index, chunk_rows, dtype):
+    def forward(h, w, b, targets, ignore_index, chunk_rows, dtype):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
-        n = h.shape[0]
-        lse = torch.empty(n, dtype=acc, device=h.device)
-        loss = torch.empty(n, dtype=acc, device=h.device)
         valid = targets != ignore_index
         safe = targets.masked_fill(~valid, 0)
-        for s in range(0, n, chunk_rows):
+        lses, losses = [], []
+        for s in range(0, h.shape[0], chunk_rows):
             z = _logits(h[s : s + chunk_rows], w, b, dtype).to(acc)
-            lse[s : s + chunk_rows] = torch.logsumexp(z, -1)
-            picked = z.gather(-1, safe[s : s + chunk_rows, None]).squeeze(-1)
-            loss[s : s + chunk_rows] = lse[s : s + chunk_rows] - picked
-        loss.masked_fill_(~valid, 0.0)
-        ctx.save_for_backward(h, w, b, safe, valid, lse)
-        ctx.chunk_rows, ctx.dtype, ctx.acc = chunk_rows, dtype, acc
-        return loss
+            lse = torch.logsumexp(z, -1)
+            lses.append(lse)
+            losses.append(lse - z.gather(-1, safe[s : s + chunk_rows, None]).squeeze(-1))
+        lse, loss = torch.cat(lses), torch.cat(losses)
+        return loss.masked_fill(~valid, 0.0), lse
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        h, w, b, safe, valid, lse = ctx.saved_tensors
-        chunk_rows, dtype, acc = ctx.chunk_rows, ctx.dtype, ctx.acc
+    def setup_context(ctx, inputs, output):
+        h, w, b, targets, ignore_index, chunk_rows, dtype = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(h, w, b, targets, output[1])
+        ctx.ignore_index, ctx.chunk_rows, ctx.dtype = ignore_index, chunk_rows, dtype
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse):
+        h, w, b, targets, lse = ctx.saved_tensors
+        chunk_rows, dtype = ctx.chunk_rows, ctx.dtype
+        acc = lse.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        valid = targets != ctx.ignore_index
+        safe = targets.masked_fill(~valid, 0)
         weight = (grad_loss.to(acc) * valid).unsqueeze(-1)
-        dh = torch.empty(h.shape, dtype=dtype, device=h.device) if need_h else None
-        dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
-        db = torch.zeros(w.shape[0], dtype=acc, device=w.device) if need_b and b is not None else None
+        dhs, dw, db = [], None, None
         wc = w.to(dtype)
         for s in range(0, h.shape[0], chunk_rows):
             hc = h[s : s + chunk_rows]
             g = _logits(hc, w, b, dtype).to(acc)
-            g.sub_(lse[s : s + chunk_rows, None]).exp_().mul_(weight[s : s + chunk_rows])
+            g = (g - lse[s : s + chunk_rows, None]).exp() * weight[s : s + chunk_rows]
             # target entry -w (1 - p_t) as minus the sum of the others: no cancellation when p_t ~ 1
             at = safe[s : s + chunk_rows, None]
-            g.scatter_(-1, at, 0.0)
-            g.scatter_(-1, at, -g.sum(-1, keepdim=True))
-            if db is not None:
-                db += g.sum(0)
+            g = g.scatter(-1, at, 0.0)
+            g = g.scatter(-1, at, -g.sum(-1, keepdim=True))
+            if need_b and b is not None:
+                db = g.sum(0) if db is None else db + g.sum(0)
             g = g.to(dtype)  # the rounding an unfused head's logits gradient has
             if need_h:
-                dh[s : s + chunk_rows] = g @ wc
+                dhs.append(g @ wc)
             if need_w:
-                dw += (g.t() @ hc.to(dtype)).to(acc)
+                part = (g.t() @ hc.to(dtype)).to(acc)
+                dw = part if dw is None else dw + part
+        dh = torch.cat(dhs).to(h.dtype) if need_h else None
+        if need_w and dw is None:  # no tokens
+            dw = torch.zeros(w.shape, dtype=acc, device=w.device)
         return (
-            None if dh is None else dh.to(h.dtype),
+            dh,
             None if dw is None else dw.to(w.dtype),
             None if db is None else db.to(b.dtype),
             None, None, None, None,
@@ -145,8 +157,11 @@ def linear_cross_entropy(
     if chunk_rows < 1:
         raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
     dtype = _compute_dtype(hidden, weight)
+    if hidden.shape[0] == 0:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        return (hidden.sum(-1) + weight.sum() * 0).to(acc)  # (0,), still connected to the graph
     with torch.autocast(hidden.device.type, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk_rows, dtype)
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk_rows, dtype)[0]
 
 
 def causal_lm_head_loss(

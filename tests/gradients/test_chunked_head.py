@@ -133,15 +133,18 @@ def test_bad_inputs_have_clear_errors():
         linear_cross_entropy(h, w, t, chunk_rows=0)
 
 
+@pytest.mark.parametrize("engine", ["auto", "vmap"])
 @pytest.mark.parametrize("tied", [True, False])
-def test_probe_with_head_loss_fns_equals_default_loss(tied):
-    """Per-sample gradients of W_O through the chunked head equal the materialized path's (float64)."""
+def test_probe_with_head_loss_fns_equals_default_loss(tied, engine):
+    """Per-sample gradients of W_O through the chunked head equal the materialized path's (float64),
+    with the fast engine and under ``torch.func.vmap`` (the generic engine)."""
     torch.manual_seed(0)
     model = TinyGPT(tie=tied).double()
     batch = lm_batch()
     param = "transformer.h.1.attn.c_proj.weight"
     ref = PerSampleGradientProbe(model, params=param, keep_matrix=True).update(batch)
-    got = PerSampleGradientProbe(model, params=param, keep_matrix=True, **head_loss_fns(model, chunk_rows=3)).update(batch)
+    fns = head_loss_fns(model, chunk_rows=3)
+    got = PerSampleGradientProbe(model, params=param, engine=engine, keep_matrix=True, **fns).update(batch)
     a, b = got.matrix().numpy(), ref.matrix().numpy()
     assert np.abs(a - b).max() <= 1e-10 * np.abs(b).max()
     assert np.allclose(got.losses_.numpy(), ref.losses_.numpy(), rtol=1e-12, atol=0)
