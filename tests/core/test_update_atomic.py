@@ -167,3 +167,28 @@ def test_small_chunk_updates_match_float64(monkeypatch, syrk, precision):
     assert np.abs(cov - ref).max() <= tol * scale
     assert np.array_equal(cov, cov.T)
     assert acc.n_rows == rows.shape[0]
+
+
+def test_add_promoted_is_the_float64_sum_also_in_place():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(7, 7, generator=g, dtype=torch.float64) * 1e6
+    b = torch.randn(7, 7, generator=g)
+    expected = a + b.double()
+    out = torch.empty_like(a)
+    assert moments.add_promoted(a, b, out=out) is out and torch.equal(out, expected)
+    assert torch.equal(moments.add_promoted(a, b, out=a), expected)  # out may be a
+
+
+def test_merged_and_loaded_states_are_not_recycled_as_scratch():
+    """A state that escaped through merge / load_state_dict is never overwritten by later updates."""
+    src = ActivationCovarianceAccumulator(3)
+    src.update(torch.randn(9, 3) + 4)
+    sd = src.state_dict()
+    kept = sd["s"].clone()
+    dst = ActivationCovarianceAccumulator(3)
+    dst.load_state_dict(sd)
+    dst.merge(src)
+    for k in range(3):
+        dst.update(torch.randn(9, 3) * 5 + k)
+        src.update(torch.randn(9, 3) * 5 + k)
+    assert torch.equal(sd["s"], kept)
