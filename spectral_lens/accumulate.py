@@ -48,7 +48,7 @@ def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor
     and a float64 copy of the sample would cost as much as the centering pass.
     """
     step = max(1, rows.shape[0] // _SHIFT_ROWS)
-    head = rows[::step]
+    head = rows[::step] if step > 1 else rows
     if head.dtype not in (torch.float32, torch.float64):
         head = head.float()
     if valid is None:
@@ -213,8 +213,11 @@ class ActivationCovarianceAccumulator:
         total = rows.shape[0]
         n = m = s = shift = broken = None
         for start in range(0, total, self.max_chunk_rows):
-            chunk = rows[start : start + self.max_chunk_rows]
-            cv = None if valid is None else valid[start : start + self.max_chunk_rows]
+            if total <= self.max_chunk_rows:  # one chunk (the common case): no slicing
+                chunk, cv = rows, valid
+            else:
+                chunk = rows[start : start + self.max_chunk_rows]
+                cv = None if valid is None else valid[start : start + self.max_chunk_rows]
             # Each chunk is centered on its own shift (a row sample's mean), so drifting pools keep
             # low-precision products small; the exact float64 re-shift merges it.
             local = representable_shift(_sample_mean(chunk, cv), self.precision, chunk.dtype)
@@ -240,13 +243,16 @@ class ActivationCovarianceAccumulator:
             state_n, state_m, state_s, state_shift = self._n, self._m, self._s_lower, self._shift
             bad_rows, first_bad = self._bad_rows, self._first_bad
             c = shift - state_shift
-            n64 = n.to(torch.float64) if isinstance(n, torch.Tensor) else float(n)
             m64 = m.to(torch.float64)
             new_s = self._s_spare if self._s_spare is not None else torch.empty_like(state_s)
             add_promoted(state_s, s, out=new_s)
-            u = m64 + (0.5 * n64) * c  # the exact float64 re-shift, as one rank-2 update (see reshift)
+            # the exact float64 re-shift, as one rank-2 update (see reshift): u = m + n c / 2
+            if isinstance(n, torch.Tensor):
+                n64 = n.to(torch.float64)
+                u, new_m = m64 + (0.5 * n64) * c, state_m + (m64 + n64 * c)
+            else:  # a host row count: fused scalar multiply-adds
+                u, new_m = torch.add(m64, c, alpha=0.5 * n), state_m + torch.add(m64, c, alpha=float(n))
             new_s.addmm_(torch.stack([u, c], 1), torch.stack([c, u], 0))
-            new_m = state_m + (m64 + n64 * c)
             spare = None if self._s_escaped else state_s  # the old state becomes the next spare
         else:
             dev = shift.device

@@ -67,12 +67,11 @@ def representable_shift(shift: torch.Tensor, precision: str, input_dtype: torch.
     For bf16 rows in ``"fast"`` mode the shift is rounded to bf16: the subtraction then runs natively
     in bf16 and rounds exactly as an fp32 subtraction followed by one rounding to bf16 would.
     """
-    shift = shift.to(torch.float64)
     if precision == "float64":
-        return shift
+        return shift.to(torch.float64)
     if precision == "fast" and input_dtype == torch.bfloat16:
         return shift.to(torch.bfloat16).to(torch.float64)
-    return shift.to(torch.float32).to(torch.float64)
+    return shift.to(torch.float32).to(torch.float64)  # a float32 shift: one conversion
 
 
 def symmetric_product(y: torch.Tensor, blocks: bool | None = None, *, lower_only: bool = False) -> torch.Tensor:
