@@ -26,6 +26,8 @@ from .capture import HookSet, Target, pick_tensor, select_modules, warn_if_compi
 from .spectra.eigen import eigenvalues_descending
 from .spectra.moments import (
     PRECISIONS,
+    add_promoted,
+    mirror_lower,
     accumulate_shifted,
     chunk_moments,
     covariance_from_moments,
@@ -52,9 +54,15 @@ _SHIFT_ROWS = 1024  # rows sampled (evenly spaced) from each chunk; their mean i
 
 
 def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """Float64 mean of up to 1024 evenly spaced valid rows of a chunk (its shift; need not be exact)."""
+    """Mean of up to 1024 evenly spaced valid rows of a chunk (its shift; need not be exact).
+
+    Computed in the rows' precision (fp32 for half types): the shift only has to be near the mean,
+    and a float64 copy of the sample would cost as much as the centering pass.
+    """
     step = max(1, rows.shape[0] // _SHIFT_ROWS)
-    head = rows[::step].to(torch.float64)
+    head = rows[::step] if step > 1 else rows
+    if head.dtype not in (torch.float32, torch.float64):
+        head = head.float()
     if valid is None:
         return head.mean(0)
     keep = valid[::step].unsqueeze(-1)
@@ -109,6 +117,10 @@ class ActivationCovarianceAccumulator:
     def reset(self) -> None:
         """Forget every row (keeps the configuration, including an explicit ``dim``)."""
         self._shift: torch.Tensor | None = None
+        self._s_lower: torch.Tensor | None = None
+        self._s_spare: torch.Tensor | None = None
+        self._s_stale = False
+        self._s_escaped = True
         self._n = self._m = self._s = None
         self._bad_rows = self._first_bad = None
         self._updates = 0
@@ -128,9 +140,28 @@ class ActivationCovarianceAccumulator:
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=device)
 
     @property
+    def _s(self) -> torch.Tensor | None:
+        """Float64 ``S`` (d, d), symmetric.
+
+        ``update`` adds only lower triangles (a BLAS ``syrk`` forms one) and marks the upper one
+        stale; the first read mirrors it, once. ``update`` writes its result into a spare buffer and
+        swaps it in (no d x d allocation per call, and the state is never half-updated); a tensor
+        read through this property may have escaped, so it is never recycled as the spare.
+        """
+        if self._s_stale:
+            self._s_lower, self._s_stale = mirror_lower(self._s_lower), False
+        self._s_spare = None
+        self._s_escaped = True
+        return self._s_lower
+
+    @_s.setter
+    def _s(self, value: torch.Tensor | None) -> None:
+        self._s_lower, self._s_stale, self._s_spare, self._s_escaped = value, False, None, True
+
+    @property
     def initialized(self) -> bool:
         """Whether any state (rows or a loaded state) exists."""
-        return self._s is not None
+        return self._shift is not None
 
     @property
     def n_rows(self) -> int:
@@ -163,39 +194,105 @@ class ActivationCovarianceAccumulator:
                 )
         if self._synced:
             raise RuntimeError(f"{where}: state was synced across ranks; call reset() before new updates")
-        if self.initialized and x.device != self._s.device:
-            raise ValueError(f"{where}: input on {x.device}, accumulator state on {self._s.device}")
+        if self.initialized and x.device != self._shift.device:
+            raise ValueError(f"{where}: input on {x.device}, accumulator state on {self._shift.device}")
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """Add rows: ``x`` of shape (..., d), leading dims flattened; ``mask`` (...,) bool marks valid rows."""
+        """Add rows: ``x`` of shape (..., d), leading dims flattened; ``mask`` (...,) bool marks valid rows.
+
+        All or nothing: the call's chunks are summed into locals and committed at the end, so an
+        exception or a ``KeyboardInterrupt`` part-way leaves the state exactly as before the call.
+        No host synchronization; the eigen-solve waits for :meth:`compute`.
+        """
         self._check_input(x, mask)
         rows = x.detach().reshape(-1, x.shape[-1])
         valid = None if mask is None else mask.reshape(-1).to(rows.device)
+        bad = None
         if self.nonfinite == "skip":
             finite = torch.isfinite(rows).all(-1)
             bad = (~finite if valid is None else valid & ~finite).sum()
             valid = finite if valid is None else valid & finite
-        index = self._updates
-        self._updates += 1
-        for start in range(0, rows.shape[0], self.max_chunk_rows):
-            chunk = rows[start : start + self.max_chunk_rows]
-            cv = None if valid is None else valid[start : start + self.max_chunk_rows]
+        n, m, s, shift, broken = self._call_sums(rows, valid)
+        if s is None:  # no rows: nothing to add, but the call still counts (errors name updates by index)
+            self._updates += 1
+            return
+        self._commit(n, m, s, shift, broken, bad)
+
+    def _call_sums(self, rows: torch.Tensor, valid: torch.Tensor | None):
+        """This call's ``(n, m, S, shift, broken)``: sums around the first chunk's shift, ``S`` valid in
+        its lower triangle (fp32 for a one-chunk call in fp32 precision, else float64); touches no state."""
+        total = rows.shape[0]
+        n = m = s = shift = broken = None
+        for start in range(0, total, self.max_chunk_rows):
+            if total <= self.max_chunk_rows:  # one chunk (the common case): no slicing
+                chunk, cv = rows, valid
+            else:
+                chunk = rows[start : start + self.max_chunk_rows]
+                cv = None if valid is None else valid[start : start + self.max_chunk_rows]
             # Each chunk is centered on its own shift (a row sample's mean), so drifting pools keep
-            # low-precision products small; the exact float64 re-shift merges it into the state.
+            # low-precision products small; the exact float64 re-shift merges it.
             local = representable_shift(_sample_mean(chunk, cv), self.precision, chunk.dtype)
-            if not self.initialized:
-                self._init_state(rows.shape[-1], rows.device, local)
-            m, s = chunk_moments(chunk, local, self.precision, cv)
-            n = chunk.shape[0] if cv is None else cv.sum()
-            accumulate_shifted(self._m, self._s, n, m, s, local, self._shift)
-            self._n += n
-            if self.nonfinite == "raise":
-                broken = ~torch.isfinite(m).all()
-                self._first_bad = torch.where(broken & (self._first_bad < 0), index, self._first_bad)
-        if self.nonfinite == "skip":
-            self._bad_rows += bad
-            self._first_bad = torch.where((bad > 0) & (self._first_bad < 0), index, self._first_bad)
+            mk, sk = chunk_moments(chunk, local, self.precision, cv, lower_only=True)
+            nk = chunk.shape[0] if cv is None else cv.sum()
+            bk = ~torch.isfinite(mk).all() if self.nonfinite == "raise" else None
+            if s is None:
+                n, m, s, shift, broken = nk, mk, sk, local, bk
+                continue
+            if s.dtype != torch.float64:  # a second chunk: switch the call's sums to float64
+                m, s = m.to(torch.float64), s.to(torch.float64)
+            accumulate_shifted(m, s, nk, mk, sk, local, shift)
+            n = n + nk
+            broken = None if bk is None else broken | bk
+        return n, m, s, shift, broken
+
+    def _commit(self, n, m, s, shift, broken, bad) -> None:
+        """Merge one call's sums into the state: new tensors are built first, then swapped in by plain
+        attribute stores (no call in between, so no interrupt can split them)."""
+        index = self._updates
+        spare = None
+        if self.initialized:
+            state_n, state_m, state_s, state_shift = self._n, self._m, self._s_lower, self._shift
+            bad_rows, first_bad = self._bad_rows, self._first_bad
+            c = shift - state_shift
+            m64 = m.to(torch.float64)
+            new_s = self._s_spare if self._s_spare is not None else torch.empty_like(state_s)
+            add_promoted(state_s, s, out=new_s)
+            # the exact float64 re-shift, as one rank-2 update (see reshift): u = m + n c / 2
+            if isinstance(n, torch.Tensor):
+                n64 = n.to(torch.float64)
+                u, new_m = m64 + (0.5 * n64) * c, state_m + (m64 + n64 * c)
+            else:  # a host row count: fused scalar multiply-adds
+                u, new_m = torch.add(m64, c, alpha=0.5 * n), state_m + torch.add(m64, c, alpha=float(n))
+            new_s.addmm_(torch.stack([u, c], 1), torch.stack([c, u], 0))
+            spare = None if self._s_escaped else state_s  # the old state becomes the next spare
+        else:
+            dev = shift.device
+            state_n = torch.zeros((), dtype=torch.int64, device=dev)
+            bad_rows = torch.zeros((), dtype=torch.int64, device=dev)
+            first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
+            state_shift = shift
+            new_s = s.to(torch.float64, copy=True)
+            new_m = m.to(torch.float64, copy=True)
+        new_n = state_n + n
+        if broken is not None:
+            first_bad = torch.where(broken & (first_bad < 0), index, first_bad)
+        if bad is not None:
+            bad_rows = bad_rows + bad
+            first_bad = torch.where((bad > 0) & (first_bad < 0), index, first_bad)
+        dim = new_m.shape[0]
+        # ---- commit: plain stores only
+        self.dim = dim
+        self._shift = state_shift
+        self._n = new_n
+        self._m = new_m
+        self._s_spare = spare
+        self._s_escaped = False
+        self._s_lower = new_s
+        self._s_stale = True
+        self._bad_rows = bad_rows
+        self._first_bad = first_bad
+        self._updates = index + 1
 
     # ---------------------------------------------------------------- results
     def _require_rows(self, k: int) -> int:

@@ -4,6 +4,7 @@
 * Engines (:mod:`.engines`): per-layer fast paths (:mod:`.registry`, ``nn.Linear`` in :mod:`.linear`,
   ``transformers``' ``Conv1D`` in :mod:`.conv1d`),
   the generic ``torch.func`` engine and a per-sample loop.
+* Head + loss chunked over tokens, never the full logits: :mod:`.fused_head`.
 * Pure math: :mod:`.gram` (float64 Gram blocks), :mod:`.noise_scale`.
 """
 
@@ -12,7 +13,8 @@ from .engines import NoGradientPathError, fast_engine, loop_engine, vmap_engine
 from .conv1d import conv1d_per_sample_grad  # registers transformers' Conv1D by name (no import)
 from .gram import fill_gram, fill_gram_by_columns, gram_against, gram_spectrum
 from .linear import linear_per_sample_grad  # importing it registers the nn.Linear fast path
-from .losses import causal_lm_loss, extract_logits, token_cross_entropy
+from .fused_head import causal_lm_head_loss, head_loss_fns, linear_cross_entropy, without_head
+from .losses import causal_lm_loss, causal_lm_targets, extract_logits, token_cross_entropy
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .fallback import EngineFallbackWarning
 from .probe import ATTENTION_OUTPUT_PATTERNS, PerSampleGradientProbe, default_gradient_param
@@ -34,7 +36,9 @@ __all__ = [
     "NoGradientPathError",
     "NoiseScale",
     "PerSampleGradientProbe",
+    "causal_lm_head_loss",
     "causal_lm_loss",
+    "causal_lm_targets",
     "conv1d_per_sample_grad",
     "default_forward",
     "default_gradient_param",
@@ -45,6 +49,8 @@ __all__ = [
     "fill_gram_by_columns",
     "gram_against",
     "gram_spectrum",
+    "head_loss_fns",
+    "linear_cross_entropy",
     "linear_per_sample_grad",
     "loop_engine",
     "noise_scale_from_gram",
@@ -52,4 +58,5 @@ __all__ = [
     "register_fast_path_by_name",
     "token_cross_entropy",
     "vmap_engine",
+    "without_head",
 ]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["causal_lm_loss", "extract_logits", "token_cross_entropy"]
+__all__ = ["causal_lm_loss", "causal_lm_targets", "extract_logits", "token_cross_entropy"]
 
 
 class _SoftmaxCrossEntropy(torch.autograd.Function):
@@ -122,6 +122,29 @@ def extract_logits(output: Any) -> torch.Tensor:
     )
 
 
+def causal_lm_targets(x: torch.Tensor, batch: Any, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align per-position model outputs ``x`` (M, T, ...) (logits or hidden states) with next-token
+    targets (M, T'), by the batch conventions of :func:`causal_lm_loss`; returns ``(x', targets)``."""
+    if isinstance(batch, dict):
+        targets = batch["labels"][:, 1:]
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            targets = targets.masked_fill(mask[:, 1:] == 0, ignore_index)
+        x = x[:, :-1]
+    elif isinstance(batch, (tuple, list)):
+        if len(batch) < 2:
+            raise ValueError("a tuple batch for the default causal-LM loss must be (input_ids, targets, ...)")
+        targets = batch[1]
+    else:
+        targets, x = batch[:, 1:], x[:, :-1]
+    if x.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"causal_lm_loss: logits of shape {tuple(x.shape)} do not match targets of shape "
+            f"{tuple(targets.shape)}; expected logits (M, T, vocab) and targets (M, T)"
+        )
+    return x, targets
+
+
 def causal_lm_loss(output: Any, batch: Any, ignore_index: int = -100, method: str = "auto") -> torch.Tensor:
     """Per-sequence mean autoregressive cross-entropy, shape ``(M,)``, float32 or wider
     (:func:`token_cross_entropy` per position).
@@ -139,24 +162,7 @@ def causal_lm_loss(output: Any, batch: Any, ignore_index: int = -100, method: st
     padding never changes ``L_m``. A sequence with no valid position gets ``0/0 = NaN``, which the
     probe reports as a non-finite loss naming the sample.
     """
-    logits = extract_logits(output)
-    if isinstance(batch, dict):
-        targets = batch["labels"][:, 1:]
-        mask = batch.get("attention_mask")
-        if mask is not None:
-            targets = targets.masked_fill(mask[:, 1:] == 0, ignore_index)
-        logits = logits[:, :-1]
-    elif isinstance(batch, (tuple, list)):
-        if len(batch) < 2:
-            raise ValueError("a tuple batch for the default causal-LM loss must be (input_ids, targets, ...)")
-        targets = batch[1]
-    else:
-        targets, logits = batch[:, 1:], logits[:, :-1]
-    if logits.shape[:-1] != targets.shape:
-        raise ValueError(
-            f"causal_lm_loss: logits of shape {tuple(logits.shape)} do not match targets of shape "
-            f"{tuple(targets.shape)}; expected logits (M, T, vocab) and targets (M, T)"
-        )
+    logits, targets = causal_lm_targets(extract_logits(output), batch, ignore_index)
     token_loss = token_cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index, method)
     token_loss = token_loss.view(targets.shape)
     valid = (targets != ignore_index).to(token_loss.dtype)

@@ -1,0 +1,99 @@
+"""Pool pass overhead: a bare no-grad forward over a held-out pool vs the same forward with the
+deepest block's activation covariance accumulated (forward hook + ``update`` per batch) and
+``compute()`` (the float64 eigen-solve) at the end. Ratios in one run, same device.
+
+    python benchmarks/bench_pool.py --device cuda            # 262,144 rows: 256 x 1,024 tokens
+    python benchmarks/bench_pool.py --quick                  # CPU smoke test, tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_gradients import GPT  # noqa: E402
+from spectral_lens.accumulate import attach  # noqa: E402
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pool_overhead(device, cfg, seqs: int, seq: int, batch: int, repeats: int, autocast: bool) -> dict:
+    torch.manual_seed(0)
+    model = GPT(ctx=seq, **cfg).to(device).eval()
+    ids = torch.randint(0, cfg["vocab"], (seqs, seq), device=device)
+    block = f"transformer.h.{cfg['layers'] - 1}"
+    cast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if autocast else torch.no_grad
+
+    def bare():
+        with torch.no_grad(), cast():
+            for s in range(0, seqs, batch):
+                model(ids[s : s + batch])
+
+    def lens(precision):
+        def fn():
+            with attach(model, block, precision=precision) as cap, torch.no_grad(), cast():
+                for s in range(0, seqs, batch):
+                    model(ids[s : s + batch])
+                t = time.perf_counter()
+                cap.compute()
+                fn.compute_s = time.perf_counter() - t
+        return fn
+
+    cases = {"bare": bare, "exact": lens("exact")}
+    if device.type == "cuda":
+        cases["fast"] = lens("fast")
+    for f in cases.values():
+        f()  # warm-up
+    times = {k: [] for k in cases}
+    compute = {k: [] for k in cases if k != "bare"}
+    for _ in range(repeats):  # interleaved
+        for k, f in cases.items():
+            _sync(device)
+            t = time.perf_counter()
+            f()
+            _sync(device)
+            times[k].append(time.perf_counter() - t)
+            if k in compute:
+                compute[k].append(f.compute_s)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    row = {"case": "pool_overhead", "device": str(device), "rows": seqs * seq, "d": cfg["d"], "block": block,
+           "bare_s": med["bare"]}
+    for k in compute:
+        row[f"{k}_vs_bare"] = med[k] / med["bare"]
+        row[f"{k}_spread"] = [min(times[k]) / med["bare"], max(times[k]) / med["bare"]]
+        row[f"{k}_compute_ms"] = 1e3 * statistics.median(compute[k])
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if args.quick:
+        row = pool_overhead(device, dict(vocab=512, d=64, heads=4, layers=2), 16, 64, 8, 3, False)
+    else:
+        row = pool_overhead(device, dict(vocab=50304, d=768, heads=12, layers=12), 256, 1024, 32, args.repeats,
+                            device.type == "cuda")
+    print(f"pool overhead ({row['rows']} rows, {row['device']}): exact {row['exact_vs_bare']:.3f}x"
+          + (f", fast {row['fast_vs_bare']:.3f}x" if "fast_vs_bare" in row else "")
+          + f" of the bare forward (target <= 1.02x); compute() {row['exact_compute_ms']:.1f} ms")
+    return row
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Every performance target of issue #13 in one command, printed as one table (ratios measured in one run).
+
+    python benchmarks/gpu_all.py                 # CUDA GPU: GPT-2-small sizes, < 5 min on an H100
+    python benchmarks/gpu_all.py --tiny          # CPU, tiny sizes: checks the script end to end
+
+Cases: probe / no-grad forward at M = 64 and 512 (plain and chunked head), Opacus / probe and
+whole-model vmap / probe (``bench_gradients``); fast-mode accumulator / bf16 GEMM at d = 768, 1280,
+1600 and the tail-alpha errors vs float64 (``bench_covariance``); the pool-pass overhead at 262,144
+rows (``bench_pool``); head + loss alone: ours (``linear_cross_entropy``) vs PyTorch's materialized
+logits and, when installed, Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy
+(optional: ``pip install liger-kernel cut-cross-entropy``; both need Triton on CUDA); and the CPU
+small-chunk update ratio of this machine's CPU. Writes ``--out`` (JSON) atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings (an installed `benchmarks` package may shadow ours)
+import bench_covariance  # noqa: E402
+import bench_gradients  # noqa: E402
+import bench_pool  # noqa: E402
+from spectral_lens.gradients import linear_cross_entropy  # noqa: E402
+
+
+def _time(fn, device, repeats):
+    fn()
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def head_loss(device, n: int, d: int, v: int, repeats: int) -> dict:
+    """Forward + backward of head + per-token CE over n tokens (bf16 on CUDA), ours vs peers."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(n, d, generator=g) ).to(device, dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g) * 0.02).to(device, dtype)
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+    cases = {
+        "materialized": lambda: torch.autograd.grad(
+            F.cross_entropy(F.linear(h, w).float(), t, reduction="none").sum(), h),
+        "ours_chunked": lambda: torch.autograd.grad(linear_cross_entropy(h, w, t).sum(), h),
+    }
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        cases["liger"] = lambda: torch.autograd.grad(liger_fused_linear_cross_entropy(h, w, t, reduction="sum"), h)
+    except Exception as exc:  # optional peer
+        print(f"head_loss: Liger-Kernel not available ({type(exc).__name__})", file=sys.stderr)
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        cases["cut_cross_entropy"] = lambda: torch.autograd.grad(cce(h, w, t, reduction="sum"), h)
+    except Exception as exc:
+        print(f"head_loss: cut-cross-entropy not available ({type(exc).__name__})", file=sys.stderr)
+    row = {"case": "head_loss", "n": n, "d": d, "v": v, "dtype": str(dtype)}
+    ref = None
+    for name, fn in cases.items():
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            row[f"{name}_s"] = _time(fn, device, repeats)
+            grad = fn()[0].float()
+        except Exception as exc:
+            row[f"{name}_error"] = repr(exc)[:300]
+            continue
+        if device.type == "cuda":
+            row[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        ref = grad if ref is None else ref
+        row[f"{name}_grad_rel_err_vs_materialized"] = float((grad - ref).abs().max() / ref.abs().max())
+    for name in cases:
+        if f"{name}_s" in row:
+            row[f"{name}_vs_materialized"] = row[f"{name}_s"] / row["materialized_s"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="CPU, tiny sizes (end-to-end check of this script)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cpu" if args.tiny else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_all.py: no CUDA device; use --tiny for the CPU check")
+    t0 = time.time()
+    res: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.tiny:
+        grad_argv = ["--device", "cpu", "--quick", "--no-loop", "--skip", "probe_offload", "probe_native_ce", "probe_fp32"]
+    else:
+        grad_argv = ["--device", "cuda", "--m", "64", "512", "--no-loop", "--repeats", "3",
+                     "--skip", "probe_offload", "probe_native_ce", "probe_vmap"]
+    summaries = bench_gradients.main(grad_argv)
+    res["gradients"] = summaries
+    if args.tiny:
+        res["covariance"] = bench_covariance.throughput(device, [32], 512, 2, 1)
+        res["accuracy"] = bench_covariance.accuracy(device, 64, 512, 2)
+        res["pool"] = bench_pool.main(["--device", "cpu", "--quick"])
+        res["head_loss"] = head_loss(device, 256, 32, 1000, 1)
+        res["small_chunk"] = bench_covariance.small_chunk(dims=(32,), rows=128, pairs=3, per=1)
+    else:
+        res["covariance"] = bench_covariance.throughput(device, [768, 1280, 1600], 65536, 8, 5)
+        res["accuracy"] = bench_covariance.accuracy(device, 768, 65536, 8)
+        res["pool"] = bench_pool.main(["--device", "cuda", "--repeats", "3"])
+        res["head_loss"] = head_loss(device, 8 * 1024, 768, 50304, 5)
+        res["small_chunk"] = bench_covariance.small_chunk(pairs=11)
+    res["wall_s"] = time.time() - t0
+    lines = [f"## Issue #13 targets: {res['device']}, torch {res['torch']}, {res['date']}, {res['wall_s']:.0f} s", "",
+             "| ratio | measured | target |", "|---|---|---|"]
+    for s in summaries:
+        lines += [f"| probe / no-grad forward, M = {s['m']} | {s['probe_vs_nograd']:.2f}x | <= 1.5x |",
+                  f"| probe (chunked head) / no-grad forward, M = {s['m']} | {s['probe_chunked_head_vs_nograd']:.2f}x | <= 1.5x |",
+                  f"| Opacus / probe, M = {s['m']} | {s['opacus_over_probe']:.2f}x | (peer) |",
+                  f"| whole-model vmap / probe, M = {s['m']} | {s['recipe_vmap_over_probe']:.2f}x | >= 1.5x |"]
+    for r in res["covariance"]:
+        if "fast_vs_bf16_gemm" in r:
+            lines.append(f"| fast / bf16 GEMM, d = {r['d']} | {r['fast_vs_bf16_gemm']:.3f} | >= 0.85 |")
+        lines.append(f"| exact / fp32 GEMM, d = {r['d']} | {r['exact_vs_fp32_gemm']:.3f} | >= 0.90 |")
+    a = res["accuracy"]
+    for mode in ("exact", "fast", "uncentered"):
+        if mode in a:
+            lines.append(f"| tail-alpha error, {mode}, d = {a['d']} | {max(a[mode]['alpha_abs_err']):.1e} | <= 1e-3 |")
+    p = res["pool"]
+    for mode in ("fast", "exact"):
+        if f"{mode}_vs_bare" in p:
+            lines.append(f"| pool pass / bare forward, {mode}, {p['rows']} rows | {p[f'{mode}_vs_bare']:.3f}x "
+                         f"(compute() {p[f'{mode}_compute_ms']:.1f} ms) | <= 1.02x |")
+    h = res["head_loss"]
+    for name in ("ours_chunked", "liger", "cut_cross_entropy"):
+        if f"{name}_vs_materialized" in h:
+            lines.append(f"| head+loss {name} / materialized, {h['n']} tokens x {h['v']} | "
+                         f"{h[f'{name}_vs_materialized']:.2f}x (grad rel. err {h[f'{name}_grad_rel_err_vs_materialized']:.1e}) | pick the fastest |")
+    for r in res["small_chunk"]:
+        lines.append(f"| CPU update / X.T@X, {r['rows']} x {r['d']}, {r['threads']} threads (this host's CPU) | "
+                     f"{r['wall_ratio_median']:.2f}x wall, {r['cpu_ratio_median']:.2f}x CPU | <= 1.5x (256), <= 1.1x (768) |")
+    print("\n".join(lines))
+    if args.out:
+        tmp = f"{args.out}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, args.out)
+    return res
+
+
+if __name__ == "__main__":
+    main()

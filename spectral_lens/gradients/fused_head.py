@@ -1,0 +1,243 @@
+"""The language-model head and the cross-entropy in one pass over token chunks: never the full logits.
+
+For hidden states ``h`` (N, d), a head ``W`` (V, d) (optional bias ``b``) and targets ``t``, the
+per-token loss is ``lse(z_i) - z_{i, t_i}`` with ``z_i = W h_i + b``. :func:`linear_cross_entropy`
+forms ``z`` for ``chunk_rows`` tokens at a time, keeps only the (N,) log-sum-exp, and in the backward
+recomputes each chunk's logits to form ``softmax(z) - onehot(t)`` and its products with ``W`` and
+``h``. Peak memory is one (chunk_rows, V) block instead of (N, V), and no (N, V) array is ever
+written (the same idea as Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy,
+here in plain PyTorch: it runs wherever PyTorch does, with no Triton kernel).
+
+Accuracy (what "exact enough" means here). The logits are computed exactly as an unfused head would
+compute them: ``F.linear`` in the autocast dtype when autocast is on, else in the inputs' dtype. From
+there every step runs in float32 (float64 for float64 inputs): the log-sum-exp is max-shifted, so
+the loss is within a few float32 ulps of ``|z|_max + log V`` of the float64 loss *of the same logits*
+(tested: ``4e-6 (|z|_max + log V)`` for float32, ``1e-12`` for float64, with logit offsets up to
+1e4). Gradients are within ``4e-6 (|z|_max + 1)`` (float32; ``1e-11`` float64) of the float64
+gradients relative to their largest entry: the float32 logits' own rounding, ``|z|_max 2^-24``, moves
+each softmax entry by that relative amount, as it does in an unfused float32 head. They carry the
+rounding of ``softmax - onehot`` to the logits' dtype, as an unfused bf16 head's do; the target entry is formed as minus the sum of the other entries (no ``p_t - 1``
+cancellation). So the chunked path is never less exact than the materialized one, and
+:func:`linear_cross_entropy` uses it whenever the full logits would exceed ``chunk_bytes``; for
+smaller problems it runs the same code with one chunk.
+
+Use with :class:`~spectral_lens.gradients.PerSampleGradientProbe` through :func:`head_loss_fns`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .losses import causal_lm_targets
+
+__all__ = ["linear_cross_entropy", "causal_lm_head_loss", "head_loss_fns", "without_head", "CHUNK_BYTES"]
+
+#: Budget for one float32 (chunk_rows, V) block of logits when ``chunk_rows`` is not given: 128 MiB
+#: (656 tokens at V = 50,304).
+CHUNK_BYTES = 1 << 27
+
+
+def _compute_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """The dtype an unfused ``F.linear(h, w)`` would produce (autocast's, if autocast is on)."""
+    if torch.is_autocast_enabled(h.device.type) and h.dtype != torch.float64:
+        return torch.get_autocast_dtype(h.device.type)
+    return torch.promote_types(h.dtype, w.dtype)
+
+
+def _logits(h, w, b, dtype) -> torch.Tensor:
+    return F.linear(h.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Per-token loss (N,) of ``F.linear(h, w, b)`` against ``targets``, chunked over tokens, and the
+    (N,) log-sum-exp the backward reuses. Out-of-place per chunk, so ``torch.func`` can batch it
+    (``generate_vmap_rule``): the probe's ``vmap`` engine works with it too."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(h, w, b, targets, ignore_index, chunk_rows, dtype):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        valid = targets != ignore_index
+        safe = targets.masked_fill(~valid, 0)
+        lses, losses = [], []
+        for s in range(0, h.shape[0], chunk_rows):
+            z = _logits(h[s : s + chunk_rows], w, b, dtype).to(acc)
+            lse = torch.logsumexp(z, -1)
+            lses.append(lse)
+            losses.append(lse - z.gather(-1, safe[s : s + chunk_rows, None]).squeeze(-1))
+        lse, loss = torch.cat(lses), torch.cat(losses)
+        return loss.masked_fill(~valid, 0.0), lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        h, w, b, targets, ignore_index, chunk_rows, dtype = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(h, w, b, targets, output[1])
+        ctx.ignore_index, ctx.chunk_rows, ctx.dtype = ignore_index, chunk_rows, dtype
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse):
+        h, w, b, targets, lse = ctx.saved_tensors
+        chunk_rows, dtype = ctx.chunk_rows, ctx.dtype
+        acc = lse.dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        valid = targets != ctx.ignore_index
+        safe = targets.masked_fill(~valid, 0)
+        weight = (grad_loss.to(acc) * valid).unsqueeze(-1)
+        dhs, dw, db = [], None, None
+        wc = w.to(dtype)
+        for s in range(0, h.shape[0], chunk_rows):
+            hc = h[s : s + chunk_rows]
+            g = _logits(hc, w, b, dtype).to(acc)
+            g = (g - lse[s : s + chunk_rows, None]).exp() * weight[s : s + chunk_rows]
+            # target entry -w (1 - p_t) as minus the sum of the others: no cancellation when p_t ~ 1
+            at = safe[s : s + chunk_rows, None]
+            g = g.scatter(-1, at, 0.0)
+            g = g.scatter(-1, at, -g.sum(-1, keepdim=True))
+            if need_b and b is not None:
+                db = g.sum(0) if db is None else db + g.sum(0)
+            g = g.to(dtype)  # the rounding an unfused head's logits gradient has
+            if need_h:
+                dhs.append(g @ wc)
+            if need_w:
+                part = (g.t() @ hc.to(dtype)).to(acc)
+                dw = part if dw is None else dw + part
+        dh = torch.cat(dhs).to(h.dtype) if need_h else None
+        if need_w and dw is None:  # no tokens
+            dw = torch.zeros(w.shape, dtype=acc, device=w.device)
+        return (
+            dh,
+            None if dw is None else dw.to(w.dtype),
+            None if db is None else db.to(b.dtype),
+            None, None, None, None,
+        )
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Per-token ``-log softmax(hidden @ weight.T + bias)[target]``, (N,), without the (N, V) logits.
+
+    Args:
+        hidden: (N, d) final hidden states (after the last norm), any float dtype.
+        weight: (V, d) head weight (tied or not); ``bias``: optional (V,).
+        targets: (N,) integer class indices; positions equal to ``ignore_index`` get loss 0 and no
+            gradient.
+        chunk_rows: tokens per chunk; ``None`` picks ``CHUNK_BYTES / (4 V)`` (at least 1).
+
+    Returns float32 losses (float64 for float64 inputs). Differentiable in ``hidden``, ``weight`` and
+    ``bias`` (only what requires grad is formed). Accuracy: see the module docstring.
+    """
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_cross_entropy: expected hidden (N, d) and weight (V, d), got {tuple(hidden.shape)} "
+            f"and {tuple(weight.shape)}"
+        )
+    if targets.shape != hidden.shape[:1] or targets.dtype in (torch.bool,) or targets.is_floating_point():
+        raise ValueError(
+            f"linear_cross_entropy: expected integer targets of shape ({hidden.shape[0]},), got "
+            f"{targets.dtype} {tuple(targets.shape)}"
+        )
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"linear_cross_entropy: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    if chunk_rows < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
+    dtype = _compute_dtype(hidden, weight)
+    if hidden.shape[0] == 0:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        return (hidden.sum(-1) + weight.sum() * 0).to(acc)  # (0,), still connected to the graph
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk_rows, dtype)[0]
+
+
+def causal_lm_head_loss(
+    hidden: torch.Tensor, batch: Any, head: nn.Linear, ignore_index: int = -100, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """:func:`~spectral_lens.gradients.causal_lm_loss` computed from hidden states (M, T, d) and an
+    ``nn.Linear`` head, chunked: per-sequence mean next-token cross-entropy, (M,). Same target
+    conventions as ``causal_lm_loss`` (tuple, Hugging Face dict, bare ``input_ids``)."""
+    hidden, targets = causal_lm_targets(hidden, batch, ignore_index)
+    token = linear_cross_entropy(
+        hidden.flatten(0, -2), head.weight, targets.flatten(), head.bias, ignore_index=ignore_index, chunk_rows=chunk_rows
+    ).view(targets.shape)
+    valid = (targets != ignore_index).to(token.dtype)
+    return token.sum(-1) / valid.sum(-1)
+
+
+@contextlib.contextmanager
+def without_head(model: nn.Module, name: str):
+    """Inside the block, submodule ``name`` (an ``nn.Linear``) returns its input unchanged, so the
+    model's output is the hidden states the head would have read. Restored on exit, also on errors."""
+    head = model.get_submodule(name)
+    if type(head) is not nn.Linear:
+        raise TypeError(f"without_head: {name!r} must be an nn.Linear head, got {type(head).__name__}")
+    head.forward = lambda x: x  # an instance attribute shadows the class's forward
+    try:
+        yield head
+    finally:
+        del head.forward
+
+
+def head_loss_fns(
+    model: nn.Module, head: str = "lm_head", ignore_index: int = -100, chunk_rows: int | None = None, *, example: Any = None
+):
+    """``forward_fn`` / ``loss_fn`` for :class:`~spectral_lens.gradients.PerSampleGradientProbe` that run
+    the model up to its ``nn.Linear`` head and compute the default causal-LM loss with
+    :func:`linear_cross_entropy`: ``PerSampleGradientProbe(model, ..., **head_loss_fns(model))``.
+
+    Only for models whose output *is* the head's output (no logit soft-capping, scaling or slicing
+    after the head). Every forward checks that the output's last dimension is the head's input width;
+    pass a batch as ``example`` to also check, once and here, that ``head(hidden)`` reproduces the
+    model's own logits (this catches element-wise transforms such as soft-capping, which keep the
+    shape). The probe's losses, gradients and spectra are those of the default loss up to the rounding
+    stated in the module docstring.
+    """
+    module = model.get_submodule(head)
+    if type(module) is not nn.Linear:
+        raise TypeError(f"head_loss_fns: {head!r} must be an nn.Linear head, got {type(module).__name__}")
+
+    def forward_fn(m: nn.Module, batch: Any):
+        inputs = batch["input_ids"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) else batch
+        with without_head(m, head):
+            out = m(inputs)
+        hidden = out if isinstance(out, torch.Tensor) else getattr(out, "logits", out[0] if isinstance(out, (tuple, list)) else None)
+        if not isinstance(hidden, torch.Tensor) or hidden.shape[-1] != module.in_features:
+            raise ValueError(
+                f"head_loss_fns: with {head!r} bypassed the model returned {type(out).__name__} of shape "
+                f"{tuple(getattr(hidden, 'shape', ()))}, expected hidden states (..., {module.in_features}); "
+                "this model transforms the head's output, use the default loss"
+            )
+        return hidden
+
+    def loss_fn(hidden: torch.Tensor, batch: Any) -> torch.Tensor:
+        return causal_lm_head_loss(hidden, batch, module, ignore_index, chunk_rows)
+
+    if example is not None:
+        with torch.no_grad():
+            inputs = example["input_ids"] if isinstance(example, dict) else example[0] if isinstance(example, (tuple, list)) else example
+            out = model(inputs)
+            logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", out[0] if isinstance(out, (tuple, list)) else None)
+            rebuilt = module(forward_fn(model, example))
+            if not isinstance(logits, torch.Tensor) or logits.shape != rebuilt.shape or not torch.allclose(
+                rebuilt.to(logits.dtype), logits, rtol=0, atol=1e-3 * float(logits.abs().max()) + 1e-6
+            ):
+                raise ValueError(
+                    f"head_loss_fns: {head!r} applied to the hidden states does not reproduce the model's logits "
+                    "(the model transforms the head's output, e.g. soft-capping); use the default loss"
+                )
+
+    return {"forward_fn": forward_fn, "loss_fn": loss_fn}

@@ -1,0 +1,194 @@
+"""``ActivationCovarianceAccumulator.update`` is all or nothing, and its CPU hot path is exact.
+
+The hot path sums a call's chunks into locals and swaps the new state in at the end; it adds only
+lower triangles (the upper one is mirrored on first read) and recycles the previous state as a spare
+buffer. These tests pin each of those against float64 references and bit-for-bit state comparisons.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import spectral_lens.accumulate as accumulate_module
+import spectral_lens.spectra.moments as moments
+from spectral_lens import ActivationCovarianceAccumulator
+
+from support.data import rows_with_spectrum
+
+
+def _snapshot(acc: ActivationCovarianceAccumulator) -> dict:
+    """Every field of the state, cloned (tensors) so later in-place writes would show."""
+    sd = acc.state_dict()
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def _raise_on_call(monkeypatch, name: str, call: int, exc: BaseException) -> None:
+    """Make ``spectral_lens.accumulate.<name>`` raise ``exc`` on its ``call``-th call (1-based)."""
+    real = getattr(accumulate_module, name)
+    count = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == call:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(accumulate_module, name, wrapped)
+
+
+@pytest.mark.parametrize("prior_rows", [0, 17])
+@pytest.mark.parametrize(
+    "name, exc",
+    [("chunk_moments", KeyboardInterrupt()), ("chunk_moments", RuntimeError("boom")),
+     ("accumulate_shifted", RuntimeError("merge failed"))],
+)
+@pytest.mark.parametrize("mask", [False, True])
+def test_interrupted_update_leaves_state_bit_for_bit(monkeypatch, prior_rows, name, exc, mask):
+    """30 rows in chunks of 10; the 2nd chunk fails: nothing of the call may stay (the audit found 10 kept)."""
+    g = torch.Generator().manual_seed(0)
+    acc = ActivationCovarianceAccumulator(precision="exact", max_chunk_rows=10, name="blocks.3")
+    if prior_rows:
+        acc.update(torch.randn(prior_rows, 6, generator=g) * 3 + 50)
+    before = _snapshot(acc)
+    x = torch.randn(30, 6, generator=g) + 80.0  # a different mean: the merge needs a real re-shift
+    m = (torch.rand(30, generator=g) > 0.3) if mask else None
+    call = 2 if name == "chunk_moments" else 1  # accumulate_shifted first runs for the 2nd chunk
+    with monkeypatch.context() as patch:
+        _raise_on_call(patch, name, call, exc)
+        with pytest.raises(type(exc)):
+            acc.update(x, mask=m)
+    _assert_same_state(_snapshot(acc), before)
+    assert acc.initialized == bool(prior_rows)
+    if not prior_rows:
+        assert acc.dim is None  # not even the width was taken from the failed call
+    # The failed call left nothing behind: retrying equals never having failed.
+    acc.update(x, mask=m)
+    clean = ActivationCovarianceAccumulator(precision="exact", max_chunk_rows=10, name="blocks.3")
+    if prior_rows:
+        clean.update(torch.randn(prior_rows, 6, generator=torch.Generator().manual_seed(0)) * 3 + 50)
+    clean.update(x, mask=m)
+    _assert_same_state(_snapshot(acc), _snapshot(clean))
+
+
+def test_state_read_before_an_update_is_not_changed_by_it():
+    """The previous state becomes the next update's scratch only if nobody read it."""
+    acc = ActivationCovarianceAccumulator(4)
+    for k in range(3):
+        acc.update(torch.randn(20, 4) + k)
+    sd = acc.state_dict()
+    kept = {k: v.clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    for k in range(4):
+        acc.update(torch.randn(20, 4) * 10 + k)
+    for key, value in kept.items():
+        assert torch.equal(sd[key], value), key
+    assert not torch.equal(acc.state_dict()["s"], kept["s"])
+
+
+def test_empty_update_counts_but_adds_nothing():
+    acc = ActivationCovarianceAccumulator(3)
+    acc.update(torch.randn(5, 3))
+    before = _snapshot(acc)
+    acc.update(torch.empty(0, 3))
+    after = _snapshot(acc)
+    assert after.pop("updates") == before.pop("updates") + 1
+    _assert_same_state(after, before)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    d=st.integers(1, 300),
+    offset=st.floats(0, 1e3),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    syrk=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_lower_products_match_float64(n, d, offset, dtype, syrk, seed):
+    """Both CPU products (BLAS syrk, torch GEMM blocks): lower triangle = float64 ``y^T y`` to
+    rounding; the full form is exactly symmetric."""
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.randn(n, d, generator=g, dtype=torch.float64) + offset).to(dtype)
+    ref = y.double().t() @ y.double()
+    tol = (1e-12 if dtype == torch.float64 else 2e-6) * max(float(ref.abs().max()), 1e-300)
+    previous = moments.SYRK_MIN_ROWS
+    moments.SYRK_MIN_ROWS = 1 if syrk else 10**9
+    try:
+        low = moments.symmetric_product(y, lower_only=True)
+        full = moments.symmetric_product(y)
+    finally:
+        moments.SYRK_MIN_ROWS = previous
+    assert low.dtype == dtype and full.dtype == dtype and full.shape == (d, d)
+    assert ((low.double() - ref).tril().abs() <= tol).all()
+    assert torch.equal(full, full.t())
+    assert ((full.double() - ref).abs() <= tol).all()
+
+
+def test_mirror_lower_ignores_the_upper_triangle():
+    s = torch.arange(16, dtype=torch.float64).reshape(4, 4)
+    junk = s.clone()
+    junk[torch.ones(4, 4, dtype=torch.bool).triu(1)] = float("nan")
+    out = moments.mirror_lower(junk)
+    assert torch.equal(out, s.tril() + s.tril(-1).t())
+
+
+@pytest.mark.parametrize("syrk", [True, False])
+@pytest.mark.parametrize("precision", ["exact", "float64"])
+def test_small_chunk_updates_match_float64(monkeypatch, syrk, precision):
+    """Many small updates (the CPU small-batch case) on a pool with a large, drifting mean and an
+    ill-conditioned spectrum: covariance within the precision's tolerance of one float64 pass."""
+    monkeypatch.setattr(moments, "SYRK_MIN_ROWS", 1 if syrk else 10**9)
+    rng = np.random.default_rng(3)
+    d = 260  # >= 256: the GEMM path uses its 3-block form
+    eig = np.logspace(0, -8, d)
+    parts = [rows_with_spectrum(97, eig, 1e3, rng) + 50.0 * k for k in range(6)]
+    rows = np.concatenate(parts)
+    dtype = torch.float64 if precision == "float64" else torch.float32
+    acc = ActivationCovarianceAccumulator(precision=precision, max_chunk_rows=64)
+    for part in parts:
+        acc.update(torch.from_numpy(part).to(dtype))
+    x = rows.astype(np.float32).astype(np.float64) if dtype == torch.float32 else rows
+    ref = np.cov(x, rowvar=False)
+    scale = np.linalg.eigvalsh(ref)[-1]
+    cov = acc.covariance().numpy()
+    tol = 1e-10 if precision == "float64" else 2e-5
+    assert np.abs(cov - ref).max() <= tol * scale
+    assert np.array_equal(cov, cov.T)
+    assert acc.n_rows == rows.shape[0]
+
+
+def test_add_promoted_is_the_float64_sum_also_in_place():
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(7, 7, generator=g, dtype=torch.float64) * 1e6
+    b = torch.randn(7, 7, generator=g)
+    expected = a + b.double()
+    out = torch.empty_like(a)
+    assert moments.add_promoted(a, b, out=out) is out and torch.equal(out, expected)
+    assert torch.equal(moments.add_promoted(a, b, out=a), expected)  # out may be a
+
+
+def test_merged_and_loaded_states_are_not_recycled_as_scratch():
+    """A state that escaped through merge / load_state_dict is never overwritten by later updates."""
+    src = ActivationCovarianceAccumulator(3)
+    src.update(torch.randn(9, 3) + 4)
+    sd = src.state_dict()
+    kept = sd["s"].clone()
+    dst = ActivationCovarianceAccumulator(3)
+    dst.load_state_dict(sd)
+    dst.merge(src)
+    for k in range(3):
+        dst.update(torch.randn(9, 3) * 5 + k)
+        src.update(torch.randn(9, 3) * 5 + k)
+    assert torch.equal(sd["s"], kept)

@@ -1,0 +1,202 @@
+"""The chunked head + cross-entropy (``fused_head``) against float64 references; it never forms (N, V)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from spectral_lens.gradients import (
+    PerSampleGradientProbe,
+    causal_lm_head_loss,
+    causal_lm_loss,
+    head_loss_fns,
+    linear_cross_entropy,
+    without_head,
+)
+
+from support.models import TinyGPT, lm_batch
+
+
+def _problem(n, d, v, offset, ignore_frac, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) / math.sqrt(d) * 3
+    b = torch.randn(v, generator=g, dtype=torch.float64) + offset  # a large common logit offset
+    t = torch.randint(0, v, (n,), generator=g)
+    t[torch.rand(n, generator=g) < ignore_frac] = -100
+    return h.to(dtype), w.to(dtype), b.to(dtype), t
+
+
+def _reference(h, w, b, t, grad):
+    """float64 loss and gradients of the materialized head + ``F.cross_entropy``."""
+    h, w, b = (x.detach().double().requires_grad_() for x in (h, w, b))
+    loss = F.cross_entropy(F.linear(h, w, b), t, ignore_index=-100, reduction="none")
+    gh, gw, gb = torch.autograd.grad(loss, (h, w, b), grad.double())
+    return loss.detach(), gh, gw, gb
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    d=st.integers(1, 24),
+    v=st.integers(2, 300),
+    chunk=st.integers(1, 50),
+    offset=st.sampled_from([0.0, 30.0, 1e4]),
+    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_loss_and_gradients_match_float64(n, d, v, chunk, offset, ignore_frac, dtype, seed):
+    h, w, b, t = _problem(n, d, v, offset, ignore_frac, seed, dtype)
+    grad = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.5
+    ref_loss, ref_h, ref_w, ref_b = _reference(h, w, b, t, grad)
+    h, w, b = (x.clone().requires_grad_() for x in (h, w, b))
+    loss = linear_cross_entropy(h, w, t, b, chunk_rows=chunk)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and loss.shape == (n,)
+    gh, gw, gb = torch.autograd.grad(loss, (h, w, b), grad.to(loss.dtype))
+    z_max = float((F.linear(h.double(), w.double(), b.double())).abs().max().detach())
+    eps = 1e-12 if dtype == torch.float64 else 4e-6  # the bound stated in fused_head's docstring
+    assert (loss.double() - ref_loss).abs().max() <= eps * (z_max + math.log(v))
+    assert bool((loss[t == -100] == 0).all())
+    # gradients: relative to the largest entry of each reference; float32 logits carry an absolute
+    # rounding ~|z|_max 2^-24 each, which moves every softmax entry by that much relative
+    geps = 1e-11 if dtype == torch.float64 else 4e-6 * (z_max + 1)
+    for got, ref in ((gh, ref_h), (gw, ref_w), (gb, ref_b)):
+        scale = max(float(ref.abs().max()), 1e-30)
+        assert float((got.double() - ref).abs().max()) <= geps * scale + (1e-300 if dtype == torch.float64 else 1e-7)
+
+
+def test_confident_target_gradient_keeps_relative_accuracy():
+    """p_t ~ 1: the target entry -(1 - p_t) is formed without cancellation (float32)."""
+    h = torch.tensor([[1.0]], requires_grad=True)
+    w = torch.tensor([[30.0], [0.0], [0.0]])  # p_t = 1 - 2e-13 for target 0
+    loss = linear_cross_entropy(h, w, torch.tensor([0]), chunk_rows=1)
+    (gh,) = torch.autograd.grad(loss.sum(), h)
+    # d loss / d h = sum_j p_j w_j - w_t = -30 (1 - p_t) = -30 * 2 e^-30 / (1 + 2 e^-30)
+    ref = -30.0 * 2 * math.exp(-30) / (1 + 2 * math.exp(-30))
+    assert abs(float(gh) - ref) <= 1e-5 * abs(ref)
+
+
+class _LargestAllocation(TorchDispatchMode):
+    """Largest tensor (elements) produced by any op run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(o, torch.Tensor):
+                self.largest = max(self.largest, o.numel())
+        return out
+
+
+def test_never_forms_the_full_logits():
+    n, d, v, chunk = 64, 8, 500, 16
+    h, w, b, t = _problem(n, d, v, 0.0, 0.2, 0, torch.float32)
+    h.requires_grad_()
+    with _LargestAllocation() as mode:
+        loss = linear_cross_entropy(h, w, t, b, chunk_rows=chunk)
+        loss.sum().backward()
+    assert mode.largest <= chunk * v < n * v
+    with _LargestAllocation() as mode:  # the materialized path, for contrast (the check can fail)
+        F.cross_entropy(F.linear(h, w, b), t, reduction="none").sum().backward()
+    assert mode.largest >= n * v
+
+
+def test_default_chunk_and_autocast_dtype():
+    h, w, b, t = _problem(10, 4, 7, 0.0, 0.0, 1, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h, w, t, b)
+        ref = F.cross_entropy(F.linear(h, w, b).float(), t, reduction="none")  # bf16 logits, like a bf16 head
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, ref, atol=1e-5, rtol=0)
+
+
+def test_bad_inputs_have_clear_errors():
+    h, w, b, t = _problem(5, 4, 7, 0.0, 0.0, 1, torch.float32)
+    with pytest.raises(ValueError, match=r"hidden \(N, d\) and weight \(V, d\)"):
+        linear_cross_entropy(h, w[:, :3], t)
+    with pytest.raises(ValueError, match="integer targets"):
+        linear_cross_entropy(h, w, t.float())
+    with pytest.raises(ValueError, match="bias must have shape"):
+        linear_cross_entropy(h, w, t, b[:3])
+    with pytest.raises(ValueError, match="chunk_rows"):
+        linear_cross_entropy(h, w, t, chunk_rows=0)
+
+
+@pytest.mark.parametrize("engine", ["auto", "vmap"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_probe_with_head_loss_fns_equals_default_loss(tied, engine):
+    """Per-sample gradients of W_O through the chunked head equal the materialized path's (float64),
+    with the fast engine and under ``torch.func.vmap`` (the generic engine)."""
+    torch.manual_seed(0)
+    model = TinyGPT(tie=tied).double()
+    batch = lm_batch()
+    param = "transformer.h.1.attn.c_proj.weight"
+    ref = PerSampleGradientProbe(model, params=param, keep_matrix=True).update(batch)
+    fns = head_loss_fns(model, chunk_rows=3)
+    got = PerSampleGradientProbe(model, params=param, engine=engine, keep_matrix=True, **fns).update(batch)
+    a, b = got.matrix().numpy(), ref.matrix().numpy()
+    assert np.abs(a - b).max() <= 1e-10 * np.abs(b).max()
+    assert np.allclose(got.losses_.numpy(), ref.losses_.numpy(), rtol=1e-12, atol=0)
+    assert "forward" not in vars(model.lm_head)  # the head is restored
+
+
+def test_head_loss_matches_causal_lm_loss_for_hf_style_batches():
+    torch.manual_seed(1)
+    model = TinyGPT().double()
+    idx = lm_batch()[0]
+    labels = idx.clone()
+    mask = torch.ones_like(idx)
+    mask[0, -3:] = 0
+    batch = {"input_ids": idx, "labels": labels, "attention_mask": mask}
+    fns = head_loss_fns(model)
+    got = fns["loss_fn"](fns["forward_fn"](model, batch), batch)
+    ref = causal_lm_loss(model(idx), batch)
+    assert torch.allclose(got, ref, rtol=1e-12, atol=0)
+
+
+def test_without_head_restores_on_error_and_refuses_non_linear():
+    model = TinyGPT().double()
+    with pytest.raises(RuntimeError):
+        with without_head(model, "lm_head"):
+            raise RuntimeError("inside")
+    assert "forward" not in vars(model.lm_head)
+    with pytest.raises(TypeError, match="nn.Linear head"):
+        head_loss_fns(model, head="transformer.ln_f")
+
+
+def test_transformed_output_is_refused():
+    class Capped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(11, 4)
+            self.lm_head = torch.nn.Linear(4, 11)
+
+        def forward(self, idx):
+            return self.lm_head(self.emb(idx))[..., :5]  # slices the head's output (hidden 4 wide: 4 kept)
+
+    class SoftCapped(Capped):
+        def forward(self, idx):
+            return 2.0 * torch.tanh(self.lm_head(self.emb(idx)) / 2.0)  # same shape, other values
+
+    batch = (torch.randint(0, 11, (2, 3)), torch.zeros(2, 3, dtype=torch.long))
+    for cls in (Capped, SoftCapped):
+        model = cls()
+        with pytest.raises(ValueError, match="does not reproduce the model's logits"):
+            head_loss_fns(model, example=batch)
+    plain = Capped()
+    plain.forward = lambda idx: plain.lm_head(plain.emb(idx)).sum(-1)  # drops the last dim
+    with pytest.raises(ValueError, match="transforms the head's output"):
+        head_loss_fns(plain)["forward_fn"](plain, batch)
+    ok = TinyGPT().double()
+    head_loss_fns(ok, example=lm_batch())  # an untransformed head passes the check
