@@ -1,0 +1,75 @@
+"""Optuna storages from one URL string.
+
+- ``None``: in-memory (one process; nothing survives it).
+- ``journal:/path/to/tune.log`` (or a path ending in ``.log``/``.journal``): ``JournalStorage`` on a
+  ``JournalFileBackend``, for several processes on one machine (or on a shared file system that
+  supports the lock file). Resumable.
+- ``sqlite:///path.db``: ``RDBStorage`` over SQLite; single worker only (SQLite locks the whole file
+  and Optuna warns against concurrent writers). Resumable.
+- ``postgresql://user:pass@host/db`` (or ``mysql://...``): ``RDBStorage``, passed through, for
+  several machines.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["open_storage", "is_persistent", "is_single_worker"]
+
+_RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql")
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError as e:  # pragma: no cover - exercised only without the extra
+        raise ImportError("examples.tune needs Optuna: pip install 'spectral-lens[tune]'") from e
+    return optuna
+
+
+def _scheme(url: str) -> str:
+    return url.split(":", 1)[0].split("+", 1)[0].lower() if ":" in url else ""
+
+
+def is_persistent(url: str | None) -> bool:
+    """Whether a study in this storage outlives the process (journal or RDB)."""
+    return url is not None
+
+
+def is_single_worker(url: str | None) -> bool:
+    """Whether only one worker process may use this storage (in-memory and SQLite)."""
+    return url is None or _scheme(url) == "sqlite"
+
+
+def open_storage(url: str | None):
+    """The Optuna storage for ``url`` (see the module docstring); a clear ``ValueError`` if it cannot be opened."""
+    optuna = _optuna()
+    if url is None:
+        return optuna.storages.InMemoryStorage()
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"storage URL must be a non-empty string or None, got {url!r}")
+    scheme = _scheme(url)
+    if scheme == "journal" or (not scheme and url.endswith((".log", ".journal"))):
+        path = Path(url[len("journal:"):] if scheme == "journal" else url).expanduser()
+        if not str(path) or path.is_dir():
+            raise ValueError(f"storage {url!r}: journal path {str(path)!r} must name a file")
+        if not path.parent.is_dir():
+            raise ValueError(f"storage {url!r} cannot be opened: directory {str(path.parent)!r} does not exist")
+        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise ValueError(f"storage {url!r} cannot be opened: {str(path)!r} is not writable")
+        from optuna.storages.journal import JournalFileBackend
+
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except Exception as e:
+            raise ValueError(f"storage {url!r} cannot be opened: {type(e).__name__}: {e}") from e
+    if scheme in _RDB_SCHEMES:
+        try:
+            return optuna.storages.RDBStorage(url)
+        except ImportError as e:
+            raise ValueError(f"storage {url!r} cannot be opened: missing database driver ({e})") from e
+        except Exception as e:
+            raise ValueError(f"storage {url!r} cannot be opened: {type(e).__name__}: {e}") from e
+    raise ValueError(f"storage {url!r}: unknown scheme {scheme or '(none)'!r}; expected None (in-memory), "
+                     "'journal:/path/file.log', 'sqlite:///file.db' (one worker) or an RDB URL such as "
+                     "'postgresql://user:pass@host/db'")

@@ -1,0 +1,693 @@
+"""The tuner: every candidate is an Optuna trial, trained rung by rung by one or more workers.
+
+``tune`` enqueues one trial per candidate (fixed parameter ``lr_scale``; the candidate in user
+attributes) and runs a worker loop; extra workers are processes (``n_workers``) or other machines
+running the same call against the same storage. Two modes:
+
+- ``"synchronized"`` (the paper's rule, App. B.3): one study; a worker that finished rung ``k`` of a
+  trial *holds* the trial (state RUNNING) until every trial of its family/tier has a rung-``k`` loss
+  or has failed; then ``trial.should_prune()`` asks :class:`SynchronizedHalvingPruner`, which
+  replays :func:`~examples.tune.promotion.survivors` over the stored rung losses. Every worker
+  reaches the same decision from the same storage, so no decision has to be communicated.
+- ``"asynchronous"`` (ASHA proper): one study per family/tier (Optuna's pruner compares every trial
+  of a study, so separate studies keep tiers from pruning each other), each with
+  ``SuccessiveHalvingPruner(min_resource, reduction_factor, min_early_stopping_rate=0)``; a trial
+  runs rung after rung and stops as soon as the pruner says so.
+
+Fault tolerance: a worker writes a heartbeat (system attribute ``tune:heartbeat``) for the trials
+it holds; a RUNNING trial whose heartbeat is older than ``grace_period`` seconds is failed by any
+other worker and re-enqueued with its intermediate values and rung losses
+(``RetryFailedTrialCallback(inherit_intermediate_values=True)``), so the retry continues from the
+candidate's checkpoint in ``workdir`` and never retrains a finished rung.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import threading
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from .candidates import PAPER_MULTIPLIERS, candidate_set
+from .choices import write_choices
+from .extrapolate import extrapolate_loss
+from .progress import Progress, summary_table
+from .promotion import Entry, rank, survivors
+from .storage import is_single_worker, open_storage
+from .storage import _optuna
+from .trainable import Candidate, Trainable
+
+optuna = _optuna()
+from optuna.exceptions import UpdateFinishedTrialError  # noqa: E402
+
+__all__ = ["tune", "TuneResult", "TrialSummary", "SynchronizedHalvingPruner", "MODES"]
+
+MODES = ("synchronized", "asynchronous")
+_HEARTBEAT = "tune:heartbeat"
+
+
+class TrialFailed(RuntimeError):
+    """A trial reported a non-finite validation loss or did not report at its rung budget."""
+
+
+# ---------------------------------------------------------------- trial bookkeeping (pure)
+
+def _candidate(ft) -> Candidate:
+    a = ft.user_attrs
+    return Candidate(family=a["family"], tier=int(a["tier"]), scale=float(a["scale"]),
+                     lrs={k: float(v) for k, v in a["lrs"].items()},
+                     origins=tuple((str(n), float(m)) for n, m in a["origins"]))
+
+
+def _rung_losses(ft, n_rungs: int) -> list[float]:
+    """The stored rung losses of a trial, rung 0 first, up to the first missing one."""
+    out = []
+    for k in range(n_rungs):
+        v = ft.user_attrs.get(f"rung:{k}")
+        if v is None:
+            break
+        out.append(float(v))
+    return out
+
+
+def _is_stale_fail(ft) -> bool:
+
+    return ft.state == optuna.trial.TrialState.FAIL and "error" not in ft.user_attrs
+
+
+def _live(trials) -> dict[str, object]:
+    """Per candidate key, the trial that stands for it: the lowest-numbered one that is neither a
+    duplicate nor a trial failed for a lost worker (its retry stands for it instead)."""
+    out: dict[str, object] = {}
+    for ft in sorted(trials, key=lambda t: t.number):
+        key = ft.user_attrs.get("key")
+        if key is None or "duplicate_of" in ft.user_attrs or _is_stale_fail(ft) or key in out:
+            continue
+        out[key] = ft
+    return out
+
+
+def _is_failed(ft) -> bool:
+
+    return ft.state == optuna.trial.TrialState.FAIL
+
+
+@dataclass(frozen=True)
+class _GroupState:
+    """Replay of the synchronized rule for one family/tier: who entered each decided rung, who survived."""
+
+    entered: list[list[str]]      # keys that entered rung k, for every rung reached
+    survived: list[list[str]]     # keys promoted at rung k, for every decided rung
+    pending: int | None           # the first undecided rung, None when all are decided
+
+
+def _group_state(live: Mapping[str, object], n_rungs: int) -> _GroupState:
+    entered, survived = [sorted(live)], []
+    for k in range(n_rungs):
+        entries = []
+        for key in entered[k]:
+            ft = live[key]
+            losses = _rung_losses(ft, n_rungs)
+            if len(losses) > k:
+                entries.append(Entry(key, float(ft.user_attrs["scale"]), losses[k]))
+            elif _is_failed(ft):
+                entries.append(Entry(key, float(ft.user_attrs["scale"]), None))
+            else:
+                return _GroupState(entered, survived, k)
+        if k == n_rungs - 1:
+            survived.append([e.key for e in rank(entries)[:1] if e.loss is not None and math.isfinite(e.loss)])
+        else:
+            keep = [e.key for e in survivors(entries)]
+            survived.append(keep)
+            entered.append(sorted(keep))
+    return _GroupState(entered, survived, None)
+
+
+def _group_of(ft) -> tuple[str, int]:
+    return ft.user_attrs["family"], int(ft.user_attrs["tier"])
+
+
+class SynchronizedHalvingPruner(optuna.pruners.BasePruner):
+    """Optuna pruner of the paper's synchronized rule (see :mod:`examples.tune.promotion`).
+
+    ``prune(study, trial)`` is true when the trial's last finished rung is decided and the trial is
+    not among its survivors. The tuner asks only once the rung is decided (every trial of the
+    family/tier reported it or failed); before that it answers ``False``.
+    """
+
+    def __init__(self, n_rungs: int) -> None:
+        self.n_rungs = n_rungs
+
+    def prune(self, study, trial) -> bool:
+        """Whether ``trial`` (a ``FrozenTrial``) is out of the race at its last finished rung."""
+        done = len(_rung_losses(trial, self.n_rungs))
+        if done == 0:
+            return False
+        group = _group_of(trial)
+        live = {k: t for k, t in _live(study.get_trials(deepcopy=False)).items() if _group_of(t) == group}
+        state = _group_state(live, self.n_rungs)
+        if state.pending is not None and state.pending < done:
+            return False
+        return trial.user_attrs["key"] not in state.survived[done - 1]
+
+
+# ---------------------------------------------------------------- results
+
+@dataclass(frozen=True)
+class TrialSummary:
+    """One candidate's outcome.
+
+    Attributes:
+        number: the Optuna trial number standing for the candidate.
+        candidate: the candidate.
+        state: ``"complete"``, ``"pruned"``, ``"failed"``, ``"running"`` or ``"waiting"``.
+        rung_losses: validation loss at each finished rung (last report at or before the rung budget).
+        extrapolated_loss: power-law prediction at ``extrapolate_to`` (diagnostic only; NaN if none).
+        error: why the trial failed, else ``None``.
+    """
+
+    number: int
+    candidate: Candidate
+    state: str
+    rung_losses: tuple[float, ...]
+    extrapolated_loss: float
+    error: str | None
+
+
+@dataclass
+class TuneResult:
+    """What :func:`tune` returns.
+
+    Attributes:
+        choices: the chosen candidate per ``(family, tier)`` (lowest final-rung loss; ties to the
+            smaller scale). A family/tier whose candidates all failed is missing and listed in ``missing``.
+        losses: the chosen candidate's final-rung validation loss per ``(family, tier)``.
+        trials: every candidate's :class:`TrialSummary`, by family, tier and scale.
+        survivors: synchronized mode: the keys promoted at each rung per ``(family, tier)``.
+        missing: family/tiers without a choice.
+        mode, study_name, storage: how the study ran.
+        choices_path: where the choices file was written.
+    """
+
+    choices: dict[tuple[str, int], Candidate]
+    losses: dict[tuple[str, int], float]
+    trials: list[TrialSummary]
+    survivors: dict[tuple[str, int], list[list[str]]]
+    missing: list[tuple[str, int]]
+    mode: str
+    study_name: str
+    storage: str | None
+    choices_path: Path
+    rungs: tuple[int, ...] = field(default=())
+
+    def table(self) -> str:
+        """The summary table (one line per candidate) printed at the end of :func:`tune`."""
+        return summary_table(self)
+
+
+# ---------------------------------------------------------------- configuration
+
+@dataclass(frozen=True)
+class _Config:
+    families: dict[str, dict[str, float]]
+    tiers: tuple[int, ...]
+    reference_tier: int
+    rungs: tuple[int, ...]
+    multipliers: tuple[float, ...]
+    rel_tol: float
+    mode: str
+    min_resource: int
+    reduction_factor: int
+    extrapolate_to: int
+
+    def as_attr(self) -> dict:
+        return dict(families=self.families, tiers=list(self.tiers), reference_tier=self.reference_tier,
+                    rungs=list(self.rungs), multipliers=list(self.multipliers), rel_tol=self.rel_tol, mode=self.mode,
+                    min_resource=self.min_resource, reduction_factor=self.reduction_factor)
+
+    def candidates(self) -> list[Candidate]:
+        out = []
+        for family, lrs in self.families.items():
+            for tier in self.tiers:
+                cs = candidate_set(family, tier, reference_tier=self.reference_tier, reference_lrs=lrs,
+                                   multipliers=self.multipliers, rel_tol=self.rel_tol)
+                out.extend(cs)
+        return out
+
+
+def _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, min_resource, reduction_factor,
+              multipliers, rel_tol, extrapolate_to) -> _Config:
+    if mode not in MODES:
+        raise ValueError(f"tune: mode={mode!r}; expected one of {MODES}")
+    if not isinstance(families, Mapping) or not families:
+        raise ValueError("tune: empty candidate set: families is empty (expected family -> {group: reference lr})")
+    fam = {}
+    for name, lrs in families.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"tune: family name {name!r} must be a non-empty string without '/'")
+        if not isinstance(lrs, Mapping) or not lrs:
+            raise ValueError(f"tune: empty candidate set: family {name!r} has no reference rates ({lrs!r})")
+        fam[name] = {str(g): float(v) for g, v in lrs.items()}
+    tiers = tuple(tiers)
+    if not tiers:
+        raise ValueError("tune: empty candidate set: no tiers")
+    for t in tiers:
+        if isinstance(t, bool) or not isinstance(t, int) or t <= 0:
+            raise ValueError(f"tune: tier {t!r} must be a positive int")
+    if len(set(tiers)) != len(tiers):
+        raise ValueError(f"tune: tiers {tiers} repeat a tier")
+    if isinstance(reference_tier, bool) or not isinstance(reference_tier, int) or reference_tier <= 0:
+        raise ValueError(f"tune: reference_tier {reference_tier!r} must be a positive int")
+    rungs = tuple(rungs)
+    if not rungs or any(isinstance(r, bool) or not isinstance(r, int) or r <= 0 for r in rungs) \
+            or any(b <= a for a, b in zip(rungs, rungs[1:])):
+        raise ValueError(f"tune: rungs {rungs!r} must be strictly increasing positive int budgets (cumulative)")
+    if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+        raise ValueError(f"tune: n_workers={n_workers!r} must be an int >= 1")
+    if n_workers > 1 and is_single_worker(storage):
+        raise ValueError(f"tune: n_workers={n_workers} needs a shared storage; {storage!r} is single-worker "
+                         "(use 'journal:/path/file.log' on one machine or an RDB URL for several)")
+    min_resource = rungs[0] if min_resource is None else min_resource
+    if not isinstance(min_resource, int) or min_resource <= 0:
+        raise ValueError(f"tune: min_resource={min_resource!r} must be a positive int")
+    if not isinstance(reduction_factor, int) or reduction_factor < 2:
+        raise ValueError(f"tune: reduction_factor={reduction_factor!r} must be an int >= 2")
+    extrapolate_to = 2 * rungs[-1] if extrapolate_to is None else int(extrapolate_to)
+    cfg = _Config(fam, tiers, reference_tier, rungs, tuple(float(m) for m in multipliers), float(rel_tol), mode,
+                  min_resource, reduction_factor, extrapolate_to)
+    cfg.candidates()  # raises on an empty or invalid candidate set
+    return cfg
+
+
+# ---------------------------------------------------------------- the worker
+
+def _claim(study):
+    """Atomically move one WAITING trial of ``study`` to RUNNING; an ``optuna.Trial`` or None."""
+
+    storage = study._storage
+    for ft in storage.get_all_trials(study._study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        try:
+            if storage.set_trial_state_values(ft._trial_id, state=optuna.trial.TrialState.RUNNING):
+                return optuna.trial.Trial(study, ft._trial_id)
+        except UpdateFinishedTrialError:
+            continue
+    return None
+
+
+class _Worker:
+    """One worker process: claims, trains, holds and finishes trials until every study is finished."""
+
+    def __init__(self, studies: Mapping[tuple[str, int] | None, object], trainable: Trainable, cfg: _Config,
+                 workdir: Path, *, heartbeat_interval: float, grace_period: float, poll_interval: float,
+                 progress: Progress | None):
+        self.studies = dict(studies)
+        self.trainable, self.cfg, self.workdir = trainable, cfg, Path(workdir)
+        self.heartbeat_interval, self.grace_period, self.poll_interval = heartbeat_interval, grace_period, poll_interval
+        self.progress = progress
+        self.held: dict[int, object] = {}      # trial_id -> optuna.Trial
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    # -- heartbeats
+    def _beat(self, trial) -> None:
+
+        try:
+            trial.study._storage.set_trial_system_attr(trial._trial_id, _HEARTBEAT, time.time())
+        except (UpdateFinishedTrialError, KeyError):
+            pass
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stop.wait(self.heartbeat_interval):
+            with self.lock:
+                trials = list(self.held.values())
+            for t in trials:
+                self._beat(t)
+
+    def _sweep_stale(self, study) -> None:
+        """Fail RUNNING trials whose worker stopped beating; re-enqueue the ones that stand for a candidate."""
+
+        now = time.time()
+        trials = study.get_trials(deepcopy=False)
+        live = _live(trials)
+        for ft in trials:
+            if ft.state != optuna.trial.TrialState.RUNNING or ft._trial_id in self.held:
+                continue
+            beat = ft.system_attrs.get(_HEARTBEAT)
+            if beat is None and ft.datetime_start is not None:
+                beat = ft.datetime_start.timestamp()
+            if beat is None or now - float(beat) < self.grace_period:
+                continue
+            try:
+                if not study._storage.set_trial_state_values(ft._trial_id, state=optuna.trial.TrialState.FAIL):
+                    continue
+            except UpdateFinishedTrialError:
+                continue  # another worker failed it first
+            if "key" in ft.user_attrs and live.get(ft.user_attrs["key"]) is ft:
+                optuna.storages.RetryFailedTrialCallback(inherit_intermediate_values=True)(
+                    study, study._storage.get_trial(ft._trial_id))
+                if self.progress:
+                    self.progress.note(f"trial {ft.number} ({ft.user_attrs['key']}) lost its worker; re-enqueued")
+
+    # -- trial life cycle
+    def _start(self, study, trial):
+        """Set up a freshly claimed trial; returns its candidate, or None for a duplicate."""
+        ft = study._storage.get_trial(trial._trial_id)
+        key = ft.user_attrs["key"]
+        for other in study.get_trials(deepcopy=False):
+            if other.number < ft.number and other.user_attrs.get("key") == key \
+                    and "duplicate_of" not in other.user_attrs and not _is_stale_fail(other):
+                trial.set_user_attr("duplicate_of", other.number)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                return None
+        cand = _candidate(ft)
+        trial.suggest_float("lr_scale", cand.scale, cand.scale)
+        self._beat(trial)
+        with self.lock:
+            self.held[trial._trial_id] = trial
+        return cand
+
+    def _drop(self, trial) -> None:
+        with self.lock:
+            self.held.pop(trial._trial_id, None)
+
+    def _finish(self, study, trial, state, value=None, error=None) -> None:
+
+        try:
+            if error is not None:
+                trial.set_user_attr("error", error)
+            ft = study._storage.get_trial(trial._trial_id)
+            if error is None and ft.intermediate_values:
+                steps = sorted(ft.intermediate_values)
+                ex = extrapolate_loss(steps, [ft.intermediate_values[s] for s in steps], self.cfg.extrapolate_to)
+                trial.set_user_attr("extrapolated_loss", ex.loss if math.isfinite(ex.loss) else None)
+                trial.set_user_attr("extrapolation_model", ex.model)
+            if state == optuna.trial.TrialState.COMPLETE:
+                study.tell(trial, value)
+            else:
+                study.tell(trial, state=state)
+        except UpdateFinishedTrialError:
+            warnings.warn(f"trial {trial.number} was finished by another worker (its heartbeat went stale)")
+        finally:
+            self._drop(trial)
+
+    def _train_rung(self, study, trial, cand: Candidate, k: int) -> bool:
+        """Train ``cand`` to rung ``k``; store the rung loss. False if the trial failed (and was finished)."""
+
+        budget = self.cfg.rungs[k]
+        reported = set(study._storage.get_trial(trial._trial_id).intermediate_values)
+
+        def report(resource: int, val_loss: float) -> None:
+            resource, val_loss = int(resource), float(val_loss)
+            if not math.isfinite(val_loss):
+                raise TrialFailed(f"{cand.key}: validation loss {val_loss} at resource {resource}")
+            if resource not in reported:
+                trial.report(val_loss, resource)
+                reported.add(resource)
+
+        wd = self.workdir / "trials" / cand.family / f"b{cand.tier}" / f"x{cand.scale:.6g}"
+        wd.mkdir(parents=True, exist_ok=True)
+        if self.progress:
+            self.progress.note(f"trial {trial.number} {cand.key}: rung {k} -> {budget}")
+        try:
+            self.trainable(cand, budget, horizon=self.cfg.rungs[-1], workdir=wd, report=report)
+            values = study._storage.get_trial(trial._trial_id).intermediate_values
+            at = [s for s in values if s <= budget]
+            if not at:
+                raise TrialFailed(f"{cand.key}: the trainable reported no validation loss at or before the "
+                                  f"rung budget {budget} (reports: {sorted(values)})")
+            loss = float(values[max(at)])
+        except Exception as e:  # a crashing or diverging trial fails alone; the study goes on
+            self._finish(study, trial, optuna.trial.TrialState.FAIL, error=f"{type(e).__name__}: {e}")
+            if self.progress:
+                self.progress.note(f"trial {trial.number} {cand.key} failed: {type(e).__name__}: {e}")
+            return False
+        trial.set_user_attr(f"rung:{k}", loss)
+        return True
+
+    # -- synchronized mode
+    def _sync_step(self, study) -> str:
+        """One scheduling step; returns "worked", "waiting" or "done"."""
+
+        n = len(self.cfg.rungs)
+        trials = study.get_trials(deepcopy=False)
+        live = _live(trials)
+        by_id = {t._trial_id: t for t in trials}
+        groups: dict[tuple[str, int], dict] = defaultdict(dict)
+        for key, ft in live.items():
+            groups[_group_of(ft)][key] = ft
+        states = {g: _group_state(members, n) for g, members in groups.items()}
+        with self.lock:
+            held = sorted(self.held.items(), key=lambda kv: by_id[kv[0]].number)
+        ready = []
+        for tid, trial in held:
+            ft = by_id[tid]
+            done = len(_rung_losses(ft, n))
+            st = states[_group_of(ft)]
+            if done == 0 or st.pending is None or st.pending >= done:
+                ready.append((done, ft.number, trial, ft))
+        for done, _, trial, ft in sorted(ready, key=lambda r: (r[0], r[1])):
+            cand = _candidate(ft)
+            if done > 0:
+                if trial.should_prune():
+                    self._finish(study, trial, optuna.trial.TrialState.PRUNED)
+                    return "worked"
+            if self._train_rung(study, trial, cand, done):
+                if done + 1 == n:
+                    self._finish(study, trial, optuna.trial.TrialState.COMPLETE,
+                                 value=float(study._storage.get_trial(trial._trial_id).user_attrs[f"rung:{n - 1}"]))
+            return "worked"
+        trial = _claim(study)
+        if trial is not None:
+            self._start(study, trial)
+            return "worked"
+        self._sweep_stale(study)
+        if self.held or any(t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+                            for t in study.get_trials(deepcopy=False)):
+            return "waiting"
+        return "done"
+
+    # -- asynchronous mode
+    def _async_step(self) -> str:
+
+        for study in self.studies.values():
+            trial = _claim(study)
+            if trial is None:
+                continue
+            cand = self._start(study, trial)
+            if cand is None:
+                return "worked"
+            n = len(self.cfg.rungs)
+            done = len(_rung_losses(study._storage.get_trial(trial._trial_id), n))
+            for k in range(done, n):
+                if not self._train_rung(study, trial, cand, k):
+                    return "worked"
+                if k + 1 < n and trial.should_prune():
+                    self._finish(study, trial, optuna.trial.TrialState.PRUNED)
+                    return "worked"
+            self._finish(study, trial, optuna.trial.TrialState.COMPLETE,
+                         value=float(study._storage.get_trial(trial._trial_id).user_attrs[f"rung:{n - 1}"]))
+            return "worked"
+        busy = False
+        for study in self.studies.values():
+            self._sweep_stale(study)
+            busy |= any(t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+                        for t in study.get_trials(deepcopy=False))
+        return "waiting" if busy else "done"
+
+    def run(self) -> None:
+        beat = threading.Thread(target=self._heartbeat_loop, daemon=True)
+        beat.start()
+        try:
+            while True:
+                if self.cfg.mode == "synchronized":
+                    (study,) = self.studies.values()
+                    status = self._sync_step(study)
+                else:
+                    status = self._async_step()
+                if self.progress:
+                    self.progress.update(self.studies.values())
+                if status == "done":
+                    return
+                if status == "waiting":
+                    time.sleep(self.poll_interval)
+        finally:
+            self.stop.set()
+
+
+# ---------------------------------------------------------------- study setup
+
+@contextlib.contextmanager
+def _setup_lock(storage_url: str | None):
+    """Serialize study creation and enqueueing between processes sharing one journal file."""
+    if storage_url is None or not (storage_url.startswith("journal:") or storage_url.endswith((".log", ".journal"))):
+        yield
+        return
+    import fcntl
+
+    path = Path(storage_url[len("journal:"):] if storage_url.startswith("journal:") else storage_url)
+    with open(str(path) + ".setup.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _open_studies(cfg: _Config, storage_url: str | None, study_name: str, storage=None):
+
+    storage = open_storage(storage_url) if storage is None else storage
+    cands = cfg.candidates()
+    names: dict[tuple[str, int] | None, str]
+    if cfg.mode == "synchronized":
+        names = {None: study_name}
+    else:
+        names = {(f, t): f"{study_name}/{f}/b{t}" for f in cfg.families for t in cfg.tiers}
+    studies = {}
+    with _setup_lock(storage_url):
+        for group, name in names.items():
+            pruner = (SynchronizedHalvingPruner(len(cfg.rungs)) if cfg.mode == "synchronized" else
+                      optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.min_resource,
+                                                             reduction_factor=cfg.reduction_factor,
+                                                             min_early_stopping_rate=0))
+            study = optuna.create_study(storage=storage, study_name=name, direction="minimize", pruner=pruner,
+                                        load_if_exists=True)
+            stored = study.user_attrs.get("tune:config")
+            if stored is None:
+                study.set_user_attr("tune:config", cfg.as_attr())
+            elif stored != cfg.as_attr():
+                diff = sorted(k for k in cfg.as_attr() if stored.get(k) != cfg.as_attr()[k])
+                raise ValueError(f"tune: study {name!r} in storage {storage_url!r} was started with other settings "
+                                 f"({', '.join(diff)} differ); use another study_name or the same settings to resume")
+            present = {t.user_attrs.get("key") for t in study.get_trials(deepcopy=False)}
+            for c in cands:
+                if (group is None or (c.family, c.tier) == group) and c.key not in present:
+                    study.enqueue_trial({"lr_scale": c.scale}, user_attrs=dict(
+                        key=c.key, family=c.family, tier=c.tier, scale=c.scale, lrs=dict(c.lrs),
+                        origins=[list(o) for o in c.origins]), skip_if_exists=False)
+            studies[group] = study
+    return studies
+
+
+def _collect(studies, cfg: _Config, storage_url, study_name, choices_path: Path) -> TuneResult:
+
+    n = len(cfg.rungs)
+    summaries, choices, losses, surv, missing = [], {}, {}, {}, []
+    groups: dict[tuple[str, int], dict] = defaultdict(dict)
+    for study in studies.values():
+        for key, ft in _live(study.get_trials(deepcopy=False)).items():
+            groups[_group_of(ft)][key] = ft
+    names = {optuna.trial.TrialState.COMPLETE: "complete", optuna.trial.TrialState.PRUNED: "pruned",
+             optuna.trial.TrialState.FAIL: "failed", optuna.trial.TrialState.RUNNING: "running",
+             optuna.trial.TrialState.WAITING: "waiting"}
+    for g in sorted(groups):
+        members = groups[g]
+        for ft in members.values():
+            ex = ft.user_attrs.get("extrapolated_loss")
+            summaries.append(TrialSummary(ft.number, _candidate(ft), names[ft.state], tuple(_rung_losses(ft, n)),
+                                          float("nan") if ex is None else float(ex), ft.user_attrs.get("error")))
+        if cfg.mode == "synchronized":
+            surv[g] = _group_state(members, n).survived
+        done = [Entry(k, float(ft.user_attrs["scale"]), float(ft.value)) for k, ft in members.items()
+                if ft.state == optuna.trial.TrialState.COMPLETE]
+        best = rank(done)[:1]
+        if best and math.isfinite(best[0].loss):
+            choices[g] = _candidate(members[best[0].key])
+            losses[g] = best[0].loss
+    for f in cfg.families:
+        for t in cfg.tiers:
+            if (f, t) not in choices:
+                missing.append((f, t))
+    summaries.sort(key=lambda s: (s.candidate.family, s.candidate.tier, s.candidate.scale))
+    write_choices(choices_path, choices, losses=losses,
+                  meta=dict(study_name=study_name, mode=cfg.mode, rungs=list(cfg.rungs),
+                            reference_tier=cfg.reference_tier, missing=[list(m) for m in missing]))
+    return TuneResult(choices, losses, summaries, surv, missing, cfg.mode, study_name, storage_url, choices_path,
+                      cfg.rungs)
+
+
+def _worker_main(trainable, cfg: _Config, storage_url, study_name, workdir, heartbeat_interval, grace_period,
+                 poll_interval) -> None:
+    """Entry point of an extra worker process started by :func:`tune` (spawn)."""
+    studies = _open_studies(cfg, storage_url, study_name)
+    _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+            poll_interval=poll_interval, progress=None).run()
+
+
+def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], tiers: Sequence[int],
+         reference_tier: int, rungs: Sequence[int], workdir: Path, choices_path: Path | None = None,
+         mode: str = "synchronized", storage: str | None = None, study_name: str = "tune", n_workers: int = 1,
+         progress: bool | None = None, min_resource: int | None = None, reduction_factor: int = 2,
+         multipliers: Sequence[float] = PAPER_MULTIPLIERS, rel_tol: float = 1e-9,
+         extrapolate_to: int | None = None, heartbeat_interval: float = 10.0, grace_period: float = 60.0,
+         poll_interval: float = 0.2) -> TuneResult:
+    """Tune the learning rate of every family at every batch tier and write the choices file.
+
+    Args:
+        trainable: trains one candidate to a budget (see :class:`~examples.tune.trainable.Trainable`);
+            must be picklable when ``n_workers > 1``.
+        families: family -> reference learning rate per optimizer group at ``reference_tier``.
+        tiers: the batch tiers to tune.
+        reference_tier: ``B0``.
+        rungs: cumulative budgets in the workload's unit (paper: 50M, 150M, 500M tokens); the last is
+            the horizon every trainable schedules its learning rate against.
+        workdir: candidate checkpoints live in ``workdir/trials/<family>/b<tier>/x<scale>``.
+        choices_path: the choices file (default ``workdir/choices.json``).
+        mode: ``"synchronized"`` (the paper's rule) or ``"asynchronous"`` (ASHA via Optuna's
+            ``SuccessiveHalvingPruner``, one study per family/tier named ``<study_name>/<family>/b<tier>``).
+        storage: ``None`` (in-memory), ``"journal:/path/file.log"``, ``"sqlite:///file.db"`` (one
+            worker) or an RDB URL (``"postgresql://..."``). A persistent storage resumes: run the
+            same call again and it continues where it stopped.
+        study_name: the Optuna study (one per run of the tuner).
+        n_workers: worker processes on this machine (this one plus ``n_workers - 1`` spawned);
+            more than one needs a journal or RDB storage.
+        progress: print progress (tqdm on a TTY) and the summary table; ``None``: when stderr is a TTY.
+        min_resource, reduction_factor: the asynchronous pruner's settings (default: the first rung, 2).
+        multipliers, rel_tol: candidate generation (see :func:`~examples.tune.candidates.candidate_set`).
+        extrapolate_to: budget of the power-law extrapolation diagnostic (default: twice the horizon).
+        heartbeat_interval, grace_period: seconds between heartbeats of held trials, and the silence
+            after which another worker takes a trial over.
+        poll_interval: seconds a worker sleeps while waiting for other workers.
+
+    Returns:
+        A :class:`TuneResult`; the choices file is written atomically.
+    """
+    cfg = _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, min_resource,
+                    reduction_factor, multipliers, rel_tol, extrapolate_to)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    choices_path = Path(choices_path) if choices_path is not None else workdir / "choices.json"
+    if progress is None:
+        progress = sys.stderr.isatty()
+    studies = _open_studies(cfg, storage, study_name)
+    procs = []
+    if n_workers > 1:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        for _ in range(n_workers - 1):
+            p = ctx.Process(target=_worker_main, args=(trainable, cfg, storage, study_name, workdir,
+                                                       heartbeat_interval, grace_period, poll_interval))
+            p.start()
+            procs.append(p)
+    bar = Progress(total=len(cfg.candidates())) if progress else None
+    try:
+        _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                poll_interval=poll_interval, progress=bar).run()
+    finally:
+        for p in procs:
+            p.join()
+        if bar:
+            bar.close()
+    for p in procs:
+        if p.exitcode != 0:
+            warnings.warn(f"tune: worker process {p.pid} exited with status {p.exitcode}; its trials were taken over")
+    result = _collect(studies, cfg, storage, study_name, choices_path)
+    if progress:
+        print(result.table(), file=sys.stderr)
+    return result
