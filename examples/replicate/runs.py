@@ -64,6 +64,8 @@ def train_runs(workload: Workload, lrs: Mapping[tuple[str, int], Mapping[str, fl
         os.replace(partial, final)
         _fsync_dir(runs_dir)
         progress.advance(workload.budget, f"{final.name} done (lrs {_fmt_lrs(lrs[(family, tier)])})")
+    if (runs_dir / ".partial").exists() and not any((runs_dir / ".partial").iterdir()):
+        (runs_dir / ".partial").rmdir()
     return dirs
 
 

@@ -144,8 +144,10 @@ def _sentences(v: Verdict) -> list[str]:
     lines.append(f"Pooled across families (min-max normalized per family): rho = {_num(v.pooled_rho)} "
                  f"(p = {_num(v.pooled_pvalue, '.3g')}, n = {v.pooled_n}).")
     failed = [f.family for f in v.families.values() if "reproduced" not in f.flags]
+    weak = [f.family for f in v.families.values() if "reproduced" in f.flags and len(f.flags) > 1]
     if failed:
         lines.append(f"Did not reproduce the paper's claim (early tail ranks the tiers) for: {', '.join(failed)}.")
     else:
-        lines.append("Every family reproduced the claim at the pre-registered fraction.")
+        lines.append("Every family reproduced the claim at the pre-registered fraction"
+                     + (f", but weakly for {', '.join(weak)} (see the flags above)." if weak else "."))
     return lines

@@ -16,10 +16,10 @@ from .task import CyclicTask
 __all__ = ["Preset", "PRESETS", "REFERENCE_LRS"]
 
 REFERENCE_LRS = {
-    "Baseline": {"adam": 3e-3},
-    "RoPE": {"adam": 3e-3},
-    "Muon": {"embed": 3e-3, "hidden": 0.02},
-    "Untied": {"embed": 3e-3, "head": 3e-3, "hidden": 0.02},
+    "Baseline": {"adam": 4e-3},
+    "RoPE": {"adam": 4e-3},
+    "Muon": {"embed": 4e-3, "hidden": 0.03},
+    "Untied": {"embed": 4e-3, "head": 4e-3, "hidden": 0.03},
 }
 """Reference rates per optimizer group at the reference tier; the tuner scales them per tier."""
 
@@ -79,10 +79,11 @@ PRESETS = {
         model=ToyConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, seq_len=16), threads=1,
         gradient_samples=16, measure_fractions=(0.0, 0.1, 0.2, 0.3, 0.5, 1.0), eval_every=0.1, window=(3, 12),
     ),
-    # the README's main job: the paper's toy at the paper's shape, one chain stage (Muon, Fig. 4a)
+    # the README's main job: the paper's toy at the paper's shape and tiers, one chain stage (Muon, Fig. 4a);
+    # three multipliers per scaling center and two short rungs keep the tuner within the 10-minute budget
     "cpu": Preset(
-        name="cpu", families=("Muon",), tiers=(16, 32, 64, 128, 256), reference_tier=64, budget=12_000,
-        target_loss=2.0, tuner=TunerSettings(rungs=(1_000, 4_000)), task=_TASK,
+        name="cpu", families=("Muon",), tiers=(32, 64, 128, 256, 512), reference_tier=128, budget=16_000,
+        target_loss=2.0, tuner=TunerSettings(rungs=(1_000, 4_000), multipliers=(2 ** -0.5, 1.0, 2 ** 0.5)), task=_TASK,
         model=ToyConfig(vocab_size=1024, n_layer=2, n_head=4, n_embd=64, seq_len=64), threads=2,
     ),
     # the paper's sweep: the whole chain, B in {32..512}, two epochs of the 32,000 examples

@@ -206,7 +206,7 @@ def _figures(runs, families, target, window, scan, matched, out_dir: Path) -> li
     if matched:
         fig, ax = plt.subplots(figsize=(5, 4))
         for t, n, v, a, spec in matched:
-            y = spec.normalized().double().numpy()
+            y = spec.normalized.double().numpy()
             ax.loglog(np.arange(1, len(y) + 1), np.clip(y, 1e-12, None), label=f"B={t} (alpha {a:.2f})")
         ax.axvspan(*window, color="grey", alpha=0.15)
         ax.set(xlabel="rank", ylabel="normalized eigenvalue", title=f"{families[-1]}: spectra at val loss <= {target:g}")

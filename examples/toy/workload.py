@@ -27,8 +27,8 @@ __all__ = ["ToyWorkload", "ToyTrainable"]
 class ToyTrainable:
     """The tuner's trainable: trains a candidate on the toy task, continuing from ``workdir/checkpoint.pt``.
 
-    Validation loss (the held-out pool) is reported every ``preset.eval_every`` of the horizon and at
-    the budget. Picklable (holds only the preset), so tuner workers may run in other processes.
+    Validation loss (the held-out pool) is reported halfway through each call and at its budget (the
+    tuner promotes on the loss at the budget; more points would cost more than the training). Picklable (holds only the preset), so tuner workers may run in other processes.
     """
 
     def __init__(self, preset: Preset):
@@ -46,15 +46,14 @@ class ToyTrainable:
         ckpt = Path(workdir) / "checkpoint.pt"
         if ckpt.exists():
             run.load(ckpt)
-        every = max(1, round(p.eval_every * horizon))
-        state = {"next": (run.seen // every + 1) * every}
+        state = {"mid": (run.seen + budget) // 2}
 
         def on_step(r: ToyRun, loss: float) -> None:
             if not math.isfinite(loss):
                 raise FloatingPointError(f"toy {candidate.key}: training loss {loss} at {r.seen} examples")
-            if r.seen >= state["next"] and r.seen < budget:
+            if state["mid"] is not None and state["mid"] <= r.seen < budget:
                 report(r.seen, evaluate(r.model, d.x_heldout, d.y_heldout))
-                state["next"] = (r.seen // every + 1) * every
+                state["mid"] = None
 
         try:
             run.train_until(budget, horizon, d.x_train, d.y_train, on_step)
