@@ -78,16 +78,19 @@ def _lr_table(workload: Workload, lrs) -> str:
     return "\n".join(rows)
 
 
-def replicate(workload: Workload, out: Path, tuner: TunerSettings, *, stream=sys.stdout) -> Verdict:
-    """Run the whole pipeline for ``workload`` into ``out``; returns the :class:`Verdict` (also printed)."""
+def replicate(workload: Workload, out: Path, tuner: TunerSettings, *, stream=None) -> Verdict:
+    """Run the whole pipeline for ``workload`` into ``out``; returns the :class:`Verdict` (also printed).
+
+    ``stream``: where progress and the verdict are printed (``None``: standard output; ``False``: nowhere).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fraction = float(getattr(workload, "fraction", 0.2))
     window = getattr(workload, "window", None)
 
     def say(msg: str) -> None:
-        if stream is not None:
-            print(msg, file=stream, flush=True)
+        if stream is not False:
+            print(msg, file=sys.stdout if stream is None else stream, flush=True)
 
     say(f"{workload.name}: families {' -> '.join(workload.families)}; tiers {list(workload.tiers)}; "
         f"{workload.budget:,} {workload.unit} per run; pre-registered target validation loss {workload.target_loss:g}")

@@ -18,12 +18,12 @@ class Progress:
     Args:
         total: the amount of work of the stage (e.g. examples over all runs still to train).
         stage: a short name printed in front of every line.
-        stream: where lines go (default ``sys.stdout``); ``None`` silences it.
+        stream: where lines go: ``None`` (default) = the current ``sys.stdout``; ``False`` silences it.
 
     The ETA extrapolates the rate of the work done in this process (resumed work is not counted).
     """
 
-    def __init__(self, total: float, stage: str, stream=sys.stdout):
+    def __init__(self, total: float, stage: str, stream=None):
         if total < 0:
             raise ValueError(f"Progress: total must be >= 0, got {total}")
         self.total, self.stage, self.stream = float(total), stage, stream
@@ -40,15 +40,18 @@ class Progress:
     def advance(self, amount: float, message: str = "") -> None:
         """Add ``amount`` finished work and print ``[stage] done/total (pct) elapsed, ETA: message``."""
         self.done += amount
-        if self.stream is None:
+        if self.stream is False:
             return
         elapsed = time.monotonic() - self.start
         pct = 100.0 * self.done / self.total if self.total else 100.0
         eta = self.eta()
         eta_txt = f", ETA {_fmt(eta)}" if eta is not None and self.done < self.total else ""
-        print(f"[{self.stage}] {pct:5.1f}% after {_fmt(elapsed)}{eta_txt}: {message}", file=self.stream, flush=True)
+        print(f"[{self.stage}] {pct:5.1f}% after {_fmt(elapsed)}{eta_txt}: {message}", file=self._out(), flush=True)
 
     def note(self, message: str) -> None:
         """Print one line of the stage without advancing."""
-        if self.stream is not None:
-            print(f"[{self.stage}] {message}", file=self.stream, flush=True)
+        if self.stream is not False:
+            print(f"[{self.stage}] {message}", file=self._out(), flush=True)
+
+    def _out(self):
+        return sys.stdout if self.stream is None else self.stream

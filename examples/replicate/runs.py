@@ -38,7 +38,7 @@ def train_runs(workload: Workload, lrs: Mapping[tuple[str, int], Mapping[str, fl
         workload: the experiment.
         lrs: the chosen learning rates per ``(family, tier)`` (every pair must be present).
         runs_dir: where the records live (one sub-directory per run).
-        stream: where progress lines go (``None``: standard output; pass a file-like to redirect).
+        stream: where progress lines go (``None``: standard output; ``False``: nowhere; or a file-like).
     """
     runs_dir.mkdir(parents=True, exist_ok=True)
     missing = [(f, t) for f in workload.families for t in workload.tiers if (f, t) not in lrs]
@@ -51,8 +51,7 @@ def train_runs(workload: Workload, lrs: Mapping[tuple[str, int], Mapping[str, fl
             dirs.append(final)
             if not final.exists():
                 todo.append((family, tier, final))
-    kwargs = {} if stream is None else {"stream": stream}
-    progress = Progress(len(todo) * workload.budget, "train", **kwargs)
+    progress = Progress(len(todo) * workload.budget, "train", stream=stream)
     progress.note(f"{len(dirs) - len(todo)} of {len(dirs)} runs already complete; training {len(todo)} "
                   f"x {workload.budget:,} {workload.unit}")
     for family, tier, final in todo:

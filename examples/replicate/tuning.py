@@ -45,7 +45,7 @@ def choose_rates(workload: Workload, workdir: Path, settings: TunerSettings, *, 
     """Learning rates per ``(family, tier)``: tune them (or reuse ``workdir/choices.json``) and read them back.
 
     The study lives in a journal file (``workdir/tune.journal``), so an interrupted tuning stage
-    continues where it stopped when the pipeline is run again; ``stream=None`` silences the tuner.
+    continues where it stopped when the pipeline is run again; ``stream=False`` silences the tuner.
     """
     from examples.tune import load_choices, tune  # the tuner (examples/tune, issue #10)
 
@@ -57,7 +57,7 @@ def choose_rates(workload: Workload, workdir: Path, settings: TunerSettings, *, 
         tune(workload.trainable(), families=families, tiers=tuple(workload.tiers),
              reference_tier=workload.reference_tier, rungs=tuple(settings.rungs), workdir=workdir,
              choices_path=choices_path, mode=settings.mode, storage=f"journal:{workdir / 'tune.journal'}",
-             study_name=f"{workload.name}-tune", n_workers=settings.n_workers, progress=stream is not None,
+             study_name=f"{workload.name}-tune", n_workers=settings.n_workers, progress=stream is not False,
              **extra)
     chosen = load_choices(choices_path)
     out = {}

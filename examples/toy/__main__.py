@@ -44,11 +44,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from .workload import ToyWorkload
 
-    torch.set_num_threads(args.threads or preset.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    if not marker.exists():
-        write_atomic(marker, json.dumps({"preset": preset.name}) + "\n")
-    replicate(ToyWorkload(preset), out, preset.tuner)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(args.threads or preset.threads)  # 2 cores: one process, both threads
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not marker.exists():
+            write_atomic(marker, json.dumps({"preset": preset.name}) + "\n")
+        replicate(ToyWorkload(preset), out, preset.tuner)
+    finally:
+        torch.set_num_threads(previous)
     return 0
 
 
