@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"examples.toy: error: {exc}", file=sys.stderr)
         return 2
 
+    threads = args.threads or preset.threads
+    previous_env = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the tuner's spawned worker processes
     import torch
 
     from examples.replicate.pipeline import replicate, write_atomic
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from .workload import ToyWorkload
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads or preset.threads)  # 2 cores: one process, both threads
+    torch.set_num_threads(threads)
     try:
         out.mkdir(parents=True, exist_ok=True)
         if not marker.exists():
@@ -53,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         replicate(ToyWorkload(preset), out, preset.tuner)
     finally:
         torch.set_num_threads(previous)
+        if previous_env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous_env
     return 0
 
 

@@ -69,3 +69,20 @@ def test_bad_rates_are_named():
         ToyRun("Nope", 8, {}, CFG)
     with pytest.raises(ValueError, match="horizon"):
         ToyRun("RoPE", 8, LRS["RoPE"], CFG).train_until(100, 50, torch.zeros(4, 16, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+
+
+def test_trainable_continues_a_promoted_trial(tmp_path):
+    from examples.toy.presets import PRESETS
+    from examples.toy.workload import ToyTrainable
+    from examples.tune import Candidate
+
+    trainable = ToyTrainable(PRESETS["smoke"])
+    cand = Candidate("Muon", 16, 1.0, {"embed": 4e-3, "hidden": 0.03})
+    seen = []
+    trainable(cand, 64, horizon=128, workdir=tmp_path / "a", report=lambda r, v: seen.append((r, v)))
+    trainable(cand, 128, horizon=128, workdir=tmp_path / "a", report=lambda r, v: seen.append((r, v)))
+    direct = []
+    trainable(cand, 128, horizon=128, workdir=tmp_path / "b", report=lambda r, v: direct.append((r, v)))
+    assert [r for r, _ in seen] == [32, 64, 96, 128] and [r for r, _ in direct] == [64, 128]
+    assert seen[-1] == direct[-1]  # continuing from the checkpoint is the same as never stopping
+    assert all(math.isfinite(v) for _, v in seen)
