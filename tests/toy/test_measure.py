@@ -34,6 +34,6 @@ def test_measure_has_no_side_effects_and_records(tmp_path):
     m = rec.measurements[0]
     assert m.val_loss == val and m.tokens == 40
     assert {"act:blocks.1", "grad:blocks.1.attn.c_proj.weight"} <= set(m.spectra)
-    assert m.spectra["act:blocks.1"].metadata.get("rows", 200) == 200 or True
+    assert m.spectra["act:blocks.1"].n_rows == 200  # one row per example: the last position only
     assert {"H_S", "H_peak", "pc1_peak", "noise_scale"} <= set(m.scalars)
     assert len(m.spectra["grad:blocks.1.attn.c_proj.weight"]) <= 16
