@@ -103,6 +103,8 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
     sections = []
 
     lines = ["## Early tail vs examples to target, by progress (Fig. 4a analogue)", "",
+             "Units: the library's tables above say *tokens*; in this toy one token is one training example "
+             "(one predicted target), so T and Q count examples and examples/s.", "",
              f"Within-family Spearman rho between alpha over ranks {window[0]}-{window[1]} (last-position "
              "activations of the last block) and realized eps_tok (examples to target / the family's best), "
              "at each progress fraction. Tiers that never reach the target rank last.", "",
