@@ -47,6 +47,9 @@ def write_atomic(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file a normal mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -87,7 +87,7 @@ def _flags(rho: float, p: float, n_reached: int) -> tuple[str, ...]:
     flags = []
     if not math.isfinite(rho):
         flags.append("no ranking (fewer than 3 tiers or constant values)")
-    elif rho >= REPRODUCED_RHO:
+    elif rho >= REPRODUCED_RHO - 1e-9:  # rho of ranks is a ratio of integers: 0.8 may come out 0.7999...
         flags.append("reproduced")
     else:
         flags.append("not reproduced")

@@ -82,12 +82,13 @@ PRESETS = {
         model=ToyConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, seq_len=16), threads=1,
         gradient_samples=16, measure_fractions=(0.0, 0.1, 0.2, 0.3, 0.5, 1.0), eval_every=0.1, window=(3, 12),
     ),
-    # the README's main job: the paper's toy at the paper's shape and tiers, one chain stage (Muon, Fig. 4a);
-    # three multipliers per scaling center and two short rungs keep the tuner within the 10-minute budget
+    # the README's main job: the paper's toy at the paper's shape and tiers, one chain stage (Muon, Fig. 4a),
+    # the paper's five multipliers per scaling center and two short rungs (a first run with three
+    # multipliers chose the largest candidate at every tier: docs/replication-toy.md)
     "cpu": Preset(
         name="cpu", families=("Muon",), tiers=(32, 64, 128, 256, 512), reference_tier=128, budget=16_000,
         target_loss=2.0, task=_TASK, threads=1,
-        tuner=TunerSettings(rungs=(1_000, 4_000), multipliers=(2 ** -0.5, 1.0, 2 ** 0.5), n_workers=2),
+        tuner=TunerSettings(rungs=(1_000, 4_000), n_workers=2),
         model=ToyConfig(vocab_size=1024, n_layer=2, n_head=4, n_embd=64, seq_len=64),
     ),
     # the paper's sweep: the whole chain, B in {32..512}, two epochs of the 32,000 examples

@@ -41,6 +41,7 @@ def test_flags_say_negative_and_weak_results():
     assert _flags(0.9, 0.08, 5) == ("reproduced", "not significant (p > 0.05)")
     assert _flags(0.8, 0.01, 2) == ("reproduced", "underpowered")
     assert _flags(0.79, 0.01, 5) == ("not reproduced",)
+    assert _flags(0.7999999999999999, 0.01, 5) == ("reproduced",)  # rank arithmetic rounding
     assert _flags(float("nan"), float("nan"), 5)[0].startswith("no ranking")
 
 
