@@ -88,6 +88,11 @@ def _h_peak_steps(runs, families, target) -> list[tuple[str, float]]:
     return out
 
 
+def _last_scalars(runs, family: str, target: float) -> dict[str, float]:
+    r = _best_run(runs, family, target)
+    return dict(_at_progress(r, 1.0).scalars) if r is not None and r.measurements else {}
+
+
 def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str]:
     """Markdown sections (and figures in ``out_dir``) of the toy report."""
     target, window, families = workload.target_loss, tuple(workload.window), tuple(workload.families)
@@ -141,9 +146,16 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
                   + "; ".join(f"{s}: {d:+.4f}" for s, d in steps) + "."]
     else:
         lines += ["", "Delta H_peak per chain step needs at least two families (the `full` preset)."]
+    bands = [k for k in _last_scalars(runs, families[0], target) if k.startswith("pc1_peak:")]
+    if bands:
+        lines += ["", "Final PC1 peak mass by probe band (Fig. 11c analogue; best tier of each family):", "",
+                  "| family | " + " | ".join(k.split(":", 1)[1] for k in bands) + " |", "|---|" + "---|" * len(bands)]
+        for fam in families:
+            last_s = _last_scalars(runs, fam, target)
+            lines.append(f"| {fam} | " + " | ".join(_num(last_s.get(k, math.nan), ".3f") for k in bands) + " |")
     sections.append("\n".join(lines))
 
-    figs = _figures(runs, families, target, window, scan, matched, out_dir)
+    figs = _figures(runs, families, target, window, scan, matched, steps, out_dir)
     if figs:
         sections.append("## Toy figures\n\n" + "\n\n".join(f"![{cap}]({p.name})\n\n*{cap}*" for p, cap in figs))
 
@@ -159,13 +171,13 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
         f"| Fig. 11a | {PAPER['fig11a']} | {last}: rho(tier, alpha at matched loss) = {_num(rho_tier)} over "
         f"{len(matched)} tiers |",
         f"| Fig. 11b | {PAPER['fig11b']} | "
-        + (f"Muon -> Untied step / mean earlier step = {_num(ratio)}" if math.isfinite(ratio)
+        + (f"{steps[2][0]} step / mean |earlier step| = {_num(ratio)}" if math.isfinite(ratio)
            else "not measured (needs the whole chain: `--preset full`)") + " |",
     ]))
     return sections
 
 
-def _figures(runs, families, target, window, scan, matched, out_dir: Path) -> list[tuple[Path, str]]:
+def _figures(runs, families, target, window, scan, matched, steps, out_dir: Path) -> list[tuple[Path, str]]:
     try:
         import matplotlib
 
@@ -234,4 +246,15 @@ def _figures(runs, families, target, window, scan, matched, out_dir: Path) -> li
     fig.savefig(p, dpi=100)
     plt.close(fig)
     out.append((p, "Fig. 4b analogue: H_S during training, each family's most token-efficient tier"))
+
+    if steps:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.bar([s for s, _ in steps], [d for _, d in steps], color="tab:purple")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set(ylabel="mean Delta H_peak", title="chain steps (best tiers)")
+        fig.tight_layout()
+        p = out_dir / "toy_fig11b.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        out.append((p, "Fig. 11b analogue: mean Delta H_peak per chain step"))
     return out
