@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["open_storage", "is_persistent", "is_single_worker"]
+__all__ = ["open_storage", "is_single_worker"]
 
 _RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "oracle", "mssql")
 
@@ -29,11 +29,6 @@ def _optuna():
 
 def _scheme(url: str) -> str:
     return url.split(":", 1)[0].split("+", 1)[0].lower() if ":" in url else ""
-
-
-def is_persistent(url: str | None) -> bool:
-    """Whether a study in this storage outlives the process (journal or RDB)."""
-    return url is not None
 
 
 def is_single_worker(url: str | None) -> bool:

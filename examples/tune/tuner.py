@@ -17,17 +17,13 @@ running the same call against the same storage. Two modes:
 Fault tolerance: a worker writes a heartbeat (system attribute ``tune:heartbeat``) for the trials
 it holds; a RUNNING trial whose heartbeat is older than ``grace_period`` seconds is failed by any
 other worker and re-enqueued with its intermediate values and rung losses
-(``RetryFailedTrialCallback(inherit_intermediate_values=True)``), so the retry continues from the
+(``RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)``; ``RetryFailedTrialCallback``
+before Optuna 4.9), so the retry continues from the
 candidate's checkpoint in ``workdir`` and never retrains a finished rung.
 """
-from __future__ import annotations
-
 import contextlib
 import math
-import os
 import sys
-import threading
-import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -36,125 +32,18 @@ from typing import Mapping, Sequence
 
 from .candidates import PAPER_MULTIPLIERS, candidate_set
 from .choices import write_choices
-from .extrapolate import extrapolate_loss
 from .progress import Progress, summary_table
-from .promotion import Entry, rank, survivors
-from .storage import is_single_worker, open_storage
-from .storage import _optuna
+from .promotion import Entry, rank
+from .storage import _optuna, is_single_worker, open_storage
 from .trainable import Candidate, Trainable
+from .trials import SynchronizedHalvingPruner, _candidate, _group_of, _group_state, _live, _rung_losses
+from .worker import TrialFailed, _Worker
 
 optuna = _optuna()
-from optuna.exceptions import UpdateFinishedTrialError  # noqa: E402
 
-__all__ = ["tune", "TuneResult", "TrialSummary", "SynchronizedHalvingPruner", "MODES"]
+__all__ = ["tune", "TuneResult", "TrialSummary", "SynchronizedHalvingPruner", "TrialFailed", "MODES"]
 
 MODES = ("synchronized", "asynchronous")
-_HEARTBEAT = "tune:heartbeat"
-
-
-class TrialFailed(RuntimeError):
-    """A trial reported a non-finite validation loss or did not report at its rung budget."""
-
-
-# ---------------------------------------------------------------- trial bookkeeping (pure)
-
-def _candidate(ft) -> Candidate:
-    a = ft.user_attrs
-    return Candidate(family=a["family"], tier=int(a["tier"]), scale=float(a["scale"]),
-                     lrs={k: float(v) for k, v in a["lrs"].items()},
-                     origins=tuple((str(n), float(m)) for n, m in a["origins"]))
-
-
-def _rung_losses(ft, n_rungs: int) -> list[float]:
-    """The stored rung losses of a trial, rung 0 first, up to the first missing one."""
-    out = []
-    for k in range(n_rungs):
-        v = ft.user_attrs.get(f"rung:{k}")
-        if v is None:
-            break
-        out.append(float(v))
-    return out
-
-
-def _is_stale_fail(ft) -> bool:
-
-    return ft.state == optuna.trial.TrialState.FAIL and "error" not in ft.user_attrs
-
-
-def _live(trials) -> dict[str, object]:
-    """Per candidate key, the trial that stands for it: the lowest-numbered one that is neither a
-    duplicate nor a trial failed for a lost worker (its retry stands for it instead)."""
-    out: dict[str, object] = {}
-    for ft in sorted(trials, key=lambda t: t.number):
-        key = ft.user_attrs.get("key")
-        if key is None or "duplicate_of" in ft.user_attrs or _is_stale_fail(ft) or key in out:
-            continue
-        out[key] = ft
-    return out
-
-
-def _is_failed(ft) -> bool:
-
-    return ft.state == optuna.trial.TrialState.FAIL
-
-
-@dataclass(frozen=True)
-class _GroupState:
-    """Replay of the synchronized rule for one family/tier: who entered each decided rung, who survived."""
-
-    entered: list[list[str]]      # keys that entered rung k, for every rung reached
-    survived: list[list[str]]     # keys promoted at rung k, for every decided rung
-    pending: int | None           # the first undecided rung, None when all are decided
-
-
-def _group_state(live: Mapping[str, object], n_rungs: int) -> _GroupState:
-    entered, survived = [sorted(live)], []
-    for k in range(n_rungs):
-        entries = []
-        for key in entered[k]:
-            ft = live[key]
-            losses = _rung_losses(ft, n_rungs)
-            if len(losses) > k:
-                entries.append(Entry(key, float(ft.user_attrs["scale"]), losses[k]))
-            elif _is_failed(ft):
-                entries.append(Entry(key, float(ft.user_attrs["scale"]), None))
-            else:
-                return _GroupState(entered, survived, k)
-        if k == n_rungs - 1:
-            survived.append([e.key for e in rank(entries)[:1] if e.loss is not None and math.isfinite(e.loss)])
-        else:
-            keep = [e.key for e in survivors(entries)]
-            survived.append(keep)
-            entered.append(sorted(keep))
-    return _GroupState(entered, survived, None)
-
-
-def _group_of(ft) -> tuple[str, int]:
-    return ft.user_attrs["family"], int(ft.user_attrs["tier"])
-
-
-class SynchronizedHalvingPruner(optuna.pruners.BasePruner):
-    """Optuna pruner of the paper's synchronized rule (see :mod:`examples.tune.promotion`).
-
-    ``prune(study, trial)`` is true when the trial's last finished rung is decided and the trial is
-    not among its survivors. The tuner asks only once the rung is decided (every trial of the
-    family/tier reported it or failed); before that it answers ``False``.
-    """
-
-    def __init__(self, n_rungs: int) -> None:
-        self.n_rungs = n_rungs
-
-    def prune(self, study, trial) -> bool:
-        """Whether ``trial`` (a ``FrozenTrial``) is out of the race at its last finished rung."""
-        done = len(_rung_losses(trial, self.n_rungs))
-        if done == 0:
-            return False
-        group = _group_of(trial)
-        live = {k: t for k, t in _live(study.get_trials(deepcopy=False)).items() if _group_of(t) == group}
-        state = _group_state(live, self.n_rungs)
-        if state.pending is not None and state.pending < done:
-            return False
-        return trial.user_attrs["key"] not in state.survived[done - 1]
 
 
 # ---------------------------------------------------------------- results
@@ -210,7 +99,6 @@ class TuneResult:
         """The summary table (one line per candidate) printed at the end of :func:`tune`."""
         return summary_table(self)
 
-
 # ---------------------------------------------------------------- configuration
 
 @dataclass(frozen=True)
@@ -238,11 +126,16 @@ class _Config:
                 cs = candidate_set(family, tier, reference_tier=self.reference_tier, reference_lrs=lrs,
                                    multipliers=self.multipliers, rel_tol=self.rel_tol)
                 out.extend(cs)
+        keys = [c.key for c in out]
+        if len(set(keys)) != len(keys):
+            clash = sorted({k for k in keys if keys.count(k) > 1})
+            raise ValueError(f"tune: candidates {clash} share a key (scales equal to 4 significant digits); "
+                             "use multipliers further apart")
         return out
 
 
 def _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, min_resource, reduction_factor,
-              multipliers, rel_tol, extrapolate_to) -> _Config:
+              multipliers, rel_tol, extrapolate_to, heartbeat_interval=10.0, grace_period=60.0) -> _Config:
     if mode not in MODES:
         raise ValueError(f"tune: mode={mode!r}; expected one of {MODES}")
     if not isinstance(families, Mapping) or not families:
@@ -279,246 +172,13 @@ def _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, 
     if not isinstance(reduction_factor, int) or reduction_factor < 2:
         raise ValueError(f"tune: reduction_factor={reduction_factor!r} must be an int >= 2")
     extrapolate_to = 2 * rungs[-1] if extrapolate_to is None else int(extrapolate_to)
+    if not (0 < heartbeat_interval < grace_period):
+        raise ValueError(f"tune: heartbeat_interval={heartbeat_interval!r} must be > 0 and below "
+                         f"grace_period={grace_period!r} (a live worker's trials would be taken over)")
     cfg = _Config(fam, tiers, reference_tier, rungs, tuple(float(m) for m in multipliers), float(rel_tol), mode,
                   min_resource, reduction_factor, extrapolate_to)
     cfg.candidates()  # raises on an empty or invalid candidate set
     return cfg
-
-
-# ---------------------------------------------------------------- the worker
-
-def _claim(study):
-    """Atomically move one WAITING trial of ``study`` to RUNNING; an ``optuna.Trial`` or None."""
-
-    storage = study._storage
-    for ft in storage.get_all_trials(study._study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
-        try:
-            if storage.set_trial_state_values(ft._trial_id, state=optuna.trial.TrialState.RUNNING):
-                return optuna.trial.Trial(study, ft._trial_id)
-        except UpdateFinishedTrialError:
-            continue
-    return None
-
-
-class _Worker:
-    """One worker process: claims, trains, holds and finishes trials until every study is finished."""
-
-    def __init__(self, studies: Mapping[tuple[str, int] | None, object], trainable: Trainable, cfg: _Config,
-                 workdir: Path, *, heartbeat_interval: float, grace_period: float, poll_interval: float,
-                 progress: Progress | None):
-        self.studies = dict(studies)
-        self.trainable, self.cfg, self.workdir = trainable, cfg, Path(workdir)
-        self.heartbeat_interval, self.grace_period, self.poll_interval = heartbeat_interval, grace_period, poll_interval
-        self.progress = progress
-        self.held: dict[int, object] = {}      # trial_id -> optuna.Trial
-        self.lock = threading.Lock()
-        self.stop = threading.Event()
-
-    # -- heartbeats
-    def _beat(self, trial) -> None:
-
-        try:
-            trial.study._storage.set_trial_system_attr(trial._trial_id, _HEARTBEAT, time.time())
-        except (UpdateFinishedTrialError, KeyError):
-            pass
-
-    def _heartbeat_loop(self) -> None:
-        while not self.stop.wait(self.heartbeat_interval):
-            with self.lock:
-                trials = list(self.held.values())
-            for t in trials:
-                self._beat(t)
-
-    def _sweep_stale(self, study) -> None:
-        """Fail RUNNING trials whose worker stopped beating; re-enqueue the ones that stand for a candidate."""
-
-        now = time.time()
-        trials = study.get_trials(deepcopy=False)
-        live = _live(trials)
-        for ft in trials:
-            if ft.state != optuna.trial.TrialState.RUNNING or ft._trial_id in self.held:
-                continue
-            beat = ft.system_attrs.get(_HEARTBEAT)
-            if beat is None and ft.datetime_start is not None:
-                beat = ft.datetime_start.timestamp()
-            if beat is None or now - float(beat) < self.grace_period:
-                continue
-            try:
-                if not study._storage.set_trial_state_values(ft._trial_id, state=optuna.trial.TrialState.FAIL):
-                    continue
-            except UpdateFinishedTrialError:
-                continue  # another worker failed it first
-            if "key" in ft.user_attrs and live.get(ft.user_attrs["key"]) is ft:
-                optuna.storages.RetryFailedTrialCallback(inherit_intermediate_values=True)(
-                    study, study._storage.get_trial(ft._trial_id))
-                if self.progress:
-                    self.progress.note(f"trial {ft.number} ({ft.user_attrs['key']}) lost its worker; re-enqueued")
-
-    # -- trial life cycle
-    def _start(self, study, trial):
-        """Set up a freshly claimed trial; returns its candidate, or None for a duplicate."""
-        ft = study._storage.get_trial(trial._trial_id)
-        key = ft.user_attrs["key"]
-        for other in study.get_trials(deepcopy=False):
-            if other.number < ft.number and other.user_attrs.get("key") == key \
-                    and "duplicate_of" not in other.user_attrs and not _is_stale_fail(other):
-                trial.set_user_attr("duplicate_of", other.number)
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                return None
-        cand = _candidate(ft)
-        trial.suggest_float("lr_scale", cand.scale, cand.scale)
-        self._beat(trial)
-        with self.lock:
-            self.held[trial._trial_id] = trial
-        return cand
-
-    def _drop(self, trial) -> None:
-        with self.lock:
-            self.held.pop(trial._trial_id, None)
-
-    def _finish(self, study, trial, state, value=None, error=None) -> None:
-
-        try:
-            if error is not None:
-                trial.set_user_attr("error", error)
-            ft = study._storage.get_trial(trial._trial_id)
-            if error is None and ft.intermediate_values:
-                steps = sorted(ft.intermediate_values)
-                ex = extrapolate_loss(steps, [ft.intermediate_values[s] for s in steps], self.cfg.extrapolate_to)
-                trial.set_user_attr("extrapolated_loss", ex.loss if math.isfinite(ex.loss) else None)
-                trial.set_user_attr("extrapolation_model", ex.model)
-            if state == optuna.trial.TrialState.COMPLETE:
-                study.tell(trial, value)
-            else:
-                study.tell(trial, state=state)
-        except UpdateFinishedTrialError:
-            warnings.warn(f"trial {trial.number} was finished by another worker (its heartbeat went stale)")
-        finally:
-            self._drop(trial)
-
-    def _train_rung(self, study, trial, cand: Candidate, k: int) -> bool:
-        """Train ``cand`` to rung ``k``; store the rung loss. False if the trial failed (and was finished)."""
-
-        budget = self.cfg.rungs[k]
-        reported = set(study._storage.get_trial(trial._trial_id).intermediate_values)
-
-        def report(resource: int, val_loss: float) -> None:
-            resource, val_loss = int(resource), float(val_loss)
-            if not math.isfinite(val_loss):
-                raise TrialFailed(f"{cand.key}: validation loss {val_loss} at resource {resource}")
-            if resource not in reported:
-                trial.report(val_loss, resource)
-                reported.add(resource)
-
-        wd = self.workdir / "trials" / cand.family / f"b{cand.tier}" / f"x{cand.scale:.6g}"
-        wd.mkdir(parents=True, exist_ok=True)
-        if self.progress:
-            self.progress.note(f"trial {trial.number} {cand.key}: rung {k} -> {budget}")
-        try:
-            self.trainable(cand, budget, horizon=self.cfg.rungs[-1], workdir=wd, report=report)
-            values = study._storage.get_trial(trial._trial_id).intermediate_values
-            at = [s for s in values if s <= budget]
-            if not at:
-                raise TrialFailed(f"{cand.key}: the trainable reported no validation loss at or before the "
-                                  f"rung budget {budget} (reports: {sorted(values)})")
-            loss = float(values[max(at)])
-        except Exception as e:  # a crashing or diverging trial fails alone; the study goes on
-            self._finish(study, trial, optuna.trial.TrialState.FAIL, error=f"{type(e).__name__}: {e}")
-            if self.progress:
-                self.progress.note(f"trial {trial.number} {cand.key} failed: {type(e).__name__}: {e}")
-            return False
-        trial.set_user_attr(f"rung:{k}", loss)
-        return True
-
-    # -- synchronized mode
-    def _sync_step(self, study) -> str:
-        """One scheduling step; returns "worked", "waiting" or "done"."""
-
-        n = len(self.cfg.rungs)
-        trials = study.get_trials(deepcopy=False)
-        live = _live(trials)
-        by_id = {t._trial_id: t for t in trials}
-        groups: dict[tuple[str, int], dict] = defaultdict(dict)
-        for key, ft in live.items():
-            groups[_group_of(ft)][key] = ft
-        states = {g: _group_state(members, n) for g, members in groups.items()}
-        with self.lock:
-            held = sorted(self.held.items(), key=lambda kv: by_id[kv[0]].number)
-        ready = []
-        for tid, trial in held:
-            ft = by_id[tid]
-            done = len(_rung_losses(ft, n))
-            st = states[_group_of(ft)]
-            if done == 0 or st.pending is None or st.pending >= done:
-                ready.append((done, ft.number, trial, ft))
-        for done, _, trial, ft in sorted(ready, key=lambda r: (r[0], r[1])):
-            cand = _candidate(ft)
-            if done > 0:
-                if trial.should_prune():
-                    self._finish(study, trial, optuna.trial.TrialState.PRUNED)
-                    return "worked"
-            if self._train_rung(study, trial, cand, done):
-                if done + 1 == n:
-                    self._finish(study, trial, optuna.trial.TrialState.COMPLETE,
-                                 value=float(study._storage.get_trial(trial._trial_id).user_attrs[f"rung:{n - 1}"]))
-            return "worked"
-        trial = _claim(study)
-        if trial is not None:
-            self._start(study, trial)
-            return "worked"
-        self._sweep_stale(study)
-        if self.held or any(t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-                            for t in study.get_trials(deepcopy=False)):
-            return "waiting"
-        return "done"
-
-    # -- asynchronous mode
-    def _async_step(self) -> str:
-
-        for study in self.studies.values():
-            trial = _claim(study)
-            if trial is None:
-                continue
-            cand = self._start(study, trial)
-            if cand is None:
-                return "worked"
-            n = len(self.cfg.rungs)
-            done = len(_rung_losses(study._storage.get_trial(trial._trial_id), n))
-            for k in range(done, n):
-                if not self._train_rung(study, trial, cand, k):
-                    return "worked"
-                if k + 1 < n and trial.should_prune():
-                    self._finish(study, trial, optuna.trial.TrialState.PRUNED)
-                    return "worked"
-            self._finish(study, trial, optuna.trial.TrialState.COMPLETE,
-                         value=float(study._storage.get_trial(trial._trial_id).user_attrs[f"rung:{n - 1}"]))
-            return "worked"
-        busy = False
-        for study in self.studies.values():
-            self._sweep_stale(study)
-            busy |= any(t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
-                        for t in study.get_trials(deepcopy=False))
-        return "waiting" if busy else "done"
-
-    def run(self) -> None:
-        beat = threading.Thread(target=self._heartbeat_loop, daemon=True)
-        beat.start()
-        try:
-            while True:
-                if self.cfg.mode == "synchronized":
-                    (study,) = self.studies.values()
-                    status = self._sync_step(study)
-                else:
-                    status = self._async_step()
-                if self.progress:
-                    self.progress.update(self.studies.values())
-                if status == "done":
-                    return
-                if status == "waiting":
-                    time.sleep(self.poll_interval)
-        finally:
-            self.stop.set()
-
 
 # ---------------------------------------------------------------- study setup
 
@@ -540,7 +200,6 @@ def _setup_lock(storage_url: str | None):
 
 
 def _open_studies(cfg: _Config, storage_url: str | None, study_name: str, storage=None):
-
     storage = open_storage(storage_url) if storage is None else storage
     cands = cfg.candidates()
     names: dict[tuple[str, int] | None, str]
@@ -575,7 +234,6 @@ def _open_studies(cfg: _Config, storage_url: str | None, study_name: str, storag
 
 
 def _collect(studies, cfg: _Config, storage_url, study_name, choices_path: Path) -> TuneResult:
-
     n = len(cfg.rungs)
     summaries, choices, losses, surv, missing = [], {}, {}, {}, []
     groups: dict[tuple[str, int], dict] = defaultdict(dict)
@@ -625,7 +283,7 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
          progress: bool | None = None, min_resource: int | None = None, reduction_factor: int = 2,
          multipliers: Sequence[float] = PAPER_MULTIPLIERS, rel_tol: float = 1e-9,
          extrapolate_to: int | None = None, heartbeat_interval: float = 10.0, grace_period: float = 60.0,
-         poll_interval: float = 0.2) -> TuneResult:
+         poll_interval: float = 1.0) -> TuneResult:
     """Tune the learning rate of every family at every batch tier and write the choices file.
 
     Args:
@@ -658,7 +316,7 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
         A :class:`TuneResult`; the choices file is written atomically.
     """
     cfg = _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, min_resource,
-                    reduction_factor, multipliers, rel_tol, extrapolate_to)
+                    reduction_factor, multipliers, rel_tol, extrapolate_to, heartbeat_interval, grace_period)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     choices_path = Path(choices_path) if choices_path is not None else workdir / "choices.json"
@@ -679,6 +337,10 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
     try:
         _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                 poll_interval=poll_interval, progress=bar).run()
+    except BaseException:
+        for p in procs:  # stop the workers this call started; a later run resumes their trials
+            p.terminate()
+        raise
     finally:
         for p in procs:
             p.join()

@@ -1,0 +1,97 @@
+"""Command line: ``python -m examples.tune synthetic|zoo ...`` (see ``docs/tuning.md``).
+
+Errors are one line on stderr with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _family(text: str) -> tuple[str, dict[str, float]]:
+    """``NAME=GROUP:LR[,GROUP:LR...]`` -> (NAME, {GROUP: LR})."""
+    try:
+        name, rest = text.split("=", 1)
+        lrs = {g: float(v) for g, v in (item.split(":", 1) for item in rest.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"family {text!r}: expected NAME=GROUP:LR[,GROUP:LR...]") from None
+    return name, lrs
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m examples.tune", description="Learning-rate tuning per family and batch tier "
+                "(synchronized successive halving, paper App. B.3) on Optuna.")
+    sub = p.add_subparsers(dest="workload", required=True, parser_class=_Parser)
+    common = _Parser(add_help=False)
+    common.add_argument("--tiers", type=int, nargs="+", required=True)
+    common.add_argument("--reference-tier", type=int, default=8)
+    common.add_argument("--rungs", type=int, nargs="+", required=True, help="cumulative budgets, e.g. 50 150 500")
+    common.add_argument("--workdir", type=Path, required=True)
+    common.add_argument("--choices", type=Path, default=None, help="choices file (default WORKDIR/choices.json)")
+    common.add_argument("--mode", choices=("synchronized", "asynchronous"), default="synchronized")
+    common.add_argument("--storage", default=None, help="journal:/path/file.log | sqlite:///file.db | postgresql://...")
+    common.add_argument("--study", default="tune")
+    common.add_argument("--workers", type=int, default=1)
+    common.add_argument("--min-resource", type=int, default=None)
+    common.add_argument("--reduction-factor", type=int, default=2)
+    common.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
+    common.add_argument("--grace", type=float, default=60.0, help="seconds of silence before a trial is taken over")
+    common.add_argument("--quiet", action="store_true", help="no progress output or summary table")
+    s = sub.add_parser("synthetic", parents=[common], help="closed-form loss curves (a demo and a test objective)")
+    s.add_argument("--family", type=_family, action="append", default=None,
+                   help="NAME=GROUP:LR[,GROUP:LR...] (repeatable; default synthetic=lr:1e-3)")
+    s.add_argument("--eval-every", type=int, default=10)
+    s.add_argument("--sleep", type=float, default=0.0, help="seconds per validation point")
+    z = sub.add_parser("zoo", parents=[common], help="NanoGPT zoo variants (budgets in tokens)")
+    z.add_argument("--variants", nargs="+", required=True)
+    z.add_argument("--profile", default="tiny")
+    z.add_argument("--data", default="pydoc")
+    z.add_argument("--eval-every-tokens", type=int, required=True)
+    z.add_argument("--val-tokens", type=int, default=None)
+    z.add_argument("--device", default=None)
+    return p
+
+
+def main(argv=None) -> int:
+    """Run the tuner from the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        from .tuner import tune
+
+        if args.workload == "synthetic":
+            from .synthetic import SyntheticTrainable
+
+            trainable = SyntheticTrainable(eval_every=args.eval_every, sleep=args.sleep)
+            families = dict(args.family or [("synthetic", {"lr": 1e-3})])
+        else:
+            from .zoo import ZooTrainable, zoo_reference_lrs
+
+            trainable = ZooTrainable(eval_every_tokens=args.eval_every_tokens, profile=args.profile, data=args.data,
+                                     val_tokens=args.val_tokens, device=args.device)
+            families = {v: zoo_reference_lrs(v) for v in args.variants}
+        result = tune(trainable, families=families, tiers=args.tiers, reference_tier=args.reference_tier,
+                      rungs=args.rungs, workdir=args.workdir, choices_path=args.choices, mode=args.mode,
+                      storage=args.storage, study_name=args.study, n_workers=args.workers,
+                      progress=False if args.quiet else True, min_resource=args.min_resource,
+                      reduction_factor=args.reduction_factor, heartbeat_interval=args.heartbeat,
+                      grace_period=args.grace)
+    except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"python -m examples.tune: error: {msg}", file=sys.stderr)
+        return 2
+    print(f"choices written to {result.choices_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""The worker loop: claim trials, train them rung by rung, hold them for synchronized decisions, and
+take over the trials of workers that stopped beating.
+
+Claiming is Optuna's atomic WAITING -> RUNNING transition (``set_trial_state_values`` answers
+``False`` to every claimant but one), so no candidate is trained by two workers. A worker writes a
+heartbeat (system attribute ``tune:heartbeat``) for the trials it holds; a RUNNING trial whose
+heartbeat is older than ``grace_period`` is failed by another worker and re-enqueued with its
+intermediate values and rung losses.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import threading
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Mapping
+
+from .extrapolate import extrapolate_loss
+from .progress import Progress
+from .storage import _optuna
+from .trainable import Candidate, Trainable
+from .trials import _candidate, _group_of, _group_state, _is_stale_fail, _live, _retry_callback, _rung_losses
+
+optuna = _optuna()
+from optuna.exceptions import UpdateFinishedTrialError  # noqa: E402
+
+__all__ = ["TrialFailed"]
+
+_HEARTBEAT = "tune:heartbeat"
+
+
+class TrialFailed(RuntimeError):
+    """A trial reported a non-finite validation loss or did not report at its rung budget."""
+
+
+def _claim(study):
+    """Atomically move one WAITING trial of ``study`` to RUNNING; an ``optuna.Trial`` or None."""
+    storage = study._storage
+    for ft in storage.get_all_trials(study._study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        try:
+            if storage.set_trial_state_values(ft._trial_id, state=optuna.trial.TrialState.RUNNING):
+                return optuna.trial.Trial(study, ft._trial_id)
+        except UpdateFinishedTrialError:
+            continue
+    return None
+
+
+class _Worker:
+    """One worker process: claims, trains, holds and finishes trials until every study is finished."""
+    def __init__(self, studies: Mapping[tuple[str, int] | None, object], trainable: Trainable, cfg: _Config,
+                 workdir: Path, *, heartbeat_interval: float, grace_period: float, poll_interval: float,
+                 progress: Progress | None):
+        self.studies = dict(studies)
+        self.trainable, self.cfg, self.workdir = trainable, cfg, Path(workdir)
+        self.heartbeat_interval, self.grace_period, self.poll_interval = heartbeat_interval, grace_period, poll_interval
+        self.progress = progress
+        self.held: dict[int, object] = {}      # trial_id -> optuna.Trial
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    # -- heartbeats
+    def _beat(self, trial) -> None:
+        try:
+            trial.study._storage.set_trial_system_attr(trial._trial_id, _HEARTBEAT, time.time())
+        except (UpdateFinishedTrialError, KeyError):
+            pass
+
+    def _heartbeat_loop(self) -> None:
+        while not self.stop.wait(self.heartbeat_interval):
+            with self.lock:
+                trials = list(self.held.values())
+            for t in trials:
+                self._beat(t)
+
+    def _sweep_stale(self, study) -> None:
+        """Fail RUNNING trials whose worker stopped beating; re-enqueue the ones that stand for a candidate."""
+        now = time.time()
+        trials = study.get_trials(deepcopy=False)
+        live = _live(trials)
+        for ft in trials:
+            if ft.state != optuna.trial.TrialState.RUNNING or ft._trial_id in self.held:
+                continue
+            beat = ft.system_attrs.get(_HEARTBEAT)
+            if beat is None and ft.datetime_start is not None:
+                beat = ft.datetime_start.timestamp()
+            if beat is None or now - float(beat) < self.grace_period:
+                continue
+            try:
+                if not study._storage.set_trial_state_values(ft._trial_id, state=optuna.trial.TrialState.FAIL):
+                    continue
+            except UpdateFinishedTrialError:
+                continue  # another worker failed it first
+            if "key" in ft.user_attrs and live.get(ft.user_attrs["key"]) is ft:
+                _retry_callback()(study, study._storage.get_trial(ft._trial_id))
+                if self.progress:
+                    self.progress.note(f"trial {ft.number} ({ft.user_attrs['key']}) lost its worker; re-enqueued")
+
+    # -- trial life cycle
+    def _start(self, study, trial):
+        """Set up a freshly claimed trial; returns its candidate, or None for a duplicate."""
+        ft = study._storage.get_trial(trial._trial_id)
+        key = ft.user_attrs["key"]
+        for other in study.get_trials(deepcopy=False):
+            if other.number < ft.number and other.user_attrs.get("key") == key \
+                    and "duplicate_of" not in other.user_attrs and not _is_stale_fail(other):
+                trial.set_user_attr("duplicate_of", other.number)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                return None
+        cand = _candidate(ft)
+        trial.suggest_float("lr_scale", cand.scale, cand.scale)
+        self._beat(trial)
+        with self.lock:
+            self.held[trial._trial_id] = trial
+        return cand
+
+    def _drop_taken_over(self, by_id) -> None:
+        """Forget held trials another worker failed (our heartbeats were late): their retry owns the candidate."""
+        with self.lock:
+            gone = [tid for tid in self.held if by_id[tid].state != optuna.trial.TrialState.RUNNING]
+            for tid in gone:
+                del self.held[tid]
+        for tid in gone:
+            warnings.warn(f"tune: trial {by_id[tid].number} was taken over by another worker (heartbeat older than "
+                          f"grace_period={self.grace_period}s); dropping it here")
+
+    def _drop(self, trial) -> None:
+        with self.lock:
+            self.held.pop(trial._trial_id, None)
+
+    def _finish(self, study, trial, state, value=None, error=None) -> None:
+        try:
+            if error is not None:
+                trial.set_user_attr("error", error)
+            ft = study._storage.get_trial(trial._trial_id)
+            if error is None and ft.intermediate_values:
+                steps = sorted(ft.intermediate_values)
+                ex = extrapolate_loss(steps, [ft.intermediate_values[s] for s in steps], self.cfg.extrapolate_to)
+                trial.set_user_attr("extrapolated_loss", ex.loss if math.isfinite(ex.loss) else None)
+                trial.set_user_attr("extrapolation_model", ex.model)
+            if state == optuna.trial.TrialState.COMPLETE:
+                study.tell(trial, value)
+            else:
+                study.tell(trial, state=state)
+        except UpdateFinishedTrialError:
+            warnings.warn(f"trial {trial.number} was finished by another worker (its heartbeat went stale)")
+        finally:
+            self._drop(trial)
+
+    def _train_rung(self, study, trial, cand: Candidate, k: int) -> bool:
+        """Train ``cand`` to rung ``k``; store the rung loss. False if the trial failed (and was finished)."""
+        budget = self.cfg.rungs[k]
+        reported = set(study._storage.get_trial(trial._trial_id).intermediate_values)
+
+        def report(resource: int, val_loss: float) -> None:
+            if isinstance(resource, bool) or not isinstance(resource, numbers.Integral) or resource < 0:
+                raise TrialFailed(f"{cand.key}: report(resource={resource!r}, ...): resource must be an int >= 0 "
+                                  "(cumulative units consumed)")
+            resource, val_loss = int(resource), float(val_loss)
+            if not math.isfinite(val_loss):
+                raise TrialFailed(f"{cand.key}: validation loss {val_loss} at resource {resource}")
+            if resource not in reported:
+                trial.report(val_loss, resource)
+                reported.add(resource)
+
+        wd = self.workdir / "trials" / cand.family / f"b{cand.tier}" / f"x{cand.scale:.6g}"
+        wd.mkdir(parents=True, exist_ok=True)
+        if self.progress:
+            self.progress.note(f"trial {trial.number} {cand.key}: rung {k} -> {budget}")
+        try:
+            self.trainable(cand, budget, horizon=self.cfg.rungs[-1], workdir=wd, report=report)
+            values = study._storage.get_trial(trial._trial_id).intermediate_values
+            at = [s for s in values if s <= budget]
+            if not at:
+                raise TrialFailed(f"{cand.key}: the trainable reported no validation loss at or before the "
+                                  f"rung budget {budget} (reports: {sorted(values)})")
+            loss = float(values[max(at)])
+        except Exception as e:  # a crashing or diverging trial fails alone; the study goes on
+            self._finish(study, trial, optuna.trial.TrialState.FAIL, error=f"{type(e).__name__}: {e}")
+            if self.progress:
+                self.progress.note(f"trial {trial.number} {cand.key} failed: {type(e).__name__}: {e}")
+            return False
+        trial.set_user_attr(f"rung:{k}", loss)
+        return True
+
+    # -- synchronized mode
+    def _sync_step(self, study) -> str:
+        """One scheduling step; returns "worked", "waiting" or "done"."""
+        n = len(self.cfg.rungs)
+        trials = study.get_trials(deepcopy=False)
+        live = _live(trials)
+        by_id = {t._trial_id: t for t in trials}
+        groups: dict[tuple[str, int], dict] = defaultdict(dict)
+        for key, ft in live.items():
+            groups[_group_of(ft)][key] = ft
+        states = {g: _group_state(members, n) for g, members in groups.items()}
+        self._drop_taken_over(by_id)
+        with self.lock:
+            held = sorted(self.held.items(), key=lambda kv: by_id[kv[0]].number)
+        ready = []
+        for tid, trial in held:
+            ft = by_id[tid]
+            done = len(_rung_losses(ft, n))
+            st = states[_group_of(ft)]
+            if done == 0 or st.pending is None or st.pending >= done:
+                ready.append((done, ft.number, trial, ft))
+        for done, _, trial, ft in sorted(ready, key=lambda r: (r[0], r[1])):
+            cand = _candidate(ft)
+            if done > 0:
+                if trial.should_prune():
+                    self._finish(study, trial, optuna.trial.TrialState.PRUNED)
+                    return "worked"
+            if self._train_rung(study, trial, cand, done):
+                if done + 1 == n:
+                    self._finish(study, trial, optuna.trial.TrialState.COMPLETE,
+                                 value=float(study._storage.get_trial(trial._trial_id).user_attrs[f"rung:{n - 1}"]))
+            return "worked"
+        trial = _claim(study)
+        if trial is not None:
+            self._start(study, trial)
+            return "worked"
+        self._sweep_stale(study)
+        if self.held or any(t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+                            for t in study.get_trials(deepcopy=False)):
+            return "waiting"
+        return "done"
+
+    # -- asynchronous mode
+    def _async_step(self) -> str:
+        for study in self.studies.values():
+            trial = _claim(study)
+            if trial is None:
+                continue
+            cand = self._start(study, trial)
+            if cand is None:
+                return "worked"
+            n = len(self.cfg.rungs)
+            done = len(_rung_losses(study._storage.get_trial(trial._trial_id), n))
+            for k in range(done, n):
+                if not self._train_rung(study, trial, cand, k):
+                    return "worked"
+                if k + 1 < n and trial.should_prune():
+                    self._finish(study, trial, optuna.trial.TrialState.PRUNED)
+                    return "worked"
+            self._finish(study, trial, optuna.trial.TrialState.COMPLETE,
+                         value=float(study._storage.get_trial(trial._trial_id).user_attrs[f"rung:{n - 1}"]))
+            return "worked"
+        busy = False
+        for study in self.studies.values():
+            self._sweep_stale(study)
+            busy |= any(t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+                        for t in study.get_trials(deepcopy=False))
+        return "waiting" if busy else "done"
+
+    def run(self) -> None:
+        beat = threading.Thread(target=self._heartbeat_loop, daemon=True)
+        beat.start()
+        try:
+            while True:
+                if self.cfg.mode == "synchronized":
+                    (study,) = self.studies.values()
+                    status = self._sync_step(study)
+                else:
+                    status = self._async_step()
+                if self.progress:
+                    self.progress.update(self.studies.values())
+                if status == "done":
+                    return
+                if status == "waiting":
+                    time.sleep(self.poll_interval)
+        finally:
+            self.stop.set()

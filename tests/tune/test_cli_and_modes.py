@@ -1,0 +1,124 @@
+"""Asynchronous mode, argument checks, progress output and the command line."""
+import json
+
+import pytest
+
+from examples.tune import tune
+from examples.tune.__main__ import main
+from examples.tune.synthetic import SyntheticTrainable
+
+CFG = dict(families={"f": {"lr": 1e-3}}, tiers=[1, 32], reference_tier=8, rungs=[30, 90, 270], progress=False)
+
+
+def test_asynchronous_mode_one_study_per_family_tier(tmp_path):
+    import optuna
+
+    storage = f"journal:{tmp_path}/j.log"
+    res = tune(SyntheticTrainable(), workdir=tmp_path, mode="asynchronous", storage=storage, study_name="s",
+               min_resource=30, reduction_factor=3, **CFG)
+    st = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(f"{tmp_path}/j.log"))
+    names = sorted(s.study_name for s in optuna.get_all_study_summaries(st))
+    assert names == ["s/f/b1", "s/f/b32"]
+    for name, n in (("s/f/b1", 8), ("s/f/b32", 7)):
+        study = optuna.load_study(study_name=name, storage=st)
+        assert len(study.trials) == n and {t.user_attrs["tier"] for t in study.trials} == {int(name[-2:].strip("b"))}
+    states = {s.state for s in res.trials}
+    assert states <= {"complete", "pruned"} and "pruned" in states
+    # ASHA in one sequential worker keeps the first trial; the best of the completed ones is chosen
+    for tier in (1, 32):
+        done = [s for s in res.trials if s.candidate.tier == tier and s.state == "complete"]
+        best = min(done, key=lambda s: (s.rung_losses[-1], s.candidate.scale))
+        assert res.choices[("f", tier)] == best.candidate
+    assert res.survivors == {}
+
+
+def test_pruner_settings_are_explicit(tmp_path):
+    from examples.tune.tuner import _open_studies, _validate
+
+    cfg = _validate(CFG["families"], [8], 8, [30, 90], "asynchronous", 1, None, 10, 3, (1.0, 2.0), 1e-9, None)
+    (study,) = _open_studies(cfg, None, "x").values()
+    p = study.pruner
+    assert (p._min_resource, p._reduction_factor, p._min_early_stopping_rate) == (10, 3, 0)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(families={}), "empty candidate set: families is empty"),
+    (dict(families={"f": {}}), "empty candidate set: family 'f' has no reference rates"),
+    (dict(families={"a/b": {"lr": 1.0}}), "family name 'a/b' must be a non-empty string without '/'"),
+    (dict(tiers=[]), "empty candidate set: no tiers"),
+    (dict(tiers=[0]), "tier 0 must be a positive int"),
+    (dict(tiers=[2, 2]), "repeat a tier"),
+    (dict(rungs=[90, 30]), "strictly increasing"),
+    (dict(mode="fastest"), "mode='fastest'"),
+    (dict(n_workers=2), "n_workers=2 needs a shared storage; None is single-worker"),
+    (dict(n_workers=2, storage="sqlite:///x.db"), "'sqlite:///x.db' is single-worker"),
+    (dict(multipliers=()), "empty candidate set for family 'f' tier 1"),
+    (dict(storage="journal:/nonexistent-dir-xyz/j.log"), "cannot be opened"),
+    (dict(multipliers=(1.0, 1.00001)), r"candidates \['f/b1/x0.125', 'f/b1/x0.3536', .*share a key \(scales equal to 4 significant digits\)"),
+    (dict(heartbeat_interval=5.0, grace_period=5.0), "must be > 0 and below grace_period=5.0"),
+])
+def test_bad_arguments(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        tune(SyntheticTrainable(), workdir=tmp_path, **(CFG | kw))
+
+
+def test_progress_lines_and_summary_table(tmp_path, capsys):
+    res = tune(SyntheticTrainable(), workdir=tmp_path, **(CFG | dict(tiers=[8], progress=True)))
+    err = capsys.readouterr().err
+    assert "tune: 5/5 finished | done 1 running 0 pruned 4 failed 0 waiting 0 | best f/b8/x1 " in err
+    assert "tune: trial 2 f/b8/x1: rung 2 -> 270" in err
+    table = res.table()
+    assert table in err
+    head, *rows = table.splitlines()
+    assert head.split() == ["family", "tier", "scale", "state", "rung0@30", "rung1@90", "rung2@270", "extrap", "chosen"]
+    assert [r.split()[2] for r in rows] == ["0.5", "0.7071", "1", "1.414", "2"]
+    assert [r.split()[-1] for r in rows].count("*") == 1 and rows[2].endswith("*")
+
+
+def test_cli_synthetic(tmp_path, capsys):
+    rc = main(["synthetic", "--tiers", "8", "32", "--rungs", "30", "90", "--workdir", str(tmp_path),
+               "--family", "a=adam:0.001,muon:0.02", "--quiet"])
+    assert rc == 0
+    data = json.loads((tmp_path / "choices.json").read_text())
+    assert {(r["family"], r["tier"]) for r in data["choices"]} == {("a", 8), ("a", 32)}
+    assert all(set(r["lrs"]) == {"adam", "muon"} for r in data["choices"])
+    assert "choices written to" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["synthetic", "--tiers", "8", "--rungs", "90", "30", "--workdir", "W"], "strictly increasing"),
+    (["synthetic", "--tiers", "8", "--rungs", "30", "--workdir", "W", "--storage", "redis://x"], "unknown scheme"),
+    (["synthetic", "--tiers", "8", "--rungs", "30", "--workdir", "W", "--family", "oops"], "expected NAME=GROUP:LR"),
+    (["zoo", "--variants", "Nope", "--tiers", "8", "--rungs", "30", "--workdir", "W", "--eval-every-tokens", "10"],
+     "unknown variant 'Nope'"),
+    (["synthetic", "--tiers", "8", "--workdir", "W"], "the following arguments are required: --rungs"),
+])
+def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, argv, match):
+    argv = [str(tmp_path / "w") if a == "W" else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err and "Traceback" not in err
+
+
+def test_progress_bar_on_a_tty(tmp_path):
+    import io
+
+    from examples.tune.progress import Progress
+    from examples.tune.tuner import _open_studies, _validate
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    cfg = _validate({"f": {"lr": 1.0}}, [8], 8, [30], "synchronized", 1, None, None, 2, (1.0, 2.0), 1e-9, None)
+    studies = _open_studies(cfg, None, "x")
+    out = Tty()
+    bar = Progress(total=2, stream=out)
+    assert bar.bar is not None                       # tqdm, not plain lines
+    bar.update(studies.values())
+    bar.note("hello")
+    bar.close()
+    text = out.getvalue()
+    assert "done 0 running 0 pruned 0 failed 0 waiting 2" in text and "tune: hello" in text

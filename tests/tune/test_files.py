@@ -1,0 +1,96 @@
+"""The choices file, storage URLs and the power-law diagnostic."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from examples.tune import Candidate, load_choices
+from examples.tune.choices import write_choices
+from examples.tune.extrapolate import extrapolate_loss
+from examples.tune.storage import open_storage
+
+
+def _cand(family="RoPE", tier=32, scale=2.0):
+    return Candidate(family, tier, scale, {"embed": 0.6 * scale, "head": 0.008 * scale},
+                     (("sqrt", 1.0), ("linear", 0.5)))
+
+
+def test_choices_round_trip_and_atomic(tmp_path):
+    path = tmp_path / "sub" / "choices.json"
+    ch = {("RoPE", 32): _cand(), ("RoPE", 1): _cand(tier=1, scale=0.25)}
+    write_choices(path, ch, losses={("RoPE", 32): 3.25}, meta=dict(study_name="s", mode="synchronized"))
+    assert os.listdir(path.parent) == ["choices.json"]          # no temp file left behind
+    back = load_choices(path)
+    assert back == ch
+    data = json.loads(path.read_text())
+    assert data["version"] == 1 and data["mode"] == "synchronized"
+    assert {r["tier"]: r["loss"] for r in data["choices"]} == {1: None, 32: 3.25}
+    with pytest.raises(KeyError, match=r"no chosen learning rate for family/tier \('RoPE', 8\); the file has RoPE/b1, RoPE/b32"):
+        back[("RoPE", 8)]
+    with pytest.raises(KeyError, match="'Muon', 32"):
+        back[("Muon", 32)]
+
+
+def test_choices_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist; run the tuner first"):
+        load_choices(tmp_path / "nope.json")
+    p = tmp_path / "c.json"
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        load_choices(p)
+    p.write_text(json.dumps({"version": 7, "choices": []}))
+    with pytest.raises(ValueError, match="expected a JSON object with version 1, got version 7"):
+        load_choices(p)
+    p.write_text(json.dumps({"version": 1, "choices": [{"family": "x", "tier": 2}]}))
+    with pytest.raises(ValueError, match="choice #0 is malformed"):
+        load_choices(p)
+    row = {"family": "x", "tier": 2, "scale": 1.0, "lrs": {"a": 1.0}}
+    p.write_text(json.dumps({"version": 1, "choices": [row, row]}))
+    with pytest.raises(ValueError, match="x/b2 is chosen twice"):
+        load_choices(p)
+
+
+def test_storage_urls(tmp_path):
+    import optuna
+
+    assert isinstance(open_storage(None), optuna.storages.InMemoryStorage)
+    assert isinstance(open_storage(f"journal:{tmp_path}/j.log"), optuna.storages.JournalStorage)
+    assert isinstance(open_storage(str(tmp_path / "k.log")), optuna.storages.JournalStorage)
+    assert isinstance(open_storage(f"sqlite:///{tmp_path}/s.db"), optuna.storages.RDBStorage)
+
+
+@pytest.mark.parametrize("url, match", [
+    ("journal:/nonexistent-dir-xyz/j.log", "cannot be opened: directory '/nonexistent-dir-xyz' does not exist"),
+    ("sqlite:////nonexistent-dir-xyz/s.db", "storage 'sqlite:////nonexistent-dir-xyz/s.db' cannot be opened"),
+    ("postgresql://u:p@127.0.0.1:9/db", "storage 'postgresql://u:p@127.0.0.1:9/db' cannot be opened"),
+    ("redis://localhost", "unknown scheme 'redis'"),
+    ("", "must be a non-empty string"),
+])
+def test_storage_that_cannot_be_opened(url, match):
+    with pytest.raises(ValueError, match=match):
+        open_storage(url)
+
+
+def test_journal_dir_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="must name a file"):
+        open_storage(f"journal:{tmp_path}")
+
+
+def test_power_law_recovered_and_fallbacks():
+    b = np.array([10.0, 20, 40, 80, 160, 320])
+    y = 2.0 + 5.0 * b ** -0.4
+    ex = extrapolate_loss(np.r_[0, b], np.r_[9.9, y], 1000.0)       # step 0 ignored
+    assert ex.model == "saturating"
+    assert ex.loss == pytest.approx(2.0 + 5.0 * 1000 ** -0.4, rel=1e-5)
+    a, k, c = ex.params
+    assert (a, k, c) == pytest.approx((2.0, 5.0, 0.4), rel=1e-3)
+    # a pure power law through 2 or 3 points: the log-log line, exact
+    ex = extrapolate_loss([10, 100], [3.0, 3.0 * 10 ** -0.2], 1000)
+    assert ex.model == "loglog" and ex.loss == pytest.approx(3.0 * 100 ** -0.2, rel=1e-12)
+    ex = extrapolate_loss([10], [3.0], 1000)
+    assert ex.model == "none" and math.isnan(ex.loss)
+    assert extrapolate_loss([10, 20, float("nan")], [3.0, 2.9, float("nan")], 40).model == "loglog"
+    with pytest.raises(ValueError, match="must be 1-D of one length"):
+        extrapolate_loss([1, 2], [1.0], 4)

@@ -1,0 +1,163 @@
+"""Several workers on one journal file; a worker killed mid-study; resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from examples.tune import tune
+from examples.tune.synthetic import SyntheticTrainable
+
+ROOT = Path(__file__).resolve().parents[2]
+CFG = dict(families={"synthetic": {"lr": 1e-3}}, tiers=[1, 32], reference_tier=8, rungs=[30, 90, 270])
+
+
+def _calls(workdir: Path) -> list[dict]:
+    return [json.loads(line) for f in sorted(Path(workdir).rglob("calls.jsonl")) for line in open(f)]
+
+
+def _reference(tmp_path):
+    return tune(SyntheticTrainable(), workdir=tmp_path / "ref", progress=False, **CFG)
+
+
+def _check_each_rung_trained_once(calls, survivors):
+    ends = Counter((c["key"], c["budget"]) for c in calls if c["event"] == "end")
+    assert all(n == 1 for n in ends.values()), [k for k, n in ends.items() if n > 1]   # nothing trained twice
+    want = Counter()
+    for (family, tier), rungs in survivors.items():
+        entered = None
+        for k, budget in enumerate(CFG["rungs"]):
+            keys = entered if entered is not None else {c["key"] for c in calls if f"/b{tier}/" in c["key"]}
+            want.update((key, budget) for key in keys)
+            entered = set(rungs[k])
+    assert ends == want                                                              # nothing lost
+    for c in calls:                                                                  # continue, never restart
+        if c["event"] == "end":
+            assert c["start"] == ([0] + CFG["rungs"])[CFG["rungs"].index(c["budget"])]
+
+
+def test_two_worker_processes_share_a_journal(tmp_path):
+    ref = _reference(tmp_path)
+    # 0.15 s per validation point: rung 0 alone keeps the first worker busy for ~9 s, long enough for
+    # the spawned worker to start and claim trials too
+    res = tune(SyntheticTrainable(sleep=0.15), workdir=tmp_path / "w", storage=f"journal:{tmp_path}/j.log",
+               n_workers=2, progress=False, poll_interval=0.05, **CFG)
+    assert res.survivors == ref.survivors and res.choices == ref.choices
+    assert [(s.candidate, s.state, s.rung_losses) for s in res.trials] == \
+        [(s.candidate, s.state, s.rung_losses) for s in ref.trials]
+    calls = _calls(tmp_path / "w")
+    assert len({c["pid"] for c in calls}) == 2                                       # both processes worked
+    _check_each_rung_trained_once(calls, res.survivors)
+    assert len(res.trials) == 15
+
+
+def test_killed_worker_is_taken_over_and_the_study_resumes(tmp_path):
+    ref = _reference(tmp_path)
+    journal = tmp_path / "j.log"
+    cmd = [sys.executable, "-m", "examples.tune", "synthetic", "--tiers", "1", "32", "--reference-tier", "8",
+           "--rungs", "30", "90", "270", "--workdir", str(tmp_path / "w"), "--storage", f"journal:{journal}",
+           "--sleep", "0.05", "--heartbeat", "0.2", "--grace", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:      # kill once some rung-1 training has started
+            if any(c["budget"] == 90 for c in _calls(tmp_path / "w") if c["event"] == "begin"):
+                break
+            assert proc.poll() is None, "the worker exited before it could be killed"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = _calls(tmp_path / "w")
+    assert any(c["event"] == "begin" for c in before)
+    res = tune(SyntheticTrainable(), workdir=tmp_path / "w", storage=f"journal:{journal}", progress=False,
+               heartbeat_interval=0.2, grace_period=1.0, poll_interval=0.05, **CFG)
+    assert res.survivors == ref.survivors and res.choices == ref.choices
+    calls = _calls(tmp_path / "w")
+    _check_each_rung_trained_once(calls, res.survivors)
+    # finished rungs of the killed worker were not repeated by the resumed one
+    done_before = {(c["key"], c["budget"]) for c in before if c["event"] == "end"}
+    assert done_before and not done_before & {(c["key"], c["budget"]) for c in calls[len(before):]
+                                              if c["event"] == "end" and c["pid"] == os.getpid()}
+    import optuna
+
+    study = optuna.load_study(study_name="tune", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))
+    lost = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL and "error" not in t.user_attrs]
+    assert lost, "the killed worker's held trials should have been failed and retried"
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") is not None]
+    assert {t.user_attrs["key"] for t in retries} == {t.user_attrs["key"] for t in lost}
+    for r in retries:                        # a retry inherits the reports of its finished rungs
+        orig = study.trials[r.system_attrs["failed_trial"]]
+        assert orig.intermediate_values.items() <= r.intermediate_values.items()
+
+
+def test_rerun_of_a_finished_study_trains_nothing(tmp_path):
+    kw = dict(workdir=tmp_path / "w", storage=f"sqlite:///{tmp_path}/s.db", progress=False, **(CFG | dict(tiers=[8])))
+    first = tune(SyntheticTrainable(), **kw)
+    n = len(_calls(tmp_path / "w"))
+    again = tune(SyntheticTrainable(), **kw)
+    assert len(_calls(tmp_path / "w")) == n
+    assert again.choices == first.choices and again.survivors == first.survivors
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    kw = dict(workdir=tmp_path / "w", storage=f"journal:{tmp_path}/j.log", progress=False)
+    tune(SyntheticTrainable(), **(CFG | kw | dict(tiers=[8], multipliers=(1.0,))))
+    with pytest.raises(ValueError, match=r"study 'tune' in storage .* was started with other settings \(tiers differ\)"):
+        tune(SyntheticTrainable(), **(CFG | kw | dict(multipliers=(1.0,))))
+
+
+def test_a_worker_whose_trial_was_taken_over_lets_it_go(tmp_path):
+    import optuna
+
+    from examples.tune.tuner import _open_studies, _validate
+    from examples.tune.worker import _claim, _Worker
+
+    cfg = _validate({"f": {"lr": 1.0}}, [8], 8, [30], "synchronized", 1, None, None, 2, (1.0,), 1e-9, None)
+    (study,) = _open_studies(cfg, None, "x").values()
+    w = _Worker({None: study}, SyntheticTrainable(), cfg, tmp_path, heartbeat_interval=1.0, grace_period=0.0,
+                poll_interval=0.01, progress=None)
+    trial = _claim(study)
+    w._start(study, trial)
+    assert list(w.held) == [trial._trial_id]
+    study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)   # another worker's sweep
+    with pytest.warns(UserWarning, match="was taken over by another worker"):
+        w._drop_taken_over({t._trial_id: t for t in study.get_trials(deepcopy=False)})
+    assert w.held == {}
+
+
+def test_a_duplicate_enqueue_is_dropped_before_it_trains(tmp_path):
+    import optuna
+
+    from examples.tune.tuner import _open_studies, _validate
+
+    storage = f"journal:{tmp_path}/j.log"
+    cfg = _validate({"f": {"lr": 1.0}}, [8], 8, [30, 90], "synchronized", 1, storage, None, 2, (1.0, 2.0), 1e-9, None)
+    (study,) = _open_studies(cfg, storage, "tune").values()
+    first = study.trials[0]           # what a second worker racing the set-up would have enqueued again
+    study.enqueue_trial(first.system_attrs["fixed_params"], user_attrs=first.user_attrs)
+    res = tune(SyntheticTrainable(), families={"f": {"lr": 1.0}}, tiers=[8], reference_tier=8, rungs=[30, 90],
+               multipliers=(1.0, 2.0), workdir=tmp_path / "w", storage=storage, progress=False)
+    dup = optuna.load_study(study_name="tune", storage=study._storage).trials[2]
+    assert dup.user_attrs["duplicate_of"] == 0 and dup.state == optuna.trial.TrialState.FAIL
+    assert len(res.trials) == 2
+    ends = Counter((c["key"], c["budget"]) for c in _calls(tmp_path / "w") if c["event"] == "end")
+    assert ends == Counter({("f/b8/x1", 30): 1, ("f/b8/x2", 30): 1, ("f/b8/x1", 90): 1})
+
+
+def test_two_workers_asynchronous(tmp_path):
+    res = tune(SyntheticTrainable(sleep=0.05), workdir=tmp_path / "w", storage=f"journal:{tmp_path}/j.log",
+               mode="asynchronous", n_workers=2, progress=False, poll_interval=0.05, **CFG)
+    ends = Counter((c["key"], c["budget"]) for c in _calls(tmp_path / "w") if c["event"] == "end")
+    assert all(n == 1 for n in ends.values())
+    assert {k for k, _ in ends} == {s.candidate.key for s in res.trials} and len(res.trials) == 15
+    assert all(s.state in ("complete", "pruned") for s in res.trials)
+    assert set(res.choices) == {("synthetic", 1), ("synthetic", 32)} and not res.missing
