@@ -8,6 +8,7 @@ from examples.toy.__main__ import main
 
 
 def test_smoke_preset_end_to_end_then_resume(tmp_path, capsys):
+    pytest.importorskip("optuna", reason="the toy's tuner needs the tune extra: pip install -e '.[tune]'")
     out = tmp_path / "toy"
     assert main(["--preset", "smoke", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
