@@ -27,6 +27,12 @@ class Workload(Protocol):
         reference_tier: the tuner's reference tier ``B0``.
         target_loss: the validation loss a run must reach, pre-registered (never chosen after the runs).
         budget: the training budget of each measured run, in ``unit``.
+
+    Optional (read with defaults by ``examples.replicate.pipeline``; not part of the required contract):
+        fraction: the early progress fraction of the prediction (default 0.2, the paper's).
+        window: the tail rank window (default: the records' scale rule for ``n_layer``).
+        report_sections(runs, out_dir) -> list[str]: extra Markdown sections for the report, with
+            any figures written into ``out_dir``.
     """
 
     name: str

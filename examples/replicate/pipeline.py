@@ -1,0 +1,135 @@
+"""The shared replication pipeline: tune -> train every tier -> predict -> report -> verdict.
+
+    verdict = replicate(workload, Path("runs/toy"), TunerSettings(rungs=(2_000, 6_000)))
+
+Each stage leaves its result on disk and is skipped when that result is already there, so an
+interrupted pipeline is resumed by running the same command again:
+
+* ``tune/choices.json``: the tuner's learning rate per family and tier (:mod:`.tuning`);
+* ``runs/<family>-b<tier>/``: one complete run record per measured run (:mod:`.runs`; a run is
+  trained into a temporary directory and renamed into place when complete);
+* ``report/``: ``report.md`` (``spectral_lens.report.build_report`` plus the workload's own sections
+  and figures) and ``verdict.json`` / ``verdict.txt`` (:mod:`.verdict`), rebuilt on every call.
+
+Workloads may define, besides the :class:`~examples.replicate.workload.Workload` contract:
+``fraction`` (the early progress fraction, default 0.2), ``window`` (the tail rank window; default
+the records' scale rule) and ``report_sections(runs, out_dir) -> list[str]`` (Markdown sections,
+with any figures written into ``out_dir``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from spectral_lens.analysis import tokens_to_target
+from spectral_lens.records import RunRecord, open_runs
+from spectral_lens.report import build_report
+
+from .runs import run_id, train_runs
+from .tuning import TunerSettings, choose_rates
+from .verdict import Verdict, verdict
+from .workload import Workload
+
+__all__ = ["replicate", "chain_transitions", "write_atomic"]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory (fsync, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file a normal mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def chain_transitions(runs: Sequence[RunRecord], families: Sequence[str], target: float) -> list[tuple[str, str]]:
+    """Consecutive steps of the family chain, each family represented by its most token-efficient run.
+
+    A family none of whose runs reached ``target`` breaks the chain there (its steps are left out).
+    """
+    best = {}
+    for family in families:
+        members = [(tokens_to_target(r, target), r.info.batch_tier, r.run_id) for r in runs if r.info.family == family]
+        members = [m for m in members if math.isfinite(m[0])]
+        if members:
+            best[family] = min(members)[2]
+    return [(best[a], best[b]) for a, b in zip(families, families[1:]) if a in best and b in best]
+
+
+def _lr_table(workload: Workload, lrs) -> str:
+    groups = sorted({g for v in lrs.values() for g in v})
+    rows = ["| family | tier | " + " | ".join(groups) + " |", "|" + "---|" * (2 + len(groups))]
+    for family in workload.families:
+        for tier in workload.tiers:
+            v = lrs[(family, tier)]
+            rows.append(f"| {family} | {tier} | " + " | ".join(f"{v[g]:.4g}" if g in v else "–" for g in groups) + " |")
+    return "\n".join(rows)
+
+
+def replicate(workload: Workload, out: Path, tuner: TunerSettings, *, stream=None) -> Verdict:
+    """Run the whole pipeline for ``workload`` into ``out``; returns the :class:`Verdict` (also printed).
+
+    ``stream``: where progress and the verdict are printed (``None``: standard output; ``False``: nowhere).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fraction = float(getattr(workload, "fraction", 0.2))
+    window = getattr(workload, "window", None)
+
+    def say(msg: str) -> None:
+        if stream is not False:
+            print(msg, file=sys.stdout if stream is None else stream, flush=True)
+
+    say(f"{workload.name}: families {' -> '.join(workload.families)}; tiers {list(workload.tiers)}; "
+        f"{workload.budget:,} {workload.unit} per run; pre-registered target validation loss {workload.target_loss:g}")
+    say(f"[tune] rungs {list(tuner.rungs)} ({workload.unit}), reference tier {workload.reference_tier}")
+    lrs = choose_rates(workload, out / "tune", tuner, stream=stream)
+    dirs = train_runs(workload, lrs, out / "runs", stream=stream)
+    runs = open_runs(dirs)
+    say("[predict] scoring the early tail and the noise-scale baseline")
+    v = verdict(runs, target=workload.target_loss, families=workload.families, unit=workload.unit,
+                fraction=fraction, window=window)
+    report_dir = out / "report"
+    transitions = chain_transitions(runs, workload.families, workload.target_loss)
+    rep = build_report(runs, report_dir, target_loss=workload.target_loss, fraction=fraction, window=window,
+                       transitions=transitions, title=f"{workload.name}: tuned batch sweep")
+    sections = [
+        "## Verdict\n\n" + "\n".join(f"- {line.strip()}" for line in v.lines),
+        f"## Learning rates chosen by the tuner\n\n{_lr_table(workload, lrs)}",
+    ]
+    hook = getattr(workload, "report_sections", None)
+    if hook is not None:
+        sections.extend(hook(runs, report_dir))
+    text = rep.path.read_text(encoding="utf-8")
+    write_atomic(rep.path, text.rstrip() + "\n\n" + "\n\n".join(sections) + "\n")
+    write_atomic(report_dir / "verdict.txt", "\n".join(v.lines) + "\n")
+    write_atomic(report_dir / "verdict.json", json.dumps(_jsonable(v), indent=2, allow_nan=True) + "\n")
+    say(f"[report] {rep.path}")
+    say("\nVerdict:")
+    for line in v.lines:
+        say("  " + line)
+    return v
+
+
+def _jsonable(v: Verdict) -> dict:
+    fams = {}
+    for name, f in v.families.items():
+        fams[name] = {**f.__dict__, "reached": {str(k): x for k, x in f.reached.items()},
+                      "rho_by_fraction": {str(k): x for k, x in f.rho_by_fraction.items()},
+                      "missed": list(f.missed), "flags": list(f.flags)}
+    return {**v.__dict__, "window": list(v.window) if v.window else None, "families": fams, "lines": list(v.lines)}

@@ -1,0 +1,72 @@
+"""Train every measured run of a sweep, all-or-nothing per run, so an interrupted sweep resumes.
+
+A run is trained into ``<runs>/.partial/<run_id>`` and renamed to ``<runs>/<run_id>`` only when its
+record is complete; a final directory therefore always holds a finished record, and a ``.partial``
+left by an interruption is deleted and trained again from scratch.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+from .progress import Progress
+from .workload import Workload
+
+__all__ = ["run_id", "train_runs"]
+
+
+def run_id(workload: Workload, family: str, tier: int) -> str:
+    """The directory / record name of one measured run, e.g. ``"rope-b64"``."""
+    return f"{family.lower()}-b{int(tier)}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def train_runs(workload: Workload, lrs: Mapping[tuple[str, int], Mapping[str, float]], runs_dir: Path,
+               *, stream=None) -> list[Path]:
+    """Train every ``(family, tier)`` of ``workload`` not yet complete in ``runs_dir``; return all run dirs.
+
+    Args:
+        workload: the experiment.
+        lrs: the chosen learning rates per ``(family, tier)`` (every pair must be present).
+        runs_dir: where the records live (one sub-directory per run).
+        stream: where progress lines go (``None``: standard output; ``False``: nowhere; or a file-like).
+    """
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    missing = [(f, t) for f in workload.families for t in workload.tiers if (f, t) not in lrs]
+    if missing:
+        raise ValueError(f"train_runs: no learning rates for (family, tier) {missing}")
+    todo, dirs = [], []
+    for family in workload.families:
+        for tier in workload.tiers:
+            final = runs_dir / run_id(workload, family, tier)
+            dirs.append(final)
+            if not final.exists():
+                todo.append((family, tier, final))
+    progress = Progress(len(todo) * workload.budget, "train", stream=stream)
+    progress.note(f"{len(dirs) - len(todo)} of {len(dirs)} runs already complete; training {len(todo)} "
+                  f"x {workload.budget:,} {workload.unit}")
+    for family, tier, final in todo:
+        partial = runs_dir / ".partial" / final.name  # same name: the record keeps its run id
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.parent.mkdir(exist_ok=True)
+        workload.run(family, tier, dict(lrs[(family, tier)]), partial)
+        os.replace(partial, final)
+        _fsync_dir(runs_dir)
+        progress.advance(workload.budget, f"{final.name} done (lrs {_fmt_lrs(lrs[(family, tier)])})")
+    if (runs_dir / ".partial").exists() and not any((runs_dir / ".partial").iterdir()):
+        (runs_dir / ".partial").rmdir()
+    return dirs
+
+
+def _fmt_lrs(lrs: Mapping[str, float]) -> str:
+    return ", ".join(f"{k}={v:.3g}" for k, v in lrs.items())

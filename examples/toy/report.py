@@ -1,0 +1,260 @@
+"""The toy's report sections: Fig. 4a / 11a / 11b analogues and our numbers beside the paper's.
+
+Called by the shared pipeline through ``ToyWorkload.report_sections``; figures are PNG files
+written next to ``report.md`` (skipped, with a note, without matplotlib).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import stats
+
+import spectral_lens as sl
+from spectral_lens.analysis import TailPredictor, token_inefficiency, tokens_to_target
+from spectral_lens.records import Measurement, RunRecord
+
+__all__ = ["toy_sections", "PAPER", "SCAN_FRACTIONS"]
+
+SCAN_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+"""Progress fractions at which the tail statistic's rho is scanned (Fig. 4a's x axis)."""
+
+PAPER = {
+    "fig4a": "Muon stage: the 10-40 tail statistic reaches Spearman rho = 1 at about 20% progress",
+    "fig11a": "at matched loss, smaller batches have steeper tails (Untied runs, B in {32..512})",
+    "fig11b": "Muon -> Untied gives a mean Delta H_peak about 5x the Baseline -> RoPE and RoPE -> Muon steps",
+}
+"""What the paper reports for the toy (Sec. 5, App. F), quoted in our words."""
+
+
+def _num(x: float, fmt: str = ".2f") -> str:
+    return format(x, fmt) if x is not None and math.isfinite(x) else "n/a"
+
+
+def _alpha(m: Measurement, name: str, window: tuple[int, int]) -> float:
+    return float(sl.BandAlphaFitter(window).fit(m.spectra[name]).alpha)
+
+
+def _best_run(runs: Sequence[RunRecord], family: str, target: float) -> RunRecord | None:
+    members = [r for r in runs if r.info.family == family]
+    if not members:
+        return None
+    return min(members, key=lambda r: (tokens_to_target(r, target), r.info.batch_tier))
+
+
+def _at_progress(run: RunRecord, f: float) -> Measurement:
+    return min(run.measurements, key=lambda m: abs((run.progress(m) or 0.0) - f))
+
+
+def _rho_scan(runs, families, target, window) -> dict[str, dict[float, float]]:
+    eps = token_inefficiency(runs, target)
+    out = {f: {} for f in families}
+    for frac in SCAN_FRACTIONS:
+        try:
+            score = TailPredictor(frac, window=window).fit(runs).score(targets=eps)
+        except ValueError:
+            continue
+        for fam in families:
+            if fam in score.within:
+                out[fam][frac] = score.within[fam].rho
+    return out
+
+
+def _matched(runs, family, target, window):
+    """Per tier of ``family``: (examples at the first measurement with val loss <= target, alpha, spectrum)."""
+    rows = []
+    for r in sorted((r for r in runs if r.info.family == family), key=lambda r: r.info.batch_tier):
+        name = r.info.primary_spectrum
+        hit = [m for m in r.measurements if m.val_loss is not None and m.val_loss <= target]
+        if hit:
+            m = hit[0]
+            rows.append((int(r.info.batch_tier), m.tokens, m.val_loss, _alpha(m, name, window), m.spectra[name]))
+    return rows
+
+
+def _h_peak_steps(runs, families, target) -> list[tuple[str, float]]:
+    """Mean Delta H_peak over checkpoints at 1/3, 2/3 and 1 of progress, per chain step (best tiers)."""
+    out = []
+    for a, b in zip(families, families[1:]):
+        ra, rb = _best_run(runs, a, target), _best_run(runs, b, target)
+        if ra is None or rb is None:
+            continue
+        deltas = [_at_progress(rb, f).scalars.get("H_peak", math.nan) - _at_progress(ra, f).scalars.get("H_peak", math.nan)
+                  for f in (1 / 3, 2 / 3, 1.0)]
+        out.append((f"{a} -> {b}", float(np.mean(deltas))))
+    return out
+
+
+def _last_scalars(runs, family: str, target: float) -> dict[str, float]:
+    r = _best_run(runs, family, target)
+    return dict(_at_progress(r, 1.0).scalars) if r is not None and r.measurements else {}
+
+
+def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str]:
+    """Markdown sections (and figures in ``out_dir``) of the toy report."""
+    target, window, families = workload.target_loss, tuple(workload.window), tuple(workload.families)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scan = _rho_scan(runs, families, target, window)
+    last = families[-1]
+    matched = _matched(runs, last, target, window)
+    rho_tier = math.nan
+    if len(matched) >= 3 and len({a for *_, a, _ in matched}) > 1:
+        rho_tier = float(stats.spearmanr([t for t, *_ in matched], [a for *_, a, _ in matched]).statistic)
+    steps = _h_peak_steps(runs, families, target)
+    sections = []
+
+    lines = ["## Early tail vs examples to target, by progress (Fig. 4a analogue)", "",
+             "Units: the library's tables above say *tokens*; in this toy one token is one training example "
+             "(one predicted target), so T and Q count examples and examples/s.", "",
+             f"Within-family Spearman rho between alpha over ranks {window[0]}-{window[1]} (last-position "
+             "activations of the last block) and realized eps_tok (examples to target / the family's best), "
+             "at each progress fraction. Tiers that never reach the target rank last.", "",
+             "| family | " + " | ".join(f"{f:.0%}" for f in SCAN_FRACTIONS) + " |",
+             "|---|" + "---|" * len(SCAN_FRACTIONS)]
+    for fam in families:
+        lines.append(f"| {fam} | " + " | ".join(_num(scan[fam].get(f, math.nan)) for f in SCAN_FRACTIONS) + " |")
+    sections.append("\n".join(lines))
+
+    lines = [f"## Matched-loss spectra by tier, {last} (Fig. 11a analogue)", ""]
+    if matched:
+        lines += ["| tier | examples at first checkpoint <= target | val loss there | alpha (ranks "
+                  f"{window[0]}-{window[1]}) |", "|---|---|---|---|"]
+        lines += [f"| {t} | {n:,} | {v:.3f} | {a:.3f} |" for t, n, v, a, _ in matched]
+        lines += ["", f"Spearman rho(tier, matched-loss alpha) = {_num(rho_tier)} (n = {len(matched)}); the paper's "
+                  "'smaller batches are steeper' means rho < 0."]
+    else:
+        lines.append(f"No {last} run reached the target {target:g}: nothing to match.")
+    sections.append("\n".join(lines))
+
+    lines = ["## Fourier probes along the cyclic index (Fig. 4b / 11b analogues)", "",
+             "H_S (task band r = 1..8), H_peak and PC1 peak mass of the last-position hidden states grouped by "
+             "the target's phase, for each family's most token-efficient tier (first / 20% / last checkpoint):", "",
+             "| family | tier | H_S | H_peak | PC1 peak mass |", "|---|---|---|---|---|"]
+    for fam in families:
+        r = _best_run(runs, fam, target)
+        if r is None:
+            continue
+        ms = [_at_progress(r, f) for f in (0.0, 0.2, 1.0)]
+        cell = lambda key: " / ".join(_num(m.scalars.get(key, math.nan), ".3f") for m in ms)  # noqa: E731
+        lines.append(f"| {fam} | {int(r.info.batch_tier)} | {cell('H_S')} | {cell('H_peak')} | {cell('pc1_peak')} |")
+    if steps:
+        lines += ["", "Mean Delta H_peak per chain step (checkpoints at 1/3, 2/3 and the end, best tiers): "
+                  + "; ".join(f"{s}: {d:+.4f}" for s, d in steps) + "."]
+    else:
+        lines += ["", "Delta H_peak per chain step needs at least two families (the `full` preset)."]
+    bands = [k for k in _last_scalars(runs, families[0], target) if k.startswith("pc1_peak:")]
+    if bands:
+        lines += ["", "Final PC1 peak mass by probe band (Fig. 11c analogue; best tier of each family):", "",
+                  "| family | " + " | ".join(k.split(":", 1)[1] for k in bands) + " |", "|---|" + "---|" * len(bands)]
+        for fam in families:
+            last_s = _last_scalars(runs, fam, target)
+            lines.append(f"| {fam} | " + " | ".join(_num(last_s.get(k, math.nan), ".3f") for k in bands) + " |")
+    sections.append("\n".join(lines))
+
+    figs = _figures(runs, families, target, window, scan, matched, steps, out_dir)
+    if figs:
+        sections.append("## Toy figures\n\n" + "\n\n".join(f"![{cap}]({p.name})\n\n*{cap}*" for p, cap in figs))
+
+    ours_4a = scan.get("Muon", {}).get(0.2, math.nan)
+    ratio = math.nan
+    if len(steps) == 3 and abs(steps[0][1]) + abs(steps[1][1]) > 0:
+        ratio = steps[2][1] / (0.5 * (abs(steps[0][1]) + abs(steps[1][1])))
+    sections.append("\n".join([
+        "## Our numbers beside the paper's", "",
+        "| claim | paper | this run |", "|---|---|---|",
+        f"| Fig. 4a | {PAPER['fig4a']} | Muon rho at 20% = {_num(ours_4a)}"
+        + ("" if "Muon" in families else " (Muon not in this preset)") + " |",
+        f"| Fig. 11a | {PAPER['fig11a']} | {last}: rho(tier, alpha at matched loss) = {_num(rho_tier)} over "
+        f"{len(matched)} tiers |",
+        f"| Fig. 11b | {PAPER['fig11b']} | "
+        + (f"{steps[2][0]} step / mean |earlier step| = {_num(ratio)}" if math.isfinite(ratio)
+           else "not measured (needs the whole chain: `--preset full`)") + " |",
+    ]))
+    return sections
+
+
+def _figures(runs, families, target, window, scan, matched, steps, out_dir: Path) -> list[tuple[Path, str]]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    out = []
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    for fam in families:
+        xs = sorted(scan[fam])
+        ax[0].plot([100 * x for x in xs], [scan[fam][x] for x in xs], marker="o", label=fam)
+    ax[0].axhline(0, color="grey", lw=0.5)
+    ax[0].set(xlabel="training progress (%)", ylabel="Spearman rho (early alpha vs eps)", ylim=(-1.05, 1.05),
+              title=f"tail statistic, ranks {window[0]}-{window[1]}")
+    ax[0].legend()
+    for fam in families:
+        pts = []
+        for r in runs:
+            if r.info.family != fam:
+                continue
+            T = tokens_to_target(r, target)
+            try:
+                a = _alpha(_at_progress(r, 0.2), r.info.primary_spectrum, window)
+            except (ValueError, KeyError):
+                continue
+            pts.append((a, T if math.isfinite(T) else np.nan, int(r.info.batch_tier)))
+        if pts:
+            ax[1].scatter([p[0] for p in pts], [p[1] for p in pts], label=fam)
+            for a, T, t in pts:
+                if math.isfinite(T):
+                    ax[1].annotate(f"B={t}", (a, T), fontsize=7)
+    ax[1].set(xlabel="alpha at 20% progress", ylabel="examples to target", title=f"target loss {target:g}")
+    fig.tight_layout()
+    p = out_dir / "toy_fig4a.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    out.append((p, "Fig. 4a analogue: rho by progress; early alpha vs examples to target (unreached tiers not drawn)"))
+
+    if matched:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for t, n, v, a, spec in matched:
+            y = spec.normalized.double().numpy()
+            ax.loglog(np.arange(1, len(y) + 1), np.clip(y, 1e-12, None), label=f"B={t} (alpha {a:.2f})")
+        ax.axvspan(*window, color="grey", alpha=0.15)
+        ax.set(xlabel="rank", ylabel="normalized eigenvalue", title=f"{families[-1]}: spectra at val loss <= {target:g}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out_dir / "toy_fig11a.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        out.append((p, "Fig. 11a analogue: last-position activation spectra at matched loss, by tier"))
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for fam in families:
+        r = _best_run(runs, fam, target)
+        if r is None:
+            continue
+        ms = sorted(r.measurements, key=lambda m: m.tokens)
+        ax.plot([100 * (r.progress(m) or 0) for m in ms], [m.scalars.get("H_S", np.nan) for m in ms],
+                marker=".", label=f"{fam} (B={int(r.info.batch_tier)})")
+    ax.set(xlabel="training progress (%)", ylabel="H_S (modes 1-8)", title="task-band concentration")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = out_dir / "toy_fig4b.png"
+    fig.savefig(p, dpi=100)
+    plt.close(fig)
+    out.append((p, "Fig. 4b analogue: H_S during training, each family's most token-efficient tier"))
+
+    if steps:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.bar([s for s, _ in steps], [d for _, d in steps], color="tab:purple")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set(ylabel="mean Delta H_peak", title="chain steps (best tiers)")
+        fig.tight_layout()
+        p = out_dir / "toy_fig11b.png"
+        fig.savefig(p, dpi=100)
+        plt.close(fig)
+        out.append((p, "Fig. 11b analogue: mean Delta H_peak per chain step"))
+    return out

@@ -1,0 +1,132 @@
+"""The toy replication as a :class:`~examples.replicate.workload.Workload` of the shared pipeline.
+
+Budgets count training **examples** (one prediction each); run records store them in their
+``tokens`` fields (``RunInfo.total_tokens`` = the example budget, ``tokens_per_step`` = the batch).
+"""
+from __future__ import annotations
+
+import math
+import time
+from functools import cached_property
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from examples.tune.trainable import Candidate, Report
+from spectral_lens.records import RunInfo, RunWriter
+
+from .measure import ToyLens
+from .presets import REFERENCE_LRS, Preset
+from .task import Split
+from .train import ToyRun, evaluate
+
+__all__ = ["ToyWorkload", "ToyTrainable"]
+
+
+class ToyTrainable:
+    """The tuner's trainable: trains a candidate on the toy task, continuing from ``workdir/checkpoint.pt``.
+
+    Validation loss (the held-out pool) is reported halfway through each call and at its budget (the
+    tuner promotes on the loss at the budget; more points would cost more than the training). Picklable (holds only the preset), so tuner workers may run in other processes.
+    """
+
+    def __init__(self, preset: Preset):
+        self.preset = preset
+
+    @cached_property
+    def data(self) -> Split:
+        """The task's examples (built once per process)."""
+        return self.preset.task.split()
+
+    def __call__(self, candidate: Candidate, budget: int, *, horizon: int, workdir: Path, report: Report) -> None:
+        """Train ``candidate`` to ``budget`` examples (see :class:`examples.tune.trainable.Trainable`)."""
+        p, d = self.preset, self.data
+        run = ToyRun(candidate.family, candidate.tier, candidate.lrs, p.model, seed=p.seed)
+        ckpt = Path(workdir) / "checkpoint.pt"
+        if ckpt.exists():
+            run.load(ckpt)
+        state = {"mid": (run.seen + budget) // 2}
+
+        def on_step(r: ToyRun, loss: float) -> None:
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"toy {candidate.key}: training loss {loss} at {r.seen} examples")
+            if state["mid"] is not None and state["mid"] <= r.seen < budget:
+                report(r.seen, evaluate(r.model, d.x_heldout, d.y_heldout))
+                state["mid"] = None
+
+        try:
+            run.train_until(budget, horizon, d.x_train, d.y_train, on_step)
+        except FloatingPointError:
+            report(run.seen, float("nan"))
+            return
+        report(run.seen, evaluate(run.model, d.x_heldout, d.y_heldout))
+        run.save(ckpt)
+
+
+class ToyWorkload:
+    """The toy replication of a :class:`~examples.toy.presets.Preset` (see the Workload contract)."""
+
+    unit = "examples"
+
+    def __init__(self, preset: Preset):
+        self.preset = preset
+        self.name = f"toy-{preset.name}"
+        self.families = tuple(preset.families)
+        self.tiers = tuple(preset.tiers)
+        self.reference_tier = preset.reference_tier
+        self.target_loss = preset.target_loss
+        self.budget = preset.budget
+        self.fraction = preset.fraction
+        self.window = tuple(preset.window)
+        self._trainable = ToyTrainable(preset)
+
+    def reference_lrs(self, family: str) -> Mapping[str, float]:
+        """The family's reference rates (:data:`~examples.toy.presets.REFERENCE_LRS`)."""
+        if family not in REFERENCE_LRS:
+            raise ValueError(f"toy: unknown family {family!r}, expected one of {list(REFERENCE_LRS)}")
+        return dict(REFERENCE_LRS[family])
+
+    def trainable(self) -> ToyTrainable:
+        """The tuner's trainable (no spectral measurements)."""
+        return self._trainable
+
+    def run(self, family: str, tier: int, lrs: Mapping[str, float], run_dir: Path) -> Path:
+        """Train one measured run into ``run_dir`` (its name is the run id) and close its record."""
+        p, d = self.preset, self._trainable.data
+        run = ToyRun(family, tier, lrs, p.model, seed=p.seed)
+        steps = math.ceil(p.budget / tier)
+        info = RunInfo(run_dir.name, family=family, batch_tier=tier, tokens_per_step=tier, seed=p.seed,
+                       n_layer=p.model.n_layer, total_tokens=p.budget, batch_size=tier,
+                       primary_spectrum=f"act:blocks.{p.model.n_layer - 1}",
+                       extras={"unit": "examples", "lrs": dict(lrs), "preset": p.name, "task": p.task.__dict__})
+        measure_steps = {math.ceil(f * steps) for f in p.measure_fractions}
+        eval_steps = {math.ceil(k * p.eval_every * steps) for k in range(1, int(round(1 / p.eval_every)) + 1)}
+        with RunWriter(run_dir, info, tail_window=p.window, head_window=(2, 8)) as writer:
+            lens = ToyLens(run.model, d.x_heldout, d.y_heldout, d.phase_heldout, p.task.c, writer,
+                           gradient_samples=p.gradient_samples)
+            clock = {"train": 0.0, "t": time.perf_counter()}
+
+            def checkpoint(r: ToyRun, loss: float | None) -> None:
+                clock["train"] += time.perf_counter() - clock["t"]
+                if not math.isfinite(loss if loss is not None else 0.0):
+                    raise FloatingPointError(f"toy {run_dir.name}: training loss {loss} at {r.seen} examples")
+                progress = min(1.0, r.seen / p.budget)
+                rate = r.seen / clock["train"] if clock["train"] > 0 else None
+                if r.step in measure_steps:
+                    lens.measure(r.step, r.seen, progress)
+                    writer.log(r.step, r.seen, train_loss=loss, tokens_per_s=rate)
+                elif r.step in eval_steps:
+                    writer.log(r.step, r.seen, val_loss=lens.val_loss(), train_loss=loss, tokens_per_s=rate)
+                clock["t"] = time.perf_counter()
+
+            checkpoint(run, None)
+            run.train_until(p.budget, p.budget, d.x_train, d.y_train, checkpoint)
+            writer.update_info(throughput=run.seen / max(clock["train"], 1e-9), status="complete")
+        return run_dir
+
+    def report_sections(self, runs, out_dir: Path) -> list[str]:
+        """The toy's own report sections and figures (Fig. 4a, 11a, 11b analogues; the paper table)."""
+        from .report import toy_sections
+
+        return toy_sections(self, runs, out_dir)

@@ -1,0 +1,61 @@
+"""Run-granular resume of the shared pipeline: complete runs are kept, interrupted ones redone."""
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from examples.replicate.runs import run_id, train_runs
+
+
+class FakeWorkload:
+    name = "fake"
+    unit = "examples"
+    families = ("A", "B")
+    tiers = (1, 2)
+    reference_tier = 1
+    target_loss = 1.0
+    budget = 10
+
+    def __init__(self, fail_on=None):
+        self.calls, self.fail_on = [], fail_on
+
+    def run(self, family, tier, lrs, run_dir: Path) -> Path:
+        self.calls.append((family, tier))
+        run_dir.mkdir(parents=True)
+        (run_dir / "half.txt").write_text("started")
+        if (family, tier) == self.fail_on:
+            raise KeyboardInterrupt  # an interruption in the middle of a run
+        (run_dir / "run.json").write_text(json.dumps({"lrs": lrs, "name": run_dir.name}))
+        return run_dir
+
+
+LRS = {(f, t): {"lr": 0.1 * t} for f in "AB" for t in (1, 2)}
+
+
+def test_interrupted_run_is_redone_and_complete_runs_kept(tmp_path):
+    w = FakeWorkload(fail_on=("B", 1))
+    with pytest.raises(KeyboardInterrupt):
+        train_runs(w, LRS, tmp_path, stream=io.StringIO())
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["a-b1", "a-b2"]
+    assert (tmp_path / ".partial" / "b-b1" / "half.txt").exists()  # the interrupted run stays out of sight
+    w2 = FakeWorkload()
+    log = io.StringIO()
+    dirs = train_runs(w2, LRS, tmp_path, stream=log)
+    assert w2.calls == [("B", 1), ("B", 2)]
+    assert [d.name for d in dirs] == ["a-b1", "a-b2", "b-b1", "b-b2"]
+    assert json.loads((tmp_path / "b-b1" / "run.json").read_text()) == {"lrs": {"lr": 0.1}, "name": "b-b1"}
+    assert not (tmp_path / ".partial").exists()
+    assert "2 of 4 runs already complete" in log.getvalue() and "ETA" in log.getvalue()
+    w3 = FakeWorkload()
+    train_runs(w3, LRS, tmp_path, stream=io.StringIO())
+    assert w3.calls == []
+
+
+def test_missing_rates_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"no learning rates for \(family, tier\) \[\('B', 2\)\]"):
+        train_runs(FakeWorkload(), {k: v for k, v in LRS.items() if k != ("B", 2)}, tmp_path)
+
+
+def test_run_id():
+    assert run_id(FakeWorkload(), "RoPE", 64) == "rope-b64"

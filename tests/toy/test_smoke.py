@@ -1,0 +1,46 @@
+"""The `smoke` preset through the README main job's code path (`python -m examples.toy`), and resume."""
+import json
+import os
+
+import pytest
+
+from examples.toy.__main__ import main
+
+
+def test_smoke_preset_end_to_end_then_resume(tmp_path, capsys):
+    pytest.importorskip("optuna", reason="the toy's tuner needs the tune extra: pip install -e '.[tune]'")
+    out = tmp_path / "toy"
+    assert main(["--preset", "smoke", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Verdict:" in printed and "Pre-registered: target validation loss 2" in printed
+    report = (out / "report" / "report.md").read_text()
+    for section in ("## Verdict", "## Learning rates chosen by the tuner", "Fig. 4a analogue",
+                    "Matched-loss spectra by tier", "Fourier probes", "Our numbers beside the paper's"):
+        assert section in report
+    verdict = json.loads((out / "report" / "verdict.json").read_text())
+    assert verdict["target"] == 2.0 and list(verdict["families"]) == ["Muon"]
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["muon-b16", "muon-b32", "muon-b64"]
+    choices = json.loads((out / "tune" / "choices.json").read_text())
+    assert {(c["family"], c["tier"]) for c in choices["choices"]} == {("Muon", 16), ("Muon", 32), ("Muon", 64)}
+    stamps = {p.name: os.stat(p / "measurements.jsonl").st_mtime_ns for p in (out / "runs").iterdir()}
+    # second call: tuning and training are complete, only the report is rebuilt
+    assert main(["--preset", "smoke", "--out", str(out)]) == 0
+    assert "3 of 3 runs already complete; training 0" in capsys.readouterr().out
+    assert stamps == {p.name: os.stat(p / "measurements.jsonl").st_mtime_ns for p in (out / "runs").iterdir()}
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_text("not a toy run")
+    assert main(["--preset", "smoke", "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not empty and holds no toy run" in err
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "preset.json").write_text('{"preset": "cpu"}')
+    assert main(["--preset", "smoke", "--out", str(tmp_path / "cpu")]) == 2
+    assert "holds a run of preset 'cpu'" in capsys.readouterr().err
+    assert main(["--preset", "smoke", "--out", str(tmp_path / "new"), "--threads", "0"]) == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--preset", "nope"])
+    assert e.value.code == 2
