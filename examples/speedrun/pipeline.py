@@ -21,6 +21,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from examples.nanogpt.data import load_data
+
 from .halving import lr_candidates, select_rate, write_json_atomic
 from .summary import write_summary
 from .workload import ZooWorkload, is_complete, run_id
@@ -65,6 +67,7 @@ def run_pipeline(workload: ZooWorkload, out: str | Path, *, progress: bool = Tru
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, workload)
     p = workload.preset
+    load_data(p.data)  # fail fast on missing shards, before any training
     tune_dir = out / "_tune"
     choices_path = tune_dir / "choices.json"
     choices: dict = json.loads(choices_path.read_text(encoding="utf-8")) if choices_path.exists() else {}
