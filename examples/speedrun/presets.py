@@ -128,8 +128,8 @@ PRESETS: dict[str, Preset] = {
     # bf16 autocast), tiers 1..8 around B0 = 2 (one micro-batch = one packed 2,048-token row).
     "gpu-small": Preset(
         name="gpu-small", profile="small", data="stdlib", families=("FixedWin", "FlexWin", "VTE"),
-        tiers=(1, 2, 4, 8), reference_tier=2, target_loss=2.0, budget=6_000_000,
-        rungs=(1_000_000,), centers=("sqrt", "linear"), multipliers=(1 / SQRT2, 1.0, SQRT2),
+        tiers=(1, 2, 4, 8), reference_tier=2, target_loss=2.0, budget=4_000_000,
+        rungs=(500_000,), centers=("sqrt",), multipliers=(1 / SQRT2, 1.0, SQRT2),
         measure_every=0.05, val_tokens=262_144, pool_seqs=128, pool_seq_len=256, gradient_samples=128,
         tail_window=(10, 40), head_window=(2, 8), device="cuda", attn_impl="flex", expected_minutes=9.0,
     ),
