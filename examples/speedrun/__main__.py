@@ -18,7 +18,8 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (exposed for the docs and tests)."""
-    ap = argparse.ArgumentParser(prog="python -m examples.speedrun", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m examples.speedrun", description="The speedrun replication: tune a rate per tier, train every tier with spectral "
+                                 "measurements, predict the token-efficient tier, report.")
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS), help="what to run (see docs/replication-speedrun.md)")
     ap.add_argument("--out", help="output directory (default runs/speedrun-<preset>); rerun to resume")
     ap.add_argument("--data", help="override the preset's data: 'pydoc', 'stdlib' or a directory of .bin shards "
