@@ -117,6 +117,13 @@ def write_summary(workload, run_dirs: Sequence[os.PathLike], out: os.PathLike, *
         verdict.insert(0, "No prediction score: " + "; ".join(rep.notes))
     taxonomy = [dict(transition=f"{t.evidence.a} -> {t.evidence.b}", label=t.label, rule=t.rule,
                      tok_gain=t.evidence.tok_gain, thr_gain=t.evidence.thr_gain) for t in rep.taxonomy]
+    missed_ids = {m["run"] for m in missed}
+    for t in rep.taxonomy:
+        gone = [x for x in (t.evidence.a, t.evidence.b) if x in missed_ids]
+        if gone:
+            verdict.append(f"Transition {t.evidence.a} -> {t.evidence.b}: {', '.join(gone)} did not reach the target, so "
+                           f"the token gain is undefined and the label ({t.label}) rests on the other evidence only; "
+                           "it is not evidence for the paper's taxonomy.")
     summary = dict(preset=p.name, target_loss=target, families=fams, tiers=list(workload.tiers), budget=p.budget,
                    fraction=p.fraction, tail_window=list(p.tail_window), missed_target=missed, score=score,
                    baseline=baseline, paper=PAPER, verdict=verdict, taxonomy=taxonomy,

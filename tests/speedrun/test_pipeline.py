@@ -12,6 +12,7 @@ from examples.nanogpt.train import train
 from examples.speedrun.__main__ import main
 from examples.speedrun.pipeline import run_pipeline
 from examples.speedrun.presets import PRESETS
+from examples.speedrun.summary import write_summary
 from examples.speedrun.workload import ZooWorkload, is_complete
 from examples.tune.trainable import Candidate
 from spectral_lens.cli import main as cli_main
@@ -80,6 +81,11 @@ def test_tiny_preset_end_to_end_then_resume_and_cli(tmp_path, capsys):
                  "loss_curves.png", "gain_plane.png"):
         assert part in md, part
     assert json.loads((tmp_path / "report" / "summary.json").read_text())["target_loss"] == p.target_loss
+    # a target no run reaches: every run is listed as missed, the transition is flagged, nothing is hidden
+    s2 = write_summary(ZooWorkload(p.replace(target_loss=0.5), verbose=False), res.run_dirs, tmp_path / "r2",
+                       choices=choices)
+    assert len(s2["missed_target"]) == len(ids) and "did NOT reach" in (tmp_path / "r2" / "report.md").read_text()
+    assert any("did not reach the target" in v and "Transition" in v for v in s2["verdict"])
 
     # resume: nothing is retrained; an interrupted run (no "complete" status) is trained again
     victim = tmp_path / "rope-b2"
