@@ -53,6 +53,9 @@ class ZooWorkload:
     Args:
         preset: what to train.
         verbose: print one line per finished run.
+
+    Besides the ``Workload`` attributes it has ``fraction`` (the early checkpoint) and ``window`` (the
+    alpha_tail rank window), the optional attributes the shared pipeline reads.
     """
 
     unit = "tokens"
@@ -67,6 +70,8 @@ class ZooWorkload:
         self.reference_tier = preset.reference_tier
         self.target_loss = preset.target_loss
         self.budget = preset.budget
+        self.fraction = preset.fraction  # the early checkpoint and tail window, read by the report
+        self.window = tuple(preset.tail_window)
         self._pool = None
 
     # ---- Workload protocol -------------------------------------------------------------------

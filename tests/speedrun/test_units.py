@@ -107,6 +107,7 @@ def test_reference_lrs_are_the_recipe_rates_times_the_factor():
     w = ZooWorkload(PRESETS["tiny"].replace(lr_factor=3.0, families=("Untied",)))
     assert w.reference_lrs("Untied") == pytest.approx({"matrix": 0.06, "embed": 0.9, "head": 0.006, "scalar": 0.0108})
     assert w.families == ("Untied",) and run_id("U-Net", 4) == "u-net-b4"
+    assert (w.name, w.unit, w.fraction, w.window) == ("speedrun-tiny", "tokens", 0.2, (4, 12))
 
 
 def test_trainable_rejects_an_unknown_family(tmp_path):
