@@ -99,6 +99,7 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
           matrix_lr: float | None = None, muon_impl: str = "auto", eval_every_tokens: int | None = None,
           val_tokens: int | None = None, target_val_loss: float | None = None,
           checkpoint_every_tokens: int | None = None, save_final: bool = True, resume: str | os.PathLike | None = None,
+          stop_tokens: int | None = None,
           seed: int = 0, device: str | None = None, compile: bool = False, attn_impl: str = "auto",
           on_eval: OnEval | None = None, log_every: int = 10, verbose: bool = True) -> TrainResult:
     """Train ``variant`` at ``profile`` and return a :class:`TrainResult`.
@@ -114,7 +115,10 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
     and at the end, with the window of the current step. After each evaluation
     ``on_eval(model, step, tokens, val_loss)`` is called on every rank with the unwrapped model in
     eval mode (train mode is restored afterwards). ``target_val_loss`` stops at the first
-    evaluation at or below it. Every evaluation and every ``log_every`` steps append a JSON line
+    evaluation at or below it. ``stop_tokens`` ends the run early, after the first step that reaches
+    that many training tokens (evaluated and checkpointed like an end), while the LR schedule and the
+    evaluation points still span the full ``steps``/``tokens``: a run stopped there and resumed from
+    its checkpoint is the same run as one never stopped (the tuner's promoted trials). Every evaluation and every ``log_every`` steps append a JSON line
     (step, tokens, train_loss, val_loss, tokens_per_s, lr_mult, elapsed_s) to
     ``run_dir/metrics.jsonl``; checkpoints are ``run_dir/ckpt_<step>.pt`` state dicts.
     """
@@ -143,6 +147,7 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
                 raise ValueError("train: give steps= or tokens=")
             steps = math.ceil(tokens / tokens_per_step)
         recipe = build_recipe(variant)
+        stop_step = steps if stop_tokens is None else min(steps, max(1, math.ceil(stop_tokens / tokens_per_step)))
 
         torch.manual_seed(seed)
         model = GPT(cfg).to(device)
@@ -210,7 +215,7 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
         t_start, train_time, train_tokens, last_loss = time.perf_counter(), 0.0, 0, None
         step = start
         while True:
-            last = step >= steps
+            last = step >= stop_step
             if last or step % eval_steps == 0 or step == start:
                 val = evaluate(step)
                 row = dict(step=step, tokens=step * tokens_per_step, train_loss=last_loss, val_loss=val,
@@ -233,17 +238,17 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
                 opt.step()
             model.zero_grad(set_to_none=True)
             step += 1
-            if step % log_every == 0 or step >= steps or (step % eval_steps == 0):
+            if step % log_every == 0 or step >= stop_step or (step % eval_steps == 0):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 last_loss = float(loss)
             train_time += time.perf_counter() - t0
             train_tokens += tokens_per_step
-            if step % log_every == 0 and step % eval_steps != 0 and step < steps:
+            if step % log_every == 0 and step % eval_steps != 0 and step < stop_step:
                 log(dict(step=step, tokens=step * tokens_per_step, train_loss=last_loss, val_loss=None,
                          tokens_per_s=train_tokens / train_time, lr_mult=mult,
                          elapsed_s=time.perf_counter() - t_start))
-            if rank == 0 and ckpt_steps and step % ckpt_steps == 0 and step < steps:
+            if rank == 0 and ckpt_steps and step % ckpt_steps == 0 and step < stop_step:
                 _save_checkpoint(run_dir / f"ckpt_{step:06d}.pt", model, opts, step, tokens_per_step, variant, profile, cfg)
         if rank == 0:
             if save_final:
@@ -257,9 +262,15 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
 
 
 def _save_checkpoint(path: Path, model, opts, step, tokens_per_step, variant, profile, cfg) -> None:
-    torch.save(dict(model=model.state_dict(), optimizers=[o.state_dict() for o in opts], step=step,
-                    tokens=step * tokens_per_step, variant=variant, profile=profile,
-                    config=dataclasses.asdict(cfg)), path)
+    """Write the checkpoint atomically: a temporary file in the same directory, fsync, rename."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(dict(model=model.state_dict(), optimizers=[o.state_dict() for o in opts], step=step,
+                        tokens=step * tokens_per_step, variant=variant, profile=profile,
+                        config=dataclasses.asdict(cfg)), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _load_checkpoint(path, model, opts, variant, profile, device) -> int:
