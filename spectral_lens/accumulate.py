@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._io import write_atomic
+from .atomic import write_atomic
 from ._warnings import NonFiniteError, NonFiniteRowsWarning, StateFormatError
 from .capture import HookSet, Target, pick_tensor, select_modules, warn_if_compiled
 from .spectra.eigen import eigenvalues_descending

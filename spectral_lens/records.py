@@ -41,8 +41,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from ._io import TMP_SUFFIX, write_json_atomic
-from ._io import fsync_dir as _fsync_dir
+from .atomic import TMP_SUFFIX, write_json_atomic
+from .atomic import fsync_dir as _fsync_dir
 from ._warnings import InsufficientRowsWarning, SpectralLensWarning, SpectrumFormatError
 from .spectra.fit import tail_window as _tail_window
 from .spectrum import Spectrum

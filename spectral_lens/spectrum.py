@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._io import write_atomic
+from .atomic import write_atomic
 from ._warnings import SpectrumFormatError
 from .spectra.eigen import trace_normalize
 

@@ -25,6 +25,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from spectral_lens.atomic import write_atomic
+
 from .data import load_data, micro_batch
 from .model import GPT, count_params, window_at
 from .optim import apply_schedule, build_optimizers, lr_multiplier
@@ -263,14 +265,9 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
 
 def _save_checkpoint(path: Path, model, opts, step, tokens_per_step, variant, profile, cfg) -> None:
     """Write the checkpoint atomically: a temporary file in the same directory, fsync, rename."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(dict(model=model.state_dict(), optimizers=[o.state_dict() for o in opts], step=step,
-                        tokens=step * tokens_per_step, variant=variant, profile=profile,
-                        config=dataclasses.asdict(cfg)), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    state = dict(model=model.state_dict(), optimizers=[o.state_dict() for o in opts], step=step,
+                 tokens=step * tokens_per_step, variant=variant, profile=profile, config=dataclasses.asdict(cfg))
+    write_atomic(path, lambda fh: torch.save(state, fh))
 
 
 def _load_checkpoint(path, model, opts, variant, profile, device) -> int:

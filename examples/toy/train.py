@@ -18,8 +18,6 @@ run to the horizon, which is what the tuner's promotions need (``examples/tune/t
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -28,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from examples.nanogpt.muon import Muon
+
+from spectral_lens.atomic import write_atomic
 
 from .model import ToyConfig, ToyTransformer
 
@@ -172,17 +172,8 @@ class ToyRun:
     def save(self, path: Path) -> None:
         """Write a checkpoint atomically (temporary file in the same directory, fsync, rename)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        state = self.state_dict()
+        write_atomic(path, lambda fh: torch.save(state, fh))
 
     def load(self, path: Path) -> None:
         """Restore a checkpoint written by :meth:`save` (``weights_only=True``: no pickle)."""

@@ -11,27 +11,5 @@ __all__ = ["SpectralLensLightningCallback"]
 
 
 class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
-    """Measure spectra during ``Trainer.fit()`` of the standalone ``pytorch_lightning`` package.
-
-    Build a :class:`~spectral_lens.SpectralLens` on the ``LightningModule`` or on the inner model it
-    trains, or without a model (``SpectralLens(pool=...)``: the callback attaches it to the
-    ``LightningModule`` for the fit and detaches it afterwards), with its held-out pool, a :class:`~spectral_lens.records.RunWriter` and a
-    :class:`~spectral_lens.Schedule` (pass ``forward_fn=`` when the module's ``forward`` does not
-    take the pool's batches). The callback measures after every optimizer step the schedule names
-    (``trainer.global_step``) and, with ``on_validation=True``, after every validation run,
-    recording ``trainer.callback_metrics[val_loss_key]`` as the validation loss. A step is measured
-    once.
-
-    Each measurement is appended to the lens's run record, sent to every sink, and its scalars (per
-    spectrum ``alpha_tail``, ``alpha_head``, ``rankme``, ``stable_rank``; ``noise_scale``) go to
-    every logger of the trainer (``trainer.loggers``: TensorBoard, CSV, W&B, ...).
-
-    Args:
-        lens: the configured ``SpectralLens`` (its ``schedule`` and ``writer`` are used), with or
-            without a model.
-        on_validation: also measure after every validation run.
-        val_loss_key: the logged metric recorded as validation loss.
-        tokens_per_step: training tokens per optimizer step (records' ``tokens``); without it,
-            ``tokens`` counts optimizer steps.
-        sinks: extra loggers with a ``log_measurement`` method.
-    """
+    """:class:`spectral_lens.integrations.lightning.SpectralLensLightningCallback` for the standalone
+    ``pytorch_lightning`` package: the same arguments and behaviour (both share ``LightningHooks``)."""

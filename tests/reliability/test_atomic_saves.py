@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from spectral_lens import ActivationCovarianceAccumulator, Spectrum
-from spectral_lens import _io
+from spectral_lens import atomic as _io
 from spectral_lens.records import RunInfo, RunWriter, RunRecord
 
 

@@ -1,5 +1,8 @@
 """Atomic file writes: a temporary file in the target's directory, fsync, rename.
 
+Every file the library writes goes through :func:`write_atomic`; the examples (checkpoints, tuner
+choices, reports) use it too.
+
 A write that fails for any reason (disk full, file-size limit, an exception in the serializer, a
 crash) leaves the previous file at ``path`` untouched and removes its temporary file (a killed
 process can leave a ``.*.tmp`` file behind; :class:`~spectral_lens.records.RunWriter` cleans those on
