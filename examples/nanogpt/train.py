@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from spectral_lens.atomic import write_atomic
+from spectral_lens.atomic import write_atomic, write_json_atomic
 
 from .data import load_data, micro_batch
 from .model import GPT, count_params, window_at
@@ -189,7 +189,7 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
                         params=count_params(model), seed=seed, device=str(device),
                         fp8_head_active=cfg.fp8_head and model.fp8_head_active(torch.empty(16, cfg.n_embd, device=device)),
                         config=dataclasses.asdict(cfg), recipe=dataclasses.asdict(recipe))
-            (run_dir / "config.json").write_text(json.dumps(meta, indent=2))
+            write_json_atomic(run_dir / "config.json", meta)
             log_file = open(run_dir / "metrics.jsonl", "a")
 
         def log(row: dict):
