@@ -104,9 +104,9 @@ class ZooTrainable:
                 seen["start"] = tokens
                 if resume is not None:
                     return
-            if tokens > budget:
-                raise ValueError(f"ZooTrainable: {candidate.key} evaluates at {tokens} tokens, past the rung budget "
-                                 f"{budget}; choose rung budgets that are multiples of the tier's tokens per step")
+            if tokens > budget:  # raised after the trainer has returned (and closed its files)
+                seen["past"] = tokens
+                return
             report(int(tokens), float(val_loss))
 
         train(variant=candidate.family, profile=self.profile, data=self.data, run_dir=workdir, tokens=schedule,
@@ -115,6 +115,9 @@ class ZooTrainable:
               seed=self.seed, device=self.device, compile=self.compile, attn_impl=self.attn_impl, on_eval=on_eval,
               verbose=False)
         _keep_latest_checkpoint(workdir)
+        if "past" in seen:
+            raise ValueError(f"ZooTrainable: {candidate.key} stopped at {seen['past']} tokens, past the rung budget "
+                             f"{budget}; choose rung budgets that are multiples of the tier's tokens per step")
 
 
 def _keep_latest_checkpoint(workdir: Path) -> None:
