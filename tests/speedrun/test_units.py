@@ -44,8 +44,8 @@ def test_unknown_preset_names_the_known_ones():
 
 def test_presets_configure_the_shared_tuner():
     p = PRESETS["cpu"]
-    assert p.tuner == TunerSettings(rungs=(16_384,), multipliers=p.multipliers)
-    assert p.budget == 163_840 and p.target_loss == 2.4  # budget raised from 120k, target kept
+    assert p.tuner == TunerSettings(rungs=(26_624,), multipliers=p.multipliers)
+    assert p.budget == 262_144 and p.target_loss == 2.4  # budget raised from 120k, target kept
     w = ZooWorkload(p)
     t = w.trainable()
     assert isinstance(t, ZooTrainable) and t.schedule_tokens == p.budget and t.lr_factor == p.lr_factor
