@@ -311,7 +311,7 @@ def plot_early_vs_eps(score: PredictionScore, baseline: PredictionScore | None =
     return fig
 
 
-_LABEL_COLORS = dict(zip(LABELS, ["tab:blue", "tab:purple", "tab:orange", "tab:red", "tab:gray", "tab:olive", "black"]))
+_LABEL_COLORS = dict(zip(LABELS, ["tab:blue", "tab:purple", "tab:orange", "tab:red", "tab:gray", "tab:olive", "black", "tab:brown"]))
 
 
 def plot_gain_plane(results: Sequence[TaxonomyResult]) -> "Figure":

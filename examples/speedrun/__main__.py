@@ -1,19 +1,23 @@
 """``python -m examples.speedrun --preset cpu --out runs/speedrun-cpu``: the speedrun replication.
 
-Tunes a learning rate per family and batch tier, trains every tier of every family with spectral
-measurements on a fixed held-out pool, then predicts and reports (``OUT/report/report.md``).
-Rerunning the same command resumes an interrupted run. Errors print one line and exit with status 2.
+The shared replication pipeline (``examples.replicate``) configured with the zoo workload and a
+preset: tunes a learning rate per family and batch tier (``examples.tune``), trains every tier of
+every family with spectral measurements on a fixed held-out pool (``OUT/runs/``), then predicts and
+reports (``OUT/report/report.md``). Rerunning the same command resumes an interrupted run. Errors
+print one line and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
 
-from .presets import PRESETS, get_preset
+from .presets import PRESETS, Preset, get_preset
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "check_settings"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,15 +30,35 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(paper-d12 needs the FineWeb shards here)")
     ap.add_argument("--device", help="override the preset's device (cpu, cuda)")
     ap.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's; 1 is faster on a busy machine)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--no-progress", action="store_true", help="no progress lines")
     return ap
+
+
+def check_settings(out: Path, preset: Preset) -> None:
+    """Write ``out/preset.json``, or refuse (``ValueError``) an output directory made with other settings."""
+    from examples.replicate.pipeline import write_atomic
+
+    path = Path(out) / "preset.json"
+    want = json.loads(json.dumps(dataclasses.asdict(preset)))
+    if path.exists():
+        have = json.loads(path.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        if diff:
+            raise ValueError(f"{out} holds a speedrun made with other settings (differs in: {', '.join(diff)}); "
+                             "use a new --out or the same preset")
+    else:
+        write_atomic(path, json.dumps(want, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the speedrun; returns the exit status."""
     args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
     try:
-        from .pipeline import run_pipeline
+        from examples.nanogpt.data import load_data
+        from examples.replicate import replicate
+
+        from .summary import PAPER
         from .workload import ZooWorkload
 
         preset = get_preset(args.preset)
@@ -55,22 +79,20 @@ def main(argv: list[str] | None = None) -> int:
                                    "(pass --device cpu to try it on the CPU)")
         out = Path(args.out or f"runs/speedrun-{preset.name}")
         workload = ZooWorkload(preset)
-        print(f"speedrun {preset.name}: {' -> '.join(workload.families)}, tiers {list(workload.tiers)}, "
-              f"{preset.budget:,} tokens per run, target loss {preset.target_loss:g} -> {out}", flush=True)
-        result = run_pipeline(workload, out, progress=not args.no_progress)
+        load_data(preset.data)  # fail fast on missing shards, before any training
+        out.mkdir(parents=True, exist_ok=True)
+        check_settings(out, preset)
+        v = replicate(workload, out, preset.tuner, stream=False if args.no_progress else None)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume (finished runs are kept)", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError) as exc:
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError, ImportError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"python -m examples.speedrun: error: {msg}", file=sys.stderr)
         return 2
-    s = result.summary
-    print(f"\ndone in {time.strftime('%H:%M:%S', time.gmtime(result.wall_s))}: report {result.report}")
-    pooled = s["score"]["pooled"]
-    print(f"pooled rho {pooled['rho']:.3f} (p = {pooled['pvalue']:.3g}); paper 0.93")
-    for line in s["verdict"]:
-        print(f"  - {line}")
+    print(f"\ndone in {time.strftime('%H:%M:%S', time.gmtime(time.perf_counter() - t0))}: report "
+          f"{out / 'report' / 'report.md'}; pooled rho {v.pooled_rho:.3f} (p = {v.pooled_pvalue:.3g}), paper "
+          f"{PAPER['pooled_rho']}; run records in {out / 'runs'} (python -m spectral_lens.cli predict {out / 'runs'}/*)")
     return 0
 
 

@@ -1,61 +1,92 @@
-"""The speedrun report: the library report plus the replication verdict beside the paper's numbers.
+"""The speedrun's own report sections, handed to the shared pipeline through ``report_sections``.
 
-``spectral_lens.report.build_report`` writes the runs table, the early-prediction tables and score
-(TailPredictor and the noise-scale baseline), matched-loss spectra, alpha trajectories, the
-early-prediction scatter, and for the variant chain (consecutive families at the reference tier)
-the gain plane and the taxonomy with its evidence. This module adds what is specific to the
-replication: the pre-registered target and which tiers missed it, the tuned rates, validation loss
-curves, rho per family and pooled with p-values beside the paper's, and plain-language flags when a
-rho is underpowered or negative. ``summary.json`` holds the same numbers.
+The pipeline's report (``spectral_lens.report.build_report``: runs table, early-prediction tables and
+score beside the noise-scale baseline, matched-loss spectra, alpha trajectories, gain plane and
+taxonomy of the chain with its evidence) and its verdict (rho per family and pooled, reached and
+missed tiers, flags) are generic. This module adds what is specific to the speedrun: our rhos beside
+the paper's numbers (Sec. 3) with the smallest p-value the number of tiers allows, the runs that
+missed the pre-registered target with their best losses, the tuner's chosen factors with their
+final-rung losses, and validation-loss curves.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
-from spectral_lens.records import RunRecord, open_runs
-from spectral_lens.report import build_report
+from examples.replicate.verdict import ALPHA, verdict
+from spectral_lens.records import RunRecord
 
-from .halving import write_json_atomic
-from .workload import run_id
-
-__all__ = ["write_summary", "verdict_lines", "PAPER"]
+__all__ = ["PAPER", "min_pvalue", "speedrun_sections"]
 
 PAPER = dict(within_rho_d12=0.97, pooled_rho=0.93, within_rho_d36_d48=0.95)
 """The paper's early-prediction correlations (Sec. 3): within-family mean at d12, pooled, at d36/d48."""
 
-ALPHA = 0.05
 
-
-def verdict_lines(score: dict, n_tiers: int) -> list[str]:
-    """Plain-language reading of the score: negative, underpowered or not significant rhos, per family and pooled.
-
-    ``score``: ``{"within": {family: {"rho", "pvalue", "n"}}, "pooled": {"rho", "pvalue", "n"}}`` (NaN allowed).
-    """
-    lines = []
-    min_p = 2 / math.factorial(n_tiers) if n_tiers <= 8 else 0.0  # exact two-sided test, perfect order
-    if min_p >= ALPHA:
-        lines.append(f"Underpowered: with {n_tiers} tiers per family the smallest possible two-sided p-value of a "
-                     f"within-family rho is {min_p:.3g} (a perfect ordering), so no within-family rho can be "
-                     f"significant at {ALPHA}.")
-    entries = [(f"{f}", s) for f, s in score["within"].items()] + [("pooled", score["pooled"])]
-    for name, s in entries:
-        rho, p, n = s["rho"], s["pvalue"], s["n"]
-        if rho is None or not math.isfinite(rho):
-            lines.append(f"{name}: rho is undefined (fewer than 3 runs with a finite eps_tok, or ties).")
-        elif rho < 0:
-            lines.append(f"{name}: rho = {rho:.3f} is NEGATIVE: the early tail orders the tiers against realized token "
-                         f"efficiency here (the paper's finding does not reproduce for this group).")
-        elif p is not None and math.isfinite(p) and p >= ALPHA:
-            lines.append(f"{name}: rho = {rho:.3f} is positive but not significant (p = {p:.3g}, n = {n}).")
-    return lines
+def min_pvalue(n: int) -> float:
+    """The smallest exact two-sided p-value of a Spearman rho over ``n`` distinct ranks (a perfect order): ``2/n!``."""
+    if n < 2:
+        raise ValueError(f"min_pvalue: need n >= 2 ranks, got {n}")
+    return 2.0 / math.factorial(n) if n <= 20 else 0.0
 
 
 def _fmt(v, spec=".3f") -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def speedrun_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str]:
+    """Markdown sections of the speedrun report (figures into ``out_dir``); see the module docstring.
+
+    The tuner's choices are read from ``out_dir/../tune/choices.json`` (the pipeline's layout) when present.
+    """
+    p = workload.preset
+    target = workload.target_loss
+    v = verdict(runs, target=target, families=workload.families, unit=workload.unit,
+                fraction=workload.fraction, window=workload.window)
+    rows = ["| group | our Spearman rho (early alpha_tail vs eps_tok) | p-value | runs | paper |", "|---|---|---|---|---|"]
+    for f in v.families.values():
+        rows.append(f"| {f.family} | {_fmt(f.rho)} | {_fmt(f.pvalue, '.3g')} | {f.n} | "
+                    f"within-family mean {PAPER['within_rho_d12']} (d12) |")
+    within = [f.rho for f in v.families.values() if math.isfinite(f.rho)]
+    rows.append(f"| within-family mean | {_fmt(sum(within) / len(within) if within else math.nan)} | | | "
+                f"{PAPER['within_rho_d12']} (d12) |")
+    rows.append(f"| pooled (per-family min-max) | {_fmt(v.pooled_rho)} | {_fmt(v.pooled_pvalue, '.3g')} | "
+                f"{v.pooled_n} | {PAPER['pooled_rho']} |")
+    base = ", ".join(f"{f.family} {_fmt(f.baseline_rho)}" for f in v.families.values())
+    notes = [f"Noise-scale baseline within-family rho: {base}."]
+    n_tiers = len(workload.tiers)
+    if min_pvalue(n_tiers) >= ALPHA:
+        notes.append(f"Underpowered by design: with {n_tiers} tiers per family the smallest exact two-sided "
+                     f"p-value of a within-family rho is {min_pvalue(n_tiers):.3g} (a perfect order), so no "
+                     f"within-family rho can be significant at {ALPHA}.")
+    sections = [f"## Early prediction: ours beside the paper's\n\nPreset `{p.name}`: profile `{p.profile}`, data "
+                f"`{p.data}`, {p.budget:,} training tokens per run, pre-registered target **{target:g}** (fixed "
+                f"in `examples/speedrun/presets.py` before the runs).\n\n" + "\n".join(rows) + "\n\n"
+                + "\n".join(f"- {n}" for n in notes)]
+
+    missed = []
+    for r in runs:
+        _, losses = r.val_curve()
+        best = float(losses.min()) if losses.size else math.nan
+        if not best <= target:
+            missed.append(f"| {r.run_id} | {r.info.family} | {r.info.batch_tier:g} | {_fmt(best)} |")
+    sections.append("## Target loss\n\n" + (
+        "Runs that did NOT reach the pre-registered target (their eps_tok is infinite and they rank last):\n\n"
+        "| run | family | tier | best validation loss |\n|---|---|---|---|\n" + "\n".join(missed)
+        if missed else f"Every run reached {target:g}."))
+
+    choices_path = out_dir.parent / "tune" / "choices.json"
+    if choices_path.exists():
+        data = json.loads(choices_path.read_text(encoding="utf-8"))
+        lines = ["| family | tier | chosen factor (x reference) | its last-rung loss |", "|---|---|---|---|"]
+        lines += [f"| {c['family']} | {c['tier']} | {c['scale']:.4g} | {_fmt(c.get('loss'))} |" for c in data["choices"]]
+        sections.append(f"## Tuner choices\n\nSynchronized successive halving (`examples.tune`), rungs "
+                        f"{list(p.rungs)} tokens, learning-rate schedules over the {p.budget:,}-token run budget "
+                        f"(`{choices_path.relative_to(out_dir.parent)}`).\n\n" + "\n".join(lines))
+    if _plot_loss_curves(runs, target, out_dir / "loss_curves.png"):
+        sections.append("## Loss curves\n\n![Validation loss by tier](loss_curves.png)")
+    return sections
 
 
 def _plot_loss_curves(runs: Sequence[RunRecord], target: float, path: Path) -> bool:
@@ -67,7 +98,7 @@ def _plot_loss_curves(runs: Sequence[RunRecord], target: float, path: Path) -> b
         return False
     from matplotlib.figure import Figure
 
-    fams = sorted({r.info.family for r in runs})
+    fams = list(dict.fromkeys(r.info.family for r in runs))
     fig = Figure(figsize=(5.2 * len(fams), 4.0))
     axes = fig.subplots(1, len(fams), squeeze=False)[0]
     for ax, fam in zip(axes, fams):
@@ -81,108 +112,8 @@ def _plot_loss_curves(runs: Sequence[RunRecord], target: float, path: Path) -> b
         ax.set_ylim(top=min(ax.get_ylim()[1], target + 2.5))
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
     return True
-
-
-def write_summary(workload, run_dirs: Sequence[os.PathLike], out: os.PathLike, *, choices: dict) -> dict:
-    """Write ``out/report.md`` (library report + replication summary) and ``out/summary.json``; returns the summary."""
-    p = workload.preset
-    out = Path(out)
-    runs = open_runs(run_dirs)
-    target = workload.target_loss
-    fams = list(workload.families)
-    transitions = [(run_id(a, workload.reference_tier), run_id(b, workload.reference_tier))
-                   for a, b in zip(fams, fams[1:])]
-    rep = build_report(runs, out, target_loss=target, fraction=p.fraction, window=p.tail_window,
-                       transitions=transitions, title=f"Speedrun replication: preset {p.name}")
-    library_md = rep.path.read_text(encoding="utf-8")
-
-    missed = []
-    for r in runs:
-        _, losses = r.val_curve()
-        best = float(losses.min()) if losses.size else math.nan
-        if not best <= target:
-            missed.append(dict(run=r.run_id, family=r.info.family, tier=r.info.batch_tier, best_val_loss=best))
-    sc = rep.score
-    score = dict(
-        within={f: dict(rho=w.rho, pvalue=w.pvalue, n=w.n) for f, w in (sc.within.items() if sc else [])},
-        pooled=dict(rho=sc.rho if sc else math.nan, pvalue=sc.pvalue if sc else math.nan, n=sc.n if sc else 0),
-        mean_within_rho=sc.mean_within_rho if sc else math.nan,
-    )
-    bs = rep.baseline_score
-    baseline = None if bs is None else dict(pooled_rho=bs.rho, pooled_pvalue=bs.pvalue, mean_within_rho=bs.mean_within_rho)
-    verdict = verdict_lines(score, len(workload.tiers))
-    if sc is None:
-        verdict.insert(0, "No prediction score: " + "; ".join(rep.notes))
-    taxonomy = [dict(transition=f"{t.evidence.a} -> {t.evidence.b}", label=t.label, rule=t.rule,
-                     tok_gain=t.evidence.tok_gain, thr_gain=t.evidence.thr_gain) for t in rep.taxonomy]
-    missed_ids = {m["run"] for m in missed}
-    for t in rep.taxonomy:
-        gone = [x for x in (t.evidence.a, t.evidence.b) if x in missed_ids]
-        if gone:
-            verdict.append(f"Transition {t.evidence.a} -> {t.evidence.b}: {', '.join(gone)} did not reach the target, so "
-                           f"the token gain is undefined and the label ({t.label}) rests on the other evidence only; "
-                           "it is not evidence for the paper's taxonomy.")
-    summary = dict(preset=p.name, target_loss=target, families=fams, tiers=list(workload.tiers), budget=p.budget,
-                   fraction=p.fraction, tail_window=list(p.tail_window), missed_target=missed, score=score,
-                   baseline=baseline, paper=PAPER, verdict=verdict, taxonomy=taxonomy,
-                   chosen_lr_scale={k: v["scale"] for k, v in choices.items()})
-
-    lines = [f"# Speedrun replication: preset `{p.name}`", "",
-             f"Profile `{p.profile}`, data `{p.data}`, families {' -> '.join(fams)}, tiers {list(workload.tiers)} "
-             f"(B0 = {workload.reference_tier}), {p.budget:,} training tokens per run. Pre-registered target "
-             f"validation loss **{target:g}** (fixed in `examples/speedrun/presets.py` before the runs). Early "
-             f"checkpoint at {p.fraction:.0%} progress, alpha_tail over ranks {p.tail_window}.", "",
-             "## Early prediction: ours beside the paper's", "",
-             "| group | our Spearman rho (early alpha_tail vs eps_tok) | p-value | runs | paper |",
-             "|---|---|---|---|---|"]
-    for f, s in score["within"].items():
-        lines.append(f"| {f} (within family) | {_fmt(s['rho'])} | {_fmt(s['pvalue'], '.3g')} | {s['n']} | "
-                     f"within-family mean {PAPER['within_rho_d12']} (d12) |")
-    lines.append(f"| within-family mean | {_fmt(score['mean_within_rho'])} | | | {PAPER['within_rho_d12']} (d12) |")
-    lines.append(f"| pooled (per-family min-max) | {_fmt(score['pooled']['rho'])} | "
-                 f"{_fmt(score['pooled']['pvalue'], '.3g')} | {score['pooled']['n']} | {PAPER['pooled_rho']} |")
-    if baseline:
-        lines += ["", f"Noise-scale baseline: pooled rho {_fmt(baseline['pooled_rho'])} "
-                      f"(p = {_fmt(baseline['pooled_pvalue'], '.3g')}), within-family mean "
-                      f"{_fmt(baseline['mean_within_rho'])}."]
-    lines += ["", "## Verdict", ""] + [f"- {v}" for v in verdict or ["No flags: every rho is positive and significant."]]
-    lines += ["", "## Target loss", ""]
-    if missed:
-        lines += ["Runs that did NOT reach the pre-registered target (their eps_tok is infinite and they rank last):", "",
-                  "| run | family | tier | best validation loss |", "|---|---|---|---|"]
-        lines += [f"| {m['run']} | {m['family']} | {m['tier']:g} | {m['best_val_loss']:.3f} |" for m in missed]
-    else:
-        lines.append(f"Every run reached {target:g}.")
-    lines += ["", "## Tuned learning rates", "",
-              "Factor over the family's reference rates (synchronized successive halving, `_tune/choices.json`).", "",
-              "| family | tier | chosen factor | trial losses at the last rung |", "|---|---|---|---|"]
-    for k, v in choices.items():
-        last = str(p.rungs[-1])
-        trials = ", ".join(f"x{t['scale']:.3g}: {_fmt(t['losses'].get(last))}" for t in v["trials"].values()
-                           if last in t["losses"])
-        lines.append(f"| {v['family']} | {v['tier']} | {v['scale']:.4g} | {trials} |")
-    if taxonomy:
-        lines += ["", "## Variant chain (taxonomy at the reference tier)", ""]
-        lines += [f"- {t['transition']}: **{t['label']}** (TokGain {_fmt(t['tok_gain'], '+.3f')}, "
-                  f"ThrGain {_fmt(t['thr_gain'], '+.3f')}; rule: {t['rule']})" for t in taxonomy]
-    if _plot_loss_curves(runs, target, out / "loss_curves.png"):
-        lines += ["", "## Loss curves", "", "![Validation loss by tier](loss_curves.png)"]
-    lines += ["", "---", ""]
-    tmp = rep.path.with_name(rep.path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n" + library_md.replace("# ", "## ", 1), encoding="utf-8")
-    os.replace(tmp, rep.path)
-    write_json_atomic(out / "summary.json", _finite(summary))
-    return summary
-
-
-def _finite(obj):
-    """JSON-safe copy: non-finite floats become None."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

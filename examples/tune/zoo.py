@@ -1,47 +1,70 @@
 """A :class:`~examples.tune.trainable.Trainable` for the NanoGPT variant zoo (``examples.nanogpt.train``).
 
-The family is the variant name; a candidate's ``scale`` is the trainer's ``lr_scale`` (it multiplies
-every optimizer group's base rate, i.e. the variant recipe's rates at tier 8, so the family's
-reference rates are :func:`zoo_reference_lrs`). The batch tier is the trainer's ``batch_tier``.
+The family is the variant name; the batch tier is the trainer's ``batch_tier``. A family's reference
+rates are the zoo recipe's rates (tuned for d12 at tier 8) times ``lr_factor``
+(:func:`zoo_reference_lrs`); a candidate's rates must be one common multiple of them (the trainer
+scales every optimizer group by one ``lr_scale``), and the trainer's ``lr_scale`` is
+``candidate.scale * lr_factor`` (:func:`lr_scale_of`).
 
-Continuation: every call trains with ``tokens=horizon`` (so the learning-rate schedule is the
-horizon's), checkpoints at every evaluation (``checkpoint_every_tokens = eval_every_tokens``) and
-stops at the first evaluation at or past ``budget``; a promoted trial resumes from the newest
-checkpoint in ``workdir``. Since the data order and the schedule depend only on the step, the run up
-to a rung is exactly the prefix of the uninterrupted run to the horizon.
+Continuation: every call trains with ``tokens=schedule`` and ``stop_tokens=budget`` (the trainer stops
+after the first step reaching the budget, evaluates and checkpoints there, and closes its files); the
+schedule is ``schedule_tokens`` when set (the measured run's budget, so trials are prefixes of the
+measured runs) else the tuner's ``horizon``. A promoted trial resumes from ``workdir/ckpt.pt``. Since
+the data order, the learning-rate schedule and the evaluation points depend only on the step, the run
+up to a rung is exactly the prefix of the uninterrupted run.
 """
 from __future__ import annotations
 
 import math
-import re
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from .trainable import Candidate, Report
 
-__all__ = ["ZooTrainable", "zoo_reference_lrs"]
+__all__ = ["ZooTrainable", "zoo_reference_lrs", "lr_scale_of"]
+
+CKPT = "ckpt.pt"
 
 
-def zoo_reference_lrs(variant: str) -> dict[str, float]:
-    """The zoo recipe's base rate per optimizer group of ``variant`` (``embed``, ``head``, ``scalar``, ``matrix``)."""
+def zoo_reference_lrs(variant: str, lr_factor: float = 1.0) -> dict[str, float]:
+    """The zoo recipe's rate per optimizer group of ``variant`` times ``lr_factor`` (``embed``, ``head``, ``scalar``, ``matrix``)."""
     from examples.nanogpt.variants import build_recipe, canonical_name
 
     r = build_recipe(canonical_name(variant))
-    return {"embed": r.embed_lr, "head": r.head_lr, "scalar": r.scalar_lr, "matrix": r.matrix_lr}
+    return {g: v * lr_factor for g, v in
+            {"embed": r.embed_lr, "head": r.head_lr, "scalar": r.scalar_lr, "matrix": r.matrix_lr}.items()}
 
 
-class _Stop(Exception):
-    """Raised from ``on_eval`` to end a call at its rung budget (a checkpoint exists at that step)."""
+def lr_scale_of(lrs: Mapping[str, float], reference: Mapping[str, float], lr_factor: float = 1.0) -> float:
+    """The trainer's ``lr_scale`` for rates ``lrs``: their common factor over ``reference``, times ``lr_factor``.
+
+    Rates that name other groups than ``reference`` or are not one common multiple of it cannot be
+    trained by the zoo (one factor scales every group) and raise a ``ValueError`` naming both.
+    """
+    if set(lrs) != set(reference):
+        raise ValueError(f"rates name groups {sorted(lrs)}, the family's reference rates {sorted(reference)}")
+    ratios = {g: lrs[g] / reference[g] for g in reference}
+    first = next(iter(ratios.values()))
+    if not all(math.isclose(r, first, rel_tol=1e-6) for r in ratios.values()):
+        raise ValueError(f"rates {dict(lrs)} are not the zoo recipe's rates times one scale (ratios to the "
+                         f"reference {dict(reference)}: {ratios}); the zoo scales all groups together")
+    return first * lr_factor
 
 
 @dataclass(frozen=True)
 class ZooTrainable:
-    """Train zoo variants for the tuner.
+    """Train zoo variants for the tuner (no spectral measurements).
 
     Attributes:
-        eval_every_tokens: tokens between validation reports (and checkpoints); choose it so that
-            every rung budget is a multiple of it and of each tier's tokens per step.
-        profile, data, val_tokens, seed, device, compile: passed to ``examples.nanogpt.train.train``.
+        eval_every_tokens: tokens between validation reports. Every rung budget must be a multiple
+            of each tier's tokens per step (else the trainer stops past the rung and the call fails).
+        profile, data, val_tokens, seed, device, compile, attn_impl, seq_len, rows: passed to
+            ``examples.nanogpt.train.train`` (``seq_len``/``rows`` ``None``: the profile's geometry).
+        lr_factor: the reference rates are the recipe's times this (see :func:`zoo_reference_lrs`).
+        schedule_tokens: the learning-rate schedule's length; ``None``: the tuner's ``horizon`` (its
+            last rung). Set it to the measured runs' budget when that is longer than the last rung.
     """
 
     eval_every_tokens: int
@@ -51,36 +74,57 @@ class ZooTrainable:
     seed: int = 0
     device: str | None = None
     compile: bool = False
+    attn_impl: str = "auto"
+    seq_len: int | None = None
+    rows: int | None = None
+    lr_factor: float = 1.0
+    schedule_tokens: int | None = None
 
     def __call__(self, candidate: Candidate, budget: int, *, horizon: int, workdir: Path, report: Report) -> None:
-        """Train ``candidate.family`` at ``batch_tier=candidate.tier`` and ``lr_scale=candidate.scale`` up to ``budget`` tokens."""
+        """Train ``candidate`` to ``budget`` tokens, resuming from ``workdir/ckpt.pt``; report every evaluation."""
         from examples.nanogpt.train import train
 
-        ref = zoo_reference_lrs(candidate.family)
-        for group, lr in candidate.lrs.items():
-            if group not in ref or not math.isclose(lr, ref[group] * candidate.scale, rel_tol=1e-6):
-                raise ValueError(f"ZooTrainable: candidate {candidate.key} rate {group}={lr!r} is not the zoo recipe's "
-                                 f"rate times the scale ({ref.get(group)!r} x {candidate.scale:.6g}); build the "
-                                 "family's reference rates with zoo_reference_lrs()")
-        workdir = Path(workdir)
-        ckpts = sorted(workdir.glob("ckpt_*.pt"), key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
-
-        def on_eval(model, step, tokens, val_loss):
-            report(tokens, val_loss)
-            if tokens >= budget:
-                if tokens != budget:
-                    raise ValueError(f"ZooTrainable: {candidate.key} evaluates at {tokens} tokens, past the rung budget "
-                                     f"{budget}; choose budgets that are multiples of eval_every_tokens="
-                                     f"{self.eval_every_tokens} and of the tier's tokens per step")
-                raise _Stop
-
+        schedule = self.schedule_tokens or horizon
+        if not 0 < budget <= horizon <= schedule:
+            raise ValueError(f"ZooTrainable: {candidate.key}: need 0 < budget ({budget}) <= horizon ({horizon}) "
+                             f"<= schedule_tokens ({schedule})")
         try:
-            train(variant=candidate.family, profile=self.profile, data=self.data, run_dir=workdir, tokens=horizon,
-                  batch_tier=candidate.tier, lr_scale=candidate.scale, eval_every_tokens=self.eval_every_tokens,
-                  checkpoint_every_tokens=self.eval_every_tokens, val_tokens=self.val_tokens, seed=self.seed,
-                  device=self.device, compile=self.compile, resume=ckpts[-1] if ckpts else None,
-                  on_eval=on_eval, verbose=False)
-        except _Stop:
-            pass
-        for old in ckpts[:-1]:  # keep the newest checkpoint of the previous call and the ones just written
-            old.unlink(missing_ok=True)
+            scale = lr_scale_of(candidate.lrs, zoo_reference_lrs(candidate.family, self.lr_factor), self.lr_factor)
+        except ValueError as e:
+            raise ValueError(f"ZooTrainable: candidate {candidate.key}: {e}; build the family's reference rates "
+                             f"with zoo_reference_lrs(family, lr_factor={self.lr_factor})") from None
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        ckpt = workdir / CKPT
+        resume = ckpt if ckpt.exists() else None
+        seen: dict[str, int] = {}
+
+        def on_eval(model, step: int, tokens: int, val_loss: float) -> None:
+            if "start" not in seen:  # the trainer re-evaluates the resumed step: reported already
+                seen["start"] = tokens
+                if resume is not None:
+                    return
+            if tokens > budget:  # raised after the trainer has returned (and closed its files)
+                seen["past"] = tokens
+                return
+            report(int(tokens), float(val_loss))
+
+        train(variant=candidate.family, profile=self.profile, data=self.data, run_dir=workdir, tokens=schedule,
+              stop_tokens=budget, batch_tier=candidate.tier, seq_len=self.seq_len, rows=self.rows, lr_scale=scale,
+              eval_every_tokens=self.eval_every_tokens, val_tokens=self.val_tokens, resume=resume, save_final=True,
+              seed=self.seed, device=self.device, compile=self.compile, attn_impl=self.attn_impl, on_eval=on_eval,
+              verbose=False)
+        _keep_latest_checkpoint(workdir)
+        if "past" in seen:
+            raise ValueError(f"ZooTrainable: {candidate.key} stopped at {seen['past']} tokens, past the rung budget "
+                             f"{budget}; choose rung budgets that are multiples of the tier's tokens per step")
+
+
+def _keep_latest_checkpoint(workdir: Path) -> None:
+    """Move the newest ``ckpt_<step>.pt`` to ``ckpt.pt`` (atomic rename) and drop the older ones."""
+    ckpts = sorted(workdir.glob("ckpt_*.pt"))
+    if not ckpts:
+        raise RuntimeError(f"{workdir}: the trainer saved no checkpoint")
+    os.replace(ckpts[-1], workdir / CKPT)
+    for old in ckpts[:-1]:
+        old.unlink()

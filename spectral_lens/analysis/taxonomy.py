@@ -11,9 +11,11 @@ coordinates (token gain, throughput gain) and attributed by spectral evidence:
 * **mixed/tradeoff**: one objective improves while the other worsens comparably;
 * **no clear change**: neither gain exceeds the threshold.
 
-Two more labels make the classifier total instead of forcing a case into the wrong bucket:
+Three more labels make the classifier total instead of forcing a case into the wrong bucket:
 **learning gain, spectrally unattributed** (a token gain with neither spectrum moving beyond its
-threshold) and **regression** (one or both objectives worsen, none improves).
+threshold), **regression** (one or both objectives worsen, none improves) and **undetermined
+(token gain undefined)** (a run of the transition never reached the target, so ``T`` is infinite
+and the transition cannot be placed on the gain plane).
 
 The paper gives no numeric thresholds; every threshold is a constructor parameter of
 :class:`TransitionClassifier` and every result carries the numbers and the rule that fired.
@@ -41,6 +43,7 @@ __all__ = [
     "NO_CLEAR_CHANGE",
     "UNATTRIBUTED_LEARNING",
     "REGRESSION",
+    "UNDETERMINED",
     "LABELS",
     "TransitionEvidence",
     "TaxonomyResult",
@@ -56,6 +59,7 @@ MIXED_TRADEOFF = "mixed/tradeoff"
 NO_CLEAR_CHANGE = "no clear change"
 UNATTRIBUTED_LEARNING = "learning gain, spectrally unattributed"
 REGRESSION = "regression"
+UNDETERMINED = "undetermined (token gain undefined)"
 #: Every label the classifier can return.
 LABELS = (
     ACTIVATION_LED,
@@ -65,6 +69,7 @@ LABELS = (
     NO_CLEAR_CHANGE,
     UNATTRIBUTED_LEARNING,
     REGRESSION,
+    UNDETERMINED,
 )
 
 
@@ -179,6 +184,10 @@ class TransitionClassifier:
     Rules, in order (on log gains ``g_tok``, ``g_thr``; an unknown gain counts as 0; ``g`` is
     ``gain_threshold``):
 
+    0. ``undetermined (token gain undefined)``: the evidence's ``details`` record an infinite
+       ``T_a`` or ``T_b`` (a run never reached the target, as :func:`transition_evidence` records);
+       the rule names the run(s). The token gain is then undefined, not zero.
+
     1. ``mixed/tradeoff``: one gain >= g, the other <= -g, and
        ``min(|g_tok|, |g_thr|) >= tradeoff_ratio * max(|g_tok|, |g_thr|)``.
     2. ``no clear change``: ``|g_tok| < g`` and ``|g_thr| < g``.
@@ -234,6 +243,12 @@ class TransitionClassifier:
         act = _score([(ev.d_alpha_head, self.head_threshold), (ev.act_jsd, self.act_jsd_threshold)])
         grad = _score([(ev.d_grad_alpha, self.grad_alpha_threshold), (ev.grad_jsd, self.grad_jsd_threshold)])
         coords = f"g_tok={gt:+.3f}, g_thr={gq:+.3f}"
+        missed = [name for name, key in ((ev.a, "T_a"), (ev.b, "T_b"))
+                  if key in ev.details and not math.isfinite(ev.details[key])]
+        if missed:
+            rule = (f"rule 0: {' and '.join(missed)} did not reach the target {ev.details.get('target', '?')}: "
+                    f"the token gain is undefined (g_thr={gq:+.3f}, act_score={act:.2f}, grad_score={grad:.2f})")
+            return TaxonomyResult(UNDETERMINED, rule, ev, act, grad, self.thresholds)
         big, small = max(abs(gt), abs(gq)), min(abs(gt), abs(gq))
         if max(gt, gq) >= g and min(gt, gq) <= -g and small >= self.tradeoff_ratio * big:
             label = MIXED_TRADEOFF

@@ -16,6 +16,7 @@ from spectral_lens.analysis import (
     REGRESSION,
     THROUGHPUT_LEANING,
     UNATTRIBUTED_LEARNING,
+    UNDETERMINED,
     TransitionClassifier,
     TransitionEvidence,
     js_divergence,
@@ -135,3 +136,22 @@ def test_evidence_from_records(tmp_path):
     assert "fallback_a" in never.details and math.isnan(never.tok_gain)
     with pytest.raises(ValueError, match="at must be"):
         transition_evidence(base, act, 3.2, at="middle")
+
+
+def test_a_run_that_never_reaches_the_target_makes_the_token_gain_undefined(tmp_path):
+    # base never reaches 2.95 (best 3.0); fast reaches it and is 30% faster: before the fix the
+    # unknown token gain counted as 0 and the step was labelled throughput-leaning with g_tok=+0.000
+    base = _run(tmp_path, "base", losses=[4.0, 3.6, 3.3, 3.1, 3.0], act_alpha=1.0, grad_alpha=0.5, tps=1000.0)
+    fast = _run(tmp_path, "fast", losses=[3.9, 3.4, 3.1, 3.0, 2.9], act_alpha=1.0, grad_alpha=0.5, tps=1300.0)
+    clf = TransitionClassifier()
+    res = clf.classify_runs(base, fast, 2.95)
+    assert res.label == UNDETERMINED and "base did not reach the target 2.95" in res.rule
+    assert "token gain is undefined" in res.rule and "g_tok" not in res.rule
+    back = clf.classify_runs(fast, base, 2.95)
+    assert back.label == UNDETERMINED and "base did not reach" in back.rule and "fast did not" not in back.rule
+    both = clf.classify_runs(base, base, 2.0)
+    assert both.label == UNDETERMINED and "base and base did not reach" in both.rule
+    # gains built by hand (no T in the details) keep the documented rule: an unknown gain counts as 0
+    assert clf.classify(E("a", "b", math.nan, 0.3)).label == THROUGHPUT_LEANING
+    # both reached: the ordinary rules apply
+    assert clf.classify_runs(base, fast, 3.2).label != UNDETERMINED
