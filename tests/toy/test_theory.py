@@ -4,8 +4,6 @@ Every check is paired with a deliberately wrong variant (a wrong constant or exp
 hypothesis) that the same check must reject, so none of them can pass vacuously.
 """
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,22 +14,11 @@ from scipy.integrate import solve_ivp
 from scipy.linalg import polar
 from scipy.stats import spearmanr
 
-ROOT = str(Path(__file__).resolve().parents[2])
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from examples.nanogpt.muon import NS_COEFFICIENTS, newton_schulz5  # noqa: E402
-from examples.toy import theory as th  # noqa: E402
-from spectral_lens.analysis.synthetic import theorem6_activation  # noqa: E402
-from spectral_lens.spectra import band_alpha, estimate_crossover  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from examples.nanogpt.muon import NS_COEFFICIENTS, newton_schulz5
+from examples.toy import theory as th
+from spectral_lens.analysis.synthetic import theorem6_activation
+from spectral_lens.spectra import band_alpha, estimate_crossover
+from support.threads import one_intra_op_thread  # noqa: F401  (autouse)
 
 
 def _rel(a, b) -> float:
