@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .linear import _contraction_dtype
+from .linear import linear_per_sample_grad
 from .registry import register_fast_path_by_name
 
 __all__ = ["conv1d_per_sample_grad", "HF_CONV1D"]
@@ -24,14 +24,13 @@ HF_CONV1D = ("transformers.pytorch_utils", "Conv1D")
 
 
 def conv1d_per_sample_grad(module: nn.Module, name: str, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """Per-sample gradient of ``module.weight`` (M, d_in, d_out) or ``module.bias`` (M, d_out)."""
-    m = dy.shape[0]
-    dt = _contraction_dtype(x, dy)
-    dy = dy.reshape(m, -1, dy.shape[-1]).to(dt)
-    if name == "bias":
-        return dy.sum(1)
-    x = x.reshape(m, -1, x.shape[-1]).to(dt)
-    return torch.bmm(x.transpose(1, 2), dy)
+    """Per-sample gradient of ``module.weight`` (M, d_in, d_out) or ``module.bias`` (M, d_out).
+
+    ``Conv1D`` is ``nn.Linear`` with the weight stored transposed, so its gradient is the transpose
+    of :func:`~spectral_lens.gradients.linear.linear_per_sample_grad`'s.
+    """
+    g = linear_per_sample_grad(module, name, x, dy)
+    return g if name == "bias" else g.transpose(1, 2)
 
 
 register_fast_path_by_name(*HF_CONV1D, conv1d_per_sample_grad, params=("weight", "bias"))

@@ -2,18 +2,10 @@
 import math
 
 import pytest
-import torch
 
 from examples.tune import load_choices, tune
 from examples.tune.zoo import ZooTrainable, zoo_reference_lrs
-
-
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from support.threads import one_intra_op_thread  # noqa: F401  (autouse)
 
 
 def test_zoo_tuning_end_to_end(tmp_path):
