@@ -139,7 +139,11 @@ def add_promoted(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.T
     if a.device.type == "cpu" and b.device.type == "cpu":
         import numpy as np
 
-        np.add(a.numpy(), b.numpy(), out=out.numpy())
+        # Callers may pass matrices valid only in their lower triangle (the strict upper one holds
+        # whatever an uninitialized buffer held, NaN included): adding it is harmless, so keep NumPy
+        # from warning about it (the values are unchanged; non-finite rows are caught elsewhere).
+        with np.errstate(invalid="ignore", over="ignore"):
+            np.add(a.numpy(), b.numpy(), out=out.numpy())
         return out
     return torch.add(a, b, out=out)
 

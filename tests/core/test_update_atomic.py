@@ -7,6 +7,8 @@ buffer. These tests pin each of those against float64 references and bit-for-bit
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -192,3 +194,18 @@ def test_merged_and_loaded_states_are_not_recycled_as_scratch():
         dst.update(torch.randn(9, 3) * 5 + k)
         src.update(torch.randn(9, 3) * 5 + k)
     assert torch.equal(sd["s"], kept)
+
+
+def test_add_promoted_ignores_garbage_upper_triangle_without_warning():
+    # Lower-triangle-only sums leave the strict upper triangle uninitialized (NaN/Inf possible):
+    # the add must not emit NumPy's "invalid value" RuntimeWarning (users run with -W error).
+    a = torch.randn(6, 6, dtype=torch.float64)
+    b = torch.randn(6, 6)
+    b[torch.triu_indices(6, 6, 1).unbind()] = float("nan")
+    a[0, 5] = float("inf")
+    b[0, 5] = -float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = moments.add_promoted(a, b, out=torch.empty_like(a))
+    low = torch.tril_indices(6, 6).unbind()
+    assert torch.equal(out[low], (a + b.double())[low])
