@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, IO
 
-__all__ = ["write_atomic", "write_json_atomic", "fsync_dir", "TMP_SUFFIX"]
+__all__ = ["write_atomic", "write_text_atomic", "write_json_atomic", "fsync_dir", "TMP_SUFFIX"]
 
 #: Suffix of every temporary file written here (``.<name>.<hex>.tmp``).
 TMP_SUFFIX = ".tmp"
@@ -63,7 +63,12 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
     return path
 
 
+def write_text_atomic(path: str | os.PathLike, text: str, *, fsync: bool = True) -> Path:
+    """Write ``text`` (UTF-8) atomically; see :func:`write_atomic`."""
+    data = text.encode("utf-8")
+    return write_atomic(path, lambda fh: fh.write(data), fsync=fsync)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, fsync: bool = True, default=None) -> Path:
     """Write ``obj`` as indented JSON (plus a newline) atomically; see :func:`write_atomic`."""
-    data = (json.dumps(obj, indent=2, default=default) + "\n").encode("utf-8")
-    return write_atomic(path, lambda fh: fh.write(data), fsync=fsync)
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=default) + "\n", fsync=fsync)

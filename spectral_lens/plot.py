@@ -8,6 +8,8 @@ tier consistently across figures (small tiers dark, large tiers light).
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -17,6 +19,7 @@ from .analysis.early import alpha_trajectory
 from .analysis.tier_predictor import PredictionScore
 from .analysis.windows import resolve_spectrum, resolve_window
 from .analysis.taxonomy import LABELS, TaxonomyResult
+from .atomic import write_atomic
 from .records import RunRecord
 
 __all__ = [
@@ -27,7 +30,17 @@ __all__ = [
     "plot_alpha_trajectories",
     "plot_early_vs_eps",
     "plot_gain_plane",
+    "save_figure",
 ]
+
+
+def save_figure(fig, path: str | os.PathLike, *, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path`` atomically (temporary file, fsync, rename), in the format of the
+    file's suffix (``.png`` by default); returns the path. The figure is left open."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".") or "png"
+    write_atomic(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi))
+    return path
 
 
 def require_matplotlib():

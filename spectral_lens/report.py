@@ -25,6 +25,7 @@ from .analysis.tier_predictor import PredictionScore
 from .analysis.windows import common_windows
 from .analysis.taxonomy import TaxonomyResult, TransitionClassifier
 from ._progress import progress_bar
+from .atomic import write_text_atomic
 from .records import RunRecord, open_runs
 
 __all__ = ["Report", "build_report", "score_flags", "MIN_TIERS", "MAX_PVALUE"]
@@ -360,8 +361,7 @@ def build_report(
         from . import plot
 
         def save(fig, name: str, caption: str) -> None:
-            path = out / name
-            fig.savefig(path, dpi=110)
+            path = plot.save_figure(fig, out / name)
             report.figures.append(path)
             doc.fig(path, caption)
 
@@ -403,5 +403,5 @@ def build_report(
         for n in report.notes:
             doc.p("- " + n)
     text = doc.markdown() if fmt == "md" else doc.html(title)
-    report.path.write_text(text, encoding="utf-8")
+    write_text_atomic(report.path, text)
     return report

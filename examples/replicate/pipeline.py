@@ -22,11 +22,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from spectral_lens.analysis import tokens_to_target
+from spectral_lens.atomic import write_text_atomic
 from spectral_lens.records import RunRecord, open_runs
 from spectral_lens.report import build_report
 
@@ -35,26 +35,7 @@ from .tuning import TunerSettings, choose_rates
 from .verdict import Verdict, verdict
 from .workload import Workload
 
-__all__ = ["replicate", "chain_transitions", "write_atomic"]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory (fsync, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file a normal mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+__all__ = ["replicate", "chain_transitions"]
 
 
 def chain_transitions(runs: Sequence[RunRecord], families: Sequence[str], target: float) -> list[tuple[str, str]]:
@@ -116,9 +97,9 @@ def replicate(workload: Workload, out: Path, tuner: TunerSettings, *, stream=Non
     if hook is not None:
         sections.extend(hook(runs, report_dir))
     text = rep.path.read_text(encoding="utf-8")
-    write_atomic(rep.path, text.rstrip() + "\n\n" + "\n\n".join(sections) + "\n")
-    write_atomic(report_dir / "verdict.txt", "\n".join(v.lines) + "\n")
-    write_atomic(report_dir / "verdict.json", json.dumps(_jsonable(v), indent=2, allow_nan=True) + "\n")
+    write_text_atomic(rep.path, text.rstrip() + "\n\n" + "\n\n".join(sections) + "\n")
+    write_text_atomic(report_dir / "verdict.txt", "\n".join(v.lines) + "\n")
+    write_text_atomic(report_dir / "verdict.json", json.dumps(_jsonable(v), indent=2, allow_nan=True) + "\n")
     say(f"[report] {rep.path}")
     say("\nVerdict:")
     for line in v.lines:

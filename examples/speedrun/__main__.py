@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_settings(out: Path, preset: Preset) -> None:
     """Write ``out/preset.json``, or refuse (``ValueError``) an output directory made with other settings."""
-    from examples.replicate.pipeline import write_atomic
+    from spectral_lens.atomic import write_text_atomic
 
     path = Path(out) / "preset.json"
     want = json.loads(json.dumps(dataclasses.asdict(preset)))
@@ -47,7 +47,7 @@ def check_settings(out: Path, preset: Preset) -> None:
             raise ValueError(f"{out} holds a speedrun made with other settings (differs in: {', '.join(diff)}); "
                              "use a new --out or the same preset")
     else:
-        write_atomic(path, json.dumps(want, indent=1) + "\n")
+        write_text_atomic(path, json.dumps(want, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,36 +84,4 @@ def speedrun_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> lis
         sections.append(f"## Tuner choices\n\nSynchronized successive halving (`examples.tune`), rungs "
                         f"{list(p.rungs)} tokens, learning-rate schedules over the {p.budget:,}-token run budget "
                         f"(`{choices_path.relative_to(out_dir.parent)}`).\n\n" + "\n".join(lines))
-    if _plot_loss_curves(runs, target, out_dir / "loss_curves.png"):
-        sections.append("## Loss curves\n\n![Validation loss by tier](loss_curves.png)")
     return sections
-
-
-def _plot_loss_curves(runs: Sequence[RunRecord], target: float, path: Path) -> bool:
-    try:
-        from spectral_lens.plot import require_matplotlib
-
-        require_matplotlib()
-    except ImportError:
-        return False
-    from matplotlib.figure import Figure
-
-    fams = list(dict.fromkeys(r.info.family for r in runs))
-    fig = Figure(figsize=(5.2 * len(fams), 4.0))
-    axes = fig.subplots(1, len(fams), squeeze=False)[0]
-    for ax, fam in zip(axes, fams):
-        for r in sorted((r for r in runs if r.info.family == fam), key=lambda r: r.info.batch_tier):
-            tokens, losses = r.val_curve()
-            ax.plot(tokens, losses, marker="o", ms=3, label=f"B={r.info.batch_tier:g}")
-        ax.axhline(target, color="k", ls="--", lw=1, label=f"target {target:g}")
-        ax.set_title(fam)
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("validation loss")
-        ax.set_ylim(top=min(ax.get_ylim()[1], target + 2.5))
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-    return True

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the tuner's spawned worker processes
     import torch
 
-    from examples.replicate.pipeline import replicate, write_atomic
+    from examples.replicate.pipeline import replicate
+    from spectral_lens.atomic import write_text_atomic
 
     from .workload import ToyWorkload
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
         if not marker.exists():
-            write_atomic(marker, json.dumps({"preset": preset.name}) + "\n")
+            write_text_atomic(marker, json.dumps({"preset": preset.name}) + "\n")
         replicate(ToyWorkload(preset), out, preset.tuner)
     finally:
         torch.set_num_threads(previous)

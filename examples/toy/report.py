@@ -177,6 +177,17 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
     return sections
 
 
+def _save(fig, path: Path) -> Path:
+    """Write ``fig`` atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    from spectral_lens.plot import save_figure
+
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _figures(runs, families, target, window, scan, matched, steps, out_dir: Path) -> list[tuple[Path, str]]:
     try:
         import matplotlib
@@ -212,10 +223,7 @@ def _figures(runs, families, target, window, scan, matched, steps, out_dir: Path
                     ax[1].annotate(f"B={t}", (a, T), fontsize=7)
     ax[1].set(xlabel="alpha at 20% progress", ylabel="examples to target", title=f"target loss {target:g}")
     fig.tight_layout()
-    p = out_dir / "toy_fig4a.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    out.append((p, "Fig. 4a analogue: rho by progress; early alpha vs examples to target (unreached tiers not drawn)"))
+    out.append((_save(fig, out_dir / "toy_fig4a.png"), "Fig. 4a analogue: rho by progress; early alpha vs examples to target (unreached tiers not drawn)"))
 
     if matched:
         fig, ax = plt.subplots(figsize=(5, 4))
@@ -226,10 +234,7 @@ def _figures(runs, families, target, window, scan, matched, steps, out_dir: Path
         ax.set(xlabel="rank", ylabel="normalized eigenvalue", title=f"{families[-1]}: spectra at val loss <= {target:g}")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        p = out_dir / "toy_fig11a.png"
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        out.append((p, "Fig. 11a analogue: last-position activation spectra at matched loss, by tier"))
+        out.append((_save(fig, out_dir / "toy_fig11a.png"), "Fig. 11a analogue: last-position activation spectra at matched loss, by tier"))
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for fam in families:
@@ -242,10 +247,7 @@ def _figures(runs, families, target, window, scan, matched, steps, out_dir: Path
     ax.set(xlabel="training progress (%)", ylabel="H_S (modes 1-8)", title="task-band concentration")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    p = out_dir / "toy_fig4b.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    out.append((p, "Fig. 4b analogue: H_S during training, each family's most token-efficient tier"))
+    out.append((_save(fig, out_dir / "toy_fig4b.png"), "Fig. 4b analogue: H_S during training, each family's most token-efficient tier"))
 
     if steps:
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -253,8 +255,5 @@ def _figures(runs, families, target, window, scan, matched, steps, out_dir: Path
         ax.axhline(0, color="grey", lw=0.5)
         ax.set(ylabel="mean Delta H_peak", title="chain steps (best tiers)")
         fig.tight_layout()
-        p = out_dir / "toy_fig11b.png"
-        fig.savefig(p, dpi=100)
-        plt.close(fig)
-        out.append((p, "Fig. 11b analogue: mean Delta H_peak per chain step"))
+        out.append((_save(fig, out_dir / "toy_fig11b.png"), "Fig. 11b analogue: mean Delta H_peak per chain step"))
     return out

@@ -16,21 +16,13 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from spectral_lens.atomic import write_atomic
+from spectral_lens.atomic import write_text_atomic
 
 from .trainable import Candidate
 
-__all__ = ["Choices", "write_choices", "load_choices", "atomic_write_text"]
+__all__ = ["Choices", "write_choices", "load_choices"]
 
 VERSION = 1
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`spectral_lens.atomic.write_atomic`), creating its folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = text.encode("utf-8")
-    write_atomic(path, lambda fh: fh.write(data))
 
 
 class Choices(dict):
@@ -52,7 +44,8 @@ def write_choices(path: Path, choices: Mapping[tuple[str, int], Candidate], *, l
         rows.append(dict(family=family, tier=tier, scale=c.scale, lrs=dict(c.lrs),
                          origins=[list(o) for o in c.origins], key=c.key,
                          loss=loss if math.isfinite(loss) else None))
-    atomic_write_text(Path(path), json.dumps(dict(version=VERSION, **meta, choices=rows), indent=2) + "\n")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(dict(version=VERSION, **meta, choices=rows), indent=2) + "\n")
 
 
 def _bad(path, msg):

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .choices import atomic_write_text
+from spectral_lens.atomic import write_text_atomic
 from .trainable import Candidate, Report
 
 __all__ = ["SyntheticTrainable"]
@@ -70,6 +70,6 @@ class SyntheticTrainable:
             if self.sleep:
                 time.sleep(self.sleep)
             report(r, float("nan") if candidate.scale > self.nan_above else self.loss(candidate, r))
-        atomic_write_text(state_file, json.dumps({"resource": budget}))
+        write_text_atomic(state_file, json.dumps({"resource": budget}))
         with open(workdir / "calls.jsonl", "a") as f:
             f.write(json.dumps(dict(log, event="end")) + "\n")

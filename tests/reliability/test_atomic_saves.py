@@ -145,3 +145,32 @@ def test_save_killed_mid_write_keeps_the_old_file(kind, tmp_path):
     loaded = ActivationCovarianceAccumulator.load(path) if kind == "accumulator" else Spectrum.load(path)
     assert loaded.n_rows == old.n_rows
     assert len(_leftovers(tmp_path)) == 1  # a killed process cannot clean up; RunWriter(resume=True) does
+
+
+def test_text_and_figure_writes_failing_mid_write_keep_the_old_file(tmp_path, monkeypatch):
+    # write_text_atomic (reports, tuner choices) and plot.save_figure (report figures) both go through
+    # write_atomic: a failure mid-write leaves the previous file and no temporary file.
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from spectral_lens.plot import save_figure
+
+    text = _io.write_text_atomic(tmp_path / "report.md", "old\n")
+    fig = Figure()
+    fig.subplots().plot([1, 2, 3])
+    png = save_figure(fig, tmp_path / "fig.png")
+    old_png = png.read_bytes()
+    assert old_png.startswith(b"\x89PNG") and text.read_text() == "old\n"
+
+    def half_then_fail(fh, **kwargs):
+        fh.write(b"\x89PNG partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fig, "savefig", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_figure(fig, png)
+    monkeypatch.setattr(_io.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("rename failed")))
+    with pytest.raises(OSError, match="rename failed"):
+        _io.write_text_atomic(text, "new\n")
+    assert text.read_text() == "old\n" and png.read_bytes() == old_png
+    assert _leftovers(tmp_path) == []

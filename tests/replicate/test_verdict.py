@@ -3,7 +3,8 @@ import math
 
 import pytest
 
-from examples.replicate.pipeline import chain_transitions, write_atomic
+from examples.replicate.pipeline import chain_transitions
+from spectral_lens.atomic import write_text_atomic
 from examples.replicate.progress import Progress
 from examples.replicate.verdict import verdict
 from spectral_lens.analysis.synthetic import write_theorem6_sweep
@@ -55,7 +56,7 @@ def test_chain_transitions_pick_best_runs(tmp_path):
 
 
 def test_write_atomic_and_progress(tmp_path, capsys):
-    write_atomic(tmp_path / "x.txt", "hello")
+    write_text_atomic(tmp_path / "x.txt", "hello")
     assert (tmp_path / "x.txt").read_text() == "hello" and len(list(tmp_path.iterdir())) == 1
     p = Progress(10, "stage")
     assert p.eta() is None

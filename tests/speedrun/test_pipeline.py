@@ -79,9 +79,9 @@ def test_tiny_preset_end_to_end_then_resume_and_cli(tmp_path, capsys):
     for part in ("ours beside the paper's", "| 0.93 |", "0.97 (d12)", "Underpowered by design", "Tuner choices",
                  "Target loss", "Learning rates chosen by the tuner", "## Verdict",
                  "Early prediction of the token-efficient tier", "Normalized activation spectra at matched loss",
-                 "loss_curves.png"):
+                 "loss.png"):
         assert part in md, part
-    assert (out / "report" / "loss_curves.png").exists()
+    assert (out / "report" / "loss.png").exists()  # the library report's loss curves
 
     # a target no run reaches: every run is listed as missed in the speedrun's section
     w0 = ZooWorkload(p.replace(target_loss=0.5), verbose=False)
