@@ -117,6 +117,89 @@ def throughput(device: torch.device, dims, rows: int, chunks: int, repeats: int)
     return out
 
 
+def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: int) -> list[dict]:
+    """The CUDA fast mode's design choices in one run: the centring pass (Triton one-pass kernel vs
+    torch ops) against a bf16 copy of the chunk (the bandwidth ceiling), the product over the lower
+    block triangle for every valid split ``k`` against the full bf16 GEMM, and the whole accumulator
+    for each (prep, k), with each variant's chunk-sum error against float64 sums of the same rounded
+    rows. Picks the fastest accumulator variant per ``d`` (``best``)."""
+    from spectral_lens.spectra import fast_moments as fm
+
+    timed = _timer(device)
+    out = []
+    for d in dims:
+        data = [_rows(rows, d, device, torch.bfloat16, seed=i) for i in range(chunks)]
+        flops = 2.0 * rows * d * d * chunks
+        nbytes = 2.0 * 2 * rows * d * chunks  # bf16 read + bf16 write
+        shift = [fm.center_cast(c, torch.zeros(d, dtype=torch.float64, device=device), use_triton=False)[0][:1024].double().mean(0)
+                 for c in data]
+        shift = [s.to(torch.bfloat16).double() for s in shift]
+        ys = [fm.center_cast(c, s, use_triton=False)[0] for c, s in zip(data, shift)]
+        ks = sorted({fm.valid_blocks(d, k) for k in (1, 2, 3, 4, 5)})
+        preps = [True, False] if device.type == "cuda" and fm.triton_available() else [False]
+        if device.type != "cuda":  # CPU smoke run of this script: no bf16 -> fp32 GEMM kernel there
+            ys = [y.float() for y in ys]
+        fns = {"gemm_bf16": lambda: [fm.lower_gram(c if device.type == "cuda" else c.float(), 1) for c in data],
+               "copy_bf16": lambda: [c.clone() for c in data]}
+        for t in preps:
+            fns[f"prep_{'triton' if t else 'torch'}"] = (lambda t=t: [fm.center_cast(c, s, use_triton=t) for c, s in zip(data, shift)])
+        for k in ks:
+            fns[f"gram_k{k}"] = (lambda k=k: [fm.lower_gram(y, k) for y in ys])
+
+        def acc_fn(t, k):
+            def fn():
+                saved = fm.default_blocks, fm._TRITON
+                fm.default_blocks, fm._TRITON = (lambda _d: k), t
+                try:
+                    acc = ActivationCovarianceAccumulator(precision="fast")
+                    for c in data:
+                        acc.update(c)
+                    acc._s_lower.sum()
+                finally:
+                    fm.default_blocks, fm._TRITON = saved
+            return fn
+
+        for t in preps:
+            for k in ks:
+                fns[f"acc_{'triton' if t else 'torch'}_k{k}"] = acc_fn(t, k)
+        for fn in fns.values():
+            fn()
+        row = {"case": "fast_variants", "d": d, "rows_per_chunk": rows, "chunks": chunks}
+        for name, fn in fns.items():
+            row[f"{name}_ms"] = 1e3 * timed(fn, repeats) / chunks
+            if name.startswith("acc_"):  # host time to issue the updates (no sync inside): launch-bound if ~ the device time
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                fn()
+                row[f"{name}_host_ms"] = 1e3 * (time.perf_counter() - t0) / chunks
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+        gemm = row["gemm_bf16_ms"]
+        for name in fns:
+            if name.startswith(("acc_", "gram_")):
+                row[f"{name}_vs_gemm"] = gemm / row[f"{name}_ms"]
+            if name.startswith("prep_"):
+                row[f"{name}_vs_copy"] = row["copy_bf16_ms"] / row[f"{name}_ms"]
+        row["copy_bf16_tb_s"] = nbytes / chunks / (row["copy_bf16_ms"] / 1e3) / 1e12
+        # accuracy of each variant's chunk sums vs float64 sums of the same bf16-rounded rows
+        y64 = ys[0].double()
+        ref_s, ref_m = y64.t() @ y64, y64.sum(0)
+        for t in preps:
+            for k in ks:
+                m, s = fm.fast_chunk_moments(data[0], shift[0], blocks=k, use_triton=t)
+                row[f"err_{'triton' if t else 'torch'}_k{k}"] = [
+                    float((s.double() - ref_s).abs().max() / ref_s.diagonal().max()),
+                    float((m - ref_m).abs().max() / (ref_m.abs().max() + 1))]
+        accs = {n: row[f"{n}_vs_gemm"] for n in fns if n.startswith("acc_")}
+        row["best"] = max(accs, key=accs.get)
+        row["best_vs_gemm"] = accs[row["best"]]
+        out.append(row)
+        print(json.dumps(row), flush=True)
+        del data, ys
+    return out
+
+
 def small_chunk(dims=(256, 768), rows: int = 1024, pairs: int = 31, per: int = 5) -> list[dict]:
     """CPU fixed cost per update: one ``update`` of ``rows`` rows vs a bare ``X.T @ X`` of the same rows.
 
@@ -219,6 +302,7 @@ def main() -> None:
     ap.add_argument("--accuracy-rows", type=int, default=524288)
     ap.add_argument("--out", default=None)
     ap.add_argument("--small-chunk", action="store_true", help="only the CPU fixed-cost case (1,024-row updates)")
+    ap.add_argument("--fast-variants", action="store_true", help="only the CUDA fast-mode design variants")
     ap.add_argument("--pairs", type=int, default=31, help="interleaved repetitions of the small-chunk case")
     args = ap.parse_args()
     if args.small_chunk:
@@ -232,6 +316,11 @@ def main() -> None:
             _write_json(args.out, rows)
         return
     device = torch.device(args.device)
+    if args.fast_variants:
+        rows = fast_variants(device, args.dims, args.rows, args.chunks, args.repeats)
+        if args.out:
+            _write_json(args.out, rows)
+        return
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     results = {"device_name": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "throughput": throughput(device, args.dims, args.rows, args.chunks, args.repeats)}

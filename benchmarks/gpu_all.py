@@ -110,8 +110,18 @@ def main(argv=None) -> dict:
     else:
         grad_argv = ["--device", "cuda", "--m", "64", "512", "--no-loop", "--repeats", "3",
                      "--skip", "probe_offload", "probe_native_ce", "probe_vmap"]
+    def checkpoint():  # partial results survive a run cut short
+        if args.out:
+            _write(args.out, res)
+
+    if args.tiny:
+        res["fast_variants"] = bench_covariance.fast_variants(device, [64], 2048, 2, 1)
+    else:
+        res["fast_variants"] = bench_covariance.fast_variants(device, [768, 1280, 1600], 65536, 8, 5)
+    checkpoint()
     summaries = bench_gradients.main(grad_argv)
     res["gradients"] = summaries
+    checkpoint()
     if args.tiny:
         res["covariance"] = bench_covariance.throughput(device, [32], 512, 2, 1)
         res["accuracy"] = bench_covariance.accuracy(device, 64, 512, 2)
@@ -121,8 +131,11 @@ def main(argv=None) -> dict:
     else:
         res["covariance"] = bench_covariance.throughput(device, [768, 1280, 1600], 65536, 8, 5)
         res["accuracy"] = bench_covariance.accuracy(device, 768, 65536, 8)
+        checkpoint()
         res["pool"] = bench_pool.main(["--device", "cuda", "--repeats", "3"])
+        checkpoint()
         res["head_loss"] = head_loss(device, 8 * 1024, 768, 50304, 5)
+        checkpoint()
         res["small_chunk"] = bench_covariance.small_chunk(pairs=11)
     res["wall_s"] = time.time() - t0
     lines = [f"## Issue #13 targets: {res['device']}, torch {res['torch']}, {res['date']}, {res['wall_s']:.0f} s", "",
@@ -132,6 +145,10 @@ def main(argv=None) -> dict:
                   f"| probe (chunked head) / no-grad forward, M = {s['m']} | {s['probe_chunked_head_vs_nograd']:.2f}x | <= 1.5x |",
                   f"| Opacus / probe, M = {s['m']} | {s['opacus_over_probe']:.2f}x | (peer) |",
                   f"| whole-model vmap / probe, M = {s['m']} | {s['recipe_vmap_over_probe']:.2f}x | >= 1.5x |"]
+    for r in res["fast_variants"]:
+        lines.append(f"| fast variants, d = {r['d']}: best {r['best']} / bf16 GEMM | {r['best_vs_gemm']:.3f} | >= 0.85 |")
+        for k in [k for k in r if k.startswith("prep_") and k.endswith("_vs_copy")]:
+            lines.append(f"| centring pass {k[5:-8]} / bf16 copy, d = {r['d']} | {r[k]:.2f} | (bandwidth) |")
     for r in res["covariance"]:
         if "fast_vs_bf16_gemm" in r:
             lines.append(f"| fast / bf16 GEMM, d = {r['d']} | {r['fast_vs_bf16_gemm']:.3f} | >= 0.85 |")
@@ -153,15 +170,20 @@ def main(argv=None) -> dict:
     for r in res["small_chunk"]:
         lines.append(f"| CPU update / X.T@X, {r['rows']} x {r['d']}, {r['threads']} threads (this host's CPU) | "
                      f"{r['wall_ratio_median']:.2f}x wall, {r['cpu_ratio_median']:.2f}x CPU | <= 1.5x (256), <= 1.1x (768) |")
+    res["table"] = lines
     print("\n".join(lines))
-    if args.out:
-        tmp = f"{args.out}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, args.out)
+    checkpoint()
     return res
+
+
+def _write(path: str, obj) -> None:
+    """Atomic JSON write (temp file, fsync, rename)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -174,20 +174,16 @@ def chunk_moments(
             triangle may then be left unspecified (see :func:`symmetric_product`).
 
     Returns:
-        ``(m, S)`` over the valid rows, in fp32 (fp64 for fp64 products): ``m = sum_i (x_i - s)`` (d,)
-        and ``S = sum_i (x_i - s)(x_i - s)^T`` (d, d). Merge them into float64 state with
+        ``(m, S)`` over the valid rows, in fp32 (fp64 for fp64 products; in the CUDA fast mode ``m`` is
+        float64 and ``S`` fp32, see :mod:`~spectral_lens.spectra.fast_moments`):
+        ``m = sum_i (x_i - s)`` (d,) and ``S = sum_i (x_i - s)(x_i - s)^T`` (d, d). Merge them into float64 state with
         :func:`accumulate_shifted`.
     """
     dtype = product_dtype(x, precision)
-    if dtype == torch.bfloat16:
-        # Native bf16 subtraction when possible (the shift is bf16-representable), else fp32 then round.
-        y = x - shift.to(torch.bfloat16) if x.dtype == torch.bfloat16 else (x - shift.to(torch.float32)).to(dtype)
-        if valid is not None:
-            y.masked_fill_(~valid.unsqueeze(-1), 0)
-        s = torch.mm(y.t(), y, out_dtype=torch.float32)
-        ones = torch.ones(1, y.shape[0], dtype=dtype, device=y.device)
-        m = torch.mm(ones, y, out_dtype=torch.float32).squeeze(0)  # column sums on the tensor cores
-        return m, s
+    if dtype == torch.bfloat16:  # CUDA fast mode: one centring pass, lower block triangle (fast_moments)
+        from .fast_moments import fast_chunk_moments
+
+        return fast_chunk_moments(x, shift, valid, lower_only=lower_only)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
     torch.sub(x, shift.to(work), out=y)

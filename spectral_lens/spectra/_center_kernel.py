@@ -1,0 +1,55 @@
+"""Triton kernel for the fast mode's one pass over a chunk: centre, zero masked rows, round to bf16,
+and per-block column sums of the rounded values (imported only when Triton is installed).
+
+Each program reads a ``(BLOCK_R, BLOCK_C)`` tile of ``x`` once, writes the bf16 tile of
+``y = x - s`` (rows where ``valid`` is False become 0, whatever they held, NaN included) and one
+row of fp32 partial column sums of the *rounded* ``y`` (exactly what the product will see). The
+partials, ``(cdiv(n, BLOCK_R), d)``, are reduced in float64 by the caller: deterministic, no atomics.
+Replaces three passes of the torch path (subtract, masked fill, column-sum GEMV).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+BLOCK_R = 64
+BLOCK_C = 128
+
+
+@triton.jit
+def _center_cast_kernel(
+    x_ptr, shift_ptr, valid_ptr, y_ptr, part_ptr,
+    n, d, stride_x, stride_y,
+    HAS_VALID: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < n
+    cmask = cols < d
+    inside = rmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=inside, other=0.0)
+    s = tl.load(shift_ptr + cols, mask=cmask, other=0.0)
+    y = x.to(tl.float32) - s[None, :]
+    keep = inside
+    if HAS_VALID:
+        v = tl.load(valid_ptr + rows, mask=rmask, other=0)
+        keep = keep & (v != 0)[:, None]
+    y = tl.where(keep, y, 0.0).to(tl.bfloat16, fp_downcast_rounding="rtne")
+    tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y, mask=inside)
+    part = tl.sum(y.to(tl.float32), axis=0)
+    tl.store(part_ptr + pid_r * d + cols, part, mask=cmask)
+
+
+def center_cast(x, shift32, valid, y, part) -> None:
+    """Launch over ``x`` (n, d) (row stride arbitrary, unit column stride) into ``y`` (n, d) bf16 and
+    ``part`` (cdiv(n, BLOCK_R), d) fp32; ``shift32`` (d,) fp32; ``valid`` (n,) bool/uint8 or None."""
+    n, d = x.shape
+    grid = (triton.cdiv(n, BLOCK_R), triton.cdiv(d, BLOCK_C))
+    _center_cast_kernel[grid](
+        x, shift32, valid if valid is not None else x, y, part,
+        n, d, x.stride(0), y.stride(0),
+        HAS_VALID=valid is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C,
+    )

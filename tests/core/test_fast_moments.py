@@ -1,0 +1,154 @@
+"""The CUDA fast mode's pieces, checked on the CPU against float64: the lower block triangle of
+``y^T y`` (every block split), the centring pass (torch path; the Triton kernel through Triton's
+CPU interpreter), and the chunk sums against exact float64 sums of the same bf16-rounded rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from spectral_lens.spectra.fast_moments import (
+    center_cast,
+    default_blocks,
+    fast_chunk_moments,
+    lower_gram,
+    valid_blocks,
+)
+from spectral_lens.spectra.moments import representable_shift
+
+from support.data import rows_with_spectrum
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_valid_blocks():
+    assert valid_blocks(768, 4) == 4 and valid_blocks(768, 5) == 4  # 768 = 5 x 153.6: round down
+    assert valid_blocks(1280, 3) == 2  # 1280 / 24 is not an integer
+    assert valid_blocks(1600, 2) == 2 and valid_blocks(1600, 5) == 5
+    assert valid_blocks(100, 2) == 1  # 50-column blocks are not 8-aligned
+    assert valid_blocks(64, 1) == 1 and valid_blocks(8, 0) == 1
+    assert default_blocks(768) == 1 and default_blocks(1280) == 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 6), width=st.integers(1, 6), n=st.integers(1, 300), offset=st.integers(0, 5),
+       seed=st.integers(0, 2**31))
+def test_lower_gram_every_split(k, width, n, offset, seed):
+    d = 8 * width * k
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, d + offset, generator=g, dtype=torch.float64) * torch.logspace(0, -6, d + offset, dtype=torch.float64)
+    y = base[:, offset:]  # a strided view with a storage offset: the blocks are views of it
+    ref = y.t() @ y
+    got = lower_gram(y, k)
+    lower = torch.ones(d, d, dtype=torch.bool).tril()
+    h = d // k
+    block_lower = torch.kron(torch.ones(k, k).tril(), torch.ones(h, h)).bool()
+    scale = ref.diagonal().max()
+    assert torch.allclose(got[lower], ref[lower], rtol=0, atol=1e-12 * float(scale))
+    assert torch.allclose(got[block_lower], ref[block_lower], rtol=0, atol=1e-12 * float(scale))
+    if k > 1:
+        assert torch.count_nonzero(got[~block_lower]) == 0  # strict upper block triangle left zero
+
+
+def test_lower_gram_rejects_uneven_split():
+    with pytest.raises(ValueError, match="3 blocks do not split d = 64"):
+        lower_gram(torch.zeros(4, 64), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("masked", [False, True])
+def test_center_cast_torch_path(dtype, masked):
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rows_with_spectrum(2000, np.arange(1, 97.0) ** -2, 1e3, rng)).to(dtype)
+    valid = torch.from_numpy(rng.random(2000) > 0.4) if masked else None
+    if masked:
+        x[~valid] = float("nan")  # masked rows may hold anything
+    keep = valid if masked else torch.ones(2000, dtype=torch.bool)
+    shift = representable_shift(x[keep][:64].double().mean(0), "fast", dtype)
+    y, colsum = center_cast(x, shift, valid, use_triton=False)
+    want = (x.double() - shift).float().bfloat16()  # fp32 subtraction (exact here), one rounding
+    want[~keep] = 0
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    assert colsum.dtype == torch.float64
+    assert torch.allclose(colsum, y.double().sum(0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4])
+def test_fast_chunk_moments_against_float64(blocks):
+    """Large mean offset, spectrum over six decades: the fast sums equal the float64 sums of the same
+    bf16-rounded centred rows up to fp32 accumulation."""
+    rng = np.random.default_rng(blocks)
+    d = 96
+    x = torch.from_numpy(rows_with_spectrum(5000, np.logspace(0, -6, d), 50.0, rng)).bfloat16()
+    valid = torch.from_numpy(rng.random(5000) > 0.2)
+    shift = representable_shift(x[:1024].double().mean(0), "fast", torch.bfloat16)
+    m, s = fast_chunk_moments(x, shift, valid, blocks=blocks, use_triton=False)
+    y = (x.double() - shift).float().bfloat16().double()
+    y[~valid] = 0
+    ref_s, ref_m = y.t() @ y, y.sum(0)
+    assert s.dtype == torch.float32 and m.dtype == torch.float64
+    assert torch.equal(s, s.t())  # lower_only=False: symmetric
+    assert torch.allclose(s.double(), ref_s, rtol=0, atol=1e-6 * float(ref_s.diagonal().max()))
+    assert torch.allclose(m, ref_m, rtol=0, atol=1e-6 * float(ref_m.abs().max() + 1))
+    _, low = fast_chunk_moments(x, shift, valid, blocks=blocks, lower_only=True, use_triton=False)
+    assert torch.equal(low.tril(), s.tril())
+
+
+_INTERPRET = r"""
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+sys.path.insert(0, sys.argv[1])
+from spectral_lens.spectra.fast_moments import center_cast
+out = []
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.bfloat16, torch.float32, torch.float16):
+    for masked in (False, True):
+        for n, d in ((1, 8), (65, 130), (300, 200)):
+            base = torch.randn(n, d + 5, generator=g) * 3 + 1e3
+            x = base[:, 5:].to(dtype)  # rows strided, storage offset
+            valid = (torch.rand(n, generator=g) > 0.3) if masked else None
+            if masked:
+                x[~valid] = float("nan")
+            shift = x.double().nan_to_num().mean(0).to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32).double()
+            y1, c1 = center_cast(x, shift, valid, use_triton=False)
+            y2, c2 = center_cast(x, shift, valid, use_triton=True)
+            z = x.float() - shift.float()
+            if masked:
+                z[~valid] = 0
+            # the interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even: within 1 ulp
+            ulp = z.abs().clamp_min(1e-30) * 2.0 ** -7
+            out.append(dict(dtype=str(dtype), masked=masked, n=n, d=d,
+                            bit_equal=bool(torch.equal(y1, y2)),
+                            within_ulp=bool(((y2.float() - z).abs() <= ulp).all()),
+                            finite=bool(torch.isfinite(y2.float()).all()),
+                            colsum_err=float((c2 - y2.double().sum(0)).abs().max() / (y2.double().abs().sum(0).max() + 1))))
+print(json.dumps(out))
+"""
+
+
+def test_triton_kernel_in_interpreter():
+    """The Triton kernel (run by Triton's CPU interpreter) against the torch path: bf16 input bit for
+    bit; fp32/fp16 input within one bf16 ulp (the interpreter truncates where the GPU rounds); masked
+    NaN rows zeroed; column sums of the rounded values. Bit-equality for every input dtype is checked
+    on a GPU (tests/core/test_cuda.py)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("SPECTRAL_LENS_NO_TRITON", None)
+    proc = subprocess.run([sys.executable, "-c", _INTERPRET, str(ROOT)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == 18
+    for r in rows:
+        assert r["finite"] and r["within_ulp"], r
+        assert r["colsum_err"] < 1e-6, r
+        if r["dtype"] == "torch.bfloat16":
+            assert r["bit_equal"], r
