@@ -118,11 +118,12 @@ def throughput(device: torch.device, dims, rows: int, chunks: int, repeats: int)
 
 
 def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: int) -> list[dict]:
-    """The CUDA fast mode's design choices in one run: the centring pass (Triton one-pass kernel vs
-    torch ops) against a bf16 copy of the chunk (the bandwidth ceiling), the product over the lower
-    block triangle for every valid split ``k`` against the full bf16 GEMM, and the whole accumulator
-    for each (prep, k), with each variant's chunk-sum error against float64 sums of the same rounded
-    rows. Picks the fastest accumulator variant per ``d`` (``best``)."""
+    """The CUDA fast mode's pieces in one run: the centring pass (Triton one-pass kernel vs torch ops)
+    against a bf16 copy of the chunk (the bandwidth ceiling), the product alone and the whole
+    accumulator (with each centring path) against the bare bf16 GEMM, the host time to issue the
+    updates, and each path's chunk-sum error against float64 sums of the same rounded rows.
+    (A sweep of block splits of the product and of kernel launch shapes was measured on an H100 and
+    removed: benchmarks/RESULTS.md.)"""
     from spectral_lens.spectra import fast_moments as fm
 
     timed = _timer(device)
@@ -135,33 +136,29 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
                  for c in data]
         shift = [s.to(torch.bfloat16).double() for s in shift]
         ys = [fm.center_cast(c, s, use_triton=False)[0] for c, s in zip(data, shift)]
-        ks = sorted({fm.valid_blocks(d, k) for k in (1, 2, 3, 4, 5)})
         preps = [True, False] if device.type == "cuda" and fm.triton_available() else [False]
         if device.type != "cuda":  # CPU smoke run of this script: no bf16 -> fp32 GEMM kernel there
             ys = [y.float() for y in ys]
-        fns = {"gemm_bf16": lambda: [fm.lower_gram(c if device.type == "cuda" else c.float(), 1) for c in data],
+        fns = {"gemm_bf16": lambda: [fm._mm(c.t(), c) if device.type == "cuda" else c.float().t() @ c.float() for c in data],
                "copy_bf16": lambda: [c.clone() for c in data]}
         for t in preps:
             fns[f"prep_{'triton' if t else 'torch'}"] = (lambda t=t: [fm.center_cast(c, s, use_triton=t) for c, s in zip(data, shift)])
-        for k in ks:
-            fns[f"gram_k{k}"] = (lambda k=k: [fm.lower_gram(y, k) for y in ys])
+        fns["gram"] = lambda: [fm._mm(y.t(), y) for y in ys]
 
-        def acc_fn(t, k):
+        def acc_fn(t):
             def fn():
-                saved = fm.default_blocks, fm._TRITON
-                fm.default_blocks, fm._TRITON = (lambda _d: k), t
+                saved, fm._TRITON = fm._TRITON, t
                 try:
                     acc = ActivationCovarianceAccumulator(precision="fast")
                     for c in data:
                         acc.update(c)
                     acc._s_lower.sum()
                 finally:
-                    fm.default_blocks, fm._TRITON = saved
+                    fm._TRITON = saved
             return fn
 
         for t in preps:
-            for k in ks:
-                fns[f"acc_{'triton' if t else 'torch'}_k{k}"] = acc_fn(t, k)
+            fns[f"acc_{'triton' if t else 'torch'}"] = acc_fn(t)
         for fn in fns.values():
             fn()
         row = {"case": "fast_variants", "d": d, "rows_per_chunk": rows, "chunks": chunks}
@@ -177,7 +174,7 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
                     torch.cuda.synchronize(device)
         gemm = row["gemm_bf16_ms"]
         for name in fns:
-            if name.startswith(("acc_", "gram_")):
+            if name.startswith("acc_") or name == "gram":
                 row[f"{name}_vs_gemm"] = gemm / row[f"{name}_ms"]
             if name.startswith("prep_"):
                 row[f"{name}_vs_copy"] = row["copy_bf16_ms"] / row[f"{name}_ms"]
@@ -186,11 +183,10 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
         y64 = ys[0].double()
         ref_s, ref_m = y64.t() @ y64, y64.sum(0)
         for t in preps:
-            for k in ks:
-                m, s = fm.fast_chunk_moments(data[0], shift[0], blocks=k, use_triton=t)
-                row[f"err_{'triton' if t else 'torch'}_k{k}"] = [
-                    float((s.double() - ref_s).abs().max() / ref_s.diagonal().max()),
-                    float((m - ref_m).abs().max() / (ref_m.abs().max() + 1))]
+            m, s = fm.fast_chunk_moments(data[0], shift[0], use_triton=t)
+            row[f"err_{'triton' if t else 'torch'}"] = [
+                float((s.double() - ref_s).abs().max() / ref_s.diagonal().max()),
+                float((m - ref_m).abs().max() / (ref_m.abs().max() + 1))]
         accs = {n: row[f"{n}_vs_gemm"] for n in fns if n.startswith("acc_")}
         row["best"] = max(accs, key=accs.get)
         row["best_vs_gemm"] = accs[row["best"]]

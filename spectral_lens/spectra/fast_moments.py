@@ -1,14 +1,15 @@
 """The fast mode's chunk sums on CUDA: bf16 centred rows, fp32 accumulation on the tensor cores.
 
-Two levers over the plain ``(x - s)^T (x - s)`` GEMM plus separate passes:
+The product is one cuBLAS GEMM ``y^T y`` (bf16 operands, fp32 output); the lever is the pass
+before it. :func:`center_cast` does it in one read of the chunk: a Triton kernel centres, zeroes
+masked rows, rounds to bf16 and forms the column sums of the rounded rows
+(``spectral_lens/spectra/_center_kernel.py``). Without Triton the torch ops do it in three passes
+(subtract, masked fill, column-sum GEMV); both give bit-identical ``y``.
 
-* **One pass over the chunk** (:func:`center_cast`): a Triton kernel centres, zeroes masked rows,
-  rounds to bf16 and forms the column sums of the rounded rows in the same read
-  (``spectral_lens/spectra/_center_kernel.py``). Without Triton the torch ops do it in three passes
-  (subtract, masked fill, column-sum GEMV); both give bit-identical ``y``.
-* **Only the lower block triangle** (:func:`lower_gram`): split the columns into ``k`` equal blocks
-  and form the ``k (k + 1) / 2`` blocks on and below the diagonal, one batched GEMM per block
-  diagonal (``k`` launches, ``(k + 1) / (2 k)`` of the multiply-adds).
+Measured on an H100 (benchmarks/RESULTS.md): the kernel runs at 0.80 of a bf16 copy of the chunk,
+the torch passes at 0.38-0.39. Forming only the lower block triangle of the product (``k`` column
+blocks, one batched GEMM per block diagonal) was measured too and was slower than the one GEMM at
+d = 768, 1280 and 1600 for every ``k`` in 2..5, so it is not used.
 
 Accuracy is that of the plain fast mode by construction: the same bf16 rounding of ``x - s``
 (fp32 subtraction of a bf16-representable shift, one rounding), products exact in fp32 and fp32
@@ -21,7 +22,7 @@ import os
 
 import torch
 
-__all__ = ["fast_chunk_moments", "center_cast", "lower_gram", "valid_blocks", "default_blocks", "triton_available"]
+__all__ = ["fast_chunk_moments", "center_cast", "triton_available"]
 
 _TRITON: bool | None = None
 
@@ -42,52 +43,9 @@ def triton_available() -> bool:
     return _TRITON
 
 
-def valid_blocks(d: int, k: int) -> int:
-    """The largest ``k' <= k`` that splits ``d`` into ``k'`` equal blocks of a multiple of 8 columns
-    (16-byte aligned bf16 operands), or 1."""
-    for kk in range(max(1, k), 1, -1):
-        if d % (8 * kk) == 0:
-            return kk
-    return 1
-
-
-def default_blocks(d: int) -> int:
-    """Column blocks for ``d``: one GEMM below 1024 columns, else the lower triangle of a 2 x 2 split."""
-    return valid_blocks(d, 1 if d < 1024 else 2)
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    return torch.mm(a, b, out_dtype=out_dtype) if a.dtype != out_dtype else a @ b
-
-
-def _bmm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    return torch.bmm(a, b, out_dtype=out_dtype) if a.dtype != out_dtype else torch.bmm(a, b)
-
-
-def lower_gram(y: torch.Tensor, blocks: int = 1, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``y^T y`` (d, d) in ``out_dtype`` (fp32 for bf16 ``y``, else ``y``'s dtype), valid in its lower
-    triangle; the strict upper block triangle is zero when ``blocks > 1``.
-
-    ``blocks`` must split ``d`` into equal blocks (see :func:`valid_blocks`). Block diagonal ``j``
-    (blocks ``(i + j, i)``) is one ``bmm`` over strided views of ``y``: no copy of the operands.
-    """
-    n, d = y.shape
-    out_dtype = out_dtype or (torch.float32 if y.dtype in (torch.bfloat16, torch.float16) else y.dtype)
-    k = int(blocks)
-    if k <= 1:
-        return _mm(y.t(), y, out_dtype)
-    if d % k:
-        raise ValueError(f"lower_gram: {k} blocks do not split d = {d} evenly")
-    h = d // k
-    ys = y.stride(0)
-    out = torch.zeros(d, d, dtype=out_dtype, device=y.device)
-    for j in range(k):
-        count = k - j
-        left = y.as_strided((count, h, n), (h, 1, ys), y.storage_offset() + j * h)  # (y_{i+j})^T
-        right = y.as_strided((count, n, h), (h, ys, 1), y.storage_offset())  # y_i
-        band = _bmm(left, right, out_dtype)
-        out.as_strided((count, h, h), (h * (d + 1), d, 1), j * h * d).copy_(band)
-    return out
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in fp32 for bf16 operands (CUDA), else in the operands' dtype."""
+    return torch.mm(a, b, out_dtype=torch.float32) if a.dtype == torch.bfloat16 else a @ b
 
 
 def center_cast(
@@ -111,7 +69,7 @@ def center_cast(
         y = torch.empty(n, d, dtype=torch.bfloat16, device=x.device)
         part = torch.empty(max(1, -(-n // kernel.BLOCK_R)), d, dtype=torch.float32, device=x.device)
         v = None if valid is None else valid.contiguous().view(torch.uint8)
-        kernel.center_cast(x, shift.to(torch.float32), v, y, part)
+        kernel.center_cast(x, shift, v, y, part)
         return y, part.sum(0, dtype=torch.float64)
     if x.dtype == torch.bfloat16:  # the shift is bf16-representable: native subtraction rounds once
         y = x - shift.to(torch.bfloat16)
@@ -128,27 +86,10 @@ def center_cast(
 
 
 def fast_chunk_moments(
-    x: torch.Tensor,
-    shift: torch.Tensor,
-    valid: torch.Tensor | None = None,
-    *,
-    lower_only: bool = False,
-    blocks: int | None = None,
-    use_triton: bool | None = None,
+    x: torch.Tensor, shift: torch.Tensor, valid: torch.Tensor | None = None, *, use_triton: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(m, S)`` of one chunk in the fast mode: ``m`` float64 (d,), ``S`` fp32 (d, d).
-
-    ``S`` is symmetric unless ``lower_only`` (then only its lower triangle is meaningful).
-    ``blocks=None`` picks :func:`default_blocks`; other values are rounded down to a valid split.
-    """
+    """``(m, S)`` of one chunk in the fast mode: ``m`` float64 (d,), ``S`` fp32 (d, d) symmetric."""
     y, m = center_cast(x, shift, valid, use_triton=use_triton)
-    d = y.shape[1]
-    k = valid_blocks(d, default_blocks(d) if blocks is None else blocks)
-    if y.is_cuda:
-        s = lower_gram(y, k)
-    else:  # CPU (tests): no bf16 -> fp32 GEMM kernel there; the fp32 product of the bf16 values is exact per term
-        s = lower_gram(y.float(), k)
-    if k > 1 and not lower_only:
-        low = s.tril()
-        s = low + low.tril(-1).t()
-    return m, s
+    if not y.is_cuda:  # CPU (tests): no bf16 -> fp32 GEMM kernel there; fp32 products of bf16 values are exact
+        y = y.float()
+    return m, _mm(y.t(), y)

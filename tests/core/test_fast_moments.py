@@ -1,6 +1,6 @@
-"""The CUDA fast mode's pieces, checked on the CPU against float64: the lower block triangle of
-``y^T y`` (every block split), the centring pass (torch path; the Triton kernel through Triton's
-CPU interpreter), and the chunk sums against exact float64 sums of the same bf16-rounded rows."""
+"""The CUDA fast mode's pieces, checked on the CPU against float64: the centring pass (torch path;
+the Triton kernel through Triton's CPU interpreter) and the chunk sums against exact float64 sums of
+the same bf16-rounded rows."""
 
 from __future__ import annotations
 
@@ -13,54 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
 
-from spectral_lens.spectra.fast_moments import (
-    center_cast,
-    default_blocks,
-    fast_chunk_moments,
-    lower_gram,
-    valid_blocks,
-)
+from spectral_lens.spectra.fast_moments import center_cast, fast_chunk_moments
 from spectral_lens.spectra.moments import representable_shift
 
 from support.data import rows_with_spectrum
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def test_valid_blocks():
-    assert valid_blocks(768, 4) == 4 and valid_blocks(768, 5) == 4  # 768 = 5 x 153.6: round down
-    assert valid_blocks(1280, 3) == 2  # 1280 / 24 is not an integer
-    assert valid_blocks(1600, 2) == 2 and valid_blocks(1600, 5) == 5
-    assert valid_blocks(100, 2) == 1  # 50-column blocks are not 8-aligned
-    assert valid_blocks(64, 1) == 1 and valid_blocks(8, 0) == 1
-    assert default_blocks(768) == 1 and default_blocks(1280) == 2
-
-
-@settings(max_examples=40, deadline=None)
-@given(k=st.integers(1, 6), width=st.integers(1, 6), n=st.integers(1, 300), offset=st.integers(0, 5),
-       seed=st.integers(0, 2**31))
-def test_lower_gram_every_split(k, width, n, offset, seed):
-    d = 8 * width * k
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(n, d + offset, generator=g, dtype=torch.float64) * torch.logspace(0, -6, d + offset, dtype=torch.float64)
-    y = base[:, offset:]  # a strided view with a storage offset: the blocks are views of it
-    ref = y.t() @ y
-    got = lower_gram(y, k)
-    lower = torch.ones(d, d, dtype=torch.bool).tril()
-    h = d // k
-    block_lower = torch.kron(torch.ones(k, k).tril(), torch.ones(h, h)).bool()
-    scale = ref.diagonal().max()
-    assert torch.allclose(got[lower], ref[lower], rtol=0, atol=1e-12 * float(scale))
-    assert torch.allclose(got[block_lower], ref[block_lower], rtol=0, atol=1e-12 * float(scale))
-    if k > 1:
-        assert torch.count_nonzero(got[~block_lower]) == 0  # strict upper block triangle left zero
-
-
-def test_lower_gram_rejects_uneven_split():
-    with pytest.raises(ValueError, match="3 blocks do not split d = 64"):
-        lower_gram(torch.zeros(4, 64), 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -81,16 +40,16 @@ def test_center_cast_torch_path(dtype, masked):
     assert torch.allclose(colsum, y.double().sum(0), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("blocks", [1, 2, 3, 4])
-def test_fast_chunk_moments_against_float64(blocks):
+@pytest.mark.parametrize("seed", [1, 2])
+def test_fast_chunk_moments_against_float64(seed):
     """Large mean offset, spectrum over six decades: the fast sums equal the float64 sums of the same
     bf16-rounded centred rows up to fp32 accumulation."""
-    rng = np.random.default_rng(blocks)
+    rng = np.random.default_rng(seed)
     d = 96
     x = torch.from_numpy(rows_with_spectrum(5000, np.logspace(0, -6, d), 50.0, rng)).bfloat16()
     valid = torch.from_numpy(rng.random(5000) > 0.2)
     shift = representable_shift(x[:1024].double().mean(0), "fast", torch.bfloat16)
-    m, s = fast_chunk_moments(x, shift, valid, blocks=blocks, use_triton=False)
+    m, s = fast_chunk_moments(x, shift, valid, use_triton=False)
     y = (x.double() - shift).float().bfloat16().double()
     y[~valid] = 0
     ref_s, ref_m = y.t() @ y, y.sum(0)
@@ -98,8 +57,6 @@ def test_fast_chunk_moments_against_float64(blocks):
     assert torch.equal(s, s.t())  # lower_only=False: symmetric
     assert torch.allclose(s.double(), ref_s, rtol=0, atol=1e-6 * float(ref_s.diagonal().max()))
     assert torch.allclose(m, ref_m, rtol=0, atol=1e-6 * float(ref_m.abs().max() + 1))
-    _, low = fast_chunk_moments(x, shift, valid, blocks=blocks, lower_only=True, use_triton=False)
-    assert torch.equal(low.tril(), s.tril())
 
 
 _INTERPRET = r"""
