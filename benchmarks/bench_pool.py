@@ -2,6 +2,11 @@
 deepest block's activation covariance accumulated (forward hook + ``update`` per batch) and
 ``compute()`` (the float64 eigen-solve) at the end. Ratios in one run, same device.
 
+Async cases (``*_async_vs_bare``): the pool pass with the accumulator attached, ``compute_async()``,
+then ``K = 4`` more bare forward batches (the training steps that follow a measurement), then
+``.result()``; baseline: the bare pool pass plus the same ``K`` batches. ``*_async_wait_ms`` is the
+time ``.result()`` still blocked after those batches were issued. All cases interleaved, same run.
+
     python benchmarks/bench_pool.py --device cuda            # 262,144 rows: 256 x 1,024 tokens
     python benchmarks/bench_pool.py --quick                  # CPU smoke test, tiny model
 """
@@ -28,6 +33,9 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+FOLLOW_BATCHES = 4  # bare batches after compute_async(), standing for the next training steps
+
+
 def pool_overhead(device, cfg, seqs: int, seq: int, batch: int, repeats: int, autocast: bool) -> dict:
     torch.manual_seed(0)
     model = GPT(ctx=seq, **cfg).to(device).eval()
@@ -40,6 +48,16 @@ def pool_overhead(device, cfg, seqs: int, seq: int, batch: int, repeats: int, au
             for s in range(0, seqs, batch):
                 model(ids[s : s + batch])
 
+    def follow():
+        with torch.no_grad(), cast():
+            for k in range(FOLLOW_BATCHES):
+                s = (k * batch) % seqs
+                model(ids[s : s + batch])
+
+    def bare_follow():
+        bare()
+        follow()
+
     def lens(precision):
         def fn():
             with attach(model, block, precision=precision) as cap, torch.no_grad(), cast():
@@ -50,13 +68,27 @@ def pool_overhead(device, cfg, seqs: int, seq: int, batch: int, repeats: int, au
                 fn.compute_s = time.perf_counter() - t
         return fn
 
-    cases = {"bare": bare, "exact": lens("exact")}
-    if device.type == "cuda":
-        cases["fast"] = lens("fast")
+    def lens_async(precision):
+        def fn():
+            with attach(model, block, precision=precision) as cap, torch.no_grad(), cast():
+                for s in range(0, seqs, batch):
+                    model(ids[s : s + batch])
+                future = cap.compute_async()
+            follow()
+            t = time.perf_counter()
+            future.result()
+            fn.compute_s = time.perf_counter() - t
+        return fn
+
+    precisions = ["exact"] + (["fast"] if device.type == "cuda" else [])
+    cases = {"bare": bare, "bare_follow": bare_follow}
+    for p in precisions:
+        cases[p] = lens(p)
+        cases[f"{p}_async"] = lens_async(p)
     for f in cases.values():
         f()  # warm-up
     times = {k: [] for k in cases}
-    compute = {k: [] for k in cases if k != "bare"}
+    compute = {k: [] for k in cases if not k.startswith("bare")}
     for _ in range(repeats):  # interleaved
         for k, f in cases.items():
             _sync(device)
@@ -68,11 +100,12 @@ def pool_overhead(device, cfg, seqs: int, seq: int, batch: int, repeats: int, au
                 compute[k].append(f.compute_s)
     med = {k: statistics.median(v) for k, v in times.items()}
     row = {"case": "pool_overhead", "device": str(device), "rows": seqs * seq, "d": cfg["d"], "block": block,
-           "bare_s": med["bare"]}
+           "bare_s": med["bare"], "follow_batches": FOLLOW_BATCHES, "bare_follow_s": med["bare_follow"]}
     for k in compute:
-        row[f"{k}_vs_bare"] = med[k] / med["bare"]
-        row[f"{k}_spread"] = [min(times[k]) / med["bare"], max(times[k]) / med["bare"]]
-        row[f"{k}_compute_ms"] = 1e3 * statistics.median(compute[k])
+        base = med["bare_follow"] if k.endswith("_async") else med["bare"]
+        row[f"{k}_vs_bare"] = med[k] / base
+        row[f"{k}_spread"] = [min(times[k]) / base, max(times[k]) / base]
+        row[f"{k}_wait_ms" if k.endswith("_async") else f"{k}_compute_ms"] = 1e3 * statistics.median(compute[k])
     print(json.dumps(row), flush=True)
     return row
 
@@ -92,6 +125,9 @@ def main(argv=None) -> dict:
     print(f"pool overhead ({row['rows']} rows, {row['device']}): exact {row['exact_vs_bare']:.3f}x"
           + (f", fast {row['fast_vs_bare']:.3f}x" if "fast_vs_bare" in row else "")
           + f" of the bare forward (target <= 1.02x); compute() {row['exact_compute_ms']:.1f} ms")
+    print(f"with compute_async() and {row['follow_batches']} following batches: exact {row['exact_async_vs_bare']:.3f}x"
+          + (f", fast {row['fast_async_vs_bare']:.3f}x" if "fast_async_vs_bare" in row else "")
+          + f" of bare + the same batches; result() waited {row['exact_async_wait_ms']:.1f} ms")
     return row
 
 

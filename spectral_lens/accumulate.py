@@ -4,23 +4,28 @@ State is the float64 shifted sums of :mod:`spectral_lens.spectra.moments` around
 ``n``, ``m = sum (x - s)``, ``S = sum (x - s)(x - s)^T``. Each chunk is centered on its own shift (the
 mean of its first rows) before any product, and its sums are re-shifted into the state exactly in
 float64, so pools whose mean drifts from chunk to chunk lose no precision. ``update`` never
-synchronizes with the host; ``compute`` solves the eigenproblem once.
+synchronizes with the host; ``compute`` solves the eigenproblem once; ``compute_async`` snapshots the
+state without a host sync and solves on the CPU in the background (:mod:`spectral_lens.background`).
+
+The checks and the solve are pure functions of a :class:`_Sums` snapshot and a :class:`_Setup`
+(:func:`_spectrum_of`), shared by ``compute`` (live state) and ``compute_async`` (host copy).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from .atomic import write_atomic
+from .background import SolveFuture, emit, submit
 from ._warnings import NonFiniteError, NonFiniteRowsWarning, StateFormatError
 from .capture import HookSet, Target, pick_tensor, select_modules, warn_if_compiled
 from .spectra.eigen import eigenvalues_descending
@@ -69,6 +74,99 @@ def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor
     return torch.where(keep, head, 0.0).sum(0) / keep.sum().clamp_min(1)
 
 
+@dataclass(frozen=True)
+class _Sums:
+    """What a spectrum needs of an initialized state, all on one device: the live tensors or a
+    snapshot. ``s`` is the full symmetric (d, d) float64 ``S``."""
+
+    n: torch.Tensor
+    m: torch.Tensor
+    s: torch.Tensor
+    bad_rows: torch.Tensor
+    first_bad: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """The accumulator's configuration at the time of a (possibly deferred) ``compute``."""
+
+    label: str
+    name: str | None
+    dim: int | None
+    precision: str
+    nonfinite: str
+    updates: int
+
+
+def _row_count(n: torch.Tensor | None, label: str, k: int) -> int:
+    """Rows in the state (``None``: uninitialized); raises ``ValueError`` naming ``label`` below ``k``."""
+    rows = int(n) if n is not None else 0
+    if rows < k:
+        raise ValueError(f"{label}: need at least {k} rows, have {rows}")
+    return rows
+
+
+def _finite_check(sums: _Sums | None, setup: _Setup, notes: list) -> int:
+    """Raise :class:`NonFiniteError` for NaN/Inf rows (``nonfinite="raise"``) or overflowed products;
+    append the skipped-rows warning to ``notes`` as ``(message, category)``; return the skipped count."""
+    first = int(sums.first_bad) if sums is not None else -1
+    if setup.nonfinite == "raise" and first >= 0:
+        raise NonFiniteError(
+            f"{setup.label}: non-finite values (NaN/Inf) in the rows of update #{first} "
+            "(0-based); fix the model or pass nonfinite='skip' to drop and count such rows"
+        )
+    if sums is not None and first < 0 and not bool(torch.isfinite(sums.s).all()):
+        raise NonFiniteError(
+            f"{setup.label}: the second moments overflowed to Inf in one of updates #0..#{setup.updates - 1} "
+            f"although every row is finite: products of rows exceed the range of the "
+            f"{'float64' if setup.precision == 'float64' else 'float32'} products (|x| too large); rescale "
+            "the rows or use precision='float64'"
+        )
+    skipped = int(sums.bad_rows) if sums is not None else 0
+    if skipped:
+        notes.append((f"{setup.label}: skipped {skipped} rows containing NaN/Inf (first in update #{first})",
+                      NonFiniteRowsWarning))
+    return skipped
+
+
+def _spectrum_of(sums: _Sums | None, setup: _Setup, notes: list) -> Spectrum:
+    """The checks and the float64 eigen-solve of ``compute``, on whatever device ``sums`` lives on.
+
+    Warnings are appended to ``notes`` (the caller emits them on its own thread)."""
+    skipped = _finite_check(sums, setup, notes)
+    n = _row_count(None if sums is None else sums.n, setup.label, 2)
+    values = eigenvalues_descending(covariance_from_moments(sums.n, sums.m, sums.s))
+    meta: dict[str, Any] = {"precision": setup.precision, "skipped_rows": skipped}
+    return Spectrum(values.cpu(), n_rows=n, dim=setup.dim, kind="activation_covariance", source=setup.name,
+                    metadata=meta)
+
+
+def _host_copies(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], Callable[[], None]]:
+    """Host copies of ``tensors`` (all on one device) without a host sync, and a ``wait()`` that
+    returns once they are valid.
+
+    CUDA: pinned buffers filled by ``non_blocking`` copies on the current stream, then an event; the
+    sources are kept alive until ``wait()`` sees the event. CPU: clones (valid at once). Other
+    devices: blocking copies.
+    """
+    dev = tensors[0].device
+    if dev.type == "cpu":
+        return tuple(t.clone() for t in tensors), lambda: None
+    if dev.type != "cuda":
+        return tuple(t.to("cpu") for t in tensors), lambda: None
+    with torch.cuda.device(dev):
+        host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors)
+        event = torch.cuda.Event()
+        event.record()
+    keep = [tensors]
+
+    def wait() -> None:
+        event.synchronize()
+        keep.clear()
+
+    return host, wait
+
+
 class ActivationCovarianceAccumulator:
     """Streaming centered covariance of d-dimensional rows and its eigen-spectrum.
 
@@ -86,7 +184,8 @@ class ActivationCovarianceAccumulator:
         name: label used in errors and as ``Spectrum.source`` (``attach`` sets the module name).
 
     Methods follow torchmetrics: ``update``, ``compute``, ``reset``, ``merge``, ``state_dict`` /
-    ``load_state_dict``, plus ``save``/``load`` (``.npz``, no pickle) and ``sync`` across ranks.
+    ``load_state_dict``, plus ``compute_async`` (the solve off the caller's thread), ``save``/``load``
+    (``.npz``, no pickle) and ``sync`` across ranks.
     """
 
     def __init__(
@@ -207,7 +306,9 @@ class ActivationCovarianceAccumulator:
         """
         self._check_input(x, mask)
         rows = x.detach().reshape(-1, x.shape[-1])
-        valid = None if mask is None else mask.reshape(-1).to(rows.device)
+        # a mask on another device (a CPU attention mask for CUDA rows): a non_blocking copy, since a
+        # blocking host-to-device copy synchronizes the host
+        valid = None if mask is None else mask.reshape(-1).to(rows.device, non_blocking=True)
         bad = None
         if self.nonfinite == "skip":
             finite = torch.isfinite(rows).all(-1)
@@ -296,47 +397,80 @@ class ActivationCovarianceAccumulator:
 
     # ---------------------------------------------------------------- results
     def _require_rows(self, k: int) -> int:
-        n = self.n_rows
-        if n < k:
-            raise ValueError(f"{self._label()}: need at least {k} rows, have {n}")
-        return n
+        return _row_count(self._n if self.initialized else None, self._label(), k)
 
-    def _check_finite(self) -> int:
-        first = int(self._first_bad) if self.initialized else -1
-        if self.nonfinite == "raise" and first >= 0:
-            raise NonFiniteError(
-                f"{self._label()}: non-finite values (NaN/Inf) in the rows of update #{first} "
-                "(0-based); fix the model or pass nonfinite='skip' to drop and count such rows"
-            )
-        if self.initialized and first < 0 and not bool(torch.isfinite(self._s).all()):
-            raise NonFiniteError(
-                f"{self._label()}: the second moments overflowed to Inf in one of updates #0..#{self._updates - 1} "
-                f"although every row is finite: products of rows exceed the range of the "
-                f"{'float64' if self.precision == 'float64' else 'float32'} products (|x| too large); rescale "
-                "the rows or use precision='float64'"
-            )
-        skipped = int(self._bad_rows) if self.initialized else 0
-        if skipped:
-            warnings.warn(
-                f"{self._label()}: skipped {skipped} rows containing NaN/Inf (first in update #{first})",
-                NonFiniteRowsWarning,
-                stacklevel=3,
-            )
-        return skipped
+    def _setup(self) -> _Setup:
+        return _Setup(self._label(), self.name, self.dim, self.precision, self.nonfinite, self._updates)
+
+    def _live_sums(self) -> _Sums | None:
+        if not self.initialized:
+            return None
+        return _Sums(self._n, self._m, self._s, self._bad_rows, self._first_bad)
+
+    def _snapshot(self) -> tuple[_Setup, Callable[[], _Sums | None]]:
+        """The state as of now, without a host sync: ``(setup, materialize)``; ``materialize()``
+        (meant for the worker thread) waits for the host copies and returns them as :class:`_Sums`.
+
+        ``S`` is copied as stored (possibly valid in its lower triangle only) and mirrored by
+        ``materialize``, with the same :func:`mirror_lower` as ``compute``, so no d x d kernel runs
+        on the caller's stream beyond the copy itself.
+        """
+        setup = self._setup()
+        if not self.initialized:
+            return setup, lambda: None
+        s, stale = self._s_lower, self._s_stale
+        if s.device.type != "cpu":
+            self._s_escaped = True  # a pending copy reads this buffer: never recycle it as the spare
+        host, wait = _host_copies((self._n, self._m, s, self._bad_rows, self._first_bad))
+
+        def materialize() -> _Sums:
+            wait()
+            n, m, s_host, bad_rows, first_bad = host
+            return _Sums(n, m, mirror_lower(s_host) if stale else s_host, bad_rows, first_bad)
+
+        return setup, materialize
 
     def covariance(self) -> torch.Tensor:
         """The float64 (d, d) centered covariance ``1/(N-1) sum (h - mean)(h - mean)^T``."""
-        self._check_finite()
-        self._require_rows(2)
-        return covariance_from_moments(self._n, self._m, self._s)
+        notes: list = []
+        try:
+            sums = self._live_sums()
+            _finite_check(sums, self._setup(), notes)
+            self._require_rows(2)
+            return covariance_from_moments(sums.n, sums.m, sums.s)
+        finally:
+            emit(notes, stacklevel=2)
 
     def compute(self) -> Spectrum:
-        """Eigenvalues of the covariance, descending, as a :class:`Spectrum` (raises if < 2 rows)."""
-        skipped = self._check_finite()
-        n = self._require_rows(2)
-        values = eigenvalues_descending(covariance_from_moments(self._n, self._m, self._s))
-        meta: dict[str, Any] = {"precision": self.precision, "skipped_rows": skipped}
-        return Spectrum(values.cpu(), n_rows=n, dim=self.dim, kind="activation_covariance", source=self.name, metadata=meta)
+        """Eigenvalues of the covariance, descending, as a :class:`Spectrum` (raises if < 2 rows).
+
+        The float64 eigen-solve runs on the state's device (on CUDA it synchronizes the host); see
+        :meth:`compute_async` to keep it off the caller's thread and off the GPU.
+        """
+        notes: list = []
+        try:
+            return _spectrum_of(self._live_sums(), self._setup(), notes)
+        finally:
+            emit(notes, stacklevel=2)
+
+    def compute_async(self) -> SolveFuture:
+        """:meth:`compute` for the state as of this call, solved in the background.
+
+        On the calling thread: the float64 state is copied without a host sync (CUDA: ``non_blocking``
+        copies into pinned host memory, then an event; CPU: clones), so later ``update``/``merge``/
+        ``reset`` calls do not change the result. On spectral-lens's one worker thread: wait for the
+        event, then the same checks and float64 covariance eigen-solve as ``compute``, on the CPU
+        (no kernel on the training stream, no sync of the caller).
+
+        Returns a :class:`concurrent.futures.Future` (:class:`~spectral_lens.background.SolveFuture`)
+        of the :class:`Spectrum`. ``result()`` raises what ``compute`` would have raised
+        (:class:`NonFiniteError`, ``ValueError`` for fewer than 2 rows) and re-emits, on the thread
+        that calls it, the :class:`NonFiniteRowsWarning` that ``compute`` would have emitted. On the
+        CPU the values equal ``compute()``'s bit for bit; for CUDA state they are the CPU LAPACK
+        solve of the same float64 covariance (equal to ``compute()``'s cuSOLVER values to round-off).
+        """
+        setup, materialize = self._snapshot()
+        return submit(lambda notes: _spectrum_of(materialize(), setup, notes))
 
     # ------------------------------------------------------------ combination
     def merge(self, other: "ActivationCovarianceAccumulator") -> "ActivationCovarianceAccumulator":
@@ -619,6 +753,22 @@ class ActivationCapture(HookSet):
     def compute(self) -> dict[str, Spectrum]:
         """``{module_name: Spectrum}`` for every attached module."""
         return {name: acc.compute() for name, acc in self.accumulators.items()}
+
+    def compute_async(self) -> SolveFuture:
+        """One :class:`concurrent.futures.Future` of ``{module_name: Spectrum}``: :meth:`compute` for the
+        state as of this call, solved in the background (see
+        :meth:`ActivationCovarianceAccumulator.compute_async`).
+
+        Every accumulator is snapshotted now (no host sync); the solves run in model order on the
+        worker thread. ``result()`` returns what ``compute()`` would have returned, or raises the
+        first error it would have raised, and re-emits the warnings it would have emitted.
+        """
+        snapshots = {name: acc._snapshot() for name, acc in self.accumulators.items()}
+
+        def job(notes: list) -> dict[str, Spectrum]:
+            return {name: _spectrum_of(materialize(), setup, notes) for name, (setup, materialize) in snapshots.items()}
+
+        return submit(job)
 
     def reset(self) -> None:
         """Reset every accumulator."""

@@ -1,0 +1,98 @@
+"""Host work off the caller's thread: one lazily started worker thread and the futures it resolves.
+
+``compute_async`` (see :mod:`spectral_lens.accumulate`) snapshots state on the caller's thread and
+hands the float64 checks and eigen-solve to this module's single worker thread
+(``ThreadPoolExecutor(max_workers=1)``, thread name ``spectral-lens_0``), so jobs run one at a time
+in submission order and never add threads beyond that one.
+
+Warnings a job raises must reach the user on the user's thread (the ``warnings`` filters and
+``catch_warnings`` are process-global and not thread-safe, so a worker must not swap them). Jobs
+therefore do not call :func:`warnings.warn`; they append ``(message, category)`` pairs to a list,
+and :meth:`SolveFuture.result` re-emits them on the thread that calls it, attributed to that call.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+__all__ = ["SolveFuture", "emit", "submit"]
+
+_THREAD_PREFIX = "spectral-lens"
+_lock = threading.Lock()
+_executor: ThreadPoolExecutor | None = None
+
+
+def _get_executor() -> ThreadPoolExecutor:
+    global _executor
+    with _lock:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=_THREAD_PREFIX)
+        return _executor
+
+
+def _forget_executor() -> None:
+    # A forked child inherits the executor object but not its thread: submitting to it would never
+    # run. Start afresh (lazily) in the child.
+    global _executor, _lock
+    _executor, _lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_executor)
+
+
+def emit(notes: "list[tuple[str, type[Warning]]]", stacklevel: int = 1) -> None:
+    """``warnings.warn`` each collected note; ``stacklevel`` counts from the caller of ``emit``."""
+    for message, category in notes:
+        warnings.warn(message, category, stacklevel=stacklevel + 1)
+
+
+class SolveFuture(Future):
+    """A :class:`concurrent.futures.Future` resolved by the spectral-lens worker thread.
+
+    Behaves as a plain ``Future`` (``done``, ``cancel``, ``add_done_callback``, ``wait``,
+    ``as_completed``), except that :meth:`result` first re-emits, on the calling thread, the warnings
+    the job raised (for example :class:`~spectral_lens.NonFiniteRowsWarning`), every time it is
+    called, just as the blocking call would have warned; then it returns the value or raises the
+    job's exception. :meth:`exception` and done-callbacks do not emit them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._notes: list[tuple[str, type[Warning]]] = []
+
+    def result(self, timeout: float | None = None) -> Any:
+        try:
+            return super().result(timeout)
+        finally:
+            if self.done() and not self.cancelled():
+                emit(self._notes, stacklevel=2)
+
+
+def submit(job: Callable[[list], Any]) -> SolveFuture:
+    """Run ``job(notes)`` on the worker thread; return a :class:`SolveFuture` of its value.
+
+    ``job`` appends warnings to ``notes`` instead of emitting them; exceptions (any
+    ``BaseException``) surface from ``result()``.
+    """
+    future = SolveFuture()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        notes: list[tuple[str, type[Warning]]] = []
+        try:
+            value = job(notes)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+            future._notes = notes
+            future.set_exception(exc)
+        else:
+            future._notes = notes
+            future.set_result(value)
+
+    _get_executor().submit(run)
+    return future
