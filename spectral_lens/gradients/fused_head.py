@@ -269,8 +269,9 @@ def find_chunkable_head(
       module's ``forward`` returned (so nothing ran after the head: no soft-capping, scaling, dtype cast
       such as ``.float()`` on lower-precision logits, slicing, or a user hook replacing the output), and
       neither it nor the head's input was modified in place later in the forward (``_version``);
-    * the module is exactly ``nn.Linear`` (not a subclass), its ``forward`` is not patched on the
-      instance, it ran once in the forward and has no forward hooks of its own (bypassed, those hooks
+    * the module is exactly ``nn.Linear`` (not a subclass) holding its weight and bias as plain
+      ``nn.Parameter`` (not a wrapper-managed tensor such as FSDP's or a ``DTensor``), its ``forward`` is
+      not patched on the instance, it ran once in the forward and has no forward hooks of its own (bypassed, those hooks
       would see the hidden states), and no global module forward hook is registered;
     * none of the tensors in ``exclude`` (the probed parameters) is the head's weight or bias (tied
       embeddings are fine unless the probed parameter *is* the head's weight).
@@ -330,6 +331,11 @@ def find_chunkable_head(
         return None, f"{name!r} is a {type(head).__name__}, a subclass of nn.Linear (its forward may differ)"
     if "forward" in vars(head):
         return None, f"{name!r} has its forward replaced on the instance"
+    if any(p is not None and type(p) is not nn.Parameter for p in (head.weight, head.bias)):
+        return None, (
+            f"the weight or bias of {name!r} is not a plain nn.Parameter (a tensor set by a wrapper such as "
+            "FSDP or a parametrization; it may not hold the values outside the module's forward)"
+        )
     if len(calls) != 1:
         return None, f"{name!r} ran {len(calls)} times in one forward (bypassing it would change the other calls)"
     if logits._version != version:

@@ -209,6 +209,14 @@ def _hooked():
     return model
 
 
+def _plain_tensor_weight():
+    model = TinyGPT().double()  # first: .double() converts parameters and buffers, not plain attributes
+    w = model.lm_head.weight.detach().clone()
+    del model.lm_head.weight
+    model.lm_head.weight = w  # as a wrapper (FSDP, a parametrization) would set it
+    return model
+
+
 FALLBACKS = {
     "soft-capped": (_SoftCapped, PARAM, "are not the tensor an nn.Linear head returned (nn.Linear with out_features=37: ['lm_head'])"),
     "scaled": (_Scaled, PARAM, "are not the tensor an nn.Linear head returned"),
@@ -217,6 +225,7 @@ FALLBACKS = {
     "sliced": (_Sliced, PARAM, "no nn.Linear has out_features=30"),
     "probed head": (TinyGPT, "lm_head.weight", "probed parameters include the head's weight (lm_head.weight"),
     "hooked head": (_hooked, PARAM, "'lm_head' has forward hooks"),
+    "plain-tensor weight": (_plain_tensor_weight, PARAM, "the weight or bias of 'lm_head' is not a plain nn.Parameter"),
 }
 
 
