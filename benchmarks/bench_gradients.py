@@ -3,7 +3,11 @@
 Compares, in one run and on the same sequences:
 
 * ``nograd``      bare forward under ``torch.no_grad()`` (the floor's main term; ratio 1.0 by definition);
-* ``probe``       ``PerSampleGradientProbe`` (nn.Linear fast path), ``update`` + ``compute``;
+* ``probe``       ``PerSampleGradientProbe`` (nn.Linear fast path), ``update`` + ``compute``, defaults: with
+                  ``head_loss="auto"`` it detects the tied ``lm_head`` and runs head + loss chunked over tokens
+                  (the decision is the row's ``head_loss``);
+* ``probe_materialized`` the same with ``head_loss="materialized"`` (full tokens x vocab logits, the
+                  default loss: the probe before auto selection);
 * ``probe_native_ce`` the same with PyTorch's autocast cross-entropy (``causal_lm_loss(method="native")``)
                   instead of the default, which recomputes the softmax for bf16 logits on CUDA;
 * ``probe_offload`` the same with ``offload_rows=True`` (rows of G in pinned host memory: peak device memory);
@@ -12,13 +16,14 @@ Compares, in one run and on the same sequences:
                   float64 Gram + eigvalsh of the stacked rows; on out-of-memory it retries with
                   ``vmap(..., chunk_size=k)`` for k = chunk/2, chunk/4, ..., 1 and records k;
 * ``loop``        one ``torch.autograd.grad`` per sequence (``--no-loop`` skips it);
-* ``probe_chunked_head`` the probe with the head and loss chunked over tokens
-                  (``head_loss_fns``: never the full tokens x vocab logits);
+* ``probe_chunked_head`` the probe with the head and loss chunked over tokens passed by hand
+                  (``head_loss_fns``: never the full tokens x vocab logits; calls the model as ``model(x)``);
 * ``opacus``      Opacus ``GradSampleModule`` (the peer; optional import, skipped if absent) with only
                   W_O trainable: forward, ``sum`` loss, backward, ``grad_sample`` rows, float64 Gram;
 * ``probe_fp32``  the fast path without autocast: the reference for bf16 agreement.
 
-Reports seconds (median of ``--repeats`` after one warm-up), the ratio to ``nograd``, peak CUDA memory
+Rows of probe cases carry ``head_loss`` (``probe.head_loss_``: ``"chunked (lm_head)"``,
+``"materialized: ..."`` or ``"custom: ..."``). Reports seconds (median of ``--repeats`` after one warm-up), the ratio to ``nograd``, peak CUDA memory
 and the relative error of singular values against ``probe_fp32`` (max over all j of
 ``|s_j - s_ref_j| / s_ref_j``, and of ``|s_j - s_ref_j| / s_ref_1``). Targets: probe <= 1.5x nograd and
 >= 1.5x faster than recipe_vmap.
@@ -134,11 +139,25 @@ def run(m, args, device, model, name):
             for s in range(0, m, c):
                 model(x[s : s + c])
 
-    def probe(engine="auto", autocast=amp, ce="auto", offload=False, chunked_head=False):
-        fns = head_loss_fns(model) if chunked_head else {"loss_fn": functools.partial(causal_lm_loss, method=ce)}
-        return lambda: PerSampleGradientProbe(
-            model, name, engine=engine, chunk_size=c, autocast_dtype=autocast, offload_rows=offload, **fns
-        ).update((x, y)).compute().values
+    decisions = {}  # case -> probe.head_loss_ of its last run
+
+    def probe(label, engine="auto", autocast=amp, ce=None, offload=False, chunked_head=False, head_loss="auto"):
+        fns = (
+            head_loss_fns(model) if chunked_head
+            else {"loss_fn": functools.partial(causal_lm_loss, method=ce)} if ce is not None
+            else {}
+        )
+
+        def fn():
+            p = PerSampleGradientProbe(
+                model, name, engine=engine, chunk_size=c, autocast_dtype=autocast, offload_rows=offload,
+                head_loss=head_loss, **fns,
+            )
+            values = p.update((x, y)).compute().values
+            decisions[label] = p.head_loss_
+            return values
+
+        return fn
 
     def opacus():
         from opacus import GradSampleModule  # optional peer: ImportError is recorded as a failed case
@@ -199,12 +218,15 @@ def run(m, args, device, model, name):
                 rows.append(torch.autograd.grad(loss, w)[0].reshape(1, -1).float())
         return gram_eigenvalues(torch.cat(rows))
 
-    cases = {"nograd": nograd, "probe": probe(), "probe_chunked_head": probe(chunked_head=True),
-             "probe_native_ce": probe(ce="native"), "probe_offload": probe(offload=True), "probe_vmap": probe("vmap"),
+    cases = {"nograd": nograd, "probe": probe("probe"),
+             "probe_materialized": probe("probe_materialized", head_loss="materialized"),
+             "probe_chunked_head": probe("probe_chunked_head", chunked_head=True),
+             "probe_native_ce": probe("probe_native_ce", ce="native"),
+             "probe_offload": probe("probe_offload", offload=True), "probe_vmap": probe("probe_vmap", "vmap"),
              "recipe_vmap": recipe_vmap, "opacus": opacus}
     if not args.no_loop:
         cases["loop"] = loop
-    cases["probe_fp32"] = probe(autocast=None)
+    cases["probe_fp32"] = probe("probe_fp32", autocast=None)
     cases = {k: v for k, v in cases.items() if k == "nograd" or k not in args.skip}
     base_mem = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     results, spectra = [], {}
@@ -219,6 +241,8 @@ def run(m, args, device, model, name):
                 torch.cuda.empty_cache()
             continue
         results.append({"m": m, "case": label, "seconds": t, "peak_bytes": peak, "repeats": reps})
+        if label in decisions:
+            results[-1]["head_loss"] = decisions[label]
         if label == "recipe_vmap":
             results[-1]["vmap_chunk_size"] = vmap_chunk[0]
         if out is not None:
@@ -237,13 +261,15 @@ def run(m, args, device, model, name):
     summary = {
         "m": m,
         "probe_vs_nograd": by.get("probe", nan) / by["nograd"],
+        "probe_materialized_vs_nograd": by.get("probe_materialized", nan) / by["nograd"],
         "probe_chunked_head_vs_nograd": by.get("probe_chunked_head", nan) / by["nograd"],
+        "probe_head_loss": decisions.get("probe"),
         "probe_native_ce_vs_nograd": by.get("probe_native_ce", nan) / by["nograd"],
         "recipe_vmap_over_probe": by.get("recipe_vmap", nan) / by.get("probe", nan),
         "opacus_over_probe": by.get("opacus", nan) / by.get("probe", nan),
         "recipe_vmap_chunk_size": vmap_chunk[0],
     }
-    best = min(summary["probe_vs_nograd"], summary["probe_chunked_head_vs_nograd"])
+    best = min(summary["probe_vs_nograd"], summary["probe_materialized_vs_nograd"], summary["probe_chunked_head_vs_nograd"])
     summary["target_probe_le_1.5x_nograd"] = bool(best <= 1.5)
     summary["target_ge_1.5x_faster_than_vmap"] = bool(summary["recipe_vmap_over_probe"] >= 1.5)
     return results, summary
@@ -282,16 +308,19 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\n### Per-sample gradients of `{name}` ({dev_name}, torch {torch.__version__}, autocast={args.autocast}, "
           f"{cfg['layers']} layers, width {cfg['d']}, vocab {cfg['vocab']}, {args.seq} tokens/sequence, chunk {args.chunk})\n")
-    print("| M | case | seconds | vs no-grad fwd | peak GiB | s_j rel. err (max) | rel. to s_1 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| M | case | head + loss | seconds | vs no-grad fwd | peak GiB | s_j rel. err (max) | rel. to s_1 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
         e1 = "-" if "rel_err_max" not in r else f"{r['rel_err_max']:.1e}"
         e2 = "-" if "rel_err_vs_s1" not in r else f"{r['rel_err_vs_s1']:.1e}"
-        print(f"| {r['m']} | {r['case']} | {r['seconds']:.3f} | {r['vs_nograd']:.2f}x | {peak} | {e1} | {e2} |")
+        how = r.get("head_loss") or "-"
+        how = how if how.startswith("chunked") else how.split(":")[0]
+        print(f"| {r['m']} | {r['case']} | {how} | {r['seconds']:.3f} | {r['vs_nograd']:.2f}x | {peak} | {e1} | {e2} |")
     print()
     for s in summaries:
-        print(f"M={s['m']}: probe = {s['probe_vs_nograd']:.2f}x no-grad forward, chunked head "
+        print(f"M={s['m']}: probe = {s['probe_vs_nograd']:.2f}x no-grad forward (head_loss: {s['probe_head_loss']}), "
+              f"materialized {s['probe_materialized_vs_nograd']:.2f}x, chunked head by hand "
               f"{s['probe_chunked_head_vs_nograd']:.2f}x (target <= 1.5x: "
               f"{'met' if s['target_probe_le_1.5x_nograd'] else 'MISSED'}); opacus / probe = {s['opacus_over_probe']:.2f}x; "
               f"recipe vmap / probe = "

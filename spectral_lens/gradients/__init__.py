@@ -13,7 +13,14 @@ from .engines import NoGradientPathError, fast_engine, loop_engine, vmap_engine
 from .conv1d import conv1d_per_sample_grad  # registers transformers' Conv1D by name (no import)
 from .gram import fill_gram, fill_gram_by_columns, gram_against, gram_spectrum
 from .linear import linear_per_sample_grad  # importing it registers the nn.Linear fast path
-from .fused_head import causal_lm_head_loss, head_loss_fns, linear_cross_entropy, without_head
+from .fused_head import (
+    causal_lm_head_loss,
+    chunked_head_fns,
+    find_chunkable_head,
+    head_loss_fns,
+    linear_cross_entropy,
+    without_head,
+)
 from .losses import causal_lm_loss, causal_lm_targets, extract_logits, token_cross_entropy
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .fallback import EngineFallbackWarning
@@ -39,6 +46,7 @@ __all__ = [
     "causal_lm_head_loss",
     "causal_lm_loss",
     "causal_lm_targets",
+    "chunked_head_fns",
     "conv1d_per_sample_grad",
     "default_forward",
     "default_gradient_param",
@@ -46,6 +54,7 @@ __all__ = [
     "fast_engine",
     "fast_path_for",
     "fill_gram",
+    "find_chunkable_head",
     "fill_gram_by_columns",
     "gram_against",
     "gram_spectrum",

@@ -21,21 +21,33 @@ cancellation). So the chunked path is never less exact than the materialized one
 :func:`linear_cross_entropy` uses it whenever the full logits would exceed ``chunk_bytes``; for
 smaller problems it runs the same code with one chunk.
 
-Use with :class:`~spectral_lens.gradients.PerSampleGradientProbe` through :func:`head_loss_fns`.
+The probe uses it on its own (``PerSampleGradientProbe(head_loss="auto")``, the default) when
+:func:`find_chunkable_head` proves it computes the same loss as the default one; by hand it is
+:func:`head_loss_fns`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+import weakref
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-from .losses import causal_lm_targets
+from ._batch import default_forward
+from .losses import causal_lm_targets, extract_logits
 
-__all__ = ["linear_cross_entropy", "causal_lm_head_loss", "head_loss_fns", "without_head", "CHUNK_BYTES"]
+__all__ = [
+    "linear_cross_entropy",
+    "causal_lm_head_loss",
+    "head_loss_fns",
+    "without_head",
+    "find_chunkable_head",
+    "chunked_head_fns",
+    "CHUNK_BYTES",
+]
 
 #: Budget for one float32 (chunk_rows, V) block of logits when ``chunk_rows`` is not given: 128 MiB
 #: (656 tokens at V = 50,304).
@@ -239,5 +251,127 @@ def head_loss_fns(
                     f"head_loss_fns: {head!r} applied to the hidden states does not reproduce the model's logits "
                     "(the model transforms the head's output, e.g. soft-capping); use the default loss"
                 )
+
+    return {"forward_fn": forward_fn, "loss_fn": loss_fn}
+
+
+def find_chunkable_head(
+    model: nn.Module, run: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()
+) -> tuple[str | None, str]:
+    """The ``nn.Linear`` head the default loss can be chunked through, proved on one forward.
+
+    Calls ``run()`` once under ``torch.no_grad()`` (a forward of ``model`` returning its output) with a
+    temporary forward hook on every ``nn.Linear`` of ``model`` (prepended, so it sees what ``forward``
+    returned before any user hook), and removes the hooks afterwards, also when ``run`` raises.
+    Returns ``(name, "")`` for the module ``name`` when all of these hold, else ``(None, reason)``:
+
+    * the tensor the default loss reads, ``extract_logits(output)``, **is the very tensor object** the
+      module's ``forward`` returned (so nothing ran after the head: no soft-capping, scaling, dtype cast
+      such as ``.float()`` on lower-precision logits, slicing, or a user hook replacing the output), and
+      neither it nor the head's input was modified in place later in the forward (``_version``);
+    * the module is exactly ``nn.Linear`` (not a subclass) holding its weight and bias as plain
+      ``nn.Parameter`` (not a wrapper-managed tensor such as FSDP's or a ``DTensor``), its ``forward`` is
+      not patched on the instance, it ran once in the forward and has no forward hooks of its own (bypassed, those hooks
+      would see the hidden states), and no global module forward hook is registered;
+    * none of the tensors in ``exclude`` (the probed parameters) is the head's weight or bias (tied
+      embeddings are fine unless the probed parameter *is* the head's weight).
+
+    Under these conditions, bypassing the head (:func:`without_head`) makes the same forward return
+    the head's input where it returned the logits, so :func:`causal_lm_head_loss` on that output is the
+    default loss of the model's output up to the rounding in the module docstring.
+    """
+    if nn.modules.module._global_forward_hooks:
+        return None, "a global module forward hook is registered (it could change the head's output)"
+    names: dict[int, tuple[str, nn.Module]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            names.setdefault(id(mod), (name, mod))
+    seen: dict[int, list] = {k: [] for k in names}
+
+    def hook(module, args, output):
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        seen[id(module)].append(
+            (
+                weakref.ref(output) if isinstance(output, torch.Tensor) else None,
+                getattr(output, "_version", None),
+                None if x is None else weakref.ref(x),
+                None if x is None else x._version,
+            )
+        )
+
+    handles = []
+    try:
+        for _, mod in names.values():
+            handles.append(mod.register_forward_hook(hook, prepend=True))
+        with torch.no_grad():
+            out = run()
+    finally:
+        for h in handles:
+            h.remove()
+    try:
+        logits = extract_logits(out)
+    except TypeError as exc:
+        return None, f"no logits found in the model output ({exc})"
+    hits = [k for k, calls in seen.items() if any(r is not None and r() is logits for r, _, _, _ in calls)]
+    if not hits:
+        width = logits.shape[-1] if logits.ndim else None
+        same = [names[k][0] for k, calls in seen.items() if calls and names[k][1].out_features == width]
+        where = f" (nn.Linear with out_features={width}: {same})" if same else f" (no nn.Linear has out_features={width})"
+        return None, (
+            f"the logits ({str(logits.dtype).replace('torch.', '')}, {width} classes) are not the tensor an "
+            f"nn.Linear head returned{where}: something runs after the head (soft-capping, scaling, a dtype cast "
+            "such as .float(), slicing, a hook) or the head is not an nn.Linear"
+        )
+    name, head = names[hits[0]]
+    calls = seen[hits[0]]
+    _, version, x_ref, x_version = next(c for c in calls if c[0] is not None and c[0]() is logits)
+    x = None if x_ref is None else x_ref()
+    probed = {id(p) for p in exclude}
+    if type(head) is not nn.Linear:
+        return None, f"{name!r} is a {type(head).__name__}, a subclass of nn.Linear (its forward may differ)"
+    if "forward" in vars(head):
+        return None, f"{name!r} has its forward replaced on the instance"
+    if any(p is not None and type(p) is not nn.Parameter for p in (head.weight, head.bias)):
+        return None, (
+            f"the weight or bias of {name!r} is not a plain nn.Parameter (a tensor set by a wrapper such as "
+            "FSDP or a parametrization; it may not hold the values outside the module's forward)"
+        )
+    if len(calls) != 1:
+        return None, f"{name!r} ran {len(calls)} times in one forward (bypassing it would change the other calls)"
+    if logits._version != version:
+        return None, f"the output of {name!r} is modified in place after the head (e.g. logits.mul_())"
+    if x is not None and x._version != x_version:
+        return None, f"the input of {name!r} is modified in place after the head"
+    if head._forward_hooks or getattr(head, "_forward_hooks_with_kwargs", None):
+        return None, f"{name!r} has forward hooks (bypassed, they would see the hidden states instead of the logits)"
+    hit = [k for k, p in (("weight", head.weight), ("bias", head.bias)) if p is not None and id(p) in probed]
+    if hit:
+        return None, f"the probed parameters include the head's {hit[0]} ({name}.{hit[0]}, tied or not)"
+    return name, ""
+
+
+def chunked_head_fns(
+    model: nn.Module,
+    head: str,
+    ignore_index: int = -100,
+    chunk_rows: int | None = None,
+    forward: Callable[[nn.Module, Any], Any] = default_forward,
+):
+    """``forward_fn`` / ``loss_fn`` that compute the default loss (:func:`causal_lm_loss` of
+    ``forward(model, batch)``) through :func:`causal_lm_head_loss`: ``forward`` runs with the head
+    ``head`` bypassed (:func:`without_head`) and the hidden states are read where the logits were
+    (``extract_logits``). Exact only for heads :func:`find_chunkable_head` accepts; the probe's
+    ``head_loss="auto"`` builds these after that check. Unlike :func:`head_loss_fns`, the model is
+    called as the default forward calls it (a dict batch passes ``attention_mask`` and the rest)."""
+    module = model.get_submodule(head)
+    if type(module) is not nn.Linear:
+        raise TypeError(f"chunked_head_fns: {head!r} must be an nn.Linear head, got {type(module).__name__}")
+
+    def forward_fn(m: nn.Module, batch: Any) -> torch.Tensor:
+        with without_head(m, head):
+            return extract_logits(forward(m, batch))
+
+    def loss_fn(hidden: torch.Tensor, batch: Any) -> torch.Tensor:
+        return causal_lm_head_loss(hidden, batch, module, ignore_index, chunk_rows)
 
     return {"forward_fn": forward_fn, "loss_fn": loss_fn}

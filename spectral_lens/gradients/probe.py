@@ -28,6 +28,7 @@ from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, slice_batch
 from .engines import NoGradientPathError, fast_engine, loop_engine
 from .fallback import vmap_or_loop
+from .fused_head import chunked_head_fns, find_chunkable_head
 from .gram import (
     GRAM_BLOCK_ELEMENTS,
     block_rows_for,
@@ -59,6 +60,7 @@ ATTENTION_OUTPUT_PATTERNS = (
 )
 
 ENGINES = ("auto", "fast", "vmap", "loop")
+HEAD_LOSSES = ("auto", "chunked", "materialized")
 
 
 def _block_index(name: str) -> int:
@@ -170,6 +172,18 @@ class PerSampleGradientProbe:
         train_mode: measure in train mode (dropout active). Default False: eval mode, the caller's
             mode is restored afterwards.
         ignore_index: target value excluded from the default loss.
+        head_loss: how the default loss meets the model's head. ``"auto"`` (default): on the first
+            ``update`` one no-grad forward of that batch's first sequence checks
+            (:func:`~spectral_lens.gradients.fused_head.find_chunkable_head`) that the logits the
+            default loss reads are the unmodified output of an ``nn.Linear`` head whose weight is not
+            probed; if so the head and the loss run chunked over tokens
+            (:func:`~spectral_lens.gradients.linear_cross_entropy`: never the full tokens x vocab
+            logits, same loss and gradients up to float rounding), else the logits are materialized
+            as before. ``"chunked"``: the same check, a ``ValueError`` with its reason if it fails.
+            ``"materialized"``: always the full logits. When ``loss_fn`` or ``forward_fn`` is given,
+            ``"auto"`` does nothing (a user's loss is never replaced). The decision is
+            ``probe.head_loss_`` (``"chunked (lm_head)"``, ``"materialized: <reason>"``), made once
+            per attached model.
 
     Measuring has no side effects: ``.grad``, ``requires_grad``, train/eval flags, module buffers
     (BatchNorm running statistics also with ``train_mode=True``), the CPU and CUDA RNG states and the
@@ -200,9 +214,17 @@ class PerSampleGradientProbe:
         autocast_dtype: torch.dtype | None = None,
         train_mode: bool = False,
         ignore_index: int = -100,
+        head_loss: str = "auto",
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if head_loss not in HEAD_LOSSES:
+            raise ValueError(f"head_loss must be one of {HEAD_LOSSES}, got {head_loss!r}")
+        if head_loss == "chunked" and (loss_fn is not None or forward_fn is not None):
+            raise ValueError(
+                "head_loss='chunked' computes the default loss through the model's head; it cannot be combined "
+                "with loss_fn/forward_fn (leave them out, or pass head_loss_fns(model, ...) as they are)"
+            )
         if int(chunk_size) < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if max_resident_samples is not None and int(max_resident_samples) < 1:
@@ -214,7 +236,12 @@ class PerSampleGradientProbe:
         self.params_spec = params
         self.loss_fn = loss_fn or (lambda out, batch: causal_lm_loss(out, batch, ignore_index=ignore_index))
         self._custom_loss = loss_fn
+        self._custom_forward = forward_fn
         self.forward_fn = forward_fn or default_forward
+        self.ignore_index = ignore_index
+        self.head_loss = head_loss
+        self.head_loss_: str | None = self._initial_head_loss()
+        self._head_fns: tuple[Callable, Callable] | None = None  # (forward_fn, loss_fn) once chunked is chosen
         self.engine = engine
         self.chunk_size = int(chunk_size)
         self.keep_matrix = keep_matrix
@@ -237,6 +264,7 @@ class PerSampleGradientProbe:
         self.model, self.params = model, params
         self.sites = {n: self._site(n) for n in params}
         self.engines_ = {n: self._choose_engine(n) for n in params}
+        self.head_loss_, self._head_fns = self._initial_head_loss(), None
         self.reset()
 
     def attach(self, model: nn.Module) -> Attachment:
@@ -258,6 +286,7 @@ class PerSampleGradientProbe:
     def detach(self) -> None:
         """Unbind the probe from its model and forget every sample (idempotent)."""
         self.model, self.params, self.sites, self.engines_ = None, {}, {}, {}
+        self.head_loss_, self._head_fns = self._initial_head_loss(), None
         self.reset()
 
     def _require_model(self, what: str) -> None:
@@ -292,6 +321,34 @@ class PerSampleGradientProbe:
             raise ValueError(f"engine='fast' impossible for {name}: {reason}; use engine='auto' or 'vmap'")
         return "vmap"
 
+    def _initial_head_loss(self) -> str | None:
+        """The head-loss decision known without the model's output; ``None``: decided at the first update."""
+        if self._custom_loss is not None or self._custom_forward is not None:
+            return "custom: loss_fn/forward_fn given, used as they are (the probe never replaces a user's loss)"
+        if self.head_loss == "materialized":
+            return "materialized: head_loss='materialized'"
+        return None
+
+    def _decide_head_loss(self, sample: Any, devices) -> None:
+        """``head_loss`` ``"auto"``/``"chunked"``: one no-grad forward of ``sample`` (one sequence) proves
+        or refutes that the default loss can run chunked through an ``nn.Linear`` head. Runs inside
+        :meth:`_isolated`, with its own forked RNG so the measurement's dropout masks are unchanged."""
+        with torch.random.fork_rng(devices=devices):
+            head, reason = find_chunkable_head(
+                self.model, lambda: self.forward_fn(self.model, sample), self.params.values()
+            )
+        if head is None:
+            if self.head_loss == "chunked":
+                raise ValueError(
+                    f"head_loss='chunked' impossible for {type(self.model).__name__}: {reason}; "
+                    "use head_loss='auto' or 'materialized'"
+                )
+            self.head_loss_ = f"materialized: {reason}"
+            return
+        fns = chunked_head_fns(self.model, head, self.ignore_index, forward=self.forward_fn)
+        self._head_fns = (fns["forward_fn"], fns["loss_fn"])
+        self.head_loss_ = f"chunked ({head})"
+
     def _row_dtype(self, name: str) -> torch.dtype:
         if self.storage_dtype is not None:
             return self.storage_dtype
@@ -318,12 +375,13 @@ class PerSampleGradientProbe:
 
     def _snapshot(self):
         return (self.n_samples_, dict(self._gram), {n: list(r) for n, r in self._rows.items()}, list(self._chunks),
-                list(self._losses), self._filled, set(self._far_done), self._versions, dict(self.engines_))
+                list(self._losses), self._filled, set(self._far_done), self._versions, dict(self.engines_),
+                self.head_loss_, self._head_fns)
 
     def _restore(self, snap) -> None:
         # update() replaces the Gram tensors (grow_square) before writing, so the snapshot's are intact
         (self.n_samples_, self._gram, self._rows, self._chunks, self._losses, self._filled, self._far_done,
-         self._versions, self.engines_) = snap
+         self._versions, self.engines_, self.head_loss_, self._head_fns) = snap
         self._finite = []
 
     @contextlib.contextmanager
@@ -367,9 +425,10 @@ class PerSampleGradientProbe:
         """Rows (n, P) in storage dtype for every probed parameter, and the n losses."""
         rows: dict[str, torch.Tensor] = {}
         losses = None
+        forward_fn, loss_fn = self._head_fns or (self.forward_fn, self.loss_fn)
         fast = {k: self.sites[k] for k, e in self.engines_.items() if e == "fast"}
         if fast:
-            got, losses, not_called = fast_engine(self.model, fast, batch, n, self.forward_fn, self.loss_fn)
+            got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn)
             rows.update(got)
             for k in not_called:
                 if self.engine == "fast":
@@ -381,11 +440,11 @@ class PerSampleGradientProbe:
         for kind in ("vmap", "loop"):
             todo = {k: self.params[k] for k, e in self.engines_.items() if e == kind and k not in rows}
             if todo and kind == "vmap":
-                got, lo, fell_back = vmap_or_loop(self.model, todo, batch, n, self.forward_fn, self.loss_fn)
+                got, lo, fell_back = vmap_or_loop(self.model, todo, batch, n, forward_fn, loss_fn)
                 if fell_back:
                     self.engines_.update({k: "loop" for k in todo})
             elif todo:
-                got, lo = loop_engine(self.model, todo, batch, n, self.forward_fn, self.loss_fn)
+                got, lo = loop_engine(self.model, todo, batch, n, forward_fn, loss_fn)
             if todo:
                 rows.update(got)
                 losses = lo if losses is None else losses
@@ -417,6 +476,8 @@ class PerSampleGradientProbe:
             total = self.n_samples_ + n
             self._gram = {k: grow_square(g, total, dev) for k, g in self._gram.items()}
             with self._isolated() as devices:
+                if self.head_loss_ is None and n > 0:
+                    self._decide_head_loss(slice_batch(batch, 0, 1), devices)
                 for s in range(0, n, self.chunk_size):
                     e = min(n, s + self.chunk_size)
                     sub = slice_batch(batch, s, e)
@@ -586,6 +647,7 @@ class PerSampleGradientProbe:
                 source=name,
                 metadata={
                     "engine": self.engines_[name],
+                    "head_loss": self.head_loss_,
                     "param_shape": list(p.shape),
                     "n_params": p.numel(),
                     "storage_dtype": str(self._row_dtype(name)).replace("torch.", ""),
@@ -606,6 +668,6 @@ class PerSampleGradientProbe:
 
     def __repr__(self) -> str:
         return (
-            f"PerSampleGradientProbe(params={list(self.params)}, engines={self.engines_}, "
+            f"PerSampleGradientProbe(params={list(self.params)}, engines={self.engines_}, head_loss={self.head_loss_!r}, "
             f"n_samples={self.n_samples_}, chunk_size={self.chunk_size})"
         )

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from spectral_lens.gradients import (
     PerSampleGradientProbe,
@@ -21,6 +20,7 @@ from spectral_lens.gradients import (
     without_head,
 )
 
+from support.dispatch import LargestAllocation as _LargestAllocation
 from support.models import TinyGPT, lm_batch
 
 
@@ -82,21 +82,6 @@ def test_confident_target_gradient_keeps_relative_accuracy():
     # d loss / d h = sum_j p_j w_j - w_t = -30 (1 - p_t) = -30 * 2 e^-30 / (1 + 2 e^-30)
     ref = -30.0 * 2 * math.exp(-30) / (1 + 2 * math.exp(-30))
     assert abs(float(gh) - ref) <= 1e-5 * abs(ref)
-
-
-class _LargestAllocation(TorchDispatchMode):
-    """Largest tensor (elements) produced by any op run inside the block."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for o in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(o, torch.Tensor):
-                self.largest = max(self.largest, o.numel())
-        return out
 
 
 def test_never_forms_the_full_logits():
