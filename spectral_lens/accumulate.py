@@ -66,10 +66,10 @@ def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor
     """
     step = max(1, rows.shape[0] // _SHIFT_ROWS)
     head = rows[::step] if step > 1 else rows
+    if valid is None:  # one kernel: the half-precision sample is read and averaged in fp32 directly
+        return head.mean(0, dtype=torch.float32 if head.dtype not in (torch.float32, torch.float64) else None)
     if head.dtype not in (torch.float32, torch.float64):
         head = head.float()
-    if valid is None:
-        return head.mean(0)
     keep = valid[::step].unsqueeze(-1)
     return torch.where(keep, head, 0.0).sum(0) / keep.sum().clamp_min(1)
 
@@ -336,7 +336,8 @@ class ActivationCovarianceAccumulator:
             local = representable_shift(_sample_mean(chunk, cv), self.precision, chunk.dtype)
             mk, sk = chunk_moments(chunk, local, self.precision, cv, lower_only=True)
             nk = chunk.shape[0] if cv is None else cv.sum()
-            bk = ~torch.isfinite(mk).all() if self.nonfinite == "raise" else None
+            # NaN iff some entry of m is NaN or +-Inf (Inf * 0 is NaN): 3 kernels, not isfinite's 6
+            bk = (mk.sum() * 0).isnan() if self.nonfinite == "raise" else None
             if s is None:
                 n, m, s, shift, broken = nk, mk, sk, local, bk
                 continue
@@ -365,7 +366,7 @@ class ActivationCovarianceAccumulator:
                 u, new_m = m64 + (0.5 * n64) * c, state_m + (m64 + n64 * c)
             else:  # a host row count: fused scalar multiply-adds
                 u, new_m = torch.add(m64, c, alpha=0.5 * n), state_m + torch.add(m64, c, alpha=float(n))
-            new_s.addmm_(torch.stack([u, c], 1), torch.stack([c, u], 0))
+            new_s.addr_(u, c).addr_(c, u)  # two launches (stack, stack, addmm were three)
             spare = None if self._s_escaped else state_s  # the old state becomes the next spare
         else:
             dev = shift.device
