@@ -124,6 +124,7 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
     updates, and each path's chunk-sum error against float64 sums of the same rounded rows.
     (A sweep of block splits of the product and of kernel launch shapes was measured on an H100 and
     removed: benchmarks/RESULTS.md.)"""
+    from spectral_lens import _triton as kernels
     from spectral_lens.spectra import fast_moments as fm
 
     timed = _timer(device)
@@ -147,14 +148,14 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
 
         def acc_fn(t):
             def fn():
-                saved, fm._TRITON = fm._TRITON, t
+                saved, kernels._AVAILABLE = kernels._AVAILABLE, t
                 try:
                     acc = ActivationCovarianceAccumulator(precision="fast")
                     for c in data:
                         acc.update(c)
                     acc._s_lower.sum()
                 finally:
-                    fm._TRITON = saved
+                    kernels._AVAILABLE = saved
             return fn
 
         for t in preps:

@@ -5,8 +5,11 @@ per-token loss is ``lse(z_i) - z_{i, t_i}`` with ``z_i = W h_i + b``. :func:`lin
 forms ``z`` for ``chunk_rows`` tokens at a time, keeps only the (N,) log-sum-exp, and in the backward
 recomputes each chunk's logits to form ``softmax(z) - onehot(t)`` and its products with ``W`` and
 ``h``. Peak memory is one (chunk_rows, V) block instead of (N, V), and no (N, V) array is ever
-written (the same idea as Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy,
-here in plain PyTorch: it runs wherever PyTorch does, with no Triton kernel).
+written (the same idea as Liger-Kernel's fused linear cross-entropy and Apple's Cut Cross-Entropy).
+The head products are PyTorch's GEMMs; the per-chunk softmax work runs in two Triton kernels on CUDA
+when Triton is installed (one read of the logits for the forward, one read and one write for the
+backward, fp32 inside: :mod:`spectral_lens.gradients._ce_kernel`), else in plain PyTorch (about a
+dozen float32 passes per block), which is also what runs under ``torch.func`` transforms.
 
 Accuracy (what "exact enough" means here). The logits are computed exactly as an unfused head would
 compute them: ``F.linear`` in the autocast dtype when autocast is on, else in the inputs' dtype. From
@@ -36,6 +39,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .._triton import use_kernels
 from ._batch import default_forward
 from .losses import causal_lm_targets, extract_logits
 
@@ -61,6 +65,16 @@ def _compute_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     return torch.promote_types(h.dtype, w.dtype)
 
 
+def _kernels(h: torch.Tensor, dtype: torch.dtype):
+    """The Triton kernels module for this call (CUDA, Triton installed, not under ``torch.func``,
+    not float64), else ``None`` (the plain-PyTorch chunk body)."""
+    if dtype == torch.float64 or not use_kernels(h):
+        return None
+    from . import _ce_kernel
+
+    return _ce_kernel
+
+
 def _logits(h, w, b, dtype) -> torch.Tensor:
     return F.linear(h.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
 
@@ -78,11 +92,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         valid = targets != ignore_index
         safe = targets.masked_fill(~valid, 0)
         lses, losses = [], []
+        kernel = _kernels(h, dtype)
         for s in range(0, h.shape[0], chunk_rows):
-            z = _logits(h[s : s + chunk_rows], w, b, dtype).to(acc)
-            lse = torch.logsumexp(z, -1)
+            z = _logits(h[s : s + chunk_rows], w, b, dtype)
+            if kernel is not None:  # one read of the logits in their own dtype, fp32 inside
+                lse, zt = kernel.row_lse(z, safe[s : s + chunk_rows])
+            else:
+                z = z.to(acc)
+                lse, zt = torch.logsumexp(z, -1), z.gather(-1, safe[s : s + chunk_rows, None]).squeeze(-1)
             lses.append(lse)
-            losses.append(lse - z.gather(-1, safe[s : s + chunk_rows, None]).squeeze(-1))
+            losses.append(lse - zt)
         lse, loss = torch.cat(lses), torch.cat(losses)
         return loss.masked_fill(~valid, 0.0), lse
 
@@ -104,17 +123,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         weight = (grad_loss.to(acc) * valid).unsqueeze(-1)
         dhs, dw, db = [], None, None
         wc = w.to(dtype)
+        kernel = None if (need_b and b is not None) else _kernels(h, dtype)  # the bias gradient needs fp32 g
         for s in range(0, h.shape[0], chunk_rows):
             hc = h[s : s + chunk_rows]
-            g = _logits(hc, w, b, dtype).to(acc)
-            g = (g - lse[s : s + chunk_rows, None]).exp() * weight[s : s + chunk_rows]
-            # target entry -w (1 - p_t) as minus the sum of the others: no cancellation when p_t ~ 1
-            at = safe[s : s + chunk_rows, None]
-            g = g.scatter(-1, at, 0.0)
-            g = g.scatter(-1, at, -g.sum(-1, keepdim=True))
-            if need_b and b is not None:
-                db = g.sum(0) if db is None else db + g.sum(0)
-            g = g.to(dtype)  # the rounding an unfused head's logits gradient has
+            g = _logits(hc, w, b, dtype)
+            if kernel is not None:  # one read, one write of the block; same fp32 math, then one rounding
+                g = kernel.softmax_grad(g, safe[s : s + chunk_rows], lse[s : s + chunk_rows],
+                                        weight[s : s + chunk_rows, 0].contiguous())
+            else:
+                g = (g.to(acc) - lse[s : s + chunk_rows, None]).exp() * weight[s : s + chunk_rows]
+                # target entry -w (1 - p_t) as minus the sum of the others: no cancellation when p_t ~ 1
+                at = safe[s : s + chunk_rows, None]
+                g = g.scatter(-1, at, 0.0)
+                g = g.scatter(-1, at, -g.sum(-1, keepdim=True))
+                if need_b and b is not None:
+                    db = g.sum(0) if db is None else db + g.sum(0)
+                g = g.to(dtype)  # the rounding an unfused head's logits gradient has
             if need_h:
                 dhs.append(g @ wc)
             if need_w:

@@ -18,30 +18,11 @@ accumulation; only the summation order inside the GEMM differs. Pure functions, 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-__all__ = ["fast_chunk_moments", "center_cast", "triton_available"]
+from .._triton import triton_available
 
-_TRITON: bool | None = None
-
-
-def triton_available() -> bool:
-    """Whether the Triton centring kernel can be used (Triton importable; ``SPECTRAL_LENS_NO_TRITON``
-    unset). Checked once."""
-    global _TRITON
-    if _TRITON is None:
-        if os.environ.get("SPECTRAL_LENS_NO_TRITON"):
-            _TRITON = False
-        else:
-            try:
-                from . import _center_kernel  # noqa: F401
-                _TRITON = True
-            except Exception:  # not installed, or no usable backend
-                _TRITON = False
-    return _TRITON
-
+__all__ = ["fast_chunk_moments", "center_cast"]
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` in fp32 for bf16 operands (CUDA), else in the operands' dtype."""

@@ -1,0 +1,81 @@
+"""Triton kernels for one (chunk, V) block of logits in :func:`~spectral_lens.gradients.linear_cross_entropy`
+(imported only when Triton is installed; used on CUDA).
+
+The plain-PyTorch chunk body makes about a dozen float32 passes over the block (upcast, log-sum-exp,
+exp, scale, two scatters, row sum, downcast). These kernels make one read of the logits in their
+own dtype for the forward and one read plus one write for the backward, with every step in fp32
+registers, one program per token:
+
+* :func:`row_lse`: online max-shifted log-sum-exp of each row and the target logit.
+* :func:`softmax_grad`: ``g = softmax(z) * w`` written in the logits' dtype, the target entry set to
+  minus the fp32 sum of the row's other entries (as the torch path does: no ``p_t - 1`` cancellation).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_V = 2048
+NUM_WARPS = 8
+
+
+@triton.jit
+def _row_lse_kernel(z_ptr, t_ptr, lse_ptr, zt_ptr, V, stride, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * stride
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        x = tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    tl.store(lse_ptr + row, m + tl.log(s))
+    t = tl.load(t_ptr + row)
+    tl.store(zt_ptr + row, tl.load(base + t).to(tl.float32))
+
+
+@triton.jit
+def _softmax_grad_kernel(z_ptr, t_ptr, lse_ptr, w_ptr, g_ptr, V, stride_z, stride_g, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    zb = z_ptr + row * stride_z
+    gb = g_ptr + row * stride_g
+    cols = tl.arange(0, BLOCK_V)
+    lse = tl.load(lse_ptr + row)
+    w = tl.load(w_ptr + row)
+    t = tl.load(t_ptr + row)
+    others = tl.zeros((), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        idx = v0 + cols
+        inside = idx < V
+        x = tl.load(zb + idx, mask=inside, other=float("-inf")).to(tl.float32)
+        p = tl.exp(x - lse) * w
+        p = tl.where(idx == t, 0.0, p)
+        others += tl.sum(tl.where(inside, p, 0.0), axis=0)
+        tl.store(gb + idx, p.to(g_ptr.dtype.element_ty), mask=inside)
+    tl.store(gb + t, (-others).to(g_ptr.dtype.element_ty))
+
+
+def row_lse(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse, z_t)`` in float32 for logits ``z`` (C, V) (unit column stride) and ``targets`` (C,)
+    int64 in ``[0, V)``."""
+    c, v = z.shape
+    lse = torch.empty(c, dtype=torch.float32, device=z.device)
+    zt = torch.empty(c, dtype=torch.float32, device=z.device)
+    if c:
+        _row_lse_kernel[(c,)](z, targets, lse, zt, v, z.stride(0), BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+    return lse, zt
+
+
+def softmax_grad(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``g`` (C, V) in ``z``'s dtype: ``exp(z - lse) * weight`` per row, target entry minus the sum of
+    the others; ``lse`` and ``weight`` (C,) float32, ``targets`` (C,) int64 in ``[0, V)``."""
+    c, v = z.shape
+    g = torch.empty((c, v), dtype=z.dtype, device=z.device)
+    if c:
+        _softmax_grad_kernel[(c,)](z, targets, lse, weight, g, v, z.stride(0), g.stride(0),
+                                   BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+    return g

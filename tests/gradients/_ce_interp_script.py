@@ -1,0 +1,45 @@
+"""Run by tests/gradients/test_ce_kernel.py in a subprocess with TRITON_INTERPRET=1 (argv[1]: repo root)."""
+import os, sys, json
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+sys.path.insert(0, sys.argv[1])
+from spectral_lens.gradients import _ce_kernel as K, fused_head as fh
+from spectral_lens.gradients import linear_cross_entropy
+g = torch.Generator().manual_seed(0)
+out = {}
+# kernels vs torch on random blocks, V not a multiple of BLOCK_V, targets at the edges
+for dtype in (torch.float32, torch.bfloat16):
+    for c, v in ((1, 5), (7, 2048), (33, 5000)):
+        z = (torch.randn(c, v, generator=g) * 8 + 300).to(dtype)
+        t = torch.randint(0, v, (c,), generator=g); t[0] = v - 1
+        if c > 1: t[1] = 0
+        lse, zt = K.row_lse(z, t)
+        z32 = z.float()
+        ref_lse = torch.logsumexp(z32.double(), -1)
+        w = torch.rand(c, generator=g); w[-1] = 0
+        gk = K.softmax_grad(z, t, lse, w)
+        p = (z32.double() - ref_lse[:, None]).exp() * w.double()[:, None]
+        p.scatter_(-1, t[:, None], 0.0)
+        p.scatter_(-1, t[:, None], -p.sum(-1, keepdim=True))
+        scale = float(p.abs().max()) + 1e-30
+        out[f"{dtype}-{c}-{v}"] = dict(
+            lse_err=float((lse.double() - ref_lse).abs().max() / (z32.abs().max() + torch.log(torch.tensor(float(v))))),
+            zt_err=float((zt - z32.gather(-1, t[:, None]).squeeze(-1)).abs().max()),
+            g_err=float((gk.double() - p).abs().max() / scale),
+            g_dtype=str(gk.dtype))
+# the chunked loss with the kernels (forced on CPU under the interpreter) vs without
+for dtype in (torch.float32, torch.bfloat16):
+    h = torch.randn(50, 16, generator=g).to(dtype).requires_grad_()
+    wt = (torch.randn(3000, 16, generator=g) * 0.5).to(dtype)
+    t = torch.randint(0, 3000, (50,), generator=g); t[3] = -100
+    res = {}
+    for name, use in (("kernel", True), ("torch", False)):
+        fh._kernels = (lambda hh, dt: K) if use else (lambda hh, dt: None)
+        loss = linear_cross_entropy(h, wt, t, chunk_rows=16)
+        (gh,) = torch.autograd.grad((loss * torch.linspace(0.5, 2, 50)).sum(), h)
+        res[name] = (loss.detach(), gh.float())
+    out[f"loss-{dtype}"] = dict(
+        loss_err=float((res["kernel"][0] - res["torch"][0]).abs().max()),
+        grad_err=float((res["kernel"][1] - res["torch"][1]).abs().max() / res["torch"][1].abs().max()),
+        ignored_zero=bool(res["kernel"][0][3] == 0))
+print(json.dumps(out))
