@@ -79,66 +79,99 @@ def _logits(h, w, b, dtype) -> torch.Tensor:
     return F.linear(h.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
 
 
+def _softmax_grad(z, safe, lse, weight, acc, dtype, kernel):
+    """``(g, g_acc)`` of one chunk: ``g = (softmax(z) - onehot(t)) * weight`` rounded once to ``dtype``
+    (the rounding an unfused head's logits gradient has), the target entry formed as minus the sum of
+    the others (no ``p_t - 1`` cancellation when ``p_t ~ 1``); ``g_acc`` is the unrounded ``g`` in
+    ``acc`` from the plain-PyTorch body (``None`` from the kernel, which never forms it)."""
+    if kernel is not None:  # one read, one write of the block; the same fp32 math, then one rounding
+        return kernel.softmax_grad(z, safe, lse, weight.contiguous()), None
+    g = (z.to(acc) - lse[:, None]).exp() * weight[:, None]
+    at = safe[:, None]
+    g = g.scatter(-1, at, 0.0)
+    g = g.scatter(-1, at, -g.sum(-1, keepdim=True))
+    return g.to(dtype), g
+
+
+def _mm_acc(g: torch.Tensor, w: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``g @ w`` accumulated and returned in ``acc`` (fp32 output of a bf16/fp16 GEMM on CUDA)."""
+    if g.is_cuda and g.dtype in (torch.bfloat16, torch.float16) and acc == torch.float32:
+        return torch.mm(g, w, out_dtype=torch.float32)
+    return (g @ w).to(acc)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Per-token loss (N,) of ``F.linear(h, w, b)`` against ``targets``, chunked over tokens, and the
-    (N,) log-sum-exp the backward reuses. Out-of-place per chunk, so ``torch.func`` can batch it
-    (``generate_vmap_rule``): the probe's ``vmap`` engine works with it too."""
+    """Per-token loss (N,) of ``F.linear(h, w, b)`` against ``targets``, chunked over tokens, the (N,)
+    log-sum-exp and, with ``precompute``, the (N, d) unit-weight input gradient. Out-of-place per
+    chunk, so ``torch.func`` can batch it (``generate_vmap_rule``): the probe's ``vmap`` engine works
+    with it too.
+
+    ``precompute`` (only the hidden states need a gradient, which is the probe's fast engine): the
+    input gradient is linear in each token's upstream weight, ``dh_i = w_i (p_i - e_{t_i}) W``, so the
+    forward forms ``(p_i - e_{t_i}) W`` for every token while the chunk's logits are at hand and the
+    backward only scales it: the logits are never recomputed (one head GEMM fewer)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(h, w, b, targets, ignore_index, chunk_rows, dtype):
+    def forward(h, w, b, targets, ignore_index, chunk_rows, dtype, precompute):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         valid = targets != ignore_index
         safe = targets.masked_fill(~valid, 0)
-        lses, losses = [], []
+        unit = valid.to(acc)
+        lses, losses, dhs = [], [], []
         kernel = _kernels(h, dtype)
+        wc = w.to(dtype)
         for s in range(0, h.shape[0], chunk_rows):
             z = _logits(h[s : s + chunk_rows], w, b, dtype)
+            ts = safe[s : s + chunk_rows]
             if kernel is not None:  # one read of the logits in their own dtype, fp32 inside
-                lse, zt = kernel.row_lse(z, safe[s : s + chunk_rows])
+                lse, zt = kernel.row_lse(z, ts)
             else:
                 z = z.to(acc)
-                lse, zt = torch.logsumexp(z, -1), z.gather(-1, safe[s : s + chunk_rows, None]).squeeze(-1)
+                lse, zt = torch.logsumexp(z, -1), z.gather(-1, ts[:, None]).squeeze(-1)
             lses.append(lse)
             losses.append(lse - zt)
+            if precompute:
+                g, _ = _softmax_grad(z, ts, lse, unit[s : s + chunk_rows], acc, dtype, kernel)
+                dhs.append(_mm_acc(g, wc, acc))
         lse, loss = torch.cat(lses), torch.cat(losses)
-        return loss.masked_fill(~valid, 0.0), lse
+        dh_unit = torch.cat(dhs) if precompute else lse.new_empty(0)
+        return loss.masked_fill(~valid, 0.0), lse, dh_unit
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        h, w, b, targets, ignore_index, chunk_rows, dtype = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(h, w, b, targets, output[1])
-        ctx.ignore_index, ctx.chunk_rows, ctx.dtype = ignore_index, chunk_rows, dtype
+        h, w, b, targets, ignore_index, chunk_rows, dtype, precompute = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
+        if precompute:
+            ctx.save_for_backward(targets, output[2])
+        else:
+            ctx.save_for_backward(h, w, b, targets, output[1])
+        ctx.ignore_index, ctx.chunk_rows, ctx.dtype, ctx.precompute = ignore_index, chunk_rows, dtype, precompute
+        ctx.h_dtype = h.dtype
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse):
+    def backward(ctx, grad_loss, _grad_lse, _grad_dh):
+        if ctx.precompute:
+            targets, dh_unit = ctx.saved_tensors
+            weight = grad_loss.to(dh_unit.dtype) * (targets != ctx.ignore_index)
+            return (dh_unit * weight[:, None]).to(ctx.h_dtype), None, None, None, None, None, None, None
         h, w, b, targets, lse = ctx.saved_tensors
         chunk_rows, dtype = ctx.chunk_rows, ctx.dtype
         acc = lse.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         valid = targets != ctx.ignore_index
         safe = targets.masked_fill(~valid, 0)
-        weight = (grad_loss.to(acc) * valid).unsqueeze(-1)
+        weight = grad_loss.to(acc) * valid
         dhs, dw, db = [], None, None
         wc = w.to(dtype)
         kernel = None if (need_b and b is not None) else _kernels(h, dtype)  # the bias gradient needs fp32 g
         for s in range(0, h.shape[0], chunk_rows):
             hc = h[s : s + chunk_rows]
-            g = _logits(hc, w, b, dtype)
-            if kernel is not None:  # one read, one write of the block; same fp32 math, then one rounding
-                g = kernel.softmax_grad(g, safe[s : s + chunk_rows], lse[s : s + chunk_rows],
-                                        weight[s : s + chunk_rows, 0].contiguous())
-            else:
-                g = (g.to(acc) - lse[s : s + chunk_rows, None]).exp() * weight[s : s + chunk_rows]
-                # target entry -w (1 - p_t) as minus the sum of the others: no cancellation when p_t ~ 1
-                at = safe[s : s + chunk_rows, None]
-                g = g.scatter(-1, at, 0.0)
-                g = g.scatter(-1, at, -g.sum(-1, keepdim=True))
-                if need_b and b is not None:
-                    db = g.sum(0) if db is None else db + g.sum(0)
-                g = g.to(dtype)  # the rounding an unfused head's logits gradient has
+            g, g_acc = _softmax_grad(_logits(hc, w, b, dtype), safe[s : s + chunk_rows], lse[s : s + chunk_rows],
+                                     weight[s : s + chunk_rows], acc, dtype, kernel)
+            if need_b and b is not None:
+                db = g_acc.sum(0) if db is None else db + g_acc.sum(0)
             if need_h:
                 dhs.append(g @ wc)
             if need_w:
@@ -151,7 +184,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             dh,
             None if dw is None else dw.to(w.dtype),
             None if db is None else db.to(b.dtype),
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
@@ -196,8 +229,11 @@ def linear_cross_entropy(
     if hidden.shape[0] == 0:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         return (hidden.sum(-1) + weight.sum() * 0).to(acc)  # (0,), still connected to the graph
+    # only the hidden states need a gradient (the probe's fast engine): form it in the forward
+    precompute = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+                  and (bias is None or not bias.requires_grad))
     with torch.autocast(hidden.device.type, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk_rows, dtype)[0]
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk_rows, dtype, precompute)[0]
 
 
 def causal_lm_head_loss(

@@ -28,9 +28,9 @@ for dtype in (torch.float32, torch.bfloat16):
             g_err=float((gk.double() - p).abs().max() / scale),
             g_dtype=str(gk.dtype))
 # the chunked loss with the kernels (forced on CPU under the interpreter) vs without
-for dtype in (torch.float32, torch.bfloat16):
+for dtype, head_grad in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True), (torch.bfloat16, True)):
     h = torch.randn(50, 16, generator=g).to(dtype).requires_grad_()
-    wt = (torch.randn(3000, 16, generator=g) * 0.5).to(dtype)
+    wt = (torch.randn(3000, 16, generator=g) * 0.5).to(dtype).requires_grad_(head_grad)
     t = torch.randint(0, 3000, (50,), generator=g); t[3] = -100
     res = {}
     for name, use in (("kernel", True), ("torch", False)):
@@ -38,7 +38,7 @@ for dtype in (torch.float32, torch.bfloat16):
         loss = linear_cross_entropy(h, wt, t, chunk_rows=16)
         (gh,) = torch.autograd.grad((loss * torch.linspace(0.5, 2, 50)).sum(), h)
         res[name] = (loss.detach(), gh.float())
-    out[f"loss-{dtype}"] = dict(
+    out[f"loss-{dtype}-headgrad{head_grad}"] = dict(
         loss_err=float((res["kernel"][0] - res["torch"][0]).abs().max()),
         grad_err=float((res["kernel"][1] - res["torch"][1]).abs().max() / res["torch"][1].abs().max()),
         ignored_zero=bool(res["kernel"][0][3] == 0))

@@ -28,7 +28,7 @@ def test_kernels_in_interpreter():
     proc = subprocess.run([sys.executable, str(SCRIPT), str(ROOT)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(out) == 8
+    assert len(out) == 10
     for key, r in out.items():
         if key.startswith("loss-"):
             assert r["ignored_zero"], key
@@ -44,7 +44,8 @@ def test_kernels_in_interpreter():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_kernels_match_torch_body_on_gpu(dtype, monkeypatch):
+@pytest.mark.parametrize("head_grad", [False, True])  # input gradient formed in the forward / recomputed
+def test_kernels_match_torch_body_on_gpu(dtype, head_grad, monkeypatch):
     from spectral_lens._triton import triton_available
     from spectral_lens.gradients import fused_head as fh
     from spectral_lens.gradients import linear_cross_entropy
@@ -53,7 +54,7 @@ def test_kernels_match_torch_body_on_gpu(dtype, monkeypatch):
         pytest.skip("Triton not installed")
     g = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(3000, 768, device="cuda", generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(50304, 768, device="cuda", generator=g) * 0.05).to(dtype)
+    w = (torch.randn(50304, 768, device="cuda", generator=g) * 0.05).to(dtype).requires_grad_(head_grad)
     t = torch.randint(0, 50304, (3000,), device="cuda", generator=g)
     t[::7] = -100
     scale = torch.rand(3000, device="cuda", generator=g)
@@ -62,7 +63,7 @@ def test_kernels_match_torch_body_on_gpu(dtype, monkeypatch):
         if name == "torch":
             monkeypatch.setattr(fh, "_kernels", lambda hh, dt: None)
         loss = linear_cross_entropy(h, w, t, chunk_rows=700)
-        (gh,) = torch.autograd.grad((loss * scale).sum(), h)
+        gh = torch.autograd.grad((loss * scale).sum(), h)[0]
         res[name] = loss.detach().double(), gh.double()
     (l1, g1), (l2, g2) = res["kernel"], res["torch"]
     assert torch.all(l1[::7] == 0)

@@ -73,6 +73,68 @@ def test_loss_and_gradients_match_float64(n, d, v, chunk, offset, ignore_frac, d
         assert float((got.double() - ref).abs().max()) <= geps * scale + (1e-300 if dtype == torch.float64 else 1e-7)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    d=st.integers(1, 24),
+    v=st.integers(2, 300),
+    chunk=st.integers(1, 50),
+    offset=st.sampled_from([0.0, 30.0, 1e4]),
+    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    with_bias=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_input_gradient_formed_in_the_forward_matches_float64(n, d, v, chunk, offset, ignore_frac, dtype, with_bias, seed):
+    """When only the hidden states need a gradient (the probe's fast engine), the forward forms the
+    unit-weight input gradient and the backward scales it: same bounds against float64, and the same
+    values as the recomputing backward (run when the head weight needs a gradient too)."""
+    h, w, b, t = _problem(n, d, v, offset, ignore_frac, seed, dtype)
+    b = b if with_bias else None
+    grad = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.5
+    ref_loss, ref_h, _, _ = _reference(h, w, b if b is not None else torch.zeros(v, dtype=dtype), t, grad)
+    hp = h.clone().requires_grad_()
+    loss = linear_cross_entropy(hp, w, t, b, chunk_rows=chunk)  # w, b do not require grad
+    saved = [x for x in loss.grad_fn.next_functions if x[0] is not None]
+    assert saved, "the loss must be connected to the hidden states"
+    (gh,) = torch.autograd.grad(loss, hp, grad.to(loss.dtype))
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    (gh_recomputed, _) = torch.autograd.grad(linear_cross_entropy(hr, wr, t, b, chunk_rows=chunk), (hr, wr), grad.to(loss.dtype))
+    z_max = float(F.linear(h.double(), w.double(), None if b is None else b.double()).abs().max())
+    eps = 1e-12 if dtype == torch.float64 else 4e-6
+    assert (loss.detach().double() - ref_loss).abs().max() <= eps * (z_max + math.log(v))
+    geps = 1e-11 if dtype == torch.float64 else 4e-6 * (z_max + 1)
+    scale = max(float(ref_h.abs().max()), 1e-30)
+    floor = 1e-300 if dtype == torch.float64 else 1e-7
+    assert float((gh.double() - ref_h).abs().max()) <= geps * scale + floor
+    assert float((gh.double() - gh_recomputed.double()).abs().max()) <= geps * scale + floor
+
+
+def test_forward_formed_gradient_is_used_only_when_the_head_needs_none():
+    """The forward forms the (N, d) unit gradient only under grad mode, for hidden states that need a
+    gradient, with a head that needs none; otherwise its output is empty and the backward recomputes."""
+    h, w, b, t = _problem(6, 4, 11, 0.0, 0.0, 0, torch.float64)
+    from spectral_lens.gradients.fused_head import _ChunkedLinearCrossEntropy as Fn
+
+    seen = []
+    original = Fn.forward
+
+    def spy(*args):
+        out = original(*args)
+        seen.append(out[2].shape)
+        return out
+
+    Fn.forward = staticmethod(spy)
+    try:
+        linear_cross_entropy(h.clone().requires_grad_(), w, t)
+        linear_cross_entropy(h.clone().requires_grad_(), w.clone().requires_grad_(), t)
+        with torch.no_grad():
+            linear_cross_entropy(h.clone().requires_grad_(), w, t)
+    finally:
+        Fn.forward = staticmethod(original)
+    assert seen == [torch.Size([6, 4]), torch.Size([0]), torch.Size([0])]
+
+
 def test_confident_target_gradient_keeps_relative_accuracy():
     """p_t ~ 1: the target entry -(1 - p_t) is formed without cancellation (float32)."""
     h = torch.tensor([[1.0]], requires_grad=True)
