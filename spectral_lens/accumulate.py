@@ -86,12 +86,11 @@ def _pending_factors(pend: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tens
 def _add_lower(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     """``out = a + b`` (``b`` promoted to ``out``'s dtype) on the lower triangle, by row blocks of
     :data:`_LOWER_BLOCK` (about half of the d x d traffic of a full add). Outside the lower triangle
-    ``out`` is unspecified; garbage there (NaN included, see :func:`add_promoted`) raises no warning."""
+    ``out`` is unspecified (garbage there, NaN included, is harmless: call it under ``np.errstate``)."""
     d = a.shape[0]
-    with np.errstate(invalid="ignore", over="ignore"):
-        for r0 in range(0, d, _LOWER_BLOCK):
-            r1 = min(d, r0 + _LOWER_BLOCK)
-            np.add(a[r0:r1, :r1], b[r0:r1, :r1], out=out[r0:r1, :r1])
+    for r0 in range(0, d, _LOWER_BLOCK):
+        r1 = min(d, r0 + _LOWER_BLOCK)
+        np.add(a[r0:r1, :r1], b[r0:r1, :r1], out=out[r0:r1, :r1])
 
 
 class ActivationCovarianceAccumulator:
@@ -264,64 +263,67 @@ class ActivationCovarianceAccumulator:
         d-vectors; every :data:`_PENDING` updates they are applied as one rank-64 float64 GEMM, and a
         read of the state applies the rest. Same all-or-nothing commit: the new ``S`` goes into the
         spare buffer, a deferred term into a slot past the committed count ``_pend_k``."""
-        n_rows, d = rows.shape
-        np_work = np.float64 if product_dtype(rows, self.precision) == torch.float64 else np.float32
-        mean = _sample_mean(rows, valid).numpy()
-        # the shift actually subtracted: fp32-representable except in float64 precision (as representable_shift)
-        shift = mean.astype(np.float64 if self.precision == "float64" else np.float32, copy=False)
-        y = torch.empty((n_rows, d), dtype=torch.float64 if np_work is np.float64 else torch.float32)
-        torch.sub(rows, torch.from_numpy(shift.astype(np_work, copy=False)), out=y)
-        if valid is None:
-            n = n_rows
-        else:
-            y.masked_fill_(~valid.unsqueeze(-1), 0)
-            n = int(np.count_nonzero(valid.numpy()))
-        with matmul_precision(self.precision):
-            s = symmetric_product(y, lower_only=True)
-        m = y.sum(0).numpy()
-        broken = self.nonfinite == "raise" and not np.isfinite(m).all()
-        shift64 = shift.astype(np.float64)  # a fresh array: it becomes state
-        if not self.initialized:
-            self._commit(n, torch.from_numpy(m), s, torch.from_numpy(shift64), torch.tensor(broken), bad)
-            return
-        index = self._updates
-        state_s = self._s_lower
-        c = shift64 - self._shift.numpy()
-        m64 = m.astype(np.float64)
-        new_m = torch.from_numpy(self._m.numpy() + (m64 + n * c))
-        new_s = self._s_spare if self._s_spare is not None else torch.empty_like(state_s)
-        _add_lower(state_s.numpy(), s.numpy(), new_s.numpy())
-        pend, k = self._pend, self._pend_k
-        if pend is None:
-            pend = np.empty((2, _PENDING, d))
-        np.multiply(c, 0.5 * n, out=pend[0, k])
-        pend[0, k] += m64  # u = m + n c / 2
-        pend[1, k] = c
-        k += 1
-        if k == _PENDING:  # apply the deferred terms (this call's included) as one GEMM
-            new_s.addmm_(*_pending_factors(pend, k))
-            k = 0
-        spare = None if self._s_escaped else state_s
-        new_n = self._n + n
-        first_bad = self._first_bad
-        if broken and int(first_bad) < 0:
-            first_bad = torch.tensor(index)
-        bad_rows = self._bad_rows
-        if bad is not None:
-            bad_rows = bad_rows + bad
-            first_bad = torch.where((bad > 0) & (first_bad < 0), index, first_bad)
-        # ---- commit: plain stores only
-        self._n = new_n
-        self._m = new_m
-        self._s_spare = spare
-        self._s_escaped = False
-        self._s_lower = new_s
-        self._s_stale = True
-        self._pend = pend
-        self._pend_k = k
-        self._bad_rows = bad_rows
-        self._first_bad = first_bad
-        self._updates = index + 1
+        # NumPy would warn where torch is silent (non-finite rows, an fp64 shift beyond fp32 range);
+        # such rows are reported by compute() (NonFiniteError), as on every other path.
+        with np.errstate(all="ignore"):
+            n_rows, d = rows.shape
+            np_work = np.float64 if product_dtype(rows, self.precision) == torch.float64 else np.float32
+            mean = _sample_mean(rows, valid).numpy()
+            # the shift actually subtracted: fp32-representable except in float64 precision (as representable_shift)
+            shift = mean.astype(np.float64 if self.precision == "float64" else np.float32, copy=False)
+            y = torch.empty((n_rows, d), dtype=torch.float64 if np_work is np.float64 else torch.float32)
+            torch.sub(rows, torch.from_numpy(shift.astype(np_work, copy=False)), out=y)
+            if valid is None:
+                n = n_rows
+            else:
+                y.masked_fill_(~valid.unsqueeze(-1), 0)
+                n = int(np.count_nonzero(valid.numpy()))
+            with matmul_precision(self.precision):
+                s = symmetric_product(y, lower_only=True)
+            m = y.sum(0).numpy()
+            broken = self.nonfinite == "raise" and not np.isfinite(m).all()
+            shift64 = shift.astype(np.float64)  # a fresh array: it becomes state
+            if not self.initialized:
+                self._commit(n, torch.from_numpy(m), s, torch.from_numpy(shift64), torch.tensor(broken), bad)
+                return
+            index = self._updates
+            state_s = self._s_lower
+            c = shift64 - self._shift.numpy()
+            m64 = m.astype(np.float64)
+            new_m = torch.from_numpy(self._m.numpy() + (m64 + n * c))
+            new_s = self._s_spare if self._s_spare is not None else torch.empty_like(state_s)
+            _add_lower(state_s.numpy(), s.numpy(), new_s.numpy())
+            pend, k = self._pend, self._pend_k
+            if pend is None:
+                pend = np.empty((2, _PENDING, d))
+            np.multiply(c, 0.5 * n, out=pend[0, k])
+            pend[0, k] += m64  # u = m + n c / 2
+            pend[1, k] = c
+            k += 1
+            if k == pend.shape[1]:  # apply the deferred terms (this call's included) as one GEMM
+                new_s.addmm_(*_pending_factors(pend, k))
+                k = 0
+            spare = None if self._s_escaped else state_s
+            new_n = self._n + n
+            first_bad = self._first_bad
+            if broken and int(first_bad) < 0:
+                first_bad = torch.tensor(index)
+            bad_rows = self._bad_rows
+            if bad is not None:
+                bad_rows = bad_rows + bad
+                first_bad = torch.where((bad > 0) & (first_bad < 0), index, first_bad)
+            # ---- commit: plain stores only
+            self._n = new_n
+            self._m = new_m
+            self._s_spare = spare
+            self._s_escaped = False
+            self._s_lower = new_s
+            self._s_stale = True
+            self._pend = pend
+            self._pend_k = k
+            self._bad_rows = bad_rows
+            self._first_bad = first_bad
+            self._updates = index + 1
 
     def _call_sums(self, rows: torch.Tensor, valid: torch.Tensor | None):
         """This call's ``(n, m, S, shift, broken)``: sums around the first chunk's shift, ``S`` valid in
