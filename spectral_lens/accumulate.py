@@ -56,7 +56,7 @@ _ARRAYS = {
 _SHIFT_ROWS = 1024  # rows sampled (evenly spaced) from each chunk; their mean is the chunk's shift
 _CPU_DTYPES = (torch.float32, torch.float64)  # CPU rows that take the NumPy-driven one-chunk path
 _PENDING = 32  # CPU: rank-2 re-shift terms deferred, then applied as one rank-64 GEMM (or on read)
-_LOWER_BLOCK = 64  # CPU: row-block height of the lower-triangle float64 add
+_LOWER_BLOCK = 256  # CPU: row-block height of the lower-triangle float64 add
 
 
 def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -83,14 +83,18 @@ def _pending_factors(pend: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(uc).t(), torch.from_numpy(cu)
 
 
-def _add_lower(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+def _add_lower(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """``out = a + b`` (``b`` promoted to ``out``'s dtype) on the lower triangle, by row blocks of
-    :data:`_LOWER_BLOCK` (about half of the d x d traffic of a full add). Outside the lower triangle
-    ``out`` is unspecified (garbage there, NaN included, is harmless: call it under ``np.errstate``)."""
+    :data:`_LOWER_BLOCK`; outside the lower triangle ``out`` is unspecified (garbage there, NaN
+    included, is harmless). Each block is a promoting copy of ``b`` then an add of ``a``: two torch
+    passes, both parallel, which beat NumPy's single-threaded casting add (2 threads, d = 768, on the
+    project's 2-core machine: 0.27 ms vs 0.56 ms; one thread: equal, and 2x faster at d = 256)."""
     d = a.shape[0]
     for r0 in range(0, d, _LOWER_BLOCK):
         r1 = min(d, r0 + _LOWER_BLOCK)
-        np.add(a[r0:r1, :r1], b[r0:r1, :r1], out=out[r0:r1, :r1])
+        block = out[r0:r1, :r1]
+        block.copy_(b[r0:r1, :r1])
+        block.add_(a[r0:r1, :r1])
 
 
 class ActivationCovarianceAccumulator:
@@ -292,7 +296,7 @@ class ActivationCovarianceAccumulator:
             m64 = m.astype(np.float64)
             new_m = torch.from_numpy(self._m.numpy() + (m64 + n * c))
             new_s = self._s_spare if self._s_spare is not None else torch.empty_like(state_s)
-            _add_lower(state_s.numpy(), s.numpy(), new_s.numpy())
+            _add_lower(state_s, s, new_s)
             pend, k = self._pend, self._pend_k
             if pend is None:
                 pend = np.empty((2, _PENDING, d))
