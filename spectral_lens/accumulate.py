@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import nn
 from .atomic import write_atomic
 from ._warnings import NonFiniteError, NonFiniteRowsWarning, StateFormatError
 from .capture import HookSet, Target, pick_tensor, select_modules, warn_if_compiled
+from .spectra import moments
 from .spectra.eigen import eigenvalues_descending
 from .spectra.moments import (
     PRECISIONS,
@@ -31,6 +33,7 @@ from .spectra.moments import (
     accumulate_shifted,
     chunk_moments,
     covariance_from_moments,
+    lower_panels,
     matmul_precision,
     product_dtype,
     representable_shift,
@@ -57,6 +60,9 @@ _SHIFT_ROWS = 1024  # rows sampled (evenly spaced) from each chunk; their mean i
 _CPU_DTYPES = (torch.float32, torch.float64)  # CPU rows that take the NumPy-driven one-chunk path
 _PENDING = 32  # CPU: rank-2 re-shift terms deferred, then applied as one rank-64 GEMM (or on read)
 _LOWER_BLOCK = 256  # CPU: row-block height of the lower-triangle float64 add
+_SCRATCH = threading.local()  # CPU: per thread, recycled chunk buffers (see _chunk_scratch)
+_SCRATCH_SHAPES = 4  # chunk shapes kept per thread
+_SCRATCH_MAX_BYTES = 32 << 20  # a chunk whose buffers are larger gets fresh ones each time
 
 
 def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -73,6 +79,28 @@ def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor
         return head.mean(0)
     keep = valid[::step].unsqueeze(-1)
     return torch.where(keep, head, 0.0).sum(0) / keep.sum().clamp_min(1)
+
+
+def _chunk_scratch(n: int, d: int, dtype: torch.dtype):
+    """``(y, out, panels)`` for an n x d CPU chunk: the centered rows, their product's buffer and the
+    product's GEMM views (:func:`~spectral_lens.spectra.moments.lower_panels`), recycled per thread
+    for the last :data:`_SCRATCH_SHAPES` shapes (at most ``_SCRATCH_SHAPES * _SCRATCH_MAX_BYTES``
+    per thread). Scratch only: nothing of it becomes state, so an interrupted update leaves no trace
+    that matters, and accumulators in different threads never share it."""
+    cache = getattr(_SCRATCH, "chunks", None)
+    if cache is None:
+        cache = _SCRATCH.chunks = {}
+    key = (n, d, dtype)
+    entry = cache.get(key)
+    if entry is None:
+        y = torch.empty(n, d, dtype=dtype)
+        out = torch.empty(d, d, dtype=dtype)
+        entry = (y, out, lower_panels(y, out))
+        if (n + d) * d * y.element_size() <= _SCRATCH_MAX_BYTES:
+            if len(cache) >= _SCRATCH_SHAPES:
+                del cache[next(iter(cache))]  # the oldest shape
+            cache[key] = entry
+    return entry
 
 
 def _pending_factors(pend: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,7 +303,7 @@ class ActivationCovarianceAccumulator:
             mean = _sample_mean(rows, valid).numpy()
             # the shift actually subtracted: fp32-representable except in float64 precision (as representable_shift)
             shift = mean.astype(np.float64 if self.precision == "float64" else np.float32, copy=False)
-            y = torch.empty((n_rows, d), dtype=torch.float64 if np_work is np.float64 else torch.float32)
+            y, s, panels = _chunk_scratch(n_rows, d, torch.float64 if np_work is np.float64 else torch.float32)
             torch.sub(rows, torch.from_numpy(shift.astype(np_work, copy=False)), out=y)
             if valid is None:
                 n = n_rows
@@ -283,7 +311,11 @@ class ActivationCovarianceAccumulator:
                 y.masked_fill_(~valid.unsqueeze(-1), 0)
                 n = int(np.count_nonzero(valid.numpy()))
             with matmul_precision(self.precision):
-                s = symmetric_product(y, lower_only=True)
+                if n_rows >= moments.SYRK_MIN_ROWS:
+                    s = symmetric_product(y, lower_only=True)  # BLAS syrk
+                else:
+                    for a, b, o in panels:
+                        torch.mm(a, b, out=o)
             m = y.sum(0).numpy()
             broken = self.nonfinite == "raise" and not np.isfinite(m).all()
             shift64 = shift.astype(np.float64)  # a fresh array: it becomes state

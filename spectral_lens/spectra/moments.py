@@ -21,6 +21,7 @@ __all__ = [
     "add_promoted",
     "mirror_lower",
     "accumulate_shifted",
+    "lower_panels",
     "product_dtype",
     "representable_shift",
     "reshift",
@@ -116,12 +117,22 @@ def _gemm_lower(y: torch.Tensor) -> torch.Tensor:
     d = y.shape[1]
     if d < 128:
         return y.t() @ y
-    b = _panel_width(d)
     out = torch.empty(d, d, dtype=y.dtype, device=y.device)
-    for i in range(0, d, b):
-        end = min(d, i + b)
-        torch.mm(y[:, i:end].t(), y[:, :end], out=out[i:end, :end])
+    for a, b, o in lower_panels(y, out):
+        torch.mm(a, b, out=o)
     return out
+
+
+def lower_panels(y: torch.Tensor, out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The GEMMs of :func:`_gemm_lower` as ``(a, b, o)`` views, ``torch.mm(a, b, out=o)`` each: for
+    buffers that are reused, the views can be too (slicing costs more than a small GEMM's call).
+    Below d = 128 one full product."""
+    d = y.shape[1]
+    if d < 128:
+        return [(y.t(), y, out)]
+    b = _panel_width(d)
+    ends = [min(d, i + b) for i in range(0, d, b)]
+    return [(y[:, i:end].t(), y[:, :end], out[i:end, :end]) for i, end in zip(range(0, d, b), ends)]
 
 
 def _panel_width(d: int) -> int:

@@ -130,14 +130,16 @@ def test_panel_product_matches_float64(d):
         assert ((low - ref).tril().abs() <= tol * ref.abs().max()).all()
 
 
-@pytest.mark.parametrize("where", ["symmetric_product", "_add_lower", "_pending_factors"])
+@pytest.mark.parametrize("where", ["product", "_add_lower", "_pending_factors"])
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), RuntimeError("boom")])
 def test_interrupted_cpu_update_leaves_state_bit_for_bit(monkeypatch, where, exc):
-    """A failure anywhere in the CPU path (the product, the float64 add, the flush of deferred terms)
-    leaves the state as it was; the retried update equals one that never failed."""
+    """A failure anywhere in the CPU path (between the product's GEMMs, in the float64 add, in the
+    flush of deferred terms) leaves the state as it was; the retried update equals one that never
+    failed (the recycled scratch buffers it left half-written do not matter)."""
     monkeypatch.setattr(accumulate_module, "_PENDING", 4)
     g = torch.Generator().manual_seed(1)
-    chunks = [torch.randn(20, 6, generator=g) * 3 + 50 * k for k in range(4)]
+    d = 130  # three GEMM panels (64, 64, 2 rows)
+    chunks = [torch.randn(20, d, generator=g) * 3 + 50 * k for k in range(4)]
 
     def fed():
         acc = ActivationCovarianceAccumulator(name="blocks.0")
@@ -148,10 +150,23 @@ def test_interrupted_cpu_update_leaves_state_bit_for_bit(monkeypatch, where, exc
 
     acc, clean = fed(), fed()
     before = _snapshot(acc)
-    real = getattr(accumulate_module, where)
+    if where == "product":
+        real = accumulate_module._chunk_scratch
 
-    def fail(*args, **kwargs):
-        raise exc
+        def fail(*args, **kwargs):
+            y, out, panels = real(*args, **kwargs)
+
+            def first_then_fail():
+                yield panels[0]
+                raise exc
+
+            return y, out, first_then_fail()
+        where = "_chunk_scratch"
+    else:
+        real = getattr(accumulate_module, where)
+
+        def fail(*args, **kwargs):
+            raise exc
 
     x = chunks[3] + 1e4
     with monkeypatch.context() as patch:
@@ -163,6 +178,41 @@ def test_interrupted_cpu_update_leaves_state_bit_for_bit(monkeypatch, where, exc
     acc.update(x)
     clean.update(x)
     _assert_same_state(_snapshot(acc), _snapshot(clean))
+
+
+def test_scratch_is_per_thread_and_bounded(monkeypatch):
+    """Recycled chunk buffers: per thread (accumulators updated from two threads at once stay exact),
+    at most _SCRATCH_SHAPES shapes, none above _SCRATCH_MAX_BYTES."""
+    import threading
+
+    monkeypatch.setattr(accumulate_module, "_SCRATCH_MAX_BYTES", 16 * 1024)
+    rng = np.random.default_rng(4)
+    pools = [rows_with_spectrum(600, np.logspace(0, -6, 24), 1e4, rng) for _ in range(2)]
+    accs = [ActivationCovarianceAccumulator(precision="exact") for _ in pools]
+    errors = []
+
+    def feed(acc, rows):
+        try:
+            for start in range(0, rows.shape[0], 40):  # 40 x 24 fp32 rows: cached
+                acc.update(torch.from_numpy(rows[start : start + 40]).float())
+            acc.update(torch.from_numpy(rows).float())  # 600 x 24: over the byte bound, fresh buffers
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=feed, args=(a, p)) for a, p in zip(accs, pools)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for acc, rows in zip(accs, pools):
+        both = np.concatenate([rows, rows]).astype(np.float32).astype(np.float64)
+        _assert_cov(acc, both, TOL["exact"])
+    for d in (5, 6, 7, 8, 9, 10):
+        ActivationCovarianceAccumulator().update(torch.randn(3, d))
+    cache = accumulate_module._SCRATCH.chunks
+    assert len(cache) <= accumulate_module._SCRATCH_SHAPES
+    assert all((n + d) * d * 4 <= 16 * 1024 for n, d, _ in cache)
 
 
 def test_state_read_mid_stream_is_not_changed_by_later_updates():
