@@ -62,7 +62,7 @@ _PENDING = 32  # CPU: rank-2 re-shift terms deferred, then applied as one rank-6
 _LOWER_BLOCK = 256  # CPU: row-block height of the lower-triangle float64 add
 _SCRATCH = threading.local()  # CPU: per thread, recycled chunk buffers (see _chunk_scratch)
 _SCRATCH_SHAPES = 4  # chunk shapes kept per thread
-_SCRATCH_MAX_BYTES = 32 << 20  # a chunk whose buffers are larger gets fresh ones each time
+_SCRATCH_MAX_BYTES = 16 << 20  # a chunk whose buffers are larger gets fresh ones each time
 
 
 def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
