@@ -312,3 +312,15 @@ def test_cuda_async_equals_compute_to_roundoff(dim):
     got, want = future.result(timeout=120), acc.compute()
     assert got.n_rows == want.n_rows == 20_000
     assert torch.allclose(got.values, want.values, rtol=1e-8, atol=1e-12 * float(want.values[0]))
+
+
+def test_async_includes_deferred_cpu_reshifts():
+    """CPU updates defer their rank-2 re-shift terms (applied every 32 updates or on a read); a
+    snapshot taken in between must carry them: the async result equals compute() bit for bit."""
+    rng = np.random.default_rng(7)
+    acc = ActivationCovarianceAccumulator(precision="exact")
+    for k in range(5):  # drifting means: every update's shift differs from the state's
+        acc.update(torch.from_numpy(rng.standard_normal((300, 40)) * np.logspace(0, -3, 40) + 1e3 * k).float())
+    assert acc._pend_k > 0  # the case under test: deferred terms exist at the time of the snapshot
+    fut = acc.compute_async()
+    assert np.array_equal(fut.result().values.numpy(), acc.compute().values.numpy())
