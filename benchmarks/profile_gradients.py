@@ -22,7 +22,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--m", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument("--out", default=None, help="also write the full tables here")
     args = ap.parse_args()
+    full = []
     dev = torch.device("cuda")
     model = GPT(50304, 768, 12, 12, 1024).to(dev)
     x = torch.randint(0, 50304, (args.m, 1024), device=dev)
@@ -37,14 +39,26 @@ def main() -> None:
             for i in range(0, args.m, args.chunk):
                 model(x[i : i + args.chunk])
 
+    import time
+
     for fn in (probe, nograd):
         fn()
         torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize()
-        print(f"==== {fn.__name__}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+        events = prof.key_averages()
+        device_ms = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3
+        print(f"==== {fn.__name__}: wall {wall * 1e3:.1f} ms (unprofiled), device kernels {device_ms:.1f} ms")
+        print(events.table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=48))
+        full += [f"==== {fn.__name__}", events.table(sort_by="self_cuda_time_total", row_limit=60),
+                 events.table(sort_by="self_cpu_time_total", row_limit=40)]
+    if args.out:
+        Path(args.out).write_text("\n".join(full))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,49 @@ def _softmax_grad_kernel(z_ptr, t_ptr, lse_ptr, w_ptr, g_ptr, V, stride_z, strid
     tl.store(gb + t, (-others).to(g_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _lse_and_grad_kernel(z_ptr, t_ptr, w_ptr, lse_ptr, zt_ptr, g_ptr, V, stride_z, stride_g, BLOCK_V: tl.constexpr):
+    """Both of the above for one row in one program: the second sweep re-reads the row while it is
+    still in L2 (one DRAM read of the block instead of two)."""
+    row = tl.program_id(0).to(tl.int64)
+    zb = z_ptr + row * stride_z
+    gb = g_ptr + row * stride_g
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        x = tl.load(zb + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    t = tl.load(t_ptr + row)
+    tl.store(lse_ptr + row, lse)
+    tl.store(zt_ptr + row, tl.load(zb + t).to(tl.float32))
+    w = tl.load(w_ptr + row)
+    others = tl.zeros((), tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        idx = v0 + cols
+        inside = idx < V
+        x = tl.load(zb + idx, mask=inside, other=float("-inf")).to(tl.float32)
+        p = tl.where(idx == t, 0.0, tl.exp(x - lse) * w)
+        others += tl.sum(tl.where(inside, p, 0.0), axis=0)
+        tl.store(gb + idx, p.to(g_ptr.dtype.element_ty), mask=inside)
+    tl.store(gb + t, (-others).to(g_ptr.dtype.element_ty))
+
+
+def lse_and_grad(z: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor):
+    """``(lse, z_t, g)``: :func:`row_lse` and :func:`softmax_grad` of one block in one launch."""
+    c, v = z.shape
+    lse = torch.empty(c, dtype=torch.float32, device=z.device)
+    zt = torch.empty(c, dtype=torch.float32, device=z.device)
+    g = torch.empty((c, v), dtype=z.dtype, device=z.device)
+    if c:
+        _lse_and_grad_kernel[(c,)](z, targets, weight, lse, zt, g, v, z.stride(0), g.stride(0),
+                                   BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+    return lse, zt, g
+
+
 def row_lse(z: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lse, z_t)`` in float32 for logits ``z`` (C, V) (unit column stride) and ``targets`` (C,)
     int64 in ``[0, V)``."""

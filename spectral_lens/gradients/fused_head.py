@@ -121,11 +121,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         unit = valid.to(acc)
         lses, losses, dhs = [], [], []
         kernel = _kernels(h, dtype)
-        wc = w.to(dtype)
+        # the head in the compute dtype once per call, not once per chunk (a (V, d) cast each time)
+        wc, bc = w.to(dtype), None if b is None else b.to(dtype)
         for s in range(0, h.shape[0], chunk_rows):
-            z = _logits(h[s : s + chunk_rows], w, b, dtype)
+            z = _logits(h[s : s + chunk_rows], wc, bc, dtype)
             ts = safe[s : s + chunk_rows]
-            if kernel is not None:  # one read of the logits in their own dtype, fp32 inside
+            g = None
+            if kernel is not None and precompute:  # log-sum-exp and gradient in one launch
+                lse, zt, g = kernel.lse_and_grad(z, ts, unit[s : s + chunk_rows].contiguous())
+            elif kernel is not None:  # one read of the logits in their own dtype, fp32 inside
                 lse, zt = kernel.row_lse(z, ts)
             else:
                 z = z.to(acc)
@@ -133,7 +137,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             lses.append(lse)
             losses.append(lse - zt)
             if precompute:
-                g, _ = _softmax_grad(z, ts, lse, unit[s : s + chunk_rows], acc, dtype, kernel)
+                if g is None:
+                    g, _ = _softmax_grad(z, ts, lse, unit[s : s + chunk_rows], acc, dtype, kernel)
                 dhs.append(_mm_acc(g, wc, acc))
         lse, loss = torch.cat(lses), torch.cat(losses)
         dh_unit = torch.cat(dhs) if precompute else lse.new_empty(0)
@@ -164,11 +169,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         safe = targets.masked_fill(~valid, 0)
         weight = grad_loss.to(acc) * valid
         dhs, dw, db = [], None, None
-        wc = w.to(dtype)
+        wc, bc = w.to(dtype), None if b is None else b.to(dtype)
         kernel = None if (need_b and b is not None) else _kernels(h, dtype)  # the bias gradient needs fp32 g
         for s in range(0, h.shape[0], chunk_rows):
             hc = h[s : s + chunk_rows]
-            g, g_acc = _softmax_grad(_logits(hc, w, b, dtype), safe[s : s + chunk_rows], lse[s : s + chunk_rows],
+            g, g_acc = _softmax_grad(_logits(hc, wc, bc, dtype), safe[s : s + chunk_rows], lse[s : s + chunk_rows],
                                      weight[s : s + chunk_rows], acc, dtype, kernel)
             if need_b and b is not None:
                 db = g_acc.sum(0) if db is None else db + g_acc.sum(0)

@@ -43,3 +43,14 @@ for dtype, head_grad in ((torch.float32, False), (torch.bfloat16, False), (torch
         grad_err=float((res["kernel"][1] - res["torch"][1]).abs().max() / res["torch"][1].abs().max()),
         ignored_zero=bool(res["kernel"][0][3] == 0))
 print(json.dumps(out))
+# the fused forward kernel (log-sum-exp and unit-weight gradient in one launch) against the two kernels
+fused = {}
+for dtype in (torch.float32, torch.bfloat16):
+    z = (torch.randn(9, 4100, generator=g) * 5 - 20).to(dtype)
+    t = torch.randint(0, 4100, (9,), generator=g); t[0] = 4099
+    w = (torch.rand(9, generator=g) > 0.3).float()
+    lse, zt, gg = K.lse_and_grad(z, t, w)
+    lse2, zt2 = K.row_lse(z, t)
+    g2 = K.softmax_grad(z, t, lse2, w)
+    fused[str(dtype)] = bool(torch.equal(lse, lse2) and torch.equal(zt, zt2) and torch.equal(gg, g2))
+print(json.dumps(fused))

@@ -27,7 +27,9 @@ def test_kernels_in_interpreter():
     env.pop("SPECTRAL_LENS_NO_TRITON", None)
     proc = subprocess.run([sys.executable, str(SCRIPT), str(ROOT)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    out, fused = json.loads(lines[-2]), json.loads(lines[-1])
+    assert fused == {"torch.float32": True, "torch.bfloat16": True}  # one-launch forward == the two kernels
     assert len(out) == 10
     for key, r in out.items():
         if key.startswith("loss-"):
