@@ -28,7 +28,7 @@ from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, slice_batch
 from .engines import NoGradientPathError, fast_engine, loop_engine
 from .fallback import vmap_or_loop
-from .fused_head import chunked_head_fns, find_chunkable_head
+from .fused_head import chunked_head_fns, chunked_is_faster, find_chunkable_head
 from .gram import (
     GRAM_BLOCK_ELEMENTS,
     block_rows_for,
@@ -172,8 +172,10 @@ class PerSampleGradientProbe:
         train_mode: measure in train mode (dropout active). Default False: eval mode, the caller's
             mode is restored afterwards.
         ignore_index: target value excluded from the default loss.
-        head_loss: how the default loss meets the model's head. ``"auto"`` (default): on the first
-            ``update`` one no-grad forward of that batch's first sequence checks
+        head_loss: how the default loss meets the model's head. ``"auto"`` (default): on CUDA with
+            Triton installed (where the chunked path is the faster one,
+            :func:`~spectral_lens.gradients.fused_head.chunked_is_faster`; elsewhere ``"auto"`` keeps
+            the materialized logits), on the first ``update`` one no-grad forward of that batch's first sequence checks
             (:func:`~spectral_lens.gradients.fused_head.find_chunkable_head`) that the logits the
             default loss reads are the unmodified output of an ``nn.Linear`` head whose weight is not
             probed; if so the head and the loss run chunked over tokens
@@ -333,6 +335,11 @@ class PerSampleGradientProbe:
         """``head_loss`` ``"auto"``/``"chunked"``: one no-grad forward of ``sample`` (one sequence) proves
         or refutes that the default loss can run chunked through an ``nn.Linear`` head. Runs inside
         :meth:`_isolated`, with its own forked RNG so the measurement's dropout masks are unchanged."""
+        if self.head_loss == "auto" and not chunked_is_faster(self.device):
+            # exact either way; without the Triton kernels the chunked body is the slower one (measured)
+            self.head_loss_ = (f"materialized: the chunked head + loss is slower without its Triton kernels "
+                               f"(on {self.device.type}); head_loss='chunked' forces it")
+            return
         with torch.random.fork_rng(devices=devices):
             head, reason = find_chunkable_head(
                 self.model, lambda: self.forward_fn(self.model, sample), self.params.values()

@@ -22,6 +22,14 @@ PARAM = "transformer.h.1.attn.c_proj.weight"
 CHUNKED = "chunked (lm_head)"
 
 
+@pytest.fixture(autouse=True)
+def _chunked_counts_as_faster(monkeypatch, request):
+    """These tests check the soundness of the selection, which runs on CUDA with Triton; on this CPU
+    the speed rule alone would keep every model materialized (see test_cpu_auto_keeps_materialized)."""
+    if not request.node.name.startswith("test_cpu_auto"):
+        monkeypatch.setattr("spectral_lens.gradients.probe.chunked_is_faster", lambda device: True)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -415,3 +423,24 @@ def test_hf_gpt2_logits_are_the_lm_head_output():
     _assert_close(got, _run(model, batch, param, engine="loop", chunk_size=3, head_loss="materialized"))
     emb = _run(model, batch, "transformer.wte.weight", engine="loop", chunk_size=3)  # tied to lm_head.weight
     assert emb.head_loss_.startswith("materialized: the probed parameters include the head's weight")
+
+
+def test_cpu_auto_keeps_materialized_without_a_check_forward():
+    """Without the Triton kernels (this CPU) the chunked body is the slower path: "auto" keeps the
+    materialized logits, says why, and spends no check forward; "chunked" still forces it."""
+    from spectral_lens.gradients.fused_head import chunked_is_faster
+
+    assert not chunked_is_faster("cpu")
+    model, batch = TinyGPT().double().eval(), lm_batch()
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        probe = PerSampleGradientProbe(model, PARAM)
+        probe.update(batch)
+    finally:
+        handle.remove()
+    assert probe.head_loss_.startswith("materialized: the chunked head + loss is slower without its Triton kernels")
+    assert len(calls) == 1  # the measurement's own forward only
+    forced = PerSampleGradientProbe(model, PARAM, head_loss="chunked")
+    forced.update(batch)
+    assert forced.head_loss_ == CHUNKED
