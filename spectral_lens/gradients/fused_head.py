@@ -53,8 +53,9 @@ __all__ = [
     "CHUNK_BYTES",
 ]
 
-#: Budget for one float32 (chunk_rows, V) block of logits when ``chunk_rows`` is not given: 128 MiB
-#: (656 tokens at V = 50,304).
+#: Budget for one (chunk_rows, V) block of logits when ``chunk_rows`` is not given: 128 MiB. The plain
+#: PyTorch body forms float32 blocks (656 tokens at V = 50,304); with the Triton kernels no float32
+#: block exists and the budget counts the logits' own dtype (1,312 bf16 tokens at V = 50,304).
 CHUNK_BYTES = 1 << 27
 
 
@@ -219,7 +220,8 @@ def linear_cross_entropy(
         weight: (V, d) head weight (tied or not); ``bias``: optional (V,).
         targets: (N,) integer class indices; positions equal to ``ignore_index`` get loss 0 and no
             gradient.
-        chunk_rows: tokens per chunk; ``None`` picks ``CHUNK_BYTES / (4 V)`` (at least 1).
+        chunk_rows: tokens per chunk; ``None`` picks ``CHUNK_BYTES / (4 V)`` (at least 1), or
+            ``CHUNK_BYTES / (b V)`` with ``b`` the bytes of the logits' dtype where the Triton kernels run.
 
     Returns float32 losses (float64 for float64 inputs). Differentiable in ``hidden``, ``weight`` and
     ``bias`` (only what requires grad is formed). Accuracy: see the module docstring.
@@ -236,11 +238,12 @@ def linear_cross_entropy(
         )
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"linear_cross_entropy: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    dtype = _compute_dtype(hidden, weight)
     if chunk_rows is None:
-        chunk_rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+        per = (torch.finfo(dtype).bits // 8) if _kernels(hidden, dtype) is not None else 4
+        chunk_rows = max(1, CHUNK_BYTES // (per * weight.shape[0]))
     if chunk_rows < 1:
         raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
-    dtype = _compute_dtype(hidden, weight)
     if hidden.shape[0] == 0:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         return (hidden.sum(-1) + weight.sum() * 0).to(acc)  # (0,), still connected to the graph
