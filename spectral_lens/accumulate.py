@@ -480,8 +480,9 @@ class ActivationCovarianceAccumulator:
             local = representable_shift(_sample_mean(chunk, cv), self.precision, chunk.dtype)
             mk, sk = chunk_moments(chunk, local, self.precision, cv, lower_only=True)
             nk = chunk.shape[0] if cv is None else cv.sum()
-            # NaN iff some entry of m is NaN or +-Inf (Inf * 0 is NaN): 3 kernels, not isfinite's 6
-            bk = (mk.sum() * 0).isnan() if self.nonfinite == "raise" else None
+            # NaN iff some entry of m is NaN or +-Inf (Inf * 0 is NaN; finite entries give exact zeros, so
+            # the sum cannot overflow): 3 kernels, not isfinite's 6
+            bk = (mk * 0).sum().isnan() if self.nonfinite == "raise" else None
             if s is None:
                 n, m, s, shift, broken = nk, mk, sk, local, bk
                 continue
