@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's spectral_lens, not an installed one
 from spectral_lens import ActivationCovarianceAccumulator  # noqa: E402
+from spectral_lens.atomic import write_json_atomic  # noqa: E402
 from spectral_lens.spectra import band_alpha, tail_window  # noqa: E402
 from spectral_lens.spectra.moments import matmul_precision  # noqa: E402
 
@@ -133,9 +133,7 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
         data = [_rows(rows, d, device, torch.bfloat16, seed=i) for i in range(chunks)]
         flops = 2.0 * rows * d * d * chunks
         nbytes = 2.0 * 2 * rows * d * chunks  # bf16 read + bf16 write
-        shift = [fm.center_cast(c, torch.zeros(d, dtype=torch.float64, device=device), use_triton=False)[0][:1024].double().mean(0)
-                 for c in data]
-        shift = [s.to(torch.bfloat16).double() for s in shift]
+        shift = [c[:1024].double().mean(0).to(torch.bfloat16).double() for c in data]  # bf16-representable
         ys = [fm.center_cast(c, s, use_triton=False)[0] for c, s in zip(data, shift)]
         preps = [True, False] if device.type == "cuda" and fm.triton_available() else [False]
         if device.type != "cuda":  # CPU smoke run of this script: no bf16 -> fp32 GEMM kernel there
@@ -310,13 +308,13 @@ def main() -> None:
                   f"{r['cpu_ratio_median']:.2f}x CPU time (spread {r['cpu_ratio_min']:.2f}-{r['cpu_ratio_max']:.2f}); "
                   f"target <= {1.5 if r['d'] <= 256 else 1.1}x")
         if args.out:
-            _write_json(args.out, rows)
+            write_json_atomic(args.out, rows)
         return
     device = torch.device(args.device)
     if args.fast_variants:
         rows = fast_variants(device, args.dims, args.rows, args.chunks, args.repeats)
         if args.out:
-            _write_json(args.out, rows)
+            write_json_atomic(args.out, rows)
         return
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     results = {"device_name": name, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
@@ -325,17 +323,7 @@ def main() -> None:
     results["accuracy"] = [accuracy(device, 768, args.rows, acc_chunks)]
     print(markdown(results))
     if args.out:
-        _write_json(args.out, results)
-
-
-def _write_json(path: str, obj) -> None:
-    """Atomic write: temp file in the same folder, fsync, rename."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        write_json_atomic(args.out, results)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -51,6 +49,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from spectral_lens.atomic import write_json_atomic  # noqa: E402
 from spectral_lens.gradients import PerSampleGradientProbe, causal_lm_loss, head_loss_fns  # noqa: E402
 from spectral_lens.spectra.eigen import gram_eigenvalues  # noqa: E402
 
@@ -330,12 +329,7 @@ def main(argv=None):
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"device": dev_name, "torch": torch.__version__, "config": cfg, "seq": args.seq, "chunk": args.chunk,
                 "autocast": args.autocast, "param": name}
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w") as f:  # atomic: temp file in the same folder, fsync, rename
-            f.write(json.dumps({"meta": meta, "rows": rows, "summary": summaries}, indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
+        write_json_atomic(out, {"meta": meta, "rows": rows, "summary": summaries})
         print(f"\nwrote {out}")
     return summaries
 

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gradients import measure  # noqa: E402
 
+from spectral_lens.atomic import write_json_atomic  # noqa: E402
 from spectral_lens.gradients import token_cross_entropy  # noqa: E402
 
 
@@ -171,7 +172,7 @@ def main(argv=None) -> None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = {"device": name, "torch": torch.__version__, "tokens": n, "vocab": v, "width": d}
-        out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        write_json_atomic(out, {"meta": meta, "rows": rows})
         print(f"wrote {out}")
 
 

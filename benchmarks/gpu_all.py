@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # siblings (an install
 import bench_covariance  # noqa: E402
 import bench_gradients  # noqa: E402
 import bench_pool  # noqa: E402
+from spectral_lens.atomic import write_json_atomic  # noqa: E402
 from spectral_lens.gradients import linear_cross_entropy  # noqa: E402
 
 
@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
                      "--skip", "probe_offload", "probe_native_ce", "probe_vmap"]
     def checkpoint():  # partial results survive a run cut short
         if args.out:
-            _write(args.out, res)
+            write_json_atomic(args.out, res, default=str)
 
     if args.tiny:
         res["fast_variants"] = bench_covariance.fast_variants(device, [64], 2048, 2, 1)
@@ -191,16 +191,6 @@ def main(argv=None) -> dict:
     print("\n".join(lines))
     checkpoint()
     return res
-
-
-def _write(path: str, obj) -> None:
-    """Atomic JSON write (temp file, fsync, rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gradients import GPT  # noqa: E402
 
+from spectral_lens.atomic import write_text_atomic  # noqa: E402
 from spectral_lens.gradients import PerSampleGradientProbe  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def main() -> None:
         full += [f"==== {fn.__name__}", events.table(sort_by="self_cuda_time_total", row_limit=60),
                  events.table(sort_by="self_cpu_time_total", row_limit=40)]
     if args.out:
-        Path(args.out).write_text("\n".join(full))
+        write_text_atomic(args.out, "\n".join(full))
 
 
 if __name__ == "__main__":

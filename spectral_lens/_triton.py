@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 _AVAILABLE: bool | None = None
 
 
@@ -29,10 +31,10 @@ def triton_available() -> bool:
     return _AVAILABLE
 
 
-def use_kernels(t) -> bool:
+def use_kernels(t: torch.Tensor) -> bool:
     """Kernels for this tensor: on CUDA, Triton available, and not a ``torch.func`` wrapper (under
     ``vmap``/``grad`` transforms the plain-PyTorch path runs, which the transforms can trace)."""
     if not (t.is_cuda and triton_available()):
         return False
-    wrapped = getattr(__import__("torch")._C._functorch, "is_functorch_wrapped_tensor", None)
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
     return not (wrapped is not None and wrapped(t))

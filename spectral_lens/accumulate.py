@@ -207,6 +207,15 @@ def _pending_factors(pend: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(uc).t(), torch.from_numpy(cu)
 
 
+def _symmetric_s(lower: torch.Tensor, pend: np.ndarray | None) -> torch.Tensor:
+    """The symmetric float64 ``S`` from a stored ``S`` valid in its lower triangle and the deferred
+    re-shift terms ``pend`` (``(2, k, d)``, or ``None``): the terms added, then the lower triangle
+    mirrored. Shared by the ``_s`` property and ``compute_async``'s snapshot, so both give the same bits."""
+    if pend is not None:
+        lower = torch.addmm(lower, *_pending_factors(pend, pend.shape[1]))
+    return mirror_lower(lower)
+
+
 def _add_lower(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """``out = a + b`` (``b`` promoted to ``out``'s dtype) on the lower triangle, by row blocks of
     :data:`_LOWER_BLOCK`; outside the lower triangle ``out`` is unspecified (garbage there, NaN
@@ -310,10 +319,8 @@ class ActivationCovarianceAccumulator:
         :meth:`_cpu_update`): the first read adds them, in float64, before mirroring.
         """
         if self._s_stale or self._pend_k:
-            low = self._s_lower
-            if self._pend_k:
-                low = torch.addmm(low, *_pending_factors(self._pend, self._pend_k))
-            self._s_lower, self._s_stale, self._pend_k = mirror_lower(low), False, 0
+            pend = self._pend[:, : self._pend_k] if self._pend_k else None
+            self._s_lower, self._s_stale, self._pend_k = _symmetric_s(self._s_lower, pend), False, 0
         self._s_spare = None
         self._s_escaped = True
         return self._s_lower
@@ -575,9 +582,7 @@ class ActivationCovarianceAccumulator:
         def materialize() -> _Sums:
             wait()
             n, m, s_host, bad_rows, first_bad = host
-            if pend is not None:
-                s_host = torch.addmm(s_host, *_pending_factors(pend, pend.shape[1]))
-            return _Sums(n, m, mirror_lower(s_host) if stale or pend is not None else s_host, bad_rows, first_bad)
+            return _Sums(n, m, _symmetric_s(s_host, pend) if stale or pend is not None else s_host, bad_rows, first_bad)
 
         return setup, materialize
 

@@ -129,7 +129,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         valid = targets != ignore_index
         safe = targets.masked_fill(~valid, 0)
-        unit = valid.to(acc)
+        unit = valid.to(acc) if precompute else None  # each token's weight 1 (0 if ignored)
         lses, losses, dhs = [], [], []
         kernel = _kernels(h, dtype)
         # the head in the compute dtype once per call, not once per chunk (a (V, d) cast each time)

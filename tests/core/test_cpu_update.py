@@ -10,7 +10,6 @@ spectra conditioned up to 1e10. The float64 reference is one ``np.cov`` pass ove
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import numpy as np
@@ -24,6 +23,7 @@ import spectral_lens.spectra.moments as moments
 from spectral_lens import ActivationCovarianceAccumulator, NonFiniteError
 
 from support.data import rows_with_spectrum
+from support.state import assert_same_state as _assert_same_state, snapshot as _snapshot
 
 TOL = {"float64": 1e-10, "exact": 2e-5}  # as tests/core/test_accumulator.py, relative to the top eigenvalue
 DTYPE = {"float64": torch.float64, "exact": torch.float32}
@@ -38,21 +38,6 @@ def _assert_cov(acc: ActivationCovarianceAccumulator, rows: np.ndarray, tol: flo
     assert acc.n_rows == rows.shape[0]
     mean_tol = tol * (np.abs(rows).max() + 1)
     assert np.abs(acc.mean.numpy() - rows.mean(0)).max() <= mean_tol
-
-
-def _snapshot(acc: ActivationCovarianceAccumulator) -> dict:
-    """The logical state, read from a deep copy (reading applies deferred terms; the original is untouched)."""
-    sd = copy.deepcopy(acc).state_dict()
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
-
-
-def _assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], torch.Tensor):
-            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
 
 
 @st.composite

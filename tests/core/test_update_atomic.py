@@ -20,21 +20,7 @@ import spectral_lens.spectra.moments as moments
 from spectral_lens import ActivationCovarianceAccumulator
 
 from support.data import rows_with_spectrum
-
-
-def _snapshot(acc: ActivationCovarianceAccumulator) -> dict:
-    """Every field of the state, cloned (tensors) so later in-place writes would show."""
-    sd = acc.state_dict()
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
-
-
-def _assert_same_state(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], torch.Tensor):
-            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
-        else:
-            assert a[key] == b[key], key
+from support.state import assert_same_state as _assert_same_state, snapshot as _snapshot
 
 
 def _raise_on_call(monkeypatch, name: str, call: int, exc: BaseException) -> None:

@@ -42,8 +42,8 @@ def _reference(h, w, b, t, grad):
     return loss.detach(), gh, gw, gb
 
 
-@settings(max_examples=30, deadline=None)
-@given(
+#: hypothesis strategies of one head + loss problem (sizes, chunking, logit offset, padding, dtype)
+PROBLEMS = dict(
     n=st.integers(1, 40),
     d=st.integers(1, 24),
     v=st.integers(2, 300),
@@ -53,6 +53,10 @@ def _reference(h, w, b, t, grad):
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**31 - 1),
 )
+
+
+@settings(max_examples=30, deadline=None)
+@given(**PROBLEMS)
 def test_loss_and_gradients_match_float64(n, d, v, chunk, offset, ignore_frac, dtype, seed):
     h, w, b, t = _problem(n, d, v, offset, ignore_frac, seed, dtype)
     grad = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.5
@@ -74,17 +78,7 @@ def test_loss_and_gradients_match_float64(n, d, v, chunk, offset, ignore_frac, d
 
 
 @settings(max_examples=30, deadline=None)
-@given(
-    n=st.integers(1, 40),
-    d=st.integers(1, 24),
-    v=st.integers(2, 300),
-    chunk=st.integers(1, 50),
-    offset=st.sampled_from([0.0, 30.0, 1e4]),
-    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
-    dtype=st.sampled_from([torch.float32, torch.float64]),
-    with_bias=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-)
+@given(**PROBLEMS, with_bias=st.booleans())
 def test_input_gradient_formed_in_the_forward_matches_float64(n, d, v, chunk, offset, ignore_frac, dtype, with_bias, seed):
     """When only the hidden states need a gradient (the probe's fast engine), the forward forms the
     unit-weight input gradient and the backward scales it: same bounds against float64, and the same
