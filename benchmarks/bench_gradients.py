@@ -20,7 +20,13 @@ Compares, in one run and on the same sequences:
                   (``head_loss_fns``: never the full tokens x vocab logits; calls the model as ``model(x)``);
 * ``opacus``      Opacus ``GradSampleModule`` (the peer; optional import, skipped if absent) with only
                   W_O trainable: forward, ``sum`` loss, backward, ``grad_sample`` rows, float64 Gram;
+* ``probe_no_cast_cache`` the default probe with its per-update cache of autocast weight casts off
+                  (``spectral_lens.gradients.cast_cache``): every chunk re-casts every ``nn.Linear`` weight;
 * ``probe_fp32``  the fast path without autocast: the reference for bf16 agreement.
+
+For ``nograd``, ``probe`` and ``probe_no_cast_cache`` the rows also carry ``ops`` (aten operators
+dispatched by one call, about one kernel launch each on CUDA) and ``casts`` (``aten._to_copy`` calls),
+counted once outside the timing; both are device-independent measures of host work.
 
 Rows of probe cases carry ``head_loss`` (``probe.head_loss_``: ``"chunked (lm_head)"``,
 ``"materialized: ..."`` or ``"custom: ..."``). Reports seconds (median of ``--repeats`` after one warm-up), the ratio to ``nograd``, peak CUDA memory
@@ -47,10 +53,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spectral_lens.atomic import write_json_atomic  # noqa: E402
-from spectral_lens.gradients import PerSampleGradientProbe, causal_lm_loss, head_loss_fns  # noqa: E402
+from spectral_lens.gradients import PerSampleGradientProbe, causal_lm_loss, cast_cache, head_loss_fns  # noqa: E402
 from spectral_lens.spectra.eigen import gram_eigenvalues  # noqa: E402
 
 
@@ -106,6 +113,26 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+class _OpCount(TorchDispatchMode):
+    """Counts the aten operators dispatched inside the block, and the dtype casts among them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.casts += func is torch.ops.aten._to_copy.default
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn) -> dict:
+    """``{"ops", "casts"}`` of one call of ``fn``."""
+    with _OpCount() as c:
+        fn()
+    return {"ops": c.ops, "casts": c.casts}
+
+
 def measure(fn, device, repeats):
     """(median seconds, peak CUDA bytes or None, last result) after one warm-up call."""
     fn()
@@ -140,7 +167,8 @@ def run(m, args, device, model, name):
 
     decisions = {}  # case -> probe.head_loss_ of its last run
 
-    def probe(label, engine="auto", autocast=amp, ce=None, offload=False, chunked_head=False, head_loss="auto"):
+    def probe(label, engine="auto", autocast=amp, ce=None, offload=False, chunked_head=False, head_loss="auto",
+              casts=True):
         fns = (
             head_loss_fns(model) if chunked_head
             else {"loss_fn": functools.partial(causal_lm_loss, method=ce)} if ce is not None
@@ -152,7 +180,11 @@ def run(m, args, device, model, name):
                 model, name, engine=engine, chunk_size=c, autocast_dtype=autocast, offload_rows=offload,
                 head_loss=head_loss, **fns,
             )
-            values = p.update((x, y)).compute().values
+            saved, cast_cache.ENABLED = cast_cache.ENABLED, casts
+            try:
+                values = p.update((x, y)).compute().values
+            finally:
+                cast_cache.ENABLED = saved
             decisions[label] = p.head_loss_
             return values
 
@@ -218,6 +250,7 @@ def run(m, args, device, model, name):
         return gram_eigenvalues(torch.cat(rows))
 
     cases = {"nograd": nograd, "probe": probe("probe"),
+             "probe_no_cast_cache": probe("probe_no_cast_cache", casts=False),
              "probe_materialized": probe("probe_materialized", head_loss="materialized"),
              "probe_chunked_head": probe("probe_chunked_head", chunked_head=True),
              "probe_native_ce": probe("probe_native_ce", ce="native"),
@@ -244,6 +277,8 @@ def run(m, args, device, model, name):
             results[-1]["head_loss"] = decisions[label]
         if label == "recipe_vmap":
             results[-1]["vmap_chunk_size"] = vmap_chunk[0]
+        if label in ("nograd", "probe", "probe_no_cast_cache"):
+            results[-1].update(count_ops(fn))
         if out is not None:
             spectra[label] = out.detach().double().cpu().clamp_min(0).sqrt()
     ref = spectra.get("probe_fp32", spectra.get("probe"))
@@ -264,6 +299,8 @@ def run(m, args, device, model, name):
         "probe_chunked_head_vs_nograd": by.get("probe_chunked_head", nan) / by["nograd"],
         "probe_head_loss": decisions.get("probe"),
         "probe_native_ce_vs_nograd": by.get("probe_native_ce", nan) / by["nograd"],
+        "probe_no_cast_cache_vs_nograd": by.get("probe_no_cast_cache", nan) / by["nograd"],
+        "ops": {r["case"]: (r["ops"], r["casts"]) for r in results if "ops" in r},
         "recipe_vmap_over_probe": by.get("recipe_vmap", nan) / by.get("probe", nan),
         "opacus_over_probe": by.get("opacus", nan) / by.get("probe", nan),
         "recipe_vmap_chunk_size": vmap_chunk[0],
@@ -324,6 +361,8 @@ def main(argv=None):
               f"{'met' if s['target_probe_le_1.5x_nograd'] else 'MISSED'}); opacus / probe = {s['opacus_over_probe']:.2f}x; "
               f"recipe vmap / probe = "
               f"{s['recipe_vmap_over_probe']:.2f}x (target >= 1.5x: {'met' if s['target_ge_1.5x_faster_than_vmap'] else 'MISSED'})")
+        print(f"M={s['m']}: probe without the cast cache = {s['probe_no_cast_cache_vs_nograd']:.2f}x no-grad forward; "
+              "aten ops / casts per call: " + ", ".join(f"{k} {o} / {c}" for k, (o, c) in s["ops"].items()))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

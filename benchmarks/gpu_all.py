@@ -154,6 +154,8 @@ def main(argv=None) -> dict:
              "| ratio | measured | target |", "|---|---|---|"]
     for s in summaries:
         lines += [f"| probe (default: head_loss auto -> {s.get('probe_head_loss')}) / no-grad forward, M = {s['m']} | {s['probe_vs_nograd']:.2f}x | <= 1.5x |",
+                  f"| probe without the cast cache / no-grad forward, M = {s['m']} | {s.get('probe_no_cast_cache_vs_nograd', float('nan')):.2f}x | (before it) |",
+                  f"| aten ops / casts per call, M = {s['m']} | " + ", ".join(f"{k} {o} / {c}" for k, (o, c) in s.get("ops", {}).items()) + " | |",
                   f"| probe (head_loss='materialized') / no-grad forward, M = {s['m']} | {s.get('probe_materialized_vs_nograd', float('nan')):.2f}x | <= 1.5x |",
                   f"| probe (head_loss_fns, chunked) / no-grad forward, M = {s['m']} | {s['probe_chunked_head_vs_nograd']:.2f}x | <= 1.5x |",
                   f"| Opacus / probe, M = {s['m']} | {s['opacus_over_probe']:.2f}x | (peer) |",

@@ -5,6 +5,7 @@
   ``transformers``' ``Conv1D`` in :mod:`.conv1d`),
   the generic ``torch.func`` engine and a per-sample loop.
 * Head + loss chunked over tokens, never the full logits: :mod:`.fused_head`.
+* Autocast casts of the weights kept for a whole update instead of redone per chunk: :mod:`.cast_cache`.
 * Pure math: :mod:`.gram` (float64 Gram blocks), :mod:`.noise_scale`.
 """
 

@@ -29,6 +29,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.utils import _pytree as pytree
 
 from ._batch import slice_batch
+from .cast_cache import CastCache, cached_linear_casts
 from .registry import fast_path_for
 
 __all__ = ["fast_engine", "vmap_engine", "loop_engine", "only_requires_grad", "NoGradientPathError"]
@@ -70,8 +71,13 @@ def fast_engine(
     n: int,
     forward_fn: ForwardFn,
     loss_fn: LossFn,
+    casts: CastCache | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
     """Rows ``(n, P)`` for every ``name -> (module, local_param_name)`` in ``sites`` from one backward.
+
+    ``casts``: a :class:`~spectral_lens.gradients.cast_cache.CastCache` shared by the chunks of one
+    update, so that autocast casts each ``nn.Linear`` weight once instead of once per chunk (the
+    parameters do not require grad here, so autocast's own cache does not apply); ``None``: no cache.
 
     Returns ``(rows, losses, not_called)``; ``not_called`` lists the names whose module never ran in
     the forward (for example ``nn.MultiheadAttention.out_proj``, whose weight is used functionally):
@@ -95,7 +101,7 @@ def fast_engine(
 
     handles = [mod.register_forward_hook(hook, with_kwargs=True) for mod in modules.values()]
     try:
-        with only_requires_grad(model), torch.enable_grad():
+        with only_requires_grad(model), torch.enable_grad(), cached_linear_casts(model, casts):
             losses = _checked_losses(loss_fn(forward_fn(model, batch), batch), n)
             active[0] = False
             ys = [y for k in calls for _, _, y in calls[k]]

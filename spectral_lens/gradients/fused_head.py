@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .._triton import triton_available, use_kernels
 from ._batch import default_forward
+from .cast_cache import cast_of
 from .losses import causal_lm_targets, extract_logits
 
 __all__ = [
@@ -133,7 +134,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         lses, losses, dhs = [], [], []
         kernel = _kernels(h, dtype)
         # the head in the compute dtype once per call, not once per chunk (a (V, d) cast each time)
-        wc, bc = w.to(dtype), None if b is None else b.to(dtype)
+        # (and, in a probe update, once per update: cast_of keeps it for the later chunks)
+        wc, bc = cast_of(w, dtype), None if b is None else cast_of(b, dtype)
         for s in range(0, h.shape[0], chunk_rows):
             z = _logits(h[s : s + chunk_rows], wc, bc, dtype)
             ts = safe[s : s + chunk_rows]

@@ -26,6 +26,7 @@ from ._isolation import preserved_buffers
 from ._validate import nonfinite_loss_message, param_names
 from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, slice_batch
+from . import cast_cache
 from .engines import NoGradientPathError, fast_engine, loop_engine
 from .fallback import vmap_or_loop
 from .fused_head import chunked_head_fns, chunked_is_faster, find_chunkable_head
@@ -169,6 +170,9 @@ class PerSampleGradientProbe:
         storage_dtype: dtype of the held rows; default float32 (float64 for float64 parameters).
             ``torch.bfloat16`` halves memory at ~3 significant digits per entry.
         autocast_dtype: run forward passes under ``torch.autocast(device, dtype)`` (e.g. bfloat16).
+            Under autocast (this one or the caller's), an ``update`` of several chunks casts each
+            ``nn.Linear`` weight once and keeps the cast until it returns, bit-identical to casting it
+            per chunk (:mod:`~spectral_lens.gradients.cast_cache`).
         train_mode: measure in train mode (dropout active). Default False: eval mode, the caller's
             mode is restored afterwards.
         ignore_index: target value excluded from the default loss.
@@ -428,14 +432,17 @@ class PerSampleGradientProbe:
             )
 
     # ----------------------------------------------------------------------------- gradients
-    def _gradients(self, batch: Any, n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Rows (n, P) in storage dtype for every probed parameter, and the n losses."""
+    def _gradients(
+        self, batch: Any, n: int, casts: cast_cache.CastCache | None = None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Rows (n, P) in storage dtype for every probed parameter, and the n losses. ``casts``: the
+        autocast casts shared by the chunks of one update (fast engine only)."""
         rows: dict[str, torch.Tensor] = {}
         losses = None
         forward_fn, loss_fn = self._head_fns or (self.forward_fn, self.loss_fn)
         fast = {k: self.sites[k] for k, e in self.engines_.items() if e == "fast"}
         if fast:
-            got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn)
+            got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn, casts)
             rows.update(got)
             for k in not_called:
                 if self.engine == "fast":
@@ -457,13 +464,19 @@ class PerSampleGradientProbe:
                 losses = lo if losses is None else losses
         return {k: rows[k].to(self._row_dtype(k)) for k in self.params}, losses
 
-    def _chunk_rows(self, chunk: _Chunk, devices) -> dict[str, torch.Tensor]:
+    def _chunk_rows(self, chunk: _Chunk, devices, casts) -> dict[str, torch.Tensor]:
         """Recompute a non-resident chunk's rows, replaying its RNG state."""
         cpu, cuda = chunk.rng
         torch.set_rng_state(cpu)
         for d, s in zip(devices, cuda):
             torch.cuda.set_rng_state(s, d)
-        return self._gradients(chunk.batch, chunk.stop - chunk.start)[0]
+        return self._gradients(chunk.batch, chunk.stop - chunk.start, casts)[0]
+
+    @staticmethod
+    def _casts(passes: int) -> cast_cache.CastCache | None:
+        """A cast cache for ``passes`` forward passes of one call; none for a single pass (nothing to
+        reuse, and no copies held)."""
+        return cast_cache.CastCache() if cast_cache.ENABLED and passes > 1 else None
 
     # ----------------------------------------------------------------------------- public API
     def update(self, batch: Any) -> "PerSampleGradientProbe":
@@ -485,6 +498,7 @@ class PerSampleGradientProbe:
             with self._isolated() as devices:
                 if self.head_loss_ is None and n > 0:
                     self._decide_head_loss(slice_batch(batch, 0, 1), devices)
+                casts = self._casts(-(-n // self.chunk_size))
                 for s in range(0, n, self.chunk_size):
                     e = min(n, s + self.chunk_size)
                     sub = slice_batch(batch, s, e)
@@ -492,7 +506,7 @@ class PerSampleGradientProbe:
                     if not self._fits(e - s):  # keep what recomputation needs instead of the rows
                         chunk.batch = map_tensors(torch.clone, sub)
                         chunk.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
-                    self._add_chunk(chunk, *self._gradients(sub, e - s))
+                    self._add_chunk(chunk, *self._gradients(sub, e - s, casts))
             self._check_new(snap[0])
         except BaseException:
             self._restore(snap)
@@ -568,6 +582,7 @@ class PerSampleGradientProbe:
             return
         self._check_versions()
         with self._isolated() as devices:
+            casts = self._casts(2)  # every non-resident chunk is recomputed at least once more
             while True:
                 pending = [i for i in far if any(missing(i, j) for j in far)]
                 if not pending:
@@ -577,13 +592,13 @@ class PerSampleGradientProbe:
                     c = self._chunks[i]
                     if panel and size + (c.stop - c.start) > self.max_resident_samples:
                         break
-                    panel[i] = self._chunk_rows(c, devices)
+                    panel[i] = self._chunk_rows(c, devices, casts)
                     size += c.stop - c.start
                 for i in far:
                     todo = [j for j in panel if missing(i, j)]
                     if not todo:
                         continue
-                    rows_i = panel[i] if i in panel else self._chunk_rows(self._chunks[i], devices)
+                    rows_i = panel[i] if i in panel else self._chunk_rows(self._chunks[i], devices, casts)
                     for j in todo:
                         a, b = self._chunks[i], self._chunks[j]
                         for name in self.params:

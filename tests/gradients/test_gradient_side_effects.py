@@ -26,6 +26,8 @@ def snapshot(model, opt):
         "opt": {k: {kk: vv.clone() if torch.is_tensor(vv) else vv for kk, vv in st.items()} for k, st in opt.state_dict()["state"].items()},
         "rng": torch.get_rng_state(),
         "grad_enabled": torch.is_grad_enabled(),
+        # instance attributes (the probe sets an instance forward on nn.Linear modules during a pass)
+        "attributes": {n: frozenset(vars(m)) for n, m in model.named_modules()},
     }
 
 
@@ -35,6 +37,7 @@ def assert_same(before, after):
     assert before["hooks"] == after["hooks"]
     assert before["tensor_hooks"] == after["tensor_hooks"]
     assert before["grad_enabled"] == after["grad_enabled"]
+    assert before["attributes"] == after["attributes"]
     assert torch.equal(before["rng"], after["rng"])
     for n, g in before["grad"].items():
         if g is None:
