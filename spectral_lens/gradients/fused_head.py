@@ -39,6 +39,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .._matmul import mm_fp32
 from .._triton import triton_available, use_kernels
 from ._batch import default_forward
 from .cast_cache import cast_of
@@ -108,7 +109,7 @@ def _softmax_grad(z, safe, lse, weight, acc, dtype, kernel):
 def _mm_acc(g: torch.Tensor, w: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """``g @ w`` accumulated and returned in ``acc`` (fp32 output of a bf16/fp16 GEMM on CUDA)."""
     if g.is_cuda and g.dtype in (torch.bfloat16, torch.float16) and acc == torch.float32:
-        return torch.mm(g, w, out_dtype=torch.float32)
+        return mm_fp32(g, w)
     return (g @ w).to(acc)
 
 

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import torch
 
+from .._matmul import mm_fp32
 from .._triton import triton_available
 
 __all__ = ["fast_chunk_moments", "center_cast"]
-
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` in fp32 for bf16 operands (CUDA), else in the operands' dtype."""
-    return torch.mm(a, b, out_dtype=torch.float32) if a.dtype == torch.bfloat16 else a @ b
 
 
 def center_cast(
@@ -60,7 +57,7 @@ def center_cast(
         y.masked_fill_(~valid.unsqueeze(-1), 0)
     if y.is_cuda:  # column sums on the tensor cores (fp32 accumulation)
         ones = torch.ones(1, n, dtype=torch.bfloat16, device=y.device)
-        colsum = torch.mm(ones, y, out_dtype=torch.float32).squeeze(0)
+        colsum = mm_fp32(ones, y).squeeze(0)
     else:
         colsum = y.float().sum(0)
     return y, colsum.to(torch.float64)
@@ -71,6 +68,4 @@ def fast_chunk_moments(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(m, S)`` of one chunk in the fast mode: ``m`` float64 (d,), ``S`` fp32 (d, d) symmetric."""
     y, m = center_cast(x, shift, valid, use_triton=use_triton)
-    if not y.is_cuda:  # CPU (tests): no bf16 -> fp32 GEMM kernel there; fp32 products of bf16 values are exact
-        y = y.float()
-    return m, _mm(y.t(), y)
+    return m, mm_fp32(y.t(), y)  # CPU (tests): y is converted to fp32 first (exact), see _matmul
