@@ -46,10 +46,16 @@ _ACTIVE = threading.local()  # .cache: the CastCache of the pass running on this
 
 
 class CastCache:
-    """Casts of tensors that do not require grad, kept by source tensor and dtype."""
+    """Casts of tensors that do not require grad, kept by source tensor and dtype.
 
-    def __init__(self) -> None:
+    ``model``: the model whose plain ``nn.Linear`` modules :func:`cached_linear_casts` will serve,
+    found here once (a module-tree walk per chunk cost about as much host time as the casts did);
+    ``None``: they are found at each :func:`cached_linear_casts`."""
+
+    def __init__(self, model: nn.Module | None = None) -> None:
         self._kept: dict[tuple[int, torch.dtype], tuple[torch.Tensor, int, int, torch.Tensor]] = {}
+        self._by_module: dict[int, tuple] = {}  # _linear_forward's last casts per module (one lookup)
+        self.linears = None if model is None else _plain_linears(model)
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -85,13 +91,26 @@ def cast_of(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _linear_forward(module: nn.Linear, cache: CastCache, input: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear.forward`` with the autocast casts of weight and bias taken from ``cache``."""
-    w, b = module.weight, module.bias
+    """``nn.Linear.forward`` with the autocast casts of weight and bias taken from ``cache``.
+
+    It runs once per ``nn.Linear`` call, so the common case (the same weight and bias, unchanged,
+    under the same autocast state as the module's previous call) is one dictionary lookup and a few
+    comparisons; its Python cost must stay below that of the casts it saves."""
+    params = module._parameters
+    w, b = params["weight"], params["bias"]
+    hit = cache._by_module.get(id(module))
+    if (hit is not None and hit[0] is w and hit[1] is b and hit[2] == w._version and hit[3] == w.data_ptr()
+            and (b is None or hit[4] == b._version) and torch.is_autocast_enabled(hit[5])
+            and torch.get_autocast_dtype(hit[5]) == hit[6]):
+        return F.linear(input, hit[7], hit[8])
     device = input.device.type
     if torch.is_autocast_enabled(device) and w.device.type == device:
         dtype = torch.get_autocast_dtype(device)
         if _keepable(w, dtype) and (b is None or _keepable(b, dtype)):
-            return F.linear(input, cache.cast(w, dtype), None if b is None else cache.cast(b, dtype))
+            wc, bc = cache.cast(w, dtype), None if b is None else cache.cast(b, dtype)
+            cache._by_module[id(module)] = (w, b, w._version, w.data_ptr(), None if b is None else b._version,
+                                            device, dtype, wc, bc)
+            return F.linear(input, wc, bc)
     return F.linear(input, w, b)
 
 
@@ -104,20 +123,29 @@ def _compiled(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+def _plain_linears(model: nn.Module) -> list[nn.Module]:
+    """The modules whose forward is ``nn.Linear.forward``; none in a compiled model."""
+    if _compiled(model):
+        return []
+    return [m for m in model.modules() if type(m).forward is nn.Linear.forward]
+
+
 @contextlib.contextmanager
 def cached_linear_casts(model: nn.Module, cache: CastCache | None):
     """Inside the block, ``model``'s plain ``nn.Linear`` modules and :func:`cast_of` take their casts to
     the autocast dtype from ``cache``. ``None``, or a compiled model: nothing changes. Modules that
     already have an instance ``forward`` (set by another library's wrapper) are left alone. Every
     instance ``forward`` set here is removed on exit, also on an exception."""
-    if cache is None or _compiled(model):
+    if cache is None:
         yield
         return
     mine = []
-    for m in model.modules():
-        if type(m).forward is nn.Linear.forward and "forward" not in m.__dict__:
+    for m in _plain_linears(model) if cache.linears is None else cache.linears:
+        if "forward" not in m.__dict__:
             f = functools.partial(_linear_forward, m, cache)
-            m.forward = f  # an instance attribute shadows the class's forward; hooks still run
+            # an instance attribute shadows the class's forward (hooks still run); a plain dict
+            # store, since nn.Module.__setattr__ costs several microseconds per call
+            m.__dict__["forward"] = f
             mine.append((m, f))
     outer, _ACTIVE.cache = getattr(_ACTIVE, "cache", None), cache
     try:

@@ -43,11 +43,12 @@ class NoGradientPathError(ValueError):
 
 
 @contextmanager
-def only_requires_grad(model: nn.Module, params: Iterable[torch.Tensor] = ()):
+def only_requires_grad(model: nn.Module, params: Iterable[torch.Tensor] = (), *, every=None):
     """Set ``requires_grad`` to True exactly for ``params`` (False for every other parameter of
-    ``model``) inside the block; restore every flag on exit, also on an exception."""
+    ``model``) inside the block; restore every flag on exit, also on an exception. ``every``: the
+    list of ``model.parameters()``, for callers that run many passes (the walk is per call else)."""
     keep = {id(p) for p in params}
-    saved = [(p, p.requires_grad) for p in model.parameters()]
+    saved = [(p, p.requires_grad) for p in (model.parameters() if every is None else every)]
     try:
         for p, _ in saved:
             p.requires_grad_(id(p) in keep)
@@ -72,12 +73,14 @@ def fast_engine(
     forward_fn: ForwardFn,
     loss_fn: LossFn,
     casts: CastCache | None = None,
+    every: list[torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
     """Rows ``(n, P)`` for every ``name -> (module, local_param_name)`` in ``sites`` from one backward.
 
     ``casts``: a :class:`~spectral_lens.gradients.cast_cache.CastCache` shared by the chunks of one
     update, so that autocast casts each ``nn.Linear`` weight once instead of once per chunk (the
     parameters do not require grad here, so autocast's own cache does not apply); ``None``: no cache.
+    ``every``: ``list(model.parameters())``, computed once by a caller that runs many chunks.
 
     Returns ``(rows, losses, not_called)``; ``not_called`` lists the names whose module never ran in
     the forward (for example ``nn.MultiheadAttention.out_proj``, whose weight is used functionally):
@@ -101,7 +104,7 @@ def fast_engine(
 
     handles = [mod.register_forward_hook(hook, with_kwargs=True) for mod in modules.values()]
     try:
-        with only_requires_grad(model), torch.enable_grad(), cached_linear_casts(model, casts):
+        with only_requires_grad(model, every=every), torch.enable_grad(), cached_linear_casts(model, casts):
             losses = _checked_losses(loss_fn(forward_fn(model, batch), batch), n)
             active[0] = False
             ys = [y for k in calls for _, _, y in calls[k]]

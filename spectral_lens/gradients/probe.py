@@ -238,6 +238,7 @@ class PerSampleGradientProbe:
         if keep_matrix and max_resident_samples is not None:
             raise ValueError("keep_matrix=True needs every row resident: leave max_resident_samples=None")
         self.model: nn.Module | None = None
+        self._every: list[torch.Tensor] | None = None  # list(model.parameters()) during an update
         self.params: dict[str, nn.Parameter] = {}
         self.params_spec = params
         self.loss_fn = loss_fn or (lambda out, batch: causal_lm_loss(out, batch, ignore_index=ignore_index))
@@ -402,6 +403,7 @@ class PerSampleGradientProbe:
             raise RuntimeError("PerSampleGradientProbe cannot differentiate inside torch.inference_mode()")
         modes = [(m, m.training) for m in self.model.modules()]
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        self._every = [p for p, _ in flags]  # the fast engine's flag switching reuses the list per chunk
         dev = self.device
         devices = sorted({p.device.index for p in self.model.parameters() if p.device.type == "cuda"})
         cast = (
@@ -414,6 +416,7 @@ class PerSampleGradientProbe:
                 self.model.train(self.train_mode)
                 yield devices
         finally:
+            self._every = None
             for m, training in modes:
                 m.training = training
             for p, flag in flags:
@@ -442,7 +445,7 @@ class PerSampleGradientProbe:
         forward_fn, loss_fn = self._head_fns or (self.forward_fn, self.loss_fn)
         fast = {k: self.sites[k] for k, e in self.engines_.items() if e == "fast"}
         if fast:
-            got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn, casts)
+            got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn, casts, self._every)
             rows.update(got)
             for k in not_called:
                 if self.engine == "fast":
@@ -472,11 +475,10 @@ class PerSampleGradientProbe:
             torch.cuda.set_rng_state(s, d)
         return self._gradients(chunk.batch, chunk.stop - chunk.start, casts)[0]
 
-    @staticmethod
-    def _casts(passes: int) -> cast_cache.CastCache | None:
+    def _casts(self, passes: int) -> cast_cache.CastCache | None:
         """A cast cache for ``passes`` forward passes of one call; none for a single pass (nothing to
         reuse, and no copies held)."""
-        return cast_cache.CastCache() if cast_cache.ENABLED and passes > 1 else None
+        return cast_cache.CastCache(self.model) if cast_cache.ENABLED and passes > 1 else None
 
     # ----------------------------------------------------------------------------- public API
     def update(self, batch: Any) -> "PerSampleGradientProbe":

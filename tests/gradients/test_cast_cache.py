@@ -92,7 +92,7 @@ def test_each_linear_weight_is_cast_once_per_update(cache_switch, head_loss):
 
 def test_one_chunk_update_keeps_no_copies(cache_switch, monkeypatch):
     made = []
-    monkeypatch.setattr(cast_cache, "CastCache", lambda: made.append(1) or CastCache())
+    monkeypatch.setattr(cast_cache, "CastCache", lambda model: made.append(1) or CastCache(model))
     model = TinyGPT()
     PerSampleGradientProbe(model, NAME, chunk_size=4, autocast_dtype=torch.bfloat16).update(lm_batch(m=4))
     assert made == []
@@ -197,3 +197,22 @@ def test_bit_identical_on_cuda(cache_switch, head_loss):
     assert torch.equal(grams[True], grams[False])
     assert grams[True, "casts"] < grams[False, "casts"]
     assert no_instance_forward(model)
+
+
+def test_linear_recasts_after_the_weight_changes_or_is_replaced():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).requires_grad_(False)
+    x = torch.randn(5, 4)
+    lin = model[0]
+
+    def plain():
+        return torch.nn.functional.linear(x, lin.weight, lin.bias)
+
+    with cached_linear_casts(model, CastCache(model)), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(x), plain())
+        lin.weight.mul_(3.0)  # in place: the version counter moves
+        assert torch.equal(model(x), plain())
+        lin.bias = nn.Parameter(torch.randn(3), requires_grad=False)  # replaced
+        assert torch.equal(model(x), plain())
+        lin.weight.requires_grad_(True)  # now autocast's own path
+        assert torch.equal(model(x), plain())
