@@ -36,6 +36,7 @@ and the relative error of singular values against ``probe_fp32`` (max over all j
 
     python benchmarks/bench_gradients.py --device cuda --m 64 512 --out runs/bench_gradients.json
     python benchmarks/bench_gradients.py --quick          # CPU smoke test, tiny sizes, < 60 s
+    python benchmarks/bench_gradients.py --host-overhead  # CPU: the probe's host work per chunk (host_overhead)
 """
 
 from __future__ import annotations
@@ -311,6 +312,46 @@ def run(m, args, device, model, name):
     return results, summary
 
 
+def host_overhead(pairs: int = 15) -> dict:
+    """The probe's host work per chunk, where it dominates: a 12-layer model of width 64 on 4-token
+    sequences (M = 64 in 8 chunks, bf16 autocast, CPU, 1 thread), the probe with and without its cast
+    cache against the no-grad forward of the same chunks; medians over interleaved pairs."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = GPT(ctx=4, vocab=512, d=64, heads=4, layers=12).eval()
+    x, y = torch.randint(0, 512, (64, 4)), torch.randint(0, 512, (64, 4))
+    name = "transformer.h.11.attn.c_proj.weight"
+
+    def probe(casts):
+        def fn():
+            saved, cast_cache.ENABLED = cast_cache.ENABLED, casts
+            try:
+                PerSampleGradientProbe(model, name, chunk_size=8, autocast_dtype=torch.bfloat16).update((x, y))
+            finally:
+                cast_cache.ENABLED = saved
+        return fn
+
+    def forward():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for i in range(0, 64, 8):
+                model(x[i : i + 8])
+
+    fns = {"probe": probe(True), "probe_no_cast_cache": probe(False), "nograd": forward}
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(pairs):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out.update({f"{k}_vs_nograd": out[k] / out["nograd"] for k in ("probe", "probe_no_cast_cache")})
+    print(f"host-bound probe (CPU, 1 thread): probe / forward {out['probe_vs_nograd']:.3f}, without the cast cache "
+          f"{out['probe_no_cast_cache_vs_nograd']:.3f}")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -323,7 +364,10 @@ def main(argv=None):
     ap.add_argument("--no-loop", action="store_true", help="skip the per-sample autograd loop")
     ap.add_argument("--skip", nargs="*", default=[], help="case names to leave out (e.g. probe_offload loop)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--host-overhead", action="store_true", help="only the host-bound CPU case (host_overhead)")
     args = ap.parse_args(argv)
+    if args.host_overhead:
+        return host_overhead()
     device = torch.device(args.device)
     if args.quick:
         cfg = dict(vocab=512, d=64, heads=4, layers=2)

@@ -23,19 +23,20 @@ def _half_on_cuda(a: torch.Tensor, b: torch.Tensor) -> bool:
     return HAS_OUT_DTYPE and a.is_cuda and a.dtype == b.dtype and a.dtype in _HALF
 
 
-def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` (2-D) in float32 (float64 if either operand is float64), autocast off."""
+def _product_fp32(op, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``op(a, b)`` (``torch.mm`` or ``torch.bmm``) in float32, float64 if an operand is float64."""
     with torch.autocast(a.device.type, enabled=False):
         if _half_on_cuda(a, b):
-            return torch.mm(a, b, out_dtype=torch.float32)
+            return op(a, b, out_dtype=torch.float32)
         dt = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
-        return torch.mm(a.to(dt), b.to(dt))
+        return op(a.to(dt), b.to(dt))
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (2-D) in float32 (float64 if either operand is float64), autocast off."""
+    return _product_fp32(torch.mm, a, b)
 
 
 def bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Batched ``a @ b`` (3-D) in float32 (float64 if either operand is float64), autocast off."""
-    with torch.autocast(a.device.type, enabled=False):
-        if _half_on_cuda(a, b):
-            return torch.bmm(a, b, out_dtype=torch.float32)
-        dt = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
-        return torch.bmm(a.to(dt), b.to(dt))
+    return _product_fp32(torch.bmm, a, b)
