@@ -411,11 +411,12 @@ class ActivationCovarianceAccumulator:
             return
         self._commit(n, m, s, shift, broken, None if checked is None else checked - n)
 
-    def _cpu_chunk_sums(self, rows: torch.Tensor, keep: np.ndarray | None):
-        """``(n, m, S, shift)`` of one chunk of fp32/fp64 CPU rows, valid rows ``keep`` (NumPy bool or
-        ``None``): ``n`` an int, ``m`` and ``shift`` NumPy d-vectors (``shift`` fp32, fp64 in float64
-        precision: the values subtracted), ``S`` valid in its lower triangle (a scratch buffer, see
-        :func:`_chunk_scratch`). Call inside ``np.errstate(all="ignore")``."""
+    def _cpu_centered(self, rows: torch.Tensor, keep: np.ndarray | None):
+        """``(n, m, shift, scratch)`` of one chunk of fp32/fp64 CPU rows, valid rows ``keep`` (NumPy bool
+        or ``None``): the row count (an int), the column sums and the shift of the centred rows
+        (NumPy d-vectors; ``shift`` fp32, fp64 in float64 precision: the values subtracted), and
+        :func:`_chunk_scratch`'s ``(y, out, panels)`` with the centred rows in ``y``, rows outside
+        ``keep`` zeroed. Call inside ``np.errstate(all="ignore")``."""
         n_rows, d = rows.shape
         step = max(1, n_rows // _SHIFT_ROWS)
         head = rows[::step] if step > 1 else rows
@@ -430,18 +431,13 @@ class ActivationCovarianceAccumulator:
         # the shift actually subtracted: fp32-representable except in float64 precision (as representable_shift)
         shift = mean.astype(np.float64 if self.precision == "float64" else np.float32, copy=False)
         work = product_dtype(rows, self.precision)  # fp32 or fp64 on the CPU
-        y, s, panels = _chunk_scratch(n_rows, d, work)
+        scratch = _chunk_scratch(n_rows, d, work)
+        y = scratch[0]
         shift_work = shift.astype(np.float64 if work == torch.float64 else np.float32, copy=False)
         torch.sub(rows, torch.from_numpy(shift_work), out=y)
         if keep is not None:
             y.numpy()[~keep] = 0  # whole rows, whatever they held (NaN included)
-        with matmul_precision(self.precision):
-            if n_rows >= moments.SYRK_MIN_ROWS:
-                s = symmetric_product(y, lower_only=True)  # BLAS syrk
-            else:
-                for a, b, o in panels:
-                    torch.mm(a, b, out=o)
-        return n, y.sum(0).numpy(), s, shift
+        return n, y.sum(0).numpy(), shift, scratch
 
     def _cpu_update(self, rows: torch.Tensor, valid: torch.Tensor | None) -> None:
         """``update`` of one chunk of fp32/fp64 CPU rows: the same sums as :meth:`_call_sums` and
@@ -457,21 +453,27 @@ class ActivationCovarianceAccumulator:
         Rows are not checked for NaN/Inf up front: a non-finite entry in a valid row makes its
         column's sum in ``m`` non-finite (no finite sum cancels an Inf or a NaN), so finite column
         sums clear the whole chunk. Otherwise ``nonfinite="raise"`` flags the update, and "skip"
-        drops the non-finite rows and sums the chunk again."""
+        drops the non-finite rows and centres the chunk again, before the product."""
         # NumPy would warn where torch is silent (non-finite rows, an fp64 shift beyond fp32 range);
         # such rows are reported by compute() (NonFiniteError), as on every other path.
         with np.errstate(all="ignore"):
             keep = None if valid is None else valid.numpy()
-            n, m, s, shift = self._cpu_chunk_sums(rows, keep)
+            n, m, shift, (y, s, panels) = self._cpu_centered(rows, keep)
             broken, bad = False, 0
             if not np.isfinite(m).all():  # non-finite rows (or finite ones whose fp32 column sums overflowed)
                 if self.nonfinite == "raise":
                     broken = True
-                else:
+                else:  # centre again without the non-finite rows (their NaN may be in the shift too)
                     finite = np.isfinite(rows.numpy()).all(-1)
                     checked = n
-                    n, m, s, shift = self._cpu_chunk_sums(rows, finite if keep is None else keep & finite)
+                    n, m, shift, (y, s, panels) = self._cpu_centered(rows, finite if keep is None else keep & finite)
                     bad = checked - n
+            with matmul_precision(self.precision):
+                if rows.shape[0] >= moments.SYRK_MIN_ROWS:
+                    s = symmetric_product(y, lower_only=True)  # BLAS syrk
+                else:
+                    for a, b, o in panels:
+                        torch.mm(a, b, out=o)
             shift64 = shift.astype(np.float64)  # a fresh array: it becomes state
             if not self.initialized:
                 self._commit(n, torch.from_numpy(m), s, torch.from_numpy(shift64),
