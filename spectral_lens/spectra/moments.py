@@ -42,7 +42,7 @@ SYRK_MIN_ROWS = 8192
 def matmul_precision(precision: str):
     """Pin the float32 matmul mode for ``precision`` and restore the caller's setting afterwards
     (a context manager)."""
-    if precision == "fast" or torch.get_float32_matmul_precision() == "highest":
+    if precision not in ("exact", "float64") or torch.get_float32_matmul_precision() == "highest":
         return contextlib.nullcontext()  # nothing to pin: a plain object, cheaper than a generator per update
     return _highest_matmul()
 
