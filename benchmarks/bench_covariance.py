@@ -3,6 +3,7 @@
 Run:  python benchmarks/bench_covariance.py --device cuda --out results.json
       python benchmarks/bench_covariance.py --device cpu --dims 768 --rows 16384 --chunks 4
       python benchmarks/bench_covariance.py --small-chunk          # CPU fixed cost per update
+      python benchmarks/bench_covariance.py --fixed-cost           # per-call host cost at 16 x 8, op counts
 
 Every ratio compares rates measured in this same run on this same device: ours vs the bare GEMM of
 the same precision (the ceiling: ``X^T X`` of the same chunk), and vs ``torch.cov``. Rates are
@@ -229,6 +230,90 @@ def small_chunk(dims=(256, 768), rows: int = 1024, pairs: int = 31, per: int = 5
     return out
 
 
+# Ops that launch no kernel: views and metadata, allocation without a fill (counted out of the
+# per-update op count of fixed_cost; ops that may be no-ops, such as ``to``, never reach it as such:
+# a ``to`` that converts arrives as ``_to_copy``)
+_NO_LAUNCH = frozenset({
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "as_strided", "t", "transpose", "permute",
+    "detach", "alias", "empty", "empty_strided", "empty_like", "resolve_conj", "resolve_neg", "expand",
+    "unsqueeze", "squeeze", "slice", "select", "lift_fresh",
+})
+
+
+def _launching_ops(fn) -> dict:
+    """``{op: count}`` of the aten ops one call of ``fn`` hands to backend kernels, less
+    :data:`_NO_LAUNCH`: seen by a TorchDispatchMode, i.e. after autograd and the composite
+    decompositions, so one entry is one kernel on CUDA. (The profiler's CPU event tree also lists
+    the helpers CPU kernels run inside, such as the dtype copy inside ``mean(dtype=)``, which are
+    no launches on CUDA.) Work done in NumPy on the CPU (``add_promoted``'s d x d add, a torch.add
+    on CUDA) is not seen."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            if name not in _NO_LAUNCH:
+                self.ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as mode:
+        fn()
+    return dict(sorted(mode.ops.items()))
+
+
+def fixed_cost(n: int = 16, d: int = 8, updates: int = 200, repeats: int = 15) -> list[dict]:
+    """Per-call host cost of ``update`` at a tiny chunk (``n`` x ``d``), one thread: fp32 rows (the
+    CPU one-chunk path, ``_cpu_update``) and bf16 rows (the generic path ``_call_sums`` ->
+    ``_commit``, the one every CUDA update takes), each against a bare ``x.t() @ x``; for the
+    generic path also the aten ops per update that launch work (see :func:`_launching_ops`). The
+    time is the median over ``repeats`` of ``updates`` back-to-back calls; the bare product is the
+    fp32 one for both dtypes."""
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n, d, generator=g) + 3
+    mask = torch.rand(n, generator=g) > 0.3
+
+    def per_call(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for _ in range(updates):
+                fn()
+            times.append((time.perf_counter() - t) / updates)
+        return statistics.median(times)
+
+    bare = per_call(lambda: base.t() @ base)  # the fp32 product alone
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        x = base.to(dtype)
+        for precision in ("exact", "fast"):
+            for masked in (False, True):
+                for nonfinite in ("raise", "skip"):
+                    acc = ActivationCovarianceAccumulator(precision=precision, nonfinite=nonfinite)
+                    m = mask if masked else None
+                    fn = lambda: acc.update(x, mask=m)  # noqa: E731
+                    for _ in range(3):  # initialized, a spare buffer, warm caches
+                        fn()
+                    row = {"case": "fixed_cost", "dtype": str(dtype).split(".")[-1], "n": n, "d": d,
+                           "path": "cpu_update" if dtype == torch.float32 else "generic", "precision": precision,
+                           "masked": masked, "nonfinite": nonfinite, "update_us": 1e6 * per_call(fn),
+                           "bare_us": 1e6 * bare}
+                    if dtype != torch.float32:
+                        ops = _launching_ops(fn)
+                        row["ops_per_update"] = sum(ops.values())
+                        row["ops"] = ops
+                    out.append(row)
+                    print(json.dumps(row), flush=True)
+    return out
+
+
 def accuracy(device: torch.device, d: int, rows: int, chunks: int) -> dict:
     """Tail alpha of each mode vs a float64 pass over the same (bf16-stored) rows."""
     data = [_rows(rows, d, device, torch.bfloat16, seed=100 + i) for i in range(chunks)]
@@ -298,6 +383,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--small-chunk", action="store_true", help="only the CPU fixed-cost case (1,024-row updates)")
     ap.add_argument("--fast-variants", action="store_true", help="only the CUDA fast-mode design variants")
+    ap.add_argument("--fixed-cost", action="store_true",
+                    help="only the per-call host cost of update at 16 x 8 rows (1 thread) and its aten op count")
     ap.add_argument("--pairs", type=int, default=31, help="interleaved repetitions of the small-chunk case")
     args = ap.parse_args()
     if args.small_chunk:
@@ -307,6 +394,16 @@ def main() -> None:
                   f"{r['wall_ratio_median']:.2f}x wall (spread {r['wall_ratio_min']:.2f}-{r['wall_ratio_max']:.2f}), "
                   f"{r['cpu_ratio_median']:.2f}x CPU time (spread {r['cpu_ratio_min']:.2f}-{r['cpu_ratio_max']:.2f}); "
                   f"target <= {1.5 if r['d'] <= 256 else 1.1}x")
+        if args.out:
+            write_json_atomic(args.out, rows)
+        return
+    if args.fixed_cost:
+        rows = fixed_cost()
+        for r in rows:
+            ops = f", {r['ops_per_update']} launching ops" if "ops_per_update" in r else ""
+            print(f"{r['path']:10s} {r['dtype']:8s} {r['precision']:5s} mask={r['masked']!s:5s} "
+                  f"nonfinite={r['nonfinite']:5s}: {r['update_us']:6.1f} us per update (bare x.t() @ x "
+                  f"{r['bare_us']:.1f} us){ops}")
         if args.out:
             write_json_atomic(args.out, rows)
         return

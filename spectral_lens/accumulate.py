@@ -43,6 +43,7 @@ from .spectra.moments import (
     product_dtype,
     representable_shift,
     reshift,
+    shift_dtype,
     symmetric_product,
 )
 from .spectrum import Spectrum
@@ -70,20 +71,22 @@ _SCRATCH_SHAPES = 4  # chunk shapes kept per thread
 _SCRATCH_MAX_BYTES = 16 << 20  # a chunk whose buffers are larger gets fresh ones each time
 
 
-def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None, n_valid=None) -> torch.Tensor:
     """Mean of up to 1024 evenly spaced valid rows of a chunk (its shift; need not be exact).
 
     Computed in the rows' precision (fp32 for half types): the shift only has to be near the mean,
-    and a float64 copy of the sample would cost as much as the centering pass.
+    and a float64 copy of the sample would cost as much as the centering pass. ``n_valid``:
+    ``valid.sum()`` if the caller has it (the sample's count when every row is sampled).
     """
     step = max(1, rows.shape[0] // _SHIFT_ROWS)
     head = rows[::step] if step > 1 else rows
+    dtype = None if head.dtype in (torch.float32, torch.float64) else torch.float32
     if valid is None:  # one kernel: the half-precision sample is read and averaged in fp32 directly
-        return head.mean(0, dtype=torch.float32 if head.dtype not in (torch.float32, torch.float64) else None)
-    if head.dtype not in (torch.float32, torch.float64):
-        head = head.float()
-    keep = valid[::step].unsqueeze(-1)
-    return torch.where(keep, head, 0.0).sum(0) / keep.sum().clamp_min(1)
+        return head.mean(0, dtype=dtype)
+    keep = valid[::step] if step > 1 else valid
+    count = n_valid if step == 1 and n_valid is not None else keep.sum()
+    # rows left out may hold anything, NaN included: zeroed (not multiplied by 0), then summed in fp32
+    return head.masked_fill(~keep.unsqueeze(-1), 0).sum(0, dtype=dtype) / count.clamp_min(1)
 
 
 @dataclass(frozen=True)
@@ -289,6 +292,7 @@ class ActivationCovarianceAccumulator:
         self._s_escaped = True
         self._pend: np.ndarray | None = None
         self._pend_k = 0
+        self._rank2: tuple[torch.Tensor, ...] | None = None  # scratch of _commit (see _rank2_scratch)
         self._n = self._m = self._s = None
         self._bad_rows = self._first_bad = None
         self._updates = 0
@@ -369,71 +373,115 @@ class ActivationCovarianceAccumulator:
         if self.initialized and x.device != self._shift.device:
             raise ValueError(f"{where}: input on {x.device}, accumulator state on {self._shift.device}")
 
-    @torch.no_grad()
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add rows: ``x`` of shape (..., d), leading dims flattened; ``mask`` (...,) bool marks valid rows.
 
         All or nothing: the call's chunks are summed into locals and committed at the end, so an
         exception or a ``KeyboardInterrupt`` part-way leaves the state exactly as before the call.
-        No host synchronization; the eigen-solve waits for :meth:`compute`.
+        No host synchronization; the eigen-solve waits for :meth:`compute`. Runs under
+        ``torch.no_grad()``.
         """
+        if torch.is_grad_enabled():  # entering no_grad costs ~3 us a call: only where it changes the mode
+            with torch.no_grad():
+                self._update(x, mask)
+        else:
+            self._update(x, mask)
+
+    def _update(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         self._check_input(x, mask)
-        rows = x.detach().reshape(-1, x.shape[-1])
+        rows = x.detach()
+        if rows.ndim != 2:
+            rows = rows.reshape(-1, x.shape[-1])
         # a mask on another device (a CPU attention mask for CUDA rows): a non_blocking copy, since a
         # blocking host-to-device copy synchronizes the host
         valid = None if mask is None else mask.reshape(-1).to(rows.device, non_blocking=True)
-        bad = None
-        if self.nonfinite == "skip":
-            finite = torch.isfinite(rows).all(-1)
-            bad = (~finite if valid is None else valid & ~finite).sum()
-            valid = finite if valid is None else valid & finite
         if rows.device.type == "cpu" and rows.dtype in _CPU_DTYPES and 0 < rows.shape[0] <= self.max_chunk_rows:
-            self._cpu_update(rows, valid, bad)
+            self._cpu_update(rows, valid)
             return
+        checked = None  # nonfinite="skip": the rows before non-finite ones are dropped
+        if self.nonfinite == "skip":
+            checked = rows.shape[0] if valid is None else valid.sum()
+            # a row is finite iff the sum of its entries times 0 is 0 (NaN/Inf make it NaN; finite
+            # entries give exact zeros, so the sum cannot overflow): 3 kernels, isfinite + all take 5
+            finite = rows.mul(0).sum(-1) == 0
+            valid = finite if valid is None else valid & finite
         n, m, s, shift, broken = self._call_sums(rows, valid)
         if s is None:  # no rows: nothing to add, but the call still counts (errors name updates by index)
             self._updates += 1
             return
-        self._commit(n, m, s, shift, broken, bad)
+        self._commit(n, m, s, shift, broken, None if checked is None else checked - n)
 
-    def _cpu_update(self, rows: torch.Tensor, valid: torch.Tensor | None, bad: torch.Tensor | None) -> None:
+    def _cpu_centered(self, rows: torch.Tensor, keep: np.ndarray | None):
+        """``(n, m, shift, scratch)`` of one chunk of fp32/fp64 CPU rows, valid rows ``keep`` (NumPy bool
+        or ``None``): the row count (an int), the column sums and the shift of the centred rows
+        (NumPy d-vectors; ``shift`` fp32, fp64 in float64 precision: the values subtracted), and
+        :func:`_chunk_scratch`'s ``(y, out, panels)`` with the centred rows in ``y``, rows outside
+        ``keep`` zeroed. Call inside ``np.errstate(all="ignore")``."""
+        n_rows, d = rows.shape
+        step = max(1, n_rows // _SHIFT_ROWS)
+        head = rows[::step] if step > 1 else rows
+        if keep is None:
+            n = n_rows
+            mean = head.sum(0).numpy() / head.shape[0]  # torch's mean bit for bit, one torch call instead of two
+        else:
+            n = int(np.count_nonzero(keep))
+            # NumPy's boolean row selection: far cheaper than torch's masked ops on the CPU
+            sample = head.numpy()[keep[::step]] if step > 1 else head.numpy()[keep]
+            mean = np.add.reduce(sample, 0) / max(1, sample.shape[0])
+        # the shift actually subtracted: fp32-representable except in float64 precision (as representable_shift)
+        shift = mean.astype(np.float64 if self.precision == "float64" else np.float32, copy=False)
+        work = product_dtype(rows, self.precision)  # fp32 or fp64 on the CPU
+        scratch = _chunk_scratch(n_rows, d, work)
+        y = scratch[0]
+        shift_work = shift.astype(np.float64 if work == torch.float64 else np.float32, copy=False)
+        torch.sub(rows, torch.from_numpy(shift_work), out=y)
+        if keep is not None:
+            y.numpy()[~keep] = 0  # whole rows, whatever they held (NaN included)
+        return n, y.sum(0).numpy(), shift, scratch
+
+    def _cpu_update(self, rows: torch.Tensor, valid: torch.Tensor | None) -> None:
         """``update`` of one chunk of fp32/fp64 CPU rows: the same sums as :meth:`_call_sums` and
-        :meth:`_commit`, with the d-vector work in NumPy (far less per-call overhead than torch's
-        dispatch), the float64 add on the lower triangle only and the rank-2 re-shift deferred.
+        :meth:`_commit`, with the d-vector work and the row masks in NumPy (far less per-call
+        overhead than torch's dispatch), the float64 add on the lower triangle only and the rank-2
+        re-shift deferred.
 
         Each update's re-shift term ``u c^T + c u^T`` (see :func:`reshift`) is kept as its two
         d-vectors; every :data:`_PENDING` updates they are applied as one rank-64 float64 GEMM, and a
         read of the state applies the rest. Same all-or-nothing commit: the new ``S`` goes into the
-        spare buffer, a deferred term into a slot past the committed count ``_pend_k``."""
+        spare buffer, a deferred term into a slot past the committed count ``_pend_k``.
+
+        Rows are not checked for NaN/Inf up front: a non-finite entry in a valid row makes its
+        column's sum in ``m`` non-finite (no finite sum cancels an Inf or a NaN), so finite column
+        sums clear the whole chunk. Otherwise ``nonfinite="raise"`` flags the update, and "skip"
+        drops the non-finite rows and centres the chunk again, before the product."""
         # NumPy would warn where torch is silent (non-finite rows, an fp64 shift beyond fp32 range);
         # such rows are reported by compute() (NonFiniteError), as on every other path.
         with np.errstate(all="ignore"):
-            n_rows, d = rows.shape
-            np_work = np.float64 if product_dtype(rows, self.precision) == torch.float64 else np.float32
-            mean = _sample_mean(rows, valid).numpy()
-            # the shift actually subtracted: fp32-representable except in float64 precision (as representable_shift)
-            shift = mean.astype(np.float64 if self.precision == "float64" else np.float32, copy=False)
-            y, s, panels = _chunk_scratch(n_rows, d, torch.float64 if np_work is np.float64 else torch.float32)
-            torch.sub(rows, torch.from_numpy(shift.astype(np_work, copy=False)), out=y)
-            if valid is None:
-                n = n_rows
-            else:
-                y.masked_fill_(~valid.unsqueeze(-1), 0)
-                n = int(np.count_nonzero(valid.numpy()))
+            keep = None if valid is None else valid.numpy()
+            n, m, shift, (y, s, panels) = self._cpu_centered(rows, keep)
+            broken, bad = False, 0
+            if not np.isfinite(m).all():  # non-finite rows (or finite ones whose fp32 column sums overflowed)
+                if self.nonfinite == "raise":
+                    broken = True
+                else:  # centre again without the non-finite rows (their NaN may be in the shift too)
+                    finite = np.isfinite(rows.numpy()).all(-1)
+                    checked = n
+                    n, m, shift, (y, s, panels) = self._cpu_centered(rows, finite if keep is None else keep & finite)
+                    bad = checked - n
             with matmul_precision(self.precision):
-                if n_rows >= moments.SYRK_MIN_ROWS:
+                if rows.shape[0] >= moments.SYRK_MIN_ROWS:
                     s = symmetric_product(y, lower_only=True)  # BLAS syrk
                 else:
                     for a, b, o in panels:
                         torch.mm(a, b, out=o)
-            m = y.sum(0).numpy()
-            broken = self.nonfinite == "raise" and not np.isfinite(m).all()
             shift64 = shift.astype(np.float64)  # a fresh array: it becomes state
             if not self.initialized:
-                self._commit(n, torch.from_numpy(m), s, torch.from_numpy(shift64), torch.tensor(broken), bad)
+                self._commit(n, torch.from_numpy(m), s, torch.from_numpy(shift64),
+                             torch.tensor(broken) if broken else None, torch.tensor(bad) if bad else None)
                 return
             index = self._updates
             state_s = self._s_lower
+            d = state_s.shape[0]
             c = shift64 - self._shift.numpy()
             m64 = m.astype(np.float64)
             new_m = torch.from_numpy(self._m.numpy() + (m64 + n * c))
@@ -451,13 +499,11 @@ class ActivationCovarianceAccumulator:
                 k = 0
             spare = None if self._s_escaped else state_s
             new_n = self._n + n
-            first_bad = self._first_bad
-            if broken and int(first_bad) < 0:
+            first_bad, bad_rows = self._first_bad, self._bad_rows  # never written in place: kept as they are
+            if (broken or bad) and int(first_bad) < 0:
                 first_bad = torch.tensor(index)
-            bad_rows = self._bad_rows
-            if bad is not None:
+            if bad:
                 bad_rows = bad_rows + bad
-                first_bad = torch.where((bad > 0) & (first_bad < 0), index, first_bad)
             # ---- commit: plain stores only
             self._n = new_n
             self._m = new_m
@@ -482,11 +528,13 @@ class ActivationCovarianceAccumulator:
             else:
                 chunk = rows[start : start + self.max_chunk_rows]
                 cv = None if valid is None else valid[start : start + self.max_chunk_rows]
-            # Each chunk is centered on its own shift (a row sample's mean), so drifting pools keep
-            # low-precision products small; the exact float64 re-shift merges it.
-            local = representable_shift(_sample_mean(chunk, cv), self.precision, chunk.dtype)
-            mk, sk = chunk_moments(chunk, local, self.precision, cv, lower_only=True)
             nk = chunk.shape[0] if cv is None else cv.sum()
+            # Each chunk is centered on its own shift (a row sample's mean), so drifting pools keep
+            # low-precision products small; the exact float64 re-shift merges it. The shift stays in
+            # the dtype whose values are subtracted (representable_shift's values, not converted to
+            # float64): the re-shifts below read it into float64 arithmetic exactly.
+            local = _sample_mean(chunk, cv, nk).to(shift_dtype(self.precision, chunk.dtype))
+            mk, sk = chunk_moments(chunk, local, self.precision, cv, lower_only=True)
             # NaN iff some entry of m is NaN or +-Inf (Inf * 0 is NaN; finite entries give exact zeros, so
             # the sum cannot overflow): 3 kernels, not isfinite's 6
             bk = (mk * 0).sum().isnan() if self.nonfinite == "raise" else None
@@ -495,45 +543,66 @@ class ActivationCovarianceAccumulator:
                 continue
             if s.dtype != torch.float64:  # a second chunk: switch the call's sums to float64
                 m, s = m.to(torch.float64), s.to(torch.float64)
+            # in float64, so the difference of two chunks' shifts is exact
+            shift = shift.to(torch.float64)
             accumulate_shifted(m, s, nk, mk, sk, local, shift)
             n = n + nk
             broken = None if bk is None else broken | bk
         return n, m, s, shift, broken
 
+    def _rank2_scratch(self) -> tuple[torch.Tensor, ...]:
+        """Views of a (3, d) float64 buffer with rows ``u, c, u`` for :meth:`_commit`'s re-shift:
+        ``(c, c broadcast to 2 rows, the two u rows, (u c) as d x 2, (c u) as 2 x d)``. Scratch, kept
+        per accumulator (until ``reset``): taking the views anew costs more host time per update
+        than the kernel they save. Nothing of it becomes state, and each update writes ``c`` and
+        ``u`` before reading them."""
+        ucu = torch.empty(3, self._m.shape[0], dtype=torch.float64, device=self._m.device)
+        self._rank2 = (ucu[1], ucu[1].expand(2, -1), ucu[0::2], ucu[0:2].t(), ucu[1:3])
+        return self._rank2
+
     def _commit(self, n, m, s, shift, broken, bad) -> None:
         """Merge one call's sums into the state: new tensors are built first, then swapped in by plain
-        attribute stores (no call in between, so no interrupt can split them)."""
+        attribute stores (no call in between, so no interrupt can split them). ``n`` is an int or a
+        device tensor; ``broken`` (rows with NaN/Inf) and ``bad`` (rows dropped as such) are device
+        tensors or ``None``."""
         index = self._updates
         spare = None
         if self.initialized:
             state_n, state_m, state_s, state_shift = self._n, self._m, self._s_lower, self._shift
             bad_rows, first_bad = self._bad_rows, self._first_bad
-            c = shift - state_shift
-            m64 = m.to(torch.float64)
+            # the exact float64 re-shift, as one rank-2 update (see reshift): S += u c^T + c u^T with
+            # u = m + n c / 2, one GEMM of (u c) and (c u)^T. Each op reads the shift (fp32/bf16
+            # values), m (fp32 unless the products were fp64) and a device row count into its float64
+            # arithmetic itself: no conversion kernels.
+            c, c_twice, u_twice, uc, cu = self._rank2 if self._rank2 is not None else self._rank2_scratch()
+            torch.sub(shift, state_shift, out=c)
+            if isinstance(n, torch.Tensor):
+                torch.addcmul(m, n, c_twice, value=0.5, out=u_twice)
+                new_m = state_m + torch.addcmul(m, n, c)
+            else:  # a host row count: fused scalar multiply-adds
+                torch.add(m, c_twice, alpha=0.5 * n, out=u_twice)
+                new_m = state_m + torch.add(m, c, alpha=float(n))
             new_s = self._s_spare if self._s_spare is not None else torch.empty_like(state_s)
             add_promoted(state_s, s, out=new_s)
-            # the exact float64 re-shift, as one rank-2 update (see reshift): u = m + n c / 2
-            if isinstance(n, torch.Tensor):
-                n64 = n.to(torch.float64)
-                u, new_m = m64 + (0.5 * n64) * c, state_m + (m64 + n64 * c)
-            else:  # a host row count: fused scalar multiply-adds
-                u, new_m = torch.add(m64, c, alpha=0.5 * n), state_m + torch.add(m64, c, alpha=float(n))
-            new_s.addr_(u, c).addr_(c, u)  # two launches (stack, stack, addmm were three)
+            new_s.addmm_(uc, cu)  # one launch and one pass over S (two addr: two of each)
             spare = None if self._s_escaped else state_s  # the old state becomes the next spare
         else:
             dev = shift.device
             state_n = torch.zeros((), dtype=torch.int64, device=dev)
             bad_rows = torch.zeros((), dtype=torch.int64, device=dev)
             first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
-            state_shift = shift
+            state_shift = shift.to(torch.float64)
             new_s = s.to(torch.float64, copy=True)
             new_m = m.to(torch.float64, copy=True)
         new_n = state_n + n
+        # the first update with NaN/Inf rows: first_bad + (first_bad < 0) * flag * (index + 1) turns
+        # the -1 of "none yet" into index, in one kernel after the comparison (torch.where with a
+        # Python index also fills a scalar tensor)
         if broken is not None:
-            first_bad = torch.where(broken & (first_bad < 0), index, first_bad)
+            first_bad = torch.addcmul(first_bad, first_bad < 0, broken, value=index + 1)
         if bad is not None:
             bad_rows = bad_rows + bad
-            first_bad = torch.where((bad > 0) & (first_bad < 0), index, first_bad)
+            first_bad = torch.addcmul(first_bad, first_bad < 0, bad > 0, value=index + 1)
         dim = new_m.shape[0]
         # ---- commit: plain stores only
         self.dim = dim

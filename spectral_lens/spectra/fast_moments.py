@@ -31,7 +31,8 @@ def center_cast(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, colsum)``: ``y = bf16(x - s)`` (n, d) with rows where ``valid`` is False set to 0, and the
     float64 column sums of ``y`` as rounded. ``shift`` is float64, bf16-representable for bf16 ``x``
-    (:func:`~spectral_lens.spectra.moments.representable_shift`).
+    (:func:`~spectral_lens.spectra.moments.representable_shift`), or the same values in bf16/fp32
+    (:func:`~spectral_lens.spectra.moments.shift_dtype`; the accumulator passes these).
 
     ``use_triton=None`` uses the one-pass Triton kernel on CUDA when available; the torch fallback
     gives the same ``y`` bit for bit and column sums equal up to fp32 summation order.

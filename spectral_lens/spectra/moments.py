@@ -25,6 +25,7 @@ __all__ = [
     "product_dtype",
     "representable_shift",
     "reshift",
+    "shift_dtype",
     "symmetric_product",
 ]
 
@@ -38,15 +39,18 @@ PRECISIONS = ("float64", "exact", "fast")
 SYRK_MIN_ROWS = 8192
 
 
-@contextlib.contextmanager
 def matmul_precision(precision: str):
-    """Pin the float32 matmul mode for ``precision`` and restore the caller's setting afterwards."""
+    """Pin the float32 matmul mode for ``precision`` and restore the caller's setting afterwards
+    (a context manager)."""
+    if precision not in ("exact", "float64") or torch.get_float32_matmul_precision() == "highest":
+        return contextlib.nullcontext()  # nothing to pin: a plain object, cheaper than a generator per update
+    return _highest_matmul()
+
+
+@contextlib.contextmanager
+def _highest_matmul():
     previous = torch.get_float32_matmul_precision()
-    wanted = "highest" if precision in ("exact", "float64") else previous
-    if wanted == previous:
-        yield
-        return
-    torch.set_float32_matmul_precision(wanted)
+    torch.set_float32_matmul_precision("highest")
     try:
         yield
     finally:
@@ -62,17 +66,23 @@ def product_dtype(x: torch.Tensor, precision: str) -> torch.dtype:
     return torch.float32
 
 
+def shift_dtype(precision: str, input_dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """The dtype whose values a shift is rounded to (:func:`representable_shift`): what the products
+    subtract."""
+    if precision == "float64":
+        return torch.float64
+    if precision == "fast" and input_dtype == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float32
+
+
 def representable_shift(shift: torch.Tensor, precision: str, input_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Round a float64 shift to what the products subtract, so the recorded shift is the one used.
 
     For bf16 rows in ``"fast"`` mode the shift is rounded to bf16: the subtraction then runs natively
     in bf16 and rounds exactly as an fp32 subtraction followed by one rounding to bf16 would.
     """
-    if precision == "float64":
-        return shift.to(torch.float64)
-    if precision == "fast" and input_dtype == torch.bfloat16:
-        return shift.to(torch.bfloat16).to(torch.float64)
-    return shift.to(torch.float32).to(torch.float64)  # a float32 shift: one conversion
+    return shift.to(shift_dtype(precision, input_dtype)).to(torch.float64)
 
 
 def symmetric_product(y: torch.Tensor, blocks: bool | None = None, *, lower_only: bool = False) -> torch.Tensor:
@@ -186,7 +196,9 @@ def chunk_moments(
 
     Args:
         x: (n, d) rows, any floating dtype.
-        shift: (d,) float64 shift ``s``, as returned by :func:`representable_shift` for ``x.dtype``.
+        shift: (d,) shift ``s``, as returned by :func:`representable_shift` for ``x.dtype``: float64,
+            or the same values in :func:`shift_dtype` (no conversion kernel when that is the dtype
+            the rows are centred in).
         precision: one of :data:`PRECISIONS`.
         valid: optional (n,) bool; rows where it is False contribute nothing (also if they hold NaN).
         lower_only: only ``S``'s lower triangle (diagonal included) is needed; its strict upper
