@@ -78,6 +78,9 @@ for dtype in (torch.bfloat16, torch.float32, torch.float16):
             shift = x.double().nan_to_num().mean(0).to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32).double()
             y1, c1 = center_cast(x, shift, valid, use_triton=False)
             y2, c2 = center_cast(x, shift, valid, use_triton=True)
+            # the accumulator passes the shift in the dtype it is subtracted in (shift_dtype), not float64
+            y3, c3 = center_cast(x, shift.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32), valid,
+                                 use_triton=True)
             z = x.float() - shift.float()
             if masked:
                 z[~valid] = 0
@@ -85,6 +88,7 @@ for dtype in (torch.bfloat16, torch.float32, torch.float16):
             ulp = z.abs().clamp_min(1e-30) * 2.0 ** -7
             out.append(dict(dtype=str(dtype), masked=masked, n=n, d=d,
                             bit_equal=bool(torch.equal(y1, y2)),
+                            same_with_low_precision_shift=bool(torch.equal(y2, y3) and torch.equal(c2, c3)),
                             within_ulp=bool(((y2.float() - z).abs() <= ulp).all()),
                             finite=bool(torch.isfinite(y2.float()).all()),
                             colsum_err=float((c2 - y2.double().sum(0)).abs().max() / (y2.double().abs().sum(0).max() + 1))))
@@ -105,7 +109,7 @@ def test_triton_kernel_in_interpreter():
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(rows) == 18
     for r in rows:
-        assert r["finite"] and r["within_ulp"], r
+        assert r["finite"] and r["within_ulp"] and r["same_with_low_precision_shift"], r
         assert r["colsum_err"] < 1e-6, r
         if r["dtype"] == "torch.bfloat16":
             assert r["bit_equal"], r
