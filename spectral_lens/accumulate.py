@@ -393,8 +393,9 @@ class ActivationCovarianceAccumulator:
         if rows.ndim != 2:
             rows = rows.reshape(-1, x.shape[-1])
         # a mask on another device (a CPU attention mask for CUDA rows): a non_blocking copy, since a
-        # blocking host-to-device copy synchronizes the host
-        valid = None if mask is None else mask.reshape(-1).to(rows.device, non_blocking=True)
+        # blocking host-to-device copy synchronizes the host. Not towards the CPU: the host reads the
+        # mask right away, so a device-to-host copy must have finished.
+        valid = None if mask is None else mask.reshape(-1).to(rows.device, non_blocking=rows.device.type != "cpu")
         if rows.device.type == "cpu" and rows.dtype in _CPU_DTYPES and 0 < rows.shape[0] <= self.max_chunk_rows:
             self._cpu_update(rows, valid)
             return

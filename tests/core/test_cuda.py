@@ -84,6 +84,18 @@ def test_merge_across_devices_and_fp32_input():
     assert np.abs(gpu.covariance().cpu().numpy() - ref).max() < 5e-3 * np.abs(ref).max()
 
 
+def test_cpu_rows_with_a_cuda_mask():
+    """The mask is read on the host right after its copy: the device-to-host copy must be complete."""
+    x = _pool(n=4_096, d=64, dtype=torch.float32)
+    torch.cuda._sleep(50_000_000)  # a busy stream: an unfinished copy would be read as zeros
+    mask = torch.arange(x.shape[0], device="cuda") % 3 != 0
+    acc = ActivationCovarianceAccumulator()
+    acc.update(x.cpu(), mask)
+    ref = np.cov(x[mask].double().cpu().numpy(), rowvar=False)
+    assert acc.n_rows == int(mask.sum())
+    assert np.abs(acc.covariance().numpy() - ref).max() < 1e-5 * np.abs(ref).max()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 @pytest.mark.parametrize("masked", [False, True])
 def test_triton_centring_bit_equal_to_torch(dtype, masked):
