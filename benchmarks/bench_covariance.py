@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's spectral_lens, not an installed one
 from spectral_lens import ActivationCovarianceAccumulator  # noqa: E402
+from spectral_lens._matmul import mm_fp32  # noqa: E402
 from spectral_lens.atomic import write_json_atomic  # noqa: E402
 from spectral_lens.spectra import band_alpha, tail_window  # noqa: E402
 from spectral_lens.spectra.moments import matmul_precision  # noqa: E402
@@ -139,11 +140,11 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
         preps = [True, False] if device.type == "cuda" and fm.triton_available() else [False]
         if device.type != "cuda":  # CPU smoke run of this script: no bf16 -> fp32 GEMM kernel there
             ys = [y.float() for y in ys]
-        fns = {"gemm_bf16": lambda: [fm._mm(c.t(), c) if device.type == "cuda" else c.float().t() @ c.float() for c in data],
+        fns = {"gemm_bf16": lambda: [mm_fp32(c.t(), c) for c in data],
                "copy_bf16": lambda: [c.clone() for c in data]}
         for t in preps:
             fns[f"prep_{'triton' if t else 'torch'}"] = (lambda t=t: [fm.center_cast(c, s, use_triton=t) for c, s in zip(data, shift)])
-        fns["gram"] = lambda: [fm._mm(y.t(), y) for y in ys]
+        fns["gram"] = lambda: [mm_fp32(y.t(), y) for y in ys]
 
         def acc_fn(t):
             def fn():

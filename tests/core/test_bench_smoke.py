@@ -9,12 +9,10 @@ import math
 import sys
 from pathlib import Path
 
-import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-@pytest.mark.slow
 def test_gpu_all_tiny_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     gpu_all = importlib.import_module("gpu_all")
@@ -32,4 +30,8 @@ def test_gpu_all_tiny_runs_end_to_end(tmp_path, monkeypatch):
     assert res["pool"]["exact_vs_bare"] > 0 and res["pool"]["rows"] == 16 * 64
     assert res["head_loss"]["ours_chunked_grad_rel_err_vs_materialized"] < 1e-5
     assert {r["d"] for r in res["small_chunk"]} == {32}
+    assert [r["d"] for r in res["fast_variants"]] == [64] and res["fast_variants"][0]["best_vs_gemm"] > 0
+    for s in res["gradients"]:  # the cast cache's comparison row and the op counts
+        assert math.isfinite(s["probe_no_cast_cache_vs_nograd"])
+        assert set(s["ops"]) == {"nograd", "probe", "probe_no_cast_cache"}
     sys.modules.pop("gpu_all", None)
