@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every GPU check of this project in one call, for a session that is lent a CUDA machine for minutes:
+# the CUDA test tier, the issue-13 benchmark table and the probe's profile. Outputs go to $OUT (or
+# ./gpu_session_out); each step's log is kept even when a later step fails.
+#
+#     OUT=/some/dir bash benchmarks/gpu_session.sh        # about 4-5 minutes on an H100
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu_session_out}"
+mkdir -p "$out"
+py="${PYTHON:-python}"
+if ! "$py" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" > "$out/device.txt" 2>&1; then
+    cat "$out/device.txt"
+    echo "gpu_session: no CUDA device (or no torch) for $py" >&2
+    exit 2
+fi
+{
+    "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+    "$py" -c "import triton; print('triton', triton.__version__)" || echo "triton: not installed"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+} > "$out/device.txt" 2>&1
+cat "$out/device.txt"
+status=0
+step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember a failure, go on
+    local name=$1; shift
+    echo "== $name: $*"
+    local t0=$SECONDS
+    "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    echo "   rc $rc, $((SECONDS - t0)) s"
+    tail -n 3 "$out/$name.log"
+    [ $rc -eq 0 ] || status=1
+}
+step cuda_tests "$py" -m pytest -q -p no:cacheprovider -m cuda tests/core/test_cuda.py tests/core/test_compute_async.py tests/gradients
+step gpu_all "$py" benchmarks/gpu_all.py --out "$out/gpu_all.json"
+step profile_probe "$py" benchmarks/profile_gradients.py --m 64 --out "$out/profile_probe_m64.txt"
+step host_overhead "$py" benchmarks/bench_gradients.py --host-overhead
+exit $status
