@@ -10,8 +10,10 @@ chunks; about 1,000 extra launches.
 :func:`cached_linear_casts` keeps one cast of each weight and bias for the whole ``update``:
 
 * Every ``nn.Linear`` whose forward is ``nn.Linear.forward`` gets, for the duration of the pass, an
-  instance ``forward`` that hands ``F.linear`` the kept casts. The model's parameters themselves are
-  untouched.
+  instance ``forward`` that hands ``F.linear`` the kept casts. So does every ``transformers``
+  ``Conv1D`` (GPT-2's projections) whose forward has exactly the source this module reproduces
+  (``torch.addmm`` of bias, input and weight); any other version is left alone. The model's
+  parameters themselves are untouched.
 * :func:`~spectral_lens.gradients.linear_cross_entropy` casts the head through :func:`cast_of`.
 
 The result is bit-identical. A cast is a deterministic rounding, so the kept copy holds the same
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
 import threading
 
@@ -48,7 +51,7 @@ _ACTIVE = threading.local()  # .cache: the CastCache of the pass running on this
 class CastCache:
     """Casts of tensors that do not require grad, kept by source tensor and dtype.
 
-    ``model``: the model whose plain ``nn.Linear`` modules :func:`cached_linear_casts` will serve,
+    ``model``: the model whose ``nn.Linear`` (and ``Conv1D``) modules :func:`cached_linear_casts` will serve,
     found here once (a module-tree walk per chunk cost about as much host time as the casts did);
     ``None``: they are found at each :func:`cached_linear_casts`."""
 
@@ -90,28 +93,80 @@ def cast_of(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype)
 
 
-def _linear_forward(module: nn.Linear, cache: CastCache, input: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear.forward`` with the autocast casts of weight and bias taken from ``cache``.
+def _kept_params(module: nn.Module, cache: CastCache, device: str) -> tuple | None:
+    """``(weight, bias)`` of ``module`` cast to the autocast dtype and kept in ``cache``, or ``None``
+    where autocast would not cast them (autocast off, float64, requiring grad, a tensor subclass).
 
-    It runs once per ``nn.Linear`` call, so the common case (the same weight and bias, unchanged,
-    under the same autocast state as the module's previous call) is one dictionary lookup and a few
-    comparisons; its Python cost must stay below that of the casts it saves."""
+    It runs once per module call, so the common case (the same weight and bias, unchanged, under the
+    same autocast state as the module's previous call) is one dictionary lookup and a few
+    comparisons: its Python cost must stay below that of the casts it saves."""
     params = module._parameters
     w, b = params["weight"], params["bias"]
     hit = cache._by_module.get(id(module))
     if (hit is not None and hit[0] is w and hit[1] is b and hit[2] == w._version and hit[3] == w.data_ptr()
             and (b is None or hit[4] == b._version) and torch.is_autocast_enabled(hit[5])
             and torch.get_autocast_dtype(hit[5]) == hit[6]):
-        return F.linear(input, hit[7], hit[8])
-    device = input.device.type
-    if torch.is_autocast_enabled(device) and w.device.type == device:
-        dtype = torch.get_autocast_dtype(device)
-        if _keepable(w, dtype) and (b is None or _keepable(b, dtype)):
-            wc, bc = cache.cast(w, dtype), None if b is None else cache.cast(b, dtype)
-            cache._by_module[id(module)] = (w, b, w._version, w.data_ptr(), None if b is None else b._version,
-                                            device, dtype, wc, bc)
-            return F.linear(input, wc, bc)
-    return F.linear(input, w, b)
+        return hit[7]
+    if not torch.is_autocast_enabled(device) or w.device.type != device:
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    if not (_keepable(w, dtype) and (b is None or _keepable(b, dtype))):
+        return None
+    kept = (cache.cast(w, dtype), None if b is None else cache.cast(b, dtype))
+    cache._by_module[id(module)] = (w, b, w._version, w.data_ptr(), None if b is None else b._version, device, dtype, kept)
+    return kept
+
+
+def _linear_forward(module: nn.Linear, cache: CastCache, input: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` with the autocast casts of weight and bias taken from ``cache``."""
+    kept = _kept_params(module, cache, input.device.type)
+    if kept is None:
+        return F.linear(input, module.weight, module.bias)
+    return F.linear(input, *kept)
+
+
+#: ``transformers.pytorch_utils.Conv1D.forward`` as this module reproduces it (GPT-2's projections:
+#: ``x W + b`` with the weight stored transposed). A class whose forward has other source is left alone.
+_HF_CONV1D_FORWARD = """
+def forward(self, x):
+    size_out = x.size()[:-1] + (self.nf,)
+    x = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+    x = x.view(size_out)
+    return x
+"""
+
+
+def _conv1d_forward(module: nn.Module, cache: CastCache, x: torch.Tensor) -> torch.Tensor:
+    """``Conv1D.forward`` (:data:`_HF_CONV1D_FORWARD`) with the casts of weight and bias from ``cache``."""
+    size_out = x.size()[:-1] + (module.nf,)
+    kept = _kept_params(module, cache, x.device.type)
+    w, b = (module.weight, module.bias) if kept is None else kept
+    return torch.addmm(b, x.view(-1, x.size(-1)), w).view(size_out)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_hf_conv1d(cls: type) -> bool:
+    """``cls`` is ``transformers``' ``Conv1D`` and its forward is exactly :data:`_HF_CONV1D_FORWARD`."""
+    from .conv1d import HF_CONV1D  # (module, qualname): transformers is never imported here
+
+    if (cls.__module__, cls.__qualname__) != HF_CONV1D:
+        return False
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    strip = lambda text: [line.strip() for line in text.strip().splitlines() if line.strip()]  # noqa: E731
+    return strip(source) == strip(_HF_CONV1D_FORWARD)
+
+
+def _cached_forward(module: nn.Module):
+    """The cast-keeping forward for ``module``'s class (``None``: not one this module reproduces)."""
+    cls = type(module)
+    if cls.forward is nn.Linear.forward:
+        return _linear_forward
+    if cls.__name__ == "Conv1D" and _is_hf_conv1d(cls):
+        return _conv1d_forward
+    return None
 
 
 def _compiled(model: nn.Module) -> bool:
@@ -123,16 +178,18 @@ def _compiled(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def _plain_linears(model: nn.Module) -> list[nn.Module]:
-    """The modules whose forward is ``nn.Linear.forward``; none in a compiled model."""
+def _plain_linears(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """``(module, cast-keeping forward)`` for every ``nn.Linear`` (forward ``nn.Linear.forward``) and
+    ``transformers`` ``Conv1D`` of ``model``; none in a compiled model."""
     if _compiled(model):
         return []
-    return [m for m in model.modules() if type(m).forward is nn.Linear.forward]
+    found = ((m, _cached_forward(m)) for m in model.modules())
+    return [(m, f) for m, f in found if f is not None]
 
 
 @contextlib.contextmanager
 def cached_linear_casts(model: nn.Module, cache: CastCache | None):
-    """Inside the block, ``model``'s plain ``nn.Linear`` modules and :func:`cast_of` take their casts to
+    """Inside the block, ``model``'s plain ``nn.Linear`` and ``Conv1D`` modules and :func:`cast_of` take their casts to
     the autocast dtype from ``cache``. ``None``, or a compiled model: nothing changes. Modules that
     already have an instance ``forward`` (set by another library's wrapper) are left alone. Every
     instance ``forward`` set here is removed on exit, also on an exception."""
@@ -140,9 +197,9 @@ def cached_linear_casts(model: nn.Module, cache: CastCache | None):
         yield
         return
     mine = []
-    for m in _plain_linears(model) if cache.linears is None else cache.linears:
+    for m, forward in _plain_linears(model) if cache.linears is None else cache.linears:
         if "forward" not in m.__dict__:
-            f = functools.partial(_linear_forward, m, cache)
+            f = functools.partial(forward, m, cache)
             # an instance attribute shadows the class's forward (hooks still run); a plain dict
             # store, since nn.Module.__setattr__ costs several microseconds per call
             m.__dict__["forward"] = f

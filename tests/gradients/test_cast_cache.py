@@ -216,3 +216,39 @@ def test_linear_recasts_after_the_weight_changes_or_is_replaced():
         assert torch.equal(model(x), plain())
         lin.weight.requires_grad_(True)  # now autocast's own path
         assert torch.equal(model(x), plain())
+
+
+def test_hf_gpt2_conv1d_casts_kept_bit_identical(cache_switch):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, 97, (6, 12), generator=torch.Generator().manual_seed(1))
+    got = {}
+    for on in (True, False):
+        cache_switch(on)
+        probe = PerSampleGradientProbe(model, chunk_size=2, autocast_dtype=torch.bfloat16, head_loss="materialized")
+        with ParamCasts(model.parameters()) as c:
+            probe.update({"input_ids": ids, "labels": ids})
+        got[on] = (probe.gram(), c.n)
+    assert torch.equal(got[True][0], got[False][0])
+    # 2 blocks x 4 Conv1D x (weight, bias) + the tied head's weight, once per update / once per chunk
+    assert (got[True][1], got[False][1]) == (17, 3 * 17)
+    assert no_instance_forward(model)
+
+
+def test_a_conv1d_with_other_source_is_left_alone():
+    from spectral_lens.gradients.cast_cache import _plain_linears
+
+    class Conv1D(nn.Module):  # named like transformers' one, another forward
+        def __init__(self) -> None:
+            super().__init__()
+            self.nf, self.weight, self.bias = 3, nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(3))
+
+        def forward(self, x):
+            return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight * 2)
+
+    Conv1D.__module__, Conv1D.__qualname__ = "transformers.pytorch_utils", "Conv1D"
+    model = nn.Sequential(Conv1D(), nn.Linear(3, 2))
+    assert [type(m) for m, _ in _plain_linears(model)] == [nn.Linear]
