@@ -164,6 +164,9 @@ def main(argv=None) -> dict:
                      else "not measured (the recipe failed, e.g. out of memory: see its log line)") + " | >= 1.5x |"]
     for r in res["fast_variants"]:
         lines.append(f"| fast variants, d = {r['d']}: best {r['best']} / bf16 GEMM | {r['best_vs_gemm']:.3f} | >= 0.85 |")
+        for k in [k for k in r if k.endswith("_vs_gemm") and k.startswith(("acc_", "gram"))]:
+            err = r.get("err_" + k[:-8].split("_", 1)[-1]) if k.startswith("acc_") else None
+            lines.append(f"| {k[:-8]} / bf16 GEMM, d = {r['d']} | {r[k]:.3f}" + (f" (S err {err[0]:.1e})" if err else "") + " | |")
         for k in [k for k in r if k.startswith("prep_") and k.endswith("_vs_copy")]:
             lines.append(f"| centring pass {k[5:-8]} / bf16 copy, d = {r['d']} | {r[k]:.2f} | (bandwidth) |")
     for r in res["covariance"]:

@@ -113,3 +113,61 @@ def test_triton_kernel_in_interpreter():
         assert r["colsum_err"] < 1e-6, r
         if r["dtype"] == "torch.bfloat16":
             assert r["bit_equal"], r
+
+
+_FUSED_INTERPRET = r"""
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+sys.path.insert(0, sys.argv[1])
+from spectral_lens.spectra import _syrk_kernel as kernel, fast_moments
+from spectral_lens.spectra.fast_moments import fast_chunk_moments
+
+def truncated_bf16(z):  # the interpreter rounds fp32 -> bf16 toward zero (the GPU: to nearest even)
+    return (z.float().view(torch.int32) & -65536).view(torch.float32)
+
+out = []
+g = torch.Generator().manual_seed(0)
+fast_moments.FUSED = True
+kernel.BLOCK, kernel.BLOCK_K, kernel.NUM_WARPS, kernel.NUM_STAGES = 32, 16, 4, 1  # small tiles: edges, splits
+for dtype in (torch.bfloat16, torch.float32):
+    for masked in (False, True):
+        for n, d in ((1, 8), (70, 40), (300, 130)):
+            base = torch.randn(n, d + 3, generator=g) * 3 + 1e3
+            x = base[:, 3:].to(dtype)  # rows strided, storage offset
+            valid = (torch.rand(n, generator=g) > 0.3) if masked else None
+            if masked:
+                x[~valid] = float("nan")
+            shift = x.double().nan_to_num().mean(0).to(torch.bfloat16).double()
+            kernel._PROGRAMS.clear()  # 4 programs on the CPU: a few tiles get several splits
+            m, s = fast_chunk_moments(x, shift, valid, use_triton=True, lower_only=True)
+            z = x.float() - shift.float()
+            if masked:
+                z[~valid] = 0
+            y = truncated_bf16(z).double()
+            ref = y.t() @ y
+            low = torch.tril(torch.ones(d, d, dtype=torch.bool))
+            scale = float((y.abs().t() @ y.abs()).max()) + 1e-30
+            out.append(dict(dtype=str(dtype), masked=masked, n=n, d=d, shape=list(s.shape),
+                            s_err=float((s.double() - ref).abs()[low].max()) / scale,
+                            m_err=float((m - y.sum(0)).abs().max() / (float(y.abs().sum(0).max()) + 1e-30)),
+                            finite=bool(torch.isfinite(s).all() and torch.isfinite(m).all())))
+print(json.dumps(out))
+"""
+
+
+def test_fused_kernel_in_interpreter():
+    """The experimental one-kernel centring + lower-triangle product (``fast_moments.FUSED``), run by
+    Triton's CPU interpreter with small tiles (32 x 32, 16 rows per step) so that tiles cross the
+    matrix edge and rows split over programs: lower triangle and column sums against float64 sums of
+    the same rounded rows, masked NaN rows dropped, strided rows."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("SPECTRAL_LENS_NO_TRITON", None)
+    proc = subprocess.run([sys.executable, "-c", _FUSED_INTERPRET, str(ROOT)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == 12
+    for r in rows:
+        assert r["finite"] and r["shape"] == [r["d"], r["d"]], r
+        assert r["s_err"] < 1e-6 and r["m_err"] < 1e-6, r
