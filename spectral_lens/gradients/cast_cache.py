@@ -101,7 +101,10 @@ def _kept_params(module: nn.Module, cache: CastCache, device: str) -> tuple | No
     same autocast state as the module's previous call) is one dictionary lookup and a few
     comparisons: its Python cost must stay below that of the casts it saves."""
     params = module._parameters
-    w, b = params["weight"], params["bias"]
+    w = params.get("weight")
+    if w is None or "bias" not in params:  # a parametrized (torch.nn.utils.parametrize) or hooked weight
+        return None
+    b = params["bias"]
     hit = cache._by_module.get(id(module))
     if (hit is not None and hit[0] is w and hit[1] is b and hit[2] == w._version and hit[3] == w.data_ptr()
             and (b is None or hit[4] == b._version) and torch.is_autocast_enabled(hit[5])

@@ -252,3 +252,23 @@ def test_a_conv1d_with_other_source_is_left_alone():
     Conv1D.__module__, Conv1D.__qualname__ = "transformers.pytorch_utils", "Conv1D"
     model = nn.Sequential(Conv1D(), nn.Linear(3, 2))
     assert [type(m) for m, _ in _plain_linears(model)] == [nn.Linear]
+
+
+def test_parametrized_weights_take_the_plain_path(cache_switch):
+    """A parametrized weight is computed at each call (no entry in ``_parameters``): not kept."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    model = TinyGPT()
+    parametrize.register_parametrization(model.transformer.h[0].mlp.c_fc, "weight", Doubled())
+    out = {}
+    for on in (True, False):
+        cache_switch(on)
+        probe = PerSampleGradientProbe(model, NAME, chunk_size=2, autocast_dtype=torch.bfloat16)
+        out[on] = probe.update(lm_batch(m=6)).gram()
+    assert torch.equal(out[True], out[False])
+    assert no_instance_forward(model)
