@@ -57,11 +57,12 @@ class CastCache:
 
     def __init__(self, model: nn.Module | None = None) -> None:
         self._kept: dict[tuple[int, torch.dtype], tuple[torch.Tensor, int, int, torch.Tensor]] = {}
-        self._by_module: dict[int, tuple] = {}  # _linear_forward's last casts per module (one lookup)
+        self._by_module: dict[int, tuple] = {}  # the modules' kept casts (see _kept_params)
         self.linears = None if model is None else _plain_linears(model)
 
     def __len__(self) -> int:
-        return len(self._kept)
+        """Casts held: by :meth:`cast` and for modules (see :func:`cached_linear_casts`)."""
+        return len(self._kept) + len(self._by_module)
 
     def cast(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``t.to(dtype)``, made once while ``t`` is unchanged (same object, version and storage)."""
@@ -95,29 +96,37 @@ def cast_of(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _kept_params(module: nn.Module, cache: CastCache, device: str) -> tuple | None:
     """``(weight, bias)`` of ``module`` cast to the autocast dtype and kept in ``cache``, or ``None``
-    where autocast would not cast them (autocast off, float64, requiring grad, a tensor subclass).
+    where autocast would not cast them (autocast off, float64, requiring grad, a tensor subclass, a
+    parametrized weight).
 
-    It runs once per module call, so the common case (the same weight and bias, unchanged, under the
-    same autocast state as the module's previous call) is one dictionary lookup and a few
-    comparisons: its Python cost must stay below that of the casts it saves."""
+    One entry per module, replaced when its weight or bias changes (another object, version or
+    storage), so the copies held never exceed one per module. It runs once per module call, so the
+    common case (the same tensors, unchanged, under the same autocast state as the module's previous
+    call) is one dictionary lookup and a few comparisons: its Python cost must stay below that of the
+    casts it saves."""
     params = module._parameters
     w = params.get("weight")
     if w is None or "bias" not in params:  # a parametrized (torch.nn.utils.parametrize) or hooked weight
         return None
     b = params["bias"]
+    # entry: (weight, bias, their (version, data_ptr) pairs, autocast device and dtype, the casts)
     hit = cache._by_module.get(id(module))
-    if (hit is not None and hit[0] is w and hit[1] is b and hit[2] == w._version and hit[3] == w.data_ptr()
-            and (b is None or hit[4] == b._version) and torch.is_autocast_enabled(hit[5])
-            and torch.get_autocast_dtype(hit[5]) == hit[6]):
-        return hit[7]
+    if (hit is not None and hit[0] is w and hit[1] is b and hit[2] == _state(w) and hit[3] == _state(b)
+            and torch.is_autocast_enabled(hit[4]) and torch.get_autocast_dtype(hit[4]) == hit[5]):
+        return hit[6]
     if not torch.is_autocast_enabled(device) or w.device.type != device:
         return None
     dtype = torch.get_autocast_dtype(device)
     if not (_keepable(w, dtype) and (b is None or _keepable(b, dtype))):
         return None
-    kept = (cache.cast(w, dtype), None if b is None else cache.cast(b, dtype))
-    cache._by_module[id(module)] = (w, b, w._version, w.data_ptr(), None if b is None else b._version, device, dtype, kept)
+    kept = (w.to(dtype), None if b is None else b.to(dtype))  # neither requires grad (_keepable)
+    cache._by_module[id(module)] = (w, b, _state(w), _state(b), device, dtype, kept)
     return kept
+
+
+def _state(t: torch.Tensor | None) -> tuple[int, int] | None:
+    """What changes when a tensor's values may have: its version counter and its storage address."""
+    return None if t is None else (t._version, t.data_ptr())
 
 
 def _linear_forward(module: nn.Linear, cache: CastCache, input: torch.Tensor) -> torch.Tensor:

@@ -208,12 +208,17 @@ def test_linear_recasts_after_the_weight_changes_or_is_replaced():
     def plain():
         return torch.nn.functional.linear(x, lin.weight, lin.bias)
 
-    with cached_linear_casts(model, CastCache(model)), torch.autocast("cpu", dtype=torch.bfloat16):
+    cache = CastCache(model)
+    with cached_linear_casts(model, cache), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(model(x), plain())
         lin.weight.mul_(3.0)  # in place: the version counter moves
         assert torch.equal(model(x), plain())
-        lin.bias = nn.Parameter(torch.randn(3), requires_grad=False)  # replaced
+        for _ in range(3):
+            lin.bias = nn.Parameter(torch.randn(3), requires_grad=False)  # replaced
+            assert torch.equal(model(x), plain())
+        lin.weight.data = torch.randn(3, 4)  # new storage, same object and version
         assert torch.equal(model(x), plain())
+        assert len(cache) == 1  # one entry per module, replaced: stale casts are not held
         lin.weight.requires_grad_(True)  # now autocast's own path
         assert torch.equal(model(x), plain())
 
