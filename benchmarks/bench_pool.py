@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gradients import GPT  # noqa: E402
-from spectral_lens.accumulate import attach  # noqa: E402
+from spectral_lens.activation_capture import attach  # noqa: E402
 
 
 def _sync(device):

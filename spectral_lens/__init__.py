@@ -23,7 +23,8 @@ from ._warnings import (
     StateFormatError,
     ZeroGradientWarning,
 )
-from .accumulate import ActivationCapture, ActivationCovarianceAccumulator, attach
+from .accumulate import ActivationCovarianceAccumulator
+from .activation_capture import ActivationCapture, attach
 from .capture import select_modules
 from .spectra.fit import PAPER_WINDOWS, AlphaFit, CrossoverFit, tail_window
 from .attachment import Attachment

@@ -13,13 +13,12 @@ The checks and the solve are pure functions of a :class:`_Sums` snapshot and a :
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from torch import nn
 from .atomic import write_atomic
 from .background import SolveFuture, emit, submit
 from ._warnings import NonFiniteError, NonFiniteRowsWarning, StateFormatError
-from .capture import HookSet, Target, pick_tensor, select_modules, warn_if_compiled
+from .capture import Target
 from .spectra import moments
 from .spectra.eigen import eigenvalues_descending
 from .spectra.moments import (
@@ -48,7 +47,10 @@ from .spectra.moments import (
 )
 from .spectrum import Spectrum
 
-__all__ = ["ActivationCovarianceAccumulator", "ActivationCapture", "attach"]
+if TYPE_CHECKING:
+    from .activation_capture import ActivationCapture
+
+__all__ = ["ActivationCovarianceAccumulator"]
 
 _STATE_FORMAT = "spectral-lens/covariance-state"
 _NONFINITE = ("raise", "skip")
@@ -941,131 +943,14 @@ class ActivationCovarianceAccumulator:
     def attach(self, model: nn.Module, target: Target, *, pick=None) -> "ActivationCapture":
         """Feed this accumulator from the output of the one module of ``model`` that ``target`` selects.
 
-        ``target`` and ``pick`` are as in :func:`attach` (which builds one accumulator per module);
-        here it must select exactly one module. Sets ``name`` to the module's name if unset. Returns
+        ``target`` and ``pick`` are as in :func:`~spectral_lens.activation_capture.attach` (which builds
+        one accumulator per module); here it must select exactly one module. Sets ``name`` to the module's name if unset. Returns
         the hook handle: a context manager with ``remove()`` and ``mask(...)``.
         """
-        return _attach_one(self, model, target, pick)
+        from .activation_capture import attach_one  # that module builds on this one
+
+        return attach_one(self, model, target, pick)
 
     def __repr__(self) -> str:
         return (f"ActivationCovarianceAccumulator(name={self.name!r}, dim={self.dim}, precision={self.precision!r}, "
                 f"nonfinite={self.nonfinite!r}, updates={self._updates})")
-
-
-class ActivationCapture(HookSet):
-    """Forward hooks feeding selected modules' outputs into one accumulator each.
-
-    Attributes:
-        accumulators: ``{module_name: ActivationCovarianceAccumulator}`` in model order.
-
-    Use as a context manager (hooks are removed on exit, also on exceptions) or call ``remove()``.
-    Set a padding mask for the next forward passes with ``with capture.mask(attention_mask): ...``.
-    """
-
-    def __init__(self, accumulators: dict[str, ActivationCovarianceAccumulator]) -> None:
-        super().__init__()
-        self.accumulators = accumulators
-        self._mask: torch.Tensor | None = None
-
-    @contextlib.contextmanager
-    def mask(self, mask: torch.Tensor | None):
-        """Valid-position mask (bool, the module output's leading shape) for forwards inside the block."""
-        previous, self._mask = self._mask, mask
-        try:
-            yield self
-        finally:
-            self._mask = previous
-
-    def compute(self) -> dict[str, Spectrum]:
-        """``{module_name: Spectrum}`` for every attached module."""
-        return {name: acc.compute() for name, acc in self.accumulators.items()}
-
-    def compute_async(self) -> SolveFuture:
-        """One :class:`concurrent.futures.Future` of ``{module_name: Spectrum}``: :meth:`compute` for the
-        state as of this call, solved in the background (see
-        :meth:`ActivationCovarianceAccumulator.compute_async`).
-
-        Every accumulator is snapshotted now (no host sync); the solves run in model order on the
-        worker thread. ``result()`` returns what ``compute()`` would have returned, or raises the
-        first error it would have raised, and re-emits the warnings it would have emitted.
-        """
-        snapshots = {name: acc._snapshot() for name, acc in self.accumulators.items()}
-
-        def job(notes: list) -> dict[str, Spectrum]:
-            return {name: _spectrum_of(materialize(), setup, notes) for name, (setup, materialize) in snapshots.items()}
-
-        return submit(job)
-
-    def reset(self) -> None:
-        """Reset every accumulator."""
-        for acc in self.accumulators.values():
-            acc.reset()
-
-
-def attach(
-    model: nn.Module,
-    target: Target,
-    *,
-    pick=None,
-    dim: int | None = None,
-    precision: str = "exact",
-    nonfinite: str = "raise",
-    max_chunk_rows: int = 131072,
-) -> ActivationCapture:
-    """Register forward hooks on the modules ``target`` selects; each feeds its own accumulator.
-
-    Args:
-        model: any ``nn.Module`` (attach to the uncompiled module; a ``torch.compile`` wrapper warns).
-        target: exact dotted name, glob, compiled regex, callable ``(name, module) -> bool`` or a list.
-        pick: which tensor of a module output to measure: ``None`` (the output must be a tensor),
-            an ``int`` (tuple/list index), a ``str`` (dict key or attribute), or a callable.
-        dim, precision, nonfinite, max_chunk_rows: passed to each
-            :class:`ActivationCovarianceAccumulator`.
-
-    The hooks read outputs under ``torch.no_grad()`` and return nothing, so the model's outputs,
-    gradients and autograd graph are unchanged. A module called several times per forward
-    contributes rows from every call.
-    """
-    warn_if_compiled(model)
-    selected = select_modules(model, target)
-    accs = {
-        name: ActivationCovarianceAccumulator(
-            dim, precision=precision, nonfinite=nonfinite, max_chunk_rows=max_chunk_rows, name=name
-        )
-        for name, _ in selected
-    }
-    capture = ActivationCapture(accs)
-    try:
-        for name, module in selected:
-            capture.add(module.register_forward_hook(_make_hook(capture, name, pick)))
-    except BaseException:
-        capture.remove()
-        raise
-    return capture
-
-
-def _attach_one(acc: ActivationCovarianceAccumulator, model: nn.Module, target: Target, pick) -> ActivationCapture:
-    warn_if_compiled(model)
-    selected = select_modules(model, target)
-    if len(selected) != 1:
-        raise ValueError(
-            f"{acc._label()}.attach: target {target!r} selects {len(selected)} modules of {type(model).__name__} "
-            f"({[n for n, _ in selected][:8]}); one accumulator measures one module: name exactly one, or use "
-            "spectral_lens.attach(model, target) for one accumulator per module"
-        )
-    name, module = selected[0]
-    if acc.name is None:
-        acc.name = name
-    capture = ActivationCapture({name: acc})
-    capture.add(module.register_forward_hook(_make_hook(capture, name, pick)))
-    return capture
-
-
-def _make_hook(capture: ActivationCapture, name: str, pick):
-    acc = capture.accumulators[name]
-
-    def hook(module, args, output):
-        tensor = pick_tensor(output, pick, name)
-        acc.update(tensor, mask=capture._mask)
-
-    return hook

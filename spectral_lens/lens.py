@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ._progress import progress_bar, sized_total
-from .accumulate import attach
+from .activation_capture import attach
 from .attachment import Attachment
 from .capture import Target
 from .gradients import PerSampleGradientProbe

@@ -1,0 +1,140 @@
+"""Forward hooks that feed module outputs into covariance accumulators: :func:`attach` (one
+accumulator per selected module) and :class:`ActivationCapture`, the handle it returns.
+
+Which modules and which tensor of their outputs are chosen by :mod:`spectral_lens.capture`; the
+accumulation itself is :class:`~spectral_lens.accumulate.ActivationCovarianceAccumulator`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .accumulate import ActivationCovarianceAccumulator, _spectrum_of
+from .background import SolveFuture, submit
+from .capture import HookSet, Target, pick_tensor, select_modules, warn_if_compiled
+from .spectrum import Spectrum
+
+__all__ = ["ActivationCapture", "attach", "attach_one"]
+
+
+class ActivationCapture(HookSet):
+    """Forward hooks feeding selected modules' outputs into one accumulator each.
+
+    Attributes:
+        accumulators: ``{module_name: ActivationCovarianceAccumulator}`` in model order.
+
+    Use as a context manager (hooks are removed on exit, also on exceptions) or call ``remove()``.
+    Set a padding mask for the next forward passes with ``with capture.mask(attention_mask): ...``.
+    """
+
+    def __init__(self, accumulators: dict[str, ActivationCovarianceAccumulator]) -> None:
+        super().__init__()
+        self.accumulators = accumulators
+        self._mask: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def mask(self, mask: torch.Tensor | None):
+        """Valid-position mask (bool, the module output's leading shape) for forwards inside the block."""
+        previous, self._mask = self._mask, mask
+        try:
+            yield self
+        finally:
+            self._mask = previous
+
+    def compute(self) -> dict[str, Spectrum]:
+        """``{module_name: Spectrum}`` for every attached module."""
+        return {name: acc.compute() for name, acc in self.accumulators.items()}
+
+    def compute_async(self) -> SolveFuture:
+        """One :class:`concurrent.futures.Future` of ``{module_name: Spectrum}``: :meth:`compute` for the
+        state as of this call, solved in the background (see
+        :meth:`ActivationCovarianceAccumulator.compute_async`).
+
+        Every accumulator is snapshotted now (no host sync); the solves run in model order on the
+        worker thread. ``result()`` returns what ``compute()`` would have returned, or raises the
+        first error it would have raised, and re-emits the warnings it would have emitted.
+        """
+        snapshots = {name: acc._snapshot() for name, acc in self.accumulators.items()}
+
+        def job(notes: list) -> dict[str, Spectrum]:
+            return {name: _spectrum_of(materialize(), setup, notes) for name, (setup, materialize) in snapshots.items()}
+
+        return submit(job)
+
+    def reset(self) -> None:
+        """Reset every accumulator."""
+        for acc in self.accumulators.values():
+            acc.reset()
+
+
+def attach(
+    model: nn.Module,
+    target: Target,
+    *,
+    pick=None,
+    dim: int | None = None,
+    precision: str = "exact",
+    nonfinite: str = "raise",
+    max_chunk_rows: int = 131072,
+) -> ActivationCapture:
+    """Register forward hooks on the modules ``target`` selects; each feeds its own accumulator.
+
+    Args:
+        model: any ``nn.Module`` (attach to the uncompiled module; a ``torch.compile`` wrapper warns).
+        target: exact dotted name, glob, compiled regex, callable ``(name, module) -> bool`` or a list.
+        pick: which tensor of a module output to measure: ``None`` (the output must be a tensor),
+            an ``int`` (tuple/list index), a ``str`` (dict key or attribute), or a callable.
+        dim, precision, nonfinite, max_chunk_rows: passed to each
+            :class:`ActivationCovarianceAccumulator`.
+
+    The hooks read outputs under ``torch.no_grad()`` and return nothing, so the model's outputs,
+    gradients and autograd graph are unchanged. A module called several times per forward
+    contributes rows from every call.
+    """
+    warn_if_compiled(model)
+    selected = select_modules(model, target)
+    accs = {
+        name: ActivationCovarianceAccumulator(
+            dim, precision=precision, nonfinite=nonfinite, max_chunk_rows=max_chunk_rows, name=name
+        )
+        for name, _ in selected
+    }
+    capture = ActivationCapture(accs)
+    try:
+        for name, module in selected:
+            capture.add(module.register_forward_hook(_make_hook(capture, name, pick)))
+    except BaseException:
+        capture.remove()
+        raise
+    return capture
+
+
+def attach_one(acc: ActivationCovarianceAccumulator, model: nn.Module, target: Target, pick) -> ActivationCapture:
+    """:meth:`ActivationCovarianceAccumulator.attach`: hook ``acc`` to the one module ``target`` selects."""
+    warn_if_compiled(model)
+    selected = select_modules(model, target)
+    if len(selected) != 1:
+        raise ValueError(
+            f"{acc._label()}.attach: target {target!r} selects {len(selected)} modules of {type(model).__name__} "
+            f"({[n for n, _ in selected][:8]}); one accumulator measures one module: name exactly one, or use "
+            "spectral_lens.attach(model, target) for one accumulator per module"
+        )
+    name, module = selected[0]
+    if acc.name is None:
+        acc.name = name
+    capture = ActivationCapture({name: acc})
+    capture.add(module.register_forward_hook(_make_hook(capture, name, pick)))
+    return capture
+
+
+def _make_hook(capture: ActivationCapture, name: str, pick):
+    acc = capture.accumulators[name]
+
+    def hook(module, args, output):
+        tensor = pick_tensor(output, pick, name)
+        acc.update(tensor, mask=capture._mask)
+
+    return hook
