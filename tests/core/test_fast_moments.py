@@ -96,17 +96,22 @@ print(json.dumps(out))
 """
 
 
+def _interpret(script: str) -> list[dict]:
+    """Run ``script`` in a subprocess with Triton's CPU interpreter on; the JSON rows it prints last."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("SPECTRAL_LENS_NO_TRITON", None)
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_triton_kernel_in_interpreter():
     """The Triton kernel (run by Triton's CPU interpreter) against the torch path: bf16 input bit for
     bit; fp32/fp16 input within one bf16 ulp (the interpreter truncates where the GPU rounds); masked
     NaN rows zeroed; column sums of the rounded values. Bit-equality for every input dtype is checked
     on a GPU (tests/core/test_cuda.py)."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("SPECTRAL_LENS_NO_TRITON", None)
-    proc = subprocess.run([sys.executable, "-c", _INTERPRET, str(ROOT)], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = _interpret(_INTERPRET)
     assert len(rows) == 18
     for r in rows:
         assert r["finite"] and r["within_ulp"] and r["same_with_low_precision_shift"], r
@@ -161,12 +166,7 @@ def test_fused_kernel_in_interpreter():
     Triton's CPU interpreter with small tiles (32 x 32, 16 rows per step) so that tiles cross the
     matrix edge and rows split over programs: lower triangle and column sums against float64 sums of
     the same rounded rows, masked NaN rows dropped, strided rows."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("SPECTRAL_LENS_NO_TRITON", None)
-    proc = subprocess.run([sys.executable, "-c", _FUSED_INTERPRET, str(ROOT)], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = _interpret(_FUSED_INTERPRET)
     assert len(rows) == 12
     for r in rows:
         assert r["finite"] and r["shape"] == [r["d"], r["d"]], r
