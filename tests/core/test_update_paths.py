@@ -197,3 +197,19 @@ def test_generic_path_kernel_count_does_not_grow(monkeypatch):
             ("fast", True, "raise"): 24, ("fast", True, "skip"): 29}
     assert counts.keys() == most.keys()
     assert all(counts[k] <= most[k] for k in most), counts
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast", "float64"])
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_device_path_runs_on_the_meta_device(precision, nonfinite):
+    """The branches taken for non-CPU tensors (as on CUDA: torch adds instead of NumPy, the GEMM
+    product, multi-chunk calls) run on the meta device, which has no data to read: no host reads,
+    consistent dtypes and shapes."""
+    acc = ActivationCovarianceAccumulator(precision=precision, nonfinite=nonfinite, max_chunk_rows=16)
+    x = torch.randn(40, 8, device="meta", dtype=torch.bfloat16)
+    acc.update(x)
+    acc.update(x, torch.ones(40, dtype=torch.bool, device="meta"))
+    acc.update(x[:10].float())
+    assert acc._s_lower.shape == (8, 8) and acc._s_lower.dtype == acc._shift.dtype == torch.float64
+    assert acc._m.dtype == torch.float64 and acc._first_bad.dtype == acc._n.dtype == torch.int64
+    assert acc._updates == 3
