@@ -1,0 +1,82 @@
+"""Every Triton kernel of the library compiles for NVIDIA GPUs, here on a machine without one.
+
+Triton's CPU interpreter checks what the kernels compute (tests/core/test_fast_moments.py,
+tests/gradients/test_ce_kernel.py), but not that they compile: the interpreter accepts code that the
+GPU compiler rejects (dot shapes, layouts, branches inside loops). The Triton wheel ships ``ptxas``,
+so each kernel is compiled ahead of time here to a cubin for an H100 (sm_90) and an A100 (sm_80),
+with the launch settings the library uses, and its shared memory is checked against the device's
+limit. Compiled with the installed Triton, which may differ from the one on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
+SHARED_LIMIT = {90: 232_448, 80: 166_912}  # bytes of shared memory a block may use (opt-in maximum)
+
+pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+
+
+def _compile(kernel, types: dict[str, str], constants: dict, target, **options):
+    signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+    constexprs = {(kernel.arg_names.index(k),): v for k, v in constants.items()}
+    assert set(types) | set(constants) == set(kernel.arg_names)
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
+                          options=options)
+
+
+def _cases():
+    from spectral_lens.gradients import _ce_kernel as ce
+    from spectral_lens.spectra import _center_kernel as center
+    from spectral_lens.spectra import _syrk_kernel as syrk
+
+    for x in ("*bf16", "*fp32"):
+        for valid in (True, False):
+            yield (f"center_cast {x} valid={valid}", center._center_cast_kernel,
+                   dict(x_ptr=x, shift_ptr="*fp64", valid_ptr="*u8", y_ptr="*bf16", part_ptr="*fp32",
+                        n="i32", d="i32", stride_x="i32", stride_y="i32"),
+                   dict(HAS_VALID=valid, BLOCK_R=center.BLOCK_R, BLOCK_C=center.BLOCK_C),
+                   dict(num_warps=center.NUM_WARPS))
+            yield (f"syrk_center {x} valid={valid}", syrk._syrk_center_kernel,
+                   dict(x_ptr=x, shift_ptr="*bf16", valid_ptr="*u8", ti_ptr="*i32", tj_ptr="*i32", out_ptr="*fp32",
+                        colsum_ptr="*fp32", n="i32", d="i32", stride_x="i32", rows_per_split="i32"),
+                   dict(HAS_VALID=valid, BLOCK=syrk.BLOCK, BLOCK_K=syrk.BLOCK_K, DOT_FP32=False),
+                   dict(num_warps=syrk.NUM_WARPS, num_stages=syrk.NUM_STAGES))
+    for z in ("*bf16", "*fp32"):
+        common = dict(num_warps=ce.NUM_WARPS)
+        yield (f"row_lse {z}", ce._row_lse_kernel,
+               dict(z_ptr=z, t_ptr="*i64", lse_ptr="*fp32", zt_ptr="*fp32", V="i32", stride="i32"),
+               dict(BLOCK_V=ce.BLOCK_V), common)
+        yield (f"softmax_grad {z}", ce._softmax_grad_kernel,
+               dict(z_ptr=z, t_ptr="*i64", lse_ptr="*fp32", w_ptr="*fp32", g_ptr=z, V="i32", stride_z="i32",
+                    stride_g="i32"),
+               dict(BLOCK_V=ce.BLOCK_V), common)
+        yield (f"lse_and_grad {z}", ce._lse_and_grad_kernel,
+               dict(z_ptr=z, t_ptr="*i64", w_ptr="*fp32", lse_ptr="*fp32", zt_ptr="*fp32", g_ptr=z, V="i32",
+                    stride_z="i32", stride_g="i32"),
+               dict(BLOCK_V=ce.BLOCK_V), common)
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"sm_{t.arch}")
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_kernel_compiles_for_nvidia(case, target):
+    _, kernel, types, constants, options = case
+    try:
+        compiled = _compile(kernel, types, constants, target, **options)
+    except RuntimeError as exc:  # a Triton build without the NVIDIA tool chain
+        if "ptxas" in str(exc).lower() and "not found" in str(exc).lower():
+            pytest.skip(f"no ptxas in this Triton: {exc}")
+        raise
+    assert len(compiled.asm["cubin"]) > 0
+    assert compiled.metadata.shared <= SHARED_LIMIT[target.arch]  # else the launch fails: out of resources
+    if kernel.__name__ == "_syrk_center_kernel" and target.arch == 90:
+        assert "wgmma" in compiled.asm["ptx"]  # the product runs on Hopper's tensor-core instructions
