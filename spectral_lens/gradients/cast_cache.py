@@ -21,7 +21,8 @@ bits autocast would make. And under autocast, ``F.linear`` leaves an operand tha
 autocast dtype as it is. A kept cast is reused only while its source is the same tensor object, at
 the same version counter and data pointer, so an in-place update or a re-allocated parameter (as
 with FSDP) gets a fresh cast. Tensors that require grad, float64 tensors (autocast leaves them
-alone) and tensor subclasses always take the plain path.
+alone), tensor subclasses (DTensor) and parametrized or hook-computed weights always take the plain
+path.
 
 The cost is memory. During ``update`` the probe holds one copy, in the autocast dtype, of each
 ``nn.Linear`` weight it has used. That is what autocast itself holds through a training step's
@@ -58,7 +59,7 @@ class CastCache:
     def __init__(self, model: nn.Module | None = None) -> None:
         self._kept: dict[tuple[int, torch.dtype], tuple[torch.Tensor, int, int, torch.Tensor]] = {}
         self._by_module: dict[int, tuple] = {}  # the modules' kept casts (see _kept_params)
-        self.linears = None if model is None else _plain_linears(model)
+        self.modules = None if model is None else _cast_keeping_modules(model)
 
     def __len__(self) -> int:
         """Casts held: by :meth:`cast` and for modules (see :func:`cached_linear_casts`)."""
@@ -190,7 +191,7 @@ def _compiled(model: nn.Module) -> bool:
                for m in model.modules())
 
 
-def _plain_linears(model: nn.Module) -> list[tuple[nn.Module, object]]:
+def _cast_keeping_modules(model: nn.Module) -> list[tuple[nn.Module, object]]:
     """``(module, cast-keeping forward)`` for every ``nn.Linear`` (forward ``nn.Linear.forward``) and
     ``transformers`` ``Conv1D`` of ``model``; none in a compiled model."""
     if _compiled(model):
@@ -209,7 +210,7 @@ def cached_linear_casts(model: nn.Module, cache: CastCache | None):
         yield
         return
     mine = []
-    for m, forward in _plain_linears(model) if cache.linears is None else cache.linears:
+    for m, forward in _cast_keeping_modules(model) if cache.modules is None else cache.modules:
         if "forward" not in m.__dict__:
             f = functools.partial(forward, m, cache)
             # an instance attribute shadows the class's forward (hooks still run); a plain dict

@@ -244,7 +244,7 @@ def test_hf_gpt2_conv1d_casts_kept_bit_identical(cache_switch):
 
 
 def test_a_conv1d_with_other_source_is_left_alone():
-    from spectral_lens.gradients.cast_cache import _plain_linears
+    from spectral_lens.gradients.cast_cache import _cast_keeping_modules
 
     class Conv1D(nn.Module):  # named like transformers' one, another forward
         def __init__(self) -> None:
@@ -256,7 +256,7 @@ def test_a_conv1d_with_other_source_is_left_alone():
 
     Conv1D.__module__, Conv1D.__qualname__ = "transformers.pytorch_utils", "Conv1D"
     model = nn.Sequential(Conv1D(), nn.Linear(3, 2))
-    assert [type(m) for m, _ in _plain_linears(model)] == [nn.Linear]
+    assert [type(m) for m, _ in _cast_keeping_modules(model)] == [nn.Linear]
 
 
 def test_parametrized_weights_take_the_plain_path(cache_switch):
