@@ -1,0 +1,364 @@
+"""Run records: :class:`RunRecord` and :func:`open_runs`, the readers of run directories (see
+:mod:`spectral_lens.records` for what is skipped and what raises)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .schema import (
+    LOG_FILE,
+    MEASUREMENTS_FILE,
+    RUN_FILE,
+    _ERRORS,
+    _FORMAT,
+    _VERSION,
+    Measurement,
+    RecordFormatError,
+    RecordWarning,
+    RunInfo,
+    _LazySpectra,
+)
+
+
+def _read_jsonl(path: Path, errors: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every complete, valid line; see the module docstring for the rules."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if not data:
+        return []
+    lines = data.split(b"\n")
+    complete, partial = lines[:-1], lines[-1]
+    out = []
+    for i, raw in enumerate(complete, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+            if not isinstance(obj, dict):
+                raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            msg = f"{path}, line {i}: corrupted record line ({why}): {raw[:80]!r}"
+            if errors == "raise":
+                raise RecordFormatError(msg + "; open with errors='skip' to skip it") from None
+            warnings.warn(msg + "; skipped", RecordWarning, stacklevel=4)
+            continue
+        out.append((i, obj))
+    if _is_record_line(partial):  # complete, only the newline is missing: nothing to skip
+        out.append((len(complete) + 1, json.loads(partial.decode("utf-8"))))
+    elif partial.strip():
+        warnings.warn(
+            f"{path}, line {len(complete) + 1}: truncated last line ({len(partial)} bytes, no newline) skipped; "
+            "a crash mid-write or a write still in progress",
+            RecordWarning,
+            stacklevel=4,
+        )
+    return out
+
+
+def _is_record_line(raw: bytes) -> bool:
+    """Whether ``raw`` (without newline) is a complete record line: a JSON object."""
+    if not raw.strip():
+        return False
+    try:
+        return isinstance(json.loads(raw.decode("utf-8")), dict)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return False
+
+
+def _number_map(value: Any, what: str) -> dict[str, float]:
+    """A JSON object of numbers (nulls dropped), as floats; anything else raises ValueError."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be an object of numbers, got {type(value).__name__}")
+    out = {}
+    for k, v in value.items():
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{what}[{k!r}] must be a number, got {type(v).__name__}")
+        out[k] = float(v)
+    return out
+
+
+def _opt_float(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number or null, got {value!r}")
+    return float(value)
+
+
+class RunRecord:
+    """A run directory read back: metadata, scalar events and measurements.
+
+    Use :meth:`open`. Attributes:
+
+    * ``path``: the run directory.
+    * ``info``: :class:`RunInfo`.
+    * ``summary_windows``: ``{"tail": (lo, hi), "head": (lo, hi)}`` of the stored summaries.
+    * ``events``: list of dicts from ``log.jsonl`` (each has ``step`` and ``tokens``).
+    * ``measurements``: list of :class:`Measurement` in file order (spectra load lazily).
+    """
+
+    def __init__(self, path: Path, info: RunInfo, events: list[dict], measurements: list[Measurement], windows: dict):
+        self.path = path
+        self.info = info
+        self.events = events
+        self.measurements = measurements
+        self.summary_windows = windows
+
+    @property
+    def run_id(self) -> str:
+        """Shortcut for ``info.run_id``."""
+        return self.info.run_id
+
+    @staticmethod
+    def _read_header(path: Path) -> dict[str, Any]:
+        run_file = Path(path) / RUN_FILE
+        if not run_file.exists():
+            raise RecordFormatError(f"{path}: not a spectral-lens run directory (no {RUN_FILE})")
+        if not run_file.is_file():
+            raise RecordFormatError(f"{run_file}: is not a regular file")
+        try:
+            header = json.loads(run_file.read_text(encoding="utf-8"))
+        except RecursionError:
+            raise RecordFormatError(f"{run_file}: corrupted run metadata (JSON nested too deeply)") from None
+        except (ValueError, UnicodeDecodeError, OSError) as exc:
+            raise RecordFormatError(f"{run_file}: corrupted run metadata ({exc})") from exc
+        if not isinstance(header, dict) or header.get("format") != _FORMAT:
+            raise RecordFormatError(f"{run_file}: not a spectral-lens run file (format {header.get('format')!r})"
+                                    if isinstance(header, dict) else f"{run_file}: not a JSON object")
+        if header.get("version") != _VERSION:
+            raise RecordFormatError(f"{run_file}: unsupported run record version {header.get('version')!r}")
+        windows = header.get("summary_windows") or {}
+        ok = isinstance(windows, dict) and all(
+            w is None or (isinstance(w, list) and len(w) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in w))
+            for w in windows.values()
+        )
+        if not ok:
+            raise RecordFormatError(f"{run_file}: 'summary_windows' must map names to [lo, hi] integer pairs or null")
+        return header
+
+    @classmethod
+    def _read_info(cls, path: Path) -> RunInfo:
+        header = dict(cls._read_header(path))
+        for key in ("summary_windows", "created"):
+            header.pop(key, None)
+        return RunInfo.from_dict(header, origin=str(Path(path) / RUN_FILE))
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, errors: str = "raise", verify: bool = False) -> "RunRecord":
+        """Read a run directory (also while its writer is still appending).
+
+        Args:
+            path: the run directory.
+            errors: ``"raise"`` (default): a corrupted line or a missing spectrum file raises
+                :class:`RecordFormatError` naming file and line. ``"skip"``: such a measurement or
+                event is skipped with a :class:`RecordWarning`. A truncated *last* line is always
+                skipped with a warning (nothing before it is lost).
+            verify: load every spectrum now, so corrupted spectrum files are reported (or skipped)
+                at open time instead of on first access.
+        """
+        if errors not in _ERRORS:
+            raise ValueError(f"errors must be one of {_ERRORS}, got {errors!r}")
+        path = Path(path)
+        header = cls._read_header(path)
+        info = cls._read_info(path)
+        windows = {k: tuple(v) if v else None for k, v in (header.get("summary_windows") or {}).items()}
+        events = []
+        for lineno, obj in _read_jsonl(path / LOG_FILE, errors):
+            bad = [k for k in ("val_loss", "train_loss", "tokens_per_s") if obj.get(k) is not None
+                   and (isinstance(obj[k], bool) or not isinstance(obj[k], (int, float)))]
+            if not isinstance(obj.get("step"), int) or not isinstance(obj.get("tokens"), int) or bad:
+                what = f"{bad} must be numbers" if bad else "event needs integer 'step' and 'tokens'"
+                msg = f"{path / LOG_FILE}, line {lineno}: {what}"
+                if errors == "raise":
+                    raise RecordFormatError(msg)
+                warnings.warn(msg + "; skipped", RecordWarning, stacklevel=2)
+                continue
+            events.append(obj)
+        measurements = []
+        mfile = path / MEASUREMENTS_FILE
+        for lineno, obj in _read_jsonl(mfile, errors):
+            origin = f"{mfile}, line {lineno}"
+            try:
+                m = cls._parse_measurement(path, obj, origin, lineno)
+                if verify:
+                    for name in m.spectra:
+                        m.spectra[name]
+            except (RecordFormatError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+                msg = str(exc) if isinstance(exc, RecordFormatError) else f"{origin}: invalid measurement ({exc})"
+                if errors == "raise":
+                    raise RecordFormatError(msg + "; open with errors='skip' to skip it") from None
+                warnings.warn(msg + "; measurement skipped", RecordWarning, stacklevel=2)
+                continue
+            measurements.append(m)
+        return cls(path, info, events, measurements, windows)
+
+    @staticmethod
+    def _parse_measurement(root: Path, obj: dict[str, Any], origin: str, lineno: int) -> Measurement:
+        step, tokens = obj.get("step"), obj.get("tokens")
+        if not isinstance(step, int) or not isinstance(tokens, int):
+            raise ValueError("needs integer 'step' and 'tokens'")
+        entries = obj.get("spectra") or {}
+        if not isinstance(entries, dict):
+            raise ValueError("'spectra' must be an object")
+        files, kinds, summaries = {}, {}, {}
+        for name, entry in entries.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+                raise ValueError(f"spectrum {name!r} has no 'file'")
+            rel = entry["file"]
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                raise ValueError(f"spectrum {name!r}: file {rel!r} must be relative to the run directory")
+            if not (root / rel).is_file():
+                raise RecordFormatError(f"{origin}: spectrum file {root / rel} (spectrum {name!r}) is missing")
+            files[name] = rel
+            kind = entry.get("kind")
+            if kind is not None and not isinstance(kind, str):
+                raise ValueError(f"spectrum {name!r}: 'kind' must be a string, got {type(kind).__name__}")
+            kinds[name] = kind
+            summaries[name] = _number_map(entry.get("summaries"), f"spectrum {name!r} summaries")
+        scalars = _number_map(obj.get("scalars"), "'scalars'")
+        return Measurement(
+            step=step,
+            tokens=tokens,
+            progress=_opt_float(obj.get("progress"), "progress"),
+            val_loss=_opt_float(obj.get("val_loss"), "val_loss"),
+            spectra=_LazySpectra(root, files, origin),
+            summaries=summaries,
+            scalars=scalars,
+            kinds=kinds,
+            time=_opt_float(obj.get("time"), "time"),
+            files=files,
+            line=lineno,
+        )
+
+    def refresh(self, **kwargs) -> "RunRecord":
+        """Read the directory again (a run still in progress has new lines); returns a new record."""
+        return type(self).open(self.path, **kwargs)
+
+    # ---- derived views -------------------------------------------------------------------------
+
+    def progress(self, m: Measurement) -> float | None:
+        """Progress fraction of a measurement: its stored value, else ``tokens / info.total_tokens``."""
+        if m.progress is not None:
+            return m.progress
+        if self.info.total_tokens:
+            return m.tokens / self.info.total_tokens
+        return None
+
+    def spectrum_names(self, kind: str | None = None) -> list[str]:
+        """Every spectrum name that appears in any measurement (first-seen order), optionally of one kind."""
+        seen: dict[str, None] = {}
+        for m in self.measurements:
+            for n in m.names(kind):
+                seen.setdefault(n)
+        return list(seen)
+
+    def val_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """Validation loss against tokens: ``(tokens, val_loss)`` float arrays sorted by tokens.
+
+        Merges ``val_loss`` from ``log.jsonl`` events and from measurements. Sorting is stable, so
+        entries at equal token counts keep file order (events before measurements); an entry
+        repeated at the same token count with the same loss is kept once.
+        """
+        pts = [(e["tokens"], float(e["val_loss"])) for e in self.events if e.get("val_loss") is not None]
+        pts += [(m.tokens, m.val_loss) for m in self.measurements if m.val_loss is not None]
+        pts = list(dict.fromkeys(pts))
+        pts.sort(key=lambda p: p[0])
+        tokens = np.array([p[0] for p in pts], dtype=np.float64)
+        losses = np.array([p[1] for p in pts], dtype=np.float64)
+        return tokens, losses
+
+    def throughput(self, warmup: float = 0.1) -> float | None:
+        """Run throughput ``Q`` in tokens/s: the median of logged ``tokens_per_s``.
+
+        The first ``warmup`` fraction of the events that carry ``tokens_per_s`` is dropped (compile
+        and warm-up steps). ``info.extras["throughput"]``, when present, takes precedence. ``None``
+        when nothing was logged.
+        """
+        if "throughput" in self.info.extras:
+            return float(self.info.extras["throughput"])
+        values = [float(e["tokens_per_s"]) for e in self.events if e.get("tokens_per_s") is not None]
+        if not values:
+            return None
+        skip = int(math.floor(warmup * len(values)))
+        return float(np.median(values[skip:] if skip < len(values) else values))
+
+    def table(self) -> list[dict[str, Any]]:
+        """Long table: one row per (measurement, spectrum) with run metadata, position and summaries.
+
+        Columns: ``run_id, family, batch_tier, step, tokens, progress, val_loss, spectrum, kind``,
+        the spectrum's summaries, and the measurement's scalars (prefixed ``scalar.``). A measurement
+        without spectra gives one row with ``spectrum=None``.
+        """
+        rows = []
+        base = {"run_id": self.info.run_id, "family": self.info.family, "batch_tier": self.info.batch_tier}
+        for m in self.measurements:
+            pos = dict(base, step=m.step, tokens=m.tokens, progress=self.progress(m), val_loss=m.val_loss)
+            pos.update({f"scalar.{k}": v for k, v in m.scalars.items()})
+            names = list(m.spectra) or [None]
+            for n in names:
+                row = dict(pos, spectrum=n, kind=m.kinds.get(n) if n else None)
+                row.update(m.summaries.get(n, {}) if n else {})
+                rows.append(row)
+        return rows
+
+    def to_dataframe(self):
+        """:meth:`table` as a pandas DataFrame (pandas is optional: ``pip install pandas``)."""
+        return _dataframe(self.table())
+
+    def __repr__(self) -> str:
+        return (
+            f"RunRecord({self.info.run_id!r}, family={self.info.family!r}, tier={self.info.batch_tier}, "
+            f"{len(self.measurements)} measurements, {len(self.events)} events)"
+        )
+
+
+def _dataframe(rows: list[dict[str, Any]]):
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise ImportError("to_dataframe needs pandas, which spectral-lens does not install: pip install pandas") from None
+    return pd.DataFrame(rows)
+
+
+def open_runs(paths: Iterable[str | os.PathLike | RunRecord], **kwargs) -> list[RunRecord]:
+    """Open several run directories (records already open are passed through).
+
+    A directory that contains no ``run.json`` but whose immediate subdirectories do is expanded into
+    those runs (sorted by name), so a sweep root can be given directly.
+    """
+    out = []
+    for p in paths:
+        if isinstance(p, RunRecord):
+            out.append(p)
+            continue
+        p = Path(p)
+        if not (p / RUN_FILE).exists() and p.is_dir():
+            subs = sorted(s for s in p.iterdir() if (s / RUN_FILE).exists())
+            if subs:
+                out.extend(RunRecord.open(s, **kwargs) for s in subs)
+                continue
+        out.append(RunRecord.open(p, **kwargs))
+    ids = [r.run_id for r in out]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ValueError(f"run ids must be unique across the runs given; repeated: {dup}")
+    return out
+
+
+def runs_table(runs: Iterable[RunRecord], as_dataframe: bool = False):
+    """The concatenated :meth:`RunRecord.table` of several runs (a DataFrame if ``as_dataframe``)."""
+    rows = [row for r in runs for row in r.table()]
+    return _dataframe(rows) if as_dataframe else rows

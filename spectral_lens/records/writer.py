@@ -1,0 +1,304 @@
+"""Run records: :class:`RunWriter`, the one writer of a run directory (see :mod:`spectral_lens.records`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..atomic import TMP_SUFFIX
+from ..atomic import fsync_dir as _fsync_dir
+from ..spectra.fit import tail_window as _tail_window
+from ..spectrum import Spectrum
+from .reader import RunRecord, _is_record_line, _read_jsonl
+from .schema import (
+    LOG_FILE,
+    MEASUREMENTS_FILE,
+    RUN_FILE,
+    SPECTRA_DIR,
+    _FORMAT,
+    _VERSION,
+    Measurement,
+    RecordFormatError,
+    RecordWarning,
+    RunInfo,
+    _json_line,
+    _safe_name,
+    _write_json_atomic,
+    spectrum_summaries,
+)
+
+
+class RunWriter:
+    """Appends events and measurements to a run directory (one writer per run).
+
+    Args:
+        path: the run directory (created if needed).
+        info: the run's metadata. Required for a new run; for ``resume=True`` it may be omitted
+            (read from ``run.json``) or must carry the same ``run_id``.
+        resume: append to an existing run. Without it, an existing ``run.json`` is an error, so two
+            runs never write into one directory by accident. On resume, a truncated last line left by
+            a crash is cut off (with a :class:`RecordWarning`) before anything is appended.
+        fsync: fsync every file and line (default). ``False`` trades crash safety for speed
+            (synthetic data, tests); the write order, and thus safety for concurrent readers, is kept.
+        tail_window: window of the stored ``alpha_tail`` summary; default: the scale rule for
+            ``info.n_layer`` (:func:`spectral_lens.tail_window`), or the d12 window ``(100, 200)``.
+        head_window: window of the stored ``alpha_head`` summary (default ``(10, 40)``).
+
+    Example::
+
+        with RunWriter("runs/flexwin-b8", RunInfo("flexwin-b8", family="FlexWin", batch_tier=8,
+                       total_tokens=2_000_000_000, n_layer=12)) as w:
+            w.log(step, tokens, train_loss=loss, tokens_per_s=tps)
+            w.log_measurement(step, tokens, {"act:blocks.11": spec}, val_loss=vl,
+                              scalars={"noise_scale": b_simple})
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        info: RunInfo | None = None,
+        *,
+        resume: bool = False,
+        fsync: bool = True,
+        tail_window: tuple[int, int] | None = None,
+        head_window: tuple[int, int] | None = (10, 40),
+    ):
+        self.path = Path(path)
+        self.fsync = fsync
+        run_file = self.path / RUN_FILE
+        if run_file.exists():
+            if not resume:
+                raise FileExistsError(
+                    f"{run_file} already exists: pass resume=True to append to this run, or choose a new directory"
+                )
+            stored = RunRecord._read_info(self.path)
+            if info is not None and info.run_id != stored.run_id:
+                raise ValueError(
+                    f"{run_file}: resuming run {stored.run_id!r} with info for run {info.run_id!r}"
+                )
+            self.info = stored
+            windows = RunRecord._read_header(self.path).get("summary_windows", {})
+            self.tail_window = tuple(windows["tail"]) if windows.get("tail") else None
+            self.head_window = tuple(windows["head"]) if windows.get("head") else None
+        else:
+            if info is None:
+                raise ValueError(f"{self.path}: a new run needs a RunInfo (info=...)")
+            if not isinstance(info, RunInfo):
+                raise TypeError(f"info must be a RunInfo, got {type(info).__name__}")
+            self.info = info
+            if tail_window is None:
+                tail_window = _tail_window(info.n_layer) if info.n_layer else (100, 200)
+            self.tail_window = tuple(tail_window)
+            self.head_window = tuple(head_window) if head_window is not None else None
+            self.path.mkdir(parents=True, exist_ok=True)
+            header = {
+                "format": _FORMAT,
+                "version": _VERSION,
+                **info.to_dict(),
+                "summary_windows": {"tail": list(self.tail_window), "head": self.head_window and list(self.head_window)},
+                "created": time.time(),
+            }
+            _write_json_atomic(run_file, header, fsync)
+        (self.path / SPECTRA_DIR).mkdir(exist_ok=True)
+        if resume:
+            self._clean_orphans()
+        self._fds: dict[str, int] = {}
+        for name in (LOG_FILE, MEASUREMENTS_FILE):
+            self._fds[name] = self._open_append(self.path / name)
+
+    def _open_append(self, path: Path) -> int:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        size = os.fstat(fd).st_size
+        if size:
+            # cut off a partial last line left by a crash, so the next line does not glue onto it
+            os.lseek(fd, max(0, size - (1 << 20)), os.SEEK_SET)  # O_APPEND writes still go to the end
+            tail = os.read(fd, min(size, 1 << 20))
+            if not tail.endswith(b"\n") and _is_record_line(tail[tail.rfind(b"\n") + 1 :]):
+                # a complete line that only lacks its newline (e.g. written by another tool): keep it
+                os.write(fd, b"\n")
+            elif not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= len(tail) else None)
+                if keep is None:
+                    os.close(fd)
+                    raise RecordFormatError(f"{path}: last line longer than 1 MiB without a newline")
+                warnings.warn(
+                    f"{path}: dropping a truncated last line ({size - keep} bytes) before appending",
+                    RecordWarning,
+                    stacklevel=3,
+                )
+                os.ftruncate(fd, keep)
+        return fd
+
+    def _clean_orphans(self) -> None:
+        """On resume: remove temporary files and spectrum files no measurement line refers to, both
+        left by a writer killed mid-measurement (its line was never appended). Nothing is removed when
+        ``measurements.jsonl`` has an unreadable line (its references are unknown)."""
+        spectra = self.path / SPECTRA_DIR
+        tmps = [p for d in (self.path, spectra) if d.is_dir() for p in d.iterdir()
+                if p.name.startswith(".") and (p.name.endswith(TMP_SUFFIX) or p.name.endswith(".tmp.npz"))]
+        referenced: set[str] = set()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lines = _read_jsonl(self.path / MEASUREMENTS_FILE, "skip")
+        if any(issubclass(w.category, RecordWarning) and "truncated last line" not in str(w.message) for w in caught):
+            orphans = []
+        else:
+            for _, obj in lines:
+                entries = obj.get("spectra")
+                for entry in entries.values() if isinstance(entries, dict) else ():
+                    if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+                        referenced.add(Path(entry["file"]).name)
+            pattern = re.compile(r"\d{8}_[A-Za-z0-9._-]+\.npz")
+            orphans = [p for p in spectra.iterdir() if pattern.fullmatch(p.name) and p.name not in referenced] \
+                if spectra.is_dir() else []
+        for p in tmps + orphans:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        if tmps or orphans:
+            warnings.warn(
+                f"{self.path}: removed {len(tmps)} temporary file(s) and {len(orphans)} spectrum file(s) that no "
+                f"measurement refers to, left by an interrupted writer",
+                RecordWarning,
+                stacklevel=3,
+            )
+
+    def _append(self, name: str, obj: Mapping[str, Any]) -> None:
+        fd = self._fds.get(name)
+        if fd is None:
+            raise ValueError(f"RunWriter for {self.path} is closed")
+        data = _json_line(obj)
+        written = os.write(fd, data)
+        while written < len(data):  # regular files write everything at once; be safe anyway
+            written += os.write(fd, data[written:])
+        if self.fsync:
+            os.fsync(fd)
+
+    def log(self, step: int, tokens: int, **scalars: Any) -> None:
+        """Append one scalar event to ``log.jsonl``.
+
+        Conventional keys: ``train_loss``, ``val_loss``, ``tokens_per_s`` (throughput), ``lr``. Any
+        JSON-serializable value is accepted. ``time`` (wall clock) is added unless given.
+        """
+        event = {"step": int(step), "tokens": int(tokens)}
+        event.update(scalars)
+        event.setdefault("time", time.time())
+        self._append(LOG_FILE, event)
+
+    def _spectrum_file(self, step: int, name: str, taken: set[str]) -> str:
+        base = f"{int(step):08d}_{_safe_name(name)}"
+        candidate, n = base, 1
+        while candidate in taken or (self.path / SPECTRA_DIR / f"{candidate}.npz").exists():
+            n += 1
+            candidate = f"{base}-{n}"
+        taken.add(candidate)
+        return f"{SPECTRA_DIR}/{candidate}.npz"
+
+    def log_measurement(
+        self,
+        step: int,
+        tokens: int,
+        spectra: Mapping[str, Spectrum] | None = None,
+        *,
+        val_loss: float | None = None,
+        progress: float | None = None,
+        scalars: Mapping[str, float] | None = None,
+        summaries: Mapping[str, Mapping[str, float]] | None = None,
+        summarize: bool = True,
+    ) -> Measurement:
+        """Write the spectra of one checkpoint, then append its line to ``measurements.jsonl``.
+
+        Args:
+            step, tokens: checkpoint position.
+            spectra: mapping name -> :class:`Spectrum` (names are free text; file names are derived
+                from them and never need to be inverted).
+            val_loss: validation loss at the checkpoint.
+            progress: fraction of the training budget; default ``tokens / info.total_tokens`` when
+                the budget is known.
+            scalars: measurement-level scalars (``noise_scale``: gradient noise scale ``B_simple`` in
+                samples per step, by convention).
+            summaries: per-spectrum scalar summaries to store; merged over (and overriding) the
+                defaults of :func:`spectrum_summaries` unless ``summarize=False``.
+
+        Returns the :class:`Measurement` as written.
+        """
+        spectra = dict(spectra or {})
+        for name, spec in spectra.items():
+            if not isinstance(spec, Spectrum):
+                raise TypeError(f"log_measurement: spectra[{name!r}] is a {type(spec).__name__}, expected a Spectrum")
+        if summaries is not None:
+            extra = set(summaries) - set(spectra)
+            if extra:
+                raise ValueError(f"log_measurement: summaries given for unknown spectra {sorted(extra)}")
+        if progress is None and self.info.total_tokens:
+            progress = tokens / self.info.total_tokens
+        taken: set[str] = set()
+        entries: dict[str, dict[str, Any]] = {}
+        all_summaries: dict[str, dict[str, float]] = {}
+        for name, spec in spectra.items():
+            rel = self._spectrum_file(step, name, taken)
+            spec.save(self.path / rel, fsync=self.fsync)  # atomic: temp file, fsync, rename
+            summ = spectrum_summaries(spec, self.tail_window, self.head_window) if summarize else {}
+            if summaries is not None and name in summaries:
+                summ.update({k: float(v) for k, v in summaries[name].items()})
+            all_summaries[name] = summ
+            entries[name] = {"file": rel, "kind": spec.kind, "summaries": summ}
+        if spectra and self.fsync:
+            _fsync_dir(self.path / SPECTRA_DIR)
+        now = time.time()
+        line = {
+            "step": int(step),
+            "tokens": int(tokens),
+            "progress": None if progress is None else float(progress),
+            "val_loss": None if val_loss is None else float(val_loss),
+            "time": now,
+            "spectra": entries,
+            "scalars": {k: float(v) for k, v in (scalars or {}).items()},
+        }
+        self._append(MEASUREMENTS_FILE, line)
+        return Measurement(
+            step=int(step),
+            tokens=int(tokens),
+            progress=line["progress"],
+            val_loss=line["val_loss"],
+            spectra=spectra,
+            summaries=all_summaries,
+            scalars=dict(line["scalars"]),
+            kinds={n: s.kind for n, s in spectra.items()},
+            time=now,
+            files={n: e["file"] for n, e in entries.items()},
+        )
+
+    def update_info(self, **extras: Any) -> None:
+        """Merge ``extras`` into ``run.json``'s ``extras`` (rewritten atomically), e.g. a final status."""
+        header = RunRecord._read_header(self.path)
+        header.setdefault("extras", {}).update(extras)
+        self.info.extras.update(extras)
+        _write_json_atomic(self.path / RUN_FILE, header, self.fsync)
+
+    def close(self) -> None:
+        """Close the files (idempotent)."""
+        while self._fds:
+            _, fd = self._fds.popitem()
+            os.close(fd)
+
+    def __enter__(self) -> "RunWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
