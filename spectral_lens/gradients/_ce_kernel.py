@@ -22,50 +22,8 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _row_lse_kernel(z_ptr, t_ptr, lse_ptr, zt_ptr, V, stride, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    base = z_ptr + row * stride
-    cols = tl.arange(0, BLOCK_V)
-    m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        x = tl.load(base + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
-    tl.store(lse_ptr + row, m + tl.log(s))
-    t = tl.load(t_ptr + row)
-    tl.store(zt_ptr + row, tl.load(base + t).to(tl.float32))
-
-
-@triton.jit
-def _softmax_grad_kernel(z_ptr, t_ptr, lse_ptr, w_ptr, g_ptr, V, stride_z, stride_g, BLOCK_V: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    zb = z_ptr + row * stride_z
-    gb = g_ptr + row * stride_g
-    cols = tl.arange(0, BLOCK_V)
-    lse = tl.load(lse_ptr + row)
-    w = tl.load(w_ptr + row)
-    t = tl.load(t_ptr + row)
-    others = tl.zeros((), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        idx = v0 + cols
-        inside = idx < V
-        x = tl.load(zb + idx, mask=inside, other=float("-inf")).to(tl.float32)
-        p = tl.exp(x - lse) * w
-        p = tl.where(idx == t, 0.0, p)
-        others += tl.sum(tl.where(inside, p, 0.0), axis=0)
-        tl.store(gb + idx, p.to(g_ptr.dtype.element_ty), mask=inside)
-    tl.store(gb + t, (-others).to(g_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _lse_and_grad_kernel(z_ptr, t_ptr, w_ptr, lse_ptr, zt_ptr, g_ptr, V, stride_z, stride_g, BLOCK_V: tl.constexpr):
-    """Both of the above for one row in one program: the second sweep re-reads the row while it is
-    still in L2 (one DRAM read of the block instead of two)."""
-    row = tl.program_id(0).to(tl.int64)
-    zb = z_ptr + row * stride_z
-    gb = g_ptr + row * stride_g
+def _row_lse(zb, V, BLOCK_V: tl.constexpr):
+    """Online max-shifted log-sum-exp of one row of ``V`` logits at ``zb``, in fp32."""
     cols = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
@@ -74,11 +32,14 @@ def _lse_and_grad_kernel(z_ptr, t_ptr, w_ptr, lse_ptr, zt_ptr, g_ptr, V, stride_
         m_new = tl.maximum(m, tl.max(x, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
-    lse = m + tl.log(s)
-    t = tl.load(t_ptr + row)
-    tl.store(lse_ptr + row, lse)
-    tl.store(zt_ptr + row, tl.load(zb + t).to(tl.float32))
-    w = tl.load(w_ptr + row)
+    return m + tl.log(s)
+
+
+@triton.jit
+def _grad_row(zb, gb, t, lse, w, V, BLOCK_V: tl.constexpr):
+    """``g = exp(z - lse) * w`` of one row into ``gb`` in its dtype, the target entry ``t`` set to minus
+    the fp32 sum of the other entries."""
+    cols = tl.arange(0, BLOCK_V)
     others = tl.zeros((), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         idx = v0 + cols
@@ -86,8 +47,37 @@ def _lse_and_grad_kernel(z_ptr, t_ptr, w_ptr, lse_ptr, zt_ptr, g_ptr, V, stride_
         x = tl.load(zb + idx, mask=inside, other=float("-inf")).to(tl.float32)
         p = tl.where(idx == t, 0.0, tl.exp(x - lse) * w)
         others += tl.sum(tl.where(inside, p, 0.0), axis=0)
-        tl.store(gb + idx, p.to(g_ptr.dtype.element_ty), mask=inside)
-    tl.store(gb + t, (-others).to(g_ptr.dtype.element_ty))
+        tl.store(gb + idx, p.to(gb.dtype.element_ty), mask=inside)
+    tl.store(gb + t, (-others).to(gb.dtype.element_ty))
+
+
+@triton.jit
+def _row_lse_kernel(z_ptr, t_ptr, lse_ptr, zt_ptr, V, stride, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * stride
+    tl.store(lse_ptr + row, _row_lse(base, V, BLOCK_V))
+    t = tl.load(t_ptr + row)
+    tl.store(zt_ptr + row, tl.load(base + t).to(tl.float32))
+
+
+@triton.jit
+def _softmax_grad_kernel(z_ptr, t_ptr, lse_ptr, w_ptr, g_ptr, V, stride_z, stride_g, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    _grad_row(z_ptr + row * stride_z, g_ptr + row * stride_g, tl.load(t_ptr + row), tl.load(lse_ptr + row),
+              tl.load(w_ptr + row), V, BLOCK_V)
+
+
+@triton.jit
+def _lse_and_grad_kernel(z_ptr, t_ptr, w_ptr, lse_ptr, zt_ptr, g_ptr, V, stride_z, stride_g, BLOCK_V: tl.constexpr):
+    """Both of the above for one row in one program: the second sweep re-reads the row while it is
+    still in L2 (one DRAM read of the block instead of two)."""
+    row = tl.program_id(0).to(tl.int64)
+    zb = z_ptr + row * stride_z
+    lse = _row_lse(zb, V, BLOCK_V)
+    t = tl.load(t_ptr + row)
+    tl.store(lse_ptr + row, lse)
+    tl.store(zt_ptr + row, tl.load(zb + t).to(tl.float32))
+    _grad_row(zb, g_ptr + row * stride_g, t, lse, tl.load(w_ptr + row), V, BLOCK_V)
 
 
 def lse_and_grad(z: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor):

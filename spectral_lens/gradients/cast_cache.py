@@ -57,7 +57,7 @@ class CastCache:
     ``None``: they are found at each :func:`cached_linear_casts`."""
 
     def __init__(self, model: nn.Module | None = None) -> None:
-        self._kept: dict[tuple[int, torch.dtype], tuple[torch.Tensor, int, int, torch.Tensor]] = {}
+        self._kept: dict[tuple[int, torch.dtype], tuple] = {}  # (source, _state(source), cast)
         self._by_module: dict[int, tuple] = {}  # the modules' kept casts (see _kept_params)
         self.modules = None if model is None else _cast_keeping_modules(model)
 
@@ -69,10 +69,10 @@ class CastCache:
         """``t.to(dtype)``, made once while ``t`` is unchanged (same object, version and storage)."""
         key = (id(t), dtype)
         hit = self._kept.get(key)
-        if hit is not None and hit[0] is t and hit[1] == t._version and hit[2] == t.data_ptr():
-            return hit[3]
+        if hit is not None and hit[0] is t and hit[1] == _state(t):
+            return hit[2]
         out = t.to(dtype)  # t does not require grad (_keepable): no graph to cut
-        self._kept[key] = (t, t._version, t.data_ptr(), out)  # holding t: its id cannot be reused
+        self._kept[key] = (t, _state(t), out)  # holding t: its id cannot be reused
         return out
 
 

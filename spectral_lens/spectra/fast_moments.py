@@ -84,4 +84,6 @@ def fast_chunk_moments(
 
         return syrk_center(x, shift, valid)
     y, m = center_cast(x, shift, valid, use_triton=use_triton)
-    return m, mm_fp32(y.t(), y)  # CPU (tests): y is converted to fp32 first (exact), see _matmul
+    if not y.is_cuda:  # CPU (tests): no bf16 -> fp32 GEMM there; one exact fp32 copy of y, not one per operand
+        y = y.float()
+    return m, mm_fp32(y.t(), y)
