@@ -37,6 +37,7 @@ and the relative error of singular values against ``probe_fp32`` (max over all j
     python benchmarks/bench_gradients.py --device cuda --m 64 512 --out runs/bench_gradients.json
     python benchmarks/bench_gradients.py --quick          # CPU smoke test, tiny sizes, < 60 s
     python benchmarks/bench_gradients.py --host-overhead  # CPU: the probe's host work per chunk (host_overhead)
+    python benchmarks/bench_gradients.py --cpu-parts      # CPU: Gram fill, loss scaling, finiteness check, old vs new
 """
 
 from __future__ import annotations
@@ -352,6 +353,43 @@ def host_overhead(pairs: int = 15) -> dict:
     return out
 
 
+def cpu_parts(pairs: int = 7) -> dict:
+    """Three parts of the probe on the CPU, each old way against the current one in interleaved pairs
+    (medians, one process): the float64 Gram fill of the rows (row blocks vs column slabs), the scaling
+    in the cross-entropy backward (PyTorch's mixed-dtype ``g.mul_(w)`` vs row blocks in float32), and
+    the row finiteness check (``isfinite().all(1)`` vs a row maximum and minimum)."""
+    from spectral_lens.gradients import losses
+    from spectral_lens.gradients.gram import CPU_SLAB_ELEMENTS, block_rows_for, fill_gram, fill_gram_by_columns
+    from spectral_lens.gradients.probe import finite_rows
+
+    g = torch.Generator().manual_seed(0)
+    cases = {}
+    for n, p in ((64, 768 * 768), (512, 768 * 192)):
+        blocks = [torch.randn(8, p, generator=g) for _ in range(n // 8)]
+        k = torch.zeros(n, n, dtype=torch.float64)
+        cases[f"gram {n} x {p}"] = (lambda b=blocks, k=k, p=p: fill_gram(k, b, 0, block_rows_for(p)),
+                                    lambda b=blocks, k=k, n=n: fill_gram_by_columns(k, b, 0, CPU_SLAB_ELEMENTS // n))
+    soft = torch.softmax(torch.randn(256, 50304, generator=g).bfloat16(), -1)
+    w = torch.rand(256, 1, generator=g) / 32
+    cases["ce scale 256 x 50304 bf16"] = (lambda: soft.clone().mul_(w), lambda: losses._scale_rows_(soft.clone(), w))
+    rows = torch.randn(8, 768 * 768, generator=g)
+    cases["finite rows 8 x 589824"] = (lambda: rows.isfinite().all(1), lambda: finite_rows(rows))
+    out = {}
+    for name, (old, new) in cases.items():
+        old(), new()
+        t = {"old": [], "new": []}
+        for _ in range(pairs):
+            for key, fn in (("old", old), ("new", new)):
+                t0 = time.perf_counter()
+                fn()
+                t[key].append(time.perf_counter() - t0)
+        o, nw = statistics.median(t["old"]), statistics.median(t["new"])
+        out[name] = {"old_s": o, "new_s": nw, "new_over_old": nw / o}
+        print(f"{name}: old {o * 1e3:.1f} ms, new {nw * 1e3:.1f} ms, new / old {nw / o:.2f} "
+              f"({torch.get_num_threads()} threads)")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -365,9 +403,12 @@ def main(argv=None):
     ap.add_argument("--skip", nargs="*", default=[], help="case names to leave out (e.g. probe_offload loop)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--host-overhead", action="store_true", help="only the host-bound CPU case (host_overhead)")
+    ap.add_argument("--cpu-parts", action="store_true", help="only the CPU parts, old vs new (cpu_parts)")
     args = ap.parse_args(argv)
     if args.host_overhead:
         return host_overhead()
+    if args.cpu_parts:
+        return cpu_parts()
     device = torch.device(args.device)
     if args.quick:
         cfg = dict(vocab=512, d=64, heads=4, layers=2)

@@ -31,6 +31,7 @@ from .engines import NoGradientPathError, fast_engine, loop_engine
 from .fallback import vmap_or_loop
 from .fused_head import chunked_head_fns, chunked_is_faster, find_chunkable_head
 from .gram import (
+    CPU_SLAB_ELEMENTS,
     GRAM_BLOCK_ELEMENTS,
     block_rows_for,
     fill_gram,
@@ -62,6 +63,15 @@ ATTENTION_OUTPUT_PATTERNS = (
 
 ENGINES = ("auto", "fast", "vmap", "loop")
 HEAD_LOSSES = ("auto", "chunked", "materialized")
+
+
+def finite_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``rows.isfinite().all(1)``, read as a row maximum and minimum: both propagate NaN, and an
+    infinity is one of them. Two reductions, where ``isfinite`` is four passes over ``rows`` and a
+    fifth (8.8 against 1.0 ms for 8 x 589,824 float32 rows on the 2-core CPU)."""
+    if rows.shape[1] == 0:
+        return rows.new_ones(rows.shape[0], dtype=torch.bool)
+    return rows.amax(1).isfinite() & rows.amin(1).isfinite()
 
 
 def _block_index(name: str) -> int:
@@ -537,7 +547,7 @@ class PerSampleGradientProbe:
         a non-resident chunk gets its blocks against itself and every resident row now."""
         s, e = chunk.start, chunk.stop
         for name, r in rows.items():
-            self._finite.append((name, r.isfinite().all(1)))
+            self._finite.append((name, finite_rows(r)))
             if chunk.resident:
                 self._rows[name].append(self._hold(r))
                 continue
@@ -567,7 +577,8 @@ class PerSampleGradientProbe:
                 raise NonFiniteError(f"{name}: non-finite per-sample gradient for sample(s) {bad.tolist()[:20]}")
 
     def _complete(self) -> None:
-        """Fill the Gram entries still missing: resident rows by float64 blocks, then the blocks between
+        """Fill the Gram entries still missing: resident rows by float64 blocks (column slabs on the CPU or
+        from host memory), then the blocks between
         non-resident chunks (bounded-memory mode) by recomputing their gradients panel by panel."""
         n_res = sum(c.stop - c.start for c in self._chunks if c.resident)
         if self._filled < n_res:
@@ -575,6 +586,8 @@ class PerSampleGradientProbe:
                 k = self._gram[name]
                 if blocks and blocks[0].device != k.device:  # offloaded rows: one pass over G
                     fill_gram_by_columns(k, blocks, self._filled, GRAM_BLOCK_ELEMENTS // max(1, k.shape[0]))
+                elif blocks and k.device.type == "cpu":  # one float64 slab in cache, no fresh row copies
+                    fill_gram_by_columns(k, blocks, self._filled, CPU_SLAB_ELEMENTS // max(1, k.shape[0]))
                 else:
                     fill_gram(k, blocks, self._filled, block_rows_for(self.params[name].numel()))
             self._filled = n_res

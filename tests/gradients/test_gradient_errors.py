@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spectral_lens import ZeroGradientWarning
 import torch
@@ -10,6 +14,7 @@ from torch import nn
 
 from spectral_lens import NonFiniteError
 from spectral_lens.gradients import NoGradientPathError, PerSampleGradientProbe, default_gradient_param
+from spectral_lens.gradients.probe import finite_rows
 
 
 def test_unknown_parameter_lists_close_names(gpt):
@@ -120,6 +125,27 @@ def test_non_finite_gradient_names_parameter(gpt, helpers):
     name = "transformer.h.1.attn.c_proj.weight"
     with pytest.raises(NonFiniteError, match=rf"{name}: non-finite per-sample gradient for sample\(s\) \[2\]"):
         PerSampleGradientProbe(model, name, loss_fn=loss_fn).update(helpers.lm_batch(m=4))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    p=st.integers(0, 50),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    bad=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 49), st.sampled_from([math.nan, math.inf, -math.inf])), max_size=4),
+    huge=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_finite_rows_is_isfinite_all(n, p, dtype, bad, huge, seed):
+    """The probe's row check (a row maximum and minimum) flags exactly the rows with a NaN or an
+    infinity, also next to the largest finite values (whose sums would overflow)."""
+    rows = torch.randn(n, p, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    rows = (rows * (torch.finfo(dtype).max if huge else 1.0)).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
+    rows = rows.to(dtype)
+    for i, j, v in bad:
+        if i < n and j < p:
+            rows[i, j] = v
+    assert torch.equal(finite_rows(rows), rows.isfinite().all(1))
 
 
 def test_bad_configuration_and_batches(gpt, helpers):

@@ -49,6 +49,21 @@ def test_offload_rows_is_a_no_op_on_cpu(gpt, helpers):
     torch.testing.assert_close(a.gram(), b.gram(), rtol=0, atol=0)
 
 
+def test_cpu_probe_fills_by_column_slabs(gpt, helpers, monkeypatch):
+    """On the CPU the probe fills its Gram matrix by float64 column slabs: with slabs of 3 columns
+    (many slabs, the last one partial) and two updates (the second fills only the new rows), the
+    same matrix as one float64 product of the rows."""
+    model, batch = gpt(), helpers.lm_batch(m=9)
+    monkeypatch.setattr(probe_module, "CPU_SLAB_ELEMENTS", 3 * 9)
+    probe = PerSampleGradientProbe(model, chunk_size=4, keep_matrix=True).update(batch)
+    first = probe.gram().clone()  # fills the first 9 rows
+    probe.update(helpers.lm_batch(m=5, seed=3))
+    g = probe.matrix().double()
+    torch.testing.assert_close(first, g[:9] @ g[:9].T, rtol=1e-12, atol=1e-12 * float(first.abs().max()))
+    torch.testing.assert_close(probe.gram(), g @ g.T, rtol=1e-12, atol=1e-12 * float(first.abs().max()))
+    assert torch.equal(probe.gram(), probe.gram().T)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_offload_rows_on_cuda(gpt, helpers, monkeypatch):

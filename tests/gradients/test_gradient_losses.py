@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -15,7 +16,8 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from spectral_lens.gradients import causal_lm_loss, extract_logits
-from spectral_lens.gradients.losses import _SoftmaxCrossEntropy, token_cross_entropy
+from spectral_lens.gradients import losses as losses_module
+from spectral_lens.gradients.losses import _scale_rows_, _SoftmaxCrossEntropy, token_cross_entropy
 
 
 def test_token_cross_entropy_matches_torch():
@@ -89,10 +91,12 @@ class _Float32Arrays(TorchDispatchMode):
     scale=st.sampled_from([0.1, 3.0, 30.0]),
     offset=st.sampled_from([0.0, -500.0, 3000.0]),
     confident=st.integers(0, 40),
+    block=st.sampled_from([1, 37, 2**18]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_token_cross_entropy_bf16_against_float64(n, v, scale, offset, confident, seed):
-    """bf16 logits (also under autocast): no float32 copy of the (N, V) array is ever made; loss within
+def test_token_cross_entropy_bf16_against_float64(n, v, scale, offset, confident, block, seed):
+    """bf16 logits (also under autocast): no float32 copy of the (N, V) array is ever made (on the CPU
+    the backward's scaling converts row blocks of at most ``block`` elements, or one row); loss within
     2^-8 absolute and every gradient entry within 2 (target: 3) bf16 roundings of float64 on the same logits,
     also for confident rows (p_t ~ 1), large offsets and ignored targets."""
     g = torch.Generator().manual_seed(seed)
@@ -104,11 +108,12 @@ def test_token_cross_entropy_bf16_against_float64(n, v, scale, offset, confident
     w = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
     x = z.to(torch.bfloat16).requires_grad_()
     spy = _Float32Arrays()
-    with torch.autocast("cpu", dtype=torch.bfloat16), spy:
+    with torch.autocast("cpu", dtype=torch.bfloat16), spy, mock.patch.object(losses_module, "_CPU_BLOCK_ELEMENTS", block):
         loss = token_cross_entropy(x, t, method="recompute")
         gx = torch.autograd.grad((loss * w.float()).sum(), x)[0]
     assert loss.dtype == torch.float32 and gx.dtype == torch.bfloat16
-    assert (n, v) not in spy.shapes or v == 1
+    wide = [shape for shape in spy.shapes if len(shape) == 2 and shape[1] == v and v > 1]
+    assert all(rows <= max(1, block // v) for rows, _ in wide), (wide, block)
     ref = F.cross_entropy(x.detach().double(), t, reduction="none")
     gref = _reference_grad(x.detach(), t, w)
     assert (loss.double() - ref).abs().max() <= 2**-8 * 1.01 + 1e-6
@@ -117,6 +122,23 @@ def test_token_cross_entropy_bf16_against_float64(n, v, scale, offset, confident
     roundings = torch.full_like(gref, 2.0).scatter_(-1, t.clamp_min(0)[:, None], 3.0)
     err = (gx.double() - gref).abs()
     assert (err <= roundings * 2**-8 * gref.abs() * 1.01 + 1e-38).all(), float((err / gref.abs().clamp_min(1e-300)).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scale_rows_matches_mixed_dtype_product(dtype):
+    """The CPU row-block scaling rounds exactly as PyTorch's mixed-dtype ``g.mul_(w)`` (one float32
+    product per entry, rounded once), for row counts that do not divide into blocks, and under vmap."""
+    g0 = torch.Generator().manual_seed(6)
+    for n, v, block in ((1, 5, 1), (13, 300, 700), (40, 1000, 2**18), (7, 3, 2)):
+        g = (torch.rand(n, v, generator=g0) * 3).to(dtype)
+        w = torch.rand(n, 1, generator=g0, dtype=torch.float32) / 7 + 1e-3
+        with mock.patch.object(losses_module, "_CPU_BLOCK_ELEMENTS", block):
+            got = _scale_rows_(g.clone(), w)
+            batched = vmap(lambda a, b: _scale_rows_(a.clone(), b))(g[:, None], w[:, None])
+        want = g.clone().mul_(w)
+        assert got.dtype == dtype and torch.equal(got, want)
+        assert torch.equal(batched[:, 0], want)
+        assert not torch.equal(want, g.mul(w.to(dtype)))  # rounding w first would differ: the check can fail
 
 
 def test_token_cross_entropy_methods():
