@@ -14,6 +14,7 @@ symmetric product (fp32 on CUDA at d >= 1024) can exceed 1.0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's spectral_lens, not an installed one
-from spectral_lens import ActivationCovarianceAccumulator  # noqa: E402
+from spectral_lens import ActivationCovarianceAccumulator, accumulate  # noqa: E402
 from spectral_lens._matmul import mm_fp32  # noqa: E402
 from spectral_lens.atomic import write_json_atomic  # noqa: E402
 from spectral_lens.spectra import band_alpha, tail_window  # noqa: E402
@@ -287,9 +288,10 @@ def _launching_ops(fn) -> dict:
 
 
 def fixed_cost(n: int = 16, d: int = 8, updates: int = 200, repeats: int = 15) -> list[dict]:
-    """Per-call host cost of ``update`` at a tiny chunk (``n`` x ``d``), one thread: fp32 rows (the
-    CPU one-chunk path, ``_cpu_update``) and bf16 rows (the generic path ``_call_sums`` ->
-    ``_commit``, the one every CUDA update takes), each against a bare ``x.t() @ x``; for the
+    """Per-call host cost of ``update`` at a tiny chunk (``n`` x ``d``), one thread: fp32 and bf16 rows
+    on the CPU one-chunk path (``_cpu_update``; bf16 converted to fp32 first) and bf16 rows forced
+    onto the generic path (``_call_sums`` -> ``_commit``, the one every CUDA update takes; see
+    :func:`_route`), each against a bare ``x.t() @ x``; for the
     generic path also the aten ops per update that launch work (see :func:`_launching_ops`). The
     time is the median over ``repeats`` of ``updates`` back-to-back calls; the bare product is the
     fp32 one for both dtypes."""
@@ -310,7 +312,7 @@ def fixed_cost(n: int = 16, d: int = 8, updates: int = 200, repeats: int = 15) -
 
     bare = per_call(lambda: base.t() @ base)  # the fp32 product alone
     out = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for path, dtype in (("cpu_update", torch.float32), ("cpu_update", torch.bfloat16), ("generic", torch.bfloat16)):
         x = base.to(dtype)
         for precision in ("exact", "fast"):
             for masked in (False, True):
@@ -318,19 +320,34 @@ def fixed_cost(n: int = 16, d: int = 8, updates: int = 200, repeats: int = 15) -
                     acc = ActivationCovarianceAccumulator(precision=precision, nonfinite=nonfinite)
                     m = mask if masked else None
                     fn = lambda: acc.update(x, mask=m)  # noqa: E731
-                    for _ in range(3):  # initialized, a spare buffer, warm caches
-                        fn()
-                    row = {"case": "fixed_cost", "dtype": str(dtype).split(".")[-1], "n": n, "d": d,
-                           "path": "cpu_update" if dtype == torch.float32 else "generic", "precision": precision,
-                           "masked": masked, "nonfinite": nonfinite, "update_us": 1e6 * per_call(fn),
-                           "bare_us": 1e6 * bare}
-                    if dtype != torch.float32:
-                        ops = _launching_ops(fn)
-                        row["ops_per_update"] = sum(ops.values())
-                        row["ops"] = ops
+                    with _route(path):
+                        for _ in range(3):  # initialized, a spare buffer, warm caches
+                            fn()
+                        row = {"case": "fixed_cost", "dtype": str(dtype).split(".")[-1], "n": n, "d": d,
+                               "path": path, "precision": precision,
+                               "masked": masked, "nonfinite": nonfinite, "update_us": 1e6 * per_call(fn),
+                               "bare_us": 1e6 * bare}
+                        if path == "generic":
+                            ops = _launching_ops(fn)
+                            row["ops_per_update"] = sum(ops.values())
+                            row["ops"] = ops
                     out.append(row)
                     print(json.dumps(row), flush=True)
     return out
+
+
+@contextlib.contextmanager
+def _route(path: str):
+    """``"generic"``: CPU bf16 rows take the generic path (the one every CUDA update takes) instead of
+    being converted to fp32 for the CPU one-chunk path, so that its host cost and ops can be counted
+    on the CPU."""
+    saved = accumulate._CPU_HALF
+    if path == "generic":
+        accumulate._CPU_HALF = ()
+    try:
+        yield
+    finally:
+        accumulate._CPU_HALF = saved
 
 
 def accuracy(device: torch.device, d: int, rows: int, chunks: int) -> dict:

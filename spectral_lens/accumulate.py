@@ -66,6 +66,7 @@ _ARRAYS = {
 }
 _SHIFT_ROWS = 1024  # rows sampled (evenly spaced) from each chunk; their mean is the chunk's shift
 _CPU_DTYPES = (torch.float32, torch.float64)  # CPU rows that take the NumPy-driven one-chunk path
+_CPU_HALF = (torch.bfloat16, torch.float16)  # CPU rows converted to fp32 (exactly) for that path
 _PENDING = 32  # CPU: rank-2 re-shift terms deferred, then applied as one rank-64 GEMM (or on read)
 _LOWER_BLOCK = 256  # CPU: row-block height of the lower-triangle float64 add
 _SCRATCH = threading.local()  # CPU: per thread, recycled chunk buffers (see _chunk_scratch)
@@ -398,9 +399,12 @@ class ActivationCovarianceAccumulator:
         # blocking host-to-device copy synchronizes the host. Not towards the CPU: the host reads the
         # mask right away, so a device-to-host copy must have finished.
         valid = None if mask is None else mask.reshape(-1).to(rows.device, non_blocking=rows.device.type != "cpu")
-        if rows.device.type == "cpu" and rows.dtype in _CPU_DTYPES and 0 < rows.shape[0] <= self.max_chunk_rows:
-            self._cpu_update(rows, valid)
-            return
+        if rows.device.type == "cpu" and 0 < rows.shape[0] <= self.max_chunk_rows:
+            if rows.dtype in _CPU_HALF:  # one exact conversion: CPU ops mixing bf16 and fp32 are slow
+                rows = rows.float()
+            if rows.dtype in _CPU_DTYPES:
+                self._cpu_update(rows, valid)
+                return
         checked = None  # nonfinite="skip": the rows before non-finite ones are dropped
         if self.nonfinite == "skip":
             checked = rows.shape[0] if valid is None else valid.sum()

@@ -217,7 +217,10 @@ def chunk_moments(
         return fast_chunk_moments(x, shift, valid, lower_only=lower_only)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
-    torch.sub(x, shift.to(work), out=y)
+    if x.dtype != dtype and not x.is_cuda:  # the same values: CPU ops mixing dtypes take a slow path
+        y.copy_(x).sub_(shift.to(work))
+    else:
+        torch.sub(x, shift.to(work), out=y)
     if valid is not None:
         y.masked_fill_(~valid.unsqueeze(-1), 0)
     with matmul_precision(precision):
