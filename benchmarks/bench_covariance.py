@@ -216,37 +216,42 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
     return out
 
 
-def small_chunk(dims=(256, 768), rows: int = 1024, pairs: int = 31, per: int = 5) -> list[dict]:
+def small_chunk(dims=(256, 768), rows: int = 1024, pairs: int = 31, per: int = 5,
+                dtypes=(torch.float32, torch.bfloat16)) -> list[dict]:
     """CPU fixed cost per update: one ``update`` of ``rows`` rows vs a bare ``X.T @ X`` of the same rows.
 
     Interleaved: each of ``pairs`` repetitions times ``per`` bare products, then ``per`` updates, and
     records their ratio; the median and the spread (min, max) of the paired ratios are reported, in
     wall time and in process CPU time (the latter is robust to other processes on a shared machine,
-    but counts a spinning thread pool's idle cycles).
+    but counts a spinning thread pool's idle cycles). For bf16 rows (what CPU autocast produces) the
+    bare product is the fp32 one of the same values.
     """
     out = []
     for d in dims:
-        x = _rows(rows, d, torch.device("cpu"), torch.float32, seed=d)
-        acc = ActivationCovarianceAccumulator(d)
-        for _ in range(3):  # warm-up: SciPy import, allocator, thread pools
-            acc.update(x)
-            x.t() @ x
-        wall, cpu = [], []
-        for _ in range(pairs):
-            w0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(per):
-                x.t() @ x
-            w1, c1 = time.perf_counter(), time.process_time()
-            for _ in range(per):
+        for dtype in dtypes:
+            x32 = _rows(rows, d, torch.device("cpu"), torch.float32, seed=d).to(dtype).float()
+            x = x32.to(dtype)
+            acc = ActivationCovarianceAccumulator(d)
+            for _ in range(3):  # warm-up: SciPy import, allocator, thread pools
                 acc.update(x)
-            w2, c2 = time.perf_counter(), time.process_time()
-            wall.append((w2 - w1) / (w1 - w0))
-            cpu.append((c2 - c1) / max(c1 - c0, 1e-9))
-        row = {"case": "small_chunk", "d": d, "rows": rows, "threads": torch.get_num_threads(), "pairs": pairs,
-               "wall_ratio_median": statistics.median(wall), "wall_ratio_min": min(wall), "wall_ratio_max": max(wall),
-               "cpu_ratio_median": statistics.median(cpu), "cpu_ratio_min": min(cpu), "cpu_ratio_max": max(cpu)}
-        print(json.dumps(row), flush=True)
-        out.append(row)
+                x32.t() @ x32
+            wall, cpu = [], []
+            for _ in range(pairs):
+                w0, c0 = time.perf_counter(), time.process_time()
+                for _ in range(per):
+                    x32.t() @ x32
+                w1, c1 = time.perf_counter(), time.process_time()
+                for _ in range(per):
+                    acc.update(x)
+                w2, c2 = time.perf_counter(), time.process_time()
+                wall.append((w2 - w1) / (w1 - w0))
+                cpu.append((c2 - c1) / max(c1 - c0, 1e-9))
+            row = {"case": "small_chunk", "d": d, "rows": rows, "dtype": str(dtype).split(".")[-1],
+                   "threads": torch.get_num_threads(), "pairs": pairs,
+                   "wall_ratio_median": statistics.median(wall), "wall_ratio_min": min(wall), "wall_ratio_max": max(wall),
+                   "cpu_ratio_median": statistics.median(cpu), "cpu_ratio_min": min(cpu), "cpu_ratio_max": max(cpu)}
+            print(json.dumps(row), flush=True)
+            out.append(row)
     return out
 
 
@@ -426,7 +431,7 @@ def main() -> None:
     if args.small_chunk:
         rows = small_chunk(pairs=args.pairs)
         for r in rows:
-            print(f"CPU small chunk, d={r['d']}, {r['rows']} rows, {r['threads']} threads: update / bare X.T@X = "
+            print(f"CPU small chunk, d={r['d']}, {r['rows']} {r['dtype']} rows, {r['threads']} threads: update / bare X.T@X = "
                   f"{r['wall_ratio_median']:.2f}x wall (spread {r['wall_ratio_min']:.2f}-{r['wall_ratio_max']:.2f}), "
                   f"{r['cpu_ratio_median']:.2f}x CPU time (spread {r['cpu_ratio_min']:.2f}-{r['cpu_ratio_max']:.2f}); "
                   f"target <= {1.5 if r['d'] <= 256 else 1.1}x")

@@ -190,7 +190,7 @@ def main(argv=None) -> dict:
             lines.append(f"| head+loss {name} / materialized, {h['n']} tokens x {h['v']} | "
                          f"{h[f'{name}_vs_materialized']:.2f}x (grad rel. err {h[f'{name}_grad_rel_err_vs_materialized']:.1e}) | pick the fastest |")
     for r in res["small_chunk"]:
-        lines.append(f"| CPU update / X.T@X, {r['rows']} x {r['d']}, {r['threads']} threads (this host's CPU) | "
+        lines.append(f"| CPU update / X.T@X, {r['rows']} x {r['d']} {r['dtype']}, {r['threads']} threads (this host's CPU) | "
                      f"{r['wall_ratio_median']:.2f}x wall, {r['cpu_ratio_median']:.2f}x CPU | <= 1.5x (256), <= 1.1x (768) |")
     res["table"] = lines
     print("\n".join(lines))
