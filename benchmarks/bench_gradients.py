@@ -353,11 +353,43 @@ def host_overhead(pairs: int = 15) -> dict:
     return out
 
 
+def _probe_with_old_parts():
+    """``(old, new)``: the whole probe (update + compute, the GPT-2-small layout on 32-token
+    sequences, M = 64 in 8 chunks, bf16 autocast) with the three CPU parts of :func:`cpu_parts`
+    patched back to their old forms, and as it is."""
+    from spectral_lens.gradients import losses
+    from spectral_lens.gradients import probe as probe_module
+    from spectral_lens.gradients.gram import block_rows_for, fill_gram
+
+    torch.manual_seed(0)
+    model = GPT(ctx=32, vocab=50304, d=768, heads=12, layers=12).eval()
+    x, y = torch.randint(0, 50304, (64, 32)), torch.randint(0, 50304, (64, 32))
+    name = "transformer.h.11.attn.c_proj.weight"
+
+    def new():
+        PerSampleGradientProbe(model, name, chunk_size=8, autocast_dtype=torch.bfloat16).update((x, y)).compute()
+
+    def old():
+        saved = losses._scale_rows_, probe_module.finite_rows, probe_module.fill_gram_by_columns
+        by_columns = saved[2]
+        losses._scale_rows_ = lambda g, w: g.mul_(w)
+        probe_module.finite_rows = lambda r: r.isfinite().all(1)
+        probe_module.fill_gram_by_columns = lambda k, b, s, c: (
+            fill_gram(k, b, s, block_rows_for(b[0].shape[1])) if k.device == b[0].device else by_columns(k, b, s, c))
+        try:
+            new()
+        finally:
+            losses._scale_rows_, probe_module.finite_rows, probe_module.fill_gram_by_columns = saved
+
+    return old, new
+
+
 def cpu_parts(pairs: int = 7) -> dict:
     """Three parts of the probe on the CPU, each old way against the current one in interleaved pairs
     (medians, one process): the float64 Gram fill of the rows (row blocks vs column slabs), the scaling
     in the cross-entropy backward (PyTorch's mixed-dtype ``g.mul_(w)`` vs row blocks in float32), and
-    the row finiteness check (``isfinite().all(1)`` vs a row maximum and minimum)."""
+    the row finiteness check (``isfinite().all(1)`` vs a row maximum and minimum); then the whole
+    probe with the three old parts against the probe as it is."""
     from spectral_lens.gradients import losses
     from spectral_lens.gradients.gram import CPU_SLAB_ELEMENTS, block_rows_for, fill_gram, fill_gram_by_columns
     from spectral_lens.gradients.probe import finite_rows
@@ -374,6 +406,7 @@ def cpu_parts(pairs: int = 7) -> dict:
     cases["ce scale 256 x 50304 bf16"] = (lambda: soft.clone().mul_(w), lambda: losses._scale_rows_(soft.clone(), w))
     rows = torch.randn(8, 768 * 768, generator=g)
     cases["finite rows 8 x 589824"] = (lambda: rows.isfinite().all(1), lambda: finite_rows(rows))
+    cases["probe, GPT-2-small layout, 32 tokens, M = 64, bf16"] = _probe_with_old_parts()
     out = {}
     for name, (old, new) in cases.items():
         old(), new()
