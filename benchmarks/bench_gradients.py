@@ -9,7 +9,7 @@ Compares, in one run and on the same sequences:
 * ``probe_materialized`` the same with ``head_loss="materialized"`` (full tokens x vocab logits, the
                   default loss: the probe before auto selection);
 * ``probe_native_ce`` the same with PyTorch's autocast cross-entropy (``causal_lm_loss(method="native")``)
-                  instead of the default, which recomputes the softmax for bf16 logits on CUDA;
+                  instead of the default, which keeps the softmax in bf16 for bf16 logits (no float32 copy);
 * ``probe_offload`` the same with ``offload_rows=True`` (rows of G in pinned host memory: peak device memory);
 * ``probe_vmap``  the probe's generic ``torch.func`` engine;
 * ``recipe_vmap`` the textbook whole-model recipe ``vmap(grad(functional_call(model)))`` w.r.t. W_O,
@@ -38,6 +38,7 @@ and the relative error of singular values against ``probe_fp32`` (max over all j
     python benchmarks/bench_gradients.py --quick          # CPU smoke test, tiny sizes, < 60 s
     python benchmarks/bench_gradients.py --host-overhead  # CPU: the probe's host work per chunk (host_overhead)
     python benchmarks/bench_gradients.py --cpu-parts      # CPU: Gram fill, loss scaling, finiteness check, old vs new
+    python benchmarks/bench_gradients.py --probe-ratio    # CPU: probe / forward, GPT-2-small layout, 32 tokens
 """
 
 from __future__ import annotations
@@ -353,43 +354,43 @@ def host_overhead(pairs: int = 15) -> dict:
     return out
 
 
-def _probe_with_old_parts():
-    """``(old, new)``: the whole probe (update + compute, the GPT-2-small layout on 32-token
-    sequences, M = 64 in 8 chunks, bf16 autocast) with the three CPU parts of :func:`cpu_parts`
-    patched back to their old forms, and as it is."""
-    from spectral_lens.gradients import losses
-    from spectral_lens.gradients import probe as probe_module
-    from spectral_lens.gradients.gram import block_rows_for, fill_gram
-
+def probe_ratio(pairs: int = 7) -> dict:
+    """The probe (update + compute) against the no-grad forward of the same chunks, interleaved,
+    medians over ``pairs``: the GPT-2-small layout on 32-token sequences, M = 64 in 8 chunks, bf16
+    autocast, on the CPU. It uses only the public API, so the same file can be run against an older
+    checkout (copy it into that checkout's ``benchmarks/``) for a before/after ratio."""
     torch.manual_seed(0)
     model = GPT(ctx=32, vocab=50304, d=768, heads=12, layers=12).eval()
     x, y = torch.randint(0, 50304, (64, 32)), torch.randint(0, 50304, (64, 32))
     name = "transformer.h.11.attn.c_proj.weight"
 
-    def new():
+    def probe():
         PerSampleGradientProbe(model, name, chunk_size=8, autocast_dtype=torch.bfloat16).update((x, y)).compute()
 
-    def old():
-        saved = losses._scale_rows_, probe_module.finite_rows, probe_module.fill_gram_by_columns
-        by_columns = saved[2]
-        losses._scale_rows_ = lambda g, w: g.mul_(w)
-        probe_module.finite_rows = lambda r: r.isfinite().all(1)
-        probe_module.fill_gram_by_columns = lambda k, b, s, c: (
-            fill_gram(k, b, s, block_rows_for(b[0].shape[1])) if k.device == b[0].device else by_columns(k, b, s, c))
-        try:
-            new()
-        finally:
-            losses._scale_rows_, probe_module.finite_rows, probe_module.fill_gram_by_columns = saved
+    def nograd():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for i in range(0, 64, 8):
+                model(x[i : i + 8])
 
-    return old, new
+    times = {"probe": [], "nograd": []}
+    probe(), nograd()
+    for _ in range(pairs):
+        for key, fn in (("probe", probe), ("nograd", nograd)):
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["probe_vs_nograd"] = out["probe"] / out["nograd"]
+    print(f"probe {out['probe']:.3f} s, no-grad forward {out['nograd']:.3f} s, probe / forward "
+          f"{out['probe_vs_nograd']:.2f} (CPU, {torch.get_num_threads()} threads)")
+    return out
 
 
 def cpu_parts(pairs: int = 7) -> dict:
     """Three parts of the probe on the CPU, each old way against the current one in interleaved pairs
     (medians, one process): the float64 Gram fill of the rows (row blocks vs column slabs), the scaling
     in the cross-entropy backward (PyTorch's mixed-dtype ``g.mul_(w)`` vs row blocks in float32), and
-    the row finiteness check (``isfinite().all(1)`` vs a row maximum and minimum); then the whole
-    probe with the three old parts against the probe as it is."""
+    the row finiteness check (``isfinite().all(1)`` vs a row maximum and minimum)."""
     from spectral_lens.gradients import losses
     from spectral_lens.gradients.gram import CPU_SLAB_ELEMENTS, block_rows_for, fill_gram, fill_gram_by_columns
     from spectral_lens.gradients.probe import finite_rows
@@ -403,10 +404,9 @@ def cpu_parts(pairs: int = 7) -> dict:
                                     lambda b=blocks, k=k, n=n: fill_gram_by_columns(k, b, 0, CPU_SLAB_ELEMENTS // n))
     soft = torch.softmax(torch.randn(256, 50304, generator=g).bfloat16(), -1)
     w = torch.rand(256, 1, generator=g) / 32
-    cases["ce scale 256 x 50304 bf16"] = (lambda: soft.clone().mul_(w), lambda: losses._scale_rows_(soft.clone(), w))
+    cases["ce scale 256 x 50304 bf16"] = (lambda: soft.clone().mul_(w), lambda: losses._scaled_rows(soft, w))
     rows = torch.randn(8, 768 * 768, generator=g)
     cases["finite rows 8 x 589824"] = (lambda: rows.isfinite().all(1), lambda: finite_rows(rows))
-    cases["probe, GPT-2-small layout, 32 tokens, M = 64, bf16"] = _probe_with_old_parts()
     out = {}
     for name, (old, new) in cases.items():
         old(), new()
@@ -437,11 +437,14 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--host-overhead", action="store_true", help="only the host-bound CPU case (host_overhead)")
     ap.add_argument("--cpu-parts", action="store_true", help="only the CPU parts, old vs new (cpu_parts)")
+    ap.add_argument("--probe-ratio", action="store_true", help="only the CPU probe / forward ratio (probe_ratio)")
     args = ap.parse_args(argv)
     if args.host_overhead:
         return host_overhead()
     if args.cpu_parts:
         return cpu_parts()
+    if args.probe_ratio:
+        return probe_ratio()
     device = torch.device(args.device)
     if args.quick:
         cfg = dict(vocab=512, d=64, heads=4, layers=2)

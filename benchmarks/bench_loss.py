@@ -41,15 +41,18 @@ class VocabBytes(TorchDispatchMode):
     """Tallies the bytes of (N x V) arrays that ATen ops read and write.
 
     Each distinct (N, V) operand of an op counts once as a read and each (N, V) result once as a write
-    (an in-place op's ``self`` counts as both). Views and ``new_*`` factories move nothing and are
-    skipped; gather, scatter and index_put touch N elements of an (N, V) operand, which this tally
-    ignores.
+    (an in-place op's ``self`` counts as both). Views, ``new_*`` factories and allocations (``empty*``)
+    move nothing and are skipped; gather, scatter and index_put touch N elements of an (N, V)
+    operand, which this tally ignores. On the CPU our loss's backward scales the softmax by row
+    blocks that stay in cache (a read of the softmax and a write of the gradient, which the tally
+    misses); on CUDA it is a copy and one in-place product, both counted.
     """
 
     SPARSE = {"gather", "scatter", "scatter_", "scatter_add", "scatter_add_", "index_select", "index_put", "index_put_",
               "nll_loss_forward"}
     WRITE_ONLY = {"nll_loss_backward"}  # takes the (N, V) log-probs for their shape, writes a dense gradient
-    METADATA = {"new_zeros", "new_empty", "new_full", "new_ones"}  # read only dtype and device of self
+    METADATA = {"new_zeros", "new_empty", "new_full", "new_ones",  # read only dtype and device of self
+                "empty_like", "empty", "empty_strided"}  # allocate, write nothing
 
     def __init__(self, shape: tuple[int, int]) -> None:
         super().__init__()

@@ -16,33 +16,39 @@ import torch.nn.functional as F
 __all__ = ["causal_lm_loss", "causal_lm_targets", "extract_logits", "token_cross_entropy"]
 
 
-#: elements per row block of :func:`_scale_rows_` on the CPU (a block and its float32 copy stay in L2)
+#: elements per row block of :func:`_scaled_rows` on the CPU (a block and its float32 copy stay in L2)
 _CPU_BLOCK_ELEMENTS = 1 << 18
 
 
-def _scale_rows_(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``g *= w`` in place, ``w`` (N, 1) in a wider dtype than ``g`` (N, V): each product is formed in
-    ``w``'s dtype and rounded once to ``g``'s, as ``g.mul_(w)`` does. On the CPU a mixed-dtype in-place
-    product takes a slow path (6x the time of row blocks for (256, 50304) bf16 on the 2-core CPU,
+def _scaled_rows(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``p * w`` as a new tensor in ``p``'s dtype, ``w`` (N, 1): each product is formed in the wider
+    dtype and rounded once to ``p``'s, as an in-place ``p.clone().mul_(w)`` does (an out-of-place
+    ``p * w`` would promote the (N, V) result to ``w``'s dtype). On the CPU a mixed-dtype product
+    takes a slow path (6x the time of row blocks for (256, 50304) bf16 on the 2-core CPU,
     ``python benchmarks/bench_gradients.py --cpu-parts``), so there it runs on row blocks converted
-    to ``w``'s dtype: the same roundings, bit for bit."""
-    if g.device.type != "cpu" or g.dtype == w.dtype or g.ndim != 2:
-        return g.mul_(w)
-    step = max(1, _CPU_BLOCK_ELEMENTS // max(1, g.shape[-1]))
-    for s in range(0, g.shape[0], step):
-        block = g[s : s + step]
-        block.copy_(block.to(w.dtype).mul_(w[s : s + step]))
-    return g
+    to ``w``'s dtype: the same roundings, bit for bit, and one pass over ``p`` instead of two."""
+    if p.dtype == w.dtype:
+        return p * w
+    if p.device.type != "cpu" or p.ndim != 2:
+        return p.clone().mul_(w)  # one mixed-dtype kernel on CUDA; out= has no vmap batching rule
+    out = torch.empty_like(p)
+    step = max(1, _CPU_BLOCK_ELEMENTS // max(1, p.shape[-1]))
+    for s in range(0, p.shape[0], step):
+        out[s : s + step].copy_(p[s : s + step].to(w.dtype).mul_(w[s : s + step]))
+    return out
 
 
 class _SoftmaxCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy whose backward recomputes the softmax instead of saving log-probs.
+    """Per-token cross-entropy that keeps the forward's softmax, in the logits' dtype, in place of
+    PyTorch's float32 log-probs; returns ``(loss, softmax)``, the second only for the backward.
 
     Written for bfloat16 logits, where PyTorch's own path (autocast casts the (tokens x vocab) array to
     float32, then log-softmax, a dense NLL gradient and a log-softmax backward, all in float32) moves
     2.3x the bytes. Every (tokens x vocab) pass here stays in the logits' dtype with float32
-    arithmetic inside the kernels (softmax, max, an in-place scale, a row sum): see
-    ``benchmarks/bench_loss.py``.
+    arithmetic inside the kernels (softmax, max, a scale, a row sum): see ``benchmarks/bench_loss.py``.
+    The saved softmax has the logits' size and takes their place (the logits are not saved); the
+    backward scales it instead of recomputing it (the first version did, hence ``method="recompute"``),
+    which saves the exponentials and one pass over the logits with the same result bit for bit.
 
     The loss is ``lse - z_t`` with ``lse = z_max - log p_max``: ``p_max >= 1/V`` is always a normal
     number, so the log-sum-exp is exact up to one rounding of ``p_max`` (absolute error <= 2^-8 for
@@ -61,27 +67,32 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         valid = targets != ignore_index
         safe = targets.masked_fill(~valid, 0).unsqueeze(-1)
         z_max, arg = logits.max(-1, keepdim=True)
-        p_max = torch.softmax(logits, -1).gather(-1, arg)
+        p = torch.softmax(logits, -1)
+        p_max = p.gather(-1, arg)
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         lse = z_max.to(acc) - p_max.to(acc).log()
         loss = (lse - logits.gather(-1, safe).to(acc)).squeeze(-1)
-        return loss.masked_fill(~valid, 0.0)
+        return loss.masked_fill(~valid, 0.0), p
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, targets, ignore_index = inputs
-        ctx.save_for_backward(logits, targets)
+        _, targets, ignore_index = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # no (N, V) zeros for the softmax output's (absent) gradient
+        ctx.save_for_backward(output[1], targets)
         ctx.ignore_index = ignore_index
 
     @staticmethod
-    def backward(ctx, grad_loss):
-        logits, targets = ctx.saved_tensors
+    def backward(ctx, grad_loss, _grad_p):
+        if grad_loss is None:
+            return None, None, None
+        p, targets = ctx.saved_tensors
         valid = targets != ctx.ignore_index
         safe = targets.masked_fill(~valid, 0).unsqueeze(-1)
         w = (grad_loss * valid).unsqueeze(-1)
-        with torch.autocast(logits.device.type, enabled=False):
-            g = torch.softmax(logits, -1)  # a fresh tensor: scaling it in place is safe under retain_graph
-            _scale_rows_(g, w)  # float32 product, rounded to the logits' dtype
+        with torch.autocast(p.device.type, enabled=False):
+            # a new tensor (p stays intact for a retained graph): float32 products, rounded to p's dtype
+            g = _scaled_rows(p, w)
             # the target entry -w (1 - p_t) as minus the sum of the other entries: exact to rounding even
             # when p_t ~ 1, where (bf16(p_t) - 1) would cancel. index_put_ (not scatter_add_) is
             # deterministic on CUDA and batches under vmap.
@@ -105,12 +116,12 @@ def token_cross_entropy(
 
     * ``"native"``: PyTorch's ``F.cross_entropy``. Under ``torch.autocast`` it first casts bf16/fp16
       logits to a float32 (N, V) copy; the loss is then exact to float32 rounding.
-    * ``"recompute"``: :class:`_SoftmaxCrossEntropy`: no float32 copy, no saved log-probs, the
-      backward recomputes the softmax in the logits' dtype. For bf16 logits it moves 0.44x the
-      (N, V) bytes of the native autocast path and took 0.69-0.92x its time on a 2-core CPU
-      (``benchmarks/bench_loss.py``; not yet timed on a GPU); the loss is within 2^-8
-      absolute and each gradient entry within two bf16 roundings (three at the target) of float64 on
-      the same logits.
+    * ``"recompute"``: :class:`_SoftmaxCrossEntropy`: no float32 copy, no saved log-probs: the
+      forward's softmax is kept in the logits' dtype, in place of the logits, and the backward scales
+      it (the name is from the first version, which recomputed it there). See
+      ``benchmarks/bench_loss.py`` for its time against the native autocast path; the loss is
+      within 2^-8 absolute and each gradient entry within two bf16 roundings (three at the target)
+      of float64 on the same logits.
     * ``"auto"`` (default): ``"recompute"`` for bf16 logits, ``"native"`` otherwise.
     """
     if method not in METHODS:
@@ -119,7 +130,7 @@ def token_cross_entropy(
         method = "recompute" if logits.dtype == torch.bfloat16 else "native"
     if method == "recompute":
         with torch.autocast(logits.device.type, enabled=False):
-            return _SoftmaxCrossEntropy.apply(logits, targets, ignore_index)
+            return _SoftmaxCrossEntropy.apply(logits, targets, ignore_index)[0]
     loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="none")
     return loss.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
 

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from spectral_lens.gradients import causal_lm_loss, extract_logits
 from spectral_lens.gradients import losses as losses_module
-from spectral_lens.gradients.losses import _scale_rows_, _SoftmaxCrossEntropy, token_cross_entropy
+from spectral_lens.gradients.losses import _scaled_rows, _SoftmaxCrossEntropy, token_cross_entropy
 
 
 def test_token_cross_entropy_matches_torch():
@@ -53,7 +53,7 @@ def test_softmax_cross_entropy_is_exact_in_float64():
     t = torch.randint(0, 11, (40,))
     t[:5], t[[12, 30]] = 0, -100
     w = torch.randn(40, dtype=torch.float64)
-    a, b = _SoftmaxCrossEntropy.apply(x, t, -100), F.cross_entropy(x, t, reduction="none")
+    a, b = _SoftmaxCrossEntropy.apply(x, t, -100)[0], F.cross_entropy(x, t, reduction="none")
     torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-13)
     ga = torch.autograd.grad((a * w).sum(), x, retain_graph=True)[0]
     gb = _reference_grad(x.detach(), t, w)
@@ -62,10 +62,10 @@ def test_softmax_cross_entropy_is_exact_in_float64():
     torch.testing.assert_close(ga, gc, rtol=1e-12, atol=1e-15)
     # the backward works on a fresh softmax: a second backward through the retained graph agrees
     torch.testing.assert_close(torch.autograd.grad((a * w).sum(), x)[0], ga, rtol=0, atol=0)
-    assert torch.autograd.gradcheck(lambda z: _SoftmaxCrossEntropy.apply(z, t, -100), (x.detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(lambda z: _SoftmaxCrossEntropy.apply(z, t, -100)[0], (x.detach().requires_grad_(),))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # batching rules exist for every op (no per-sample fallback)
-        per_sample = vmap(grad(lambda z, y: _SoftmaxCrossEntropy.apply(z, y, -100).sum()))(x.detach()[:, None], t[:, None])
+        per_sample = vmap(grad(lambda z, y: _SoftmaxCrossEntropy.apply(z, y, -100)[0].sum()))(x.detach()[:, None], t[:, None])
     torch.testing.assert_close(per_sample[:, 0], gb / w[:, None], rtol=1e-11, atol=1e-300)
 
 
@@ -124,21 +124,25 @@ def test_token_cross_entropy_bf16_against_float64(n, v, scale, offset, confident
     assert (err <= roundings * 2**-8 * gref.abs() * 1.01 + 1e-38).all(), float((err / gref.abs().clamp_min(1e-300)).max())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_scale_rows_matches_mixed_dtype_product(dtype):
-    """The CPU row-block scaling rounds exactly as PyTorch's mixed-dtype ``g.mul_(w)`` (one float32
-    product per entry, rounded once), for row counts that do not divide into blocks, and under vmap."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_scaled_rows_matches_mixed_dtype_product(dtype):
+    """The backward's scaling rounds exactly as PyTorch's in-place mixed-dtype ``g.mul_(w)`` (one
+    float32 product per entry, rounded once): by row blocks on the CPU, for row counts that do not
+    divide into blocks, and under vmap; its input is left as it was."""
     g0 = torch.Generator().manual_seed(6)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
     for n, v, block in ((1, 5, 1), (13, 300, 700), (40, 1000, 2**18), (7, 3, 2)):
         g = (torch.rand(n, v, generator=g0) * 3).to(dtype)
-        w = torch.rand(n, 1, generator=g0, dtype=torch.float32) / 7 + 1e-3
+        w = torch.rand(n, 1, generator=g0, dtype=wide) / 7 + 1e-3
+        before = g.clone()
         with mock.patch.object(losses_module, "_CPU_BLOCK_ELEMENTS", block):
-            got = _scale_rows_(g.clone(), w)
-            batched = vmap(lambda a, b: _scale_rows_(a.clone(), b))(g[:, None], w[:, None])
+            got = _scaled_rows(g, w)
+            batched = vmap(_scaled_rows)(g[:, None], w[:, None])
         want = g.clone().mul_(w)
-        assert got.dtype == dtype and torch.equal(got, want)
+        assert got.dtype == dtype and torch.equal(got, want) and torch.equal(g, before)
         assert torch.equal(batched[:, 0], want)
-        assert not torch.equal(want, g.mul(w.to(dtype)))  # rounding w first would differ: the check can fail
+        if dtype != torch.float64:  # rounding w first would differ: the check can fail
+            assert not torch.equal(want, g.mul(w.to(dtype)))
 
 
 def test_token_cross_entropy_methods():
