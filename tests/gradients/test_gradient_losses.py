@@ -143,6 +143,9 @@ def test_scaled_rows_matches_mixed_dtype_product(dtype):
         assert torch.equal(batched[:, 0], want)
         if dtype != torch.float64:  # rounding w first would differ: the check can fail
             assert not torch.equal(want, g.mul(w.to(dtype)))
+        # the branch CUDA takes (one in-place mixed-dtype product on a copy), reached here by a 3-d input
+        got3 = _scaled_rows(g[:, None], w[:, None])
+        assert got3.dtype == dtype and torch.equal(got3[:, 0], want) and torch.equal(g, before)
 
 
 def test_token_cross_entropy_methods():
