@@ -217,7 +217,7 @@ def chunk_moments(
         return fast_chunk_moments(x, shift, valid, lower_only=lower_only)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
-    if x.dtype != dtype and not x.is_cuda:  # the same values: CPU ops mixing dtypes take a slow path
+    if x.dtype != dtype and x.device.type == "cpu":  # the same values: mixed-dtype CPU ops take a slow path
         y.copy_(x).sub_(shift.to(work))
     else:
         torch.sub(x, shift.to(work), out=y)
