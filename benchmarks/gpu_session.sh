@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check of this project in one call, for a session that is lent a CUDA machine for minutes:
-# the CUDA test tier, the issue-13 benchmark table and the probe's profile. Outputs go to $OUT (or
+# the CUDA test tier, the issue-13 benchmark table, the probe's profile and the bf16 loss kernel. Outputs go to $OUT (or
 # ./gpu_session_out); each step's log is kept even when a later step fails.
 #
 #     OUT=/some/dir bash benchmarks/gpu_session.sh        # about 4-5 minutes on an H100
@@ -35,4 +35,5 @@ step cuda_tests "$py" -m pytest -q -p no:cacheprovider -m cuda tests/core/test_c
 step gpu_all "$py" benchmarks/gpu_all.py --out "$out/gpu_all.json"
 step profile_probe "$py" benchmarks/profile_gradients.py --m 64 --out "$out/profile_probe_m64.txt"
 step host_overhead "$py" benchmarks/bench_gradients.py --host-overhead
+step bench_loss "$py" benchmarks/bench_loss.py --device cuda --out "$out/bench_loss.json"
 exit $status
