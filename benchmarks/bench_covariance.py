@@ -23,7 +23,6 @@ import time
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's spectral_lens, not an installed one

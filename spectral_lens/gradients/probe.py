@@ -27,7 +27,7 @@ from ._validate import nonfinite_loss_message, param_names
 from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, slice_batch
 from . import cast_cache
-from .engines import NoGradientPathError, fast_engine, loop_engine
+from .engines import fast_engine, loop_engine
 from .fallback import vmap_or_loop
 from .fused_head import chunked_head_fns, chunked_is_faster, find_chunkable_head
 from .gram import (
