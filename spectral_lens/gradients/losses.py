@@ -66,9 +66,11 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     def forward(logits, targets, ignore_index):
         valid = targets != ignore_index
         safe = targets.masked_fill(~valid, 0).unsqueeze(-1)
-        z_max, arg = logits.max(-1, keepdim=True)
+        # the softmax's largest entry is the one at the logits' arg max (exp, the division by the sum
+        # and the rounding are monotone): two plain maxima, cheaper than a max with indices and a gather
+        z_max = logits.amax(-1, keepdim=True)
         p = torch.softmax(logits, -1)
-        p_max = p.gather(-1, arg)
+        p_max = p.amax(-1, keepdim=True)
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         lse = z_max.to(acc) - p_max.to(acc).log()
         loss = (lse - logits.gather(-1, safe).to(acc)).squeeze(-1)

@@ -148,6 +148,37 @@ def test_scaled_rows_matches_mixed_dtype_product(dtype):
         assert got3.dtype == dtype and torch.equal(got3[:, 0], want) and torch.equal(g, before)
 
 
+def _one_ulp_below(t: torch.Tensor) -> torch.Tensor:
+    """The next representable value below each (finite, nonzero) entry of ``t``, in ``t``'s dtype."""
+    bits = t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    below = torch.where(t > 0, bits - 1, bits + 1).view(t.dtype)  # sign-magnitude: the magnitude moves
+    assert (below < t).all() and (below.double() >= t.double() - t.double().abs() * 2.0**-7).all()
+    return below
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32, torch.float64]),
+    n=st.integers(1, 30),
+    v=st.integers(1, 5000),
+    scale=st.sampled_from([1e-3, 1.0, 8.0, 60.0]),
+    offset=st.sampled_from([0.0, -300.0, 2000.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_softmax_max_sits_at_the_logits_argmax(dtype, n, v, scale, offset, seed):
+    """The loss reads ``p_max`` as the largest softmax entry: it is the entry at the logits' arg max,
+    bit for bit, also with near-ties (a logit one ulp below the largest) and exact ties."""
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(n, v, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+    top, arg = z.max(-1)
+    if v > 1:
+        near = (arg + 1) % v
+        z[torch.arange(n), near] = _one_ulp_below(top)
+        z[: n // 2, (arg[: n // 2] + 2) % v] = top[: n // 2]  # exact ties in half of the rows
+    p = torch.softmax(z, -1)
+    assert torch.equal(p.amax(-1), p.gather(-1, z.argmax(-1, keepdim=True)).squeeze(-1))
+
+
 def test_token_cross_entropy_methods():
     torch.manual_seed(4)
     x = torch.randn(6, 30).to(torch.bfloat16).requires_grad_()
@@ -184,6 +215,22 @@ def test_extract_logits_and_target_conventions():
         causal_lm_loss(logits, (ids, ids[:, 1:]))
     with pytest.raises(ValueError, match=r"\(input_ids, targets"):
         causal_lm_loss(logits, (ids,))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_softmax_max_sits_at_the_logits_argmax_on_cuda(dtype):
+    """The same property on CUDA's softmax kernels (bounded there by one more bf16 rounding of
+    ``p_max`` if it failed, which the loss bound of the next test would still cover)."""
+    g = torch.Generator().manual_seed(8)
+    z = (torch.randn(512, 50304, generator=g, dtype=torch.float64) * 4).to(dtype)
+    top, arg = z.max(-1)
+    z[torch.arange(512), (arg + 1) % 50304] = _one_ulp_below(top)
+    z[:256, (arg[:256] + 2) % 50304] = top[:256]
+    z = z.cuda()
+    p = torch.softmax(z, -1)
+    assert torch.equal(p.amax(-1), p.gather(-1, z.argmax(-1, keepdim=True)).squeeze(-1))
 
 
 @pytest.mark.cuda
