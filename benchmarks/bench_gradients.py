@@ -38,7 +38,7 @@ and the relative error of singular values against ``probe_fp32`` (max over all j
     python benchmarks/bench_gradients.py --quick          # CPU smoke test, tiny sizes, < 60 s
     python benchmarks/bench_gradients.py --host-overhead  # CPU: the probe's host work per chunk (host_overhead)
     python benchmarks/bench_gradients.py --cpu-parts      # CPU: Gram fill, loss scaling, finiteness check, old vs new
-    python benchmarks/bench_gradients.py --probe-ratio    # CPU: probe / forward, GPT-2-small layout, 32 tokens
+    python benchmarks/bench_gradients.py --probe-ratio --repeats 7 [--m 512]  # CPU: probe / forward, 32 tokens
 """
 
 from __future__ import annotations
@@ -354,14 +354,14 @@ def host_overhead(pairs: int = 15) -> dict:
     return out
 
 
-def probe_ratio(pairs: int = 7) -> dict:
+def probe_ratio(pairs: int = 7, m: int = 64) -> dict:
     """The probe (update + compute) against the no-grad forward of the same chunks, interleaved,
-    medians over ``pairs``: the GPT-2-small layout on 32-token sequences, M = 64 in 8 chunks, bf16
-    autocast, on the CPU. It uses only the public API, so the same file can be run against an older
+    medians over ``pairs``: the GPT-2-small layout on 32-token sequences, ``m`` sequences in chunks of
+    8, bf16 autocast, on the CPU. It uses only the public API, so the same file can be run against an older
     checkout (copy it into that checkout's ``benchmarks/``) for a before/after ratio."""
     torch.manual_seed(0)
     model = GPT(ctx=32, vocab=50304, d=768, heads=12, layers=12).eval()
-    x, y = torch.randint(0, 50304, (64, 32)), torch.randint(0, 50304, (64, 32))
+    x, y = torch.randint(0, 50304, (m, 32)), torch.randint(0, 50304, (m, 32))
     name = "transformer.h.11.attn.c_proj.weight"
 
     def probe():
@@ -369,7 +369,7 @@ def probe_ratio(pairs: int = 7) -> dict:
 
     def nograd():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            for i in range(0, 64, 8):
+            for i in range(0, m, 8):
                 model(x[i : i + 8])
 
     times = {"probe": [], "nograd": []}
@@ -381,7 +381,7 @@ def probe_ratio(pairs: int = 7) -> dict:
             times[key].append(time.perf_counter() - t0)
     out = {k: statistics.median(v) for k, v in times.items()}
     out["probe_vs_nograd"] = out["probe"] / out["nograd"]
-    print(f"probe {out['probe']:.3f} s, no-grad forward {out['nograd']:.3f} s, probe / forward "
+    print(f"M = {m}: probe {out['probe']:.3f} s, no-grad forward {out['nograd']:.3f} s, probe / forward "
           f"{out['probe_vs_nograd']:.2f} (CPU, {torch.get_num_threads()} threads)")
     return out
 
@@ -444,7 +444,7 @@ def main(argv=None):
     if args.cpu_parts:
         return cpu_parts()
     if args.probe_ratio:
-        return probe_ratio()
+        return probe_ratio(pairs=args.repeats, m=(args.m or [64])[0])
     device = torch.device(args.device)
     if args.quick:
         cfg = dict(vocab=512, d=64, heads=4, layers=2)
