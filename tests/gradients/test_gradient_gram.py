@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import numpy as np
 import torch
 from hypothesis import given, settings
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 import pytest
 
 from spectral_lens.gradients import PerSampleGradientProbe, fill_gram, fill_gram_by_columns, gram_against, gram_spectrum
+from spectral_lens.gradients import gram as gram_module
 from spectral_lens.gradients import probe as probe_module
 
 
@@ -20,18 +23,21 @@ from spectral_lens.gradients import probe as probe_module
     block=st.integers(1, 9),
     start_frac=st.floats(0, 1),
     offset=st.sampled_from([0.0, 1e3]),
+    panel=st.sampled_from([1, 2, 5, 64]),
     seed=st.integers(0, 2**16),
 )
-def test_fill_gram_matches_numpy(fill, sizes, block, start_frac, offset, seed):
-    """Row blocks (``block`` rows) and column slabs (``block`` columns, rows in host memory) fill the
-    same entries: those with ``max(i, j) >= start``, exactly symmetric, the rest untouched."""
+def test_fill_gram_matches_numpy(fill, sizes, block, start_frac, offset, panel, seed):
+    """Row blocks (``block`` rows) and column slabs (``block`` columns; on the CPU only the lower
+    block triangle, by panels of ``panel`` rows) fill the same entries: those with
+    ``max(i, j) >= start``, exactly symmetric, the rest untouched."""
     rng = np.random.default_rng(seed)
     blocks = [torch.from_numpy(rng.standard_normal((s, 7)) + offset).float() for s in sizes]
     g = torch.cat(blocks).double().numpy()
     n = g.shape[0]
     start = int(start_frac * n)
     k = torch.full((n, n), -7.0, dtype=torch.float64)
-    fill(k, blocks, start, block)
+    with mock.patch.object(gram_module, "PANEL_ROWS", panel):
+        fill(k, blocks, start, block)
     ref = g @ g.T
     filled = np.maximum.outer(np.arange(n), np.arange(n)) >= start
     np.testing.assert_allclose(k.numpy()[filled], ref[filled], rtol=1e-12, atol=1e-12)
