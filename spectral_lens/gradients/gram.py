@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..spectra.eigen import eigenvalues_descending
+from ..spectra.moments import mirror_lower
 
 __all__ = [
     "CPU_SLAB_ELEMENTS",
@@ -109,7 +110,8 @@ def fill_gram_by_columns(k: torch.Tensor, blocks: list[torch.Tensor], start: int
     ``k``'s device once, ``cols`` columns at a time (one ``n x cols`` float64 slab there), and the
     entries accumulate ``k[i, j] += <row_i[a:b], row_j[a:b]>`` over column slabs. On the CPU the
     slab is one reused float64 buffer that fits in cache, where row blocks are fresh float64 copies
-    of all rows (0.3 GB for 64 rows of 768 x 768) whose page faults cost more than the product. Same
+    of all rows (0.3 GB for 64 rows of 768 x 768) whose page faults cost more than the product, and
+    each slab adds only the lower block triangle, by panels of :data:`PANEL_ROWS` rows. Same
     entries as :func:`fill_gram` up to float64 summation order.
     """
     n = sum(b.shape[0] for b in blocks)
@@ -138,11 +140,8 @@ def fill_gram_by_columns(k: torch.Tensor, blocks: list[torch.Tensor], start: int
             continue
         for i, e in panels:
             k[i:e, :e].addmm_(slab[i:e], slab[:e].t())
-    if panels is None:
-        k[start:n, start:n] = symmetrized(k[start:n, start:n])
-    else:  # the lower triangle is the product; mirrored, exactly symmetric
-        low = k[start:n, start:n].tril()
-        k[start:n, start:n] = low + low.tril(-1).t()
+    block = k[start:n, start:n]  # exactly symmetric from the triangle the products filled
+    k[start:n, start:n] = symmetrized(block) if panels is None else mirror_lower(block)
     k[:start, start:n] = k[start:n, :start].t()
 
 

@@ -577,9 +577,9 @@ class PerSampleGradientProbe:
                 raise NonFiniteError(f"{name}: non-finite per-sample gradient for sample(s) {bad.tolist()[:20]}")
 
     def _complete(self) -> None:
-        """Fill the Gram entries still missing: resident rows by float64 blocks (column slabs on the CPU or
-        from host memory), then the blocks between
-        non-resident chunks (bounded-memory mode) by recomputing their gradients panel by panel."""
+        """Fill the Gram entries still missing: resident rows by float64 blocks (column slabs on the CPU
+        or from host memory), then the blocks between non-resident chunks (bounded-memory mode) by
+        recomputing their gradients panel by panel."""
         n_res = sum(c.stop - c.start for c in self._chunks if c.resident)
         if self._filled < n_res:
             for name, blocks in self._rows.items():
