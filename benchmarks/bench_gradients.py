@@ -38,7 +38,8 @@ and the relative error of singular values against ``probe_fp32`` (max over all j
     python benchmarks/bench_gradients.py --quick          # CPU smoke test, tiny sizes, < 60 s
     python benchmarks/bench_gradients.py --host-overhead  # CPU: the probe's host work per chunk (host_overhead)
     python benchmarks/bench_gradients.py --cpu-parts      # CPU: Gram fill, loss scaling, finiteness check, old vs new
-    python benchmarks/bench_gradients.py --probe-ratio --repeats 7 [--m 512]  # CPU: probe / forward, 32 tokens
+    python benchmarks/bench_gradients.py --probe-ratio --repeats 7 [--m 512]  # probe / forward interleaved, 32 tokens (CPU)
+    python benchmarks/bench_gradients.py --probe-ratio --device cuda --seq 1024 --m 64 512 --repeats 9 --chunk-mib 512
 """
 
 from __future__ import annotations
@@ -354,35 +355,60 @@ def host_overhead(pairs: int = 15) -> dict:
     return out
 
 
-def probe_ratio(pairs: int = 7, m: int = 64) -> dict:
-    """The probe (update + compute) against the no-grad forward of the same chunks, interleaved,
-    medians over ``pairs``: the GPT-2-small layout on 32-token sequences, ``m`` sequences in chunks of
-    8, bf16 autocast, on the CPU. It uses only the public API, so the same file can be run against an older
-    checkout (copy it into that checkout's ``benchmarks/``) for a before/after ratio."""
+def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32, chunk_mib=()) -> dict:
+    """The probe (update + compute) against the no-grad forward of the same chunks, interleaved: the
+    GPT-2-small layout on ``seq``-token sequences, ``m`` sequences in chunks of 8, bf16 autocast, on
+    ``device``. Reports the median time of each case and the median of the per-round ratios (each round
+    runs every case once, back to back, so slow drifts of a shared machine cancel in the ratio).
+    ``chunk_mib`` adds one probe case per value with ``fused_head.CHUNK_BYTES`` (the chunked head's
+    block budget) set to that many MiB. Apart from that module constant it uses only the public API, so
+    the same file can be run against an older checkout (copy it into that checkout's ``benchmarks/``)
+    for a before/after ratio."""
+    from spectral_lens.gradients import fused_head
+
+    dev = torch.device(device)
     torch.manual_seed(0)
-    model = GPT(ctx=32, vocab=50304, d=768, heads=12, layers=12).eval()
-    x, y = torch.randint(0, 50304, (m, 32)), torch.randint(0, 50304, (m, 32))
+    model = GPT(ctx=seq, vocab=50304, d=768, heads=12, layers=12).to(dev).eval()
+    x, y = torch.randint(0, 50304, (m, seq), device=dev), torch.randint(0, 50304, (m, seq), device=dev)
     name = "transformer.h.11.attn.c_proj.weight"
 
-    def probe():
-        PerSampleGradientProbe(model, name, chunk_size=8, autocast_dtype=torch.bfloat16).update((x, y)).compute()
+    def probe(budget=None):
+        def fn():
+            saved = fused_head.CHUNK_BYTES
+            fused_head.CHUNK_BYTES = saved if budget is None else budget
+            try:
+                PerSampleGradientProbe(model, name, chunk_size=8, autocast_dtype=torch.bfloat16).update((x, y)).compute()
+            finally:
+                fused_head.CHUNK_BYTES = saved
+        return fn
 
     def nograd():
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
             for i in range(0, m, 8):
                 model(x[i : i + 8])
 
-    times = {"probe": [], "nograd": []}
-    probe(), nograd()
+    cases = {"nograd": nograd, "probe": probe()}
+    cases.update({f"probe_chunk_{mib}mib": probe(mib << 20) for mib in chunk_mib})
+    times = {k: [] for k in cases}
+    for fn in cases.values():
+        fn()
     for _ in range(pairs):
-        for key, fn in (("probe", probe), ("nograd", nograd)):
+        for key, fn in cases.items():
+            sync(dev)
             t0 = time.perf_counter()
             fn()
+            sync(dev)
             times[key].append(time.perf_counter() - t0)
-    out = {k: statistics.median(v) for k, v in times.items()}
-    out["probe_vs_nograd"] = out["probe"] / out["nograd"]
-    print(f"M = {m}: probe {out['probe']:.3f} s, no-grad forward {out['nograd']:.3f} s, probe / forward "
-          f"{out['probe_vs_nograd']:.2f} (CPU, {torch.get_num_threads()} threads)")
+    out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "m": m, "seq": seq, "pairs": pairs}
+    out.update({k: statistics.median(v) for k, v in times.items()})
+    for key in cases:
+        if key != "nograd":
+            ratios = [p / n for p, n in zip(times[key], times["nograd"])]
+            out[f"{key}_vs_nograd"] = statistics.median(ratios)
+            out[f"{key}_vs_nograd_range"] = [min(ratios), max(ratios)]
+            print(f"M = {m}, {seq} tokens: {key} {out[key]:.3f} s, no-grad forward {out['nograd']:.3f} s, "
+                  f"{key} / forward {out[key + '_vs_nograd']:.2f} (per-round range {min(ratios):.2f}-{max(ratios):.2f}; "
+                  f"{out['device']}, {torch.get_num_threads()} threads)")
     return out
 
 
@@ -437,14 +463,18 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--host-overhead", action="store_true", help="only the host-bound CPU case (host_overhead)")
     ap.add_argument("--cpu-parts", action="store_true", help="only the CPU parts, old vs new (cpu_parts)")
-    ap.add_argument("--probe-ratio", action="store_true", help="only the CPU probe / forward ratio (probe_ratio)")
+    ap.add_argument("--probe-ratio", action="store_true", help="only the probe / forward ratio, interleaved (probe_ratio)")
+    ap.add_argument("--chunk-mib", type=int, nargs="*", default=[], help="--probe-ratio: extra probe cases with this chunked-head block budget (MiB)")
     args = ap.parse_args(argv)
     if args.host_overhead:
         return host_overhead()
     if args.cpu_parts:
         return cpu_parts()
     if args.probe_ratio:
-        return probe_ratio(pairs=args.repeats, m=(args.m or [64])[0])
+        res = [probe_ratio(args.repeats, m, args.device, args.seq or 32, args.chunk_mib) for m in (args.m or [64])]
+        if args.out:
+            write_json_atomic(Path(args.out), res)
+        return res
     device = torch.device(args.device)
     if args.quick:
         cfg = dict(vocab=512, d=64, heads=4, layers=2)
