@@ -360,8 +360,8 @@ def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32,
     GPT-2-small layout on ``seq``-token sequences, ``m`` sequences in chunks of 8, bf16 autocast, on
     ``device``. Reports the median time of each case and the median of the per-round ratios (each round
     runs every case once, back to back, so slow drifts of a shared machine cancel in the ratio).
-    ``chunk_mib`` adds one probe case per value with ``fused_head.CHUNK_BYTES`` (the chunked head's
-    block budget) set to that many MiB. Apart from that module constant it uses only the public API, so
+    ``chunk_mib`` adds one probe case per value with ``fused_head.KERNEL_CHUNK_BYTES`` (the chunked
+    head's block budget where its Triton kernels run: CUDA) set to that many MiB. Apart from that module constant it uses only the public API, so
     the same file can be run against an older checkout (copy it into that checkout's ``benchmarks/``)
     for a before/after ratio."""
     from spectral_lens.gradients import fused_head
@@ -374,12 +374,12 @@ def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32,
 
     def probe(budget=None):
         def fn():
-            saved = fused_head.CHUNK_BYTES
-            fused_head.CHUNK_BYTES = saved if budget is None else budget
+            saved = fused_head.KERNEL_CHUNK_BYTES
+            fused_head.KERNEL_CHUNK_BYTES = saved if budget is None else budget
             try:
                 PerSampleGradientProbe(model, name, chunk_size=8, autocast_dtype=torch.bfloat16).update((x, y)).compute()
             finally:
-                fused_head.CHUNK_BYTES = saved
+                fused_head.KERNEL_CHUNK_BYTES = saved
         return fn
 
     def nograd():
@@ -390,8 +390,13 @@ def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32,
     cases = {"nograd": nograd, "probe": probe()}
     cases.update({f"probe_chunk_{mib}mib": probe(mib << 20) for mib in chunk_mib})
     times = {k: [] for k in cases}
-    for fn in cases.values():
+    peak = {}
+    for key, fn in cases.items():  # warm-up, and each case's peak device memory
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
         fn()
+        if dev.type == "cuda":
+            peak[key] = torch.cuda.max_memory_allocated(dev) / 2**30
     for _ in range(pairs):
         for key, fn in cases.items():
             sync(dev)
@@ -401,6 +406,7 @@ def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32,
             times[key].append(time.perf_counter() - t0)
     out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "m": m, "seq": seq, "pairs": pairs}
     out.update({k: statistics.median(v) for k, v in times.items()})
+    out.update({f"{k}_peak_gib": v for k, v in peak.items()})
     for key in cases:
         if key != "nograd":
             ratios = [p / n for p, n in zip(times[key], times["nograd"])]
@@ -408,7 +414,8 @@ def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32,
             out[f"{key}_vs_nograd_range"] = [min(ratios), max(ratios)]
             print(f"M = {m}, {seq} tokens: {key} {out[key]:.3f} s, no-grad forward {out['nograd']:.3f} s, "
                   f"{key} / forward {out[key + '_vs_nograd']:.2f} (per-round range {min(ratios):.2f}-{max(ratios):.2f}; "
-                  f"{out['device']}, {torch.get_num_threads()} threads)")
+                  f"{out['device']}, {torch.get_num_threads()} threads)"
+                  + (f"; peak {peak[key]:.2f} GiB, forward {peak['nograd']:.2f} GiB" if peak else ""))
     return out
 
 

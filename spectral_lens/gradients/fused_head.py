@@ -53,12 +53,20 @@ __all__ = [
     "find_chunkable_head",
     "chunked_head_fns",
     "CHUNK_BYTES",
+    "KERNEL_CHUNK_BYTES",
 ]
 
-#: Budget for one (chunk_rows, V) block of logits when ``chunk_rows`` is not given: 128 MiB. The plain
-#: PyTorch body forms float32 blocks (656 tokens at V = 50,304); with the Triton kernels no float32
-#: block exists and the budget counts the logits' own dtype (1,312 bf16 tokens at V = 50,304).
+#: Budget for one (chunk_rows, V) block of float32 logits in the plain-PyTorch chunk body (CPU, or CUDA
+#: without Triton, or under ``torch.func``) when ``chunk_rows`` is not given: 128 MiB (656 tokens at
+#: V = 50,304). That body keeps a few float32 temporaries of the block's size alive.
 CHUNK_BYTES = 1 << 27
+
+#: The same budget where the Triton kernels run, counted in the logits' own dtype: 512 MiB (5,336 bf16
+#: tokens at V = 50,304). No float32 block exists there; the logits and their gradient are the two
+#: live blocks, so about 1 GiB at the peak. Measured on an H200 (benchmarks/RESULTS.md), the probe at
+#: 1,024-token sequences took 0.90x (M = 64) and 0.90x (M = 512) the time it took with 128 MiB
+#: blocks (fewer launches and host work per chunk); 2 GiB gained no more.
+KERNEL_CHUNK_BYTES = 1 << 29
 
 
 def _compute_dtype(h: torch.Tensor, w: torch.Tensor) -> torch.dtype:
@@ -224,7 +232,8 @@ def linear_cross_entropy(
         targets: (N,) integer class indices; positions equal to ``ignore_index`` get loss 0 and no
             gradient.
         chunk_rows: tokens per chunk; ``None`` picks ``CHUNK_BYTES / (4 V)`` (at least 1), or
-            ``CHUNK_BYTES / (b V)`` with ``b`` the bytes of the logits' dtype where the Triton kernels run.
+            ``KERNEL_CHUNK_BYTES / (b V)`` with ``b`` the bytes of the logits' dtype where the Triton
+            kernels run.
 
     Returns float32 losses (float64 for float64 inputs). Differentiable in ``hidden``, ``weight`` and
     ``bias`` (only what requires grad is formed). Accuracy: see the module docstring.
@@ -243,8 +252,10 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     dtype = _compute_dtype(hidden, weight)
     if chunk_rows is None:
-        per = (torch.finfo(dtype).bits // 8) if _kernels(hidden, dtype) is not None else 4
-        chunk_rows = max(1, CHUNK_BYTES // (per * weight.shape[0]))
+        if _kernels(hidden, dtype) is not None:
+            chunk_rows = max(1, KERNEL_CHUNK_BYTES // (torch.finfo(dtype).bits // 8 * weight.shape[0]))
+        else:
+            chunk_rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
     if chunk_rows < 1:
         raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
     if hidden.shape[0] == 0:

@@ -171,6 +171,30 @@ def test_default_chunk_and_autocast_dtype():
     assert torch.allclose(got, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kernels", [False, True])
+def test_default_block_budget(kernels):
+    """Without ``chunk_rows``: blocks of ``CHUNK_BYTES`` of float32 logits in the plain body, of
+    ``KERNEL_CHUNK_BYTES`` in the logits' dtype where the Triton kernels run (stubbed here: only the
+    chosen ``chunk_rows`` is read)."""
+    from unittest import mock
+
+    from spectral_lens.gradients import fused_head
+
+    v = 50304
+    h, w, t = torch.zeros(3, 4, dtype=torch.bfloat16), torch.zeros(v, 4, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.long)
+    seen = []
+
+    def apply(*args):
+        seen.append(args[5])
+        return (torch.zeros(3),)
+
+    with mock.patch.object(fused_head, "_kernels", lambda hidden, dtype: object() if kernels else None), \
+            mock.patch.object(fused_head._ChunkedLinearCrossEntropy, "apply", apply):
+        linear_cross_entropy(h, w, t)
+    assert seen == [5336 if kernels else 667]  # 2^29 / (2 bytes x V), 2^27 / (4 bytes x V)
+    assert seen[0] == (fused_head.KERNEL_CHUNK_BYTES // (2 * v) if kernels else fused_head.CHUNK_BYTES // (4 * v))
+
+
 def test_bad_inputs_have_clear_errors():
     h, w, b, t = _problem(5, 4, 7, 0.0, 0.0, 1, torch.float32)
     with pytest.raises(ValueError, match=r"hidden \(N, d\) and weight \(V, d\)"):
