@@ -355,10 +355,13 @@ def host_overhead(pairs: int = 15) -> dict:
     return out
 
 
-def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32, chunk_mib=()) -> dict:
+def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32, chunk_mib=(), chunk: int = 8) -> dict:
     """The probe (update + compute) against the no-grad forward of the same chunks, interleaved: the
-    GPT-2-small layout on ``seq``-token sequences, ``m`` sequences in chunks of 8, bf16 autocast, on
-    ``device``. Reports the median time of each case and the median of the per-round ratios (each round
+    GPT-2-small layout on ``seq``-token sequences, ``m`` sequences in chunks of ``chunk`` (the probe's
+    ``chunk_size`` and the forward's batch), bf16 autocast, on
+    ``device``. ``probe`` builds a new probe for each call (what a first measurement costs);
+    ``probe_kept`` reuses one probe, ``reset()`` between calls (a training loop's later checkpoints:
+    the head + loss decision, one extra forward of one sequence, was made at its first call). Reports the median time of each case and the median of the per-round ratios (each round
     runs every case once, back to back, so slow drifts of a shared machine cancel in the ratio).
     ``chunk_mib`` adds one probe case per value with ``fused_head.KERNEL_CHUNK_BYTES`` (the chunked
     head's block budget where its Triton kernels run: CUDA) set to that many MiB. Apart from that module constant it uses only the public API, so
@@ -377,17 +380,23 @@ def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32,
             saved = fused_head.KERNEL_CHUNK_BYTES
             fused_head.KERNEL_CHUNK_BYTES = saved if budget is None else budget
             try:
-                PerSampleGradientProbe(model, name, chunk_size=8, autocast_dtype=torch.bfloat16).update((x, y)).compute()
+                PerSampleGradientProbe(model, name, chunk_size=chunk, autocast_dtype=torch.bfloat16).update((x, y)).compute()
             finally:
                 fused_head.KERNEL_CHUNK_BYTES = saved
         return fn
 
     def nograd():
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
-            for i in range(0, m, 8):
-                model(x[i : i + 8])
+            for i in range(0, m, chunk):
+                model(x[i : i + chunk])
 
-    cases = {"nograd": nograd, "probe": probe()}
+    kept = PerSampleGradientProbe(model, name, chunk_size=chunk, autocast_dtype=torch.bfloat16)
+
+    def probe_kept():  # one probe for every round, reset each time: its one-time setup (the head decision) is paid once
+        kept.reset()
+        kept.update((x, y)).compute()
+
+    cases = {"nograd": nograd, "probe": probe(), "probe_kept": probe_kept}
     cases.update({f"probe_chunk_{mib}mib": probe(mib << 20) for mib in chunk_mib})
     times = {k: [] for k in cases}
     peak = {}
@@ -404,7 +413,8 @@ def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32,
             fn()
             sync(dev)
             times[key].append(time.perf_counter() - t0)
-    out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "m": m, "seq": seq, "pairs": pairs}
+    out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "m": m, "seq": seq, "chunk": chunk,
+           "pairs": pairs}
     out.update({k: statistics.median(v) for k, v in times.items()})
     out.update({f"{k}_peak_gib": v for k, v in peak.items()})
     for key in cases:
@@ -412,7 +422,7 @@ def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32,
             ratios = [p / n for p, n in zip(times[key], times["nograd"])]
             out[f"{key}_vs_nograd"] = statistics.median(ratios)
             out[f"{key}_vs_nograd_range"] = [min(ratios), max(ratios)]
-            print(f"M = {m}, {seq} tokens: {key} {out[key]:.3f} s, no-grad forward {out['nograd']:.3f} s, "
+            print(f"M = {m}, {seq} tokens, chunks of {chunk}: {key} {out[key]:.3f} s, no-grad forward {out['nograd']:.3f} s, "
                   f"{key} / forward {out[key + '_vs_nograd']:.2f} (per-round range {min(ratios):.2f}-{max(ratios):.2f}; "
                   f"{out['device']}, {torch.get_num_threads()} threads)"
                   + (f"; peak {peak[key]:.2f} GiB, forward {peak['nograd']:.2f} GiB" if peak else ""))
@@ -478,7 +488,7 @@ def main(argv=None):
     if args.cpu_parts:
         return cpu_parts()
     if args.probe_ratio:
-        res = [probe_ratio(args.repeats, m, args.device, args.seq or 32, args.chunk_mib) for m in (args.m or [64])]
+        res = [probe_ratio(args.repeats, m, args.device, args.seq or 32, args.chunk_mib, args.chunk) for m in (args.m or [64])]
         if args.out:
             write_json_atomic(Path(args.out), res)
         return res
