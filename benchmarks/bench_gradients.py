@@ -472,7 +472,7 @@ def main(argv=None):
     ap.add_argument("--m", type=int, nargs="+", default=None, help="samples (sequences); default 64 512")
     ap.add_argument("--quick", action="store_true", help="tiny model and sizes (CPU smoke test)")
     ap.add_argument("--seq", type=int, default=None)
-    ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=16, help="sequences per pass (the probe's chunk_size and the forward's batch)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--autocast", choices=["bf16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
     ap.add_argument("--no-loop", action="store_true", help="skip the per-sample autograd loop")

@@ -167,7 +167,11 @@ class PerSampleGradientProbe:
         forward_fn: ``forward_fn(model, batch) -> output``; default :func:`default_forward`.
         engine: ``"auto"`` (fast path where one is registered for the module type and the weight is
             not shared, ``"vmap"`` otherwise), ``"fast"`` (error if impossible), ``"vmap"``, ``"loop"``.
-        chunk_size: samples per forward/backward pass.
+        chunk_size: samples per forward/backward pass (default 16). Results do not depend on it; memory
+            grows with it (one chunk's activations and its ``(chunk_size, P)`` rows per parameter).
+            Below ~16 sequences of 1,024 tokens per pass a GPT-2-small probe on an H200 is bound by
+            the host's kernel launches: 1.77x the no-grad forward at 8, 1.45x at 16 (same chunks for
+            the forward; benchmarks/RESULTS.md).
         keep_matrix: keep ``G`` retrievable with :meth:`matrix` (needs all rows resident).
         max_resident_samples: ``None`` (default): every row of ``G`` stays in memory, one pass,
             peak ``O(M^2 + M P)``. An int ``K``: at most ``K`` rows (plus one chunk) are held, the other
@@ -207,7 +211,7 @@ class PerSampleGradientProbe:
 
     Example::
 
-        probe = PerSampleGradientProbe(model, chunk_size=8, autocast_dtype=torch.bfloat16)
+        probe = PerSampleGradientProbe(model, autocast_dtype=torch.bfloat16)
         for x, y in pool:
             probe.update((x, y))
         spectrum = probe.compute()
@@ -222,7 +226,7 @@ class PerSampleGradientProbe:
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
         forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         engine: str = "auto",
-        chunk_size: int = 8,
+        chunk_size: int = 16,
         keep_matrix: bool = False,
         max_resident_samples: int | None = None,
         offload_rows: bool = False,
