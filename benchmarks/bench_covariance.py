@@ -133,7 +133,6 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
     out = []
     for d in dims:
         data = [_rows(rows, d, device, torch.bfloat16, seed=i) for i in range(chunks)]
-        flops = 2.0 * rows * d * d * chunks
         nbytes = 2.0 * 2 * rows * d * chunks  # bf16 read + bf16 write
         shift = [c[:1024].double().mean(0).to(torch.bfloat16).double() for c in data]  # bf16-representable
         ys = [fm.center_cast(c, s, use_triton=False)[0] for c, s in zip(data, shift)]
@@ -146,36 +145,21 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
             fns[f"prep_{'triton' if t else 'torch'}"] = (lambda t=t: [fm.center_cast(c, s, use_triton=t) for c, s in zip(data, shift)])
         fns["gram"] = lambda: [mm_fp32(y.t(), y) for y in ys]
 
-        def acc_fn(t, fused=False):
+        def acc_fn(t):
             def fn():
                 saved, kernels._AVAILABLE = kernels._AVAILABLE, t
-                saved_fused, fm.FUSED = fm.FUSED, fused
                 try:
                     acc = ActivationCovarianceAccumulator(precision="fast")
                     for c in data:
                         acc.update(c)
                     acc._s_lower.sum()
                 finally:
-                    kernels._AVAILABLE, fm.FUSED = saved, saved_fused
+                    kernels._AVAILABLE = saved
             return fn
 
         for t in preps:
             fns[f"acc_{'triton' if t else 'torch'}"] = acc_fn(t)
-        if True in preps:  # the experimental one-kernel path (spectra/_syrk_kernel.py), lower triangle only
-            from spectral_lens.spectra._syrk_kernel import syrk_center
-
-            fns["gram_fused"] = lambda: [syrk_center(c, s) for c, s in zip(data, shift)]
-            fns["acc_fused"] = acc_fn(True, fused=True)
         row = {"case": "fast_variants", "d": d, "rows_per_chunk": rows, "chunks": chunks}
-        for name, fn in list(fns.items()):
-            try:
-                fn()
-            except Exception as exc:  # the experimental kernel must not sink the run: recorded, left out
-                if "fused" not in name:
-                    raise
-                row[f"{name}_error"] = repr(exc)[:300]
-                print(f"fast_variants d={d}: {name} failed: {exc!r}"[:400], file=sys.stderr)
-                del fns[name]
         for name, fn in fns.items():
             row[f"{name}_ms"] = 1e3 * timed(fn, repeats) / chunks
             if name.startswith("acc_"):  # host time to issue the updates (no sync inside): launch-bound if ~ the device time
@@ -197,13 +181,9 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
         y64 = ys[0].double()
         ref_s, ref_m = y64.t() @ y64, y64.sum(0)
         low = torch.ones(d, d, dtype=torch.bool, device=device).tril()
-        for t in preps + (["fused"] if "gram_fused" in fns and "acc_fused" in fns else []):
-            if t == "fused":  # syrk_center: imported above, where the fused cases were added
-                m, s = syrk_center(data[0], shift[0])
-            else:
-                m, s = fm.fast_chunk_moments(data[0], shift[0], use_triton=t)
-            name = t if t == "fused" else ("triton" if t else "torch")
-            row[f"err_{name}"] = [  # the lower triangle (all the fused path forms)
+        for t in preps:
+            m, s = fm.fast_chunk_moments(data[0], shift[0], use_triton=t)
+            row[f"err_{'triton' if t else 'torch'}"] = [  # the lower triangle (what the accumulator reads)
                 float((s.double() - ref_s).abs()[low].max() / ref_s.diagonal().max()),
                 float((m - ref_m).abs().max() / (ref_m.abs().max() + 1))]
         accs = {n: row[f"{n}_vs_gemm"] for n in fns if n.startswith("acc_")}

@@ -64,25 +64,13 @@ def center_cast(
     return y, colsum.to(torch.float64)
 
 
-#: Experimental, off: with Triton, callers that need only the lower triangle get the one-kernel
-#: centring + lower-triangle product of :mod:`._syrk_kernel` instead of the centring kernel and one
-#: GEMM. Same ``y`` bit for bit, another fp32 summation order; switched on only once a GPU measures
-#: it faster (``benchmarks/bench_covariance.py --fast-variants``: ``acc_fused``).
-FUSED = False
-
-
 def fast_chunk_moments(
-    x: torch.Tensor, shift: torch.Tensor, valid: torch.Tensor | None = None, *, use_triton: bool | None = None,
-    lower_only: bool = False,
+    x: torch.Tensor, shift: torch.Tensor, valid: torch.Tensor | None = None, *, use_triton: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(m, S)`` of one chunk in the fast mode: ``m`` float64 (d,), ``S`` fp32 (d, d) symmetric
-    (``lower_only``: only its lower triangle, diagonal included, is promised)."""
+    """``(m, S)`` of one chunk in the fast mode: ``m`` float64 (d,), ``S`` fp32 (d, d) symmetric (one
+    GEMM forms all of it: forming only a triangle was measured slower, see the module docstring)."""
     if use_triton is None:
         use_triton = x.is_cuda and triton_available()
-    if FUSED and use_triton and lower_only:
-        from ._syrk_kernel import syrk_center
-
-        return syrk_center(x, shift, valid)
     y, m = center_cast(x, shift, valid, use_triton=use_triton)
     if not y.is_cuda:  # CPU (tests): no bf16 -> fp32 GEMM there; one exact fp32 copy of y, not one per operand
         y = y.float()
