@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
         grad_argv = ["--device", "cpu", "--quick", "--no-loop", "--skip", "probe_offload", "probe_native_ce", "probe_fp32"]
     else:
         grad_argv = ["--device", "cuda", "--m", "64", "512", "--no-loop", "--repeats", "3",
-                     "--skip", "probe_offload", "probe_native_ce", "probe_vmap"]
+                     "--skip", "probe_offload", "probe_native_ce", "probe_vmap", "probe_no_cast_cache"]
     def checkpoint():  # partial results survive a run cut short
         if args.out:
             write_json_atomic(args.out, res, default=str)
