@@ -355,7 +355,7 @@ def host_overhead(pairs: int = 15) -> dict:
     return out
 
 
-def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32, chunk_mib=(), chunk: int = 8) -> dict:
+def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32, chunk_mib=(), chunk: int = 16) -> dict:
     """The probe (update + compute) against the no-grad forward of the same chunks, interleaved: the
     GPT-2-small layout on ``seq``-token sequences, ``m`` sequences in chunks of ``chunk`` (the probe's
     ``chunk_size`` and the forward's batch), bf16 autocast, on
