@@ -66,7 +66,7 @@ _ARRAYS = {
 }
 _SHIFT_ROWS = 1024  # rows sampled (evenly spaced) from each chunk; their mean is the chunk's shift
 _CPU_DTYPES = (torch.float32, torch.float64)  # CPU rows that take the NumPy-driven one-chunk path
-_CPU_HALF = (torch.bfloat16, torch.float16)  # CPU rows converted to fp32 (exactly) for that path
+_CPU_HALF = (torch.bfloat16, torch.float16)  # CPU rows converted exactly into that path's scratch
 _PENDING = 32  # CPU: rank-2 re-shift terms deferred, then applied as one rank-64 GEMM (or on read)
 _LOWER_BLOCK = 256  # CPU: row-block height of the lower-triangle float64 add
 _SCRATCH = threading.local()  # CPU: per thread, recycled chunk buffers (see _chunk_scratch)
@@ -400,9 +400,7 @@ class ActivationCovarianceAccumulator:
         # mask right away, so a device-to-host copy must have finished.
         valid = None if mask is None else mask.reshape(-1).to(rows.device, non_blocking=rows.device.type != "cpu")
         if rows.device.type == "cpu" and 0 < rows.shape[0] <= self.max_chunk_rows:
-            if rows.dtype in _CPU_HALF:  # one exact conversion: CPU ops mixing bf16 and fp32 are slow
-                rows = rows.float()
-            if rows.dtype in _CPU_DTYPES:
+            if rows.dtype in _CPU_DTYPES or rows.dtype in _CPU_HALF:  # half rows: converted in _cpu_centered
                 self._cpu_update(rows, valid)
                 return
         checked = None  # nonfinite="skip": the rows before non-finite ones are dropped
@@ -419,14 +417,24 @@ class ActivationCovarianceAccumulator:
         self._commit(n, m, s, shift, broken, None if checked is None else checked - n)
 
     def _cpu_centered(self, rows: torch.Tensor, keep: np.ndarray | None):
-        """``(n, m, shift, scratch)`` of one chunk of fp32/fp64 CPU rows, valid rows ``keep`` (NumPy bool
+        """``(n, m, shift, scratch)`` of one chunk of CPU rows (fp32/fp64, or bf16/fp16 converted exactly
+        into the scratch first), valid rows ``keep`` (NumPy bool
         or ``None``): the row count (an int), the column sums and the shift of the centred rows
         (NumPy d-vectors; ``shift`` fp32, fp64 in float64 precision: the values subtracted), and
         :func:`_chunk_scratch`'s ``(y, out, panels)`` with the centred rows in ``y``, rows outside
         ``keep`` zeroed. Call inside ``np.errstate(all="ignore")``."""
         n_rows, d = rows.shape
+        work = product_dtype(rows, self.precision)  # fp32 or fp64 on the CPU
+        scratch = _chunk_scratch(n_rows, d, work)
+        y = scratch[0]
+        half = rows.dtype in _CPU_HALF
+        if half and work == torch.float32:  # one exact conversion into the scratch, centred there in place:
+            y.copy_(rows)                   # no fresh fp32 copy (page faults), no slow mixed-dtype kernel
+            rows, half = y, False
         step = max(1, n_rows // _SHIFT_ROWS)
         head = rows[::step] if step > 1 else rows
+        if half:  # float64 precision: the shift from fp32 values, as for fp32 rows (the same bits)
+            head = head.float()
         if keep is None:
             n = n_rows
             mean = head.sum(0).numpy() / head.shape[0]  # torch's mean bit for bit, one torch call instead of two
@@ -437,17 +445,17 @@ class ActivationCovarianceAccumulator:
             mean = np.add.reduce(sample, 0) / max(1, sample.shape[0])
         # the shift actually subtracted: fp32-representable except in float64 precision (as representable_shift)
         shift = mean.astype(np.float64 if self.precision == "float64" else np.float32, copy=False)
-        work = product_dtype(rows, self.precision)  # fp32 or fp64 on the CPU
-        scratch = _chunk_scratch(n_rows, d, work)
-        y = scratch[0]
         shift_work = shift.astype(np.float64 if work == torch.float64 else np.float32, copy=False)
+        if half:
+            y.copy_(rows)
+            rows = y
         torch.sub(rows, torch.from_numpy(shift_work), out=y)
         if keep is not None:
             y.numpy()[~keep] = 0  # whole rows, whatever they held (NaN included)
         return n, y.sum(0).numpy(), shift, scratch
 
     def _cpu_update(self, rows: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """``update`` of one chunk of fp32/fp64 CPU rows: the same sums as :meth:`_call_sums` and
+        """``update`` of one chunk of CPU rows (fp32/fp64, bf16/fp16): the same sums as :meth:`_call_sums` and
         :meth:`_commit`, with the d-vector work and the row masks in NumPy (far less per-call
         overhead than torch's dispatch), the float64 add on the lower triangle only and the rank-2
         re-shift deferred.
@@ -471,7 +479,7 @@ class ActivationCovarianceAccumulator:
                 if self.nonfinite == "raise":
                     broken = True
                 else:  # centre again without the non-finite rows (their NaN may be in the shift too)
-                    finite = np.isfinite(rows.numpy()).all(-1)
+                    finite = rows.isfinite().all(-1).numpy()  # torch: bf16 rows have no NumPy view
                     checked = n
                     n, m, shift, (y, s, panels) = self._cpu_centered(rows, finite if keep is None else keep & finite)
                     bad = checked - n

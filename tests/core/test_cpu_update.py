@@ -236,3 +236,39 @@ def test_nonfinite_rows_warn_nothing_and_are_reported():
         skip.update(bad)
         skip.update(torch.randn(8, 3) + 1e4)
         assert skip.n_rows == 22
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    precision=st.sampled_from(["exact", "fast", "float64"]),
+    nonfinite=st.sampled_from(["raise", "skip"]),
+    sizes=st.lists(st.integers(1, 90), min_size=1, max_size=5),
+    d=st.integers(1, 20),
+    masked=st.booleans(),
+    poison=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_half_rows_give_the_bits_of_fp32_rows(dtype, precision, nonfinite, sizes, d, masked, poison, seed):
+    """bf16/fp16 CPU rows are converted exactly into the one-chunk path's scratch and centred there:
+    the state equals, bit for bit, that of the same values passed as fp32 rows (masks, NaN/Inf rows
+    and both ``nonfinite`` policies included; scratch shapes reused across updates)."""
+    g = torch.Generator().manual_seed(seed)
+    half = ActivationCovarianceAccumulator(precision=precision, nonfinite=nonfinite)
+    full = ActivationCovarianceAccumulator(precision=precision, nonfinite=nonfinite)
+    for n in sizes:
+        x = (torch.randn(n, d, generator=g) * 3 + 100).to(dtype)
+        if poison:
+            x[torch.randint(0, n, (1,), generator=g), torch.randint(0, d, (1,), generator=g)] = float("nan")
+        mask = (torch.rand(n, generator=g) > 0.3) if masked else None
+        half.update(x, mask)
+        full.update(x.float(), mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b = half.state_dict(), full.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]) or (a[k].is_floating_point() and torch.equal(a[k].nan_to_num(), b[k].nan_to_num())), k
+        else:
+            assert a[k] == b[k], k
