@@ -57,14 +57,14 @@ __all__ = [
 ]
 
 #: Budget for one (chunk_rows, V) block of float32 logits in the plain-PyTorch chunk body (CPU, or CUDA
-#: without Triton, or under ``torch.func``) when ``chunk_rows`` is not given: 128 MiB (656 tokens at
+#: without Triton, or under ``torch.func``) when ``chunk_rows`` is not given: 128 MiB (667 tokens at
 #: V = 50,304). That body keeps a few float32 temporaries of the block's size alive.
 CHUNK_BYTES = 1 << 27
 
 #: The same budget where the Triton kernels run, counted in the logits' own dtype: 512 MiB (5,336 bf16
 #: tokens at V = 50,304). No float32 block exists there; the logits and their gradient are the two
 #: live blocks, so about 1 GiB at the peak. Measured on an H200 (benchmarks/RESULTS.md), the probe at
-#: 1,024-token sequences took 0.90x (M = 64) and 0.90x (M = 512) the time it took with 128 MiB
+#: 1,024-token sequences took 0.90x (M = 64) and 0.90-0.97x (M = 512) the time it took with 128 MiB
 #: blocks (fewer launches and host work per chunk); 2 GiB gained no more.
 KERNEL_CHUNK_BYTES = 1 << 29
 

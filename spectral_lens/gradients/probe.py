@@ -170,8 +170,8 @@ class PerSampleGradientProbe:
         chunk_size: samples per forward/backward pass (default 16). Results do not depend on it; memory
             grows with it (one chunk's activations and its ``(chunk_size, P)`` rows per parameter).
             Below ~16 sequences of 1,024 tokens per pass a GPT-2-small probe on an H200 is bound by
-            the host's kernel launches: 1.77x the no-grad forward at 8, 1.45x at 16 (same chunks for
-            the forward; benchmarks/RESULTS.md).
+            the host's kernel launches: a probe kept across measurements took 1.77x the no-grad
+            forward at 8, 1.45x at 16 (M = 64, same chunks for the forward; benchmarks/RESULTS.md).
         keep_matrix: keep ``G`` retrievable with :meth:`matrix` (needs all rows resident).
         max_resident_samples: ``None`` (default): every row of ``G`` stays in memory, one pass,
             peak ``O(M^2 + M P)``. An int ``K``: at most ``K`` rows (plus one chunk) are held, the other
