@@ -3,7 +3,12 @@
 # the issue-13 benchmark table, the CUDA test tier, the probe's profile and the bf16 loss kernel. Outputs go to $OUT (or
 # ./gpu_session_out); each step's log is kept even when a later step fails.
 #
-#     OUT=/some/dir bash benchmarks/gpu_session.sh        # about 4-5 minutes on an H100
+#     OUT=/some/dir bash benchmarks/gpu_session.sh        # about 4-5 minutes on an H100 or H200
+#
+# The optional peers come from wheels in .whl/ when that folder exists (the GPU machine has no index):
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#         -d .whl opacus==1.6.0 liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_session_out}"
