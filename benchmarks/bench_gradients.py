@@ -118,6 +118,24 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def interleaved_times(cases: dict, rounds: int, device=torch.device("cpu"), warm: bool = True) -> dict:
+    """``{name: [seconds, ...]}``: ``rounds`` rounds, each calling every case once, back to back (so a
+    shared machine's slow drifts hit all cases alike; compare them round by round). One warm-up call
+    of each case first unless ``warm`` is False; the device is synchronized around each timed call."""
+    if warm:
+        for fn in cases.values():
+            fn()
+    times = {k: [] for k in cases}
+    for _ in range(rounds):
+        for key, fn in cases.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[key].append(time.perf_counter() - t0)
+    return times
+
+
 class _OpCount(TorchDispatchMode):
     """Counts the aten operators dispatched inside the block, and the dtype casts among them."""
 
@@ -345,14 +363,7 @@ def host_overhead(pairs: int = 15) -> dict:
                 model(x[i : i + 8])
 
     fns = {"probe": probe(True), "probe_no_cast_cache": probe(False), "nograd": forward}
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(pairs):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+    times = interleaved_times(fns, pairs)
     out = {k: statistics.median(v) for k, v in times.items()}
     out.update({f"{k}_vs_nograd": out[k] / out["nograd"] for k in ("probe", "probe_no_cast_cache")})
     print(f"host-bound probe (CPU, 1 thread): probe / forward {out['probe_vs_nograd']:.3f}, without the cast cache "
@@ -403,7 +414,6 @@ def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32,
 
     cases = {"nograd": nograd, "probe": probe(), "probe_kept": probe_kept}
     cases.update({f"probe_chunk_{mib}mib": probe(mib << 20) for mib in chunk_mib})
-    times = {k: [] for k in cases}
     peak = {}
     for key, fn in cases.items():  # warm-up, and each case's peak device memory
         if dev.type == "cuda":
@@ -411,13 +421,7 @@ def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32,
         fn()
         if dev.type == "cuda":
             peak[key] = torch.cuda.max_memory_allocated(dev) / 2**30
-    for _ in range(pairs):
-        for key, fn in cases.items():
-            sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            sync(dev)
-            times[key].append(time.perf_counter() - t0)
+    times = interleaved_times(cases, pairs, dev, warm=False)
     out = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "m": m, "seq": seq, "chunk": chunk,
            "pairs": pairs}
     out.update({k: statistics.median(v) for k, v in times.items()})
@@ -457,13 +461,7 @@ def cpu_parts(pairs: int = 7) -> dict:
     cases["finite rows 8 x 589824"] = (lambda: rows.isfinite().all(1), lambda: finite_rows(rows))
     out = {}
     for name, (old, new) in cases.items():
-        old(), new()
-        t = {"old": [], "new": []}
-        for _ in range(pairs):
-            for key, fn in (("old", old), ("new", new)):
-                t0 = time.perf_counter()
-                fn()
-                t[key].append(time.perf_counter() - t0)
+        t = interleaved_times({"old": old, "new": new}, pairs)
         o, nw = statistics.median(t["old"]), statistics.median(t["new"])
         out[name] = {"old_s": o, "new_s": nw, "new_over_old": nw / o}
         print(f"{name}: old {o * 1e3:.1f} ms, new {nw * 1e3:.1f} ms, new / old {nw / o:.2f} "

@@ -24,14 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gradients import GPT  # noqa: E402
+from bench_gradients import GPT, interleaved_times  # noqa: E402
 from spectral_lens.activation_capture import attach  # noqa: E402
 from spectral_lens.atomic import write_json_atomic  # noqa: E402
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 FOLLOW_BATCHES = 4  # bare batches after compute_async(), standing for the next training steps
@@ -66,7 +61,8 @@ def pool_overhead(device, cfg, seqs: int, seq: int, batch: int, repeats: int, au
                     model(ids[s : s + batch])
                 t = time.perf_counter()
                 cap.compute()
-                fn.compute_s = time.perf_counter() - t
+                fn.compute_s.append(time.perf_counter() - t)
+        fn.compute_s = []
         return fn
 
     def lens_async(precision):
@@ -78,7 +74,8 @@ def pool_overhead(device, cfg, seqs: int, seq: int, batch: int, repeats: int, au
             follow()
             t = time.perf_counter()
             future.result()
-            fn.compute_s = time.perf_counter() - t
+            fn.compute_s.append(time.perf_counter() - t)
+        fn.compute_s = []
         return fn
 
     precisions = ["exact"] + (["fast"] if device.type == "cuda" else [])
@@ -86,19 +83,9 @@ def pool_overhead(device, cfg, seqs: int, seq: int, batch: int, repeats: int, au
     for p in precisions:
         cases[p] = lens(p)
         cases[f"{p}_async"] = lens_async(p)
-    for f in cases.values():
-        f()  # warm-up
-    times = {k: [] for k in cases}
-    compute = {k: [] for k in cases if not k.startswith("bare")}
-    for _ in range(repeats):  # interleaved
-        for k, f in cases.items():
-            _sync(device)
-            t = time.perf_counter()
-            f()
-            _sync(device)
-            times[k].append(time.perf_counter() - t)
-            if k in compute:
-                compute[k].append(f.compute_s)
+    compute = {k: f.compute_s for k, f in cases.items() if hasattr(f, "compute_s")}  # seconds in compute()/result()
+    times = interleaved_times(cases, repeats, device)
+    compute = {k: v[1:] for k, v in compute.items()}  # without the warm-up call
     med = {k: statistics.median(v) for k, v in times.items()}
     row = {"case": "pool_overhead", "device": str(device), "rows": seqs * seq, "d": cfg["d"], "block": block,
            "bare_s": med["bare"], "follow_batches": FOLLOW_BATCHES, "bare_follow_s": med["bare_follow"]}

@@ -428,12 +428,12 @@ class ActivationCovarianceAccumulator:
         scratch = _chunk_scratch(n_rows, d, work)
         y = scratch[0]
         half = rows.dtype in _CPU_HALF
-        if half and work == torch.float32:  # one exact conversion into the scratch, centred there in place:
-            y.copy_(rows)                   # no fresh fp32 copy (page faults), no slow mixed-dtype kernel
-            rows, half = y, False
+        if half:  # one exact conversion into the scratch, centred there in place: no fresh fp32 copy
+            y.copy_(rows)  # (page faults), no slow mixed-dtype kernel
+            rows = y
         step = max(1, n_rows // _SHIFT_ROWS)
         head = rows[::step] if step > 1 else rows
-        if half:  # float64 precision: the shift from fp32 values, as for fp32 rows (the same bits)
+        if half and work == torch.float64:  # float64 precision: the shift from fp32 values, as for fp32 rows
             head = head.float()
         if keep is None:
             n = n_rows
@@ -446,9 +446,6 @@ class ActivationCovarianceAccumulator:
         # the shift actually subtracted: fp32-representable except in float64 precision (as representable_shift)
         shift = mean.astype(np.float64 if self.precision == "float64" else np.float32, copy=False)
         shift_work = shift.astype(np.float64 if work == torch.float64 else np.float32, copy=False)
-        if half:
-            y.copy_(rows)
-            rows = y
         torch.sub(rows, torch.from_numpy(shift_work), out=y)
         if keep is not None:
             y.numpy()[~keep] = 0  # whole rows, whatever they held (NaN included)
