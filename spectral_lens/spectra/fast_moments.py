@@ -22,8 +22,14 @@ import torch
 
 from .._matmul import mm_fp32
 from .._triton import triton_available
+from .moments import mirror_lower
 
-__all__ = ["fast_chunk_moments", "center_cast"]
+__all__ = ["fast_chunk_moments", "center_cast", "FUSED"]
+
+#: Use the one-pass fused kernel (centring in the operand loads of a lower-block-triangle product,
+#: ``spectral_lens/spectra/_gram_kernel.py``) instead of centring kernel + cuBLAS GEMM. Off until a
+#: GPU measures it faster (``benchmarks/bench_fused_gram.py``).
+FUSED = False
 
 
 def center_cast(
@@ -65,12 +71,19 @@ def center_cast(
 
 
 def fast_chunk_moments(
-    x: torch.Tensor, shift: torch.Tensor, valid: torch.Tensor | None = None, *, use_triton: bool | None = None
+    x: torch.Tensor, shift: torch.Tensor, valid: torch.Tensor | None = None, *, use_triton: bool | None = None,
+    lower_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(m, S)`` of one chunk in the fast mode: ``m`` float64 (d,), ``S`` fp32 (d, d) symmetric (one
-    GEMM forms all of it: forming only a triangle was measured slower, see the module docstring)."""
+    GEMM forms all of it), or valid only in its lower triangle when ``lower_only`` and the fused
+    kernel runs (:data:`FUSED`)."""
     if use_triton is None:
         use_triton = x.is_cuda and triton_available()
+    if use_triton and FUSED:
+        from ._gram_kernel import gram_center
+
+        m, s = gram_center(x, shift, valid)
+        return m, (s if lower_only else mirror_lower(s))
     y, m = center_cast(x, shift, valid, use_triton=use_triton)
     if not y.is_cuda:  # CPU (tests): no bf16 -> fp32 GEMM there; one exact fp32 copy of y, not one per operand
         y = y.float()

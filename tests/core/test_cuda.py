@@ -138,3 +138,47 @@ def test_fast_sums_against_float64_of_rounded_rows(use_triton):
     assert torch.allclose(s.double(), ref_s, rtol=0, atol=2e-4 * float(ref_s.diagonal().max()))
     assert torch.allclose(m, ref_m, rtol=0, atol=1e-6 * float(ref_m.abs().max() + 1))
     assert torch.equal(s, s.t())
+
+
+@pytest.mark.parametrize("variant", ["pointer", "tma", "prefetch"])
+def test_fused_kernel_against_float64_of_rounded_rows(variant):
+    """The one-pass kernel (``fast_moments.FUSED``) on the GPU, in each load variant: column sums and
+    the lower triangle against float64 sums of the same bf16 rows (rounded to nearest even by the torch
+    path), with masks, a ragged row count, d not a multiple of the tile, strided rows; and a whole
+    accumulator with the kernel on against one with it off."""
+    from spectral_lens.spectra import _gram_kernel as kernel
+    from spectral_lens.spectra import fast_moments as fm
+    from spectral_lens.spectra.moments import representable_shift
+
+    if not fm.triton_available():
+        pytest.skip("Triton not installed")
+    saved = (fm.FUSED, kernel.USE_TMA, kernel.PREFETCH)
+    fm.FUSED, kernel.USE_TMA, kernel.PREFETCH = True, variant == "tma", variant == "prefetch"
+    try:
+        for n, d, masked in ((70_001, 768, True), (4097, 1600, False), (333, 130, True), (1, 8, False)):
+            base = _pool(n=n, d=d + 8, seed=n, mean=1e3)
+            x = base[:, 8:]
+            valid = (torch.rand(n, device="cuda") > 0.3) if masked else None
+            if masked:
+                x[~valid] = float("nan")
+            keep = valid if masked else torch.ones(n, dtype=torch.bool, device="cuda")
+            shift = representable_shift(x[keep][:1024].double().mean(0).nan_to_num(), "fast", torch.bfloat16)
+            m, s = fm.fast_chunk_moments(x, shift, valid, use_triton=True, lower_only=True)
+            y = fm.center_cast(x, shift, valid, use_triton=False)[0].double()
+            ref_s, ref_m = y.t() @ y, y.sum(0)
+            low = torch.ones(d, d, dtype=torch.bool, device="cuda").tril()
+            assert float((s.double() - ref_s).abs()[low].max()) <= 2e-4 * float(ref_s.diagonal().max()), (n, d)
+            assert torch.allclose(m, ref_m, rtol=0, atol=1e-5 * float(y.abs().sum(0).max() + 1)), (n, d)
+        x = _pool(n=150_000, d=768)
+        accs = []
+        for fused in (True, False):
+            fm.FUSED = fused
+            acc = ActivationCovarianceAccumulator(precision="fast", max_chunk_rows=65536)
+            for chunk in x.split(50_000):
+                acc.update(chunk)
+            accs.append(acc.covariance())
+        scale = float(accs[1].diagonal().max())
+        assert float((accs[0] - accs[1]).abs().max()) <= 1e-4 * scale
+        assert torch.equal(accs[0], accs[0].t())
+    finally:
+        fm.FUSED, kernel.USE_TMA, kernel.PREFETCH = saved

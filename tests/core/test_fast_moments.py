@@ -118,3 +118,78 @@ def test_triton_kernel_in_interpreter():
         assert r["colsum_err"] < 1e-6, r
         if r["dtype"] == "torch.bfloat16":
             assert r["bit_equal"], r
+
+
+_FUSED_INTERPRET = r"""
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+sys.path.insert(0, sys.argv[1])
+from spectral_lens.spectra import _gram_kernel as kernel, fast_moments
+
+def truncated_bf16(z):  # the interpreter rounds fp32 -> bf16 toward zero (the GPU: to nearest even)
+    return (z.float().view(torch.int32) & -65536).view(torch.float32)
+
+out = []
+g = torch.Generator().manual_seed(0)
+fast_moments.FUSED = True
+kernel._SMS.clear()  # 4 "SMs" on the CPU: rows split over several programs per tile
+# (BLOCK, BLOCK_K, TRANS_A, USE_TMA, PREFETCH): small tiles, so tiles cross the matrix edge
+variants = [(32, 16, 0, False, False), (32, 16, 1, False, False), (16, 16, 0, True, False), (16, 16, 0, False, True)]
+for block, block_k, trans_a, tma, prefetch in variants:
+    kernel.BLOCK, kernel.BLOCK_K, kernel.TRANS_A, kernel.USE_TMA, kernel.PREFETCH = block, block_k, trans_a, tma, prefetch
+    kernel.NUM_WARPS, kernel.NUM_STAGES = 4, 1
+    for dtype in (torch.bfloat16, torch.float32):
+        for masked in (False, True):
+            for n, d, pad in ((1, 8, 3), (70, 40, 8), (300, 56, 0), (257, 17, 0)):
+                base = torch.randn(n, d + pad, generator=g) * 3 + 1e3
+                x = base[:, pad:].to(dtype)  # rows strided, storage offset (pad 8: TMA-aligned bf16 rows)
+                valid = (torch.rand(n, generator=g) > 0.3) if masked else None
+                if masked:
+                    x[~valid] = float("nan")
+                shift = x.double().nan_to_num().mean(0).to(torch.bfloat16).double()
+                m, s = fast_moments.fast_chunk_moments(x, shift, valid, use_triton=True, lower_only=True)
+                _, full = fast_moments.fast_chunk_moments(x, shift, valid, use_triton=True)
+                z = x.float() - shift.float()
+                if masked:
+                    z[~valid] = 0
+                y = truncated_bf16(z).double()
+                ref = y.t() @ y
+                low = torch.tril(torch.ones(d, d, dtype=torch.bool))
+                scale = float((y.abs().t() @ y.abs()).max()) + 1e-30
+                out.append(dict(variant=[block, block_k, trans_a, tma, prefetch], dtype=str(dtype), masked=masked,
+                                n=n, d=d, shape=list(s.shape),
+                                s_err=float((s.double() - ref).abs()[low].max()) / scale,
+                                full_err=float((full.double() - ref).abs().max()) / scale,
+                                m_err=float((m - y.sum(0)).abs().max() / (float(y.abs().sum(0).max()) + 1e-30)),
+                                finite=bool(torch.isfinite(s).all() and torch.isfinite(m).all())))
+print(json.dumps(out))
+"""
+
+
+def test_fused_kernel_in_interpreter():
+    """The one-pass kernel (``fast_moments.FUSED``: centring in the operand loads of a lower-block-
+    triangle product, ``spectra/_gram_kernel.py``) run by Triton's CPU interpreter with small tiles, in
+    each of its load variants (transposed left operand, TMA descriptors, register prefetch): tiles
+    cross the matrix edge, rows split over programs, a ragged last block of rows, strided rows, masked
+    NaN rows. Lower triangle, mirrored full matrix and column sums against float64 sums of the same
+    rounded rows (the interpreter truncates where the GPU rounds: the reference truncates too)."""
+    rows = _interpret(_FUSED_INTERPRET)
+    assert len(rows) == 4 * 2 * 2 * 4
+    for r in rows:
+        assert r["finite"] and r["shape"] == [r["d"], r["d"]], r
+        assert r["s_err"] < 1e-6 and r["full_err"] < 1e-6 and r["m_err"] < 1e-6, r
+
+
+@pytest.mark.parametrize("tiles,n,sms,block_k,waves,want", [
+    (21, 65536, 132, 64, 1, 6),     # d = 768, 128-wide tiles: 126 programs, one wave
+    (55, 65536, 132, 64, 1, 2),     # d = 1280 in one wave: 110 programs (3 splits would need 2 waves)
+    (55, 65536, 132, 64, 5, 12),    # ... in up to 5 waves: 660 programs = 5 full waves
+    (21, 300, 132, 64, 1, 1),       # too few rows for more than one split
+    (3, 10**6, 4, 16, 4, 4),        # 12 programs on 4 SMs: 3 full waves
+])
+def test_choose_splits(tiles, n, sms, block_k, waves, want):
+    pytest.importorskip("triton")
+    from spectral_lens.spectra._gram_kernel import choose_splits
+
+    assert choose_splits(tiles, n, sms, block_k, waves) == want
