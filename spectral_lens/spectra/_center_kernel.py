@@ -13,9 +13,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-BLOCK_R = 64
+BLOCK_R = 128
 BLOCK_C = 128
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -47,8 +47,10 @@ def _center_cast_kernel(
 def center_cast(x, shift, valid, y, part, block_r: int = BLOCK_R, block_c: int = BLOCK_C, num_warps: int = NUM_WARPS) -> None:
     """Launch over ``x`` (n, d) (row stride arbitrary, unit column stride) into ``y`` (n, d) bf16 and
     ``part`` (cdiv(n, block_r), d) fp32; ``shift`` (d,) float64, fp32 or bf16, fp32-representable; ``valid``
-    (n,) uint8 or None. Launch configuration measured on an H100 (64 x 128, 4 warps: 0.80 of a bf16
-    copy at d = 768; five others within 5%)."""
+    (n,) uint8 or None. Launch configuration: 128 x 128, 8 warps, measured on an H200 (0.81-0.94 of a
+    bf16 copy of the chunk at d = 768-1600, 1-3% ahead of 64 x 128 with 4 warps in all six cases of one
+    run; four other shapes 6-30% behind; benchmarks/RESULTS.md). On an H100 64 x 128 / 4 warps ran at
+    0.80 of a copy with five other shapes within 5%."""
     n, d = x.shape
     grid = (triton.cdiv(n, block_r), triton.cdiv(d, block_c))
     _center_cast_kernel[grid](

@@ -6,10 +6,13 @@ masked rows, rounds to bf16 and forms the column sums of the rounded rows
 (``spectral_lens/spectra/_center_kernel.py``). Without Triton the torch ops do it in three passes
 (subtract, masked fill, column-sum GEMV); both give bit-identical ``y``.
 
-Measured on an H100 (benchmarks/RESULTS.md): the kernel runs at 0.80 of a bf16 copy of the chunk,
-the torch passes at 0.38-0.39. Forming only the lower block triangle of the product (``k`` column
-blocks, one batched GEMM per block diagonal) was measured too and was slower than the one GEMM at
-d = 768, 1280 and 1600 for every ``k`` in 2..5, so it is not used.
+Measured (benchmarks/RESULTS.md): the kernel runs at 0.80 (H100) and 0.81-0.94 (H200) of a bf16
+copy of the chunk, the torch passes at 0.38-0.39 (H100); on an H200 the two passes together run at
+0.65-0.80 of the bare GEMM's rate (d = 768-1600), near this design's ceiling GEMM / (GEMM + copy).
+Also measured and not used: forming only the lower block triangle of the product with batched GEMMs
+(slower than the one GEMM at d = 768, 1280, 1600), and two one-kernel designs that centre in the
+operand loads of a lower-triangle Triton product (0.21-0.22 and at best 0.32-0.40 of cuBLAS on an
+H200; their code is in the history at 46487b6 and d66d186).
 
 Accuracy is that of the plain fast mode by construction: the same bf16 rounding of ``x - s``
 (fp32 subtraction of a bf16-representable shift, one rounding), products exact in fp32 and fp32
@@ -22,14 +25,8 @@ import torch
 
 from .._matmul import mm_fp32
 from .._triton import triton_available
-from .moments import mirror_lower
 
-__all__ = ["fast_chunk_moments", "center_cast", "FUSED"]
-
-#: Use the one-pass fused kernel (centring in the operand loads of a lower-block-triangle product,
-#: ``spectral_lens/spectra/_gram_kernel.py``) instead of centring kernel + cuBLAS GEMM. Off until a
-#: GPU measures it faster (``benchmarks/bench_fused_gram.py``).
-FUSED = False
+__all__ = ["fast_chunk_moments", "center_cast"]
 
 
 def center_cast(
@@ -71,19 +68,12 @@ def center_cast(
 
 
 def fast_chunk_moments(
-    x: torch.Tensor, shift: torch.Tensor, valid: torch.Tensor | None = None, *, use_triton: bool | None = None,
-    lower_only: bool = False,
+    x: torch.Tensor, shift: torch.Tensor, valid: torch.Tensor | None = None, *, use_triton: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(m, S)`` of one chunk in the fast mode: ``m`` float64 (d,), ``S`` fp32 (d, d) symmetric (one
-    GEMM forms all of it), or valid only in its lower triangle when ``lower_only`` and the fused
-    kernel runs (:data:`FUSED`)."""
+    GEMM forms all of it: forming only a triangle was measured slower, see the module docstring)."""
     if use_triton is None:
         use_triton = x.is_cuda and triton_available()
-    if use_triton and FUSED:
-        from ._gram_kernel import gram_center
-
-        m, s = gram_center(x, shift, valid)
-        return m, (s if lower_only else mirror_lower(s))
     y, m = center_cast(x, shift, valid, use_triton=use_triton)
     if not y.is_cuda:  # CPU (tests): no bf16 -> fp32 GEMM there; one exact fp32 copy of y, not one per operand
         y = y.float()

@@ -214,7 +214,7 @@ def chunk_moments(
     if dtype == torch.bfloat16:  # CUDA fast mode: one centring pass, then one GEMM (fast_moments)
         from .fast_moments import fast_chunk_moments
 
-        return fast_chunk_moments(x, shift, valid, lower_only=lower_only)
+        return fast_chunk_moments(x, shift, valid)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     y = torch.empty(x.shape, dtype=dtype, device=x.device)
     if x.dtype != dtype and x.device.type == "cpu":  # the same values: mixed-dtype CPU ops take a slow path

@@ -42,22 +42,6 @@ def _cases():
                         n="i32", d="i32", stride_x="i32", stride_y="i32"),
                    dict(HAS_VALID=valid, BLOCK_R=center.BLOCK_R, BLOCK_C=center.BLOCK_C),
                    dict(num_warps=center.NUM_WARPS))
-    from spectral_lens.spectra import _gram_kernel as gram
-
-    block, block_k = gram.BLOCK, gram.BLOCK_K
-    gram_types = dict(src="*bf16", shift_ptr="*fp64", valid_ptr="*u8", ti_ptr="*i32", tj_ptr="*i32", part_ptr="*fp32",
-                      colsum_ptr="*fp32", n="i32", d="i32", stride_x="i32", rows_per_split="i32", tiles="i32")
-    for tma, prefetch in ((False, False), (True, False), (False, True)):
-        for diag in (True, False):
-            for even, valid in ((True, False), (False, True)):
-                types = dict(gram_types, src=f"tensordesc<bf16[{block_k}, {block}]>") if tma else gram_types
-                yield (f"gram tma={tma} prefetch={prefetch} diag={diag} even={even} valid={valid}", gram._gram_kernel,
-                       types, dict(HAS_VALID=valid, EVEN_D=even, DIAG=diag, TRANS_A=gram.TRANS_A, USE_TMA=tma,
-                                   PREFETCH=prefetch, BLOCK=block, BLOCK_K=block_k, DOT_FP32=False),
-                       dict(num_warps=gram.NUM_WARPS, num_stages=gram.NUM_STAGES))
-    yield ("gram reduce", gram._reduce_kernel,
-           dict(part_ptr="*fp32", ti_ptr="*i32", tj_ptr="*i32", s_ptr="*fp32", d="i32", splits="i32", tiles="i32"),
-           dict(BLOCK=block, ROWS=32), dict(num_warps=4))
     for z in ("*bf16", "*fp32"):
         common = dict(num_warps=ce.NUM_WARPS)
         yield (f"row_lse {z}", ce._row_lse_kernel,
