@@ -251,7 +251,12 @@ def run(m, args, device, model, name):
             per_sample = vmap(grad(loss_of), in_dims=(None, 0, 0), chunk_size=vmap_chunk[0])
             try:
                 rows = []
-                with cast():
+                # no_grad outside the transform: torch.func.grad still differentiates inside, but the
+                # model's other parameters (requires_grad leaves) no longer make ordinary autograd record
+                # a graph around it. Without it each chunk's result kept that graph and every activation
+                # of the chunk alive (grad_fn CatBackward0): memory grew chunk after chunk (111 GiB peak
+                # at M = 64 on an H200, out of memory at M = 512 for every vmap chunk size).
+                with torch.no_grad(), cast():
                     for s in range(0, m, c):
                         g = per_sample({name: w.detach()}, x[s : s + c], y[s : s + c])[name]
                         rows.append(g.reshape(min(c, m - s), -1).float())
@@ -259,10 +264,8 @@ def run(m, args, device, model, name):
             except torch.OutOfMemoryError:
                 if vmap_chunk[0] == 1:
                     raise
-            # Out of memory: free the failed attempt before the retry. This runs after the except
-            # block on purpose: while the error is being handled its traceback keeps the failed
-            # attempt's frames (and their activations) alive, so a collection inside the block frees
-            # nothing (seen on an H200: 139 GiB still allocated at vmap chunk 1 with it there).
+            # out of memory: free the failed attempt before the retry, after the except block (while
+            # the error is handled, its traceback keeps the attempt's frames alive)
             rows = g = None
             gc.collect()
             torch.cuda.empty_cache()
