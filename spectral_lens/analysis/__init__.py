@@ -51,6 +51,7 @@ from .taxonomy import (
     TransitionClassifier,
     TransitionEvidence,
     js_divergence,
+    replicate_evidence,
     transition_evidence,
 )
 
@@ -94,6 +95,7 @@ __all__ = [
     "matched_loss",
     "matched_tokens",
     "rank_tiers",
+    "replicate_evidence",
     "spearman",
     "resolve_spectrum",
     "resolve_window",

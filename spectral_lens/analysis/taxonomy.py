@@ -18,14 +18,17 @@ threshold), **regression** (one or both objectives worsen, none improves) and **
 and the transition cannot be placed on the gain plane).
 
 The paper gives no numeric thresholds; every threshold is a constructor parameter of
-:class:`TransitionClassifier` and every result carries the numbers and the rule that fired.
+:class:`TransitionClassifier` (or set from seed noise: :meth:`TransitionClassifier.from_replicates`
+on the :func:`replicate_evidence` of runs that differ only in the seed), and every result carries
+the numbers and the rule that fired.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from itertools import combinations
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -50,6 +53,7 @@ __all__ = [
     "TransitionClassifier",
     "js_divergence",
     "transition_evidence",
+    "replicate_evidence",
 ]
 
 ACTIVATION_LED = "activation-led learning"
@@ -162,6 +166,11 @@ class TaxonomyResult:
     thresholds: dict[str, float]
 
 
+def _missed_target(ev: TransitionEvidence) -> list[str]:
+    """The sides of ``ev`` whose details record an infinite ``T`` (the run never reached the target)."""
+    return [name for name, key in ((ev.a, "T_a"), (ev.b, "T_b")) if key in ev.details and not math.isfinite(ev.details[key])]
+
+
 def _score(pairs: list[tuple[float, float]]) -> float:
     vals = [abs(v) / t for v, t in pairs if v is not None and math.isfinite(v)]
     return max(vals) if vals else math.nan
@@ -235,6 +244,57 @@ class TransitionClassifier:
             "grad_jsd_threshold": self.grad_jsd_threshold,
         }
 
+    @classmethod
+    def from_replicates(
+        cls, null: Iterable[TransitionEvidence], *, margin: float = 2.0, tradeoff_ratio: float = 0.5
+    ) -> "TransitionClassifier":
+        """A classifier whose thresholds are set by seed noise instead of the defaults.
+
+        ``null``: the evidence of transitions between replicas of one configuration (same variant,
+        batch tier, budget and data; different seeds), e.g. :func:`replicate_evidence` of 3-5 seed
+        runs. Each threshold becomes ``margin`` times the largest magnitude its quantity takes among
+        them: ``gain_threshold`` from ``|g_tok|`` and ``|g_thr|``, ``head_threshold`` from
+        ``|d_alpha_head|``, ``act_jsd_threshold`` from ``act_jsd``, and the two gradient thresholds
+        from ``|d_grad_alpha|`` and ``grad_jsd``. A real transition then counts as a clear change
+        only beyond ``margin`` times the largest seed-to-seed difference seen. A quantity that is
+        NaN in every null transition (no gradient spectra; a replica that never reached the target)
+        keeps its default. Null transitions in which a replica never reached the target are left out:
+        their spectra come from different points of training, not from seed noise.
+
+        Raises ``ValueError`` for no usable null transition, ``margin <= 0``, or a quantity whose
+        every finite value is 0 (identical replicas: the seeds did not differ, so there is no noise
+        to calibrate against).
+        """
+        given = list(null)
+        null = [ev for ev in given if not _missed_target(ev)]
+        if not null:
+            raise ValueError(
+                f"TransitionClassifier.from_replicates: no usable null transition ({len(given)} given; need >= 2 "
+                "replicate runs that reach the target)"
+            )
+        if not margin > 0:
+            raise ValueError(f"TransitionClassifier.from_replicates: margin must be > 0, got {margin}")
+        sources = {
+            "gain_threshold": [v for ev in null for v in (ev.g_tok, ev.g_thr)],
+            "head_threshold": [ev.d_alpha_head for ev in null],
+            "act_jsd_threshold": [ev.act_jsd for ev in null],
+            "grad_alpha_threshold": [ev.d_grad_alpha for ev in null],
+            "grad_jsd_threshold": [ev.grad_jsd for ev in null],
+        }
+        thresholds = {}
+        for name, values in sources.items():
+            finite = [abs(v) for v in values if v is not None and math.isfinite(v)]
+            if not finite:
+                continue  # not measured in these runs: the default stays
+            if max(finite) == 0:
+                pairs = ", ".join(f"{ev.a}->{ev.b}" for ev in null)
+                raise ValueError(
+                    f"TransitionClassifier.from_replicates: {name} has zero spread over {len(null)} null "
+                    f"transition(s) ({pairs}): the replicas are identical; calibrate on runs with different seeds"
+                )
+            thresholds[name] = margin * max(finite)
+        return cls(tradeoff_ratio=tradeoff_ratio, **thresholds)
+
     def classify(self, ev: TransitionEvidence) -> TaxonomyResult:
         """Label one transition from its evidence (see the class docstring for the rules)."""
         g = self.gain_threshold
@@ -243,8 +303,7 @@ class TransitionClassifier:
         act = _score([(ev.d_alpha_head, self.head_threshold), (ev.act_jsd, self.act_jsd_threshold)])
         grad = _score([(ev.d_grad_alpha, self.grad_alpha_threshold), (ev.grad_jsd, self.grad_jsd_threshold)])
         coords = f"g_tok={gt:+.3f}, g_thr={gq:+.3f}"
-        missed = [name for name, key in ((ev.a, "T_a"), (ev.b, "T_b"))
-                  if key in ev.details and not math.isfinite(ev.details[key])]
+        missed = _missed_target(ev)
         if missed:
             rule = (f"rule 0: {' and '.join(missed)} did not reach the target {ev.details.get('target', '?')}: "
                     f"the token gain is undefined (g_thr={gq:+.3f}, act_score={act:.2f}, grad_score={grad:.2f})")
@@ -368,3 +427,14 @@ def transition_evidence(
         grad_jsd=grad_jsd,
         details=details,
     )
+
+
+def replicate_evidence(runs: Iterable[RunRecord], target: float, **kwargs) -> list[TransitionEvidence]:
+    """:func:`transition_evidence` of every pair ``a -> b`` (``a`` before ``b`` in ``runs``) of
+    replicas of one configuration: the null transitions for
+    :meth:`TransitionClassifier.from_replicates`. ``kwargs`` go to :func:`transition_evidence` (use
+    the same ones as for the transitions you classify). Raises ``ValueError`` for fewer than 2 runs."""
+    runs = list(runs)
+    if len(runs) < 2:
+        raise ValueError(f"replicate_evidence: need >= 2 replicate runs, got {len(runs)}")
+    return [transition_evidence(a, b, target, **kwargs) for a, b in combinations(runs, 2)]

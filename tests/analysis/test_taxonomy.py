@@ -20,6 +20,7 @@ from spectral_lens.analysis import (
     TransitionClassifier,
     TransitionEvidence,
     js_divergence,
+    replicate_evidence,
     transition_evidence,
 )
 from spectral_lens.records import RunInfo, RunRecord, RunWriter
@@ -155,3 +156,61 @@ def test_a_run_that_never_reaches_the_target_makes_the_token_gain_undefined(tmp_
     assert clf.classify(E("a", "b", math.nan, 0.3)).label == THROUGHPUT_LEANING
     # both reached: the ordinary rules apply
     assert clf.classify_runs(base, fast, 3.2).label != UNDETERMINED
+
+
+def test_thresholds_from_replicates():
+    """Each threshold is margin x the largest magnitude its quantity takes over the null
+    transitions; quantities never measured keep their defaults; the result classifies with them."""
+    null = [
+        E("s0", "s1", 0.01, -0.005, d_alpha_head=0.02, act_jsd=1e-4),
+        E("s0", "s2", -0.03, 0.004, d_alpha_head=-0.01, act_jsd=3e-4),
+        E("s1", "s2", 0.02, 0.0, d_alpha_head=0.005, act_jsd=2e-4),
+    ]
+    clf = TransitionClassifier.from_replicates(null)
+    t = clf.thresholds
+    assert t["gain_threshold"] == pytest.approx(2 * abs(math.log1p(-0.03)))
+    assert t["head_threshold"] == pytest.approx(0.04)
+    assert t["act_jsd_threshold"] == pytest.approx(6e-4)
+    assert t["grad_alpha_threshold"] == 0.1 and t["grad_jsd_threshold"] == 0.005  # no gradient spectra: defaults
+    assert t["tradeoff_ratio"] == 0.5
+    assert TransitionClassifier.from_replicates(null, margin=3.0).thresholds["head_threshold"] == pytest.approx(0.06)
+    # a head move within twice the seed noise (0.035 < 0.04) is not clear, one beyond it (0.045) is ...
+    small = E("a", "b", 0.10, 0.0, d_alpha_head=0.035, act_jsd=5e-4)
+    assert TransitionClassifier().classify(small).label == UNATTRIBUTED_LEARNING  # 0.035 < 0.05, 5e-4 < 5e-3
+    assert clf.classify(small).label == UNATTRIBUTED_LEARNING
+    assert clf.classify(E("a", "b", 0.10, 0.0, d_alpha_head=0.045, act_jsd=5e-4)).label == ACTIVATION_LED
+    # ... and a token gain inside seed noise is no clear change
+    assert clf.classify(E("a", "b", 0.05, 0.0, d_alpha_head=0.2)).label == NO_CLEAR_CHANGE
+    assert TransitionClassifier().classify(E("a", "b", 0.05, 0.0, d_alpha_head=0.2)).label == ACTIVATION_LED
+
+
+def test_thresholds_from_replicates_errors():
+    with pytest.raises(ValueError, match="no usable null transition"):
+        TransitionClassifier.from_replicates([])
+    with pytest.raises(ValueError, match="margin must be > 0"):
+        TransitionClassifier.from_replicates([E("a", "b", 0.01, 0.01, d_alpha_head=0.01)], margin=0)
+    with pytest.raises(ValueError, match=r"head_threshold has zero spread over 2 null transition\(s\) \(a->b, a->c\)"):
+        TransitionClassifier.from_replicates([E("a", "b", 0.01, 0.0, d_alpha_head=0.0), E("a", "c", 0.0, 0.01, d_alpha_head=0.0)])
+    undetermined = TransitionEvidence("a", "b", math.nan, 0.0, math.nan, 0.0, d_alpha_head=0.3,
+                                      details={"T_a": math.inf, "T_b": 100.0})
+    with pytest.raises(ValueError, match="1 given"):
+        TransitionClassifier.from_replicates([undetermined])
+    # left out when others are usable: its large d_alpha_head does not set the threshold
+    clf = TransitionClassifier.from_replicates([undetermined, E("a", "c", 0.01, 0.0, d_alpha_head=0.01)])
+    assert clf.thresholds["head_threshold"] == pytest.approx(0.02)
+
+
+def test_replicate_evidence_from_records(tmp_path):
+    seeds = [_run(tmp_path, f"seed{i}", losses=[4.0 + e, 3.6 + e, 3.3 + e, 3.1 + e, 3.0 + e], act_alpha=1.0 + a,
+                  grad_alpha=0.5 + g, tps=1000.0 * (1 + e))
+             for i, (e, a, g) in enumerate([(0.0, 0.0, 0.0), (0.01, 0.02, -0.03), (-0.01, -0.01, 0.01)])]
+    null = replicate_evidence(seeds, 3.2)
+    assert [(ev.a, ev.b) for ev in null] == [("seed0", "seed1"), ("seed0", "seed2"), ("seed1", "seed2")]
+    assert null[0].d_alpha_head == pytest.approx(0.02) and null[2].d_alpha_head == pytest.approx(-0.03)
+    clf = TransitionClassifier.from_replicates(null)
+    assert clf.thresholds["head_threshold"] == pytest.approx(2 * 0.03)
+    assert clf.thresholds["grad_alpha_threshold"] == pytest.approx(2 * 0.04)
+    assert clf.thresholds["gain_threshold"] == pytest.approx(2 * max(abs(v) for ev in null for v in (ev.g_tok, ev.g_thr)))
+    assert replicate_evidence(seeds, 3.2, at="final")[0].details["at"] == "final"
+    with pytest.raises(ValueError, match="need >= 2 replicate runs, got 1"):
+        replicate_evidence(seeds[:1], 3.2)

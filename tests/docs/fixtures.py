@@ -185,6 +185,37 @@ def _runs(ns):
     return list(ns["_fixture_runs"])
 
 
+@fixture("seed_runs")
+def _seed_runs(ns):
+    """Three synthetic runs of one configuration, seeds 0-2 (noisy losses and spectra)."""
+    from spectral_lens.analysis.synthetic import write_theorem6_sweep
+    from spectral_lens.records import RunRecord
+
+    return [RunRecord.open(write_theorem6_sweep(f"fixture-seeds/s{i}", tiers=(8,), family=f"base-seed{i}", dim=256,
+                                                grad_dim=64, n_measure=12, noise=0.02, seed=i)[0]) for i in range(3)]
+
+
+def _pair(ns):
+    """Two synthetic runs for a transition (batch tiers 8 and 2 of one family), written once a page."""
+    from spectral_lens.analysis.synthetic import write_theorem6_sweep
+    from spectral_lens.records import RunRecord
+
+    if "_fixture_pair" not in ns:
+        ns["_fixture_pair"] = [RunRecord.open(p) for p in write_theorem6_sweep(
+            "fixture-pair", tiers=(8, 2), family="pair", dim=256, grad_dim=64, n_measure=12)]
+    return ns["_fixture_pair"]
+
+
+@fixture("base")
+def _base(ns):
+    return _pair(ns)[0]
+
+
+@fixture("variant")
+def _variant(ns):
+    return _pair(ns)[1]
+
+
 class CastedLinear(torch.nn.Linear):
     """A Linear subclass, as modded-nanogpt's (the gradients page registers a fast path for it)."""
 
