@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--format", choices=("md", "html"), default="md")
     rp.add_argument("--transition", type=_transition, action="append", default=[], metavar="RUN_A:RUN_B",
                     help="classify a transition between two runs (repeatable)")
+    rp.add_argument("--replicates", nargs="+", default=[], metavar="RUN_DIR",
+                    help="runs of one configuration that differ only in the seed: the taxonomy's thresholds "
+                         "become twice their largest seed-to-seed difference (needs --target-loss)")
     rp.add_argument("--no-plots", action="store_true", help="tables only")
     early_args(rp)
 
@@ -78,7 +81,8 @@ def _cmd_report(args) -> int:
 
     rep = build_report(
         args.runs, args.out, fmt=args.format, target_loss=args.target_loss, fraction=args.fraction,
-        window=_window(args.window), spectrum=args.spectrum, transitions=args.transition, plots=not args.no_plots,
+        window=_window(args.window), spectrum=args.spectrum, transitions=args.transition, replicates=args.replicates,
+        plots=not args.no_plots,
     )
     print(f"wrote {rep.path}" + (f" and {len(rep.figures)} figures" if rep.figures else ""))
     for f in rep.flags:

@@ -23,7 +23,7 @@ from .analysis.ranking import TierRanking
 from .analysis.tail import TailPredictor
 from .analysis.tier_predictor import PredictionScore
 from .analysis.windows import common_windows
-from .analysis.taxonomy import TaxonomyResult, TransitionClassifier
+from .analysis.taxonomy import TaxonomyResult, TransitionClassifier, replicate_evidence
 from ._progress import progress_bar
 from .atomic import write_text_atomic
 from .records import RunRecord, open_runs
@@ -193,6 +193,7 @@ def build_report(
     spectrum: str | None = None,
     transitions: Sequence[tuple[str, str]] = (),
     classifier: TransitionClassifier | None = None,
+    replicates: Sequence[RunRecord | str | os.PathLike] = (),
     plots: bool = True,
     title: str = "spectral-lens report",
     progress: bool | None = None,
@@ -209,6 +210,10 @@ def build_report(
         fraction, window, spectrum: the early measurement of :class:`TailPredictor`.
         transitions: pairs of run ids ``(a, b)`` to place on the gain plane and classify.
         classifier: thresholds for the taxonomy (default :class:`TransitionClassifier()`).
+        replicates: runs of one configuration that differ only in the seed: the taxonomy's
+            thresholds are then set from their seed noise
+            (:meth:`~spectral_lens.analysis.TransitionClassifier.from_replicates`, margin 2). Not
+            together with ``classifier``; needs ``target_loss``.
         plots: draw figures (needs matplotlib, the ``plot`` extra): loss curves, activation spectra,
             α_tail trajectories, gradient spectra (when recorded), the prediction score, the gain plane.
         progress: a progress bar over the figures (``None`` = on in a terminal, off in CI / non-TTY).
@@ -218,6 +223,8 @@ def build_report(
     """
     if fmt not in ("md", "html"):
         raise ValueError(f"fmt must be 'md' or 'html', got {fmt!r}")
+    if replicates and classifier is not None:
+        raise ValueError("build_report: give classifier or replicates, not both")
     records = open_runs(runs)
     if not records:
         raise ValueError("build_report: no runs given")
@@ -334,11 +341,19 @@ def build_report(
                 doc.p("- " + f)
 
     # ---- taxonomy -------------------------------------------------------------------------------
+    if replicates and not transitions:
+        report.notes.append("replicates given but no transitions (--transition A:B): nothing to classify")
     if transitions:
         if target_loss is None:
             report.notes.append("transitions given but no target loss: taxonomy skipped")
         else:
-            clf = classifier or TransitionClassifier()
+            clf, source = classifier or TransitionClassifier(), "given" if classifier is not None else "defaults"
+            if replicates:
+                seeds = open_runs(replicates)
+                null = replicate_evidence(seeds, target_loss, activation=spectrum)
+                clf = TransitionClassifier.from_replicates(null)
+                source = (f"from the seed noise of {len(seeds)} replicas ({', '.join(r.run_id for r in seeds)}): "
+                          f"twice the largest difference over {len(null)} null transitions")
             by_id = {r.run_id: r for r in records}
             for a, b in transitions:
                 for x in (a, b):
@@ -346,7 +361,7 @@ def build_report(
                         raise ValueError(f"transition {a}->{b}: no run with id {x!r}; run ids: {sorted(by_id)}")
                 report.taxonomy.append(clf.classify_runs(by_id[a], by_id[b], target_loss, activation=spectrum))
             doc.h(2, "Taxonomy of transitions")
-            doc.p("Thresholds: " + ", ".join(f"{k}={v:g}" for k, v in clf.thresholds.items()) + ".")
+            doc.p(f"Thresholds ({source}): " + ", ".join(f"{k}={v:g}" for k, v in clf.thresholds.items()) + ".")
             rows = []
             for t in report.taxonomy:
                 ev = t.evidence

@@ -130,3 +130,36 @@ def test_console_script_runs(two_families):
     res = subprocess.run(cmd + ["predict", str(two_families)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "recommended tier 4" in res.stdout
+
+
+def test_report_thresholds_from_seed_replicates(two_families, tmp_path, capsys):
+    """``--replicates``: the taxonomy's thresholds come from the seed noise of the given runs (twice
+    the largest null difference), the report says so, and the labels use them."""
+    seeds = [write_theorem6_sweep(tmp_path / f"s{i}", (8,), family=f"seed{i}", n_measure=20, n_eval=100, noise=0.02,
+                                  seed=i)[0] for i in range(3)]
+    out = tmp_path / "rep"
+    assert main(["report", str(two_families), "--out", str(out), "--target-loss", "3.2", "--no-plots",
+                 "--transition", "base-b8:fast-b8", "--replicates", *map(str, seeds)]) == 0
+    text = (out / "report.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("Thresholds (from the seed noise of 3 replicas"))
+    assert "seed0-b8, seed1-b8, seed2-b8" in line and "over 3 null transitions" in line
+    from spectral_lens.analysis import TransitionClassifier, replicate_evidence
+
+    want = TransitionClassifier.from_replicates(replicate_evidence(open_runs(seeds), 3.2)).thresholds
+    assert f"head_threshold={want['head_threshold']:g}" in line and want["head_threshold"] != 0.05
+    default = (tmp_path / "rep0")
+    assert main(["report", str(two_families), "--out", str(default), "--target-loss", "3.2", "--no-plots",
+                 "--transition", "base-b8:fast-b8"]) == 0
+    assert "Thresholds (defaults): gain_threshold=0.02" in (default / "report.md").read_text()
+    capsys.readouterr()
+    assert main(["report", str(two_families), "--out", str(default), "--target-loss", "3.2", "--no-plots",
+                 "--replicates", *map(str, seeds)]) == 0
+    assert "note: replicates given but no transitions" in capsys.readouterr().out
+    # identical replicas (same seed, no noise): one line, exit 2
+    same = [write_theorem6_sweep(tmp_path / f"same{i}", (8,), family=f"same{i}", n_measure=20, n_eval=100)[0]
+            for i in range(2)]
+    capsys.readouterr()
+    assert main(["report", str(two_families), "--out", str(out), "--target-loss", "3.2", "--no-plots",
+                 "--transition", "base-b8:fast-b8", "--replicates", *map(str, same)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "zero spread" in err and "different seeds" in err
