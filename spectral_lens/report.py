@@ -353,7 +353,7 @@ def build_report(
                 null = replicate_evidence(seeds, target_loss, activation=spectrum)
                 clf = TransitionClassifier.from_replicates(null)
                 source = (f"from the seed noise of {len(seeds)} replicas ({', '.join(r.run_id for r in seeds)}): "
-                          f"twice the largest difference over {len(null)} null transitions")
+                          f"twice the largest difference over {len(null)} null transition{'' if len(null) == 1 else 's'}")
             by_id = {r.run_id: r for r in records}
             for a, b in transitions:
                 for x in (a, b):
