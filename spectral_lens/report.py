@@ -347,13 +347,16 @@ def build_report(
         if target_loss is None:
             report.notes.append("transitions given but no target loss: taxonomy skipped")
         else:
-            clf, source = classifier or TransitionClassifier(), "given" if classifier is not None else "defaults"
             if replicates:
                 seeds = open_runs(replicates)
                 null = replicate_evidence(seeds, target_loss, activation=spectrum)
                 clf = TransitionClassifier.from_replicates(null)
                 source = (f"from the seed noise of {len(seeds)} replicas ({', '.join(r.run_id for r in seeds)}): "
                           f"twice the largest difference over {len(null)} null transition{'' if len(null) == 1 else 's'}")
+            elif classifier is not None:
+                clf, source = classifier, "given"
+            else:
+                clf, source = TransitionClassifier(), "defaults"
             by_id = {r.run_id: r for r in records}
             for a, b in transitions:
                 for x in (a, b):

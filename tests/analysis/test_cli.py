@@ -163,3 +163,15 @@ def test_report_thresholds_from_seed_replicates(two_families, tmp_path, capsys):
                  "--transition", "base-b8:fast-b8", "--replicates", *map(str, same)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "zero spread" in err and "different seeds" in err
+
+
+def test_report_rejects_classifier_with_replicates(two_families, tmp_path):
+    from spectral_lens.analysis import TransitionClassifier
+    from spectral_lens.report import build_report
+
+    with pytest.raises(ValueError, match="give classifier or replicates, not both"):
+        build_report([two_families], tmp_path / "r", target_loss=3.2, transitions=[("base-b8", "fast-b8")],
+                     classifier=TransitionClassifier(), replicates=[two_families / "base-b8"], plots=False)
+    rep = build_report([two_families], tmp_path / "r2", target_loss=3.2, transitions=[("base-b8", "fast-b8")],
+                       classifier=TransitionClassifier(head_threshold=0.5), plots=False)
+    assert "Thresholds (given):" in rep.path.read_text() and rep.taxonomy[0].thresholds["head_threshold"] == 0.5
