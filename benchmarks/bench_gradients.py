@@ -38,6 +38,7 @@ and the relative error of singular values against ``probe_fp32`` (max over all j
     python benchmarks/bench_gradients.py --quick          # CPU smoke test, tiny sizes, < 60 s
     python benchmarks/bench_gradients.py --host-overhead  # CPU: the probe's host work per chunk (host_overhead)
     python benchmarks/bench_gradients.py --cpu-parts      # CPU: Gram fill, loss scaling, finiteness check, old vs new
+    python benchmarks/bench_gradients.py --new-probe      # CPU: a new probe's extra aten ops and time over a kept one
     python benchmarks/bench_gradients.py --probe-ratio --repeats 7 [--m 512]  # probe / forward interleaved, 32 tokens (CPU)
     python benchmarks/bench_gradients.py --probe-ratio --device cuda --seq 1024 --m 64 512 --repeats 9 --chunk-mib 512
 """
@@ -381,7 +382,7 @@ def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32,
     ``chunk_size`` and the forward's batch), bf16 autocast, on
     ``device``. ``probe`` builds a new probe for each call (what a first measurement costs);
     ``probe_kept`` reuses one probe, ``reset()`` between calls (a training loop's later checkpoints:
-    the head + loss decision, one extra forward of one sequence, was made at its first call). Reports the median time of each case and the median of the per-round ratios (each round
+    its one-time setup, the bind and the head + loss decision, was paid at its first call). Reports the median time of each case and the median of the per-round ratios (each round
     runs every case once, back to back, so slow drifts of a shared machine cancel in the ratio).
     ``chunk_mib`` adds one probe case per value with ``fused_head.KERNEL_CHUNK_BYTES`` (the chunked
     head's block budget where its Triton kernels run: CUDA) set to that many MiB. Apart from that module constant it uses only the public API, so
@@ -442,6 +443,42 @@ def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32,
     return out
 
 
+def new_probe(pairs: int = 21) -> dict:
+    """What a probe built for one measurement costs beyond a kept one (``reset()`` between calls), on
+    a host-bound CPU case (the model and sizes of :func:`host_overhead`, chunks of 16, 1 thread),
+    with ``head_loss="chunked"`` (what ``"auto"`` picks on CUDA with Triton) and ``"materialized"``
+    (no head decision to make): aten operators per call and medians of per-round time ratios against
+    the no-grad forward of the same chunks. Uses only the public API, so it can be copied into an
+    older checkout for a before/after count."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = GPT(ctx=4, vocab=512, d=64, heads=4, layers=12).eval()
+    x, y = torch.randint(0, 512, (64, 4)), torch.randint(0, 512, (64, 4))
+    name = "transformer.h.11.attn.c_proj.weight"
+
+    def forward():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for i in range(0, 64, 16):
+                model(x[i : i + 16])
+
+    cases = {"nograd": forward}
+    for how in ("chunked", "materialized"):
+        kw = dict(chunk_size=16, autocast_dtype=torch.bfloat16, head_loss=how)
+        kept = PerSampleGradientProbe(model, name, **kw)
+        cases[f"new_{how}"] = lambda kw=kw: PerSampleGradientProbe(model, name, **kw).update((x, y)).compute()
+        cases[f"kept_{how}"] = lambda kept=kept: kept.reset().update((x, y)).compute()
+    for fn in cases.values():  # warm-up (the kept probes decide here)
+        fn()
+    out = {"ops": {k: count_ops(fn)["ops"] for k, fn in cases.items()}}
+    times = interleaved_times(cases, pairs, warm=False)
+    out["vs_nograd"] = {k: statistics.median([a / b for a, b in zip(times[k], times["nograd"])]) for k in cases if k != "nograd"}
+    for how in ("chunked", "materialized"):
+        ops, ratio = out["ops"], out["vs_nograd"]
+        print(f"head_loss={how}: aten ops new {ops['new_' + how]}, kept {ops['kept_' + how]}, forward {ops['nograd']}; "
+              f"time / forward new {ratio['new_' + how]:.3f}, kept {ratio['kept_' + how]:.3f} (CPU, 1 thread)")
+    return out
+
+
 def cpu_parts(pairs: int = 7) -> dict:
     """Three parts of the probe on the CPU, each old way against the current one in interleaved pairs
     (medians, one process): the float64 Gram fill of the rows (row blocks vs column slabs), the scaling
@@ -487,6 +524,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--host-overhead", action="store_true", help="only the host-bound CPU case (host_overhead)")
     ap.add_argument("--cpu-parts", action="store_true", help="only the CPU parts, old vs new (cpu_parts)")
+    ap.add_argument("--new-probe", action="store_true", help="only a new probe's extra cost over a kept one (new_probe)")
     ap.add_argument("--probe-ratio", action="store_true", help="only the probe / forward ratio, interleaved (probe_ratio)")
     ap.add_argument("--chunk-mib", type=int, nargs="*", default=[], help="--probe-ratio: extra probe cases with this chunked-head block budget (MiB)")
     args = ap.parse_args(argv)
@@ -494,6 +532,8 @@ def main(argv=None):
         return host_overhead()
     if args.cpu_parts:
         return cpu_parts()
+    if args.new_probe:
+        return new_probe()
     if args.probe_ratio:
         res = [probe_ratio(args.repeats, m, args.device, args.seq or 32, args.chunk_mib, args.chunk) for m in (args.m or [64])]
         if args.out:

@@ -51,6 +51,7 @@ __all__ = [
     "head_loss_fns",
     "without_head",
     "find_chunkable_head",
+    "HeadWatch",
     "chunked_head_fns",
     "CHUNK_BYTES",
     "KERNEL_CHUNK_BYTES",
@@ -347,14 +348,134 @@ def head_loss_fns(
     return {"forward_fn": forward_fn, "loss_fn": loss_fn}
 
 
+class HeadWatch:
+    """What every ``nn.Linear`` of ``model`` returned in one forward, to prove (:meth:`verdict`) that the
+    default loss can be chunked through one of them.
+
+    Use it around a forward (``with HeadWatch(model) as watch: out = forward()``), then call
+    ``watch.verdict(out, exclude)``. Inside the block every ``nn.Linear`` carries a forward hook,
+    prepended so it sees what ``forward`` returned before any user hook; every hook is removed on
+    exit, also when the forward raises. Which modules have their ``forward`` replaced on the instance
+    is read when the watch is built, so build it outside a probe pass (whose weight-cast cache sets
+    instance forwards of its own; :mod:`~spectral_lens.gradients.cast_cache`).
+
+    The forward may build an autograd graph: the probe's fast engine runs its first chunk's forward
+    inside a watch, so the decision costs no forward of its own. The hooks hold the tensors they see
+    by weak reference, except the input of the latest ``nn.Linear`` call, which :meth:`verdict`
+    returns as the hidden states when that call is the head's (the usual case: nothing runs after
+    the head).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._linears: dict[int, tuple[str, nn.Module]] = {}
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear):
+                self._linears.setdefault(id(mod), (name, mod))
+        self._patched = {k for k, (_, mod) in self._linears.items() if "forward" in vars(mod)}
+        self._seen: dict[int, list] = {k: [] for k in self._linears}
+        self._last: tuple[int, torch.Tensor | None] | None = None  # (module id, input) of the latest call
+        self._handles: list = []
+        self._global_hooks = False
+
+    def __enter__(self) -> "HeadWatch":
+        self._global_hooks = bool(nn.modules.module._global_forward_hooks)
+        try:
+            for _, mod in self._linears.values():
+                self._handles.append(mod.register_forward_hook(self._hook, prepend=True))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, module, args, output) -> None:
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        self._seen[id(module)].append(
+            (
+                weakref.ref(output) if isinstance(output, torch.Tensor) else None,
+                getattr(output, "_version", None),
+                None if x is None else weakref.ref(x),
+                None if x is None else x._version,
+            )
+        )
+        self._last = (id(module), x)
+
+    def verdict(self, out: Any, exclude: Iterable[torch.Tensor] = ()) -> tuple[str | None, str, torch.Tensor | None]:
+        """``(name, "", hidden)`` when the default loss of the forward's output ``out`` can run chunked
+        through the ``nn.Linear`` ``name`` (the conditions are :func:`find_chunkable_head`'s), else
+        ``(None, reason, None)``. ``hidden`` is the head's input in this forward (what the forward
+        returns with the head bypassed, :func:`without_head`), or ``None`` when another ``nn.Linear``
+        ran after the head (its input was not kept)."""
+        if self._global_hooks:
+            return None, "a global module forward hook is registered (it could change the head's output)", None
+        try:
+            logits = extract_logits(out)
+        except TypeError as exc:
+            return None, f"no logits found in the model output ({exc})", None
+        names, seen = self._linears, self._seen
+        probed = {id(p) for p in exclude}
+
+        def probed_part(head: nn.Module, name: str) -> str:
+            hit = [k for k, p in (("weight", head.weight), ("bias", head.bias)) if p is not None and id(p) in probed]
+            return f"the probed parameters include the head's {hit[0]} ({name}.{hit[0]}, tied or not)" if hit else ""
+
+        hits = [k for k, calls in seen.items() if any(r is not None and r() is logits for r, _, _, _ in calls)]
+        if not hits:
+            width = logits.shape[-1] if logits.ndim else None
+            for k, calls in seen.items():  # a probed head's output is the fast engine's copy, not what it returned
+                if calls and names[k][1].out_features == width and probed_part(names[k][1], names[k][0]):
+                    return None, probed_part(names[k][1], names[k][0]), None
+            same = [names[k][0] for k, calls in seen.items() if calls and names[k][1].out_features == width]
+            where = f" (nn.Linear with out_features={width}: {same})" if same else f" (no nn.Linear has out_features={width})"
+            return None, (
+                f"the logits ({str(logits.dtype).replace('torch.', '')}, {width} classes) are not the tensor an "
+                f"nn.Linear head returned{where}: something runs after the head (soft-capping, scaling, a dtype cast "
+                "such as .float(), slicing, a hook) or the head is not an nn.Linear"
+            ), None
+        key = hits[0]
+        name, head = names[key]
+        calls = seen[key]
+        _, version, x_ref, x_version = next(c for c in calls if c[0] is not None and c[0]() is logits)
+        x = None if x_ref is None else x_ref()
+        reason = ""
+        if type(head) is not nn.Linear:
+            reason = f"{name!r} is a {type(head).__name__}, a subclass of nn.Linear (its forward may differ)"
+        elif key in self._patched:
+            reason = f"{name!r} has its forward replaced on the instance"
+        elif any(p is not None and type(p) is not nn.Parameter for p in (head.weight, head.bias)):
+            reason = (
+                f"the weight or bias of {name!r} is not a plain nn.Parameter (a tensor set by a wrapper such as "
+                "FSDP or a parametrization; it may not hold the values outside the module's forward)"
+            )
+        elif len(calls) != 1:
+            reason = f"{name!r} ran {len(calls)} times in one forward (bypassing it would change the other calls)"
+        elif logits._version != version:
+            reason = f"the output of {name!r} is modified in place after the head (e.g. logits.mul_())"
+        elif x is not None and x._version != x_version:
+            reason = f"the input of {name!r} is modified in place after the head"
+        elif head._forward_hooks or getattr(head, "_forward_hooks_with_kwargs", None):
+            reason = f"{name!r} has forward hooks (bypassed, they would see the hidden states instead of the logits)"
+        else:
+            reason = probed_part(head, name)
+        if reason:
+            return None, reason, None
+        last = self._last
+        hidden = last[1] if last is not None and last[0] == key and last[1] is x else None
+        return name, "", hidden
+
+
 def find_chunkable_head(
     model: nn.Module, run: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()
 ) -> tuple[str | None, str]:
     """The ``nn.Linear`` head the default loss can be chunked through, proved on one forward.
 
-    Calls ``run()`` once under ``torch.no_grad()`` (a forward of ``model`` returning its output) with a
-    temporary forward hook on every ``nn.Linear`` of ``model`` (prepended, so it sees what ``forward``
-    returned before any user hook), and removes the hooks afterwards, also when ``run`` raises.
+    Calls ``run()`` once under ``torch.no_grad()`` (a forward of ``model`` returning its output) inside
+    a :class:`HeadWatch` (a temporary forward hook on every ``nn.Linear``, prepended, so it sees what
+    ``forward`` returned before any user hook; removed afterwards, also when ``run`` raises).
     Returns ``(name, "")`` for the module ``name`` when all of these hold, else ``(None, reason)``:
 
     * the tensor the default loss reads, ``extract_logits(output)``, **is the very tensor object** the
@@ -372,74 +493,13 @@ def find_chunkable_head(
     the head's input where it returned the logits, so :func:`causal_lm_head_loss` on that output is the
     default loss of the model's output up to the rounding in the module docstring.
     """
-    if nn.modules.module._global_forward_hooks:
+    if nn.modules.module._global_forward_hooks:  # decided without a forward
         return None, "a global module forward hook is registered (it could change the head's output)"
-    names: dict[int, tuple[str, nn.Module]] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            names.setdefault(id(mod), (name, mod))
-    seen: dict[int, list] = {k: [] for k in names}
-
-    def hook(module, args, output):
-        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        seen[id(module)].append(
-            (
-                weakref.ref(output) if isinstance(output, torch.Tensor) else None,
-                getattr(output, "_version", None),
-                None if x is None else weakref.ref(x),
-                None if x is None else x._version,
-            )
-        )
-
-    handles = []
-    try:
-        for _, mod in names.values():
-            handles.append(mod.register_forward_hook(hook, prepend=True))
-        with torch.no_grad():
-            out = run()
-    finally:
-        for h in handles:
-            h.remove()
-    try:
-        logits = extract_logits(out)
-    except TypeError as exc:
-        return None, f"no logits found in the model output ({exc})"
-    hits = [k for k, calls in seen.items() if any(r is not None and r() is logits for r, _, _, _ in calls)]
-    if not hits:
-        width = logits.shape[-1] if logits.ndim else None
-        same = [names[k][0] for k, calls in seen.items() if calls and names[k][1].out_features == width]
-        where = f" (nn.Linear with out_features={width}: {same})" if same else f" (no nn.Linear has out_features={width})"
-        return None, (
-            f"the logits ({str(logits.dtype).replace('torch.', '')}, {width} classes) are not the tensor an "
-            f"nn.Linear head returned{where}: something runs after the head (soft-capping, scaling, a dtype cast "
-            "such as .float(), slicing, a hook) or the head is not an nn.Linear"
-        )
-    name, head = names[hits[0]]
-    calls = seen[hits[0]]
-    _, version, x_ref, x_version = next(c for c in calls if c[0] is not None and c[0]() is logits)
-    x = None if x_ref is None else x_ref()
-    probed = {id(p) for p in exclude}
-    if type(head) is not nn.Linear:
-        return None, f"{name!r} is a {type(head).__name__}, a subclass of nn.Linear (its forward may differ)"
-    if "forward" in vars(head):
-        return None, f"{name!r} has its forward replaced on the instance"
-    if any(p is not None and type(p) is not nn.Parameter for p in (head.weight, head.bias)):
-        return None, (
-            f"the weight or bias of {name!r} is not a plain nn.Parameter (a tensor set by a wrapper such as "
-            "FSDP or a parametrization; it may not hold the values outside the module's forward)"
-        )
-    if len(calls) != 1:
-        return None, f"{name!r} ran {len(calls)} times in one forward (bypassing it would change the other calls)"
-    if logits._version != version:
-        return None, f"the output of {name!r} is modified in place after the head (e.g. logits.mul_())"
-    if x is not None and x._version != x_version:
-        return None, f"the input of {name!r} is modified in place after the head"
-    if head._forward_hooks or getattr(head, "_forward_hooks_with_kwargs", None):
-        return None, f"{name!r} has forward hooks (bypassed, they would see the hidden states instead of the logits)"
-    hit = [k for k, p in (("weight", head.weight), ("bias", head.bias)) if p is not None and id(p) in probed]
-    if hit:
-        return None, f"the probed parameters include the head's {hit[0]} ({name}.{hit[0]}, tied or not)"
-    return name, ""
+    watch = HeadWatch(model)
+    with watch, torch.no_grad():
+        out = run()
+    name, reason, _ = watch.verdict(out, exclude)
+    return name, reason
 
 
 def chunked_head_fns(

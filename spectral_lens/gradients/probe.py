@@ -29,7 +29,7 @@ from ._batch import batch_size, default_forward, map_tensors, slice_batch
 from . import cast_cache
 from .engines import fast_engine, loop_engine
 from .fallback import vmap_or_loop
-from .fused_head import chunked_head_fns, chunked_is_faster, find_chunkable_head
+from .fused_head import HeadWatch, chunked_head_fns, chunked_is_faster, find_chunkable_head
 from .gram import (
     CPU_SLAB_ELEMENTS,
     GRAM_BLOCK_ELEMENTS,
@@ -193,8 +193,10 @@ class PerSampleGradientProbe:
         head_loss: how the default loss meets the model's head. ``"auto"`` (default): on CUDA with
             Triton installed (where the chunked path is the faster one,
             :func:`~spectral_lens.gradients.fused_head.chunked_is_faster`; elsewhere ``"auto"`` keeps
-            the materialized logits), on the first ``update`` one no-grad forward of that batch's first sequence checks
-            (:func:`~spectral_lens.gradients.fused_head.find_chunkable_head`) that the logits the
+            the materialized logits), on the first ``update`` the first chunk's own forward checks
+            (:class:`~spectral_lens.gradients.fused_head.HeadWatch`; with the vmap or loop engine, one
+            extra no-grad forward of the batch's first sequence,
+            :func:`~spectral_lens.gradients.fused_head.find_chunkable_head`) that the logits the
             default loss reads are the unmodified output of an ``nn.Linear`` head whose weight is not
             probed; if so the head and the loss run chunked over tokens
             (:func:`~spectral_lens.gradients.linear_cross_entropy`: never the full tokens x vocab
@@ -350,19 +352,16 @@ class PerSampleGradientProbe:
             return "materialized: head_loss='materialized'"
         return None
 
-    def _decide_head_loss(self, sample: Any, devices) -> None:
-        """``head_loss`` ``"auto"``/``"chunked"``: one no-grad forward of ``sample`` (one sequence) proves
-        or refutes that the default loss can run chunked through an ``nn.Linear`` head. Runs inside
-        :meth:`_isolated`, with its own forked RNG so the measurement's dropout masks are unchanged."""
+    def _decide_without_forward(self) -> None:
+        """``head_loss="auto"`` where the chunked path is the slower one: materialized, no check needed."""
         if self.head_loss == "auto" and not chunked_is_faster(self.device):
             # exact either way; without the Triton kernels the chunked body is the slower one (measured)
             self.head_loss_ = (f"materialized: the chunked head + loss is slower without its Triton kernels "
                                f"(on {self.device.type}); head_loss='chunked' forces it")
-            return
-        with torch.random.fork_rng(devices=devices):
-            head, reason = find_chunkable_head(
-                self.model, lambda: self.forward_fn(self.model, sample), self.params.values()
-            )
+
+    def _settle_head_loss(self, head: str | None, reason: str) -> None:
+        """Record the head-loss decision from a :class:`~spectral_lens.gradients.fused_head.HeadWatch`
+        verdict; ``head_loss="chunked"`` with no provable head raises its reason."""
         if head is None:
             if self.head_loss == "chunked":
                 raise ValueError(
@@ -374,6 +373,50 @@ class PerSampleGradientProbe:
         fns = chunked_head_fns(self.model, head, self.ignore_index, forward=self.forward_fn)
         self._head_fns = (fns["forward_fn"], fns["loss_fn"])
         self.head_loss_ = f"chunked ({head})"
+
+    def _decide_head_loss(self, sample: Any, devices) -> None:
+        """The decision by a forward of its own: one no-grad forward of ``sample`` (one sequence), for
+        probes whose first chunk does not run on the fast engine alone (see :meth:`_deciding_fns`).
+        Runs inside :meth:`_isolated`, on its own forked RNG so the measurement's dropout masks are
+        unchanged."""
+        with torch.random.fork_rng(devices=devices):
+            head, reason = find_chunkable_head(
+                self.model, lambda: self.forward_fn(self.model, sample), self.params.values()
+            )
+        self._settle_head_loss(head, reason)
+
+    def _deciding_fns(self) -> tuple[Callable, Callable]:
+        """``forward_fn`` / ``loss_fn`` for the first chunk while the head-loss decision is pending, on
+        the fast engine: that chunk's own forward runs inside a
+        :class:`~spectral_lens.gradients.fused_head.HeadWatch`, and its loss settles the decision from
+        what the watch saw. Chunked: the chunk's loss is the chunked loss of the head's input, which
+        is the tensor the chunked path's forward returns, so the chunk's rows are the chunked path's
+        (the head's own product in this forward is the one extra cost, no extra forward).
+        Materialized: the default loss of the forward's output, the materialized path itself. (When
+        another ``nn.Linear`` ran after the head, its input is not kept: that one chunk takes the
+        default loss, equal to the chunked one up to the rounding in ``fused_head``'s docstring.)
+        The forward's output travels in a list that the loss empties, so the full logits are freed
+        before the chunked loss runs."""
+        watch = HeadWatch(self.model)  # built outside the pass: the cast cache patches forwards inside it
+
+        def forward_fn(model: nn.Module, batch: Any) -> list:
+            with watch:
+                return [self.forward_fn(model, batch)]
+
+        def loss_fn(held: list, batch: Any) -> torch.Tensor:
+            out = held.pop()
+            head, reason, hidden = watch.verdict(out, self.params.values())
+            self._settle_head_loss(head, reason)
+            if hidden is None:
+                return self.loss_fn(out, batch)
+            del out  # the full logits go here; the graph keeps what the backward needs
+            return self._head_fns[1](hidden, batch)
+
+        return forward_fn, loss_fn
+
+    def _loss_fns(self) -> tuple[Callable, Callable]:
+        """The ``(forward_fn, loss_fn)`` the engines use now that the head-loss decision is made."""
+        return self._head_fns or (self.forward_fn, self.loss_fn)
 
     def _row_dtype(self, name: str) -> torch.dtype:
         if self.storage_dtype is not None:
@@ -456,9 +499,9 @@ class PerSampleGradientProbe:
         autocast casts shared by the chunks of one update (fast engine only)."""
         rows: dict[str, torch.Tensor] = {}
         losses = None
-        forward_fn, loss_fn = self._head_fns or (self.forward_fn, self.loss_fn)
         fast = {k: self.sites[k] for k, e in self.engines_.items() if e == "fast"}
         if fast:
+            forward_fn, loss_fn = self._deciding_fns() if self.head_loss_ is None else self._loss_fns()
             got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn, casts, self._every)
             rows.update(got)
             for k in not_called:
@@ -468,6 +511,7 @@ class PerSampleGradientProbe:
                         "used functionally); use engine='auto' or 'vmap'"
                     )
                 self.engines_[k] = "vmap"
+        forward_fn, loss_fn = self._loss_fns()  # decided by now (by the fast engine's forward, or before)
         for kind in ("vmap", "loop"):
             todo = {k: self.params[k] for k, e in self.engines_.items() if e == kind and k not in rows}
             if todo and kind == "vmap":
@@ -513,6 +557,10 @@ class PerSampleGradientProbe:
             self._gram = {k: grow_square(g, total, dev) for k, g in self._gram.items()}
             with self._isolated() as devices:
                 if self.head_loss_ is None and n > 0:
+                    self._decide_without_forward()
+                if self.head_loss_ is None and n > 0 and any(e != "fast" for e in self.engines_.values()):
+                    # the vmap and loop engines: a check forward of one sequence (on the fast engine
+                    # alone the first chunk's own forward decides, _deciding_fns)
                     self._decide_head_loss(slice_batch(batch, 0, 1), devices)
                 casts = self._casts(-(-n // self.chunk_size))
                 for s in range(0, n, self.chunk_size):

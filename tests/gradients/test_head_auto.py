@@ -175,6 +175,82 @@ def test_bf16_autocast_bound():
         assert np.abs(approx.normalized.numpy() - exact.normalized.numpy()).max() <= 2e-3
 
 
+# ----------------------------------------------------------------------------- the first chunk decides
+
+
+class _AuxAfterHead(TinyGPT):
+    """Another nn.Linear runs after the head (an auxiliary output that does not touch the logits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = torch.nn.Linear(16, 3)
+
+    def forward(self, idx):
+        tr = self.transformer
+        x = tr.wte(idx) + tr.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in tr.h:
+            x = block(x)
+        h = tr.ln_f(x)
+        return self.lm_head(h), self.aux(h)
+
+
+@pytest.mark.parametrize("resident", [None, 2])
+def test_first_chunk_decides_with_the_chunked_paths_rows(resident):
+    """On the fast engine the first chunk's own forward makes the decision: the rows of a probe still
+    deciding are bit for bit those of a probe that has decided (the chunked path), also in
+    bounded-memory mode, where the first chunk is recomputed through the chunked path later."""
+    torch.manual_seed(8)
+    model = TinyGPT().double().eval()
+    batch = lm_batch(m=7)
+    kw = dict(chunk_size=3, max_resident_samples=resident, keep_matrix=resident is None)
+    fresh = PerSampleGradientProbe(model, PARAM, **kw).update(batch)
+    assert fresh.head_loss_ == CHUNKED
+    decided = PerSampleGradientProbe(model, PARAM, **kw).update(batch).reset().update(batch)
+    assert torch.equal(fresh.gram(), decided.gram()) and torch.equal(fresh.losses_, decided.losses_)
+    if resident is None:
+        assert torch.equal(fresh.matrix(), decided.matrix())
+    ref = PerSampleGradientProbe(model, PARAM, head_loss="materialized", **kw).update(batch)
+    assert _rel(fresh.gram(), ref.gram()) <= 1e-10
+
+
+def test_head_not_last_linear_first_chunk_materialized():
+    """An nn.Linear after the head: the head is still proved, its input is not kept, so the first chunk
+    takes the default loss and the rest the chunked one; all agree with the materialized path to 1e-10."""
+    torch.manual_seed(9)
+    model = _AuxAfterHead().double().eval()
+    batch = lm_batch(m=6)
+    got = _run(model, batch, chunk_size=2)
+    assert got.head_loss_ == CHUNKED
+    _assert_close(got, _run(model, batch, chunk_size=2, head_loss="materialized"))
+
+
+def test_first_chunk_frees_the_full_logits_before_the_chunked_loss(monkeypatch):
+    """The full logits of the deciding forward are released before the chunked loss runs (peak memory
+    of the first chunk: the forward's own, not the forward's plus the chunked loss's)."""
+    import gc
+    import weakref
+
+    class _Tracked(TinyGPT):
+        def forward(self, idx):
+            z = super().forward(idx)
+            self.logits_ref = weakref.ref(z)
+            return z
+
+    model = _Tracked().double().eval()
+    alive = []
+    real = fused_head.linear_cross_entropy
+
+    def spy(*args, **kwargs):
+        gc.collect()
+        alive.append(model.logits_ref() is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_head, "linear_cross_entropy", spy)
+    probe = PerSampleGradientProbe(model, PARAM, chunk_size=3).update(lm_batch())
+    # the first chunk's forward returned the logits; the second's (head bypassed) the hidden states
+    assert probe.head_loss_ == CHUNKED and alive == [False, True]
+
+
 # ----------------------------------------------------------------------------- falls back, saying why
 
 
@@ -302,10 +378,13 @@ def test_user_loss_or_forward_is_never_replaced_and_costs_no_check_forward():
         probe.update(batch)
         assert len(calls) == 2 and probe.head_loss_.startswith("custom:")
     calls.clear()
-    probe = PerSampleGradientProbe(model, PARAM, chunk_size=3).update(batch)  # auto: one check forward, once
-    assert probe.head_loss_ == CHUNKED and len(calls) == 3
+    probe = PerSampleGradientProbe(model, PARAM, chunk_size=3).update(batch)  # fast engine: the first chunk decides
+    assert probe.head_loss_ == CHUNKED and len(calls) == 2
     probe.update(batch)
-    assert len(calls) == 5
+    assert len(calls) == 4
+    calls.clear()
+    probe = PerSampleGradientProbe(model, PARAM, chunk_size=3, engine="loop").update(batch)
+    assert probe.head_loss_ == CHUNKED and len(calls) == 1 + 6  # one check forward, then one per sequence
 
 
 def test_bad_head_loss_values_are_clear():
