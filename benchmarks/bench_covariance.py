@@ -119,6 +119,52 @@ def throughput(device: torch.device, dims, rows: int, chunks: int, repeats: int)
     return out
 
 
+def _accumulate_fp32(s: torch.Tensor, y: torch.Tensor) -> None:
+    """``s += y^T y`` in fp32 from bf16 ``y``: cuBLAS's beta = 1 (``addmm`` with ``out_dtype``) where the
+    build has it on this device, else a product and an add."""
+    try:
+        torch.addmm(s, y.t(), y, out_dtype=torch.float32, out=s)
+    except (RuntimeError, NotImplementedError, TypeError):
+        s.add_(mm_fp32(y.t(), y))
+
+
+def _overlapped(data, shift, parts: int, device: torch.device):
+    """An experiment for the fast mode (not in the library): each chunk in ``parts`` row blocks, the
+    centring of block j + 1 on a side stream while the product of block j runs on the main stream,
+    the blocks' products summed into one fp32 ``S``. It can only gain where cuBLAS leaves SMs idle
+    (a d x d output has few tiles: 36-100 at d = 768-1600 against 132 SMs, unless cuBLAS splits K).
+    Returns ``fn() -> [(m, S), ...]``."""
+    from spectral_lens.spectra import fast_moments as fm
+
+    side = torch.cuda.Stream(device)
+    d = data[0].shape[1]
+
+    def fn():
+        main = torch.cuda.current_stream(device)
+        out = []
+        for c, sh in zip(data, shift):
+            side.wait_stream(main)
+            ready = []
+            with torch.cuda.stream(side):
+                for block in c.chunk(parts):
+                    y, m = fm.center_cast(block, sh)
+                    done = torch.cuda.Event()
+                    done.record(side)
+                    ready.append((y, m, done))
+            s = torch.zeros(d, d, dtype=torch.float32, device=device)
+            m_total = torch.zeros(d, dtype=torch.float64, device=device)
+            for y, m, done in ready:
+                main.wait_event(done)
+                y.record_stream(main)
+                m.record_stream(main)
+                _accumulate_fp32(s, y)
+                m_total += m
+            out.append((m_total, s))
+        return out
+
+    return fn
+
+
 def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: int) -> list[dict]:
     """The CUDA fast mode's pieces in one run: the centring pass (Triton one-pass kernel vs torch ops)
     against a bf16 copy of the chunk (the bandwidth ceiling), the product alone and the whole
@@ -160,6 +206,17 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
         for t in preps:
             fns[f"acc_{'triton' if t else 'torch'}"] = acc_fn(t)
         row = {"case": "fast_variants", "d": d, "rows_per_chunk": rows, "chunks": chunks}
+        if device.type == "cuda":  # the two-stream experiment; a failure is recorded, not raised
+            for parts in (2, 4):
+                try:
+                    fn = _overlapped(data, shift, parts, device)
+                    m, s = fn()[0]
+                    torch.cuda.synchronize(device)
+                    ref = fm.fast_chunk_moments(data[0], shift[0])[1].double()
+                    row[f"overlap{parts}_err_vs_one_gemm"] = float((s.double() - ref).abs().max() / ref.diagonal().max())
+                    fns[f"overlap{parts}"] = fn
+                except Exception as exc:  # noqa: BLE001 (an experiment: keep the run going)
+                    row[f"overlap{parts}_error"] = f"{type(exc).__name__}: {exc}"[:300]
         for name, fn in fns.items():
             row[f"{name}_ms"] = 1e3 * timed(fn, repeats) / chunks
             if name.startswith("acc_"):  # host time to issue the updates (no sync inside): launch-bound if ~ the device time
@@ -172,7 +229,7 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
                     torch.cuda.synchronize(device)
         gemm = row["gemm_bf16_ms"]
         for name in fns:
-            if name.startswith("acc_") or name.startswith("gram"):
+            if name.startswith(("acc_", "gram", "overlap")):
                 row[f"{name}_vs_gemm"] = gemm / row[f"{name}_ms"]
             if name.startswith("prep_"):
                 row[f"{name}_vs_copy"] = row["copy_bf16_ms"] / row[f"{name}_ms"]

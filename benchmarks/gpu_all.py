@@ -177,6 +177,12 @@ def main(argv=None) -> dict:
         for k in [k for k in r if k.endswith("_vs_gemm") and k.startswith(("acc_", "gram"))]:
             err = r.get("err_" + k[:-8].split("_", 1)[-1]) if k.startswith("acc_") else None
             lines.append(f"| {k[:-8]} / bf16 GEMM, d = {r['d']} | {r[k]:.3f}" + (f" (S err {err[0]:.1e})" if err else "") + " | |")
+        for parts in (2, 4):  # the two-stream experiment (bench_covariance._overlapped)
+            if f"overlap{parts}_vs_gemm" in r:
+                lines.append(f"| experiment: centring on a side stream, {parts} blocks / bf16 GEMM, d = {r['d']} | "
+                             f"{r[f'overlap{parts}_vs_gemm']:.3f} (S vs one GEMM {r[f'overlap{parts}_err_vs_one_gemm']:.1e}) | |")
+            elif f"overlap{parts}_error" in r:
+                lines.append(f"| experiment: side stream, {parts} blocks, d = {r['d']} | failed: {r[f'overlap{parts}_error'][:80]} | |")
         for k in [k for k in r if k.startswith("prep_") and k.endswith("_vs_copy")]:
             lines.append(f"| centring pass {k[5:-8]} / bf16 copy, d = {r['d']} | {r[k]:.2f} | (bandwidth) |")
     for r in res["covariance"]:
