@@ -50,9 +50,10 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     backward scales it instead of recomputing it (the first version did, hence ``method="recompute"``),
     which saves the exponentials and one pass over the logits with the same result bit for bit.
 
-    The loss is ``lse - z_t`` with ``lse = z_max - log p_max``: ``p_max >= 1/V`` is always a normal
-    number, so the log-sum-exp is exact up to one rounding of ``p_max`` (absolute error <= 2^-8 for
-    bf16) and never overflows or underflows. The gradient ``w_t (softmax(z) - onehot(t))`` carries two
+    The loss is ``lse - z_t = (z_max - z_t) - log p_max``, formed in that order: ``p_max >= 1/V`` is
+    always a normal number, so it is exact up to one rounding of ``p_max`` (absolute error <= 2^-8 for
+    bf16) and the float32 rounding of the loss itself, whatever the logits' common offset (``z_max -
+    z_t`` of two bf16 values is exact in float32), and never overflows or underflows. The gradient ``w_t (softmax(z) - onehot(t))`` carries two
     roundings to the logits' dtype per element, three at the target (PyTorch's path carries one: it
     casts a float32 gradient back for a bf16 head); the target entry is minus the sum of the others,
     so it stays accurate relative to itself when ``p_t ~ 1``. The algebra holds in any float dtype (the
@@ -72,8 +73,9 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         p = torch.softmax(logits, -1)
         p_max = p.amax(-1, keepdim=True)
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        lse = z_max.to(acc) - p_max.to(acc).log()
-        loss = (lse - logits.gather(-1, safe).to(acc)).squeeze(-1)
+        # (z_max - z_t) first: exact in acc for logits of a narrower dtype, so a large common offset of
+        # the logits costs no rounding (lse itself would round at 2^-24 |z_max|)
+        loss = ((z_max.to(acc) - logits.gather(-1, safe).to(acc)) - p_max.to(acc).log()).squeeze(-1)
         return loss.masked_fill(~valid, 0.0), p
 
     @staticmethod
@@ -122,7 +124,7 @@ def token_cross_entropy(
       forward's softmax is kept in the logits' dtype, in place of the logits, and the backward scales
       it (the name is from the first version, which recomputed it there). See
       ``benchmarks/bench_loss.py`` for its time against the native autocast path; the loss is
-      within 2^-8 absolute and each gradient entry within two bf16 roundings (three at the target)
+      within 2^-8 absolute (plus the loss's own float32 rounding) and each gradient entry within two bf16 roundings (three at the target)
       of float64 on the same logits.
     * ``"auto"`` (default): ``"recompute"`` for bf16 logits, ``"native"`` otherwise.
     """

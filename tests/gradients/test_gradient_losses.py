@@ -9,7 +9,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.func import grad, vmap
 from torch.utils import _pytree as pytree
@@ -94,6 +94,7 @@ class _Float32Arrays(TorchDispatchMode):
     block=st.sampled_from([1, 37, 2**18]),
     seed=st.integers(0, 2**31 - 1),
 )
+@example(n=3, v=2031, scale=0.1, offset=3000.0, confident=0, block=1, seed=64291450)  # p_max at a bf16 half-ulp
 def test_token_cross_entropy_bf16_against_float64(n, v, scale, offset, confident, block, seed):
     """bf16 logits (also under autocast): no float32 copy of the (N, V) array is ever made (on the CPU
     the backward's scaling converts row blocks of at most ``block`` elements, or one row); loss within
@@ -116,7 +117,9 @@ def test_token_cross_entropy_bf16_against_float64(n, v, scale, offset, confident
     assert all(rows <= max(1, block // v) for rows, _ in wide), (wide, block)
     ref = F.cross_entropy(x.detach().double(), t, reduction="none")
     gref = _reference_grad(x.detach(), t, w)
-    assert (loss.double() - ref).abs().max() <= 2**-8 * 1.01 + 1e-6
+    # one rounding of p_max, and the float32 rounding of the loss itself (not of |z|_max: the offset
+    # cancels exactly in z_max - z_t; this failed at offset 3000 when lse was rounded first)
+    assert ((loss.double() - ref).abs() <= 2**-8 * 1.01 + 2**-23 * ref.abs()).all()
     # two roundings relative to each entry (softmax, scale), three at the target (a sum of entries
     # that carry two, rounded once more); entries below bf16's normal range round absolutely
     roundings = torch.full_like(gref, 2.0).scatter_(-1, t.clamp_min(0)[:, None], 3.0)
@@ -254,6 +257,7 @@ def test_auto_method_on_cuda_bf16():
     finally:
         torch.use_deterministic_algorithms(deterministic)
     assert (512, 4099) not in spy.shapes
-    assert (loss.double() - F.cross_entropy(x.detach().double(), t, reduction="none")).abs().max() <= 2**-8 * 1.01
+    ref = F.cross_entropy(x.detach().double(), t, reduction="none")
+    assert ((loss.double() - ref).abs() <= 2**-8 * 1.01 + 2**-23 * ref.abs()).all()
     ref = _reference_grad(x.detach(), t, w)
     assert ((gx.double() - ref).abs() <= 3 * 2**-8 * ref.abs() * 1.01 + 1e-38).all()
