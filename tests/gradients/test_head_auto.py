@@ -504,6 +504,27 @@ def test_hf_gpt2_logits_are_the_lm_head_output():
     assert emb.head_loss_.startswith("materialized: the probed parameters include the head's weight")
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2-tied"])
+def test_hf_llama_family_logits_are_the_lm_head_output(arch):
+    """Llama and Qwen2 (tied embeddings) in transformers: ``lm_head`` reads a slice view of the hidden
+    states (``logits_to_keep``) and its output is ``.logits`` unchanged, so the first chunk proves the
+    head; padded dict batches agree with the materialized path to 1e-10 (float64)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cls, config = ((transformers.LlamaForCausalLM, transformers.LlamaConfig) if arch == "llama"
+                   else (transformers.Qwen2ForCausalLM, transformers.Qwen2Config))
+    cfg = config(vocab_size=53, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=arch == "qwen2-tied")
+    model = cls(cfg).double().eval()
+    ids = torch.randint(0, 53, (5, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    got = PerSampleGradientProbe(model, chunk_size=2, keep_matrix=True).update(batch)
+    assert got.head_loss_ == CHUNKED and set(got.engines_.values()) == {"fast"}
+    _assert_close(got, PerSampleGradientProbe(model, chunk_size=2, keep_matrix=True, head_loss="materialized").update(batch))
+
+
 def test_cpu_auto_keeps_materialized_without_a_check_forward():
     """Without the Triton kernels (this CPU) the chunked body is the slower path: "auto" keeps the
     materialized logits, says why, and spends no check forward; "chunked" still forces it."""
