@@ -13,12 +13,17 @@ dozen float32 passes per block), which is also what runs under ``torch.func`` tr
 
 Accuracy (what "exact enough" means here). The logits are computed exactly as an unfused head would
 compute them: ``F.linear`` in the autocast dtype when autocast is on, else in the inputs' dtype. From
-there every step runs in float32 (float64 for float64 inputs): the log-sum-exp is max-shifted, so
-the loss is within a few float32 ulps of ``|z|_max + log V`` of the float64 loss *of the same logits*
-(tested: ``4e-6 (|z|_max + log V)`` for float32, ``1e-12`` for float64, with logit offsets up to
-1e4). Gradients are within ``4e-6 (|z|_max + 1)`` (float32; ``1e-11`` float64) of the float64
-gradients relative to their largest entry: the float32 logits' own rounding, ``|z|_max 2^-24``, moves
-each softmax entry by that relative amount, as it does in an unfused float32 head. They carry the
+there every step runs in float32 (float64 for float64 inputs), and each row's log-sum-exp is kept as
+the pair ``(m, log s)``, its max and ``log sum exp(z - m)``, never as the sum ``m + log s``: the loss
+is ``log s - (z_t - m)`` and the softmax ``exp((z - m) - log s)``, so nothing rounds at the scale of
+the logits' common offset. Against the float64 loss *of the same logits* the loss is within a few
+float32 ulps of ``|loss| + log V`` and the logits' gradient within a few ulps of its largest entry,
+at any offset (tested: ``2^-21`` and ``2^-20 (1 + log V)``, offsets up to 3e4; forming ``m + log s``
+first was 6e-4 off at an offset of 1e4, where PyTorch's float32 cross-entropy is 1e-6 off). Against
+float64 from the float32 *inputs*, the logits' own float32 rounding adds ``|z|_max 2^-24`` per logit:
+the loss is within ``4e-6 (|z|_max + log V)`` (float32; ``1e-12`` float64) and gradients within
+``4e-6 (|z|_max + 1)`` (float32; ``1e-11`` float64) relative to their largest entry, as in an
+unfused float32 head. They carry the
 rounding of ``softmax - onehot`` to the logits' dtype, as an unfused bf16 head's do; the target entry is formed as minus the sum of the other entries (no ``p_t - 1``
 cancellation). So the chunked path is never less exact than the materialized one, and
 :func:`linear_cross_entropy` uses it whenever the full logits would exceed ``chunk_bytes``; for
@@ -101,14 +106,26 @@ def _logits(h, w, b, dtype) -> torch.Tensor:
     return F.linear(h.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
 
 
-def _softmax_grad(z, safe, lse, weight, acc, dtype, kernel):
+def _row_norms(z: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(e, m, log s)`` of a block of logits in the plain-PyTorch body: ``e = z - m`` in ``acc`` with
+    ``m`` each row's max, and ``s = sum exp(e)``. The log-sum-exp is ``m + log s``; it is kept as the
+    pair, so that nothing rounds at the scale of ``|m|`` (a large common offset of the logits)."""
+    z = z.to(acc)
+    m = z.amax(-1)
+    e = z - m[:, None]
+    return e, m, e.exp().sum(-1).log()
+
+
+def _softmax_grad(z, safe, m, ls, weight, acc, dtype, kernel, shifted=None):
     """``(g, g_acc)`` of one chunk: ``g = (softmax(z) - onehot(t)) * weight`` rounded once to ``dtype``
-    (the rounding an unfused head's logits gradient has), the target entry formed as minus the sum of
-    the others (no ``p_t - 1`` cancellation when ``p_t ~ 1``); ``g_acc`` is the unrounded ``g`` in
-    ``acc`` from the plain-PyTorch body (``None`` from the kernel, which never forms it)."""
+    (the rounding an unfused head's logits gradient has), with ``softmax(z) = exp((z - m) - log s)``,
+    the target entry formed as minus the sum of the others (no ``p_t - 1`` cancellation when
+    ``p_t ~ 1``); ``g_acc`` is the unrounded ``g`` in ``acc`` from the plain-PyTorch body (``None`` from
+    the kernel, which never forms it). ``shifted``: ``z - m`` in ``acc`` if the caller has it."""
     if kernel is not None:  # one read, one write of the block; the same fp32 math, then one rounding
-        return kernel.softmax_grad(z, safe, lse, weight.contiguous()), None
-    g = (z.to(acc) - lse[:, None]).exp() * weight[:, None]
+        return kernel.softmax_grad(z, safe, m, ls, weight.contiguous()), None
+    e = shifted if shifted is not None else z.to(acc) - m[:, None]
+    g = (e - ls[:, None]).exp() * weight[:, None]
     at = safe[:, None]
     g = g.scatter(-1, at, 0.0)
     g = g.scatter(-1, at, -g.sum(-1, keepdim=True))
@@ -123,8 +140,9 @@ def _mm_acc(g: torch.Tensor, w: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Per-token loss (N,) of ``F.linear(h, w, b)`` against ``targets``, chunked over tokens, the (N,)
-    log-sum-exp and, with ``precompute``, the (N, d) unit-weight input gradient. Out-of-place per
+    """Per-token loss (N,) of ``F.linear(h, w, b)`` against ``targets``, chunked over tokens, each row's
+    max ``m`` and ``log s`` (N,) (its log-sum-exp is ``m + log s``, kept as the pair) and, with
+    ``precompute``, the (N, d) unit-weight input gradient. Out-of-place per
     chunk, so ``torch.func`` can batch it (``generate_vmap_rule``): the probe's ``vmap`` engine works
     with it too.
 
@@ -141,7 +159,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         valid = targets != ignore_index
         safe = targets.masked_fill(~valid, 0)
         unit = valid.to(acc) if precompute else None  # each token's weight 1 (0 if ignored)
-        lses, losses, dhs = [], [], []
+        ms, lss, losses, dhs = [], [], [], []
         kernel = _kernels(h, dtype)
         # the head in the compute dtype once per call, not once per chunk (a (V, d) cast each time)
         # (and, in a probe update, once per update: cast_of keeps it for the later chunks)
@@ -149,44 +167,45 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk_rows):
             z = _logits(h[s : s + chunk_rows], wc, bc, dtype)
             ts = safe[s : s + chunk_rows]
-            g = None
+            g = e = None
             if kernel is not None and precompute:  # log-sum-exp and gradient in one launch
-                lse, zt, g = kernel.lse_and_grad(z, ts, unit[s : s + chunk_rows].contiguous())
+                m, ls, loss, g = kernel.lse_and_grad(z, ts, unit[s : s + chunk_rows].contiguous())
             elif kernel is not None:  # one read of the logits in their own dtype, fp32 inside
-                lse, zt = kernel.row_lse(z, ts)
-            else:
-                z = z.to(acc)
-                lse, zt = torch.logsumexp(z, -1), z.gather(-1, ts[:, None]).squeeze(-1)
-            lses.append(lse)
-            losses.append(lse - zt)
+                m, ls, loss = kernel.row_lse(z, ts)
+            else:  # loss = log s - (z_t - m): no rounding at the scale of the logits' offset
+                e, m, ls = _row_norms(z, acc)
+                loss = ls - e.gather(-1, ts[:, None]).squeeze(-1)
+            ms.append(m)
+            lss.append(ls)
+            losses.append(loss)
             if precompute:
                 if g is None:
-                    g, _ = _softmax_grad(z, ts, lse, unit[s : s + chunk_rows], acc, dtype, kernel)
+                    g, _ = _softmax_grad(z, ts, m, ls, unit[s : s + chunk_rows], acc, dtype, kernel, shifted=e)
                 dhs.append(_mm_acc(g, wc, acc))
-        lse, loss = torch.cat(lses), torch.cat(losses)
-        dh_unit = torch.cat(dhs) if precompute else lse.new_empty(0)
-        return loss.masked_fill(~valid, 0.0), lse, dh_unit
+        m, ls, loss = torch.cat(ms), torch.cat(lss), torch.cat(losses)
+        dh_unit = torch.cat(dhs) if precompute else m.new_empty(0)
+        return loss.masked_fill(~valid, 0.0), m, ls, dh_unit
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         h, w, b, targets, ignore_index, chunk_rows, dtype, precompute = inputs
-        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.mark_non_differentiable(*output[1:])
         if precompute:
-            ctx.save_for_backward(targets, output[2])
+            ctx.save_for_backward(targets, output[3])
         else:
-            ctx.save_for_backward(h, w, b, targets, output[1])
+            ctx.save_for_backward(h, w, b, targets, output[1], output[2])
         ctx.ignore_index, ctx.chunk_rows, ctx.dtype, ctx.precompute = ignore_index, chunk_rows, dtype, precompute
         ctx.h_dtype = h.dtype
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse, _grad_dh):
+    def backward(ctx, grad_loss, _grad_m, _grad_ls, _grad_dh):
         if ctx.precompute:
             targets, dh_unit = ctx.saved_tensors
             weight = grad_loss.to(dh_unit.dtype) * (targets != ctx.ignore_index)
             return (dh_unit * weight[:, None]).to(ctx.h_dtype), None, None, None, None, None, None, None
-        h, w, b, targets, lse = ctx.saved_tensors
+        h, w, b, targets, m, ls = ctx.saved_tensors
         chunk_rows, dtype = ctx.chunk_rows, ctx.dtype
-        acc = lse.dtype
+        acc = m.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         valid = targets != ctx.ignore_index
         safe = targets.masked_fill(~valid, 0)
@@ -196,8 +215,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         kernel = None if (need_b and b is not None) else _kernels(h, dtype)  # the bias gradient needs fp32 g
         for s in range(0, h.shape[0], chunk_rows):
             hc = h[s : s + chunk_rows]
-            g, g_acc = _softmax_grad(_logits(hc, wc, bc, dtype), safe[s : s + chunk_rows], lse[s : s + chunk_rows],
-                                     weight[s : s + chunk_rows], acc, dtype, kernel)
+            g, g_acc = _softmax_grad(_logits(hc, wc, bc, dtype), safe[s : s + chunk_rows], m[s : s + chunk_rows],
+                                     ls[s : s + chunk_rows], weight[s : s + chunk_rows], acc, dtype, kernel)
             if need_b and b is not None:
                 db = g_acc.sum(0) if db is None else db + g_acc.sum(0)
             if need_h:
