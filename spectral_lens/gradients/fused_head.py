@@ -367,6 +367,9 @@ def head_loss_fns(
     return {"forward_fn": forward_fn, "loss_fn": loss_fn}
 
 
+_GLOBAL_HOOK_REASON = "a global module forward hook is registered (it could change the head's output)"
+
+
 class HeadWatch:
     """What every ``nn.Linear`` of ``model`` returned in one forward, to prove (:meth:`verdict`) that the
     default loss can be chunked through one of them.
@@ -430,7 +433,7 @@ class HeadWatch:
         returns with the head bypassed, :func:`without_head`), or ``None`` when another ``nn.Linear``
         ran after the head (its input was not kept)."""
         if self._global_hooks:
-            return None, "a global module forward hook is registered (it could change the head's output)", None
+            return None, _GLOBAL_HOOK_REASON, None
         try:
             logits = extract_logits(out)
         except TypeError as exc:
@@ -513,7 +516,7 @@ def find_chunkable_head(
     default loss of the model's output up to the rounding in the module docstring.
     """
     if nn.modules.module._global_forward_hooks:  # decided without a forward
-        return None, "a global module forward hook is registered (it could change the head's output)"
+        return None, _GLOBAL_HOOK_REASON
     watch = HeadWatch(model)
     with watch, torch.no_grad():
         out = run()

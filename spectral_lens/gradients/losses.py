@@ -53,7 +53,8 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
     The loss is ``lse - z_t = (z_max - z_t) - log p_max``, formed in that order: ``p_max >= 1/V`` is
     always a normal number, so it is exact up to one rounding of ``p_max`` (absolute error <= 2^-8 for
     bf16) and the float32 rounding of the loss itself, whatever the logits' common offset (``z_max -
-    z_t`` of two bf16 values is exact in float32), and never overflows or underflows. The gradient ``w_t (softmax(z) - onehot(t))`` carries two
+    z_t`` of two bf16 values is exact in float32 unless their exponents are more than 16 apart, and
+    then rounds relative to itself), and never overflows or underflows. The gradient ``w_t (softmax(z) - onehot(t))`` carries two
     roundings to the logits' dtype per element, three at the target (PyTorch's path carries one: it
     casts a float32 gradient back for a bf16 head); the target entry is minus the sum of the others,
     so it stays accurate relative to itself when ``p_t ~ 1``. The algebra holds in any float dtype (the
@@ -73,8 +74,8 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         p = torch.softmax(logits, -1)
         p_max = p.amax(-1, keepdim=True)
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        # (z_max - z_t) first: exact in acc for logits of a narrower dtype, so a large common offset of
-        # the logits costs no rounding (lse itself would round at 2^-24 |z_max|)
+        # (z_max - z_t) first: it rounds at most relative to itself (exact for nearby bf16 values), so a
+        # large common offset of the logits costs no rounding (lse itself would round at 2^-24 |z_max|)
         loss = ((z_max.to(acc) - logits.gather(-1, safe).to(acc)) - p_max.to(acc).log()).squeeze(-1)
         return loss.masked_fill(~valid, 0.0), p
 

@@ -194,6 +194,33 @@ class _AuxAfterHead(TinyGPT):
         return self.lm_head(h), self.aux(h)
 
 
+def test_head_watch_public_api():
+    """``HeadWatch`` around any forward (grad on): the verdict names the head and returns its input (the
+    final norm's output here); no hook is left; a forward with another Linear after the head still
+    proves the head but returns no hidden states; excluding the head's weight refuses it."""
+    torch.manual_seed(0)
+    model = TinyGPT().double().eval()
+    x, _ = lm_batch()
+    before = _hook_counts(model)
+    seen = []
+    handle = model.transformer.ln_f.register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        with fused_head.HeadWatch(model) as watch:
+            out = model(x)
+    finally:
+        handle.remove()
+    assert _hook_counts(model) == before
+    name, reason, hidden = watch.verdict(out)
+    assert (name, reason) == ("lm_head", "") and hidden is seen[0]
+    assert torch.equal(model.lm_head(hidden), out)
+    name, reason, hidden = watch.verdict(out, [model.lm_head.weight])
+    assert name is None and hidden is None and "probed parameters include the head's weight" in reason
+    aux = _AuxAfterHead().double().eval()
+    with fused_head.HeadWatch(aux) as watch:
+        out = aux(x)
+    assert watch.verdict(out)[0] == "lm_head" and watch.verdict(out)[2] is None
+
+
 @pytest.mark.parametrize("resident", [None, 2])
 def test_first_chunk_decides_with_the_chunked_paths_rows(resident):
     """On the fast engine the first chunk's own forward makes the decision: the rows of a probe still
