@@ -165,11 +165,34 @@ def _overlapped(data, shift, parts: int, device: torch.device):
     return fn
 
 
+#: Looped launches of the centring kernel timed by :func:`fast_variants`: (row tiles per program,
+#: rows per tile, warps), 128 columns per tile. The library's launch is one 128 x 128 tile, 8 warps.
+LOOPED = ((4, 128, 8), (8, 64, 4), (16, 64, 4), (16, 128, 8))
+
+
+def _set_launch(launch: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Set the centring kernel's launch constants (tiles, BLOCK_R, warps); return the previous ones."""
+    from spectral_lens.spectra import _center_kernel as ck
+
+    old = (ck.TILES, ck.BLOCK_R, ck.NUM_WARPS)
+    ck.TILES, ck.BLOCK_R, ck.NUM_WARPS = launch
+    return old
+
+
+def _with_launch(launch, fn):
+    old = _set_launch(launch)
+    try:
+        return fn()
+    finally:
+        _set_launch(old)
+
+
 def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: int) -> list[dict]:
     """The CUDA fast mode's pieces in one run: the centring pass (Triton one-pass kernel vs torch ops)
     against a bf16 copy of the chunk (the bandwidth ceiling), the product alone and the whole
     accumulator (with each centring path) against the bare bf16 GEMM, the host time to issue the
-    updates, and each path's chunk-sum error against float64 sums of the same rounded rows.
+    updates, and each path's chunk-sum error against float64 sums of the same rounded rows. On CUDA
+    also the looped launches of the centring kernel (:data:`LOOPED`), alone and in the accumulator.
     (A sweep of block splits of the product and of kernel launch shapes was measured on an H100 and
     removed: benchmarks/RESULTS.md.)"""
     from spectral_lens import _triton as kernels
@@ -191,9 +214,10 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
             fns[f"prep_{'triton' if t else 'torch'}"] = (lambda t=t: [fm.center_cast(c, s, use_triton=t) for c, s in zip(data, shift)])
         fns["gram"] = lambda: [mm_fp32(y.t(), y) for y in ys]
 
-        def acc_fn(t):
+        def acc_fn(t, launch=None):
             def fn():
                 saved, kernels._AVAILABLE = kernels._AVAILABLE, t
+                consts = _set_launch(launch) if launch else None
                 try:
                     acc = ActivationCovarianceAccumulator(precision="fast")
                     for c in data:
@@ -201,11 +225,28 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
                     acc._s_lower.sum()
                 finally:
                     kernels._AVAILABLE = saved
+                    if consts:
+                        _set_launch(consts)
             return fn
 
         for t in preps:
             fns[f"acc_{'triton' if t else 'torch'}"] = acc_fn(t)
         row = {"case": "fast_variants", "d": d, "rows_per_chunk": rows, "chunks": chunks}
+        if True in preps:  # the looped launches of the centring kernel; y must be the same bits
+            y_ref = fm.center_cast(data[0], shift[0], use_triton=True)[0]
+            for launch in LOOPED:
+                tag = "loop{}x{}w{}".format(*launch)
+                try:
+                    consts = _set_launch(launch)
+                    try:
+                        row[f"prep_{tag}_same_y"] = bool(torch.equal(fm.center_cast(data[0], shift[0])[0], y_ref))
+                    finally:
+                        _set_launch(consts)
+                    fns[f"prep_{tag}"] = lambda launch=launch: _with_launch(
+                        launch, lambda: [fm.center_cast(c, s) for c, s in zip(data, shift)])
+                    fns[f"acc_{tag}"] = acc_fn(True, launch)
+                except Exception as exc:  # noqa: BLE001 (an experiment: keep the run going)
+                    row[f"prep_{tag}_error"] = f"{type(exc).__name__}: {exc}"[:300]
         if device.type == "cuda":  # the two-stream experiment; a failure is recorded, not raised
             for parts in (2, 4):
                 try:

@@ -184,7 +184,11 @@ def main(argv=None) -> dict:
             elif f"overlap{parts}_error" in r:
                 lines.append(f"| experiment: side stream, {parts} blocks, d = {r['d']} | failed: {r[f'overlap{parts}_error'][:80]} | |")
         for k in [k for k in r if k.startswith("prep_") and k.endswith("_vs_copy")]:
-            lines.append(f"| centring pass {k[5:-8]} / bf16 copy, d = {r['d']} | {r[k]:.2f} | (bandwidth) |")
+            same = r.get(k[:-8] + "_same_y")  # a looped launch: its y against the library's launch
+            lines.append(f"| centring pass {k[5:-8]} / bf16 copy, d = {r['d']} | {r[k]:.2f}"
+                         + ("" if same is None else " (same y)" if same else " (**y differs**)") + " | (bandwidth) |")
+        for k in [k for k in r if k.startswith("prep_") and k.endswith("_error")]:
+            lines.append(f"| centring pass {k[5:-6]}, d = {r['d']} | failed: {r[k][:80]} | |")
     for r in res["covariance"]:
         if "fast_vs_bf16_gemm" in r:
             lines.append(f"| fast / bf16 GEMM, d = {r['d']} | {r['fast_vs_bf16_gemm']:.3f} | >= 0.85 |")

@@ -12,7 +12,10 @@ copy of the chunk, the torch passes at 0.38-0.39 (H100); on an H200 the two pass
 Also measured and not used: forming only the lower block triangle of the product with batched GEMMs
 (slower than the one GEMM at d = 768, 1280, 1600), and two one-kernel designs that centre in the
 operand loads of a lower-triangle Triton product (0.21-0.22 and at best 0.32-0.40 of cuBLAS on an
-H200; their code is in the history at 46487b6 and d66d186).
+H200; their code is in the history at 46487b6 and d66d186). Not available: Inductor's prologue
+fusion. In torch 2.13 ``tuned_mm`` offers only the ATen (cuBLAS) choice when ``out_dtype`` is float32,
+a bf16-output template would round ``S`` to bf16, and float32 operands run as TF32 at half the bf16
+rate (benchmarks/RESULTS.md, eighth session).
 
 Accuracy is that of the plain fast mode by construction: the same bf16 rounding of ``x - s``
 (fp32 subtraction of a bf16-representable shift, one rounding), products exact in fp32 and fp32
@@ -49,7 +52,7 @@ def center_cast(
         if x.stride(1) != 1:
             x = x.contiguous()
         y = torch.empty(n, d, dtype=torch.bfloat16, device=x.device)
-        part = torch.empty(max(1, -(-n // kernel.BLOCK_R)), d, dtype=torch.float32, device=x.device)
+        part = torch.empty(kernel.partial_rows(n), d, dtype=torch.float32, device=x.device)
         v = None if valid is None else valid.contiguous().view(torch.uint8)
         kernel.center_cast(x, shift, v, y, part)
         return y, part.sum(0, dtype=torch.float64)

@@ -100,12 +100,15 @@ def test_cpu_rows_with_a_cuda_mask():
 @pytest.mark.parametrize("masked", [False, True])
 def test_triton_centring_bit_equal_to_torch(dtype, masked):
     """The one-pass Triton kernel against the torch ops on the GPU: the same bf16 rows bit for bit
-    (both round to nearest even), column sums equal to float64 sums of those rows."""
+    (both round to nearest even), column sums equal to float64 sums of those rows; the same for
+    looped launches (several row tiles per program)."""
     from spectral_lens.spectra import fast_moments as fm
     from spectral_lens.spectra.moments import representable_shift
 
     if not fm.triton_available():
         pytest.skip("Triton not installed")
+    from spectral_lens.spectra import _center_kernel as ck
+
     for n, d in ((1, 8), (70_001, 768), (4097, 1600), (333, 130)):
         x = _pool(n=n, d=d, dtype=dtype, seed=n, mean=1e3 if dtype != torch.float16 else 50.0)
         valid = (torch.rand(n, device="cuda") > 0.3) if masked else None
@@ -118,6 +121,14 @@ def test_triton_centring_bit_equal_to_torch(dtype, masked):
         assert torch.equal(y1, y2), (n, d)
         ref = y2.double().sum(0)
         assert torch.allclose(c2, ref, rtol=0, atol=1e-6 * float(y2.double().abs().sum(0).max() + 1))
+        for tiles, block_r, warps in ((4, 128, 8), (16, 64, 4)):  # looped launches (bench_covariance.LOOPED)
+            y3 = torch.empty_like(y2)
+            part = torch.empty(ck.partial_rows(n, block_r, tiles), d, device="cuda")
+            ck.center_cast(x.contiguous(), shift, None if valid is None else valid.view(torch.uint8), y3, part,
+                           block_r=block_r, num_warps=warps, tiles=tiles)
+            assert torch.equal(y3, y2), (n, d, tiles)
+            assert torch.allclose(part.sum(0, dtype=torch.float64), ref, rtol=0,
+                                  atol=1e-6 * float(y2.double().abs().sum(0).max() + 1))
 
 
 @pytest.mark.parametrize("use_triton", [True, False])

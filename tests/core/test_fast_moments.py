@@ -81,6 +81,14 @@ for dtype in (torch.bfloat16, torch.float32, torch.float16):
             # the accumulator passes the shift in the dtype it is subtracted in (shift_dtype), not float64
             y3, c3 = center_cast(x, shift.to(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32), valid,
                                  use_triton=True)
+            # the looped launch (several row tiles per program, fewer partials): the same y bit for bit
+            from spectral_lens.spectra import _center_kernel as kernel
+            xs = x if x.stride(1) == 1 else x.contiguous()
+            y4 = torch.empty(n, d, dtype=torch.bfloat16)
+            part = torch.empty(kernel.partial_rows(n, 32, 3), d)
+            kernel.center_cast(xs, shift, None if valid is None else valid.view(torch.uint8), y4, part,
+                               block_r=32, block_c=64, num_warps=4, tiles=3)
+            c4 = part.sum(0, dtype=torch.float64)
             z = x.float() - shift.float()
             if masked:
                 z[~valid] = 0
@@ -88,6 +96,8 @@ for dtype in (torch.bfloat16, torch.float32, torch.float16):
             ulp = z.abs().clamp_min(1e-30) * 2.0 ** -7
             out.append(dict(dtype=str(dtype), masked=masked, n=n, d=d,
                             bit_equal=bool(torch.equal(y1, y2)),
+                            looped_same_y=bool(torch.equal(y2, y4)), partials=part.shape[0],
+                            looped_colsum_err=float((c4 - y4.double().sum(0)).abs().max() / (y4.double().abs().sum(0).max() + 1)),
                             same_with_low_precision_shift=bool(torch.equal(y2, y3) and torch.equal(c2, c3)),
                             within_ulp=bool(((y2.float() - z).abs() <= ulp).all()),
                             finite=bool(torch.isfinite(y2.float()).all()),
@@ -109,12 +119,15 @@ def _interpret(script: str) -> list[dict]:
 def test_triton_kernel_in_interpreter():
     """The Triton kernel (run by Triton's CPU interpreter) against the torch path: bf16 input bit for
     bit; fp32/fp16 input within one bf16 ulp (the interpreter truncates where the GPU rounds); masked
-    NaN rows zeroed; column sums of the rounded values. Bit-equality for every input dtype is checked
+    NaN rows zeroed; column sums of the rounded values; the looped launch (3 row tiles per program,
+    32 x 64 tiles, 4 warps) writes the same ``y`` and the fewer partials sum to the same column sums. Bit-equality for every input dtype is checked
     on a GPU (tests/core/test_cuda.py)."""
     rows = _interpret(_INTERPRET)
     assert len(rows) == 18
     for r in rows:
         assert r["finite"] and r["within_ulp"] and r["same_with_low_precision_shift"], r
         assert r["colsum_err"] < 1e-6, r
+        assert r["looped_same_y"] and r["looped_colsum_err"] < 1e-6, r
+        assert r["partials"] == max(1, -(-r["n"] // 96)), r  # 3 tiles of 32 rows per program
         if r["dtype"] == "torch.bfloat16":
             assert r["bit_equal"], r

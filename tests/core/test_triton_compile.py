@@ -40,8 +40,13 @@ def _cases():
             yield (f"center_cast {x} valid={valid}", center._center_cast_kernel,
                    dict(x_ptr=x, shift_ptr="*fp64", valid_ptr="*u8", y_ptr="*bf16", part_ptr="*fp32",
                         n="i32", d="i32", stride_x="i32", stride_y="i32"),
-                   dict(HAS_VALID=valid, BLOCK_R=center.BLOCK_R, BLOCK_C=center.BLOCK_C),
+                   dict(HAS_VALID=valid, BLOCK_R=center.BLOCK_R, BLOCK_C=center.BLOCK_C, TILES=center.TILES),
                    dict(num_warps=center.NUM_WARPS))
+    for tiles, block_r, warps in ((8, 64, 4), (16, 128, 8)):  # the looped launches bench_covariance sweeps
+        yield (f"center_cast looped {tiles}x{block_r}", center._center_cast_kernel,
+               dict(x_ptr="*bf16", shift_ptr="*bf16", valid_ptr="*u8", y_ptr="*bf16", part_ptr="*fp32",
+                    n="i32", d="i32", stride_x="i32", stride_y="i32"),
+               dict(HAS_VALID=False, BLOCK_R=block_r, BLOCK_C=128, TILES=tiles), dict(num_warps=warps))
     for z in ("*bf16", "*fp32"):
         common = dict(num_warps=ce.NUM_WARPS)
         yield (f"row_lse {z}", ce._row_lse_kernel,
