@@ -92,6 +92,14 @@ def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None, n_valid=None) -
     return head.masked_fill(~keep.unsqueeze(-1), 0).sum(0, dtype=dtype) / count.clamp_min(1)
 
 
+def _zero_state(dim: int, device: torch.device, shift: torch.Tensor, precision: str) -> tuple[torch.Tensor, ...]:
+    """``(n, m, S, shift, bad_rows, first_bad)`` of an accumulator that has seen no rows, around ``shift``."""
+    f64 = dict(dtype=torch.float64, device=device)
+    return (torch.zeros((), dtype=torch.int64, device=device), torch.zeros(dim, **f64), torch.zeros(dim, dim, **f64),
+            representable_shift(shift.to(device), precision), torch.zeros((), dtype=torch.int64, device=device),
+            torch.full((), -1, dtype=torch.int64, device=device))
+
+
 @dataclass(frozen=True)
 class _Sums:
     """What a spectrum needs of an initialized state, all on one device: the live tensors or a
@@ -306,13 +314,8 @@ class ActivationCovarianceAccumulator:
 
     def _init_state(self, dim: int, device: torch.device, shift: torch.Tensor) -> None:
         self.dim = dim
-        f64 = dict(dtype=torch.float64, device=device)
-        self._shift = representable_shift(shift.to(device), self.precision)
-        self._n = torch.zeros((), dtype=torch.int64, device=device)
-        self._m = torch.zeros(dim, **f64)
-        self._s = torch.zeros(dim, dim, **f64)
-        self._bad_rows = torch.zeros((), dtype=torch.int64, device=device)
-        self._first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self._n, self._m, self._s, self._shift, self._bad_rows, self._first_bad = _zero_state(
+            dim, device, shift, self.precision)
 
     @property
     def _s(self) -> torch.Tensor | None:
@@ -725,17 +728,25 @@ class ActivationCovarianceAccumulator:
             raise ValueError(f"{self._label()}: cannot merge d={other.dim} into d={self.dim}")
         if self._synced:
             raise RuntimeError(f"{self._label()}: state was synced across ranks; call reset() before merging")
-        dev = other._s.device
-        if not self.initialized:
-            self._init_state(other.dim, dev, other._shift)
-        o = {k: getattr(other, k).to(self._s.device) for k in ("_n", "_m", "_s", "_shift", "_bad_rows", "_first_bad")}
-        m, s = reshift(o["_n"], o["_m"], o["_s"], o["_shift"], self._shift)
-        self._n += o["_n"]
-        self._m += m
-        self._s += s
-        self._bad_rows += o["_bad_rows"]
+        # new tensors, then plain stores: an error part-way leaves this state as it was, and tensors
+        # handed out before (a state_dict snapshot, a covariance) never change
+        if self.initialized:
+            n, m, s, shift, bad, first = self._n, self._m, self._s, self._shift, self._bad_rows, self._first_bad
+        else:
+            n, m, s, shift, bad, first = _zero_state(other.dim, other._s.device, other._shift, self.precision)
+        o = {k: getattr(other, k).to(s.device) for k in ("_n", "_m", "_s", "_shift", "_bad_rows", "_first_bad")}
+        om, os_ = reshift(o["_n"], o["_m"], o["_s"], o["_shift"], shift)
+        new_n, new_m, new_s, new_bad = n + o["_n"], m + om, s + os_, bad + o["_bad_rows"]
         shifted = torch.where(o["_first_bad"] >= 0, o["_first_bad"] + self._updates, -1)
-        self._first_bad = torch.where(self._first_bad >= 0, self._first_bad, shifted)
+        new_first = torch.where(first >= 0, first, shifted)
+        # ---- commit: plain stores only
+        self.dim = other.dim
+        self._shift = shift
+        self._n = new_n
+        self._m = new_m
+        self._s = new_s
+        self._bad_rows = new_bad
+        self._first_bad = new_first
         self._updates += other._updates
         return self
 

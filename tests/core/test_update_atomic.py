@@ -195,3 +195,54 @@ def test_add_promoted_ignores_garbage_upper_triangle_without_warning():
         out = moments.add_promoted(a, b, out=torch.empty_like(a))
     low = torch.tril_indices(6, 6).unbind()
     assert torch.equal(out[low], (a + b.double())[low])
+
+
+@pytest.mark.parametrize("initialized", [True, False])
+def test_merge_changes_no_tensor_handed_out_before(initialized):
+    """A state_dict (or covariance) taken before a merge stays what it was: merge builds new tensors
+    (it added into the live ones in place before; the audit restored a 100-row snapshot as 150 rows)."""
+    g = torch.Generator().manual_seed(3)
+    acc = ActivationCovarianceAccumulator(precision="exact", name="blocks.1")
+    acc.update(torch.empty(0, 5))  # a call without rows still counts
+    if initialized:
+        acc.update(torch.randn(100, 5, generator=g) * 2 + 40)
+    sd, cov = acc.state_dict(), (acc.covariance() if initialized else None)
+    kept = {k: v.clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    cov_kept = None if cov is None else cov.clone()
+    other = ActivationCovarianceAccumulator(precision="exact")
+    other.update(torch.randn(50, 5, generator=g) * 3 - 7)
+    other_before = _snapshot(other)
+    acc.merge(other)
+    for key, value in kept.items():
+        assert torch.equal(sd[key], value), key
+    if initialized:
+        assert torch.equal(cov, cov_kept)
+        restored = ActivationCovarianceAccumulator(precision="exact")
+        restored.load_state_dict(sd)
+        assert restored.n_rows == 100
+    assert acc.n_rows == 150 if initialized else acc.n_rows == 50
+    assert acc.state_dict()["updates"] == 2 + (1 if initialized else 0)
+    _assert_same_state(_snapshot(other), other_before)  # the merged-in accumulator is untouched too
+
+
+@pytest.mark.parametrize("initialized", [True, False])
+def test_interrupted_merge_leaves_state_bit_for_bit(monkeypatch, initialized):
+    g = torch.Generator().manual_seed(4)
+    acc = ActivationCovarianceAccumulator(precision="exact", name="blocks.2")
+    if initialized:
+        acc.update(torch.randn(40, 6, generator=g) + 9)
+    before = _snapshot(acc)
+    other = ActivationCovarianceAccumulator(precision="exact")
+    other.update(torch.randn(30, 6, generator=g) * 5 + 80)
+    with monkeypatch.context() as patch:
+        _raise_on_call(patch, "reshift", 1, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            acc.merge(other)
+    _assert_same_state(_snapshot(acc), before)
+    assert acc.initialized == initialized and (initialized or acc.dim is None)
+    acc.merge(other)  # and the retry equals a merge that never failed
+    clean = ActivationCovarianceAccumulator(precision="exact", name="blocks.2")
+    if initialized:
+        clean.update(torch.randn(40, 6, generator=torch.Generator().manual_seed(4)) + 9)
+    clean.merge(other)
+    _assert_same_state(_snapshot(acc), _snapshot(clean))
