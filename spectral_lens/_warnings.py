@@ -36,7 +36,8 @@ class ZeroGradientWarning(SpectralLensWarning):
 
 
 class NonFiniteError(ValueError):
-    """Input rows or losses contained NaN or Inf."""
+    """Input rows or losses contained NaN or Inf, or rows whose products leave the range of the
+    precision they are formed in (overflow to Inf, or underflow below float32's normal range)."""
 
 
 class SpectrumFormatError(ValueError):

@@ -54,7 +54,11 @@ __all__ = ["ActivationCovarianceAccumulator"]
 
 _STATE_FORMAT = "spectral-lens/covariance-state"
 _NONFINITE = ("raise", "skip")
-_HEADER_KEYS = ("format", "dim", "precision", "nonfinite", "updates", "synced", "initialized")
+_HEADER_KEYS = ("format", "dim", "precision", "nonfinite", "updates", "synced", "initialized", "low_precision_products")
+#: The largest variance below which products formed in float32 (or bf16 on CUDA) are refused at
+#: ``compute``: there, the products of directions ~1e-8 below the largest reach float32's subnormal
+#: range (2^-126), where they lose precision or, on GPUs, flush to zero.
+_LOW_PRODUCT_FLOOR = 2.0 ** -100
 # arrays of an initialized state: (shape in terms of d, dtype)
 _ARRAYS = {
     "shift": ("d", torch.float64),
@@ -74,21 +78,23 @@ _SCRATCH_SHAPES = 4  # chunk shapes kept per thread
 _SCRATCH_MAX_BYTES = 16 << 20  # a chunk whose buffers are larger gets fresh ones each time
 
 
-def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None, n_valid=None) -> torch.Tensor:
+def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None, n_valid=None, wide: bool = False) -> torch.Tensor:
     """Mean of up to 1024 evenly spaced valid rows of a chunk (its shift; need not be exact).
 
-    Computed in the rows' precision (fp32 for half types): the shift only has to be near the mean,
-    and a float64 copy of the sample would cost as much as the centering pass. ``n_valid``:
-    ``valid.sum()`` if the caller has it (the sample's count when every row is sampled).
+    Summed in float64 if ``wide`` (the shift is float64: float64 precision or float64 rows), so
+    finite rows near float32's limit (|x| > ~1e35) cannot give an infinite shift; else in the rows'
+    precision (fp32 for half types; float32 products of such rows overflow anyway), where a float64
+    sum would cost one more conversion kernel per update. ``n_valid``: ``valid.sum()`` if the
+    caller has it (the sample's count when every row is sampled).
     """
     step = max(1, rows.shape[0] // _SHIFT_ROWS)
     head = rows[::step] if step > 1 else rows
-    dtype = None if head.dtype in (torch.float32, torch.float64) else torch.float32
-    if valid is None:  # one kernel: the half-precision sample is read and averaged in fp32 directly
+    dtype = torch.float64 if wide else (None if head.dtype == torch.float32 else torch.float32)
+    if valid is None:  # one kernel: the sample is read and averaged in the accumulation dtype directly
         return head.mean(0, dtype=dtype)
     keep = valid[::step] if step > 1 else valid
     count = n_valid if step == 1 and n_valid is not None else keep.sum()
-    # rows left out may hold anything, NaN included: zeroed (not multiplied by 0), then summed in fp32
+    # rows left out may hold anything, NaN included: zeroed (not multiplied by 0), then summed
     return head.masked_fill(~keep.unsqueeze(-1), 0).sum(0, dtype=dtype) / count.clamp_min(1)
 
 
@@ -122,6 +128,7 @@ class _Setup:
     precision: str
     nonfinite: str
     updates: int
+    low_products: bool  # some update formed its products below float64
 
 
 def _row_count(n: torch.Tensor | None, label: str, k: int) -> int:
@@ -133,21 +140,34 @@ def _row_count(n: torch.Tensor | None, label: str, k: int) -> int:
 
 
 def _finite_check(sums: _Sums | None, setup: _Setup, notes: list) -> int:
-    """Raise :class:`NonFiniteError` for NaN/Inf rows (``nonfinite="raise"``) or overflowed products;
+    """Raise :class:`NonFiniteError` for NaN/Inf rows (``nonfinite="raise"``), overflowed products, or
+    rows too small for float32 products (largest variance below :data:`_LOW_PRODUCT_FLOOR`);
     append the skipped-rows warning to ``notes`` as ``(message, category)``; return the skipped count."""
     first = int(sums.first_bad) if sums is not None else -1
     if setup.nonfinite == "raise" and first >= 0:
         raise NonFiniteError(
             f"{setup.label}: non-finite values (NaN/Inf) in the rows of update #{first} "
             "(0-based); fix the model or pass nonfinite='skip' to drop and count such rows"
+            + ("" if not setup.low_products else " (finite float32 rows beyond ~1e35 overflow float32 sums "
+               "too: for those, use precision='float64')")
         )
     if sums is not None and first < 0 and not bool(torch.isfinite(sums.s).all()):
         raise NonFiniteError(
             f"{setup.label}: the second moments overflowed to Inf in one of updates #0..#{setup.updates - 1} "
             f"although every row is finite: products of rows exceed the range of the "
-            f"{'float64' if setup.precision == 'float64' else 'float32'} products (|x| too large); rescale "
-            "the rows or use precision='float64'"
+            f"{'float32' if setup.low_products else 'float64'} products (|x| too large); rescale "
+            "the rows" + (" or use precision='float64'" if setup.low_products else "")
         )
+    if sums is not None and setup.low_products and first < 0:
+        n = float(sums.n)
+        scale = max(float((sums.s.diagonal() / n).max()), float((sums.m / n).abs().max()) ** 2) if n else 0.0
+        if 0 < scale < _LOW_PRODUCT_FLOOR:
+            raise NonFiniteError(
+                f"{setup.label}: the rows are too small for float32 products: their largest variance is about "
+                f"{scale:.1e}, below 2^-100 ({_LOW_PRODUCT_FLOOR:.1e}), where products of the smaller directions "
+                "underflow float32 and the spectrum would be wrong; rescale the rows (spectra are compared after "
+                "trace normalization) or use precision='float64'"
+            )
     skipped = int(sums.bad_rows) if sums is not None else 0
     if skipped:
         notes.append((f"{setup.label}: skipped {skipped} rows containing NaN/Inf (first in update #{first})",
@@ -308,6 +328,7 @@ class ActivationCovarianceAccumulator:
         self._bad_rows = self._first_bad = None
         self._updates = 0
         self._synced = False
+        self._low_products = False  # whether any update formed its products below float64
 
     def _label(self) -> str:
         return self.name or "ActivationCovarianceAccumulator"
@@ -405,6 +426,7 @@ class ActivationCovarianceAccumulator:
         if rows.device.type == "cpu" and 0 < rows.shape[0] <= self.max_chunk_rows:
             if rows.dtype in _CPU_DTYPES or rows.dtype in _CPU_HALF:  # half rows: converted in _cpu_centered
                 self._cpu_update(rows, valid)
+                self._low_products |= product_dtype(rows, self.precision) != torch.float64
                 return
         checked = None  # nonfinite="skip": the rows before non-finite ones are dropped
         if self.nonfinite == "skip":
@@ -418,12 +440,13 @@ class ActivationCovarianceAccumulator:
             self._updates += 1
             return
         self._commit(n, m, s, shift, broken, None if checked is None else checked - n)
+        self._low_products |= product_dtype(rows, self.precision) != torch.float64
 
     def _cpu_centered(self, rows: torch.Tensor, keep: np.ndarray | None):
         """``(n, m, shift, scratch)`` of one chunk of CPU rows (fp32/fp64, or bf16/fp16 converted exactly
         into the scratch first), valid rows ``keep`` (NumPy bool
         or ``None``): the row count (an int), the column sums and the shift of the centred rows
-        (NumPy d-vectors; ``shift`` fp32, fp64 in float64 precision: the values subtracted), and
+        (NumPy d-vectors; ``shift`` fp32, fp64 where the products are float64: the values subtracted), and
         :func:`_chunk_scratch`'s ``(y, out, panels)`` with the centred rows in ``y``, rows outside
         ``keep`` zeroed. Call inside ``np.errstate(all="ignore")``."""
         n_rows, d = rows.shape
@@ -446,8 +469,11 @@ class ActivationCovarianceAccumulator:
             # NumPy's boolean row selection: far cheaper than torch's masked ops on the CPU
             sample = head.numpy()[keep[::step]] if step > 1 else head.numpy()[keep]
             mean = np.add.reduce(sample, 0) / max(1, sample.shape[0])
-        # the shift actually subtracted: fp32-representable except in float64 precision (as representable_shift)
-        shift = mean.astype(np.float64 if self.precision == "float64" else np.float32, copy=False)
+        if not np.isfinite(mean).all():  # an fp32 sum overflowed (|x| > ~1e35), or NaN/Inf rows (stay so)
+            sample = head.numpy() if keep is None else sample
+            mean = np.add.reduce(sample, 0, dtype=np.float64) / max(1, sample.shape[0])
+        # the shift actually subtracted: fp32-representable unless the products are float64 (as representable_shift)
+        shift = mean.astype(np.float64 if work == torch.float64 else np.float32, copy=False)
         shift_work = shift.astype(np.float64 if work == torch.float64 else np.float32, copy=False)
         torch.sub(rows, torch.from_numpy(shift_work), out=y)
         if keep is not None:
@@ -548,7 +574,8 @@ class ActivationCovarianceAccumulator:
             # low-precision products small; the exact float64 re-shift merges it. The shift stays in
             # the dtype whose values are subtracted (representable_shift's values, not converted to
             # float64): the re-shifts below read it into float64 arithmetic exactly.
-            local = _sample_mean(chunk, cv, nk).to(shift_dtype(self.precision, chunk.dtype))
+            sdt = shift_dtype(self.precision, chunk.dtype)
+            local = _sample_mean(chunk, cv, nk, wide=sdt == torch.float64).to(sdt)
             mk, sk = chunk_moments(chunk, local, self.precision, cv, lower_only=True)
             # NaN iff some entry of m is NaN or +-Inf (Inf * 0 is NaN; finite entries give exact zeros, so
             # the sum cannot overflow): 3 kernels, not isfinite's 6
@@ -637,7 +664,8 @@ class ActivationCovarianceAccumulator:
         return _row_count(self._n if self.initialized else None, self._label(), k)
 
     def _setup(self) -> _Setup:
-        return _Setup(self._label(), self.name, self.dim, self.precision, self.nonfinite, self._updates)
+        return _Setup(self._label(), self.name, self.dim, self.precision, self.nonfinite, self._updates,
+                      self._low_products)
 
     def _live_sums(self) -> _Sums | None:
         if not self.initialized:
@@ -683,6 +711,10 @@ class ActivationCovarianceAccumulator:
 
     def compute(self) -> Spectrum:
         """Eigenvalues of the covariance, descending, as a :class:`Spectrum` (raises if < 2 rows).
+
+        Raises :class:`NonFiniteError` for NaN/Inf rows (``nonfinite="raise"``) and for rows whose
+        products left the range of their precision (overflow, or a largest variance below 2^-100
+        with float32 products); the message names the remedy.
 
         The float64 eigen-solve runs on the state's device (on CUDA it synchronizes the host); see
         :meth:`compute_async` to keep it off the caller's thread and off the GPU.
@@ -748,6 +780,7 @@ class ActivationCovarianceAccumulator:
         self._bad_rows = new_bad
         self._first_bad = new_first
         self._updates += other._updates
+        self._low_products |= other._low_products
         return self
 
     def _sync_status(self, group, dev: torch.device) -> None:
@@ -816,12 +849,15 @@ class ActivationCovarianceAccumulator:
         dist.all_reduce(s, group=group)
         packed = torch.cat([m, self._n.to(torch.float64).view(1), self._bad_rows.to(torch.float64).view(1)])
         dist.all_reduce(packed, group=group)
-        flags = torch.stack([self._first_bad, self._first_bad.clamp_max(0)])  # any rank broken -> flag
+        # any rank broken -> flag; any rank's products below float64 -> all ranks check their range
+        flags = torch.stack([self._first_bad, self._first_bad.clamp_max(0),
+                             torch.tensor(int(self._low_products), device=self._first_bad.device)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         self._shift, self._s, self._m = common, s, packed[:-2]
         self._n = packed[-2].round().to(torch.int64)
         self._bad_rows = packed[-1].round().to(torch.int64)
         self._first_bad = flags[0]
+        self._low_products = bool(flags[2])
         self._synced = True
         return self
 
@@ -836,6 +872,7 @@ class ActivationCovarianceAccumulator:
             "updates": self._updates,
             "synced": self._synced,
             "initialized": self.initialized,
+            "low_precision_products": self._low_products,
         }
         if self.initialized:
             sd.update(shift=self._shift, n=self._n, m=self._m, s=self._s, bad_rows=self._bad_rows, first_bad=self._first_bad)
@@ -866,7 +903,12 @@ class ActivationCovarianceAccumulator:
         initialized = state.get("initialized", bool(present))
         if not isinstance(initialized, bool):
             fail(f"initialized must be true or false, got {initialized!r}")
-        out: dict[str, Any] = {"dim": dim if dim is not None else self.dim, "_updates": updates, "_synced": synced}
+        # absent in files written before the field existed: assume what the precision allows
+        low = state.get("low_precision_products", initialized and self.precision != "float64")
+        if not isinstance(low, bool):
+            fail(f"low_precision_products must be true or false, got {low!r}")
+        out: dict[str, Any] = {"dim": dim if dim is not None else self.dim, "_updates": updates, "_synced": synced,
+                               "_low_products": low}
         if not initialized:
             if present:
                 fail(f"state without rows carries arrays {present}")

@@ -68,8 +68,8 @@ def product_dtype(x: torch.Tensor, precision: str) -> torch.dtype:
 
 def shift_dtype(precision: str, input_dtype: torch.dtype = torch.float32) -> torch.dtype:
     """The dtype whose values a shift is rounded to (:func:`representable_shift`): what the products
-    subtract."""
-    if precision == "float64":
+    subtract (float64 wherever the products are: float64 precision or float64 rows)."""
+    if precision == "float64" or input_dtype == torch.float64:
         return torch.float64
     if precision == "fast" and input_dtype == torch.bfloat16:
         return torch.bfloat16
@@ -80,9 +80,15 @@ def representable_shift(shift: torch.Tensor, precision: str, input_dtype: torch.
     """Round a float64 shift to what the products subtract, so the recorded shift is the one used.
 
     For bf16 rows in ``"fast"`` mode the shift is rounded to bf16: the subtraction then runs natively
-    in bf16 and rounds exactly as an fp32 subtraction followed by one rounding to bf16 would.
+    in bf16 and rounds exactly as an fp32 subtraction followed by one rounding to bf16 would. An entry
+    beyond the range of that dtype keeps its float64 value (rows of such size cannot be in that
+    dtype; this only happens to the float64 shift of a merged or synced state).
     """
-    return shift.to(shift_dtype(precision, input_dtype)).to(torch.float64)
+    dtype = shift_dtype(precision, input_dtype)
+    rounded = shift.to(dtype).to(torch.float64)
+    if dtype == torch.float64:
+        return rounded
+    return torch.where(torch.isinf(rounded) & torch.isfinite(shift), shift.to(torch.float64), rounded)
 
 
 def symmetric_product(y: torch.Tensor, blocks: bool | None = None, *, lower_only: bool = False) -> torch.Tensor:
