@@ -509,7 +509,7 @@ class ActivationCovarianceAccumulator:
                     checked = n
                     n, m, shift, (y, s, panels) = self._cpu_centered(rows, finite if keep is None else keep & finite)
                     bad = checked - n
-            with matmul_precision(self.precision):
+            with matmul_precision(self.precision, "cpu"):
                 if rows.shape[0] >= moments.SYRK_MIN_ROWS:
                     s = symmetric_product(y, lower_only=True)  # BLAS syrk
                 else:

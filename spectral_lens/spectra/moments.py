@@ -39,12 +39,45 @@ PRECISIONS = ("float64", "exact", "fast")
 SYRK_MIN_ROWS = 8192
 
 
-def matmul_precision(precision: str):
-    """Pin the float32 matmul mode for ``precision`` and restore the caller's setting afterwards
-    (a context manager)."""
-    if precision not in ("exact", "float64") or torch.get_float32_matmul_precision() == "highest":
+def matmul_precision(precision: str, device_type: str = "cpu"):
+    """Pin IEEE float32 matmuls for ``precision`` on ``device_type`` and restore the caller's setting
+    afterwards (a context manager).
+
+    Through the per-backend setting where torch has it (``torch.backends.cuda.matmul`` /
+    ``torch.backends.mkldnn.matmul``, ``.fp32_precision``; torch >= 2.9): only that one value is set
+    and put back. The legacy global ``torch.set_float32_matmul_precision`` would overwrite every
+    backend's choice, and reading it raises once the user has set backends apart.
+    """
+    if precision not in ("exact", "float64"):
         return contextlib.nullcontext()  # nothing to pin: a plain object, cheaper than a generator per update
-    return _highest_matmul()
+    backend = _MATMUL_BACKENDS.get(device_type)
+    if backend is None or not hasattr(backend, "fp32_precision"):  # older torch, or another device
+        if torch.get_float32_matmul_precision() == "highest":
+            return contextlib.nullcontext()
+        return _highest_matmul()
+    if _effective_fp32_precision(backend) == "ieee":
+        return contextlib.nullcontext()
+    return _ieee_matmul(backend)
+
+
+def _effective_fp32_precision(backend) -> str:
+    """The backend's matmul precision after inheritance: "none" defers to the backend's own setting,
+    then to ``torch.backends.fp32_precision``; "none" all the way up means IEEE."""
+    for level in (backend, _MATMUL_PARENTS.get(backend), torch.backends):
+        value = getattr(level, "fp32_precision", "none") if level is not None else "none"
+        if value != "none":
+            return value
+    return "ieee"
+
+
+@contextlib.contextmanager
+def _ieee_matmul(backend):
+    previous = backend.fp32_precision
+    backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        backend.fp32_precision = previous
 
 
 @contextlib.contextmanager
@@ -55,6 +88,12 @@ def _highest_matmul():
         yield
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+_MATMUL_BACKENDS = {"cuda": torch.backends.cuda.matmul, "cpu": getattr(torch.backends.mkldnn, "matmul", None)}
+_MATMUL_PARENTS = {torch.backends.cuda.matmul: getattr(torch.backends, "cuda", None),
+                   **({torch.backends.mkldnn.matmul: torch.backends.mkldnn}
+                      if hasattr(torch.backends.mkldnn, "matmul") else {})}
 
 
 def product_dtype(x: torch.Tensor, precision: str) -> torch.dtype:
@@ -229,7 +268,7 @@ def chunk_moments(
         torch.sub(x, shift.to(work), out=y)
     if valid is not None:
         y.masked_fill_(~valid.unsqueeze(-1), 0)
-    with matmul_precision(precision):
+    with matmul_precision(precision, y.device.type):
         s = symmetric_product(y, lower_only=lower_only)
     return y.sum(0), s
 
