@@ -56,8 +56,9 @@ class CrossoverFit:
         head_alpha: exponent of the segment below ``rank``.
         tail_alpha: exponent of the segment above ``rank``.
         ranks: inclusive range of ranks the fit used.
-        improvement: fraction of the single-line residual sum of squares removed by the break
-            (0 = no evidence of a bend, near 1 = a clean two-regime spectrum).
+        improvement: fraction of the single-line residual sum of squares removed by the break, in
+            [0, 1] (0 = no evidence of a bend, also where a line fits to round-off; near 1 = a clean
+            two-regime spectrum).
     """
 
     rank: float
@@ -214,5 +215,8 @@ def estimate_crossover(
             _, head, q, log_rstar = (float(v) for v in fit.x)
             tail = head + 2.0 * q
             sse = float((fit.fun**2).sum())
-    improvement = 1.0 - sse / sse_line if sse_line > 0 else 0.0
+    # 0 where the single line already fits to round-off (a flat or pure power-law spectrum: the ratio
+    # of two round-off sums means nothing), and at most 1; a bend fit worse than the line removes nothing
+    tiny = 1e-24 * y.size * max(1.0, float(np.abs(y).max())) ** 2
+    improvement = min(1.0, max(0.0, 1.0 - sse / sse_line)) if sse_line > tiny else 0.0
     return CrossoverFit(float(np.exp(log_rstar)), float(head), float(tail), (lo, hi), float(improvement))

@@ -27,13 +27,22 @@ def rankme(values: torch.Tensor, on: str = "eigenvalues") -> torch.Tensor:
     return torch.exp(-plogp.sum())
 
 
-def participation_ratio(values: torch.Tensor) -> torch.Tensor:
-    """``(sum lambda)^2 / sum lambda^2``."""
+def _scaled(values: torch.Tensor, name: str) -> torch.Tensor:
+    """``values`` in float64 divided by their largest entry (so squares neither overflow nor underflow);
+    raises ``ValueError`` naming ``name`` for an all-zero (or empty) spectrum, as a dead layer gives."""
     v = values.to(torch.float64)
+    top = v.max() if v.numel() else torch.zeros((), dtype=torch.float64)
+    if not bool(top > 0):
+        raise ValueError(f"{name}: spectrum is all zero (a constant or dead representation?)")
+    return v / top
+
+
+def participation_ratio(values: torch.Tensor) -> torch.Tensor:
+    """``(sum lambda)^2 / sum lambda^2`` (scale-free: formed from ``lambda / max lambda``)."""
+    v = _scaled(values, "participation_ratio")
     return v.sum() ** 2 / (v * v).sum()
 
 
 def stable_rank(values: torch.Tensor) -> torch.Tensor:
     """``sum lambda / max lambda`` (for a weight, ``||W||_F^2 / ||W||_2^2`` with ``lambda = s^2``)."""
-    v = values.to(torch.float64)
-    return v.sum() / v.max()
+    return _scaled(values, "stable_rank").sum()

@@ -169,3 +169,33 @@ def test_spectrum_roundtrip_and_corruption(tmp_path):
         Spectrum(torch.tensor([1.0, 2.0]), n_rows=3, dim=2)
     with pytest.raises(ValueError, match="kind"):
         Spectrum(torch.tensor([1.0]), n_rows=3, dim=1, kind="hessian")
+
+
+@pytest.mark.parametrize("scale", [1e-170, 1e-160, 1.0, 1e160, 1e300])
+def test_participation_ratio_and_stable_rank_are_scale_free(scale):
+    """Formed from lambda / max lambda: squares of 1e160 overflowed and of 1e-170 underflowed to NaN."""
+    lam = np.arange(1, 65, dtype=np.float64) ** -1.1
+    ref_pr, ref_sr = lam.sum() ** 2 / (lam**2).sum(), lam.sum() / lam.max()
+    values = torch.from_numpy(lam * scale)
+    assert participation_ratio(values) == pytest.approx(ref_pr, rel=1e-13)
+    assert stable_rank(values) == pytest.approx(ref_sr, rel=1e-13)
+
+
+@pytest.mark.parametrize("fn", [participation_ratio, stable_rank], ids=lambda f: f.__name__)
+def test_ranks_of_an_all_zero_spectrum_raise(fn):
+    """A dead or constant layer gives an all-zero spectrum: a clear error (as RankMe), not NaN."""
+    with pytest.raises(ValueError, match=f"{fn.__name__}: spectrum is all zero"):
+        fn(torch.zeros(8, dtype=torch.float64))
+
+
+def test_crossover_improvement_stays_in_its_documented_range():
+    """[0, 1]: a flat spectrum (the line fits to round-off) gave -2.2e17, and pure power laws with
+    multiplicative noise gave small negative values when the bend fit ended worse than the line."""
+    flat = estimate_crossover(np.ones(100))
+    assert flat.improvement == 0.0
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        lam = np.sort(np.arange(1, 769.0) ** -rng.uniform(0.5, 2) * np.exp(rng.normal(0, 0.05, 768)))[::-1].copy()
+        assert 0.0 <= estimate_crossover(lam).improvement <= 1.0
+    bent = estimate_crossover(theorem6_spectrum(768, 1.0, 1.5, 1e3))
+    assert bent.improvement > 0.9  # a clean two-regime spectrum still scores near 1
