@@ -158,7 +158,7 @@ def _finite_check(sums: _Sums | None, setup: _Setup, notes: list) -> int:
             f"{'float32' if setup.low_products else 'float64'} products (|x| too large); rescale "
             "the rows" + (" or use precision='float64'" if setup.low_products else "")
         )
-    if sums is not None and setup.low_products and first < 0:
+    if sums is not None and setup.low_products:  # (NaN/Inf rows under "raise" have raised above)
         n = float(sums.n)
         scale = max(float((sums.s.diagonal() / n).max()), float((sums.m / n).abs().max()) ** 2) if n else 0.0
         if 0 < scale < _LOW_PRODUCT_FLOOR:

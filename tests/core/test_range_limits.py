@@ -123,3 +123,12 @@ def test_low_precision_products_flag_travels_with_the_state(tmp_path):
 
     with pytest.raises(StateFormatError, match="low_precision_products must be true or false"):
         restored.load_state_dict(bad)
+
+
+def test_tiny_rows_are_refused_also_when_nan_rows_were_skipped():
+    x = torch.from_numpy(_rows(1e-22)).float()
+    x[7, 2] = float("nan")
+    acc = ActivationCovarianceAccumulator(precision="exact", nonfinite="skip", name="blocks.5")
+    acc.update(x)
+    with pytest.raises(NonFiniteError, match="too small"):
+        acc.compute()
