@@ -9,7 +9,8 @@ Examples::
     spectral-lens inspect runs/sweep/toy-b4
 
 A RUN_DIR may be a run directory or a directory of run directories (a sweep root). Errors in the
-input (missing or corrupted records, unknown spectrum names) print one line and exit with status 2.
+input (bad arguments, missing or corrupted records, unknown spectrum names) print one line
+``spectral-lens COMMAND: error: ...`` on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from pathlib import Path
 from typing import Sequence
 
 __all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line ``PROG: error: ...`` (exit status 2), without
+    the usage block; its subparsers are of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 def _window(values):
@@ -38,9 +47,19 @@ def _transition(text: str) -> tuple[str, str]:
     return a, b
 
 
+def _target_loss(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite validation loss > 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``spectral-lens`` (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spectral-lens",
         description="Reports, early batch-tier prediction and inspection of spectral-lens run records.",
     )
@@ -52,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rank window of alpha_tail (default: the tail window each run recorded in its run.json; "
                             "the runs of a family must agree)")
         p.add_argument("--spectrum", help="spectrum name (default: each run's primary / only activation spectrum)")
-        p.add_argument("--target-loss", type=float, help="target validation loss for tokens-to-target and eps_tok")
+        p.add_argument("--target-loss", type=_target_loss,
+                       help="target validation loss for tokens-to-target and eps_tok (finite, > 0)")
 
     rp = sub.add_parser("report", help="write a Markdown or HTML report with figures")
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -226,8 +246,9 @@ def _user_error(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spectral-lens`` script; returns the exit status.
 
-    Every user error (missing, unreadable or malformed files and directories, bad arguments) prints
-    one line ``spectral-lens COMMAND: error: ...`` naming the path and returns 2.
+    Every user error (missing, unreadable or malformed files and directories) prints one line
+    ``spectral-lens COMMAND: error: ...`` naming the path and returns 2; a bad argument prints one
+    such line and exits with status 2 (``SystemExit``, as argparse does).
     """
     args = build_parser().parse_args(argv)
     from ._warnings import SpectrumFormatError

@@ -50,8 +50,16 @@ RUN_CASES = ["nested_run_json", "run_json_is_a_directory", "run_json_wrong_field
              "spectra_dir_entry_is_a_directory"]
 
 
+def _status(argv) -> int:
+    """main's exit status, also when argparse exits (bad arguments)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
 def _one_line_error(capsys, argv, path) -> str:
-    code = main(argv)
+    code = _status(argv)
     out = capsys.readouterr()
     assert code == 2, (code, out)
     lines = out.err.strip().splitlines()
@@ -97,3 +105,52 @@ def test_report_output_under_a_file(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _one_line_error(capsys, ["report", str(tmp_path / "run"), "--out", str(blocker / "out"), "--no-plots"], blocker)
+
+
+# ---- argument values, record lines, report options -------------------------------------------------
+
+
+def _sweep(root, tiers=(1, 2, 4)):
+    """Three small runs of one family (10 measurements each, val loss falling faster at larger tiers)."""
+    for tier in tiers:
+        rid = f"toy-b{tier}"
+        with RunWriter(root / rid, RunInfo(rid, family="toy", batch_tier=tier, total_tokens=10000, n_layer=2,
+                                           primary_spectrum="act"), fsync=False, tail_window=(10, 40)) as w:
+            for k in range(10):
+                vals = np.arange(1, 65, dtype=np.float64) ** -(1.0 + 0.1 * tier + 0.01 * k)
+                vl = 3.0 - 0.02 * k * tier
+                w.log(k * 10, k * 1000, val_loss=vl)
+                w.log_measurement(k * 10, k * 1000, {"act": Spectrum(torch.from_numpy(vals), n_rows=1000, dim=64)},
+                                  val_loss=vl)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    return _sweep(tmp_path_factory.mktemp("sweep"))
+
+
+@pytest.mark.parametrize("command, args, option, value", [
+    ("predict", ["--window", "a", "b"], "--window", "'a'"),
+    ("predict", ["--fraction", "abc"], "--fraction", "'abc'"),
+    ("predict", ["--target-loss", "x"], "--target-loss", "'x'"),
+    ("predict", ["--target-loss", "inf"], "--target-loss", "'inf'"),
+    ("predict", ["--target-loss", "nan"], "--target-loss", "'nan'"),
+    ("predict", ["--target-loss", "-1"], "--target-loss", "'-1'"),
+    ("predict", ["--target-loss", "0"], "--target-loss", "'0'"),
+    ("report", ["--target-loss", "inf"], "--target-loss", "'inf'"),
+    ("report", ["--transition", "ab"], "--transition", "'ab'"),
+    ("report", ["--format", "pdf"], "--format", "'pdf'"),
+])
+def test_bad_argument_values_are_one_line(sweep, tmp_path, capsys, command, args, option, value):
+    """No usage block (it was 5 to 7 lines); nan and negative targets ran to exit 0, inf failed with a
+    message naming neither option nor value."""
+    out = ["--out", str(tmp_path / "out")] if command == "report" else []
+    line = _one_line_error(capsys, [command, str(sweep), *out, *args], option)
+    assert line.startswith(f"spectral-lens {command}: error: argument {option}") and value in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_parser_errors_without_a_command_are_one_line(capsys):
+    _one_line_error(capsys, [], "spectral-lens: error: the following arguments are required")
+    _one_line_error(capsys, ["bogus"], "'bogus'")
