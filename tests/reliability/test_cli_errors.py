@@ -154,3 +154,18 @@ def test_bad_argument_values_are_one_line(sweep, tmp_path, capsys, command, args
 def test_parser_errors_without_a_command_are_one_line(capsys):
     _one_line_error(capsys, [], "spectral-lens: error: the following arguments are required")
     _one_line_error(capsys, ["bogus"], "'bogus'")
+
+
+def test_report_checks_transitions_and_replicates_without_a_target(sweep, tmp_path, capsys):
+    """Unknown transition ids and a missing replicates path were accepted (exit 0) unless
+    --target-loss was given; now they are one-line errors before anything is written."""
+    out = tmp_path / "out"
+    base = ["report", str(sweep), "--out", str(out), "--no-plots"]
+    line = _one_line_error(capsys, [*base, "--transition", "toy-b1:nosuch"], "'nosuch'")
+    assert "no run with id" in line and "toy-b1" in line
+    _one_line_error(capsys, [*base, "--replicates", str(tmp_path / "missing")], tmp_path / "missing")
+    _one_line_error(capsys, [*base, "--transition", "toy-b1:toy-b2", "--replicates", str(tmp_path / "missing")],
+                    tmp_path / "missing")
+    assert not out.exists()
+    assert main([*base, "--transition", "toy-b1:toy-b2"]) == 0  # valid ids, no target: skipped with a note
+    assert "transitions given but no target loss" in capsys.readouterr().out
