@@ -156,6 +156,42 @@ def test_parser_errors_without_a_command_are_one_line(capsys):
     _one_line_error(capsys, ["bogus"], "'bogus'")
 
 
+@pytest.fixture()
+def bad_sweep(sweep, tmp_path):
+    """The sweep with line 3 of one run's measurements.jsonl and line 5 of another's log.jsonl broken."""
+    import shutil
+
+    root = tmp_path / "bad"
+    shutil.copytree(sweep, root)
+    for f, n in ((root / "toy-b2" / "measurements.jsonl", 3), (root / "toy-b4" / "log.jsonl", 5)):
+        lines = f.read_bytes().split(b"\n")
+        lines[n - 1] = b'{"step": 20, "tokens": oops'
+        f.write_bytes(b"\n".join(lines))
+    return root
+
+
+@pytest.mark.parametrize("command", ["predict", "report", "inspect"])
+def test_a_malformed_record_line_costs_that_line_only(bad_sweep, tmp_path, capsys, command):
+    """The CLI skips a malformed line with one warning line naming file and line (it refused the whole
+    sweep, telling the user to pass errors='skip', which the CLI has no way to pass); --strict refuses,
+    naming the option that would skip it."""
+    mfile = bad_sweep / "toy-b2" / "measurements.jsonl"
+    argv = {"predict": ["predict", str(bad_sweep), "--target-loss", "2.9"],
+            "report": ["report", str(bad_sweep), "--out", str(tmp_path / "out"), "--no-plots", "--target-loss", "2.9"],
+            "inspect": ["inspect", str(bad_sweep / "toy-b2")]}[command]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    warned = [x for x in out.err.splitlines() if "line 3" in x or "line 5" in x]
+    assert out.err.count("measurements.jsonl, line 3: corrupted record line") == 1, out.err
+    assert warned[0].startswith(f"spectral-lens {command}: warning: {mfile}, line 3:") and warned[0].endswith("skipped")
+    if command != "inspect":
+        assert len(warned) == 2 and f"{bad_sweep / 'toy-b4' / 'log.jsonl'}, line 5:" in warned[1], out.err
+    if command == "inspect":
+        assert "measurements: 9" in out.out
+    line = _one_line_error(capsys, [*argv, "--strict"], mfile)
+    assert "line 3" in line and "run without --strict to skip it" in line and "errors=" not in line
+
+
 def test_report_checks_transitions_and_replicates_without_a_target(sweep, tmp_path, capsys):
     """Unknown transition ids and a missing replicates path were accepted (exit 0) unless
     --target-loss was given; now they are one-line errors before anything is written."""
