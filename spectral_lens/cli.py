@@ -9,7 +9,10 @@ Examples::
     spectral-lens inspect runs/sweep/toy-b4
 
 A RUN_DIR may be a run directory or a directory of run directories (a sweep root). Errors in the
-input (missing or corrupted records, unknown spectrum names) print one line and exit with status 2.
+input (bad arguments, missing or corrupted records, unknown spectrum names) print one line
+``spectral-lens COMMAND: error: ...`` on stderr and exit with status 2. A malformed line in a run's
+``log.jsonl`` or ``measurements.jsonl`` costs that line only: it is skipped with one warning line
+naming the file and line (``--strict`` refuses the run instead).
 """
 
 from __future__ import annotations
@@ -18,10 +21,19 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 __all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line ``PROG: error: ...`` (exit status 2), without
+    the usage block; its subparsers are of this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 def _window(values):
@@ -38,9 +50,19 @@ def _transition(text: str) -> tuple[str, str]:
     return a, b
 
 
+def _target_loss(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite validation loss > 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``spectral-lens`` (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spectral-lens",
         description="Reports, early batch-tier prediction and inspection of spectral-lens run records.",
     )
@@ -52,7 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rank window of alpha_tail (default: the tail window each run recorded in its run.json; "
                             "the runs of a family must agree)")
         p.add_argument("--spectrum", help="spectrum name (default: each run's primary / only activation spectrum)")
-        p.add_argument("--target-loss", type=float, help="target validation loss for tokens-to-target and eps_tok")
+        p.add_argument("--target-loss", type=_target_loss,
+                       help="target validation loss for tokens-to-target and eps_tok (finite, > 0)")
+        strict_arg(p)
+
+    def strict_arg(p):
+        p.add_argument("--strict", action="store_true",
+                       help="refuse a run with a malformed record line (default: skip the line with a warning)")
 
     rp = sub.add_parser("report", help="write a Markdown or HTML report with figures")
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -73,15 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     ip = sub.add_parser("inspect", help="summarize a spectrum .npz file or a run directory")
     ip.add_argument("path", metavar="FILE")
+    strict_arg(ip)
     return parser
+
+
+def _open(paths, args) -> list:
+    """The runs of ``paths`` (sweep roots expanded); a malformed record line is skipped with a
+    warning unless ``--strict``."""
+    from .records import open_runs
+
+    return open_runs(paths, errors="raise" if args.strict else "skip")
 
 
 def _cmd_report(args) -> int:
     from .report import build_report
 
+    runs = _open(args.runs, args)
+    replicates = _open(args.replicates, args) if args.replicates else []
     rep = build_report(
-        args.runs, args.out, fmt=args.format, target_loss=args.target_loss, fraction=args.fraction,
-        window=_window(args.window), spectrum=args.spectrum, transitions=args.transition, replicates=args.replicates,
+        runs, args.out, fmt=args.format, target_loss=args.target_loss, fraction=args.fraction,
+        window=_window(args.window), spectrum=args.spectrum, transitions=args.transition, replicates=replicates,
         plots=not args.no_plots,
     )
     print(f"wrote {rep.path}" + (f" and {len(rep.figures)} figures" if rep.figures else ""))
@@ -98,10 +137,9 @@ def _fmt(v: float, spec: str = ".4f") -> str:
 
 def _cmd_predict(args) -> int:
     from .analysis.tail import TailPredictor
-    from .records import open_runs
     from .report import score_flags
 
-    runs = open_runs(args.runs)
+    runs = _open(args.runs, args)
     pred = TailPredictor(args.fraction, window=_window(args.window), spectrum=args.spectrum).fit(runs)
     rankings = pred.predict()
     score = pred.score(targets=args.target_loss) if args.target_loss is not None else None
@@ -171,10 +209,10 @@ def _inspect_spectrum(path: Path) -> None:
         print(f"  metadata: {json.dumps(s.metadata)[:300]}")
 
 
-def _inspect_run(path: Path) -> None:
+def _inspect_run(path: Path, strict: bool) -> None:
     from .records import RunRecord
 
-    r = RunRecord.open(path)
+    r = RunRecord.open(path, errors="raise" if strict else "skip")
     i = r.info
     print(f"{path}: run {i.run_id!r}")
     print(f"  family: {i.family}   batch tier: {i.batch_tier}   tokens/step: {i.tokens_per_step}   seed: {i.seed}")
@@ -204,7 +242,7 @@ def _inspect_run(path: Path) -> None:
 def _cmd_inspect(args) -> int:
     path = Path(args.path)
     if path.is_dir():
-        _inspect_run(path)
+        _inspect_run(path, args.strict)
     elif path.is_file():
         _inspect_spectrum(path)
     else:
@@ -214,29 +252,39 @@ def _cmd_inspect(args) -> int:
 
 def _user_error(exc: BaseException) -> str:
     """One line describing a user error (OSError messages name the file; newlines are folded)."""
+    from .records.reader import SKIP_HINT
+
     if isinstance(exc, RecursionError):
         text = "input JSON is nested too deeply"
     elif isinstance(exc, OSError) and exc.filename is not None:
         text = f"{exc.filename}: {exc.strerror or exc}"
     else:
-        text = str(exc) or type(exc).__name__
+        text = (str(exc) or type(exc).__name__).replace(SKIP_HINT, "run without --strict to skip it")
     return " ".join(text.split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spectral-lens`` script; returns the exit status.
 
-    Every user error (missing, unreadable or malformed files and directories, bad arguments) prints
-    one line ``spectral-lens COMMAND: error: ...`` naming the path and returns 2.
+    Every user error (missing, unreadable or malformed files and directories) prints one line
+    ``spectral-lens COMMAND: error: ...`` naming the path and returns 2; a bad argument prints one
+    such line and exits with status 2 (``SystemExit``, as argparse does). Warnings (a skipped record
+    line, a run that never reached the target) print one line ``spectral-lens COMMAND: warning: ...``
+    each.
     """
     args = build_parser().parse_args(argv)
     from ._warnings import SpectrumFormatError
 
-    try:
-        return {"report": _cmd_report, "predict": _cmd_predict, "inspect": _cmd_inspect}[args.command](args)
-    except (ValueError, SpectrumFormatError, OSError, ImportError, RecursionError) as exc:
-        print(f"spectral-lens {args.command}: error: {_user_error(exc)}", file=sys.stderr)
-        return 2
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"spectral-lens {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        try:
+            return {"report": _cmd_report, "predict": _cmd_predict, "inspect": _cmd_inspect}[args.command](args)
+        except (ValueError, SpectrumFormatError, OSError, ImportError, RecursionError) as exc:
+            print(f"spectral-lens {args.command}: error: {_user_error(exc)}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -228,6 +228,12 @@ def build_report(
     records = open_runs(runs)
     if not records:
         raise ValueError("build_report: no runs given")
+    by_id = {r.run_id: r for r in records}
+    for a, b in transitions:  # checked with or without a target loss: a typo is an error, not a skipped table
+        for x in (a, b):
+            if x not in by_id:
+                raise ValueError(f"transition {a}->{b}: no run with id {x!r}; run ids: {sorted(by_id)}")
+    seeds = open_runs(replicates) if replicates else []
     windows = common_windows(records, window)  # runs that disagree fail here, not as a skipped figure
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -347,8 +353,7 @@ def build_report(
         if target_loss is None:
             report.notes.append("transitions given but no target loss: taxonomy skipped")
         else:
-            if replicates:
-                seeds = open_runs(replicates)
+            if seeds:
                 null = replicate_evidence(seeds, target_loss, activation=spectrum)
                 clf = TransitionClassifier.from_replicates(null)
                 source = (f"from the seed noise of {len(seeds)} replicas ({', '.join(r.run_id for r in seeds)}): "
@@ -357,11 +362,7 @@ def build_report(
                 clf, source = classifier, "given"
             else:
                 clf, source = TransitionClassifier(), "defaults"
-            by_id = {r.run_id: r for r in records}
             for a, b in transitions:
-                for x in (a, b):
-                    if x not in by_id:
-                        raise ValueError(f"transition {a}->{b}: no run with id {x!r}; run ids: {sorted(by_id)}")
                 report.taxonomy.append(clf.classify_runs(by_id[a], by_id[b], target_loss, activation=spectrum))
             doc.h(2, "Taxonomy of transitions")
             doc.p(f"Thresholds ({source}): " + ", ".join(f"{k}={v:g}" for k, v in clf.thresholds.items()) + ".")

@@ -26,6 +26,9 @@ from .schema import (
     _LazySpectra,
 )
 
+#: How a RecordFormatError for a malformed line says to skip it (the CLI names its own option instead).
+SKIP_HINT = "open with errors='skip' to skip it"
+
 
 def _read_jsonl(path: Path, errors: str) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) of every complete, valid line; see the module docstring for the rules."""
@@ -48,7 +51,7 @@ def _read_jsonl(path: Path, errors: str) -> list[tuple[int, dict[str, Any]]]:
             why = "nested too deeply" if isinstance(exc, RecursionError) else exc
             msg = f"{path}, line {i}: corrupted record line ({why}): {raw[:80]!r}"
             if errors == "raise":
-                raise RecordFormatError(msg + "; open with errors='skip' to skip it") from None
+                raise RecordFormatError(msg + "; " + SKIP_HINT) from None
             warnings.warn(msg + "; skipped", RecordWarning, stacklevel=4)
             continue
         out.append((i, obj))
@@ -183,7 +186,7 @@ class RunRecord:
                 what = f"{bad} must be numbers" if bad else "event needs integer 'step' and 'tokens'"
                 msg = f"{path / LOG_FILE}, line {lineno}: {what}"
                 if errors == "raise":
-                    raise RecordFormatError(msg)
+                    raise RecordFormatError(msg + "; " + SKIP_HINT)
                 warnings.warn(msg + "; skipped", RecordWarning, stacklevel=2)
                 continue
             events.append(obj)
@@ -199,7 +202,7 @@ class RunRecord:
             except (RecordFormatError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
                 msg = str(exc) if isinstance(exc, RecordFormatError) else f"{origin}: invalid measurement ({exc})"
                 if errors == "raise":
-                    raise RecordFormatError(msg + "; open with errors='skip' to skip it") from None
+                    raise RecordFormatError(msg + "; " + SKIP_HINT) from None
                 warnings.warn(msg + "; measurement skipped", RecordWarning, stacklevel=2)
                 continue
             measurements.append(m)

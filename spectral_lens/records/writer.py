@@ -40,9 +40,13 @@ class RunWriter:
         path: the run directory (created if needed).
         info: the run's metadata. Required for a new run; for ``resume=True`` it may be omitted
             (read from ``run.json``) or must carry the same ``run_id``.
-        resume: append to an existing run. Without it, an existing ``run.json`` is an error, so two
-            runs never write into one directory by accident. On resume, a truncated last line left by
-            a crash is cut off (with a :class:`RecordWarning`) before anything is appended.
+        resume: append to an existing run. Without it, an existing ``run.json`` is an error, and so
+            is a directory without ``run.json`` that holds another run's ``log.jsonl``,
+            ``measurements.jsonl`` or files in ``spectra/`` (its ``run.json`` lost or deleted), so two
+            runs never write into one directory by accident. With it, a directory without
+            ``run.json`` is started from ``info`` and whatever record files it holds are appended to.
+            On resume, a truncated last line left by a crash is cut off (with a
+            :class:`RecordWarning`) before anything is appended.
         fsync: fsync every file and line (default). ``False`` trades crash safety for speed
             (synthetic data, tests); the write order, and thus safety for concurrent readers, is kept.
         tail_window: window of the stored ``alpha_tail`` summary; default: the scale rule for
@@ -90,6 +94,12 @@ class RunWriter:
                 raise ValueError(f"{self.path}: a new run needs a RunInfo (info=...)")
             if not isinstance(info, RunInfo):
                 raise TypeError(f"info must be a RunInfo, got {type(info).__name__}")
+            leftovers = [] if resume else self._leftovers()
+            if leftovers:
+                raise FileExistsError(
+                    f"{self.path} holds another run's files ({', '.join(leftovers)}) but no {RUN_FILE}: choose a "
+                    f"new directory, remove them, or pass resume=True to append to them"
+                )
             self.info = info
             if tail_window is None:
                 tail_window = _tail_window(info.n_layer) if info.n_layer else (100, 200)
@@ -110,6 +120,15 @@ class RunWriter:
         self._fds: dict[str, int] = {}
         for name in (LOG_FILE, MEASUREMENTS_FILE):
             self._fds[name] = self._open_append(self.path / name)
+
+    def _leftovers(self) -> list[str]:
+        """The record files of another run in this directory: ``log.jsonl``, ``measurements.jsonl``,
+        ``spectra/`` with files in it."""
+        out = [name for name in (LOG_FILE, MEASUREMENTS_FILE) if os.path.lexists(self.path / name)]
+        n = sum(1 for _ in (self.path / SPECTRA_DIR).iterdir()) if (self.path / SPECTRA_DIR).is_dir() else 0
+        if n:
+            out.append(f"{SPECTRA_DIR}/ ({n} file{'' if n == 1 else 's'})")
+        return out
 
     def _open_append(self, path: Path) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)

@@ -93,6 +93,35 @@ def test_writer_refuses_existing_run_and_resumes(tmp_path):
         w.log_measurement(0, 0, {"a": np.ones(3)})
 
 
+def test_writer_refuses_another_runs_leftovers_without_run_json(tmp_path):
+    """run.json lost or deleted, log/measurements/spectra still there: a new run must not append to
+    them (it used to: the new run read back the old run's events and measurements); resume=True
+    still adopts them, and an empty directory or an empty spectra/ is no leftover."""
+    path = _write(tmp_path / "run", n=2)
+    (path / "run.json").unlink()
+    before = {f.name: f.read_bytes() for f in path.rglob("*") if f.is_file()}
+    with pytest.raises(FileExistsError) as exc:
+        RunWriter(path, RunInfo("new"), fsync=False)
+    msg = str(exc.value)
+    assert str(path) in msg and "log.jsonl, measurements.jsonl, spectra/ (4 files)" in msg and "no run.json" in msg
+    assert {f.name: f.read_bytes() for f in path.rglob("*") if f.is_file()} == before  # nothing written
+    (path / "log.jsonl").unlink()
+    (path / "measurements.jsonl").unlink()
+    with pytest.raises(FileExistsError, match=r"\(spectra/ \(4 files\)\)"):
+        RunWriter(path, RunInfo("new"), fsync=False)
+    # resume=True keeps its meaning: start run.json from info and append to what is there
+    path = _write(tmp_path / "run2", n=2)
+    (path / "run.json").unlink()
+    with RunWriter(path, RunInfo("r1", total_tokens=1000), resume=True, fsync=False) as w:
+        w.log(99, 990, val_loss=1.0)
+    assert [e["step"] for e in RunRecord.open(path).events] == [0, 10, 99]
+    (tmp_path / "empty" / "spectra").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("mine")
+    with RunWriter(tmp_path / "empty", RunInfo("e"), fsync=False) as w:
+        w.log(0, 0, val_loss=2.0)
+    assert len(RunRecord.open(tmp_path / "empty").events) == 1
+
+
 def test_same_step_twice_keeps_both_files(tmp_path):
     with RunWriter(tmp_path / "r", RunInfo("r"), fsync=False) as w:
         w.log_measurement(5, 50, {"a": _spec(a=1.0)})

@@ -50,8 +50,16 @@ RUN_CASES = ["nested_run_json", "run_json_is_a_directory", "run_json_wrong_field
              "spectra_dir_entry_is_a_directory"]
 
 
+def _status(argv) -> int:
+    """main's exit status, also when argparse exits (bad arguments)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
 def _one_line_error(capsys, argv, path) -> str:
-    code = main(argv)
+    code = _status(argv)
     out = capsys.readouterr()
     assert code == 2, (code, out)
     lines = out.err.strip().splitlines()
@@ -97,3 +105,103 @@ def test_report_output_under_a_file(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     _one_line_error(capsys, ["report", str(tmp_path / "run"), "--out", str(blocker / "out"), "--no-plots"], blocker)
+
+
+# ---- argument values, record lines, report options -------------------------------------------------
+
+
+def _sweep(root, tiers=(1, 2, 4)):
+    """Three small runs of one family (10 measurements each, val loss falling faster at larger tiers)."""
+    for tier in tiers:
+        rid = f"toy-b{tier}"
+        with RunWriter(root / rid, RunInfo(rid, family="toy", batch_tier=tier, total_tokens=10000, n_layer=2,
+                                           primary_spectrum="act"), fsync=False, tail_window=(10, 40)) as w:
+            for k in range(10):
+                vals = np.arange(1, 65, dtype=np.float64) ** -(1.0 + 0.1 * tier + 0.01 * k)
+                vl = 3.0 - 0.02 * k * tier
+                w.log(k * 10, k * 1000, val_loss=vl)
+                w.log_measurement(k * 10, k * 1000, {"act": Spectrum(torch.from_numpy(vals), n_rows=1000, dim=64)},
+                                  val_loss=vl)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    return _sweep(tmp_path_factory.mktemp("sweep"))
+
+
+@pytest.mark.parametrize("command, args, option, value", [
+    ("predict", ["--window", "a", "b"], "--window", "'a'"),
+    ("predict", ["--fraction", "abc"], "--fraction", "'abc'"),
+    ("predict", ["--target-loss", "x"], "--target-loss", "'x'"),
+    ("predict", ["--target-loss", "inf"], "--target-loss", "'inf'"),
+    ("predict", ["--target-loss", "nan"], "--target-loss", "'nan'"),
+    ("predict", ["--target-loss", "-1"], "--target-loss", "'-1'"),
+    ("predict", ["--target-loss", "0"], "--target-loss", "'0'"),
+    ("report", ["--target-loss", "inf"], "--target-loss", "'inf'"),
+    ("report", ["--transition", "ab"], "--transition", "'ab'"),
+    ("report", ["--format", "pdf"], "--format", "'pdf'"),
+])
+def test_bad_argument_values_are_one_line(sweep, tmp_path, capsys, command, args, option, value):
+    """No usage block (it was 5 to 7 lines); nan and negative targets ran to exit 0, inf failed with a
+    message naming neither option nor value."""
+    out = ["--out", str(tmp_path / "out")] if command == "report" else []
+    line = _one_line_error(capsys, [command, str(sweep), *out, *args], option)
+    assert line.startswith(f"spectral-lens {command}: error: argument {option}") and value in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_parser_errors_without_a_command_are_one_line(capsys):
+    _one_line_error(capsys, [], "spectral-lens: error: the following arguments are required")
+    _one_line_error(capsys, ["bogus"], "'bogus'")
+
+
+@pytest.fixture()
+def bad_sweep(sweep, tmp_path):
+    """The sweep with line 3 of one run's measurements.jsonl and line 5 of another's log.jsonl broken."""
+    import shutil
+
+    root = tmp_path / "bad"
+    shutil.copytree(sweep, root)
+    for f, n in ((root / "toy-b2" / "measurements.jsonl", 3), (root / "toy-b4" / "log.jsonl", 5)):
+        lines = f.read_bytes().split(b"\n")
+        lines[n - 1] = b'{"step": 20, "tokens": oops'
+        f.write_bytes(b"\n".join(lines))
+    return root
+
+
+@pytest.mark.parametrize("command", ["predict", "report", "inspect"])
+def test_a_malformed_record_line_costs_that_line_only(bad_sweep, tmp_path, capsys, command):
+    """The CLI skips a malformed line with one warning line naming file and line (it refused the whole
+    sweep, telling the user to pass errors='skip', which the CLI has no way to pass); --strict refuses,
+    naming the option that would skip it."""
+    mfile = bad_sweep / "toy-b2" / "measurements.jsonl"
+    argv = {"predict": ["predict", str(bad_sweep), "--target-loss", "2.9"],
+            "report": ["report", str(bad_sweep), "--out", str(tmp_path / "out"), "--no-plots", "--target-loss", "2.9"],
+            "inspect": ["inspect", str(bad_sweep / "toy-b2")]}[command]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    warned = [x for x in out.err.splitlines() if "line 3" in x or "line 5" in x]
+    assert out.err.count("measurements.jsonl, line 3: corrupted record line") == 1, out.err
+    assert warned[0].startswith(f"spectral-lens {command}: warning: {mfile}, line 3:") and warned[0].endswith("skipped")
+    if command != "inspect":
+        assert len(warned) == 2 and f"{bad_sweep / 'toy-b4' / 'log.jsonl'}, line 5:" in warned[1], out.err
+    if command == "inspect":
+        assert "measurements: 9" in out.out
+    line = _one_line_error(capsys, [*argv, "--strict"], mfile)
+    assert "line 3" in line and "run without --strict to skip it" in line and "errors=" not in line
+
+
+def test_report_checks_transitions_and_replicates_without_a_target(sweep, tmp_path, capsys):
+    """Unknown transition ids and a missing replicates path were accepted (exit 0) unless
+    --target-loss was given; now they are one-line errors before anything is written."""
+    out = tmp_path / "out"
+    base = ["report", str(sweep), "--out", str(out), "--no-plots"]
+    line = _one_line_error(capsys, [*base, "--transition", "toy-b1:nosuch"], "'nosuch'")
+    assert "no run with id" in line and "toy-b1" in line
+    _one_line_error(capsys, [*base, "--replicates", str(tmp_path / "missing")], tmp_path / "missing")
+    _one_line_error(capsys, [*base, "--transition", "toy-b1:toy-b2", "--replicates", str(tmp_path / "missing")],
+                    tmp_path / "missing")
+    assert not out.exists()
+    assert main([*base, "--transition", "toy-b1:toy-b2"]) == 0  # valid ids, no target: skipped with a note
+    assert "transitions given but no target loss" in capsys.readouterr().out
