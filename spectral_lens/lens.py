@@ -22,6 +22,7 @@ from .attachment import Attachment
 from .capture import Target
 from .gradients import PerSampleGradientProbe
 from .gradients._batch import batch_size, default_forward, slice_batch
+from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
 from .spectra.fit import tail_window
 from .records import spectrum_summaries
 from .spectrum import Spectrum
@@ -207,7 +208,9 @@ class SpectralLens:
             the gradient protocol runs on rank 0 over the whole gradient pool (cross-sample Gram
             entries need every sample's gradient) and its results are broadcast.
 
-    Measuring leaves the model's train/eval mode, gradients, RNG streams and hooks as they were.
+    Measuring leaves the model's train/eval mode, gradients, buffers, hooks and the global RNG
+    streams (torch CPU/CUDA, Python ``random``, numpy) as they were; iterating the pools is part of
+    the measurement, so a shuffling ``DataLoader`` does not advance the training loop's RNG.
     """
 
     def __init__(
@@ -329,13 +332,13 @@ class SpectralLens:
 
     @contextlib.contextmanager
     def _eval_mode(self):
+        """Eval mode, forked RNG streams and preserved buffers for the activation pass (the iteration
+        over the pool included); modes, RNG states and buffers are restored on exit, also on errors."""
         model = self._require_model()
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
-        dev = self._device()
-        devices = [dev] if dev.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices):
+            with forked_rng(cuda_devices(model)), preserved_buffers(model):
                 yield
         finally:
             for m, training in modes:
@@ -398,17 +401,20 @@ class SpectralLens:
             seen = 0
             bar = progress_bar(self._gradient_total(), "gradients", self.progress, "sample")
             try:
-                for batch in self.gradient_pool:
-                    if self.gradient_samples is not None:
-                        take = min(batch_size(batch), self.gradient_samples - seen)
-                        if take <= 0:
-                            break
-                        batch = slice_batch(batch, 0, take)
-                    self.probe.update(batch)
-                    k = batch_size(batch)
-                    seen += k
-                    if bar is not None:
-                        bar.update(k)
+                # iterating the pool draws random numbers too (a DataLoader iterator's base seed, a
+                # shuffling sampler, numpy augmentation): under the fork, as in the activation pass
+                with forked_rng(cuda_devices(self.model)):
+                    for batch in self.gradient_pool:
+                        if self.gradient_samples is not None:
+                            take = min(batch_size(batch), self.gradient_samples - seen)
+                            if take <= 0:
+                                break
+                            batch = slice_batch(batch, 0, take)
+                        self.probe.update(batch)
+                        k = batch_size(batch)
+                        seen += k
+                        if bar is not None:
+                            bar.update(k)
             finally:
                 if bar is not None:
                     bar.close()

@@ -22,7 +22,7 @@ from .._warnings import NonFiniteError
 from ..attachment import Attachment
 from ..capture import glob_to_regex
 from .._warnings import ZeroGradientWarning
-from ._isolation import preserved_buffers
+from ._isolation import forked_rng, preserved_buffers
 from ._validate import nonfinite_loss_message, param_names
 from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, slice_batch
@@ -455,7 +455,8 @@ class PerSampleGradientProbe:
 
     @contextlib.contextmanager
     def _isolated(self):
-        """Eval (or train) mode, forked RNG, buffers preserved, optional autocast; every flag restored on exit."""
+        """Eval (or train) mode, forked RNG streams (torch, Python ``random``, numpy), buffers preserved,
+        optional autocast; every flag restored on exit."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("PerSampleGradientProbe cannot differentiate inside torch.inference_mode()")
         modes = [(m, m.training) for m in self.model.modules()]
@@ -469,7 +470,7 @@ class PerSampleGradientProbe:
             else contextlib.nullcontext()
         )
         try:
-            with torch.random.fork_rng(devices=devices), preserved_buffers(self.model), cast:
+            with forked_rng(devices), preserved_buffers(self.model), cast:
                 self.model.train(self.train_mode)
                 yield devices
         finally:
