@@ -12,6 +12,7 @@ import difflib
 import functools
 import re
 import warnings
+from collections.abc import Mapping
 from typing import Callable, Iterable, Union
 
 import torch
@@ -107,7 +108,7 @@ def pick_tensor(output, pick, where: str) -> torch.Tensor:
         value = pick(output)
     elif isinstance(pick, int) and isinstance(output, (tuple, list)):
         value = output[pick]
-    elif isinstance(pick, str) and isinstance(output, dict):
+    elif isinstance(pick, str) and isinstance(output, Mapping):
         value = output[pick]
     elif isinstance(pick, str) and hasattr(output, pick):
         value = getattr(output, pick)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -40,11 +41,12 @@ __all__ = [
 def attention_mask(batch: Any) -> torch.Tensor | None:
     """The default ``mask_fn`` of :class:`SpectralLens`: valid positions of a padded batch.
 
-    For a dict batch with an ``"attention_mask"`` entry, that mask as bool (``True`` = real token);
-    for every other batch ``None`` (all rows measured). The mask must have the measured module
-    output's leading shape (``(M, T)`` for a ``(M, T, d)`` block output).
+    For a dict batch (any mapping, such as Hugging Face's ``BatchEncoding``) with an
+    ``"attention_mask"`` entry, that mask as bool (``True`` = real token); for every other batch
+    ``None`` (all rows measured). The mask must have the measured module output's leading shape
+    (``(M, T)`` for a ``(M, T, d)`` block output).
     """
-    if isinstance(batch, dict) and batch.get("attention_mask") is not None:
+    if isinstance(batch, Mapping) and batch.get("attention_mask") is not None:
         return batch["attention_mask"].bool()
     return None
 
@@ -175,8 +177,9 @@ class SpectralLens:
             lens first and bind it later with :meth:`attach`.
         pool: a re-iterable of batches (list, DataLoader): each batch as the model's forward takes it
             through ``forward_fn`` (default: ``model(batch[0])`` for ``(input_ids, targets)`` tuples,
-            ``model(**batch)`` for dicts, ``model(batch)`` for tensors). Reuse the same pool at every
-            checkpoint and across runs (the paper's protocol).
+            ``model(**batch)`` for dicts and other mappings such as ``BatchEncoding``,
+            ``model(batch)`` for tensors). Reuse the same pool at every checkpoint and across runs
+            (the paper's protocol).
         layers: modules whose outputs are measured: ``None`` = the deepest block (paper default),
             ``"all"`` = every block (depth profile), or any target of :func:`spectral_lens.attach`.
         params: matrices for the per-sample gradient spectrum: ``None`` = the final block's attention
@@ -187,7 +190,7 @@ class SpectralLens:
             ``transformers`` >= 5 return a tensor: leave ``pick=None`` (older versions returned a
             tuple, ``pick=0``).
         mask_fn: ``mask_fn(batch) -> bool mask`` of the positions to measure, or ``None``. Default
-            :func:`attention_mask`: padded positions of dict batches with an ``"attention_mask"``
+            :func:`attention_mask`: padded positions of dict (mapping) batches with an ``"attention_mask"``
             are excluded from the activation rows (the gradient loss masks them too). Pass your own
             function to override, or ``mask_fn=None`` to measure every position.
         forward_fn: how to call the model on a batch for the activation pass.
