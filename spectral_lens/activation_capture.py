@@ -84,7 +84,8 @@ def attach(
 
     Args:
         model: any ``nn.Module`` (attach to the uncompiled module; a ``torch.compile`` wrapper warns).
-        target: exact dotted name, glob, compiled regex, callable ``(name, module) -> bool`` or a list.
+        target: exact dotted name, glob, compiled regex, a module of ``model`` (matched by identity;
+            an ``nn.ModuleList`` stands for its members), callable ``(name, module) -> bool``, or a list.
         pick: which tensor of a module output to measure: ``None`` (the output must be a tensor),
             an ``int`` (tuple/list index), a ``str`` (dict key or attribute), or a callable.
         dim, precision, nonfinite, max_chunk_rows: passed to each

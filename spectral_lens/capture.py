@@ -2,7 +2,8 @@
 
 Targets name modules the way ``model.named_modules()`` does. A target is an exact dotted name, a
 glob (``"blocks.*.mlp"``: ``*`` and ``?`` stay inside one dotted segment, ``**`` crosses segments),
-a compiled regular expression (matched against the full name), a callable
+a compiled regular expression (matched against the full name), a module object of the model
+(matched by identity; an ``nn.ModuleList`` stands for its members), a callable
 ``(name, module) -> bool``, or a list of these (their union, in model order).
 """
 
@@ -22,7 +23,7 @@ from ._warnings import CompiledModelWarning
 
 __all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "pick_tensor", "HookSet", "warn_if_compiled"]
 
-Target = Union[str, "re.Pattern[str]", Callable[[str, nn.Module], bool], Iterable]
+Target = Union[str, "re.Pattern[str]", nn.Module, Callable[[str, nn.Module], bool], Iterable]
 
 _GLOB_CHARS = set("*?[")
 
@@ -55,7 +56,10 @@ def glob_to_regex(pattern: str) -> "re.Pattern[str]":
 
 
 def name_matcher(target, what: str = "module") -> Callable[[str, object], bool]:
-    """A predicate ``(name, obj) -> bool`` for one target: exact name, glob, compiled regex or callable."""
+    """A predicate ``(name, obj) -> bool`` for one target: exact name, glob, compiled regex, module
+    object (identity) or callable."""
+    if isinstance(target, nn.Module):  # callable too: never run its forward as a predicate
+        return lambda _name, m: m is target
     if isinstance(target, re.Pattern):
         return lambda name, _m: target.fullmatch(name) is not None
     if isinstance(target, str):
@@ -66,20 +70,29 @@ def name_matcher(target, what: str = "module") -> Callable[[str, object], bool]:
     if callable(target):
         return lambda name, m: bool(target(name, m))
     raise TypeError(
-        f"{what} target must be a name, glob, compiled regex, callable or a list of them; got {type(target).__name__}"
+        f"{what} target must be a name, glob, compiled regex, module, callable or a list of them; "
+        f"got {type(target).__name__}"
     )
 
 
 def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Module]]:
     """Modules of ``model`` selected by ``target``, as ``(dotted_name, module)`` in model order.
 
-    Raises ``ValueError`` naming the closest module names when nothing matches.
+    Raises ``ValueError`` naming the closest module names when nothing matches, and when a module
+    object given as a target is not a submodule of ``model``.
     """
-    targets = list(target) if isinstance(target, (list, tuple, set, frozenset)) else [target]
+    targets = list(target) if isinstance(target, (list, tuple, set, frozenset, nn.ModuleList)) else [target]
     if not targets:
         raise ValueError("empty module target list")
     matchers = [name_matcher(t) for t in targets]
     named = list(model.named_modules())
+    for t in targets:
+        if isinstance(t, nn.Module) and not any(m is t for _, m in named):
+            raise ValueError(
+                f"{type(model).__name__}: the {type(t).__name__} module given as a target is not a submodule "
+                "of this model (modules are matched by identity: a copy, or a module of another model, never "
+                "matches); pass a module of this model or its dotted name"
+            )
     chosen = [(name, mod) for name, mod in named if any(f(name, mod) for f in matchers)]
     if not chosen:
         names = [n for n, _ in named if n]

@@ -20,7 +20,7 @@ from torch import nn
 from ._progress import progress_bar, sized_total
 from .activation_capture import attach
 from .attachment import Attachment
-from .capture import Target
+from .capture import Target, select_modules
 from .gradients import PerSampleGradientProbe
 from .gradients._batch import batch_size, default_forward, slice_batch
 from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
@@ -49,6 +49,13 @@ def attention_mask(batch: Any) -> torch.Tensor | None:
     if isinstance(batch, Mapping) and batch.get("attention_mask") is not None:
         return batch["attention_mask"].bool()
     return None
+
+
+def _names_modules(target: Any) -> bool:
+    """Whether a layer target is or lists module objects (resolved to their names when binding)."""
+    if isinstance(target, nn.Module):
+        return True
+    return isinstance(target, (list, tuple, set, frozenset)) and any(isinstance(t, nn.Module) for t in target)
 
 
 def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -181,7 +188,8 @@ class SpectralLens:
             ``model(batch)`` for tensors). Reuse the same pool at every checkpoint and across runs
             (the paper's protocol).
         layers: modules whose outputs are measured: ``None`` = the deepest block (paper default),
-            ``"all"`` = every block (depth profile), or any target of :func:`spectral_lens.attach`.
+            ``"all"`` = every block (depth profile), or any target of :func:`spectral_lens.attach`
+            (module objects such as ``model.h[-1]`` are resolved to their names when the lens binds).
         params: matrices for the per-sample gradient spectrum: ``None`` = the final block's attention
             output projection; a name/glob/list as :class:`PerSampleGradientProbe` takes; ``()`` = none.
         gradient_pool: batches for the gradient protocol (default: ``pool``).
@@ -272,6 +280,9 @@ class SpectralLens:
             layers = deepest_block(model)
         elif isinstance(layers, str) and layers == "all":
             layers = all_blocks(model)
+        elif _names_modules(layers):  # module objects: their names in this model (or a clear error now)
+            names = [n for n, _ in select_modules(model, layers)]
+            layers = names[0] if isinstance(layers, nn.Module) and len(names) == 1 else names
         probe = self.probe
         no_grad = isinstance(self.params_spec, (list, tuple)) and len(self.params_spec) == 0
         if probe is not None:

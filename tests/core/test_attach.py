@@ -179,3 +179,43 @@ def test_glob_segments():
     assert names("blocks.[!01]") == ["blocks.2"]
     assert names("blocks.?.ln") == ["blocks.0.ln", "blocks.1.ln", "blocks.2.ln"]
     assert names("blocks.[1-2]") == ["blocks.1", "blocks.2"]
+
+
+class Exploding(nn.Module):
+    """A module whose forward must never run during selection (nn.Module is callable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, *args):
+        raise AssertionError("the target module's forward was called as a predicate")
+
+
+def test_module_objects_are_targets_matched_by_identity():
+    model = Tiny()
+    names = lambda t: [n for n, _ in select_modules(model, t)]
+    assert names(model.blocks[1]) == ["blocks.1"]
+    assert names([model.head, model.blocks[0].ln, "emb"]) == ["emb", "blocks.0.ln", "head"]
+    assert names(model.blocks) == ["blocks.0", "blocks.1", "blocks.2"]  # a ModuleList: its members
+    assert names(model) == [""]
+    net = nn.Sequential(nn.Linear(4, 4), Exploding(), nn.Linear(4, 4))
+    assert names_of(net, net[1]) == ["1"]
+    with pytest.raises(ValueError, match=r"Tiny: the Linear module given as a target is not a submodule"):
+        select_modules(model, nn.Linear(16, 16))
+    with pytest.raises(ValueError, match=r"the Block module given as a target is not a submodule"):
+        select_modules(model, ["head", Tiny().blocks[0]])  # a module of another model, in a list
+    # measuring through a module object equals measuring through its name
+    torch.manual_seed(0)
+    x = torch.randint(0, 50, (3, 7))
+    model.eval()
+    with attach(model, model.blocks[2], precision="float64") as by_obj, torch.no_grad():
+        model(x)
+    with attach(model, "blocks.2", precision="float64") as by_name, torch.no_grad():
+        model(x)
+    assert list(by_obj.accumulators) == ["blocks.2"]
+    torch.testing.assert_close(by_obj.compute()["blocks.2"].values, by_name.compute()["blocks.2"].values, rtol=0, atol=0)
+
+
+def names_of(model, target):
+    return [n for n, _ in select_modules(model, target)]

@@ -128,3 +128,19 @@ def test_hf_llama_decoder_layer_returns_a_tensor_and_pick_none_works():
     with pytest.raises(TypeError, match=r"pick=0 indexes a tuple output, but this module returns a tensor .*pick=None"):
         with sl.attach(model, "model.layers.1", pick=0), torch.no_grad():
             model(input_ids=ids)
+
+
+def test_module_objects_as_targets_of_the_accumulator_and_the_lens():
+    model, pool = _model(), lm_pool()
+    acc = ActivationCovarianceAccumulator(precision="float64")
+    with acc.attach(model, model.h[1]), torch.no_grad():
+        model(pool[0][0])
+    assert acc.name == "h.1" and acc.n_rows == pool[0][0].numel()
+    by_name = SpectralLens(model, pool, layers="h.2", params=(), precision="float64", progress=False).measure(0, 0)
+    lens = SpectralLens(model, pool, layers=model.h[-1], params=(), precision="float64", progress=False)
+    assert lens.layers == "h.2"
+    got = lens.measure(0, 0)
+    torch.testing.assert_close(got.spectra["act:h.2"].values, by_name.spectra["act:h.2"].values, rtol=0, atol=0)
+    assert SpectralLens(model, pool, layers=[model.h[0], model.h[2]], params=(), progress=False).layers == ["h.0", "h.2"]
+    with pytest.raises(ValueError, match=r"TinyLM: the Block module given as a target is not a submodule"):
+        SpectralLens(_model(), pool, layers=model.h[-1], params=(), progress=False)
