@@ -108,6 +108,12 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     return chosen
 
 
+def display_name(name: str, module: nn.Module) -> str:
+    """A module's name for messages: its dotted name, or ``<root: ClassName>`` for the model itself
+    (whose ``named_modules()`` name is ``""``)."""
+    return name if name else f"<root: {type(module).__name__}>"
+
+
 def pick_tensor(output, pick, where: str) -> torch.Tensor:
     """The tensor a hook measures from a module output.
 

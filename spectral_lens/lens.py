@@ -300,11 +300,17 @@ class SpectralLens:
         Resolves ``layers`` and the probed ``params`` in it. Returns an
         :class:`~spectral_lens.attachment.Attachment`; ``handle.remove()``
         (or leaving ``with lens.attach(model):``) unbinds the lens again. Hooks are registered only
-        while measuring.
+        while measuring. A lens that is already attached (built with a model, or attached before)
+        raises ``ValueError``: remove the first handle (or ``detach()``) first.
         """
         if self.model is not None and self.model is not model:
             raise ValueError(
                 f"SpectralLens is attached to another {type(self.model).__name__}; call remove() on its handle first"
+            )
+        if self.model is not None:
+            raise ValueError(
+                f"SpectralLens is already attached to this {type(model).__name__} (built with it, or attached "
+                "before); keep using it, or call remove() on the first handle (or detach()) before attaching again"
             )
         self._bind(model)
         return Attachment(self, model)

@@ -296,12 +296,19 @@ class PerSampleGradientProbe:
         For a probe built before the model is known (``PerSampleGradientProbe(params=..., ...)``).
         Returns an :class:`~spectral_lens.attachment.Attachment`; ``handle.remove()`` (or leaving ``with probe.attach(model):``) unbinds the
         probe and forgets its samples. The probe registers no hook outside ``update``, so attaching
-        changes nothing in the model. A probe already bound to another model must be removed first.
+        changes nothing in the model. A probe that is already attached (to this model or another)
+        must be removed first: attaching again raises ``ValueError``.
         """
         if self.model is not None and self.model is not model:
             raise ValueError(
                 f"PerSampleGradientProbe is attached to another {type(self.model).__name__}; "
                 "call remove() on its handle (or detach()) first"
+            )
+        if self.model is not None:
+            raise ValueError(
+                f"PerSampleGradientProbe is already attached to this {type(model).__name__} (params "
+                f"{list(self.params)}, {self.n_samples_} samples); attaching again would discard its samples. "
+                "Keep using it, or call remove() on the first handle (or detach()) before attaching it again"
             )
         self._bind(model)
         return Attachment(self, model)
