@@ -117,20 +117,16 @@ def display_name(name: str, module: nn.Module) -> str:
 def pick_tensor(output, pick, where: str) -> torch.Tensor:
     """The tensor a hook measures from a module output.
 
-    ``pick=None`` requires the output to be a tensor. An ``int`` indexes a tuple/list output (an int
-    on a tensor output is an error, never a silent index into the batch), a ``str`` keys a dict (or
-    an attribute of a model-output object), a callable receives the output.
+    ``pick=None`` requires the output to be a tensor. An ``int`` indexes a tuple/list output or a
+    Hugging Face ``ModelOutput`` (its non-``None`` fields in order, as ``output[0]``; an int on a
+    tensor output is an error, never a silent index into the batch), a ``str`` keys a mapping (or an
+    attribute of a model-output object), a callable receives the output. ``where`` names the module
+    in errors.
     """
     if pick is None:
         value = output
     elif callable(pick):
         value = pick(output)
-    elif isinstance(pick, int) and isinstance(output, (tuple, list)):
-        value = output[pick]
-    elif isinstance(pick, str) and isinstance(output, Mapping):
-        value = output[pick]
-    elif isinstance(pick, str) and hasattr(output, pick):
-        value = getattr(output, pick)
     elif isinstance(pick, int) and isinstance(output, torch.Tensor):
         # indexing would silently measure sample `pick` only; say what changed instead
         raise TypeError(
@@ -138,10 +134,33 @@ def pick_tensor(output, pick, where: str) -> torch.Tensor:
             f"{tuple(output.shape)}: pass pick=None (Hugging Face decoder layers return a tensor since "
             "transformers 5; older versions returned a tuple and needed pick=0)"
         )
+    elif isinstance(pick, int) and (isinstance(output, (tuple, list)) or hasattr(output, "to_tuple")):
+        items = output.to_tuple() if hasattr(output, "to_tuple") else output
+        if not -len(items) <= pick < len(items):
+            fields = f" (fields {list(output.keys())})" if isinstance(output, Mapping) else ""
+            raise IndexError(
+                f"{where}: pick={pick} is out of range: the module returns a {type(output).__name__} of "
+                f"{len(items)} element(s){fields}"
+            )
+        value = items[pick]
+    elif isinstance(pick, str) and isinstance(output, Mapping):
+        if pick not in output:
+            raise KeyError(
+                f"{where}: pick={pick!r} is not a key of the module's {type(output).__name__} output; "
+                f"its keys: {list(output.keys())}"
+            )
+        value = output[pick]
+    elif isinstance(pick, str) and hasattr(output, pick):
+        value = getattr(output, pick)
     else:
         raise TypeError(f"{where}: cannot pick {pick!r} from an output of type {type(output).__name__}")
     if not isinstance(value, torch.Tensor):
-        hint = " (pass pick=0 for the first element, pick='key' for a dict entry, or a callable)" if pick is None else ""
+        if pick is not None:
+            hint = ""
+        elif isinstance(output, Mapping):
+            hint = f" (pass pick='key' with one of its keys {list(output.keys())[:8]}, pick=0 for the first, or a callable)"
+        else:
+            hint = " (pass pick=0 for the first element, pick='key' for a dict entry, or a callable)"
         raise TypeError(f"{where}: module output is {type(value).__name__}, expected a tensor{hint}")
     return value
 

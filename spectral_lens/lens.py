@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -186,14 +186,16 @@ class SpectralLens:
             through ``forward_fn`` (default: ``model(batch[0])`` for ``(input_ids, targets)`` tuples,
             ``model(**batch)`` for dicts and other mappings such as ``BatchEncoding``,
             ``model(batch)`` for tensors). Reuse the same pool at every checkpoint and across runs
-            (the paper's protocol).
+            (the paper's protocol). A one-shot iterator (a generator) is refused with a ``TypeError``:
+            it would be empty from the second pass on.
         layers: modules whose outputs are measured: ``None`` = the deepest block (paper default),
             ``"all"`` = every block (depth profile), or any target of :func:`spectral_lens.attach`
             (module objects such as ``model.h[-1]`` are resolved to their names when the lens binds).
         params: matrices for the per-sample gradient spectrum: ``None`` = the final block's attention
             output projection; a name/glob/list as :class:`PerSampleGradientProbe` takes; ``()`` = none.
         gradient_pool: batches for the gradient protocol (default: ``pool``).
-        gradient_samples: cap on sequences M used for gradient spectra (paper: 512); ``None`` = all.
+        gradient_samples: cap on sequences M used for gradient spectra (paper: 512), at least 2;
+            ``None`` = all.
         precision, pick: passed to the activation accumulators. Hugging Face decoder layers of
             ``transformers`` >= 5 return a tensor: leave ``pick=None`` (older versions returned a
             tuple, ``pick=0``).
@@ -250,6 +252,18 @@ class SpectralLens:
             raise ValueError("SpectralLens needs pool=: a re-iterable of held-out batches")
         if probe is not None and params is not None:
             raise ValueError("SpectralLens: pass params= or a configured probe=, not both")
+        for what, p in (("pool", pool), ("gradient_pool", gradient_pool)):
+            if isinstance(p, Iterator):  # a generator: empty after the first pass over it
+                raise TypeError(
+                    f"SpectralLens: {what} is a one-shot iterator ({type(p).__name__}), exhausted after its first "
+                    f"pass; the lens iterates its pools at every measurement: pass a re-iterable of batches "
+                    f"such as a list or a DataLoader (e.g. {what}=list(...))"
+                )
+        if gradient_samples is not None and int(gradient_samples) < 2:
+            raise ValueError(
+                f"SpectralLens: gradient_samples={gradient_samples}, but a gradient spectrum needs at least 2 "
+                "samples (sequences); pass gradient_samples >= 2, or None for the whole gradient pool"
+            )
         self.pool = pool
         self.layers_spec = layers
         self.params_spec = params
@@ -438,6 +452,13 @@ class SpectralLens:
             finally:
                 if bar is not None:
                     bar.close()
+            if self.probe.n_samples_ < 2:
+                raise ValueError(
+                    f"SpectralLens: the gradient pool gave {self.probe.n_samples_} sample(s) (sequences), and a "
+                    "gradient spectrum needs at least 2; pass a gradient_pool (default: pool) that yields the same "
+                    "batches at every measurement (a list or a DataLoader, not an exhausted iterator), or "
+                    "params=() to measure activations only"
+                )
             spectra = self.probe.compute()
             noise = self.probe.noise_scale()
             if isinstance(spectra, Spectrum):

@@ -219,3 +219,42 @@ def test_module_objects_are_targets_matched_by_identity():
 
 def names_of(model, target):
     return [n for n, _ in select_modules(model, target)]
+
+
+def test_pick_errors_name_the_module_and_the_root_module_is_named_readably():
+    model = nn.Sequential(TupleOut())
+    with attach(model, "0", pick=5):
+        with pytest.raises(IndexError, match=r"^0: pick=5 is out of range: the module returns a tuple of 2 element"):
+            model(torch.randn(3, 4))
+    with attach(model, "0", pick=1):
+        with pytest.raises(TypeError, match=r"^0: module output is dict, expected a tensor$"):
+            model(torch.randn(3, 4))
+    with attach(model, "0", pick=lambda out: out[1]):
+        with pytest.raises(TypeError, match=r"^0: module output is dict"):
+            model(torch.randn(3, 4))
+    root = TupleOut()
+    with attach(root, ""):
+        with pytest.raises(TypeError, match=r"^<root: TupleOut>: module output is tuple, expected a tensor \(pass pick=0"):
+            root(torch.randn(3, 4))
+
+
+def test_a_hugging_face_model_output_takes_int_and_str_picks():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 5))
+    with attach(model, ""), torch.no_grad():  # the hint names the fields and pick=0
+        with pytest.raises(TypeError, match=r"^<root: GPT2LMHeadModel>: module output is CausalLMOutput\w*, expected a "
+                                            r"tensor \(pass pick='key' with one of its keys \['logits'.*pick=0"):
+            model(ids, use_cache=False)
+    with attach(model, "", pick=0) as by_index, attach(model, "", pick="logits") as by_key, torch.no_grad():
+        model(ids, use_cache=False)
+    assert by_index.accumulators[""].n_rows == by_key.accumulators[""].n_rows == 10
+    torch.testing.assert_close(by_index.compute()[""].values, by_key.compute()[""].values, rtol=0, atol=0)
+    with attach(model, "", pick=3), torch.no_grad():
+        with pytest.raises(IndexError, match=r"pick=3 is out of range: .* of 1 element\(s\) \(fields \['logits'\]\)"):
+            model(ids, use_cache=False)
+    with attach(model, "", pick="hidden_states"), torch.no_grad():
+        with pytest.raises(KeyError, match=r"pick='hidden_states' is not a key .*its keys: \['logits'\]"):
+            model(ids, use_cache=False)

@@ -181,3 +181,27 @@ def test_mapping_batches_like_batchencoding_are_masked_as_dicts():
         got = lens.measure(0, 0).spectra["act:lm.h.2"]
         assert got.n_rows == 16
         torch.testing.assert_close(got.values, ref.spectra["act:lm.h.2"].values, rtol=0, atol=0)
+
+
+def test_pools_must_be_re_iterable_and_gradient_samples_at_least_two():
+    model, pool = _model(), lm_pool()
+    with pytest.raises(TypeError, match=r"pool is a one-shot iterator \(generator\).*a list or a DataLoader"):
+        SpectralLens(model, (b for b in pool))
+    with pytest.raises(TypeError, match=r"gradient_pool is a one-shot iterator \(list_iterator\)"):
+        SpectralLens(model, pool, gradient_pool=iter(pool))
+    with pytest.raises(ValueError, match=r"gradient_samples=1, but a gradient spectrum needs at least 2 samples"):
+        SpectralLens(model, pool, gradient_samples=1)
+
+    class OnceThenEmpty:  # re-iterable in form, but yields nothing after the first pass
+        def __init__(self):
+            self.used = False
+
+        def __iter__(self):
+            batches = [] if self.used else pool
+            self.used = True
+            return iter(batches)
+
+    lens = SpectralLens(model, pool, gradient_pool=OnceThenEmpty(), progress=False)
+    lens.measure(0, 0)
+    with pytest.raises(ValueError, match=r"the gradient pool gave 0 sample\(s\).*needs at least 2.*not an exhausted iterator"):
+        lens.measure(1, 1)
