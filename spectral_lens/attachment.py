@@ -31,7 +31,8 @@ class Attachment:
     @property
     def active(self) -> bool:
         """Whether the owner is still bound to this handle's model by this handle's attach."""
-        return self.model is not None and self.owner.model is self.model and getattr(self.owner, "_attachment", None) is self
+        current = getattr(self.owner, "_attachment", None) is self
+        return current and self.model is not None and self.owner.model is self.model
 
     def remove(self) -> None:
         """Unbind the owner from the model (once)."""

@@ -158,7 +158,8 @@ def pick_tensor(output, pick, where: str) -> torch.Tensor:
         if pick is not None:
             hint = ""
         elif isinstance(output, Mapping):
-            hint = f" (pass pick='key' with one of its keys {list(output.keys())[:8]}, pick=0 for the first, or a callable)"
+            keys = list(output.keys())[:8]
+            hint = f" (pass pick='key' with one of its keys {keys}, pick=0 for the first, or a callable)"
         else:
             hint = " (pass pick=0 for the first element, pick='key' for a dict entry, or a callable)"
         raise TypeError(f"{where}: module output is {type(value).__name__}, expected a tensor{hint}")
