@@ -8,16 +8,37 @@ accumulation itself is :class:`~spectral_lens.accumulate.ActivationCovarianceAcc
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch import nn
 
 from .accumulate import ActivationCovarianceAccumulator, _spectrum_of
 from .background import SolveFuture, submit
-from .capture import HookSet, Target, pick_tensor, select_modules, warn_if_compiled
+from .capture import HookSet, Target, display_name, pick_tensor, select_modules, warn_if_compiled
 from .spectrum import Spectrum
 
 __all__ = ["ActivationCapture", "attach", "attach_one"]
+
+# accumulator -> (weak reference to the capture whose hook feeds it, "module 'h.1' of TinyLM"); an
+# accumulator is attached while that capture is alive and active (its hooks are registered)
+_FED_BY: "weakref.WeakKeyDictionary[ActivationCovarianceAccumulator, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _claim(acc: ActivationCovarianceAccumulator, capture: "ActivationCapture", where: str) -> None:
+    """Record that ``capture`` feeds ``acc``; refuse an accumulator that a live capture already feeds
+    (a second hook would count every row twice, or mix two modules' rows)."""
+    ref, there = _FED_BY.get(acc, (None, None))
+    live = ref() if ref is not None else None
+    if live is not None and live is not capture and live.active:
+        raise ValueError(
+            f"ActivationCovarianceAccumulator{f' {acc.name!r}' if acc.name else ''} is already attached to "
+            f"{there}; one accumulator is fed by one hook "
+            "(attaching it again counts every row twice, or mixes two modules). Call remove() on the "
+            "handle of the first attach (or leave its `with` block) before attaching it again, or use "
+            "a new accumulator"
+        )
+    _FED_BY[acc] = (weakref.ref(capture), where)
 
 
 class ActivationCapture(HookSet):
@@ -84,7 +105,8 @@ def attach(
 
     Args:
         model: any ``nn.Module`` (attach to the uncompiled module; a ``torch.compile`` wrapper warns).
-        target: exact dotted name, glob, compiled regex, callable ``(name, module) -> bool`` or a list.
+        target: exact dotted name, glob, compiled regex, a module of ``model`` (matched by identity;
+            an ``nn.ModuleList`` stands for its members), callable ``(name, module) -> bool``, or a list.
         pick: which tensor of a module output to measure: ``None`` (the output must be a tensor),
             an ``int`` (tuple/list index), a ``str`` (dict key or attribute), or a callable.
         dim, precision, nonfinite, max_chunk_rows: passed to each
@@ -105,7 +127,8 @@ def attach(
     capture = ActivationCapture(accs)
     try:
         for name, module in selected:
-            capture.add(module.register_forward_hook(_make_hook(capture, name, pick)))
+            _claim(accs[name], capture, _where(name, model))
+            capture.add(module.register_forward_hook(_make_hook(capture, name, pick, module)))
     except BaseException:
         capture.remove()
         raise
@@ -123,18 +146,24 @@ def attach_one(acc: ActivationCovarianceAccumulator, model: nn.Module, target: T
             "spectral_lens.attach(model, target) for one accumulator per module"
         )
     name, module = selected[0]
+    capture = ActivationCapture({name: acc})
+    _claim(acc, capture, _where(name, model))  # before any change: a refused attach changes nothing
     if acc.name is None:
         acc.name = name
-    capture = ActivationCapture({name: acc})
-    capture.add(module.register_forward_hook(_make_hook(capture, name, pick)))
+    capture.add(module.register_forward_hook(_make_hook(capture, name, pick, module)))
     return capture
 
 
-def _make_hook(capture: ActivationCapture, name: str, pick):
+def _where(name: str, model: nn.Module) -> str:
+    return f"module {name!r} of {type(model).__name__}" if name else f"the root module ({type(model).__name__})"
+
+
+def _make_hook(capture: ActivationCapture, name: str, pick, module: nn.Module):
     acc = capture.accumulators[name]
+    where = display_name(name, module)
 
     def hook(module, args, output):
-        tensor = pick_tensor(output, pick, name)
+        tensor = pick_tensor(output, pick, where)
         acc.update(tensor, mask=capture._mask)
 
     return hook

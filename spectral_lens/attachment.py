@@ -20,16 +20,19 @@ class Attachment:
     """Handle of one ``owner.attach(model)``: ``remove()`` calls ``owner.detach()``.
 
     A context manager (leaving the block removes it, also on an exception). ``remove()`` is
-    idempotent and does nothing when the owner has been bound to another model meanwhile.
+    idempotent, and a stale handle's ``remove()`` does nothing: once the owner was detached and
+    attached again (to any model, the same one included), only the newest handle unbinds it.
     """
 
     def __init__(self, owner: Any, model: nn.Module) -> None:
         self.owner, self.model = owner, model
+        owner._attachment = self  # the owner's current handle; an older one is stale
 
     @property
     def active(self) -> bool:
-        """Whether the owner is still bound to this handle's model."""
-        return self.model is not None and self.owner.model is self.model
+        """Whether the owner is still bound to this handle's model by this handle's attach."""
+        current = getattr(self.owner, "_attachment", None) is self
+        return current and self.model is not None and self.owner.model is self.model
 
     def remove(self) -> None:
         """Unbind the owner from the model (once)."""

@@ -2,7 +2,8 @@
 
 Targets name modules the way ``model.named_modules()`` does. A target is an exact dotted name, a
 glob (``"blocks.*.mlp"``: ``*`` and ``?`` stay inside one dotted segment, ``**`` crosses segments),
-a compiled regular expression (matched against the full name), a callable
+a compiled regular expression (matched against the full name), a module object of the model
+(matched by identity; an ``nn.ModuleList`` stands for its members), a callable
 ``(name, module) -> bool``, or a list of these (their union, in model order).
 """
 
@@ -12,6 +13,7 @@ import difflib
 import functools
 import re
 import warnings
+from collections.abc import Mapping
 from typing import Callable, Iterable, Union
 
 import torch
@@ -21,7 +23,7 @@ from ._warnings import CompiledModelWarning
 
 __all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "pick_tensor", "HookSet", "warn_if_compiled"]
 
-Target = Union[str, "re.Pattern[str]", Callable[[str, nn.Module], bool], Iterable]
+Target = Union[str, "re.Pattern[str]", nn.Module, Callable[[str, nn.Module], bool], Iterable]
 
 _GLOB_CHARS = set("*?[")
 
@@ -54,7 +56,10 @@ def glob_to_regex(pattern: str) -> "re.Pattern[str]":
 
 
 def name_matcher(target, what: str = "module") -> Callable[[str, object], bool]:
-    """A predicate ``(name, obj) -> bool`` for one target: exact name, glob, compiled regex or callable."""
+    """A predicate ``(name, obj) -> bool`` for one target: exact name, glob, compiled regex, module
+    object (identity) or callable."""
+    if isinstance(target, nn.Module):  # callable too: never run its forward as a predicate
+        return lambda _name, m: m is target
     if isinstance(target, re.Pattern):
         return lambda name, _m: target.fullmatch(name) is not None
     if isinstance(target, str):
@@ -65,20 +70,29 @@ def name_matcher(target, what: str = "module") -> Callable[[str, object], bool]:
     if callable(target):
         return lambda name, m: bool(target(name, m))
     raise TypeError(
-        f"{what} target must be a name, glob, compiled regex, callable or a list of them; got {type(target).__name__}"
+        f"{what} target must be a name, glob, compiled regex, module, callable or a list of them; "
+        f"got {type(target).__name__}"
     )
 
 
 def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Module]]:
     """Modules of ``model`` selected by ``target``, as ``(dotted_name, module)`` in model order.
 
-    Raises ``ValueError`` naming the closest module names when nothing matches.
+    Raises ``ValueError`` naming the closest module names when nothing matches, and when a module
+    object given as a target is not a submodule of ``model``.
     """
-    targets = list(target) if isinstance(target, (list, tuple, set, frozenset)) else [target]
+    targets = list(target) if isinstance(target, (list, tuple, set, frozenset, nn.ModuleList)) else [target]
     if not targets:
         raise ValueError("empty module target list")
     matchers = [name_matcher(t) for t in targets]
     named = list(model.named_modules())
+    for t in targets:
+        if isinstance(t, nn.Module) and not any(m is t for _, m in named):
+            raise ValueError(
+                f"{type(model).__name__}: the {type(t).__name__} module given as a target is not a submodule "
+                "of this model (modules are matched by identity: a copy, or a module of another model, never "
+                "matches); pass a module of this model or its dotted name"
+            )
     chosen = [(name, mod) for name, mod in named if any(f(name, mod) for f in matchers)]
     if not chosen:
         names = [n for n, _ in named if n]
@@ -94,23 +108,25 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     return chosen
 
 
+def display_name(name: str, module: nn.Module) -> str:
+    """A module's name for messages: its dotted name, or ``<root: ClassName>`` for the model itself
+    (whose ``named_modules()`` name is ``""``)."""
+    return name if name else f"<root: {type(module).__name__}>"
+
+
 def pick_tensor(output, pick, where: str) -> torch.Tensor:
     """The tensor a hook measures from a module output.
 
-    ``pick=None`` requires the output to be a tensor. An ``int`` indexes a tuple/list output (an int
-    on a tensor output is an error, never a silent index into the batch), a ``str`` keys a dict (or
-    an attribute of a model-output object), a callable receives the output.
+    ``pick=None`` requires the output to be a tensor. An ``int`` indexes a tuple/list output or a
+    Hugging Face ``ModelOutput`` (its non-``None`` fields in order, as ``output[0]``; an int on a
+    tensor output is an error, never a silent index into the batch), a ``str`` keys a mapping (or an
+    attribute of a model-output object), a callable receives the output. ``where`` names the module
+    in errors.
     """
     if pick is None:
         value = output
     elif callable(pick):
         value = pick(output)
-    elif isinstance(pick, int) and isinstance(output, (tuple, list)):
-        value = output[pick]
-    elif isinstance(pick, str) and isinstance(output, dict):
-        value = output[pick]
-    elif isinstance(pick, str) and hasattr(output, pick):
-        value = getattr(output, pick)
     elif isinstance(pick, int) and isinstance(output, torch.Tensor):
         # indexing would silently measure sample `pick` only; say what changed instead
         raise TypeError(
@@ -118,10 +134,34 @@ def pick_tensor(output, pick, where: str) -> torch.Tensor:
             f"{tuple(output.shape)}: pass pick=None (Hugging Face decoder layers return a tensor since "
             "transformers 5; older versions returned a tuple and needed pick=0)"
         )
+    elif isinstance(pick, int) and (isinstance(output, (tuple, list)) or hasattr(output, "to_tuple")):
+        items = output.to_tuple() if hasattr(output, "to_tuple") else output
+        if not -len(items) <= pick < len(items):
+            fields = f" (fields {list(output.keys())})" if isinstance(output, Mapping) else ""
+            raise IndexError(
+                f"{where}: pick={pick} is out of range: the module returns a {type(output).__name__} of "
+                f"{len(items)} element(s){fields}"
+            )
+        value = items[pick]
+    elif isinstance(pick, str) and isinstance(output, Mapping):
+        if pick not in output:
+            raise KeyError(
+                f"{where}: pick={pick!r} is not a key of the module's {type(output).__name__} output; "
+                f"its keys: {list(output.keys())}"
+            )
+        value = output[pick]
+    elif isinstance(pick, str) and hasattr(output, pick):
+        value = getattr(output, pick)
     else:
         raise TypeError(f"{where}: cannot pick {pick!r} from an output of type {type(output).__name__}")
     if not isinstance(value, torch.Tensor):
-        hint = " (pass pick=0 for the first element, pick='key' for a dict entry, or a callable)" if pick is None else ""
+        if pick is not None:
+            hint = ""
+        elif isinstance(output, Mapping):
+            keys = list(output.keys())[:8]
+            hint = f" (pass pick='key' with one of its keys {keys}, pick=0 for the first, or a callable)"
+        else:
+            hint = " (pass pick=0 for the first element, pick='key' for a dict entry, or a callable)"
         raise TypeError(f"{where}: module output is {type(value).__name__}, expected a tensor{hint}")
     return value
 

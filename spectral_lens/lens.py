@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -19,9 +20,10 @@ from torch import nn
 from ._progress import progress_bar, sized_total
 from .activation_capture import attach
 from .attachment import Attachment
-from .capture import Target
+from .capture import Target, select_modules
 from .gradients import PerSampleGradientProbe
 from .gradients._batch import batch_size, default_forward, slice_batch
+from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
 from .spectra.fit import tail_window
 from .records import spectrum_summaries
 from .spectrum import Spectrum
@@ -39,13 +41,21 @@ __all__ = [
 def attention_mask(batch: Any) -> torch.Tensor | None:
     """The default ``mask_fn`` of :class:`SpectralLens`: valid positions of a padded batch.
 
-    For a dict batch with an ``"attention_mask"`` entry, that mask as bool (``True`` = real token);
-    for every other batch ``None`` (all rows measured). The mask must have the measured module
-    output's leading shape (``(M, T)`` for a ``(M, T, d)`` block output).
+    For a dict batch (any mapping, such as Hugging Face's ``BatchEncoding``) with an
+    ``"attention_mask"`` entry, that mask as bool (``True`` = real token); for every other batch
+    ``None`` (all rows measured). The mask must have the measured module output's leading shape
+    (``(M, T)`` for a ``(M, T, d)`` block output).
     """
-    if isinstance(batch, dict) and batch.get("attention_mask") is not None:
+    if isinstance(batch, Mapping) and batch.get("attention_mask") is not None:
         return batch["attention_mask"].bool()
     return None
+
+
+def _names_modules(target: Any) -> bool:
+    """Whether a layer target is or lists module objects (resolved to their names when binding)."""
+    if isinstance(target, nn.Module):
+        return True
+    return isinstance(target, (list, tuple, set, frozenset)) and any(isinstance(t, nn.Module) for t in target)
 
 
 def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
@@ -174,19 +184,23 @@ class SpectralLens:
             lens first and bind it later with :meth:`attach`.
         pool: a re-iterable of batches (list, DataLoader): each batch as the model's forward takes it
             through ``forward_fn`` (default: ``model(batch[0])`` for ``(input_ids, targets)`` tuples,
-            ``model(**batch)`` for dicts, ``model(batch)`` for tensors). Reuse the same pool at every
-            checkpoint and across runs (the paper's protocol).
+            ``model(**batch)`` for dicts and other mappings such as ``BatchEncoding``,
+            ``model(batch)`` for tensors). Reuse the same pool at every checkpoint and across runs
+            (the paper's protocol). A one-shot iterator (a generator) is refused with a ``TypeError``:
+            it would be empty from the second pass on.
         layers: modules whose outputs are measured: ``None`` = the deepest block (paper default),
-            ``"all"`` = every block (depth profile), or any target of :func:`spectral_lens.attach`.
+            ``"all"`` = every block (depth profile), or any target of :func:`spectral_lens.attach`
+            (module objects such as ``model.h[-1]`` are resolved to their names when the lens binds).
         params: matrices for the per-sample gradient spectrum: ``None`` = the final block's attention
             output projection; a name/glob/list as :class:`PerSampleGradientProbe` takes; ``()`` = none.
         gradient_pool: batches for the gradient protocol (default: ``pool``).
-        gradient_samples: cap on sequences M used for gradient spectra (paper: 512); ``None`` = all.
+        gradient_samples: cap on sequences M used for gradient spectra (paper: 512), at least 2;
+            ``None`` = all.
         precision, pick: passed to the activation accumulators. Hugging Face decoder layers of
             ``transformers`` >= 5 return a tensor: leave ``pick=None`` (older versions returned a
             tuple, ``pick=0``).
         mask_fn: ``mask_fn(batch) -> bool mask`` of the positions to measure, or ``None``. Default
-            :func:`attention_mask`: padded positions of dict batches with an ``"attention_mask"``
+            :func:`attention_mask`: padded positions of dict (mapping) batches with an ``"attention_mask"``
             are excluded from the activation rows (the gradient loss masks them too). Pass your own
             function to override, or ``mask_fn=None`` to measure every position.
         forward_fn: how to call the model on a batch for the activation pass.
@@ -207,7 +221,9 @@ class SpectralLens:
             the gradient protocol runs on rank 0 over the whole gradient pool (cross-sample Gram
             entries need every sample's gradient) and its results are broadcast.
 
-    Measuring leaves the model's train/eval mode, gradients, RNG streams and hooks as they were.
+    Measuring leaves the model's train/eval mode, gradients, buffers, hooks and the global RNG
+    streams (torch CPU/CUDA, Python ``random``, numpy) as they were; iterating the pools is part of
+    the measurement, so a shuffling ``DataLoader`` does not advance the training loop's RNG.
     """
 
     def __init__(
@@ -236,6 +252,18 @@ class SpectralLens:
             raise ValueError("SpectralLens needs pool=: a re-iterable of held-out batches")
         if probe is not None and params is not None:
             raise ValueError("SpectralLens: pass params= or a configured probe=, not both")
+        for what, p in (("pool", pool), ("gradient_pool", gradient_pool)):
+            if isinstance(p, Iterator):  # a generator: empty after the first pass over it
+                raise TypeError(
+                    f"SpectralLens: {what} is a one-shot iterator ({type(p).__name__}), exhausted after its first "
+                    f"pass; the lens iterates its pools at every measurement: pass a re-iterable of batches "
+                    f"such as a list or a DataLoader (e.g. {what}=list(...))"
+                )
+        if gradient_samples is not None and int(gradient_samples) < 2:
+            raise ValueError(
+                f"SpectralLens: gradient_samples={gradient_samples}, but a gradient spectrum needs at least 2 "
+                "samples (sequences); pass gradient_samples >= 2, or None for the whole gradient pool"
+            )
         self.pool = pool
         self.layers_spec = layers
         self.params_spec = params
@@ -266,6 +294,9 @@ class SpectralLens:
             layers = deepest_block(model)
         elif isinstance(layers, str) and layers == "all":
             layers = all_blocks(model)
+        elif _names_modules(layers):  # module objects: their names in this model (or a clear error now)
+            names = [n for n, _ in select_modules(model, layers)]
+            layers = names[0] if isinstance(layers, nn.Module) and len(names) == 1 else names
         probe = self.probe
         no_grad = isinstance(self.params_spec, (list, tuple)) and len(self.params_spec) == 0
         if probe is not None:
@@ -283,11 +314,17 @@ class SpectralLens:
         Resolves ``layers`` and the probed ``params`` in it. Returns an
         :class:`~spectral_lens.attachment.Attachment`; ``handle.remove()``
         (or leaving ``with lens.attach(model):``) unbinds the lens again. Hooks are registered only
-        while measuring.
+        while measuring. A lens that is already attached (built with a model, or attached before)
+        raises ``ValueError``: remove the first handle (or ``detach()``) first.
         """
         if self.model is not None and self.model is not model:
             raise ValueError(
                 f"SpectralLens is attached to another {type(self.model).__name__}; call remove() on its handle first"
+            )
+        if self.model is not None:
+            raise ValueError(
+                f"SpectralLens is already attached to this {type(model).__name__} (built with it, or attached "
+                "before); keep using it, or call remove() on the first handle (or detach()) before attaching again"
             )
         self._bind(model)
         return Attachment(self, model)
@@ -329,13 +366,13 @@ class SpectralLens:
 
     @contextlib.contextmanager
     def _eval_mode(self):
+        """Eval mode, forked RNG streams and preserved buffers for the activation pass (the iteration
+        over the pool included); modes, RNG states and buffers are restored on exit, also on errors."""
         model = self._require_model()
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
-        dev = self._device()
-        devices = [dev] if dev.type == "cuda" else []
         try:
-            with torch.random.fork_rng(devices=devices):
+            with forked_rng(cuda_devices(model)), preserved_buffers(model):
                 yield
         finally:
             for m, training in modes:
@@ -398,20 +435,30 @@ class SpectralLens:
             seen = 0
             bar = progress_bar(self._gradient_total(), "gradients", self.progress, "sample")
             try:
-                for batch in self.gradient_pool:
-                    if self.gradient_samples is not None:
-                        take = min(batch_size(batch), self.gradient_samples - seen)
-                        if take <= 0:
-                            break
-                        batch = slice_batch(batch, 0, take)
-                    self.probe.update(batch)
-                    k = batch_size(batch)
-                    seen += k
-                    if bar is not None:
-                        bar.update(k)
+                # iterating the pool draws random numbers too (a DataLoader iterator's base seed, a
+                # shuffling sampler, numpy augmentation): under the fork, as in the activation pass
+                with forked_rng(cuda_devices(self.model)):
+                    for batch in self.gradient_pool:
+                        if self.gradient_samples is not None:
+                            take = min(batch_size(batch), self.gradient_samples - seen)
+                            if take <= 0:
+                                break
+                            batch = slice_batch(batch, 0, take)
+                        self.probe.update(batch)
+                        k = batch_size(batch)
+                        seen += k
+                        if bar is not None:
+                            bar.update(k)
             finally:
                 if bar is not None:
                     bar.close()
+            if self.probe.n_samples_ < 2:
+                raise ValueError(
+                    f"SpectralLens: the gradient pool gave {self.probe.n_samples_} sample(s) (sequences), and a "
+                    "gradient spectrum needs at least 2; pass a gradient_pool (default: pool) that yields the same "
+                    "batches at every measurement (a list or a DataLoader, not an exhausted iterator), or "
+                    "params=() to measure activations only"
+                )
             spectra = self.probe.compute()
             noise = self.probe.noise_scale()
             if isinstance(spectra, Spectrum):

@@ -1,19 +1,49 @@
-"""Buffer isolation for measurements: every module buffer is bit-identical afterwards.
+"""Isolation for measurements: every module buffer and every global RNG stream is as before afterwards.
 
 Forward passes in train mode update buffers in place (BatchNorm's ``running_mean``, ``running_var``
 and ``num_batches_tracked``), and custom modules may replace a buffer attribute. :func:`preserved_buffers`
 snapshots each buffer (reference and value) on entry and restores both on exit, also on exceptions.
+
+Forward passes and pool iteration draw random numbers: dropout (torch), a ``DataLoader`` iterator's
+base seed and shuffling (torch), LayerDrop in some Hugging Face models (Python ``random``),
+adapters and data augmentation (numpy's global RNG). :func:`forked_rng` restores all three.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+import random
+from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["preserved_buffers"]
+__all__ = ["preserved_buffers", "forked_rng", "cuda_devices"]
+
+
+def cuda_devices(model: nn.Module) -> list[int]:
+    """Indices of the CUDA devices holding ``model``'s parameters (the generators a measurement forks)."""
+    return sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+
+
+@contextlib.contextmanager
+def forked_rng(devices: Iterable = ()) -> Iterator[None]:
+    """Fork every global RNG stream a measurement may draw from; restore each on exit, also on exceptions.
+
+    The torch CPU generator and the CUDA generators of ``devices`` (``torch.random.fork_rng``), Python's
+    ``random`` module and numpy's legacy global generator (``np.random.seed``/``np.random.random``).
+    Generators the caller owns (``torch.Generator``, ``np.random.default_rng()``) are not global and not
+    touched.
+    """
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=list(devices)):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from .._warnings import NonFiniteError
 from ..attachment import Attachment
 from ..capture import glob_to_regex
 from .._warnings import ZeroGradientWarning
-from ._isolation import preserved_buffers
+from ._isolation import forked_rng, preserved_buffers
 from ._validate import nonfinite_loss_message, param_names
 from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, slice_batch
@@ -296,12 +296,19 @@ class PerSampleGradientProbe:
         For a probe built before the model is known (``PerSampleGradientProbe(params=..., ...)``).
         Returns an :class:`~spectral_lens.attachment.Attachment`; ``handle.remove()`` (or leaving ``with probe.attach(model):``) unbinds the
         probe and forgets its samples. The probe registers no hook outside ``update``, so attaching
-        changes nothing in the model. A probe already bound to another model must be removed first.
+        changes nothing in the model. A probe that is already attached (to this model or another)
+        must be removed first: attaching again raises ``ValueError``.
         """
         if self.model is not None and self.model is not model:
             raise ValueError(
                 f"PerSampleGradientProbe is attached to another {type(self.model).__name__}; "
                 "call remove() on its handle (or detach()) first"
+            )
+        if self.model is not None:
+            raise ValueError(
+                f"PerSampleGradientProbe is already attached to this {type(model).__name__} (params "
+                f"{list(self.params)}, {self.n_samples_} samples); attaching again would discard its samples. "
+                "Keep using it, or call remove() on the first handle (or detach()) before attaching it again"
             )
         self._bind(model)
         return Attachment(self, model)
@@ -455,7 +462,8 @@ class PerSampleGradientProbe:
 
     @contextlib.contextmanager
     def _isolated(self):
-        """Eval (or train) mode, forked RNG, buffers preserved, optional autocast; every flag restored on exit."""
+        """Eval (or train) mode, forked RNG streams (torch, Python ``random``, numpy), buffers preserved,
+        optional autocast; every flag restored on exit."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("PerSampleGradientProbe cannot differentiate inside torch.inference_mode()")
         modes = [(m, m.training) for m in self.model.modules()]
@@ -469,7 +477,7 @@ class PerSampleGradientProbe:
             else contextlib.nullcontext()
         )
         try:
-            with torch.random.fork_rng(devices=devices), preserved_buffers(self.model), cast:
+            with forked_rng(devices), preserved_buffers(self.model), cast:
                 self.model.train(self.train_mode)
                 yield devices
         finally:

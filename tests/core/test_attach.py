@@ -179,3 +179,82 @@ def test_glob_segments():
     assert names("blocks.[!01]") == ["blocks.2"]
     assert names("blocks.?.ln") == ["blocks.0.ln", "blocks.1.ln", "blocks.2.ln"]
     assert names("blocks.[1-2]") == ["blocks.1", "blocks.2"]
+
+
+class Exploding(nn.Module):
+    """A module whose forward must never run during selection (nn.Module is callable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, *args):
+        raise AssertionError("the target module's forward was called as a predicate")
+
+
+def test_module_objects_are_targets_matched_by_identity():
+    model = Tiny()
+    names = lambda t: [n for n, _ in select_modules(model, t)]
+    assert names(model.blocks[1]) == ["blocks.1"]
+    assert names([model.head, model.blocks[0].ln, "emb"]) == ["emb", "blocks.0.ln", "head"]
+    assert names(model.blocks) == ["blocks.0", "blocks.1", "blocks.2"]  # a ModuleList: its members
+    assert names(model) == [""]
+    net = nn.Sequential(nn.Linear(4, 4), Exploding(), nn.Linear(4, 4))
+    assert names_of(net, net[1]) == ["1"]
+    with pytest.raises(ValueError, match=r"Tiny: the Linear module given as a target is not a submodule"):
+        select_modules(model, nn.Linear(16, 16))
+    with pytest.raises(ValueError, match=r"the Block module given as a target is not a submodule"):
+        select_modules(model, ["head", Tiny().blocks[0]])  # a module of another model, in a list
+    # measuring through a module object equals measuring through its name
+    torch.manual_seed(0)
+    x = torch.randint(0, 50, (3, 7))
+    model.eval()
+    with attach(model, model.blocks[2], precision="float64") as by_obj, torch.no_grad():
+        model(x)
+    with attach(model, "blocks.2", precision="float64") as by_name, torch.no_grad():
+        model(x)
+    assert list(by_obj.accumulators) == ["blocks.2"]
+    torch.testing.assert_close(by_obj.compute()["blocks.2"].values, by_name.compute()["blocks.2"].values, rtol=0, atol=0)
+
+
+def names_of(model, target):
+    return [n for n, _ in select_modules(model, target)]
+
+
+def test_pick_errors_name_the_module_and_the_root_module_is_named_readably():
+    model = nn.Sequential(TupleOut())
+    with attach(model, "0", pick=5):
+        with pytest.raises(IndexError, match=r"^0: pick=5 is out of range: the module returns a tuple of 2 element"):
+            model(torch.randn(3, 4))
+    with attach(model, "0", pick=1):
+        with pytest.raises(TypeError, match=r"^0: module output is dict, expected a tensor$"):
+            model(torch.randn(3, 4))
+    with attach(model, "0", pick=lambda out: out[1]):
+        with pytest.raises(TypeError, match=r"^0: module output is dict"):
+            model(torch.randn(3, 4))
+    root = TupleOut()
+    with attach(root, ""):
+        with pytest.raises(TypeError, match=r"^<root: TupleOut>: module output is tuple, expected a tensor \(pass pick=0"):
+            root(torch.randn(3, 4))
+
+
+def test_a_hugging_face_model_output_takes_int_and_str_picks():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 64, (2, 5))
+    with attach(model, ""), torch.no_grad():  # the hint names the fields and pick=0
+        with pytest.raises(TypeError, match=r"^<root: GPT2LMHeadModel>: module output is CausalLMOutput\w*, expected a "
+                                            r"tensor \(pass pick='key' with one of its keys \['logits'.*pick=0"):
+            model(ids, use_cache=False)
+    with attach(model, "", pick=0) as by_index, attach(model, "", pick="logits") as by_key, torch.no_grad():
+        model(ids, use_cache=False)
+    assert by_index.accumulators[""].n_rows == by_key.accumulators[""].n_rows == 10
+    torch.testing.assert_close(by_index.compute()[""].values, by_key.compute()[""].values, rtol=0, atol=0)
+    with attach(model, "", pick=3), torch.no_grad():
+        with pytest.raises(IndexError, match=r"pick=3 is out of range: .* of 1 element\(s\) \(fields \['logits'\]\)"):
+            model(ids, use_cache=False)
+    with attach(model, "", pick="hidden_states"), torch.no_grad():
+        with pytest.raises(KeyError, match=r"pick='hidden_states' is not a key .*its keys: \['logits'\]"):
+            model(ids, use_cache=False)

@@ -145,3 +145,63 @@ def test_two_ranks_equal_one_process(tmp_path):
     act = single.spectra["act:h.2"].values.numpy()
     assert np.abs(np.load(out + ".act.npy") - act).max() <= 1e-10 * act[0]
     assert np.allclose(np.load(out + ".grad.npy"), single.spectra["grad:h.2.attn.c_proj.weight"].values.numpy(), rtol=1e-10)
+
+
+class _KwargLM(torch.nn.Module):
+    """TinyLM called as a Hugging Face model: ``model(input_ids=..., attention_mask=...)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = _model()
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.lm(input_ids)
+
+
+def test_mapping_batches_like_batchencoding_are_masked_as_dicts():
+    from collections import UserDict
+
+    from spectral_lens.lens import attention_mask
+
+    ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[0, 5:] = 0
+    mask[2, 3:] = 0
+    as_dict = {"input_ids": ids, "attention_mask": mask}
+    kinds = [UserDict(as_dict)]
+    transformers = pytest.importorskip("transformers")
+    kinds.append(transformers.BatchEncoding(as_dict))  # what tokenizers and HF collators return
+    model = _KwargLM()
+    ref = SpectralLens(model, [as_dict], layers="lm.h.2", params=(), progress=False).measure(0, 0)
+    assert ref.spectra["act:lm.h.2"].n_rows == int(mask.sum()) == 16
+    for batch in kinds:
+        assert torch.equal(attention_mask(batch), mask.bool())
+        lens = SpectralLens(model, [batch], layers="lm.h.2", params=(), progress=False,
+                            forward_fn=lambda m, b: m(**b))
+        got = lens.measure(0, 0).spectra["act:lm.h.2"]
+        assert got.n_rows == 16
+        torch.testing.assert_close(got.values, ref.spectra["act:lm.h.2"].values, rtol=0, atol=0)
+
+
+def test_pools_must_be_re_iterable_and_gradient_samples_at_least_two():
+    model, pool = _model(), lm_pool()
+    with pytest.raises(TypeError, match=r"pool is a one-shot iterator \(generator\).*a list or a DataLoader"):
+        SpectralLens(model, (b for b in pool))
+    with pytest.raises(TypeError, match=r"gradient_pool is a one-shot iterator \(list_iterator\)"):
+        SpectralLens(model, pool, gradient_pool=iter(pool))
+    with pytest.raises(ValueError, match=r"gradient_samples=1, but a gradient spectrum needs at least 2 samples"):
+        SpectralLens(model, pool, gradient_samples=1)
+
+    class OnceThenEmpty:  # re-iterable in form, but yields nothing after the first pass
+        def __init__(self):
+            self.used = False
+
+        def __iter__(self):
+            batches = [] if self.used else pool
+            self.used = True
+            return iter(batches)
+
+    lens = SpectralLens(model, pool, gradient_pool=OnceThenEmpty(), progress=False)
+    lens.measure(0, 0)
+    with pytest.raises(ValueError, match=r"the gradient pool gave 0 sample\(s\).*needs at least 2.*not an exhausted iterator"):
+        lens.measure(1, 1)

@@ -128,3 +128,69 @@ def test_hf_llama_decoder_layer_returns_a_tensor_and_pick_none_works():
     with pytest.raises(TypeError, match=r"pick=0 indexes a tuple output, but this module returns a tensor .*pick=None"):
         with sl.attach(model, "model.layers.1", pick=0), torch.no_grad():
             model(input_ids=ids)
+
+
+def test_module_objects_as_targets_of_the_accumulator_and_the_lens():
+    model, pool = _model(), lm_pool()
+    acc = ActivationCovarianceAccumulator(precision="float64")
+    with acc.attach(model, model.h[1]), torch.no_grad():
+        model(pool[0][0])
+    assert acc.name == "h.1" and acc.n_rows == pool[0][0].numel()
+    by_name = SpectralLens(model, pool, layers="h.2", params=(), precision="float64", progress=False).measure(0, 0)
+    lens = SpectralLens(model, pool, layers=model.h[-1], params=(), precision="float64", progress=False)
+    assert lens.layers == "h.2"
+    got = lens.measure(0, 0)
+    torch.testing.assert_close(got.spectra["act:h.2"].values, by_name.spectra["act:h.2"].values, rtol=0, atol=0)
+    assert SpectralLens(model, pool, layers=[model.h[0], model.h[2]], params=(), progress=False).layers == ["h.0", "h.2"]
+    with pytest.raises(ValueError, match=r"TinyLM: the Block module given as a target is not a submodule"):
+        SpectralLens(_model(), pool, layers=model.h[-1], params=(), progress=False)
+
+
+def test_attaching_an_attached_accumulator_again_is_refused_and_leaks_nothing():
+    model, pool = _model(), lm_pool()
+    before = _hook_counts(model)
+    acc = ActivationCovarianceAccumulator()
+    handle = acc.attach(model, "h.1")
+    with pytest.raises(ValueError, match=r"ActivationCovarianceAccumulator 'h.1' is already attached to module 'h.1' "
+                                         r"of TinyLM.*remove\(\) on the handle of the first attach"):
+        acc.attach(model, "h.1")  # a re-run notebook cell
+    with pytest.raises(ValueError, match="already attached"):
+        acc.attach(model, "h.2")  # one accumulator fed by two modules
+    capture = sl.attach(model, "h.0")  # the accumulators sl.attach makes are attached too
+    with pytest.raises(ValueError, match="already attached to module 'h.0'"):
+        capture.accumulators["h.0"].attach(model, "h.2")
+    with torch.no_grad():
+        model(pool[0][0])
+    assert acc.n_rows == pool[0][0].numel()  # counted once
+    handle.remove()
+    capture.remove()
+    assert _hook_counts(model) == before
+    with acc.attach(model, "h.1"):  # free again after remove()
+        pass
+    assert _hook_counts(model) == before
+
+
+def test_attaching_an_attached_probe_again_is_refused_and_stale_handles_are_harmless():
+    model, pool = _model(), lm_pool()
+    probe = PerSampleGradientProbe(params="h.2.attn.c_proj.weight")
+    h1 = probe.attach(model)
+    probe.update(pool[0])
+    with pytest.raises(ValueError, match=r"already attached to this TinyLM .*3 samples.*remove\(\) on the first handle"):
+        probe.attach(model)
+    assert probe.n_samples_ == 3 and h1.active  # nothing was reset
+    probe.detach()
+    h2 = probe.attach(model)
+    assert not h1.active and h2.active
+    h1.remove()  # stale: must not unbind the newer attachment
+    assert probe.model is model and h2.active
+    h2.remove()
+    assert probe.model is None
+    lens = SpectralLens(model, pool, params=(), progress=False)
+    with pytest.raises(ValueError, match=r"SpectralLens is already attached to this TinyLM"):
+        lens.attach(model)
+    lens.detach()
+    g1 = lens.attach(model)
+    lens.detach()
+    g2 = lens.attach(model)
+    g1.remove()
+    assert lens.model is model and g2.active and not g1.active
