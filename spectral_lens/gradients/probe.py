@@ -25,7 +25,7 @@ from .._warnings import ZeroGradientWarning
 from ._isolation import preserved_buffers
 from ._validate import nonfinite_loss_message, param_names
 from ..spectrum import Spectrum
-from ._batch import batch_size, default_forward, map_tensors, slice_batch
+from ._batch import batch_size, default_forward, map_tensors, plain_batch, slice_batch
 from . import cast_cache
 from .engines import fast_engine, loop_engine
 from .fallback import vmap_or_loop
@@ -543,10 +543,13 @@ class PerSampleGradientProbe:
         """Add the per-sample gradients of every sample (sequence) in ``batch``.
 
         ``batch``: what ``forward_fn``/``loss_fn`` take (default: ``(input_ids, targets)``, a dict with
-        ``input_ids``/``labels``, or ``input_ids``), sample index in dimension 0 of every tensor. On an
-        exception the probe is left exactly as before the call. Returns ``self``.
+        ``input_ids``/``labels``, or ``input_ids``), sample index in dimension 0 of every tensor. Any
+        other mapping (a Hugging Face ``BatchEncoding``) is taken as the plain ``dict`` of its items,
+        which is what ``forward_fn``/``loss_fn`` then receive. On an exception the probe is left
+        exactly as before the call. Returns ``self``.
         """
         self._require_model("update()")
+        batch = plain_batch(batch)
         n = batch_size(batch)
         dev = self.device
         batch = map_tensors(lambda t: t.to(dev, non_blocking=True), batch)
