@@ -166,7 +166,10 @@ class PerSampleGradientProbe:
             masked by ``ignore_index``).
         forward_fn: ``forward_fn(model, batch) -> output``; default :func:`default_forward`.
         engine: ``"auto"`` (fast path where one is registered for the module type and the weight is
-            not shared, ``"vmap"`` otherwise), ``"fast"`` (error if impossible), ``"vmap"``, ``"loop"``.
+            not shared, ``"vmap"`` otherwise, falling back to ``"loop"`` with an
+            :class:`~spectral_lens.EngineFallbackWarning` where ``torch.func`` refuses the model),
+            ``"fast"`` (error if impossible), ``"vmap"`` (error naming the likely cause if ``torch.func``
+            refuses the model), ``"loop"``.
         chunk_size: samples per forward/backward pass (default 16). Results do not depend on it; memory
             grows with it (one chunk's activations and its ``(chunk_size, P)`` rows per parameter).
             Below ~16 sequences of 1,024 tokens per pass a GPT-2-small probe on an H200 is bound by
@@ -515,7 +518,9 @@ class PerSampleGradientProbe:
         for kind in ("vmap", "loop"):
             todo = {k: self.params[k] for k, e in self.engines_.items() if e == kind and k not in rows}
             if todo and kind == "vmap":
-                got, lo, fell_back = vmap_or_loop(self.model, todo, batch, n, forward_fn, loss_fn)
+                got, lo, fell_back = vmap_or_loop(
+                    self.model, todo, batch, n, forward_fn, loss_fn, fallback=self.engine != "vmap"
+                )
                 if fell_back:
                     self.engines_.update({k: "loop" for k in todo})
             elif todo:
