@@ -80,7 +80,9 @@ def _in_reentrant_checkpoint() -> bool:
     frame = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
-        if code is _CHECKPOINT_FORWARD or getattr(code, "co_qualname", "") == "CheckpointFunction.forward":
+        if code.co_name == "forward" and (
+            code is _CHECKPOINT_FORWARD or getattr(code, "co_qualname", "") == "CheckpointFunction.forward"
+        ):
             return True
         frame = frame.f_back
     return False
