@@ -16,6 +16,7 @@ cause and ``engine="loop"`` as the remedy.
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 from typing import Any
 
@@ -99,7 +100,7 @@ def vmap_or_loop(
     except RuntimeError as exc:
         if not is_untraceable(exc):
             raise
-        refusal = str(exc).strip().splitlines()[0][:240]
+        refusal = textwrap.shorten(str(exc).strip().splitlines()[0], 240, placeholder=" ...")
         cause = likely_cause(exc, model)
         if not fallback:
             raise RuntimeError(
