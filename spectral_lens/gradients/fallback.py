@@ -60,18 +60,25 @@ def likely_cause(exc: BaseException, model: nn.Module) -> str:
     """What in ``model`` most likely made ``torch.func`` refuse it, read from the refusal ``exc``."""
     msg = str(exc)
     if "setup_context" in msg:
-        hooked = [n or type(model).__name__ for n, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks]
+        hooked = [
+            n or type(model).__name__ for n, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks
+        ]
         if nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks:
             hooked.append("every module (a global backward hook)")
         where = f" (on {hooked[:5]})" if hooked else ""
         return (f"a torch.autograd.Function without setup_context: a module backward hook "
                 f"(register_full_backward_hook){where}, reentrant activation checkpointing or a custom kernel")
     if "During a grad" in msg or "captured Tensor" in msg:
-        bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
+        bn = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
+        ]
         if bn:
             return (f"BatchNorm in train mode ({bn[:5]}, train_mode=True) updates its running statistics in "
                     "place; train_mode=False avoids it")
-        return "an in-place update of a buffer or captured tensor in the forward (running statistics, observers, caches)"
+        return ("an in-place update of a buffer or captured tensor in the forward (running statistics, observers, "
+                "caches)")
     if "saved tensor hooks" in msg:
         return "saved-tensor hooks (non-reentrant activation checkpointing, activation offloading)"
     if "Batching rule not implemented" in msg:
