@@ -10,7 +10,7 @@
 """
 
 from ._batch import default_forward
-from .engines import NoGradientPathError, fast_engine, loop_engine, vmap_engine
+from .engines import NoGradientPathError, ReentrantCheckpointError, fast_engine, loop_engine, vmap_engine
 from .conv1d import conv1d_per_sample_grad  # registers transformers' Conv1D by name (no import)
 from .gram import fill_gram, fill_gram_by_columns, gram_against, gram_spectrum
 from .linear import linear_per_sample_grad  # importing it registers the nn.Linear fast path
@@ -44,6 +44,7 @@ __all__ = [
     "NoGradientPathError",
     "NoiseScale",
     "PerSampleGradientProbe",
+    "ReentrantCheckpointError",
     "causal_lm_head_loss",
     "causal_lm_loss",
     "causal_lm_targets",

@@ -1,27 +1,41 @@
 """Batches as pytrees: size, slicing, device moves and the default way to call a model on one.
 
 A batch is a tensor or a (nested) tuple / list / dict of tensors whose dimension 0 indexes samples
-(sequences). Non-tensor leaves (strings, ints, flags) are passed through unchanged.
+(sequences). Non-tensor leaves (strings, ints, flags) are passed through unchanged. Any other
+mapping at the top (a Hugging Face ``BatchEncoding``, which is a ``collections.UserDict``, as
+tokenizers and ``DataCollatorForLanguageModeling`` return it) is read as the plain ``dict`` of its
+items (:func:`plain_batch`): ``torch.utils._pytree`` does not flatten it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["batch_size", "slice_batch", "map_tensors", "default_forward"]
+__all__ = ["batch_size", "slice_batch", "map_tensors", "default_forward", "plain_batch"]
+
+
+def plain_batch(batch: Any) -> Any:
+    """``batch`` itself, or a plain ``dict`` of its items when it is a mapping of another type (a
+    ``BatchEncoding``, a ``UserDict``, a ``dict`` subclass): the form that ``torch.utils._pytree``
+    flattens and ``model(**batch)`` takes."""
+    if isinstance(batch, Mapping) and type(batch) is not dict:
+        return dict(batch.items())
+    return batch
 
 
 def map_tensors(fn: Callable[[torch.Tensor], Any], batch: Any) -> Any:
     """Apply ``fn`` to every tensor leaf of ``batch``; other leaves are returned unchanged."""
-    return pytree.tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, batch)
+    return pytree.tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, plain_batch(batch))
 
 
 def batch_size(batch: Any) -> int:
     """Number of samples: the shared size of dimension 0 of every tensor leaf."""
-    sizes = {t.shape[0] for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) and t.ndim > 0}
+    leaves = pytree.tree_leaves(plain_batch(batch))
+    sizes = {t.shape[0] for t in leaves if isinstance(t, torch.Tensor) and t.ndim > 0}
     if len(sizes) != 1:
         found = sorted(sizes) or "no tensor with a batch dimension"
         raise ValueError(f"a batch needs tensors that share dimension 0 (the sample index); got sizes {found}")
@@ -38,13 +52,14 @@ def default_forward(model: torch.nn.Module, batch: Any) -> Any:
 
     * tensor ``x``: ``model(x)``;
     * tuple / list ``(inputs, targets, ...)``: ``model(inputs)`` (nanoGPT convention);
-    * dict: ``model(**batch)`` without the ``"labels"`` key (Hugging Face convention; the loss is
-      computed by the probe from ``labels``, so the model never sees them).
+    * dict, or any mapping (a ``BatchEncoding``): ``model(**batch)`` without the ``"labels"`` key
+      (Hugging Face convention; the loss is computed by the probe from ``labels``, so the model never
+      sees them).
     """
     if isinstance(batch, torch.Tensor):
         return model(batch)
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return model(**{k: v for k, v in batch.items() if k != "labels"})
     raise TypeError(f"cannot call the model on a batch of type {type(batch).__name__}; pass forward_fn=")

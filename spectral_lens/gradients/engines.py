@@ -15,10 +15,19 @@
 
 None of them writes ``.grad``: gradients are taken with ``torch.autograd.grad`` or ``torch.func.grad``
 with respect to chosen tensors. ``requires_grad`` flags they change are restored in ``finally``.
+
+Activation checkpointing: non-reentrant checkpointing (``torch.utils.checkpoint.checkpoint(...,
+use_reentrant=False)``, torch's ``apply_activation_checkpointing``) re-runs a segment's forward inside
+the backward and must see the same saved tensors again, so the fast engine's hook stays on through
+``torch.autograd.grad`` and does the same there (it only stops recording). Reentrant checkpointing
+runs its segments under ``torch.no_grad`` and differentiates them only through ``.backward()``, so no
+``torch.autograd.grad`` can reach a parameter inside or below one: the fast and loop engines raise
+:class:`ReentrantCheckpointError` instead of a wrong "no gradient path" or all-zero gradients.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable
@@ -26,13 +35,21 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
+from torch.utils.checkpoint import CheckpointFunction
 from torch.utils import _pytree as pytree
 
 from ._batch import slice_batch
 from .cast_cache import CastCache, cached_linear_casts
 from .registry import fast_path_for
 
-__all__ = ["fast_engine", "vmap_engine", "loop_engine", "only_requires_grad", "NoGradientPathError"]
+__all__ = [
+    "fast_engine",
+    "vmap_engine",
+    "loop_engine",
+    "only_requires_grad",
+    "NoGradientPathError",
+    "ReentrantCheckpointError",
+]
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -40,6 +57,59 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 class NoGradientPathError(ValueError):
     """A probed parameter does not influence the loss (its module's output is not used by the loss)."""
+
+
+class ReentrantCheckpointError(RuntimeError):
+    """A probed parameter sits inside or below a reentrant activation-checkpoint segment, through which
+    ``torch.autograd.grad`` cannot differentiate."""
+
+
+_REENTRANT = (
+    "reentrant activation checkpointing (torch.utils.checkpoint.checkpoint(..., use_reentrant=True), or "
+    "Hugging Face gradient_checkpointing_enable() with use_reentrant=True) runs its segments under "
+    "torch.no_grad and differentiates them only through .backward(), so torch.autograd.grad (which the "
+    "probe uses, to leave .grad untouched) gets no gradient through them. Use non-reentrant checkpointing, "
+    "which the probe supports: use_reentrant=False (Hugging Face: gradient_checkpointing_enable("
+    "gradient_checkpointing_kwargs={'use_reentrant': False})), or turn checkpointing off while measuring"
+)
+
+
+def _in_reentrant_checkpoint() -> bool:
+    """Whether the caller runs inside the forward of a reentrant checkpoint segment (torch's
+    ``CheckpointFunction``, or a ``CheckpointFunction`` of the same design such as DeepSpeed's)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "forward" and (
+            code is _CHECKPOINT_FORWARD or getattr(code, "co_qualname", "") == "CheckpointFunction.forward"
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_CHECKPOINT_FORWARD = CheckpointFunction.forward.__code__
+
+
+def _reentrant_inside(name: str, module: nn.Module) -> ReentrantCheckpointError:
+    return ReentrantCheckpointError(
+        f"{name}: {type(module).__name__} runs inside a reentrant activation-checkpoint segment: {_REENTRANT}"
+    )
+
+
+@contextmanager
+def _reentrant_below(names: Iterable[str]):
+    """Re-raise torch's refusal to differentiate a reentrant checkpoint segment with ``torch.autograd.grad``
+    (a probed parameter below the segment) as :class:`ReentrantCheckpointError` naming the parameters."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "use_reentrant=True" not in str(exc) or "checkpoint" not in str(exc):
+            raise
+        raise ReentrantCheckpointError(
+            f"{list(names)}: a reentrant activation-checkpoint segment lies between these parameters and "
+            f"the loss: {_REENTRANT}"
+        ) from exc
 
 
 @contextmanager
@@ -88,17 +158,22 @@ def fast_engine(
     Raises :class:`NoGradientPathError` when a probed module's output does not reach the loss.
     """
     modules = {id(mod): mod for mod, _ in sites.values()}
+    names = {k: next(n for n, (m, _) in sites.items() if id(m) == k) for k in modules}
     calls: dict[int, list] = {k: [] for k in modules}
-    active = [True]
+    recording = [True]
 
     def hook(module, args, kwargs, output):
-        if not active[0]:
-            return None
+        # The same output transformation in the forward and in any re-run of it inside the backward
+        # (non-reentrant activation checkpointing recomputes a segment there and must see the same
+        # saved tensors); only the forward's calls are recorded.
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"fast path for {type(module).__name__}: module output is not a tensor")
-        x = (args[0] if args else next(iter(kwargs.values()))).detach()
+        if not torch.is_grad_enabled() and _in_reentrant_checkpoint():
+            raise _reentrant_inside(names[id(module)], module)
         y = output.detach().requires_grad_() if not output.requires_grad else output
-        calls[id(module)].append((x, x._version, y))
+        if recording[0]:
+            x = (args[0] if args else next(iter(kwargs.values()))).detach()
+            calls[id(module)].append((x, x._version, y))
         # downstream sees a clone of the leaf: gradients reach y, and in-place ops cannot rewrite it
         return y.clone()
 
@@ -106,13 +181,14 @@ def fast_engine(
     try:
         with only_requires_grad(model, every=every), torch.enable_grad(), cached_linear_casts(model, casts):
             losses = _checked_losses(loss_fn(forward_fn(model, batch), batch), n)
-            active[0] = False
+            recording[0] = False
             ys = [y for k in calls for _, _, y in calls[k]]
-            dys = (
-                torch.autograd.grad(losses.sum(), ys, allow_unused=True)
-                if ys and losses.requires_grad
-                else [None] * len(ys)
-            )
+            with _reentrant_below(sites):
+                dys = (
+                    torch.autograd.grad(losses.sum(), ys, allow_unused=True)
+                    if ys and losses.requires_grad
+                    else [None] * len(ys)
+                )
     finally:
         for h in handles:
             h.remove()
@@ -202,19 +278,41 @@ def loop_engine(
     """Rows ``(n, P)`` for ``params`` with one forward and one ``torch.autograd.grad`` per sample.
 
     Only the probed parameters require grad during the loop, so nothing below them builds a graph.
+    A forward hook on each probed parameter's module checks that it does not run inside a reentrant
+    activation-checkpoint segment (:class:`ReentrantCheckpointError`; its gradient would read as zero).
     """
     unique = list({id(p): p for p in params.values()}.values())
     rows: dict[str, list] = {k: [] for k in params}
     losses = []
-    with only_requires_grad(model, unique), torch.enable_grad():
-        for i in range(n):
-            sample = slice_batch(batch, i, i + 1)
-            loss = _checked_losses(loss_fn(forward_fn(model, sample), sample), 1).sum()
-            gs = (
-                torch.autograd.grad(loss, unique, allow_unused=True) if loss.requires_grad else [None] * len(unique)
-            )
-            by_id = {id(p): (torch.zeros_like(p) if g is None else g) for p, g in zip(unique, gs)}
-            for k, p in params.items():
-                rows[k].append(by_id[id(p)].reshape(1, -1))
-            losses.append(loss.detach().reshape(1))
+
+    def check(name):
+        def hook(module, args, output):
+            if not torch.is_grad_enabled() and _in_reentrant_checkpoint():
+                raise _reentrant_inside(name, module)
+
+        return hook
+
+    owners = {}
+    for name in params:
+        mod = model.get_submodule(name.rpartition(".")[0])
+        owners.setdefault(id(mod), (name, mod))
+    handles = [mod.register_forward_hook(check(name)) for name, mod in owners.values()]
+    try:
+        with only_requires_grad(model, unique), torch.enable_grad():
+            for i in range(n):
+                sample = slice_batch(batch, i, i + 1)
+                loss = _checked_losses(loss_fn(forward_fn(model, sample), sample), 1).sum()
+                with _reentrant_below(params):
+                    gs = (
+                        torch.autograd.grad(loss, unique, allow_unused=True)
+                        if loss.requires_grad
+                        else [None] * len(unique)
+                    )
+                by_id = {id(p): (torch.zeros_like(p) if g is None else g) for p, g in zip(unique, gs)}
+                for k, p in params.items():
+                    rows[k].append(by_id[id(p)].reshape(1, -1))
+                losses.append(loss.detach().reshape(1))
+    finally:
+        for h in handles:
+            h.remove()
     return {k: torch.cat(v) for k, v in rows.items()}, torch.cat(losses)

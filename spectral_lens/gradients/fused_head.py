@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 import torch
@@ -335,7 +336,7 @@ def head_loss_fns(
         raise TypeError(f"head_loss_fns: {head!r} must be an nn.Linear head, got {type(module).__name__}")
 
     def forward_fn(m: nn.Module, batch: Any):
-        inputs = batch["input_ids"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) else batch
+        inputs = batch["input_ids"] if isinstance(batch, Mapping) else batch[0] if isinstance(batch, (tuple, list)) else batch
         with without_head(m, head):
             out = m(inputs)
         hidden = out if isinstance(out, torch.Tensor) else getattr(out, "logits", out[0] if isinstance(out, (tuple, list)) else None)
@@ -352,7 +353,7 @@ def head_loss_fns(
 
     if example is not None:
         with torch.no_grad():
-            inputs = example["input_ids"] if isinstance(example, dict) else example[0] if isinstance(example, (tuple, list)) else example
+            inputs = example["input_ids"] if isinstance(example, Mapping) else example[0] if isinstance(example, (tuple, list)) else example
             out = model(inputs)
             logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", out[0] if isinstance(out, (tuple, list)) else None)
             rebuilt = module(forward_fn(model, example))

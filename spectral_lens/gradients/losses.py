@@ -8,6 +8,7 @@ engines); both give ``grad_W L_m`` because samples do not interact.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -160,7 +161,15 @@ def extract_logits(output: Any) -> torch.Tensor:
 def causal_lm_targets(x: torch.Tensor, batch: Any, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
     """Align per-position model outputs ``x`` (M, T, ...) (logits or hidden states) with next-token
     targets (M, T'), by the batch conventions of :func:`causal_lm_loss`; returns ``(x', targets)``."""
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
+        if "labels" not in batch:
+            raise ValueError(
+                f"causal_lm_loss: the dict batch (keys {sorted(map(str, batch))}) has no 'labels', which the "
+                "default loss reads its next-token targets from (Hugging Face convention: unshifted, -100 at "
+                "ignored positions). Pass 'labels' (for a causal LM: a copy of input_ids with padding set to "
+                "-100, as DataCollatorForLanguageModeling(mlm=False) makes), or an (input_ids, targets) tuple, "
+                "or loss_fn= for another loss"
+            )
         targets = batch["labels"][:, 1:]
         mask = batch.get("attention_mask")
         if mask is not None:
@@ -188,8 +197,9 @@ def causal_lm_loss(output: Any, batch: Any, ignore_index: int = -100, method: st
 
     * tuple / list ``(input_ids, targets, ...)``: ``targets`` (M, T) are already aligned with the
       logits (``targets[:, t]`` is the token after ``input_ids[:, t]``, nanoGPT convention);
-    * dict with ``"labels"``: Hugging Face convention, labels are *not* shifted (the logits at ``t``
-      predict ``labels[:, t + 1]``); positions where ``attention_mask`` is 0 are masked too;
+    * dict (or any mapping, e.g. a ``BatchEncoding``) with ``"labels"``: Hugging Face convention,
+      labels are *not* shifted (the logits at ``t`` predict ``labels[:, t + 1]``); positions where
+      ``attention_mask`` is 0 are masked too. Without ``"labels"`` a ``ValueError`` says what to pass;
     * a bare tensor ``input_ids``: targets are ``input_ids[:, 1:]`` against ``logits[:, :-1]``.
 
     ``method`` picks the cross-entropy kernel (:func:`token_cross_entropy`). Positions whose target

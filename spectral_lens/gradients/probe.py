@@ -25,7 +25,7 @@ from .._warnings import ZeroGradientWarning
 from ._isolation import forked_rng, preserved_buffers
 from ._validate import nonfinite_loss_message, param_names
 from ..spectrum import Spectrum
-from ._batch import batch_size, default_forward, map_tensors, slice_batch
+from ._batch import batch_size, default_forward, map_tensors, plain_batch, slice_batch
 from . import cast_cache
 from .engines import fast_engine, loop_engine
 from .fallback import vmap_or_loop
@@ -166,7 +166,10 @@ class PerSampleGradientProbe:
             masked by ``ignore_index``).
         forward_fn: ``forward_fn(model, batch) -> output``; default :func:`default_forward`.
         engine: ``"auto"`` (fast path where one is registered for the module type and the weight is
-            not shared, ``"vmap"`` otherwise), ``"fast"`` (error if impossible), ``"vmap"``, ``"loop"``.
+            not shared, ``"vmap"`` otherwise, falling back to ``"loop"`` with an
+            :class:`~spectral_lens.EngineFallbackWarning` where ``torch.func`` refuses the model),
+            ``"fast"`` (error if impossible), ``"vmap"`` (error naming the likely cause if ``torch.func``
+            refuses the model), ``"loop"``.
         chunk_size: samples per forward/backward pass (default 16). Results do not depend on it; memory
             grows with it (one chunk's activations and its ``(chunk_size, P)`` rows per parameter).
             Below ~16 sequences of 1,024 tokens per pass a GPT-2-small probe on an H200 is bound by
@@ -523,7 +526,9 @@ class PerSampleGradientProbe:
         for kind in ("vmap", "loop"):
             todo = {k: self.params[k] for k, e in self.engines_.items() if e == kind and k not in rows}
             if todo and kind == "vmap":
-                got, lo, fell_back = vmap_or_loop(self.model, todo, batch, n, forward_fn, loss_fn)
+                got, lo, fell_back = vmap_or_loop(
+                    self.model, todo, batch, n, forward_fn, loss_fn, fallback=self.engine != "vmap"
+                )
                 if fell_back:
                     self.engines_.update({k: "loop" for k in todo})
             elif todo:
@@ -551,10 +556,13 @@ class PerSampleGradientProbe:
         """Add the per-sample gradients of every sample (sequence) in ``batch``.
 
         ``batch``: what ``forward_fn``/``loss_fn`` take (default: ``(input_ids, targets)``, a dict with
-        ``input_ids``/``labels``, or ``input_ids``), sample index in dimension 0 of every tensor. On an
-        exception the probe is left exactly as before the call. Returns ``self``.
+        ``input_ids``/``labels``, or ``input_ids``), sample index in dimension 0 of every tensor. Any
+        other mapping (a Hugging Face ``BatchEncoding``) is taken as the plain ``dict`` of its items,
+        which is what ``forward_fn``/``loss_fn`` then receive. On an exception the probe is left
+        exactly as before the call. Returns ``self``.
         """
         self._require_model("update()")
+        batch = plain_batch(batch)
         n = batch_size(batch)
         dev = self.device
         batch = map_tensors(lambda t: t.to(dev, non_blocking=True), batch)

@@ -42,9 +42,9 @@ def _padded_pool(seed=0):
     return pool
 
 
-def _reference_rows(model, pool) -> np.ndarray:
+def _reference_rows(model, pool, param=PARAM) -> np.ndarray:
     """Independent per-sample autograd loop: HF causal-LM loss of one sequence, its own padding."""
-    w = model.get_parameter(PARAM)
+    w = model.get_parameter(param)
     rows = []
     for batch in pool:
         for i in range(batch["input_ids"].shape[0]):
@@ -103,12 +103,18 @@ def test_gpt2_padded_dict_batches_through_spectral_lens():
 def test_gpt2_vmap_engine_falls_back_to_loop_with_a_warning():
     model = _gpt2(seed=1)
     pool = _padded_pool(seed=1)
-    probe = PerSampleGradientProbe(params=PARAM, engine="vmap")  # built before the model is known
+    tied = "transformer.wte.weight"  # tied to lm_head.weight: engine "auto" takes vmap
+    probe = PerSampleGradientProbe(params=tied)  # built before the model is known
     lens = SpectralLens(model, pool, probe=probe, params=None, precision="float64", progress=False)
-    assert probe.model is model
+    assert probe.model is model and probe.engines_ == {tied: "vmap"}
     with pytest.warns(EngineFallbackWarning, match=r"vmap cannot trace GPT2LMHeadModel .*engine='loop'"):
         m = lens.measure(0, 0)
-    assert probe.engines_ == {PARAM: "loop"}
-    ref = np.linalg.svd(_reference_rows(model, pool), compute_uv=False)
-    s = np.sqrt(np.clip(m.spectra[f"grad:{PARAM}"].values.numpy()[: ref.size], 0, None))
+    assert probe.engines_ == {tied: "loop"}
+    ref = np.linalg.svd(_reference_rows(model, pool, tied), compute_uv=False)
+    s = np.sqrt(np.clip(m.spectra[f"grad:{tied}"].values.numpy()[: ref.size], 0, None))
     assert np.max(np.abs(s - ref)) <= 1e-10
+    # engine="vmap" asked for explicitly does not switch engines by itself: it says what to do
+    explicit = PerSampleGradientProbe(model, PARAM, engine="vmap")
+    with pytest.raises(RuntimeError, match=r"engine='vmap' cannot trace GPT2LMHeadModel .*Pass engine='loop'"):
+        explicit.update(pool[0])
+    assert explicit.n_samples_ == 0
