@@ -135,3 +135,6 @@ def test_trainable_continues_a_promoted_trial(tmp_path):
     assert [r for r, _ in seen] == [32, 64, 96, 128] and [r for r, _ in direct] == [64, 128]
     assert seen[-1] == direct[-1]  # continuing from the checkpoint is the same as never stopping
     assert all(math.isfinite(v) for _, v in seen)
+    # a checkpoint past the rung (another rung schedule) is refused, naming the file
+    with pytest.raises(ValueError, match=r"checkpoint.pt: the checkpoint has seen 128 examples, past this rung's budget 64"):
+        trainable(cand, 64, horizon=128, workdir=tmp_path / "a", report=lambda r, v: None)
