@@ -60,13 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         canonical_name(a.variant), get_profile(a.profile)
     except KeyError as e:
         ap.error(e.args[0])
-    res = train(variant=a.variant, profile=a.profile, data=a.data, run_dir=a.run_dir, steps=a.steps, tokens=a.tokens,
-                batch_tier=a.batch_tier, seq_len=a.seq_len, rows=a.rows, lr_scale=a.lr_scale,
-                matrix_optimizer=a.matrix_optimizer, matrix_lr=a.matrix_lr, muon_impl=a.muon_impl,
-                eval_every_tokens=a.eval_every_tokens, val_tokens=a.val_tokens, target_val_loss=a.target_val_loss,
-                checkpoint_every_tokens=a.checkpoint_every_tokens, save_final=not a.no_save_final, resume=a.resume,
-                seed=a.seed, device=a.device, compile=a.compile, attn_impl=a.attn_impl, log_every=a.log_every,
-                verbose=not a.quiet)
+    try:
+        res = train(variant=a.variant, profile=a.profile, data=a.data, run_dir=a.run_dir, steps=a.steps, tokens=a.tokens,
+                    batch_tier=a.batch_tier, seq_len=a.seq_len, rows=a.rows, lr_scale=a.lr_scale,
+                    matrix_optimizer=a.matrix_optimizer, matrix_lr=a.matrix_lr, muon_impl=a.muon_impl,
+                    eval_every_tokens=a.eval_every_tokens, val_tokens=a.val_tokens, target_val_loss=a.target_val_loss,
+                    checkpoint_every_tokens=a.checkpoint_every_tokens, save_final=not a.no_save_final, resume=a.resume,
+                    seed=a.seed, device=a.device, compile=a.compile, attn_impl=a.attn_impl, log_every=a.log_every,
+                    verbose=not a.quiet)
+    except ValueError as e:  # a refused checkpoint or setting: one line, status 2
+        print(f"python -m examples.nanogpt train: error: {e}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {res.steps} steps, {res.tokens:,} tokens, final val loss {res.final_val_loss:.4f}, "
               f"{res.tokens_per_s:,.0f} tokens/s, run dir {res.run_dir}")

@@ -22,21 +22,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from spectral_lens.atomic import write_atomic
+
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
 GPT2_VOCAB, GPT2_EOT = 50257, 50256
 
 
 def write_shard(path: str | os.PathLike, tokens) -> None:
-    """Write ``tokens`` (ids in 0..65535) as a ``.bin`` shard."""
+    """Write ``tokens`` (ids in 0..65535) as a ``.bin`` shard, atomically (temporary file, fsync, rename)."""
     toks = np.asarray(tokens)
     if toks.ndim != 1 or (toks.size and (toks.min() < 0 or toks.max() > 65535)):
         raise ValueError(f"write_shard({path}): need a 1-D array of ids in 0..65535, got shape {toks.shape}")
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = MAGIC, VERSION, toks.size
-    with open(path, "wb") as f:
+    payload = toks.astype(np.uint16).tobytes()
+
+    def write(f) -> None:
         f.write(header.tobytes())
-        f.write(toks.astype(np.uint16).tobytes())
+        f.write(payload)
+
+    write_atomic(path, write)  # an interrupted write leaves the old shard (or none), never a truncated one
 
 
 def read_shard(path: str | os.PathLike) -> np.ndarray:

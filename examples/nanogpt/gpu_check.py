@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from spectral_lens.atomic import write_json_atomic
+
 from .model import FP8_SCALES, FP8Matmul, attend, dense_window_mask, flex_window_mask, fp8_supported
 
 TOL = {"float32": 2e-3, "bfloat16": 3e-2}   # max abs error vs float64, relative to the reference's max abs
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.device.startswith("cuda"):
         if not torch.cuda.is_available():
             report["error"] = "no CUDA device: nothing to check (use --device cpu for a dry run)"
-            Path(a.out).write_text(json.dumps(report, indent=2))
+            write_json_atomic(a.out, report)
             print(report["error"])
             return 1
         report |= dict(device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
@@ -212,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
             report[name] = dict(ok=False, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
             print(f"{name}: ERROR {type(e).__name__}: {e}", flush=True)
         report[name]["seconds"] = time.perf_counter() - t0
-        Path(a.out).write_text(json.dumps(report, indent=2))
+        write_json_atomic(a.out, report)
     report["ok"] = all(report[n].get("ok", False) for n, _, _ in sections)
-    Path(a.out).write_text(json.dumps(report, indent=2))
+    write_json_atomic(a.out, report)
     print(f"gpu_check {'passed' if report['ok'] else 'FAILED'}; report in {a.out}")
     return 0 if report["ok"] else 1
 

@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from spectral_lens.atomic import write_atomic, write_json_atomic
+from examples.checkpoint import read_checkpoint, state_problems
+from spectral_lens.atomic import write_atomic, write_json_atomic, write_text_atomic
 
 from .data import load_data, micro_batch
 from .model import GPT, count_params, window_at
@@ -159,9 +160,14 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
                 dist.broadcast(t, 0)
         opts = build_optimizers(model, recipe, matrix_optimizer=matrix_optimizer, matrix_lr=matrix_lr,
                                 lr_scale=lr_scale, muon_impl=muon_impl)
+        # what a checkpoint must share with the run that resumes it (stop_tokens, evaluation and logging may differ)
+        settings = dict(variant=variant, profile=profile, data=td.name, steps=steps, batch_tier=batch_tier, rows=rows,
+                        seq_len=seq_len, tokens_per_step=tokens_per_step, lr_scale=float(lr_scale),
+                        matrix_optimizer=matrix_optimizer or recipe.matrix_optimizer, matrix_lr=matrix_lr,
+                        muon_impl=muon_impl, seed=seed, config=dataclasses.asdict(cfg))
         start = 0
         if resume is not None:
-            start = _load_checkpoint(resume, model, opts, variant, profile, device)
+            start = _load_checkpoint(resume, model, opts, settings, device)
         # compile=True: one compiled graph of the whole model for the training steps only. Evaluation
         # and on_eval measurements use the eager module: no recompiles for grad mode or for the
         # measurement hooks. (Compiling each block separately re-specialized per block and grad mode
@@ -180,6 +186,7 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
         ckpt_steps = max(1, round(checkpoint_every_tokens / tokens_per_step)) if checkpoint_every_tokens else None
 
         run_dir = Path(run_dir)
+        last_loss = None  # the latest training loss, for the rows
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             meta = dict(variant=variant, profile=profile, data=td.name, world_size=world, steps=steps,
@@ -190,6 +197,8 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
                         fp8_head_active=cfg.fp8_head and model.fp8_head_active(torch.empty(16, cfg.n_embd, device=device)),
                         config=dataclasses.asdict(cfg), recipe=dataclasses.asdict(recipe))
             write_json_atomic(run_dir / "config.json", meta)
+            if resume is not None:  # rows the interrupted run wrote past the checkpoint are trained again
+                last_loss = _truncate_metrics(run_dir / "metrics.jsonl", start)
             log_file = open(run_dir / "metrics.jsonl", "a")
 
         def log(row: dict):
@@ -214,7 +223,7 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
             return float(total) / n_val
 
         history: list[dict] = []
-        t_start, train_time, train_tokens, last_loss = time.perf_counter(), 0.0, 0, None
+        t_start, train_time, train_tokens = time.perf_counter(), 0.0, 0
         step = start
         while True:
             last = step >= stop_step
@@ -251,10 +260,10 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
                          tokens_per_s=train_tokens / train_time, lr_mult=mult,
                          elapsed_s=time.perf_counter() - t_start))
             if rank == 0 and ckpt_steps and step % ckpt_steps == 0 and step < stop_step:
-                _save_checkpoint(run_dir / f"ckpt_{step:06d}.pt", model, opts, step, tokens_per_step, variant, profile, cfg)
+                _save_checkpoint(run_dir / f"ckpt_{step:06d}.pt", model, opts, step, tokens_per_step, settings)
         if rank == 0:
             if save_final:
-                _save_checkpoint(run_dir / f"ckpt_{step:06d}.pt", model, opts, step, tokens_per_step, variant, profile, cfg)
+                _save_checkpoint(run_dir / f"ckpt_{step:06d}.pt", model, opts, step, tokens_per_step, settings)
             log_file.close()
         return TrainResult(run_dir, step, step * tokens_per_step, history[-1]["val_loss"],
                            train_tokens / train_time if train_time else float("nan"), history)
@@ -263,32 +272,77 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
             dist.destroy_process_group()
 
 
-def _save_checkpoint(path: Path, model, opts, step, tokens_per_step, variant, profile, cfg) -> None:
+def _save_checkpoint(path: Path, model, opts, step, tokens_per_step, settings: dict) -> None:
     """Write the checkpoint atomically: a temporary file in the same directory, fsync, rename."""
     state = dict(model=model.state_dict(), optimizers=[o.state_dict() for o in opts], step=step,
-                 tokens=step * tokens_per_step, variant=variant, profile=profile, config=dataclasses.asdict(cfg))
+                 tokens=step * tokens_per_step, variant=settings["variant"], profile=settings["profile"],
+                 config=settings["config"], settings=settings)
     write_atomic(path, lambda fh: torch.save(state, fh))
 
 
-def _load_checkpoint(path, model, opts, variant, profile, device) -> int:
-    """Restore model and optimizer state (``weights_only=True``: no pickled code); returns the step."""
-    ck = torch.load(path, map_location=device, weights_only=True)
-    if (ck.get("variant"), ck.get("profile")) != (variant, profile):
-        raise ValueError(f"{path}: checkpoint is {ck.get('variant')}@{ck.get('profile')}, "
-                         f"but this run is {variant}@{profile}")
+def _load_checkpoint(path, model, opts, settings: dict, device) -> int:
+    """Restore model and optimizer state (``weights_only=True``: no pickled code); returns the step.
+
+    The checkpoint must have been made with the same ``settings`` (variant, profile, data, schedule
+    length, batch tier, micro-batch geometry, learning-rate scale, optimizers, seed, model config) and
+    fit the model and optimizers; everything is checked before anything is loaded, so a rejected
+    checkpoint (a ``ValueError`` naming the file and what differs) leaves the run untouched.
+    """
+    ck = read_checkpoint(path, map_location=device)
+    have = ck.get("settings")
+    if not isinstance(have, dict):
+        raise ValueError(f"{path}: the checkpoint records no training settings (made by an older trainer), so it "
+                         "cannot be checked against this run; start the run again without --resume")
+    diff = [k for k in sorted(set(have) | set(settings)) if have.get(k) != settings.get(k)]
+    if diff:
+        shown = ", ".join(k if k == "config" else f"{k} (checkpoint {have.get(k)!r}, this run {settings.get(k)!r})"
+                          for k in diff)
+        raise ValueError(f"{path}: checkpoint made with other settings: {shown}; resume with the checkpoint's "
+                         "settings or start a new run")
+    step = ck.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= settings["steps"] \
+            or ck.get("tokens") != step * settings["tokens_per_step"]:
+        raise ValueError(f"{path}: step {step!r} / tokens {ck.get('tokens')!r} do not fit this run "
+                         f"({settings['steps']} steps of {settings['tokens_per_step']} tokens)")
+    problems = state_problems(model, opts, ck.get("model"), ck.get("optimizers"))
+    if problems:
+        raise ValueError(f"{path}: the checkpoint does not fit this run: {'; '.join(problems)}")
     model.load_state_dict(ck["model"])
-    if len(ck["optimizers"]) != len(opts):
-        raise ValueError(f"{path}: checkpoint has {len(ck['optimizers'])} optimizers, this run builds {len(opts)}")
     for o, s in zip(opts, ck["optimizers"]):
         o.load_state_dict(s)
-    return int(ck["step"])
+    return step
+
+
+def _truncate_metrics(path: Path, start: int) -> float | None:
+    """Drop the rows of ``path`` (``metrics.jsonl``) at or past step ``start`` (atomically); the resumed run
+    writes them again. Returns the dropped row's ``train_loss`` at ``start`` (the resumed run's first row)."""
+    if not path.exists():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    keep, loss = [], None
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            step = row["step"]
+        except (ValueError, TypeError, KeyError):
+            if i == len(lines) - 1:  # a partial last line (the interrupted write)
+                break
+            raise ValueError(f"{path}, line {i + 1}: not a metrics row ({line[:60]!r}); "
+                             "repair or remove the file to resume") from None
+        if step < start:
+            keep.append(line)
+        elif step == start and row.get("train_loss") is not None:
+            loss = row["train_loss"]
+    if len(keep) != len(lines):
+        write_text_atomic(path, "".join(k + "\n" for k in keep))
+    return loss
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu") -> GPT:
     """Rebuild a :class:`GPT` from a trainer checkpoint (``weights_only=True``)."""
     from .model import GPTConfig
 
-    ck = torch.load(path, map_location=device, weights_only=True)
+    ck = read_checkpoint(path, map_location=device)
     cfg = ck["config"]
     cfg["no_attn_layers"] = tuple(cfg["no_attn_layers"])
     model = GPT(GPTConfig(**cfg)).to(device)

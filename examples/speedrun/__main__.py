@@ -9,8 +9,6 @@ print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,19 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_settings(out: Path, preset: Preset) -> None:
-    """Write ``out/preset.json``, or refuse (``ValueError``) an output directory made with other settings."""
-    from spectral_lens.atomic import write_text_atomic
+    """Write ``out/preset.json``, or refuse (``ValueError``) an output directory made with other settings.
 
-    path = Path(out) / "preset.json"
-    want = json.loads(json.dumps(dataclasses.asdict(preset)))
-    if path.exists():
-        have = json.loads(path.read_text(encoding="utf-8"))
-        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-        if diff:
-            raise ValueError(f"{out} holds a speedrun made with other settings (differs in: {', '.join(diff)}); "
-                             "use a new --out or the same preset")
-    else:
-        write_text_atomic(path, json.dumps(want, indent=1) + "\n")
+    The check shared with ``examples.toy``: :func:`examples.replicate.settings.check_settings`.
+    """
+    from examples.replicate.settings import check_settings as check
+
+    check(out, preset, "speedrun")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,15 +3,18 @@
 Tunes a learning rate per family and batch tier (``examples.tune``), trains every tier with spectral
 and Fourier measurements, predicts the token-efficient tier from the early activation tail, writes
 ``<out>/report/report.md`` and prints the verdict. Run the same command again to resume after an
-interruption: finished stages and runs are kept.
+interruption: finished stages and runs are kept. ``OUT/preset.json`` records every setting of the
+preset; a rerun whose preset differs in any of them (an edited or updated preset) is refused, in one
+line naming the fields, rather than mixing its results with the old ones: use a new ``--out``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
+
+from examples.replicate.settings import check_settings
 
 from .presets import PRESETS
 
@@ -25,17 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]
     out = Path(args.out or f"runs/toy-{preset.name}")
-    marker = out / "preset.json"
     try:
-        if marker.exists():
-            stored = json.loads(marker.read_text(encoding="utf-8")).get("preset")
-            if stored != preset.name:
-                raise ValueError(f"{out} holds a run of preset {stored!r}, not {preset.name!r}: choose another --out")
-        elif out.exists() and any(out.iterdir()):
-            raise ValueError(f"{out} is not empty and holds no toy run: choose another --out")
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    except ValueError as exc:
+        if out.is_dir() and not (out / "preset.json").exists() and not (out / "preset.json").is_symlink() \
+                and any(out.iterdir()):
+            raise ValueError(f"{out} is not empty and holds no toy run: choose another --out")
+        check_settings(out, preset, "toy run")  # every setting, as examples.speedrun: never mix results
+    except (ValueError, OSError) as exc:
         print(f"examples.toy: error: {exc}", file=sys.stderr)
         return 2
 
@@ -45,16 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from examples.replicate.pipeline import replicate
-    from spectral_lens.atomic import write_text_atomic
 
     from .workload import ToyWorkload
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        if not marker.exists():
-            write_text_atomic(marker, json.dumps({"preset": preset.name}) + "\n")
         replicate(ToyWorkload(preset), out, preset.tuner)
     finally:
         torch.set_num_threads(previous)

@@ -25,6 +25,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from examples.checkpoint import read_checkpoint, state_problems
 from examples.nanogpt.muon import Muon
 
 from spectral_lens.atomic import write_atomic
@@ -161,8 +162,21 @@ class ToyRun:
         return {"model": self.model.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
                 "gen": self.gen.get_state(), "seen": self.seen, "step": self.step}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict`."""
+    def load_state_dict(self, state: dict, *, origin: str = "toy state") -> None:
+        """Restore :meth:`state_dict`. Everything is checked first (keys, shapes, the optimizer count,
+        the counters), so a rejected state (a ``ValueError`` naming ``origin``) leaves the run untouched."""
+        problems = ["not a dict"] if not isinstance(state, dict) else \
+            [f"missing {k!r}" for k in ("model", "optimizers", "gen", "seen", "step") if k not in state]
+        if not problems:
+            problems = state_problems(self.model, self.optimizers, state["model"], state["optimizers"])
+            gen = state["gen"]
+            if not (isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8 and gen.shape == self.gen.get_state().shape):
+                problems.append("'gen' is not a CPU generator state")
+            for k in ("seen", "step"):
+                if isinstance(state[k], bool) or not isinstance(state[k], int) or state[k] < 0:
+                    problems.append(f"{k!r} = {state[k]!r}, expected an int >= 0")
+        if problems:
+            raise ValueError(f"{origin}: not a checkpoint of this {self.family.name} run: {'; '.join(problems)}")
         self.model.load_state_dict(state["model"])
         for opt, s in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(s)
@@ -176,5 +190,6 @@ class ToyRun:
         write_atomic(path, lambda fh: torch.save(state, fh))
 
     def load(self, path: Path) -> None:
-        """Restore a checkpoint written by :meth:`save` (``weights_only=True``: no pickle)."""
-        self.load_state_dict(torch.load(path, weights_only=True))
+        """Restore a checkpoint written by :meth:`save` (``weights_only=True``: no pickle); a rejected
+        checkpoint raises a ``ValueError`` naming ``path`` and leaves the run untouched."""
+        self.load_state_dict(read_checkpoint(path), origin=str(path))

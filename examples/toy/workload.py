@@ -46,6 +46,9 @@ class ToyTrainable:
         ckpt = Path(workdir) / "checkpoint.pt"
         if ckpt.exists():
             run.load(ckpt)
+            if run.seen > budget:  # a rung's checkpoint is at or before the next rung's budget
+                raise ValueError(f"{ckpt}: the checkpoint has seen {run.seen} examples, past this rung's budget "
+                                 f"{budget}; it was made under another rung schedule: delete it")
         state = {"mid": (run.seen + budget) // 2}
 
         def on_step(r: ToyRun, loss: float) -> None:

@@ -274,7 +274,7 @@ def _worker_main(trainable, cfg: _Config, storage_url, study_name, workdir, hear
     """Entry point of an extra worker process started by :func:`tune` (spawn)."""
     studies = _open_studies(cfg, storage_url, study_name)
     _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-            poll_interval=poll_interval, progress=None).run()
+            poll_interval=poll_interval, progress=None, study_name=study_name).run()
 
 
 def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], tiers: Sequence[int],
@@ -294,7 +294,9 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
         reference_tier: ``B0``.
         rungs: cumulative budgets in the workload's unit (paper: 50M, 150M, 500M tokens); the last is
             the horizon every trainable schedules its learning rate against.
-        workdir: candidate checkpoints live in ``workdir/trials/<family>/b<tier>/x<scale>``.
+        workdir: candidate checkpoints live in ``workdir/trials/<study_name>/<family>/b<tier>/x<scale>``
+            (per study; a ``trial.json`` there records the study, rungs and candidate, and a trial
+            directory made under other ones stops the call with a ``ValueError``).
         choices_path: the choices file (default ``workdir/choices.json``).
         mode: ``"synchronized"`` (the paper's rule) or ``"asynchronous"`` (ASHA via Optuna's
             ``SuccessiveHalvingPruner``, one study per family/tier named ``<study_name>/<family>/b<tier>``).
@@ -336,7 +338,7 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
     bar = Progress(total=len(cfg.candidates())) if progress else None
     try:
         _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                poll_interval=poll_interval, progress=bar).run()
+                poll_interval=poll_interval, progress=bar, study_name=study_name).run()
     except BaseException:
         for p in procs:  # stop the workers this call started; a later run resumes their trials
             p.terminate()

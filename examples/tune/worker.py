@@ -9,14 +9,19 @@ intermediate values and rung losses.
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import threading
 import time
+import uuid
 import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import quote
+
+from spectral_lens.atomic import write_text_atomic
 
 from .extrapolate import extrapolate_loss
 from .progress import Progress
@@ -27,13 +32,17 @@ from .trials import _candidate, _group_of, _group_state, _is_stale_fail, _live, 
 optuna = _optuna()
 from optuna.exceptions import UpdateFinishedTrialError  # noqa: E402
 
-__all__ = ["TrialFailed"]
+__all__ = ["TrialFailed", "TrialDirMismatch"]
 
 _HEARTBEAT = "tune:heartbeat"
 
 
 class TrialFailed(RuntimeError):
     """A trial reported a non-finite validation loss or did not report at its rung budget."""
+
+
+class TrialDirMismatch(ValueError):
+    """A trial's checkpoint directory was made by another study or under another rung schedule."""
 
 
 def _claim(study):
@@ -52,8 +61,14 @@ class _Worker:
     """One worker process: claims, trains, holds and finishes trials until every study is finished."""
     def __init__(self, studies: Mapping[tuple[str, int] | None, object], trainable: Trainable, cfg: _Config,
                  workdir: Path, *, heartbeat_interval: float, grace_period: float, poll_interval: float,
-                 progress: Progress | None):
+                 progress: Progress | None, study_name: str | None = None):
         self.studies = dict(studies)
+        # the tune() call's study name (asynchronous mode: the prefix of its per-family/tier studies)
+        self.study_name = study_name if study_name is not None else next(iter(self.studies.values())).study_name
+        # the in-memory storage keeps no study between calls (and has one worker): its trial directories
+        # belong to this call only
+        in_memory = isinstance(next(iter(self.studies.values()))._storage, optuna.storages.InMemoryStorage)
+        self.session = uuid.uuid4().hex if in_memory else None
         self.trainable, self.cfg, self.workdir = trainable, cfg, Path(workdir)
         self.heartbeat_interval, self.grace_period, self.poll_interval = heartbeat_interval, grace_period, poll_interval
         self.progress = progress
@@ -149,6 +164,43 @@ class _Worker:
         finally:
             self._drop(trial)
 
+    def _trial_dir(self, cand: Candidate) -> Path:
+        """The candidate's checkpoint directory, ``workdir/trials/<study>/<family>/b<tier>/x<scale>``.
+
+        Per study, so a new study never continues another study's models; ``trial.json`` records the
+        study, the rung schedule and the candidate (and, with the in-memory storage, which keeps no
+        study between calls, the call), and a directory made under others is refused (``TrialDirMismatch``).
+        """
+        name = quote(self.study_name, safe=" -_.,+=@")
+        if set(name) <= {"."}:
+            name = name.replace(".", "%2E")
+        wd = self.workdir / "trials" / name / cand.family / f"b{cand.tier}" / f"x{cand.scale:.6g}"
+        want = dict(study=self.study_name, rungs=list(self.cfg.rungs), family=cand.family, tier=cand.tier,
+                    scale=cand.scale, lrs=dict(cand.lrs), in_memory_call=self.session)
+        marker = wd / "trial.json"
+        if marker.exists():
+            try:
+                have = json.loads(marker.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise TrialDirMismatch(f"tune: {marker} cannot be read ({e}); delete {wd} to train the trial "
+                                       "from scratch") from None
+            diff = [k for k in want if not isinstance(have, dict) or have.get(k) != want[k]]
+            if diff == ["in_memory_call"]:
+                raise TrialDirMismatch(f"tune: {wd} holds a trial of an earlier call; the in-memory storage does not "
+                                       "resume: delete it, or use another study_name (or a journal storage to resume)")
+            if diff:
+                shown = "not a JSON object" if not isinstance(have, dict) else \
+                    ", ".join(f"{k} {have.get(k)!r} vs {want[k]!r}" for k in diff if k != "in_memory_call")
+                raise TrialDirMismatch(f"tune: {wd} holds a trial made with other settings ({shown}); delete it or "
+                                       "use another study_name")
+        else:
+            if wd.is_dir() and any(wd.iterdir()):
+                raise TrialDirMismatch(f"tune: {wd} holds files but no trial.json (not made by this study); "
+                                       "delete it or use another study_name")
+            wd.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(marker, json.dumps(want, indent=1) + "\n")
+        return wd
+
     def _train_rung(self, study, trial, cand: Candidate, k: int) -> bool:
         """Train ``cand`` to rung ``k``; store the rung loss. False if the trial failed (and was finished)."""
         budget = self.cfg.rungs[k]
@@ -165,8 +217,7 @@ class _Worker:
                 trial.report(val_loss, resource)
                 reported.add(resource)
 
-        wd = self.workdir / "trials" / cand.family / f"b{cand.tier}" / f"x{cand.scale:.6g}"
-        wd.mkdir(parents=True, exist_ok=True)
+        wd = self._trial_dir(cand)
         if self.progress:
             self.progress.note(f"trial {trial.number} {cand.key}: rung {k} -> {budget}")
         try:

@@ -104,3 +104,43 @@ def test_bin_data_needs_both_splits(tmp_path):
 
 def test_header_size_constant():
     assert HEADER_BYTES == 1024
+
+
+def test_write_shard_is_atomic(tmp_path, monkeypatch):
+    """An overwrite that fails after the header (disk full, a kill) leaves the old shard intact and no temp file."""
+    import builtins
+
+    path = tmp_path / "s.bin"
+    write_shard(path, np.arange(5000) % 60000)
+    good = path.read_bytes()
+    real_open = builtins.open
+
+    class Failing:
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def write(self, b):
+            self.n += 1
+            if self.n == 2:
+                raise OSError("no space left on device (simulated)")
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        return Failing(f) if "w" in mode and str(file).startswith(str(tmp_path)) else f
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    with pytest.raises(OSError, match="simulated"):
+        write_shard(path, np.arange(8000) % 60000)
+    monkeypatch.undo()
+    assert path.read_bytes() == good and len(read_shard(path)) == 5000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin"]

@@ -50,8 +50,78 @@ def test_checkpoint_resume_is_exact(tmp_path):
     a, b = load_model(tmp_path / "a" / "ckpt_000004.pt"), load_model(tmp_path / "b" / "ckpt_000004.pt")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
-    with pytest.raises(ValueError, match="checkpoint is BetterWin@tiny"):
+    with pytest.raises(ValueError, match="variant \\(checkpoint 'BetterWin', this run 'VTE'\\)"):
         train(run_dir=tmp_path / "c", resume=tmp_path / "a" / "ckpt_000002.pt", **{**kw, "variant": "VTE"})
+
+
+SMALL = dict(variant="RoPE", profile="tiny", data="pydoc", steps=8, batch_tier=1, seq_len=64, rows=1, val_tokens=256,
+             device="cpu", verbose=False, eval_every_tokens=128, log_every=1)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(step):
+    def on_eval(model, s, tokens, val):
+        if s == step:
+            raise _Crash()
+    return on_eval
+
+
+def test_resume_drops_metrics_rows_past_the_checkpoint(tmp_path):
+    """A run interrupted after its checkpoint, resumed: one row per step (none duplicated), atomically rewritten."""
+    with pytest.raises(_Crash):
+        train(run_dir=tmp_path, checkpoint_every_tokens=256, on_eval=_crash_at(6), **SMALL)
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_000004.pt"]
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "tok')  # a partial last line, as a kill mid-write leaves it
+    train(run_dir=tmp_path, resume=tmp_path / "ckpt_000004.pt", **SMALL)
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(9))
+    assert rows[4]["train_loss"] is not None and rows[4]["val_loss"] is not None
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+@pytest.mark.parametrize("change", [dict(batch_tier=2), dict(seed=7), dict(lr_scale=3.0), dict(steps=16)])
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path, change):
+    train(run_dir=tmp_path / "a", checkpoint_every_tokens=256, **SMALL)
+    ckpt = tmp_path / "a" / "ckpt_000004.pt"
+    (field,) = change
+    with pytest.raises(ValueError, match=f"{ckpt}: checkpoint made with other settings: .*{field} \\(checkpoint"):
+        train(run_dir=tmp_path / "b", resume=ckpt, **{**SMALL, **change})
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+def test_load_checkpoint_validates_before_loading_and_names_the_file(tmp_path):
+    from examples.nanogpt import train as T
+
+    train(run_dir=tmp_path, checkpoint_every_tokens=256, **SMALL)
+    ckpt = tmp_path / "ckpt_000004.pt"
+    settings = torch.load(ckpt, weights_only=True)["settings"]
+    model = T.GPT(T.build_config("RoPE", T.get_profile("tiny"), seq_len=64, eot_id=settings["config"]["eot_id"]))
+    opts = T.build_optimizers(model, T.build_recipe("RoPE"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="optimizer states, this run builds"):
+        T._load_checkpoint(ckpt, model, opts[:1], settings, "cpu")  # the model loaded first, then the count
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    bad = tmp_path / "cut.pt"
+    bad.write_bytes(ckpt.read_bytes()[:2000])
+    with pytest.raises(ValueError, match=f"{bad}: cannot read the checkpoint"):
+        T._load_checkpoint(bad, model, opts, settings, "cpu")
+    assert T._load_checkpoint(ckpt, model, opts, settings, "cpu") == 4
+
+
+def test_cli_refused_resume_is_one_line(tmp_path, capsys):
+    from examples.nanogpt.__main__ import main
+
+    train(run_dir=tmp_path / "a", checkpoint_every_tokens=256, **SMALL)
+    argv = ["train", "--variant", "RoPE", "--profile", "tiny", "--steps", "8", "--batch-tier", "2", "--seq-len", "64",
+            "--rows", "1", "--val-tokens", "256", "--device", "cpu", "--quiet", "--run-dir", str(tmp_path / "b"),
+            "--resume", str(tmp_path / "a" / "ckpt_000004.pt")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "batch_tier (checkpoint 1, this run 2)" in err
 
 
 @pytest.mark.parametrize("kind", ["adamw", "lamb"])

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from examples.toy.__main__ import main
+from examples.toy.presets import PRESETS
 
 
 def test_smoke_preset_end_to_end_then_resume(tmp_path, capsys):
@@ -39,8 +40,48 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     (tmp_path / "cpu").mkdir()
     (tmp_path / "cpu" / "preset.json").write_text('{"preset": "cpu"}')
     assert main(["--preset", "smoke", "--out", str(tmp_path / "cpu")]) == 2
-    assert "holds a run of preset 'cpu'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "other settings" in err and "name" in err and "new --out" in err
     assert main(["--preset", "smoke", "--out", str(tmp_path / "new"), "--threads", "0"]) == 2
     with pytest.raises(SystemExit) as e:
         main(["--preset", "nope"])
     assert e.value.code == 2
+
+
+def test_resume_refuses_a_changed_preset(tmp_path, capsys, monkeypatch):
+    """The same preset name with other settings (an edited or updated preset) must not reuse the old results."""
+    import dataclasses
+
+    import examples.toy.__main__ as toy_main
+    from examples.replicate.settings import check_settings
+
+    out = tmp_path / "toy"
+    check_settings(out, PRESETS["smoke"], "toy run")  # what the first call writes before any stage
+    (out / "runs").mkdir()
+    changed = dataclasses.replace(PRESETS["smoke"], budget=1280, seed=1,
+                                  tuner=dataclasses.replace(PRESETS["smoke"].tuner, rungs=(64, 128)))
+    monkeypatch.setitem(toy_main.PRESETS, "smoke", changed)
+    assert main(["--preset", "smoke", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "differs in: budget, seed, tuner.rungs" in err and "new --out" in err
+
+
+@pytest.mark.parametrize("case", ["file", "list", "directory", "garbage"])
+def test_bad_out_is_one_line_exit_2(tmp_path, capsys, case):
+    """--out that is a file, or whose preset.json is a list, a directory or not JSON: one line, status 2."""
+    out = tmp_path / "out"
+    if case == "file":
+        out.write_text("x")
+    else:
+        out.mkdir()
+        marker = out / "preset.json"
+        if case == "list":
+            marker.write_text("[1]")
+        elif case == "directory":
+            marker.mkdir()
+        else:
+            marker.write_bytes(b"\xff{")
+    assert main(["--preset", "smoke", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("examples.toy: error: ") and str(out) in err

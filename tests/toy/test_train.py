@@ -1,4 +1,5 @@
 """Toy model switches, the schedule, and continuing from a checkpoint equals never stopping."""
+import copy
 import math
 
 import pytest
@@ -62,6 +63,54 @@ def test_checkpoint_continuation_equals_one_run(tmp_path, family):
     assert not list(tmp_path.glob(".*tmp"))  # the atomic write left no temporary file
 
 
+def _snapshot(run):
+    return ({k: v.clone() for k, v in run.model.state_dict().items()},
+            [copy.deepcopy(o.state_dict()) for o in run.optimizers], run.gen.get_state().clone(), run.seen, run.step)
+
+
+def _unchanged(run, snap):
+    model, opts, gen, seen, step = snap
+    return (all(torch.equal(v, model[k]) for k, v in run.model.state_dict().items())
+            and all(str(o.state_dict()) == str(s) for o, s in zip(run.optimizers, opts))
+            and torch.equal(run.gen.get_state(), gen) and (run.seen, run.step) == (seen, step))
+
+
+def test_rejected_checkpoint_names_the_file_and_leaves_the_run_untouched(tmp_path):
+    s = TASK.split()
+    base = ToyRun("Baseline", 8, LRS["Baseline"], CFG, seed=1)
+    base.train_until(16, 32, s.x_train, s.y_train)
+    base.save(tmp_path / "baseline.pt")
+    muon = ToyRun("Muon", 8, LRS["Muon"], CFG, seed=2)
+    muon.train_until(16, 32, s.x_train, s.y_train)
+    muon.save(tmp_path / "muon.pt")
+
+    rope = ToyRun("RoPE", 8, LRS["RoPE"], CFG, seed=3)
+    rope.train_until(8, 32, s.x_train, s.y_train)
+    snap = _snapshot(rope)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'baseline.pt'}: .*unexpected model keys: \\['wpe.weight'\\]"):
+        rope.load(tmp_path / "baseline.pt")  # the old loader had copied 13 of 13 tensors before refusing
+    assert _unchanged(rope, snap)
+
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((tmp_path / "muon.pt").read_bytes()[:2000])
+    other = ToyRun("Muon", 8, LRS["Muon"], CFG, seed=4)
+    snap = _snapshot(other)
+    with pytest.raises(ValueError, match=f"{cut}: cannot read the checkpoint"):
+        other.load(cut)
+    assert _unchanged(other, snap)
+
+    state = torch.load(tmp_path / "muon.pt", weights_only=True)
+    for bad, why in [({**state, "optimizers": state["optimizers"][:1]}, "1 optimizer states, this run builds 2"),
+                     ({**state, "optimizers": []}, "0 optimizer states"),  # zip() used to accept this silently
+                     ({**state, "seen": -8}, "'seen' = -8"),
+                     ({k: v for k, v in state.items() if k != "gen"}, "missing 'gen'")]:
+        with pytest.raises(ValueError, match=f"origin.pt: .*{why}"):
+            other.load_state_dict(bad, origin="origin.pt")
+        assert _unchanged(other, snap)
+    other.load(tmp_path / "muon.pt")
+    assert other.seen == 16
+
+
 def test_bad_rates_are_named():
     with pytest.raises(ValueError, match=r"expected \['embed', 'hidden'\]"):
         ToyRun("Muon", 8, {"adam": 1e-3}, CFG)
@@ -86,3 +135,6 @@ def test_trainable_continues_a_promoted_trial(tmp_path):
     assert [r for r, _ in seen] == [32, 64, 96, 128] and [r for r, _ in direct] == [64, 128]
     assert seen[-1] == direct[-1]  # continuing from the checkpoint is the same as never stopping
     assert all(math.isfinite(v) for _, v in seen)
+    # a checkpoint past the rung (another rung schedule) is refused, naming the file
+    with pytest.raises(ValueError, match=r"checkpoint.pt: the checkpoint has seen 128 examples, past this rung's budget 64"):
+        trainable(cand, 64, horizon=128, workdir=tmp_path / "a", report=lambda r, v: None)

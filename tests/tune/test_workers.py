@@ -161,3 +161,34 @@ def test_two_workers_asynchronous(tmp_path):
     assert {k for k, _ in ends} == {s.candidate.key for s in res.trials} and len(res.trials) == 15
     assert all(s.state in ("complete", "pruned") for s in res.trials)
     assert set(res.choices) == {("synthetic", 1), ("synthetic", 32)} and not res.missing
+
+
+def test_a_new_study_never_continues_another_studys_checkpoints(tmp_path):
+    """docs/tuning.md: settings changed -> another study_name. Its trials start from scratch in their own directories."""
+    kw = dict(families={"f": {"lr": 1.0}}, tiers=[8], reference_tier=8, multipliers=(1.0, 2.0), workdir=tmp_path / "w",
+              progress=False)
+    tune(SyntheticTrainable(), rungs=[20, 40], study_name="first", storage=f"journal:{tmp_path}/1.log", **kw)
+    tune(SyntheticTrainable(), rungs=[10, 20], study_name="second", storage=f"journal:{tmp_path}/2.log", **kw)
+    second = [c for f in sorted((tmp_path / "w" / "trials" / "second").rglob("calls.jsonl")) for c in map(json.loads, open(f))]
+    assert second and all(c["start"] == 0 for c in second if c["budget"] == 10)   # the old code resumed at 20
+    first = _calls(tmp_path / "w" / "trials" / "first")
+    assert max(c["budget"] for c in first) == 40 and all(c["horizon"] == 40 for c in first)
+    marker = json.loads((tmp_path / "w" / "trials" / "second" / "f" / "b8" / "x1" / "trial.json").read_text())
+    assert marker["study"] == "second" and marker["rungs"] == [10, 20]
+
+
+def test_a_trial_directory_of_another_rung_schedule_is_refused(tmp_path):
+    """The in-memory storage does not keep the study: the same name again with other rungs must not reuse its models."""
+    from examples.tune.worker import TrialDirMismatch
+
+    kw = dict(families={"f": {"lr": 1.0}}, tiers=[8], reference_tier=8, multipliers=(1.0,), workdir=tmp_path / "w",
+              progress=False)
+    tune(SyntheticTrainable(), rungs=[20, 40], **kw)
+    with pytest.raises(TrialDirMismatch, match=r"w/trials/tune/f/b8/x1 holds a trial made with other settings "
+                                               r"\(rungs \[20, 40\] vs \[10, 20\]\); delete it or use another study_name"):
+        tune(SyntheticTrainable(), rungs=[10, 20], **kw)
+    assert not [c for c in _calls(tmp_path / "w") if c["budget"] == 10]   # refused before any training
+    # the same settings again: the in-memory storage lost the study, so its checkpoints are not continued either
+    with pytest.raises(TrialDirMismatch, match="holds a trial of an earlier call; the in-memory storage does not resume"):
+        tune(SyntheticTrainable(), rungs=[20, 40], **kw)
+    assert len([c for c in _calls(tmp_path / "w") if c["event"] == "begin"]) == 2   # only the first call trained

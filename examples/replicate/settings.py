@@ -1,0 +1,62 @@
+"""The output directory's settings record: ``OUT/preset.json`` holds every field of the preset it was made with.
+
+A replication resumes by running the same command again; :func:`check_settings` makes sure the rerun
+uses the same settings as the results already in ``OUT`` (tuning choices, run records), so results
+made with different settings are never mixed. Shared by ``examples.toy`` and ``examples.speedrun``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+__all__ = ["check_settings", "settings_of"]
+
+
+def settings_of(preset) -> dict:
+    """The preset (a dataclass) as the JSON object ``preset.json`` holds (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(preset)))
+
+
+def _diff(have, want, prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ (nested settings such as ``tuner.rungs`` by name)."""
+    if isinstance(have, dict) and isinstance(want, dict):
+        out = []
+        for k in sorted(set(have) | set(want)):
+            if k not in have or k not in want:
+                out.append(prefix + k)
+            else:
+                out.extend(_diff(have[k], want[k], f"{prefix}{k}."))
+        return out
+    return [] if have == want else [prefix.rstrip(".")]
+
+
+def check_settings(out: Path, preset, what: str = "run") -> None:
+    """Write ``out/preset.json``, or refuse (``ValueError``, one line) an output directory made with other settings.
+
+    ``out`` must be a directory (it is created when missing). An unreadable or malformed
+    ``preset.json`` is refused too, naming the file. ``what`` names the replication in messages.
+    """
+    from spectral_lens.atomic import write_text_atomic
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is not a directory; use a new --out")
+    path = out / "preset.json"
+    want = settings_of(preset)
+    if path.exists() or path.is_symlink():
+        try:
+            have = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+            raise ValueError(f"{path} cannot be read as the settings of a {what} ({reason}); use a new --out") from None
+        if not isinstance(have, dict):
+            raise ValueError(f"{path} holds a JSON {type(have).__name__}, expected the settings object of a {what}; "
+                             "use a new --out")
+        diff = _diff(have, want)
+        if diff:
+            raise ValueError(f"{out} holds a {what} made with other settings (differs in: {', '.join(diff)}); "
+                             "use a new --out or the same preset")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(want, indent=1) + "\n")
