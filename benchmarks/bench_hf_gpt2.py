@@ -4,8 +4,8 @@ Compares, in one run and on the same padded dict batches (``input_ids``, ``atten
 
 * ``nograd``  bare forward under ``torch.no_grad()`` (ratio 1.0 by definition);
 * ``fast``    ``PerSampleGradientProbe`` with the Conv1D fast path (``engine="auto"``), update + compute;
-* ``loop``    ``engine="loop"``: what ``engine="vmap"`` falls back to on GPT-2 (vmap cannot trace its
-              attention-mask handling), and what users had to choose before the fast path existed.
+* ``loop``    ``engine="loop"``: what ``engine="auto"`` falls back to where vmap cannot trace GPT-2's
+              attention-mask handling, and what users had to choose before the fast path existed.
 
 Reports seconds (median of ``--repeats`` after one warm-up) and ratios, plus the max relative
 difference of the singular values between the two engines (float32).
