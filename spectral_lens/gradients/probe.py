@@ -211,8 +211,10 @@ class PerSampleGradientProbe:
             per attached model.
 
     Measuring has no side effects: ``.grad``, ``requires_grad``, train/eval flags, module buffers
-    (BatchNorm running statistics also with ``train_mode=True``), the CPU and CUDA RNG states and the
-    hook dictionaries are as before, also when an exception interrupts ``update``.
+    (BatchNorm running statistics also with ``train_mode=True``), the CPU and CUDA RNG states, Python's
+    ``random`` and numpy's global RNG, and the hook dictionaries are as before, also when an exception
+    interrupts ``update``. (In bounded-memory mode a recomputed chunk replays torch's RNG states only:
+    a model that draws from Python's or numpy's RNG in its forward gets other draws there.)
 
     Example::
 
@@ -389,7 +391,7 @@ class PerSampleGradientProbe:
         probes whose first chunk does not run on the fast engine alone (see :meth:`_deciding_fns`).
         Runs inside :meth:`_isolated`, on its own forked RNG so the measurement's dropout masks are
         unchanged."""
-        with torch.random.fork_rng(devices=devices):
+        with forked_rng(devices):
             head, reason = find_chunkable_head(
                 self.model, lambda: self.forward_fn(self.model, sample), self.params.values()
             )
