@@ -903,8 +903,8 @@ class ActivationCovarianceAccumulator:
         initialized = state.get("initialized", bool(present))
         if not isinstance(initialized, bool):
             fail(f"initialized must be true or false, got {initialized!r}")
-        # absent in files written before the field existed: assume what the precision allows
-        low = state.get("low_precision_products", initialized and self.precision != "float64")
+        # absent in files written before the field existed: unknown, so not checked (as those versions did)
+        low = state.get("low_precision_products", False)
         if not isinstance(low, bool):
             fail(f"low_precision_products must be true or false, got {low!r}")
         out: dict[str, Any] = {"dim": dim if dim is not None else self.dim, "_updates": updates, "_synced": synced,

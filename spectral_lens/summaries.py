@@ -103,10 +103,12 @@ def _values(spectrum: Spectrum | torch.Tensor) -> torch.Tensor:
 
 
 def participation_ratio(spectrum: Spectrum | torch.Tensor) -> float:
-    """Participation ratio ``(sum lambda)^2 / sum lambda^2`` of a spectrum or eigenvalue tensor."""
+    """Participation ratio ``(sum lambda)^2 / sum lambda^2`` of a spectrum or eigenvalue tensor (0 for an
+    all-zero spectrum; ``ValueError`` for NaN/Inf eigenvalues)."""
     return float(_ranks.participation_ratio(_values(spectrum)))
 
 
 def stable_rank(spectrum: Spectrum | torch.Tensor) -> float:
-    """Stable rank ``sum lambda / max lambda`` (``||W||_F^2 / ||W||_2^2`` for a weight spectrum)."""
+    """Stable rank ``sum lambda / max lambda`` (``||W||_F^2 / ||W||_2^2`` for a weight spectrum; 0 for an
+    all-zero spectrum, e.g. a zero-initialized weight; ``ValueError`` for NaN/Inf eigenvalues)."""
     return float(_ranks.stable_rank(_values(spectrum)))

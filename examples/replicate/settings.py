@@ -53,6 +53,13 @@ def check_settings(out: Path, preset, what: str = "run") -> None:
         if not isinstance(have, dict):
             raise ValueError(f"{path} holds a JSON {type(have).__name__}, expected the settings object of a {what}; "
                              "use a new --out")
+        if set(have) == {"preset"} and "preset" not in want:  # written before every setting was recorded
+            if have["preset"] != want.get("name"):
+                raise ValueError(f"{out} holds a {what} made with other settings (the preset name "
+                                 f"{have['preset']!r}, not {want.get('name')!r}); use a new --out or the same preset")
+            raise ValueError(f"{path} records only the preset name ({have['preset']!r}), as older versions wrote "
+                             f"it, so whether the {what}'s results match the current settings cannot be checked; "
+                             "use a new --out")
         diff = _diff(have, want)
         if diff:
             raise ValueError(f"{out} holds a {what} made with other settings (differs in: {', '.join(diff)}); "

@@ -46,9 +46,11 @@ class ToyTrainable:
         ckpt = Path(workdir) / "checkpoint.pt"
         if ckpt.exists():
             run.load(ckpt)
-            if run.seen > budget:  # a rung's checkpoint is at or before the next rung's budget
-                raise ValueError(f"{ckpt}: the checkpoint has seen {run.seen} examples, past this rung's budget "
-                                 f"{budget}; it was made under another rung schedule: delete it")
+            # this rung's own checkpoint (a retry after a crash) overshoots the budget by less than one
+            # batch (the last step's); a later rung's is at least one batch past it
+            if run.seen >= budget + candidate.tier:
+                raise ValueError(f"{ckpt}: the checkpoint has seen {run.seen} examples, a batch or more past this "
+                                 f"rung's budget {budget}; it was made under another rung schedule: delete it")
         state = {"mid": (run.seen + budget) // 2}
 
         def on_step(r: ToyRun, loss: float) -> None:

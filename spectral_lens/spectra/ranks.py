@@ -27,22 +27,25 @@ def rankme(values: torch.Tensor, on: str = "eigenvalues") -> torch.Tensor:
     return torch.exp(-plogp.sum())
 
 
-def _scaled(values: torch.Tensor, name: str) -> torch.Tensor:
-    """``values`` in float64 divided by their largest entry (so squares neither overflow nor underflow);
-    raises ``ValueError`` naming ``name`` for an all-zero (or empty) spectrum, as a dead layer gives."""
+def _scaled(values: torch.Tensor, name: str) -> torch.Tensor | None:
+    """``values`` in float64 divided by their largest entry (so squares neither overflow nor underflow),
+    or ``None`` for an all-zero (or empty) spectrum; raises ``ValueError`` naming ``name`` for NaN/Inf."""
     v = values.to(torch.float64)
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{name}: the spectrum has NaN/Inf eigenvalues")
     top = v.max() if v.numel() else torch.zeros((), dtype=torch.float64)
-    if not bool(top > 0):
-        raise ValueError(f"{name}: spectrum is all zero (a constant or dead representation?)")
-    return v / top
+    return v / top if bool(top > 0) else None
 
 
 def participation_ratio(values: torch.Tensor) -> torch.Tensor:
-    """``(sum lambda)^2 / sum lambda^2`` (scale-free: formed from ``lambda / max lambda``)."""
+    """``(sum lambda)^2 / sum lambda^2`` (scale-free: formed from ``lambda / max lambda``); 0 for an
+    all-zero spectrum (a zero-initialized weight, a dead layer), as the rank of a zero matrix."""
     v = _scaled(values, "participation_ratio")
-    return v.sum() ** 2 / (v * v).sum()
+    return torch.zeros((), dtype=torch.float64) if v is None else v.sum() ** 2 / (v * v).sum()
 
 
 def stable_rank(values: torch.Tensor) -> torch.Tensor:
-    """``sum lambda / max lambda`` (for a weight, ``||W||_F^2 / ||W||_2^2`` with ``lambda = s^2``)."""
-    return _scaled(values, "stable_rank").sum()
+    """``sum lambda / max lambda`` (for a weight, ``||W||_F^2 / ||W||_2^2`` with ``lambda = s^2``); 0 for
+    an all-zero spectrum, as the rank of a zero matrix."""
+    v = _scaled(values, "stable_rank")
+    return torch.zeros((), dtype=torch.float64) if v is None else v.sum()

@@ -182,10 +182,13 @@ def test_participation_ratio_and_stable_rank_are_scale_free(scale):
 
 
 @pytest.mark.parametrize("fn", [participation_ratio, stable_rank], ids=lambda f: f.__name__)
-def test_ranks_of_an_all_zero_spectrum_raise(fn):
-    """A dead or constant layer gives an all-zero spectrum: a clear error (as RankMe), not NaN."""
-    with pytest.raises(ValueError, match=f"{fn.__name__}: spectrum is all zero"):
-        fn(torch.zeros(8, dtype=torch.float64))
+def test_ranks_of_zero_and_non_finite_spectra(fn):
+    """An all-zero spectrum (a zero-initialized weight, a dead layer) has rank 0 (it gave NaN); NaN/Inf
+    eigenvalues are a clear error (they gave NaN)."""
+    assert fn(torch.zeros(8, dtype=torch.float64)) == 0.0
+    assert fn(torch.zeros(0, dtype=torch.float64)) == 0.0
+    with pytest.raises(ValueError, match=f"{fn.__name__}: the spectrum has NaN/Inf eigenvalues"):
+        fn(torch.tensor([3.0, float("nan"), 1.0]))
 
 
 def test_crossover_improvement_stays_in_its_documented_range():

@@ -85,3 +85,14 @@ def test_bad_out_is_one_line_exit_2(tmp_path, capsys, case):
     assert main(["--preset", "smoke", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("examples.toy: error: ") and str(out) in err
+
+
+def test_resume_of_an_older_name_only_preset_json_says_why(tmp_path, capsys):
+    """Older versions wrote preset.json as {"preset": NAME}: refused with the real reason (its settings
+    cannot be checked), not as a directory whose every field differs."""
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "preset.json").write_text('{"preset": "smoke"}\n')
+    assert main(["--preset", "smoke", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "records only the preset name ('smoke')" in err and "differs in" not in err

@@ -135,6 +135,13 @@ def test_trainable_continues_a_promoted_trial(tmp_path):
     assert [r for r, _ in seen] == [32, 64, 96, 128] and [r for r, _ in direct] == [64, 128]
     assert seen[-1] == direct[-1]  # continuing from the checkpoint is the same as never stopping
     assert all(math.isfinite(v) for _, v in seen)
-    # a checkpoint past the rung (another rung schedule) is refused, naming the file
-    with pytest.raises(ValueError, match=r"checkpoint.pt: the checkpoint has seen 128 examples, past this rung's budget 64"):
+    # a checkpoint a batch or more past the rung (another rung schedule) is refused, naming the file
+    with pytest.raises(ValueError, match=r"checkpoint.pt: the checkpoint has seen 128 examples, a batch or more past"):
         trainable(cand, 64, horizon=128, workdir=tmp_path / "a", report=lambda r, v: None)
+    # but a retry of a rung on its own checkpoint (a worker lost after saving it) reports again: the
+    # last step overshoots a budget that is not a multiple of the batch (100 with batches of 64: 128)
+    big = Candidate("Muon", 64, 1.0, {"embed": 4e-3, "hidden": 0.03})
+    again = []
+    for _ in range(2):
+        trainable(big, 100, horizon=256, workdir=tmp_path / "c", report=lambda r, v: again.append((r, v)))
+    assert [r for r, _ in again][-1] == 128 and again[-1] == again[-2]
