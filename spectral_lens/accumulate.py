@@ -825,12 +825,19 @@ class ActivationCovarianceAccumulator:
         make *every* rank raise the same error at once instead of leaving the others waiting in a
         collective. Then all ranks agree on a common shift (the global mean) and re-shift exactly,
         and sum ``n``, ``m`` and ``S``: memory is O(d^2) per rank, not world_size x d^2 as with
-        all_gather. A no-op without an initialized process group. Afterwards ``update`` raises until
-        ``reset``.
+        all_gather. A no-op without an initialized process group; ``ValueError`` on a rank that is not a
+        member of ``group``. Afterwards ``update`` raises until ``reset``.
         """
         import torch.distributed as dist
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        if group is not None and dist.get_rank(group) < 0:  # a non-member: every collective would be a no-op
+            raise ValueError(
+                f"{self._label()}: sync(group) called on global rank {dist.get_rank()}, which is not a member of "
+                "group; call sync(group) only on the group's member ranks"
+            )
+        if dist.get_world_size(group) == 1:
             return self
         if self.initialized:
             dev = self._s.device

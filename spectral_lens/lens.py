@@ -22,6 +22,7 @@ from .activation_capture import attach
 from .attachment import Attachment
 from .capture import Target, select_modules
 from .gradients import PerSampleGradientProbe
+from .gradients.probe import refuse_parallel_wrapper
 from .gradients._batch import batch_size, default_forward, slice_batch
 from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
 from .spectra.fit import tail_window
@@ -181,7 +182,8 @@ class SpectralLens:
 
     Args:
         model: the model being trained (measure the uncompiled module), or ``None`` to configure the
-            lens first and bind it later with :meth:`attach`.
+            lens first and bind it later with :meth:`attach`. A ``DistributedDataParallel`` or
+            ``DataParallel`` wrapper is refused with a ``ValueError``: pass ``wrapper.module``.
         pool: a re-iterable of batches (list, DataLoader): each batch as the model's forward takes it
             through ``forward_fn`` (default: ``model(batch[0])`` for ``(input_ids, targets)`` tuples,
             ``model(**batch)`` for dicts and other mappings such as ``BatchEncoding``,
@@ -216,10 +218,16 @@ class SpectralLens:
             :attr:`LensMeasurement.summaries`. Default: the ``writer``'s recorded windows; without a
             writer, the scale rule for the depth of the model's layer stack
             (:func:`~spectral_lens.tail_window`) and ``(10, 40)``.
-        group: ``torch.distributed`` process group. With one, each rank runs the activation pass on
-            its share of the pool (batch ``i`` goes to rank ``i % world``) and statistics are synced;
-            the gradient protocol runs on rank 0 over the whole gradient pool (cross-sample Gram
-            entries need every sample's gradient) and its results are broadcast.
+        group: ``torch.distributed`` process group (default: the whole world once it is
+            initialized). Every rank of the group calls ``measure`` together; a rank outside it
+            raises ``ValueError``. Each rank runs the activation pass on its share of the pool
+            (batch ``i`` goes to group rank ``i % world``; a rank without a batch joins with zero
+            rows) and statistics are synced; the gradient protocol runs on the group's rank 0 over
+            the whole gradient pool (cross-sample Gram entries need every sample's gradient) and its
+            results are broadcast. Before the sync and before the broadcast the ranks agree that
+            their local work succeeded: if it failed on any rank, every rank raises (the failed
+            rank its own exception, the others a ``RuntimeError`` naming it) instead of waiting in a
+            collective until the process-group timeout.
 
     Measuring leaves the model's train/eval mode, gradients, buffers, hooks and the global RNG
     streams (torch CPU/CUDA, Python ``random``, numpy) as they were; iterating the pools is part of
@@ -289,6 +297,7 @@ class SpectralLens:
 
     # ------------------------------------------------------------------ attachment
     def _bind(self, model: nn.Module) -> None:
+        refuse_parallel_wrapper(model, "SpectralLens")
         layers = self.layers_spec
         if layers is None:
             layers = deepest_block(model)
@@ -345,8 +354,62 @@ class SpectralLens:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(self.group), dist.get_world_size(self.group)
+            rank = dist.get_rank(self.group)
+            if rank < 0:  # not a member: get_rank/get_world_size give -1 and collectives are no-ops
+                raise ValueError(
+                    f"SpectralLens: global rank {dist.get_rank()} is not a member of the lens's group=; "
+                    "call measure only on the group's member ranks (or build this rank's lens without group=)"
+                )
+            return rank, dist.get_world_size(self.group)
         return 0, 1
+
+    def _collective_device(self) -> torch.device:
+        import torch.distributed as dist
+
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+
+    def _agree(self, error: BaseException | None, what: str) -> None:
+        """Collective agreement on this rank's local work before the next collective phase.
+
+        Every rank of the group all-reduces (MAX) one failure flag per rank. If any rank failed,
+        every rank raises at once instead of leaving the others waiting in the next collective: a
+        failed rank re-raises its own exception, the others a ``RuntimeError`` naming the failed
+        rank(s). In a single process, ``error`` is simply raised.
+        """
+        rank, world = self._dist()
+        if world > 1:
+            import torch.distributed as dist
+
+            flags = torch.zeros(world, dtype=torch.int64, device=self._collective_device())
+            flags[rank] = int(error is not None)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            failed = [r for r, f in enumerate(flags.tolist()) if f]
+            if failed and error is None:
+                if self.group is not None:
+                    failed = [dist.get_global_rank(self.group, r) for r in failed]
+                raise RuntimeError(
+                    f"SpectralLens.measure: {what} failed on global rank(s) {failed}; this rank stopped too so that "
+                    f"no rank waits in a collective. See the error raised on rank(s) {failed} for the cause"
+                )
+        if error is not None:
+            raise error
+
+    def _agree_widths(self, accs: list) -> None:
+        """Give an accumulator that saw no rows on this rank (no batch of the pool) the width the
+        other ranks saw, so that it joins ``sync`` with zero rows (one ``all_reduce(MAX)``)."""
+        import torch.distributed as dist
+
+        local = [-1 if a.dim is None else a.dim for a in accs]
+        widths = torch.tensor(local, dtype=torch.int64, device=self._collective_device())
+        dist.all_reduce(widths, op=dist.ReduceOp.MAX, group=self.group)
+        for acc, d in zip(accs, widths.tolist()):
+            if d < 0:  # the same on every rank: no rank saw a row for this layer
+                raise ValueError(
+                    f"SpectralLens: {acc._label()}: no rank saw any rows; the pool gave no batch, or the module "
+                    "never ran in the model's forward"
+                )
+            if acc.dim is None:
+                acc.dim = d
 
     def _device(self) -> torch.device:
         p = next(self._require_model().parameters(), None)
@@ -380,14 +443,35 @@ class SpectralLens:
 
     # ---------------------------------------------------------------- protocols
     def activation_spectra(self) -> dict[str, Spectrum]:
-        """Covariance spectra of every selected layer over the pool (synced across ranks)."""
+        """Covariance spectra of every selected layer over the pool (synced across ranks).
+
+        Under ``torch.distributed`` the ranks agree, before ``sync``, that every rank's share of the
+        pool ran (a failure on one rank makes every rank raise, see :meth:`measure`) and on each
+        layer's width, so a rank that got no batch (a pool of fewer batches than ranks) joins the
+        sync with zero rows.
+        """
         model = self._require_model()
-        capture = attach(model, self.layers, pick=self.pick, precision=self.precision)
+        rank, world = self._dist()
+        error = None
+        try:
+            capture = attach(model, self.layers, pick=self.pick, precision=self.precision)
+            self._activation_pass(model, capture, rank, world)
+        except Exception as exc:  # agreed with the other ranks below, then re-raised
+            error = exc
+        self._agree(error, "the activation pass")
+        accs = list(capture.accumulators.values())
+        if world > 1:
+            self._agree_widths(accs)
+        for acc in accs:
+            acc.sync(self.group)
+        return {f"act:{name}": spectrum for name, spectrum in capture.compute().items()}
+
+    def _activation_pass(self, model: nn.Module, capture, rank: int, world: int) -> None:
+        """This rank's forwards over its share of the pool (batch ``i`` for ``i % world == rank``)."""
         dev = self._device()
         autocast = (
             torch.autocast(dev.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None else contextlib.nullcontext()
         )
-        rank, world = self._dist()
         total = sized_total(self.pool)
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
         try:
@@ -403,9 +487,6 @@ class SpectralLens:
         finally:
             if bar is not None:
                 bar.close()
-        for acc in capture.accumulators.values():
-            acc.sync(self.group)
-        return {f"act:{name}": spectrum for name, spectrum in capture.compute().items()}
 
     def _gradient_total(self) -> int | None:
         """Samples the gradient pass will take: the pool's sample count (lists, tuples, DataLoaders
@@ -424,58 +505,75 @@ class SpectralLens:
         return cap if n is None else min(cap, n)
 
     def gradient_spectra(self) -> tuple[dict[str, Spectrum], dict[str, float]]:
-        """Per-sample gradient spectra of the probed matrices and their noise scales (rank 0 computes)."""
+        """Per-sample gradient spectra of the probed matrices and their noise scales (rank 0 of the
+        group computes them and broadcasts the result, after every rank agreed it succeeded)."""
         self._require_model()
         if self.probe is None:
             return {}, {}
         rank, world = self._dist()
         result: list = [None]
+        error = None
         if rank == 0:
-            self.probe.reset()
-            seen = 0
-            bar = progress_bar(self._gradient_total(), "gradients", self.progress, "sample")
             try:
-                # iterating the pool draws random numbers too (a DataLoader iterator's base seed, a
-                # shuffling sampler, numpy augmentation): under the fork, as in the activation pass
-                with forked_rng(cuda_devices(self.model)):
-                    for batch in self.gradient_pool:
-                        if self.gradient_samples is not None:
-                            take = min(batch_size(batch), self.gradient_samples - seen)
-                            if take <= 0:
-                                break
-                            batch = slice_batch(batch, 0, take)
-                        self.probe.update(batch)
-                        k = batch_size(batch)
-                        seen += k
-                        if bar is not None:
-                            bar.update(k)
-            finally:
-                if bar is not None:
-                    bar.close()
-            if self.probe.n_samples_ < 2:
-                raise ValueError(
-                    f"SpectralLens: the gradient pool gave {self.probe.n_samples_} sample(s) (sequences), and a "
-                    "gradient spectrum needs at least 2; pass a gradient_pool (default: pool) that yields the same "
-                    "batches at every measurement (a list or a DataLoader, not an exhausted iterator), or "
-                    "params=() to measure activations only"
-                )
-            spectra = self.probe.compute()
-            noise = self.probe.noise_scale()
-            if isinstance(spectra, Spectrum):
-                spectra = {next(iter(self.probe.params)): spectra}
-                noise = {next(iter(self.probe.params)): noise}
-            scalars = {f"noise_scale:{n}": float(ns.b_simple) for n, ns in noise.items()}
-            scalars["noise_scale"] = scalars[f"noise_scale:{next(iter(noise))}"]
-            result = [({f"grad:{n}": s for n, s in spectra.items()}, scalars)]
+                result = [self._gradient_pass()]
+            except Exception as exc:  # agreed with the other ranks below, then re-raised
+                error = exc
+        self._agree(error, "the gradient protocol (it runs on the group's rank 0)")
         if world > 1:
             import torch.distributed as dist
 
-            dist.broadcast_object_list(result, src=0, group=self.group)
+            src = 0 if self.group is None else dist.get_global_rank(self.group, 0)  # src is a global rank
+            dist.broadcast_object_list(result, src=src, group=self.group)
         return result[0]
+
+    def _gradient_pass(self) -> tuple[dict[str, Spectrum], dict[str, float]]:
+        """The gradient protocol over the whole gradient pool, on this rank."""
+        self.probe.reset()
+        seen = 0
+        bar = progress_bar(self._gradient_total(), "gradients", self.progress, "sample")
+        try:
+            # iterating the pool draws random numbers too (a DataLoader iterator's base seed, a
+            # shuffling sampler, numpy augmentation): under the fork, as in the activation pass
+            with forked_rng(cuda_devices(self.model)):
+                for batch in self.gradient_pool:
+                    if self.gradient_samples is not None:
+                        take = min(batch_size(batch), self.gradient_samples - seen)
+                        if take <= 0:
+                            break
+                        batch = slice_batch(batch, 0, take)
+                    self.probe.update(batch)
+                    k = batch_size(batch)
+                    seen += k
+                    if bar is not None:
+                        bar.update(k)
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.probe.n_samples_ < 2:
+            raise ValueError(
+                f"SpectralLens: the gradient pool gave {self.probe.n_samples_} sample(s) (sequences), and a "
+                "gradient spectrum needs at least 2; pass a gradient_pool (default: pool) that yields the same "
+                "batches at every measurement (a list or a DataLoader, not an exhausted iterator), or "
+                "params=() to measure activations only"
+            )
+        spectra = self.probe.compute()
+        noise = self.probe.noise_scale()
+        if isinstance(spectra, Spectrum):
+            spectra = {next(iter(self.probe.params)): spectra}
+            noise = {next(iter(self.probe.params)): noise}
+        scalars = {f"noise_scale:{n}": float(ns.b_simple) for n, ns in noise.items()}
+        scalars["noise_scale"] = scalars[f"noise_scale:{next(iter(noise))}"]
+        return {f"grad:{n}": s for n, s in spectra.items()}, scalars
 
     # ----------------------------------------------------------------- interface
     def measure(self, step: int, tokens: int, *, val_loss: float | None = None, progress: float | None = None) -> LensMeasurement:
-        """Run both protocols now; store and return the measurement (rank 0 writes the record)."""
+        """Run both protocols now; store and return the measurement (rank 0 writes the record).
+
+        Under ``torch.distributed`` every rank of the group calls it together. An error in one rank's
+        local work (its forwards, rank 0's gradient protocol, an out-of-memory) is agreed before the
+        next collective: that rank raises its own exception and every other rank a ``RuntimeError``
+        naming it, at once and with the process group still usable.
+        """
         spectra = self.activation_spectra()
         grad_spectra, scalars = self.gradient_spectra()
         spectra.update(grad_spectra)

@@ -79,6 +79,27 @@ def _block_index(name: str) -> int:
     return int(nums[-1]) if nums else -1
 
 
+def refuse_parallel_wrapper(model: Any, who: str) -> None:
+    """``ValueError`` for a ``DistributedDataParallel``/``DataParallel`` wrapper: measure ``model.module``.
+
+    A forward/backward through the wrapper starts the wrapper's own work on this rank alone (DDP's
+    buffer broadcast per forward and gradient all-reduce per backward; DataParallel's replication),
+    which the other ranks never match: it cross-talks with the lens's collectives or hangs.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        why = ("start DDP's buffer broadcast and gradient all-reduce on this rank alone (the other ranks never "
+               "match them: a hang, or cross-talk with the lens's own collectives)")
+    elif isinstance(model, nn.DataParallel):
+        why = "replicate the model across devices on every pass (hooks and gradients would see the replicas)"
+    else:
+        return
+    raise ValueError(
+        f"{who}: model is a {type(model).__name__} wrapper; pass the wrapped module (model.module) instead: "
+        f"measuring runs its own forward/backward passes, which through the wrapper would {why}. The inner "
+        "module has the same parameters, and training through the wrapper is unaffected"
+    )
+
+
 def default_gradient_param(model: nn.Module) -> str:
     """Dotted name of the final block's attention output projection weight (the paper's default).
 
@@ -157,7 +178,8 @@ class PerSampleGradientProbe:
 
     Args:
         model: any ``nn.Module``, or ``None`` to build the probe first and bind it later with
-            :meth:`attach` (``params`` are resolved then).
+            :meth:`attach` (``params`` are resolved then). A ``DistributedDataParallel`` or
+            ``DataParallel`` wrapper is refused with a ``ValueError``: pass ``wrapper.module``.
         params: dotted parameter name(s), globs over parameter names (``"blocks.*.attn.c_proj.weight"``)
             or module names (meaning the module's ``weight``). Default: the final block's attention
             output projection (:func:`default_gradient_param`). Several matrices share each pass.
@@ -288,6 +310,7 @@ class PerSampleGradientProbe:
     def _bind(self, model: nn.Module) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"PerSampleGradientProbe.attach needs an nn.Module, got {type(model).__name__}")
+        refuse_parallel_wrapper(model, "PerSampleGradientProbe")
         params = _resolve_params(model, self.params_spec)
         self.model, self.params = model, params
         self.sites = {n: self._site(n) for n in params}

@@ -1,0 +1,238 @@
+"""``SpectralLens`` across 3 gloo ranks: uneven pools, rank-local failures, sub-groups, wrappers.
+
+Each case runs in one process group of 3 plain processes with a short process-group timeout, joined
+with a deadline, so a hang fails the test instead of blocking CI. After every case the ranks meet in
+a barrier: a case that left the ranks in mismatched collectives shows up there (or as a timeout).
+
+Before the fixes: a pool of fewer batches than ranks raised "pass dim= to the accumulator" (which a
+lens user cannot); an error in one rank's forward or in rank 0's gradient protocol left the other
+ranks waiting in the next collective until the process-group timeout; ``group=`` without global
+rank 0 broke the gradient broadcast (``src`` is a global rank); a non-member rank "synced" its own
+rows; a ``DistributedDataParallel`` wrapper was accepted and its backward cross-talked with the
+lens's broadcast.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import multiprocessing
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from spectral_lens import ActivationCovarianceAccumulator, PerSampleGradientProbe, SpectralLens, attach
+
+from support.models import TinyLM, lm_pool
+
+WORLD = 3
+PG_TIMEOUT_S = 30  # a collective left waiting fails after this (the default is 30 min for gloo)
+DEADLINE_S = 10.0  # the promise: every rank has returned or raised within this many seconds
+JOIN_S = 240.0  # process start-up (imports) plus every case; a hang fails the test here
+ACT, GRAD = "act:h.2", "grad:h.2.attn.c_proj.weight"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model():
+    torch.manual_seed(0)
+    return TinyLM().double()
+
+
+def _spectra(m) -> dict:
+    return {k: {"values": v.values.tolist(), "n_rows": v.n_rows} for k, v in m.spectra.items()}
+
+
+def _pool_smaller_than_world(rank, subgroup):  # 2 batches on 3 ranks: rank 2 gets none
+    return _spectra(SpectralLens(_model(), lm_pool(n_batches=2), precision="float64", progress=False).measure(1, 1))
+
+
+def _forward_fails_on_rank1(rank, subgroup):  # batch 1 (rank 1's) has out-of-vocabulary ids
+    pool = lm_pool(n_batches=3)
+    pool[1] = (pool[1][0] + 1000, pool[1][1])
+    SpectralLens(_model(), pool, params=(), progress=False).measure(1, 1)
+
+
+def _gradient_fails_on_rank0(rank, subgroup):  # a 1-sample gradient pool: rank 0 raises ValueError
+    pool = lm_pool(n_batches=3)
+    SpectralLens(_model(), pool, gradient_pool=[(pool[0][0][:1], pool[0][1][:1])], progress=False).measure(1, 1)
+
+
+def _subgroup_without_rank0(rank, subgroup):  # group [1, 2]; rank 0 calls measure too, as a non-member
+    lens = SpectralLens(_model(), lm_pool(n_batches=4), precision="float64", progress=False, group=subgroup)
+    return _spectra(lens.measure(1, 1))
+
+
+def _nonmember_sync(rank, subgroup):
+    acc = ActivationCovarianceAccumulator()
+    acc.update(torch.randn(10 * (rank + 1), 4, dtype=torch.float64))
+    acc.sync(subgroup)
+    return acc.n_rows
+
+
+def _ddp_wrapper(rank, subgroup):
+    ddp = torch.nn.parallel.DistributedDataParallel(_model())
+    errors = []
+    for build in (lambda: SpectralLens(ddp, lm_pool(n_batches=2), params=()),
+                  lambda: SpectralLens(pool=lm_pool(n_batches=2)).attach(ddp),
+                  lambda: PerSampleGradientProbe(ddp),
+                  lambda: PerSampleGradientProbe(params="module.h.2.attn.c_proj.weight").attach(ddp)):
+        try:
+            build()
+            errors.append(None)
+        except ValueError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+# cases that could leave the ranks in mismatched collectives (a regression) run last, so they cannot
+# mask the others
+CASES = {
+    "ddp_wrapper": _ddp_wrapper,
+    "nonmember_sync": _nonmember_sync,
+    "pool_smaller_than_world": _pool_smaller_than_world,
+    "subgroup_without_rank0": _subgroup_without_rank0,
+    "gradient_fails_on_rank0": _gradient_fails_on_rank0,
+    "forward_fails_on_rank1": _forward_fails_on_rank1,
+}
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    try:
+        subgroup = dist.new_group([1, 2])  # every rank creates it; rank 0 is not a member
+        for case, fn in CASES.items():
+            start = time.monotonic()
+            result = {"value": None, "error": None}
+            try:
+                result["value"] = fn(rank, subgroup)
+            except Exception as exc:  # noqa: BLE001 - recorded for the parent to check
+                result["error"] = f"{type(exc).__name__}: {exc}"
+            result["seconds"] = time.monotonic() - start
+            try:  # the next training collective: the ranks must be in step again
+                dist.barrier()
+                result["barrier"] = "ok"
+            except Exception as exc:  # noqa: BLE001
+                result["barrier"] = f"{type(exc).__name__}: {exc}"
+            with open(os.path.join(out, f"{case}.rank{rank}.json"), "w") as fh:
+                json.dump(result, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, list[dict]]:
+    out = tmp_path_factory.mktemp("lens_dist")
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, str(out))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + JOIN_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    found: dict = {"_hung": hung}
+    for case in CASES:
+        files = [out / f"{case}.rank{r}.json" for r in range(WORLD)]
+        found[case] = [json.loads(f.read_text()) if f.exists() else None for f in files]
+    return found
+
+
+def _case(results, case) -> list[dict]:
+    got = results[case]
+    assert None not in got, f"{case}: no result from rank(s) {[r for r in range(WORLD) if got[r] is None]}; " \
+        f"ranks still running after {JOIN_S} s (killed): {results['_hung']}"
+    assert [r["barrier"] for r in got] == ["ok"] * WORLD, f"{case}: ranks out of step afterwards: {got}"
+    assert all(r["seconds"] < DEADLINE_S for r in got), f"{case}: {[r['seconds'] for r in got]} s"
+    return got
+
+
+def _single(n_batches) -> dict:
+    return _spectra(SpectralLens(_model(), lm_pool(n_batches=n_batches), precision="float64", progress=False).measure(1, 1))
+
+
+def _assert_equal_spectra(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want) == sorted([ACT, GRAD])
+    for k in want:
+        assert got[k]["n_rows"] == want[k]["n_rows"], k
+        np.testing.assert_allclose(got[k]["values"], want[k]["values"], rtol=1e-10, atol=1e-12 * want[k]["values"][0])
+
+
+@pytest.mark.distributed
+def test_pool_smaller_than_world_equals_one_process(results):
+    got = _case(results, "pool_smaller_than_world")
+    assert [r["error"] for r in got] == [None] * WORLD, got
+    want = _single(2)
+    for r in got:  # rank 2 saw no batch and still holds the whole pool's spectra
+        _assert_equal_spectra(r["value"], want)
+
+
+@pytest.mark.distributed
+def test_forward_failure_on_one_rank_is_agreed(results):
+    errors = [r["error"] for r in _case(results, "forward_fails_on_rank1")]
+    assert errors[1].startswith("IndexError"), errors  # the failing rank raises its own error
+    for e in (errors[0], errors[2]):
+        assert e.startswith("RuntimeError") and "activation pass failed on global rank(s) [1]" in e, errors
+
+
+@pytest.mark.distributed
+def test_gradient_failure_on_rank0_is_agreed(results):
+    errors = [r["error"] for r in _case(results, "gradient_fails_on_rank0")]
+    assert errors[0].startswith("ValueError") and "gradient pool gave 1 sample" in errors[0], errors
+    for e in errors[1:]:
+        assert e.startswith("RuntimeError") and "gradient protocol" in e and "global rank(s) [0]" in e, errors
+
+
+@pytest.mark.distributed
+def test_subgroup_without_global_rank0_equals_one_process(results):
+    got = _case(results, "subgroup_without_rank0")
+    assert got[0]["error"].startswith("ValueError") and "not a member" in got[0]["error"], got[0]
+    want = _single(4)
+    for r in got[1:]:
+        assert r["error"] is None, r
+        _assert_equal_spectra(r["value"], want)
+
+
+@pytest.mark.distributed
+def test_sync_on_a_nonmember_rank_raises(results):
+    got = _case(results, "nonmember_sync")
+    assert got[0]["error"].startswith("ValueError") and "not a member of group" in got[0]["error"], got[0]
+    assert [r["value"] for r in got[1:]] == [20 + 30, 20 + 30]  # the members sum their own rows
+
+
+@pytest.mark.distributed
+def test_ddp_wrapper_is_refused(results):
+    for r in _case(results, "ddp_wrapper"):
+        assert r["error"] is None, r
+        for msg in r["value"]:
+            assert msg is not None and "DistributedDataParallel wrapper" in msg and "model.module" in msg, r["value"]
+
+
+def test_data_parallel_wrapper_is_refused_and_hooks_only_attach_accepts_it():
+    model = _model()
+    dp = torch.nn.DataParallel(model)  # on the CPU: a wrapper that calls the module
+    for build in (lambda: SpectralLens(dp, lm_pool(n_batches=2), params=()),
+                  lambda: PerSampleGradientProbe(dp)):
+        with pytest.raises(ValueError, match=r"DataParallel wrapper; pass the wrapped module \(model\.module\)"):
+            build()
+    # hooks only: the caller runs the forwards, the library starts no pass of its own through the wrapper
+    with attach(dp, "module.h.2") as capture, torch.no_grad():
+        for x, _ in lm_pool(n_batches=2):
+            dp(x)
+    assert capture.accumulators["module.h.2"].n_rows > 0
