@@ -468,6 +468,10 @@ class SpectralLens:
 
     def _activation_pass(self, model: nn.Module, capture, rank: int, world: int) -> None:
         """This rank's forwards over its share of the pool (batch ``i`` for ``i % world == rank``)."""
+        with capture:  # first: whatever fails below, the hooks leave with it
+            self._forwards(model, capture, rank, world)
+
+    def _forwards(self, model: nn.Module, capture, rank: int, world: int) -> None:
         dev = self._device()
         autocast = (
             torch.autocast(dev.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None else contextlib.nullcontext()
@@ -475,7 +479,7 @@ class SpectralLens:
         total = sized_total(self.pool)
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
         try:
-            with capture, self._eval_mode(), torch.no_grad(), autocast:
+            with self._eval_mode(), torch.no_grad(), autocast:
                 for i, batch in enumerate(self.pool):
                     if i % world != rank:
                         continue

@@ -147,3 +147,20 @@ def test_forked_rng_restores_every_stream_on_an_exception():
             random.random(), np.random.random(), torch.rand(3)
             raise KeyboardInterrupt
     assert _same(before, _rng_states())
+
+
+def test_no_hook_is_left_when_the_activation_pass_fails_before_its_first_forward(monkeypatch):
+    """The capture's hooks are registered first; a failure while setting up the pass (autocast, the
+    pool's length, the progress bar) must take them away too."""
+    import spectral_lens.lens as lens_module
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    lens = SpectralLens(model, pool=[torch.randn(8, 4)], layers=["0"], params=())
+
+    def broken(pool):
+        raise RuntimeError("setup failed")
+
+    monkeypatch.setattr(lens_module, "sized_total", broken)
+    with pytest.raises(RuntimeError, match="setup failed"):
+        lens.measure(0, 0)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
