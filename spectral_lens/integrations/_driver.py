@@ -56,14 +56,11 @@ class LensDriver:
             )
 
     def windows(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
-        """The alpha windows of the lens's run record (the lens's own windows without a writer).
+        """The alpha windows of the lens's summaries (the run record's, else the depth rule's).
 
-        Only used for spectra whose summaries a measurement does not carry.
+        Shaded in the sinks' figures; also used for spectra whose summaries a measurement does not carry.
         """
-        writer = self.lens.writer
-        if writer is not None:
-            return writer.tail_window, writer.head_window
-        return self.lens.tail_window or (100, 200), self.lens.head_window or (10, 40)
+        return self.lens._windows()
 
     def tokens(self, step: int, counted: int | None = None) -> int:
         """Training tokens at ``step``: the framework's count when it keeps one, else

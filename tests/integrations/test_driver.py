@@ -44,3 +44,18 @@ def test_bind_attaches_an_unbound_lens_and_release_detaches_it():
     bound.bind(model, "here")  # the same model: fine
     with pytest.raises(ValueError, match="here: the trainer's model .* is not the model the SpectralLens measures"):
         bound.bind(TinyGPT(), "here")
+
+
+def test_sinks_shade_the_windows_of_the_summaries():
+    deep = TinyGPT(vocab=37, d=16, heads=2, layers=24, ctx=12)
+    d = LensDriver(lens(deep), (), None)  # no writer: the depth rule of 24 blocks
+    assert d.windows() == d.lens._windows() == ((200, 400), (10, 40))
+    assert LensDriver(lens(deep, tail_window=(4, 8)), (), None).windows() == ((4, 8), (10, 40))
+    seen = []
+
+    class Sink:
+        def log_measurement(self, m, tail=None, head=None):
+            seen.append((tail, head))
+
+    LensDriver(lens(deep), [Sink()], None).measure(0, 0)
+    assert seen == [((200, 400), (10, 40))]
