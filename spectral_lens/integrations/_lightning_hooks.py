@@ -40,6 +40,10 @@ class LightningHooks:
         """Detach the lens if this callback attached it."""
         self.driver.release()
 
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        """Detach the lens if this callback attached it (``on_fit_end`` does not run after an error)."""
+        self.driver.release()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Measure when the lens's schedule names the current ``trainer.global_step``."""
         if self.driver.due(int(trainer.global_step)):

@@ -23,7 +23,8 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     :class:`~spectral_lens.records.RunWriter` and a :class:`~spectral_lens.Schedule`; the callback
     measures after every optimizer step the schedule names (``TrainerState.global_step``) and, with
     ``on_evaluate=True``, after every evaluation too (recording its ``eval_loss`` as the validation
-    loss). A step is measured once.
+    loss). A step is measured once. If training raises, the lens is detached from the model when
+    the error came from a measurement, else when the callback next starts a run.
 
     Each measurement is appended to the lens's run record, sent to every sink (e.g.
     :class:`~spectral_lens.integrations.TensorBoardSink`), and its scalars (per spectrum

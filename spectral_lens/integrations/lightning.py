@@ -20,7 +20,7 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
     take the pool's batches). The callback measures after every optimizer step the schedule names
     (``trainer.global_step``) and, with ``on_validation=True``, after every validation run,
     recording ``trainer.callback_metrics[val_loss_key]`` as the validation loss. A step is measured
-    once.
+    once. A lens the callback attached is detached at the end of the fit, also when it raises.
 
     Each measurement is appended to the lens's run record, sent to every sink, and its scalars (per
     spectrum ``alpha_tail``, ``alpha_head``, ``rankme``, ``stable_rank``; ``noise_scale``) go to

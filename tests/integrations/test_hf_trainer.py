@@ -42,8 +42,10 @@ def heldout_pool():
 
 def trainer_for(model, tmp_path, **kw):
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=20, per_device_train_batch_size=4, learning_rate=1e-3,
-        report_to=kw.pop("report_to", []), save_strategy="no", use_cpu=True, disable_tqdm=True, **kw,
+        output_dir=str(tmp_path / "out"), max_steps=kw.pop("max_steps", 20), per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to=kw.pop("report_to", []), save_strategy="no", use_cpu=True,
+        disable_tqdm=True, **kw,
     )
     return transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(80, 0),
                                 eval_dataset=RandomTokens(8, 1))
@@ -107,8 +109,49 @@ def test_plain_callback_attaches_a_lens_without_model_and_logs_into_state(tmp_pa
 def test_wrong_model_is_a_clear_error(tmp_path):
     lens = sl.SpectralLens(tiny_llama(), heldout_pool(), params=(), schedule=sl.Schedule.every(1))
     trainer = trainer_for(tiny_llama(), tmp_path)
-    with pytest.raises(ValueError, match="not the model the SpectralLens measures"):
+    with pytest.raises(ValueError, match=r"model \(another LlamaForCausalLM instance\) is not the model the "
+                                         r"SpectralLens measures \(LlamaForCausalLM\)"):
         SpectralLensCallback(lens).attach(trainer)
+
+
+class CrashAt(transformers.TrainerCallback):
+    """A crash of the training loop itself (not of a measurement) after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"crash at step {self.step}")
+
+
+def test_after_a_crash_the_lens_is_not_left_on_the_crashed_model(tmp_path):
+    calls = []
+
+    def forward(model, batch):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("bad held-out batch")
+        return model(**batch)
+
+    lens = sl.SpectralLens(pool=heldout_pool(), params=(), forward_fn=forward, schedule=sl.Schedule.every(2))
+    crashed = tiny_llama()
+    with pytest.raises(RuntimeError, match="bad held-out batch"):
+        SpectralLensCallback(lens).attach(trainer_for(crashed, tmp_path / "a", max_steps=2)).trainer.train()
+    assert lens.model is None  # the failed measurement detached it
+    # the training loop crashes before any measurement: no end hook runs, the lens stays on that model ...
+    with pytest.raises(KeyboardInterrupt):
+        trainer = trainer_for(tiny_llama(), tmp_path / "b", max_steps=2)
+        SpectralLensCallback(lens).attach(trainer)
+        trainer.add_callback(CrashAt(1))
+        trainer.train()
+    # ... and a rerun with a fresh model and the same lens attaches it there instead of refusing it
+    fresh = tiny_llama()
+    trainer = trainer_for(fresh, tmp_path / "c", max_steps=2)
+    SpectralLensCallback(lens).attach(trainer)
+    assert lens.model is fresh
+    trainer.train()
+    assert [m.step for m in lens.history] == [2] and lens.model is None
 
 
 class Recorder:

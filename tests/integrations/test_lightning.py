@@ -41,9 +41,10 @@ def loader(n: int, seed: int):
 
 
 def trainer(tmp_path, callback, logger, **kw):
-    return pl.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=logger, callbacks=[callback],
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=str(tmp_path), **kw)
+    callbacks = callback if isinstance(callback, list) else [callback]
+    kw = {"max_steps": 6, "enable_checkpointing": False, **kw}
+    return pl.Trainer(accelerator="cpu", devices=1, logger=logger, callbacks=callbacks, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=str(tmp_path), **kw)
 
 
 def test_records_and_logger_scalars(tmp_path):
@@ -92,6 +93,39 @@ def test_no_logger_and_module_check(tmp_path):
     other = sl.SpectralLens(TinyGPT(), lm_pool(1), params=(), schedule=sl.Schedule.every(1))
     with pytest.raises(ValueError, match="not the model the SpectralLens measures"):
         trainer(tmp_path, SpectralLensLightningCallback(other), False, limit_val_batches=0).fit(TinyLit(), loader(2, 0))
+
+
+class CrashAt(pl.Callback):
+    """A crash of the training loop itself (not of a measurement) after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"crash at step {self.step}")
+
+
+def test_a_crashed_fit_leaves_the_lens_detached(tmp_path):
+    calls = []
+
+    def forward(model, batch):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("bad held-out batch")
+        return model(batch[0])
+
+    lens = sl.SpectralLens(pool=lm_pool(1, batch=4, t=12, vocab=37), params=(), forward_fn=forward,
+                           schedule=sl.Schedule.every(2))
+    cb = SpectralLensLightningCallback(lens)
+    with pytest.raises(ValueError, match="bad held-out batch"):
+        trainer(tmp_path, cb, False, limit_val_batches=0).fit(TinyLit(), loader(6, 0))
+    assert lens.model is None
+    with pytest.raises(RuntimeError, match="crash at step 1"):  # a crash outside a measurement: on_exception
+        trainer(tmp_path, [cb, CrashAt(1)], False, limit_val_batches=0).fit(TinyLit(), loader(6, 0))
+    assert lens.model is None
+    trainer(tmp_path, cb, False, limit_val_batches=0, max_steps=2).fit(TinyLit(), loader(6, 0))  # the same callback
+    assert [m.step for m in lens.history] == [2] and lens.model is None
 
 
 def test_standalone_pytorch_lightning_package(tmp_path):
