@@ -77,6 +77,21 @@ class LensDriver:
                 f"for the callback to attach it"
             )
 
+    def resumed(self, step: int) -> None:
+        """Training resumed from a checkpoint at ``step``: forget what the lens measured after it
+        (its history, and on rank 0 its run record via :meth:`RunWriter.drop_after
+        <spectral_lens.records.RunWriter.drop_after>`), since those steps are trained and measured again."""
+        step = int(step)
+        lens = self.lens
+        lens.history[:] = [m for m in lens.history if m.step <= step]
+        try:
+            if lens.writer is not None and lens._dist()[0] == 0:
+                lens.writer.drop_after(step)
+        except BaseException:
+            self.release()  # the run ends with this error
+            raise
+        self.last_step = step
+
     def windows(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
         """The alpha windows of the lens's summaries (the run record's, else the depth rule's).
 

@@ -44,7 +44,7 @@ def trainer_for(model, tmp_path, **kw):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=kw.pop("max_steps", 20), per_device_train_batch_size=4,
         learning_rate=1e-3,
-        report_to=kw.pop("report_to", []), save_strategy="no", use_cpu=True,
+        report_to=kw.pop("report_to", []), save_strategy=kw.pop("save_strategy", "no"), use_cpu=True,
         disable_tqdm=True, **kw,
     )
     return transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(80, 0),
@@ -152,6 +152,35 @@ def test_after_a_crash_the_lens_is_not_left_on_the_crashed_model(tmp_path):
     assert lens.model is fresh
     trainer.train()
     assert [m.step for m in lens.history] == [2] and lens.model is None
+
+
+def test_resume_from_checkpoint_records_each_step_once(tmp_path):
+    def run(resume: bool):
+        model = tiny_llama()
+        writer = RunWriter(tmp_path / "run", None if resume else RunInfo("hf", batch_tier=1), resume=resume,
+                           fsync=False)
+        lens = sl.SpectralLens(model, heldout_pool(), writer=writer, schedule=sl.Schedule.every(2))
+        trainer = trainer_for(model, tmp_path, max_steps=8, save_strategy="steps", save_steps=4,
+                              eval_on_start=resume)
+        SpectralLensCallback(lens, on_evaluate=True).attach(trainer)
+        if resume:
+            trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+        else:
+            trainer.add_callback(CrashAt(7))
+            with pytest.raises(KeyboardInterrupt):
+                trainer.train()
+        writer.close()
+        return lens, trainer
+
+    lens, _ = run(resume=False)
+    assert [m.step for m in lens.history] == [2, 4, 6]  # step 6 was measured after the last checkpoint
+    lens, trainer = run(resume=True)
+    assert [m.step for m in lens.history] == [6, 8]  # the replay measures step 6 again ...
+    (record,) = open_runs([tmp_path / "run"])
+    assert [m.step for m in record.measurements] == [2, 4, 6, 8]  # ... and the record holds it once
+    assert len(list((tmp_path / "run" / "spectra").iterdir())) == 4 * 2  # the first step-6 files are gone
+    assert record.measurements[1].val_loss is None  # eval_on_start at the restored step 4: not measured again
+    assert [h["step"] for h in trainer.state.log_history if "spectral_lens/noise_scale" in h] == [2, 4, 6, 8]
 
 
 class Recorder:

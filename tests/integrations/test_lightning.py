@@ -128,6 +128,32 @@ def test_a_crashed_fit_leaves_the_lens_detached(tmp_path):
     assert [m.step for m in lens.history] == [2] and lens.model is None
 
 
+def test_resume_from_checkpoint_records_each_step_once(tmp_path):
+    def run(ckpt_path=None):
+        torch.manual_seed(0)
+        module = TinyLit()
+        writer = RunWriter(tmp_path / "run", RunInfo("lit", batch_tier=1), resume=ckpt_path is not None, fsync=False)
+        lens = sl.SpectralLens(module.net, lm_pool(1, batch=4, t=12, vocab=37, seed=9), writer=writer,
+                               schedule=sl.Schedule.every(2))
+        saves = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=4,
+                                             save_top_k=-1)
+        callbacks = [SpectralLensLightningCallback(lens), saves] + ([] if ckpt_path else [CrashAt(7)])
+        fit = trainer(tmp_path, callbacks, False, max_steps=8, enable_checkpointing=True, limit_val_batches=0)
+        try:
+            fit.fit(module, loader(8, 0), ckpt_path=ckpt_path)
+        finally:
+            writer.close()
+        return lens
+
+    with pytest.raises(RuntimeError, match="crash at step 7"):
+        run()
+    lens = run(ckpt_path=str(tmp_path / "ckpt" / "step=4.ckpt"))
+    assert [m.step for m in lens.history] == [6, 8]  # the replay measures step 6 again ...
+    (record,) = open_runs([tmp_path / "run"])
+    assert [m.step for m in record.measurements] == [2, 4, 6, 8]  # ... and the record holds it once
+    assert len(list((tmp_path / "run" / "spectra").iterdir())) == 4 * 2
+
+
 def test_standalone_pytorch_lightning_package(tmp_path):
     ptl = pytest.importorskip("pytorch_lightning", reason="pytorch_lightning is not installed")
     from spectral_lens.integrations.pytorch_lightning import SpectralLensLightningCallback as PTLCallback
