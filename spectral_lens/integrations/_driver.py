@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Iterable, Protocol
 
+from ..attachment import Attachment
 from ..lens import LensMeasurement, SpectralLens
 from .summaries import measurement_scalars
+
+# The attachment a callback made for each lens it attached (a lens built without a model). When a
+# run raised, its end hook never ran and the lens is still bound to that run's model; the next
+# callback run of the lens re-attaches it to its own model instead of refusing it.
+_CALLBACK_ATTACHMENTS: "weakref.WeakKeyDictionary[SpectralLens, Attachment]" = weakref.WeakKeyDictionary()
 
 
 class Sink(Protocol):
@@ -43,27 +50,54 @@ class LensDriver:
 
     def bind(self, model: Any, where: str) -> None:
         """Attach a lens built without a model (``SpectralLens(pool=...)``) to the trained ``model``;
-        for a lens with a model, raise when ``model`` neither is nor contains it."""
+        for a lens with a model, raise when ``model`` neither is nor contains it.
+
+        A lens a callback attached to the model of an earlier run that raised (so its end hook never
+        detached it) is re-attached to ``model``; a model the user bound the lens to is never replaced.
+        """
         if model is None:
             return
-        if self.lens.model is None:
-            self.handle = self.lens.attach(model)
+        lens = self.lens
+        earlier = _CALLBACK_ATTACHMENTS.get(lens)
+        if earlier is not None and earlier.active:
+            if lens.model is model:
+                self.handle = earlier  # this run's own attachment (bound in attach(), then at train begin)
+                return
+            earlier.remove()
+        if lens.model is None:
+            self.handle = lens.attach(model)
+            _CALLBACK_ATTACHMENTS[lens] = self.handle
             return
-        if not any(m is self.lens.model for m in model.modules()):
+        if not any(m is lens.model for m in model.modules()):
+            theirs, ours = type(model).__name__, type(lens.model).__name__
+            what = f"another {theirs} instance" if theirs == ours else theirs
             raise ValueError(
-                f"{where}: the trainer's model ({type(model).__name__}) is not the model the SpectralLens "
-                f"measures ({type(self.lens.model).__name__}); build the lens on the model you train"
+                f"{where}: the trainer's model ({what}) is not the model the SpectralLens measures ({ours}) and does "
+                f"not contain it; build the lens on the model you train, or without a model (SpectralLens(pool=...)) "
+                f"for the callback to attach it"
             )
 
-    def windows(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
-        """The alpha windows of the lens's run record (the lens's own windows without a writer).
+    def resumed(self, step: int) -> None:
+        """Training resumed from a checkpoint at ``step``: forget what the lens measured after it
+        (its history, and on rank 0 its run record via :meth:`RunWriter.drop_after
+        <spectral_lens.records.RunWriter.drop_after>`), since those steps are trained and measured again."""
+        step = int(step)
+        lens = self.lens
+        lens.history[:] = [m for m in lens.history if m.step <= step]
+        try:
+            if lens.writer is not None and lens._dist()[0] == 0:
+                lens.writer.drop_after(step)
+        except BaseException:
+            self.release()  # the run ends with this error
+            raise
+        self.last_step = step
 
-        Only used for spectra whose summaries a measurement does not carry.
+    def windows(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """The alpha windows of the lens's summaries (the run record's, else the depth rule's).
+
+        Shaded in the sinks' figures; also used for spectra whose summaries a measurement does not carry.
         """
-        writer = self.lens.writer
-        if writer is not None:
-            return writer.tail_window, writer.head_window
-        return self.lens.tail_window or (100, 200), self.lens.head_window or (10, 40)
+        return self.lens._windows()
 
     def tokens(self, step: int, counted: int | None = None) -> int:
         """Training tokens at ``step``: the framework's count when it keeps one, else
@@ -79,11 +113,15 @@ class LensDriver:
 
     def measure(self, step: int, tokens: int, val_loss: float | None = None) -> dict[str, float]:
         """Measure now; fan out to the sinks on rank 0 and return the flat scalars there."""
-        m = self.lens.measure(step, tokens, val_loss=val_loss)
-        self.last_step = step
-        if self.lens._dist()[0] != 0:
-            return {}
-        tail, head = self.windows()
-        for sink in self.sinks:
-            sink.log_measurement(m, tail=tail, head=head)
-        return measurement_scalars(m, tail, head)
+        try:
+            m = self.lens.measure(step, tokens, val_loss=val_loss)
+            self.last_step = step
+            if self.lens._dist()[0] != 0:
+                return {}
+            tail, head = self.windows()
+            for sink in self.sinks:
+                sink.log_measurement(m, tail=tail, head=head)
+            return measurement_scalars(m, tail, head)
+        except BaseException:
+            self.release()  # the run ends with this error: do not leave the lens bound to its model
+            raise

@@ -36,8 +36,17 @@ class LightningHooks:
         """Attach a lens without a model to ``pl_module``; else check that it is (or contains) the lens's."""
         self.driver.bind(pl_module, type(self).__name__)
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        """After ``fit(ckpt_path=...)`` restored a checkpoint, drop what the lens recorded after its step."""
+        if trainer.global_step > 0:
+            self.driver.resumed(trainer.global_step)
+
     def on_fit_end(self, trainer, pl_module) -> None:
         """Detach the lens if this callback attached it."""
+        self.driver.release()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        """Detach the lens if this callback attached it (``on_fit_end`` does not run after an error)."""
         self.driver.release()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -23,7 +23,12 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     :class:`~spectral_lens.records.RunWriter` and a :class:`~spectral_lens.Schedule`; the callback
     measures after every optimizer step the schedule names (``TrainerState.global_step``) and, with
     ``on_evaluate=True``, after every evaluation too (recording its ``eval_loss`` as the validation
-    loss). A step is measured once.
+    loss). A step is measured once. When ``train(resume_from_checkpoint=...)`` resumes a run, the
+    measurements the lens recorded after the checkpoint's step are dropped first
+    (:meth:`RunWriter.drop_after <spectral_lens.records.RunWriter.drop_after>`, with the
+    ``log.jsonl`` rows after it; pass the run's writer with ``RunWriter(path, resume=True)``), so
+    the record holds each step once. If training raises, the lens is detached from the model when
+    the error came from a measurement, else when the callback next starts a run.
 
     Each measurement is appended to the lens's run record, sent to every sink (e.g.
     :class:`~spectral_lens.integrations.TensorBoardSink`), and its scalars (per spectrum
@@ -74,8 +79,11 @@ class SpectralLensCallback(_transformers.TrainerCallback):
             state.log_history.append({**scalars, "step": step})
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        """Attach a lens without a model to the trainer's model; else check that it is the lens's."""
+        """Attach a lens without a model to the trainer's model, else check that it is the lens's;
+        when resuming from a checkpoint, drop what the lens recorded after its step."""
         self.driver.bind(model, "SpectralLensCallback")
+        if state.global_step > 0:  # train(resume_from_checkpoint=...): the steps after it are replayed
+            self.driver.resumed(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         """Detach the lens if this callback attached it."""

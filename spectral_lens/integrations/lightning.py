@@ -20,7 +20,11 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
     take the pool's batches). The callback measures after every optimizer step the schedule names
     (``trainer.global_step``) and, with ``on_validation=True``, after every validation run,
     recording ``trainer.callback_metrics[val_loss_key]`` as the validation loss. A step is measured
-    once.
+    once. When ``fit(ckpt_path=...)`` resumes a run, the measurements the lens recorded after the
+    checkpoint's step are dropped first (:meth:`RunWriter.drop_after
+    <spectral_lens.records.RunWriter.drop_after>`, with the ``log.jsonl`` rows after it; pass the
+    run's writer with ``RunWriter(path, resume=True)``), so the record holds each step once. A lens
+    the callback attached is detached at the end of the fit, also when it raises.
 
     Each measurement is appended to the lens's run record, sent to every sink, and its scalars (per
     spectrum ``alpha_tail``, ``alpha_head``, ``rankme``, ``stable_rank``; ``noise_scale``) go to

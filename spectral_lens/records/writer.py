@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -10,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..atomic import TMP_SUFFIX
+from ..atomic import TMP_SUFFIX, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
 from ..spectra.fit import tail_window as _tail_window
 from ..spectrum import Spectrum
@@ -46,7 +47,9 @@ class RunWriter:
             runs never write into one directory by accident. With it, a directory without
             ``run.json`` is started from ``info`` and whatever record files it holds are appended to.
             On resume, a truncated last line left by a crash is cut off (with a
-            :class:`RecordWarning`) before anything is appended.
+            :class:`RecordWarning`) before anything is appended. A run resumed from a training
+            checkpoint trains the steps after it again: call :meth:`drop_after` with the
+            checkpoint's step so they are recorded once (the framework callbacks do).
         fsync: fsync every file and line (default). ``False`` trades crash safety for speed
             (synthetic data, tests); the write order, and thus safety for concurrent readers, is kept.
         tail_window: window of the stored ``alpha_tail`` summary; default: the scale rule for
@@ -169,12 +172,8 @@ class RunWriter:
             orphans = []
         else:
             for _, obj in lines:
-                entries = obj.get("spectra")
-                for entry in entries.values() if isinstance(entries, dict) else ():
-                    if isinstance(entry, dict) and isinstance(entry.get("file"), str):
-                        referenced.add(Path(entry["file"]).name)
-            pattern = re.compile(r"\d{8}_[A-Za-z0-9._-]+\.npz")
-            orphans = [p for p in spectra.iterdir() if pattern.fullmatch(p.name) and p.name not in referenced] \
+                referenced |= _spectrum_files(obj)
+            orphans = [p for p in spectra.iterdir() if _SPECTRUM_FILE.fullmatch(p.name) and p.name not in referenced] \
                 if spectra.is_dir() else []
         for p in tmps + orphans:
             try:
@@ -295,6 +294,65 @@ class RunWriter:
             files={n: e["file"] for n, e in entries.items()},
         )
 
+    def drop_after(self, step: int) -> int:
+        """Remove the records of every step after ``step``: the lines of ``log.jsonl`` and
+        ``measurements.jsonl`` with a larger ``step``, and the spectrum files those measurements
+        refer to. Returns the number of measurements removed.
+
+        Call it when training resumes from a checkpoint taken at ``step``: the steps after it are
+        trained, logged and measured again, and would otherwise be recorded twice.
+
+        Each JSONL file is rewritten atomically (temporary file, fsync, rename), and the spectrum
+        files are removed only after ``measurements.jsonl`` no longer refers to them, so a crash at
+        any point leaves a readable record; calling ``drop_after`` again completes the job (spectrum
+        files left behind are also removed by the next ``RunWriter(resume=True)``). Lines without a
+        numeric ``step`` are kept; while ``measurements.jsonl`` has a line that is not a JSON object,
+        no spectrum file is removed (that line's references are unknown).
+        """
+        if not self._fds:
+            raise ValueError(f"RunWriter for {self.path} is closed")
+        step = int(step)
+        dropped_files: set[str] = set()
+        kept_files: set[str] = set()
+        unknown = False
+        n_dropped = 0
+        for name in (LOG_FILE, MEASUREMENTS_FILE):
+            path = self.path / name
+            keep: list[bytes] = []
+            n = 0
+            for raw in path.read_bytes().splitlines(keepends=True):
+                obj = _json_object(raw)
+                if obj is None:  # kept as it is
+                    keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
+                    unknown = unknown or (name == MEASUREMENTS_FILE and bool(raw.strip()))
+                    continue
+                row_step = obj.get("step")
+                files = _spectrum_files(obj) if name == MEASUREMENTS_FILE else set()
+                if not isinstance(row_step, bool) and isinstance(row_step, (int, float)) and row_step > step:
+                    n += 1
+                    dropped_files |= files
+                else:
+                    keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
+                    kept_files |= files
+            if not n:
+                continue
+            write_atomic(path, lambda fh: fh.writelines(keep), fsync=self.fsync)
+            # the append descriptor still points at the replaced file: reopen it on the new one
+            os.close(self._fds.pop(name))
+            self._fds[name] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            if name == MEASUREMENTS_FILE:
+                n_dropped = n
+        if not unknown:
+            spectra = self.path / SPECTRA_DIR
+            for file_name in sorted(dropped_files - kept_files):
+                try:
+                    (spectra / file_name).unlink()
+                except FileNotFoundError:
+                    pass
+            if dropped_files and self.fsync:
+                _fsync_dir(spectra)
+        return n_dropped
+
     def update_info(self, **extras: Any) -> None:
         """Merge ``extras`` into ``run.json``'s ``extras`` (rewritten atomically), e.g. a final status."""
         header = RunRecord._read_header(self.path)
@@ -321,3 +379,25 @@ class RunWriter:
             pass
 
 
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    """The JSON object on one line, or ``None`` (blank, not JSON, not an object)."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _spectrum_files(line: Mapping[str, Any]) -> set[str]:
+    """Names (in ``spectra/``) of the spectrum files a measurement line refers to."""
+    entries = line.get("spectra")
+    out = set()
+    for entry in entries.values() if isinstance(entries, dict) else ():
+        if isinstance(entry, dict) and isinstance(entry.get("file"), str):
+            name = Path(entry["file"]).name
+            if _SPECTRUM_FILE.fullmatch(name):
+                out.add(name)
+    return out
+
+
+_SPECTRUM_FILE = re.compile(r"\d{8}_[A-Za-z0-9._-]+\.npz")

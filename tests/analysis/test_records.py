@@ -132,6 +132,53 @@ def test_same_step_twice_keeps_both_files(tmp_path):
     assert ms[0].spectra["a"].values[1] == pytest.approx(0.5)
 
 
+def test_drop_after_removes_later_steps_and_their_spectra(tmp_path):
+    path = _write(tmp_path / "run", n=4)  # steps 0, 10, 20, 30; two spectra each
+    spectra = path / "spectra"
+    w = RunWriter(path, resume=True, fsync=False)
+    assert w.drop_after(10) == 2
+    assert sorted(p.name[:8] for p in spectra.iterdir()) == ["00000000"] * 2 + ["00000010"] * 2
+    # the writer appends to the rewritten files; a replayed step gets its file name back
+    w.log(20, 200, train_loss=1.0)
+    m = w.log_measurement(20, 200, {"act:blocks.1": _spec(a=2.0)})
+    assert m.files["act:blocks.1"] == "spectra/00000020_act_blocks.1.npz"
+    assert w.drop_after(20) == 0  # nothing after 20: the files are left alone
+    w.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no orphan, no truncated line
+        rec = RunRecord.open(path, verify=True)
+    assert [e["step"] for e in rec.events] == [0, 10, 20] and rec.events[-1]["train_loss"] == 1.0
+    assert [m.step for m in rec.measurements] == [0, 10, 20]
+    assert rec.measurements[-1].summaries["act:blocks.1"]["alpha_head"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="is closed"):
+        w.drop_after(0)
+
+
+def test_drop_after_is_atomic_and_keeps_lines_it_cannot_read(tmp_path, monkeypatch):
+    path = _write(tmp_path / "run", n=3)
+    mfile, lfile = path / "measurements.jsonl", path / "log.jsonl"
+    lines = mfile.read_bytes().splitlines(keepends=True)
+    mfile.write_bytes(lines[0] + b"not json\n" + b"".join(lines[1:]))
+    before = {p: p.read_bytes() for p in (mfile, lfile)}
+    n_files = len(list((path / "spectra").iterdir()))
+    w = RunWriter(path, resume=True, fsync=False)
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        w.drop_after(0)
+    assert {p: p.read_bytes() for p in (mfile, lfile)} == before  # untouched, no temporary file left
+    assert sorted(p.name for p in path.iterdir()) == ["log.jsonl", "measurements.jsonl", "run.json", "spectra"]
+    monkeypatch.undo()
+    assert w.drop_after(0) == 2
+    w.close()
+    assert mfile.read_bytes() == lines[0] + b"not json\n"  # the unreadable line is kept ...
+    assert len(list((path / "spectra").iterdir())) == n_files  # ... and with it every spectrum file
+    assert [json.loads(x)["step"] for x in lfile.read_bytes().splitlines()] == [0]
+
+
 def test_nan_loss_round_trips(tmp_path):
     with RunWriter(tmp_path / "r", RunInfo("r"), fsync=False) as w:
         w.log_measurement(1, 10, {}, val_loss=float("nan"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from torch import nn
 from support.models import TinyGPT, lm_pool
 
 import spectral_lens as sl
@@ -42,5 +43,53 @@ def test_bind_attaches_an_unbound_lens_and_release_detaches_it():
     assert d.lens.model is None
     bound = LensDriver(lens(model), (), None)
     bound.bind(model, "here")  # the same model: fine
-    with pytest.raises(ValueError, match="here: the trainer's model .* is not the model the SpectralLens measures"):
+    with pytest.raises(ValueError, match=r"here: the trainer's model \(another TinyGPT instance\) is not the model "
+                                         r"the SpectralLens measures \(TinyGPT\)"):
         bound.bind(TinyGPT(), "here")
+    with pytest.raises(ValueError, match=r"the trainer's model \(Linear\) is not the model the SpectralLens measures "
+                                         r"\(TinyGPT\)"):
+        bound.bind(nn.Linear(2, 2), "here")
+
+
+def test_a_failed_measurement_detaches_and_a_stale_callback_binding_is_replaced():
+    model = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
+
+    def broken(m, batch):
+        raise RuntimeError("bad batch")
+
+    d = LensDriver(lens(forward_fn=broken), (), None)
+    d.bind(model, "here")
+    with pytest.raises(RuntimeError, match="bad batch"):
+        d.measure(1, 1)
+    assert d.lens.model is None  # the run ends with the error: not left bound to its model
+    # a run that raised outside a measurement (its end hook never ran) leaves the lens bound; the next
+    # callback run of the same lens attaches it to its own model instead of refusing it
+    d.bind(model, "here")
+    fresh = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
+    again = LensDriver(d.lens, (), None)
+    again.bind(fresh, "here")
+    assert d.lens.model is fresh
+    again.bind(fresh, "here")  # bound twice by one run (attach(), then train begin): released once at its end
+    again.release()
+    assert d.lens.model is None
+    # a model the user attached the lens to is theirs: never replaced
+    user = lens()
+    handle = user.attach(model)
+    with pytest.raises(ValueError, match="another TinyGPT instance"):
+        LensDriver(user, (), None).bind(fresh, "here")
+    assert user.model is model and handle.active
+
+
+def test_sinks_shade_the_windows_of_the_summaries():
+    deep = TinyGPT(vocab=37, d=16, heads=2, layers=24, ctx=12)
+    d = LensDriver(lens(deep), (), None)  # no writer: the depth rule of 24 blocks
+    assert d.windows() == d.lens._windows() == ((200, 400), (10, 40))
+    assert LensDriver(lens(deep, tail_window=(4, 8)), (), None).windows() == ((4, 8), (10, 40))
+    seen = []
+
+    class Sink:
+        def log_measurement(self, m, tail=None, head=None):
+            seen.append((tail, head))
+
+    LensDriver(lens(deep), [Sink()], None).measure(0, 0)
+    assert seen == [((200, 400), (10, 40))]

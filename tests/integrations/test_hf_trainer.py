@@ -42,8 +42,10 @@ def heldout_pool():
 
 def trainer_for(model, tmp_path, **kw):
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=20, per_device_train_batch_size=4, learning_rate=1e-3,
-        report_to=kw.pop("report_to", []), save_strategy="no", use_cpu=True, disable_tqdm=True, **kw,
+        output_dir=str(tmp_path / "out"), max_steps=kw.pop("max_steps", 20), per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to=kw.pop("report_to", []), save_strategy=kw.pop("save_strategy", "no"), use_cpu=True,
+        disable_tqdm=True, **kw,
     )
     return transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(80, 0),
                                 eval_dataset=RandomTokens(8, 1))
@@ -107,8 +109,78 @@ def test_plain_callback_attaches_a_lens_without_model_and_logs_into_state(tmp_pa
 def test_wrong_model_is_a_clear_error(tmp_path):
     lens = sl.SpectralLens(tiny_llama(), heldout_pool(), params=(), schedule=sl.Schedule.every(1))
     trainer = trainer_for(tiny_llama(), tmp_path)
-    with pytest.raises(ValueError, match="not the model the SpectralLens measures"):
+    with pytest.raises(ValueError, match=r"model \(another LlamaForCausalLM instance\) is not the model the "
+                                         r"SpectralLens measures \(LlamaForCausalLM\)"):
         SpectralLensCallback(lens).attach(trainer)
+
+
+class CrashAt(transformers.TrainerCallback):
+    """A crash of the training loop itself (not of a measurement) after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"crash at step {self.step}")
+
+
+def test_after_a_crash_the_lens_is_not_left_on_the_crashed_model(tmp_path):
+    calls = []
+
+    def forward(model, batch):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("bad held-out batch")
+        return model(**batch)
+
+    lens = sl.SpectralLens(pool=heldout_pool(), params=(), forward_fn=forward, schedule=sl.Schedule.every(2))
+    crashed = tiny_llama()
+    with pytest.raises(RuntimeError, match="bad held-out batch"):
+        SpectralLensCallback(lens).attach(trainer_for(crashed, tmp_path / "a", max_steps=2)).trainer.train()
+    assert lens.model is None  # the failed measurement detached it
+    # the training loop crashes before any measurement: no end hook runs, the lens stays on that model ...
+    with pytest.raises(KeyboardInterrupt):
+        trainer = trainer_for(tiny_llama(), tmp_path / "b", max_steps=2)
+        SpectralLensCallback(lens).attach(trainer)
+        trainer.add_callback(CrashAt(1))
+        trainer.train()
+    # ... and a rerun with a fresh model and the same lens attaches it there instead of refusing it
+    fresh = tiny_llama()
+    trainer = trainer_for(fresh, tmp_path / "c", max_steps=2)
+    SpectralLensCallback(lens).attach(trainer)
+    assert lens.model is fresh
+    trainer.train()
+    assert [m.step for m in lens.history] == [2] and lens.model is None
+
+
+def test_resume_from_checkpoint_records_each_step_once(tmp_path):
+    def run(resume: bool):
+        model = tiny_llama()
+        writer = RunWriter(tmp_path / "run", None if resume else RunInfo("hf", batch_tier=1), resume=resume,
+                           fsync=False)
+        lens = sl.SpectralLens(model, heldout_pool(), writer=writer, schedule=sl.Schedule.every(2))
+        trainer = trainer_for(model, tmp_path, max_steps=8, save_strategy="steps", save_steps=4,
+                              eval_on_start=resume)
+        SpectralLensCallback(lens, on_evaluate=True).attach(trainer)
+        if resume:
+            trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+        else:
+            trainer.add_callback(CrashAt(7))
+            with pytest.raises(KeyboardInterrupt):
+                trainer.train()
+        writer.close()
+        return lens, trainer
+
+    lens, _ = run(resume=False)
+    assert [m.step for m in lens.history] == [2, 4, 6]  # step 6 was measured after the last checkpoint
+    lens, trainer = run(resume=True)
+    assert [m.step for m in lens.history] == [6, 8]  # the replay measures step 6 again ...
+    (record,) = open_runs([tmp_path / "run"])
+    assert [m.step for m in record.measurements] == [2, 4, 6, 8]  # ... and the record holds it once
+    assert len(list((tmp_path / "run" / "spectra").iterdir())) == 4 * 2  # the first step-6 files are gone
+    assert record.measurements[1].val_loss is None  # eval_on_start at the restored step 4: not measured again
+    assert [h["step"] for h in trainer.state.log_history if "spectral_lens/noise_scale" in h] == [2, 4, 6, 8]
 
 
 class Recorder:

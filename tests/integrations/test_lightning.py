@@ -41,9 +41,10 @@ def loader(n: int, seed: int):
 
 
 def trainer(tmp_path, callback, logger, **kw):
-    return pl.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=logger, callbacks=[callback],
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=str(tmp_path), **kw)
+    callbacks = callback if isinstance(callback, list) else [callback]
+    kw = {"max_steps": 6, "enable_checkpointing": False, **kw}
+    return pl.Trainer(accelerator="cpu", devices=1, logger=logger, callbacks=callbacks, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=str(tmp_path), **kw)
 
 
 def test_records_and_logger_scalars(tmp_path):
@@ -92,6 +93,65 @@ def test_no_logger_and_module_check(tmp_path):
     other = sl.SpectralLens(TinyGPT(), lm_pool(1), params=(), schedule=sl.Schedule.every(1))
     with pytest.raises(ValueError, match="not the model the SpectralLens measures"):
         trainer(tmp_path, SpectralLensLightningCallback(other), False, limit_val_batches=0).fit(TinyLit(), loader(2, 0))
+
+
+class CrashAt(pl.Callback):
+    """A crash of the training loop itself (not of a measurement) after optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"crash at step {self.step}")
+
+
+def test_a_crashed_fit_leaves_the_lens_detached(tmp_path):
+    calls = []
+
+    def forward(model, batch):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("bad held-out batch")
+        return model(batch[0])
+
+    lens = sl.SpectralLens(pool=lm_pool(1, batch=4, t=12, vocab=37), params=(), forward_fn=forward,
+                           schedule=sl.Schedule.every(2))
+    cb = SpectralLensLightningCallback(lens)
+    with pytest.raises(ValueError, match="bad held-out batch"):
+        trainer(tmp_path, cb, False, limit_val_batches=0).fit(TinyLit(), loader(6, 0))
+    assert lens.model is None
+    with pytest.raises(RuntimeError, match="crash at step 1"):  # a crash outside a measurement: on_exception
+        trainer(tmp_path, [cb, CrashAt(1)], False, limit_val_batches=0).fit(TinyLit(), loader(6, 0))
+    assert lens.model is None
+    trainer(tmp_path, cb, False, limit_val_batches=0, max_steps=2).fit(TinyLit(), loader(6, 0))  # the same callback
+    assert [m.step for m in lens.history] == [2] and lens.model is None
+
+
+def test_resume_from_checkpoint_records_each_step_once(tmp_path):
+    def run(ckpt_path=None):
+        torch.manual_seed(0)
+        module = TinyLit()
+        writer = RunWriter(tmp_path / "run", RunInfo("lit", batch_tier=1), resume=ckpt_path is not None, fsync=False)
+        lens = sl.SpectralLens(module.net, lm_pool(1, batch=4, t=12, vocab=37, seed=9), writer=writer,
+                               schedule=sl.Schedule.every(2))
+        saves = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=4,
+                                             save_top_k=-1)
+        callbacks = [SpectralLensLightningCallback(lens), saves] + ([] if ckpt_path else [CrashAt(7)])
+        fit = trainer(tmp_path, callbacks, False, max_steps=8, enable_checkpointing=True, limit_val_batches=0)
+        try:
+            fit.fit(module, loader(8, 0), ckpt_path=ckpt_path)
+        finally:
+            writer.close()
+        return lens
+
+    with pytest.raises(RuntimeError, match="crash at step 7"):
+        run()
+    lens = run(ckpt_path=str(tmp_path / "ckpt" / "step=4.ckpt"))
+    assert [m.step for m in lens.history] == [6, 8]  # the replay measures step 6 again ...
+    (record,) = open_runs([tmp_path / "run"])
+    assert [m.step for m in record.measurements] == [2, 4, 6, 8]  # ... and the record holds it once
+    assert len(list((tmp_path / "run" / "spectra").iterdir())) == 4 * 2
 
 
 def test_standalone_pytorch_lightning_package(tmp_path):
