@@ -118,7 +118,7 @@ def test_low_precision_products_flag_travels_with_the_state(tmp_path):
     restored = ActivationCovarianceAccumulator(precision="exact")
     restored.load_state_dict(old)  # a file from before the flag: its products are unknown, not checked
     assert restored.state_dict()["low_precision_products"] is False
-    assert _rel_err(restored, _rows(1e-22)) < 1e-12
+    assert _rel_err(restored, tiny.double().numpy()) < 1e-12
     bad = {**high.state_dict(), "low_precision_products": "yes"}
     from spectral_lens._warnings import StateFormatError
 
