@@ -50,10 +50,13 @@ def matmul_precision(precision: str, device_type: str = "cpu"):
     """
     if precision not in ("exact", "float64"):
         return contextlib.nullcontext()  # nothing to pin: a plain object, cheaper than a generator per update
-    backend = _MATMUL_BACKENDS.get(device_type)
-    if backend is None or not hasattr(backend, "fp32_precision"):  # older torch, or another device
+    try:  # the common case in 0.2 us: the legacy getter answers only while every backend agrees
         if torch.get_float32_matmul_precision() == "highest":
             return contextlib.nullcontext()
+    except RuntimeError:  # backends set apart with the per-backend API: read the one that matters
+        pass
+    backend = _MATMUL_BACKENDS.get(device_type)
+    if backend is None or not hasattr(backend, "fp32_precision"):  # older torch, or another device
         return _highest_matmul()
     if _effective_fp32_precision(backend) == "ieee":
         return contextlib.nullcontext()
