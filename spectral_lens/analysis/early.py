@@ -166,8 +166,11 @@ def early_alpha(
     """``alpha_tail`` of ``run`` at progress ``fraction`` with its jitter uncertainty.
 
     Window and spectrum are resolved by :func:`resolve_window` and :func:`resolve_spectrum`.
-    Raises :class:`FractionNotReachedError` if the run has not reached ``fraction`` yet.
+    Raises :class:`FractionNotReachedError` if the run has not reached ``fraction`` yet (also when it
+    has no measurement with a known progress yet: a tier just launched).
     """
+    if not any(run.progress(m) is not None for m in run.measurements):
+        raise FractionNotReachedError(f"run {run.run_id!r}: no measurement with a known progress yet")
     name = resolve_spectrum(run, spectrum)
     win = resolve_window(run, window)
     fitter = BandAlphaFitter(win)

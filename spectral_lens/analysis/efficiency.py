@@ -103,6 +103,9 @@ def eps_tok(T: Mapping[Hashable, float]) -> dict[Hashable, float]:
         return {}
     values = {k: float(v) for k, v in T.items()}
     for k, v in values.items():
+        if v == 0:
+            raise ValueError(f"eps_tok: T[{k!r}] = 0: that run is at the target loss at its first evaluation, before "
+                             "training, so no run can be compared to it; choose a lower target loss")
         if not (v > 0):
             raise ValueError(f"eps_tok: T[{k!r}] = {v} must be positive (tokens to target)")
     best = min(values.values())

@@ -54,6 +54,8 @@ def rank_tiers(
     """
     grouped: dict[float, list[tuple[str, float, float]]] = {}
     for tier, run_id, v, s in entries:
+        if not math.isfinite(v):  # it would sort anywhere and take P(best) = 1 by accident
+            raise ValueError(f"{family}: {statistic} of run {run_id!r} (tier {tier}) is {v}; cannot rank tiers by it")
         grouped.setdefault(tier, []).append((run_id, v, s))
     values, sigmas, run_ids = {}, {}, {}
     for tier, rows in grouped.items():
@@ -72,7 +74,10 @@ def rank_tiers(
         mu = np.array([values[t] for t in tiers])
         sd = np.array([sigmas[t] for t in tiers])
         draws = mu + sd * rng.standard_normal((n_draws, len(tiers)))
-        wins = np.bincount(np.argmin(draws, axis=1), minlength=len(tiers)) / n_draws
+        # a draw's win is shared among the tiers tied at its minimum (zero sigmas and equal values
+        # give each tied tier an equal share, not all of it to the first one)
+        is_min = draws == draws.min(axis=1, keepdims=True)
+        wins = (is_min / is_min.sum(axis=1, keepdims=True)).mean(axis=0)
         p_best = {t: float(w) for t, w in zip(tiers, wins)}
     return TierRanking(
         family=family,

@@ -377,8 +377,9 @@ def transition_evidence(
         gradient: gradient spectrum name (default: the run's only gradient spectrum; none -> NaN).
         head_window: window of ``alpha_head`` on the activation spectrum.
         gradient_window: window of the gradient-spectrum alpha (concentration of the head).
-        at: ``"loss"``: each run's first measurement with ``val_loss <= target`` (falls back to
-            the last measurement when a run never reaches it, noted in ``details``); ``"final"``:
+        at: ``"loss"``: each run's first measurement with ``val_loss <= target``; for measurements
+            without ``val_loss``, the first one at or past the run's tokens-to-target (from its
+            log); the last measurement when a run never reaches the target (noted in ``details``); ``"final"``:
             each run's last measurement (the paper's "final" spectra).
     """
     if at not in ("loss", "final"):
@@ -394,8 +395,17 @@ def transition_evidence(
         if at == "loss":
             match = align([run], "loss", target)[run.run_id]
             m = match.measurement if match else None
+            reached = gains.T_a if side == "a" else gains.T_b  # tokens-to-target, from the run's log
+            if m is None and math.isfinite(reached):
+                # the measurements carry no val_loss (the integrations' step schedules): the first
+                # measurement at or past the tokens where the log shows the target reached
+                later = [x for x in run.measurements if x.tokens >= reached]
+                if later:
+                    m = min(later, key=lambda x: x.tokens)
+                    details[f"matched_{side}"] = "first measurement at or past tokens-to-target (log's val_loss)"
             if m is None:
-                details[f"fallback_{side}"] = "target never reached: last measurement used"
+                details[f"fallback_{side}"] = ("target never reached: last measurement used" if not math.isfinite(reached)
+                                               else "no measurement at or past tokens-to-target: last measurement used")
         if m is None:
             m = max(run.measurements, key=lambda x: x.tokens)
         picks[side] = m

@@ -64,8 +64,8 @@ class TierPredictor:
     def __init__(self, fraction: float = 0.2, *, noise_neighbors: int = 5, n_draws: int = 4000, random_state: int = 0):
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        if noise_neighbors < 2:
-            raise ValueError(f"noise_neighbors must be >= 2, got {noise_neighbors}")
+        if noise_neighbors < 3:  # the jitter is the residual of a line through them: 3 points at least
+            raise ValueError(f"noise_neighbors must be >= 3 (the jitter is a line fit's residual), got {noise_neighbors}")
         self.fraction = fraction
         self.noise_neighbors = noise_neighbors
         self.n_draws = n_draws
