@@ -4,7 +4,6 @@ leaves the model untouched."""
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from spectral_lens.lens import all_blocks, deepest_block
 from spectral_lens.records import RunInfo, RunRecord, RunWriter
 
 from support.models import TinyLM, lm_pool
+from support.ranks import free_port
 
 
 def _model(seed=0, tied=False):
@@ -119,12 +119,6 @@ def test_schedules():
         Schedule.at_fractions(100, [1.5])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -140,7 +134,7 @@ def _worker(rank, world, port, out):
 @pytest.mark.distributed
 def test_two_ranks_equal_one_process(tmp_path):
     out = str(tmp_path / "m")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
     single = SpectralLens(_model(), lm_pool(n_batches=5), precision="float64").measure(1, 1)
     act = single.spectra["act:h.2"].values.numpy()
     assert np.abs(np.load(out + ".act.npy") - act).max() <= 1e-10 * act[0]

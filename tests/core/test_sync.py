@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -14,12 +13,7 @@ import torch.multiprocessing as mp
 from spectral_lens import ActivationCovarianceAccumulator
 
 from support.data import rows_with_spectrum
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from support.ranks import free_port
 
 
 def _rank_rows(rank: int, world: int) -> np.ndarray:
@@ -50,7 +44,7 @@ def _worker(rank: int, world: int, port: int, precision: str, out: str) -> None:
 @pytest.mark.parametrize("world,precision", [(2, "float64"), (3, "exact"), (4, "float64")])
 def test_sync_equals_single_pass(tmp_path, world, precision):
     out = str(tmp_path / "cov.npy")
-    mp.spawn(_worker, args=(world, _free_port(), precision, out), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), precision, out), nprocs=world, join=True)
     rows = np.concatenate([_rank_rows(r, world) for r in range(world)])
     if precision != "float64":
         rows = rows.astype(np.float32).astype(np.float64)

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import multiprocessing
 import os
-import socket
 import time
 
 import numpy as np
@@ -29,18 +27,13 @@ import torch.distributed as dist
 from spectral_lens import ActivationCovarianceAccumulator, PerSampleGradientProbe, SpectralLens, attach
 
 from support.models import TinyLM, lm_pool
+from support.ranks import case_results, run_ranks
 
 WORLD = 3
 PG_TIMEOUT_S = 30  # a collective left waiting fails after this (the default is 30 min for gloo)
 DEADLINE_S = 10.0  # the promise: every rank has returned or raised within this many seconds
 JOIN_S = 240.0  # process start-up (imports) plus every case; a hang fails the test here
 ACT, GRAD = "act:h.2", "grad:h.2.attn.c_proj.weight"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model():
@@ -134,23 +127,8 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("lens_dist")
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out))) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + JOIN_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    found: dict = {"_hung": hung}
-    for case in CASES:
-        files = [out / f"{case}.rank{r}.json" for r in range(WORLD)]
-        found[case] = [json.loads(f.read_text()) if f.exists() else None for f in files]
+    hung = run_ranks(_worker, WORLD, out, JOIN_S)
+    found: dict = {"_hung": hung, **case_results(out, CASES, WORLD)}
     return found
 
 

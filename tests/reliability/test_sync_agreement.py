@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import datetime
 import json
-import multiprocessing
 import os
-import socket
 import time
 
 import pytest
@@ -21,14 +19,10 @@ import torch.distributed as dist
 
 from spectral_lens import ActivationCovarianceAccumulator
 
+from support.ranks import case_results, run_ranks
+
 DEADLINE_S = 10.0  # the promise: every rank has raised within this many seconds of calling sync()
 JOIN_S = 90.0  # process start-up (imports) plus the deadline; a hang fails the test here
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # per case: the accumulator arguments and rows of rank 0 and rank 1
@@ -75,23 +69,8 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, list[dict]]:
     out = tmp_path_factory.mktemp("sync")
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + JOIN_S
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    found = {}
-    for case in CASES:
-        files = [out / f"{case}.rank{r}.json" for r in range(2)]
-        found[case] = [json.loads(f.read_text()) if f.exists() else None for f in files]
+    hung = run_ranks(_worker, 2, out, JOIN_S)
+    found = case_results(out, CASES, 2)
     found["_hung"] = hung
     return found
 

@@ -1,0 +1,46 @@
+"""Spawning gloo ranks for the distributed tests: a free port, and plain processes joined by a deadline."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for ``MASTER_PORT``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker: Callable, world: int, out: Path, join_s: float) -> list[int]:
+    """Run ``worker(rank, port, str(out))`` in ``world`` spawned processes; join them all within
+    ``join_s`` seconds, kill the ones still running and return their ranks (a hang fails the caller's
+    test instead of blocking CI, as ``mp.spawn``'s join would)."""
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, port, str(out))) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + join_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    return hung
+
+
+def case_results(out: Path, cases: Iterable[str], world: int) -> dict[str, list[dict | None]]:
+    """Per case, each rank's ``<case>.rank<r>.json`` in ``out`` (``None`` where a rank wrote none)."""
+    found = {}
+    for case in cases:
+        files = [Path(out) / f"{case}.rank{r}.json" for r in range(world)]
+        found[case] = [json.loads(f.read_text()) if f.exists() else None for f in files]
+    return found
