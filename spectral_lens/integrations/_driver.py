@@ -16,7 +16,8 @@ _CALLBACK_ATTACHMENTS: "weakref.WeakKeyDictionary[SpectralLens, Attachment]" = w
 
 
 class Sink(Protocol):
-    """Anything with ``log_measurement(measurement, tail=..., head=...)`` (see TensorBoardSink)."""
+    """Anything with ``log_measurement(measurement, tail=..., head=...)`` (see TensorBoardSink), and
+    optionally ``resumed(step)``, called on rank 0 when training resumes from a checkpoint at ``step``."""
 
     def log_measurement(self, measurement: LensMeasurement, tail=..., head=...) -> None: ...
 
@@ -80,13 +81,18 @@ class LensDriver:
     def resumed(self, step: int) -> None:
         """Training resumed from a checkpoint at ``step``: forget what the lens measured after it
         (its history, and on rank 0 its run record via :meth:`RunWriter.drop_after
-        <spectral_lens.records.RunWriter.drop_after>`), since those steps are trained and measured again."""
+        <spectral_lens.records.RunWriter.drop_after>`, and each sink's ``resumed(step)`` where it has
+        one), since those steps are trained and measured again."""
         step = int(step)
         lens = self.lens
         lens.history[:] = [m for m in lens.history if m.step <= step]
         try:
-            if lens.writer is not None and lens._dist()[0] == 0:
-                lens.writer.drop_after(step)
+            if lens._dist()[0] == 0:
+                if lens.writer is not None:
+                    lens.writer.drop_after(step)
+                for sink in self.sinks:
+                    if callable(getattr(sink, "resumed", None)):
+                        sink.resumed(step)
         except BaseException:
             self.release()  # the run ends with this error
             raise

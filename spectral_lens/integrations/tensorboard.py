@@ -31,6 +31,11 @@ class TensorBoardSink:
 
     Use with a framework callback (``sinks=[TensorBoardSink("tb")]``) or by hand:
     ``sink.log_measurement(lens.measure(step, tokens))``.
+
+    When a callback resumes training from a checkpoint at step ``T``, it calls :meth:`resumed`: a
+    sink built on a log directory reopens its writer with ``purge_step=T + 1``, so TensorBoard hides
+    what the interrupted run logged after the checkpoint and shows the replayed steps once. A writer
+    you pass in is yours: open it with ``SummaryWriter(log_dir, purge_step=T + 1)`` when you resume.
     """
 
     def __init__(self, writer, *, figures: bool = True, prefix: str = "spectral_lens/") -> None:
@@ -38,6 +43,7 @@ class TensorBoardSink:
             tb = require("torch.utils.tensorboard", "tensorboard", "TensorBoardSink")
             self.writer = tb.SummaryWriter(log_dir=os.fspath(writer))
             self._owned = True
+            self._summary_writer = tb.SummaryWriter
         elif callable(getattr(writer, "add_scalar", None)):
             self.writer = writer
             self._owned = False
@@ -63,6 +69,14 @@ class TensorBoardSink:
                 image = spectrum_image(spectrum, f"{name} @ step {step}", tail, head)
                 self.writer.add_image(f"{self.prefix}{name}/spectrum", image, global_step=step, dataformats="HWC")
         self.writer.flush()
+
+    def resumed(self, step: int) -> None:
+        """Training resumed from a checkpoint at ``step``: hide what was logged after it (a writer this
+        sink created is closed and reopened with ``purge_step=step + 1``; a writer passed in is left as is)."""
+        if self._owned:
+            log_dir = self.writer.get_logdir()
+            self.writer.close()
+            self.writer = self._summary_writer(log_dir=log_dir, purge_step=int(step) + 1)
 
     def close(self) -> None:
         """Flush, and close the writer if this sink created it."""

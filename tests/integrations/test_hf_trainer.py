@@ -155,6 +155,11 @@ def test_after_a_crash_the_lens_is_not_left_on_the_crashed_model(tmp_path):
 
 
 def test_resume_from_checkpoint_records_each_step_once(tmp_path):
+    pytest.importorskip("tensorboard", reason="the sink part needs the tensorboard extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from spectral_lens.integrations import TensorBoardSink
+
     def run(resume: bool):
         model = tiny_llama()
         writer = RunWriter(tmp_path / "run", None if resume else RunInfo("hf", batch_tier=1), resume=resume,
@@ -162,7 +167,8 @@ def test_resume_from_checkpoint_records_each_step_once(tmp_path):
         lens = sl.SpectralLens(model, heldout_pool(), writer=writer, schedule=sl.Schedule.every(2))
         trainer = trainer_for(model, tmp_path, max_steps=8, save_strategy="steps", save_steps=4,
                               eval_on_start=resume)
-        SpectralLensCallback(lens, on_evaluate=True).attach(trainer)
+        sink = TensorBoardSink(tmp_path / "tb", figures=False)
+        SpectralLensCallback(lens, on_evaluate=True, sinks=[sink]).attach(trainer)
         if resume:
             trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
         else:
@@ -170,6 +176,7 @@ def test_resume_from_checkpoint_records_each_step_once(tmp_path):
             with pytest.raises(KeyboardInterrupt):
                 trainer.train()
         writer.close()
+        sink.close()
         return lens, trainer
 
     lens, _ = run(resume=False)
@@ -181,6 +188,10 @@ def test_resume_from_checkpoint_records_each_step_once(tmp_path):
     assert len(list((tmp_path / "run" / "spectra").iterdir())) == 4 * 2  # the first step-6 files are gone
     assert record.measurements[1].val_loss is None  # eval_on_start at the restored step 4: not measured again
     assert [h["step"] for h in trainer.state.log_history if "spectral_lens/noise_scale" in h] == [2, 4, 6, 8]
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    events.Reload()
+    # TensorBoard shows the replayed step 6 once (the sink reopened its writer with purge_step=5)
+    assert [e.step for e in events.Scalars("spectral_lens/noise_scale")] == [2, 4, 6, 8]
 
 
 class Recorder:

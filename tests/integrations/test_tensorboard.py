@@ -61,3 +61,22 @@ def test_unresolvable_window_is_logged_as_nan(tmp_path):
 def test_rejects_what_is_not_a_writer():
     with pytest.raises(TypeError, match="SummaryWriter or a log directory"):
         TensorBoardSink(42)
+
+
+def test_resumed_hides_what_was_logged_after_the_checkpoint(tmp_path):
+    m = lambda step: sl.LensMeasurement(step, step, {}, {"noise_scale": float(step)})  # noqa: E731
+    with TensorBoardSink(tmp_path / "tb", figures=False) as sink:
+        for step in (2, 4, 6):
+            sink.log_measurement(m(step))
+    with TensorBoardSink(tmp_path / "tb", figures=False) as sink:  # the resumed process, checkpoint at 4
+        sink.resumed(4)
+        for step in (6, 8):
+            sink.log_measurement(m(step))
+    assert [e.step for e in read(tmp_path / "tb").Scalars("spectral_lens/noise_scale")] == [2, 4, 6, 8]
+
+
+def test_resumed_leaves_a_writer_passed_in_as_it_is(tmp_path):
+    with SummaryWriter(log_dir=str(tmp_path)) as writer:
+        sink = TensorBoardSink(writer, figures=False)
+        sink.resumed(4)
+        assert sink.writer is writer
