@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 import time
@@ -106,8 +107,8 @@ class RunWriter:
             self.info = info
             if tail_window is None:
                 tail_window = _tail_window(info.n_layer) if info.n_layer else (100, 200)
-            self.tail_window = tuple(tail_window)
-            self.head_window = tuple(head_window) if head_window is not None else None
+            self.tail_window = _checked_window(tail_window, "tail_window")
+            self.head_window = None if head_window is None else _checked_window(head_window, "head_window")
             self.path.mkdir(parents=True, exist_ok=True)
             header = {
                 "format": _FORMAT,
@@ -377,6 +378,19 @@ class RunWriter:
             self.close()
         except Exception:
             pass
+
+
+def _checked_window(window: Any, what: str) -> tuple[int, int]:
+    """``window`` as a pair of Python ints ``1 <= lo < hi``; anything else raises ``ValueError`` naming
+    ``what`` before ``run.json`` is written (the reader refuses non-integer windows, and an empty one
+    would silently leave every measurement without that summary)."""
+    try:
+        lo, hi = window
+    except (TypeError, ValueError):
+        lo = hi = None
+    if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in (lo, hi)) or not 1 <= lo < hi:
+        raise ValueError(f"RunWriter: {what} must be a pair of integer ranks (lo, hi) with 1 <= lo < hi, got {window!r}")
+    return int(lo), int(hi)
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:

@@ -19,3 +19,27 @@ def test_at_fractions_maps_decimal_fractions_to_their_documented_step():
     assert sl.Schedule.at_fractions(3, [1 / 3]).steps == {1}
     assert sl.Schedule.at_fractions(1000, [0.2005]).steps == {201}  # a true fraction of a step still rounds up
     assert math.isclose(0.07 * 100, 7.000000000000001)
+
+
+def test_run_writer_refuses_windows_its_reader_would_refuse_or_never_fit(tmp_path):
+    """RunWriter(tail_window=(100.0, 200.0)) wrote a run.json that RunRecord.open refused
+    ('summary_windows' must map names to [lo, hi] integer pairs); (200, 100) or (0, 5) were stored and
+    silently left every measurement without alpha_tail. Now a ValueError naming the argument, before
+    anything is written; NumPy integers are fine."""
+    import numpy as np
+    import pytest
+    import torch
+
+    from spectral_lens.records import RunInfo, RunRecord, RunWriter
+
+    for what in ("tail_window", "head_window"):
+        for bad in ((100.0, 200.0), (200, 100), (0, 5), (10, 40, 80), "ab", 100):
+            path = tmp_path / f"{what}-{len(list(tmp_path.iterdir()))}"
+            with pytest.raises(ValueError, match=rf"RunWriter: {what} must be a pair of integer ranks"):
+                RunWriter(path, RunInfo("r"), fsync=False, **{what: bad})
+            assert not path.exists()
+    spectrum = sl.Spectrum(torch.tensor(np.arange(1, 301.0) ** -1.2), n_rows=1000, dim=300)
+    with RunWriter(tmp_path / "ok", RunInfo("r"), tail_window=(np.int64(100), np.int64(200)), fsync=False) as w:
+        m = w.log_measurement(1, 10, {"a": spectrum})
+    assert m.summaries["a"]["alpha_tail"] == pytest.approx(1.2, rel=1e-12)
+    assert RunRecord.open(tmp_path / "ok").summary_windows == {"tail": (100, 200), "head": (10, 40)}
