@@ -60,10 +60,11 @@ class BandAlphaFitter:
         """Fit every window on ``spectrum.normalized``; warns when the row count limits a window."""
         fits = []
         for lo, hi in self.windows:
-            sample_rank = spectrum.n_rows - 1 if spectrum.kind == "activation_covariance" else spectrum.n_rows
+            centered = spectrum.kind == "activation_covariance"  # centering costs one rank
+            sample_rank = spectrum.n_rows - 1 if centered else spectrum.n_rows
             if sample_rank < hi:
                 warnings.warn(
-                    f"{spectrum.source or 'spectrum'}: window [{lo}, {hi}] needs more than {hi} rows, "
+                    f"{spectrum.source or 'spectrum'}: window [{lo}, {hi}] needs at least {hi + centered} rows, "
                     f"got n_rows={spectrum.n_rows}; ranks beyond the sample rank are not resolved",
                     InsufficientRowsWarning,
                     stacklevel=2,

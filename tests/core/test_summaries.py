@@ -238,3 +238,18 @@ def test_fitter_takes_numpy_integer_windows_and_refuses_fractional_ranks():
         band_alpha(spectrum.normalized, (100.5, 200))
     with pytest.raises(ValueError, match=r"BandAlphaFitter: windows must be one \(lo, hi\) pair"):
         BandAlphaFitter((100, 200, 400))
+
+
+def test_insufficient_rows_warning_states_the_rows_a_window_needs():
+    """A covariance of n rows has rank n - 1, a gradient or weight spectrum of n rows rank n: the
+    warning said 'needs more than 200 rows' for both, wrong by one for gradients (200 suffice)."""
+    values = np.arange(1, 301.0) ** -1.0
+    with pytest.warns(InsufficientRowsWarning, match=r"needs at least 201 rows, got n_rows=200"):
+        BandAlphaFitter((100, 200)).fit(_spectrum(values, n_rows=200))
+    with pytest.warns(InsufficientRowsWarning, match=r"needs at least 200 rows, got n_rows=199"):
+        BandAlphaFitter((100, 200)).fit(_spectrum(values, n_rows=199, kind="gradient"))
+    import warnings as _w
+    with _w.catch_warnings():
+        _w.simplefilter("error", InsufficientRowsWarning)
+        BandAlphaFitter((100, 200)).fit(_spectrum(values, n_rows=200, kind="gradient"))
+        BandAlphaFitter((100, 200)).fit(_spectrum(values, n_rows=201))
