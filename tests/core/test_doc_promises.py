@@ -43,3 +43,19 @@ def test_run_writer_refuses_windows_its_reader_would_refuse_or_never_fit(tmp_pat
         m = w.log_measurement(1, 10, {"a": spectrum})
     assert m.summaries["a"]["alpha_tail"] == pytest.approx(1.2, rel=1e-12)
     assert RunRecord.open(tmp_path / "ok").summary_windows == {"tail": (100, 200), "head": (10, 40)}
+
+
+def test_accumulator_configuration_errors_are_clear():
+    """``dim=True`` was taken as d = 1 and ``max_chunk_rows="8"`` raised a bare "'<' not supported
+    between instances of 'str' and 'int'"; 2.5 was silently truncated to 2. Now each is a ValueError
+    naming the argument and the value; NumPy integers are fine."""
+    import numpy as np
+    import pytest
+
+    for bad in (True, 0, -3, 2.5):
+        with pytest.raises(ValueError, match=rf"dim must be a positive int or None, got {bad!r}"):
+            sl.ActivationCovarianceAccumulator(dim=bad)
+    for bad in ("8", 2.5, 0, True, None):
+        with pytest.raises(ValueError, match=rf"max_chunk_rows must be an int >= 1, got {bad!r}"):
+            sl.ActivationCovarianceAccumulator(max_chunk_rows=bad)
+    assert sl.ActivationCovarianceAccumulator(max_chunk_rows=np.int64(64)).max_chunk_rows == 64
