@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..atomic import TMP_SUFFIX, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
 from ..spectra.fit import tail_window as _tail_window
@@ -204,8 +206,17 @@ class RunWriter:
         """Append one scalar event to ``log.jsonl``.
 
         Conventional keys: ``train_loss``, ``val_loss``, ``tokens_per_s`` (throughput), ``lr``. Any
-        JSON-serializable value is accepted. ``time`` (wall clock) is added unless given.
+        JSON-serializable value is accepted, except that ``train_loss``, ``val_loss`` and
+        ``tokens_per_s`` must be numbers (or ``None``): the reader refuses a line where they are not, so
+        such a value raises ``TypeError`` here instead of being written. ``time`` (wall clock) is added
+        unless given.
         """
+        for key in _NUMERIC_EVENT_KEYS:
+            v = scalars.get(key)
+            number = isinstance(v, numbers.Real) or (
+                isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype != torch.bool and not v.is_complex())
+            if v is not None and (isinstance(v, bool) or not number):
+                raise TypeError(f"RunWriter.log: {key} must be a number or None, got {v!r}")
         event = {"step": int(step), "tokens": int(tokens)}
         event.update(scalars)
         event.setdefault("time", time.time())
@@ -378,6 +389,10 @@ class RunWriter:
             self.close()
         except Exception:
             pass
+
+
+#: Event keys the reader requires to be numbers (see ``RunRecord.open``).
+_NUMERIC_EVENT_KEYS = ("val_loss", "train_loss", "tokens_per_s")
 
 
 def _checked_window(window: Any, what: str) -> tuple[int, int]:

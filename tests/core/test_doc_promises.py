@@ -59,3 +59,26 @@ def test_accumulator_configuration_errors_are_clear():
         with pytest.raises(ValueError, match=rf"max_chunk_rows must be an int >= 1, got {bad!r}"):
             sl.ActivationCovarianceAccumulator(max_chunk_rows=bad)
     assert sl.ActivationCovarianceAccumulator(max_chunk_rows=np.int64(64)).max_chunk_rows == 64
+
+
+def test_run_writer_log_refuses_what_the_reader_refuses(tmp_path):
+    """``w.log(step, tokens, val_loss="3.2")`` (or True, or [3.2]) was written, and then
+    ``RunRecord.open`` (errors="raise", the default) refused the whole run: "['val_loss'] must be
+    numbers". Now the writer raises TypeError naming the key and writes nothing; numbers, NumPy
+    scalars, one-element tensors and None are written as before."""
+    import numpy as np
+    import pytest
+    import torch
+
+    from spectral_lens.records import RunInfo, RunRecord, RunWriter
+
+    with RunWriter(tmp_path / "r", RunInfo("r"), fsync=False) as w:
+        for key in ("val_loss", "train_loss", "tokens_per_s"):
+            for bad in ("3.2", True, [3.2], torch.ones(2), {"x": 1}):
+                with pytest.raises(TypeError, match=rf"RunWriter.log: {key} must be a number or None"):
+                    w.log(1, 10, **{key: bad})
+        w.log(1, 10, val_loss=3.5, train_loss=np.float32(4.0), tokens_per_s=torch.tensor(1000.0), lr=None)
+        w.log(2, 20, val_loss=None, train_loss=3, note="text is fine elsewhere")
+    events = RunRecord.open(tmp_path / "r").events
+    assert [(e["step"], e.get("val_loss"), e.get("train_loss"), e.get("tokens_per_s")) for e in events] == [
+        (1, 3.5, 4.0, 1000.0), (2, None, 3, None)]
