@@ -14,6 +14,7 @@ The checks and the solve are pure functions of a :class:`_Sums` snapshot and a :
 from __future__ import annotations
 
 import json
+import numbers
 import threading
 import zipfile
 from dataclasses import dataclass
@@ -302,10 +303,10 @@ class ActivationCovarianceAccumulator:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-        if dim is not None and (not isinstance(dim, int) or dim < 1):
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
             raise ValueError(f"dim must be a positive int or None, got {dim!r}")
-        if max_chunk_rows < 1:
-            raise ValueError(f"max_chunk_rows must be >= 1, got {max_chunk_rows}")
+        if isinstance(max_chunk_rows, bool) or not isinstance(max_chunk_rows, numbers.Integral) or max_chunk_rows < 1:
+            raise ValueError(f"max_chunk_rows must be an int >= 1, got {max_chunk_rows!r}")
         self.dim = dim
         self.precision = precision
         self.nonfinite = nonfinite

@@ -124,7 +124,9 @@ class Schedule:
 
         For a loop ``for step in range(total_steps)``: fraction ``f`` maps to step
         ``min(ceil(f * total_steps), total_steps - 1)``, so ``1.0`` is the last step the loop runs
-        (``total_steps - 1``) and every fraction is measured.
+        (``total_steps - 1``) and every fraction is measured. ``f * total_steps`` is rounded to 6
+        decimals before the ceiling, so a fraction is the step its decimal value names
+        (``at_fractions(100, [0.07])`` is step 7, although the float ``0.07 * 100`` is ``7.000000000000001``).
         """
         if int(total_steps) < 1:
             raise ValueError(f"Schedule.at_fractions: total_steps must be >= 1, got {total_steps}")
@@ -132,7 +134,7 @@ class Schedule:
         for f in fractions:
             if not 0.0 <= f <= 1.0:
                 raise ValueError(f"Schedule.at_fractions: fraction {f} outside [0, 1]")
-            out.add(min(int(math.ceil(f * total_steps)), int(total_steps) - 1))
+            out.add(min(int(math.ceil(round(f * total_steps, 6))), int(total_steps) - 1))
         return cls(frozenset(out))
 
     def __contains__(self, step: int) -> bool:

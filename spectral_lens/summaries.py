@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from typing import Iterable
 
@@ -34,8 +35,14 @@ class BandAlphaFitter:
 
     def __init__(self, windows: tuple[int, int] | Iterable[tuple[int, int]] = PAPER_WINDOWS):
         ws = list(windows)
-        self.single = len(ws) == 2 and all(isinstance(w, int) for w in ws)
-        self.windows = [tuple(windows)] if self.single else [tuple(w) for w in ws]
+        # a pair of numbers (Python or NumPy integers, e.g. from np.argmax) is one window
+        self.single = len(ws) == 2 and all(isinstance(w, numbers.Real) for w in ws)
+        try:
+            self.windows = [tuple(ws)] if self.single else [tuple(w) for w in ws]
+        except TypeError:
+            raise ValueError(
+                f"BandAlphaFitter: windows must be one (lo, hi) pair of 1-based ranks or a list of pairs, got {windows!r}"
+            ) from None
         if not self.windows:
             raise ValueError("BandAlphaFitter needs at least one window")
 
@@ -53,10 +60,11 @@ class BandAlphaFitter:
         """Fit every window on ``spectrum.normalized``; warns when the row count limits a window."""
         fits = []
         for lo, hi in self.windows:
-            sample_rank = spectrum.n_rows - 1 if spectrum.kind == "activation_covariance" else spectrum.n_rows
+            centered = spectrum.kind == "activation_covariance"  # centering costs one rank
+            sample_rank = spectrum.n_rows - 1 if centered else spectrum.n_rows
             if sample_rank < hi:
                 warnings.warn(
-                    f"{spectrum.source or 'spectrum'}: window [{lo}, {hi}] needs more than {hi} rows, "
+                    f"{spectrum.source or 'spectrum'}: window [{lo}, {hi}] needs at least {hi + centered} rows, "
                     f"got n_rows={spectrum.n_rows}; ranks beyond the sample rank are not resolved",
                     InsufficientRowsWarning,
                     stacklevel=2,

@@ -15,8 +15,9 @@ it; each JSONL line is written with one ``write`` call on an ``O_APPEND`` descri
 So a reader in another process, while the run is still going, never sees a line whose spectrum
 files are missing; at worst it sees a last line that is not yet complete, which it skips.
 
-Reading (:meth:`RunRecord.open`): a last line without its newline (crash mid-write, or a write in
-progress) is skipped with a :class:`RecordWarning`; every earlier line is kept. A corrupted line in
+Reading (:meth:`RunRecord.open`): a last line cut off without its newline (crash mid-write, or a
+write in progress) is skipped with a :class:`RecordWarning`, while a complete JSON object that only
+lacks its newline is kept; every earlier line is kept. A corrupted line in
 the middle, a line that is not a JSON object, or a missing spectrum file raises
 :class:`RecordFormatError` naming the file and the 1-based line number; ``errors="skip"`` skips such
 lines with a warning instead. A corrupted spectrum file is detected when it is loaded (lazily, on

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 import time
@@ -10,6 +11,8 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..atomic import TMP_SUFFIX, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
@@ -106,8 +109,8 @@ class RunWriter:
             self.info = info
             if tail_window is None:
                 tail_window = _tail_window(info.n_layer) if info.n_layer else (100, 200)
-            self.tail_window = tuple(tail_window)
-            self.head_window = tuple(head_window) if head_window is not None else None
+            self.tail_window = _checked_window(tail_window, "tail_window")
+            self.head_window = None if head_window is None else _checked_window(head_window, "head_window")
             self.path.mkdir(parents=True, exist_ok=True)
             header = {
                 "format": _FORMAT,
@@ -203,8 +206,17 @@ class RunWriter:
         """Append one scalar event to ``log.jsonl``.
 
         Conventional keys: ``train_loss``, ``val_loss``, ``tokens_per_s`` (throughput), ``lr``. Any
-        JSON-serializable value is accepted. ``time`` (wall clock) is added unless given.
+        JSON-serializable value is accepted, except that ``train_loss``, ``val_loss`` and
+        ``tokens_per_s`` must be numbers (or ``None``): the reader refuses a line where they are not, so
+        such a value raises ``TypeError`` here instead of being written. ``time`` (wall clock) is added
+        unless given.
         """
+        for key in _NUMERIC_EVENT_KEYS:
+            v = scalars.get(key)
+            number = isinstance(v, numbers.Real) or (
+                isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype != torch.bool and not v.is_complex())
+            if v is not None and (isinstance(v, bool) or not number):
+                raise TypeError(f"RunWriter.log: {key} must be a number or None, got {v!r}")
         event = {"step": int(step), "tokens": int(tokens)}
         event.update(scalars)
         event.setdefault("time", time.time())
@@ -377,6 +389,23 @@ class RunWriter:
             self.close()
         except Exception:
             pass
+
+
+#: Event keys the reader requires to be numbers (see ``RunRecord.open``).
+_NUMERIC_EVENT_KEYS = ("val_loss", "train_loss", "tokens_per_s")
+
+
+def _checked_window(window: Any, what: str) -> tuple[int, int]:
+    """``window`` as a pair of Python ints ``1 <= lo < hi``; anything else raises ``ValueError`` naming
+    ``what`` before ``run.json`` is written (the reader refuses non-integer windows, and an empty one
+    would silently leave every measurement without that summary)."""
+    try:
+        lo, hi = window
+    except (TypeError, ValueError):
+        lo = hi = None
+    if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in (lo, hi)) or not 1 <= lo < hi:
+        raise ValueError(f"RunWriter: {what} must be a pair of integer ranks (lo, hi) with 1 <= lo < hi, got {window!r}")
+    return int(lo), int(hi)
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:

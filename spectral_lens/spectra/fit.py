@@ -79,6 +79,8 @@ def _check_window(p: np.ndarray, window: tuple[int, int]) -> tuple[int, int]:
         lo, hi = (int(window[0]), int(window[1]))
     except (TypeError, ValueError, IndexError):
         raise ValueError(f"window must be a pair of 1-based ranks (lo, hi), got {window!r}") from None
+    if (lo, hi) != (window[0], window[1]):
+        raise ValueError(f"window {window!r}: ranks must be integers")
     if lo < 1 or hi <= lo:
         raise ValueError(f"window {window!r}: need 1 <= lo < hi (ranks are 1-based and inclusive)")
     if hi > p.size:

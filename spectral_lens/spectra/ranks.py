@@ -12,16 +12,17 @@ def rankme(values: torch.Tensor, on: str = "eigenvalues") -> torch.Tensor:
 
     ``on="eigenvalues"`` uses ``p_j = lambda_j / sum lambda`` (the paper's definition for covariances);
     ``on="singular_values"`` uses ``p_j = sigma_j / sum sigma`` with ``sigma_j = sqrt(lambda_j)``
-    (Garrido et al.'s RankMe on embedding singular values). Zero entries contribute 0.
+    (Garrido et al.'s RankMe on embedding singular values). Zero entries contribute 0. Formed from
+    ``lambda / max lambda`` (scale-free, no overflow); ``ValueError`` for NaN/Inf eigenvalues and for
+    an all-zero (or empty) spectrum.
     """
-    if on == "eigenvalues":
-        w = values.to(torch.float64)
-    elif on == "singular_values":
-        w = values.to(torch.float64).clamp_min(0).sqrt()
-    else:
+    if on not in ("eigenvalues", "singular_values"):
         raise ValueError(f"rankme: on must be 'eigenvalues' or 'singular_values', got {on!r}")
-    if not bool(w.sum() > 0):
+    w = _scaled(values, "rankme")
+    if w is None:
         raise ValueError("rankme: spectrum is all zero")
+    if on == "singular_values":
+        w = w.clamp_min(0).sqrt()
     p = w / w.sum()
     plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), torch.zeros_like(p))
     return torch.exp(-plogp.sum())

@@ -202,3 +202,54 @@ def test_crossover_improvement_stays_in_its_documented_range():
         assert 0.0 <= estimate_crossover(lam).improvement <= 1.0
     bent = estimate_crossover(theorem6_spectrum(768, 1.0, 1.5, 1e3))
     assert bent.improvement > 0.9  # a clean two-regime spectrum still scores near 1
+
+
+@pytest.mark.parametrize("on", ["eigenvalues", "singular_values"])
+def test_rankme_refuses_non_finite_and_is_scale_free(on):
+    """Like participation_ratio and stable_rank: NaN/Inf eigenvalues are a clear error (NaN was
+    reported as 'spectrum is all zero', an Inf gave RankMe 1.0), and huge eigenvalues do not
+    overflow the trace (two equal eigenvalues of 1e308 gave 1.0 instead of 2.0)."""
+    with pytest.raises(ValueError, match="rankme: the spectrum has NaN/Inf eigenvalues"):
+        RankMe(on=on)(torch.tensor([3.0, float("nan"), 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="rankme: the spectrum has NaN/Inf eigenvalues"):
+        RankMe(on=on)(torch.tensor([float("inf"), 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="all zero"):
+        RankMe(on=on)(torch.zeros(4, dtype=torch.float64))
+    lam = np.arange(1, 65, dtype=np.float64) ** -1.1
+    w = np.sqrt(lam) if on == "singular_values" else lam
+    p = w / w.sum()
+    ref = np.exp(-(p * np.log(p)).sum())
+    for scale in (1e-300, 1.0, 1e300):
+        assert RankMe(on=on)(torch.from_numpy(lam * scale)) == pytest.approx(ref, rel=1e-13)
+    assert RankMe(on=on)(torch.tensor([1e308, 1e308], dtype=torch.float64)) == pytest.approx(2.0, rel=1e-15)
+
+
+def test_fitter_takes_numpy_integer_windows_and_refuses_fractional_ranks():
+    """A window of NumPy integers (from np.argmax, np.searchsorted, ...) is one window, as a tuple of
+    ints is (it raised TypeError "'numpy.int64' object is not iterable"); a fractional rank is a
+    clear ValueError (it raised that TypeError, and band_alpha truncated 100.5 to 100)."""
+    spectrum = _spectrum(np.arange(1, 1001.0) ** -1.1)
+    fit = BandAlphaFitter((np.int64(100), np.int64(200))).fit(spectrum)
+    assert fit.window == (100, 200) and fit.alpha == pytest.approx(1.1, rel=1e-9)
+    assert BandAlphaFitter(np.array([100, 200])).fit(spectrum).window == (100, 200)
+    with pytest.raises(ValueError, match=r"ranks must be integers"):
+        BandAlphaFitter((100.5, 200)).fit(spectrum)
+    with pytest.raises(ValueError, match=r"ranks must be integers"):
+        band_alpha(spectrum.normalized, (100.5, 200))
+    with pytest.raises(ValueError, match=r"BandAlphaFitter: windows must be one \(lo, hi\) pair"):
+        BandAlphaFitter((100, 200, 400))
+
+
+def test_insufficient_rows_warning_states_the_rows_a_window_needs():
+    """A covariance of n rows has rank n - 1, a gradient or weight spectrum of n rows rank n: the
+    warning said 'needs more than 200 rows' for both, wrong by one for gradients (200 suffice)."""
+    values = np.arange(1, 301.0) ** -1.0
+    with pytest.warns(InsufficientRowsWarning, match=r"needs at least 201 rows, got n_rows=200"):
+        BandAlphaFitter((100, 200)).fit(_spectrum(values, n_rows=200))
+    with pytest.warns(InsufficientRowsWarning, match=r"needs at least 200 rows, got n_rows=199"):
+        BandAlphaFitter((100, 200)).fit(_spectrum(values, n_rows=199, kind="gradient"))
+    import warnings as _w
+    with _w.catch_warnings():
+        _w.simplefilter("error", InsufficientRowsWarning)
+        BandAlphaFitter((100, 200)).fit(_spectrum(values, n_rows=200, kind="gradient"))
+        BandAlphaFitter((100, 200)).fit(_spectrum(values, n_rows=201))
