@@ -57,6 +57,8 @@ class RunWriter:
             (synthetic data, tests); the write order, and thus safety for concurrent readers, is kept.
         tail_window: window of the stored ``alpha_tail`` summary; default: the scale rule for
             ``info.n_layer`` (:func:`spectral_lens.tail_window`), or the d12 window ``(100, 200)``.
+            On resume the run's recorded windows are kept; a ``tail_window`` given that differs from
+            the recorded one is a ``ValueError`` (one run's summaries use one window).
         head_window: window of the stored ``alpha_head`` summary (default ``(10, 40)``).
 
     Example::
@@ -95,6 +97,11 @@ class RunWriter:
             windows = RunRecord._read_header(self.path).get("summary_windows", {})
             self.tail_window = tuple(windows["tail"]) if windows.get("tail") else None
             self.head_window = tuple(windows["head"]) if windows.get("head") else None
+            if tail_window is not None and _checked_window(tail_window, "tail_window") != self.tail_window:
+                raise ValueError(
+                    f"{run_file}: resuming a run recorded with tail_window={self.tail_window} with "
+                    f"tail_window={tuple(tail_window)}; one run's summaries use one window (omit tail_window to keep it)"
+                )
         else:
             if info is None:
                 raise ValueError(f"{self.path}: a new run needs a RunInfo (info=...)")

@@ -45,6 +45,20 @@ def test_run_writer_refuses_windows_its_reader_would_refuse_or_never_fit(tmp_pat
     assert RunRecord.open(tmp_path / "ok").summary_windows == {"tail": (100, 200), "head": (10, 40)}
 
 
+def test_resume_refuses_another_tail_window(tmp_path):
+    """RunWriter(resume=True, tail_window=X) silently kept the recorded window when X differed."""
+    import pytest
+
+    from spectral_lens.records import RunInfo, RunWriter
+
+    RunWriter(tmp_path / "r", RunInfo("r"), tail_window=(50, 100), fsync=False).close()
+    with pytest.raises(ValueError, match=r"recorded with tail_window=\(50, 100\) with tail_window=\(100, 200\)"):
+        RunWriter(tmp_path / "r", resume=True, tail_window=(100, 200), fsync=False)
+    for same in ((50, 100), None):
+        with RunWriter(tmp_path / "r", resume=True, tail_window=same, fsync=False) as w:
+            assert w.tail_window == (50, 100)
+
+
 def test_accumulator_configuration_errors_are_clear():
     """``dim=True`` was taken as d = 1 and ``max_chunk_rows="8"`` raised a bare "'<' not supported
     between instances of 'str' and 'int'"; 2.5 was silently truncated to 2. Now each is a ValueError
