@@ -438,6 +438,8 @@ class ActivationCovarianceAccumulator:
             valid = finite if valid is None else valid & finite
         n, m, s, shift, broken = self._call_sums(rows, valid)
         if s is None:  # no rows: nothing to add, but the call still counts (errors name updates by index)
+            if self.dim is None:  # the width is known now: later updates (and sync) are checked against it
+                self.dim = rows.shape[-1]
             self._updates += 1
             return
         self._commit(n, m, s, shift, broken, None if checked is None else checked - n)

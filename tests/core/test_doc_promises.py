@@ -96,3 +96,17 @@ def test_run_writer_log_refuses_what_the_reader_refuses(tmp_path):
     events = RunRecord.open(tmp_path / "r").events
     assert [(e["step"], e.get("val_loss"), e.get("train_loss"), e.get("tokens_per_s")) for e in events] == [
         (1, 3.5, 4.0, 1000.0), (2, None, 3, None)]
+
+
+def test_an_empty_update_fixes_the_width():
+    """An update with zero rows left ``dim`` unset, so rows of another width were accepted next."""
+    import pytest
+    import torch
+
+    acc = sl.ActivationCovarianceAccumulator()
+    acc.update(torch.empty(0, 7))
+    assert acc.dim == 7
+    with pytest.raises(ValueError, match="expected last dim d=7"):
+        acc.update(torch.randn(10, 5))
+    acc.update(torch.randn(10, 7, dtype=torch.float64))
+    assert acc.n_rows == 10
