@@ -43,6 +43,24 @@ def _window(values):
     return (lo, hi)
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction of the token budget in (0, 1], got {text!r}")
+    return value
+
+
+def _check_window(parser: argparse.ArgumentParser, args) -> None:
+    """``--window LO HI`` must be 1-based ranks with LO < HI (argparse checks each is an int)."""
+    window = getattr(args, "window", None)
+    if window is not None and not 1 <= window[0] < window[1]:
+        parser.exit(2, f"{parser.prog} {args.command}: error: argument --window: expected 1-based ranks "
+                       f"LO < HI, got {window[0]} {window[1]}\n")
+
+
 def _transition(text: str) -> tuple[str, str]:
     a, sep, b = text.partition(":")
     if not sep or not a or not b:
@@ -69,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def early_args(p):
-        p.add_argument("--fraction", type=float, default=0.2, help="early checkpoint, fraction of the token budget (default 0.2)")
+        p.add_argument("--fraction", type=_fraction, default=0.2, help="early checkpoint, fraction of the token budget (default 0.2)")
         p.add_argument("--window", type=int, nargs=2, metavar=("LO", "HI"),
                        help="rank window of alpha_tail (default: the tail window each run recorded in its run.json; "
                             "the runs of a family must agree)")
@@ -272,7 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     line, a run that never reached the target) print one line ``spectral-lens COMMAND: warning: ...``
     each.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_window(parser, args)
     from ._warnings import SpectrumFormatError
 
     def show(message, category, filename, lineno, file=None, line=None):

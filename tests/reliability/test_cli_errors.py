@@ -133,6 +133,10 @@ def sweep(tmp_path_factory):
 @pytest.mark.parametrize("command, args, option, value", [
     ("predict", ["--window", "a", "b"], "--window", "'a'"),
     ("predict", ["--fraction", "abc"], "--fraction", "'abc'"),
+    ("predict", ["--fraction", "1.5"], "--fraction", "'1.5'"),
+    ("report", ["--fraction", "0"], "--fraction", "'0'"),
+    ("predict", ["--window", "40", "10"], "--window", "40 10"),
+    ("report", ["--window", "0", "5"], "--window", "0 5"),
     ("predict", ["--target-loss", "x"], "--target-loss", "'x'"),
     ("predict", ["--target-loss", "inf"], "--target-loss", "'inf'"),
     ("predict", ["--target-loss", "nan"], "--target-loss", "'nan'"),
