@@ -22,7 +22,7 @@ from .._warnings import NonFiniteError
 from ..attachment import Attachment
 from ..capture import glob_to_regex
 from .._warnings import ZeroGradientWarning
-from ._isolation import forked_rng, preserved_buffers
+from ._isolation import forked_rng, preserved_buffers, rng_state, set_rng_state
 from ._validate import nonfinite_loss_message, param_names
 from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, plain_batch, slice_batch
@@ -162,7 +162,7 @@ class _Chunk:
     start: int
     stop: int
     batch: Any = None  # cloned inputs, kept only for recomputation in bounded-memory mode
-    rng: Any = None  # (CPU, [CUDA]) RNG states at the first computation, replayed on recomputation
+    rng: Any = None  # every global RNG state at the first computation (_isolation.rng_state), replayed
 
     @property
     def resident(self) -> bool:
@@ -235,8 +235,9 @@ class PerSampleGradientProbe:
     Measuring has no side effects: ``.grad``, ``requires_grad``, train/eval flags, module buffers
     (BatchNorm running statistics also with ``train_mode=True``), the CPU and CUDA RNG states, Python's
     ``random`` and numpy's global RNG, and the hook dictionaries are as before, also when an exception
-    interrupts ``update``. (In bounded-memory mode a recomputed chunk replays torch's RNG states only:
-    a model that draws from Python's or numpy's RNG in its forward gets other draws there.)
+    interrupts ``update``. In bounded-memory mode a recomputed chunk replays every one of these RNG
+    streams from the state its first computation started from, so its forward draws the same
+    dropout masks and the same Python / numpy random numbers.
 
     Example::
 
@@ -564,11 +565,9 @@ class PerSampleGradientProbe:
         return {k: rows[k].to(self._row_dtype(k)) for k in self.params}, losses
 
     def _chunk_rows(self, chunk: _Chunk, devices, casts) -> dict[str, torch.Tensor]:
-        """Recompute a non-resident chunk's rows, replaying its RNG state."""
-        cpu, cuda = chunk.rng
-        torch.set_rng_state(cpu)
-        for d, s in zip(devices, cuda):
-            torch.cuda.set_rng_state(s, d)
+        """Recompute a non-resident chunk's rows, replaying its RNG states (torch CPU and CUDA, Python's
+        ``random``, numpy's global generator: the forward draws what it drew the first time)."""
+        set_rng_state(chunk.rng, devices)
         return self._gradients(chunk.batch, chunk.stop - chunk.start, casts)[0]
 
     def _casts(self, passes: int) -> cast_cache.CastCache | None:
@@ -610,7 +609,7 @@ class PerSampleGradientProbe:
                     chunk = _Chunk(self.n_samples_, self.n_samples_ + e - s)
                     if not self._fits(e - s):  # keep what recomputation needs instead of the rows
                         chunk.batch = map_tensors(torch.clone, sub)
-                        chunk.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
+                        chunk.rng = rng_state(devices)
                     self._add_chunk(chunk, *self._gradients(sub, e - s, casts))
             self._check_new(snap[0])
         except BaseException:
