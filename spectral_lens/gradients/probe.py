@@ -22,7 +22,7 @@ from .._warnings import NonFiniteError
 from ..attachment import Attachment
 from ..capture import glob_to_regex
 from .._warnings import ZeroGradientWarning
-from ._isolation import forked_rng, preserved_buffers, rng_state, set_rng_state
+from ._isolation import cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state
 from ._validate import nonfinite_loss_message, param_names
 from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, plain_batch, slice_batch
@@ -536,6 +536,14 @@ class PerSampleGradientProbe:
         autocast casts shared by the chunks of one update (fast engine only)."""
         rows: dict[str, torch.Tensor] = {}
         losses = None
+        # bounded memory: every engine pass starts from the chunk's RNG state, so the draws do not depend
+        # on which passes ran before it (a fallback or engine switch in the first computation, which a
+        # recomputation on the settled engines does not repeat)
+        rewind = None
+        if self.max_resident_samples is not None:
+            devices = cuda_devices(self.model)
+            start = rng_state(devices)
+            rewind = lambda: set_rng_state(start, devices)  # noqa: E731
         fast = {k: self.sites[k] for k, e in self.engines_.items() if e == "fast"}
         if fast:
             forward_fn, loss_fn = self._deciding_fns() if self.head_loss_ is None else self._loss_fns()
@@ -551,9 +559,11 @@ class PerSampleGradientProbe:
         forward_fn, loss_fn = self._loss_fns()  # decided by now (by the fast engine's forward, or before)
         for kind in ("vmap", "loop"):
             todo = {k: self.params[k] for k, e in self.engines_.items() if e == kind and k not in rows}
+            if todo and rewind is not None:
+                rewind()
             if todo and kind == "vmap":
                 got, lo, fell_back = vmap_or_loop(
-                    self.model, todo, batch, n, forward_fn, loss_fn, fallback=self.engine != "vmap"
+                    self.model, todo, batch, n, forward_fn, loss_fn, fallback=self.engine != "vmap", before_loop=rewind
                 )
                 if fell_back:
                     self.engines_.update({k: "loop" for k in todo})

@@ -236,6 +236,58 @@ def test_bounded_memory_replays_python_and_numpy_rng(source, engine):
     assert np.linalg.eigvalsh(grams[1]).min() > 0
 
 
+class _DropoutThenItem(nn.Module):
+    """Dropout, then ``.item()`` control flow: ``torch.func.vmap`` refuses it after the dropout drew."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.drop, self.head = nn.Embedding(11, 6), nn.Dropout(0.5), nn.Linear(6, 11)
+
+    def forward(self, ids):
+        h = self.drop(self.emb(ids))
+        if h.sum().item() > -1e9:
+            h = h * 1.0
+        return self.head(h)
+
+
+class _DropoutMHA(nn.Module):
+    """``nn.MultiheadAttention`` with dropout: its ``out_proj`` weight is used functionally, so the fast
+    engine's first pass finds it never ran and the probe switches it to the vmap engine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(11, 8), nn.Linear(8, 11)
+        self.attn = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(self.attn(h, h, h, need_weights=False)[0])
+
+
+@pytest.mark.filterwarnings("ignore::spectral_lens.gradients.EngineFallbackWarning")
+@pytest.mark.parametrize("case", ["vmap_falls_back_to_loop", "fast_switches_to_vmap"])
+def test_bounded_memory_first_pass_matches_its_recomputation_after_an_engine_change(case):
+    """Train mode, bounded memory with every chunk recomputed (max_resident_samples < chunk_size): the
+    first computation of the first chunk ran an engine pass that the recomputation, on the settled
+    engine, does not repeat (the refused vmap attempt; the fast pass that found out_proj unused) and
+    whose dropout draws shifted the masks: the cross blocks came from other masks than the diagonal
+    blocks (0.59 relative off for the vmap fallback). Every engine pass of a chunk now starts from the
+    chunk's RNG state, so the Gram is that of the settled engine run directly."""
+    torch.manual_seed(0)
+    if case == "vmap_falls_back_to_loop":
+        model, name, settled = _DropoutThenItem().double(), "emb.weight", "loop"
+    else:
+        model, name, settled = _DropoutMHA().double(), "attn.out_proj.weight", "vmap"
+    ids, y = torch.randint(0, 11, (6, 5)), torch.randint(0, 11, (6, 5))
+    torch.manual_seed(5)
+    direct = PerSampleGradientProbe(model, name, chunk_size=2, train_mode=True, engine=settled).update((ids, y))
+    torch.manual_seed(5)
+    bounded = PerSampleGradientProbe(model, name, chunk_size=2, train_mode=True, max_resident_samples=1)
+    bounded.update((ids, y))
+    assert bounded.engines_ == {name: settled}
+    assert rel(bounded.gram().numpy(), direct.gram().numpy()) <= 1e-13
+
+
 def test_user_registered_fast_path(helpers):
     class ScaledLinear(nn.Linear):
         def forward(self, x):
