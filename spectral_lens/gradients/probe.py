@@ -549,12 +549,9 @@ class PerSampleGradientProbe:
             forward_fn, loss_fn = self._deciding_fns() if self.head_loss_ is None else self._loss_fns()
             got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn, casts, self._every)
             rows.update(got)
-            for k in not_called:
+            for k, why in not_called.items():
                 if self.engine == "fast":
-                    raise ValueError(
-                        f"engine='fast' impossible for {k}: its module never ran its forward (the weight is "
-                        "used functionally); use engine='auto' or 'vmap'"
-                    )
+                    raise ValueError(f"engine='fast' impossible for {k}: {why}; use engine='auto' or 'vmap'")
                 self.engines_[k] = "vmap"
         forward_fn, loss_fn = self._loss_fns()  # decided by now (by the fast engine's forward, or before)
         for kind in ("vmap", "loop"):

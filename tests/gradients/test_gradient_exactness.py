@@ -288,6 +288,41 @@ def test_bounded_memory_first_pass_matches_its_recomputation_after_an_engine_cha
     assert rel(bounded.gram().numpy(), direct.gram().numpy()) <= 1e-13
 
 
+class _OtherLayout(nn.Module):
+    """The probed ``nn.Linear`` sees the tokens sequence-first ``(T, M, d)`` (as inside
+    ``nn.TransformerEncoderLayer(batch_first=False)``) or flattened ``(M * T, d)``."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        self.emb, self.o, self.head, self.layout = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 11), layout
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        if self.layout == "seq_first":  # and a causal mix over time, so positions interact
+            return self.head(torch.cumsum(torch.tanh(self.o(h.transpose(0, 1))), 0).transpose(0, 1))
+        m, t, d = h.shape
+        return self.head(torch.tanh(self.o(h.reshape(m * t, d))).reshape(m, t, d))
+
+
+@pytest.mark.parametrize("layout", ["seq_first", "flattened"])
+def test_fast_path_refuses_a_layout_without_samples_in_dimension_0(layout):
+    """The Linear fast path contracts dimension 0 of the layer's input as the sample index. A layer that
+    sees (T, M, d) or (M * T, d) got rows mixing samples silently (31-69% off the reference, engine
+    'auto'); now such a parameter moves to the vmap engine, and engine='fast' says why."""
+    torch.manual_seed(0)
+    model = _OtherLayout(layout).double()
+    ids, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 11, (4, 5))
+    ref = np.stack([
+        torch.autograd.grad(F.cross_entropy(model(ids[i : i + 1])[0], y[i]), model.o.weight)[0].reshape(-1).numpy()
+        for i in range(4)
+    ])
+    probe = PerSampleGradientProbe(model, "o.weight", keep_matrix=True, chunk_size=4).update((ids, y))
+    assert probe.engines_ == {"o.weight": "vmap"}
+    check_probe(probe, {"o.weight": ref})
+    with pytest.raises(ValueError, match=r"engine='fast' impossible for o\.weight: Linear saw an input of shape"):
+        PerSampleGradientProbe(model, "o.weight", engine="fast").update((ids, y))
+
+
 def test_user_registered_fast_path(helpers):
     class ScaledLinear(nn.Linear):
         def forward(self, x):
