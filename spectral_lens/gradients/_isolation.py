@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["preserved_buffers", "forked_rng", "cuda_devices"]
+__all__ = ["preserved_buffers", "forked_rng", "cuda_devices", "rng_state", "set_rng_state"]
 
 
 def cuda_devices(model: nn.Module) -> list[int]:
@@ -44,6 +44,25 @@ def forked_rng(devices: Iterable = ()) -> Iterator[None]:
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+
+
+def rng_state(devices: Iterable = ()) -> tuple:
+    """Every global RNG stream :func:`forked_rng` forks, as one value for :func:`set_rng_state`: the
+    torch CPU generator, the CUDA generators of ``devices``, Python's ``random`` and numpy's global
+    generator (a forward may draw from any of them, e.g. LayerDrop through ``random``)."""
+    devices = list(devices)
+    return (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices], random.getstate(),
+            np.random.get_state())
+
+
+def set_rng_state(state: tuple, devices: Iterable = ()) -> None:
+    """Set every stream captured by :func:`rng_state` (same ``devices``) back to that state."""
+    cpu, cuda, py, npy = state
+    torch.set_rng_state(cpu)
+    for d, s in zip(list(devices), cuda):
+        torch.cuda.set_rng_state(s, d)
+    random.setstate(py)
+    np.random.set_state(npy)
 
 
 @contextlib.contextmanager

@@ -152,10 +152,14 @@ def fast_engine(
     parameters do not require grad here, so autocast's own cache does not apply); ``None``: no cache.
     ``every``: ``list(model.parameters())``, computed once by a caller that runs many chunks.
 
-    Returns ``(rows, losses, not_called)``; ``not_called`` lists the names whose module never ran in
-    the forward (for example ``nn.MultiheadAttention.out_proj``, whose weight is used functionally):
-    their gradients need the generic engine. A module called several times gets the sum over calls.
-    Raises :class:`NoGradientPathError` when a probed module's output does not reach the loss.
+    Returns ``(rows, losses, not_called)``; ``not_called`` maps each name the fast path cannot serve
+    to the reason, and their gradients need the generic engine: the module never ran in the forward
+    (for example ``nn.MultiheadAttention.out_proj``, whose weight is used functionally), or a call's
+    input or output gradient does not have the chunk's ``n`` samples in dimension 0 (a sequence-first
+    ``(T, M, d)`` layout, tokens flattened to ``(M * T, d)``, a weight applied to something other
+    than the samples): the fast path's ``g_m`` contracts dimension 0 as the sample index. A module
+    called several times gets the sum over calls. Raises :class:`NoGradientPathError` when a probed
+    module's output does not reach the loss.
     """
     modules = {id(mod): mod for mod, _ in sites.values()}
     names = {k: next(n for n, (m, _) in sites.items() if id(m) == k) for k in modules}
@@ -195,11 +199,20 @@ def fast_engine(
     it = iter(dys)
     grads_of = {k: [(x, v, next(it)) for x, v, _ in c] for k, c in calls.items()}
 
-    rows, not_called = {}, []
+    rows, not_called = {}, {}
     for name, (mod, local) in sites.items():
         used = [(x, v, dy) for x, v, dy in grads_of[id(mod)] if dy is not None]
         if not grads_of[id(mod)]:
-            not_called.append(name)
+            not_called[name] = "its module never ran its forward (the weight is used functionally)"
+            continue
+        shapes = [(tuple(x.shape), tuple(dy.shape)) for x, _, dy in used if x.ndim == 0 or x.shape[0] != n
+                  or dy.ndim == 0 or dy.shape[0] != n]
+        if shapes:
+            not_called[name] = (
+                f"{type(mod).__name__} saw an input of shape {shapes[0][0]} (output {shapes[0][1]}) for a chunk of "
+                f"{n} samples: the fast path needs the sample index in dimension 0 (not a sequence-first "
+                "layout or tokens flattened across samples)"
+            )
             continue
         if not used:
             raise NoGradientPathError(

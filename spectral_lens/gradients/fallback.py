@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import textwrap
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -96,11 +96,14 @@ def vmap_or_loop(
     forward_fn: ForwardFn,
     loss_fn: LossFn,
     fallback: bool = True,
+    before_loop: Callable[[], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
     """:func:`~.engines.vmap_engine`, or :func:`~.engines.loop_engine` with a warning when vmap cannot
     trace the model. Returns ``(rows, losses, fell_back)``. ``fallback=False`` (``engine="vmap"``
     asked for explicitly): a refusal raises a ``RuntimeError`` naming its likely cause and
-    ``engine="loop"`` instead."""
+    ``engine="loop"`` instead. ``before_loop``: called before the fallback loop runs (the probe's
+    bounded-memory mode rewinds the RNG streams there, which the refused attempt may have advanced,
+    so the loop draws what a later recomputation on the loop engine draws)."""
     try:
         rows, losses = vmap_engine(model, params, batch, n, forward_fn, loss_fn)
         return rows, losses, False
@@ -122,5 +125,7 @@ def vmap_or_loop(
         EngineFallbackWarning,
         stacklevel=4,
     )
+    if before_loop is not None:
+        before_loop()
     rows, losses = loop_engine(model, params, batch, n, forward_fn, loss_fn)
     return rows, losses, True

@@ -22,7 +22,7 @@ from .._warnings import NonFiniteError
 from ..attachment import Attachment
 from ..capture import glob_to_regex
 from .._warnings import ZeroGradientWarning
-from ._isolation import forked_rng, preserved_buffers
+from ._isolation import cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state
 from ._validate import nonfinite_loss_message, param_names
 from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, plain_batch, slice_batch
@@ -162,7 +162,7 @@ class _Chunk:
     start: int
     stop: int
     batch: Any = None  # cloned inputs, kept only for recomputation in bounded-memory mode
-    rng: Any = None  # (CPU, [CUDA]) RNG states at the first computation, replayed on recomputation
+    rng: Any = None  # every global RNG state at the first computation (_isolation.rng_state), replayed
 
     @property
     def resident(self) -> bool:
@@ -235,8 +235,9 @@ class PerSampleGradientProbe:
     Measuring has no side effects: ``.grad``, ``requires_grad``, train/eval flags, module buffers
     (BatchNorm running statistics also with ``train_mode=True``), the CPU and CUDA RNG states, Python's
     ``random`` and numpy's global RNG, and the hook dictionaries are as before, also when an exception
-    interrupts ``update``. (In bounded-memory mode a recomputed chunk replays torch's RNG states only:
-    a model that draws from Python's or numpy's RNG in its forward gets other draws there.)
+    interrupts ``update``. In bounded-memory mode a recomputed chunk replays every one of these RNG
+    streams from the state its first computation started from, so its forward draws the same
+    dropout masks and the same Python / numpy random numbers.
 
     Example::
 
@@ -535,24 +536,31 @@ class PerSampleGradientProbe:
         autocast casts shared by the chunks of one update (fast engine only)."""
         rows: dict[str, torch.Tensor] = {}
         losses = None
+        # bounded memory: every engine pass starts from the chunk's RNG state, so the draws do not depend
+        # on which passes ran before it (a fallback or engine switch in the first computation, which a
+        # recomputation on the settled engines does not repeat)
+        rewind = None
+        if self.max_resident_samples is not None:
+            devices = cuda_devices(self.model)
+            start = rng_state(devices)
+            rewind = lambda: set_rng_state(start, devices)  # noqa: E731
         fast = {k: self.sites[k] for k, e in self.engines_.items() if e == "fast"}
         if fast:
             forward_fn, loss_fn = self._deciding_fns() if self.head_loss_ is None else self._loss_fns()
             got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn, casts, self._every)
             rows.update(got)
-            for k in not_called:
+            for k, why in not_called.items():
                 if self.engine == "fast":
-                    raise ValueError(
-                        f"engine='fast' impossible for {k}: its module never ran its forward (the weight is "
-                        "used functionally); use engine='auto' or 'vmap'"
-                    )
+                    raise ValueError(f"engine='fast' impossible for {k}: {why}; use engine='auto' or 'vmap'")
                 self.engines_[k] = "vmap"
         forward_fn, loss_fn = self._loss_fns()  # decided by now (by the fast engine's forward, or before)
         for kind in ("vmap", "loop"):
             todo = {k: self.params[k] for k, e in self.engines_.items() if e == kind and k not in rows}
+            if todo and rewind is not None:
+                rewind()
             if todo and kind == "vmap":
                 got, lo, fell_back = vmap_or_loop(
-                    self.model, todo, batch, n, forward_fn, loss_fn, fallback=self.engine != "vmap"
+                    self.model, todo, batch, n, forward_fn, loss_fn, fallback=self.engine != "vmap", before_loop=rewind
                 )
                 if fell_back:
                     self.engines_.update({k: "loop" for k in todo})
@@ -564,11 +572,9 @@ class PerSampleGradientProbe:
         return {k: rows[k].to(self._row_dtype(k)) for k in self.params}, losses
 
     def _chunk_rows(self, chunk: _Chunk, devices, casts) -> dict[str, torch.Tensor]:
-        """Recompute a non-resident chunk's rows, replaying its RNG state."""
-        cpu, cuda = chunk.rng
-        torch.set_rng_state(cpu)
-        for d, s in zip(devices, cuda):
-            torch.cuda.set_rng_state(s, d)
+        """Recompute a non-resident chunk's rows, replaying its RNG states (torch CPU and CUDA, Python's
+        ``random``, numpy's global generator: the forward draws what it drew the first time)."""
+        set_rng_state(chunk.rng, devices)
         return self._gradients(chunk.batch, chunk.stop - chunk.start, casts)[0]
 
     def _casts(self, passes: int) -> cast_cache.CastCache | None:
@@ -610,7 +616,7 @@ class PerSampleGradientProbe:
                     chunk = _Chunk(self.n_samples_, self.n_samples_ + e - s)
                     if not self._fits(e - s):  # keep what recomputation needs instead of the rows
                         chunk.batch = map_tensors(torch.clone, sub)
-                        chunk.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
+                        chunk.rng = rng_state(devices)
                     self._add_chunk(chunk, *self._gradients(sub, e - s, casts))
             self._check_new(snap[0])
         except BaseException:

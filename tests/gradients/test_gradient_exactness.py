@@ -201,6 +201,128 @@ def test_bounded_memory_replays_dropout_masks(helpers):
     assert rel(other, grams[0]) > 1e-3  # the masks really differ with the seed
 
 
+class _DrawsInForward(nn.Module):
+    """Scales its hidden states by a number drawn from Python's ``random`` or numpy's global RNG (as
+    LayerDrop-style code does) in every forward."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.emb, self.o, self.head, self.source = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 11), source
+
+    def forward(self, ids):
+        import random
+
+        draw = random.uniform(0.5, 2.0) if self.source == "python" else float(np.random.uniform(0.5, 2.0))
+        return self.head(torch.tanh(self.o(self.emb(ids))) * draw)
+
+
+@pytest.mark.parametrize("engine", ["fast", "loop"])
+@pytest.mark.parametrize("source", ["python", "numpy"])
+def test_bounded_memory_replays_python_and_numpy_rng(source, engine):
+    """A recomputed chunk draws what its first computation drew from Python's and numpy's RNG too (the
+    old code replayed torch's only: the bounded Gram was 10% off the resident one, not PSD for numpy)."""
+    import random
+
+    torch.manual_seed(0)
+    model = _DrawsInForward(source).double()
+    ids, y = torch.randint(0, 11, (8, 5)), torch.randint(0, 11, (8, 5))
+    grams = []
+    for cap in (None, 2):
+        random.seed(3)
+        np.random.seed(3)
+        probe = PerSampleGradientProbe(model, "o.weight", engine=engine, chunk_size=2, max_resident_samples=cap)
+        grams.append(probe.update((ids, y)).gram().numpy())
+    assert rel(grams[1], grams[0]) <= 1e-13
+    assert np.linalg.eigvalsh(grams[1]).min() > 0
+
+
+class _DropoutThenItem(nn.Module):
+    """Dropout, then ``.item()`` control flow: ``torch.func.vmap`` refuses it after the dropout drew."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.drop, self.head = nn.Embedding(11, 6), nn.Dropout(0.5), nn.Linear(6, 11)
+
+    def forward(self, ids):
+        h = self.drop(self.emb(ids))
+        if h.sum().item() > -1e9:
+            h = h * 1.0
+        return self.head(h)
+
+
+class _DropoutMHA(nn.Module):
+    """``nn.MultiheadAttention`` with dropout: its ``out_proj`` weight is used functionally, so the fast
+    engine's first pass finds it never ran and the probe switches it to the vmap engine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(11, 8), nn.Linear(8, 11)
+        self.attn = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(self.attn(h, h, h, need_weights=False)[0])
+
+
+@pytest.mark.filterwarnings("ignore::spectral_lens.gradients.EngineFallbackWarning")
+@pytest.mark.parametrize("case", ["vmap_falls_back_to_loop", "fast_switches_to_vmap"])
+def test_bounded_memory_first_pass_matches_its_recomputation_after_an_engine_change(case):
+    """Train mode, bounded memory with every chunk recomputed (max_resident_samples < chunk_size): the
+    first computation of the first chunk ran an engine pass that the recomputation, on the settled
+    engine, does not repeat (the refused vmap attempt; the fast pass that found out_proj unused) and
+    whose dropout draws shifted the masks: the cross blocks came from other masks than the diagonal
+    blocks (0.59 relative off for the vmap fallback). Every engine pass of a chunk now starts from the
+    chunk's RNG state, so the Gram is that of the settled engine run directly."""
+    torch.manual_seed(0)
+    if case == "vmap_falls_back_to_loop":
+        model, name, settled = _DropoutThenItem().double(), "emb.weight", "loop"
+    else:
+        model, name, settled = _DropoutMHA().double(), "attn.out_proj.weight", "vmap"
+    ids, y = torch.randint(0, 11, (6, 5)), torch.randint(0, 11, (6, 5))
+    torch.manual_seed(5)
+    direct = PerSampleGradientProbe(model, name, chunk_size=2, train_mode=True, engine=settled).update((ids, y))
+    torch.manual_seed(5)
+    bounded = PerSampleGradientProbe(model, name, chunk_size=2, train_mode=True, max_resident_samples=1)
+    bounded.update((ids, y))
+    assert bounded.engines_ == {name: settled}
+    assert rel(bounded.gram().numpy(), direct.gram().numpy()) <= 1e-13
+
+
+class _OtherLayout(nn.Module):
+    """The probed ``nn.Linear`` sees the tokens sequence-first ``(T, M, d)`` (as inside
+    ``nn.TransformerEncoderLayer(batch_first=False)``) or flattened ``(M * T, d)``."""
+
+    def __init__(self, layout: str) -> None:
+        super().__init__()
+        self.emb, self.o, self.head, self.layout = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 11), layout
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        if self.layout == "seq_first":  # and a causal mix over time, so positions interact
+            return self.head(torch.cumsum(torch.tanh(self.o(h.transpose(0, 1))), 0).transpose(0, 1))
+        m, t, d = h.shape
+        return self.head(torch.tanh(self.o(h.reshape(m * t, d))).reshape(m, t, d))
+
+
+@pytest.mark.parametrize("layout", ["seq_first", "flattened"])
+def test_fast_path_refuses_a_layout_without_samples_in_dimension_0(layout):
+    """The Linear fast path contracts dimension 0 of the layer's input as the sample index. A layer that
+    sees (T, M, d) or (M * T, d) got rows mixing samples silently (31-69% off the reference, engine
+    'auto'); now such a parameter moves to the vmap engine, and engine='fast' says why."""
+    torch.manual_seed(0)
+    model = _OtherLayout(layout).double()
+    ids, y = torch.randint(0, 11, (4, 5)), torch.randint(0, 11, (4, 5))
+    ref = np.stack([
+        torch.autograd.grad(F.cross_entropy(model(ids[i : i + 1])[0], y[i]), model.o.weight)[0].reshape(-1).numpy()
+        for i in range(4)
+    ])
+    probe = PerSampleGradientProbe(model, "o.weight", keep_matrix=True, chunk_size=4).update((ids, y))
+    assert probe.engines_ == {"o.weight": "vmap"}
+    check_probe(probe, {"o.weight": ref})
+    with pytest.raises(ValueError, match=r"engine='fast' impossible for o\.weight: Linear saw an input of shape"):
+        PerSampleGradientProbe(model, "o.weight", engine="fast").update((ids, y))
+
+
 def test_user_registered_fast_path(helpers):
     class ScaledLinear(nn.Linear):
         def forward(self, x):
