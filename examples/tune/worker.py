@@ -98,10 +98,12 @@ class _Worker:
         for ft in trials:
             if ft.state != optuna.trial.TrialState.RUNNING or ft._trial_id in self.held:
                 continue
-            beat = ft.system_attrs.get(_HEARTBEAT)
-            if beat is None and ft.datetime_start is not None:
-                beat = ft.datetime_start.timestamp()
-            if beat is None or now - float(beat) < self.grace_period:
+            # the last sign of life: the newest heartbeat or the claim (a retry inherits its failed
+            # predecessor's old heartbeat, so a just-claimed retry must count from its claim)
+            signs = [float(ft.system_attrs[_HEARTBEAT])] if _HEARTBEAT in ft.system_attrs else []
+            if ft.datetime_start is not None:
+                signs.append(ft.datetime_start.timestamp())
+            if not signs or now - max(signs) < self.grace_period:
                 continue
             try:
                 if not study._storage.set_trial_state_values(ft._trial_id, state=optuna.trial.TrialState.FAIL):

@@ -134,6 +134,35 @@ def test_a_worker_whose_trial_was_taken_over_lets_it_go(tmp_path):
     assert w.held == {}
 
 
+def test_a_just_claimed_retry_is_not_taken_over_for_its_predecessors_heartbeat(tmp_path):
+    # A retry inherits the failed trial's system attributes, its stale heartbeat included; the worker
+    # that claims it beats only after set-up, so a sweep in between must count from the claim.
+    import optuna
+
+    from examples.tune.tuner import _open_studies, _validate
+    from examples.tune.worker import _claim, _Worker
+
+    cfg = _validate({"f": {"lr": 1.0}}, [8], 8, [30], "synchronized", 1, None, None, 2, (1.0,), 1e-9, None,
+                    0.1, 0.3)
+    (study,) = _open_studies(cfg, None, "x").values()
+
+    def worker():
+        return _Worker({None: study}, SyntheticTrainable(), cfg, tmp_path, heartbeat_interval=0.1, grace_period=0.3,
+                       poll_interval=0.01, progress=None)
+
+    lost, sweeper = worker(), worker()
+    lost._start(study, _claim(study))
+    lost.held.clear()                     # the worker dies: no more heartbeats
+    time.sleep(0.4)
+    sweeper._sweep_stale(study)           # taken over: failed and re-enqueued with the old heartbeat
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    retry = _claim(study)                 # a third worker claims the retry ...
+    sweeper._sweep_stale(study)           # ... and the sweeper looks before that worker's first heartbeat
+    states = [t.state for t in study.get_trials()]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING], states
+    assert retry.number == 1
+
+
 def test_a_duplicate_enqueue_is_dropped_before_it_trains(tmp_path):
     import optuna
 
