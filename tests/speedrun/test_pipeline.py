@@ -126,3 +126,10 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--preset", "d99"])
     assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()   # argparse's own errors are one line too (no usage block)
+    assert len(err) == 1 and "invalid choice: 'd99'" in err[0]
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--preset" in err[0]

@@ -92,9 +92,11 @@ def test_cli_synthetic(tmp_path, capsys):
     (["zoo", "--variants", "Nope", "--tiers", "8", "--rungs", "30", "--workdir", "W", "--eval-every-tokens", "10"],
      "unknown variant 'Nope'"),
     (["synthetic", "--tiers", "8", "--workdir", "W"], "the following arguments are required: --rungs"),
+    (["synthetic", "--tiers", "8", "--rungs", "30", "--workdir", "F", "--quiet"], "File exists"),  # an OSError
 ])
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, argv, match):
-    argv = [str(tmp_path / "w") if a == "W" else a for a in argv]
+    (tmp_path / "a-file").write_text("")
+    argv = [str(tmp_path / "w") if a == "W" else str(tmp_path / "a-file") if a == "F" else a for a in argv]
     with pytest.raises(SystemExit) as e:
         raise SystemExit(main(argv))
     assert e.value.code == 2
