@@ -4,7 +4,10 @@ Format (``version`` 1)::
 
     {"version": 1, "study_name": "...", "mode": "synchronized", "rungs": [...],
      "choices": [{"family": "RoPE", "tier": 32, "scale": 2.0, "lrs": {"adam": 0.0012},
-                  "origins": [["sqrt", 1.0], ["linear", 0.5]], "loss": 3.41}, ...]}
+                  "origins": [["sqrt", 1.0], ["linear", 0.5]], "loss": 3.41, "at_edge": null}, ...]}
+
+``at_edge`` is ``"lowest"`` or ``"highest"`` when the choice is an end of its candidate grid (the best
+rate may lie beyond it), else ``null``.
 
 Written atomically (temporary file in the same directory, fsync, rename).
 """
@@ -36,14 +39,16 @@ class Choices(dict):
 
 
 def write_choices(path: Path, choices: Mapping[tuple[str, int], Candidate], *, losses: Mapping[tuple[str, int], float],
-                  meta: Mapping[str, Any]) -> None:
-    """Write the chosen candidate of every family/tier (with its final-rung loss) to ``path``."""
+                  meta: Mapping[str, Any], at_edge: Mapping[tuple[str, int], str] | None = None) -> None:
+    """Write the chosen candidate of every family/tier (with its final-rung loss and, when it is the
+    smallest or largest candidate of its grid, ``at_edge``: ``"lowest"`` / ``"highest"``) to ``path``."""
     rows = []
     for (family, tier), c in sorted(choices.items()):
         loss = losses.get((family, tier), float("nan"))
         rows.append(dict(family=family, tier=tier, scale=c.scale, lrs=dict(c.lrs),
                          origins=[list(o) for o in c.origins], key=c.key,
-                         loss=loss if math.isfinite(loss) else None))
+                         loss=loss if math.isfinite(loss) else None,
+                         at_edge=(at_edge or {}).get((family, tier))))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(dict(version=VERSION, **meta, choices=rows), indent=2) + "\n")
 

@@ -82,6 +82,9 @@ class TuneResult:
         missing: family/tiers without a choice.
         mode, study_name, storage: how the study ran.
         choices_path: where the choices file was written.
+        at_edge: ``(family, tier) -> "lowest" | "highest"`` for a choice that is the smallest or the
+            largest candidate of its family/tier (of two or more): the best rate may lie beyond the
+            grid; widen the multipliers. Also warned about, shown in the table and in the choices file.
     """
 
     choices: dict[tuple[str, int], Candidate]
@@ -94,6 +97,7 @@ class TuneResult:
     storage: str | None
     choices_path: Path
     rungs: tuple[int, ...] = field(default=())
+    at_edge: dict[tuple[str, int], str] = field(default_factory=dict)
 
     def table(self) -> str:
         """The summary table (one line per candidate) printed at the end of :func:`tune`."""
@@ -261,12 +265,26 @@ def _collect(studies, cfg: _Config, storage_url, study_name, choices_path: Path)
         for t in cfg.tiers:
             if (f, t) not in choices:
                 missing.append((f, t))
+    at_edge = _at_edge(choices, cfg.candidates())
     summaries.sort(key=lambda s: (s.candidate.family, s.candidate.tier, s.candidate.scale))
-    write_choices(choices_path, choices, losses=losses,
+    write_choices(choices_path, choices, losses=losses, at_edge=at_edge,
                   meta=dict(study_name=study_name, mode=cfg.mode, rungs=list(cfg.rungs),
                             reference_tier=cfg.reference_tier, missing=[list(m) for m in missing]))
     return TuneResult(choices, losses, summaries, surv, missing, cfg.mode, study_name, storage_url, choices_path,
-                      cfg.rungs)
+                      cfg.rungs, at_edge)
+
+
+def _at_edge(choices: Mapping[tuple[str, int], Candidate], candidates: Sequence[Candidate]) -> dict[tuple[str, int], str]:
+    """``(family, tier) -> "lowest" | "highest"`` for choices at an end of a grid of two or more candidates."""
+    scales: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for c in candidates:
+        scales[(c.family, c.tier)].append(c.scale)
+    out = {}
+    for g, c in choices.items():
+        grid = scales.get(g, [])
+        if len(grid) >= 2 and c.scale in (min(grid), max(grid)):
+            out[g] = "lowest" if c.scale == min(grid) else "highest"
+    return out
 
 
 def _worker_main(trainable, cfg: _Config, storage_url, study_name, workdir, heartbeat_interval, grace_period,
@@ -352,6 +370,10 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
         if p.exitcode != 0:
             warnings.warn(f"tune: worker process {p.pid} exited with status {p.exitcode}; its trials were taken over")
     result = _collect(studies, cfg, storage, study_name, choices_path)
+    if result.at_edge:
+        warnings.warn("tune: the chosen learning rate is the " + "; ".join(
+            f"{e} candidate for {f}/b{t}" for (f, t), e in sorted(result.at_edge.items())) +
+            " of the grid: the best rate may lie beyond it (widen the multipliers)", stacklevel=2)
     if progress:
         print(result.table(), file=sys.stderr)
     return result
