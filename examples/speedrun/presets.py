@@ -30,7 +30,7 @@ class Preset:
         budget: training tokens of each measured run (and the length of every learning-rate
             schedule, the tuner's trials included: a trial is a prefix of the measured run).
         rungs: cumulative token budgets of the tuner's synchronized successive halving (ascending,
-            each a multiple of the largest tier's tokens per step, so every trial stops on a rung).
+            each a multiple of every tier's tokens per step, so every trial stops on a rung).
         multipliers: factors applied to each of the tuner's two centers ``sqrt(B/B0)`` and ``B/B0``
             (the paper's ``{0.5, 1/sqrt2, 1, sqrt2, 2}``).
         lr_factor: the reference rates are the zoo recipe's rates (tuned for d12 at B = 8) times this

@@ -63,6 +63,9 @@ def test_every_preset_rung_is_a_whole_number_of_steps():
             assert all(r % w.tokens_per_step(f, max(p.tiers)) == 0 for r in p.rungs), (p.name, f)
     with pytest.raises(ValueError, match="not multiples of RoPE at tier 4's 512 tokens per step"):
         ZooWorkload(PRESETS["tiny"].replace(rungs=(1_000, 4_096)))
+    # tier 3's steps (384 tokens) divide 1,152 but tier 2's (256) do not: every tier is checked
+    with pytest.raises(ValueError, match="not multiples of RoPE at tier 2's 256 tokens per step"):
+        ZooWorkload(PRESETS["tiny"].replace(tiers=(2, 3), reference_tier=2, rungs=(1_152,)))
 
 
 def test_lr_scale_of_needs_one_common_factor():
