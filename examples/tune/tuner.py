@@ -34,7 +34,7 @@ from .candidates import PAPER_MULTIPLIERS, candidate_set
 from .choices import write_choices
 from .progress import Progress, summary_table
 from .promotion import Entry, rank
-from .storage import _optuna, is_single_worker, open_storage
+from .storage import _optuna, _scheme, is_single_worker, open_storage
 from .trainable import Candidate, Trainable
 from .trials import SynchronizedHalvingPruner, _candidate, _group_of, _group_state, _live, _rung_losses
 from .worker import TrialFailed, _Worker
@@ -189,12 +189,13 @@ def _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, 
 @contextlib.contextmanager
 def _setup_lock(storage_url: str | None):
     """Serialize study creation and enqueueing between processes sharing one journal file."""
-    if storage_url is None or not (storage_url.startswith("journal:") or storage_url.endswith((".log", ".journal"))):
-        yield
+    scheme = None if storage_url is None else _scheme(storage_url)
+    if scheme is None or not (scheme == "journal" or (not scheme and storage_url.endswith((".log", ".journal")))):
+        yield  # the same rule as open_storage: an RDB URL whose database file ends in .log is no journal
         return
     import fcntl
 
-    path = Path(storage_url[len("journal:"):] if storage_url.startswith("journal:") else storage_url)
+    path = Path(storage_url[len("journal:"):] if scheme == "journal" else storage_url).expanduser()
     with open(str(path) + ".setup.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:

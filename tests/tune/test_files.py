@@ -94,3 +94,18 @@ def test_power_law_recovered_and_fallbacks():
     assert extrapolate_loss([10, 20, float("nan")], [3.0, 2.9, float("nan")], 40).model == "loglog"
     with pytest.raises(ValueError, match="must be 1-D of one length"):
         extrapolate_loss([1, 2], [1.0], 4)
+
+
+def test_study_setup_lock_follows_the_storage_url(tmp_path, monkeypatch):
+    # The set-up lock sits next to a journal file, found by the same rule as open_storage: an SQLite
+    # database named *.log is no journal, and '~' is the home directory.
+    from examples.tune import tune
+    from examples.tune.synthetic import SyntheticTrainable
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = dict(families={"f": {"lr": 1.0}}, tiers=[8], reference_tier=8, rungs=[10], multipliers=(1.0,),
+                progress=False)
+    res = tune(SyntheticTrainable(), workdir=tmp_path / "a", storage=f"sqlite:///{tmp_path}/tune.log", **args)
+    assert set(res.choices) == {("f", 8)}
+    res = tune(SyntheticTrainable(), workdir=tmp_path / "b", storage="journal:~/j.log", **args)
+    assert set(res.choices) == {("f", 8)} and (tmp_path / "j.log.setup.lock").exists()
