@@ -261,6 +261,9 @@ class _Worker:
                 ready.append((done, ft.number, trial, ft))
         for done, _, trial, ft in sorted(ready, key=lambda r: (r[0], r[1])):
             cand = _candidate(ft)
+            if done == n:  # a retry whose worker died after storing the last rung's loss, before finishing it
+                self._finish(study, trial, optuna.trial.TrialState.COMPLETE, value=float(ft.user_attrs[f"rung:{n - 1}"]))
+                return "worked"
             if done > 0:
                 if trial.should_prune():
                     self._finish(study, trial, optuna.trial.TrialState.PRUNED)

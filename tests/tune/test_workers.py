@@ -221,3 +221,35 @@ def test_a_trial_directory_of_another_rung_schedule_is_refused(tmp_path):
     with pytest.raises(TrialDirMismatch, match="holds a trial of an earlier call; the in-memory storage does not resume"):
         tune(SyntheticTrainable(), rungs=[20, 40], **kw)
     assert len([c for c in _calls(tmp_path / "w") if c["event"] == "begin"]) == 2   # only the first call trained
+
+
+def test_a_trial_killed_after_its_last_rung_is_finished_on_resume(tmp_path, monkeypatch):
+    # The worker dies after storing the last rung's loss, before telling Optuna the trial is complete
+    # (the extrapolation fit runs in between). The retry holds every rung loss: the resumed study must
+    # finish it (it used to look for a rung past the last one: IndexError on every resume).
+    import optuna
+
+    from examples.tune import worker
+
+    kw = dict(families={"f": {"lr": 1.0}}, tiers=[8], reference_tier=8, rungs=[10, 20], multipliers=(1.0, 2.0),
+              workdir=tmp_path / "w", storage=f"journal:{tmp_path}/j.log", progress=False, heartbeat_interval=0.1,
+              grace_period=0.3, poll_interval=0.05)
+    finish = worker._Worker._finish
+
+    def dies_before_complete(self, study, trial, state, value=None, error=None):
+        if state == optuna.trial.TrialState.COMPLETE:
+            raise KeyboardInterrupt
+        return finish(self, study, trial, state, value, error)
+
+    monkeypatch.setattr(worker._Worker, "_finish", dies_before_complete)
+    with pytest.raises(KeyboardInterrupt):
+        tune(SyntheticTrainable(), **kw)
+    monkeypatch.setattr(worker._Worker, "_finish", finish)
+    time.sleep(0.4)                                           # past the grace period: taken over on resume
+    res = tune(SyntheticTrainable(), **kw)
+    assert res.choices[("f", 8)].scale == 1.0 and res.losses[("f", 8)] == SyntheticTrainable().loss(
+        res.choices[("f", 8)], 20)
+    assert [(s.candidate.key, s.state, len(s.rung_losses)) for s in res.trials] == \
+        [("f/b8/x1", "complete", 2), ("f/b8/x2", "pruned", 1)]
+    ends = Counter((c["key"], c["budget"]) for c in _calls(tmp_path / "w") if c["event"] == "end")
+    assert ends == Counter({("f/b8/x1", 10): 1, ("f/b8/x2", 10): 1, ("f/b8/x1", 20): 1})   # nothing retrained
