@@ -87,6 +87,13 @@ def load_choices(path: os.PathLike | str) -> Choices:
                           origins=tuple((str(a), float(b)) for a, b in r.get("origins", [])))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise _bad(path, f"choice #{i} is malformed ({type(e).__name__}: {e}): {r!r}") from None
+        bad = [f"tier {r['tier']!r} (expected an int >= 1)"] if isinstance(r["tier"], bool) or c.tier < 1 \
+            or c.tier != r["tier"] else []
+        bad += [f"{name} {v!r} (expected a finite rate > 0)" for name, v in
+                [("scale", c.scale)] + [(f"lrs[{g!r}]", lr) for g, lr in c.lrs.items()]
+                if not (math.isfinite(v) and v > 0)]
+        if bad or not c.lrs:
+            raise _bad(path, f"choice #{i} is malformed ({'; '.join(bad) or 'no rates in lrs'}): {r!r}")
         if (c.family, c.tier) in out:
             raise _bad(path, f"family/tier {c.family}/b{c.tier} is chosen twice")
         out[(c.family, c.tier)] = c

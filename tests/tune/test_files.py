@@ -47,6 +47,13 @@ def test_choices_bad_files(tmp_path):
     with pytest.raises(ValueError, match="choice #0 is malformed"):
         load_choices(p)
     row = {"family": "x", "tier": 2, "scale": 1.0, "lrs": {"a": 1.0}}
+    for change, match in [({"lrs": {"a": -1e-3}}, r"lrs\['a'\] -0.001 \(expected a finite rate > 0\)"),
+                          ({"lrs": {"a": float("nan")}}, r"lrs\['a'\] nan"), ({"lrs": {}}, "no rates in lrs"),
+                          ({"scale": 0.0}, "scale 0.0"), ({"tier": 2.5}, r"tier 2.5 \(expected an int >= 1\)"),
+                          ({"tier": 0}, "tier 0"), ({"tier": True}, "tier True")]:
+        p.write_text(json.dumps({"version": 1, "choices": [row | change]}))   # a rate the runs cannot train with
+        with pytest.raises(ValueError, match="choice #0 is malformed .*" + match):
+            load_choices(p)
     p.write_text(json.dumps({"version": 1, "choices": [row, row]}))
     with pytest.raises(ValueError, match="x/b2 is chosen twice"):
         load_choices(p)
