@@ -23,6 +23,7 @@ candidate's checkpoint in ``workdir`` and never retrains a finished rung.
 """
 import contextlib
 import math
+import os
 import sys
 import warnings
 from collections import defaultdict
@@ -316,7 +317,9 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
         workdir: candidate checkpoints live in ``workdir/trials/<study_name>/<family>/b<tier>/x<scale>``
             (per study; a ``trial.json`` there records the study, rungs and candidate, and a trial
             directory made under other ones stops the call with a ``ValueError``).
-        choices_path: the choices file (default ``workdir/choices.json``).
+        choices_path: the choices file (default ``workdir/choices.json``); one that cannot be written
+            (its directory cannot be made or written, or it is a directory) is a ``ValueError`` before
+            any training.
         mode: ``"synchronized"`` (the paper's rule) or ``"asynchronous"`` (ASHA via Optuna's
             ``SuccessiveHalvingPruner``, one study per family/tier named ``<study_name>/<family>/b<tier>``).
         storage: ``None`` (in-memory), ``"journal:/path/file.log"``, ``"sqlite:///file.db"`` (one
@@ -341,6 +344,13 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     choices_path = Path(choices_path) if choices_path is not None else workdir / "choices.json"
+    try:  # refuse a choices path that cannot be written before any training, not after the study
+        choices_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"tune: choices file {str(choices_path)!r} cannot be written: {e}") from None
+    if choices_path.is_dir() or not os.access(choices_path.parent, os.W_OK):
+        raise ValueError(f"tune: choices file {str(choices_path)!r} cannot be written "
+                         f"({'a directory' if choices_path.is_dir() else 'directory not writable'})")
     if progress is None:
         progress = sys.stderr.isatty()
     studies = _open_studies(cfg, storage, study_name)

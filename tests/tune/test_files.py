@@ -116,3 +116,17 @@ def test_study_setup_lock_follows_the_storage_url(tmp_path, monkeypatch):
     assert set(res.choices) == {("f", 8)}
     res = tune(SyntheticTrainable(), workdir=tmp_path / "b", storage="journal:~/j.log", **args)
     assert set(res.choices) == {("f", 8)} and (tmp_path / "j.log.setup.lock").exists()
+
+
+def test_an_unwritable_choices_path_is_refused_before_training(tmp_path):
+    from examples.tune import tune
+    from examples.tune.synthetic import SyntheticTrainable
+
+    (tmp_path / "a-file").write_text("")
+    args = dict(families={"f": {"lr": 1.0}}, tiers=[8], reference_tier=8, rungs=[10], workdir=tmp_path / "w",
+                progress=False)
+    for bad, match in [(tmp_path / "a-file" / "choices.json", "cannot be written"),
+                       (tmp_path / "w", "cannot be written \\(a directory\\)")]:
+        with pytest.raises(ValueError, match=match):
+            tune(SyntheticTrainable(), choices_path=bad, **args)
+        assert not list((tmp_path / "w").rglob("calls.jsonl"))    # nothing was trained (in memory: nothing kept)
