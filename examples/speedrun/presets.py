@@ -99,6 +99,12 @@ class Preset:
             raise ValueError(f"preset {self.name!r}: lr_factor must be a positive number, got {self.lr_factor}")
         if not math.isfinite(self.target_loss) or self.target_loss <= 0:
             raise ValueError(f"preset {self.name!r}: target_loss must be a positive number, got {self.target_loss}")
+        if not 0 < self.fraction <= 1:  # else the verdict could not be scored, after every run was trained
+            raise ValueError(f"preset {self.name!r}: fraction={self.fraction} must be in (0, 1]")
+        for name in ("tail_window", "head_window"):
+            w = getattr(self, name)
+            if len(w) != 2 or not 1 <= w[0] < w[1]:
+                raise ValueError(f"preset {self.name!r}: {name}={w} must be two ranks lo < hi, lo >= 1")
 
     @property
     def tuner(self):

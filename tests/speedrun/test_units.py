@@ -31,7 +31,9 @@ def test_presets_meet_the_issue():
     (dict(tiers=(4, 2)), "ascending"), (dict(reference_tier=3), "reference_tier"),
     (dict(rungs=(10**9,)), "rungs"), (dict(measure_every=0.25), "10-50%"),
     (dict(target_loss=float("nan")), "target_loss"), (dict(multipliers=(1.0, -2.0)), "multipliers"),
-    (dict(lr_factor=0.0), "lr_factor")])
+    (dict(lr_factor=0.0), "lr_factor"), (dict(fraction=0.0), "fraction=0.0 must be in"),
+    (dict(fraction=1.5), "fraction"), (dict(tail_window=(40, 10)), "tail_window=\\(40, 10\\) must be two ranks"),
+    (dict(head_window=(0, 4)), "head_window")])
 def test_preset_rejects_bad_settings(change, match):
     with pytest.raises(ValueError, match=match):
         PRESETS["tiny"].replace(**change)
