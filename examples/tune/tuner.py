@@ -176,6 +176,9 @@ def _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, 
         raise ValueError(f"tune: min_resource={min_resource!r} must be a positive int")
     if not isinstance(reduction_factor, int) or reduction_factor < 2:
         raise ValueError(f"tune: reduction_factor={reduction_factor!r} must be an int >= 2")
+    if extrapolate_to is not None and (isinstance(extrapolate_to, bool) or not isinstance(extrapolate_to, (int, float))
+                                       or not math.isfinite(extrapolate_to) or extrapolate_to <= 0):
+        raise ValueError(f"tune: extrapolate_to={extrapolate_to!r} must be a positive budget (default twice the last rung)")
     extrapolate_to = 2 * rungs[-1] if extrapolate_to is None else int(extrapolate_to)
     if not (0 < heartbeat_interval < grace_period):
         raise ValueError(f"tune: heartbeat_interval={heartbeat_interval!r} must be > 0 and below "

@@ -56,6 +56,7 @@ def test_pruner_settings_are_explicit(tmp_path):
     (dict(storage="journal:/nonexistent-dir-xyz/j.log"), "cannot be opened"),
     (dict(multipliers=(1.0, 1.00001)), r"candidates \['f/b1/x0.125', 'f/b1/x0.3536', .*share a key \(scales equal to 4 significant digits\)"),
     (dict(heartbeat_interval=5.0, grace_period=5.0), "must be > 0 and below grace_period=5.0"),
+    (dict(extrapolate_to=0), "extrapolate_to=0 must be a positive budget"),   # was 'math domain error' mid-study
 ])
 def test_bad_arguments(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
