@@ -54,6 +54,18 @@ def _live(trials) -> dict[str, object]:
     return out
 
 
+def _orphans(trials) -> list:
+    """Trials failed for a lost worker whose retry was never enqueued (the worker that failed them died
+    first): per candidate key without a live trial, its newest such trial."""
+    live, out = _live(trials), {}
+    for ft in sorted(trials, key=lambda t: -t.number):
+        key = ft.user_attrs.get("key")
+        if key is not None and key not in live and key not in out and _is_stale_fail(ft) \
+                and "duplicate_of" not in ft.user_attrs:
+            out[key] = ft
+    return list(out.values())
+
+
 def _retry_callback():
     """Optuna's re-enqueue of a lost trial, keeping its intermediate values and attributes."""
     cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9

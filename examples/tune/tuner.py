@@ -37,7 +37,8 @@ from .progress import Progress, summary_table
 from .promotion import Entry, rank
 from .storage import _optuna, _scheme, is_single_worker, open_storage
 from .trainable import Candidate, Trainable
-from .trials import SynchronizedHalvingPruner, _candidate, _group_of, _group_state, _live, _rung_losses
+from .trials import (SynchronizedHalvingPruner, _candidate, _group_of, _group_state, _live, _orphans,
+                     _retry_callback, _rung_losses)
 from .worker import TrialFailed, _Worker
 
 optuna = _optuna()
@@ -232,7 +233,10 @@ def _open_studies(cfg: _Config, storage_url: str | None, study_name: str, storag
                 diff = sorted(k for k in cfg.as_attr() if stored.get(k) != cfg.as_attr()[k])
                 raise ValueError(f"tune: study {name!r} in storage {storage_url!r} was started with other settings "
                                  f"({', '.join(diff)} differ); use another study_name or the same settings to resume")
-            present = {t.user_attrs.get("key") for t in study.get_trials(deepcopy=False)}
+            trials = study.get_trials(deepcopy=False)
+            present = {t.user_attrs.get("key") for t in trials}
+            for ft in _orphans(trials):  # a lost trial whose retry was never enqueued: retry it now
+                _retry_callback()(study, ft)
             for c in cands:
                 if (group is None or (c.family, c.tier) == group) and c.key not in present:
                     study.enqueue_trial({"lr_scale": c.scale}, user_attrs=dict(

@@ -27,7 +27,7 @@ from .extrapolate import extrapolate_loss
 from .progress import Progress
 from .storage import _optuna
 from .trainable import Candidate, Trainable
-from .trials import _candidate, _group_of, _group_state, _is_stale_fail, _live, _retry_callback, _rung_losses
+from .trials import _candidate, _group_of, _group_state, _is_stale_fail, _live, _orphans, _retry_callback, _rung_losses
 
 optuna = _optuna()
 from optuna.exceptions import UpdateFinishedTrialError  # noqa: E402
@@ -114,6 +114,10 @@ class _Worker:
                 _retry_callback()(study, study._storage.get_trial(ft._trial_id))
                 if self.progress:
                     self.progress.note(f"trial {ft.number} ({ft.user_attrs['key']}) lost its worker; re-enqueued")
+        # a worker that failed a lost trial and died before re-enqueueing it left the candidate without a
+        # trial; retry it (should that worker be alive after all, the second retry is dropped as a duplicate)
+        for ft in _orphans(study.get_trials(deepcopy=False)):
+            _retry_callback()(study, ft)
 
     # -- trial life cycle
     def _start(self, study, trial):

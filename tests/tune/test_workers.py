@@ -253,3 +253,45 @@ def test_a_trial_killed_after_its_last_rung_is_finished_on_resume(tmp_path, monk
         [("f/b8/x1", "complete", 2), ("f/b8/x2", "pruned", 1)]
     ends = Counter((c["key"], c["budget"]) for c in _calls(tmp_path / "w") if c["event"] == "end")
     assert ends == Counter({("f/b8/x1", 10): 1, ("f/b8/x2", 10): 1, ("f/b8/x1", 20): 1})   # nothing retrained
+
+
+def test_a_lost_trial_whose_retry_was_never_enqueued_is_retried_on_resume(tmp_path):
+    # A sweeping worker fails a lost worker's trial, then dies before re-enqueueing it: the candidate's
+    # only trial is a stale failure, which stands for nothing. The resumed study must retry it, not
+    # drop the candidate (here the best one: the choice would silently be another).
+    import optuna
+
+    from examples.tune.tuner import _open_studies, _validate
+    from examples.tune.worker import _claim
+
+    storage = f"journal:{tmp_path}/j.log"
+    kw = dict(families={"f": {"lr": 1.0}}, tiers=[8], reference_tier=8, rungs=[10, 20], multipliers=(1.0, 2.0),
+              progress=False)
+    cfg = _validate(kw["families"], [8], 8, [10, 20], "synchronized", 1, storage, None, 2, (1.0, 2.0), 1e-9, None)
+    (study,) = _open_studies(cfg, storage, "tune").values()
+    trial = _claim(study)                                   # f/b8/x1, the best candidate
+    assert study._storage.get_trial(trial._trial_id).user_attrs["key"] == "f/b8/x1"
+    study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)   # ... and no retry
+    res = tune(SyntheticTrainable(), workdir=tmp_path / "w", storage=storage, **kw)
+    assert [(s.candidate.key, s.state) for s in res.trials] == [("f/b8/x1", "complete"), ("f/b8/x2", "pruned")]
+    assert res.choices[("f", 8)].scale == 1.0
+
+
+def test_a_sweep_retries_a_lost_trial_whose_retry_was_never_enqueued(tmp_path):
+    import optuna
+
+    from examples.tune.tuner import _open_studies, _validate
+    from examples.tune.worker import _claim, _Worker
+
+    cfg = _validate({"f": {"lr": 1.0}}, [8], 8, [10], "synchronized", 1, None, None, 2, (1.0, 2.0), 1e-9, None)
+    (study,) = _open_studies(cfg, None, "x").values()
+    trial = _claim(study)
+    study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)   # its sweeper died here
+    w = _Worker({None: study}, SyntheticTrainable(), cfg, tmp_path, heartbeat_interval=1.0, grace_period=60.0,
+                poll_interval=0.01, progress=None)
+    w._sweep_stale(study)
+    waiting = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.WAITING]
+    assert sorted(t.user_attrs["key"] for t in waiting) == ["f/b8/x1", "f/b8/x2"]
+    assert [t.system_attrs["failed_trial"] for t in waiting if t.user_attrs["key"] == "f/b8/x1"] == [trial.number]
+    w._sweep_stale(study)                                      # once: the retry now stands for the candidate
+    assert sum(t.state == optuna.trial.TrialState.WAITING for t in study.get_trials()) == 2
