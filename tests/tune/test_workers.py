@@ -295,3 +295,40 @@ def test_a_sweep_retries_a_lost_trial_whose_retry_was_never_enqueued(tmp_path):
     assert [t.system_attrs["failed_trial"] for t in waiting if t.user_attrs["key"] == "f/b8/x1"] == [trial.number]
     w._sweep_stale(study)                                      # once: the retry now stands for the candidate
     assert sum(t.state == optuna.trial.TrialState.WAITING for t in study.get_trials()) == 2
+
+
+def test_a_rung_is_not_decided_while_a_lost_candidate_awaits_its_retry(tmp_path):
+    # Four candidates at rung 0 (keep 2). One is failed for a lost worker and not re-enqueued yet. Deciding
+    # the rung without it kept 1 of 3 and pruned the runner-up x0.5, which the rule (2 of 4) promotes: it
+    # never trained rung 1 and the last rung was never decided (survivors had one rung).
+    import optuna
+
+    from examples.tune.trials import _candidate
+    from examples.tune.tuner import _open_studies, _validate
+    from examples.tune.worker import _claim, _Worker
+
+    storage = f"journal:{tmp_path}/j.log"
+    kw = dict(families={"f": {"lr": 1.0}}, tiers=[8], reference_tier=8, rungs=[10, 20],
+              multipliers=(0.5, 1.0, 2.0, 4.0), progress=False)
+    cfg = _validate(kw["families"], [8], 8, [10, 20], "synchronized", 1, storage, None, 2, kw["multipliers"], 1e-9,
+                    None)
+    (study,) = _open_studies(cfg, storage, "tune").values()
+    w = _Worker({None: study}, SyntheticTrainable(), cfg, tmp_path / "w", heartbeat_interval=1.0, grace_period=60.0,
+                poll_interval=0.01, progress=None)
+    trials = [_claim(study) for _ in range(4)]
+    for t in trials:
+        w._start(study, t)
+        assert w._train_rung(study, t, _candidate(study._storage.get_trial(t._trial_id)), 0)
+    x4 = next(t for t in trials if study._storage.get_trial(t._trial_id).user_attrs["key"] == "f/b8/x4")
+    w._drop(x4)
+    study._storage.set_trial_state_values(x4._trial_id, optuna.trial.TrialState.FAIL)   # lost, not re-enqueued yet
+    for _ in range(3):                    # waits for x4 until its sweep re-enqueues it, then decides with it
+        w._sync_step(study)
+    pruned = {t.user_attrs["key"] for t in study.get_trials() if t.state == optuna.trial.TrialState.PRUNED}
+    assert pruned <= {"f/b8/x2"}, pruned                      # never the runner-up x0.5
+    for t in list(w.held.values()):       # this worker goes away (its trials are taken over); a resume finishes
+        w._drop(t)
+    res = tune(SyntheticTrainable(), workdir=tmp_path / "w", storage=storage, heartbeat_interval=0.1,
+               grace_period=0.3, poll_interval=0.05, **kw)
+    assert res.survivors[("f", 8)] == [["f/b8/x1", "f/b8/x0.5"], ["f/b8/x1"]]
+    assert res.choices[("f", 8)].scale == 1.0
