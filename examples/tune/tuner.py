@@ -179,7 +179,8 @@ def _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, 
         raise ValueError(f"tune: reduction_factor={reduction_factor!r} must be an int >= 2")
     if extrapolate_to is not None and (isinstance(extrapolate_to, bool) or not isinstance(extrapolate_to, (int, float))
                                        or not math.isfinite(extrapolate_to) or extrapolate_to <= 0):
-        raise ValueError(f"tune: extrapolate_to={extrapolate_to!r} must be a positive budget (default twice the last rung)")
+        raise ValueError(f"tune: extrapolate_to={extrapolate_to!r} must be a positive budget "
+                         "(default twice the last rung)")
     extrapolate_to = 2 * rungs[-1] if extrapolate_to is None else int(extrapolate_to)
     if not (0 < heartbeat_interval < grace_period):
         raise ValueError(f"tune: heartbeat_interval={heartbeat_interval!r} must be > 0 and below "
@@ -283,7 +284,8 @@ def _collect(studies, cfg: _Config, storage_url, study_name, choices_path: Path)
                       cfg.rungs, at_edge)
 
 
-def _at_edge(choices: Mapping[tuple[str, int], Candidate], candidates: Sequence[Candidate]) -> dict[tuple[str, int], str]:
+def _at_edge(choices: Mapping[tuple[str, int], Candidate],
+             candidates: Sequence[Candidate]) -> dict[tuple[str, int], str]:
     """``(family, tier) -> "lowest" | "highest"`` for choices at an end of a grid of two or more candidates."""
     scales: dict[tuple[str, int], list[float]] = defaultdict(list)
     for c in candidates:

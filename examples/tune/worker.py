@@ -266,7 +266,8 @@ class _Worker:
         for done, _, trial, ft in sorted(ready, key=lambda r: (r[0], r[1])):
             cand = _candidate(ft)
             if done == n:  # a retry whose worker died after storing the last rung's loss, before finishing it
-                self._finish(study, trial, optuna.trial.TrialState.COMPLETE, value=float(ft.user_attrs[f"rung:{n - 1}"]))
+                self._finish(study, trial, optuna.trial.TrialState.COMPLETE,
+                             value=float(ft.user_attrs[f"rung:{n - 1}"]))
                 return "worked"
             if done > 0:
                 if trial.should_prune():
