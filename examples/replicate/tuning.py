@@ -65,7 +65,8 @@ def choose_rates(workload: Workload, workdir: Path, settings: TunerSettings, *, 
         for tier in workload.tiers:
             if (family, tier) not in chosen:
                 raise ValueError(f"{choices_path}: no choice for family {family!r}, tier {tier} "
-                                 f"(has {sorted(chosen)}); delete the file to tune again")
+                                 f"(has {sorted(chosen)}); delete {workdir} (the choices and the tuner's study, "
+                                 "tune.journal, which would give the same choices again) to tune again")
             out[(family, tier)] = {k: float(v) for k, v in chosen[(family, tier)].lrs.items()}
     return out
 

@@ -3,8 +3,9 @@
 Pre-registered (before any run, the same for every workload): the tail statistic is read at the
 workload's early fraction (paper: 20%); a family *reproduces* the paper's claim when its Spearman rho
 between early ``alpha_tail`` and realized ``eps_tok`` is at least :data:`REPRODUCED_RHO`; it is
-*underpowered* when fewer than three of its tiers reach the target or the exact p-value exceeds
-:data:`ALPHA`; a negative rho is flagged as the opposite of the claim.
+*underpowered* when fewer than three of its tiers reach the target, else *not significant* when the
+exact p-value exceeds :data:`ALPHA`; a negative rho is flagged as the opposite of the claim. When the
+tail statistic cannot be scored at all (e.g. the rank window exceeds the spectrum), the flag says why.
 """
 from __future__ import annotations
 
@@ -77,24 +78,28 @@ class Verdict:
 
 
 def _score(predictor, runs, eps):
+    """``(score, None)``, or ``(None, why)`` when the predictor cannot score the runs."""
     try:
-        return predictor.fit(runs).score(targets=eps)
-    except (FractionNotReachedError, ValueError):
-        return None
+        return predictor.fit(runs).score(targets=eps), None
+    except (FractionNotReachedError, ValueError) as e:
+        return None, str(e) or type(e).__name__
 
 
-def _flags(rho: float, p: float, n_reached: int) -> tuple[str, ...]:
+def _flags(rho: float, p: float, n_reached: int, why: str | None = None) -> tuple[str, ...]:
+    """The verdict flags; ``why``: why there is no rho (default: too few tiers or constant values)."""
     flags = []
     if not math.isfinite(rho):
-        flags.append("no ranking (fewer than 3 tiers or constant values)")
+        flags.append(f"no ranking ({why or 'fewer than 3 tiers or constant values'})")
     elif rho >= REPRODUCED_RHO - 1e-9:  # rho of ranks is a ratio of integers: 0.8 may come out 0.7999...
         flags.append("reproduced")
     else:
         flags.append("not reproduced")
     if math.isfinite(rho) and rho < 0:
         flags.append("negative rho (the early tail ranks the tiers backwards)")
-    if n_reached < 3 or not (p <= ALPHA):
-        flags.append("underpowered" if n_reached < 3 else f"not significant (p > {ALPHA:g})")
+    if n_reached < 3:
+        flags.append("underpowered")
+    elif math.isfinite(rho) and not (p <= ALPHA):
+        flags.append(f"not significant (p > {ALPHA:g})")
     return tuple(flags)
 
 
@@ -105,9 +110,9 @@ def verdict(runs: Sequence[RunRecord], *, target: float, families: Sequence[str]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         eps = token_inefficiency(runs, target)
-        main = _score(TailPredictor(fraction, window=window), runs, eps)
-        base = _score(NoiseScalePredictor(fraction), runs, eps)
-        scans = {f: _score(TailPredictor(f, window=window), runs, eps) for f in fractions}
+        main, why = _score(TailPredictor(fraction, window=window), runs, eps)
+        base, _ = _score(NoiseScalePredictor(fraction), runs, eps)
+        scans = {f: _score(TailPredictor(f, window=window), runs, eps)[0] for f in fractions}
     out: dict[str, FamilyVerdict] = {}
     for family in families:
         members = [r for r in runs if r.info.family == family]
@@ -119,7 +124,7 @@ def verdict(runs: Sequence[RunRecord], *, target: float, families: Sequence[str]
         rho, p, n = (w.rho, w.pvalue, w.n) if w is not None else (math.nan, math.nan, len(members))
         by_f = {f: (s.within[family].rho if s is not None and family in s.within else math.nan) for f, s in scans.items()}
         out[family] = FamilyVerdict(family, rho, p, n, b.rho if b else math.nan, b.pvalue if b else math.nan,
-                                    reached, missed, by_f, _flags(rho, p, len(reached)))
+                                    reached, missed, by_f, _flags(rho, p, len(reached), why))
     pooled = (main.rho, main.pvalue, main.n) if main is not None else (math.nan, math.nan, len(runs))
     v = Verdict(target, fraction, window, unit, out, *pooled)
     return Verdict(**{**v.__dict__, "lines": tuple(_sentences(v))})

@@ -30,7 +30,7 @@ class Preset:
         budget: training tokens of each measured run (and the length of every learning-rate
             schedule, the tuner's trials included: a trial is a prefix of the measured run).
         rungs: cumulative token budgets of the tuner's synchronized successive halving (ascending,
-            each a multiple of the largest tier's tokens per step, so every trial stops on a rung).
+            each a multiple of every tier's tokens per step, so every trial stops on a rung).
         multipliers: factors applied to each of the tuner's two centers ``sqrt(B/B0)`` and ``B/B0``
             (the paper's ``{0.5, 1/sqrt2, 1, sqrt2, 2}``).
         lr_factor: the reference rates are the zoo recipe's rates (tuned for d12 at B = 8) times this
@@ -99,6 +99,12 @@ class Preset:
             raise ValueError(f"preset {self.name!r}: lr_factor must be a positive number, got {self.lr_factor}")
         if not math.isfinite(self.target_loss) or self.target_loss <= 0:
             raise ValueError(f"preset {self.name!r}: target_loss must be a positive number, got {self.target_loss}")
+        if not 0 < self.fraction <= 1:  # else the verdict could not be scored, after every run was trained
+            raise ValueError(f"preset {self.name!r}: fraction={self.fraction} must be in (0, 1]")
+        for name in ("tail_window", "head_window"):
+            w = getattr(self, name)
+            if len(w) != 2 or not 1 <= w[0] < w[1]:
+                raise ValueError(f"preset {self.name!r}: {name}={w} must be two ranks lo < hi, lo >= 1")
 
     @property
     def tuner(self):

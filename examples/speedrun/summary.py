@@ -6,7 +6,7 @@ taxonomy of the chain with its evidence) and its verdict (rho per family and poo
 missed tiers, flags) are generic. This module adds what is specific to the speedrun: our rhos beside
 the paper's numbers (Sec. 3) with the smallest p-value the number of tiers allows, the runs that
 missed the pre-registered target with their best losses, the tuner's chosen factors with their
-final-rung losses, and validation-loss curves.
+final-rung losses (and whether each is an end of its grid), and validation-loss curves.
 """
 from __future__ import annotations
 
@@ -79,8 +79,11 @@ def speedrun_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> lis
     choices_path = out_dir.parent / "tune" / "choices.json"
     if choices_path.exists():
         data = json.loads(choices_path.read_text(encoding="utf-8"))
-        lines = ["| family | tier | chosen factor (x reference) | its last-rung loss |", "|---|---|---|---|"]
-        lines += [f"| {c['family']} | {c['tier']} | {c['scale']:.4g} | {_fmt(c.get('loss'))} |" for c in data["choices"]]
+        lines = ["| family | tier | chosen factor (x reference) | its last-rung loss | at the grid's edge |",
+                 "|---|---|---|---|---|"]
+        lines += [f"| {c['family']} | {c['tier']} | {c['scale']:.4g} | {_fmt(c.get('loss'))} | "
+                  f"{(c.get('at_edge') or '') and c['at_edge'] + ' candidate: the best rate may lie beyond'} |"
+                  for c in data["choices"]]
         sections.append(f"## Tuner choices\n\nSynchronized successive halving (`examples.tune`), rungs "
                         f"{list(p.rungs)} tokens, learning-rate schedules over the {p.budget:,}-token run budget "
                         f"(`{choices_path.relative_to(out_dir.parent)}`).\n\n" + "\n".join(lines))

@@ -54,11 +54,12 @@ class ZooWorkload:
         self.window = tuple(preset.tail_window)
         self._pool = None
         for family in self.families:
-            per_step = self.tokens_per_step(family, max(self.tiers))
-            bad = [r for r in preset.rungs if r % per_step]
-            if bad:
-                raise ValueError(f"preset {preset.name!r}: rung budgets {bad} are not multiples of {family} at tier "
-                                 f"{max(self.tiers)}'s {per_step:,} tokens per step")
+            for tier in sorted(self.tiers, reverse=True):  # every tier: steps of one need not divide another's
+                per_step = self.tokens_per_step(family, tier)
+                bad = [r for r in preset.rungs if r % per_step]
+                if bad:
+                    raise ValueError(f"preset {preset.name!r}: rung budgets {bad} are not multiples of {family} at "
+                                     f"tier {tier}'s {per_step:,} tokens per step")
 
     def tokens_per_step(self, family: str, tier: int) -> int:
         """Training tokens per optimizer step of ``family`` at ``tier`` (the trainer's micro-batch geometry)."""

@@ -19,9 +19,15 @@ from examples.replicate.settings import check_settings
 from .presets import PRESETS
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the usage block too)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for bad input, one line on stderr)."""
-    ap = argparse.ArgumentParser(prog="python -m examples.toy", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="python -m examples.toy", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="smoke (tests), cpu (main job), full (paper)")
     ap.add_argument("--out", default=None, help="output directory (default runs/toy-<preset>)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the preset's)")
@@ -52,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     try:
         replicate(ToyWorkload(preset), out, preset.tuner)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume (finished runs are kept)", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, OSError) as exc:  # e.g. a malformed choices file in OUT/tune: one line
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"examples.toy: error: {msg}", file=sys.stderr)
+        return 2
     finally:
         torch.set_num_threads(previous)
         if previous_env is None:

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                       progress=False if args.quiet else True, min_resource=args.min_resource,
                       reduction_factor=args.reduction_factor, heartbeat_interval=args.heartbeat,
                       grace_period=args.grace)
-    except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
+    except (ValueError, KeyError, OSError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"python -m examples.tune: error: {msg}", file=sys.stderr)
         return 2

@@ -4,7 +4,10 @@ Format (``version`` 1)::
 
     {"version": 1, "study_name": "...", "mode": "synchronized", "rungs": [...],
      "choices": [{"family": "RoPE", "tier": 32, "scale": 2.0, "lrs": {"adam": 0.0012},
-                  "origins": [["sqrt", 1.0], ["linear", 0.5]], "loss": 3.41}, ...]}
+                  "origins": [["sqrt", 1.0], ["linear", 0.5]], "loss": 3.41, "at_edge": null}, ...]}
+
+``at_edge`` is ``"lowest"`` or ``"highest"`` when the choice is an end of its candidate grid (the best
+rate may lie beyond it), else ``null``.
 
 Written atomically (temporary file in the same directory, fsync, rename).
 """
@@ -36,14 +39,16 @@ class Choices(dict):
 
 
 def write_choices(path: Path, choices: Mapping[tuple[str, int], Candidate], *, losses: Mapping[tuple[str, int], float],
-                  meta: Mapping[str, Any]) -> None:
-    """Write the chosen candidate of every family/tier (with its final-rung loss) to ``path``."""
+                  meta: Mapping[str, Any], at_edge: Mapping[tuple[str, int], str] | None = None) -> None:
+    """Write the chosen candidate of every family/tier (with its final-rung loss and, when it is the
+    smallest or largest candidate of its grid, ``at_edge``: ``"lowest"`` / ``"highest"``) to ``path``."""
     rows = []
     for (family, tier), c in sorted(choices.items()):
         loss = losses.get((family, tier), float("nan"))
         rows.append(dict(family=family, tier=tier, scale=c.scale, lrs=dict(c.lrs),
                          origins=[list(o) for o in c.origins], key=c.key,
-                         loss=loss if math.isfinite(loss) else None))
+                         loss=loss if math.isfinite(loss) else None,
+                         at_edge=(at_edge or {}).get((family, tier))))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(dict(version=VERSION, **meta, choices=rows), indent=2) + "\n")
 
@@ -82,6 +87,13 @@ def load_choices(path: os.PathLike | str) -> Choices:
                           origins=tuple((str(a), float(b)) for a, b in r.get("origins", [])))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise _bad(path, f"choice #{i} is malformed ({type(e).__name__}: {e}): {r!r}") from None
+        bad = [f"tier {r['tier']!r} (expected an int >= 1)"] if isinstance(r["tier"], bool) or c.tier < 1 \
+            or c.tier != r["tier"] else []
+        bad += [f"{name} {v!r} (expected a finite rate > 0)" for name, v in
+                [("scale", c.scale)] + [(f"lrs[{g!r}]", lr) for g, lr in c.lrs.items()]
+                if not (math.isfinite(v) and v > 0)]
+        if bad or not c.lrs:
+            raise _bad(path, f"choice #{i} is malformed ({'; '.join(bad) or 'no rates in lrs'}): {r!r}")
         if (c.family, c.tier) in out:
             raise _bad(path, f"family/tier {c.family}/b{c.tier} is chosen twice")
         out[(c.family, c.tier)] = c

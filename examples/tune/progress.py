@@ -100,4 +100,6 @@ def summary_table(result) -> str:
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     for f, t in result.missing:
         lines.append(f"no choice for {f}/b{t}: every candidate failed")
+    for (f, t), edge in sorted(result.at_edge.items()):
+        lines.append(f"{f}/b{t}: the choice is the {edge} candidate of the grid; the best rate may lie beyond it")
     return "\n".join(lines)

@@ -44,14 +44,29 @@ def _is_stale_fail(ft) -> bool:
 
 def _live(trials) -> dict[str, object]:
     """Per candidate key, the trial that stands for it: the lowest-numbered one that is neither a
-    duplicate nor a trial failed for a lost worker (its retry stands for it instead)."""
+    duplicate nor a trial failed for a lost worker (its retry stands for it instead). A key whose
+    only trials are such failures (its retry not enqueued yet) is stood for by the newest of them, an
+    *orphan*: the synchronized rule waits for it (a rung is never decided without a candidate that
+    is about to be retried), and the next sweep retries it (:func:`_orphans`)."""
     out: dict[str, object] = {}
+    stale: dict[str, object] = {}
     for ft in sorted(trials, key=lambda t: t.number):
         key = ft.user_attrs.get("key")
-        if key is None or "duplicate_of" in ft.user_attrs or _is_stale_fail(ft) or key in out:
+        if key is None or "duplicate_of" in ft.user_attrs:
             continue
-        out[key] = ft
+        if _is_stale_fail(ft):
+            stale[key] = ft
+        elif key not in out:
+            out[key] = ft
+    for key, ft in stale.items():
+        out.setdefault(key, ft)
     return out
+
+
+def _orphans(trials) -> list:
+    """Trials failed for a lost worker whose retry was never enqueued (the worker that failed them died
+    first, or is about to enqueue it): per candidate key without another trial, its newest such trial."""
+    return [ft for ft in _live(trials).values() if _is_stale_fail(ft)]
 
 
 def _retry_callback():
@@ -90,7 +105,7 @@ def _group_state(live: Mapping[str, object], n_rungs: int) -> _GroupState:
             losses = _rung_losses(ft, n_rungs)
             if len(losses) > k:
                 entries.append(Entry(key, float(ft.user_attrs["scale"]), losses[k]))
-            elif _is_failed(ft):
+            elif _is_failed(ft) and not _is_stale_fail(ft):  # an orphan is not failed: its retry will report
                 entries.append(Entry(key, float(ft.user_attrs["scale"]), None))
             else:
                 return _GroupState(entered, survived, k)

@@ -23,6 +23,7 @@ candidate's checkpoint in ``workdir`` and never retrains a finished rung.
 """
 import contextlib
 import math
+import os
 import sys
 import warnings
 from collections import defaultdict
@@ -34,9 +35,10 @@ from .candidates import PAPER_MULTIPLIERS, candidate_set
 from .choices import write_choices
 from .progress import Progress, summary_table
 from .promotion import Entry, rank
-from .storage import _optuna, is_single_worker, open_storage
+from .storage import _optuna, _scheme, is_single_worker, open_storage
 from .trainable import Candidate, Trainable
-from .trials import SynchronizedHalvingPruner, _candidate, _group_of, _group_state, _live, _rung_losses
+from .trials import (SynchronizedHalvingPruner, _candidate, _group_of, _group_state, _live, _orphans,
+                     _retry_callback, _rung_losses)
 from .worker import TrialFailed, _Worker
 
 optuna = _optuna()
@@ -82,6 +84,9 @@ class TuneResult:
         missing: family/tiers without a choice.
         mode, study_name, storage: how the study ran.
         choices_path: where the choices file was written.
+        at_edge: ``(family, tier) -> "lowest" | "highest"`` for a choice that is the smallest or the
+            largest candidate of its family/tier (of two or more): the best rate may lie beyond the
+            grid; widen the multipliers. Also warned about, shown in the table and in the choices file.
     """
 
     choices: dict[tuple[str, int], Candidate]
@@ -94,6 +99,7 @@ class TuneResult:
     storage: str | None
     choices_path: Path
     rungs: tuple[int, ...] = field(default=())
+    at_edge: dict[tuple[str, int], str] = field(default_factory=dict)
 
     def table(self) -> str:
         """The summary table (one line per candidate) printed at the end of :func:`tune`."""
@@ -171,6 +177,10 @@ def _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, 
         raise ValueError(f"tune: min_resource={min_resource!r} must be a positive int")
     if not isinstance(reduction_factor, int) or reduction_factor < 2:
         raise ValueError(f"tune: reduction_factor={reduction_factor!r} must be an int >= 2")
+    if extrapolate_to is not None and (isinstance(extrapolate_to, bool) or not isinstance(extrapolate_to, (int, float))
+                                       or not math.isfinite(extrapolate_to) or extrapolate_to <= 0):
+        raise ValueError(f"tune: extrapolate_to={extrapolate_to!r} must be a positive budget "
+                         "(default twice the last rung)")
     extrapolate_to = 2 * rungs[-1] if extrapolate_to is None else int(extrapolate_to)
     if not (0 < heartbeat_interval < grace_period):
         raise ValueError(f"tune: heartbeat_interval={heartbeat_interval!r} must be > 0 and below "
@@ -185,12 +195,13 @@ def _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, 
 @contextlib.contextmanager
 def _setup_lock(storage_url: str | None):
     """Serialize study creation and enqueueing between processes sharing one journal file."""
-    if storage_url is None or not (storage_url.startswith("journal:") or storage_url.endswith((".log", ".journal"))):
-        yield
+    scheme = None if storage_url is None else _scheme(storage_url)
+    if scheme is None or not (scheme == "journal" or (not scheme and storage_url.endswith((".log", ".journal")))):
+        yield  # the same rule as open_storage: an RDB URL whose database file ends in .log is no journal
         return
     import fcntl
 
-    path = Path(storage_url[len("journal:"):] if storage_url.startswith("journal:") else storage_url)
+    path = Path(storage_url[len("journal:"):] if scheme == "journal" else storage_url).expanduser()
     with open(str(path) + ".setup.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -223,7 +234,10 @@ def _open_studies(cfg: _Config, storage_url: str | None, study_name: str, storag
                 diff = sorted(k for k in cfg.as_attr() if stored.get(k) != cfg.as_attr()[k])
                 raise ValueError(f"tune: study {name!r} in storage {storage_url!r} was started with other settings "
                                  f"({', '.join(diff)} differ); use another study_name or the same settings to resume")
-            present = {t.user_attrs.get("key") for t in study.get_trials(deepcopy=False)}
+            trials = study.get_trials(deepcopy=False)
+            present = {t.user_attrs.get("key") for t in trials}
+            for ft in _orphans(trials):  # a lost trial whose retry was never enqueued: retry it now
+                _retry_callback()(study, ft)
             for c in cands:
                 if (group is None or (c.family, c.tier) == group) and c.key not in present:
                     study.enqueue_trial({"lr_scale": c.scale}, user_attrs=dict(
@@ -261,12 +275,27 @@ def _collect(studies, cfg: _Config, storage_url, study_name, choices_path: Path)
         for t in cfg.tiers:
             if (f, t) not in choices:
                 missing.append((f, t))
+    at_edge = _at_edge(choices, cfg.candidates())
     summaries.sort(key=lambda s: (s.candidate.family, s.candidate.tier, s.candidate.scale))
-    write_choices(choices_path, choices, losses=losses,
+    write_choices(choices_path, choices, losses=losses, at_edge=at_edge,
                   meta=dict(study_name=study_name, mode=cfg.mode, rungs=list(cfg.rungs),
                             reference_tier=cfg.reference_tier, missing=[list(m) for m in missing]))
     return TuneResult(choices, losses, summaries, surv, missing, cfg.mode, study_name, storage_url, choices_path,
-                      cfg.rungs)
+                      cfg.rungs, at_edge)
+
+
+def _at_edge(choices: Mapping[tuple[str, int], Candidate],
+             candidates: Sequence[Candidate]) -> dict[tuple[str, int], str]:
+    """``(family, tier) -> "lowest" | "highest"`` for choices at an end of a grid of two or more candidates."""
+    scales: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for c in candidates:
+        scales[(c.family, c.tier)].append(c.scale)
+    out = {}
+    for g, c in choices.items():
+        grid = scales.get(g, [])
+        if len(grid) >= 2 and c.scale in (min(grid), max(grid)):
+            out[g] = "lowest" if c.scale == min(grid) else "highest"
+    return out
 
 
 def _worker_main(trainable, cfg: _Config, storage_url, study_name, workdir, heartbeat_interval, grace_period,
@@ -297,7 +326,9 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
         workdir: candidate checkpoints live in ``workdir/trials/<study_name>/<family>/b<tier>/x<scale>``
             (per study; a ``trial.json`` there records the study, rungs and candidate, and a trial
             directory made under other ones stops the call with a ``ValueError``).
-        choices_path: the choices file (default ``workdir/choices.json``).
+        choices_path: the choices file (default ``workdir/choices.json``); one that cannot be written
+            (its directory cannot be made or written, or it is a directory) is a ``ValueError`` before
+            any training.
         mode: ``"synchronized"`` (the paper's rule) or ``"asynchronous"`` (ASHA via Optuna's
             ``SuccessiveHalvingPruner``, one study per family/tier named ``<study_name>/<family>/b<tier>``).
         storage: ``None`` (in-memory), ``"journal:/path/file.log"``, ``"sqlite:///file.db"`` (one
@@ -322,6 +353,13 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     choices_path = Path(choices_path) if choices_path is not None else workdir / "choices.json"
+    try:  # refuse a choices path that cannot be written before any training, not after the study
+        choices_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"tune: choices file {str(choices_path)!r} cannot be written: {e}") from None
+    if choices_path.is_dir() or not os.access(choices_path.parent, os.W_OK):
+        raise ValueError(f"tune: choices file {str(choices_path)!r} cannot be written "
+                         f"({'a directory' if choices_path.is_dir() else 'directory not writable'})")
     if progress is None:
         progress = sys.stderr.isatty()
     studies = _open_studies(cfg, storage, study_name)
@@ -352,6 +390,10 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
         if p.exitcode != 0:
             warnings.warn(f"tune: worker process {p.pid} exited with status {p.exitcode}; its trials were taken over")
     result = _collect(studies, cfg, storage, study_name, choices_path)
+    if result.at_edge:
+        warnings.warn("tune: the chosen learning rate is the " + "; ".join(
+            f"{e} candidate for {f}/b{t}" for (f, t), e in sorted(result.at_edge.items())) +
+            " of the grid: the best rate may lie beyond it (widen the multipliers)", stacklevel=2)
     if progress:
         print(result.table(), file=sys.stderr)
     return result

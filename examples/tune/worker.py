@@ -27,7 +27,7 @@ from .extrapolate import extrapolate_loss
 from .progress import Progress
 from .storage import _optuna
 from .trainable import Candidate, Trainable
-from .trials import _candidate, _group_of, _group_state, _is_stale_fail, _live, _retry_callback, _rung_losses
+from .trials import _candidate, _group_of, _group_state, _is_stale_fail, _live, _orphans, _retry_callback, _rung_losses
 
 optuna = _optuna()
 from optuna.exceptions import UpdateFinishedTrialError  # noqa: E402
@@ -98,10 +98,12 @@ class _Worker:
         for ft in trials:
             if ft.state != optuna.trial.TrialState.RUNNING or ft._trial_id in self.held:
                 continue
-            beat = ft.system_attrs.get(_HEARTBEAT)
-            if beat is None and ft.datetime_start is not None:
-                beat = ft.datetime_start.timestamp()
-            if beat is None or now - float(beat) < self.grace_period:
+            # the last sign of life: the newest heartbeat or the claim (a retry inherits its failed
+            # predecessor's old heartbeat, so a just-claimed retry must count from its claim)
+            signs = [float(ft.system_attrs[_HEARTBEAT])] if _HEARTBEAT in ft.system_attrs else []
+            if ft.datetime_start is not None:
+                signs.append(ft.datetime_start.timestamp())
+            if not signs or now - max(signs) < self.grace_period:
                 continue
             try:
                 if not study._storage.set_trial_state_values(ft._trial_id, state=optuna.trial.TrialState.FAIL):
@@ -112,6 +114,10 @@ class _Worker:
                 _retry_callback()(study, study._storage.get_trial(ft._trial_id))
                 if self.progress:
                     self.progress.note(f"trial {ft.number} ({ft.user_attrs['key']}) lost its worker; re-enqueued")
+        # a worker that failed a lost trial and died before re-enqueueing it left the candidate without a
+        # trial; retry it (should that worker be alive after all, the second retry is dropped as a duplicate)
+        for ft in _orphans(study.get_trials(deepcopy=False)):
+            _retry_callback()(study, ft)
 
     # -- trial life cycle
     def _start(self, study, trial):
@@ -259,6 +265,10 @@ class _Worker:
                 ready.append((done, ft.number, trial, ft))
         for done, _, trial, ft in sorted(ready, key=lambda r: (r[0], r[1])):
             cand = _candidate(ft)
+            if done == n:  # a retry whose worker died after storing the last rung's loss, before finishing it
+                self._finish(study, trial, optuna.trial.TrialState.COMPLETE,
+                             value=float(ft.user_attrs[f"rung:{n - 1}"]))
+                return "worked"
             if done > 0:
                 if trial.should_prune():
                     self._finish(study, trial, optuna.trial.TrialState.PRUNED)

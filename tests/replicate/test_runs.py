@@ -59,3 +59,38 @@ def test_missing_rates_are_named(tmp_path):
 
 def test_run_id():
     assert run_id(FakeWorkload(), "RoPE", 64) == "rope-b64"
+
+
+def test_a_tier_without_a_choice_says_how_to_tune_again(tmp_path):
+    # Every candidate of tier 2 diverges: the tuner writes no choice for it. The error's advice must
+    # work: deleting only choices.json resumes the finished study and writes the same choices again.
+    pytest.importorskip("optuna")
+    import math
+
+    from examples.replicate.tuning import TunerSettings, choose_rates
+    from examples.tune.synthetic import SyntheticTrainable
+
+    class Tunable(FakeWorkload):
+        families, tiers, reference_tier = ("A",), (1, 2), 1
+
+        def __init__(self, nan_above):
+            super().__init__()
+            self.nan_above = nan_above
+
+        def reference_lrs(self, family):
+            return {"lr": 1e-3}
+
+        def trainable(self):
+            return SyntheticTrainable(nan_above=self.nan_above)
+
+    settings = TunerSettings(rungs=(10,), multipliers=(1.0,))
+    with pytest.raises(ValueError, match="no choice for family 'A', tier 2") as e:
+        choose_rates(Tunable(nan_above=1.2), tmp_path / "tune", settings, stream=False)
+    (tmp_path / "tune" / "choices.json").unlink()
+    with pytest.raises(ValueError, match="no choice for family 'A', tier 2"):   # only the file: the same again
+        choose_rates(Tunable(nan_above=math.inf), tmp_path / "tune", settings, stream=False)
+    assert str(tmp_path / "tune") in str(e.value) and "tune.journal" in str(e.value)
+    import shutil
+
+    shutil.rmtree(tmp_path / "tune")                                              # what the message says
+    assert set(choose_rates(Tunable(nan_above=math.inf), tmp_path / "tune", settings, stream=False)) == {("A", 1), ("A", 2)}

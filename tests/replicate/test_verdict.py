@@ -66,3 +66,12 @@ def test_write_atomic_and_progress(tmp_path, capsys):
     assert "[stage]  50.0%" in out and "half" in out
     with pytest.raises(ValueError, match="total"):
         Progress(-1, "x")
+
+
+def test_a_statistic_that_cannot_be_scored_says_why(tmp_path):
+    # A rank window beyond the spectrum (256 eigenvalues): the verdict named "fewer than 3 tiers or
+    # constant values" and "not significant (p > 0.05)", neither of which was the cause.
+    runs = open_runs(_sweep(tmp_path, "good", q={t: 0.4 + 0.1 * i for i, t in enumerate(TIERS)}))
+    fam = verdict(runs, target=3.2, families=["good"], unit="tokens", window=(300, 400)).families["good"]
+    assert len(fam.reached) == 5 and math.isnan(fam.rho)
+    assert len(fam.flags) == 1 and fam.flags[0].startswith("no ranking (") and "exceeds the spectrum" in fam.flags[0]

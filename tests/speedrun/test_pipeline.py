@@ -81,6 +81,8 @@ def test_tiny_preset_end_to_end_then_resume_and_cli(tmp_path, capsys):
                  "Early prediction of the token-efficient tier", "Normalized activation spectra at matched loss",
                  "loss.png"):
         assert part in md, part
+    # tiny has one multiplier: tiers 1 and 4 have two candidates each, so their choices are a grid end
+    assert md.count("candidate: the best rate may lie beyond") == 2 * len(p.families)
     assert (out / "report" / "loss.png").exists()  # the library report's loss curves
 
     # a target no run reaches: every run is listed as missed in the speedrun's section
@@ -126,3 +128,10 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--preset", "d99"])
     assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()   # argparse's own errors are one line too (no usage block)
+    assert len(err) == 1 and "invalid choice: 'd99'" in err[0]
+    with pytest.raises(SystemExit) as exc:
+        main(["--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--preset" in err[0]

@@ -31,7 +31,9 @@ def test_presets_meet_the_issue():
     (dict(tiers=(4, 2)), "ascending"), (dict(reference_tier=3), "reference_tier"),
     (dict(rungs=(10**9,)), "rungs"), (dict(measure_every=0.25), "10-50%"),
     (dict(target_loss=float("nan")), "target_loss"), (dict(multipliers=(1.0, -2.0)), "multipliers"),
-    (dict(lr_factor=0.0), "lr_factor")])
+    (dict(lr_factor=0.0), "lr_factor"), (dict(fraction=0.0), "fraction=0.0 must be in"),
+    (dict(fraction=1.5), "fraction"), (dict(tail_window=(40, 10)), "tail_window=\\(40, 10\\) must be two ranks"),
+    (dict(head_window=(0, 4)), "head_window")])
 def test_preset_rejects_bad_settings(change, match):
     with pytest.raises(ValueError, match=match):
         PRESETS["tiny"].replace(**change)
@@ -63,6 +65,9 @@ def test_every_preset_rung_is_a_whole_number_of_steps():
             assert all(r % w.tokens_per_step(f, max(p.tiers)) == 0 for r in p.rungs), (p.name, f)
     with pytest.raises(ValueError, match="not multiples of RoPE at tier 4's 512 tokens per step"):
         ZooWorkload(PRESETS["tiny"].replace(rungs=(1_000, 4_096)))
+    # tier 3's steps (384 tokens) divide 1,152 but tier 2's (256) do not: every tier is checked
+    with pytest.raises(ValueError, match="not multiples of RoPE at tier 2's 256 tokens per step"):
+        ZooWorkload(PRESETS["tiny"].replace(tiers=(2, 3), reference_tier=2, rungs=(1_152,)))
 
 
 def test_lr_scale_of_needs_one_common_factor():

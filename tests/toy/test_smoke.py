@@ -5,6 +5,7 @@ import os
 import pytest
 
 from examples.toy.__main__ import main
+from examples.replicate.settings import check_settings
 from examples.toy.presets import PRESETS
 
 
@@ -43,9 +44,22 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "other settings" in err and "name" in err and "new --out" in err
     assert main(["--preset", "smoke", "--out", str(tmp_path / "new"), "--threads", "0"]) == 2
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main(["--preset", "nope"])
     assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()   # argparse's errors are one line too (no usage block)
+    assert len(err) == 1 and "invalid choice: 'nope'" in err[0]
+
+
+def test_a_pipeline_error_is_one_line_with_status_2(tmp_path, capsys):
+    out = tmp_path / "bad"
+    check_settings(out, PRESETS["smoke"], "toy run")
+    (out / "tune").mkdir()
+    (out / "tune" / "choices.json").write_text("garbage")   # a malformed stage result: refused before training
+    assert main(["--preset", "smoke", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "choices.json" in err[0] and "not JSON" in err[0]
 
 
 def test_resume_refuses_a_changed_preset(tmp_path, capsys, monkeypatch):

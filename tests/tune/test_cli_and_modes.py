@@ -56,6 +56,7 @@ def test_pruner_settings_are_explicit(tmp_path):
     (dict(storage="journal:/nonexistent-dir-xyz/j.log"), "cannot be opened"),
     (dict(multipliers=(1.0, 1.00001)), r"candidates \['f/b1/x0.125', 'f/b1/x0.3536', .*share a key \(scales equal to 4 significant digits\)"),
     (dict(heartbeat_interval=5.0, grace_period=5.0), "must be > 0 and below grace_period=5.0"),
+    (dict(extrapolate_to=0), "extrapolate_to=0 must be a positive budget"),   # was 'math domain error' mid-study
 ])
 def test_bad_arguments(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -92,9 +93,11 @@ def test_cli_synthetic(tmp_path, capsys):
     (["zoo", "--variants", "Nope", "--tiers", "8", "--rungs", "30", "--workdir", "W", "--eval-every-tokens", "10"],
      "unknown variant 'Nope'"),
     (["synthetic", "--tiers", "8", "--workdir", "W"], "the following arguments are required: --rungs"),
+    (["synthetic", "--tiers", "8", "--rungs", "30", "--workdir", "F", "--quiet"], "File exists"),  # an OSError
 ])
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, argv, match):
-    argv = [str(tmp_path / "w") if a == "W" else a for a in argv]
+    (tmp_path / "a-file").write_text("")
+    argv = [str(tmp_path / "w") if a == "W" else str(tmp_path / "a-file") if a == "F" else a for a in argv]
     with pytest.raises(SystemExit) as e:
         raise SystemExit(main(argv))
     assert e.value.code == 2

@@ -47,6 +47,13 @@ def test_choices_bad_files(tmp_path):
     with pytest.raises(ValueError, match="choice #0 is malformed"):
         load_choices(p)
     row = {"family": "x", "tier": 2, "scale": 1.0, "lrs": {"a": 1.0}}
+    for change, match in [({"lrs": {"a": -1e-3}}, r"lrs\['a'\] -0.001 \(expected a finite rate > 0\)"),
+                          ({"lrs": {"a": float("nan")}}, r"lrs\['a'\] nan"), ({"lrs": {}}, "no rates in lrs"),
+                          ({"scale": 0.0}, "scale 0.0"), ({"tier": 2.5}, r"tier 2.5 \(expected an int >= 1\)"),
+                          ({"tier": 0}, "tier 0"), ({"tier": True}, "tier True")]:
+        p.write_text(json.dumps({"version": 1, "choices": [row | change]}))   # a rate the runs cannot train with
+        with pytest.raises(ValueError, match="choice #0 is malformed .*" + match):
+            load_choices(p)
     p.write_text(json.dumps({"version": 1, "choices": [row, row]}))
     with pytest.raises(ValueError, match="x/b2 is chosen twice"):
         load_choices(p)
@@ -94,3 +101,32 @@ def test_power_law_recovered_and_fallbacks():
     assert extrapolate_loss([10, 20, float("nan")], [3.0, 2.9, float("nan")], 40).model == "loglog"
     with pytest.raises(ValueError, match="must be 1-D of one length"):
         extrapolate_loss([1, 2], [1.0], 4)
+
+
+def test_study_setup_lock_follows_the_storage_url(tmp_path, monkeypatch):
+    # The set-up lock sits next to a journal file, found by the same rule as open_storage: an SQLite
+    # database named *.log is no journal, and '~' is the home directory.
+    from examples.tune import tune
+    from examples.tune.synthetic import SyntheticTrainable
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = dict(families={"f": {"lr": 1.0}}, tiers=[8], reference_tier=8, rungs=[10], multipliers=(1.0,),
+                progress=False)
+    res = tune(SyntheticTrainable(), workdir=tmp_path / "a", storage=f"sqlite:///{tmp_path}/tune.log", **args)
+    assert set(res.choices) == {("f", 8)}
+    res = tune(SyntheticTrainable(), workdir=tmp_path / "b", storage="journal:~/j.log", **args)
+    assert set(res.choices) == {("f", 8)} and (tmp_path / "j.log.setup.lock").exists()
+
+
+def test_an_unwritable_choices_path_is_refused_before_training(tmp_path):
+    from examples.tune import tune
+    from examples.tune.synthetic import SyntheticTrainable
+
+    (tmp_path / "a-file").write_text("")
+    args = dict(families={"f": {"lr": 1.0}}, tiers=[8], reference_tier=8, rungs=[10], workdir=tmp_path / "w",
+                progress=False)
+    for bad, match in [(tmp_path / "a-file" / "choices.json", "cannot be written"),
+                       (tmp_path / "w", "cannot be written \\(a directory\\)")]:
+        with pytest.raises(ValueError, match=match):
+            tune(SyntheticTrainable(), choices_path=bad, **args)
+        assert not list((tmp_path / "w").rglob("calls.jsonl"))    # nothing was trained (in memory: nothing kept)

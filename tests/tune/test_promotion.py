@@ -116,3 +116,19 @@ def test_trainable_reporting_a_bad_resource_fails_clearly(tmp_path):
     res = _run(tmp_path, bad, tiers=[8], multipliers=(1.0,))
     (s,) = res.trials
     assert s.state == "failed" and "report(resource=-5, ...): resource must be an int >= 0" in s.error
+
+
+def test_a_choice_at_the_end_of_the_grid_is_flagged(tmp_path):
+    import json
+
+    # s_opt = (tier / 8)^2: 1/64 at tier 1 (below the grid's 1/16), 16 at tier 32 (above its 8), 1 at tier 8
+    with pytest.warns(UserWarning, match=r"lowest candidate for f/b1; highest candidate for f/b32 of the grid"):
+        res = _run(tmp_path, SyntheticTrainable(exponent=2.0))
+    assert res.choices[("f", 1)].scale == 1 / 16 and res.choices[("f", 32)].scale == 8.0
+    assert res.at_edge == {("f", 1): "lowest", ("f", 32): "highest"}
+    rows = {(r["family"], r["tier"]): r["at_edge"] for r in json.loads((tmp_path / "choices.json").read_text())["choices"]}
+    assert rows == {("f", 1): "lowest", ("f", 8): None, ("f", 32): "highest"}
+    assert "f/b32: the choice is the highest candidate of the grid" in res.table()
+    # an interior optimum is not flagged, and one candidate is no grid
+    assert _run(tmp_path / "interior", SyntheticTrainable()).at_edge == {}
+    assert _run(tmp_path / "one", tiers=[8], multipliers=(1.0,)).at_edge == {}

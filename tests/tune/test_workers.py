@@ -134,6 +134,35 @@ def test_a_worker_whose_trial_was_taken_over_lets_it_go(tmp_path):
     assert w.held == {}
 
 
+def test_a_just_claimed_retry_is_not_taken_over_for_its_predecessors_heartbeat(tmp_path):
+    # A retry inherits the failed trial's system attributes, its stale heartbeat included; the worker
+    # that claims it beats only after set-up, so a sweep in between must count from the claim.
+    import optuna
+
+    from examples.tune.tuner import _open_studies, _validate
+    from examples.tune.worker import _claim, _Worker
+
+    cfg = _validate({"f": {"lr": 1.0}}, [8], 8, [30], "synchronized", 1, None, None, 2, (1.0,), 1e-9, None,
+                    0.1, 0.3)
+    (study,) = _open_studies(cfg, None, "x").values()
+
+    def worker():
+        return _Worker({None: study}, SyntheticTrainable(), cfg, tmp_path, heartbeat_interval=0.1, grace_period=0.3,
+                       poll_interval=0.01, progress=None)
+
+    lost, sweeper = worker(), worker()
+    lost._start(study, _claim(study))
+    lost.held.clear()                     # the worker dies: no more heartbeats
+    time.sleep(0.4)
+    sweeper._sweep_stale(study)           # taken over: failed and re-enqueued with the old heartbeat
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    retry = _claim(study)                 # a third worker claims the retry ...
+    sweeper._sweep_stale(study)           # ... and the sweeper looks before that worker's first heartbeat
+    states = [t.state for t in study.get_trials()]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING], states
+    assert retry.number == 1
+
+
 def test_a_duplicate_enqueue_is_dropped_before_it_trains(tmp_path):
     import optuna
 
@@ -192,3 +221,114 @@ def test_a_trial_directory_of_another_rung_schedule_is_refused(tmp_path):
     with pytest.raises(TrialDirMismatch, match="holds a trial of an earlier call; the in-memory storage does not resume"):
         tune(SyntheticTrainable(), rungs=[20, 40], **kw)
     assert len([c for c in _calls(tmp_path / "w") if c["event"] == "begin"]) == 2   # only the first call trained
+
+
+def test_a_trial_killed_after_its_last_rung_is_finished_on_resume(tmp_path, monkeypatch):
+    # The worker dies after storing the last rung's loss, before telling Optuna the trial is complete
+    # (the extrapolation fit runs in between). The retry holds every rung loss: the resumed study must
+    # finish it (it used to look for a rung past the last one: IndexError on every resume).
+    import optuna
+
+    from examples.tune import worker
+
+    kw = dict(families={"f": {"lr": 1.0}}, tiers=[8], reference_tier=8, rungs=[10, 20], multipliers=(1.0, 2.0),
+              workdir=tmp_path / "w", storage=f"journal:{tmp_path}/j.log", progress=False, heartbeat_interval=0.1,
+              grace_period=0.3, poll_interval=0.05)
+    finish = worker._Worker._finish
+
+    def dies_before_complete(self, study, trial, state, value=None, error=None):
+        if state == optuna.trial.TrialState.COMPLETE:
+            raise KeyboardInterrupt
+        return finish(self, study, trial, state, value, error)
+
+    monkeypatch.setattr(worker._Worker, "_finish", dies_before_complete)
+    with pytest.raises(KeyboardInterrupt):
+        tune(SyntheticTrainable(), **kw)
+    monkeypatch.setattr(worker._Worker, "_finish", finish)
+    time.sleep(0.4)                                           # past the grace period: taken over on resume
+    res = tune(SyntheticTrainable(), **kw)
+    assert res.choices[("f", 8)].scale == 1.0 and res.losses[("f", 8)] == SyntheticTrainable().loss(
+        res.choices[("f", 8)], 20)
+    assert [(s.candidate.key, s.state, len(s.rung_losses)) for s in res.trials] == \
+        [("f/b8/x1", "complete", 2), ("f/b8/x2", "pruned", 1)]
+    ends = Counter((c["key"], c["budget"]) for c in _calls(tmp_path / "w") if c["event"] == "end")
+    assert ends == Counter({("f/b8/x1", 10): 1, ("f/b8/x2", 10): 1, ("f/b8/x1", 20): 1})   # nothing retrained
+
+
+def test_a_lost_trial_whose_retry_was_never_enqueued_is_retried_on_resume(tmp_path):
+    # A sweeping worker fails a lost worker's trial, then dies before re-enqueueing it: the candidate's
+    # only trial is a stale failure, which stands for nothing. The resumed study must retry it, not
+    # drop the candidate (here the best one: the choice would silently be another).
+    import optuna
+
+    from examples.tune.tuner import _open_studies, _validate
+    from examples.tune.worker import _claim
+
+    storage = f"journal:{tmp_path}/j.log"
+    kw = dict(families={"f": {"lr": 1.0}}, tiers=[8], reference_tier=8, rungs=[10, 20], multipliers=(1.0, 2.0),
+              progress=False)
+    cfg = _validate(kw["families"], [8], 8, [10, 20], "synchronized", 1, storage, None, 2, (1.0, 2.0), 1e-9, None)
+    (study,) = _open_studies(cfg, storage, "tune").values()
+    trial = _claim(study)                                   # f/b8/x1, the best candidate
+    assert study._storage.get_trial(trial._trial_id).user_attrs["key"] == "f/b8/x1"
+    study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)   # ... and no retry
+    res = tune(SyntheticTrainable(), workdir=tmp_path / "w", storage=storage, **kw)
+    assert [(s.candidate.key, s.state) for s in res.trials] == [("f/b8/x1", "complete"), ("f/b8/x2", "pruned")]
+    assert res.choices[("f", 8)].scale == 1.0
+
+
+def test_a_sweep_retries_a_lost_trial_whose_retry_was_never_enqueued(tmp_path):
+    import optuna
+
+    from examples.tune.tuner import _open_studies, _validate
+    from examples.tune.worker import _claim, _Worker
+
+    cfg = _validate({"f": {"lr": 1.0}}, [8], 8, [10], "synchronized", 1, None, None, 2, (1.0, 2.0), 1e-9, None)
+    (study,) = _open_studies(cfg, None, "x").values()
+    trial = _claim(study)
+    study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)   # its sweeper died here
+    w = _Worker({None: study}, SyntheticTrainable(), cfg, tmp_path, heartbeat_interval=1.0, grace_period=60.0,
+                poll_interval=0.01, progress=None)
+    w._sweep_stale(study)
+    waiting = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.WAITING]
+    assert sorted(t.user_attrs["key"] for t in waiting) == ["f/b8/x1", "f/b8/x2"]
+    assert [t.system_attrs["failed_trial"] for t in waiting if t.user_attrs["key"] == "f/b8/x1"] == [trial.number]
+    w._sweep_stale(study)                                      # once: the retry now stands for the candidate
+    assert sum(t.state == optuna.trial.TrialState.WAITING for t in study.get_trials()) == 2
+
+
+def test_a_rung_is_not_decided_while_a_lost_candidate_awaits_its_retry(tmp_path):
+    # Four candidates at rung 0 (keep 2). One is failed for a lost worker and not re-enqueued yet. Deciding
+    # the rung without it kept 1 of 3 and pruned the runner-up x0.5, which the rule (2 of 4) promotes: it
+    # never trained rung 1 and the last rung was never decided (survivors had one rung).
+    import optuna
+
+    from examples.tune.trials import _candidate
+    from examples.tune.tuner import _open_studies, _validate
+    from examples.tune.worker import _claim, _Worker
+
+    storage = f"journal:{tmp_path}/j.log"
+    kw = dict(families={"f": {"lr": 1.0}}, tiers=[8], reference_tier=8, rungs=[10, 20],
+              multipliers=(0.5, 1.0, 2.0, 4.0), progress=False)
+    cfg = _validate(kw["families"], [8], 8, [10, 20], "synchronized", 1, storage, None, 2, kw["multipliers"], 1e-9,
+                    None)
+    (study,) = _open_studies(cfg, storage, "tune").values()
+    w = _Worker({None: study}, SyntheticTrainable(), cfg, tmp_path / "w", heartbeat_interval=1.0, grace_period=60.0,
+                poll_interval=0.01, progress=None)
+    trials = [_claim(study) for _ in range(4)]
+    for t in trials:
+        w._start(study, t)
+        assert w._train_rung(study, t, _candidate(study._storage.get_trial(t._trial_id)), 0)
+    x4 = next(t for t in trials if study._storage.get_trial(t._trial_id).user_attrs["key"] == "f/b8/x4")
+    w._drop(x4)
+    study._storage.set_trial_state_values(x4._trial_id, optuna.trial.TrialState.FAIL)   # lost, not re-enqueued yet
+    for _ in range(3):                    # waits for x4 until its sweep re-enqueues it, then decides with it
+        w._sync_step(study)
+    pruned = {t.user_attrs["key"] for t in study.get_trials() if t.state == optuna.trial.TrialState.PRUNED}
+    assert pruned <= {"f/b8/x2"}, pruned                      # never the runner-up x0.5
+    for t in list(w.held.values()):       # this worker goes away (its trials are taken over); a resume finishes
+        w._drop(t)
+    res = tune(SyntheticTrainable(), workdir=tmp_path / "w", storage=storage, heartbeat_interval=0.1,
+               grace_period=0.3, poll_interval=0.05, **kw)
+    assert res.survivors[("f", 8)] == [["f/b8/x1", "f/b8/x0.5"], ["f/b8/x1"]]
+    assert res.choices[("f", 8)].scale == 1.0
