@@ -197,3 +197,17 @@ def test_compile_matches_eager_without_recompile_storms(tmp_path):
     # identical before the first optimizer steps amplify rounding differences
     assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-5)
     assert losses[True][-1] == pytest.approx(losses[False][-1], rel=2e-2)
+
+
+@pytest.mark.parametrize("variant", ["Baseline", "RoPE"])
+@pytest.mark.parametrize("steps", [20, 100, 1000, 19560])
+def test_warmup_never_exceeds_the_peak_rate(variant, steps):
+    """A fractional warm-up length (warmup_frac * steps) must not push the multiplier above 1
+    (it reached 1.86 for RoPE at 20 steps: (s+1)/W with W = 0.54)."""
+    r = build_recipe(variant)
+    mults = [lr_multiplier(r, s, steps) for s in range(steps + 1)]
+    assert max(mults) <= 1.0
+    warm = r.warmup_frac * steps
+    assert mults[0] == pytest.approx(min(1.0, 1 / warm))  # the warm-up itself is unchanged
+    first_full = math.ceil(warm) - 1 if warm >= 1 else 0  # the first step at the peak
+    assert mults[first_full] == pytest.approx(1.0)
