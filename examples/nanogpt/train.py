@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -125,9 +126,12 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
     (step, tokens, train_loss, val_loss, tokens_per_s, lr_mult, elapsed_s) to
     ``run_dir/metrics.jsonl``; checkpoints are ``run_dir/ckpt_<step>.pt`` state dicts.
     """
+    _check_arguments(steps=steps, tokens=tokens, batch_tier=batch_tier, seq_len=seq_len, rows=rows,
+                     eval_every_tokens=eval_every_tokens, val_tokens=val_tokens,
+                     checkpoint_every_tokens=checkpoint_every_tokens, stop_tokens=stop_tokens, log_every=log_every)
     variant = canonical_name(variant)
     prof = get_profile(profile)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -270,6 +274,28 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+def _check_arguments(**counts) -> None:
+    """Every given count must be positive: an integer (steps, tier, geometry, log interval) or, for
+    the ``*tokens`` amounts, any real number."""
+    for name, v in counts.items():
+        kind = numbers.Real if name.endswith("tokens") else numbers.Integral
+        if v is not None and (isinstance(v, bool) or not isinstance(v, kind) or not v >= 1):
+            raise ValueError(f"train: {name}={v!r}, expected a positive {'number' if kind is numbers.Real else 'integer'}")
+
+
+def _device(device: str | None) -> torch.device:
+    """The run's device (default: CUDA if available); an unknown or unavailable one is a ``ValueError``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"train: device={device!r} is not a torch device ({str(e).splitlines()[0][:80]})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train: device={device!r} but CUDA is not available here; use device='cpu'")
+    return dev
 
 
 def _save_checkpoint(path: Path, model, opts, step, tokens_per_step, settings: dict) -> None:

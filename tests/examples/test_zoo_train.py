@@ -211,3 +211,41 @@ def test_warmup_never_exceeds_the_peak_rate(variant, steps):
     assert mults[0] == pytest.approx(min(1.0, 1 / warm))  # the warm-up itself is unchanged
     first_full = math.ceil(warm) - 1 if warm >= 1 else 0  # the first step at the peak
     assert mults[first_full] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad,says", [
+    (["--steps", "0"], "steps=0, expected a positive integer"),
+    (["--steps", "-3"], "steps=-3"),
+    (["--tokens", "0"], "tokens=0, expected a positive number"),
+    (["--steps", "2", "--seq-len", "0"], "seq_len=0"),
+    (["--steps", "2", "--rows", "-2"], "rows=-2"),
+    (["--steps", "2", "--log-every", "0"], "log_every=0"),
+    (["--steps", "2", "--eval-every-tokens", "0"], "eval_every_tokens=0"),
+    (["--steps", "2", "--device", "bogus"], "device='bogus' is not a torch device"),
+    (["--steps", "2", "--data", "EMPTY"], "need \\*train\\*.bin and \\*val\\*.bin shards"),
+    (["--steps", "2", "--run-dir", "FILE/run"], "FILE"),
+])
+def test_cli_bad_input_is_one_line_status_2(bad, says, tmp_path, capsys):
+    """Bad numbers, devices, data directories and run directories: one line on stderr, status 2
+    (they were ZeroDivisionError / RuntimeError / FileNotFoundError tracebacks, or 0 silently
+    taken as the default)."""
+    import re
+
+    from examples.nanogpt.__main__ import main
+
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "FILE").write_text("not a directory")
+    bad = [str(tmp_path / b) if b in ("EMPTY", "FILE/run") else b for b in bad]
+    argv = ["train", "--variant", "RoPE", "--profile", "tiny", "--batch-tier", "1", "--seq-len", "64", "--rows", "1",
+            "--val-tokens", "64", "--device", "cpu", "--quiet", "--no-save-final", "--run-dir", str(tmp_path / "r"), *bad]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m examples.nanogpt train: error: "), err
+    assert re.search(says, err), err
+
+
+def test_cuda_device_without_cuda_is_refused(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
+        train(variant="RoPE", run_dir=tmp_path, steps=1, device="cuda", **FAST)
