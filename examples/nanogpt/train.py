@@ -341,25 +341,29 @@ def _load_checkpoint(path, model, opts, settings: dict, device) -> int:
 
 def _truncate_metrics(path: Path, start: int) -> float | None:
     """Drop the rows of ``path`` (``metrics.jsonl``) at or past step ``start`` (atomically); the resumed run
-    writes them again. Returns the dropped row's ``train_loss`` at ``start`` (the resumed run's first row)."""
+    writes them again. Returns the dropped row's ``train_loss`` at ``start`` (the resumed run's first row).
+
+    A line that is not a metrics row (a torn write, stray bytes) costs that line only: it is dropped
+    with the rewrite. The rewritten file ends with a newline, so the resumed run's rows never join an
+    unterminated last line."""
     if not path.exists():
         return None
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
     keep, loss = [], None
-    for i, line in enumerate(lines):
+    for line in lines:
         try:
             row = json.loads(line)
             step = row["step"]
-        except (ValueError, TypeError, KeyError):
-            if i == len(lines) - 1:  # a partial last line (the interrupted write)
-                break
-            raise ValueError(f"{path}, line {i + 1}: not a metrics row ({line[:60]!r}); "
-                             "repair or remove the file to resume") from None
+        except (ValueError, TypeError, KeyError, IndexError):
+            continue
+        if isinstance(step, bool) or not isinstance(step, int):
+            continue
         if step < start:
             keep.append(line)
-        elif step == start and row.get("train_loss") is not None:
+        elif step == start and isinstance(row.get("train_loss"), (int, float)):
             loss = row["train_loss"]
-    if len(keep) != len(lines):
+    if len(keep) != len(lines) or (text and not text.endswith("\n")):
         write_text_atomic(path, "".join(k + "\n" for k in keep))
     return loss
 

@@ -249,3 +249,23 @@ def test_cuda_device_without_cuda_is_refused(tmp_path):
         pytest.skip("CUDA is available here")
     with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
         train(variant="RoPE", run_dir=tmp_path, steps=1, device="cuda", **FAST)
+
+
+@pytest.mark.parametrize("damage", ["garbage_line", "unterminated_last_row"])
+def test_resume_survives_damaged_metrics_lines(tmp_path, damage):
+    """A malformed metrics line costs that line only (resume used to refuse the whole run), and an
+    unterminated last row is not glued to the resumed run's first row (that made both unreadable)."""
+    with pytest.raises(_Crash):
+        train(run_dir=tmp_path, checkpoint_every_tokens=256, on_eval=_crash_at(6), **SMALL)
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    if damage == "garbage_line":
+        lines.insert(2, '{"step": 1, "tok\x00ens": ')   # torn row in the middle
+        lines.insert(3, '{"step": "3"}')              # not a metrics row either
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        kept = [ln for ln in lines if json.loads(ln)["step"] < 4]
+        path.write_text("\n".join(kept))               # a kill between the row and its newline
+    train(run_dir=tmp_path, resume=tmp_path / "ckpt_000004.pt", **SMALL)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]  # every line parses
+    assert [r["step"] for r in rows] == list(range(9))
