@@ -369,12 +369,27 @@ def _truncate_metrics(path: Path, start: int) -> float | None:
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu") -> GPT:
-    """Rebuild a :class:`GPT` from a trainer checkpoint (``weights_only=True``)."""
+    """Rebuild a :class:`GPT` from a trainer checkpoint (``weights_only=True``).
+
+    A file that is not a zoo checkpoint, or whose config or weights do not fit together, is a
+    ``ValueError`` naming the file and what is wrong (checked before anything is built or loaded)."""
     from .model import GPTConfig
 
     ck = read_checkpoint(path, map_location=device)
-    cfg = ck["config"]
-    cfg["no_attn_layers"] = tuple(cfg["no_attn_layers"])
-    model = GPT(GPTConfig(**cfg)).to(device)
+    cfg = ck.get("config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: not a zoo trainer checkpoint (no model config; keys {sorted(ck)[:6]})")
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+        raise ValueError(f"{path}: the checkpoint's model config has fields this GPTConfig lacks: {unknown}")
+    try:
+        config = GPTConfig(**{**cfg, "no_attn_layers": tuple(cfg.get("no_attn_layers", ()))})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the checkpoint's model config is not valid: {e}") from None
+    model = GPT(config).to(device)
+    problems = state_problems(model, [], ck.get("model"), [])
+    if problems:
+        raise ValueError(f"{path}: the checkpoint's weights do not fit its model config: {'; '.join(problems)}")
     model.load_state_dict(ck["model"])
     return model

@@ -269,3 +269,19 @@ def test_resume_survives_damaged_metrics_lines(tmp_path, damage):
     train(run_dir=tmp_path, resume=tmp_path / "ckpt_000004.pt", **SMALL)
     rows = [json.loads(line) for line in path.read_text().splitlines()]  # every line parses
     assert [r["step"] for r in rows] == list(range(9))
+
+
+def test_load_model_names_the_file_for_a_foreign_checkpoint(tmp_path):
+    """A checkpoint without a zoo config, with unknown config fields, or with weights of another
+    shape: a ValueError naming the file (was KeyError 'config' / 'no_attn_layers')."""
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=320, eot_id=256, seq_len=16, no_attn_layers=[])
+    cases = {"noconf": ({"model": {}}, "not a zoo trainer checkpoint"),
+             "unknown": ({"config": {**cfg, "bogus": 1}, "model": {}},
+                         "the checkpoint.s model config has fields this GPTConfig lacks: \\['bogus'\\]"),
+             "invalid": ({"config": {**cfg, "n_head": 3}, "model": {}}, "the checkpoint.s model config is not valid: GPTConfig"),
+             "weights": ({"config": cfg, "model": {"wte.weight": torch.zeros(3)}}, "the checkpoint.s weights do not fit")}
+    for name, (state, says) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(state, path)
+        with pytest.raises(ValueError, match=f"{path}: {says}"):
+            load_model(path)
