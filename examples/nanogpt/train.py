@@ -129,6 +129,9 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
     _check_arguments(steps=steps, tokens=tokens, batch_tier=batch_tier, seq_len=seq_len, rows=rows,
                      eval_every_tokens=eval_every_tokens, val_tokens=val_tokens,
                      checkpoint_every_tokens=checkpoint_every_tokens, stop_tokens=stop_tokens, log_every=log_every)
+    for name, v in (("lr_scale", lr_scale), ("matrix_lr", matrix_lr)):
+        if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"train: {name}={v!r}, expected a finite number >= 0")
     variant = canonical_name(variant)
     prof = get_profile(profile)
     device = _device(device)

@@ -222,6 +222,8 @@ def test_warmup_never_exceeds_the_peak_rate(variant, steps):
     (["--steps", "2", "--log-every", "0"], "log_every=0"),
     (["--steps", "2", "--eval-every-tokens", "0"], "eval_every_tokens=0"),
     (["--steps", "2", "--device", "bogus"], "device='bogus' is not a torch device"),
+    (["--steps", "2", "--matrix-lr", "nan"], "matrix_lr=nan, expected a finite number >= 0"),
+    (["--steps", "2", "--lr-scale", "inf"], "lr_scale=inf"),
     (["--steps", "2", "--data", "EMPTY"], "need \\*train\\*.bin and \\*val\\*.bin shards"),
     (["--steps", "2", "--run-dir", "FILE/run"], "FILE"),
 ])
