@@ -204,8 +204,9 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
                         fp8_head_active=cfg.fp8_head and model.fp8_head_active(torch.empty(16, cfg.n_embd, device=device)),
                         config=dataclasses.asdict(cfg), recipe=dataclasses.asdict(recipe))
             write_json_atomic(run_dir / "config.json", meta)
-            if resume is not None:  # rows the interrupted run wrote past the checkpoint are trained again
-                last_loss = _truncate_metrics(run_dir / "metrics.jsonl", start)
+            # rows the interrupted run wrote past the checkpoint are trained again; a fresh run (start 0)
+            # replaces the rows of an earlier run in this directory, as config.json above does
+            last_loss = _truncate_metrics(run_dir / "metrics.jsonl", start)
             log_file = open(run_dir / "metrics.jsonl", "a")
 
         def log(row: dict):

@@ -287,3 +287,17 @@ def test_load_model_names_the_file_for_a_foreign_checkpoint(tmp_path):
         torch.save(state, path)
         with pytest.raises(ValueError, match=f"{path}: {says}"):
             load_model(path)
+
+
+def test_fresh_run_in_a_used_directory_writes_only_its_own_rows(tmp_path):
+    """config.json is replaced by a new run; metrics.jsonl used to keep the earlier run's rows and append
+    the new ones (steps 0..8 twice), and a later resume kept both runs' rows before the checkpoint."""
+    train(run_dir=tmp_path, **{**SMALL, "seed": 1})
+    train(run_dir=tmp_path, checkpoint_every_tokens=256, **SMALL)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(9))
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
+    train(run_dir=tmp_path, resume=tmp_path / "ckpt_000004.pt", **SMALL)
+    again = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == list(range(9))
+    assert [r["val_loss"] for r in again] == [r["val_loss"] for r in rows]  # the resumed run is the same run
