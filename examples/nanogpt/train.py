@@ -239,7 +239,7 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
                 val = evaluate(step)
                 row = dict(step=step, tokens=step * tokens_per_step, train_loss=last_loss, val_loss=val,
                            tokens_per_s=train_tokens / train_time if train_time else None,
-                           lr_mult=lr_multiplier(recipe, min(step, steps - 1), steps),
+                           lr_mult=lr_multiplier(recipe, min(max(step - 1, 0), steps - 1), steps),
                            elapsed_s=time.perf_counter() - t_start)
                 history.append(row)
                 log(row)

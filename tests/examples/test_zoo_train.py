@@ -301,3 +301,14 @@ def test_fresh_run_in_a_used_directory_writes_only_its_own_rows(tmp_path):
     again = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in again] == list(range(9))
     assert [r["val_loss"] for r in again] == [r["val_loss"] for r in rows]  # the resumed run is the same run
+
+
+def test_lr_mult_column_is_the_last_update_in_every_row(tmp_path):
+    """Every row's lr_mult is the multiplier of the update just applied (that of its train_loss step).
+    Evaluation rows used the *next* step's, so in a cool-down the eval row at 8 and the log row at 9
+    both said 0.5 and step 7's 0.75 was missing."""
+    train(run_dir=tmp_path, **{**SMALL, "variant": "SoftCap", "steps": 10, "eval_every_tokens": 4 * 64})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    r = build_recipe("SoftCap")
+    assert [row["lr_mult"] for row in rows] == [lr_multiplier(r, max(row["step"] - 1, 0), 10) for row in rows]
+    assert sum(row["val_loss"] is not None for row in rows) == 4  # steps 0, 4, 8, 10
