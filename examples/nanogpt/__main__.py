@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                     checkpoint_every_tokens=a.checkpoint_every_tokens, save_final=not a.no_save_final, resume=a.resume,
                     seed=a.seed, device=a.device, compile=a.compile, attn_impl=a.attn_impl, log_every=a.log_every,
                     verbose=not a.quiet)
-    except ValueError as e:  # a refused checkpoint or setting: one line, status 2
+    except (ValueError, OSError, ImportError) as e:  # a refused checkpoint, setting, data or run dir: one line, status 2
         print(f"python -m examples.nanogpt train: error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

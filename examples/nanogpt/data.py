@@ -11,6 +11,7 @@ FineWeb shards. Its content depends on the Python version; ``TokenData.name`` re
 from __future__ import annotations
 
 import ast
+import numbers
 import os
 import sys
 import sysconfig
@@ -32,8 +33,10 @@ GPT2_VOCAB, GPT2_EOT = 50257, 50256
 def write_shard(path: str | os.PathLike, tokens) -> None:
     """Write ``tokens`` (ids in 0..65535) as a ``.bin`` shard, atomically (temporary file, fsync, rename)."""
     toks = np.asarray(tokens)
-    if toks.ndim != 1 or (toks.size and (toks.min() < 0 or toks.max() > 65535)):
-        raise ValueError(f"write_shard({path}): need a 1-D array of ids in 0..65535, got shape {toks.shape}")
+    if toks.ndim != 1 or not (toks.size == 0 or np.issubdtype(toks.dtype, np.integer)) \
+            or (toks.size and (toks.min() < 0 or toks.max() > 65535)):
+        raise ValueError(f"write_shard({path}): need a 1-D integer array of ids in 0..65535, got shape {toks.shape} "
+                         f"dtype {toks.dtype}" + (f", ids {toks.min()}..{toks.max()}" if toks.size else ""))
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:3] = MAGIC, VERSION, toks.size
     payload = toks.astype(np.uint16).tobytes()
@@ -125,6 +128,9 @@ def heldout_pool(stream: TokenStream, seq_len: int, n_seqs: int, batch_size: int
     Deterministic and identical across calls, runs and checkpoints (the measurement pool of the
     paper's protocol). Yields (input_ids, targets) of shape (<= batch_size, seq_len).
     """
+    for name, v in (("seq_len", seq_len), ("n_seqs", n_seqs), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"heldout_pool: {name}={v!r}, expected a positive integer")
     available = stream.num_chunks(seq_len)
     if n_seqs > available:
         raise ValueError(f"heldout_pool: asked for {n_seqs} sequences of {seq_len} tokens but the held-out "

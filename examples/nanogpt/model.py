@@ -73,6 +73,12 @@ class GPTConfig:
         def need(ok, what):
             if not ok:
                 raise ValueError(f"GPTConfig: {what}")
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "seq_len"):
+            need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("logit_softcap", "attn_scale"):  # 0 or NaN would make every logit NaN
+            v = getattr(self, name)
+            need(v is None or (math.isfinite(v) and v > 0), f"{name}={v!r} must be None or a finite number > 0")
+        need(math.isfinite(self.rope_base) and self.rope_base > 1, f"rope_base={self.rope_base!r} must be > 1")
         need(self.n_embd % self.n_head == 0, f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         need((self.n_embd // self.n_head) % 4 == 0, f"head dim {self.n_embd // self.n_head} must be a multiple of 4")
         need(self.pos in ("learned", "rope"), f"pos={self.pos!r}, expected 'learned' or 'rope'")

@@ -71,7 +71,7 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"Muon shape_scale={shape_scale!r}, expected one of {SHAPE_SCALES}")
         if momentum_form not in ("classical", "ema"):
             raise ValueError(f"Muon momentum_form={momentum_form!r}, expected 'classical' or 'ema'")
-        if lr < 0 or not 0 <= momentum < 1:
+        if not (math.isfinite(lr) and lr >= 0 and 0 <= momentum < 1):  # NaN fails every comparison
             raise ValueError(f"Muon: need lr >= 0 and 0 <= momentum < 1, got lr={lr}, momentum={momentum}")
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         shape_scale=shape_scale, momentum_form=momentum_form, ns_dtype=ns_dtype)

@@ -100,11 +100,14 @@ def build_optimizers(model: nn.Module, recipe: Recipe, *, matrix_optimizer: str 
 
 
 def lr_multiplier(recipe: Recipe, step: int, steps: int) -> float:
-    """LR multiplier at 0-based ``step`` of ``steps``: warm-up (s+1)/W, then flat with a linear
-    cool-down to ``final_lr_frac`` over the last ``cooldown_frac``, or a cosine to it."""
+    """LR multiplier at 0-based ``step`` of ``steps``: warm-up min(1, (s+1)/W), then flat with a linear
+    cool-down to ``final_lr_frac`` over the last ``cooldown_frac``, or a cosine to it.
+
+    W = ``warmup_frac * steps`` is fractional unless ``steps`` is the record's; the cap keeps the
+    last warm-up step at the peak rate instead of above it."""
     warm, cool, floor = recipe.warmup_frac * steps, recipe.cooldown_frac * steps, recipe.final_lr_frac
     if step < warm:
-        return (step + 1) / warm
+        return min(1.0, (step + 1) / warm)
     if recipe.decay == "cosine":
         t = min((step - warm) / max(steps - warm, 1e-12), 1.0)
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -125,9 +126,15 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
     (step, tokens, train_loss, val_loss, tokens_per_s, lr_mult, elapsed_s) to
     ``run_dir/metrics.jsonl``; checkpoints are ``run_dir/ckpt_<step>.pt`` state dicts.
     """
+    _check_arguments(steps=steps, tokens=tokens, batch_tier=batch_tier, seq_len=seq_len, rows=rows,
+                     eval_every_tokens=eval_every_tokens, val_tokens=val_tokens,
+                     checkpoint_every_tokens=checkpoint_every_tokens, stop_tokens=stop_tokens, log_every=log_every)
+    for name, v in (("lr_scale", lr_scale), ("matrix_lr", matrix_lr)):
+        if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"train: {name}={v!r}, expected a finite number >= 0")
     variant = canonical_name(variant)
     prof = get_profile(profile)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -197,8 +204,9 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
                         fp8_head_active=cfg.fp8_head and model.fp8_head_active(torch.empty(16, cfg.n_embd, device=device)),
                         config=dataclasses.asdict(cfg), recipe=dataclasses.asdict(recipe))
             write_json_atomic(run_dir / "config.json", meta)
-            if resume is not None:  # rows the interrupted run wrote past the checkpoint are trained again
-                last_loss = _truncate_metrics(run_dir / "metrics.jsonl", start)
+            # rows the interrupted run wrote past the checkpoint are trained again; a fresh run (start 0)
+            # replaces the rows of an earlier run in this directory, as config.json above does
+            last_loss = _truncate_metrics(run_dir / "metrics.jsonl", start)
             log_file = open(run_dir / "metrics.jsonl", "a")
 
         def log(row: dict):
@@ -231,7 +239,7 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
                 val = evaluate(step)
                 row = dict(step=step, tokens=step * tokens_per_step, train_loss=last_loss, val_loss=val,
                            tokens_per_s=train_tokens / train_time if train_time else None,
-                           lr_mult=lr_multiplier(recipe, min(step, steps - 1), steps),
+                           lr_mult=lr_multiplier(recipe, min(max(step - 1, 0), steps - 1), steps),
                            elapsed_s=time.perf_counter() - t_start)
                 history.append(row)
                 log(row)
@@ -270,6 +278,28 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+def _check_arguments(**counts) -> None:
+    """Every given count must be positive: an integer (steps, tier, geometry, log interval) or, for
+    the ``*tokens`` amounts, any real number."""
+    for name, v in counts.items():
+        kind = numbers.Real if name.endswith("tokens") else numbers.Integral
+        if v is not None and (isinstance(v, bool) or not isinstance(v, kind) or not v >= 1):
+            raise ValueError(f"train: {name}={v!r}, expected a positive {'number' if kind is numbers.Real else 'integer'}")
+
+
+def _device(device: str | None) -> torch.device:
+    """The run's device (default: CUDA if available); an unknown or unavailable one is a ``ValueError``."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"train: device={device!r} is not a torch device ({str(e).splitlines()[0][:80]})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train: device={device!r} but CUDA is not available here; use device='cpu'")
+    return dev
 
 
 def _save_checkpoint(path: Path, model, opts, step, tokens_per_step, settings: dict) -> None:
@@ -315,36 +345,55 @@ def _load_checkpoint(path, model, opts, settings: dict, device) -> int:
 
 def _truncate_metrics(path: Path, start: int) -> float | None:
     """Drop the rows of ``path`` (``metrics.jsonl``) at or past step ``start`` (atomically); the resumed run
-    writes them again. Returns the dropped row's ``train_loss`` at ``start`` (the resumed run's first row)."""
+    writes them again. Returns the dropped row's ``train_loss`` at ``start`` (the resumed run's first row).
+
+    A line that is not a metrics row (a torn write, stray bytes) costs that line only: it is dropped
+    with the rewrite. The rewritten file ends with a newline, so the resumed run's rows never join an
+    unterminated last line."""
     if not path.exists():
         return None
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
     keep, loss = [], None
-    for i, line in enumerate(lines):
+    for line in lines:
         try:
             row = json.loads(line)
             step = row["step"]
-        except (ValueError, TypeError, KeyError):
-            if i == len(lines) - 1:  # a partial last line (the interrupted write)
-                break
-            raise ValueError(f"{path}, line {i + 1}: not a metrics row ({line[:60]!r}); "
-                             "repair or remove the file to resume") from None
+        except (ValueError, TypeError, KeyError, IndexError):
+            continue
+        if isinstance(step, bool) or not isinstance(step, int):
+            continue
         if step < start:
             keep.append(line)
-        elif step == start and row.get("train_loss") is not None:
+        elif step == start and isinstance(row.get("train_loss"), (int, float)):
             loss = row["train_loss"]
-    if len(keep) != len(lines):
+    if len(keep) != len(lines) or (text and not text.endswith("\n")):
         write_text_atomic(path, "".join(k + "\n" for k in keep))
     return loss
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu") -> GPT:
-    """Rebuild a :class:`GPT` from a trainer checkpoint (``weights_only=True``)."""
+    """Rebuild a :class:`GPT` from a trainer checkpoint (``weights_only=True``).
+
+    A file that is not a zoo checkpoint, or whose config or weights do not fit together, is a
+    ``ValueError`` naming the file and what is wrong (checked before anything is built or loaded)."""
     from .model import GPTConfig
 
     ck = read_checkpoint(path, map_location=device)
-    cfg = ck["config"]
-    cfg["no_attn_layers"] = tuple(cfg["no_attn_layers"])
-    model = GPT(GPTConfig(**cfg)).to(device)
+    cfg = ck.get("config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: not a zoo trainer checkpoint (no model config; keys {sorted(ck)[:6]})")
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+        raise ValueError(f"{path}: the checkpoint's model config has fields this GPTConfig lacks: {unknown}")
+    try:
+        config = GPTConfig(**{**cfg, "no_attn_layers": tuple(cfg.get("no_attn_layers", ()))})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the checkpoint's model config is not valid: {e}") from None
+    model = GPT(config).to(device)
+    problems = state_problems(model, [], ck.get("model"), [])
+    if problems:
+        raise ValueError(f"{path}: the checkpoint's weights do not fit its model config: {'; '.join(problems)}")
     model.load_state_dict(ck["model"])
     return model

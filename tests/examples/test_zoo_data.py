@@ -144,3 +144,21 @@ def test_write_shard_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert path.read_bytes() == good and len(read_shard(path)) == 5000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin"]
+
+
+def test_write_shard_refuses_non_integer_ids(tmp_path):
+    """Float ids were truncated silently (1.7 -> 1) into a valid-looking shard."""
+    with pytest.raises(ValueError, match="need a 1-D integer array .* dtype float64"):
+        write_shard(tmp_path / "f.bin", np.array([1.7, 2.2]))
+    assert not (tmp_path / "f.bin").exists()
+    write_shard(tmp_path / "e.bin", np.array([], dtype=np.int64))  # an empty shard is still fine
+    assert len(read_shard(tmp_path / "e.bin")) == 0
+
+
+@pytest.mark.parametrize("bad", [dict(batch_size=0), dict(n_seqs=0), dict(seq_len=-1)])
+def test_heldout_pool_refuses_non_positive_sizes(bad):
+    """batch_size=0 raised "range() arg 3 must not be zero"; n_seqs=0 yielded an empty pool silently."""
+    s = TokenStream([np.arange(200) % 60000], ["s"])
+    (name,) = bad
+    with pytest.raises(ValueError, match=f"heldout_pool: {name}="):
+        next(heldout_pool(s, **{**dict(seq_len=16, n_seqs=3, batch_size=1), **bad}))

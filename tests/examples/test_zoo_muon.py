@@ -115,3 +115,10 @@ def test_agrees_with_torch_optim_muon_where_it_matches():
 def test_muon_rejects_vectors():
     with pytest.raises(ValueError, match="matrices only"):
         Muon([torch.nn.Parameter(torch.zeros(5))], lr=0.1)
+
+
+@pytest.mark.parametrize("lr,momentum", [(float("nan"), 0.95), (float("inf"), 0.95), (0.1, float("nan"))])
+def test_muon_rejects_non_finite_settings(lr, momentum):
+    """NaN passed the old `lr < 0` check and trained every matrix to NaN."""
+    with pytest.raises(ValueError, match="need lr >= 0"):
+        Muon([torch.nn.Parameter(torch.zeros(4, 4))], lr=lr, momentum=momentum)

@@ -80,3 +80,13 @@ def test_bad_names_and_configs():
     with pytest.raises(ValueError, match="window"):
         GPTConfig(attn_mask="window")
     assert build_config("unet", "tiny") == build_config("U-Net", "tiny")
+
+
+@pytest.mark.parametrize("bad", [dict(logit_softcap=0.0), dict(attn_scale=float("nan")), dict(attn_scale=-0.12),
+                                 dict(rope_base=0.0), dict(seq_len=0)])
+def test_config_refuses_values_that_make_the_model_nan(bad):
+    """logit_softcap=0 and attn_scale=NaN built a model whose logits were all NaN; rope_base=0 rotated
+    nothing (0^x); seq_len=0 failed only at the first forward."""
+    (name,) = bad
+    with pytest.raises(ValueError, match=f"GPTConfig: {name}="):
+        build_config("AttnScale", "tiny", **bad)

@@ -197,3 +197,118 @@ def test_compile_matches_eager_without_recompile_storms(tmp_path):
     # identical before the first optimizer steps amplify rounding differences
     assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-5)
     assert losses[True][-1] == pytest.approx(losses[False][-1], rel=2e-2)
+
+
+@pytest.mark.parametrize("variant", ["Baseline", "RoPE"])
+@pytest.mark.parametrize("steps", [20, 100, 1000, 19560])
+def test_warmup_never_exceeds_the_peak_rate(variant, steps):
+    """A fractional warm-up length (warmup_frac * steps) must not push the multiplier above 1
+    (it reached 1.86 for RoPE at 20 steps: (s+1)/W with W = 0.54)."""
+    r = build_recipe(variant)
+    mults = [lr_multiplier(r, s, steps) for s in range(steps + 1)]
+    assert max(mults) <= 1.0
+    warm = r.warmup_frac * steps
+    assert mults[0] == pytest.approx(min(1.0, 1 / warm))  # the warm-up itself is unchanged
+    first_full = math.ceil(warm) - 1 if warm >= 1 else 0  # the first step at the peak
+    assert mults[first_full] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad,says", [
+    (["--steps", "0"], "steps=0, expected a positive integer"),
+    (["--steps", "-3"], "steps=-3"),
+    (["--tokens", "0"], "tokens=0, expected a positive number"),
+    (["--steps", "2", "--seq-len", "0"], "seq_len=0"),
+    (["--steps", "2", "--rows", "-2"], "rows=-2"),
+    (["--steps", "2", "--log-every", "0"], "log_every=0"),
+    (["--steps", "2", "--eval-every-tokens", "0"], "eval_every_tokens=0"),
+    (["--steps", "2", "--device", "bogus"], "device='bogus' is not a torch device"),
+    (["--steps", "2", "--matrix-lr", "nan"], "matrix_lr=nan, expected a finite number >= 0"),
+    (["--steps", "2", "--lr-scale", "inf"], "lr_scale=inf"),
+    (["--steps", "2", "--data", "EMPTY"], "need \\*train\\*.bin and \\*val\\*.bin shards"),
+    (["--steps", "2", "--run-dir", "FILE/run"], "FILE"),
+])
+def test_cli_bad_input_is_one_line_status_2(bad, says, tmp_path, capsys):
+    """Bad numbers, devices, data directories and run directories: one line on stderr, status 2
+    (they were ZeroDivisionError / RuntimeError / FileNotFoundError tracebacks, or 0 silently
+    taken as the default)."""
+    import re
+
+    from examples.nanogpt.__main__ import main
+
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "FILE").write_text("not a directory")
+    bad = [str(tmp_path / b) if b in ("EMPTY", "FILE/run") else b for b in bad]
+    argv = ["train", "--variant", "RoPE", "--profile", "tiny", "--batch-tier", "1", "--seq-len", "64", "--rows", "1",
+            "--val-tokens", "64", "--device", "cpu", "--quiet", "--no-save-final", "--run-dir", str(tmp_path / "r"), *bad]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m examples.nanogpt train: error: "), err
+    assert re.search(says, err), err
+
+
+def test_cuda_device_without_cuda_is_refused(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
+        train(variant="RoPE", run_dir=tmp_path, steps=1, device="cuda", **FAST)
+
+
+@pytest.mark.parametrize("damage", ["garbage_line", "unterminated_last_row"])
+def test_resume_survives_damaged_metrics_lines(tmp_path, damage):
+    """A malformed metrics line costs that line only (resume used to refuse the whole run), and an
+    unterminated last row is not glued to the resumed run's first row (that made both unreadable)."""
+    with pytest.raises(_Crash):
+        train(run_dir=tmp_path, checkpoint_every_tokens=256, on_eval=_crash_at(6), **SMALL)
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    if damage == "garbage_line":
+        lines.insert(2, '{"step": 1, "tok\x00ens": ')   # torn row in the middle
+        lines.insert(3, '{"step": "3"}')              # not a metrics row either
+        path.write_text("\n".join(lines) + "\n")
+    else:
+        kept = [ln for ln in lines if json.loads(ln)["step"] < 4]
+        path.write_text("\n".join(kept))               # a kill between the row and its newline
+    train(run_dir=tmp_path, resume=tmp_path / "ckpt_000004.pt", **SMALL)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]  # every line parses
+    assert [r["step"] for r in rows] == list(range(9))
+
+
+def test_load_model_names_the_file_for_a_foreign_checkpoint(tmp_path):
+    """A checkpoint without a zoo config, with unknown config fields, or with weights of another
+    shape: a ValueError naming the file (was KeyError 'config' / 'no_attn_layers')."""
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=320, eot_id=256, seq_len=16, no_attn_layers=[])
+    cases = {"noconf": ({"model": {}}, "not a zoo trainer checkpoint"),
+             "unknown": ({"config": {**cfg, "bogus": 1}, "model": {}},
+                         "the checkpoint.s model config has fields this GPTConfig lacks: \\['bogus'\\]"),
+             "invalid": ({"config": {**cfg, "n_head": 3}, "model": {}}, "the checkpoint.s model config is not valid: GPTConfig"),
+             "weights": ({"config": cfg, "model": {"wte.weight": torch.zeros(3)}}, "the checkpoint.s weights do not fit")}
+    for name, (state, says) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(state, path)
+        with pytest.raises(ValueError, match=f"{path}: {says}"):
+            load_model(path)
+
+
+def test_fresh_run_in_a_used_directory_writes_only_its_own_rows(tmp_path):
+    """config.json is replaced by a new run; metrics.jsonl used to keep the earlier run's rows and append
+    the new ones (steps 0..8 twice), and a later resume kept both runs' rows before the checkpoint."""
+    train(run_dir=tmp_path, **{**SMALL, "seed": 1})
+    train(run_dir=tmp_path, checkpoint_every_tokens=256, **SMALL)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(9))
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
+    train(run_dir=tmp_path, resume=tmp_path / "ckpt_000004.pt", **SMALL)
+    again = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == list(range(9))
+    assert [r["val_loss"] for r in again] == [r["val_loss"] for r in rows]  # the resumed run is the same run
+
+
+def test_lr_mult_column_is_the_last_update_in_every_row(tmp_path):
+    """Every row's lr_mult is the multiplier of the update just applied (that of its train_loss step).
+    Evaluation rows used the *next* step's, so in a cool-down the eval row at 8 and the log row at 9
+    both said 0.5 and step 7's 0.75 was missing."""
+    train(run_dir=tmp_path, **{**SMALL, "variant": "SoftCap", "steps": 10, "eval_every_tokens": 4 * 64})
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    r = build_recipe("SoftCap")
+    assert [row["lr_mult"] for row in rows] == [lr_multiplier(r, max(row["step"] - 1, 0), 10) for row in rows]
+    assert sum(row["val_loss"] is not None for row in rows) == 4  # steps 0, 4, 8, 10
