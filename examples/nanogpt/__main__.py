@@ -1,14 +1,15 @@
 """Command line: ``python -m examples.nanogpt {params,variants,train} ...`` (see README.md)."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+from examples.cli import OneLineParser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the chosen sub-command; returns the exit status."""
-    ap = argparse.ArgumentParser(prog="python -m examples.nanogpt", description=__doc__)
+    ap = OneLineParser(prog="python -m examples.nanogpt", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("params", help="parameter counts vs the paper's Table 4 (meta device)")
     p.add_argument("--all", action="store_true", help="also print every variant at every profile")

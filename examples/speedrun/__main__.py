@@ -13,20 +13,16 @@ import sys
 import time
 from pathlib import Path
 
+from examples.cli import OneLineParser
+
 from .presets import PRESETS, Preset, get_preset
 
 __all__ = ["main", "build_parser", "check_settings"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints the usage block too)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (exposed for the docs and tests)."""
-    ap = _Parser(prog="python -m examples.speedrun", description="The speedrun replication: tune a rate per tier, train every tier with spectral "
+    ap = OneLineParser(prog="python -m examples.speedrun", description="The speedrun replication: tune a rate per tier, train every tier with spectral "
                                  "measurements, predict the token-efficient tier, report.")
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS), help="what to run (see docs/replication-speedrun.md)")
     ap.add_argument("--out", help="output directory (default runs/speedrun-<preset>); rerun to resume")

@@ -9,25 +9,19 @@ line naming the fields, rather than mixing its results with the old ones: use a 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
+from examples.cli import OneLineParser
 from examples.replicate.settings import check_settings
 
 from .presets import PRESETS
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints the usage block too)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for bad input, one line on stderr)."""
-    ap = _Parser(prog="python -m examples.toy", description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="python -m examples.toy", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="smoke (tests), cpu (main job), full (paper)")
     ap.add_argument("--out", default=None, help="output directory (default runs/toy-<preset>)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the preset's)")

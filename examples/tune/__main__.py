@@ -8,11 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+from examples.cli import OneLineParser
 
 
 def _family(text: str) -> tuple[str, dict[str, float]]:
@@ -26,10 +22,10 @@ def _family(text: str) -> tuple[str, dict[str, float]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m examples.tune", description="Learning-rate tuning per family and batch tier "
+    p = OneLineParser(prog="python -m examples.tune", description="Learning-rate tuning per family and batch tier "
                 "(synchronized successive halving, paper App. B.3) on Optuna.")
-    sub = p.add_subparsers(dest="workload", required=True, parser_class=_Parser)
-    common = _Parser(add_help=False)
+    sub = p.add_subparsers(dest="workload", required=True, parser_class=OneLineParser)
+    common = OneLineParser(add_help=False)
     common.add_argument("--tiers", type=int, nargs="+", required=True)
     common.add_argument("--reference-tier", type=int, default=8)
     common.add_argument("--rungs", type=int, nargs="+", required=True, help="cumulative budgets, e.g. 50 150 500")

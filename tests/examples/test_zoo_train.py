@@ -312,3 +312,16 @@ def test_lr_mult_column_is_the_last_update_in_every_row(tmp_path):
     r = build_recipe("SoftCap")
     assert [row["lr_mult"] for row in rows] == [lr_multiplier(r, max(row["step"] - 1, 0), 10) for row in rows]
     assert sum(row["val_loss"] is not None for row in rows) == 4  # steps 0, 4, 8, 10
+
+
+@pytest.mark.parametrize("argv", [["train", "--steps", "x"], [], ["train"], ["bogus"]])
+def test_cli_argument_errors_are_one_line(argv, capsys):
+    """argparse's own errors (a bad int, a missing command, train without --steps/--tokens) printed its
+    usage block (up to 20 lines) before the error line."""
+    from examples.nanogpt.__main__ import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("python -m examples.nanogpt"), err
