@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -181,6 +183,7 @@ def test_resume_from_checkpoint_records_each_step_once(tmp_path):
 
     lens, _ = run(resume=False)
     assert [m.step for m in lens.history] == [2, 4, 6]  # step 6 was measured after the last checkpoint
+    time.sleep(1.1)  # TensorBoard orders event files by name, whose first key is the second they were created
     lens, trainer = run(resume=True)
     assert [m.step for m in lens.history] == [6, 8]  # the replay measures step 6 again ...
     (record,) = open_runs([tmp_path / "run"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -68,6 +69,7 @@ def test_resumed_hides_what_was_logged_after_the_checkpoint(tmp_path):
     with TensorBoardSink(tmp_path / "tb", figures=False) as sink:
         for step in (2, 4, 6):
             sink.log_measurement(m(step))
+    time.sleep(1.1)  # TensorBoard reads event files in name order, whose first key is the second of creation
     with TensorBoardSink(tmp_path / "tb", figures=False) as sink:  # the resumed process, checkpoint at 4
         sink.resumed(4)
         for step in (6, 8):

@@ -52,10 +52,12 @@ def test_presets_configure_the_shared_tuner():
     t = w.trainable()
     assert isinstance(t, ZooTrainable) and t.schedule_tokens == p.budget and t.lr_factor == p.lr_factor
     assert t.eval_every_tokens == int(p.measure_every * p.budget)
-    # the paper's two centers around B0 = 2 at tier 8: sqrt 2 x {0.71, 1, 1.41} and linear 4 x {...}
+    # the paper's two centers around B0 = 2 at tier 8 with its five multipliers (App. B.3):
+    # sqrt 2 x {0.5, 0.71, 1, 1.41, 2} and linear 4 x {...}, shared values once
     scales = [c.scale for c in candidate_set("RoPE", 8, reference_tier=2, reference_lrs=w.reference_lrs("RoPE"),
                                              multipliers=p.multipliers)]
-    assert scales == pytest.approx([2 ** 0.5, 2.0, 2 * 2 ** 0.5, 4.0, 4 * 2 ** 0.5])
+    r2 = 2 ** 0.5
+    assert scales == pytest.approx([1.0, r2, 2.0, 2 * r2, 4.0, 4 * r2, 8.0])
 
 
 def test_every_preset_rung_is_a_whole_number_of_steps():
