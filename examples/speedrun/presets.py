@@ -139,7 +139,7 @@ PRESETS: dict[str, Preset] = {
         reference_tier=2, target_loss=2.4, budget=262_144, rungs=(26_624,),
         multipliers=(0.5, 1 / SQRT2, 1.0, SQRT2, 2.0), lr_factor=4.0, seq_len=128, rows=2,
         measure_every=0.05, val_tokens=16_384, pool_seqs=32, pool_seq_len=128, gradient_samples=64,
-        tail_window=(10, 40), head_window=(2, 8), device="cpu", expected_minutes=10.0,
+        tail_window=(10, 40), head_window=(2, 8), device="cpu", expected_minutes=13.0,
     ),
     # One H100/H200: the 6-layer 256-wide profile on the long-context windowed trunk (FlexAttention,
     # bf16 autocast), tiers 1..8 around B0 = 2 (one micro-batch = one packed 2,048-token row).
