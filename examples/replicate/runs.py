@@ -2,10 +2,13 @@
 
 A run is trained into ``<runs>/.partial/<run_id>`` and renamed to ``<runs>/<run_id>`` only when its
 record is complete; a final directory therefore always holds a finished record, and a ``.partial``
-left by an interruption is deleted and trained again from scratch.
+left by an interruption is deleted and trained again from scratch. A finished run is kept only if
+it was trained with the learning rates chosen now (``extras["lrs"]`` of its ``run.json``): after a
+new tuning, a run trained with other rates is refused, naming both, so one sweep never mixes them.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -51,6 +54,8 @@ def train_runs(workload: Workload, lrs: Mapping[tuple[str, int], Mapping[str, fl
             dirs.append(final)
             if not final.exists():
                 todo.append((family, tier, final))
+            else:
+                _check_rates(final, lrs[(family, tier)])
     progress = Progress(len(todo) * workload.budget, "train", stream=stream)
     progress.note(f"{len(dirs) - len(todo)} of {len(dirs)} runs already complete; training {len(todo)} "
                   f"x {workload.budget:,} {workload.unit}")
@@ -66,6 +71,22 @@ def train_runs(workload: Workload, lrs: Mapping[tuple[str, int], Mapping[str, fl
     if (runs_dir / ".partial").exists() and not any((runs_dir / ".partial").iterdir()):
         (runs_dir / ".partial").rmdir()
     return dirs
+
+
+def _check_rates(run_dir: Path, lrs: Mapping[str, float]) -> None:
+    """Raise when the finished run in ``run_dir`` recorded other learning rates than ``lrs`` (a record
+    without ``extras["lrs"]`` is not checked)."""
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return  # not readable here: the report's reader names the problem
+    recorded = (info.get("extras") or {}).get("lrs") if isinstance(info, dict) else None
+    if isinstance(recorded, dict) and recorded != dict(lrs):
+        raise ValueError(
+            f"{run_dir}: this finished run was trained with learning rates {_fmt_lrs(recorded)}, but the tuner's "
+            f"choices are now {_fmt_lrs(lrs)}; delete the run directory to train it with the new rates (or restore "
+            f"the tuning that chose its rates), so that one sweep does not mix them"
+        )
 
 
 def _fmt_lrs(lrs: Mapping[str, float]) -> str:

@@ -12,6 +12,9 @@ from pathlib import Path
 
 __all__ = ["check_settings", "settings_of"]
 
+#: Preset fields that do not change any result (a planned wall time for the ETA): not compared.
+INFORMATIONAL = frozenset({"expected_minutes"})
+
 
 def settings_of(preset) -> dict:
     """The preset (a dataclass) as the JSON object ``preset.json`` holds (tuples become lists)."""
@@ -60,7 +63,7 @@ def check_settings(out: Path, preset, what: str = "run") -> None:
             raise ValueError(f"{path} records only the preset name ({have['preset']!r}), as older versions wrote "
                              f"it, so whether the {what}'s results match the current settings cannot be checked; "
                              "use a new --out")
-        diff = _diff(have, want)
+        diff = [k for k in _diff(have, want) if k not in INFORMATIONAL]
         if diff:
             raise ValueError(f"{out} holds a {what} made with other settings (differs in: {', '.join(diff)}); "
                              "use a new --out or the same preset")

@@ -26,6 +26,7 @@ the numbers and the rule that fired.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, Iterable
@@ -34,7 +35,7 @@ import numpy as np
 
 from ..records import RunRecord
 from ..spectrum import Spectrum
-from ..summaries import BandAlphaFitter
+from ..summaries import BandAlphaFitter, InsufficientRowsWarning
 from .efficiency import align, transition_gains
 from .windows import resolve_spectrum
 
@@ -352,10 +353,14 @@ def _gradient_name(run: RunRecord, gradient: str | None) -> str | None:
 
 
 def _alpha(spec: Spectrum, window: tuple[int, int]) -> float:
-    try:
-        return float(BandAlphaFitter(window).fit(spec).alpha)
-    except ValueError:
-        return math.nan
+    """The band exponent over ``window``, NaN where the spectrum cannot resolve it (too short, zero
+    eigenvalues in the window, or fewer rows than the window needs: as the run records' summaries)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InsufficientRowsWarning)
+        try:
+            return float(BandAlphaFitter(window).fit(spec).alpha)
+        except (ValueError, InsufficientRowsWarning):
+            return math.nan
 
 
 def transition_evidence(

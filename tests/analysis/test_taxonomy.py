@@ -214,3 +214,22 @@ def test_replicate_evidence_from_records(tmp_path):
     assert replicate_evidence(seeds, 3.2, at="final")[0].details["at"] == "final"
     with pytest.raises(ValueError, match="need >= 2 replicate runs, got 1"):
         replicate_evidence(seeds[:1], 3.2)
+
+
+def test_a_window_beyond_the_sample_rank_is_unresolved_not_fitted():
+    """A gradient spectrum of 32 sequences has at most 32 nonzero eigenvalues: the (10, 40) window
+    went through with an InsufficientRowsWarning on the user's console, and where round-off left
+    ranks 33-40 nonzero it fitted them. Now NaN (shown as '-'), as in the records' summaries."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    import spectral_lens as sl
+    from spectral_lens.analysis.taxonomy import _alpha
+
+    values = torch.from_numpy(np.arange(1, 65.0) ** -1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(_alpha(sl.Spectrum(values, n_rows=32, dim=64, kind="gradient"), (10, 40)))
+    assert _alpha(sl.Spectrum(values, n_rows=100, dim=64, kind="gradient"), (10, 40)) == pytest.approx(1.5, rel=1e-12)

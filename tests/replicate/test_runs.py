@@ -94,3 +94,27 @@ def test_a_tier_without_a_choice_says_how_to_tune_again(tmp_path):
 
     shutil.rmtree(tmp_path / "tune")                                              # what the message says
     assert set(choose_rates(Tunable(nan_above=math.inf), tmp_path / "tune", settings, stream=False)) == {("A", 1), ("A", 2)}
+
+
+class RecordingWorkload(FakeWorkload):
+    """Writes run.json as RunWriter does: the rates under extras."""
+
+    def run(self, family, tier, lrs, run_dir: Path) -> Path:
+        self.calls.append((family, tier))
+        run_dir.mkdir(parents=True)
+        (run_dir / "run.json").write_text(json.dumps({"run_id": run_dir.name, "extras": {"lrs": dict(lrs)}}))
+        return run_dir
+
+
+def test_a_finished_run_with_other_rates_is_refused(tmp_path):
+    """After a new tuning (tune/ deleted and run again), finished runs trained with the old rates were
+    kept beside new ones: one sweep mixed learning rates without a word."""
+    train_runs(RecordingWorkload(), LRS, tmp_path, stream=io.StringIO())
+    retuned = {**LRS, ("B", 2): {"lr": 0.3}}
+    w = RecordingWorkload()
+    with pytest.raises(ValueError, match=r"b-b2: this finished run was trained with learning rates lr=0\.2, but the "
+                                         r"tuner's choices are now lr=0\.3; delete the run directory"):
+        train_runs(w, retuned, tmp_path, stream=io.StringIO())
+    assert w.calls == []
+    train_runs(w, LRS, tmp_path, stream=io.StringIO())  # the same rates: every run kept
+    assert w.calls == []
