@@ -21,7 +21,14 @@ from .presets import REFERENCE_LRS, Preset
 from .task import Split
 from .train import ToyRun, evaluate
 
-__all__ = ["ToyWorkload", "ToyTrainable"]
+__all__ = ["ToyWorkload", "ToyTrainable", "step_at"]
+
+
+def step_at(fraction: float, steps: int) -> int:
+    """The first step at or past ``fraction`` of ``steps``: ``ceil(fraction * steps)``, with the product
+    rounded to 9 decimals first, so that float error (``3 * 0.05 * 100 = 15.000000000000002``) cannot
+    push an exact step one step late."""
+    return math.ceil(round(fraction * steps, 9))
 
 
 class ToyTrainable:
@@ -105,8 +112,8 @@ class ToyWorkload:
                        n_layer=p.model.n_layer, total_tokens=p.budget, batch_size=tier,
                        primary_spectrum=f"act:blocks.{p.model.n_layer - 1}",
                        extras={"unit": "examples", "lrs": dict(lrs), "preset": p.name, "task": p.task.__dict__})
-        measure_steps = {math.ceil(f * steps) for f in p.measure_fractions}
-        eval_steps = {math.ceil(k * p.eval_every * steps) for k in range(1, int(round(1 / p.eval_every)) + 1)}
+        measure_steps = {step_at(f, steps) for f in p.measure_fractions}
+        eval_steps = {step_at(k * p.eval_every, steps) for k in range(1, int(round(1 / p.eval_every)) + 1)}
         with RunWriter(run_dir, info, tail_window=p.window, head_window=(2, 8)) as writer:
             lens = ToyLens(run.model, d.x_heldout, d.y_heldout, d.phase_heldout, p.task.c, writer,
                            gradient_samples=p.gradient_samples)
