@@ -280,6 +280,7 @@ def build_report(
     doc.h(2, "Runs")
     early = {s.run_id: s for s in (pred.statistics_ if pred is not None else [])}
     rows = []
+    one_window = len({tuple(s.window) for s in early.values()}) <= 1  # else each cell names its window
     for r in sorted(records, key=lambda r: (r.info.family or "", r.info.batch_tier or 0, r.run_id)):
         _, losses = r.val_curve()
         T = tokens_to_target(r, target_loss) if target_loss is not None else None
@@ -290,9 +291,10 @@ def build_report(
             _num(T, ".4g") if T is not None else "–",
             _num(eps.get(r.run_id), ".3f") if eps else "–",
             _num(r.throughput(), ".4g"),
-            f"{s.value:.3f} ± {_num(s.sigma, '.2g')}" if s else "–",
+            (f"{s.value:.3f} ± {_num(s.sigma, '.2g')}" + ("" if one_window else f" (ranks {tuple(s.window)})"))
+            if s else "–",
         ])
-    win_txt = f"ranks {early[next(iter(early))].window}" if early else ""
+    win_txt = f"ranks {tuple(next(iter(early.values())).window)}" if early and one_window else ""
     doc.table(
         ["run", "family", "tier", "measurements", "final val loss", "T (tokens to target)", "eps_tok",
          "Q (tokens/s)", f"early α_tail {win_txt}"],
