@@ -34,6 +34,9 @@ __all__ = ["Report", "build_report", "score_flags", "MIN_TIERS", "MAX_PVALUE"]
 MIN_TIERS = 4
 #: A p-value above this and the rho is flagged as underpowered.
 MAX_PVALUE = 0.1
+#: Every figure file a report may write; those this report did not draw are removed from ``out``.
+_FIGURE_FILES = ("loss.png", "spectra.png", "alpha_tail.png", "gradient_spectra.png", "early_alpha_vs_eps.png",
+                 "gain_plane.png")
 
 
 def score_flags(score: PredictionScore, statistic: str = "early α_tail") -> list[str]:
@@ -202,7 +205,9 @@ def build_report(
 
     Args:
         runs: run records or directories (a sweep root expands to its runs).
-        out: output directory (created).
+        out: output directory (created). Figure files of an earlier report there that this one does
+            not draw (``gain_plane.png`` without transitions, all of them with ``plots=False``) are
+            removed, so every figure in ``out`` belongs to this report; other files are left alone.
         fmt: ``"md"`` (``report.md`` + PNG files) or ``"html"`` (``report.html`` with the PNGs
             embedded; the PNG files are written too).
         target_loss: target validation loss for ``T``, ``eps_tok``, the prediction score, the
@@ -425,4 +430,8 @@ def build_report(
             doc.p("- " + n)
     text = doc.markdown() if fmt == "md" else doc.html(title)
     write_text_atomic(report.path, text)
+    written = {p.name for p in report.figures}
+    for name in _FIGURE_FILES:  # an earlier report's figures that this one did not draw would mislead
+        if name not in written:
+            (out / name).unlink(missing_ok=True)
     return report

@@ -114,3 +114,21 @@ def test_html_is_well_formed_and_escapes_ids(tmp_path):
     chk.close()
     assert chk.errors == [] and chk.stack == []
     assert 'a<b&"c\'-b1' in "".join(chk.text)  # unescaped by a parser: the original id
+
+
+def test_rerun_into_the_same_directory_leaves_no_figure_of_the_old_report(tmp_path):
+    pytest.importorskip("matplotlib")
+    sw = tmp_path / "sw"
+    write_theorem6_sweep(sw, (2, 4, 8), family="f", dim=256, grad_dim=64, n_eval=20, n_measure=8)
+    out = tmp_path / "out"
+    first = build_report([sw], out, target_loss=TARGET, transitions=[("f-b2", "f-b4")], progress=False)
+    assert {"early_alpha_vs_eps.png", "gain_plane.png"} <= {p.name for p in first.figures}
+    (out / "mine.txt").write_text("kept")
+    second = build_report([sw], out, progress=False)  # no target: no score figure, no gain plane
+    pngs = {p.name for p in out.glob("*.png")}
+    assert pngs == {p.name for p in second.figures} == {"loss.png", "spectra.png", "alpha_tail.png",
+                                                         "gradient_spectra.png"}
+    text = second.path.read_text()
+    assert all(f"]({name})" in text for name in pngs)  # every figure left in out is one the report shows
+    build_report([sw], out, plots=False, progress=False)
+    assert list(out.glob("*.png")) == [] and (out / "mine.txt").read_text() == "kept"
