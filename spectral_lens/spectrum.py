@@ -25,6 +25,14 @@ _FORMAT = "spectral-lens/spectrum"
 _VERSION = 1
 
 
+def _json_ok(v: Any) -> bool:
+    try:
+        json.dumps(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 @dataclass(frozen=True, eq=False)
 class Spectrum:
     """Eigenvalues of a PSD operator, sorted descending, float64, on the CPU.
@@ -129,7 +137,14 @@ class Spectrum:
         """
         path = Path(path)
         path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
-        header = json.dumps(self.to_dict())
+        try:
+            header = json.dumps(self.to_dict())
+        except (TypeError, ValueError) as exc:  # e.g. a tensor in metadata: name the key, not just the type
+            bad = [k for k, v in self.metadata.items() if not _json_ok(v)] if isinstance(self.metadata, dict) else []
+            raise TypeError(
+                f"Spectrum.save({path}): metadata{'[' + repr(bad[0]) + ']' if bad else ''} is not JSON-serializable "
+                f"({exc}); use numbers, strings, None, lists and dicts (e.g. float(t) for a tensor)"
+            ) from None
         values = self.values.numpy()
         self.from_dict(self.to_dict(), values, origin=f"Spectrum.save({path})")  # what load will check
         write_atomic(path, lambda fh: np.savez(fh, values=values, header=np.array(header)), fsync=fsync)

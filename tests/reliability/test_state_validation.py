@@ -243,3 +243,10 @@ def test_eigensolver_round_off_negatives_still_build_a_spectrum():
     assert spec.dim == 16 and float(spec.values.min()) >= 0
     w = weight_spectrum(x, "low_rank")
     assert w.dim == 16 and float(w.values.min()) >= 0
+
+
+def test_save_names_the_metadata_key_that_is_not_json(tmp_path):
+    s = Spectrum(torch.tensor([2.0, 1.0]), n_rows=3, dim=2, metadata={"ok": 1, "step": torch.tensor(5)})
+    with pytest.raises(TypeError, match=r"Spectrum\.save\(.*x\.npz\): metadata\['step'\] is not JSON-serializable"):
+        s.save(tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
