@@ -132,3 +132,22 @@ def test_rerun_into_the_same_directory_leaves_no_figure_of_the_old_report(tmp_pa
     assert all(f"]({name})" in text for name in pngs)  # every figure left in out is one the report shows
     build_report([sw], out, plots=False, progress=False)
     assert list(out.glob("*.png")) == [] and (out / "mine.txt").read_text() == "kept"
+
+
+def test_a_run_without_measurements_does_not_cost_the_spectra_figures(tmp_path):
+    pytest.importorskip("matplotlib")
+    from spectral_lens import plot
+    from spectral_lens.records import RunInfo, RunWriter, open_runs
+
+    write_theorem6_sweep(tmp_path / "sw", (2, 4), family="f", dim=256, grad_dim=64, n_eval=20, n_measure=8)
+    w = RunWriter(tmp_path / "sw" / "f-b8", RunInfo("f-b8", family="f", batch_tier=8, total_tokens=10**9), fsync=False)
+    w.log(1, 1000, val_loss=5.0)  # stopped before its first spectral measurement
+    w.close()
+    runs = open_runs([tmp_path / "sw"])
+    for fig in (plot.plot_spectra(runs, TARGET), plot.plot_alpha_trajectories(runs)):
+        texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+        assert any("B=8" in t and "no measurements" in t for t in texts), texts
+    fig = plot.plot_alpha_trajectories(runs)
+    assert len([ln for ln in fig.axes[0].lines if ln.get_marker() == "o"]) == 2
+    rep = build_report([tmp_path / "sw"], tmp_path / "out", target_loss=TARGET, progress=False)
+    assert {"spectra.png", "alpha_tail.png"} <= {p.name for p in rep.figures}, rep.notes
