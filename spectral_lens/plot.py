@@ -94,7 +94,8 @@ def plot_spectra(
     """Trace-normalized spectra overlaid per family, at matched loss (paper Fig. 1a).
 
     Each run contributes its first measurement with ``val_loss <= target_loss`` (runs that never
-    reach it are listed in the panel as "not reached"); without a target, its last measurement. The
+    reach it are listed in the panel as "not reached", runs without measurements as "no
+    measurements"); without a target, its last measurement. The
     tail window is shaded. Under each family's log-log panel, a second panel shows every spectrum
     divided by the family's geometric-mean spectrum, where differences of a few percent that the
     log-log view hides become visible.
@@ -114,6 +115,9 @@ def plot_spectra(
         missing, curves = [], []
         win = None
         for run in _sorted_runs(members):
+            if not run.measurements:  # e.g. stopped before its first measurement: listed, not fatal
+                missing.append(f"{_tier_label(run.info.batch_tier)} (no measurements)")
+                continue
             name = resolve_spectrum(run, spectrum)
             win = resolve_window(run, window)
             if target_loss is not None:
@@ -244,14 +248,18 @@ def plot_alpha_trajectories(
     spectrum: str | None = None,
     window: tuple[int, int] | None = None,
 ) -> "Figure":
-    """``alpha_tail`` against training progress, one panel per family, one line per run."""
+    """``alpha_tail`` against training progress, one panel per family, one line per run (runs without
+    measurements are listed in the panel)."""
     Figure = require_matplotlib()
     fams = group_by_family(runs)
     fig, axes = _grid(Figure, len(fams))
     colors = _tier_colors(runs)
     for ax, (family, members) in zip(axes, fams.items()):
-        win = None
+        win, empty = None, []
         for run in _sorted_runs(members):
+            if not run.measurements:  # listed in the panel instead of failing the whole figure
+                empty.append(_tier_label(run.info.batch_tier))
+                continue
             win = resolve_window(run, window)
             prog, alpha, _ = alpha_trajectory(run, window=window, spectrum=spectrum)
             ax.plot(100 * prog, alpha, marker="o", ms=2.5, lw=1.3, color=colors.get(run.info.batch_tier),
@@ -262,6 +270,8 @@ def plot_alpha_trajectories(
         ax.set_xlabel("training progress (% of token budget)")
         ax.set_ylabel(f"α_tail (ranks {win[0]}–{win[1]})" if win else "α_tail")
         ax.set_xlim(0, 100)
+        if empty:
+            ax.text(0.02, 0.02, "no measurements: " + ", ".join(empty), transform=ax.transAxes, fontsize=8, color="0.3")
         ax.legend(fontsize=7, ncol=2)
         ax.grid(True, alpha=0.3)
     return fig

@@ -34,6 +34,9 @@ __all__ = ["Report", "build_report", "score_flags", "MIN_TIERS", "MAX_PVALUE"]
 MIN_TIERS = 4
 #: A p-value above this and the rho is flagged as underpowered.
 MAX_PVALUE = 0.1
+#: Every figure file a report may write; those this report did not draw are removed from ``out``.
+_FIGURE_FILES = ("loss.png", "spectra.png", "alpha_tail.png", "gradient_spectra.png", "early_alpha_vs_eps.png",
+                 "gain_plane.png")
 
 
 def score_flags(score: PredictionScore, statistic: str = "early α_tail") -> list[str]:
@@ -202,7 +205,9 @@ def build_report(
 
     Args:
         runs: run records or directories (a sweep root expands to its runs).
-        out: output directory (created).
+        out: output directory (created). Figure files of an earlier report there that this one does
+            not draw (``gain_plane.png`` without transitions, all of them with ``plots=False``) are
+            removed, so every figure in ``out`` belongs to this report; other files are left alone.
         fmt: ``"md"`` (``report.md`` + PNG files) or ``"html"`` (``report.html`` with the PNGs
             embedded; the PNG files are written too).
         target_loss: target validation loss for ``T``, ``eps_tok``, the prediction score, the
@@ -280,6 +285,7 @@ def build_report(
     doc.h(2, "Runs")
     early = {s.run_id: s for s in (pred.statistics_ if pred is not None else [])}
     rows = []
+    one_window = len({tuple(s.window) for s in early.values()}) <= 1  # else each cell names its window
     for r in sorted(records, key=lambda r: (r.info.family or "", r.info.batch_tier or 0, r.run_id)):
         _, losses = r.val_curve()
         T = tokens_to_target(r, target_loss) if target_loss is not None else None
@@ -290,9 +296,10 @@ def build_report(
             _num(T, ".4g") if T is not None else "–",
             _num(eps.get(r.run_id), ".3f") if eps else "–",
             _num(r.throughput(), ".4g"),
-            f"{s.value:.3f} ± {_num(s.sigma, '.2g')}" if s else "–",
+            (f"{s.value:.3f} ± {_num(s.sigma, '.2g')}" + ("" if one_window else f" (ranks {tuple(s.window)})"))
+            if s else "–",
         ])
-    win_txt = f"ranks {early[next(iter(early))].window}" if early else ""
+    win_txt = f"ranks {tuple(next(iter(early.values())).window)}" if early and one_window else ""
     doc.table(
         ["run", "family", "tier", "measurements", "final val loss", "T (tokens to target)", "eps_tok",
          "Q (tokens/s)", f"early α_tail {win_txt}"],
@@ -423,4 +430,8 @@ def build_report(
             doc.p("- " + n)
     text = doc.markdown() if fmt == "md" else doc.html(title)
     write_text_atomic(report.path, text)
+    written = {p.name for p in report.figures}
+    for name in _FIGURE_FILES:  # an earlier report's figures that this one did not draw would mislead
+        if name not in written:
+            (out / name).unlink(missing_ok=True)
     return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,14 @@ _FORMAT = "spectral-lens/spectrum"
 _VERSION = 1
 
 
+def _json_ok(v: Any) -> bool:
+    try:
+        json.dumps(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 @dataclass(frozen=True, eq=False)
 class Spectrum:
     """Eigenvalues of a PSD operator, sorted descending, float64, on the CPU.
@@ -40,6 +49,11 @@ class Spectrum:
         kind: one of :data:`KINDS`.
         source: where it was measured (module or parameter name), or ``None``.
         metadata: JSON-serializable extras (step, tokens, precision, skipped rows, ...).
+
+    Construction raises ``ValueError`` for values that are not 1-D, finite, descending and ``>= 0``,
+    for ``n_rows`` or ``dim`` that are not non-negative integers, and for ``dim`` other than the
+    number of values: what :meth:`load` refuses cannot be built. The library's eigensolvers clamp
+    round-off negatives to 0; do the same (``values.clamp_min(0)``) for eigenvalues of your own.
     """
 
     values: torch.Tensor
@@ -59,7 +73,29 @@ class Spectrum:
             raise ValueError("Spectrum.values contains NaN or Inf")
         if v.numel() > 1 and bool((v[1:] > v[:-1]).any()):
             raise ValueError("Spectrum.values must be sorted descending")
+        if v.numel() and float(v[-1]) < 0:
+            raise ValueError(
+                f"Spectrum.values has a negative eigenvalue {float(v[-1]):.6g} (eigenvalues of a PSD operator "
+                "must be >= 0; clamp round-off negatives from an eigensolver with values.clamp_min(0))"
+            )
+        counts = {}
+        for key in ("n_rows", "dim"):
+            raw = getattr(self, key)
+            try:
+                n = operator.index(raw) if not isinstance(raw, bool) else -1
+            except TypeError:
+                n = -1
+            if n < 0:
+                raise ValueError(f"Spectrum.{key} must be a non-negative integer, got {raw!r}")
+            counts[key] = n
+        if counts["dim"] != v.numel():
+            raise ValueError(
+                f"Spectrum.dim is {counts['dim']} but values has {v.numel()} entries (dim must be the number of "
+                "eigenvalues)"
+            )
         object.__setattr__(self, "values", v)
+        object.__setattr__(self, "n_rows", counts["n_rows"])
+        object.__setattr__(self, "dim", counts["dim"])
 
     @property
     def normalized(self) -> torch.Tensor:
@@ -101,7 +137,14 @@ class Spectrum:
         """
         path = Path(path)
         path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
-        header = json.dumps(self.to_dict())
+        try:
+            header = json.dumps(self.to_dict())
+        except (TypeError, ValueError) as exc:  # e.g. a tensor in metadata: name the key, not just the type
+            bad = [k for k, v in self.metadata.items() if not _json_ok(v)] if isinstance(self.metadata, dict) else []
+            raise TypeError(
+                f"Spectrum.save({path}): metadata{'[' + repr(bad[0]) + ']' if bad else ''} is not JSON-serializable "
+                f"({exc}); use numbers, strings, None, lists and dicts (e.g. float(t) for a tensor)"
+            ) from None
         values = self.values.numpy()
         self.from_dict(self.to_dict(), values, origin=f"Spectrum.save({path})")  # what load will check
         write_atomic(path, lambda fh: np.savez(fh, values=values, header=np.array(header)), fsync=fsync)

@@ -192,8 +192,61 @@ def test_overflowing_products_raise_the_nonfinite_error_naming_the_module():
 
 @pytest.mark.parametrize("kw", [dict(n_rows=-1, dim=3), dict(n_rows=5, dim=4), dict(n_rows=5, dim=3, neg=True)])
 def test_save_refuses_what_load_would_refuse(tmp_path, kw):
-    values = torch.tensor([3.0, 2.0, -1.0 if kw.pop("neg", False) else 1.0], dtype=torch.float64)
+    neg = kw.pop("neg", False)
     path = tmp_path / "s.npz"
+    with pytest.raises(ValueError, match="negative eigenvalue" if neg else "n_rows" if kw["n_rows"] < 0 else "dim is 4"):
+        Spectrum(torch.tensor([3.0, 2.0, -1.0 if neg else 1.0], dtype=torch.float64), **kw)  # refused when built
+    s = Spectrum(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), n_rows=5, dim=3)
+    if neg:  # a frozen Spectrum damaged behind its back: save still refuses it
+        object.__setattr__(s, "values", torch.tensor([3.0, 2.0, -1.0], dtype=torch.float64))
+    else:
+        object.__setattr__(s, "n_rows", kw["n_rows"])
+        object.__setattr__(s, "dim", kw["dim"])
     with pytest.raises(SpectrumFormatError, match="s.npz"):
-        Spectrum(values, **kw).save(path)
+        s.save(path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_spectrum_construction_refuses_what_load_refuses():
+    """Negative eigenvalues, dim != number of values and bad counts fail when the Spectrum is built,
+    with a message naming the field (they used to be accepted and fail only at save)."""
+    v = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"negative eigenvalue -1e-12 .*clamp_min\(0\)"):
+        Spectrum(torch.tensor([3.0, 2.0, -1e-12], dtype=torch.float64), n_rows=5, dim=3)
+    with pytest.raises(ValueError, match="dim is 2 but values has 3 entries"):
+        Spectrum(v, n_rows=5, dim=2)
+    with pytest.raises(ValueError, match="dim is 4 but values has 3 entries"):
+        Spectrum(v, n_rows=5, dim=4)
+    for bad in (-1, 2.5, True, "5", None):
+        with pytest.raises(ValueError, match="n_rows must be a non-negative integer"):
+            Spectrum(v, n_rows=bad, dim=3)
+    with pytest.raises(ValueError, match="dim must be a non-negative integer"):
+        Spectrum(v, n_rows=5, dim=3.0)
+    # integer-like counts are stored as int (numpy / 0-d torch integers), -0.0 and zeros are fine
+    s = Spectrum(torch.tensor([1.0, 0.0, -0.0]), n_rows=np.int64(7), dim=torch.tensor(3))
+    assert type(s.n_rows) is int and type(s.dim) is int and (s.n_rows, s.dim) == (7, 3)
+    assert Spectrum(torch.zeros(0), n_rows=0, dim=0).dim == 0
+
+
+def test_eigensolver_round_off_negatives_still_build_a_spectrum():
+    """Round-off makes eigvalsh of a singular PSD matrix slightly negative; the library's paths clamp
+    them, so covariance and weight spectra of rank-deficient inputs still build."""
+    from spectral_lens import ActivationCovarianceAccumulator
+    from spectral_lens.weights import weight_spectrum
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, dtype=torch.float64) @ torch.randn(3, 16, dtype=torch.float64)  # rank 3 in 16 dims
+    assert float(torch.linalg.eigvalsh(torch.cov(x.T)).min()) < 0  # the round-off this guards against
+    acc = ActivationCovarianceAccumulator(precision="float64")
+    acc.update(x)
+    spec = acc.compute()
+    assert spec.dim == 16 and float(spec.values.min()) >= 0
+    w = weight_spectrum(x, "low_rank")
+    assert w.dim == 16 and float(w.values.min()) >= 0
+
+
+def test_save_names_the_metadata_key_that_is_not_json(tmp_path):
+    s = Spectrum(torch.tensor([2.0, 1.0]), n_rows=3, dim=2, metadata={"ok": 1, "step": torch.tensor(5)})
+    with pytest.raises(TypeError, match=r"Spectrum\.save\(.*x\.npz\): metadata\['step'\] is not JSON-serializable"):
+        s.save(tmp_path / "x")
     assert list(tmp_path.iterdir()) == []
