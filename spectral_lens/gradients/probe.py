@@ -134,7 +134,8 @@ def refuse_unfit_defaults(model: nn.Module, *, forward: bool, loss: bool) -> Non
             "classifier, or a base model without a head), and the default loss is next-token cross-entropy of "
             "causal-LM logits. Pass loss_fn=: for a masked LM, each sequence's mean cross-entropy of logits[:, t] "
             "against labels[:, t] (unshifted) over labels != -100 (to a SpectralLens: probe=PerSampleGradientProbe("
-            "loss_fn=...), or params=() to measure activations only)"
+            "loss_fn=...), or params=() to measure activations only). A causal LM that does not inherit "
+            "GenerationMixin (remote code): pass loss_fn=spectral_lens.gradients.causal_lm_loss"
         )
 
 

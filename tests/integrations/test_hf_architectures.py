@@ -65,7 +65,8 @@ CAUSAL = {
     "mpt": ("MptConfig", dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=64),
             "transformer.blocks.1", "transformer.blocks.1.attn.out_proj.weight"),
 }
-SLOW = {"mixtral", "qwen2_moe", "bloom", "gpt_neo"}  # same code paths as others; the slowest on the CPU
+# the slowest on the CPU, and families whose code paths others share (Llama's: Mistral, OLMo, Starcoder2)
+SLOW = {"mixtral", "qwen2_moe", "bloom", "gpt_neo", "mistral", "olmo", "starcoder2"}
 FLOAT32_ONLY = {"mixtral", "qwen2_moe"}  # their experts run torch._grouped_mm, which has no float64 kernel
 
 
@@ -82,15 +83,20 @@ def causal(name: str, dtype=torch.float32):
     return transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
 
 
-def padded_pool(n_batches=2, m=3):
-    """Right-padded dict batches: per batch one full sequence and two padded after 7 and 5 tokens."""
+def padded_pool(n_batches=2, m=3, left=False):
+    """Padded dict batches: per batch one full sequence and two of 7 and 5 tokens, padded on the right
+    (``left=True``: on the left in odd batches). Left padding is used in float32 only: in float64 the
+    eager attention of Gemma 2, BLOOM and MPT (transformers 5.24) turns the whole of a left-padded
+    sequence into NaN, which the lens reports as a ``NonFiniteError`` naming the block."""
     g = torch.Generator().manual_seed(1)
     pool = []
-    for _ in range(n_batches):
+    for b in range(n_batches):
         ids = torch.randint(3, V, (m, L), generator=g)
         mask = torch.ones_like(ids)
         mask[1, L - 3:] = 0
         mask[2, L - 5:] = 0
+        if left and b % 2:
+            mask = mask.flip(1)
         pool.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
     return pool
 
@@ -187,7 +193,7 @@ def test_lens_defaults_leave_the_model_as_it_was(name):
     for i, p in enumerate(model.parameters()):
         if i % 2 == 0:
             p.grad = torch.randn_like(p)
-    pool = padded_pool()
+    pool = padded_pool(left=True)
     with torch.no_grad():
         out = model.eval()(**{k: v for k, v in pool[0].items() if k != "labels"}).logits
     model.train()
@@ -261,3 +267,40 @@ def test_encoder_decoder_defaults_are_refused_and_explicit_choices_work(cls_name
     m = lens.measure(0, 0)
     assert m.spectra[f"act:{block}"].n_rows == 44  # decoder positions, masked by the (same) attention_mask
     assert m.spectra[f"grad:{param}"].n_rows == 6
+
+
+@pytest.mark.parametrize("name", ["falcon", "phi", "qwen2"])
+def test_trainer_callback(name, tmp_path):
+    """A few Trainer steps with the callback: the lens, built without a model, measures the trained model."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the hf extra installs it)")
+    from spectral_lens.integrations import SpectralLensCallback
+
+    _, _, block, param = CAUSAL[name]
+    model = causal(name)
+    ids = torch.randint(3, V, (16, L), generator=torch.Generator().manual_seed(2))
+    train = [{"input_ids": x, "labels": x} for x in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                                          disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=train)
+    lens = sl.SpectralLens(pool=padded_pool(), schedule=sl.Schedule.every(2), progress=False)
+    SpectralLensCallback(lens, tokens_per_step=4 * L).attach(trainer)
+    trainer.train()
+    assert [m.step for m in lens.history] == [2, 4]
+    first, last = (m.spectra for m in lens.history)
+    assert first[f"act:{block}"].n_rows == 44 and last[f"grad:{param}"].n_rows == 6
+    assert not torch.equal(first[f"act:{block}"].values, last[f"act:{block}"].values)  # the model trained
+    assert lens.model is None  # the callback detached the lens it attached
+    assert [h["step"] for h in trainer.state.log_history if "spectral_lens/noise_scale" in h] == [2, 4]
+
+
+def test_causal_loss_can_be_chosen_for_a_model_that_cannot_generate():
+    """The refusal keys on can_generate(): naming the causal loss explicitly is accepted."""
+    model = causal("llama")
+    model.can_generate = lambda: False  # as a remote-code causal LM without GenerationMixin
+    with pytest.raises(ValueError, match="causal_lm_loss"):
+        sl.PerSampleGradientProbe(model)
+    probe = sl.PerSampleGradientProbe(model, loss_fn=sl.gradients.causal_lm_loss)
+    for batch in padded_pool():
+        probe.update(batch)
+    assert probe.compute().n_rows == 6
