@@ -22,7 +22,7 @@ from .activation_capture import attach
 from .attachment import Attachment
 from .capture import Target, select_modules
 from .gradients import PerSampleGradientProbe
-from .gradients.probe import refuse_parallel_wrapper
+from .gradients.probe import is_encoder_decoder, refuse_parallel_wrapper
 from .gradients._batch import batch_size, default_forward, slice_batch
 from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
 from .spectra.fit import tail_window
@@ -36,6 +36,7 @@ __all__ = [
     "attention_mask",
     "deepest_block",
     "all_blocks",
+    "block_hidden_states",
 ]
 
 
@@ -85,6 +86,17 @@ def all_blocks(model: nn.Module) -> list[str]:
 def deepest_block(model: nn.Module) -> str:
     """The last block of the layer stack: the paper's default activation probe (App. E.3)."""
     return all_blocks(model)[-1]
+
+
+def block_hidden_states(output: Any) -> Any:
+    """How the lens reads the blocks it chose itself (``layers=None`` or ``"all"``) when ``pick=None``:
+    a tensor output as it is, a tuple/list output at its first element when that is a tensor (the
+    hidden states, by the Hugging Face convention: Falcon, BLOOM, GPT-Neo and MPT layers still return
+    tuples in ``transformers`` 5). Anything else is returned unchanged (and refused by the capture
+    with an error asking for ``pick=``)."""
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return output
 
 
 @dataclass(frozen=True)
@@ -200,9 +212,11 @@ class SpectralLens:
         gradient_pool: batches for the gradient protocol (default: ``pool``).
         gradient_samples: cap on sequences M used for gradient spectra (paper: 512), at least 2;
             ``None`` = all.
-        precision, pick: passed to the activation accumulators. Hugging Face decoder layers of
-            ``transformers`` >= 5 return a tensor: leave ``pick=None`` (older versions returned a
-            tuple, ``pick=0``).
+        precision, pick: passed to the activation accumulators. With ``pick=None`` and the lens's
+            own choice of blocks (``layers=None`` or ``"all"``), a block returning a tuple is read at
+            its first element, the hidden states (:func:`block_hidden_states`: Falcon, BLOOM,
+            GPT-Neo, MPT layers in ``transformers`` 5; most decoder layers return a tensor); with
+            ``layers=`` given, ``pick=None`` requires a tensor output.
         mask_fn: ``mask_fn(batch) -> bool mask`` of the positions to measure, or ``None``. Default
             :func:`attention_mask`: padded positions of dict (mapping) batches with an ``"attention_mask"``
             are excluded from the activation rows (the gradient loss masks them too). Pass your own
@@ -281,6 +295,7 @@ class SpectralLens:
         self.gradient_samples = gradient_samples
         self.precision = precision
         self.pick = pick
+        self._pick = pick  # the pick in use: block_hidden_states for the lens's own blocks (set by _bind)
         self.mask_fn = mask_fn
         self.forward_fn = forward_fn or default_forward
         self.autocast_dtype = autocast_dtype
@@ -301,9 +316,18 @@ class SpectralLens:
     def _bind(self, model: nn.Module) -> None:
         refuse_parallel_wrapper(model, "SpectralLens")
         layers = self.layers_spec
+        chosen = layers is None or (isinstance(layers, str) and layers == "all")  # the lens picks the blocks
+        if is_encoder_decoder(model) and (chosen or self.forward_fn is default_forward):
+            raise ValueError(
+                f"SpectralLens: {type(model).__name__} is an encoder-decoder model (config.is_encoder_decoder); the "
+                "lens's defaults are made for decoder-only and encoder-only models. Pass layers= (e.g. the "
+                "decoder's last block), forward_fn= (e.g. lambda m, b: m(**b), labels included, so the decoder gets "
+                "its input), and probe=PerSampleGradientProbe(params=..., forward_fn=..., loss_fn=...) with an "
+                "unshifted loss, or params=() to measure activations only"
+            )
         if layers is None:
             layers = deepest_block(model)
-        elif isinstance(layers, str) and layers == "all":
+        elif chosen:
             layers = all_blocks(model)
         elif _names_modules(layers):  # module objects: their names in this model (or a clear error now)
             names = [n for n, _ in select_modules(model, layers)]
@@ -318,6 +342,7 @@ class SpectralLens:
         elif not no_grad:
             probe = PerSampleGradientProbe(model, self.params_spec)
         self.model, self.layers, self.probe = model, layers, probe
+        self._pick = block_hidden_states if chosen and self.pick is None else self.pick
 
     def attach(self, model: nn.Module) -> Attachment:
         """Bind a lens built without a model (``SpectralLens(pool=..., ...)``) to ``model``.
@@ -456,7 +481,7 @@ class SpectralLens:
         rank, world = self._dist()
         error = None
         try:
-            capture = attach(model, self.layers, pick=self.pick, precision=self.precision)
+            capture = attach(model, self.layers, pick=self._pick, precision=self.precision)
             self._activation_pass(model, capture, rank, world)
         except Exception as exc:  # agreed with the other ranks below, then re-raised
             error = exc

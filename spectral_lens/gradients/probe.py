@@ -57,6 +57,7 @@ ATTENTION_OUTPUT_PATTERNS = (
     "**.attention.wo.weight",  # Meta's Llama reference code
     "**.attention.dense.weight",  # GPT-NeoX / Pythia
     "**.self_attention.dense.weight",  # Falcon, BLOOM
+    "**.self_attn.dense.weight",  # Phi-1/1.5/2
     "**.attention.output.dense.weight",  # BERT family
     "**.out_proj.weight",  # OPT, GPT-Neo/J, nn.MultiheadAttention
 )
@@ -98,6 +99,44 @@ def refuse_parallel_wrapper(model: Any, who: str) -> None:
         f"measuring runs its own forward/backward passes, which through the wrapper would {why}. The inner "
         "module has the same parameters, and training through the wrapper is unaffected"
     )
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face encoder-decoder model (``config.is_encoder_decoder``: T5, BART)."""
+    return getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
+
+
+def refuse_unfit_defaults(model: nn.Module, *, forward: bool, loss: bool) -> None:
+    """``ValueError`` when the probe's default ``forward_fn`` (``forward``) or default next-token loss
+    (``loss``) does not fit a Hugging Face model, saying what to pass instead.
+
+    * An encoder-decoder model (``config.is_encoder_decoder``: T5, BART): ``model(**batch)`` without
+      ``labels`` gives the decoder no input, and its logits at ``t`` predict ``labels[:, t]`` (no shift).
+    * A model whose ``can_generate()`` is ``False`` (a masked LM such as BERT, a classifier, a base
+      model without a head): its logits are not next-token predictions, so the default loss would
+      silently measure the gradient of a meaningless loss.
+    """
+    name = type(model).__name__
+    if is_encoder_decoder(model) and (forward or loss):
+        missing = " and ".join(n for n, used in (("forward_fn=", forward), ("loss_fn=", loss)) if used)
+        raise ValueError(
+            f"{name} is an encoder-decoder model (config.is_encoder_decoder), which the default forward and loss "
+            "do not fit: the default forward calls model(**batch) without 'labels' (the decoder gets no input) "
+            "and the default loss is shifted next-token cross-entropy (a seq2seq model's logits at t predict "
+            f"labels[:, t]). Pass {missing}: e.g. forward_fn=lambda m, b: m(**b) (labels included, so the model "
+            "builds decoder_input_ids from them) and a loss_fn giving each sequence's mean cross-entropy of "
+            "logits[:, t] against labels[:, t] over labels != -100; and params= naming a matrix"
+        )
+    can_generate = getattr(model, "can_generate", None)
+    if loss and callable(can_generate) and not can_generate():
+        raise ValueError(
+            f"{name} is not a causal language model (its can_generate() is False: a masked LM such as BERT, a "
+            "classifier, or a base model without a head), and the default loss is next-token cross-entropy of "
+            "causal-LM logits. Pass loss_fn=: for a masked LM, each sequence's mean cross-entropy of logits[:, t] "
+            "against labels[:, t] (unshifted) over labels != -100 (to a SpectralLens: probe=PerSampleGradientProbe("
+            "loss_fn=...), or params=() to measure activations only). A causal LM that does not inherit "
+            "GenerationMixin (remote code): pass loss_fn=spectral_lens.gradients.causal_lm_loss"
+        )
 
 
 def default_gradient_param(model: nn.Module) -> str:
@@ -312,6 +351,7 @@ class PerSampleGradientProbe:
         if not isinstance(model, nn.Module):
             raise TypeError(f"PerSampleGradientProbe.attach needs an nn.Module, got {type(model).__name__}")
         refuse_parallel_wrapper(model, "PerSampleGradientProbe")
+        refuse_unfit_defaults(model, forward=self._custom_forward is None, loss=self._custom_loss is None)
         params = _resolve_params(model, self.params_spec)
         self.model, self.params = model, params
         self.sites = {n: self._site(n) for n in params}
