@@ -281,6 +281,18 @@ def _user_error(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's final flush of a closed pipe
+    does not print a second error."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (a captured stream in tests): nothing to flush into a pipe
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spectral-lens`` script; returns the exit status.
 
@@ -302,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = show
         try:
             return {"report": _cmd_report, "predict": _cmd_predict, "inspect": _cmd_inspect}[args.command](args)
+        except BrokenPipeError:  # the reader went away (`spectral-lens inspect RUN | head`): stop quietly
+            _silence_stdout()
+            return 141  # 128 + SIGPIPE, as a shell reports a command killed by it
         except (ValueError, SpectrumFormatError, OSError, ImportError, RecursionError) as exc:
             print(f"spectral-lens {args.command}: error: {_user_error(exc)}", file=sys.stderr)
             return 2

@@ -209,3 +209,16 @@ def test_report_checks_transitions_and_replicates_without_a_target(sweep, tmp_pa
     assert not out.exists()
     assert main([*base, "--transition", "toy-b1:toy-b2"]) == 0  # valid ids, no target: skipped with a note
     assert "transitions given but no target loss" in capsys.readouterr().out
+
+
+def test_a_closed_pipe_stops_quietly(sweep):
+    """`spectral-lens inspect RUN | head -1` printed 'error: [Errno 32] Broken pipe' once the reader left."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "spectral_lens.cli", "inspect", str(sweep / "toy-b2")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line (deterministic: `head` gone early)
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141
+    assert "Broken pipe" not in err and "Traceback" not in err, err
