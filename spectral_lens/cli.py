@@ -12,7 +12,8 @@ A RUN_DIR may be a run directory or a directory of run directories (a sweep root
 input (bad arguments, missing or corrupted records, unknown spectrum names) print one line
 ``spectral-lens COMMAND: error: ...`` on stderr and exit with status 2. A malformed line in a run's
 ``log.jsonl`` or ``measurements.jsonl`` costs that line only: it is skipped with one warning line
-naming the file and line (``--strict`` refuses the run instead).
+naming the file and line (``--strict`` refuses the run instead). A reader that goes away
+(``spectral-lens inspect RUN | head``) ends the command quietly with status 141.
 """
 
 from __future__ import annotations
