@@ -18,7 +18,6 @@ the 3 steps and is four orders below the fp32 failure. The one-step gradient che
 """
 import contextlib
 import os
-import socket
 
 import pytest
 import torch
@@ -29,16 +28,11 @@ from examples.nanogpt.data import builtin_data
 from examples.nanogpt.model import GPT, window_at
 from examples.nanogpt.train import accumulate_gradients, train
 from examples.nanogpt.variants import build_config
+from support.ranks import free_port
 
 VARIANT = "AttnScale"   # Muon + Adam groups, value embeddings, a layer without attention, LSWA
 KW = dict(variant=VARIANT, profile="tiny", data="pydoc", steps=3, batch_tier=4, val_tokens=2 * 512,
           eval_every_tokens=10**9, verbose=False, device="cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _perturbed_model() -> GPT:
@@ -91,7 +85,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.distributed
 def test_two_gloo_ranks_match_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
 
     # one step's gradients: equal up to fp32 summation order (a wrong reduction scale would show here;
     # Adam and Muon are nearly scale-invariant, so parameters alone could hide it)
