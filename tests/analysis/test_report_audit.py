@@ -151,3 +151,18 @@ def test_a_run_without_measurements_does_not_cost_the_spectra_figures(tmp_path):
     assert len([ln for ln in fig.axes[0].lines if ln.get_marker() == "o"]) == 2
     rep = build_report([tmp_path / "sw"], tmp_path / "out", target_loss=TARGET, progress=False)
     assert {"spectra.png", "alpha_tail.png"} <= {p.name for p in rep.figures}, rep.notes
+
+
+def test_the_baseline_score_is_shown_when_the_tail_predictor_cannot_run(tmp_path):
+    """With a window the spectra cannot hold, the tail predictor is skipped (a note says why) while the
+    noise-scale baseline runs: its score was computed and returned but appeared nowhere in the report."""
+    from spectral_lens.records import open_runs
+
+    sw = tmp_path / "sw"
+    write_theorem6_sweep(sw, (1, 2, 4, 8), family="f", dim=256, grad_dim=32, n_eval=20, n_measure=10, noise=0.02)
+    rep = build_report(open_runs([sw]), tmp_path / "out", target_loss=TARGET, window=(300, 400), plots=False)
+    assert rep.score is None and rep.baseline_score is not None
+    assert any("tail predictor not run" in n for n in rep.notes)
+    md = (tmp_path / "out" / "report.md").read_text()
+    section = md.split("## Score of the noise-scale baseline")[1].split("\n## ")[0]
+    assert f"| f | {rep.baseline_score.within['f'].rho:.3f} |" in section
