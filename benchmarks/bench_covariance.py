@@ -8,7 +8,9 @@ Run:  python benchmarks/bench_covariance.py --device cuda --out results.json
 Every ratio compares rates measured in this same run on this same device: ours vs the bare GEMM of
 the same precision (the ceiling: ``X^T X`` of the same chunk), and vs ``torch.cov``. Rates are
 "useful" flops 2 N d^2 per chunk, so a path that skips part of the redundant half of the
-symmetric product (fp32 on CUDA at d >= 1024) can exceed 1.0.
+symmetric product (fp32 on CUDA at d >= 1024) can exceed 1.0. Cases are warmed up, then timed in
+interleaved rounds (each round runs every case once, back to back); rates come from median times and
+ratios are medians of per-round ratios.
 """
 
 from __future__ import annotations
@@ -56,6 +58,23 @@ def _timer(device: torch.device):
     return run
 
 
+def _rounds(fns: dict, repeats: int, device: torch.device) -> dict:
+    """``{name: [seconds, ...]}``: ``repeats`` rounds, each timing every case once, back to back (device
+    time between CUDA events, synchronized after each call), so that a shared host's slow drifts hit
+    all cases alike and cancel in per-round ratios (:func:`_paired`)."""
+    timed = _timer(device)
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            times[key].append(timed(fn, 1))
+    return times
+
+
+def _paired(times: dict, num: str, den: str) -> float:
+    """Median over rounds of ``times[num] / times[den]`` (for rates: rate of ``den`` / rate of ``num``)."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
 def _rows(n: int, d: int, device, dtype, seed: int = 0, mean: float = 5.0, power: float = 1.2) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
@@ -66,8 +85,19 @@ def _rows(n: int, d: int, device, dtype, seed: int = 0, mean: float = 5.0, power
     return (z @ basis + mu).to(dtype)
 
 
+def _bare_products(source, precision: str) -> None:
+    """The ceiling of :func:`throughput`: ``c.T @ c`` for every chunk, with the float32 matmul precision
+    pinned as the accumulator pins it for ``precision`` on the chunks' device (IEEE for "exact": no TF32
+    on CUDA, whatever the caller set, so that ours and the ceiling do the same arithmetic)."""
+    with matmul_precision(precision, source[0].device.type):
+        for c in source:
+            c.t() @ c
+
+
 def throughput(device: torch.device, dims, rows: int, chunks: int, repeats: int) -> list[dict]:
-    timed = _timer(device)
+    """Whole ``update`` streams (``chunks`` chunks of ``rows`` rows, a new accumulator per call) against the
+    bare product of the same chunks and ``torch.cov``: one warm-up call each, then ``repeats``
+    interleaved rounds; rates from median times, ratios as medians of per-round ratios."""
     out = []
     for d in dims:
         data = [_rows(rows, d, device, torch.bfloat16 if device.type == "cuda" else torch.float32, seed=i) for i in range(chunks)]
@@ -84,11 +114,7 @@ def throughput(device: torch.device, dims, rows: int, chunks: int, repeats: int)
             return fn
 
         def bare(source, precision):
-            def fn():
-                with matmul_precision(precision):
-                    for c in source:
-                        c.t() @ c
-            return fn
+            return lambda: _bare_products(source, precision)
 
         def cov(source):
             def fn():
@@ -106,13 +132,15 @@ def throughput(device: torch.device, dims, rows: int, chunks: int, repeats: int)
             fns["ceiling_bf16"] = lambda: [torch.mm(c.t(), c, out_dtype=torch.float32) for c in data]
         for fn in fns.values():  # warm-up (Triton compile, cuBLAS heuristics)
             fn()
-        for name, fn in fns.items():
-            row[f"{name}_tflops"] = flops / timed(fn, repeats) / 1e12
-        row["exact_vs_fp32_gemm"] = row["exact_tflops"] / row["ceiling_fp32_tflops"]
-        row["exact_vs_torch_cov"] = row["exact_tflops"] / row["torch_cov_fp32_tflops"]
+        times = _rounds(fns, repeats, device)
+        for name in fns:
+            row[f"{name}_tflops"] = flops / statistics.median(times[name]) / 1e12
+        # ratios of rates: medians of per-round time ratios (the cases of a round ran back to back)
+        row["exact_vs_fp32_gemm"] = _paired(times, "ceiling_fp32", "exact")
+        row["exact_vs_torch_cov"] = _paired(times, "torch_cov_fp32", "exact")
         if device.type == "cuda":
-            row["fast_vs_bf16_gemm"] = row["fast_tflops"] / row["ceiling_bf16_tflops"]
-            row["fast_vs_torch_cov"] = row["fast_tflops"] / row["torch_cov_fp32_tflops"]
+            row["fast_vs_bf16_gemm"] = _paired(times, "ceiling_bf16", "fast")
+            row["fast_vs_torch_cov"] = _paired(times, "torch_cov_fp32", "fast")
         out.append(row)
         print(json.dumps(row), flush=True)
         del data, data32
@@ -193,12 +221,13 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
     accumulator (with each centring path) against the bare bf16 GEMM, the host time to issue the
     updates, and each path's chunk-sum error against float64 sums of the same rounded rows. On CUDA
     also the looped launches of the centring kernel (:data:`LOOPED`), alone and in the accumulator.
+    One warm-up call per case, then ``repeats`` interleaved rounds (:func:`_rounds`); ``*_vs_gemm`` and
+    ``*_vs_copy`` are medians of per-round ratios.
     (A sweep of block splits of the product and of kernel launch shapes was measured on an H100 and
     removed: benchmarks/RESULTS.md.)"""
     from spectral_lens import _triton as kernels
     from spectral_lens.spectra import fast_moments as fm
 
-    timed = _timer(device)
     out = []
     for d in dims:
         data = [_rows(rows, d, device, torch.bfloat16, seed=i) for i in range(chunks)]
@@ -258,8 +287,11 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
                     fns[f"overlap{parts}"] = fn
                 except Exception as exc:  # noqa: BLE001 (an experiment: keep the run going)
                     row[f"overlap{parts}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        for fn in fns.values():  # warm-up (Triton compile and autotuning, cuBLAS heuristics, allocator)
+            fn()
+        times = _rounds(fns, repeats, device)
         for name, fn in fns.items():
-            row[f"{name}_ms"] = 1e3 * timed(fn, repeats) / chunks
+            row[f"{name}_ms"] = 1e3 * statistics.median(times[name]) / chunks
             if name.startswith("acc_"):  # host time to issue the updates (no sync inside): launch-bound if ~ the device time
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -268,12 +300,11 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
                 row[f"{name}_host_ms"] = 1e3 * (time.perf_counter() - t0) / chunks
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-        gemm = row["gemm_bf16_ms"]
-        for name in fns:
+        for name in fns:  # medians of per-round ratios (a round runs every case once, back to back)
             if name.startswith(("acc_", "gram", "overlap")):
-                row[f"{name}_vs_gemm"] = gemm / row[f"{name}_ms"]
+                row[f"{name}_vs_gemm"] = _paired(times, "gemm_bf16", name)
             if name.startswith("prep_"):
-                row[f"{name}_vs_copy"] = row["copy_bf16_ms"] / row[f"{name}_ms"]
+                row[f"{name}_vs_copy"] = _paired(times, "copy_bf16", name)
         row["copy_bf16_tb_s"] = nbytes / chunks / (row["copy_bf16_ms"] / 1e3) / 1e12
         # accuracy of each variant's chunk sums vs float64 sums of the same bf16-rounded rows
         y64 = ys[0].double()
