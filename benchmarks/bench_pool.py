@@ -96,7 +96,9 @@ def pool_overhead(device, cfg, seqs: int, seq: int, batch: int, repeats: int, au
         # the same ratio per round (each round runs every case back to back): drifts of a shared
         # machine cancel; its median is the headline number
         bases = times["bare_follow" if k.endswith("_async") else "bare"]
-        row[f"{k}_vs_bare_paired"] = statistics.median(t / b for t, b in zip(times[k], bases))
+        paired = [t / b for t, b in zip(times[k], bases)]
+        row[f"{k}_vs_bare_paired"] = statistics.median(paired)
+        row[f"{k}_paired_range"] = [min(paired), max(paired)]
         row[f"{k}_wait_ms" if k.endswith("_async") else f"{k}_compute_ms"] = 1e3 * statistics.median(compute[k])
     print(json.dumps(row), flush=True)
     return row

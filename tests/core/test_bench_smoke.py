@@ -28,6 +28,7 @@ def test_gpu_all_tiny_runs_end_to_end(tmp_path, monkeypatch):
             assert math.isfinite(s[key]) and s[key] > 0, key
     assert res["accuracy"]["exact"]["alpha_abs_err"][0] < 1e-3
     assert res["pool"]["exact_vs_bare"] > 0 and res["pool"]["rows"] == 16 * 64
+    assert any(line.startswith("| pool pass / bare forward, exact") and "(rounds " in line for line in res["table"])
     assert res["head_loss"]["ours_chunked_grad_rel_err_vs_materialized"] < 1e-5
     assert res["head_loss"]["ours_chunked_grad_rel_err_vs_float64"] < 1e-5
     assert {r["d"] for r in res["small_chunk"]} == {32}
@@ -114,3 +115,15 @@ def test_measure_never_empties_the_cuda_cache_between_timed_calls(monkeypatch):
     assert log.count("call") == 4 and out == 3 and peak == 7 and seconds >= 0
     first_timed = log.index("call") + 1
     assert "empty_cache" not in log[first_timed:], log
+
+
+def test_pool_reports_per_round_ratios_and_their_range(monkeypatch):
+    """The pool pass's headline is the median of per-round ratios (each round runs every case back to
+    back); its spread is the range of those same ratios, which brackets the median."""
+    import torch
+
+    bp = _bench_module("bench_pool", monkeypatch)
+    row = bp.pool_overhead(torch.device("cpu"), dict(vocab=64, d=16, heads=2, layers=1), 4, 8, 2, 3, False)
+    for k in ("exact", "exact_async"):
+        lo, hi = row[f"{k}_paired_range"]
+        assert 0 < lo <= row[f"{k}_vs_bare_paired"] <= hi
