@@ -1,4 +1,4 @@
-"""Hypothesis profiles for the whole suite.
+"""Hypothesis profiles for the whole suite, and a guard that restores torch's thread count after each test.
 
 ``ci`` (the default) draws the same examples on every run (``derandomize``), so the README's test
 command passes or fails the same way on every clean clone. ``explore`` draws new examples each run:
@@ -13,3 +13,18 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Every test leaves torch's intra-op thread count as it found it: the benchmarks' one-thread cases
+    (bench_covariance.fixed_cost, bench_gradients.host_overhead / new_probe) set 1 and keep it, which
+    made every later test in the session run on one thread."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
