@@ -258,3 +258,39 @@ def test_a_hugging_face_model_output_takes_int_and_str_picks():
     with attach(model, "", pick="hidden_states"), torch.no_grad():
         with pytest.raises(KeyError, match=r"pick='hidden_states' is not a key .*its keys: \['logits'\]"):
             model(ids, use_cache=False)
+
+
+def _cov_eigs(rows: torch.Tensor) -> np.ndarray:
+    x = rows.double().reshape(-1, rows.shape[-1]).numpy()
+    return np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_capture_under_inference_mode_then_outside_it(dtype):
+    """A pass under torch.inference_mode() must not break later measurements outside it: the CPU
+    update's per-thread scratch and the accumulator's recycled buffers were created as inference
+    tensors, and the next update outside inference mode wrote into them in place (RuntimeError
+    'Inplace update to inference tensor outside InferenceMode'), in the same accumulator and in a
+    fresh one of the same row shape."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(5, 6)).to(dtype)
+    xs = [torch.randn(24, 5, dtype=dtype) * 3 + 1 for _ in range(4)]
+    true = [model(x).detach() for x in xs]
+    with attach(model, "0") as cap:  # one accumulator, passes in and out of inference mode
+        for i, x in enumerate(xs):
+            with torch.inference_mode() if i % 2 == 0 else torch.no_grad():
+                model(x)
+    with attach(model, "0") as fresh, torch.no_grad():  # a fresh one after the inference passes
+        for x in xs:
+            model(x)
+    want = _cov_eigs(torch.cat(true))
+    for c in (cap, fresh):
+        got = c.compute()["0"]
+        assert got.n_rows == 96
+        np.testing.assert_allclose(got.values.double().numpy(), want, rtol=1e-4, atol=1e-6 * want[0])
+    # and the state stays usable in place afterwards, under either mode
+    acc = cap.accumulators["0"]
+    acc.update(true[0])
+    with torch.inference_mode():
+        acc.update(true[1])
+    assert acc.n_rows == 144
