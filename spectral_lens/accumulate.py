@@ -407,9 +407,14 @@ class ActivationCovarianceAccumulator:
         All or nothing: the call's chunks are summed into locals and committed at the end, so an
         exception or a ``KeyboardInterrupt`` part-way leaves the state exactly as before the call.
         No host synchronization; the eigen-solve waits for :meth:`compute`. Runs under
-        ``torch.no_grad()``.
+        ``torch.no_grad()``; inside ``torch.inference_mode()`` too, but with inference mode off, so
+        the state and the recycled buffers it writes in place stay normal tensors, usable later
+        outside inference mode (rows that are inference tensors are only read).
         """
-        if torch.is_grad_enabled():  # entering no_grad costs ~3 us a call: only where it changes the mode
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():  # inference_mode(False) turns grad on again
+                self._update(x, mask)
+        elif torch.is_grad_enabled():  # entering no_grad costs ~3 us a call: only where it changes the mode
             with torch.no_grad():
                 self._update(x, mask)
         else:

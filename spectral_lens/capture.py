@@ -3,7 +3,7 @@
 Targets name modules the way ``model.named_modules()`` does. A target is an exact dotted name, a
 glob (``"blocks.*.mlp"``: ``*`` and ``?`` stay inside one dotted segment, ``**`` crosses segments),
 a compiled regular expression (matched against the full name), a module object of the model
-(matched by identity; an ``nn.ModuleList`` stands for its members), a callable
+(matched by identity; an ``nn.ModuleList`` stands for its members, also inside a list), a callable
 ``(name, module) -> bool``, or a list of these (their union, in model order).
 """
 
@@ -75,13 +75,24 @@ def name_matcher(target, what: str = "module") -> Callable[[str, object], bool]:
     )
 
 
+_LISTS = (list, tuple, set, frozenset, nn.ModuleList)
+
+
+def _flatten(target) -> list:
+    """The single targets of ``target``: lists (and ``nn.ModuleList``s, which stand for their members)
+    are unpacked, also inside a list."""
+    if not isinstance(target, _LISTS):
+        return [target]
+    return [t for item in target for t in _flatten(item)]
+
+
 def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Module]]:
     """Modules of ``model`` selected by ``target``, as ``(dotted_name, module)`` in model order.
 
     Raises ``ValueError`` naming the closest module names when nothing matches, and when a module
     object given as a target is not a submodule of ``model``.
     """
-    targets = list(target) if isinstance(target, (list, tuple, set, frozenset, nn.ModuleList)) else [target]
+    targets = _flatten(target)
     if not targets:
         raise ValueError("empty module target list")
     matchers = [name_matcher(t) for t in targets]

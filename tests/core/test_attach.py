@@ -258,3 +258,86 @@ def test_a_hugging_face_model_output_takes_int_and_str_picks():
     with attach(model, "", pick="hidden_states"), torch.no_grad():
         with pytest.raises(KeyError, match=r"pick='hidden_states' is not a key .*its keys: \['logits'\]"):
             model(ids, use_cache=False)
+
+
+def _cov_eigs(rows: torch.Tensor) -> np.ndarray:
+    x = rows.double().reshape(-1, rows.shape[-1]).numpy()
+    return np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_capture_under_inference_mode_then_outside_it(dtype):
+    """A pass under torch.inference_mode() must not break later measurements outside it: the CPU
+    update's per-thread scratch and the accumulator's recycled buffers were created as inference
+    tensors, and the next update outside inference mode wrote into them in place (RuntimeError
+    'Inplace update to inference tensor outside InferenceMode'), in the same accumulator and in a
+    fresh one of the same row shape."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(5, 6)).to(dtype)
+    xs = [torch.randn(24, 5, dtype=dtype) * 3 + 1 for _ in range(4)]
+    true = [model(x).detach() for x in xs]
+    with attach(model, "0") as cap:  # one accumulator, passes in and out of inference mode
+        for i, x in enumerate(xs):
+            with torch.inference_mode() if i % 2 == 0 else torch.no_grad():
+                model(x)
+    with attach(model, "0") as fresh, torch.no_grad():  # a fresh one after the inference passes
+        for x in xs:
+            model(x)
+    want = _cov_eigs(torch.cat(true))
+    for c in (cap, fresh):
+        got = c.compute()["0"]
+        assert got.n_rows == 96
+        np.testing.assert_allclose(got.values.double().numpy(), want, rtol=1e-4, atol=1e-6 * want[0])
+    # and the state stays usable in place afterwards, under either mode
+    acc = cap.accumulators["0"]
+    acc.update(true[0])
+    with torch.inference_mode():
+        acc.update(true[1])
+    assert acc.n_rows == 144
+
+
+def test_a_module_list_inside_a_target_list_stands_for_its_members():
+    """docs: an nn.ModuleList stands for its members, and a list of targets is their union. Inside a
+    list, the ModuleList used to be matched as itself: a container whose forward never runs, so its
+    accumulator stayed empty and compute() failed ('need at least 2 rows, have 0') after the pass."""
+    model = Tiny()
+    names = lambda t: [n for n, _ in select_modules(model, t)]
+    members = ["blocks.0", "blocks.1", "blocks.2"]
+    assert names([model.blocks, "head"]) == members + ["head"]
+    assert names((model.blocks, model.emb)) == ["emb"] + members
+    assert names([nn.ModuleList([model.head, model.blocks[0]])]) == ["blocks.0", "head"]
+    torch.manual_seed(0)
+    model.eval()
+    x = torch.randint(0, 50, (3, 7))
+    with attach(model, [model.blocks, "head"], precision="float64") as cap, torch.no_grad():
+        model(x)
+    assert all(s.n_rows == 21 for s in cap.compute().values())
+
+
+def test_rows_of_a_module_called_several_times_and_of_outputs_modified_in_place_later():
+    """A shared module contributes the rows of every call (as documented); a hooked output that the
+    next module modifies in place (ReLU(inplace=True)) is measured as it was at hook time. Both
+    against float64 references of the module's true outputs."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(6, 6)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.lin(self.act(self.lin(x)))  # lin twice; its first output is clamped in place
+
+    torch.manual_seed(3)
+    model = Shared()
+    true: list[torch.Tensor] = []
+    spy = model.lin.register_forward_hook(lambda m, a, out: true.append(out.detach().clone()))
+    with attach(model, "lin", precision="float64") as cap, torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(40, 6) * 2 + 1)
+    spy.remove()
+    got = cap.compute()["lin"]
+    assert got.n_rows == 240 and len(true) == 6
+    assert any(bool((t < 0).any()) for t in true[0::2])  # the in-place ReLU did change those outputs
+    want = _cov_eigs(torch.cat(true))
+    np.testing.assert_allclose(got.values.numpy(), want, rtol=1e-9, atol=1e-12 * want[0])
