@@ -63,9 +63,9 @@ def name_matcher(target, what: str = "module") -> Callable[[str, object], bool]:
     if isinstance(target, re.Pattern):
         return lambda name, _m: target.fullmatch(name) is not None
     if isinstance(target, str):
-        if _GLOB_CHARS & set(target):
+        if _GLOB_CHARS & set(target):  # a glob never selects the root (name ""): only the exact target "" does
             rx = glob_to_regex(target)
-            return lambda name, _m: rx.fullmatch(name) is not None
+            return lambda name, _m: bool(name) and rx.fullmatch(name) is not None
         return lambda name, _m: name == target
     if callable(target):
         return lambda name, m: bool(target(name, m))

@@ -341,3 +341,20 @@ def test_rows_of_a_module_called_several_times_and_of_outputs_modified_in_place_
     assert any(bool((t < 0).any()) for t in true[0::2])  # the in-place ReLU did change those outputs
     want = _cov_eigs(torch.cat(true))
     np.testing.assert_allclose(got.values.numpy(), want, rtol=1e-9, atol=1e-12 * want[0])
+
+
+def test_a_glob_never_selects_the_root():
+    """`attach(model, "*")` also hooked the model itself (its name "" matched `[^.]*`): on a
+    Sequential it measured the model's output as a layer, on a Hugging Face model it failed at the first
+    forward (a ModelOutput without pick). The root is selected only by the exact target ""."""
+    import spectral_lens as sl
+    from spectral_lens.capture import select_modules
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    assert [n for n, _ in select_modules(model, "*")] == ["0", "1"]
+    assert [n for n, _ in select_modules(model, "**")] == ["0", "1"]
+    assert [n for n, _ in select_modules(model, "")] == [""]
+    with sl.attach(model, "*") as capture:
+        with torch.no_grad():
+            model(torch.randn(8, 4))
+    assert sorted(capture.accumulators) == ["0", "1"]
