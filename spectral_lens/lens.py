@@ -195,9 +195,12 @@ class SpectralLens:
     """Measure activation and per-sample gradient spectra of a model over a fixed held-out pool.
 
     Args:
-        model: the model being trained (measure the uncompiled module), or ``None`` to configure the
+        model: the model being trained, or ``None`` to configure the
             lens first and bind it later with :meth:`attach`. A ``DistributedDataParallel`` or
-            ``DataParallel`` wrapper is refused with a ``ValueError``: pass ``wrapper.module``.
+            ``DataParallel`` wrapper is refused with a ``ValueError``: pass ``wrapper.module``. A
+            ``torch.compile`` wrapper is unwrapped (names without ``_orig_mod.``); the measurement's
+            forwards run eagerly (``torch.compiler.set_stance("force_eager")``), so hooks fire and
+            nothing is compiled or recompiled.
         pool: a re-iterable of batches (list, DataLoader): each batch as the model's forward takes it
             through ``forward_fn`` (default: ``model(batch[0])`` for ``(input_ids, targets)`` tuples,
             ``model(**batch)`` for dicts and other mappings such as ``BatchEncoding``,

@@ -218,7 +218,9 @@ class PerSampleGradientProbe:
     Args:
         model: any ``nn.Module``, or ``None`` to build the probe first and bind it later with
             :meth:`attach` (``params`` are resolved then). A ``DistributedDataParallel`` or
-            ``DataParallel`` wrapper is refused with a ``ValueError``: pass ``wrapper.module``.
+            ``DataParallel`` wrapper is refused with a ``ValueError``: pass ``wrapper.module``. A
+            ``torch.compile`` wrapper is unwrapped (``_orig_mod``: names as in the uncompiled model);
+            ``update`` runs its passes eagerly (``torch.compiler.set_stance("force_eager")``).
         params: dotted parameter name(s), globs over parameter names (``"blocks.*.attn.c_proj.weight"``)
             or module names (meaning the module's ``weight``). Default: the final block's attention
             output projection (:func:`default_gradient_param`). Several matrices share each pass.
