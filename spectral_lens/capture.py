@@ -21,7 +21,8 @@ from torch import nn
 
 from ._warnings import CompiledModelWarning
 
-__all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "pick_tensor", "HookSet", "warn_if_compiled"]
+__all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "pick_tensor", "HookSet", "warn_if_compiled",
+           "unwrap_compiled", "eager_forwards"]
 
 Target = Union[str, "re.Pattern[str]", nn.Module, Callable[[str, nn.Module], bool], Iterable]
 
@@ -186,6 +187,25 @@ def warn_if_compiled(model: nn.Module) -> None:
             CompiledModelWarning,
             stacklevel=3,
         )
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) wraps; any other module as it is.
+
+    Its parameter and module names are the uncompiled model's (no ``_orig_mod.`` prefix), so a
+    measurement of a compiled model is recorded under the same names as one of the eager model.
+    """
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
+
+
+def eager_forwards():
+    """A context in which every ``torch.compile``d module and function runs eagerly (dynamo's
+    ``force_eager`` stance): a measurement's forwards then call its hooks, which a graph compiled
+    before they were registered skips, and they compile nothing (no recompiles, no cache entries
+    that the training loop's compiled graphs would have to share)."""
+    return torch.compiler.set_stance("force_eager")
 
 
 class HookSet:

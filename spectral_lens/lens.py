@@ -20,7 +20,7 @@ from torch import nn
 from ._progress import progress_bar, sized_total
 from .activation_capture import attach
 from .attachment import Attachment
-from .capture import Target, select_modules
+from .capture import Target, eager_forwards, select_modules, unwrap_compiled
 from .gradients import PerSampleGradientProbe
 from .gradients.probe import is_encoder_decoder, refuse_parallel_wrapper
 from .gradients._batch import batch_size, default_forward, slice_batch
@@ -195,9 +195,12 @@ class SpectralLens:
     """Measure activation and per-sample gradient spectra of a model over a fixed held-out pool.
 
     Args:
-        model: the model being trained (measure the uncompiled module), or ``None`` to configure the
+        model: the model being trained, or ``None`` to configure the
             lens first and bind it later with :meth:`attach`. A ``DistributedDataParallel`` or
-            ``DataParallel`` wrapper is refused with a ``ValueError``: pass ``wrapper.module``.
+            ``DataParallel`` wrapper is refused with a ``ValueError``: pass ``wrapper.module``. A
+            ``torch.compile`` wrapper is unwrapped (names without ``_orig_mod.``); the measurement's
+            forwards run eagerly (``torch.compiler.set_stance("force_eager")``), so hooks fire and
+            nothing is compiled or recompiled.
         pool: a re-iterable of batches (list, DataLoader): each batch as the model's forward takes it
             through ``forward_fn`` (default: ``model(batch[0])`` for ``(input_ids, targets)`` tuples,
             ``model(**batch)`` for dicts and other mappings such as ``BatchEncoding``,
@@ -315,6 +318,7 @@ class SpectralLens:
     # ------------------------------------------------------------------ attachment
     def _bind(self, model: nn.Module) -> None:
         refuse_parallel_wrapper(model, "SpectralLens")
+        model = unwrap_compiled(model)
         layers = self.layers_spec
         chosen = layers is None or (isinstance(layers, str) and layers == "all")  # the lens picks the blocks
         if is_encoder_decoder(model) and (chosen or self.forward_fn is default_forward):
@@ -353,6 +357,7 @@ class SpectralLens:
         while measuring. A lens that is already attached (built with a model, or attached before)
         raises ``ValueError``: remove the first handle (or ``detach()``) first.
         """
+        model = unwrap_compiled(model)
         if self.model is not None and self.model is not model:
             raise ValueError(
                 f"SpectralLens is attached to another {type(self.model).__name__}; call remove() on its handle first"
@@ -506,7 +511,7 @@ class SpectralLens:
         total = sized_total(self.pool)
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
         try:
-            with self._eval_mode(), torch.no_grad(), autocast:
+            with self._eval_mode(), torch.no_grad(), autocast, eager_forwards():
                 for i, batch in enumerate(self.pool):
                     if i % world != rank:
                         continue

@@ -20,7 +20,7 @@ from torch import nn
 
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
-from ..capture import glob_to_regex
+from ..capture import eager_forwards, glob_to_regex, unwrap_compiled
 from .._warnings import ZeroGradientWarning
 from ._isolation import cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state
 from ._validate import nonfinite_loss_message, param_names
@@ -218,7 +218,9 @@ class PerSampleGradientProbe:
     Args:
         model: any ``nn.Module``, or ``None`` to build the probe first and bind it later with
             :meth:`attach` (``params`` are resolved then). A ``DistributedDataParallel`` or
-            ``DataParallel`` wrapper is refused with a ``ValueError``: pass ``wrapper.module``.
+            ``DataParallel`` wrapper is refused with a ``ValueError``: pass ``wrapper.module``. A
+            ``torch.compile`` wrapper is unwrapped (``_orig_mod``: names as in the uncompiled model);
+            ``update`` runs its passes eagerly (``torch.compiler.set_stance("force_eager")``).
         params: dotted parameter name(s), globs over parameter names (``"blocks.*.attn.c_proj.weight"``)
             or module names (meaning the module's ``weight``). Default: the final block's attention
             output projection (:func:`default_gradient_param`). Several matrices share each pass.
@@ -351,6 +353,7 @@ class PerSampleGradientProbe:
         if not isinstance(model, nn.Module):
             raise TypeError(f"PerSampleGradientProbe.attach needs an nn.Module, got {type(model).__name__}")
         refuse_parallel_wrapper(model, "PerSampleGradientProbe")
+        model = unwrap_compiled(model)
         refuse_unfit_defaults(model, forward=self._custom_forward is None, loss=self._custom_loss is None)
         params = _resolve_params(model, self.params_spec)
         self.model, self.params = model, params
@@ -368,6 +371,7 @@ class PerSampleGradientProbe:
         changes nothing in the model. A probe that is already attached (to this model or another)
         must be removed first: attaching again raises ``ValueError``.
         """
+        model = unwrap_compiled(model)
         if self.model is not None and self.model is not model:
             raise ValueError(
                 f"PerSampleGradientProbe is attached to another {type(self.model).__name__}; "
@@ -546,7 +550,7 @@ class PerSampleGradientProbe:
             else contextlib.nullcontext()
         )
         try:
-            with forked_rng(devices), preserved_buffers(self.model), cast:
+            with forked_rng(devices), preserved_buffers(self.model), cast, eager_forwards():
                 self.model.train(self.train_mode)
                 yield devices
         finally:

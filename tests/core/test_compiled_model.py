@@ -1,0 +1,145 @@
+"""Measuring a ``torch.compile``d model: the wrapper (``OptimizedModule``) and ``model.compile()``.
+
+A graph dynamo compiled before the measurement's hooks existed skips them (hook guards are off by
+default), so the lens and the probe run their forwards in dynamo's ``force_eager`` stance and bind
+to the wrapped module (names without ``_orig_mod.``). The CI tier uses the ``aot_eager`` backend
+(dynamo's hook handling is the same as inductor's); the inductor case is marked slow.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import spectral_lens as sl
+from support.models import TinyLM, lm_pool
+
+torch._dynamo = pytest.importorskip("torch._dynamo")
+from torch._dynamo.utils import counters  # noqa: E402
+
+LAYER, PARAM = "h.2", "h.2.attn.c_proj.weight"
+
+
+def _activation_reference(model, pool) -> torch.Tensor:
+    rows = []
+    handle = model.get_submodule(LAYER).register_forward_hook(lambda m, a, o: rows.append(o.reshape(-1, o.shape[-1])))
+    model.eval()
+    with torch.no_grad():
+        for x, _ in pool:
+            model(x)
+    handle.remove()
+    x = torch.cat(rows).double()
+    xc = x - x.mean(0)
+    return torch.linalg.eigvalsh(xc.T @ xc / (x.shape[0] - 1)).flip(0).clamp_min(0)
+
+
+def _gradient_reference(model, pool) -> torch.Tensor:
+    model.eval()
+    weight = model.get_parameter(PARAM)
+    grads = []
+    for x, y in pool:
+        for i in range(x.shape[0]):
+            loss = F.cross_entropy(model(x[i : i + 1]).flatten(0, 1), y[i].flatten())
+            grads.append(torch.autograd.grad(loss, weight)[0].flatten().double())
+    g = torch.stack(grads)
+    return torch.linalg.eigvalsh(g @ g.T).flip(0).clamp_min(0)
+
+
+def _compiled(model, how: str, backend: str):
+    if how == "wrapper":
+        return torch.compile(model, backend=backend)
+    model.compile(backend=backend)
+    return model
+
+
+def _train_step(runner, model, opt, batch):
+    x, y = batch
+    F.cross_entropy(runner(x).flatten(0, 1), y.flatten()).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _check(how: str, backend: str) -> None:
+    torch.manual_seed(0)
+    base = TinyLM(dropout=0.1).double()
+    pool = lm_pool(n_batches=3)
+    model = copy.deepcopy(base)
+    runner = _compiled(model, how, backend)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    # the training loop's own compiled passes: an evaluation (eval, no_grad) and a training step,
+    # so that compiled graphs without the measurement's hooks exist before the lens measures
+    model.eval()
+    with torch.no_grad():
+        for x, _ in pool:
+            runner(x)
+    model.train()
+    _train_step(runner, model, opt, pool[0])
+    eager = copy.deepcopy(base)
+    eager.load_state_dict(model.state_dict())  # the trained weights, in a model never compiled
+    act_ref, grad_ref = _activation_reference(copy.deepcopy(eager), pool), _gradient_reference(eager, pool)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.get_parameter(PARAM).grad = torch.full_like(model.get_parameter(PARAM), 0.5)
+    torch.manual_seed(7)
+    rng = torch.get_rng_state()
+    counters.clear()
+    lens = sl.SpectralLens(runner, pool, layers=LAYER, params=PARAM, progress=False)
+    m = lens.measure(0, 0)
+    assert dict(counters["frames"]) == {}, "measuring compiled (or recompiled) a graph"
+    assert sorted(m.spectra) == [f"act:{LAYER}", f"grad:{PARAM}"]
+    act, grad = m.spectra[f"act:{LAYER}"], m.spectra[f"grad:{PARAM}"]
+    assert act.n_rows == 3 * 3 * 16 and grad.n_rows == 9
+    torch.testing.assert_close(act.values, act_ref, rtol=1e-9, atol=1e-12 * float(act_ref[0]))
+    torch.testing.assert_close(grad.values, grad_ref[: grad.dim], rtol=1e-9, atol=1e-12 * float(grad_ref[0]))
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+    assert torch.equal(model.get_parameter(PARAM).grad, torch.full_like(model.get_parameter(PARAM), 0.5))
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert all(not mod._forward_hooks and not mod._forward_pre_hooks for mod in model.modules())
+    model.zero_grad()
+    counters.clear()
+    for _ in range(2):  # the training loop's compiled graphs are still valid: no recompilation
+        _train_step(runner, model, opt, pool[1])
+    assert dict(counters["frames"]) == {} or counters["frames"]["total"] == 0
+
+
+@pytest.mark.parametrize("how", ["wrapper", "inplace"])
+def test_lens_measures_a_compiled_model_eagerly(how):
+    """Old code: the hooks were skipped by the graph compiled in the user's evaluation pass
+    ("h.2: need at least 2 rows, have 0"), and on the wrapper every name had an ``_orig_mod.`` prefix."""
+    torch._dynamo.reset()
+    try:
+        _check(how, "aot_eager")
+    finally:
+        torch._dynamo.reset()
+
+
+def test_probe_on_compiled_wrapper_uses_the_wrapped_names():
+    """Old code: ``OptimizedModule has no parameter 'h.1.attn.c_proj.weight'``."""
+    torch._dynamo.reset()
+    try:
+        torch.manual_seed(0)
+        model = TinyLM(dropout=0.0).double()
+        pool = lm_pool(n_batches=2)
+        ref = _gradient_reference(copy.deepcopy(model), pool)
+        compiled = torch.compile(model, backend="aot_eager")
+        compiled(pool[0][0])  # compiled before the probe exists
+        probe = sl.PerSampleGradientProbe(compiled, PARAM)
+        assert probe.model is model and list(probe.params) == [PARAM]
+        for batch in pool:
+            probe.update(batch)
+        s = probe.compute()
+        torch.testing.assert_close(s.values, ref[: s.dim], rtol=1e-9, atol=1e-12 * float(ref[0]))
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["wrapper", "inplace"])
+def test_lens_measures_an_inductor_compiled_model(how):
+    torch._dynamo.reset()
+    try:
+        _check(how, "inductor")
+    finally:
+        torch._dynamo.reset()
