@@ -9,6 +9,7 @@ a compiled regular expression (matched against the full name), a module object o
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import re
@@ -204,8 +205,10 @@ def eager_forwards():
     """A context in which every ``torch.compile``d module and function runs eagerly (dynamo's
     ``force_eager`` stance): a measurement's forwards then call its hooks, which a graph compiled
     before they were registered skips, and they compile nothing (no recompiles, no cache entries
-    that the training loop's compiled graphs would have to share)."""
-    return torch.compiler.set_stance("force_eager")
+    that the training loop's compiled graphs would have to share). torch < 2.6 has no stances: there
+    the context does nothing (measure through the uncompiled module, as the docs say)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 class HookSet:

@@ -143,3 +143,11 @@ def test_lens_measures_an_inductor_compiled_model(how):
         _check(how, "inductor")
     finally:
         torch._dynamo.reset()
+
+
+def test_measuring_works_on_a_torch_without_compiler_stances(monkeypatch):
+    """torch < 2.6 (the package allows >= 2.4) has no torch.compiler.set_stance: the eager-forwards
+    context must then do nothing instead of raising AttributeError in every measurement."""
+    monkeypatch.delattr(torch.compiler, "set_stance")
+    m = sl.SpectralLens(TinyLM(), lm_pool(n_batches=2), precision="float64", progress=False).measure(1, 1)
+    assert all(s.n_rows > 0 for s in m.spectra.values())
