@@ -151,3 +151,21 @@ def test_measuring_works_on_a_torch_without_compiler_stances(monkeypatch):
     monkeypatch.delattr(torch.compiler, "set_stance")
     m = sl.SpectralLens(TinyLM(), lm_pool(n_batches=2), precision="float64", progress=False).measure(1, 1)
     assert all(s.n_rows > 0 for s in m.spectra.values())
+
+
+def test_an_empty_capture_names_the_compiled_graph_as_a_likely_cause():
+    """attach() after the compiled model already ran: the cached graph skips the new hook, and compute()
+    said only 'need at least 2 rows, have 0'. The message now names this cause and the two remedies."""
+    torch._dynamo.reset()
+    model = TinyLM().eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    x, _ = next(iter(lm_pool(n_batches=1)))
+    with torch.no_grad():
+        compiled(x)
+        with sl.attach(model, LAYER) as capture:
+            compiled(x)
+        with pytest.raises(ValueError, match=r"have 0 \(no update reached it: .*torch\.compile'd graph.*force_eager"):
+            capture.compute()
+        with sl.attach(model, LAYER) as capture, torch.compiler.set_stance("force_eager"):
+            compiled(x)  # the remedy the message names
+        assert capture.compute()[LAYER].n_rows == x.numel()
