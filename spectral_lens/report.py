@@ -348,16 +348,16 @@ def build_report(
         doc.p("p-values: exact permutation test (scipy.stats.permutation_test) for up to 8 runs, "
               "scipy.stats.spearmanr's t-approximation above.")
         report.flags = score_flags(report.score)
+        if report.flags:
+            doc.h(3, "Caution")
+            for f in report.flags:
+                doc.p("- " + f)
     elif report.baseline_score is not None:  # the tail predictor could not run (see the notes); the baseline did
         bs = report.baseline_score
         doc.h(2, "Score of the noise-scale baseline (the early-tail score is missing: see the notes)")
         rows = [[f, _num(w.rho, ".3f"), _num(w.pvalue, ".3g"), w.n] for f, w in bs.within.items()]
         rows.append(["pooled (per-family min-max normalized)", _num(bs.rho, ".3f"), _num(bs.pvalue, ".3g"), bs.n])
         doc.table(["family", "Spearman ρ (noise-scale tier vs eps_tok)", "p-value", "runs"], rows)
-        if report.flags:
-            doc.h(3, "Caution")
-            for f in report.flags:
-                doc.p("- " + f)
 
     # ---- taxonomy -------------------------------------------------------------------------------
     if replicates and not transitions:
