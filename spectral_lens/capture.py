@@ -81,8 +81,10 @@ _LISTS = (list, tuple, set, frozenset, nn.ModuleList)
 
 
 def _flatten(target) -> list:
-    """The single targets of ``target``: lists (and ``nn.ModuleList``s, which stand for their members)
-    are unpacked, also inside a list."""
+    """The single targets of ``target``: lists (and ``nn.ModuleList``s / ``nn.ModuleDict``s, which have
+    no forward of their own and stand for their members) are unpacked, also inside a list."""
+    if isinstance(target, nn.ModuleDict):
+        return _flatten(list(target.values()))
     if not isinstance(target, _LISTS):
         return [target]
     return [t for item in target for t in _flatten(item)]

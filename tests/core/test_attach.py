@@ -358,3 +358,24 @@ def test_a_glob_never_selects_the_root():
         with torch.no_grad():
             model(torch.randn(8, 4))
     assert sorted(capture.accumulators) == ["0", "1"]
+
+
+def test_a_module_dict_stands_for_its_members():
+    """An nn.ModuleDict target (no forward of its own) was hooked as itself and its accumulator stayed
+    empty; like an nn.ModuleList it now stands for its members."""
+    import spectral_lens as sl
+    from spectral_lens.capture import select_modules
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 3), "b": torch.nn.Linear(4, 5)})
+
+        def forward(self, x):
+            return self.heads["a"](x), self.heads["b"](x)
+
+    model = Net()
+    assert [n for n, _ in select_modules(model, model.heads)] == ["heads.a", "heads.b"]
+    with sl.attach(model, [model.heads]) as capture, torch.no_grad():
+        model(torch.randn(6, 4))
+    assert {k: v.n_rows for k, v in capture.compute().items()} == {"heads.a": 6, "heads.b": 6}
