@@ -203,3 +203,19 @@ class Recorder:
 
     def log_measurement(self, measurement, tail=None, head=None):
         self.seen.append(measurement)
+
+
+@pytest.mark.parametrize("lens_on_model", [True, False])
+def test_trainer_with_torch_compile(tmp_path, lens_on_model):
+    """TrainingArguments(torch_compile=True): the trainer trains through a torch.compile wrapper; the
+    callback measures the wrapped model eagerly, under the model's own names, every scheduled step."""
+    model = tiny_llama()
+    lens = (sl.SpectralLens(model, heldout_pool(), schedule=sl.Schedule.every(2), progress=False) if lens_on_model
+            else sl.SpectralLens(pool=heldout_pool(), schedule=sl.Schedule.every(2), progress=False))
+    trainer = trainer_for(model, tmp_path, max_steps=4, torch_compile=True, torch_compile_backend="aot_eager")
+    SpectralLensCallback(lens).attach(trainer)
+    trainer.train()
+    assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
+    assert [m.step for m in lens.history] == [2, 4]
+    rows = {k: v.n_rows for k, v in lens.history[-1].spectra.items()}
+    assert rows == {"act:model.layers.1": 4 * T, "grad:model.layers.1.self_attn.o_proj.weight": 4}
