@@ -15,7 +15,7 @@ from torch import nn
 
 from .accumulate import ActivationCovarianceAccumulator, _spectrum_of
 from .background import SolveFuture, submit
-from .capture import HookSet, Target, display_name, pick_tensor, select_modules, warn_if_compiled
+from .capture import HookSet, Target, check_pick, display_name, pick_tensor, select_modules, warn_if_compiled
 from .spectrum import Spectrum
 
 __all__ = ["ActivationCapture", "attach", "attach_one"]
@@ -116,6 +116,7 @@ def attach(
     gradients and autograd graph are unchanged. A module called several times per forward
     contributes rows from every call.
     """
+    check_pick(pick)
     warn_if_compiled(model)
     selected = select_modules(model, target)
     accs = {
@@ -137,6 +138,7 @@ def attach(
 
 def attach_one(acc: ActivationCovarianceAccumulator, model: nn.Module, target: Target, pick) -> ActivationCapture:
     """:meth:`ActivationCovarianceAccumulator.attach`: hook ``acc`` to the one module ``target`` selects."""
+    check_pick(pick)
     warn_if_compiled(model)
     selected = select_modules(model, target)
     if len(selected) != 1:

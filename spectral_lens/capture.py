@@ -22,8 +22,8 @@ from torch import nn
 
 from ._warnings import CompiledModelWarning
 
-__all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "pick_tensor", "HookSet", "warn_if_compiled",
-           "unwrap_compiled", "eager_forwards"]
+__all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "check_pick", "pick_tensor", "HookSet",
+           "warn_if_compiled", "unwrap_compiled", "eager_forwards"]
 
 Target = Union[str, "re.Pattern[str]", nn.Module, Callable[[str, nn.Module], bool], Iterable]
 
@@ -129,6 +129,14 @@ def display_name(name: str, module: nn.Module) -> str:
     return name if name else f"<root: {type(module).__name__}>"
 
 
+def check_pick(pick) -> None:
+    """``TypeError`` unless ``pick`` is ``None``, an ``int`` (not a ``bool``), a ``str`` or a callable:
+    checked when attaching, not at the first forward."""
+    if pick is None or callable(pick) or isinstance(pick, str) or (isinstance(pick, int) and not isinstance(pick, bool)):
+        return
+    raise TypeError(f"pick must be None, an int index, a str key or a callable, got {pick!r} ({type(pick).__name__})")
+
+
 def pick_tensor(output, pick, where: str) -> torch.Tensor:
     """The tensor a hook measures from a module output.
 
@@ -141,7 +149,8 @@ def pick_tensor(output, pick, where: str) -> torch.Tensor:
     if pick is None:
         value = output
     elif callable(pick):
-        value = pick(output)
+        with torch.no_grad():  # the rows are only read: a computing pick builds no autograd graph
+            value = pick(output)
     elif isinstance(pick, int) and isinstance(output, torch.Tensor):
         # indexing would silently measure sample `pick` only; say what changed instead
         raise TypeError(

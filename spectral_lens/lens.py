@@ -20,7 +20,7 @@ from torch import nn
 from ._progress import progress_bar, sized_total
 from .activation_capture import attach
 from .attachment import Attachment
-from .capture import Target, eager_forwards, select_modules, unwrap_compiled
+from .capture import Target, check_pick, eager_forwards, select_modules, unwrap_compiled
 from .gradients import PerSampleGradientProbe
 from .gradients.probe import is_encoder_decoder, refuse_parallel_wrapper
 from .gradients._batch import batch_size, default_forward, slice_batch
@@ -297,6 +297,7 @@ class SpectralLens:
         self.gradient_pool = pool if gradient_pool is None else gradient_pool
         self.gradient_samples = gradient_samples
         self.precision = precision
+        check_pick(pick)
         self.pick = pick
         self._pick = pick  # the pick in use: block_hidden_states for the lens's own blocks (set by _bind)
         self.mask_fn = mask_fn

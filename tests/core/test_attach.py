@@ -379,3 +379,26 @@ def test_a_module_dict_stands_for_its_members():
     with sl.attach(model, [model.heads]) as capture, torch.no_grad():
         model(torch.randn(6, 4))
     assert {k: v.n_rows for k, v in capture.compute().items()} == {"heads.a": 6, "heads.b": 6}
+
+
+def test_a_bad_pick_is_refused_when_attaching_and_a_callable_pick_builds_no_graph():
+    """pick=True was taken as index 1 (a bool is an int) and a float pick failed only at the first
+    forward; a callable pick ran with grad enabled and built an autograd graph per call."""
+    import spectral_lens as sl
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    for bad in (True, 1.0, [0]):
+        with pytest.raises(TypeError, match="pick must be None, an int index, a str key or a callable"):
+            sl.attach(model, "0", pick=bad)
+        with pytest.raises(TypeError, match="pick must be"):
+            sl.ActivationCovarianceAccumulator().attach(model, "0", pick=bad)
+    seen = []
+
+    def pick(out):
+        y = out * 2.0
+        seen.append(y.requires_grad)
+        return y
+
+    with sl.attach(model, "0", pick=pick) as capture:
+        model(torch.randn(5, 4))  # a training-style forward: grad enabled
+    assert seen == [False] and capture.compute()["0"].n_rows == 5
