@@ -31,19 +31,17 @@ def cuda_devices(model: nn.Module) -> list[int]:
 def forked_rng(devices: Iterable = ()) -> Iterator[None]:
     """Fork every global RNG stream a measurement may draw from; restore each on exit, also on exceptions.
 
-    The torch CPU generator and the CUDA generators of ``devices`` (``torch.random.fork_rng``), Python's
+    The torch CPU generator and the CUDA generators of ``devices`` (as ``torch.random.fork_rng``), Python's
     ``random`` module and numpy's legacy global generator (``np.random.seed``/``np.random.random``).
     Generators the caller owns (``torch.Generator``, ``np.random.default_rng()``) are not global and not
     touched.
     """
-    py_state = random.getstate()
-    np_state = np.random.get_state()
+    devices = list(devices)
+    state = rng_state(devices)
     try:
-        with torch.random.fork_rng(devices=list(devices)):
-            yield
+        yield
     finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+        set_rng_state(state, devices)
 
 
 def rng_state(devices: Iterable = ()) -> tuple:
