@@ -14,9 +14,6 @@ lens's broadcast.
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
 import time
 
 import numpy as np
@@ -27,7 +24,7 @@ import torch.distributed as dist
 from spectral_lens import ActivationCovarianceAccumulator, PerSampleGradientProbe, SpectralLens, attach
 
 from support.models import TinyLM, lm_pool
-from support.ranks import case_results, run_ranks
+from support.ranks import case_results, gloo_group, run_ranks, write_case
 
 WORLD = 3
 PG_TIMEOUT_S = 30  # a collective left waiting fails after this (the default is 30 min for gloo)
@@ -100,10 +97,8 @@ CASES = {
 
 
 def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-    try:
+    with gloo_group(rank, port, WORLD, PG_TIMEOUT_S):
         subgroup = dist.new_group([1, 2])  # every rank creates it; rank 0 is not a member
         dist.barrier()  # connection set-up (seconds on a loaded machine) is not part of any case's deadline
         for case, fn in CASES.items():
@@ -119,10 +114,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                 result["barrier"] = "ok"
             except Exception as exc:  # noqa: BLE001
                 result["barrier"] = f"{type(exc).__name__}: {exc}"
-            with open(os.path.join(out, f"{case}.rank{rank}.json"), "w") as fh:
-                json.dump(result, fh)
-    finally:
-        dist.destroy_process_group()
+            write_case(out, case, rank, result)
 
 
 @pytest.fixture(scope="module")

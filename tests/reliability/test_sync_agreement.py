@@ -8,18 +8,14 @@ process-group timeout and joins them with a deadline, so a regression fails inst
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
 import time
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from spectral_lens import ActivationCovarianceAccumulator
 
-from support.ranks import case_results, run_ranks
+from support.ranks import case_results, gloo_group, run_ranks, write_case
 
 DEADLINE_S = 10.0  # the promise: every rank has raised within this many seconds of calling sync()
 JOIN_S = 90.0  # process start-up (imports) plus the deadline; a hang fails the test here
@@ -55,15 +51,9 @@ def _one_case(rank: int, case: str) -> dict:
 def _worker(rank: int, port: int, out: str) -> None:
     # every case in one process group: after a refused sync the ranks have made the same collectives,
     # so the group stays usable (a broken agreement would show up as a hang or a mismatch here)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
-    try:
+    with gloo_group(rank, port, 2, 30):
         for case in sorted(CASES):
-            result = _one_case(rank, case)
-            with open(os.path.join(out, f"{case}.rank{rank}.json"), "w") as fh:
-                json.dump(result, fh)
-    finally:
-        dist.destroy_process_group()
+            write_case(out, case, rank, _one_case(rank, case))
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import multiprocessing
+import os
 import socket
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 
 def free_port() -> int:
@@ -35,6 +38,26 @@ def run_ranks(worker: Callable, world: int, out: Path, join_s: float) -> list[in
             p.kill()
             p.join(5)
     return hung
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, port: int, world: int, timeout_s: float) -> Iterator[None]:
+    """Inside a rank's process: the default gloo process group of ``world`` ranks on 127.0.0.1:``port``,
+    with a collective timeout of ``timeout_s`` (a collective left waiting fails instead of hanging);
+    destroyed on exit."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def write_case(out: str | Path, case: str, rank: int, result: dict) -> None:
+    """One rank's result of one case, as :func:`case_results` reads it back."""
+    Path(out, f"{case}.rank{rank}.json").write_text(json.dumps(result))
 
 
 def case_results(out: Path, cases: Iterable[str], world: int) -> dict[str, list[dict | None]]:
