@@ -421,7 +421,7 @@ class SpectralLens:
                 if self.group is not None:
                     failed = [dist.get_global_rank(self.group, r) for r in failed]
                 raise RuntimeError(
-                    f"SpectralLens.measure: {what} failed on global rank(s) {failed}; this rank stopped too so that "
+                    f"SpectralLens: {what} failed on global rank(s) {failed}; this rank stopped too so that "
                     f"no rank waits in a collective. See the error raised on rank(s) {failed} for the cause"
                 )
         if error is not None:

@@ -86,17 +86,32 @@ class LensDriver:
         step = int(step)
         lens = self.lens
         lens.history[:] = [m for m in lens.history if m.step <= step]
+
+        def on_rank0() -> None:
+            if lens.writer is not None:
+                lens.writer.drop_after(step)
+            for sink in self.sinks:
+                if callable(getattr(sink, "resumed", None)):
+                    sink.resumed(step)
+
         try:
-            if lens._dist()[0] == 0:
-                if lens.writer is not None:
-                    lens.writer.drop_after(step)
-                for sink in self.sinks:
-                    if callable(getattr(sink, "resumed", None)):
-                        sink.resumed(step)
+            self._agreed_on_rank0(on_rank0, "dropping the records after the checkpoint")
         except BaseException:
             self.release()  # the run ends with this error
             raise
         self.last_step = step
+
+    def _agreed_on_rank0(self, work, what: str) -> None:
+        """Run ``work()`` on rank 0 of the lens's group; then every rank agrees (one collective) on
+        whether it succeeded, so a failure there (a full disk, a sink's error) makes every rank raise at
+        once instead of leaving the others waiting in the training loop's next collective."""
+        error = None
+        if self.lens._dist()[0] == 0:
+            try:
+                work()
+            except Exception as exc:  # agreed below, then re-raised on rank 0
+                error = exc
+        self.lens._agree(error, what)
 
     def windows(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
         """The alpha windows of the lens's summaries (the run record's, else the depth rule's).
@@ -118,16 +133,21 @@ class LensDriver:
         return schedule is not None and step in schedule and step != self.last_step
 
     def measure(self, step: int, tokens: int, val_loss: float | None = None) -> dict[str, float]:
-        """Measure now; fan out to the sinks on rank 0 and return the flat scalars there."""
+        """Measure now; fan out to the sinks on rank 0 and return the flat scalars there (``{}`` on the
+        other ranks). A sink's error on rank 0 is agreed with the other ranks: every rank raises."""
         try:
             m = self.lens.measure(step, tokens, val_loss=val_loss)
             self.last_step = step
-            if self.lens._dist()[0] != 0:
-                return {}
             tail, head = self.windows()
-            for sink in self.sinks:
-                sink.log_measurement(m, tail=tail, head=head)
-            return measurement_scalars(m, tail, head)
+            scalars: dict[str, float] = {}
+
+            def on_rank0() -> None:
+                for sink in self.sinks:
+                    sink.log_measurement(m, tail=tail, head=head)
+                scalars.update(measurement_scalars(m, tail, head))
+
+            self._agreed_on_rank0(on_rank0, "a sink's log_measurement")
+            return scalars
         except BaseException:
             self.release()  # the run ends with this error: do not leave the lens bound to its model
             raise

@@ -84,6 +84,30 @@ def _ddp_wrapper(rank, subgroup):
     return errors
 
 
+class _FailingSink:
+    """A sink whose every call fails (a full disk, a logger's network error), on rank 0 only: the
+    integrations call sinks there alone."""
+
+    def log_measurement(self, measurement, tail=None, head=None):
+        raise OSError("sink: no space left on device")
+
+    def resumed(self, step):
+        raise OSError("sink: cannot reopen the event file")
+
+
+def _sink_fails_on_rank0(rank, subgroup):  # a callback's measurement: rank 0's sink raises
+    from spectral_lens.integrations._driver import LensDriver
+
+    lens = SpectralLens(_model(), lm_pool(n_batches=3), params=(), progress=False)
+    LensDriver(lens, [_FailingSink()], None).measure(1, 1)
+
+
+def _resume_fails_on_rank0(rank, subgroup):  # a callback's resume: rank 0's sink raises
+    from spectral_lens.integrations._driver import LensDriver
+
+    LensDriver(SpectralLens(_model(), lm_pool(n_batches=3), params=(), progress=False), [_FailingSink()], None).resumed(4)
+
+
 # cases that could leave the ranks in mismatched collectives (a regression) run last, so they cannot
 # mask the others
 CASES = {
@@ -93,6 +117,8 @@ CASES = {
     "subgroup_without_rank0": _subgroup_without_rank0,
     "gradient_fails_on_rank0": _gradient_fails_on_rank0,
     "forward_fails_on_rank1": _forward_fails_on_rank1,
+    "sink_fails_on_rank0": _sink_fails_on_rank0,
+    "resume_fails_on_rank0": _resume_fails_on_rank0,
 }
 
 
@@ -168,6 +194,19 @@ def test_gradient_failure_on_rank0_is_agreed(results):
     assert errors[0].startswith("ValueError") and "gradient pool gave 1 sample" in errors[0], errors
     for e in errors[1:]:
         assert e.startswith("RuntimeError") and "gradient protocol" in e and "global rank(s) [0]" in e, errors
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case, what", [("sink_fails_on_rank0", "a sink's log_measurement"),
+                                        ("resume_fails_on_rank0", "dropping the records after the checkpoint")])
+def test_a_callback_failure_on_rank0_is_agreed(results, case, what):
+    """The integrations call sinks (and the record's drop on resume) on rank 0 alone: an error there
+    ended rank 0 while the other ranks went on into the training loop's next collective and waited
+    until the process-group timeout. Now every rank raises at once."""
+    errors = [r["error"] for r in _case(results, case)]
+    assert errors[0].startswith("OSError") and "sink:" in errors[0], errors
+    for e in errors[1:]:
+        assert e.startswith("RuntimeError") and f"{what} failed on global rank(s) [0]" in e, errors
 
 
 @pytest.mark.distributed
