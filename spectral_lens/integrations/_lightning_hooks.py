@@ -24,6 +24,7 @@ class LightningHooks:
         self.driver = LensDriver(lens, sinks, tokens_per_step)
         self.on_validation = bool(on_validation)
         self.val_loss_key = val_loss_key
+        self._batch_step: int | None = None  # trainer.global_step when the previous training batch ended
 
     def _measure(self, trainer, val_loss: float | None = None) -> None:
         step = int(trainer.global_step)
@@ -38,8 +39,11 @@ class LightningHooks:
 
     def on_train_start(self, trainer, pl_module) -> None:
         """After ``fit(ckpt_path=...)`` restored a checkpoint, drop what the lens recorded after its step."""
+        self._batch_step = int(trainer.global_step)
         if trainer.global_step > 0:
             self.driver.resumed(trainer.global_step)
+        else:
+            self.driver.start()
 
     def on_fit_end(self, trainer, pl_module) -> None:
         """Detach the lens if this callback attached it."""
@@ -50,13 +54,21 @@ class LightningHooks:
         self.driver.release()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        """Measure when the lens's schedule names the current ``trainer.global_step``."""
-        if self.driver.due(int(trainer.global_step)):
+        """Measure when an optimizer step ran in this batch and the lens's schedule names the new
+        ``trainer.global_step`` (with ``accumulate_grad_batches > 1``, not after a batch that only
+        accumulated gradients)."""
+        step = int(trainer.global_step)
+        stepped = step != self._batch_step
+        self._batch_step = step
+        if stepped and self.driver.due(step):
             self._measure(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        """With ``on_validation=True``, measure after each validation run (not the sanity check)."""
+        """With ``on_validation=True``, measure after each validation run of ``fit`` (not the sanity
+        check, nor ``trainer.validate()``, which runs outside training and under inference mode)."""
         if not self.on_validation or trainer.sanity_checking or int(trainer.global_step) == self.driver.last_step:
+            return
+        if getattr(trainer.state, "fn", None) != "fit":
             return
         value = trainer.callback_metrics.get(self.val_loss_key)
         self._measure(trainer, None if value is None else float(value))

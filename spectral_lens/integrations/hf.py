@@ -84,6 +84,8 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         self.driver.bind(model, "SpectralLensCallback")
         if state.global_step > 0:  # train(resume_from_checkpoint=...): the steps after it are replayed
             self.driver.resumed(state.global_step)
+        else:
+            self.driver.start()
 
     def on_train_end(self, args, state, control, **kwargs):
         """Detach the lens if this callback attached it."""

@@ -18,9 +18,10 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
     ``LightningModule`` for the fit and detaches it afterwards), with its held-out pool, a :class:`~spectral_lens.records.RunWriter` and a
     :class:`~spectral_lens.Schedule` (pass ``forward_fn=`` when the module's ``forward`` does not
     take the pool's batches). The callback measures after every optimizer step the schedule names
-    (``trainer.global_step``) and, with ``on_validation=True``, after every validation run,
-    recording ``trainer.callback_metrics[val_loss_key]`` as the validation loss. A step is measured
-    once. When ``fit(ckpt_path=...)`` resumes a run, the measurements the lens recorded after the
+    (``trainer.global_step``; with ``accumulate_grad_batches > 1``, after the batch that stepped) and,
+    with ``on_validation=True``, after every validation run of the fit, recording
+    ``trainer.callback_metrics[val_loss_key]`` as the validation loss (``trainer.validate()`` and
+    ``trainer.test()`` do not measure). A step is measured once per fit. When ``fit(ckpt_path=...)`` resumes a run, the measurements the lens recorded after the
     checkpoint's step are dropped first (:meth:`RunWriter.drop_after
     <spectral_lens.records.RunWriter.drop_after>`, with the ``log.jsonl`` rows after it; pass the
     run's writer with ``RunWriter(path, resume=True)``), so the record holds each step once. A lens

@@ -178,3 +178,44 @@ def test_standalone_pytorch_lightning_package(tmp_path):
                 enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path)).fit(
         module, loader(2, 0))
     assert [m.step for m in lens.history] == [2]
+
+
+def test_gradient_accumulation_measures_after_optimizer_steps_only(tmp_path):
+    def run(with_lens):
+        torch.manual_seed(0)
+        module = TinyLit()
+        lens = sl.SpectralLens(module.net, lm_pool(1, batch=4, t=12, vocab=37, seed=9),
+                               schedule=sl.Schedule.every(1))
+        fit = trainer(tmp_path, [SpectralLensLightningCallback(lens)] if with_lens else [], False, max_steps=3,
+                      accumulate_grad_batches=2, limit_val_batches=0)
+        fit.fit(module, loader(8, 0))
+        return module, fit, lens
+
+    module, fit, lens = run(True)
+    # step 0 is no optimizer step: the first batch only accumulated gradients (it was measured on the old code)
+    assert [m.step for m in lens.history] == [1, 2, 3]
+    plain, plain_fit, _ = run(False)
+    assert all(torch.equal(p, q) for p, q in zip(module.parameters(), plain.parameters()))
+    ours, theirs = fit.optimizers[0].state_dict()["state"], plain_fit.optimizers[0].state_dict()["state"]
+    assert all(torch.equal(ours[k][n], theirs[k][n]) for k in theirs for n in theirs[k])
+
+
+def test_validate_after_fit_does_not_measure(tmp_path):
+    module = TinyLit()
+    lens = sl.SpectralLens(module.net, lm_pool(1, batch=4, t=12, vocab=37, seed=9), schedule=sl.Schedule.every(2))
+    fit = trainer(tmp_path, SpectralLensLightningCallback(lens, on_validation=True), False, max_steps=5,
+                  val_check_interval=3, limit_val_batches=1, num_sanity_val_steps=0)
+    fit.fit(module, loader(8, 0), loader(2, 1))
+    assert [(m.step, m.scalars.get("val_loss") is not None) for m in lens.history] == [(2, False), (3, True), (4, False)]
+    # trainer.validate() runs under torch.inference_mode(), outside training: on the old code the gradient probe
+    # raised there ("cannot differentiate inside torch.inference_mode()") and failed the validation
+    fit.validate(module, loader(2, 1), verbose=False)
+    assert [m.step for m in lens.history] == [2, 3, 4]
+
+
+def test_a_new_fit_with_the_same_callback_measures_its_steps(tmp_path):
+    lens = sl.SpectralLens(pool=lm_pool(1, batch=4, t=12, vocab=37), params=(), schedule=sl.Schedule.every(4))
+    cb = SpectralLensLightningCallback(lens)
+    for _ in range(2):
+        trainer(tmp_path, cb, False, max_steps=4, limit_val_batches=0).fit(TinyLit(), loader(8, 0))
+    assert [m.step for m in lens.history] == [4, 4]  # the old code skipped step 4 of the second fit
