@@ -26,6 +26,17 @@ class LightningHooks:
         self.val_loss_key = val_loss_key
         self._batch_step: int | None = None  # trainer.global_step when the previous training batch ended
 
+    def __getstate__(self):
+        # strategy="ddp_spawn" (and other spawning launchers) pickle the trainer with its callbacks into
+        # new processes: the lens's measurements would stay in those copies, and a RunWriter's open file
+        # descriptors mean nothing (or another file) in another process
+        raise TypeError(
+            f"{type(self).__name__} cannot be pickled, so it cannot run with strategy='ddp_spawn' (or another "
+            "launcher that pickles the trainer into new processes): the lens would measure in copies that the "
+            "main process never sees, and its RunWriter's open files do not carry over; use strategy='ddp' "
+            "(Lightning re-runs your script for each rank) or torchrun, with the writer on rank 0 only"
+        )
+
     def _measure(self, trainer, val_loss: float | None = None) -> None:
         step = int(trainer.global_step)
         scalars = self.driver.measure(step, self.driver.tokens(step), val_loss)

@@ -42,8 +42,8 @@ def loader(n: int, seed: int):
 
 def trainer(tmp_path, callback, logger, **kw):
     callbacks = callback if isinstance(callback, list) else [callback]
-    kw = {"max_steps": 6, "enable_checkpointing": False, **kw}
-    return pl.Trainer(accelerator="cpu", devices=1, logger=logger, callbacks=callbacks, enable_progress_bar=False,
+    kw = {"max_steps": 6, "enable_checkpointing": False, "devices": 1, **kw}
+    return pl.Trainer(accelerator="cpu", logger=logger, callbacks=callbacks, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=str(tmp_path), **kw)
 
 
@@ -219,3 +219,15 @@ def test_a_new_fit_with_the_same_callback_measures_its_steps(tmp_path):
     for _ in range(2):
         trainer(tmp_path, cb, False, max_steps=4, limit_val_batches=0).fit(TinyLit(), loader(8, 0))
     assert [m.step for m in lens.history] == [4, 4]  # the old code skipped step 4 of the second fit
+
+
+def test_ddp_spawn_is_refused_with_a_clear_error(tmp_path):
+    # ddp_spawn pickles the trainer into new processes; the old code failed with "Can't pickle local object
+    # 'PerSampleGradientProbe.__init__.<locals>.<lambda>'", or, for a lens that pickled, measured in copies the
+    # main process never saw, its RunWriter's file descriptors sent to processes where they mean nothing
+    lens = sl.SpectralLens(pool=lm_pool(1, batch=4, t=12, vocab=37), params=(), schedule=sl.Schedule.every(2))
+    cb = SpectralLensLightningCallback(lens)
+    fit = trainer(tmp_path, cb, False, max_steps=2, limit_val_batches=0, strategy="ddp_spawn", devices=2)
+    with pytest.raises(TypeError, match="cannot run with strategy='ddp_spawn'"):
+        fit.fit(TinyLit(), loader(4, 0))
+    assert lens.model is None and lens.history == []
