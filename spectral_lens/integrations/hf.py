@@ -23,7 +23,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     :class:`~spectral_lens.records.RunWriter` and a :class:`~spectral_lens.Schedule`; the callback
     measures after every optimizer step the schedule names (``TrainerState.global_step``) and, with
     ``on_evaluate=True``, after every evaluation too (recording its ``eval_loss`` as the validation
-    loss). A step is measured once. When ``train(resume_from_checkpoint=...)`` resumes a run, the
+    loss; also a ``trainer.evaluate()`` before or after ``train()``). A step is measured once. When ``train(resume_from_checkpoint=...)`` resumes a run, the
     measurements the lens recorded after the checkpoint's step are dropped first
     (:meth:`RunWriter.drop_after <spectral_lens.records.RunWriter.drop_after>`, with the
     ``log.jsonl`` rows after it; pass the run's writer with ``RunWriter(path, resume=True)``), so
@@ -60,6 +60,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         self.driver = LensDriver(lens, sinks, tokens_per_step)
         self.on_evaluate_ = bool(on_evaluate)
         self.trainer = None
+        self._training = False  # between on_train_begin and on_train_end
 
     def attach(self, trainer) -> "SpectralLensCallback":
         """Add this callback to ``trainer`` and log its scalars through ``trainer.log``; returns self."""
@@ -82,6 +83,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         """Attach a lens without a model to the trainer's model, else check that it is the lens's;
         when resuming from a checkpoint, drop what the lens recorded after its step."""
         self.driver.bind(model, "SpectralLensCallback")
+        self._training = True
         if state.global_step > 0:  # train(resume_from_checkpoint=...): the steps after it are replayed
             self.driver.resumed(state.global_step)
         else:
@@ -89,6 +91,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         """Detach the lens if this callback attached it."""
+        self._training = False
         self.driver.release()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -96,8 +99,19 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         if self.driver.due(int(state.global_step)):
             self._measure(state)
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        """With ``on_evaluate=True``, measure now, recording the evaluation's ``eval_loss``."""
-        if self.on_evaluate_ and int(state.global_step) != self.driver.last_step:
-            val_loss = (metrics or {}).get("eval_loss")
-            self._measure(state, None if val_loss is None else float(val_loss))
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        """With ``on_evaluate=True``, measure now, recording the evaluation's ``eval_loss``; for a
+        ``trainer.evaluate()`` outside ``train()``, a lens without a model is attached to the trainer's
+        model for this measurement only."""
+        if not self.on_evaluate_ or int(state.global_step) == self.driver.last_step:
+            return
+        val_loss = (metrics or {}).get("eval_loss")
+        val_loss = None if val_loss is None else float(val_loss)
+        if self._training:
+            self._measure(state, val_loss)
+            return
+        self.driver.bind(model, "SpectralLensCallback")
+        try:
+            self._measure(state, val_loss)
+        finally:
+            self.driver.release()

@@ -219,3 +219,16 @@ def test_trainer_with_torch_compile(tmp_path, lens_on_model):
     assert [m.step for m in lens.history] == [2, 4]
     rows = {k: v.n_rows for k, v in lens.history[-1].spectra.items()}
     assert rows == {"act:model.layers.1": 4 * T, "grad:model.layers.1.self_attn.o_proj.weight": 4}
+
+
+def test_evaluate_after_train_measures_a_lens_without_model(tmp_path):
+    # the guide's set-up (a lens without a model, on_evaluate=True, attach) then trainer.evaluate() after train(),
+    # whose last step the schedule did not name: the old code raised "SpectralLens is not attached to a model",
+    # since on_train_end had detached the lens
+    lens = sl.SpectralLens(pool=heldout_pool(), params=(), schedule=sl.Schedule.every(2))
+    trainer = trainer_for(tiny_llama(), tmp_path, max_steps=3)
+    SpectralLensCallback(lens, on_evaluate=True).attach(trainer)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert [(m.step, m.scalars.get("val_loss")) for m in lens.history] == [(2, None), (3, metrics["eval_loss"])]
+    assert lens.model is None  # attached for that measurement only
