@@ -75,7 +75,12 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         if not scalars:
             return
         if self.trainer is not None:
+            control = self.trainer.control
+            should_log = control.should_log
             self.trainer.log(dict(scalars))
+            # Trainer.log clears control.should_log (CallbackHandler.on_log): restore it, or the trainer's own
+            # log of this step (its training loss) would be dropped
+            control.should_log = self.trainer.control.should_log = should_log
         else:
             state.log_history.append({**scalars, "step": step})
 

@@ -232,3 +232,20 @@ def test_evaluate_after_train_measures_a_lens_without_model(tmp_path):
     metrics = trainer.evaluate()
     assert [(m.step, m.scalars.get("val_loss")) for m in lens.history] == [(2, None), (3, metrics["eval_loss"])]
     assert lens.model is None  # attached for that measurement only
+
+
+def test_attached_callback_keeps_the_trainers_loss_logs(tmp_path):
+    # Trainer.log, called from on_step_end, cleared control.should_log: on the old code the trainer's own log
+    # (the training loss) of every measured step was dropped, here all of them
+    def run(with_lens):
+        model = tiny_llama()
+        trainer = trainer_for(model, tmp_path / str(with_lens), max_steps=4, logging_steps=2)
+        if with_lens:
+            lens = sl.SpectralLens(model, heldout_pool(), params=(), schedule=sl.Schedule.every(2))
+            SpectralLensCallback(lens).attach(trainer)
+        trainer.train()
+        return [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+
+    logged = run(True)
+    assert [step for step, _ in logged] == [2, 4]
+    assert logged == run(False)
