@@ -60,7 +60,6 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         self.driver = LensDriver(lens, sinks, tokens_per_step)
         self.on_evaluate_ = bool(on_evaluate)
         self.trainer = None
-        self._training = False  # between on_train_begin and on_train_end
 
     def attach(self, trainer) -> "SpectralLensCallback":
         """Add this callback to ``trainer`` and log its scalars through ``trainer.log``; returns self."""
@@ -88,7 +87,6 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         """Attach a lens without a model to the trainer's model, else check that it is the lens's;
         when resuming from a checkpoint, drop what the lens recorded after its step."""
         self.driver.bind(model, "SpectralLensCallback")
-        self._training = True
         if state.global_step > 0:  # train(resume_from_checkpoint=...): the steps after it are replayed
             self.driver.resumed(state.global_step)
         else:
@@ -96,7 +94,6 @@ class SpectralLensCallback(_transformers.TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         """Detach the lens if this callback attached it."""
-        self._training = False
         self.driver.release()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -112,10 +109,10 @@ class SpectralLensCallback(_transformers.TrainerCallback):
             return
         val_loss = (metrics or {}).get("eval_loss")
         val_loss = None if val_loss is None else float(val_loss)
-        if self._training:
+        if self.driver.lens.model is not None:  # in train(), or a lens built on the model
             self._measure(state, val_loss)
             return
-        self.driver.bind(model, "SpectralLensCallback")
+        self.driver.bind(model, "SpectralLensCallback")  # trainer.evaluate() outside train()
         try:
             self._measure(state, val_loss)
         finally:
