@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
+from .._warnings import SpectralLensWarning
 from ..lens import SpectralLens
 from ._driver import LensDriver
 
@@ -82,5 +84,14 @@ class LightningHooks:
         if getattr(trainer.state, "fn", None) != "fit":
             return
         value = trainer.callback_metrics.get(self.val_loss_key)
+        if value is None:
+            # e.g. several validation dataloaders, whose metrics Lightning logs as "val_loss/dataloader_idx_0", ...
+            warnings.warn(
+                f"{type(self).__name__}: val_loss_key {self.val_loss_key!r} is not among the logged metrics "
+                f"{sorted(trainer.callback_metrics)}; the measurements after validation record no validation loss "
+                "(pass val_loss_key= one of those)",
+                SpectralLensWarning,
+                stacklevel=2,
+            )
         self._measure(trainer, None if value is None else float(value))
 

@@ -35,7 +35,9 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
         lens: the configured ``SpectralLens`` (its ``schedule`` and ``writer`` are used), with or
             without a model.
         on_validation: also measure after every validation run.
-        val_loss_key: the logged metric recorded as validation loss.
+        val_loss_key: the logged metric recorded as validation loss (with several validation
+            dataloaders Lightning logs ``val_loss/dataloader_idx_0``, ...); a key that is not among
+            ``trainer.callback_metrics`` after a validation run warns (``SpectralLensWarning``).
         tokens_per_step: training tokens per optimizer step (records' ``tokens``); without it,
             ``tokens`` counts optimizer steps.
         sinks: extra loggers with a ``log_measurement`` method.

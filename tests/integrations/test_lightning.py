@@ -231,3 +231,27 @@ def test_ddp_spawn_is_refused_with_a_clear_error(tmp_path):
     with pytest.raises(TypeError, match="cannot run with strategy='ddp_spawn'"):
         fit.fit(TinyLit(), loader(4, 0))
     assert lens.model is None and lens.history == []
+
+
+class TwoValLoaders(TinyLit):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.log("val_loss", self._loss(batch))  # Lightning logs it as val_loss/dataloader_idx_N
+
+
+def test_a_missing_val_loss_key_warns_with_the_logged_keys(tmp_path):
+    def fit(key):
+        module = TwoValLoaders()
+        lens = sl.SpectralLens(module.net, lm_pool(1, batch=4, t=12, vocab=37), params=(),
+                               schedule=sl.Schedule.every(100))
+        cb = SpectralLensLightningCallback(lens, on_validation=True, val_loss_key=key)
+        trainer(tmp_path, cb, False, max_steps=2, val_check_interval=2, limit_val_batches=1,
+                num_sanity_val_steps=0).fit(module, loader(2, 0), [loader(1, 1), loader(1, 2)])
+        return lens.history
+
+    # the old code recorded no validation loss, silently
+    with pytest.warns(sl.SpectralLensWarning, match=r"val_loss_key 'val_loss' is not among the logged metrics "
+                                                    r"\['val_loss/dataloader_idx_0', 'val_loss/dataloader_idx_1'\]"):
+        (m,) = fit("val_loss")
+    assert m.step == 2 and "val_loss" not in m.scalars
+    (m,) = fit("val_loss/dataloader_idx_1")
+    assert m.scalars["val_loss"] > 0
