@@ -23,8 +23,9 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     :class:`~spectral_lens.records.RunWriter` and a :class:`~spectral_lens.Schedule`; the callback
     measures after every optimizer step the schedule names (``TrainerState.global_step``) and, with
     ``on_evaluate=True``, after every evaluation too (recording its ``eval_loss`` as the validation
-    loss; also a ``trainer.evaluate()`` before or after ``train()``). A step is measured once. When ``train(resume_from_checkpoint=...)`` resumes a run, the
-    measurements the lens recorded after the checkpoint's step are dropped first
+    loss; also a ``trainer.evaluate()`` before or after ``train()``). A step is measured once. When
+    ``train(resume_from_checkpoint=...)`` resumes a run, the measurements the lens recorded after the
+    checkpoint's step are dropped first
     (:meth:`RunWriter.drop_after <spectral_lens.records.RunWriter.drop_after>`, with the
     ``log.jsonl`` rows after it; pass the run's writer with ``RunWriter(path, resume=True)``), so
     the record holds each step once. If training raises, the lens is detached from the model when

@@ -21,10 +21,11 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
     (``trainer.global_step``; with ``accumulate_grad_batches > 1``, after the batch that stepped) and,
     with ``on_validation=True``, after every validation run of the fit, recording
     ``trainer.callback_metrics[val_loss_key]`` as the validation loss (``trainer.validate()`` and
-    ``trainer.test()`` do not measure). A step is measured once per fit. When ``fit(ckpt_path=...)`` resumes a run, the measurements the lens recorded after the
-    checkpoint's step are dropped first (:meth:`RunWriter.drop_after
-    <spectral_lens.records.RunWriter.drop_after>`, with the ``log.jsonl`` rows after it; pass the
-    run's writer with ``RunWriter(path, resume=True)``), so the record holds each step once. A lens
+    ``trainer.test()`` do not measure). A step is measured once per fit. When ``fit(ckpt_path=...)``
+    resumes a run, the measurements the lens recorded after the checkpoint's step are dropped first
+    (:meth:`RunWriter.drop_after <spectral_lens.records.RunWriter.drop_after>`, with the
+    ``log.jsonl`` rows after it; pass the run's writer with ``RunWriter(path, resume=True)``), so
+    the record holds each step once. A lens
     the callback attached is detached at the end of the fit, also when it raises.
 
     Each measurement is appended to the lens's run record, sent to every sink, and its scalars (per
