@@ -249,3 +249,13 @@ def test_attached_callback_keeps_the_trainers_loss_logs(tmp_path):
     logged = run(True)
     assert [step for step, _ in logged] == [2, 4]
     assert logged == run(False)
+
+
+def test_evaluate_before_train_with_eval_on_start_measures_step_0_once(tmp_path):
+    lens = sl.SpectralLens(pool=heldout_pool(), params=(), schedule=sl.Schedule.every(2))
+    trainer = trainer_for(tiny_llama(), tmp_path, max_steps=2, eval_strategy="steps", eval_steps=10,
+                          eval_on_start=True)
+    SpectralLensCallback(lens, on_evaluate=True).attach(trainer)
+    trainer.evaluate()
+    trainer.train()
+    assert [m.step for m in lens.history] == [0, 2]
