@@ -78,6 +78,13 @@ class LensDriver:
                 f"for the callback to attach it"
             )
 
+    def start(self) -> None:
+        """A run starts from step 0: forget the step an earlier run of this callback measured last, so
+        that step is measured again when the new run reaches it. A measurement at step 0 itself (a
+        ``trainer.evaluate()`` just before ``train()``) stands: the run starts from those weights."""
+        if self.last_step != 0:
+            self.last_step = None
+
     def resumed(self, step: int) -> None:
         """Training resumed from a checkpoint at ``step``: forget what the lens measured after it
         (its history, and on rank 0 its run record via :meth:`RunWriter.drop_after

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
+from .._warnings import SpectralLensWarning
 from ..lens import SpectralLens
 from ._driver import LensDriver
 
@@ -24,6 +26,18 @@ class LightningHooks:
         self.driver = LensDriver(lens, sinks, tokens_per_step)
         self.on_validation = bool(on_validation)
         self.val_loss_key = val_loss_key
+        self._batch_step: int | None = None  # trainer.global_step when the previous training batch ended
+
+    def __getstate__(self):
+        # strategy="ddp_spawn" (and other spawning launchers) pickle the trainer with its callbacks into
+        # new processes: the lens's measurements would stay in those copies, and a RunWriter's open file
+        # descriptors mean nothing (or another file) in another process
+        raise TypeError(
+            f"{type(self).__name__} cannot be pickled, so it cannot run with strategy='ddp_spawn' (or another "
+            "launcher that pickles the trainer into new processes): the lens would measure in copies that the "
+            "main process never sees, and its RunWriter's open files do not carry over; use strategy='ddp' "
+            "(Lightning re-runs your script for each rank) or torchrun, with the writer on rank 0 only"
+        )
 
     def _measure(self, trainer, val_loss: float | None = None) -> None:
         step = int(trainer.global_step)
@@ -38,8 +52,11 @@ class LightningHooks:
 
     def on_train_start(self, trainer, pl_module) -> None:
         """After ``fit(ckpt_path=...)`` restored a checkpoint, drop what the lens recorded after its step."""
+        self._batch_step = int(trainer.global_step)
         if trainer.global_step > 0:
             self.driver.resumed(trainer.global_step)
+        else:
+            self.driver.start()
 
     def on_fit_end(self, trainer, pl_module) -> None:
         """Detach the lens if this callback attached it."""
@@ -50,14 +67,31 @@ class LightningHooks:
         self.driver.release()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        """Measure when the lens's schedule names the current ``trainer.global_step``."""
-        if self.driver.due(int(trainer.global_step)):
+        """Measure when an optimizer step ran in this batch and the lens's schedule names the new
+        ``trainer.global_step`` (with ``accumulate_grad_batches > 1``, not after a batch that only
+        accumulated gradients)."""
+        step = int(trainer.global_step)
+        stepped = step != self._batch_step
+        self._batch_step = step
+        if stepped and self.driver.due(step):
             self._measure(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        """With ``on_validation=True``, measure after each validation run (not the sanity check)."""
+        """With ``on_validation=True``, measure after each validation run of ``fit`` (not the sanity
+        check, nor ``trainer.validate()``, which runs outside training and under inference mode)."""
         if not self.on_validation or trainer.sanity_checking or int(trainer.global_step) == self.driver.last_step:
             return
+        if getattr(trainer.state, "fn", None) != "fit":
+            return
         value = trainer.callback_metrics.get(self.val_loss_key)
+        if value is None:
+            # e.g. several validation dataloaders, whose metrics Lightning logs as "val_loss/dataloader_idx_0", ...
+            warnings.warn(
+                f"{type(self).__name__}: val_loss_key {self.val_loss_key!r} is not among the logged metrics "
+                f"{sorted(trainer.callback_metrics)}; the measurements after validation record no validation loss "
+                "(pass val_loss_key= one of those)",
+                SpectralLensWarning,
+                stacklevel=2,
+            )
         self._measure(trainer, None if value is None else float(value))
 

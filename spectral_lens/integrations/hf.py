@@ -23,8 +23,9 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     :class:`~spectral_lens.records.RunWriter` and a :class:`~spectral_lens.Schedule`; the callback
     measures after every optimizer step the schedule names (``TrainerState.global_step``) and, with
     ``on_evaluate=True``, after every evaluation too (recording its ``eval_loss`` as the validation
-    loss). A step is measured once. When ``train(resume_from_checkpoint=...)`` resumes a run, the
-    measurements the lens recorded after the checkpoint's step are dropped first
+    loss; also a ``trainer.evaluate()`` before or after ``train()``). A step is measured once. When
+    ``train(resume_from_checkpoint=...)`` resumes a run, the measurements the lens recorded after the
+    checkpoint's step are dropped first
     (:meth:`RunWriter.drop_after <spectral_lens.records.RunWriter.drop_after>`, with the
     ``log.jsonl`` rows after it; pass the run's writer with ``RunWriter(path, resume=True)``), so
     the record holds each step once. If training raises, the lens is detached from the model when
@@ -74,7 +75,12 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         if not scalars:
             return
         if self.trainer is not None:
+            control = self.trainer.control
+            should_log = control.should_log
             self.trainer.log(dict(scalars))
+            # Trainer.log clears control.should_log (CallbackHandler.on_log): restore it, or the trainer's own
+            # log of this step (its training loss) would be dropped
+            control.should_log = self.trainer.control.should_log = should_log
         else:
             state.log_history.append({**scalars, "step": step})
 
@@ -84,6 +90,8 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         self.driver.bind(model, "SpectralLensCallback")
         if state.global_step > 0:  # train(resume_from_checkpoint=...): the steps after it are replayed
             self.driver.resumed(state.global_step)
+        else:
+            self.driver.start()
 
     def on_train_end(self, args, state, control, **kwargs):
         """Detach the lens if this callback attached it."""
@@ -94,8 +102,19 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         if self.driver.due(int(state.global_step)):
             self._measure(state)
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        """With ``on_evaluate=True``, measure now, recording the evaluation's ``eval_loss``."""
-        if self.on_evaluate_ and int(state.global_step) != self.driver.last_step:
-            val_loss = (metrics or {}).get("eval_loss")
-            self._measure(state, None if val_loss is None else float(val_loss))
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        """With ``on_evaluate=True``, measure now, recording the evaluation's ``eval_loss``; for a
+        ``trainer.evaluate()`` outside ``train()``, a lens without a model is attached to the trainer's
+        model for this measurement only."""
+        if not self.on_evaluate_ or int(state.global_step) == self.driver.last_step:
+            return
+        val_loss = (metrics or {}).get("eval_loss")
+        val_loss = None if val_loss is None else float(val_loss)
+        if self.driver.lens.model is not None:  # in train(), or a lens built on the model
+            self._measure(state, val_loss)
+            return
+        self.driver.bind(model, "SpectralLensCallback")  # trainer.evaluate() outside train()
+        try:
+            self._measure(state, val_loss)
+        finally:
+            self.driver.release()

@@ -18,12 +18,14 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
     ``LightningModule`` for the fit and detaches it afterwards), with its held-out pool, a :class:`~spectral_lens.records.RunWriter` and a
     :class:`~spectral_lens.Schedule` (pass ``forward_fn=`` when the module's ``forward`` does not
     take the pool's batches). The callback measures after every optimizer step the schedule names
-    (``trainer.global_step``) and, with ``on_validation=True``, after every validation run,
-    recording ``trainer.callback_metrics[val_loss_key]`` as the validation loss. A step is measured
-    once. When ``fit(ckpt_path=...)`` resumes a run, the measurements the lens recorded after the
-    checkpoint's step are dropped first (:meth:`RunWriter.drop_after
-    <spectral_lens.records.RunWriter.drop_after>`, with the ``log.jsonl`` rows after it; pass the
-    run's writer with ``RunWriter(path, resume=True)``), so the record holds each step once. A lens
+    (``trainer.global_step``; with ``accumulate_grad_batches > 1``, after the batch that stepped) and,
+    with ``on_validation=True``, after every validation run of the fit, recording
+    ``trainer.callback_metrics[val_loss_key]`` as the validation loss (``trainer.validate()`` and
+    ``trainer.test()`` do not measure). A step is measured once per fit. When ``fit(ckpt_path=...)``
+    resumes a run, the measurements the lens recorded after the checkpoint's step are dropped first
+    (:meth:`RunWriter.drop_after <spectral_lens.records.RunWriter.drop_after>`, with the
+    ``log.jsonl`` rows after it; pass the run's writer with ``RunWriter(path, resume=True)``), so
+    the record holds each step once. A lens
     the callback attached is detached at the end of the fit, also when it raises.
 
     Each measurement is appended to the lens's run record, sent to every sink, and its scalars (per
@@ -34,7 +36,9 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
         lens: the configured ``SpectralLens`` (its ``schedule`` and ``writer`` are used), with or
             without a model.
         on_validation: also measure after every validation run.
-        val_loss_key: the logged metric recorded as validation loss.
+        val_loss_key: the logged metric recorded as validation loss (with several validation
+            dataloaders Lightning logs ``val_loss/dataloader_idx_0``, ...); a key that is not among
+            ``trainer.callback_metrics`` after a validation run warns (``SpectralLensWarning``).
         tokens_per_step: training tokens per optimizer step (records' ``tokens``); without it,
             ``tokens`` counts optimizer steps.
         sinks: extra loggers with a ``log_measurement`` method.

@@ -26,7 +26,8 @@ class TensorBoardSink:
     Args:
         writer: a ``SummaryWriter`` (left open; you close it) or a log directory (a writer is
             created there and closed by :meth:`close`).
-        figures: also log spectrum figures.
+        figures: also log spectrum figures (needs matplotlib, extra ``plot``; without it the sink
+            raises an ``ImportError`` when built, so pass ``figures=False``).
         prefix: prefix of every tag.
 
     Use with a framework callback (``sinks=[TensorBoardSink("tb")]``) or by hand:
@@ -39,6 +40,10 @@ class TensorBoardSink:
     """
 
     def __init__(self, writer, *, figures: bool = True, prefix: str = "spectral_lens/") -> None:
+        if figures:  # fail now (before a writer is created), not at the first measurement hours into training
+            from ..plot import require_matplotlib
+
+            require_matplotlib()
         if isinstance(writer, (str, os.PathLike)):
             tb = require("torch.utils.tensorboard", "tensorboard", "TensorBoardSink")
             self.writer = tb.SummaryWriter(log_dir=os.fspath(writer))

@@ -23,12 +23,16 @@ class WandbSink:
     Args:
         run: a run from ``wandb.init`` (default: the active ``wandb.run``). Offline runs
             (``WANDB_MODE=offline``) work the same.
-        figures: also log spectrum figures.
+        figures: also log spectrum figures (needs matplotlib, extra ``plot``; checked when the sink is built).
         prefix: prefix of every key.
     """
 
     def __init__(self, run=None, *, figures: bool = False, prefix: str = "spectral_lens/") -> None:
         self._wandb = require("wandb", "wandb", "WandbSink")
+        if figures:  # fail now, not at the first measurement hours into training
+            from ..plot import require_matplotlib
+
+            require_matplotlib()
         run = run if run is not None else self._wandb.run
         if run is None:
             raise ValueError("WandbSink: no active W&B run; call wandb.init(...) first or pass run=")

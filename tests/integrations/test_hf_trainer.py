@@ -219,3 +219,43 @@ def test_trainer_with_torch_compile(tmp_path, lens_on_model):
     assert [m.step for m in lens.history] == [2, 4]
     rows = {k: v.n_rows for k, v in lens.history[-1].spectra.items()}
     assert rows == {"act:model.layers.1": 4 * T, "grad:model.layers.1.self_attn.o_proj.weight": 4}
+
+
+def test_evaluate_after_train_measures_a_lens_without_model(tmp_path):
+    # the guide's set-up (a lens without a model, on_evaluate=True, attach) then trainer.evaluate() after train(),
+    # whose last step the schedule did not name: the old code raised "SpectralLens is not attached to a model",
+    # since on_train_end had detached the lens
+    lens = sl.SpectralLens(pool=heldout_pool(), params=(), schedule=sl.Schedule.every(2))
+    trainer = trainer_for(tiny_llama(), tmp_path, max_steps=3)
+    SpectralLensCallback(lens, on_evaluate=True).attach(trainer)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert [(m.step, m.scalars.get("val_loss")) for m in lens.history] == [(2, None), (3, metrics["eval_loss"])]
+    assert lens.model is None  # attached for that measurement only
+
+
+def test_attached_callback_keeps_the_trainers_loss_logs(tmp_path):
+    # Trainer.log, called from on_step_end, cleared control.should_log: on the old code the trainer's own log
+    # (the training loss) of every measured step was dropped, here all of them
+    def run(with_lens):
+        model = tiny_llama()
+        trainer = trainer_for(model, tmp_path / str(with_lens), max_steps=4, logging_steps=2)
+        if with_lens:
+            lens = sl.SpectralLens(model, heldout_pool(), params=(), schedule=sl.Schedule.every(2))
+            SpectralLensCallback(lens).attach(trainer)
+        trainer.train()
+        return [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+
+    logged = run(True)
+    assert [step for step, _ in logged] == [2, 4]
+    assert logged == run(False)
+
+
+def test_evaluate_before_train_with_eval_on_start_measures_step_0_once(tmp_path):
+    lens = sl.SpectralLens(pool=heldout_pool(), params=(), schedule=sl.Schedule.every(2))
+    trainer = trainer_for(tiny_llama(), tmp_path, max_steps=2, eval_strategy="steps", eval_steps=10,
+                          eval_on_start=True)
+    SpectralLensCallback(lens, on_evaluate=True).attach(trainer)
+    trainer.evaluate()
+    trainer.train()
+    assert [m.step for m in lens.history] == [0, 2]

@@ -42,8 +42,8 @@ def loader(n: int, seed: int):
 
 def trainer(tmp_path, callback, logger, **kw):
     callbacks = callback if isinstance(callback, list) else [callback]
-    kw = {"max_steps": 6, "enable_checkpointing": False, **kw}
-    return pl.Trainer(accelerator="cpu", devices=1, logger=logger, callbacks=callbacks, enable_progress_bar=False,
+    kw = {"max_steps": 6, "enable_checkpointing": False, "devices": 1, **kw}
+    return pl.Trainer(accelerator="cpu", logger=logger, callbacks=callbacks, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=str(tmp_path), **kw)
 
 
@@ -178,3 +178,81 @@ def test_standalone_pytorch_lightning_package(tmp_path):
                 enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path)).fit(
         module, loader(2, 0))
     assert [m.step for m in lens.history] == [2]
+
+
+def test_gradient_accumulation_measures_after_optimizer_steps_only(tmp_path):
+    def run(with_lens):
+        torch.manual_seed(0)
+        module = TinyLit()
+        lens = sl.SpectralLens(module.net, lm_pool(1, batch=4, t=12, vocab=37, seed=9),
+                               schedule=sl.Schedule.every(1))
+        fit = trainer(tmp_path, [SpectralLensLightningCallback(lens)] if with_lens else [], False, max_steps=3,
+                      accumulate_grad_batches=2, limit_val_batches=0)
+        fit.fit(module, loader(8, 0))
+        return module, fit, lens
+
+    module, fit, lens = run(True)
+    # step 0 is no optimizer step: the first batch only accumulated gradients (it was measured on the old code)
+    assert [m.step for m in lens.history] == [1, 2, 3]
+    plain, plain_fit, _ = run(False)
+    assert all(torch.equal(p, q) for p, q in zip(module.parameters(), plain.parameters()))
+    ours, theirs = fit.optimizers[0].state_dict()["state"], plain_fit.optimizers[0].state_dict()["state"]
+    assert all(torch.equal(ours[k][n], theirs[k][n]) for k in theirs for n in theirs[k])
+
+
+def test_validate_after_fit_does_not_measure(tmp_path):
+    module = TinyLit()
+    lens = sl.SpectralLens(module.net, lm_pool(1, batch=4, t=12, vocab=37, seed=9), schedule=sl.Schedule.every(2))
+    fit = trainer(tmp_path, SpectralLensLightningCallback(lens, on_validation=True), False, max_steps=5,
+                  val_check_interval=3, limit_val_batches=1, num_sanity_val_steps=0)
+    fit.fit(module, loader(8, 0), loader(2, 1))
+    with_val_loss = [(m.step, m.scalars.get("val_loss") is not None) for m in lens.history]
+    assert with_val_loss == [(2, False), (3, True), (4, False)]
+    # trainer.validate() runs under torch.inference_mode(), outside training: on the old code the gradient probe
+    # raised there ("cannot differentiate inside torch.inference_mode()") and failed the validation
+    fit.validate(module, loader(2, 1), verbose=False)
+    assert [m.step for m in lens.history] == [2, 3, 4]
+
+
+def test_a_new_fit_with_the_same_callback_measures_its_steps(tmp_path):
+    lens = sl.SpectralLens(pool=lm_pool(1, batch=4, t=12, vocab=37), params=(), schedule=sl.Schedule.every(4))
+    cb = SpectralLensLightningCallback(lens)
+    for _ in range(2):
+        trainer(tmp_path, cb, False, max_steps=4, limit_val_batches=0).fit(TinyLit(), loader(8, 0))
+    assert [m.step for m in lens.history] == [4, 4]  # the old code skipped step 4 of the second fit
+
+
+def test_ddp_spawn_is_refused_with_a_clear_error(tmp_path):
+    # ddp_spawn pickles the trainer into new processes; the old code failed with "Can't pickle local object
+    # 'PerSampleGradientProbe.__init__.<locals>.<lambda>'", or, for a lens that pickled, measured in copies the
+    # main process never saw, its RunWriter's file descriptors sent to processes where they mean nothing
+    lens = sl.SpectralLens(pool=lm_pool(1, batch=4, t=12, vocab=37), params=(), schedule=sl.Schedule.every(2))
+    cb = SpectralLensLightningCallback(lens)
+    fit = trainer(tmp_path, cb, False, max_steps=2, limit_val_batches=0, strategy="ddp_spawn", devices=2)
+    with pytest.raises(TypeError, match="cannot run with strategy='ddp_spawn'"):
+        fit.fit(TinyLit(), loader(4, 0))
+    assert lens.model is None and lens.history == []
+
+
+class TwoValLoaders(TinyLit):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.log("val_loss", self._loss(batch))  # Lightning logs it as val_loss/dataloader_idx_N
+
+
+def test_a_missing_val_loss_key_warns_with_the_logged_keys(tmp_path):
+    def fit(key):
+        module = TwoValLoaders()
+        lens = sl.SpectralLens(module.net, lm_pool(1, batch=4, t=12, vocab=37), params=(),
+                               schedule=sl.Schedule.every(100))
+        cb = SpectralLensLightningCallback(lens, on_validation=True, val_loss_key=key)
+        trainer(tmp_path, cb, False, max_steps=2, val_check_interval=2, limit_val_batches=1,
+                num_sanity_val_steps=0).fit(module, loader(2, 0), [loader(1, 1), loader(1, 2)])
+        return lens.history
+
+    # the old code recorded no validation loss, silently
+    with pytest.warns(sl.SpectralLensWarning, match=r"val_loss_key 'val_loss' is not among the logged metrics "
+                                                    r"\['val_loss/dataloader_idx_0', 'val_loss/dataloader_idx_1'\]"):
+        (m,) = fit("val_loss")
+    assert m.step == 2 and "val_loss" not in m.scalars
+    (m,) = fit("val_loss/dataloader_idx_1")
+    assert m.scalars["val_loss"] > 0

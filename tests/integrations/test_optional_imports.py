@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import subprocess
 import sys
 
@@ -39,3 +40,26 @@ def test_tensorboard_sink_names_its_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ImportError, match=r"pip install 'spectral-lens\[tensorboard\]'"):
         TensorBoardSink(tmp_path)
+
+
+def test_sinks_with_figures_need_matplotlib_when_built(monkeypatch, tmp_path):
+    """Figures need the plot extra: the old code built the sink and raised at the first measurement, mid-training
+    (TensorBoardSink draws figures by default, and the tensorboard extra does not install matplotlib)."""
+    pytest.importorskip("torch.utils.tensorboard", reason="the tensorboard extra is not installed")
+    from spectral_lens.integrations import TensorBoardSink
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"pip install 'spectral-lens\[plot\]'"):
+        TensorBoardSink(tmp_path / "tb")
+    assert not (tmp_path / "tb").exists()  # no writer was opened
+    TensorBoardSink(tmp_path / "tb", figures=False).close()
+    if importlib.util.find_spec("wandb") is not None:
+        from spectral_lens.integrations import WandbSink
+
+        class Run:
+            def define_metric(self, *args, **kwargs):
+                pass
+
+        with pytest.raises(ImportError, match=r"pip install 'spectral-lens\[plot\]'"):
+            WandbSink(Run(), figures=True)
+        WandbSink(Run())
