@@ -40,3 +40,48 @@ def test_hook_called_from_threads_loses_no_rows():
     assert acc.n_rows == rows.shape[0]
     ref = np.cov(rows, rowvar=False)
     np.testing.assert_allclose(acc.covariance().numpy(), ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
+
+
+def test_deepcopy_of_hooked_model_is_not_measured():
+    # EMA / evaluation copies (copy.deepcopy, torch.optim.swa_utils.AveragedModel) take the hook
+    # dictionaries along; their forwards must not add rows to the original's accumulator.
+    import copy
+
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    x = torch.randn(5, 6) * 3 + 2
+    with torch.no_grad():
+        ref, expected = model[0](x).double().numpy(), model(x)
+    with attach(model, "0") as capture, torch.no_grad():
+        model(x)
+        ema, averaged = copy.deepcopy(model), AveragedModel(model)
+        for _ in range(3):
+            out = ema(x)
+            averaged(x)
+        acc = capture.accumulators["0"]
+        assert acc.n_rows == 5
+        np.testing.assert_allclose(acc.covariance().numpy(), np.cov(ref, rowvar=False), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)  # the copy computes what the model does
+        model(x)
+    assert not model[0]._forward_hooks
+    with torch.no_grad():
+        ema(x)
+    assert acc.n_rows == 10  # 5 (first) + 5 (the model's own last forward), none from the copies
+
+
+def test_torch_save_of_hooked_model():
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 3))
+    x = torch.randn(4, 6)
+    with attach(model, "*") as capture:
+        buf = io.BytesIO()
+        torch.save(model, buf)  # whole-module pickling: was "Can't pickle local object"
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+        assert all(acc.n_rows == 4 for acc in capture.accumulators.values())
