@@ -3,9 +3,11 @@ threads, copies and pickles of a hooked model."""
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -45,7 +47,6 @@ def test_hook_called_from_threads_loses_no_rows():
 def test_deepcopy_of_hooked_model_is_not_measured():
     # EMA / evaluation copies (copy.deepcopy, torch.optim.swa_utils.AveragedModel) take the hook
     # dictionaries along; their forwards must not add rows to the original's accumulator.
-    import copy
 
     from torch.optim.swa_utils import AveragedModel
 
@@ -85,3 +86,37 @@ def test_torch_save_of_hooked_model():
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
         assert all(acc.n_rows == 4 for acc in capture.accumulators.values())
+
+
+def _gram_eigs64(model: nn.Module, x: torch.Tensor, param: str) -> np.ndarray:
+    m64 = copy.deepcopy(model).double()
+    p = m64.get_parameter(param)
+    rows = [torch.autograd.grad(m64(x[i : i + 1].double()).pow(2).mean(-1).sum(), [p])[0].flatten() for i in range(len(x))]
+    g = torch.stack(rows)
+    return np.linalg.eigvalsh((g @ g.T).numpy())[::-1]
+
+
+@pytest.mark.parametrize("engine", ["fast", "vmap", "loop"])
+def test_probe_follows_replaced_parameters(engine):
+    # load_state_dict(assign=True), `module.weight = nn.Parameter(...)`, a replaced module: the probe
+    # must measure the weights the model computes with. It read the stale tensors: vmap 76% off,
+    # loop all-zero gradients.
+    from spectral_lens import PerSampleGradientProbe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    x = torch.randn(8, 6) * 2 + 1
+    probe = PerSampleGradientProbe(model, params="2.weight", loss_fn=lambda out, b: out.pow(2).mean(-1),
+                                   forward_fn=lambda m, b: m(b), engine=engine, chunk_size=4)
+    model.load_state_dict({k: v * 3 for k, v in model.state_dict().items()}, assign=True)
+    probe.update(x)
+    np.testing.assert_allclose(probe.compute().values[:6], _gram_eigs64(model, x, "2.weight")[:6], rtol=1e-5)
+    probe.reset()
+    model[2] = nn.Linear(6, 3)  # a new module at the probed name
+    probe.update(x)
+    np.testing.assert_allclose(probe.compute().values[:6], _gram_eigs64(model, x, "2.weight")[:6], rtol=1e-5)
+    assert probe.params["2.weight"] is model[2].weight
+    model[2] = nn.Linear(6, 4)  # a new shape with samples taken: a clear error, the probe unchanged
+    with pytest.raises(ValueError, match=r"'2\.weight' was replaced .* shape changed from \(3, 6\) to \(4, 6\)"):
+        probe.update(x)
+    assert probe.n_samples_ == 8
