@@ -15,7 +15,8 @@ from torch import nn
 
 from .accumulate import ActivationCovarianceAccumulator, _spectrum_of
 from .background import SolveFuture, submit
-from .capture import HookSet, Target, check_pick, display_name, pick_tensor, select_modules, warn_if_compiled
+from .capture import (HookSet, Target, _FEEDING, check_pick, display_name, pick_tensor, select_modules,
+                      warn_if_compiled)
 from .spectrum import Spectrum
 
 __all__ = ["ActivationCapture", "attach", "attach_one"]
@@ -183,6 +184,8 @@ class _Feed:
     evaluation copy, ``torch.optim.swa_utils.AveragedModel``) and pickling (``torch.save(model)``)
     give the copy an inert :class:`_Copied` in this hook's place: the copy's forwards add no rows to
     the original's accumulator (nor hold it alive), and pickling does not fail on a local function.
+    Inside another measurement's pass (a lens's activation pass, a probe's update:
+    :func:`~spectral_lens.capture.measurement_pass`) it reads nothing.
     """
 
     __slots__ = ("capture", "acc", "pick", "where")
@@ -191,6 +194,9 @@ class _Feed:
         self.capture, self.acc, self.pick, self.where = capture, acc, pick, where
 
     def __call__(self, module, args, output) -> None:
+        owner = _FEEDING.get()
+        if owner is not None and owner is not self.capture:  # another measurement's pass (measurement_pass)
+            return
         self.acc.update(pick_tensor(output, self.pick, self.where), mask=self.capture._mask)
 
     def __deepcopy__(self, memo) -> _Copied:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
-from ..capture import eager_forwards, glob_to_regex, unwrap_compiled
+from ..capture import eager_forwards, glob_to_regex, measurement_pass, unwrap_compiled
 from .._warnings import ZeroGradientWarning
 from ._isolation import cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state
 from ._validate import nonfinite_loss_message, param_names
@@ -588,7 +588,7 @@ class PerSampleGradientProbe:
             else contextlib.nullcontext()
         )
         try:
-            with forked_rng(devices), preserved_buffers(self.model), cast, eager_forwards():
+            with forked_rng(devices), preserved_buffers(self.model), cast, eager_forwards(), measurement_pass():
                 self.model.train(self.train_mode)
                 yield devices
         finally:

@@ -120,3 +120,31 @@ def test_probe_follows_replaced_parameters(engine):
     with pytest.raises(ValueError, match=r"'2\.weight' was replaced .* shape changed from \(3, 6\) to \(4, 6\)"):
         probe.update(x)
     assert probe.n_samples_ == 8
+
+
+@pytest.mark.parametrize("engine", ["fast", "vmap"])
+def test_a_user_capture_is_not_fed_by_measurements(engine):
+    # A capture the user keeps attached (training activations) must not receive the lens's
+    # held-out forwards or the probe's passes; under vmap the probe crashed in its hook instead
+    # ("Cannot access data pointer of Tensor that doesn't have storage").
+    from spectral_lens import PerSampleGradientProbe, SpectralLens
+
+    from support.models import TinyLM, lm_pool
+
+    torch.manual_seed(0)
+    model, pool = TinyLM(dropout=0.0), lm_pool()
+    alone = SpectralLens(copy.deepcopy(model), pool, layers="h.1", params="h.2.attn.c_proj.weight",
+                         progress=False).measure(0, 0)
+    with attach(model, ["h.1", "h.2"]) as user:
+        with torch.no_grad():
+            model(pool[0][0])
+        before = {k: a.covariance() for k, a in user.accumulators.items()}
+        probe = PerSampleGradientProbe(params="h.2.attn.c_proj.weight", engine=engine)
+        lens = SpectralLens(model, pool, layers="h.1", probe=probe, progress=False)
+        m = lens.measure(0, 0)
+        probe.update(pool[1])
+        for name, acc in user.accumulators.items():
+            assert acc.n_rows == 48
+            torch.testing.assert_close(acc.covariance(), before[name], rtol=0, atol=0)
+    for key, spectrum in alone.spectra.items():
+        np.testing.assert_allclose(m.spectra[key].values, spectrum.values, rtol=1e-6, atol=1e-12)
