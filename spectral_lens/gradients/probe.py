@@ -411,8 +411,9 @@ class PerSampleGradientProbe:
         ``module.weight = nn.Parameter(...)``, ``to_empty``, a Hugging Face ``resize_token_embeddings``)
         or a replaced module is followed: the probe measures the weights the model now computes with,
         never the stale tensors (whose gradients would be wrong, or all zero). A new shape with samples
-        already taken, a parameter that is gone, or a replacement in bounded-memory mode (whose
-        recomputation would mix the two) raises instead.
+        already taken or a parameter that is gone raises ``ValueError``; a replacement in
+        bounded-memory mode (whose recomputation would mix the two) ``RuntimeError``, as a change in
+        place does.
         """
         changed = {}
         for name, old in self.params.items():
@@ -430,9 +431,11 @@ class PerSampleGradientProbe:
                     "it is now (remove() the handle or detach(), then attach(model))"
                 )
             if self.n_samples_ and (new.shape != old.shape or self.max_resident_samples is not None):
-                why = (f"its shape changed from {tuple(old.shape)} to {tuple(new.shape)}" if new.shape != old.shape
-                       else "bounded-memory mode (max_resident_samples) would recompute the earlier samples with it")
-                raise ValueError(
+                shape = new.shape != old.shape
+                why = (f"its shape changed from {tuple(old.shape)} to {tuple(new.shape)}" if shape
+                       else "bounded-memory mode (max_resident_samples) would recompute the earlier samples with it "
+                            "and mix checkpoints")
+                raise (ValueError if shape else RuntimeError)(  # RuntimeError: as for weights changed in place
                     f"PerSampleGradientProbe: the probed parameter {name!r} was replaced by a new tensor since the "
                     f"probe's {self.n_samples_} samples were taken, and {why}; call reset() first"
                 )

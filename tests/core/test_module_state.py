@@ -148,3 +148,24 @@ def test_a_user_capture_is_not_fed_by_measurements(engine):
             torch.testing.assert_close(acc.covariance(), before[name], rtol=0, atol=0)
     for key, spectrum in alone.spectra.items():
         np.testing.assert_allclose(m.spectra[key].values, spectrum.values, rtol=1e-6, atol=1e-12)
+
+
+def test_probe_refuses_a_replacement_it_cannot_follow():
+    from spectral_lens import PerSampleGradientProbe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    x = torch.randn(8, 6)
+    kw = dict(params="2.weight", loss_fn=lambda out, b: out.pow(2).mean(-1), forward_fn=lambda m, b: m(b), chunk_size=2)
+    bounded = PerSampleGradientProbe(model, max_resident_samples=2, **kw)
+    bounded.update(x[:6])  # one resident chunk, two recomputed ones
+    model[2].weight = nn.Parameter(model[2].weight.detach() * 2)  # same shape: recomputation would mix the two
+    with pytest.raises(RuntimeError, match=r"'2\.weight' was replaced .* bounded-memory mode"):
+        bounded.compute()
+    with pytest.raises(RuntimeError, match=r"'2\.weight' was replaced .* bounded-memory mode"):
+        bounded.update(x[6:])
+    probe = PerSampleGradientProbe(model, **kw)
+    del model[2].weight
+    model[2].weight = torch.ones(3, 6)  # a plain tensor attribute, no longer a parameter
+    with pytest.raises(ValueError, match=r"'2\.weight' is no longer a parameter of Sequential \(found Tensor\)"):
+        probe.update(x)
