@@ -315,7 +315,17 @@ class ActivationCovarianceAccumulator:
         self.nonfinite = nonfinite
         self.max_chunk_rows = int(max_chunk_rows)
         self.name = name
+        self._lock = threading.Lock()  # see update(): hooks may call it from several threads at once
         self.reset()
+
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy: a lock cannot be copied; the copy gets its own
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -413,15 +423,21 @@ class ActivationCovarianceAccumulator:
         ``torch.no_grad()``; inside ``torch.inference_mode()`` too, but with inference mode off, so
         the state and the recycled buffers it writes in place stay normal tensors, usable later
         outside inference mode (rows that are inference tensors are only read).
+
+        Thread-safe: concurrent calls (a hooked module run from several threads, as
+        ``nn.DataParallel`` runs its replicas) are serialized by a lock, so no row is lost or
+        mixed; ``merge``, ``compute``, ``covariance``, ``compute_async`` and ``state_dict`` take
+        the same lock. (Uncontended, it costs well under a microsecond per call.)
         """
-        if torch.is_inference_mode_enabled():
-            with torch.inference_mode(False), torch.no_grad():  # inference_mode(False) turns grad on again
+        with self._lock:
+            if torch.is_inference_mode_enabled():
+                with torch.inference_mode(False), torch.no_grad():  # inference_mode(False) turns grad on again
+                    self._update(x, mask)
+            elif torch.is_grad_enabled():  # entering no_grad costs ~3 us a call: only where it changes the mode
+                with torch.no_grad():
+                    self._update(x, mask)
+            else:
                 self._update(x, mask)
-        elif torch.is_grad_enabled():  # entering no_grad costs ~3 us a call: only where it changes the mode
-            with torch.no_grad():
-                self._update(x, mask)
-        else:
-            self._update(x, mask)
 
     def _update(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         self._check_input(x, mask)
@@ -679,11 +695,16 @@ class ActivationCovarianceAccumulator:
                       self._low_products)
 
     def _live_sums(self) -> _Sums | None:
-        if not self.initialized:
-            return None
-        return _Sums(self._n, self._m, self._s, self._bad_rows, self._first_bad)
+        with self._lock:
+            if not self.initialized:
+                return None
+            return _Sums(self._n, self._m, self._s, self._bad_rows, self._first_bad)
 
     def _snapshot(self) -> tuple[_Setup, Callable[[], _Sums | None]]:
+        with self._lock:  # not between two threads' updates (see update)
+            return self._snapshot_now()
+
+    def _snapshot_now(self) -> tuple[_Setup, Callable[[], _Sums | None]]:
         """The state as of now, without a host sync: ``(setup, materialize)``; ``materialize()``
         (meant for the worker thread) waits for the host copies and returns them as :class:`_Sums`.
 
@@ -758,6 +779,10 @@ class ActivationCovarianceAccumulator:
     # ------------------------------------------------------------ combination
     def merge(self, other: "ActivationCovarianceAccumulator") -> "ActivationCovarianceAccumulator":
         """Add ``other``'s rows to this accumulator (exact float64 re-shift); returns ``self``."""
+        with self._lock:  # not between two threads' updates (see update)
+            return self._merge(other)
+
+    def _merge(self, other: "ActivationCovarianceAccumulator") -> "ActivationCovarianceAccumulator":
         if not isinstance(other, ActivationCovarianceAccumulator):
             raise TypeError(f"{self._label()}: can only merge another ActivationCovarianceAccumulator")
         if other.nonfinite != self.nonfinite:
@@ -882,6 +907,10 @@ class ActivationCovarianceAccumulator:
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
         """Configuration and sufficient statistics (tensors on their device); restores exactly."""
+        with self._lock:  # not between two threads' updates (see update)
+            return self._state_dict()
+
+    def _state_dict(self) -> dict[str, Any]:
         sd: dict[str, Any] = {
             "format": _STATE_FORMAT,
             "dim": self.dim,

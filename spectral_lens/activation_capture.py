@@ -15,7 +15,8 @@ from torch import nn
 
 from .accumulate import ActivationCovarianceAccumulator, _spectrum_of
 from .background import SolveFuture, submit
-from .capture import HookSet, Target, check_pick, display_name, pick_tensor, select_modules, warn_if_compiled
+from .capture import (HookSet, Target, _FEEDING, check_pick, display_name, pick_tensor, select_modules,
+                      warn_if_compiled)
 from .spectrum import Spectrum
 
 __all__ = ["ActivationCapture", "attach", "attach_one"]
@@ -160,12 +161,46 @@ def _where(name: str, model: nn.Module) -> str:
     return f"module {name!r} of {type(model).__name__}" if name else f"the root module ({type(model).__name__})"
 
 
-def _make_hook(capture: ActivationCapture, name: str, pick, module: nn.Module):
-    acc = capture.accumulators[name]
-    where = display_name(name, module)
+def _make_hook(capture: ActivationCapture, name: str, pick, module: nn.Module) -> "_Feed":
+    return _Feed(capture, capture.accumulators[name], pick, display_name(name, module))
 
-    def hook(module, args, output):
-        tensor = pick_tensor(output, pick, where)
-        acc.update(tensor, mask=capture._mask)
 
-    return hook
+class _Copied:
+    """The hook a copy of a hooked model carries instead of :class:`_Feed`: measures nothing."""
+
+    __slots__ = ()
+
+    def __call__(self, module, args, output) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "<spectral_lens hook of a copied model: inert>"
+
+
+class _Feed:
+    """The forward hook of one attached module: picks the measured tensor and feeds the accumulator.
+
+    A copy of the model takes its hook dictionaries along. ``copy.deepcopy(model)`` (an EMA or
+    evaluation copy, ``torch.optim.swa_utils.AveragedModel``) and pickling (``torch.save(model)``)
+    give the copy an inert :class:`_Copied` in this hook's place: the copy's forwards add no rows to
+    the original's accumulator (nor hold it alive), and pickling does not fail on a local function.
+    Inside another measurement's pass (a lens's activation pass, a probe's update:
+    :func:`~spectral_lens.capture.measurement_pass`) it reads nothing.
+    """
+
+    __slots__ = ("capture", "acc", "pick", "where")
+
+    def __init__(self, capture: ActivationCapture, acc: ActivationCovarianceAccumulator, pick, where: str) -> None:
+        self.capture, self.acc, self.pick, self.where = capture, acc, pick, where
+
+    def __call__(self, module, args, output) -> None:
+        owner = _FEEDING.get()
+        if owner is not None and owner is not self.capture:  # another measurement's pass (measurement_pass)
+            return
+        self.acc.update(pick_tensor(output, self.pick, self.where), mask=self.capture._mask)
+
+    def __deepcopy__(self, memo) -> _Copied:
+        return _Copied()
+
+    def __reduce__(self):
+        return (_Copied, ())

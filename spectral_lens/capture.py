@@ -10,6 +10,7 @@ a compiled regular expression (matched against the full name), a module object o
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import difflib
 import functools
 import re
@@ -24,7 +25,7 @@ from torch import nn
 from ._warnings import CompiledModelWarning
 
 __all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "check_pick", "pick_tensor", "HookSet",
-           "warn_if_compiled", "unwrap_compiled", "eager_forwards"]
+           "warn_if_compiled", "unwrap_compiled", "eager_forwards", "measurement_pass", "feeding_owner"]
 
 Target = Union[str, "re.Pattern[str]", nn.Module, Callable[[str, nn.Module], bool], Iterable]
 
@@ -233,6 +234,30 @@ def eager_forwards():
     if set_stance is None or "torch._dynamo" not in sys.modules:
         return contextlib.nullcontext()
     return set_stance("force_eager")
+
+
+_NOBODY = object()  # the owner inside a probe's passes: no capture is fed
+_FEEDING: "contextvars.ContextVar[object | None]" = contextvars.ContextVar("spectral_lens_feeding", default=None)
+
+
+@contextlib.contextmanager
+def measurement_pass(owner: object = None):
+    """A context for spectral-lens's own forwards (a lens's activation pass with ``owner`` its
+    capture; a probe's gradient passes with no owner): inside it, every other
+    :class:`~spectral_lens.ActivationCapture`'s hooks return at once, so a capture the user attached
+    (say, to the training forwards) is not fed the held-out pool or the probe's per-sample passes
+    (nor, under ``torch.func.vmap``, tensors it cannot read). Per thread and per task
+    (a ``ContextVar``)."""
+    token = _FEEDING.set(_NOBODY if owner is None else owner)
+    try:
+        yield
+    finally:
+        _FEEDING.reset(token)
+
+
+def feeding_owner() -> object | None:
+    """The owner of the measurement pass running now (see :func:`measurement_pass`), else ``None``."""
+    return _FEEDING.get()
 
 
 class HookSet:

@@ -20,7 +20,7 @@ from torch import nn
 from ._progress import progress_bar, sized_total
 from .activation_capture import attach
 from .attachment import Attachment
-from .capture import Target, check_pick, eager_forwards, select_modules, unwrap_compiled
+from .capture import Target, check_pick, eager_forwards, measurement_pass, select_modules, unwrap_compiled
 from .gradients import PerSampleGradientProbe
 from .gradients.probe import is_encoder_decoder, refuse_parallel_wrapper
 from .gradients._batch import batch_size, default_forward, slice_batch
@@ -512,7 +512,7 @@ class SpectralLens:
         total = sized_total(self.pool)
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
         try:
-            with self._eval_mode(), torch.no_grad(), autocast, eager_forwards():
+            with self._eval_mode(), torch.no_grad(), autocast, eager_forwards(), measurement_pass(capture):
                 for i, batch in enumerate(self.pool):
                     if i % world != rank:
                         continue

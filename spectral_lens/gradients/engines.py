@@ -181,7 +181,9 @@ def fast_engine(
         # downstream sees a clone of the leaf: gradients reach y, and in-place ops cannot rewrite it
         return y.clone()
 
-    handles = [mod.register_forward_hook(hook, with_kwargs=True) for mod in modules.values()]
+    # prepend: before the user's own forward hooks on the module, so y is the output the weight
+    # produced and a hook that changes it (scaling, steering, an adapter) is part of the backward
+    handles = [mod.register_forward_hook(hook, with_kwargs=True, prepend=True) for mod in modules.values()]
     try:
         with only_requires_grad(model, every=every), torch.enable_grad(), cached_linear_casts(model, casts):
             losses = _checked_losses(loss_fn(forward_fn(model, batch), batch), n)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
-from ..capture import eager_forwards, glob_to_regex, unwrap_compiled
+from ..capture import eager_forwards, glob_to_regex, measurement_pass, unwrap_compiled
 from .._warnings import ZeroGradientWarning
 from ._isolation import cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state
 from ._validate import nonfinite_loss_message, param_names
@@ -404,6 +404,47 @@ class PerSampleGradientProbe:
         path, _, local = name.rpartition(".")
         return self.model.get_submodule(path), local
 
+    def _follow_params(self) -> None:
+        """Re-read every probed parameter from the model before a pass.
+
+        A parameter object replaced since :meth:`attach` (``model.load_state_dict(sd, assign=True)``,
+        ``module.weight = nn.Parameter(...)``, ``to_empty``, a Hugging Face ``resize_token_embeddings``)
+        or a replaced module is followed: the probe measures the weights the model now computes with,
+        never the stale tensors (whose gradients would be wrong, or all zero). A new shape with samples
+        already taken or a parameter that is gone raises ``ValueError``; a replacement in
+        bounded-memory mode (whose recomputation would mix the two) ``RuntimeError``, as a change in
+        place does.
+        """
+        changed = {}
+        for name, old in self.params.items():
+            path, _, local = name.rpartition(".")
+            mod = self.model
+            for part in path.split(".") if path else ():  # get_submodule's walk, ~20x cheaper
+                mod = mod._modules.get(part) if isinstance(mod, nn.Module) else None
+            new = getattr(mod, local, None)
+            if new is old and mod is self.sites[name][0]:
+                continue
+            if not isinstance(new, nn.Parameter):
+                raise ValueError(
+                    f"PerSampleGradientProbe: the probed parameter {name!r} is no longer a parameter of "
+                    f"{type(self.model).__name__} (found {type(new).__name__}); re-attach the probe to the model as "
+                    "it is now (remove() the handle or detach(), then attach(model))"
+                )
+            if self.n_samples_ and (new.shape != old.shape or self.max_resident_samples is not None):
+                shape = new.shape != old.shape
+                why = (f"its shape changed from {tuple(old.shape)} to {tuple(new.shape)}" if shape
+                       else "bounded-memory mode (max_resident_samples) would recompute the earlier samples with it "
+                            "and mix checkpoints")
+                raise (ValueError if shape else RuntimeError)(  # RuntimeError: as for weights changed in place
+                    f"PerSampleGradientProbe: the probed parameter {name!r} was replaced by a new tensor since the "
+                    f"probe's {self.n_samples_} samples were taken, and {why}; call reset() first"
+                )
+            changed[name] = (mod, local, new)
+        for name, (mod, local, new) in changed.items():
+            self.params[name], self.sites[name] = new, (mod, local)
+        for name in changed:
+            self.engines_[name] = self._choose_engine(name)
+
     def _shared(self, name: str) -> list[str]:
         p = self.params[name]
         return [n for n, q in self.model.named_parameters(remove_duplicate=False) if q is p]
@@ -550,7 +591,7 @@ class PerSampleGradientProbe:
             else contextlib.nullcontext()
         )
         try:
-            with forked_rng(devices), preserved_buffers(self.model), cast, eager_forwards():
+            with forked_rng(devices), preserved_buffers(self.model), cast, eager_forwards(), measurement_pass():
                 self.model.train(self.train_mode)
                 yield devices
         finally:
@@ -634,9 +675,11 @@ class PerSampleGradientProbe:
         ``input_ids``/``labels``, or ``input_ids``), sample index in dimension 0 of every tensor. Any
         other mapping (a Hugging Face ``BatchEncoding``) is taken as the plain ``dict`` of its items,
         which is what ``forward_fn``/``loss_fn`` then receive. On an exception the probe is left
-        exactly as before the call. Returns ``self``.
+        exactly as before the call. Returns ``self``. The probed parameters are read from the model
+        by name at each call (:meth:`_follow_params`): a replaced parameter or module is followed.
         """
         self._require_model("update()")
+        self._follow_params()
         batch = plain_batch(batch)
         n = batch_size(batch)
         dev = self.device
@@ -738,6 +781,7 @@ class PerSampleGradientProbe:
         missing = lambda i, j: i != j and (min(i, j), max(i, j)) not in self._far_done  # noqa: E731
         if not any(missing(i, j) for i in far for j in far):
             return
+        self._follow_params()  # a replaced parameter raises here: recomputing with it would mix weights
         self._check_versions()
         with self._isolated() as devices:
             casts = self._casts(2)  # every non-resident chunk is recomputed at least once more
