@@ -272,6 +272,15 @@ def _add_lower(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         block.add_(a[r0:r1, :r1])
 
 
+def _adopt_shift(state_n: torch.Tensor, state_shift: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The shift to merge sums around: ``state_shift`` (float64), or ``shift`` (promoted to float64)
+    while the state holds no rows; two kernels, no host read. A state without rows has ``m = 0`` and
+    ``S = 0`` around any shift, but the shift it got from a chunk whose rows were all masked or skipped
+    is an arbitrary 0: sums of rows far from it (a mean of 1e8, spread 1) would lose every digit when
+    re-shifted there."""
+    return torch.where(state_n > 0, state_shift, shift)
+
+
 class ActivationCovarianceAccumulator:
     """Streaming centered covariance of d-dimensional rows and its eigen-spectrum.
 
@@ -333,6 +342,9 @@ class ActivationCovarianceAccumulator:
         self._updates = 0
         self._synced = False
         self._low_products = False  # whether any update formed its products below float64
+        # whether the state surely holds rows; until then (masked or skipped rows only) its shift may be
+        # an empty chunk's arbitrary 0, which the first rows replace by their own (see _adopt_shift)
+        self._has_rows = False
 
     def _label(self) -> str:
         return self.name or "ActivationCovarianceAccumulator"
@@ -534,7 +546,12 @@ class ActivationCovarianceAccumulator:
             index = self._updates
             state_s = self._s_lower
             d = state_s.shape[0]
-            c = shift64 - self._shift.numpy()
+            state_shift, has_rows = self._shift, self._has_rows
+            if not has_rows:  # masked or skipped rows only so far (m = S = 0): the first rows give the shift
+                if int(self._n) == 0:  # a CPU count: read on the host, once rows are known never again
+                    state_shift = torch.from_numpy(shift64)
+                has_rows = n > 0 or state_shift is self._shift
+            c = shift64 - state_shift.numpy()
             m64 = m.astype(np.float64)
             new_m = torch.from_numpy(self._m.numpy() + (m64 + n * c))
             new_s = self._s_spare if self._s_spare is not None else torch.empty_like(state_s)
@@ -557,6 +574,8 @@ class ActivationCovarianceAccumulator:
             if bad:
                 bad_rows = bad_rows + bad
             # ---- commit: plain stores only
+            self._shift = state_shift
+            self._has_rows = has_rows
             self._n = new_n
             self._m = new_m
             self._s_spare = spare
@@ -596,8 +615,11 @@ class ActivationCovarianceAccumulator:
                 continue
             if s.dtype != torch.float64:  # a second chunk: switch the call's sums to float64
                 m, s = m.to(torch.float64), s.to(torch.float64)
-            # in float64, so the difference of two chunks' shifts is exact
+            # in float64, so the difference of two chunks' shifts is exact; the first chunk with rows
+            # gives it (a row count known on the host is > 0 from the first chunk on)
             shift = shift.to(torch.float64)
+            if isinstance(n, torch.Tensor):
+                shift = _adopt_shift(n, shift, local)
             accumulate_shifted(m, s, nk, mk, sk, local, shift)
             n = n + nk
             broken = None if bk is None else broken | bk
@@ -628,6 +650,9 @@ class ActivationCovarianceAccumulator:
             # values), m (fp32 unless the products were fp64) and a device row count into its float64
             # arithmetic itself: no conversion kernels.
             c, c_twice, u_twice, uc, cu = self._rank2 if self._rank2 is not None else self._rank2_scratch()
+            has_rows = self._has_rows
+            if not has_rows:  # masked or skipped rows only so far: the first rows give the shift
+                state_shift = _adopt_shift(state_n, state_shift, shift)
             torch.sub(shift, state_shift, out=c)
             if isinstance(n, torch.Tensor):
                 torch.addcmul(m, n, c_twice, value=0.5, out=u_twice)
@@ -647,7 +672,9 @@ class ActivationCovarianceAccumulator:
             state_shift = shift.to(torch.float64)
             new_s = s.to(torch.float64, copy=True)
             new_m = m.to(torch.float64, copy=True)
+            has_rows = False
         new_n = state_n + n
+        has_rows = has_rows or (not isinstance(n, torch.Tensor) and n > 0)  # a host count: no sync
         # the first update with NaN/Inf rows: first_bad + (first_bad < 0) * flag * (index + 1) turns
         # the -1 of "none yet" into index, in one kernel after the comparison (torch.where with a
         # Python index also fills a scalar tensor)
@@ -669,6 +696,7 @@ class ActivationCovarianceAccumulator:
         self._bad_rows = bad_rows
         self._first_bad = first_bad
         self._updates = index + 1
+        self._has_rows = has_rows
 
     # ---------------------------------------------------------------- results
     def _require_rows(self, k: int) -> int:
@@ -778,6 +806,8 @@ class ActivationCovarianceAccumulator:
         else:
             n, m, s, shift, bad, first = _zero_state(other.dim, other._s.device, other._shift, self.precision)
         o = {k: getattr(other, k).to(s.device) for k in ("_n", "_m", "_s", "_shift", "_bad_rows", "_first_bad")}
+        if self.initialized and not self._has_rows:  # masked or skipped rows only: other's shift is nearer its rows
+            shift = _adopt_shift(n, shift, o["_shift"])
         om, os_ = reshift(o["_n"], o["_m"], o["_s"], o["_shift"], shift)
         new_n, new_m, new_s, new_bad = n + o["_n"], m + om, s + os_, bad + o["_bad_rows"]
         shifted = torch.where(o["_first_bad"] >= 0, o["_first_bad"] + self._updates, -1)
@@ -792,6 +822,7 @@ class ActivationCovarianceAccumulator:
         self._first_bad = new_first
         self._updates += other._updates
         self._low_products |= other._low_products
+        self._has_rows |= other._has_rows
         return self
 
     def _sync_status(self, group, dev: torch.device) -> None:
@@ -876,6 +907,7 @@ class ActivationCovarianceAccumulator:
         self._bad_rows = packed[-1].round().to(torch.int64)
         self._first_bad = flags[0]
         self._low_products = bool(flags[2])
+        self._has_rows = float(totals[-1]) > 0
         self._synced = True
         return self
 
@@ -951,6 +983,7 @@ class ActivationCovarianceAccumulator:
         if int(out["_n"]) < 0 or int(out["_bad_rows"]) < 0 or int(out["_first_bad"]) < -1:
             fail(f"counts out of range (n={int(out['_n'])}, bad_rows={int(out['_bad_rows'])}, "
                  f"first_bad={int(out['_first_bad'])})")
+        out["_has_rows"] = int(out["_n"]) > 0
         return out
 
     def load_state_dict(self, state: dict[str, Any], origin: str = "state_dict") -> None:

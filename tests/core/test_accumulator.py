@@ -294,3 +294,47 @@ def test_symmetric_product_cpu_syrk(dtype, n, d):
     ref = y.double().t() @ y.double()
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     assert ((s.double() - ref).abs() <= tol * ref.abs().max()).all()
+
+
+@pytest.mark.parametrize("how", ["one_chunk", "chunks", "merge", "merge_empty_first", "skip_nan", "reload"])
+def test_rows_far_from_zero_after_an_update_without_valid_rows(how, tmp_path):
+    """A first update whose rows are all masked (or all NaN under nonfinite='skip') has no rows to take a
+    shift from; the shift it got (0) used to stay the state's, so rows with a mean of 1e8 and a spread of
+    1 were re-shifted around 0 and their covariance lost every digit (eigenvalues off by 10x the largest).
+    The first rows now give the shift, on every path: one-chunk CPU updates, chunked calls (an all-masked
+    first chunk), merges and a saved-and-reloaded empty state."""
+    rng = np.random.default_rng(3)
+    d = 12
+    rows = rng.standard_normal((600, d)) * np.logspace(0, -3, d) + 1e8 * rng.uniform(0.5, 1.5, d)
+    x = torch.from_numpy(rows)
+    none = torch.zeros(5, dtype=torch.bool)
+    acc = ActivationCovarianceAccumulator(precision="float64", max_chunk_rows=4 if how == "chunks" else 131072,
+                                          nonfinite="skip" if how == "skip_nan" else "raise")
+    if how == "chunks":  # an empty state, then a chunked call whose first chunk holds only masked rows
+        acc.update(torch.zeros(5, d, dtype=torch.float64), mask=none)
+        mask = torch.ones(x.shape[0] + 4, dtype=torch.bool)
+        mask[:4] = False
+        acc.update(torch.cat([torch.zeros(4, d, dtype=torch.float64), x]), mask=mask)
+    elif how == "skip_nan":
+        with pytest.warns(NonFiniteRowsWarning):
+            acc.update(torch.full((5, d), float("nan"), dtype=torch.float64))
+            acc.update(x)
+            _assert_matches(acc, rows, 1e-10)
+        return
+    elif how.startswith("merge"):
+        empty = ActivationCovarianceAccumulator(precision="float64")
+        empty.update(torch.zeros(5, d, dtype=torch.float64), mask=none)
+        full = ActivationCovarianceAccumulator(precision="float64")
+        full.update(x[:300], mask=torch.ones(300, dtype=torch.bool))  # a mask: row count not known on the host
+        if how == "merge":
+            acc = empty.merge(full)
+        else:  # merged into a state that has no rows yet, then plain updates
+            acc = empty
+            acc.update(x[:300])
+        acc.update(x[300:])
+    else:
+        acc.update(torch.zeros(5, d, dtype=torch.float64), mask=none)
+        if how == "reload":
+            acc = ActivationCovarianceAccumulator.load(acc.save(tmp_path / "empty"))
+        acc.update(x)
+    _assert_matches(acc, rows, 1e-10)
