@@ -79,24 +79,32 @@ _SCRATCH_SHAPES = 4  # chunk shapes kept per thread
 _SCRATCH_MAX_BYTES = 16 << 20  # a chunk whose buffers are larger gets fresh ones each time
 
 
-def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None, n_valid=None, wide: bool = False) -> torch.Tensor:
-    """Mean of up to 1024 evenly spaced valid rows of a chunk (its shift; need not be exact).
+def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None, wide: bool = False) -> torch.Tensor:
+    """Mean of up to 1024 evenly spaced valid rows of a chunk (its shift; need not be exact); 0 if
+    no row is valid.
 
     Summed in float64 if ``wide`` (the shift is float64: float64 precision or float64 rows), so
     finite rows near float32's limit (|x| > ~1e35) cannot give an infinite shift; else in the rows'
     precision (fp32 for half types; float32 products of such rows overflow anyway), where a float64
-    sum would cost one more conversion kernel per update. ``n_valid``: ``valid.sum()`` if the
-    caller has it (the sample's count when every row is sampled).
+    sum would cost one more conversion kernel per update.
+
+    With a mask the rows are spaced evenly among the valid ones, found on the device (no host
+    read): the ``j``-th is the first row whose running count of valid rows exceeds
+    ``j * count // k``. Evenly spaced rows of the chunk could all be masked (a mask that keeps
+    the last token of each sequence never meets a stride dividing the sequence length): the shift
+    was then 0, and rows far from 0 lost their tail in the float32 products.
     """
-    step = max(1, rows.shape[0] // _SHIFT_ROWS)
-    head = rows[::step] if step > 1 else rows
-    dtype = torch.float64 if wide else (None if head.dtype == torch.float32 else torch.float32)
+    dtype = torch.float64 if wide else (None if rows.dtype == torch.float32 else torch.float32)
     if valid is None:  # one kernel: the sample is read and averaged in the accumulation dtype directly
-        return head.mean(0, dtype=dtype)
-    keep = valid[::step] if step > 1 else valid
-    count = n_valid if step == 1 and n_valid is not None else keep.sum()
-    # rows left out may hold anything, NaN included: zeroed (not multiplied by 0), then summed
-    return head.masked_fill(~keep.unsqueeze(-1), 0).sum(0, dtype=dtype) / count.clamp_min(1)
+        step = max(1, rows.shape[0] // _SHIFT_ROWS)
+        return (rows[::step] if step > 1 else rows).mean(0, dtype=dtype)
+    rank = valid.cumsum(0)
+    k = min(_SHIFT_ROWS, rows.shape[0])
+    targets = torch.arange(k, device=rows.device).mul_(rank[-1]).div_(k, rounding_mode="floor")
+    # searched in rank[:-1]: at most the last row, so no index is out of range when no row is valid
+    head = rows.index_select(0, torch.searchsorted(rank[:-1], targets, right=True))
+    # no valid row: the row read may hold anything (NaN, Inf); then a finite shift, whatever it is
+    return head.mean(0, dtype=dtype).nan_to_num_(0.0, 0.0, 0.0)
 
 
 def _zero_state(dim: int, device: torch.device, shift: torch.Tensor, precision: str) -> tuple[torch.Tensor, ...]:
@@ -491,6 +499,8 @@ class ActivationCovarianceAccumulator:
             n = int(np.count_nonzero(keep))
             # NumPy's boolean row selection: far cheaper than torch's masked ops on the CPU
             sample = head.numpy()[keep[::step]] if step > 1 else head.numpy()[keep]
+            if n and not sample.shape[0]:  # every sampled row masked (see _sample_mean): valid rows instead
+                sample = rows.numpy()[np.flatnonzero(keep)[:: max(1, n // _SHIFT_ROWS)]].astype(sample.dtype)
             mean = np.add.reduce(sample, 0) / max(1, sample.shape[0])
         if not np.isfinite(mean).all():  # an fp32 sum overflowed (|x| > ~1e35), or NaN/Inf rows (stay so)
             sample = head.numpy() if keep is None else sample
@@ -605,7 +615,7 @@ class ActivationCovarianceAccumulator:
             # the dtype whose values are subtracted (representable_shift's values, not converted to
             # float64): the re-shifts below read it into float64 arithmetic exactly.
             sdt = shift_dtype(self.precision, chunk.dtype)
-            local = _sample_mean(chunk, cv, nk, wide=sdt == torch.float64).to(sdt)
+            local = _sample_mean(chunk, cv, wide=sdt == torch.float64).to(sdt)
             mk, sk = chunk_moments(chunk, local, self.precision, cv, lower_only=True)
             # NaN iff some entry of m is NaN or +-Inf (Inf * 0 is NaN; finite entries give exact zeros, so
             # the sum cannot overflow): 3 kernels, not isfinite's 6
