@@ -355,3 +355,30 @@ def test_mask_that_misses_every_evenly_spaced_row(max_chunk_rows):
     acc = ActivationCovarianceAccumulator(max_chunk_rows=max_chunk_rows)
     acc.update(x, mask=mask)
     _assert_matches(acc, x[mask].double().numpy(), TOL["exact"])
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pool=pools(), data=st.data())
+def test_masked_streams_chunked_and_merged_equal_one_float64_pass(pool, data):
+    """Masked updates (a chunk may lose all its rows), every chunk size down to 1 row, merged as a random
+    tree, rows with means up to 1e8 times their spread: float64 round-off of the whole pool's covariance."""
+    rows, sizes, seed = pool
+    rng = np.random.default_rng(seed)
+    rows = rows + 10 ** data.draw(st.floats(0, 8)) * rng.uniform(0.5, 1.5, rows.shape[1])
+    keep = rng.random(rows.shape[0]) < data.draw(st.floats(0.1, 1.0))
+    keep[rng.choice(rows.shape[0], 2, replace=False)] = True
+    x, mask = torch.from_numpy(rows), torch.from_numpy(keep)
+    max_chunk_rows = data.draw(st.sampled_from([1, 2, 5, 131072]))
+    accs, start = [], 0
+    for size in [*sizes]:
+        acc = ActivationCovarianceAccumulator(precision="float64", max_chunk_rows=max_chunk_rows)
+        for piece in np.array_split(np.arange(start, start + size), data.draw(st.integers(1, 3))):
+            if piece.size:
+                acc.update(x[piece], mask=mask[piece])
+        accs.append(acc)
+        start += size
+    while len(accs) > 1:
+        i, j = sorted(rng.choice(len(accs), 2, replace=False))
+        b, a = accs.pop(j), accs.pop(i)
+        accs.append(a.merge(b) if rng.random() < 0.5 else b.merge(a))
+    _assert_matches(accs[0], rows[keep], 1e-10)
