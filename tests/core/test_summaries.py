@@ -265,3 +265,19 @@ def test_ranks_refuse_negative_eigenvalues_and_zero_round_off(fn):
             fn(torch.tensor(bad, dtype=torch.float64))
     assert fn(torch.tensor([1.0, 1.0, -1e-17], dtype=torch.float64)) == pytest.approx(
         fn(torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)), rel=1e-15)
+
+
+def test_fits_refuse_non_finite_eigenvalues_in_their_window():
+    """band_alpha on a window holding a NaN (or Inf) returned alpha=nan with r2=1.0 (a perfect fit, as
+    reported) and estimate_crossover failed inside SciPy ('Residuals are not finite in the initial
+    point'); both now raise ValueError naming the window and the rank. NaN outside the window is not read."""
+    p = np.arange(1, 50.0) ** -1.0
+    p[20] = np.nan
+    with pytest.raises(ValueError, match=r"window \[1, 49\] holds a NaN/Inf eigenvalue \(first at rank 21\)"):
+        estimate_crossover(p, ranks=(1, 49))
+    with pytest.raises(ValueError, match=r"window \[10, 30\] holds a NaN/Inf eigenvalue \(first at rank 21\)"):
+        band_alpha(p, (10, 30))
+    p[20] = np.inf
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        band_alpha(p, (21, 30))
+    assert band_alpha(p, (1, 20)).alpha == pytest.approx(1.0, abs=1e-12)
