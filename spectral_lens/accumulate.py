@@ -2,8 +2,8 @@
 
 State is the float64 shifted sums of :mod:`spectral_lens.spectra.moments` around a shift ``s``:
 ``n``, ``m = sum (x - s)``, ``S = sum (x - s)(x - s)^T``. Each chunk is centered on its own shift (the
-mean of its first rows) before any product, and its sums are re-shifted into the state exactly in
-float64, so pools whose mean drifts from chunk to chunk lose no precision. ``update`` never
+mean of up to 1024 evenly spaced valid rows) before any product, and its sums are re-shifted into the
+state exactly in float64, so pools whose mean drifts from chunk to chunk lose no precision. ``update`` never
 synchronizes with the host; ``compute`` solves the eigenproblem once; ``compute_async`` snapshots the
 state without a host sync and solves on the CPU in the background (:mod:`spectral_lens.background`).
 
@@ -79,24 +79,32 @@ _SCRATCH_SHAPES = 4  # chunk shapes kept per thread
 _SCRATCH_MAX_BYTES = 16 << 20  # a chunk whose buffers are larger gets fresh ones each time
 
 
-def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None, n_valid=None, wide: bool = False) -> torch.Tensor:
-    """Mean of up to 1024 evenly spaced valid rows of a chunk (its shift; need not be exact).
+def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None, wide: bool = False) -> torch.Tensor:
+    """Mean of up to 1024 evenly spaced valid rows of a chunk (its shift; need not be exact); 0 if
+    no row is valid.
 
     Summed in float64 if ``wide`` (the shift is float64: float64 precision or float64 rows), so
     finite rows near float32's limit (|x| > ~1e35) cannot give an infinite shift; else in the rows'
     precision (fp32 for half types; float32 products of such rows overflow anyway), where a float64
-    sum would cost one more conversion kernel per update. ``n_valid``: ``valid.sum()`` if the
-    caller has it (the sample's count when every row is sampled).
+    sum would cost one more conversion kernel per update.
+
+    With a mask the rows are spaced evenly among the valid ones, found on the device (no host
+    read): the ``j``-th is the first row whose running count of valid rows exceeds
+    ``j * count // k``. Evenly spaced rows of the chunk could all be masked (a mask that keeps
+    the last token of each sequence never meets a stride dividing the sequence length): the shift
+    was then 0, and rows far from 0 lost their tail in the float32 products.
     """
-    step = max(1, rows.shape[0] // _SHIFT_ROWS)
-    head = rows[::step] if step > 1 else rows
-    dtype = torch.float64 if wide else (None if head.dtype == torch.float32 else torch.float32)
+    dtype = torch.float64 if wide else (None if rows.dtype == torch.float32 else torch.float32)
     if valid is None:  # one kernel: the sample is read and averaged in the accumulation dtype directly
-        return head.mean(0, dtype=dtype)
-    keep = valid[::step] if step > 1 else valid
-    count = n_valid if step == 1 and n_valid is not None else keep.sum()
-    # rows left out may hold anything, NaN included: zeroed (not multiplied by 0), then summed
-    return head.masked_fill(~keep.unsqueeze(-1), 0).sum(0, dtype=dtype) / count.clamp_min(1)
+        step = max(1, rows.shape[0] // _SHIFT_ROWS)
+        return (rows[::step] if step > 1 else rows).mean(0, dtype=dtype)
+    rank = valid.cumsum(0)
+    k = min(_SHIFT_ROWS, rows.shape[0])
+    targets = torch.arange(k, device=rows.device).mul_(rank[-1]).div_(k, rounding_mode="floor")
+    # searched in rank[:-1]: at most the last row, so no index is out of range when no row is valid
+    head = rows.index_select(0, torch.searchsorted(rank[:-1], targets, right=True))
+    # no valid row: the row read may hold anything (NaN, Inf); then a finite shift, whatever it is
+    return head.mean(0, dtype=dtype).nan_to_num_(0.0, 0.0, 0.0)
 
 
 def _zero_state(dim: int, device: torch.device, shift: torch.Tensor, precision: str) -> tuple[torch.Tensor, ...]:
@@ -272,6 +280,15 @@ def _add_lower(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         block.add_(a[r0:r1, :r1])
 
 
+def _adopt_shift(state_n: torch.Tensor, state_shift: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The shift to merge sums around: ``state_shift`` (float64), or ``shift`` (promoted to float64)
+    while the state holds no rows; two kernels, no host read. A state without rows has ``m = 0`` and
+    ``S = 0`` around any shift, but the shift it got from a chunk whose rows were all masked or skipped
+    is an arbitrary 0: sums of rows far from it (a mean of 1e8, spread 1) would lose every digit when
+    re-shifted there."""
+    return torch.where(state_n > 0, state_shift, shift)
+
+
 class ActivationCovarianceAccumulator:
     """Streaming centered covariance of d-dimensional rows and its eigen-spectrum.
 
@@ -343,6 +360,9 @@ class ActivationCovarianceAccumulator:
         self._updates = 0
         self._synced = False
         self._low_products = False  # whether any update formed its products below float64
+        # whether the state surely holds rows; until then (masked or skipped rows only) its shift may be
+        # an empty chunk's arbitrary 0, which the first rows replace by their own (see _adopt_shift)
+        self._has_rows = False
 
     def _label(self) -> str:
         return self.name or "ActivationCovarianceAccumulator"
@@ -495,6 +515,8 @@ class ActivationCovarianceAccumulator:
             n = int(np.count_nonzero(keep))
             # NumPy's boolean row selection: far cheaper than torch's masked ops on the CPU
             sample = head.numpy()[keep[::step]] if step > 1 else head.numpy()[keep]
+            if n and not sample.shape[0]:  # every sampled row masked (see _sample_mean): valid rows instead
+                sample = rows.numpy()[np.flatnonzero(keep)[:: max(1, n // _SHIFT_ROWS)]].astype(sample.dtype)
             mean = np.add.reduce(sample, 0) / max(1, sample.shape[0])
         if not np.isfinite(mean).all():  # an fp32 sum overflowed (|x| > ~1e35), or NaN/Inf rows (stay so)
             sample = head.numpy() if keep is None else sample
@@ -550,7 +572,12 @@ class ActivationCovarianceAccumulator:
             index = self._updates
             state_s = self._s_lower
             d = state_s.shape[0]
-            c = shift64 - self._shift.numpy()
+            state_shift, has_rows = self._shift, self._has_rows
+            if not has_rows:  # masked or skipped rows only so far (m = S = 0): the first rows give the shift
+                if int(self._n) == 0:  # a CPU count: read on the host, once rows are known never again
+                    state_shift = torch.from_numpy(shift64)
+                has_rows = n > 0 or state_shift is self._shift
+            c = shift64 - state_shift.numpy()
             m64 = m.astype(np.float64)
             new_m = torch.from_numpy(self._m.numpy() + (m64 + n * c))
             new_s = self._s_spare if self._s_spare is not None else torch.empty_like(state_s)
@@ -573,6 +600,8 @@ class ActivationCovarianceAccumulator:
             if bad:
                 bad_rows = bad_rows + bad
             # ---- commit: plain stores only
+            self._shift = state_shift
+            self._has_rows = has_rows
             self._n = new_n
             self._m = new_m
             self._s_spare = spare
@@ -602,7 +631,7 @@ class ActivationCovarianceAccumulator:
             # the dtype whose values are subtracted (representable_shift's values, not converted to
             # float64): the re-shifts below read it into float64 arithmetic exactly.
             sdt = shift_dtype(self.precision, chunk.dtype)
-            local = _sample_mean(chunk, cv, nk, wide=sdt == torch.float64).to(sdt)
+            local = _sample_mean(chunk, cv, wide=sdt == torch.float64).to(sdt)
             mk, sk = chunk_moments(chunk, local, self.precision, cv, lower_only=True)
             # NaN iff some entry of m is NaN or +-Inf (Inf * 0 is NaN; finite entries give exact zeros, so
             # the sum cannot overflow): 3 kernels, not isfinite's 6
@@ -612,8 +641,11 @@ class ActivationCovarianceAccumulator:
                 continue
             if s.dtype != torch.float64:  # a second chunk: switch the call's sums to float64
                 m, s = m.to(torch.float64), s.to(torch.float64)
-            # in float64, so the difference of two chunks' shifts is exact
+            # in float64, so the difference of two chunks' shifts is exact; the first chunk with rows
+            # gives it (a row count known on the host is > 0 from the first chunk on)
             shift = shift.to(torch.float64)
+            if isinstance(n, torch.Tensor):
+                shift = _adopt_shift(n, shift, local)
             accumulate_shifted(m, s, nk, mk, sk, local, shift)
             n = n + nk
             broken = None if bk is None else broken | bk
@@ -644,6 +676,9 @@ class ActivationCovarianceAccumulator:
             # values), m (fp32 unless the products were fp64) and a device row count into its float64
             # arithmetic itself: no conversion kernels.
             c, c_twice, u_twice, uc, cu = self._rank2 if self._rank2 is not None else self._rank2_scratch()
+            has_rows = self._has_rows
+            if not has_rows:  # masked or skipped rows only so far: the first rows give the shift
+                state_shift = _adopt_shift(state_n, state_shift, shift)
             torch.sub(shift, state_shift, out=c)
             if isinstance(n, torch.Tensor):
                 torch.addcmul(m, n, c_twice, value=0.5, out=u_twice)
@@ -663,7 +698,9 @@ class ActivationCovarianceAccumulator:
             state_shift = shift.to(torch.float64)
             new_s = s.to(torch.float64, copy=True)
             new_m = m.to(torch.float64, copy=True)
+            has_rows = False
         new_n = state_n + n
+        has_rows = has_rows or (not isinstance(n, torch.Tensor) and n > 0)  # a host count: no sync
         # the first update with NaN/Inf rows: first_bad + (first_bad < 0) * flag * (index + 1) turns
         # the -1 of "none yet" into index, in one kernel after the comparison (torch.where with a
         # Python index also fills a scalar tensor)
@@ -685,6 +722,7 @@ class ActivationCovarianceAccumulator:
         self._bad_rows = bad_rows
         self._first_bad = first_bad
         self._updates = index + 1
+        self._has_rows = has_rows
 
     # ---------------------------------------------------------------- results
     def _require_rows(self, k: int) -> int:
@@ -803,6 +841,8 @@ class ActivationCovarianceAccumulator:
         else:
             n, m, s, shift, bad, first = _zero_state(other.dim, other._s.device, other._shift, self.precision)
         o = {k: getattr(other, k).to(s.device) for k in ("_n", "_m", "_s", "_shift", "_bad_rows", "_first_bad")}
+        if self.initialized and not self._has_rows:  # masked or skipped rows only: other's shift is nearer its rows
+            shift = _adopt_shift(n, shift, o["_shift"])
         om, os_ = reshift(o["_n"], o["_m"], o["_s"], o["_shift"], shift)
         new_n, new_m, new_s, new_bad = n + o["_n"], m + om, s + os_, bad + o["_bad_rows"]
         shifted = torch.where(o["_first_bad"] >= 0, o["_first_bad"] + self._updates, -1)
@@ -817,6 +857,7 @@ class ActivationCovarianceAccumulator:
         self._first_bad = new_first
         self._updates += other._updates
         self._low_products |= other._low_products
+        self._has_rows |= other._has_rows
         return self
 
     def _sync_status(self, group, dev: torch.device) -> None:
@@ -901,6 +942,7 @@ class ActivationCovarianceAccumulator:
         self._bad_rows = packed[-1].round().to(torch.int64)
         self._first_bad = flags[0]
         self._low_products = bool(flags[2])
+        self._has_rows = float(totals[-1]) > 0
         self._synced = True
         return self
 
@@ -980,6 +1022,7 @@ class ActivationCovarianceAccumulator:
         if int(out["_n"]) < 0 or int(out["_bad_rows"]) < 0 or int(out["_first_bad"]) < -1:
             fail(f"counts out of range (n={int(out['_n'])}, bad_rows={int(out['_bad_rows'])}, "
                  f"first_bad={int(out['_first_bad'])})")
+        out["_has_rows"] = int(out["_n"]) > 0
         return out
 
     def load_state_dict(self, state: dict[str, Any], origin: str = "state_dict") -> None:

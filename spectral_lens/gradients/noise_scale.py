@@ -52,12 +52,17 @@ def noise_scale_from_gram(k: torch.Tensor, source: str | None = None) -> NoiseSc
     relative to ``|g|^2``: measured against float64 per-sample gradients, within 2.5e-6 up to
     ``|mean gradient| / |per-sample noise|`` = 1e5, 1.5e-4 at 1e6 and 1.5e-2 at 1e7 (an audit,
     2026-11-27). Gradients that much larger than their noise are not a regime the noise scale is
-    meant for.
+    meant for. ``ValueError`` for a ``k`` that is not square, or holds NaN/Inf.
     """
+    where = source or "noise scale"
+    if k.ndim != 2 or k.shape[0] != k.shape[1]:
+        raise ValueError(f"{where}: expected a square (M, M) Gram matrix, got shape {tuple(k.shape)}")
     m = k.shape[0]
     if m < 2:
-        raise ValueError(f"{source or 'noise scale'}: needs at least 2 samples, got {m}")
+        raise ValueError(f"{where}: needs at least 2 samples, got {m}")
     k = k.to(torch.float64)
+    if not bool(torch.isfinite(k).all()):
+        raise ValueError(f"{where}: the Gram matrix holds NaN/Inf (non-finite per-sample gradients)")
     small = float(torch.diagonal(k).sum()) / m  # mean |g_m|^2
     big = float(k.sum()) / m**2  # |g_mean|^2
     trace_sigma = (small - big) * m / (m - 1)

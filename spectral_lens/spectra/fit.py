@@ -87,6 +87,11 @@ def _check_window(p: np.ndarray, window: tuple[int, int]) -> tuple[int, int]:
         raise ValueError(
             f"window [{lo}, {hi}] exceeds the spectrum: only {p.size} eigenvalues are available"
         )
+    finite = np.isfinite(p[lo - 1 : hi])
+    if not finite.all():
+        raise ValueError(
+            f"window [{lo}, {hi}] holds a NaN/Inf eigenvalue (first at rank {lo + int(np.argmin(finite))})"
+        )
     nonzero = int(np.count_nonzero(p > 0))
     if np.any(p[lo - 1 : hi] <= 0):
         raise ValueError(
@@ -115,7 +120,8 @@ def band_alpha(p, window: tuple[int, int]) -> AlphaFit:
     """Band-restricted exponent ``alpha(I)`` of a (trace-normalized) spectrum ``p`` over ``window``.
 
     ``p`` must be sorted descending; normalization does not change ``alpha`` (only the intercept).
-    Raises ``ValueError`` if the window is malformed, exceeds the spectrum or reaches zero eigenvalues.
+    Raises ``ValueError`` if the window is malformed, exceeds the spectrum, reaches zero eigenvalues or
+    holds NaN/Inf.
     """
     arr = _as_numpy(p)
     lo, hi = _check_window(arr, window)

@@ -6,6 +6,10 @@ import torch
 
 __all__ = ["rankme", "participation_ratio", "stable_rank"]
 
+#: Negative eigenvalues down to this fraction of the largest are an eigensolver's float64 round-off and
+#: count as 0; below it the values are not a spectrum (``ValueError``).
+NEGATIVE_TOLERANCE = 1e-10
+
 
 def rankme(values: torch.Tensor, on: str = "eigenvalues") -> torch.Tensor:
     """Entropy effective rank ``exp(-sum_j p_j log p_j)``.
@@ -13,8 +17,9 @@ def rankme(values: torch.Tensor, on: str = "eigenvalues") -> torch.Tensor:
     ``on="eigenvalues"`` uses ``p_j = lambda_j / sum lambda`` (the paper's definition for covariances);
     ``on="singular_values"`` uses ``p_j = sigma_j / sum sigma`` with ``sigma_j = sqrt(lambda_j)``
     (Garrido et al.'s RankMe on embedding singular values). Zero entries contribute 0. Formed from
-    ``lambda / max lambda`` (scale-free, no overflow); ``ValueError`` for NaN/Inf eigenvalues and for
-    an all-zero (or empty) spectrum.
+    ``lambda / max lambda`` (scale-free, no overflow); ``ValueError`` for NaN/Inf eigenvalues, for
+    negative ones beyond round-off (:data:`NEGATIVE_TOLERANCE` of the largest; those within count as
+    0) and for an all-zero (or empty) spectrum.
     """
     if on not in ("eigenvalues", "singular_values"):
         raise ValueError(f"rankme: on must be 'eigenvalues' or 'singular_values', got {on!r}")
@@ -22,7 +27,7 @@ def rankme(values: torch.Tensor, on: str = "eigenvalues") -> torch.Tensor:
     if w is None:
         raise ValueError("rankme: spectrum is all zero")
     if on == "singular_values":
-        w = w.clamp_min(0).sqrt()
+        w = w.sqrt()
     p = w / w.sum()
     plogp = torch.where(p > 0, p * torch.log(torch.where(p > 0, p, 1.0)), torch.zeros_like(p))
     return torch.exp(-plogp.sum())
@@ -30,12 +35,21 @@ def rankme(values: torch.Tensor, on: str = "eigenvalues") -> torch.Tensor:
 
 def _scaled(values: torch.Tensor, name: str) -> torch.Tensor | None:
     """``values`` in float64 divided by their largest entry (so squares neither overflow nor underflow),
-    or ``None`` for an all-zero (or empty) spectrum; raises ``ValueError`` naming ``name`` for NaN/Inf."""
+    round-off negatives set to 0, or ``None`` for an all-zero (or empty) spectrum; raises ``ValueError``
+    naming ``name`` for NaN/Inf and for negative eigenvalues beyond :data:`NEGATIVE_TOLERANCE`."""
     v = values.to(torch.float64)
     if not bool(torch.isfinite(v).all()):
         raise ValueError(f"{name}: the spectrum has NaN/Inf eigenvalues")
-    top = v.max() if v.numel() else torch.zeros((), dtype=torch.float64)
-    return v / top if bool(top > 0) else None
+    if not v.numel():
+        return None
+    top, low = float(v.max()), float(v.min())
+    if low < -NEGATIVE_TOLERANCE * max(top, 0.0):
+        raise ValueError(
+            f"{name}: the spectrum has a negative eigenvalue {low:.6g} (largest {top:.6g}); eigenvalues of a "
+            f"PSD operator must be >= 0 (round-off down to {NEGATIVE_TOLERANCE:g} of the largest counts as 0; "
+            "clamp larger ones with values.clamp_min(0) if you know them to be round-off)"
+        )
+    return v.clamp_min(0) / top if top > 0 else None
 
 
 def participation_ratio(values: torch.Tensor) -> torch.Tensor:

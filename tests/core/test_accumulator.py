@@ -294,3 +294,91 @@ def test_symmetric_product_cpu_syrk(dtype, n, d):
     ref = y.double().t() @ y.double()
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     assert ((s.double() - ref).abs() <= tol * ref.abs().max()).all()
+
+
+@pytest.mark.parametrize("how", ["one_chunk", "chunks", "merge", "merge_empty_first", "skip_nan", "reload"])
+def test_rows_far_from_zero_after_an_update_without_valid_rows(how, tmp_path):
+    """A first update whose rows are all masked (or all NaN under nonfinite='skip') has no rows to take a
+    shift from; the shift it got (0) used to stay the state's, so rows with a mean of 1e8 and a spread of
+    1 were re-shifted around 0 and their covariance lost every digit (eigenvalues off by 10x the largest).
+    The first rows now give the shift, on every path: one-chunk CPU updates, chunked calls (an all-masked
+    first chunk), merges and a saved-and-reloaded empty state."""
+    rng = np.random.default_rng(3)
+    d = 12
+    rows = rng.standard_normal((600, d)) * np.logspace(0, -3, d) + 1e8 * rng.uniform(0.5, 1.5, d)
+    x = torch.from_numpy(rows)
+    none = torch.zeros(5, dtype=torch.bool)
+    acc = ActivationCovarianceAccumulator(precision="float64", max_chunk_rows=4 if how == "chunks" else 131072,
+                                          nonfinite="skip" if how == "skip_nan" else "raise")
+    if how == "chunks":  # an empty state, then a chunked call whose first chunk holds only masked rows
+        acc.update(torch.zeros(5, d, dtype=torch.float64), mask=none)
+        mask = torch.ones(x.shape[0] + 4, dtype=torch.bool)
+        mask[:4] = False
+        acc.update(torch.cat([torch.zeros(4, d, dtype=torch.float64), x]), mask=mask)
+    elif how == "skip_nan":
+        with pytest.warns(NonFiniteRowsWarning):
+            acc.update(torch.full((5, d), float("nan"), dtype=torch.float64))
+            acc.update(x)
+            _assert_matches(acc, rows, 1e-10)
+        return
+    elif how.startswith("merge"):
+        empty = ActivationCovarianceAccumulator(precision="float64")
+        empty.update(torch.zeros(5, d, dtype=torch.float64), mask=none)
+        full = ActivationCovarianceAccumulator(precision="float64")
+        full.update(x[:300], mask=torch.ones(300, dtype=torch.bool))  # a mask: row count not known on the host
+        if how == "merge":
+            acc = empty.merge(full)
+        else:  # merged into a state that has no rows yet, then plain updates
+            acc = empty
+            acc.update(x[:300])
+        acc.update(x[300:])
+    else:
+        acc.update(torch.zeros(5, d, dtype=torch.float64), mask=none)
+        if how == "reload":
+            acc = ActivationCovarianceAccumulator.load(acc.save(tmp_path / "empty"))
+        acc.update(x)
+    _assert_matches(acc, rows, 1e-10)
+
+
+@pytest.mark.parametrize("max_chunk_rows", [131072, 2048])  # the CPU one-chunk path; the generic path in chunks
+def test_mask_that_misses_every_evenly_spaced_row(max_chunk_rows):
+    """A mask keeping the last token of each 64-token sequence never meets the row sample of a chunk taken
+    with a stride of 2 or 4 (every second or fourth of 2048-4096 rows): the chunk's shift used to be the
+    mean of no rows, 0, and rows with a mean of ~300 then lost their tail in the float32 products (1.4e-2 of
+    the largest eigenvalue, the smallest ones wrong by 100%). The sample is now spaced among the valid rows."""
+    rng = np.random.default_rng(0)
+    b, t, d = 64, 64, 16
+    rows = rows_with_spectrum(b * t, np.arange(1, d + 1) ** -1.5, 300.0, rng).reshape(b, t, d)
+    x = torch.from_numpy(rows).float()
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    mask[:, -1] = True
+    acc = ActivationCovarianceAccumulator(max_chunk_rows=max_chunk_rows)
+    acc.update(x, mask=mask)
+    _assert_matches(acc, x[mask].double().numpy(), TOL["exact"])
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pool=pools(), data=st.data())
+def test_masked_streams_chunked_and_merged_equal_one_float64_pass(pool, data):
+    """Masked updates (a chunk may lose all its rows), every chunk size down to 1 row, merged as a random
+    tree, rows with means up to 1e8 times their spread: float64 round-off of the whole pool's covariance."""
+    rows, sizes, seed = pool
+    rng = np.random.default_rng(seed)
+    rows = rows + 10 ** data.draw(st.floats(0, 8)) * rng.uniform(0.5, 1.5, rows.shape[1])
+    keep = rng.random(rows.shape[0]) < data.draw(st.floats(0.1, 1.0))
+    keep[rng.choice(rows.shape[0], 2, replace=False)] = True
+    x, mask = torch.from_numpy(rows), torch.from_numpy(keep)
+    max_chunk_rows = data.draw(st.sampled_from([1, 2, 5, 131072]))
+    accs, start = [], 0
+    for size in [*sizes]:
+        acc = ActivationCovarianceAccumulator(precision="float64", max_chunk_rows=max_chunk_rows)
+        for piece in np.array_split(np.arange(start, start + size), data.draw(st.integers(1, 3))):
+            if piece.size:
+                acc.update(x[piece], mask=mask[piece])
+        accs.append(acc)
+        start += size
+    while len(accs) > 1:
+        i, j = sorted(rng.choice(len(accs), 2, replace=False))
+        b, a = accs.pop(j), accs.pop(i)
+        accs.append(a.merge(b) if rng.random() < 0.5 else b.merge(a))
+    _assert_matches(accs[0], rows[keep], 1e-10)

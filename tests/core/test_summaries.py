@@ -253,3 +253,31 @@ def test_insufficient_rows_warning_states_the_rows_a_window_needs():
         _w.simplefilter("error", InsufficientRowsWarning)
         BandAlphaFitter((100, 200)).fit(_spectrum(values, n_rows=200, kind="gradient"))
         BandAlphaFitter((100, 200)).fit(_spectrum(values, n_rows=201))
+
+
+@pytest.mark.parametrize("fn", [RankMe(), RankMe("singular_values"), participation_ratio, stable_rank])
+def test_ranks_refuse_negative_eigenvalues_and_zero_round_off(fn):
+    """An eigenvalue tensor with a negative entry beyond round-off is not a spectrum: RankMe of [1, -1] used
+    to be 0.0, of [1, -0.5] 0.25 (participation ratio 0.2, stable rank 0.5), and an all-negative one
+    'all zero'. Now ValueError naming the value; an eigensolver's round-off negatives still count as 0."""
+    for bad in ([1.0, -1.0], [1.0, -0.5], [-1.0, -2.0], [1.0, 1.0, -1e-6]):
+        with pytest.raises(ValueError, match=r"negative eigenvalue -[0-9.e-]+ \(largest"):
+            fn(torch.tensor(bad, dtype=torch.float64))
+    assert fn(torch.tensor([1.0, 1.0, -1e-17], dtype=torch.float64)) == pytest.approx(
+        fn(torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)), rel=1e-15)
+
+
+def test_fits_refuse_non_finite_eigenvalues_in_their_window():
+    """band_alpha on a window holding a NaN (or Inf) returned alpha=nan with r2=1.0 (a perfect fit, as
+    reported) and estimate_crossover failed inside SciPy ('Residuals are not finite in the initial
+    point'); both now raise ValueError naming the window and the rank. NaN outside the window is not read."""
+    p = np.arange(1, 50.0) ** -1.0
+    p[20] = np.nan
+    with pytest.raises(ValueError, match=r"window \[1, 49\] holds a NaN/Inf eigenvalue \(first at rank 21\)"):
+        estimate_crossover(p, ranks=(1, 49))
+    with pytest.raises(ValueError, match=r"window \[10, 30\] holds a NaN/Inf eigenvalue \(first at rank 21\)"):
+        band_alpha(p, (10, 30))
+    p[20] = np.inf
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        band_alpha(p, (21, 30))
+    assert band_alpha(p, (1, 20)).alpha == pytest.approx(1.0, abs=1e-12)

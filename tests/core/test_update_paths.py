@@ -194,7 +194,12 @@ def test_generic_path_kernel_count_does_not_grow(monkeypatch):
     counts them (16 x 8 bf16 rows on the CPU). On CUDA the count is the same: one more there for the
     float64 add NumPy does here, one fewer for the centring, which the CPU runs as a conversion and a
     subtraction (a single mixed-dtype kernel on CUDA, a slow path on the CPU). Before the count was
-    trimmed: 21/40/34/42 (exact) and 22/41/35/43 (fast), with the single centring op."""
+    trimmed: 21/40/34/42 (exact) and 22/41/35/43 (fast), with the single centring op. Updates with a mask
+    or ``nonfinite="skip"`` pay five more than at that trim (2026-11-27): their shift's row sample is
+    spaced among the valid rows (``cumsum``, ``arange``, two integer ops, ``searchsorted``, ``index_select``,
+    ``mean``, ``nan_to_num_`` instead of six masked-sum ops; see ``test_mask_that_misses_every_evenly_spaced_row``),
+    and as their rows are counted on the device the host cannot tell whether the state holds rows yet
+    (``gt``, ``where``: see ``test_rows_far_from_zero_after_an_update_without_valid_rows``)."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
     import bench_covariance
 
@@ -205,9 +210,9 @@ def test_generic_path_kernel_count_does_not_grow(monkeypatch):
         torch.set_num_threads(threads)
         sys.modules.pop("bench_covariance", None)
     counts = {(r["precision"], r["masked"], r["nonfinite"]): r["ops_per_update"] for r in rows if r["path"] == "generic"}
-    most = {("exact", False, "raise"): 16, ("exact", False, "skip"): 26, ("exact", True, "raise"): 23,
-            ("exact", True, "skip"): 28, ("fast", False, "raise"): 18, ("fast", False, "skip"): 28,
-            ("fast", True, "raise"): 25, ("fast", True, "skip"): 30}
+    most = {("exact", False, "raise"): 16, ("exact", False, "skip"): 31, ("exact", True, "raise"): 28,
+            ("exact", True, "skip"): 33, ("fast", False, "raise"): 18, ("fast", False, "skip"): 33,
+            ("fast", True, "raise"): 30, ("fast", True, "skip"): 35}
     assert counts.keys() == most.keys()
     assert all(counts[k] <= most[k] for k in most), counts
 

@@ -52,3 +52,14 @@ def test_probe_noise_scale(gpt, helpers):
         assert out[n].trace_sigma == pytest.approx(ts, rel=1e-10)
         assert out[n].grad_norm_sq == pytest.approx(gs, rel=1e-10)
         assert out[n].b_simple == pytest.approx(b, rel=1e-9) if gs > 0 else math.isinf(out[n].b_simple)
+
+
+def test_from_gram_refuses_non_square_and_non_finite_grams():
+    """A NaN Gram matrix used to give b_simple=inf (read as 'noise dominates'), a (3, 5) one a negative
+    trace, a 1-D one an IndexError; now a ValueError naming the source and what was expected."""
+    with pytest.raises(ValueError, match=r"w: the Gram matrix holds NaN/Inf"):
+        noise_scale_from_gram(torch.full((3, 3), float("nan")), source="w")
+    with pytest.raises(ValueError, match=r"w: expected a square \(M, M\) Gram matrix, got shape \(3, 5\)"):
+        noise_scale_from_gram(torch.ones(3, 5), source="w")
+    with pytest.raises(ValueError, match=r"noise scale: expected a square .* got shape \(4,\)"):
+        noise_scale_from_gram(torch.ones(4))
