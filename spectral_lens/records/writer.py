@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..atomic import TMP_SUFFIX, write_atomic
+from ..atomic import TMP_SUFFIX, named_os_error, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
 from ..spectra.fit import tail_window as _tail_window
 from ..spectrum import Spectrum
@@ -203,11 +203,19 @@ class RunWriter:
         if fd is None:
             raise ValueError(f"RunWriter for {self.path} is closed")
         data = _json_line(obj)
-        written = os.write(fd, data)
-        while written < len(data):  # regular files write everything at once; be safe anyway
-            written += os.write(fd, data[written:])
-        if self.fsync:
-            os.fsync(fd)
+        start = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            while written < len(data):  # a short write (disk filling up): write the rest, or fail below
+                written += os.write(fd, data[written:])
+            if self.fsync:
+                os.fsync(fd)
+        except OSError as exc:  # ENOSPC, EIO, file-size limit: name the file, and leave no partial line
+            try:  # that the next line would be glued onto (costing both lines)
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise named_os_error(exc, self.path / name) from exc
 
     def log(self, step: int, tokens: int, **scalars: Any) -> None:
         """Append one scalar event to ``log.jsonl``.

@@ -117,3 +117,46 @@ def test_resume_cleans_nothing_when_a_line_is_unreadable(tmp_path):
     before = sorted(p.name for p in (run / "spectra").iterdir())
     RunWriter(run, resume=True, fsync=False).close()
     assert sorted(p.name for p in (run / "spectra").iterdir()) == before
+
+
+def _short_write_then(err):
+    """An ``os.write`` that writes 10 bytes of the first call (a disk filling up), then raises ``err``."""
+    import os
+
+    real, calls = os.write, []
+
+    def write(fd, data):
+        calls.append(fd)
+        if len(calls) == 1:
+            return real(fd, data[:10])
+        raise OSError(err, os.strerror(err))
+
+    return write
+
+
+@pytest.mark.parametrize("fault", ["enospc_after_short_write", "eio_on_write", "eio_on_fsync"])
+def test_a_failed_append_names_the_file_and_leaves_no_partial_line(tmp_path, monkeypatch, fault):
+    import errno
+    import os
+
+    run = _run(tmp_path / "run")
+    lfile = run / "log.jsonl"
+    with RunWriter(run, resume=True, fsync=fault == "eio_on_fsync") as w:
+        before = lfile.read_bytes()
+        if fault == "enospc_after_short_write":
+            monkeypatch.setattr(os, "write", _short_write_then(errno.ENOSPC))
+        elif fault == "eio_on_write":
+            monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+        else:
+            monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+        with pytest.raises(OSError) as info:
+            w.log(4, 400, train_loss=1.0)
+        monkeypatch.undo()
+        assert info.value.filename == str(lfile), info.value  # the error names the file
+        assert info.value.errno in (errno.ENOSPC, errno.EIO)
+        assert lfile.read_bytes() == before  # no partial line left behind
+        w.log(5, 500, train_loss=0.5)  # the disk has room again: the next line is not glued onto a torn one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        events = RunRecord.open(run).events
+    assert [e["step"] for e in events] == [1, 2, 3, 5]
