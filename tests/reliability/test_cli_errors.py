@@ -36,6 +36,13 @@ def _make(tmp_path, case: str):
         header["summary_windows"] = {"tail": "wide"}
         (p / "run.json").write_text(json.dumps(header))
         return [str(p)], p / "run.json"
+    if case == "run_json_huge_batch_tier":  # an int float() refuses: was an OverflowError traceback
+        with RunWriter(p, RunInfo("r"), fsync=False):
+            pass
+        header = json.loads((p / "run.json").read_text())
+        header["batch_tier"] = 10**400
+        (p / "run.json").write_text(json.dumps(header))
+        return [str(p)], p / "run.json"
     if case == "spectra_dir_entry_is_a_directory":
         with RunWriter(p, RunInfo("r"), fsync=False) as w:
             w.log_measurement(1, 10, {"act": Spectrum(torch.tensor([2.0, 1.0]), n_rows=5, dim=2)})
@@ -47,7 +54,7 @@ def _make(tmp_path, case: str):
 
 
 RUN_CASES = ["nested_run_json", "run_json_is_a_directory", "run_json_wrong_field_types", "run_json_bad_windows",
-             "spectra_dir_entry_is_a_directory"]
+             "run_json_huge_batch_tier", "spectra_dir_entry_is_a_directory"]
 
 
 def _status(argv) -> int:
@@ -85,6 +92,16 @@ def test_predict_broken_run_directories(tmp_path, capsys, case):
 def test_report_on_a_broken_run(tmp_path, capsys):
     args, path = _make(tmp_path, "run_json_is_a_directory")
     _one_line_error(capsys, ["report", *args, "--out", str(tmp_path / "out"), "--no-plots"], path)
+
+
+@pytest.mark.parametrize("value", [[1], "fast", 10**400], ids=["list", "string", "huge_int"])
+def test_inspect_a_run_whose_recorded_throughput_is_not_a_number(tmp_path, capsys, value):
+    """extras['throughput'] (update_info) of the wrong type was a TypeError / OverflowError traceback, or
+    'could not convert string to float' without a file name."""
+    with RunWriter(tmp_path / "r", RunInfo("r"), fsync=False) as w:
+        w.update_info(throughput=value)
+    line = _one_line_error(capsys, ["inspect", str(tmp_path / "r")], tmp_path / "r" / "run.json")
+    assert "extras['throughput'] must be a number" in line
 
 
 @pytest.mark.parametrize("name", ["a.npy", "nested.npz", "garbage.npz", "missing.npz"])

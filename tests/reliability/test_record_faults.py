@@ -33,6 +33,13 @@ BAD_LINES = {
     "kind_number": {"step": 9, "tokens": 900, "spectra": {"act": {"file": "spectra/00000001_act.npz", "kind": 3}}},
     "nested": "[" * 50_000 + "]" * 50_000,
     "nested_object": '{"step": 9, "tokens": 900, "scalars": ' + '{"a": ' * 50_000 + "1" + "}" * 50_001,
+    # integers beyond the float range raised OverflowError (a traceback from the CLI), not a line error
+    "scalar_huge_int": {"step": 9, "tokens": 900, "scalars": {"noise_scale": 10**400}, "spectra": {}},
+    "val_loss_huge_int": {"step": 9, "tokens": 900, "val_loss": 10**400, "spectra": {}},
+    "summary_huge_int": {"step": 9, "tokens": 900,
+                         "spectra": {"act": {"file": "spectra/00000001_act.npz", "summaries": {"rankme": -10**400}}}},
+    "tokens_huge_int": {"step": 9, "tokens": 10**400, "spectra": {}},
+    "step_bool": {"step": True, "tokens": 900, "spectra": {}},
 }
 
 
@@ -54,7 +61,11 @@ def test_a_malformed_measurement_line_costs_that_line_only(tmp_path, case):
         RunRecord.open(run)
 
 
-@pytest.mark.parametrize("event", [{"step": 9, "tokens": 9, "val_loss": "low"}, "{" * 50_000 + "}" * 50_000])
+@pytest.mark.parametrize("event", [{"step": 9, "tokens": 9, "val_loss": "low"}, "{" * 50_000 + "}" * 50_000,
+                                   {"step": 9, "tokens": 9, "val_loss": 10**400},
+                                   {"step": 9, "tokens": 9, "tokens_per_s": 10**400},
+                                   {"step": 9, "tokens": 10**400}, {"step": False, "tokens": 9}],
+                         ids=["loss_string", "nested", "loss_huge_int", "tps_huge_int", "tokens_huge_int", "step_bool"])
 def test_a_malformed_event_line_costs_that_line_only(tmp_path, event):
     run = _run(tmp_path / "run")
     log = run / "log.jsonl"
@@ -63,6 +74,7 @@ def test_a_malformed_event_line_costs_that_line_only(tmp_path, event):
         rec = RunRecord.open(run, errors="skip")
     assert len(rec.events) == 3
     rec.val_curve()
+    rec.throughput()
 
 
 def test_resume_keeps_a_complete_last_line_that_lacks_its_newline(tmp_path):
