@@ -133,6 +133,9 @@ class RunWriter:
         self._fds: dict[str, int] = {}
         for name in (LOG_FILE, MEASUREMENTS_FILE):
             self._fds[name] = self._open_append(self.path / name)
+        if fsync:  # the entries just created (the JSONL files, spectra/, the run directory) must be durable
+            _fsync_dir(self.path)  # too, not only what is fsynced into them
+            _fsync_dir(self.path.parent)
 
     def _leftovers(self) -> list[str]:
         """The record files of another run in this directory: ``log.jsonl``, ``measurements.jsonl``,

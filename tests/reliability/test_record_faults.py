@@ -172,3 +172,32 @@ def test_a_failed_append_names_the_file_and_leaves_no_partial_line(tmp_path, mon
         warnings.simplefilter("error")
         events = RunRecord.open(run).events
     assert [e["step"] for e in events] == [1, 2, 3, 5]
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_the_new_record_files_are_durable_directory_entries(tmp_path, monkeypatch, resume):
+    """RunWriter created log.jsonl, measurements.jsonl and spectra/ after the last fsync of the run
+    directory (the one after run.json's rename): lines fsynced into the files could vanish with the
+    files' directory entries on a power loss."""
+    import os
+
+    from spectral_lens import atomic
+    from spectral_lens.records import writer
+
+    run = tmp_path / "runs" / "r"
+    if resume:
+        with RunWriter(run, RunInfo("r"), fsync=False):
+            pass
+        for name in ("log.jsonl", "measurements.jsonl"):
+            (run / name).unlink()
+    seen = []
+
+    def fsync_dir(path):
+        seen.append((str(path), set(os.listdir(path))))
+
+    monkeypatch.setattr(writer, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(atomic, "fsync_dir", fsync_dir)
+    RunWriter(run, None if resume else RunInfo("r"), resume=resume).close()
+    assert any(p == str(run) and {"run.json", "log.jsonl", "measurements.jsonl", "spectra"} <= names
+               for p, names in seen), seen
+    assert any(p == str(run.parent) and "r" in names for p, names in seen), seen
