@@ -264,6 +264,8 @@ def _cmd_inspect(args) -> int:
         _inspect_run(path, args.strict)
     elif path.is_file():
         _inspect_spectrum(path)
+    elif path.exists():
+        raise ValueError(f"{path}: not a regular file or a directory (expected a spectrum .npz file or a run directory)")
     else:
         raise FileNotFoundError(f"{path}: no such file or directory")
     return 0

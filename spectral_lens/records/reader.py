@@ -146,7 +146,9 @@ class RunRecord:
             header = json.loads(run_file.read_text(encoding="utf-8"))
         except RecursionError:
             raise RecordFormatError(f"{run_file}: corrupted run metadata (JSON nested too deeply)") from None
-        except (ValueError, UnicodeDecodeError, OSError) as exc:
+        except OSError as exc:  # unreadable (permissions, I/O error), not corrupted
+            raise RecordFormatError(f"{run_file}: cannot read run metadata ({exc.strerror or exc})") from exc
+        except (ValueError, UnicodeDecodeError) as exc:
             raise RecordFormatError(f"{run_file}: corrupted run metadata ({exc})") from exc
         if not isinstance(header, dict) or header.get("format") != _FORMAT:
             raise RecordFormatError(f"{run_file}: not a spectral-lens run file (format {header.get('format')!r})"

@@ -104,6 +104,37 @@ def test_inspect_a_run_whose_recorded_throughput_is_not_a_number(tmp_path, capsy
     assert "extras['throughput'] must be a number" in line
 
 
+def test_inspect_a_path_that_is_neither_file_nor_directory(tmp_path, capsys):
+    """A FIFO (or /dev/null) given to inspect was reported as 'no such file or directory'."""
+    import os
+
+    fifo = tmp_path / "pipe.npz"
+    os.mkfifo(fifo)
+    line = _one_line_error(capsys, ["inspect", str(fifo)], fifo)
+    assert "not a regular file or a directory" in line and "no such file" not in line
+
+
+def test_an_unreadable_run_json_is_not_called_corrupted(tmp_path, capsys, monkeypatch):
+    """A run.json the user may not read (chmod 000; simulated, as root ignores permissions) was
+    reported as 'corrupted run metadata', which invites deleting a good file."""
+    import errno
+    from pathlib import Path
+
+    with RunWriter(tmp_path / "r", RunInfo("r"), fsync=False):
+        pass
+    run_json = tmp_path / "r" / "run.json"
+    real = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self == run_json:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    line = _one_line_error(capsys, ["inspect", str(tmp_path / "r")], run_json)
+    assert "cannot read run metadata (Permission denied)" in line and "corrupted" not in line, line
+
+
 @pytest.mark.parametrize("name", ["a.npy", "nested.npz", "garbage.npz", "missing.npz"])
 def test_bad_spectrum_files(tmp_path, capsys, name):
     path = tmp_path / name
