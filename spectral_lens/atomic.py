@@ -5,7 +5,8 @@ choices, reports) use it too.
 
 A write that fails for any reason (disk full, file-size limit, an exception in the serializer, a
 crash) leaves the previous file at ``path`` untouched and removes its temporary file; an ``OSError``
-from the write or the fsync (``ENOSPC``, ``EIO``, ...) is raised with ``filename`` set to ``path`` (a killed
+of the write, the fsync or the rename (``ENOSPC``, ``EIO``, ``path`` a directory, ...) is raised with
+``filename`` set to ``path`` (a killed
 process can leave a ``.*.tmp`` file behind; :class:`~spectral_lens.records.RunWriter` cleans those on
 resume).
 """
@@ -67,8 +68,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(exc, OSError) and exc.filename is None:
-            raise named_os_error(exc, path) from exc
+        if isinstance(exc, OSError) and exc.filename in (None, os.fspath(tmp)):  # name the target, not a
+            raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc  # removed temp file
         raise
     if fsync:
         fsync_dir(path.parent)

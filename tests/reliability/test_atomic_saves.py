@@ -176,6 +176,17 @@ def test_text_and_figure_writes_failing_mid_write_keep_the_old_file(tmp_path, mo
     assert _leftovers(tmp_path) == []
 
 
+def test_a_write_onto_a_directory_names_the_target_not_the_temporary_file(tmp_path, capsys):
+    """'report --out D' with D/report.md a directory said 'D/.report.md.<hex>.tmp: Is a directory',
+    naming a temporary file that no longer exists."""
+    target = tmp_path / "report.md"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        _io.write_text_atomic(target, "x")
+    assert info.value.filename == str(target), info.value
+    assert _leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("fault", ["enospc_in_write", "eio_in_fsync"])
 def test_a_failed_write_names_the_file(tmp_path, monkeypatch, fault):
     import errno
