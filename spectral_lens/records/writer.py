@@ -275,6 +275,10 @@ class RunWriter:
             summaries: per-spectrum scalar summaries to store; merged over (and overriding) the
                 defaults of :func:`spectrum_summaries` unless ``summarize=False``.
 
+        Every number is converted first: a value that is not one raises ``TypeError`` / ``ValueError``
+        naming the argument, before anything is written; a failure while saving the spectra removes
+        those already saved, so a refused call leaves no files behind.
+
         Returns the :class:`Measurement` as written.
         """
         spectra = dict(spectra or {})
@@ -287,28 +291,39 @@ class RunWriter:
                 raise ValueError(f"log_measurement: summaries given for unknown spectra {sorted(extra)}")
         if progress is None and self.info.total_tokens:
             progress = tokens / self.info.total_tokens
+        # every number is checked before anything is written: a bad one leaves no spectrum file behind
+        progress = None if progress is None else _float_arg(progress, "progress")
+        val_loss = None if val_loss is None else _float_arg(val_loss, "val_loss")
+        scalars = {k: _float_arg(v, f"scalars[{k!r}]") for k, v in (scalars or {}).items()}
+        user_summaries = {n: {k: _float_arg(v, f"summaries[{n!r}][{k!r}]") for k, v in summaries[n].items()}
+                          for n in (summaries or {})}
         taken: set[str] = set()
         entries: dict[str, dict[str, Any]] = {}
         all_summaries: dict[str, dict[str, float]] = {}
-        for name, spec in spectra.items():
-            rel = self._spectrum_file(step, name, taken)
-            spec.save(self.path / rel, fsync=self.fsync)  # atomic: temp file, fsync, rename
-            summ = spectrum_summaries(spec, self.tail_window, self.head_window) if summarize else {}
-            if summaries is not None and name in summaries:
-                summ.update({k: float(v) for k, v in summaries[name].items()})
-            all_summaries[name] = summ
-            entries[name] = {"file": rel, "kind": spec.kind, "summaries": summ}
+        try:
+            for name, spec in spectra.items():
+                rel = self._spectrum_file(step, name, taken)
+                spec.save(self.path / rel, fsync=self.fsync)  # atomic: temp file, fsync, rename
+                entries[name] = {"file": rel, "kind": spec.kind}
+                summ = spectrum_summaries(spec, self.tail_window, self.head_window) if summarize else {}
+                summ.update(user_summaries.get(name, {}))
+                all_summaries[name] = summ
+                entries[name]["summaries"] = summ
+        except BaseException:  # e.g. a later spectrum refused or the disk full: no line will refer to the
+            for entry in entries.values():  # files already saved, so do not leave them behind
+                (self.path / entry["file"]).unlink(missing_ok=True)
+            raise
         if spectra and self.fsync:
             _fsync_dir(self.path / SPECTRA_DIR)
         now = time.time()
         line = {
             "step": int(step),
             "tokens": int(tokens),
-            "progress": None if progress is None else float(progress),
-            "val_loss": None if val_loss is None else float(val_loss),
+            "progress": progress,
+            "val_loss": val_loss,
             "time": now,
             "spectra": entries,
-            "scalars": {k: float(v) for k, v in (scalars or {}).items()},
+            "scalars": scalars,
         }
         self._append(MEASUREMENTS_FILE, line)
         return Measurement(
@@ -411,6 +426,17 @@ class RunWriter:
 
 #: Event keys the reader requires to be numbers (see ``RunRecord.open``).
 _NUMERIC_EVENT_KEYS = ("val_loss", "train_loss", "tokens_per_s")
+
+
+def _float_arg(value: Any, what: str) -> float:
+    """``float(value)`` (numbers, 0-d tensors, NumPy scalars); a value it refuses raises the same
+    exception type (``OverflowError`` as ``ValueError``) naming the argument of ``log_measurement``."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        kind = TypeError if isinstance(exc, TypeError) else ValueError
+        got = "an integer beyond the float range" if isinstance(exc, OverflowError) else repr(value)[:80]
+        raise kind(f"RunWriter.log_measurement: {what} must be a number, got {got}") from None
 
 
 def _checked_window(window: Any, what: str) -> tuple[int, int]:

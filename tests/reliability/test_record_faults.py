@@ -201,3 +201,31 @@ def test_the_new_record_files_are_durable_directory_entries(tmp_path, monkeypatc
     assert any(p == str(run) and {"run.json", "log.jsonl", "measurements.jsonl", "spectra"} <= names
                for p, names in seen), seen
     assert any(p == str(run.parent) and "r" in names for p, names in seen), seen
+
+
+@pytest.mark.parametrize("bad", [{"val_loss": "low"}, {"progress": [0.5]}, {"scalars": {"noise_scale": "big"}},
+                                 {"scalars": {"noise_scale": 10**400}}, {"summaries": {"b": {"rankme": None}}},
+                                 "second_spectrum_unsaveable"],
+                         ids=["val_loss", "progress", "scalar", "scalar_huge_int", "summary", "second_spectrum"])
+def test_a_refused_measurement_writes_nothing(tmp_path, bad):
+    """log_measurement saved every spectrum before converting val_loss, scalars and summaries: a bad
+    value raised 'could not convert string to float' (not naming the argument) and left spectrum files
+    that no line refers to (and so did a second spectrum that could not be saved)."""
+    run = _run(tmp_path / "run")
+    spectra = {"a": _spec(), "b": _spec()}
+    kwargs = {}
+    if bad == "second_spectrum_unsaveable":
+        spectra["b"] = Spectrum(torch.tensor([2.0, 1.0]), n_rows=5, dim=2, metadata={"t": torch.ones(2)})
+        what = r"metadata\['t'\]"
+    else:
+        kwargs = bad
+        key = next(iter(bad))
+        what = {"val_loss": "val_loss", "progress": "progress", "scalars": r"scalars\['noise_scale'\]",
+                "summaries": r"summaries\['b'\]\['rankme'\]"}[key]
+    before = sorted(p.name for p in (run / "spectra").iterdir())
+    mbefore = (run / "measurements.jsonl").read_bytes()
+    with RunWriter(run, resume=True, fsync=False) as w:
+        with pytest.raises((TypeError, ValueError), match=what):
+            w.log_measurement(4, 400, spectra, **kwargs)
+    assert sorted(p.name for p in (run / "spectra").iterdir()) == before
+    assert (run / "measurements.jsonl").read_bytes() == mbefore
