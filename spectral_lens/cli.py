@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pp = sub.add_parser("predict", help="rank batch tiers by the early tail exponent")
     pp.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    pp.add_argument("--json", action="store_true", help="machine-readable output")
+    pp.add_argument("--json", action="store_true", help="machine-readable output (strict JSON: an undefined value is null)")
     early_args(pp)
 
     ip = sub.add_parser("inspect", help="summarize a spectrum .npz file or a run directory")
@@ -150,6 +150,18 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _strict_json(obj):
+    """``obj`` with every non-finite float (an undefined rho or sigma: NaN) as ``None``, so ``--json``
+    prints strict JSON (``null``) that any parser reads, not Python's ``NaN`` token."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
+
+
 def _fmt(v: float, spec: str = ".4f") -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
@@ -182,7 +194,7 @@ def _cmd_predict(args) -> int:
             out["score"] = {"rho": score.rho, "pvalue": score.pvalue, "n": score.n,
                             "within": {f: {"rho": w.rho, "pvalue": w.pvalue, "n": w.n} for f, w in score.within.items()},
                             "cautions": score_flags(score)}
-        print(json.dumps(out, indent=2))
+        print(json.dumps(_strict_json(out), indent=2, allow_nan=False))
         return 0
     for f, rk in rankings.items():
         print(f"family {f}: recommended tier {rk.recommended:g} (P(best) = {_fmt(rk.p_recommended, '.2f')})")

@@ -270,3 +270,16 @@ def test_a_closed_pipe_stops_quietly(sweep):
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 141
     assert "Broken pipe" not in err and "Traceback" not in err, err
+
+
+def test_predict_json_is_strict_json(sweep, capsys):
+    """predict --json printed Python's NaN token for an undefined rho / sigma, which strict JSON parsers
+    (jq, JSON.parse) refuse; now such values are null."""
+    assert main(["predict", str(sweep / "toy-b1"), str(sweep / "toy-b2"), "--json", "--target-loss", "2.9"]) == 0
+    text = capsys.readouterr().out
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    data = json.loads(text, parse_constant=refuse)
+    assert data["score"]["rho"] is None  # two runs: the rank correlation is undefined
