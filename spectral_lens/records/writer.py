@@ -399,11 +399,19 @@ class RunWriter:
         return n_dropped
 
     def update_info(self, **extras: Any) -> None:
-        """Merge ``extras`` into ``run.json``'s ``extras`` (rewritten atomically), e.g. a final status."""
+        """Merge ``extras`` into ``run.json``'s ``extras`` (rewritten atomically), e.g. a final status.
+
+        ``throughput`` (tokens/s, read by :meth:`RunRecord.throughput`) must be a number, else
+        ``TypeError``. A refused or failed write changes neither ``run.json`` nor ``self.info``.
+        """
+        q = extras.get("throughput", 0.0)
+        if isinstance(q, bool) or not (isinstance(q, numbers.Real) or (
+                isinstance(q, torch.Tensor) and q.numel() == 1 and q.dtype != torch.bool and not q.is_complex())):
+            raise TypeError(f"RunWriter.update_info: throughput must be a number (tokens/s), got {q!r}")
         header = RunRecord._read_header(self.path)
         header.setdefault("extras", {}).update(extras)
-        self.info.extras.update(extras)
         _write_json_atomic(self.path / RUN_FILE, header, self.fsync)
+        self.info.extras.update(extras)
 
     def close(self) -> None:
         """Close the files (idempotent)."""

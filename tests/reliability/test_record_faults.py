@@ -229,3 +229,17 @@ def test_a_refused_measurement_writes_nothing(tmp_path, bad):
             w.log_measurement(4, 400, spectra, **kwargs)
     assert sorted(p.name for p in (run / "spectra").iterdir()) == before
     assert (run / "measurements.jsonl").read_bytes() == mbefore
+
+
+@pytest.mark.parametrize("extras", [{"throughput": "fast"}, {"status": object()}], ids=["throughput", "unserializable"])
+def test_a_refused_update_info_changes_nothing(tmp_path, extras):
+    """update_info wrote throughput='fast', which RunRecord.throughput then refused; and an extra json
+    cannot write was already merged into w.info.extras when the write failed."""
+    run = _run(tmp_path / "run")
+    before = (run / "run.json").read_bytes()
+    with RunWriter(run, resume=True, fsync=False) as w:
+        with pytest.raises(TypeError, match="throughput must be a number" if "throughput" in extras else "not JSON"):
+            w.update_info(**extras)
+        assert w.info.extras == {}
+    assert (run / "run.json").read_bytes() == before
+    assert RunRecord.open(run).throughput() is None
