@@ -69,6 +69,14 @@ def _transition(text: str) -> tuple[str, str]:
     return a, b
 
 
+def _out_dir(text: str) -> str:
+    """``--out``: an empty value (an unset shell variable) would be the current directory, where the
+    report replaces report.md and removes figure files such as loss.png: refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected an output directory, got {text!r}")
+    return text
+
+
 def _target_loss(text: str) -> float:
     try:
         value = float(text)
@@ -103,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="write a Markdown or HTML report with figures")
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    rp.add_argument("--out", required=True, help="output directory")
+    rp.add_argument("--out", type=_out_dir, required=True, help="output directory")
     rp.add_argument("--format", choices=("md", "html"), default="md")
     rp.add_argument("--transition", type=_transition, action="append", default=[], metavar="RUN_A:RUN_B",
                     help="classify a transition between two runs (repeatable)")

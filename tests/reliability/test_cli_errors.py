@@ -286,3 +286,14 @@ def test_predict_json_is_strict_json(sweep, capsys):
 
     data = json.loads(text, parse_constant=refuse)
     assert data["score"]["rho"] is None  # two runs: the rank correlation is undefined
+
+
+def test_report_refuses_an_empty_out(sweep, tmp_path, capsys, monkeypatch):
+    """--out "" (an unset shell variable) was the current directory: report.md was written there and
+    the user's own loss.png, spectra.png, ... were removed as a previous report's figures."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loss.png").write_bytes(b"the user's own figure")
+    line = _one_line_error(capsys, ["report", str(sweep), "--out", "", "--no-plots"], "--out")
+    assert "expected an output directory, got ''" in line
+    assert (tmp_path / "loss.png").read_bytes() == b"the user's own figure"
+    assert not (tmp_path / "report.md").exists()
