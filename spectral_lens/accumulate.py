@@ -46,7 +46,7 @@ from .spectra.moments import (
     shift_dtype,
     symmetric_product,
 )
-from .spectrum import Spectrum
+from .spectrum import Spectrum, _is_numpy_file
 
 if TYPE_CHECKING:
     from .activation_capture import ActivationCapture
@@ -1064,6 +1064,8 @@ class ActivationCovarianceAccumulator:
         if path.is_dir():
             raise StateFormatError(f"{path}: is a directory, expected an accumulator state file (.npz)")
         try:
+            if not _is_numpy_file(path):
+                raise StateFormatError(f"{path}: not a NumPy .npz archive, expected an accumulator state file (.npz)")
             data = np.load(path, allow_pickle=False)
             if not isinstance(data, np.lib.npyio.NpzFile):
                 raise StateFormatError(f"{path}: a single .npy array, expected an accumulator state file (.npz)")

@@ -4,7 +4,9 @@ Every file the library writes goes through :func:`write_atomic`; the examples (c
 choices, reports) use it too.
 
 A write that fails for any reason (disk full, file-size limit, an exception in the serializer, a
-crash) leaves the previous file at ``path`` untouched and removes its temporary file (a killed
+crash) leaves the previous file at ``path`` untouched and removes its temporary file; an ``OSError``
+of the write, the fsync or the rename (``ENOSPC``, ``EIO``, ``path`` a directory, ...) is raised with
+``filename`` set to ``path`` (a killed
 process can leave a ``.*.tmp`` file behind; :class:`~spectral_lens.records.RunWriter` cleans those on
 resume).
 """
@@ -17,7 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, IO
 
-__all__ = ["write_atomic", "write_text_atomic", "write_json_atomic", "fsync_dir", "TMP_SUFFIX"]
+__all__ = ["write_atomic", "write_text_atomic", "write_json_atomic", "fsync_dir", "named_os_error", "TMP_SUFFIX"]
 
 #: Suffix of every temporary file written here (``.<name>.<hex>.tmp``).
 TMP_SUFFIX = ".tmp"
@@ -37,6 +39,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def named_os_error(exc: OSError, path: str | os.PathLike) -> OSError:
+    """``exc`` itself if it names a file, else the same error (same errno, so the same ``OSError``
+    subclass) with ``filename`` set to ``path``: a write or fsync error (``ENOSPC``, ``EIO``) does not
+    say which file it was writing."""
+    if exc.filename is not None or exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror or str(exc), os.fspath(path))
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, fsync: bool = True) -> Path:
     """Call ``write(fh)`` on a binary temporary file next to ``path``, then rename it onto ``path``.
 
@@ -52,11 +63,13 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
             if fsync:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.filename in (None, os.fspath(tmp)):  # name the target, not a
+            raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc  # removed temp file
         raise
     if fsync:
         fsync_dir(path.parent)

@@ -69,6 +69,14 @@ def _transition(text: str) -> tuple[str, str]:
     return a, b
 
 
+def _out_dir(text: str) -> str:
+    """``--out``: an empty value (an unset shell variable) would be the current directory, where the
+    report replaces report.md and removes figure files such as loss.png: refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected an output directory, got {text!r}")
+    return text
+
+
 def _target_loss(text: str) -> float:
     try:
         value = float(text)
@@ -103,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="write a Markdown or HTML report with figures")
     rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    rp.add_argument("--out", required=True, help="output directory")
+    rp.add_argument("--out", type=_out_dir, required=True, help="output directory")
     rp.add_argument("--format", choices=("md", "html"), default="md")
     rp.add_argument("--transition", type=_transition, action="append", default=[], metavar="RUN_A:RUN_B",
                     help="classify a transition between two runs (repeatable)")
@@ -115,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pp = sub.add_parser("predict", help="rank batch tiers by the early tail exponent")
     pp.add_argument("runs", nargs="+", metavar="RUN_DIR")
-    pp.add_argument("--json", action="store_true", help="machine-readable output")
+    pp.add_argument("--json", action="store_true", help="machine-readable output (strict JSON: an undefined value is null)")
     early_args(pp)
 
     ip = sub.add_parser("inspect", help="summarize a spectrum .npz file or a run directory")
@@ -150,6 +158,18 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _strict_json(obj):
+    """``obj`` with every non-finite float (an undefined rho or sigma: NaN) as ``None``, so ``--json``
+    prints strict JSON (``null``) that any parser reads, not Python's ``NaN`` token."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
+
+
 def _fmt(v: float, spec: str = ".4f") -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
@@ -182,7 +202,7 @@ def _cmd_predict(args) -> int:
             out["score"] = {"rho": score.rho, "pvalue": score.pvalue, "n": score.n,
                             "within": {f: {"rho": w.rho, "pvalue": w.pvalue, "n": w.n} for f, w in score.within.items()},
                             "cautions": score_flags(score)}
-        print(json.dumps(out, indent=2))
+        print(json.dumps(_strict_json(out), indent=2, allow_nan=False))
         return 0
     for f, rk in rankings.items():
         print(f"family {f}: recommended tier {rk.recommended:g} (P(best) = {_fmt(rk.p_recommended, '.2f')})")
@@ -264,6 +284,8 @@ def _cmd_inspect(args) -> int:
         _inspect_run(path, args.strict)
     elif path.is_file():
         _inspect_spectrum(path)
+    elif path.exists():
+        raise ValueError(f"{path}: not a regular file or a directory (expected a spectrum .npz file or a run directory)")
     else:
         raise FileNotFoundError(f"{path}: no such file or directory")
     return 0

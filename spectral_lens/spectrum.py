@@ -25,6 +25,15 @@ _FORMAT = "spectral-lens/spectrum"
 _VERSION = 1
 
 
+def _is_numpy_file(path: Path) -> bool:
+    """Whether ``path`` starts like a NumPy file: a zip archive (``.npz``) or an ``.npy`` header.
+    Checked before ``np.load``, whose error for anything else (a JSON file given by mistake) says the
+    file "contains pickled (object) data" and suggests loading it unsafely with pickle."""
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    return magic.startswith(b"PK\x03\x04") or magic == b"\x93NUMPY"
+
+
 def _json_ok(v: Any) -> bool:
     try:
         json.dumps(v)
@@ -157,6 +166,8 @@ class Spectrum:
         if path.is_dir():
             raise SpectrumFormatError(f"{path}: is a directory, expected a spectral-lens spectrum file (.npz)")
         try:
+            if not _is_numpy_file(path):
+                raise SpectrumFormatError(f"{path}: not a NumPy .npz archive, expected a spectral-lens spectrum file (.npz)")
             data = np.load(path, allow_pickle=False)
             if not isinstance(data, np.lib.npyio.NpzFile):
                 raise SpectrumFormatError(f"{path}: a single .npy array, expected a spectral-lens spectrum file (.npz)")

@@ -24,6 +24,8 @@ from .schema import (
     RecordWarning,
     RunInfo,
     _LazySpectra,
+    _is_count,
+    _is_number,
 )
 
 #: How a RecordFormatError for a malformed line says to skip it (the CLI names its own option instead).
@@ -87,8 +89,8 @@ def _number_map(value: Any, what: str) -> dict[str, float]:
     for k, v in value.items():
         if v is None:
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"{what}[{k!r}] must be a number, got {type(v).__name__}")
+        if not _is_number(v):
+            raise ValueError(f"{what}[{k!r}] must be a number within the float range, got {_kind(v)}")
         out[k] = float(v)
     return out
 
@@ -96,9 +98,17 @@ def _number_map(value: Any, what: str) -> dict[str, float]:
 def _opt_float(value: Any, what: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{what} must be a number or null, got {value!r}")
+    if not _is_number(value):
+        raise ValueError(f"{what} must be a number or null, got {_kind(value)}")
     return float(value)
+
+
+def _kind(value: Any) -> str:
+    """``repr`` of a short value; the type and digit count of an integer too long to print."""
+    if isinstance(value, int) and not isinstance(value, bool) and not _is_number(value):
+        return f"an integer of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 class RunRecord:
@@ -136,7 +146,9 @@ class RunRecord:
             header = json.loads(run_file.read_text(encoding="utf-8"))
         except RecursionError:
             raise RecordFormatError(f"{run_file}: corrupted run metadata (JSON nested too deeply)") from None
-        except (ValueError, UnicodeDecodeError, OSError) as exc:
+        except OSError as exc:  # unreadable (permissions, I/O error), not corrupted
+            raise RecordFormatError(f"{run_file}: cannot read run metadata ({exc.strerror or exc})") from exc
+        except (ValueError, UnicodeDecodeError) as exc:
             raise RecordFormatError(f"{run_file}: corrupted run metadata ({exc})") from exc
         if not isinstance(header, dict) or header.get("format") != _FORMAT:
             raise RecordFormatError(f"{run_file}: not a spectral-lens run file (format {header.get('format')!r})"
@@ -181,9 +193,10 @@ class RunRecord:
         events = []
         for lineno, obj in _read_jsonl(path / LOG_FILE, errors):
             bad = [k for k in ("val_loss", "train_loss", "tokens_per_s") if obj.get(k) is not None
-                   and (isinstance(obj[k], bool) or not isinstance(obj[k], (int, float)))]
-            if not isinstance(obj.get("step"), int) or not isinstance(obj.get("tokens"), int) or bad:
-                what = f"{bad} must be numbers" if bad else "event needs integer 'step' and 'tokens'"
+                   and not _is_number(obj[k])]
+            if not _is_count(obj.get("step")) or not _is_count(obj.get("tokens")) or bad:
+                what = (f"{bad} must be numbers within the float range" if bad else
+                        "event needs integer 'step' and 'tokens' within the float range")
                 msg = f"{path / LOG_FILE}, line {lineno}: {what}"
                 if errors == "raise":
                     raise RecordFormatError(msg + "; " + SKIP_HINT)
@@ -211,8 +224,8 @@ class RunRecord:
     @staticmethod
     def _parse_measurement(root: Path, obj: dict[str, Any], origin: str, lineno: int) -> Measurement:
         step, tokens = obj.get("step"), obj.get("tokens")
-        if not isinstance(step, int) or not isinstance(tokens, int):
-            raise ValueError("needs integer 'step' and 'tokens'")
+        if not _is_count(step) or not _is_count(tokens):
+            raise ValueError(f"needs integer 'step' and 'tokens' within the float range, got {_kind(step)} and {_kind(tokens)}")
         entries = obj.get("spectra") or {}
         if not isinstance(entries, dict):
             raise ValueError("'spectra' must be an object")
@@ -288,10 +301,17 @@ class RunRecord:
 
         The first ``warmup`` fraction of the events that carry ``tokens_per_s`` is dropped (compile
         and warm-up steps). ``info.extras["throughput"]``, when present, takes precedence. ``None``
-        when nothing was logged.
+        when nothing was logged. An ``extras["throughput"]`` that is not a number raises
+        :class:`RecordFormatError` naming ``run.json``.
         """
         if "throughput" in self.info.extras:
-            return float(self.info.extras["throughput"])
+            value = self.info.extras["throughput"]
+            try:
+                return float(value)
+            except (TypeError, ValueError, OverflowError):
+                raise RecordFormatError(
+                    f"{self.path / RUN_FILE}: extras['throughput'] must be a number (tokens/s), got {_kind(value)}"
+                ) from None
         values = [float(e["tokens_per_s"]) for e in self.events if e.get("tokens_per_s") is not None]
         if not values:
             return None

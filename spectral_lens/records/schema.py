@@ -41,6 +41,25 @@ class RecordWarning(SpectralLensWarning):
     """A record file had a truncated last line or a skipped bad line (``errors="skip"``)."""
 
 
+def _is_number(v: Any) -> bool:
+    """A JSON number a float can hold: not a bool, not a string, not an integer beyond the float range
+    (``json`` reads ``1`` followed by 400 zeros as an ``int`` that ``float()`` refuses with
+    ``OverflowError``)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    if isinstance(v, int):
+        try:
+            float(v)
+        except OverflowError:
+            return False
+    return True
+
+
+def _is_count(v: Any) -> bool:
+    """An integer (``step``, ``tokens``) that is a :func:`_is_number` (not a bool)."""
+    return isinstance(v, int) and _is_number(v)
+
+
 # --------------------------------------------------------------------------------------------------
 # metadata
 
@@ -110,6 +129,8 @@ class RunInfo:
             v = kwargs.get(key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, kinds)):
                 raise RecordFormatError(f"{origin}: run metadata field {key!r} has the wrong type ({type(v).__name__})")
+            if isinstance(v, int) and not _is_number(v):
+                raise RecordFormatError(f"{origin}: run metadata field {key!r} is an integer beyond the float range")
         if not isinstance(kwargs.get("extras") or {}, dict):
             raise RecordFormatError(f"{origin}: run metadata field 'extras' must be an object")
         unknown = {k: v for k, v in data.items() if k not in known and k not in ("format", "version")}

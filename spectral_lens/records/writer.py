@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..atomic import TMP_SUFFIX, write_atomic
+from ..atomic import TMP_SUFFIX, named_os_error, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
 from ..spectra.fit import tail_window as _tail_window
 from ..spectrum import Spectrum
@@ -133,6 +133,9 @@ class RunWriter:
         self._fds: dict[str, int] = {}
         for name in (LOG_FILE, MEASUREMENTS_FILE):
             self._fds[name] = self._open_append(self.path / name)
+        if fsync:  # the entries just created (the JSONL files, spectra/, the run directory) must be durable
+            _fsync_dir(self.path)  # too, not only what is fsynced into them
+            _fsync_dir(self.path.parent)
 
     def _leftovers(self) -> list[str]:
         """The record files of another run in this directory: ``log.jsonl``, ``measurements.jsonl``,
@@ -203,11 +206,19 @@ class RunWriter:
         if fd is None:
             raise ValueError(f"RunWriter for {self.path} is closed")
         data = _json_line(obj)
-        written = os.write(fd, data)
-        while written < len(data):  # regular files write everything at once; be safe anyway
-            written += os.write(fd, data[written:])
-        if self.fsync:
-            os.fsync(fd)
+        start = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+            while written < len(data):  # a short write (disk filling up): write the rest, or fail below
+                written += os.write(fd, data[written:])
+            if self.fsync:
+                os.fsync(fd)
+        except OSError as exc:  # ENOSPC, EIO, file-size limit: name the file, and leave no partial line
+            try:  # that the next line would be glued onto (costing both lines)
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise named_os_error(exc, self.path / name) from exc
 
     def log(self, step: int, tokens: int, **scalars: Any) -> None:
         """Append one scalar event to ``log.jsonl``.
@@ -264,6 +275,10 @@ class RunWriter:
             summaries: per-spectrum scalar summaries to store; merged over (and overriding) the
                 defaults of :func:`spectrum_summaries` unless ``summarize=False``.
 
+        Every number is converted first: a value that is not one raises ``TypeError`` / ``ValueError``
+        naming the argument, before anything is written; a failure while saving the spectra removes
+        those already saved, so a refused call leaves no files behind.
+
         Returns the :class:`Measurement` as written.
         """
         spectra = dict(spectra or {})
@@ -276,28 +291,39 @@ class RunWriter:
                 raise ValueError(f"log_measurement: summaries given for unknown spectra {sorted(extra)}")
         if progress is None and self.info.total_tokens:
             progress = tokens / self.info.total_tokens
+        # every number is checked before anything is written: a bad one leaves no spectrum file behind
+        progress = None if progress is None else _float_arg(progress, "progress")
+        val_loss = None if val_loss is None else _float_arg(val_loss, "val_loss")
+        scalars = {k: _float_arg(v, f"scalars[{k!r}]") for k, v in (scalars or {}).items()}
+        user_summaries = {n: {k: _float_arg(v, f"summaries[{n!r}][{k!r}]") for k, v in summaries[n].items()}
+                          for n in (summaries or {})}
         taken: set[str] = set()
         entries: dict[str, dict[str, Any]] = {}
         all_summaries: dict[str, dict[str, float]] = {}
-        for name, spec in spectra.items():
-            rel = self._spectrum_file(step, name, taken)
-            spec.save(self.path / rel, fsync=self.fsync)  # atomic: temp file, fsync, rename
-            summ = spectrum_summaries(spec, self.tail_window, self.head_window) if summarize else {}
-            if summaries is not None and name in summaries:
-                summ.update({k: float(v) for k, v in summaries[name].items()})
-            all_summaries[name] = summ
-            entries[name] = {"file": rel, "kind": spec.kind, "summaries": summ}
+        try:
+            for name, spec in spectra.items():
+                rel = self._spectrum_file(step, name, taken)
+                spec.save(self.path / rel, fsync=self.fsync)  # atomic: temp file, fsync, rename
+                entries[name] = {"file": rel, "kind": spec.kind}
+                summ = spectrum_summaries(spec, self.tail_window, self.head_window) if summarize else {}
+                summ.update(user_summaries.get(name, {}))
+                all_summaries[name] = summ
+                entries[name]["summaries"] = summ
+        except BaseException:  # e.g. a later spectrum refused or the disk full: no line will refer to the
+            for entry in entries.values():  # files already saved, so do not leave them behind
+                (self.path / entry["file"]).unlink(missing_ok=True)
+            raise
         if spectra and self.fsync:
             _fsync_dir(self.path / SPECTRA_DIR)
         now = time.time()
         line = {
             "step": int(step),
             "tokens": int(tokens),
-            "progress": None if progress is None else float(progress),
-            "val_loss": None if val_loss is None else float(val_loss),
+            "progress": progress,
+            "val_loss": val_loss,
             "time": now,
             "spectra": entries,
-            "scalars": {k: float(v) for k, v in (scalars or {}).items()},
+            "scalars": scalars,
         }
         self._append(MEASUREMENTS_FILE, line)
         return Measurement(
@@ -373,11 +399,19 @@ class RunWriter:
         return n_dropped
 
     def update_info(self, **extras: Any) -> None:
-        """Merge ``extras`` into ``run.json``'s ``extras`` (rewritten atomically), e.g. a final status."""
+        """Merge ``extras`` into ``run.json``'s ``extras`` (rewritten atomically), e.g. a final status.
+
+        ``throughput`` (tokens/s, read by :meth:`RunRecord.throughput`) must be a number, else
+        ``TypeError``. A refused or failed write changes neither ``run.json`` nor ``self.info``.
+        """
+        q = extras.get("throughput", 0.0)
+        if isinstance(q, bool) or not (isinstance(q, numbers.Real) or (
+                isinstance(q, torch.Tensor) and q.numel() == 1 and q.dtype != torch.bool and not q.is_complex())):
+            raise TypeError(f"RunWriter.update_info: throughput must be a number (tokens/s), got {q!r}")
         header = RunRecord._read_header(self.path)
         header.setdefault("extras", {}).update(extras)
-        self.info.extras.update(extras)
         _write_json_atomic(self.path / RUN_FILE, header, self.fsync)
+        self.info.extras.update(extras)
 
     def close(self) -> None:
         """Close the files (idempotent)."""
@@ -400,6 +434,17 @@ class RunWriter:
 
 #: Event keys the reader requires to be numbers (see ``RunRecord.open``).
 _NUMERIC_EVENT_KEYS = ("val_loss", "train_loss", "tokens_per_s")
+
+
+def _float_arg(value: Any, what: str) -> float:
+    """``float(value)`` (numbers, 0-d tensors, NumPy scalars); a value it refuses raises the same
+    exception type (``OverflowError`` as ``ValueError``) naming the argument of ``log_measurement``."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        kind = TypeError if isinstance(exc, TypeError) else ValueError
+        got = "an integer beyond the float range" if isinstance(exc, OverflowError) else repr(value)[:80]
+        raise kind(f"RunWriter.log_measurement: {what} must be a number, got {got}") from None
 
 
 def _checked_window(window: Any, what: str) -> tuple[int, int]:

@@ -174,3 +174,39 @@ def test_text_and_figure_writes_failing_mid_write_keep_the_old_file(tmp_path, mo
         _io.write_text_atomic(text, "new\n")
     assert text.read_text() == "old\n" and png.read_bytes() == old_png
     assert _leftovers(tmp_path) == []
+
+
+def test_a_write_onto_a_directory_names_the_target_not_the_temporary_file(tmp_path, capsys):
+    """'report --out D' with D/report.md a directory said 'D/.report.md.<hex>.tmp: Is a directory',
+    naming a temporary file that no longer exists."""
+    target = tmp_path / "report.md"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        _io.write_text_atomic(target, "x")
+    assert info.value.filename == str(target), info.value
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("fault", ["enospc_in_write", "eio_in_fsync"])
+def test_a_failed_write_names_the_file(tmp_path, monkeypatch, fault):
+    import errno
+    import os
+
+    path = tmp_path / "x.npz"
+    old = _spectrum(5)
+    old.save(path)
+    before = path.read_bytes()
+    if fault == "enospc_in_write":
+        def savez(fh, **arrays):
+            fh.write(b"PK\x03\x04 partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(np, "savez", savez)
+    else:
+        monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(OSError) as info:
+        _spectrum(7).save(path)
+    monkeypatch.undo()
+    assert info.value.filename == str(path), info.value
+    assert info.value.errno == (errno.ENOSPC if fault == "enospc_in_write" else errno.EIO)
+    assert path.read_bytes() == before
+    assert _leftovers(tmp_path) == []

@@ -36,6 +36,13 @@ def _make(tmp_path, case: str):
         header["summary_windows"] = {"tail": "wide"}
         (p / "run.json").write_text(json.dumps(header))
         return [str(p)], p / "run.json"
+    if case == "run_json_huge_batch_tier":  # an int float() refuses: was an OverflowError traceback
+        with RunWriter(p, RunInfo("r"), fsync=False):
+            pass
+        header = json.loads((p / "run.json").read_text())
+        header["batch_tier"] = 10**400
+        (p / "run.json").write_text(json.dumps(header))
+        return [str(p)], p / "run.json"
     if case == "spectra_dir_entry_is_a_directory":
         with RunWriter(p, RunInfo("r"), fsync=False) as w:
             w.log_measurement(1, 10, {"act": Spectrum(torch.tensor([2.0, 1.0]), n_rows=5, dim=2)})
@@ -47,7 +54,7 @@ def _make(tmp_path, case: str):
 
 
 RUN_CASES = ["nested_run_json", "run_json_is_a_directory", "run_json_wrong_field_types", "run_json_bad_windows",
-             "spectra_dir_entry_is_a_directory"]
+             "run_json_huge_batch_tier", "spectra_dir_entry_is_a_directory"]
 
 
 def _status(argv) -> int:
@@ -85,6 +92,50 @@ def test_predict_broken_run_directories(tmp_path, capsys, case):
 def test_report_on_a_broken_run(tmp_path, capsys):
     args, path = _make(tmp_path, "run_json_is_a_directory")
     _one_line_error(capsys, ["report", *args, "--out", str(tmp_path / "out"), "--no-plots"], path)
+
+
+@pytest.mark.parametrize("value", [[1], "fast", 10**400], ids=["list", "string", "huge_int"])
+def test_inspect_a_run_whose_recorded_throughput_is_not_a_number(tmp_path, capsys, value):
+    """extras['throughput'] (update_info) of the wrong type was a TypeError / OverflowError traceback, or
+    'could not convert string to float' without a file name."""
+    with RunWriter(tmp_path / "r", RunInfo("r"), fsync=False):
+        pass
+    header = json.loads((tmp_path / "r" / "run.json").read_text())
+    header["extras"]["throughput"] = value  # update_info refuses these now; another tool may write them
+    (tmp_path / "r" / "run.json").write_text(json.dumps(header))
+    line = _one_line_error(capsys, ["inspect", str(tmp_path / "r")], tmp_path / "r" / "run.json")
+    assert "extras['throughput'] must be a number" in line
+
+
+def test_inspect_a_path_that_is_neither_file_nor_directory(tmp_path, capsys):
+    """A FIFO (or /dev/null) given to inspect was reported as 'no such file or directory'."""
+    import os
+
+    fifo = tmp_path / "pipe.npz"
+    os.mkfifo(fifo)
+    line = _one_line_error(capsys, ["inspect", str(fifo)], fifo)
+    assert "not a regular file or a directory" in line and "no such file" not in line
+
+
+def test_an_unreadable_run_json_is_not_called_corrupted(tmp_path, capsys, monkeypatch):
+    """A run.json the user may not read (chmod 000; simulated, as root ignores permissions) was
+    reported as 'corrupted run metadata', which invites deleting a good file."""
+    import errno
+    from pathlib import Path
+
+    with RunWriter(tmp_path / "r", RunInfo("r"), fsync=False):
+        pass
+    run_json = tmp_path / "r" / "run.json"
+    real = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self == run_json:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    line = _one_line_error(capsys, ["inspect", str(tmp_path / "r")], run_json)
+    assert "cannot read run metadata (Permission denied)" in line and "corrupted" not in line, line
 
 
 @pytest.mark.parametrize("name", ["a.npy", "nested.npz", "garbage.npz", "missing.npz"])
@@ -222,3 +273,27 @@ def test_a_closed_pipe_stops_quietly(sweep):
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 141
     assert "Broken pipe" not in err and "Traceback" not in err, err
+
+
+def test_predict_json_is_strict_json(sweep, capsys):
+    """predict --json printed Python's NaN token for an undefined rho / sigma, which strict JSON parsers
+    (jq, JSON.parse) refuse; now such values are null."""
+    assert main(["predict", str(sweep / "toy-b1"), str(sweep / "toy-b2"), "--json", "--target-loss", "2.9"]) == 0
+    text = capsys.readouterr().out
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    data = json.loads(text, parse_constant=refuse)
+    assert data["score"]["rho"] is None  # two runs: the rank correlation is undefined
+
+
+def test_report_refuses_an_empty_out(sweep, tmp_path, capsys, monkeypatch):
+    """--out "" (an unset shell variable) was the current directory: report.md was written there and
+    the user's own loss.png, spectra.png, ... were removed as a previous report's figures."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loss.png").write_bytes(b"the user's own figure")
+    line = _one_line_error(capsys, ["report", str(sweep), "--out", "", "--no-plots"], "--out")
+    assert "expected an output directory, got ''" in line
+    assert (tmp_path / "loss.png").read_bytes() == b"the user's own figure"
+    assert not (tmp_path / "report.md").exists()

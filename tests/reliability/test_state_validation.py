@@ -250,3 +250,23 @@ def test_save_names_the_metadata_key_that_is_not_json(tmp_path):
     with pytest.raises(TypeError, match=r"Spectrum\.save\(.*x\.npz\): metadata\['step'\] is not JSON-serializable"):
         s.save(tmp_path / "x")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["spectrum", "accumulator"])
+@pytest.mark.parametrize("content", [b'{"format": "spectral-lens/run"}\n', b"", b"\xff\xfe garbage"],
+                         ids=["json", "empty", "garbage"])
+def test_a_file_that_is_not_numpy_is_refused_without_suggesting_pickle(tmp_path, kind, content):
+    """np.load's error for a file that is neither .npz nor .npy (run.json given to `inspect` by mistake)
+    said it 'contains pickled (object) data' and suggested loading it unsafely with pickle."""
+    from spectral_lens import ActivationCovarianceAccumulator, Spectrum
+    from spectral_lens._warnings import SpectrumFormatError, StateFormatError
+
+    path = tmp_path / "x.npz"
+    path.write_bytes(content)
+    load, error = (Spectrum.load, SpectrumFormatError) if kind == "spectrum" else \
+        (ActivationCovarianceAccumulator.load, StateFormatError)
+    with pytest.raises(error) as info:
+        load(path)
+    message = str(info.value)
+    assert str(path) in message and "not a NumPy .npz archive" in message, message
+    assert "pickle" not in message, message
