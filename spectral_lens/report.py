@@ -34,7 +34,7 @@ __all__ = ["Report", "build_report", "score_flags", "MIN_TIERS", "MAX_PVALUE"]
 MIN_TIERS = 4
 #: A p-value above this and the rho is flagged as underpowered.
 MAX_PVALUE = 0.1
-#: Every figure file a report may write; those this report did not draw are removed from ``out``.
+#: Every figure file a report may write; an earlier report's that this one did not draw are removed.
 _FIGURE_FILES = ("loss.png", "spectra.png", "alpha_tail.png", "gradient_spectra.png", "early_alpha_vs_eps.png",
                  "gain_plane.png")
 
@@ -169,8 +169,8 @@ class _Doc:
                 out.append("</table>")
             elif b[0] == "fig":
                 data = base64.b64encode(Path(b[1]).read_bytes()).decode("ascii")
-                out.append(
-                    f'<figure><img alt="{e(b[2])}" src="data:image/png;base64,{data}">'
+                out.append(  # data-file: the PNG written beside it (a later report in out may remove it)
+                    f'<figure data-file="{e(Path(b[1]).name)}"><img alt="{e(b[2])}" src="data:image/png;base64,{data}">'
                     f"<figcaption>{e(b[2])}</figcaption></figure>"
                 )
         out.append("</body></html>")
@@ -207,7 +207,9 @@ def build_report(
         runs: run records or directories (a sweep root expands to its runs).
         out: output directory (created). Figure files of an earlier report there that this one does
             not draw (``gain_plane.png`` without transitions, all of them with ``plots=False``) are
-            removed, so every figure in ``out`` belongs to this report; other files are left alone.
+            removed, so every figure the earlier report showed belongs to this one. Only figure files
+            that an earlier ``report.md`` / ``report.html`` in ``out`` links are ever removed; other
+            files (a ``loss.png`` of your own included) are left alone.
         fmt: ``"md"`` (``report.md`` + PNG files) or ``"html"`` (``report.html`` with the PNGs
             embedded; the PNG files are written too).
         target_loss: target validation loss for ``T``, ``eps_tok``, the prediction score, the
@@ -435,9 +437,23 @@ def build_report(
         for n in report.notes:
             doc.p("- " + n)
     text = doc.markdown() if fmt == "md" else doc.html(title)
+    earlier = _linked_figures(out)  # read before report.md / report.html is replaced
     write_text_atomic(report.path, text)
     written = {p.name for p in report.figures}
-    for name in _FIGURE_FILES:  # an earlier report's figures that this one did not draw would mislead
-        if name not in written:
-            (out / name).unlink(missing_ok=True)
+    for name in earlier - written:  # an earlier report's figures that this one did not draw would mislead
+        (out / name).unlink(missing_ok=True)
     return report
+
+
+def _linked_figures(out: Path) -> set[str]:
+    """The figure files that an earlier report in ``out`` shows: its ``report.md``'s image links and
+    its ``report.html``'s ``data-file`` names. Only those are ever removed, so a ``loss.png`` of the
+    user's own in ``out`` is left alone."""
+    names = set()
+    for report_file in ("report.md", "report.html"):
+        try:
+            text = (out / report_file).read_text(encoding="utf-8", errors="replace")
+        except OSError:  # none (or unreadable): nothing of it to remove
+            continue
+        names.update(n for n in _FIGURE_FILES if f"]({n})" in text or f'data-file="{n}"' in text)
+    return names

@@ -166,3 +166,24 @@ def test_the_baseline_score_is_shown_when_the_tail_predictor_cannot_run(tmp_path
     md = (tmp_path / "out" / "report.md").read_text()
     section = md.split("## Score of the noise-scale baseline")[1].split("\n## ")[0]
     assert f"| f | {rep.baseline_score.within['f'].rho:.3f} |" in section
+
+
+@pytest.mark.parametrize("fmt", ["md", "html"])
+def test_a_users_own_figure_names_in_out_are_left_alone(tmp_path, fmt):
+    """Only figures an earlier report in ``out`` linked are removed: a report into a directory that
+    holds the user's own ``loss.png`` / ``gain_plane.png`` (and no report) deleted them before."""
+    pytest.importorskip("matplotlib")
+    sw = tmp_path / "sw"
+    write_theorem6_sweep(sw, (2, 4, 8), family="f", dim=256, grad_dim=64, n_eval=20, n_measure=8)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "loss.png").write_bytes(b"mine")
+    (out / "gain_plane.png").write_bytes(b"mine too")
+    build_report([sw], out, plots=False, progress=False, fmt=fmt)
+    assert (out / "loss.png").read_bytes() == b"mine" and (out / "gain_plane.png").read_bytes() == b"mine too"
+    # an earlier report's figures are still removed when the next one does not draw them
+    first = build_report([sw], out, target_loss=TARGET, transitions=[("f-b2", "f-b4")], progress=False, fmt=fmt)
+    assert "gain_plane.png" in {p.name for p in first.figures}
+    second = build_report([sw], out, progress=False, fmt=fmt)
+    assert not (out / "gain_plane.png").exists()
+    assert {p.name for p in out.glob("*.png")} == {p.name for p in second.figures}
