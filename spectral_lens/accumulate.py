@@ -144,9 +144,11 @@ def _row_count(n: torch.Tensor | None, label: str, k: int) -> int:
     """Rows in the state (``None``: uninitialized); raises ``ValueError`` naming ``label`` below ``k``."""
     rows = int(n) if n is not None else 0
     if rows < k:
+        stance = (" or under torch.compiler.set_stance('force_eager')"  # torch >= 2.6; older ones have no stances
+                  if hasattr(torch.compiler, "set_stance") else "")
         hint = ("" if rows else " (no update reached it: if its module ran inside a torch.compile'd graph "
                 "compiled before the hook was attached, the graph skipped the hook; run the forwards through the "
-                "uncompiled module or under torch.compiler.set_stance('force_eager'))")
+                f"uncompiled module{stance})")
         raise ValueError(f"{label}: need at least {k} rows, have {rows}{hint}")
     return rows
 
