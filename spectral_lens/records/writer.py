@@ -419,6 +419,13 @@ class RunWriter:
             _, fd = self._fds.popitem()
             os.close(fd)
 
+    def __reduce_ex__(self, protocol):
+        # its open files are raw descriptors: in another process (a pickle sent by multiprocessing or a
+        # spawning launcher) the same numbers name unrelated files, and a copy would append beside this one
+        raise TypeError(f"RunWriter ({self.path}) cannot be pickled or copied: its files are open in this "
+                        "process. In another process open the run again with RunWriter(path, resume=True), "
+                        "after this one is closed (one writer per run directory).")
+
     def __enter__(self) -> "RunWriter":
         return self
 

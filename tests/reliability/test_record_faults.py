@@ -243,3 +243,20 @@ def test_a_refused_update_info_changes_nothing(tmp_path, extras):
         assert w.info.extras == {}
     assert (run / "run.json").read_bytes() == before
     assert RunRecord.open(run).throughput() is None
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "copy"])
+def test_a_writer_cannot_be_pickled_or_copied(tmp_path, how):
+    """A pickled RunWriter carried its raw file descriptors: unpickled in another process it appended
+    to whatever files those numbers named there; a copy appended beside the original."""
+    import copy
+    import pickle
+
+    w = RunWriter(tmp_path / "r", RunInfo("r", family="f", batch_tier=1))
+    w.log(0, 0, loss=1.0)
+    do = {"pickle": pickle.dumps, "deepcopy": copy.deepcopy, "copy": copy.copy}[how]
+    with pytest.raises(TypeError, match=r"RunWriter .*cannot be pickled or copied.*resume=True"):
+        do(w)
+    w.log(1, 1, loss=0.5)  # the writer still works
+    w.close()
+    assert [e["step"] for e in RunRecord.open(tmp_path / "r").events] == [0, 1]
