@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
+from .._warnings import SpectralLensWarning
 from ..lens import SpectralLens
 from ._driver import LensDriver
 from ._require import require
@@ -22,8 +24,11 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     trainer's model for the run and detaches it afterwards), a
     :class:`~spectral_lens.records.RunWriter` and a :class:`~spectral_lens.Schedule`; the callback
     measures after every optimizer step the schedule names (``TrainerState.global_step``) and, with
-    ``on_evaluate=True``, after every evaluation too (recording its ``eval_loss`` as the validation
-    loss; also a ``trainer.evaluate()`` before or after ``train()``). A step is measured once. When
+    ``on_evaluate=True``, after every evaluation too (recording its ``eval_loss``, or the metric
+    ``eval_loss_key`` names, as the validation loss; also a ``trainer.evaluate()`` before or after
+    ``train()``). A step is measured once: with several evaluation datasets, at the first one's
+    evaluation (name its loss, e.g. ``eval_loss_key="eval_<name>_loss"``; a key missing from the
+    metrics warns and records no validation loss). When
     ``train(resume_from_checkpoint=...)`` resumes a run, the measurements the lens recorded after the
     checkpoint's step are dropped first
     (:meth:`RunWriter.drop_after <spectral_lens.records.RunWriter.drop_after>`, with the
@@ -48,6 +53,9 @@ class SpectralLensCallback(_transformers.TrainerCallback):
             input tokens (``TrainingArguments(include_num_input_tokens_seen=...)``); without
             either, ``tokens`` counts optimizer steps.
         sinks: extra loggers with a ``log_measurement`` method.
+        eval_loss_key: the evaluation metric recorded as the validation loss (``Trainer.evaluate``
+            names it ``<metric_key_prefix>_loss``: ``eval_loss``, ``eval_<name>_loss`` for a dict of
+            evaluation datasets).
     """
 
     def __init__(
@@ -57,9 +65,11 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         on_evaluate: bool = False,
         tokens_per_step: int | None = None,
         sinks: Iterable = (),
+        eval_loss_key: str = "eval_loss",
     ) -> None:
         self.driver = LensDriver(lens, sinks, tokens_per_step)
         self.on_evaluate_ = bool(on_evaluate)
+        self.eval_loss_key = str(eval_loss_key)
         self.trainer = None
 
     def attach(self, trainer) -> "SpectralLensCallback":
@@ -108,7 +118,15 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         model for this measurement only."""
         if not self.on_evaluate_ or int(state.global_step) == self.driver.last_step:
             return
-        val_loss = (metrics or {}).get("eval_loss")
+        val_loss = (metrics or {}).get(self.eval_loss_key)
+        if val_loss is None:  # e.g. several evaluation datasets: "eval_<name>_loss", or another metric_key_prefix
+            warnings.warn(
+                f"SpectralLensCallback: eval_loss_key {self.eval_loss_key!r} is not among the evaluation's metrics "
+                f"{sorted(metrics or {})}; the measurement at step {int(state.global_step)} records no validation "
+                "loss (pass eval_loss_key= one of those)",
+                SpectralLensWarning,
+                stacklevel=2,
+            )
         val_loss = None if val_loss is None else float(val_loss)
         if self.driver.lens.model is not None:  # in train(), or a lens built on the model
             self._measure(state, val_loss)

@@ -259,3 +259,23 @@ def test_evaluate_before_train_with_eval_on_start_measures_step_0_once(tmp_path)
     trainer.evaluate()
     trainer.train()
     assert [m.step for m in lens.history] == [0, 2]
+
+
+def test_eval_loss_key_with_several_evaluation_datasets(tmp_path):
+    # a dict of evaluation datasets: Trainer.evaluate logs eval_<name>_loss, never eval_loss; the old callback
+    # recorded no validation loss, silently, and had no way to name the metric
+    from spectral_lens import SpectralLensWarning
+
+    def run(**kw):
+        lens = sl.SpectralLens(pool=heldout_pool(), params=(), schedule=sl.Schedule.every(100))
+        trainer = trainer_for(tiny_llama(), tmp_path / str(len(kw)), max_steps=2)
+        trainer.eval_dataset = {"a": RandomTokens(8, 1), "b": RandomTokens(8, 2)}
+        SpectralLensCallback(lens, on_evaluate=True, **kw).attach(trainer)
+        trainer.train()
+        return lens, trainer.evaluate()
+
+    with pytest.warns(SpectralLensWarning, match=r"'eval_loss' is not among .*eval_a_loss"):
+        lens, _ = run()
+    assert [(m.step, m.scalars.get("val_loss")) for m in lens.history] == [(2, None)]
+    lens, metrics = run(eval_loss_key="eval_a_loss")
+    assert [(m.step, m.scalars.get("val_loss")) for m in lens.history] == [(2, metrics["eval_a_loss"])]
