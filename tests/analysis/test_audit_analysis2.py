@@ -1,0 +1,41 @@
+"""Analysis-layer defects found by the second audit; each test fails on the code before its fix."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from spectral_lens import Spectrum
+from spectral_lens.analysis import NoiseScalePredictor, SweepController
+from spectral_lens.records import RunInfo, RunRecord, RunWriter
+
+PTS = [(0.1, 1.0), (0.15, 1.3), (0.2, 1.1), (0.25, 1.35), (0.3, 1.2)]
+
+
+def _run(root, run_id, points, tier=1, total=1000, family="f", noise=None, batch_size=None):
+    """points: [(progress, alpha)] power-law spectra; noise: the 'noise_scale' scalar per point."""
+    info = RunInfo(run_id, family=family, batch_tier=tier, total_tokens=total, batch_size=batch_size)
+    r = np.arange(1, 301, dtype=np.float64)
+    with RunWriter(root / run_id, info, fsync=False) as w:
+        for i, (f, a) in enumerate(points):
+            w.log_measurement(i, int(f * total), {"act": Spectrum(r**-a, n_rows=10_000, dim=300)}, progress=f,
+                              scalars={"noise_scale": noise[i]} if noise else {})
+    return RunRecord.open(root / run_id)
+
+
+def test_noise_scale_controller_waits_for_a_tier_just_launched(tmp_path):
+    # before: NoiseScalePredictor._early raised a plain ValueError for a run with no measurement
+    # yet, so SweepController(NoiseScalePredictor()).decide crashed instead of waiting for the tier
+    a = _run(tmp_path, "a", PTS, tier=1, batch_size=8, noise=[10.0] * 5)
+    b = _run(tmp_path, "b", [], tier=2, batch_size=16)
+    dec = SweepController(NoiseScalePredictor()).decide([a, b])["f"]
+    assert not dec.ready and dec.waiting_tiers == [1, 2]
+    assert "no measurement with a known progress yet" in next(d for d in dec.decisions if d.tier == 2).reason
+    partial = SweepController(NoiseScalePredictor(), wait_for_all=False).decide([a, b])["f"]
+    assert partial.ready and partial.continue_tiers == [1] and partial.waiting_tiers == [2]
+    # a run with measurements but no noise scale is still a clear error
+    c = _run(tmp_path, "c", PTS, tier=4, batch_size=32)
+    with pytest.raises(ValueError, match="no measurement has a positive scalar 'noise_scale'"):
+        SweepController(NoiseScalePredictor()).decide([a, c])
