@@ -39,3 +39,29 @@ def test_noise_scale_controller_waits_for_a_tier_just_launched(tmp_path):
     c = _run(tmp_path, "c", PTS, tier=4, batch_size=32)
     with pytest.raises(ValueError, match="no measurement has a positive scalar 'noise_scale'"):
         SweepController(NoiseScalePredictor()).decide([a, c])
+
+
+def test_controller_run_without_batch_tier_is_a_clear_error(tmp_path):
+    # before: a run with batch_tier None that had not reached the fraction was put in the waiting
+    # list under tier None and the controller crashed with TypeError (float(None) / sorting None)
+    a = _run(tmp_path, "a", PTS, tier=1)
+    for name, pts in (("new", []), ("early", [(0.1, 1.0)])):
+        n = _run(tmp_path, name, pts, tier=None)
+        with pytest.raises(ValueError, match=f"run '{name}': RunInfo.batch_tier is not set"):
+            SweepController(window=(100, 200)).decide([a, n])
+
+
+def test_controller_decision_lists_every_run_of_the_tier(tmp_path):
+    # before: a tier with one seed past the fraction and one short of it listed only some of its
+    # runs (waiting: the late seed; wait_for_all=False: the early seed), so stopping run_ids left
+    # the other seed training
+    a1 = _run(tmp_path, "a1", PTS, tier=1)
+    a2 = _run(tmp_path, "a2", [(0.1, 1.0)], tier=1)
+    b = _run(tmp_path, "b", [(f, v + 0.5) for f, v in PTS], tier=2)
+    dec = SweepController(window=(100, 200)).decide([a1, a2, b])["f"]
+    assert not dec.ready
+    assert {d.tier: d.run_ids for d in dec.decisions} == {1: ("a1", "a2"), 2: ("b",)}
+    partial = SweepController(window=(100, 200), wait_for_all=False).decide([a1, a2, b])["f"]
+    assert partial.ready and partial.stop_tiers == [2] and partial.continue_tiers == [1]
+    assert {d.tier: d.run_ids for d in partial.decisions} == {1: ("a1", "a2"), 2: ("b",)}
+    assert partial.decisions[0].value == pytest.approx(1.1)  # decided on the seed that reached 20%
