@@ -65,3 +65,25 @@ def test_controller_decision_lists_every_run_of_the_tier(tmp_path):
     assert partial.ready and partial.stop_tiers == [2] and partial.continue_tiers == [1]
     assert {d.tier: d.run_ids for d in partial.decisions} == {1: ("a1", "a2"), 2: ("b",)}
     assert partial.decisions[0].value == pytest.approx(1.1)  # decided on the seed that reached 20%
+
+
+def test_powerlaw_fit_rejects_bad_input_clearly():
+    from spectral_lens.weights import powerlaw_fit
+
+    x = np.random.default_rng(0).pareto(2.0, 300) + 1.0
+    # before: an Inf eigenvalue gave alpha=1.0, ks=1.0 silently; a NaN was dropped silently
+    for bad in (np.inf, np.nan):
+        with pytest.raises(ValueError, match="powerlaw_fit: 1 of 301 eigenvalues are NaN or Inf"):
+            powerlaw_fit(np.r_[x, bad])
+    # before: 'math domain error'
+    for xmin in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="xmin must be a finite number > 0"):
+            powerlaw_fit(x, xmin=xmin)
+    # before: 'every candidate tail is degenerate (equal eigenvalues)', which they are not
+    with pytest.raises(ValueError, match="max_candidates must be >= 1, got 0"):
+        powerlaw_fit(x, max_candidates=0)
+    # before: a matrix (e.g. the weight itself) was flattened and its entries fitted as eigenvalues
+    with pytest.raises(ValueError, match=r"expected a 1-D array of eigenvalues, got shape \(20, 15\)"):
+        powerlaw_fit(np.abs(np.random.default_rng(1).normal(size=(20, 15))))
+    # the MLE itself is unchanged: alpha = 1 + n / sum log(x / xmin)
+    assert powerlaw_fit(x, xmin=1.0).alpha == pytest.approx(1 + x.size / np.log(x).sum(), rel=1e-12)
