@@ -87,3 +87,18 @@ def test_powerlaw_fit_rejects_bad_input_clearly():
         powerlaw_fit(np.abs(np.random.default_rng(1).normal(size=(20, 15))))
     # the MLE itself is unchanged: alpha = 1 + n / sum log(x / xmin)
     assert powerlaw_fit(x, xmin=1.0).alpha == pytest.approx(1 + x.size / np.log(x).sum(), rel=1e-12)
+
+
+def test_tokens_to_target_rejects_nan_target_and_tokens():
+    from spectral_lens.analysis import tokens_to_target
+
+    curve = ([0, 10, 20], [3.0, 2.5, 2.0])
+    # before: a NaN target returned inf ("never reached"), which downstream became NaN eps_tok
+    # and an 'undetermined' taxonomy label; an infinite one returned the first checkpoint
+    for target in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="target validation loss must be a finite number"):
+            tokens_to_target(curve, target)
+    # before: a NaN token count sorted last and was returned as T = nan
+    with pytest.raises(ValueError, match="tokens must be finite, got nan at index 2"):
+        tokens_to_target(([0, 10, math.nan], [3.0, 2.5, 2.0]), 2.2)
+    assert tokens_to_target(curve, 2.2, interpolate=True) == pytest.approx(16.0)
