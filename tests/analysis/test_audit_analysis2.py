@@ -102,3 +102,22 @@ def test_tokens_to_target_rejects_nan_target_and_tokens():
     with pytest.raises(ValueError, match="tokens must be finite, got nan at index 2"):
         tokens_to_target(([0, 10, math.nan], [3.0, 2.5, 2.0]), 2.2)
     assert tokens_to_target(curve, 2.2, interpolate=True) == pytest.approx(16.0)
+
+
+def test_predict_on_other_runs_keeps_the_fitted_windows(tmp_path):
+    # before: TailPredictor._check_runs stored windows_, so predict(other_runs), score(other_runs)
+    # and SweepController(pred).decide(other_runs) overwrote the fitted windows_ with the other runs'
+    from spectral_lens.analysis import TailPredictor
+
+    fitted = [_run(tmp_path / "A", f"a{t}", [(f, v + 0.1 * t) for f, v in PTS], tier=t) for t in (1, 2)]
+    for r in fitted:
+        r.summary_windows = {"tail": (100, 200)}
+    other = [_run(tmp_path / "B", f"b{t}", [(f, v + 0.1 * t) for f, v in PTS], tier=t) for t in (1, 2)]
+    for r in other:
+        r.summary_windows = {"tail": (50, 150)}
+    pred = TailPredictor().fit(fitted)
+    assert pred.windows_ == {"f": (100, 200)}
+    assert pred.predict(other)["f"].recommended == 1
+    SweepController(pred).decide(other)
+    assert pred.windows_ == {"f": (100, 200)}
+    assert pred.statistics_[0].window == (100, 200)
