@@ -121,3 +121,17 @@ def test_predict_on_other_runs_keeps_the_fitted_windows(tmp_path):
     SweepController(pred).decide(other)
     assert pred.windows_ == {"f": (100, 200)}
     assert pred.statistics_[0].window == (100, 200)
+
+
+def test_rank_tiers_rejects_no_entries_and_no_draws():
+    from spectral_lens.analysis import TailPredictor, rank_tiers
+
+    # before: IndexError 'tuple index out of range'
+    with pytest.raises(ValueError, match="family 'f' has no .* entries"):
+        rank_tiers("f", [])
+    # before: p_best silently NaN for every tier (mean of zero draws) with a numpy RuntimeWarning
+    with pytest.raises(ValueError, match=r"n_draws must be >= 1 .*, got 0"):
+        rank_tiers("f", [(1, "a", 1.0, 0.1), (2, "b", 2.0, 0.1)], n_draws=0)
+    rk = rank_tiers("f", [(1, "a", 1.0, 0.1), (2, "b", 1.1, 0.1)], n_draws=1000, random_state=7)
+    assert sum(rk.p_best.values()) == pytest.approx(1.0)
+    assert rk.p_best == rank_tiers("f", [(1, "a", 1.0, 0.1), (2, "b", 1.1, 0.1)], n_draws=1000, random_state=7).p_best
