@@ -169,12 +169,25 @@ def powerlaw_fit(
     that minimizes the KS distance between the empirical tail and the fitted law; with more than
     ``max_candidates`` candidates, an evenly spaced subset (in rank) is tried.
 
-    For a weight spectrum pass the ``Spectrum`` (its values are eigenvalues of ``W^T W``).
+    For a weight spectrum pass the ``Spectrum`` (its values are eigenvalues of ``W^T W``). Values
+    must be a 1-D array of finite numbers (zero and negative ones are left out); ``xmin``, if given,
+    a finite number > 0.
     """
     v = values.values.numpy() if isinstance(values, Spectrum) else (
         values.detach().to("cpu", torch.float64).numpy() if isinstance(values, torch.Tensor) else np.asarray(values, float)
     )
-    x = np.sort(v[v > 0].astype(np.float64))
+    v = np.asarray(v, dtype=np.float64)
+    if v.ndim != 1:
+        raise ValueError(f"powerlaw_fit: expected a 1-D array of eigenvalues, got shape {v.shape} "
+                         "(for a weight matrix W pass weight_spectrum(W))")
+    if not np.isfinite(v).all():
+        bad = v[~np.isfinite(v)]
+        raise ValueError(f"powerlaw_fit: {bad.size} of {v.size} eigenvalues are NaN or Inf (first: {bad[0]})")
+    if xmin is not None and not (math.isfinite(xmin) and xmin > 0):
+        raise ValueError(f"powerlaw_fit: xmin must be a finite number > 0, got {xmin}")
+    if max_candidates < 1:
+        raise ValueError(f"powerlaw_fit: max_candidates must be >= 1, got {max_candidates}")
+    x = np.sort(v[v > 0])
     n_total = x.size
     if min_tail < 2:
         raise ValueError(f"min_tail must be >= 2, got {min_tail}")

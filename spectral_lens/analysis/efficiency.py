@@ -59,6 +59,9 @@ def _curve(run_or_curve) -> tuple[np.ndarray, np.ndarray]:
     losses = np.asarray(losses, dtype=np.float64)
     if tokens.shape != losses.shape or tokens.ndim != 1:
         raise ValueError(f"tokens and val_losses must be 1-D of equal length, got {tokens.shape} and {losses.shape}")
+    if not np.isfinite(tokens).all():
+        raise ValueError(f"tokens must be finite, got {tokens[~np.isfinite(tokens)][0]} at index "
+                         f"{int(np.flatnonzero(~np.isfinite(tokens))[0])}")
     order = np.argsort(tokens, kind="stable")
     return tokens[order], losses[order]
 
@@ -77,8 +80,10 @@ def tokens_to_target(run_or_curve, target: float, *, interpolate: bool = False) 
 
     Returns ``math.inf`` when no checkpoint reaches the target. Ties: checkpoints are taken in
     token order, equal token counts in file order; a loss exactly equal to ``target`` counts as
-    reached; NaN losses never do.
+    reached; NaN losses never do. A non-finite ``target`` or token count is a ``ValueError``.
     """
+    if not math.isfinite(target):
+        raise ValueError(f"tokens_to_target: target validation loss must be a finite number, got {target}")
     tokens, losses = _curve(run_or_curve)
     hit = np.flatnonzero(losses <= target)
     if hit.size == 0:

@@ -52,6 +52,10 @@ def rank_tiers(
     var_between) / n`` with the sample variance between the runs. ``p_best`` is estimated from
     ``n_draws`` normal draws per tier; NaN if any sigma is NaN. Ties in value keep the smaller tier first.
     """
+    if not entries:
+        raise ValueError(f"rank_tiers: family {family!r} has no (tier, run_id, value, sigma) entries to rank")
+    if not n_draws >= 1:
+        raise ValueError(f"rank_tiers: n_draws must be >= 1 (Monte Carlo draws for p_best), got {n_draws}")
     grouped: dict[float, list[tuple[str, float, float]]] = {}
     for tier, run_id, v, s in entries:
         if not math.isfinite(v):  # it would sort anywhere and take P(best) = 1 by accident

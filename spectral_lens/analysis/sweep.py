@@ -26,7 +26,8 @@ class TierDecision:
     Attributes:
         tier: the batch tier.
         action: ``"continue"``, ``"stop"`` or ``"wait"`` (not yet at the decision fraction).
-        run_ids: the runs of the tier.
+        run_ids: every run of the tier, also those still short of the fraction when the tier is
+            decided on its other runs (``wait_for_all=False``): stopping a tier stops all of them.
         value, sigma, p_best: the tier's early statistic, its uncertainty and probability of being
             the best (NaN while waiting).
         reason: a sentence with the numbers behind the action.
@@ -131,7 +132,11 @@ class SweepController:
         out = {}
         runs = open_runs(runs)
         pred._check_runs(runs)
+        for r in runs:  # checked up front: a waiting run would otherwise never reach early_value's check
+            if r.info.batch_tier is None:
+                raise ValueError(f"run {r.run_id!r}: RunInfo.batch_tier is not set; the controller decides per tier")
         for family, members in group_by_family(runs).items():
+            tier_ids = _tier_ids((r.info.batch_tier, r.run_id) for r in members)  # every run of each tier
             reached, waiting = [], {}
             for r in members:
                 try:
@@ -143,22 +148,22 @@ class SweepController:
             if not self.wait_for_all:  # a tier with some runs past the fraction is decided on those
                 waiting = {t: rows for t, rows in waiting.items() if t not in {e[0] for e in reached}}
             wait = {
-                t: TierDecision(t, "wait", tuple(r[0] for r in rows), math.nan, math.nan, math.nan,
+                t: TierDecision(t, "wait", tier_ids[t], math.nan, math.nan, math.nan,
                                 f"not yet at {frac:.0%} progress ({rows[0][1]})")
                 for t, rows in sorted(waiting.items())
             }
             if not reached or (wait and self.wait_for_all):
                 note = f"reached {frac:.0%}; waiting for tier(s) {', '.join(_fmt_tier(t) for t in wait)}"
-                held = {t: TierDecision(t, "wait", ids, math.nan, math.nan, math.nan, note)
-                        for t, ids in _tier_ids(reached).items() if t not in wait}
+                held = {t: TierDecision(t, "wait", tier_ids[t], math.nan, math.nan, math.nan, note)
+                        for t in _tier_ids(reached) if t not in wait}
                 out[family] = SweepDecision(family, frac, False, tuple(held.values()) + tuple(wait.values()))
                 continue
             ranking = rank_tiers(family, reached, statistic=pred.statistic, n_draws=pred.n_draws,
                                  random_state=pred.random_state)
-            out[family] = SweepDecision(family, frac, True, self._decide(ranking) + tuple(wait.values()))
+            out[family] = SweepDecision(family, frac, True, self._decide(ranking, tier_ids) + tuple(wait.values()))
         return out
 
-    def _decide(self, rk: TierRanking) -> tuple[TierDecision, ...]:
+    def _decide(self, rk: TierRanking, tier_ids: dict[float, tuple[str, ...]]) -> tuple[TierDecision, ...]:
         best = rk.tiers[0]
         v0, s0 = rk.values[best], rk.sigmas[best]
         stat = rk.statistic
@@ -186,7 +191,7 @@ class SweepController:
                     + (f", {z:.1f} sigma" if math.isfinite(z) else "")
                     + ptxt
                 )
-            decisions.append(TierDecision(t, action, rk.run_ids[t], v, s, p, f"{desc}: {why}"))
+            decisions.append(TierDecision(t, action, tier_ids[t], v, s, p, f"{desc}: {why}"))
         return tuple(decisions)
 
     def __repr__(self) -> str:

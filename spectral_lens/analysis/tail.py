@@ -59,9 +59,15 @@ class TailPredictor(TierPredictor):
         self.spectrum = spectrum
 
     def _check_runs(self, runs: list[RunRecord]) -> None:
-        """Every family's runs share one tail window (raises :class:`WindowMismatchError` otherwise);
-        learned as ``windows_`` (family -> window)."""
-        self.windows_ = common_windows(runs, self.window)
+        """Every family's runs share one tail window (raises :class:`WindowMismatchError` otherwise)."""
+        common_windows(runs, self.window)
+
+    def fit(self, runs) -> "TailPredictor":
+        """As :meth:`TierPredictor.fit`; also learns ``windows_`` (family -> the tail window its runs
+        were fitted on). ``predict(runs)``, ``score(runs)`` and :class:`SweepController` leave it as is."""
+        super().fit(runs)
+        self.windows_ = {s.family: s.window for s in self.statistics_}
+        return self
 
     def _early(self, run: RunRecord) -> EarlyStatistic:
         return early_alpha(
