@@ -201,7 +201,8 @@ class TransitionClassifier:
     1. ``mixed/tradeoff``: one gain >= g, the other <= -g, and
        ``min(|g_tok|, |g_thr|) >= tradeoff_ratio * max(|g_tok|, |g_thr|)``.
     2. ``no clear change``: ``|g_tok| < g`` and ``|g_thr| < g``.
-    3. ``regression``: no gain >= g (so at least one <= -g).
+    3. ``regression``: no gain >= g (so at least one <= -g), or a loss <= -g larger in magnitude
+       than the gain (not comparable to it, else rule 1): e.g. ``g_tok = -0.5``, ``g_thr = +0.1``.
     4. token-led (``g_tok >= g`` and ``g_tok >= g_thr``):
        ``activation-led`` if ``act_score >= 1`` and ``act_score >= grad_score``; else
        ``gradient-led`` if ``grad_score >= 1``; else ``learning gain, spectrally unattributed``.
@@ -317,6 +318,9 @@ class TransitionClassifier:
             label, rule = NO_CLEAR_CHANGE, f"rule 2: {coords}: both |gains| < {g}"
         elif max(gt, gq) < g:
             label, rule = REGRESSION, f"rule 3: {coords}: no gain >= {g}, at least one <= -{g}"
+        elif min(gt, gq) <= -g and -min(gt, gq) > max(gt, gq):  # a lopsided tradeoff: the loss dominates
+            label, rule = REGRESSION, (f"rule 3: {coords}: the loss outweighs the gain "
+                                       f"(|smaller|/|larger|={small / big:.2f} < {self.tradeoff_ratio})")
         elif gt >= g and gt >= gq:
             scores = f"act_score={act:.2f}, grad_score={grad:.2f}"
             a_ok = math.isfinite(act) and act >= 1 and not (math.isfinite(grad) and grad > act)

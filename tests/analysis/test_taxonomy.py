@@ -43,6 +43,10 @@ STATIC = dict(d_alpha_head=0.01, act_jsd=0.0005, d_grad_alpha=0.02, grad_jsd=0.0
         (E("a", "b", 0.30, -0.03, d_alpha_head=0.2, act_jsd=0.01), ACTIVATION_LED, "rule 4a"),
         # a joint gain where throughput dominates is throughput-leaning
         (E("a", "b", 0.05, 0.25, d_alpha_head=0.2), THROUGHPUT_LEANING, "rule 5"),
+        # a lopsided tradeoff whose loss dominates is a regression: it was labelled by its small gain
+        # ("throughput gain dominates" for a token loss five times larger; token-led in the mirror case)
+        (E("a", "b", -0.40, 0.10, **STATIC), REGRESSION, "rule 3"),
+        (E("a", "b", 0.10, -0.40, d_alpha_head=0.2, act_jsd=0.01), REGRESSION, "rule 3"),
     ],
 )
 def test_labels(ev, label, rule):
