@@ -418,6 +418,12 @@ class ActivationCovarianceAccumulator:
             raise TypeError(f"{where}: update expects a tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"{where}: rows must be floating point, got dtype {x.dtype} with shape {tuple(x.shape)}")
+        if x.device.type == "meta":
+            raise ValueError(
+                f"{where}: rows of shape {tuple(x.shape)} are on the meta device (shapes without data): the "
+                "model's weights were never materialized; load them (e.g. model.to_empty(device=...) and "
+                "load_state_dict) before measuring"
+            )
         if x.ndim < 1 or x.shape[-1] == 0:
             raise ValueError(f"{where}: expected rows of shape (..., d), got {tuple(x.shape)}")
         if self.dim is not None and x.shape[-1] != self.dim:
