@@ -140,8 +140,18 @@ class _Setup:
     low_products: bool  # some update formed its products below float64
 
 
+def _refuse_meta(n: torch.Tensor | None, label: str) -> None:
+    if n is not None and n.device.type == "meta":
+        raise ValueError(
+            f"{label}: its rows were on the meta device (shapes without data, nothing to measure): the "
+            "model's weights were never materialized; load them (e.g. model.to_empty(device=...) and "
+            "load_state_dict) before measuring"
+        )
+
+
 def _row_count(n: torch.Tensor | None, label: str, k: int) -> int:
     """Rows in the state (``None``: uninitialized); raises ``ValueError`` naming ``label`` below ``k``."""
+    _refuse_meta(n, label)
     rows = int(n) if n is not None else 0
     if rows < k:
         hint = ("" if rows else " (no update reached it: if its module ran inside a torch.compile'd graph "
@@ -191,6 +201,7 @@ def _spectrum_of(sums: _Sums | None, setup: _Setup, notes: list) -> Spectrum:
     """The checks and the float64 eigen-solve of ``compute``, on whatever device ``sums`` lives on.
 
     Warnings are appended to ``notes`` (the caller emits them on its own thread)."""
+    _refuse_meta(None if sums is None else sums.n, setup.label)
     skipped = _finite_check(sums, setup, notes)
     n = _row_count(None if sums is None else sums.n, setup.label, 2)
     values = eigenvalues_descending(covariance_from_moments(sums.n, sums.m, sums.s))
@@ -418,12 +429,6 @@ class ActivationCovarianceAccumulator:
             raise TypeError(f"{where}: update expects a tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"{where}: rows must be floating point, got dtype {x.dtype} with shape {tuple(x.shape)}")
-        if x.device.type == "meta":
-            raise ValueError(
-                f"{where}: rows of shape {tuple(x.shape)} are on the meta device (shapes without data): the "
-                "model's weights were never materialized; load them (e.g. model.to_empty(device=...) and "
-                "load_state_dict) before measuring"
-            )
         if x.ndim < 1 or x.shape[-1] == 0:
             raise ValueError(f"{where}: expected rows of shape (..., d), got {tuple(x.shape)}")
         if self.dim is not None and x.shape[-1] != self.dim:
