@@ -191,3 +191,13 @@ def test_open_runs_refuses_a_single_path(tmp_path):
         open_runs(str(tmp_path))
     with pytest.raises(TypeError, match="open_runs takes a list"):
         open_runs(tmp_path)
+
+
+def test_default_loss_names_a_one_dimensional_batch():
+    """A 1-D input_ids (one sequence, or a pool given as the tensor itself) used to die with
+    ``IndexError: too many indices`` inside the loss."""
+    model = _model()
+    probe = sl.PerSampleGradientProbe(model, params="1.weight")
+    with pytest.raises(ValueError, match=r"input_ids of shape \(M, T\).*got shape \(6,\)"):
+        probe.update(torch.randint(0, 30, (6,)))
+    assert probe.n_samples_ == 0
