@@ -140,8 +140,18 @@ class _Setup:
     low_products: bool  # some update formed its products below float64
 
 
+def _refuse_meta(n: torch.Tensor | None, label: str) -> None:
+    if n is not None and n.device.type == "meta":
+        raise ValueError(
+            f"{label}: its rows were on the meta device (shapes without data, nothing to measure): the "
+            "model's weights were never materialized; load them (e.g. model.to_empty(device=...) and "
+            "load_state_dict) before measuring"
+        )
+
+
 def _row_count(n: torch.Tensor | None, label: str, k: int) -> int:
     """Rows in the state (``None``: uninitialized); raises ``ValueError`` naming ``label`` below ``k``."""
+    _refuse_meta(n, label)
     rows = int(n) if n is not None else 0
     if rows < k:
         stance = (" or under torch.compiler.set_stance('force_eager')"  # torch >= 2.6; older ones have no stances
@@ -193,6 +203,7 @@ def _spectrum_of(sums: _Sums | None, setup: _Setup, notes: list) -> Spectrum:
     """The checks and the float64 eigen-solve of ``compute``, on whatever device ``sums`` lives on.
 
     Warnings are appended to ``notes`` (the caller emits them on its own thread)."""
+    _refuse_meta(None if sums is None else sums.n, setup.label)
     skipped = _finite_check(sums, setup, notes)
     n = _row_count(None if sums is None else sums.n, setup.label, 2)
     values = eigenvalues_descending(covariance_from_moments(sums.n, sums.m, sums.s))

@@ -66,6 +66,9 @@ class ActivationCapture(HookSet):
         finally:
             self._mask = previous
 
+    def __repr__(self) -> str:
+        return f"ActivationCapture({list(self.accumulators)}, active={self.active})"
+
     def compute(self) -> dict[str, Spectrum]:
         """``{module_name: Spectrum}`` for every attached module."""
         return {name: acc.compute() for name, acc in self.accumulators.items()}

@@ -96,8 +96,15 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     """Modules of ``model`` selected by ``target``, as ``(dotted_name, module)`` in model order.
 
     Raises ``ValueError`` naming the closest module names when nothing matches, and when a module
-    object given as a target is not a submodule of ``model``.
+    object given as a target is not a submodule of ``model``, and ``TypeError`` when ``model`` is not
+    an ``nn.Module``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"expected the model as an nn.Module, got {type(model).__name__}"
+            + (f" {model!r}" if isinstance(model, str) else "")
+            + " (the model comes first, then the target module name: attach(model, target))"
+        )
     targets = _flatten(target)
     if not targets:
         raise ValueError("empty module target list")

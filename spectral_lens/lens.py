@@ -26,6 +26,7 @@ from .gradients.probe import is_encoder_decoder, refuse_parallel_wrapper
 from .gradients._batch import batch_size, default_forward, slice_batch
 from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
 from .spectra.fit import tail_window
+from .spectra.moments import PRECISIONS
 from .records import spectrum_summaries
 from .spectrum import Spectrum
 
@@ -291,6 +292,8 @@ class SpectralLens:
                 f"SpectralLens: gradient_samples={gradient_samples}, but a gradient spectrum needs at least 2 "
                 "samples (sequences); pass gradient_samples >= 2, or None for the whole gradient pool"
             )
+        if precision not in PRECISIONS:
+            raise ValueError(f"SpectralLens: precision must be one of {PRECISIONS}, got {precision!r}")
         self.pool = pool
         self.layers_spec = layers
         self.params_spec = params
@@ -318,6 +321,8 @@ class SpectralLens:
 
     # ------------------------------------------------------------------ attachment
     def _bind(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"SpectralLens needs the model as an nn.Module, got {type(model).__name__}")
         refuse_parallel_wrapper(model, "SpectralLens")
         model = unwrap_compiled(model)
         layers = self.layers_spec
@@ -337,6 +342,11 @@ class SpectralLens:
         elif _names_modules(layers):  # module objects: their names in this model (or a clear error now)
             names = [n for n, _ in select_modules(model, layers)]
             layers = names[0] if isinstance(layers, nn.Module) and len(names) == 1 else names
+        else:  # names or globs: a name that matches nothing fails here, not at the first measurement
+            try:
+                select_modules(model, layers)
+            except ValueError as e:
+                raise ValueError(f"SpectralLens layers={layers!r}: {e}") from None
         probe = self.probe
         no_grad = isinstance(self.params_spec, (list, tuple)) and len(self.params_spec) == 0
         if probe is not None:
@@ -634,5 +644,10 @@ class SpectralLens:
         return self.measure(step, tokens, **kwargs) if step in self.schedule else None
 
     def __repr__(self) -> str:
-        params = None if self.probe is None else list(self.probe.params)
-        return f"SpectralLens(layers={self.layers!r}, params={params}, precision={self.precision!r})"
+        if self.model is None:  # not attached: what the lens was configured with
+            layers, params = self.layers_spec, self.params_spec
+            if self.probe is not None:
+                params = self.probe.params_spec
+        else:
+            layers, params = self.layers, None if self.probe is None else list(self.probe.params)
+        return f"SpectralLens(layers={layers!r}, params={params!r}, precision={self.precision!r})"

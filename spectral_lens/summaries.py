@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -58,6 +58,7 @@ class BandAlphaFitter:
 
     def fit(self, spectrum: Spectrum) -> AlphaFit | list[AlphaFit]:
         """Fit every window on ``spectrum.normalized``; warns when the row count limits a window."""
+        _need_spectrum(spectrum, "BandAlphaFitter.fit", "band_alpha")
         fits = []
         for lo, hi in self.windows:
             centered = spectrum.kind == "activation_covariance"  # centering costs one rank
@@ -103,7 +104,17 @@ class RankMe:
 
 def crossover_rank(spectrum: Spectrum, ranks: tuple[int, int] | None = None, method: str = "bend") -> CrossoverFit:
     """Automatic head/tail crossover estimate of a spectrum (see :func:`spectral_lens.spectra.estimate_crossover`)."""
+    _need_spectrum(spectrum, "crossover_rank", "estimate_crossover")
     return estimate_crossover(spectrum.normalized, ranks=ranks, method=method)
+
+
+def _need_spectrum(spectrum: Any, where: str, raw: str) -> None:
+    if not isinstance(spectrum, Spectrum):
+        raise TypeError(
+            f"{where} needs a Spectrum (it reads its row count and kind), got {type(spectrum).__name__}; wrap "
+            f"eigenvalues as Spectrum(values, n_rows=..., dim=...), or call spectral_lens.spectra.{raw} on "
+            "trace-normalized values"
+        )
 
 
 def _values(spectrum: Spectrum | torch.Tensor) -> torch.Tensor:

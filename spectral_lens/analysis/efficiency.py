@@ -41,8 +41,8 @@ __all__ = [
     "group_by_family",
 ]
 
-#: Family name used for runs whose ``RunInfo.family`` is ``None``.
 NO_FAMILY = "(no family)"
+"""Family name used for runs whose ``RunInfo.family`` is ``None``."""
 
 
 def _curve(run_or_curve) -> tuple[np.ndarray, np.ndarray]:
@@ -267,6 +267,7 @@ def align(
     """Pick one measurement per run at a matched loss, token count or progress fraction.
 
     Args:
+        runs: the run records to align.
         by: ``"loss"`` (the paper's primary comparison), ``"tokens"`` or ``"progress"``.
         target: the loss, token count or fraction to match.
         rule: for ``by="loss"``: ``"first_below"`` (default; the first measurement in token order

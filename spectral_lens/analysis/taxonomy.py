@@ -58,14 +58,21 @@ __all__ = [
 ]
 
 ACTIVATION_LED = "activation-led learning"
+"""Label: token gain with a clear displacement of the activation spectrum."""
 GRADIENT_LED = "gradient-led learning"
+"""Label: token gain whose dominant geometric change is in the gradient spectrum."""
 THROUGHPUT_LEANING = "throughput/execution-leaning"
+"""Label: mainly a throughput gain."""
 MIXED_TRADEOFF = "mixed/tradeoff"
+"""Label: one objective improves while the other worsens comparably."""
 NO_CLEAR_CHANGE = "no clear change"
+"""Label: neither gain exceeds the threshold."""
 UNATTRIBUTED_LEARNING = "learning gain, spectrally unattributed"
+"""Label: a token gain with neither spectrum moving beyond its threshold."""
 REGRESSION = "regression"
+"""Label: one or both objectives worsen, none improves."""
 UNDETERMINED = "undetermined (token gain undefined)"
-#: Every label the classifier can return.
+"""Label: a run of the transition never reached the target, so ``T`` is infinite."""
 LABELS = (
     ACTIVATION_LED,
     GRADIENT_LED,
@@ -76,6 +83,7 @@ LABELS = (
     REGRESSION,
     UNDETERMINED,
 )
+"""Every label the classifier can return."""
 
 
 def js_divergence(a: Spectrum | np.ndarray, b: Spectrum | np.ndarray) -> float:
@@ -381,6 +389,7 @@ def transition_evidence(
     """Gains and spectral evidence of ``run_a -> run_b`` from their records.
 
     Args:
+        run_a, run_b: the records of the two runs (``a``: the baseline, ``b``: the changed variant).
         target: target validation loss (for ``T`` and for the matched-loss measurement).
         activation: activation spectrum name (default :func:`~spectral_lens.analysis.resolve_spectrum`).
         gradient: gradient spectrum name (default: the run's only gradient spectrum; none -> NaN).

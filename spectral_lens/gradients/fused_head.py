@@ -249,9 +249,10 @@ def linear_cross_entropy(
 
     Args:
         hidden: (N, d) final hidden states (after the last norm), any float dtype.
-        weight: (V, d) head weight (tied or not); ``bias``: optional (V,).
-        targets: (N,) integer class indices; positions equal to ``ignore_index`` get loss 0 and no
-            gradient.
+        weight: (V, d) head weight (tied or not).
+        targets: (N,) integer class indices.
+        bias: optional (V,) head bias.
+        ignore_index: positions whose target equals it get loss 0 and no gradient.
         chunk_rows: tokens per chunk; ``None`` picks ``CHUNK_BYTES / (4 V)`` (at least 1), or
             ``KERNEL_CHUNK_BYTES / (b V)`` with ``b`` the bytes of the logits' dtype where the Triton
             kernels run.

@@ -180,6 +180,13 @@ def causal_lm_targets(x: torch.Tensor, batch: Any, ignore_index: int = -100) -> 
             raise ValueError("a tuple batch for the default causal-LM loss must be (input_ids, targets, ...)")
         targets = batch[1]
     else:
+        if not isinstance(batch, torch.Tensor) or batch.ndim != 2:
+            got = f"shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) else type(batch).__name__
+            raise ValueError(
+                f"causal_lm_loss: a tensor batch is input_ids of shape (M, T), one row per sequence; got {got} "
+                "(one sequence: input_ids[None]; a pool is a list of batches, e.g. pool=[input_ids], not the "
+                "tensor itself)"
+            )
         targets, x = batch[:, 1:], x[:, :-1]
     if x.shape[:-1] != targets.shape:
         raise ValueError(

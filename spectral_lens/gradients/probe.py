@@ -47,8 +47,6 @@ from .registry import fast_path_for
 
 __all__ = ["PerSampleGradientProbe", "ATTENTION_OUTPUT_PATTERNS", "default_gradient_param"]
 
-#: Globs (``**`` crosses dotted segments) naming attention output projections W_O in common code
-#: bases; the default probe is the match in the deepest block (largest block index in the name).
 ATTENTION_OUTPUT_PATTERNS = (
     "**.attn.c_proj.weight",  # GPT-2, nanoGPT, modded-nanogpt
     "**.self_attn.o_proj.weight",  # Llama, Mistral, Qwen, Gemma
@@ -61,6 +59,8 @@ ATTENTION_OUTPUT_PATTERNS = (
     "**.attention.output.dense.weight",  # BERT family
     "**.out_proj.weight",  # OPT, GPT-Neo/J, nn.MultiheadAttention
 )
+"""Globs (``**`` crosses dotted segments) naming attention output projections W_O in common code bases;
+the default probe is the match in the deepest block (largest block index in the name)."""
 
 ENGINES = ("auto", "fast", "vmap", "loop")
 HEAD_LOSSES = ("auto", "chunked", "materialized")
@@ -680,9 +680,16 @@ class PerSampleGradientProbe:
         """
         self._require_model("update()")
         self._follow_params()
+        dev = self.device
+        if dev.type == "meta":
+            name = next(iter(self.params))
+            raise RuntimeError(
+                f"PerSampleGradientProbe: the probed parameter {name!r} is on the meta device (a shape without "
+                "data): the model's weights were never materialized; load them (e.g. model.to_empty(device=...) "
+                "and load_state_dict) before update()"
+            )
         batch = plain_batch(batch)
         n = batch_size(batch)
-        dev = self.device
         batch = map_tensors(lambda t: t.to(dev, non_blocking=True), batch)
         snap = self._snapshot()
         try:

@@ -45,8 +45,8 @@ class FastPath:
     params: tuple[str, ...]
 
 
-#: Module type -> :class:`FastPath`. Populated by :func:`register_fast_path`.
 FAST_PATHS: dict[type, FastPath] = {}
+"""Module type -> :class:`FastPath`. Populated by :func:`register_fast_path`."""
 
 
 def register_fast_path(module_type: type, fn: PerSampleGradFn | None = None, *, params: tuple[str, ...] = ("weight", "bias")):
@@ -65,10 +65,10 @@ def register_fast_path(module_type: type, fn: PerSampleGradFn | None = None, *, 
     return add if fn is None else add(fn)
 
 
-#: ``(module's __module__, class __qualname__)`` -> :class:`FastPath`, for layer types of optional
-#: libraries that must not be imported to register them (``transformers``' ``Conv1D``). Populated by
-#: :func:`register_fast_path_by_name`; an entry in :data:`FAST_PATHS` for the same class wins.
 FAST_PATHS_BY_NAME: dict[tuple[str, str], FastPath] = {}
+"""``(module's __module__, class __qualname__)`` -> :class:`FastPath`, for layer types of optional
+libraries that must not be imported to register them (``transformers``' ``Conv1D``). Populated by
+:func:`register_fast_path_by_name`; an entry in :data:`FAST_PATHS` for the same class wins."""
 
 
 def register_fast_path_by_name(

@@ -362,6 +362,11 @@ def open_runs(paths: Iterable[str | os.PathLike | RunRecord], **kwargs) -> list[
     A directory that contains no ``run.json`` but whose immediate subdirectories do is expanded into
     those runs (sorted by name), so a sweep root can be given directly.
     """
+    if isinstance(paths, (str, os.PathLike, RunRecord)):
+        raise TypeError(
+            f"open_runs takes a list of run directories (or a sweep root) and got one {type(paths).__name__}, "
+            f"{str(getattr(paths, 'path', paths))!r}: pass [path]"
+        )
     out = []
     for p in paths:
         if isinstance(p, RunRecord):

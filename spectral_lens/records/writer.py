@@ -274,6 +274,8 @@ class RunWriter:
                 samples per step, by convention).
             summaries: per-spectrum scalar summaries to store; merged over (and overriding) the
                 defaults of :func:`spectrum_summaries` unless ``summarize=False``.
+            summarize: compute the default :func:`spectrum_summaries` of every spectrum (``False``:
+                store only ``summaries``).
 
         Every number is converted first: a value that is not one raises ``TypeError`` / ``ValueError``
         naming the argument, before anything is written; a failure while saving the spectra removes
@@ -425,6 +427,9 @@ class RunWriter:
         raise TypeError(f"RunWriter ({self.path}) cannot be pickled or copied: its files are open in this "
                         "process. In another process open the run again with RunWriter(path, resume=True), "
                         "after this one is closed (one writer per run directory).")
+
+    def __repr__(self) -> str:
+        return f"RunWriter({str(self.path)!r}, run_id={self.info.run_id!r}, closed={not self._fds})"
 
     def __enter__(self) -> "RunWriter":
         return self

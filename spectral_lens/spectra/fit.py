@@ -21,8 +21,8 @@ __all__ = [
     "estimate_crossover",
 ]
 
-#: The paper's pre-registered window bank (Sec. 2).
 PAPER_WINDOWS: tuple[tuple[int, int], ...] = ((100, 200), (200, 400), (400, 800))
+"""The paper's pre-registered window bank (Sec. 2)."""
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,10 @@ __all__ = [
     "symmetric_product",
 ]
 
-#: Product precisions. "float64": fp64 products (reference quality, slow on GPU);
-#: "exact": fp32 products with TF32 off (fp64 products for fp64 input);
-#: "fast": bf16 products with fp32 accumulation on CUDA tensor cores (fp32 on other devices).
 PRECISIONS = ("float64", "exact", "fast")
+"""Product precisions. "float64": fp64 products (reference quality, slow on GPU); "exact": fp32
+products with TF32 off (fp64 products for fp64 input); "fast": bf16 products with fp32 accumulation
+on CUDA tensor cores (fp32 on other devices)."""
 
 #: Row count from which the CPU product goes to SciPy's BLAS ``syrk``; shorter chunks use torch's own
 #: GEMM (see :func:`symmetric_product`).
