@@ -619,7 +619,8 @@ class SpectralLens:
         Under ``torch.distributed`` every rank of the group calls it together. An error in one rank's
         local work (its forwards, rank 0's gradient protocol, an out-of-memory) is agreed before the
         next collective: that rank raises its own exception and every other rank a ``RuntimeError``
-        naming it, at once and with the process group still usable.
+        naming it, at once and with the process group still usable. So is a failure of rank 0's record
+        write (``writer.log_measurement``, a full disk), after the gradient broadcast.
         """
         spectra = self.activation_spectra()
         grad_spectra, scalars = self.gradient_spectra()
@@ -628,13 +629,22 @@ class SpectralLens:
             s.metadata.update(step=int(step), tokens=int(tokens))
         if val_loss is not None:
             scalars["val_loss"] = float(val_loss)
-        tail, head = self._windows()
-        summaries = {name: spectrum_summaries(s, tail=tail, head=head) for name, s in spectra.items()}
-        m = LensMeasurement(int(step), int(tokens), spectra, scalars, summaries)
-        self.history.append(m)
-        if self.writer is not None and self._dist()[0] == 0:
-            extra = {k: v for k, v in scalars.items() if k != "val_loss"}
-            self.writer.log_measurement(step, tokens, spectra, val_loss=val_loss, progress=progress, scalars=extra)
+        # the rest is local work after the last collective, and rank 0 alone writes the record (the other
+        # ranks have writer=None, so they cannot tell whether there is one): a failure on one rank (a full
+        # disk on rank 0) is agreed, so the other ranks raise too instead of going on into a collective
+        # (a callback's agreement, the training loop's next step) that rank 0 never reaches
+        m, error = None, None
+        try:
+            tail, head = self._windows()
+            summaries = {name: spectrum_summaries(s, tail=tail, head=head) for name, s in spectra.items()}
+            m = LensMeasurement(int(step), int(tokens), spectra, scalars, summaries)
+            self.history.append(m)
+            if self.writer is not None and self._dist()[0] == 0:
+                extra = {k: v for k, v in scalars.items() if k != "val_loss"}
+                self.writer.log_measurement(step, tokens, spectra, val_loss=val_loss, progress=progress, scalars=extra)
+        except Exception as exc:  # agreed with the other ranks below, then re-raised
+            error = exc
+        self._agree(error, "summarizing or writing the run record (rank 0 writes it)")
         return m
 
     def maybe_measure(self, step: int, tokens: int, **kwargs) -> LensMeasurement | None:

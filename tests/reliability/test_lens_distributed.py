@@ -109,6 +109,27 @@ def _resume_fails_on_rank0(rank, subgroup):  # a callback's resume: rank 0's sin
     LensDriver(SpectralLens(_model(), lm_pool(n_batches=3), params=(), progress=False), [_FailingSink()], None).resumed(4)
 
 
+class _FailingWriter:
+    """The run record's writer on rank 0 (every other rank has ``writer=None``) with a full disk."""
+
+    tail_window = head_window = None
+
+    def log_measurement(self, *args, **kwargs):
+        raise OSError("writer: no space left on device")
+
+
+def _writer_fails_on_rank0(rank, subgroup):  # SpectralLens.measure: rank 0's record write raises
+    writer = _FailingWriter() if rank == 0 else None
+    SpectralLens(_model(), lm_pool(n_batches=3), params=(), writer=writer, progress=False).measure(1, 1)
+
+
+def _writer_fails_on_rank0_in_callback(rank, subgroup):  # the same under a callback's driver
+    from spectral_lens.integrations._driver import LensDriver
+
+    writer = _FailingWriter() if rank == 0 else None
+    LensDriver(SpectralLens(_model(), lm_pool(n_batches=3), params=(), writer=writer, progress=False), [], None).measure(1, 1)
+
+
 # cases that could leave the ranks in mismatched collectives (a regression) run last, so they cannot
 # mask the others
 CASES = {
@@ -120,6 +141,8 @@ CASES = {
     "forward_fails_on_rank1": _forward_fails_on_rank1,
     "sink_fails_on_rank0": _sink_fails_on_rank0,
     "resume_fails_on_rank0": _resume_fails_on_rank0,
+    "writer_fails_on_rank0": _writer_fails_on_rank0,
+    "writer_fails_on_rank0_in_callback": _writer_fails_on_rank0_in_callback,
 }
 
 
@@ -212,6 +235,20 @@ def test_a_callback_failure_on_rank0_is_agreed(results, case, what):
     assert errors[0].startswith("OSError") and "sink:" in errors[0], errors
     for e in errors[1:]:
         assert e.startswith("RuntimeError") and f"{what} failed on global rank(s) [0]" in e, errors
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", ["writer_fails_on_rank0", "writer_fails_on_rank0_in_callback"])
+def test_a_record_write_failure_on_rank0_is_agreed(results, case):
+    """Rank 0 alone writes the run record, after the last collective of ``measure``. A failed write
+    (a full disk) raised on rank 0 while the other ranks returned a measurement: under a callback they
+    then waited in the driver's agreement collective that rank 0 never reached (until the process-group
+    timeout), in a plain script in the training loop's next collective. Now every rank raises at once."""
+    errors = [r["error"] for r in _case(results, case)]
+    assert errors[0] is not None and errors[0].startswith("OSError") and "writer:" in errors[0], errors
+    for e in errors[1:]:
+        assert e is not None and e.startswith("RuntimeError"), errors
+        assert "writing the run record (rank 0 writes it) failed on global rank(s) [0]" in e, errors
 
 
 @pytest.mark.distributed
