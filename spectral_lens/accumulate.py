@@ -916,7 +916,9 @@ class ActivationCovarianceAccumulator:
         collective. Then all ranks agree on a common shift (the global mean) and re-shift exactly,
         and sum ``n``, ``m`` and ``S``: memory is O(d^2) per rank, not world_size x d^2 as with
         all_gather. A no-op without an initialized process group; ``ValueError`` on a rank that is not a
-        member of ``group``. Afterwards ``update`` raises until ``reset``.
+        member of ``group``. Afterwards ``update`` raises until ``reset``. A refused sync, or a collective
+        that fails part-way (a rank that died, the process-group timeout), leaves this rank's state as it
+        was (an accumulator without rows stays uninitialized).
         """
         import torch.distributed as dist
 
@@ -936,20 +938,25 @@ class ActivationCovarianceAccumulator:
         else:
             dev = torch.device("cpu")
         self._sync_status(group, dev)
-        if not self.initialized:
-            self._init_state(self.dim, dev, torch.zeros(self.dim, dtype=torch.float64))
-        n64 = self._n.to(torch.float64)
-        totals = torch.cat([self._m + n64 * self._shift, n64.view(1)])
+        # locals only until the commit below: a collective that fails part-way (a rank that died, a
+        # timeout) leaves this rank's state as it was; a rank without rows joins with a zero state
+        if self.initialized:
+            n, m0, s0, shift, bad, first = self._n, self._m, self._s, self._shift, self._bad_rows, self._first_bad
+        else:
+            n, m0, s0, shift, bad, first = _zero_state(self.dim, dev, torch.zeros(self.dim, dtype=torch.float64),
+                                                       self.precision)
+        n64 = n.to(torch.float64)
+        totals = torch.cat([m0 + n64 * shift, n64.view(1)])
         dist.all_reduce(totals, group=group)
-        common = self._shift if float(totals[-1]) == 0 else representable_shift(totals[:-1] / totals[-1], self.precision)
-        m, s = reshift(self._n, self._m, self._s, self._shift, common)
+        common = shift if float(totals[-1]) == 0 else representable_shift(totals[:-1] / totals[-1], self.precision)
+        m, s = reshift(n, m0, s0, shift, common)
         dist.all_reduce(s, group=group)
-        packed = torch.cat([m, self._n.to(torch.float64).view(1), self._bad_rows.to(torch.float64).view(1)])
+        packed = torch.cat([m, n64.view(1), bad.to(torch.float64).view(1)])
         dist.all_reduce(packed, group=group)
         # any rank broken -> flag; any rank's products below float64 -> all ranks check their range
-        flags = torch.stack([self._first_bad, self._first_bad.clamp_max(0),
-                             torch.tensor(int(self._low_products), device=self._first_bad.device)])
+        flags = torch.stack([first, first.clamp_max(0), torch.tensor(int(self._low_products), device=first.device)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        # ---- commit: plain stores only
         self._shift, self._s, self._m = common, s, packed[:-2]
         self._n = packed[-2].round().to(torch.int64)
         self._bad_rows = packed[-1].round().to(torch.int64)

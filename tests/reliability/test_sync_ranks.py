@@ -1,0 +1,160 @@
+"""``sync`` across gloo ranks with lopsided shares: against a float64 one-process reference, and a
+collective that fails part-way.
+
+``tests/core/test_sync.py`` checks uneven pools, very different means and an empty rank (with
+``dim=``); these cases add a rank whose mask drops every row (dim inferred), a rank of one row,
+NaN/Inf rows on one rank under ``nonfinite="skip"``, a sub-group, and a sync whose collective fails
+after the status agreement (a peer that stopped answering): before the fix, an accumulator without
+rows came out of that failed sync initialized (a zero state pinned to the collective's device)
+instead of as it was. Ranks run as plain processes joined with a deadline, so a hang fails the test.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from spectral_lens import ActivationCovarianceAccumulator
+
+from support.ranks import case_results, gloo_group, run_ranks, write_case
+
+D = 5
+JOIN_S = 90.0  # process start-up (imports) plus the cases; a hang fails the test here
+
+
+def _rows(rank: int, n: int, mean: float) -> np.ndarray:
+    rng = np.random.default_rng(200 + rank)
+    return rng.standard_normal((n, D)) * np.linspace(1.0, 0.01, D) + mean
+
+
+# rank 0: 6 rows, all masked out; rank 1: one row near 1e6; rank 2: 30 rows near -1e6
+_MASKED = {0: (_rows(0, 6, 0.0), False), 1: (_rows(1, 1, 1e6), True), 2: (_rows(2, 30, -1e6), True)}
+
+
+def _nan_rows(rank: int) -> np.ndarray:  # rank 1 alone has NaN/Inf rows (2 of its 8)
+    x = _rows(10 + rank, 8, 1e6 * rank)
+    if rank == 1:
+        x[2, 1], x[5, 4] = np.nan, np.inf
+    return x
+
+
+def _accumulator_cases(rank: int) -> dict:
+    out = {}
+    x, keep = _MASKED[rank]
+    acc = ActivationCovarianceAccumulator(precision="float64")  # dim inferred on every rank, rows or not
+    acc.update(torch.from_numpy(x), torch.full((len(x),), keep))
+    acc.sync()
+    out["masked_and_one_row"] = {"cov": acc.covariance().tolist(), "n": acc.n_rows}
+
+    acc = ActivationCovarianceAccumulator(precision="float64", nonfinite="skip")
+    acc.update(torch.from_numpy(_nan_rows(rank)))
+    acc.sync()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spectrum = acc.compute()
+    out["skip_nan_on_one_rank"] = {"cov": acc.covariance().tolist(), "n": acc.n_rows,
+                                   "skipped": spectrum.metadata["skipped_rows"],
+                                   "warned": [str(w.message) for w in caught]}
+
+    group = dist.new_group([0, 2])  # every rank creates it; rank 1 is not a member and does not sync
+    if rank != 1:
+        acc = ActivationCovarianceAccumulator(D, precision="float64")
+        acc.update(torch.from_numpy(_rows(20 + rank, 7 + 9 * rank, 1e6 * rank)))
+        acc.sync(group)
+        out["subgroup"] = {"cov": acc.covariance().tolist(), "n": acc.n_rows}
+    else:
+        out["subgroup"] = {}
+    return out
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    with gloo_group(rank, port, 3, 30):
+        for case, result in _accumulator_cases(rank).items():
+            write_case(out, case, rank, result)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("sync_ranks")
+    hung = run_ranks(_worker, 3, out, JOIN_S)
+    return {"_hung": hung, **case_results(out, ["masked_and_one_row", "skip_nan_on_one_rank", "subgroup"], 3)}
+
+
+def _close(cov, rows: np.ndarray) -> None:
+    ref = np.cov(rows, rowvar=False)
+    scale = np.linalg.eigvalsh(ref)[-1]
+    assert np.abs(np.asarray(cov) - ref).max() <= 1e-12 * scale
+
+
+def _got(results, case) -> list[dict]:
+    got = results[case]
+    assert None not in got, f"{case}: no result from some rank; hung (killed): {results['_hung']}"
+    return got
+
+
+@pytest.mark.distributed
+def test_masked_rank_and_one_row_rank_equal_one_process(results):
+    rows = np.concatenate([x for x, keep in _MASKED.values() if keep])
+    for r in _got(results, "masked_and_one_row"):
+        assert r["n"] == 31
+        _close(r["cov"], rows)
+
+
+@pytest.mark.distributed
+def test_skipped_rows_on_one_rank_are_dropped_and_counted_everywhere(results):
+    rows = np.concatenate([_nan_rows(r) for r in range(3)])
+    rows = rows[np.isfinite(rows).all(1)]
+    for r in _got(results, "skip_nan_on_one_rank"):
+        assert r["n"] == 22 and r["skipped"] == 2
+        assert any("skipped 2 rows" in w for w in r["warned"]), r["warned"]
+        _close(r["cov"], rows)
+
+
+@pytest.mark.distributed
+def test_subgroup_sync_equals_one_process_over_its_members(results):
+    got = _got(results, "subgroup")
+    rows = np.concatenate([_rows(20 + r, 7 + 9 * r, 1e6 * r) for r in (0, 2)])
+    for r in (got[0], got[2]):
+        assert r["n"] == len(rows)
+        _close(r["cov"], rows)
+
+
+PG_TIMEOUT_S = 3  # the failing collective of the case below times out after this
+
+
+def _failing_worker(rank: int, port: int, out: str) -> None:
+    with gloo_group(rank, port, 2, PG_TIMEOUT_S):
+        if rank == 0:  # no rows, dim= given: joins with a zero state
+            acc = ActivationCovarianceAccumulator(D)
+            start = time.monotonic()
+            try:
+                acc.sync()
+                error = None
+            except Exception as exc:  # noqa: BLE001 - recorded for the parent
+                error = f"{type(exc).__name__}: {exc}"
+            result = {"error": error, "seconds": time.monotonic() - start, "initialized": acc.initialized,
+                      "synced": acc._synced, "dim": acc.dim}
+            acc.update(torch.randn(4, D, dtype=torch.float64))  # still usable for rows of its own
+            result["n_after_update"] = acc.n_rows
+            write_case(out, "failed_collective", rank, result)
+        else:  # agrees on the status, then stops answering (a rank that died or hangs elsewhere)
+            acc = ActivationCovarianceAccumulator(D)
+            acc.update(torch.randn(4, D, dtype=torch.float64))
+            acc._sync_status(None, torch.device("cpu"))
+            time.sleep(PG_TIMEOUT_S + 4)
+            write_case(out, "failed_collective", rank, {})
+
+
+@pytest.mark.distributed
+def test_a_sync_failing_part_way_leaves_the_state_as_it_was(tmp_path):
+    hung = run_ranks(_failing_worker, 2, tmp_path, 60.0)
+    got = case_results(tmp_path, ["failed_collective"], 2)["failed_collective"][0]
+    assert got is not None, f"rank 0 gave no result; hung (killed): {hung}"
+    assert got["error"] is not None and got["seconds"] < PG_TIMEOUT_S + 10, got
+    assert (got["initialized"], got["synced"], got["dim"]) == (False, False, D), got
+    assert got["n_after_update"] == 4
