@@ -138,6 +138,16 @@ class _Setup:
     nonfinite: str
     updates: int
     low_products: bool  # some update formed its products below float64
+    # after a sync: (global rank, first update there with NaN/Inf rows) per rank that had such rows
+    bad_ranks: tuple = ()
+
+
+def _where_bad(first: int, setup: _Setup) -> str:
+    """Where the first NaN/Inf rows came from: an update of this process, or, after a sync, each
+    rank's own update (the others' update counts mean nothing on this rank)."""
+    if setup.bad_ranks:
+        return ", ".join(f"global rank {r}'s update #{i}" for r, i in setup.bad_ranks)
+    return f"update #{first}"
 
 
 def _refuse_meta(n: torch.Tensor | None, label: str) -> None:
@@ -170,7 +180,7 @@ def _finite_check(sums: _Sums | None, setup: _Setup, notes: list) -> int:
     first = int(sums.first_bad) if sums is not None else -1
     if setup.nonfinite == "raise" and first >= 0:
         raise NonFiniteError(
-            f"{setup.label}: non-finite values (NaN/Inf) in the rows of update #{first} "
+            f"{setup.label}: non-finite values (NaN/Inf) in the rows of {_where_bad(first, setup)} "
             "(0-based); fix the model or pass nonfinite='skip' to drop and count such rows"
             + ("" if not setup.low_products else " (finite float32 rows beyond ~1e35 overflow float32 sums "
                "too: for those, use precision='float64')")
@@ -194,7 +204,7 @@ def _finite_check(sums: _Sums | None, setup: _Setup, notes: list) -> int:
             )
     skipped = int(sums.bad_rows) if sums is not None else 0
     if skipped:
-        notes.append((f"{setup.label}: skipped {skipped} rows containing NaN/Inf (first in update #{first})",
+        notes.append((f"{setup.label}: skipped {skipped} rows containing NaN/Inf (first in {_where_bad(first, setup)})",
                       NonFiniteRowsWarning))
     return skipped
 
@@ -372,6 +382,7 @@ class ActivationCovarianceAccumulator:
         self._bad_rows = self._first_bad = None
         self._updates = 0
         self._synced = False
+        self._bad_ranks: tuple = ()  # set by sync: which ranks had NaN/Inf rows, for the messages
         self._low_products = False  # whether any update formed its products below float64
         # whether the state surely holds rows; until then (masked or skipped rows only) its shift may be
         # an empty chunk's arbitrary 0, which the first rows replace by their own (see _adopt_shift)
@@ -743,7 +754,7 @@ class ActivationCovarianceAccumulator:
 
     def _setup(self) -> _Setup:
         return _Setup(self._label(), self.name, self.dim, self.precision, self.nonfinite, self._updates,
-                      self._low_products)
+                      self._low_products, self._bad_ranks)
 
     def _live_sums(self) -> _Sums | None:
         with self._lock:
@@ -953,15 +964,23 @@ class ActivationCovarianceAccumulator:
         dist.all_reduce(s, group=group)
         packed = torch.cat([m, n64.view(1), bad.to(torch.float64).view(1)])
         dist.all_reduce(packed, group=group)
-        # any rank broken -> flag; any rank's products below float64 -> all ranks check their range
-        flags = torch.stack([first, first.clamp_max(0), torch.tensor(int(self._low_products), device=first.device)])
+        # each rank's first update with NaN/Inf rows (-1: none), so that the errors can name the ranks;
+        # any rank's products below float64 -> all ranks check their range
+        world, me = dist.get_world_size(group), dist.get_rank(group)
+        flags = torch.full((world + 1,), -1, dtype=torch.int64, device=first.device)
+        flags[me] = first
+        flags[world] = int(self._low_products)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        per_rank = flags[:world].tolist()
+        bad_ranks = tuple((r if group is None else dist.get_global_rank(group, r), i)
+                          for r, i in enumerate(per_rank) if i >= 0)
         # ---- commit: plain stores only
         self._shift, self._s, self._m = common, s, packed[:-2]
         self._n = packed[-2].round().to(torch.int64)
         self._bad_rows = packed[-1].round().to(torch.int64)
-        self._first_bad = flags[0]
-        self._low_products = bool(flags[2])
+        self._first_bad = torch.tensor(min((i for _, i in bad_ranks), default=-1), device=first.device)
+        self._bad_ranks = bad_ranks
+        self._low_products = bool(flags[world])
         self._has_rows = float(totals[-1]) > 0
         self._synced = True
         return self

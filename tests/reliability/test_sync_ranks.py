@@ -61,6 +61,17 @@ def _accumulator_cases(rank: int) -> dict:
                                    "skipped": spectrum.metadata["skipped_rows"],
                                    "warned": [str(w.message) for w in caught]}
 
+    acc = ActivationCovarianceAccumulator(D, precision="float64")  # nonfinite="raise"
+    acc.update(torch.from_numpy(_rows(30 + rank, 6, 0.0)))
+    if rank == 1:
+        acc.update(torch.from_numpy(_nan_rows(1)))  # this rank's update #1 has NaN/Inf rows
+    acc.sync()
+    try:
+        acc.compute()
+        out["raise_nan_on_one_rank"] = {"error": None}
+    except Exception as exc:  # noqa: BLE001 - recorded for the parent
+        out["raise_nan_on_one_rank"] = {"error": f"{type(exc).__name__}: {exc}"}
+
     group = dist.new_group([0, 2])  # every rank creates it; rank 1 is not a member and does not sync
     if rank != 1:
         acc = ActivationCovarianceAccumulator(D, precision="float64")
@@ -82,7 +93,10 @@ def _worker(rank: int, port: int, out: str) -> None:
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sync_ranks")
     hung = run_ranks(_worker, 3, out, JOIN_S)
-    return {"_hung": hung, **case_results(out, ["masked_and_one_row", "skip_nan_on_one_rank", "subgroup"], 3)}
+    return {"_hung": hung, **case_results(out, CASES, 3)}
+
+
+CASES = ["masked_and_one_row", "skip_nan_on_one_rank", "raise_nan_on_one_rank", "subgroup"]
 
 
 def _close(cov, rows: np.ndarray) -> None:
@@ -111,8 +125,19 @@ def test_skipped_rows_on_one_rank_are_dropped_and_counted_everywhere(results):
     rows = rows[np.isfinite(rows).all(1)]
     for r in _got(results, "skip_nan_on_one_rank"):
         assert r["n"] == 22 and r["skipped"] == 2
-        assert any("skipped 2 rows" in w for w in r["warned"]), r["warned"]
+        assert any("skipped 2 rows containing NaN/Inf (first in global rank 1's update #0)" in w
+                   for w in r["warned"]), r["warned"]
         _close(r["cov"], rows)
+
+
+@pytest.mark.distributed
+def test_nonfinite_rows_of_one_rank_are_named_by_rank_on_every_rank(results):
+    """After a sync the NaN/Inf error is raised on every rank; it said "update #1" there, which on the
+    ranks without NaN rows named one of their own clean updates (or one they never made). Now it
+    names the rank the rows came from and that rank's update."""
+    for r in _got(results, "raise_nan_on_one_rank"):
+        assert r["error"] is not None and r["error"].startswith("NonFiniteError"), r
+        assert "non-finite values (NaN/Inf) in the rows of global rank 1's update #1 (0-based)" in r["error"], r
 
 
 @pytest.mark.distributed
