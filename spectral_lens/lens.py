@@ -237,7 +237,8 @@ class SpectralLens:
         tail_window, head_window: rank windows of ``alpha_tail``/``alpha_head`` in
             :attr:`LensMeasurement.summaries`. Default: the ``writer``'s recorded windows; without a
             writer, the scale rule for the depth of the model's layer stack
-            (:func:`~spectral_lens.tail_window`) and ``(10, 40)``.
+            (:func:`~spectral_lens.tail_window`) and ``(10, 40)``. Under ``torch.distributed`` every
+            rank summarizes with the group's rank 0 windows (the rank with the writer).
         group: ``torch.distributed`` process group (default: the whole world once it is
             initialized). Every rank of the group calls ``measure`` together; a rank outside it
             raises ``ValueError``. Each rank runs the activation pass on its share of the pool
@@ -470,6 +471,21 @@ class SpectralLens:
                 tail = tail_window(12)
         return tail, head if head is not None else (10, 40)
 
+    def _shared_windows(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """:meth:`_windows` of the group's rank 0, on every rank (one small broadcast): only rank 0 has
+        the writer and its recorded windows, and summaries that differ between ranks could send code
+        that branches on them (an early stop) down different paths, into mismatched collectives."""
+        windows = self._windows()
+        rank, world = self._dist()
+        if world > 1:
+            import torch.distributed as dist
+
+            shared = [windows]
+            src = 0 if self.group is None else dist.get_global_rank(self.group, 0)  # src is a global rank
+            dist.broadcast_object_list(shared, src=src, group=self.group)
+            windows = shared[0]
+        return windows
+
     @contextlib.contextmanager
     def _eval_mode(self):
         """Eval mode, forked RNG streams and preserved buffers for the activation pass (the iteration
@@ -633,9 +649,9 @@ class SpectralLens:
         # ranks have writer=None, so they cannot tell whether there is one): a failure on one rank (a full
         # disk on rank 0) is agreed, so the other ranks raise too instead of going on into a collective
         # (a callback's agreement, the training loop's next step) that rank 0 never reaches
+        tail, head = self._shared_windows()
         m, error = None, None
         try:
-            tail, head = self._windows()
             summaries = {name: spectrum_summaries(s, tail=tail, head=head) for name, s in spectra.items()}
             m = LensMeasurement(int(step), int(tokens), spectra, scalars, summaries)
             self.history.append(m)

@@ -130,6 +130,21 @@ def _writer_fails_on_rank0_in_callback(rank, subgroup):  # the same under a call
     LensDriver(SpectralLens(_model(), lm_pool(n_batches=3), params=(), writer=writer, progress=False), [], None).measure(1, 1)
 
 
+class _WindowWriter:
+    """Rank 0's writer with recorded windows (``RunWriter(tail_window=..., head_window=...)``)."""
+
+    tail_window, head_window = (2, 6), (1, 3)
+
+    def log_measurement(self, *args, **kwargs):
+        pass
+
+
+def _writer_windows_on_rank0(rank, subgroup):  # every rank's summaries: rank 0's recorded windows
+    writer = _WindowWriter() if rank == 0 else None
+    m = SpectralLens(_model(), lm_pool(n_batches=3), writer=writer, precision="float64", progress=False).measure(1, 1)
+    return {name: {k: v for k, v in s.items() if k.startswith("alpha")} for name, s in m.summaries.items()}
+
+
 # cases that could leave the ranks in mismatched collectives (a regression) run last, so they cannot
 # mask the others
 CASES = {
@@ -143,6 +158,7 @@ CASES = {
     "resume_fails_on_rank0": _resume_fails_on_rank0,
     "writer_fails_on_rank0": _writer_fails_on_rank0,
     "writer_fails_on_rank0_in_callback": _writer_fails_on_rank0_in_callback,
+    "writer_windows_on_rank0": _writer_windows_on_rank0,
 }
 
 
@@ -288,3 +304,18 @@ def test_data_parallel_wrapper_is_refused_and_hooks_only_attach_accepts_it():
         for x, _ in lm_pool(n_batches=2):
             dp(x)
     assert capture.accumulators["module.h.2"].n_rows > 0
+
+
+def test_every_rank_summarizes_with_rank0s_recorded_windows(results):
+    # only rank 0 has the writer: the other ranks summarized with the depth rule's windows, so code that
+    # branches on m.summaries on every rank (an early stop) could take different paths and hang
+    got = _case(results, "writer_windows_on_rank0")
+    assert [r["error"] for r in got] == [None] * WORLD
+    values = [r["value"] for r in got]
+    assert values[1] == values[0] and values[2] == values[0]
+    lens = SpectralLens(_model(), lm_pool(n_batches=3), precision="float64", progress=False,
+                        tail_window=_WindowWriter.tail_window, head_window=_WindowWriter.head_window)
+    want = lens.measure(1, 1).summaries
+    for name, summary in values[0].items():
+        for k, v in summary.items():
+            assert v == pytest.approx(want[name][k], rel=1e-9, abs=1e-12), (name, k)
