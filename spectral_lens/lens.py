@@ -438,15 +438,24 @@ class SpectralLens:
         if error is not None:
             raise error
 
-    def _agree_widths(self, accs: list) -> None:
+    def _agree_widths(self, accs: list, batches: int) -> None:
         """Give an accumulator that saw no rows on this rank (no batch of the pool) the width the
-        other ranks saw, so that it joins ``sync`` with zero rows (one ``all_reduce(MAX)``)."""
+        other ranks saw, so that it joins ``sync`` with zero rows, and check that every rank's pool
+        gave the same number of batches (``batches``), in one ``all_reduce(MAX)``: each rank runs
+        batch ``i`` for ``i % world == rank`` of its own pool, so pools of different lengths would
+        measure a mix of batches silently."""
         import torch.distributed as dist
 
-        local = [-1 if a.dim is None else a.dim for a in accs]
+        local = [-1 if a.dim is None else a.dim for a in accs] + [batches, -batches]
         widths = torch.tensor(local, dtype=torch.int64, device=self._collective_device())
         dist.all_reduce(widths, op=dist.ReduceOp.MAX, group=self.group)
-        for acc, d in zip(accs, widths.tolist()):
+        *widths, most, fewest = widths.tolist()
+        if most != -fewest:  # the same on every rank: all of them raise
+            raise ValueError(
+                f"SpectralLens: the ranks' pools gave different numbers of batches ({-fewest} to {most}); every "
+                "rank must iterate the same whole pool (each rank forwards its share: batch i on rank i % world)"
+            )
+        for acc, d in zip(accs, widths):
             if d < 0:  # the same on every rank: no rank saw a row for this layer
                 raise ValueError(
                     f"SpectralLens: {acc._label()}: no rank saw any rows; the pool gave no batch, or the module "
@@ -514,23 +523,24 @@ class SpectralLens:
         error = None
         try:
             capture = attach(model, self.layers, pick=self._pick, precision=self.precision)
-            self._activation_pass(model, capture, rank, world)
+            batches = self._activation_pass(model, capture, rank, world)
         except Exception as exc:  # agreed with the other ranks below, then re-raised
             error = exc
         self._agree(error, "the activation pass")
         accs = list(capture.accumulators.values())
         if world > 1:
-            self._agree_widths(accs)
+            self._agree_widths(accs, batches)
         for acc in accs:
             acc.sync(self.group)
         return {f"act:{name}": spectrum for name, spectrum in capture.compute().items()}
 
-    def _activation_pass(self, model: nn.Module, capture, rank: int, world: int) -> None:
-        """This rank's forwards over its share of the pool (batch ``i`` for ``i % world == rank``)."""
+    def _activation_pass(self, model: nn.Module, capture, rank: int, world: int) -> int:
+        """This rank's forwards over its share of the pool (batch ``i`` for ``i % world == rank``);
+        returns the number of batches the pool gave (all of them, not only this rank's)."""
         with capture:  # first: whatever fails below, the hooks leave with it
-            self._forwards(model, capture, rank, world)
+            return self._forwards(model, capture, rank, world)
 
-    def _forwards(self, model: nn.Module, capture, rank: int, world: int) -> None:
+    def _forwards(self, model: nn.Module, capture, rank: int, world: int) -> int:
         dev = self._device()
         autocast = (
             torch.autocast(dev.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None else contextlib.nullcontext()
@@ -539,7 +549,9 @@ class SpectralLens:
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
         try:
             with self._eval_mode(), torch.no_grad(), autocast, eager_forwards(), measurement_pass(capture):
+                batches = 0
                 for i, batch in enumerate(self.pool):
+                    batches = i + 1
                     if i % world != rank:
                         continue
                     mask = self.mask_fn(batch) if self.mask_fn is not None else None
@@ -547,6 +559,7 @@ class SpectralLens:
                         self.forward_fn(model, batch)
                     if bar is not None:
                         bar.update(1)
+                return batches
         finally:
             if bar is not None:
                 bar.close()

@@ -145,6 +145,10 @@ def _writer_windows_on_rank0(rank, subgroup):  # every rank's summaries: rank 0'
     return {name: {k: v for k, v in s.items() if k.startswith("alpha")} for name, s in m.summaries.items()}
 
 
+def _pools_of_different_lengths(rank, subgroup):  # the docs require the same whole pool on every rank
+    SpectralLens(_model(), lm_pool(n_batches=[5, 1, 2][rank]), params=(), progress=False).measure(1, 1)
+
+
 # cases that could leave the ranks in mismatched collectives (a regression) run last, so they cannot
 # mask the others
 CASES = {
@@ -159,6 +163,7 @@ CASES = {
     "writer_fails_on_rank0": _writer_fails_on_rank0,
     "writer_fails_on_rank0_in_callback": _writer_fails_on_rank0_in_callback,
     "writer_windows_on_rank0": _writer_windows_on_rank0,
+    "pools_of_different_lengths": _pools_of_different_lengths,
 }
 
 
@@ -319,3 +324,11 @@ def test_every_rank_summarizes_with_rank0s_recorded_windows(results):
     for name, summary in values[0].items():
         for k, v in summary.items():
             assert v == pytest.approx(want[name][k], rel=1e-9, abs=1e-12), (name, k)
+
+
+def test_pools_of_different_lengths_are_refused_on_every_rank(results):
+    # pools of 5, 1 and 2 batches: the old lens measured rank 0's batches 0 and 3 (rank 1's pool has no
+    # batch 1, rank 2's no batch 2) and returned that as the whole pool's spectrum, silently
+    got = _case(results, "pools_of_different_lengths")
+    for r in got:
+        assert r["error"] is not None and "different numbers of batches (1 to 5)" in r["error"], got
