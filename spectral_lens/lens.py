@@ -235,9 +235,9 @@ class SpectralLens:
         progress: progress bars over the pool (``tqdm``): ``None`` (default) = on in a terminal, off
             in CI (``$CI`` set) and when stderr is not a TTY; ``True``/``False`` force it.
         tail_window, head_window: rank windows of ``alpha_tail``/``alpha_head`` in
-            :attr:`LensMeasurement.summaries`. Default: the ``writer``'s recorded windows; without a
-            writer, the scale rule for the depth of the model's layer stack
-            (:func:`~spectral_lens.tail_window`) and ``(10, 40)``. Under ``torch.distributed`` every
+            :attr:`LensMeasurement.summaries` (the record keeps the ``writer``'s windows). Default: the
+            ``writer``'s recorded windows; without a writer, the scale rule for the depth of the model's
+            layer stack (:func:`~spectral_lens.tail_window`) and ``(10, 40)``. Under ``torch.distributed`` every
             rank summarizes with the group's rank 0 windows (the rank with the writer).
         group: ``torch.distributed`` process group (default: the whole world once it is
             initialized). Every rank of the group calls ``measure`` together; a rank outside it
