@@ -235,8 +235,9 @@ class SpectralLens:
         progress: progress bars over the pool (``tqdm``): ``None`` (default) = on in a terminal, off
             in CI (``$CI`` set) and when stderr is not a TTY; ``True``/``False`` force it.
         tail_window, head_window: rank windows of ``alpha_tail``/``alpha_head`` in
-            :attr:`LensMeasurement.summaries` (the record keeps the ``writer``'s windows). Default: the
-            ``writer``'s recorded windows; without a writer, the scale rule for the depth of the model's
+            :attr:`LensMeasurement.summaries`; one that differs from the ``writer``'s recorded window is
+            a ``ValueError`` (the record's summaries use the writer's). Default: the ``writer``'s
+            recorded windows; without a writer, the scale rule for the depth of the model's
             layer stack (:func:`~spectral_lens.tail_window`) and ``(10, 40)``. Under ``torch.distributed`` every
             rank summarizes with the group's rank 0 windows (the rank with the writer).
         group: ``torch.distributed`` process group (default: the whole world once it is
@@ -310,8 +311,17 @@ class SpectralLens:
         self.writer = writer
         self.schedule = schedule
         self.progress = progress
-        self.tail_window = tail_window
-        self.head_window = head_window
+        for what, mine in (("tail_window", tail_window), ("head_window", head_window)):
+            recorded = getattr(writer, what, None)
+            if mine is not None and recorded is not None and tuple(mine) != tuple(recorded):
+                raise ValueError(
+                    f"SpectralLens: {what}={tuple(mine)} differs from the writer's recorded {what} "
+                    f"{tuple(recorded)}; the record's summaries use the writer's, so the measurements' summaries "
+                    f"and what sinks log would disagree with it: leave {what} out (the writer's is used) or pass "
+                    f"the same window"
+                )
+        self.tail_window = None if tail_window is None else tuple(tail_window)
+        self.head_window = None if head_window is None else tuple(head_window)
         self.group = group
         self.model: nn.Module | None = None
         self.layers = None

@@ -199,3 +199,18 @@ def test_pools_must_be_re_iterable_and_gradient_samples_at_least_two():
     lens.measure(0, 0)
     with pytest.raises(ValueError, match=r"the gradient pool gave 0 sample\(s\).*needs at least 2.*not an exhausted iterator"):
         lens.measure(1, 1)
+
+
+def test_lens_windows_that_differ_from_the_writers_are_refused(tmp_path):
+    # the record's summaries use the writer's windows, the lens's (and its sinks') its own: a lens with
+    # tail_window=(3, 9) on a RunWriter(tail_window=(2, 6)) logged alpha_tail 1.04 while the record kept 0.44
+    from spectral_lens.records import RunInfo, RunWriter
+
+    w = RunWriter(tmp_path / "r", RunInfo("r", family="f", batch_tier=1), tail_window=(2, 6), head_window=(1, 3))
+    with pytest.raises(ValueError, match=r"tail_window=\(3, 9\) differs from the writer's recorded tail_window \(2, 6\)"):
+        SpectralLens(pool=[], writer=w, tail_window=(3, 9))
+    with pytest.raises(ValueError, match=r"head_window=\(1, 4\) differs"):
+        SpectralLens(pool=[], writer=w, head_window=(1, 4))
+    lens = SpectralLens(pool=[], writer=w, tail_window=[2, 6])  # the same window: fine
+    assert lens._windows() == ((2, 6), (1, 3))
+    w.close()
