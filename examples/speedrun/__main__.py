@@ -65,10 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         changes = {k: v for k, v in dict(data=args.data, device=args.device).items() if v is not None}
         if changes:
             preset = preset.replace(**changes)
-        if preset.device == "cuda":
+        if preset.device is not None:  # checked before anything is written (else every tuner trial fails on it)
             import torch
 
-            if not torch.cuda.is_available():
+            try:
+                device = torch.device(preset.device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"device {preset.device!r} is not a torch device "
+                                 f"({str(e).splitlines()[0][:80]}); use cpu or cuda") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError(f"preset {preset.name!r} needs a CUDA GPU and none is visible "
                                    "(pass --device cpu to try it on the CPU)")
         out = Path(args.out or f"runs/speedrun-{preset.name}")

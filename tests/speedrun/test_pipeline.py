@@ -125,6 +125,12 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0]
     assert not (tmp_path / "d").exists()  # refused before anything was written
+    # a bad --device is refused before anything is written (it used to write preset.json and fail every tuner trial)
+    for bad, words in (("gpu", "not a torch device"), ("cuda:0", "needs a CUDA GPU")):
+        assert main(["--preset", "tiny", "--device", bad, "--out", str(tmp_path / bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and "Traceback" not in err[0]
+        assert not (tmp_path / bad).exists()
     with pytest.raises(SystemExit) as exc:
         main(["--preset", "d99"])
     assert exc.value.code == 2
