@@ -301,9 +301,12 @@ def _at_edge(choices: Mapping[tuple[str, int], Candidate],
 def _worker_main(trainable, cfg: _Config, storage_url, study_name, workdir, heartbeat_interval, grace_period,
                  poll_interval) -> None:
     """Entry point of an extra worker process started by :func:`tune` (spawn)."""
-    studies = _open_studies(cfg, storage_url, study_name)
-    _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-            poll_interval=poll_interval, progress=None, study_name=study_name).run()
+    try:
+        studies = _open_studies(cfg, storage_url, study_name)
+        _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                poll_interval=poll_interval, progress=None, study_name=study_name).run()
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: stop without a traceback
+        raise SystemExit(130) from None
 
 
 def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], tiers: Sequence[int],
