@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from examples.cli import OneLineParser
 
@@ -69,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
                     checkpoint_every_tokens=a.checkpoint_every_tokens, save_final=not a.no_save_final, resume=a.resume,
                     seed=a.seed, device=a.device, compile=a.compile, attn_impl=a.attn_impl, log_every=a.log_every,
                     verbose=not a.quiet)
+    except KeyboardInterrupt:  # Ctrl-C: one line naming the newest checkpoint to resume from, no traceback
+        ckpts = sorted(Path(a.run_dir).glob("ckpt_*.pt"))
+        hint = (f"resume with the same settings and --resume {ckpts[-1]}" if ckpts
+                else "no checkpoint was written (--checkpoint-every-tokens sets how often)")
+        print(f"python -m examples.nanogpt train: interrupted: {hint}", file=sys.stderr)
+        return 130
     except (ValueError, OSError, ImportError) as e:  # a refused checkpoint, setting, data or run dir: one line, status 2
         print(f"python -m examples.nanogpt train: error: {e}", file=sys.stderr)
         return 2
