@@ -1,6 +1,7 @@
 """Trainer: every variant learns on CPU at the tiny profile; logs, hooks, checkpoints, schedules."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -138,6 +139,9 @@ def test_cli_ctrl_c_is_one_line_naming_the_checkpoint(tmp_path, capsys, monkeypa
         return real(**kw, on_eval=on_eval)
 
     monkeypatch.setattr(T, "train", interrupted_at_step_6)
+    stale = tmp_path / "ckpt_000400.pt"  # an earlier run's checkpoint in the same run dir is not named
+    stale.write_bytes(b"")
+    os.utime(stale, (0, 0))
     argv = ["train", "--variant", "RoPE", "--profile", "tiny", "--steps", "8", "--batch-tier", "1", "--seq-len", "64",
             "--rows", "1", "--val-tokens", "256", "--device", "cpu", "--quiet", "--run-dir", str(tmp_path),
             "--checkpoint-every-tokens", "256", "--eval-every-tokens", "128"]
