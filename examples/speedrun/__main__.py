@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError(f"preset {preset.name!r} needs a CUDA GPU and none is visible "
                                    "(pass --device cpu to try it on the CPU)")
+            if device.type != "cuda" and preset.attn_impl == "flex":
+                # FlexAttention's backward is CUDA-only: elsewhere every trial would fail; the dense form of
+                # the same window mask trains (recorded in preset.json)
+                preset = preset.replace(attn_impl="dense")
         out = Path(args.out or f"runs/speedrun-{preset.name}")
         workload = ZooWorkload(preset)
         load_data(preset.data)  # fail fast on missing shards, before any training
