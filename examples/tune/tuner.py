@@ -143,6 +143,11 @@ class _Config:
         return out
 
 
+def _json_value(v):
+    """A JSON stand-in for a field value: sets sorted (their order varies between processes), else ``str``."""
+    return sorted(map(str, v)) if isinstance(v, (set, frozenset)) else str(v)
+
+
 def _describe_trainable(trainable) -> dict | None:
     """A dataclass trainable's type and fields as JSON values (``None`` for any other trainable), less the
     fields its class names in ``resume_ignores`` (settings that do not change results, e.g. a demo's sleep)."""
@@ -152,7 +157,7 @@ def _describe_trainable(trainable) -> dict | None:
     out = {"type": f"{type(trainable).__module__}.{type(trainable).__qualname__}"}
     for f in dataclasses.fields(trainable):
         if f.name not in ignored:
-            out[f.name] = json.loads(json.dumps(getattr(trainable, f.name), default=str))
+            out[f.name] = json.loads(json.dumps(getattr(trainable, f.name), default=_json_value))
     return out
 
 
