@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from pathlib import Path
 
 from examples.cli import OneLineParser
 
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         canonical_name(a.variant), get_profile(a.profile)
     except KeyError as e:
         ap.error(e.args[0])
+    started = time.time()
     try:
         res = train(variant=a.variant, profile=a.profile, data=a.data, run_dir=a.run_dir, steps=a.steps, tokens=a.tokens,
                     batch_tier=a.batch_tier, seq_len=a.seq_len, rows=a.rows, lr_scale=a.lr_scale,
@@ -69,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
                     checkpoint_every_tokens=a.checkpoint_every_tokens, save_final=not a.no_save_final, resume=a.resume,
                     seed=a.seed, device=a.device, compile=a.compile, attn_impl=a.attn_impl, log_every=a.log_every,
                     verbose=not a.quiet)
+    except KeyboardInterrupt:  # Ctrl-C: one line naming the newest checkpoint to resume from, no traceback
+        # this run's checkpoints only: the run dir may hold older ones of an earlier run
+        ckpts = sorted(p for p in Path(a.run_dir).glob("ckpt_*.pt") if p.stat().st_mtime >= started - 1)
+        latest = ckpts[-1] if ckpts else a.resume  # none written since this run resumed: its own checkpoint
+        hint = (f"resume with the same settings and --resume {latest}" if latest
+                else "no checkpoint was written (--checkpoint-every-tokens sets how often)")
+        print(f"python -m examples.nanogpt train: interrupted: {hint}", file=sys.stderr)
+        return 130
     except (ValueError, OSError, ImportError) as e:  # a refused checkpoint, setting, data or run dir: one line, status 2
         print(f"python -m examples.nanogpt train: error: {e}", file=sys.stderr)
         return 2

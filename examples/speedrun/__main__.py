@@ -65,12 +65,21 @@ def main(argv: list[str] | None = None) -> int:
         changes = {k: v for k, v in dict(data=args.data, device=args.device).items() if v is not None}
         if changes:
             preset = preset.replace(**changes)
-        if preset.device == "cuda":
+        if preset.device is not None:  # checked before anything is written (else every tuner trial fails on it)
             import torch
 
-            if not torch.cuda.is_available():
+            try:
+                device = torch.device(preset.device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"device {preset.device!r} is not a torch device "
+                                 f"({str(e).splitlines()[0][:80]}); use cpu or cuda") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError(f"preset {preset.name!r} needs a CUDA GPU and none is visible "
                                    "(pass --device cpu to try it on the CPU)")
+            if device.type != "cuda" and preset.attn_impl == "flex":
+                # FlexAttention's backward is CUDA-only: elsewhere every trial would fail; the dense form of
+                # the same window mask trains (recorded in preset.json)
+                preset = preset.replace(attn_impl="dense")
         out = Path(args.out or f"runs/speedrun-{preset.name}")
         workload = ZooWorkload(preset)
         load_data(preset.data)  # fail fast on missing shards, before any training

@@ -6,7 +6,8 @@ taxonomy of the chain with its evidence) and its verdict (rho per family and poo
 missed tiers, flags) are generic. This module adds what is specific to the speedrun: our rhos beside
 the paper's numbers (Sec. 3) with the smallest p-value the number of tiers allows, the runs that
 missed the pre-registered target with their best losses, the tuner's chosen factors with their
-final-rung losses (and whether each is an end of its grid), and validation-loss curves.
+final-rung losses (and whether each is an end of its grid). The validation-loss curves are the
+library report's ``loss.png``.
 """
 from __future__ import annotations
 

@@ -81,6 +81,10 @@ def main(argv=None) -> int:
                       progress=False if args.quiet else True, min_resource=args.min_resource,
                       reduction_factor=args.reduction_factor, heartbeat_interval=args.heartbeat,
                       grace_period=args.grace)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (the spawned workers stop quietly too)
+        print("python -m examples.tune: interrupted: rerun the same command to resume (with a journal or database "
+              "--storage; the in-memory default keeps nothing)", file=sys.stderr)
+        return 130
     except (ValueError, KeyError, OSError, ImportError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"python -m examples.tune: error: {msg}", file=sys.stderr)

@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from spectral_lens.atomic import write_text_atomic
 from .trainable import Candidate, Report
@@ -32,6 +33,8 @@ class SyntheticTrainable:
         nan_above: candidates with a larger scale diverge (report NaN at their first validation).
         raise_keys: candidate keys whose call raises ``RuntimeError``.
     """
+
+    resume_ignores: ClassVar[tuple[str, ...]] = ("sleep",)  # not compared when a study resumes (no effect on losses)
 
     eval_every: int = 10
     floor: float = 2.0

@@ -22,6 +22,8 @@ before Optuna 4.9), so the retry continues from the
 candidate's checkpoint in ``workdir`` and never retrains a finished rung.
 """
 import contextlib
+import dataclasses
+import json
 import math
 import os
 import sys
@@ -119,6 +121,7 @@ class _Config:
     min_resource: int
     reduction_factor: int
     extrapolate_to: int
+    trainable: dict | None = None  # the trainable's settings (dataclass fields), checked on resume
 
     def as_attr(self) -> dict:
         return dict(families=self.families, tiers=list(self.tiers), reference_tier=self.reference_tier,
@@ -138,6 +141,24 @@ class _Config:
             raise ValueError(f"tune: candidates {clash} share a key (scales equal to 4 significant digits); "
                              "use multipliers further apart")
         return out
+
+
+def _json_value(v):
+    """A JSON stand-in for a field value: sets sorted (their order varies between processes), else ``str``."""
+    return sorted(map(str, v)) if isinstance(v, (set, frozenset)) else str(v)
+
+
+def _describe_trainable(trainable) -> dict | None:
+    """A dataclass trainable's type and fields as JSON values (``None`` for any other trainable), less the
+    fields its class names in ``resume_ignores`` (settings that do not change results, e.g. a demo's sleep)."""
+    if not dataclasses.is_dataclass(trainable) or isinstance(trainable, type):
+        return None
+    ignored = set(getattr(type(trainable), "resume_ignores", ()))
+    out = {"type": f"{type(trainable).__module__}.{type(trainable).__qualname__}"}
+    for f in dataclasses.fields(trainable):
+        if f.name not in ignored:
+            out[f.name] = json.loads(json.dumps(getattr(trainable, f.name), default=_json_value))
+    return out
 
 
 def _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, min_resource, reduction_factor,
@@ -234,6 +255,15 @@ def _open_studies(cfg: _Config, storage_url: str | None, study_name: str, storag
                 diff = sorted(k for k in cfg.as_attr() if stored.get(k) != cfg.as_attr()[k])
                 raise ValueError(f"tune: study {name!r} in storage {storage_url!r} was started with other settings "
                                  f"({', '.join(diff)} differ); use another study_name or the same settings to resume")
+            if cfg.trainable is not None:  # e.g. the zoo's val_tokens: a resumed study must not mix rung losses
+                stored_t = study.user_attrs.get("tune:trainable")  # absent in a study made before this check
+                if stored_t is None:
+                    study.set_user_attr("tune:trainable", cfg.trainable)
+                elif stored_t != cfg.trainable:
+                    diff = sorted(k for k in set(stored_t) | set(cfg.trainable) if stored_t.get(k) != cfg.trainable.get(k))
+                    raise ValueError(f"tune: study {name!r} in storage {storage_url!r} was started with another "
+                                     f"trainable ({', '.join(diff)} differ); use another study_name or the same "
+                                     "settings to resume")
             trials = study.get_trials(deepcopy=False)
             present = {t.user_attrs.get("key") for t in trials}
             for ft in _orphans(trials):  # a lost trial whose retry was never enqueued: retry it now
@@ -301,9 +331,12 @@ def _at_edge(choices: Mapping[tuple[str, int], Candidate],
 def _worker_main(trainable, cfg: _Config, storage_url, study_name, workdir, heartbeat_interval, grace_period,
                  poll_interval) -> None:
     """Entry point of an extra worker process started by :func:`tune` (spawn)."""
-    studies = _open_studies(cfg, storage_url, study_name)
-    _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-            poll_interval=poll_interval, progress=None, study_name=study_name).run()
+    try:
+        studies = _open_studies(cfg, storage_url, study_name)
+        _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                poll_interval=poll_interval, progress=None, study_name=study_name).run()
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: stop without a traceback
+        raise SystemExit(130) from None
 
 
 def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], tiers: Sequence[int],
@@ -350,6 +383,7 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
     """
     cfg = _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, min_resource,
                     reduction_factor, multipliers, rel_tol, extrapolate_to, heartbeat_interval, grace_period)
+    cfg = dataclasses.replace(cfg, trainable=_describe_trainable(trainable))
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     choices_path = Path(choices_path) if choices_path is not None else workdir / "choices.json"

@@ -1,6 +1,7 @@
 """Trainer: every variant learns on CPU at the tiny profile; logs, hooks, checkpoints, schedules."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -122,6 +123,35 @@ def test_cli_refused_resume_is_one_line(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "batch_tier (checkpoint 1, this run 2)" in err
+
+
+def test_cli_ctrl_c_is_one_line_naming_the_checkpoint(tmp_path, capsys, monkeypatch):
+    # Ctrl-C during `python -m examples.nanogpt train` used to end in a KeyboardInterrupt traceback
+    import examples.nanogpt.train as T
+    from examples.nanogpt.__main__ import main
+
+    real = T.train
+
+    def interrupted_at_step_6(**kw):
+        def on_eval(model, step, tokens, val_loss):
+            if step >= 6:
+                raise KeyboardInterrupt
+        return real(**kw, on_eval=on_eval)
+
+    monkeypatch.setattr(T, "train", interrupted_at_step_6)
+    stale = tmp_path / "ckpt_000400.pt"  # an earlier run's checkpoint in the same run dir is not named
+    stale.write_bytes(b"")
+    os.utime(stale, (0, 0))
+    argv = ["train", "--variant", "RoPE", "--profile", "tiny", "--steps", "8", "--batch-tier", "1", "--seq-len", "64",
+            "--rows", "1", "--val-tokens", "256", "--device", "cpu", "--quiet", "--run-dir", str(tmp_path),
+            "--checkpoint-every-tokens", "256", "--eval-every-tokens", "128"]
+    try:
+        rc = main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("the command let KeyboardInterrupt through (a traceback)")
+    err = capsys.readouterr().err
+    assert rc == 130 and err.count("\n") == 1 and "interrupted" in err
+    assert f"--resume {tmp_path / 'ckpt_000004.pt'}" in err
 
 
 @pytest.mark.parametrize("kind", ["adamw", "lamb"])

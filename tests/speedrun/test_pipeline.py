@@ -114,6 +114,20 @@ def test_tiny_preset_end_to_end_then_resume_and_cli(tmp_path, capsys):
     assert len(err) == 1 and "other settings" in err[0] and "data" in err[0]
 
 
+def test_device_cpu_for_a_flex_preset_trains_with_the_dense_mask(tmp_path, monkeypatch, capsys):
+    # the no-GPU error says "pass --device cpu to try it on the CPU"; with the preset's FlexAttention every
+    # tuner trial then failed (its backward is CUDA-only). The dense form of the same mask is used instead.
+    import examples.replicate as rep
+
+    def stop(workload, out, *args, **kwargs):
+        assert workload.preset.attn_impl == "dense"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rep, "replicate", stop)
+    assert main(["--preset", "gpu-small", "--device", "cpu", "--out", str(tmp_path / "g"), "--no-progress"]) == 130
+    assert json.loads((tmp_path / "g" / "preset.json").read_text())["attn_impl"] == "dense"
+
+
 def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("the GPU-missing error needs a machine without CUDA")
@@ -125,6 +139,12 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0]
     assert not (tmp_path / "d").exists()  # refused before anything was written
+    # a bad --device is refused before anything is written (it used to write preset.json and fail every tuner trial)
+    for bad, words in (("gpu", "not a torch device"), ("cuda:0", "needs a CUDA GPU")):
+        assert main(["--preset", "tiny", "--device", bad, "--out", str(tmp_path / bad)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and "Traceback" not in err[0]
+        assert not (tmp_path / bad).exists()
     with pytest.raises(SystemExit) as exc:
         main(["--preset", "d99"])
     assert exc.value.code == 2

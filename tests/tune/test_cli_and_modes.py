@@ -105,6 +105,31 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, argv, match):
     assert len(err.splitlines()) == 1 and match in err and "Traceback" not in err
 
 
+def test_cli_ctrl_c_is_one_line_and_workers_stop_quietly(tmp_path, capsys, monkeypatch):
+    # Ctrl-C used to print a KeyboardInterrupt traceback from the command and one from each spawned worker
+    import examples.tune.tuner as tuner
+    from examples.tune.synthetic import SyntheticTrainable
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SyntheticTrainable, "__call__", interrupted)
+    try:
+        rc = main(["synthetic", "--tiers", "8", "--rungs", "30", "--workdir", str(tmp_path / "w"), "--quiet"])
+    except KeyboardInterrupt:
+        pytest.fail("the command let KeyboardInterrupt through (a traceback)")
+    err = capsys.readouterr().err.strip()
+    assert rc == 130 and len(err.splitlines()) == 1 and "interrupted" in err and "Traceback" not in err
+    # a spawned worker's entry point ends with status 130 instead of raising (no traceback from multiprocessing)
+    monkeypatch.setattr(tuner, "_open_studies", interrupted)
+    with pytest.raises(SystemExit) as e:
+        try:
+            tuner._worker_main(None, None, None, "s", tmp_path, 10.0, 60.0, 0.1)
+        except KeyboardInterrupt:
+            pytest.fail("the worker let KeyboardInterrupt through (a traceback)")
+    assert e.value.code == 130
+
+
 def test_progress_bar_on_a_tty(tmp_path):
     import io
 

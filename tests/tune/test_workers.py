@@ -115,6 +115,17 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         tune(SyntheticTrainable(), **(CFG | kw | dict(multipliers=(1.0,))))
 
 
+def test_resume_with_another_trainable_is_refused(tmp_path):
+    # the trainable's settings (the zoo's val_tokens, eval interval, profile...) were not checked: a resumed
+    # study with another validation set silently compared rung losses measured two ways
+    kw = dict(workdir=tmp_path / "w", storage=f"journal:{tmp_path}/j.log", progress=False)
+    tune(SyntheticTrainable(eval_every=10), **(CFG | kw | dict(tiers=[8], multipliers=(1.0,))))
+    tune(SyntheticTrainable(eval_every=10), **(CFG | kw | dict(tiers=[8], multipliers=(1.0,))))  # same: resumes
+    with pytest.raises(ValueError, match=r"study 'tune' in storage .* was started with another trainable "
+                                         r"\(eval_every differ\)"):
+        tune(SyntheticTrainable(eval_every=5), **(CFG | kw | dict(tiers=[8], multipliers=(1.0,))))
+
+
 def test_a_worker_whose_trial_was_taken_over_lets_it_go(tmp_path):
     import optuna
 
