@@ -323,7 +323,9 @@ def loop_engine(
                         if loss.requires_grad
                         else [None] * len(unique)
                     )
-                by_id = {id(p): (torch.zeros_like(p) if g is None else g) for p, g in zip(unique, gs)}
+                # a sparse gradient (nn.Embedding(sparse=True)) is densified: a row is a flat dense vector
+                by_id = {id(p): (torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g)
+                         for p, g in zip(unique, gs)}
                 for k, p in params.items():
                     rows[k].append(by_id[id(p)].reshape(1, -1))
                 losses.append(loss.detach().reshape(1))
