@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
@@ -185,6 +186,7 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
         else:
             hits = []
         if not hits:
+            _refuse_parametrized(model, w, modules, named)
             close = difflib.get_close_matches(w, list(named), n=5, cutoff=0.4)
             raise ValueError(
                 f"{type(model).__name__} has no parameter {w!r}; closest names: {close or list(named)[:8]}"
@@ -192,6 +194,25 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
         for n in hits:
             out[n] = named[n]
     return out
+
+
+def _refuse_parametrized(model: nn.Module, w: str, modules: dict, named: dict) -> None:
+    """``ValueError`` when ``w`` names a tensor computed by ``torch.nn.utils.parametrize`` (``lin.weight``
+    after ``register_parametrization(lin, "weight", ...)`` or ``parametrizations.weight_norm``), or a
+    module whose ``weight`` is one: it is not a parameter, so say which parameters it is computed from."""
+    path, _, local = w.rpartition(".")
+    if w in modules:
+        path, local = w, "weight"
+    mod = modules.get(path)
+    if mod is None or not parametrize.is_parametrized(mod, local):
+        return
+    prefix = f"{path}.parametrizations.{local}." if path else f"parametrizations.{local}."
+    sources = [n for n in named if n.startswith(prefix)]
+    raise ValueError(
+        f"{type(model).__name__}: {path + '.' if path else ''}{local} is computed by a parametrization "
+        f"(torch.nn.utils.parametrize: {type(mod).__name__}), not a parameter; probe the parameters it is computed "
+        f"from, e.g. {sources}: their per-sample gradients are taken through the parametrization"
+    )
 
 
 @dataclass

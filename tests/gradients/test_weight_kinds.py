@@ -54,3 +54,48 @@ def test_sparse_embedding_weight(engine):
         probe.update((ids[:3], y[:3])).update((ids[3:], y[3:]))
     assert probe.engines_ == {"emb.weight": "loop"}
     assert rel(probe.gram().numpy(), loop_gram(model, "emb.weight", ids, y)) <= TOL
+
+
+class _LowRank(nn.Module):
+    """A LoRA-like parametrization: ``W + B A``."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.A, self.B = nn.Parameter(0.3 * torch.randn(2, d)), nn.Parameter(0.3 * torch.randn(d, 2))
+
+    def forward(self, w):
+        return w + self.B @ self.A
+
+
+class _LM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.lin, self.head = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 11)
+
+    def forward(self, ids):
+        return self.head(torch.cumsum(torch.tanh(self.lin(self.emb(ids))), 1))
+
+
+@pytest.mark.parametrize("how", ["lora", "weight_norm"])
+def test_parametrized_weight_is_named_by_its_sources(how):
+    """A parametrized weight is not a parameter. Naming it (or its module) said only "no parameter
+    'lin'; closest names: ['lin.bias']"; now the error lists the parameters it is computed from, and
+    each of those is exact against the float64 loop on every engine that can run it."""
+    torch.manual_seed(0)
+    model = _LM().double().eval()
+    if how == "lora":
+        nn.utils.parametrize.register_parametrization(model.lin, "weight", _LowRank(6).double())
+        sources = ["lin.parametrizations.weight.original", "lin.parametrizations.weight.0.A"]
+    else:
+        nn.utils.parametrizations.weight_norm(model.lin)
+        sources = ["lin.parametrizations.weight.original0", "lin.parametrizations.weight.original1"]
+    for name in ("lin.weight", "lin"):
+        with pytest.raises(ValueError, match=r"lin\.weight is computed by a parametrization.*" + sources[0]):
+            PerSampleGradientProbe(model, name)
+    ids, y = torch.randint(0, 11, (5, 4)), torch.randint(0, 11, (5, 4))
+    for engine in ("auto", "vmap", "loop"):
+        probe = PerSampleGradientProbe(model, sources, engine=engine, chunk_size=2).update((ids, y))
+        for s in sources:
+            assert rel(probe.gram(s).numpy(), loop_gram(model, s, ids, y)) <= TOL, (engine, s)
+    with pytest.raises(ValueError, match="no fast path is registered for ParametrizationList"):
+        PerSampleGradientProbe(model, sources[0], engine="fast")
