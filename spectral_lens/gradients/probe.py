@@ -249,8 +249,8 @@ class PerSampleGradientProbe:
             :func:`~spectral_lens.gradients.causal_lm_loss` (mean next-token cross-entropy, padding
             masked by ``ignore_index``).
         forward_fn: ``forward_fn(model, batch) -> output``; default :func:`default_forward`.
-        engine: ``"auto"`` (fast path where one is registered for the module type and the weight is
-            not shared, ``"vmap"`` otherwise, falling back to ``"loop"`` with an
+        engine: ``"auto"`` (fast path where one is registered for the module type, the weight is
+            not shared and no BatchNorm normalizes by batch statistics, ``"vmap"`` otherwise, falling back to ``"loop"`` with an
             :class:`~spectral_lens.EngineFallbackWarning` where ``torch.func`` refuses the model),
             ``"fast"`` (error if impossible), ``"vmap"`` (error naming the likely cause if ``torch.func``
             refuses the model), ``"loop"``.
@@ -470,16 +470,30 @@ class PerSampleGradientProbe:
         p = self.params[name]
         return [n for n, q in self.model.named_parameters(remove_duplicate=False) if q is p]
 
+    def _batch_statistics(self) -> list[str]:
+        """BatchNorm layers that normalize by their batch's statistics while measuring: every one with
+        ``train_mode=True``, those without running statistics (``track_running_stats=False``) in eval
+        mode too. Per sample (the ``vmap`` and ``loop`` engines, the per-sample reference), each
+        sequence is normalized by its own statistics; a fast-path pass by its chunk's."""
+        return [n for n, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and (self.train_mode or m.running_mean is None)]
+
     def _choose_engine(self, name: str) -> str:
         if self.engine in ("vmap", "loop"):
             return self.engine
         mod, local = self.sites[name]
         shared = self._shared(name)
         reason = None
+        coupled = self._batch_statistics()
         if len(shared) > 1:
             reason = f"it is shared by {shared} (tied weights: the fast path sees one use only)"
         elif fast_path_for(mod, local) is None:
             reason = f"no fast path is registered for {type(mod).__name__}.{local}"
+        elif coupled:
+            reason = (f"BatchNorm layer(s) {coupled[:5]} normalize by the statistics of the pass's batch "
+                      f"({'train_mode=True' if self.train_mode else 'track_running_stats=False'}), which mixes the "
+                      "samples of a chunk; the fast path differentiates the chunk's summed loss, so its rows would "
+                      "depend on chunk_size")
         if reason is None:
             return "fast"
         if self.engine == "fast":

@@ -99,3 +99,42 @@ def test_parametrized_weight_is_named_by_its_sources(how):
             assert rel(probe.gram(s).numpy(), loop_gram(model, s, ids, y)) <= TOL, (engine, s)
     with pytest.raises(ValueError, match="no fast path is registered for ParametrizationList"):
         PerSampleGradientProbe(model, sources[0], engine="fast")
+
+
+def _bn_net(track: bool) -> nn.Sequential:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4, track_running_stats=track)
+    return nn.Sequential(nn.Linear(8, 8), bn, nn.Flatten(), nn.Linear(32, 3)).double().eval()
+
+
+def _sq(out, batch):
+    return out.pow(2).mean(-1)
+
+
+@pytest.mark.parametrize("track, train_mode", [(True, True), (False, False)])
+@pytest.mark.parametrize("name", ["0.weight", "3.weight"])
+def test_batch_statistics_keep_nn_linear_off_the_fast_path(track, train_mode, name):
+    """A BatchNorm that normalizes by batch statistics (train_mode=True, or track_running_stats=False
+    even in eval mode) mixes the samples of a pass. The Linear fast path (below or above it) took the
+    chunk's statistics: rows depended on chunk_size (diagonal 3.1 vs 1.2 at chunk 5 vs 2 for the
+    first sequence; the per-sample reference gives 2.7). Now such weights go to vmap (loop where
+    torch.func refuses the running-statistics update), which normalize each sequence by its own
+    statistics, as the one-sample-at-a-time reference does; engine='fast' says why."""
+    model = _bn_net(track)
+    x = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    p = dict(model.named_parameters())[name]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train(train_mode)
+    rows = [torch.autograd.grad(_sq(model(x[i : i + 1]), None).sum(), p)[0].reshape(-1) for i in range(5)]
+    model.load_state_dict(state)
+    model.eval()
+    g = torch.stack(rows).numpy()
+    for chunk in (2, 5):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EngineFallbackWarning)
+            probe = PerSampleGradientProbe(model, name, loss_fn=_sq, train_mode=train_mode, chunk_size=chunk)
+            probe.update(x)
+        assert probe.engines_[name] == ("loop" if train_mode else "vmap")
+        assert rel(probe.gram().numpy(), g @ g.T) <= TOL, chunk
+    with pytest.raises(ValueError, match=r"engine='fast' impossible for .*BatchNorm layer\(s\) \['1'\] normalize"):
+        PerSampleGradientProbe(model, name, loss_fn=_sq, train_mode=train_mode, engine="fast")
