@@ -138,3 +138,39 @@ def test_batch_statistics_keep_nn_linear_off_the_fast_path(track, train_mode, na
         assert rel(probe.gram().numpy(), g @ g.T) <= TOL, chunk
     with pytest.raises(ValueError, match=r"engine='fast' impossible for .*BatchNorm layer\(s\) \['1'\] normalize"):
         PerSampleGradientProbe(model, name, loss_fn=_sq, train_mode=train_mode, engine="fast")
+
+
+class _AlsoElsewhere(nn.Module):
+    """``lin`` is called as a module, and its weight also reaches the loss another way."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.emb, self.lin, self.head, self.how = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 11), how
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + torch.tanh(self.lin(h))
+        if self.how == "functional":  # e.g. a weight shared with a functional projection
+            h = h + F.linear(h, self.lin.weight)
+        elif self.how == "direct_forward":  # bypasses the module's hooks
+            h = h + self.lin.forward(h)
+        return self.head(torch.cumsum(h, 1))
+
+
+@pytest.mark.parametrize("how", ["functional", "direct_forward"])
+def test_weight_used_outside_its_module_call_leaves_the_fast_path(how):
+    """The fast path reads only the module's own calls. A second use of the weight outside them
+    (F.linear(h, lin.weight), lin.forward(h)) was silently left out: 'auto' stayed on the fast path and
+    the Gram was 87% off the per-sample reference. Now the probed weight requires grad outside its
+    module's calls, a use elsewhere reaches it in the backward the fast path already runs, and the
+    parameter moves to vmap ('fast' says why)."""
+    torch.manual_seed(0)
+    model = _AlsoElsewhere(how).double().eval()
+    ids, y = torch.randint(0, 11, (5, 4)), torch.randint(0, 11, (5, 4))
+    probe = PerSampleGradientProbe(model, ["lin.weight", "head.weight"], chunk_size=2).update((ids, y))
+    assert probe.engines_ == {"lin.weight": "vmap", "head.weight": "fast"}
+    for name in probe.params:
+        assert rel(probe.gram(name).numpy(), loop_gram(model, name, ids, y)) <= TOL, name
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    with pytest.raises(ValueError, match=r"engine='fast' impossible for lin\.weight: the weight also reaches the loss"):
+        PerSampleGradientProbe(model, "lin.weight", engine="fast").update((ids, y))
