@@ -174,3 +174,29 @@ def test_weight_used_outside_its_module_call_leaves_the_fast_path(how):
     assert all(p.requires_grad for p in model.parameters())  # flags restored
     with pytest.raises(ValueError, match=r"engine='fast' impossible for lin\.weight: the weight also reaches the loss"):
         PerSampleGradientProbe(model, "lin.weight", engine="fast").update((ids, y))
+
+
+class _RNNLM(nn.Module):
+    def __init__(self, cls) -> None:
+        super().__init__()
+        self.emb, self.rnn, self.head = nn.Embedding(11, 6), cls(6, 6, batch_first=True), nn.Linear(6, 11)
+
+    def forward(self, ids):
+        return self.head(self.rnn(self.emb(ids))[0])
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
+def test_recurrent_layers_fall_back_to_the_loop(cls):
+    """torch.func.vmap cannot run nn.LSTM / nn.GRU / nn.RNN's fused kernels; the refusal reads "output
+    with shape [1, 24] doesn't match the broadcast shape [3, 1, 24]", which the fallback did not
+    recognize: engine='auto' crashed with it for any vmap-routed weight of a recurrent LM. Now it falls
+    back to the loop (exact) with an EngineFallbackWarning naming the layer; 'vmap' says so too."""
+    torch.manual_seed(0)
+    model = _RNNLM(cls).double().eval()
+    ids, y = torch.randint(0, 11, (5, 4)), torch.randint(0, 11, (5, 4))
+    with pytest.warns(EngineFallbackWarning, match=r"likely cause: nn\.LSTM / nn\.GRU / nn\.RNN \(\['rnn'\]\)"):
+        probe = PerSampleGradientProbe(model, "rnn.weight_hh_l0", chunk_size=3).update((ids, y))
+    assert probe.engines_ == {"rnn.weight_hh_l0": "loop"}
+    assert rel(probe.gram().numpy(), loop_gram(model, "rnn.weight_hh_l0", ids, y)) <= TOL
+    with pytest.raises(RuntimeError, match=r"engine='vmap' cannot trace .*Likely cause: nn\.LSTM.*engine='loop'"):
+        PerSampleGradientProbe(model, "rnn.weight_hh_l0", engine="vmap").update((ids, y))
