@@ -1,7 +1,8 @@
 """Per-sample gradient engines. Each maps a batch chunk to rows ``g_m`` (M_chunk, P) and losses.
 
 * :func:`fast_engine`: registered per-layer fast paths (:mod:`.registry`). Every parameter's
-  ``requires_grad`` is switched off for the pass, so the trunk runs without building an autograd
+  ``requires_grad`` is switched off for the pass (a probed one's only inside its own module's calls,
+  so that a use elsewhere shows up in the backward), so the trunk runs without building an autograd
   graph; a forward hook on each probed module detaches its output into a fresh leaf that requires
   grad, and a single ``torch.autograd.grad(sum_m L_m, outputs)`` returns ``dL/dy`` for every probed
   module. Autograd therefore only differentiates the graph *above* the lowest probed module, and never
@@ -154,7 +155,10 @@ def fast_engine(
 
     Returns ``(rows, losses, not_called)``; ``not_called`` maps each name the fast path cannot serve
     to the reason, and their gradients need the generic engine: the module never ran in the forward
-    (for example ``nn.MultiheadAttention.out_proj``, whose weight is used functionally), or a call's
+    (for example ``nn.MultiheadAttention.out_proj``, whose weight is used functionally), the weight
+    also reached the loss outside the module's calls (``F.linear(x, module.weight)`` elsewhere, a
+    direct ``module.forward(x)``: the probed weights require grad except inside their module's call
+    and are inputs of the backward, so such a use gets a gradient there), or a call's
     input or output gradient does not have the chunk's ``n`` samples in dimension 0 (a sequence-first
     ``(T, M, d)`` layout, tokens flattened to ``(M * T, d)``, a weight applied to something other
     than the samples): the fast path's ``g_m`` contracts dimension 0 as the sample index. A module
@@ -165,11 +169,23 @@ def fast_engine(
     names = {k: next(n for n, (m, _) in sites.items() if id(m) == k) for k in modules}
     calls: dict[int, list] = {k: [] for k in modules}
     recording = [True]
+    # The probed parameters require grad everywhere except inside their own module's call (off in a
+    # forward pre-hook, on again in the forward hook): a use elsewhere (F.linear(h, lin.weight), a
+    # direct lin.forward(x), a hook reading the weight) then reaches them in the graph, which the
+    # fast path, reading only the module's calls, would miss.
+    own = {k: [getattr(m, local) for m, local in sites.values() if id(m) == k] for k in modules}
+    probed = list({id(p): p for ps in own.values() for p in ps}.values())
+
+    def pre_hook(module, args):
+        for p in own[id(module)]:
+            p.requires_grad_(False)
 
     def hook(module, args, kwargs, output):
         # The same output transformation in the forward and in any re-run of it inside the backward
         # (non-reentrant activation checkpointing recomputes a segment there and must see the same
         # saved tensors); only the forward's calls are recorded.
+        for p in own[id(module)]:
+            p.requires_grad_(True)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"fast path for {type(module).__name__}: module output is not a tensor")
         if not torch.is_grad_enabled() and _in_reentrant_checkpoint():
@@ -184,17 +200,20 @@ def fast_engine(
     # prepend: before the user's own forward hooks on the module, so y is the output the weight
     # produced and a hook that changes it (scaling, steering, an adapter) is part of the backward
     handles = [mod.register_forward_hook(hook, with_kwargs=True, prepend=True) for mod in modules.values()]
+    # last: a user's pre-hook that reads the weight runs while it requires grad (a use outside the call)
+    handles += [mod.register_forward_pre_hook(pre_hook) for mod in modules.values()]
     try:
-        with only_requires_grad(model, every=every), torch.enable_grad(), cached_linear_casts(model, casts):
+        with only_requires_grad(model, probed, every=every), torch.enable_grad(), cached_linear_casts(model, casts):
             losses = _checked_losses(loss_fn(forward_fn(model, batch), batch), n)
             recording[0] = False
             ys = [y for k in calls for _, _, y in calls[k]]
             with _reentrant_below(sites):
-                dys = (
-                    torch.autograd.grad(losses.sum(), ys, allow_unused=True)
-                    if ys and losses.requires_grad
-                    else [None] * len(ys)
+                got = (
+                    torch.autograd.grad(losses.sum(), ys + probed, allow_unused=True)
+                    if losses.requires_grad
+                    else [None] * (len(ys) + len(probed))
                 )
+            dys, elsewhere = got[: len(ys)], {id(p) for p, g in zip(probed, got[len(ys) :]) if g is not None}
     finally:
         for h in handles:
             h.remove()
@@ -206,6 +225,13 @@ def fast_engine(
         used = [(x, v, dy) for x, v, dy in grads_of[id(mod)] if dy is not None]
         if not grads_of[id(mod)]:
             not_called[name] = "its module never ran its forward (the weight is used functionally)"
+            continue
+        if id(getattr(mod, local)) in elsewhere:
+            not_called[name] = (
+                f"the weight also reaches the loss outside the calls of its {type(mod).__name__} (used "
+                "functionally, e.g. F.linear(x, module.weight), a direct module.forward(x), or by a hook), "
+                "which the fast path does not see"
+            )
             continue
         shapes = [(tuple(x.shape), tuple(dy.shape)) for x, _, dy in used if x.ndim == 0 or x.shape[0] != n
                   or dy.ndim == 0 or dy.shape[0] != n]
@@ -323,7 +349,9 @@ def loop_engine(
                         if loss.requires_grad
                         else [None] * len(unique)
                     )
-                by_id = {id(p): (torch.zeros_like(p) if g is None else g) for p, g in zip(unique, gs)}
+                # a sparse gradient (nn.Embedding(sparse=True)) is densified: a row is a flat dense vector
+                by_id = {id(p): (torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g)
+                         for p, g in zip(unique, gs)}
                 for k, p in params.items():
                     rows[k].append(by_id[id(p)].reshape(1, -1))
                 losses.append(loss.detach().reshape(1))

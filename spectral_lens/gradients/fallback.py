@@ -6,7 +6,8 @@ Face attention-mask checks) and ``.item()`` (``vmap: ...``), in-place updates of
 ``torch.autograd.Function`` subclasses without ``setup_context`` (what ``register_full_backward_hook``
 and reentrant activation checkpointing install), saved-tensor hooks (non-reentrant activation
 checkpointing), operators without a batching rule (``Batching rule not implemented for ...``:
-fake-quantize observers). :func:`is_untraceable` recognizes these refusals by the phrases torch's
+fake-quantize observers), native kernels without vmap support (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``:
+``... doesn't match the broadcast shape ...``). :func:`is_untraceable` recognizes these refusals by the phrases torch's
 messages use. With ``engine="auto"`` the probe then warns (:class:`EngineFallbackWarning`, naming the
 parameters, the refusal and its likely cause) and computes those gradients with
 :func:`~.engines.loop_engine`, which gives the same gradients one sample at a time; later batches go
@@ -47,6 +48,10 @@ REFUSALS = (
     "functorch",
     "torch.func",
     "function being transformed",
+    # not a refusal by name: a native kernel without vmap support writing a batched result into an
+    # unbatched buffer of its own (nn.LSTM / nn.GRU / nn.RNN: "output with shape [1, 24] doesn't match
+    # the broadcast shape [3, 1, 24]"); a genuine shape error of the model raises again in the loop
+    "doesn't match the broadcast shape",
 )
 
 
@@ -81,6 +86,11 @@ def likely_cause(exc: BaseException, model: nn.Module) -> str:
                 "caches)")
     if "saved tensor hooks" in msg:
         return "saved-tensor hooks (non-reentrant activation checkpointing, activation offloading)"
+    if "doesn't match the broadcast shape" in msg:
+        rnn = [n or type(model).__name__ for n, m in model.named_modules() if isinstance(m, nn.RNNBase)]
+        if rnn:
+            return f"nn.LSTM / nn.GRU / nn.RNN ({rnn[:5]}): their fused kernels have no vmap support"
+        return "an operator whose kernel writes into a buffer of its own, without vmap support"
     if "Batching rule not implemented" in msg:
         return "an operator without a vmap batching rule (e.g. fake-quantize observers, custom operators)"
     if msg.lstrip().startswith("vmap:"):

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
@@ -185,6 +186,7 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
         else:
             hits = []
         if not hits:
+            _refuse_parametrized(model, w, modules, named)
             close = difflib.get_close_matches(w, list(named), n=5, cutoff=0.4)
             raise ValueError(
                 f"{type(model).__name__} has no parameter {w!r}; closest names: {close or list(named)[:8]}"
@@ -192,6 +194,25 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
         for n in hits:
             out[n] = named[n]
     return out
+
+
+def _refuse_parametrized(model: nn.Module, w: str, modules: dict, named: dict) -> None:
+    """``ValueError`` when ``w`` names a tensor computed by ``torch.nn.utils.parametrize`` (``lin.weight``
+    after ``register_parametrization(lin, "weight", ...)`` or ``parametrizations.weight_norm``), or a
+    module whose ``weight`` is one: it is not a parameter, so say which parameters it is computed from."""
+    path, _, local = w.rpartition(".")
+    if w in modules:
+        path, local = w, "weight"
+    mod = modules.get(path)
+    if mod is None or not parametrize.is_parametrized(mod, local):
+        return
+    prefix = f"{path}.parametrizations.{local}." if path else f"parametrizations.{local}."
+    sources = [n for n in named if n.startswith(prefix)]
+    raise ValueError(
+        f"{type(model).__name__}: {path + '.' if path else ''}{local} is computed by a parametrization "
+        f"(torch.nn.utils.parametrize: {type(mod).__name__}), not a parameter; probe the parameters it is computed "
+        f"from, e.g. {sources}: their per-sample gradients are taken through the parametrization"
+    )
 
 
 @dataclass
@@ -228,8 +249,8 @@ class PerSampleGradientProbe:
             :func:`~spectral_lens.gradients.causal_lm_loss` (mean next-token cross-entropy, padding
             masked by ``ignore_index``).
         forward_fn: ``forward_fn(model, batch) -> output``; default :func:`default_forward`.
-        engine: ``"auto"`` (fast path where one is registered for the module type and the weight is
-            not shared, ``"vmap"`` otherwise, falling back to ``"loop"`` with an
+        engine: ``"auto"`` (fast path where one is registered for the module type, the weight is
+            not shared and no BatchNorm normalizes by batch statistics, ``"vmap"`` otherwise, falling back to ``"loop"`` with an
             :class:`~spectral_lens.EngineFallbackWarning` where ``torch.func`` refuses the model),
             ``"fast"`` (error if impossible), ``"vmap"`` (error naming the likely cause if ``torch.func``
             refuses the model), ``"loop"``.
@@ -449,16 +470,30 @@ class PerSampleGradientProbe:
         p = self.params[name]
         return [n for n, q in self.model.named_parameters(remove_duplicate=False) if q is p]
 
+    def _batch_statistics(self) -> list[str]:
+        """BatchNorm layers that normalize by their batch's statistics while measuring: every one with
+        ``train_mode=True``, those without running statistics (``track_running_stats=False``) in eval
+        mode too. Per sample (the ``vmap`` and ``loop`` engines, the per-sample reference), each
+        sequence is normalized by its own statistics; a fast-path pass by its chunk's."""
+        return [n for n, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and (self.train_mode or m.running_mean is None)]
+
     def _choose_engine(self, name: str) -> str:
         if self.engine in ("vmap", "loop"):
             return self.engine
         mod, local = self.sites[name]
         shared = self._shared(name)
         reason = None
+        coupled = self._batch_statistics()
         if len(shared) > 1:
             reason = f"it is shared by {shared} (tied weights: the fast path sees one use only)"
         elif fast_path_for(mod, local) is None:
             reason = f"no fast path is registered for {type(mod).__name__}.{local}"
+        elif coupled:
+            reason = (f"BatchNorm layer(s) {coupled[:5]} normalize by the statistics of the pass's batch "
+                      f"({'train_mode=True' if self.train_mode else 'track_running_stats=False'}), which mixes the "
+                      "samples of a chunk; the fast path differentiates the chunk's summed loss, so its rows would "
+                      "depend on chunk_size")
         if reason is None:
             return "fast"
         if self.engine == "fast":
