@@ -134,10 +134,14 @@ class LensDriver:
             return int(counted)
         return int(step) * (self.tokens_per_step or 1)
 
-    def due(self, step: int) -> bool:
-        """Whether the lens's schedule asks for ``step`` and it was not measured yet."""
+    def due(self, step: int, since: int | None = None) -> bool:
+        """Whether the lens's schedule asks for ``step`` (or, with ``since``, for any step after
+        ``since`` up to ``step``: several optimizer steps in one batch) and it was not measured yet."""
         schedule = self.lens.schedule
-        return schedule is not None and step in schedule and step != self.last_step
+        if schedule is None or step == self.last_step:
+            return False
+        first = step if since is None else min(since + 1, step)
+        return any(s in schedule for s in range(first, step + 1))
 
     def measure(self, step: int, tokens: int, val_loss: float | None = None) -> dict[str, float]:
         """Measure now; fan out to the sinks on rank 0 and return the flat scalars there (``{}`` on the

@@ -69,11 +69,12 @@ class LightningHooks:
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Measure when an optimizer step ran in this batch and the lens's schedule names the new
         ``trainer.global_step`` (with ``accumulate_grad_batches > 1``, not after a batch that only
-        accumulated gradients)."""
-        step = int(trainer.global_step)
-        stepped = step != self._batch_step
+        accumulated gradients), or a step the batch passed over (manual optimization with several
+        ``optimizer.step()`` calls per batch advances ``global_step`` by more than one: the
+        measurement is then taken, and recorded, at the batch's end step)."""
+        step, previous = int(trainer.global_step), self._batch_step
         self._batch_step = step
-        if stepped and self.driver.due(step):
+        if step != previous and self.driver.due(step, since=previous):
             self._measure(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:

@@ -256,3 +256,31 @@ def test_a_missing_val_loss_key_warns_with_the_logged_keys(tmp_path):
     assert m.step == 2 and "val_loss" not in m.scalars
     (m,) = fit("val_loss/dataloader_idx_1")
     assert m.scalars["val_loss"] > 0
+
+
+class TwoOptimizers(TinyLit):
+    """Manual optimization, two optimizers stepped per batch: ``global_step`` advances by 2 per batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        for opt in self.optimizers():
+            opt.zero_grad()
+            self.manual_backward(self._loss(batch))
+            opt.step()
+
+    def configure_optimizers(self):
+        params = list(self.parameters())
+        return [torch.optim.SGD(params[: len(params) // 2], lr=1e-2), torch.optim.SGD(params[len(params) // 2:], lr=1e-2)]
+
+
+def test_schedule_steps_passed_over_in_one_batch_are_measured(tmp_path):
+    # global_step goes 2, 4, 6, 8: every(3) names 3 and 6; the old callback compared the end step only and
+    # never measured step 3 (nor 9, 15, ...: every odd multiple of 3)
+    lens = sl.SpectralLens(pool=lm_pool(1, batch=4, t=12, vocab=37), params=(), schedule=sl.Schedule.every(3))
+    fit = trainer(tmp_path, SpectralLensLightningCallback(lens), False, max_steps=8, limit_val_batches=0)
+    fit.fit(TwoOptimizers(), loader(8, 0))
+    assert fit.global_step == 8
+    assert [m.step for m in lens.history] == [4, 6]
