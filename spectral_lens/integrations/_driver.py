@@ -143,9 +143,11 @@ class LensDriver:
         first = step if since is None else min(since + 1, step)
         return any(s in schedule for s in range(first, step + 1))
 
-    def measure(self, step: int, tokens: int, val_loss: float | None = None) -> dict[str, float]:
+    def measure(self, step: int, tokens: int, val_loss: float | None = None, log=None) -> dict[str, float]:
         """Measure now; fan out to the sinks on rank 0 and return the flat scalars there (``{}`` on the
-        other ranks). A sink's error on rank 0 is agreed with the other ranks: every rank raises."""
+        other ranks). ``log``: called with the scalars on rank 0 after the sinks (the framework's own
+        loggers). An error of a sink or of ``log`` on rank 0 is agreed with the other ranks: every
+        rank raises."""
         try:
             m = self.lens.measure(step, tokens, val_loss=val_loss)
             self.last_step = step
@@ -156,8 +158,10 @@ class LensDriver:
                 for sink in self.sinks:
                     sink.log_measurement(m, tail=tail, head=head)
                 scalars.update(measurement_scalars(m, tail, head))
+                if log is not None and scalars:
+                    log(scalars)
 
-            self._agreed_on_rank0(on_rank0, "a sink's log_measurement")
+            self._agreed_on_rank0(on_rank0, "a sink's log_measurement or the trainer's loggers")
             return scalars
         except BaseException:
             self.release()  # the run ends with this error: do not leave the lens bound to its model

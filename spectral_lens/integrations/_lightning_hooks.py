@@ -41,10 +41,12 @@ class LightningHooks:
 
     def _measure(self, trainer, val_loss: float | None = None) -> None:
         step = int(trainer.global_step)
-        scalars = self.driver.measure(step, self.driver.tokens(step), val_loss)
-        if scalars:
+
+        def log(scalars: dict[str, float]) -> None:  # on rank 0, agreed with the other ranks by the driver
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=step)
+
+        self.driver.measure(step, self.driver.tokens(step), val_loss, log=log)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Attach a lens without a model to ``pl_module``; else check that it is (or contains) the lens's."""

@@ -81,18 +81,19 @@ class SpectralLensCallback(_transformers.TrainerCallback):
 
     def _measure(self, state, val_loss: float | None = None) -> None:
         step = int(state.global_step)
-        scalars = self.driver.measure(step, self.driver.tokens(step, state.num_input_tokens_seen), val_loss)
-        if not scalars:
-            return
-        if self.trainer is not None:
-            control = self.trainer.control
-            should_log = control.should_log
-            self.trainer.log(dict(scalars))
-            # Trainer.log clears control.should_log (CallbackHandler.on_log): restore it, or the trainer's own
-            # log of this step (its training loss) would be dropped
-            control.should_log = self.trainer.control.should_log = should_log
-        else:
-            state.log_history.append({**scalars, "step": step})
+
+        def log(scalars: dict[str, float]) -> None:  # on rank 0, agreed with the other ranks by the driver
+            if self.trainer is not None:
+                control = self.trainer.control
+                should_log = control.should_log
+                self.trainer.log(dict(scalars))
+                # Trainer.log clears control.should_log (CallbackHandler.on_log): restore it, or the trainer's
+                # own log of this step (its training loss) would be dropped
+                control.should_log = self.trainer.control.should_log = should_log
+            else:
+                state.log_history.append({**scalars, "step": step})
+
+        self.driver.measure(step, self.driver.tokens(step, state.num_input_tokens_seen), val_loss, log=log)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         """Attach a lens without a model to the trainer's model, else check that it is the lens's;

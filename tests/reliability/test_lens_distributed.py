@@ -103,6 +103,15 @@ def _sink_fails_on_rank0(rank, subgroup):  # a callback's measurement: rank 0's 
     LensDriver(lens, [_FailingSink()], None).measure(1, 1)
 
 
+def _logger_fails_on_rank0(rank, subgroup):  # a callback's measurement: the trainer's own logger raises on rank 0
+    from spectral_lens.integrations._driver import LensDriver
+
+    def log(scalars):
+        raise ConnectionError("logger: the tracking server did not answer")
+
+    LensDriver(SpectralLens(_model(), lm_pool(n_batches=3), params=(), progress=False), [], None).measure(1, 1, log=log)
+
+
 def _resume_fails_on_rank0(rank, subgroup):  # a callback's resume: rank 0's sink raises
     from spectral_lens.integrations._driver import LensDriver
 
@@ -159,6 +168,7 @@ CASES = {
     "gradient_fails_on_rank0": _gradient_fails_on_rank0,
     "forward_fails_on_rank1": _forward_fails_on_rank1,
     "sink_fails_on_rank0": _sink_fails_on_rank0,
+    "logger_fails_on_rank0": _logger_fails_on_rank0,
     "resume_fails_on_rank0": _resume_fails_on_rank0,
     "writer_fails_on_rank0": _writer_fails_on_rank0,
     "writer_fails_on_rank0_in_callback": _writer_fails_on_rank0_in_callback,
@@ -246,7 +256,7 @@ def test_gradient_failure_on_rank0_is_agreed(results):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case, what", [("sink_fails_on_rank0", "a sink's log_measurement"),
+@pytest.mark.parametrize("case, what", [("sink_fails_on_rank0", "a sink's log_measurement or the trainer's loggers"),
                                         ("resume_fails_on_rank0", "dropping the records after the checkpoint")])
 def test_a_callback_failure_on_rank0_is_agreed(results, case, what):
     """The integrations call sinks (and the record's drop on resume) on rank 0 alone: an error there
@@ -256,6 +266,17 @@ def test_a_callback_failure_on_rank0_is_agreed(results, case, what):
     assert errors[0].startswith("OSError") and "sink:" in errors[0], errors
     for e in errors[1:]:
         assert e.startswith("RuntimeError") and f"{what} failed on global rank(s) [0]" in e, errors
+
+
+@pytest.mark.distributed
+def test_a_trainer_logger_failure_on_rank0_is_agreed(results):
+    """The callbacks called the framework's own loggers (Lightning's ``trainer.loggers``, HF's
+    ``trainer.log``) on rank 0 after the driver's agreement: a logger raising there (a tracking
+    server down) left the other ranks in the next collective. They are now inside it."""
+    errors = [r["error"] for r in _case(results, "logger_fails_on_rank0")]
+    assert errors[0].startswith("ConnectionError") and "logger:" in errors[0], errors
+    for e in errors[1:]:
+        assert e.startswith("RuntimeError") and "the trainer's loggers failed on global rank(s) [0]" in e, errors
 
 
 @pytest.mark.distributed
