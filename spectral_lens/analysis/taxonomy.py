@@ -291,18 +291,26 @@ class TransitionClassifier:
             "grad_alpha_threshold": [ev.d_grad_alpha for ev in null],
             "grad_jsd_threshold": [ev.grad_jsd for ev in null],
         }
-        thresholds = {}
+        spread = {}
         for name, values in sources.items():
             finite = [abs(v) for v in values if v is not None and math.isfinite(v)]
-            if not finite:
-                continue  # not measured in these runs: the default stays
-            if max(finite) == 0:
+            if finite:  # else not measured in these runs: the default stays
+                spread[name] = max(finite)
+        for name, largest in spread.items():
+            if largest == 0:
                 pairs = ", ".join(f"{ev.a}->{ev.b}" for ev in null)
+                # the spectra differ but the gains do not: the target was reached at the same checkpoint
+                resolution = name == "gain_threshold" and any(v > 0 for v in spread.values())
+                why = ("every replica reached the target at the same token count (the resolution of the "
+                       "validation checkpoints) with the same or no logged throughput, so the records cannot "
+                       "resolve the gains' seed noise: validate more often, or pass gain_threshold= to "
+                       "TransitionClassifier yourself" if resolution else
+                       "the replicas are identical; calibrate on runs with different seeds")
                 raise ValueError(
                     f"TransitionClassifier.from_replicates: {name} has zero spread over {len(null)} null "
-                    f"transition(s) ({pairs}): the replicas are identical; calibrate on runs with different seeds"
+                    f"transition(s) ({pairs}): {why}"
                 )
-            thresholds[name] = margin * max(finite)
+        thresholds = {name: margin * largest for name, largest in spread.items()}
         return cls(tradeoff_ratio=tradeoff_ratio, **thresholds)
 
     def classify(self, ev: TransitionEvidence) -> TaxonomyResult:

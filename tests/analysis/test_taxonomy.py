@@ -195,6 +195,10 @@ def test_thresholds_from_replicates_errors():
         TransitionClassifier.from_replicates([E("a", "b", 0.01, 0.01, d_alpha_head=0.01)], margin=0)
     with pytest.raises(ValueError, match=r"head_threshold has zero spread over 2 null transition\(s\) \(a->b, a->c\)"):
         TransitionClassifier.from_replicates([E("a", "b", 0.01, 0.0, d_alpha_head=0.0), E("a", "c", 0.0, 0.01, d_alpha_head=0.0)])
+    # seeds that reach the target at the same checkpoint (no throughput logged) while their spectra differ:
+    # the gains' noise is below the records' resolution, not "identical replicas" as the old message said
+    with pytest.raises(ValueError, match=r"gain_threshold has zero spread .*same token count .*validate more often"):
+        TransitionClassifier.from_replicates([E("a", "b", 0.0, 0.0, d_alpha_head=0.03), E("a", "c", 0.0, 0.0, d_alpha_head=0.01)])
     undetermined = TransitionEvidence("a", "b", math.nan, 0.0, math.nan, 0.0, d_alpha_head=0.3,
                                       details={"T_a": math.inf, "T_b": 100.0})
     with pytest.raises(ValueError, match="1 given"):
