@@ -39,11 +39,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def named_os_error(exc: OSError, path: str | os.PathLike) -> OSError:
-    """``exc`` itself if it names a file, else the same error (same errno, so the same ``OSError``
-    subclass) with ``filename`` set to ``path``: a write or fsync error (``ENOSPC``, ``EIO``) does not
-    say which file it was writing."""
-    if exc.filename is not None or exc.errno is None:
+def named_os_error(exc: OSError, path: str | os.PathLike, instead_of: str | os.PathLike | None = None) -> OSError:
+    """``exc`` itself if it names a file (other than ``instead_of``, a removed temporary file), else the
+    same error (same errno, so the same ``OSError`` subclass) with ``filename`` set to ``path``: a write
+    or fsync error (``ENOSPC``, ``EIO``) does not say which file it was writing."""
+    unnamed = exc.filename is None or (instead_of is not None and exc.filename == os.fspath(instead_of))
+    if not unnamed or exc.errno is None:
         return exc
     return OSError(exc.errno, exc.strerror or str(exc), os.fspath(path))
 
@@ -68,8 +69,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(exc, OSError) and exc.filename in (None, os.fspath(tmp)):  # name the target, not a
-            raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc  # removed temp file
+        if isinstance(exc, OSError):  # name the target, not the removed temporary file
+            named = named_os_error(exc, path, instead_of=tmp)
+            if named is not exc:
+                raise named from exc
         raise
     if fsync:
         fsync_dir(path.parent)

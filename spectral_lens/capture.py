@@ -25,7 +25,7 @@ from torch import nn
 from ._warnings import CompiledModelWarning
 
 __all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "check_pick", "pick_tensor", "HookSet",
-           "warn_if_compiled", "unwrap_compiled", "eager_forwards", "measurement_pass", "feeding_owner"]
+           "warn_if_compiled", "unwrap_compiled", "eager_forwards", "measurement_pass"]
 
 Target = Union[str, "re.Pattern[str]", nn.Module, Callable[[str, nn.Module], bool], Iterable]
 
@@ -260,11 +260,6 @@ def measurement_pass(owner: object = None):
         yield
     finally:
         _FEEDING.reset(token)
-
-
-def feeding_owner() -> object | None:
-    """The owner of the measurement pass running now (see :func:`measurement_pass`), else ``None``."""
-    return _FEEDING.get()
 
 
 class HookSet:
