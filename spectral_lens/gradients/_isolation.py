@@ -2,7 +2,9 @@
 
 Forward passes in train mode update buffers in place (BatchNorm's ``running_mean``, ``running_var``
 and ``num_batches_tracked``), and custom modules may replace a buffer attribute. :func:`preserved_buffers`
-snapshots each buffer (reference and value) on entry and restores both on exit, also on exceptions.
+snapshots each buffer (reference and value) on entry and restores both on exit, also on exceptions. It
+also restores the one parameter a standard forward writes: the weight of an ``nn.Embedding`` or
+``nn.EmbeddingBag`` with ``max_norm``, whose looked-up rows are renormalized in place.
 
 Forward passes and pool iteration draw random numbers: dropout (torch), a ``DataLoader`` iterator's
 base seed and shuffling (torch), LayerDrop in some Hugging Face models (Python ``random``),
@@ -68,17 +70,27 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
     """Restore every buffer of ``model`` (same tensor object, same bits) when the block exits.
 
     A buffer whose value changed is copied back in place (tensors aliasing it see the old values
-    again); a buffer attribute that was replaced or removed is set back to the original tensor.
+    again); a buffer attribute that was replaced or removed is set back to the original tensor. The
+    weight of an embedding with ``max_norm`` (renormalized in place by every forward that looks up a
+    long row) is copied back in place too.
     """
     saved = [
         (module, name, buf, None if buf is None else buf.detach().clone())
         for module in model.modules()
         for name, buf in module._buffers.items()
     ]
+    renormed = [
+        (m.weight, m.weight.detach().clone())
+        for m in model.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+    ]
     try:
         yield
     finally:
         with torch.no_grad():
+            for weight, copy in renormed:
+                if not torch.equal(weight, copy):
+                    weight.copy_(copy)
             for module, name, buf, copy in saved:
                 if module._buffers.get(name) is not buf:
                     module._buffers[name] = buf

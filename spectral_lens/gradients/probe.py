@@ -629,6 +629,8 @@ class PerSampleGradientProbe:
             with forked_rng(devices), preserved_buffers(self.model), cast, eager_forwards(), measurement_pass():
                 self.model.train(self.train_mode)
                 yield devices
+            if self._versions is not None:  # bumped by the pass's own writes, undone on exit: not the user's
+                self._versions = self._parameter_versions()
         finally:
             self._every = None
             for m, training in modes:
@@ -636,10 +638,13 @@ class PerSampleGradientProbe:
             for p, flag in flags:
                 p.requires_grad_(flag)
 
+    def _parameter_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.model.parameters())
+
     def _check_versions(self) -> None:
         if self.max_resident_samples is None:
             return
-        now = tuple(p._version for p in self.model.parameters())
+        now = self._parameter_versions()
         if self._versions is None:
             self._versions = now
         elif now != self._versions:
