@@ -84,6 +84,33 @@ def all_blocks(model: nn.Module) -> list[str]:
     return [f"{name}.{i}" if name else str(i) for i in range(len(blocks))]
 
 
+_RANDOM_SAMPLERS = (
+    torch.utils.data.RandomSampler,
+    torch.utils.data.SubsetRandomSampler,
+    torch.utils.data.WeightedRandomSampler,
+)
+
+
+def unfixed_pool(pool: Any, cap: int | None = None) -> str | None:
+    """Why iterating ``pool`` (a ``DataLoader`` with a random sampler) yields a different set of samples
+    at each measurement, or ``None``. A reshuffled pool whose every sample is measured is fine (the
+    spectra do not depend on the order); one that draws with replacement, drops a shuffled remainder
+    (``drop_last``) or is cut to its first ``cap`` samples is not the fixed pool of the protocol."""
+    batch_sampler = getattr(pool, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or getattr(pool, "sampler", None)
+    if not isinstance(sampler, _RANDOM_SAMPLERS):
+        return None
+    n = len(sampler)
+    if getattr(sampler, "replacement", False):
+        return "draws its samples at random with replacement"
+    size = getattr(batch_sampler, "batch_size", None)
+    if getattr(batch_sampler, "drop_last", False) and size and n % size:
+        return f"shuffles and drops a different {n % size} of its {n} samples on every pass (drop_last=True)"
+    if cap is not None and cap < n:
+        return f"shuffles, and gradient_samples={cap} takes the first {cap} of its {n} samples"
+    return None
+
+
 def deepest_block(model: nn.Module) -> str:
     """The last block of the layer stack: the paper's default activation probe (App. E.3)."""
     return all_blocks(model)[-1]
@@ -207,7 +234,9 @@ class SpectralLens:
             ``model(**batch)`` for dicts and other mappings such as ``BatchEncoding``,
             ``model(batch)`` for tensors). Reuse the same pool at every checkpoint and across runs
             (the paper's protocol). A one-shot iterator (a generator) is refused with a ``TypeError``:
-            it would be empty from the second pass on.
+            it would be empty from the second pass on; a ``DataLoader`` whose passes differ in content
+            (shuffled and cut by ``gradient_samples``, sampled with replacement, or shuffled with
+            ``drop_last``) with a ``ValueError`` (:func:`unfixed_pool`).
         layers: modules whose outputs are measured: ``None`` = the deepest block (paper default),
             ``"all"`` = every block (depth profile), or any target of :func:`spectral_lens.attach`
             (module objects such as ``model.h[-1]`` are resolved to their names when the lens binds).
@@ -296,6 +325,17 @@ class SpectralLens:
             )
         if precision not in PRECISIONS:
             raise ValueError(f"SpectralLens: precision must be one of {PRECISIONS}, got {precision!r}")
+        checks = [("pool", pool, None)] if gradient_pool is not None else []
+        checks.append(("pool" if gradient_pool is None else "gradient_pool", pool if gradient_pool is None
+                       else gradient_pool, gradient_samples))
+        for what, p, cap in checks:
+            why = unfixed_pool(p, cap)
+            if why:
+                raise ValueError(
+                    f"SpectralLens: {what} {why}, so the measured sequences would change from checkpoint to "
+                    "checkpoint; the protocol measures a fixed held-out pool (paper Sec. 2). Pass a DataLoader "
+                    "with shuffle=False (the spectra do not depend on the order) or a list of batches"
+                )
         self.pool = pool
         self.layers_spec = layers
         self.params_spec = params

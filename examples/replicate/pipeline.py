@@ -1,6 +1,6 @@
 """The shared replication pipeline: tune -> train every tier -> predict -> report -> verdict.
 
-    verdict = replicate(workload, Path("runs/toy"), TunerSettings(rungs=(2_000, 6_000)))
+    verdict = replicate(workload, Path("runs/toy"), TunerSettings(rungs=(2_048, 6_144)))
 
 Each stage leaves its result on disk and is skipped when that result is already there, so an
 interrupted pipeline is resumed by running the same command again:

@@ -152,11 +152,12 @@ PRESETS: dict[str, Preset] = {
     ),
     # The paper's d12 protocol (App. B.3): FineWeb .bin shards the user provides (--data DIR), tiers
     # 1..32 around B0 = 8, target 3.2, rungs 50M / 150M / 500M (rounded to whole steps of tier 32, 2^21
-    # tokens), the full multiplier grid. Not run here.
+    # tokens), the full multiplier grid, validation every 20M tokens (measure_every 0.04 of 500M; App. B.3).
+    # Not run here.
     "paper-d12": Preset(
         name="paper-d12", profile="d12", data="fineweb10B", families=("FixedWin", "FlexWin", "VTE", "BetterWin"),
         tiers=(1, 2, 4, 8, 16, 32), reference_tier=8, target_loss=3.2, budget=500_000_000,
-        rungs=(50_331_648, 150_994_944, 499_122_176), measure_every=0.05, val_tokens=10_485_760,
+        rungs=(50_331_648, 150_994_944, 499_122_176), measure_every=0.04, val_tokens=10_485_760,
         pool_seqs=512, pool_seq_len=1024, gradient_samples=512, tail_window=(100, 200), head_window=(10, 40),
         device="cuda", attn_impl="flex", compile=True, expected_minutes=60.0 * 24 * 14,
     ),

@@ -84,18 +84,21 @@ PRESETS = {
     ),
     # the README's main job: the paper's toy at the paper's shape and tiers, one chain stage (Muon, Fig. 4a),
     # the paper's five multipliers per scaling center and two short rungs (a first run with three
-    # multipliers chose the largest candidate at every tier: docs/replication-toy.md)
+    # multipliers chose the largest candidate at every tier: docs/replication-toy.md). Rungs are whole
+    # batches of every tier (were 1,000 / 4,000: the rung's last validation then fell past the budget and
+    # promotion used the loss from halfway through the rung; the committed run was made that way)
     "cpu": Preset(
         name="cpu", families=("Muon",), tiers=(32, 64, 128, 256, 512), reference_tier=128, budget=16_000,
         target_loss=2.0, task=_TASK, threads=1,
-        tuner=TunerSettings(rungs=(1_000, 4_000), n_workers=2),
+        tuner=TunerSettings(rungs=(1_024, 4_096), n_workers=2),
         model=ToyConfig(vocab_size=1024, n_layer=2, n_head=4, n_embd=64, seq_len=64),
     ),
-    # the paper's sweep: the whole chain, B in {32..512}, two epochs of the 32,000 examples
+    # the paper's sweep: the whole chain, B in {32..512}, two epochs of the 32,000 examples (rungs in whole
+    # batches of every tier: were 8,000 / 24,000 / 64,000)
     "full": Preset(
         name="full", families=("Baseline", "RoPE", "Muon", "Untied"), tiers=(32, 64, 128, 256, 512),
         reference_tier=128, budget=64_000, target_loss=2.0, task=_TASK, threads=1,
-        tuner=TunerSettings(rungs=(8_000, 24_000, 64_000), n_workers=2),
+        tuner=TunerSettings(rungs=(8_192, 24_576, 64_000), n_workers=2),
         model=ToyConfig(vocab_size=1024, n_layer=2, n_head=4, n_embd=64, seq_len=64),
     ),
 }

@@ -31,6 +31,12 @@ def step_at(fraction: float, steps: int) -> int:
     return math.ceil(round(fraction * steps, 9))
 
 
+def _between_batches(rung: int, tier: int) -> str:
+    return (f"toy: rung budget {rung} is not a whole number of batches of tier {tier}: the rung's last step "
+            f"would pass it, its validation would land past the budget, and the tuner would promote on the "
+            f"loss from halfway through the rung (protocol: the loss at the rung); use multiples of every tier")
+
+
 class ToyTrainable:
     """The tuner's trainable: trains a candidate on the toy task, continuing from ``workdir/checkpoint.pt``.
 
@@ -48,6 +54,8 @@ class ToyTrainable:
 
     def __call__(self, candidate: Candidate, budget: int, *, horizon: int, workdir: Path, report: Report) -> None:
         """Train ``candidate`` to ``budget`` examples (see :class:`examples.tune.trainable.Trainable`)."""
+        if budget % candidate.tier:
+            raise ValueError(_between_batches(budget, candidate.tier))
         p, d = self.preset, self.data
         run = ToyRun(candidate.family, candidate.tier, candidate.lrs, p.model, seed=p.seed)
         ckpt = Path(workdir) / "checkpoint.pt"
@@ -91,6 +99,10 @@ class ToyWorkload:
         self.budget = preset.budget
         self.fraction = preset.fraction
         self.window = tuple(preset.window)
+        for rung in preset.tuner.rungs:
+            for tier in self.tiers:
+                if rung % tier:
+                    raise ValueError(_between_batches(rung, tier))
         self._trainable = ToyTrainable(preset)
 
     def reference_lrs(self, family: str) -> Mapping[str, float]:

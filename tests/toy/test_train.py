@@ -138,10 +138,14 @@ def test_trainable_continues_a_promoted_trial(tmp_path):
     # a checkpoint a batch or more past the rung (another rung schedule) is refused, naming the file
     with pytest.raises(ValueError, match=r"checkpoint.pt: the checkpoint has seen 128 examples, a batch or more past"):
         trainable(cand, 64, horizon=128, workdir=tmp_path / "a", report=lambda r, v: None)
-    # but a retry of a rung on its own checkpoint (a worker lost after saving it) reports again: the
-    # last step overshoots a budget that is not a multiple of the batch (100 with batches of 64: 128)
+    # but a retry of a rung on its own checkpoint (a worker lost after saving it) reports again
     big = Candidate("Muon", 64, 1.0, {"embed": 4e-3, "hidden": 0.03})
     again = []
     for _ in range(2):
-        trainable(big, 100, horizon=256, workdir=tmp_path / "c", report=lambda r, v: again.append((r, v)))
+        trainable(big, 128, horizon=256, workdir=tmp_path / "c", report=lambda r, v: again.append((r, v)))
     assert [r for r, _ in again][-1] == 128 and again[-1] == again[-2]
+    # a budget that is not a whole number of batches (100 with batches of 64) would be overshot (128): its
+    # validation would land past the rung and the tuner would promote on an earlier report, so it is
+    # refused (protocol.md section 8: promotion on the loss at the rung)
+    with pytest.raises(ValueError, match="rung budget 100 is not a whole number of batches of tier 64"):
+        trainable(big, 100, horizon=256, workdir=tmp_path / "d", report=lambda r, v: None)
