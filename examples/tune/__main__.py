@@ -21,6 +21,16 @@ def _family(text: str) -> tuple[str, dict[str, float]]:
     return name, lrs
 
 
+def _unique(what: str, pairs) -> dict:
+    """``dict(pairs)``, refusing a name given twice (the later one would silently replace the earlier)."""
+    out = {}
+    for name, lrs in pairs:
+        if name in out:
+            raise ValueError(f"{what} {name!r} is given twice")
+        out[name] = lrs
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m examples.tune", description="Learning-rate tuning per family and batch tier "
                 "(synchronized successive halving, paper App. B.3) on Optuna.")
@@ -68,13 +78,16 @@ def main(argv=None) -> int:
             from .synthetic import SyntheticTrainable
 
             trainable = SyntheticTrainable(eval_every=args.eval_every, sleep=args.sleep)
-            families = dict(args.family or [("synthetic", {"lr": 1e-3})])
+            families = _unique("family", args.family or [("synthetic", {"lr": 1e-3})])
         else:
+            from examples.nanogpt.variants import canonical_name
+
             from .zoo import ZooTrainable, zoo_reference_lrs
 
             trainable = ZooTrainable(eval_every_tokens=args.eval_every_tokens, profile=args.profile, data=args.data,
                                      val_tokens=args.val_tokens, device=args.device)
-            families = {v: zoo_reference_lrs(v) for v in args.variants}
+            # the registry's spelling ("unet" -> "U-Net"): the choices file is read by that name
+            families = _unique("variant", [(v, zoo_reference_lrs(v)) for v in map(canonical_name, args.variants)])
         result = tune(trainable, families=families, tiers=args.tiers, reference_tier=args.reference_tier,
                       rungs=args.rungs, workdir=args.workdir, choices_path=args.choices, mode=args.mode,
                       storage=args.storage, study_name=args.study, n_workers=args.workers,
