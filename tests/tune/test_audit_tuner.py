@@ -55,3 +55,29 @@ def test_zoo_families_are_the_registry_spelling(tmp_path, monkeypatch):
     monkeypatch.setattr(tuner_module, "tune", fake_tune)
     assert _run(ZOO + ["--eval-every-tokens", "512", "--variants", "unet", "sublr"], tmp_path) == 130
     assert sorted(seen) == ["AttnScale", "U-Net"]
+
+
+def test_missing_choice_message_says_why_when_only_the_finalist_diverged(tmp_path):
+    """Five candidates, rungs 10/20/40: the one finalist reports NaN at the last rung, four were pruned with
+    finite losses. The family/tier has no choice (docs/tuning.md rule 5), and the table must not claim that
+    every candidate failed (it did before)."""
+    from dataclasses import dataclass
+
+    from examples.tune import tune
+    from examples.tune.synthetic import SyntheticTrainable
+
+    @dataclass(frozen=True)
+    class LateNaN(SyntheticTrainable):
+        def __call__(self, candidate, budget, *, horizon, workdir, report):
+            if budget == horizon:
+                report(budget, float("nan"))
+                return
+            super().__call__(candidate, budget, horizon=horizon, workdir=workdir, report=report)
+
+    res = tune(LateNaN(), families={"f": {"lr": 1e-3}}, tiers=[8], reference_tier=8, rungs=[10, 20, 40],
+               workdir=tmp_path, progress=False)
+    assert res.missing == [("f", 8)] and not res.choices
+    assert sorted(s.state for s in res.trials) == ["failed", "pruned", "pruned", "pruned", "pruned"]
+    table = res.table()
+    assert "every candidate failed" not in table
+    assert "no choice for f/b8: every candidate that reached the last rung failed" in table
