@@ -45,8 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--storage", default=None, help="journal:/path/file.log | sqlite:///file.db | postgresql://...")
     common.add_argument("--study", default="tune")
     common.add_argument("--workers", type=int, default=1)
-    common.add_argument("--min-resource", type=int, default=None)
-    common.add_argument("--reduction-factor", type=int, default=2)
+    common.add_argument("--min-resource", type=int, default=None, help="asynchronous mode (default: the first rung)")
+    common.add_argument("--reduction-factor", type=int, default=None, help="asynchronous mode (default 2)")
     common.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
     common.add_argument("--grace", type=float, default=60.0, help="seconds of silence before a trial is taken over")
     common.add_argument("--quiet", action="store_true", help="no progress output or summary table")
@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run the tuner from the command line; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.mode == "synchronized":  # the paper's rule always keeps the top half; say so instead of ignoring them
+        for flag, value in (("--min-resource", args.min_resource), ("--reduction-factor", args.reduction_factor)):
+            if value is not None:
+                print(f"python -m examples.tune: error: {flag} applies to --mode asynchronous only (the synchronized "
+                      "rule promotes the top half at each of --rungs)", file=sys.stderr)
+                return 2
     try:
         import optuna
 
@@ -92,7 +98,8 @@ def main(argv=None) -> int:
                       rungs=args.rungs, workdir=args.workdir, choices_path=args.choices, mode=args.mode,
                       storage=args.storage, study_name=args.study, n_workers=args.workers,
                       progress=False if args.quiet else True, min_resource=args.min_resource,
-                      reduction_factor=args.reduction_factor, heartbeat_interval=args.heartbeat,
+                      reduction_factor=2 if args.reduction_factor is None else args.reduction_factor,
+                      heartbeat_interval=args.heartbeat,
                       grace_period=args.grace)
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (the spawned workers stop quietly too)
         print("python -m examples.tune: interrupted: rerun the same command to resume (with a journal or database "

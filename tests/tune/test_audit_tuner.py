@@ -32,6 +32,9 @@ def _run(argv, tmp_path):
     (ZOO + ["--eval-every-tokens", "512", "--data", "/nonexistent/shards"], "data='/nonexistent/shards'"),
     (SYN + ["--family", "a=lr:1e-3", "--family", "a=lr:2e-3"], "family 'a' is given twice"),
     (ZOO + ["--eval-every-tokens", "512", "--variants", "unet", "U-Net"], "variant 'U-Net' is given twice"),
+    # the synchronized rule always keeps the top half: these settings would be silently ignored
+    (SYN + ["--reduction-factor", "3"], "--reduction-factor applies to --mode asynchronous only"),
+    (SYN + ["--mode", "synchronized", "--min-resource", "10"], "--min-resource applies to --mode asynchronous only"),
 ])
 def test_unusable_settings_are_one_line_exit_2_before_any_training(tmp_path, capsys, argv, says):
     assert _run(argv, tmp_path) == 2
@@ -41,6 +44,11 @@ def test_unusable_settings_are_one_line_exit_2_before_any_training(tmp_path, cap
     assert "choices written" not in cap.out
     assert not (tmp_path / "w" / "choices.json").exists()
     assert not (tmp_path / "w" / "trials").exists()  # no trial was started
+
+
+def test_asynchronous_mode_takes_the_pruner_settings(tmp_path, capsys):
+    assert _run(SYN + ["--mode", "asynchronous", "--reduction-factor", "3", "--min-resource", "10"], tmp_path) == 0
+    assert (tmp_path / "w" / "choices.json").exists()
 
 
 def test_zoo_families_are_the_registry_spelling(tmp_path, monkeypatch):
