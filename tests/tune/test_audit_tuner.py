@@ -89,3 +89,33 @@ def test_missing_choice_message_says_why_when_only_the_finalist_diverged(tmp_pat
     table = res.table()
     assert "every candidate failed" not in table
     assert "no choice for f/b8: every candidate that reached the last rung failed" in table
+
+
+def test_pipeline_refuses_choices_tuned_under_other_settings(tmp_path):
+    """examples/replicate/tuning.choose_rates reuses an existing choices file (an interrupted pipeline must not
+    tune twice). Before this audit it reused one tuned with other rungs, mode or reference tier without a
+    word; the tuner itself refuses such a resume ("started with other settings")."""
+    from examples.replicate.tuning import TunerSettings, choose_rates
+    from examples.tune.synthetic import SyntheticTrainable
+
+    class Workload:
+        name, families, tiers, reference_tier = "w", ("A",), (1, 2), 1
+
+        def reference_lrs(self, family):
+            return {"lr": 1e-3}
+
+        def trainable(self):
+            return SyntheticTrainable()
+
+    first = choose_rates(Workload(), tmp_path / "tune", TunerSettings(rungs=(10,), multipliers=(1.0,)), stream=False)
+    again = choose_rates(Workload(), tmp_path / "tune", TunerSettings(rungs=(10,), multipliers=(1.0,)), stream=False)
+    assert again == first and set(first) == {("A", 1), ("A", 2)}
+    with pytest.raises(ValueError, match=r"rungs \[10\] vs \[10, 20\].*delete .*tune"):
+        choose_rates(Workload(), tmp_path / "tune", TunerSettings(rungs=(10, 20), multipliers=(1.0,)), stream=False)
+    other = Workload()
+    other.reference_tier = 2
+    with pytest.raises(ValueError, match=r"reference_tier 1 vs 2"):
+        choose_rates(other, tmp_path / "tune", TunerSettings(rungs=(10,), multipliers=(1.0,)), stream=False)
+    with pytest.raises(ValueError, match=r"mode 'synchronized' vs 'asynchronous'"):
+        choose_rates(Workload(), tmp_path / "tune", TunerSettings(rungs=(10,), mode="asynchronous", multipliers=(1.0,)),
+                     stream=False)
