@@ -2,10 +2,12 @@
 
 The tuner writes a choices file; this stage reads it (``load_choices``) and hands the pipeline one
 learning rate per optimizer group for every ``(family, tier)``. An existing choices file is reused,
-so an interrupted pipeline does not tune twice.
+so an interrupted pipeline does not tune twice, unless it records other rungs, mode or reference tier
+(then a ``ValueError`` says to delete the tuning directory).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -40,6 +42,20 @@ class TunerSettings:
             raise ValueError(f"TunerSettings.n_workers must be >= 1, got {self.n_workers}")
 
 
+def _check_settings(choices_path: Path, workdir: Path, want: dict) -> None:
+    """Refuse a choices file whose recorded rungs, mode or reference tier are not ``want``'s."""
+    try:
+        have = json.loads(choices_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # load_choices below names the file and what is wrong with it
+    if not isinstance(have, dict):
+        return
+    diff = [f"{k} {have.get(k)!r} vs {v!r}" for k, v in want.items() if have.get(k) != v]
+    if diff:
+        raise ValueError(f"{choices_path} was tuned with other settings ({'; '.join(diff)}); delete {workdir} "
+                         "(the choices and the tuner's study, tune.journal) to tune again with these")
+
+
 def choose_rates(workload: Workload, workdir: Path, settings: TunerSettings, *, stream=None
                  ) -> dict[tuple[str, int], dict[str, float]]:
     """Learning rates per ``(family, tier)``: tune them (or reuse ``workdir/choices.json``) and read them back.
@@ -51,7 +67,10 @@ def choose_rates(workload: Workload, workdir: Path, settings: TunerSettings, *, 
 
     workdir.mkdir(parents=True, exist_ok=True)
     choices_path = workdir / "choices.json"
-    if not choices_path.exists():
+    if choices_path.exists():  # reused only if tuned under these settings (the tuner refuses such a resume too)
+        _check_settings(choices_path, workdir, dict(rungs=list(settings.rungs), mode=settings.mode,
+                                                    reference_tier=workload.reference_tier))
+    else:
         families: Mapping[str, Mapping[str, float]] = {f: dict(workload.reference_lrs(f)) for f in workload.families}
         extra = {} if settings.multipliers is None else {"multipliers": tuple(settings.multipliers)}
         tune(workload.trainable(), families=families, tiers=tuple(workload.tiers),

@@ -21,6 +21,16 @@ def _family(text: str) -> tuple[str, dict[str, float]]:
     return name, lrs
 
 
+def _unique(what: str, pairs) -> dict:
+    """``dict(pairs)``, refusing a name given twice (the later one would silently replace the earlier)."""
+    out = {}
+    for name, lrs in pairs:
+        if name in out:
+            raise ValueError(f"{what} {name!r} is given twice")
+        out[name] = lrs
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m examples.tune", description="Learning-rate tuning per family and batch tier "
                 "(synchronized successive halving, paper App. B.3) on Optuna.")
@@ -35,8 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--storage", default=None, help="journal:/path/file.log | sqlite:///file.db | postgresql://...")
     common.add_argument("--study", default="tune")
     common.add_argument("--workers", type=int, default=1)
-    common.add_argument("--min-resource", type=int, default=None)
-    common.add_argument("--reduction-factor", type=int, default=2)
+    common.add_argument("--min-resource", type=int, default=None, help="asynchronous mode (default: the first rung)")
+    common.add_argument("--reduction-factor", type=int, default=None, help="asynchronous mode (default 2)")
     common.add_argument("--heartbeat", type=float, default=10.0, help="seconds between heartbeats")
     common.add_argument("--grace", type=float, default=60.0, help="seconds of silence before a trial is taken over")
     common.add_argument("--quiet", action="store_true", help="no progress output or summary table")
@@ -58,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run the tuner from the command line; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.mode == "synchronized":  # the paper's rule always keeps the top half; say so instead of ignoring them
+        for flag, value in (("--min-resource", args.min_resource), ("--reduction-factor", args.reduction_factor)):
+            if value is not None:
+                print(f"python -m examples.tune: error: {flag} applies to --mode asynchronous only (the synchronized "
+                      "rule promotes the top half at each of --rungs)", file=sys.stderr)
+                return 2
     try:
         import optuna
 
@@ -68,18 +84,22 @@ def main(argv=None) -> int:
             from .synthetic import SyntheticTrainable
 
             trainable = SyntheticTrainable(eval_every=args.eval_every, sleep=args.sleep)
-            families = dict(args.family or [("synthetic", {"lr": 1e-3})])
+            families = _unique("family", args.family or [("synthetic", {"lr": 1e-3})])
         else:
+            from examples.nanogpt.variants import canonical_name
+
             from .zoo import ZooTrainable, zoo_reference_lrs
 
             trainable = ZooTrainable(eval_every_tokens=args.eval_every_tokens, profile=args.profile, data=args.data,
                                      val_tokens=args.val_tokens, device=args.device)
-            families = {v: zoo_reference_lrs(v) for v in args.variants}
+            # the registry's spelling ("unet" -> "U-Net"): the choices file is read by that name
+            families = _unique("variant", [(v, zoo_reference_lrs(v)) for v in map(canonical_name, args.variants)])
         result = tune(trainable, families=families, tiers=args.tiers, reference_tier=args.reference_tier,
                       rungs=args.rungs, workdir=args.workdir, choices_path=args.choices, mode=args.mode,
                       storage=args.storage, study_name=args.study, n_workers=args.workers,
                       progress=False if args.quiet else True, min_resource=args.min_resource,
-                      reduction_factor=args.reduction_factor, heartbeat_interval=args.heartbeat,
+                      reduction_factor=2 if args.reduction_factor is None else args.reduction_factor,
+                      heartbeat_interval=args.heartbeat,
                       grace_period=args.grace)
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (the spawned workers stop quietly too)
         print("python -m examples.tune: interrupted: rerun the same command to resume (with a journal or database "

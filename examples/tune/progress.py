@@ -99,7 +99,9 @@ def summary_table(result) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     for f, t in result.missing:
-        lines.append(f"no choice for {f}/b{t}: every candidate failed")
+        states = {s.state for s in result.trials if (s.candidate.family, s.candidate.tier) == (f, t)}
+        why = "every candidate failed" if states <= {"failed"} else "every candidate that reached the last rung failed"
+        lines.append(f"no choice for {f}/b{t}: {why}")
     for (f, t), edge in sorted(result.at_edge.items()):
         lines.append(f"{f}/b{t}: the choice is the {edge} candidate of the grid; the best rate may lie beyond it")
     return "\n".join(lines)

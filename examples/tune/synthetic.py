@@ -48,6 +48,13 @@ class SyntheticTrainable:
     nan_above: float = math.inf
     raise_keys: frozenset = field(default_factory=frozenset)
 
+    def __post_init__(self) -> None:
+        # a setting no trial can run with is refused here, not by every trial failing alone
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 1:
+            raise ValueError(f"SyntheticTrainable: eval_every={self.eval_every!r}, expected a positive int")
+        if not (isinstance(self.sleep, (int, float)) and math.isfinite(self.sleep) and self.sleep >= 0):
+            raise ValueError(f"SyntheticTrainable: sleep={self.sleep!r}, expected a finite number of seconds >= 0")
+
     def loss(self, candidate: Candidate, resource: int) -> float:
         """The validation loss of ``candidate`` after ``resource`` units."""
         s_opt = (candidate.tier / self.reference_tier) ** self.exponent

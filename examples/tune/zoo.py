@@ -80,6 +80,22 @@ class ZooTrainable:
     lr_factor: float = 1.0
     schedule_tokens: int | None = None
 
+    def __post_init__(self) -> None:
+        """Refuse settings the trainer would refuse, before any trial (else every trial fails alone)."""
+        from examples.nanogpt.train import _check_arguments, _device
+        from examples.nanogpt.variants import get_profile
+
+        _check_arguments(eval_every_tokens=self.eval_every_tokens, val_tokens=self.val_tokens, seq_len=self.seq_len,
+                         rows=self.rows, schedule_tokens=self.schedule_tokens)
+        get_profile(self.profile)
+        _device(self.device)
+        if self.data not in ("pydoc", "stdlib") and not Path(self.data).is_dir():
+            raise ValueError(f"ZooTrainable: data={self.data!r}: expected 'pydoc', 'stdlib' or a directory of .bin shards")
+        if self.attn_impl not in ("auto", "dense", "flex"):
+            raise ValueError(f"ZooTrainable: attn_impl={self.attn_impl!r}, expected 'auto', 'dense' or 'flex'")
+        if not (isinstance(self.lr_factor, (int, float)) and math.isfinite(self.lr_factor) and self.lr_factor > 0):
+            raise ValueError(f"ZooTrainable: lr_factor={self.lr_factor!r}, expected a finite number > 0")
+
     def __call__(self, candidate: Candidate, budget: int, *, horizon: int, workdir: Path, report: Report) -> None:
         """Train ``candidate`` to ``budget`` tokens, resuming from ``workdir/ckpt.pt``; report every evaluation."""
         from examples.nanogpt.train import train
