@@ -233,6 +233,12 @@ class _Worker:
             if not at:
                 raise TrialFailed(f"{cand.key}: the trainable reported no validation loss at or before the "
                                   f"rung budget {budget} (reports: {sorted(values)})")
+            if budget not in values and max(values) > budget:  # overshot the rung without a report at it
+                raise TrialFailed(
+                    f"{cand.key}: the trainable reported past the rung budget {budget} but not at it (reports: "
+                    f"{sorted(values)}): its last step overshoots the rung, and promoting on its last report "
+                    f"at or before {budget} ({max(at)}) would rank an earlier point of training; make every "
+                    "rung a whole number of steps of every tier")
             loss = float(values[max(at)])
         except Exception as e:  # a crashing or diverging trial fails alone; the study goes on
             self._finish(study, trial, optuna.trial.TrialState.FAIL, error=f"{type(e).__name__}: {e}")

@@ -109,6 +109,20 @@ def test_trainable_that_never_reports_at_the_budget_fails_clearly(tmp_path):
     assert s.state == "failed" and "reported no validation loss at or before the rung budget 30" in s.error
 
 
+def test_trainable_that_overshoots_its_rung_fails_instead_of_promoting_on_an_earlier_report(tmp_path):
+    # the toy's old rungs (1,000 examples with batches of 64): reports halfway and after the last step, past
+    # the rung; promoting on the halfway report would rank candidates earlier in training than the rung
+    def overshoot(candidate, budget, *, horizon, workdir, report):
+        report(budget // 2, 3.0)
+        report(budget + 2, 2.5)
+
+    res = _run(tmp_path, overshoot, tiers=[8], multipliers=(1.0,))
+    (s,) = res.trials
+    assert s.state == "failed"
+    assert "reported past the rung budget 30 but not at it (reports: [15, 32])" in s.error
+    assert ("f", 8) not in res.choices
+
+
 def test_trainable_reporting_a_bad_resource_fails_clearly(tmp_path):
     def bad(candidate, budget, *, horizon, workdir, report):
         report(-5, 3.0)
