@@ -64,3 +64,33 @@ def test_cli_window_with_equal_ends_is_refused(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--window" in err and "5 5" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("rel", ["../outside.npz", "spectra/../../outside.npz", "OUTSIDE_ABS"])
+def test_a_spectrum_file_outside_the_run_directory_is_refused(tmp_path, rel):
+    """A measurement line may only name files inside its run directory (the ``..`` check survived
+    mutation: only the absolute-path half was exercised, and not even that)."""
+    import json
+    import warnings
+
+    from spectral_lens import Spectrum
+    from spectral_lens.records import RecordFormatError, RecordWarning, RunWriter
+
+    spec = Spectrum(np.array([3.0, 2.0, 1.0]), n_rows=10, dim=3)
+    with RunWriter(tmp_path / "sweep" / "r", RunInfo("r", total_tokens=100), fsync=False) as w:
+        w.log_measurement(1, 10, {"act": spec})
+        w.log_measurement(2, 20, {"act": spec})
+    outside = tmp_path / "sweep" / "outside.npz"  # a real spectrum file, one level above the run
+    spec.save(outside)
+    rel = str(outside) if rel == "OUTSIDE_ABS" else rel
+    mfile = tmp_path / "sweep" / "r" / "measurements.jsonl"
+    lines = [json.loads(x) for x in mfile.read_text().splitlines()]
+    lines[1]["spectra"]["act"]["file"] = rel
+    mfile.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(RecordFormatError, match="line 2.*relative to the run directory"):
+        RunRecord.open(tmp_path / "sweep" / "r")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = RunRecord.open(tmp_path / "sweep" / "r", errors="skip")
+    assert [m.step for m in run.measurements] == [1]  # the bad line costs that line only
+    assert sum(issubclass(c.category, RecordWarning) for c in caught) == 1
