@@ -66,3 +66,20 @@ def test_a_family_with_equal_values_normalizes_to_zero(tmp_path):
         assert norm["c1"] == 0.0 and norm["c2"] == 0.0
         assert norm["d1"] == pytest.approx(0.0) and norm["d2"] == pytest.approx(1.0)
         assert not any(math.isnan(v) for v in norm.values())
+
+
+def test_noise_scale_skips_a_non_finite_measurement():
+    """A measurement whose ``noise_scale`` is ``inf`` (an in-memory record; a diverged probe) is left
+    out like a non-positive one, instead of making the early value infinite (mutant: isfinite dropped)."""
+    from pathlib import Path
+
+    from spectral_lens.analysis import NoiseScalePredictor
+    from spectral_lens.records import Measurement
+
+    ms = [Measurement(step=i, tokens=100 * i, progress=f, scalars={"noise_scale": v})
+          for i, (f, v) in enumerate([(0.1, 64.0), (0.2, math.inf), (0.3, 256.0), (0.4, 0.0)])]
+    run = RunRecord(Path("."), RunInfo("r", family="f", batch_tier=8, batch_size=32), [], ms, {})
+    pred = NoiseScalePredictor(fraction=0.2).fit([run])
+    s = pred.statistics_[0]
+    assert s.value == pytest.approx(math.log(128.0)) and s.steps == (0, 2)  # log-space midpoint of 64 and 256
+    assert pred.values_["r"][0] == pytest.approx(abs(math.log(32.0) - math.log(128.0)))
