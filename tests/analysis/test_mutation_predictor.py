@@ -83,3 +83,22 @@ def test_noise_scale_skips_a_non_finite_measurement():
     s = pred.statistics_[0]
     assert s.value == pytest.approx(math.log(128.0)) and s.steps == (0, 2)  # log-space midpoint of 64 and 256
     assert pred.values_["r"][0] == pytest.approx(abs(math.log(32.0) - math.log(128.0)))
+
+
+def test_primary_spectrum_chooses_among_several_activation_spectra():
+    """``resolve_spectrum`` order: ``spectrum=``, then ``RunInfo.primary_spectrum``, then the only
+    activation spectrum (ignoring ``primary_spectrum`` passed the suite's window/predictor tests)."""
+    from pathlib import Path
+
+    from spectral_lens.analysis import resolve_spectrum
+    from spectral_lens.records import Measurement
+
+    kinds = {"act:blocks.5": "activation_covariance", "act:blocks.11": "activation_covariance"}
+    ms = [Measurement(step=1, tokens=10, spectra={n: None for n in kinds}, kinds=kinds)]
+    run = RunRecord(Path("."), RunInfo("r", primary_spectrum="act:blocks.5"), [], ms, {})
+    assert resolve_spectrum(run) == "act:blocks.5"
+    assert resolve_spectrum(run, "act:blocks.11") == "act:blocks.11"
+    with pytest.raises(ValueError, match="several activation spectra"):
+        resolve_spectrum(RunRecord(Path("."), RunInfo("r"), [], ms, {}))
+    with pytest.raises(ValueError, match="primary_spectrum 'act:blocks.7' never measured"):
+        resolve_spectrum(RunRecord(Path("."), RunInfo("r", primary_spectrum="act:blocks.7"), [], ms, {}))
