@@ -172,3 +172,42 @@ def test_registered_fast_path_is_not_given_an_output_gradient_without_samples_in
             PerSampleGradientProbe(model, "mid.weight", engine="fast").update(batch)
     finally:
         FAST_PATHS.pop(_SeqFirstOut, None)
+
+
+class _Affine(nn.Module):
+    def __init__(self, d=6, o=11):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(o, d))
+        self.bias = nn.Parameter(torch.randn(o))
+
+    def forward(self, x):
+        return x @ self.weight.t() + self.bias
+
+
+class _AffineModel(nn.Module):
+    def __init__(self, vocab=11):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 6)
+        self.out = _Affine(6, vocab)
+
+    def forward(self, idx):
+        return self.out(torch.tanh(self.emb(idx)))
+
+
+def test_fast_path_registered_for_the_weight_only_leaves_the_bias_to_vmap(helpers):
+    """``register_fast_path(T, fn, params=("weight",))``: the bias of a ``T`` is not the fast path's."""
+    from spectral_lens.gradients.registry import FAST_PATHS, register_fast_path
+
+    register_fast_path(_Affine, lambda mod, name, x, dy: torch.einsum("mto,mti->moi", dy, x), params=("weight",))
+    try:
+        torch.manual_seed(0)
+        model = _AffineModel().double().eval()
+        batch = _batch(m=4, t=7)
+        names = ["out.weight", "out.bias"]
+        probe = PerSampleGradientProbe(model, names, keep_matrix=True).update(batch)
+        assert probe.engines_ == {"out.weight": "fast", "out.bias": "vmap"}
+        ref = helpers.reference_rows(model, names, batch, helpers.lm_sample_loss)
+        for n in names:
+            assert np.abs(probe.matrix(n).numpy() - ref[n]).max() <= 1e-12 * np.abs(ref[n]).max(), n
+    finally:
+        FAST_PATHS.pop(_Affine, None)
