@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from spectral_lens.gradients import PerSampleGradientProbe, linear_cross_entropy
 from support.models import TinyGPT, lm_batch
@@ -61,3 +62,60 @@ def test_float64_inputs_under_autocast_stay_float64(with_bias):
     (dh_ref,) = torch.autograd.grad(ref.sum(), h_ref)
     assert float((loss - ref).detach().abs().max()) <= 1e-12 * float(ref.detach().abs().max())
     assert float((dh - dh_ref).abs().max()) <= 1e-12 * float(dh_ref.abs().max())
+
+
+class _HalfLinear(nn.Linear):
+    """A subclass of ``nn.Linear`` whose forward differs: its output is not ``F.linear(h, W, b)``."""
+
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+def test_head_of_a_linear_subclass_is_not_chunked(monkeypatch):
+    monkeypatch.setattr("spectral_lens.gradients.probe.chunked_is_faster", lambda device: True)
+    torch.manual_seed(4)
+    model = TinyGPT()
+    model.lm_head = _HalfLinear(16, 37, bias=False)
+    model = model.double().eval()
+    batch = lm_batch(vocab=30)
+    got = PerSampleGradientProbe(model, PARAM, keep_matrix=True, chunk_size=2).update(batch)
+    assert got.head_loss_.startswith("materialized: ") and "a subclass of nn.Linear" in got.head_loss_, got.head_loss_
+    ref = PerSampleGradientProbe(model, PARAM, keep_matrix=True, chunk_size=2, head_loss="materialized").update(batch)
+    assert torch.equal(got.matrix(), ref.matrix()) and torch.equal(got.losses_, ref.losses_)
+
+
+def test_head_with_a_patched_instance_forward_is_not_chunked_and_keeps_it(monkeypatch):
+    """A head whose ``forward`` is replaced on the instance (by a wrapper library) may compute anything:
+    materialized, and the patched forward is still in place afterwards."""
+    monkeypatch.setattr("spectral_lens.gradients.probe.chunked_is_faster", lambda device: True)
+    torch.manual_seed(4)
+    model = TinyGPT().double().eval()
+    head = model.lm_head
+
+    def patched(x):
+        return 0.5 * F.linear(x, head.weight, head.bias)
+
+    head.forward = patched
+    batch = lm_batch(vocab=30)
+    got = PerSampleGradientProbe(model, PARAM, keep_matrix=True, chunk_size=2).update(batch)
+    assert got.head_loss_.startswith("materialized: ") and "forward replaced on the instance" in got.head_loss_
+    assert head.forward is patched
+    ref = PerSampleGradientProbe(model, PARAM, keep_matrix=True, chunk_size=2, head_loss="materialized").update(batch)
+    assert torch.equal(got.matrix(), ref.matrix()) and torch.equal(got.losses_, ref.losses_)
+
+
+@pytest.mark.parametrize("engine", ["loop", "vmap"])
+def test_check_forward_of_the_vmap_and_loop_engines_leaves_the_dropout_masks(monkeypatch, engine):
+    """With the vmap / loop engine the head-loss decision takes a forward of its own; it runs on a
+    forked RNG, so with dropout active the measured rows equal the materialized path's to rounding
+    (the fast engine's case is tested in test_head_auto)."""
+    monkeypatch.setattr("spectral_lens.gradients.probe.chunked_is_faster", lambda device: True)
+    torch.manual_seed(2)
+    model = TinyGPT(dropout=0.3).double()
+    batch = lm_batch(m=4)
+    kw = dict(engine=engine, train_mode=True, keep_matrix=True, chunk_size=2)
+    got = PerSampleGradientProbe(model, PARAM, **kw).update(batch)
+    ref = PerSampleGradientProbe(model, PARAM, head_loss="materialized", **kw).update(batch)
+    assert got.head_loss_ == "chunked (lm_head)"
+    g, r = got.matrix(), ref.matrix()
+    assert float((g - r).abs().max()) <= 1e-10 * float(r.abs().max())
