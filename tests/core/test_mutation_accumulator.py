@@ -184,3 +184,18 @@ def test_chunk_of_masked_nan_rows_in_a_chunked_call(where):
     acc = ActivationCovarianceAccumulator(precision="float64", max_chunk_rows=4)
     acc.update(torch.from_numpy(rows), mask=torch.from_numpy(keep))
     _assert_cov(acc, rows[keep], 1e-10)
+
+
+def test_rows_wider_than_one_lower_block_over_several_cpu_updates():
+    """d = 264 > 256 (_LOWER_BLOCK): the CPU path adds the stored S by row blocks; every block, the
+    diagonal ones included, must reach the state (killed mutant: the blocks cut at column r0, which
+    left the diagonal blocks stale; no other test has d > 256 with several CPU updates)."""
+    from support.data import rows_with_spectrum
+
+    rng = np.random.default_rng(17)
+    rows = rows_with_spectrum(400, np.logspace(0, -3, 264), 50.0, rng)
+    x = torch.from_numpy(rows)
+    acc = ActivationCovarianceAccumulator(precision="float64")
+    for chunk in x.split(130):
+        acc.update(chunk)
+    _assert_cov(acc, rows, 1e-10)
