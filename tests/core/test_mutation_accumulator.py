@@ -199,3 +199,18 @@ def test_rows_wider_than_one_lower_block_over_several_cpu_updates():
     for chunk in x.split(130):
         acc.update(chunk)
     _assert_cov(acc, rows, 1e-10)
+
+
+@pytest.mark.parametrize("scale", [1e-24, 1e-30])
+@pytest.mark.parametrize("max_chunk_rows", [131072, 50])
+def test_rows_whose_float32_products_underflow_to_zero_are_refused(scale, max_chunk_rows):
+    """Rows of size 1e-24 and below: their float32 products flush to exactly 0 (S = 0 on the CPU
+    one-chunk path), so only the column sums m show the rows' size; compute must refuse them rather
+    than return an all-zero spectrum (killed mutant: the floor's scale from diag(S)/n alone)."""
+    from spectral_lens import NonFiniteError
+
+    x = (torch.randn(200, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) * scale).float()
+    acc = ActivationCovarianceAccumulator(precision="exact", max_chunk_rows=max_chunk_rows, name="blocks.7")
+    acc.update(x)
+    with pytest.raises(NonFiniteError, match=r"blocks\.7: the rows are too small for float32 products"):
+        acc.compute()
