@@ -214,3 +214,16 @@ def test_rows_whose_float32_products_underflow_to_zero_are_refused(scale, max_ch
     acc.update(x)
     with pytest.raises(NonFiniteError, match=r"blocks\.7: the rows are too small for float32 products"):
         acc.compute()
+
+
+def test_merge_into_an_empty_exact_accumulator_of_float64_rows_beyond_float32_range():
+    """precision='exact' with float64 rows of size 1e100 (float64 products): merged into an empty
+    accumulator, the state's shift must keep its float64 value, not become float32's Inf (killed
+    mutant: representable_shift rounding every entry to float32, which made the state NaN)."""
+    rng = np.random.default_rng(29)
+    rows = rng.standard_normal((50, 3)) * [1.0, 0.1, 0.01] * 1e95 + 1e100
+    b = ActivationCovarianceAccumulator(precision="exact")
+    b.update(torch.from_numpy(rows))
+    a = ActivationCovarianceAccumulator(precision="exact")
+    a.merge(b)
+    _assert_cov(a, rows, 1e-10)
