@@ -103,7 +103,9 @@ def _check_window(p: np.ndarray, window: tuple[int, int]) -> tuple[int, int]:
 
 def _line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
     """OLS of y on x: (slope, intercept, r2, stderr of slope)."""
-    xm, ym = x.mean(), y.mean()
+    # a window of equal values (a flat spectrum) has no spread: centre it on that value itself, since the
+    # rounded mean leaves ~1e-16 residues whose ratio sse/sst made r2 0 or 1 depending on the value
+    xm, ym = x.mean(), (y.mean() if np.ptp(y) > 0 else y[0])
     sxx = float(((x - xm) ** 2).sum())
     slope = float(((x - xm) * (y - ym)).sum() / sxx)
     intercept = float(ym - slope * xm)
