@@ -193,6 +193,10 @@ def _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, 
     if n_workers > 1 and is_single_worker(storage):
         raise ValueError(f"tune: n_workers={n_workers} needs a shared storage; {storage!r} is single-worker "
                          "(use 'journal:/path/file.log' on one machine or an RDB URL for several)")
+    if mode == "synchronized" and (min_resource is not None or reduction_factor != 2):
+        raise ValueError(f"tune: min_resource={min_resource!r} and reduction_factor={reduction_factor!r} are the "
+                         "asynchronous pruner's settings; synchronized mode runs every rung of `rungs` and keeps "
+                         "the better half at each (the paper's rule): leave them out, or pass mode='asynchronous'")
     min_resource = rungs[0] if min_resource is None else min_resource
     if not isinstance(min_resource, int) or min_resource <= 0:
         raise ValueError(f"tune: min_resource={min_resource!r} must be a positive int")
@@ -371,7 +375,8 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
         n_workers: worker processes on this machine (this one plus ``n_workers - 1`` spawned);
             more than one needs a journal or RDB storage.
         progress: print progress (tqdm on a TTY) and the summary table; ``None``: when stderr is a TTY.
-        min_resource, reduction_factor: the asynchronous pruner's settings (default: the first rung, 2).
+        min_resource, reduction_factor: the asynchronous pruner's settings (default: the first rung, 2);
+            synchronized mode refuses other values (it keeps the better half at every rung).
         multipliers, rel_tol: candidate generation (see :func:`~examples.tune.candidates.candidate_set`).
         extrapolate_to: budget of the power-law extrapolation diagnostic (default: twice the horizon).
         heartbeat_interval, grace_period: seconds between heartbeats of held trials, and the silence

@@ -150,3 +150,11 @@ def test_progress_bar_on_a_tty(tmp_path):
     bar.close()
     text = out.getvalue()
     assert "done 0 running 0 pruned 0 failed 0 waiting 2" in text and "tune: hello" in text
+
+
+@pytest.mark.parametrize("kw", [dict(reduction_factor=3), dict(min_resource=30)])
+def test_synchronized_mode_refuses_the_asynchronous_pruners_settings(tmp_path, kw):
+    # they were validated and then ignored: synchronized mode always keeps the better half at every rung
+    with pytest.raises(ValueError, match="asynchronous pruner's settings; synchronized mode"):
+        tune(SyntheticTrainable(), workdir=tmp_path, **kw, **CFG)
+    assert not (tmp_path / "choices.json").exists()
