@@ -672,6 +672,8 @@ class SpectralLens:
                     seen += k
                     if bar is not None:
                         bar.update(k)
+                    if self.gradient_samples is not None and seen >= self.gradient_samples:
+                        break  # not one batch more from the loader (its loading and collation cost)
         finally:
             if bar is not None:
                 bar.close()

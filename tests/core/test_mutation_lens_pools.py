@@ -79,7 +79,7 @@ def test_gradient_samples_stops_drawing_batches_once_reached(cap):
     lens = SpectralLens(model, pool[:1], gradient_pool=grad, gradient_samples=cap, layers="h.0", progress=False)
     m = lens.measure(0, 0)
     assert m.spectra["grad:h.2.attn.c_proj.weight"].n_rows == cap
-    assert grad.drawn <= -(-cap // 3) + 1  # it stops: at most one batch past the cap is drawn (and not used)
+    assert grad.drawn == -(-cap // 3)  # it stops: no batch past the cap is drawn
 
 
 def test_gradient_progress_total_of_a_drop_last_loader_counts_only_the_kept_samples():
