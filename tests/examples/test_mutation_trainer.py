@@ -100,3 +100,28 @@ def test_tokens_round_up_to_whole_steps_and_stop_tokens_stops_after_reaching_the
     res = T.train(run_dir=tmp_path / "b", tokens=640, stop_tokens=130, **kw)
     assert (res.steps, res.tokens) == (3, 192)
     assert json.loads((tmp_path / "b" / "config.json").read_text())["steps"] == 10
+
+
+def test_each_training_step_uses_the_window_of_its_own_progress(tmp_path, monkeypatch):
+    seen = []
+    real = T.accumulate_gradients
+
+    def spy(model, stream, step, **kw):
+        seen.append((step, kw["window"]))
+        return real(model, stream, step, **kw)
+
+    monkeypatch.setattr(T, "accumulate_gradients", spy)
+    steps = 4
+    T.train(variant="FlexWin", profile="tiny", data="pydoc", run_dir=tmp_path, steps=steps, batch_tier=1,
+            val_tokens=512, eval_every_tokens=10**9, save_final=False, verbose=False, device="cpu")
+    cfg = build_config("FlexWin", get_profile("tiny"), eot_id=load_data("pydoc").eot_id)
+    assert [s for s, _ in seen] == list(range(steps))
+    assert [w for _, w in seen] == [window_at(cfg, s / steps) for s in range(steps)]
+    assert len({w for _, w in seen}) > 1  # the window grows over these steps: the check can tell steps apart
+
+
+def test_eval_interval_is_the_nearest_whole_number_of_steps(tmp_path):
+    # 64 tokens per step: 150 tokens is 2.34 steps -> every 2 steps (3 would be 192 tokens, further from 150)
+    res = T.train(variant="RoPE", profile="tiny", data="pydoc", run_dir=tmp_path, steps=6, batch_tier=1, seq_len=32,
+                  rows=2, val_tokens=64, eval_every_tokens=150, save_final=False, verbose=False, device="cpu")
+    assert [h["step"] for h in res.history] == [0, 2, 4, 6]
