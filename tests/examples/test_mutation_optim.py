@@ -7,6 +7,7 @@ group's rate; ``apply_schedule`` sets lr = base rate x the step's multiplier (ne
 momentum of the step on Muon groups only.
 """
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -88,3 +89,13 @@ def test_apply_schedule_sets_base_rate_times_the_steps_multiplier():
                 if g["name"] == "matrix":
                     assert g["momentum"] == pytest.approx(muon_momentum(r, step))
     assert muon_momentum(r, 3) != muon_momentum(r, 5) and lr_multiplier(r, 19, steps) < lr_multiplier(r, 15, steps) < 1
+
+
+def test_cosine_runs_from_the_end_of_warmup_to_the_last_step():
+    # Baseline (llm.c): warm-up 700 of 19,560 steps, then a cosine to 0 over steps 700..19,560,
+    # so the midpoint 10,130 is at half the peak and the multiplier reaches the floor only at `steps`
+    b = build_recipe("Baseline")
+    assert b.decay == "cosine" and b.final_lr_frac == 0.0
+    assert lr_multiplier(b, 10130, 19560) == pytest.approx(0.5, abs=1e-9)
+    assert lr_multiplier(b, 19559, 19560) == pytest.approx(0.5 * (1 + math.cos(math.pi * 18859 / 18860)), abs=1e-12)
+    assert lr_multiplier(b, 19559, 19560) > 0
