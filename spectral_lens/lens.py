@@ -325,9 +325,9 @@ class SpectralLens:
             )
         if precision not in PRECISIONS:
             raise ValueError(f"SpectralLens: precision must be one of {PRECISIONS}, got {precision!r}")
-        checks = [("pool", pool, None)] if gradient_pool is not None else []
-        checks.append(("pool" if gradient_pool is None else "gradient_pool", pool if gradient_pool is None
-                       else gradient_pool, gradient_samples))
+        # the gradient pass reads gradient_pool (default: pool), cut to gradient_samples
+        checks = ([("pool", pool, gradient_samples)] if gradient_pool is None
+                  else [("pool", pool, None), ("gradient_pool", gradient_pool, gradient_samples)])
         for what, p, cap in checks:
             why = unfixed_pool(p, cap)
             if why:
