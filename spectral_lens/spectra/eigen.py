@@ -26,8 +26,19 @@ def gram_eigenvalues(rows: torch.Tensor) -> torch.Tensor:
 
 
 def trace_normalize(values: torch.Tensor) -> torch.Tensor:
-    """``p_j = lambda_j / sum_k lambda_k``; raises on an all-zero spectrum."""
-    total = values.sum()
+    """``p_j = lambda_j / sum_k lambda_k``; raises on a spectrum that is all zero or not finite.
+
+    The values are divided by their largest before summing, so spectra near the float64 range
+    (a sum that would overflow to inf) normalize exactly instead of turning into zeros.
+    """
+    if values.numel() == 0 or not bool(torch.isfinite(values).all()):
+        raise ValueError(f"cannot trace-normalize a spectrum with non-finite or no eigenvalues "
+                         f"({values.numel()} values)")
+    top = values.abs().max()
+    if not bool(top > 0):
+        raise ValueError("cannot trace-normalize a spectrum whose eigenvalues sum to zero")
+    scaled = values / top
+    total = scaled.sum()
     if not bool(total > 0):
         raise ValueError("cannot trace-normalize a spectrum whose eigenvalues sum to zero")
-    return values / total
+    return scaled / total

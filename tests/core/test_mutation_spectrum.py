@@ -30,3 +30,20 @@ def test_spectrum_refuses_any_negative_eigenvalue(neg):
         Spectrum(torch.tensor([1.0, 0.5, neg], dtype=torch.float64), n_rows=10, dim=3)
     ok = Spectrum(torch.tensor([1.0, 0.5, neg], dtype=torch.float64).clamp_min(0), n_rows=10, dim=3)
     assert float(ok.values[-1]) == 0.0 and ok.n_nonzero == 2
+
+
+def test_trace_normalize_near_the_float64_range_and_non_finite():
+    """Eigenvalues near 1e308 sum to inf; they must still normalize to their exact shares, and a
+    non-finite spectrum gets an error that says so (it used to return zeros, or NaN, or blame a zero sum)."""
+    from spectral_lens.spectra.eigen import trace_normalize
+
+    v = torch.tensor([1e308, 1e308, 1.0], dtype=torch.float64)
+    p = trace_normalize(v)
+    assert torch.allclose(p, torch.tensor([0.5, 0.5, 5e-309], dtype=torch.float64), rtol=1e-12, atol=0)
+    small = torch.tensor([3e-320, 1e-320], dtype=torch.float64)  # subnormal: the sum stays exact
+    assert torch.allclose(trace_normalize(small), torch.tensor([0.75, 0.25], dtype=torch.float64), rtol=1e-3)
+    for bad in ([float("inf"), 1.0], [float("nan"), 1.0], []):
+        with pytest.raises(ValueError, match="non-finite or no eigenvalues"):
+            trace_normalize(torch.tensor(bad, dtype=torch.float64))
+    with pytest.raises(ValueError, match="sum to zero"):
+        trace_normalize(torch.zeros(3, dtype=torch.float64))
