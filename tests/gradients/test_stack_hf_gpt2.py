@@ -59,7 +59,8 @@ def _reference_rows(model, pool, param=PARAM) -> np.ndarray:
 def _reference_activations(model, pool) -> np.ndarray:
     """Float64 outputs of the deepest block at the unpadded positions only."""
     out = []
-    h = model.get_submodule(LAYER).register_forward_hook(lambda m, a, o: out.append(o.detach()))
+    h = model.get_submodule(LAYER).register_forward_hook(
+        lambda m, a, o: out.append((o[0] if isinstance(o, tuple) else o).detach()))  # transformers 4.x: a tuple
     try:
         with torch.no_grad():
             for batch in pool:

@@ -68,6 +68,8 @@ CAUSAL = {
 # the slowest on the CPU, and families whose code paths others share (Llama's: Mistral, OLMo, Starcoder2)
 SLOW = {"mixtral", "qwen2_moe", "bloom", "gpt_neo", "mistral", "olmo", "starcoder2"}
 FLOAT32_ONLY = {"mixtral", "qwen2_moe"}  # their experts run torch._grouped_mm, which has no float64 kernel
+if int(transformers.__version__.split(".")[0]) < 5:
+    FLOAT32_ONLY.add("mpt")  # transformers 4.x builds MPT's additive mask with a value float64 cannot cast to float
 
 
 def config(cls_name: str, kwargs: dict):

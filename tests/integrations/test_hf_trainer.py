@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 
 import pytest
@@ -60,7 +62,10 @@ def test_records_and_trainer_logs(tmp_path, monkeypatch):
     writer = RunWriter(tmp_path / "run", RunInfo("hf", family="llama", batch_tier=1, total_tokens=20 * 4 * T),
                        fsync=False, tail_window=(4, 16), head_window=(1, 4))
     lens = sl.SpectralLens(model, heldout_pool(), writer=writer, schedule=sl.Schedule.every(10, start=10))
-    trainer = trainer_for(model, tmp_path, report_to=["tensorboard"], eval_strategy="steps", eval_steps=5)
+    tb = {}  # transformers 5 reads the TensorBoard directory from the environment, 4.x from an argument
+    if "logging_dir" in {f.name for f in dataclasses.fields(transformers.TrainingArguments)}:
+        tb["logging_dir"] = str(tmp_path / "tb")
+    trainer = trainer_for(model, tmp_path, report_to=["tensorboard"], eval_strategy="steps", eval_steps=5, **tb)
     cb = SpectralLensCallback(lens, on_evaluate=True, tokens_per_step=4 * T).attach(trainer)
     trainer.train()
     writer.close()
