@@ -94,3 +94,56 @@ def test_min_pvalue_is_two_over_n_factorial():
     assert min_pvalue(6) < 0.05 < min_pvalue(4)
     with pytest.raises(ValueError, match="n >= 2"):
         min_pvalue(1)
+
+
+def test_speedrun_sections_on_sweeps_of_known_order(tmp_path):
+    """The speedrun's own report sections on Theorem-6 sweeps whose order is known by construction:
+    rho per family and within-family mean beside the paper's, the runs that missed the target with
+    their best losses, the underpowered note with the smallest p-value, and the tuner's choices read
+    from the pipeline's layout with their edges."""
+    import json
+    from types import SimpleNamespace
+
+    from examples.speedrun.summary import PAPER, speedrun_sections
+    from spectral_lens.analysis.synthetic import write_theorem6_sweep
+    from spectral_lens.records import open_runs
+
+    tiers = (1, 2, 4, 8)
+    common = dict(dim=256, grad_dim=64, n_eval=40, n_measure=20, total_tokens=10_000_000, tokens_per_tier=1024)
+    good = write_theorem6_sweep(tmp_path / "runs", tiers, family="good",
+                                q={t: 0.4 + 0.1 * i for i, t in enumerate(tiers)}, **common)
+    # every tier of "slow" stops short of the target (best loss 3.41 > 3.2): all missed, no ranking
+    slow = write_theorem6_sweep(tmp_path / "runs", tiers, family="slow", eta=2.0, q=lambda b: 0.6, **common)
+    runs = open_runs(good + slow)
+    target = 3.2
+    preset = get_preset("tiny").replace(target_loss=target, tiers=tiers, reference_tier=1)
+    workload = SimpleNamespace(preset=preset, target_loss=target, families=("good", "slow"), unit="tokens",
+                               fraction=0.2, window=(20, 60), tiers=tiers)
+    out = tmp_path / "report"
+    out.mkdir()
+    sections = speedrun_sections(workload, runs, out)
+    assert len(sections) == 2  # no tune/choices.json yet
+    head, missed = sections
+    assert "| good | 1.000 | 0.0833 | 4 |" in head  # a perfect order of 4 tiers: p = 2 / 4!
+    assert "| slow | – |" in head  # no run reached the target: no rho
+    assert f"| within-family mean | 1.000 | | | {PAPER['within_rho_d12']} (d12) |" in head
+    assert "smallest exact two-sided p-value of a within-family rho is 0.0833" in head
+    assert f"pre-registered target **{target:g}**" in head
+    lines = [ln for ln in missed.splitlines() if ln.startswith("| slow-")]
+    assert [ln.split(" | ")[0] for ln in lines] == [f"| slow-b{t}" for t in tiers]
+    assert not any(ln.startswith("| good-") for ln in missed.splitlines())
+    best = min(r.val_curve()[1].min() for r in runs if r.run_id == "slow-b1")
+    assert f"| slow-b1 | slow | 1 | {best:.3f} |" in missed
+
+    (tmp_path / "tune").mkdir()
+    (tmp_path / "tune" / "choices.json").write_text(json.dumps({"choices": [
+        {"family": "good", "tier": 2, "scale": 1.41421356, "loss": 3.25, "at_edge": "largest"},
+        {"family": "good", "tier": 4, "scale": 2.0, "loss": None, "at_edge": None}]}), encoding="utf-8")
+    tuned = speedrun_sections(workload, runs, out)[-1]
+    assert "| good | 2 | 1.414 | 3.250 | largest candidate: the best rate may lie beyond |" in tuned
+    assert "| good | 4 | 2 | – |  |" in tuned
+    assert "`tune/choices.json`" in tuned
+
+    # every run reached the target: the section says so instead of an empty table
+    assert speedrun_sections(SimpleNamespace(**{**vars(workload), "families": ("good",)}),
+                             open_runs(good), out)[1] == f"## Target loss\n\nEvery run reached {target:g}."
