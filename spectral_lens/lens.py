@@ -67,19 +67,25 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
 
 def all_blocks(model: nn.Module) -> list[str]:
     """Dotted names of the model's layer stack: the ``ModuleList``/``Sequential`` of same-class,
-    parameterized blocks, preferring homogeneous stacks, then ``ModuleList``, then length, then
-    shallowness (``transformer.h``, ``model.layers``, ``blocks``). Pass ``layers=`` when this guesses wrong."""
-    def score(item):
-        name, blocks = item
-        kinds = {type(b) for b in blocks}
-        homogeneous = len(kinds) == 1 and any(True for _ in blocks[0].parameters())
-        return (homogeneous, isinstance(blocks, nn.ModuleList), len(blocks), -name.count("."))
+    parameterized blocks, preferring homogeneous stacks, then stacks that no other homogeneous stack
+    contains (the experts of a mixture-of-experts layer, or per-head modules, are lists inside a
+    block, never the stack), then ``ModuleList``, then length, then shallowness (``transformer.h``,
+    ``model.layers``, ``blocks``). Pass ``layers=`` when this guesses wrong."""
+    def homogeneous(blocks) -> bool:
+        return len({type(b) for b in blocks}) == 1 and any(True for _ in blocks[0].parameters())
 
     lists = _block_lists(model)
     if not lists:
         raise ValueError(
             f"{type(model).__name__}: found no ModuleList/Sequential of blocks; pass layers= explicitly"
         )
+    stacks = [n for n, m in lists if homogeneous(m)]
+
+    def score(item):
+        name, blocks = item
+        inside = any(s == "" or name.startswith(s + ".") for s in stacks if s != name)
+        return (homogeneous(blocks), not inside, isinstance(blocks, nn.ModuleList), len(blocks), -name.count("."))
+
     name, blocks = max(lists, key=score)
     return [f"{name}.{i}" if name else str(i) for i in range(len(blocks))]
 

@@ -55,3 +55,31 @@ def test_noise_scale_is_the_first_probed_matrix_in_model_order():
     a, b = m.scalars[f"noise_scale:{first}"], m.scalars[f"noise_scale:{last}"]
     assert math.isfinite(a) and a != b  # the two matrices' noise scales differ (b is inf here), so the choice shows
     assert m.scalars["noise_scale"] == a
+
+
+class _Expert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(2, 2)
+
+
+class _MoEBlock(nn.Module):
+    def __init__(self, n_experts):
+        super().__init__()
+        self.attn = nn.Linear(2, 2)
+        self.experts = nn.ModuleList(_Expert() for _ in range(n_experts))
+
+
+def test_lists_inside_a_block_are_not_the_stack():
+    """A mixture-of-experts layer keeps its experts in a ModuleList (Mixtral and Qwen2-MoE in
+    transformers 4.x): with more experts than layers, length alone picked ``layers.0.experts``, and
+    the lens measured one expert of the first layer (then failed on its routed token count)."""
+    model = _Stacks(layers=nn.ModuleList(_MoEBlock(8) for _ in range(2)))
+    assert all_blocks(model) == ["layers.0", "layers.1"]
+    assert deepest_block(model) == "layers.1"
+    # a bare ModuleList as the whole model is the stack too (the root's name is "")
+    stack = nn.ModuleList(_MoEBlock(4) for _ in range(3))
+    assert deepest_block(stack) == "2"
+    # a Sequential stack of such blocks: not being inside another stack counts before being a ModuleList
+    model = _Stacks(seq=nn.Sequential(*(_MoEBlock(3) for _ in range(2))))
+    assert deepest_block(model) == "seq.1"
