@@ -1,0 +1,93 @@
+"""Data safety under real faults (audit): concurrent writers of one run directory, SIGKILLed writers,
+failing system calls at every point of a write, and what a crash leaves behind for the next load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from spectral_lens import Spectrum
+from spectral_lens.records import RunInfo, RunRecord, RunWriter
+
+
+def _spec(d=20):
+    return Spectrum(torch.logspace(0, -3, d, dtype=torch.float64), n_rows=4 * d, dim=d)
+
+
+# ---- one writer per run directory ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("second", ["resume", "new"])
+def test_a_second_writer_in_the_same_process_is_refused(tmp_path, second):
+    """Two RunWriters on one directory were both accepted: the second one's resume deleted the first
+    one's spectrum files whose line was not yet appended (as orphans), and a drop_after of one replaced
+    the JSONL file under the other's append descriptor (its later lines went to an unlinked file)."""
+    run = tmp_path / "run"
+    first = RunWriter(run, RunInfo("r"), fsync=False)
+    first.log(1, 10, train_loss=1.0)
+    with pytest.raises(RuntimeError, match=rf"{run}: another RunWriter has this run directory open"):
+        RunWriter(run, resume=True, fsync=False) if second == "resume" else RunWriter(run, RunInfo("r2"), fsync=False)
+    first.log(2, 20, train_loss=0.5)  # the first writer is unaffected
+    first.close()
+    with RunWriter(run, resume=True, fsync=False) as again:  # closed: the directory is free again
+        again.log(3, 30, train_loss=0.25)
+    assert [e["step"] for e in RunRecord.open(run).events] == [1, 2, 3]
+
+
+def test_a_writer_that_fails_to_open_releases_the_lock(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"step": 1, "tokens": 1}\n')  # another run's file, no run.json
+    with pytest.raises(FileExistsError, match="holds another run's files"):
+        RunWriter(run, RunInfo("r"), fsync=False)
+    RunWriter(run, RunInfo("r"), resume=True, fsync=False).close()
+
+
+_HOLDER = textwrap.dedent('''
+    import sys, time
+    from spectral_lens.records import RunInfo, RunWriter
+    w = RunWriter(sys.argv[1], RunInfo("r"), fsync=False)
+    w.log(1, 1, train_loss=1.0)
+    print("OPEN", flush=True)
+    time.sleep(60)
+''')
+
+
+def test_a_writer_in_another_process_is_refused_until_it_is_killed(tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    child = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout.readline().strip() == "OPEN"
+        with pytest.raises(RuntimeError, match=str(run)):
+            RunWriter(run, resume=True, fsync=False)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    with RunWriter(run, resume=True, fsync=False) as w:  # a killed writer leaves no stale lock
+        w.log(2, 2, train_loss=0.5)
+    assert [e["step"] for e in RunRecord.open(run).events] == [1, 2]
+
+
+def test_close_releases_the_lock_while_a_forked_child_lives(tmp_path):
+    """A forked child (a DataLoader worker) shares the lock's descriptor: closing the writer must
+    release the lock itself, not only close this process's descriptor."""
+    run = tmp_path / "run"
+    w = RunWriter(run, RunInfo("r"), fsync=False)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        time.sleep(10)
+        os._exit(0)
+    try:
+        w.close()
+        RunWriter(run, resume=True, fsync=False).close()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
