@@ -307,11 +307,15 @@ class RunWriter:
                 store only ``summaries``).
 
         Every number is converted first: a value that is not one raises ``TypeError`` / ``ValueError``
-        naming the argument, before anything is written; a failure while saving the spectra removes
-        those already saved, so a refused call leaves no files behind.
+        naming the argument, before anything is written; a failure while saving the spectra, or of
+        the append of the line (a full disk), removes the spectra already saved, so a refused or
+        failed call leaves no files behind. A closed writer raises ``ValueError`` before writing.
 
         Returns the :class:`Measurement` as written.
         """
+        mfd = self._fds.get(MEASUREMENTS_FILE)
+        if mfd is None:  # checked first: a closed writer (its lock released) writes no spectrum file either
+            raise ValueError(f"RunWriter for {self.path} is closed")
         spectra = dict(spectra or {})
         for name, spec in spectra.items():
             if not isinstance(spec, Spectrum):
@@ -356,7 +360,17 @@ class RunWriter:
             "spectra": entries,
             "scalars": scalars,
         }
-        self._append(MEASUREMENTS_FILE, line)
+        size = os.fstat(mfd).st_size
+        try:
+            self._append(MEASUREMENTS_FILE, line)
+        except BaseException:  # a full disk: the line was cut off again, so no line refers to the spectra
+            try:  # just saved; remove them (unless the line may still be there)
+                cut = os.fstat(mfd).st_size == size
+            except OSError:
+                cut = False
+            for entry in entries.values() if cut else ():
+                (self.path / entry["file"]).unlink(missing_ok=True)
+            raise
         return Measurement(
             step=int(step),
             tokens=int(tokens),

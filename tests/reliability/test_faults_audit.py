@@ -91,3 +91,74 @@ def test_close_releases_the_lock_while_a_forked_child_lives(tmp_path):
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+# ---- a failed measurement leaves nothing behind --------------------------------------------------
+
+
+def _run(path, n=3, fsync=False):
+    with RunWriter(path, RunInfo("r", total_tokens=1000), fsync=fsync) as w:
+        for step in range(1, n + 1):
+            w.log(step, 100 * step, train_loss=3.0 / step)
+            w.log_measurement(step, 100 * step, {"act": _spec()}, val_loss=3.0 / step)
+    return path
+
+
+def _raise_at(monkeypatch, name, k, err):
+    """``os.<name>`` raising ``OSError(err)`` at its ``k``-th call (1-based) from now on."""
+    import errno
+
+    real, calls = getattr(os, name), []
+
+    def fake(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == k:
+            raise OSError(err, os.strerror(err))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, name, fake)
+    return calls
+
+
+@pytest.mark.parametrize("fault", ["enospc_on_append", "eio_on_append_fsync"])
+def test_a_measurement_whose_line_cannot_be_appended_leaves_no_spectrum_files(tmp_path, monkeypatch, fault):
+    """The spectra were saved, then the append of the line failed (disk full): the files stayed, taking
+    space on the full disk, with no line referring to them (and a retry named its files '-2')."""
+    import errno
+
+    run = _run(tmp_path / "run")
+    with RunWriter(run, resume=True, fsync=fault == "eio_on_append_fsync") as w:
+        before = sorted(p.name for p in (run / "spectra").iterdir())
+        mbefore = (run / "measurements.jsonl").read_bytes()
+        if fault == "enospc_on_append":
+            _raise_at(monkeypatch, "write", 1, errno.ENOSPC)  # spectra go through file objects, the line through os.write
+        else:
+            real_fsync = os.fsync
+
+            def fsync(fd):  # the line's fsync fails; the spectrum files' and directories' do not
+                if os.readlink(f"/proc/self/fd/{fd}").endswith("measurements.jsonl"):
+                    raise OSError(errno.EIO, "Input/output error")
+                return real_fsync(fd)
+
+            monkeypatch.setattr(os, "fsync", fsync)
+        with pytest.raises(OSError) as info:
+            w.log_measurement(4, 400, {"act": _spec(), "grad": _spec(12)})
+        monkeypatch.undo()
+        assert info.value.filename == str(run / "measurements.jsonl")
+        assert sorted(p.name for p in (run / "spectra").iterdir()) == before
+        assert (run / "measurements.jsonl").read_bytes() == mbefore
+        m = w.log_measurement(4, 400, {"act": _spec(), "grad": _spec(12)})  # room again: the retry is clean
+    assert m.files == {"act": "spectra/00000004_act.npz", "grad": "spectra/00000004_grad.npz"}
+    assert [m.step for m in RunRecord.open(run, verify=True).measurements] == [1, 2, 3, 4]
+
+
+def test_a_closed_writer_writes_no_spectrum_file(tmp_path):
+    """log_measurement on a closed writer saved its spectra into the directory (which another writer
+    may own by then) before saying the writer was closed."""
+    run = _run(tmp_path / "run")
+    w = RunWriter(run, resume=True, fsync=False)
+    w.close()
+    before = sorted(p.name for p in (run / "spectra").iterdir())
+    with pytest.raises(ValueError, match="is closed"):
+        w.log_measurement(4, 400, {"act": _spec()})
+    assert sorted(p.name for p in (run / "spectra").iterdir()) == before
