@@ -3,6 +3,7 @@ failing system calls at every point of a write, and what a crash leaves behind f
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -162,3 +163,32 @@ def test_a_closed_writer_writes_no_spectrum_file(tmp_path):
     with pytest.raises(ValueError, match="is closed"):
         w.log_measurement(4, 400, {"act": _spec()})
     assert sorted(p.name for p in (run / "spectra").iterdir()) == before
+
+
+# ---- the tuner's trial directories ---------------------------------------------------------------
+
+
+def test_a_trial_marker_write_killed_mid_way_does_not_block_the_trial(tmp_path):
+    """A worker killed while writing trial.json (atomically) leaves only '.trial.json.<hex>.tmp' in the
+    trial's directory; the next run refused that directory as 'holds files but no trial.json (not made by
+    this study)' and the whole tune call stopped until the user deleted it."""
+    pytest.importorskip("optuna")
+    from examples.tune import tune
+    from examples.tune.synthetic import SyntheticTrainable
+    from examples.tune.worker import TrialDirMismatch
+
+    kw = dict(families={"f": {"lr": 1.0}}, tiers=[8], reference_tier=8, rungs=[10, 20], multipliers=(1.0,),
+              workdir=tmp_path / "w", storage=f"journal:{tmp_path}/j.log", progress=False)
+    wd = tmp_path / "w" / "trials" / "tune" / "f" / "b8" / "x1"
+    wd.mkdir(parents=True)
+    (wd / ".trial.json.0123abcd.tmp").write_text('{"stu')
+    res = tune(SyntheticTrainable(), **kw)
+    assert [s.state for s in res.trials] == ["complete"]
+    assert json.loads((wd / "trial.json").read_text())["rungs"] == [10, 20]
+    assert not list(wd.glob(".trial.json.*.tmp"))
+    other = tmp_path / "w2" / "trials" / "tune" / "f" / "b8" / "x1"  # anything else is still refused
+    other.mkdir(parents=True)
+    (other / ".trial.json.0123abcd.tmp").write_text("")
+    (other / "model.pt").write_bytes(b"")
+    with pytest.raises(TrialDirMismatch, match="holds files but no trial.json"):
+        tune(SyntheticTrainable(), **dict(kw, workdir=tmp_path / "w2", storage=f"journal:{tmp_path}/j2.log"))
