@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +193,83 @@ def test_a_trial_marker_write_killed_mid_way_does_not_block_the_trial(tmp_path):
     (other / "model.pt").write_bytes(b"")
     with pytest.raises(TrialDirMismatch, match="holds files but no trial.json"):
         tune(SyntheticTrainable(), **dict(kw, workdir=tmp_path / "w2", storage=f"journal:{tmp_path}/j2.log"))
+
+
+# ---- writers SIGKILLed at random moments -----------------------------------------------------------
+
+_APPENDER = textwrap.dedent('''
+    import sys, torch, warnings
+    warnings.simplefilter("ignore")
+    from spectral_lens import Spectrum
+    from spectral_lens.records import RunInfo, RunWriter
+    path, start, fsync, drop = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+    w = RunWriter(path, RunInfo("r", total_tokens=10**6), resume=True, fsync=fsync)
+    print("READY", flush=True)
+    if drop >= 0:
+        w.drop_after(drop)
+        print("DROPPED", flush=True)
+    s = start
+    while True:
+        w.log(s, s, train_loss=1.0 / (s + 1))
+        print("L", s, flush=True)
+        w.log_measurement(s, s, {"a": Spectrum(torch.logspace(0, -3, 40, dtype=torch.float64), n_rows=80, dim=40),
+                                 "b": Spectrum(torch.logspace(0, -2, 30, dtype=torch.float64), n_rows=80, dim=30)},
+                          val_loss=0.5)
+        print("M", s, flush=True)
+        if s % 5 == 0:
+            w.update_info(status=f"at {s}")
+        s += 1
+''')
+
+
+def _kill_loop(run, kills: int, seed: int, drops: bool) -> None:
+    """Resume the run in a child, SIGKILL it after a random delay, check that every line the child
+    reported written reads back (spectra included) and nothing but a truncated last line is skipped."""
+    import random
+    import warnings
+
+    rng = random.Random(seed)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    logged, measured, start = set(), set(), 0
+    for it in range(kills):
+        drop = rng.choice(sorted(measured)) if drops and measured and it % 3 == 2 else -1
+        child = subprocess.Popen([sys.executable, "-c", _APPENDER, str(run), str(start), str((it + seed) % 2), str(drop)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        assert child.stdout.readline().strip() == "READY", child.communicate()[1][-2000:]
+        time.sleep(rng.uniform(0.0, 0.4))
+        child.send_signal(signal.SIGKILL)
+        out, _ = child.communicate(timeout=60)
+        rows = [line.split() for line in out.splitlines()]
+        if ["DROPPED"] in rows:
+            logged, measured = {s for s in logged if s <= drop}, {s for s in measured if s <= drop}
+        logged |= {int(r[1]) for r in rows if r[0] == "L"}
+        measured |= {int(r[1]) for r in rows if r[0] == "M"}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rec = RunRecord.open(run, verify=True)  # errors="raise": no line may be corrupted
+        events, ms = {e["step"] for e in rec.events}, {m.step for m in rec.measurements}
+        if drop >= 0 and ["DROPPED"] not in rows:  # killed in or right after drop_after: either state
+            logged = {s for s in logged if s <= drop or s in events}
+            measured = {s for s in measured if s <= drop or s in ms}
+        assert logged <= events and measured <= ms, (it, sorted(logged - events), sorted(measured - ms))
+        assert all("truncated last line" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        start = max(events | ms | {-1}) + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        RunWriter(run, resume=True, fsync=False).close()  # resume cleans what the kills left
+    referenced = {Path(f).name for m in RunRecord.open(run).measurements for f in m.files.values()}
+    assert {p.name for p in (run / "spectra").iterdir()} == referenced
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_writer_killed_at_random_moments_loses_no_reported_line(tmp_path):
+    with RunWriter(tmp_path / "run", RunInfo("r", total_tokens=10**6), fsync=False):
+        pass
+    _kill_loop(tmp_path / "run", kills=1, seed=1, drops=False)  # fsync on
+
+
+@pytest.mark.slow
+def test_a_writer_killed_at_random_moments_many_times_loses_no_reported_line(tmp_path):
+    with RunWriter(tmp_path / "run", RunInfo("r", total_tokens=10**6), fsync=False):
+        pass
+    _kill_loop(tmp_path / "run", kills=24, seed=1, drops=True)
