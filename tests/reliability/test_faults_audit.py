@@ -273,3 +273,21 @@ def test_a_writer_killed_at_random_moments_many_times_loses_no_reported_line(tmp
     with RunWriter(tmp_path / "run", RunInfo("r", total_tokens=10**6), fsync=False):
         pass
     _kill_loop(tmp_path / "run", kills=24, seed=1, drops=True)
+
+
+# ---- the zoo trainer's run directory ---------------------------------------------------------------
+
+
+def test_a_checkpoint_save_killed_mid_way_leaves_no_temporary_after_the_next_run(tmp_path):
+    """A trainer killed inside write_atomic(ckpt) leaves '.ckpt_<step>.pt.<hex>.tmp', as large as a
+    checkpoint; nothing removed it, so every preemption during a save left one more in the run directory."""
+    from examples.nanogpt.train import train
+
+    small = dict(variant="RoPE", profile="tiny", data="pydoc", steps=1, batch_tier=1, seq_len=64, rows=1,
+                 val_tokens=64, device="cpu", verbose=False, save_final=False)
+    stale = tmp_path / ".ckpt_000004.pt.0123456789abcdef0123456789abcdef.tmp"  # a save killed mid-way
+    stale.write_bytes(b"PK\x03\x04 partial checkpoint")
+    user = tmp_path / ".notes.tmp"  # not the trainer's: kept
+    user.write_text("mine")
+    train(run_dir=tmp_path, **small)  # the next run in the directory (a resume, or a fresh start)
+    assert not stale.exists() and user.exists()
