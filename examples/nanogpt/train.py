@@ -18,6 +18,7 @@ import json
 import math
 import numbers
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +125,9 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
     evaluation points still span the full ``steps``/``tokens``: a run stopped there and resumed from
     its checkpoint is the same run as one never stopped (the tuner's promoted trials). Every evaluation and every ``log_every`` steps append a JSON line
     (step, tokens, train_loss, val_loss, tokens_per_s, lr_mult, elapsed_s) to
-    ``run_dir/metrics.jsonl``; checkpoints are ``run_dir/ckpt_<step>.pt`` state dicts.
+    ``run_dir/metrics.jsonl``; checkpoints are ``run_dir/ckpt_<step>.pt`` state dicts. The temporary
+    files a killed run left behind (an interrupted checkpoint save: as large as a checkpoint) are
+    removed when a run starts in ``run_dir``.
     """
     _check_arguments(steps=steps, tokens=tokens, batch_tier=batch_tier, seq_len=seq_len, rows=rows,
                      eval_every_tokens=eval_every_tokens, val_tokens=val_tokens,
@@ -196,6 +199,7 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
         last_loss = None  # the latest training loss, for the rows
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(run_dir)
             meta = dict(variant=variant, profile=profile, data=td.name, world_size=world, steps=steps,
                         batch_tier=batch_tier, rows=rows, seq_len=seq_len, tokens_per_step=tokens_per_step,
                         lr_scale=lr_scale, matrix_optimizer=matrix_optimizer or recipe.matrix_optimizer,
@@ -300,6 +304,17 @@ def _device(device: str | None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train: device={device!r} but CUDA is not available here; use device='cpu'")
     return dev
+
+
+#: The temporary files of this trainer's atomic writes (``write_atomic``: ``.<name>.<uuid hex>.tmp``).
+_TEMPORARY = re.compile(r"\.(ckpt_\d+\.pt|config\.json|metrics\.jsonl)\.[0-9a-f]{32}\.tmp")
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Remove what a run killed mid-write left in ``run_dir`` (one trainer per run directory)."""
+    for p in run_dir.iterdir():
+        if _TEMPORARY.fullmatch(p.name):
+            p.unlink(missing_ok=True)
 
 
 def _save_checkpoint(path: Path, model, opts, step, tokens_per_step, settings: dict) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import quote
 
-from spectral_lens.atomic import write_text_atomic
+from spectral_lens.atomic import TMP_SUFFIX, write_text_atomic
 
 from .extrapolate import extrapolate_loss
 from .progress import Progress
@@ -200,9 +200,14 @@ class _Worker:
                 raise TrialDirMismatch(f"tune: {wd} holds a trial made with other settings ({shown}); delete it or "
                                        "use another study_name")
         else:
-            if wd.is_dir() and any(wd.iterdir()):
+            held = list(wd.iterdir()) if wd.is_dir() else []
+            # a worker killed while writing the marker leaves only its temporary file: not another study's
+            stale = [p for p in held if p.name.startswith(f".{marker.name}.") and p.name.endswith(TMP_SUFFIX)]
+            if len(stale) != len(held):
                 raise TrialDirMismatch(f"tune: {wd} holds files but no trial.json (not made by this study); "
                                        "delete it or use another study_name")
+            for p in stale:
+                p.unlink(missing_ok=True)
             wd.mkdir(parents=True, exist_ok=True)
             write_text_atomic(marker, json.dumps(want, indent=1) + "\n")
         return wd

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import numbers
 import os
@@ -13,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+try:  # POSIX; elsewhere (Windows) a run directory is not locked
+    import fcntl
+except ImportError:  # pragma: no cover - depends on the platform
+    fcntl = None
 
 from ..atomic import TMP_SUFFIX, named_os_error, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
@@ -39,6 +45,10 @@ from .schema import (
 
 class RunWriter:
     """Appends events and measurements to a run directory (one writer per run).
+
+    One writer per run directory is enforced: the writer holds an exclusive ``flock`` on
+    ``path/.writer.lock`` until :meth:`close` (released by the kernel if its process dies), and a
+    second ``RunWriter`` on the same directory, in any process, raises ``RuntimeError`` naming it.
 
     Args:
         path: the run directory (created if needed).
@@ -82,7 +92,27 @@ class RunWriter:
     ):
         self.path = Path(path)
         self.fsync = fsync
+        self._fds: dict[str, int] = {}
+        self._lock_fd: int | None = None
         run_file = self.path / RUN_FILE
+        if not run_file.exists():  # a new run: check the arguments before creating its directory
+            if info is None:
+                raise ValueError(f"{self.path}: a new run needs a RunInfo (info=...)")
+            if not isinstance(info, RunInfo):
+                raise TypeError(f"info must be a RunInfo, got {type(info).__name__}")
+            for window, what in ((tail_window, "tail_window"), (head_window, "head_window")):
+                if window is not None:
+                    _checked_window(window, what)
+            self.path.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = _lock_run_dir(self.path)  # before anything is read or written: one writer per run
+        try:
+            self._open(run_file, info, resume, tail_window, head_window)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, run_file: Path, info: RunInfo | None, resume: bool, tail_window, head_window) -> None:
+        fsync = self.fsync
         if run_file.exists():
             if not resume:
                 raise FileExistsError(
@@ -130,7 +160,6 @@ class RunWriter:
         (self.path / SPECTRA_DIR).mkdir(exist_ok=True)
         if resume:
             self._clean_orphans()
-        self._fds: dict[str, int] = {}
         for name in (LOG_FILE, MEASUREMENTS_FILE):
             self._fds[name] = self._open_append(self.path / name)
         if fsync:  # the entries just created (the JSONL files, spectra/, the run directory) must be durable
@@ -278,11 +307,15 @@ class RunWriter:
                 store only ``summaries``).
 
         Every number is converted first: a value that is not one raises ``TypeError`` / ``ValueError``
-        naming the argument, before anything is written; a failure while saving the spectra removes
-        those already saved, so a refused call leaves no files behind.
+        naming the argument, before anything is written; a failure while saving the spectra, or of
+        the append of the line (a full disk), removes the spectra already saved, so a refused or
+        failed call leaves no files behind. A closed writer raises ``ValueError`` before writing.
 
         Returns the :class:`Measurement` as written.
         """
+        mfd = self._fds.get(MEASUREMENTS_FILE)
+        if mfd is None:  # checked first: a closed writer (its lock released) writes no spectrum file either
+            raise ValueError(f"RunWriter for {self.path} is closed")
         spectra = dict(spectra or {})
         for name, spec in spectra.items():
             if not isinstance(spec, Spectrum):
@@ -327,7 +360,17 @@ class RunWriter:
             "spectra": entries,
             "scalars": scalars,
         }
-        self._append(MEASUREMENTS_FILE, line)
+        size = os.fstat(mfd).st_size
+        try:
+            self._append(MEASUREMENTS_FILE, line)
+        except BaseException:  # a full disk: the line was cut off again, so no line refers to the spectra
+            try:  # just saved; remove them (unless the line may still be there)
+                cut = os.fstat(mfd).st_size == size
+            except OSError:
+                cut = False
+            for entry in entries.values() if cut else ():
+                (self.path / entry["file"]).unlink(missing_ok=True)
+            raise
         return Measurement(
             step=int(step),
             tokens=int(tokens),
@@ -416,10 +459,16 @@ class RunWriter:
         self.info.extras.update(extras)
 
     def close(self) -> None:
-        """Close the files (idempotent)."""
-        while self._fds:
+        """Close the files and release the run directory's lock (idempotent)."""
+        while getattr(self, "_fds", None):
             _, fd = self._fds.popitem()
             os.close(fd)
+        lock, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if lock is not None:
+            try:  # explicitly: a process forked meanwhile shares the descriptor, and closing ours alone
+                fcntl.flock(lock, fcntl.LOCK_UN)  # would leave the lock held until that process exits too
+            finally:
+                os.close(lock)
 
     def __reduce_ex__(self, protocol):
         # its open files are raw descriptors: in another process (a pickle sent by multiprocessing or a
@@ -442,6 +491,41 @@ class RunWriter:
             self.close()
         except Exception:
             pass
+
+
+#: The lock file :class:`RunWriter` holds an exclusive ``flock`` on while it is open (never removed).
+LOCK_FILE = ".writer.lock"
+
+
+def _lock_run_dir(path: Path) -> int | None:
+    """An exclusive, non-blocking ``flock`` on ``path/LOCK_FILE``; its descriptor (``None`` where the file
+    system has no locks, with a warning). Held by another writer (another process, or another object in
+    this one): ``RuntimeError`` naming the directory. The kernel releases the lock when its holder exits
+    or is killed, so a crash leaves no stale lock behind."""
+    if fcntl is None:  # pragma: no cover - depends on the platform
+        return None
+    lock_file = path / LOCK_FILE
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise named_os_error(exc, lock_file) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(
+            f"{path}: another RunWriter has this run directory open (it holds the lock on {lock_file}); "
+            "one writer per run directory: close the other writer first (a killed writer's lock is released "
+            "when its process exits)"
+        ) from None
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            warnings.warn(f"{path}: the file system does not support locks ({exc.strerror}); a second "
+                          "RunWriter on this directory would not be refused", RecordWarning, stacklevel=4)
+            return None
+        raise named_os_error(exc, lock_file) from exc
+    return fd
 
 
 #: Event keys the reader requires to be numbers (see ``RunRecord.open``).

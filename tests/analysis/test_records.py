@@ -170,7 +170,7 @@ def test_drop_after_is_atomic_and_keeps_lines_it_cannot_read(tmp_path, monkeypat
     with pytest.raises(OSError, match="disk full"):
         w.drop_after(0)
     assert {p: p.read_bytes() for p in (mfile, lfile)} == before  # untouched, no temporary file left
-    assert sorted(p.name for p in path.iterdir()) == ["log.jsonl", "measurements.jsonl", "run.json", "spectra"]
+    assert sorted(p.name for p in path.iterdir()) == [".writer.lock", "log.jsonl", "measurements.jsonl", "run.json", "spectra"]
     monkeypatch.undo()
     assert w.drop_after(0) == 2
     w.close()
