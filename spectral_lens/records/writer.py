@@ -105,6 +105,7 @@ class RunWriter:
                     _checked_window(window, what)
             self.path.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock_run_dir(self.path)  # before anything is read or written: one writer per run
+        self._lock_pid = os.getpid()
         try:
             self._open(run_file, info, resume, tail_window, head_window)
         except BaseException:
@@ -466,8 +467,9 @@ class RunWriter:
         lock, self._lock_fd = getattr(self, "_lock_fd", None), None
         if lock is not None:
             try:  # explicitly: a process forked meanwhile shares the descriptor, and closing ours alone
-                fcntl.flock(lock, fcntl.LOCK_UN)  # would leave the lock held until that process exits too
-            finally:
+                if os.getpid() == self._lock_pid:  # would leave the lock held until that process exits too;
+                    fcntl.flock(lock, fcntl.LOCK_UN)  # but a forked child (a DataLoader worker) closing its
+            finally:  # copy must not release the lock of the writer still open in its parent
                 os.close(lock)
 
     def __reduce_ex__(self, protocol):

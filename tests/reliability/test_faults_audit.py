@@ -95,6 +95,25 @@ def test_close_releases_the_lock_while_a_forked_child_lives(tmp_path):
         os.waitpid(pid, 0)
 
 
+def test_a_forked_child_closing_its_copy_keeps_the_parents_lock(tmp_path):
+    """The converse: a forked child (a DataLoader worker that drops its copy of the lens) closing the
+    writer it inherited must not unlock the directory while the parent's writer is still open."""
+    run = tmp_path / "run"
+    w = RunWriter(run, RunInfo("r"), fsync=False)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            w.close()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        with pytest.raises(RuntimeError, match="another RunWriter"):
+            RunWriter(run, resume=True, fsync=False)
+        w.log(1, 10, train_loss=1.0)  # the parent's writer still works
+    finally:
+        w.close()
+    RunWriter(run, resume=True, fsync=False).close()
+
+
 # ---- a failed measurement leaves nothing behind --------------------------------------------------
 
 
