@@ -9,6 +9,11 @@ also restores the one parameter a standard forward writes: the weight of an ``nn
 Forward passes and pool iteration draw random numbers: dropout (torch), a ``DataLoader`` iterator's
 base seed and shuffling (torch), LayerDrop in some Hugging Face models (Python ``random``),
 adapters and data augmentation (numpy's global RNG). :func:`forked_rng` restores all three.
+
+Gradient hooks a user registered on a parameter (``param.register_hook``: clipping, scaling, logging,
+counting) belong to the training backward. :func:`silenced_tensor_hooks` switches them off while the
+probe differentiates, so its per-sample gradients are those of the loss on every engine (the ``vmap``
+engine never sees them) and the hooks are not called by a measurement.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["preserved_buffers", "forked_rng", "cuda_devices", "rng_state", "set_rng_state"]
+__all__ = ["preserved_buffers", "forked_rng", "cuda_devices", "rng_state", "set_rng_state", "silenced_tensor_hooks"]
 
 
 def cuda_devices(model: nn.Module) -> list[int]:
@@ -100,3 +105,26 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
                     buf.copy_(copy)
                 else:  # resized or retyped in place
                     buf.data = copy
+
+
+@contextlib.contextmanager
+def silenced_tensor_hooks(model: nn.Module) -> Iterator[None]:
+    """Switch off the gradient hooks registered on ``model``'s parameters (``param.register_hook``)
+    inside the block; put the same hook dictionaries back on exit, also on exceptions.
+
+    ``torch.autograd.grad`` with respect to a parameter runs that parameter's hooks and returns what
+    they return, so without this the ``loop`` engine (and the fast engine's check for uses of a probed
+    weight outside its module) called a user's hooks once per sample and measured the hooks' output
+    (a clipped or scaled gradient) instead of the loss's gradient. Setting ``_backward_hooks`` is
+    torch's own way to replace a tensor's hooks; the dictionary object is kept, so the user's
+    ``RemovableHandle``s stay valid and each hook fires once per training backward as before.
+    ``register_post_accumulate_grad_hook`` hooks need no silencing: nothing here accumulates ``.grad``.
+    """
+    saved = [(p, p._backward_hooks) for p in model.parameters() if p._backward_hooks]
+    try:
+        for p, _ in saved:
+            p._backward_hooks = None
+        yield
+    finally:
+        for p, hooks in saved:
+            p._backward_hooks = hooks

@@ -23,7 +23,7 @@ from .._warnings import NonFiniteError
 from ..attachment import Attachment
 from ..capture import eager_forwards, glob_to_regex, measurement_pass, unwrap_compiled
 from .._warnings import ZeroGradientWarning
-from ._isolation import cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state
+from ._isolation import cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state, silenced_tensor_hooks
 from ._validate import nonfinite_loss_message, param_names
 from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, plain_batch, slice_batch
@@ -297,7 +297,8 @@ class PerSampleGradientProbe:
     Measuring has no side effects: ``.grad``, ``requires_grad``, train/eval flags, module buffers
     (BatchNorm running statistics also with ``train_mode=True``), the CPU and CUDA RNG states, Python's
     ``random`` and numpy's global RNG, and the hook dictionaries are as before, also when an exception
-    interrupts ``update``. In bounded-memory mode a recomputed chunk replays every one of these RNG
+    interrupts ``update``. Gradient hooks on parameters (``param.register_hook``) are not called: the
+    rows are the loss's own gradients on every engine. In bounded-memory mode a recomputed chunk replays every one of these RNG
     streams from the state its first computation started from, so its forward draws the same
     dropout masks and the same Python / numpy random numbers.
 
@@ -612,6 +613,7 @@ class PerSampleGradientProbe:
     @contextlib.contextmanager
     def _isolated(self):
         """Eval (or train) mode, forked RNG streams (torch, Python ``random``, numpy), buffers preserved,
+        the user's parameter gradient hooks switched off (:func:`~._isolation.silenced_tensor_hooks`),
         optional autocast; every flag restored on exit."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("PerSampleGradientProbe cannot differentiate inside torch.inference_mode()")
@@ -626,7 +628,8 @@ class PerSampleGradientProbe:
             else contextlib.nullcontext()
         )
         try:
-            with forked_rng(devices), preserved_buffers(self.model), cast, eager_forwards(), measurement_pass():
+            with forked_rng(devices), preserved_buffers(self.model), silenced_tensor_hooks(self.model), cast, \
+                    eager_forwards(), measurement_pass():
                 self.model.train(self.train_mode)
                 yield devices
             if self._versions is not None:  # bumped by the pass's own writes, undone on exit: not the user's
