@@ -146,9 +146,14 @@ def default_gradient_param(model: nn.Module) -> str:
     Candidates are parameters matching :data:`ATTENTION_OUTPUT_PATTERNS`; the one with the largest
     block index (the last integer segment of its name) wins. Raises ``ValueError`` listing the
     candidates when none matches or when several share the deepest block (e.g. self- and
-    cross-attention), so the caller can pass ``params=`` explicitly.
+    cross-attention), so the caller can pass ``params=`` explicitly. A projection whose ``weight`` is
+    computed (``torch.nn.utils.parametrize``: ``parametrizations.weight_norm``, ``orthogonal``,
+    ``spectral_norm``; the hook-based ``torch.nn.utils.weight_norm``/``spectral_norm``) is a candidate
+    too: when it is the deepest, the ``ValueError`` names it and the parameters it is computed from,
+    rather than silently taking an earlier block's plain projection.
     """
-    names = [n for n, _ in model.named_parameters()]
+    computed = _computed_weights(model)
+    names = [n for n, _ in model.named_parameters()] + list(computed)
     found = [n for n in names if any(glob_to_regex(p).fullmatch(n) for p in ATTENTION_OUTPUT_PATTERNS)]
     if not found:
         mats = [n for n, p in model.named_parameters() if p.ndim == 2][:12]
@@ -163,7 +168,32 @@ def default_gradient_param(model: nn.Module) -> str:
             f"{type(model).__name__}: the default attention-output heuristic is ambiguous, candidates in the "
             f"deepest block: {best}; pass params=... explicitly"
         )
+    if best[0] in computed:
+        raise ValueError(
+            f"{type(model).__name__}: the default matrix, the final block's attention output projection "
+            f"{best[0]!r}, is computed from other parameters (a parametrization or weight hook such as weight_norm "
+            f"or spectral_norm), not a parameter itself; pass params= explicitly: the parameters it is computed "
+            f"from, {computed[best[0]] or '(none found on its module)'} (their per-sample gradients are taken through the computation), or "
+            "another matrix"
+        )
     return best[0]
+
+
+def _computed_weights(model: nn.Module) -> dict[str, list[str]]:
+    """``{"<module>.weight": [parameter names it is computed from]}`` for every module whose ``weight``
+    is computed rather than a parameter: registered with ``torch.nn.utils.parametrize`` (read without
+    evaluating the parametrization), or a plain tensor attribute recomputed by a forward pre-hook (the
+    hook-based ``torch.nn.utils.weight_norm`` and ``spectral_norm``: ``weight_g``/``weight_v``,
+    ``weight_orig``)."""
+    out = {}
+    for path, mod in model.named_modules():
+        prefix = f"{path}." if path else ""
+        if parametrize.is_parametrized(mod, "weight"):
+            out[prefix + "weight"] = [prefix + f"parametrizations.weight.{n}"
+                                      for n, _ in mod.parametrizations["weight"].named_parameters()]
+        elif isinstance(mod.__dict__.get("weight"), torch.Tensor) and "weight" not in mod._parameters:
+            out[prefix + "weight"] = [prefix + n for n in mod._parameters if n.startswith("weight")]
+    return out
 
 
 def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:

@@ -53,3 +53,28 @@ def test_user_parameter_hooks_are_not_called_and_do_not_change_the_rows(gpt, hel
     assert calls == [1] and weight.grad.abs().max() <= 1e-3
     handle.remove()
     assert not weight._backward_hooks
+
+
+@pytest.mark.parametrize("how", ["parametrizations.weight_norm", "parametrizations.spectral_norm", "utils.weight_norm"])
+def test_default_matrix_computed_by_a_parametrization_is_named_not_replaced_by_an_earlier_block(gpt, how):
+    """Only the final block's W_O normalized (weight_norm / spectral_norm): before the fix the default
+    heuristic silently probed block 0's plain W_O instead of the final block's, which the docs promise."""
+    model = gpt(layers=2)
+    last = model.transformer.h[1].attn.c_proj
+    if how == "utils.weight_norm":
+        with pytest.warns(FutureWarning):
+            torch.nn.utils.weight_norm(last)
+        sources = ["weight_g", "weight_v"]
+    else:
+        getattr(torch.nn.utils.parametrizations, how.split(".")[1])(last)
+        sources = ["parametrizations.weight.original0", "parametrizations.weight.original1"]
+        sources = sources if how.endswith("weight_norm") else ["parametrizations.weight.original"]
+    with pytest.raises(ValueError, match="final block's attention output projection") as err:
+        PerSampleGradientProbe(model)
+    msg = str(err.value)
+    assert f"'{W_O}'" in msg and "computed from other parameters" in msg
+    assert all(f"transformer.h.1.attn.c_proj.{s}" in msg for s in sources)
+    # a normalized earlier block does not matter: the final block's plain W_O is the default
+    model = gpt(layers=2)
+    torch.nn.utils.parametrizations.weight_norm(model.transformer.h[0].attn.c_proj)
+    assert list(PerSampleGradientProbe(model).params) == [W_O]
