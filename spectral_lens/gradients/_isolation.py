@@ -2,7 +2,9 @@
 
 Forward passes in train mode update buffers in place (BatchNorm's ``running_mean``, ``running_var``
 and ``num_batches_tracked``), and custom modules may replace a buffer attribute. :func:`preserved_buffers`
-snapshots each buffer (reference and value) on entry and restores both on exit, also on exceptions. It
+snapshots each buffer (reference and value) on entry and restores both on exit, also on exceptions,
+together with the plain scalar attributes of the modules that hold buffers (a position cache grown
+on demand keeps its length in one: the buffer and its length are restored together). It
 also restores the one parameter a standard forward writes: the weight of an ``nn.Embedding`` or
 ``nn.EmbeddingBag`` with ``max_norm``, whose looked-up rows are renormalized in place.
 
@@ -76,13 +78,23 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
 
     A buffer whose value changed is copied back in place (tensors aliasing it see the old values
     again); a buffer attribute that was replaced or removed is set back to the original tensor. The
-    weight of an embedding with ``max_norm`` (renormalized in place by every forward that looks up a
-    long row) is copied back in place too.
+    plain scalar attributes (``int``, ``float``, ``bool``, ``str``, ``None``; not ``training``) of every
+    module that holds a buffer are set back too: a module that grows a cache buffer on demand and
+    keeps its size in such an attribute (``if T > self.max_seq_len_cached: self.cos_cached = ...;
+    self.max_seq_len_cached = T``, rotary embeddings) would otherwise be left with the old buffer and
+    the new size, and index past the buffer's end in its next forward. The weight of an embedding
+    with ``max_norm`` (renormalized in place by every forward that looks up a long row) is copied
+    back in place too.
     """
     saved = [
         (module, name, buf, None if buf is None else buf.detach().clone())
         for module in model.modules()
         for name, buf in module._buffers.items()
+    ]
+    scalars = [
+        (module, {k: v for k, v in vars(module).items() if k != "training" and isinstance(v, _SCALARS)})
+        for module in model.modules()
+        if module._buffers
     ]
     renormed = [
         (m.weight, m.weight.detach().clone())
@@ -105,6 +117,14 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
                     buf.copy_(copy)
                 else:  # resized or retyped in place
                     buf.data = copy
+        for module, attrs in scalars:
+            for k, v in attrs.items():
+                if module.__dict__.get(k, _MISSING) is not v:
+                    module.__dict__[k] = v
+
+
+_SCALARS = (bool, int, float, str, type(None))
+_MISSING = object()
 
 
 @contextlib.contextmanager
