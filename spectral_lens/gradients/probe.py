@@ -245,6 +245,17 @@ def _refuse_parametrized(model: nn.Module, w: str, modules: dict, named: dict) -
     )
 
 
+def _autograd_usable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a normal copy of it when it is an inference tensor (a batch made under
+    ``torch.inference_mode()``, as evaluation data often is): autograd refuses to save one for the
+    backward ("Inference tensors cannot be saved for backward"), which an embedding lookup of the ids
+    or a first layer's input does. A pool of such batches is fine for the no-grad activation pass."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
+
+
 @dataclass
 class _Chunk:
     """Samples ``start:stop``; a non-resident chunk keeps its input batch and RNG state instead of rows."""
@@ -747,7 +758,8 @@ class PerSampleGradientProbe:
         ``batch``: what ``forward_fn``/``loss_fn`` take (default: ``(input_ids, targets)``, a dict with
         ``input_ids``/``labels``, or ``input_ids``), sample index in dimension 0 of every tensor. Any
         other mapping (a Hugging Face ``BatchEncoding``) is taken as the plain ``dict`` of its items,
-        which is what ``forward_fn``/``loss_fn`` then receive. On an exception the probe is left
+        which is what ``forward_fn``/``loss_fn`` then receive. Tensors made under
+        ``torch.inference_mode()`` are copied to normal tensors (autograd cannot save them). On an exception the probe is left
         exactly as before the call. Returns ``self``. The probed parameters are read from the model
         by name at each call (:meth:`_follow_params`): a replaced parameter or module is followed.
         """
@@ -763,7 +775,7 @@ class PerSampleGradientProbe:
             )
         batch = plain_batch(batch)
         n = batch_size(batch)
-        batch = map_tensors(lambda t: t.to(dev, non_blocking=True), batch)
+        batch = map_tensors(lambda t: _autograd_usable(t.to(dev, non_blocking=True)), batch)
         snap = self._snapshot()
         try:
             self._check_versions()

@@ -78,3 +78,24 @@ def test_default_matrix_computed_by_a_parametrization_is_named_not_replaced_by_a
     model = gpt(layers=2)
     torch.nn.utils.parametrizations.weight_norm(model.transformer.h[0].attn.c_proj)
     assert list(PerSampleGradientProbe(model).params) == [W_O]
+
+
+@pytest.mark.parametrize("engine", ["auto", "vmap", "loop"])
+def test_a_batch_made_under_inference_mode_is_measured(gpt, helpers, engine):
+    """Held-out batches prepared under ``torch.inference_mode()`` (evaluation data): before the fix the
+    fast and loop engines (and so SpectralLens's gradient pass) raised torch's 'Inference tensors cannot
+    be saved for backward'; vmap measured them."""
+    from spectral_lens import SpectralLens
+
+    model = gpt()
+    x, y = helpers.lm_batch(m=4)
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()
+    assert xi.is_inference()
+    ref = helpers.reference_rows(model, [W_O], (x, y), helpers.lm_sample_loss)[W_O]
+    probe = PerSampleGradientProbe(model, W_O, engine=engine, keep_matrix=True)
+    probe.update((xi, yi))
+    assert torch.allclose(probe.matrix().double(), torch.from_numpy(ref), rtol=1e-10, atol=1e-12)
+    if engine == "auto":
+        m = SpectralLens(model, [(xi, yi)], params=W_O, progress=False).measure(step=0, tokens=0)
+        assert m.spectra[f"grad:{W_O}"].n_rows == 4
