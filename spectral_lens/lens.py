@@ -65,21 +65,28 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 0]
 
 
+def _homogeneous(blocks: nn.Module) -> bool:
+    return len({type(b) for b in blocks}) == 1 and any(True for _ in blocks[0].parameters())
+
+
 def all_blocks(model: nn.Module) -> list[str]:
     """Dotted names of the model's layer stack: the ``ModuleList``/``Sequential`` of same-class,
-    parameterized blocks, preferring homogeneous stacks, then ``ModuleList``, then length, then
+    parameterized blocks, preferring homogeneous stacks, then stacks that are not inside a block of
+    another homogeneous stack (the experts of a mixture-of-experts layer, ``layers.0.mlp.experts``, are
+    not the layer stack however many there are), then ``ModuleList``, then length, then
     shallowness (``transformer.h``, ``model.layers``, ``blocks``). Pass ``layers=`` when this guesses wrong."""
-    def score(item):
-        name, blocks = item
-        kinds = {type(b) for b in blocks}
-        homogeneous = len(kinds) == 1 and any(True for _ in blocks[0].parameters())
-        return (homogeneous, isinstance(blocks, nn.ModuleList), len(blocks), -name.count("."))
-
     lists = _block_lists(model)
     if not lists:
         raise ValueError(
             f"{type(model).__name__}: found no ModuleList/Sequential of blocks; pass layers= explicitly"
         )
+    stacks = [f"{n}." if n else "" for n, blocks in lists if _homogeneous(blocks)]
+
+    def score(item):
+        name, blocks = item
+        nested = any(name.startswith(prefix) and name != prefix[:-1] for prefix in stacks)
+        return (_homogeneous(blocks), not nested, isinstance(blocks, nn.ModuleList), len(blocks), -name.count("."))
+
     name, blocks = max(lists, key=score)
     return [f"{name}.{i}" if name else str(i) for i in range(len(blocks))]
 

@@ -69,3 +69,61 @@ def test_a_cache_grown_during_measurement_stays_consistent_with_its_length():
     probe = PerSampleGradientProbe(model, "blocks.1.weight")
     probe.update((x16, y16))
     assert model.pos.max_cached == 12 and torch.equal(model(x12), untouched(x12))
+
+
+class Expert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, h):
+        return self.down(torch.relu(self.up(h)))
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, experts):
+        super().__init__()
+        self.router = nn.Linear(8, experts)
+        self.experts = nn.ModuleList(Expert() for _ in range(experts))
+
+    def forward(self, h):
+        w = torch.softmax(self.router(h), -1)
+        return h + sum(w[..., i : i + 1] * e(h) for i, e in enumerate(self.experts))
+
+
+class MoELM(nn.Module):
+    """Experts in a ModuleList per layer (transformers 4 Mixtral, Qwen2-MoE, OLMoE, DeepSeek; custom MoE code)."""
+
+    def __init__(self, layers=3, experts=8):
+        super().__init__()
+        self.wte = nn.Embedding(37, 8)
+        self.layers = nn.ModuleList(MoEBlock(experts) for _ in range(layers))
+        self.head = nn.Linear(8, 37)
+
+    def forward(self, x):
+        h = self.wte(x)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+def test_the_default_layer_of_a_mixture_of_experts_model_is_its_last_block():
+    """More experts per layer than layers: before the fix the lens measured ``layers.0.experts.7``
+    (the longest homogeneous ModuleList) instead of the last block, and ``"all"`` gave the experts."""
+    from spectral_lens.lens import all_blocks
+
+    torch.manual_seed(0)
+    model = MoELM().double()
+    assert all_blocks(model) == ["layers.0", "layers.1", "layers.2"]
+    x, y = lm_batch(m=4, t=6)
+    m = SpectralLens(model, [(x, y)], params="layers.2.router.weight", progress=False).measure(step=0, tokens=0)
+    assert list(k for k in m.spectra if k.startswith("act:")) == ["act:layers.2"]
+    # the measured spectrum is that of the last block's output (float64 reference)
+    outs = []
+    handle = model.layers[2].register_forward_hook(lambda mod, a, o: outs.append(o.detach().reshape(-1, 8)))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    ref = torch.linalg.eigvalsh(torch.cov(outs[0].t())).flip(0)
+    got = torch.as_tensor(m.spectra["act:layers.2"].values, dtype=torch.float64)
+    assert torch.allclose(got, ref[: got.numel()], rtol=1e-9, atol=1e-12)
