@@ -2,13 +2,20 @@
 
 Forward passes in train mode update buffers in place (BatchNorm's ``running_mean``, ``running_var``
 and ``num_batches_tracked``), and custom modules may replace a buffer attribute. :func:`preserved_buffers`
-snapshots each buffer (reference and value) on entry and restores both on exit, also on exceptions. It
+snapshots each buffer (reference and value) on entry and restores both on exit, also on exceptions,
+together with the plain scalar attributes of the modules that hold buffers (a position cache grown
+on demand keeps its length in one: the buffer and its length are restored together). It
 also restores the one parameter a standard forward writes: the weight of an ``nn.Embedding`` or
 ``nn.EmbeddingBag`` with ``max_norm``, whose looked-up rows are renormalized in place.
 
 Forward passes and pool iteration draw random numbers: dropout (torch), a ``DataLoader`` iterator's
 base seed and shuffling (torch), LayerDrop in some Hugging Face models (Python ``random``),
 adapters and data augmentation (numpy's global RNG). :func:`forked_rng` restores all three.
+
+Gradient hooks a user registered on a parameter (``param.register_hook``: clipping, scaling, logging,
+counting) belong to the training backward. :func:`silenced_tensor_hooks` switches them off while the
+probe differentiates, so its per-sample gradients are those of the loss on every engine (the ``vmap``
+engine never sees them) and the hooks are not called by a measurement.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["preserved_buffers", "forked_rng", "cuda_devices", "rng_state", "set_rng_state"]
+__all__ = ["preserved_buffers", "forked_rng", "cuda_devices", "rng_state", "set_rng_state", "silenced_tensor_hooks"]
 
 
 def cuda_devices(model: nn.Module) -> list[int]:
@@ -71,13 +78,23 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
 
     A buffer whose value changed is copied back in place (tensors aliasing it see the old values
     again); a buffer attribute that was replaced or removed is set back to the original tensor. The
-    weight of an embedding with ``max_norm`` (renormalized in place by every forward that looks up a
-    long row) is copied back in place too.
+    plain scalar attributes (``int``, ``float``, ``bool``, ``str``, ``None``; not ``training``) of every
+    module that holds a buffer are set back too: a module that grows a cache buffer on demand and
+    keeps its size in such an attribute (``if T > self.max_seq_len_cached: self.cos_cached = ...;
+    self.max_seq_len_cached = T``, rotary embeddings) would otherwise be left with the old buffer and
+    the new size, and index past the buffer's end in its next forward. The weight of an embedding
+    with ``max_norm`` (renormalized in place by every forward that looks up a long row) is copied
+    back in place too.
     """
     saved = [
         (module, name, buf, None if buf is None else buf.detach().clone())
         for module in model.modules()
         for name, buf in module._buffers.items()
+    ]
+    scalars = [
+        (module, {k: v for k, v in vars(module).items() if k != "training" and isinstance(v, _SCALARS)})
+        for module in model.modules()
+        if module._buffers
     ]
     renormed = [
         (m.weight, m.weight.detach().clone())
@@ -100,3 +117,34 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
                     buf.copy_(copy)
                 else:  # resized or retyped in place
                     buf.data = copy
+        for module, attrs in scalars:
+            for k, v in attrs.items():
+                if module.__dict__.get(k, _MISSING) is not v:
+                    module.__dict__[k] = v
+
+
+_SCALARS = (bool, int, float, str, type(None))
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def silenced_tensor_hooks(model: nn.Module) -> Iterator[None]:
+    """Switch off the gradient hooks registered on ``model``'s parameters (``param.register_hook``)
+    inside the block; put the same hook dictionaries back on exit, also on exceptions.
+
+    ``torch.autograd.grad`` with respect to a parameter runs that parameter's hooks and returns what
+    they return, so without this the ``loop`` engine (and the fast engine's check for uses of a probed
+    weight outside its module) called a user's hooks once per sample and measured the hooks' output
+    (a clipped or scaled gradient) instead of the loss's gradient. Setting ``_backward_hooks`` is
+    torch's own way to replace a tensor's hooks; the dictionary object is kept, so the user's
+    ``RemovableHandle``s stay valid and each hook fires once per training backward as before.
+    ``register_post_accumulate_grad_hook`` hooks need no silencing: nothing here accumulates ``.grad``.
+    """
+    saved = [(p, p._backward_hooks) for p in model.parameters() if p._backward_hooks]
+    try:
+        for p, _ in saved:
+            p._backward_hooks = None
+        yield
+    finally:
+        for p, hooks in saved:
+            p._backward_hooks = hooks

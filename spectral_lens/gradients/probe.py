@@ -23,7 +23,7 @@ from .._warnings import NonFiniteError
 from ..attachment import Attachment
 from ..capture import eager_forwards, glob_to_regex, measurement_pass, unwrap_compiled
 from .._warnings import ZeroGradientWarning
-from ._isolation import cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state
+from ._isolation import cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state, silenced_tensor_hooks
 from ._validate import nonfinite_loss_message, param_names
 from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, plain_batch, slice_batch
@@ -146,9 +146,14 @@ def default_gradient_param(model: nn.Module) -> str:
     Candidates are parameters matching :data:`ATTENTION_OUTPUT_PATTERNS`; the one with the largest
     block index (the last integer segment of its name) wins. Raises ``ValueError`` listing the
     candidates when none matches or when several share the deepest block (e.g. self- and
-    cross-attention), so the caller can pass ``params=`` explicitly.
+    cross-attention), so the caller can pass ``params=`` explicitly. A projection whose ``weight`` is
+    computed (``torch.nn.utils.parametrize``: ``parametrizations.weight_norm``, ``orthogonal``,
+    ``spectral_norm``; the hook-based ``torch.nn.utils.weight_norm``/``spectral_norm``) is a candidate
+    too: when it is the deepest, the ``ValueError`` names it and the parameters it is computed from,
+    rather than silently taking an earlier block's plain projection.
     """
-    names = [n for n, _ in model.named_parameters()]
+    computed = _computed_weights(model)
+    names = [n for n, _ in model.named_parameters()] + list(computed)
     found = [n for n in names if any(glob_to_regex(p).fullmatch(n) for p in ATTENTION_OUTPUT_PATTERNS)]
     if not found:
         mats = [n for n, p in model.named_parameters() if p.ndim == 2][:12]
@@ -163,7 +168,32 @@ def default_gradient_param(model: nn.Module) -> str:
             f"{type(model).__name__}: the default attention-output heuristic is ambiguous, candidates in the "
             f"deepest block: {best}; pass params=... explicitly"
         )
+    if best[0] in computed:
+        raise ValueError(
+            f"{type(model).__name__}: the default matrix, the final block's attention output projection "
+            f"{best[0]!r}, is computed from other parameters (a parametrization or weight hook such as weight_norm "
+            f"or spectral_norm), not a parameter itself; pass params= explicitly: the parameters it is computed "
+            f"from, {computed[best[0]] or '(none found on its module)'} (their per-sample gradients are taken through the computation), or "
+            "another matrix"
+        )
     return best[0]
+
+
+def _computed_weights(model: nn.Module) -> dict[str, list[str]]:
+    """``{"<module>.weight": [parameter names it is computed from]}`` for every module whose ``weight``
+    is computed rather than a parameter: registered with ``torch.nn.utils.parametrize`` (read without
+    evaluating the parametrization), or a plain tensor attribute recomputed by a forward pre-hook (the
+    hook-based ``torch.nn.utils.weight_norm`` and ``spectral_norm``: ``weight_g``/``weight_v``,
+    ``weight_orig``)."""
+    out = {}
+    for path, mod in model.named_modules():
+        prefix = f"{path}." if path else ""
+        if parametrize.is_parametrized(mod, "weight"):
+            out[prefix + "weight"] = [prefix + f"parametrizations.weight.{n}"
+                                      for n, _ in mod.parametrizations["weight"].named_parameters()]
+        elif isinstance(mod.__dict__.get("weight"), torch.Tensor) and "weight" not in mod._parameters:
+            out[prefix + "weight"] = [prefix + n for n in mod._parameters if n.startswith("weight")]
+    return out
 
 
 def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
@@ -213,6 +243,17 @@ def _refuse_parametrized(model: nn.Module, w: str, modules: dict, named: dict) -
         f"(torch.nn.utils.parametrize: {type(mod).__name__}), not a parameter; probe the parameters it is computed "
         f"from, e.g. {sources}: their per-sample gradients are taken through the parametrization"
     )
+
+
+def _autograd_usable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a normal copy of it when it is an inference tensor (a batch made under
+    ``torch.inference_mode()``, as evaluation data often is): autograd refuses to save one for the
+    backward ("Inference tensors cannot be saved for backward"), which an embedding lookup of the ids
+    or a first layer's input does. A pool of such batches is fine for the no-grad activation pass."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()
 
 
 @dataclass
@@ -297,7 +338,8 @@ class PerSampleGradientProbe:
     Measuring has no side effects: ``.grad``, ``requires_grad``, train/eval flags, module buffers
     (BatchNorm running statistics also with ``train_mode=True``), the CPU and CUDA RNG states, Python's
     ``random`` and numpy's global RNG, and the hook dictionaries are as before, also when an exception
-    interrupts ``update``. In bounded-memory mode a recomputed chunk replays every one of these RNG
+    interrupts ``update``. Gradient hooks on parameters (``param.register_hook``) are not called: the
+    rows are the loss's own gradients on every engine. In bounded-memory mode a recomputed chunk replays every one of these RNG
     streams from the state its first computation started from, so its forward draws the same
     dropout masks and the same Python / numpy random numbers.
 
@@ -612,6 +654,7 @@ class PerSampleGradientProbe:
     @contextlib.contextmanager
     def _isolated(self):
         """Eval (or train) mode, forked RNG streams (torch, Python ``random``, numpy), buffers preserved,
+        the user's parameter gradient hooks switched off (:func:`~._isolation.silenced_tensor_hooks`),
         optional autocast; every flag restored on exit."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("PerSampleGradientProbe cannot differentiate inside torch.inference_mode()")
@@ -626,7 +669,8 @@ class PerSampleGradientProbe:
             else contextlib.nullcontext()
         )
         try:
-            with forked_rng(devices), preserved_buffers(self.model), cast, eager_forwards(), measurement_pass():
+            with forked_rng(devices), preserved_buffers(self.model), silenced_tensor_hooks(self.model), cast, \
+                    eager_forwards(), measurement_pass():
                 self.model.train(self.train_mode)
                 yield devices
             if self._versions is not None:  # bumped by the pass's own writes, undone on exit: not the user's
@@ -714,7 +758,8 @@ class PerSampleGradientProbe:
         ``batch``: what ``forward_fn``/``loss_fn`` take (default: ``(input_ids, targets)``, a dict with
         ``input_ids``/``labels``, or ``input_ids``), sample index in dimension 0 of every tensor. Any
         other mapping (a Hugging Face ``BatchEncoding``) is taken as the plain ``dict`` of its items,
-        which is what ``forward_fn``/``loss_fn`` then receive. On an exception the probe is left
+        which is what ``forward_fn``/``loss_fn`` then receive. Tensors made under
+        ``torch.inference_mode()`` are copied to normal tensors (autograd cannot save them). On an exception the probe is left
         exactly as before the call. Returns ``self``. The probed parameters are read from the model
         by name at each call (:meth:`_follow_params`): a replaced parameter or module is followed.
         """
@@ -730,7 +775,7 @@ class PerSampleGradientProbe:
             )
         batch = plain_batch(batch)
         n = batch_size(batch)
-        batch = map_tensors(lambda t: t.to(dev, non_blocking=True), batch)
+        batch = map_tensors(lambda t: _autograd_usable(t.to(dev, non_blocking=True)), batch)
         snap = self._snapshot()
         try:
             self._check_versions()
