@@ -42,3 +42,17 @@ def test_a_run_just_launched_still_waits_and_total_tokens_makes_it_work(tmp_path
     with pytest.raises(FractionNotReachedError, match="no measurement with a known progress yet"):
         TailPredictor().fit([launched])
     assert set(TailPredictor().fit(done).predict()["f"].tiers) == {1, 2}
+
+
+def test_several_activation_spectra_error_names_the_cli_option(tmp_path, capsys):
+    # a run recorded with SpectralLens(layers="all"): the CLI error used to say only "pass spectrum=NAME",
+    # a Python keyword the command line does not have
+    from spectral_lens.cli import main
+
+    r = np.arange(1, 301, dtype=np.float64)
+    info = RunInfo("deep", family="f", batch_tier=1, total_tokens=1000)
+    with RunWriter(tmp_path / "deep", info, fsync=False) as w:
+        w.log_measurement(0, 500, {"act:h.0": Spectrum(r**-1.0, n_rows=10_000, dim=300),
+                                   "act:h.1": Spectrum(r**-1.2, n_rows=10_000, dim=300)})
+    assert main(["predict", str(tmp_path / "deep")]) == 2
+    assert "--spectrum NAME" in capsys.readouterr().err
