@@ -115,13 +115,14 @@ class LensDriver:
         """An evaluation ran at ``step``, which the lens already measured (the schedule came first):
         the measurement is not repeated, but its validation loss is kept, as a ``val_loss`` event in the
         run record's ``log.jsonl`` on rank 0 (read by ``RunRecord.val_curve``, ``tokens_to_target`` and
-        the reports), unless the record already holds one at this step."""
+        the reports), unless the record already holds one at this step or the writer was closed."""
         lens = self.lens
         if val_loss is None or self.last_has_val_loss:
             return
 
         def on_rank0() -> None:
-            if lens.writer is not None:
+            # a writer the user closed after train()/fit() (then trainer.evaluate()): nothing to append to
+            if lens.writer is not None and getattr(lens.writer, "_fds", True):
                 lens.writer.log(step, tokens, val_loss=float(val_loss))
 
         self._agreed_on_rank0(on_rank0, "recording the validation loss")

@@ -117,3 +117,24 @@ def test_lightning_validation_at_a_scheduled_step_keeps_its_loss(tmp_path):
     tokens, losses = _losses(run)
     assert tokens == [96, 192]
     assert losses == pytest.approx(module.val_losses, rel=1e-6)
+
+
+def test_driver_keeps_the_loss_once_and_not_on_a_closed_writer(tmp_path):
+    from support.models import TinyGPT as Net
+
+    from spectral_lens.integrations._driver import LensDriver
+
+    writer = RunWriter(tmp_path / "run", RunInfo("d", batch_tier=1), fsync=False, tail_window=(4, 12))
+    lens = sl.SpectralLens(Net(vocab=37, d=16, heads=2, layers=2, ctx=12), lm_pool(1, batch=4, t=12, vocab=37),
+                           writer=writer, params=(), progress=False)
+    driver = LensDriver(lens, (), tokens_per_step=10)
+    driver.measure(2, 20)
+    driver.record_val_loss(2, 20, 3.5)
+    driver.record_val_loss(2, 20, 3.4)  # a second evaluation at the step: the first loss stands
+    driver.measure(4, 40, val_loss=3.0)
+    driver.record_val_loss(4, 40, 2.9)  # the measurement carries its loss already
+    driver.measure(6, 60)
+    writer.close()
+    driver.record_val_loss(6, 60, 2.8)  # trainer.evaluate() after the writer was closed: no error
+    (run,) = open_runs([tmp_path / "run"])
+    assert [(int(t), float(v)) for t, v in zip(*run.val_curve())] == [(20, 3.5), (40, 3.0)]
