@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .analysis.efficiency import group_by_family, matched_loss
+from .analysis.efficiency import group_by_family, measurement_at_loss
 from .analysis.early import alpha_trajectory
 from .analysis.tier_predictor import PredictionScore
 from .analysis.windows import resolve_spectrum, resolve_window
@@ -93,9 +93,12 @@ def plot_spectra(
 ) -> "Figure":
     """Trace-normalized spectra overlaid per family, at matched loss (paper Fig. 1a).
 
-    Each run contributes its first measurement with ``val_loss <= target_loss`` (runs that never
-    reach it are listed in the panel as "not reached", runs without measurements as "no
-    measurements"); without a target, its last measurement. The
+    Each run contributes its measurement at ``target_loss``
+    (:func:`~spectral_lens.analysis.measurement_at_loss`: its first measurement with
+    ``val_loss <= target_loss``, or, for measurements recorded without a loss, the first at or past the
+    tokens where its logged validation loss reaches the target; runs that never reach it are listed in
+    the panel as "not reached", runs without measurements as "no measurements"); without a target, its
+    last measurement. The
     tail window is shaded. Under each family's log-log panel, a second panel shows every spectrum
     divided by the family's geometric-mean spectrum, where differences of a few percent that the
     log-log view hides become visible.
@@ -121,8 +124,7 @@ def plot_spectra(
             name = resolve_spectrum(run, spectrum)
             win = resolve_window(run, window)
             if target_loss is not None:
-                match = matched_loss([run], target_loss)[run.run_id]
-                m = match.measurement if match is not None else None
+                m = measurement_at_loss(run, target_loss, spectrum=name)
             else:
                 m = max(run.measurements, key=lambda x: x.tokens) if run.measurements else None
             if m is None or name not in m.spectra:
@@ -198,8 +200,8 @@ def plot_gradient_spectra(runs: Sequence[RunRecord], target_loss: float | None =
     """Trace-normalized per-sample gradient spectra (``s_j^2``), overlaid per family.
 
     Each run contributes its first gradient spectrum (the first name of kind ``"gradient"`` it
-    recorded) at its first measurement with ``val_loss <= target_loss`` or, without a target or when
-    it never reaches it, at its last measurement. Raises ``ValueError`` when no run recorded one.
+    recorded) at its measurement at ``target_loss`` (as in :func:`plot_spectra`) or, without a target
+    or when it never reaches it, at its last measurement. Raises ``ValueError`` when no run recorded one.
     """
     Figure = require_matplotlib()
     if not any(r.spectrum_names("gradient") for r in runs):
@@ -217,8 +219,7 @@ def plot_gradient_spectra(runs: Sequence[RunRecord], target_loss: float | None =
             with_grad = [m for m in run.measurements if name in m.spectra]
             m = None
             if target_loss is not None:
-                m = next((x for x in sorted(with_grad, key=lambda x: x.tokens)
-                          if x.val_loss is not None and x.val_loss <= target_loss), None)
+                m = measurement_at_loss(run, target_loss, spectrum=name)
             if m is None and with_grad:
                 m = max(with_grad, key=lambda x: x.tokens)
             if m is None:

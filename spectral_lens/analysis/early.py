@@ -27,11 +27,33 @@ from ..summaries import BandAlphaFitter
 from .efficiency import NO_FAMILY
 from .windows import resolve_spectrum, resolve_window
 
-__all__ = ["FractionNotReachedError", "EarlyStatistic", "alpha_trajectory", "early_alpha", "early_value"]
+__all__ = ["FractionNotReachedError", "EarlyStatistic", "alpha_trajectory", "early_alpha", "early_value",
+           "require_known_progress"]
 
 
 class FractionNotReachedError(ValueError):
     """A run has no measurement at or beyond the requested progress fraction yet."""
+
+
+def require_known_progress(run: RunRecord) -> None:
+    """Check that some measurement of ``run`` has a known progress (its stored ``progress``, else
+    ``tokens / RunInfo.total_tokens``).
+
+    Raises :class:`FractionNotReachedError` for a run with no measurement yet (a tier just launched:
+    :class:`~spectral_lens.analysis.SweepController` waits for it), and a plain ``ValueError`` for a run
+    whose measurements can never have one (``RunInfo.total_tokens`` unset and no stored progress),
+    which waiting would not cure.
+    """
+    if any(run.progress(m) is not None for m in run.measurements):
+        return
+    if run.measurements and not run.info.total_tokens:
+        raise ValueError(
+            f"run {run.run_id!r}: the training progress of its {len(run.measurements)} measurement(s) is unknown: "
+            f"RunInfo.total_tokens (the run's token budget) is {run.info.total_tokens!r} and no measurement "
+            "records a progress; record the run with RunInfo(total_tokens=...), or pass progress= to "
+            "RunWriter.log_measurement"
+        )
+    raise FractionNotReachedError(f"run {run.run_id!r}: no measurement with a known progress yet")
 
 
 def alpha_trajectory(
@@ -167,10 +189,10 @@ def early_alpha(
 
     Window and spectrum are resolved by :func:`resolve_window` and :func:`resolve_spectrum`.
     Raises :class:`FractionNotReachedError` if the run has not reached ``fraction`` yet (also when it
-    has no measurement with a known progress yet: a tier just launched).
+    has no measurement with a known progress yet: a tier just launched), and a ``ValueError`` when its
+    measurements can never have a progress (:func:`require_known_progress`).
     """
-    if not any(run.progress(m) is not None for m in run.measurements):
-        raise FractionNotReachedError(f"run {run.run_id!r}: no measurement with a known progress yet")
+    require_known_progress(run)
     name = resolve_spectrum(run, spectrum)
     win = resolve_window(run, window)
     fitter = BandAlphaFitter(win)

@@ -38,6 +38,7 @@ __all__ = [
     "matched_loss",
     "matched_tokens",
     "matched_fraction",
+    "measurement_at_loss",
     "group_by_family",
 ]
 
@@ -311,6 +312,24 @@ def align(
 def matched_loss(runs: Iterable[RunRecord], target: float, *, rule: str = "first_below", tolerance: float | None = None):
     """:func:`align` with ``by="loss"``: each run's measurement at validation loss ``target``."""
     return align(runs, "loss", target, rule=rule, tolerance=tolerance)
+
+
+def measurement_at_loss(run: RunRecord, target: float, *, spectrum: str | None = None) -> Measurement | None:
+    """The run's measurement at validation loss ``target``, as the report's figures and the taxonomy read it.
+
+    Its first measurement (in token order) with ``val_loss <= target`` (:func:`matched_loss`); when no
+    measurement carries such a ``val_loss`` (the integrations' step schedules measure without one and
+    the loss is in ``log.jsonl``), the first measurement at or past the run's tokens-to-target from
+    its validation curve (:func:`tokens_to_target`). ``None`` when the run never reaches ``target`` or
+    has no measurement from there on. ``spectrum``: only measurements that hold that spectrum.
+    """
+    ms = sorted((m for m in run.measurements if spectrum is None or spectrum in m.spectra), key=lambda m: m.tokens)
+    m = next((x for x in ms if x.val_loss is not None and x.val_loss <= target), None)
+    if m is None:
+        reached = tokens_to_target(run, target)
+        if math.isfinite(reached):
+            m = next((x for x in ms if x.tokens >= reached), None)
+    return m
 
 
 def matched_tokens(runs: Iterable[RunRecord], tokens: float, *, rule: str = "nearest", tolerance: float | None = None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..records import RunRecord
-from .early import EarlyStatistic, FractionNotReachedError, early_value
+from .early import EarlyStatistic, early_value, require_known_progress
 from .tier_predictor import TierPredictor
 
 __all__ = ["NoiseScalePredictor"]
@@ -55,9 +55,9 @@ class NoiseScalePredictor(TierPredictor):
 
     def _early(self, run: RunRecord) -> EarlyStatistic:
         """Raises :class:`FractionNotReachedError` for a run without a measurement of known progress
-        yet (a tier just launched; :class:`SweepController` then waits for it), as :func:`early_alpha`."""
-        if not any(run.progress(m) is not None for m in run.measurements):
-            raise FractionNotReachedError(f"run {run.run_id!r}: no measurement with a known progress yet")
+        yet (a tier just launched; :class:`SweepController` then waits for it), as :func:`early_alpha`, and a
+        ``ValueError`` for one whose measurements can never have a progress (no ``RunInfo.total_tokens``)."""
+        require_known_progress(run)
         pts = []
         for m in run.measurements:
             f, v = run.progress(m), m.scalars.get(self.key)

@@ -51,8 +51,8 @@ def resolve_spectrum(run: RunRecord, spectrum: str | None = None) -> str:
     if not acts:
         raise ValueError(f"run {run.run_id!r}: no activation-covariance spectrum recorded (spectra: {names})")
     raise ValueError(
-        f"run {run.run_id!r}: several activation spectra {acts}; pass spectrum=NAME "
-        "(the paper uses the deepest layer) or record RunInfo.primary_spectrum"
+        f"run {run.run_id!r}: several activation spectra {acts}; pass spectrum=NAME (spectral-lens "
+        "predict/report: --spectrum NAME; the paper uses the deepest layer) or record RunInfo.primary_spectrum"
     )
 
 

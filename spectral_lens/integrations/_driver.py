@@ -41,6 +41,7 @@ class LensDriver:
                 raise TypeError(f"sink {type(s).__name__} has no log_measurement(measurement, tail=, head=) method")
         self.tokens_per_step = tokens_per_step
         self.last_step: int | None = None
+        self.last_has_val_loss = False  # whether the record holds a validation loss at last_step
         self.handle = None
 
     def release(self) -> None:
@@ -84,6 +85,7 @@ class LensDriver:
         ``trainer.evaluate()`` just before ``train()``) stands: the run starts from those weights."""
         if self.last_step != 0:
             self.last_step = None
+            self.last_has_val_loss = False
 
     def resumed(self, step: int) -> None:
         """Training resumed from a checkpoint at ``step``: forget what the lens measured after it
@@ -107,6 +109,24 @@ class LensDriver:
             self.release()  # the run ends with this error
             raise
         self.last_step = step
+        self.last_has_val_loss = False
+
+    def record_val_loss(self, step: int, tokens: int, val_loss: float | None) -> None:
+        """An evaluation ran at ``step``, which the lens already measured (the schedule came first):
+        the measurement is not repeated, but its validation loss is kept, as a ``val_loss`` event in the
+        run record's ``log.jsonl`` on rank 0 (read by ``RunRecord.val_curve``, ``tokens_to_target`` and
+        the reports), unless the record already holds one at this step or the writer was closed."""
+        lens = self.lens
+        if val_loss is None or self.last_has_val_loss:
+            return
+
+        def on_rank0() -> None:
+            # a writer the user closed after train()/fit() (then trainer.evaluate()): nothing to append to
+            if lens.writer is not None and getattr(lens.writer, "_fds", True):
+                lens.writer.log(step, tokens, val_loss=float(val_loss))
+
+        self._agreed_on_rank0(on_rank0, "recording the validation loss")
+        self.last_has_val_loss = True
 
     def _agreed_on_rank0(self, work, what: str) -> None:
         """Run ``work()`` on rank 0 of the lens's group; then every rank agrees (one collective) on
@@ -151,6 +171,7 @@ class LensDriver:
         try:
             m = self.lens.measure(step, tokens, val_loss=val_loss)
             self.last_step = step
+            self.last_has_val_loss = val_loss is not None
             tail, head = self.windows()
             scalars: dict[str, float] = {}
 

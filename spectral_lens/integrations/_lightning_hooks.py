@@ -82,11 +82,13 @@ class LightningHooks:
     def on_validation_end(self, trainer, pl_module) -> None:
         """With ``on_validation=True``, measure after each validation run of ``fit`` (not the sanity
         check, nor ``trainer.validate()``, which runs outside training and under inference mode)."""
-        if not self.on_validation or trainer.sanity_checking or int(trainer.global_step) == self.driver.last_step:
-            return
-        if getattr(trainer.state, "fn", None) != "fit":
+        if not self.on_validation or trainer.sanity_checking or getattr(trainer.state, "fn", None) != "fit":
             return
         value = trainer.callback_metrics.get(self.val_loss_key)
+        step = int(trainer.global_step)
+        if step == self.driver.last_step:  # measured at this step already: keep the loss
+            self.driver.record_val_loss(step, self.driver.tokens(step), None if value is None else float(value))
+            return
         if value is None:
             # e.g. several validation dataloaders, whose metrics Lightning logs as "val_loss/dataloader_idx_0", ...
             warnings.warn(

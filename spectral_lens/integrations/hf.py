@@ -26,7 +26,9 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     measures after every optimizer step the schedule names (``TrainerState.global_step``) and, with
     ``on_evaluate=True``, after every evaluation too (recording its ``eval_loss``, or the metric
     ``eval_loss_key`` names, as the validation loss; also a ``trainer.evaluate()`` before or after
-    ``train()``). A step is measured once: with several evaluation datasets, at the first one's
+    ``train()``). A step is measured once: an evaluation at a step the schedule already measured is
+    not measured again, and its validation loss is appended to the run record's ``log.jsonl`` as a
+    ``val_loss`` event (read by ``RunRecord.val_curve``); with several evaluation datasets, at the first one's
     evaluation (name its loss, e.g. ``eval_loss_key="eval_<name>_loss"``; a key missing from the
     metrics warns and records no validation loss). When
     ``train(resume_from_checkpoint=...)`` resumes a run, the measurements the lens recorded after the
@@ -117,9 +119,14 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         """With ``on_evaluate=True``, measure now, recording the evaluation's ``eval_loss``; for a
         ``trainer.evaluate()`` outside ``train()``, a lens without a model is attached to the trainer's
         model for this measurement only."""
-        if not self.on_evaluate_ or int(state.global_step) == self.driver.last_step:
+        if not self.on_evaluate_:
             return
         val_loss = (metrics or {}).get(self.eval_loss_key)
+        if int(state.global_step) == self.driver.last_step:  # measured at this step already: keep the loss
+            step = int(state.global_step)
+            self.driver.record_val_loss(step, self.driver.tokens(step, state.num_input_tokens_seen),
+                                        None if val_loss is None else float(val_loss))
+            return
         if val_loss is None:  # e.g. several evaluation datasets: "eval_<name>_loss", or another metric_key_prefix
             warnings.warn(
                 f"SpectralLensCallback: eval_loss_key {self.eval_loss_key!r} is not among the evaluation's metrics "

@@ -21,7 +21,9 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
     (``trainer.global_step``; with ``accumulate_grad_batches > 1``, after the batch that stepped) and,
     with ``on_validation=True``, after every validation run of the fit, recording
     ``trainer.callback_metrics[val_loss_key]`` as the validation loss (``trainer.validate()`` and
-    ``trainer.test()`` do not measure). A step is measured once per fit. When ``fit(ckpt_path=...)``
+    ``trainer.test()`` do not measure). A step is measured once per fit: a validation run at a step the
+    schedule already measured is not measured again, and its validation loss is appended to the run
+    record's ``log.jsonl`` as a ``val_loss`` event (read by ``RunRecord.val_curve``). When ``fit(ckpt_path=...)``
     resumes a run, the measurements the lens recorded after the checkpoint's step are dropped first
     (:meth:`RunWriter.drop_after <spectral_lens.records.RunWriter.drop_after>`, with the
     ``log.jsonl`` rows after it; pass the run's writer with ``RunWriter(path, resume=True)``), so
