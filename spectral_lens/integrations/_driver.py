@@ -122,7 +122,7 @@ class LensDriver:
 
         def on_rank0() -> None:
             # a writer the user closed after train()/fit() (then trainer.evaluate()): nothing to append to
-            if lens.writer is not None and getattr(lens.writer, "_fds", True):
+            if lens.writer is not None and not getattr(lens.writer, "closed", False):
                 lens.writer.log(step, tokens, val_loss=float(val_loss))
 
         self._agreed_on_rank0(on_rank0, "recording the validation loss")

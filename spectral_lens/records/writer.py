@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import numbers
+import operator
 import os
 import re
 import time
@@ -265,7 +266,7 @@ class RunWriter:
                 isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype != torch.bool and not v.is_complex())
             if v is not None and (isinstance(v, bool) or not number):
                 raise TypeError(f"RunWriter.log: {key} must be a number or None, got {v!r}")
-        event = {"step": int(step), "tokens": int(tokens)}
+        event = {"step": _count_arg(step, "log", "step"), "tokens": _count_arg(tokens, "log", "tokens")}
         event.update(scalars)
         event.setdefault("time", time.time())
         self._append(LOG_FILE, event)
@@ -317,6 +318,7 @@ class RunWriter:
         mfd = self._fds.get(MEASUREMENTS_FILE)
         if mfd is None:  # checked first: a closed writer (its lock released) writes no spectrum file either
             raise ValueError(f"RunWriter for {self.path} is closed")
+        step, tokens = _count_arg(step, "log_measurement", "step"), _count_arg(tokens, "log_measurement", "tokens")
         spectra = dict(spectra or {})
         for name, spec in spectra.items():
             if not isinstance(spec, Spectrum):
@@ -459,6 +461,11 @@ class RunWriter:
         _write_json_atomic(self.path / RUN_FILE, header, self.fsync)
         self.info.extras.update(extras)
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` ran (a closed writer refuses every write)."""
+        return not getattr(self, "_fds", None)
+
     def close(self) -> None:
         """Close the files and release the run directory's lock (idempotent)."""
         while getattr(self, "_fds", None):
@@ -480,7 +487,7 @@ class RunWriter:
                         "after this one is closed (one writer per run directory).")
 
     def __repr__(self) -> str:
-        return f"RunWriter({str(self.path)!r}, run_id={self.info.run_id!r}, closed={not self._fds})"
+        return f"RunWriter({str(self.path)!r}, run_id={self.info.run_id!r}, closed={self.closed})"
 
     def __enter__(self) -> "RunWriter":
         return self
@@ -532,6 +539,25 @@ def _lock_run_dir(path: Path) -> int | None:
 
 #: Event keys the reader requires to be numbers (see ``RunRecord.open``).
 _NUMERIC_EVENT_KEYS = ("val_loss", "train_loss", "tokens_per_s")
+
+
+def _count_arg(value: Any, method: str, what: str) -> int:
+    """``value`` as a Python int: an integer (Python, NumPy, a 0-d integer tensor) or a whole float;
+    anything else raises naming the argument. A float or a float32 tensor was truncated by ``int``
+    while the progress was computed from the unconverted value (in float32 for a tensor)."""
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"RunWriter.{method}: {what} must be an integer, got {repr(value)[:80]}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"RunWriter.{method}: {what} must be an integer, got {repr(value)[:80]}") from None
+    if not number.is_integer():
+        raise ValueError(f"RunWriter.{method}: {what} must be a whole number, got {repr(value)[:80]}")
+    return int(number)
 
 
 def _float_arg(value: Any, what: str) -> float:

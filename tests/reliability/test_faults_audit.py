@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from spectral_lens import Spectrum
-from spectral_lens.records import RunInfo, RunRecord, RunWriter
+from spectral_lens.records import RunInfo, RunRecord, RunWriter, open_runs
 
 
 def _spec(d=20):
@@ -310,3 +310,22 @@ def test_a_checkpoint_save_killed_mid_way_leaves_no_temporary_after_the_next_run
     user.write_text("mine")
     train(run_dir=tmp_path, **small)  # the next run in the directory (a resume, or a fresh start)
     assert not stale.exists() and user.exists()
+
+
+def test_step_and_tokens_are_whole_numbers_converted_exactly(tmp_path):
+    """A 0-d tensor or NumPy count is taken exactly (the default progress was computed from the
+    unconverted float32 tensor: 0.30000001 for 300 / 1000), and a fractional count is refused naming
+    the argument instead of being truncated while the progress kept the fraction."""
+    import numpy as np
+
+    with RunWriter(tmp_path / "r", RunInfo("r", total_tokens=1000), fsync=False) as w:
+        assert w.log_measurement(torch.tensor(3), torch.tensor(300), {}).progress == 0.3
+        m = w.log_measurement(np.int64(4), 400.0, {})
+        assert (m.step, m.tokens, m.progress) == (4, 400, 0.4) and type(m.tokens) is int
+        for bad, err in ((2.7, ValueError), (torch.tensor(2.5), ValueError), ("300", TypeError)):
+            with pytest.raises(err, match="log_measurement: tokens must be"):
+                w.log_measurement(5, bad, {})
+        with pytest.raises(ValueError, match="log: step must be a whole number"):
+            w.log(1.5, 10, train_loss=1.0)
+    lines = open_runs([tmp_path / "r"])[0].measurements
+    assert [(m.step, m.tokens, m.progress) for m in lines] == [(3, 300, 0.3), (4, 400, 0.4)]
