@@ -11,3 +11,18 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def directory(text: str) -> str:
+    """An output directory option (``--run-dir``, ``--workdir``): an empty value (an unset shell
+    variable) would be the current directory, where the run's files would replace the user's: refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a directory, got {text!r}")
+    return text
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of a user error as one line: a ``KeyError``'s own text (not its quoted repr), and
+    newlines of a wrapped library message (a database driver's hint on a second line) folded."""
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return " ".join(str(text).split()) or type(exc).__name__

@@ -132,6 +132,10 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
     for name, v in (("lr_scale", lr_scale), ("matrix_lr", matrix_lr)):
         if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0):
             raise ValueError(f"train: {name}={v!r}, expected a finite number >= 0")
+    if target_val_loss is not None and not (isinstance(target_val_loss, numbers.Real) and math.isfinite(target_val_loss)
+                                            and target_val_loss > 0):
+        # nan never stops the run and inf stops it at step 0, before any training: both are mistakes
+        raise ValueError(f"train: target_val_loss={target_val_loss!r}, expected a finite loss > 0")
     variant = canonical_name(variant)
     prof = get_profile(profile)
     device = _device(device)

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from examples.cli import OneLineParser
+from examples.cli import OneLineParser, one_line
 
 from .presets import PRESETS, Preset, get_preset
 
@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out or f"runs/speedrun-{preset.name}")
         workload = ZooWorkload(preset)
         load_data(preset.data)  # fail fast on missing shards, before any training
+        if out.is_dir() and not (out / "preset.json").exists() and not (out / "preset.json").is_symlink() \
+                and any(out.iterdir()):  # as examples.toy: never write a speedrun into another run's directory
+            raise ValueError(f"{out} is not empty and holds no speedrun: choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         check_settings(out, preset)
         v = replicate(workload, out, preset.tuner, stream=False if args.no_progress else None)
@@ -90,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: rerun the same command to resume (finished runs are kept)", file=sys.stderr)
         return 130
     except (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError, ImportError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"python -m examples.speedrun: error: {msg}", file=sys.stderr)
+        print(f"python -m examples.speedrun: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"\ndone in {time.strftime('%H:%M:%S', time.gmtime(time.perf_counter() - t0))}: report "
           f"{out / 'report' / 'report.md'}; pooled rho {v.pooled_rho:.3f} (p = {v.pooled_pvalue:.3g}), paper "

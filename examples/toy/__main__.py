@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from examples.cli import OneLineParser
+from examples.cli import OneLineParser, one_line
 from examples.replicate.settings import check_settings
 
 from .presets import PRESETS
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{out} is not empty and holds no toy run: choose another --out")
         check_settings(out, preset, "toy run")  # every setting, as examples.speedrun: never mix results
     except (ValueError, OSError) as exc:
-        print(f"examples.toy: error: {exc}", file=sys.stderr)
+        print(f"examples.toy: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
     threads = args.threads or preset.threads
@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: rerun the same command to resume (finished runs are kept)", file=sys.stderr)
         return 130
     except (ValueError, KeyError, OSError) as exc:  # e.g. a malformed choices file in OUT/tune: one line
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"examples.toy: error: {msg}", file=sys.stderr)
+        print(f"examples.toy: error: {one_line(exc)}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(previous)
