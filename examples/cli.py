@@ -14,8 +14,10 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def directory(text: str) -> str:
-    """An output directory option (``--run-dir``, ``--workdir``): an empty value (an unset shell
-    variable) would be the current directory, where the run's files would replace the user's: refused."""
+    """An output directory option (``--run-dir``, ``--workdir``, ``--out``): an empty value (an unset
+    shell variable) is refused. It would be the current directory, where the run's files replace the
+    user's, or (``--out`` of toy and speedrun) silently the default directory, whose earlier results a
+    rerun with the same preset reuses as its own."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"expected a directory, got {text!r}")
     return text

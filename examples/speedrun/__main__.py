@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from examples.cli import OneLineParser, one_line
+from examples.cli import OneLineParser, directory, one_line
 
 from .presets import PRESETS, Preset, get_preset
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = OneLineParser(prog="python -m examples.speedrun", description="The speedrun replication: tune a rate per tier, train every tier with spectral "
                                  "measurements, predict the token-efficient tier, report.")
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS), help="what to run (see docs/replication-speedrun.md)")
-    ap.add_argument("--out", help="output directory (default runs/speedrun-<preset>); rerun to resume")
+    ap.add_argument("--out", type=directory, help="output directory (default runs/speedrun-<preset>); rerun to resume")
     ap.add_argument("--data", help="override the preset's data: 'pydoc', 'stdlib' or a directory of .bin shards "
                                    "(paper-d12 needs the FineWeb shards here)")
     ap.add_argument("--device", help="override the preset's device (cpu, cuda)")

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from examples.cli import OneLineParser, one_line
+from examples.cli import OneLineParser, directory, one_line
 from examples.replicate.settings import check_settings
 
 from .presets import PRESETS
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for bad input, one line on stderr)."""
     ap = OneLineParser(prog="python -m examples.toy", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="smoke (tests), cpu (main job), full (paper)")
-    ap.add_argument("--out", default=None, help="output directory (default runs/toy-<preset>)")
+    ap.add_argument("--out", type=directory, default=None, help="output directory (default runs/toy-<preset>)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the preset's)")
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]

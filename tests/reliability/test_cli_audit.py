@@ -97,3 +97,16 @@ def test_speedrun_refuses_a_non_empty_out_that_holds_no_speedrun(tmp_path, capsy
     line = _one_line(capsys, main, ["--preset", "tiny", "--device", "cpu", "--out", str(out), "--no-progress"])
     assert str(out) in line and "not empty and holds no speedrun" in line
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+
+
+@pytest.mark.parametrize("module", ["toy", "speedrun"])
+def test_replications_refuse_an_empty_out(tmp_path, capsys, monkeypatch, module):
+    """--out "" (an unset shell variable) silently meant the default runs/<module>-<preset>: a rerun
+    there with the same preset took that directory's earlier results as its own."""
+    import importlib
+
+    main = importlib.import_module(f"examples.{module}.__main__").main
+    monkeypatch.chdir(tmp_path)
+    line = _one_line(capsys, main, ["--preset", "smoke" if module == "toy" else "tiny", "--out", ""])
+    assert "argument --out" in line and "expected a directory, got ''" in line
+    assert not list(tmp_path.iterdir())
