@@ -110,3 +110,23 @@ def test_replications_refuse_an_empty_out(tmp_path, capsys, monkeypatch, module)
     line = _one_line(capsys, main, ["--preset", "smoke" if module == "toy" else "tiny", "--out", ""])
     assert "argument --out" in line and "expected a directory, got ''" in line
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("shards", ["none", "corrupt"])
+def test_tune_zoo_refuses_unusable_data_before_any_trial(tmp_path, capsys, shards):
+    """--data naming a directory without .bin shards, or with a corrupt one, passed the argument check:
+    every trial failed on it alone and the command printed 'choices written' with status 0 and an
+    empty choices file. Now refused in one line naming the directory or shard, before any trial."""
+    from examples.tune.__main__ import main
+
+    data = tmp_path / "shards"
+    data.mkdir()
+    if shards == "corrupt":
+        (data / "x_train_000.bin").write_bytes(b"\x01" * 2000)
+        (data / "x_val_000.bin").write_bytes(b"\x01" * 2000)
+    line = _one_line(capsys, main, ["zoo", "--tiers", "1", "--rungs", "512", "--variants", "Baseline", "--quiet",
+                                    "--eval-every-tokens", "512", "--device", "cpu", "--data", str(data),
+                                    "--workdir", str(tmp_path / "w")])
+    assert line.startswith("python -m examples.tune: error: " + str(data)), line
+    assert ("need *train*.bin" if shards == "none" else "bad magic number") in line
+    assert not (tmp_path / "w" / "choices.json").exists()
