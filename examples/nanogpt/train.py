@@ -144,14 +144,11 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
         torch.cuda.set_device(device)
     rank, world, own_group = _setup_distributed(device)
     try:
-        td = load_data(data)
+        td = load_fitting_data(data, profile)
         base = build_config(variant, prof)
         windowed = base.attn_mask == "window"
         seq_len = seq_len or base.seq_len
         rows = rows or (1 if windowed else max(1, prof.long_ctx // seq_len))
-        if td.vocab_size > base.vocab_size:
-            raise ValueError(f"data {td.name} has {td.vocab_size} token ids but profile {profile!r} has "
-                             f"vocab_size={base.vocab_size}; use a profile that fits the tokenizer")
         cfg = build_config(variant, prof, seq_len=seq_len, eot_id=td.eot_id)
         if batch_tier < world:
             raise ValueError(f"batch_tier={batch_tier} < world size {world}: every rank needs a micro-batch")
@@ -282,6 +279,18 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+def load_fitting_data(data: str, profile: str):
+    """``load_data(data)``, refusing (``ValueError``) token ids beyond ``profile``'s vocabulary: the
+    check every trainer runs, exposed so that a command line (tuner, speedrun) makes it once, before
+    any trial, instead of each trial failing on it alone."""
+    td = load_data(data)
+    vocab = get_profile(profile).vocab_size
+    if td.vocab_size > vocab:
+        raise ValueError(f"data {td.name} has {td.vocab_size} token ids but profile {profile!r} has "
+                         f"vocab_size={vocab}; use a profile that fits the tokenizer")
+    return td
 
 
 def _check_arguments(**counts) -> None:

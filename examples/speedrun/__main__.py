@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
-        from examples.nanogpt.data import load_data
+        from examples.nanogpt.train import load_fitting_data
         from examples.replicate import replicate
 
         from .summary import PAPER
@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
                 preset = preset.replace(attn_impl="dense")
         out = Path(args.out or f"runs/speedrun-{preset.name}")
         workload = ZooWorkload(preset)
-        load_data(preset.data)  # fail fast on missing shards, before any training
+        # fail fast on missing shards or token ids beyond the profile's vocabulary (with --data SHARDS on a
+        # byte-level preset every tuner trial failed, and the error blamed tune/choices.json), before any training
+        load_fitting_data(preset.data, preset.profile)
         if out.is_dir() and not (out / "preset.json").exists() and not (out / "preset.json").is_symlink() \
                 and any(out.iterdir()):  # as examples.toy: never write a speedrun into another run's directory
             raise ValueError(f"{out} is not empty and holds no speedrun: choose another --out")

@@ -97,11 +97,11 @@ def main(argv=None) -> int:
 
             trainable = ZooTrainable(eval_every_tokens=args.eval_every_tokens, profile=args.profile, data=args.data,
                                      val_tokens=args.val_tokens, device=args.device)
-            from examples.nanogpt.data import load_data
+            from examples.nanogpt.train import load_fitting_data
 
-            # fail fast, as examples.speedrun: a directory without shards or with a corrupt one made every
-            # trial fail alone, and the command ended with status 0 and no choice
-            load_data(args.data)
+            # fail fast, as examples.speedrun: a directory without shards or with a corrupt one, or token ids
+            # beyond the profile's vocabulary, made every trial fail alone (status 0 and no choice)
+            load_fitting_data(args.data, args.profile)
             # the registry's spelling ("unet" -> "U-Net"): the choices file is read by that name
             families = _unique("variant", [(v, zoo_reference_lrs(v)) for v in map(canonical_name, args.variants)])
         result = tune(trainable, families=families, tiers=args.tiers, reference_tier=args.reference_tier,

@@ -130,3 +130,36 @@ def test_tune_zoo_refuses_unusable_data_before_any_trial(tmp_path, capsys, shard
     assert line.startswith("python -m examples.tune: error: " + str(data)), line
     assert ("need *train*.bin" if shards == "none" else "bad magic number") in line
     assert not (tmp_path / "w" / "choices.json").exists()
+
+
+@pytest.fixture(scope="module")
+def gpt2_shards(tmp_path_factory):
+    """A directory of valid .bin shards with GPT-2 token ids (beyond the byte-level profiles' vocabulary)."""
+    import numpy as np
+
+    from examples.nanogpt.data import write_shard
+
+    d = tmp_path_factory.mktemp("gpt2")
+    ids = np.random.default_rng(0).integers(0, 50257, 20_000)
+    write_shard(d / "fw_train_000.bin", ids)
+    write_shard(d / "fw_val_000.bin", ids[:5_000])
+    return d
+
+
+@pytest.mark.parametrize("module", ["tune", "speedrun"])
+def test_data_beyond_the_profiles_vocabulary_is_refused_before_any_trial(tmp_path, capsys, gpt2_shards, module):
+    """GPT-2 shards with a byte-level profile: every tuner trial failed on the vocabulary alone. The
+    tuner then exited 0 with no choice; the speedrun exited 2 blaming tune/choices.json ('delete ... to
+    tune again', which fails the same way) and left a failed study behind. Now one line naming the
+    data and the profile, before anything is written."""
+    import importlib
+
+    main = importlib.import_module(f"examples.{module}.__main__").main
+    out = tmp_path / "w"
+    argv = (["zoo", "--tiers", "1", "--rungs", "512", "--variants", "Baseline", "--quiet", "--eval-every-tokens",
+             "512", "--device", "cpu", "--profile", "tiny", "--data", str(gpt2_shards), "--workdir", str(out)]
+            if module == "tune" else
+            ["--preset", "tiny", "--device", "cpu", "--data", str(gpt2_shards), "--out", str(out), "--no-progress"])
+    line = _one_line(capsys, main, argv)
+    assert "50257 token ids but profile 'tiny' has vocab_size=320" in line, line
+    assert not out.exists()
