@@ -23,6 +23,20 @@ def directory(text: str) -> str:
     return text
 
 
+def reader_gone() -> int:
+    """After a ``BrokenPipeError`` (``... | head`` stopped reading): point standard output at /dev/null,
+    so that the interpreter's final flush prints nothing, and return 141 (128 + SIGPIPE, as a shell
+    reports a command killed by it), as ``spectral-lens`` does."""
+    import os
+    import sys
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (a captured stream in tests): nothing to flush
+        pass
+    return 141
+
+
 def one_line(exc: BaseException) -> str:
     """The message of a user error as one line: a ``KeyError``'s own text (not its quoted repr), and
     newlines of a wrapped library message (a database driver's hint on a second line) folded."""

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from examples.cli import OneLineParser, directory, one_line
+from examples.cli import OneLineParser, directory, one_line, reader_gone
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,16 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
 
-    if a.cmd == "params":
-        from .params import main as params_main
+    try:
+        if a.cmd == "params":
+            from .params import main as params_main
 
-        return params_main(show_all=a.all)
-    if a.cmd == "variants":
-        from .variants import CHAIN
+            return params_main(show_all=a.all)
+        if a.cmd == "variants":
+            from .variants import CHAIN
 
-        for i, v in enumerate(CHAIN, 1):
-            print(f"{i:2d} {v.name:10s} [{v.group}] {v.change}")
-        return 0
+            for i, v in enumerate(CHAIN, 1):
+                print(f"{i:2d} {v.name:10s} [{v.group}] {v.change}")
+            return 0
+    except BrokenPipeError:  # `python -m examples.nanogpt variants | head -3`: stop quietly
+        return reader_gone()
     from .train import train
     from .variants import canonical_name, get_profile
 

@@ -163,3 +163,21 @@ def test_data_beyond_the_profiles_vocabulary_is_refused_before_any_trial(tmp_pat
     line = _one_line(capsys, main, argv)
     assert "50257 token ids but profile 'tiny' has vocab_size=320" in line, line
     assert not out.exists()
+
+
+def test_nanogpt_listing_into_a_closed_pipe_stops_quietly():
+    """`python -m examples.nanogpt variants | head -1` printed a 9-line BrokenPipeError traceback with
+    exit status 1 once the reader left; now nothing on stderr and status 141, as spectral-lens."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "examples.nanogpt", "variants"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141
+    assert err == "", err
