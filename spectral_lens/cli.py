@@ -13,7 +13,8 @@ input (bad arguments, missing or corrupted records, unknown spectrum names) prin
 ``spectral-lens COMMAND: error: ...`` on stderr and exit with status 2. A malformed line in a run's
 ``log.jsonl`` or ``measurements.jsonl`` costs that line only: it is skipped with one warning line
 naming the file and line (``--strict`` refuses the run instead). A reader that goes away
-(``spectral-lens inspect RUN | head``) ends the command quietly with status 141.
+(``spectral-lens inspect RUN | head``) ends the command quietly with status 141; Ctrl-C ends it with
+one line ``spectral-lens COMMAND: interrupted`` and status 130.
 """
 
 from __future__ import annotations
@@ -337,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = show
         try:
             return {"report": _cmd_report, "predict": _cmd_predict, "inspect": _cmd_inspect}[args.command](args)
+        except KeyboardInterrupt:  # Ctrl-C: one line, no traceback
+            print(f"spectral-lens {args.command}: interrupted", file=sys.stderr)
+            return 130  # 128 + SIGINT, as a shell reports a command killed by it
         except BrokenPipeError:  # the reader went away (`spectral-lens inspect RUN | head`): stop quietly
             _silence_stdout()
             return 141  # 128 + SIGPIPE, as a shell reports a command killed by it

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from examples.cli import OneLineParser
+from examples.cli import OneLineParser, directory, one_line, reader_gone
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--variant", default="FlexWin")
     t.add_argument("--profile", default="tiny", help="tiny | small | d12 | d36 | d48")
     t.add_argument("--data", default="pydoc", help="'pydoc', 'stdlib' (bundled text) or a directory of .bin shards")
-    t.add_argument("--run-dir", default="runs/nanogpt")
+    t.add_argument("--run-dir", type=directory, default="runs/nanogpt")
     t.add_argument("--steps", type=int)
     t.add_argument("--tokens", type=int, help="train for this many tokens instead of --steps")
     t.add_argument("--batch-tier", type=int, default=8, help="micro-batches per optimizer step (the paper's B)")
@@ -44,16 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
 
-    if a.cmd == "params":
-        from .params import main as params_main
+    try:
+        if a.cmd == "params":
+            from .params import main as params_main
 
-        return params_main(show_all=a.all)
-    if a.cmd == "variants":
-        from .variants import CHAIN
+            return params_main(show_all=a.all)
+        if a.cmd == "variants":
+            from .variants import CHAIN
 
-        for i, v in enumerate(CHAIN, 1):
-            print(f"{i:2d} {v.name:10s} [{v.group}] {v.change}")
-        return 0
+            for i, v in enumerate(CHAIN, 1):
+                print(f"{i:2d} {v.name:10s} [{v.group}] {v.change}")
+            return 0
+    except BrokenPipeError:  # `python -m examples.nanogpt variants | head -3`: stop quietly
+        return reader_gone()
     from .train import train
     from .variants import canonical_name, get_profile
 
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m examples.nanogpt train: interrupted: {hint}", file=sys.stderr)
         return 130
     except (ValueError, OSError, ImportError) as e:  # a refused checkpoint, setting, data or run dir: one line, status 2
-        print(f"python -m examples.nanogpt train: error: {e}", file=sys.stderr)
+        print(f"python -m examples.nanogpt train: error: {one_line(e)}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {res.steps} steps, {res.tokens:,} tokens, final val loss {res.final_val_loss:.4f}, "

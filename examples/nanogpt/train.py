@@ -135,6 +135,10 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
     for name, v in (("lr_scale", lr_scale), ("matrix_lr", matrix_lr)):
         if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0):
             raise ValueError(f"train: {name}={v!r}, expected a finite number >= 0")
+    if target_val_loss is not None and not (isinstance(target_val_loss, numbers.Real) and math.isfinite(target_val_loss)
+                                            and target_val_loss > 0):
+        # nan never stops the run and inf stops it at step 0, before any training: both are mistakes
+        raise ValueError(f"train: target_val_loss={target_val_loss!r}, expected a finite loss > 0")
     variant = canonical_name(variant)
     prof = get_profile(profile)
     device = _device(device)
@@ -143,14 +147,11 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
         torch.cuda.set_device(device)
     rank, world, own_group = _setup_distributed(device)
     try:
-        td = load_data(data)
+        td = load_fitting_data(data, profile)
         base = build_config(variant, prof)
         windowed = base.attn_mask == "window"
         seq_len = seq_len or base.seq_len
         rows = rows or (1 if windowed else max(1, prof.long_ctx // seq_len))
-        if td.vocab_size > base.vocab_size:
-            raise ValueError(f"data {td.name} has {td.vocab_size} token ids but profile {profile!r} has "
-                             f"vocab_size={base.vocab_size}; use a profile that fits the tokenizer")
         cfg = build_config(variant, prof, seq_len=seq_len, eot_id=td.eot_id)
         if batch_tier < world:
             raise ValueError(f"batch_tier={batch_tier} < world size {world}: every rank needs a micro-batch")
@@ -282,6 +283,18 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+def load_fitting_data(data: str, profile: str):
+    """``load_data(data)``, refusing (``ValueError``) token ids beyond ``profile``'s vocabulary: the
+    check every trainer runs, exposed so that a command line (tuner, speedrun) makes it once, before
+    any trial, instead of each trial failing on it alone."""
+    td = load_data(data)
+    vocab = get_profile(profile).vocab_size
+    if td.vocab_size > vocab:
+        raise ValueError(f"data {td.name} has {td.vocab_size} token ids but profile {profile!r} has "
+                         f"vocab_size={vocab}; use a profile that fits the tokenizer")
+    return td
 
 
 def _check_arguments(**counts) -> None:

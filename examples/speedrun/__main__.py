@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from examples.cli import OneLineParser
+from examples.cli import OneLineParser, directory, one_line
 
 from .presets import PRESETS, Preset, get_preset
 
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = OneLineParser(prog="python -m examples.speedrun", description="The speedrun replication: tune a rate per tier, train every tier with spectral "
                                  "measurements, predict the token-efficient tier, report.")
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS), help="what to run (see docs/replication-speedrun.md)")
-    ap.add_argument("--out", help="output directory (default runs/speedrun-<preset>); rerun to resume")
+    ap.add_argument("--out", type=directory, help="output directory (default runs/speedrun-<preset>); rerun to resume")
     ap.add_argument("--data", help="override the preset's data: 'pydoc', 'stdlib' or a directory of .bin shards "
                                    "(paper-d12 needs the FineWeb shards here)")
     ap.add_argument("--device", help="override the preset's device (cpu, cuda)")
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
-        from examples.nanogpt.data import load_data
+        from examples.nanogpt.train import load_fitting_data
         from examples.replicate import replicate
 
         from .summary import PAPER
@@ -82,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
                 preset = preset.replace(attn_impl="dense")
         out = Path(args.out or f"runs/speedrun-{preset.name}")
         workload = ZooWorkload(preset)
-        load_data(preset.data)  # fail fast on missing shards, before any training
+        # fail fast on missing shards or token ids beyond the profile's vocabulary (with --data SHARDS on a
+        # byte-level preset every tuner trial failed, and the error blamed tune/choices.json), before any training
+        load_fitting_data(preset.data, preset.profile)
+        if out.is_dir() and not (out / "preset.json").exists() and not (out / "preset.json").is_symlink() \
+                and any(out.iterdir()):  # as examples.toy: never write a speedrun into another run's directory
+            raise ValueError(f"{out} is not empty and holds no speedrun: choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         check_settings(out, preset)
         v = replicate(workload, out, preset.tuner, stream=False if args.no_progress else None)
@@ -90,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: rerun the same command to resume (finished runs are kept)", file=sys.stderr)
         return 130
     except (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError, ImportError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"python -m examples.speedrun: error: {msg}", file=sys.stderr)
+        print(f"python -m examples.speedrun: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"\ndone in {time.strftime('%H:%M:%S', time.gmtime(time.perf_counter() - t0))}: report "
           f"{out / 'report' / 'report.md'}; pooled rho {v.pooled_rho:.3f} (p = {v.pooled_pvalue:.3g}), paper "

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from examples.cli import OneLineParser
+from examples.cli import OneLineParser, directory, one_line
 from examples.replicate.settings import check_settings
 
 from .presets import PRESETS
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for bad input, one line on stderr)."""
     ap = OneLineParser(prog="python -m examples.toy", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="smoke (tests), cpu (main job), full (paper)")
-    ap.add_argument("--out", default=None, help="output directory (default runs/toy-<preset>)")
+    ap.add_argument("--out", type=directory, default=None, help="output directory (default runs/toy-<preset>)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the preset's)")
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{out} is not empty and holds no toy run: choose another --out")
         check_settings(out, preset, "toy run")  # every setting, as examples.speedrun: never mix results
     except (ValueError, OSError) as exc:
-        print(f"examples.toy: error: {exc}", file=sys.stderr)
+        print(f"examples.toy: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
     threads = args.threads or preset.threads
@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: rerun the same command to resume (finished runs are kept)", file=sys.stderr)
         return 130
     except (ValueError, KeyError, OSError) as exc:  # e.g. a malformed choices file in OUT/tune: one line
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"examples.toy: error: {msg}", file=sys.stderr)
+        print(f"examples.toy: error: {one_line(exc)}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(previous)

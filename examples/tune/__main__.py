@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from examples.cli import OneLineParser
+from examples.cli import OneLineParser, directory, one_line
 
 
 def _family(text: str) -> tuple[str, dict[str, float]]:
@@ -19,6 +19,11 @@ def _family(text: str) -> tuple[str, dict[str, float]]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"family {text!r}: expected NAME=GROUP:LR[,GROUP:LR...]") from None
     return name, lrs
+
+
+def _workdir(text: str) -> Path:
+    """``--workdir``: not empty (that would be the current directory, filled with trials/ and choices.json)."""
+    return Path(directory(text))
 
 
 def _unique(what: str, pairs) -> dict:
@@ -39,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--tiers", type=int, nargs="+", required=True)
     common.add_argument("--reference-tier", type=int, default=8)
     common.add_argument("--rungs", type=int, nargs="+", required=True, help="cumulative budgets, e.g. 50 150 500")
-    common.add_argument("--workdir", type=Path, required=True)
+    common.add_argument("--workdir", type=_workdir, required=True)
     common.add_argument("--choices", type=Path, default=None, help="choices file (default WORKDIR/choices.json)")
     common.add_argument("--mode", choices=("synchronized", "asynchronous"), default="synchronized")
     common.add_argument("--storage", default=None, help="journal:/path/file.log | sqlite:///file.db | postgresql://...")
@@ -92,6 +97,11 @@ def main(argv=None) -> int:
 
             trainable = ZooTrainable(eval_every_tokens=args.eval_every_tokens, profile=args.profile, data=args.data,
                                      val_tokens=args.val_tokens, device=args.device)
+            from examples.nanogpt.train import load_fitting_data
+
+            # fail fast, as examples.speedrun: a directory without shards or with a corrupt one, or token ids
+            # beyond the profile's vocabulary, made every trial fail alone (status 0 and no choice)
+            load_fitting_data(args.data, args.profile)
             # the registry's spelling ("unet" -> "U-Net"): the choices file is read by that name
             families = _unique("variant", [(v, zoo_reference_lrs(v)) for v in map(canonical_name, args.variants)])
         result = tune(trainable, families=families, tiers=args.tiers, reference_tier=args.reference_tier,
@@ -106,8 +116,7 @@ def main(argv=None) -> int:
               "--storage; the in-memory default keeps nothing)", file=sys.stderr)
         return 130
     except (ValueError, KeyError, OSError, ImportError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"python -m examples.tune: error: {msg}", file=sys.stderr)
+        print(f"python -m examples.tune: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"choices written to {result.choices_path}")
     return 0
