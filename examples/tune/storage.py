@@ -36,6 +36,32 @@ def is_single_worker(url: str | None) -> bool:
     return url is None or _scheme(url) == "sqlite"
 
 
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _refuse_foreign_sqlite_file(url: str) -> None:
+    """A ``sqlite:`` URL naming an existing, non-empty file that is not an SQLite database raises
+    ``ValueError``: SQLite takes a file shorter than its header for an empty database and rewrites
+    it, so a mistyped path to one of the user's small files would be lost."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(url).database
+    except Exception as e:
+        raise ValueError(f"storage {url!r} cannot be opened: {type(e).__name__}: {e}") from e
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = Path(database).expanduser()
+    if path.is_dir():
+        raise ValueError(f"storage {url!r}: {str(path)!r} is a directory, expected an SQLite database file")
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            header = f.read(len(_SQLITE_HEADER))
+        if header != _SQLITE_HEADER:
+            raise ValueError(f"storage {url!r}: {str(path)!r} exists and is not an SQLite database "
+                             "(it would be overwritten); name a new file or an existing study database")
+
+
 def open_storage(url: str | None):
     """The Optuna storage for ``url`` (see the module docstring); a clear ``ValueError`` if it cannot be opened."""
     optuna = _optuna()
@@ -58,6 +84,8 @@ def open_storage(url: str | None):
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         except Exception as e:
             raise ValueError(f"storage {url!r} cannot be opened: {type(e).__name__}: {e}") from e
+    if scheme == "sqlite":
+        _refuse_foreign_sqlite_file(url)
     if scheme in _RDB_SCHEMES:
         try:
             return optuna.storages.RDBStorage(url)

@@ -80,6 +80,26 @@ def test_storage_that_cannot_be_opened(url, match):
         open_storage(url)
 
 
+def test_sqlite_url_never_overwrites_a_file_that_is_not_a_database(tmp_path):
+    """A mistyped sqlite path naming one of the user's small files: SQLite took a 1-byte file for an
+    empty database and replaced its content. Refused; the file is unchanged; a real database (and a
+    new or empty file) still opens."""
+    for content in (b"x", b"my notes\n", b"\x00" * 200):
+        victim = tmp_path / "notes.txt"
+        victim.write_bytes(content)
+        with pytest.raises(ValueError, match="exists and is not an SQLite database"):
+            open_storage(f"sqlite:///{victim}")
+        assert victim.read_bytes() == content
+    with pytest.raises(ValueError, match="is a directory"):
+        open_storage(f"sqlite:///{tmp_path}")
+    db = tmp_path / "s.db"
+    open_storage(f"sqlite:///{db}")  # created by the first open
+    assert db.read_bytes()[:16] == b"SQLite format 3\x00"
+    open_storage(f"sqlite:///{db}")  # reopened
+    (tmp_path / "empty.db").touch()
+    open_storage(f"sqlite:///{tmp_path / 'empty.db'}")
+
+
 def test_journal_dir_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="must name a file"):
         open_storage(f"journal:{tmp_path}")
