@@ -20,7 +20,9 @@ from torch import nn
 from ._progress import progress_bar, sized_total
 from .activation_capture import attach
 from .attachment import Attachment
-from .capture import Target, check_pick, eager_forwards, measurement_pass, select_modules, unwrap_compiled
+from ._warnings import NonFiniteError
+from .capture import (Target, check_pick, eager_forwards, measurement_autocast, measurement_pass, select_modules,
+                      unwrap_compiled)
 from .gradients import PerSampleGradientProbe
 from .gradients.probe import is_encoder_decoder, refuse_parallel_wrapper
 from .gradients._batch import batch_size, default_forward, slice_batch
@@ -265,6 +267,8 @@ class SpectralLens:
             ``autocast_dtype``, ...) to use instead of one built from ``params``; an unattached probe
             is attached to the model.
         autocast_dtype: run the activation pass under ``torch.autocast`` with this dtype (e.g. bf16).
+            ``None``: in the model's own precision, also when ``measure`` is called inside the
+            training step's ``torch.autocast`` block (switched off for the measurement).
         writer: a :class:`~spectral_lens.records.RunWriter`; each measurement is appended to it.
         schedule: a :class:`Schedule` used by :meth:`maybe_measure`.
         progress: progress bars over the pool (``tqdm``): ``None`` (default) = on in a terminal, off
@@ -588,7 +592,13 @@ class SpectralLens:
             self._agree_widths(accs, batches)
         for acc in accs:
             acc.sync(self.group)
-        return {f"act:{name}": spectrum for name, spectrum in capture.compute().items()}
+        try:
+            spectra = capture.compute()
+        except NonFiniteError as exc:  # the accumulator's remedy names its own option, which the lens has not
+            raise NonFiniteError(f"{exc} (SpectralLens has no nonfinite= option: it measures finite hidden states "
+                                 "only; to skip non-finite rows, attach an ActivationCovarianceAccumulator "
+                                 "yourself: sl.attach(model, layers, nonfinite='skip'))") from exc
+        return {f"act:{name}": spectrum for name, spectrum in spectra.items()}
 
     def _activation_pass(self, model: nn.Module, capture, rank: int, world: int) -> int:
         """This rank's forwards over its share of the pool (batch ``i`` for ``i % world == rank``);
@@ -598,9 +608,7 @@ class SpectralLens:
 
     def _forwards(self, model: nn.Module, capture, rank: int, world: int) -> int:
         dev = self._device()
-        autocast = (
-            torch.autocast(dev.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None else contextlib.nullcontext()
-        )
+        autocast = measurement_autocast(dev, self.autocast_dtype)
         total = sized_total(self.pool)
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
         try:

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
-from ..capture import eager_forwards, glob_to_regex, measurement_pass, unwrap_compiled
+from ..capture import eager_forwards, glob_to_regex, measurement_autocast, measurement_pass, unwrap_compiled
 from .._warnings import ZeroGradientWarning
 from ._isolation import cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state, silenced_tensor_hooks
 from ._validate import nonfinite_loss_message, param_names
@@ -312,7 +312,8 @@ class PerSampleGradientProbe:
         storage_dtype: dtype of the held rows; default float32 (float64 for float64 parameters).
             ``torch.bfloat16`` halves memory at ~3 significant digits per entry.
         autocast_dtype: run forward passes under ``torch.autocast(device, dtype)`` (e.g. bfloat16).
-            Under autocast (this one or the caller's), an ``update`` of several chunks casts each
+            ``None``: in the model's own precision, also when ``update`` is called inside the caller's
+            ``torch.autocast`` block (switched off for the measurement). Under autocast, an ``update`` of several chunks casts each
             ``nn.Linear`` weight once and keeps the cast until it returns, bit-identical to casting it
             per chunk (:mod:`~spectral_lens.gradients.cast_cache`).
         train_mode: measure in train mode (dropout active). Default False: eval mode, the caller's
@@ -655,7 +656,8 @@ class PerSampleGradientProbe:
     def _isolated(self):
         """Eval (or train) mode, forked RNG streams (torch, Python ``random``, numpy), buffers preserved,
         the user's parameter gradient hooks switched off (:func:`~._isolation.silenced_tensor_hooks`),
-        optional autocast; every flag restored on exit."""
+        autocast as ``autocast_dtype`` says (a caller's autocast switched off when it is ``None``); every
+        flag restored on exit."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("PerSampleGradientProbe cannot differentiate inside torch.inference_mode()")
         modes = [(m, m.training) for m in self.model.modules()]
@@ -663,11 +665,7 @@ class PerSampleGradientProbe:
         self._every = [p for p, _ in flags]  # the fast engine's flag switching reuses the list per chunk
         dev = self.device
         devices = sorted({p.device.index for p in self.model.parameters() if p.device.type == "cuda"})
-        cast = (
-            torch.autocast(dev.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
+        cast = measurement_autocast(dev, self.autocast_dtype)
         try:
             with forked_rng(devices), preserved_buffers(self.model), silenced_tensor_hooks(self.model), cast, \
                     eager_forwards(), measurement_pass():
