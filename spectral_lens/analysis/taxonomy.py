@@ -36,7 +36,7 @@ import numpy as np
 from ..records import RunRecord
 from ..spectrum import Spectrum
 from ..summaries import BandAlphaFitter, InsufficientRowsWarning
-from .efficiency import align, transition_gains
+from .efficiency import measurement_at_loss, transition_gains
 from .windows import resolve_spectrum
 
 __all__ = [
@@ -383,6 +383,15 @@ def _alpha(spec: Spectrum, window: tuple[int, int]) -> float:
             return math.nan
 
 
+def _recorded_head_window(run_a: RunRecord, run_b: RunRecord) -> tuple[int, int]:
+    """The head window both runs recorded (``run.summary_windows["head"]``), else ``(10, 40)``."""
+    recorded = {r.run_id: (getattr(r, "summary_windows", None) or {}).get("head") for r in (run_a, run_b)}
+    windows = {tuple(int(x) for x in w) for w in recorded.values() if w}
+    if len(windows) > 1:
+        raise ValueError(f"runs recorded different head windows {recorded}: pass head_window= to compare them on one")
+    return windows.pop() if windows else (10, 40)
+
+
 def transition_evidence(
     run_a: RunRecord,
     run_b: RunRecord,
@@ -390,7 +399,7 @@ def transition_evidence(
     *,
     activation: str | None = None,
     gradient: str | None = None,
-    head_window: tuple[int, int] = (10, 40),
+    head_window: tuple[int, int] | None = None,
     gradient_window: tuple[int, int] = (10, 40),
     at: str = "loss",
 ) -> TransitionEvidence:
@@ -401,7 +410,9 @@ def transition_evidence(
         target: target validation loss (for ``T`` and for the matched-loss measurement).
         activation: activation spectrum name (default :func:`~spectral_lens.analysis.resolve_spectrum`).
         gradient: gradient spectrum name (default: the run's only gradient spectrum; none -> NaN).
-        head_window: window of ``alpha_head`` on the activation spectrum.
+        head_window: window of ``alpha_head`` on the activation spectrum; ``None``: the head window
+            both runs recorded (``RunWriter(head_window=...)``, in ``run.json``), else ``(10, 40)``. Two
+            runs that recorded different head windows need it given (``ValueError``).
         gradient_window: window of the gradient-spectrum alpha (concentration of the head).
         at: ``"loss"``: each run's first measurement with ``val_loss <= target``; for measurements
             without ``val_loss``, the first one at or past the run's tokens-to-target (from its
@@ -410,6 +421,8 @@ def transition_evidence(
     """
     if at not in ("loss", "final"):
         raise ValueError(f"at must be 'loss' or 'final', got {at!r}")
+    if head_window is None:
+        head_window = _recorded_head_window(run_a, run_b)
     gains = transition_gains(run_a, run_b, target)
     details: dict[str, Any] = {"target": float(target), "at": at, "T_a": gains.T_a, "T_b": gains.T_b,
                                "Q_a": gains.Q_a, "Q_b": gains.Q_b}
@@ -419,16 +432,10 @@ def transition_evidence(
             raise ValueError(f"run {run.run_id!r} has no measurements")
         m = None
         if at == "loss":
-            match = align([run], "loss", target)[run.run_id]
-            m = match.measurement if match else None
+            m = measurement_at_loss(run, target)
+            if m is not None and not (m.val_loss is not None and m.val_loss <= target):
+                details[f"matched_{side}"] = "first measurement at or past tokens-to-target (log's val_loss)"
             reached = gains.T_a if side == "a" else gains.T_b  # tokens-to-target, from the run's log
-            if m is None and math.isfinite(reached):
-                # the measurements carry no val_loss (the integrations' step schedules): the first
-                # measurement at or past the tokens where the log shows the target reached
-                later = [x for x in run.measurements if x.tokens >= reached]
-                if later:
-                    m = min(later, key=lambda x: x.tokens)
-                    details[f"matched_{side}"] = "first measurement at or past tokens-to-target (log's val_loss)"
             if m is None:
                 details[f"fallback_{side}"] = ("target never reached: last measurement used" if not math.isfinite(reached)
                                                else "no measurement at or past tokens-to-target: last measurement used")

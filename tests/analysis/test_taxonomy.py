@@ -241,3 +241,29 @@ def test_a_window_beyond_the_sample_rank_is_unresolved_not_fitted():
         warnings.simplefilter("error")
         assert np.isnan(_alpha(sl.Spectrum(values, n_rows=32, dim=64, kind="gradient"), (10, 40)))
     assert _alpha(sl.Spectrum(values, n_rows=100, dim=64, kind="gradient"), (10, 40)) == pytest.approx(1.5, rel=1e-12)
+
+
+def test_transition_evidence_reads_alpha_head_on_the_head_window_the_runs_recorded(tmp_path):
+    """Narrow models record a narrower head window (``RunWriter(head_window=(4, 16))``); the evidence
+    used the fixed (10, 40), which a 32-dimensional spectrum cannot fit: d_alpha_head was always NaN.
+    Now the recorded window is the default; different recorded windows need head_window= given."""
+    from spectral_lens.analysis import transition_evidence
+    from spectral_lens.analysis.synthetic import write_theorem6_sweep
+    from spectral_lens.records import open_runs
+
+    kw = dict(dim=32, grad_dim=16, n_eval=20, n_measure=10, total_tokens=1_000_000, tokens_per_tier=1024,
+              head_window=(4, 16), tail_window=(8, 24))
+    a, = open_runs(write_theorem6_sweep(tmp_path / "a", (1,), family="a", q={1: 0.4}, **kw))
+    b, = open_runs(write_theorem6_sweep(tmp_path / "b", (1,), family="b", q={1: 0.6}, **kw))
+    ev = transition_evidence(a, b, 3.3)
+    assert ev.details["head_window"] == (4, 16)
+    pa = ev.details["step_a"]
+    spec_a = next(m for m in a.measurements if m.step == pa).spectra["act:blocks.11"]
+    assert ev.details["alpha_head_a"] == pytest.approx(BandAlphaFitter((4, 16)).fit(spec_a).alpha, rel=1e-12)
+    assert math.isfinite(ev.d_alpha_head)
+    assert transition_evidence(a, b, 3.3, head_window=(2, 8)).details["head_window"] == (2, 8)
+    c, = open_runs(write_theorem6_sweep(tmp_path / "c", (1,), family="c", q={1: 0.5},
+                                        **{**kw, "head_window": (2, 8)}))
+    with pytest.raises(ValueError, match="recorded different head windows"):
+        transition_evidence(a, c, 3.3)
+    assert transition_evidence(a, c, 3.3, head_window=(4, 16)).details["head_window"] == (4, 16)
