@@ -146,6 +146,10 @@ def _cmd_report(args) -> int:
 
     runs = _open(args.runs, args)
     replicates = _open(args.replicates, args) if args.replicates else []
+    if args.spectrum is not None:  # a typo is the user's error, as in predict, not a note in a written report
+        known = sorted({name for r in runs for name in r.spectrum_names()})
+        if args.spectrum not in known:
+            raise ValueError(f"--spectrum {args.spectrum!r}: no run records it; recorded spectra: {known}")
     rep = build_report(
         runs, args.out, fmt=args.format, target_loss=args.target_loss, fraction=args.fraction,
         window=_window(args.window), spectrum=args.spectrum, transitions=args.transition, replicates=replicates,

@@ -297,3 +297,14 @@ def test_report_refuses_an_empty_out(sweep, tmp_path, capsys, monkeypatch):
     assert "expected an output directory, got ''" in line
     assert (tmp_path / "loss.png").read_bytes() == b"the user's own figure"
     assert not (tmp_path / "report.md").exists()
+
+
+def test_report_refuses_an_unknown_spectrum_name(sweep, tmp_path, capsys):
+    """A mistyped --spectrum was accepted by report (exit 0, a report of notes), where predict refused it;
+    now both name the recorded spectra in one line, before anything is written."""
+    out = tmp_path / "out"
+    line = _one_line_error(capsys, ["report", str(sweep), "--out", str(out), "--no-plots", "--spectrum", "act:nosuch"],
+                           "'act:nosuch'")
+    assert "no run records it" in line and "recorded spectra: ['act']" in line
+    assert not out.exists()
+    assert main(["report", str(sweep), "--out", str(out), "--no-plots", "--spectrum", "act"]) == 0
