@@ -246,7 +246,11 @@ def _inspect_spectrum(path: Path) -> None:
         if s.n_nonzero >= 9:
             try:
                 c = crossover_rank(s)
-                print(f"  crossover rank r*: {c.rank:.1f} (head alpha {c.head_alpha:.3f}, tail alpha {c.tail_alpha:.3f})")
+                if c.located:
+                    print(f"  crossover rank r*: {c.rank:.1f} (head alpha {c.head_alpha:.3f}, tail alpha "
+                          f"{c.tail_alpha:.3f})")
+                else:
+                    print(f"  crossover rank r*: not located within ranks {c.ranks[0]}-{c.ranks[1]}")
             except ValueError:
                 pass
     if s.metadata:

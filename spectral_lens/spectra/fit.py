@@ -59,6 +59,10 @@ class CrossoverFit:
         improvement: fraction of the single-line residual sum of squares removed by the break, in
             [0, 1] (0 = no evidence of a bend, also where a line fits to round-off; near 1 = a clean
             two-regime spectrum).
+        located: ``False`` when the fit did not locate a crossover inside ``ranks``: ``rank`` lies
+            outside them, or the bend's sharpness ``q`` stopped at a bound of its search (then
+            ``tail_alpha`` is that bound's artefact, e.g. ``head_alpha + 100``). Read ``rank``,
+            ``head_alpha`` and ``tail_alpha`` only when it is ``True``.
     """
 
     rank: float
@@ -66,6 +70,7 @@ class CrossoverFit:
     tail_alpha: float
     ranks: tuple[int, int]
     improvement: float
+    located: bool = True
 
 
 def _as_numpy(p) -> np.ndarray:
@@ -172,6 +177,9 @@ def _bend_model(theta: np.ndarray, x: np.ndarray) -> np.ndarray:
     return c - a * x + 2.0 * np.log(-np.expm1(-z))
 
 
+_Q_BOUNDS = (1e-3, 50.0)  # the bend fit's search range of the sharpness q
+
+
 def estimate_crossover(
     p,
     ranks: tuple[int, int] | None = None,
@@ -213,20 +221,24 @@ def estimate_crossover(
     sse_line = (1.0 - r2_line) * sst
     b, s_head, s_tail, sse = _broken_stick(x, y, min_segment)
     log_rstar, head, tail = b, -s_head, -s_tail
+    q_free = True  # the broken stick's break lies inside the ranks by construction (min_segment)
     if method == "bend":
         q0 = max((tail - head) / 2.0, 0.05)
         theta0 = np.array([y[0] + head * x[0], head, q0, b])
         fit = least_squares(
             lambda t: _bend_model(t, x) - y,
             theta0,
-            bounds=([-np.inf, -np.inf, 1e-3, x[0] - 5.0], [np.inf, np.inf, 50.0, x[-1] + 5.0]),
+            bounds=([-np.inf, -np.inf, _Q_BOUNDS[0], x[0] - 5.0], [np.inf, np.inf, _Q_BOUNDS[1], x[-1] + 5.0]),
         )
         if fit.success and np.all(np.isfinite(fit.x)):
             _, head, q, log_rstar = (float(v) for v in fit.x)
             tail = head + 2.0 * q
             sse = float((fit.fun**2).sum())
+            q_free = _Q_BOUNDS[0] * 1.01 < q < _Q_BOUNDS[1] * 0.99
     # 0 where the single line already fits to round-off (a flat or pure power-law spectrum: the ratio
     # of two round-off sums means nothing), and at most 1; a bend fit worse than the line removes nothing
     tiny = 1e-24 * y.size * max(1.0, float(np.abs(y).max())) ** 2
     improvement = min(1.0, max(0.0, 1.0 - sse / sse_line)) if sse_line > tiny else 0.0
-    return CrossoverFit(float(np.exp(log_rstar)), float(head), float(tail), (lo, hi), float(improvement))
+    rank = float(np.exp(log_rstar))
+    located = bool(q_free and lo <= rank <= hi)
+    return CrossoverFit(rank, float(head), float(tail), (lo, hi), float(improvement), located)

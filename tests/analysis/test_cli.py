@@ -175,3 +175,23 @@ def test_report_rejects_classifier_with_replicates(two_families, tmp_path):
     rep = build_report([two_families], tmp_path / "r2", target_loss=3.2, transitions=[("base-b8", "fast-b8")],
                        classifier=TransitionClassifier(head_threshold=0.5), plots=False)
     assert "Thresholds (given):" in rep.path.read_text() and rep.taxonomy[0].thresholds["head_threshold"] == 0.5
+
+
+def test_inspect_says_when_no_crossover_is_located(tmp_path, capsys):
+    """A spectrum without a bend inside its ranks: inspect printed the fit's bound artefacts as a crossover
+    ('tail alpha 100.x'); now it says none was located. A Theorem-6 spectrum still prints its r*."""
+    import numpy as np
+    import torch
+
+    from spectral_lens import Spectrum
+    from spectral_lens.analysis.synthetic import theorem6_activation
+
+    r = np.arange(1, 201, dtype=np.float64)
+    Spectrum(torch.tensor(np.where(r <= 20, r**-0.5, 1e-6 * r**-0.5)), n_rows=1000, dim=200).save(tmp_path / "cliff.npz")
+    assert main(["inspect", str(tmp_path / "cliff.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "crossover rank r*: not located within ranks 1-200" in out and "tail alpha" not in out
+    v = torch.tensor(theorem6_activation(0.5, dim=768, eta=25.0, q=0.6).copy())
+    Spectrum(v, n_rows=10_000, dim=768).save(tmp_path / "t6.npz")
+    assert main(["inspect", str(tmp_path / "t6.npz")]) == 0
+    assert "crossover rank r*: 67.3 (head alpha 1.000, tail alpha 2.200)" in capsys.readouterr().out

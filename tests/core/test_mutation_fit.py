@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 
 from spectral_lens.spectra.fit import band_alpha, estimate_crossover, tail_window
 
@@ -47,3 +48,31 @@ def test_crossover_needs_nine_ranks_exactly():
         estimate_crossover(p, ranks=(1, 8), method="broken_stick")
     fit = estimate_crossover(p, ranks=(1, 9), method="broken_stick")
     assert fit.ranks == (1, 9)
+
+
+def test_crossover_says_when_it_located_none():
+    """A fit whose r* lies outside the fitted ranks, or whose sharpness q stopped at a bound of its search,
+    located no crossover: ``located`` is False (``spectral-lens inspect`` printed such a fit's artefacts,
+    e.g. 'tail alpha 101' or r* = 93 of 31 ranks, as a crossover). An analytic Theorem-6 spectrum is
+    located exactly."""
+    from spectral_lens import Spectrum, crossover_rank
+    from spectral_lens.analysis.synthetic import theorem6_activation
+
+    v = torch.tensor(theorem6_activation(0.5, dim=768, eta=25.0, q=0.6).copy())
+    fit = crossover_rank(Spectrum(v, n_rows=10_000, dim=768))
+    assert fit.located and fit.rank == pytest.approx((25.0 * 0.5) ** (1 / 0.6), rel=1e-6)
+    assert (fit.head_alpha, fit.tail_alpha) == pytest.approx((1.0, 2.2), rel=1e-6)
+    # isotropic rows normalized per row (a post-LayerNorm output): no bend; q runs to its upper bound
+    # (tail alpha = head alpha + 100) or r* beyond the nonzero ranks, depending on the last eigenvalue's round-off
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 32, dtype=torch.float64, generator=g)
+    x = (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True)
+    fit = crossover_rank(Spectrum(torch.linalg.eigvalsh(x.T @ x / 2000).flip(0).clamp_min(0), n_rows=2000, dim=32))
+    assert not fit.located
+    # a cliff: the bend's sharpness runs to a bound of its search
+    r = np.arange(1, 201, dtype=np.float64)
+    cliff = np.where(r <= 20, r**-0.5, 1e-6 * r**-0.5)
+    fit = crossover_rank(Spectrum(torch.tensor(cliff), n_rows=1000, dim=200))
+    assert not fit.located and fit.ranks[0] <= fit.rank <= fit.ranks[1]
+    # the broken stick's break is always inside the ranks
+    assert crossover_rank(Spectrum(v, n_rows=10_000, dim=768), method="broken_stick").located
