@@ -28,9 +28,12 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     ``eval_loss_key`` names, as the validation loss; also a ``trainer.evaluate()`` before or after
     ``train()``). A step is measured once: an evaluation at a step the schedule already measured is
     not measured again, and its validation loss is appended to the run record's ``log.jsonl`` as a
-    ``val_loss`` event (read by ``RunRecord.val_curve``); with several evaluation datasets, at the first one's
-    evaluation (name its loss, e.g. ``eval_loss_key="eval_<name>_loss"``; a key missing from the
-    metrics warns and records no validation loss). When
+    ``val_loss`` event (read by ``RunRecord.val_curve``). With several evaluation datasets (a dict),
+    name one of their losses, ``eval_loss_key="eval_<name>_loss"``: a callback added with
+    :meth:`attach` measures (or keeps the loss) at that dataset's evaluation and passes over the
+    others' at the same step; a key missing from the metrics warns and records no validation loss
+    (a plain callback, which cannot see the trainer's datasets, warns at every other dataset's
+    evaluation too). When
     ``train(resume_from_checkpoint=...)`` resumes a run, the measurements the lens recorded after the
     checkpoint's step are dropped first
     (:meth:`RunWriter.drop_after <spectral_lens.records.RunWriter.drop_after>`, with the
@@ -97,6 +100,12 @@ class SpectralLensCallback(_transformers.TrainerCallback):
 
         self.driver.measure(step, self.driver.tokens(step, state.num_input_tokens_seen), val_loss, log=log)
 
+    def _names_another_dataset(self) -> bool:
+        """Whether ``eval_loss_key`` names the loss of one of the attached trainer's evaluation datasets
+        (a dict): an evaluation without that key is then another dataset's, at the same step."""
+        datasets = getattr(self.trainer, "eval_dataset", None)
+        return isinstance(datasets, dict) and any(self.eval_loss_key == f"eval_{name}_loss" for name in datasets)
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         """Attach a lens without a model to the trainer's model, else check that it is the lens's;
         when resuming from a checkpoint, drop what the lens recorded after its step."""
@@ -122,6 +131,8 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         if not self.on_evaluate_:
             return
         val_loss = (metrics or {}).get(self.eval_loss_key)
+        if val_loss is None and self._names_another_dataset():
+            return  # the evaluation of the dataset eval_loss_key names, at the same step, measures
         if int(state.global_step) == self.driver.last_step:  # measured at this step already: keep the loss
             step = int(state.global_step)
             self.driver.record_val_loss(step, self.driver.tokens(step, state.num_input_tokens_seen),

@@ -1,0 +1,42 @@
+"""Audit of the framework callbacks: cases the other integration tests do not reach."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+import spectral_lens as sl
+
+transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the hf extra installs it)")
+from spectral_lens import SpectralLensWarning  # noqa: E402
+from spectral_lens.integrations import SpectralLensCallback  # noqa: E402
+from spectral_lens.records import RunInfo, RunWriter, open_runs  # noqa: E402
+
+from .test_hf_trainer import RandomTokens, heldout_pool, tiny_llama  # noqa: E402
+
+
+def test_hf_eval_loss_key_naming_the_second_of_several_datasets(tmp_path):
+    # eval_loss_key names the second of two evaluation datasets: the old callback measured at the first
+    # one's evaluation without a loss and warned, at every evaluation, that the measurement "records no
+    # validation loss" although the second one's loss then went to log.jsonl; the measurement now carries it
+    writer = RunWriter(tmp_path / "run", RunInfo("hf", batch_tier=1), fsync=False)
+    lens = sl.SpectralLens(pool=heldout_pool(), params=(), writer=writer, schedule=sl.Schedule.every(100))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, eval_strategy="steps", eval_steps=2)
+    trainer = transformers.Trainer(model=tiny_llama(), args=args, train_dataset=RandomTokens(40, 0),
+                                   eval_dataset={"a": RandomTokens(8, 1), "b": RandomTokens(8, 2)})
+    SpectralLensCallback(lens, on_evaluate=True, eval_loss_key="eval_b_loss").attach(trainer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SpectralLensWarning)
+        trainer.train()
+    writer.close()
+    losses = [(h["step"], h["eval_b_loss"]) for h in trainer.state.log_history if "eval_b_loss" in h]
+    assert [s for s, _ in losses] == [2, 4]
+    assert [(m.step, m.scalars.get("val_loss")) for m in lens.history] == losses
+    (record,) = open_runs([tmp_path / "run"])
+    assert [m.step for m in record.measurements] == [2, 4]
+    assert [m.val_loss for m in record.measurements] == pytest.approx([loss for _, loss in losses], rel=1e-6)
+    assert [h["step"] for h in trainer.state.log_history if "spectral_lens/val_loss" in h] == [2, 4]
