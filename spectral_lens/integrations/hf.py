@@ -75,6 +75,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         self.driver = LensDriver(lens, sinks, tokens_per_step)
         self.on_evaluate_ = bool(on_evaluate)
         self.eval_loss_key = str(eval_loss_key)
+        self._warned_step: int | None = None  # the step of the last missing-key warning
         self.trainer = None
 
     def attach(self, trainer) -> "SpectralLensCallback":
@@ -133,19 +134,20 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         val_loss = (metrics or {}).get(self.eval_loss_key)
         if val_loss is None and self._names_another_dataset():
             return  # the evaluation of the dataset eval_loss_key names, at the same step, measures
-        if int(state.global_step) == self.driver.last_step:  # measured at this step already: keep the loss
-            step = int(state.global_step)
-            self.driver.record_val_loss(step, self.driver.tokens(step, state.num_input_tokens_seen),
-                                        None if val_loss is None else float(val_loss))
-            return
-        if val_loss is None:  # e.g. several evaluation datasets: "eval_<name>_loss", or another metric_key_prefix
+        step = int(state.global_step)
+        if val_loss is None and self._warned_step != step:  # e.g. another metric_key_prefix
+            self._warned_step = step  # once per step (each dataset of a dict evaluates at that step)
             warnings.warn(
                 f"SpectralLensCallback: eval_loss_key {self.eval_loss_key!r} is not among the evaluation's metrics "
-                f"{sorted(metrics or {})}; the measurement at step {int(state.global_step)} records no validation "
+                f"{sorted(metrics or {})}; the measurement at step {step} records no validation "
                 "loss (pass eval_loss_key= one of those)",
                 SpectralLensWarning,
                 stacklevel=2,
             )
+        if step == self.driver.last_step:  # measured at this step already: keep the loss
+            self.driver.record_val_loss(step, self.driver.tokens(step, state.num_input_tokens_seen),
+                                        None if val_loss is None else float(val_loss))
+            return
         val_loss = None if val_loss is None else float(val_loss)
         if self.driver.lens.model is not None:  # in train(), or a lens built on the model
             self._measure(state, val_loss)

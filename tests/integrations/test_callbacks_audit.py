@@ -40,3 +40,35 @@ def test_hf_eval_loss_key_naming_the_second_of_several_datasets(tmp_path):
     assert [m.step for m in record.measurements] == [2, 4]
     assert [m.val_loss for m in record.measurements] == pytest.approx([loss for _, loss in losses], rel=1e-6)
     assert [h["step"] for h in trainer.state.log_history if "spectral_lens/val_loss" in h] == [2, 4]
+
+
+def test_hf_a_missing_eval_loss_key_warns_also_at_a_scheduled_step(tmp_path):
+    # Schedule.every(k) with eval_steps=k (the guide's set-up): every evaluation falls on a step the schedule
+    # measured; the old callback then dropped a missing eval_loss_key silently (no validation loss, no warning)
+    lens = sl.SpectralLens(pool=heldout_pool(), params=(), schedule=sl.Schedule.every(2))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, eval_strategy="steps", eval_steps=2)
+    trainer = transformers.Trainer(model=tiny_llama(), args=args, train_dataset=RandomTokens(40, 0),
+                                   eval_dataset=RandomTokens(8, 1))
+    SpectralLensCallback(lens, on_evaluate=True, eval_loss_key="eval_perplexity").attach(trainer)
+    with pytest.warns(SpectralLensWarning, match=r"'eval_perplexity' is not among .*'eval_loss'.* step 2"):
+        trainer.train()
+    assert [(m.step, m.scalars.get("val_loss")) for m in lens.history] == [(2, None)]
+
+
+def test_lightning_a_missing_val_loss_key_warns_also_at_a_scheduled_step(tmp_path):
+    pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
+    from support.models import lm_pool
+
+    from spectral_lens.integrations import SpectralLensLightningCallback
+
+    from .test_lightning import TinyLit, loader, trainer
+
+    module = TinyLit()
+    lens = sl.SpectralLens(module.net, lm_pool(1, batch=4, t=12, vocab=37), params=(), schedule=sl.Schedule.every(2))
+    cb = SpectralLensLightningCallback(lens, on_validation=True, val_loss_key="valid_loss")
+    with pytest.warns(SpectralLensWarning, match=r"'valid_loss' is not among the logged metrics \['val_loss'\]"):
+        trainer(tmp_path, cb, False, max_steps=2, val_check_interval=2, limit_val_batches=1,
+                num_sanity_val_steps=0).fit(module, loader(2, 0), loader(1, 1))
+    assert [(m.step, m.scalars.get("val_loss")) for m in lens.history] == [(2, None)]
