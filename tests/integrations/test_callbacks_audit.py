@@ -72,3 +72,36 @@ def test_lightning_a_missing_val_loss_key_warns_also_at_a_scheduled_step(tmp_pat
         trainer(tmp_path, cb, False, max_steps=2, val_check_interval=2, limit_val_batches=1,
                 num_sanity_val_steps=0).fit(module, loader(2, 0), loader(1, 1))
     assert [(m.step, m.scalars.get("val_loss")) for m in lens.history] == [(2, None)]
+
+
+def test_hf_resume_evaluation_at_an_unmeasured_checkpoint_step_measures_it(tmp_path):
+    # the interrupted run measured steps 3 and 6 (Schedule.every(3)), not its checkpoint's step 4; the resumed
+    # train() evaluates at step 4 (eval_on_start) with on_evaluate=True. The old callback took the restored step
+    # for measured, so that evaluation measured nothing (its loss went to log.jsonl only)
+    from .test_hf_trainer import CrashAt, trainer_for
+
+    def run(resume: bool):
+        model = tiny_llama()
+        writer = RunWriter(tmp_path / "run", None if resume else RunInfo("hf", batch_tier=1), resume=resume,
+                           fsync=False)
+        lens = sl.SpectralLens(model, heldout_pool(), params=(), writer=writer, schedule=sl.Schedule.every(3))
+        trainer = trainer_for(model, tmp_path, max_steps=8, save_strategy="steps", save_steps=4,
+                              eval_on_start=resume)
+        SpectralLensCallback(lens, on_evaluate=True).attach(trainer)
+        if resume:
+            trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+        else:
+            trainer.add_callback(CrashAt(7))
+            with pytest.raises(KeyboardInterrupt):
+                trainer.train()
+        writer.close()
+        return lens, trainer
+
+    lens, _ = run(resume=False)
+    assert [m.step for m in lens.history] == [3, 6]
+    lens, trainer = run(resume=True)
+    (eval_loss,) = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert [(m.step, m.scalars.get("val_loss")) for m in lens.history] == [(4, eval_loss), (6, None)]
+    (record,) = open_runs([tmp_path / "run"])
+    assert [m.step for m in record.measurements] == [3, 4, 6]
+    assert record.measurements[1].val_loss == pytest.approx(eval_loss, rel=1e-6)
