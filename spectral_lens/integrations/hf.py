@@ -101,11 +101,15 @@ class SpectralLensCallback(_transformers.TrainerCallback):
 
         self.driver.measure(step, self.driver.tokens(step, state.num_input_tokens_seen), val_loss, log=log)
 
-    def _names_another_dataset(self) -> bool:
+    def _names_another_dataset(self, metrics) -> bool:
         """Whether ``eval_loss_key`` names the loss of one of the attached trainer's evaluation datasets
-        (a dict): an evaluation without that key is then another dataset's, at the same step."""
+        (a dict) and ``metrics`` are another one's (``eval_<other>_...``): that dataset's evaluation at
+        the same step follows or came first."""
         datasets = getattr(self.trainer, "eval_dataset", None)
-        return isinstance(datasets, dict) and any(self.eval_loss_key == f"eval_{name}_loss" for name in datasets)
+        if not isinstance(datasets, dict) or not any(self.eval_loss_key == f"eval_{n}_loss" for n in datasets):
+            return False
+        others = [f"eval_{n}_" for n in datasets if self.eval_loss_key != f"eval_{n}_loss"]
+        return any(key.startswith(other) for key in metrics for other in others)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         """Attach a lens without a model to the trainer's model, else check that it is the lens's;
@@ -132,7 +136,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         if not self.on_evaluate_:
             return
         val_loss = (metrics or {}).get(self.eval_loss_key)
-        if val_loss is None and self._names_another_dataset():
+        if val_loss is None and self._names_another_dataset(metrics or {}):
             return  # the evaluation of the dataset eval_loss_key names, at the same step, measures
         step = int(state.global_step)
         if val_loss is None and self._warned_step != step:  # e.g. another metric_key_prefix

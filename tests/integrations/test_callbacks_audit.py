@@ -105,3 +105,19 @@ def test_hf_resume_evaluation_at_an_unmeasured_checkpoint_step_measures_it(tmp_p
     (record,) = open_runs([tmp_path / "run"])
     assert [m.step for m in record.measurements] == [3, 4, 6]
     assert record.measurements[1].val_loss == pytest.approx(eval_loss, rel=1e-6)
+
+
+def test_hf_an_evaluation_outside_the_dict_still_warns_and_measures(tmp_path):
+    # the dict rule above passes over only the other datasets' evaluations: trainer.evaluate() of another
+    # dataset (metrics eval_loss, ...) with eval_loss_key naming a dict member warns and measures, as before
+    lens = sl.SpectralLens(pool=heldout_pool(), params=(), schedule=sl.Schedule.every(100))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=4, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=tiny_llama(), args=args, train_dataset=RandomTokens(8, 0),
+                                   eval_dataset={"a": RandomTokens(8, 1), "b": RandomTokens(8, 2)})
+    SpectralLensCallback(lens, on_evaluate=True, eval_loss_key="eval_b_loss").attach(trainer)
+    trainer.train()
+    with pytest.warns(SpectralLensWarning, match=r"'eval_b_loss' is not among .*'eval_loss'"):
+        trainer.evaluate(eval_dataset=RandomTokens(8, 3))
+    assert [(m.step, m.scalars.get("val_loss")) for m in lens.history] == [(1, None)]
