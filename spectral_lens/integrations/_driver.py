@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import weakref
+from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 from ..attachment import Attachment
 from ..lens import LensMeasurement, SpectralLens
+from ..records.schema import MEASUREMENTS_FILE
 from .summaries import measurement_scalars
 
 # The attachment a callback made for each lens it attached (a lens built without a model). When a
 # run raised, its end hook never ran and the lens is still bound to that run's model; the next
 # callback run of the lens re-attaches it to its own model instead of refusing it.
 _CALLBACK_ATTACHMENTS: "weakref.WeakKeyDictionary[SpectralLens, Attachment]" = weakref.WeakKeyDictionary()
+
+
+def _recorded_at(path, step: int) -> bool:
+    """Whether the run record at ``path`` holds a measurement at ``step`` (unreadable lines skipped)."""
+    try:
+        lines = (Path(path) / MEASUREMENTS_FILE).read_bytes().splitlines()
+    except FileNotFoundError:
+        return False
+    for raw in lines:
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            continue
+        if isinstance(obj, dict) and obj.get("step") == step and not isinstance(obj.get("step"), bool):
+            return True
+    return False
 
 
 class Sink(Protocol):
@@ -91,14 +110,18 @@ class LensDriver:
         """Training resumed from a checkpoint at ``step``: forget what the lens measured after it
         (its history, and on rank 0 its run record via :meth:`RunWriter.drop_after
         <spectral_lens.records.RunWriter.drop_after>`, and each sink's ``resumed(step)`` where it has
-        one), since those steps are trained and measured again."""
+        one), since those steps are trained and measured again. ``step`` itself counts as measured
+        (an evaluation there keeps only its loss) when the history or rank 0's run record holds a
+        measurement at it; otherwise an evaluation at ``step`` measures."""
         step = int(step)
         lens = self.lens
         lens.history[:] = [m for m in lens.history if m.step <= step]
+        measured = [any(m.step == step for m in lens.history)]
 
         def on_rank0() -> None:
             if lens.writer is not None:
                 lens.writer.drop_after(step)
+                measured[0] = measured[0] or _recorded_at(lens.writer.path, step)
             for sink in self.sinks:
                 if callable(getattr(sink, "resumed", None)):
                     sink.resumed(step)
@@ -108,8 +131,22 @@ class LensDriver:
         except BaseException:
             self.release()  # the run ends with this error
             raise
-        self.last_step = step
+        # the checkpoint's step counts as measured only when it was (in this process's history or, on
+        # rank 0, in the run record): an evaluation at the restored step (eval_on_start) measures otherwise
+        self.last_step = step if self._from_rank0(measured[0]) else None
         self.last_has_val_loss = False
+
+    def _from_rank0(self, value):
+        """``value`` as rank 0 of the lens's group has it, on every rank (one small broadcast)."""
+        rank, world = self.lens._dist()
+        if world > 1:
+            import torch.distributed as dist
+
+            shared = [value]
+            group = self.lens.group
+            dist.broadcast_object_list(shared, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
+            value = shared[0]
+        return value
 
     def record_val_loss(self, step: int, tokens: int, val_loss: float | None) -> None:
         """An evaluation ran at ``step``, which the lens already measured (the schedule came first):

@@ -86,9 +86,6 @@ class LightningHooks:
             return
         value = trainer.callback_metrics.get(self.val_loss_key)
         step = int(trainer.global_step)
-        if step == self.driver.last_step:  # measured at this step already: keep the loss
-            self.driver.record_val_loss(step, self.driver.tokens(step), None if value is None else float(value))
-            return
         if value is None:
             # e.g. several validation dataloaders, whose metrics Lightning logs as "val_loss/dataloader_idx_0", ...
             warnings.warn(
@@ -98,5 +95,8 @@ class LightningHooks:
                 SpectralLensWarning,
                 stacklevel=2,
             )
+        if step == self.driver.last_step:  # measured at this step already: keep the loss
+            self.driver.record_val_loss(step, self.driver.tokens(step), None if value is None else float(value))
+            return
         self._measure(trainer, None if value is None else float(value))
 

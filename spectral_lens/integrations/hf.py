@@ -28,9 +28,12 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     ``eval_loss_key`` names, as the validation loss; also a ``trainer.evaluate()`` before or after
     ``train()``). A step is measured once: an evaluation at a step the schedule already measured is
     not measured again, and its validation loss is appended to the run record's ``log.jsonl`` as a
-    ``val_loss`` event (read by ``RunRecord.val_curve``); with several evaluation datasets, at the first one's
-    evaluation (name its loss, e.g. ``eval_loss_key="eval_<name>_loss"``; a key missing from the
-    metrics warns and records no validation loss). When
+    ``val_loss`` event (read by ``RunRecord.val_curve``). With several evaluation datasets (a dict),
+    name one of their losses, ``eval_loss_key="eval_<name>_loss"``: a callback added with
+    :meth:`attach` measures (or keeps the loss) at that dataset's evaluation and passes over the
+    others' at the same step; a key missing from the metrics warns and records no validation loss
+    (a plain callback, which cannot see the trainer's datasets, warns at every other dataset's
+    evaluation too). When
     ``train(resume_from_checkpoint=...)`` resumes a run, the measurements the lens recorded after the
     checkpoint's step are dropped first
     (:meth:`RunWriter.drop_after <spectral_lens.records.RunWriter.drop_after>`, with the
@@ -72,6 +75,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         self.driver = LensDriver(lens, sinks, tokens_per_step)
         self.on_evaluate_ = bool(on_evaluate)
         self.eval_loss_key = str(eval_loss_key)
+        self._warned_step: int | None = None  # the step of the last missing-key warning
         self.trainer = None
 
     def attach(self, trainer) -> "SpectralLensCallback":
@@ -96,6 +100,16 @@ class SpectralLensCallback(_transformers.TrainerCallback):
                 state.log_history.append({**scalars, "step": step})
 
         self.driver.measure(step, self.driver.tokens(step, state.num_input_tokens_seen), val_loss, log=log)
+
+    def _names_another_dataset(self, metrics) -> bool:
+        """Whether ``eval_loss_key`` names the loss of one of the attached trainer's evaluation datasets
+        (a dict) and ``metrics`` are another one's (``eval_<other>_...``): that dataset's evaluation at
+        the same step follows or came first."""
+        datasets = getattr(self.trainer, "eval_dataset", None)
+        if not isinstance(datasets, dict) or not any(self.eval_loss_key == f"eval_{n}_loss" for n in datasets):
+            return False
+        others = [f"eval_{n}_" for n in datasets if self.eval_loss_key != f"eval_{n}_loss"]
+        return any(key.startswith(other) for key in metrics for other in others)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         """Attach a lens without a model to the trainer's model, else check that it is the lens's;
@@ -122,19 +136,22 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         if not self.on_evaluate_:
             return
         val_loss = (metrics or {}).get(self.eval_loss_key)
-        if int(state.global_step) == self.driver.last_step:  # measured at this step already: keep the loss
-            step = int(state.global_step)
-            self.driver.record_val_loss(step, self.driver.tokens(step, state.num_input_tokens_seen),
-                                        None if val_loss is None else float(val_loss))
-            return
-        if val_loss is None:  # e.g. several evaluation datasets: "eval_<name>_loss", or another metric_key_prefix
+        if val_loss is None and self._names_another_dataset(metrics or {}):
+            return  # the evaluation of the dataset eval_loss_key names, at the same step, measures
+        step = int(state.global_step)
+        if val_loss is None and self._warned_step != step:  # e.g. another metric_key_prefix
+            self._warned_step = step  # once per step (each dataset of a dict evaluates at that step)
             warnings.warn(
                 f"SpectralLensCallback: eval_loss_key {self.eval_loss_key!r} is not among the evaluation's metrics "
-                f"{sorted(metrics or {})}; the measurement at step {int(state.global_step)} records no validation "
+                f"{sorted(metrics or {})}; the measurement at step {step} records no validation "
                 "loss (pass eval_loss_key= one of those)",
                 SpectralLensWarning,
                 stacklevel=2,
             )
+        if step == self.driver.last_step:  # measured at this step already: keep the loss
+            self.driver.record_val_loss(step, self.driver.tokens(step, state.num_input_tokens_seen),
+                                        None if val_loss is None else float(val_loss))
+            return
         val_loss = None if val_loss is None else float(val_loss)
         if self.driver.lens.model is not None:  # in train(), or a lens built on the model
             self._measure(state, val_loss)
