@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
+from .._warnings import SpectralLensWarning
 from ..attachment import Attachment
 from ..lens import LensMeasurement, SpectralLens
 from ..records.schema import MEASUREMENTS_FILE
@@ -205,6 +207,14 @@ class LensDriver:
         other ranks). ``log``: called with the scalars on rank 0 after the sinks (the framework's own
         loggers). An error of a sink or of ``log`` on rank 0 is agreed with the other ranks: every
         rank raises."""
+        writer = self.lens.writer
+        if self._from_rank0(writer is not None and bool(getattr(writer, "closed", False))):
+            # the user closed the run record after train()/fit() (the guides do), then evaluated again:
+            # nothing to record into; every rank skips alike (the writer lives on rank 0 only)
+            warnings.warn(f"spectral-lens: the lens's RunWriter ({getattr(writer, 'path', 'rank 0')}) is closed, so the "
+                          f"measurement due at step {step} is skipped; close the writer after the last evaluation "
+                          "to record it", SpectralLensWarning, stacklevel=3)
+            return {}
         try:
             m = self.lens.measure(step, tokens, val_loss=val_loss)
             self.last_step = step

@@ -93,3 +93,20 @@ def test_sinks_shade_the_windows_of_the_summaries():
 
     LensDriver(lens(deep), [Sink()], None).measure(0, 0)
     assert seen == [((200, 400), (10, 40))]
+
+
+def test_a_measurement_due_after_the_writer_was_closed_is_skipped_with_a_warning(tmp_path):
+    """The guides close the run's writer after train(); a later trainer.evaluate() at an unmeasured step
+    made the callback measure into it: ValueError 'RunWriter ... is closed' (with an odd max_steps in the
+    HF guide's own example). Now that measurement is skipped, with a warning naming the writer."""
+    from spectral_lens.records import RunInfo, RunWriter, open_runs
+
+    model = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
+    writer = RunWriter(tmp_path / "run", RunInfo("r", total_tokens=1000), fsync=False)
+    d = LensDriver(lens(model, writer=writer, schedule=sl.Schedule.every(2)), (), 100)
+    assert d.measure(2, d.tokens(2))
+    writer.close()
+    with pytest.warns(sl.SpectralLensWarning, match=r"RunWriter \(.*run\) is closed, so the measurement due at step 3"):
+        assert d.measure(3, d.tokens(3), val_loss=2.5) == {}
+    assert [m.step for m in d.lens.history] == [2]
+    assert [m.step for m in open_runs([tmp_path / "run"])[0].measurements] == [2]
