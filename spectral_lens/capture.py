@@ -229,6 +229,13 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return model
 
 
+def uncompiled_name(name: str) -> str:
+    """A module or parameter name as the uncompiled model has it: without the ``_orig_mod`` segments a
+    ``torch.compile`` wrapper of a submodule inserts (per-block compilation, as torchtitan compiles
+    each transformer block), so measurements of compiled and eager models are recorded alike."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def eager_forwards():
     """A context in which every ``torch.compile``d module and function runs eagerly (dynamo's
     ``force_eager`` stance): a measurement's forwards then call its hooks, which a graph compiled

@@ -22,7 +22,7 @@ from .activation_capture import attach
 from .attachment import Attachment
 from ._warnings import NonFiniteError
 from .capture import (Target, check_pick, eager_forwards, measurement_autocast, measurement_pass, select_modules,
-                      unwrap_compiled)
+                      uncompiled_name, unwrap_compiled)
 from .gradients import PerSampleGradientProbe
 from .gradients.probe import is_encoder_decoder, refuse_parallel_wrapper
 from .gradients._batch import batch_size, default_forward, slice_batch
@@ -598,7 +598,7 @@ class SpectralLens:
             raise NonFiniteError(f"{exc} (SpectralLens has no nonfinite= option: it measures finite hidden states "
                                  "only; to skip non-finite rows, attach an ActivationCovarianceAccumulator "
                                  "yourself: sl.attach(model, layers, nonfinite='skip'))") from exc
-        return {f"act:{name}": spectrum for name, spectrum in spectra.items()}
+        return {f"act:{uncompiled_name(name)}": spectrum for name, spectrum in spectra.items()}
 
     def _activation_pass(self, model: nn.Module, capture, rank: int, world: int) -> int:
         """This rank's forwards over its share of the pool (batch ``i`` for ``i % world == rank``);
@@ -703,9 +703,9 @@ class SpectralLens:
         if isinstance(spectra, Spectrum):
             spectra = {next(iter(self.probe.params)): spectra}
             noise = {next(iter(self.probe.params)): noise}
-        scalars = {f"noise_scale:{n}": float(ns.b_simple) for n, ns in noise.items()}
-        scalars["noise_scale"] = scalars[f"noise_scale:{next(iter(noise))}"]
-        return {f"grad:{n}": s for n, s in spectra.items()}, scalars
+        scalars = {f"noise_scale:{uncompiled_name(n)}": float(ns.b_simple) for n, ns in noise.items()}
+        scalars["noise_scale"] = scalars[f"noise_scale:{uncompiled_name(next(iter(noise)))}"]
+        return {f"grad:{uncompiled_name(n)}": s for n, s in spectra.items()}, scalars
 
     # ----------------------------------------------------------------- interface
     def measure(self, step: int, tokens: int, *, val_loss: float | None = None, progress: float | None = None) -> LensMeasurement:

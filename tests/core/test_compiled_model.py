@@ -189,3 +189,22 @@ def test_an_empty_capture_names_the_compiled_graph_as_a_likely_cause():
         with sl.attach(model, LAYER) as capture, torch.compiler.set_stance("force_eager"):
             compiled(x)  # the remedy the message names
         assert capture.compute()[LAYER].n_rows == x.numel()
+
+
+def test_blocks_compiled_one_by_one_are_recorded_under_the_eager_names():
+    """Per-block compilation (``model.h[i] = torch.compile(model.h[i])``, as torchtitan compiles each
+    block) puts ``_orig_mod`` inside the names: the lens recorded 'grad:h.2._orig_mod.attn.c_proj.weight',
+    so a compiled and an eager variant's records named the same matrix differently. Now both record
+    the eager names, with the same spectra."""
+    torch.manual_seed(0)
+    eager = TinyLM(tied=False, dropout=0.0).double()
+    compiled = copy.deepcopy(eager)
+    for i in range(len(compiled.h)):
+        compiled.h[i] = torch.compile(compiled.h[i], backend="eager")
+    pool = [(x, y) for x, y in lm_pool()]
+    a = sl.SpectralLens(eager, pool, precision="float64", progress=False).measure(1, 10)
+    b = sl.SpectralLens(compiled, pool, precision="float64", progress=False).measure(1, 10)
+    assert sorted(a.spectra) == sorted(b.spectra) == [f"act:{LAYER}", f"grad:{PARAM}"]
+    assert sorted(a.scalars) == sorted(b.scalars)
+    for name in a.spectra:
+        assert torch.allclose(a.spectra[name].values, b.spectra[name].values, rtol=1e-10, atol=0), name
