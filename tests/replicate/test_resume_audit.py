@@ -39,3 +39,23 @@ def test_a_report_killed_mid_write_leaves_no_temporary_file_after_the_rerun(fini
     assert not any(p.exists() for p in stale)
     assert keep.read_text() == "mine"
     assert (out / "report" / "verdict.txt").read_text() == (finished / "report" / "verdict.txt").read_text()
+
+
+def test_a_measured_run_that_diverges_is_one_line_with_status_2_and_leaves_the_finished_runs(finished, tmp_path,
+                                                                                           capsys, monkeypatch):
+    # ToyWorkload.run raises FloatingPointError on a non-finite training loss; the CLI caught only ValueError,
+    # KeyError and OSError, so a diverging measured run ended `python -m examples.toy` with a traceback
+    from examples.toy.workload import ToyWorkload
+
+    out = _copy(finished, tmp_path)
+    shutil.rmtree(out / "runs" / "muon-b32")
+
+    def diverge(self, family, tier, lrs, run_dir):
+        run_dir.mkdir(parents=True)
+        raise FloatingPointError(f"toy {run_dir.name}: training loss nan at 96 examples")
+
+    monkeypatch.setattr(ToyWorkload, "run", diverge)
+    assert main(["--preset", "smoke", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("examples.toy: error: ") and "muon-b32" in err and "nan" in err
+    assert sorted(p.name for p in (out / "runs").iterdir() if not p.name.startswith(".")) == ["muon-b16", "muon-b64"]
