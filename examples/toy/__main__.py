@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from examples.cli import OneLineParser, directory, one_line
-from examples.replicate.settings import check_settings
+from examples.replicate.settings import check_settings, holds_other_files
 
 from .presets import PRESETS
 
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        if out.is_dir() and not (out / "preset.json").exists() and not (out / "preset.json").is_symlink() \
-                and any(out.iterdir()):
+        if not (out / "preset.json").exists() and not (out / "preset.json").is_symlink() \
+                and holds_other_files(out):
             raise ValueError(f"{out} is not empty and holds no toy run: choose another --out")
         check_settings(out, preset, "toy run")  # every setting, as examples.speedrun: never mix results
     except (ValueError, OSError) as exc:

@@ -59,3 +59,26 @@ def test_a_measured_run_that_diverges_is_one_line_with_status_2_and_leaves_the_f
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("examples.toy: error: ") and "muon-b32" in err and "nan" in err
     assert sorted(p.name for p in (out / "runs").iterdir() if not p.name.startswith(".")) == ["muon-b16", "muon-b64"]
+
+
+
+def test_a_first_call_killed_while_writing_preset_json_can_be_rerun(tmp_path, capsys, monkeypatch):
+    # SIGKILL between `out.mkdir` and the rename of preset.json leaves only `.preset.json.<hex>.tmp`; the rerun
+    # refused it ("is not empty and holds no toy run: choose another --out") although nothing had been done
+    import examples.replicate.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):  # stop right after the settings check: Ctrl-C in the tuner
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "replicate", interrupted)
+    out = tmp_path / "toy"
+    out.mkdir()
+    stale = out / ".preset.json.0123456789abcdef0123456789abcdef.tmp"
+    stale.write_text('{"name": "sm')
+    (out / "tune").mkdir()  # with another file besides, still refused
+    assert main(["--preset", "smoke", "--out", str(out)]) == 2
+    assert "is not empty and holds no toy run" in capsys.readouterr().err
+    (out / "tune").rmdir()
+    assert main(["--preset", "smoke", "--out", str(out)]) == 130
+    assert "interrupted: rerun the same command" in capsys.readouterr().err
+    assert not stale.exists() and json.loads((out / "preset.json").read_text())["name"] == "smoke"
