@@ -9,7 +9,8 @@ interrupted pipeline is resumed by running the same command again:
 * ``runs/<family>-b<tier>/``: one complete run record per measured run (:mod:`.runs`; a run is
   trained into a temporary directory and renamed into place when complete);
 * ``report/``: ``report.md`` (``spectral_lens.report.build_report`` plus the workload's own sections
-  and figures) and ``verdict.json`` / ``verdict.txt`` (:mod:`.verdict`), rebuilt on every call.
+  and figures) and ``verdict.json`` / ``verdict.txt`` (:mod:`.verdict`), rebuilt on every call (the
+  temporary files of a call killed mid-write are removed first).
 
 Workloads may define, besides the :class:`~examples.replicate.workload.Workload` contract:
 ``fraction`` (the early progress fraction, default 0.2), ``window`` (the tail rank window; default
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -36,6 +38,18 @@ from .verdict import Verdict, verdict
 from .workload import Workload
 
 __all__ = ["replicate", "chain_transitions"]
+
+#: The temporary files of ``spectral_lens.atomic.write_atomic`` (``.<name>.<uuid hex>.tmp``).
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Remove the temporary files an earlier call killed mid-write left in ``directory`` (the report's
+    files are rebuilt on every call, so one left there would stay for good)."""
+    if directory.is_dir():
+        for p in directory.iterdir():
+            if _TEMPORARY.fullmatch(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
 
 
 def chain_transitions(runs: Sequence[RunRecord], families: Sequence[str], target: float) -> list[tuple[str, str]]:
@@ -86,6 +100,7 @@ def replicate(workload: Workload, out: Path, tuner: TunerSettings, *, stream=Non
     v = verdict(runs, target=workload.target_loss, families=workload.families, unit=workload.unit,
                 fraction=fraction, window=window)
     report_dir = out / "report"
+    _remove_stale_temporaries(report_dir)
     transitions = chain_transitions(runs, workload.families, workload.target_loss)
     rep = build_report(runs, report_dir, target_loss=workload.target_loss, fraction=fraction, window=window,
                        transitions=transitions, title=f"{workload.name}: tuned batch sweep")

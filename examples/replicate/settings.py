@@ -8,9 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
-__all__ = ["check_settings", "settings_of"]
+__all__ = ["check_settings", "settings_of", "holds_other_files"]
+
+#: The temporary file of an atomic write of ``preset.json`` (``write_atomic``: ``.<name>.<uuid hex>.tmp``).
+_PRESET_TEMPORARY = re.compile(r"\.preset\.json\.[0-9a-f]{32}\.tmp")
+
+
+def holds_other_files(out: Path) -> bool:
+    """Whether ``out`` is a directory holding anything but ``preset.json`` being written (the temporary file a
+    first call killed while writing it leaves; ``out`` is then still a fresh output directory)."""
+    out = Path(out)
+    return out.is_dir() and any(not _PRESET_TEMPORARY.fullmatch(p.name) for p in out.iterdir())
 
 #: Preset fields that do not change any result (a planned wall time for the ETA): not compared.
 INFORMATIONAL = frozenset({"expected_minutes"})
@@ -69,4 +80,7 @@ def check_settings(out: Path, preset, what: str = "run") -> None:
                              "use a new --out or the same preset")
     else:
         out.mkdir(parents=True, exist_ok=True)
+        for p in out.iterdir():  # left by a first call killed while writing preset.json
+            if _PRESET_TEMPORARY.fullmatch(p.name):
+                p.unlink(missing_ok=True)
         write_text_atomic(path, json.dumps(want, indent=1) + "\n")

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from examples.nanogpt.train import load_fitting_data
         from examples.replicate import replicate
+        from examples.replicate.settings import holds_other_files
 
         from .summary import PAPER
         from .workload import ZooWorkload
@@ -85,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         # fail fast on missing shards or token ids beyond the profile's vocabulary (with --data SHARDS on a
         # byte-level preset every tuner trial failed, and the error blamed tune/choices.json), before any training
         load_fitting_data(preset.data, preset.profile)
-        if out.is_dir() and not (out / "preset.json").exists() and not (out / "preset.json").is_symlink() \
-                and any(out.iterdir()):  # as examples.toy: never write a speedrun into another run's directory
+        if not (out / "preset.json").exists() and not (out / "preset.json").is_symlink() \
+                and holds_other_files(out):  # as examples.toy: never write a speedrun into another run's directory
             raise ValueError(f"{out} is not empty and holds no speedrun: choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         check_settings(out, preset)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from examples.cli import OneLineParser, directory, one_line
-from examples.replicate.settings import check_settings
+from examples.replicate.settings import check_settings, holds_other_files
 
 from .presets import PRESETS
 
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        if out.is_dir() and not (out / "preset.json").exists() and not (out / "preset.json").is_symlink() \
-                and any(out.iterdir()):
+        if not (out / "preset.json").exists() and not (out / "preset.json").is_symlink() \
+                and holds_other_files(out):
             raise ValueError(f"{out} is not empty and holds no toy run: choose another --out")
         check_settings(out, preset, "toy run")  # every setting, as examples.speedrun: never mix results
     except (ValueError, OSError) as exc:
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, KeyError, OSError) as exc:  # e.g. a malformed choices file in OUT/tune: one line
         print(f"examples.toy: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:  # a measured run diverged at the tuner's rate: one line, finished runs kept
+        print(f"examples.toy: error: {one_line(exc)} (the run is not kept; finished runs are)", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(previous)

@@ -1,0 +1,84 @@
+"""Interrupting and resuming the replication pipeline (``python -m examples.toy``): faults injected in-process
+into the ``smoke`` preset, the outputs compared with an uninterrupted run's."""
+import json
+import shutil
+
+import pytest
+
+pytest.importorskip("optuna", reason="the toy's tuner needs the tune extra: pip install -e '.[tune]'")
+
+from examples.toy.__main__ import main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One uninterrupted ``smoke`` job (tuner, three runs, report)."""
+    out = tmp_path_factory.mktemp("resume") / "done"
+    assert main(["--preset", "smoke", "--out", str(out)]) == 0
+    return out
+
+
+def _copy(finished, tmp_path):
+    out = tmp_path / "toy"
+    shutil.copytree(finished, out)
+    return out
+
+
+def test_a_report_killed_mid_write_leaves_no_temporary_file_after_the_rerun(finished, tmp_path, capsys):
+    # SIGKILL during the report stage (shown with a subprocess: `.loss.png.<hex>.tmp` stayed in report/ for good,
+    # since the report is rebuilt, never resumed)
+    out = _copy(finished, tmp_path)
+    stale = [out / "report" / ".loss.png.2f6a11c8c2f14c8d9282e2cd919afaeb.tmp",
+             out / "report" / ".report.md.0123456789abcdef0123456789abcdef.tmp"]
+    for p in stale:
+        p.write_bytes(b"half a file")
+    keep = out / "report" / "notes.tmp"  # not a temporary file of ours
+    keep.write_text("mine")
+    assert main(["--preset", "smoke", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert not any(p.exists() for p in stale)
+    assert keep.read_text() == "mine"
+    assert (out / "report" / "verdict.txt").read_text() == (finished / "report" / "verdict.txt").read_text()
+
+
+def test_a_measured_run_that_diverges_is_one_line_with_status_2_and_leaves_the_finished_runs(finished, tmp_path,
+                                                                                           capsys, monkeypatch):
+    # ToyWorkload.run raises FloatingPointError on a non-finite training loss; the CLI caught only ValueError,
+    # KeyError and OSError, so a diverging measured run ended `python -m examples.toy` with a traceback
+    from examples.toy.workload import ToyWorkload
+
+    out = _copy(finished, tmp_path)
+    shutil.rmtree(out / "runs" / "muon-b32")
+
+    def diverge(self, family, tier, lrs, run_dir):
+        run_dir.mkdir(parents=True)
+        raise FloatingPointError(f"toy {run_dir.name}: training loss nan at 96 examples")
+
+    monkeypatch.setattr(ToyWorkload, "run", diverge)
+    assert main(["--preset", "smoke", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("examples.toy: error: ") and "muon-b32" in err and "nan" in err
+    assert sorted(p.name for p in (out / "runs").iterdir() if not p.name.startswith(".")) == ["muon-b16", "muon-b64"]
+
+
+
+def test_a_first_call_killed_while_writing_preset_json_can_be_rerun(tmp_path, capsys, monkeypatch):
+    # SIGKILL between `out.mkdir` and the rename of preset.json leaves only `.preset.json.<hex>.tmp`; the rerun
+    # refused it ("is not empty and holds no toy run: choose another --out") although nothing had been done
+    import examples.replicate.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):  # stop right after the settings check: Ctrl-C in the tuner
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "replicate", interrupted)
+    out = tmp_path / "toy"
+    out.mkdir()
+    stale = out / ".preset.json.0123456789abcdef0123456789abcdef.tmp"
+    stale.write_text('{"name": "sm')
+    (out / "tune").mkdir()  # with another file besides, still refused
+    assert main(["--preset", "smoke", "--out", str(out)]) == 2
+    assert "is not empty and holds no toy run" in capsys.readouterr().err
+    (out / "tune").rmdir()
+    assert main(["--preset", "smoke", "--out", str(out)]) == 130
+    assert "interrupted: rerun the same command" in capsys.readouterr().err
+    assert not stale.exists() and json.loads((out / "preset.json").read_text())["name"] == "smoke"
