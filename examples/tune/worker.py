@@ -73,6 +73,7 @@ class _Worker:
         self.heartbeat_interval, self.grace_period, self.poll_interval = heartbeat_interval, grace_period, poll_interval
         self.progress = progress
         self.held: dict[int, object] = {}      # trial_id -> optuna.Trial
+        self.silent_noted: set[int] = set()    # trials this worker said it is waiting for (one note each)
         self.lock = threading.Lock()
         self.stop = threading.Event()
 
@@ -104,6 +105,13 @@ class _Worker:
             if ft.datetime_start is not None:
                 signs.append(ft.datetime_start.timestamp())
             if not signs or now - max(signs) < self.grace_period:
+                silent = now - max(signs) if signs else 0.0
+                if silent > 2 * self.heartbeat_interval and ft._trial_id not in self.silent_noted and self.progress:
+                    # a rerun after its predecessor was killed waits here; say so rather than stall silently
+                    self.silent_noted.add(ft._trial_id)
+                    self.progress.note(f"trial {ft.number} ({ft.user_attrs.get('key', '?')}): no heartbeat for "
+                                       f"{silent:.0f} s; taken over after {self.grace_period:g} s without one (its "
+                                       "worker may have been stopped)")
                 continue
             try:
                 if not study._storage.set_trial_state_values(ft._trial_id, state=optuna.trial.TrialState.FAIL):

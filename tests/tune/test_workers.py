@@ -343,3 +343,34 @@ def test_a_rung_is_not_decided_while_a_lost_candidate_awaits_its_retry(tmp_path)
                grace_period=0.3, poll_interval=0.05, **kw)
     assert res.survivors[("f", 8)] == [["f/b8/x1", "f/b8/x0.5"], ["f/b8/x1"]]
     assert res.choices[("f", 8)].scale == 1.0
+
+
+def test_a_silent_trial_is_announced_once_while_it_waits_out_the_grace_period(tmp_path):
+    """A rerun after a SIGKILL waits out grace_period (60 s) before taking over the dead worker's trials;
+    it did so silently (66-69 s of no output for the smoke preset). Now one note per trial says why."""
+    import time
+
+    from examples.tune.tuner import _open_studies, _validate
+    from examples.tune.worker import _claim, _Worker
+
+    class Notes:
+        def __init__(self):
+            self.lines = []
+
+        def note(self, message):
+            self.lines.append(message)
+
+    cfg = _validate({"f": {"lr": 1.0}}, [8], 8, [10], "synchronized", 1, None, None, 2, (1.0,), 1e-9, None)
+    (study,) = _open_studies(cfg, None, "x").values()
+    trial = _claim(study)  # claimed by a worker that never beats again
+    notes = Notes()
+    w = _Worker({None: study}, SyntheticTrainable(), cfg, tmp_path, heartbeat_interval=0.05, grace_period=60.0,
+                poll_interval=0.01, progress=notes)
+    w._sweep_stale(study)
+    assert notes.lines == []  # not silent for long yet
+    time.sleep(0.15)
+    w._sweep_stale(study)
+    w._sweep_stale(study)
+    assert len(notes.lines) == 1 and notes.lines[0].startswith(f"trial {trial.number} (f/b8/x1): no heartbeat for ")
+    assert "taken over after 60 s without one" in notes.lines[0]
+    assert study.get_trials()[0].state.name == "RUNNING"  # still within the grace period: not taken over
