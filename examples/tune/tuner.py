@@ -27,6 +27,8 @@ import json
 import math
 import os
 import sys
+import threading
+import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -332,9 +334,28 @@ def _at_edge(choices: Mapping[tuple[str, int], Candidate],
     return out
 
 
+def exit_with_parent(parent: int, interval: float = 1.0) -> threading.Thread:
+    """Watch, from a daemon thread, whether the process ``parent`` is still this process's parent, and
+    end this process at once (status 1) when it is not: a worker whose ``tune()`` process was killed
+    (SIGKILL reaches no child) would otherwise train on to the study's end, unseen. Its trials are
+    then taken over like those of any killed worker (the journal and checkpoints are written
+    atomically, so a kill at any point is safe)."""
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 def _worker_main(trainable, cfg: _Config, storage_url, study_name, workdir, heartbeat_interval, grace_period,
-                 poll_interval) -> None:
-    """Entry point of an extra worker process started by :func:`tune` (spawn)."""
+                 poll_interval, parent: int | None = None) -> None:
+    """Entry point of an extra worker process started by :func:`tune` (spawn); it ends with ``parent``."""
+    if parent is not None:
+        exit_with_parent(parent)
     try:
         studies = _open_studies(cfg, storage_url, study_name)
         _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
@@ -409,7 +430,7 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
         ctx = mp.get_context("spawn")
         for _ in range(n_workers - 1):
             p = ctx.Process(target=_worker_main, args=(trainable, cfg, storage, study_name, workdir,
-                                                       heartbeat_interval, grace_period, poll_interval))
+                                                       heartbeat_interval, grace_period, poll_interval, os.getpid()))
             p.start()
             procs.append(p)
     bar = Progress(total=len(cfg.candidates())) if progress else None

@@ -374,3 +374,53 @@ def test_a_silent_trial_is_announced_once_while_it_waits_out_the_grace_period(tm
     assert len(notes.lines) == 1 and notes.lines[0].startswith(f"trial {trial.number} (f/b8/x1): no heartbeat for ")
     assert "taken over after 60 s without one" in notes.lines[0]
     assert study.get_trials()[0].state.name == "RUNNING"  # still within the grace period: not taken over
+
+
+def test_an_extra_worker_ends_when_its_tune_process_is_killed(tmp_path):
+    """A SIGKILL of the tune() process alone reaches no child: its spawned workers trained on to the study's
+    end, unseen. Each now watches its parent and exits once it is gone (checked with a real process tree:
+    a parent that spawns a watching child, then is killed)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    pidfile = tmp_path / "child.pid"
+    script = textwrap.dedent(f"""
+        import multiprocessing as mp, os, time
+        from examples.tune.tuner import exit_with_parent
+
+        def child(parent):
+            exit_with_parent(parent, interval=0.1)
+            open({str(pidfile)!r}, "w").write(str(os.getpid()))
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            p = mp.get_context("spawn").Process(target=child, args=(os.getpid(),))
+            p.start()
+            time.sleep(60)
+    """)
+    (tmp_path / "parent.py").write_text(script)  # spawn imports the child's function from a file
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], cwd=os.getcwd(),
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.time() + 60
+        while not (pidfile.exists() and pidfile.read_text()) and time.time() < deadline:
+            time.sleep(0.05)
+        child = int(pidfile.read_text())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.time() + 10
+        alive = True
+        while alive and time.time() < deadline:
+            try:
+                os.kill(child, 0)
+                time.sleep(0.05)
+            except ProcessLookupError:
+                alive = False
+        assert not alive, "the worker outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
