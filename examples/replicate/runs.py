@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Mapping
 
+from spectral_lens.records.schema import LOG_FILE, MEASUREMENTS_FILE, RUN_FILE
+
 from .progress import Progress
 from .workload import Workload
 
@@ -55,6 +57,7 @@ def train_runs(workload: Workload, lrs: Mapping[tuple[str, int], Mapping[str, fl
             if not final.exists():
                 todo.append((family, tier, final))
             else:
+                _check_finished(final)
                 _check_rates(final, lrs[(family, tier)])
     progress = Progress(len(todo) * workload.budget, "train", stream=stream)
     progress.note(f"{len(dirs) - len(todo)} of {len(dirs)} runs already complete; training {len(todo)} "
@@ -71,6 +74,16 @@ def train_runs(workload: Workload, lrs: Mapping[tuple[str, int], Mapping[str, fl
     if (runs_dir / ".partial").exists() and not any((runs_dir / ".partial").iterdir()):
         (runs_dir / ".partial").rmdir()
     return dirs
+
+
+def _check_finished(run_dir: Path) -> None:
+    """Raise when a final run directory lacks one of its record's files: runs are renamed into place
+    only when complete, so one missing means the directory was changed by hand, and its results
+    (a run without measurements ranks as if it never reached the target) would change the verdict."""
+    missing = [name for name in (RUN_FILE, LOG_FILE, MEASUREMENTS_FILE) if not (run_dir / name).is_file()]
+    if missing:
+        raise ValueError(f"{run_dir}: this finished run is missing {', '.join(missing)}; delete the run directory "
+                         "to train it again")
 
 
 def _check_rates(run_dir: Path, lrs: Mapping[str, float]) -> None:

@@ -8,6 +8,12 @@ import pytest
 from examples.replicate.runs import run_id, train_runs
 
 
+def _record_files(run_dir: Path) -> None:
+    """The two JSONL files every finished record holds (empty here: these fakes measure nothing)."""
+    (run_dir / "log.jsonl").write_text("")
+    (run_dir / "measurements.jsonl").write_text("")
+
+
 class FakeWorkload:
     name = "fake"
     unit = "examples"
@@ -27,6 +33,7 @@ class FakeWorkload:
         if (family, tier) == self.fail_on:
             raise KeyboardInterrupt  # an interruption in the middle of a run
         (run_dir / "run.json").write_text(json.dumps({"lrs": lrs, "name": run_dir.name}))
+        _record_files(run_dir)
         return run_dir
 
 
@@ -107,6 +114,7 @@ class RecordingWorkload(FakeWorkload):
         self.calls.append((family, tier))
         run_dir.mkdir(parents=True)
         (run_dir / "run.json").write_text(json.dumps({"run_id": run_dir.name, "extras": {"lrs": dict(lrs)}}))
+        _record_files(run_dir)
         return run_dir
 
 
@@ -121,4 +129,16 @@ def test_a_finished_run_with_other_rates_is_refused(tmp_path):
         train_runs(w, retuned, tmp_path, stream=io.StringIO())
     assert w.calls == []
     train_runs(w, LRS, tmp_path, stream=io.StringIO())  # the same rates: every run kept
+    assert w.calls == []
+
+
+def test_a_finished_run_missing_a_record_file_is_refused(tmp_path):
+    """Runs are renamed into place only when complete, so a final directory without measurements.jsonl
+    was changed by hand; it counted as complete, and its run ranked as if it never reached the target."""
+    train_runs(FakeWorkload(), LRS, tmp_path, stream=io.StringIO())
+    (tmp_path / "b-b1" / "measurements.jsonl").unlink()
+    w = FakeWorkload()
+    with pytest.raises(ValueError, match=r"b-b1: this finished run is missing measurements.jsonl; delete the run "
+                                         r"directory to train it again"):
+        train_runs(w, LRS, tmp_path, stream=io.StringIO())
     assert w.calls == []
