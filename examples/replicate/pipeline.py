@@ -12,6 +12,10 @@ interrupted pipeline is resumed by running the same command again:
   and figures) and ``verdict.json`` / ``verdict.txt`` (:mod:`.verdict`), rebuilt on every call (the
   temporary files of a call killed mid-write are removed first).
 
+A running pipeline holds an exclusive lock on ``OUT/.replicate.lock`` (released by the kernel if it
+is killed): a second job started into the same directory meanwhile is refused with a ``ValueError``
+instead of training the same runs and removing the other's ``.partial`` run.
+
 Workloads may define, besides the :class:`~examples.replicate.workload.Workload` contract:
 ``fraction`` (the early progress fraction, default 0.2), ``window`` (the tail rank window; default
 the records' scale rule) and ``report_sections(runs, out_dir) -> list[str]`` (Markdown sections,
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from spectral_lens.analysis import tokens_to_target
+from spectral_lens import locks
 from spectral_lens.atomic import write_text_atomic
 from spectral_lens.records import RunRecord, open_runs
 from spectral_lens.report import build_report
@@ -38,6 +43,9 @@ from .verdict import Verdict, verdict
 from .workload import Workload
 
 __all__ = ["replicate", "chain_transitions"]
+
+#: The lock file a running :func:`replicate` holds in its output directory (one job per directory).
+LOCK_FILE = ".replicate.lock"
 
 #: The temporary files of ``spectral_lens.atomic.write_atomic`` (``.<name>.<uuid hex>.tmp``).
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
@@ -83,6 +91,20 @@ def replicate(workload: Workload, out: Path, tuner: TunerSettings, *, stream=Non
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK_FILE
+    try:
+        fd = locks.acquire(lock)
+    except BlockingIOError:
+        raise ValueError(f"{out}: another replication is running into this directory (it holds {lock}); wait for "
+                         "it, or stop it and rerun to resume") from None
+    try:
+        return _replicate(workload, out, tuner, stream)
+    finally:
+        if fd is not None:
+            locks.release(fd, os.getpid())
+
+
+def _replicate(workload: Workload, out: Path, tuner: TunerSettings, stream) -> Verdict:
     fraction = float(getattr(workload, "fraction", 0.2))
     window = getattr(workload, "window", None)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import numbers
 import operator
@@ -16,11 +15,7 @@ from typing import Any
 
 import torch
 
-try:  # POSIX; elsewhere (Windows) a run directory is not locked
-    import fcntl
-except ImportError:  # pragma: no cover - depends on the platform
-    fcntl = None
-
+from .. import locks
 from ..atomic import TMP_SUFFIX, named_os_error, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
 from ..spectra.fit import tail_window as _tail_window
@@ -472,12 +467,8 @@ class RunWriter:
             _, fd = self._fds.popitem()
             os.close(fd)
         lock, self._lock_fd = getattr(self, "_lock_fd", None), None
-        if lock is not None:
-            try:  # explicitly: a process forked meanwhile shares the descriptor, and closing ours alone
-                if os.getpid() == self._lock_pid:  # would leave the lock held until that process exits too;
-                    fcntl.flock(lock, fcntl.LOCK_UN)  # but a forked child (a DataLoader worker) closing its
-            finally:  # copy must not release the lock of the writer still open in its parent
-                os.close(lock)
+        if lock is not None:  # unlocked explicitly (a process forked meanwhile shares the descriptor), but
+            locks.release(lock, self._lock_pid)  # only by this process, not by a forked child's close
 
     def __reduce_ex__(self, protocol):
         # its open files are raw descriptors: in another process (a pickle sent by multiprocessing or a
@@ -507,33 +498,21 @@ LOCK_FILE = ".writer.lock"
 
 
 def _lock_run_dir(path: Path) -> int | None:
-    """An exclusive, non-blocking ``flock`` on ``path/LOCK_FILE``; its descriptor (``None`` where the file
-    system has no locks, with a warning). Held by another writer (another process, or another object in
-    this one): ``RuntimeError`` naming the directory. The kernel releases the lock when its holder exits
-    or is killed, so a crash leaves no stale lock behind."""
-    if fcntl is None:  # pragma: no cover - depends on the platform
-        return None
+    """The run directory's lock (:func:`spectral_lens.locks.acquire` on ``path/LOCK_FILE``); its descriptor,
+    ``None`` where the file system has no locks (with a warning). Held by another writer (another process,
+    or another object in this one): ``RuntimeError`` naming the directory."""
     lock_file = path / LOCK_FILE
     try:
-        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise named_os_error(exc, lock_file) from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = locks.acquire(lock_file)
     except BlockingIOError:
-        os.close(fd)
         raise RuntimeError(
             f"{path}: another RunWriter has this run directory open (it holds the lock on {lock_file}); "
             "one writer per run directory: close the other writer first (a killed writer's lock is released "
             "when its process exits)"
         ) from None
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            warnings.warn(f"{path}: the file system does not support locks ({exc.strerror}); a second "
-                          "RunWriter on this directory would not be refused", RecordWarning, stacklevel=4)
-            return None
-        raise named_os_error(exc, lock_file) from exc
+    if fd is None and locks.SUPPORTED:
+        warnings.warn(f"{path}: the file system does not support locks; a second RunWriter on this directory "
+                      "would not be refused", RecordWarning, stacklevel=4)
     return fd
 
 

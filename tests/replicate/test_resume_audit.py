@@ -1,6 +1,7 @@
 """Interrupting and resuming the replication pipeline (``python -m examples.toy``): faults injected in-process
 into the ``smoke`` preset, the outputs compared with an uninterrupted run's."""
 import json
+import os
 import shutil
 
 import pytest
@@ -82,3 +83,22 @@ def test_a_first_call_killed_while_writing_preset_json_can_be_rerun(tmp_path, ca
     assert main(["--preset", "smoke", "--out", str(out)]) == 130
     assert "interrupted: rerun the same command" in capsys.readouterr().err
     assert not stale.exists() and json.loads((out / "preset.json").read_text())["name"] == "smoke"
+
+
+def test_a_second_job_into_the_same_directory_is_refused_while_one_runs(tmp_path):
+    """Two replications into one --out trained the same runs side by side and removed each other's
+    .partial run; now the second is refused, naming the directory, and the first's lock dies with it."""
+    from examples.replicate.pipeline import LOCK_FILE, replicate
+    from examples.replicate.tuning import TunerSettings
+    from spectral_lens import locks
+
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = locks.acquire(out / LOCK_FILE)  # a running job (another descriptor: flock refuses a second one)
+    try:
+        with pytest.raises(ValueError, match=r"another replication is running into this directory"):
+            replicate(object(), out, TunerSettings(rungs=(8,)), stream=False)
+    finally:
+        locks.release(fd, os.getpid())
+    fd = locks.acquire(out / LOCK_FILE)  # released: free again
+    locks.release(fd, os.getpid())
