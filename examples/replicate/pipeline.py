@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from spectral_lens.analysis import tokens_to_target
-from spectral_lens import locks
+from spectral_lens import _locks as locks
 from spectral_lens.atomic import write_text_atomic
 from spectral_lens.records import RunRecord, open_runs
 from spectral_lens.report import build_report

@@ -2,38 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 import weakref
-from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 from .._warnings import SpectralLensWarning
 from ..attachment import Attachment
 from ..lens import LensMeasurement, SpectralLens
-from ..records.schema import MEASUREMENTS_FILE
 from .summaries import measurement_scalars
 
 # The attachment a callback made for each lens it attached (a lens built without a model). When a
 # run raised, its end hook never ran and the lens is still bound to that run's model; the next
 # callback run of the lens re-attaches it to its own model instead of refusing it.
 _CALLBACK_ATTACHMENTS: "weakref.WeakKeyDictionary[SpectralLens, Attachment]" = weakref.WeakKeyDictionary()
-
-
-def _recorded_at(path, step: int) -> bool:
-    """Whether the run record at ``path`` holds a measurement at ``step`` (unreadable lines skipped)."""
-    try:
-        lines = (Path(path) / MEASUREMENTS_FILE).read_bytes().splitlines()
-    except FileNotFoundError:
-        return False
-    for raw in lines:
-        try:
-            obj = json.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            continue
-        if isinstance(obj, dict) and obj.get("step") == step and not isinstance(obj.get("step"), bool):
-            return True
-    return False
 
 
 class Sink(Protocol):
@@ -123,7 +104,7 @@ class LensDriver:
         def on_rank0() -> None:
             if lens.writer is not None:
                 lens.writer.drop_after(step)
-                measured[0] = measured[0] or _recorded_at(lens.writer.path, step)
+                measured[0] = measured[0] or step in lens.writer.measured_steps()
             for sink in self.sinks:
                 if callable(getattr(sink, "resumed", None)):
                     sink.resumed(step)

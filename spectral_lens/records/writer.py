@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .. import locks
+from .. import _locks as locks
 from ..atomic import TMP_SUFFIX, named_os_error, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
 from ..spectra.fit import tail_window as _tail_window
@@ -456,6 +456,13 @@ class RunWriter:
         _write_json_atomic(self.path / RUN_FILE, header, self.fsync)
         self.info.extras.update(extras)
 
+    def measured_steps(self) -> set[int]:
+        """The steps of the lines in ``measurements.jsonl`` (a line that is not a JSON object with an
+        integer ``step`` is passed over), e.g. whether a checkpoint's step was measured before a resume."""
+        lines = (self.path / MEASUREMENTS_FILE).read_bytes().splitlines()
+        steps = (obj.get("step") for obj in map(_json_object, lines) if obj is not None)
+        return {s for s in steps if isinstance(s, int) and not isinstance(s, bool)}
+
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` ran (a closed writer refuses every write)."""
@@ -498,7 +505,7 @@ LOCK_FILE = ".writer.lock"
 
 
 def _lock_run_dir(path: Path) -> int | None:
-    """The run directory's lock (:func:`spectral_lens.locks.acquire` on ``path/LOCK_FILE``); its descriptor,
+    """The run directory's lock (:func:`spectral_lens._locks.acquire` on ``path/LOCK_FILE``); its descriptor,
     ``None`` where the file system has no locks (with a warning). Held by another writer (another process,
     or another object in this one): ``RuntimeError`` naming the directory."""
     lock_file = path / LOCK_FILE

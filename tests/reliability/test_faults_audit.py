@@ -89,7 +89,10 @@ def test_close_releases_the_lock_while_a_forked_child_lives(tmp_path):
         os._exit(0)
     try:
         w.close()
-        RunWriter(run, resume=True, fsync=False).close()
+        assert w.closed
+        again = RunWriter(run, resume=True, fsync=False)  # raised "another RunWriter" while the child held it
+        assert not again.closed
+        again.close()
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
@@ -329,3 +332,14 @@ def test_step_and_tokens_are_whole_numbers_converted_exactly(tmp_path):
             w.log(1.5, 10, train_loss=1.0)
     lines = open_runs([tmp_path / "r"])[0].measurements
     assert [(m.step, m.tokens, m.progress) for m in lines] == [(3, 300, 0.3), (4, 400, 0.4)]
+
+
+def test_measured_steps_reads_the_measurement_lines_and_passes_over_bad_ones(tmp_path):
+    with RunWriter(tmp_path / "r", RunInfo("r", total_tokens=1000), fsync=False) as w:
+        assert w.measured_steps() == set()
+        w.log_measurement(3, 300, {"act": _spec()})
+        w.log_measurement(7, 700, {})
+        w.log(9, 900, train_loss=1.0)  # an event, not a measurement
+        with open(tmp_path / "r" / "measurements.jsonl", "ab") as f:
+            f.write(b'not json\n{"step": true}\n[1, 2]\n{"step": "8"}\n')
+        assert w.measured_steps() == {3, 7}

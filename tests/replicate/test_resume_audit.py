@@ -90,7 +90,7 @@ def test_a_second_job_into_the_same_directory_is_refused_while_one_runs(tmp_path
     .partial run; now the second is refused, naming the directory, and the first's lock dies with it."""
     from examples.replicate.pipeline import LOCK_FILE, replicate
     from examples.replicate.tuning import TunerSettings
-    from spectral_lens import locks
+    from spectral_lens import _locks as locks
 
     out = tmp_path / "out"
     out.mkdir()
