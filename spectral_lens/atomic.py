@@ -9,12 +9,20 @@ of the write, the fsync or the rename (``ENOSPC``, ``EIO``, ``path`` a directory
 ``filename`` set to ``path`` (a killed
 process can leave a ``.*.tmp`` file behind; :class:`~spectral_lens.records.RunWriter` cleans those on
 resume).
+
+Like ``open(path, "w")``, a write to a symlink writes the file it points to (the end of the chain; a
+dangling link's target is created) and leaves the link in place: the temporary file goes in the
+target's directory, so the rename stays atomic. An overwrite keeps the old file's permission bits; a
+new file gets ``open``'s (``0o666`` less the umask). Owner, group, ACLs and extended attributes are
+those of the new file (the writing process's), as with any rename-based write.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import uuid
 from pathlib import Path
 from typing import Any, Callable, IO
@@ -49,21 +57,51 @@ def named_os_error(exc: OSError, path: str | os.PathLike, instead_of: str | os.P
     return OSError(exc.errno, exc.strerror or str(exc), os.fspath(path))
 
 
+def _write_target(path: Path) -> Path:
+    """The file a write to ``path`` replaces: ``path`` itself, or the end of its symlink chain (a
+    dangling link's missing target included); a symlink loop raises ``ELOOP`` naming ``path``."""
+    if not path.is_symlink():
+        return path
+    try:
+        return Path(os.path.realpath(path, strict=True))
+    except FileNotFoundError:  # a dangling link: open(path, "w") creates its target
+        target = Path(os.path.realpath(path))
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from exc
+    if target.is_symlink():  # realpath gave up on a loop behind a missing component
+        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), os.fspath(path))
+    return target
+
+
+def _old_mode(path: Path) -> int | None:
+    """The permission bits of the file at ``path``, or None when there is none."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, fsync: bool = True) -> Path:
     """Call ``write(fh)`` on a binary temporary file next to ``path``, then rename it onto ``path``.
 
+    A symlink at ``path`` is written through (its target is replaced, the link kept) and an existing
+    file's permission bits are kept, as ``open(path, "w")`` would (see the module docstring).
     ``fsync=False`` skips the fsyncs (the rename is still atomic, so readers never see a partial
     file; only durability across a power loss is traded for speed). Returns ``path``.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+    target = _write_target(path)
+    mode = _old_mode(target)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
+            if mode is not None:
+                os.chmod(tmp, mode)
             if fsync:
                 os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as exc:
         try:
             os.unlink(tmp)
@@ -75,7 +113,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
                 raise named from exc
         raise
     if fsync:
-        fsync_dir(path.parent)
+        fsync_dir(target.parent)
     return path
 
 

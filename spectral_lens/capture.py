@@ -95,6 +95,11 @@ def _flatten(target) -> list:
 def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Module]]:
     """Modules of ``model`` selected by ``target``, as ``(dotted_name, module)`` in model order.
 
+    A name, glob or regex also matches a module by its eager name (:func:`uncompiled_name`: without
+    the ``_orig_mod`` segments of a ``torch.compile``d submodule, as the records name it); a compile
+    wrapper and the module it wraps have the same eager name, and only the first (the wrapper) is
+    selected. The names returned are the modules' own.
+
     Raises ``ValueError`` naming the closest module names when nothing matches, and when a module
     object given as a target is not a submodule of ``model``, and ``TypeError`` when ``model`` is not
     an ``nn.Module``.
@@ -117,7 +122,16 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
                 "of this model (modules are matched by identity: a copy, or a module of another model, never "
                 "matches); pass a module of this model or its dotted name"
             )
-    chosen = [(name, mod) for name, mod in named if any(f(name, mod) for f in matchers)]
+    # a name or glob also matches a module's eager name (uncompiled_name: per-block compiled models, whose
+    # records use those); a compile wrapper and the module it wraps share one, and only the first is taken
+    eager = [name_matcher(t) for t in targets if isinstance(t, (str, re.Pattern))]
+    chosen, seen = [], set()
+    for name, mod in named:
+        plain = uncompiled_name(name)
+        if any(f(name, mod) for f in matchers) or (plain != name and any(f(plain, mod) for f in eager)):
+            if plain not in seen:
+                seen.add(plain)
+                chosen.append((name, mod))
     if not chosen:
         names = [n for n, _ in named if n]
         hints = []

@@ -248,6 +248,7 @@ class SpectralLens:
         layers: modules whose outputs are measured: ``None`` = the deepest block (paper default),
             ``"all"`` = every block (depth profile), or any target of :func:`spectral_lens.attach`
             (module objects such as ``model.h[-1]`` are resolved to their names when the lens binds).
+            With ``torch.compile``d blocks, names and globs may leave out ``_orig_mod`` (the records' names).
         params: matrices for the per-sample gradient spectrum: ``None`` = the final block's attention
             output projection; a name/glob/list as :class:`PerSampleGradientProbe` takes; ``()`` = none.
         gradient_pool: batches for the gradient protocol (default: ``pool``).

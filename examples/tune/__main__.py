@@ -1,6 +1,7 @@
 """Command line: ``python -m examples.tune synthetic|zoo ...`` (see ``docs/tuning.md``).
 
-Errors are one line on stderr with exit status 2.
+Errors are one line on stderr with exit status 2. A finished run with a family/tier that got no
+choice (every candidate failed) exits with status 1, and says which on stderr (with ``--quiet`` too).
 """
 from __future__ import annotations
 
@@ -119,6 +120,13 @@ def main(argv=None) -> int:
         print(f"python -m examples.tune: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"choices written to {result.choices_path}")
+    if result.missing:  # every candidate of a family/tier diverged: a script must notice (exit 1), even with --quiet
+        if args.quiet:  # (otherwise the summary table above ends with these lines)
+            from .progress import missing_lines
+
+            for line in missing_lines(result):
+                print(f"python -m examples.tune: {line}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import sys
 
-__all__ = ["Progress", "summary_table", "count_states"]
+__all__ = ["Progress", "summary_table", "missing_lines", "count_states"]
 
 
 def count_states(studies) -> dict:
@@ -84,6 +84,16 @@ def _fmt(x: float) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
 
 
+def missing_lines(result) -> list[str]:
+    """One line per family/tier of ``result.missing``: ``no choice for F/bT: <why>``."""
+    lines = []
+    for f, t in result.missing:
+        states = {s.state for s in result.trials if (s.candidate.family, s.candidate.tier) == (f, t)}
+        why = "every candidate failed" if states <= {"failed"} else "every candidate that reached the last rung failed"
+        lines.append(f"no choice for {f}/b{t}: {why}")
+    return lines
+
+
 def summary_table(result) -> str:
     """One line per candidate of a :class:`~examples.tune.tuner.TuneResult`: rung losses, state, choice."""
     n = len(result.rungs)
@@ -98,10 +108,7 @@ def summary_table(result) -> str:
                     [_fmt(s.extrapolated_loss), "*" if chosen is not None and chosen.key == c.key else ""])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
-    for f, t in result.missing:
-        states = {s.state for s in result.trials if (s.candidate.family, s.candidate.tier) == (f, t)}
-        why = "every candidate failed" if states <= {"failed"} else "every candidate that reached the last rung failed"
-        lines.append(f"no choice for {f}/b{t}: {why}")
+    lines += missing_lines(result)
     for (f, t), edge in sorted(result.at_edge.items()):
         lines.append(f"{f}/b{t}: the choice is the {edge} candidate of the grid; the best rate may lie beyond it")
     return "\n".join(lines)

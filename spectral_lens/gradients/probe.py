@@ -21,7 +21,8 @@ from torch.nn.utils import parametrize
 
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
-from ..capture import eager_forwards, glob_to_regex, measurement_autocast, measurement_pass, unwrap_compiled
+from ..capture import (eager_forwards, glob_to_regex, measurement_autocast, measurement_pass, uncompiled_name,
+                       unwrap_compiled)
 from .._warnings import ZeroGradientWarning
 from ._isolation import cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state, silenced_tensor_hooks
 from ._validate import nonfinite_loss_message, param_names
@@ -199,6 +200,11 @@ def _computed_weights(model: nn.Module) -> dict[str, list[str]]:
 def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
     named = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
+    # the eager names (without the _orig_mod segments of per-block torch.compile, as the records name the
+    # parameters) -> the parameters' own names
+    eager: dict[str, str] = {}
+    for n in named:
+        eager.setdefault(uncompiled_name(n), n)
     wanted = param_names(params)
     wanted = [default_gradient_param(model)] if wanted is None else wanted
     if not wanted:
@@ -207,14 +213,17 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
     for w in wanted:
         if not isinstance(w, str):
             raise TypeError(f"params must be dotted parameter names (str), got {type(w).__name__}")
-        if w in named:
+        weight = f"{w}.weight" if w else "weight"
+        if w in named or w in eager:
             hits = [w]
         elif set("*?[") & set(w):
-            hits = [n for n, _ in model.named_parameters() if glob_to_regex(w).fullmatch(n)]
-        elif w in modules and isinstance(getattr(modules[w], "weight", None), nn.Parameter):
-            hits = [f"{w}.weight" if w else "weight"]
+            rx = glob_to_regex(w)
+            hits = [n for n, _ in model.named_parameters() if rx.fullmatch(n) or rx.fullmatch(uncompiled_name(n))]
+        elif (w in modules and isinstance(getattr(modules[w], "weight", None), nn.Parameter)) or weight in eager:
+            hits = [weight]  # a module name (its own or eager): its weight
         else:
             hits = []
+        hits = [n if n in named else eager[n] for n in hits]
         if not hits:
             _refuse_parametrized(model, w, modules, named)
             close = difflib.get_close_matches(w, list(named), n=5, cutoff=0.4)
@@ -284,8 +293,10 @@ class PerSampleGradientProbe:
             ``torch.compile`` wrapper is unwrapped (``_orig_mod``: names as in the uncompiled model);
             ``update`` runs its passes eagerly (``torch.compiler.set_stance("force_eager")``).
         params: dotted parameter name(s), globs over parameter names (``"blocks.*.attn.c_proj.weight"``)
-            or module names (meaning the module's ``weight``). Default: the final block's attention
-            output projection (:func:`default_gradient_param`). Several matrices share each pass.
+            or module names (meaning the module's ``weight``); in a model with ``torch.compile``d
+            blocks, also their eager names (without ``_orig_mod``, as the records name them).
+            Default: the final block's attention output projection (:func:`default_gradient_param`).
+            Several matrices share each pass.
         loss_fn: ``loss_fn(model_output, batch) -> (M,)`` per-sample losses. Default:
             :func:`~spectral_lens.gradients.causal_lm_loss` (mean next-token cross-entropy, padding
             masked by ``ignore_index``).

@@ -95,16 +95,20 @@ class LensDriver:
         <spectral_lens.records.RunWriter.drop_after>`, and each sink's ``resumed(step)`` where it has
         one), since those steps are trained and measured again. ``step`` itself counts as measured
         (an evaluation there keeps only its loss) when the history or rank 0's run record holds a
-        measurement at it; otherwise an evaluation at ``step`` measures."""
+        measurement at it; otherwise an evaluation at ``step`` measures. When rank 0's run record also
+        holds a validation loss at ``step`` (in the measurement or a ``val_loss`` event), that loss
+        stands: an evaluation at ``step`` after the resume appends none, so the step keeps one loss."""
         step = int(step)
         lens = self.lens
         lens.history[:] = [m for m in lens.history if m.step <= step]
         measured = [any(m.step == step for m in lens.history)]
+        has_loss = [False]  # whether rank 0's run record holds a validation loss at step
 
         def on_rank0() -> None:
             if lens.writer is not None:
                 lens.writer.drop_after(step)
                 measured[0] = measured[0] or step in lens.writer.measured_steps()
+                has_loss[0] = step in lens.writer.val_loss_steps()
             for sink in self.sinks:
                 if callable(getattr(sink, "resumed", None)):
                     sink.resumed(step)
@@ -115,9 +119,11 @@ class LensDriver:
             self.release()  # the run ends with this error
             raise
         # the checkpoint's step counts as measured only when it was (in this process's history or, on
-        # rank 0, in the run record): an evaluation at the restored step (eval_on_start) measures otherwise
-        self.last_step = step if self._from_rank0(measured[0]) else None
-        self.last_has_val_loss = False
+        # rank 0, in the run record): an evaluation at the restored step (eval_on_start) measures otherwise;
+        # a validation loss recorded there before the resume stands (an evaluation there appends none)
+        measured, has_loss = self._from_rank0((measured[0], has_loss[0]))
+        self.last_step = step if measured else None
+        self.last_has_val_loss = measured and has_loss
 
     def _from_rank0(self, value):
         """``value`` as rank 0 of the lens's group has it, on every rank (one small broadcast)."""

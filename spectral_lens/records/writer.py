@@ -459,9 +459,20 @@ class RunWriter:
     def measured_steps(self) -> set[int]:
         """The steps of the lines in ``measurements.jsonl`` (a line that is not a JSON object with an
         integer ``step`` is passed over), e.g. whether a checkpoint's step was measured before a resume."""
-        lines = (self.path / MEASUREMENTS_FILE).read_bytes().splitlines()
-        steps = (obj.get("step") for obj in map(_json_object, lines) if obj is not None)
-        return {s for s in steps if isinstance(s, int) and not isinstance(s, bool)}
+        return {step for step, _ in self._lines(MEASUREMENTS_FILE)}
+
+    def val_loss_steps(self) -> set[int]:
+        """The steps at which the record holds a validation loss: a numeric ``val_loss`` in a line of
+        ``measurements.jsonl`` or an event of ``log.jsonl`` (other lines are passed over), e.g. whether
+        an evaluation at a resumed checkpoint's step was recorded before the resume."""
+        return {step for name in (MEASUREMENTS_FILE, LOG_FILE) for step, obj in self._lines(name)
+                if isinstance(obj.get("val_loss"), numbers.Real) and not isinstance(obj.get("val_loss"), bool)}
+
+    def _lines(self, name: str) -> list[tuple[int, dict[str, Any]]]:
+        """``(step, line)`` of each line of the JSONL file ``name`` that is a JSON object with an integer ``step``."""
+        objs = (obj for obj in map(_json_object, (self.path / name).read_bytes().splitlines()) if obj is not None)
+        return [(obj["step"], obj) for obj in objs
+                if isinstance(obj.get("step"), int) and not isinstance(obj.get("step"), bool)]
 
     @property
     def closed(self) -> bool:

@@ -208,3 +208,66 @@ def test_blocks_compiled_one_by_one_are_recorded_under_the_eager_names():
     assert sorted(a.scalars) == sorted(b.scalars)
     for name in a.spectra:
         assert torch.allclose(a.spectra[name].values, b.spectra[name].values, rtol=1e-10, atol=0), name
+
+
+def _blocks_compiled(model: torch.nn.Module) -> torch.nn.Module:
+    for i in range(len(model.h)):
+        model.h[i] = torch.compile(model.h[i], backend="eager")
+    return model
+
+
+def test_blocks_compiled_one_by_one_accept_the_eager_names_as_targets():
+    """The records name per-block compiled modules by their eager names, but layers=/params= only took
+    the compiled ones: 'TinyLM has no parameter 'h.2.attn.c_proj.weight'', 'no module matches target
+    'h.1.attn''. Both spellings are accepted now and measure the same modules, recorded alike."""
+    torch._dynamo.reset()
+    try:
+        torch.manual_seed(0)
+        eager = TinyLM(tied=False, dropout=0.0).double()
+        compiled = _blocks_compiled(copy.deepcopy(eager))
+        pool = [(x, y) for x, y in lm_pool(n_batches=2)]
+        layers = ["h.1.attn", "h.2", "h.0.mlp.c_fc"]
+        params = ["h.2.attn.c_proj.weight", "h.1.mlp.c_fc", "h.*.attn.c_attn.weight"]  # name, module, glob
+        kw = dict(precision="float64", progress=False)
+        ref = sl.SpectralLens(eager, pool, layers=layers, params=params, **kw).measure(1, 10)
+        assert sorted(ref.spectra) == sorted(
+            ["act:h.1.attn", "act:h.2", "act:h.0.mlp.c_fc", "grad:h.2.attn.c_proj.weight", "grad:h.1.mlp.c_fc.weight"]
+            + [f"grad:h.{i}.attn.c_attn.weight" for i in range(3)])
+        compiled_names = (["h.1._orig_mod.attn", "h.2", "h.0._orig_mod.mlp.c_fc"],
+                          ["h.2._orig_mod.attn.c_proj.weight", "h.1._orig_mod.mlp.c_fc",
+                           "h.*._orig_mod.attn.c_attn.weight"])
+        for ls, ps in ((layers, params), compiled_names):
+            m = sl.SpectralLens(compiled, pool, layers=ls, params=ps, **kw).measure(1, 10)
+            assert sorted(m.spectra) == sorted(ref.spectra) and sorted(m.scalars) == sorted(ref.scalars), ls
+            for name in ref.spectra:
+                torch.testing.assert_close(m.spectra[name].values, ref.spectra[name].values, rtol=1e-10, atol=0)
+        # a wrapper and the module it wraps share one eager name: a glob over the blocks measures each once
+        m = sl.SpectralLens(compiled, pool, layers="h.*", params=(), **kw).measure(1, 10)
+        assert sorted(m.spectra) == ["act:h.0", "act:h.1", "act:h.2"]
+        with pytest.raises(ValueError, match=r"no parameter 'h\.2\.attn\.nope\.weight'.*h\.2\._orig_mod\.attn"):
+            sl.SpectralLens(compiled, pool, params="h.2.attn.nope.weight", progress=False)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_probe_on_blocks_compiled_one_by_one_takes_the_eager_names():
+    torch._dynamo.reset()
+    try:
+        torch.manual_seed(0)
+        model = TinyLM(dropout=0.0).double()
+        pool = lm_pool(n_batches=2)
+        ref = _gradient_reference(copy.deepcopy(model), pool)
+        compiled = _blocks_compiled(model)
+        probe = sl.PerSampleGradientProbe(compiled, PARAM)
+        assert list(probe.params) == ["h.2._orig_mod.attn.c_proj.weight"]  # the parameter's own name
+        assert probe.params[list(probe.params)[0]] is compiled.h[2]._orig_mod.attn.c_proj.weight
+        for batch in pool:
+            probe.update(batch)
+        s = probe.compute()
+        torch.testing.assert_close(s.values, ref[: s.dim], rtol=1e-9, atol=1e-12 * float(ref[0]))
+        if HAS_STANCES:  # attach takes them too (its keys are the modules' own names)
+            with sl.attach(compiled, "h.1.attn") as capture, torch.no_grad(), torch.compiler.set_stance("force_eager"):
+                compiled(pool[0][0])
+            assert list(capture.compute()) == ["h.1._orig_mod.attn"]
+    finally:
+        torch._dynamo.reset()

@@ -138,3 +138,37 @@ def test_driver_keeps_the_loss_once_and_not_on_a_closed_writer(tmp_path):
     driver.record_val_loss(6, 60, 2.8)  # trainer.evaluate() after the writer was closed: no error
     (run,) = open_runs([tmp_path / "run"])
     assert [(int(t), float(v)) for t, v in zip(*run.val_curve())] == [(20, 3.5), (40, 3.0)]
+
+
+def test_a_resumed_evaluation_keeps_the_loss_the_record_holds_at_the_checkpoint(tmp_path):
+    """A run resumed from a checkpoint at a step whose evaluation was recorded (in the measurement or
+    as a val_loss event) evaluated again there and appended a second val_loss event at the step: the
+    val curve had two losses at one token count (only exact repeats are merged). The resumed driver
+    reads the record, so the first life's loss stands; a checkpoint measured without a loss gets one."""
+    from support.models import TinyGPT as Net
+
+    from spectral_lens.integrations._driver import LensDriver
+
+    def life():
+        writer = RunWriter(tmp_path / "run", RunInfo("d", batch_tier=1), resume=True, fsync=False, tail_window=(4, 12))
+        lens = sl.SpectralLens(Net(vocab=37, d=16, heads=2, layers=2, ctx=12), lm_pool(1, batch=4, t=12, vocab=37),
+                               writer=writer, params=(), progress=False)
+        return writer, LensDriver(lens, (), tokens_per_step=10)
+
+    writer, driver = life()
+    driver.measure(2, 20)
+    driver.record_val_loss(2, 20, 3.5)  # a val_loss event
+    driver.measure(4, 40, val_loss=3.0)  # the loss in the measurement
+    driver.measure(6, 60)  # no loss
+    writer.close()
+    curve = [(20, 3.5), (40, 3.0), (60, 2.8)]
+    # each resume evaluates at its checkpoint; a resume at 4 drops step 6, one at 2 drops step 4
+    for step, loss, events in ((6, 2.8, [2, 6]), (6, 2.7, [2, 6]), (4, 2.99, [2]), (2, 3.49, [2])):
+        writer, driver = life()  # a new process: writer reopened on the same run, a new lens and driver
+        driver.resumed(step)
+        assert driver.last_step == step
+        driver.record_val_loss(step, step * 10, loss)
+        writer.close()
+        (run,) = open_runs([tmp_path / "run"])
+        assert [(int(t), float(v)) for t, v in zip(*run.val_curve())] == curve[: step // 2], step
+        assert [e["step"] for e in run.events if e.get("val_loss") is not None] == events, step

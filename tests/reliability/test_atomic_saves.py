@@ -210,3 +210,90 @@ def test_a_failed_write_names_the_file(tmp_path, monkeypatch, fault):
     assert info.value.errno == (errno.ENOSPC if fault == "enospc_in_write" else errno.EIO)
     assert path.read_bytes() == before
     assert _leftovers(tmp_path) == []
+
+
+def test_a_write_through_a_symlink_replaces_the_target_and_keeps_the_link(tmp_path):
+    """A symlink at the path was replaced by a regular file (the rename went onto the link), so the
+    linked file kept its old content; write_atomic writes through the link as open(path, "w") does,
+    with its temporary file in the target's directory so the rename stays atomic."""
+    import os
+
+    real_dir = tmp_path / "real"
+    real_dir.mkdir()
+    link_dir = tmp_path / "links"
+    link_dir.mkdir()
+    target = real_dir / "report.md"
+    target.write_text("old\n")
+    link = link_dir / "report.md"
+    link.symlink_to(os.path.relpath(target, link_dir))
+    chain = link_dir / "chain.md"  # a link to a link
+    chain.symlink_to("report.md")
+    assert _io.write_text_atomic(link, "new\n") == link
+    assert link.is_symlink() and os.readlink(link) == os.path.relpath(target, link_dir)
+    assert target.read_text() == "new\n"
+    _io.write_text_atomic(chain, "newer\n")
+    assert chain.is_symlink() and link.is_symlink()
+    assert target.read_text() == "newer\n"
+    dangling = link_dir / "dangling.md"  # open(path, "w") creates the missing target
+    dangling.symlink_to(os.path.relpath(real_dir / "fresh.md", link_dir))
+    _io.write_text_atomic(dangling, "fresh\n")
+    assert dangling.is_symlink() and (real_dir / "fresh.md").read_text() == "fresh\n"
+    assert _leftovers(real_dir) == [] and _leftovers(link_dir) == []
+
+
+def test_a_failed_write_through_a_symlink_names_the_link_and_keeps_the_target(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    target = tmp_path / "real.txt"
+    target.write_text("old\n")
+    link = tmp_path / "link.txt"
+    link.symlink_to("real.txt")
+
+    def write(fh):
+        fh.write(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as info:
+        _io.write_atomic(link, write)
+    assert info.value.filename == str(link), info.value
+    assert link.is_symlink() and target.read_text() == "old\n"
+    assert _leftovers(tmp_path) == []
+    loop = tmp_path / "loop.txt"
+    loop.symlink_to("loop.txt")
+    with pytest.raises(OSError) as info:
+        _io.write_text_atomic(loop, "x")
+    assert info.value.errno == errno.ELOOP and info.value.filename == str(loop), info.value
+    assert loop.is_symlink() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o755])
+def test_an_overwrite_keeps_the_files_permission_bits(tmp_path, mode):
+    """The replacement got the temporary file's default mode (0o666 less the umask), so a private
+    0o600 file became world-readable and an executable script lost its x bits."""
+    import os
+    import stat
+
+    path = tmp_path / "private.json"
+    path.write_text("{}\n")
+    os.chmod(path, mode)
+    _io.write_json_atomic(path, {"a": 1})
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+    link = tmp_path / "link.json"
+    link.symlink_to("private.json")
+    _io.write_json_atomic(link, {"a": 2})
+    assert stat.S_IMODE(path.stat().st_mode) == mode and path.read_text() == '{\n  "a": 2\n}\n'
+
+
+def test_a_new_file_gets_the_mode_open_would_give_it(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        _io.write_text_atomic(tmp_path / "new.txt", "x")
+        with open(tmp_path / "plain.txt", "w") as fh:
+            fh.write("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "new.txt").stat().st_mode) == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o640

@@ -343,3 +343,18 @@ def test_measured_steps_reads_the_measurement_lines_and_passes_over_bad_ones(tmp
         with open(tmp_path / "r" / "measurements.jsonl", "ab") as f:
             f.write(b'not json\n{"step": true}\n[1, 2]\n{"step": "8"}\n')
         assert w.measured_steps() == {3, 7}
+
+
+def test_val_loss_steps_reads_both_files_and_passes_over_bad_lines(tmp_path):
+    with RunWriter(tmp_path / "r", RunInfo("r", total_tokens=1000), fsync=False) as w:
+        assert w.val_loss_steps() == set()
+        w.log_measurement(3, 300, {}, val_loss=2.5)
+        w.log_measurement(5, 500, {})  # no loss
+        w.log(7, 700, val_loss=2.0)
+        w.log(9, 900, train_loss=1.0, val_loss=None)
+        for name in ("measurements.jsonl", "log.jsonl"):
+            with open(tmp_path / "r" / name, "ab") as f:
+                f.write(b'not json\n{"step": true, "val_loss": 1.0}\n{"step": 11, "val_loss": true}\n'
+                        b'{"step": "12", "val_loss": 1.0}\n{"step": 13, "val_loss": "1.0"}\n')
+        assert w.val_loss_steps() == {3, 7}
+        assert w.measured_steps() == {3, 5, 11, 13}

@@ -158,3 +158,26 @@ def test_synchronized_mode_refuses_the_asynchronous_pruners_settings(tmp_path, k
     with pytest.raises(ValueError, match="asynchronous pruner's settings; synchronized mode"):
         tune(SyntheticTrainable(), workdir=tmp_path, **kw, **CFG)
     assert not (tmp_path / "choices.json").exists()
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_cli_a_family_tier_without_a_choice_is_said_on_stderr_with_exit_1(tmp_path, capsys, monkeypatch, quiet):
+    """Every tier-32 candidate diverged: the command exited 0, and with --quiet said nothing about it,
+    so a script went on to train with a choices file that lacks that tier."""
+    import functools
+
+    import examples.tune.synthetic as synthetic
+
+    monkeypatch.setattr(synthetic, "SyntheticTrainable", functools.partial(SyntheticTrainable, nan_above=0.9))
+    rc = main(["synthetic", "--tiers", "8", "32", "--rungs", "30", "90", "--workdir", str(tmp_path)]
+              + (["--quiet"] if quiet else []))
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "choices written to" in out  # the other tier's choice is kept
+    data = json.loads((tmp_path / "choices.json").read_text())
+    assert [(r["family"], r["tier"]) for r in data["choices"]] == [("synthetic", 8)]
+    lines = [line for line in err.splitlines() if "no choice for synthetic/b32" in line]
+    assert len(lines) == 1 and "every candidate failed" in lines[0], err
+    if quiet:
+        assert err.splitlines() == lines
+    assert "synthetic/b8" not in "".join(lines)
