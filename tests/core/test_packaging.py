@@ -178,6 +178,20 @@ def test_cli_without_optional_packages(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_tuner_without_optuna_names_the_extra(tmp_path):
+    """``python -m examples.tune`` (run from a checkout) imported optuna itself: without the extra it
+    printed 'error: No module named 'optuna'' and no way to get it."""
+    code = _BLOCK.format(names=("optuna",)) + (
+        "from examples.tune.__main__ import main\n"
+        "sys.exit(main(['synthetic', '--tiers', '1', '2', '--rungs', '3', '9', '--workdir', 'tune']))\n"
+    )
+    out = _run([], code=code, cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == ["python -m examples.tune: error: examples.tune needs Optuna: "
+                                       "pip install 'spectral-lens[tune]'"]
+    assert not (tmp_path / "tune").exists()
+
+
 # --------------------------------------------------------------------------------------- the wheel
 @pytest.mark.slow
 def test_wheel_contents(tmp_path):
