@@ -90,10 +90,13 @@ def _target_loss(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of ``spectral-lens`` (exposed for documentation and tests)."""
+    from . import __version__
+
     parser = _Parser(
         prog="spectral-lens",
         description="Reports, early batch-tier prediction and inspection of spectral-lens run records.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def early_args(p):

@@ -81,8 +81,9 @@ def main(argv=None) -> int:
                       "rule promotes the top half at each of --rungs)", file=sys.stderr)
                 return 2
     try:
-        import optuna
+        from .storage import _optuna
 
+        optuna = _optuna()  # a missing Optuna is one line naming the extra, not 'No module named optuna'
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         from .tuner import tune
 

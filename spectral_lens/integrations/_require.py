@@ -6,12 +6,13 @@ import importlib
 from types import ModuleType
 
 
-def require(module: str, extra: str, feature: str) -> ModuleType:
-    """``importlib.import_module(module)``, or an ``ImportError`` naming ``feature`` and ``extra``."""
+def require(module: str, extra: str, feature: str, package: str | None = None) -> ModuleType:
+    """``importlib.import_module(module)``, or an ``ImportError`` naming ``feature``, the missing
+    ``package`` (default: the first part of ``module``) and ``extra``."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(
-            f"{feature} needs the optional package {module.split('.')[0]!r} ({exc}): "
+            f"{feature} needs the optional package {package or module.split('.')[0]!r} ({exc}): "
             f"pip install 'spectral-lens[{extra}]'"
         ) from exc

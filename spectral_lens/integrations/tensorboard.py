@@ -26,8 +26,9 @@ class TensorBoardSink:
     Args:
         writer: a ``SummaryWriter`` (left open; you close it) or a log directory (a writer is
             created there and closed by :meth:`close`).
-        figures: also log spectrum figures (needs matplotlib, extra ``plot``; without it the sink
-            raises an ``ImportError`` when built, so pass ``figures=False``).
+        figures: also log spectrum figures (needs matplotlib: extra ``plot``, also installed by the
+            ``tensorboard`` extra; without it the sink raises an ``ImportError`` when built, so pass
+            ``figures=False``).
         prefix: prefix of every tag.
 
     Use with a framework callback (``sinks=[TensorBoardSink("tb")]``) or by hand:
@@ -45,7 +46,7 @@ class TensorBoardSink:
 
             require_matplotlib()
         if isinstance(writer, (str, os.PathLike)):
-            tb = require("torch.utils.tensorboard", "tensorboard", "TensorBoardSink")
+            tb = require("torch.utils.tensorboard", "tensorboard", "TensorBoardSink", package="tensorboard")
             self.writer = tb.SummaryWriter(log_dir=os.fspath(writer))
             self._owned = True
             self._summary_writer = tb.SummaryWriter

@@ -1,0 +1,233 @@
+"""The package as a new user installs and meets it: metadata (one version, a shipped license, extras
+that cover their feature), ``python -m spectral_lens``, an ``import spectral_lens`` that loads no
+optional or heavy package, and one-line errors that name the extra when an optional package is missing.
+
+Building a wheel and installing it into a fresh venv (the whole new-user path) is slow: the wheel's
+contents are checked under ``pytest -m slow``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import spectral_lens
+
+ROOT = Path(__file__).resolve().parents[2]
+try:
+    import tomllib  # Python >= 3.11
+
+    PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+except ImportError:  # Python 3.10: the pyproject checks skip, the rest runs
+    PYPROJECT = None
+needs_pyproject = pytest.mark.skipif(PYPROJECT is None, reason="reading pyproject.toml needs tomllib (Python >= 3.11)")
+OPTIONAL = ("matplotlib", "transformers", "accelerate", "lightning", "pytorch_lightning", "tensorboard",
+            "wandb", "optuna", "pandas", "triton")
+
+
+def _run(args, *, code=None, cwd=None, timeout=300):
+    """``python [-c code] args`` with this checkout first on the path, from a directory outside it."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable] + (["-c", code] if code is not None else []) + list(args)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------- metadata
+@needs_pyproject
+def test_version_is_written_once():
+    """pyproject.toml had its own ``version = "0.1.0"`` beside ``spectral_lens.__version__``: a
+    release bump in one place left the other stale. The build now reads the package's."""
+    project = PYPROJECT["project"]
+    assert "version" not in project and "version" in project.get("dynamic", [])
+    assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "spectral_lens.__version__"}
+    assert re.fullmatch(r"\d+\.\d+\.\d+([ab]|rc|\.dev|\.post)?\d*", spectral_lens.__version__)
+
+
+@needs_pyproject
+def test_license_is_an_spdx_string_and_its_file_ships():
+    """``license = {text = ...}`` is deprecated by setuptools (builds stop being supported after
+    2027-02-18) and no license file was shipped, though Apache-2.0 asks for its text with every copy."""
+    project = PYPROJECT["project"]
+    assert project["license"] == "Apache-2.0"
+    files = project["license-files"]
+    assert files and all((ROOT / f).is_file() for f in files)
+    assert "Apache License" in (ROOT / files[0]).read_text(encoding="utf-8")[:200]
+    requires = " ".join(PYPROJECT["build-system"]["requires"])
+    assert int(re.search(r"setuptools>=(\d+)", requires).group(1)) >= 77  # SPDX license + license-files
+
+
+@needs_pyproject
+def test_sink_extras_install_what_the_default_sink_needs():
+    """``TensorBoardSink`` draws spectrum figures by default (matplotlib): with only
+    ``pip install 'spectral-lens[tensorboard]'`` the sink refused to be built."""
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert any(req.startswith("matplotlib") for req in extras["tensorboard"])
+
+
+@needs_pyproject
+def test_only_spectral_lens_is_packaged():
+    assert PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"] == ["spectral_lens*"]
+    assert PYPROJECT["project"]["scripts"] == {"spectral-lens": "spectral_lens.cli:main"}
+
+
+# ------------------------------------------------------------------------------ python -m and CLI
+def test_python_m_spectral_lens_runs_the_cli(tmp_path):
+    """There was no ``spectral_lens/__main__.py``: ``python -m spectral_lens`` failed with
+    'No module named spectral_lens.__main__'."""
+    out = _run(["-m", "spectral_lens", "--help"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: spectral-lens ")
+    for command in ("report", "predict", "inspect"):
+        assert command in out.stdout
+    out = _run(["-m", "spectral_lens", "inspect", "--help"], cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.startswith("usage: spectral-lens inspect ")
+    out = _run(["-m", "spectral_lens"], cwd=tmp_path)  # no command: one line, status 2
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == ["spectral-lens: error: the following arguments are required: command"]
+    out = _run(["-m", "spectral_lens", "inspect", str(tmp_path / "nothing")], cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [f"spectral-lens inspect: error: {tmp_path / 'nothing'}: no such file or directory"]
+
+
+def test_cli_version(capsys):
+    from spectral_lens.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"spectral-lens {spectral_lens.__version__}\n"
+
+
+# ------------------------------------------------------------------------------- what imports what
+def test_import_loads_no_optional_or_heavy_package(tmp_path):
+    """``import spectral_lens`` (and every public module, the CLI, reports and plots) imports
+    neither an optional extra nor scipy: each is imported where it is first used."""
+    code = (
+        "import importlib, json, sys\n"
+        "import spectral_lens\n"
+        "at_import = sorted(m for m in sys.modules if m.split('.')[0] in ('scipy',) + tuple(sys.argv[1:]))\n"
+        "for mod in ('records', 'analysis', 'spectra', 'gradients', 'integrations', 'cli', 'report', 'plot', "
+        "'weights', 'summaries'):\n"
+        "    importlib.import_module('spectral_lens.' + mod)\n"
+        "later = sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in sys.argv[1:]})\n"
+        "print(json.dumps([at_import, later]))\n"
+    )
+    out = _run(OPTIONAL, code=code, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [[], []]
+
+
+_BLOCK = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None  # `import name` raises ImportError\n"
+
+
+def test_every_optional_feature_names_its_extra_without_it(tmp_path):
+    """With every optional package missing (as after ``pip install spectral-lens``), each feature
+    that needs one raises a one-line ``ImportError`` naming the package and the pip extra."""
+    code = _BLOCK.format(names=OPTIONAL + ("torch.utils.tensorboard",)) + (
+        "import json, spectral_lens.plot as plot, spectral_lens.integrations as integ\n"
+        "cases = {name: (lambda f=getattr(plot, name): f([])) for name in plot.__all__ if name.startswith('plot_')}\n"
+        "cases['save_figure'] = lambda: plot.require_matplotlib()\n"
+        "cases['SpectralLensCallback'] = lambda: integ.SpectralLensCallback\n"
+        "cases['SpectralLensLightningCallback'] = lambda: integ.SpectralLensLightningCallback\n"
+        "cases['pytorch_lightning'] = lambda: __import__('spectral_lens.integrations.pytorch_lightning')\n"
+        "cases['TensorBoardSink'] = lambda: integ.TensorBoardSink('tb', figures=False)\n"
+        "cases['TensorBoardSink figures'] = lambda: integ.TensorBoardSink('tb')\n"
+        "cases['WandbSink'] = lambda: integ.WandbSink()\n"
+        "out = {}\n"
+        "for name, case in cases.items():\n"
+        "    try:\n"
+        "        case()\n"
+        "        out[name] = None\n"
+        "    except ImportError as exc:\n"
+        "        out[name] = str(exc)\n"
+        "print(json.dumps(out))\n"
+    )
+    out = _run([], code=code, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    messages = json.loads(out.stdout)
+    # TensorBoardSink named 'torch' (the first part of torch.utils.tensorboard) as the missing package
+    expect = {"TensorBoardSink": ("tensorboard", "tensorboard"), "WandbSink": ("wandb", "wandb"),
+              "SpectralLensCallback": ("transformers", "hf"),
+              "SpectralLensLightningCallback": ("lightning", "lightning"),
+              "pytorch_lightning": ("pytorch_lightning", "lightning")}
+    assert len(messages) >= 12
+    for name, message in messages.items():
+        package, extra = expect.get(name, ("matplotlib", "plot"))
+        assert message is not None, f"{name} did not raise without {package}"
+        phrase = "plotting needs matplotlib" if package == "matplotlib" else f"needs the optional package {package!r}"
+        assert "\n" not in message and phrase in message, (name, message)
+        assert f"pip install 'spectral-lens[{extra}]'" in message, (name, message)
+    assert not (tmp_path / "tb").exists()  # the sinks failed before creating a log directory
+
+
+def test_cli_without_optional_packages(tmp_path):
+    """``spectral-lens report`` without matplotlib writes tables only and says how to get figures."""
+    code = _BLOCK.format(names=OPTIONAL) + (
+        "import torch\n"
+        "from spectral_lens import Spectrum\n"
+        "from spectral_lens.records import RunInfo, RunWriter\n"
+        "from spectral_lens.cli import main\n"
+        "for tier in (4, 8):\n"
+        "    with RunWriter(f'runs/b{tier}', RunInfo(f'b{tier}', family='f', batch_tier=tier, total_tokens=100)) as w:\n"
+        "        for step in (0, 1):\n"
+        "            w.log_measurement(step=step, tokens=10 * (step + 1), spectra={'act': Spectrum(torch.arange(8.0, 0, -1, dtype=torch.float64), n_rows=64, dim=8)})\n"
+        "sys.exit(main(['report', 'runs', '--out', 'rep']))\n"
+    )
+    out = _run([], code=code, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "rep" / "report.md").is_file()
+    assert "note: matplotlib is not installed: tables only (pip install 'spectral-lens[plot]' for figures)" in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_tuner_without_optuna_names_the_extra(tmp_path):
+    """``python -m examples.tune`` (run from a checkout) imported optuna itself: without the extra it
+    printed 'error: No module named 'optuna'' and no way to get it."""
+    code = _BLOCK.format(names=("optuna",)) + (
+        "from examples.tune.__main__ import main\n"
+        "sys.exit(main(['synthetic', '--tiers', '1', '2', '--rungs', '3', '9', '--workdir', 'tune']))\n"
+    )
+    out = _run([], code=code, cwd=tmp_path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == ["python -m examples.tune: error: examples.tune needs Optuna: "
+                                       "pip install 'spectral-lens[tune]'"]
+    assert not (tmp_path / "tune").exists()
+
+
+# --------------------------------------------------------------------------------------- the wheel
+@pytest.mark.slow
+def test_wheel_contents(tmp_path):
+    """The wheel a user installs: ``spectral_lens`` alone at the top level (no tests, examples or
+    benchmarks), the README as long description, the license file, the console script, one version."""
+    # a copy of the checkout: setuptools leaves build/ and an .egg-info in the tree it builds
+    src = shutil.copytree(ROOT, tmp_path / "src", ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "runs", "reports", "site"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = tmp_path.glob("spectral_lens-*.whl")
+    version = spectral_lens.__version__
+    assert wheel.name == f"spectral_lens-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        info = f"spectral_lens-{version}.dist-info"
+        metadata = zf.read(f"{info}/METADATA").decode()
+        entry_points = zf.read(f"{info}/entry_points.txt").decode()
+        license_text = zf.read(f"{info}/licenses/LICENSE").decode()
+    assert {n.split("/")[0] for n in names} == {"spectral_lens", info}
+    assert "spectral_lens/__main__.py" in names
+    assert not [n for n in names if n.endswith((".pyc", ".so")) or "__pycache__" in n]
+    assert f"\nVersion: {version}\n" in metadata and "\nLicense-Expression: Apache-2.0\n" in metadata
+    assert "\nLicense-File: LICENSE\n" in metadata
+    assert metadata.split("\n\n", 1)[1].strip() == (ROOT / "README.md").read_text(encoding="utf-8").strip()
+    assert "spectral-lens = spectral_lens.cli:main" in entry_points
+    assert license_text.startswith((ROOT / "LICENSE").read_text(encoding="utf-8")[:100])
