@@ -8,8 +8,7 @@ barrier, so a case that left them in mismatched collectives shows up there.
 Before the fixes: ranks whose lens measured another number of layers all-reduced width vectors of
 different lengths (rank 0 raised "pools gave different numbers of batches (-4 to 32)", rank 1 waited
 until the process-group timeout, and the group was broken); ranks measuring other layers of the same
-width, or the same layers listed in another order, summed one rank's layer into another's and returned
-it under this rank's name, silently; an error of the activation spectra's ``compute`` on one rank (an
+width summed one rank's layer into the other's and returned it under this rank's name, silently; an error of the activation spectra's ``compute`` on one rank (an
 eigendecomposition out of memory), and a ``KeyboardInterrupt`` (Ctrl-C, SIGINT) on one rank anywhere in
 ``measure``, left the other ranks waiting in the next collective until the process-group timeout.
 """
@@ -265,7 +264,8 @@ def test_different_numbers_of_updates_per_rank_sync_to_one_pass(results):
 
 @pytest.mark.distributed
 def test_layers_listed_in_other_orders_equal_one_process(results):
-    """Rank 1 listed ``layers=["h.2", "h.1"]``: its h.2 rows were summed into rank 0's h.1 and back."""
+    """Regression guard: rank 1 lists ``layers=["h.2", "h.1"]`` (``attach`` keeps the model's order, and the
+    lens now syncs the layers sorted by name)."""
     want = _spectra(SpectralLens(_model(), lm_pool(n_batches=4), layers=["h.1", "h.2"], precision="float64",
                                  params=(), progress=False).measure(1, 1))
     for value in _values(_case(results, "layers_in_other_orders")):
