@@ -120,6 +120,18 @@ def unfixed_pool(pool: Any, cap: int | None = None) -> str | None:
     return None
 
 
+def sharded_pool(pool: Any) -> str | None:
+    """What makes ``pool`` one rank's shard of the data (a ``DataLoader`` over a ``DistributedSampler`` of
+    several replicas), or ``None``. The lens shards the pool itself (batch ``i`` on rank ``i % world``)
+    and runs the gradient protocol over rank 0's whole gradient pool, so a shard per rank would measure
+    a part of the pool only, silently."""
+    batch_sampler = getattr(pool, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or getattr(pool, "sampler", None)
+    if isinstance(sampler, torch.utils.data.DistributedSampler) and sampler.num_replicas > 1:
+        return f"is a DataLoader over a DistributedSampler (rank {sampler.rank} of {sampler.num_replicas} replicas)"
+    return None
+
+
 def deepest_block(model: nn.Module) -> str:
     """The last block of the layer stack: the paper's default activation probe (App. E.3)."""
     return all_blocks(model)[-1]
@@ -245,7 +257,8 @@ class SpectralLens:
             (the paper's protocol). A one-shot iterator (a generator) is refused with a ``TypeError``:
             it would be empty from the second pass on; a ``DataLoader`` whose passes differ in content
             (shuffled and cut by ``gradient_samples``, sampled with replacement, or shuffled with
-            ``drop_last``) with a ``ValueError`` (:func:`unfixed_pool`).
+            ``drop_last``) with a ``ValueError`` (:func:`unfixed_pool`), and so is one rank's shard (a
+            ``DataLoader`` over a ``DistributedSampler``): every rank passes the same whole pool.
         layers: modules whose outputs are measured: ``None`` = the deepest block (paper default),
             ``"all"`` = every block (depth profile), or any target of :func:`spectral_lens.attach`
             (module objects such as ``model.h[-1]`` are resolved to their names when the lens binds).
@@ -340,6 +353,14 @@ class SpectralLens:
         checks = ([("pool", pool, gradient_samples)] if gradient_pool is None
                   else [("pool", pool, None), ("gradient_pool", gradient_pool, gradient_samples)])
         for what, p, cap in checks:
+            why = sharded_pool(p)
+            if why:
+                raise ValueError(
+                    f"SpectralLens: {what} {why}: each rank would pass its own shard, which the lens shards again "
+                    "(batch i on rank i % world; the gradient protocol runs on rank 0), so a measurement would see "
+                    "a part of the pool only. Pass the same whole pool on every rank: a DataLoader without the "
+                    "DistributedSampler, or a list of batches"
+                )
             why = unfixed_pool(p, cap)
             if why:
                 raise ValueError(

@@ -306,3 +306,24 @@ def test_ctrl_c_on_one_rank_stops_every_rank(results, case, failed, what):
     other = errors[1 - failed]
     assert other is not None and other.startswith("RuntimeError"), errors
     assert what in other and f"failed on global rank(s) [{failed}]" in other, errors
+
+
+@pytest.mark.parametrize("what", ["pool", "gradient_pool"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_pool_sharded_by_a_distributed_sampler_is_refused(what, batched):
+    """A multi-GPU script's usual loader (``DistributedSampler``) as the pool: each rank passed its own
+    shard and the lens sharded it again (batch i on rank i % world), so 2 ranks measured half the pool's
+    rows (rank 0's gradient protocol half its gradient pool) and returned it as the whole pool's
+    spectrum, silently. No process group is needed to show it: the sampler is built for 2 replicas."""
+    data = torch.utils.data.TensorDataset(*(torch.cat(t) for t in zip(*lm_pool(n_batches=4))))
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=2, rank=1, shuffle=False)
+    loader = (torch.utils.data.DataLoader(data, batch_sampler=torch.utils.data.BatchSampler(sampler, 3, False))
+              if batched else torch.utils.data.DataLoader(data, batch_size=3, sampler=sampler))
+    pools = {"pool": loader} if what == "pool" else {"pool": lm_pool(n_batches=2), "gradient_pool": loader}
+    with pytest.raises(ValueError, match=rf"SpectralLens: {what} is a DataLoader over a DistributedSampler "
+                                         r"\(rank 1 of 2 replicas\): each rank would pass its own shard"):
+        SpectralLens(_model(), **pools, progress=False)
+    one = torch.utils.data.DataLoader(data, batch_size=3,  # one replica: the whole pool, accepted
+                                      sampler=torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0,
+                                                                                  shuffle=False))
+    SpectralLens(_model(), one, progress=False)
