@@ -497,7 +497,8 @@ class SpectralLens:
     def _agree(self, error: BaseException | None, what: str) -> None:
         """Collective agreement on this rank's local work before the next collective phase.
 
-        Every rank of the group all-reduces (MAX) one failure flag per rank. If any rank failed,
+        Every rank of the group all-reduces (MAX) one failure flag per rank (``error`` may be a
+        ``KeyboardInterrupt``: a Ctrl-C that reached one rank stops every rank too). If any rank failed,
         every rank raises at once instead of leaving the others waiting in the next collective: a
         failed rank re-raises its own exception, the others a ``RuntimeError`` naming the failed
         rank(s). In a single process, ``error`` is simply raised.
