@@ -327,3 +327,38 @@ def test_a_pool_sharded_by_a_distributed_sampler_is_refused(what, batched):
                                       sampler=torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0,
                                                                                   shuffle=False))
     SpectralLens(_model(), one, progress=False)
+
+
+def _killed_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    with gloo_group(rank, port, WORLD, PG_TIMEOUT_S):
+        dist.barrier()
+
+        def forward(model, batch):
+            if rank == 1:
+                os.kill(os.getpid(), signal.SIGKILL)  # the OOM killer, a node lost: nothing is agreed
+            return model(batch[0])
+
+        start = time.monotonic()
+        result = {"error": None}
+        try:
+            SpectralLens(_model(), lm_pool(n_batches=4), forward_fn=forward, params=(), progress=False).measure(1, 1)
+        except Exception as exc:  # noqa: BLE001 - recorded for the parent
+            result["error"] = f"{type(exc).__name__}: {exc}"
+        result["seconds"] = time.monotonic() - start
+        write_case(out, "killed", rank, result)
+
+
+@pytest.mark.distributed
+def test_a_killed_rank_fails_the_others_next_collective_at_once(tmp_path):
+    """Regression guard for what the guide says of a rank that dies outright (SIGKILL): on gloo the
+    other rank's next collective (here the activation pass's agreement) fails within seconds with gloo's
+    error about the remote worker (a connection closed or reset by the peer), not after the process-group
+    timeout."""
+    hung = run_ranks(_killed_worker, WORLD, tmp_path, JOIN_S)
+    assert hung == [], hung
+    (got,) = case_results(tmp_path, ["killed"], WORLD).values()
+    assert got[1] is None  # killed before it could write anything
+    assert got[0] is not None and got[0]["error"].startswith("RuntimeError"), got
+    assert "Check the logs of the remote worker" in got[0]["error"], got
+    assert got[0]["seconds"] < DEADLINE_S, got
