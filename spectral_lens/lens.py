@@ -9,6 +9,7 @@ appends one measurement to a run record when a :class:`~spectral_lens.records.Ru
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -116,6 +117,18 @@ def unfixed_pool(pool: Any, cap: int | None = None) -> str | None:
         return f"shuffles and drops a different {n % size} of its {n} samples on every pass (drop_last=True)"
     if cap is not None and cap < n:
         return f"shuffles, and gradient_samples={cap} takes the first {cap} of its {n} samples"
+    return None
+
+
+def sharded_pool(pool: Any) -> str | None:
+    """What makes ``pool`` one rank's shard of the data (a ``DataLoader`` over a ``DistributedSampler`` of
+    several replicas), or ``None``. The lens shards the pool itself (batch ``i`` on rank ``i % world``)
+    and runs the gradient protocol over rank 0's whole gradient pool, so a shard per rank would measure
+    a part of the pool only, silently."""
+    batch_sampler = getattr(pool, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or getattr(pool, "sampler", None)
+    if isinstance(sampler, torch.utils.data.DistributedSampler) and sampler.num_replicas > 1:
+        return f"is a DataLoader over a DistributedSampler (rank {sampler.rank} of {sampler.num_replicas} replicas)"
     return None
 
 
@@ -244,7 +257,8 @@ class SpectralLens:
             (the paper's protocol). A one-shot iterator (a generator) is refused with a ``TypeError``:
             it would be empty from the second pass on; a ``DataLoader`` whose passes differ in content
             (shuffled and cut by ``gradient_samples``, sampled with replacement, or shuffled with
-            ``drop_last``) with a ``ValueError`` (:func:`unfixed_pool`).
+            ``drop_last``) with a ``ValueError`` (:func:`unfixed_pool`), and so is one rank's shard (a
+            ``DataLoader`` over a ``DistributedSampler``): every rank passes the same whole pool.
         layers: modules whose outputs are measured: ``None`` = the deepest block (paper default),
             ``"all"`` = every block (depth profile), or any target of :func:`spectral_lens.attach`
             (module objects such as ``model.h[-1]`` are resolved to their names when the lens binds).
@@ -340,6 +354,14 @@ class SpectralLens:
         checks = ([("pool", pool, gradient_samples)] if gradient_pool is None
                   else [("pool", pool, None), ("gradient_pool", gradient_pool, gradient_samples)])
         for what, p, cap in checks:
+            why = sharded_pool(p)
+            if why:
+                raise ValueError(
+                    f"SpectralLens: {what} {why}: each rank would pass its own shard, which the lens shards again "
+                    "(batch i on rank i % world; the gradient protocol runs on rank 0), so a measurement would see "
+                    "a part of the pool only. Pass the same whole pool on every rank: a DataLoader without the "
+                    "DistributedSampler, or a list of batches"
+                )
             why = unfixed_pool(p, cap)
             if why:
                 raise ValueError(
@@ -476,7 +498,8 @@ class SpectralLens:
     def _agree(self, error: BaseException | None, what: str) -> None:
         """Collective agreement on this rank's local work before the next collective phase.
 
-        Every rank of the group all-reduces (MAX) one failure flag per rank. If any rank failed,
+        Every rank of the group all-reduces (MAX) one failure flag per rank (``error`` may be a
+        ``KeyboardInterrupt``: a Ctrl-C that reached one rank stops every rank too). If any rank failed,
         every rank raises at once instead of leaving the others waiting in the next collective: a
         failed rank re-raises its own exception, the others a ``RuntimeError`` naming the failed
         rank(s). In a single process, ``error`` is simply raised.
@@ -499,24 +522,38 @@ class SpectralLens:
         if error is not None:
             raise error
 
-    def _agree_widths(self, accs: list, batches: int) -> None:
-        """Give an accumulator that saw no rows on this rank (no batch of the pool) the width the
-        other ranks saw, so that it joins ``sync`` with zero rows, and check that every rank's pool
-        gave the same number of batches (``batches``), in one ``all_reduce(MAX)``: each rank runs
-        batch ``i`` for ``i % world == rank`` of its own pool, so pools of different lengths would
-        measure a mix of batches silently."""
+    def _agree_widths(self, named: list, batches: int) -> None:
+        """Check that every rank measures the same layers (``named``: this rank's ``(name, accumulator)``
+        pairs, sorted by name, the order in which they are synced) and that every rank's pool gave the same
+        number of batches (``batches``), in one ``all_reduce(MAX)`` of a fixed length; then give an
+        accumulator that saw no rows on this rank (no batch of the pool) the width the other ranks saw,
+        so that it joins ``sync`` with zero rows, in a second one. Each rank runs batch ``i`` for
+        ``i % world == rank`` of its own pool, so pools of different lengths would measure a mix of
+        batches silently, and other layers on one rank would be summed into this rank's layer (or, in a
+        different number, leave the ranks in mismatched collectives)."""
         import torch.distributed as dist
 
-        local = [-1 if a.dim is None else a.dim for a in accs] + [batches, -batches]
-        widths = torch.tensor(local, dtype=torch.int64, device=self._collective_device())
-        dist.all_reduce(widths, op=dist.ReduceOp.MAX, group=self.group)
-        *widths, most, fewest = widths.tolist()
-        if most != -fewest:  # the same on every rank: all of them raise
+        names = [name for name, _ in named]
+        digest = int.from_bytes(hashlib.blake2b("\n".join(names).encode(), digest_size=7).digest(), "big")
+        local = torch.tensor([len(names), digest, batches], dtype=torch.int64, device=self._collective_device())
+        both = torch.cat([local, -local])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+        (most_layers, most_digest, most), (fewest_layers, fewest_digest, fewest) = both[:3].tolist(), both[3:].tolist()
+        if most_layers != -fewest_layers or most_digest != -fewest_digest:  # the same on every rank: all of them raise
+            raise ValueError(
+                f"SpectralLens: the ranks measure different layers (this rank: {names}); every rank must build "
+                "the lens with the same layers= on the same model"
+            )
+        if most != -fewest:
             raise ValueError(
                 f"SpectralLens: the ranks' pools gave different numbers of batches ({-fewest} to {most}); every "
                 "rank must iterate the same whole pool (each rank forwards its share: batch i on rank i % world)"
             )
-        for acc, d in zip(accs, widths):
+        accs = [acc for _, acc in named]
+        widths = torch.tensor([-1 if a.dim is None else a.dim for a in accs], dtype=torch.int64,
+                              device=self._collective_device())
+        dist.all_reduce(widths, op=dist.ReduceOp.MAX, group=self.group)
+        for acc, d in zip(accs, widths.tolist()):
             if d < 0:  # the same on every rank: no rank saw a row for this layer
                 raise ValueError(
                     f"SpectralLens: {acc._label()}: no rank saw any rows; the pool gave no batch, or the module "
@@ -585,20 +622,25 @@ class SpectralLens:
         try:
             capture = attach(model, self.layers, pick=self._pick, precision=self.precision)
             batches = self._activation_pass(model, capture, rank, world)
-        except Exception as exc:  # agreed with the other ranks below, then re-raised
+        except BaseException as exc:  # an interrupt too (Ctrl-C on one rank): agreed below, then re-raised
             error = exc
         self._agree(error, "the activation pass")
-        accs = list(capture.accumulators.values())
+        named = sorted(capture.accumulators.items(), key=lambda item: item[0])  # one order on every rank
         if world > 1:
-            self._agree_widths(accs, batches)
-        for acc in accs:
+            self._agree_widths(named, batches)
+        for _, acc in named:
             acc.sync(self.group)
-        try:
+        spectra, error = {}, None
+        try:  # local work after the sync (an eigendecomposition out of memory on one rank): agreed too
             spectra = capture.compute()
         except NonFiniteError as exc:  # the accumulator's remedy names its own option, which the lens has not
-            raise NonFiniteError(f"{exc} (SpectralLens has no nonfinite= option: it measures finite hidden states "
-                                 "only; to skip non-finite rows, attach an ActivationCovarianceAccumulator "
-                                 "yourself: sl.attach(model, layers, nonfinite='skip'))") from exc
+            error = NonFiniteError(f"{exc} (SpectralLens has no nonfinite= option: it measures finite hidden states "
+                                   "only; to skip non-finite rows, attach an ActivationCovarianceAccumulator "
+                                   "yourself: sl.attach(model, layers, nonfinite='skip'))")
+            error.__cause__ = exc
+        except BaseException as exc:
+            error = exc
+        self._agree(error, "computing the activation spectra")
         return {f"act:{uncompiled_name(name)}": spectrum for name, spectrum in spectra.items()}
 
     def _activation_pass(self, model: nn.Module, capture, rank: int, world: int) -> int:
@@ -657,7 +699,7 @@ class SpectralLens:
         if rank == 0:
             try:
                 result = [self._gradient_pass()]
-            except Exception as exc:  # agreed with the other ranks below, then re-raised
+            except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
                 error = exc
         self._agree(error, "the gradient protocol (it runs on the group's rank 0)")
         if world > 1:
@@ -738,7 +780,7 @@ class SpectralLens:
             if self.writer is not None and self._dist()[0] == 0:
                 extra = {k: v for k, v in scalars.items() if k != "val_loss"}
                 self.writer.log_measurement(step, tokens, spectra, val_loss=val_loss, progress=progress, scalars=extra)
-        except Exception as exc:  # agreed with the other ranks below, then re-raised
+        except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
             error = exc
         self._agree(error, "summarizing or writing the run record (rank 0 writes it)")
         return m

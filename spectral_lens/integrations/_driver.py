@@ -162,7 +162,7 @@ class LensDriver:
         if self.lens._dist()[0] == 0:
             try:
                 work()
-            except Exception as exc:  # agreed below, then re-raised on rank 0
+            except BaseException as exc:  # an interrupt too: agreed below, then re-raised on rank 0
                 error = exc
         self.lens._agree(error, what)
 
