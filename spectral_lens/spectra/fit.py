@@ -223,7 +223,9 @@ def estimate_crossover(
     log_rstar, head, tail = b, -s_head, -s_tail
     q_free = True  # the broken stick's break lies inside the ranks by construction (min_segment)
     if method == "bend":
-        q0 = max((tail - head) / 2.0, 0.05)
+        # started inside the search range: a cliff (tail - head > 100, e.g. a rank-deficient spectrum's drop
+        # to round-off) put q0 beyond it, and SciPy refused with 'Initial guess is outside of provided bounds'
+        q0 = min(max((tail - head) / 2.0, 0.05), _Q_BOUNDS[1])
         theta0 = np.array([y[0] + head * x[0], head, q0, b])
         fit = least_squares(
             lambda t: _bend_model(t, x) - y,
