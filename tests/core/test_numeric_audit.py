@@ -3,10 +3,18 @@ references; every case here either failed on the code before its fix or pins a b
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import torch
 
+from spectral_lens import ActivationCovarianceAccumulator, NonFiniteError, StateFormatError
 from spectral_lens.spectra import estimate_crossover
+
+from support.data import reference_eigenvalues, rows_with_spectrum
+
+EIGS = np.linspace(1.0, 0.1, 6)
 
 
 def test_crossover_bend_fit_on_a_cliff_returns_a_fit_not_a_scipy_error():
@@ -22,3 +30,89 @@ def test_crossover_bend_fit_on_a_cliff_returns_a_fit_not_a_scipy_error():
     stick = estimate_crossover(p / p.sum(), method="broken_stick")
     assert stick.located and stick.rank == pytest.approx(50, rel=0.05)
     assert stick.tail_alpha == pytest.approx(150, rel=0.05)
+
+
+# ---------------------------------------------------------------- the accumulator's range floor
+
+def _cancelling_rows(scale: float, n: int = 50, d: int = 4, seed: int = 0) -> np.ndarray:
+    """Rows ``z`` and ``-z`` of entries +-{1/2, 1, 2} (times ``scale``): every column sums to exactly 0,
+    and so does any sample of them, in any order and in bf16, float32 or float64."""
+    z = np.random.default_rng(seed).choice([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0], size=(n, d))
+    return np.concatenate([z, -z]) * scale
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_rows_with_exactly_cancelling_sums_are_refused_not_zero(dtype, precision, tmp_path):
+    """Rows of ~1e-24 (2^-80) whose float32 products all underflow to 0 and whose column sums cancel exactly
+    (so the shift is 0 too) left nothing in the sums to show their size: compute() returned an
+    all-zero spectrum instead of the 'too small' error. The flag that remembers them travels through
+    merge and save/load."""
+    x = torch.from_numpy(_cancelling_rows(2.0**-80)).to(dtype)
+    assert x.abs().min() > 0
+    acc = ActivationCovarianceAccumulator(precision=precision, name="blocks.3")
+    acc.update(x)
+    with pytest.raises(NonFiniteError, match=r"blocks\.3: the rows are too small for float32 products: their products "
+                                             r"and column sums were all exactly 0.*precision='float64'"):
+        acc.compute()
+    with pytest.raises(NonFiniteError, match="too small"):
+        acc.compute_async().result()
+    merged = ActivationCovarianceAccumulator(precision=precision).merge(acc)
+    with pytest.raises(NonFiniteError, match="too small"):
+        merged.compute()
+    loaded = ActivationCovarianceAccumulator.load(acc.save(tmp_path / "tiny"), name="blocks.3")
+    assert loaded.state_dict()["products_underflowed"] is True
+    with pytest.raises(NonFiniteError, match="too small"):
+        loaded.compute()
+    # the remedy named: float64 products measure them
+    wide = ActivationCovarianceAccumulator(precision="float64")
+    wide.update(x)
+    ref = reference_eigenvalues(x.double().numpy())
+    assert np.abs(wide.compute().values.numpy() - ref).max() <= 1e-12 * ref[0]
+
+
+def test_constant_and_all_zero_rows_still_give_a_zero_spectrum():
+    """The flag needs rows that differ from their shift: constant rows (tiny or not) and zero rows
+    have an exactly zero covariance and keep getting it."""
+    for value in (0.0, 1e-30, 3.25):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            acc = ActivationCovarianceAccumulator(precision="exact")
+            acc.update(torch.full((40, 3), value, dtype=dtype))
+            assert float(acc.compute().values.abs().max()) == 0.0
+            assert acc.state_dict()["products_underflowed"] is False
+
+
+def test_state_files_written_before_the_underflow_flag_load_unchanged(tmp_path):
+    """A file without the header field (written by the code before this audit) loads, as not known to
+    have underflowed, and gives the same spectrum; a malformed field is refused naming it."""
+    x = torch.from_numpy(_cancelling_rows(1.0, n=30, d=5)).float()
+    acc = ActivationCovarianceAccumulator(precision="exact")
+    acc.update(x)
+    sd = acc.state_dict()
+    header = {k: sd[k] for k in ("format", "dim", "precision", "nonfinite", "updates", "synced", "initialized",
+                                 "low_precision_products")}
+    arrays = {k: v.numpy() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    old = tmp_path / "old.npz"
+    np.savez(old, header=np.array(json.dumps(header)), **arrays)
+    loaded = ActivationCovarianceAccumulator.load(old)
+    assert loaded.state_dict()["products_underflowed"] is False
+    assert torch.equal(loaded.compute().values, acc.compute().values)
+    with pytest.raises(StateFormatError, match="products_underflowed must be true or false"):
+        loaded.load_state_dict({**sd, "products_underflowed": 1})
+
+
+@pytest.mark.parametrize("scale", [1e-150, 1e-160, 1e-170])
+@pytest.mark.parametrize("precision", ["exact", "float64"])
+def test_float64_rows_below_float64_product_range_are_refused(precision, scale):
+    """Float64 rows form float64 products, which underflow too: at scale 1e-160 the eigenvalues came
+    out 3e-4 of the largest off, at 1e-170 all zero (the squared column mean underflowed as well), both
+    without a word. Refused now, naming the remedy; at 1e-140 they are exact."""
+    x = rows_with_spectrum(600, EIGS, 10.0, np.random.default_rng(0)) * scale
+    acc = ActivationCovarianceAccumulator(precision=precision, name="blocks.1")
+    acc.update(torch.from_numpy(x))
+    with pytest.raises(NonFiniteError, match=r"blocks\.1: the rows are too small for float64 products.*rescale the rows"):
+        acc.compute()
+    ok = ActivationCovarianceAccumulator(precision=precision)
+    ok.update(torch.from_numpy(x / scale * 1e-140))
+    ref = reference_eigenvalues(x / scale)
+    assert np.abs(ok.compute().values.numpy() / 1e-280 - ref).max() <= 1e-12 * ref[0]
