@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from spectral_lens import ActivationCovarianceAccumulator, NonFiniteError, StateFormatError
 from spectral_lens.spectra import estimate_crossover
@@ -116,3 +118,67 @@ def test_float64_rows_below_float64_product_range_are_refused(precision, scale):
     ok.update(torch.from_numpy(x / scale * 1e-140))
     ref = reference_eigenvalues(x / scale)
     assert np.abs(ok.compute().values.numpy() / 1e-280 - ref).max() <= 1e-12 * ref[0]
+
+
+# ---------------------------------------------------------------- chunkings, merges and save/load
+
+@st.composite
+def offset_pools(draw):
+    """Rows far from 0 with a tiny spread (offset / spread up to 1e12), rank-deficient or with constant
+    or duplicated columns, split into streams (some empty) fed in calls of 1-4 rows, chunks of 1-3 rows
+    or whole, some streams saved and loaded, merged in any order."""
+    d = draw(st.integers(1, 5))
+    n = draw(st.integers(2, 30))
+    offset = draw(st.sampled_from([1e4, -1e6, 1e6]))
+    spread = draw(st.sampled_from([1e-6, 1e-3, 1.0]))
+    shape = draw(st.sampled_from(["gauss", "duplicate", "constant", "rank1"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    x = offset + spread * rng.standard_normal((n, d)) * rng.uniform(0.1, 1.0, d)
+    if shape == "duplicate" and d > 1:
+        x[:, 1] = x[:, 0]
+    elif shape == "constant":
+        x[:, 0] = offset + 0.5
+    elif shape == "rank1":
+        x = offset + spread * rng.standard_normal((n, 1)) @ rng.standard_normal((1, d))
+    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=3)))
+    streams = []
+    for part in np.split(np.arange(n), cuts):
+        calls = draw(st.lists(st.integers(1, 4), min_size=1, max_size=len(part) + 1))
+        streams.append((part, calls, draw(st.sampled_from([1, 3, 131072])), draw(st.booleans())))
+    order = draw(st.permutations(range(len(streams))))
+    return x, streams, order
+
+
+def _float64_reference(x: np.ndarray) -> np.ndarray:
+    """Eigenvalues of the sample covariance, the rows first shifted by the first row (exact in float64 for
+    rows this close to each other): np.cov's own float64 mean of rows ~1e6 is off by ~1e-10, which costs a
+    spread of 1e-6 ~1e-8 of its variance, more than the accumulator loses."""
+    return np.clip(np.linalg.eigvalsh(np.atleast_2d(np.cov(x - x[0], rowvar=False)))[::-1], 0.0, None)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(pool=offset_pools(), precision=st.sampled_from(["exact", "float64"]))
+def test_offset_pools_chunked_merged_and_reloaded_equal_one_float64_pass(pool, precision, tmp_path_factory):
+    x, streams, order = pool
+    rows = torch.from_numpy(x)
+    accs = []
+    for part, calls, max_chunk_rows, reload in streams:
+        acc = ActivationCovarianceAccumulator(precision=precision, max_chunk_rows=max_chunk_rows)
+        start = 0
+        for size in calls:
+            if start < part.size:
+                acc.update(rows[part[start : start + size]])
+            start += size
+        if start < part.size:
+            acc.update(rows[part[start:]])
+        if reload and acc.initialized:
+            acc = ActivationCovarianceAccumulator.load(acc.save(tmp_path_factory.mktemp("s") / "acc"))
+        accs.append(acc)
+    total = accs[order[0]]
+    for i in order[1:]:
+        total.merge(accs[i])
+    ref = _float64_reference(x)
+    got = total.compute()
+    assert got.n_rows == x.shape[0]
+    # float64 rows form float64 products in every precision
+    assert np.abs(got.values.numpy() - ref).max() <= 1e-10 * ref[0] + 1e-300
