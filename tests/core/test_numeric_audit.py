@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spectral_lens import ActivationCovarianceAccumulator, NonFiniteError, StateFormatError
-from spectral_lens.spectra import estimate_crossover
+from spectral_lens.spectra import eigenvalues_descending, estimate_crossover, gram_eigenvalues
 
 from support.data import reference_eigenvalues, rows_with_spectrum
 
@@ -182,3 +182,22 @@ def test_offset_pools_chunked_merged_and_reloaded_equal_one_float64_pass(pool, p
     assert got.n_rows == x.shape[0]
     # float64 rows form float64 products in every precision
     assert np.abs(got.values.numpy() - ref).max() <= 1e-10 * ref[0] + 1e-300
+
+
+# ---------------------------------------------------------------- eigen-solves
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_eigen_solves_refuse_non_finite_matrices_instead_of_returning_nan(bad):
+    """eigvalsh returns NaN eigenvalues for a matrix holding NaN/Inf, and both public solves passed them on."""
+    sym = torch.eye(3, dtype=torch.float64)
+    sym[1, 2] = sym[2, 1] = bad
+    with pytest.raises(ValueError, match=r"eigenvalues_descending: the 3 x 3 matrix has NaN/Inf entries"):
+        eigenvalues_descending(sym)
+    rows = torch.ones(2, 4, dtype=torch.float64)
+    rows[0, 1] = bad
+    with pytest.raises(ValueError, match="NaN/Inf entries"):
+        gram_eigenvalues(rows)
+    with pytest.raises(ValueError, match="NaN/Inf entries"):  # finite rows whose Gram matrix overflows
+        gram_eigenvalues(torch.full((2, 3), 1e200, dtype=torch.float64))
+    ref = np.linalg.eigvalsh(np.array([[2.0, 1.0], [1.0, 2.0]]))[::-1]
+    assert np.array_equal(eigenvalues_descending(torch.tensor([[2.0, 1.0], [1.0, 2.0]])).numpy(), ref)
