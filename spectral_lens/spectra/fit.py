@@ -127,11 +127,19 @@ def band_alpha(p, window: tuple[int, int]) -> AlphaFit:
     """Band-restricted exponent ``alpha(I)`` of a (trace-normalized) spectrum ``p`` over ``window``.
 
     ``p`` must be sorted descending; normalization does not change ``alpha`` (only the intercept).
-    Raises ``ValueError`` if the window is malformed, exceeds the spectrum, reaches zero eigenvalues or
-    holds NaN/Inf.
+    Raises ``ValueError`` if the window is malformed, exceeds the spectrum, reaches zero eigenvalues,
+    holds NaN/Inf or is not sorted descending (ties are fine).
     """
     arr = _as_numpy(p)
     lo, hi = _check_window(arr, window)
+    rises = np.flatnonzero(arr[lo : hi] > arr[lo - 1 : hi - 1])
+    if rises.size:  # e.g. torch.linalg.eigvalsh's ascending output: alpha came out negative, without a word
+        r = lo + int(rises[0])
+        raise ValueError(
+            f"window [{lo}, {hi}] is not sorted descending: rank {r + 1} ({arr[r]:.6g}) exceeds rank {r} "
+            f"({arr[r - 1]:.6g}); pass the eigenvalues largest first (torch.linalg.eigvalsh returns them "
+            "ascending: flip them)"
+        )
     ranks = np.arange(lo, hi + 1, dtype=np.float64)
     slope, intercept, r2, stderr = _line_fit(np.log(ranks), np.log(arr[lo - 1 : hi]))
     return AlphaFit((lo, hi), -slope, intercept, r2, stderr, hi - lo + 1)

@@ -11,8 +11,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spectral_lens import ActivationCovarianceAccumulator, NonFiniteError, StateFormatError
-from spectral_lens.spectra import eigenvalues_descending, estimate_crossover, gram_eigenvalues
+from spectral_lens import ActivationCovarianceAccumulator, BandAlphaFitter, NonFiniteError, Spectrum, StateFormatError
+from spectral_lens.spectra import band_alpha, eigenvalues_descending, estimate_crossover, gram_eigenvalues
 
 from support.data import reference_eigenvalues, rows_with_spectrum
 
@@ -201,3 +201,33 @@ def test_eigen_solves_refuse_non_finite_matrices_instead_of_returning_nan(bad):
         gram_eigenvalues(torch.full((2, 3), 1e200, dtype=torch.float64))
     ref = np.linalg.eigvalsh(np.array([[2.0, 1.0], [1.0, 2.0]]))[::-1]
     assert np.array_equal(eigenvalues_descending(torch.tensor([[2.0, 1.0], [1.0, 2.0]])).numpy(), ref)
+
+
+# ---------------------------------------------------------------- band alpha
+
+def test_band_alpha_refuses_an_ascending_spectrum():
+    """Eigenvalues in torch.linalg.eigvalsh's ascending order gave alpha = -1.3 for an r^-1.3 spectrum
+    without a word; a window that rises anywhere is refused naming the rank. Ties stay allowed."""
+    p = np.arange(1, 301.0) ** -1.3
+    with pytest.raises(ValueError, match=r"window \[100, 200\] is not sorted descending: rank 101 .*ascending"):
+        band_alpha(p[::-1].copy(), (100, 200))
+    bumped = p.copy()
+    bumped[150] = bumped[149] * 1.5  # one rank out of order inside the window
+    with pytest.raises(ValueError, match=r"not sorted descending: rank 151 "):
+        band_alpha(bumped, (100, 200))
+    assert band_alpha(bumped, (1, 150)).alpha == pytest.approx(1.3, abs=1e-12)  # outside the window: unused
+    flat = band_alpha(np.ones(10), (2, 9))
+    assert flat.alpha == 0.0 and flat.r2 == 1.0
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.7, 1.0, 1.37, 3.0, 12.0])
+@pytest.mark.parametrize("scale", [1e-200, 1.0, 1e200])
+def test_band_alpha_recovers_a_perfect_power_law_to_round_off(alpha, scale):
+    """Through Spectrum and its trace normalization, at any overall scale: alpha to 1e-12 on the paper's
+    windows (the log-log slope of float64 values is conditioned by 1 / log(hi / lo) and |log p|)."""
+    r = np.arange(1, 1001.0)
+    spectrum = Spectrum(torch.from_numpy(scale * r**-alpha), n_rows=10**6, dim=r.size)
+    for fit in BandAlphaFitter().fit(spectrum):
+        assert abs(fit.alpha - alpha) <= 1e-12 * max(1.0, alpha)
+        assert fit.r2 == pytest.approx(1.0, abs=1e-12)
+        assert fit.intercept == pytest.approx(-np.log((r**-alpha).sum()), abs=1e-9)
