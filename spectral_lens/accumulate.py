@@ -55,11 +55,16 @@ __all__ = ["ActivationCovarianceAccumulator"]
 
 _STATE_FORMAT = "spectral-lens/covariance-state"
 _NONFINITE = ("raise", "skip")
-_HEADER_KEYS = ("format", "dim", "precision", "nonfinite", "updates", "synced", "initialized", "low_precision_products")
+_HEADER_KEYS = ("format", "dim", "precision", "nonfinite", "updates", "synced", "initialized", "low_precision_products",
+                "products_underflowed")
 #: The largest variance below which products formed in float32 (or bf16 on CUDA) are refused at
 #: ``compute``: there, the products of directions ~1e-8 below the largest reach float32's subnormal
 #: range (2^-126), where they lose precision or, on GPUs, flush to zero.
 _LOW_PRODUCT_FLOOR = 2.0 ** -100
+#: The same floor for float64 products: directions 2^-53 (float64's resolution) below the largest
+#: stay above float64's subnormal range (2^-1022). Float64 rows of ~1e-160 gave eigenvalues off by
+#: 3e-4 of the largest, and rows of ~1e-170 an all-zero spectrum, without a word.
+_FLOAT64_PRODUCT_FLOOR = 2.0 ** -960
 # arrays of an initialized state: (shape in terms of d, dtype)
 _ARRAYS = {
     "shift": ("d", torch.float64),
@@ -138,6 +143,8 @@ class _Setup:
     nonfinite: str
     updates: int
     low_products: bool  # some update formed its products below float64
+    # some update's rows were not all equal to its shift, yet every product and column sum was exactly 0
+    underflowed: bool = False
     # after a sync: (global rank, first update there with NaN/Inf rows) per rank that had such rows
     bad_ranks: tuple = ()
 
@@ -192,21 +199,54 @@ def _finite_check(sums: _Sums | None, setup: _Setup, notes: list) -> int:
             f"{'float32' if setup.low_products else 'float64'} products (|x| too large); rescale "
             "the rows" + (" or use precision='float64'" if setup.low_products else "")
         )
-    if sums is not None and setup.low_products:  # (NaN/Inf rows under "raise" have raised above)
-        n = float(sums.n)
-        scale = max(float((sums.s.diagonal() / n).max()), float((sums.m / n).abs().max()) ** 2) if n else 0.0
-        if 0 < scale < _LOW_PRODUCT_FLOOR:
-            raise NonFiniteError(
-                f"{setup.label}: the rows are too small for float32 products: their largest variance is about "
-                f"{scale:.1e}, below 2^-100 ({_LOW_PRODUCT_FLOOR:.1e}), where products of the smaller directions "
-                "underflow float32 and the spectrum would be wrong; rescale the rows (spectra are compared after "
-                "trace normalization) or use precision='float64'"
-            )
+    if sums is not None:  # (NaN/Inf rows under "raise" have raised above)
+        _range_check(sums, setup)
     skipped = int(sums.bad_rows) if sums is not None else 0
     if skipped:
         notes.append((f"{setup.label}: skipped {skipped} rows containing NaN/Inf (first in {_where_bad(first, setup)})",
                       NonFiniteRowsWarning))
     return skipped
+
+
+def _range_check(sums: _Sums, setup: _Setup) -> None:
+    """Raise :class:`NonFiniteError` for rows too small for their products: the largest spread
+    ``sqrt(max(S_jj / n, (m_j / n)^2))`` below the square root of :data:`_LOW_PRODUCT_FLOOR` (float32
+    products) or :data:`_FLOAT64_PRODUCT_FLOOR` (float64 only), or exactly 0 although some update's rows
+    were not constant (their products and column sums all underflowed or cancelled to 0). Compared as
+    spreads, not variances, so that a variance below float64's range cannot hide as 0."""
+    n = float(sums.n)
+    if not n:
+        return
+    var = float((sums.s.diagonal() / n).max())
+    spread = max(var, 0.0) ** 0.5
+    spread = max(spread, float((sums.m / n).abs().max()))
+    floor = _LOW_PRODUCT_FLOOR if setup.low_products else _FLOAT64_PRODUCT_FLOOR
+    if spread >= floor ** 0.5 or not (spread > 0 or setup.underflowed):
+        return
+    kind = "float32" if setup.low_products else "float64"
+    if spread == 0:
+        where = "their products and column sums were all exactly 0 although the rows were not constant (underflow)"
+    elif spread * spread > 0:
+        where = f"their largest variance is about {spread * spread:.1e}"
+    else:
+        where = f"their largest standard deviation is about {spread:.1e}"
+    raise NonFiniteError(
+        f"{setup.label}: the rows are too small for {kind} products: {where}, below "
+        f"2^{round(np.log2(floor))} ({floor:.1e}), where products of the smaller directions underflow {kind} and "
+        "the spectrum would be wrong; rescale the rows (spectra are compared after trace normalization)"
+        + (" or use precision='float64'" if setup.low_products else "")
+    )
+
+
+def _rows_underflowed(y: torch.Tensor, m: np.ndarray, s: torch.Tensor) -> bool:
+    """Whether a CPU chunk's centred rows ``y`` (masked rows zeroed) are not all 0 although its column
+    sums ``m`` and the diagonal of its product ``s`` are all exactly 0: rows so small that every product
+    underflowed, with column sums that cancel exactly. Host reads of CPU tensors; ``y`` is read only when
+    ``m`` and the diagonal are all 0 (constant rows, or this). Not checked on the generic path (CUDA,
+    or CPU calls longer than ``max_chunk_rows``), which reads nothing on the host."""
+    if m.any() or s.diagonal().numpy().any():  # (a NaN counts as nonzero)
+        return False
+    return bool(y.numpy().any())
 
 
 def _spectrum_of(sums: _Sums | None, setup: _Setup, notes: list) -> Spectrum:
@@ -384,6 +424,7 @@ class ActivationCovarianceAccumulator:
         self._synced = False
         self._bad_ranks: tuple = ()  # set by sync: which ranks had NaN/Inf rows, for the messages
         self._low_products = False  # whether any update formed its products below float64
+        self._underflowed = False  # whether some update's rows underflowed to all-zero sums (see _rows_underflowed)
         # whether the state surely holds rows; until then (masked or skipped rows only) its shift may be
         # an empty chunk's arbitrary 0, which the first rows replace by their own (see _adopt_shift)
         self._has_rows = False
@@ -494,7 +535,7 @@ class ActivationCovarianceAccumulator:
         valid = None if mask is None else mask.reshape(-1).to(rows.device, non_blocking=rows.device.type != "cpu")
         if rows.device.type == "cpu" and 0 < rows.shape[0] <= self.max_chunk_rows:
             if rows.dtype in _CPU_DTYPES or rows.dtype in _CPU_HALF:  # half rows: converted in _cpu_centered
-                self._cpu_update(rows, valid)
+                self._underflowed |= self._cpu_update(rows, valid)
                 self._low_products |= product_dtype(rows, self.precision) != torch.float64
                 return
         checked = None  # nonfinite="skip": the rows before non-finite ones are dropped
@@ -553,7 +594,7 @@ class ActivationCovarianceAccumulator:
             y.numpy()[~keep] = 0  # whole rows, whatever they held (NaN included)
         return n, y.sum(0).numpy(), shift, scratch
 
-    def _cpu_update(self, rows: torch.Tensor, valid: torch.Tensor | None) -> None:
+    def _cpu_update(self, rows: torch.Tensor, valid: torch.Tensor | None) -> bool:
         """``update`` of one chunk of CPU rows (fp32/fp64, bf16/fp16): the same sums as :meth:`_call_sums` and
         :meth:`_commit`, with the d-vector work and the row masks in NumPy (far less per-call
         overhead than torch's dispatch), the float64 add on the lower triangle only and the rank-2
@@ -567,7 +608,9 @@ class ActivationCovarianceAccumulator:
         Rows are not checked for NaN/Inf up front: a non-finite entry in a valid row makes its
         column's sum in ``m`` non-finite (no finite sum cancels an Inf or a NaN), so finite column
         sums clear the whole chunk. Otherwise ``nonfinite="raise"`` flags the update, and "skip"
-        drops the non-finite rows and centres the chunk again, before the product."""
+        drops the non-finite rows and centres the chunk again, before the product.
+
+        Returns whether the rows underflowed to all-zero sums (:func:`_rows_underflowed`)."""
         # NumPy would warn where torch is silent (non-finite rows, an fp64 shift beyond fp32 range);
         # such rows are reported by compute() (NonFiniteError), as on every other path.
         with np.errstate(all="ignore"):
@@ -589,10 +632,11 @@ class ActivationCovarianceAccumulator:
                     for a, b, o in panels:
                         torch.mm(a, b, out=o)
             shift64 = shift.astype(np.float64)  # a fresh array: it becomes state
+            underflowed = _rows_underflowed(y, m, s)
             if not self.initialized:
                 self._commit(n, torch.from_numpy(m), s, torch.from_numpy(shift64),
                              torch.tensor(broken) if broken else None, torch.tensor(bad) if bad else None)
-                return
+                return underflowed
             index = self._updates
             state_s = self._s_lower
             d = state_s.shape[0]
@@ -637,10 +681,13 @@ class ActivationCovarianceAccumulator:
             self._bad_rows = bad_rows
             self._first_bad = first_bad
             self._updates = index + 1
+        return underflowed
 
     def _call_sums(self, rows: torch.Tensor, valid: torch.Tensor | None):
         """This call's ``(n, m, S, shift, broken)``: sums around the first chunk's shift, ``S`` valid in
-        its lower triangle (fp32 for a one-chunk call in fp32 precision, else float64); touches no state."""
+        its lower triangle (fp32 for a one-chunk call in fp32 precision, else float64); touches no state.
+        Reads nothing on the host (on CUDA a sync), so rows that underflow to all-zero sums
+        (:func:`_rows_underflowed`) are not noticed on this path."""
         total = rows.shape[0]
         n = m = s = shift = broken = None
         for start in range(0, total, self.max_chunk_rows):
@@ -754,7 +801,7 @@ class ActivationCovarianceAccumulator:
 
     def _setup(self) -> _Setup:
         return _Setup(self._label(), self.name, self.dim, self.precision, self.nonfinite, self._updates,
-                      self._low_products, self._bad_ranks)
+                      self._low_products, self._underflowed, self._bad_ranks)
 
     def _live_sums(self) -> _Sums | None:
         with self._lock:
@@ -881,6 +928,7 @@ class ActivationCovarianceAccumulator:
         self._first_bad = new_first
         self._updates += other._updates
         self._low_products |= other._low_products
+        self._underflowed |= other._underflowed
         self._has_rows |= other._has_rows
         return self
 
@@ -967,9 +1015,10 @@ class ActivationCovarianceAccumulator:
         # each rank's first update with NaN/Inf rows (-1: none), so that the errors can name the ranks;
         # any rank's products below float64 -> all ranks check their range
         world, me = dist.get_world_size(group), dist.get_rank(group)
-        flags = torch.full((world + 1,), -1, dtype=torch.int64, device=first.device)
+        flags = torch.full((world + 2,), -1, dtype=torch.int64, device=first.device)
         flags[me] = first
         flags[world] = int(self._low_products)
+        flags[world + 1] = int(self._underflowed)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         per_rank = flags[:world].tolist()
         bad_ranks = tuple((r if group is None else dist.get_global_rank(group, r), i)
@@ -981,6 +1030,7 @@ class ActivationCovarianceAccumulator:
         self._first_bad = torch.tensor(min((i for _, i in bad_ranks), default=-1), device=first.device)
         self._bad_ranks = bad_ranks
         self._low_products = bool(flags[world])
+        self._underflowed = bool(flags[world + 1])
         self._has_rows = float(totals[-1]) > 0
         self._synced = True
         return self
@@ -1001,6 +1051,7 @@ class ActivationCovarianceAccumulator:
             "synced": self._synced,
             "initialized": self.initialized,
             "low_precision_products": self._low_products,
+            "products_underflowed": self._underflowed,
         }
         if self.initialized:
             sd.update(shift=self._shift, n=self._n, m=self._m, s=self._s, bad_rows=self._bad_rows, first_bad=self._first_bad)
@@ -1035,8 +1086,12 @@ class ActivationCovarianceAccumulator:
         low = state.get("low_precision_products", False)
         if not isinstance(low, bool):
             fail(f"low_precision_products must be true or false, got {low!r}")
-        out: dict[str, Any] = {"dim": dim if dim is not None else self.dim, "_updates": updates, "_synced": synced,
-                               "_low_products": low}
+        # absent in files written before the field existed: not known to have underflowed (as those versions assumed)
+        underflowed = state.get("products_underflowed", False)
+        if not isinstance(underflowed, bool):
+            fail(f"products_underflowed must be true or false, got {underflowed!r}")
+        out: dict[str, Any] = {"dim": dim if dim is not None else self.dim, "_updates": updates,
+                               "_synced": synced, "_low_products": low, "_underflowed": underflowed}
         if not initialized:
             if present:
                 fail(f"state without rows carries arrays {present}")

@@ -12,15 +12,21 @@ def eigenvalues_descending(sym: torch.Tensor) -> torch.Tensor:
 
     Round-off can make eigenvalues of a PSD matrix slightly negative; they are clamped to zero so the
     result is a valid spectrum (the clamp is below float64 precision of the largest eigenvalue).
+    ``ValueError`` for a matrix with NaN/Inf entries (LAPACK returned NaN eigenvalues for them, without
+    an error).
     """
     if sym.ndim != 2 or sym.shape[0] != sym.shape[1]:
         raise ValueError(f"expected a square matrix, got shape {tuple(sym.shape)}")
-    vals = torch.linalg.eigvalsh(sym.to(torch.float64))
+    sym = sym.to(torch.float64)
+    if not bool(torch.isfinite(sym).all()):
+        raise ValueError(f"eigenvalues_descending: the {sym.shape[0]} x {sym.shape[1]} matrix has NaN/Inf entries")
+    vals = torch.linalg.eigvalsh(sym)
     return vals.flip(0).clamp_min(0.0)
 
 
 def gram_eigenvalues(rows: torch.Tensor) -> torch.Tensor:
-    """Squared singular values of an (M, P) matrix via its M x M Gram matrix in float64, descending."""
+    """Squared singular values of an (M, P) matrix via its M x M Gram matrix in float64, descending
+    (``ValueError`` for NaN/Inf entries, or entries so large that the Gram matrix overflows)."""
     g = rows.to(torch.float64)
     return eigenvalues_descending(g @ g.t())
 

@@ -127,11 +127,19 @@ def band_alpha(p, window: tuple[int, int]) -> AlphaFit:
     """Band-restricted exponent ``alpha(I)`` of a (trace-normalized) spectrum ``p`` over ``window``.
 
     ``p`` must be sorted descending; normalization does not change ``alpha`` (only the intercept).
-    Raises ``ValueError`` if the window is malformed, exceeds the spectrum, reaches zero eigenvalues or
-    holds NaN/Inf.
+    Raises ``ValueError`` if the window is malformed, exceeds the spectrum, reaches zero eigenvalues,
+    holds NaN/Inf or is not sorted descending (ties are fine).
     """
     arr = _as_numpy(p)
     lo, hi = _check_window(arr, window)
+    rises = np.flatnonzero(arr[lo : hi] > arr[lo - 1 : hi - 1])
+    if rises.size:  # e.g. torch.linalg.eigvalsh's ascending output: alpha came out negative, without a word
+        r = lo + int(rises[0])
+        raise ValueError(
+            f"window [{lo}, {hi}] is not sorted descending: rank {r + 1} ({arr[r]:.6g}) exceeds rank {r} "
+            f"({arr[r - 1]:.6g}); pass the eigenvalues largest first (torch.linalg.eigvalsh returns them "
+            "ascending: flip them)"
+        )
     ranks = np.arange(lo, hi + 1, dtype=np.float64)
     slope, intercept, r2, stderr = _line_fit(np.log(ranks), np.log(arr[lo - 1 : hi]))
     return AlphaFit((lo, hi), -slope, intercept, r2, stderr, hi - lo + 1)
@@ -223,7 +231,9 @@ def estimate_crossover(
     log_rstar, head, tail = b, -s_head, -s_tail
     q_free = True  # the broken stick's break lies inside the ranks by construction (min_segment)
     if method == "bend":
-        q0 = max((tail - head) / 2.0, 0.05)
+        # started inside the search range: a cliff (tail - head > 100, e.g. a rank-deficient spectrum's drop
+        # to round-off) put q0 beyond it, and SciPy refused with 'Initial guess is outside of provided bounds'
+        q0 = min(max((tail - head) / 2.0, 0.05), _Q_BOUNDS[1])
         theta0 = np.array([y[0] + head * x[0], head, q0, b])
         fit = least_squares(
             lambda t: _bend_model(t, x) - y,
