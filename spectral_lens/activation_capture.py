@@ -16,7 +16,7 @@ from torch import nn
 from .accumulate import ActivationCovarianceAccumulator, _spectrum_of
 from .background import SolveFuture, submit
 from .capture import (HookSet, Target, _FEEDING, check_pick, display_name, pick_tensor, select_modules,
-                      warn_if_compiled)
+                      transformed_forward, warn_if_compiled)
 from .spectrum import Spectrum
 
 __all__ = ["ActivationCapture", "attach", "attach_one"]
@@ -188,7 +188,9 @@ class _Feed:
     give the copy an inert :class:`_Copied` in this hook's place: the copy's forwards add no rows to
     the original's accumulator (nor hold it alive), and pickling does not fail on a local function.
     Inside another measurement's pass (a lens's activation pass, a probe's update:
-    :func:`~spectral_lens.capture.measurement_pass`) it reads nothing.
+    :func:`~spectral_lens.capture.measurement_pass`) it reads nothing, nor in a forward that
+    ``torch.func`` transforms or ``torch.jit.trace`` / ``torch.export`` trace
+    (:func:`~spectral_lens.capture.transformed_forward`).
     """
 
     __slots__ = ("capture", "acc", "pick", "where")
@@ -199,6 +201,8 @@ class _Feed:
     def __call__(self, module, args, output) -> None:
         owner = _FEEDING.get()
         if owner is not None and owner is not self.capture:  # another measurement's pass (measurement_pass)
+            return
+        if transformed_forward():  # torch.func / jit.trace / export: no real rows, and nothing to record
             return
         self.acc.update(pick_tensor(output, self.pick, self.where), mask=self.capture._mask)
 
