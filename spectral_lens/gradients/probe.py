@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
+from .._args import check_callable, check_count, check_dtype
 from ..capture import eager_forwards, glob_to_regex, measurement_autocast, measurement_pass, unwrap_compiled
 from .._warnings import ZeroGradientWarning
 from ._isolation import cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state, silenced_tensor_hooks
@@ -380,10 +381,13 @@ class PerSampleGradientProbe:
                 "head_loss='chunked' computes the default loss through the model's head; it cannot be combined "
                 "with loss_fn/forward_fn (leave them out, or pass head_loss_fns(model, ...) as they are)"
             )
-        if int(chunk_size) < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        if max_resident_samples is not None and int(max_resident_samples) < 1:
-            raise ValueError(f"max_resident_samples must be >= 1 or None, got {max_resident_samples}")
+        who = "PerSampleGradientProbe"
+        chunk_size = check_count(who, "chunk_size", chunk_size, 1)
+        max_resident_samples = check_count(who, "max_resident_samples", max_resident_samples, 1, none_ok=True)
+        check_callable(who, "loss_fn", loss_fn, "(model_output, batch) -> per-sample losses (M,)")
+        check_callable(who, "forward_fn", forward_fn, "(model, batch) -> output")
+        check_dtype(who, "storage_dtype", storage_dtype)
+        check_dtype(who, "autocast_dtype", autocast_dtype)
         if keep_matrix and max_resident_samples is not None:
             raise ValueError("keep_matrix=True needs every row resident: leave max_resident_samples=None")
         self.model: nn.Module | None = None

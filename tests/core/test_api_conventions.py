@@ -82,3 +82,82 @@ def test_traced_graph_holds_no_accumulator_arithmetic():
         traced = torch.jit.trace(model, x, check_trace=False)
     kinds = lambda g: sorted(n.kind() for n in g.inlined_graph.nodes())  # noqa: E731
     assert kinds(traced) == kinds(plain)
+
+
+class _LM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.proj, self.head = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 11)
+
+    def forward(self, ids):
+        return self.head(self.proj(self.emb(ids)))
+
+
+_IDS = torch.randint(0, 11, (4, 5))
+_POOL = [(_IDS, _IDS)]
+
+
+def _probe(**kw):
+    return sl.PerSampleGradientProbe(_LM(), "proj.weight", **kw)
+
+
+def _lens(**kw):
+    return sl.SpectralLens(_LM(), **{"pool": _POOL, "layers": "proj", "params": (), "progress": False, **kw})
+
+
+# each wrong type was accepted when the object was built and failed later from deep inside (or not at
+# all): "'str' object is not callable", "Invalid device string: 'bfloat16'", "set_autocast_dtype():
+# argument 'dtype' must be torch.dtype", "int() argument must be ... not 'NoneType'", "'str' object has
+# no attribute 'model'", "'str' object has no attribute 'log_measurement'" after the whole measurement,
+# an integer storage dtype giving an all-zero spectrum, a tensor pool measured one unbatched sequence at
+# a time, tail_window="ab" accepted
+@pytest.mark.parametrize("build, match", [
+    (lambda: _probe(loss_fn="cross_entropy"), r"PerSampleGradientProbe: loss_fn must be a callable .* got str"),
+    (lambda: _probe(forward_fn="forward"), r"PerSampleGradientProbe: forward_fn must be a callable .* got str"),
+    (lambda: _probe(storage_dtype="bfloat16"), r"PerSampleGradientProbe: storage_dtype must be a floating-point torch\.dtype"),
+    (lambda: _probe(storage_dtype=torch.int32), r"PerSampleGradientProbe: storage_dtype must be a floating-point .* torch\.int32"),
+    (lambda: _probe(autocast_dtype="bfloat16"), r"PerSampleGradientProbe: autocast_dtype must be a floating-point torch\.dtype"),
+    (lambda: _probe(chunk_size=None), r"PerSampleGradientProbe: chunk_size must be an int >= 1; got NoneType"),
+    (lambda: _probe(chunk_size=2.5), r"PerSampleGradientProbe: chunk_size must be an int >= 1; got float"),
+    (lambda: _probe(max_resident_samples="8"), r"PerSampleGradientProbe: max_resident_samples must be an int >= 1 or None"),
+    (lambda: _lens(pool=torch.zeros(4, 5, dtype=torch.long)), r"SpectralLens: pool must be a re-iterable of held-out batches .* Tensor of shape \(4, 5\)"),
+    (lambda: _lens(pool="heldout.txt"), r"SpectralLens: pool must be a re-iterable .* got str"),
+    (lambda: _lens(gradient_pool=3), r"SpectralLens: gradient_pool must be a re-iterable .* got int"),
+    (lambda: _lens(gradient_samples="64"), r"SpectralLens: gradient_samples must be an int"),
+    (lambda: _lens(mask_fn="attention_mask"), r"SpectralLens: mask_fn must be a callable .* got str"),
+    (lambda: _lens(forward_fn="forward"), r"SpectralLens: forward_fn must be a callable .* got str"),
+    (lambda: _lens(autocast_dtype="bf16"), r"SpectralLens: autocast_dtype must be a floating-point torch\.dtype"),
+    (lambda: _lens(probe="proj.weight"), r"SpectralLens: probe must be a PerSampleGradientProbe or None, got str"),
+    (lambda: _lens(writer="runs/a"), r"SpectralLens: writer must be a RunWriter .* got str .*RunWriter\(path"),
+    (lambda: _lens(tail_window=100), r"SpectralLens: tail_window must be a pair of integer ranks .* got int"),
+    (lambda: _lens(head_window="ab"), r"SpectralLens: head_window must be a pair of integer ranks .* got str"),
+    (lambda: _lens().measure(step="last", tokens=0), r"SpectralLens\.measure: step and tokens must be integers .*'last'"),
+])
+def test_wrong_argument_types_are_refused_naming_the_argument(build, match):
+    with pytest.raises(TypeError, match=match):
+        build()
+
+
+def test_argument_checks_keep_valid_values():
+    # what the checks must go on accepting: NumPy integers, dtypes, callables, windows as lists, duck writers
+    probe = _probe(chunk_size=np.int64(2), max_resident_samples=np.int32(3), storage_dtype=torch.float64,
+                   autocast_dtype=None, loss_fn=None, forward_fn=lambda m, b: m(b[0]))
+    assert (probe.chunk_size, probe.max_resident_samples) == (2, 3)
+    with pytest.raises(ValueError, match=r"chunk_size must be >= 1, got 0"):
+        _probe(chunk_size=0)
+    with pytest.raises(ValueError, match=r"tail_window=\(5, 5\): need 1 <= lo < hi"):
+        _lens(tail_window=(5, 5))
+
+    class Writer:
+        tail_window = head_window = None
+
+        def log_measurement(self, step, tokens, spectra, **kw):
+            self.got = (step, tokens, sorted(spectra))
+
+    writer = Writer()
+    lens = _lens(tail_window=[2, 4], writer=writer, gradient_samples=None)
+    assert lens.tail_window == (2, 4)
+    m = lens.measure(np.int64(3), 7.0)  # a NumPy step and a float token count, as loops produce them
+    assert (m.step, m.tokens) == (3, 7) and writer.got == (3, 7, ["act:proj"])
+    assert type(writer.got[0]) is int
