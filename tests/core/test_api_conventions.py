@@ -161,3 +161,24 @@ def test_argument_checks_keep_valid_values():
     m = lens.measure(np.int64(3), 7.0)  # a NumPy step and a float token count, as loops produce them
     assert (m.step, m.tokens) == (3, 7) and writer.got == (3, 7, ["act:proj"])
     assert type(writer.got[0]) is int
+
+
+@pytest.mark.parametrize("summary", [sl.stable_rank, sl.participation_ratio, sl.RankMe()])
+def test_summaries_refuse_a_matrix_instead_of_flattening_its_entries(summary):
+    # stable_rank(W) for a weight matrix W (the usual meaning of "stable rank of W") returned
+    # sum(entries) / max(entry), here 10 / 4 = 2.5, while the stable rank of W is 1.0043; the other
+    # summaries flattened the matrix alike. A matrix is refused, pointing at its eigenvalues.
+    w = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"expected a 1-D tensor of eigenvalues, got shape \(2, 2\).*svdvals"):
+        summary(w)
+    with pytest.raises(TypeError, match=r"needs a Spectrum or a 1-D tensor of eigenvalues, got str"):
+        summary("spectrum.npz")
+
+
+def test_stable_rank_of_a_matrix_through_its_eigenvalues_matches_float64():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((40, 24)) * np.logspace(0, -6, 24)  # columns over six decades
+    s = np.linalg.svd(w, compute_uv=False)
+    expected = np.linalg.norm(w, "fro") ** 2 / s[0] ** 2
+    got = sl.stable_rank(torch.linalg.svdvals(torch.from_numpy(w)) ** 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
