@@ -60,6 +60,10 @@ class ActivationCapture(HookSet):
     @contextlib.contextmanager
     def mask(self, mask: torch.Tensor | None):
         """Valid-position mask (bool, the module output's leading shape) for forwards inside the block."""
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool):
+            got = f"a tensor of dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"ActivationCapture.mask: mask must be a bool tensor (e.g. attention_mask.bool()) or None, "
+                            f"got {got}")
         previous, self._mask = self._mask, mask
         try:
             yield self

@@ -182,3 +182,25 @@ def test_stable_rank_of_a_matrix_through_its_eigenvalues_matches_float64():
     expected = np.linalg.norm(w, "fro") ** 2 / s[0] ** 2
     got = sl.stable_rank(torch.linalg.svdvals(torch.from_numpy(w)) ** 2)
     np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_capture_mask_refuses_a_non_bool_mask_when_set():
+    # a list or an integer attention mask was accepted by capture.mask(...) and failed only inside the
+    # next forward, from the hook, in the middle of the user's loop
+    model = _model()
+    x = torch.randn(2, 3, 6)
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    with torch.no_grad():
+        ref = model[1](model[0](x))[valid].double().numpy()
+    with sl.attach(model, "1", precision="float64") as capture:
+        with pytest.raises(TypeError, match=r"ActivationCapture\.mask: mask must be a bool tensor .* got list"):
+            with capture.mask([[1, 1, 0], [1, 0, 0]]):
+                pass
+        with pytest.raises(TypeError, match=r"mask must be a bool tensor .* got a tensor of dtype torch\.int64"):
+            with capture.mask(torch.ones(2, 3, dtype=torch.long)):
+                pass
+        with capture.mask(valid), torch.no_grad():  # the refused masks left nothing behind
+            model(x)
+        acc = capture.accumulators["1"]
+        assert acc.n_rows == 3
+        np.testing.assert_allclose(acc.covariance().numpy(), np.cov(ref, rowvar=False), rtol=1e-10, atol=1e-12)
