@@ -456,7 +456,10 @@ class ActivationCovarianceAccumulator:
         if self._synced:
             raise RuntimeError(f"{where}: state was synced across ranks; call reset() before new updates")
         if self.initialized and x.device != self._shift.device:
-            raise ValueError(f"{where}: input on {x.device}, accumulator state on {self._shift.device}")
+            raise ValueError(
+                f"{where}: input on {x.device}, accumulator state on {self._shift.device}; after moving the model, "
+                f"move the state too (acc.to({str(x.device)!r}), or capture.to(...) for every accumulator of an attach)"
+            )
 
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add rows: ``x`` of shape (..., d), leading dims flattened; ``mask`` (...,) bool marks valid rows.
@@ -1075,6 +1078,18 @@ class ActivationCovarianceAccumulator:
         self.reset()
         for key, value in new.items():
             setattr(self, key, value)
+
+    def to(self, device: str | torch.device) -> "ActivationCovarianceAccumulator":
+        """Move the state to ``device`` (after ``model.to(device)``: the rows then arrive there); returns
+        ``self``, as ``nn.Module.to`` and torchmetrics' ``Metric.to`` do. The state stays float64 and is
+        moved exactly (the result is bit-identical); an accumulator without rows has nothing to move and
+        adopts the device of its first rows."""
+        with self._lock:  # not between two threads' updates (see update)
+            moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self._state_dict().items()}
+            bad_ranks = self._bad_ranks
+            self.load_state_dict(moved)
+            self._bad_ranks = bad_ranks
+        return self
 
     def save(self, path: str | Path, *, fsync: bool = True) -> Path:
         """Write the state as ``.npz`` with a JSON header (no pickle); resume with :meth:`load`.

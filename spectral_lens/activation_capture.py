@@ -93,6 +93,12 @@ class ActivationCapture(HookSet):
 
         return submit(job)
 
+    def to(self, device: str | torch.device) -> "ActivationCapture":
+        """Move every accumulator's state to ``device`` (:meth:`ActivationCovarianceAccumulator.to`); returns ``self``."""
+        for acc in self.accumulators.values():
+            acc.to(device)
+        return self
+
     def reset(self) -> None:
         """Reset every accumulator."""
         for acc in self.accumulators.values():

@@ -5,6 +5,8 @@ callable names the argument it refuses."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -204,3 +206,50 @@ def test_capture_mask_refuses_a_non_bool_mask_when_set():
         acc = capture.accumulators["1"]
         assert acc.n_rows == 3
         np.testing.assert_allclose(acc.covariance().numpy(), np.cov(ref, rowvar=False), rtol=1e-10, atol=1e-12)
+
+
+def _moved_model_rows(device: str) -> tuple[sl.ActivationCapture, np.ndarray]:
+    # the torchmetrics pattern: a model (and its metrics) moved between devices mid-run
+    model = _model()
+    xs = [torch.randn(7, 6) * 3 + 1 for _ in range(4)]
+    with torch.no_grad():
+        ref = np.concatenate([model[1](model[0](x)).double().numpy() for x in xs])
+    capture = sl.attach(model, "1", precision="float64")
+    with torch.no_grad():
+        model(xs[0])
+        model(xs[1])
+        model.to(device)
+        assert capture.to(device) is capture
+        model(xs[2].to(device))
+        model.cpu()
+        capture.accumulators["1"].to("cpu")
+        model(xs[3])
+    capture.remove()
+    return capture, ref
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_accumulator_follows_the_model_between_devices(device):
+    capture, ref = _moved_model_rows(device)
+    acc = capture.accumulators["1"]
+    assert acc.n_rows == 28 and acc.mean.device.type == "cpu"
+    np.testing.assert_allclose(acc.covariance().numpy(), np.cov(ref, rowvar=False), rtol=1e-10, atol=1e-12)
+    if device == "cpu":  # a move to where the state is changes nothing, bit for bit
+        rows = torch.from_numpy(ref)
+        never = sl.ActivationCovarianceAccumulator().to("cpu")  # no rows yet: nothing to move
+        never.update(rows[:10])
+        moved = copy.deepcopy(never)
+        assert moved.to(torch.device("cpu")) is moved
+        for a in (never, moved):
+            a.update(rows[10:])
+        assert moved.n_rows == 28 and moved._updates == 2
+        assert torch.equal(moved.covariance(), never.covariance())
+
+
+def test_rows_on_another_device_say_how_to_move_the_state():
+    acc = sl.ActivationCovarianceAccumulator(name="h.3")
+    acc.update(torch.randn(4, 5))
+    with pytest.raises(ValueError, match=r"h\.3: input on meta, accumulator state on cpu; .*acc\.to\('meta'\)"):
+        acc.update(torch.empty(4, 5, device="meta"))
+    assert acc.n_rows == 4
