@@ -253,3 +253,15 @@ def test_rows_on_another_device_say_how_to_move_the_state():
     with pytest.raises(ValueError, match=r"h\.3: input on meta, accumulator state on cpu; .*acc\.to\('meta'\)"):
         acc.update(torch.empty(4, 5, device="meta"))
     assert acc.n_rows == 4
+
+
+@pytest.mark.parametrize("engine", ["fast", "vmap", "loop"])
+def test_probe_on_an_unbatched_sequence_says_it_needs_a_batch_dimension(engine):
+    # probe.update((ids[0], ids[0])), one sequence without its batch dimension, said only "loss_fn must
+    # return per-sample losses of shape (5,), got ()" (fast engine; (1,) per sample on vmap and loop)
+    probe = sl.PerSampleGradientProbe(_LM(), "proj.weight", engine=engine)
+    with pytest.raises(ValueError, match=r"shape \(\d,\), got \(\).*single sequence needs a batch dimension"):
+        probe.update((_IDS[0], _IDS[0]))
+    assert probe.n_samples_ == 0
+    probe.update((_IDS[:1], _IDS[:1]))  # a batch of 1 is one sample
+    assert probe.n_samples_ == 1
