@@ -11,6 +11,7 @@ import warnings
 
 import contextlib
 import difflib
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -394,7 +395,7 @@ class PerSampleGradientProbe:
         self._every: list[torch.Tensor] | None = None  # list(model.parameters()) during an update
         self.params: dict[str, nn.Parameter] = {}
         self.params_spec = params
-        self.loss_fn = loss_fn or (lambda out, batch: causal_lm_loss(out, batch, ignore_index=ignore_index))
+        self.loss_fn = loss_fn or functools.partial(causal_lm_loss, ignore_index=ignore_index)  # picklable
         self._custom_loss = loss_fn
         self._custom_forward = forward_fn
         self.forward_fn = forward_fn or default_forward

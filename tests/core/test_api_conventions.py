@@ -265,3 +265,32 @@ def test_probe_on_an_unbatched_sequence_says_it_needs_a_batch_dimension(engine):
     assert probe.n_samples_ == 0
     probe.update((_IDS[:1], _IDS[:1]))  # a batch of 1 is one sample
     assert probe.n_samples_ == 1
+
+
+class _Holder(nn.Module):  # at module level: torch.save pickles the class by reference
+    def __init__(self):
+        super().__init__()
+        self.net = _LM()
+
+    def forward(self, ids):
+        return self.net(ids)
+
+
+def test_a_model_holding_a_probe_or_lens_can_be_saved_whole():
+    # a LightningModule-style model keeping its lens as an attribute: torch.save(model) (or any pickle of
+    # the probe) failed with "Can't pickle local object 'PerSampleGradientProbe.__init__.<locals>.<lambda>'"
+    # (the default loss was a lambda), breaking the user's whole-model checkpoint
+    import io
+    import pickle
+
+    model = _Holder()
+    model.lens = sl.SpectralLens(model, _POOL, layers="net.proj", params="net.proj.weight", progress=False)
+    model.lens.probe.update((_IDS, _IDS))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded.lens.model is loaded and loaded.lens.probe.model is loaded  # one object graph
+    assert np.array_equal(loaded.lens.probe.compute().values, model.lens.probe.compute().values)
+    probe = pickle.loads(pickle.dumps(sl.PerSampleGradientProbe(params="net.proj.weight", ignore_index=3)))
+    assert probe.loss_fn.keywords == {"ignore_index": 3}
