@@ -351,6 +351,7 @@ class ActivationCovarianceAccumulator:
         if isinstance(max_chunk_rows, bool) or not isinstance(max_chunk_rows, numbers.Integral) or max_chunk_rows < 1:
             raise ValueError(f"max_chunk_rows must be an int >= 1, got {max_chunk_rows!r}")
         self.dim = dim
+        self._dim_given = dim  # reset() returns to it: a width inferred from rows is forgotten with them
         self.precision = precision
         self.nonfinite = nonfinite
         self.max_chunk_rows = int(max_chunk_rows)
@@ -369,7 +370,9 @@ class ActivationCovarianceAccumulator:
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Forget every row (keeps the configuration, including an explicit ``dim``)."""
+        """Forget every row (keeps the configuration, including an explicit ``dim``; a width inferred
+        from the rows is forgotten with them, so a reset accumulator takes rows of any width again)."""
+        self.dim = getattr(self, "_dim_given", self.dim)
         self._shift: torch.Tensor | None = None
         self._s_lower: torch.Tensor | None = None
         self._s_spare: torch.Tensor | None = None
@@ -1152,7 +1155,8 @@ class ActivationCovarianceAccumulator:
         """Feed this accumulator from the output of the one module of ``model`` that ``target`` selects.
 
         ``target`` and ``pick`` are as in :func:`~spectral_lens.activation_capture.attach` (which builds
-        one accumulator per module); here it must select exactly one module. Sets ``name`` to the module's name if unset. Returns
+        one accumulator per module); here it must select exactly one module. Sets ``name`` to the module's name if unset or set by an
+        earlier attach (a reused accumulator is named after the module it measures now). Returns
         the hook handle: a context manager with ``remove()`` and ``mask(...)``.
         """
         from .activation_capture import attach_one  # that module builds on this one

@@ -164,8 +164,8 @@ def attach_one(acc: ActivationCovarianceAccumulator, model: nn.Module, target: T
     name, module = selected[0]
     capture = ActivationCapture({name: acc})
     _claim(acc, capture, _where(name, model))  # before any change: a refused attach changes nothing
-    if acc.name is None:
-        acc.name = name
+    if acc.name is None or acc.name == getattr(acc, "_attach_name", None):  # unset, or set by an earlier attach
+        acc.name = acc._attach_name = name
     capture.add(module.register_forward_hook(_make_hook(capture, name, pick, module)))
     return capture
 

@@ -294,3 +294,33 @@ def test_a_model_holding_a_probe_or_lens_can_be_saved_whole():
     assert np.array_equal(loaded.lens.probe.compute().values, model.lens.probe.compute().values)
     probe = pickle.loads(pickle.dumps(sl.PerSampleGradientProbe(params="net.proj.weight", ignore_index=3)))
     assert probe.loss_fn.keywords == {"ignore_index": 3}
+
+
+def test_an_accumulator_reused_for_another_module_names_it_and_takes_its_width():
+    # one accumulator moved from module to module (remove, compute, reset, attach again): its spectra
+    # all carried the first module's name (Spectrum.source "0" for the rows of "2"), and after reset()
+    # the width inferred from the first module's rows refused the next one's ("expected last dim d=8")
+    model = _model()
+    x = torch.randn(9, 6)
+    acc = sl.ActivationCovarianceAccumulator(precision="float64")
+    spectra = {}
+    for name, width in (("0", 8), ("2", 3)):
+        with acc.attach(model, name), torch.no_grad():
+            out = model.get_submodule(name)
+            rows = []
+            handle = out.register_forward_hook(lambda m, a, o: rows.append(o.double()))
+            model(x)
+            handle.remove()
+        spectra[name] = acc.compute()
+        assert (spectra[name].source, spectra[name].dim, acc.name) == (name, width, name)
+        ref = np.linalg.eigvalsh(np.cov(rows[0].numpy(), rowvar=False))[::-1]
+        np.testing.assert_allclose(spectra[name].values, np.clip(ref, 0, None), rtol=1e-9, atol=1e-12 * ref[0])
+        acc.reset()
+        assert acc.dim is None
+    named = sl.ActivationCovarianceAccumulator(8, name="mine")
+    with named.attach(model, "0"):
+        pass
+    with named.attach(model, "0"):
+        pass
+    named.reset()
+    assert (named.name, named.dim) == ("mine", 8)  # a name and a width given by the user are kept
