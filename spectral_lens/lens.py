@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -153,10 +154,12 @@ class Schedule:
 
     @classmethod
     def every(cls, k: int, start: int = 0) -> "Schedule":
-        """Every ``k`` steps from ``start`` (inclusive)."""
-        if k < 1:
+        """Every ``k`` steps from ``start`` (inclusive); integers (a float such as ``1e3`` that is one is taken
+        as it; ``2.5`` is refused: it matched only the steps that are multiples of it, 0, 5, 10, ...)."""
+        k, start = (int(v) if isinstance(v, float) and v.is_integer() else v for v in (k, start))
+        if isinstance(k, numbers.Integral) and not isinstance(k, bool) and k < 1:
             raise ValueError(f"Schedule.every: k must be >= 1, got {k}")
-        return cls(period=k, start=start)
+        return cls(period=check_count("Schedule.every", "k", k, 1), start=check_count("Schedule.every", "start", start, 0))
 
     @classmethod
     def log_spaced(cls, total_steps: int, n: int, first: int = 1) -> "Schedule":

@@ -324,3 +324,19 @@ def test_an_accumulator_reused_for_another_module_names_it_and_takes_its_width()
         pass
     named.reset()
     assert (named.name, named.dim) == ("mine", 8)  # a name and a width given by the user are kept
+
+
+def test_schedule_every_takes_integer_steps_only():
+    # Schedule.every(2.5) was accepted and matched the steps that are multiples of 2.5 (0, 5, 10, ...),
+    # every("2") failed with "'<' not supported between instances of 'str' and 'int'"
+    with pytest.raises(TypeError, match=r"Schedule\.every: k must be an int >= 1; got float 2\.5"):
+        sl.Schedule.every(2.5)
+    with pytest.raises(TypeError, match=r"Schedule\.every: k must be an int >= 1; got str '2'"):
+        sl.Schedule.every("2")
+    with pytest.raises(TypeError, match=r"Schedule\.every: start must be an int >= 0; got float 0\.5"):
+        sl.Schedule.every(2, start=0.5)
+    with pytest.raises(ValueError, match=r"Schedule\.every: k must be >= 1, got 0"):
+        sl.Schedule.every(0)
+    every = sl.Schedule.every(1e3, start=np.int64(10))  # integral values of other types are what they say
+    assert [s for s in range(0, 3100) if s in every] == [10, 1010, 2010, 3010]
+    assert type(every.period) is int and type(every.start) is int
