@@ -1087,6 +1087,9 @@ class ActivationCovarianceAccumulator:
         ``self``, as ``nn.Module.to`` and torchmetrics' ``Metric.to`` do. The state stays float64 and is
         moved exactly (the result is bit-identical); an accumulator without rows has nothing to move and
         adopts the device of its first rows."""
+        if not isinstance(device, (str, int, torch.device)):  # model.to(torch.bfloat16) habits: a dtype
+            raise TypeError(f"{self._label()}.to: expected a device (e.g. 'cuda:0'), got {type(device).__name__} "
+                            f"{device!r}; the state is float64 whatever the rows' dtype")
         with self._lock:  # not between two threads' updates (see update)
             moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self._state_dict().items()}
             bad_ranks = self._bad_ranks

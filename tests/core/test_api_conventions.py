@@ -252,7 +252,9 @@ def test_rows_on_another_device_say_how_to_move_the_state():
     acc.update(torch.randn(4, 5))
     with pytest.raises(ValueError, match=r"h\.3: input on meta, accumulator state on cpu; .*acc\.to\('meta'\)"):
         acc.update(torch.empty(4, 5, device="meta"))
-    assert acc.n_rows == 4
+    with pytest.raises(TypeError, match=r"h\.3\.to: expected a device .* got dtype torch\.bfloat16; the state is float64"):
+        acc.to(torch.bfloat16)  # as model.to(torch.bfloat16) would be written
+    assert acc.n_rows == 4 and acc.mean.dtype == torch.float64
 
 
 @pytest.mark.parametrize("engine", ["fast", "vmap", "loop"])
