@@ -391,6 +391,7 @@ class ActivationCovarianceAccumulator:
         if isinstance(max_chunk_rows, bool) or not isinstance(max_chunk_rows, numbers.Integral) or max_chunk_rows < 1:
             raise ValueError(f"max_chunk_rows must be an int >= 1, got {max_chunk_rows!r}")
         self.dim = dim
+        self._dim_given = dim  # reset() returns to it: a width inferred from rows is forgotten with them
         self.precision = precision
         self.nonfinite = nonfinite
         self.max_chunk_rows = int(max_chunk_rows)
@@ -409,7 +410,9 @@ class ActivationCovarianceAccumulator:
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Forget every row (keeps the configuration, including an explicit ``dim``)."""
+        """Forget every row (keeps the configuration, including an explicit ``dim``; a width inferred
+        from the rows is forgotten with them, so a reset accumulator takes rows of any width again)."""
+        self.dim = getattr(self, "_dim_given", self.dim)
         self._shift: torch.Tensor | None = None
         self._s_lower: torch.Tensor | None = None
         self._s_spare: torch.Tensor | None = None
@@ -497,7 +500,10 @@ class ActivationCovarianceAccumulator:
         if self._synced:
             raise RuntimeError(f"{where}: state was synced across ranks; call reset() before new updates")
         if self.initialized and x.device != self._shift.device:
-            raise ValueError(f"{where}: input on {x.device}, accumulator state on {self._shift.device}")
+            raise ValueError(
+                f"{where}: input on {x.device}, accumulator state on {self._shift.device}; after moving the model, "
+                f"move the state too (acc.to({str(x.device)!r}), or capture.to(...) for every accumulator of an attach)"
+            )
 
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add rows: ``x`` of shape (..., d), leading dims flattened; ``mask`` (...,) bool marks valid rows.
@@ -1131,6 +1137,21 @@ class ActivationCovarianceAccumulator:
         for key, value in new.items():
             setattr(self, key, value)
 
+    def to(self, device: str | torch.device) -> "ActivationCovarianceAccumulator":
+        """Move the state to ``device`` (after ``model.to(device)``: the rows then arrive there); returns
+        ``self``, as ``nn.Module.to`` and torchmetrics' ``Metric.to`` do. The state stays float64 and is
+        moved exactly (the result is bit-identical); an accumulator without rows has nothing to move and
+        adopts the device of its first rows."""
+        if not isinstance(device, (str, int, torch.device)):  # model.to(torch.bfloat16) habits: a dtype
+            raise TypeError(f"{self._label()}.to: expected a device (e.g. 'cuda:0'), got {type(device).__name__} "
+                            f"{device!r}; the state is float64 whatever the rows' dtype")
+        with self._lock:  # not between two threads' updates (see update)
+            moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self._state_dict().items()}
+            bad_ranks = self._bad_ranks
+            self.load_state_dict(moved)
+            self._bad_ranks = bad_ranks
+        return self
+
     def save(self, path: str | Path, *, fsync: bool = True) -> Path:
         """Write the state as ``.npz`` with a JSON header (no pickle); resume with :meth:`load`.
 
@@ -1192,7 +1213,8 @@ class ActivationCovarianceAccumulator:
         """Feed this accumulator from the output of the one module of ``model`` that ``target`` selects.
 
         ``target`` and ``pick`` are as in :func:`~spectral_lens.activation_capture.attach` (which builds
-        one accumulator per module); here it must select exactly one module. Sets ``name`` to the module's name if unset. Returns
+        one accumulator per module); here it must select exactly one module. Sets ``name`` to the module's name if unset or set by an
+        earlier attach (a reused accumulator is named after the module it measures now). Returns
         the hook handle: a context manager with ``remove()`` and ``mask(...)``.
         """
         from .activation_capture import attach_one  # that module builds on this one

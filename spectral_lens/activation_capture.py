@@ -16,7 +16,7 @@ from torch import nn
 from .accumulate import ActivationCovarianceAccumulator, _spectrum_of
 from .background import SolveFuture, submit
 from .capture import (HookSet, Target, _FEEDING, check_pick, display_name, pick_tensor, select_modules,
-                      warn_if_compiled)
+                      transformed_forward, warn_if_compiled)
 from .spectrum import Spectrum
 
 __all__ = ["ActivationCapture", "attach", "attach_one"]
@@ -60,6 +60,10 @@ class ActivationCapture(HookSet):
     @contextlib.contextmanager
     def mask(self, mask: torch.Tensor | None):
         """Valid-position mask (bool, the module output's leading shape) for forwards inside the block."""
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool):
+            got = f"a tensor of dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"ActivationCapture.mask: mask must be a bool tensor (e.g. attention_mask.bool()) or None, "
+                            f"got {got}")
         previous, self._mask = self._mask, mask
         try:
             yield self
@@ -88,6 +92,12 @@ class ActivationCapture(HookSet):
             return {name: _spectrum_of(materialize(), setup, notes) for name, (setup, materialize) in snapshots.items()}
 
         return submit(job)
+
+    def to(self, device: str | torch.device) -> "ActivationCapture":
+        """Move every accumulator's state to ``device`` (:meth:`ActivationCovarianceAccumulator.to`); returns ``self``."""
+        for acc in self.accumulators.values():
+            acc.to(device)
+        return self
 
     def reset(self) -> None:
         """Reset every accumulator."""
@@ -154,8 +164,8 @@ def attach_one(acc: ActivationCovarianceAccumulator, model: nn.Module, target: T
     name, module = selected[0]
     capture = ActivationCapture({name: acc})
     _claim(acc, capture, _where(name, model))  # before any change: a refused attach changes nothing
-    if acc.name is None:
-        acc.name = name
+    if acc.name is None or acc.name == getattr(acc, "_attach_name", None):  # unset, or set by an earlier attach
+        acc.name = acc._attach_name = name
     capture.add(module.register_forward_hook(_make_hook(capture, name, pick, module)))
     return capture
 
@@ -188,7 +198,9 @@ class _Feed:
     give the copy an inert :class:`_Copied` in this hook's place: the copy's forwards add no rows to
     the original's accumulator (nor hold it alive), and pickling does not fail on a local function.
     Inside another measurement's pass (a lens's activation pass, a probe's update:
-    :func:`~spectral_lens.capture.measurement_pass`) it reads nothing.
+    :func:`~spectral_lens.capture.measurement_pass`) it reads nothing, nor in a forward that
+    ``torch.func`` transforms or ``torch.jit.trace`` / ``torch.export`` trace
+    (:func:`~spectral_lens.capture.transformed_forward`).
     """
 
     __slots__ = ("capture", "acc", "pick", "where")
@@ -199,6 +211,8 @@ class _Feed:
     def __call__(self, module, args, output) -> None:
         owner = _FEEDING.get()
         if owner is not None and owner is not self.capture:  # another measurement's pass (measurement_pass)
+            return
+        if transformed_forward():  # torch.func / jit.trace / export: no real rows, and nothing to record
             return
         self.acc.update(pick_tensor(output, self.pick, self.where), mask=self.capture._mask)
 

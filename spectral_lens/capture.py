@@ -25,7 +25,7 @@ from torch import nn
 from ._warnings import CompiledModelWarning
 
 __all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "check_pick", "pick_tensor", "HookSet",
-           "warn_if_compiled", "unwrap_compiled", "eager_forwards", "measurement_pass"]
+           "warn_if_compiled", "unwrap_compiled", "eager_forwards", "measurement_pass", "transformed_forward"]
 
 Target = Union[str, "re.Pattern[str]", nn.Module, Callable[[str, nn.Module], bool], Iterable]
 
@@ -296,6 +296,20 @@ def measurement_pass(owner: object = None):
         yield
     finally:
         _FEEDING.reset(token)
+
+
+def transformed_forward() -> bool:
+    """Whether the current forward is traced or transformed rather than run on real tensors:
+    inside a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``: Opacus's functorch per-sample
+    gradients, a functional training step), ``torch.jit.trace`` or ``torch.export``. A capture's
+    hook then reads nothing: its tensors have no storage to read (batched, gradient-tracking or fake
+    tensors), and a tracer would record the accumulator's own arithmetic into the user's graph.
+    ``torch.compile`` is not such a case (its hooks run, see the docs)."""
+    compiler = torch.compiler
+    if compiler.is_compiling():
+        return bool(getattr(compiler, "is_exporting", lambda: False)())
+    active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+    return torch.jit.is_tracing() or bool(active())
 
 
 class HookSet:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import numbers
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -18,6 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from ._args import check_callable, check_count, check_dtype, check_window
 from ._progress import progress_bar, sized_total
 from .activation_capture import attach
 from .attachment import Attachment
@@ -164,10 +167,12 @@ class Schedule:
 
     @classmethod
     def every(cls, k: int, start: int = 0) -> "Schedule":
-        """Every ``k`` steps from ``start`` (inclusive)."""
-        if k < 1:
+        """Every ``k`` steps from ``start`` (inclusive); integers (a float such as ``1e3`` that is one is taken
+        as it; ``2.5`` is refused: it matched only the steps that are multiples of it, 0, 5, 10, ...)."""
+        k, start = (int(v) if isinstance(v, float) and v.is_integer() else v for v in (k, start))
+        if isinstance(k, numbers.Integral) and not isinstance(k, bool) and k < 1:
             raise ValueError(f"Schedule.every: k must be >= 1, got {k}")
-        return cls(period=k, start=start)
+        return cls(period=check_count("Schedule.every", "k", k, 1), start=check_count("Schedule.every", "start", start, 0))
 
     @classmethod
     def log_spaced(cls, total_steps: int, n: int, first: int = 1) -> "Schedule":
@@ -334,6 +339,28 @@ class SpectralLens:
     ) -> None:
         if pool is None:
             raise ValueError("SpectralLens needs pool=: a re-iterable of held-out batches")
+        for what, p in (("pool", pool), ("gradient_pool", gradient_pool)):
+            if p is not None and (isinstance(p, (str, bytes, torch.Tensor)) or not isinstance(p, Iterable)):
+                raise TypeError(
+                    f"SpectralLens: {what} must be a re-iterable of held-out batches (a list of batches, a "
+                    f"DataLoader), got {type(p).__name__}"
+                    + (f" of shape {tuple(p.shape)}, whose iteration yields single samples without a batch "
+                       f"dimension: pass a list of batches, e.g. list({what}.split(8))" if isinstance(p, torch.Tensor) else "")
+                )
+        who = "SpectralLens"
+        gradient_samples = check_count(who, "gradient_samples", gradient_samples, 0, none_ok=True)
+        check_callable(who, "mask_fn", mask_fn, "batch -> bool mask")
+        check_callable(who, "forward_fn", forward_fn, "(model, batch) -> output")
+        check_dtype(who, "autocast_dtype", autocast_dtype)
+        if probe is not None and not isinstance(probe, PerSampleGradientProbe):
+            raise TypeError(f"SpectralLens: probe must be a PerSampleGradientProbe or None, got {type(probe).__name__}")
+        if writer is not None and not callable(getattr(writer, "log_measurement", None)):
+            raise TypeError(
+                f"SpectralLens: writer must be a RunWriter (spectral_lens.records) or None, got {type(writer).__name__}"
+                + (" (open one with RunWriter(path, RunInfo(...)))" if isinstance(writer, (str, os.PathLike)) else "")
+            )
+        tail_window = check_window(who, "tail_window", tail_window)
+        head_window = check_window(who, "head_window", head_window)
         if probe is not None and params is not None:
             raise ValueError("SpectralLens: pass params= or a configured probe=, not both")
         for what, p in (("pool", pool), ("gradient_pool", gradient_pool)):
@@ -760,6 +787,12 @@ class SpectralLens:
         naming it, at once and with the process group still usable. So is a failure of rank 0's record
         write (``writer.log_measurement``, a full disk), after the gradient broadcast.
         """
+        try:  # before the passes: a bad argument would otherwise fail only after the whole measurement
+            step, tokens = int(step), int(tokens)
+            val_loss = None if val_loss is None else float(val_loss)
+        except (TypeError, ValueError):
+            raise TypeError(f"SpectralLens.measure: step and tokens must be integers and val_loss a number or None; "
+                            f"got step={step!r}, tokens={tokens!r}, val_loss={val_loss!r}") from None
         spectra = self.activation_spectra()
         grad_spectra, scalars = self.gradient_spectra()
         spectra.update(grad_spectra)

@@ -95,8 +95,7 @@ class RankMe:
         self.on = on
 
     def __call__(self, spectrum: Spectrum | torch.Tensor) -> float:
-        values = spectrum.values if isinstance(spectrum, Spectrum) else torch.as_tensor(spectrum)
-        return float(_ranks.rankme(values, on=self.on))
+        return float(_ranks.rankme(_values(spectrum, "RankMe"), on=self.on))
 
     def __repr__(self) -> str:
         return f"RankMe(on={self.on!r})"
@@ -117,17 +116,25 @@ def _need_spectrum(spectrum: Any, where: str, raw: str) -> None:
         )
 
 
-def _values(spectrum: Spectrum | torch.Tensor) -> torch.Tensor:
-    return spectrum.values if isinstance(spectrum, Spectrum) else torch.as_tensor(spectrum)
+def _values(spectrum: Spectrum | torch.Tensor, where: str) -> torch.Tensor:
+    if isinstance(spectrum, Spectrum):
+        return spectrum.values
+    try:
+        values = torch.as_tensor(spectrum)
+    except (TypeError, ValueError, RuntimeError):
+        values = None
+    if values is None or values.is_complex() or values.dtype == torch.bool:
+        raise TypeError(f"{where} needs a Spectrum or a 1-D tensor of eigenvalues, got {type(spectrum).__name__}")
+    return values
 
 
 def participation_ratio(spectrum: Spectrum | torch.Tensor) -> float:
     """Participation ratio ``(sum lambda)^2 / sum lambda^2`` of a spectrum or eigenvalue tensor (0 for an
     all-zero spectrum; ``ValueError`` for NaN/Inf eigenvalues)."""
-    return float(_ranks.participation_ratio(_values(spectrum)))
+    return float(_ranks.participation_ratio(_values(spectrum, "participation_ratio")))
 
 
 def stable_rank(spectrum: Spectrum | torch.Tensor) -> float:
     """Stable rank ``sum lambda / max lambda`` (``||W||_F^2 / ||W||_2^2`` for a weight spectrum; 0 for an
     all-zero spectrum, e.g. a zero-initialized weight; ``ValueError`` for NaN/Inf eigenvalues)."""
-    return float(_ranks.stable_rank(_values(spectrum)))
+    return float(_ranks.stable_rank(_values(spectrum, "stable_rank")))

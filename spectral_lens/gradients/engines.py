@@ -132,7 +132,9 @@ def only_requires_grad(model: nn.Module, params: Iterable[torch.Tensor] = (), *,
 def _checked_losses(losses: Any, n: int) -> torch.Tensor:
     if not isinstance(losses, torch.Tensor) or losses.shape != (n,):
         shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-        raise ValueError(f"loss_fn must return per-sample losses of shape ({n},), got {shape}")
+        hint = ("; the batch's dimension 0 is the sample index, so a single sequence needs a batch dimension "
+                "(ids[None], or a batch of 1 as ids[:1])") if shape == () else ""
+        raise ValueError(f"loss_fn must return per-sample losses of shape ({n},), got {shape}{hint}")
     return losses
 
 

@@ -11,6 +11,7 @@ import warnings
 
 import contextlib
 import difflib
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -21,6 +22,7 @@ from torch.nn.utils import parametrize
 
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
+from .._args import check_callable, check_count, check_dtype
 from ..capture import (eager_forwards, glob_to_regex, measurement_autocast, measurement_pass, uncompiled_name,
                        unwrap_compiled)
 from .._warnings import ZeroGradientWarning
@@ -391,17 +393,20 @@ class PerSampleGradientProbe:
                 "head_loss='chunked' computes the default loss through the model's head; it cannot be combined "
                 "with loss_fn/forward_fn (leave them out, or pass head_loss_fns(model, ...) as they are)"
             )
-        if int(chunk_size) < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        if max_resident_samples is not None and int(max_resident_samples) < 1:
-            raise ValueError(f"max_resident_samples must be >= 1 or None, got {max_resident_samples}")
+        who = "PerSampleGradientProbe"
+        chunk_size = check_count(who, "chunk_size", chunk_size, 1)
+        max_resident_samples = check_count(who, "max_resident_samples", max_resident_samples, 1, none_ok=True)
+        check_callable(who, "loss_fn", loss_fn, "(model_output, batch) -> per-sample losses (M,)")
+        check_callable(who, "forward_fn", forward_fn, "(model, batch) -> output")
+        check_dtype(who, "storage_dtype", storage_dtype)
+        check_dtype(who, "autocast_dtype", autocast_dtype)
         if keep_matrix and max_resident_samples is not None:
             raise ValueError("keep_matrix=True needs every row resident: leave max_resident_samples=None")
         self.model: nn.Module | None = None
         self._every: list[torch.Tensor] | None = None  # list(model.parameters()) during an update
         self.params: dict[str, nn.Parameter] = {}
         self.params_spec = params
-        self.loss_fn = loss_fn or (lambda out, batch: causal_lm_loss(out, batch, ignore_index=ignore_index))
+        self.loss_fn = loss_fn or functools.partial(causal_lm_loss, ignore_index=ignore_index)  # picklable
         self._custom_loss = loss_fn
         self._custom_forward = forward_fn
         self.forward_fn = forward_fn or default_forward

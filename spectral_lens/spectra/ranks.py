@@ -37,6 +37,11 @@ def _scaled(values: torch.Tensor, name: str) -> torch.Tensor | None:
     """``values`` in float64 divided by their largest entry (so squares neither overflow nor underflow),
     round-off negatives set to 0, or ``None`` for an all-zero (or empty) spectrum; raises ``ValueError``
     naming ``name`` for NaN/Inf and for negative eigenvalues beyond :data:`NEGATIVE_TOLERANCE`."""
+    if values.ndim != 1:  # a matrix's entries are not its eigenvalues: refuse rather than flatten them
+        raise ValueError(
+            f"{name}: expected a 1-D tensor of eigenvalues, got shape {tuple(values.shape)}; for a matrix W pass "
+            "torch.linalg.svdvals(W) ** 2, for a covariance C torch.linalg.eigvalsh(C)"
+        )
     v = values.to(torch.float64)
     if not bool(torch.isfinite(v).all()):
         raise ValueError(f"{name}: the spectrum has NaN/Inf eigenvalues")

@@ -1,0 +1,52 @@
+"""Type checks of constructor arguments: a wrong type is refused when the object is built, with a
+``TypeError`` naming the class, the argument and what it takes, rather than at the first update or
+measurement with an error from deep inside (``'str' object is not callable``)."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+
+__all__ = ["check_callable", "check_dtype", "check_count", "check_window"]
+
+
+def _got(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"[:120]
+
+
+def check_callable(owner: str, name: str, value: Any, takes: str) -> None:
+    """``value`` is ``None`` or a callable ``takes``."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{owner}: {name} must be a callable {takes}, or None; got {_got(value)}")
+
+
+def check_dtype(owner: str, name: str, value: Any) -> None:
+    """``value`` is ``None`` or a floating-point ``torch.dtype`` (``torch.bfloat16``, not ``"bfloat16"``)."""
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise TypeError(f"{owner}: {name} must be a floating-point torch.dtype (e.g. torch.bfloat16) or None; "
+                        f"got {_got(value)}")
+
+
+def check_count(owner: str, name: str, value: Any, minimum: int, none_ok: bool = False) -> int | None:
+    """``value`` as an ``int`` >= ``minimum`` (any integral type; ``None`` where ``none_ok``)."""
+    if value is None and none_ok:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be an int >= {minimum}{' or None' if none_ok else ''}; got {_got(value)}")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}{' or None' if none_ok else ''}, got {value}")
+    return int(value)
+
+
+def check_window(owner: str, name: str, value: Any) -> tuple[int, int] | None:
+    """``value`` as a rank window ``(lo, hi)`` of integers, 1 <= lo < hi (1-based, inclusive), or ``None``."""
+    if value is None:
+        return None
+    pair = tuple(value) if isinstance(value, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or any(isinstance(r, bool) or not isinstance(r, numbers.Integral) for r in pair):
+        raise TypeError(f"{owner}: {name} must be a pair of integer ranks (lo, hi), or None; got {_got(value)}")
+    if not 1 <= pair[0] < pair[1]:
+        raise ValueError(f"{owner}: {name}={pair}: need 1 <= lo < hi (ranks are 1-based and inclusive)")
+    return int(pair[0]), int(pair[1])
