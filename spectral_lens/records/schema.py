@@ -170,6 +170,11 @@ class _LazySpectra(Mapping):
                 raise RecordFormatError(f"{self._origin}: spectrum {name!r}: {exc}") from exc
         return self._cache[name]
 
+    def __contains__(self, name: object) -> bool:
+        # Mapping's default loads the file (``self[name]``): ``name in m.spectra`` over a run's
+        # measurements read every spectrum of the run, and raised for a corrupted file it never needed
+        return name in self._files
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
 
