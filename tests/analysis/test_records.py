@@ -346,3 +346,18 @@ def test_refresh_sees_new_lines_and_dataframe_needs_pandas(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "pandas", None)
     with pytest.raises(ImportError, match="pip install pandas"):
         rec.to_dataframe()
+
+
+def test_alpha_trajectory_does_not_keep_every_spectrum(tmp_path):
+    from spectral_lens.analysis import alpha_trajectory, early_alpha
+
+    path = _write(tmp_path / "run", n=6)
+    rec = RunRecord.open(path)
+    progress, alpha, steps = alpha_trajectory(rec)
+    np.testing.assert_allclose(alpha, [1.0, 1.1, 1.2, 1.3, 1.4, 1.5], rtol=1e-9)
+    assert early_alpha(rec, 0.2).value == pytest.approx(alpha[2])  # early_alpha keeps what it reads ...
+    for m in rec.measurements:
+        (path / m.files["act:blocks.1"]).unlink()
+    assert rec.measurements[2].spectra["act:blocks.1"].dim == 256
+    with pytest.raises(RecordFormatError, match="line 6: spectrum file .* is missing"):
+        rec.measurements[5].spectra["act:blocks.1"]  # ... the trajectory read it from disk and let it go
