@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from ..records import Measurement, RunRecord
+from ..records.schema import _LazySpectra
 from ..summaries import BandAlphaFitter
 from .efficiency import NO_FAMILY
 from .windows import resolve_spectrum, resolve_window
@@ -69,15 +70,19 @@ def alpha_trajectory(
     for m in run.measurements:
         f = run.progress(m)
         if name in m.spectra and f is not None:
-            rows.append((f, _fit_alpha(fitter, m, name, run), m.step))
+            rows.append((f, _fit_alpha(fitter, m, name, run, keep=False), m.step))
     rows.sort(key=lambda r: r[0])
     arr = np.array(rows, dtype=np.float64).reshape(-1, 3)
     return arr[:, 0], arr[:, 1], arr[:, 2].astype(np.int64)
 
 
-def _fit_alpha(fitter: BandAlphaFitter, m: Measurement, name: str, run: RunRecord) -> float:
+def _fit_alpha(fitter: BandAlphaFitter, m: Measurement, name: str, run: RunRecord, keep: bool = True) -> float:
+    """``keep=False``: a spectrum read from disk is not kept in ``m.spectra`` (a trajectory visits every
+    measurement of the run once; kept, they all stayed in memory)."""
+    spectra = m.spectra
     try:
-        return float(fitter.fit(m.spectra[name]).alpha)
+        spectrum = spectra[name] if keep or not isinstance(spectra, _LazySpectra) else spectra.load(name)
+        return float(fitter.fit(spectrum).alpha)
     except ValueError as exc:
         raise ValueError(f"run {run.run_id!r}, step {m.step}: {exc}") from None
 

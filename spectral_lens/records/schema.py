@@ -161,14 +161,28 @@ class _LazySpectra(Mapping):
         if name not in self._files:
             raise KeyError(f"{self._origin}: no spectrum named {name!r}; available: {sorted(self._files)}")
         if name not in self._cache:
-            path = self._root / self._files[name]
-            try:
-                self._cache[name] = Spectrum.load(path)
-            except FileNotFoundError:
-                raise RecordFormatError(f"{self._origin}: spectrum file {path} is missing") from None
-            except SpectrumFormatError as exc:
-                raise RecordFormatError(f"{self._origin}: spectrum {name!r}: {exc}") from exc
+            self._cache[name] = self.load(name)
         return self._cache[name]
+
+    def load(self, name: str) -> Spectrum:
+        """The spectrum ``name`` without keeping it in this mapping (the kept one if it was loaded), for
+        a pass over every measurement of a run that needs each spectrum once."""
+        if name in self._cache:
+            return self._cache[name]
+        if name not in self._files:
+            raise KeyError(f"{self._origin}: no spectrum named {name!r}; available: {sorted(self._files)}")
+        path = self._root / self._files[name]
+        try:
+            return Spectrum.load(path)
+        except FileNotFoundError:
+            raise RecordFormatError(f"{self._origin}: spectrum file {path} is missing") from None
+        except SpectrumFormatError as exc:
+            raise RecordFormatError(f"{self._origin}: spectrum {name!r}: {exc}") from exc
+
+    def __contains__(self, name: object) -> bool:
+        # Mapping's default loads the file (``self[name]``): ``name in m.spectra`` over a run's
+        # measurements read every spectrum of the run, and raised for a corrupted file it never needed
+        return name in self._files
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)

@@ -249,6 +249,22 @@ def test_corrupt_spectrum_file_lazy_and_verify(tmp_path):
     assert [m.step for m in rec.measurements] == [0, 20]
 
 
+def test_membership_does_not_load_spectra_and_early_alpha_loads_only_its_neighbours(tmp_path):
+    from spectral_lens.analysis import early_alpha
+
+    path = _write(tmp_path / "run", n=10)  # progress 0.0, 0.1, ..., 0.9
+    expected = early_alpha(RunRecord.open(path), 0.2)
+    rec = RunRecord.open(path)
+    for m in rec.measurements[6:]:  # far from 0.2: not among the 5 nearest measurements
+        (path / m.files["act:blocks.1"]).write_bytes(b"PK\x03\x04 not really a zip")
+    m = rec.measurements[9]
+    assert "act:blocks.1" in m.spectra and "nope" not in m.spectra  # answered from the line, no file read
+    got = early_alpha(rec, 0.2)  # used to load (and choke on) every spectrum of the run via `in`
+    assert got == expected and got.steps == (20, 20) and got.n_noise == 5
+    with pytest.raises(RecordFormatError, match="line 10: spectrum 'act:blocks.1'"):
+        m.spectra["act:blocks.1"]  # the corrupted file is still reported on access
+
+
 def test_bad_run_directories(tmp_path):
     with pytest.raises(RecordFormatError, match="not a spectral-lens run directory"):
         RunRecord.open(tmp_path)
@@ -330,3 +346,18 @@ def test_refresh_sees_new_lines_and_dataframe_needs_pandas(tmp_path, monkeypatch
     monkeypatch.setitem(sys.modules, "pandas", None)
     with pytest.raises(ImportError, match="pip install pandas"):
         rec.to_dataframe()
+
+
+def test_alpha_trajectory_does_not_keep_every_spectrum(tmp_path):
+    from spectral_lens.analysis import alpha_trajectory, early_alpha
+
+    path = _write(tmp_path / "run", n=6)
+    rec = RunRecord.open(path)
+    progress, alpha, steps = alpha_trajectory(rec)
+    np.testing.assert_allclose(alpha, [1.0, 1.1, 1.2, 1.3, 1.4, 1.5], rtol=1e-9)
+    assert early_alpha(rec, 0.2).value == pytest.approx(alpha[2])  # early_alpha keeps what it reads ...
+    for m in rec.measurements:
+        (path / m.files["act:blocks.1"]).unlink()
+    assert rec.measurements[2].spectra["act:blocks.1"].dim == 256
+    with pytest.raises(RecordFormatError, match="line 6: spectrum file .* is missing"):
+        rec.measurements[5].spectra["act:blocks.1"]  # ... the trajectory read it from disk and let it go
