@@ -16,6 +16,7 @@ eigendecomposition out of memory), and a ``KeyboardInterrupt`` (Ctrl-C, SIGINT) 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import signal
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from spectral_lens import ActivationCovarianceAccumulator, SpectralLens
 
 from support.models import TinyLM, lm_pool
-from support.ranks import case_results, gloo_group, run_ranks, write_case
+from support.ranks import case_results, gloo_group, run_cases, run_ranks
 
 WORLD = 2
 PG_TIMEOUT_S = 30  # a collective left waiting fails after this (the default is 30 min for gloo)
@@ -202,20 +203,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
     with gloo_group(rank, port, WORLD, PG_TIMEOUT_S):
         dist.barrier()  # connection set-up is not part of any case's deadline
-        for case, fn in CASES.items():
-            start = time.monotonic()
-            result = {"value": None, "error": None}
-            try:
-                result["value"] = fn(rank)
-            except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt included; recorded for the parent
-                result["error"] = f"{type(exc).__name__}: {exc}"
-            result["seconds"] = time.monotonic() - start
-            try:  # the next training collective: the ranks must be in step again
-                dist.barrier()
-                result["barrier"] = "ok"
-            except Exception as exc:  # noqa: BLE001
-                result["barrier"] = f"{type(exc).__name__}: {exc}"
-            write_case(out, case, rank, result)
+        run_cases(out, rank, {case: functools.partial(fn, rank) for case, fn in CASES.items()})
 
 
 @pytest.fixture(scope="module")

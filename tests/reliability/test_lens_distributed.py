@@ -14,8 +14,8 @@ lens's broadcast.
 
 from __future__ import annotations
 
+import functools
 import importlib
-import time
 
 import numpy as np
 import pytest
@@ -25,7 +25,7 @@ import torch.distributed as dist
 from spectral_lens import ActivationCovarianceAccumulator, PerSampleGradientProbe, SpectralLens, attach
 
 from support.models import TinyLM, lm_pool
-from support.ranks import case_results, gloo_group, run_ranks, write_case
+from support.ranks import case_results, gloo_group, run_cases, run_ranks
 
 WORLD = 3
 PG_TIMEOUT_S = 30  # a collective left waiting fails after this (the default is 30 min for gloo)
@@ -186,20 +186,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     with gloo_group(rank, port, WORLD, PG_TIMEOUT_S):
         subgroup = dist.new_group([1, 2])  # every rank creates it; rank 0 is not a member
         dist.barrier()  # connection set-up (seconds on a loaded machine) is not part of any case's deadline
-        for case, fn in CASES.items():
-            start = time.monotonic()
-            result = {"value": None, "error": None}
-            try:
-                result["value"] = fn(rank, subgroup)
-            except Exception as exc:  # noqa: BLE001 - recorded for the parent to check
-                result["error"] = f"{type(exc).__name__}: {exc}"
-            result["seconds"] = time.monotonic() - start
-            try:  # the next training collective: the ranks must be in step again
-                dist.barrier()
-                result["barrier"] = "ok"
-            except Exception as exc:  # noqa: BLE001
-                result["barrier"] = f"{type(exc).__name__}: {exc}"
-            write_case(out, case, rank, result)
+        run_cases(out, rank, {case: functools.partial(fn, rank, subgroup) for case, fn in CASES.items()})
 
 
 @pytest.fixture(scope="module")

@@ -67,3 +67,25 @@ def case_results(out: Path, cases: Iterable[str], world: int) -> dict[str, list[
         files = [Path(out) / f"{case}.rank{r}.json" for r in range(world)]
         found[case] = [json.loads(f.read_text()) if f.exists() else None for f in files]
     return found
+
+
+def run_cases(out: str | Path, rank: int, cases: dict[str, Callable[[], object]]) -> None:
+    """Inside a rank's process, in an initialized group: run each case (a call without arguments), then
+    a barrier (the next training collective: the ranks must be in step again), and write the case's
+    value or error (an interrupt included), its seconds and the barrier's outcome with :func:`write_case`."""
+    import torch.distributed as dist
+
+    for case, fn in cases.items():
+        start = time.monotonic()
+        result = {"value": None, "error": None}
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt included; recorded for the parent
+            result["error"] = f"{type(exc).__name__}: {exc}"
+        result["seconds"] = time.monotonic() - start
+        try:
+            dist.barrier()
+            result["barrier"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            result["barrier"] = f"{type(exc).__name__}: {exc}"
+        write_case(out, case, rank, result)
