@@ -13,6 +13,7 @@ The checks and the solve are pure functions of a :class:`_Sums` snapshot and a :
 
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 import threading
@@ -941,8 +942,9 @@ class ActivationCovarianceAccumulator:
     def _sync_status(self, group, dev: torch.device) -> None:
         """Collective agreement before any sum: every rank raises the same error, or none does.
 
-        Each rank contributes ``(dim or -1, nonfinite code, precision code, already synced)``; one
-        ``all_reduce(MAX)`` of ``(v, -v)`` gives every rank the maximum and the minimum of each field.
+        Each rank contributes ``(dim or -1, nonfinite code, precision code, already synced, name digest
+        or -1)``; one ``all_reduce(MAX)`` of ``(v, -v)`` gives every rank the maximum and the minimum of
+        each field. The names are compared only where every rank's accumulator has one.
         """
         import torch.distributed as dist
 
@@ -951,14 +953,20 @@ class ActivationCovarianceAccumulator:
             _NONFINITE.index(self.nonfinite),
             PRECISIONS.index(self.precision),
             int(self._synced),
+            -1 if self.name is None else int.from_bytes(hashlib.blake2b(self.name.encode()).digest()[:7], "big"),
         ]
         v = torch.tensor(local, dtype=torch.int64, device=dev)
         both = torch.cat([v, -v])
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-        hi, lo = both[:4].tolist(), (-both[4:]).tolist()
+        hi, lo = both[:5].tolist(), (-both[5:]).tolist()
         where = f"{self._label()}: sync across {dist.get_world_size(group)} ranks refused"
         if hi[3]:
             raise RuntimeError(f"{where}: a rank is already synced; reset() on every rank before accumulating again")
+        if lo[4] >= 0 and lo[4] != hi[4]:
+            raise ValueError(
+                f"{where}: the ranks' accumulators have different names (this rank's: {self.name!r}), so they "
+                "measure different layers; sync on every rank the accumulator of the same layer"
+            )
         if lo[0] < 0:
             raise RuntimeError(
                 f"{where}: a rank saw no rows and has no dim; pass dim= to the accumulator so an empty rank can join"
@@ -976,9 +984,10 @@ class ActivationCovarianceAccumulator:
         """Replace each rank's state by the sum over ranks (``all_reduce`` of float64 sufficient statistics).
 
         First every rank all-reduces a small status vector (``dim``, ``nonfinite``, ``precision``,
-        already synced), so a rank that saw no rows and has no ``dim``, mismatched widths or policies
-        make *every* rank raise the same error at once instead of leaving the others waiting in a
-        collective. Then all ranks agree on a common shift (the global mean) and re-shift exactly,
+        already synced, a digest of ``name``), so a rank that saw no rows and has no ``dim``, mismatched
+        widths or policies, or accumulators named differently (other layers; compared where every rank's
+        has a name) make *every* rank raise the same error at once instead of leaving the others waiting
+        in a collective. Then all ranks agree on a common shift (the global mean) and re-shift exactly,
         and sum ``n``, ``m`` and ``S``: memory is O(d^2) per rank, not world_size x d^2 as with
         all_gather. A no-op without an initialized process group; ``ValueError`` on a rank that is not a
         member of ``group``. Afterwards ``update`` raises until ``reset``. A refused sync, or a collective

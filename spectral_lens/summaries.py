@@ -9,7 +9,8 @@ from typing import Any, Iterable
 import torch
 
 from ._warnings import InsufficientRowsWarning
-from .spectra.fit import PAPER_WINDOWS, AlphaFit, CrossoverFit, band_alpha, estimate_crossover, tail_window
+from .spectra.fit import (PAPER_WINDOWS, AlphaFit, CrossoverFit, band_alpha, estimate_crossover, tail_window,
+                          window_ranks)
 from .spectra import ranks as _ranks
 from .spectrum import Spectrum
 
@@ -34,10 +35,12 @@ class BandAlphaFitter:
     """
 
     def __init__(self, windows: tuple[int, int] | Iterable[tuple[int, int]] = PAPER_WINDOWS):
-        ws = list(windows)
-        # a pair of numbers (Python or NumPy integers, e.g. from np.argmax) is one window
-        self.single = len(ws) == 2 and all(isinstance(w, numbers.Real) for w in ws)
         try:
+            if isinstance(windows, (str, bytes)):
+                raise TypeError
+            ws = list(windows)
+            # a pair of numbers (Python or NumPy integers, e.g. from np.argmax) is one window
+            self.single = len(ws) == 2 and all(isinstance(w, numbers.Real) for w in ws)
             self.windows = [tuple(ws)] if self.single else [tuple(w) for w in ws]
         except TypeError:
             raise ValueError(
@@ -45,6 +48,8 @@ class BandAlphaFitter:
             ) from None
         if not self.windows:
             raise ValueError("BandAlphaFitter needs at least one window")
+        where = "windows" if self.single else "windows[{}]"
+        self.windows = [window_ranks(w, f"BandAlphaFitter: {where.format(i)}") for i, w in enumerate(self.windows)]
 
     @classmethod
     def tail(cls, n_layer: int) -> "BandAlphaFitter":

@@ -12,6 +12,7 @@ import warnings
 import contextlib
 import difflib
 import functools
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -915,6 +916,25 @@ class PerSampleGradientProbe:
                             self._gram[name][b.start : b.stop, a.start : a.stop] = blk.t()
                         self._far_done.add((min(i, j), max(i, j)))
 
+    def _check_grams(self) -> None:
+        """``NonFiniteError`` naming the parameters whose Gram matrix holds NaN/Inf. Each update has
+        checked the losses and the per-sample gradients finite, so such a matrix means gradients whose
+        float64 inner products overflow (a squared norm above ~1.8e308): huge or diverged weights.
+        (It failed inside the eigen-solve, with a message naming only the matrix shape.)"""
+        bad = [name for name in self.params if not bool(torch.isfinite(self._gram[name]).all())]
+        if not bad:
+            return
+        sizes = ((float(p.detach().abs().max()), n) for n, p in self.model.named_parameters() if p.numel())
+        top, where = max(sizes, key=lambda t: math.inf if math.isnan(t[0]) else t[0])
+        raise NonFiniteError(
+            f"PerSampleGradientProbe: the per-sample gradient Gram matrix of {bad} holds NaN/Inf: the "
+            f"{self.n_samples_} losses and per-sample gradients were finite, but their float64 inner products "
+            f"overflow (squared gradient norms above ~1.8e308); the largest |weight| in the model is {top:.3g} "
+            f"({where}). Check the model for huge or diverged weights (a bad checkpoint or a diverged run), or "
+            "scale the loss down in loss_fn (alpha and the spectrum's shape do not change; its values scale by "
+            "the square)"
+        )
+
     def _need_samples(self, what: str) -> None:
         self._require_model(what)
         if self.n_samples_ < 2:
@@ -958,6 +978,7 @@ class PerSampleGradientProbe:
         """
         self._need_samples("a gradient spectrum")
         self._complete()
+        self._check_grams()
         out = {}
         for name, p in self.params.items():
             k = self._gram[name]
@@ -993,6 +1014,7 @@ class PerSampleGradientProbe:
         (:func:`~spectral_lens.gradients.noise_scale_from_gram`)."""
         self._need_samples("the noise scale")
         self._complete()
+        self._check_grams()
         out = {n: noise_scale_from_gram(self._gram[n], source=n) for n in self.params}
         return out[next(iter(out))] if len(out) == 1 else out
 

@@ -7,6 +7,7 @@ on small host arrays (one value per eigenvalue); they are not on any hot path.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,18 +77,33 @@ class CrossoverFit:
 def _as_numpy(p) -> np.ndarray:
     if isinstance(p, torch.Tensor):
         p = p.detach().to("cpu", torch.float64).numpy()
-    return np.asarray(p, dtype=np.float64)
+    arr = np.asarray(p, dtype=np.float64)
+    if arr.ndim != 1:  # a matrix broadcast against the ranks (an error about shapes deep in the fit)
+        raise ValueError(f"p must be a 1-D array of eigenvalues (largest first), got shape {tuple(arr.shape)}")
+    return arr
 
 
-def _check_window(p: np.ndarray, window: tuple[int, int]) -> tuple[int, int]:
+def window_ranks(window, name: str = "window") -> tuple[int, int]:
+    """``window`` as Python ints ``(lo, hi)`` with ``1 <= lo < hi``: a pair (tuple, list, array) of
+    integers, Python or NumPy; a bool, a float (even ``100.0``) or a string is refused with a
+    ``ValueError`` naming ``name``."""
     try:
-        lo, hi = (int(window[0]), int(window[1]))
-    except (TypeError, ValueError, IndexError):
-        raise ValueError(f"window must be a pair of 1-based ranks (lo, hi), got {window!r}") from None
-    if (lo, hi) != (window[0], window[1]):
-        raise ValueError(f"window {window!r}: ranks must be integers")
+        lo, hi = window
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair of 1-based ranks (lo, hi), got {window!r}") from None
+    try:
+        if isinstance(lo, (bool, np.bool_)) or isinstance(hi, (bool, np.bool_)):
+            raise TypeError
+        lo, hi = operator.index(lo), operator.index(hi)
+    except TypeError:
+        raise ValueError(f"{name} {window!r}: ranks must be integers (Python or NumPy ints, not bools)") from None
     if lo < 1 or hi <= lo:
-        raise ValueError(f"window {window!r}: need 1 <= lo < hi (ranks are 1-based and inclusive)")
+        raise ValueError(f"{name} {window!r}: need 1 <= lo < hi (ranks are 1-based and inclusive)")
+    return lo, hi
+
+
+def _check_window(p: np.ndarray, window: tuple[int, int], name: str = "window") -> tuple[int, int]:
+    lo, hi = window_ranks(window, name)
     if hi > p.size:
         raise ValueError(
             f"window [{lo}, {hi}] exceeds the spectrum: only {p.size} eigenvalues are available"
@@ -127,7 +143,8 @@ def band_alpha(p, window: tuple[int, int]) -> AlphaFit:
     """Band-restricted exponent ``alpha(I)`` of a (trace-normalized) spectrum ``p`` over ``window``.
 
     ``p`` must be sorted descending; normalization does not change ``alpha`` (only the intercept).
-    Raises ``ValueError`` if the window is malformed, exceeds the spectrum, reaches zero eigenvalues,
+    Raises ``ValueError`` if ``p`` is not 1-D, if the window is not a pair of integer ranks
+    ``1 <= lo < hi`` (bools and floats are refused), exceeds the spectrum, reaches zero eigenvalues,
     holds NaN/Inf or is not sorted descending (ties are fine).
     """
     arr = _as_numpy(p)
@@ -215,8 +232,7 @@ def estimate_crossover(
 
     arr = _as_numpy(p)
     nonzero = int(np.count_nonzero(arr > 0))
-    lo, hi = ranks if ranks is not None else (1, nonzero)
-    lo, hi = _check_window(arr, (lo, hi))
+    lo, hi = _check_window(arr, ranks if ranks is not None else (1, nonzero), "ranks")
     if hi - lo < 8:
         raise ValueError(f"ranks [{lo}, {hi}]: need at least 9 ranks to locate a crossover")
     if method not in ("bend", "broken_stick"):

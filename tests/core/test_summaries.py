@@ -240,6 +240,33 @@ def test_fitter_takes_numpy_integer_windows_and_refuses_fractional_ranks():
         BandAlphaFitter((100, 200, 400))
 
 
+def test_bad_windows_and_a_matrix_spectrum_are_refused_naming_the_argument():
+    """band_alpha took a window (True, 3) as ranks 1..3 and (1.0, 3.0) as integers, a 2-D spectrum
+    failed with a NumPy broadcast error, and BandAlphaFitter("ab") or ((1, 3), (2.5, 4)) was refused
+    only at fit(). Now a ValueError naming the argument, at construction for the fitter; lists,
+    arrays and NumPy integers stay valid."""
+    p = np.arange(1, 11.0) ** -1.0
+    for bad in ((True, 3), (1, np.True_), (1.0, 3.0), (3, 3), (0, 3), "ab", (1, 2, 3)):
+        with pytest.raises(ValueError, match=r"^window "):
+            band_alpha(p, bad)
+        with pytest.raises(ValueError, match=r"^ranks "):
+            estimate_crossover(np.arange(1, 31.0) ** -1.0, ranks=bad)
+    with pytest.raises(ValueError, match=r"p must be a 1-D array of eigenvalues .* shape \(2, 10\)"):
+        band_alpha(np.stack([p, p]), (1, 3))
+    with pytest.raises(ValueError, match=r"p must be a 1-D array .* shape \(\)"):
+        band_alpha(torch.tensor(1.0), (1, 3))
+    for bad, msg in (("ab", r"BandAlphaFitter: windows must be one \(lo, hi\) pair"),
+                     ((True, 3), r"BandAlphaFitter: windows \(True, 3\): ranks must be integers"),
+                     (((1, 3), (2.5, 4)), r"BandAlphaFitter: windows\[1\] \(2.5, 4\): ranks must be integers"),
+                     (((1, 3), (4, 4)), r"BandAlphaFitter: windows\[1\] \(4, 4\): need 1 <= lo < hi")):
+        with pytest.raises(ValueError, match=msg):
+            BandAlphaFitter(bad)  # no spectrum needed: refused when built
+    for good in ([1, 3], np.array([1, 3]), (np.int32(1), np.int64(3))):
+        assert band_alpha(p, good).window == (1, 3) and type(band_alpha(p, good).window[0]) is int
+        assert BandAlphaFitter(good).windows == [(1, 3)]
+    assert BandAlphaFitter([[1, 3], np.array([2, 5])]).windows == [(1, 3), (2, 5)]
+
+
 def test_insufficient_rows_warning_states_the_rows_a_window_needs():
     """A covariance of n rows has rank n - 1, a gradient or weight spectrum of n rows rank n: the
     warning said 'needs more than 200 rows' for both, wrong by one for gradients (200 suffice)."""

@@ -127,6 +127,33 @@ def test_non_finite_gradient_names_parameter(gpt, helpers):
         PerSampleGradientProbe(model, name, loss_fn=loss_fn).update(helpers.lm_batch(m=4))
 
 
+def test_an_overflowing_gram_matrix_names_the_parameters_and_the_huge_weight():
+    """A float64 model with a weight of 1e160 has finite losses and per-sample gradients, but their
+    Gram matrix overflows: compute() failed inside the eigen-solve with "the 6 x 6 matrix has NaN/Inf
+    entries" and noise_scale() with "the Gram matrix holds NaN/Inf", naming no parameter and no cause.
+    Now a NonFiniteError naming the parameters, what was finite, the largest weight and the remedy.
+    A NaN weight is refused at update(), by its non-finite losses, naming the parameters."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1)).double()
+    with torch.no_grad():
+        model[1].weight[0, 3] = 1e160
+    names = ["0.weight", "1.weight"]
+    probe = PerSampleGradientProbe(model, names, forward_fn=lambda m, b: m(b), loss_fn=lambda out, b: out.squeeze(-1))
+    probe.update(torch.randn(6, 4, dtype=torch.float64))
+    assert not torch.isfinite(probe.gram("0.weight")).all()  # the case: 1e160-sized gradients, squares overflow
+    for call in (probe.compute, probe.noise_scale):
+        with pytest.raises(NonFiniteError, match=r"Gram matrix of \['0.weight'\] holds NaN/Inf: the 6 losses and "
+                           r"per-sample gradients were finite.*largest \|weight\| in the model is 1e\+160 "
+                           r"\(1.weight\).*scale the loss down"):
+            call()
+    assert probe.n_samples_ == 6
+    with torch.no_grad():
+        model[1].weight[0, 3] = math.nan
+    with pytest.raises(NonFiniteError, match=r"non-finite per-sample loss .*\['0.weight', '1.weight'\]"):
+        PerSampleGradientProbe(model, names, forward_fn=lambda m, b: m(b),
+                               loss_fn=lambda out, b: out.squeeze(-1)).update(torch.randn(6, 4, dtype=torch.float64))
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     n=st.integers(1, 6),

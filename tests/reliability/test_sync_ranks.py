@@ -72,6 +72,19 @@ def _accumulator_cases(rank: int) -> dict:
     except Exception as exc:  # noqa: BLE001 - recorded for the parent
         out["raise_nan_on_one_rank"] = {"error": f"{type(exc).__name__}: {exc}"}
 
+    # user-built accumulators over different layers of one width: rank 1 names another layer
+    acc = ActivationCovarianceAccumulator(D, precision="float64", name="blocks.1" if rank == 1 else "blocks.0")
+    acc.update(torch.from_numpy(_rows(40 + rank, 6, 0.0)))
+    try:
+        acc.sync()
+        error = None
+    except Exception as exc:  # noqa: BLE001 - recorded for the parent
+        error = f"{type(exc).__name__}: {exc}"
+    out["different_names"] = {"error": error, "n": acc.n_rows, "synced": acc._synced}
+    acc = ActivationCovarianceAccumulator(D, precision="float64", name="blocks.0")  # same name: syncs
+    acc.update(torch.from_numpy(_rows(40 + rank, 6, 0.0)))
+    out["same_names"] = {"n": acc.sync().n_rows}
+
     group = dist.new_group([0, 2])  # every rank creates it; rank 1 is not a member and does not sync
     if rank != 1:
         acc = ActivationCovarianceAccumulator(D, precision="float64")
@@ -96,7 +109,8 @@ def results(tmp_path_factory) -> dict:
     return {"_hung": hung, **case_results(out, CASES, 3)}
 
 
-CASES = ["masked_and_one_row", "skip_nan_on_one_rank", "raise_nan_on_one_rank", "subgroup"]
+CASES = ["masked_and_one_row", "skip_nan_on_one_rank", "raise_nan_on_one_rank", "different_names", "same_names",
+         "subgroup"]
 
 
 def _close(cov, rows: np.ndarray) -> None:
@@ -138,6 +152,19 @@ def test_nonfinite_rows_of_one_rank_are_named_by_rank_on_every_rank(results):
     for r in _got(results, "raise_nan_on_one_rank"):
         assert r["error"] is not None and r["error"].startswith("NonFiniteError"), r
         assert "non-finite values (NaN/Inf) in the rows of global rank 1's update #1 (0-based)" in r["error"], r
+
+
+@pytest.mark.distributed
+def test_accumulators_of_different_layers_are_refused_on_every_rank(results):
+    """Accumulators named after different layers (of the same width) were summed silently; now every
+    rank refuses at the status agreement, naming its own layer, keeps its rows, and the ranks stay in
+    step (the sub-group sync after it completes). The same names sync as before."""
+    for rank, r in enumerate(_got(results, "different_names")):
+        name = "blocks.1" if rank == 1 else "blocks.0"
+        assert r["error"] is not None and r["error"].startswith("ValueError"), r
+        assert f"different names (this rank's: {name!r})" in r["error"], r
+        assert (r["n"], r["synced"]) == (6, False), r
+    assert [r["n"] for r in _got(results, "same_names")] == [18, 18, 18]
 
 
 @pytest.mark.distributed
