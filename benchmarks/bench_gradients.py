@@ -382,9 +382,11 @@ def host_overhead(pairs: int = 15) -> dict:
     return out
 
 
-def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32, chunk_mib=(), chunk: int = 16) -> dict:
+def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32, chunk_mib=(), chunk: int = 16,
+                shape: tuple[int, int, int, int] = (768, 12, 12, 50304)) -> dict:
     """The probe (update + compute) against the no-grad forward of the same chunks, interleaved: the
-    GPT-2-small layout on ``seq``-token sequences, ``m`` sequences in chunks of ``chunk`` (the probe's
+    GPT-2-small layout (``shape`` = width, heads, layers, vocabulary; smaller for the scripts' CPU
+    check) on ``seq``-token sequences, ``m`` sequences in chunks of ``chunk`` (the probe's
     ``chunk_size`` and the forward's batch), bf16 autocast, on
     ``device``. ``probe`` builds a new probe for each call (what a first measurement costs);
     ``probe_kept`` reuses one probe, ``reset()`` between calls (a training loop's later checkpoints:
@@ -398,9 +400,10 @@ def probe_ratio(pairs: int = 7, m: int = 64, device: str = "cpu", seq: int = 32,
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    model = GPT(ctx=seq, vocab=50304, d=768, heads=12, layers=12).to(dev).eval()
-    x, y = torch.randint(0, 50304, (m, seq), device=dev), torch.randint(0, 50304, (m, seq), device=dev)
-    name = "transformer.h.11.attn.c_proj.weight"
+    d, heads, layers, vocab = shape
+    model = GPT(ctx=seq, vocab=vocab, d=d, heads=heads, layers=layers).to(dev).eval()
+    x, y = torch.randint(0, vocab, (m, seq), device=dev), torch.randint(0, vocab, (m, seq), device=dev)
+    name = f"transformer.h.{layers - 1}.attn.c_proj.weight"
 
     def probe(budget=None):
         def fn():

@@ -143,7 +143,8 @@ def main(argv=None) -> dict:
             write_json_atomic(args.out, res, default=str)
 
     # the headline probe / forward ratio: interleaved rounds, a new probe per call and one kept probe
-    res["probe_ratio"] = ([bench_gradients.probe_ratio(2, m, "cpu", 8, chunk=4) for m in (8, 16)] if args.tiny
+    res["probe_ratio"] = ([bench_gradients.probe_ratio(2, m, "cpu", 8, chunk=4, shape=(64, 4, 2, 512))
+                           for m in (8, 16)] if args.tiny
                           else [bench_gradients.probe_ratio(9, m, "cuda", 1024) for m in (64, 512)])
     checkpoint()
     if args.tiny:
