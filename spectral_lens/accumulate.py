@@ -17,7 +17,6 @@ import hashlib
 import json
 import numbers
 import threading
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -47,7 +46,7 @@ from .spectra.moments import (
     shift_dtype,
     symmetric_product,
 )
-from .spectrum import Spectrum, _is_numpy_file
+from .spectrum import Spectrum, read_npz
 
 if TYPE_CHECKING:
     from .activation_capture import ActivationCapture
@@ -1185,24 +1184,11 @@ class ActivationCovarianceAccumulator:
         or one missing an array, raises :class:`StateFormatError` naming the file.
         """
         path = Path(path)
-        if path.is_dir():
-            raise StateFormatError(f"{path}: is a directory, expected an accumulator state file (.npz)")
+        header, raw = read_npz(path, "an accumulator state file", StateFormatError)
         try:
-            if not _is_numpy_file(path):
-                raise StateFormatError(f"{path}: not a NumPy .npz archive, expected an accumulator state file (.npz)")
-            data = np.load(path, allow_pickle=False)
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise StateFormatError(f"{path}: a single .npy array, expected an accumulator state file (.npz)")
-            with data:
-                raw = data["header"]
-                if raw.dtype.kind != "U" or raw.ndim != 0:
-                    raise StateFormatError(f"{path}: 'header' must be a JSON string, got dtype {raw.dtype}")
-                header = json.loads(str(raw))
-                arrays = {k: torch.from_numpy(data[k].copy()).to(device) for k in data.files if k != "header"}
-        except (FileNotFoundError, StateFormatError):
-            raise
-        except (zipfile.BadZipFile, KeyError, ValueError, TypeError, OSError, EOFError, RecursionError) as exc:
-            raise StateFormatError(f"{path}: not a readable accumulator state file ({exc})") from exc
+            arrays = {k: torch.from_numpy(v).to(device) for k, v in raw.items()}
+        except (TypeError, ValueError) as exc:  # a dtype or byte order torch has no tensors of
+            raise StateFormatError(f"{path}: not readable as an accumulator state file ({exc})") from exc
         if not isinstance(header, dict) or header.get("precision") not in PRECISIONS:
             raise StateFormatError(f"{path}: header is not an accumulator state header")
         if header.get("nonfinite", "raise") not in _NONFINITE:

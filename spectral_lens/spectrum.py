@@ -34,6 +34,32 @@ def _is_numpy_file(path: Path) -> bool:
     return magic.startswith(b"PK\x03\x04") or magic == b"\x93NUMPY"
 
 
+def read_npz(path: Path, what: str, error: type[Exception]) -> tuple[Any, dict[str, np.ndarray]]:
+    """The parsed JSON ``header`` and the other arrays of a ``.npz`` file this library wrote, read
+    without pickle. ``what`` names the expected file with its article ("an accumulator state file");
+    a directory, another kind of file, a single ``.npy`` array, a damaged archive or a header that is
+    not a JSON string raises ``error`` naming ``path``. A missing file raises ``FileNotFoundError``."""
+    if path.is_dir():
+        raise error(f"{path}: is a directory, expected {what} (.npz)")
+    try:
+        if not _is_numpy_file(path):
+            raise error(f"{path}: not a NumPy .npz archive, expected {what} (.npz)")
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise error(f"{path}: a single .npy array, expected {what} (.npz)")
+        with data:
+            raw = data["header"]
+            if raw.dtype.kind != "U" or raw.ndim != 0:
+                raise error(f"{path}: 'header' must be a JSON string, got dtype {raw.dtype}")
+            header = json.loads(str(raw))
+            arrays = {k: data[k] for k in data.files if k != "header"}  # each read (decompressed) afresh
+    except (FileNotFoundError, error):
+        raise
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, RecursionError) as exc:
+        raise error(f"{path}: not readable as {what} ({exc})") from exc
+    return header, arrays
+
+
 def _json_ok(v: Any) -> bool:
     try:
         json.dumps(v)
@@ -163,24 +189,10 @@ class Spectrum:
     def load(cls, path: str | Path) -> "Spectrum":
         """Read a file written by :meth:`save`; a corrupted or foreign file raises ``SpectrumFormatError``."""
         path = Path(path)
-        if path.is_dir():
-            raise SpectrumFormatError(f"{path}: is a directory, expected a spectral-lens spectrum file (.npz)")
-        try:
-            if not _is_numpy_file(path):
-                raise SpectrumFormatError(f"{path}: not a NumPy .npz archive, expected a spectral-lens spectrum file (.npz)")
-            data = np.load(path, allow_pickle=False)
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise SpectrumFormatError(f"{path}: a single .npy array, expected a spectral-lens spectrum file (.npz)")
-            with data:
-                values = data["values"]
-                header_raw = data["header"]
-                if header_raw.dtype.kind != "U" or header_raw.ndim != 0:
-                    raise SpectrumFormatError(f"{path}: 'header' must be a JSON string, got dtype {header_raw.dtype}")
-                header = json.loads(str(header_raw))
-        except (FileNotFoundError, SpectrumFormatError):
-            raise
-        except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, RecursionError) as exc:
-            raise SpectrumFormatError(f"{path}: not a readable spectral-lens spectrum file ({exc})") from exc
+        header, arrays = read_npz(path, "a spectral-lens spectrum file", SpectrumFormatError)
+        if "values" not in arrays:
+            raise SpectrumFormatError(f"{path}: no 'values' array, expected a spectral-lens spectrum file (.npz)")
+        values = arrays["values"]
         return cls.from_dict(header, values, origin=str(path))
 
     @classmethod
