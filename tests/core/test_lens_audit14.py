@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from spectral_lens import PerSampleGradientProbe, SpectralLens
+import spectral_lens as sl
+from spectral_lens import ActivationCovarianceAccumulator, PerSampleGradientProbe, SpectralLens
 
 from support.models import TinyLM, lm_pool
 
@@ -58,3 +60,61 @@ def test_lens_detach_unbinds_the_probes_it_bound_or_built():
     own = built.probe
     built.detach()
     assert own.model is None
+
+
+class _Jagged(nn.Module):
+    """A layer run on a jagged batch (torch.nested): sequences of 2, 5 and 3 tokens, width 6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.lin = nn.Linear(6, 6).double()
+
+    def forward(self, x):  # x: (3, 5, 6) padded; lengths fixed below
+        seqs = [x[0, :2], x[1, :5], x[2, :3]]
+        return torch.nested.nested_tensor([self.lin(s) for s in seqs], layout=torch.jagged)
+
+
+def _jagged_rows(model, x):
+    with torch.no_grad():
+        return torch.cat([model.lin(s) for s in (x[0, :2], x[1, :5], x[2, :3])]).numpy()
+
+
+def _reference(rows):
+    return np.linalg.eigvalsh(np.cov(rows.T))[::-1]
+
+
+def test_a_nested_output_is_refused_naming_the_module_and_its_remedies_measure_it():
+    model = nn.Sequential(_Jagged())
+    x = torch.randn(3, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 3 + 1
+    with sl.attach(model, "0") as capture, torch.no_grad():
+        with pytest.raises(TypeError, match=r"^0: the module output is a nested tensor \(torch.jagged, ragged\).*"
+                                            r"pick=lambda out: out.to_padded_tensor\(0.0\), with a mask"):
+            model(x)
+        assert capture.accumulators["0"].n_rows == 0
+    with pytest.raises(TypeError, match=r"^ActivationCovarianceAccumulator: the input is a nested tensor.*"
+                                        r"update\(x.to_padded_tensor\(0.0\), mask=valid_positions\)"):
+        with torch.no_grad():
+            ActivationCovarianceAccumulator().update(model(x))
+    want = _reference(_jagged_rows(model[0], x))
+    lengths = torch.tensor([2, 5, 3])
+    valid = torch.arange(5)[None, :] < lengths[:, None]
+    # the remedies the error names: the jagged rows alone, or the padded tensor with its mask
+    with sl.attach(model, "0", pick=lambda out: out.values(), precision="float64") as a, torch.no_grad():
+        model(x)
+    padded = sl.attach(model, "0", pick=lambda out: out.to_padded_tensor(0.0), precision="float64")
+    with padded, padded.mask(valid), torch.no_grad():
+        model(x)
+    for capture in (a, padded):
+        got = capture.compute()["0"]
+        assert got.n_rows == 10
+        np.testing.assert_allclose(got.values.numpy(), want, rtol=1e-10, atol=1e-12 * want[0])
+    # the lens: the same error through its activation pass, the model left as it was
+    lens = SpectralLens(model, [x], layers="0", params=(), mask_fn=None, progress=False)
+    with pytest.raises(TypeError, match="^0: the module output is a nested tensor"):
+        lens.measure(0, 0)
+    assert not model[0]._forward_hooks
+    lens = SpectralLens(model, [x], layers="0", params=(), mask_fn=lambda b: valid, progress=False,
+                        pick=lambda out: out.to_padded_tensor(0.0))
+    got = lens.measure(0, 0).spectra["act:0"]
+    np.testing.assert_allclose(got.values.numpy(), want, rtol=1e-10, atol=1e-12 * want[0])
