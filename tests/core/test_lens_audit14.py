@@ -118,3 +118,62 @@ def test_a_nested_output_is_refused_naming_the_module_and_its_remedies_measure_i
                         pick=lambda out: out.to_padded_tensor(0.0))
     got = lens.measure(0, 0).spectra["act:0"]
     np.testing.assert_allclose(got.values.numpy(), want, rtol=1e-10, atol=1e-12 * want[0])
+
+
+def test_which_of_the_users_own_hooks_each_measuring_pass_runs():
+    """What docs/lens.md ("Your own hooks run in the measurement") says, counted on one module."""
+    model, pool = _model(), _pool()
+    counts: dict[str, int] = {}
+
+    def count(what):
+        return lambda *args: counts.__setitem__(what, counts.get(what, 0) + 1)
+
+    mod = model.h[2].attn.c_proj
+    hooks = [mod.register_forward_pre_hook(count("forward_pre")), mod.register_forward_hook(count("forward")),
+             mod.register_full_backward_pre_hook(count("backward_pre")), mod.register_full_backward_hook(count("backward")),
+             mod.weight.register_hook(count("param")), mod.weight.register_post_accumulate_grad_hook(count("post_accumulate"))]
+    lens = SpectralLens(model, pool, layers="h.1", params=P, progress=False)
+    lens.activation_spectra()
+    assert counts == {"forward_pre": len(pool), "forward": len(pool)}  # one forward per batch, no backward
+    counts.clear()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    lens.gradient_spectra()
+    assert counts["forward_pre"] == counts["forward"] >= 1
+    assert counts["backward_pre"] == counts["backward"] >= 1  # module backward hooks run
+    assert "param" not in counts and "post_accumulate" not in counts  # switched off / never reached
+    assert all(p.grad is grads[n] for n, p in model.named_parameters())
+    counts.clear()
+    model(pool[0][0]).sum().backward()  # the training pass runs every hook once, as before
+    assert counts == dict.fromkeys(["forward_pre", "forward", "backward_pre", "backward", "param", "post_accumulate"], 1)
+    for h in hooks:
+        h.remove()
+
+
+def test_opacus_grad_sample_module_hooks_switched_off_around_measure():
+    """The workaround docs/lens.md gives for Opacus: without it the measurement fails inside Opacus's backward
+    hook; with its hooks disabled the measurement runs and leaves every p.grad_sample as it was."""
+    opacus = pytest.importorskip("opacus")
+    import torch.nn.functional as F
+
+    model, pool = _model(), _pool()
+    model.train()
+    gsm = opacus.GradSampleModule(model)
+    x, y = pool[0]
+    F.cross_entropy(gsm(x).flatten(0, 1), y.flatten()).backward()
+    before = {n: p.grad_sample.clone() for n, p in model.named_parameters()}
+    lens = SpectralLens(model, pool, layers="h.1", params=P, progress=False)
+    with pytest.raises(Exception):  # Opacus 1.6: IndexError: pop from empty list
+        lens.measure(0, 0)
+    for n, p in model.named_parameters():
+        p.grad_sample = before[n].clone()
+    gsm.disable_hooks()
+    try:
+        m = lens.measure(0, 0)
+    finally:
+        gsm.enable_hooks()
+    assert m.spectra[f"grad:{P}"].n_rows == sum(b[0].shape[0] for b in pool)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad_sample, before[n]), n
+    assert not any(getattr(mod, "activations", None) for mod in model.modules())
+    activations_only = SpectralLens(model, pool, layers="h.1", params=(), progress=False)
+    activations_only.measure(0, 0)  # no switch needed: Opacus's hooks do nothing under no_grad
