@@ -224,7 +224,7 @@ def check_dense_rows(x: torch.Tensor, where: str, *, hook: bool) -> None:
     (``torch.distributed.tensor``: its local part is one rank's shard, measuring it would be silently
     partial; reading it whole is a collective). ``hook``: the remedy is a ``pick=`` of the capture
     (else an argument of ``update``)."""
-    if type(x) is torch.Tensor and not x.is_nested:  # the common case, in ~0.1 us per hook call
+    if type(x) is torch.Tensor and not x.is_nested:  # the common case: two attribute reads per hook call
         return
     what = "the module output" if hook else "the input"
     if x.is_nested:

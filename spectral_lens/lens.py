@@ -460,7 +460,7 @@ class SpectralLens:
                 select_modules(model, layers)
             except ValueError as e:
                 raise ValueError(f"SpectralLens layers={layers!r}: {e}") from None
-        probe, owns = self.probe, self._owns_probe
+        probe, owns = self.probe, False
         no_grad = isinstance(self.params_spec, (list, tuple)) and len(self.params_spec) == 0
         if probe is not None:
             if probe.model is None:
