@@ -28,7 +28,7 @@ from torch import nn
 from .atomic import write_atomic
 from .background import SolveFuture, emit, submit
 from ._warnings import NonFiniteError, NonFiniteRowsWarning, StateFormatError
-from .capture import Target
+from .capture import Target, check_dense_rows
 from .spectra import moments
 from .spectra.eigen import eigenvalues_descending
 from .spectra.moments import (
@@ -484,6 +484,7 @@ class ActivationCovarianceAccumulator:
         where = self._label()
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{where}: update expects a tensor, got {type(x).__name__}")
+        check_dense_rows(x, where, hook=False)
         if not x.is_floating_point():
             raise TypeError(f"{where}: rows must be floating point, got dtype {x.dtype} with shape {tuple(x.shape)}")
         if x.ndim < 1 or x.shape[-1] == 0:
@@ -943,7 +944,8 @@ class ActivationCovarianceAccumulator:
 
         Each rank contributes ``(dim or -1, nonfinite code, precision code, already synced, name digest
         or -1)``; one ``all_reduce(MAX)`` of ``(v, -v)`` gives every rank the maximum and the minimum of
-        each field. The names are compared only where every rank's accumulator has one.
+        each field. The names must agree: all ranks' accumulators unnamed, or all named alike (a named
+        one and an unnamed one are refused too, an unnamed ``-1`` being the minimum of any digest).
         """
         import torch.distributed as dist
 
@@ -966,6 +968,12 @@ class ActivationCovarianceAccumulator:
                 f"{where}: the ranks' accumulators have different names (this rank's: {self.name!r}), so they "
                 "measure different layers; sync on every rank the accumulator of the same layer"
             )
+        if lo[4] != hi[4]:  # some ranks' accumulators are named (attached to a module), others not
+            raise ValueError(
+                f"{where}: some ranks' accumulators have a name and others none (this rank's: {self.name!r}), so "
+                "they may measure different layers; build the accumulator the same way on every rank (attach it "
+                "to the same module, or pass the same name=)"
+            )
         if lo[0] < 0:
             raise RuntimeError(
                 f"{where}: a rank saw no rows and has no dim; pass dim= to the accumulator so an empty rank can join"
@@ -984,8 +992,8 @@ class ActivationCovarianceAccumulator:
 
         First every rank all-reduces a small status vector (``dim``, ``nonfinite``, ``precision``,
         already synced, a digest of ``name``), so a rank that saw no rows and has no ``dim``, mismatched
-        widths or policies, or accumulators named differently (other layers; compared where every rank's
-        has a name) make *every* rank raise the same error at once instead of leaving the others waiting
+        widths or policies, or accumulators named differently (other layers; a named and an unnamed one
+        differ too) make *every* rank raise the same error at once instead of leaving the others waiting
         in a collective. Then all ranks agree on a common shift (the global mean) and re-shift exactly,
         and sum ``n``, ``m`` and ``S``: memory is O(d^2) per rank, not world_size x d^2 as with
         all_gather. A no-op without an initialized process group; ``ValueError`` on a rank that is not a

@@ -24,7 +24,8 @@ from torch import nn
 
 from ._warnings import CompiledModelWarning
 
-__all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "check_pick", "pick_tensor", "HookSet",
+__all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "check_pick", "pick_tensor", "check_dense_rows",
+           "HookSet",
            "warn_if_compiled", "unwrap_compiled", "eager_forwards", "measurement_pass", "transformed_forward"]
 
 Target = Union[str, "re.Pattern[str]", nn.Module, Callable[[str, nn.Module], bool], Iterable]
@@ -213,7 +214,34 @@ def pick_tensor(output, pick, where: str) -> torch.Tensor:
         else:
             hint = " (pass pick=0 for the first element, pick='key' for a dict entry, or a callable)"
         raise TypeError(f"{where}: module output is {type(value).__name__}, expected a tensor{hint}")
+    check_dense_rows(value, where, hook=True)
     return value
+
+
+def check_dense_rows(x: torch.Tensor, where: str, *, hook: bool) -> None:
+    """``TypeError`` naming ``where`` for a tensor whose rows cannot be read as they are: a nested tensor
+    (``torch.nested``: its ragged dimension has no fixed length to flatten) or a ``DTensor``
+    (``torch.distributed.tensor``: its local part is one rank's shard, measuring it would be silently
+    partial; reading it whole is a collective). ``hook``: the remedy is a ``pick=`` of the capture
+    (else an argument of ``update``)."""
+    if type(x) is torch.Tensor and not x.is_nested:  # the common case: two attribute reads per hook call
+        return
+    what = "the module output" if hook else "the input"
+    if x.is_nested:
+        fix = ("pick=lambda out: out.to_padded_tensor(0.0), with a mask of the valid positions (mask_fn= of "
+               "SpectralLens, or capture.mask(...)), or pick=lambda out: out.values() for the jagged rows alone"
+               if hook else "update(x.to_padded_tensor(0.0), mask=valid_positions), or update(x.values()) for "
+               "the jagged rows alone")
+        raise TypeError(f"{where}: {what} is a nested tensor ({x.layout}, ragged), whose rows cannot be read "
+                        f"as a (..., d) tensor; pass a padded tensor and a mask: {fix}")
+    dtensor = sys.modules.get("torch.distributed.tensor")  # not imported: nothing can be a DTensor
+    if dtensor is not None and isinstance(x, dtensor.DTensor):
+        fix = ("pick=lambda out: out.full_tensor() (a collective: every rank of the mesh runs the forward), or "
+               "measure a layer whose output is a plain (replicated) tensor" if hook else
+               "update(x.full_tensor()) (a collective over the mesh), or rows that are a plain tensor")
+        raise TypeError(f"{where}: {what} is a DTensor (torch.distributed.tensor, placements {x.placements}), "
+                        f"whose local part is this rank's shard (unless replicated): measuring it would be partial; "
+                        f"measure the whole tensor: {fix}")
 
 
 def _is_compiled_wrapper(model: nn.Module) -> bool:

@@ -285,7 +285,8 @@ class SpectralLens:
         forward_fn: how to call the model on a batch for the activation pass.
         probe: a configured :class:`PerSampleGradientProbe` (custom ``loss_fn``, ``chunk_size``,
             ``autocast_dtype``, ...) to use instead of one built from ``params``; an unattached probe
-            is attached to the model.
+            is attached to the model (and :meth:`detach` unbinds it again), a probe already attached
+            to this model is used as it is and stays attached after :meth:`detach`.
         autocast_dtype: run the activation pass under ``torch.autocast`` with this dtype (e.g. bf16).
             ``None``: in the model's own precision, also when ``measure`` is called inside the
             training step's ``torch.autocast`` block (switched off for the measurement).
@@ -426,6 +427,7 @@ class SpectralLens:
         self.model: nn.Module | None = None
         self.layers = None
         self.probe: PerSampleGradientProbe | None = probe
+        self._owns_probe = False  # whether _bind attached or built the probe (detach unbinds only such a one)
         self.history: list[LensMeasurement] = []
         if model is not None:
             self._bind(model)
@@ -458,16 +460,17 @@ class SpectralLens:
                 select_modules(model, layers)
             except ValueError as e:
                 raise ValueError(f"SpectralLens layers={layers!r}: {e}") from None
-        probe = self.probe
+        probe, owns = self.probe, False
         no_grad = isinstance(self.params_spec, (list, tuple)) and len(self.params_spec) == 0
         if probe is not None:
             if probe.model is None:
                 probe.attach(model)
+                owns = True  # the lens bound it, so the lens unbinds it (detach)
             elif probe.model is not model:
                 raise ValueError("SpectralLens: probe= was built for another model")
         elif not no_grad:
-            probe = PerSampleGradientProbe(model, self.params_spec)
-        self.model, self.layers, self.probe = model, layers, probe
+            probe, owns = PerSampleGradientProbe(model, self.params_spec), True
+        self.model, self.layers, self.probe, self._owns_probe = model, layers, probe, owns
         self._pick = block_hidden_states if chosen and self.pick is None else self.pick
 
     def attach(self, model: nn.Module) -> Attachment:
@@ -493,10 +496,12 @@ class SpectralLens:
         return Attachment(self, model)
 
     def detach(self) -> None:
-        """Unbind the lens and its probe from the model (idempotent); the history is kept."""
-        if self.probe is not None:
+        """Unbind the lens from the model (idempotent); the history is kept. The gradient probe is
+        unbound too when the lens bound it (one it built from ``params``, or a ``probe=`` that was not
+        attached yet); a ``probe=`` the user had attached to the model stays attached (the user's)."""
+        if self.probe is not None and self._owns_probe:
             self.probe.detach()
-        self.model, self.layers = None, None
+        self.model, self.layers, self._owns_probe = None, None, False
 
     def _require_model(self) -> nn.Module:
         if self.model is None:
