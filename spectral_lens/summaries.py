@@ -114,7 +114,7 @@ def crossover_rank(spectrum: Spectrum, ranks: tuple[int, int] | None = None, met
     _need_spectrum(spectrum, "crossover_rank", "estimate_crossover")
     if ranks is None:
         sample_rank = spectrum.n_rows - (spectrum.kind == "activation_covariance")
-        resolved = min(_numerical_rank(spectrum.values), sample_rank)
+        resolved = max(0, min(_numerical_rank(spectrum.values), sample_rank))
         if resolved < 9:
             raise ValueError(
                 f"{spectrum.source or 'spectrum'} (dim={spectrum.dim}, n_rows={spectrum.n_rows}): need at least 9 "
