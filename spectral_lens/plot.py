@@ -30,6 +30,7 @@ __all__ = [
     "plot_alpha_trajectories",
     "plot_early_vs_eps",
     "plot_gain_plane",
+    "label_offsets",
     "save_figure",
 ]
 
@@ -68,6 +69,41 @@ def _tier_label(t) -> str:
     if t is None:
         return "B=?"
     return f"B={int(t)}" if float(t).is_integer() else f"B={t:g}"
+
+
+def label_offsets(
+    anchors: Sequence[tuple[float, float]],
+    labels: Sequence[str],
+    *,
+    height: float = math.inf,
+    fontsize: float = 7.0,
+    gap: tuple[float, float] = (5.0, 3.0),
+) -> list[tuple[float, float]]:
+    """Offsets ``(dx, dy)`` in points (an annotation's ``xytext``) that keep point labels apart.
+
+    ``anchors``: the labeled points in points from the axes' lower-left corner; ``height``: the axes'
+    height in points. Each label is taken as a box ``0.6 * fontsize`` per character wide and
+    ``1.25 * fontsize`` tall, placed ``gap`` right of and above its point. In the given order, a label
+    whose box overlaps one already placed moves a line down, then up, two lines down, ... to the
+    nearest free place that stays inside the axes (the nearest free place at all, if none does), so
+    the labels of coinciding or nearly coinciding points (two tiers with the same early statistic and
+    eps_tok) are stacked instead of printed over each other.
+    """
+    line = 1.25 * fontsize
+    placed: list[tuple[float, float, float, float]] = []
+    out = []
+    for (x, y), text in zip(anchors, labels):
+        w = 0.6 * fontsize * max(len(text), 1)
+        x0 = x + gap[0]
+        moves = [gap[1]] + [gap[1] + sign * k * line for k in range(1, len(placed) + 2) for sign in (-1, 1)]
+        # boxes that only touch (one line apart) do not overlap: compared with a margin of 1e-6 pt
+        free = [dy for dy in moves if not any(x0 < bx1 and bx0 < x0 + w and y + dy < by1 - 1e-6
+                                               and by0 < y + dy + line - 1e-6 for bx0, by0, bx1, by1 in placed)]
+        inside = [dy for dy in free if 0.0 <= y + dy and y + dy + line <= height]
+        dy = free[0] if free[0] == gap[1] else (inside or free)[0]
+        placed.append((x0, y + dy, x0 + w, y + dy + line))
+        out.append((gap[0], dy))
+    return out
 
 
 def _grid(Figure, n: int, width: float = 5.2, height: float = 4.0):
@@ -295,9 +331,11 @@ def plot_early_vs_eps(score: PredictionScore, baseline: PredictionScore | None =
     cmap = colormaps["tab10"]
     fam_color = {f: cmap(i % 10) for i, f in enumerate(families)}
     names = {"alpha_tail": "early α_tail", "noise_scale_distance": "early |log(B / B_simple)| (noise-scale baseline)"}
+    tops = []
     for ax, s in zip(axes, panels):
         finite = [p[4] for p in s.points if math.isfinite(p[4])]
         top = max(finite) * 1.08 if finite else 2.0
+        tops.append(top)
         for fam in families:
             pts = [p for p in s.points if p[1] == fam]
             xs = [p[3] for p in pts if math.isfinite(p[4])]
@@ -306,16 +344,6 @@ def plot_early_vs_eps(score: PredictionScore, baseline: PredictionScore | None =
             inf_x = [p[3] for p in pts if not math.isfinite(p[4])]
             if inf_x:
                 ax.scatter(inf_x, [top] * len(inf_x), marker="^", color=fam_color[fam], s=40, zorder=3)
-            k = families.index(fam)
-            n_inf = 0
-            for p in pts:  # offset labels per family (and per unreached point) so they stay readable
-                dy = 3 - 9 * k
-                if not math.isfinite(p[4]):
-                    dy -= 9 * n_inf
-                    n_inf += 1
-                ax.annotate(_tier_label(p[2]), (p[3], p[4] if math.isfinite(p[4]) else top), fontsize=7,
-                            color=fam_color[fam] if len(families) > 1 else "black",
-                            xytext=(5, dy), textcoords="offset points")
         label = names.get(s.statistic, s.statistic)
         ax.set_xlabel(f"{label.split(' (')[0]}, min-max normalized per family")
         ax.set_ylabel("token inefficiency ε_tok = T(B) / min T")
@@ -332,6 +360,17 @@ def plot_early_vs_eps(score: PredictionScore, baseline: PredictionScore | None =
             ax.legend(fontsize=7, title="family", title_fontsize=7)
         if any(not math.isfinite(p[4]) for p in s.points):
             ax.text(0.02, 0.97, "▲ target not reached", transform=ax.transAxes, fontsize=7, va="top", color="0.3")
+    fig.draw_without_rendering()  # the layout: where each point lands, in points, for the labels
+    for ax, s, top in zip(axes, panels, tops):
+        box = ax.get_window_extent()
+        pts = [p for p in s.points if math.isfinite(p[3])]
+        xy = [(p[3], p[4] if math.isfinite(p[4]) else top) for p in pts]
+        scale = 72.0 / fig.dpi
+        anchors = [((u - box.x0) * scale, (v - box.y0) * scale) for u, v in ax.transData.transform(xy)] if xy else []
+        texts = [_tier_label(p[2]) for p in pts]
+        for p, at, text, off in zip(pts, xy, texts, label_offsets(anchors, texts, height=box.height * scale)):
+            ax.annotate(text, at, fontsize=7, color=fam_color[p[1]] if len(families) > 1 else "black",
+                        xytext=off, textcoords="offset points")
     return fig
 
 

@@ -9,8 +9,8 @@ from typing import Any, Iterable
 import torch
 
 from ._warnings import InsufficientRowsWarning
-from .spectra.fit import (PAPER_WINDOWS, AlphaFit, CrossoverFit, band_alpha, estimate_crossover, tail_window,
-                          window_ranks)
+from .spectra.fit import (PAPER_WINDOWS, AlphaFit, CrossoverFit, _numerical_rank, band_alpha, estimate_crossover,
+                          tail_window, window_ranks)
 from .spectra import ranks as _ranks
 from .spectrum import Spectrum
 
@@ -107,8 +107,21 @@ class RankMe:
 
 
 def crossover_rank(spectrum: Spectrum, ranks: tuple[int, int] | None = None, method: str = "bend") -> CrossoverFit:
-    """Automatic head/tail crossover estimate of a spectrum (see :func:`spectral_lens.spectra.estimate_crossover`)."""
+    """Automatic head/tail crossover estimate of a spectrum (see :func:`spectral_lens.spectra.estimate_crossover`).
+
+    The default ranks stop at the sample rank (``n_rows - 1`` for an activation covariance, ``n_rows``
+    otherwise, as :class:`BandAlphaFitter` warns) and at the numerical rank, whichever is smaller."""
     _need_spectrum(spectrum, "crossover_rank", "estimate_crossover")
+    if ranks is None:
+        sample_rank = spectrum.n_rows - (spectrum.kind == "activation_covariance")
+        resolved = max(0, min(_numerical_rank(spectrum.values), sample_rank))
+        if resolved < 9:
+            raise ValueError(
+                f"{spectrum.source or 'spectrum'} (dim={spectrum.dim}, n_rows={spectrum.n_rows}): need at least 9 "
+                f"ranks to locate a crossover; only {resolved} are resolved (a covariance of N rows has at most "
+                "N - 1 eigenvalues above round-off)"
+            )
+        ranks = (1, resolved)
     return estimate_crossover(spectrum.normalized, ranks=ranks, method=method)
 
 

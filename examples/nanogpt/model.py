@@ -55,7 +55,7 @@ class GPTConfig:
     # value pathway and depth routing
     value_mix: str = "none"         # ValueMix: "lerp" v=(1-l)v+l*s ; BetterWin: "affine" v=a*v+b*s
     value_embeds: str = "none"      # source s: "none" -> layer-0 value (ValueMix); VTE: "full" (L tables);
-                                    # BetterWin: "half" (L/2 tables, mirrored); SparseV: "sparse" (3 tables)
+                                    # BetterWin: "half" (L/2 tables, mirrored); SparseV: "sparse" (3 tables, sparse_value_tables)
     x0_mix: bool = False            # ValueMix: each block starts with x = a*x + b*x0 (x0 = embedding)
     unet_skips: bool = False        # U-Net: encoder outputs added (learned weight) into mirrored decoder layers
     no_attn_layers: tuple[int, ...] = ()  # SparseV: blocks that keep their MLP but have no attention
@@ -116,6 +116,14 @@ class Window:
     long: int
     short: int
     unit: str
+
+
+def sparse_value_tables(n_layer: int) -> int:
+    """How many value tables ``value_embeds="sparse"`` has: 3 (read by the first 3 and the last 3
+    layers, as the record's 12 layers), fewer where a model is too shallow to keep a middle layer
+    without one (4 layers: 1, on layers 0 and 3; 6 layers: 2). ``min(3, L // 2)`` put a table on
+    every layer of the tiny (4) and small (6) profiles, so SparseV was not sparse there."""
+    return max(1, min(3, (n_layer - 1) // 2))
 
 
 def window_at(cfg: GPTConfig, frac: float) -> Window | None:
@@ -365,7 +373,7 @@ class GPT(nn.Module):
         elif cfg.value_embeds == "half":      # U-Net mirror: 0 1 .. n-1 n-1 .. 1 0
             ve_of = [min(i, L - 1 - i) for i in range(L)]
         elif cfg.value_embeds == "sparse":    # first n and last n layers: 0 1 2 ... 0 1 2
-            n = min(3, L // 2)
+            n = sparse_value_tables(L)
             ve_of = [i if i < n else i - (L - n) if i >= L - n else None for i in range(L)]
         else:
             ve_of = [None] * L

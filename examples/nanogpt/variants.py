@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .model import GPTConfig
+from .model import GPTConfig, sparse_value_tables
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,12 @@ def _long(p: Profile) -> int:
 
 
 def _dropped_attention(p: Profile) -> tuple[int, ...]:
-    # the record drops layer 7 of 12 (the second decoder layer); the 16-layer medium track keeps 7
-    return (min(7, p.n_layer // 2 + 1),)
+    # the record drops layer 7 of 12 (the second decoder layer, without a value table, four attention
+    # layers before the head); the 16-layer medium track keeps 7. Shallower models drop the decoder layer
+    # nearest that one which has no value table either and is not the last: at 4 and 6 layers the second
+    # decoder layer was the last one or carried a value table (4 layers: layer 3, the head's input and in
+    # LSWA a long-window layer), so tiny and small dropped another kind of layer than the record
+    return (max(1, min(7, p.n_layer // 2 + 1, p.n_layer - 1 - sparse_value_tables(p.n_layer))),)
 
 
 CHAIN: tuple[Variant, ...] = (
@@ -144,8 +148,8 @@ CHAIN: tuple[Variant, ...] = (
             dict(value_embeds="half", value_mix="affine", window="block_v10"),
             dict(muon_momentum="ema", cooldown_frac=600 / 1480, record_steps=1480)),
     Variant("SparseV", "value sparsity",
-            "three value tables on the first three and last three layers; one decoder layer without "
-            "attention (layer 7 at d12)",
+            "three value tables on the first three and last three layers (fewer below 8 layers, keeping middle "
+            "layers without one); one decoder layer without attention nor value table (layer 7 at d12)",
             dict(value_embeds="sparse", no_attn_layers=_dropped_attention),
             dict(cooldown_frac=600 / 1490, record_steps=1490)),
     Variant("TruncRoPE", "positional shaping",

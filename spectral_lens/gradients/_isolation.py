@@ -86,19 +86,20 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
     with ``max_norm`` (renormalized in place by every forward that looks up a long row) is copied
     back in place too.
     """
+    modules = list(model.modules())  # one walk of the tree (the probe enters this once per pass)
     saved = [
         (module, name, buf, None if buf is None else buf.detach().clone())
-        for module in model.modules()
+        for module in modules
         for name, buf in module._buffers.items()
     ]
     scalars = [
         (module, {k: v for k, v in vars(module).items() if k != "training" and isinstance(v, _SCALARS)})
-        for module in model.modules()
+        for module in modules
         if module._buffers
     ]
     renormed = [
         (m.weight, m.weight.detach().clone())
-        for m in model.modules()
+        for m in modules
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
     ]
     try:

@@ -39,6 +39,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.utils.checkpoint import CheckpointFunction
 from torch.utils import _pytree as pytree
 
+from ._isolation import preserved_buffers
 from ._batch import slice_batch
 from .cast_cache import CastCache, cached_linear_casts
 from .registry import fast_path_for
@@ -163,7 +164,10 @@ def fast_engine(
     and are inputs of the backward, so such a use gets a gradient there), or a call's
     input or output gradient does not have the chunk's ``n`` samples in dimension 0 (a sequence-first
     ``(T, M, d)`` layout, tokens flattened to ``(M * T, d)``, a weight applied to something other
-    than the samples): the fast path's ``g_m`` contracts dimension 0 as the sample index. A module
+    than the samples): the fast path's ``g_m`` contracts dimension 0 as the sample index. Where an
+    input holds ``n`` in dimensions 0 and 1 (a sequence-first layout with ``T == n`` passes the shape
+    check), one more backward, of the even samples' losses, tells them apart: a gradient on an odd row
+    of dimension 0 sends the module to the generic engine. A module
     called several times gets the sum over calls. Raises :class:`NoGradientPathError` when a probed
     module's output does not reach the loss.
     """
@@ -209,6 +213,14 @@ def fast_engine(
             losses = _checked_losses(loss_fn(forward_fn(model, batch), batch), n)
             recording[0] = False
             ys = [y for k in calls for _, _, y in calls[k]]
+            # a sequence-first (T, n, d) input with T == n passes the shape check below: where dimensions 0
+            # and 1 both hold n, the even samples' losses must not reach the odd rows of dimension 0
+            both = [y for k in calls for x, _, y in calls[k] if n > 1 and x.ndim >= 3 and x.shape[0] == x.shape[1] == n]
+            mixed = set()
+            if both and losses.requires_grad:
+                with _reentrant_below(sites):
+                    odd = torch.autograd.grad(losses[::2].sum(), both, retain_graph=True, allow_unused=True)
+                mixed = {id(y) for y, g in zip(both, odd) if g is not None and bool(g[1::2].ne(0).any())}
             with _reentrant_below(sites):
                 got = (
                     torch.autograd.grad(losses.sum(), ys + probed, allow_unused=True)
@@ -221,6 +233,7 @@ def fast_engine(
             h.remove()
     it = iter(dys)
     grads_of = {k: [(x, v, next(it)) for x, v, _ in c] for k, c in calls.items()}
+    mixes = {k for k, c in calls.items() if any(id(y) in mixed for _, _, y in c)}
 
     rows, not_called = {}, {}
     for name, (mod, local) in sites.items():
@@ -237,6 +250,13 @@ def fast_engine(
             continue
         shapes = [(tuple(x.shape), tuple(dy.shape)) for x, _, dy in used if x.ndim == 0 or x.shape[0] != n
                   or dy.ndim == 0 or dy.shape[0] != n]
+        if id(mod) in mixes:
+            not_called[name] = (
+                f"{type(mod).__name__} saw inputs of shape {tuple(grads_of[id(mod)][0][0].shape)} for a chunk of {n} "
+                "samples, and a sample's loss reaches other rows of dimension 0: the fast path needs the sample "
+                "index in dimension 0 (not a sequence-first (T, M, d) layout with T == chunk_size)"
+            )
+            continue
         if shapes:
             not_called[name] = (
                 f"{type(mod).__name__} saw an input of shape {shapes[0][0]} (output {shapes[0][1]}) for a chunk of "
@@ -323,6 +343,8 @@ def loop_engine(
     Only the probed parameters require grad during the loop, so nothing below them builds a graph.
     A forward hook on each probed parameter's module checks that it does not run inside a reentrant
     activation-checkpoint segment (:class:`ReentrantCheckpointError`; its gradient would read as zero).
+    Each sample's pass starts from the buffers the loop found (:func:`~._isolation.preserved_buffers`),
+    so a forward that updates a buffer it reads gives every sample what one batched forward gives it.
     """
     unique = list({id(p): p for p in params.values()}.values())
     rows: dict[str, list] = {k: [] for k in params}
@@ -344,13 +366,14 @@ def loop_engine(
         with only_requires_grad(model, unique), torch.enable_grad():
             for i in range(n):
                 sample = slice_batch(batch, i, i + 1)
-                loss = _checked_losses(loss_fn(forward_fn(model, sample), sample), 1).sum()
-                with _reentrant_below(params):
-                    gs = (
-                        torch.autograd.grad(loss, unique, allow_unused=True)
-                        if loss.requires_grad
-                        else [None] * len(unique)
-                    )
+                with preserved_buffers(model):  # every sample's pass starts from the same buffers
+                    loss = _checked_losses(loss_fn(forward_fn(model, sample), sample), 1).sum()
+                    with _reentrant_below(params):
+                        gs = (
+                            torch.autograd.grad(loss, unique, allow_unused=True)
+                            if loss.requires_grad
+                            else [None] * len(unique)
+                        )
                 # a sparse gradient (nn.Embedding(sparse=True)) is densified: a row is a flat dense vector
                 by_id = {id(p): (torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g)
                          for p, g in zip(unique, gs)}

@@ -353,7 +353,9 @@ class PerSampleGradientProbe:
     Measuring has no side effects: ``.grad``, ``requires_grad``, train/eval flags, module buffers
     (BatchNorm running statistics also with ``train_mode=True``), the CPU and CUDA RNG states, Python's
     ``random`` and numpy's global RNG, and the hook dictionaries are as before, also when an exception
-    interrupts ``update``. Gradient hooks on parameters (``param.register_hook``) are not called: the
+    interrupts ``update``; every pass (a chunk, or a sample on the loop engine) starts from the buffers the
+    measurement found, so a forward that writes a buffer it reads gives rows independent of ``chunk_size``
+    and engine. Gradient hooks on parameters (``param.register_hook``) are not called: the
     rows are the loss's own gradients on every engine. In bounded-memory mode a recomputed chunk replays every one of these RNG
     streams from the state its first computation started from, so its forward draws the same
     dropout masks and the same Python / numpy random numbers.
@@ -595,7 +597,7 @@ class PerSampleGradientProbe:
         probes whose first chunk does not run on the fast engine alone (see :meth:`_deciding_fns`).
         Runs inside :meth:`_isolated`, on its own forked RNG so the measurement's dropout masks are
         unchanged."""
-        with forked_rng(devices):
+        with forked_rng(devices), preserved_buffers(self.model):  # the measured passes start from the same buffers
             head, reason = find_chunkable_head(
                 self.model, lambda: self.forward_fn(self.model, sample), self.params.values()
             )
@@ -720,6 +722,9 @@ class PerSampleGradientProbe:
         autocast casts shared by the chunks of one update (fast engine only)."""
         rows: dict[str, torch.Tensor] = {}
         losses = None
+        # every pass starts from the buffers the measurement found (preserved_buffers around each engine's
+        # pass, and around each sample's in the loop engine): a forward that writes a buffer it reads (a
+        # counter, a renormalization by running statistics) made the rows depend on chunk_size and engine
         # bounded memory: every engine pass starts from the chunk's RNG state, so the draws do not depend
         # on which passes ran before it (a fallback or engine switch in the first computation, which a
         # recomputation on the settled engines does not repeat)
@@ -731,7 +736,8 @@ class PerSampleGradientProbe:
         fast = {k: self.sites[k] for k, e in self.engines_.items() if e == "fast"}
         if fast:
             forward_fn, loss_fn = self._deciding_fns() if self.head_loss_ is None else self._loss_fns()
-            got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn, casts, self._every)
+            with preserved_buffers(self.model):
+                got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn, casts, self._every)
             rows.update(got)
             for k, why in not_called.items():
                 if self.engine == "fast":
@@ -743,9 +749,9 @@ class PerSampleGradientProbe:
             if todo and rewind is not None:
                 rewind()
             if todo and kind == "vmap":
-                got, lo, fell_back = vmap_or_loop(
-                    self.model, todo, batch, n, forward_fn, loss_fn, fallback=self.engine != "vmap", before_loop=rewind
-                )
+                with preserved_buffers(self.model):
+                    got, lo, fell_back = vmap_or_loop(self.model, todo, batch, n, forward_fn, loss_fn,
+                                                      fallback=self.engine != "vmap", before_loop=rewind)
                 if fell_back:
                     self.engines_.update({k: "loop" for k in todo})
             elif todo:

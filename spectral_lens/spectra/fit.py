@@ -83,6 +83,22 @@ def _as_numpy(p) -> np.ndarray:
     return arr
 
 
+def _numerical_rank(p) -> int:
+    """Number of eigenvalues above round-off: ``p_j > p.size * eps * max(p)``, with ``eps`` the machine
+    epsilon of ``p``'s floating dtype (float64 for integers and lists). This is NumPy's
+    ``matrix_rank`` tolerance; a covariance of ``N`` rows has at most ``N - 1`` eigenvalues above it, the
+    rest are an eigensolver's round-off (~1e-16 of the largest in float64)."""
+    dtype = p.dtype if isinstance(p, (torch.Tensor, np.ndarray)) else None
+    if isinstance(dtype, torch.dtype):
+        eps = torch.finfo(dtype).eps if dtype.is_floating_point else np.finfo(np.float64).eps
+    else:
+        eps = np.finfo(dtype).eps if dtype is not None and np.issubdtype(dtype, np.floating) else np.finfo(np.float64).eps
+    arr = _as_numpy(p)
+    finite = arr[np.isfinite(arr)]
+    top = float(finite.max()) if finite.size else 0.0
+    return int(np.count_nonzero(arr > max(arr.size * float(eps) * top, 0.0)))
+
+
 def window_ranks(window, name: str = "window") -> tuple[int, int]:
     """``window`` as Python ints ``(lo, hi)`` with ``1 <= lo < hi``: a pair (tuple, list, array) of
     integers, Python or NumPy; a bool, a float (even ``100.0``) or a string is refused with a
@@ -214,8 +230,11 @@ def estimate_crossover(
 ) -> CrossoverFit:
     """Estimate the crossover rank ``r*`` between the learned head and the unresolved tail.
 
-    The spectrum is resampled on ``n_grid`` log-spaced ranks inside ``ranks`` (default: all nonzero
-    eigenvalues), so every decade weighs the same. Two estimators:
+    The spectrum is resampled on ``n_grid`` log-spaced ranks inside ``ranks``, so every decade weighs
+    the same. The default ranks run from 1 to the numerical rank: the eigenvalues above round-off,
+    ``p_j > p.size * eps * max(p)`` with ``eps`` of ``p``'s floating dtype (NumPy's ``matrix_rank``
+    tolerance). A covariance of ``N < d`` rows has ``d - N + 1`` round-off eigenvalues (~1e-16 of the
+    largest in float64); fitted, their cliff was reported as a crossover near ``N``. Two estimators:
 
     * ``method="broken_stick"``: continuous two-segment least squares in log-log; ``r*`` is where the
       two fitted lines meet. Model-free but biased toward the middle of a smooth bend.
@@ -231,8 +250,15 @@ def estimate_crossover(
     from scipy.optimize import least_squares
 
     arr = _as_numpy(p)
-    nonzero = int(np.count_nonzero(arr > 0))
-    lo, hi = _check_window(arr, ranks if ranks is not None else (1, nonzero), "ranks")
+    if ranks is None:
+        resolved = _numerical_rank(p)
+        if resolved < 9:
+            raise ValueError(
+                f"need at least 9 ranks to locate a crossover; only {resolved} of {arr.size} eigenvalues lie above "
+                "round-off (a covariance of N rows has at most N - 1)"
+            )
+        ranks = (1, resolved)
+    lo, hi = _check_window(arr, ranks, "ranks")
     if hi - lo < 8:
         raise ValueError(f"ranks [{lo}, {hi}]: need at least 9 ranks to locate a crossover")
     if method not in ("bend", "broken_stick"):

@@ -77,6 +77,28 @@ def test_only_spectral_lens_is_packaged():
     assert PYPROJECT["project"]["scripts"] == {"spectral-lens": "spectral_lens.cli:main"}
 
 
+@needs_pyproject
+def test_typed_package_and_classifiers():
+    """The package is annotated but shipped no ``py.typed`` (PEP 561), so mypy and pyright ignored its
+    annotations in a user's code; and pyproject had no classifiers. The marker is package data (the wheel
+    test checks it ships); the Python classifiers follow ``requires-python``; no ``License ::``
+    classifier beside the SPDX license (setuptools refuses both)."""
+    assert (ROOT / "spectral_lens" / "py.typed").is_file()
+    assert "py.typed" in PYPROJECT["tool"]["setuptools"]["package-data"]["spectral_lens"]
+    classifiers = PYPROJECT["project"]["classifiers"]
+    assert "Typing :: Typed" in classifiers
+    assert "Topic :: Scientific/Engineering :: Artificial Intelligence" in classifiers
+    assert not [c for c in classifiers if c.startswith("License ::")]
+    low = int(re.fullmatch(r">=3\.(\d+)", PYPROJECT["project"]["requires-python"]).group(1))
+    minors = sorted(int(c.rsplit(".", 1)[1]) for c in classifiers if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c))
+    assert minors and minors[0] == low and minors == list(range(low, minors[-1] + 1))
+    try:  # the canonical list, where installed (pip install trove-classifiers)
+        from trove_classifiers import classifiers as known
+    except ImportError:
+        return
+    assert set(classifiers) <= known, set(classifiers) - known
+
+
 # ------------------------------------------------------------------------------ python -m and CLI
 def test_python_m_spectral_lens_runs_the_cli(tmp_path):
     """There was no ``spectral_lens/__main__.py``: ``python -m spectral_lens`` failed with
@@ -225,6 +247,8 @@ def test_wheel_contents(tmp_path):
         license_text = zf.read(f"{info}/licenses/LICENSE").decode()
     assert {n.split("/")[0] for n in names} == {"spectral_lens", info}
     assert "spectral_lens/__main__.py" in names
+    assert "spectral_lens/py.typed" in names  # PEP 561
+    assert "\nClassifier: Typing :: Typed\n" in metadata
     assert not [n for n in names if n.endswith((".pyc", ".so")) or "__pycache__" in n]
     assert f"\nVersion: {version}\n" in metadata and "\nLicense-Expression: Apache-2.0\n" in metadata
     assert "\nLicense-File: LICENSE\n" in metadata

@@ -35,7 +35,7 @@ def reference_forward(m: GPT, idx: torch.Tensor, frac: float) -> torch.Tensor:
     if c.embed_norm:
         x = _rms(x)
     x0, v1, skips = x, None, []
-    n_ve = {"full": L, "half": half, "sparse": min(3, half)}.get(c.value_embeds, 0)
+    n_ve = {"full": L, "half": half, "sparse": max(1, min(3, (L - 1) // 2))}.get(c.value_embeds, 0)  # 3 at L = 8
     vmap = {"full": lambda i: i, "half": lambda i: min(i, L - 1 - i),
             "sparse": lambda i: i if i < n_ve else (i - (L - n_ve) if i >= L - n_ve else None)}.get(
         c.value_embeds, lambda i: None)
