@@ -366,7 +366,7 @@ def loop_engine(
         with only_requires_grad(model, unique), torch.enable_grad():
             for i in range(n):
                 sample = slice_batch(batch, i, i + 1)
-                with preserved_buffers(model):  # every sample's pass starts from the same buffers
+                with preserved_buffers(model, exact=False):  # every sample's pass starts from the same buffers
                     loss = _checked_losses(loss_fn(forward_fn(model, sample), sample), 1).sum()
                     with _reentrant_below(params):
                         gs = (

@@ -597,7 +597,7 @@ class PerSampleGradientProbe:
         probes whose first chunk does not run on the fast engine alone (see :meth:`_deciding_fns`).
         Runs inside :meth:`_isolated`, on its own forked RNG so the measurement's dropout masks are
         unchanged."""
-        with forked_rng(devices), preserved_buffers(self.model):  # the measured passes start from the same buffers
+        with forked_rng(devices), preserved_buffers(self.model, exact=False):  # the measured passes start from the same buffers
             head, reason = find_chunkable_head(
                 self.model, lambda: self.forward_fn(self.model, sample), self.params.values()
             )
@@ -736,7 +736,7 @@ class PerSampleGradientProbe:
         fast = {k: self.sites[k] for k, e in self.engines_.items() if e == "fast"}
         if fast:
             forward_fn, loss_fn = self._deciding_fns() if self.head_loss_ is None else self._loss_fns()
-            with preserved_buffers(self.model):
+            with preserved_buffers(self.model, exact=False):
                 got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn, casts, self._every)
             rows.update(got)
             for k, why in not_called.items():
@@ -749,7 +749,7 @@ class PerSampleGradientProbe:
             if todo and rewind is not None:
                 rewind()
             if todo and kind == "vmap":
-                with preserved_buffers(self.model):
+                with preserved_buffers(self.model, exact=False):
                     got, lo, fell_back = vmap_or_loop(self.model, todo, batch, n, forward_fn, loss_fn,
                                                       fallback=self.engine != "vmap", before_loop=rewind)
                 if fell_back:
