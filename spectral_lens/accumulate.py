@@ -759,6 +759,11 @@ class ActivationCovarianceAccumulator:
             # float64): the re-shifts below read it into float64 arithmetic exactly.
             sdt = shift_dtype(self.precision, chunk.dtype)
             local = _sample_mean(chunk, cv, wide=sdt == torch.float64).to(sdt)
+            if cv is not None and chunk.device.type == "cpu" and int(nk) < chunk.shape[0]:
+                # CPU: only the valid rows are centred and multiplied (the shift is the one of the whole
+                # chunk's sample above). Not on CUDA, where the count would be a host sync: there the
+                # masked rows are zeroed and multiplied.
+                chunk, cv = chunk.index_select(0, cv.nonzero().squeeze(1)), None
             mk, sk = chunk_moments(chunk, local, self.precision, cv, lower_only=True)
             # NaN iff some entry of m is NaN or +-Inf (Inf * 0 is NaN; finite entries give exact zeros, so
             # the sum cannot overflow): 3 kernels, not isfinite's 6
