@@ -241,3 +241,53 @@ def test_underflow_flag_sees_only_kept_rows(dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert acc.compute().n_rows == 40 and not acc.state_dict()["products_underflowed"]
+
+
+@pytest.mark.parametrize("where", ["lower_panels", "_add_lower", "_pending_factors", "_gather_scratch"])
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), RuntimeError("boom")])
+def test_interrupted_masked_update_leaves_state_bit_for_bit(monkeypatch, where, exc):
+    """A failure anywhere in a compacted update (the gather, between the product's GEMMs, in the float64
+    add, in the flush of deferred terms) leaves the state as it was; the retried update equals one that
+    never failed (the gathered rows left in the recycled scratch do not matter)."""
+    from support.state import assert_same_state, snapshot
+
+    monkeypatch.setattr(accumulate_module, "_PENDING", 4)
+    monkeypatch.setattr(accumulate_module._SCRATCH, "chunks", {})  # no broken panels left in a shared cache
+    g = torch.Generator().manual_seed(2)
+    d = 130  # three GEMM panels (64, 64, 2 rows)
+    chunks = [(torch.randn(40, d, generator=g) * 3 + 50 * k).bfloat16() for k in range(4)]
+    masks = [torch.rand(40, generator=g) < 0.4 for _ in range(4)]
+
+    def fed():
+        acc = ActivationCovarianceAccumulator(name="blocks.0")
+        for x, m in zip(chunks[:3], masks):
+            acc.update(x, m)
+        acc.update(chunks[0] * 2, masks[3])  # the 4th; the next one flushes the deferred terms
+        return acc
+
+    acc, clean = fed(), fed()
+    before = snapshot(acc)
+    real = getattr(accumulate_module, where)
+    if where == "lower_panels":
+        def fail(y, out):
+            panels = real(y, out)
+
+            def first_then_fail():
+                yield panels[0]
+                raise exc
+
+            return first_then_fail()
+    else:
+        def fail(*args, **kwargs):
+            raise exc
+
+    x, m = chunks[3] + 1e4, ~masks[3]
+    with monkeypatch.context() as patch:
+        patch.setattr(accumulate_module, where, fail)
+        with pytest.raises(type(exc)):
+            acc.update(x, m)
+    assert getattr(accumulate_module, where) is real
+    assert_same_state(snapshot(acc), before)
+    acc.update(x, m)
+    clean.update(x, m)
+    assert_same_state(snapshot(acc), snapshot(clean))
