@@ -239,7 +239,7 @@ def _range_check(sums: _Sums, setup: _Setup) -> None:
 
 
 def _rows_underflowed(y: torch.Tensor, m: np.ndarray, s: torch.Tensor) -> bool:
-    """Whether a CPU chunk's centred rows ``y`` (masked rows zeroed) are not all 0 although its column
+    """Whether a CPU chunk's centred valid rows ``y`` (masked ones compacted away) are not all 0 although its column
     sums ``m`` and the diagonal of its product ``s`` are all exactly 0: rows so small that every product
     underflowed, with column sums that cancel exactly. Host reads of CPU tensors; ``y`` is read only when
     ``m`` and the diagonal are all 0 (constant rows, or this). Not checked on the generic path (CUDA,
@@ -306,6 +306,24 @@ def _chunk_scratch(n: int, d: int, dtype: torch.dtype):
                 del cache[next(iter(cache))]  # the oldest shape
             cache[key] = entry
     return entry
+
+
+def _gather_scratch(n: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """An n x d buffer of ``dtype`` for :meth:`ActivationCovarianceAccumulator._cpu_compacted`'s gather
+    of half-precision (or fp32 rows into float64 products) valid rows, recycled like
+    :func:`_chunk_scratch`'s buffers (same per-thread cache and limits)."""
+    cache = getattr(_SCRATCH, "chunks", None)
+    if cache is None:
+        cache = _SCRATCH.chunks = {}
+    key = ("gather", n, d, dtype)
+    buf = cache.get(key)
+    if buf is None:
+        buf = torch.empty(n, d, dtype=dtype)
+        if n * d * buf.element_size() <= _SCRATCH_MAX_BYTES:
+            if len(cache) >= _SCRATCH_SHAPES:
+                del cache[next(iter(cache))]  # the oldest shape
+            cache[key] = buf
+    return buf
 
 
 def _pending_factors(pend: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -562,15 +580,20 @@ class ActivationCovarianceAccumulator:
         self._low_products |= product_dtype(rows, self.precision) != torch.float64
 
     def _cpu_centered(self, rows: torch.Tensor, keep: np.ndarray | None):
-        """``(n, m, shift, scratch)`` of one chunk of CPU rows (fp32/fp64, or bf16/fp16 converted exactly
-        into the scratch first), valid rows ``keep`` (NumPy bool
-        or ``None``): the row count (an int), the column sums and the shift of the centred rows
-        (NumPy d-vectors; ``shift`` fp32, fp64 where the products are float64: the values subtracted), and
-        :func:`_chunk_scratch`'s ``(y, out, panels)`` with the centred rows in ``y``, rows outside
-        ``keep`` zeroed. Call inside ``np.errstate(all="ignore")``."""
+        """``(n, m, shift, (y, out, panels))`` of one chunk of CPU rows (fp32/fp64, or bf16/fp16 converted
+        exactly into the scratch first), valid rows ``keep`` (NumPy bool or ``None``): the row count (an
+        int), the column sums and the shift of the centred rows (NumPy d-vectors; ``shift`` fp32, fp64
+        where the products are float64: the values subtracted), and the centred valid rows ``y`` with
+        the product's buffer ``out`` and GEMM views ``panels`` (:func:`_chunk_scratch`'s; ``y`` and
+        ``panels`` cover only the first ``n`` rows of its buffer when some row is masked: see
+        :meth:`_cpu_compacted`). Call inside ``np.errstate(all="ignore")``."""
         n_rows, d = rows.shape
         work = product_dtype(rows, self.precision)  # fp32 or fp64 on the CPU
         scratch = _chunk_scratch(n_rows, d, work)
+        if keep is not None:
+            n = int(np.count_nonzero(keep))
+            if n < n_rows:
+                return self._cpu_compacted(rows, keep, n, scratch)
         y = scratch[0]
         half = rows.dtype in _CPU_HALF
         if half:  # one exact conversion into the scratch, centred there in place: no fresh fp32 copy
@@ -580,26 +603,52 @@ class ActivationCovarianceAccumulator:
         head = rows[::step] if step > 1 else rows
         if half and work == torch.float64:  # float64 precision: the shift from fp32 values, as for fp32 rows
             head = head.float()
-        if keep is None:
-            n = n_rows
-            mean = head.sum(0).numpy() / head.shape[0]  # torch's mean bit for bit, one torch call instead of two
-        else:
-            n = int(np.count_nonzero(keep))
-            # NumPy's boolean row selection: far cheaper than torch's masked ops on the CPU
-            sample = head.numpy()[keep[::step]] if step > 1 else head.numpy()[keep]
-            if n and not sample.shape[0]:  # every sampled row masked (see _sample_mean): valid rows instead
-                sample = rows.numpy()[np.flatnonzero(keep)[:: max(1, n // _SHIFT_ROWS)]].astype(sample.dtype)
-            mean = np.add.reduce(sample, 0) / max(1, sample.shape[0])
+        mean = head.sum(0).numpy() / head.shape[0]  # torch's mean bit for bit, one torch call instead of two
         if not np.isfinite(mean).all():  # an fp32 sum overflowed (|x| > ~1e35), or NaN/Inf rows (stay so)
-            sample = head.numpy() if keep is None else sample
+            mean = np.add.reduce(head.numpy(), 0, dtype=np.float64) / head.shape[0]
+        shift = self._shift_values(mean, work)
+        torch.sub(rows, torch.from_numpy(shift), out=y)
+        return n_rows, y.sum(0).numpy(), shift, scratch
+
+    @staticmethod
+    def _shift_values(mean: np.ndarray, work: torch.dtype) -> np.ndarray:
+        """The shift actually subtracted: fp32-representable unless the products are float64 (as
+        :func:`representable_shift`)."""
+        return mean.astype(np.float64 if work == torch.float64 else np.float32, copy=False)
+
+    def _cpu_compacted(self, rows: torch.Tensor, keep: np.ndarray, n: int, scratch):
+        """:meth:`_cpu_centered` for a chunk with masked rows (``n`` of them valid, ``n < len(rows)``):
+        only the valid rows are gathered into the first ``n`` rows of the scratch (converted to its
+        dtype), centred there and multiplied, so masked rows cost neither a pass nor a product (a mask
+        keeping 1 position in 64 made the product 64x the kept rows' one). The shift is the mean of
+        the same sample rows as without compaction (the valid ones among every ``step``-th row of the
+        chunk, else evenly spaced valid rows: see :func:`_sample_mean`), summed in the same dtype.
+        Masked rows are never read, whatever they hold. CPU only: on CUDA, where the row count would
+        need a host sync, masked rows are zeroed and multiplied (:func:`chunk_moments`)."""
+        n_rows, d = rows.shape
+        y_all, out, _ = scratch
+        y = y_all[:n]
+        kept = np.flatnonzero(keep)
+        index = torch.from_numpy(kept)
+        if rows.dtype == y.dtype:
+            torch.index_select(rows, 0, index, out=y)
+        else:  # gathered in the rows' dtype into a recycled buffer, then one exact conversion
+            y.copy_(torch.index_select(rows, 0, index, out=_gather_scratch(n_rows, d, rows.dtype)[:n]))
+        # the shift's sample, as on the uncompacted rows: valid rows among rows[::step], summed in the
+        # rows' dtype (fp32 for half rows, which are exact in it)
+        step = max(1, n_rows // _SHIFT_ROWS)
+        sdt = np.float64 if rows.dtype == torch.float64 else np.float32
+        values = y.numpy()
+        sample = values[kept % step == 0] if step > 1 else values
+        if n and not sample.shape[0]:  # every sampled row masked (see _sample_mean): valid rows instead
+            sample = values[:: max(1, n // _SHIFT_ROWS)]
+        sample = sample.astype(sdt, copy=False)
+        mean = np.add.reduce(sample, 0) / max(1, sample.shape[0])
+        if not np.isfinite(mean).all():  # an fp32 sum overflowed (|x| > ~1e35), or NaN/Inf rows (stay so)
             mean = np.add.reduce(sample, 0, dtype=np.float64) / max(1, sample.shape[0])
-        # the shift actually subtracted: fp32-representable unless the products are float64 (as representable_shift)
-        shift = mean.astype(np.float64 if work == torch.float64 else np.float32, copy=False)
-        shift_work = shift.astype(np.float64 if work == torch.float64 else np.float32, copy=False)
-        torch.sub(rows, torch.from_numpy(shift_work), out=y)
-        if keep is not None:
-            y.numpy()[~keep] = 0  # whole rows, whatever they held (NaN included)
-        return n, y.sum(0).numpy(), shift, scratch
+        shift = self._shift_values(mean, y.dtype)
+        y.sub_(torch.from_numpy(shift))
+        return n, y.sum(0).numpy(), shift, (y, out, lower_panels(y, out))
 
     def _cpu_update(self, rows: torch.Tensor, valid: torch.Tensor | None) -> bool:
         """``update`` of one chunk of CPU rows (fp32/fp64, bf16/fp16): the same sums as :meth:`_call_sums` and
@@ -633,7 +682,7 @@ class ActivationCovarianceAccumulator:
                     n, m, shift, (y, s, panels) = self._cpu_centered(rows, finite if keep is None else keep & finite)
                     bad = checked - n
             with matmul_precision(self.precision, "cpu"):
-                if rows.shape[0] >= moments.SYRK_MIN_ROWS:
+                if y.shape[0] >= moments.SYRK_MIN_ROWS:
                     s = symmetric_product(y, lower_only=True)  # BLAS syrk
                 else:
                     for a, b, o in panels:
@@ -710,6 +759,14 @@ class ActivationCovarianceAccumulator:
             # float64): the re-shifts below read it into float64 arithmetic exactly.
             sdt = shift_dtype(self.precision, chunk.dtype)
             local = _sample_mean(chunk, cv, wide=sdt == torch.float64).to(sdt)
+            if (cv is not None and total > self.max_chunk_rows and chunk.device.type == "cpu"
+                    and np.count_nonzero(cv.numpy()) < chunk.shape[0]):
+                # a CPU call of several chunks: only the valid rows are centred and multiplied (the shift
+                # is the one of the whole chunk's sample above; the count is read from the mask's memory,
+                # no torch op). Not on CUDA, where the count would be a host sync: there the masked rows
+                # are zeroed and multiplied. (One-chunk calls reach this path on the CPU only when forced,
+                # as benchmarks/bench_covariance.py --fixed-cost does to count CUDA's ops: they keep them.)
+                chunk, cv = chunk.index_select(0, cv.nonzero().squeeze(1)), None
             mk, sk = chunk_moments(chunk, local, self.precision, cv, lower_only=True)
             # NaN iff some entry of m is NaN or +-Inf (Inf * 0 is NaN; finite entries give exact zeros, so
             # the sum cannot overflow): 3 kernels, not isfinite's 6

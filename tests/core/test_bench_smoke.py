@@ -99,6 +99,17 @@ def test_covariance_cases_are_timed_in_interleaved_rounds(monkeypatch):
     assert 0 < rows[0]["exact_vs_fp32_gemm"] and 0 < rows[0]["exact_vs_torch_cov"]
 
 
+def test_masked_chunk_case_times_kept_rows_against_their_bare_product(monkeypatch):
+    """``--masked-chunk``: each row names how many rows of the call were kept, and its ratios are finite
+    medians of paired update / bare-product times with their spread."""
+    bc = _bench_module("bench_covariance", monkeypatch)
+    rows = bc.masked_chunk(dims=(8,), seqs=4, positions=8, keeps=(1, 8), pairs=3, per=1)
+    assert [(r["dtype"], r["keep"], r["kept"], r["rows"]) for r in rows] == [
+        ("float32", "1/8", 4, 32), ("float32", "8/8", 32, 32), ("bfloat16", "1/8", 4, 32), ("bfloat16", "8/8", 32, 32)]
+    for r in rows:
+        assert 0 < r["wall_ratio_min"] <= r["wall_ratio_median"] <= r["wall_ratio_max"] and r["update_ms"] > 0
+
+
 def test_measure_never_empties_the_cuda_cache_between_timed_calls(monkeypatch):
     """``bench_gradients.measure`` (also bench_loss's timer) empties the CUDA cache before the warm-up only:
     emptied before each timed call, every call re-pays cudaMalloc for its whole footprint, which favours
