@@ -728,6 +728,8 @@ class SpectralLens:
                 result = [self._gradient_pass()]
             except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
                 error = exc
+            finally:  # the rows of G (M x P per matrix, on the device) are not kept through the training in between
+                self.probe.reset()
         self._agree(error, "the gradient protocol (it runs on the group's rank 0)")
         if world > 1:
             import torch.distributed as dist
