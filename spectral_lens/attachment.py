@@ -9,6 +9,7 @@ same context-manager shape with ``remove()``.)
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from torch import nn
@@ -22,11 +23,18 @@ class Attachment:
     A context manager (leaving the block removes it, also on an exception). ``remove()`` is
     idempotent, and a stale handle's ``remove()`` does nothing: once the owner was detached and
     attached again (to any model, the same one included), only the newest handle unbinds it.
+    The handle refers to the model weakly: the owner keeps its current handle, so a model deleted
+    after ``owner.detach()`` (or after training with a callback) is freed.
     """
 
     def __init__(self, owner: Any, model: nn.Module) -> None:
-        self.owner, self.model = owner, model
+        self.owner, self._model = owner, weakref.ref(model)
         owner._attachment = self  # the owner's current handle; an older one is stale
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The model of this attach; ``None`` once removed or once the model was freed."""
+        return None if self._model is None else self._model()
 
     @property
     def active(self) -> bool:
@@ -38,7 +46,7 @@ class Attachment:
         """Unbind the owner from the model (once)."""
         if self.active:
             self.owner.detach()
-        self.model = None
+        self._model = None
 
     def __enter__(self) -> "Attachment":
         return self

@@ -314,6 +314,11 @@ class SpectralLens:
     Measuring leaves the model's train/eval mode, gradients, buffers, hooks and the global RNG
     streams (torch CPU/CUDA, Python ``random``, numpy) as they were; iterating the pools is part of
     the measurement, so a shuffling ``DataLoader`` does not advance the training loop's RNG.
+
+    ``history`` grows by one :class:`LensMeasurement` per measurement, by design: CPU float64
+    eigenvalues (8 bytes per layer width and per gradient sample) and about 1.5 KB of summaries per
+    spectrum; ``lens.history.clear()`` frees it (the ``writer``'s record keeps everything). The probe's
+    per-sample gradients are dropped after each measurement.
     """
 
     def __init__(
@@ -733,6 +738,8 @@ class SpectralLens:
                 result = [self._gradient_pass()]
             except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
                 error = exc
+            finally:  # the rows of G (M x P per matrix, on the device) are not kept through the training in between
+                self.probe.reset()
         self._agree(error, "the gradient protocol (it runs on the group's rank 0)")
         if world > 1:
             import torch.distributed as dist

@@ -13,8 +13,10 @@ from .summaries import measurement_scalars
 
 # The attachment a callback made for each lens it attached (a lens built without a model). When a
 # run raised, its end hook never ran and the lens is still bound to that run's model; the next
-# callback run of the lens re-attaches it to its own model instead of refusing it.
-_CALLBACK_ATTACHMENTS: "weakref.WeakKeyDictionary[SpectralLens, Attachment]" = weakref.WeakKeyDictionary()
+# callback run of the lens re-attaches it to its own model instead of refusing it. The attachment is
+# held weakly (the lens keeps its current one): a strong value would refer to its key (attachment.owner
+# is the lens), so no entry, lens, pool or history would ever be freed.
+_CALLBACK_ATTACHMENTS: "weakref.WeakKeyDictionary[SpectralLens, weakref.ref[Attachment]]" = weakref.WeakKeyDictionary()
 
 
 class Sink(Protocol):
@@ -62,7 +64,7 @@ class LensDriver:
         if model is None:
             return
         lens = self.lens
-        earlier = _CALLBACK_ATTACHMENTS.get(lens)
+        earlier = _CALLBACK_ATTACHMENTS.get(lens, lambda: None)()
         if earlier is not None and earlier.active:
             if lens.model is model:
                 self.handle = earlier  # this run's own attachment (bound in attach(), then at train begin)
@@ -70,7 +72,7 @@ class LensDriver:
             earlier.remove()
         if lens.model is None:
             self.handle = lens.attach(model)
-            _CALLBACK_ATTACHMENTS[lens] = self.handle
+            _CALLBACK_ATTACHMENTS[lens] = weakref.ref(self.handle)
             return
         if not any(m is lens.model for m in model.modules()):
             theirs, ours = type(model).__name__, type(lens.model).__name__

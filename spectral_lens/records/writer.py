@@ -174,6 +174,15 @@ class RunWriter:
 
     def _open_append(self, path: Path) -> int:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            self._fix_last_line(path, fd)
+        except BaseException:  # an I/O error, or the warning below raised as an error: no descriptor left open
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _fix_last_line(path: Path, fd: int) -> None:
         size = os.fstat(fd).st_size
         if size:
             # cut off a partial last line left by a crash, so the next line does not glue onto it
@@ -186,15 +195,13 @@ class RunWriter:
                 cut = tail.rfind(b"\n")
                 keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= len(tail) else None)
                 if keep is None:
-                    os.close(fd)
                     raise RecordFormatError(f"{path}: last line longer than 1 MiB without a newline")
                 warnings.warn(
                     f"{path}: dropping a truncated last line ({size - keep} bytes) before appending",
                     RecordWarning,
-                    stacklevel=3,
+                    stacklevel=4,  # the same frame as before the body moved here (RunWriter.__init__)
                 )
                 os.ftruncate(fd, keep)
-        return fd
 
     def _clean_orphans(self) -> None:
         """On resume: remove temporary files and spectrum files no measurement line refers to, both
