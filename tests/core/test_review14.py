@@ -1,0 +1,78 @@
+"""Review of the fourteenth session's merged changes: defects found by adversarial inputs.
+
+Each test failed on the code before its fix (noted per test).
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from spectral_lens import Spectrum
+from spectral_lens._warnings import SpectrumFormatError, StateFormatError
+from spectral_lens.accumulate import ActivationCovarianceAccumulator
+
+
+def _patch_central_directory(path: Path, *, flag: int | None = None, method: int | None = None) -> None:
+    """Rewrite every central-directory entry of the zip at ``path``: its general-purpose flag bits
+    and/or its compression method (what a flipped byte in the entry header does)."""
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"PK\x01\x02")
+    assert at >= 0
+    while at >= 0:
+        if flag is not None:
+            raw[at + 8 : at + 10] = struct.pack("<H", flag)
+        if method is not None:
+            raw[at + 10 : at + 12] = struct.pack("<H", method)
+        at = raw.find(b"PK\x01\x02", at + 4)
+    path.write_bytes(bytes(raw))
+
+
+def _spectrum_file(tmp_path: Path) -> Path:
+    Spectrum(torch.tensor([3.0, 2.0, 1.0]), n_rows=10, dim=3).save(tmp_path / "s.npz")
+    return tmp_path / "s.npz"
+
+
+def _state_file(tmp_path: Path) -> Path:
+    acc = ActivationCovarianceAccumulator()
+    acc.update(torch.randn(10, 3, generator=torch.Generator().manual_seed(0)))
+    acc.save(tmp_path / "a.npz")
+    return tmp_path / "a.npz"
+
+
+DAMAGE = {
+    "unknown compression method": dict(method=99),  # zipfile: NotImplementedError
+    "encrypted entry": dict(flag=1),  # zipfile: RuntimeError (password required)
+    "patched data": dict(flag=1 << 5),  # zipfile: NotImplementedError
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_zip_entry_header_is_a_format_error_naming_the_file(tmp_path, damage):
+    # before: zipfile's NotImplementedError / RuntimeError escaped read_npz (its except list named
+    # BadZipFile, KeyError, ValueError, OSError, EOFError, RecursionError only), so a spectrum file or
+    # accumulator state with one flipped byte raised a raw error instead of the documented one
+    spectrum, state = _spectrum_file(tmp_path), _state_file(tmp_path)
+    _patch_central_directory(spectrum, **DAMAGE[damage])
+    _patch_central_directory(state, **DAMAGE[damage])
+    with pytest.raises(SpectrumFormatError, match=r"s\.npz: not readable as a spectral-lens spectrum file"):
+        Spectrum.load(spectrum)
+    with pytest.raises(StateFormatError, match=r"a\.npz: not readable as an accumulator state file"):
+        ActivationCovarianceAccumulator.load(state)
+
+
+def test_inspect_of_a_damaged_spectrum_file_is_one_line_exit_2(tmp_path):
+    # before: a traceback (NotImplementedError) and exit 1
+    path = _spectrum_file(tmp_path)
+    _patch_central_directory(path, method=99)
+    code = "import sys; from spectral_lens.cli import main; sys.exit(main())"
+    done = subprocess.run([sys.executable, "-c", code, "inspect", str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "s.npz" in done.stderr
