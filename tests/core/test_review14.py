@@ -76,3 +76,23 @@ def test_inspect_of_a_damaged_spectrum_file_is_one_line_exit_2(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "s.npz" in done.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, "numpy float16"])
+def test_a_half_precision_spectrum_keeps_its_default_ranks(dtype):
+    # before: the numerical-rank tolerance used the storage dtype's eps (bf16: 7.8e-3) times the size, so
+    # every eigenvalue of a 512-wide spectrum was "round-off" and estimate_crossover refused it ("only 0
+    # of 512 eigenvalues lie above round-off"; fp16: only 2). No eigensolver computes in half precision:
+    # the values are float32/float64 results stored in it, resolved as in float32
+    import numpy as np
+
+    from spectral_lens.spectra import estimate_crossover
+
+    j = np.arange(1, 513, dtype=np.float64)
+    p = np.where(j < 60, j ** -0.8, 60 ** -0.8 * (j / 60) ** -2.0)  # p_512 / p_1 ~ 5e-4: far above round-off
+    p /= p.sum()
+    half = p.astype(np.float16) if dtype == "numpy float16" else torch.from_numpy(p).to(dtype)
+    fit, reference = estimate_crossover(half), estimate_crossover(p)
+    assert fit.ranks == reference.ranks == (1, 512)
+    assert fit.located and fit.rank == pytest.approx(reference.rank, rel=0.01)
+    assert fit.tail_alpha == pytest.approx(reference.tail_alpha, rel=0.01)
