@@ -96,3 +96,46 @@ def test_a_half_precision_spectrum_keeps_its_default_ranks(dtype):
     assert fit.ranks == reference.ranks == (1, 512)
     assert fit.located and fit.rank == pytest.approx(reference.rank, rel=0.01)
     assert fit.tail_alpha == pytest.approx(reference.tail_alpha, rel=0.01)
+
+
+class _Holder(torch.nn.Module):  # at module level: pickle finds the class by reference
+    def __init__(self):
+        super().__init__()
+        from tests.support.models import TinyLM
+
+        self.net = TinyLM(vocab=64, d=16, heads=2, layers=2, dropout=0.0)
+
+    def forward(self, ids):
+        return self.net(ids)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+@pytest.mark.parametrize("owner", ["lens", "probe"])
+def test_an_attached_lens_or_probe_still_pickles_and_deep_copies(how, owner):
+    # before: Attachment held its model in a weakref.ref (to free a detached model), which pickle refuses
+    # ("cannot pickle 'weakref.ReferenceType' object"): torch.save of a model keeping an attached lens or
+    # probe as an attribute (docs/api-core.md promises it saves whole) failed; a deep copy's handle still
+    # pointed at the original model, so it was inactive and its remove() left the copy bound
+    import copy
+    import io
+
+    import spectral_lens as sl
+    from tests.support.models import lm_pool
+
+    model = _Holder()
+    if owner == "lens":
+        model.lens = sl.SpectralLens(pool=lm_pool(1, t=8), layers="net.h.1", params=(), progress=False)
+    else:
+        model.lens = sl.PerSampleGradientProbe(params="net.h.1.attn.c_proj.weight")
+    model.lens.attach(model)
+    if how == "pickle":
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        copied = torch.load(buf, weights_only=False)
+    else:
+        copied = copy.deepcopy(model)
+    handle = copied.lens._attachment
+    assert copied.lens.model is copied and handle.model is copied and handle.active  # one object graph
+    handle.remove()
+    assert copied.lens.model is None and model.lens.model is model  # the copy's handle unbinds the copy only
