@@ -139,3 +139,14 @@ def test_an_attached_lens_or_probe_still_pickles_and_deep_copies(how, owner):
     assert copied.lens.model is copied and handle.model is copied and handle.active  # one object graph
     handle.remove()
     assert copied.lens.model is None and model.lens.model is model  # the copy's handle unbinds the copy only
+
+
+def test_a_nested_mask_is_refused_naming_the_accumulator_and_the_shape_expected():
+    # before: the mask's shape check read mask.shape of a nested tensor: "RuntimeError: Internal error:
+    # NestedTensorImpl doesn't support sizes. Please file an issue." (the input itself was checked)
+    acc = ActivationCovarianceAccumulator(name="blocks.0")
+    mask = torch.nested.nested_tensor([torch.ones(2, dtype=torch.bool), torch.ones(3, dtype=torch.bool)],
+                                      layout=torch.jagged)
+    with pytest.raises(TypeError, match=r"blocks\.0: mask is a nested tensor .*leading shape \(2, 3\)"):
+        acc.update(torch.randn(2, 3, 4), mask)
+    assert not acc.initialized
