@@ -512,6 +512,9 @@ class ActivationCovarianceAccumulator:
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
                 raise TypeError(f"{where}: mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+            if mask.is_nested:  # its shape cannot be read (torch: "Internal error: ... doesn't support sizes")
+                raise TypeError(f"{where}: mask is a nested tensor ({mask.layout}); pass a dense bool tensor of the "
+                                f"input's leading shape {tuple(x.shape[:-1])}")
             if tuple(mask.shape) != tuple(x.shape[:-1]):
                 raise ValueError(
                     f"{where}: mask shape {tuple(mask.shape)} must equal the input's leading shape {tuple(x.shape[:-1])}"

@@ -31,6 +31,15 @@ class Attachment:
         self.owner, self._model = owner, weakref.ref(model)
         owner._attachment = self  # the owner's current handle; an older one is stale
 
+    def __getstate__(self) -> dict[str, Any]:
+        # pickle / copy.deepcopy (a model keeping its lens or probe as an attribute is saved whole): a
+        # weak reference cannot be pickled, and deep-copied it would still point at the original model
+        return {"owner": self.owner, "model": self.model}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        model = state["model"]
+        self.owner, self._model = state["owner"], None if model is None else weakref.ref(model)
+
     @property
     def model(self) -> nn.Module | None:
         """The model of this attach; ``None`` once removed or once the model was freed."""

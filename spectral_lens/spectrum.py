@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import operator
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,10 @@ def read_npz(path: Path, what: str, error: type[Exception]) -> tuple[Any, dict[s
             arrays = {k: data[k] for k in data.files if k != "header"}  # each read (decompressed) afresh
     except (FileNotFoundError, error):
         raise
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, RecursionError) as exc:
+    # NotImplementedError / RuntimeError (RecursionError included): zipfile's answer to a damaged entry
+    # header that names a compression method, zip version or flag it lacks, or encryption
+    except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, OSError, EOFError, NotImplementedError,
+            RuntimeError) as exc:
         raise error(f"{path}: not readable as {what} ({exc})") from exc
     return header, arrays
 

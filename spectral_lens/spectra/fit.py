@@ -85,14 +85,19 @@ def _as_numpy(p) -> np.ndarray:
 
 def _numerical_rank(p) -> int:
     """Number of eigenvalues above round-off: ``p_j > p.size * eps * max(p)``, with ``eps`` the machine
-    epsilon of ``p``'s floating dtype (float64 for integers and lists). This is NumPy's
-    ``matrix_rank`` tolerance; a covariance of ``N`` rows has at most ``N - 1`` eigenvalues above it, the
-    rest are an eigensolver's round-off (~1e-16 of the largest in float64)."""
+    epsilon of ``p``'s floating dtype (float64 for integers and lists; float32 for fp16/bf16, which
+    only store eigenvalues: no eigensolver computes in them, and their eps, 1e-3 to 8e-3, times the
+    size cut every eigenvalue of a 512-wide spectrum). This is NumPy's ``matrix_rank`` tolerance; a
+    covariance of ``N`` rows has at most ``N - 1`` eigenvalues above it, the rest are an eigensolver's
+    round-off (~1e-16 of the largest in float64)."""
     dtype = p.dtype if isinstance(p, (torch.Tensor, np.ndarray)) else None
     if isinstance(dtype, torch.dtype):
-        eps = torch.finfo(dtype).eps if dtype.is_floating_point else np.finfo(np.float64).eps
+        eps = (torch.finfo(torch.promote_types(dtype, torch.float32)).eps if dtype.is_floating_point
+               else np.finfo(np.float64).eps)
+    elif dtype is not None and np.issubdtype(dtype, np.floating):
+        eps = np.finfo(np.promote_types(dtype, np.float32)).eps
     else:
-        eps = np.finfo(dtype).eps if dtype is not None and np.issubdtype(dtype, np.floating) else np.finfo(np.float64).eps
+        eps = np.finfo(np.float64).eps
     arr = _as_numpy(p)
     finite = arr[np.isfinite(arr)]
     top = float(finite.max()) if finite.size else 0.0
@@ -232,9 +237,9 @@ def estimate_crossover(
 
     The spectrum is resampled on ``n_grid`` log-spaced ranks inside ``ranks``, so every decade weighs
     the same. The default ranks run from 1 to the numerical rank: the eigenvalues above round-off,
-    ``p_j > p.size * eps * max(p)`` with ``eps`` of ``p``'s floating dtype (NumPy's ``matrix_rank``
-    tolerance). A covariance of ``N < d`` rows has ``d - N + 1`` round-off eigenvalues (~1e-16 of the
-    largest in float64); fitted, their cliff was reported as a crossover near ``N``. Two estimators:
+    ``p_j > p.size * eps * max(p)`` with ``eps`` of ``p``'s floating dtype, float32's for fp16/bf16
+    (NumPy's ``matrix_rank`` tolerance). A covariance of ``N < d`` rows has ``d - N + 1`` round-off
+    eigenvalues (~1e-16 of the largest in float64); fitted, their cliff was reported as a crossover near ``N``. Two estimators:
 
     * ``method="broken_stick"``: continuous two-segment least squares in log-log; ``r*`` is where the
       two fitted lines meet. Model-free but biased toward the middle of a smooth bend.
