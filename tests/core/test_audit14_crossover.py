@@ -77,3 +77,16 @@ def test_spectrum_row_count_caps_the_default_ranks():
         crossover_rank(Spectrum(values, n_rows=5, dim=300, source="blocks.0"))
     with pytest.raises(ValueError, match="only 3 of 50 eigenvalues lie above round-off"):
         estimate_crossover(np.concatenate([[1.0, 0.5, 0.25], np.full(47, 1e-20)]))
+
+
+def test_float32_copy_of_an_exact_spectrum_keeps_its_whole_window():
+    """A float32 copy of a full-rank power law spanning ~1e-4 of its top value (d = 4,096): every eigenvalue
+    is genuine. NumPy's matrix_rank tolerance (size * eps32 * max = 4.9e-4 of the top) cut the default
+    window to ranks 1-1,386 and moved the fitted tail; sqrt(size) * eps keeps all 4,096."""
+    d = 4096
+    p = (np.arange(1, d + 1, dtype=np.float64) ** -1.15)
+    p /= p.sum()
+    assert p[-1] / p[0] < 1e-3
+    fit32 = estimate_crossover(p.astype(np.float32))
+    assert fit32.ranks == (1, d)
+    assert fit32.ranks == estimate_crossover(p).ranks
