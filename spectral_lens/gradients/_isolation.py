@@ -182,7 +182,7 @@ def silenced_tensor_hooks(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def silenced_module_backward_hooks(model: nn.Module) -> Iterator[None]:
-    """Switch off the module backward hooks of ``model``'s modules inside the block: per module
+    r"""Switch off the module backward hooks of ``model``'s modules inside the block: per module
     (``register_full_backward_hook``, ``register_full_backward_pre_hook``, the legacy
     ``register_backward_hook``) and global (``torch.nn.modules.module.register_module_full_backward_hook``,
     ``..._pre_hook``, ``register_module_backward_hook``), as seen by these modules. Put back on exit, also
