@@ -27,6 +27,7 @@ class Hooked:
 
     def __init__(self, model):
         self.calls: dict[str, int] = {}
+        self.full_flag = torch_module._global_is_full_backward_hook  # torch keeps it after the hooks are removed
         tr = model.transformer
 
         def count(what, result=None):
@@ -60,6 +61,7 @@ class Hooked:
     def remove(self):
         for h in self.handles:
             h.remove()
+        torch_module._global_is_full_backward_hook = self.full_flag
 
 
 def _train_step(model, x, y):
@@ -188,3 +190,18 @@ def test_opacus_grad_sample_module_measured_without_switching_its_hooks_off(gpt,
         assert torch.equal(p.grad, q.grad), n
     gsm.remove_hooks()
     gsm_twin.remove_hooks()
+
+
+def test_a_global_legacy_backward_hook_is_not_called(gpt, helpers, monkeypatch):
+    monkeypatch.setattr(torch_module, "_global_is_full_backward_hook", None)  # torch refuses mixing the kinds
+    model = gpt()
+    x, y = helpers.lm_batch(m=3)
+    calls = []
+    handle = torch_module.register_module_backward_hook(lambda *a: calls.append(1))
+    try:
+        PerSampleGradientProbe(model, W_O, engine="loop").update((x, y))
+        assert calls == []
+        _train_step(model, x, y)
+        assert calls
+    finally:
+        handle.remove()
