@@ -360,8 +360,8 @@ class PerSampleGradientProbe:
     (``register_full_backward_hook``, ``register_full_backward_pre_hook``, ``register_backward_hook``, and
     the global ``register_module_*backward*hook`` ones) are not called: the rows are the loss's own
     gradients on every engine, so a gradient reversal or clipping implemented as such a hook is not in
-    them (forward hooks run: they are part of the model). In bounded-memory mode a recomputed chunk replays every one of these RNG
-    streams from the state its first computation started from, so its forward draws the same
+    them (forward hooks run: they are part of the model). In bounded-memory mode a recomputed chunk
+    replays every one of these RNG streams from the state its first computation started from, so its forward draws the same
     dropout masks and the same Python / numpy random numbers.
 
     Example::
