@@ -361,8 +361,8 @@ class PerSampleGradientProbe:
     the global ``register_module_*backward*hook`` ones) are not called: the rows are the loss's own
     gradients on every engine, so a gradient reversal or clipping implemented as such a hook is not in
     them (forward hooks run: they are part of the model). In bounded-memory mode a recomputed chunk
-    replays every one of these RNG streams from the state its first computation started from, so its forward draws the same
-    dropout masks and the same Python / numpy random numbers.
+    replays every one of these RNG streams from the state its first computation started from, so its
+    forward draws the same dropout masks and the same Python / numpy random numbers.
 
     Example::
 
