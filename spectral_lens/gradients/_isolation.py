@@ -15,7 +15,11 @@ adapters and data augmentation (numpy's global RNG). :func:`forked_rng` restores
 Gradient hooks a user registered on a parameter (``param.register_hook``: clipping, scaling, logging,
 counting) belong to the training backward. :func:`silenced_tensor_hooks` switches them off while the
 probe differentiates, so its per-sample gradients are those of the loss on every engine (the ``vmap``
-engine never sees them) and the hooks are not called by a measurement.
+engine never sees them) and the hooks are not called by a measurement. Module backward hooks
+(``register_full_backward_hook``, ``register_full_backward_pre_hook``, the legacy
+``register_backward_hook`` and the global ``register_module_full_backward_hook`` /
+``register_module_full_backward_pre_hook`` / ``register_module_backward_hook``) belong to it as well:
+:func:`silenced_module_backward_hooks` switches them off for the model's modules.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["preserved_buffers", "forked_rng", "cuda_devices", "rng_state", "set_rng_state", "silenced_tensor_hooks"]
+__all__ = ["preserved_buffers", "forked_rng", "cuda_devices", "rng_state", "set_rng_state", "silenced_tensor_hooks",
+           "silenced_module_backward_hooks"]
 
 
 def cuda_devices(model: nn.Module) -> list[int]:
@@ -173,3 +178,49 @@ def silenced_tensor_hooks(model: nn.Module) -> Iterator[None]:
     finally:
         for p, hooks in saved:
             p._backward_hooks = hooks
+
+
+@contextlib.contextmanager
+def silenced_module_backward_hooks(model: nn.Module) -> Iterator[None]:
+    r"""Switch off the module backward hooks of ``model``'s modules inside the block: per module
+    (``register_full_backward_hook``, ``register_full_backward_pre_hook``, the legacy
+    ``register_backward_hook``) and global (``torch.nn.modules.module.register_module_full_backward_hook``,
+    ``..._pre_hook``, ``register_module_backward_hook``), as seen by these modules. Put back on exit, also
+    on exceptions and ``KeyboardInterrupt``.
+
+    ``nn.Module._call_impl`` collects a module's backward hooks (its own and the global ones) with
+    ``self._get_backward_hooks()`` and ``self._get_backward_pre_hooks()`` when its forward is called and
+    wraps the forward with ``BackwardHook`` (whose ``autograd.Function`` without ``setup_context``
+    ``torch.func`` refuses) or registers the legacy hooks on the output's ``grad_fn``. Inside the block
+    those two methods are shadowed on each module instance by ones that return no hooks, so a forward in
+    the block installs none and its backward calls none: without this Opacus's ``GradSampleModule`` hook
+    failed in the probe's backward and a user's gradient-reversal or clipping hook changed the rows.
+    The hook dictionaries themselves are not touched (same objects, same contents), so the user's
+    ``RemovableHandle``\s stay valid, a hook registered or removed while the block runs is registered or
+    removed as usual, and other models (and their global hooks) are unaffected. Nested use is safe:
+    each level puts back what it found. Forward hooks are not affected (they are part of the model).
+    """
+    saved = [(m, m.__dict__.get("_get_backward_hooks", _MISSING), m.__dict__.get("_get_backward_pre_hooks", _MISSING))
+             for m in model.modules()]
+    try:
+        for m, _, _ in saved:
+            m.__dict__["_get_backward_hooks"] = _no_backward_hooks
+            m.__dict__["_get_backward_pre_hooks"] = _no_backward_pre_hooks
+        yield
+    finally:
+        for m, hooks, pre in saved:
+            for name, was in (("_get_backward_hooks", hooks), ("_get_backward_pre_hooks", pre)):
+                if was is _MISSING:
+                    m.__dict__.pop(name, None)
+                else:
+                    m.__dict__[name] = was
+
+
+def _no_backward_hooks() -> tuple[list, list]:
+    """``nn.Module._get_backward_hooks`` inside :func:`silenced_module_backward_hooks`: no full, no legacy hooks."""
+    return [], []
+
+
+def _no_backward_pre_hooks() -> list:
+    """``nn.Module._get_backward_pre_hooks`` inside :func:`silenced_module_backward_hooks`: no pre-hooks."""
+    return []

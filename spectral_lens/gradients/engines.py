@@ -39,7 +39,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.utils.checkpoint import CheckpointFunction
 from torch.utils import _pytree as pytree
 
-from ._isolation import preserved_buffers
+from ._isolation import _no_backward_hooks, _no_backward_pre_hooks, preserved_buffers
 from ._batch import slice_batch
 from .cast_cache import CastCache, cached_linear_casts
 from .registry import fast_path_for
@@ -289,6 +289,9 @@ class _Bound(nn.Module):
         super().__init__()
         self.model = model
         self.forward_fn, self.loss_fn = forward_fn, loss_fn
+        # the wrapper is ours: a global module backward hook must not wrap it either (the probe switches the
+        # model's own off), or torch.func refuses the BackwardHook's autograd.Function (no setup_context)
+        vars(self).update(_get_backward_hooks=_no_backward_hooks, _get_backward_pre_hooks=_no_backward_pre_hooks)
 
     def forward(self, batch):
         return self.loss_fn(self.forward_fn(self.model, batch), batch)

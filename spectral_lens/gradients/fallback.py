@@ -3,8 +3,9 @@
 ``torch.func`` refuses many models: data-dependent Python control flow (``if x.sum() > 0``, Hugging
 Face attention-mask checks) and ``.item()`` (``vmap: ...``), in-place updates of captured buffers
 (BatchNorm running statistics under ``train_mode=True``: ``During a grad ... transform ...``),
-``torch.autograd.Function`` subclasses without ``setup_context`` (what ``register_full_backward_hook``
-and reentrant activation checkpointing install), saved-tensor hooks (non-reentrant activation
+``torch.autograd.Function`` subclasses without ``setup_context`` (reentrant activation checkpointing,
+custom kernels; a module backward hook, ``register_full_backward_hook``, would install one too, but the
+probe switches those off while it measures), saved-tensor hooks (non-reentrant activation
 checkpointing), operators without a batching rule (``Batching rule not implemented for ...``:
 fake-quantize observers), native kernels without vmap support (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``:
 ``... doesn't match the broadcast shape ...``). :func:`is_untraceable` recognizes these refusals by the phrases torch's
@@ -64,15 +65,9 @@ def is_untraceable(exc: BaseException) -> bool:
 def likely_cause(exc: BaseException, model: nn.Module) -> str:
     """What in ``model`` most likely made ``torch.func`` refuse it, read from the refusal ``exc``."""
     msg = str(exc)
-    if "setup_context" in msg:
-        hooked = [
-            n or type(model).__name__ for n, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks
-        ]
-        if nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks:
-            hooked.append("every module (a global backward hook)")
-        where = f" (on {hooked[:5]})" if hooked else ""
-        return (f"a torch.autograd.Function without setup_context: a module backward hook "
-                f"(register_full_backward_hook){where}, reentrant activation checkpointing or a custom kernel")
+    if "setup_context" in msg:  # not a module backward hook: the probe switches those off while it measures
+        return ("a torch.autograd.Function without setup_context: reentrant activation checkpointing or a custom "
+                "autograd.Function / kernel")
     if "During a grad" in msg or "captured Tensor" in msg:
         bn = [
             n

@@ -27,7 +27,8 @@ from .._args import check_callable, check_count, check_dtype
 from ..capture import (eager_forwards, glob_to_regex, measurement_autocast, measurement_pass, uncompiled_name,
                        unwrap_compiled)
 from .._warnings import ZeroGradientWarning
-from ._isolation import cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state, silenced_tensor_hooks
+from ._isolation import (cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state,
+                         silenced_module_backward_hooks, silenced_tensor_hooks)
 from ._validate import nonfinite_loss_message, param_names
 from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, plain_batch, slice_batch
@@ -355,10 +356,13 @@ class PerSampleGradientProbe:
     ``random`` and numpy's global RNG, and the hook dictionaries are as before, also when an exception
     interrupts ``update``; every pass (a chunk, or a sample on the loop engine) starts from the buffers the
     measurement found, so a forward that writes a buffer it reads gives rows independent of ``chunk_size``
-    and engine. Gradient hooks on parameters (``param.register_hook``) are not called: the
-    rows are the loss's own gradients on every engine. In bounded-memory mode a recomputed chunk replays every one of these RNG
-    streams from the state its first computation started from, so its forward draws the same
-    dropout masks and the same Python / numpy random numbers.
+    and engine. Gradient hooks on parameters (``param.register_hook``) and module backward hooks
+    (``register_full_backward_hook``, ``register_full_backward_pre_hook``, ``register_backward_hook``, and
+    the global ``register_module_*backward*hook`` ones) are not called: the rows are the loss's own
+    gradients on every engine, so a gradient reversal or clipping implemented as such a hook is not in
+    them (forward hooks run: they are part of the model). In bounded-memory mode a recomputed chunk
+    replays every one of these RNG streams from the state its first computation started from, so its
+    forward draws the same dropout masks and the same Python / numpy random numbers.
 
     Example::
 
@@ -674,7 +678,8 @@ class PerSampleGradientProbe:
     @contextlib.contextmanager
     def _isolated(self):
         """Eval (or train) mode, forked RNG streams (torch, Python ``random``, numpy), buffers preserved,
-        the user's parameter gradient hooks switched off (:func:`~._isolation.silenced_tensor_hooks`),
+        the user's parameter gradient hooks and module backward hooks switched off
+        (:func:`~._isolation.silenced_tensor_hooks`, :func:`~._isolation.silenced_module_backward_hooks`),
         autocast as ``autocast_dtype`` says (a caller's autocast switched off when it is ``None``); every
         flag restored on exit."""
         if torch.is_inference_mode_enabled():
@@ -686,8 +691,8 @@ class PerSampleGradientProbe:
         devices = sorted({p.device.index for p in self.model.parameters() if p.device.type == "cuda"})
         cast = measurement_autocast(dev, self.autocast_dtype)
         try:
-            with forked_rng(devices), preserved_buffers(self.model), silenced_tensor_hooks(self.model), cast, \
-                    eager_forwards(), measurement_pass():
+            with forked_rng(devices), preserved_buffers(self.model), silenced_tensor_hooks(self.model), \
+                    silenced_module_backward_hooks(self.model), cast, eager_forwards(), measurement_pass():
                 self.model.train(self.train_mode)
                 yield devices
             if self._versions is not None:  # bumped by the pass's own writes, undone on exit: not the user's
