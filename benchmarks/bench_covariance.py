@@ -325,6 +325,27 @@ def fast_variants(device: torch.device, dims, rows: int, chunks: int, repeats: i
     return out
 
 
+def _interleaved(bare, ours, pairs: int, per: int) -> tuple[dict, float]:
+    """``pairs`` interleaved rounds of ``per`` calls of ``bare`` then ``per`` of ``ours``: the median, min
+    and max of the paired ratios ours / bare in wall and process CPU time, and ``ours``' median wall
+    seconds per call."""
+    wall, cpu, each = [], [], []
+    for _ in range(pairs):
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(per):
+            bare()
+        w1, c1 = time.perf_counter(), time.process_time()
+        for _ in range(per):
+            ours()
+        w2, c2 = time.perf_counter(), time.process_time()
+        wall.append((w2 - w1) / (w1 - w0))
+        cpu.append((c2 - c1) / max(c1 - c0, 1e-9))
+        each.append((w2 - w1) / per)
+    ratios = {"wall_ratio_median": statistics.median(wall), "wall_ratio_min": min(wall), "wall_ratio_max": max(wall),
+              "cpu_ratio_median": statistics.median(cpu), "cpu_ratio_min": min(cpu), "cpu_ratio_max": max(cpu)}
+    return ratios, statistics.median(each)
+
+
 def small_chunk(dims=(256, 768), rows: int = 1024, pairs: int = 31, per: int = 5,
                 dtypes=(torch.float32, torch.bfloat16)) -> list[dict]:
     """CPU fixed cost per update: one ``update`` of ``rows`` rows vs a bare ``X.T @ X`` of the same rows.
@@ -344,21 +365,9 @@ def small_chunk(dims=(256, 768), rows: int = 1024, pairs: int = 31, per: int = 5
             for _ in range(3):  # warm-up: SciPy import, allocator, thread pools
                 acc.update(x)
                 x32.t() @ x32
-            wall, cpu = [], []
-            for _ in range(pairs):
-                w0, c0 = time.perf_counter(), time.process_time()
-                for _ in range(per):
-                    x32.t() @ x32
-                w1, c1 = time.perf_counter(), time.process_time()
-                for _ in range(per):
-                    acc.update(x)
-                w2, c2 = time.perf_counter(), time.process_time()
-                wall.append((w2 - w1) / (w1 - w0))
-                cpu.append((c2 - c1) / max(c1 - c0, 1e-9))
+            ratios, _ = _interleaved(lambda: x32.t() @ x32, lambda: acc.update(x), pairs, per)
             row = {"case": "small_chunk", "d": d, "rows": rows, "dtype": str(dtype).split(".")[-1],
-                   "threads": torch.get_num_threads(), "pairs": pairs,
-                   "wall_ratio_median": statistics.median(wall), "wall_ratio_min": min(wall), "wall_ratio_max": max(wall),
-                   "cpu_ratio_median": statistics.median(cpu), "cpu_ratio_min": min(cpu), "cpu_ratio_max": max(cpu)}
+                   "threads": torch.get_num_threads(), "pairs": pairs, **ratios}
             print(json.dumps(row), flush=True)
             out.append(row)
     return out
@@ -384,24 +393,10 @@ def masked_chunk(dims=(64, 256, 768), seqs: int = 256, positions: int = 64, keep
                 for _ in range(3):  # warm-up: SciPy import, allocator, thread pools, scratch
                     acc.update(x, mask)
                     kept.t() @ kept
-                wall, cpu, upd = [], [], []
-                for _ in range(pairs):
-                    w0, c0 = time.perf_counter(), time.process_time()
-                    for _ in range(per):
-                        kept.t() @ kept
-                    w1, c1 = time.perf_counter(), time.process_time()
-                    for _ in range(per):
-                        acc.update(x, mask)
-                    w2, c2 = time.perf_counter(), time.process_time()
-                    wall.append((w2 - w1) / (w1 - w0))
-                    cpu.append((c2 - c1) / max(c1 - c0, 1e-9))
-                    upd.append((w2 - w1) / per)
+                ratios, upd = _interleaved(lambda: kept.t() @ kept, lambda: acc.update(x, mask), pairs, per)
                 row = {"case": "masked_chunk", "d": d, "rows": seqs * positions, "kept": seqs * k,
                        "keep": f"{k}/{positions}", "dtype": str(dtype).split(".")[-1],
-                       "threads": torch.get_num_threads(), "pairs": pairs, "update_ms": 1e3 * statistics.median(upd),
-                       "wall_ratio_median": statistics.median(wall), "wall_ratio_min": min(wall),
-                       "wall_ratio_max": max(wall), "cpu_ratio_median": statistics.median(cpu),
-                       "cpu_ratio_min": min(cpu), "cpu_ratio_max": max(cpu)}
+                       "threads": torch.get_num_threads(), "pairs": pairs, "update_ms": 1e3 * upd, **ratios}
                 print(json.dumps(row), flush=True)
                 out.append(row)
     return out
