@@ -346,6 +346,12 @@ def _interleaved(bare, ours, pairs: int, per: int) -> tuple[dict, float]:
     return ratios, statistics.median(each)
 
 
+def _ratio_text(r: dict) -> str:
+    """:func:`_interleaved`'s ratios of a result row, as one line's text."""
+    return (f"{r['wall_ratio_median']:.2f}x wall (spread {r['wall_ratio_min']:.2f}-{r['wall_ratio_max']:.2f}), "
+            f"{r['cpu_ratio_median']:.2f}x CPU time (spread {r['cpu_ratio_min']:.2f}-{r['cpu_ratio_max']:.2f})")
+
+
 def small_chunk(dims=(256, 768), rows: int = 1024, pairs: int = 31, per: int = 5,
                 dtypes=(torch.float32, torch.bfloat16)) -> list[dict]:
     """CPU fixed cost per update: one ``update`` of ``rows`` rows vs a bare ``X.T @ X`` of the same rows.
@@ -581,9 +587,7 @@ def main() -> None:
         rows = small_chunk(pairs=args.pairs)
         for r in rows:
             print(f"CPU small chunk, d={r['d']}, {r['rows']} {r['dtype']} rows, {r['threads']} threads: update / bare X.T@X = "
-                  f"{r['wall_ratio_median']:.2f}x wall (spread {r['wall_ratio_min']:.2f}-{r['wall_ratio_max']:.2f}), "
-                  f"{r['cpu_ratio_median']:.2f}x CPU time (spread {r['cpu_ratio_min']:.2f}-{r['cpu_ratio_max']:.2f}); "
-                  f"target <= {1.5 if r['d'] <= 256 else 1.1}x")
+                  f"{_ratio_text(r)}; target <= {1.5 if r['d'] <= 256 else 1.1}x")
         if args.out:
             write_json_atomic(args.out, rows)
         return
@@ -591,9 +595,7 @@ def main() -> None:
         rows = masked_chunk(pairs=min(args.pairs, 9))
         for r in rows:
             print(f"CPU masked chunk, d={r['d']}, {r['kept']} of {r['rows']} {r['dtype']} rows kept ({r['keep']}), "
-                  f"{r['threads']} threads: update {r['update_ms']:.2f} ms, / bare X_kept.T@X_kept = "
-                  f"{r['wall_ratio_median']:.2f}x wall (spread {r['wall_ratio_min']:.2f}-{r['wall_ratio_max']:.2f}), "
-                  f"{r['cpu_ratio_median']:.2f}x CPU time (spread {r['cpu_ratio_min']:.2f}-{r['cpu_ratio_max']:.2f})")
+                  f"{r['threads']} threads: update {r['update_ms']:.2f} ms, / bare X_kept.T@X_kept = {_ratio_text(r)}")
         if args.out:
             write_json_atomic(args.out, rows)
         return

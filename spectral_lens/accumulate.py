@@ -286,44 +286,39 @@ def _host_copies(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor,
         keep.clear()
 
     return host, wait
-def _chunk_scratch(n: int, d: int, dtype: torch.dtype):
-    """``(y, out, panels)`` for an n x d CPU chunk: the centered rows, their product's buffer and the
-    product's GEMM views (:func:`~spectral_lens.spectra.moments.lower_panels`), recycled per thread
-    for the last :data:`_SCRATCH_SHAPES` shapes (at most ``_SCRATCH_SHAPES * _SCRATCH_MAX_BYTES``
-    per thread). Scratch only: nothing of it becomes state, so an interrupted update leaves no trace
-    that matters, and accumulators in different threads never share it."""
+def _recycled(key: tuple, make: Callable[[], Any], nbytes: int) -> Any:
+    """``make()``'s scratch for ``key``, kept per thread for the last :data:`_SCRATCH_SHAPES` keys when it
+    takes at most ``_SCRATCH_MAX_BYTES`` (at most ``_SCRATCH_SHAPES * _SCRATCH_MAX_BYTES`` per thread).
+    Scratch only: nothing of it becomes state, so an interrupted update leaves no trace that matters,
+    and accumulators in different threads never share it."""
     cache = getattr(_SCRATCH, "chunks", None)
     if cache is None:
         cache = _SCRATCH.chunks = {}
-    key = (n, d, dtype)
     entry = cache.get(key)
     if entry is None:
-        y = torch.empty(n, d, dtype=dtype)
-        out = torch.empty(d, d, dtype=dtype)
-        entry = (y, out, lower_panels(y, out))
-        if (n + d) * d * y.element_size() <= _SCRATCH_MAX_BYTES:
+        entry = make()
+        if nbytes <= _SCRATCH_MAX_BYTES:
             if len(cache) >= _SCRATCH_SHAPES:
-                del cache[next(iter(cache))]  # the oldest shape
+                del cache[next(iter(cache))]  # the oldest key
             cache[key] = entry
     return entry
 
 
+def _chunk_scratch(n: int, d: int, dtype: torch.dtype):
+    """``(y, out, panels)`` for an n x d CPU chunk: the centered rows, their product's buffer and the
+    product's GEMM views (:func:`~spectral_lens.spectra.moments.lower_panels`), :func:`_recycled`."""
+    def make():
+        y, out = torch.empty(n, d, dtype=dtype), torch.empty(d, d, dtype=dtype)
+        return y, out, lower_panels(y, out)
+
+    return _recycled((n, d, dtype), make, (n + d) * d * dtype.itemsize)
+
+
 def _gather_scratch(n: int, d: int, dtype: torch.dtype) -> torch.Tensor:
     """An n x d buffer of ``dtype`` for :meth:`ActivationCovarianceAccumulator._cpu_compacted`'s gather
-    of half-precision (or fp32 rows into float64 products) valid rows, recycled like
-    :func:`_chunk_scratch`'s buffers (same per-thread cache and limits)."""
-    cache = getattr(_SCRATCH, "chunks", None)
-    if cache is None:
-        cache = _SCRATCH.chunks = {}
-    key = ("gather", n, d, dtype)
-    buf = cache.get(key)
-    if buf is None:
-        buf = torch.empty(n, d, dtype=dtype)
-        if n * d * buf.element_size() <= _SCRATCH_MAX_BYTES:
-            if len(cache) >= _SCRATCH_SHAPES:
-                del cache[next(iter(cache))]  # the oldest shape
-            cache[key] = buf
-    return buf
+    of half-precision (or fp32 rows into float64 products) valid rows, :func:`_recycled` like
+    :func:`_chunk_scratch`'s buffers."""
+    return _recycled(("gather", n, d, dtype), lambda: torch.empty(n, d, dtype=dtype), n * d * dtype.itemsize)
 
 
 def _pending_factors(pend: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -594,9 +589,9 @@ class ActivationCovarianceAccumulator:
         work = product_dtype(rows, self.precision)  # fp32 or fp64 on the CPU
         scratch = _chunk_scratch(n_rows, d, work)
         if keep is not None:
-            n = int(np.count_nonzero(keep))
-            if n < n_rows:
-                return self._cpu_compacted(rows, keep, n, scratch)
+            kept = np.flatnonzero(keep)
+            if kept.size < n_rows:
+                return self._cpu_compacted(rows, kept, scratch)
         y = scratch[0]
         half = rows.dtype in _CPU_HALF
         if half:  # one exact conversion into the scratch, centred there in place: no fresh fp32 copy
@@ -619,8 +614,9 @@ class ActivationCovarianceAccumulator:
         :func:`representable_shift`)."""
         return mean.astype(np.float64 if work == torch.float64 else np.float32, copy=False)
 
-    def _cpu_compacted(self, rows: torch.Tensor, keep: np.ndarray, n: int, scratch):
-        """:meth:`_cpu_centered` for a chunk with masked rows (``n`` of them valid, ``n < len(rows)``):
+    def _cpu_compacted(self, rows: torch.Tensor, kept: np.ndarray, scratch):
+        """:meth:`_cpu_centered` for a chunk with masked rows (``kept``: the indices of the ``n < len(rows)``
+        valid ones):
         only the valid rows are gathered into the first ``n`` rows of the scratch (converted to its
         dtype), centred there and multiplied, so masked rows cost neither a pass nor a product (a mask
         keeping 1 position in 64 made the product 64x the kept rows' one). The shift is the mean of
@@ -630,8 +626,8 @@ class ActivationCovarianceAccumulator:
         need a host sync, masked rows are zeroed and multiplied (:func:`chunk_moments`)."""
         n_rows, d = rows.shape
         y_all, out, _ = scratch
+        n = kept.size
         y = y_all[:n]
-        kept = np.flatnonzero(keep)
         index = torch.from_numpy(kept)
         if rows.dtype == y.dtype:
             torch.index_select(rows, 0, index, out=y)

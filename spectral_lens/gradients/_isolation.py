@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -78,7 +78,7 @@ def set_rng_state(state: tuple, devices: Iterable = ()) -> None:
 
 
 @contextlib.contextmanager
-def preserved_buffers(model: nn.Module, *, exact: bool = True) -> Iterator[None]:
+def preserved_buffers(model: nn.Module) -> Iterator[Callable[[], None]]:
     """Restore every buffer of ``model`` (same tensor object, same bits) when the block exits.
 
     A buffer whose value changed is copied back in place (tensors aliasing it see the old values
@@ -91,14 +91,16 @@ def preserved_buffers(model: nn.Module, *, exact: bool = True) -> Iterator[None]
     with ``max_norm`` (renormalized in place by every forward that looks up a long row) is copied
     back in place too.
 
-    ``exact=False`` (the probe, around each pass inside a measurement-wide exact block): a buffer counts
-    as unchanged while its version counter, storage, shape and dtype are (:func:`_version`), read on the
-    host, so a pass that writes no buffer costs no device synchronization; a write through ``.data``
-    is not seen there (the enclosing exact block still restores it when the measurement ends).
+    The block gets ``rewind``: put back now what was written since the block began, from the same
+    snapshot (the probe calls it after every pass, so each pass starts from the buffers the
+    measurement found). It judges a tensor written from :func:`_version` alone, on the host, so a pass
+    that writes nothing costs neither a copy nor a device synchronization; a write through ``.data``
+    bumps no counter and is put back only on exit, which compares values.
     """
-    modules = list(model.modules())  # one walk of the tree (the probe enters this once per pass)
+    modules = list(model.modules())
+    # [module, name, buffer, snapshot, version]: the version is refreshed after a rewind's put-back
     saved = [
-        (module, name, buf, None if buf is None else buf.detach().clone(), _version(buf))
+        [module, name, buf, None if buf is None else buf.detach().clone(), _version(buf)]
         for module in modules
         for name, buf in module._buffers.items()
     ]
@@ -108,30 +110,33 @@ def preserved_buffers(model: nn.Module, *, exact: bool = True) -> Iterator[None]
         if module._buffers
     ]
     renormed = [
-        (m.weight, m.weight.detach().clone(), _version(m.weight))
+        [None, None, m.weight, m.weight.detach().clone(), _version(m.weight)]
         for m in modules
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
     ]
-    try:
-        yield
-    finally:
+
+    def put_back(exact: bool) -> None:
         with torch.no_grad():
-            for weight, copy, version in renormed:
-                if not _unchanged(weight, copy, version, exact):
-                    weight.copy_(copy)
-            for module, name, buf, copy, version in saved:
-                if module._buffers.get(name) is not buf:
-                    module._buffers[name] = buf
-                if buf is None or _unchanged(buf, copy, version, exact):
+            for entry in renormed + saved:
+                module, name, t, copy, version = entry
+                if module is not None and module._buffers.get(name) is not t:
+                    module._buffers[name] = t
+                if t is None or _unchanged(t, copy, version, exact):
                     continue
-                if buf.shape == copy.shape and buf.dtype == copy.dtype:
-                    buf.copy_(copy)
-                else:  # resized or retyped in place
-                    buf.data = copy
+                if t.shape == copy.shape and t.dtype == copy.dtype:
+                    t.copy_(copy)
+                else:  # resized or retyped in place; a rewind keeps the snapshot apart from the live tensor
+                    t.data = copy if exact else copy.clone()
+                entry[4] = _version(t)
         for module, attrs in scalars:
             for k, v in attrs.items():
                 if module.__dict__.get(k, _MISSING) is not v:
                     module.__dict__[k] = v
+
+    try:
+        yield lambda: put_back(exact=False)
+    finally:
+        put_back(exact=True)
 
 
 _SCALARS = (bool, int, float, str, type(None))
@@ -151,7 +156,7 @@ def _version(t: torch.Tensor | None) -> tuple | None:
 def _unchanged(t: torch.Tensor, copy: torch.Tensor, version: tuple | None, exact: bool) -> bool:
     """Whether ``t`` still holds ``copy``'s values: compared (on a GPU the host waits for the device), or,
     not ``exact``, judged from :func:`_version` on the host alone (a write through ``.data``, which
-    bumps no counter, is then not seen)."""
+    bumps no counter, is then not seen; a tensor without a counter is compared)."""
     if not exact and version is not None:
         return _version(t) == version
     return t.shape == copy.shape and t.dtype == copy.dtype and torch.equal(t, copy)

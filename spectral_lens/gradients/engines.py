@@ -39,7 +39,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.utils.checkpoint import CheckpointFunction
 from torch.utils import _pytree as pytree
 
-from ._isolation import _no_backward_hooks, _no_backward_pre_hooks, preserved_buffers
+from ._isolation import _no_backward_hooks, _no_backward_pre_hooks
 from ._batch import slice_batch
 from .cast_cache import CastCache, cached_linear_casts
 from .registry import fast_path_for
@@ -340,14 +340,16 @@ def loop_engine(
     n: int,
     forward_fn: ForwardFn,
     loss_fn: LossFn,
+    after_sample: Callable[[], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Rows ``(n, P)`` for ``params`` with one forward and one ``torch.autograd.grad`` per sample.
 
     Only the probed parameters require grad during the loop, so nothing below them builds a graph.
     A forward hook on each probed parameter's module checks that it does not run inside a reentrant
     activation-checkpoint segment (:class:`ReentrantCheckpointError`; its gradient would read as zero).
-    Each sample's pass starts from the buffers the loop found (:func:`~._isolation.preserved_buffers`),
-    so a forward that updates a buffer it reads gives every sample what one batched forward gives it.
+    ``after_sample`` is called after each sample's pass (the probe's: puts back the buffers it wrote,
+    :func:`~._isolation.preserved_buffers`), so a forward that updates a buffer it reads gives every
+    sample what one batched forward gives it.
     """
     unique = list({id(p): p for p in params.values()}.values())
     rows: dict[str, list] = {k: [] for k in params}
@@ -369,14 +371,15 @@ def loop_engine(
         with only_requires_grad(model, unique), torch.enable_grad():
             for i in range(n):
                 sample = slice_batch(batch, i, i + 1)
-                with preserved_buffers(model, exact=False):  # every sample's pass starts from the same buffers
-                    loss = _checked_losses(loss_fn(forward_fn(model, sample), sample), 1).sum()
-                    with _reentrant_below(params):
-                        gs = (
-                            torch.autograd.grad(loss, unique, allow_unused=True)
-                            if loss.requires_grad
-                            else [None] * len(unique)
-                        )
+                loss = _checked_losses(loss_fn(forward_fn(model, sample), sample), 1).sum()
+                with _reentrant_below(params):
+                    gs = (
+                        torch.autograd.grad(loss, unique, allow_unused=True)
+                        if loss.requires_grad
+                        else [None] * len(unique)
+                    )
+                if after_sample is not None:
+                    after_sample()
                 # a sparse gradient (nn.Embedding(sparse=True)) is densified: a row is a flat dense vector
                 by_id = {id(p): (torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g)
                          for p, g in zip(unique, gs)}

@@ -102,13 +102,15 @@ def vmap_or_loop(
     loss_fn: LossFn,
     fallback: bool = True,
     before_loop: Callable[[], None] | None = None,
+    after_sample: Callable[[], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
     """:func:`~.engines.vmap_engine`, or :func:`~.engines.loop_engine` with a warning when vmap cannot
     trace the model. Returns ``(rows, losses, fell_back)``. ``fallback=False`` (``engine="vmap"``
     asked for explicitly): a refusal raises a ``RuntimeError`` naming its likely cause and
     ``engine="loop"`` instead. ``before_loop``: called before the fallback loop runs (the probe's
     bounded-memory mode rewinds the RNG streams there, which the refused attempt may have advanced,
-    so the loop draws what a later recomputation on the loop engine draws)."""
+    so the loop draws what a later recomputation on the loop engine draws). ``after_sample``: the loop's
+    (:func:`~.engines.loop_engine`)."""
     try:
         rows, losses = vmap_engine(model, params, batch, n, forward_fn, loss_fn)
         return rows, losses, False
@@ -132,5 +134,5 @@ def vmap_or_loop(
     )
     if before_loop is not None:
         before_loop()
-    rows, losses = loop_engine(model, params, batch, n, forward_fn, loss_fn)
+    rows, losses = loop_engine(model, params, batch, n, forward_fn, loss_fn, after_sample)
     return rows, losses, True

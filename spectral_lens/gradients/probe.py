@@ -411,6 +411,8 @@ class PerSampleGradientProbe:
             raise ValueError("keep_matrix=True needs every row resident: leave max_resident_samples=None")
         self.model: nn.Module | None = None
         self._every: list[torch.Tensor] | None = None  # list(model.parameters()) during an update
+        # during an update: puts back the buffers a pass wrote (preserved_buffers' rewind)
+        self._rewind_buffers: Callable[[], None] | None = None
         self.params: dict[str, nn.Parameter] = {}
         self.params_spec = params
         self.loss_fn = loss_fn or functools.partial(causal_lm_loss, ignore_index=ignore_index)  # picklable
@@ -601,10 +603,11 @@ class PerSampleGradientProbe:
         probes whose first chunk does not run on the fast engine alone (see :meth:`_deciding_fns`).
         Runs inside :meth:`_isolated`, on its own forked RNG so the measurement's dropout masks are
         unchanged."""
-        with forked_rng(devices), preserved_buffers(self.model, exact=False):  # the measured passes start from the same buffers
+        with forked_rng(devices):
             head, reason = find_chunkable_head(
                 self.model, lambda: self.forward_fn(self.model, sample), self.params.values()
             )
+        self._rewind_buffers()  # the measured passes start from the same buffers
         self._settle_head_loss(head, reason)
 
     def _deciding_fns(self) -> tuple[Callable, Callable]:
@@ -691,14 +694,15 @@ class PerSampleGradientProbe:
         devices = sorted({p.device.index for p in self.model.parameters() if p.device.type == "cuda"})
         cast = measurement_autocast(dev, self.autocast_dtype)
         try:
-            with forked_rng(devices), preserved_buffers(self.model), silenced_tensor_hooks(self.model), \
-                    silenced_module_backward_hooks(self.model), cast, eager_forwards(), measurement_pass():
+            with forked_rng(devices), preserved_buffers(self.model) as self._rewind_buffers, \
+                    silenced_tensor_hooks(self.model), silenced_module_backward_hooks(self.model), cast, \
+                    eager_forwards(), measurement_pass():
                 self.model.train(self.train_mode)
                 yield devices
             if self._versions is not None:  # bumped by the pass's own writes, undone on exit: not the user's
                 self._versions = self._parameter_versions()
         finally:
-            self._every = None
+            self._every = self._rewind_buffers = None
             for m, training in modes:
                 m.training = training
             for p, flag in flags:
@@ -727,9 +731,9 @@ class PerSampleGradientProbe:
         autocast casts shared by the chunks of one update (fast engine only)."""
         rows: dict[str, torch.Tensor] = {}
         losses = None
-        # every pass starts from the buffers the measurement found (preserved_buffers around each engine's
-        # pass, and around each sample's in the loop engine): a forward that writes a buffer it reads (a
-        # counter, a renormalization by running statistics) made the rows depend on chunk_size and engine
+        # every pass starts from the buffers the measurement found (preserved_buffers' rewind after each
+        # engine's pass, and after each sample's in the loop engine): a forward that writes a buffer it reads
+        # (a counter, a renormalization by running statistics) made the rows depend on chunk_size and engine
         # bounded memory: every engine pass starts from the chunk's RNG state, so the draws do not depend
         # on which passes ran before it (a fallback or engine switch in the first computation, which a
         # recomputation on the settled engines does not repeat)
@@ -741,8 +745,8 @@ class PerSampleGradientProbe:
         fast = {k: self.sites[k] for k, e in self.engines_.items() if e == "fast"}
         if fast:
             forward_fn, loss_fn = self._deciding_fns() if self.head_loss_ is None else self._loss_fns()
-            with preserved_buffers(self.model, exact=False):
-                got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn, casts, self._every)
+            got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn, casts, self._every)
+            self._rewind_buffers()
             rows.update(got)
             for k, why in not_called.items():
                 if self.engine == "fast":
@@ -754,13 +758,14 @@ class PerSampleGradientProbe:
             if todo and rewind is not None:
                 rewind()
             if todo and kind == "vmap":
-                with preserved_buffers(self.model, exact=False):
-                    got, lo, fell_back = vmap_or_loop(self.model, todo, batch, n, forward_fn, loss_fn,
-                                                      fallback=self.engine != "vmap", before_loop=rewind)
+                got, lo, fell_back = vmap_or_loop(self.model, todo, batch, n, forward_fn, loss_fn,
+                                                  fallback=self.engine != "vmap", before_loop=rewind,
+                                                  after_sample=self._rewind_buffers)
+                self._rewind_buffers()
                 if fell_back:
                     self.engines_.update({k: "loop" for k in todo})
             elif todo:
-                got, lo = loop_engine(self.model, todo, batch, n, forward_fn, loss_fn)
+                got, lo = loop_engine(self.model, todo, batch, n, forward_fn, loss_fn, self._rewind_buffers)
             if todo:
                 rows.update(got)
                 losses = lo if losses is None else losses

@@ -142,27 +142,36 @@ def test_batch_first_layer_with_t_equal_to_chunk_size_keeps_the_fast_path():
     assert torch.allclose(gram, reference, rtol=1e-10, atol=0)
 
 
-def test_per_pass_restore_reads_only_version_counters_and_the_exact_one_sees_data_writes(monkeypatch):
-    """The probe restores buffers around every pass with ``exact=False``: an unwritten buffer is judged on
-    the host (no ``torch.equal``, which waits for a GPU), a written one is put back; the measurement-wide
-    ``exact=True`` block also restores a write through ``.data``, which bumps no version counter."""
+def test_rewind_reads_only_version_counters_and_the_exit_sees_data_writes(monkeypatch):
+    """The probe puts back the buffers a pass wrote with ``preserved_buffers``' rewind: an unwritten buffer is
+    judged on the host (no ``torch.equal``, which waits for a GPU, and no copy), a written or swapped one is
+    put back from the block's one snapshot, also after several rewinds; the exit compares values, so it
+    also restores a write through ``.data``, which bumps no version counter."""
     from spectral_lens.gradients import _isolation
 
     model = nn.BatchNorm1d(3)
     model.running_mean.copy_(torch.tensor([1.0, 2.0, 3.0]))
-    before = model.running_mean.clone()
+    mean, var = model.running_mean, model.running_var
+    before = mean.clone()
     calls = []
     real_equal = torch.equal
     monkeypatch.setattr(_isolation.torch, "equal", lambda a, b: calls.append(1) or real_equal(a, b))
-    with _isolation.preserved_buffers(model, exact=False):
-        pass
-    assert calls == []  # nothing written: no comparison at all
-    with _isolation.preserved_buffers(model, exact=False):
-        model.running_mean.add_(5.0)
-        model.running_var.data = torch.full((4,), 7.0)  # swapped storage and shape: seen without a counter bump
-    assert calls == []
-    assert torch.equal(model.running_mean, before) and torch.equal(model.running_var, torch.ones(3))
-    with _isolation.preserved_buffers(model):  # exact
-        model.running_mean.data.add_(1.0)  # a .data write: no version bump
-    assert torch.equal(model.running_mean, before)
-    assert calls  # the exact block compared
+    with _isolation.preserved_buffers(model) as rewind:
+        version = mean._version
+        rewind()
+        assert calls == [] and mean._version == version  # nothing written: no comparison, no copy
+        for _ in range(3):
+            mean.add_(5.0)
+            var.data = torch.full((4,), 7.0)  # swapped storage and shape: seen without a counter bump
+            rewind()
+            assert calls == []
+            assert real_equal(mean, before) and real_equal(var, torch.ones(3))
+            assert model.running_mean is mean and model.running_var is var
+        var.add_(1.0)  # the snapshot was kept apart from the live buffer by the rewinds
+        rewind()
+        assert real_equal(var, torch.ones(3))
+        mean.data.add_(1.0)  # a .data write: no version bump, not seen by a rewind
+        rewind()
+        assert not real_equal(mean, before)
+    assert calls  # the exit compared
+    assert real_equal(mean, before) and real_equal(var, torch.ones(3))
