@@ -55,7 +55,6 @@ def _zero_state(dim: int, device: torch.device, shift: torch.Tensor, precision: 
             torch.full((), -1, dtype=torch.int64, device=device))
 
 
-
 class ActivationCovarianceAccumulator:
     """Streaming centered covariance of d-dimensional rows and its eigen-spectrum.
 
@@ -635,7 +634,6 @@ class ActivationCovarianceAccumulator:
         ``.npz`` is appended to a path without it. The write is atomic (temporary file in the same
         directory, fsync, rename): a failed save leaves a previous file at ``path`` intact.
         """
-        sd = self.state_dict()
         return _write_state(self.state_dict(), path, fsync)
 
     @classmethod
