@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's spectral_lens, not an installed one
-from spectral_lens import ActivationCovarianceAccumulator, accumulate  # noqa: E402
+from spectral_lens import ActivationCovarianceAccumulator, _chunk_sums  # noqa: E402
 from spectral_lens._matmul import mm_fp32  # noqa: E402
 from spectral_lens.atomic import write_json_atomic  # noqa: E402
 from spectral_lens.spectra import band_alpha, tail_window  # noqa: E402
@@ -448,7 +448,7 @@ def _launching_ops(fn) -> dict:
 def fixed_cost(n: int = 16, d: int = 8, updates: int = 200, repeats: int = 15) -> list[dict]:
     """Per-call host cost of ``update`` at a tiny chunk (``n`` x ``d``), one thread: fp32 and bf16 rows
     on the CPU one-chunk path (``_cpu_update``; bf16 converted to fp32 first) and bf16 rows forced
-    onto the generic path (``_call_sums`` -> ``_commit``, the one every CUDA update takes; see
+    onto the generic path (``_chunk_sums._call_sums`` -> ``_commit``, the one every CUDA update takes; see
     :func:`_route`), each against a bare ``x.t() @ x``; for the
     generic path also the aten ops per update that launch work (see :func:`_launching_ops`). The
     time is the median over ``repeats`` of ``updates`` back-to-back calls; the bare product is the
@@ -499,13 +499,13 @@ def _route(path: str):
     """``"generic"``: CPU bf16 rows take the generic path (the one every CUDA update takes) instead of
     being converted to fp32 for the CPU one-chunk path, so that its host cost and ops can be counted
     on the CPU."""
-    saved = accumulate._CPU_HALF
+    saved = _chunk_sums._CPU_HALF
     if path == "generic":
-        accumulate._CPU_HALF = ()
+        _chunk_sums._CPU_HALF = ()
     try:
         yield
     finally:
-        accumulate._CPU_HALF = saved
+        _chunk_sums._CPU_HALF = saved
 
 
 def accuracy(device: torch.device, d: int, rows: int, chunks: int) -> dict:

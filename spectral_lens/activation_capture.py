@@ -13,7 +13,8 @@ import weakref
 import torch
 from torch import nn
 
-from .accumulate import ActivationCovarianceAccumulator, _spectrum_of
+from ._compute import _spectrum_of
+from .accumulate import ActivationCovarianceAccumulator
 from .background import SolveFuture, submit
 from .capture import (HookSet, Target, _FEEDING, check_pick, display_name, pick_tensor, select_modules,
                       transformed_forward, warn_if_compiled)

@@ -18,7 +18,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import spectral_lens.accumulate as accumulate_module
+import spectral_lens._chunk_sums as chunk_sums
+import spectral_lens._lower_s as lower_s
 import spectral_lens.spectra.moments as moments
 from spectral_lens import ActivationCovarianceAccumulator, NonFiniteError
 
@@ -67,8 +68,8 @@ def test_many_small_updates_match_float64(precision, stream, pending, max_chunk_
     ``covariance``), fast and general paths mixed (chunks over 64 rows take the general one)."""
     parts, reads, masks, _ = stream
     dtype = DTYPE[precision]
-    previous = accumulate_module._PENDING
-    accumulate_module._PENDING = pending
+    previous = lower_s._PENDING
+    lower_s._PENDING = pending
     try:
         acc = ActivationCovarianceAccumulator(precision=precision, max_chunk_rows=max_chunk_rows)
         kept = []
@@ -80,7 +81,7 @@ def test_many_small_updates_match_float64(precision, stream, pending, max_chunk_
                     acc.mean  # a read of m and n only: deferred terms stay deferred
                 kept.append(acc.state_dict()["s"].clone())  # applies them
     finally:
-        accumulate_module._PENDING = previous
+        lower_s._PENDING = previous
     rows = [p if masks is None else p[masks[i]] for i, p in enumerate(parts)]
     rows = np.concatenate(rows).astype(np.float32 if dtype == torch.float32 else np.float64).astype(np.float64)
     if rows.shape[0] < 2:
@@ -122,7 +123,7 @@ def test_interrupted_cpu_update_leaves_state_bit_for_bit(monkeypatch, where, exc
     """A failure anywhere in the CPU path (between the product's GEMMs, in the float64 add, in the
     flush of deferred terms) leaves the state as it was; the retried update equals one that never
     failed (the recycled scratch buffers it left half-written do not matter)."""
-    monkeypatch.setattr(accumulate_module, "_PENDING", 4)
+    monkeypatch.setattr(lower_s, "_PENDING", 4)
     g = torch.Generator().manual_seed(1)
     d = 130  # three GEMM panels (64, 64, 2 rows)
     chunks = [torch.randn(20, d, generator=g) * 3 + 50 * k for k in range(4)]
@@ -137,7 +138,7 @@ def test_interrupted_cpu_update_leaves_state_bit_for_bit(monkeypatch, where, exc
     acc, clean = fed(), fed()
     before = _snapshot(acc)
     if where == "product":
-        real = accumulate_module._chunk_scratch
+        real = chunk_sums._chunk_scratch
 
         def fail(*args, **kwargs):
             y, out, panels = real(*args, **kwargs)
@@ -147,19 +148,20 @@ def test_interrupted_cpu_update_leaves_state_bit_for_bit(monkeypatch, where, exc
                 raise exc
 
             return y, out, first_then_fail()
-        where = "_chunk_scratch"
+        where, module = "_chunk_scratch", chunk_sums
     else:
-        real = getattr(accumulate_module, where)
+        module = lower_s
+        real = getattr(module, where)
 
         def fail(*args, **kwargs):
             raise exc
 
     x = chunks[3] + 1e4
     with monkeypatch.context() as patch:
-        patch.setattr(accumulate_module, where, fail)
+        patch.setattr(module, where, fail)
         with pytest.raises(type(exc)):
             acc.update(x)
-    assert getattr(accumulate_module, where) is real
+    assert getattr(module, where) is real
     _assert_same_state(_snapshot(acc), before)
     acc.update(x)
     clean.update(x)
@@ -171,7 +173,7 @@ def test_scratch_is_per_thread_and_bounded(monkeypatch):
     at most _SCRATCH_SHAPES shapes, none above _SCRATCH_MAX_BYTES."""
     import threading
 
-    monkeypatch.setattr(accumulate_module, "_SCRATCH_MAX_BYTES", 16 * 1024)
+    monkeypatch.setattr(chunk_sums, "_SCRATCH_MAX_BYTES", 16 * 1024)
     rng = np.random.default_rng(4)
     pools = [rows_with_spectrum(600, np.logspace(0, -6, 24), 1e4, rng) for _ in range(2)]
     accs = [ActivationCovarianceAccumulator(precision="exact") for _ in pools]
@@ -196,8 +198,8 @@ def test_scratch_is_per_thread_and_bounded(monkeypatch):
         _assert_cov(acc, both, TOL["exact"])
     for d in (5, 6, 7, 8, 9, 10):
         ActivationCovarianceAccumulator().update(torch.randn(3, d))
-    cache = accumulate_module._SCRATCH.chunks
-    assert len(cache) <= accumulate_module._SCRATCH_SHAPES
+    cache = chunk_sums._SCRATCH.chunks
+    assert len(cache) <= chunk_sums._SCRATCH_SHAPES
     assert all((n + d) * d * 4 <= 16 * 1024 for n, d, _ in cache)
 
 

@@ -19,7 +19,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import spectral_lens.accumulate as accumulate_module
+import spectral_lens._chunk_sums as chunk_sums
+import spectral_lens._lower_s as lower_s
 import spectral_lens.spectra.moments as moments
 from spectral_lens import ActivationCovarianceAccumulator, NonFiniteError
 
@@ -149,7 +150,7 @@ def _product_heights(monkeypatch) -> list[int]:
         return product(y, *a, **k)
 
     monkeypatch.setattr(torch, "mm", spy_mm)
-    monkeypatch.setattr(accumulate_module, "symmetric_product", spy_product)
+    monkeypatch.setattr(chunk_sums, "symmetric_product", spy_product)
     monkeypatch.setattr(moments, "symmetric_product", spy_product)
     return heights
 
@@ -209,14 +210,14 @@ def test_compacted_shift_is_the_sample_of_the_whole_chunk():
 def test_compacted_scratch_is_recycled(monkeypatch, dtype):
     """Masked updates of a repeated batch shape reuse the same scratch buffers (the centred rows and the
     half-precision gather), whatever each mask keeps."""
-    monkeypatch.setattr(accumulate_module._SCRATCH, "chunks", {})
+    monkeypatch.setattr(chunk_sums._SCRATCH, "chunks", {}, raising=False)
     g = torch.Generator().manual_seed(1)
     acc = ActivationCovarianceAccumulator()
     seen = None
     for keep in (0.1, 0.5, 0.9, 0.1):
         acc.update((torch.randn(2048, 48, generator=g) + 5).to(dtype), torch.rand(2048, generator=g) < keep)
         cache = {k: v[0].data_ptr() if isinstance(v, tuple) else v.data_ptr()
-                 for k, v in accumulate_module._SCRATCH.chunks.items()}
+                 for k, v in chunk_sums._SCRATCH.chunks.items()}
         assert seen is None or cache == seen
         seen = cache
     assert len(seen) == (2 if dtype == torch.bfloat16 else 1)
@@ -251,8 +252,8 @@ def test_interrupted_masked_update_leaves_state_bit_for_bit(monkeypatch, where, 
     never failed (the gathered rows left in the recycled scratch do not matter)."""
     from support.state import assert_same_state, snapshot
 
-    monkeypatch.setattr(accumulate_module, "_PENDING", 4)
-    monkeypatch.setattr(accumulate_module._SCRATCH, "chunks", {})  # no broken panels left in a shared cache
+    monkeypatch.setattr(lower_s, "_PENDING", 4)
+    monkeypatch.setattr(chunk_sums._SCRATCH, "chunks", {}, raising=False)  # no broken panels left in a shared cache
     g = torch.Generator().manual_seed(2)
     d = 130  # three GEMM panels (64, 64, 2 rows)
     chunks = [(torch.randn(40, d, generator=g) * 3 + 50 * k).bfloat16() for k in range(4)]
@@ -267,7 +268,8 @@ def test_interrupted_masked_update_leaves_state_bit_for_bit(monkeypatch, where, 
 
     acc, clean = fed(), fed()
     before = snapshot(acc)
-    real = getattr(accumulate_module, where)
+    module = lower_s if where in ("_add_lower", "_pending_factors") else chunk_sums
+    real = getattr(module, where)
     if where == "lower_panels":
         def fail(y, out):
             panels = real(y, out)
@@ -283,10 +285,10 @@ def test_interrupted_masked_update_leaves_state_bit_for_bit(monkeypatch, where, 
 
     x, m = chunks[3] + 1e4, ~masks[3]
     with monkeypatch.context() as patch:
-        patch.setattr(accumulate_module, where, fail)
+        patch.setattr(module, where, fail)
         with pytest.raises(type(exc)):
             acc.update(x, m)
-    assert getattr(accumulate_module, where) is real
+    assert getattr(module, where) is real
     assert_same_state(snapshot(acc), before)
     acc.update(x, m)
     clean.update(x, m)

@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import spectral_lens._chunk_sums as chunk_sums
 import spectral_lens.accumulate as accumulate_module
 import spectral_lens.spectra.moments as moments
 from spectral_lens import ActivationCovarianceAccumulator
@@ -23,9 +24,9 @@ from support.data import rows_with_spectrum
 from support.state import assert_same_state as _assert_same_state, snapshot as _snapshot
 
 
-def _raise_on_call(monkeypatch, name: str, call: int, exc: BaseException) -> None:
-    """Make ``spectral_lens.accumulate.<name>`` raise ``exc`` on its ``call``-th call (1-based)."""
-    real = getattr(accumulate_module, name)
+def _raise_on_call(monkeypatch, module, name: str, call: int, exc: BaseException) -> None:
+    """Make ``module.<name>`` raise ``exc`` on its ``call``-th call (1-based)."""
+    real = getattr(module, name)
     count = {"n": 0}
 
     def wrapped(*args, **kwargs):
@@ -34,7 +35,7 @@ def _raise_on_call(monkeypatch, name: str, call: int, exc: BaseException) -> Non
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(accumulate_module, name, wrapped)
+    monkeypatch.setattr(module, name, wrapped)
 
 
 @pytest.mark.parametrize("prior_rows", [0, 17])
@@ -55,7 +56,7 @@ def test_interrupted_update_leaves_state_bit_for_bit(monkeypatch, prior_rows, na
     m = (torch.rand(30, generator=g) > 0.3) if mask else None
     call = 2 if name == "chunk_moments" else 1  # accumulate_shifted first runs for the 2nd chunk
     with monkeypatch.context() as patch:
-        _raise_on_call(patch, name, call, exc)
+        _raise_on_call(patch, chunk_sums, name, call, exc)
         with pytest.raises(type(exc)):
             acc.update(x, mask=m)
     _assert_same_state(_snapshot(acc), before)
@@ -235,7 +236,7 @@ def test_interrupted_merge_leaves_state_bit_for_bit(monkeypatch, initialized):
     other = ActivationCovarianceAccumulator(precision="exact")
     other.update(torch.randn(30, 6, generator=g) * 5 + 80)
     with monkeypatch.context() as patch:
-        _raise_on_call(patch, "reshift", 1, KeyboardInterrupt())
+        _raise_on_call(patch, accumulate_module, "reshift", 1, KeyboardInterrupt())
         with pytest.raises(KeyboardInterrupt):
             acc.merge(other)
     _assert_same_state(_snapshot(acc), before)

@@ -1,9 +1,9 @@
 """Both update paths against float64 on adversarial streams: masks, NaN/Inf rows, chunkings.
 
-``update`` takes the generic path (``_call_sums`` -> ``_commit``; every CUDA update) for calls
+``update`` takes the generic path (``_chunk_sums._call_sums`` -> ``_commit``; every CUDA update) for calls
 longer than ``max_chunk_rows``, and the CPU one-chunk path (``_cpu_update``) for CPU rows (half
 precision ones converted to fp32 first). Here bf16 rows are also sent down the generic path on
-purpose (``accumulate._CPU_HALF`` emptied), the way CUDA rows go. Both keep the call's shift in the dtype it is subtracted
+purpose (``_chunk_sums._CPU_HALF`` emptied), the way CUDA rows go. Both keep the call's shift in the dtype it is subtracted
 in, read row counts on the device (generic path) and track the first update with NaN/Inf rows in
 the state's ``first_bad``; the CPU path checks the rows for NaN/Inf only when a column sum is not
 finite. Here mixed streams of both paths are checked against one float64 pass over the rows that
@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from spectral_lens import ActivationCovarianceAccumulator, NonFiniteError, NonFiniteRowsWarning, accumulate
+import spectral_lens._chunk_sums as chunk_sums
+from spectral_lens import ActivationCovarianceAccumulator, NonFiniteError, NonFiniteRowsWarning
 from spectral_lens.spectra import fast_moments
 from spectral_lens.spectra.moments import chunk_moments, representable_shift, shift_dtype
 
@@ -40,7 +41,7 @@ ROUTES = {"bf16": (torch.bfloat16, 131072), "bf16-generic": (torch.bfloat16, 131
 
 def _route(route: str):
     """A context in which ``update`` takes ``route``'s path."""
-    return mock.patch.object(accumulate, "_CPU_HALF", () if route == "bf16-generic" else accumulate._CPU_HALF)
+    return mock.patch.object(chunk_sums, "_CPU_HALF", () if route == "bf16-generic" else chunk_sums._CPU_HALF)
 
 
 @st.composite

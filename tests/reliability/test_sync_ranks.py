@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from spectral_lens import ActivationCovarianceAccumulator
+from spectral_lens._sync import _sync_status
 
 from support.ranks import case_results, gloo_group, run_ranks, write_case
 
@@ -197,7 +198,8 @@ def _failing_worker(rank: int, port: int, out: str) -> None:
         else:  # agrees on the status, then stops answering (a rank that died or hangs elsewhere)
             acc = ActivationCovarianceAccumulator(D)
             acc.update(torch.randn(4, D, dtype=torch.float64))
-            acc._sync_status(None, torch.device("cpu"))
+            _sync_status(None, torch.device("cpu"), acc._label(), acc.name, acc.dim, acc.nonfinite, acc.precision,
+                         acc._synced)
             time.sleep(PG_TIMEOUT_S + 4)
             write_case(out, "failed_collective", rank, {})
 

@@ -1,0 +1,129 @@
+"""An accumulator's state outside it: the ``state_dict`` format and its validation
+(:func:`_validated`), and the ``.npz`` file (JSON header, no pickle) that ``save`` writes and ``load`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._warnings import StateFormatError
+from .atomic import write_atomic
+from .spectra.moments import PRECISIONS
+from .spectrum import read_npz
+
+_STATE_FORMAT = "spectral-lens/covariance-state"
+_NONFINITE = ("raise", "skip")
+_HEADER_KEYS = ("format", "dim", "precision", "nonfinite", "updates", "synced", "initialized", "low_precision_products",
+                "products_underflowed")
+# arrays of an initialized state: (shape in terms of d, dtype)
+_ARRAYS = {
+    "shift": ("d", torch.float64),
+    "n": ((), torch.int64),
+    "m": ("d", torch.float64),
+    "s": ("dd", torch.float64),
+    "bad_rows": ((), torch.int64),
+    "first_bad": ((), torch.int64),
+}
+
+
+def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: str,
+               current_dim: int | None) -> dict[str, Any]:
+    """Check every field of a state against the format and an accumulator's configuration (``label``
+    names it in errors; ``current_dim`` is its ``dim``); returns the new attribute values (cloned
+    tensors) without touching the accumulator."""
+    def fail(why: str) -> None:
+        raise StateFormatError(f"{label}: cannot load {origin}: {why}")
+
+    if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+        fail("not an ActivationCovarianceAccumulator state")
+    if state.get("precision") != precision:
+        fail(f"precision {state.get('precision')!r} differs from this accumulator's {precision!r}")
+    if state.get("nonfinite", nonfinite) != nonfinite:
+        fail(f"nonfinite {state.get('nonfinite')!r} differs from this accumulator's {nonfinite!r}")
+    dim, updates, synced = state.get("dim"), state.get("updates", 0), state.get("synced", False)
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+        fail(f"dim must be a positive int or null, got {dim!r}")
+    if current_dim is not None and dim is not None and dim != current_dim:
+        fail(f"dim {dim} differs from this accumulator's {current_dim}")
+    if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
+        fail(f"updates must be a non-negative int, got {updates!r}")
+    if not isinstance(synced, bool):
+        fail(f"synced must be true or false, got {synced!r}")
+    present = [k for k in _ARRAYS if k in state]
+    initialized = state.get("initialized", bool(present))
+    if not isinstance(initialized, bool):
+        fail(f"initialized must be true or false, got {initialized!r}")
+    # absent in files written before the field existed: unknown, so not checked (as those versions did)
+    low = state.get("low_precision_products", False)
+    if not isinstance(low, bool):
+        fail(f"low_precision_products must be true or false, got {low!r}")
+    # absent in files written before the field existed: not known to have underflowed (as those versions assumed)
+    underflowed = state.get("products_underflowed", False)
+    if not isinstance(underflowed, bool):
+        fail(f"products_underflowed must be true or false, got {underflowed!r}")
+    out: dict[str, Any] = {"dim": dim if dim is not None else current_dim, "_updates": updates,
+                           "_synced": synced, "_low_products": low, "_underflowed": underflowed}
+    if not initialized:
+        if present:
+            fail(f"state without rows carries arrays {present}")
+        return out
+    missing = [k for k in _ARRAYS if k not in state]
+    if missing:
+        fail(f"array(s) {missing} missing")
+    if dim is None:
+        fail("a state with rows needs an integer dim")
+    dev = state["s"].device if isinstance(state["s"], torch.Tensor) else torch.device("cpu")
+    for key, (shape, dtype) in _ARRAYS.items():
+        t = state[key]
+        want = {"d": (dim,), "dd": (dim, dim)}.get(shape, shape)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != want or t.dtype != dtype:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            fail(f"{key!r} must be a tensor of shape {want} and dtype {dtype}, got {got}")
+        if t.device != dev:
+            fail(f"{key!r} is on {t.device}, 's' on {dev}")
+        out["_" + key] = t.clone()
+    if not bool(torch.isfinite(out["_shift"]).all()):
+        fail("shift is not finite")
+    if int(out["_n"]) < 0 or int(out["_bad_rows"]) < 0 or int(out["_first_bad"]) < -1:
+        fail(f"counts out of range (n={int(out['_n'])}, bad_rows={int(out['_bad_rows'])}, "
+             f"first_bad={int(out['_first_bad'])})")
+    out["_has_rows"] = int(out["_n"]) > 0
+    return out
+
+
+def _write_state(sd: dict[str, Any], path: str | Path, fsync: bool) -> Path:
+    """Write a ``state_dict`` ``sd`` as ``.npz`` (appended to a ``path`` without it), atomically; returns the path."""
+    header = {k: sd[k] for k in _HEADER_KEYS}
+    arrays = {k: v.detach().cpu().numpy() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    path = Path(path)
+    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+    blob = np.array(json.dumps(header))
+    write_atomic(path, lambda fh: np.savez(fh, header=blob, **arrays), fsync=fsync)
+    return path
+
+
+def _read_state(path: Path, device: str | torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The header and the arrays (as tensors on ``device``) of a state file written by :func:`_write_state`;
+    raises :class:`StateFormatError` naming ``path`` for a file that is not one (the arrays and the header's
+    other fields are checked by :func:`_validated`)."""
+    header, raw = read_npz(path, "an accumulator state file", StateFormatError)
+    try:
+        arrays = {k: torch.from_numpy(v).to(device) for k, v in raw.items()}
+    except (TypeError, ValueError) as exc:  # a dtype or byte order torch has no tensors of
+        raise StateFormatError(f"{path}: not readable as an accumulator state file ({exc})") from exc
+    if not isinstance(header, dict) or header.get("precision") not in PRECISIONS:
+        raise StateFormatError(f"{path}: header is not an accumulator state header")
+    if header.get("nonfinite", "raise") not in _NONFINITE:
+        raise StateFormatError(f"{path}: header field nonfinite={header.get('nonfinite')!r} is not one of {_NONFINITE}")
+    unknown = sorted(set(header) - set(_HEADER_KEYS)) + sorted(set(arrays) - set(_ARRAYS))
+    if unknown:
+        raise StateFormatError(f"{path}: unknown field(s) {unknown} in an accumulator state file")
+    dim = header.get("dim")
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
+        raise StateFormatError(f"{path}: header field dim={dim!r} is not a positive int or null")
+    return header, arrays

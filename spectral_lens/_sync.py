@@ -1,0 +1,97 @@
+"""``ActivationCovarianceAccumulator.sync``'s collectives: the ranks' agreement on the configuration
+(:func:`_sync_status`) and the sum of their float64 sufficient statistics around a common shift (:func:`_summed`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ._persistence import _NONFINITE
+from .spectra.moments import PRECISIONS, representable_shift, reshift
+
+
+def _sync_status(group, dev: torch.device, label: str, name: str | None, dim: int | None, nonfinite: str,
+                 precision: str, synced: bool) -> None:
+    """Collective agreement before any sum: every rank raises the same error, or none does.
+
+    Each rank contributes ``(dim or -1, nonfinite code, precision code, already synced, name digest
+    or -1)``; one ``all_reduce(MAX)`` of ``(v, -v)`` gives every rank the maximum and the minimum of
+    each field. The names must agree: all ranks' accumulators unnamed, or all named alike (a named
+    one and an unnamed one are refused too, an unnamed ``-1`` being the minimum of any digest).
+    ``label`` ... ``synced`` are this rank's accumulator's (``label`` names it in the errors).
+    """
+    import torch.distributed as dist
+
+    local = [
+        dim if dim is not None else -1,
+        _NONFINITE.index(nonfinite),
+        PRECISIONS.index(precision),
+        int(synced),
+        -1 if name is None else int.from_bytes(hashlib.blake2b(name.encode()).digest()[:7], "big"),
+    ]
+    v = torch.tensor(local, dtype=torch.int64, device=dev)
+    both = torch.cat([v, -v])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    hi, lo = both[:5].tolist(), (-both[5:]).tolist()
+    where = f"{label}: sync across {dist.get_world_size(group)} ranks refused"
+    if hi[3]:
+        raise RuntimeError(f"{where}: a rank is already synced; reset() on every rank before accumulating again")
+    if lo[4] >= 0 and lo[4] != hi[4]:
+        raise ValueError(
+            f"{where}: the ranks' accumulators have different names (this rank's: {name!r}), so they "
+            "measure different layers; sync on every rank the accumulator of the same layer"
+        )
+    if lo[4] != hi[4]:  # some ranks' accumulators are named (attached to a module), others not
+        raise ValueError(
+            f"{where}: some ranks' accumulators have a name and others none (this rank's: {name!r}), so "
+            "they may measure different layers; build the accumulator the same way on every rank (attach it "
+            "to the same module, or pass the same name=)"
+        )
+    if lo[0] < 0:
+        raise RuntimeError(
+            f"{where}: a rank saw no rows and has no dim; pass dim= to the accumulator so an empty rank can join"
+        )
+    if lo[0] != hi[0]:
+        raise ValueError(f"{where}: ranks disagree on d (min {lo[0]}, max {hi[0]})")
+    if lo[1] != hi[1]:
+        raise ValueError(f"{where}: ranks disagree on nonfinite (both {_NONFINITE} are in use); use one policy")
+    if lo[2] != hi[2]:
+        raise ValueError(
+            f"{where}: ranks disagree on precision ({PRECISIONS[lo[2]]!r} .. {PRECISIONS[hi[2]]!r}); use one precision"
+        )
+
+
+def _summed(group, state: tuple[torch.Tensor, ...], precision: str, low_products: bool, underflowed: bool):
+    """The sum over the ranks of ``group`` of each rank's ``state`` ``(n, m, S, shift, bad_rows, first_bad)``
+    (as :func:`~spectral_lens.accumulate._zero_state` orders it), re-shifted exactly to a common shift
+    (the global mean): ``((n, m, S, shift, bad_rows, first_bad), (bad_ranks, low_products, underflowed,
+    has_rows))``, ``bad_ranks`` being ``(global rank, first update with NaN/Inf rows)`` per rank that had
+    such rows. Touches no accumulator: a collective that fails part-way leaves every state as it was."""
+    import torch.distributed as dist
+
+    n, m0, s0, shift, bad, first = state
+    n64 = n.to(torch.float64)
+    totals = torch.cat([m0 + n64 * shift, n64.view(1)])
+    dist.all_reduce(totals, group=group)
+    common = shift if float(totals[-1]) == 0 else representable_shift(totals[:-1] / totals[-1], precision)
+    m, s = reshift(n, m0, s0, shift, common)
+    dist.all_reduce(s, group=group)
+    packed = torch.cat([m, n64.view(1), bad.to(torch.float64).view(1)])
+    dist.all_reduce(packed, group=group)
+    # each rank's first update with NaN/Inf rows (-1: none), so that the errors can name the ranks;
+    # any rank's products below float64 -> all ranks check their range
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    flags = torch.full((world + 2,), -1, dtype=torch.int64, device=first.device)
+    flags[me] = first
+    flags[world] = int(low_products)
+    flags[world + 1] = int(underflowed)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    per_rank = flags[:world].tolist()
+    bad_ranks = tuple((r if group is None else dist.get_global_rank(group, r), i)
+                      for r, i in enumerate(per_rank) if i >= 0)
+    n_all, bad_rows = packed[-2].round().to(torch.int64), packed[-1].round().to(torch.int64)
+    first_bad = torch.tensor(min((i for _, i in bad_ranks), default=-1), device=first.device)
+    sums = (n_all, packed[:-2], s, common, bad_rows, first_bad)
+    return sums, (bad_ranks, bool(flags[world]), bool(flags[world + 1]), float(totals[-1]) > 0)
