@@ -28,7 +28,7 @@ from ..capture import (eager_forwards, glob_to_regex, measurement_autocast, meas
                        unwrap_compiled)
 from .._warnings import ZeroGradientWarning
 from ._isolation import (cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state,
-                         silenced_module_backward_hooks, silenced_tensor_hooks)
+                         silenced_module_backward_hooks)
 from ._validate import nonfinite_loss_message, param_names
 from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, plain_batch, slice_batch
@@ -681,8 +681,9 @@ class PerSampleGradientProbe:
     @contextlib.contextmanager
     def _isolated(self):
         """Eval (or train) mode, forked RNG streams (torch, Python ``random``, numpy), buffers preserved,
-        the user's parameter gradient hooks and module backward hooks switched off
-        (:func:`~._isolation.silenced_tensor_hooks`, :func:`~._isolation.silenced_module_backward_hooks`),
+        the user's module backward hooks switched off (:func:`~._isolation.silenced_module_backward_hooks`;
+        the engines switch parameter hooks off around each ``torch.autograd.grad``,
+        :func:`~._isolation.silenced_tensor_hooks`),
         autocast as ``autocast_dtype`` says (a caller's autocast switched off when it is ``None``); every
         flag restored on exit."""
         if torch.is_inference_mode_enabled():
@@ -695,7 +696,7 @@ class PerSampleGradientProbe:
         cast = measurement_autocast(dev, self.autocast_dtype)
         try:
             with forked_rng(devices), preserved_buffers(self.model) as self._rewind_buffers, \
-                    silenced_tensor_hooks(self.model), silenced_module_backward_hooks(self.model), cast, \
+                    silenced_module_backward_hooks(self.model), cast, \
                     eager_forwards(), measurement_pass():
                 self.model.train(self.train_mode)
                 yield devices
