@@ -283,6 +283,26 @@ class _Chunk:
         return self.batch is None
 
 
+def _refuse_recording_opacus_hooks(model: nn.Module) -> None:
+    """Raise where Opacus's ``GradSampleModule`` forward hooks are enabled on ``model``'s modules: in train mode
+    they record every forward's layer inputs (``module.activations``) and count the forwards on the parameters
+    (``p._forward_counter``), Opacus's state for its next backward, which a measurement's passes would spoil
+    (and the ``vmap`` engine's parameters lack the counter). The probe does not switch them off itself: it
+    would have to change Opacus's state (``hooks_enabled``)."""
+    where = [name or type(model).__name__ for name, m in model.named_modules()
+             for hook in m._forward_hooks.values()
+             if type(getattr(hook, "__self__", None)).__module__.startswith("opacus.")
+             and getattr(hook.__self__, "hooks_enabled", False) is True]
+    if where:
+        shown = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+        raise RuntimeError(
+            f"PerSampleGradientProbe(train_mode=True): Opacus's GradSampleModule hooks are enabled on {shown}; in "
+            "train mode they record the probe's layer inputs (module.activations) and count its forwards "
+            "(param._forward_counter), which would spoil your next private step. Call gsm.disable_hooks() before "
+            "the measurement and gsm.enable_hooks() after it (try/finally), or measure with train_mode=False"
+        )
+
+
 class PerSampleGradientProbe:
     """Singular-value spectra of ``G`` (M x P), the stacked per-sample gradients of weight matrices.
 
@@ -688,6 +708,8 @@ class PerSampleGradientProbe:
         flag restored on exit."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("PerSampleGradientProbe cannot differentiate inside torch.inference_mode()")
+        if self.train_mode:
+            _refuse_recording_opacus_hooks(self.model)
         modes = [(m, m.training) for m in self.model.modules()]
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
         self._every = [p for p, _ in flags]  # the fast engine's flag switching reuses the list per chunk
