@@ -7,6 +7,7 @@ tier consistently across figures (small tiers dark, large tiers light).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from pathlib import Path
@@ -95,15 +96,49 @@ def label_offsets(
     for (x, y), text in zip(anchors, labels):
         w = 0.6 * fontsize * max(len(text), 1)
         x0 = x + gap[0]
-        moves = [gap[1]] + [gap[1] + sign * k * line for k in range(1, len(placed) + 2) for sign in (-1, 1)]
-        # boxes that only touch (one line apart) do not overlap: compared with a margin of 1e-6 pt
-        free = [dy for dy in moves if not any(x0 < bx1 and bx0 < x0 + w and y + dy < by1 - 1e-6
-                                               and by0 < y + dy + line - 1e-6 for bx0, by0, bx1, by1 in placed)]
-        inside = [dy for dy in free if 0.0 <= y + dy and y + dy + line <= height]
-        dy = free[0] if free[0] == gap[1] else (inside or free)[0]
+        reach = len(placed) + 1  # the moves: gap[1], then 1 .. reach lines down and up, alternating
+        # the moves a placed box blocks; a box one line tall blocks at most two, found from its height
+        # and then checked with the same comparisons as every move (so n labels cost O(n^2), not O(n^3))
+        blocked = set()
+        for bx0, by0, bx1, by1 in placed:
+            if not (x0 < bx1 and bx0 < x0 + w):
+                continue
+            for j in _moves_near(by0, by1, y, gap[1], line, reach):
+                dy = _move(gap[1], j, line)
+                # boxes that only touch (one line apart) do not overlap: compared with a margin of 1e-6 pt
+                if y + dy < by1 - 1e-6 and by0 < y + dy + line - 1e-6:
+                    blocked.add(j)
+        first = inside = None
+        for j in itertools.chain((0,), (sign * k for k in range(1, reach + 1) for sign in (-1, 1))):
+            if j in blocked:
+                continue
+            dy = _move(gap[1], j, line)
+            if first is None:
+                first = dy
+                if dy == gap[1]:
+                    break
+            if 0.0 <= y + dy and y + dy + line <= height:
+                inside = dy
+                break
+        dy = first if first == gap[1] or inside is None else inside
         placed.append((x0, y + dy, x0 + w, y + dy + line))
         out.append((gap[0], dy))
     return out
+
+
+def _move(base: float, j: int, line: float) -> float:
+    """The offset ``j`` lines from ``base`` (``j < 0``: down), as :func:`label_offsets` tries it."""
+    return base if j == 0 else base + j * line
+
+
+def _moves_near(by0: float, by1: float, y: float, base: float, line: float, reach: int) -> range:
+    """The moves ``j`` (``|j| <= reach``) whose box could overlap the placed box ``[by0, by1]`` in height,
+    one more either side for rounding; all of them where the geometry is not finite."""
+    if line > 0:
+        lo, hi = (by0 - line - y - base) / line, (by1 - y - base) / line
+        if math.isfinite(lo) and math.isfinite(hi):
+            return range(max(-reach, math.floor(lo) - 1), min(reach, math.ceil(hi) + 1) + 1)
+    return range(-reach, reach + 1)
 
 
 def _grid(Figure, n: int, width: float = 5.2, height: float = 4.0):

@@ -13,9 +13,9 @@ base seed and shuffling (torch), LayerDrop in some Hugging Face models (Python `
 adapters and data augmentation (numpy's global RNG). :func:`forked_rng` restores all three.
 
 Gradient hooks a user registered on a parameter (``param.register_hook``: clipping, scaling, logging,
-counting) belong to the training backward. :func:`silenced_tensor_hooks` switches them off while the
-probe differentiates, so its per-sample gradients are those of the loss on every engine (the ``vmap``
-engine never sees them) and the hooks are not called by a measurement. Module backward hooks
+counting) belong to the training backward. :func:`silenced_tensor_hooks` switches them off around each
+of the probe's ``torch.autograd.grad`` calls, so its per-sample gradients are those of the loss on every
+engine (the ``vmap`` engine never sees them) and the hooks are not called by a measurement. Module backward hooks
 (``register_full_backward_hook``, ``register_full_backward_pre_hook``, the legacy
 ``register_backward_hook`` and the global ``register_module_full_backward_hook`` /
 ``register_module_full_backward_pre_hook`` / ``register_module_backward_hook``) belong to it as well:
@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 __all__ = ["preserved_buffers", "forked_rng", "cuda_devices", "rng_state", "set_rng_state", "silenced_tensor_hooks",
            "silenced_module_backward_hooks"]
@@ -163,26 +164,53 @@ def _unchanged(t: torch.Tensor, copy: torch.Tensor, version: tuple | None, exact
 
 
 @contextlib.contextmanager
-def silenced_tensor_hooks(model: nn.Module) -> Iterator[None]:
-    """Switch off the gradient hooks registered on ``model``'s parameters (``param.register_hook``)
-    inside the block; put the same hook dictionaries back on exit, also on exceptions.
+def silenced_tensor_hooks(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    r"""Switch off the gradient hooks registered on ``params`` (``param.register_hook``) inside the block;
+    put the same hook dictionaries back on exit, also on exceptions.
 
     ``torch.autograd.grad`` with respect to a parameter runs that parameter's hooks and returns what
     they return, so without this the ``loop`` engine (and the fast engine's check for uses of a probed
     weight outside its module) called a user's hooks once per sample and measured the hooks' output
     (a clipped or scaled gradient) instead of the loss's gradient. Setting ``_backward_hooks`` is
     torch's own way to replace a tensor's hooks; the dictionary object is kept, so the user's
-    ``RemovableHandle``s stay valid and each hook fires once per training backward as before.
+    ``RemovableHandle``\s stay valid and each hook fires once per training backward as before.
     ``register_post_accumulate_grad_hook`` hooks need no silencing: nothing here accumulates ``.grad``.
+
+    The engines wrap each ``torch.autograd.grad`` call alone (not the forward before it), so a hook a
+    forward or forward hook registers on every call (a wrapper framework) is added to the user's own
+    dictionary as usual and is switched off with the others. One registered inside the block itself
+    (by a forward re-run in the backward: non-reentrant activation checkpointing) lands in a new
+    dictionary, which torch attaches at once; on exit it is chained into the saved one (one entry that
+    calls its hooks in order), so it is neither lost nor its handle's ``remove()`` a no-op.
     """
-    saved = [(p, p._backward_hooks) for p in model.parameters() if p._backward_hooks]
+    saved = [(p, p._backward_hooks) for p in {id(p): p for p in params}.values() if p._backward_hooks]
     try:
         for p, _ in saved:
             p._backward_hooks = None
         yield
     finally:
         for p, hooks in saved:
+            added = p._backward_hooks  # None, or the dictionary register_hook made inside the block
             p._backward_hooks = hooks
+            if added:
+                hooks[RemovableHandle(hooks).id] = _ChainedHooks(added)
+
+
+class _ChainedHooks:
+    """One entry of a parameter's hook dictionary that runs the hooks of another dictionary in order, as
+    torch runs a dictionary's (a hook's non-``None`` result replaces the gradient the next one sees);
+    their handles remove them from that dictionary, which this entry keeps alive."""
+
+    def __init__(self, hooks: dict) -> None:
+        self.hooks = hooks
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor | None:
+        out = None
+        for hook in list(self.hooks.values()):
+            res = hook(grad if out is None else out)
+            if res is not None:
+                out = res
+        return out
 
 
 @contextlib.contextmanager

@@ -39,7 +39,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.utils.checkpoint import CheckpointFunction
 from torch.utils import _pytree as pytree
 
-from ._isolation import _no_backward_hooks, _no_backward_pre_hooks
+from ._isolation import _no_backward_hooks, _no_backward_pre_hooks, silenced_tensor_hooks
 from ._batch import slice_batch
 from .cast_cache import CastCache, cached_linear_casts
 from .registry import fast_path_for
@@ -221,7 +221,7 @@ def fast_engine(
                 with _reentrant_below(sites):
                     odd = torch.autograd.grad(losses[::2].sum(), both, retain_graph=True, allow_unused=True)
                 mixed = {id(y) for y, g in zip(both, odd) if g is not None and bool(g[1::2].ne(0).any())}
-            with _reentrant_below(sites):
+            with _reentrant_below(sites), silenced_tensor_hooks(probed):
                 got = (
                     torch.autograd.grad(losses.sum(), ys + probed, allow_unused=True)
                     if losses.requires_grad
@@ -372,7 +372,7 @@ def loop_engine(
             for i in range(n):
                 sample = slice_batch(batch, i, i + 1)
                 loss = _checked_losses(loss_fn(forward_fn(model, sample), sample), 1).sum()
-                with _reentrant_below(params):
+                with _reentrant_below(params), silenced_tensor_hooks(unique):
                     gs = (
                         torch.autograd.grad(loss, unique, allow_unused=True)
                         if loss.requires_grad

@@ -28,7 +28,7 @@ from ..capture import (eager_forwards, glob_to_regex, measurement_autocast, meas
                        unwrap_compiled)
 from .._warnings import ZeroGradientWarning
 from ._isolation import (cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state,
-                         silenced_module_backward_hooks, silenced_tensor_hooks)
+                         silenced_module_backward_hooks)
 from ._validate import nonfinite_loss_message, param_names
 from ..spectrum import Spectrum
 from ._batch import batch_size, default_forward, map_tensors, plain_batch, slice_batch
@@ -281,6 +281,26 @@ class _Chunk:
     @property
     def resident(self) -> bool:
         return self.batch is None
+
+
+def _refuse_recording_opacus_hooks(model: nn.Module) -> None:
+    """Raise where Opacus's ``GradSampleModule`` forward hooks are enabled on ``model``'s modules: in train mode
+    they record every forward's layer inputs (``module.activations``) and count the forwards on the parameters
+    (``p._forward_counter``), Opacus's state for its next backward, which a measurement's passes would spoil
+    (and the ``vmap`` engine's parameters lack the counter). The probe does not switch them off itself: it
+    would have to change Opacus's state (``hooks_enabled``)."""
+    where = [name or type(model).__name__ for name, m in model.named_modules()
+             for hook in m._forward_hooks.values()
+             if type(getattr(hook, "__self__", None)).__module__.startswith("opacus.")
+             and getattr(hook.__self__, "hooks_enabled", False) is True]
+    if where:
+        shown = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+        raise RuntimeError(
+            f"PerSampleGradientProbe(train_mode=True): Opacus's GradSampleModule hooks are enabled on {shown}; in "
+            "train mode they record the probe's layer inputs (module.activations) and count its forwards "
+            "(param._forward_counter), which would spoil your next private step. Call gsm.disable_hooks() before "
+            "the measurement and gsm.enable_hooks() after it (try/finally), or measure with train_mode=False"
+        )
 
 
 class PerSampleGradientProbe:
@@ -681,12 +701,15 @@ class PerSampleGradientProbe:
     @contextlib.contextmanager
     def _isolated(self):
         """Eval (or train) mode, forked RNG streams (torch, Python ``random``, numpy), buffers preserved,
-        the user's parameter gradient hooks and module backward hooks switched off
-        (:func:`~._isolation.silenced_tensor_hooks`, :func:`~._isolation.silenced_module_backward_hooks`),
+        the user's module backward hooks switched off (:func:`~._isolation.silenced_module_backward_hooks`;
+        the engines switch parameter hooks off around each ``torch.autograd.grad``,
+        :func:`~._isolation.silenced_tensor_hooks`),
         autocast as ``autocast_dtype`` says (a caller's autocast switched off when it is ``None``); every
         flag restored on exit."""
         if torch.is_inference_mode_enabled():
             raise RuntimeError("PerSampleGradientProbe cannot differentiate inside torch.inference_mode()")
+        if self.train_mode:
+            _refuse_recording_opacus_hooks(self.model)
         modes = [(m, m.training) for m in self.model.modules()]
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
         self._every = [p for p, _ in flags]  # the fast engine's flag switching reuses the list per chunk
@@ -695,7 +718,7 @@ class PerSampleGradientProbe:
         cast = measurement_autocast(dev, self.autocast_dtype)
         try:
             with forked_rng(devices), preserved_buffers(self.model) as self._rewind_buffers, \
-                    silenced_tensor_hooks(self.model), silenced_module_backward_hooks(self.model), cast, \
+                    silenced_module_backward_hooks(self.model), cast, \
                     eager_forwards(), measurement_pass():
                 self.model.train(self.train_mode)
                 yield devices

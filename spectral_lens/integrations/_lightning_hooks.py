@@ -65,8 +65,22 @@ class LightningHooks:
         self.driver.release()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        """Detach the lens if this callback attached it (``on_fit_end`` does not run after an error)."""
+        """Detach the lens if this callback attached it (``on_fit_end`` does not run after an error); let go
+        of the module as :meth:`teardown` does (which does not run after an error either)."""
         self.driver.release()
+        self._forget_module()
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        """At the end of every run (fit, validate, test, predict) let go of the module: see :meth:`_forget_module`."""
+        self._forget_module()
+
+    def _forget_module(self) -> None:
+        """Drop the ``log`` / ``log_dict`` that Lightning sets on every callback at the start of each run
+        (the ``LightningModule``'s bound methods, for a callback's own ``self.log``; the next run sets them
+        again). Kept, they held the module, and through ``module.trainer`` the trainer, its optimizer and
+        data loaders, for as long as the user kept this callback (to read ``lens.history``, say)."""
+        for name in ("log", "log_dict"):
+            self.__dict__.pop(name, None)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Measure when an optimizer step ran in this batch and the lens's schedule names the new

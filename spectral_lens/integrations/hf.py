@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Iterable
 
 from .._warnings import SpectralLensWarning
@@ -76,26 +77,37 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         self.on_evaluate_ = bool(on_evaluate)
         self.eval_loss_key = str(eval_loss_key)
         self._warned_step: int | None = None  # the step of the last missing-key warning
-        self.trainer = None
+        self._trainer = None  # attach()'s trainer: held until its train() begins, then weakly
+
+    @property
+    def trainer(self):
+        """The trainer :meth:`attach` added this callback to, while it is alive (else ``None``).
+
+        Held strongly from :meth:`attach` until that trainer's ``train()`` begins, then weakly (the
+        trainer holds its callbacks): a callback kept after training, to read its lens's history, does
+        not keep the trainer, its model, optimizer and datasets alive."""
+        t = self._trainer
+        return t() if isinstance(t, weakref.ref) else t
 
     def attach(self, trainer) -> "SpectralLensCallback":
         """Add this callback to ``trainer`` and log its scalars through ``trainer.log``; returns self."""
         self.driver.bind(trainer.model, "SpectralLensCallback.attach")
         trainer.add_callback(self)
-        self.trainer = trainer
+        self._trainer = trainer
         return self
 
     def _measure(self, state, val_loss: float | None = None) -> None:
         step = int(state.global_step)
 
         def log(scalars: dict[str, float]) -> None:  # on rank 0, agreed with the other ranks by the driver
-            if self.trainer is not None:
-                control = self.trainer.control
+            trainer = self.trainer
+            if trainer is not None:
+                control = trainer.control
                 should_log = control.should_log
-                self.trainer.log(dict(scalars))
+                trainer.log(dict(scalars))
                 # Trainer.log clears control.should_log (CallbackHandler.on_log): restore it, or the trainer's
                 # own log of this step (its training loss) would be dropped
-                control.should_log = self.trainer.control.should_log = should_log
+                control.should_log = trainer.control.should_log = should_log
             else:
                 state.log_history.append({**scalars, "step": step})
 
@@ -114,6 +126,8 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         """Attach a lens without a model to the trainer's model, else check that it is the lens's;
         when resuming from a checkpoint, drop what the lens recorded after its step."""
+        if self._trainer is not None and not isinstance(self._trainer, weakref.ref):
+            self._trainer = weakref.ref(self._trainer)  # its train() holds it from now on
         self.driver.bind(model, "SpectralLensCallback")
         if state.global_step > 0:  # train(resume_from_checkpoint=...): the steps after it are replayed
             self.driver.resumed(state.global_step)

@@ -182,7 +182,8 @@ class RunRecord:
                 event is skipped with a :class:`RecordWarning`. A truncated *last* line is always
                 skipped with a warning (nothing before it is lost).
             verify: load every spectrum now, so corrupted spectrum files are reported (or skipped)
-                at open time instead of on first access.
+                at open time instead of on first access. Each is checked and let go (loaded again on
+                first access), so a verified record holds no more memory than a lazy one.
         """
         if errors not in _ERRORS:
             raise ValueError(f"errors must be one of {_ERRORS}, got {errors!r}")
@@ -209,9 +210,9 @@ class RunRecord:
             origin = f"{mfile}, line {lineno}"
             try:
                 m = cls._parse_measurement(path, obj, origin, lineno)
-                if verify:
+                if verify:  # load and check each file, keep none: a report over many runs held them all
                     for name in m.spectra:
-                        m.spectra[name]
+                        m.spectra.load(name)
             except (RecordFormatError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
                 msg = str(exc) if isinstance(exc, RecordFormatError) else f"{origin}: invalid measurement ({exc})"
                 if errors == "raise":

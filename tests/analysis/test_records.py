@@ -361,3 +361,29 @@ def test_alpha_trajectory_does_not_keep_every_spectrum(tmp_path):
     assert rec.measurements[2].spectra["act:blocks.1"].dim == 256
     with pytest.raises(RecordFormatError, match="line 6: spectrum file .* is missing"):
         rec.measurements[5].spectra["act:blocks.1"]  # ... the trajectory read it from disk and let it go
+
+
+def test_verify_checks_every_spectrum_without_keeping_them(tmp_path):
+    """``open(verify=True)`` loaded every spectrum through the lazy mapping's cache, so a verified record (a
+    report over many runs) held every spectrum of the run in memory at once; now each is checked and let go."""
+    import gc
+    import tracemalloc
+
+    d, n = 20_000, 12
+    with RunWriter(tmp_path / "run", RunInfo("big", family="f", batch_tier=1), fsync=False) as w:
+        for i in range(n):
+            w.log_measurement(i, 10 * i, {"act:x": _spec(d, a=1.0 + i / 10, n_rows=d)})
+    total = n * d * 8  # bytes of the float64 values of every spectrum
+    gc.collect()
+    tracemalloc.start()
+    try:
+        rec = RunRecord.open(tmp_path / "run", verify=True)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < total / 4, (held, total)  # before: every spectrum (held > total)
+    lazy = RunRecord.open(tmp_path / "run")
+    for a, b in zip(rec.measurements, lazy.measurements, strict=True):  # loaded on access as before
+        np.testing.assert_array_equal(a.spectra["act:x"].values.numpy(), b.spectra["act:x"].values.numpy())
+    np.testing.assert_array_equal(rec.measurements[3].spectra["act:x"].values.numpy(), _spec(d, a=1.3).values.numpy())

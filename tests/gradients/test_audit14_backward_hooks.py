@@ -205,3 +205,36 @@ def test_a_global_legacy_backward_hook_is_not_called(gpt, helpers, monkeypatch):
         assert calls
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("engine", ["fast", "vmap", "loop"])
+def test_opacus_hooks_with_train_mode_are_a_clear_error_and_disable_hooks_works(gpt, helpers, engine):
+    """With ``train_mode=True`` Opacus's forward hooks record the probe's layer inputs (``module.activations``)
+    and count its forwards (``p._forward_counter``): before, the measurement went through (``fast``, ``loop``)
+    and the next private step failed or computed other per-sample gradients, or the vmap engine failed inside
+    Opacus (``AttributeError: ... _forward_counter``). The probe cannot switch that off without changing
+    Opacus's state, so it refuses with the remedy; the remedy, ``disable_hooks()`` around the measurement,
+    leaves the next private step as the twin's."""
+    opacus = pytest.importorskip("opacus")
+    x, y = helpers.lm_batch(m=4)
+    model, twin = gpt(), gpt()
+    gsm, gsm_twin = opacus.GradSampleModule(model.train()), opacus.GradSampleModule(twin.train())
+    probe = PerSampleGradientProbe(model, W_O, train_mode=True, engine=engine)
+    with pytest.raises(RuntimeError, match=r"train_mode=True\): Opacus's GradSampleModule hooks are enabled on "
+                                           r"transformer\.wte.*gsm\.disable_hooks\(\)"):
+        probe.update((x, y))
+    assert probe.n_samples_ == 0 and gsm.hooks_enabled
+    assert not any(getattr(m, "activations", None) for m in model.modules())
+    gsm.disable_hooks()
+    try:
+        probe.update((x, y))
+    finally:
+        gsm.enable_hooks()
+    assert probe.compute().n_rows == 4 and model.training
+    for g in (gsm, gsm_twin):
+        _train_step(g, x, y)
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p.grad_sample, q.grad_sample), n
+        assert torch.equal(p.grad, q.grad), n
+    gsm.remove_hooks()
+    gsm_twin.remove_hooks()

@@ -284,3 +284,48 @@ def test_eval_loss_key_with_several_evaluation_datasets(tmp_path):
     assert [(m.step, m.scalars.get("val_loss")) for m in lens.history] == [(2, None)]
     lens, metrics = run(eval_loss_key="eval_a_loss")
     assert [(m.step, m.scalars.get("val_loss")) for m in lens.history] == [(2, metrics["eval_a_loss"])]
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=T, n_embd=16, n_layer=2, n_head=2)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+@pytest.mark.parametrize("attached", [True, False])
+@pytest.mark.parametrize("crash", [False, True])
+def test_a_callback_kept_after_train_does_not_keep_the_trainer(tmp_path, attached, crash):
+    """A callback kept after ``train()`` (to read its lens's history) kept the trainer it was attached to
+    (``self.trainer``), and with it the model, the optimizer and the datasets. Now ``attach`` holds the trainer
+    until its ``train()`` begins, then weakly; ``cb.trainer`` still reaches it while the user keeps it."""
+    import gc
+    import weakref
+
+    model = tiny_gpt2()
+    lens = sl.SpectralLens(pool=heldout_pool(), params=(), schedule=sl.Schedule.every(2), progress=False)
+    trainer = trainer_for(model, tmp_path, max_steps=4)
+    cb = SpectralLensCallback(lens)
+    if attached:
+        cb.attach(trainer)
+    else:
+        trainer.add_callback(cb)
+    if crash:
+        trainer.add_callback(CrashAt(3))
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+    else:
+        trainer.train()
+    assert cb.trainer is (trainer if attached else None)
+    refs = [weakref.ref(o) for o in (trainer, trainer.optimizer, trainer.train_dataset, trainer.eval_dataset)]
+    model_ref = weakref.ref(model)
+    del trainer, model
+    gc.collect()
+    assert [r() for r in refs] == [None] * 4  # before (attached): all four alive
+    assert cb.trainer is None
+    assert [m.step for m in cb.driver.lens.history] == ([2] if crash else [2, 4])  # what the docs promise
+    # a run that crashed outside a measurement leaves the lens on its model until the next run (documented);
+    # lens.detach() lets it go
+    assert (model_ref() is not None) == crash
+    lens.detach()
+    gc.collect()
+    assert model_ref() is None

@@ -284,3 +284,32 @@ def test_schedule_steps_passed_over_in_one_batch_are_measured(tmp_path):
     fit.fit(TwoOptimizers(), loader(8, 0))
     assert fit.global_step == 8
     assert [m.step for m in lens.history] == [4, 6]
+
+
+@pytest.mark.parametrize("crash", [False, True])
+@pytest.mark.parametrize("then_validate", [False, True])
+def test_a_callback_kept_after_fit_does_not_keep_the_module_or_trainer(tmp_path, crash, then_validate):
+    """Lightning sets ``callback.log`` / ``callback.log_dict`` (the module's bound methods) on every callback at
+    each run; a callback kept after ``fit`` (to read its lens's history) held the LightningModule, through it
+    the trainer, its optimizer and data loaders. The callback drops them in ``teardown`` / ``on_exception``."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    module = TinyLit()
+    lens = sl.SpectralLens(pool=lm_pool(1, batch=4, t=12, vocab=37), params=(), forward_fn=lambda m, b: m(b[0]),
+                           schedule=sl.Schedule.every(2), progress=False)
+    cb = SpectralLensLightningCallback(lens)
+    t = trainer(tmp_path, [cb, CrashAt(3)] if crash else cb, False, limit_val_batches=0)
+    if crash:
+        with pytest.raises(RuntimeError, match="crash at step 3"):
+            t.fit(module, loader(6, 0))
+    else:
+        t.fit(module, loader(6, 0))
+        if then_validate:
+            t.validate(module, loader(2, 1), verbose=False)
+    refs = [weakref.ref(o) for o in (t, module, t.optimizers[0])]
+    del t, module
+    gc.collect()
+    assert [r() for r in refs] == [None] * 3  # before: all three alive
+    assert [m.step for m in lens.history] == ([2] if crash else [2, 4, 6]) and lens.model is None
