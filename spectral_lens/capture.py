@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import difflib
 import functools
 import re
@@ -144,6 +145,13 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
             f"{type(model).__name__}: no module matches target {target!r}; "
             f"{'closest names' if hints else 'some module names'}: {shown}"
         )
+    for name, mod in chosen:
+        if isinstance(mod, torch.jit.ScriptModule):
+            raise ValueError(
+                f"{type(model).__name__}: module {display_name(name, mod)!r} is a TorchScript module "
+                f"({type(mod).__name__} from torch.jit.script), which takes no forward hook, so its output cannot "
+                "be measured; measure the module before scripting it, or select a module that is not scripted"
+            )
     return chosen
 
 
@@ -204,18 +212,28 @@ def pick_tensor(output, pick, where: str) -> torch.Tensor:
     elif isinstance(pick, str) and hasattr(output, pick):
         value = getattr(output, pick)
     else:
-        raise TypeError(f"{where}: cannot pick {pick!r} from an output of type {type(output).__name__}")
+        raise TypeError(f"{where}: cannot pick {pick!r} from an output of type {type(output).__name__}"
+                        f"{_pick_hint(output)}")
     if not isinstance(value, torch.Tensor):
-        if pick is not None:
-            hint = ""
-        elif isinstance(output, Mapping):
-            keys = list(output.keys())[:8]
-            hint = f" (pass pick='key' with one of its keys {keys}, pick=0 for the first, or a callable)"
-        else:
-            hint = " (pass pick=0 for the first element, pick='key' for a dict entry, or a callable)"
+        hint = "" if pick is not None else _pick_hint(output)
         raise TypeError(f"{where}: module output is {type(value).__name__}, expected a tensor{hint}")
     check_dense_rows(value, where, hook=True)
     return value
+
+
+def _pick_hint(output) -> str:
+    """What ``pick=`` can select from ``output``, for the errors of :func:`pick_tensor`."""
+    if isinstance(output, Mapping) and not hasattr(output, "to_tuple"):  # a dict: by key only
+        return f" (pass pick='key' with one of its keys {list(output.keys())[:8]}, or a callable)"
+    if isinstance(output, Mapping):  # a Hugging Face ModelOutput: by key, or by index as output[0]
+        return f" (pass pick='key' with one of its keys {list(output.keys())[:8]}, pick=0 for the first, or a callable)"
+    if dataclasses.is_dataclass(output):
+        fields = [f.name for f in dataclasses.fields(output)][:8]
+        return f" (pass pick='field' with one of its fields {fields}, or a callable)"
+    if isinstance(output, (tuple, list)):
+        named = f", pick='field' with one of its fields {list(output._fields)[:8]}" if hasattr(output, "_fields") else ""
+        return f" (pass pick=0 for the first of its {len(output)} elements{named}, or a callable)"
+    return " (pass pick=0 for the first element of a tuple, pick='key' for a dict entry or attribute, or a callable)"
 
 
 def check_dense_rows(x: torch.Tensor, where: str, *, hook: bool) -> None:

@@ -1,0 +1,256 @@
+"""Audit 15: the user's global torch state and model configurations.
+
+Training and evaluation scripts set global torch state (default dtype and device, anomaly detection,
+deterministic algorithms, thread count, a global ``set_grad_enabled(False)``, ``inference_mode``,
+autocast) and build models in ways the other tests rarely use (TorchScript submodules, dynamic
+quantization, outputs that are dataclasses or dicts, bf16 weights). ``SpectralLens.measure`` must give
+the float64 references' spectra in every such state and leave the state as it found it."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import typing
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import spectral_lens as sl
+from support.models import TinyGPT, lm_batch
+
+W_O = "transformer.h.1.attn.c_proj.weight"
+
+
+def global_state() -> dict:
+    return dict(
+        default_dtype=torch.get_default_dtype(), default_device=str(torch.get_default_device()),
+        anomaly=torch.is_anomaly_enabled(), anomaly_nan=torch.is_anomaly_check_nan_enabled(),
+        deterministic=torch.are_deterministic_algorithms_enabled(),
+        deterministic_warn=torch.is_deterministic_algorithms_warn_only_enabled(),
+        threads=torch.get_num_threads(), grad=torch.is_grad_enabled(), inference=torch.is_inference_mode_enabled(),
+        autocast=torch.is_autocast_enabled("cpu"), autocast_dtype=torch.get_autocast_dtype("cpu"),
+        matmul=torch.get_float32_matmul_precision(), rng=torch.get_rng_state(),
+    )
+
+
+def same_state(a: dict, b: dict) -> list[str]:
+    return [k for k in a if not (torch.equal(a[k], b[k]) if k == "rng" else a[k] == b[k])]
+
+
+def references(model, batch):
+    """Float64 references: the covariance eigenvalues of the deepest block's output rows (numpy) and
+    the squared singular values of W_O's per-sample gradients (one ``autograd.grad`` per sequence)."""
+    rows = []
+    h = model.transformer.h[1].register_forward_hook(lambda m, a, out: rows.append(out.detach().reshape(-1, out.shape[-1])))
+    with torch.no_grad():
+        model(batch[0])
+    h.remove()
+    act = np.linalg.eigvalsh(np.cov(torch.cat(rows).numpy(), rowvar=False))[::-1]
+    w = dict(model.named_parameters())[W_O]
+    grads = []
+    with torch.enable_grad():
+        for i in range(batch[0].shape[0]):
+            loss = F.cross_entropy(model(batch[0][i : i + 1])[0], batch[1][i])
+            grads.append(torch.autograd.grad(loss, w)[0].reshape(-1).numpy())
+    grad = np.linalg.svd(np.stack(grads), compute_uv=False) ** 2
+    return act, grad
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.abs(a - b[: len(a)]).max() / np.abs(b).max())
+
+
+def _default_dtype(stack):
+    torch.set_default_dtype(torch.float64)
+    stack.callback(torch.set_default_dtype, torch.float32)
+
+
+def _default_device(stack):
+    torch.set_default_device("cpu")
+    stack.callback(torch.set_default_device, None)
+
+
+def _deterministic(stack):
+    torch.use_deterministic_algorithms(True)
+    stack.callback(torch.use_deterministic_algorithms, False)
+
+
+def _threads(stack):
+    stack.callback(torch.set_num_threads, torch.get_num_threads())
+    torch.set_num_threads(1)
+
+
+def _grad_off(stack):
+    torch.set_grad_enabled(False)  # an evaluation script's global switch, not a context
+    stack.callback(torch.set_grad_enabled, True)
+
+
+SETTINGS = {
+    "set_default_dtype(float64)": _default_dtype,
+    "set_default_device('cpu')": _default_device,
+    "with torch.device('cpu')": lambda s: s.enter_context(torch.device("cpu")),
+    "detect_anomaly": lambda s: s.enter_context(torch.autograd.set_detect_anomaly(True)),
+    "use_deterministic_algorithms": _deterministic,
+    "set_num_threads(1)": _threads,
+    "set_grad_enabled(False)": _grad_off,
+    "no_grad": lambda s: s.enter_context(torch.no_grad()),
+    "enable_grad": lambda s: s.enter_context(torch.enable_grad()),
+    "inference_mode": lambda s: s.enter_context(torch.inference_mode()),
+    "autocast(cpu, bfloat16)": lambda s: s.enter_context(torch.autocast("cpu", dtype=torch.bfloat16)),
+    "fork_rng": lambda s: s.enter_context(torch.random.fork_rng()),
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_measure_under_the_callers_global_settings(setting):
+    """Each setting around ``lens.measure`` (a float64 model): spectra equal to the float64 references,
+    every global setting and the RNG stream as before. Inside ``torch.inference_mode()`` (an evaluation
+    loop) the old code raised "PerSampleGradientProbe cannot differentiate inside torch.inference_mode()"."""
+    torch.manual_seed(0)
+    model, batch = TinyGPT().double().eval(), lm_batch(m=6, t=10)
+    act, grad = references(model, batch)
+    lens = sl.SpectralLens(model, [batch], progress=False)
+    with contextlib.ExitStack() as stack:
+        SETTINGS[setting](stack)
+        before = global_state()
+        m = lens.measure(0, 0)
+        assert same_state(before, global_state()) == []
+    assert rel(m.spectra["act:transformer.h.1"].values, act) <= 1e-10
+    assert rel(m.spectra[f"grad:{W_O}"].values, grad) <= 1e-10
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_the_default_dtype_does_not_reach_a_float32_measurement():
+    """A float32 model measured under ``set_default_dtype(float64)``: bit for bit the measurement under
+    float32 (no tensor of the library takes the default dtype), accumulators included."""
+    torch.manual_seed(0)
+    model, batch = TinyGPT().eval(), lm_batch(m=6, t=10)
+    x = torch.randn(60, 7, generator=torch.Generator().manual_seed(1))
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        torch.set_default_dtype(dtype)
+        try:
+            m = sl.SpectralLens(model, [batch], progress=False).measure(0, 0)
+            acc = sl.ActivationCovarianceAccumulator()
+            acc.update(x)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        results.append((m, acc.compute().values))
+    (a, va), (b, vb) = results
+    assert set(a.spectra) == set(b.spectra)
+    for k in a.spectra:
+        assert torch.equal(a.spectra[k].values, b.spectra[k].values), k
+    assert torch.equal(va, vb)
+
+
+def test_a_scripted_module_is_refused_when_attaching_with_its_name():
+    """``torch.jit.script``ed modules take no forward hook: PyTorch's "register_forward_hook is not
+    supported on ScriptModules" named neither the module nor a remedy, and came at ``lens.attach``
+    only through the capture. Now ``attach`` and the lens name it; its unscripted parent is measured."""
+    torch.manual_seed(0)
+    model = TinyGPT().double().eval()
+    model.transformer.h[1].mlp = torch.jit.script(model.transformer.h[1].mlp)
+    for target in ("transformer.h.1.mlp", "transformer.h.1.mlp.c_fc"):
+        with pytest.raises(ValueError, match=f"'{target}' is a TorchScript module .*measure the module before scripting"):
+            sl.attach(model, target)
+        with pytest.raises(ValueError, match="TorchScript module"):
+            sl.ActivationCovarianceAccumulator().attach(model, target)
+    with pytest.raises(ValueError, match="TorchScript module"):
+        sl.SpectralLens(model, [lm_batch()], layers="transformer.h.1.mlp", progress=False)
+    assert not any(m._forward_hooks for m in model.modules() if not isinstance(m, torch.jit.ScriptModule))
+    batch = lm_batch(m=6, t=10)
+    act, grad = references(model, batch)
+    m = sl.SpectralLens(model, [batch], progress=False).measure(0, 0)  # the block holding it
+    assert rel(m.spectra["act:transformer.h.1"].values, act) <= 1e-10
+    assert rel(m.spectra[f"grad:{W_O}"].values, grad) <= 1e-10
+
+
+def test_a_dynamically_quantized_model_is_captured():
+    """Activation capture of a ``quantize_dynamic`` model: its quantized Linear's output rows, as numpy's
+    float64 covariance of the same outputs gives them."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notice
+        q = torch.ao.quantization.quantize_dynamic(TinyGPT().eval(), {nn.Linear}, dtype=torch.qint8)
+    x = lm_batch(m=6, t=10)[0]
+    rows = []
+    h = q.transformer.h[1].attn.c_proj.register_forward_hook(lambda m, a, out: rows.append(out.reshape(-1, 16)))
+    with torch.no_grad():
+        q(x)
+    h.remove()
+    ref = np.linalg.eigvalsh(np.cov(torch.cat(rows).double().numpy(), rowvar=False))[::-1]
+    with sl.attach(q, "transformer.h.1.attn.c_proj", precision="float64") as cap, torch.no_grad():
+        q(x)
+    assert rel(cap.compute()["transformer.h.1.attn.c_proj"].values, ref) <= 1e-10
+
+
+@dataclasses.dataclass
+class _Out:
+    hidden: torch.Tensor
+    aux: torch.Tensor
+
+
+class _NT(typing.NamedTuple):
+    hidden: torch.Tensor
+    aux: torch.Tensor
+
+
+class _Returns(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.lin, self.kind = nn.Linear(6, 6).double(), kind
+
+    def forward(self, x):
+        h = self.lin(x)
+        return {"dataclass": _Out, "namedtuple": _NT, "dict": lambda a, b: {"hidden": a, "aux": b}}[self.kind](h, h.sum(-1))
+
+
+@pytest.mark.parametrize("kind", ["dataclass", "namedtuple", "dict"])
+def test_structured_outputs_are_picked_and_the_errors_say_how(kind):
+    """A dataclass, NamedTuple or dict output: ``pick="hidden"`` (and a NamedTuple's ``pick=0``) measure
+    the field exactly. The errors' hints were wrong: a dict's suggested ``pick=0`` ("for the first"),
+    which then raised "cannot pick 0 from an output of type dict", and a dataclass's ``pick=0`` / "dict
+    entry" hint, which named none of its fields."""
+    torch.manual_seed(0)
+    model, x = _Returns(kind), torch.randn(40, 6, dtype=torch.float64)
+    with torch.no_grad():
+        ref = np.linalg.eigvalsh(np.cov(model.lin(x).numpy(), rowvar=False))[::-1]
+    for pick in ["hidden", 0] if kind == "namedtuple" else ["hidden"]:
+        with sl.attach(model, "", pick=pick) as cap, torch.no_grad():
+            model(x)
+        assert rel(cap.compute()[""].values, ref) <= 1e-10
+    with sl.attach(model, ""), torch.no_grad(), pytest.raises(TypeError) as none:
+        model(x)
+    hint = str(none.value)
+    assert ("['hidden', 'aux']" in hint) and ("pick='hidden'" in hint or "pick='key'" in hint or "pick='field'" in hint)
+    if kind != "namedtuple":
+        assert "pick=0" not in hint  # an index does not pick from a dict or a dataclass
+        with sl.attach(model, "", pick=0), torch.no_grad(), pytest.raises(TypeError, match=r"\['hidden', 'aux'\]"):
+            model(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_low_precision_model_is_measured(dtype):
+    """``model.to(torch.bfloat16)`` on the CPU: the lens's activation rows are the model's (rounded)
+    outputs, whose float64 covariance the accumulator reproduces exactly with ``precision="float64"``;
+    the gradient spectrum is the low-precision forward's, against float64 over the same weights."""
+    torch.manual_seed(0)
+    model, batch = TinyGPT().eval().to(dtype), lm_batch(m=6, t=10)
+    rows = []
+    h = model.transformer.h[1].register_forward_hook(lambda m, a, out: rows.append(out.detach().reshape(-1, 16)))
+    with torch.no_grad():
+        model(batch[0])
+    h.remove()
+    act = np.linalg.eigvalsh(np.cov(torch.cat(rows).double().numpy(), rowvar=False))[::-1]
+    ref64 = TinyGPT().eval().double()
+    ref64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    _, grad = references(ref64, batch)
+    m = sl.SpectralLens(model, [batch], precision="float64", progress=False).measure(0, 0)
+    assert rel(m.spectra["act:transformer.h.1"].values, act) <= 1e-10
+    assert rel(m.spectra[f"grad:{W_O}"].values, grad) <= 2e-2
+    assert all(p.dtype == dtype for p in model.parameters())
