@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._warnings import CompiledModelWarning
 
@@ -336,11 +337,19 @@ def measurement_pass(owner: object = None):
     :class:`~spectral_lens.ActivationCapture`'s hooks return at once, so a capture the user attached
     (say, to the training forwards) is not fed the held-out pool or the probe's per-sample passes
     (nor, under ``torch.func.vmap``, tensors it cannot read). Per thread and per task
-    (a ``ContextVar``)."""
+    (a ``ContextVar``).
+
+    A caller's ``torch.nn.utils.parametrize.cached()`` block is suspended inside it (process-wide, as
+    the cache is): the measurement's forwards neither read the weights the caller's forward cached
+    (whose autograd graph is the caller's: the probe's rows were zero or a backward through a freed
+    graph) nor leave their own no-grad ones in the cache (the caller's next backward then reached no
+    parametrization parameter)."""
     token = _FEEDING.set(_NOBODY if owner is None else owner)
+    cached, parametrize._cache_enabled = parametrize._cache_enabled, 0
     try:
         yield
     finally:
+        parametrize._cache_enabled = cached
         _FEEDING.reset(token)
 
 

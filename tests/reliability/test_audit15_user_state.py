@@ -41,16 +41,17 @@ def same_state(a: dict, b: dict) -> list[str]:
     return [k for k in a if not (torch.equal(a[k], b[k]) if k == "rng" else a[k] == b[k])]
 
 
-def references(model, batch):
+def references(model, batch, name=W_O):
     """Float64 references: the covariance eigenvalues of the deepest block's output rows (numpy) and
-    the squared singular values of W_O's per-sample gradients (one ``autograd.grad`` per sequence)."""
+    the squared singular values of parameter ``name``'s per-sample gradients (one ``autograd.grad``
+    per sequence)."""
     rows = []
     h = model.transformer.h[1].register_forward_hook(lambda m, a, out: rows.append(out.detach().reshape(-1, out.shape[-1])))
     with torch.no_grad():
         model(batch[0])
     h.remove()
     act = np.linalg.eigvalsh(np.cov(torch.cat(rows).numpy(), rowvar=False))[::-1]
-    w = dict(model.named_parameters())[W_O]
+    w = dict(model.named_parameters())[name]
     grads = []
     with torch.enable_grad():
         for i in range(batch[0].shape[0]):
@@ -254,3 +255,54 @@ def test_a_low_precision_model_is_measured(dtype):
     assert rel(m.spectra["act:transformer.h.1"].values, act) <= 1e-10
     assert rel(m.spectra[f"grad:{W_O}"].values, grad) <= 2e-2
     assert all(p.dtype == dtype for p in model.parameters())
+
+
+class _LowRank(nn.Module):
+    """A LoRA-like parametrization, ``W + B A``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.B = nn.Parameter(torch.randn(16, 2, dtype=torch.float64) * 0.1)
+        self.A = nn.Parameter(torch.randn(2, 16, dtype=torch.float64) * 0.1)
+
+    def forward(self, w):
+        return w + self.B @ self.A
+
+
+def _lora_gpt():
+    torch.manual_seed(0)
+    model = TinyGPT().double().eval()
+    nn.utils.parametrize.register_parametrization(model.transformer.h[1].attn.c_proj, "weight", _LowRank())
+    return model
+
+
+@pytest.mark.parametrize("engine", ["auto", "loop"])
+def test_a_callers_parametrize_cached_block(engine):
+    """``measure`` inside the caller's ``torch.nn.utils.parametrize.cached()`` block (a training step that
+    caches its parametrized weights). The old code read the weight the caller's forward had cached,
+    graph and all: every per-sample gradient of the LoRA factor was zero (``auto``, relative error 1.0)
+    or the loop engine backpropagated through the caller's freed graph (``RuntimeError: Trying to
+    backward through the graph a second time``). And a measurement before the caller's forward left
+    its own no-grad weight in the cache, so the caller's backward reached no LoRA parameter
+    (``B.grad`` stayed ``None``)."""
+    name = "transformer.h.1.attn.c_proj.parametrizations.weight.0.B"
+    batch = lm_batch(m=6, t=10)
+    model = _lora_gpt()
+    act, grad = references(model, batch, name)
+    expected = torch.autograd.grad(model(batch[0]).sum(), dict(model.named_parameters())[name])[0]
+
+    def lens(m):
+        probe = sl.PerSampleGradientProbe(params=[name], engine=engine)
+        return sl.SpectralLens(m, [batch], probe=probe, progress=False)
+
+    with nn.utils.parametrize.cached():
+        model(batch[0]).sum().backward()  # the caller's step: its weight (and freed graph) in the cache
+        m = lens(model).measure(0, 0)
+    assert rel(m.spectra[f"grad:{name}"].values, grad) <= 1e-10
+    assert rel(m.spectra["act:transformer.h.1"].values, act) <= 1e-10
+    fresh = _lora_gpt()
+    with nn.utils.parametrize.cached():
+        lens(fresh).measure(0, 0)  # measured first, then the caller's forward and backward in the block
+        fresh(batch[0]).sum().backward()
+    got = dict(fresh.named_parameters())[name].grad
+    assert got is not None and torch.allclose(got, expected, rtol=1e-12, atol=0)
