@@ -276,7 +276,7 @@ def _host_copies(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor,
     if dev.type != "cuda":
         return tuple(t.to("cpu") for t in tensors), lambda: None
     with torch.cuda.device(dev):
-        host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors)
+        host = tuple(torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True).copy_(t, non_blocking=True) for t in tensors)
         event = torch.cuda.Event()
         event.record()
     keep = [tensors]
@@ -308,7 +308,7 @@ def _chunk_scratch(n: int, d: int, dtype: torch.dtype):
     """``(y, out, panels)`` for an n x d CPU chunk: the centered rows, their product's buffer and the
     product's GEMM views (:func:`~spectral_lens.spectra.moments.lower_panels`), :func:`_recycled`."""
     def make():
-        y, out = torch.empty(n, d, dtype=dtype), torch.empty(d, d, dtype=dtype)
+        y, out = torch.empty(n, d, dtype=dtype, device="cpu"), torch.empty(d, d, dtype=dtype, device="cpu")
         return y, out, lower_panels(y, out)
 
     return _recycled((n, d, dtype), make, (n + d) * d * dtype.itemsize)
@@ -318,7 +318,7 @@ def _gather_scratch(n: int, d: int, dtype: torch.dtype) -> torch.Tensor:
     """An n x d buffer of ``dtype`` for :meth:`ActivationCovarianceAccumulator._cpu_compacted`'s gather
     of half-precision (or fp32 rows into float64 products) valid rows, :func:`_recycled` like
     :func:`_chunk_scratch`'s buffers."""
-    return _recycled(("gather", n, d, dtype), lambda: torch.empty(n, d, dtype=dtype), n * d * dtype.itemsize)
+    return _recycled(("gather", n, d, dtype), lambda: torch.empty(n, d, dtype=dtype, device="cpu"), n * d * dtype.itemsize)
 
 
 def _pending_factors(pend: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -690,7 +690,8 @@ class ActivationCovarianceAccumulator:
             underflowed = _rows_underflowed(y, m, s)
             if not self.initialized:
                 self._commit(n, torch.from_numpy(m), s, torch.from_numpy(shift64),
-                             torch.tensor(broken) if broken else None, torch.tensor(bad) if bad else None)
+                             torch.tensor(broken, device="cpu") if broken else None,
+                             torch.tensor(bad, device="cpu") if bad else None)
                 return underflowed
             index = self._updates
             state_s = self._s_lower
@@ -719,7 +720,7 @@ class ActivationCovarianceAccumulator:
             new_n = self._n + n
             first_bad, bad_rows = self._first_bad, self._bad_rows  # never written in place: kept as they are
             if (broken or bad) and int(first_bad) < 0:
-                first_bad = torch.tensor(index)
+                first_bad = torch.tensor(index, device="cpu")
             if bad:
                 bad_rows = bad_rows + bad
             # ---- commit: plain stores only
