@@ -878,7 +878,7 @@ class PerSampleGradientProbe:
         copy is stream-ordered, and the host reads it only after update()'s own sync)."""
         if not self.offload_rows or rows.device.type == "cpu":
             return rows
-        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        host = torch.empty(rows.shape, dtype=rows.dtype, device="cpu", pin_memory=True)
         return host.copy_(rows, non_blocking=True)
 
     def _fits(self, n: int) -> bool:
@@ -1026,7 +1026,7 @@ class PerSampleGradientProbe:
     @property
     def losses_(self) -> torch.Tensor:
         """The per-sample losses ``L_m`` seen so far, (M,) float64 on the CPU."""
-        return torch.cat(self._losses).cpu() if self._losses else torch.zeros(0, dtype=torch.float64)
+        return torch.cat(self._losses).cpu() if self._losses else torch.zeros(0, dtype=torch.float64, device="cpu")
 
     def compute(self) -> Spectrum | dict[str, Spectrum]:
         """Squared singular values of ``G`` per parameter, as ``Spectrum(kind="gradient")``.

@@ -306,3 +306,53 @@ def test_a_callers_parametrize_cached_block(engine):
         fresh(batch[0]).sum().backward()
     got = dict(fresh.named_parameters())[name].grad
     assert got is not None and torch.allclose(got, expected, rtol=1e-12, atol=0)
+
+
+def test_a_default_device_elsewhere_leaves_cpu_work_on_the_cpu(tmp_path):
+    """``torch.set_default_device("cuda")`` is common in LLM scripts; every tensor the library makes
+    without an explicit device then lands there. With a CPU model or CPU rows, the accumulator's CPU
+    scratch (``torch.empty(n, d)``), its non-finite row counts and ``Spectrum``'s values went to the
+    default device: a crash (cross-device ``torch.sub``), or on CUDA a round trip per spectrum (the
+    pinned host staging of ``compute_async`` and ``offload_rows`` now names the CPU too; that path
+    needs a GPU and is not exercised here). The meta
+    device stands in for a GPU here (this machine has none): a tensor made there has no data, so any
+    such leak fails. Every result equals the one made without the setting."""
+    torch.manual_seed(0)
+    model, batch = TinyGPT().eval(), lm_batch(m=6, t=10)
+    x = torch.randn(50, 4)
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    mask = torch.rand(50) > 0.3
+
+    def measure():
+        m = sl.SpectralLens(model, [batch], layers="all", progress=False,
+                            probe=sl.PerSampleGradientProbe(params=[W_O], chunk_size=2, max_resident_samples=3)).measure(0, 0)
+        acc = sl.ActivationCovarianceAccumulator(nonfinite="skip")
+        acc.update(x.bfloat16())
+        acc.update(bad, mask=mask)
+        acc.save(tmp_path / "acc.npz")
+        loaded = sl.ActivationCovarianceAccumulator.load(tmp_path / "acc.npz", name="loaded")
+        wide = sl.ActivationCovarianceAccumulator(precision="float64")
+        wide.update(x)
+        merged = sl.ActivationCovarianceAccumulator(precision="float64").merge(wide)
+        merged.update(x[:20])
+        probe = sl.PerSampleGradientProbe(model, W_O)
+        return dict(
+            **{k: s.values for k, s in m.spectra.items()},
+            acc=acc.compute().values, skipped=torch.tensor(acc.compute().metadata["skipped_rows"], device="cpu"),
+            future=acc.compute_async().result().values, loaded=loaded.compute().values,
+            merged=merged.compute().values, cov=merged.covariance(), mean=merged.mean,
+            spectrum=sl.Spectrum(np.array([3.0, 1.0]), n_rows=5, dim=2).values, losses=probe.losses_,
+        )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sl.NonFiniteRowsWarning)
+        plain = measure()
+        torch.set_default_device("meta")
+        try:
+            moved = measure()
+        finally:
+            torch.set_default_device(None)
+    assert set(plain) == set(moved)
+    for k in plain:
+        assert moved[k].device.type == "cpu" and torch.equal(moved[k], plain[k]), k
