@@ -471,6 +471,12 @@ class PerSampleGradientProbe:
             raise TypeError(f"PerSampleGradientProbe.attach needs an nn.Module, got {type(model).__name__}")
         refuse_parallel_wrapper(model, "PerSampleGradientProbe")
         model = unwrap_compiled(model)
+        if isinstance(model, torch.jit.ScriptModule):  # get_submodule, hooks and torch.func refuse it
+            raise TypeError(
+                f"PerSampleGradientProbe: the model is a TorchScript module ({type(model).__name__} from "
+                "torch.jit.script), which the probe does not support (its submodules cannot be looked up or hooked); "
+                "probe the eager model (keep it before scripting; a scripted submodule inside an eager model is fine)"
+            )
         refuse_unfit_defaults(model, forward=self._custom_forward is None, loss=self._custom_loss is None)
         params = _resolve_params(model, self.params_spec)
         self.model, self.params = model, params

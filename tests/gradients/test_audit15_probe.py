@@ -89,6 +89,14 @@ def test_a_scripted_submodule(gpt, helpers, engine):
         assert rel(measured(model, name, batch, engine=engine), reference(helpers, model, name, batch)) <= 1e-10
 
 
+def test_a_scripted_model_is_refused_with_what_to_do(gpt, helpers):
+    """A whole model through ``torch.jit.script``: PyTorch's "get_submodule is not supported on
+    ScriptModules" came from deep inside ``attach``; now a ``TypeError`` says to probe the eager model."""
+    scripted = torch.jit.script(helpers.TinyCNN().double().eval())
+    with pytest.raises(TypeError, match="the model is a TorchScript module .*probe the eager model"):
+        PerSampleGradientProbe(scripted, "head.weight", loss_fn=lambda out, b: out.sum(1), forward_fn=lambda m, b: m(b[0]))
+
+
 def test_a_pruned_weight_is_named_and_its_source_is_measured(gpt, helpers):
     """``prune.l1_unstructured`` makes ``weight`` a tensor recomputed by a forward pre-hook from
     ``weight_orig * weight_mask``. Naming ``weight`` gave "has no parameter" with a list of close names;
