@@ -167,7 +167,8 @@ def default_gradient_param(model: nn.Module) -> str:
             f"{type(model).__name__}: no attention output projection found by the default heuristic "
             f"(patterns {list(ATTENTION_OUTPUT_PATTERNS)}); pass params=... explicitly. Weight matrices: {mats}"
             + (f". Quantized modules {quantized} have packed integer weights with no gradient: probe the "
-               "floating-point model before quantizing it" if quantized else "")
+               "floating-point model before quantizing it (SpectralLens(..., params=()) measures the quantized "
+               "model's activations only)" if quantized else "")
         )
     deepest = max(_block_index(n) for n in found)
     best = [n for n in found if _block_index(n) == deepest]
@@ -263,7 +264,8 @@ def _refuse_parametrized(model: nn.Module, w: str, modules: dict, named: dict) -
         raise ValueError(
             f"{here} belongs to a quantized module ({type(mod).__module__}.{type(mod).__name__}, e.g. from "
             "torch.ao.quantization.quantize_dynamic), whose weight is a packed integer tensor with no gradient; "
-            "probe the floating-point model before quantizing it (activation capture works on the quantized model)"
+            "probe the floating-point model before quantizing it (activation capture works on the quantized model: "
+            "SpectralLens(..., params=()) measures activations only)"
         )
     computed = mod.__dict__.get(local)
     if isinstance(computed, torch.Tensor) and local not in mod._parameters:

@@ -188,6 +188,11 @@ def test_a_dynamically_quantized_model_is_captured():
     with sl.attach(q, "transformer.h.1.attn.c_proj", precision="float64") as cap, torch.no_grad():
         q(x)
     assert rel(cap.compute()["transformer.h.1.attn.c_proj"].values, ref) <= 1e-10
+    with pytest.raises(ValueError, match=r"params=\(\)\) measures the quantized model's activations only"):
+        sl.SpectralLens(q, [lm_batch(m=6, t=10)], progress=False)
+    m = sl.SpectralLens(q, [lm_batch(m=6, t=10)], layers="transformer.h.1.attn.c_proj", params=(), progress=False,
+                        precision="float64").measure(0, 0)
+    assert rel(m.spectra["act:transformer.h.1.attn.c_proj"].values, ref) <= 1e-10
 
 
 @dataclasses.dataclass
