@@ -136,6 +136,7 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
                 seen.add(plain)
                 chosen.append((name, mod))
     if not chosen:
+        _refuse_aliases(model, targets, named)
         names = [n for n, _ in named if n]
         hints = []
         for t in targets:
@@ -154,6 +155,21 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
                 "be measured; measure the module before scripting it, or select a module that is not scripted"
             )
     return chosen
+
+
+def _refuse_aliases(model: nn.Module, targets: list, named: list) -> None:
+    """``ValueError`` when a target names a module registered a second time under another name (one
+    module object shared by several blocks: ALBERT, a looped transformer), which ``named_modules()``
+    lists once: a hook on it sees every call, so that name alone cannot be measured."""
+    first = {id(m): n for n, m in named}
+    for alias, mod in model.named_modules(remove_duplicate=False):
+        if alias != first.get(id(mod), alias) and any(isinstance(t, str) and t == alias for t in targets):
+            raise ValueError(
+                f"{type(model).__name__}: module {alias!r} is the module {first[id(mod)]!r} again (one module object "
+                "registered under several names: blocks sharing their weights, as in ALBERT); a forward hook on it "
+                f"sees every call of it, so {alias!r} alone cannot be measured: attach to {first[id(mod)]!r} for "
+                "the rows of all its calls, or select a module that is not shared"
+            )
 
 
 def display_name(name: str, module: nn.Module) -> str:

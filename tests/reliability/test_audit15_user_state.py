@@ -361,3 +361,29 @@ def test_a_default_device_elsewhere_leaves_cpu_work_on_the_cpu(tmp_path):
     assert set(plain) == set(moved)
     for k in plain:
         assert moved[k].device.type == "cpu" and torch.equal(moved[k], plain[k]), k
+
+
+def test_a_shared_block_is_named_when_its_second_name_is_selected():
+    """Blocks sharing one module object (ALBERT: ``h[1] = h[0]``): ``named_modules()`` lists it once, so
+    the lens's default layer (the deepest block, ``transformer.h.1``) matched nothing, and the error
+    offered ``transformer.h.0`` as a "closest name" without saying that a hook there sees both calls.
+    Now the error says so; the shared module's own name measures the rows of all its calls, and the
+    shared weight is probed exactly (its gradient sums both uses)."""
+    torch.manual_seed(0)
+    model, batch = TinyGPT().double().eval(), lm_batch(m=6, t=10)
+    model.transformer.h[1] = model.transformer.h[0]
+    for make in (lambda: sl.attach(model, "transformer.h.1"), lambda: sl.SpectralLens(model, [batch], progress=False)):
+        with pytest.raises(ValueError, match="'transformer.h.1' is the module 'transformer.h.0' again .*sees every call"):
+            make()
+    rows = []
+    h = model.transformer.h[0].register_forward_hook(lambda m, a, out: rows.append(out.detach().reshape(-1, 16)))
+    with torch.no_grad():
+        model(batch[0])
+    h.remove()
+    act = np.linalg.eigvalsh(np.cov(torch.cat(rows).numpy(), rowvar=False))[::-1]
+    shared = "transformer.h.0.attn.c_proj.weight"  # the default matrix: the shared block's W_O, used twice
+    _, grad = references(model, batch, shared)
+    m = sl.SpectralLens(model, [batch], layers="transformer.h.0", progress=False).measure(0, 0)
+    assert m.spectra["act:transformer.h.0"].n_rows == 2 * 6 * 10
+    assert rel(m.spectra["act:transformer.h.0"].values, act) <= 1e-10
+    assert rel(m.spectra[f"grad:{shared}"].values, grad) <= 1e-10
