@@ -268,12 +268,15 @@ def _refuse_parametrized(model: nn.Module, w: str, modules: dict, named: dict) -
             "SpectralLens(..., params=()) measures activations only)"
         )
     computed = mod.__dict__.get(local)
+    hooks = sorted({type(h).__name__ for h in mod._forward_pre_hooks.values()})
+    if isinstance(computed, torch.Tensor) and local not in mod._parameters and not hooks:
+        raise ValueError(f"{here} is a plain tensor attribute of {type(mod).__name__}, not a parameter (nn.Parameter); "
+                         "only parameters have gradients to probe")
     if isinstance(computed, torch.Tensor) and local not in mod._parameters:
-        hooks = sorted({type(h).__name__ for h in mod._forward_pre_hooks.values()})
         sources = [f"{path + '.' if path else ''}{n}" for n in mod._parameters if n.startswith(local)]
         raise ValueError(
             f"{here} is not a parameter: it is recomputed before every forward by a forward pre-hook "
-            f"({', '.join(hooks) or 'unknown'}: torch.nn.utils.prune, the hook-based weight_norm or spectral_norm) "
+            f"({', '.join(hooks)}: torch.nn.utils.prune, the hook-based weight_norm or spectral_norm) "
             f"from {sources or 'other tensors'}; probe {'those' if sources else 'a parameter'}: their per-sample "
             "gradients are taken through the computation"
         )
