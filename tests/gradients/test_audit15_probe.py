@@ -107,6 +107,9 @@ def test_a_pruned_weight_is_named_and_its_source_is_measured(gpt, helpers):
         PerSampleGradientProbe(model, W_O)
     with pytest.raises(ValueError, match="torch.nn.utils.prune"):
         PerSampleGradientProbe(model)  # the default matrix
+    model.transformer.h[0].mlp.c_fc.scale = torch.ones(3)  # neither a parameter nor computed by a hook
+    with pytest.raises(ValueError, match="c_fc.scale is a plain tensor attribute of Linear, not a parameter"):
+        PerSampleGradientProbe(model, "transformer.h.0.mlp.c_fc.scale")
     name = W_O + "_orig"
     got, ref = measured(model, name, batch), reference(helpers, model, name, batch)
     assert rel(got, ref) <= 1e-10
