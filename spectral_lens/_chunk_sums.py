@@ -103,7 +103,7 @@ def _chunk_scratch(n: int, d: int, dtype: torch.dtype):
     """``(y, out, panels)`` for an n x d CPU chunk: the centered rows, their product's buffer and the
     product's GEMM views (:func:`~spectral_lens.spectra.moments.lower_panels`), :func:`_recycled`."""
     def make():
-        y, out = torch.empty(n, d, dtype=dtype), torch.empty(d, d, dtype=dtype)
+        y, out = torch.empty(n, d, dtype=dtype, device="cpu"), torch.empty(d, d, dtype=dtype, device="cpu")
         return y, out, lower_panels(y, out)
 
     return _recycled((n, d, dtype), make, (n + d) * d * dtype.itemsize)
@@ -113,7 +113,8 @@ def _gather_scratch(n: int, d: int, dtype: torch.dtype) -> torch.Tensor:
     """An n x d buffer of ``dtype`` for :func:`_cpu_compacted`'s gather
     of half-precision (or fp32 rows into float64 products) valid rows, :func:`_recycled` like
     :func:`_chunk_scratch`'s buffers."""
-    return _recycled(("gather", n, d, dtype), lambda: torch.empty(n, d, dtype=dtype), n * d * dtype.itemsize)
+    return _recycled(("gather", n, d, dtype), lambda: torch.empty(n, d, dtype=dtype, device="cpu"),
+                     n * d * dtype.itemsize)
 
 
 def _cpu_path(rows: torch.Tensor, max_chunk_rows: int) -> bool:

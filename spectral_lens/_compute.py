@@ -171,7 +171,8 @@ def _host_copies(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor,
     if dev.type != "cuda":
         return tuple(t.to("cpu") for t in tensors), lambda: None
     with torch.cuda.device(dev):
-        host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors)
+        host = tuple(torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True).copy_(t, non_blocking=True)
+                     for t in tensors)
         event = torch.cuda.Event()
         event.record()
     keep = [tensors]

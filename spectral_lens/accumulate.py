@@ -285,7 +285,8 @@ class ActivationCovarianceAccumulator:
             n, m, s, shift64, broken, bad, underflowed = _cpu_chunk_sums(rows, valid, self.precision, self.nonfinite)
             if not self.initialized:
                 self._commit(n, torch.from_numpy(m), s, torch.from_numpy(shift64),
-                             torch.tensor(broken) if broken else None, torch.tensor(bad) if bad else None)
+                             torch.tensor(broken, device="cpu") if broken else None,
+                             torch.tensor(bad, device="cpu") if bad else None)
                 return underflowed
             index = self._updates
             state_s = self._s_lower
@@ -303,7 +304,7 @@ class ActivationCovarianceAccumulator:
             new_n = self._n + n
             first_bad, bad_rows = self._first_bad, self._bad_rows  # never written in place: kept as they are
             if (broken or bad) and int(first_bad) < 0:
-                first_bad = torch.tensor(index)
+                first_bad = torch.tensor(index, device="cpu")
             if bad:
                 bad_rows = bad_rows + bad
             self._store(state_shift, new_n, new_m, new_s, spare, pend, k, bad_rows, first_bad, index, has_rows)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import difflib
 import functools
 import re
@@ -21,6 +22,7 @@ from typing import Callable, Iterable, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._warnings import CompiledModelWarning
 
@@ -134,6 +136,7 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
                 seen.add(plain)
                 chosen.append((name, mod))
     if not chosen:
+        _refuse_aliases(model, targets, named)
         names = [n for n, _ in named if n]
         hints = []
         for t in targets:
@@ -144,7 +147,29 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
             f"{type(model).__name__}: no module matches target {target!r}; "
             f"{'closest names' if hints else 'some module names'}: {shown}"
         )
+    for name, mod in chosen:
+        if isinstance(mod, torch.jit.ScriptModule):
+            raise ValueError(
+                f"{type(model).__name__}: module {display_name(name, mod)!r} is a TorchScript module "
+                f"({type(mod).__name__} from torch.jit.script), which takes no forward hook, so its output cannot "
+                "be measured; measure the module before scripting it, or select a module that is not scripted"
+            )
     return chosen
+
+
+def _refuse_aliases(model: nn.Module, targets: list, named: list) -> None:
+    """``ValueError`` when a target names a module registered a second time under another name (one
+    module object shared by several blocks: ALBERT, a looped transformer), which ``named_modules()``
+    lists once: a hook on it sees every call, so that name alone cannot be measured."""
+    first = {id(m): n for n, m in named}
+    for alias, mod in model.named_modules(remove_duplicate=False):
+        if alias != first.get(id(mod), alias) and any(isinstance(t, str) and t == alias for t in targets):
+            raise ValueError(
+                f"{type(model).__name__}: module {alias!r} is the module {first[id(mod)]!r} again (one module object "
+                "registered under several names: blocks sharing their weights, as in ALBERT); a forward hook on it "
+                f"sees every call of it, so {alias!r} alone cannot be measured: attach to {first[id(mod)]!r} for "
+                "the rows of all its calls, or select a module that is not shared"
+            )
 
 
 def display_name(name: str, module: nn.Module) -> str:
@@ -204,18 +229,28 @@ def pick_tensor(output, pick, where: str) -> torch.Tensor:
     elif isinstance(pick, str) and hasattr(output, pick):
         value = getattr(output, pick)
     else:
-        raise TypeError(f"{where}: cannot pick {pick!r} from an output of type {type(output).__name__}")
+        raise TypeError(f"{where}: cannot pick {pick!r} from an output of type {type(output).__name__}"
+                        f"{_pick_hint(output)}")
     if not isinstance(value, torch.Tensor):
-        if pick is not None:
-            hint = ""
-        elif isinstance(output, Mapping):
-            keys = list(output.keys())[:8]
-            hint = f" (pass pick='key' with one of its keys {keys}, pick=0 for the first, or a callable)"
-        else:
-            hint = " (pass pick=0 for the first element, pick='key' for a dict entry, or a callable)"
+        hint = "" if pick is not None else _pick_hint(output)
         raise TypeError(f"{where}: module output is {type(value).__name__}, expected a tensor{hint}")
     check_dense_rows(value, where, hook=True)
     return value
+
+
+def _pick_hint(output) -> str:
+    """What ``pick=`` can select from ``output``, for the errors of :func:`pick_tensor`."""
+    if isinstance(output, Mapping) and not hasattr(output, "to_tuple"):  # a dict: by key only
+        return f" (pass pick='key' with one of its keys {list(output.keys())[:8]}, or a callable)"
+    if isinstance(output, Mapping):  # a Hugging Face ModelOutput: by key, or by index as output[0]
+        return f" (pass pick='key' with one of its keys {list(output.keys())[:8]}, pick=0 for the first, or a callable)"
+    if dataclasses.is_dataclass(output):
+        fields = [f.name for f in dataclasses.fields(output)][:8]
+        return f" (pass pick='field' with one of its fields {fields}, or a callable)"
+    if isinstance(output, (tuple, list)):
+        named = f", pick='field' with one of its fields {list(output._fields)[:8]}" if hasattr(output, "_fields") else ""
+        return f" (pass pick=0 for the first of its {len(output)} elements{named}, or a callable)"
+    return " (pass pick=0 for the first element of a tuple, pick='key' for a dict entry or attribute, or a callable)"
 
 
 def check_dense_rows(x: torch.Tensor, where: str, *, hook: bool) -> None:
@@ -318,11 +353,19 @@ def measurement_pass(owner: object = None):
     :class:`~spectral_lens.ActivationCapture`'s hooks return at once, so a capture the user attached
     (say, to the training forwards) is not fed the held-out pool or the probe's per-sample passes
     (nor, under ``torch.func.vmap``, tensors it cannot read). Per thread and per task
-    (a ``ContextVar``)."""
+    (a ``ContextVar``).
+
+    A caller's ``torch.nn.utils.parametrize.cached()`` block is suspended inside it (process-wide, as
+    the cache is): the measurement's forwards neither read the weights the caller's forward cached
+    (whose autograd graph is the caller's: the probe's rows were zero or a backward through a freed
+    graph) nor leave their own no-grad ones in the cache (the caller's next backward then reached no
+    parametrization parameter)."""
     token = _FEEDING.set(_NOBODY if owner is None else owner)
+    cached, parametrize._cache_enabled = parametrize._cache_enabled, 0
     try:
         yield
     finally:
+        parametrize._cache_enabled = cached
         _FEEDING.reset(token)
 
 

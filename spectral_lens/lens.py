@@ -453,10 +453,9 @@ class SpectralLens:
                 "its input), and probe=PerSampleGradientProbe(params=..., forward_fn=..., loss_fn=...) with an "
                 "unshifted loss, or params=() to measure activations only"
             )
-        if layers is None:
-            layers = deepest_block(model)
-        elif chosen:
-            layers = all_blocks(model)
+        if layers is None or chosen:
+            layers = deepest_block(model) if layers is None else all_blocks(model)
+            select_modules(model, layers)  # e.g. a block shared with another (ALBERT): refused now, not when measuring
         elif _names_modules(layers):  # module objects: their names in this model (or a clear error now)
             names = [n for n, _ in select_modules(model, layers)]
             layers = names[0] if isinstance(layers, nn.Module) and len(names) == 1 else names

@@ -105,7 +105,7 @@ class Spectrum:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"Spectrum.kind must be one of {KINDS}, got {self.kind!r}")
-        v = torch.as_tensor(self.values).detach().to("cpu", torch.float64)
+        v = torch.as_tensor(self.values, device="cpu").detach().to(torch.float64)  # never via the default device
         if v.ndim != 1:
             raise ValueError(f"Spectrum.values must be 1-D, got shape {tuple(v.shape)}")
         if v.numel() and not bool(torch.isfinite(v).all()):

@@ -366,7 +366,9 @@ def loop_engine(
     for name in params:
         mod = model.get_submodule(name.rpartition(".")[0])
         owners.setdefault(id(mod), (name, mod))
-    handles = [mod.register_forward_hook(check(name)) for name, mod in owners.values()]
+    # a scripted module (torch.jit.script) takes no hook, and no checkpoint can run inside TorchScript
+    handles = [mod.register_forward_hook(check(name)) for name, mod in owners.values()
+               if not isinstance(mod, torch.jit.ScriptModule)]
     try:
         with only_requires_grad(model, unique), torch.enable_grad():
             for i in range(n):

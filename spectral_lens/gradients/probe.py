@@ -162,9 +162,13 @@ def default_gradient_param(model: nn.Module) -> str:
     found = [n for n in names if any(glob_to_regex(p).fullmatch(n) for p in ATTENTION_OUTPUT_PATTERNS)]
     if not found:
         mats = [n for n, p in model.named_parameters() if p.ndim == 2][:12]
+        quantized = [n for n, m in model.named_modules() if _is_quantized(m)][:5]
         raise ValueError(
             f"{type(model).__name__}: no attention output projection found by the default heuristic "
             f"(patterns {list(ATTENTION_OUTPUT_PATTERNS)}); pass params=... explicitly. Weight matrices: {mats}"
+            + (f". Quantized modules {quantized} have packed integer weights with no gradient: probe the "
+               "floating-point model before quantizing it (SpectralLens(..., params=()) measures the quantized "
+               "model's activations only)" if quantized else "")
         )
     deepest = max(_block_index(n) for n in found)
     best = [n for n in found if _block_index(n) == deepest]
@@ -176,8 +180,8 @@ def default_gradient_param(model: nn.Module) -> str:
     if best[0] in computed:
         raise ValueError(
             f"{type(model).__name__}: the default matrix, the final block's attention output projection "
-            f"{best[0]!r}, is computed from other parameters (a parametrization or weight hook such as weight_norm "
-            f"or spectral_norm), not a parameter itself; pass params= explicitly: the parameters it is computed "
+            f"{best[0]!r}, is computed from other parameters (a parametrization or weight hook such as weight_norm, "
+            f"spectral_norm or torch.nn.utils.prune), not a parameter itself; pass params= explicitly: the parameters it is computed "
             f"from, {computed[best[0]] or '(none found on its module)'} (their per-sample gradients are taken through the computation), or "
             "another matrix"
         )
@@ -239,6 +243,12 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
     return out
 
 
+def _is_quantized(mod: nn.Module) -> bool:
+    """A ``torch.ao`` quantized module (``quantize_dynamic``, ``convert``): its weight is packed integers."""
+    return type(mod).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized",
+                                            "torch.ao.nn.intrinsic.quantized"))
+
+
 def _refuse_parametrized(model: nn.Module, w: str, modules: dict, named: dict) -> None:
     """``ValueError`` when ``w`` names a tensor computed by ``torch.nn.utils.parametrize`` (``lin.weight``
     after ``register_parametrization(lin, "weight", ...)`` or ``parametrizations.weight_norm``), or a
@@ -247,12 +257,35 @@ def _refuse_parametrized(model: nn.Module, w: str, modules: dict, named: dict) -
     if w in modules:
         path, local = w, "weight"
     mod = modules.get(path)
-    if mod is None or not parametrize.is_parametrized(mod, local):
+    if mod is None:
+        return
+    here = f"{type(model).__name__}: {path + '.' if path else ''}{local}"
+    if _is_quantized(mod):
+        raise ValueError(
+            f"{here} belongs to a quantized module ({type(mod).__module__}.{type(mod).__name__}, e.g. from "
+            "torch.ao.quantization.quantize_dynamic), whose weight is a packed integer tensor with no gradient; "
+            "probe the floating-point model before quantizing it (activation capture works on the quantized model: "
+            "SpectralLens(..., params=()) measures activations only)"
+        )
+    computed = mod.__dict__.get(local)
+    hooks = sorted({type(h).__name__ for h in mod._forward_pre_hooks.values()})
+    if isinstance(computed, torch.Tensor) and local not in mod._parameters and not hooks:
+        raise ValueError(f"{here} is a plain tensor attribute of {type(mod).__name__}, not a parameter (nn.Parameter); "
+                         "only parameters have gradients to probe")
+    if isinstance(computed, torch.Tensor) and local not in mod._parameters:
+        sources = [f"{path + '.' if path else ''}{n}" for n in mod._parameters if n.startswith(local)]
+        raise ValueError(
+            f"{here} is not a parameter: it is recomputed before every forward by a forward pre-hook "
+            f"({', '.join(hooks)}: torch.nn.utils.prune, the hook-based weight_norm or spectral_norm) "
+            f"from {sources or 'other tensors'}; probe {'those' if sources else 'a parameter'}: their per-sample "
+            "gradients are taken through the computation"
+        )
+    if not parametrize.is_parametrized(mod, local):
         return
     prefix = f"{path}.parametrizations.{local}." if path else f"parametrizations.{local}."
     sources = [n for n in named if n.startswith(prefix)]
     raise ValueError(
-        f"{type(model).__name__}: {path + '.' if path else ''}{local} is computed by a parametrization "
+        f"{here} is computed by a parametrization "
         f"(torch.nn.utils.parametrize: {type(mod).__name__}), not a parameter; probe the parameters it is computed "
         f"from, e.g. {sources}: their per-sample gradients are taken through the parametrization"
     )
@@ -463,6 +496,12 @@ class PerSampleGradientProbe:
             raise TypeError(f"PerSampleGradientProbe.attach needs an nn.Module, got {type(model).__name__}")
         refuse_parallel_wrapper(model, "PerSampleGradientProbe")
         model = unwrap_compiled(model)
+        if isinstance(model, torch.jit.ScriptModule):  # get_submodule, hooks and torch.func refuse it
+            raise TypeError(
+                f"PerSampleGradientProbe: the model is a TorchScript module ({type(model).__name__} from "
+                "torch.jit.script), which the probe does not support (its submodules cannot be looked up or hooked); "
+                "probe the eager model (keep it before scripting; a scripted submodule inside an eager model is fine)"
+            )
         refuse_unfit_defaults(model, forward=self._custom_forward is None, loss=self._custom_loss is None)
         params = _resolve_params(model, self.params_spec)
         self.model, self.params = model, params
@@ -529,7 +568,8 @@ class PerSampleGradientProbe:
             path, _, local = name.rpartition(".")
             mod = self.model
             for part in path.split(".") if path else ():  # get_submodule's walk, ~20x cheaper
-                mod = mod._modules.get(part) if isinstance(mod, nn.Module) else None
+                # ``in`` and ``[]``: a scripted module's ``_modules`` (torch.jit's OrderedModuleDict) has no ``get``
+                mod = mod._modules[part] if isinstance(mod, nn.Module) and part in mod._modules else None
             new = getattr(mod, local, None)
             if new is old and mod is self.sites[name][0]:
                 continue
@@ -706,8 +746,13 @@ class PerSampleGradientProbe:
         :func:`~._isolation.silenced_tensor_hooks`),
         autocast as ``autocast_dtype`` says (a caller's autocast switched off when it is ``None``); every
         flag restored on exit."""
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("PerSampleGradientProbe cannot differentiate inside torch.inference_mode()")
+        if any(p.is_inference() for p in self.params.values()):
+            bad = [n for n, p in self.params.items() if p.is_inference()]
+            raise RuntimeError(
+                f"PerSampleGradientProbe: the probed parameter(s) {bad} are inference tensors (the model was built "
+                "or loaded inside torch.inference_mode()), which autograd cannot differentiate; build the model "
+                "outside inference_mode"
+            )
         if self.train_mode:
             _refuse_recording_opacus_hooks(self.model)
         modes = [(m, m.training) for m in self.model.modules()]
@@ -816,7 +861,12 @@ class PerSampleGradientProbe:
         ``torch.inference_mode()`` are copied to normal tensors (autograd cannot save them). On an exception the probe is left
         exactly as before the call. Returns ``self``. The probed parameters are read from the model
         by name at each call (:meth:`_follow_params`): a replaced parameter or module is followed.
+        Inside ``torch.inference_mode()`` (an evaluation loop) it works as inside ``torch.no_grad()``:
+        the probe's state and passes are made outside inference mode.
         """
+        if torch.is_inference_mode_enabled():  # its tensors could not be written or differentiated later
+            with torch.inference_mode(False):
+                return self.update(batch)
         self._require_model("update()")
         self._follow_params()
         dev = self.device
@@ -862,7 +912,7 @@ class PerSampleGradientProbe:
         copy is stream-ordered, and the host reads it only after update()'s own sync)."""
         if not self.offload_rows or rows.device.type == "cpu":
             return rows
-        host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        host = torch.empty(rows.shape, dtype=rows.dtype, device="cpu", pin_memory=True)
         return host.copy_(rows, non_blocking=True)
 
     def _fits(self, n: int) -> bool:
@@ -912,6 +962,9 @@ class PerSampleGradientProbe:
         """Fill the Gram entries still missing: resident rows by float64 blocks (column slabs on the CPU
         or from host memory), then the blocks between non-resident chunks (bounded-memory mode) by
         recomputing their gradients panel by panel."""
+        if torch.is_inference_mode_enabled():  # as in update: the state stays made of normal tensors
+            with torch.inference_mode(False):
+                return self._complete()
         n_res = sum(c.stop - c.start for c in self._chunks if c.resident)
         if self._filled < n_res:
             for name, blocks in self._rows.items():
@@ -1007,7 +1060,7 @@ class PerSampleGradientProbe:
     @property
     def losses_(self) -> torch.Tensor:
         """The per-sample losses ``L_m`` seen so far, (M,) float64 on the CPU."""
-        return torch.cat(self._losses).cpu() if self._losses else torch.zeros(0, dtype=torch.float64)
+        return torch.cat(self._losses).cpu() if self._losses else torch.zeros(0, dtype=torch.float64, device="cpu")
 
     def compute(self) -> Spectrum | dict[str, Spectrum]:
         """Squared singular values of ``G`` per parameter, as ``Spectrum(kind="gradient")``.

@@ -195,8 +195,12 @@ def test_bad_configuration_and_batches(gpt, helpers):
         probe.matrix()
     with pytest.raises(KeyError, match="not probed"):
         probe.gram("lm_head.weight")
-    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
-        probe.update((x, y))
+    # inside torch.inference_mode() the probe measures, as inside no_grad (tests/gradients/test_audit15_user_state.py);
+    # a model built inside it has inference-tensor parameters, which cannot be differentiated: a clear error
+    with torch.inference_mode():
+        built_inside = helpers.TinyGPT()
+    with pytest.raises(RuntimeError, match=r"inference tensors \(the model was built"):
+        PerSampleGradientProbe(built_inside).update((x, y))
     assert probe.n_samples_ == 0
 
 
