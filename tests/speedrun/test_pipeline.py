@@ -31,7 +31,8 @@ def test_stopped_and_resumed_run_is_the_straight_run(tmp_path):
 
 
 def test_zoo_trainable_trial_is_a_prefix_of_the_run_budget_schedule(tmp_path):
-    # the speedrun's trainable: schedule over the run budget (8192), the tuner's horizon is its last rung (4096)
+    # the speedrun's trainable: schedule over the run budget (8192), whatever the trial's horizon (the tuner
+    # passes its last rung; 4096 here)
     w = ZooWorkload(PRESETS["tiny"])
     ref = w.reference_lrs("RoPE")
     c = Candidate("RoPE", 2, 2.0, {g: r * 2.0 for g, r in ref.items()})
