@@ -392,9 +392,10 @@ def test_an_extra_worker_ends_when_its_tune_process_is_killed(tmp_path):
     pidfile = tmp_path / "child.pid"
     script = textwrap.dedent(f"""
         import multiprocessing as mp, os, time
-        from examples.tune.tuner import exit_with_parent
 
         def child(parent):
+            from examples.tune.tuner import exit_with_parent  # here: the parent needs no torch import (~2.5 s)
+
             exit_with_parent(parent, interval=0.1)
             open({str(pidfile)!r}, "w").write(str(os.getpid()))
             time.sleep(60)
