@@ -19,7 +19,7 @@ from spectral_lens.records import open_runs
 def test_stopped_and_resumed_run_is_the_straight_run(tmp_path):
     # the trainer hook behind promoted trials: stop at a rung, resume, same run as never stopped
     kw = dict(variant="Muon", profile="tiny", data="pydoc", tokens=4096, batch_tier=2, seq_len=64, rows=2,
-              eval_every_tokens=1024, val_tokens=1024, seed=0, verbose=False)
+              eval_every_tokens=1024, val_tokens=512, seed=0, verbose=False)
     straight = train(run_dir=tmp_path / "a", save_final=False, **kw)
     first = train(run_dir=tmp_path / "b", stop_tokens=1536, **kw)
     assert first.tokens == 1536 and (tmp_path / "b" / "ckpt_000006.pt").exists()
