@@ -83,14 +83,16 @@ def main(argv: list[str] | None = None) -> int:
                 preset = preset.replace(attn_impl="dense")
         out = Path(args.out or f"runs/speedrun-{preset.name}")
         workload = ZooWorkload(preset)
+        resumed = (out / "preset.json").exists() or (out / "preset.json").is_symlink()
+        if resumed:  # other settings are refused before the data is read (parsing --data stdlib takes seconds)
+            check_settings(out, preset)
         # fail fast on missing shards or token ids beyond the profile's vocabulary (with --data SHARDS on a
         # byte-level preset every tuner trial failed, and the error blamed tune/choices.json), before any training
         load_fitting_data(preset.data, preset.profile)
-        if not (out / "preset.json").exists() and not (out / "preset.json").is_symlink() \
-                and holds_other_files(out):  # as examples.toy: never write a speedrun into another run's directory
-            raise ValueError(f"{out} is not empty and holds no speedrun: choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        check_settings(out, preset)
+        if not resumed:
+            if holds_other_files(out):  # as examples.toy: never write a speedrun into another run's directory
+                raise ValueError(f"{out} is not empty and holds no speedrun: choose another --out")
+            check_settings(out, preset)  # creates out and writes preset.json
         v = replicate(workload, out, preset.tuner, stream=False if args.no_progress else None)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume (finished runs are kept)", file=sys.stderr)

@@ -108,9 +108,10 @@ def test_tiny_preset_end_to_end_then_resume_and_cli(tmp_path, capsys):
                      str(p.target_loss), "--window", "4", "12", "--no-plots"]) == 0
     assert (tmp_path / "cli-report" / "report.md").exists()
 
-    # other settings in the same directory are refused, in one line with status 2
+    # other settings in the same directory are refused, in one line with status 2, before the data is read
+    # (a shard directory that does not exist would otherwise be the error)
     capsys.readouterr()
-    assert main(["--preset", "tiny", "--out", str(out), "--data", "stdlib"]) == 2
+    assert main(["--preset", "tiny", "--out", str(out), "--data", str(tmp_path / "no-such-shards")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other settings" in err[0] and "data" in err[0]
 
