@@ -185,3 +185,147 @@ def test_an_attached_callback_reused_on_another_trainer_logs_there_not_into_the_
     third.train()
     assert _lens_logs(third) == [2] and _lens_logs(first) == [2] and _lens_logs(second) == [2]
     assert cb.trainer is third
+
+
+# ---------------------------------------------------------------- 1. parameter hooks on every engine and head path
+
+class _Checkpointed(TinyGPT):
+    """TinyGPT with non-reentrant activation checkpointing: the backward re-runs each block's forward."""
+
+    def forward(self, idx):
+        tr = self.transformer
+        x = tr.wte(idx) + tr.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in tr.h:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return self.lm_head(tr.ln_f(x))
+
+
+@pytest.mark.parametrize("cls, params, engine, head_loss", [
+    *[(TinyGPT, W_O, e, h) for e in ("fast", "vmap", "loop") for h in ("auto", "chunked", "materialized")],
+    (TinyGPT, [W_O, "lm_head.weight"], "auto", "materialized"),
+    (TinyGPT, "lm_head.weight", "loop", "auto"),
+    (_Checkpointed, W_O, "fast", "chunked"),
+    (_Checkpointed, [W_O, "transformer.h.0.mlp.c_fc.weight"], "loop", "materialized"),
+])
+def test_parameter_hooks_on_every_parameter_neither_fire_nor_change_the_rows(cls, params, engine, head_loss):
+    """Parameter hooks are switched off only around each engine's ``torch.autograd.grad`` now: no other backward
+    of a pass (the chunked head's autograd.Function, the fast engine's checks, a checkpoint's recomputation)
+    runs a user's hook on any parameter, probed or not, and the rows are the loss's, not 10x."""
+    torch.manual_seed(0)
+    model = cls(tie=True).double()
+    plain = copy.deepcopy(model)
+    calls = []
+    for n, p in model.named_parameters():
+        p.register_hook(lambda g, n=n: calls.append(n) or 10 * g)
+    batch = lm_batch(m=5)
+    names = [params] if isinstance(params, str) else params
+    got = []
+    for m in (plain, model):
+        probe = PerSampleGradientProbe(m, params, engine=engine, head_loss=head_loss, keep_matrix=True, chunk_size=3)
+        probe.update(batch)
+        got.append({n: probe.matrix(n) for n in names})
+    assert calls == []
+    for n in names:
+        assert torch.equal(got[0][n], got[1][n]), n
+    # the hooks are all in place for the training backward
+    F.cross_entropy(model(batch[0]).flatten(0, 1), batch[1].flatten()).backward()
+    assert sorted(set(calls)) == sorted(n for n, _ in model.named_parameters())
+
+
+# ---------------------------------------------------------------- 3. parametrize.cached() suspended and restored
+
+def test_measurement_pass_restores_the_cache_flag_on_errors_interrupts_and_nesting():
+    assert parametrize._cache_enabled == 0
+    with measurement_pass():  # outside any cached() block: nothing to suspend, nothing left behind
+        assert parametrize._cache_enabled == 0
+    assert parametrize._cache_enabled == 0
+    with parametrize.cached():
+        with parametrize.cached():
+            assert parametrize._cache_enabled == 2
+            for exc in (RuntimeError, KeyboardInterrupt):
+                with pytest.raises(exc):
+                    with measurement_pass():
+                        with measurement_pass():
+                            assert parametrize._cache_enabled == 0
+                        assert parametrize._cache_enabled == 0
+                        raise exc("inside")
+                assert parametrize._cache_enabled == 2
+            # a forward that enters cached() itself inside the measurement leaves the caller's count alone
+            with measurement_pass():
+                with parametrize.cached():
+                    assert parametrize._cache_enabled == 1
+                assert parametrize._cache_enabled == 0
+            assert parametrize._cache_enabled == 2
+    assert parametrize._cache_enabled == 0 and parametrize._cache == {}
+
+
+def test_a_probe_inside_cached_on_a_parametrized_model_measures_and_leaves_the_cache_working():
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    parametrize.register_parametrization(model[0], "weight", Double())
+    x, y = torch.randn(6, 4, dtype=torch.double), torch.randint(0, 3, (6,))
+    kw = dict(forward_fn=lambda m, b: m(b[0]), loss_fn=lambda out, b: F.cross_entropy(out, b[1], reduction="none"),
+              keep_matrix=True)
+    name = "0.parametrizations.weight.original"
+    ref = PerSampleGradientProbe(copy.deepcopy(model), name, **kw)
+    ref.update((x, y))
+    with parametrize.cached():
+        loss = F.cross_entropy(model(x), y)  # the caller's forward caches the weight with its graph
+        probe = PerSampleGradientProbe(model, name, **kw)
+        probe.update((x, y))
+        loss.backward()  # the caller's graph reaches the parametrization's parameter
+    torch.testing.assert_close(probe.matrix(), ref.matrix(), rtol=0, atol=0)
+    assert model[0].parametrizations.weight.original.grad is not None
+    assert parametrize._cache_enabled == 0
+
+
+# ---------------------------------------------------------------- 4. Lightning: log / log_dict dropped in teardown
+
+def test_lightning_callback_logs_in_a_second_fit_and_its_self_log_works_in_each_run(tmp_path):
+    """The callback drops the ``log`` / ``log_dict`` Lightning sets on it at each run: a second ``fit`` and a
+    ``validate`` after ``fit`` still send the lens's scalars to the loggers, and a subclass's own ``self.log``
+    (set again by Lightning at every run) still works in each."""
+    pl = pytest.importorskip("lightning.pytorch")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations"))
+    from test_lightning import TinyLit, loader, trainer
+
+    from spectral_lens.integrations import SpectralLensLightningCallback
+
+    class Recorder(pl.loggers.Logger):
+        name, version = "rec", 0
+
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def log_metrics(self, metrics, step=None):
+            self.rows.append((step, dict(metrics)))
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    class Logs(SpectralLensLightningCallback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            self.log("own_train", 1.0)
+
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            self.log("own_val", 2.0)
+
+    lens = sl.SpectralLens(pool=lm_pool(1, batch=4, t=12, vocab=37), params=(), forward_fn=lambda m, b: m(b[0]),
+                           schedule=sl.Schedule.every(2), progress=False)
+    cb = Logs(lens)
+    for run in range(2):
+        rec = Recorder()
+        t = trainer(tmp_path / str(run), cb, rec, max_steps=2, limit_val_batches=1, num_sanity_val_steps=0,
+                    log_every_n_steps=1)
+        t.fit(TinyLit(), loader(4, 0), loader(1, 1))
+        assert [s for s, row in rec.rows if any(k.startswith("spectral_lens/") for k in row)] == [2], run
+        assert any("own_train" in row for _, row in rec.rows), run
+        assert "log" not in vars(cb)
+        out = t.validate(t.lightning_module, loader(1, 1), verbose=False)
+        assert out[0]["own_val"] == 2.0
