@@ -337,7 +337,7 @@ def vmap_engine(
             grads, losses = vmap(grad_and_value(one), in_dims=(None, *dims), randomness="different")(detached, *leaves)
     finally:
         for m, k, p in slots:
-            if m._parameters.get(k) is not p:
+            if m._parameters[k] is not p:  # [] not get(): a scripted module's dictionary has no get
                 m._parameters[k] = p
     rows = {k: grads["model." + first[id(v)]].reshape(n, -1) for k, v in params.items()}
     return rows, losses
