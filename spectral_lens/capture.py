@@ -148,7 +148,8 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
             f"{'closest names' if hints else 'some module names'}: {shown}"
         )
     for name, mod in chosen:
-        if isinstance(mod, torch.jit.ScriptModule):
+        # torch.jit.script's modules refuse hooks; torch.jit.trace's (also ScriptModules) take them
+        if isinstance(mod, torch.jit.RecursiveScriptModule):
             raise ValueError(
                 f"{type(model).__name__}: module {display_name(name, mod)!r} is a TorchScript module "
                 f"({type(mod).__name__} from torch.jit.script), which takes no forward hook, so its output cannot "

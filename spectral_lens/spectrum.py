@@ -105,7 +105,11 @@ class Spectrum:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"Spectrum.kind must be one of {KINDS}, got {self.kind!r}")
-        v = torch.as_tensor(self.values, device="cpu").detach().to(torch.float64)  # never via the default device
+        # never via the default device; a normal tensor also when made inside torch.inference_mode() (a spectrum
+        # measured in an evaluation loop is kept: its values must take in-place ops and autograd later)
+        with torch.inference_mode(False):
+            v = torch.as_tensor(self.values, device="cpu").detach().to(torch.float64)
+            v = v.clone() if v.is_inference() else v
         if v.ndim != 1:
             raise ValueError(f"Spectrum.values must be 1-D, got shape {tuple(v.shape)}")
         if v.numel() and not bool(torch.isfinite(v).all()):

@@ -324,11 +324,21 @@ def vmap_engine(
     for k, v in params.items():
         first.setdefault(id(v), k)
     detached = {"model." + k: params[k].detach() for k in first.values()}
-    with torch.no_grad(), warnings.catch_warnings():
-        # vmap falls back to a per-sample loop for kernels without batching rules (SDPA on some
-        # backends) and says so on every call; that is the documented cost of this engine.
-        warnings.filterwarnings("ignore", message="There is a performance drop")
-        grads, losses = vmap(grad_and_value(one), in_dims=(None, *dims), randomness="different")(detached, *leaves)
+    # functional_call swaps a tied tensor under each of its names and, for one module object registered under
+    # several names (a shared block: h.0 is h.1), puts the wrong tensor back: its own detached copy stayed in
+    # the model. Every slot holding a probed tensor is put back here.
+    slots = [(m, k, p) for m in {id(m): m for m in model.modules()}.values() for k, p in m._parameters.items()
+             if id(p) in first]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # vmap falls back to a per-sample loop for kernels without batching rules (SDPA on some
+            # backends) and says so on every call; that is the documented cost of this engine.
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            grads, losses = vmap(grad_and_value(one), in_dims=(None, *dims), randomness="different")(detached, *leaves)
+    finally:
+        for m, k, p in slots:
+            if m._parameters[k] is not p:  # [] not get(): a scripted module's dictionary has no get
+                m._parameters[k] = p
     rows = {k: grads["model." + first[id(v)]].reshape(n, -1) for k, v in params.items()}
     return rows, losses
 
@@ -366,9 +376,9 @@ def loop_engine(
     for name in params:
         mod = model.get_submodule(name.rpartition(".")[0])
         owners.setdefault(id(mod), (name, mod))
-    # a scripted module (torch.jit.script) takes no hook, and no checkpoint can run inside TorchScript
+    # a scripted module (torch.jit.script; a traced one does) takes no hook, and no checkpoint can run inside TorchScript
     handles = [mod.register_forward_hook(check(name)) for name, mod in owners.values()
-               if not isinstance(mod, torch.jit.ScriptModule)]
+               if not isinstance(mod, torch.jit.RecursiveScriptModule)]
     try:
         with only_requires_grad(model, unique), torch.enable_grad():
             for i in range(n):

@@ -100,7 +100,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         step = int(state.global_step)
 
         def log(scalars: dict[str, float]) -> None:  # on rank 0, agreed with the other ranks by the driver
-            trainer = self.trainer
+            trainer = self._trainer_of(state)
             if trainer is not None:
                 control = trainer.control
                 should_log = control.should_log
@@ -113,11 +113,17 @@ class SpectralLensCallback(_transformers.TrainerCallback):
 
         self.driver.measure(step, self.driver.tokens(step, state.num_input_tokens_seen), val_loss, log=log)
 
-    def _names_another_dataset(self, metrics) -> bool:
+    def _trainer_of(self, state):
+        """:attr:`trainer` if ``state`` is its state (the callback runs in that trainer), else ``None``: a
+        callback attached to one trainer and then added to another logs the other's run into its state."""
+        trainer = self.trainer
+        return trainer if trainer is not None and trainer.state is state else None
+
+    def _names_another_dataset(self, state, metrics) -> bool:
         """Whether ``eval_loss_key`` names the loss of one of the attached trainer's evaluation datasets
         (a dict) and ``metrics`` are another one's (``eval_<other>_...``): that dataset's evaluation at
         the same step follows or came first."""
-        datasets = getattr(self.trainer, "eval_dataset", None)
+        datasets = getattr(self._trainer_of(state), "eval_dataset", None)
         if not isinstance(datasets, dict) or not any(self.eval_loss_key == f"eval_{n}_loss" for n in datasets):
             return False
         others = [f"eval_{n}_" for n in datasets if self.eval_loss_key != f"eval_{n}_loss"]
@@ -150,7 +156,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         if not self.on_evaluate_:
             return
         val_loss = (metrics or {}).get(self.eval_loss_key)
-        if val_loss is None and self._names_another_dataset(metrics or {}):
+        if val_loss is None and self._names_another_dataset(state, metrics or {}):
             return  # the evaluation of the dataset eval_loss_key names, at the same step, measures
         step = int(state.global_step)
         if val_loss is None and self._warned_step != step:  # e.g. another metric_key_prefix
