@@ -48,12 +48,10 @@ from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .registry import fast_path_for
 from ._measurable import (ATTENTION_OUTPUT_PATTERNS, _refuse_recording_opacus_hooks, _refuse_scripted, _resolve_params,
-                          default_gradient_param, is_encoder_decoder, refuse_parallel_wrapper, refuse_unfit_defaults)
+                          default_gradient_param, refuse_parallel_wrapper, refuse_unfit_defaults)
+from ._measurable import is_encoder_decoder  # noqa: F401  (spectral_lens.lens imports it from here)
 
-# The names after the first three live in ._measurable and ._validate; they are re-exported here, where
-# spectral_lens.lens, tests and benchmarks import them and docs/reference/gradients.md documents them.
-__all__ = ["PerSampleGradientProbe", "ATTENTION_OUTPUT_PATTERNS", "default_gradient_param",
-           "finite_rows", "refuse_parallel_wrapper", "is_encoder_decoder", "refuse_unfit_defaults"]
+__all__ = ["PerSampleGradientProbe", "ATTENTION_OUTPUT_PATTERNS", "default_gradient_param"]
 
 ENGINES = ("auto", "fast", "vmap", "loop")
 HEAD_LOSSES = ("auto", "chunked", "materialized")
