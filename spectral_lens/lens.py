@@ -4,16 +4,18 @@ Configured once with the model, the fixed held-out pool, the layers and the matr
 ``measure(step, tokens)`` runs the activation protocol (covariance spectra of the chosen layers over
 the whole pool) and the gradient protocol (per-sample gradient spectra of the chosen matrices), and
 appends one measurement to a run record when a :class:`~spectral_lens.records.RunWriter` is given.
+
+:class:`~spectral_lens.schedule.Schedule` (when to measure) is in ``schedule``; the layer-stack defaults
+(``_blocks``) and the default mask and pool checks (``_pools``) are in private modules; all are importable
+from here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
-import numbers
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -21,6 +23,8 @@ import torch
 from torch import nn
 
 from ._args import check_callable, check_count, check_dtype, check_window
+from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
+from ._pools import attention_mask, sharded_pool, unfixed_pool
 from ._progress import progress_bar, sized_total
 from .activation_capture import attach
 from .attachment import Attachment
@@ -34,6 +38,7 @@ from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
 from .spectra.fit import tail_window
 from .spectra.moments import PRECISIONS
 from .records import spectrum_summaries
+from .schedule import Schedule
 from .spectrum import Spectrum
 
 __all__ = [
@@ -45,170 +50,6 @@ __all__ = [
     "all_blocks",
     "block_hidden_states",
 ]
-
-
-def attention_mask(batch: Any) -> torch.Tensor | None:
-    """The default ``mask_fn`` of :class:`SpectralLens`: valid positions of a padded batch.
-
-    For a dict batch (any mapping, such as Hugging Face's ``BatchEncoding``) with an
-    ``"attention_mask"`` entry, that mask as bool (``True`` = real token); for every other batch
-    ``None`` (all rows measured). The mask must have the measured module output's leading shape
-    (``(M, T)`` for a ``(M, T, d)`` block output).
-    """
-    if isinstance(batch, Mapping) and batch.get("attention_mask") is not None:
-        return batch["attention_mask"].bool()
-    return None
-
-
-def _names_modules(target: Any) -> bool:
-    """Whether a layer target is or lists module objects (resolved to their names when binding)."""
-    if isinstance(target, nn.Module):
-        return True
-    return isinstance(target, (list, tuple, set, frozenset)) and any(isinstance(t, nn.Module) for t in target)
-
-
-def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 0]
-
-
-def all_blocks(model: nn.Module) -> list[str]:
-    """Dotted names of the model's layer stack: the ``ModuleList``/``Sequential`` of same-class,
-    parameterized blocks, preferring homogeneous stacks, then stacks that no other homogeneous stack
-    contains (the experts of a mixture-of-experts layer, or per-head modules, are lists inside a
-    block, never the stack), then ``ModuleList``, then length, then shallowness (``transformer.h``,
-    ``model.layers``, ``blocks``). Pass ``layers=`` when this guesses wrong."""
-    def homogeneous(blocks) -> bool:
-        return len({type(b) for b in blocks}) == 1 and any(True for _ in blocks[0].parameters())
-
-    lists = _block_lists(model)
-    if not lists:
-        raise ValueError(
-            f"{type(model).__name__}: found no ModuleList/Sequential of blocks; pass layers= explicitly"
-        )
-    stacks = [n for n, m in lists if homogeneous(m)]
-
-    def score(item):
-        name, blocks = item
-        inside = any(s == "" or name.startswith(s + ".") for s in stacks if s != name)
-        return (homogeneous(blocks), not inside, isinstance(blocks, nn.ModuleList), len(blocks), -name.count("."))
-
-    name, blocks = max(lists, key=score)
-    return [f"{name}.{i}" if name else str(i) for i in range(len(blocks))]
-
-
-_RANDOM_SAMPLERS = (
-    torch.utils.data.RandomSampler,
-    torch.utils.data.SubsetRandomSampler,
-    torch.utils.data.WeightedRandomSampler,
-)
-
-
-def unfixed_pool(pool: Any, cap: int | None = None) -> str | None:
-    """Why iterating ``pool`` (a ``DataLoader`` with a random sampler) yields a different set of samples
-    at each measurement, or ``None``. A reshuffled pool whose every sample is measured is fine (the
-    spectra do not depend on the order); one that draws with replacement, drops a shuffled remainder
-    (``drop_last``) or is cut to its first ``cap`` samples is not the fixed pool of the protocol."""
-    batch_sampler = getattr(pool, "batch_sampler", None)
-    sampler = getattr(batch_sampler, "sampler", None) or getattr(pool, "sampler", None)
-    if not isinstance(sampler, _RANDOM_SAMPLERS):
-        return None
-    n = len(sampler)
-    if getattr(sampler, "replacement", False):
-        return "draws its samples at random with replacement"
-    size = getattr(batch_sampler, "batch_size", None)
-    if getattr(batch_sampler, "drop_last", False) and size and n % size:
-        return f"shuffles and drops a different {n % size} of its {n} samples on every pass (drop_last=True)"
-    if cap is not None and cap < n:
-        return f"shuffles, and gradient_samples={cap} takes the first {cap} of its {n} samples"
-    return None
-
-
-def sharded_pool(pool: Any) -> str | None:
-    """What makes ``pool`` one rank's shard of the data (a ``DataLoader`` over a ``DistributedSampler`` of
-    several replicas), or ``None``. The lens shards the pool itself (batch ``i`` on rank ``i % world``)
-    and runs the gradient protocol over rank 0's whole gradient pool, so a shard per rank would measure
-    a part of the pool only, silently."""
-    batch_sampler = getattr(pool, "batch_sampler", None)
-    sampler = getattr(batch_sampler, "sampler", None) or getattr(pool, "sampler", None)
-    if isinstance(sampler, torch.utils.data.DistributedSampler) and sampler.num_replicas > 1:
-        return f"is a DataLoader over a DistributedSampler (rank {sampler.rank} of {sampler.num_replicas} replicas)"
-    return None
-
-
-def deepest_block(model: nn.Module) -> str:
-    """The last block of the layer stack: the paper's default activation probe (App. E.3)."""
-    return all_blocks(model)[-1]
-
-
-def block_hidden_states(output: Any) -> Any:
-    """How the lens reads the blocks it chose itself (``layers=None`` or ``"all"``) when ``pick=None``:
-    a tensor output as it is, a tuple/list output at its first element when that is a tensor (the
-    hidden states, by the Hugging Face convention: Falcon, BLOOM, GPT-Neo and MPT layers still return
-    tuples in ``transformers`` 5). Anything else is returned unchanged (and refused by the capture
-    with an error asking for ``pick=``)."""
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    return output
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """When to measure, as a set of training steps.
-
-    Build with :meth:`every`, :meth:`log_spaced` or :meth:`at_fractions`, combine with ``|``, and ask
-    ``step in schedule``. A schedule is its explicit ``steps``, plus every ``period``-th step from
-    ``start``, plus the steps of any schedule in ``parts``.
-    """
-
-    steps: frozenset[int] = field(default_factory=frozenset)
-    period: int | None = None
-    start: int = 0
-    parts: tuple["Schedule", ...] = ()
-
-    @classmethod
-    def every(cls, k: int, start: int = 0) -> "Schedule":
-        """Every ``k`` steps from ``start`` (inclusive); integers (a float such as ``1e3`` that is one is taken
-        as it; ``2.5`` is refused: it matched only the steps that are multiples of it, 0, 5, 10, ...)."""
-        k, start = (int(v) if isinstance(v, float) and v.is_integer() else v for v in (k, start))
-        if isinstance(k, numbers.Integral) and not isinstance(k, bool) and k < 1:
-            raise ValueError(f"Schedule.every: k must be >= 1, got {k}")
-        return cls(period=check_count("Schedule.every", "k", k, 1), start=check_count("Schedule.every", "start", start, 0))
-
-    @classmethod
-    def log_spaced(cls, total_steps: int, n: int, first: int = 1) -> "Schedule":
-        """About ``n`` steps spaced evenly in log between ``first`` and ``total_steps`` (inclusive)."""
-        if total_steps < first or first < 1 or n < 1:
-            raise ValueError(f"Schedule.log_spaced: need total_steps >= first >= 1 and n >= 1, got {total_steps}, {first}, {n}")
-        if n == 1:
-            return cls(frozenset({total_steps}))
-        ratio = (total_steps / first) ** (1 / (n - 1))
-        return cls(frozenset(min(total_steps, round(first * ratio**i)) for i in range(n)))
-
-    @classmethod
-    def at_fractions(cls, total_steps: int, fractions: Iterable[float] = (0.2,)) -> "Schedule":
-        """The steps at fractions of training progress (the paper's early prediction uses 0.2).
-
-        For a loop ``for step in range(total_steps)``: fraction ``f`` maps to step
-        ``min(ceil(f * total_steps), total_steps - 1)``, so ``1.0`` is the last step the loop runs
-        (``total_steps - 1``) and every fraction is measured. ``f * total_steps`` is rounded to 6
-        decimals before the ceiling, so a fraction is the step its decimal value names
-        (``at_fractions(100, [0.07])`` is step 7, although the float ``0.07 * 100`` is ``7.000000000000001``).
-        """
-        if int(total_steps) < 1:
-            raise ValueError(f"Schedule.at_fractions: total_steps must be >= 1, got {total_steps}")
-        out = set()
-        for f in fractions:
-            if not 0.0 <= f <= 1.0:
-                raise ValueError(f"Schedule.at_fractions: fraction {f} outside [0, 1]")
-            out.add(min(int(math.ceil(round(f * total_steps, 6))), int(total_steps) - 1))
-        return cls(frozenset(out))
-
-    def __contains__(self, step: int) -> bool:
-        periodic = self.period is not None and step >= self.start and (step - self.start) % self.period == 0
-        return step in self.steps or periodic or any(step in p for p in self.parts)
-
-    def __or__(self, other: "Schedule") -> "Schedule":
-        return Schedule(parts=(self, other))
 
 
 @dataclass(frozen=True)

@@ -28,3 +28,22 @@ def _restore_torch_threads():
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smoke_job(tmp_path_factory):
+    """One uninterrupted ``python -m examples.toy --preset smoke`` job (tuner, three runs, report), run once per
+    session: ``(exit status, output directory, what it printed)``. Shared by tests/toy/test_smoke.py and
+    tests/replicate/test_resume_audit.py, which each ran the same job (~10 s); copy the directory before
+    writing into it."""
+    pytest.importorskip("optuna", reason="the toy's tuner needs the tune extra: pip install -e '.[tune]'")
+    import contextlib
+    import io
+
+    from examples.toy.__main__ import main
+
+    out = tmp_path_factory.mktemp("smoke") / "toy"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = main(["--preset", "smoke", "--out", str(out)])
+    return status, out, printed.getvalue()

@@ -122,9 +122,9 @@ PRESETS: dict[str, Preset] = {
     # The test preset: the same code path as the others at toy sizes (< 90 s on the 2-core machine).
     "tiny": Preset(
         name="tiny", profile="tiny", data="pydoc", families=("RoPE", "Muon"), tiers=(1, 2, 4),
-        reference_tier=2, target_loss=3.4, budget=8_192, rungs=(2_048, 4_096),
+        reference_tier=2, target_loss=3.4, budget=8_192, rungs=(1_024, 2_048),
         multipliers=(1.0,), lr_factor=2.0, seq_len=64, rows=2, measure_every=0.1,
-        val_tokens=2_048, pool_seqs=16, pool_seq_len=64, gradient_samples=8, tail_window=(4, 12),
+        val_tokens=512, pool_seqs=16, pool_seq_len=64, gradient_samples=8, tail_window=(4, 12),
         head_window=(1, 4), device="cpu", expected_minutes=1.0,
     ),
     # The 2-core CPU replication: bundled pydoc text, the 4-layer 128-wide profile, the chain link

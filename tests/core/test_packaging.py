@@ -100,7 +100,7 @@ def test_typed_package_and_classifiers():
 
 
 # ------------------------------------------------------------------------------ python -m and CLI
-def test_python_m_spectral_lens_runs_the_cli(tmp_path):
+def test_python_m_spectral_lens_runs_the_cli(tmp_path, capsys):
     """There was no ``spectral_lens/__main__.py``: ``python -m spectral_lens`` failed with
     'No module named spectral_lens.__main__'."""
     out = _run(["-m", "spectral_lens", "--help"], cwd=tmp_path)
@@ -108,14 +108,19 @@ def test_python_m_spectral_lens_runs_the_cli(tmp_path):
     assert out.stdout.startswith("usage: spectral-lens ")
     for command in ("report", "predict", "inspect"):
         assert command in out.stdout
-    out = _run(["-m", "spectral_lens", "inspect", "--help"], cwd=tmp_path)
-    assert out.returncode == 0 and out.stdout.startswith("usage: spectral-lens inspect ")
     out = _run(["-m", "spectral_lens"], cwd=tmp_path)  # no command: one line, status 2
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.splitlines() == ["spectral-lens: error: the following arguments are required: command"]
-    out = _run(["-m", "spectral_lens", "inspect", str(tmp_path / "nothing")], cwd=tmp_path)
-    assert out.returncode == 2
-    assert out.stderr.splitlines() == [f"spectral-lens inspect: error: {tmp_path / 'nothing'}: no such file or directory"]
+    # a subcommand's own behaviour: spectral_lens/__main__.py is ``sys.exit(main())``, which the two runs above
+    # show reaching main() with and without arguments; in-process (each interpreter start imports torch, ~2.5 s)
+    from spectral_lens.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["inspect", "--help"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("usage: spectral-lens inspect ")
+    assert main(["inspect", str(tmp_path / "nothing")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"spectral-lens inspect: error: {tmp_path / 'nothing'}: no such file or directory"]
 
 
 def test_cli_version(capsys):
@@ -128,50 +133,121 @@ def test_cli_version(capsys):
 
 
 # ------------------------------------------------------------------------------- what imports what
-def test_import_loads_no_optional_or_heavy_package(tmp_path):
+def test_import_loads_no_optional_or_heavy_package(fresh):
     """``import spectral_lens`` (and every public module, the CLI, reports and plots) imports
     neither an optional extra nor scipy: each is imported where it is first used."""
-    code = (
-        "import importlib, json, sys\n"
-        "import spectral_lens\n"
-        "at_import = sorted(m for m in sys.modules if m.split('.')[0] in ('scipy',) + tuple(sys.argv[1:]))\n"
-        "for mod in ('records', 'analysis', 'spectra', 'gradients', 'integrations', 'cli', 'report', 'plot', "
-        "'weights', 'summaries'):\n"
-        "    importlib.import_module('spectral_lens.' + mod)\n"
-        "later = sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in sys.argv[1:]})\n"
-        "print(json.dumps([at_import, later]))\n"
-    )
-    out = _run(OPTIONAL, code=code, cwd=tmp_path)
+    out = fresh["import"]
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [[], []]
 
 
 _BLOCK = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None  # `import name` raises ImportError\n"
 
+# the fresh-interpreter cases of the tests below (run by the ``fresh`` fixture)
+_IMPORT_CODE = (
+    "import importlib, json, sys\n"
+    "import spectral_lens\n"
+    "at_import = sorted(m for m in sys.modules if m.split('.')[0] in ('scipy',) + tuple(sys.argv[1:]))\n"
+    "for mod in ('records', 'analysis', 'spectra', 'gradients', 'integrations', 'cli', 'report', 'plot', "
+    "'weights', 'summaries'):\n"
+    "    importlib.import_module('spectral_lens.' + mod)\n"
+    "later = sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in sys.argv[1:]})\n"
+    "print(json.dumps([at_import, later]))\n"
+)
+_OPTIONAL_CODE = _BLOCK.format(names=OPTIONAL + ("torch.utils.tensorboard",)) + (
+    "import json, spectral_lens.plot as plot, spectral_lens.integrations as integ\n"
+    "cases = {name: (lambda f=getattr(plot, name): f([])) for name in plot.__all__ if name.startswith('plot_')}\n"
+    "cases['save_figure'] = lambda: plot.require_matplotlib()\n"
+    "cases['SpectralLensCallback'] = lambda: integ.SpectralLensCallback\n"
+    "cases['SpectralLensLightningCallback'] = lambda: integ.SpectralLensLightningCallback\n"
+    "cases['pytorch_lightning'] = lambda: __import__('spectral_lens.integrations.pytorch_lightning')\n"
+    "cases['TensorBoardSink'] = lambda: integ.TensorBoardSink('tb', figures=False)\n"
+    "cases['TensorBoardSink figures'] = lambda: integ.TensorBoardSink('tb')\n"
+    "cases['WandbSink'] = lambda: integ.WandbSink()\n"
+    "out = {}\n"
+    "for name, case in cases.items():\n"
+    "    try:\n"
+    "        case()\n"
+    "        out[name] = None\n"
+    "    except ImportError as exc:\n"
+    "        out[name] = str(exc)\n"
+    "print(json.dumps(out))\n"
+    )
+_CLI_CODE = _BLOCK.format(names=OPTIONAL) + (
+    "import torch\n"
+    "from spectral_lens import Spectrum\n"
+    "from spectral_lens.records import RunInfo, RunWriter\n"
+    "from spectral_lens.cli import main\n"
+    "for tier in (4, 8):\n"
+    "    with RunWriter(f'runs/b{tier}', RunInfo(f'b{tier}', family='f', batch_tier=tier, total_tokens=100)) as w:\n"
+    "        for step in (0, 1):\n"
+    "            w.log_measurement(step=step, tokens=10 * (step + 1), spectra={'act': Spectrum(torch.arange(8.0, 0, -1, dtype=torch.float64), n_rows=64, dim=8)})\n"
+    "sys.exit(main(['report', 'runs', '--out', 'rep']))\n"
+    )
+_TUNER_CODE = _BLOCK.format(names=("optuna",)) + (
+    "from examples.tune.__main__ import main\n"
+    "sys.exit(main(['synthetic', '--tiers', '1', '2', '--rungs', '3', '9', '--workdir', 'tune']))\n"
+    )
 
-def test_every_optional_feature_names_its_extra_without_it(tmp_path):
+_FORKS = r"""
+import json, os, sys, traceback
+import torch  # imported once; every case imports it first (torch imports no watched package: checked below)
+loaded = sorted(m for m in sys.modules if m.split('.')[0] in json.loads(sys.argv[1]))
+print(json.dumps(loaded), flush=True)
+for code, args, cwd in json.loads(sys.argv[2]):
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the case: ``python -c code *args`` run from cwd, in a process of its own
+        os.chdir(cwd)
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = ["-c", *args]
+        status = 0
+        try:
+            exec(compile(code, "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(status)
+    _, wait = os.waitpid(pid, 0)
+    print(json.dumps(os.waitstatus_to_exitcode(wait)), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    """The cases above, each as ``python -c CODE ARGS`` from a directory outside the checkout: one interpreter
+    imports torch, then forks one process per case (four interpreter starts, each importing torch, cost
+    ~10 s of the CI tier). Per case: a ``CompletedProcess`` with ``cwd`` (its directory) added."""
+    cases = {"import": (_IMPORT_CODE, OPTIONAL), "optional": (_OPTIONAL_CODE, ()), "cli": (_CLI_CODE, ()),
+             "tuner": (_TUNER_CODE, ())}
+    dirs = {name: tmp_path_factory.mktemp(name) for name in cases}
+    out = _run([json.dumps(("scipy",) + OPTIONAL),
+                json.dumps([[code, list(args), str(dirs[name])] for name, (code, args) in cases.items()])],
+               code=_FORKS, cwd=tmp_path_factory.mktemp("forks"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert json.loads(lines[0]) == []  # what a fresh interpreter's ``import torch`` loads of the watched packages
+    results = {}
+    for (name, (code, args)), status in zip(cases.items(), lines[1:]):
+        d = dirs[name]
+        results[name] = subprocess.CompletedProcess(["python", "-c", code, *args], json.loads(status),
+                                                    (d / "stdout").read_text(), (d / "stderr").read_text())
+        results[name].cwd = d
+        (d / "stdout").unlink()
+        (d / "stderr").unlink()
+    assert len(results) == len(cases), out.stdout
+    return results
+
+
+
+def test_every_optional_feature_names_its_extra_without_it(fresh):
     """With every optional package missing (as after ``pip install spectral-lens``), each feature
     that needs one raises a one-line ``ImportError`` naming the package and the pip extra."""
-    code = _BLOCK.format(names=OPTIONAL + ("torch.utils.tensorboard",)) + (
-        "import json, spectral_lens.plot as plot, spectral_lens.integrations as integ\n"
-        "cases = {name: (lambda f=getattr(plot, name): f([])) for name in plot.__all__ if name.startswith('plot_')}\n"
-        "cases['save_figure'] = lambda: plot.require_matplotlib()\n"
-        "cases['SpectralLensCallback'] = lambda: integ.SpectralLensCallback\n"
-        "cases['SpectralLensLightningCallback'] = lambda: integ.SpectralLensLightningCallback\n"
-        "cases['pytorch_lightning'] = lambda: __import__('spectral_lens.integrations.pytorch_lightning')\n"
-        "cases['TensorBoardSink'] = lambda: integ.TensorBoardSink('tb', figures=False)\n"
-        "cases['TensorBoardSink figures'] = lambda: integ.TensorBoardSink('tb')\n"
-        "cases['WandbSink'] = lambda: integ.WandbSink()\n"
-        "out = {}\n"
-        "for name, case in cases.items():\n"
-        "    try:\n"
-        "        case()\n"
-        "        out[name] = None\n"
-        "    except ImportError as exc:\n"
-        "        out[name] = str(exc)\n"
-        "print(json.dumps(out))\n"
-    )
-    out = _run([], code=code, cwd=tmp_path)
+    out = fresh["optional"]
     assert out.returncode == 0, out.stderr
     messages = json.loads(out.stdout)
     # TensorBoardSink named 'torch' (the first part of torch.utils.tensorboard) as the missing package
@@ -186,41 +262,26 @@ def test_every_optional_feature_names_its_extra_without_it(tmp_path):
         phrase = "plotting needs matplotlib" if package == "matplotlib" else f"needs the optional package {package!r}"
         assert "\n" not in message and phrase in message, (name, message)
         assert f"pip install 'spectral-lens[{extra}]'" in message, (name, message)
-    assert not (tmp_path / "tb").exists()  # the sinks failed before creating a log directory
+    assert not (out.cwd / "tb").exists()  # the sinks failed before creating a log directory
 
 
-def test_cli_without_optional_packages(tmp_path):
+def test_cli_without_optional_packages(fresh):
     """``spectral-lens report`` without matplotlib writes tables only and says how to get figures."""
-    code = _BLOCK.format(names=OPTIONAL) + (
-        "import torch\n"
-        "from spectral_lens import Spectrum\n"
-        "from spectral_lens.records import RunInfo, RunWriter\n"
-        "from spectral_lens.cli import main\n"
-        "for tier in (4, 8):\n"
-        "    with RunWriter(f'runs/b{tier}', RunInfo(f'b{tier}', family='f', batch_tier=tier, total_tokens=100)) as w:\n"
-        "        for step in (0, 1):\n"
-        "            w.log_measurement(step=step, tokens=10 * (step + 1), spectra={'act': Spectrum(torch.arange(8.0, 0, -1, dtype=torch.float64), n_rows=64, dim=8)})\n"
-        "sys.exit(main(['report', 'runs', '--out', 'rep']))\n"
-    )
-    out = _run([], code=code, cwd=tmp_path)
+    out = fresh["cli"]
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "rep" / "report.md").is_file()
+    assert (out.cwd / "rep" / "report.md").is_file()
     assert "note: matplotlib is not installed: tables only (pip install 'spectral-lens[plot]' for figures)" in out.stdout
     assert "Traceback" not in out.stderr
 
 
-def test_tuner_without_optuna_names_the_extra(tmp_path):
+def test_tuner_without_optuna_names_the_extra(fresh):
     """``python -m examples.tune`` (run from a checkout) imported optuna itself: without the extra it
     printed 'error: No module named 'optuna'' and no way to get it."""
-    code = _BLOCK.format(names=("optuna",)) + (
-        "from examples.tune.__main__ import main\n"
-        "sys.exit(main(['synthetic', '--tiers', '1', '2', '--rungs', '3', '9', '--workdir', 'tune']))\n"
-    )
-    out = _run([], code=code, cwd=tmp_path)
+    out = fresh["tuner"]
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.splitlines() == ["python -m examples.tune: error: examples.tune needs Optuna: "
                                        "pip install 'spectral-lens[tune]'"]
-    assert not (tmp_path / "tune").exists()
+    assert not (out.cwd / "tune").exists()
 
 
 # --------------------------------------------------------------------------------------- the wheel

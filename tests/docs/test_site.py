@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,11 @@ def test_mkdocs_build_strict(tmp_path):
     # the API reference really was generated from the docstrings
     page = (tmp_path / "site" / "reference" / "lens" / "index.html").read_text(encoding="utf-8")
     assert "Measure activation and per-sample gradient spectra" in page
+    # every name importable from spectral_lens.lens is rendered, wherever it is defined (Schedule in
+    # schedule.py, the pool checks and layer-stack defaults in the private _pools.py and _blocks.py)
+    for name in ("SpectralLens", "LensMeasurement", "Schedule", "attention_mask", "unfixed_pool", "sharded_pool",
+                 "all_blocks", "deepest_block", "block_hidden_states"):
+        assert re.search(rf'id="spectral_lens\.[\w.]+\.{name}"', page), f"docs/reference/lens.md does not render {name}"
     for md in sorted((ROOT / "docs").rglob("*.md")):
         rel = md.relative_to(ROOT / "docs").with_suffix("")
         built = tmp_path / "site" / ("index.html" if rel.name == "index" and rel.parent == Path(".") else rel / "index.html")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,7 +201,11 @@ def _failing_worker(rank: int, port: int, out: str) -> None:
             acc.update(torch.randn(4, D, dtype=torch.float64))
             _sync_status(None, torch.device("cpu"), acc._label(), acc.name, acc.dim, acc.nonfinite, acc.precision,
                          acc._synced)
-            time.sleep(PG_TIMEOUT_S + 4)
+            # silent until rank 0 has given up on the collective and recorded what it saw (at most
+            # PG_TIMEOUT_S + 4 s, the fixed sleep this was: ~4 s of it spent after rank 0 was done)
+            deadline = time.monotonic() + PG_TIMEOUT_S + 4
+            while not Path(out, "failed_collective.rank0.json").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
             write_case(out, "failed_collective", rank, {})
 
 

@@ -11,11 +11,12 @@ pytest.importorskip("optuna", reason="the toy's tuner needs the tune extra: pip 
 from examples.toy.__main__ import main  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """One uninterrupted ``smoke`` job (tuner, three runs, report)."""
-    out = tmp_path_factory.mktemp("resume") / "done"
-    assert main(["--preset", "smoke", "--out", str(out)]) == 0
+@pytest.fixture
+def finished(smoke_job):
+    """One uninterrupted ``smoke`` job (tuner, three runs, report): tests/conftest.py's, shared with
+    tests/toy/test_smoke.py (copied before any write)."""
+    status, out, _ = smoke_job
+    assert status == 0
     return out
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from examples.tune import tune
 from examples.tune.synthetic import SyntheticTrainable
+from support.workers import UntilWorkersStarted
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = dict(families={"synthetic": {"lr": 1e-3}}, tiers=[1, 32], reference_tier=8, rungs=[30, 90, 270])
@@ -43,10 +44,10 @@ def _check_each_rung_trained_once(calls, survivors):
 
 def test_two_worker_processes_share_a_journal(tmp_path):
     ref = _reference(tmp_path)
-    # 0.15 s per validation point: rung 0 alone keeps the first worker busy for ~9 s, long enough for
-    # the spawned worker to start and claim trials too
-    res = tune(SyntheticTrainable(sleep=0.15), workdir=tmp_path / "w", storage=f"journal:{tmp_path}/j.log",
-               n_workers=2, progress=False, poll_interval=0.05, **CFG)
+    # 0.15 s per validation point until the spawned worker has begun a trial (rung 0 alone would keep the
+    # first worker busy for ~9 s), then full speed: the fixed 0.15 s sleep cost ~16 s on every machine
+    res = tune(UntilWorkersStarted(root=str(tmp_path / "w"), wait=0.15), workdir=tmp_path / "w",
+               storage=f"journal:{tmp_path}/j.log", n_workers=2, progress=False, poll_interval=0.05, **CFG)
     assert res.survivors == ref.survivors and res.choices == ref.choices
     assert [(s.candidate, s.state, s.rung_losses) for s in res.trials] == \
         [(s.candidate, s.state, s.rung_losses) for s in ref.trials]
@@ -194,8 +195,9 @@ def test_a_duplicate_enqueue_is_dropped_before_it_trains(tmp_path):
 
 
 def test_two_workers_asynchronous(tmp_path):
-    res = tune(SyntheticTrainable(sleep=0.05), workdir=tmp_path / "w", storage=f"journal:{tmp_path}/j.log",
-               mode="asynchronous", n_workers=2, progress=False, poll_interval=0.05, **CFG)
+    res = tune(UntilWorkersStarted(root=str(tmp_path / "w"), wait=0.05), workdir=tmp_path / "w",
+               storage=f"journal:{tmp_path}/j.log", mode="asynchronous", n_workers=2, progress=False,
+               poll_interval=0.05, **CFG)
     ends = Counter((c["key"], c["budget"]) for c in _calls(tmp_path / "w") if c["event"] == "end")
     assert all(n == 1 for n in ends.values())
     assert {k for k, _ in ends} == {s.candidate.key for s in res.trials} and len(res.trials) == 15
@@ -390,9 +392,10 @@ def test_an_extra_worker_ends_when_its_tune_process_is_killed(tmp_path):
     pidfile = tmp_path / "child.pid"
     script = textwrap.dedent(f"""
         import multiprocessing as mp, os, time
-        from examples.tune.tuner import exit_with_parent
 
         def child(parent):
+            from examples.tune.tuner import exit_with_parent  # here: the parent needs no torch import (~2.5 s)
+
             exit_with_parent(parent, interval=0.1)
             open({str(pidfile)!r}, "w").write(str(os.getpid()))
             time.sleep(60)

@@ -1,0 +1,64 @@
+"""What ``SpectralLens`` reads from its held-out pool besides the batches: the default ``mask_fn``
+(:func:`attention_mask`) and the checks, when the lens is built, that iterating the pool gives the same
+whole pool at every measurement (:func:`unfixed_pool`: not reshuffled and cut; :func:`sharded_pool`:
+not one rank's shard). Import them from :mod:`spectral_lens.lens`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+def attention_mask(batch: Any) -> torch.Tensor | None:
+    """The default ``mask_fn`` of :class:`SpectralLens`: valid positions of a padded batch.
+
+    For a dict batch (any mapping, such as Hugging Face's ``BatchEncoding``) with an
+    ``"attention_mask"`` entry, that mask as bool (``True`` = real token); for every other batch
+    ``None`` (all rows measured). The mask must have the measured module output's leading shape
+    (``(M, T)`` for a ``(M, T, d)`` block output).
+    """
+    if isinstance(batch, Mapping) and batch.get("attention_mask") is not None:
+        return batch["attention_mask"].bool()
+    return None
+
+
+_RANDOM_SAMPLERS = (
+    torch.utils.data.RandomSampler,
+    torch.utils.data.SubsetRandomSampler,
+    torch.utils.data.WeightedRandomSampler,
+)
+
+
+def unfixed_pool(pool: Any, cap: int | None = None) -> str | None:
+    """Why iterating ``pool`` (a ``DataLoader`` with a random sampler) yields a different set of samples
+    at each measurement, or ``None``. A reshuffled pool whose every sample is measured is fine (the
+    spectra do not depend on the order); one that draws with replacement, drops a shuffled remainder
+    (``drop_last``) or is cut to its first ``cap`` samples is not the fixed pool of the protocol."""
+    batch_sampler = getattr(pool, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or getattr(pool, "sampler", None)
+    if not isinstance(sampler, _RANDOM_SAMPLERS):
+        return None
+    n = len(sampler)
+    if getattr(sampler, "replacement", False):
+        return "draws its samples at random with replacement"
+    size = getattr(batch_sampler, "batch_size", None)
+    if getattr(batch_sampler, "drop_last", False) and size and n % size:
+        return f"shuffles and drops a different {n % size} of its {n} samples on every pass (drop_last=True)"
+    if cap is not None and cap < n:
+        return f"shuffles, and gradient_samples={cap} takes the first {cap} of its {n} samples"
+    return None
+
+
+def sharded_pool(pool: Any) -> str | None:
+    """What makes ``pool`` one rank's shard of the data (a ``DataLoader`` over a ``DistributedSampler`` of
+    several replicas), or ``None``. The lens shards the pool itself (batch ``i`` on rank ``i % world``)
+    and runs the gradient protocol over rank 0's whole gradient pool, so a shard per rank would measure
+    a part of the pool only, silently."""
+    batch_sampler = getattr(pool, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or getattr(pool, "sampler", None)
+    if isinstance(sampler, torch.utils.data.DistributedSampler) and sampler.num_replicas > 1:
+        return f"is a DataLoader over a DistributedSampler (rank {sampler.rank} of {sampler.num_replicas} replicas)"
+    return None

@@ -1,0 +1,72 @@
+"""``Schedule``: the training steps at which ``SpectralLens.maybe_measure`` measures."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from ._args import check_count
+
+__all__ = ["Schedule"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When to measure, as a set of training steps.
+
+    Build with :meth:`every`, :meth:`log_spaced` or :meth:`at_fractions`, combine with ``|``, and ask
+    ``step in schedule``. A schedule is its explicit ``steps``, plus every ``period``-th step from
+    ``start``, plus the steps of any schedule in ``parts``.
+    """
+
+    steps: frozenset[int] = field(default_factory=frozenset)
+    period: int | None = None
+    start: int = 0
+    parts: tuple["Schedule", ...] = ()
+
+    @classmethod
+    def every(cls, k: int, start: int = 0) -> "Schedule":
+        """Every ``k`` steps from ``start`` (inclusive); integers (a float such as ``1e3`` that is one is taken
+        as it; ``2.5`` is refused: it matched only the steps that are multiples of it, 0, 5, 10, ...)."""
+        k, start = (int(v) if isinstance(v, float) and v.is_integer() else v for v in (k, start))
+        if isinstance(k, numbers.Integral) and not isinstance(k, bool) and k < 1:
+            raise ValueError(f"Schedule.every: k must be >= 1, got {k}")
+        return cls(period=check_count("Schedule.every", "k", k, 1), start=check_count("Schedule.every", "start", start, 0))
+
+    @classmethod
+    def log_spaced(cls, total_steps: int, n: int, first: int = 1) -> "Schedule":
+        """About ``n`` steps spaced evenly in log between ``first`` and ``total_steps`` (inclusive)."""
+        if total_steps < first or first < 1 or n < 1:
+            raise ValueError(f"Schedule.log_spaced: need total_steps >= first >= 1 and n >= 1, got {total_steps}, {first}, {n}")
+        if n == 1:
+            return cls(frozenset({total_steps}))
+        ratio = (total_steps / first) ** (1 / (n - 1))
+        return cls(frozenset(min(total_steps, round(first * ratio**i)) for i in range(n)))
+
+    @classmethod
+    def at_fractions(cls, total_steps: int, fractions: Iterable[float] = (0.2,)) -> "Schedule":
+        """The steps at fractions of training progress (the paper's early prediction uses 0.2).
+
+        For a loop ``for step in range(total_steps)``: fraction ``f`` maps to step
+        ``min(ceil(f * total_steps), total_steps - 1)``, so ``1.0`` is the last step the loop runs
+        (``total_steps - 1``) and every fraction is measured. ``f * total_steps`` is rounded to 6
+        decimals before the ceiling, so a fraction is the step its decimal value names
+        (``at_fractions(100, [0.07])`` is step 7, although the float ``0.07 * 100`` is ``7.000000000000001``).
+        """
+        if int(total_steps) < 1:
+            raise ValueError(f"Schedule.at_fractions: total_steps must be >= 1, got {total_steps}")
+        out = set()
+        for f in fractions:
+            if not 0.0 <= f <= 1.0:
+                raise ValueError(f"Schedule.at_fractions: fraction {f} outside [0, 1]")
+            out.add(min(int(math.ceil(round(f * total_steps, 6))), int(total_steps) - 1))
+        return cls(frozenset(out))
+
+    def __contains__(self, step: int) -> bool:
+        periodic = self.period is not None and step >= self.start and (step - self.start) % self.period == 0
+        return step in self.steps or periodic or any(step in p for p in self.parts)
+
+    def __or__(self, other: "Schedule") -> "Schedule":
+        return Schedule(parts=(self, other))
