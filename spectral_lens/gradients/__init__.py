@@ -25,7 +25,8 @@ from .fused_head import (
 from .losses import causal_lm_loss, causal_lm_targets, extract_logits, token_cross_entropy
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .fallback import EngineFallbackWarning
-from .probe import ATTENTION_OUTPUT_PATTERNS, PerSampleGradientProbe, default_gradient_param
+from ._measurable import ATTENTION_OUTPUT_PATTERNS, default_gradient_param
+from .probe import PerSampleGradientProbe
 from .registry import (
     FAST_PATHS,
     FAST_PATHS_BY_NAME,

@@ -1,4 +1,5 @@
-"""Batches as pytrees: size, slicing, device moves and the default way to call a model on one.
+"""Batches as pytrees: size, slicing, device moves (inference tensors copied to normal ones, which
+autograd can save) and the default way to call a model on one.
 
 A batch is a tensor or a (nested) tuple / list / dict of tensors whose dimension 0 indexes samples
 (sequences). Non-tensor leaves (strings, ints, flags) are passed through unchanged. Any other
@@ -63,3 +64,14 @@ def default_forward(model: torch.nn.Module, batch: Any) -> Any:
     if isinstance(batch, Mapping):
         return model(**{k: v for k, v in batch.items() if k != "labels"})
     raise TypeError(f"cannot call the model on a batch of type {type(batch).__name__}; pass forward_fn=")
+
+
+def _autograd_usable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a normal copy of it when it is an inference tensor (a batch made under
+    ``torch.inference_mode()``, as evaluation data often is): autograd refuses to save one for the
+    backward ("Inference tensors cannot be saved for backward"), which an embedding lookup of the ids
+    or a first layer's input does. A pool of such batches is fine for the no-grad activation pass."""
+    if not t.is_inference():
+        return t
+    with torch.inference_mode(False):
+        return t.clone()

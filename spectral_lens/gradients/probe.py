@@ -1,8 +1,9 @@
 """``PerSampleGradientProbe``: per-sample gradient spectra of chosen weight matrices (paper Sec. 2).
 
-The thin stateful layer: parameter selection, the isolation that keeps measuring free of side
-effects, chunking, and the float64 Gram state. The gradients come from :mod:`.engines`, the math
-from :mod:`.gram` and :mod:`.noise_scale`.
+The thin stateful layer: binding to a model, engine choice, the head-loss decision, the isolation that
+keeps measuring free of side effects, chunking, and the float64 Gram state. Which models and parameters
+it measures (the default matrix, ``params=`` resolution, the refusals) is :mod:`._measurable`; the
+gradients come from :mod:`.engines`, the math from :mod:`.gram` and :mod:`.noise_scale`.
 """
 
 from __future__ import annotations
@@ -10,28 +11,24 @@ from __future__ import annotations
 import warnings
 
 import contextlib
-import difflib
 import functools
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
 from .._args import check_callable, check_count, check_dtype
-from ..capture import (eager_forwards, glob_to_regex, measurement_autocast, measurement_pass, uncompiled_name,
-                       unwrap_compiled)
+from ..capture import eager_forwards, measurement_autocast, measurement_pass, unwrap_compiled
 from .._warnings import ZeroGradientWarning
 from ._isolation import (cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state,
                          silenced_module_backward_hooks)
-from ._validate import nonfinite_loss_message, param_names
+from ._validate import finite_rows, nonfinite_loss_message
 from ..spectrum import Spectrum
-from ._batch import batch_size, default_forward, map_tensors, plain_batch, slice_batch
+from ._batch import _autograd_usable, batch_size, default_forward, map_tensors, plain_batch, slice_batch
 from . import cast_cache
 from .engines import fast_engine, loop_engine
 from .fallback import vmap_or_loop
@@ -50,256 +47,14 @@ from .gram import (
 from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .registry import fast_path_for
+from ._measurable import (ATTENTION_OUTPUT_PATTERNS, _refuse_recording_opacus_hooks, _refuse_scripted, _resolve_params,
+                          default_gradient_param, refuse_parallel_wrapper, refuse_unfit_defaults)
+from ._measurable import is_encoder_decoder  # noqa: F401  (spectral_lens.lens imports it from here)
 
 __all__ = ["PerSampleGradientProbe", "ATTENTION_OUTPUT_PATTERNS", "default_gradient_param"]
 
-ATTENTION_OUTPUT_PATTERNS = (
-    "**.attn.c_proj.weight",  # GPT-2, nanoGPT, modded-nanogpt
-    "**.self_attn.o_proj.weight",  # Llama, Mistral, Qwen, Gemma
-    "**.attn.o_proj.weight",
-    "**.attn.proj.weight",
-    "**.attention.wo.weight",  # Meta's Llama reference code
-    "**.attention.dense.weight",  # GPT-NeoX / Pythia
-    "**.self_attention.dense.weight",  # Falcon, BLOOM
-    "**.self_attn.dense.weight",  # Phi-1/1.5/2
-    "**.attention.output.dense.weight",  # BERT family
-    "**.out_proj.weight",  # OPT, GPT-Neo/J, nn.MultiheadAttention
-)
-"""Globs (``**`` crosses dotted segments) naming attention output projections W_O in common code bases;
-the default probe is the match in the deepest block (largest block index in the name)."""
-
 ENGINES = ("auto", "fast", "vmap", "loop")
 HEAD_LOSSES = ("auto", "chunked", "materialized")
-
-
-def finite_rows(rows: torch.Tensor) -> torch.Tensor:
-    """``rows.isfinite().all(1)``, read as a row maximum and minimum: both propagate NaN, and an
-    infinity is one of them. Two reductions, where ``isfinite`` is four passes over ``rows`` and a
-    fifth (8.8 against 1.0 ms for 8 x 589,824 float32 rows on the 2-core CPU)."""
-    if rows.shape[1] == 0:
-        return rows.new_ones(rows.shape[0], dtype=torch.bool)
-    return rows.amax(1).isfinite() & rows.amin(1).isfinite()
-
-
-def _block_index(name: str) -> int:
-    nums = re.findall(r"(?:^|\.)(\d+)(?=\.)", name)
-    return int(nums[-1]) if nums else -1
-
-
-def refuse_parallel_wrapper(model: Any, who: str) -> None:
-    """``ValueError`` for a ``DistributedDataParallel``/``DataParallel`` wrapper: measure ``model.module``.
-
-    A forward/backward through the wrapper starts the wrapper's own work on this rank alone (DDP's
-    buffer broadcast per forward and gradient all-reduce per backward; DataParallel's replication),
-    which the other ranks never match: it cross-talks with the lens's collectives or hangs.
-    """
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        why = ("start DDP's buffer broadcast and gradient all-reduce on this rank alone (the other ranks never "
-               "match them: a hang, or cross-talk with the lens's own collectives)")
-    elif isinstance(model, nn.DataParallel):
-        why = "replicate the model across devices on every pass (hooks and gradients would see the replicas)"
-    else:
-        return
-    raise ValueError(
-        f"{who}: model is a {type(model).__name__} wrapper; pass the wrapped module (model.module) instead: "
-        f"measuring runs its own forward/backward passes, which through the wrapper would {why}. The inner "
-        "module has the same parameters, and training through the wrapper is unaffected"
-    )
-
-
-def is_encoder_decoder(model: nn.Module) -> bool:
-    """Whether ``model`` is a Hugging Face encoder-decoder model (``config.is_encoder_decoder``: T5, BART)."""
-    return getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
-
-
-def refuse_unfit_defaults(model: nn.Module, *, forward: bool, loss: bool) -> None:
-    """``ValueError`` when the probe's default ``forward_fn`` (``forward``) or default next-token loss
-    (``loss``) does not fit a Hugging Face model, saying what to pass instead.
-
-    * An encoder-decoder model (``config.is_encoder_decoder``: T5, BART): ``model(**batch)`` without
-      ``labels`` gives the decoder no input, and its logits at ``t`` predict ``labels[:, t]`` (no shift).
-    * A model whose ``can_generate()`` is ``False`` (a masked LM such as BERT, a classifier, a base
-      model without a head): its logits are not next-token predictions, so the default loss would
-      silently measure the gradient of a meaningless loss.
-    """
-    name = type(model).__name__
-    if is_encoder_decoder(model) and (forward or loss):
-        missing = " and ".join(n for n, used in (("forward_fn=", forward), ("loss_fn=", loss)) if used)
-        raise ValueError(
-            f"{name} is an encoder-decoder model (config.is_encoder_decoder), which the default forward and loss "
-            "do not fit: the default forward calls model(**batch) without 'labels' (the decoder gets no input) "
-            "and the default loss is shifted next-token cross-entropy (a seq2seq model's logits at t predict "
-            f"labels[:, t]). Pass {missing}: e.g. forward_fn=lambda m, b: m(**b) (labels included, so the model "
-            "builds decoder_input_ids from them) and a loss_fn giving each sequence's mean cross-entropy of "
-            "logits[:, t] against labels[:, t] over labels != -100; and params= naming a matrix"
-        )
-    can_generate = getattr(model, "can_generate", None)
-    if loss and callable(can_generate) and not can_generate():
-        raise ValueError(
-            f"{name} is not a causal language model (its can_generate() is False: a masked LM such as BERT, a "
-            "classifier, or a base model without a head), and the default loss is next-token cross-entropy of "
-            "causal-LM logits. Pass loss_fn=: for a masked LM, each sequence's mean cross-entropy of logits[:, t] "
-            "against labels[:, t] (unshifted) over labels != -100 (to a SpectralLens: probe=PerSampleGradientProbe("
-            "loss_fn=...), or params=() to measure activations only). A causal LM that does not inherit "
-            "GenerationMixin (remote code): pass loss_fn=spectral_lens.gradients.causal_lm_loss"
-        )
-
-
-def default_gradient_param(model: nn.Module) -> str:
-    """Dotted name of the final block's attention output projection weight (the paper's default).
-
-    Candidates are parameters matching :data:`ATTENTION_OUTPUT_PATTERNS`; the one with the largest
-    block index (the last integer segment of its name) wins. Raises ``ValueError`` listing the
-    candidates when none matches or when several share the deepest block (e.g. self- and
-    cross-attention), so the caller can pass ``params=`` explicitly. A projection whose ``weight`` is
-    computed (``torch.nn.utils.parametrize``: ``parametrizations.weight_norm``, ``orthogonal``,
-    ``spectral_norm``; the hook-based ``torch.nn.utils.weight_norm``/``spectral_norm``) is a candidate
-    too: when it is the deepest, the ``ValueError`` names it and the parameters it is computed from,
-    rather than silently taking an earlier block's plain projection.
-    """
-    computed = _computed_weights(model)
-    names = [n for n, _ in model.named_parameters()] + list(computed)
-    found = [n for n in names if any(glob_to_regex(p).fullmatch(n) for p in ATTENTION_OUTPUT_PATTERNS)]
-    if not found:
-        mats = [n for n, p in model.named_parameters() if p.ndim == 2][:12]
-        quantized = [n for n, m in model.named_modules() if _is_quantized(m)][:5]
-        raise ValueError(
-            f"{type(model).__name__}: no attention output projection found by the default heuristic "
-            f"(patterns {list(ATTENTION_OUTPUT_PATTERNS)}); pass params=... explicitly. Weight matrices: {mats}"
-            + (f". Quantized modules {quantized} have packed integer weights with no gradient: probe the "
-               "floating-point model before quantizing it (SpectralLens(..., params=()) measures the quantized "
-               "model's activations only)" if quantized else "")
-        )
-    deepest = max(_block_index(n) for n in found)
-    best = [n for n in found if _block_index(n) == deepest]
-    if len(best) > 1:
-        raise ValueError(
-            f"{type(model).__name__}: the default attention-output heuristic is ambiguous, candidates in the "
-            f"deepest block: {best}; pass params=... explicitly"
-        )
-    if best[0] in computed:
-        raise ValueError(
-            f"{type(model).__name__}: the default matrix, the final block's attention output projection "
-            f"{best[0]!r}, is computed from other parameters (a parametrization or weight hook such as weight_norm, "
-            f"spectral_norm or torch.nn.utils.prune), not a parameter itself; pass params= explicitly: the parameters it is computed "
-            f"from, {computed[best[0]] or '(none found on its module)'} (their per-sample gradients are taken through the computation), or "
-            "another matrix"
-        )
-    return best[0]
-
-
-def _computed_weights(model: nn.Module) -> dict[str, list[str]]:
-    """``{"<module>.weight": [parameter names it is computed from]}`` for every module whose ``weight``
-    is computed rather than a parameter: registered with ``torch.nn.utils.parametrize`` (read without
-    evaluating the parametrization), or a plain tensor attribute recomputed by a forward pre-hook (the
-    hook-based ``torch.nn.utils.weight_norm`` and ``spectral_norm``: ``weight_g``/``weight_v``,
-    ``weight_orig``)."""
-    out = {}
-    for path, mod in model.named_modules():
-        prefix = f"{path}." if path else ""
-        if parametrize.is_parametrized(mod, "weight"):
-            out[prefix + "weight"] = [prefix + f"parametrizations.weight.{n}"
-                                      for n, _ in mod.parametrizations["weight"].named_parameters()]
-        elif isinstance(mod.__dict__.get("weight"), torch.Tensor) and "weight" not in mod._parameters:
-            out[prefix + "weight"] = [prefix + n for n in mod._parameters if n.startswith("weight")]
-    return out
-
-
-def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
-    named = dict(model.named_parameters(remove_duplicate=False))
-    modules = dict(model.named_modules())
-    # the eager names (without the _orig_mod segments of per-block torch.compile, as the records name the
-    # parameters) -> the parameters' own names
-    eager: dict[str, str] = {}
-    for n in named:
-        eager.setdefault(uncompiled_name(n), n)
-    wanted = param_names(params)
-    wanted = [default_gradient_param(model)] if wanted is None else wanted
-    if not wanted:
-        raise ValueError("params is empty: name at least one parameter")
-    out: dict[str, nn.Parameter] = {}
-    for w in wanted:
-        if not isinstance(w, str):
-            raise TypeError(f"params must be dotted parameter names (str), got {type(w).__name__}")
-        weight = f"{w}.weight" if w else "weight"
-        if w in named or w in eager:
-            hits = [w]
-        elif set("*?[") & set(w):
-            rx = glob_to_regex(w)
-            hits = [n for n, _ in model.named_parameters() if rx.fullmatch(n) or rx.fullmatch(uncompiled_name(n))]
-        elif (w in modules and isinstance(getattr(modules[w], "weight", None), nn.Parameter)) or weight in eager:
-            hits = [weight]  # a module name (its own or eager): its weight
-        else:
-            hits = []
-        hits = [n if n in named else eager[n] for n in hits]
-        if not hits:
-            _refuse_parametrized(model, w, modules, named)
-            close = difflib.get_close_matches(w, list(named), n=5, cutoff=0.4)
-            raise ValueError(
-                f"{type(model).__name__} has no parameter {w!r}; closest names: {close or list(named)[:8]}"
-            )
-        for n in hits:
-            out[n] = named[n]
-    return out
-
-
-def _is_quantized(mod: nn.Module) -> bool:
-    """A ``torch.ao`` quantized module (``quantize_dynamic``, ``convert``): its weight is packed integers."""
-    return type(mod).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized",
-                                            "torch.ao.nn.intrinsic.quantized"))
-
-
-def _refuse_parametrized(model: nn.Module, w: str, modules: dict, named: dict) -> None:
-    """``ValueError`` when ``w`` names a tensor computed by ``torch.nn.utils.parametrize`` (``lin.weight``
-    after ``register_parametrization(lin, "weight", ...)`` or ``parametrizations.weight_norm``), or a
-    module whose ``weight`` is one: it is not a parameter, so say which parameters it is computed from."""
-    path, _, local = w.rpartition(".")
-    if w in modules:
-        path, local = w, "weight"
-    mod = modules.get(path)
-    if mod is None:
-        return
-    here = f"{type(model).__name__}: {path + '.' if path else ''}{local}"
-    if _is_quantized(mod):
-        raise ValueError(
-            f"{here} belongs to a quantized module ({type(mod).__module__}.{type(mod).__name__}, e.g. from "
-            "torch.ao.quantization.quantize_dynamic), whose weight is a packed integer tensor with no gradient; "
-            "probe the floating-point model before quantizing it (activation capture works on the quantized model: "
-            "SpectralLens(..., params=()) measures activations only)"
-        )
-    computed = mod.__dict__.get(local)
-    hooks = sorted({type(h).__name__ for h in mod._forward_pre_hooks.values()})
-    if isinstance(computed, torch.Tensor) and local not in mod._parameters and not hooks:
-        raise ValueError(f"{here} is a plain tensor attribute of {type(mod).__name__}, not a parameter (nn.Parameter); "
-                         "only parameters have gradients to probe")
-    if isinstance(computed, torch.Tensor) and local not in mod._parameters:
-        sources = [f"{path + '.' if path else ''}{n}" for n in mod._parameters if n.startswith(local)]
-        raise ValueError(
-            f"{here} is not a parameter: it is recomputed before every forward by a forward pre-hook "
-            f"({', '.join(hooks)}: torch.nn.utils.prune, the hook-based weight_norm or spectral_norm) "
-            f"from {sources or 'other tensors'}; probe {'those' if sources else 'a parameter'}: their per-sample "
-            "gradients are taken through the computation"
-        )
-    if not parametrize.is_parametrized(mod, local):
-        return
-    prefix = f"{path}.parametrizations.{local}." if path else f"parametrizations.{local}."
-    sources = [n for n in named if n.startswith(prefix)]
-    raise ValueError(
-        f"{here} is computed by a parametrization "
-        f"(torch.nn.utils.parametrize: {type(mod).__name__}), not a parameter; probe the parameters it is computed "
-        f"from, e.g. {sources}: their per-sample gradients are taken through the parametrization"
-    )
-
-
-def _autograd_usable(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or a normal copy of it when it is an inference tensor (a batch made under
-    ``torch.inference_mode()``, as evaluation data often is): autograd refuses to save one for the
-    backward ("Inference tensors cannot be saved for backward"), which an embedding lookup of the ids
-    or a first layer's input does. A pool of such batches is fine for the no-grad activation pass."""
-    if not t.is_inference():
-        return t
-    with torch.inference_mode(False):
-        return t.clone()
 
 
 @dataclass
@@ -314,26 +69,6 @@ class _Chunk:
     @property
     def resident(self) -> bool:
         return self.batch is None
-
-
-def _refuse_recording_opacus_hooks(model: nn.Module) -> None:
-    """Raise where Opacus's ``GradSampleModule`` forward hooks are enabled on ``model``'s modules: in train mode
-    they record every forward's layer inputs (``module.activations``) and count the forwards on the parameters
-    (``p._forward_counter``), Opacus's state for its next backward, which a measurement's passes would spoil
-    (and the ``vmap`` engine's parameters lack the counter). The probe does not switch them off itself: it
-    would have to change Opacus's state (``hooks_enabled``)."""
-    where = [name or type(model).__name__ for name, m in model.named_modules()
-             for hook in m._forward_hooks.values()
-             if type(getattr(hook, "__self__", None)).__module__.startswith("opacus.")
-             and getattr(hook.__self__, "hooks_enabled", False) is True]
-    if where:
-        shown = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
-        raise RuntimeError(
-            f"PerSampleGradientProbe(train_mode=True): Opacus's GradSampleModule hooks are enabled on {shown}; in "
-            "train mode they record the probe's layer inputs (module.activations) and count its forwards "
-            "(param._forward_counter), which would spoil your next private step. Call gsm.disable_hooks() before "
-            "the measurement and gsm.enable_hooks() after it (try/finally), or measure with train_mode=False"
-        )
 
 
 class PerSampleGradientProbe:
@@ -496,12 +231,7 @@ class PerSampleGradientProbe:
             raise TypeError(f"PerSampleGradientProbe.attach needs an nn.Module, got {type(model).__name__}")
         refuse_parallel_wrapper(model, "PerSampleGradientProbe")
         model = unwrap_compiled(model)
-        if isinstance(model, torch.jit.ScriptModule):  # get_submodule, hooks and torch.func refuse it
-            raise TypeError(
-                f"PerSampleGradientProbe: the model is a TorchScript module ({type(model).__name__} from "
-                "torch.jit.script), which the probe does not support (its submodules cannot be looked up or hooked); "
-                "probe the eager model (keep it before scripting; a scripted submodule inside an eager model is fine)"
-            )
+        _refuse_scripted(model)
         refuse_unfit_defaults(model, forward=self._custom_forward is None, loss=self._custom_loss is None)
         params = _resolve_params(model, self.params_spec)
         self.model, self.params = model, params

@@ -45,6 +45,12 @@ def test_mkdocs_build_strict(tmp_path):
     for name in ("SpectralLens", "LensMeasurement", "Schedule", "attention_mask", "unfixed_pool", "sharded_pool",
                  "all_blocks", "deepest_block", "block_hidden_states"):
         assert re.search(rf'id="spectral_lens\.[\w.]+\.{name}"', page), f"docs/reference/lens.md does not render {name}"
+    # the same for the gradients page: the names its probe.py section rendered before the probe's
+    # model and parameter checks moved to the private _measurable.py (and finite_rows to _validate.py)
+    page = (tmp_path / "site" / "reference" / "gradients" / "index.html").read_text(encoding="utf-8")
+    for name in ("PerSampleGradientProbe", "ATTENTION_OUTPUT_PATTERNS", "default_gradient_param", "finite_rows",
+                 "refuse_parallel_wrapper", "is_encoder_decoder", "refuse_unfit_defaults"):
+        assert re.search(rf'id="spectral_lens\.[\w.]+\.{name}"', page), f"docs/reference/gradients.md does not render {name}"
     for md in sorted((ROOT / "docs").rglob("*.md")):
         rel = md.relative_to(ROOT / "docs").with_suffix("")
         built = tmp_path / "site" / ("index.html" if rel.name == "index" and rel.parent == Path(".") else rel / "index.html")
