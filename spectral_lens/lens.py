@@ -32,7 +32,7 @@ from ._warnings import NonFiniteError
 from .capture import (Target, check_pick, eager_forwards, measurement_autocast, measurement_pass, select_modules,
                       uncompiled_name, unwrap_compiled)
 from .gradients import PerSampleGradientProbe
-from .gradients.probe import is_encoder_decoder, refuse_parallel_wrapper
+from .gradients._measurable import is_encoder_decoder, refuse_parallel_wrapper
 from .gradients._batch import batch_size, default_forward, slice_batch
 from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
 from .spectra.fit import tail_window

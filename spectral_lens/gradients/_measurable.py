@@ -62,13 +62,15 @@ def refuse_parallel_wrapper(model: Any, who: str) -> None:
 
 
 def _refuse_scripted(model: nn.Module) -> None:
-    """``TypeError`` for a TorchScript module (``torch.jit.script``): ``get_submodule``, hooks and
-    ``torch.func`` refuse it."""
+    """``TypeError`` for a TorchScript model (``torch.jit.script`` or ``torch.jit.trace`` of the whole model):
+    ``get_submodule``, hooks and ``torch.func`` refuse it."""
     if isinstance(model, torch.jit.ScriptModule):
+        how = "torch.jit.script" if isinstance(model, torch.jit.RecursiveScriptModule) else "torch.jit.trace"
         raise TypeError(
             f"PerSampleGradientProbe: the model is a TorchScript module ({type(model).__name__} from "
-            "torch.jit.script), which the probe does not support (its submodules cannot be looked up or hooked); "
-            "probe the eager model (keep it before scripting; a scripted submodule inside an eager model is fine)"
+            f"{how}), which the probe does not support (its submodules cannot be looked up or hooked); "
+            "probe the eager model (keep it before scripting or tracing; a TorchScript submodule inside an eager "
+            "model is fine)"
         )
 
 

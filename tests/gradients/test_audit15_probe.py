@@ -93,8 +93,12 @@ def test_a_scripted_model_is_refused_with_what_to_do(gpt, helpers):
     """A whole model through ``torch.jit.script``: PyTorch's "get_submodule is not supported on
     ScriptModules" came from deep inside ``attach``; now a ``TypeError`` says to probe the eager model."""
     scripted = torch.jit.script(helpers.TinyCNN().double().eval())
-    with pytest.raises(TypeError, match="the model is a TorchScript module .*probe the eager model"):
+    with pytest.raises(TypeError, match="the model is a TorchScript module .*torch.jit.script.*probe the eager model"):
         PerSampleGradientProbe(scripted, "head.weight", loss_fn=lambda out, b: out.sum(1), forward_fn=lambda m, b: m(b[0]))
+    # a whole model through torch.jit.trace is refused alike, and the message says trace, not script
+    traced = torch.jit.trace(helpers.TinyCNN().double().eval(), torch.randn(2, 2, 5, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="TorchScript module .*from torch.jit.trace.*probe the eager model"):
+        PerSampleGradientProbe(traced, "head.weight", loss_fn=lambda out, b: out.sum(1), forward_fn=lambda m, b: m(b[0]))
 
 
 def test_a_pruned_weight_is_named_and_its_source_is_measured(gpt, helpers):
