@@ -67,6 +67,18 @@ class Hooked:
 def _train_step(model, x, y):
     F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
 
+def _assert_next_private_step_as_twins(gsm, gsm_twin, model, twin, x, y):
+    """One private step on the measured model and on its unmeasured twin: identical per-sample and summed
+    gradients, so the measurement left nothing in Opacus's state."""
+    for g in (gsm, gsm_twin):
+        _train_step(g, x, y)
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p.grad_sample, q.grad_sample), n
+        assert torch.equal(p.grad, q.grad), n
+    gsm.remove_hooks()
+    gsm_twin.remove_hooks()
+
+
 
 @pytest.mark.parametrize("kind", list(ENGINES))
 def test_module_backward_hooks_are_not_called_and_the_rows_are_the_losss_own(gpt, helpers, kind):
@@ -183,13 +195,7 @@ def test_opacus_grad_sample_module_measured_without_switching_its_hooks_off(gpt,
     probe.update((x, y))
     assert probe.compute().n_rows == 8
     assert model.training and not any(getattr(m, "activations", None) for m in model.modules())
-    for g in (gsm, gsm_twin):
-        _train_step(g, x, y)
-    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
-        assert torch.equal(p.grad_sample, q.grad_sample), n
-        assert torch.equal(p.grad, q.grad), n
-    gsm.remove_hooks()
-    gsm_twin.remove_hooks()
+    _assert_next_private_step_as_twins(gsm, gsm_twin, model, twin, x, y)
 
 
 def test_a_global_legacy_backward_hook_is_not_called(gpt, helpers, monkeypatch):
@@ -231,10 +237,4 @@ def test_opacus_hooks_with_train_mode_are_a_clear_error_and_disable_hooks_works(
     finally:
         gsm.enable_hooks()
     assert probe.compute().n_rows == 4 and model.training
-    for g in (gsm, gsm_twin):
-        _train_step(g, x, y)
-    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
-        assert torch.equal(p.grad_sample, q.grad_sample), n
-        assert torch.equal(p.grad, q.grad), n
-    gsm.remove_hooks()
-    gsm_twin.remove_hooks()
+    _assert_next_private_step_as_twins(gsm, gsm_twin, model, twin, x, y)
