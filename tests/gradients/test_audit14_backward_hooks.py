@@ -67,6 +67,7 @@ class Hooked:
 def _train_step(model, x, y):
     F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
 
+
 def _assert_next_private_step_as_twins(gsm, gsm_twin, model, twin, x, y):
     """One private step on the measured model and on its unmeasured twin: identical per-sample and summed
     gradients, so the measurement left nothing in Opacus's state."""
@@ -77,7 +78,6 @@ def _assert_next_private_step_as_twins(gsm, gsm_twin, model, twin, x, y):
         assert torch.equal(p.grad, q.grad), n
     gsm.remove_hooks()
     gsm_twin.remove_hooks()
-
 
 
 @pytest.mark.parametrize("kind", list(ENGINES))
