@@ -360,13 +360,18 @@ def measurement_pass(owner: object = None):
     the cache is): the measurement's forwards neither read the weights the caller's forward cached
     (whose autograd graph is the caller's: the probe's rows were zero or a backward through a freed
     graph) nor leave their own no-grad ones in the cache (the caller's next backward then reached no
-    parametrization parameter)."""
+    parametrization parameter). On exit the count saved is added to the count found, so a ``cached()``
+    block another thread opens or closes meanwhile stays counted, and the cache is emptied when such a
+    block was the last one open (as ``cached()`` itself does when its count reaches 0)."""
     token = _FEEDING.set(_NOBODY if owner is None else owner)
     cached, parametrize._cache_enabled = parametrize._cache_enabled, 0
     try:
         yield
     finally:
-        parametrize._cache_enabled = cached
+        found = parametrize._cache_enabled  # 0 unless another thread's block opened or closed meanwhile
+        parametrize._cache_enabled = found + cached
+        if found and not parametrize._cache_enabled:  # that block was the last one: its exit saw -1, not 0
+            parametrize._cache = {}
         _FEEDING.reset(token)
 
 

@@ -259,6 +259,34 @@ def test_measurement_pass_restores_the_cache_flag_on_errors_interrupts_and_nesti
     assert parametrize._cache_enabled == 0 and parametrize._cache == {}
 
 
+def test_another_threads_cached_block_ending_during_a_measurement_leaves_the_count_right():
+    """``cached()`` keeps one process-wide count. Another thread's block that began before a measurement
+    and ends during it (simulated here by leaving it inside the measurement) took the count to -1 there;
+    putting back the count saved at the start then left caching on for good (count 1, with no block open),
+    so every later forward served stale cached weights. The measurement now adds what it saved to what
+    it finds, and clears the cache when no block is left."""
+    other = parametrize.cached()
+    other.__enter__()  # another thread's block, open when the measurement starts
+    with measurement_pass():
+        other.__exit__(None, None, None)  # ... and closed while it runs
+    assert parametrize._cache_enabled == 0 and parametrize._cache == {}
+    # nested passes inside a caller's block leave the caller's cached weights in place
+    with parametrize.cached():
+        parametrize._cache["caller's entry"] = torch.zeros(1)
+        with measurement_pass():
+            with measurement_pass():
+                pass
+        assert "caller's entry" in parametrize._cache and parametrize._cache_enabled == 1
+    assert parametrize._cache == {}
+    # a block another thread opens during the measurement stays counted after it
+    with measurement_pass():
+        opened = parametrize.cached()
+        opened.__enter__()
+    assert parametrize._cache_enabled == 1
+    opened.__exit__(None, None, None)
+    assert parametrize._cache_enabled == 0 and parametrize._cache == {}
+
+
 def test_a_probe_inside_cached_on_a_parametrized_model_measures_and_leaves_the_cache_working():
     class Double(nn.Module):
         def forward(self, w):
