@@ -49,7 +49,6 @@ from .noise_scale import NoiseScale, noise_scale_from_gram
 from .registry import fast_path_for
 from ._measurable import (ATTENTION_OUTPUT_PATTERNS, _refuse_recording_opacus_hooks, _refuse_scripted, _resolve_params,
                           default_gradient_param, refuse_parallel_wrapper, refuse_unfit_defaults)
-from ._measurable import is_encoder_decoder  # noqa: F401  (spectral_lens.lens imports it from here)
 
 __all__ = ["PerSampleGradientProbe", "ATTENTION_OUTPUT_PATTERNS", "default_gradient_param"]
 
