@@ -181,7 +181,9 @@ def silenced_tensor_hooks(params: Iterable[torch.Tensor]) -> Iterator[None]:
     dictionary as usual and is switched off with the others. One registered inside the block itself
     (by a forward re-run in the backward: non-reentrant activation checkpointing) lands in a new
     dictionary, which torch attaches at once; on exit it is chained into the saved one (one entry that
-    calls its hooks in order), so it is neither lost nor its handle's ``remove()`` a no-op.
+    calls its hooks in order), so it is neither lost nor its handle's ``remove()`` a no-op. A chain
+    whose hooks have all been removed is dropped at the next exit, so a framework that registers and
+    removes a hook on every re-run leaves a bounded dictionary however many measurements run.
     """
     saved = [(p, p._backward_hooks) for p in {id(p): p for p in params}.values() if p._backward_hooks]
     try:
@@ -192,6 +194,8 @@ def silenced_tensor_hooks(params: Iterable[torch.Tensor]) -> Iterator[None]:
         for p, hooks in saved:
             added = p._backward_hooks  # None, or the dictionary register_hook made inside the block
             p._backward_hooks = hooks
+            for key in [k for k, h in hooks.items() if isinstance(h, _ChainedHooks) and not h.hooks]:
+                del hooks[key]  # a chain whose hooks were all removed since: dropped, so none pile up
             if added:
                 hooks[RemovableHandle(hooks).id] = _ChainedHooks(added)
 

@@ -85,3 +85,27 @@ def test_a_hook_registered_inside_the_block_is_chained_in_order_and_removable():
     order.clear()
     torch.autograd.grad(lin(x).square().sum(), lin.weight)
     assert order == []
+
+
+def test_chains_whose_hooks_were_removed_do_not_pile_up():
+    """A framework that registers a hook in every re-run and removes the previous one (so at most one is
+    live) left one empty chained entry per measurement before: the user's dictionary grew without bound
+    over a long run. Emptied chains are now dropped; live hooks still run, in order."""
+    lin = nn.Linear(3, 2).double()
+    x = torch.randn(4, 3, dtype=torch.double)
+    calls = []
+    own = lin.weight.register_hook(lambda g: calls.append("own"))
+    live = None
+    for _ in range(50):
+        with silenced_tensor_hooks(lin.parameters()):
+            if live is not None:
+                live.remove()
+            live = lin.weight.register_hook(lambda g: calls.append("live"))
+    assert len(lin.weight._backward_hooks) == 2  # own, and the chain holding the live hook (before: 51)
+    torch.autograd.grad(lin(x).sum(), lin.weight)
+    assert calls == ["own", "live"]  # the live one was chained and runs once; the removed ones are gone
+    live.remove()
+    own.remove()
+    calls.clear()
+    torch.autograd.grad(lin(x).sum(), lin.weight)
+    assert calls == []
