@@ -6,14 +6,16 @@ So the model's own names gain a ``base_model.model.`` prefix and the targets' we
 segment: ``base_model.model.transformer.h.1.attn.c_proj.base_layer.weight`` for GPT-2's
 ``transformer.h.1.attn.c_proj.weight``. :func:`short_name` gives the name without them, which the
 lens's ``layers=`` and the probe's ``params=`` also match (the names of the model before ``peft`` wrapped
-it, and of ``merge_and_unload()``'s). No import of ``peft``: it is recognized by its classes' module.
+it, and of ``merge_and_unload()``'s). A module in ``modules_to_save`` (often the LM head) is wrapped too:
+its forward runs the active adapter's trained copy, ``lm_head.modules_to_save.default``, which
+:func:`saved_copies` names ``lm_head`` for the probe. No import of ``peft``: it is recognized by its classes' module.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["base_prefix", "has_peft_layers", "short_name"]
+__all__ = ["base_prefix", "has_peft_layers", "saved_copies", "short_name"]
 
 
 def _is_peft(obj: object) -> bool:
@@ -43,3 +45,17 @@ def short_name(name: str, prefix: str, *, base_layer: bool) -> str:
     if base_layer:
         name = ".".join(part for part in name.split(".") if part != "base_layer")
     return name
+
+
+def saved_copies(model: nn.Module) -> dict[str, str]:
+    """``{"<wrapper>.modules_to_save.<adapter>.": "<wrapper>."}`` for each ``peft`` ``ModulesToSaveWrapper``
+    (``LoraConfig(modules_to_save=[...])``) whose forward runs one active adapter's copy: the copy's
+    names as the user types them (``lm_head.weight``). The frozen ``original_module`` keeps its name."""
+    out = {}
+    for name, m in model.named_modules():
+        if not (_is_peft(m) and type(m).__name__ == "ModulesToSaveWrapper"):
+            continue
+        active = list(getattr(m, "active_adapters", None) or [])
+        if len(active) == 1 and active[0] in getattr(m, "modules_to_save", {}):
+            out[f"{name}.modules_to_save.{active[0]}."] = f"{name}."
+    return out

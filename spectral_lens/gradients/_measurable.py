@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._peft import base_prefix, has_peft_layers, short_name
+from .._peft import base_prefix, has_peft_layers, saved_copies, short_name
 from ..capture import glob_to_regex, uncompiled_name
 from ._validate import param_names
 
@@ -203,14 +203,18 @@ def _aliases(model: nn.Module, names) -> dict[str, list[str]]:
     """Every name a user may type for each of ``names`` (parameter names): its own, its eager name (without
     the ``_orig_mod`` segments of per-block ``torch.compile``), and in a PEFT model the names without the
     ``PeftModel``'s ``base_model.model.`` prefix and/or the ``base_layer`` segment of a wrapped layer (the
-    names of the model before ``get_peft_model``, and of ``merge_and_unload()``'s)."""
+    names of the model before ``get_peft_model``, and of ``merge_and_unload()``'s), with a ``modules_to_save``
+    module's name for its active trained copy (``lm_head.weight`` for ``lm_head.modules_to_save.default.weight``)."""
     peft, prefix = has_peft_layers(model), base_prefix(model)
+    copies = saved_copies(model) if peft else {}
     out = {}
     for n in names:
         plain = uncompiled_name(n)
         forms = [n, plain]
         if peft:
-            forms += [short_name(plain, prefix, base_layer=False), short_name(plain, "", base_layer=True),
+            for copy, wrapper in copies.items():
+                plain = wrapper + plain[len(copy):] if plain.startswith(copy) else plain
+            forms += [plain, short_name(plain, prefix, base_layer=False), short_name(plain, "", base_layer=True),
                       short_name(plain, prefix, base_layer=True)]
         out[n] = list(dict.fromkeys(forms))
     return out

@@ -38,13 +38,14 @@ def gpt2(dropout=0.0, targets=("c_attn", "c_proj", "c_fc")):
         return peft.get_peft_model(base, lora)
 
 
-def llama(adapters=("default",), targets=("q_proj", "v_proj", "o_proj")):
+def llama(adapters=("default",), targets=("q_proj", "v_proj", "o_proj"), save=None):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
                                    tie_word_embeddings=False)
     base = transformers.LlamaForCausalLM(cfg).double()
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False,
+                           modules_to_save=save)
     model = peft.get_peft_model(base, lora, adapter_name=adapters[0])
     for name in adapters[1:]:
         torch.manual_seed(len(name))
@@ -201,6 +202,24 @@ def test_probe_on_lora_factors_base_weight_and_lm_head_equals_float64_references
         G = ref_grads(model, full, batches)
         assert torch.allclose(probe.matrix(full).double(), G, rtol=1e-9, atol=1e-12 * G.abs().max()), full
         close(spectra[full].values, spectrum(G))
+
+
+def test_modules_to_save_head_is_its_trained_copy():
+    """LoraConfig(modules_to_save=["lm_head"]) trains a copy of the head, which the forward uses: "lm_head"
+    names that copy (lm_head.modules_to_save.default.weight), whose rows equal the reference; the frozen
+    original keeps its own name. Before: 'has no parameter 'lm_head''."""
+    model, batches = llama(save=["lm_head"]), pool(1)
+    copy_ = f"{PREFIX}lm_head.modules_to_save.default.weight"
+    with torch.no_grad():
+        model.get_parameter(copy_).mul_(1.5)  # the copy differs from the original: the rows tell them apart
+    for spelling in ("lm_head", "lm_head.weight", f"{PREFIX}lm_head.weight", copy_):
+        assert list(sl.PerSampleGradientProbe(model, params=spelling).params) == [copy_], spelling
+    original = f"{PREFIX}lm_head.original_module.weight"
+    assert list(sl.PerSampleGradientProbe(model, params="lm_head.original_module.weight").params) == [original]
+    probe = sl.PerSampleGradientProbe(model, params="lm_head", keep_matrix=True)
+    probe.update(batches[0])
+    G = ref_grads(model, copy_, batches)
+    assert G.abs().max() > 0 and torch.allclose(probe.matrix().double(), G, rtol=1e-9, atol=1e-12 * G.abs().max())
 
 
 def test_set_adapter_and_disable_adapter():
