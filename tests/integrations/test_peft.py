@@ -139,9 +139,14 @@ def test_lens_defaults_on_a_lora_model_equal_float64_references(build, block, wo
     lens = sl.SpectralLens(model, batches, precision="float64", progress=False)
     param = f"{PREFIX}{wo}.base_layer.weight"
     assert (lens.layers, list(lens.probe.params)) == (PREFIX + block, [param])
-    before = state(model)
+    model.train()  # as in a training loop (GPT-2's dropout: outputs compared in eval mode)
+    with torch.no_grad():
+        out = model.eval()(input_ids=batches[0]["input_ids"]).logits
+    before = state(model.train())
     m = lens.measure(step=1, tokens=60)
     assert_same(before, state(model))
+    with torch.no_grad():
+        assert torch.equal(out, model.eval()(input_ids=batches[0]["input_ids"]).logits)
     assert model.get_parameter(param).requires_grad is False  # frozen, stays frozen
     act, grad = m.spectra[f"act:{PREFIX}{block}"], m.spectra[f"grad:{param}"]
     close(act.values, ref_activations(model, PREFIX + block, batches))
@@ -220,6 +225,33 @@ def test_modules_to_save_head_is_its_trained_copy():
     probe.update(batches[0])
     G = ref_grads(model, copy_, batches)
     assert G.abs().max() > 0 and torch.allclose(probe.matrix().double(), G, rtol=1e-9, atol=1e-12 * G.abs().max())
+
+
+@pytest.mark.parametrize("save", [None, ["lm_head"]])
+def test_chunked_head_loss_through_a_peft_model(save):
+    """The head-loss path CUDA users get by default (forced here with head_loss="chunked"): the head is found
+    through the PeftModel (the modules_to_save copy when the head is one) and the rows equal the reference."""
+    model, batches = llama(save=save), pool(1)
+    probe = sl.PerSampleGradientProbe(model, params="model.layers.1.self_attn.o_proj.lora_B.default.weight",
+                                      head_loss="chunked", keep_matrix=True)
+    probe.update(batches[0])
+    head = f"{PREFIX}lm_head" + (".modules_to_save.default" if save else "")
+    assert probe.head_loss_ == f"chunked ({head})"
+    G = ref_grads(model, next(iter(probe.params)), batches)
+    assert torch.allclose(probe.matrix().double(), G, rtol=1e-9, atol=1e-12 * G.abs().max())
+
+
+def test_chunked_head_loss_refuses_a_lora_wrapped_head():
+    """LoRA on the head itself (target_modules with "lm_head"): the logits are no single nn.Linear's output,
+    so head_loss="chunked" is refused with the reason, and "auto" keeps the materialized logits (exact)."""
+    model, batches = llama(targets=("o_proj", "lm_head")), pool(1)
+    name = "model.layers.1.self_attn.o_proj.lora_B.default.weight"
+    with pytest.raises(ValueError, match=r"head_loss='chunked' impossible for PeftModel.*lm_head\.base_layer"):
+        sl.PerSampleGradientProbe(model, params=name, head_loss="chunked").update(batches[0])
+    probe = sl.PerSampleGradientProbe(model, params=name, keep_matrix=True).update(batches[0])
+    assert probe.head_loss_.startswith("materialized")
+    G = ref_grads(model, next(iter(probe.params)), batches)
+    assert torch.allclose(probe.matrix().double(), G, rtol=1e-9, atol=1e-12 * G.abs().max())
 
 
 def test_set_adapter_and_disable_adapter():
