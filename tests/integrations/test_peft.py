@@ -254,6 +254,26 @@ def test_chunked_head_loss_refuses_a_lora_wrapped_head():
     assert torch.allclose(probe.matrix().double(), G, rtol=1e-9, atol=1e-12 * G.abs().max())
 
 
+def test_gradient_checkpointing_with_input_require_grads():
+    """The usual PEFT memory setup (gradient_checkpointing_enable() and enable_input_require_grads(), whose
+    forward hook on the embeddings makes their output require grad; train mode): the spectra equal the
+    references, and the hook, the checkpointing flags and everything else are as before."""
+    model, batches = llama(), pool(1)
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    model.train()
+    wo = f"{PREFIX}model.layers.1.self_attn.o_proj.base_layer.weight"
+    before = state(model)
+    flags = [getattr(mod, "gradient_checkpointing", None) for mod in model.modules()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers: use_cache=True is incompatible with checkpointing
+        m = sl.SpectralLens(model, batches, precision="float64", progress=False).measure(0, 0)
+    assert_same(before, state(model))
+    assert flags == [getattr(mod, "gradient_checkpointing", None) for mod in model.modules()]
+    close(m.spectra[f"grad:{wo}"].values, spectrum(ref_grads(model, wo, batches)))
+    close(m.spectra[f"act:{PREFIX}model.layers.1"].values, ref_activations(model, f"{PREFIX}model.layers.1", batches))
+
+
 def test_set_adapter_and_disable_adapter():
     """The active adapter is the one measured, and stays active (set_adapter also sets requires_grad:
     restored); inside disable_adapter() the base model is measured (its lora_B gradients are zero: a
