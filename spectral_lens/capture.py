@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._peft import base_prefix, short_name
 from ._warnings import CompiledModelWarning
 
 __all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "check_pick", "pick_tensor", "check_dense_rows",
@@ -101,7 +102,9 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     A name, glob or regex also matches a module by its eager name (:func:`uncompiled_name`: without
     the ``_orig_mod`` segments of a ``torch.compile``d submodule, as the records name it); a compile
     wrapper and the module it wraps have the same eager name, and only the first (the wrapper) is
-    selected. The names returned are the modules' own.
+    selected. In a PEFT ``PeftModel`` a name or glob also matches without the ``base_model.model.``
+    prefix (:func:`~spectral_lens._peft.short_name`: as the model was before ``get_peft_model``). The
+    names returned are the modules' own.
 
     Raises ``ValueError`` naming the closest module names when nothing matches, and when a module
     object given as a target is not a submodule of ``model``, and ``TypeError`` when ``model`` is not
@@ -128,10 +131,13 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     # a name or glob also matches a module's eager name (uncompiled_name: per-block compiled models, whose
     # records use those); a compile wrapper and the module it wraps share one, and only the first is taken
     eager = [name_matcher(t) for t in targets if isinstance(t, (str, re.Pattern))]
+    prefix = base_prefix(model)  # a PeftModel's "base_model.model.": names as typed for the model it wraps
     chosen, seen = [], set()
     for name, mod in named:
         plain = uncompiled_name(name)
-        if any(f(name, mod) for f in matchers) or (plain != name and any(f(plain, mod) for f in eager)):
+        short = short_name(plain, prefix, base_layer=False)
+        if (any(f(name, mod) for f in matchers) or (plain != name and any(f(plain, mod) for f in eager))
+                or (short != plain and any(f(short, mod) for f in eager))):
             if plain not in seen:
                 seen.add(plain)
                 chosen.append((name, mod))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._peft import base_prefix, has_peft_layers, saved_copies, short_name
 from ..capture import glob_to_regex, uncompiled_name
 from ._validate import param_names
 
@@ -151,7 +152,8 @@ def default_gradient_param(model: nn.Module) -> str:
     """
     computed = _computed_weights(model)
     names = [n for n, _ in model.named_parameters()] + list(computed)
-    found = [n for n in names if any(glob_to_regex(p).fullmatch(n) for p in ATTENTION_OUTPUT_PATTERNS)]
+    aliases = _aliases(model, names)  # a PEFT model's wrapped W_O is <module>.base_layer.weight
+    found = [n for n in names if any(glob_to_regex(p).fullmatch(a) for p in ATTENTION_OUTPUT_PATTERNS for a in aliases[n])]
     if not found:
         mats = [n for n, p in model.named_parameters() if p.ndim == 2][:12]
         quantized = [n for n, m in model.named_modules() if _is_quantized(m)][:5]
@@ -197,14 +199,38 @@ def _computed_weights(model: nn.Module) -> dict[str, list[str]]:
     return out
 
 
+def _aliases(model: nn.Module, names) -> dict[str, list[str]]:
+    """Every name a user may type for each of ``names`` (parameter names): its own, its eager name (without
+    the ``_orig_mod`` segments of per-block ``torch.compile``), and in a PEFT model the names without the
+    ``PeftModel``'s ``base_model.model.`` prefix and/or the ``base_layer`` segment of a wrapped layer (the
+    names of the model before ``get_peft_model``, and of ``merge_and_unload()``'s), with a ``modules_to_save``
+    module's name for its active trained copy (``lm_head.weight`` for ``lm_head.modules_to_save.default.weight``)."""
+    peft, prefix = has_peft_layers(model), base_prefix(model)
+    copies = saved_copies(model) if peft else {}
+    out = {}
+    for n in names:
+        plain = uncompiled_name(n)
+        forms = [n, plain]
+        if peft:
+            for copy, wrapper in copies.items():
+                plain = wrapper + plain[len(copy):] if plain.startswith(copy) else plain
+            forms += [plain, short_name(plain, prefix, base_layer=False), short_name(plain, "", base_layer=True),
+                      short_name(plain, prefix, base_layer=True)]
+        out[n] = list(dict.fromkeys(forms))
+    return out
+
+
 def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
     named = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
-    # the eager names (without the _orig_mod segments of per-block torch.compile, as the records name the
-    # parameters) -> the parameters' own names
+    # the names a user may type (eager names without the _orig_mod segments of per-block torch.compile, as
+    # the records name the parameters; a PEFT model's names as the model before wrapping had them) -> the
+    # parameters' own names
+    aliases = _aliases(model, named)
     eager: dict[str, str] = {}
     for n in named:
-        eager.setdefault(uncompiled_name(n), n)
+        for a in aliases[n]:
+            eager.setdefault(a, n)
     wanted = param_names(params)
     wanted = [default_gradient_param(model)] if wanted is None else wanted
     if not wanted:
@@ -218,7 +244,7 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
             hits = [w]
         elif set("*?[") & set(w):
             rx = glob_to_regex(w)
-            hits = [n for n, _ in model.named_parameters() if rx.fullmatch(n) or rx.fullmatch(uncompiled_name(n))]
+            hits = [n for n, _ in model.named_parameters() if any(rx.fullmatch(a) for a in aliases[n])]
         elif (w in modules and isinstance(getattr(modules[w], "weight", None), nn.Parameter)) or weight in eager:
             hits = [weight]  # a module name (its own or eager): its weight
         else:

@@ -1,0 +1,61 @@
+"""Names of a Hugging Face PEFT model (LoRA and the other ``peft`` adapters) as a user types them.
+
+``get_peft_model(model, LoraConfig(...))`` wraps the model (``PeftModel.base_model.model`` is it again)
+and replaces each target ``nn.Linear``/``Conv1D`` by a layer holding the original one as ``base_layer``.
+So the model's own names gain a ``base_model.model.`` prefix and the targets' weights a ``base_layer``
+segment: ``base_model.model.transformer.h.1.attn.c_proj.base_layer.weight`` for GPT-2's
+``transformer.h.1.attn.c_proj.weight``. :func:`short_name` gives the name without them, which the
+lens's ``layers=`` and the probe's ``params=`` also match (the names of the model before ``peft`` wrapped
+it, and of ``merge_and_unload()``'s). A module in ``modules_to_save`` (often the LM head) is wrapped too:
+its forward runs the active adapter's trained copy, ``lm_head.modules_to_save.default``, which
+:func:`saved_copies` names ``lm_head`` for the probe. No import of ``peft``: it is recognized by its classes' module.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["base_prefix", "has_peft_layers", "saved_copies", "short_name"]
+
+
+def _is_peft(obj: object) -> bool:
+    return type(obj).__module__.split(".", 1)[0] == "peft"
+
+
+def has_peft_layers(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``PeftModel`` or holds ``peft`` layers (its ``get_base_model()`` does)."""
+    return any(_is_peft(m) for m in model.modules())
+
+
+def base_prefix(model: nn.Module) -> str:
+    """``"base_model.model."`` for a ``PeftModel`` (the name of its ``get_base_model()`` plus a dot);
+    ``""`` for any other model."""
+    if not _is_peft(model) or not callable(getattr(model, "get_base_model", None)):
+        return ""
+    inner = model.get_base_model()
+    return next((f"{n}." for n, m in model.named_modules() if m is inner and n), "")
+
+
+def short_name(name: str, prefix: str, *, base_layer: bool) -> str:
+    """``name`` without the ``PeftModel``'s ``prefix`` and, with ``base_layer=True`` (parameter names),
+    without the ``base_layer`` segments of ``peft``'s wrapped layers: the name the weight has in the
+    model before wrapping (``lora_A``/``lora_B`` keep theirs)."""
+    if prefix and name.startswith(prefix):
+        name = name[len(prefix):]
+    if base_layer:
+        name = ".".join(part for part in name.split(".") if part != "base_layer")
+    return name
+
+
+def saved_copies(model: nn.Module) -> dict[str, str]:
+    """``{"<wrapper>.modules_to_save.<adapter>.": "<wrapper>."}`` for each ``peft`` ``ModulesToSaveWrapper``
+    (``LoraConfig(modules_to_save=[...])``) whose forward runs one active adapter's copy: the copy's
+    names as the user types them (``lm_head.weight``). The frozen ``original_module`` keeps its name."""
+    out = {}
+    for name, m in model.named_modules():
+        if not (_is_peft(m) and type(m).__name__ == "ModulesToSaveWrapper"):
+            continue
+        active = list(getattr(m, "active_adapters", None) or [])
+        if len(active) == 1 and active[0] in getattr(m, "modules_to_save", {}):
+            out[f"{name}.modules_to_save.{active[0]}."] = f"{name}."
+    return out
