@@ -29,7 +29,7 @@ except ImportError:  # Python 3.10: the pyproject checks skip, the rest runs
     PYPROJECT = None
 needs_pyproject = pytest.mark.skipif(PYPROJECT is None, reason="reading pyproject.toml needs tomllib (Python >= 3.11)")
 OPTIONAL = ("matplotlib", "transformers", "accelerate", "lightning", "pytorch_lightning", "tensorboard",
-            "wandb", "optuna", "pandas", "triton")
+            "wandb", "optuna", "pandas", "triton", "peft")
 
 
 def _run(args, *, code=None, cwd=None, timeout=300):
