@@ -7,7 +7,8 @@ appends one measurement to a run record when a :class:`~spectral_lens.records.Ru
 
 :class:`~spectral_lens.schedule.Schedule` (when to measure) is in ``schedule``; the layer-stack defaults
 (``_blocks``) and the default mask and pool checks (``_pools``) are in private modules; all are importable
-from here.
+from here. The ranks' agreement under ``torch.distributed`` (on failures, layers, pool lengths, and rank
+0's values) is in the private module ``_agree``.
 """
 
 from __future__ import annotations
