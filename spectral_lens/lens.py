@@ -7,13 +7,13 @@ appends one measurement to a run record when a :class:`~spectral_lens.records.Ru
 
 :class:`~spectral_lens.schedule.Schedule` (when to measure) is in ``schedule``; the layer-stack defaults
 (``_blocks``) and the default mask and pool checks (``_pools``) are in private modules; all are importable
-from here.
+from here. The ranks' agreement under ``torch.distributed`` (on failures, layers, pool lengths, and rank
+0's values) is in the private module ``_agree``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from ._agree import agree, agree_widths, from_rank0, ranks
 from ._args import check_callable, check_count, check_dtype, check_window
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
 from ._pools import attention_mask, sharded_pool, unfixed_pool
@@ -354,91 +355,6 @@ class SpectralLens:
         return self.model
 
     # ------------------------------------------------------------------ helpers
-    def _dist(self) -> tuple[int, int]:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            rank = dist.get_rank(self.group)
-            if rank < 0:  # not a member: get_rank/get_world_size give -1 and collectives are no-ops
-                raise ValueError(
-                    f"SpectralLens: global rank {dist.get_rank()} is not a member of the lens's group=; "
-                    "call measure only on the group's member ranks (or build this rank's lens without group=)"
-                )
-            return rank, dist.get_world_size(self.group)
-        return 0, 1
-
-    def _collective_device(self) -> torch.device:
-        import torch.distributed as dist
-
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
-
-    def _agree(self, error: BaseException | None, what: str) -> None:
-        """Collective agreement on this rank's local work before the next collective phase.
-
-        Every rank of the group all-reduces (MAX) one failure flag per rank (``error`` may be a
-        ``KeyboardInterrupt``: a Ctrl-C that reached one rank stops every rank too). If any rank failed,
-        every rank raises at once instead of leaving the others waiting in the next collective: a
-        failed rank re-raises its own exception, the others a ``RuntimeError`` naming the failed
-        rank(s). In a single process, ``error`` is simply raised.
-        """
-        rank, world = self._dist()
-        if world > 1:
-            import torch.distributed as dist
-
-            flags = torch.zeros(world, dtype=torch.int64, device=self._collective_device())
-            flags[rank] = int(error is not None)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-            failed = [r for r, f in enumerate(flags.tolist()) if f]
-            if failed and error is None:
-                if self.group is not None:
-                    failed = [dist.get_global_rank(self.group, r) for r in failed]
-                raise RuntimeError(
-                    f"SpectralLens: {what} failed on global rank(s) {failed}; this rank stopped too so that "
-                    f"no rank waits in a collective. See the error raised on rank(s) {failed} for the cause"
-                )
-        if error is not None:
-            raise error
-
-    def _agree_widths(self, named: list, batches: int) -> None:
-        """Check that every rank measures the same layers (``named``: this rank's ``(name, accumulator)``
-        pairs, sorted by name, the order in which they are synced) and that every rank's pool gave the same
-        number of batches (``batches``), in one ``all_reduce(MAX)`` of a fixed length; then give an
-        accumulator that saw no rows on this rank (no batch of the pool) the width the other ranks saw,
-        so that it joins ``sync`` with zero rows, in a second one. Each rank runs batch ``i`` for
-        ``i % world == rank`` of its own pool, so pools of different lengths would measure a mix of
-        batches silently, and other layers on one rank would be summed into this rank's layer (or, in a
-        different number, leave the ranks in mismatched collectives)."""
-        import torch.distributed as dist
-
-        names = [name for name, _ in named]
-        digest = int.from_bytes(hashlib.blake2b("\n".join(names).encode(), digest_size=7).digest(), "big")
-        local = torch.tensor([len(names), digest, batches], dtype=torch.int64, device=self._collective_device())
-        both = torch.cat([local, -local])
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
-        (most_layers, most_digest, most), (fewest_layers, fewest_digest, fewest) = both[:3].tolist(), both[3:].tolist()
-        if most_layers != -fewest_layers or most_digest != -fewest_digest:  # the same on every rank: all of them raise
-            raise ValueError(
-                f"SpectralLens: the ranks measure different layers (this rank: {names}); every rank must build "
-                "the lens with the same layers= on the same model"
-            )
-        if most != -fewest:
-            raise ValueError(
-                f"SpectralLens: the ranks' pools gave different numbers of batches ({-fewest} to {most}); every "
-                "rank must iterate the same whole pool (each rank forwards its share: batch i on rank i % world)"
-            )
-        accs = [acc for _, acc in named]
-        widths = torch.tensor([-1 if a.dim is None else a.dim for a in accs], dtype=torch.int64,
-                              device=self._collective_device())
-        dist.all_reduce(widths, op=dist.ReduceOp.MAX, group=self.group)
-        for acc, d in zip(accs, widths.tolist()):
-            if d < 0:  # the same on every rank: no rank saw a row for this layer
-                raise ValueError(
-                    f"SpectralLens: {acc._label()}: no rank saw any rows; the pool gave no batch, or the module "
-                    "never ran in the model's forward"
-                )
-            if acc.dim is None:
-                acc.dim = d
-
     def _device(self) -> torch.device:
         p = next(self._require_model().parameters(), None)
         return p.device if p is not None else torch.device("cpu")
@@ -454,21 +370,6 @@ class SpectralLens:
             except ValueError:
                 tail = tail_window(12)
         return tail, head if head is not None else (10, 40)
-
-    def _shared_windows(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
-        """:meth:`_windows` of the group's rank 0, on every rank (one small broadcast): only rank 0 has
-        the writer and its recorded windows, and summaries that differ between ranks could send code
-        that branches on them (an early stop) down different paths, into mismatched collectives."""
-        windows = self._windows()
-        rank, world = self._dist()
-        if world > 1:
-            import torch.distributed as dist
-
-            shared = [windows]
-            src = 0 if self.group is None else dist.get_global_rank(self.group, 0)  # src is a global rank
-            dist.broadcast_object_list(shared, src=src, group=self.group)
-            windows = shared[0]
-        return windows
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -494,17 +395,17 @@ class SpectralLens:
         sync with zero rows.
         """
         model = self._require_model()
-        rank, world = self._dist()
+        rank, world = ranks(self.group)
         error = None
         try:
             capture = attach(model, self.layers, pick=self._pick, precision=self.precision)
             batches = self._activation_pass(model, capture, rank, world)
         except BaseException as exc:  # an interrupt too (Ctrl-C on one rank): agreed below, then re-raised
             error = exc
-        self._agree(error, "the activation pass")
+        agree(self.group, error, "the activation pass")
         named = sorted(capture.accumulators.items(), key=lambda item: item[0])  # one order on every rank
         if world > 1:
-            self._agree_widths(named, batches)
+            agree_widths(self.group, named, batches)
         for _, acc in named:
             acc.sync(self.group)
         spectra, error = {}, None
@@ -517,7 +418,7 @@ class SpectralLens:
             error.__cause__ = exc
         except BaseException as exc:
             error = exc
-        self._agree(error, "computing the activation spectra")
+        agree(self.group, error, "computing the activation spectra")
         return {f"act:{uncompiled_name(name)}": spectrum for name, spectrum in spectra.items()}
 
     def _activation_pass(self, model: nn.Module, capture, rank: int, world: int) -> int:
@@ -570,7 +471,7 @@ class SpectralLens:
         self._require_model()
         if self.probe is None:
             return {}, {}
-        rank, world = self._dist()
+        rank = ranks(self.group)[0]
         result: list = [None]
         error = None
         if rank == 0:
@@ -580,13 +481,8 @@ class SpectralLens:
                 error = exc
             finally:  # the rows of G (M x P per matrix, on the device) are not kept through the training in between
                 self.probe.reset()
-        self._agree(error, "the gradient protocol (it runs on the group's rank 0)")
-        if world > 1:
-            import torch.distributed as dist
-
-            src = 0 if self.group is None else dist.get_global_rank(self.group, 0)  # src is a global rank
-            dist.broadcast_object_list(result, src=src, group=self.group)
-        return result[0]
+        agree(self.group, error, "the gradient protocol (it runs on the group's rank 0)")
+        return from_rank0(self.group, result[0])
 
     def _gradient_pass(self) -> tuple[dict[str, Spectrum], dict[str, float]]:
         """The gradient protocol over the whole gradient pool, on this rank."""
@@ -656,18 +552,21 @@ class SpectralLens:
         # ranks have writer=None, so they cannot tell whether there is one): a failure on one rank (a full
         # disk on rank 0) is agreed, so the other ranks raise too instead of going on into a collective
         # (a callback's agreement, the training loop's next step) that rank 0 never reaches
-        tail, head = self._shared_windows()
+        # rank 0's windows on every rank: only rank 0 has the writer and its recorded windows, and summaries
+        # that differ between ranks could send code that branches on them (an early stop) down different
+        # paths, into mismatched collectives
+        tail, head = from_rank0(self.group, self._windows())
         m, error = None, None
         try:
             summaries = {name: spectrum_summaries(s, tail=tail, head=head) for name, s in spectra.items()}
             m = LensMeasurement(int(step), int(tokens), spectra, scalars, summaries)
             self.history.append(m)
-            if self.writer is not None and self._dist()[0] == 0:
+            if self.writer is not None and ranks(self.group)[0] == 0:
                 extra = {k: v for k, v in scalars.items() if k != "val_loss"}
                 self.writer.log_measurement(step, tokens, spectra, val_loss=val_loss, progress=progress, scalars=extra)
         except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
             error = exc
-        self._agree(error, "summarizing or writing the run record (rank 0 writes it)")
+        agree(self.group, error, "summarizing or writing the run record (rank 0 writes it)")
         return m
 
     def maybe_measure(self, step: int, tokens: int, **kwargs) -> LensMeasurement | None:

@@ -6,6 +6,7 @@ import warnings
 import weakref
 from typing import Any, Iterable, Protocol
 
+from .._agree import agree, from_rank0, ranks
 from .._warnings import SpectralLensWarning
 from ..attachment import Attachment
 from ..lens import LensMeasurement, SpectralLens
@@ -123,21 +124,9 @@ class LensDriver:
         # the checkpoint's step counts as measured only when it was (in this process's history or, on
         # rank 0, in the run record): an evaluation at the restored step (eval_on_start) measures otherwise;
         # a validation loss recorded there before the resume stands (an evaluation there appends none)
-        measured, has_loss = self._from_rank0((measured[0], has_loss[0]))
+        measured, has_loss = from_rank0(self.lens.group, (measured[0], has_loss[0]))
         self.last_step = step if measured else None
         self.last_has_val_loss = measured and has_loss
-
-    def _from_rank0(self, value):
-        """``value`` as rank 0 of the lens's group has it, on every rank (one small broadcast)."""
-        rank, world = self.lens._dist()
-        if world > 1:
-            import torch.distributed as dist
-
-            shared = [value]
-            group = self.lens.group
-            dist.broadcast_object_list(shared, src=0 if group is None else dist.get_global_rank(group, 0), group=group)
-            value = shared[0]
-        return value
 
     def record_val_loss(self, step: int, tokens: int, val_loss: float | None) -> None:
         """An evaluation ran at ``step``, which the lens already measured (the schedule came first):
@@ -161,12 +150,12 @@ class LensDriver:
         whether it succeeded, so a failure there (a full disk, a sink's error) makes every rank raise at
         once instead of leaving the others waiting in the training loop's next collective."""
         error = None
-        if self.lens._dist()[0] == 0:
+        if ranks(self.lens.group)[0] == 0:
             try:
                 work()
             except BaseException as exc:  # an interrupt too: agreed below, then re-raised on rank 0
                 error = exc
-        self.lens._agree(error, what)
+        agree(self.lens.group, error, what)
 
     def windows(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
         """The alpha windows of the lens's summaries (the run record's, else the depth rule's).
@@ -197,7 +186,7 @@ class LensDriver:
         loggers). An error of a sink or of ``log`` on rank 0 is agreed with the other ranks: every
         rank raises."""
         writer = self.lens.writer
-        if self._from_rank0(writer is not None and bool(getattr(writer, "closed", False))):
+        if from_rank0(self.lens.group, writer is not None and bool(getattr(writer, "closed", False))):
             # the user closed the run record after train()/fit() (the guides do), then evaluated again:
             # nothing to record into; every rank skips alike (the writer lives on rank 0 only)
             warnings.warn(f"spectral-lens: the lens's RunWriter ({getattr(writer, 'path', 'rank 0')}) is closed, so the "

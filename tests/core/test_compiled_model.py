@@ -48,6 +48,22 @@ def _gradient_reference(model, pool) -> torch.Tensor:
     return torch.linalg.eigvalsh(g @ g.T).flip(0).clamp_min(0)
 
 
+def _model_pool_reference():
+    """A float64 TinyLM without dropout, a pool of 2 batches, and the reference spectrum of ``PARAM``'s
+    per-sample gradients over it (:func:`_gradient_reference`, on a copy)."""
+    torch.manual_seed(0)
+    model = TinyLM(dropout=0.0).double()
+    pool = lm_pool(n_batches=2)
+    return model, pool, _gradient_reference(copy.deepcopy(model), pool)
+
+
+def _assert_probe_matches(probe, pool, ref) -> None:
+    for batch in pool:
+        probe.update(batch)
+    s = probe.compute()
+    torch.testing.assert_close(s.values, ref[: s.dim], rtol=1e-9, atol=1e-12 * float(ref[0]))
+
+
 def _compiled(model, how: str, backend: str):
     if how == "wrapper":
         return torch.compile(model, backend=backend)
@@ -108,48 +124,38 @@ def _check(how: str, backend: str) -> None:
 HAS_STANCES = hasattr(torch.compiler, "set_stance")
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """dynamo's caches cleared before and after the test: no graph compiled in another test is reused."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("how", ["wrapper", "inplace"])
-def test_lens_measures_a_compiled_model_eagerly(how):
+def test_lens_measures_a_compiled_model_eagerly(how, fresh_dynamo):
     """Old code: the hooks were skipped by the graph compiled in the user's evaluation pass
     ("h.2: need at least 2 rows, have 0"), and on the wrapper every name had an ``_orig_mod.`` prefix."""
     if how == "inplace" and not HAS_STANCES:
         pytest.skip("torch < 2.6 has no compiler stances: a model.compile()d module is measured through its "
                     "uncompiled twin (docs/guide-attach.md)")
-    torch._dynamo.reset()
-    try:
-        _check(how, "aot_eager")
-    finally:
-        torch._dynamo.reset()
+    _check(how, "aot_eager")
 
 
-def test_probe_on_compiled_wrapper_uses_the_wrapped_names():
+def test_probe_on_compiled_wrapper_uses_the_wrapped_names(fresh_dynamo):
     """Old code: ``OptimizedModule has no parameter 'h.1.attn.c_proj.weight'``."""
-    torch._dynamo.reset()
-    try:
-        torch.manual_seed(0)
-        model = TinyLM(dropout=0.0).double()
-        pool = lm_pool(n_batches=2)
-        ref = _gradient_reference(copy.deepcopy(model), pool)
-        compiled = torch.compile(model, backend="aot_eager")
-        compiled(pool[0][0])  # compiled before the probe exists
-        probe = sl.PerSampleGradientProbe(compiled, PARAM)
-        assert probe.model is model and list(probe.params) == [PARAM]
-        for batch in pool:
-            probe.update(batch)
-        s = probe.compute()
-        torch.testing.assert_close(s.values, ref[: s.dim], rtol=1e-9, atol=1e-12 * float(ref[0]))
-    finally:
-        torch._dynamo.reset()
+    model, pool, ref = _model_pool_reference()
+    compiled = torch.compile(model, backend="aot_eager")
+    compiled(pool[0][0])  # compiled before the probe exists
+    probe = sl.PerSampleGradientProbe(compiled, PARAM)
+    assert probe.model is model and list(probe.params) == [PARAM]
+    _assert_probe_matches(probe, pool, ref)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["wrapper", "inplace"])
-def test_lens_measures_an_inductor_compiled_model(how):
-    torch._dynamo.reset()
-    try:
-        _check(how, "inductor")
-    finally:
-        torch._dynamo.reset()
+def test_lens_measures_an_inductor_compiled_model(how, fresh_dynamo):
+    _check(how, "inductor")
 
 
 def test_measuring_works_on_a_torch_without_compiler_stances(monkeypatch):
@@ -170,10 +176,9 @@ def test_the_empty_capture_message_names_no_stance_on_a_torch_without_stances(mo
     assert "set_stance" not in str(info.value)
 
 
-def test_an_empty_capture_names_the_compiled_graph_as_a_likely_cause():
+def test_an_empty_capture_names_the_compiled_graph_as_a_likely_cause(fresh_dynamo):
     """attach() after the compiled model already ran: the cached graph skips the new hook, and compute()
     said only 'need at least 2 rows, have 0'. The message now names this cause and the two remedies."""
-    torch._dynamo.reset()
     model = TinyLM().eval()
     compiled = torch.compile(model, backend="aot_eager")
     x, _ = next(iter(lm_pool(n_batches=1)))
@@ -198,9 +203,7 @@ def test_blocks_compiled_one_by_one_are_recorded_under_the_eager_names():
     the eager names, with the same spectra."""
     torch.manual_seed(0)
     eager = TinyLM(tied=False, dropout=0.0).double()
-    compiled = copy.deepcopy(eager)
-    for i in range(len(compiled.h)):
-        compiled.h[i] = torch.compile(compiled.h[i], backend="eager")
+    compiled = _blocks_compiled(copy.deepcopy(eager))
     pool = [(x, y) for x, y in lm_pool()]
     a = sl.SpectralLens(eager, pool, precision="float64", progress=False).measure(1, 10)
     b = sl.SpectralLens(compiled, pool, precision="float64", progress=False).measure(1, 10)
@@ -216,58 +219,44 @@ def _blocks_compiled(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def test_blocks_compiled_one_by_one_accept_the_eager_names_as_targets():
+def test_blocks_compiled_one_by_one_accept_the_eager_names_as_targets(fresh_dynamo):
     """The records name per-block compiled modules by their eager names, but layers=/params= only took
     the compiled ones: 'TinyLM has no parameter 'h.2.attn.c_proj.weight'', 'no module matches target
     'h.1.attn''. Both spellings are accepted now and measure the same modules, recorded alike."""
-    torch._dynamo.reset()
-    try:
-        torch.manual_seed(0)
-        eager = TinyLM(tied=False, dropout=0.0).double()
-        compiled = _blocks_compiled(copy.deepcopy(eager))
-        pool = [(x, y) for x, y in lm_pool(n_batches=2)]
-        layers = ["h.1.attn", "h.2", "h.0.mlp.c_fc"]
-        params = ["h.2.attn.c_proj.weight", "h.1.mlp.c_fc", "h.*.attn.c_attn.weight"]  # name, module, glob
-        kw = dict(precision="float64", progress=False)
-        ref = sl.SpectralLens(eager, pool, layers=layers, params=params, **kw).measure(1, 10)
-        assert sorted(ref.spectra) == sorted(
-            ["act:h.1.attn", "act:h.2", "act:h.0.mlp.c_fc", "grad:h.2.attn.c_proj.weight", "grad:h.1.mlp.c_fc.weight"]
-            + [f"grad:h.{i}.attn.c_attn.weight" for i in range(3)])
-        compiled_names = (["h.1._orig_mod.attn", "h.2", "h.0._orig_mod.mlp.c_fc"],
-                          ["h.2._orig_mod.attn.c_proj.weight", "h.1._orig_mod.mlp.c_fc",
-                           "h.*._orig_mod.attn.c_attn.weight"])
-        for ls, ps in ((layers, params), compiled_names):
-            m = sl.SpectralLens(compiled, pool, layers=ls, params=ps, **kw).measure(1, 10)
-            assert sorted(m.spectra) == sorted(ref.spectra) and sorted(m.scalars) == sorted(ref.scalars), ls
-            for name in ref.spectra:
-                torch.testing.assert_close(m.spectra[name].values, ref.spectra[name].values, rtol=1e-10, atol=0)
-        # a wrapper and the module it wraps share one eager name: a glob over the blocks measures each once
-        m = sl.SpectralLens(compiled, pool, layers="h.*", params=(), **kw).measure(1, 10)
-        assert sorted(m.spectra) == ["act:h.0", "act:h.1", "act:h.2"]
-        with pytest.raises(ValueError, match=r"no parameter 'h\.2\.attn\.nope\.weight'.*h\.2\._orig_mod\.attn"):
-            sl.SpectralLens(compiled, pool, params="h.2.attn.nope.weight", progress=False)
-    finally:
-        torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = TinyLM(tied=False, dropout=0.0).double()
+    compiled = _blocks_compiled(copy.deepcopy(eager))
+    pool = [(x, y) for x, y in lm_pool(n_batches=2)]
+    layers = ["h.1.attn", "h.2", "h.0.mlp.c_fc"]
+    params = ["h.2.attn.c_proj.weight", "h.1.mlp.c_fc", "h.*.attn.c_attn.weight"]  # name, module, glob
+    kw = dict(precision="float64", progress=False)
+    ref = sl.SpectralLens(eager, pool, layers=layers, params=params, **kw).measure(1, 10)
+    assert sorted(ref.spectra) == sorted(
+        ["act:h.1.attn", "act:h.2", "act:h.0.mlp.c_fc", "grad:h.2.attn.c_proj.weight", "grad:h.1.mlp.c_fc.weight"]
+        + [f"grad:h.{i}.attn.c_attn.weight" for i in range(3)])
+    compiled_names = (["h.1._orig_mod.attn", "h.2", "h.0._orig_mod.mlp.c_fc"],
+                      ["h.2._orig_mod.attn.c_proj.weight", "h.1._orig_mod.mlp.c_fc",
+                       "h.*._orig_mod.attn.c_attn.weight"])
+    for ls, ps in ((layers, params), compiled_names):
+        m = sl.SpectralLens(compiled, pool, layers=ls, params=ps, **kw).measure(1, 10)
+        assert sorted(m.spectra) == sorted(ref.spectra) and sorted(m.scalars) == sorted(ref.scalars), ls
+        for name in ref.spectra:
+            torch.testing.assert_close(m.spectra[name].values, ref.spectra[name].values, rtol=1e-10, atol=0)
+    # a wrapper and the module it wraps share one eager name: a glob over the blocks measures each once
+    m = sl.SpectralLens(compiled, pool, layers="h.*", params=(), **kw).measure(1, 10)
+    assert sorted(m.spectra) == ["act:h.0", "act:h.1", "act:h.2"]
+    with pytest.raises(ValueError, match=r"no parameter 'h\.2\.attn\.nope\.weight'.*h\.2\._orig_mod\.attn"):
+        sl.SpectralLens(compiled, pool, params="h.2.attn.nope.weight", progress=False)
 
 
-def test_probe_on_blocks_compiled_one_by_one_takes_the_eager_names():
-    torch._dynamo.reset()
-    try:
-        torch.manual_seed(0)
-        model = TinyLM(dropout=0.0).double()
-        pool = lm_pool(n_batches=2)
-        ref = _gradient_reference(copy.deepcopy(model), pool)
-        compiled = _blocks_compiled(model)
-        probe = sl.PerSampleGradientProbe(compiled, PARAM)
-        assert list(probe.params) == ["h.2._orig_mod.attn.c_proj.weight"]  # the parameter's own name
-        assert probe.params[list(probe.params)[0]] is compiled.h[2]._orig_mod.attn.c_proj.weight
-        for batch in pool:
-            probe.update(batch)
-        s = probe.compute()
-        torch.testing.assert_close(s.values, ref[: s.dim], rtol=1e-9, atol=1e-12 * float(ref[0]))
-        if HAS_STANCES:  # attach takes them too (its keys are the modules' own names)
-            with sl.attach(compiled, "h.1.attn") as capture, torch.no_grad(), torch.compiler.set_stance("force_eager"):
-                compiled(pool[0][0])
-            assert list(capture.compute()) == ["h.1._orig_mod.attn"]
-    finally:
-        torch._dynamo.reset()
+def test_probe_on_blocks_compiled_one_by_one_takes_the_eager_names(fresh_dynamo):
+    model, pool, ref = _model_pool_reference()
+    compiled = _blocks_compiled(model)
+    probe = sl.PerSampleGradientProbe(compiled, PARAM)
+    assert list(probe.params) == ["h.2._orig_mod.attn.c_proj.weight"]  # the parameter's own name
+    assert probe.params[list(probe.params)[0]] is compiled.h[2]._orig_mod.attn.c_proj.weight
+    _assert_probe_matches(probe, pool, ref)
+    if HAS_STANCES:  # attach takes them too (its keys are the modules' own names)
+        with sl.attach(compiled, "h.1.attn") as capture, torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            compiled(pool[0][0])
+        assert list(capture.compute()) == ["h.1._orig_mod.attn"]

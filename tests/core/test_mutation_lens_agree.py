@@ -1,5 +1,5 @@
-"""Mutation audit of SpectralLens's failure agreement, in one process with ``torch.distributed``'s calls
-patched (a subgroup whose group ranks are not the global ranks): the other ranks' ``RuntimeError``
+"""Mutation audit of SpectralLens's failure agreement (``spectral_lens._agree.agree``), in one process
+with ``torch.distributed``'s calls patched (a subgroup whose group ranks are not the global ranks): the other ranks' ``RuntimeError``
 names the failed rank by its global rank, and a failed rank re-raises its own exception."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from spectral_lens import SpectralLens
+from spectral_lens._agree import agree
 
 
 @pytest.fixture
@@ -33,10 +33,9 @@ _GROUP = object()
 
 
 def test_the_other_ranks_name_the_failed_rank_by_its_global_rank(subgroup_rank0):
-    lens = SpectralLens(pool=[], params=(), group=_GROUP)
     with pytest.raises(RuntimeError, match=r"the activation pass failed on global rank\(s\) \[3\]"):
-        lens._agree(None, "the activation pass")
+        agree(_GROUP, None, "the activation pass")
     assert subgroup_rank0 == [[0, 1]]  # this rank's flag 0, the failed rank's 1
     with pytest.raises(KeyError, match="own"):  # a failed rank raises its own error, not the RuntimeError
-        lens._agree(KeyError("own"), "the activation pass")
+        agree(_GROUP, KeyError("own"), "the activation pass")
     assert subgroup_rank0[-1] == [1, 1]

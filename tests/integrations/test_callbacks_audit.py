@@ -78,7 +78,7 @@ def test_hf_resume_evaluation_at_an_unmeasured_checkpoint_step_measures_it(tmp_p
     # the interrupted run measured steps 3 and 6 (Schedule.every(3)), not its checkpoint's step 4; the resumed
     # train() evaluates at step 4 (eval_on_start) with on_evaluate=True. The old callback took the restored step
     # for measured, so that evaluation measured nothing (its loss went to log.jsonl only)
-    from .test_hf_trainer import CrashAt, trainer_for
+    from .test_hf_trainer import crash_at_7_or_resume_from_4, trainer_for
 
     def run(resume: bool):
         model = tiny_llama()
@@ -88,12 +88,7 @@ def test_hf_resume_evaluation_at_an_unmeasured_checkpoint_step_measures_it(tmp_p
         trainer = trainer_for(model, tmp_path, max_steps=8, save_strategy="steps", save_steps=4,
                               eval_on_start=resume)
         SpectralLensCallback(lens, on_evaluate=True).attach(trainer)
-        if resume:
-            trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
-        else:
-            trainer.add_callback(CrashAt(7))
-            with pytest.raises(KeyboardInterrupt):
-                trainer.train()
+        crash_at_7_or_resume_from_4(trainer, tmp_path, resume)
         writer.close()
         return lens, trainer
 

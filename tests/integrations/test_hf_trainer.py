@@ -132,6 +132,17 @@ class CrashAt(transformers.TrainerCallback):
             raise KeyboardInterrupt(f"crash at step {self.step}")
 
 
+def crash_at_7_or_resume_from_4(trainer, tmp_path, resume: bool) -> None:
+    """The two runs of a resume test (a trainer with ``save_steps=4``): ``resume=False`` trains until the
+    training loop crashes after step 7; ``resume=True`` resumes from its checkpoint at step 4."""
+    if resume:
+        trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+    else:
+        trainer.add_callback(CrashAt(7))
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+
+
 def test_after_a_crash_the_lens_is_not_left_on_the_crashed_model(tmp_path):
     calls = []
 
@@ -176,12 +187,7 @@ def test_resume_from_checkpoint_records_each_step_once(tmp_path):
                               eval_on_start=resume)
         sink = TensorBoardSink(tmp_path / "tb", figures=False)
         SpectralLensCallback(lens, on_evaluate=True, sinks=[sink]).attach(trainer)
-        if resume:
-            trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
-        else:
-            trainer.add_callback(CrashAt(7))
-            with pytest.raises(KeyboardInterrupt):
-                trainer.train()
+        crash_at_7_or_resume_from_4(trainer, tmp_path, resume)
         writer.close()
         sink.close()
         return lens, trainer

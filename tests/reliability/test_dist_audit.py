@@ -16,8 +16,6 @@ eigendecomposition out of memory), and a ``KeyboardInterrupt`` (Ctrl-C, SIGINT) 
 
 from __future__ import annotations
 
-import functools
-import importlib
 import os
 import signal
 import time
@@ -31,7 +29,7 @@ import torch.nn.functional as F
 from spectral_lens import ActivationCovarianceAccumulator, SpectralLens
 
 from support.models import TinyLM, lm_pool
-from support.ranks import case_results, gloo_group, run_cases, run_ranks
+from support.ranks import checked_case, run_gloo_cases
 
 WORLD = 2
 PG_TIMEOUT_S = 30  # a collective left waiting fails after this (the default is 30 min for gloo)
@@ -197,29 +195,15 @@ CASES = {
 }
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    importlib.import_module("torch._dynamo")  # DDP's first construction imports it (seconds): not in a case's deadline
-
-    with gloo_group(rank, port, WORLD, PG_TIMEOUT_S):
-        dist.barrier()  # connection set-up is not part of any case's deadline
-        run_cases(out, rank, {case: functools.partial(fn, rank) for case, fn in CASES.items()})
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("dist_audit")
-    hung = run_ranks(_worker, WORLD, out, JOIN_S)
-    return {"_hung": hung, **case_results(out, CASES, WORLD)}
+    # DDP's first construction imports torch._dynamo (seconds): preloaded, not in a case's deadline
+    return run_gloo_cases(tmp_path_factory.mktemp("dist_audit"), CASES, WORLD, pg_timeout_s=PG_TIMEOUT_S,
+                          join_s=JOIN_S, preload="torch._dynamo")
 
 
 def _case(results, case) -> list[dict]:
-    got = results[case]
-    assert None not in got, f"{case}: no result from rank(s) {[r for r in range(WORLD) if got[r] is None]}; " \
-        f"ranks still running after {JOIN_S} s (killed): {results['_hung']}"
-    assert [r["barrier"] for r in got] == ["ok"] * WORLD, f"{case}: ranks out of step afterwards: {got}"
-    assert all(r["seconds"] < DEADLINE_S for r in got), f"{case}: {[r['seconds'] for r in got]} s"
-    return got
+    return checked_case(results, case, DEADLINE_S)
 
 
 def _values(case_got) -> list:

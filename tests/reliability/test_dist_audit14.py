@@ -9,8 +9,6 @@ failed deep inside the accumulator with ``RuntimeError: .numpy() is not supporte
 
 from __future__ import annotations
 
-import functools
-import importlib
 
 import numpy as np
 import pytest
@@ -21,7 +19,7 @@ from torch import nn
 import spectral_lens as sl
 from spectral_lens import ActivationCovarianceAccumulator
 
-from support.ranks import case_results, gloo_group, run_cases, run_ranks
+from support.ranks import checked_case, run_gloo_cases
 
 WORLD = 2
 PG_TIMEOUT_S = 30
@@ -125,29 +123,16 @@ CASES = {
 }
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    importlib.import_module("torch.distributed.tensor")  # its import (seconds) is not part of a case
-
-    with gloo_group(rank, port, WORLD, PG_TIMEOUT_S):
-        dist.barrier()
-        run_cases(out, rank, {case: functools.partial(fn, rank) for case, fn in CASES.items()})
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("dist_audit14")
-    hung = run_ranks(_worker, WORLD, out, JOIN_S)
-    return {"_hung": hung, **case_results(out, CASES, WORLD)}
+    # DTensor's import (seconds) is not part of a case
+    return run_gloo_cases(tmp_path_factory.mktemp("dist_audit14"), CASES, WORLD, pg_timeout_s=PG_TIMEOUT_S,
+                          join_s=JOIN_S, preload="torch.distributed.tensor")
 
 
 def _values(results, case, deadline: bool = True) -> list:
-    got = results[case]
-    assert None not in got, f"{case}: no result from rank(s) {[r for r in range(WORLD) if got[r] is None]}; " \
-        f"ranks still running after {JOIN_S} s (killed): {results['_hung']}"
-    assert [r["barrier"] for r in got] == ["ok"] * WORLD, f"{case}: ranks out of step afterwards: {got}"
-    if deadline:  # a refused sync: every rank raises at once, none waits for the process-group timeout
-        assert all(r["seconds"] < DEADLINE_S for r in got), f"{case}: {[r['seconds'] for r in got]} s"
+    # with deadline: a refused sync, so every rank raises at once, none waits for the process-group timeout
+    got = checked_case(results, case, DEADLINE_S if deadline else None)
     assert [r["error"] for r in got] == [None] * WORLD, got
     return [r["value"] for r in got]
 

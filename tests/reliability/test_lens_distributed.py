@@ -14,18 +14,15 @@ lens's broadcast.
 
 from __future__ import annotations
 
-import functools
-import importlib
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from spectral_lens import ActivationCovarianceAccumulator, PerSampleGradientProbe, SpectralLens, attach
 
 from support.models import TinyLM, lm_pool
-from support.ranks import case_results, gloo_group, run_cases, run_ranks
+from support.ranks import checked_case, run_gloo_cases
 
 WORLD = 3
 PG_TIMEOUT_S = 30  # a collective left waiting fails after this (the default is 30 min for gloo)
@@ -177,33 +174,18 @@ CASES = {
 }
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    # DistributedDataParallel's first construction imports torch._dynamo (4-6 s per rank on the loaded
-    # 2-core machine, in torch 2.13 and 2.14): torch's one-off cost, not the lens's, so it is paid
-    # here instead of inside the ddp_wrapper case's deadline (11.8 s there under torch 2.14.1)
-    importlib.import_module("torch._dynamo")
-    with gloo_group(rank, port, WORLD, PG_TIMEOUT_S):
-        subgroup = dist.new_group([1, 2])  # every rank creates it; rank 0 is not a member
-        dist.barrier()  # connection set-up (seconds on a loaded machine) is not part of any case's deadline
-        run_cases(out, rank, {case: functools.partial(fn, rank, subgroup) for case, fn in CASES.items()})
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, list[dict]]:
-    out = tmp_path_factory.mktemp("lens_dist")
-    hung = run_ranks(_worker, WORLD, out, JOIN_S)
-    found: dict = {"_hung": hung, **case_results(out, CASES, WORLD)}
-    return found
+    # DistributedDataParallel's first construction imports torch._dynamo (4-6 s per rank on the loaded
+    # 2-core machine, in torch 2.13 and 2.14): torch's one-off cost, not the lens's, so it is paid
+    # before the cases instead of inside the ddp_wrapper case's deadline (11.8 s there under torch 2.14.1).
+    # Every case gets the sub-group of global ranks [1, 2] (rank 0 is not a member)
+    return run_gloo_cases(tmp_path_factory.mktemp("lens_dist"), CASES, WORLD, pg_timeout_s=PG_TIMEOUT_S,
+                          join_s=JOIN_S, preload="torch._dynamo", subgroup=[1, 2])
 
 
 def _case(results, case) -> list[dict]:
-    got = results[case]
-    assert None not in got, f"{case}: no result from rank(s) {[r for r in range(WORLD) if got[r] is None]}; " \
-        f"ranks still running after {JOIN_S} s (killed): {results['_hung']}"
-    assert [r["barrier"] for r in got] == ["ok"] * WORLD, f"{case}: ranks out of step afterwards: {got}"
-    assert all(r["seconds"] < DEADLINE_S for r in got), f"{case}: {[r['seconds'] for r in got]} s"
-    return got
+    return checked_case(results, case, DEADLINE_S)
 
 
 def _single(n_batches) -> dict:

@@ -1,9 +1,13 @@
-"""Spawning gloo ranks for the distributed tests: a free port, and plain processes joined by a deadline."""
+"""Spawning gloo ranks for the distributed tests: a free port, plain processes joined by a deadline, and
+a module's cases run on every rank (:func:`run_gloo_cases`) with their per-rank results checked
+(:func:`checked_case`)."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
+import importlib
 import json
 import multiprocessing
 import os
@@ -89,3 +93,45 @@ def run_cases(out: str | Path, rank: int, cases: dict[str, Callable[[], object]]
         except Exception as exc:  # noqa: BLE001
             result["barrier"] = f"{type(exc).__name__}: {exc}"
         write_case(out, case, rank, result)
+
+
+def _case_worker(rank: int, port: int, out: str, cases: dict, world: int, pg_timeout_s: float, preload: str,
+                 subgroup: list[int] | None) -> None:
+    """A rank's process for :func:`run_gloo_cases`."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    importlib.import_module(preload)  # its import (seconds on a loaded machine) is not part of a case's deadline
+    with gloo_group(rank, port, world, pg_timeout_s):
+        extra = () if subgroup is None else (dist.new_group(subgroup),)  # every rank creates it
+        dist.barrier()  # connection set-up is not part of any case's deadline
+        run_cases(out, rank, {case: functools.partial(fn, rank, *extra) for case, fn in cases.items()})
+
+
+def run_gloo_cases(out: Path, cases: dict[str, Callable], world: int, *, pg_timeout_s: float, join_s: float,
+                   preload: str, subgroup: list[int] | None = None) -> dict:
+    """Run every case ``fn(rank)`` of ``cases`` (module-level functions, in order) on ``world`` gloo ranks,
+    in one process group with a collective timeout of ``pg_timeout_s``, each case followed by a barrier
+    (:func:`run_cases`); ``preload``: a module imported before the group forms, whose first import would
+    otherwise count in a case's seconds. With ``subgroup`` (global ranks), every rank creates that
+    group first and each case is called as ``fn(rank, group)``. Returns each case's per-rank results
+    (:func:`case_results`) and, under ``"_hung"``, the ranks still running after ``join_s`` (killed)."""
+    worker = functools.partial(_case_worker, cases=cases, world=world, pg_timeout_s=pg_timeout_s, preload=preload,
+                               subgroup=subgroup)
+    hung = run_ranks(worker, world, out, join_s)
+    return {"_hung": hung, **case_results(out, cases, world)}
+
+
+def checked_case(results: dict, case: str, deadline_s: float | None) -> list[dict]:
+    """The per-rank results of ``case`` from :func:`run_gloo_cases`, asserting that every rank wrote one,
+    that the ranks met in step in the barrier after it, and (with ``deadline_s``) that every rank
+    returned or raised within ``deadline_s`` seconds."""
+    got = results[case]
+    world = len(got)
+    assert None not in got, f"{case}: no result from rank(s) {[r for r in range(world) if got[r] is None]}; " \
+        f"ranks still running at the deadline (killed): {results['_hung']}"
+    assert [r["barrier"] for r in got] == ["ok"] * world, f"{case}: ranks out of step afterwards: {got}"
+    if deadline_s is not None:
+        assert all(r["seconds"] < deadline_s for r in got), f"{case}: {[r['seconds'] for r in got]} s"
+    return got

@@ -1,0 +1,116 @@
+"""The lens's agreement under ``torch.distributed``: before each collective phase the ranks of a
+``group`` agree on whether their local work succeeded, on the layers they measure and the batches
+their pools gave, and on what rank 0 alone knows, so that no rank waits in a collective until the
+process-group timeout. Used by :class:`~spectral_lens.SpectralLens` and the integrations' driver;
+``group=None`` is the whole world. (The accumulator's own agreement is in ``_sync``.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def ranks(group) -> tuple[int, int]:
+    """``(rank in group, group size)``, or ``(0, 1)`` when ``torch.distributed`` is not initialized."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        rank = dist.get_rank(group)
+        if rank < 0:  # not a member: get_rank/get_world_size give -1 and collectives are no-ops
+            raise ValueError(
+                f"SpectralLens: global rank {dist.get_rank()} is not a member of the lens's group=; "
+                "call measure only on the group's member ranks (or build this rank's lens without group=)"
+            )
+        return rank, dist.get_world_size(group)
+    return 0, 1
+
+
+def collective_device(group) -> torch.device:
+    """Where the group's collectives take tensors: the current CUDA device for NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def agree(group, error: BaseException | None, what: str) -> None:
+    """Collective agreement on this rank's local work before the next collective phase.
+
+    Every rank of the group all-reduces (MAX) one failure flag per rank (``error`` may be a
+    ``KeyboardInterrupt``: a Ctrl-C that reached one rank stops every rank too). If any rank failed,
+    every rank raises at once instead of leaving the others waiting in the next collective: a
+    failed rank re-raises its own exception, the others a ``RuntimeError`` naming the failed
+    rank(s). In a single process, ``error`` is simply raised.
+    """
+    rank, world = ranks(group)
+    if world > 1:
+        import torch.distributed as dist
+
+        flags = torch.zeros(world, dtype=torch.int64, device=collective_device(group))
+        flags[rank] = int(error is not None)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        failed = [r for r, f in enumerate(flags.tolist()) if f]
+        if failed and error is None:
+            if group is not None:
+                failed = [dist.get_global_rank(group, r) for r in failed]
+            raise RuntimeError(
+                f"SpectralLens: {what} failed on global rank(s) {failed}; this rank stopped too so that "
+                f"no rank waits in a collective. See the error raised on rank(s) {failed} for the cause"
+            )
+    if error is not None:
+        raise error
+
+
+def agree_widths(group, named: list, batches: int) -> None:
+    """Check that every rank measures the same layers (``named``: this rank's ``(name, accumulator)``
+    pairs, sorted by name, the order in which they are synced) and that every rank's pool gave the same
+    number of batches (``batches``), in one ``all_reduce(MAX)`` of a fixed length; then give an
+    accumulator that saw no rows on this rank (no batch of the pool) the width the other ranks saw,
+    so that it joins ``sync`` with zero rows, in a second one. Each rank runs batch ``i`` for
+    ``i % world == rank`` of its own pool, so pools of different lengths would measure a mix of
+    batches silently, and other layers on one rank would be summed into this rank's layer (or, in a
+    different number, leave the ranks in mismatched collectives)."""
+    import torch.distributed as dist
+
+    names = [name for name, _ in named]
+    digest = int.from_bytes(hashlib.blake2b("\n".join(names).encode(), digest_size=7).digest(), "big")
+    local = torch.tensor([len(names), digest, batches], dtype=torch.int64, device=collective_device(group))
+    both = torch.cat([local, -local])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    (most_layers, most_digest, most), (fewest_layers, fewest_digest, fewest) = both[:3].tolist(), both[3:].tolist()
+    if most_layers != -fewest_layers or most_digest != -fewest_digest:  # the same on every rank: all of them raise
+        raise ValueError(
+            f"SpectralLens: the ranks measure different layers (this rank: {names}); every rank must build "
+            "the lens with the same layers= on the same model"
+        )
+    if most != -fewest:
+        raise ValueError(
+            f"SpectralLens: the ranks' pools gave different numbers of batches ({-fewest} to {most}); every "
+            "rank must iterate the same whole pool (each rank forwards its share: batch i on rank i % world)"
+        )
+    accs = [acc for _, acc in named]
+    widths = torch.tensor([-1 if a.dim is None else a.dim for a in accs], dtype=torch.int64,
+                          device=collective_device(group))
+    dist.all_reduce(widths, op=dist.ReduceOp.MAX, group=group)
+    for acc, d in zip(accs, widths.tolist()):
+        if d < 0:  # the same on every rank: no rank saw a row for this layer
+            raise ValueError(
+                f"SpectralLens: {acc._label()}: no rank saw any rows; the pool gave no batch, or the module "
+                "never ran in the model's forward"
+            )
+        if acc.dim is None:
+            acc.dim = d
+
+
+def from_rank0(group, value):
+    """``value`` as rank 0 of ``group`` has it, on every rank (one small broadcast of a picklable
+    object; none in a single process)."""
+    if ranks(group)[1] > 1:
+        import torch.distributed as dist
+
+        shared = [value]
+        src = 0 if group is None else dist.get_global_rank(group, 0)  # src is a global rank
+        dist.broadcast_object_list(shared, src=src, group=group)
+        value = shared[0]
+    return value
