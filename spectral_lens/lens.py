@@ -32,7 +32,7 @@ from ._warnings import NonFiniteError
 from .capture import (Target, check_pick, eager_forwards, measurement_autocast, measurement_pass, select_modules,
                       uncompiled_name, unwrap_compiled)
 from .gradients import PerSampleGradientProbe
-from .gradients._measurable import is_encoder_decoder, refuse_parallel_wrapper
+from .gradients._measurable import fsdp_sharded, is_encoder_decoder, kept_sharded, refuse_parallel_wrapper
 from .gradients._batch import batch_size, default_forward, slice_batch
 from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
 from .spectra.fit import tail_window
@@ -523,7 +523,7 @@ class SpectralLens:
     def _activation_pass(self, model: nn.Module, capture, rank: int, world: int) -> int:
         """This rank's forwards over its share of the pool (batch ``i`` for ``i % world == rank``);
         returns the number of batches the pool gave (all of them, not only this rank's)."""
-        with capture:  # first: whatever fails below, the hooks leave with it
+        with capture, kept_sharded(model):  # first: whatever fails below, the hooks leave with it
             return self._forwards(model, capture, rank, world)
 
     def _forwards(self, model: nn.Module, capture, rank: int, world: int) -> int:
@@ -531,18 +531,25 @@ class SpectralLens:
         autocast = measurement_autocast(dev, self.autocast_dtype)
         total = sized_total(self.pool)
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
+        # under FSDP every forward all-gathers the weights over the mesh, so every rank must run as many
+        # forwards: a rank with one batch fewer than the others runs one more, unmeasured
+        fsdp = world > 1 and bool(fsdp_sharded(model))
         try:
             with self._eval_mode(), torch.no_grad(), autocast, eager_forwards(), measurement_pass(capture):
-                batches = 0
+                batches, other = 0, None
                 for i, batch in enumerate(self.pool):
                     batches = i + 1
                     if i % world != rank:
+                        other = batch if fsdp else None
                         continue
                     mask = self.mask_fn(batch) if self.mask_fn is not None else None
                     with capture.mask(mask):
                         self.forward_fn(model, batch)
                     if bar is not None:
                         bar.update(1)
+                if fsdp and len(range(rank, batches, world)) < -(-batches // world):
+                    with measurement_pass():  # feeds no capture: this rank's rows are its share only
+                        self.forward_fn(model, other)
                 return batches
         finally:
             if bar is not None:

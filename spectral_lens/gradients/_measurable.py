@@ -3,13 +3,14 @@
 The default parameter (:func:`default_gradient_param`, the final block's attention output projection
 found by :data:`ATTENTION_OUTPUT_PATTERNS`), the resolution of ``params=`` (names, globs, module names,
 eager names of ``torch.compile``d blocks), and the refusals that say what to pass instead: a
-``DistributedDataParallel``/``DataParallel`` wrapper, a TorchScript module, default forward/loss that do
+``DistributedDataParallel``/``DataParallel`` wrapper, an FSDP-sharded model, a TorchScript module, default forward/loss that do
 not fit a Hugging Face model, a computed weight (``parametrize``, pruning, hook-based ``weight_norm`` /
 ``spectral_norm``), a plain tensor attribute, a quantized module, enabled Opacus hooks in train mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
 from typing import Any
@@ -21,8 +22,8 @@ from torch.nn.utils import parametrize
 from ..capture import glob_to_regex, uncompiled_name
 from ._validate import param_names
 
-__all__ = ["ATTENTION_OUTPUT_PATTERNS", "default_gradient_param", "is_encoder_decoder", "refuse_parallel_wrapper",
-           "refuse_unfit_defaults"]
+__all__ = ["ATTENTION_OUTPUT_PATTERNS", "default_gradient_param", "fsdp_sharded", "is_encoder_decoder",
+           "refuse_fsdp", "refuse_parallel_wrapper", "refuse_unfit_defaults"]
 
 ATTENTION_OUTPUT_PATTERNS = (
     "**.attn.c_proj.weight",  # GPT-2, nanoGPT, modded-nanogpt
@@ -58,6 +59,84 @@ def refuse_parallel_wrapper(model: Any, who: str) -> None:
         f"{who}: model is a {type(model).__name__} wrapper; pass the wrapped module (model.module) instead: "
         f"measuring runs its own forward/backward passes, which through the wrapper would {why}. The inner "
         "module has the same parameters, and training through the wrapper is unaffected"
+    )
+
+
+def _fsdp_classes() -> tuple[type, type]:
+    """FSDP2's ``FSDPModule`` (the class ``fully_shard`` mixes in) and FSDP1's ``FullyShardedDataParallel``."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    try:
+        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule  # torch 2.4, 2.5
+        except ImportError:
+            FSDPModule = FullyShardedDataParallel
+    return FSDPModule, FullyShardedDataParallel
+
+
+def fsdp_sharded(model: nn.Module) -> list[str]:
+    """Names of ``model``'s modules (``""`` for the model itself) sharded by FSDP: FSDP2's ``fully_shard``
+    (an ``FSDPModule``) or FSDP1's ``FullyShardedDataParallel`` wrapper. Their forwards (and backwards)
+    all-gather the weights (and reduce-scatter the gradients) over the FSDP mesh: collectives that every
+    rank must run together."""
+    if not torch.distributed.is_available():
+        return []
+    classes = _fsdp_classes()
+    return [name for name, m in model.named_modules() if isinstance(m, classes)]
+
+
+@contextlib.contextmanager
+def kept_sharded(model: nn.Module):
+    """Reshard on exit the FSDP2 modules of ``model`` that were sharded on entry (every parameter they manage
+    a ``DTensor``; ``FSDPModule.reshard``, local, no collective): a forward of a module built with
+    ``reshard_after_forward=False`` (and of the root, which FSDP2 may keep unsharded) leaves its full weights
+    registered, which a measurement must not (the memory, and weights the next optimizer step would not
+    update)."""
+    if not torch.distributed.is_available():
+        yield
+        return
+    fsdp2 = _fsdp_classes()[0]
+
+    def sharded(m):  # the parameters m manages: those of its subtree outside nested FSDP2 modules
+        stack, params = [m], []
+        while stack:
+            mod = stack.pop()
+            params += [p for p in mod._parameters.values() if p is not None]
+            stack += [c for c in mod.children() if not isinstance(c, fsdp2)]
+        return bool(params) and all(hasattr(p, "to_local") for p in params)  # a DTensor (its shard)
+
+    was = [m for m in model.modules() if isinstance(m, fsdp2) and sharded(m)]
+    try:
+        yield
+    finally:
+        for m in was:
+            if not sharded(m):
+                m.reshard()
+
+
+def refuse_fsdp(model: nn.Module) -> None:
+    """``ValueError`` for an FSDP-sharded model (:func:`fsdp_sharded`): the probe cannot measure it exactly.
+
+    Each rank holds a shard of every weight (a ``DTensor``, or a view of FSDP1's ``FlatParameter``), and
+    the probe's per-sample forward/backward passes run on one rank alone (a lens's gradient protocol on
+    its group's rank 0), where FSDP's weight all-gathers and gradient reduce-scatters wait for the other
+    ranks (a hang, or cross-talk with the lens's collectives); its gradient hooks would also reduce into
+    the sharded ``.grad``. Raised before any pass."""
+    sharded = fsdp_sharded(model)
+    if not sharded:
+        return
+    shown = [n or "<the model>" for n in sharded[:4]] + ([f"and {len(sharded) - 4} more"] if len(sharded) > 4 else [])
+    raise ValueError(
+        f"PerSampleGradientProbe: {type(model).__name__} is sharded with FSDP (fully_shard or "
+        f"FullyShardedDataParallel on {', '.join(shown)}), which the probe does not measure: each rank holds "
+        "only a shard of each weight, and the probe's per-sample backward passes run on one rank alone (the "
+        "lens's gradient protocol on rank 0), where FSDP's all-gathers and gradient reduce-scatters would wait "
+        "for the other ranks. Measure activations only: SpectralLens(model, pool, params=()) works under FSDP "
+        "(every rank calls measure). For gradient spectra, probe an unsharded copy: on every rank, "
+        "full = torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+        "full_state_dict=True)); then load it into a plain (unwrapped) model of the same architecture on rank 0 "
+        "and measure that with a PerSampleGradientProbe (see docs/guide-multi-gpu.md, FSDP)"
     )
 
 

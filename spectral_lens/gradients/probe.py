@@ -48,7 +48,7 @@ from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .registry import fast_path_for
 from ._measurable import (ATTENTION_OUTPUT_PATTERNS, _refuse_recording_opacus_hooks, _refuse_scripted, _resolve_params,
-                          default_gradient_param, refuse_parallel_wrapper, refuse_unfit_defaults)
+                          default_gradient_param, refuse_fsdp, refuse_parallel_wrapper, refuse_unfit_defaults)
 
 __all__ = ["PerSampleGradientProbe", "ATTENTION_OUTPUT_PATTERNS", "default_gradient_param"]
 
@@ -80,7 +80,9 @@ class PerSampleGradientProbe:
     Args:
         model: any ``nn.Module``, or ``None`` to build the probe first and bind it later with
             :meth:`attach` (``params`` are resolved then). A ``DistributedDataParallel`` or
-            ``DataParallel`` wrapper is refused with a ``ValueError``: pass ``wrapper.module``. A
+            ``DataParallel`` wrapper is refused with a ``ValueError``: pass ``wrapper.module``; so is a
+            model sharded with FSDP (``fully_shard``, ``FullyShardedDataParallel``), also when it was
+            sharded after binding (then by ``update``, before any pass): probe an unsharded copy. A
             ``torch.compile`` wrapper is unwrapped (``_orig_mod``: names as in the uncompiled model);
             ``update`` runs its passes eagerly (``torch.compiler.set_stance("force_eager")``).
         params: dotted parameter name(s), globs over parameter names (``"blocks.*.attn.c_proj.weight"``)
@@ -230,6 +232,7 @@ class PerSampleGradientProbe:
             raise TypeError(f"PerSampleGradientProbe.attach needs an nn.Module, got {type(model).__name__}")
         refuse_parallel_wrapper(model, "PerSampleGradientProbe")
         model = unwrap_compiled(model)
+        refuse_fsdp(model)
         _refuse_scripted(model)
         refuse_unfit_defaults(model, forward=self._custom_forward is None, loss=self._custom_loss is None)
         params = _resolve_params(model, self.params_spec)
@@ -475,6 +478,7 @@ class PerSampleGradientProbe:
         :func:`~._isolation.silenced_tensor_hooks`),
         autocast as ``autocast_dtype`` says (a caller's autocast switched off when it is ``None``); every
         flag restored on exit."""
+        refuse_fsdp(self.model)  # sharded after the probe was bound (fully_shard works in place)
         if any(p.is_inference() for p in self.params.values()):
             bad = [n for n, p in self.params.items() if p.is_inference()]
             raise RuntimeError(
