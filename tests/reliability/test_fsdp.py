@@ -115,8 +115,9 @@ def _train(measure: bool):
         opt.step()
         opt.zero_grad(set_to_none=False)
         losses.append(loss.item())
-    shards = {n: p.to_local() for n, p in model.named_parameters()}
-    grads = {n: p.grad.to_local() for n, p in model.named_parameters()}
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731 - left unsharded: whole
+    shards = {n: local(p) for n, p in model.named_parameters()}
+    grads = {n: local(p.grad) for n, p in model.named_parameters() if p.grad is not None}
     state = [v.to_local() for s in opt.state.values() for v in s.values() if hasattr(v, "to_local")]
     return losses, shards, grads, state, torch.rand(3)
 
@@ -124,8 +125,8 @@ def _train(measure: bool):
 def _training_identical(rank):
     a, b = _train(False), _train(True)
     return {"losses": a[0] == b[0],
-            "params": all(torch.equal(a[1][n], b[1][n]) for n in a[1]),
-            "grads": all(torch.equal(a[2][n], b[2][n]) for n in a[2]),
+            "params": all(a[1][n].shape == b[1][n].shape and torch.equal(a[1][n], b[1][n]) for n in a[1]),
+            "grads": a[2].keys() == b[2].keys() and all(torch.equal(a[2][n], b[2][n]) for n in a[2]),
             "optimizer": len(a[3]) > 0 and all(torch.equal(x, y) for x, y in zip(a[3], b[3])),
             "rng": torch.equal(a[4], b[4])}
 
