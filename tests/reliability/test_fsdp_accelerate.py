@@ -51,21 +51,22 @@ def test_prepared_model_measures_as_the_plain_model(accelerator_state):
     x, y = lm_pool(1, batch=4, t=12, vocab=37, seed=2)[0]
     torch.nn.functional.cross_entropy(prepared(x).flatten(0, 1), y.flatten()).backward()
     prepared_opt.step()  # optimizer state to keep
+    plain = _model().double()
+    plain.load_state_dict(model.state_dict())  # the same weights, never prepared
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     state = [v.clone() for s in opt.state.values() for v in s.values()]
     rng = torch.get_rng_state()
 
-    plain = _model().double()
-    plain.load_state_dict(model.state_dict())  # the same weights, never prepared
     got = _spectra(prepared)
+    after_rng = torch.get_rng_state()
     want = _spectra(plain)
     assert sorted(got) == sorted(want) == ["act:transformer.h.1", f"grad:{PARAM}"]
     for name, spectrum in want.items():
         assert (got[name].values - spectrum.values).abs().max() <= 1e-12 * spectrum.values.max(), name
     assert all(torch.equal(params[n], p) and torch.equal(grads[n], p.grad) for n, p in model.named_parameters())
     assert all(torch.equal(a, b) for a, b in zip(state, [v for s in opt.state.values() for v in s.values()]))
-    assert torch.equal(rng, torch.get_rng_state()) and model.training
+    assert torch.equal(rng, after_rng) and model.training
 
 
 def test_mixed_precision_forward_runs_the_measurement_under_its_autocast(accelerator_state):
