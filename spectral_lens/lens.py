@@ -580,14 +580,18 @@ class SpectralLens:
         rank, world = self._dist()
         result: list = [None]
         error = None
-        if rank == 0:
+        # under FSDP every pass all-gathers the weights over the mesh: every rank runs the whole protocol
+        # (the same passes; rank 0's result is broadcast as usual)
+        everywhere = world > 1 and bool(fsdp_sharded(self.model))
+        if rank == 0 or everywhere:
             try:
                 result = [self._gradient_pass()]
             except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
                 error = exc
             finally:  # the rows of G (M x P per matrix, on the device) are not kept through the training in between
                 self.probe.reset()
-        self._agree(error, "the gradient protocol (it runs on the group's rank 0)")
+        self._agree(error, "the gradient protocol (it runs on every rank under FSDP)" if everywhere
+                    else "the gradient protocol (it runs on the group's rank 0)")
         if world > 1:
             import torch.distributed as dist
 

@@ -115,28 +115,36 @@ def kept_sharded(model: nn.Module):
                 m.reshard()
 
 
-def refuse_fsdp(model: nn.Module) -> None:
-    """``ValueError`` for an FSDP-sharded model (:func:`fsdp_sharded`): the probe cannot measure it exactly.
+def refuse_fsdp(model: nn.Module, engines: dict[str, str]) -> None:
+    """``ValueError`` for an FSDP-sharded model (:func:`fsdp_sharded`) whose probed matrices do not all use
+    the fast engine (``engines``: parameter name -> engine), raised before any pass.
 
-    Each rank holds a shard of every weight (a ``DTensor``, or a view of FSDP1's ``FlatParameter``), and
-    the probe's per-sample forward/backward passes run on one rank alone (a lens's gradient protocol on
-    its group's rank 0), where FSDP's weight all-gathers and gradient reduce-scatters wait for the other
-    ranks (a hang, or cross-talk with the lens's collectives); its gradient hooks would also reduce into
-    the sharded ``.grad``. Raised before any pass."""
+    The fast engine reads each module's whole input and output gradient inside FSDP's own unshard (its
+    hooks see the full weight's computation), so its per-sample gradients are those of the full weight,
+    on every rank that runs the same passes; it takes ``torch.autograd.grad`` of the module outputs, not
+    of the parameters, so FSDP accumulates and reduce-scatters nothing into ``.grad``. The ``vmap``
+    engine cannot trace FSDP's hooks (``requires_grad_`` under ``torch.func``), and the ``loop`` engine's
+    gradients are sharded ``DTensor``s."""
     sharded = fsdp_sharded(model)
     if not sharded:
         return
     shown = [n or "<the model>" for n in sharded[:4]] + ([f"and {len(sharded) - 4} more"] if len(sharded) > 4 else [])
+    fsdp1 = any(isinstance(m, _fsdp_classes()[1]) for m in model.modules())
+    slow = {n: e for n, e in engines.items() if e != "fast"}
+    if not fsdp1 and not slow:
+        return
+    why = ("FSDP1's FullyShardedDataParallel, whose parameters outside its forward are views of this rank's shard "
+           "(empty where the shard holds none of a matrix), so the probe would size and read them wrongly; shard "
+           "with FSDP2's fully_shard instead (the probe's fast engine measures it exactly)" if fsdp1 else
+           f"the probed matrices {slow} would use an engine other than the fast one, which cannot measure a sharded "
+           "model (vmap cannot trace FSDP's hooks; the loop engine's gradients are shards)")
     raise ValueError(
         f"PerSampleGradientProbe: {type(model).__name__} is sharded with FSDP (fully_shard or "
-        f"FullyShardedDataParallel on {', '.join(shown)}), which the probe does not measure: each rank holds "
-        "only a shard of each weight, and the probe's per-sample backward passes run on one rank alone (the "
-        "lens's gradient protocol on rank 0), where FSDP's all-gathers and gradient reduce-scatters would wait "
-        "for the other ranks. Measure activations only: SpectralLens(model, pool, params=()) works under FSDP "
-        "(every rank calls measure). For gradient spectra, probe an unsharded copy: on every rank, "
-        "full = torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
-        "full_state_dict=True)); then load it into a plain (unwrapped) model of the same architecture on rank 0 "
-        "and measure that with a PerSampleGradientProbe (see docs/guide-multi-gpu.md, FSDP)"
+        f"FullyShardedDataParallel on {', '.join(shown)}), which the probe does not measure with {why}. Probe matrices that have a fast path (nn.Linear, transformers' Conv1D; not "
+        "tied) with engine='auto' or 'fast' (exact under FSDP, where every rank runs every pass), or measure activations only "
+        "(SpectralLens(model, pool, params=())), or probe an unsharded copy: on every rank, full = torch."
+        "distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict="
+        "True)); load it into a plain model of the same architecture and probe that (docs/guide-multi-gpu.md, FSDP)"
     )
 
 
@@ -305,6 +313,15 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
         hits = [n if n in named else eager[n] for n in hits]
         if not hits:
             _refuse_parametrized(model, w, modules, named)
+            flat = [n for n, p in named.items() if getattr(p, "_is_flat_param", False)][:3]
+            if flat:
+                raise ValueError(
+                    f"{type(model).__name__} has no parameter {w!r}: FullyShardedDataParallel(use_orig_params=False) "
+                    f"flattened the parameters into {flat}, which the probe cannot name a matrix of; wrap with "
+                    "use_orig_params=True (then name the matrix with a glob, e.g. '**.attn.c_proj.weight': FSDP1 "
+                    "prefixes '_fsdp_wrapped_module.') or shard with FSDP2's fully_shard, or measure activations only "
+                    "(params=())"
+                )
             close = difflib.get_close_matches(w, list(named), n=5, cutoff=0.4)
             raise ValueError(
                 f"{type(model).__name__} has no parameter {w!r}; closest names: {close or list(named)[:8]}"

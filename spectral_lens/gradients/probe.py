@@ -232,13 +232,13 @@ class PerSampleGradientProbe:
             raise TypeError(f"PerSampleGradientProbe.attach needs an nn.Module, got {type(model).__name__}")
         refuse_parallel_wrapper(model, "PerSampleGradientProbe")
         model = unwrap_compiled(model)
-        refuse_fsdp(model)
         _refuse_scripted(model)
         refuse_unfit_defaults(model, forward=self._custom_forward is None, loss=self._custom_loss is None)
         params = _resolve_params(model, self.params_spec)
         self.model, self.params = model, params
         self.sites = {n: self._site(n) for n in params}
         self.engines_ = {n: self._choose_engine(n) for n in params}
+        refuse_fsdp(model, self.engines_)
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
         self.reset()
 
@@ -478,7 +478,7 @@ class PerSampleGradientProbe:
         :func:`~._isolation.silenced_tensor_hooks`),
         autocast as ``autocast_dtype`` says (a caller's autocast switched off when it is ``None``); every
         flag restored on exit."""
-        refuse_fsdp(self.model)  # sharded after the probe was bound (fully_shard works in place)
+        refuse_fsdp(self.model, self.engines_)  # sharded after the probe was bound (fully_shard works in place)
         if any(p.is_inference() for p in self.params.values()):
             bad = [n for n, p in self.params.items() if p.is_inference()]
             raise RuntimeError(

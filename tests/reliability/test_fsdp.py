@@ -61,8 +61,8 @@ def _fsdp1(orig):
     return FullyShardedDataParallel(_plain(), device_id=torch.device("cpu"), use_orig_params=orig)
 
 
-def _values(model, n_batches):
-    m = SpectralLens(model, _pool(n_batches), params=(), precision="float64", progress=False).measure(1, 1)
+def _values(model, n_batches, params=PARAM):
+    m = SpectralLens(model, _pool(n_batches), params=params, precision="float64", progress=False).measure(1, 1)
     return {k.replace("_fsdp_wrapped_module.", ""): {"values": v.values.tolist(), "n_rows": v.n_rows}
             for k, v in m.spectra.items()}
 
@@ -75,11 +75,11 @@ def _local(model):  # each parameter's local shard (FSDP2: a DTensor's; FSDP1: t
     return out
 
 
-def _activations(build, n_batches):
+def _activations(build, n_batches, params=PARAM):
     """The spectra, and the parameters' classes before and after (FSDP2: sharded DTensors registered)."""
     model = build()
     before = [type(p).__name__ for p in model.parameters()]
-    return {"spectra": _values(model, n_batches), "before": before,
+    return {"spectra": _values(model, n_batches, params), "before": before,
             "after": [type(p).__name__ for p in model.parameters()]}
 
 
@@ -104,7 +104,7 @@ def _train(measure: bool):
     model = _fsdp2(reshard=False, dropout=0.1)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    lens = SpectralLens(model, _pool(2), params=(), precision="float64", progress=False)
+    lens = SpectralLens(model, _pool(2), params=PARAM, precision="float64", progress=False)
     torch.manual_seed(1234 + dist.get_rank())
     losses = []
     for step, (x, y) in enumerate(lm_pool(3, batch=4, t=12, vocab=37, seed=2 + dist.get_rank()), start=1):
@@ -142,34 +142,50 @@ def _errors(*builds):
     return out
 
 
+def _probe_alone(rank):
+    """A PerSampleGradientProbe of its own on an FSDP2 model (reshard_after_forward False), every rank
+    updating with the same batches: every rank's spectrum (compared by the parent), the shards and .grad
+    (None) untouched."""
+    model = _fsdp2(reshard=False)
+    before = _local(model)
+    probe = PerSampleGradientProbe(model, params=PARAM)
+    for batch in _pool(2):
+        probe.update(batch)
+    after = _local(model)
+    return {"values": probe.compute().values.tolist(), "engines": probe.engines_,
+            "untouched": [v[0] for v in before.values()] == [v[0] for v in after.values()]
+            and all(torch.equal(before[n][1], after[n][1]) for n in before),
+            "no_grads": all(p.grad is None for p in model.parameters())}
+
+
 def _probe_refused(rank):
-    """The probe on an FSDP model: refused at construction, by a lens's default probe, and (a probe bound
+    """The vmap and loop engines on an FSDP model: refused at construction, by a lens, and (a probe bound
     before fully_shard, which works in place) by update before any pass, with the model untouched."""
     from torch.distributed.fsdp import fully_shard
 
-    fsdp1 = _fsdp1(True)
     plain = _plain()
-    bound = PerSampleGradientProbe(plain, params=PARAM)
+    bound = PerSampleGradientProbe(plain, params=PARAM, engine="vmap")
     for block in plain.transformer.h:
         fully_shard(block)
     fully_shard(plain)
     before = _local(plain)
-    errors = _errors(lambda: PerSampleGradientProbe(_fsdp2(), params=PARAM),
-                     lambda: SpectralLens(_fsdp2(), _pool(2)),
-                     lambda: PerSampleGradientProbe(fsdp1, params="**h.1.attn.c_proj.weight"),
-                     lambda: bound.update(_pool(1)[0]))
+    errors = _errors(lambda: PerSampleGradientProbe(_fsdp2(), params=PARAM, engine="vmap"),
+                     lambda: SpectralLens(_fsdp2(), _pool(2), probe=PerSampleGradientProbe(params=PARAM, engine="loop")),
+                     lambda: PerSampleGradientProbe(_fsdp1(True), params="**h.1.attn.c_proj.weight"),
+                     lambda: bound.update(_pool(1)[0]),
+                     lambda: PerSampleGradientProbe(_fsdp1(False), params="**.h.1.attn.c_proj.weight"))
     after = _local(plain)
     return {"errors": errors, "untouched": all(torch.equal(before[n][1], after[n][1]) for n in before),
             "no_grads": all(p.grad is None for p in plain.parameters()), "samples": bound.n_samples_}
 
 
 def _lens_with_probe_bound_before_sharding(rank):
-    """A lens whose probe was bound before fully_shard: the refusal (on rank 0, where the gradient
-    protocol runs) is agreed, so every rank raises at once and the barrier after it passes."""
+    """A lens whose vmap probe was bound before fully_shard: every rank (all run the gradient protocol
+    under FSDP) raises the refusal before any pass, and the barrier after it passes."""
     from torch.distributed.fsdp import fully_shard
 
     model = _plain()
-    lens = SpectralLens(model, _pool(2), params=PARAM, progress=False)
+    lens = SpectralLens(model, _pool(2), probe=PerSampleGradientProbe(params=PARAM, engine="vmap"), progress=False)
     fully_shard(model)
     lens.measure(1, 1)
 
@@ -199,12 +215,12 @@ ACTIVATIONS = {
     "fsdp2_one_batch": (_fsdp2, 1),
     "fsdp2_keep_unsharded_uneven": (functools.partial(_fsdp2, reshard=False), 3),
     "fsdp2_root_only": (functools.partial(_fsdp2, per_block=False), 3),
-    "fsdp1_orig_params": (functools.partial(_fsdp1, True), 3),
-    "fsdp1_flat_params": (functools.partial(_fsdp1, False), 3),
+    "fsdp1_orig_params": (functools.partial(_fsdp1, True), 3, ()),  # the probe refuses FSDP1: below
+    "fsdp1_flat_params": (functools.partial(_fsdp1, False), 3, ()),  # no matrix to name: refused below
 }
 # cases that could leave the ranks in mismatched collectives run last, so they cannot mask the others
 # (before the fix an uneven pool timed out and broke the process group: the even pools go first)
-CASES = ["probe_refused", "probe_of_gathered_copy", "state_kept", "training_identical", *ACTIVATIONS,
+CASES = ["probe_alone", "probe_refused", "probe_of_gathered_copy", "state_kept", "training_identical", *ACTIVATIONS,
          "lens_with_probe_bound_before_sharding"]
 
 
@@ -212,7 +228,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     with gloo_group(rank, port, WORLD, PG_TIMEOUT_S):
         dist.barrier()
-        cases = {"probe_refused": functools.partial(_probe_refused, rank),
+        cases = {"probe_alone": functools.partial(_probe_alone, rank),
+                 "probe_refused": functools.partial(_probe_refused, rank),
                  "probe_of_gathered_copy": functools.partial(_probe_of_gathered_copy, rank),
                  "state_kept": functools.partial(_state_kept, rank),
                  "training_identical": functools.partial(_training_identical, rank),
@@ -241,7 +258,8 @@ def _ok(results, case) -> list:
 @pytest.mark.parametrize("case", list(ACTIVATIONS))
 def test_activation_spectra_equal_the_unwrapped_models(results, case):
     n_batches = ACTIVATIONS[case][1]
-    ref = SpectralLens(_plain(), _pool(n_batches), params=(), precision="float64", progress=False).measure(1, 1)
+    params = () if case.startswith("fsdp1") else PARAM
+    ref = SpectralLens(_plain(), _pool(n_batches), params=params, precision="float64", progress=False).measure(1, 1)
     for rank, got in enumerate(_ok(results, case)):
         assert got["after"] == got["before"], (case, rank)  # FSDP2: the sharded DTensors, registered again
         if case.startswith("fsdp2"):
@@ -249,7 +267,7 @@ def test_activation_spectra_equal_the_unwrapped_models(results, case):
         got = got["spectra"]
         assert sorted(got) == sorted(ref.spectra), (case, rank)
         for name, spectrum in ref.spectra.items():
-            assert got[name]["n_rows"] == spectrum.n_rows == n_batches * 4 * 12
+            assert got[name]["n_rows"] == spectrum.n_rows == n_batches * (4 * 12 if name.startswith("act") else 4)
             want = spectrum.values
             diff = (torch.tensor(got[name]["values"], dtype=torch.float64) - want).abs().max().item()
             assert diff <= 1e-12 * want.max().item(), (case, rank, name, diff)
@@ -265,28 +283,41 @@ def test_training_steps_are_bit_identical_with_measurements(results):
         assert got == {"losses": True, "params": True, "grads": True, "optimizer": True, "rng": True}
 
 
-def test_probe_refuses_fsdp_before_any_pass(results):
+def _probe_reference():
+    probe = PerSampleGradientProbe(_plain(), params=PARAM)
+    for batch in _pool(2):
+        probe.update(batch)
+    return probe.compute().values
+
+
+def test_probe_alone_measures_the_full_weight_on_every_rank(results):
+    want = _probe_reference()
+    for rank, got in enumerate(_ok(results, "probe_alone")):
+        assert got["engines"] == {PARAM: "fast"} and got["untouched"] and got["no_grads"], rank
+        diff = (torch.tensor(got["values"], dtype=torch.float64) - want).abs().max().item()
+        assert diff <= 1e-12 * want.max().item(), (rank, diff)
+
+
+def test_probe_refuses_other_engines_under_fsdp_before_any_pass(results):
     for got in _ok(results, "probe_refused"):
         assert got["untouched"] and got["no_grads"] and got["samples"] == 0
+        assert "flattened the parameters into ['_fsdp_wrapped_module._flat_param']" in got["errors"].pop()
         for error in got["errors"]:
             assert error is not None and error.startswith("ValueError: PerSampleGradientProbe: ")
             assert "sharded with FSDP" in error and "params=()" in error and "get_model_state_dict" in error
         assert "<the model>" in got["errors"][0] and "transformer.h.0" in got["errors"][0]
+        assert "vmap" in got["errors"][0] and "FSDP1's FullyShardedDataParallel" in got["errors"][2]
 
 
-def test_lens_agrees_the_refusal_across_ranks(results):
-    r0, r1 = results["lens_with_probe_bound_before_sharding"]
-    assert r0["error"].startswith("ValueError: PerSampleGradientProbe: ") and "sharded with FSDP" in r0["error"]
-    assert r1["error"].startswith("RuntimeError: SpectralLens: the gradient protocol")
-    assert r0["barrier"] == r1["barrier"] == "ok"
+def test_lens_refuses_a_probe_bound_before_sharding_on_every_rank(results):
+    for r in results["lens_with_probe_bound_before_sharding"]:
+        assert r["error"].startswith("ValueError: PerSampleGradientProbe: ") and "sharded with FSDP" in r["error"]
+        assert r["barrier"] == "ok"
 
 
 def test_probe_of_the_gathered_copy_equals_the_unwrapped_model(results):
     got = _ok(results, "probe_of_gathered_copy")
     assert got[1] is None
-    probe = PerSampleGradientProbe(_plain(), params=PARAM)
-    for batch in _pool(2):
-        probe.update(batch)
-    want = probe.compute().values
+    want = _probe_reference()
     diff = (torch.tensor(got[0], dtype=torch.float64) - want).abs().max().item()
     assert diff <= 1e-12 * want.max().item(), diff
