@@ -151,6 +151,11 @@ class SpectralLens:
             their local work succeeded: if it failed on any rank, every rank raises (the failed
             rank its own exception, the others a ``RuntimeError`` naming it) instead of waiting in a
             collective until the process-group timeout.
+            A model sharded with FSDP (``fully_shard``, ``FullyShardedDataParallel``), whose every
+            forward is a collective: every rank runs as many activation forwards (one unmeasured where
+            its share is a batch short), the FSDP2 modules sharded before are resharded after, and
+            every rank runs the gradient protocol (rank 0's result is broadcast); see the multi-GPU
+            guide's FSDP section.
 
     Measuring leaves the model's train/eval mode, gradients, buffers, hooks and the global RNG
     streams (torch CPU/CUDA, Python ``random``, numpy) as they were; iterating the pools is part of

@@ -3,7 +3,8 @@
 The default parameter (:func:`default_gradient_param`, the final block's attention output projection
 found by :data:`ATTENTION_OUTPUT_PATTERNS`), the resolution of ``params=`` (names, globs, module names,
 eager names of ``torch.compile``d blocks), and the refusals that say what to pass instead: a
-``DistributedDataParallel``/``DataParallel`` wrapper, an FSDP-sharded model, a TorchScript module, default forward/loss that do
+``DistributedDataParallel``/``DataParallel`` wrapper, an FSDP-sharded model it cannot measure (FSDP1, or an
+engine other than the fast one), a TorchScript module, default forward/loss that do
 not fit a Hugging Face model, a computed weight (``parametrize``, pruning, hook-based ``weight_norm`` /
 ``spectral_norm``), a plain tensor attribute, a quantized module, enabled Opacus hooks in train mode.
 """

@@ -80,9 +80,11 @@ class PerSampleGradientProbe:
     Args:
         model: any ``nn.Module``, or ``None`` to build the probe first and bind it later with
             :meth:`attach` (``params`` are resolved then). A ``DistributedDataParallel`` or
-            ``DataParallel`` wrapper is refused with a ``ValueError``: pass ``wrapper.module``; so is a
-            model sharded with FSDP (``fully_shard``, ``FullyShardedDataParallel``), also when it was
-            sharded after binding (then by ``update``, before any pass): probe an unsharded copy. A
+            ``DataParallel`` wrapper is refused with a ``ValueError``: pass ``wrapper.module``. On a
+            model sharded with FSDP2 (``fully_shard``) the fast engine measures the full weights
+            exactly when every rank calls ``update`` with the same batches; other engines and FSDP1
+            (``FullyShardedDataParallel``) are refused with a ``ValueError`` (also when the model was
+            sharded after binding: then by ``update``, before any pass). A
             ``torch.compile`` wrapper is unwrapped (``_orig_mod``: names as in the uncompiled model);
             ``update`` runs its passes eagerly (``torch.compiler.set_stance("force_eager")``).
         params: dotted parameter name(s), globs over parameter names (``"blocks.*.attn.c_proj.weight"``)
