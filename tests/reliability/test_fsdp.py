@@ -207,6 +207,16 @@ def _probe_of_gathered_copy(rank):
     return probe.compute().values.tolist()
 
 
+def _forward_fails_on_rank1(rank):
+    """Rank 1's batch has out-of-vocabulary ids: its forward raises after FSDP's first all-gathers, rank 0
+    waits in the next one (the forwards are collectives, so this cannot be agreed): the process-group
+    timeout, after which rank 1 raises its own error (before, the timeout of the agreement's all-reduce
+    hid it). Leaves the group broken: runs last."""
+    pool = _pool(2)
+    pool[1] = (pool[1][0] + 1000, pool[1][1])
+    SpectralLens(_fsdp2(), pool, params=(), progress=False).measure(1, 1)
+
+
 # the activation cases: (build on each rank, number of pool batches)
 ACTIVATIONS = {
     "fsdp2_even": (_fsdp2, 4),
@@ -221,7 +231,7 @@ ACTIVATIONS = {
 # cases that could leave the ranks in mismatched collectives run last, so they cannot mask the others
 # (before the fix an uneven pool timed out and broke the process group: the even pools go first)
 CASES = ["probe_alone", "probe_refused", "probe_of_gathered_copy", "state_kept", "training_identical", *ACTIVATIONS,
-         "lens_with_probe_bound_before_sharding"]
+         "lens_with_probe_bound_before_sharding", "forward_fails_on_rank1"]
 
 
 def _worker(rank: int, port: int, out: str) -> None:
@@ -234,7 +244,8 @@ def _worker(rank: int, port: int, out: str) -> None:
                  "state_kept": functools.partial(_state_kept, rank),
                  "training_identical": functools.partial(_training_identical, rank),
                  **{case: functools.partial(_activations, *spec) for case, spec in ACTIVATIONS.items()},
-                 "lens_with_probe_bound_before_sharding": functools.partial(_lens_with_probe_bound_before_sharding, rank)}
+                 "lens_with_probe_bound_before_sharding": functools.partial(_lens_with_probe_bound_before_sharding, rank),
+                 "forward_fails_on_rank1": functools.partial(_forward_fails_on_rank1, rank)}
         run_cases(out, rank, cases)
 
 
@@ -321,3 +332,9 @@ def test_probe_of_the_gathered_copy_equals_the_unwrapped_model(results):
     want = _probe_reference()
     diff = (torch.tensor(got[0], dtype=torch.float64) - want).abs().max().item()
     assert diff <= 1e-12 * want.max().item(), diff
+
+
+def test_a_failed_forward_shows_its_own_error_after_the_timeout(results):
+    r0, r1 = results["forward_fails_on_rank1"]
+    assert r1["error"].startswith("IndexError: index out of range"), r1["error"]
+    assert r0["error"].startswith("RuntimeError: "), r0["error"]  # gloo's timeout or closed connection
