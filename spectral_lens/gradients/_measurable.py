@@ -134,18 +134,19 @@ def refuse_fsdp(model: nn.Module, engines: dict[str, str]) -> None:
     slow = {n: e for n, e in engines.items() if e != "fast"}
     if not fsdp1 and not slow:
         return
-    why = ("FSDP1's FullyShardedDataParallel, whose parameters outside its forward are views of this rank's shard "
-           "(empty where the shard holds none of a matrix), so the probe would size and read them wrongly; shard "
-           "with FSDP2's fully_shard instead (the probe's fast engine measures it exactly)" if fsdp1 else
+    why = ("the probe does not measure FSDP1's FullyShardedDataParallel: outside its forward a parameter is a view "
+           "of this rank's shard (empty where the shard holds none of a matrix), which the probe would size and read "
+           "wrongly; shard with FSDP2's fully_shard (there the fast engine measures exactly)" if fsdp1 else
            f"the probed matrices {slow} would use an engine other than the fast one, which cannot measure a sharded "
            "model (vmap cannot trace FSDP's hooks; the loop engine's gradients are shards)")
     raise ValueError(
-        f"PerSampleGradientProbe: {type(model).__name__} is sharded with FSDP (fully_shard or "
-        f"FullyShardedDataParallel on {', '.join(shown)}), which the probe does not measure with {why}. Probe matrices that have a fast path (nn.Linear, transformers' Conv1D; not "
-        "tied) with engine='auto' or 'fast' (exact under FSDP, where every rank runs every pass), or measure activations only "
-        "(SpectralLens(model, pool, params=())), or probe an unsharded copy: on every rank, full = torch."
-        "distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict="
-        "True)); load it into a plain model of the same architecture and probe that (docs/guide-multi-gpu.md, FSDP)"
+        f"PerSampleGradientProbe: {type(model).__name__} is sharded with FSDP (fully_shard or FullyShardedDataParallel "
+        f"on {', '.join(shown)}): {why}. Instead: probe matrices that have a fast path (nn.Linear, transformers' "
+        "Conv1D; not tied) with engine='auto' or 'fast' (exact under FSDP2, where every rank runs every pass), or "
+        "measure activations only (SpectralLens(model, pool, params=())), or probe an unsharded copy: on every rank, "
+        "full = torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+        "full_state_dict=True)); load it into a plain model of the same architecture and probe that "
+        "(docs/guide-multi-gpu.md, FSDP)"
     )
 
 
