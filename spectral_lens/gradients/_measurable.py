@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import re
+import sys
 from typing import Any
 
 import torch
@@ -63,8 +64,12 @@ def refuse_parallel_wrapper(model: Any, who: str) -> None:
     )
 
 
-def _fsdp_classes() -> tuple[type, type]:
-    """FSDP2's ``FSDPModule`` (the class ``fully_shard`` mixes in) and FSDP1's ``FullyShardedDataParallel``."""
+def _fsdp_classes() -> tuple[type, type] | None:
+    """FSDP2's ``FSDPModule`` (the class ``fully_shard`` mixes in) and FSDP1's ``FullyShardedDataParallel``;
+    ``None`` where FSDP was never imported (no model can be sharded then; importing it takes a second)."""
+    if not torch.distributed.is_available() or not any(
+            m in sys.modules for m in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")):
+        return None
     from torch.distributed.fsdp import FullyShardedDataParallel
     try:
         from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
@@ -81,10 +86,8 @@ def fsdp_sharded(model: nn.Module) -> list[str]:
     (an ``FSDPModule``) or FSDP1's ``FullyShardedDataParallel`` wrapper. Their forwards (and backwards)
     all-gather the weights (and reduce-scatter the gradients) over the FSDP mesh: collectives that every
     rank must run together."""
-    if not torch.distributed.is_available():
-        return []
     classes = _fsdp_classes()
-    return [name for name, m in model.named_modules() if isinstance(m, classes)]
+    return [] if classes is None else [name for name, m in model.named_modules() if isinstance(m, classes)]
 
 
 @contextlib.contextmanager
@@ -94,10 +97,11 @@ def kept_sharded(model: nn.Module):
     ``reshard_after_forward=False`` (and of the root, which FSDP2 may keep unsharded) leaves its full weights
     registered, which a measurement must not (the memory, and weights the next optimizer step would not
     update)."""
-    if not torch.distributed.is_available():
+    classes = _fsdp_classes()
+    if classes is None:
         yield
         return
-    fsdp2 = _fsdp_classes()[0]
+    fsdp2 = classes[0]
 
     def sharded(m):  # the parameters m manages: those of its subtree outside nested FSDP2 modules
         stack, params = [m], []
@@ -130,7 +134,7 @@ def refuse_fsdp(model: nn.Module, engines: dict[str, str]) -> None:
     if not sharded:
         return
     shown = [n or "<the model>" for n in sharded[:4]] + ([f"and {len(sharded) - 4} more"] if len(sharded) > 4 else [])
-    fsdp1 = any(isinstance(m, _fsdp_classes()[1]) for m in model.modules())
+    fsdp1 = any(isinstance(m, _fsdp_classes()[1]) for m in model.modules())  # not None: sharded is not empty
     slow = {n: e for n, e in engines.items() if e != "fast"}
     if not fsdp1 and not slow:
         return
