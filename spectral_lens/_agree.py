@@ -49,7 +49,14 @@ def agree(group, error: BaseException | None, what: str) -> None:
 
         flags = torch.zeros(world, dtype=torch.int64, device=collective_device(group))
         flags[rank] = int(error is not None)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        try:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        except Exception:
+            if error is None:
+                raise
+            # the agreement itself failed (under FSDP the other ranks wait in the all-gather of a
+            # forward this rank left: the process-group timeout): this rank's own error is the cause
+            raise error  # the collective's error stays attached as __context__
         failed = [r for r, f in enumerate(flags.tolist()) if f]
         if failed and error is None:
             if group is not None:

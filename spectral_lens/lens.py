@@ -33,7 +33,7 @@ from ._warnings import NonFiniteError
 from .capture import (Target, check_pick, eager_forwards, measurement_autocast, measurement_pass, select_modules,
                       uncompiled_name, unwrap_compiled)
 from .gradients import PerSampleGradientProbe
-from .gradients._measurable import is_encoder_decoder, refuse_parallel_wrapper
+from .gradients._measurable import fsdp_sharded, is_encoder_decoder, kept_sharded, refuse_parallel_wrapper
 from .gradients._batch import batch_size, default_forward, slice_batch
 from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
 from .spectra.fit import tail_window
@@ -152,6 +152,11 @@ class SpectralLens:
             their local work succeeded: if it failed on any rank, every rank raises (the failed
             rank its own exception, the others a ``RuntimeError`` naming it) instead of waiting in a
             collective until the process-group timeout.
+            A model sharded with FSDP (``fully_shard``, ``FullyShardedDataParallel``), whose every
+            forward is a collective: every rank runs as many activation forwards (one unmeasured where
+            its share is a batch short), the FSDP2 modules sharded before are resharded after, and
+            every rank runs the gradient protocol (rank 0's result is broadcast); see the multi-GPU
+            guide's FSDP section.
 
     Measuring leaves the model's train/eval mode, gradients, buffers, hooks and the global RNG
     streams (torch CPU/CUDA, Python ``random``, numpy) as they were; iterating the pools is part of
@@ -424,7 +429,7 @@ class SpectralLens:
     def _activation_pass(self, model: nn.Module, capture, rank: int, world: int) -> int:
         """This rank's forwards over its share of the pool (batch ``i`` for ``i % world == rank``);
         returns the number of batches the pool gave (all of them, not only this rank's)."""
-        with capture:  # first: whatever fails below, the hooks leave with it
+        with capture, kept_sharded(model):  # first: whatever fails below, the hooks leave with it
             return self._forwards(model, capture, rank, world)
 
     def _forwards(self, model: nn.Module, capture, rank: int, world: int) -> int:
@@ -432,18 +437,25 @@ class SpectralLens:
         autocast = measurement_autocast(dev, self.autocast_dtype)
         total = sized_total(self.pool)
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
+        # under FSDP every forward all-gathers the weights over the mesh, so every rank must run as many
+        # forwards: a rank with one batch fewer than the others runs one more, unmeasured
+        fsdp = world > 1 and bool(fsdp_sharded(model))
         try:
             with self._eval_mode(), torch.no_grad(), autocast, eager_forwards(), measurement_pass(capture):
-                batches = 0
+                batches, other = 0, None
                 for i, batch in enumerate(self.pool):
                     batches = i + 1
                     if i % world != rank:
+                        other = batch if fsdp else None
                         continue
                     mask = self.mask_fn(batch) if self.mask_fn is not None else None
                     with capture.mask(mask):
                         self.forward_fn(model, batch)
                     if bar is not None:
                         bar.update(1)
+                if fsdp and len(range(rank, batches, world)) < -(-batches // world):
+                    with measurement_pass():  # feeds no capture: this rank's rows are its share only
+                        self.forward_fn(model, other)
                 return batches
         finally:
             if bar is not None:
@@ -471,17 +483,21 @@ class SpectralLens:
         self._require_model()
         if self.probe is None:
             return {}, {}
-        rank = ranks(self.group)[0]
+        rank, world = ranks(self.group)
         result: list = [None]
         error = None
-        if rank == 0:
+        # under FSDP every pass all-gathers the weights over the mesh: every rank runs the whole protocol
+        # (the same passes; rank 0's result is broadcast as usual)
+        everywhere = world > 1 and bool(fsdp_sharded(self.model))
+        if rank == 0 or everywhere:
             try:
                 result = [self._gradient_pass()]
             except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
                 error = exc
             finally:  # the rows of G (M x P per matrix, on the device) are not kept through the training in between
                 self.probe.reset()
-        agree(self.group, error, "the gradient protocol (it runs on the group's rank 0)")
+        agree(self.group, error, "the gradient protocol (it runs on every rank under FSDP)" if everywhere
+              else "the gradient protocol (it runs on the group's rank 0)")
         return from_rank0(self.group, result[0])
 
     def _gradient_pass(self) -> tuple[dict[str, Spectrum], dict[str, float]]:

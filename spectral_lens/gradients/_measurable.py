@@ -3,15 +3,18 @@
 The default parameter (:func:`default_gradient_param`, the final block's attention output projection
 found by :data:`ATTENTION_OUTPUT_PATTERNS`), the resolution of ``params=`` (names, globs, module names,
 eager names of ``torch.compile``d blocks), and the refusals that say what to pass instead: a
-``DistributedDataParallel``/``DataParallel`` wrapper, a TorchScript module, default forward/loss that do
+``DistributedDataParallel``/``DataParallel`` wrapper, an FSDP-sharded model it cannot measure (FSDP1, or an
+engine other than the fast one), a TorchScript module, default forward/loss that do
 not fit a Hugging Face model, a computed weight (``parametrize``, pruning, hook-based ``weight_norm`` /
 ``spectral_norm``), a plain tensor attribute, a quantized module, enabled Opacus hooks in train mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
+import sys
 from typing import Any
 
 import torch
@@ -22,8 +25,8 @@ from .._peft import base_prefix, has_peft_layers, saved_copies, short_name
 from ..capture import glob_to_regex, uncompiled_name
 from ._validate import param_names
 
-__all__ = ["ATTENTION_OUTPUT_PATTERNS", "default_gradient_param", "is_encoder_decoder", "refuse_parallel_wrapper",
-           "refuse_unfit_defaults"]
+__all__ = ["ATTENTION_OUTPUT_PATTERNS", "default_gradient_param", "fsdp_sharded", "is_encoder_decoder",
+           "refuse_fsdp", "refuse_parallel_wrapper", "refuse_unfit_defaults"]
 
 ATTENTION_OUTPUT_PATTERNS = (
     "**.attn.c_proj.weight",  # GPT-2, nanoGPT, modded-nanogpt
@@ -59,6 +62,96 @@ def refuse_parallel_wrapper(model: Any, who: str) -> None:
         f"{who}: model is a {type(model).__name__} wrapper; pass the wrapped module (model.module) instead: "
         f"measuring runs its own forward/backward passes, which through the wrapper would {why}. The inner "
         "module has the same parameters, and training through the wrapper is unaffected"
+    )
+
+
+def _fsdp_classes() -> tuple[type, type] | None:
+    """FSDP2's ``FSDPModule`` (the class ``fully_shard`` mixes in) and FSDP1's ``FullyShardedDataParallel``;
+    ``None`` where FSDP was never imported (no model can be sharded then; importing it takes a second)."""
+    if not torch.distributed.is_available() or not any(
+            m in sys.modules for m in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp")):
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    try:
+        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule  # torch 2.4, 2.5
+        except ImportError:
+            FSDPModule = FullyShardedDataParallel
+    return FSDPModule, FullyShardedDataParallel
+
+
+def fsdp_sharded(model: nn.Module) -> list[str]:
+    """Names of ``model``'s modules (``""`` for the model itself) sharded by FSDP: FSDP2's ``fully_shard``
+    (an ``FSDPModule``) or FSDP1's ``FullyShardedDataParallel`` wrapper. Their forwards (and backwards)
+    all-gather the weights (and reduce-scatter the gradients) over the FSDP mesh: collectives that every
+    rank must run together."""
+    classes = _fsdp_classes()
+    return [] if classes is None else [name for name, m in model.named_modules() if isinstance(m, classes)]
+
+
+@contextlib.contextmanager
+def kept_sharded(model: nn.Module):
+    """Reshard on exit the FSDP2 modules of ``model`` that were sharded on entry (every parameter they manage
+    a ``DTensor``; ``FSDPModule.reshard``, local, no collective): a forward of a module built with
+    ``reshard_after_forward=False`` (and of the root, which FSDP2 may keep unsharded) leaves its full weights
+    registered, which a measurement must not (the memory, and weights the next optimizer step would not
+    update)."""
+    classes = _fsdp_classes()
+    if classes is None:
+        yield
+        return
+    fsdp2 = classes[0]
+
+    def sharded(m):  # the parameters m manages: those of its subtree outside nested FSDP2 modules
+        stack, params = [m], []
+        while stack:
+            mod = stack.pop()
+            params += [p for p in mod._parameters.values() if p is not None]
+            stack += [c for c in mod.children() if not isinstance(c, fsdp2)]
+        return bool(params) and all(hasattr(p, "to_local") for p in params)  # a DTensor (its shard)
+
+    was = [m for m in model.modules() if isinstance(m, fsdp2) and sharded(m)]
+    try:
+        yield
+    finally:
+        for m in was:
+            if not sharded(m):
+                m.reshard()
+
+
+def refuse_fsdp(model: nn.Module, engines: dict[str, str]) -> None:
+    """``ValueError`` for an FSDP-sharded model (:func:`fsdp_sharded`) whose probed matrices do not all use
+    the fast engine (``engines``: parameter name -> engine), raised before any pass.
+
+    The fast engine reads each module's whole input and output gradient inside FSDP's own unshard (its
+    hooks see the full weight's computation), so its per-sample gradients are those of the full weight,
+    on every rank that runs the same passes; it takes ``torch.autograd.grad`` of the module outputs, not
+    of the parameters, so FSDP accumulates and reduce-scatters nothing into ``.grad``. The ``vmap``
+    engine cannot trace FSDP's hooks (``requires_grad_`` under ``torch.func``), and the ``loop`` engine's
+    gradients are sharded ``DTensor``s."""
+    sharded = fsdp_sharded(model)
+    if not sharded:
+        return
+    shown = [n or "<the model>" for n in sharded[:4]] + ([f"and {len(sharded) - 4} more"] if len(sharded) > 4 else [])
+    fsdp1 = any(isinstance(m, _fsdp_classes()[1]) for m in model.modules())  # not None: sharded is not empty
+    slow = {n: e for n, e in engines.items() if e != "fast"}
+    if not fsdp1 and not slow:
+        return
+    why = ("the probe does not measure FSDP1's FullyShardedDataParallel: outside its forward a parameter is a view "
+           "of this rank's shard (empty where the shard holds none of a matrix), which the probe would size and read "
+           "wrongly; shard with FSDP2's fully_shard (there the fast engine measures exactly)" if fsdp1 else
+           f"the probed matrices {slow} would use an engine other than the fast one, which cannot measure a sharded "
+           "model (vmap cannot trace FSDP's hooks; the loop engine's gradients are shards)")
+    raise ValueError(
+        f"PerSampleGradientProbe: {type(model).__name__} is sharded with FSDP (fully_shard or FullyShardedDataParallel "
+        f"on {', '.join(shown)}): {why}. Instead: probe matrices that have a fast path (nn.Linear, transformers' "
+        "Conv1D; not tied) with engine='auto' or 'fast' (exact under FSDP2, where every rank runs every pass), or "
+        "measure activations only (SpectralLens(model, pool, params=())), or probe an unsharded copy: on every rank, "
+        "full = torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+        "full_state_dict=True)); load it into a plain model of the same architecture and probe that "
+        "(docs/guide-multi-gpu.md, FSDP)"
     )
 
 
@@ -252,6 +345,15 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
         hits = [n if n in named else eager[n] for n in hits]
         if not hits:
             _refuse_parametrized(model, w, modules, named)
+            flat = [n for n, p in named.items() if getattr(p, "_is_flat_param", False)][:3]
+            if flat:
+                raise ValueError(
+                    f"{type(model).__name__} has no parameter {w!r}: FullyShardedDataParallel(use_orig_params=False) "
+                    f"flattened the parameters into {flat}, which the probe cannot name a matrix of; wrap with "
+                    "use_orig_params=True (then name the matrix with a glob, e.g. '**.attn.c_proj.weight': FSDP1 "
+                    "prefixes '_fsdp_wrapped_module.') or shard with FSDP2's fully_shard, or measure activations only "
+                    "(params=())"
+                )
             close = difflib.get_close_matches(w, list(named), n=5, cutoff=0.4)
             raise ValueError(
                 f"{type(model).__name__} has no parameter {w!r}; closest names: {close or list(named)[:8]}"

@@ -48,7 +48,7 @@ from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .registry import fast_path_for
 from ._measurable import (ATTENTION_OUTPUT_PATTERNS, _refuse_recording_opacus_hooks, _refuse_scripted, _resolve_params,
-                          default_gradient_param, refuse_parallel_wrapper, refuse_unfit_defaults)
+                          default_gradient_param, refuse_fsdp, refuse_parallel_wrapper, refuse_unfit_defaults)
 
 __all__ = ["PerSampleGradientProbe", "ATTENTION_OUTPUT_PATTERNS", "default_gradient_param"]
 
@@ -80,7 +80,11 @@ class PerSampleGradientProbe:
     Args:
         model: any ``nn.Module``, or ``None`` to build the probe first and bind it later with
             :meth:`attach` (``params`` are resolved then). A ``DistributedDataParallel`` or
-            ``DataParallel`` wrapper is refused with a ``ValueError``: pass ``wrapper.module``. A
+            ``DataParallel`` wrapper is refused with a ``ValueError``: pass ``wrapper.module``. On a
+            model sharded with FSDP2 (``fully_shard``) the fast engine measures the full weights
+            exactly when every rank calls ``update`` with the same batches; other engines and FSDP1
+            (``FullyShardedDataParallel``) are refused with a ``ValueError`` (also when the model was
+            sharded after binding: then by ``update``, before any pass). A
             ``torch.compile`` wrapper is unwrapped (``_orig_mod``: names as in the uncompiled model);
             ``update`` runs its passes eagerly (``torch.compiler.set_stance("force_eager")``).
         params: dotted parameter name(s), globs over parameter names (``"blocks.*.attn.c_proj.weight"``)
@@ -238,6 +242,7 @@ class PerSampleGradientProbe:
         self.model, self.params = model, params
         self.sites = {n: self._site(n) for n in params}
         self.engines_ = {n: self._choose_engine(n) for n in params}
+        refuse_fsdp(model, self.engines_)
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
         self.reset()
 
@@ -477,6 +482,7 @@ class PerSampleGradientProbe:
         :func:`~._isolation.silenced_tensor_hooks`),
         autocast as ``autocast_dtype`` says (a caller's autocast switched off when it is ``None``); every
         flag restored on exit."""
+        refuse_fsdp(self.model, self.engines_)  # sharded after the probe was bound (fully_shard works in place)
         if any(p.is_inference() for p in self.params.values()):
             bad = [n for n, p in self.params.items() if p.is_inference()]
             raise RuntimeError(
