@@ -30,7 +30,7 @@ from ._validate import finite_rows, nonfinite_loss_message
 from ..spectrum import Spectrum
 from ._batch import _autograd_usable, batch_size, default_forward, map_tensors, plain_batch, slice_batch
 from . import cast_cache
-from .engines import fast_engine, loop_engine
+from .engines import LossScale, fast_engine, loop_engine
 from .fallback import vmap_or_loop
 from .fused_head import HeadWatch, chunked_head_fns, chunked_is_faster, find_chunkable_head
 from .gram import (
@@ -198,6 +198,7 @@ class PerSampleGradientProbe:
             raise ValueError("keep_matrix=True needs every row resident: leave max_resident_samples=None")
         self.model: nn.Module | None = None
         self._every: list[torch.Tensor] | None = None  # list(model.parameters()) during an update
+        self._loss_scale = LossScale()  # float16 backward passes' seed, carried between chunks (engines)
         # during an update: puts back the buffers a pass wrote (preserved_buffers' rewind)
         self._rewind_buffers: Callable[[], None] | None = None
         self.params: dict[str, nn.Parameter] = {}
@@ -542,7 +543,8 @@ class PerSampleGradientProbe:
         fast = {k: self.sites[k] for k, e in self.engines_.items() if e == "fast"}
         if fast:
             forward_fn, loss_fn = self._deciding_fns() if self.head_loss_ is None else self._loss_fns()
-            got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn, casts, self._every)
+            got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn, casts, self._every,
+                                                 self._loss_scale)
             self._rewind_buffers()
             rows.update(got)
             for k, why in not_called.items():
@@ -557,12 +559,13 @@ class PerSampleGradientProbe:
             if todo and kind == "vmap":
                 got, lo, fell_back = vmap_or_loop(self.model, todo, batch, n, forward_fn, loss_fn,
                                                   fallback=self.engine != "vmap", before_loop=rewind,
-                                                  after_sample=self._rewind_buffers)
+                                                  after_sample=self._rewind_buffers, loss_scale=self._loss_scale)
                 self._rewind_buffers()
                 if fell_back:
                     self.engines_.update({k: "loop" for k in todo})
             elif todo:
-                got, lo = loop_engine(self.model, todo, batch, n, forward_fn, loss_fn, self._rewind_buffers)
+                got, lo = loop_engine(self.model, todo, batch, n, forward_fn, loss_fn, self._rewind_buffers,
+                                     self._loss_scale)
             if todo:
                 rows.update(got)
                 losses = lo if losses is None else losses
