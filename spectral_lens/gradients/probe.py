@@ -70,6 +70,16 @@ class _Chunk:
         return self.batch is None
 
 
+def _half_hint(param: torch.Tensor, autocast_dtype: torch.dtype | None) -> str:
+    """What a non-finite float16 gradient means: the backward ran in float16 at every loss scale tried."""
+    if torch.float16 not in (param.dtype, autocast_dtype):
+        return ""
+    return (f" (parameter of dtype {str(param.dtype).replace('torch.', '')}"
+            f"{', autocast_dtype=float16' if autocast_dtype == torch.float16 else ''}: the backward runs in float16, "
+            "loss-scaled by powers of two down to 2^-40, and still overflowed (largest float16 65504) or met a "
+            "non-finite value; measure a float32 copy of the model, or bfloat16, whose range is float32's)")
+
+
 class PerSampleGradientProbe:
     """Singular-value spectra of ``G`` (M x P), the stacked per-sample gradients of weight matrices.
 
@@ -688,7 +698,8 @@ class PerSampleGradientProbe:
             ok = torch.cat([f for n, f in finite if n == name]).cpu()
             bad = (~ok).nonzero().flatten() + start
             if bad.numel():
-                raise NonFiniteError(f"{name}: non-finite per-sample gradient for sample(s) {bad.tolist()[:20]}")
+                raise NonFiniteError(f"{name}: non-finite per-sample gradient for sample(s) {bad.tolist()[:20]}"
+                                     f"{_half_hint(self.params[name], self.autocast_dtype)}")
 
     def _complete(self) -> None:
         """Fill the Gram entries still missing: resident rows by float64 blocks (column slabs on the CPU
