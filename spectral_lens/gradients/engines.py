@@ -25,13 +25,13 @@ runs its segments under ``torch.no_grad`` and differentiates them only through `
 ``torch.autograd.grad`` can reach a parameter inside or below one: the fast and loop engines raise
 :class:`ReentrantCheckpointError` instead of a wrong "no gradient path" or all-zero gradients.
 
-float16 backward passes (float16 weights, or ``autocast_dtype=torch.float16``) are loss-scaled: float16
+float16 backward passes (float16 weights, or autocast to float16) are loss-scaled: float16
 flushes gradients below 2^-24 (6e-8) to zero, keeps fewer bits below 2^-14 (6e-5) and overflows above
 65504, and per-sample gradients of a mean-reduced loss are small (a token's logit gradient is about
 ``1 / (T V)``). Each engine seeds its backward with a power of two ``S`` (:class:`LossScale`, carried
 from chunk to chunk) and divides the float32 rows by it, which is exact; it reads the largest
-float16 gradient it sees (the probed modules' output gradients on the fast engine, the rows on the
-others) and backs ``S`` off on an overflow or raises it when that largest entry is below 2^6, then runs
+float16 gradient it sees (the probed modules' float16 output gradients on the fast engine, the rows
+on the others) and backs ``S`` off on an overflow or raises it when that largest entry is below 2^6, then runs
 the backward again (:func:`scaled_backward`; the fast and loop engines keep the graph for that, the
 vmap engine reruns with the same random draws). bfloat16 has float32's exponent range and is not
 scaled (its rounding, 2^-8, is not a range problem).
@@ -223,6 +223,20 @@ def _half(tensors: Iterable[torch.Tensor]) -> bool:
 
 def _half_of(gs: list) -> list:
     return [g for g in gs if g is not None and g.dtype == torch.float16]
+
+
+def _half_backward(params: Iterable[torch.Tensor]) -> bool:
+    """Whether the backward reaching ``params`` runs in float16: float16 parameters, or autocast to
+    float16 on their device (their gradients are then float32, the backward's activations float16)."""
+    params = list(params)
+    if _half(params):
+        return True
+    return any(torch.is_autocast_enabled(d) and torch.get_autocast_dtype(d) == torch.float16
+               for d in {p.device.type for p in params})
+
+
+def _present(gs: list) -> list:
+    return [g for g in gs if g is not None]
 
 
 def _unscaled(g: torch.Tensor, s: float) -> torch.Tensor:
@@ -448,7 +462,7 @@ def vmap_engine(
             # backends) and says so on every call; that is the documented cost of this engine.
             warnings.filterwarnings("ignore", message="There is a performance drop")
             run = vmap(grad_and_value(one, has_aux=True), in_dims=(None, None, *dims), randomness="different")
-            if not _half(detached.values()):
+            if not _half_backward(detached.values()):
                 (grads, (_, losses)), s = run(detached, 1.0, *leaves), 1.0
             else:  # float16 rows: loss-scaled, each try with the first one's random draws
                 devices = sorted({p.device.index for p in detached.values() if p.device.type == "cuda"})
@@ -464,7 +478,7 @@ def vmap_engine(
 
                     # a non-finite loss: nothing to rescale, the probe reports it
                     (grads, losses), s = scaled_backward(
-                        grads_at, lambda r: _half_of(list(r[0].values())) if bool(torch.isfinite(r[1]).all()) else [],
+                        grads_at, lambda r: list(r[0].values()) if bool(torch.isfinite(r[1]).all()) else [],
                         loss_scale or LossScale())
                     end = [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
                 torch.set_rng_state(end[0])  # the stream as after one pass (every try draws the same)
@@ -501,7 +515,7 @@ def loop_engine(
     unique = list({id(p): p for p in params.values()}.values())
     rows: dict[str, list] = {k: [] for k in params}
     losses = []
-    half_params = _half(unique)  # float16 rows: loss-scaled per sample (module docstring)
+    half_params = _half_backward(unique)  # a float16 backward: loss-scaled per sample (module docstring)
     loss_scale = loss_scale or LossScale()
 
     def check(name):
@@ -532,7 +546,7 @@ def loop_engine(
                         return list(torch.autograd.grad(loss, unique, loss.new_full((), s), retain_graph=half,
                                                         allow_unused=True))
 
-                gs, scale = scaled_backward(grads_at, _half_of, loss_scale if half else None)
+                gs, scale = scaled_backward(grads_at, _present, loss_scale if half else None)
                 if after_sample is not None:
                     after_sample()
                 # a sparse gradient (nn.Embedding(sparse=True)) is densified: a row is a flat dense vector
