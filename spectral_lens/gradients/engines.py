@@ -182,13 +182,15 @@ def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list],
     (``s`` that brings it to [2^12, 2^13), ``* 2^12`` when every entry is zero; never at or above a
     scale that overflowed: halfway to it), within 2^+-40. Returns ``(grads, s)`` of the kept pass (a
     finite one when any was); ``scale.value`` becomes ``s``. ``scale=None``: one pass at ``s = 1``."""
-    s = 1.0 if scale is None else scale.value
-    bound = 2.0 ** _SCALE_MAX_EXP
+    if scale is None:
+        return grads_at(1.0), 1.0
+    s, bound = scale.value, 2.0 ** _SCALE_MAX_EXP
     kept, ceiling = None, None  # the largest finite pass so far; the smallest scale that overflowed
     for _ in range(16):  # a bisection in the exponent: ends well within this
         grads = grads_at(s)
-        seen = [g.detach().abs().amax().float() for g in watched(grads) if g is not None and g.numel()]
-        if scale is None or not seen:
+        seen = [(g.coalesce().values() if g.is_sparse else g).detach().abs().amax().float()
+                for g in watched(grads) if g is not None and g.numel()]
+        if not seen:
             kept = (grads, s)
             break
         amax = torch.stack(seen).amax().item()
@@ -212,8 +214,7 @@ def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list],
                 nxt = max(s / 2.0 ** 8, 1 / bound)
         s = nxt
     grads, s = kept if kept is not None else (grads, s)
-    if scale is not None:
-        scale.value = s
+    scale.value = s
     return grads, s
 
 
