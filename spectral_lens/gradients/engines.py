@@ -176,7 +176,7 @@ def _between(low: float, high: float) -> float:
 
 def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list], list], scale: LossScale | None):
     """``grads_at(s)``: the gradients of the per-sample losses seeded with ``s`` (a power of two);
-    ``watched(grads)``: the float16 tensors among them whose range decides. Runs ``grads_at`` at
+    ``watched(grads)``: the tensors among them whose range decides (float16 output gradients, or rows). Runs ``grads_at`` at
     ``scale.value``, then at other powers of two while the largest watched entry is non-finite (an
     overflow in the backward: ``s / 2^8``, or halfway to the largest finite one tried) or below 2^6
     (``s`` that brings it to [2^12, 2^13), ``* 2^12`` when every entry is zero; never at or above a
@@ -432,8 +432,8 @@ def vmap_engine(
     loss_scale: LossScale | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Rows ``(n, P)`` for ``params`` (dotted name -> parameter) via ``vmap(grad(functional_call))``
-    (float16 parameters: loss-scaled, ``loss_scale`` as in :func:`fast_engine`; a retry replays the
-    first try's random draws).
+    (a float16 backward, float16 parameters or autocast to float16: loss-scaled, ``loss_scale`` as in
+    :func:`fast_engine`, read from the rows; a retry replays the first try's random draws).
 
     The model must be traceable by ``torch.func.vmap`` (no ``.item()``, no data-dependent Python
     control flow, no in-place ops on captured buffers). A parameter with no path to the loss gets zero
@@ -465,7 +465,7 @@ def vmap_engine(
             run = vmap(grad_and_value(one, has_aux=True), in_dims=(None, None, *dims), randomness="different")
             if not _half_backward(detached.values()):
                 (grads, (_, losses)), s = run(detached, 1.0, *leaves), 1.0
-            else:  # float16 rows: loss-scaled, each try with the first one's random draws
+            else:  # a float16 backward: loss-scaled, each try with the first one's random draws
                 devices = sorted({p.device.index for p in detached.values() if p.device.type == "cuda"})
                 with torch.random.fork_rng(devices):
                     state = [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
@@ -504,7 +504,8 @@ def loop_engine(
     loss_scale: LossScale | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Rows ``(n, P)`` for ``params`` with one forward and one ``torch.autograd.grad`` per sample
-    (float16 parameters: loss-scaled, ``loss_scale`` as in :func:`fast_engine`).
+    (a float16 backward, float16 parameters or autocast to float16: loss-scaled per sample,
+    ``loss_scale`` as in :func:`fast_engine`, read from the rows; a retry reuses the sample's graph).
 
     Only the probed parameters require grad during the loop, so nothing below them builds a graph.
     A forward hook on each probed parameter's module checks that it does not run inside a reentrant

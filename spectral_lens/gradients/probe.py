@@ -208,7 +208,9 @@ class PerSampleGradientProbe:
             raise ValueError("keep_matrix=True needs every row resident: leave max_resident_samples=None")
         self.model: nn.Module | None = None
         self._every: list[torch.Tensor] | None = None  # list(model.parameters()) during an update
-        self._loss_scale = LossScale()  # float16 backward passes' seed, carried between chunks (engines)
+        # float16 backward passes' seeds, carried between chunks (engines): the fast engine's (read from module
+        # output gradients) and the vmap / loop engines' (read from the rows, larger)
+        self._loss_scale, self._row_loss_scale = LossScale(), LossScale()
         # during an update: puts back the buffers a pass wrote (preserved_buffers' rewind)
         self._rewind_buffers: Callable[[], None] | None = None
         self.params: dict[str, nn.Parameter] = {}
@@ -569,13 +571,13 @@ class PerSampleGradientProbe:
             if todo and kind == "vmap":
                 got, lo, fell_back = vmap_or_loop(self.model, todo, batch, n, forward_fn, loss_fn,
                                                   fallback=self.engine != "vmap", before_loop=rewind,
-                                                  after_sample=self._rewind_buffers, loss_scale=self._loss_scale)
+                                                  after_sample=self._rewind_buffers, loss_scale=self._row_loss_scale)
                 self._rewind_buffers()
                 if fell_back:
                     self.engines_.update({k: "loop" for k in todo})
             elif todo:
                 got, lo = loop_engine(self.model, todo, batch, n, forward_fn, loss_fn, self._rewind_buffers,
-                                     self._loss_scale)
+                                     self._row_loss_scale)
             if todo:
                 rows.update(got)
                 losses = lo if losses is None else losses
