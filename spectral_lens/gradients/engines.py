@@ -24,10 +24,22 @@ the backward and must see the same saved tensors again, so the fast engine's hoo
 runs its segments under ``torch.no_grad`` and differentiates them only through ``.backward()``, so no
 ``torch.autograd.grad`` can reach a parameter inside or below one: the fast and loop engines raise
 :class:`ReentrantCheckpointError` instead of a wrong "no gradient path" or all-zero gradients.
+
+float16 backward passes (float16 weights, or autocast to float16) are loss-scaled: float16
+flushes gradients below 2^-24 (6e-8) to zero, keeps fewer bits below 2^-14 (6e-5) and overflows above
+65504, and per-sample gradients of a mean-reduced loss are small (a token's logit gradient is about
+``1 / (T V)``). Each engine seeds its backward with a power of two ``S`` (:class:`LossScale`, carried
+from chunk to chunk) and divides the float32 rows by it, which is exact; it reads the largest
+float16 gradient it sees (the probed modules' float16 output gradients on the fast engine, the rows
+on the others) and backs ``S`` off on an overflow or raises it when that largest entry is below 2^6, then runs
+the backward again (:func:`scaled_backward`; the fast and loop engines keep the graph for that, the
+vmap engine reruns with the same random draws). bfloat16 has float32's exponent range and is not
+scaled (its rounding, 2^-8, is not a range problem).
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from contextlib import contextmanager
@@ -45,6 +57,8 @@ from .cast_cache import CastCache, cached_linear_casts
 from .registry import fast_path_for
 
 __all__ = [
+    "LossScale",
+    "scaled_backward",
     "fast_engine",
     "vmap_engine",
     "loop_engine",
@@ -130,6 +144,108 @@ def only_requires_grad(model: nn.Module, params: Iterable[torch.Tensor] = (), *,
             p.requires_grad_(flag)
 
 
+#: float16 loss scaling (:func:`scaled_backward`): the largest gradient entry is brought to
+#: [2^LOW, 2^TOP); the scale stays within [2^-MAX_EXP, 2^MAX_EXP].
+_SCALE_LOW, _SCALE_TOP, _SCALE_MAX_EXP = 6, 13, 40
+
+
+class LossScale:
+    """The power-of-two seed of float16 backward passes, carried from chunk to chunk (as
+    ``torch.amp.GradScaler``'s scale is from step to step); starts at 1."""
+
+    def __init__(self) -> None:
+        self.value = 1.0
+
+
+def _wanted_scale(amax: float, scale: float) -> float | None:
+    """After a finite pass at ``scale`` whose largest float16 gradient entry was ``amax`` (scaled): the
+    scale for another try, or ``None`` to keep the pass (largest entry at least 2^LOW, or the bound)."""
+    bound = 2.0 ** _SCALE_MAX_EXP
+    if amax >= 2.0 ** _SCALE_LOW or scale >= bound:
+        return None
+    if amax == 0:  # all zero: underflowed, or no gradient at all
+        return min(scale * 2.0 ** 12, bound)
+    # amax = f 2^e with f in [1/2, 1): scaled by 2^(TOP - e) it lands in [2^(TOP-1), 2^TOP)
+    return min(scale * 2.0 ** (_SCALE_TOP - math.frexp(amax)[1]), bound)
+
+
+def _between(low: float, high: float) -> float:
+    """The power of two halfway (in exponent, rounded down) between two powers of two."""
+    return 2.0 ** ((math.frexp(low)[1] + math.frexp(high)[1]) // 2 - 1)
+
+
+def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list], list], scale: LossScale | None):
+    """``grads_at(s)``: the gradients of the per-sample losses seeded with ``s`` (a power of two);
+    ``watched(grads)``: the tensors among them whose range decides (float16 output gradients, or rows). Runs ``grads_at`` at
+    ``scale.value``, then at other powers of two while the largest watched entry is non-finite (an
+    overflow in the backward: ``s / 2^8``, or halfway to the largest finite one tried) or below 2^6
+    (``s`` that brings it to [2^12, 2^13), ``* 2^12`` when every entry is zero; never at or above a
+    scale that overflowed: halfway to it), within 2^+-40. Returns ``(grads, s)`` of the kept pass (a
+    finite one when any was); ``scale.value`` becomes ``s``. ``scale=None``: one pass at ``s = 1``."""
+    if scale is None:
+        return grads_at(1.0), 1.0
+    s, bound = scale.value, 2.0 ** _SCALE_MAX_EXP
+    kept, ceiling = None, None  # the largest finite pass so far; the smallest scale that overflowed
+    for _ in range(16):  # a bisection in the exponent: ends well within this
+        grads = grads_at(s)
+        seen = [(g.coalesce().values() if g.is_sparse else g).detach().abs().amax().float()
+                for g in watched(grads) if g is not None and g.numel()]
+        if not seen:
+            kept = (grads, s)
+            break
+        amax = torch.stack(seen).amax().item()
+        if math.isfinite(amax):
+            kept = (grads, s)
+            nxt = _wanted_scale(amax, s)
+            if nxt is not None and ceiling is not None:
+                nxt = min(nxt, _between(s, ceiling))
+            if nxt is None or nxt <= s:
+                break
+        else:
+            ceiling = s
+            if kept is not None:
+                nxt = _between(kept[1], s)
+                if nxt <= kept[1]:
+                    break
+            elif s <= 1 / bound:
+                kept = (grads, s)  # overflows at every scale: the caller reports the non-finite rows
+                break
+            else:
+                nxt = max(s / 2.0 ** 8, 1 / bound)
+        s = nxt
+    grads, s = kept if kept is not None else (grads, s)
+    scale.value = s
+    return grads, s
+
+
+def _half(tensors: Iterable[torch.Tensor]) -> bool:
+    return any(t.dtype == torch.float16 for t in tensors)
+
+
+def _half_of(gs: list) -> list:
+    return [g for g in gs if g is not None and g.dtype == torch.float16]
+
+
+def _half_backward(params: Iterable[torch.Tensor]) -> bool:
+    """Whether the backward reaching ``params`` runs in float16: float16 parameters, or autocast to
+    float16 on their device (their gradients are then float32, the backward's activations float16)."""
+    params = list(params)
+    if _half(params):
+        return True
+    return any(torch.is_autocast_enabled(d) and torch.get_autocast_dtype(d) == torch.float16
+               for d in {p.device.type for p in params})
+
+
+def _present(gs: list) -> list:
+    return [g for g in gs if g is not None]
+
+
+def _unscaled(g: torch.Tensor, s: float) -> torch.Tensor:
+    """``g / s`` (exact: ``s`` is a power of two), float16 as float32."""
+    g = g.float() if g.dtype == torch.float16 else g
+    return g if s == 1 else (g.float() if g.dtype == torch.bfloat16 else g) / s
+
+
 def _checked_losses(losses: Any, n: int) -> torch.Tensor:
     if not isinstance(losses, torch.Tensor) or losses.shape != (n,):
         shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
@@ -148,6 +264,7 @@ def fast_engine(
     loss_fn: LossFn,
     casts: CastCache | None = None,
     every: list[torch.Tensor] | None = None,
+    loss_scale: LossScale | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
     """Rows ``(n, P)`` for every ``name -> (module, local_param_name)`` in ``sites`` from one backward.
 
@@ -155,6 +272,8 @@ def fast_engine(
     update, so that autocast casts each ``nn.Linear`` weight once instead of once per chunk (the
     parameters do not require grad here, so autocast's own cache does not apply); ``None``: no cache.
     ``every``: ``list(model.parameters())``, computed once by a caller that runs many chunks.
+    ``loss_scale``: the :class:`LossScale` of float16 backward passes (module docstring); ``None``: a
+    fresh one (starting at 1) for this call.
 
     Returns ``(rows, losses, not_called)``; ``not_called`` maps each name the fast path cannot serve
     to the reason, and their gradients need the generic engine: the module never ran in the forward
@@ -221,12 +340,18 @@ def fast_engine(
                 with _reentrant_below(sites):
                     odd = torch.autograd.grad(losses[::2].sum(), both, retain_graph=True, allow_unused=True)
                 mixed = {id(y) for y, g in zip(both, odd) if g is not None and bool(g[1::2].ne(0).any())}
-            with _reentrant_below(sites), silenced_tensor_hooks(probed):
-                got = (
-                    torch.autograd.grad(losses.sum(), ys + probed, allow_unused=True)
-                    if losses.requires_grad
-                    else [None] * (len(ys) + len(probed))
-                )
+            # float16 output gradients: loss-scaled (the graph kept for another try); others: one plain pass
+            half = _half(ys) and losses.requires_grad and bool(torch.isfinite(losses).all())
+
+            def grads_at(s):
+                with _reentrant_below(sites), silenced_tensor_hooks(probed):
+                    if not losses.requires_grad:
+                        return [None] * (len(ys) + len(probed))
+                    seed = losses.new_full(losses.shape, s)
+                    return list(torch.autograd.grad(losses, ys + probed, seed, retain_graph=half, allow_unused=True))
+
+            got, scale = scaled_backward(grads_at, lambda gs: _half_of(gs[: len(ys)]),
+                                         (loss_scale or LossScale()) if half else None)
             dys, elsewhere = got[: len(ys)], {id(p) for p, g in zip(probed, got[len(ys) :]) if g is not None}
     finally:
         for h in handles:
@@ -278,7 +403,7 @@ def fast_engine(
                 )
             g = fn(mod, local, x, dy)
             total = g if total is None else total + g
-        rows[name] = total.reshape(n, -1)
+        rows[name] = _unscaled(total, scale).reshape(n, -1)
     return rows, losses.detach(), not_called
 
 
@@ -304,8 +429,11 @@ def vmap_engine(
     n: int,
     forward_fn: ForwardFn,
     loss_fn: LossFn,
+    loss_scale: LossScale | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Rows ``(n, P)`` for ``params`` (dotted name -> parameter) via ``vmap(grad(functional_call))``.
+    """Rows ``(n, P)`` for ``params`` (dotted name -> parameter) via ``vmap(grad(functional_call))``
+    (a float16 backward, float16 parameters or autocast to float16: loss-scaled, ``loss_scale`` as in
+    :func:`fast_engine`, read from the rows; a retry replays the first try's random draws).
 
     The model must be traceable by ``torch.func.vmap`` (no ``.item()``, no data-dependent Python
     control flow, no in-place ops on captured buffers). A parameter with no path to the loss gets zero
@@ -315,10 +443,10 @@ def vmap_engine(
     leaves, spec = pytree.tree_flatten(batch)
     dims = tuple(0 if isinstance(t, torch.Tensor) and t.ndim > 0 else None for t in leaves)
 
-    def one(p, *sample):
+    def one(p, s, *sample):
         sample = pytree.tree_unflatten([t.unsqueeze(0) if d == 0 else t for t, d in zip(sample, dims)], spec)
-        loss = _checked_losses(functional_call(bound, p, (sample,)), 1)
-        return loss.sum()
+        loss = _checked_losses(functional_call(bound, p, (sample,)), 1).sum()
+        return loss * s, loss  # the seed s: the gradient of loss * s, exact for a power of two
 
     first = {}  # one name per tensor: tied names must not receive two different tensors
     for k, v in params.items():
@@ -334,12 +462,34 @@ def vmap_engine(
             # vmap falls back to a per-sample loop for kernels without batching rules (SDPA on some
             # backends) and says so on every call; that is the documented cost of this engine.
             warnings.filterwarnings("ignore", message="There is a performance drop")
-            grads, losses = vmap(grad_and_value(one), in_dims=(None, *dims), randomness="different")(detached, *leaves)
+            run = vmap(grad_and_value(one, has_aux=True), in_dims=(None, None, *dims), randomness="different")
+            if not _half_backward(detached.values()):
+                (grads, (_, losses)), s = run(detached, 1.0, *leaves), 1.0
+            else:  # a float16 backward: loss-scaled, each try with the first one's random draws
+                devices = sorted({p.device.index for p in detached.values() if p.device.type == "cuda"})
+                with torch.random.fork_rng(devices):
+                    state = [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
+
+                    def grads_at(s):
+                        torch.set_rng_state(state[0])
+                        for d, st in zip(devices, state[1:]):
+                            torch.cuda.set_rng_state(st, d)
+                        got, (_, lo) = run(detached, s, *leaves)
+                        return got, lo
+
+                    # a non-finite loss: nothing to rescale, the probe reports it
+                    (grads, losses), s = scaled_backward(
+                        grads_at, lambda r: list(r[0].values()) if bool(torch.isfinite(r[1]).all()) else [],
+                        loss_scale or LossScale())
+                    end = [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
+                torch.set_rng_state(end[0])  # the stream as after one pass (every try draws the same)
+                for d, st in zip(devices, end[1:]):
+                    torch.cuda.set_rng_state(st, d)
     finally:
         for m, k, p in slots:
             if m._parameters[k] is not p:  # [] not get(): a scripted module's dictionary has no get
                 m._parameters[k] = p
-    rows = {k: grads["model." + first[id(v)]].reshape(n, -1) for k, v in params.items()}
+    rows = {k: _unscaled(grads["model." + first[id(v)]], s).reshape(n, -1) for k, v in params.items()}
     return rows, losses
 
 
@@ -351,8 +501,11 @@ def loop_engine(
     forward_fn: ForwardFn,
     loss_fn: LossFn,
     after_sample: Callable[[], None] | None = None,
+    loss_scale: LossScale | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Rows ``(n, P)`` for ``params`` with one forward and one ``torch.autograd.grad`` per sample.
+    """Rows ``(n, P)`` for ``params`` with one forward and one ``torch.autograd.grad`` per sample
+    (a float16 backward, float16 parameters or autocast to float16: loss-scaled per sample,
+    ``loss_scale`` as in :func:`fast_engine`, read from the rows; a retry reuses the sample's graph).
 
     Only the probed parameters require grad during the loop, so nothing below them builds a graph.
     A forward hook on each probed parameter's module checks that it does not run inside a reentrant
@@ -364,6 +517,8 @@ def loop_engine(
     unique = list({id(p): p for p in params.values()}.values())
     rows: dict[str, list] = {k: [] for k in params}
     losses = []
+    half_params = _half_backward(unique)  # a float16 backward: loss-scaled per sample (module docstring)
+    loss_scale = loss_scale or LossScale()
 
     def check(name):
         def hook(module, args, output):
@@ -384,16 +539,20 @@ def loop_engine(
             for i in range(n):
                 sample = slice_batch(batch, i, i + 1)
                 loss = _checked_losses(loss_fn(forward_fn(model, sample), sample), 1).sum()
-                with _reentrant_below(params), silenced_tensor_hooks(unique):
-                    gs = (
-                        torch.autograd.grad(loss, unique, allow_unused=True)
-                        if loss.requires_grad
-                        else [None] * len(unique)
-                    )
+                half = half_params and loss.requires_grad and bool(torch.isfinite(loss))
+
+                def grads_at(s):
+                    with _reentrant_below(params), silenced_tensor_hooks(unique):
+                        if not loss.requires_grad:
+                            return [None] * len(unique)
+                        return list(torch.autograd.grad(loss, unique, loss.new_full((), s), retain_graph=half,
+                                                        allow_unused=True))
+
+                gs, scale = scaled_backward(grads_at, _present, loss_scale if half else None)
                 if after_sample is not None:
                     after_sample()
                 # a sparse gradient (nn.Embedding(sparse=True)) is densified: a row is a flat dense vector
-                by_id = {id(p): (torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g)
+                by_id = {id(p): (torch.zeros_like(p) if g is None else _unscaled(g.to_dense() if g.is_sparse else g, scale))
                          for p, g in zip(unique, gs)}
                 for k, p in params.items():
                     rows[k].append(by_id[id(p)].reshape(1, -1))

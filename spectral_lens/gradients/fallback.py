@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .._warnings import SpectralLensWarning
-from .engines import ForwardFn, LossFn, loop_engine, vmap_engine
+from .engines import ForwardFn, LossFn, LossScale, loop_engine, vmap_engine
 
 __all__ = ["EngineFallbackWarning", "REFUSALS", "is_untraceable", "likely_cause", "vmap_or_loop"]
 
@@ -103,6 +103,7 @@ def vmap_or_loop(
     fallback: bool = True,
     before_loop: Callable[[], None] | None = None,
     after_sample: Callable[[], None] | None = None,
+    loss_scale: LossScale | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, bool]:
     """:func:`~.engines.vmap_engine`, or :func:`~.engines.loop_engine` with a warning when vmap cannot
     trace the model. Returns ``(rows, losses, fell_back)``. ``fallback=False`` (``engine="vmap"``
@@ -110,9 +111,10 @@ def vmap_or_loop(
     ``engine="loop"`` instead. ``before_loop``: called before the fallback loop runs (the probe's
     bounded-memory mode rewinds the RNG streams there, which the refused attempt may have advanced,
     so the loop draws what a later recomputation on the loop engine draws). ``after_sample``: the loop's
-    (:func:`~.engines.loop_engine`)."""
+    (:func:`~.engines.loop_engine`). ``loss_scale``: both engines' (float16 backward passes).
+    """
     try:
-        rows, losses = vmap_engine(model, params, batch, n, forward_fn, loss_fn)
+        rows, losses = vmap_engine(model, params, batch, n, forward_fn, loss_fn, loss_scale)
         return rows, losses, False
     except RuntimeError as exc:
         if not is_untraceable(exc):
@@ -134,5 +136,5 @@ def vmap_or_loop(
     )
     if before_loop is not None:
         before_loop()
-    rows, losses = loop_engine(model, params, batch, n, forward_fn, loss_fn, after_sample)
+    rows, losses = loop_engine(model, params, batch, n, forward_fn, loss_fn, after_sample, loss_scale)
     return rows, losses, True

@@ -30,7 +30,7 @@ from ._validate import finite_rows, nonfinite_loss_message
 from ..spectrum import Spectrum
 from ._batch import _autograd_usable, batch_size, default_forward, map_tensors, plain_batch, slice_batch
 from . import cast_cache
-from .engines import fast_engine, loop_engine
+from .engines import LossScale, fast_engine, loop_engine
 from .fallback import vmap_or_loop
 from .fused_head import HeadWatch, chunked_head_fns, chunked_is_faster, find_chunkable_head
 from .gram import (
@@ -68,6 +68,16 @@ class _Chunk:
     @property
     def resident(self) -> bool:
         return self.batch is None
+
+
+def _half_hint(param: torch.Tensor, autocast_dtype: torch.dtype | None) -> str:
+    """What a non-finite float16 gradient means: the backward ran in float16 at every loss scale tried."""
+    if torch.float16 not in (param.dtype, autocast_dtype):
+        return ""
+    return (f" (parameter of dtype {str(param.dtype).replace('torch.', '')}"
+            f"{', autocast_dtype=float16' if autocast_dtype == torch.float16 else ''}: the backward runs in float16, "
+            "loss-scaled by powers of two down to 2^-40, and still overflowed (largest float16 65504) or met a "
+            "non-finite value; measure a float32 copy of the model, or bfloat16, whose range is float32's)")
 
 
 class PerSampleGradientProbe:
@@ -204,6 +214,9 @@ class PerSampleGradientProbe:
             raise ValueError("keep_matrix=True needs every row resident: leave max_resident_samples=None")
         self.model: nn.Module | None = None
         self._every: list[torch.Tensor] | None = None  # list(model.parameters()) during an update
+        # float16 backward passes' seeds, carried between chunks (engines): the fast engine's (read from module
+        # output gradients) and the vmap / loop engines' (read from the rows, larger)
+        self._loss_scale, self._row_loss_scale = LossScale(), LossScale()
         # during an update: puts back the buffers a pass wrote (preserved_buffers' rewind)
         self._rewind_buffers: Callable[[], None] | None = None
         self.params: dict[str, nn.Parameter] = {}
@@ -550,7 +563,8 @@ class PerSampleGradientProbe:
         fast = {k: self.sites[k] for k, e in self.engines_.items() if e == "fast"}
         if fast:
             forward_fn, loss_fn = self._deciding_fns() if self.head_loss_ is None else self._loss_fns()
-            got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn, casts, self._every)
+            got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn, casts, self._every,
+                                                 self._loss_scale)
             self._rewind_buffers()
             rows.update(got)
             for k, why in not_called.items():
@@ -565,12 +579,13 @@ class PerSampleGradientProbe:
             if todo and kind == "vmap":
                 got, lo, fell_back = vmap_or_loop(self.model, todo, batch, n, forward_fn, loss_fn,
                                                   fallback=self.engine != "vmap", before_loop=rewind,
-                                                  after_sample=self._rewind_buffers)
+                                                  after_sample=self._rewind_buffers, loss_scale=self._row_loss_scale)
                 self._rewind_buffers()
                 if fell_back:
                     self.engines_.update({k: "loop" for k in todo})
             elif todo:
-                got, lo = loop_engine(self.model, todo, batch, n, forward_fn, loss_fn, self._rewind_buffers)
+                got, lo = loop_engine(self.model, todo, batch, n, forward_fn, loss_fn, self._rewind_buffers,
+                                     self._row_loss_scale)
             if todo:
                 rows.update(got)
                 losses = lo if losses is None else losses
@@ -693,7 +708,8 @@ class PerSampleGradientProbe:
             ok = torch.cat([f for n, f in finite if n == name]).cpu()
             bad = (~ok).nonzero().flatten() + start
             if bad.numel():
-                raise NonFiniteError(f"{name}: non-finite per-sample gradient for sample(s) {bad.tolist()[:20]}")
+                raise NonFiniteError(f"{name}: non-finite per-sample gradient for sample(s) {bad.tolist()[:20]}"
+                                     f"{_half_hint(self.params[name], self.autocast_dtype)}")
 
     def _complete(self) -> None:
         """Fill the Gram entries still missing: resident rows by float64 blocks (column slabs on the CPU
