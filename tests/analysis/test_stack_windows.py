@@ -97,17 +97,69 @@ def test_cli_predict_and_report_use_recorded_windows(w128, tmp_path, capsys):
     assert "window [100, 200] exceeds the spectrum" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["predict", "report"])
-def test_cli_fails_with_one_line_when_windows_disagree(mixed, tmp_path, command):
-    args = [sys.executable, "-m", "spectral_lens.cli", command, str(mixed)]
-    if command == "report":
-        args += ["--out", str(tmp_path / "rep")]
-    proc = subprocess.run(args, capture_output=True, text=True)
+# ``python -m spectral_lens.cli COMMAND ...`` per command, each in a fork of one fresh interpreter that
+# imported spectral_lens (and so torch; not spectral_lens.cli itself, which runpy runs as __main__): one
+# interpreter start instead of one per command; what the user sees on stderr (warnings included) and the
+# exit status, as from the command line.
+_FORKED_CLI = r"""
+import json, os, runpy, sys
+import spectral_lens
+status = []
+for i, argv in enumerate(json.loads(sys.argv[1])):
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            os.dup2(os.open(f"{name}{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = ["spectral_lens.cli", *argv]
+        code = 0
+        try:
+            runpy.run_module("spectral_lens.cli", run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
+    status.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(status))
+"""
+
+_COMMANDS = ["predict", "report"]
+
+
+@pytest.fixture(scope="module")
+def disagreeing_cli(mixed, tmp_path_factory):
+    """Per command: (``args`` as run after ``python -m spectral_lens.cli``, its output directory,
+    a ``CompletedProcess`` with the exit status and stderr)."""
+    work = tmp_path_factory.mktemp("cli")
+    runs = {}
+    for command in _COMMANDS:
+        args = [command, str(mixed)]
+        if command == "report":
+            args += ["--out", str(work / "rep")]
+        runs[command] = args
+    proc = subprocess.run([sys.executable, "-c", _FORKED_CLI, json.dumps(list(runs.values()))], cwd=work,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {command: (args, work, subprocess.CompletedProcess(args, code, (work / f"stdout{i}").read_text(),
+                                                               (work / f"stderr{i}").read_text()))
+            for i, ((command, args), code) in enumerate(zip(runs.items(), status))}
+
+
+@pytest.mark.parametrize("command", _COMMANDS)
+def test_cli_fails_with_one_line_when_windows_disagree(disagreeing_cli, tmp_path, command):
+    args, work, proc = disagreeing_cli[command]
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"spectral-lens {command}: error: runs of family 'w128' recorded different tail windows")
     assert "--window LO HI" in lines[0] and "Traceback" not in proc.stderr
-    assert not (tmp_path / "rep" / "report.md").exists()
+    assert not (work / "rep" / "report.md").exists()
     # an explicit window settles it (in-process: the subprocess above is what shows the one-line error)
-    assert main(args[3:] + ["--window", "10", "40"]) == 0
+    if command == "report":
+        args = [command, str(args[1]), "--out", str(tmp_path / "rep")]
+    assert main(args + ["--window", "10", "40"]) == 0

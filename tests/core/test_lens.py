@@ -131,6 +131,10 @@ def _worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
+# slow: the fast tier checks the same (measure on several ranks equals one process, a non-zero rank holds
+# the synced activation and broadcast gradient spectra) in tests/reliability/test_lens_distributed.py:
+# test_pool_smaller_than_world_equals_one_process and test_subgroup_without_global_rank0_equals_one_process
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_equal_one_process(tmp_path):
     out = str(tmp_path / "m")

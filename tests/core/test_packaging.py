@@ -134,8 +134,11 @@ def test_cli_version(capsys):
 
 # ------------------------------------------------------------------------------- what imports what
 def test_import_loads_no_optional_or_heavy_package(fresh):
-    """``import spectral_lens`` (and every public module, the CLI, reports and plots) imports
-    neither an optional extra nor scipy: each is imported where it is first used."""
+    """``import spectral_lens`` (and every public module, the CLI, reports and plots, the integrations'
+    ``measurement_scalars`` and ``TensorBoardSink``) imports neither an optional extra (no framework:
+    transformers, lightning, tensorboard - ``torch.utils.tensorboard`` included -, wandb) nor scipy: each
+    is imported where it is first used. The fast tier's check for test_stack_conv1d's and
+    test_optional_imports' fresh-interpreter import tests (marked slow)."""
     out = fresh["import"]
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == [[], []]
@@ -151,7 +154,10 @@ _IMPORT_CODE = (
     "for mod in ('records', 'analysis', 'spectra', 'gradients', 'integrations', 'cli', 'report', 'plot', "
     "'weights', 'summaries'):\n"
     "    importlib.import_module('spectral_lens.' + mod)\n"
-    "later = sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in sys.argv[1:]})\n"
+    "import spectral_lens.integrations as integ\n"
+    "integ.measurement_scalars, integ.TensorBoardSink  # lazy attributes: their modules load here\n"
+    "later = sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in sys.argv[1:]}\n"
+    "               | ({'torch.utils.tensorboard'} & set(sys.modules)))\n"
     "print(json.dumps([at_import, later]))\n"
 )
 _OPTIONAL_CODE = _BLOCK.format(names=OPTIONAL + ("torch.utils.tensorboard",)) + (

@@ -14,6 +14,7 @@ from spectral_lens.gradients import FAST_PATHS_BY_NAME, PerSampleGradientProbe, 
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.mark.slow  # the fast tier checks this in tests/core/test_packaging.py::test_import_loads_no_optional_or_heavy_package
 def test_importing_spectral_lens_does_not_import_transformers():
     code = "import sys, spectral_lens, spectral_lens.gradients; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

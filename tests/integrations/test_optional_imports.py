@@ -10,6 +10,7 @@ import sys
 import pytest
 
 
+@pytest.mark.slow  # the fast tier checks this in tests/core/test_packaging.py::test_import_loads_no_optional_or_heavy_package
 def test_import_spectral_lens_imports_no_framework():
     code = (
         "import sys, spectral_lens, spectral_lens.integrations as i; i.measurement_scalars; i.TensorBoardSink; "

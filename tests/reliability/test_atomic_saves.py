@@ -3,6 +3,7 @@ serializer) leaves the previous file intact and loadable; short of a kill, its t
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -30,44 +31,108 @@ def _leftovers(directory) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.endswith(_io.TMP_SUFFIX))
 
 
-# The child process saves a large object over a small file under RLIMIT_FSIZE: the write fails with
-# EFBIG part-way through (SIGXFSZ ignored so the write raises instead of killing the process).
-_CHILD = textwrap.dedent('''
-    import resource, signal, sys, torch
+# The child processes of the two subprocess tests below. One fresh interpreter imports torch and
+# spectral_lens, then runs each case in a fork of itself (the saves' faults are process-wide: a file-size
+# limit, a SIGKILL): one interpreter start for the four cases instead of four (~2-5 s each).
+_CHILDREN = textwrap.dedent('''
+    import json, os, resource, signal, sys, traceback
+    import numpy as np, torch
     from spectral_lens import ActivationCovarianceAccumulator, Spectrum
-    kind, path = sys.argv[1], sys.argv[2]
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    if kind == "accumulator":
-        big = ActivationCovarianceAccumulator(400, precision="float64")
-        big.update(torch.randn(10, 400, dtype=torch.float64))
-    else:
-        big = Spectrum(torch.linspace(1, 0, 200_000, dtype=torch.float64), n_rows=10, dim=200_000)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
-    try:
-        big.save(path)
-    except OSError as exc:
-        print("EFBIG", exc.errno)
-        sys.exit(0)
-    print("SAVED")
+
+    def size_limited(kind, path):
+        # saves a large object over a small file under RLIMIT_FSIZE: the write fails with EFBIG
+        # part-way through (SIGXFSZ ignored so the write raises instead of killing the process)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        if kind == "accumulator":
+            big = ActivationCovarianceAccumulator(400, precision="float64")
+            big.update(torch.randn(10, 400, dtype=torch.float64))
+        else:
+            big = Spectrum(torch.linspace(1, 0, 200_000, dtype=torch.float64), n_rows=10, dim=200_000)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+        try:
+            big.save(path)
+        except OSError as exc:
+            print("EFBIG", exc.errno)
+            return
+        print("SAVED")
+
+    def killed(kind, path):
+        # SIGKILLed by its own serializer after part of the archive is on disk
+        def savez_then_die(file, **arrays):
+            file.write(b"PK\\x03\\x04" + b"\\0" * 8192)
+            file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        np.savez = savez_then_die
+        if kind == "accumulator":
+            obj = ActivationCovarianceAccumulator(3, precision="float64")
+            obj.update(torch.randn(10, 3, dtype=torch.float64))
+        else:
+            obj = Spectrum(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), n_rows=9, dim=3)
+        obj.save(path)
+
+    results = {}
+    for case, kind, path in json.loads(sys.argv[1]):
+        r, w = os.pipe()
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            os.dup2(w, 1)
+            sys.stdout = os.fdopen(1, "w")
+            try:
+                dict(size_limited=size_limited, killed=killed)[case](kind, path)
+                status = 0
+            except BaseException:
+                traceback.print_exc()
+                status = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+        os.close(w)
+        with os.fdopen(r) as f:
+            out = f.read()
+        _, status = os.waitpid(pid, 0)
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        results[f"{case}-{kind}"] = dict(returncode=code, stdout=out)
+    print(json.dumps(results))
 ''')
 
+_KINDS = ["accumulator", "spectrum"]
 
-@pytest.mark.parametrize("kind", ["accumulator", "spectrum"])
-def test_size_limited_overwrite_keeps_the_old_file(kind, tmp_path):
-    path = tmp_path / "state.npz"
-    old = _acc(6, 0) if kind == "accumulator" else _spectrum(6)
-    old.save(path)
-    before = path.read_bytes()
-    run = subprocess.run([sys.executable, "-c", _CHILD, kind, str(path)], capture_output=True, text=True, timeout=120)
+
+@pytest.fixture(scope="module")
+def children(tmp_path_factory) -> dict:
+    """Per case (``size_limited-<kind>``, ``killed-<kind>``): its directory, the old object saved there
+    and the file's bytes before the child's save, and the child's exit status and output."""
+    cases = {}
+    for kind in _KINDS:
+        for case, old, name in (("size_limited", _acc(6, 0) if kind == "accumulator" else _spectrum(6), "state.npz"),
+                                ("killed", _acc(6, 3) if kind == "accumulator" else _spectrum(6), "x.npz")):
+            path = tmp_path_factory.mktemp(f"{case}-{kind}") / name
+            old.save(path)
+            cases[f"{case}-{kind}"] = dict(case=case, kind=kind, path=path, old=old, before=path.read_bytes())
+    run = subprocess.run([sys.executable, "-c", _CHILDREN, json.dumps([(c["case"], c["kind"], str(c["path"]))
+                                                                      for c in cases.values()])],
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split()[0] == "EFBIG", run.stdout  # the limit did hit the write
-    assert path.read_bytes() == before
+    for key, got in json.loads(run.stdout.strip().splitlines()[-1]).items():
+        cases[key].update(got, stderr=run.stderr)
+    return cases
+
+
+@pytest.mark.parametrize("kind", _KINDS)
+def test_size_limited_overwrite_keeps_the_old_file(kind, children):
+    c = children[f"size_limited-{kind}"]
+    path, old = c["path"], c["old"]
+    assert c["returncode"] == 0, c["stderr"][-2000:]
+    assert c["stdout"].split()[0] == "EFBIG", c["stdout"]  # the limit did hit the write
+    assert path.read_bytes() == c["before"]
     if kind == "accumulator":
         back = ActivationCovarianceAccumulator.load(path)
         assert torch.equal(back.covariance(), old.covariance())
     else:
         assert torch.equal(Spectrum.load(path).values, old.values)
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(path.parent) == []
 
 
 class _Boom(RuntimeError):
@@ -114,37 +179,15 @@ def test_run_metadata_update_failing_mid_write_keeps_run_json(tmp_path, monkeypa
     assert _leftovers(tmp_path / "run") == []
 
 
-# The child process is SIGKILLed by its own serializer after part of the archive is on disk.
-_KILLED_CHILD = textwrap.dedent('''
-    import os, signal, sys, numpy as np, torch
-    from spectral_lens import ActivationCovarianceAccumulator, Spectrum
-    kind, path = sys.argv[1], sys.argv[2]
-    def savez_then_die(file, **arrays):
-        file.write(b"PK\\x03\\x04" + b"\\0" * 8192)
-        file.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-    np.savez = savez_then_die
-    if kind == "accumulator":
-        obj = ActivationCovarianceAccumulator(3, precision="float64")
-        obj.update(torch.randn(10, 3, dtype=torch.float64))
-    else:
-        obj = Spectrum(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), n_rows=9, dim=3)
-    obj.save(path)
-''')
-
-
-@pytest.mark.parametrize("kind", ["accumulator", "spectrum"])
-def test_save_killed_mid_write_keeps_the_old_file(kind, tmp_path):
-    path = tmp_path / "x.npz"
-    old = _acc(6, 3) if kind == "accumulator" else _spectrum(6)
-    old.save(path)
-    before = path.read_bytes()
-    run = subprocess.run([sys.executable, "-c", _KILLED_CHILD, kind, str(path)], capture_output=True, timeout=120)
-    assert run.returncode == -9, (run.returncode, run.stderr[-2000:])
-    assert path.read_bytes() == before
+@pytest.mark.parametrize("kind", _KINDS)
+def test_save_killed_mid_write_keeps_the_old_file(kind, children):
+    c = children[f"killed-{kind}"]
+    path, old = c["path"], c["old"]
+    assert c["returncode"] == -9, (c["returncode"], c["stderr"][-2000:])
+    assert path.read_bytes() == c["before"]
     loaded = ActivationCovarianceAccumulator.load(path) if kind == "accumulator" else Spectrum.load(path)
     assert loaded.n_rows == old.n_rows
-    assert len(_leftovers(tmp_path)) == 1  # a killed process cannot clean up; RunWriter(resume=True) does
+    assert len(_leftovers(path.parent)) == 1  # a killed process cannot clean up; RunWriter(resume=True) does
 
 
 def test_text_and_figure_writes_failing_mid_write_keep_the_old_file(tmp_path, monkeypatch):

@@ -23,10 +23,10 @@ import torch.distributed as dist
 from spectral_lens import ActivationCovarianceAccumulator
 from spectral_lens._sync import _sync_status
 
-from support.ranks import case_results, gloo_group, run_ranks, write_case
+from support.ranks import case_results, free_port, gloo_group, run_ranks, write_case
 
 D = 5
-JOIN_S = 90.0  # process start-up (imports) plus the cases; a hang fails the test here
+JOIN_S = 90.0  # process start-up (imports) plus the cases, the failing one's included; a hang fails the test here
 
 
 def _rows(rank: int, n: int, mean: float) -> np.ndarray:
@@ -99,16 +99,22 @@ def _accumulator_cases(rank: int) -> dict:
 
 
 def _worker(rank: int, port: int, out: str) -> None:
+    """The 3-rank cases; then ranks 0 and 1 of the same processes run the failing-collective case in a
+    fresh 2-rank group on a port rank 0 picked (one process start per rank for the whole module)."""
     with gloo_group(rank, port, 3, 30):
         for case, result in _accumulator_cases(rank).items():
             write_case(out, case, rank, result)
+        second = [free_port() if rank == 0 else None]
+        dist.broadcast_object_list(second, src=0)
+    if rank < 2:
+        _failing_worker(rank, second[0], out)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("sync_ranks")
     hung = run_ranks(_worker, 3, out, JOIN_S)
-    return {"_hung": hung, **case_results(out, CASES, 3)}
+    return {"_hung": hung, **case_results(out, [*CASES, "failed_collective"], 3)}
 
 
 CASES = ["masked_and_one_row", "skip_nan_on_one_rank", "raise_nan_on_one_rank", "different_names", "same_names",
@@ -210,10 +216,9 @@ def _failing_worker(rank: int, port: int, out: str) -> None:
 
 
 @pytest.mark.distributed
-def test_a_sync_failing_part_way_leaves_the_state_as_it_was(tmp_path):
-    hung = run_ranks(_failing_worker, 2, tmp_path, 60.0)
-    got = case_results(tmp_path, ["failed_collective"], 2)["failed_collective"][0]
-    assert got is not None, f"rank 0 gave no result; hung (killed): {hung}"
+def test_a_sync_failing_part_way_leaves_the_state_as_it_was(results):
+    got = results["failed_collective"][0]  # run by ranks 0 and 1 after the module's 3-rank cases
+    assert got is not None, f"rank 0 gave no result; hung (killed): {results['_hung']}"
     assert got["error"] is not None and got["seconds"] < PG_TIMEOUT_S + 10, got
     assert (got["initialized"], got["synced"], got["dim"]) == (False, False, D), got
     assert got["n_after_update"] == 4

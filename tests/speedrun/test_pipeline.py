@@ -54,7 +54,7 @@ def test_zoo_trainable_trial_is_a_prefix_of_the_run_budget_schedule(tmp_path):
     assert short.final_val_loss != straight.final_val_loss  # (the check above can tell the two apart)
 
 
-def test_tiny_preset_end_to_end_then_resume_and_cli(tmp_path, capsys):
+def test_tiny_preset_end_to_end_then_resume_and_cli(tmp_path, capsys, monkeypatch):
     p = PRESETS["tiny"]
     out = tmp_path / "out"
     assert main(["--preset", "tiny", "--out", str(out), "--threads", "1", "--no-progress"]) == 0
@@ -96,7 +96,13 @@ def test_tiny_preset_end_to_end_then_resume_and_cli(tmp_path, capsys):
     os.makedirs(out / "runs" / ".partial")
     os.replace(victim, out / "runs" / ".partial" / "rope-b2")
     before = {d.name: (d / "run.json").stat().st_mtime_ns for d in (out / "runs").iterdir() if d.name != ".partial"}
-    assert main(["--preset", "tiny", "--out", str(out), "--threads", "1", "--no-progress"]) == 0
+    # the rerun's report is drawn without figures: nothing below reads them, and the first run drew every
+    # one of them from the same runs (their rendering was ~1/4 of this test's time)
+    import spectral_lens.report
+
+    with monkeypatch.context() as m:
+        m.setattr(spectral_lens.report, "_matplotlib_available", lambda: False)
+        assert main(["--preset", "tiny", "--out", str(out), "--threads", "1", "--no-progress"]) == 0
     after = {d.name: (d / "run.json").stat().st_mtime_ns for d in (out / "runs").iterdir()}
     assert set(after) == set(ids) and {k: after[k] for k in before} == before
     assert "rope-b2" in after
