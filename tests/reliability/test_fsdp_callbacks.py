@@ -20,17 +20,17 @@ callback.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from support.models import TinyGPT, lm_pool
+from support.ranks import checked_case, run_gloo_cases
 
 from spectral_lens import SpectralLens
 from spectral_lens.records import RunRecord
-
-from support.models import TinyGPT, lm_pool
-from support.ranks import checked_case, run_gloo_cases
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -69,7 +69,10 @@ def _writer(out, rank, name):
 
 def _full(model):
     """The full state dict (every rank takes part), as lists."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     return {k: v.tolist() for k, v in full.items()}
@@ -212,15 +215,9 @@ def _hf(out, rank):
             **_same(plain_end, end), "attached": lens.model is not None, "logged": logged}
 
 
-def _case(fn, out):
-    return lambda rank: fn(out, rank)
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp_callbacks")
-    import functools
-
     cases = {"lightning": functools.partial(_lightning, str(out)), "hf": functools.partial(_hf, str(out))}
     return out, run_gloo_cases(out, cases, WORLD, pg_timeout_s=60, join_s=400, preload="torch.distributed.fsdp")
 

@@ -17,12 +17,11 @@ import functools
 
 import pytest
 import torch
+from support.models import Block, TinyGPT, lm_pool
+from support.ranks import checked_case, run_gloo_cases
 
 from spectral_lens import SpectralLens
 from spectral_lens.capture import uncompiled_name
-
-from support.models import Block, TinyGPT, lm_pool
-from support.ranks import checked_case, run_gloo_cases
 
 WORLD = 2
 PARAM = "transformer.h.1.attn.c_proj.weight"
@@ -39,8 +38,10 @@ def _pool():
 
 
 def _checkpointed(model):
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (apply_activation_checkpointing,
-                                                                             checkpoint_wrapper)
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
 
     apply_activation_checkpointing(model, checkpoint_wrapper_fn=checkpoint_wrapper,
                                    check_fn=lambda m: isinstance(m, Block))
