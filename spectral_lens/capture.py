@@ -313,11 +313,20 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     return model
 
 
+# the attribute under which a wrapper module holds the module it wraps, a segment of every name inside it:
+# torch.compile's OptimizedModule, FSDP1's FullyShardedDataParallel, torch.distributed's activation
+# checkpoint (and offload) wrappers
+_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
 def uncompiled_name(name: str) -> str:
-    """A module or parameter name as the uncompiled model has it: without the ``_orig_mod`` segments a
-    ``torch.compile`` wrapper of a submodule inserts (per-block compilation, as torchtitan compiles
-    each transformer block), so measurements of compiled and eager models are recorded alike."""
-    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+    """A module or parameter name as the unwrapped (eager) model has it: without the ``_orig_mod``
+    segments a ``torch.compile`` wrapper of a submodule inserts (per-block compilation, as torchtitan
+    compiles each transformer block), nor the ``_fsdp_wrapped_module`` segments of FSDP1's
+    ``FullyShardedDataParallel`` and the ``_checkpoint_wrapped_module`` segments of
+    ``torch.distributed``'s activation checkpoint wrappers, so measurements of compiled, wrapped and
+    eager models are recorded alike (a name without those segments is returned unchanged)."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
 def eager_forwards():
