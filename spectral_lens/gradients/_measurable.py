@@ -349,10 +349,9 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
             if flat:
                 raise ValueError(
                     f"{type(model).__name__} has no parameter {w!r}: FullyShardedDataParallel(use_orig_params=False) "
-                    f"flattened the parameters into {flat}, which the probe cannot name a matrix of; wrap with "
-                    "use_orig_params=True (then name the matrix with a glob, e.g. '**.attn.c_proj.weight': FSDP1 "
-                    "prefixes '_fsdp_wrapped_module.') or shard with FSDP2's fully_shard, or measure activations only "
-                    "(params=())"
+                    f"flattened the parameters into {flat}, which the probe cannot name a matrix of (and it does not "
+                    "measure under FSDP1 at all); shard with FSDP2's fully_shard, or probe an unsharded copy gathered "
+                    "with get_model_state_dict(full_state_dict=True), or measure activations only (params=())"
                 )
             close = difflib.get_close_matches(w, list(named), n=5, cutoff=0.4)
             raise ValueError(
