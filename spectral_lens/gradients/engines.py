@@ -181,11 +181,14 @@ def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list],
     overflow in the backward: ``s / 2^8``, or halfway to the largest finite one tried) or below 2^6
     (``s`` that brings it to [2^12, 2^13), ``* 2^12`` when every entry is zero; never at or above a
     scale that overflowed: halfway to it), within 2^+-40. Returns ``(grads, s)`` of the kept pass (a
-    finite one when any was); ``scale.value`` becomes ``s``. ``scale=None``: one pass at ``s = 1``."""
+    finite one when any was); ``scale.value`` becomes ``s``, unless every watched entry of the kept pass is
+    zero (no gradient: a sample whose every label is ignored), which leaves it as it was.
+    ``scale=None``: one pass at ``s = 1``."""
     if scale is None:
         return grads_at(1.0), 1.0
     s, bound = scale.value, 2.0 ** _SCALE_MAX_EXP
     kept, ceiling = None, None  # the largest finite pass so far; the smallest scale that overflowed
+    zero = False  # the kept pass is all zero: no gradient (an ignored sample), its scale is not carried
     for _ in range(16):  # a bisection in the exponent: ends well within this
         grads = grads_at(s)
         seen = [(g.coalesce().values() if g.is_sparse else g).detach().abs().amax().float()
@@ -195,7 +198,7 @@ def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list],
             break
         amax = torch.stack(seen).amax().item()
         if math.isfinite(amax):
-            kept = (grads, s)
+            kept, zero = (grads, s), amax == 0
             nxt = _wanted_scale(amax, s)
             if nxt is not None and ceiling is not None:
                 nxt = min(nxt, _between(s, ceiling))
@@ -214,7 +217,8 @@ def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list],
                 nxt = max(s / 2.0 ** 8, 1 / bound)
         s = nxt
     grads, s = kept if kept is not None else (grads, s)
-    scale.value = s
+    if not zero:  # the search up to 2^40 for an all-zero pass would start the next sample there: an overflow
+        scale.value = s
     return grads, s
 
 
