@@ -46,6 +46,8 @@ def _train_int(measure: bool):
     model.train()
     registered = list(model.parameters())  # the sharded DTensors the optimizer updates
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    # activations only: a gradient protocol after the forwards ends in FSDP's post-backward reshard,
+    # which hid the stale post-forward shards (checked: with params=PARAM the old code passed)
     lens = SpectralLens(model, lm_pool(2, batch=4, t=12, vocab=37, seed=1), params=(), precision="float64",
                         progress=False)
     losses, same = [], True
