@@ -83,6 +83,32 @@ def test_fsdp2_reshard_after_forward_int_is_resharded(tmp_path):
         assert r["value"] == {"losses_equal": True, "same_params": True}, r["value"]
 
 
+def _fsdp2_pools_of_different_lengths(rank):
+    """Rank 0's pool has 3 batches, rank 1's 2 (the docs require the same whole pool)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12).double()
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    SpectralLens(model, lm_pool(3 - rank, batch=4, t=12, vocab=37, seed=1), params=(), progress=False).measure(1, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp_pools_of_different_lengths_are_refused_before_any_forward(tmp_path):
+    """Under FSDP every forward all-gathers, so pools of different lengths left rank 0 in its second
+    forward's all-gather while rank 1 went on to the lens's agreement: the process-group timeout (15 s
+    here; 30 min by default), then gloo's error on both ranks. A pool with a length is now compared
+    before any forward: the same ValueError as without FSDP, on every rank, at once, the ranks in step."""
+    results = run_gloo_cases(tmp_path, {"lengths": _fsdp2_pools_of_different_lengths}, 2, pg_timeout_s=15,
+                             join_s=240, preload="torch.distributed.fsdp")
+    for r in checked_case(results, "lengths", 10.0):
+        assert r["error"].startswith("ValueError: SpectralLens: the ranks' pools gave different numbers of batches "
+                                     "(2 to 3)"), r["error"]
+
+
 # ---------------------------------------------------------------- 2. float16: an all-zero gradient
 def _half_model_and_batch():
     torch.manual_seed(0)
