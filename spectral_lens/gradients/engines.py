@@ -157,10 +157,13 @@ class LossScale:
         self.value = 1.0
 
 
-def _wanted_scale(amax: float, scale: float) -> float | None:
+#: the largest seed of a float16 loss (a loss_fn that returns float16 losses: the seed is their gradient)
+_HALF_SEED_TOP = 2.0 ** 15
+
+
+def _wanted_scale(amax: float, scale: float, bound: float) -> float | None:
     """After a finite pass at ``scale`` whose largest float16 gradient entry was ``amax`` (scaled): the
     scale for another try, or ``None`` to keep the pass (largest entry at least 2^LOW, or the bound)."""
-    bound = 2.0 ** _SCALE_MAX_EXP
     if amax >= 2.0 ** _SCALE_LOW or scale >= bound:
         return None
     if amax == 0:  # all zero: underflowed, or no gradient at all
@@ -174,7 +177,8 @@ def _between(low: float, high: float) -> float:
     return 2.0 ** ((math.frexp(low)[1] + math.frexp(high)[1]) // 2 - 1)
 
 
-def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list], list], scale: LossScale | None):
+def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list], list], scale: LossScale | None,
+                    top: float = 2.0 ** _SCALE_MAX_EXP):
     """``grads_at(s)``: the gradients of the per-sample losses seeded with ``s`` (a power of two);
     ``watched(grads)``: the tensors among them whose range decides (float16 output gradients, or rows). Runs ``grads_at`` at
     ``scale.value``, then at other powers of two while the largest watched entry is non-finite (an
@@ -183,10 +187,11 @@ def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list],
     scale that overflowed: halfway to it), within 2^+-40. Returns ``(grads, s)`` of the kept pass (a
     finite one when any was); ``scale.value`` becomes ``s``, unless every watched entry of the kept pass is
     zero (no gradient: a sample whose every label is ignored), which leaves it as it was.
-    ``scale=None``: one pass at ``s = 1``."""
+    ``scale=None``: one pass at ``s = 1``. ``top``: the largest scale (2^15 where the losses themselves
+    are float16: the seed is their gradient)."""
     if scale is None:
         return grads_at(1.0), 1.0
-    s, bound = scale.value, 2.0 ** _SCALE_MAX_EXP
+    s, bound = min(scale.value, top), 2.0 ** _SCALE_MAX_EXP
     kept, ceiling = None, None  # the largest finite pass so far; the smallest scale that overflowed
     zero = False  # the kept pass is all zero: no gradient (an ignored sample), its scale is not carried
     for _ in range(16):  # a bisection in the exponent: ends well within this
@@ -199,7 +204,7 @@ def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list],
         amax = torch.stack(seen).amax().item()
         if math.isfinite(amax):
             kept, zero = (grads, s), amax == 0
-            nxt = _wanted_scale(amax, s)
+            nxt = _wanted_scale(amax, s, top)
             if nxt is not None and ceiling is not None:
                 nxt = min(nxt, _between(s, ceiling))
             if nxt is None or nxt <= s:
@@ -355,7 +360,8 @@ def fast_engine(
                     return list(torch.autograd.grad(losses, ys + probed, seed, retain_graph=half, allow_unused=True))
 
             got, scale = scaled_backward(grads_at, lambda gs: _half_of(gs[: len(ys)]),
-                                         (loss_scale or LossScale()) if half else None)
+                                         (loss_scale or LossScale()) if half else None,
+                                         _HALF_SEED_TOP if losses.dtype == torch.float16 else 2.0 ** _SCALE_MAX_EXP)
             dys, elsewhere = got[: len(ys)], {id(p) for p, g in zip(probed, got[len(ys) :]) if g is not None}
     finally:
         for h in handles:
@@ -552,7 +558,8 @@ def loop_engine(
                         return list(torch.autograd.grad(loss, unique, loss.new_full((), s), retain_graph=half,
                                                         allow_unused=True))
 
-                gs, scale = scaled_backward(grads_at, _present, loss_scale if half else None)
+                gs, scale = scaled_backward(grads_at, _present, loss_scale if half else None,
+                                            _HALF_SEED_TOP if loss.dtype == torch.float16 else 2.0 ** _SCALE_MAX_EXP)
                 if after_sample is not None:
                     after_sample()
                 # a sparse gradient (nn.Embedding(sparse=True)) is densified: a row is a flat dense vector

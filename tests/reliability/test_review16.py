@@ -163,3 +163,35 @@ def test_float16_all_zero_gradient_does_not_carry_the_bound(engine, monkeypatch)
         else:
             err = ((rows[i].double() - ref.reshape(-1)).norm() / ref.norm()).item()
             assert err <= 5e-3, (i, err)
+
+
+# ---------------------------------------------------------------- 3. float16: a loss_fn returning float16 losses
+@pytest.mark.parametrize("engine", ["fast", "vmap", "loop"])
+def test_float16_losses_are_seeded_within_float16(engine):
+    """A loss_fn that returns float16 losses (cross_entropy of float16 logits without ``.float()``):
+    the seed is the losses' own gradient, so it stays at most 2^15. Before: the fast engine raised
+    "value cannot be converted to type c10::Half without overflow" as soon as the search wanted a seed
+    past 65504 (2^20 here; the loop engine's ``new_full`` too where its search got there). Rows within
+    5e-3 of float64 (measured about 1e-3)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = TinyLM(vocab=64, d=16, layers=1, ctx=16, tied=False).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.02)
+    model = model.half()
+    ids = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(1))
+    batch = (ids[:, :-1], ids[:, 1:])
+    name = "h.0.mlp.c_fc.weight"
+
+    def half_ce(logits, b):
+        return F.cross_entropy(logits.transpose(1, 2), b[1], reduction="none").mean(1)  # float16
+
+    probe = PerSampleGradientProbe(model, [name], engine=engine, loss_fn=half_ce, keep_matrix=True).update(batch)
+    m64 = copy.deepcopy(model).double()
+    w = dict(m64.named_parameters())[name]
+    ref = torch.stack([torch.autograd.grad(half_ce(m64(batch[0][i : i + 1]), (None, batch[1][i : i + 1])).sum(), w)[0]
+                       .reshape(-1) for i in range(3)])
+    got = probe.matrix(name).double()
+    assert ((got - ref).norm() / ref.norm()).item() <= 5e-3
