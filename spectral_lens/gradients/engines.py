@@ -149,12 +149,20 @@ def only_requires_grad(model: nn.Module, params: Iterable[torch.Tensor] = (), *,
 _SCALE_LOW, _SCALE_TOP, _SCALE_MAX_EXP = 6, 13, 40
 
 
+#: calls of :func:`scaled_backward` that keep a carried overflow scale before trying above it again
+_CEILING_CALLS = 32
+
+
 class LossScale:
     """The power-of-two seed of float16 backward passes, carried from chunk to chunk (as
-    ``torch.amp.GradScaler``'s scale is from step to step); starts at 1."""
+    ``torch.amp.GradScaler``'s scale is from step to step); starts at 1. ``ceiling``: the smallest
+    scale that overflowed in a recent call (the backward's largest gradient, often the logits', limits
+    the scale before the watched ones reach 2^6), not tried again for the next ``_CEILING_CALLS`` calls."""
 
     def __init__(self) -> None:
         self.value = 1.0
+        self.ceiling: float | None = None
+        self.ceiling_calls = 0
 
 
 #: the largest seed of a float16 loss (a loss_fn that returns float16 losses: the seed is their gradient)
@@ -192,7 +200,10 @@ def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list],
     if scale is None:
         return grads_at(1.0), 1.0
     s, bound = min(scale.value, top), 2.0 ** _SCALE_MAX_EXP
-    kept, ceiling = None, None  # the largest finite pass so far; the smallest scale that overflowed
+    # the largest finite pass so far; the smallest scale that overflowed (a recent call's, carried: else
+    # every chunk tried above it again, overflowed and bisected back, 5 passes instead of 1)
+    carried = scale.ceiling if scale.ceiling is not None and scale.ceiling > s else None
+    kept, ceiling = None, carried
     zero = False  # the kept pass is all zero: no gradient (an ignored sample), its scale is not carried
     for _ in range(16):  # a bisection in the exponent: ends well within this
         grads = grads_at(s)
@@ -222,6 +233,12 @@ def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list],
                 nxt = max(s / 2.0 ** 8, 1 / bound)
         s = nxt
     grads, s = kept if kept is not None else (grads, s)
+    if ceiling is not None and ceiling != carried:  # overflowed in this call
+        scale.ceiling, scale.ceiling_calls = ceiling, _CEILING_CALLS
+    elif scale.ceiling is not None:
+        scale.ceiling_calls -= 1
+        if scale.ceiling_calls <= 0:  # tried above again next time: the gradients may have shrunk since
+            scale.ceiling = None
     if not zero:  # the search up to 2^40 for an all-zero pass would start the next sample there: an overflow
         scale.value = s
     return grads, s

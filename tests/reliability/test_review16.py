@@ -195,3 +195,53 @@ def test_float16_losses_are_seeded_within_float16(engine):
                        .reshape(-1) for i in range(3)])
     got = probe.matrix(name).double()
     assert ((got - ref).norm() / ref.norm()).item() <= 5e-3
+
+
+# ---------------------------------------------------------------- 4. float16: the overflow scale is carried
+@pytest.mark.parametrize("engine", ["fast", "vmap", "loop"])
+def test_float16_later_chunks_take_one_backward(engine, monkeypatch):
+    """Weights x0.02 (the loss-scaling tests' model): the logits' gradient (about S / T) overflows at
+    2^21 while the probed gradients' largest entry is still about 4 < 2^6. Each chunk used to try above
+    the carried scale again, overflow and bisect back: 5 (fast) or 6 (vmap, loop) backward passes for
+    every later chunk. The overflowing scale is carried too now: each later chunk takes 1 pass. The
+    rows stay within 5e-3 of float64."""
+    import copy
+
+    from spectral_lens.gradients import engines
+
+    torch.manual_seed(0)
+    model = TinyLM(vocab=64, d=16, layers=1, ctx=16, tied=False).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.02)
+    model = model.half()
+    ids = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(1))
+    batch = (ids[:, :-1], ids[:, 1:])
+    name = "h.0.mlp.c_fc.weight"
+
+    def ce(logits, b):
+        return F.cross_entropy(logits.transpose(1, 2).float(), b[1], reduction="none").mean(1)
+
+    passes = []  # per call of scaled_backward: its backward passes
+    real = engines.scaled_backward
+
+    def counting(grads_at, *args, **kw):
+        passes.append(0)
+
+        def counted(s):
+            passes[-1] += 1
+            return grads_at(s)
+
+        return real(counted, *args, **kw)
+
+    monkeypatch.setattr(engines, "scaled_backward", counting)
+    probe = PerSampleGradientProbe(model, [name], engine=engine, loss_fn=ce, keep_matrix=True, chunk_size=1)
+    for _ in range(3):
+        probe.update(batch)
+    assert len(passes) == 9 and passes[1:] == [1] * 8, passes
+    m64 = copy.deepcopy(model).double()
+    w = dict(m64.named_parameters())[name]
+    ref = torch.stack([torch.autograd.grad(ce(m64(batch[0][i : i + 1]), (None, batch[1][i : i + 1])).sum(), w)[0]
+                       .reshape(-1) for i in range(3)])
+    got = probe.matrix(name).double()
+    assert ((got - ref.repeat(3, 1)).norm() / ref.repeat(3, 1).norm()).item() <= 5e-3
