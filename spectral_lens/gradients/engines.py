@@ -366,8 +366,11 @@ def fast_engine(
                 with _reentrant_below(sites):
                     odd = torch.autograd.grad(losses[::2].sum(), both, retain_graph=True, allow_unused=True)
                 mixed = {id(y) for y, g in zip(both, odd) if g is not None and bool(g[1::2].ne(0).any())}
-            # float16 output gradients: loss-scaled (the graph kept for another try); others: one plain pass
-            half = _half(ys) and losses.requires_grad and bool(torch.isfinite(losses).all())
+            # float16 output gradients, or float32 ones of modules inside a float16 model (PEFT's float32 LoRA
+            # factors on a float16 base): loss-scaled (the graph kept for another try); others: one plain pass
+            half_ys = _half(ys)
+            half = ((half_ys or _half(model.parameters() if every is None else every)) and losses.requires_grad
+                    and bool(torch.isfinite(losses).all()))
 
             def grads_at(s):
                 with _reentrant_below(sites), silenced_tensor_hooks(probed):
@@ -376,7 +379,7 @@ def fast_engine(
                     seed = losses.new_full(losses.shape, s)
                     return list(torch.autograd.grad(losses, ys + probed, seed, retain_graph=half, allow_unused=True))
 
-            got, scale = scaled_backward(grads_at, lambda gs: _half_of(gs[: len(ys)]),
+            got, scale = scaled_backward(grads_at, lambda gs: (_half_of if half_ys else _present)(gs[: len(ys)]),
                                          (loss_scale or LossScale()) if half else None,
                                          _HALF_SEED_TOP if losses.dtype == torch.float16 else 2.0 ** _SCALE_MAX_EXP)
             dys, elsewhere = got[: len(ys)], {id(p) for p, g in zip(probed, got[len(ys) :]) if g is not None}
@@ -490,7 +493,7 @@ def vmap_engine(
             # backends) and says so on every call; that is the documented cost of this engine.
             warnings.filterwarnings("ignore", message="There is a performance drop")
             run = vmap(grad_and_value(one, has_aux=True), in_dims=(None, None, *dims), randomness="different")
-            if not _half_backward(detached.values()):
+            if not (_half_backward(detached.values()) or _half(model.parameters())):
                 (grads, (_, losses)), s = run(detached, 1.0, *leaves), 1.0
             else:  # a float16 backward: loss-scaled, each try with the first one's random draws
                 devices = sorted({p.device.index for p in detached.values() if p.device.type == "cuda"})
@@ -544,7 +547,8 @@ def loop_engine(
     unique = list({id(p): p for p in params.values()}.values())
     rows: dict[str, list] = {k: [] for k in params}
     losses = []
-    half_params = _half_backward(unique)  # a float16 backward: loss-scaled per sample (module docstring)
+    # a float16 backward (also of float32 parameters in a float16 model): loss-scaled per sample (module docstring)
+    half_params = _half_backward(unique) or _half(model.parameters())
     loss_scale = loss_scale or LossScale()
 
     def check(name):

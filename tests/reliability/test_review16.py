@@ -245,3 +245,44 @@ def test_float16_later_chunks_take_one_backward(engine, monkeypatch):
                        .reshape(-1) for i in range(3)])
     got = probe.matrix(name).double()
     assert ((got - ref.repeat(3, 1)).norm() / ref.repeat(3, 1).norm()).item() <= 5e-3
+
+
+# ---------------------------------------------------------------- 5. float16: float32 modules in a float16 model
+@pytest.mark.parametrize("engine", ["fast", "loop"])
+def test_float32_lora_factor_in_a_float16_model_is_loss_scaled(engine):
+    """peft keeps the LoRA factors in float32 on a float16 base (autocast_adapter_dtype): the factor's
+    own output gradient is float32, but it is the float16 backward's value cast up, flushed below 2^-24.
+    Only float16 output gradients (fast) or float16 / autocast parameters (loop, vmap) turned scaling on,
+    so lora_B's rows (weights x0.003, largest entry about 3e-9) came back all zero (relative error 1.0;
+    8.7e-3 with c_proj a target too). Now any float16 parameter in the model turns it on: within 2e-3
+    of float64 (measured 7e-4)."""
+    import copy
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=61, n_embd=16, n_layer=2, n_head=2, n_positions=32)
+    base = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for p in base.parameters():
+            p.mul_(0.003)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(base.half(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                                 fan_in_fan_out=True, init_lora_weights=False))
+    name = "base_model.model.transformer.h.0.attn.c_attn.lora_B.default.weight"
+    assert model.get_parameter(name).dtype == torch.float32
+    ids = torch.randint(0, 61, (3, 10), generator=torch.Generator().manual_seed(1))
+
+    def loss_fn(out, b):
+        return F.cross_entropy(out.logits[:, :-1].float().transpose(1, 2), b["input_ids"][:, 1:], reduction="none").mean(1)
+
+    probe = PerSampleGradientProbe(model, [name], engine=engine, loss_fn=loss_fn, forward_fn=lambda m, b: m(**b),
+                                   keep_matrix=True).update({"input_ids": ids})
+    m64 = copy.deepcopy(model).double().eval()
+    w = m64.get_parameter(name)
+    ref = torch.stack([torch.autograd.grad(loss_fn(m64(input_ids=ids[i : i + 1]), {"input_ids": ids[i : i + 1]}).sum(),
+                                           w)[0].reshape(-1) for i in range(3)])
+    got = probe.matrix(name).double()
+    assert ((got - ref).norm() / ref.norm()).item() <= 2e-3
