@@ -10,6 +10,9 @@
    them) searched upward to the 2^40 bound and carried that scale to the next sample or chunk, which then
    overflowed and searched back down: 19 backward passes for 6 samples on the loop engine and the fast
    engine in 1-sample chunks (4 for the 3 samples with a gradient alone; 13 now).
+Also: FSDP pools of different lengths (a timeout, now a ValueError before any forward), float16 losses
+(a RuntimeError converting the seed), the overflowing scale not carried (5-6 backwards per later chunk),
+and float32 LoRA factors in a float16 model (not scaled: rows all zero). Each test says what it was.
 """
 
 from __future__ import annotations
