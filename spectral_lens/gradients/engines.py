@@ -149,19 +149,21 @@ def only_requires_grad(model: nn.Module, params: Iterable[torch.Tensor] = (), *,
 _SCALE_LOW, _SCALE_TOP, _SCALE_MAX_EXP = 6, 13, 40
 
 
-#: calls of :func:`scaled_backward` that keep a carried overflow scale before trying above it again
+#: calls of :func:`scaled_backward` that keep a carried overflow level before trying above it again
 _CEILING_CALLS = 32
 
 
 class LossScale:
     """The power-of-two seed of float16 backward passes, carried from chunk to chunk (as
-    ``torch.amp.GradScaler``'s scale is from step to step); starts at 1. ``ceiling``: the smallest
-    scale that overflowed in a recent call (the backward's largest gradient, often the logits', limits
-    the scale before the watched ones reach 2^6), not tried again for the next ``_CEILING_CALLS`` calls."""
+    ``torch.amp.GradScaler``'s scale is from step to step); starts at 1. ``overflow_amax``: the
+    largest watched entry at which a recent call's backward overflowed (the backward's largest
+    gradient, often the logits', limits the scale before the watched ones reach 2^6), as a scaled
+    value, so that it holds for gradients of any magnitude; not tried again for the next
+    ``_CEILING_CALLS`` calls."""
 
     def __init__(self) -> None:
         self.value = 1.0
-        self.ceiling: float | None = None
+        self.overflow_amax: float | None = None
         self.ceiling_calls = 0
 
 
@@ -200,11 +202,11 @@ def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list],
     if scale is None:
         return grads_at(1.0), 1.0
     s, bound = min(scale.value, top), 2.0 ** _SCALE_MAX_EXP
-    # the largest finite pass so far; the smallest scale that overflowed (a recent call's, carried: else
-    # every chunk tried above it again, overflowed and bisected back, 5 passes instead of 1)
-    carried = scale.ceiling if scale.ceiling is not None and scale.ceiling > s else None
-    kept, ceiling = None, carried
-    zero = False  # the kept pass is all zero: no gradient (an ignored sample), its scale is not carried
+    # the largest finite pass so far; the smallest scale that overflowed (or at which a recent call's
+    # overflow level is reached: else every chunk tried above it again, overflowed and bisected back,
+    # 5 passes instead of 1)
+    kept, ceiling, overflowed = None, None, False
+    zero, kept_amax = False, 0.0  # the kept pass all zero (no gradient: its scale is not carried); its maximum
     for _ in range(16):  # a bisection in the exponent: ends well within this
         grads = grads_at(s)
         seen = [(g.coalesce().values() if g.is_sparse else g).detach().abs().amax().float()
@@ -214,14 +216,17 @@ def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list],
             break
         amax = torch.stack(seen).amax().item()
         if math.isfinite(amax):
-            kept, zero = (grads, s), amax == 0
+            kept, zero, kept_amax = (grads, s), amax == 0, amax
+            if ceiling is None and amax > 0 and scale.overflow_amax is not None:
+                # the scale at which this pass's watched maximum would reach that level (2 s: stay at s)
+                ceiling = max(2.0 ** math.floor(math.log2(s * scale.overflow_amax / amax)), 2 * s)
             nxt = _wanted_scale(amax, s, top)
             if nxt is not None and ceiling is not None:
                 nxt = min(nxt, _between(s, ceiling))
             if nxt is None or nxt <= s:
                 break
         else:
-            ceiling = s
+            ceiling, overflowed = s, True
             if kept is not None:
                 nxt = _between(kept[1], s)
                 if nxt <= kept[1]:
@@ -233,12 +238,12 @@ def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list],
                 nxt = max(s / 2.0 ** 8, 1 / bound)
         s = nxt
     grads, s = kept if kept is not None else (grads, s)
-    if ceiling is not None and ceiling != carried:  # overflowed in this call
-        scale.ceiling, scale.ceiling_calls = ceiling, _CEILING_CALLS
-    elif scale.ceiling is not None:
+    if overflowed and kept is not None and kept_amax > 0 and math.isfinite(kept_amax):
+        scale.overflow_amax, scale.ceiling_calls = kept_amax * ceiling / s, _CEILING_CALLS
+    elif scale.overflow_amax is not None:
         scale.ceiling_calls -= 1
-        if scale.ceiling_calls <= 0:  # tried above again next time: the gradients may have shrunk since
-            scale.ceiling = None
+        if scale.ceiling_calls <= 0:  # tried above again next time: the backward's ratios may have changed
+            scale.overflow_amax = None
     if not zero:  # the search up to 2^40 for an all-zero pass would start the next sample there: an overflow
         scale.value = s
     return grads, s
