@@ -110,6 +110,22 @@ def agree_widths(group, named: list, batches: int) -> None:
             acc.dim = d
 
 
+def agree_lengths(group, batches: int) -> None:
+    """``ValueError`` on every rank when the ranks' pools have different lengths (``batches``: this rank's
+    ``len(pool)``), in one ``all_reduce(MAX)``: under FSDP, before any forward (each forward all-gathers,
+    so pools of different lengths would leave a rank waiting in a forward the others never run)."""
+    import torch.distributed as dist
+
+    both = torch.tensor([batches, -batches], dtype=torch.int64, device=collective_device(group))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    most, fewest = both.tolist()
+    if most != -fewest:
+        raise ValueError(
+            f"SpectralLens: the ranks' pools gave different numbers of batches ({-fewest} to {most}); every "
+            "rank must iterate the same whole pool (each rank forwards its share: batch i on rank i % world)"
+        )
+
+
 def from_rank0(group, value):
     """``value`` as rank 0 of ``group`` has it, on every rank (one small broadcast of a picklable
     object; none in a single process)."""

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ._agree import agree, agree_widths, from_rank0, ranks
+from ._agree import agree, agree_lengths, agree_widths, from_rank0, ranks
 from ._args import check_callable, check_count, check_dtype, check_window
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
 from ._pools import attention_mask, sharded_pool, unfixed_pool
@@ -436,10 +436,13 @@ class SpectralLens:
         dev = self._device()
         autocast = measurement_autocast(dev, self.autocast_dtype)
         total = sized_total(self.pool)
-        bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
         # under FSDP every forward all-gathers the weights over the mesh, so every rank must run as many
-        # forwards: a rank with one batch fewer than the others runs one more, unmeasured
+        # forwards: a rank with one batch fewer than the others runs one more, unmeasured; pools of
+        # different lengths (with a len) are refused before any forward
         fsdp = world > 1 and bool(fsdp_sharded(model))
+        if fsdp and total is not None:
+            agree_lengths(self.group, total)
+        bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
         try:
             with self._eval_mode(), torch.no_grad(), autocast, eager_forwards(), measurement_pass(capture):
                 batches, other = 0, None

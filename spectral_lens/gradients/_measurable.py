@@ -96,28 +96,32 @@ def kept_sharded(model: nn.Module):
     """Reshard on exit the FSDP2 modules of ``model`` that were sharded on entry (every parameter they manage
     a ``DTensor``; ``FSDPModule.reshard``, local, no collective): a forward of a module built with
     ``reshard_after_forward=False`` (and of the root, which FSDP2 may keep unsharded) leaves its full weights
-    registered, which a measurement must not (the memory, and weights the next optimizer step would not
-    update)."""
+    registered, and one with ``reshard_after_forward=<int>`` the post-forward shards (new ``DTensor``s),
+    which a measurement must not (the memory, and weights the next optimizer step would not update): a
+    module whose registered parameters are other objects than on entry is resharded."""
     classes = _fsdp_classes()
     if classes is None:
         yield
         return
     fsdp2 = classes[0]
 
-    def sharded(m):  # the parameters m manages: those of its subtree outside nested FSDP2 modules
+    def managed(m):  # the parameters m manages: those of its subtree outside nested FSDP2 modules
         stack, params = [m], []
         while stack:
             mod = stack.pop()
             params += [p for p in mod._parameters.values() if p is not None]
             stack += [c for c in mod.children() if not isinstance(c, fsdp2)]
-        return bool(params) and all(hasattr(p, "to_local") for p in params)  # a DTensor (its shard)
+        return params
 
-    was = [m for m in model.modules() if isinstance(m, fsdp2) and sharded(m)]
+    was = [(m, ps) for m in model.modules() if isinstance(m, fsdp2)
+           for ps in [managed(m)] if ps and all(hasattr(p, "to_local") for p in ps)]  # DTensors (its shards)
     try:
         yield
     finally:
-        for m in was:
-            if not sharded(m):
+        for m, ps in was:
+            # other objects registered now: the full weights, or (reshard_after_forward=<int>) the
+            # post-forward shards, DTensors too but not the parameters the optimizer updates
+            if any(a is not b for a, b in zip(managed(m), ps)):
                 m.reshard()
 
 

@@ -149,18 +149,31 @@ def only_requires_grad(model: nn.Module, params: Iterable[torch.Tensor] = (), *,
 _SCALE_LOW, _SCALE_TOP, _SCALE_MAX_EXP = 6, 13, 40
 
 
+#: calls of :func:`scaled_backward` that keep a carried overflow level before trying above it again
+_CEILING_CALLS = 32
+
+
 class LossScale:
     """The power-of-two seed of float16 backward passes, carried from chunk to chunk (as
-    ``torch.amp.GradScaler``'s scale is from step to step); starts at 1."""
+    ``torch.amp.GradScaler``'s scale is from step to step); starts at 1. ``overflow_amax``: the
+    largest watched entry at which a recent call's backward overflowed (the backward's largest
+    gradient, often the logits', limits the scale before the watched ones reach 2^6), as a scaled
+    value, so that it holds for gradients of any magnitude; not tried again for the next
+    ``_CEILING_CALLS`` calls."""
 
     def __init__(self) -> None:
         self.value = 1.0
+        self.overflow_amax: float | None = None
+        self.ceiling_calls = 0
 
 
-def _wanted_scale(amax: float, scale: float) -> float | None:
+#: the largest seed of a float16 loss (a loss_fn that returns float16 losses: the seed is their gradient)
+_HALF_SEED_TOP = 2.0 ** 15
+
+
+def _wanted_scale(amax: float, scale: float, bound: float) -> float | None:
     """After a finite pass at ``scale`` whose largest float16 gradient entry was ``amax`` (scaled): the
     scale for another try, or ``None`` to keep the pass (largest entry at least 2^LOW, or the bound)."""
-    bound = 2.0 ** _SCALE_MAX_EXP
     if amax >= 2.0 ** _SCALE_LOW or scale >= bound:
         return None
     if amax == 0:  # all zero: underflowed, or no gradient at all
@@ -174,18 +187,26 @@ def _between(low: float, high: float) -> float:
     return 2.0 ** ((math.frexp(low)[1] + math.frexp(high)[1]) // 2 - 1)
 
 
-def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list], list], scale: LossScale | None):
+def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list], list], scale: LossScale | None,
+                    top: float = 2.0 ** _SCALE_MAX_EXP):
     """``grads_at(s)``: the gradients of the per-sample losses seeded with ``s`` (a power of two);
     ``watched(grads)``: the tensors among them whose range decides (float16 output gradients, or rows). Runs ``grads_at`` at
     ``scale.value``, then at other powers of two while the largest watched entry is non-finite (an
     overflow in the backward: ``s / 2^8``, or halfway to the largest finite one tried) or below 2^6
     (``s`` that brings it to [2^12, 2^13), ``* 2^12`` when every entry is zero; never at or above a
     scale that overflowed: halfway to it), within 2^+-40. Returns ``(grads, s)`` of the kept pass (a
-    finite one when any was); ``scale.value`` becomes ``s``. ``scale=None``: one pass at ``s = 1``."""
+    finite one when any was); ``scale.value`` becomes ``s``, unless every watched entry of the kept pass is
+    zero (no gradient: a sample whose every label is ignored), which leaves it as it was.
+    ``scale=None``: one pass at ``s = 1``. ``top``: the largest scale (2^15 where the losses themselves
+    are float16: the seed is their gradient)."""
     if scale is None:
         return grads_at(1.0), 1.0
-    s, bound = scale.value, 2.0 ** _SCALE_MAX_EXP
-    kept, ceiling = None, None  # the largest finite pass so far; the smallest scale that overflowed
+    s, bound = min(scale.value, top), 2.0 ** _SCALE_MAX_EXP
+    # the largest finite pass so far; the smallest scale that overflowed (or at which a recent call's
+    # overflow level is reached: else every chunk tried above it again, overflowed and bisected back,
+    # 5 passes instead of 1)
+    kept, ceiling, overflowed = None, None, False
+    zero, kept_amax = False, 0.0  # the kept pass all zero (no gradient: its scale is not carried); its maximum
     for _ in range(16):  # a bisection in the exponent: ends well within this
         grads = grads_at(s)
         seen = [(g.coalesce().values() if g.is_sparse else g).detach().abs().amax().float()
@@ -195,14 +216,17 @@ def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list],
             break
         amax = torch.stack(seen).amax().item()
         if math.isfinite(amax):
-            kept = (grads, s)
-            nxt = _wanted_scale(amax, s)
+            kept, zero, kept_amax = (grads, s), amax == 0, amax
+            if ceiling is None and amax > 0 and scale.overflow_amax is not None:
+                # the scale at which this pass's watched maximum would reach that level (2 s: stay at s)
+                ceiling = max(2.0 ** math.floor(math.log2(s * scale.overflow_amax / amax)), 2 * s)
+            nxt = _wanted_scale(amax, s, top)
             if nxt is not None and ceiling is not None:
                 nxt = min(nxt, _between(s, ceiling))
             if nxt is None or nxt <= s:
                 break
         else:
-            ceiling = s
+            ceiling, overflowed = s, True
             if kept is not None:
                 nxt = _between(kept[1], s)
                 if nxt <= kept[1]:
@@ -214,7 +238,14 @@ def scaled_backward(grads_at: Callable[[float], list], watched: Callable[[list],
                 nxt = max(s / 2.0 ** 8, 1 / bound)
         s = nxt
     grads, s = kept if kept is not None else (grads, s)
-    scale.value = s
+    if overflowed and kept is not None and kept_amax > 0 and math.isfinite(kept_amax):
+        scale.overflow_amax, scale.ceiling_calls = kept_amax * ceiling / s, _CEILING_CALLS
+    elif scale.overflow_amax is not None:
+        scale.ceiling_calls -= 1
+        if scale.ceiling_calls <= 0:  # tried above again next time: the backward's ratios may have changed
+            scale.overflow_amax = None
+    if not zero:  # the search up to 2^40 for an all-zero pass would start the next sample there: an overflow
+        scale.value = s
     return grads, s
 
 
@@ -340,8 +371,11 @@ def fast_engine(
                 with _reentrant_below(sites):
                     odd = torch.autograd.grad(losses[::2].sum(), both, retain_graph=True, allow_unused=True)
                 mixed = {id(y) for y, g in zip(both, odd) if g is not None and bool(g[1::2].ne(0).any())}
-            # float16 output gradients: loss-scaled (the graph kept for another try); others: one plain pass
-            half = _half(ys) and losses.requires_grad and bool(torch.isfinite(losses).all())
+            # float16 output gradients, or float32 ones of modules inside a float16 model (PEFT's float32 LoRA
+            # factors on a float16 base): loss-scaled (the graph kept for another try); others: one plain pass
+            half_ys = _half(ys)
+            half = ((half_ys or _half(model.parameters() if every is None else every)) and losses.requires_grad
+                    and bool(torch.isfinite(losses).all()))
 
             def grads_at(s):
                 with _reentrant_below(sites), silenced_tensor_hooks(probed):
@@ -350,8 +384,9 @@ def fast_engine(
                     seed = losses.new_full(losses.shape, s)
                     return list(torch.autograd.grad(losses, ys + probed, seed, retain_graph=half, allow_unused=True))
 
-            got, scale = scaled_backward(grads_at, lambda gs: _half_of(gs[: len(ys)]),
-                                         (loss_scale or LossScale()) if half else None)
+            got, scale = scaled_backward(grads_at, lambda gs: (_half_of if half_ys else _present)(gs[: len(ys)]),
+                                         (loss_scale or LossScale()) if half else None,
+                                         _HALF_SEED_TOP if losses.dtype == torch.float16 else 2.0 ** _SCALE_MAX_EXP)
             dys, elsewhere = got[: len(ys)], {id(p) for p, g in zip(probed, got[len(ys) :]) if g is not None}
     finally:
         for h in handles:
@@ -463,7 +498,7 @@ def vmap_engine(
             # backends) and says so on every call; that is the documented cost of this engine.
             warnings.filterwarnings("ignore", message="There is a performance drop")
             run = vmap(grad_and_value(one, has_aux=True), in_dims=(None, None, *dims), randomness="different")
-            if not _half_backward(detached.values()):
+            if not (_half_backward(detached.values()) or _half(model.parameters())):
                 (grads, (_, losses)), s = run(detached, 1.0, *leaves), 1.0
             else:  # a float16 backward: loss-scaled, each try with the first one's random draws
                 devices = sorted({p.device.index for p in detached.values() if p.device.type == "cuda"})
@@ -517,7 +552,8 @@ def loop_engine(
     unique = list({id(p): p for p in params.values()}.values())
     rows: dict[str, list] = {k: [] for k in params}
     losses = []
-    half_params = _half_backward(unique)  # a float16 backward: loss-scaled per sample (module docstring)
+    # a float16 backward (also of float32 parameters in a float16 model): loss-scaled per sample (module docstring)
+    half_params = _half_backward(unique) or _half(model.parameters())
     loss_scale = loss_scale or LossScale()
 
     def check(name):
@@ -548,7 +584,8 @@ def loop_engine(
                         return list(torch.autograd.grad(loss, unique, loss.new_full((), s), retain_graph=half,
                                                         allow_unused=True))
 
-                gs, scale = scaled_backward(grads_at, _present, loss_scale if half else None)
+                gs, scale = scaled_backward(grads_at, _present, loss_scale if half else None,
+                                            _HALF_SEED_TOP if loss.dtype == torch.float16 else 2.0 ** _SCALE_MAX_EXP)
                 if after_sample is not None:
                     after_sample()
                 # a sparse gradient (nn.Embedding(sparse=True)) is densified: a row is a flat dense vector

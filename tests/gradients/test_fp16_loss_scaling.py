@@ -186,7 +186,8 @@ def test_scaled_backward_finds_a_representable_scale(exponent, hidden, start, sp
     scale = engines.LossScale()
     scale.value = 2.0 ** start
     (got,), s = engines.scaled_backward(grads_at, lambda gs: gs, scale)
-    assert scale.value == s and math.log2(s) == round(math.log2(s))
+    # an all-zero pass (gradients below float16's range at 2^40 too) leaves the carried scale as it was
+    assert scale.value == (s if got.abs().max() > 0 else 2.0 ** start) and math.log2(s) == round(math.log2(s))
     assert 2.0 ** -40 <= s <= 2.0 ** 40
     assert torch.isfinite(got).all()
     amax = got.abs().max().item()
