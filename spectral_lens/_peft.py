@@ -8,14 +8,15 @@ segment: ``base_model.model.transformer.h.1.attn.c_proj.base_layer.weight`` for 
 lens's ``layers=`` and the probe's ``params=`` also match (the names of the model before ``peft`` wrapped
 it, and of ``merge_and_unload()``'s). A module in ``modules_to_save`` (often the LM head) is wrapped too:
 its forward runs the active adapter's trained copy, ``lm_head.modules_to_save.default``, which
-:func:`saved_copies` names ``lm_head`` for the probe. No import of ``peft``: it is recognized by its classes' module.
+:func:`saved_copies` names ``lm_head`` for the probe (the active adapter's: the probe follows
+``set_adapter``). No import of ``peft``: it is recognized by its classes' module.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["base_prefix", "has_peft_layers", "saved_copies", "short_name"]
+__all__ = ["base_prefix", "has_peft_layers", "saved_copies", "saved_wrappers", "short_name"]
 
 
 def _is_peft(obj: object) -> bool:
@@ -47,15 +48,26 @@ def short_name(name: str, prefix: str, *, base_layer: bool) -> str:
     return name
 
 
-def saved_copies(model: nn.Module) -> dict[str, str]:
+def saved_wrappers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: wrapper}`` for each ``peft`` ``ModulesToSaveWrapper`` of ``model``
+    (``LoraConfig(modules_to_save=[...])``); ``{}`` for a model without one."""
+    return {name: m for name, m in model.named_modules()
+            if _is_peft(m) and type(m).__name__ == "ModulesToSaveWrapper"}
+
+
+def saved_copies(model: nn.Module, wrappers: dict[str, nn.Module] | None = None) -> dict[str, str]:
     """``{"<wrapper>.modules_to_save.<adapter>.": "<wrapper>."}`` for each ``peft`` ``ModulesToSaveWrapper``
-    (``LoraConfig(modules_to_save=[...])``) whose forward runs one active adapter's copy: the copy's
-    names as the user types them (``lm_head.weight``). The frozen ``original_module`` keeps its name."""
+    (``wrappers``, default :func:`saved_wrappers` of ``model``) whose forward runs one active adapter's copy:
+    the copy's names as the user types them (``lm_head.weight``). A wrapper whose adapters are disabled
+    (``disable_adapter()``) or whose active adapter has no copy runs its frozen ``original_module``, which then
+    has those names: ``{"<wrapper>.original_module.": "<wrapper>."}``; otherwise the original keeps its own
+    name only.
+    Depends on the active adapter (``set_adapter``): the probe reads it again before each pass."""
     out = {}
-    for name, m in model.named_modules():
-        if not (_is_peft(m) and type(m).__name__ == "ModulesToSaveWrapper"):
-            continue
-        active = list(getattr(m, "active_adapters", None) or [])
-        if len(active) == 1 and active[0] in getattr(m, "modules_to_save", {}):
+    for name, m in (saved_wrappers(model) if wrappers is None else wrappers).items():
+        active, copies = list(getattr(m, "active_adapters", None) or []), getattr(m, "modules_to_save", {})
+        if getattr(m, "disable_adapters", False) or not any(a in copies for a in active):
+            out[f"{name}.original_module."] = f"{name}."  # peft's forward runs the original
+        elif len(active) == 1:
             out[f"{name}.modules_to_save.{active[0]}."] = f"{name}."
     return out

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .._peft import saved_copies, saved_wrappers
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
 from .._args import check_callable, check_count, check_dtype
@@ -239,6 +240,9 @@ class PerSampleGradientProbe:
         self.train_mode = train_mode
         self.sites: dict[str, tuple[nn.Module, str]] = {}
         self.engines_: dict[str, str] = {}
+        # a PEFT model's modules_to_save wrappers and the copies their forwards ran when params were resolved
+        self._wrappers: dict[str, nn.Module] = {}
+        self._copies: dict[str, str] = {}
         self.reset()
         if model is not None:
             self._bind(model)
@@ -253,6 +257,8 @@ class PerSampleGradientProbe:
         refuse_unfit_defaults(model, forward=self._custom_forward is None, loss=self._custom_loss is None)
         params = _resolve_params(model, self.params_spec)
         self.model, self.params = model, params
+        self._wrappers = saved_wrappers(model)
+        self._copies = saved_copies(model, self._wrappers)
         self.sites = {n: self._site(n) for n in params}
         self.engines_ = {n: self._choose_engine(n) for n in params}
         refuse_fsdp(model, self.engines_)
@@ -286,6 +292,7 @@ class PerSampleGradientProbe:
     def detach(self) -> None:
         """Unbind the probe from its model and forget every sample (idempotent)."""
         self.model, self.params, self.sites, self.engines_ = None, {}, {}, {}
+        self._wrappers, self._copies = {}, {}
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
         self.reset()
 
@@ -310,8 +317,11 @@ class PerSampleGradientProbe:
         never the stale tensors (whose gradients would be wrong, or all zero). A new shape with samples
         already taken or a parameter that is gone raises ``ValueError``; a replacement in
         bounded-memory mode (whose recomputation would mix the two) ``RuntimeError``, as a change in
-        place does.
+        place does. In a PEFT model with ``modules_to_save`` the names follow the active adapter
+        (:meth:`_follow_adapter`).
         """
+        if self._wrappers:
+            self._follow_adapter()
         changed = {}
         for name, old in self.params.items():
             path, _, local = name.rpartition(".")
@@ -342,6 +352,32 @@ class PerSampleGradientProbe:
             self.params[name], self.sites[name] = new, (mod, local)
         for name in changed:
             self.engines_[name] = self._choose_engine(name)
+
+    def _follow_adapter(self) -> None:
+        """Resolve ``params`` again when a PEFT ``modules_to_save`` wrapper now runs another copy than when
+        they were resolved (``set_adapter``, ``disable_adapter()``): ``"lm_head"`` names the copy the forward
+        runs now (``lm_head.modules_to_save.<active>.weight``), never a copy the forward no longer uses (all
+        zero rows). The head-loss decision is made again too (a chunked head may be such a copy). With samples
+        taken and other parameters named now, ``ValueError``: their rows would mix two matrices."""
+        copies = saved_copies(self.model, self._wrappers)
+        if copies == self._copies:
+            return
+        params = _resolve_params(self.model, self.params_spec)
+        if list(params) != list(self.params):
+            if self.n_samples_:
+                raise ValueError(
+                    f"PerSampleGradientProbe: the PEFT model's active adapter changed (set_adapter or disable_adapter) "
+                    f"since the probe's {self.n_samples_} samples were taken, and params={self.params_spec!r} now "
+                    f"name {list(params)} instead of {list(self.params)}; call reset() first (SpectralLens.measure "
+                    "does), or set the adapter back before the next update"
+                )
+            self.params = params
+            self.sites = {n: self._site(n) for n in params}
+            self.engines_ = {n: self._choose_engine(n) for n in params}
+            refuse_fsdp(self.model, self.engines_)
+            self.reset()
+        self._copies = copies
+        self.head_loss_, self._head_fns = self._initial_head_loss(), None
 
     def _shared(self, name: str) -> list[str]:
         p = self.params[name]

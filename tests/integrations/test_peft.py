@@ -50,7 +50,7 @@ def llama(adapters=("default",), targets=("q_proj", "v_proj", "o_proj"), save=No
     for name in adapters[1:]:
         torch.manual_seed(len(name))
         model.add_adapter(name, peft.LoraConfig(r=2, lora_alpha=4, target_modules=list(targets),
-                                                init_lora_weights=False))
+                                                init_lora_weights=False, modules_to_save=save))
     return model.double()
 
 
@@ -225,6 +225,57 @@ def test_modules_to_save_head_is_its_trained_copy():
     probe.update(batches[0])
     G = ref_grads(model, copy_, batches)
     assert G.abs().max() > 0 and torch.allclose(probe.matrix().double(), G, rtol=1e-9, atol=1e-12 * G.abs().max())
+
+
+def test_modules_to_save_head_follows_set_adapter():
+    """Two adapters, each with its own trained lm_head copy: "lm_head" names the copy the forward runs at each
+    measurement (set_adapter between two), the record key names that copy and its spectrum equals the float64
+    reference; inside disable_adapter() the forward runs the frozen original, which is then measured. A probe
+    holding samples refuses to add another copy's rows (ValueError) until reset(). Before: "lm_head" stayed
+    adapter a's copy, which the forward no longer ran: all zero rows and a ZeroGradientWarning."""
+    model, batches = llama(adapters=("a", "b"), save=["lm_head"]), pool(1)
+    head = f"{PREFIX}lm_head"
+    with torch.no_grad():  # the copies differ from each other and from the original: the rows tell them apart
+        model.get_parameter(f"{head}.modules_to_save.a.weight").mul_(1.5)
+        model.get_parameter(f"{head}.modules_to_save.b.weight").mul_(0.5)
+    lens = sl.SpectralLens(model, batches, layers="model.layers.1", params="lm_head", precision="float64",
+                           progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sl.ZeroGradientWarning)
+        for adapter in ("a", "b", "a"):
+            model.set_adapter(adapter)
+            before = state(model)
+            m = lens.measure(0, 0)
+            assert_same(before, state(model))
+            name = f"{head}.modules_to_save.{adapter}.weight"
+            assert [k for k in m.spectra if k.startswith("grad:")] == [f"grad:{name}"], adapter
+            close(m.spectra[f"grad:{name}"].values, spectrum(ref_grads(model, name, batches)))
+        with model.disable_adapter():
+            m = lens.measure(1, 0)
+            ref = spectrum(ref_grads(model, f"{head}.original_module.weight", batches))
+        close(m.spectra[f"grad:{head}.original_module.weight"].values, ref)
+    probe = sl.PerSampleGradientProbe(model, params="lm_head").update(batches[0])  # adapter a's copy
+    model.set_adapter("b")
+    with pytest.raises(ValueError, match=r"active adapter changed .* 3 samples.*modules_to_save\.b\.weight"):
+        probe.update(batches[0])
+    assert list(probe.reset().update(batches[0]).params) == [f"{head}.modules_to_save.b.weight"]
+
+
+def test_chunked_head_loss_follows_set_adapter():
+    """The chunked head loss through a modules_to_save head (forced here; the CUDA default with Triton) is
+    decided again after set_adapter: the active adapter's copy is the head, and the rows equal the reference.
+    Before: the head stayed adapter a's copy, bypassed while the forward ran b's (wrong shapes)."""
+    model, batches = llama(adapters=("a", "b"), save=["lm_head"]), pool(1)
+    with torch.no_grad():
+        model.get_parameter(f"{PREFIX}lm_head.modules_to_save.b.weight").mul_(0.5)
+    probe = sl.PerSampleGradientProbe(model, params="model.layers.1.self_attn.o_proj.weight", head_loss="chunked",
+                                      keep_matrix=True)
+    for adapter in ("a", "b"):
+        model.set_adapter(adapter)
+        probe.reset().update(batches[0])
+        assert probe.head_loss_ == f"chunked ({PREFIX}lm_head.modules_to_save.{adapter})"
+        G = ref_grads(model, next(iter(probe.params)), batches)
+        assert torch.allclose(probe.matrix().double(), G, rtol=1e-9, atol=1e-12 * G.abs().max()), adapter
 
 
 @pytest.mark.parametrize("save", [None, ["lm_head"]])
