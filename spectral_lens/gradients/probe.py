@@ -102,7 +102,8 @@ class PerSampleGradientProbe:
             or module names (meaning the module's ``weight``); in a model with ``torch.compile``d
             blocks, also their eager names (without ``_orig_mod``, as the records name them); in a PEFT
             model, also the names of the model before ``get_peft_model`` (without ``base_model.model.``
-            and a wrapped layer's ``base_layer``; ``lm_head`` for a ``modules_to_save`` head's trained copy).
+            and a wrapped layer's ``base_layer``; ``lm_head`` for the copy a ``modules_to_save`` head's forward
+            runs: the active adapter's, resolved again at each ``update`` after ``set_adapter``).
             Default: the final block's attention output projection (:func:`default_gradient_param`).
             Several matrices share each pass.
         loss_fn: ``loss_fn(model_output, batch) -> (M,)`` per-sample losses. Default:

@@ -230,7 +230,8 @@ def test_modules_to_save_head_is_its_trained_copy():
 def test_modules_to_save_head_follows_set_adapter():
     """Two adapters, each with its own trained lm_head copy: "lm_head" names the copy the forward runs at each
     measurement (set_adapter between two), the record key names that copy and its spectrum equals the float64
-    reference; inside disable_adapter() the forward runs the frozen original, which is then measured. A probe
+    reference; inside disable_adapter(), and with an adapter that has no copy, the forward runs the frozen
+    original, which is then measured. A probe
     holding samples refuses to add another copy's rows (ValueError) until reset(). Before: "lm_head" stayed
     adapter a's copy, which the forward no longer ran: all zero rows and a ZeroGradientWarning."""
     model, batches = llama(adapters=("a", "b"), save=["lm_head"]), pool(1)
@@ -254,6 +255,13 @@ def test_modules_to_save_head_follows_set_adapter():
             m = lens.measure(1, 0)
             ref = spectrum(ref_grads(model, f"{head}.original_module.weight", batches))
         close(m.spectra[f"grad:{head}.original_module.weight"].values, ref)
+        model.add_adapter("c", peft.LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False))
+        model.double()
+        model.set_adapter("c")  # no copy of the head: the forward runs the original
+        m = lens.measure(2, 0)
+        ref = spectrum(ref_grads(model, f"{head}.original_module.weight", batches))
+        close(m.spectra[f"grad:{head}.original_module.weight"].values, ref)
+        model.set_adapter("a")
     probe = sl.PerSampleGradientProbe(model, params="lm_head").update(batches[0])  # adapter a's copy
     model.set_adapter("b")
     with pytest.raises(ValueError, match=r"active adapter changed .* 3 samples.*modules_to_save\.b\.weight"):
