@@ -71,14 +71,24 @@ class _Chunk:
         return self.batch is None
 
 
-def _half_hint(param: torch.Tensor, autocast_dtype: torch.dtype | None) -> str:
-    """What a non-finite float16 gradient means: the backward ran in float16 at every loss scale tried."""
-    if torch.float16 not in (param.dtype, autocast_dtype):
+def _half_hint(model: nn.Module, param: torch.Tensor, autocast_dtype: torch.dtype | None) -> str:
+    """What a non-finite gradient means where the backward ran (partly) in float16, loss-scaled at every
+    scale tried: float16 weights anywhere in the model (also under autocast to bfloat16, which casts only
+    the operations on its list) or autocast to float16."""
+    half_weights = any(p.dtype == torch.float16 for p in model.parameters())
+    if not half_weights and autocast_dtype != torch.float16:
         return ""
-    return (f" (parameter of dtype {str(param.dtype).replace('torch.', '')}"
-            f"{', autocast_dtype=float16' if autocast_dtype == torch.float16 else ''}: the backward runs in float16, "
-            "loss-scaled by powers of two down to 2^-40, and still overflowed (largest float16 65504) or met a "
-            "non-finite value; measure a float32 copy of the model, or bfloat16, whose range is float32's)")
+    dtype = lambda d: str(d).replace("torch.", "")  # noqa: E731
+    if autocast_dtype == torch.float16:
+        where = "autocast_dtype=float16: the backward runs in float16"
+    elif autocast_dtype is not None:
+        where = (f"float16 weights under autocast_dtype={dtype(autocast_dtype)}: the operations autocast does not "
+                 "cast (embedding lookups, elementwise operations and others) and their backward run in float16")
+    else:
+        where = "float16 weights: the backward runs in float16"
+    return (f" (parameter of dtype {dtype(param.dtype)}; {where}, loss-scaled by powers of two down to 2^-40, and "
+            "still overflowed (largest float16 65504) or met a non-finite value; measure a copy of the model with "
+            "float32 or bfloat16 weights (autocast does not change the weights' dtype), whose range is float32's)")
 
 
 class PerSampleGradientProbe:
@@ -746,7 +756,7 @@ class PerSampleGradientProbe:
             bad = (~ok).nonzero().flatten() + start
             if bad.numel():
                 raise NonFiniteError(f"{name}: non-finite per-sample gradient for sample(s) {bad.tolist()[:20]}"
-                                     f"{_half_hint(self.params[name], self.autocast_dtype)}")
+                                     f"{_half_hint(self.model, self.params[name], self.autocast_dtype)}")
 
     def _complete(self) -> None:
         """Fill the Gram entries still missing: resident rows by float64 blocks (column slabs on the CPU

@@ -160,6 +160,30 @@ def test_overflow_at_every_scale_names_the_weight_and_float16():
     assert probe.n_samples_ == 0
 
 
+def test_overflow_hint_under_bfloat16_autocast_over_float16_weights():
+    """float16 weights under autocast_dtype=bfloat16 (fast engine): the hint says which parts run in float16
+    (those autocast does not cast) and that autocast leaves the weights' dtype, rather than that the backward
+    runs in float16 and bfloat16 would help. A float32 model under the same autocast gets no float16 hint.
+    (No LayerNorm: on the CPU it refuses float16 weights under bfloat16 autocast.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(64, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 64))
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(1))
+    batch = (ids[:, :-1], ids[:, 1:])
+
+    def loss_fn(logits, b):
+        z = logits[:, 0, 0].float()
+        return mean_ce(1.0)(logits, b) + (z - z.detach()).abs().sqrt()
+
+    for dtype, hint in ((torch.float16, r" \(parameter of dtype float16; float16 weights under autocast_dtype=bfloat16: "
+                                        r"the operations autocast does not cast .*65504.*does not change the weights'"),
+                        (torch.float32, r"non-finite per-sample gradient for sample\(s\) \[[0-9, ]*\]$")):
+        probe = PerSampleGradientProbe(model.to(dtype), "1.weight", loss_fn=loss_fn, forward_fn=lambda m, b: m(b[0]),
+                                       autocast_dtype=torch.bfloat16)
+        assert probe.engines_ == {"1.weight": "fast"}
+        with pytest.raises(NonFiniteError, match=hint):
+            probe.update(batch)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     exponent=st.integers(-70, 40),
