@@ -78,15 +78,14 @@ def _half_hint(model: nn.Module, param: torch.Tensor, autocast_dtype: torch.dtyp
     half_weights = any(p.dtype == torch.float16 for p in model.parameters())
     if not half_weights and autocast_dtype != torch.float16:
         return ""
-    dtype = lambda d: str(d).replace("torch.", "")  # noqa: E731
     if autocast_dtype == torch.float16:
         where = "autocast_dtype=float16: the backward runs in float16"
     elif autocast_dtype is not None:
-        where = (f"float16 weights under autocast_dtype={dtype(autocast_dtype)}: the operations autocast does not "
+        where = (f"float16 weights under autocast_dtype={str(autocast_dtype).replace('torch.', '')}: the operations autocast does not "
                  "cast (embedding lookups, elementwise operations and others) and their backward run in float16")
     else:
         where = "float16 weights: the backward runs in float16"
-    return (f" (parameter of dtype {dtype(param.dtype)}; {where}, loss-scaled by powers of two down to 2^-40, and "
+    return (f" (parameter of dtype {str(param.dtype).replace('torch.', '')}; {where}, loss-scaled by powers of two down to 2^-40, and "
             "still overflowed (largest float16 65504) or met a non-finite value; measure a copy of the model with "
             "float32 or bfloat16 weights (autocast does not change the weights' dtype), whose range is float32's)")
 

@@ -174,8 +174,8 @@ def test_overflow_hint_under_bfloat16_autocast_over_float16_weights():
         z = logits[:, 0, 0].float()
         return mean_ce(1.0)(logits, b) + (z - z.detach()).abs().sqrt()
 
-    for dtype, hint in ((torch.float16, r" \(parameter of dtype float16; float16 weights under autocast_dtype=bfloat16: "
-                                        r"the operations autocast does not cast .*65504.*does not change the weights'"),
+    for dtype, hint in ((torch.float16, (r" \(parameter of dtype float16; float16 weights under autocast_dtype=bfloat16: "
+                                         r"the operations autocast does not cast .*65504.*does not change the weights'")),
                         (torch.float32, r"non-finite per-sample gradient for sample\(s\) \[[0-9, ]*\]$")):
         probe = PerSampleGradientProbe(model.to(dtype), "1.weight", loss_fn=loss_fn, forward_fn=lambda m, b: m(b[0]),
                                        autocast_dtype=torch.bfloat16)
