@@ -168,6 +168,28 @@ def test_float16_all_zero_gradient_does_not_carry_the_bound(engine, monkeypatch)
             assert err <= 5e-3, (i, err)
 
 
+def _small_half_lm():
+    """The loss-scaling tests' model: TinyLM (V = 64, d = 16, one block, T = 16), weights x0.02, in float16;
+    a batch of 3 sequences and the probed weight's name."""
+    torch.manual_seed(0)
+    model = TinyLM(vocab=64, d=16, layers=1, ctx=16, tied=False).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.02)
+    ids = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(1))
+    return model.half(), (ids[:, :-1], ids[:, 1:]), "h.0.mlp.c_fc.weight"
+
+
+def _float64_rows(model, name, loss_fn, batch):
+    """Per-sample gradients of ``name`` in a float64 copy of ``model``, one sequence at a time."""
+    import copy
+
+    m64 = copy.deepcopy(model).double()
+    w = dict(m64.named_parameters())[name]
+    return torch.stack([torch.autograd.grad(loss_fn(m64(batch[0][i : i + 1]), (None, batch[1][i : i + 1])).sum(), w)[0]
+                        .reshape(-1) for i in range(len(batch[0]))])
+
+
 # ---------------------------------------------------------------- 3. float16: a loss_fn returning float16 losses
 @pytest.mark.parametrize("engine", ["fast", "vmap", "loop"])
 def test_float16_losses_are_seeded_within_float16(engine):
@@ -176,26 +198,13 @@ def test_float16_losses_are_seeded_within_float16(engine):
     "value cannot be converted to type c10::Half without overflow" as soon as the search wanted a seed
     past 65504 (2^20 here; the loop engine's ``new_full`` too where its search got there). Rows within
     5e-3 of float64 (measured about 1e-3)."""
-    import copy
-
-    torch.manual_seed(0)
-    model = TinyLM(vocab=64, d=16, layers=1, ctx=16, tied=False).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(0.02)
-    model = model.half()
-    ids = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(1))
-    batch = (ids[:, :-1], ids[:, 1:])
-    name = "h.0.mlp.c_fc.weight"
+    model, batch, name = _small_half_lm()
 
     def half_ce(logits, b):
         return F.cross_entropy(logits.transpose(1, 2), b[1], reduction="none").mean(1)  # float16
 
     probe = PerSampleGradientProbe(model, [name], engine=engine, loss_fn=half_ce, keep_matrix=True).update(batch)
-    m64 = copy.deepcopy(model).double()
-    w = dict(m64.named_parameters())[name]
-    ref = torch.stack([torch.autograd.grad(half_ce(m64(batch[0][i : i + 1]), (None, batch[1][i : i + 1])).sum(), w)[0]
-                       .reshape(-1) for i in range(3)])
+    ref = _float64_rows(model, name, half_ce, batch)
     got = probe.matrix(name).double()
     assert ((got - ref).norm() / ref.norm()).item() <= 5e-3
 
@@ -208,19 +217,9 @@ def test_float16_later_chunks_take_one_backward(engine, monkeypatch):
     the carried scale again, overflow and bisect back: 5 (fast) or 6 (vmap, loop) backward passes for
     every later chunk. The overflowing scale is carried too now: each later chunk takes 1 pass. The
     rows stay within 5e-3 of float64."""
-    import copy
-
     from spectral_lens.gradients import engines
 
-    torch.manual_seed(0)
-    model = TinyLM(vocab=64, d=16, layers=1, ctx=16, tied=False).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(0.02)
-    model = model.half()
-    ids = torch.randint(0, 64, (3, 17), generator=torch.Generator().manual_seed(1))
-    batch = (ids[:, :-1], ids[:, 1:])
-    name = "h.0.mlp.c_fc.weight"
+    model, batch, name = _small_half_lm()
 
     def ce(logits, b):
         return F.cross_entropy(logits.transpose(1, 2).float(), b[1], reduction="none").mean(1)
@@ -242,10 +241,7 @@ def test_float16_later_chunks_take_one_backward(engine, monkeypatch):
     for _ in range(3):
         probe.update(batch)
     assert len(passes) == 9 and passes[1:] == [1] * 8, passes
-    m64 = copy.deepcopy(model).double()
-    w = dict(m64.named_parameters())[name]
-    ref = torch.stack([torch.autograd.grad(ce(m64(batch[0][i : i + 1]), (None, batch[1][i : i + 1])).sum(), w)[0]
-                       .reshape(-1) for i in range(3)])
+    ref = _float64_rows(model, name, ce, batch)
     got = probe.matrix(name).double()
     assert ((got - ref.repeat(3, 1)).norm() / ref.repeat(3, 1).norm()).item() <= 5e-3
 
