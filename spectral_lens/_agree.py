@@ -82,20 +82,13 @@ def agree_widths(group, named: list, batches: int) -> None:
 
     names = [name for name, _ in named]
     digest = int.from_bytes(hashlib.blake2b("\n".join(names).encode(), digest_size=7).digest(), "big")
-    local = torch.tensor([len(names), digest, batches], dtype=torch.int64, device=collective_device(group))
-    both = torch.cat([local, -local])
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    (most_layers, most_digest, most), (fewest_layers, fewest_digest, fewest) = both[:3].tolist(), both[3:].tolist()
-    if most_layers != -fewest_layers or most_digest != -fewest_digest:  # the same on every rank: all of them raise
+    (most_layers, most_digest, most), (fewest_layers, fewest_digest, fewest) = _extremes(group, [len(names), digest, batches])
+    if most_layers != fewest_layers or most_digest != fewest_digest:  # the same on every rank: all of them raise
         raise ValueError(
             f"SpectralLens: the ranks measure different layers (this rank: {names}); every rank must build "
             "the lens with the same layers= on the same model"
         )
-    if most != -fewest:
-        raise ValueError(
-            f"SpectralLens: the ranks' pools gave different numbers of batches ({-fewest} to {most}); every "
-            "rank must iterate the same whole pool (each rank forwards its share: batch i on rank i % world)"
-        )
+    _refuse_other_lengths(fewest, most)
     accs = [acc for _, acc in named]
     widths = torch.tensor([-1 if a.dim is None else a.dim for a in accs], dtype=torch.int64,
                           device=collective_device(group))
@@ -114,14 +107,26 @@ def agree_lengths(group, batches: int) -> None:
     """``ValueError`` on every rank when the ranks' pools have different lengths (``batches``: this rank's
     ``len(pool)``), in one ``all_reduce(MAX)``: under FSDP, before any forward (each forward all-gathers,
     so pools of different lengths would leave a rank waiting in a forward the others never run)."""
+    (most,), (fewest,) = _extremes(group, [batches])
+    _refuse_other_lengths(fewest, most)
+
+
+def _extremes(group, values: list[int]) -> tuple[list[int], list[int]]:
+    """The largest and the smallest of each of ``values`` over the ranks, in one ``all_reduce(MAX)``."""
     import torch.distributed as dist
 
-    both = torch.tensor([batches, -batches], dtype=torch.int64, device=collective_device(group))
+    local = torch.tensor(values, dtype=torch.int64, device=collective_device(group))
+    both = torch.cat([local, -local])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-    most, fewest = both.tolist()
-    if most != -fewest:
+    n = len(values)
+    return both[:n].tolist(), [-v for v in both[n:].tolist()]
+
+
+def _refuse_other_lengths(fewest: int, most: int) -> None:
+    """``ValueError`` (on every rank: the extremes are the same there) when the pools' lengths differ."""
+    if most != fewest:
         raise ValueError(
-            f"SpectralLens: the ranks' pools gave different numbers of batches ({-fewest} to {most}); every "
+            f"SpectralLens: the ranks' pools gave different numbers of batches ({fewest} to {most}); every "
             "rank must iterate the same whole pool (each rank forwards its share: batch i on rank i % world)"
         )
 
