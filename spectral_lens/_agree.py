@@ -66,11 +66,8 @@ def agree(group, error: BaseException | None, what: str) -> None:
 def _raise_failed(group, failed: list[int], what: str) -> None:
     """On a rank that did not fail: the ``RuntimeError`` naming the group ranks ``failed`` by their global
     ranks, when there are any."""
-    import torch.distributed as dist
-
     if failed:
-        if group is not None:
-            failed = [dist.get_global_rank(group, r) for r in failed]
+        failed = [global_rank(group, r) for r in failed]
         raise RuntimeError(
             f"SpectralLens: {what} failed on global rank(s) {failed}; this rank stopped too so that "
             f"no rank waits in a collective. See the error raised on rank(s) {failed} for the cause"

@@ -15,7 +15,9 @@ Now the ranks agree as they go (one small ``all_reduce`` per round of ``world`` 
 per gradient batch, only under FSDP): every rank raises the same ``ValueError`` naming each rank's
 count, or the failed rank its own error and the others a ``RuntimeError`` naming it, at once, with the
 ranks in step for the next collective. Pools of equal lengths measure the unwrapped model's spectra
-(float64), and the collectives of the non-FSDP path are unchanged (counted).
+(float64), and the collectives of the non-FSDP path are unchanged (counted). One spawn runs every case
+(the slow tier); the agreement itself (``agree_counts``, a subgroup's global ranks) is checked in one
+process with ``torch.distributed`` patched.
 """
 
 from __future__ import annotations
@@ -25,11 +27,17 @@ import torch
 import torch.distributed as dist
 
 from spectral_lens import SpectralLens
+from spectral_lens._agree import agree_counts, refuse_other_counts
 
 from support.models import TinyGPT, lm_pool
 from support.ranks import checked_case, run_gloo_cases
 
-pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+def gloo(test):
+    """The tests that spawn the ranks: the slow tier."""
+    return pytest.mark.slow(pytest.mark.distributed(test))
+
 
 WORLD = 2
 PG_TIMEOUT_S = 15  # a collective left waiting fails after this (the default is 30 min for gloo)
@@ -241,6 +249,7 @@ def _assert_equal_spectra(got, want):
 
 
 # ---------------------------------------------------------------- 1. activations
+@gloo
 def test_unsized_pools_of_equal_lengths_measure_the_unwrapped_models_spectra(results):
     for got in _ok(results, "unsized_equal"):
         for n in (3, 4):
@@ -252,6 +261,7 @@ def test_unsized_pools_of_equal_lengths_measure_the_unwrapped_models_spectra(res
         _assert_equal_spectra(got, _measure(_plain(), _pool(3)))
 
 
+@gloo
 def test_the_non_fsdp_paths_collectives_are_unchanged(results):
     for got in _ok(results, "non_fsdp_collectives"):
         # agree the pass, the layers and batches, the widths, the sync (one per layer), the spectra, the
@@ -259,6 +269,7 @@ def test_the_non_fsdp_paths_collectives_are_unchanged(results):
         assert got["unsized"] == got["listed"], got
 
 
+@gloo
 def test_unsized_pools_of_different_lengths_raise_the_same_error_on_every_rank(results):
     for case, counts in (("unsized_longer_on_rank0", "global rank 0: 3, global rank 1: 2"),
                          ("unsized_longer_on_rank1", "global rank 0: 2, global rank 1: 4 or more")):
@@ -268,6 +279,7 @@ def test_unsized_pools_of_different_lengths_raise_the_same_error_on_every_rank(r
             assert "same whole pool" in error
 
 
+@gloo
 def test_a_failure_while_iterating_one_ranks_unsized_pool_is_agreed(results):
     r0, r1 = _errors(results, "unsized_fails_on_rank1")
     assert r1 == "OSError: batch 2 could not be read", r1
@@ -280,6 +292,7 @@ def test_a_failure_while_iterating_one_ranks_unsized_pool_is_agreed(results):
 
 
 # ---------------------------------------------------------------- 2. gradients
+@gloo
 def test_gradient_pools_of_equal_lengths_measure_the_unwrapped_models_spectra(results):
     want = _measure(_plain(), _pool(2), params=PARAM, gradient_pool=_pool(3, seed=3))
     for got in _ok(results, "gradient_pools_equal"):
@@ -292,6 +305,7 @@ def test_gradient_pools_of_equal_lengths_measure_the_unwrapped_models_spectra(re
         _assert_equal_spectra(got, capped)
 
 
+@gloo
 def test_gradient_pools_of_different_lengths_raise_the_same_error_on_every_rank(results):
     for case, detail in (("gradient_pools_longer_on_rank0", "batch 3: global rank 0: 4 samples, global rank 1: none left"),
                          ("gradient_pools_unsized_longer_on_rank1", "batch 3: global rank 0: none left, global rank 1: 4 samples"),
@@ -302,7 +316,46 @@ def test_gradient_pools_of_different_lengths_raise_the_same_error_on_every_rank(
             assert "same whole gradient pool" in error
 
 
+@gloo
 def test_a_failure_while_iterating_one_ranks_gradient_pool_is_agreed(results):
     r0, r1 = _errors(results, "gradient_pool_fails_on_rank1")
     assert r1 == "OSError: batch 1 could not be read", r1
     assert r0.startswith("RuntimeError: SpectralLens: loading the gradient pool's batches failed on global rank(s) [1]"), r0
+
+
+# ---------------------------------------------------------------- the agreement in one process
+@pytest.fixture
+def subgroup_rank0(monkeypatch):
+    """This process is group rank 0 of a two-rank subgroup of global ranks [1, 3]; ``other[0]``: the slot
+    that group rank 1 contributes to the all_reduce (0: it failed, c + 1: its count c)."""
+    other = [0]
+
+    def all_reduce(t, op=None, group=None):
+        assert op == dist.ReduceOp.MAX and group is _GROUP and t.tolist()[1] == 0
+        t[1] = other[0]
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(dist, "get_global_rank", lambda group, r: {0: 1, 1: 3}[r])
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    return other
+
+
+_GROUP = object()
+
+
+def test_counts_and_failures_are_agreed_naming_global_ranks(subgroup_rank0):
+    subgroup_rank0[0] = 0 + 1
+    assert agree_counts(_GROUP, 0, None, "loading") == [0, 0]  # an empty pool on both ranks
+    subgroup_rank0[0] = 4 + 1
+    assert agree_counts(_GROUP, 2, None, "loading") == [2, 4]
+    with pytest.raises(ValueError, match=r"different numbers of batches \(global rank 1: 2, global rank 3: 4 or more\)"):
+        refuse_other_counts(_GROUP, [2, 4], 4)
+    refuse_other_counts(_GROUP, [3, 3], 4)  # equal: nothing raised
+    subgroup_rank0[0] = 0  # group rank 1 failed
+    with pytest.raises(RuntimeError, match=r"loading failed on global rank\(s\) \[3\]"):
+        agree_counts(_GROUP, 2, None, "loading")
+    with pytest.raises(KeyError, match="own"):  # a failed rank raises its own error
+        agree_counts(_GROUP, 2, KeyError("own"), "loading")
