@@ -25,13 +25,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-
-from spectral_lens import SpectralLens
-from spectral_lens._agree import agree_counts, refuse_other_counts
-
 from support.models import TinyGPT, lm_pool
 from support.ranks import checked_case, run_gloo_cases
 
+from spectral_lens import SpectralLens
+from spectral_lens._agree import agree_counts, refuse_other_counts
 
 
 def gloo(test):
