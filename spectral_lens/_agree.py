@@ -57,16 +57,51 @@ def agree(group, error: BaseException | None, what: str) -> None:
             # the agreement itself failed (under FSDP the other ranks wait in the all-gather of a
             # forward this rank left: the process-group timeout): this rank's own error is the cause
             raise error  # the collective's error stays attached as __context__
-        failed = [r for r, f in enumerate(flags.tolist()) if f]
-        if failed and error is None:
-            if group is not None:
-                failed = [dist.get_global_rank(group, r) for r in failed]
-            raise RuntimeError(
-                f"SpectralLens: {what} failed on global rank(s) {failed}; this rank stopped too so that "
-                f"no rank waits in a collective. See the error raised on rank(s) {failed} for the cause"
-            )
+        if error is None:
+            _raise_failed(group, [r for r, f in enumerate(flags.tolist()) if f], what)
     if error is not None:
         raise error
+
+
+def _raise_failed(group, failed: list[int], what: str) -> None:
+    """On a rank that did not fail: the ``RuntimeError`` naming the group ranks ``failed`` by their global
+    ranks, when there are any."""
+    if failed:
+        failed = [global_rank(group, r) for r in failed]
+        raise RuntimeError(
+            f"SpectralLens: {what} failed on global rank(s) {failed}; this rank stopped too so that "
+            f"no rank waits in a collective. See the error raised on rank(s) {failed} for the cause"
+        )
+
+
+def agree_counts(group, count: int, error: BaseException | None, what: str) -> list[int]:
+    """Every rank's ``count`` (a number >= 0 of batches or samples), indexed by group rank, in one
+    ``all_reduce(MAX)`` of world integers, with this rank's failure (``error``) agreed as in :func:`agree`:
+    if any rank failed, a failed rank re-raises its own exception and the others a ``RuntimeError``
+    naming it. Used under FSDP, where the ranks compare their pools as they go (before each forward)."""
+    import torch.distributed as dist
+
+    rank, world = ranks(group)
+    slots = torch.zeros(world, dtype=torch.int64, device=collective_device(group))
+    slots[rank] = 0 if error is not None else count + 1  # 0: failed (the other ranks' slots are 0 here)
+    try:
+        dist.all_reduce(slots, op=dist.ReduceOp.MAX, group=group)
+    except Exception:
+        if error is None:
+            raise
+        raise error  # as in agree: this rank's own error is the cause
+    if error is not None:
+        raise error
+    counts = [c - 1 for c in slots.tolist()]
+    _raise_failed(group, [r for r, c in enumerate(counts) if c < 0], what)
+    return counts
+
+
+def global_rank(group, rank: int) -> int:
+    """The global rank of group rank ``rank`` (``group=None``: the world, the same rank)."""
+    import torch.distributed as dist
+
+    return rank if group is None else dist.get_global_rank(group, rank)
 
 
 def agree_widths(group, named: list, batches: int) -> None:
@@ -128,6 +163,20 @@ def _refuse_other_lengths(fewest: int, most: int) -> None:
         raise ValueError(
             f"SpectralLens: the ranks' pools gave different numbers of batches ({fewest} to {most}); every "
             "rank must iterate the same whole pool (each rank forwards its share: batch i on rank i % world)"
+        )
+
+
+def refuse_other_counts(group, counts: list[int], full: int) -> None:
+    """``ValueError`` (on every rank: ``counts`` are agreed) when the ranks' pools, compared round by round
+    under FSDP (pools without a ``len``), gave different numbers of batches; ``counts``: each group rank's
+    batches so far, ``full``: the count of a rank whose pool filled this round (it may have more)."""
+    if len(set(counts)) > 1:
+        each = ", ".join(f"global rank {global_rank(group, r)}: {c}{' or more' if c == full else ''}"
+                         for r, c in enumerate(counts))
+        raise ValueError(
+            f"SpectralLens: the ranks' pools gave different numbers of batches ({each}); every rank must iterate "
+            "the same whole pool (each rank forwards its share: batch i on rank i % world). Under FSDP a pool "
+            "without a len is compared round by round, before each round's forwards"
         )
 
 

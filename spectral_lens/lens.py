@@ -14,6 +14,7 @@ from here. The ranks' agreement under ``torch.distributed`` (on failures, layers
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ._agree import agree, agree_lengths, agree_widths, from_rank0, ranks
+from ._agree import (agree, agree_counts, agree_lengths, agree_widths, from_rank0, global_rank, ranks,
+                     refuse_other_counts)
 from ._args import check_callable, check_count, check_dtype, check_window
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
 from ._pools import attention_mask, sharded_pool, unfixed_pool
@@ -154,9 +156,10 @@ class SpectralLens:
             collective until the process-group timeout.
             A model sharded with FSDP (``fully_shard``, ``FullyShardedDataParallel``), whose every
             forward is a collective: every rank runs as many activation forwards (one unmeasured where
-            its share is a batch short), the FSDP2 modules sharded before are resharded after, and
-            every rank runs the gradient protocol (rank 0's result is broadcast); see the multi-GPU
-            guide's FSDP section.
+            its share is a batch short; the pools' lengths are compared, a pool without a ``len`` round
+            by round as it goes), the FSDP2 modules sharded before are resharded after, and every rank
+            runs the gradient protocol (the gradient pools compared batch by batch; rank 0's result is
+            broadcast); see the multi-GPU guide's FSDP section.
 
     Measuring leaves the model's train/eval mode, gradients, buffers, hooks and the global RNG
     streams (torch CPU/CUDA, Python ``random``, numpy) as they were; iterating the pools is part of
@@ -445,6 +448,8 @@ class SpectralLens:
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
         try:
             with self._eval_mode(), torch.no_grad(), autocast, eager_forwards(), measurement_pass(capture):
+                if fsdp and total is None:
+                    return self._forwards_in_rounds(model, capture, rank, world, bar)
                 batches, other = 0, None
                 for i, batch in enumerate(self.pool):
                     batches = i + 1
@@ -463,6 +468,44 @@ class SpectralLens:
         finally:
             if bar is not None:
                 bar.close()
+
+    def _forwards_in_rounds(self, model: nn.Module, capture, rank: int, world: int, bar) -> int:
+        """Under FSDP, a pool without a ``len``: in rounds of ``world`` batches (batch ``i`` on rank
+        ``i % world``), each rank loads the round's batches (keeping its own and the first) and the mask
+        of its own, then the ranks agree on how many batches each pool gave so far (one ``all_reduce`` of
+        world integers per round) before the round's forwards. A failure while loading or masking is
+        agreed (every rank raises), and so are pools of different lengths (the same ``ValueError`` on
+        every rank, as for pools with a ``len``), so no rank is left in a forward's all-gather. In the
+        last round a rank without a batch of its own runs one unmeasured forward of the round's first."""
+        batches, it = 0, None
+        while True:
+            got, mine, first, mask, error = 0, None, None, None, None
+            try:
+                it = iter(self.pool) if it is None else it
+                for j, batch in zip(range(world), it):  # zip stops on the count first: no batch is skipped
+                    got = j + 1
+                    first = batch if j == 0 else first
+                    mine = batch if j == rank else mine
+                if rank < got and self.mask_fn is not None:
+                    mask = self.mask_fn(mine)
+            except BaseException as exc:  # an interrupt too: agreed at once, then re-raised
+                error = exc
+            counts = agree_counts(self.group, batches + got, error, "loading the pool's batches or their masks "
+                                  "(mask_fn)")
+            refuse_other_counts(self.group, counts, batches + world)
+            if got == 0:
+                return batches
+            if rank < got:
+                with capture.mask(mask):
+                    self.forward_fn(model, mine)
+                if bar is not None:
+                    bar.update(1)
+            else:
+                with measurement_pass():  # feeds no capture: this rank's rows are its share only
+                    self.forward_fn(model, first)
+            batches += got
+            if got < world:
+                return batches
 
     def _gradient_total(self) -> int | None:
         """Samples the gradient pass will take: the pool's sample count (lists, tuples, DataLoaders
@@ -503,28 +546,63 @@ class SpectralLens:
               else "the gradient protocol (it runs on the group's rank 0)")
         return from_rank0(self.group, result[0])
 
+    def _gradient_batches(self) -> Iterator:
+        """The gradient pool's batches, cut to ``gradient_samples``."""
+        seen, cap = 0, self.gradient_samples
+        for batch in self.gradient_pool:
+            if cap is not None:
+                take = min(batch_size(batch), cap - seen)
+                if take <= 0:
+                    return
+                batch = slice_batch(batch, 0, take)
+            yield batch
+            seen += batch_size(batch)
+            if cap is not None and seen >= cap:
+                return  # not one batch more from the loader (its loading and collation cost)
+
+    def _agreed_gradient_batches(self, batches: Iterator) -> Iterator:
+        """Under FSDP, where every rank runs the gradient protocol and each pass all-gathers: each of
+        ``batches`` once the ranks agreed that each has its next batch, of as many samples (the probe's
+        passes depend on it), in one ``all_reduce`` of world integers per batch and one at the end.
+        A failure while loading is agreed (every rank raises), and so are pools that differ (the same
+        ``ValueError`` on every rank), so no rank is left in a pass the others never run."""
+        end = object()
+        for i in itertools.count(1):
+            batch, size, error = end, 0, None
+            try:
+                batch = next(batches, end)
+                size = 0 if batch is end else 1 + batch_size(batch)  # 0: none left
+            except BaseException as exc:  # an interrupt too: agreed at once, then re-raised
+                error = exc
+            sizes = agree_counts(self.group, size, error, "loading the gradient pool's batches")
+            if len(set(sizes)) > 1:
+                each = ", ".join(f"global rank {global_rank(self.group, r)}: "
+                                 + (f"{n - 1} samples" if n else "none left") for r, n in enumerate(sizes))
+                cut = "" if self.gradient_samples is None else f" (cut to gradient_samples={self.gradient_samples})"
+                raise ValueError(
+                    f"SpectralLens: the ranks' gradient pools differ at batch {i}: {each}{cut}; under FSDP every "
+                    "rank runs the gradient protocol, whose passes all-gather the weights, so every rank must pass "
+                    "the same whole gradient pool"
+                )
+            if batch is end:
+                return
+            yield batch
+
     def _gradient_pass(self) -> tuple[dict[str, Spectrum], dict[str, float]]:
         """The gradient protocol over the whole gradient pool, on this rank."""
         self.probe.reset()
-        seen = 0
         bar = progress_bar(self._gradient_total(), "gradients", self.progress, "sample")
         try:
             # iterating the pool draws random numbers too (a DataLoader iterator's base seed, a
             # shuffling sampler, numpy augmentation): under the fork, as in the activation pass
             with forked_rng(cuda_devices(self.model)):
-                for batch in self.gradient_pool:
-                    if self.gradient_samples is not None:
-                        take = min(batch_size(batch), self.gradient_samples - seen)
-                        if take <= 0:
-                            break
-                        batch = slice_batch(batch, 0, take)
+                batches = self._gradient_batches()
+                if ranks(self.group)[1] > 1 and fsdp_sharded(self.model):  # every rank runs these passes
+                    batches = self._agreed_gradient_batches(batches)
+                for batch in batches:
                     self.probe.update(batch)
-                    k = batch_size(batch)
-                    seen += k
                     if bar is not None:
-                        bar.update(k)
-                    if self.gradient_samples is not None and seen >= self.gradient_samples:
-                        break  # not one batch more from the loader (its loading and collation cost)
+                        bar.update(batch_size(batch))
         finally:
             if bar is not None:
                 bar.close()
