@@ -321,3 +321,44 @@ def test_training_is_unchanged_by_measurements_of_a_tensor_parallel_model(result
     for r in _got(results, "training_unchanged"):
         assert r == {"losses": True, "params": True, "grads": True, "optimizer": True, "training": True,
                      "rng": True}, r
+
+
+# ---------------------------------------------------------------- 4 ranks: 2 data-parallel replicas of 2
+def _mesh_2d():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+
+
+def _two_replicas(rank: int) -> dict:
+    """A (dp, tp) mesh of 4 ranks, tensor parallelism on "tp": the lens's default group (the world) would
+    split the pool across the ranks of one replica, refused when the lens is built; the data-parallel
+    group ("dp") measures the whole pool (each replica its share of the batches, summed over "dp")."""
+    mesh = _mesh_2d()
+    out = {}
+    try:
+        SpectralLens(_tp(_plain(), mesh["tp"]), _pool(), layers=LAYERS, params=())
+        out["world"] = None
+    except ValueError as exc:
+        out["world"] = str(exc)
+    lens = SpectralLens(_tp(_plain(), mesh["tp"]), _pool(), layers=LAYERS, params="lm_head.weight",
+                        precision="float64", mask_fn=None, progress=False, group=mesh["dp"].get_group())
+    out["dp"] = _values(lens.measure(1, 1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def results_4(tmp_path_factory) -> dict:
+    return run_gloo_cases(tmp_path_factory.mktemp("tensor_parallel_4"), {"two_replicas": _two_replicas}, 4,
+                          pg_timeout_s=PG_TIMEOUT_S, join_s=JOIN_S, preload="torch.distributed.tensor.parallel")
+
+
+def test_two_replicas_need_the_data_parallel_group_and_measure_the_whole_pool_with_it(results_4):
+    got = checked_case(results_4, "two_replicas", None)
+    assert [r["error"] for r in got] == [None] * 4, got
+    for rank, r in enumerate(r["value"] for r in got):
+        peers = "[0, 1]" if rank < 2 else "[2, 3]"
+        assert r["world"] is not None and r["world"].startswith("SpectralLens: the model is tensor-parallel"), r["world"]
+        assert f"holds the tensor-parallel ranks {peers} together with other ranks" in r["world"], r["world"]
+        assert "device_mesh['dp'].get_group()" in r["world"], r["world"]
+        _assert_spectra(r["dp"], _reference(), f"rank {rank}, group= the dp group")
