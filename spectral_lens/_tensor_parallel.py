@@ -49,9 +49,12 @@ def replica_ranks(model: nn.Module):
     hold the other shards of ``model``'s tensor-parallel parameters along their sharded mesh dimension
     (for a 1-D mesh, the whole mesh), this rank included; ``None`` without tensor parallelism (or a
     sharding that leaves each rank alone). These ranks must run the same forwards on the same batches."""
+    found = tensor_parallel_params(model)
+    if not found:  # (without importing torch.distributed.tensor, seconds, where nothing imported it)
+        return None
     from torch.distributed.tensor import Replicate
 
-    for name, p in tensor_parallel_params(model):
+    for name, p in found:
         mesh = p.device_mesh
         coord = mesh.get_coordinate()
         dims = [d for d, placement in enumerate(p.placements) if not isinstance(placement, Replicate)]
