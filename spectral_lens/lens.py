@@ -29,6 +29,7 @@ from ._args import check_callable, check_count, check_dtype, check_window
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
 from ._pools import attention_mask, sharded_pool, unfixed_pool
 from ._progress import progress_bar, sized_total
+from ._tensor_parallel import check_replicated, one_replica
 from .activation_capture import attach
 from .attachment import Attachment
 from ._warnings import NonFiniteError
@@ -293,6 +294,7 @@ class SpectralLens:
             raise TypeError(f"SpectralLens needs the model as an nn.Module, got {type(model).__name__}")
         refuse_parallel_wrapper(model, "SpectralLens")
         model = unwrap_compiled(model)
+        one_replica(model, self.group)  # tensor parallelism: a group that would split its ranks' batches is refused now
         layers = self.layers_spec
         chosen = layers is None or (isinstance(layers, str) and layers == "all")  # the lens picks the blocks
         if is_encoder_decoder(model) and (chosen or self.forward_fn is default_forward):
@@ -404,6 +406,9 @@ class SpectralLens:
         """
         model = self._require_model()
         rank, world = ranks(self.group)
+        tp = one_replica(model, self.group)  # tensor parallelism: (group is one replica, its peers' group)
+        if tp is not None and tp[0]:
+            rank, world = 0, 1  # one replica: every rank runs every batch, the same rows (not summed)
         error = None
         try:
             capture = attach(model, self.layers, pick=self._pick, precision=self.precision)
@@ -412,10 +417,12 @@ class SpectralLens:
             error = exc
         agree(self.group, error, "the activation pass")
         named = sorted(capture.accumulators.items(), key=lambda item: item[0])  # one order on every rank
-        if world > 1:
+        if tp is not None:
+            check_replicated(named, tp[1])
+        if world > 1:  # (one tensor-parallel replica: world 1 here, its ranks' rows are the same, not summed)
             agree_widths(self.group, named, batches)
-        for _, acc in named:
-            acc.sync(self.group)
+            for _, acc in named:
+                acc.sync(self.group)
         spectra, error = {}, None
         try:  # local work after the sync (an eigendecomposition out of memory on one rank): agreed too
             spectra = capture.compute()
@@ -534,7 +541,8 @@ class SpectralLens:
         error = None
         # under FSDP every pass all-gathers the weights over the mesh: every rank runs the whole protocol
         # (the same passes; rank 0's result is broadcast as usual)
-        everywhere = world > 1 and bool(fsdp_sharded(self.model))
+        tp = one_replica(self.model, self.group)  # one tensor-parallel replica: every pass is a collective
+        everywhere = world > 1 and (bool(fsdp_sharded(self.model)) or (tp is not None and tp[0]))
         if rank == 0 or everywhere:
             try:
                 result = [self._gradient_pass()]

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .._tensor_parallel import refuse_tensor_parallel_params
 from .._peft import saved_copies, saved_wrappers
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
@@ -272,6 +273,7 @@ class PerSampleGradientProbe:
         self.sites = {n: self._site(n) for n in params}
         self.engines_ = {n: self._choose_engine(n) for n in params}
         refuse_fsdp(model, self.engines_)
+        refuse_tensor_parallel_params(model, params)
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
         self.reset()
 

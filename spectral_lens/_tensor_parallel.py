@@ -1,0 +1,177 @@
+"""Tensor parallelism (``torch.distributed.tensor.parallel.parallelize_module``: parameters that are
+``DTensor`` shards on a ``DeviceMesh``) as the lens and the gradient probe meet it.
+
+Every forward of a tensor-parallel model is a collective over its mesh, and the ranks of one mesh hold one
+model replica: they must run the *same* batches, and their replicated outputs are the same rows, which
+summed over them would count every row once per rank. The lens therefore treats the ranks of a
+tensor-parallel mesh as one data-parallel replica (:func:`replica_ranks`, :func:`one_replica`), checks
+after its pass that the measured rows really are the same on them (:func:`check_replicated`: a
+sequence-parallel layer's output is a different slice of the tokens on each rank) and refuses a
+tensor-parallel (sharded) matrix in the probe (:func:`refuse_tensor_parallel_params`).
+
+Models sharded with FSDP are left to the FSDP handling (``gradients/_measurable.py``): FSDP2's parameters
+are ``DTensor``s too, and FSDP2 combined with tensor parallelism on a 2-D mesh is not detected here.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+__all__ = ["check_replicated", "one_replica", "refuse_tensor_parallel_params", "replica_ranks",
+           "tensor_parallel_params"]
+
+
+def tensor_parallel_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``(name, parameter)`` of ``model``'s ``DTensor`` parameters placed by tensor parallelism: every
+    ``DTensor`` parameter of a model without FSDP modules (none where ``torch.distributed.tensor`` was
+    never imported: nothing can be a ``DTensor`` then)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is None:
+        return []
+    from .gradients._measurable import fsdp_sharded
+
+    found = [(n, p) for n, p in model.named_parameters() if isinstance(p, dtensor.DTensor)]
+    return [] if not found or fsdp_sharded(model) else found
+
+
+def _describe(name: str, p) -> str:
+    mesh = p.device_mesh
+    return (f"{name} is a DTensor with placements {tuple(p.placements)} on a DeviceMesh of ranks "
+            f"{mesh.mesh.tolist()}" + (f" (dims {mesh.mesh_dim_names})" if mesh.mesh_dim_names else ""))
+
+
+def replica_ranks(model: nn.Module):
+    """This rank's tensor-parallel peers: ``(global ranks, process group, description)`` of the ranks that
+    hold the other shards of ``model``'s tensor-parallel parameters along their sharded mesh dimension
+    (for a 1-D mesh, the whole mesh), this rank included; ``None`` without tensor parallelism (or a
+    sharding that leaves each rank alone). These ranks must run the same forwards on the same batches."""
+    found = tensor_parallel_params(model)
+    if not found:  # (without importing torch.distributed.tensor, seconds, where nothing imported it)
+        return None
+    from torch.distributed.tensor import Replicate
+
+    for name, p in found:
+        mesh = p.device_mesh
+        coord = mesh.get_coordinate()
+        dims = [d for d, placement in enumerate(p.placements) if not isinstance(placement, Replicate)]
+        if coord is None or not dims:
+            continue
+        # the ranks that share this rank's coordinates on the other dims: the first sharded dim's sub-group
+        index = tuple(slice(None) if d == dims[0] else coord[d] for d in range(mesh.ndim))
+        peers = mesh.mesh[index].flatten().tolist()
+        if len(peers) > 1:
+            return peers, mesh.get_group(dims[0]), _describe(name, p)
+    return None
+
+
+def one_replica(model: nn.Module, group, who: str = "SpectralLens"):
+    """How the lens's ``group`` meets ``model``'s tensor parallelism: ``None`` without it; else
+    ``(whole, peers_group)``, ``whole`` when the group is exactly this rank's tensor-parallel peers (one
+    replica: every rank runs every batch, the statistics are not summed over the group), ``False`` when
+    the group holds one rank of them (a data-parallel group: the usual split and sum). ``ValueError``
+    when the group holds several peers and other ranks too (batches split across the peers, whose
+    forwards would then mix different batches in their collectives)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    found = replica_ranks(model)
+    if found is None:
+        return None
+    peers, peers_group, what = found
+    members = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    inside = sorted(set(peers) & set(members))
+    if sorted(members) == sorted(peers):
+        return True, peers_group
+    if len(inside) <= 1:
+        return False, peers_group
+    raise ValueError(
+        f"{who}: the model is tensor-parallel ({what}), and the lens's group (global ranks {sorted(members)}) "
+        f"holds the tensor-parallel ranks {inside} together with other ranks. The ranks of one tensor-parallel "
+        "mesh run every forward together on the same batch, so the lens cannot split the pool across them. "
+        "Pass group= the data-parallel group (one rank of each tensor-parallel mesh, e.g. "
+        "device_mesh['dp'].get_group()), or the tensor-parallel group alone when there is one replica"
+    )
+
+
+RTOL = 1e-5
+"""Relative difference of the ranks' statistics above which a layer's rows count as different: far below what
+different tokens or features give, far above the round-off of replicated rows computed by kernels that are
+not bitwise deterministic."""
+
+
+def _digest(acc) -> torch.Tensor:
+    """Row count, sums and sums of squares of an accumulator's mean and covariance, and their sizes, float64
+    on the CPU (zeros where it has fewer than 2 rows or its statistics cannot be read: non-finite rows, whose
+    error the lens's compute raises on every rank afterwards)."""
+    try:
+        with warnings.catch_warnings():  # its notes (an underflow) are the lens's compute's to emit, once
+            warnings.simplefilter("ignore")
+            mean, cov = acc.mean.double().cpu(), acc.covariance().double().cpu()
+    except Exception:  # noqa: BLE001 - not this check's error to raise (see above)
+        return torch.tensor([float(acc.n_rows), 0, 0, 0, 0, 0, 0], dtype=torch.float64)
+    return torch.tensor([float(acc.n_rows), mean.sum(), (mean * mean).sum(), cov.sum(), (cov * cov).sum(),
+                         mean.numel(), cov.numel()], dtype=torch.float64)
+
+
+def _same(hi: torch.Tensor, lo: torch.Tensor) -> bool:
+    """Whether the largest (``hi``) and smallest (``lo``) digest over the ranks agree: the row count and sizes
+    exactly, the sums of squares to :data:`RTOL`, the sums to :data:`RTOL` of their Cauchy-Schwarz bound."""
+    if hi[0] != lo[0] or hi[5] != lo[5] or hi[6] != lo[6]:
+        return False
+    for total, squares, size in ((1, 2, 5), (3, 4, 6)):
+        if hi[squares] - lo[squares] > RTOL * hi[squares]:
+            return False
+        if hi[total] - lo[total] > RTOL * torch.sqrt(hi[size] * hi[squares]):
+            return False
+    return True
+
+
+def check_replicated(named: list, peers_group, who: str = "SpectralLens") -> None:
+    """``ValueError`` on every tensor-parallel peer when a measured layer's rows differ between them (one
+    collective over ``peers_group``): a sequence-parallel output (each rank holds a slice of the tokens) or
+    a sharded output read as a plain tensor (each rank holds some of the features), whose statistics would
+    be one rank's part. ``named``: ``(layer name, accumulator)`` in one order on every rank."""
+    import torch.distributed as dist
+
+    if not named:
+        return
+    digest = torch.stack([_digest(acc) for _, acc in named])
+    both = torch.stack([digest, -digest])  # MAX of both: the largest and (negated) the smallest over the ranks
+    if dist.get_backend(peers_group) == "nccl":
+        both = both.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=peers_group)
+    both = both.cpu()
+    differ = [name for (name, _), hi, lo in zip(named, both[0], -both[1]) if not _same(hi, lo)]
+    if differ:
+        raise ValueError(
+            f"{who}: the outputs of {differ} differ between the tensor-parallel ranks "
+            f"{dist.get_process_group_ranks(peers_group)} that ran the same batches: each rank holds part of them "
+            "(a sequence-parallel output, a slice of the tokens; or a sharded output returned as a local "
+            "tensor, some of the features), so no rank's statistics are the layer's. Measure a layer whose "
+            "output is replicated (e.g. a RowwiseParallel output with its default Replicate() layout), or "
+            "gather it in the pick, e.g. pick=lambda out: DTensor.from_local(out, mesh, [Shard(1)]).full_tensor() "
+            "for a sequence-sharded output (a collective over the mesh)"
+        )
+
+
+def refuse_tensor_parallel_params(model: nn.Module, names, who: str = "PerSampleGradientProbe") -> None:
+    """``ValueError`` for probed matrices that are tensor-parallel ``DTensor`` shards (``names``: the probed
+    parameters' names): the probe's per-sample rows would be one rank's shard of each gradient (or fail
+    inside ``DTensor``'s dispatch)."""
+    params = dict(tensor_parallel_params(model))
+    sharded = [n for n in names if n in params]
+    if sharded:
+        raise ValueError(
+            f"{who}: {_describe(sharded[0], params[sharded[0]])}"
+            + (f" (and {len(sharded) - 1} more probed matrices)" if len(sharded) > 1 else "")
+            + ": the probe does not measure tensor-parallel matrices (each rank holds a shard of the weight "
+            "and of its per-sample gradients). Probe a matrix that is not parallelized (a plain nn.Parameter, "
+            "e.g. a replicated output head), or measure activations only (SpectralLens(..., params=())), or "
+            "probe a copy without tensor parallelism: load the full weights (DTensor.full_tensor() of each "
+            "parameter, on every rank) into a plain model of the same architecture and probe that"
+        )
