@@ -9,7 +9,8 @@ lens's ``layers=`` and the probe's ``params=`` also match (the names of the mode
 it, and of ``merge_and_unload()``'s). A module in ``modules_to_save`` (often the LM head) is wrapped too:
 its forward runs the active adapter's trained copy, ``lm_head.modules_to_save.default``, which
 :func:`saved_copies` names ``lm_head`` for the probe (the active adapter's: the probe follows
-``set_adapter``). No import of ``peft``: it is recognized by its classes' module.
+``set_adapter``). Records carry these short names too (:func:`spectral_lens.capture.record_names`), so a
+LoRA run's keys are the base model's. No import of ``peft``: it is recognized by its classes' module.
 """
 
 from __future__ import annotations

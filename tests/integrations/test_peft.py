@@ -133,8 +133,10 @@ def assert_same(before, after):
 def test_lens_defaults_on_a_lora_model_equal_float64_references(build, block, wo):
     """The default block and W_O are found through the PeftModel and its LoRA-wrapped projection (the
     frozen base weight: its gradient is the gradient of the effective W + s B A); both spectra equal the
-    references, and equal those of the merge_and_unload() model's plain W_O. Before: 'no attention output
-    projection found' (the wrapped W_O is <module>.base_layer.weight)."""
+    references, and equal those of the merge_and_unload() model's plain W_O, under the same record keys (the
+    names of the model before get_peft_model; Spectrum.source keeps the PeftModel's own). Before: 'no
+    attention output projection found' (the wrapped W_O is <module>.base_layer.weight); then keys with
+    base_model.model. and base_layer, which no key of the merged model's record matched."""
     model, batches = build(), pool()
     lens = sl.SpectralLens(model, batches, precision="float64", progress=False)
     param = f"{PREFIX}{wo}.base_layer.weight"
@@ -148,24 +150,28 @@ def test_lens_defaults_on_a_lora_model_equal_float64_references(build, block, wo
     with torch.no_grad():
         assert torch.equal(out, model.eval()(input_ids=batches[0]["input_ids"]).logits)
     assert model.get_parameter(param).requires_grad is False  # frozen, stays frozen
-    act, grad = m.spectra[f"act:{PREFIX}{block}"], m.spectra[f"grad:{param}"]
+    act, grad = m.spectra[f"act:{block}"], m.spectra[f"grad:{wo}.weight"]
+    assert (act.source, grad.source) == (PREFIX + block, param)
+    assert set(m.scalars) == {"noise_scale", f"noise_scale:{wo}.weight"}
     close(act.values, ref_activations(model, PREFIX + block, batches))
     close(grad.values, spectrum(ref_grads(model, param, batches)))
     merged = copy.deepcopy(model).merge_and_unload()
     m2 = sl.SpectralLens(merged, batches, precision="float64", progress=False).measure(step=1, tokens=60)
+    assert set(m2.spectra) == set(m.spectra) and set(m2.scalars) == set(m.scalars) and set(m2.summaries) == set(m.summaries)
     close(m2.spectra[f"act:{block}"].values, act.values.numpy(), 1e-8)
     close(m2.spectra[f"grad:{wo}.weight"].values, grad.values.numpy(), 1e-8)
 
 
 def test_names_as_a_user_types_them():
     """layers= and params= take the PeftModel's names and the names of the model it wraps (without
-    base_model.model., a wrapped weight without .base_layer, a module for its weight); globs too. The
-    record keeps the model's own names. Before: 'no module matches' / 'has no parameter'."""
+    base_model.model., a wrapped weight without .base_layer, a module for its weight); globs too. The probe
+    and lens.layers keep the model's own names, the record those of the model before get_peft_model. Before:
+    'no module matches' / 'has no parameter'."""
     model = gpt2()
     wo = f"{PREFIX}transformer.h.1.attn.c_proj.base_layer.weight"
     for layers in ("transformer.h.1", f"{PREFIX}transformer.h.1", "transformer.h.*"):
         lens = sl.SpectralLens(model, pool(), layers=layers, params=(), progress=False)
-        assert f"act:{PREFIX}transformer.h.1" in lens.measure(0, 0).spectra
+        assert "act:transformer.h.1" in lens.measure(0, 0).spectra
     for spelling in ("transformer.h.1.attn.c_proj.weight", "transformer.h.1.attn.c_proj.base_layer.weight",
                      "transformer.h.1.attn.c_proj", f"{PREFIX}transformer.h.1.attn.c_proj",
                      f"{PREFIX}transformer.h.1.attn.c_proj.weight", wo):
@@ -181,6 +187,42 @@ def test_names_as_a_user_types_them():
     assert list(sl.PerSampleGradientProbe(inner).params) == ["transformer.h.1.attn.c_proj.base_layer.weight"]
     assert list(sl.PerSampleGradientProbe(inner, params="transformer.h.1.attn.c_proj.weight").params) == [
         "transformer.h.1.attn.c_proj.base_layer.weight"]
+
+
+def test_record_keeps_full_names_where_short_names_collide():
+    """Two different matrices whose short names would be one record key (a model of its own with a submodule
+    named base_layer next to a weight: c_fc.weight and c_fc.base_layer.weight both shorten to c_fc.weight)
+    keep their full names in the record; the other keys are short, and each spectrum equals its reference.
+    Modules too: a base model's child named base_model shortens to the PeftModel's own base_model."""
+    from transformers.pytorch_utils import Conv1D
+
+    from spectral_lens.capture import record_names
+
+    model, batches = gpt2(targets=("c_attn", "c_proj")), pool(1)
+    fc = f"{PREFIX}transformer.h.1.mlp.c_fc"
+    model.get_submodule(fc).register_module("base_layer", Conv1D(4, 16).double())  # not in the forward
+    wo = "transformer.h.1.attn.c_proj"
+    m = sl.SpectralLens(model, batches, layers="transformer.h.1", params=[f"{fc}.weight", f"{wo}.weight"],
+                        precision="float64", progress=False).measure(0, 0)
+    assert sorted(m.spectra) == sorted(["act:transformer.h.1", f"grad:{fc}.weight", f"grad:{wo}.weight"])
+    close(m.spectra[f"grad:{fc}.weight"].values, spectrum(ref_grads(model, f"{fc}.weight", batches)))
+    close(m.spectra[f"grad:{wo}.weight"].values,
+          spectrum(ref_grads(model, f"{PREFIX}{wo}.base_layer.weight", batches)))
+    assert record_names(model, [f"{fc}.base_layer.weight", f"{PREFIX}{wo}.base_layer.weight"], params=True) == {
+        f"{fc}.base_layer.weight": f"{fc}.base_layer.weight", f"{PREFIX}{wo}.base_layer.weight": f"{wo}.weight"}
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base_model, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.head(self.base_model(x))
+
+    net = peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["head"]))
+    assert record_names(net, [f"{PREFIX}base_model", f"{PREFIX}head", f"{PREFIX}head.base_layer"], params=False) == {
+        f"{PREFIX}base_model": f"{PREFIX}base_model", f"{PREFIX}head": "head", f"{PREFIX}head.base_layer": "head.base_layer"}
+    assert record_names(net, [f"{PREFIX}head.base_layer.weight"], params=True) == {f"{PREFIX}head.base_layer.weight": "head.weight"}
 
 
 def test_probe_on_lora_factors_base_weight_and_lm_head_equals_float64_references():
@@ -229,9 +271,10 @@ def test_modules_to_save_head_is_its_trained_copy():
 
 def test_modules_to_save_head_follows_set_adapter():
     """Two adapters, each with its own trained lm_head copy: "lm_head" names the copy the forward runs at each
-    measurement (set_adapter between two), the record key names that copy and its spectrum equals the float64
+    measurement (set_adapter between two), the record key is the head's (grad:lm_head.weight, the key a full
+    fine-tune's record has), Spectrum.source names the copy, and its spectrum equals the float64
     reference; inside disable_adapter(), and with an adapter that has no copy, the forward runs the frozen
-    original, which is then measured. A probe
+    original, which is then measured (same key, source the original). A probe
     holding samples refuses to add another copy's rows (ValueError) until reset(). Before: "lm_head" stayed
     adapter a's copy, which the forward no longer ran: all zero rows and a ZeroGradientWarning."""
     model, batches = llama(adapters=("a", "b"), save=["lm_head"]), pool(1)
@@ -249,18 +292,21 @@ def test_modules_to_save_head_follows_set_adapter():
             m = lens.measure(0, 0)
             assert_same(before, state(model))
             name = f"{head}.modules_to_save.{adapter}.weight"
-            assert [k for k in m.spectra if k.startswith("grad:")] == [f"grad:{name}"], adapter
-            close(m.spectra[f"grad:{name}"].values, spectrum(ref_grads(model, name, batches)))
+            assert [k for k in m.spectra if k.startswith("grad:")] == ["grad:lm_head.weight"], adapter
+            assert m.spectra["grad:lm_head.weight"].source == name
+            close(m.spectra["grad:lm_head.weight"].values, spectrum(ref_grads(model, name, batches)))
         with model.disable_adapter():
             m = lens.measure(1, 0)
             ref = spectrum(ref_grads(model, f"{head}.original_module.weight", batches))
-        close(m.spectra[f"grad:{head}.original_module.weight"].values, ref)
+        assert m.spectra["grad:lm_head.weight"].source == f"{head}.original_module.weight"
+        close(m.spectra["grad:lm_head.weight"].values, ref)
         model.add_adapter("c", peft.LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False))
         model.double()
         model.set_adapter("c")  # no copy of the head: the forward runs the original
         m = lens.measure(2, 0)
         ref = spectrum(ref_grads(model, f"{head}.original_module.weight", batches))
-        close(m.spectra[f"grad:{head}.original_module.weight"].values, ref)
+        assert m.spectra["grad:lm_head.weight"].source == f"{head}.original_module.weight"
+        close(m.spectra["grad:lm_head.weight"].values, ref)
         model.set_adapter("a")
     probe = sl.PerSampleGradientProbe(model, params="lm_head").update(batches[0])  # adapter a's copy
     model.set_adapter("b")
@@ -329,8 +375,8 @@ def test_gradient_checkpointing_with_input_require_grads():
         m = sl.SpectralLens(model, batches, precision="float64", progress=False).measure(0, 0)
     assert_same(before, state(model))
     assert flags == [getattr(mod, "gradient_checkpointing", None) for mod in model.modules()]
-    close(m.spectra[f"grad:{wo}"].values, spectrum(ref_grads(model, wo, batches)))
-    close(m.spectra[f"act:{PREFIX}model.layers.1"].values, ref_activations(model, f"{PREFIX}model.layers.1", batches))
+    close(m.spectra["grad:model.layers.1.self_attn.o_proj.weight"].values, spectrum(ref_grads(model, wo, batches)))
+    close(m.spectra["act:model.layers.1"].values, ref_activations(model, f"{PREFIX}model.layers.1", batches))
 
 
 def test_set_adapter_and_disable_adapter():
@@ -346,8 +392,9 @@ def test_set_adapter_and_disable_adapter():
     m = lens.measure(0, 0)
     assert_same(before, state(model))
     assert model.active_adapter == "b"
-    for p in (f"{o}.base_layer.weight", f"{o}.lora_B.b.weight"):
-        close(m.spectra[f"grad:{p}"].values, spectrum(ref_grads(model, p, batches)))
+    short = o[len(PREFIX):]
+    for p, key in ((f"{o}.base_layer.weight", f"{short}.weight"), (f"{o}.lora_B.b.weight", f"{short}.lora_B.b.weight")):
+        close(m.spectra[f"grad:{key}"].values, spectrum(ref_grads(model, p, batches)))
     plain = copy.deepcopy(model)
     with plain.disable_adapter():  # the base model: the reference, without any LoRA branch
         block_ref = ref_activations(plain, f"{PREFIX}model.layers.1", batches)
@@ -357,16 +404,16 @@ def test_set_adapter_and_disable_adapter():
             m = lens.measure(1, 0)
         assert model.get_submodule(o).disable_adapters
     assert not model.get_submodule(o).disable_adapters
-    close(m.spectra[f"act:{PREFIX}model.layers.1"].values, block_ref)
-    close(m.spectra[f"grad:{o}.base_layer.weight"].values, wo_ref)
-    assert float(m.spectra[f"grad:{o}.lora_B.b.weight"].values.max()) == 0.0
+    close(m.spectra["act:model.layers.1"].values, block_ref)
+    close(m.spectra[f"grad:{short}.weight"].values, wo_ref)
+    assert float(m.spectra[f"grad:{short}.lora_B.b.weight"].values.max()) == 0.0
 
 
 def test_merged_adapter_stays_merged():
     """merge_adapter() (in place, still a PeftModel): measured as merged, left merged with the same weights;
     the base-weight spectrum equals the unmerged model's (the merged base weight is W + s B A)."""
     model, batches = gpt2(), pool(1)
-    wo = f"{PREFIX}transformer.h.1.attn.c_proj.base_layer.weight"
+    wo = "transformer.h.1.attn.c_proj.weight"
     unmerged = sl.SpectralLens(model, batches, precision="float64", progress=False).measure(0, 0)
     model.merge_adapter()
     before = state(model)
@@ -404,8 +451,8 @@ def test_lora_dropout_in_train_mode():
 
 def test_trainer_with_a_peft_model(tmp_path):
     """SpectralLensCallback with a PeftModel passed to transformers.Trainer (the lens attached by the
-    callback, names as the user types them): it measures at its schedule, the record uses the model's own
-    names, the base weights stay frozen and only LoRA weights train."""
+    callback, names as the user types them): it measures at its schedule, the record's spectra and scalars
+    use the names of the model before get_peft_model, the base weights stay frozen and only LoRA weights train."""
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
     from spectral_lens.integrations import SpectralLensCallback
     from spectral_lens.records import RunInfo, RunWriter, open_runs
@@ -436,9 +483,10 @@ def test_trainer_with_a_peft_model(tmp_path):
     writer.close()
     (run,) = open_runs([tmp_path / "run"])
     assert [m.step for m in run.measurements] == [2, 4]
-    o = f"{PREFIX}model.layers.1.self_attn.o_proj"
-    assert set(run.measurements[-1].spectra) == {f"act:{PREFIX}model.layers.1", f"grad:{o}.base_layer.weight",
-                                                 f"grad:{o}.lora_B.default.weight"}
+    o = "model.layers.1.self_attn.o_proj"
+    assert set(run.measurements[-1].spectra) == {"act:model.layers.1", f"grad:{o}.weight", f"grad:{o}.lora_B.default.weight"}
+    assert set(run.measurements[-1].scalars) == {"noise_scale", f"noise_scale:{o}.weight",
+                                                 f"noise_scale:{o}.lora_B.default.weight"}
     assert lens.model is None  # the callback detached the lens it attached
     params = dict(model.named_parameters())
     assert all(torch.equal(params[k], v) and not params[k].requires_grad for k, v in frozen.items())
