@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .._peft import saved_copies, saved_wrappers
+from .._peft import saved_copies, saved_wrappers, vmap_untraceable
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
 from .._args import check_callable, check_count, check_dtype
@@ -121,9 +121,10 @@ class PerSampleGradientProbe:
         forward_fn: ``forward_fn(model, batch) -> output``; default :func:`default_forward`.
         engine: ``"auto"`` (fast path where one is registered for the module type, the weight is
             not shared and no BatchNorm normalizes by batch statistics, ``"vmap"`` otherwise, falling back to ``"loop"`` with an
-            :class:`~spectral_lens.EngineFallbackWarning` where ``torch.func`` refuses the model),
+            :class:`~spectral_lens.EngineFallbackWarning` where ``torch.func`` refuses the model; in a PEFT
+            model with LoHa layers, whose forward ``torch.func`` cannot trace, ``"loop"`` at once, without a warning),
             ``"fast"`` (error if impossible), ``"vmap"`` (error naming the likely cause if ``torch.func``
-            refuses the model), ``"loop"``.
+            refuses the model; a ``ValueError`` at once in a PEFT model with LoHa layers), ``"loop"``.
         chunk_size: samples per forward/backward pass (default 16). Results do not depend on it; memory
             grows with it (one chunk's activations and its ``(chunk_size, P)`` rows per parameter).
             Below ~16 sequences of 1,024 tokens per pass a GPT-2-small probe on an H200 is bound by
@@ -253,6 +254,7 @@ class PerSampleGradientProbe:
         # a PEFT model's modules_to_save wrappers and the copies their forwards ran when params were resolved
         self._wrappers: dict[str, nn.Module] = {}
         self._copies: dict[str, str] = {}
+        self._untraceable: dict[str, str] = {}  # peft layers whose forward torch.func.vmap cannot trace (LoHa)
         self.reset()
         if model is not None:
             self._bind(model)
@@ -269,6 +271,7 @@ class PerSampleGradientProbe:
         self.model, self.params = model, params
         self._wrappers = saved_wrappers(model)
         self._copies = saved_copies(model, self._wrappers)
+        self._untraceable = vmap_untraceable(model)
         self.sites = {n: self._site(n) for n in params}
         self.engines_ = {n: self._choose_engine(n) for n in params}
         refuse_fsdp(model, self.engines_)
@@ -302,7 +305,7 @@ class PerSampleGradientProbe:
     def detach(self) -> None:
         """Unbind the probe from its model and forget every sample (idempotent)."""
         self.model, self.params, self.sites, self.engines_ = None, {}, {}, {}
-        self._wrappers, self._copies = {}, {}
+        self._wrappers, self._copies, self._untraceable = {}, {}, {}
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
         self.reset()
 
@@ -402,8 +405,15 @@ class PerSampleGradientProbe:
                 and (self.train_mode or m.running_mean is None)]
 
     def _choose_engine(self, name: str) -> str:
-        if self.engine in ("vmap", "loop"):
-            return self.engine
+        """The engine of parameter ``name``. In a PEFT model with layers whose forward ``torch.func.vmap``
+        cannot trace (LoHa: ``self._untraceable``), ``"auto"`` takes the loop where it would take ``vmap``
+        (no failed attempt, no warning) and ``engine="vmap"`` is refused here, before any pass."""
+        if self.engine == "loop":
+            return "loop"
+        if self.engine == "vmap":
+            if self._untraceable:
+                self._refuse_vmap(name)
+            return "vmap"
         mod, local = self.sites[name]
         shared = self._shared(name)
         reason = None
@@ -420,8 +430,23 @@ class PerSampleGradientProbe:
         if reason is None:
             return "fast"
         if self.engine == "fast":
-            raise ValueError(f"engine='fast' impossible for {name}: {reason}; use engine='auto' or 'vmap'")
-        return "vmap"
+            other = "'loop'" if self._untraceable else "'vmap'"
+            raise ValueError(f"engine='fast' impossible for {name}: {reason}; use engine='auto' or {other}")
+        return "loop" if self._untraceable else "vmap"
+
+    def _refuse_vmap(self, name: str) -> None:
+        """``ValueError`` for ``engine="vmap"`` in a model with a layer whose forward vmap cannot trace."""
+        (layer, what), more = next(iter(self._untraceable.items())), len(self._untraceable) - 1
+        mod, local = self.sites[name]
+        fast = len(self._shared(name)) == 1 and fast_path_for(mod, local) is not None and not self._batch_statistics()
+        raise ValueError(
+            f"PerSampleGradientProbe: engine='vmap' impossible for {type(self.model).__name__}: its peft layer {layer!r} "
+            f"({what}{f'; {more} more such layer(s)' if more else ''}) runs a torch.autograd.Function without "
+            "setup_context or vmap rule in its forward (LoHa), which torch.func.vmap cannot trace; use engine='auto' (the "
+            "fast path where one is registered, the per-sample loop elsewhere)"
+            + (f", engine='fast' ({name} has a fast path)" if fast else "")
+            + " or engine='loop' (the same gradients, one backward per sample)"
+        )
 
     def _initial_head_loss(self) -> str | None:
         """The head-loss decision known without the model's output; ``None``: decided at the first update."""

@@ -251,6 +251,46 @@ def test_probe_on_lora_factors_base_weight_and_lm_head_equals_float64_references
         close(spectra[full].values, spectrum(G))
 
 
+def loha(targets=("q_proj", "o_proj")):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    base = transformers.LlamaForCausalLM(cfg).double()
+    return peft.get_peft_model(base, peft.LoHaConfig(r=4, target_modules=list(targets), init_weights=False)).double()
+
+
+def test_loha_engines():
+    """LoHa's forward runs peft's HadaWeight, a torch.autograd.Function without setup_context, which
+    torch.func.vmap cannot trace. engine="vmap" is refused when the probe is built (ValueError naming the layer
+    and engine='auto'/'fast'/'loop'); "auto" takes the fast path for the base weight and the loop for the LoHa
+    factor at once, without an EngineFallbackWarning, and both matrices' rows equal the float64 reference;
+    engine="fast" on the factor suggests 'loop', not 'vmap'. A LoRA model keeps vmap. Before: vmap raised a
+    RuntimeError at the first update naming PeftModel only, and "auto" warned after a failed vmap attempt."""
+    model, batches = loha(), pool(1)
+    o = "model.layers.1.self_attn.o_proj"
+    wo, factor = f"{PREFIX}{o}.base_layer.weight", f"{PREFIX}{o}.hada_w1_a.default"
+    with pytest.raises(ValueError, match=r"engine='vmap' impossible for PeftModel: its peft layer "
+                                         rf"'{PREFIX}model\.layers\.0\.self_attn\.q_proj' \(peft\.tuners\.loha\.layer\.Linear, "
+                                         r"whose module defines HadaWeight.*; 3 more.*engine='auto'.*engine='fast' "
+                                         r".*o_proj\.base_layer\.weight has a fast path\) or engine='loop'"):
+        sl.PerSampleGradientProbe(model, params=f"{o}.weight", engine="vmap")
+    with pytest.raises(ValueError, match=r"engine='vmap' impossible.*engine='auto' \(.*\) or engine='loop'"):
+        sl.PerSampleGradientProbe(model, params=factor, engine="vmap")
+    with pytest.raises(ValueError, match=r"engine='fast' impossible for .*hada_w1_a.*use engine='auto' or 'loop'$"):
+        sl.PerSampleGradientProbe(model, params=factor, engine="fast")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sl.EngineFallbackWarning)
+        probe = sl.PerSampleGradientProbe(model, params=[f"{o}.weight", factor], keep_matrix=True).update(batches[0])
+    assert probe.engines_ == {wo: "fast", factor: "loop"}
+    for name in (wo, factor):
+        G = ref_grads(model, name, batches)
+        assert G.abs().max() > 0 and torch.allclose(probe.matrix(name).double(), G, rtol=1e-9,
+                                                     atol=1e-12 * G.abs().max()), name
+    lora = sl.PerSampleGradientProbe(llama(), params=f"{o}.lora_B.default.weight", engine="vmap").update(batches[0])
+    assert list(lora.engines_.values()) == ["vmap"] and lora.n_samples_ == 3
+
+
 def test_modules_to_save_head_is_its_trained_copy():
     """LoraConfig(modules_to_save=["lm_head"]) trains a copy of the head, which the forward uses: "lm_head"
     names that copy (lm_head.modules_to_save.default.weight), whose rows equal the reference; the frozen
