@@ -21,11 +21,23 @@ import sys
 import torch
 from torch import nn
 
-__all__ = ["base_prefix", "has_peft_layers", "saved_copies", "saved_wrappers", "short_name", "vmap_untraceable"]
+__all__ = ["adapter_names", "base_prefix", "has_peft_layers", "is_peft", "saved_copies", "saved_wrappers", "short_name",
+           "vmap_untraceable"]
 
 
 def _is_peft(obj: object) -> bool:
     return type(obj).__module__.split(".", 1)[0] == "peft"
+
+
+is_peft = _is_peft  # an object of a peft class (a PeftModel, a LoRA layer, a ModulesToSaveWrapper)
+
+
+def adapter_names(model: nn.Module) -> tuple[str, ...] | None:
+    """The names of the adapters of a ``PeftModel`` (its ``peft_config``, which ``add_adapter``,
+    ``load_adapter`` and ``delete_adapter`` change, and with them its ``modules_to_save`` wrappers);
+    ``None`` for any other model (read in O(1): the probe compares it before each pass)."""
+    config = getattr(model, "peft_config", None) if _is_peft(model) else None
+    return tuple(config) if isinstance(config, dict) else None
 
 
 def has_peft_layers(model: nn.Module) -> bool:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .._peft import saved_copies, saved_wrappers, vmap_untraceable
+from .._peft import adapter_names, is_peft, saved_copies, saved_wrappers, vmap_untraceable
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
 from .._args import check_callable, check_count, check_dtype
@@ -255,6 +255,7 @@ class PerSampleGradientProbe:
         self._wrappers: dict[str, nn.Module] = {}
         self._copies: dict[str, str] = {}
         self._untraceable: dict[str, str] = {}  # peft layers whose forward torch.func.vmap cannot trace (LoHa)
+        self._adapters: tuple[str, ...] | None = None  # a PeftModel's adapter names: add_adapter may add wrappers
         self.reset()
         if model is not None:
             self._bind(model)
@@ -271,6 +272,7 @@ class PerSampleGradientProbe:
         self.model, self.params = model, params
         self._wrappers = saved_wrappers(model)
         self._copies = saved_copies(model, self._wrappers)
+        self._adapters = adapter_names(model)
         self._untraceable = vmap_untraceable(model)
         self.sites = {n: self._site(n) for n in params}
         self.engines_ = {n: self._choose_engine(n) for n in params}
@@ -305,7 +307,7 @@ class PerSampleGradientProbe:
     def detach(self) -> None:
         """Unbind the probe from its model and forget every sample (idempotent)."""
         self.model, self.params, self.sites, self.engines_ = None, {}, {}, {}
-        self._wrappers, self._copies, self._untraceable = {}, {}, {}
+        self._wrappers, self._copies, self._untraceable, self._adapters = {}, {}, {}, None
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
         self.reset()
 
@@ -321,7 +323,7 @@ class PerSampleGradientProbe:
         path, _, local = name.rpartition(".")
         return self.model.get_submodule(path), local
 
-    def _follow_params(self) -> None:
+    def _follow_params(self, rescanned: bool = False) -> None:
         """Re-read every probed parameter from the model before a pass.
 
         A parameter object replaced since :meth:`attach` (``model.load_state_dict(sd, assign=True)``,
@@ -331,9 +333,13 @@ class PerSampleGradientProbe:
         already taken or a parameter that is gone raises ``ValueError``; a replacement in
         bounded-memory mode (whose recomputation would mix the two) ``RuntimeError``, as a change in
         place does. In a PEFT model with ``modules_to_save`` the names follow the active adapter
-        (:meth:`_follow_adapter`).
+        (:meth:`_follow_adapter`), also to a wrapper added since (``add_adapter`` / ``load_adapter``: the
+        ``PeftModel``'s adapter names changed) and to a probed module replaced by a ``peft`` layer.
         """
-        if self._wrappers:
+        if self._adapters is not None and adapter_names(self.model) != self._adapters:
+            self._adapters, self._wrappers = adapter_names(self.model), saved_wrappers(self.model)
+            self._follow_adapter(rescan=True)
+        elif self._wrappers:
             self._follow_adapter()
         changed = {}
         for name, old in self.params.items():
@@ -345,6 +351,10 @@ class PerSampleGradientProbe:
             new = getattr(mod, local, None)
             if new is old and mod is self.sites[name][0]:
                 continue
+            if is_peft(mod) and mod is not self.sites[name][0] and not rescanned:  # a peft layer or wrapper now
+                self._wrappers = saved_wrappers(self.model)
+                self._follow_adapter(rescan=True)
+                return self._follow_params(rescanned=True)
             if not isinstance(new, nn.Parameter):
                 raise ValueError(
                     f"PerSampleGradientProbe: the probed parameter {name!r} is no longer a parameter of "
@@ -366,29 +376,34 @@ class PerSampleGradientProbe:
         for name in changed:
             self.engines_[name] = self._choose_engine(name)
 
-    def _follow_adapter(self) -> None:
+    def _follow_adapter(self, rescan: bool = False) -> None:
         """Resolve ``params`` again when a PEFT ``modules_to_save`` wrapper now runs another copy than when
-        they were resolved (``set_adapter``, ``disable_adapter()``): ``"lm_head"`` names the copy the forward
-        runs now (``lm_head.modules_to_save.<active>.weight``), never a copy the forward no longer uses (all
-        zero rows). The head-loss decision is made again too (a chunked head may be such a copy). With samples
-        taken and other parameters named now, ``ValueError``: their rows would mix two matrices."""
+        they were resolved (``set_adapter``, ``disable_adapter()``), or, with ``rescan=True``, after peft changed
+        the model's layers (a wrapper added by ``add_adapter``; ``self._wrappers`` read again by the caller):
+        ``"lm_head"`` names the copy the forward runs now (``lm_head.modules_to_save.<active>.weight``), never a
+        copy the forward no longer uses (all zero rows) nor a module peft replaced. The head-loss decision is made
+        again too (a chunked head may be such a copy). With samples taken and other parameters named now,
+        ``ValueError``: their rows would mix two matrices."""
         copies = saved_copies(self.model, self._wrappers)
-        if copies == self._copies:
+        if copies == self._copies and not rescan:
             return
         params = _resolve_params(self.model, self.params_spec)
-        if list(params) != list(self.params):
-            if self.n_samples_:
-                raise ValueError(
-                    f"PerSampleGradientProbe: the PEFT model's active adapter changed (set_adapter or disable_adapter) "
-                    f"since the probe's {self.n_samples_} samples were taken, and params={self.params_spec!r} now "
-                    f"name {list(params)} instead of {list(self.params)}; call reset() first (SpectralLens.measure "
-                    "does), or set the adapter back before the next update"
-                )
+        if list(params) != list(self.params) and self.n_samples_:
+            raise ValueError(
+                f"PerSampleGradientProbe: the PEFT model's active adapter or its peft layers changed (set_adapter, "
+                f"disable_adapter, add_adapter or load_adapter with modules_to_save) since the probe's "
+                f"{self.n_samples_} samples were taken, and params={self.params_spec!r} now name {list(params)} "
+                f"instead of {list(self.params)}; call reset() first (SpectralLens.measure does), or set the adapter "
+                "back before the next update"
+            )
+        renamed = list(params) != list(self.params)
+        if renamed or rescan:
             self.params = params
             self.sites = {n: self._site(n) for n in params}
             self.engines_ = {n: self._choose_engine(n) for n in params}
             refuse_fsdp(self.model, self.engines_)
-            self.reset()
+            if renamed:
+                self.reset()
         self._copies = copies
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
 

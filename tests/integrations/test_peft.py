@@ -350,9 +350,53 @@ def test_modules_to_save_head_follows_set_adapter():
         model.set_adapter("a")
     probe = sl.PerSampleGradientProbe(model, params="lm_head").update(batches[0])  # adapter a's copy
     model.set_adapter("b")
-    with pytest.raises(ValueError, match=r"active adapter changed .* 3 samples.*modules_to_save\.b\.weight"):
+    with pytest.raises(ValueError, match=r"active adapter or its peft layers changed .* 3 samples.*modules_to_save\.b\.weight"):
         probe.update(batches[0])
     assert list(probe.reset().update(batches[0]).params) == [f"{head}.modules_to_save.b.weight"]
+
+
+def test_modules_to_save_wrapper_added_after_binding():
+    """add_adapter with modules_to_save after the probe (or lens) was bound wraps lm_head: at the next update
+    "lm_head" names the new adapter's copy, which the forward runs, and its rows equal the float64 reference;
+    so do a chunked head's rows (the head decided again: the copy); a probe bound to get_base_model() (no
+    adapter names to compare) follows its probed head too; a probe holding samples refuses (ValueError) until
+    reset(). Before: KeyError "attribute 'weight' already exists" (the probe took the wrapper's weight), and
+    'without_head: ... must be an nn.Linear head, got ModulesToSaveWrapper' for the chunked head."""
+    o = "model.layers.1.self_attn.o_proj"
+
+    def add_b(model):
+        model.add_adapter("b", peft.LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False,
+                                               modules_to_save=["lm_head"]))
+        model.double().set_adapter("b")
+        with torch.no_grad():  # the copy differs from the original: the rows tell them apart
+            model.get_parameter(f"{PREFIX}lm_head.modules_to_save.b.weight").mul_(1.5)
+
+    model, batches = llama(), pool(1)
+    copy_ = f"{PREFIX}lm_head.modules_to_save.b.weight"
+    probe = sl.PerSampleGradientProbe(model, params=["lm_head", f"{o}.weight"], keep_matrix=True)
+    chunked = sl.PerSampleGradientProbe(model, params=f"{o}.weight", head_loss="chunked",
+                                        keep_matrix=True).update(batches[0])
+    held = sl.PerSampleGradientProbe(model, params="lm_head").update(batches[0])
+    lens = sl.SpectralLens(model, batches, layers="model.layers.1", params="lm_head", precision="float64", progress=False)
+    lens.measure(0, 0)
+    inner = sl.PerSampleGradientProbe(model.get_base_model(), params="lm_head", keep_matrix=True)
+    add_b(model)
+    probe.update(batches[0])
+    assert list(probe.params) == [copy_, f"{PREFIX}{o}.base_layer.weight"]
+    m = lens.measure(1, 0)
+    assert m.spectra["grad:lm_head.weight"].source == copy_
+    G = ref_grads(model, copy_, batches)
+    assert torch.allclose(probe.matrix(copy_).double(), G, rtol=1e-9, atol=1e-12 * G.abs().max())
+    close(m.spectra["grad:lm_head.weight"].values, spectrum(G))
+    assert list(inner.update(batches[0]).params) == ["lm_head.modules_to_save.b.weight"]
+    assert torch.allclose(inner.matrix().double(), G, rtol=1e-9, atol=1e-12 * G.abs().max())
+    chunked.reset().update(batches[0])
+    assert chunked.head_loss_ == f"chunked ({PREFIX}lm_head.modules_to_save.b)"
+    G = ref_grads(model, next(iter(chunked.params)), batches)
+    assert torch.allclose(chunked.matrix().double(), G, rtol=1e-9, atol=1e-12 * G.abs().max())
+    with pytest.raises(ValueError, match=r"peft layers changed \(.*add_adapter.*3 samples.*modules_to_save\.b\.weight"):
+        held.update(batches[0])
+    assert list(held.reset().update(batches[0]).params) == [copy_]
 
 
 def test_chunked_head_loss_follows_set_adapter():
