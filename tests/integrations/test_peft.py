@@ -291,6 +291,36 @@ def test_loha_engines():
     assert list(lora.engines_.values()) == ["vmap"] and lora.n_samples_ == 3
 
 
+@pytest.mark.parametrize("kind", ["ia3", "oft", "dora"])
+def test_scaling_adapters_measure_the_base_weights_own_gradient(kind):
+    """IA3 (scales outputs), OFT (rotates) and DoRA (rescales by its magnitude, here 1.5x its initial value):
+    the rows of "<layer>.weight" (the frozen base_layer.weight) are that weight's own per-sample gradient
+    (float64 autograd through the PeftModel), not the effective matrix's: they differ from the gradient of the
+    merge_and_unload() model's weight, which computes the same outputs. As docs/guide-attach.md says."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    config = {"ia3": lambda: peft.IA3Config(target_modules=["o_proj"], feedforward_modules=[], init_ia3_weights=False),
+              "oft": lambda: peft.OFTConfig(r=0, oft_block_size=4, target_modules=["o_proj"], init_weights=False),
+              "dora": lambda: peft.LoraConfig(r=4, target_modules=["o_proj"], use_dora=True, init_lora_weights=False)}
+    model, batches = peft.get_peft_model(transformers.LlamaForCausalLM(cfg).double(), config[kind]()).double(), pool(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "magnitude" in n:
+                p.mul_(1.5)
+    o = "model.layers.1.self_attn.o_proj"
+    probe = sl.PerSampleGradientProbe(model, params=f"{o}.weight", keep_matrix=True).update(batches[0])
+    G = ref_grads(model, f"{PREFIX}{o}.base_layer.weight", batches)
+    assert torch.allclose(probe.matrix().double(), G, rtol=1e-9, atol=1e-12 * G.abs().max())
+    merged = copy.deepcopy(model).merge_and_unload()
+    with torch.no_grad():
+        ids = batches[0]["input_ids"]
+        assert torch.allclose(model(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-9, atol=1e-12)
+    effective = ref_grads(merged, f"{o}.weight", batches)
+    assert ((G - effective).norm() / effective.norm()).item() > 0.1
+
+
 def test_modules_to_save_head_is_its_trained_copy():
     """LoraConfig(modules_to_save=["lm_head"]) trains a copy of the head, which the forward uses: "lm_head"
     names that copy (lm_head.modules_to_save.default.weight), whose rows equal the reference; the frozen
