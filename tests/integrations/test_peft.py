@@ -296,13 +296,15 @@ def test_scaling_adapters_measure_the_base_weights_own_gradient(kind):
     """IA3 (scales outputs), OFT (rotates) and DoRA (rescales by its magnitude, here 1.5x its initial value):
     the rows of "<layer>.weight" (the frozen base_layer.weight) are that weight's own per-sample gradient
     (float64 autograd through the PeftModel), not the effective matrix's: they differ from the gradient of the
-    merge_and_unload() model's weight, which computes the same outputs. As docs/guide-attach.md says."""
+    merge_and_unload() model's weight, which computes the same outputs. IA3's and DoRA's spectra differ too;
+    an exact rotation (OFT with use_cayley_neumann=False) keeps the spectrum. As docs/guide-attach.md says."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
                                    tie_word_embeddings=False)
     config = {"ia3": lambda: peft.IA3Config(target_modules=["o_proj"], feedforward_modules=[], init_ia3_weights=False),
-              "oft": lambda: peft.OFTConfig(r=0, oft_block_size=4, target_modules=["o_proj"], init_weights=False),
+              "oft": lambda: peft.OFTConfig(r=0, oft_block_size=4, target_modules=["o_proj"], init_weights=False,
+                                         use_cayley_neumann=False),
               "dora": lambda: peft.LoraConfig(r=4, target_modules=["o_proj"], use_dora=True, init_lora_weights=False)}
     model, batches = peft.get_peft_model(transformers.LlamaForCausalLM(cfg).double(), config[kind]()).double(), pool(1)
     with torch.no_grad():
@@ -319,6 +321,8 @@ def test_scaling_adapters_measure_the_base_weights_own_gradient(kind):
         assert torch.allclose(model(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-9, atol=1e-12)
     effective = ref_grads(merged, f"{o}.weight", batches)
     assert ((G - effective).norm() / effective.norm()).item() > 0.1
+    own, eff = spectrum(G), spectrum(effective)
+    assert (np.abs(own - eff).max() / eff[0] < 1e-9) if kind == "oft" else (np.abs(own - eff).max() / eff[0] > 0.1)
 
 
 def test_modules_to_save_head_is_its_trained_copy():
