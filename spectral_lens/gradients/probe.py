@@ -337,8 +337,7 @@ class PerSampleGradientProbe:
         ``PeftModel``'s adapter names changed) and to a probed module replaced by a ``peft`` layer.
         """
         if self._adapters is not None and adapter_names(self.model) != self._adapters:
-            self._adapters, self._wrappers = adapter_names(self.model), saved_wrappers(self.model)
-            self._follow_adapter(rescan=True)
+            self._rescan_peft()
         elif self._wrappers:
             self._follow_adapter()
         changed = {}
@@ -352,8 +351,7 @@ class PerSampleGradientProbe:
             if new is old and mod is self.sites[name][0]:
                 continue
             if is_peft(mod) and mod is not self.sites[name][0] and not rescanned:  # a peft layer or wrapper now
-                self._wrappers = saved_wrappers(self.model)
-                self._follow_adapter(rescan=True)
+                self._rescan_peft()
                 return self._follow_params(rescanned=True)
             if not isinstance(new, nn.Parameter):
                 raise ValueError(
@@ -376,10 +374,17 @@ class PerSampleGradientProbe:
         for name in changed:
             self.engines_[name] = self._choose_engine(name)
 
+    def _rescan_peft(self) -> None:
+        """Read the PEFT model's wrappers, adapter names and vmap-untraceable layers again (peft changed its
+        layers since binding: ``add_adapter``), then resolve ``params`` and choose the engines again."""
+        self._adapters, self._wrappers = adapter_names(self.model), saved_wrappers(self.model)
+        self._untraceable = vmap_untraceable(self.model)
+        self._follow_adapter(rescan=True)
+
     def _follow_adapter(self, rescan: bool = False) -> None:
         """Resolve ``params`` again when a PEFT ``modules_to_save`` wrapper now runs another copy than when
         they were resolved (``set_adapter``, ``disable_adapter()``), or, with ``rescan=True``, after peft changed
-        the model's layers (a wrapper added by ``add_adapter``; ``self._wrappers`` read again by the caller):
+        the model's layers (a wrapper added by ``add_adapter``: :meth:`_rescan_peft`):
         ``"lm_head"`` names the copy the forward runs now (``lm_head.modules_to_save.<active>.weight``), never a
         copy the forward no longer uses (all zero rows) nor a module peft replaced. The head-loss decision is made
         again too (a chunked head may be such a copy). With samples taken and other parameters named now,
@@ -397,13 +402,14 @@ class PerSampleGradientProbe:
                 "back before the next update"
             )
         renamed = list(params) != list(self.params)
-        if renamed or rescan:
+        if renamed:  # the same names: a replaced tensor or module is followed (and checked) by _follow_params
             self.params = params
             self.sites = {n: self._site(n) for n in params}
-            self.engines_ = {n: self._choose_engine(n) for n in params}
+        if renamed or rescan:
+            self.engines_ = {n: self._choose_engine(n) for n in self.params}
             refuse_fsdp(self.model, self.engines_)
-            if renamed:
-                self.reset()
+        if renamed:
+            self.reset()
         self._copies = copies
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
 

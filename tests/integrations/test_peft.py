@@ -433,6 +433,30 @@ def test_modules_to_save_wrapper_added_after_binding():
     assert list(held.reset().update(batches[0]).params) == [copy_]
 
 
+def test_get_peft_model_after_binding():
+    """get_peft_model wraps the bound model's layers in place (LoHa here): at the next update a probe follows
+    the probed projection into its base_layer.weight (rows equal the float64 reference), and a probe with
+    engine="vmap" raises the LoHa ValueError. Before: AttributeError "property 'weight' of 'Linear' object has
+    no setter" from both (the probe took the LoHa layer's weight property for the parameter)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    base, batches = transformers.LlamaForCausalLM(cfg).double(), pool(1)
+    o = "model.layers.1.self_attn.o_proj"
+    probe = sl.PerSampleGradientProbe(base, params=[f"{o}.weight", "lm_head"], keep_matrix=True)
+    vmap = sl.PerSampleGradientProbe(base, params=f"{o}.weight", engine="vmap")
+    peft.get_peft_model(base, peft.LoHaConfig(r=4, target_modules=["o_proj"], init_weights=False)).double()
+    probe.update(batches[0])
+    assert list(probe.params) == [f"{o}.base_layer.weight", "lm_head.weight"]
+    for name in probe.params:
+        G = ref_grads(base, name, batches)
+        assert torch.allclose(probe.matrix(name).double(), G, rtol=1e-9, atol=1e-12 * G.abs().max()), name
+    with pytest.raises(ValueError, match=r"engine='vmap' impossible for LlamaForCausalLM: its peft layer "
+                                         r"'model\.layers\.0\.self_attn\.o_proj' \(peft\.tuners\.loha"):
+        vmap.update(batches[0])
+
+
 def test_chunked_head_loss_follows_set_adapter():
     """The chunked head loss through a modules_to_save head (forced here; the CUDA default with Triton) is
     decided again after set_adapter: the active adapter's copy is the head, and the rows equal the reference.
