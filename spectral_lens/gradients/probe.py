@@ -112,7 +112,8 @@ class PerSampleGradientProbe:
             blocks, also their eager names (without ``_orig_mod``, as the records name them); in a PEFT
             model, also the names of the model before ``get_peft_model`` (without ``base_model.model.``
             and a wrapped layer's ``base_layer``; ``lm_head`` for the copy a ``modules_to_save`` head's forward
-            runs: the active adapter's, resolved again at each ``update`` after ``set_adapter``).
+            runs: the active adapter's, resolved again at each ``update`` after ``set_adapter``, and after
+            ``add_adapter`` / ``get_peft_model`` changed the layers).
             Default: the final block's attention output projection (:func:`default_gradient_param`).
             Several matrices share each pass.
         loss_fn: ``loss_fn(model_output, batch) -> (M,)`` per-sample losses. Default:
