@@ -9,18 +9,35 @@ lens's ``layers=`` and the probe's ``params=`` also match (the names of the mode
 it, and of ``merge_and_unload()``'s). A module in ``modules_to_save`` (often the LM head) is wrapped too:
 its forward runs the active adapter's trained copy, ``lm_head.modules_to_save.default``, which
 :func:`saved_copies` names ``lm_head`` for the probe (the active adapter's: the probe follows
-``set_adapter``). No import of ``peft``: it is recognized by its classes' module.
+``set_adapter``). Records carry these short names too (:func:`spectral_lens.capture.record_names`), so a
+LoRA run's keys are the base model's. No import of ``peft``: it is recognized by its classes' module.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
+
+import torch
 from torch import nn
 
-__all__ = ["base_prefix", "has_peft_layers", "saved_copies", "saved_wrappers", "short_name"]
+__all__ = ["adapter_names", "base_prefix", "has_peft_layers", "is_peft", "saved_copies", "saved_wrappers", "short_name",
+           "vmap_untraceable"]
 
 
 def _is_peft(obj: object) -> bool:
     return type(obj).__module__.split(".", 1)[0] == "peft"
+
+
+is_peft = _is_peft  # an object of a peft class (a PeftModel, a LoRA layer, a ModulesToSaveWrapper)
+
+
+def adapter_names(model: nn.Module) -> tuple[str, ...] | None:
+    """The names of the adapters of a ``PeftModel`` (its ``peft_config``, which ``add_adapter``,
+    ``load_adapter`` and ``delete_adapter`` change, and with them its ``modules_to_save`` wrappers);
+    ``None`` for any other model (read in O(1): the probe compares it before each pass)."""
+    config = getattr(model, "peft_config", None) if _is_peft(model) else None
+    return tuple(config) if isinstance(config, dict) else None
 
 
 def has_peft_layers(model: nn.Module) -> bool:
@@ -70,4 +87,29 @@ def saved_copies(model: nn.Module, wrappers: dict[str, nn.Module] | None = None)
             out[f"{name}.original_module."] = f"{name}."  # peft's forward runs the original
         elif len(active) == 1:
             out[f"{name}.modules_to_save.{active[0]}."] = f"{name}."
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def _untraceable_functions(module: str) -> tuple[str, ...]:
+    """The ``torch.autograd.Function`` classes in the namespace of the Python module ``module`` that
+    ``torch.func.vmap`` cannot run: without ``setup_context`` (old-style ``forward(ctx, ...)``), or without a
+    ``vmap`` rule of their own or ``generate_vmap_rule = True``."""
+    base = torch.autograd.Function
+    return tuple(name for name, obj in vars(sys.modules.get(module, sys)).items()
+                 if isinstance(obj, type) and issubclass(obj, base) and obj is not base
+                 and (obj.setup_context is base.setup_context
+                      or (obj.vmap is base.vmap and not getattr(obj, "generate_vmap_rule", False))))
+
+
+def vmap_untraceable(model: nn.Module) -> dict[str, str]:
+    """``{name: "<layer class>, whose module defines <Functions>"}`` for each ``peft`` layer of ``model`` whose forward runs a
+    ``torch.autograd.Function`` that ``torch.func.vmap`` cannot trace (LoHa's ``HadaWeight``, RandLoRA's
+    ``UniqueBaseGrad``: recognized as the Functions of the layer class's own Python module); ``{}`` for a
+    model without ``peft`` layers or with LoRA's only."""
+    out = {}
+    for name, m in model.named_modules():
+        fns = _untraceable_functions(type(m).__module__) if _is_peft(m) else ()
+        if fns:
+            out[name] = f"{type(m).__module__}.{type(m).__name__}, whose module defines {', '.join(fns)}"
     return out

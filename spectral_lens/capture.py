@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._peft import base_prefix, short_name
+from ._peft import base_prefix, has_peft_layers, saved_copies, short_name
 from ._warnings import CompiledModelWarning
 
 __all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "check_pick", "pick_tensor", "check_dense_rows",
@@ -327,6 +327,33 @@ def uncompiled_name(name: str) -> str:
     ``torch.distributed``'s activation checkpoint wrappers, so measurements of compiled, wrapped and
     eager models are recorded alike (a name without those segments is returned unchanged)."""
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def record_names(model: nn.Module, names: Iterable[str], *, params: bool) -> dict[str, str]:
+    """``{name: the name a record carries}`` for module names (``params=False``) or parameter names
+    (``params=True``) of ``model``: :func:`uncompiled_name`, and in a PEFT model the name of the model
+    before ``get_peft_model`` (:func:`~spectral_lens._peft.short_name`: without ``base_model.model.``; a
+    parameter also without ``base_layer`` and, for the copy a ``modules_to_save`` wrapper's forward runs,
+    under the wrapper's name: ``lm_head.weight``; ``lora_A``/``lora_B`` keep their adapter segment). A name
+    whose short form another module (parameter) of the model also has keeps its eager name, so two
+    different matrices never share a record key."""
+    eager = {n: uncompiled_name(n) for n in names}
+    model = unwrap_compiled(model)
+    if not has_peft_layers(model):
+        return eager
+    prefix, copies = base_prefix(model), saved_copies(model) if params else {}
+
+    def short(name: str) -> str:
+        for copy, wrapper in copies.items():
+            name = wrapper + name[len(copy):] if name.startswith(copy) else name
+        return short_name(name, prefix, base_layer=params)
+
+    every = model.named_parameters(remove_duplicate=False) if params else model.named_modules(remove_duplicate=False)
+    owners: dict[str, set[str]] = {}
+    for n, _ in every:
+        owners.setdefault(short(uncompiled_name(n)), set()).add(uncompiled_name(n))
+    out = {n: e if len(owners.get(short(e), ())) > 1 else short(e) for n, e in eager.items()}
+    return out if len(set(out.values())) == len(out) else eager
 
 
 def eager_forwards():

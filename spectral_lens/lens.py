@@ -34,7 +34,7 @@ from .activation_capture import attach
 from .attachment import Attachment
 from ._warnings import NonFiniteError
 from .capture import (Target, check_pick, eager_forwards, measurement_autocast, measurement_pass, select_modules,
-                      uncompiled_name, unwrap_compiled)
+                      record_names, unwrap_compiled)
 from .gradients import PerSampleGradientProbe
 from .gradients._measurable import fsdp_sharded, is_encoder_decoder, kept_sharded, refuse_parallel_wrapper
 from .gradients._batch import batch_size, default_forward, slice_batch
@@ -434,7 +434,8 @@ class SpectralLens:
         except BaseException as exc:
             error = exc
         agree(self.group, error, "computing the activation spectra")
-        return {f"act:{uncompiled_name(name)}": spectrum for name, spectrum in spectra.items()}
+        names = record_names(model, spectra, params=False)  # eager; a PEFT model's as before get_peft_model
+        return {f"act:{names[name]}": spectrum for name, spectrum in spectra.items()}
 
     def _activation_pass(self, model: nn.Module, capture, rank: int, world: int) -> int:
         """This rank's forwards over its share of the pool (batch ``i`` for ``i % world == rank``);
@@ -626,9 +627,10 @@ class SpectralLens:
         if isinstance(spectra, Spectrum):
             spectra = {next(iter(self.probe.params)): spectra}
             noise = {next(iter(self.probe.params)): noise}
-        scalars = {f"noise_scale:{uncompiled_name(n)}": float(ns.b_simple) for n, ns in noise.items()}
-        scalars["noise_scale"] = scalars[f"noise_scale:{uncompiled_name(next(iter(noise)))}"]
-        return {f"grad:{uncompiled_name(n)}": s for n, s in spectra.items()}, scalars
+        names = record_names(self.model, spectra, params=True)  # eager; a PEFT model's as before get_peft_model
+        scalars = {f"noise_scale:{names[n]}": float(ns.b_simple) for n, ns in noise.items()}
+        scalars["noise_scale"] = scalars[f"noise_scale:{names[next(iter(noise))]}"]
+        return {f"grad:{names[n]}": s for n, s in spectra.items()}, scalars
 
     # ----------------------------------------------------------------- interface
     def measure(self, step: int, tokens: int, *, val_loss: float | None = None, progress: float | None = None) -> LensMeasurement:

@@ -19,8 +19,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .._peft import adapter_names, is_peft, saved_copies, saved_wrappers, vmap_untraceable
 from .._tensor_parallel import refuse_tensor_parallel_params
-from .._peft import saved_copies, saved_wrappers
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
 from .._args import check_callable, check_count, check_dtype
@@ -113,7 +113,8 @@ class PerSampleGradientProbe:
             blocks, also their eager names (without ``_orig_mod``, as the records name them); in a PEFT
             model, also the names of the model before ``get_peft_model`` (without ``base_model.model.``
             and a wrapped layer's ``base_layer``; ``lm_head`` for the copy a ``modules_to_save`` head's forward
-            runs: the active adapter's, resolved again at each ``update`` after ``set_adapter``).
+            runs: the active adapter's, resolved again at each ``update`` after ``set_adapter``, and after
+            ``add_adapter`` / ``get_peft_model`` changed the layers).
             Default: the final block's attention output projection (:func:`default_gradient_param`).
             Several matrices share each pass.
         loss_fn: ``loss_fn(model_output, batch) -> (M,)`` per-sample losses. Default:
@@ -122,9 +123,10 @@ class PerSampleGradientProbe:
         forward_fn: ``forward_fn(model, batch) -> output``; default :func:`default_forward`.
         engine: ``"auto"`` (fast path where one is registered for the module type, the weight is
             not shared and no BatchNorm normalizes by batch statistics, ``"vmap"`` otherwise, falling back to ``"loop"`` with an
-            :class:`~spectral_lens.EngineFallbackWarning` where ``torch.func`` refuses the model),
+            :class:`~spectral_lens.EngineFallbackWarning` where ``torch.func`` refuses the model; in a PEFT
+            model with LoHa layers, whose forward ``torch.func`` cannot trace, ``"loop"`` at once, without a warning),
             ``"fast"`` (error if impossible), ``"vmap"`` (error naming the likely cause if ``torch.func``
-            refuses the model), ``"loop"``.
+            refuses the model; a ``ValueError`` at once in a PEFT model with LoHa layers), ``"loop"``.
         chunk_size: samples per forward/backward pass (default 16). Results do not depend on it; memory
             grows with it (one chunk's activations and its ``(chunk_size, P)`` rows per parameter).
             Below ~16 sequences of 1,024 tokens per pass a GPT-2-small probe on an H200 is bound by
@@ -254,6 +256,8 @@ class PerSampleGradientProbe:
         # a PEFT model's modules_to_save wrappers and the copies their forwards ran when params were resolved
         self._wrappers: dict[str, nn.Module] = {}
         self._copies: dict[str, str] = {}
+        self._untraceable: dict[str, str] = {}  # peft layers whose forward torch.func.vmap cannot trace (LoHa)
+        self._adapters: tuple[str, ...] | None = None  # a PeftModel's adapter names: add_adapter may add wrappers
         self.reset()
         if model is not None:
             self._bind(model)
@@ -270,6 +274,8 @@ class PerSampleGradientProbe:
         self.model, self.params = model, params
         self._wrappers = saved_wrappers(model)
         self._copies = saved_copies(model, self._wrappers)
+        self._adapters = adapter_names(model)
+        self._untraceable = vmap_untraceable(model)
         self.sites = {n: self._site(n) for n in params}
         self.engines_ = {n: self._choose_engine(n) for n in params}
         refuse_fsdp(model, self.engines_)
@@ -304,7 +310,7 @@ class PerSampleGradientProbe:
     def detach(self) -> None:
         """Unbind the probe from its model and forget every sample (idempotent)."""
         self.model, self.params, self.sites, self.engines_ = None, {}, {}, {}
-        self._wrappers, self._copies = {}, {}
+        self._wrappers, self._copies, self._untraceable, self._adapters = {}, {}, {}, None
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
         self.reset()
 
@@ -320,7 +326,7 @@ class PerSampleGradientProbe:
         path, _, local = name.rpartition(".")
         return self.model.get_submodule(path), local
 
-    def _follow_params(self) -> None:
+    def _follow_params(self, rescanned: bool = False) -> None:
         """Re-read every probed parameter from the model before a pass.
 
         A parameter object replaced since :meth:`attach` (``model.load_state_dict(sd, assign=True)``,
@@ -330,9 +336,12 @@ class PerSampleGradientProbe:
         already taken or a parameter that is gone raises ``ValueError``; a replacement in
         bounded-memory mode (whose recomputation would mix the two) ``RuntimeError``, as a change in
         place does. In a PEFT model with ``modules_to_save`` the names follow the active adapter
-        (:meth:`_follow_adapter`).
+        (:meth:`_follow_adapter`), also to a wrapper added since (``add_adapter`` / ``load_adapter``: the
+        ``PeftModel``'s adapter names changed) and to a probed module replaced by a ``peft`` layer.
         """
-        if self._wrappers:
+        if self._adapters is not None and adapter_names(self.model) != self._adapters:
+            self._rescan_peft()
+        elif self._wrappers:
             self._follow_adapter()
         changed = {}
         for name, old in self.params.items():
@@ -344,6 +353,9 @@ class PerSampleGradientProbe:
             new = getattr(mod, local, None)
             if new is old and mod is self.sites[name][0]:
                 continue
+            if is_peft(mod) and mod is not self.sites[name][0] and not rescanned:  # a peft layer or wrapper now
+                self._rescan_peft()
+                return self._follow_params(rescanned=True)
             if not isinstance(new, nn.Parameter):
                 raise ValueError(
                     f"PerSampleGradientProbe: the probed parameter {name!r} is no longer a parameter of "
@@ -365,28 +377,42 @@ class PerSampleGradientProbe:
         for name in changed:
             self.engines_[name] = self._choose_engine(name)
 
-    def _follow_adapter(self) -> None:
+    def _rescan_peft(self) -> None:
+        """Read the PEFT model's wrappers, adapter names and vmap-untraceable layers again (peft changed its
+        layers since binding: ``add_adapter``), then resolve ``params`` and choose the engines again."""
+        self._adapters, self._wrappers = adapter_names(self.model), saved_wrappers(self.model)
+        self._untraceable = vmap_untraceable(self.model)
+        self._follow_adapter(rescan=True)
+
+    def _follow_adapter(self, rescan: bool = False) -> None:
         """Resolve ``params`` again when a PEFT ``modules_to_save`` wrapper now runs another copy than when
-        they were resolved (``set_adapter``, ``disable_adapter()``): ``"lm_head"`` names the copy the forward
-        runs now (``lm_head.modules_to_save.<active>.weight``), never a copy the forward no longer uses (all
-        zero rows). The head-loss decision is made again too (a chunked head may be such a copy). With samples
-        taken and other parameters named now, ``ValueError``: their rows would mix two matrices."""
+        they were resolved (``set_adapter``, ``disable_adapter()``), or, with ``rescan=True``, after peft changed
+        the model's layers (a wrapper added by ``add_adapter``: :meth:`_rescan_peft`):
+        ``"lm_head"`` names the copy the forward runs now (``lm_head.modules_to_save.<active>.weight``), never a
+        copy the forward no longer uses (all zero rows) nor a module peft replaced. The head-loss decision is made
+        again too (a chunked head may be such a copy). With samples taken and other parameters named now,
+        ``ValueError``: their rows would mix two matrices."""
         copies = saved_copies(self.model, self._wrappers)
-        if copies == self._copies:
+        if copies == self._copies and not rescan:
             return
         params = _resolve_params(self.model, self.params_spec)
-        if list(params) != list(self.params):
-            if self.n_samples_:
-                raise ValueError(
-                    f"PerSampleGradientProbe: the PEFT model's active adapter changed (set_adapter or disable_adapter) "
-                    f"since the probe's {self.n_samples_} samples were taken, and params={self.params_spec!r} now "
-                    f"name {list(params)} instead of {list(self.params)}; call reset() first (SpectralLens.measure "
-                    "does), or set the adapter back before the next update"
-                )
+        if list(params) != list(self.params) and self.n_samples_:
+            raise ValueError(
+                f"PerSampleGradientProbe: the PEFT model's active adapter or its peft layers changed (set_adapter, "
+                f"disable_adapter, add_adapter or load_adapter with modules_to_save) since the probe's "
+                f"{self.n_samples_} samples were taken, and params={self.params_spec!r} now name {list(params)} "
+                f"instead of {list(self.params)}; call reset() first (SpectralLens.measure does), or set the adapter "
+                "back before the next update"
+            )
+        renamed = list(params) != list(self.params)
+        if renamed:  # the same names: a replaced tensor or module is followed (and checked) by _follow_params
             self.params = params
             self.sites = {n: self._site(n) for n in params}
-            self.engines_ = {n: self._choose_engine(n) for n in params}
+        if renamed or rescan:
+            self.engines_ = {n: self._choose_engine(n) for n in self.params}
             refuse_fsdp(self.model, self.engines_)
+            refuse_tensor_parallel_params(self.model, self.params)
+        if renamed:
             self.reset()
         self._copies = copies
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
@@ -404,8 +430,15 @@ class PerSampleGradientProbe:
                 and (self.train_mode or m.running_mean is None)]
 
     def _choose_engine(self, name: str) -> str:
-        if self.engine in ("vmap", "loop"):
-            return self.engine
+        """The engine of parameter ``name``. In a PEFT model with layers whose forward ``torch.func.vmap``
+        cannot trace (LoHa: ``self._untraceable``), ``"auto"`` takes the loop where it would take ``vmap``
+        (no failed attempt, no warning) and ``engine="vmap"`` is refused here, before any pass."""
+        if self.engine == "loop":
+            return "loop"
+        if self.engine == "vmap":
+            if self._untraceable:
+                self._refuse_vmap(name)
+            return "vmap"
         mod, local = self.sites[name]
         shared = self._shared(name)
         reason = None
@@ -422,8 +455,23 @@ class PerSampleGradientProbe:
         if reason is None:
             return "fast"
         if self.engine == "fast":
-            raise ValueError(f"engine='fast' impossible for {name}: {reason}; use engine='auto' or 'vmap'")
-        return "vmap"
+            other = "'loop'" if self._untraceable else "'vmap'"
+            raise ValueError(f"engine='fast' impossible for {name}: {reason}; use engine='auto' or {other}")
+        return "loop" if self._untraceable else "vmap"
+
+    def _refuse_vmap(self, name: str) -> None:
+        """``ValueError`` for ``engine="vmap"`` in a model with a layer whose forward vmap cannot trace."""
+        (layer, what), more = next(iter(self._untraceable.items())), len(self._untraceable) - 1
+        mod, local = self.sites[name]
+        fast = len(self._shared(name)) == 1 and fast_path_for(mod, local) is not None and not self._batch_statistics()
+        raise ValueError(
+            f"PerSampleGradientProbe: engine='vmap' impossible for {type(self.model).__name__}: its peft layer {layer!r} "
+            f"({what}{f'; {more} more such layer(s)' if more else ''}) runs a torch.autograd.Function without "
+            "setup_context or vmap rule in its forward (LoHa), which torch.func.vmap cannot trace; use engine='auto' (the "
+            "fast path where one is registered, the per-sample loop elsewhere)"
+            + (f", engine='fast' ({name} has a fast path)" if fast else "")
+            + " or engine='loop' (the same gradients, one backward per sample)"
+        )
 
     def _initial_head_loss(self) -> str | None:
         """The head-loss decision known without the model's output; ``None``: decided at the first update."""

@@ -133,8 +133,10 @@ def assert_same(before, after):
 def test_lens_defaults_on_a_lora_model_equal_float64_references(build, block, wo):
     """The default block and W_O are found through the PeftModel and its LoRA-wrapped projection (the
     frozen base weight: its gradient is the gradient of the effective W + s B A); both spectra equal the
-    references, and equal those of the merge_and_unload() model's plain W_O. Before: 'no attention output
-    projection found' (the wrapped W_O is <module>.base_layer.weight)."""
+    references, and equal those of the merge_and_unload() model's plain W_O, under the same record keys (the
+    names of the model before get_peft_model; Spectrum.source keeps the PeftModel's own). Before: 'no
+    attention output projection found' (the wrapped W_O is <module>.base_layer.weight); then keys with
+    base_model.model. and base_layer, which no key of the merged model's record matched."""
     model, batches = build(), pool()
     lens = sl.SpectralLens(model, batches, precision="float64", progress=False)
     param = f"{PREFIX}{wo}.base_layer.weight"
@@ -148,24 +150,28 @@ def test_lens_defaults_on_a_lora_model_equal_float64_references(build, block, wo
     with torch.no_grad():
         assert torch.equal(out, model.eval()(input_ids=batches[0]["input_ids"]).logits)
     assert model.get_parameter(param).requires_grad is False  # frozen, stays frozen
-    act, grad = m.spectra[f"act:{PREFIX}{block}"], m.spectra[f"grad:{param}"]
+    act, grad = m.spectra[f"act:{block}"], m.spectra[f"grad:{wo}.weight"]
+    assert (act.source, grad.source) == (PREFIX + block, param)
+    assert set(m.scalars) == {"noise_scale", f"noise_scale:{wo}.weight"}
     close(act.values, ref_activations(model, PREFIX + block, batches))
     close(grad.values, spectrum(ref_grads(model, param, batches)))
     merged = copy.deepcopy(model).merge_and_unload()
     m2 = sl.SpectralLens(merged, batches, precision="float64", progress=False).measure(step=1, tokens=60)
+    assert set(m2.spectra) == set(m.spectra) and set(m2.scalars) == set(m.scalars) and set(m2.summaries) == set(m.summaries)
     close(m2.spectra[f"act:{block}"].values, act.values.numpy(), 1e-8)
     close(m2.spectra[f"grad:{wo}.weight"].values, grad.values.numpy(), 1e-8)
 
 
 def test_names_as_a_user_types_them():
     """layers= and params= take the PeftModel's names and the names of the model it wraps (without
-    base_model.model., a wrapped weight without .base_layer, a module for its weight); globs too. The
-    record keeps the model's own names. Before: 'no module matches' / 'has no parameter'."""
+    base_model.model., a wrapped weight without .base_layer, a module for its weight); globs too. The probe
+    and lens.layers keep the model's own names, the record those of the model before get_peft_model. Before:
+    'no module matches' / 'has no parameter'."""
     model = gpt2()
     wo = f"{PREFIX}transformer.h.1.attn.c_proj.base_layer.weight"
     for layers in ("transformer.h.1", f"{PREFIX}transformer.h.1", "transformer.h.*"):
         lens = sl.SpectralLens(model, pool(), layers=layers, params=(), progress=False)
-        assert f"act:{PREFIX}transformer.h.1" in lens.measure(0, 0).spectra
+        assert "act:transformer.h.1" in lens.measure(0, 0).spectra
     for spelling in ("transformer.h.1.attn.c_proj.weight", "transformer.h.1.attn.c_proj.base_layer.weight",
                      "transformer.h.1.attn.c_proj", f"{PREFIX}transformer.h.1.attn.c_proj",
                      f"{PREFIX}transformer.h.1.attn.c_proj.weight", wo):
@@ -181,6 +187,42 @@ def test_names_as_a_user_types_them():
     assert list(sl.PerSampleGradientProbe(inner).params) == ["transformer.h.1.attn.c_proj.base_layer.weight"]
     assert list(sl.PerSampleGradientProbe(inner, params="transformer.h.1.attn.c_proj.weight").params) == [
         "transformer.h.1.attn.c_proj.base_layer.weight"]
+
+
+def test_record_keeps_full_names_where_short_names_collide():
+    """Two different matrices whose short names would be one record key (a model of its own with a submodule
+    named base_layer next to a weight: c_fc.weight and c_fc.base_layer.weight both shorten to c_fc.weight)
+    keep their full names in the record; the other keys are short, and each spectrum equals its reference.
+    Modules too: a base model's child named base_model shortens to the PeftModel's own base_model."""
+    from transformers.pytorch_utils import Conv1D
+
+    from spectral_lens.capture import record_names
+
+    model, batches = gpt2(targets=("c_attn", "c_proj")), pool(1)
+    fc = f"{PREFIX}transformer.h.1.mlp.c_fc"
+    model.get_submodule(fc).register_module("base_layer", Conv1D(4, 16).double())  # not in the forward
+    wo = "transformer.h.1.attn.c_proj"
+    m = sl.SpectralLens(model, batches, layers="transformer.h.1", params=[f"{fc}.weight", f"{wo}.weight"],
+                        precision="float64", progress=False).measure(0, 0)
+    assert sorted(m.spectra) == sorted(["act:transformer.h.1", f"grad:{fc}.weight", f"grad:{wo}.weight"])
+    close(m.spectra[f"grad:{fc}.weight"].values, spectrum(ref_grads(model, f"{fc}.weight", batches)))
+    close(m.spectra[f"grad:{wo}.weight"].values,
+          spectrum(ref_grads(model, f"{PREFIX}{wo}.base_layer.weight", batches)))
+    assert record_names(model, [f"{fc}.base_layer.weight", f"{PREFIX}{wo}.base_layer.weight"], params=True) == {
+        f"{fc}.base_layer.weight": f"{fc}.base_layer.weight", f"{PREFIX}{wo}.base_layer.weight": f"{wo}.weight"}
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base_model, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.head(self.base_model(x))
+
+    net = peft.get_peft_model(Net(), peft.LoraConfig(r=2, target_modules=["head"]))
+    assert record_names(net, [f"{PREFIX}base_model", f"{PREFIX}head", f"{PREFIX}head.base_layer"], params=False) == {
+        f"{PREFIX}base_model": f"{PREFIX}base_model", f"{PREFIX}head": "head", f"{PREFIX}head.base_layer": "head.base_layer"}
+    assert record_names(net, [f"{PREFIX}head.base_layer.weight"], params=True) == {f"{PREFIX}head.base_layer.weight": "head.weight"}
 
 
 def test_probe_on_lora_factors_base_weight_and_lm_head_equals_float64_references():
@@ -209,6 +251,80 @@ def test_probe_on_lora_factors_base_weight_and_lm_head_equals_float64_references
         close(spectra[full].values, spectrum(G))
 
 
+def loha(targets=("q_proj", "o_proj")):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    base = transformers.LlamaForCausalLM(cfg).double()
+    return peft.get_peft_model(base, peft.LoHaConfig(r=4, target_modules=list(targets), init_weights=False)).double()
+
+
+def test_loha_engines():
+    """LoHa's forward runs peft's HadaWeight, a torch.autograd.Function without setup_context, which
+    torch.func.vmap cannot trace. engine="vmap" is refused when the probe is built (ValueError naming the layer
+    and engine='auto'/'fast'/'loop'); "auto" takes the fast path for the base weight and the loop for the LoHa
+    factor at once, without an EngineFallbackWarning, and both matrices' rows equal the float64 reference;
+    engine="fast" on the factor suggests 'loop', not 'vmap'. A LoRA model keeps vmap. Before: vmap raised a
+    RuntimeError at the first update naming PeftModel only, and "auto" warned after a failed vmap attempt."""
+    model, batches = loha(), pool(1)
+    o = "model.layers.1.self_attn.o_proj"
+    wo, factor = f"{PREFIX}{o}.base_layer.weight", f"{PREFIX}{o}.hada_w1_a.default"
+    with pytest.raises(ValueError, match=r"engine='vmap' impossible for PeftModel: its peft layer "
+                                         rf"'{PREFIX}model\.layers\.0\.self_attn\.q_proj' \(peft\.tuners\.loha\.layer\.Linear, "
+                                         r"whose module defines HadaWeight.*; 3 more.*engine='auto'.*engine='fast' "
+                                         r".*o_proj\.base_layer\.weight has a fast path\) or engine='loop'"):
+        sl.PerSampleGradientProbe(model, params=f"{o}.weight", engine="vmap")
+    with pytest.raises(ValueError, match=r"engine='vmap' impossible.*engine='auto' \(.*\) or engine='loop'"):
+        sl.PerSampleGradientProbe(model, params=factor, engine="vmap")
+    with pytest.raises(ValueError, match=r"engine='fast' impossible for .*hada_w1_a.*use engine='auto' or 'loop'$"):
+        sl.PerSampleGradientProbe(model, params=factor, engine="fast")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sl.EngineFallbackWarning)
+        probe = sl.PerSampleGradientProbe(model, params=[f"{o}.weight", factor], keep_matrix=True).update(batches[0])
+    assert probe.engines_ == {wo: "fast", factor: "loop"}
+    for name in (wo, factor):
+        G = ref_grads(model, name, batches)
+        assert G.abs().max() > 0 and torch.allclose(probe.matrix(name).double(), G, rtol=1e-9,
+                                                     atol=1e-12 * G.abs().max()), name
+    lora = sl.PerSampleGradientProbe(llama(), params=f"{o}.lora_B.default.weight", engine="vmap").update(batches[0])
+    assert list(lora.engines_.values()) == ["vmap"] and lora.n_samples_ == 3
+
+
+@pytest.mark.parametrize("kind", ["ia3", "oft", "dora"])
+def test_scaling_adapters_measure_the_base_weights_own_gradient(kind):
+    """IA3 (scales outputs), OFT (rotates) and DoRA (rescales by its magnitude, here 1.5x its initial value):
+    the rows of "<layer>.weight" (the frozen base_layer.weight) are that weight's own per-sample gradient
+    (float64 autograd through the PeftModel), not the effective matrix's: they differ from the gradient of the
+    merge_and_unload() model's weight, which computes the same outputs. IA3's and DoRA's spectra differ too;
+    an exact rotation (OFT with use_cayley_neumann=False) keeps the spectrum. As docs/guide-attach.md says."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    config = {"ia3": lambda: peft.IA3Config(target_modules=["o_proj"], feedforward_modules=[], init_ia3_weights=False),
+              "oft": lambda: peft.OFTConfig(r=0, oft_block_size=4, target_modules=["o_proj"], init_weights=False,
+                                         use_cayley_neumann=False),
+              "dora": lambda: peft.LoraConfig(r=4, target_modules=["o_proj"], use_dora=True, init_lora_weights=False)}
+    model, batches = peft.get_peft_model(transformers.LlamaForCausalLM(cfg).double(), config[kind]()).double(), pool(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "magnitude" in n:
+                p.mul_(1.5)
+    o = "model.layers.1.self_attn.o_proj"
+    probe = sl.PerSampleGradientProbe(model, params=f"{o}.weight", keep_matrix=True).update(batches[0])
+    G = ref_grads(model, f"{PREFIX}{o}.base_layer.weight", batches)
+    assert torch.allclose(probe.matrix().double(), G, rtol=1e-9, atol=1e-12 * G.abs().max())
+    merged = copy.deepcopy(model).merge_and_unload()
+    with torch.no_grad():
+        ids = batches[0]["input_ids"]
+        assert torch.allclose(model(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-9, atol=1e-12)
+    effective = ref_grads(merged, f"{o}.weight", batches)
+    assert ((G - effective).norm() / effective.norm()).item() > 0.1
+    own, eff = spectrum(G), spectrum(effective)
+    assert (np.abs(own - eff).max() / eff[0] < 1e-9) if kind == "oft" else (np.abs(own - eff).max() / eff[0] > 0.1)
+
+
 def test_modules_to_save_head_is_its_trained_copy():
     """LoraConfig(modules_to_save=["lm_head"]) trains a copy of the head, which the forward uses: "lm_head"
     names that copy (lm_head.modules_to_save.default.weight), whose rows equal the reference; the frozen
@@ -229,9 +345,10 @@ def test_modules_to_save_head_is_its_trained_copy():
 
 def test_modules_to_save_head_follows_set_adapter():
     """Two adapters, each with its own trained lm_head copy: "lm_head" names the copy the forward runs at each
-    measurement (set_adapter between two), the record key names that copy and its spectrum equals the float64
+    measurement (set_adapter between two), the record key is the head's (grad:lm_head.weight, the key a full
+    fine-tune's record has), Spectrum.source names the copy, and its spectrum equals the float64
     reference; inside disable_adapter(), and with an adapter that has no copy, the forward runs the frozen
-    original, which is then measured. A probe
+    original, which is then measured (same key, source the original). A probe
     holding samples refuses to add another copy's rows (ValueError) until reset(). Before: "lm_head" stayed
     adapter a's copy, which the forward no longer ran: all zero rows and a ZeroGradientWarning."""
     model, batches = llama(adapters=("a", "b"), save=["lm_head"]), pool(1)
@@ -249,24 +366,95 @@ def test_modules_to_save_head_follows_set_adapter():
             m = lens.measure(0, 0)
             assert_same(before, state(model))
             name = f"{head}.modules_to_save.{adapter}.weight"
-            assert [k for k in m.spectra if k.startswith("grad:")] == [f"grad:{name}"], adapter
-            close(m.spectra[f"grad:{name}"].values, spectrum(ref_grads(model, name, batches)))
+            assert [k for k in m.spectra if k.startswith("grad:")] == ["grad:lm_head.weight"], adapter
+            assert m.spectra["grad:lm_head.weight"].source == name
+            close(m.spectra["grad:lm_head.weight"].values, spectrum(ref_grads(model, name, batches)))
         with model.disable_adapter():
             m = lens.measure(1, 0)
             ref = spectrum(ref_grads(model, f"{head}.original_module.weight", batches))
-        close(m.spectra[f"grad:{head}.original_module.weight"].values, ref)
+        assert m.spectra["grad:lm_head.weight"].source == f"{head}.original_module.weight"
+        close(m.spectra["grad:lm_head.weight"].values, ref)
         model.add_adapter("c", peft.LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False))
         model.double()
         model.set_adapter("c")  # no copy of the head: the forward runs the original
         m = lens.measure(2, 0)
         ref = spectrum(ref_grads(model, f"{head}.original_module.weight", batches))
-        close(m.spectra[f"grad:{head}.original_module.weight"].values, ref)
+        assert m.spectra["grad:lm_head.weight"].source == f"{head}.original_module.weight"
+        close(m.spectra["grad:lm_head.weight"].values, ref)
         model.set_adapter("a")
     probe = sl.PerSampleGradientProbe(model, params="lm_head").update(batches[0])  # adapter a's copy
     model.set_adapter("b")
-    with pytest.raises(ValueError, match=r"active adapter changed .* 3 samples.*modules_to_save\.b\.weight"):
+    with pytest.raises(ValueError, match=r"active adapter or its peft layers changed .* 3 samples.*modules_to_save\.b\.weight"):
         probe.update(batches[0])
     assert list(probe.reset().update(batches[0]).params) == [f"{head}.modules_to_save.b.weight"]
+
+
+def test_modules_to_save_wrapper_added_after_binding():
+    """add_adapter with modules_to_save after the probe (or lens) was bound wraps lm_head: at the next update
+    "lm_head" names the new adapter's copy, which the forward runs, and its rows equal the float64 reference;
+    so do a chunked head's rows (the head decided again: the copy); a probe bound to get_base_model() (no
+    adapter names to compare) follows its probed head too; a probe holding samples refuses (ValueError) until
+    reset(). Before: KeyError "attribute 'weight' already exists" (the probe took the wrapper's weight), and
+    'without_head: ... must be an nn.Linear head, got ModulesToSaveWrapper' for the chunked head."""
+    o = "model.layers.1.self_attn.o_proj"
+
+    def add_b(model):
+        model.add_adapter("b", peft.LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False,
+                                               modules_to_save=["lm_head"]))
+        model.double().set_adapter("b")
+        with torch.no_grad():  # the copy differs from the original: the rows tell them apart
+            model.get_parameter(f"{PREFIX}lm_head.modules_to_save.b.weight").mul_(1.5)
+
+    model, batches = llama(), pool(1)
+    copy_ = f"{PREFIX}lm_head.modules_to_save.b.weight"
+    probe = sl.PerSampleGradientProbe(model, params=["lm_head", f"{o}.weight"], keep_matrix=True)
+    chunked = sl.PerSampleGradientProbe(model, params=f"{o}.weight", head_loss="chunked",
+                                        keep_matrix=True).update(batches[0])
+    held = sl.PerSampleGradientProbe(model, params="lm_head").update(batches[0])
+    lens = sl.SpectralLens(model, batches, layers="model.layers.1", params="lm_head", precision="float64", progress=False)
+    lens.measure(0, 0)
+    inner = sl.PerSampleGradientProbe(model.get_base_model(), params="lm_head", keep_matrix=True)
+    add_b(model)
+    probe.update(batches[0])
+    assert list(probe.params) == [copy_, f"{PREFIX}{o}.base_layer.weight"]
+    m = lens.measure(1, 0)
+    assert m.spectra["grad:lm_head.weight"].source == copy_
+    G = ref_grads(model, copy_, batches)
+    assert torch.allclose(probe.matrix(copy_).double(), G, rtol=1e-9, atol=1e-12 * G.abs().max())
+    close(m.spectra["grad:lm_head.weight"].values, spectrum(G))
+    assert list(inner.update(batches[0]).params) == ["lm_head.modules_to_save.b.weight"]
+    assert torch.allclose(inner.matrix().double(), G, rtol=1e-9, atol=1e-12 * G.abs().max())
+    chunked.reset().update(batches[0])
+    assert chunked.head_loss_ == f"chunked ({PREFIX}lm_head.modules_to_save.b)"
+    G = ref_grads(model, next(iter(chunked.params)), batches)
+    assert torch.allclose(chunked.matrix().double(), G, rtol=1e-9, atol=1e-12 * G.abs().max())
+    with pytest.raises(ValueError, match=r"peft layers changed \(.*add_adapter.*3 samples.*modules_to_save\.b\.weight"):
+        held.update(batches[0])
+    assert list(held.reset().update(batches[0]).params) == [copy_]
+
+
+def test_get_peft_model_after_binding():
+    """get_peft_model wraps the bound model's layers in place (LoHa here): at the next update a probe follows
+    the probed projection into its base_layer.weight (rows equal the float64 reference), and a probe with
+    engine="vmap" raises the LoHa ValueError. Before: AttributeError "property 'weight' of 'Linear' object has
+    no setter" from both (the probe took the LoHa layer's weight property for the parameter)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   tie_word_embeddings=False)
+    base, batches = transformers.LlamaForCausalLM(cfg).double(), pool(1)
+    o = "model.layers.1.self_attn.o_proj"
+    probe = sl.PerSampleGradientProbe(base, params=[f"{o}.weight", "lm_head"], keep_matrix=True)
+    vmap = sl.PerSampleGradientProbe(base, params=f"{o}.weight", engine="vmap")
+    peft.get_peft_model(base, peft.LoHaConfig(r=4, target_modules=["o_proj"], init_weights=False)).double()
+    probe.update(batches[0])
+    assert list(probe.params) == [f"{o}.base_layer.weight", "lm_head.weight"]
+    for name in probe.params:
+        G = ref_grads(base, name, batches)
+        assert torch.allclose(probe.matrix(name).double(), G, rtol=1e-9, atol=1e-12 * G.abs().max()), name
+    with pytest.raises(ValueError, match=r"engine='vmap' impossible for LlamaForCausalLM: its peft layer "
+                                         r"'model\.layers\.0\.self_attn\.o_proj' \(peft\.tuners\.loha"):
+        vmap.update(batches[0])
 
 
 def test_chunked_head_loss_follows_set_adapter():
@@ -329,8 +517,8 @@ def test_gradient_checkpointing_with_input_require_grads():
         m = sl.SpectralLens(model, batches, precision="float64", progress=False).measure(0, 0)
     assert_same(before, state(model))
     assert flags == [getattr(mod, "gradient_checkpointing", None) for mod in model.modules()]
-    close(m.spectra[f"grad:{wo}"].values, spectrum(ref_grads(model, wo, batches)))
-    close(m.spectra[f"act:{PREFIX}model.layers.1"].values, ref_activations(model, f"{PREFIX}model.layers.1", batches))
+    close(m.spectra["grad:model.layers.1.self_attn.o_proj.weight"].values, spectrum(ref_grads(model, wo, batches)))
+    close(m.spectra["act:model.layers.1"].values, ref_activations(model, f"{PREFIX}model.layers.1", batches))
 
 
 def test_set_adapter_and_disable_adapter():
@@ -346,8 +534,9 @@ def test_set_adapter_and_disable_adapter():
     m = lens.measure(0, 0)
     assert_same(before, state(model))
     assert model.active_adapter == "b"
-    for p in (f"{o}.base_layer.weight", f"{o}.lora_B.b.weight"):
-        close(m.spectra[f"grad:{p}"].values, spectrum(ref_grads(model, p, batches)))
+    short = o[len(PREFIX):]
+    for p, key in ((f"{o}.base_layer.weight", f"{short}.weight"), (f"{o}.lora_B.b.weight", f"{short}.lora_B.b.weight")):
+        close(m.spectra[f"grad:{key}"].values, spectrum(ref_grads(model, p, batches)))
     plain = copy.deepcopy(model)
     with plain.disable_adapter():  # the base model: the reference, without any LoRA branch
         block_ref = ref_activations(plain, f"{PREFIX}model.layers.1", batches)
@@ -357,16 +546,16 @@ def test_set_adapter_and_disable_adapter():
             m = lens.measure(1, 0)
         assert model.get_submodule(o).disable_adapters
     assert not model.get_submodule(o).disable_adapters
-    close(m.spectra[f"act:{PREFIX}model.layers.1"].values, block_ref)
-    close(m.spectra[f"grad:{o}.base_layer.weight"].values, wo_ref)
-    assert float(m.spectra[f"grad:{o}.lora_B.b.weight"].values.max()) == 0.0
+    close(m.spectra["act:model.layers.1"].values, block_ref)
+    close(m.spectra[f"grad:{short}.weight"].values, wo_ref)
+    assert float(m.spectra[f"grad:{short}.lora_B.b.weight"].values.max()) == 0.0
 
 
 def test_merged_adapter_stays_merged():
     """merge_adapter() (in place, still a PeftModel): measured as merged, left merged with the same weights;
     the base-weight spectrum equals the unmerged model's (the merged base weight is W + s B A)."""
     model, batches = gpt2(), pool(1)
-    wo = f"{PREFIX}transformer.h.1.attn.c_proj.base_layer.weight"
+    wo = "transformer.h.1.attn.c_proj.weight"
     unmerged = sl.SpectralLens(model, batches, precision="float64", progress=False).measure(0, 0)
     model.merge_adapter()
     before = state(model)
@@ -404,8 +593,8 @@ def test_lora_dropout_in_train_mode():
 
 def test_trainer_with_a_peft_model(tmp_path):
     """SpectralLensCallback with a PeftModel passed to transformers.Trainer (the lens attached by the
-    callback, names as the user types them): it measures at its schedule, the record uses the model's own
-    names, the base weights stay frozen and only LoRA weights train."""
+    callback, names as the user types them): it measures at its schedule, the record's spectra and scalars
+    use the names of the model before get_peft_model, the base weights stay frozen and only LoRA weights train."""
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
     from spectral_lens.integrations import SpectralLensCallback
     from spectral_lens.records import RunInfo, RunWriter, open_runs
@@ -436,9 +625,10 @@ def test_trainer_with_a_peft_model(tmp_path):
     writer.close()
     (run,) = open_runs([tmp_path / "run"])
     assert [m.step for m in run.measurements] == [2, 4]
-    o = f"{PREFIX}model.layers.1.self_attn.o_proj"
-    assert set(run.measurements[-1].spectra) == {f"act:{PREFIX}model.layers.1", f"grad:{o}.base_layer.weight",
-                                                 f"grad:{o}.lora_B.default.weight"}
+    o = "model.layers.1.self_attn.o_proj"
+    assert set(run.measurements[-1].spectra) == {"act:model.layers.1", f"grad:{o}.weight", f"grad:{o}.lora_B.default.weight"}
+    assert set(run.measurements[-1].scalars) == {"noise_scale", f"noise_scale:{o}.weight",
+                                                 f"noise_scale:{o}.lora_B.default.weight"}
     assert lens.model is None  # the callback detached the lens it attached
     params = dict(model.named_parameters())
     assert all(torch.equal(params[k], v) and not params[k].requires_grad for k, v in frozen.items())
