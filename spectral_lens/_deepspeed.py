@@ -10,7 +10,7 @@ imports ``deepspeed``), so a model that DeepSpeed never touched costs a loop ove
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from torch import nn
 
