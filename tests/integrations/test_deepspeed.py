@@ -296,3 +296,91 @@ def test_real_deepspeed_zero3_and_zero2(tmp_path, monkeypatch):
             else:  # ZeRO-2 keeps whole parameters: the probe measures them exactly
                 assert v["local_shape"] == [16, 16] and v["ds_shape"] is None
                 torch.testing.assert_close(torch.tensor(v["probe"], dtype=torch.float64), want_grad, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------- the Hugging Face Trainer with DeepSpeed, torchrun, 2 CPU ranks
+HF_SCRIPT = '''
+import contextlib, json, os, sys
+sys.path[:0] = [ROOT, ROOT + "/tests", ROOT + "/tests/integrations"]
+import deepspeed, torch, transformers
+import spectral_lens as sl
+from spectral_lens.integrations import SpectralLensCallback
+from test_hf_trainer import RandomTokens, heldout_pool, tiny_llama
+
+ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+      "zero_allow_untested_optimizer": True,
+      "zero_optimization": {"stage": STAGE, "stage3_param_persistence_threshold": 0}}
+pool = heldout_pool() + heldout_pool()[:1]  # 3 batches on 2 ranks
+kw = {"params": ()} if STAGE == 3 else {}
+
+
+def train(lens, out):
+    args = transformers.TrainingArguments(
+        output_dir=out, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True, deepspeed=ds, optim="sgd", logging_steps=1)
+    trainer = transformers.Trainer(model=tiny_llama(), args=args, train_dataset=RandomTokens(80, 0))
+    if lens is not None:
+        trainer.add_callback(SpectralLensCallback(lens))
+    trainer.train()
+    gather = deepspeed.zero.GatheredParameters(list(trainer.model.parameters())) if STAGE == 3 else contextlib.nullcontext()
+    with gather:
+        state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return type(trainer.model_wrapped).__name__, state
+
+
+out = {}
+try:  # the default probe: refused when the callback attaches the lens to the partitioned module
+    train(sl.SpectralLens(None, pool, schedule=sl.Schedule.every(2), progress=False), "hf0")
+    out["default"] = "trained"
+except ValueError as exc:
+    out["default"] = f"ValueError: {exc}"
+lens = sl.SpectralLens(None, pool, schedule=sl.Schedule.every(2), precision="float64", progress=False, **kw)
+out["engine"], state = train(lens, "hf1")
+ref = tiny_llama()
+ref.load_state_dict(state)
+want = sl.SpectralLens(ref, pool, precision="float64", progress=False, **kw).measure(4, 4).spectra
+got = lens.history[-1].spectra
+out["steps"] = [m.step for m in lens.history]
+out["error"] = {k: float((got[k].values - want[k].values).abs().max() / want[k].values.abs().max()) for k in want}
+out["keys"] = sorted(got)
+_, without = train(None, "hf2")
+out["unchanged"] = all(torch.equal(state[k], without[k]) for k in state)
+sys.stdout.write("RESULT " + json.dumps(out) + "\\n")
+sys.stdout.flush()
+'''
+
+HAS_HF = all(importlib.util.find_spec(m) is not None for m in ("transformers", "accelerate"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not (HAS_DEEPSPEED and HAS_HF), reason="needs deepspeed, transformers and accelerate")
+@pytest.mark.parametrize("stage", [3, 2])
+def test_hf_trainer_with_deepspeed_under_torchrun(tmp_path, stage):
+    """``Trainer(args=TrainingArguments(deepspeed=...))``: the callback gets the module (the trainer keeps the
+    engine as ``model_wrapped``). ZeRO-3: the default probe refused at train begin on every rank, activations
+    (``params=()``) equal a plain copy's at the trained weights; ZeRO-2: activations and gradients do. Training
+    with the callback leaves the parameters bit-identical to training without."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    (tmp_path / "train.py").write_text(f"ROOT = {root!r}\nSTAGE = {stage}\n" + HF_SCRIPT, encoding="utf-8")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=500, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 2, proc.stdout[-3000:]
+    for r in results:
+        assert r["engine"] == "DeepSpeedEngine" and r["steps"] == [2, 4] and r["unchanged"], r
+        assert all(e < 1e-12 for e in r["error"].values()), r["error"]
+        if stage == 3:
+            assert r["default"].startswith("ValueError: PerSampleGradientProbe: the probed parameter(s) "
+                                           "model.layers.1.self_attn.o_proj.weight (ds_shape [32, 32]"), r["default"]
+            assert r["keys"] == ["act:model.layers.1"]
+        else:
+            assert r["default"] == "trained"
+            assert r["keys"] == ["act:model.layers.1", "grad:model.layers.1.self_attn.o_proj.weight"]
