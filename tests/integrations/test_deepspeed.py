@@ -11,7 +11,8 @@ never importing deepspeed, which is in no extra and not in CI.
   the ``DeepSpeedEngine`` wrapper was measured with its loss-scaling output hooks, and a pool whose length
   is not a multiple of the world size left one rank waiting in the forward's collective.
 * Real DeepSpeed (skipped unless ``deepspeed`` imports; slow tier): ZeRO stage 3 and 2 on 2 gloo CPU ranks
-  (``DS_ACCELERATOR=cpu``). Run them in a venv with deepspeed installed::
+  (``DS_ACCELERATOR=cpu``), and the Hugging Face ``Trainer(deepspeed=...)`` under torchrun (also needs
+  transformers and accelerate). Run them in a venv with deepspeed installed::
 
       DS_ACCELERATOR=cpu python -m pytest -p no:cacheprovider -m slow tests/integrations/test_deepspeed.py
 """
