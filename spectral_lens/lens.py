@@ -36,6 +36,7 @@ from ._warnings import NonFiniteError
 from .capture import (Target, check_pick, eager_forwards, measurement_autocast, measurement_pass, select_modules,
                       record_names, unwrap_compiled)
 from .gradients import PerSampleGradientProbe
+from ._deepspeed import zero3_partitioned
 from .gradients._measurable import fsdp_sharded, is_encoder_decoder, kept_sharded, refuse_parallel_wrapper
 from .gradients._batch import batch_size, default_forward, slice_batch
 from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
@@ -447,10 +448,10 @@ class SpectralLens:
         dev = self._device()
         autocast = measurement_autocast(dev, self.autocast_dtype)
         total = sized_total(self.pool)
-        # under FSDP every forward all-gathers the weights over the mesh, so every rank must run as many
-        # forwards: a rank with one batch fewer than the others runs one more, unmeasured; pools of
-        # different lengths (with a len) are refused before any forward
-        fsdp = world > 1 and bool(fsdp_sharded(model))
+        # under FSDP (and DeepSpeed ZeRO-3) every forward all-gathers the weights over the ranks, so every
+        # rank must run as many forwards: a rank with one batch fewer than the others runs one more,
+        # unmeasured; pools of different lengths (with a len) are refused before any forward
+        fsdp = world > 1 and (bool(fsdp_sharded(model)) or zero3_partitioned(model))
         if fsdp and total is not None:
             agree_lengths(self.group, total)
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")

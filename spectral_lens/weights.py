@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._deepspeed import refuse_zero3_placeholders
 from .capture import name_matcher
 from .spectrum import Spectrum
 from .summaries import stable_rank
@@ -75,10 +76,11 @@ def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> li
     """Matrix-shaped parameters of ``model`` chosen by ``select`` (default: all with >= 2 dims).
 
     Parameters with fewer than two dimensions are never returned. Raises ``ValueError`` naming the
-    closest parameter names when nothing matches.
+    closest parameter names when nothing matches, and for DeepSpeed ZeRO-3 placeholders (gather them first).
     """
     named = list(model.named_parameters())
     if select is None:
+        refuse_zero3_placeholders(dict(named), "weight_spectra")  # empty .data: even their ndim is not the matrix's
         chosen = [(n, p) for n, p in named if p.ndim >= 2]
     else:
         targets = list(select) if isinstance(select, (list, tuple, set, frozenset)) else [select]
@@ -86,6 +88,7 @@ def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> li
             raise ValueError("empty parameter target list")
         matchers = [name_matcher(t, "parameter") for t in targets]
         matched = [(n, p) for n, p in named if any(f(n, p) for f in matchers)]
+        refuse_zero3_placeholders(dict(matched), "weight_spectra")
         chosen = [(n, p) for n, p in matched if p.ndim >= 2]
         if matched and not chosen:
             raise ValueError(

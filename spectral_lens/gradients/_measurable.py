@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .._deepspeed import refuse_deepspeed_engine, refuse_zero3_params
 from .._peft import base_prefix, has_peft_layers, saved_copies, short_name
 from ..capture import glob_to_regex, uncompiled_name
 from ._validate import param_names
@@ -49,8 +50,10 @@ def refuse_parallel_wrapper(model: Any, who: str) -> None:
 
     A forward/backward through the wrapper starts the wrapper's own work on this rank alone (DDP's
     buffer broadcast per forward and gradient all-reduce per backward; DataParallel's replication),
-    which the other ranks never match: it cross-talks with the lens's collectives or hangs.
+    which the other ranks never match: it cross-talks with the lens's collectives or hangs. A
+    ``DeepSpeedEngine`` likewise (:func:`~spectral_lens._deepspeed.refuse_deepspeed_engine`).
     """
+    refuse_deepspeed_engine(model, who)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         why = ("start DDP's buffer broadcast and gradient all-reduce on this rank alone (the other ranks never "
                "match them: a hang, or cross-talk with the lens's own collectives)")
@@ -134,7 +137,9 @@ def refuse_fsdp(model: nn.Module, engines: dict[str, str]) -> None:
     on every rank that runs the same passes; it takes ``torch.autograd.grad`` of the module outputs, not
     of the parameters, so FSDP accumulates and reduce-scatters nothing into ``.grad``. The ``vmap``
     engine cannot trace FSDP's hooks (``requires_grad_`` under ``torch.func``), and the ``loop`` engine's
-    gradients are sharded ``DTensor``s."""
+    gradients are sharded ``DTensor``s. Parameters partitioned by DeepSpeed ZeRO-3 are refused here too
+    (:func:`~spectral_lens._deepspeed.refuse_zero3_params`: partitioned after the probe was bound)."""
+    refuse_zero3_params({n: model.get_parameter(n) for n in engines})
     sharded = fsdp_sharded(model)
     if not sharded:
         return
@@ -363,6 +368,7 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
             )
         for n in hits:
             out[n] = named[n]
+    refuse_zero3_params(out)  # before any engine reads the shapes of their empty placeholders
     return out
 
 

@@ -1,0 +1,105 @@
+"""DeepSpeed, recognized without importing it: the ``DeepSpeedEngine`` wrapper and ZeRO stage 3 parameters.
+
+Under ZeRO-3 every parameter of the model is partitioned over the ranks: outside a forward its ``.data``
+is an empty placeholder (``numel() == 0``; the whole tensor's shape is ``ds_shape``, its size ``ds_numel``,
+whether it is gathered ``ds_status``), and each module's forward gathers its parameters (an all-gather
+that every rank must run) and releases them afterwards. ZeRO stages 1 and 2 keep the parameters whole and
+add no ``ds_*`` attributes. The functions here read those attributes only (duck typing; spectral-lens never
+imports ``deepspeed``), so a model that DeepSpeed never touched costs a loop over its parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+__all__ = ["refuse_deepspeed_engine", "refuse_zero3_params", "refuse_zero3_placeholders", "zero3_names",
+           "zero3_partitioned"]
+
+
+def is_zero3(p) -> bool:
+    """Whether ``p`` is a parameter managed by ZeRO stage 3 (it carries ``ds_numel`` or ``ds_status``)."""
+    return hasattr(p, "ds_numel") or hasattr(p, "ds_status")
+
+
+def is_placeholder(p) -> bool:
+    """Whether ``p`` is a ZeRO-3 parameter that is not gathered now: its ``.data`` holds fewer elements than
+    the whole tensor (``ds_numel``), an empty placeholder outside a forward or ``GatheredParameters``."""
+    return is_zero3(p) and p.numel() != getattr(p, "ds_numel", -1)
+
+
+def zero3_names(named: Iterable[tuple[str, object]]) -> list[str]:
+    """The names, among ``(name, parameter)`` pairs, of the parameters managed by ZeRO stage 3."""
+    return [n for n, p in named if is_zero3(p)]
+
+
+def zero3_partitioned(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is managed by ZeRO stage 3: then each module's forward all-gathers
+    its parameters over the ranks, so every rank must run as many forwards (as under FSDP)."""
+    return any(is_zero3(p) for p in model.parameters())
+
+
+def _describe(name: str, p) -> str:
+    shape = getattr(p, "ds_shape", None)
+    shape = list(shape) if shape is not None else "?"
+    status = getattr(p, "ds_status", None)
+    status = getattr(status, "name", status)
+    return f"{name} (ds_shape {shape}, ds_status {status}, local .data shape {list(p.shape)})"
+
+
+def _shown(named: dict, names: list[str]) -> str:
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(_describe(n, named[n]) for n in names[:3]) + more
+
+
+def refuse_zero3_params(params: dict, who: str = "PerSampleGradientProbe") -> None:
+    """``ValueError`` when any of ``params`` (name -> parameter to probe) is managed by ZeRO stage 3.
+
+    Outside a forward such a parameter is an empty placeholder (the probe would size and read a 0-element
+    tensor), and inside one its gathering and release are ZeRO-3's hooks, all-gathers that every rank must
+    run together, while the lens runs the gradient protocol on rank 0 alone: a hang or a wrong number. A
+    parameter gathered right now (``GatheredParameters``, or persisted by ZeRO-3 because it is small) is
+    refused too: whether it is gathered changes from one pass to the next."""
+    bad = zero3_names(params.items())
+    if not bad:
+        return
+    raise ValueError(
+        f"{who}: the probed parameter(s) {_shown(params, bad)} are partitioned by DeepSpeed ZeRO stage 3 "
+        "(outside a forward each is an empty placeholder on every rank; its whole shape is ds_shape), which the "
+        "per-sample gradient probe does not measure: it would size and read the placeholder, and its passes would "
+        "start ZeRO-3's all-gathers on one rank alone. Instead: measure activations only (SpectralLens(model, pool, "
+        "params=()), which works under ZeRO-3), or train with ZeRO stage 1 or 2 (whole parameters; the probe "
+        "measures them exactly), or probe an unsharded copy: on every rank, with deepspeed.zero.GatheredParameters("
+        "list(model.parameters())): state = {k: v.clone() for k, v in model.state_dict().items()}; load it into a "
+        "plain model of the same architecture and probe that (docs/guide-multi-gpu.md, DeepSpeed ZeRO)"
+    )
+
+
+def refuse_zero3_placeholders(named: dict, who: str) -> None:
+    """``ValueError`` when any of ``named`` (name -> parameter to read) is a ZeRO-3 placeholder now (not
+    gathered): its ``.data`` is empty, so a value read from it would be wrong. Gathered ones pass."""
+    bad = [n for n, p in named.items() if is_placeholder(p)]
+    if bad:
+        raise ValueError(
+            f"{who}: the parameter(s) {_shown(named, bad)} are DeepSpeed ZeRO stage 3 placeholders (partitioned "
+            "over the ranks; this rank's .data is not the whole matrix). Gather them first, on every rank: "
+            "with deepspeed.zero.GatheredParameters(list(model.parameters())): ... (docs/guide-multi-gpu.md, "
+            "DeepSpeed ZeRO)"
+        )
+
+
+def refuse_deepspeed_engine(model, who: str) -> None:
+    """``ValueError`` for a ``DeepSpeedEngine`` (what ``deepspeed.initialize`` returns; recognized by its
+    class name and module): measure ``engine.module``. The engine's forward registers hooks on its outputs
+    that scale the loss for gradient accumulation (and, in float16, by the loss scale) in any backward from
+    them, and starts its optimizer's bookkeeping; its parameter names carry a ``module.`` prefix."""
+    if not any(c.__name__ == "DeepSpeedEngine" and c.__module__.startswith("deepspeed.") for c in type(model).__mro__):
+        return
+    raise ValueError(
+        f"{who}: model is a DeepSpeed engine ({type(model).__name__}, from deepspeed.initialize); pass the module it "
+        "trains (engine.module) instead: the engine's forward scales the loss of any backward through its outputs "
+        "(gradient accumulation, float16 loss scaling) and updates its optimizer's bookkeeping, which measuring "
+        "must not. engine.module has the same parameters (and names without the 'module.' prefix), and training "
+        "through the engine is unaffected (docs/guide-multi-gpu.md, DeepSpeed ZeRO)"
+    )

@@ -1,0 +1,387 @@
+"""DeepSpeed ZeRO: the lens and the probe on ZeRO-3-partitioned parameters and the ``DeepSpeedEngine`` wrapper.
+
+Under ZeRO stage 3 every parameter's ``.data`` is an empty placeholder outside a forward (``ds_shape``,
+``ds_numel``, ``ds_status`` describe the whole tensor), and each module's forward all-gathers its
+parameters over the ranks. spectral-lens recognizes this by duck typing (``spectral_lens/_deepspeed.py``),
+never importing deepspeed, which is in no extra and not in CI.
+
+* Always run: fakes that leave the parameters as ZeRO-3 does (an empty ``.data`` and the ``ds_*``
+  attributes; forward hooks that gather them, around a collective when on several ranks). Before the
+  fix the probe took the placeholder's empty shape (or measured through ZeRO-3's hooks on rank 0 alone),
+  the ``DeepSpeedEngine`` wrapper was measured with its loss-scaling output hooks, and a pool whose length
+  is not a multiple of the world size left one rank waiting in the forward's collective.
+* Real DeepSpeed (skipped unless ``deepspeed`` imports; slow tier): ZeRO stage 3 and 2 on 2 gloo CPU ranks
+  (``DS_ACCELERATOR=cpu``), and the Hugging Face ``Trainer(deepspeed=...)`` under torchrun (also needs
+  transformers and accelerate). Run them in a venv with deepspeed installed::
+
+      DS_ACCELERATOR=cpu python -m pytest -p no:cacheprovider -m slow tests/integrations/test_deepspeed.py
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from spectral_lens import PerSampleGradientProbe, SpectralLens
+from spectral_lens.weights import weight_spectra
+
+from support.models import TinyGPT, lm_pool
+from support.ranks import checked_case, run_gloo_cases
+
+PARAM = "transformer.h.1.attn.c_proj.weight"
+
+
+class ZeroParamStatus(enum.Enum):  # deepspeed.runtime.zero.partition_parameters.ZeroParamStatus
+    AVAILABLE = 1
+    NOT_AVAILABLE = 2
+    INFLIGHT = 3
+
+
+def _plain(dtype=torch.float64):
+    torch.manual_seed(0)
+    return TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12).to(dtype)
+
+
+def _pool(n):
+    return lm_pool(n, batch=4, t=12, vocab=37, seed=1)
+
+
+def _own(module):
+    return [p for p in module._parameters.values() if p is not None]
+
+
+def _gather(module, *_):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(torch.zeros(1))  # stands for ZeRO-3's all-gather: every rank must run it
+    for p in _own(module):
+        p.data, p.ds_status = p.ds_tensor, ZeroParamStatus.AVAILABLE
+
+
+def _release(module, *_):
+    for p in _own(module):
+        p.data, p.ds_status = torch.empty(0, dtype=p.dtype), ZeroParamStatus.NOT_AVAILABLE
+
+
+def zero3(model: nn.Module) -> nn.Module:
+    """``model`` left as ZeRO-3 leaves it (in place): each parameter's ``.data`` an empty placeholder with the
+    ``ds_*`` attributes, gathered by a forward pre-hook (around a collective when a process group is up) and
+    released by a forward hook on each module that owns parameters. The whole tensor stays in ``ds_tensor``
+    (ZeRO-3 keeps this rank's partition there; a world of one)."""
+    for i, p in enumerate(model.parameters()):
+        p.ds_id, p.ds_shape, p.ds_numel, p.ds_tensor = i, p.shape, p.numel(), p.data
+    for m in model.modules():
+        if _own(m):
+            _release(m)
+            m.register_forward_pre_hook(_gather)
+            m.register_forward_hook(_release)
+    return model
+
+
+def _values(model, n, params=()):
+    m = SpectralLens(model, _pool(n), params=params, precision="float64", progress=False).measure(1, 1)
+    return {k: v.values for k, v in m.spectra.items()}
+
+
+# ------------------------------------------------------------------------------------------ fakes, one process
+def test_probe_refuses_a_zero3_placeholder_naming_it_and_its_whole_shape():
+    model = zero3(_plain())
+    with pytest.raises(ValueError) as err:
+        PerSampleGradientProbe(model, params=PARAM)
+    text = str(err.value)
+    assert PARAM in text and "ds_shape [16, 16]" in text and "NOT_AVAILABLE" in text and "local .data shape [0]" in text
+    assert "ZeRO stage 3" in text and "params=()" in text and "stage 1 or 2" in text
+    with pytest.raises(ValueError, match="ZeRO stage 3"):  # the default matrix (the last block's W_O) too
+        PerSampleGradientProbe(model)
+
+
+def test_a_gathered_zero3_parameter_is_refused_too():
+    """Inside GatheredParameters (or persisted because it is small) the parameter is whole for now, but its
+    gathering and release are still ZeRO-3's collectives: refused, whatever its status at the time."""
+    model = zero3(_plain())
+    _gather(model.transformer.h[1].attn.c_proj)
+    assert model.get_parameter(PARAM).shape == (16, 16)
+    with pytest.raises(ValueError, match=r"ds_status AVAILABLE.*ZeRO stage 3"):
+        PerSampleGradientProbe(model, params=PARAM)
+
+
+def test_lens_default_probe_refused_activations_equal_the_plain_models():
+    model = zero3(_plain())
+    with pytest.raises(ValueError, match=r"PerSampleGradientProbe: .*ZeRO stage 3.*SpectralLens\(model, pool, params=\(\)\)"):
+        SpectralLens(model, _pool(2))
+    got, want = _values(model, 3), _values(_plain(), 3)
+    assert got.keys() == want.keys() == {"act:transformer.h.1"}
+    torch.testing.assert_close(got["act:transformer.h.1"], want["act:transformer.h.1"], rtol=1e-12, atol=0)
+    assert all(p.numel() == 0 for p in model.parameters())  # released again after the lens's forwards
+
+
+def test_probe_bound_before_partitioning_refuses_its_next_update():
+    """A probe (or lens) built before ``deepspeed.initialize`` partitioned the model in place (a callback built
+    early): its next update raises, before any pass, instead of measuring placeholders."""
+    model = _plain()
+    probe = PerSampleGradientProbe(model, params=PARAM)
+    lens = SpectralLens(model, _pool(2), gradient_pool=_pool(1), params=PARAM, precision="float64", progress=False)
+    zero3(model)
+    with pytest.raises(ValueError, match=r"transformer\.h\.1\.attn\.c_proj\.weight \(ds_shape \[16, 16\]"):
+        probe.update(_pool(1)[0])
+    with pytest.raises(ValueError, match="ZeRO stage 3"):
+        lens.measure(1, 1)
+
+
+def test_deepspeed_engine_wrapper_is_refused_saying_engine_module():
+    class DeepSpeedEngine(nn.Module):  # what deepspeed.initialize returns, recognized by name and module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *a, **k):
+            return self.module(*a, **k)
+
+    DeepSpeedEngine.__module__ = "deepspeed.runtime.engine"
+
+    class PipelineEngine(DeepSpeedEngine):  # a subclass is an engine too
+        pass
+
+    PipelineEngine.__module__ = "deepspeed.runtime.pipe.engine"
+    for cls in (DeepSpeedEngine, PipelineEngine):
+        engine = cls(_plain())
+        with pytest.raises(ValueError, match=r"SpectralLens: model is a DeepSpeed engine .*engine\.module"):
+            SpectralLens(engine, _pool(2), params=())
+        with pytest.raises(ValueError, match=r"PerSampleGradientProbe: model is a DeepSpeed engine"):
+            PerSampleGradientProbe(engine, params="module." + PARAM)
+    SpectralLens(engine.module, _pool(2), params=PARAM)  # the module it trains is measured as usual
+
+
+def test_weight_spectra_refuse_placeholders_and_read_gathered_weights():
+    model = zero3(_plain())
+    with pytest.raises(ValueError, match=r"weight_spectra: .*c_proj\.weight \(ds_shape \[16, 16\].*GatheredParameters"):
+        weight_spectra(model, PARAM)
+    for m in model.modules():  # what deepspeed.zero.GatheredParameters does on entry
+        _gather(m)
+    torch.testing.assert_close(weight_spectra(model, PARAM)[PARAM].values,
+                               weight_spectra(_plain(), PARAM)[PARAM].values, rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------------------- fakes, two gloo ranks
+WORLD = 2
+
+
+def _uneven_pool(rank):
+    """3 batches on 2 ranks: rank 0 forwards 2, rank 1 one; each module's forward is a collective."""
+    model = zero3(_plain())
+    got = _values(model, 3)
+    return {k: v.tolist() for k, v in got.items()}
+
+
+@pytest.mark.distributed
+def test_every_rank_runs_as_many_forwards_under_zero3(tmp_path):
+    """Before the fix rank 1 ran one forward fewer, so rank 0 waited in a forward's collective that rank 1
+    answered with the lens's own: the process-group timeout (or a mismatch) on every rank."""
+    results = run_gloo_cases(tmp_path, {"uneven_pool": _uneven_pool}, WORLD, pg_timeout_s=15, join_s=120,
+                             preload="spectral_lens")
+    got = checked_case(results, "uneven_pool", None)
+    assert [r["error"] for r in got] == [None] * WORLD
+    want = _values(_plain(), 3)["act:transformer.h.1"]
+    for r in got:
+        torch.testing.assert_close(torch.tensor(r["value"]["act:transformer.h.1"], dtype=torch.float64), want,
+                                   rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------- real DeepSpeed, two gloo CPU ranks
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+
+
+def _ds_engine(stage):
+    import deepspeed
+
+    model = _plain(torch.float32)
+    cfg = {"train_micro_batch_size_per_gpu": 4, "steps_per_print": 10**9, "zero_allow_untested_optimizer": True,
+           "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},  # nothing kept whole
+           "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}
+    engine, _, _, _ = deepspeed.initialize(model=model, config=cfg, model_parameters=model.parameters())
+    return engine
+
+
+def _gathered(engine):
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def _train(stage, measure, params, rank):
+    """Three SGD steps on this rank's own data, a lens measurement between each backward and step when
+    ``measure``; the losses and the whole parameters after them."""
+    engine = _ds_engine(stage)
+    lens = SpectralLens(engine.module, _pool(3), params=params, precision="float64", progress=False) if measure else None
+    losses = []
+    for step, (x, y) in enumerate(lm_pool(3, batch=4, t=12, vocab=37, seed=2 + rank), start=1):
+        loss = torch.nn.functional.cross_entropy(engine(x).flatten(0, 1), y.flatten())
+        engine.backward(loss)
+        if lens is not None:
+            lens.measure(step, step)
+        engine.step()
+        losses.append(loss.item())
+    return losses, _gathered(engine)
+
+
+def _ds_case(stage):
+    def case(rank):
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+        engine = _ds_engine(stage)
+        p = engine.module.get_parameter(PARAM)
+        out = {"local_shape": list(p.shape), "ds_shape": list(getattr(p, "ds_shape", [])) or None}
+        out["acts"] = {n: _values(engine.module, n)["act:transformer.h.1"].tolist() for n in (2, 3)}
+        try:
+            out["probe"] = _values(engine.module, 2, PARAM)[f"grad:{PARAM}"].tolist()
+        except ValueError as exc:
+            out["probe"] = f"ValueError: {exc}"
+        try:
+            SpectralLens(engine, _pool(2), params=())
+            out["engine"] = "accepted"
+        except ValueError as exc:
+            out["engine"] = f"ValueError: {exc}"
+        if stage == 3:  # the copy the refusal suggests: gathered on every rank, probed as a plain model
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+                state = {k: v.clone() for k, v in engine.module.state_dict().items()}
+            copy = _plain(torch.float32)
+            copy.load_state_dict(state)
+            out["copy_probe"] = _values(copy, 2, PARAM)[f"grad:{PARAM}"].tolist()
+        params = () if stage == 3 else PARAM
+        (l0, p0), (l1, p1) = _train(stage, False, params, rank), _train(stage, True, params, rank)
+        out["same_losses"], out["same_params"] = l0 == l1, all(torch.equal(p0[k], p1[k]) for k in p0)
+        return out
+    return case
+
+
+def _stage3(rank):
+    return _ds_case(3)(rank)
+
+
+def _stage2(rank):
+    return _ds_case(2)(rank)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (it is in no extra; see the module docstring)")
+def test_real_deepspeed_zero3_and_zero2(tmp_path, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    results = run_gloo_cases(tmp_path, {"stage3": _stage3, "stage2": _stage2}, WORLD, pg_timeout_s=60, join_s=540,
+                             preload="deepspeed")
+    ref = _plain(torch.float32)
+    want_acts = {n: _values(ref, n)["act:transformer.h.1"] for n in (2, 3)}
+    want_grad = _values(ref, 2, PARAM)[f"grad:{PARAM}"]
+    for stage in ("stage3", "stage2"):
+        for r in checked_case(results, stage, None):
+            assert r["error"] is None, (stage, r["error"])
+            v = r["value"]
+            for n in (2, 3):  # 3 batches on 2 ranks: before the fix, a gloo timeout at stage 3
+                torch.testing.assert_close(torch.tensor(v["acts"][str(n)], dtype=torch.float64), want_acts[n],
+                                           rtol=1e-12, atol=0)
+            assert v["engine"].startswith("ValueError: SpectralLens: model is a DeepSpeed engine"), v["engine"]
+            assert v["same_losses"] and v["same_params"], (stage, v)  # training unchanged by measurements
+            if stage == "stage3":
+                assert v["local_shape"] == [0] and v["ds_shape"] == [16, 16]  # a placeholder outside a forward
+                assert v["probe"].startswith("ValueError: PerSampleGradientProbe: the probed parameter(s) "
+                                             f"{PARAM} (ds_shape [16, 16], ds_status NOT_AVAILABLE"), v["probe"]
+                torch.testing.assert_close(torch.tensor(v["copy_probe"], dtype=torch.float64), want_grad,
+                                           rtol=1e-12, atol=0)
+            else:  # ZeRO-2 keeps whole parameters: the probe measures them exactly
+                assert v["local_shape"] == [16, 16] and v["ds_shape"] is None
+                torch.testing.assert_close(torch.tensor(v["probe"], dtype=torch.float64), want_grad, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------- the Hugging Face Trainer with DeepSpeed, torchrun, 2 CPU ranks
+HF_SCRIPT = '''
+import contextlib, json, os, sys
+sys.path[:0] = [ROOT, ROOT + "/tests", ROOT + "/tests/integrations"]
+import deepspeed, torch, transformers
+import spectral_lens as sl
+from spectral_lens.integrations import SpectralLensCallback
+from test_hf_trainer import RandomTokens, heldout_pool, tiny_llama
+
+ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+      "zero_allow_untested_optimizer": True,
+      "zero_optimization": {"stage": STAGE, "stage3_param_persistence_threshold": 0}}
+pool = heldout_pool() + heldout_pool()[:1]  # 3 batches on 2 ranks
+kw = {"params": ()} if STAGE == 3 else {}
+
+
+def train(lens, out):
+    args = transformers.TrainingArguments(
+        output_dir=out, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True, deepspeed=ds, optim="sgd", logging_steps=1)
+    trainer = transformers.Trainer(model=tiny_llama(), args=args, train_dataset=RandomTokens(80, 0))
+    if lens is not None:
+        trainer.add_callback(SpectralLensCallback(lens))
+    trainer.train()
+    gather = deepspeed.zero.GatheredParameters(list(trainer.model.parameters())) if STAGE == 3 else contextlib.nullcontext()
+    with gather:
+        state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    return type(trainer.model_wrapped).__name__, state
+
+
+out = {}
+try:  # the default probe: refused when the callback attaches the lens to the partitioned module
+    train(sl.SpectralLens(None, pool, schedule=sl.Schedule.every(2), progress=False), "hf0")
+    out["default"] = "trained"
+except ValueError as exc:
+    out["default"] = f"ValueError: {exc}"
+lens = sl.SpectralLens(None, pool, schedule=sl.Schedule.every(2), precision="float64", progress=False, **kw)
+out["engine"], state = train(lens, "hf1")
+ref = tiny_llama()
+ref.load_state_dict(state)
+want = sl.SpectralLens(ref, pool, precision="float64", progress=False, **kw).measure(4, 4).spectra
+got = lens.history[-1].spectra
+out["steps"] = [m.step for m in lens.history]
+out["error"] = {k: float((got[k].values - want[k].values).abs().max() / want[k].values.abs().max()) for k in want}
+out["keys"] = sorted(got)
+_, without = train(None, "hf2")
+out["unchanged"] = all(torch.equal(state[k], without[k]) for k in state)
+sys.stdout.write("RESULT " + json.dumps(out) + "\\n")
+sys.stdout.flush()
+'''
+
+HAS_HF = all(importlib.util.find_spec(m) is not None for m in ("transformers", "accelerate"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not (HAS_DEEPSPEED and HAS_HF), reason="needs deepspeed, transformers and accelerate")
+@pytest.mark.parametrize("stage", [3, 2])
+def test_hf_trainer_with_deepspeed_under_torchrun(tmp_path, stage):
+    """``Trainer(args=TrainingArguments(deepspeed=...))``: the callback gets the module (the trainer keeps the
+    engine as ``model_wrapped``). ZeRO-3: the default probe refused at train begin on every rank, activations
+    (``params=()``) equal a plain copy's at the trained weights; ZeRO-2: activations and gradients do. Training
+    with the callback leaves the parameters bit-identical to training without."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    (tmp_path / "train.py").write_text(f"ROOT = {root!r}\nSTAGE = {stage}\n" + HF_SCRIPT, encoding="utf-8")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=500, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(results) == 2, proc.stdout[-3000:]
+    for r in results:
+        assert r["engine"] == "DeepSpeedEngine" and r["steps"] == [2, 4] and r["unchanged"], r
+        assert all(e < 1e-12 for e in r["error"].values()), r["error"]
+        if stage == 3:
+            assert r["default"].startswith("ValueError: PerSampleGradientProbe: the probed parameter(s) "
+                                           "model.layers.1.self_attn.o_proj.weight (ds_shape [32, 32]"), r["default"]
+            assert r["keys"] == ["act:model.layers.1"]
+        else:
+            assert r["default"] == "trained"
+            assert r["keys"] == ["act:model.layers.1", "grad:model.layers.1.self_attn.o_proj.weight"]
