@@ -161,7 +161,12 @@ class SpectralLens:
             its share is a batch short; the pools' lengths are compared, a pool without a ``len`` round
             by round as it goes), the FSDP2 modules sharded before are resharded after, and every rank
             runs the gradient protocol (the gradient pools compared batch by batch; rank 0's result is
-            broadcast); see the multi-GPU guide's FSDP section.
+            broadcast); see the multi-GPU guide's FSDP section. Under DeepSpeed ZeRO-3 the activation
+            pass runs as under FSDP. A tensor-parallel model (``parallelize_module``): a group that is
+            exactly one replica's tensor-parallel ranks measures as one process (every rank runs every
+            batch, rows not summed twice, the ranks' rows compared after the pass); for a ``(dp, tp)``
+            mesh pass the data-parallel group (``mesh["dp"].get_group()``); a group mixing both is
+            refused. See the guide's sections on both.
 
     Measuring leaves the model's train/eval mode, gradients, buffers, hooks and the global RNG
     streams (torch CPU/CUDA, Python ``random``, numpy) as they were; iterating the pools is part of
