@@ -161,7 +161,8 @@ class SpectralLens:
             its share is a batch short; the pools' lengths are compared, a pool without a ``len`` round
             by round as it goes), the FSDP2 modules sharded before are resharded after, and every rank
             runs the gradient protocol (the gradient pools compared batch by batch; rank 0's result is
-            broadcast); see the multi-GPU guide's FSDP section.
+            broadcast); see the multi-GPU guide's FSDP section. Likewise a model partitioned by DeepSpeed
+            ZeRO stage 3 (the guide's DeepSpeed ZeRO section).
 
     Measuring leaves the model's train/eval mode, gradients, buffers, hooks and the global RNG
     streams (torch CPU/CUDA, Python ``random``, numpy) as they were; iterating the pools is part of

@@ -106,7 +106,10 @@ class PerSampleGradientProbe:
             model sharded with FSDP2 (``fully_shard``) the fast engine measures the full weights
             exactly when every rank calls ``update`` with the same batches; other engines and FSDP1
             (``FullyShardedDataParallel``) are refused with a ``ValueError`` (also when the model was
-            sharded after binding: then by ``update``, before any pass). A
+            sharded after binding: then by ``update``, before any pass). Under DeepSpeed ZeRO stage 3
+            likewise: the fast engine measures the whole weights when every rank calls ``update`` with
+            the same batches (the default loss then takes the materialized logits), the ``vmap`` and
+            ``loop`` engines are refused. A
             ``torch.compile`` wrapper is unwrapped (``_orig_mod``: names as in the uncompiled model);
             ``update`` runs its passes eagerly (``torch.compiler.set_stance("force_eager")``).
         params: dotted parameter name(s), globs over parameter names (``"blocks.*.attn.c_proj.weight"``)

@@ -465,6 +465,11 @@ def test_hf_trainer_with_deepspeed_under_torchrun(tmp_path, stage):
     assert len(results) == 2, proc.stdout[-3000:]
     for r in results:
         assert r["engine"] == "DeepSpeedEngine" and r["steps"] == [2, 4] and r["unchanged"], r
-        assert all(e < 1e-12 for e in r["error"].values()), r["error"]
+        # float32 Llama: ZeRO-3's identities on every module's input and output (its backward hooks) reorder
+        # autograd's sums of the gradient branches that meet at a tensor (measured: up_proj's and lm_head's rows
+        # bit-equal, o_proj's 2e-8 relative), float32 rounding of the backward, not of the probe (the TinyGPT
+        # case above is bit-equal under ZeRO-3)
+        tol = {k: 1e-6 if stage == 3 and k.startswith("grad:") else 1e-12 for k in r["error"]}
+        assert all(e < tol[k] for k, e in r["error"].items()), r["error"]
         assert r["default"] == "trained", r["default"]  # before the fix: refused at ZeRO-3
         assert r["keys"] == ["act:model.layers.1", "grad:model.layers.1.self_attn.o_proj.weight"]
