@@ -681,8 +681,8 @@ class PerSampleGradientProbe:
                 if self.engine == "fast":
                     raise ValueError(f"engine='fast' impossible for {k}: {why}; use engine='auto' or 'vmap'")
                 self.engines_[k] = "vmap"
-        if not_called:  # the vmap engine cannot measure a ZeRO-3 parameter: refused before its pass
-            refuse_zero3_params(self.params, self.engines_)
+            if not_called:  # the vmap engine cannot measure a ZeRO-3 parameter: refused before its pass
+                refuse_zero3_params(self.params, self.engines_)
         forward_fn, loss_fn = self._loss_fns()  # decided by now (by the fast engine's forward, or before)
         for kind in ("vmap", "loop"):
             todo = {k: self.params[k] for k, e in self.engines_.items() if e == kind and k not in rows}
