@@ -156,6 +156,20 @@ def test_vmap_and_loop_engines_refused_under_zero3_naming_the_parameter_and_its_
     assert PerSampleGradientProbe(model, params=PARAM).engines_ == {PARAM: "fast"}
 
 
+def test_a_fast_engine_falling_back_to_vmap_is_refused_under_zero3():
+    """The fast engine sends a matrix whose module never ran its forward to the vmap engine: under ZeRO-3 that
+    is refused (before the vmap pass), and the probe is left as before the update."""
+    def skip_blocks(model, batch):  # the probed block's module never runs
+        tr = model.transformer
+        return model.lm_head(tr.ln_f(tr.wte(batch[0])))
+
+    probe = PerSampleGradientProbe(zero3(_plain()), params=PARAM, forward_fn=skip_blocks)
+    assert probe.engines_ == {PARAM: "fast"}
+    with pytest.raises(ValueError, match=r"ds_shape \[16, 16\].*engine other than the fast one .*'vmap'"):
+        probe.update(_pool(1)[0])
+    assert probe.n_samples_ == 0 and probe.engines_ == {PARAM: "fast"}
+
+
 def test_lens_default_probe_under_zero3_equals_the_plain_models_and_releases_every_weight():
     """Before the fix the default probe was refused. The fast engine's rows come from the module's input and
     output gradient; ZeRO-3's backward hooks gather the weights the backward reads. Afterwards every parameter
