@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
-__all__ = ["refuse_deepspeed_engine", "refuse_zero3_params", "refuse_zero3_placeholders", "zero3_names",
-           "zero3_partitioned"]
+__all__ = ["behind_zero3_hooks", "refuse_deepspeed_engine", "refuse_zero3_params", "refuse_zero3_placeholders", "whole_shape",
+           "zero3_names", "zero3_partitioned"]
 
 
 def is_zero3(p) -> bool:
@@ -53,24 +54,58 @@ def _shown(named: dict, names: list[str]) -> str:
     return ", ".join(_describe(n, named[n]) for n in names[:3]) + more
 
 
-def refuse_zero3_params(params: dict, who: str = "PerSampleGradientProbe") -> None:
-    """``ValueError`` when any of ``params`` (name -> parameter to probe) is managed by ZeRO stage 3.
+def whole_shape(p) -> torch.Size:
+    """The whole tensor's shape of ``p``: ``ds_shape`` for a ZeRO-3 parameter (its ``.data`` is a placeholder
+    outside a forward), ``p.shape`` otherwise."""
+    shape = getattr(p, "ds_shape", None) if is_zero3(p) else None
+    return p.shape if shape is None else torch.Size(shape)
 
-    Outside a forward such a parameter is an empty placeholder (the probe would size and read a 0-element
-    tensor), and inside one its gathering and release are ZeRO-3's hooks, all-gathers that every rank must
-    run together, while the lens runs the gradient protocol on rank 0 alone: a hang or a wrong number. A
-    parameter gathered right now (``GatheredParameters``, or persisted by ZeRO-3 because it is small) is
-    refused too: whether it is gathered changes from one pass to the next."""
-    bad = zero3_names(params.items())
+
+def behind_zero3_hooks(module: nn.Module, handle) -> None:
+    """Move the forward hook of ``handle`` (registered on ``module`` with ``prepend=True``) behind ZeRO-3's own
+    forward hooks on ``module`` (functions defined in a ``deepspeed.`` module), keeping it before every other.
+
+    ZeRO-3's forward hooks release the module's weights and wrap its output in an identity whose backward
+    gathers them again before the module's backward (which then releases them). A hook before them that
+    returns a new leaf output (the fast engine's ``output.detach().requires_grad_()``) had ZeRO-3 wrap that
+    leaf: the backward gathered the probed module's weights while the module's own backward, cut off at the
+    leaf, never released them (``Cannot free a ZeRO-3 parameter while it is still active in submodules`` at the
+    next ``GatheredParameters``). Behind them, ZeRO-3 wraps the module's own output, upstream of the leaf, and
+    the backward from the leaf never reaches it. A model without ZeRO-3's hooks is left as it is."""
+    hooks = module._forward_hooks
+    keys = list(hooks)
+    zero = [i for i, k in enumerate(keys) if str(getattr(hooks[k], "__module__", "")).startswith("deepspeed.")]
+    if not zero or handle.id not in hooks or keys.index(handle.id) > zero[-1]:
+        return
+    order = [k for k in keys[: zero[-1] + 1] if k != handle.id] + [handle.id] + keys[zero[-1] + 1 :]
+    items = dict(hooks)
+    hooks.clear()  # the same dictionary (the handles hold it), in the new order
+    hooks.update((k, items[k]) for k in order)
+
+
+def refuse_zero3_params(params: dict, engines: dict, who: str = "PerSampleGradientProbe") -> None:
+    """``ValueError`` when any of ``params`` (name -> parameter to probe) is managed by ZeRO stage 3 and its
+    engine (``engines``: name -> engine) is not the fast one.
+
+    The fast engine reads each module's input and output gradient inside the module's forward and ZeRO-3's
+    own gather (and the backward through later modules regathers their weights in ZeRO-3's backward hooks),
+    never the weight itself, so its rows are those of the whole weight, on every rank that runs the same
+    passes (the lens runs the gradient protocol on every rank under ZeRO-3). The ``vmap`` engine calls the
+    model with the parameters swapped for its own tensors (``torch.func.functional_call``), which ZeRO-3's
+    gather then overwrites with its placeholders and gathered partitions, and the ``loop`` engine takes
+    ``torch.autograd.grad`` of the parameters themselves, whose ``.data`` ZeRO-3 empties after each forward:
+    neither can be exact."""
+    bad = [n for n in zero3_names(params.items()) if engines.get(n) != "fast"]
     if not bad:
         return
     raise ValueError(
-        f"{who}: the probed parameter(s) {_shown(params, bad)} are partitioned by DeepSpeed ZeRO stage 3 "
-        "(outside a forward each is an empty placeholder on every rank; its whole shape is ds_shape), which the "
-        "per-sample gradient probe does not measure: it would size and read the placeholder, and its passes would "
-        "start ZeRO-3's all-gathers on one rank alone. Instead: measure activations only (SpectralLens(model, pool, "
-        "params=()), which works under ZeRO-3), or train with ZeRO stage 1 or 2 (whole parameters; the probe "
-        "measures them exactly), or probe an unsharded copy: on every rank, with deepspeed.zero.GatheredParameters("
+        f"{who}: the probed parameter(s) {_shown(params, bad)} are partitioned by DeepSpeed ZeRO stage 3 and would "
+        f"use an engine other than the fast one ({ {n: engines.get(n) for n in bad} }): the vmap and loop engines "
+        "need the whole weight outside a forward, where it is an empty placeholder on every rank (its whole shape "
+        "is ds_shape). Instead: probe matrices that have a fast path (nn.Linear, transformers' Conv1D; not tied) "
+        "with engine='auto' or 'fast' (exact under ZeRO-3 when every rank runs the same passes, as SpectralLens "
+        "does), or measure activations only (SpectralLens(model, pool, params=())), or train with ZeRO stage 1 or 2 "
+        "(whole parameters), or probe an unsharded copy: on every rank, with deepspeed.zero.GatheredParameters("
         "list(model.parameters())): state = {k: v.clone() for k, v in model.state_dict().items()}; load it into a "
         "plain model of the same architecture and probe that (docs/guide-multi-gpu.md, DeepSpeed ZeRO)"
     )

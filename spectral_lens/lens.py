@@ -161,12 +161,12 @@ class SpectralLens:
             its share is a batch short; the pools' lengths are compared, a pool without a ``len`` round
             by round as it goes), the FSDP2 modules sharded before are resharded after, and every rank
             runs the gradient protocol (the gradient pools compared batch by batch; rank 0's result is
-            broadcast); see the multi-GPU guide's FSDP section. Under DeepSpeed ZeRO-3 the activation
-            pass runs as under FSDP. A tensor-parallel model (``parallelize_module``): a group that is
-            exactly one replica's tensor-parallel ranks measures as one process (every rank runs every
-            batch, rows not summed twice, the ranks' rows compared after the pass); for a ``(dp, tp)``
-            mesh pass the data-parallel group (``mesh["dp"].get_group()``); a group mixing both is
-            refused. See the guide's sections on both.
+            broadcast); see the multi-GPU guide's FSDP section. Likewise a model partitioned by DeepSpeed
+            ZeRO stage 3 (the guide's DeepSpeed ZeRO section). A tensor-parallel model
+            (``parallelize_module``): a group that is exactly one replica's tensor-parallel ranks
+            measures as one process (every rank runs every batch, rows not summed twice, the ranks'
+            rows compared after the pass); for a ``(dp, tp)`` mesh pass the data-parallel group
+            (``mesh["dp"].get_group()``); a group mixing both is refused. See the guide's sections.
 
     Measuring leaves the model's train/eval mode, gradients, buffers, hooks and the global RNG
     streams (torch CPU/CUDA, Python ``random``, numpy) as they were; iterating the pools is part of
@@ -546,10 +546,10 @@ class SpectralLens:
         rank, world = ranks(self.group)
         result: list = [None]
         error = None
-        # under FSDP every pass all-gathers the weights over the mesh: every rank runs the whole protocol
-        # (the same passes; rank 0's result is broadcast as usual)
+        # under FSDP and DeepSpeed ZeRO-3 every pass all-gathers the weights over the ranks: every rank runs
+        # the whole protocol (the same passes; rank 0's result is broadcast as usual)
         tp = one_replica(self.model, self.group)  # one tensor-parallel replica: every pass is a collective
-        everywhere = world > 1 and (bool(fsdp_sharded(self.model)) or (tp is not None and tp[0]))
+        everywhere = world > 1 and (self._gathering() or (tp is not None and tp[0]))
         if rank == 0 or everywhere:
             try:
                 result = [self._gradient_pass()]
@@ -557,9 +557,13 @@ class SpectralLens:
                 error = exc
             finally:  # the rows of G (M x P per matrix, on the device) are not kept through the training in between
                 self.probe.reset()
-        agree(self.group, error, "the gradient protocol (it runs on every rank under FSDP)" if everywhere
+        agree(self.group, error, "the gradient protocol (it runs on every rank under FSDP and ZeRO-3)" if everywhere
               else "the gradient protocol (it runs on the group's rank 0)")
         return from_rank0(self.group, result[0])
+
+    def _gathering(self) -> bool:
+        """Whether every pass of the model all-gathers its weights over the ranks: FSDP, DeepSpeed ZeRO-3."""
+        return bool(fsdp_sharded(self.model)) or zero3_partitioned(self.model)
 
     def _gradient_batches(self) -> Iterator:
         """The gradient pool's batches, cut to ``gradient_samples``."""
@@ -576,7 +580,7 @@ class SpectralLens:
                 return  # not one batch more from the loader (its loading and collation cost)
 
     def _agreed_gradient_batches(self, batches: Iterator) -> Iterator:
-        """Under FSDP, where every rank runs the gradient protocol and each pass all-gathers: each of
+        """Under FSDP and ZeRO-3, where every rank runs the gradient protocol and each pass all-gathers: each of
         ``batches`` once the ranks agreed that each has its next batch, of as many samples (the probe's
         passes depend on it), in one ``all_reduce`` of world integers per batch and one at the end.
         A failure while loading is agreed (every rank raises), and so are pools that differ (the same
@@ -595,7 +599,7 @@ class SpectralLens:
                                  + (f"{n - 1} samples" if n else "none left") for r, n in enumerate(sizes))
                 cut = "" if self.gradient_samples is None else f" (cut to gradient_samples={self.gradient_samples})"
                 raise ValueError(
-                    f"SpectralLens: the ranks' gradient pools differ at batch {i}: {each}{cut}; under FSDP every "
+                    f"SpectralLens: the ranks' gradient pools differ at batch {i}: {each}{cut}; under FSDP and ZeRO-3 every "
                     "rank runs the gradient protocol, whose passes all-gather the weights, so every rank must pass "
                     "the same whole gradient pool"
                 )
@@ -612,7 +616,7 @@ class SpectralLens:
             # shuffling sampler, numpy augmentation): under the fork, as in the activation pass
             with forked_rng(cuda_devices(self.model)):
                 batches = self._gradient_batches()
-                if ranks(self.group)[1] > 1 and fsdp_sharded(self.model):  # every rank runs these passes
+                if ranks(self.group)[1] > 1 and self._gathering():  # every rank runs these passes
                     batches = self._agreed_gradient_batches(batches)
                 for batch in batches:
                     self.probe.update(batch)

@@ -137,9 +137,10 @@ def refuse_fsdp(model: nn.Module, engines: dict[str, str]) -> None:
     on every rank that runs the same passes; it takes ``torch.autograd.grad`` of the module outputs, not
     of the parameters, so FSDP accumulates and reduce-scatters nothing into ``.grad``. The ``vmap``
     engine cannot trace FSDP's hooks (``requires_grad_`` under ``torch.func``), and the ``loop`` engine's
-    gradients are sharded ``DTensor``s. Parameters partitioned by DeepSpeed ZeRO-3 are refused here too
-    (:func:`~spectral_lens._deepspeed.refuse_zero3_params`: partitioned after the probe was bound)."""
-    refuse_zero3_params({n: model.get_parameter(n) for n in engines})
+    gradients are sharded ``DTensor``s. Parameters partitioned by DeepSpeed ZeRO-3 on an engine other than the
+    fast one are refused here too (:func:`~spectral_lens._deepspeed.refuse_zero3_params`; also when partitioned
+    after the probe was bound)."""
+    refuse_zero3_params({n: model.get_parameter(n) for n in engines}, engines)
     sharded = fsdp_sharded(model)
     if not sharded:
         return
@@ -368,7 +369,6 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
             )
         for n in hits:
             out[n] = named[n]
-    refuse_zero3_params(out)  # before any engine reads the shapes of their empty placeholders
     return out
 
 

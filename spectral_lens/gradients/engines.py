@@ -51,6 +51,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.utils.checkpoint import CheckpointFunction
 from torch.utils import _pytree as pytree
 
+from .._deepspeed import behind_zero3_hooks
 from ._isolation import _no_backward_hooks, _no_backward_pre_hooks, silenced_tensor_hooks
 from ._batch import slice_batch
 from .cast_cache import CastCache, cached_linear_casts
@@ -356,6 +357,8 @@ def fast_engine(
     # prepend: before the user's own forward hooks on the module, so y is the output the weight
     # produced and a hook that changes it (scaling, steering, an adapter) is part of the backward
     handles = [mod.register_forward_hook(hook, with_kwargs=True, prepend=True) for mod in modules.values()]
+    for mod, h in zip(modules.values(), handles):  # under ZeRO-3: after its hooks, whose backward is cut off here
+        behind_zero3_hooks(mod, h)
     # last: a user's pre-hook that reads the weight runs while it requires grad (a use outside the call)
     handles += [mod.register_forward_pre_hook(pre_hook) for mod in modules.values()]
     try:

@@ -49,6 +49,7 @@ from .gram import (
 from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .registry import fast_path_for
+from .._deepspeed import refuse_zero3_params, whole_shape, zero3_partitioned
 from ._measurable import (ATTENTION_OUTPUT_PATTERNS, _refuse_recording_opacus_hooks, _refuse_scripted, _resolve_params,
                           default_gradient_param, refuse_fsdp, refuse_parallel_wrapper, refuse_unfit_defaults)
 
@@ -105,7 +106,10 @@ class PerSampleGradientProbe:
             model sharded with FSDP2 (``fully_shard``) the fast engine measures the full weights
             exactly when every rank calls ``update`` with the same batches; other engines and FSDP1
             (``FullyShardedDataParallel``) are refused with a ``ValueError`` (also when the model was
-            sharded after binding: then by ``update``, before any pass). A
+            sharded after binding: then by ``update``, before any pass). Under DeepSpeed ZeRO stage 3
+            likewise: the fast engine measures the whole weights when every rank calls ``update`` with
+            the same batches (the default loss then takes the materialized logits), the ``vmap`` and
+            ``loop`` engines are refused. A
             ``torch.compile`` wrapper is unwrapped (``_orig_mod``: names as in the uncompiled model);
             ``update`` runs its passes eagerly (``torch.compiler.set_stance("force_eager")``).
         params: dotted parameter name(s), globs over parameter names (``"blocks.*.attn.c_proj.weight"``)
@@ -479,6 +483,14 @@ class PerSampleGradientProbe:
             return "custom: loss_fn/forward_fn given, used as they are (the probe never replaces a user's loss)"
         if self.head_loss == "materialized":
             return "materialized: head_loss='materialized'"
+        model = getattr(self, "model", None)
+        if model is not None and zero3_partitioned(model):
+            why = ("the model is partitioned by DeepSpeed ZeRO stage 3: the chunked loss reads the head's weight "
+                   "outside the head's forward, where it is an empty placeholder")
+            if self.head_loss == "chunked":
+                raise ValueError(f"head_loss='chunked' impossible for {type(model).__name__}: {why}; use "
+                                 "head_loss='auto' or 'materialized'")
+            return f"materialized: {why}"
         return None
 
     def _decide_without_forward(self) -> None:
@@ -592,6 +604,8 @@ class PerSampleGradientProbe:
         autocast as ``autocast_dtype`` says (a caller's autocast switched off when it is ``None``); every
         flag restored on exit."""
         refuse_fsdp(self.model, self.engines_)  # sharded after the probe was bound (fully_shard works in place)
+        if (self.head_loss_ or "chunked").startswith("chunked") and zero3_partitioned(self.model):
+            self.head_loss_, self._head_fns = self._initial_head_loss(), None  # partitioned after binding
         if any(p.is_inference() for p in self.params.values()):
             bad = [n for n, p in self.params.items() if p.is_inference()]
             raise RuntimeError(
@@ -667,6 +681,8 @@ class PerSampleGradientProbe:
                 if self.engine == "fast":
                     raise ValueError(f"engine='fast' impossible for {k}: {why}; use engine='auto' or 'vmap'")
                 self.engines_[k] = "vmap"
+            if not_called:  # the vmap engine cannot measure a ZeRO-3 parameter: refused before its pass
+                refuse_zero3_params(self.params, self.engines_)
         forward_fn, loss_fn = self._loss_fns()  # decided by now (by the fast engine's forward, or before)
         for kind in ("vmap", "loop"):
             todo = {k: self.params[k] for k, e in self.engines_.items() if e == kind and k not in rows}
@@ -823,7 +839,7 @@ class PerSampleGradientProbe:
                 elif blocks and k.device.type == "cpu":  # one float64 slab in cache, no fresh row copies
                     fill_gram_by_columns(k, blocks, self._filled, CPU_SLAB_ELEMENTS // max(1, k.shape[0]))
                 else:
-                    fill_gram(k, blocks, self._filled, block_rows_for(self.params[name].numel()))
+                    fill_gram(k, blocks, self._filled, block_rows_for(whole_shape(self.params[name]).numel()))
             self._filled = n_res
         far = [i for i, c in enumerate(self._chunks) if not c.resident]
         missing = lambda i, j: i != j and (min(i, j), max(i, j)) not in self._far_done  # noqa: E731
@@ -852,7 +868,7 @@ class PerSampleGradientProbe:
                     for j in todo:
                         a, b = self._chunks[i], self._chunks[j]
                         for name in self.params:
-                            blk = gram_against(rows_i[name], [panel[j][name]], block_rows_for(self.params[name].numel()))
+                            blk = gram_against(rows_i[name], [panel[j][name]], block_rows_for(whole_shape(self.params[name]).numel()))
                             self._gram[name][a.start : a.stop, b.start : b.stop] = blk
                             self._gram[name][b.start : b.stop, a.start : a.stop] = blk.t()
                         self._far_done.add((min(i, j), max(i, j)))
@@ -922,6 +938,7 @@ class PerSampleGradientProbe:
         self._check_grams()
         out = {}
         for name, p in self.params.items():
+            shape = whole_shape(p)  # ZeRO-3: ds_shape (outside a forward .data is an empty placeholder)
             k = self._gram[name]
             if not bool(torch.diagonal(k).sum() > 0):
                 warnings.warn(
@@ -932,16 +949,16 @@ class PerSampleGradientProbe:
                     stacklevel=2,
                 )
             out[name] = Spectrum(
-                values=gram_spectrum(k, p.numel()),
+                values=gram_spectrum(k, shape.numel()),
                 n_rows=self.n_samples_,
-                dim=min(self.n_samples_, p.numel()),
+                dim=min(self.n_samples_, shape.numel()),
                 kind="gradient",
                 source=name,
                 metadata={
                     "engine": self.engines_[name],
                     "head_loss": self.head_loss_,
-                    "param_shape": list(p.shape),
-                    "n_params": p.numel(),
+                    "param_shape": list(shape),
+                    "n_params": shape.numel(),
                     "storage_dtype": str(self._row_dtype(name)).replace("torch.", ""),
                     "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype).replace("torch.", ""),
                     "train_mode": self.train_mode,

@@ -68,18 +68,62 @@ def _release(module, *_):
         p.data, p.ds_status = torch.empty(0, dtype=p.dtype), ZeroParamStatus.NOT_AVAILABLE
 
 
+class _BeforeBackward(torch.autograd.Function):
+    """Identity on a module's output whose backward gathers the module's parameters again before the module's
+    own backward (ZeRO-3's ``PreBackwardFunctionForModule``, applied by a forward hook)."""
+
+    @staticmethod
+    def forward(ctx, module, t):
+        ctx.module = module
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        _gather(ctx.module)
+        return None, g
+
+
+class _AfterBackward(_BeforeBackward):
+    """Identity on a module's input whose backward releases the module's parameters after the module's own
+    backward (ZeRO-3's ``PostBackwardFunctionModule``, applied by a forward pre-hook)."""
+
+    @staticmethod
+    def backward(ctx, g):
+        _release(ctx.module)
+        return None, g
+
+
+def _gather_and_release_after_backward(module, args):
+    _gather(module)
+    if args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+        return (_AfterBackward.apply(module, args[0]),) + tuple(args[1:])
+    return None
+
+
+def _release_and_gather_before_backward(module, args, output):
+    _release(module)
+    if isinstance(output, torch.Tensor) and output.requires_grad:
+        return _BeforeBackward.apply(module, output)
+    return None
+
+
+for _f in (_gather_and_release_after_backward, _release_and_gather_before_backward):
+    _f.__module__ = "deepspeed.runtime.zero.parameter_offload"  # where ZeRO-3's hooks are defined
+
+
 def zero3(model: nn.Module) -> nn.Module:
     """``model`` left as ZeRO-3 leaves it (in place): each parameter's ``.data`` an empty placeholder with the
     ``ds_*`` attributes, gathered by a forward pre-hook (around a collective when a process group is up) and
-    released by a forward hook on each module that owns parameters. The whole tensor stays in ``ds_tensor``
-    (ZeRO-3 keeps this rank's partition there; a world of one)."""
+    released by a forward hook on each module that owns parameters; the backward gathers them again before the
+    module's backward and releases them after it (identities on the output and input). The whole tensor stays
+    in ``ds_tensor`` (ZeRO-3 keeps this rank's partition there; a world of one)."""
     for i, p in enumerate(model.parameters()):
         p.ds_id, p.ds_shape, p.ds_numel, p.ds_tensor = i, p.shape, p.numel(), p.data
     for m in model.modules():
         if _own(m):
             _release(m)
-            m.register_forward_pre_hook(_gather)
-            m.register_forward_hook(_release)
+            m.register_forward_pre_hook(_gather_and_release_after_backward)
+            m.register_forward_hook(_release_and_gather_before_backward)
     return model
 
 
@@ -89,48 +133,94 @@ def _values(model, n, params=()):
 
 
 # ------------------------------------------------------------------------------------------ fakes, one process
-def test_probe_refuses_a_zero3_placeholder_naming_it_and_its_whole_shape():
-    model = zero3(_plain())
-    with pytest.raises(ValueError) as err:
-        PerSampleGradientProbe(model, params=PARAM)
-    text = str(err.value)
-    assert PARAM in text and "ds_shape [16, 16]" in text and "NOT_AVAILABLE" in text and "local .data shape [0]" in text
-    assert "ZeRO stage 3" in text and "params=()" in text and "stage 1 or 2" in text
-    with pytest.raises(ValueError, match="ZeRO stage 3"):  # the default matrix (the last block's W_O) too
-        PerSampleGradientProbe(model)
+def _grad_values(model, n, params=PARAM, **probe):
+    lens = SpectralLens(model, _pool(n), probe=PerSampleGradientProbe(params=params, **probe), precision="float64",
+                        progress=False)
+    m = lens.measure(1, 1)
+    return {k: v.values for k, v in m.spectra.items()}, m.spectra[f"grad:{PARAM}"].metadata
 
 
-def test_a_gathered_zero3_parameter_is_refused_too():
-    """Inside GatheredParameters (or persisted because it is small) the parameter is whole for now, but its
-    gathering and release are still ZeRO-3's collectives: refused, whatever its status at the time."""
+def test_vmap_and_loop_engines_refused_under_zero3_naming_the_parameter_and_its_whole_shape():
+    """They need the whole weight outside a forward (functional_call's swapped parameters, autograd.grad of the
+    parameter itself): an empty placeholder there. The fast engine (the default here) is accepted."""
     model = zero3(_plain())
-    _gather(model.transformer.h[1].attn.c_proj)
-    assert model.get_parameter(PARAM).shape == (16, 16)
+    for engine in ("vmap", "loop"):
+        with pytest.raises(ValueError) as err:
+            PerSampleGradientProbe(model, params=PARAM, engine=engine)
+        text = str(err.value)
+        assert PARAM in text and "ds_shape [16, 16]" in text and "NOT_AVAILABLE" in text and "local .data shape [0]" in text
+        assert "engine other than the fast one" in text and f"'{engine}'" in text and "params=()" in text
+    _gather(model.transformer.h[1].attn.c_proj)  # gathered for now (GatheredParameters): refused too
     with pytest.raises(ValueError, match=r"ds_status AVAILABLE.*ZeRO stage 3"):
-        PerSampleGradientProbe(model, params=PARAM)
+        PerSampleGradientProbe(model, params=PARAM, engine="vmap")
+    assert PerSampleGradientProbe(model, params=PARAM).engines_ == {PARAM: "fast"}
 
 
-def test_lens_default_probe_refused_activations_equal_the_plain_models():
+def test_a_fast_engine_falling_back_to_vmap_is_refused_under_zero3():
+    """The fast engine sends a matrix whose module never ran its forward to the vmap engine: under ZeRO-3 that
+    is refused (before the vmap pass), and the probe is left as before the update."""
+    def skip_blocks(model, batch):  # the probed block's module never runs
+        tr = model.transformer
+        return model.lm_head(tr.ln_f(tr.wte(batch[0])))
+
+    probe = PerSampleGradientProbe(zero3(_plain()), params=PARAM, forward_fn=skip_blocks)
+    assert probe.engines_ == {PARAM: "fast"}
+    with pytest.raises(ValueError, match=r"ds_shape \[16, 16\].*engine other than the fast one .*'vmap'"):
+        probe.update(_pool(1)[0])
+    assert probe.n_samples_ == 0 and probe.engines_ == {PARAM: "fast"}
+
+
+def test_lens_default_probe_under_zero3_equals_the_plain_models_and_releases_every_weight():
+    """Before the fix the default probe was refused. The fast engine's rows come from the module's input and
+    output gradient; ZeRO-3's backward hooks gather the weights the backward reads. Afterwards every parameter
+    is a placeholder again (with the probe's forward hook before ZeRO-3's, the backward gathered the probed
+    module's weights and its own backward, cut off by the probe, never released them)."""
     model = zero3(_plain())
-    with pytest.raises(ValueError, match=r"PerSampleGradientProbe: .*ZeRO stage 3.*SpectralLens\(model, pool, params=\(\)\)"):
-        SpectralLens(model, _pool(2))
-    got, want = _values(model, 3), _values(_plain(), 3)
-    assert got.keys() == want.keys() == {"act:transformer.h.1"}
-    torch.testing.assert_close(got["act:transformer.h.1"], want["act:transformer.h.1"], rtol=1e-12, atol=0)
-    assert all(p.numel() == 0 for p in model.parameters())  # released again after the lens's forwards
+    got, want = _values(model, 3, None), _values(_plain(), 3, None)
+    assert got.keys() == want.keys() == {"act:transformer.h.1", f"grad:{PARAM}"}
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=0)
+    assert [n for n, p in model.named_parameters() if p.numel()] == []  # released again after the measurement
+    meta = SpectralLens(model, _pool(2), precision="float64", progress=False).measure(1, 1).spectra[f"grad:{PARAM}"].metadata
+    assert meta["param_shape"] == [16, 16] and meta["n_params"] == 256  # the whole shape, not the placeholder's
 
 
-def test_probe_bound_before_partitioning_refuses_its_next_update():
-    """A probe (or lens) built before ``deepspeed.initialize`` partitioned the model in place (a callback built
-    early): its next update raises, before any pass, instead of measuring placeholders."""
+def test_chunked_head_loss_falls_back_to_the_materialized_logits_under_zero3(monkeypatch):
+    """The chunked head loss reads lm_head.weight outside the head's forward (a placeholder under ZeRO-3):
+    "auto" takes the materialized logits (exact), "chunked" is refused; also when partitioned after binding."""
+    import spectral_lens.gradients.probe as probe_module
+
+    monkeypatch.setattr(probe_module, "chunked_is_faster", lambda device: True)  # as on CUDA with Triton
+    want, meta = _grad_values(_plain(), 2)
+    assert meta["head_loss"].startswith("chunked")
+    got, meta = _grad_values(zero3(_plain()), 2)
+    assert meta["head_loss"].startswith("materialized: the model is partitioned by DeepSpeed ZeRO stage 3"), meta
+    torch.testing.assert_close(got[f"grad:{PARAM}"], want[f"grad:{PARAM}"], rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"head_loss='chunked' impossible for TinyGPT: .*ZeRO stage 3"):
+        PerSampleGradientProbe(zero3(_plain()), params=PARAM, head_loss="chunked")
     model = _plain()
     probe = PerSampleGradientProbe(model, params=PARAM)
-    lens = SpectralLens(model, _pool(2), gradient_pool=_pool(1), params=PARAM, precision="float64", progress=False)
+    probe.update(_pool(1)[0])
+    assert probe.head_loss_.startswith("chunked")
+    zero3(model)
+    probe.reset().update(_pool(2)[0]).update(_pool(2)[1])
+    assert probe.head_loss_.startswith("materialized"), probe.head_loss_
+    torch.testing.assert_close(probe.compute().values, want[f"grad:{PARAM}"], rtol=1e-12, atol=0)
+
+
+def test_probe_bound_before_partitioning_measures_exactly_or_refuses_its_next_update():
+    """A probe (or lens) built before ``deepspeed.initialize`` partitioned the model in place (a callback built
+    early): the fast engine measures the whole weights; a vmap probe's next update raises, before any pass."""
+    model = _plain()
+    want = _values(_plain(), 2, PARAM)
+    vmap = PerSampleGradientProbe(model, params=PARAM, engine="vmap")
+    lens = SpectralLens(model, _pool(2), params=PARAM, precision="float64", progress=False)
     zero3(model)
     with pytest.raises(ValueError, match=r"transformer\.h\.1\.attn\.c_proj\.weight \(ds_shape \[16, 16\]"):
-        probe.update(_pool(1)[0])
-    with pytest.raises(ValueError, match="ZeRO stage 3"):
-        lens.measure(1, 1)
+        vmap.update(_pool(1)[0])
+    got = {k: v.values for k, v in lens.measure(1, 1).spectra.items()}
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=0)
 
 
 def test_deepspeed_engine_wrapper_is_refused_saying_engine_module():
@@ -172,24 +262,27 @@ WORLD = 2
 
 
 def _uneven_pool(rank):
-    """3 batches on 2 ranks: rank 0 forwards 2, rank 1 one; each module's forward is a collective."""
+    """3 batches on 2 ranks: rank 0 forwards 2, rank 1 one; each module's forward is a collective. The
+    gradient protocol runs on every rank (each forward and backward gathers)."""
     model = zero3(_plain())
-    got = _values(model, 3)
+    got = _values(model, 3, PARAM)
     return {k: v.tolist() for k, v in got.items()}
 
 
 @pytest.mark.distributed
 def test_every_rank_runs_as_many_forwards_under_zero3(tmp_path):
     """Before the fix rank 1 ran one forward fewer, so rank 0 waited in a forward's collective that rank 1
-    answered with the lens's own: the process-group timeout (or a mismatch) on every rank."""
+    answered with the lens's own: the process-group timeout (or a mismatch) on every rank. The probe was
+    refused (and with the refusal lifted, its passes ran on rank 0 alone: a hang in the first gather)."""
     results = run_gloo_cases(tmp_path, {"uneven_pool": _uneven_pool}, WORLD, pg_timeout_s=15, join_s=120,
                              preload="spectral_lens")
     got = checked_case(results, "uneven_pool", None)
     assert [r["error"] for r in got] == [None] * WORLD
-    want = _values(_plain(), 3)["act:transformer.h.1"]
+    want = _values(_plain(), 3, PARAM)
     for r in got:
-        torch.testing.assert_close(torch.tensor(r["value"]["act:transformer.h.1"], dtype=torch.float64), want,
-                                   rtol=1e-12, atol=0)
+        assert r["value"].keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(torch.tensor(r["value"][k], dtype=torch.float64), want[k], rtol=1e-12, atol=0)
 
 
 # ---------------------------------------------------------------------- real DeepSpeed, two gloo CPU ranks
@@ -237,10 +330,16 @@ def _ds_case(stage):
         p = engine.module.get_parameter(PARAM)
         out = {"local_shape": list(p.shape), "ds_shape": list(getattr(p, "ds_shape", [])) or None}
         out["acts"] = {n: _values(engine.module, n)["act:transformer.h.1"].tolist() for n in (2, 3)}
-        try:
+        try:  # ZeRO-3: every rank runs the gradient passes (each forward and backward gathers the weights)
             out["probe"] = _values(engine.module, 2, PARAM)[f"grad:{PARAM}"].tolist()
         except ValueError as exc:
             out["probe"] = f"ValueError: {exc}"
+        out["after"] = [list(q.shape) for q in engine.module.parameters()]  # placeholders again at stage 3
+        try:  # the vmap engine needs the whole weight outside a forward: refused at stage 3
+            PerSampleGradientProbe(engine.module, params=PARAM, engine="vmap")
+            out["vmap"] = "accepted"
+        except ValueError as exc:
+            out["vmap"] = f"ValueError: {exc}"
         try:
             SpectralLens(engine, _pool(2), params=())
             out["engine"] = "accepted"
@@ -254,8 +353,7 @@ def _ds_case(stage):
             copy = _plain(torch.float32)
             copy.load_state_dict(state)
             out["copy_probe"] = _values(copy, 2, PARAM)[f"grad:{PARAM}"].tolist()
-        params = () if stage == 3 else PARAM
-        (l0, p0), (l1, p1) = _train(stage, False, params, rank), _train(stage, True, params, rank)
+        (l0, p0), (l1, p1) = _train(stage, False, PARAM, rank), _train(stage, True, PARAM, rank)
         out["same_losses"], out["same_params"] = l0 == l1, all(torch.equal(p0[k], p1[k]) for k in p0)
         return out
     return case
@@ -288,15 +386,19 @@ def test_real_deepspeed_zero3_and_zero2(tmp_path, monkeypatch):
                                            rtol=1e-12, atol=0)
             assert v["engine"].startswith("ValueError: SpectralLens: model is a DeepSpeed engine"), v["engine"]
             assert v["same_losses"] and v["same_params"], (stage, v)  # training unchanged by measurements
+            # ZeRO-2 keeps whole parameters; under ZeRO-3 the fast engine measures the whole weight on every rank
+            assert not isinstance(v["probe"], str), (stage, v["probe"])  # before the fix: refused at stage 3
+            torch.testing.assert_close(torch.tensor(v["probe"], dtype=torch.float64), want_grad, rtol=1e-12, atol=0)
             if stage == "stage3":
                 assert v["local_shape"] == [0] and v["ds_shape"] == [16, 16]  # a placeholder outside a forward
-                assert v["probe"].startswith("ValueError: PerSampleGradientProbe: the probed parameter(s) "
-                                             f"{PARAM} (ds_shape [16, 16], ds_status NOT_AVAILABLE"), v["probe"]
+                assert all(s == [0] for s in v["after"]), v["after"]  # released again after the measurement
+                assert v["vmap"].startswith("ValueError: PerSampleGradientProbe: the probed parameter(s) "
+                                            f"{PARAM} (ds_shape [16, 16], ds_status NOT_AVAILABLE"), v["vmap"]
+                assert "engine other than the fast one" in v["vmap"], v["vmap"]
                 torch.testing.assert_close(torch.tensor(v["copy_probe"], dtype=torch.float64), want_grad,
                                            rtol=1e-12, atol=0)
-            else:  # ZeRO-2 keeps whole parameters: the probe measures them exactly
+            else:
                 assert v["local_shape"] == [16, 16] and v["ds_shape"] is None
-                torch.testing.assert_close(torch.tensor(v["probe"], dtype=torch.float64), want_grad, rtol=1e-12, atol=0)
 
 
 # ---------------------------------------------- the Hugging Face Trainer with DeepSpeed, torchrun, 2 CPU ranks
@@ -312,7 +414,7 @@ ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "
       "zero_allow_untested_optimizer": True,
       "zero_optimization": {"stage": STAGE, "stage3_param_persistence_threshold": 0}}
 pool = heldout_pool() + heldout_pool()[:1]  # 3 batches on 2 ranks
-kw = {"params": ()} if STAGE == 3 else {}
+kw = {}
 
 
 def train(lens, out):
@@ -330,7 +432,7 @@ def train(lens, out):
 
 
 out = {}
-try:  # the default probe: refused when the callback attaches the lens to the partitioned module
+try:  # the default probe (before the fix: refused at ZeRO-3 when the callback attached the lens)
     train(sl.SpectralLens(None, pool, schedule=sl.Schedule.every(2), progress=False), "hf0")
     out["default"] = "trained"
 except ValueError as exc:
@@ -359,8 +461,8 @@ HAS_HF = all(importlib.util.find_spec(m) is not None for m in ("transformers", "
 @pytest.mark.parametrize("stage", [3, 2])
 def test_hf_trainer_with_deepspeed_under_torchrun(tmp_path, stage):
     """``Trainer(args=TrainingArguments(deepspeed=...))``: the callback gets the module (the trainer keeps the
-    engine as ``model_wrapped``). ZeRO-3: the default probe refused at train begin on every rank, activations
-    (``params=()``) equal a plain copy's at the trained weights; ZeRO-2: activations and gradients do. Training
+    engine as ``model_wrapped``). ZeRO-3 and ZeRO-2: activations and the default probe's gradient spectrum
+    equal a plain copy's at the trained weights (under ZeRO-3 every rank runs the gradient passes). Training
     with the callback leaves the parameters bit-identical to training without."""
     import json
     import subprocess
@@ -377,11 +479,11 @@ def test_hf_trainer_with_deepspeed_under_torchrun(tmp_path, stage):
     assert len(results) == 2, proc.stdout[-3000:]
     for r in results:
         assert r["engine"] == "DeepSpeedEngine" and r["steps"] == [2, 4] and r["unchanged"], r
-        assert all(e < 1e-12 for e in r["error"].values()), r["error"]
-        if stage == 3:
-            assert r["default"].startswith("ValueError: PerSampleGradientProbe: the probed parameter(s) "
-                                           "model.layers.1.self_attn.o_proj.weight (ds_shape [32, 32]"), r["default"]
-            assert r["keys"] == ["act:model.layers.1"]
-        else:
-            assert r["default"] == "trained"
-            assert r["keys"] == ["act:model.layers.1", "grad:model.layers.1.self_attn.o_proj.weight"]
+        # float32 Llama: ZeRO-3's identities on every module's input and output (its backward hooks) reorder
+        # autograd's sums of the gradient branches that meet at a tensor (measured: up_proj's and lm_head's rows
+        # bit-equal, o_proj's 2e-8 relative), float32 rounding of the backward, not of the probe (the TinyGPT
+        # case above is bit-equal under ZeRO-3)
+        tol = {k: 1e-6 if stage == 3 and k.startswith("grad:") else 1e-12 for k in r["error"]}
+        assert all(e < tol[k] for k, e in r["error"].items()), r["error"]
+        assert r["default"] == "trained", r["default"]  # before the fix: refused at ZeRO-3
+        assert r["keys"] == ["act:model.layers.1", "grad:model.layers.1.self_attn.o_proj.weight"]
