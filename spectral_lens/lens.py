@@ -449,37 +449,34 @@ class SpectralLens:
         autocast = measurement_autocast(dev, self.autocast_dtype)
         total = sized_total(self.pool)
         # under FSDP (and DeepSpeed ZeRO-3) every forward all-gathers the weights over the ranks, so every
-        # rank must run as many forwards: a rank with one batch fewer than the others runs one more,
-        # unmeasured; pools of different lengths (with a len) are refused before any forward
+        # rank must run as many forwards: the pool is loaded in rounds of world batches compared before each
+        # round's forwards (a rank with no batch of its own in the last round runs one unmeasured); pools of
+        # different lengths (with a len) are refused before any forward
         fsdp = world > 1 and (bool(fsdp_sharded(model)) or zero3_partitioned(model))
         if fsdp and total is not None:
             agree_lengths(self.group, total)
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
         try:
             with self._eval_mode(), torch.no_grad(), autocast, eager_forwards(), measurement_pass(capture):
-                if fsdp and total is None:
+                if fsdp:  # with a len too: a loading or mask_fn failure on one rank is agreed, not a timeout
                     return self._forwards_in_rounds(model, capture, rank, world, bar)
-                batches, other = 0, None
+                batches = 0
                 for i, batch in enumerate(self.pool):
                     batches = i + 1
                     if i % world != rank:
-                        other = batch if fsdp else None
                         continue
                     mask = self.mask_fn(batch) if self.mask_fn is not None else None
                     with capture.mask(mask):
                         self.forward_fn(model, batch)
                     if bar is not None:
                         bar.update(1)
-                if fsdp and len(range(rank, batches, world)) < -(-batches // world):
-                    with measurement_pass():  # feeds no capture: this rank's rows are its share only
-                        self.forward_fn(model, other)
                 return batches
         finally:
             if bar is not None:
                 bar.close()
 
     def _forwards_in_rounds(self, model: nn.Module, capture, rank: int, world: int, bar) -> int:
-        """Under FSDP, a pool without a ``len``: in rounds of ``world`` batches (batch ``i`` on rank
+        """Under FSDP (any pool, with a ``len`` or without): in rounds of ``world`` batches (batch ``i`` on rank
         ``i % world``), each rank loads the round's batches (keeping its own and the first) and the mask
         of its own, then the ranks agree on how many batches each pool gave so far (one ``all_reduce`` of
         world integers per round) before the round's forwards. A failure while loading or masking is

@@ -1,0 +1,237 @@
+"""Review of the FSDP pools, tensor parallelism, PEFT and DeepSpeed changes: 2 gloo CPU ranks, one spawn.
+
+Under FSDP every forward all-gathers the weights, so a rank that stops while the others forward leaves
+them waiting in the all-gather until the process-group timeout. Pools without a ``len`` were already
+loaded in rounds of ``world`` batches compared before each round's forwards (``test_fsdp_pools.py``);
+pools *with* a ``len`` were compared once, before any forward, and then loaded between forwards
+without an agreement. Before this fix, under FSDP with a list or sized pool:
+
+1. an exception while loading one rank's batch (a broken file, a ``KeyboardInterrupt``) or from its
+   ``mask_fn`` left the other rank in the all-gather of its next forward: the process-group timeout
+   (10 s here, 30 min by default), the group unusable afterwards.
+
+Now every FSDP pool takes the round loop (one ``all_reduce`` of ``world`` integers per round of ``world``
+batches, FSDP only): the failed rank raises its own error and the others a ``RuntimeError`` naming it,
+at once, the ranks in step. Sized pools of equal lengths (a multiple of the world, one more, exactly
+``world`` batches) measure the unwrapped model's spectra (float64); an empty pool raises the same error
+on every rank; the non-FSDP path's collectives are unchanged (counted against an unsized pool's).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from support.models import TinyGPT, lm_pool
+from support.ranks import checked_case, run_gloo_cases
+
+from spectral_lens import SpectralLens
+
+
+def gloo(test):
+    """The tests that spawn the ranks: the slow tier."""
+    return pytest.mark.slow(pytest.mark.distributed(test))
+
+
+WORLD = 2
+PG_TIMEOUT_S = 10  # a collective left waiting fails after this (the default is 30 min for gloo)
+DEADLINE_S = 7.0  # an agreed error comes at once, well inside the timeout
+
+
+class Sized:
+    """A pool with a ``len`` whose loading of batch ``fail_at`` raises ``error`` (a broken file on one rank)."""
+
+    def __init__(self, batches, fail_at=None, error=None):
+        self.batches, self.fail_at, self.error = batches, fail_at, error
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i == self.fail_at:
+                raise self.error
+            yield batch
+
+
+class Unsized:
+    """A re-iterable pool without a ``len``."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        yield from self.batches
+
+
+def _plain():
+    torch.manual_seed(0)
+    return TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12).double()
+
+
+def _fsdp2():
+    from torch.distributed.fsdp import fully_shard
+
+    model = _plain()
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def _pool(n, seed=1):
+    return lm_pool(n, batch=4, t=12, vocab=37, seed=seed)
+
+
+def _spectra(m):
+    return {k: {"values": v.values.tolist(), "n_rows": v.n_rows} for k, v in m.spectra.items()}
+
+
+def _counted(fn):
+    """``fn()``'s value and the number of ``dist.all_reduce`` calls it made on this rank."""
+    calls = []
+    real = dist.all_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        return fn(), len(calls)
+    finally:
+        dist.all_reduce = real
+
+
+def _measure(model, pool, **kwargs):
+    kwargs.setdefault("params", ())
+    return SpectralLens(model, pool, precision="float64", progress=False, **kwargs).measure(1, 1)
+
+
+# ---------------------------------------------------------------- cases
+def _sized_equal(rank):
+    """Sized pools of 2 (exactly world), 3 and 4 batches on both ranks: spectra and all_reduce calls, against
+    the same batches without a len."""
+    out = {}
+    for n in (2, 3, 4):
+        m, listed = _counted(lambda n=n: _measure(_fsdp2(), _pool(n)))
+        _, unsized = _counted(lambda n=n: _measure(_fsdp2(), Unsized(_pool(n))))
+        out[str(n)] = {"spectra": _spectra(m), "listed": listed, "unsized": unsized}
+    return out
+
+
+def _empty_pools(rank):
+    """An empty pool (a list, and one without a len) on both ranks: each rank's error."""
+    errors = {}
+    for kind, pool in (("listed", []), ("unsized", Unsized([]))):
+        try:
+            _measure(_fsdp2(), pool)
+        except Exception as exc:  # noqa: BLE001 - compared across ranks by the parent
+            errors[kind] = f"{type(exc).__name__}: {exc}"
+    return errors
+
+
+def _non_fsdp_collectives(rank):
+    """Without FSDP: the all_reduce calls for a list pool and the same pool without a len (the plain path:
+    no per-batch or per-round agreement on either)."""
+    model = _plain().float()
+
+    def run(pool):
+        return SpectralLens(model, pool, params=(), progress=False).measure(1, 1)
+
+    return {"unsized": _counted(lambda: run(Unsized(_pool(5))))[1], "listed": _counted(lambda: run(_pool(5)))[1]}
+
+
+def _sized_fails_on_rank1(rank):
+    """Loading rank 1's third batch of a sized pool raises (after one round's forwards)."""
+    _measure(_fsdp2(), Sized(_pool(4), fail_at=2 if rank == 1 else None, error=OSError("batch 2 could not be read")))
+
+
+def _sized_interrupted_on_rank1(rank):
+    """A KeyboardInterrupt while loading rank 1's second batch of a sized pool."""
+    _measure(_fsdp2(), Sized(_pool(4), fail_at=1 if rank == 1 else None, error=KeyboardInterrupt()))
+
+
+def _listed_mask_fn_fails_on_rank1(rank):
+    """A list pool of 4 batches whose mask_fn raises on rank 1's second batch (before its forward)."""
+    seen = []
+
+    def mask_fn(batch):
+        seen.append(1)
+        if rank == 1 and len(seen) == 2:
+            raise KeyError("attention_mask")
+
+    _measure(_fsdp2(), _pool(4), mask_fn=mask_fn)
+
+
+# the cases that broke the process group before the fix run last (a timeout leaves the group unusable)
+CASES = {
+    "sized_equal": _sized_equal,
+    "empty_pools": _empty_pools,
+    "non_fsdp_collectives": _non_fsdp_collectives,
+    "sized_fails_on_rank1": _sized_fails_on_rank1,
+    "sized_interrupted_on_rank1": _sized_interrupted_on_rank1,
+    "listed_mask_fn_fails_on_rank1": _listed_mask_fn_fails_on_rank1,
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    return run_gloo_cases(tmp_path_factory.mktemp("review17"), CASES, WORLD, pg_timeout_s=PG_TIMEOUT_S,
+                          join_s=300, preload="torch.distributed.fsdp")
+
+
+def _ok(results, case) -> list:
+    got = checked_case(results, case, None)
+    for rank, r in enumerate(got):
+        assert r["error"] is None, f"{case} on rank {rank}: {r['error']}"
+    return [r["value"] for r in got]
+
+
+def _errors(results, case) -> list[str]:
+    """Each rank's error: raised at once (no timeout), with the ranks in step afterwards."""
+    got = checked_case(results, case, DEADLINE_S)
+    return [r["error"] or "" for r in got]
+
+
+def _assert_equal_spectra(got, want):
+    assert sorted(got) == sorted(want.spectra)
+    for name, spectrum in want.spectra.items():
+        assert got[name]["n_rows"] == spectrum.n_rows
+        diff = (torch.tensor(got[name]["values"], dtype=torch.float64) - spectrum.values).abs().max().item()
+        assert diff <= 1e-12 * spectrum.values.max().item(), (name, diff)
+
+
+@gloo
+def test_sized_fsdp_pools_measure_the_unwrapped_models_spectra_in_rounds(results):
+    for got in _ok(results, "sized_equal"):
+        for n in (2, 3, 4):
+            _assert_equal_spectra(got[str(n)]["spectra"], _measure(_plain(), _pool(n)))
+            # the same rounds as without a len, plus the length check before any forward
+            assert got[str(n)]["listed"] == got[str(n)]["unsized"] + 1, got[str(n)]
+
+
+@gloo
+def test_an_empty_fsdp_pool_raises_the_same_error_on_every_rank(results):
+    r0, r1 = _ok(results, "empty_pools")
+    assert sorted(r0) == ["listed", "unsized"] and r0 == r1, (r0, r1)
+
+
+@gloo
+def test_the_non_fsdp_paths_collectives_do_not_depend_on_the_pools_length(results):
+    for got in _ok(results, "non_fsdp_collectives"):
+        assert got["unsized"] == got["listed"], got
+
+
+@gloo
+def test_a_loading_failure_in_one_ranks_sized_fsdp_pool_is_agreed(results):
+    what = "RuntimeError: SpectralLens: loading the pool's batches or their masks (mask_fn) failed on global rank(s) [1]"
+    r0, r1 = _errors(results, "sized_fails_on_rank1")
+    assert r1 == "OSError: batch 2 could not be read", r1
+    assert r0.startswith(what), r0
+    r0, r1 = _errors(results, "sized_interrupted_on_rank1")
+    assert r1 == "KeyboardInterrupt: ", r1
+    assert r0.startswith(what), r0
+    r0, r1 = _errors(results, "listed_mask_fn_fails_on_rank1")
+    assert r1 == "KeyError: 'attention_mask'", r1
+    assert r0.startswith(what), r0
