@@ -235,3 +235,51 @@ def test_a_loading_failure_in_one_ranks_sized_fsdp_pool_is_agreed(results):
     r0, r1 = _errors(results, "listed_mask_fn_fails_on_rank1")
     assert r1 == "KeyError: 'attention_mask'", r1
     assert r0.startswith(what), r0
+
+
+# ---------------------------------------------------------------- PEFT under FSDP2 (one process)
+class _Sharded:
+    """Stands in for ``torch.distributed.fsdp.FSDPModule``: ``fully_shard`` swaps a module's class for
+    ``type(f"FSDP{cls.__name__}", (FSDPModule, cls), ...)``, a class defined in ``torch.distributed.fsdp``."""
+
+
+def _as_fully_shard_does(module):
+    cls = type(module)
+    module.__class__ = type(f"FSDP{cls.__name__}", (_Sharded, cls), {})
+    assert not type(module).__module__.startswith("peft")
+    return module
+
+
+def test_a_fully_sharded_peft_model_keeps_the_base_models_names():
+    """fully_shard on a PeftModel (and its LoRA layers) changes their classes to subclasses defined in torch.
+    Before, the lens no longer recognized the PeftModel: layers= and params= typed as for the base model
+    matched nothing ('no module matches target model.layers.1'), and records carried base_model.model.
+    (checked with a real fully_shard on one gloo rank too). Now the records and spectra equal the unsharded
+    model's (float64)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+
+    def llama():
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                       tie_word_embeddings=False)
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False,
+                               modules_to_save=["lm_head"])
+        return peft.get_peft_model(transformers.LlamaForCausalLM(cfg).double(), lora)
+
+    g = torch.Generator().manual_seed(1)
+    pool = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 61, (2, 3, 10), generator=g)]
+    kwargs = dict(layers="model.layers.1", params=("model.layers.1.self_attn.o_proj.weight", "lm_head.weight"),
+                  precision="float64", progress=False)
+    want = SpectralLens(llama(), pool, **kwargs).measure(1, 1)
+    model = llama()
+    for m in [model, *model.base_model.model.model.layers, model.base_model.model.model.layers[1].self_attn.o_proj,
+              model.base_model.model.lm_head]:
+        _as_fully_shard_does(m)
+    got = SpectralLens(model, pool, **kwargs).measure(1, 1)
+    assert sorted(got.spectra) == sorted(want.spectra) == ["act:model.layers.1", "grad:lm_head.weight",
+                                                           "grad:model.layers.1.self_attn.o_proj.weight"]
+    for name, spectrum in want.spectra.items():
+        assert got.spectra[name].n_rows == spectrum.n_rows
+        torch.testing.assert_close(got.spectra[name].values, spectrum.values, rtol=1e-12, atol=1e-12 * spectrum.values.max().item())
