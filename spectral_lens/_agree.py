@@ -175,8 +175,8 @@ def refuse_other_counts(group, counts: list[int], full: int) -> None:
                          for r, c in enumerate(counts))
         raise ValueError(
             f"SpectralLens: the ranks' pools gave different numbers of batches ({each}); every rank must iterate "
-            "the same whole pool (each rank forwards its share: batch i on rank i % world). Under FSDP the pools "
-            "are compared round by round, before each round's forwards"
+            "the same whole pool (each rank forwards its share: batch i on rank i % world). Under FSDP (and in one "
+            "tensor-parallel replica) the pools are compared round by round, before each round's forwards"
         )
 
 

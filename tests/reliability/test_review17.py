@@ -164,11 +164,52 @@ def _listed_mask_fn_fails_on_rank1(rank):
     _measure(_fsdp2(), _pool(4), mask_fn=mask_fn)
 
 
+def _tensor_parallel():
+    """The plain model with every block's MLP split over a 1-D mesh of both ranks (c_fc column-parallel,
+    c_proj row-parallel: its output replicated): one replica, every forward an all-reduce over both ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    model, mesh = _plain(), init_device_mesh("cpu", (WORLD,))
+    for block in model.transformer.h:
+        parallelize_module(block.mlp, mesh, {"c_fc": ColwiseParallel(), "c_proj": RowwiseParallel()})
+    return model
+
+
+def _tp_equal(rank):
+    """One tensor-parallel replica, the same 3 batches with a len and without: spectra and all_reduce calls."""
+    out = {}
+    for kind, pool in (("listed", _pool(3)), ("unsized", Unsized(_pool(3)))):
+        m, calls = _counted(lambda pool=pool: _measure(_tensor_parallel(), pool))
+        out[kind] = {"spectra": _spectra(m), "calls": calls}
+    return out
+
+
+def _tp_fails_on_rank1(rank):
+    """One tensor-parallel replica: loading rank 1's third batch raises."""
+    _measure(_tensor_parallel(), Sized(_pool(4), fail_at=2 if rank == 1 else None,
+                                       error=OSError("batch 2 could not be read")))
+
+
+def _tp_unsized_longer_on_rank0(rank):
+    """One tensor-parallel replica: rank 0's pool (no len) gives 3 batches, rank 1's 2."""
+    _measure(_tensor_parallel(), Unsized(_pool(3 - rank)))
+
+
+def _tp_listed_longer_on_rank0(rank):
+    """One tensor-parallel replica: rank 0's list holds 3 batches, rank 1's 2."""
+    _measure(_tensor_parallel(), _pool(3 - rank))
+
+
 # the cases that broke the process group before the fix run last (a timeout leaves the group unusable)
 CASES = {
     "sized_equal": _sized_equal,
     "empty_pools": _empty_pools,
     "non_fsdp_collectives": _non_fsdp_collectives,
+    "tp_equal": _tp_equal,
+    "tp_fails_on_rank1": _tp_fails_on_rank1,
+    "tp_unsized_longer_on_rank0": _tp_unsized_longer_on_rank0,
+    "tp_listed_longer_on_rank0": _tp_listed_longer_on_rank0,
     "sized_fails_on_rank1": _sized_fails_on_rank1,
     "sized_interrupted_on_rank1": _sized_interrupted_on_rank1,
     "listed_mask_fn_fails_on_rank1": _listed_mask_fn_fails_on_rank1,
@@ -235,6 +276,32 @@ def test_a_loading_failure_in_one_ranks_sized_fsdp_pool_is_agreed(results):
     r0, r1 = _errors(results, "listed_mask_fn_fails_on_rank1")
     assert r1 == "KeyError: 'attention_mask'", r1
     assert r0.startswith(what), r0
+
+
+@gloo
+def test_one_tensor_parallel_replica_measures_the_plain_models_spectra(results):
+    for got in _ok(results, "tp_equal"):
+        for kind in ("listed", "unsized"):
+            _assert_equal_spectra(got[kind]["spectra"], _measure(_plain(), _pool(3)))
+        # one all_reduce per batch and one at the pool's end; the list's length check before the forwards
+        assert got["listed"]["calls"] == got["unsized"]["calls"] + 1, got
+
+
+@gloo
+def test_one_tensor_parallel_replicas_pools_are_compared_as_they_go(results):
+    """The ranks of one replica run every forward together (RowwiseParallel's all-reduce). Before, a loading
+    failure on one rank, or pools of different lengths, left the other rank in a forward's all-reduce: the
+    process-group timeout (or a gloo abort where it met the other rank's agreement)."""
+    r0, r1 = _errors(results, "tp_fails_on_rank1")
+    assert r1 == "OSError: batch 2 could not be read", r1
+    assert r0.startswith("RuntimeError: SpectralLens: loading the pool's batches or their masks (mask_fn) failed on "
+                         "global rank(s) [1]"), r0
+    for error in _errors(results, "tp_unsized_longer_on_rank0"):
+        assert error.startswith("ValueError: SpectralLens: the ranks' pools gave different numbers of batches "
+                                "(global rank 0: 3, global rank 1: 2)"), error
+    for error in _errors(results, "tp_listed_longer_on_rank0"):
+        assert error.startswith("ValueError: SpectralLens: the ranks' pools gave different numbers of batches "
+                                "(2 to 3)"), error
 
 
 # ---------------------------------------------------------------- PEFT under FSDP2 (one process)
