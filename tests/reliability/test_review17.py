@@ -296,9 +296,9 @@ def test_one_tensor_parallel_replicas_pools_are_compared_as_they_go(results):
     assert r1 == "OSError: batch 2 could not be read", r1
     assert r0.startswith("RuntimeError: SpectralLens: loading the pool's batches or their masks (mask_fn) failed on "
                          "global rank(s) [1]"), r0
-    for error in _errors(results, "tp_unsized_longer_on_rank0"):
+    for error in _errors(results, "tp_unsized_longer_on_rank0"):  # rounds of one batch: rank 0's filled its round
         assert error.startswith("ValueError: SpectralLens: the ranks' pools gave different numbers of batches "
-                                "(global rank 0: 3, global rank 1: 2)"), error
+                                "(global rank 0: 3 or more, global rank 1: 2)"), error
     for error in _errors(results, "tp_listed_longer_on_rank0"):
         assert error.startswith("ValueError: SpectralLens: the ranks' pools gave different numbers of batches "
                                 "(2 to 3)"), error
