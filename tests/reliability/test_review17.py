@@ -201,12 +201,42 @@ def _tp_listed_longer_on_rank0(rank):
     _measure(_tensor_parallel(), _pool(3 - rank))
 
 
+def _fsdp_and_tp_on_a_2d_mesh(rank):
+    """FSDP2 and tensor parallelism on a (dp=1, tp=2) mesh: both ranks are one replica. Before: the lens
+    took the DTensors for FSDP's, split the pool across the two ranks and measured a wrong spectrum."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh, model = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "tp")), _plain()
+    for block in model.transformer.h:
+        parallelize_module(block.mlp, mesh["tp"], {"c_fc": ColwiseParallel(), "c_proj": RowwiseParallel()})
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    return _spectra(_measure(model, _pool(4)))
+
+
+def _hsdp(rank):
+    """HSDP on a (replicate=1, shard=2) mesh (placements (Replicate(), Shard(0))): not taken for tensor
+    parallelism; the spectra."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh, model = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard")), _plain()
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return _spectra(_measure(model, _pool(3)))
+
+
 # the cases that broke the process group before the fix run last (a timeout leaves the group unusable)
 CASES = {
     "sized_equal": _sized_equal,
     "empty_pools": _empty_pools,
     "non_fsdp_collectives": _non_fsdp_collectives,
     "tp_equal": _tp_equal,
+    "fsdp_and_tp_on_a_2d_mesh": _fsdp_and_tp_on_a_2d_mesh,
+    "hsdp": _hsdp,
     "tp_fails_on_rank1": _tp_fails_on_rank1,
     "tp_unsized_longer_on_rank0": _tp_unsized_longer_on_rank0,
     "tp_listed_longer_on_rank0": _tp_listed_longer_on_rank0,
@@ -302,6 +332,17 @@ def test_one_tensor_parallel_replicas_pools_are_compared_as_they_go(results):
     for error in _errors(results, "tp_listed_longer_on_rank0"):
         assert error.startswith("ValueError: SpectralLens: the ranks' pools gave different numbers of batches "
                                 "(2 to 3)"), error
+
+
+@gloo
+def test_fsdp_with_tensor_parallelism_on_a_2d_mesh_is_refused(results):
+    """Before: a wrong spectrum, silently (top eigenvalue of act:transformer.h.1 7.3807 against 7.5851)."""
+    for error in _errors(results, "fsdp_and_tp_on_a_2d_mesh"):
+        assert error.startswith("ValueError: SpectralLens: the model is sharded with FSDP and another parallelism on "
+                                "a multi-dimensional mesh (transformer."), error
+        assert "(dims ('dp', 'tp'))" in error, error
+    for got in _ok(results, "hsdp"):  # HSDP's 2-D mesh: measured, not refused
+        _assert_equal_spectra(got, _measure(_plain(), _pool(3)))
 
 
 # ---------------------------------------------------------------- PEFT under FSDP2 (one process)
