@@ -10,7 +10,8 @@ sequence-parallel layer's output is a different slice of the tokens on each rank
 tensor-parallel (sharded) matrix in the probe (:func:`refuse_tensor_parallel_params`).
 
 Models sharded with FSDP are left to the FSDP handling (``gradients/_measurable.py``): FSDP2's parameters
-are ``DTensor``s too, and FSDP2 combined with tensor parallelism on a 2-D mesh is not detected here.
+are ``DTensor``s too; FSDP2 combined with tensor parallelism on a 2-D mesh (parameters sharded along two mesh
+dimensions) is refused (:func:`refuse_fsdp_with_tensor_parallel`).
 """
 
 from __future__ import annotations
