@@ -10,11 +10,23 @@ without an agreement. Before this fix, under FSDP with a list or sized pool:
    ``mask_fn`` left the other rank in the all-gather of its next forward: the process-group timeout
    (10 s here, 30 min by default), the group unusable afterwards.
 
+2. one tensor-parallel replica (the lens's group is the mesh: every rank runs every batch, each forward
+   an all-reduce over the mesh) did not compare its ranks' pools at all: a loading failure on one rank,
+   or pools of different lengths, left the other rank in a forward's all-reduce (the timeout, or a gloo
+   abort where it met the other rank's agreement);
+3. FSDP2 with tensor parallelism on a 2-D ``(dp, tp)`` mesh: the lens took the ``DTensor``s for FSDP's,
+   split the pool across the ranks of one replica and measured a wrong spectrum, silently;
+4. a ``fully_shard``ed ``PeftModel`` (its class becomes ``FSDPPeftModel``, defined in torch) was no longer
+   recognized as PEFT: ``layers=``/``params=`` typed as for the base model matched nothing.
+
 Now every FSDP pool takes the round loop (one ``all_reduce`` of ``world`` integers per round of ``world``
-batches, FSDP only): the failed rank raises its own error and the others a ``RuntimeError`` naming it,
-at once, the ranks in step. Sized pools of equal lengths (a multiple of the world, one more, exactly
-``world`` batches) measure the unwrapped model's spectra (float64); an empty pool raises the same error
-on every rank; the non-FSDP path's collectives are unchanged (counted against an unsized pool's).
+batches, FSDP only), and so does one tensor-parallel replica (rounds of one batch): the failed rank raises
+its own error and the others a ``RuntimeError`` naming it, at once, the ranks in step; pools of different
+lengths the same ``ValueError`` on every rank. Sized pools of equal lengths (a multiple of the world, one
+more, exactly ``world`` batches) measure the unwrapped model's spectra (float64); an empty pool raises the
+same error on every rank; the non-FSDP path's collectives are unchanged (counted against an unsized
+pool's). FSDP2 + TP on a 2-D mesh is a ``ValueError`` on every rank (HSDP's 2-D mesh is measured), and a
+fully sharded PEFT model's records and spectra equal the unsharded model's.
 """
 
 from __future__ import annotations
