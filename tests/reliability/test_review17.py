@@ -180,7 +180,11 @@ def _tensor_parallel():
     """The plain model with every block's MLP split over a 1-D mesh of both ranks (c_fc column-parallel,
     c_proj row-parallel: its output replicated): one replica, every forward an all-reduce over both ranks."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     model, mesh = _plain(), init_device_mesh("cpu", (WORLD,))
     for block in model.transformer.h:
@@ -218,7 +222,11 @@ def _fsdp_and_tp_on_a_2d_mesh(rank):
     took the DTensors for FSDP's, split the pool across the two ranks and measured a wrong spectrum."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
 
     mesh, model = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("dp", "tp")), _plain()
     for block in model.transformer.h:
@@ -390,8 +398,8 @@ def test_a_fully_sharded_peft_model_keeps_the_base_models_names():
 
     g = torch.Generator().manual_seed(1)
     pool = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 61, (2, 3, 10), generator=g)]
-    kwargs = dict(layers="model.layers.1", params=("model.layers.1.self_attn.o_proj.weight", "lm_head.weight"),
-                  precision="float64", progress=False)
+    kwargs = {"layers": "model.layers.1", "params": ("model.layers.1.self_attn.o_proj.weight", "lm_head.weight"),
+              "precision": "float64", "progress": False}
     want = SpectralLens(llama(), pool, **kwargs).measure(1, 1)
     model = llama()
     for m in [model, *model.base_model.model.model.layers, model.base_model.model.model.layers[1].self_attn.o_proj,
