@@ -168,15 +168,15 @@ def _refuse_other_lengths(fewest: int, most: int) -> None:
 
 def refuse_other_counts(group, counts: list[int], full: int) -> None:
     """``ValueError`` (on every rank: ``counts`` are agreed) when the ranks' pools, compared round by round
-    under FSDP (pools without a ``len``), gave different numbers of batches; ``counts``: each group rank's
+    under FSDP, gave different numbers of batches; ``counts``: each group rank's
     batches so far, ``full``: the count of a rank whose pool filled this round (it may have more)."""
     if len(set(counts)) > 1:
         each = ", ".join(f"global rank {global_rank(group, r)}: {c}{' or more' if c == full else ''}"
                          for r, c in enumerate(counts))
         raise ValueError(
             f"SpectralLens: the ranks' pools gave different numbers of batches ({each}); every rank must iterate "
-            "the same whole pool (each rank forwards its share: batch i on rank i % world). Under FSDP a pool "
-            "without a len is compared round by round, before each round's forwards"
+            "the same whole pool (each rank forwards its share: batch i on rank i % world). Under FSDP (and in one "
+            "tensor-parallel replica) the pools are compared round by round, before each round's forwards"
         )
 
 

@@ -25,8 +25,14 @@ __all__ = ["adapter_names", "base_prefix", "has_peft_layers", "is_peft", "saved_
            "vmap_untraceable"]
 
 
+def _peft_class(obj: object) -> type | None:
+    """The first class of ``obj``'s MRO defined in ``peft``: its own class, or the one FSDP2's ``fully_shard``
+    subclassed in place (``FSDPPeftModel``, defined in ``torch.distributed.fsdp``); ``None`` for no peft object."""
+    return next((c for c in type(obj).__mro__ if c.__module__.split(".", 1)[0] == "peft"), None)
+
+
 def _is_peft(obj: object) -> bool:
-    return type(obj).__module__.split(".", 1)[0] == "peft"
+    return _peft_class(obj) is not None
 
 
 is_peft = _is_peft  # an object of a peft class (a PeftModel, a LoRA layer, a ModulesToSaveWrapper)
@@ -69,7 +75,7 @@ def saved_wrappers(model: nn.Module) -> dict[str, nn.Module]:
     """``{name: wrapper}`` for each ``peft`` ``ModulesToSaveWrapper`` of ``model``
     (``LoraConfig(modules_to_save=[...])``); ``{}`` for a model without one."""
     return {name: m for name, m in model.named_modules()
-            if _is_peft(m) and type(m).__name__ == "ModulesToSaveWrapper"}
+            if getattr(_peft_class(m), "__name__", None) == "ModulesToSaveWrapper"}
 
 
 def saved_copies(model: nn.Module, wrappers: dict[str, nn.Module] | None = None) -> dict[str, str]:
@@ -109,7 +115,8 @@ def vmap_untraceable(model: nn.Module) -> dict[str, str]:
     model without ``peft`` layers or with LoRA's only."""
     out = {}
     for name, m in model.named_modules():
-        fns = _untraceable_functions(type(m).__module__) if _is_peft(m) else ()
+        cls = _peft_class(m)
+        fns = _untraceable_functions(cls.__module__) if cls is not None else ()
         if fns:
-            out[name] = f"{type(m).__module__}.{type(m).__name__}, whose module defines {', '.join(fns)}"
+            out[name] = f"{cls.__module__}.{cls.__name__}, whose module defines {', '.join(fns)}"
     return out

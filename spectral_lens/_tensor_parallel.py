@@ -10,7 +10,8 @@ sequence-parallel layer's output is a different slice of the tokens on each rank
 tensor-parallel (sharded) matrix in the probe (:func:`refuse_tensor_parallel_params`).
 
 Models sharded with FSDP are left to the FSDP handling (``gradients/_measurable.py``): FSDP2's parameters
-are ``DTensor``s too, and FSDP2 combined with tensor parallelism on a 2-D mesh is not detected here.
+are ``DTensor``s too; FSDP2 combined with tensor parallelism on a 2-D mesh (parameters sharded along two mesh
+dimensions) is refused (:func:`refuse_fsdp_with_tensor_parallel`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["check_replicated", "one_replica", "refuse_tensor_parallel_params", "replica_ranks",
-           "tensor_parallel_params"]
+__all__ = ["check_replicated", "one_replica", "refuse_fsdp_with_tensor_parallel", "refuse_tensor_parallel_params",
+           "replica_ranks", "tensor_parallel_params"]
 
 
 def tensor_parallel_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -36,6 +37,30 @@ def tensor_parallel_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
     found = [(n, p) for n, p in model.named_parameters() if isinstance(p, dtensor.DTensor)]
     return [] if not found or fsdp_sharded(model) else found
+
+
+def refuse_fsdp_with_tensor_parallel(model: nn.Module, who: str = "SpectralLens") -> None:
+    """``ValueError`` for an FSDP model whose ``DTensor`` parameters are sharded along two mesh dimensions
+    (FSDP2 and tensor parallelism on a 2-D ``(dp, tp)`` mesh; HSDP's are ``(Replicate(), Shard(0))``): the
+    lens takes FSDP's ``DTensor``s for FSDP's alone, so it would split the pool across the ranks of one
+    tensor-parallel replica, whose collectives would then mix different batches (a wrong spectrum, silently)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is None:
+        return
+    for name, p in model.named_parameters():
+        if isinstance(p, dtensor.DTensor) and sum(not isinstance(pl, dtensor.Replicate) for pl in p.placements) > 1:
+            from .gradients._measurable import fsdp_sharded
+
+            if not fsdp_sharded(model):
+                return
+            raise ValueError(
+                f"{who}: the model is sharded with FSDP and another parallelism on a multi-dimensional mesh "
+                f"({_describe(name, p)}: sharded along two mesh dimensions, e.g. FSDP2 with tensor parallelism), "
+                "which the lens does not support: it would split the pool across ranks that must run the same "
+                "batches (one tensor-parallel replica), a wrong spectrum. Measure a copy without it (the full "
+                "weights, DTensor.full_tensor() of each parameter on every rank, loaded into a plain model of the "
+                "same architecture), or FSDP (or tensor parallelism) alone (docs/guide-multi-gpu.md)"
+            )
 
 
 def _describe(name: str, p) -> str:
@@ -79,6 +104,7 @@ def one_replica(model: nn.Module, group, who: str = "SpectralLens"):
 
     if not (dist.is_available() and dist.is_initialized()):
         return None
+    refuse_fsdp_with_tensor_parallel(model, who)
     found = replica_ranks(model)
     if found is None:
         return None

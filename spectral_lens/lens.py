@@ -413,12 +413,13 @@ class SpectralLens:
         model = self._require_model()
         rank, world = ranks(self.group)
         tp = one_replica(model, self.group)  # tensor parallelism: (group is one replica, its peers' group)
-        if tp is not None and tp[0]:
+        lockstep = tp is not None and tp[0]  # every forward a collective of the group: its pools compared as they go
+        if lockstep:
             rank, world = 0, 1  # one replica: every rank runs every batch, the same rows (not summed)
         error = None
         try:
             capture = attach(model, self.layers, pick=self._pick, precision=self.precision)
-            batches = self._activation_pass(model, capture, rank, world)
+            batches = self._activation_pass(model, capture, rank, world, lockstep)
         except BaseException as exc:  # an interrupt too (Ctrl-C on one rank): agreed below, then re-raised
             error = exc
         agree(self.group, error, "the activation pass")
@@ -443,48 +444,47 @@ class SpectralLens:
         names = record_names(model, spectra, params=False)  # eager; a PEFT model's as before get_peft_model
         return {f"act:{names[name]}": spectrum for name, spectrum in spectra.items()}
 
-    def _activation_pass(self, model: nn.Module, capture, rank: int, world: int) -> int:
+    def _activation_pass(self, model: nn.Module, capture, rank: int, world: int, lockstep: bool = False) -> int:
         """This rank's forwards over its share of the pool (batch ``i`` for ``i % world == rank``);
-        returns the number of batches the pool gave (all of them, not only this rank's)."""
+        returns the number of batches the pool gave (all of them, not only this rank's). ``lockstep``: one
+        tensor-parallel replica (``world`` 1 here), whose group's ranks run every forward together."""
         with capture, kept_sharded(model):  # first: whatever fails below, the hooks leave with it
-            return self._forwards(model, capture, rank, world)
+            return self._forwards(model, capture, rank, world, lockstep)
 
-    def _forwards(self, model: nn.Module, capture, rank: int, world: int) -> int:
+    def _forwards(self, model: nn.Module, capture, rank: int, world: int, lockstep: bool) -> int:
         dev = self._device()
         autocast = measurement_autocast(dev, self.autocast_dtype)
         total = sized_total(self.pool)
         # under FSDP (and DeepSpeed ZeRO-3) every forward all-gathers the weights over the ranks, so every
-        # rank must run as many forwards: a rank with one batch fewer than the others runs one more,
-        # unmeasured; pools of different lengths (with a len) are refused before any forward
-        fsdp = world > 1 and (bool(fsdp_sharded(model)) or zero3_partitioned(model))
+        # rank must run as many forwards: the pool is loaded in rounds of world batches compared before each
+        # round's forwards (a rank with no batch of its own in the last round runs one unmeasured); pools of
+        # different lengths (with a len) are refused before any forward; likewise one tensor-parallel replica
+        # (lockstep), whose ranks all run every batch: rounds of one batch, compared over the group
+        fsdp = lockstep or (world > 1 and (bool(fsdp_sharded(model)) or zero3_partitioned(model)))
         if fsdp and total is not None:
             agree_lengths(self.group, total)
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
         try:
             with self._eval_mode(), torch.no_grad(), autocast, eager_forwards(), measurement_pass(capture):
-                if fsdp and total is None:
+                if fsdp:  # with a len too: a loading or mask_fn failure on one rank is agreed, not a timeout
                     return self._forwards_in_rounds(model, capture, rank, world, bar)
-                batches, other = 0, None
+                batches = 0
                 for i, batch in enumerate(self.pool):
                     batches = i + 1
                     if i % world != rank:
-                        other = batch if fsdp else None
                         continue
                     mask = self.mask_fn(batch) if self.mask_fn is not None else None
                     with capture.mask(mask):
                         self.forward_fn(model, batch)
                     if bar is not None:
                         bar.update(1)
-                if fsdp and len(range(rank, batches, world)) < -(-batches // world):
-                    with measurement_pass():  # feeds no capture: this rank's rows are its share only
-                        self.forward_fn(model, other)
                 return batches
         finally:
             if bar is not None:
                 bar.close()
 
     def _forwards_in_rounds(self, model: nn.Module, capture, rank: int, world: int, bar) -> int:
-        """Under FSDP, a pool without a ``len``: in rounds of ``world`` batches (batch ``i`` on rank
+        """Under FSDP (any pool, with a ``len`` or without): in rounds of ``world`` batches (batch ``i`` on rank
         ``i % world``), each rank loads the round's batches (keeping its own and the first) and the mask
         of its own, then the ranks agree on how many batches each pool gave so far (one ``all_reduce`` of
         world integers per round) before the round's forwards. A failure while loading or masking is
