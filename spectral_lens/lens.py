@@ -546,10 +546,7 @@ class SpectralLens:
         rank, world = ranks(self.group)
         result: list = [None]
         error = None
-        # under FSDP and DeepSpeed ZeRO-3 every pass all-gathers the weights over the ranks: every rank runs
-        # the whole protocol (the same passes; rank 0's result is broadcast as usual)
-        tp = one_replica(self.model, self.group)  # one tensor-parallel replica: every pass is a collective
-        everywhere = world > 1 and (self._gathering() or (tp is not None and tp[0]))
+        everywhere = self._everywhere()
         if rank == 0 or everywhere:
             try:
                 result = [self._gradient_pass()]
@@ -557,13 +554,19 @@ class SpectralLens:
                 error = exc
             finally:  # the rows of G (M x P per matrix, on the device) are not kept through the training in between
                 self.probe.reset()
-        agree(self.group, error, "the gradient protocol (it runs on every rank under FSDP and ZeRO-3)" if everywhere
+        agree(self.group, error, "the gradient protocol (it runs on every rank under FSDP, ZeRO-3 and tensor "
+              "parallelism)" if everywhere
               else "the gradient protocol (it runs on the group's rank 0)")
         return from_rank0(self.group, result[0])
 
-    def _gathering(self) -> bool:
-        """Whether every pass of the model all-gathers its weights over the ranks: FSDP, DeepSpeed ZeRO-3."""
-        return bool(fsdp_sharded(self.model)) or zero3_partitioned(self.model)
+    def _everywhere(self) -> bool:
+        """Whether every rank of the group runs the gradient protocol (the same passes; rank 0's result is
+        broadcast as usual): every pass is a collective over the ranks, as under FSDP and DeepSpeed ZeRO-3
+        (the weights all-gathered) and in one tensor-parallel replica (its all-reduces)."""
+        if ranks(self.group)[1] == 1:
+            return False
+        tp = one_replica(self.model, self.group)
+        return bool(fsdp_sharded(self.model)) or zero3_partitioned(self.model) or (tp is not None and bool(tp[0]))
 
     def _gradient_batches(self) -> Iterator:
         """The gradient pool's batches, cut to ``gradient_samples``."""
@@ -580,7 +583,8 @@ class SpectralLens:
                 return  # not one batch more from the loader (its loading and collation cost)
 
     def _agreed_gradient_batches(self, batches: Iterator) -> Iterator:
-        """Under FSDP and ZeRO-3, where every rank runs the gradient protocol and each pass all-gathers: each of
+        """Where every rank runs the gradient protocol and each pass is a collective (FSDP, ZeRO-3, one
+        tensor-parallel replica: :meth:`_everywhere`): each of
         ``batches`` once the ranks agreed that each has its next batch, of as many samples (the probe's
         passes depend on it), in one ``all_reduce`` of world integers per batch and one at the end.
         A failure while loading is agreed (every rank raises), and so are pools that differ (the same
@@ -599,9 +603,9 @@ class SpectralLens:
                                  + (f"{n - 1} samples" if n else "none left") for r, n in enumerate(sizes))
                 cut = "" if self.gradient_samples is None else f" (cut to gradient_samples={self.gradient_samples})"
                 raise ValueError(
-                    f"SpectralLens: the ranks' gradient pools differ at batch {i}: {each}{cut}; under FSDP and ZeRO-3 every "
-                    "rank runs the gradient protocol, whose passes all-gather the weights, so every rank must pass "
-                    "the same whole gradient pool"
+                    f"SpectralLens: the ranks' gradient pools differ at batch {i}: {each}{cut}; under FSDP, ZeRO-3 and "
+                    "tensor parallelism every rank runs the gradient protocol, whose passes are collectives over the "
+                    "ranks, so every rank must pass the same whole gradient pool"
                 )
             if batch is end:
                 return
@@ -616,7 +620,7 @@ class SpectralLens:
             # shuffling sampler, numpy augmentation): under the fork, as in the activation pass
             with forked_rng(cuda_devices(self.model)):
                 batches = self._gradient_batches()
-                if ranks(self.group)[1] > 1 and self._gathering():  # every rank runs these passes
+                if self._everywhere():  # every rank runs these passes: the pools compared as they go
                     batches = self._agreed_gradient_batches(batches)
                 for batch in batches:
                     self.probe.update(batch)

@@ -217,6 +217,12 @@ def _tp_listed_longer_on_rank0(rank):
     _measure(_tensor_parallel(), _pool(3 - rank))
 
 
+def _tp_gradient_pools_differ(rank):
+    """One tensor-parallel replica (every rank runs the gradient protocol): rank 0's gradient pool holds 3
+    batches, rank 1's 2."""
+    _measure(_tensor_parallel(), _pool(2), params="lm_head.weight", gradient_pool=_pool(3 - rank, seed=2))
+
+
 def _fsdp_and_tp_on_a_2d_mesh(rank):
     """FSDP2 and tensor parallelism on a (dp=1, tp=2) mesh: both ranks are one replica. Before: the lens
     took the DTensors for FSDP's, split the pool across the two ranks and measured a wrong spectrum."""
@@ -260,6 +266,7 @@ CASES = {
     "tp_fails_on_rank1": _tp_fails_on_rank1,
     "tp_unsized_longer_on_rank0": _tp_unsized_longer_on_rank0,
     "tp_listed_longer_on_rank0": _tp_listed_longer_on_rank0,
+    "tp_gradient_pools_differ": _tp_gradient_pools_differ,
     "sized_fails_on_rank1": _sized_fails_on_rank1,
     "sized_interrupted_on_rank1": _sized_interrupted_on_rank1,
     "listed_mask_fn_fails_on_rank1": _listed_mask_fn_fails_on_rank1,
@@ -352,6 +359,15 @@ def test_one_tensor_parallel_replicas_pools_are_compared_as_they_go(results):
     for error in _errors(results, "tp_listed_longer_on_rank0"):
         assert error.startswith("ValueError: SpectralLens: the ranks' pools gave different numbers of batches "
                                 "(2 to 3)"), error
+
+
+@gloo
+def test_one_tensor_parallel_replicas_gradient_pools_are_compared_as_they_go(results):
+    """Every rank of the replica runs the gradient protocol, each pass an all-reduce over the mesh. Before, a
+    rank whose gradient pool ended first left the other in a pass's all-reduce (the process-group timeout)."""
+    for error in _errors(results, "tp_gradient_pools_differ"):
+        assert error.startswith("ValueError: SpectralLens: the ranks' gradient pools differ at batch 3: global rank "
+                                "0: 4 samples, global rank 1: none left"), error
 
 
 @gloo
