@@ -20,8 +20,10 @@ __all__ = ["behind_zero3_hooks", "refuse_deepspeed_engine", "refuse_zero3_params
 
 
 def is_zero3(p) -> bool:
-    """Whether ``p`` is a parameter managed by ZeRO stage 3 (it carries ``ds_numel`` or ``ds_status``)."""
-    return hasattr(p, "ds_numel") or hasattr(p, "ds_status")
+    """Whether ``p`` is a parameter managed by ZeRO stage 3: it carries the attributes ZeRO-3 sets together on
+    every parameter it partitions (``ds_id``, ``ds_shape``, ``ds_numel``, ``ds_status``); one of them alone
+    (a user's own ``ds_numel`` attribute) is not taken for ZeRO-3."""
+    return all(hasattr(p, a) for a in ("ds_id", "ds_shape", "ds_numel", "ds_status"))
 
 
 def is_placeholder(p) -> bool:

@@ -156,6 +156,17 @@ def test_vmap_and_loop_engines_refused_under_zero3_naming_the_parameter_and_its_
     assert PerSampleGradientProbe(model, params=PARAM).engines_ == {PARAM: "fast"}
 
 
+def test_a_parameter_with_one_ds_attribute_is_not_taken_for_zero3():
+    """ZeRO-3 sets ``ds_id``, ``ds_shape``, ``ds_numel`` and ``ds_status`` together; a plain model whose weight
+    merely carries one of them (a user's own bookkeeping) keeps every engine (before: vmap refused as ZeRO-3,
+    "ds_shape ?, ds_status None")."""
+    model = _plain()
+    model.transformer.h[1].attn.c_proj.weight.ds_numel = 256
+    assert PerSampleGradientProbe(model, params=PARAM, engine="vmap").engines_ == {PARAM: "vmap"}
+    got, want = _values(model, 2), _values(_plain(), 2)
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_a_fast_engine_falling_back_to_vmap_is_refused_under_zero3():
     """The fast engine sends a matrix whose module never ran its forward to the vmap engine: under ZeRO-3 that
     is refused (before the vmap pass), and the probe is left as before the update."""
