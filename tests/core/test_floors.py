@@ -4,8 +4,8 @@ run there by tools/check_floors.sh, and here on the development versions."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
-import torch.distributed.tensor  # noqa: F401  torch 2.4: a package without DTensor (its parallel only)
 
 from spectral_lens import ActivationCovarianceAccumulator
 
@@ -17,6 +17,7 @@ class _Tagged(torch.Tensor):
 def test_a_tensor_subclass_is_measured_when_torch_distributed_tensor_is_imported():
     # torch 2.4: the DTensor check read torch.distributed.tensor.DTensor, which is not there: every tensor
     # subclass (and every DTensor) reached update raised AttributeError instead of being measured (refused)
+    pytest.importorskip("torch.distributed.tensor")  # torch 2.4: a package without DTensor (its parallel only)
     rows = np.random.default_rng(0).standard_normal((40, 5)) * [1, 2, 3, 4, 5] + 7
     acc = ActivationCovarianceAccumulator(precision="float64")
     acc.update(torch.from_numpy(rows).as_subclass(_Tagged))
