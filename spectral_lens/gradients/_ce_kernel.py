@@ -14,8 +14,8 @@ registers, one program per token:
   set to minus the fp32 sum of the row's other entries (as the torch path does: no ``p_t - 1``
   cancellation).
 """
-
-from __future__ import annotations
+# no `from __future__ import annotations` here: Triton 3.0's interpreter (torch 2.4's Triton) reads the
+# string annotation "tl.constexpr" as no constexpr, and its kernels then fail (tools/check_floors.sh)
 
 import torch
 import triton

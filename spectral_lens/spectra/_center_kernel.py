@@ -8,8 +8,8 @@ partials, ``(cdiv(n, BLOCK_R * TILES), d)``, are reduced in float64 by the calle
 atomics. ``y`` is the same bit for bit whatever the launch shape; only the partials' grouping moves.
 Replaces three passes of the torch path (subtract, masked fill, column-sum GEMV).
 """
-
-from __future__ import annotations
+# no `from __future__ import annotations` here: Triton 3.0's interpreter (torch 2.4's Triton) reads the
+# string annotation "tl.constexpr" as no constexpr, and its kernels then fail (tools/check_floors.sh)
 
 import triton
 import triton.language as tl

@@ -28,6 +28,7 @@ def two_families(tmp_path_factory):
 
 
 def test_report_markdown_with_figures(two_families, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="the report's figures need matplotlib (plot extra)")
     out = tmp_path / "rep"
     rc = main(["report", str(two_families), "--out", str(out), "--target-loss", "3.2",
                "--transition", "base-b8:fast-b8", "--transition", "fast-b8:base-b8"])
@@ -56,6 +57,7 @@ def test_report_markdown_with_figures(two_families, tmp_path, capsys):
 
 
 def test_report_html_is_self_contained(two_families, tmp_path):
+    pytest.importorskip("matplotlib", reason="the report's figures need matplotlib (plot extra)")
     out = tmp_path / "rep"
     assert main(["report", str(two_families / "base-b4"), str(two_families / "base-b8"), "--out", str(out),
                  "--format", "html", "--target-loss", "3.2"]) == 0

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -89,9 +90,10 @@ def test_cli_predict_and_report_use_recorded_windows(w128, tmp_path, capsys):
     assert main(["report", str(w128), "--out", str(rep), "--target-loss", "3.5"]) == 0
     text = (rep / "report.md").read_text()
     assert "w128 ranks [10, 40]" in text and "early α_tail ranks (10, 40)" in text
-    for name in ("loss.png", "spectra.png", "alpha_tail.png", "gradient_spectra.png", "early_alpha_vs_eps.png"):
-        assert (rep / name).exists(), name
-    assert "skipped" not in text
+    if importlib.util.find_spec("matplotlib") is not None:  # the figures need the plot extra
+        for name in ("loss.png", "spectra.png", "alpha_tail.png", "gradient_spectra.png", "early_alpha_vs_eps.png"):
+            assert (rep / name).exists(), name
+        assert "skipped" not in text
     # the d12 window on 128-wide spectra fails, as it did by default before
     assert main(["predict", str(w128), "--window", "100", "200"]) == 2
     assert "window [100, 200] exceeds the spectrum" in capsys.readouterr().err

@@ -50,7 +50,14 @@ def _export(model, x):
     return torch.export.export(model, (x,)).module()(x)
 
 
-@pytest.mark.parametrize("use", [_vmap, _per_sample_grads, _grad, _jvp, _trace, _export])
+# torch < 2.7 has no torch.compiler.is_exporting (pytorch/pytorch#142425): there the (strict, dynamo) export
+# traces into the hook and stops at the ContextVar it reads (torch 2.4; docs/api-core.md; tools/check_floors.sh)
+_EXPORT = pytest.param(_export, marks=pytest.mark.skipif(not hasattr(torch.compiler, "is_exporting"),
+                                                         reason="torch.export of a hooked model needs "
+                                                                "torch.compiler.is_exporting (torch >= 2.7)"))
+
+
+@pytest.mark.parametrize("use", [_vmap, _per_sample_grads, _grad, _jvp, _trace, _EXPORT])
 def test_transformed_or_traced_forwards_of_a_hooked_model_work_and_add_no_rows(use):
     # Each of these raised from inside the capture's hook ("Cannot access data pointer of Tensor that
     # doesn't have storage", "'Tensor' object has no attribute 'astype'", ".numpy() is not supported

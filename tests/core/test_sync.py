@@ -26,38 +26,39 @@ def _rank_rows(rank: int, world: int) -> np.ndarray:
 CASES = [(2, "float64"), (3, "exact"), (4, "float64")]
 
 
-def _worker(rank: int, ports: list[int], out: str) -> None:
-    """One process per rank of the largest world, reused for every case: each case is a fresh default
-    gloo group of its ``world`` ranks (the processes of higher rank sit it out), destroyed after it. One
-    spawn of 4 processes instead of 2 + 3 + 4 (each process start imports torch)."""
-    for (world, precision), port in zip(CASES, ports):
+def _worker(rank: int, port: int, out: str) -> None:
+    """One process per rank of the largest world, one default gloo group of all of them; each case syncs
+    over the group of its ``world`` lowest ranks (``new_group``, which every process creates; the
+    processes of higher rank sit it out), the whole world over the default group. One spawn of 4
+    processes instead of 2 + 3 + 4 (each process start imports torch).
+
+    No ``destroy_process_group``: the process leaves by ``os._exit`` after a barrier. Destroying a gloo
+    group right after collectives can deadlock in torch itself (torch 2.4: the group's destructor joins
+    a worker thread that waits for the GIL the destructor holds; fixed upstream in pytorch/pytorch#154976),
+    which hung this test there about one run in two (tools/check_floors.sh)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=max(w for w, _ in CASES))
+    for world, precision in CASES:
+        group = None if world == dist.get_world_size() else dist.new_group(list(range(world)))
         if rank >= world:
             continue
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        try:
-            acc = ActivationCovarianceAccumulator(12, precision=precision)
-            rows = torch.from_numpy(_rank_rows(rank, world))
-            for chunk in rows.split(23):
-                acc.update(chunk if precision == "float64" else chunk.float())
-            acc.sync()
-            if rank == 0:
-                np.save(os.path.join(out, f"cov-{world}-{precision}.npy"), acc.covariance().numpy())
-            else:
-                acc.covariance()  # every rank holds the global state
-        finally:
-            dist.destroy_process_group()
+        acc = ActivationCovarianceAccumulator(12, precision=precision)
+        rows = torch.from_numpy(_rank_rows(rank, world))
+        for chunk in rows.split(23):
+            acc.update(chunk if precision == "float64" else chunk.float())
+        acc.sync(group)
+        if rank == 0:
+            np.save(os.path.join(out, f"cov-{world}-{precision}.npy"), acc.covariance().numpy())
+        else:
+            acc.covariance()  # every rank holds the global state
+    dist.barrier()
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
 def synced(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("sync"))
-    ports: list[int] = []
-    while len(ports) < len(CASES):  # a port per case: no group reuses the previous one's rendezvous
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    mp.spawn(_worker, args=(ports, out), nprocs=max(w for w, _ in CASES), join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=max(w for w, _ in CASES), join=True)
     return out
 
 

@@ -10,6 +10,8 @@ limit. Compiled with the installed Triton, which may differ from the one on a GP
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
 triton = pytest.importorskip("triton")
@@ -24,11 +26,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
 
 
 def _compile(kernel, types: dict[str, str], constants: dict, target, **options):
-    signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
-    constexprs = {(kernel.arg_names.index(k),): v for k, v in constants.items()}
     assert set(types) | set(constants) == set(kernel.arg_names)
-    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
-                          options=options)
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
+        signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+        constexprs = {(kernel.arg_names.index(k),): v for k, v in constants.items()}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    else:  # Triton 3.0 / 3.1 (torch 2.4 / 2.5): the non-constexpr arguments' types, constexprs by name
+        signature = {name: types[name] for name in kernel.arg_names if name in types}
+        source = ASTSource(fn=kernel, signature=signature, constants=dict(constants))
+    return triton.compile(source, target=target, options=options)
 
 
 def _cases():

@@ -25,9 +25,18 @@ from support.models import TinyGPT, lm_batch
 W_O = "transformer.h.1.attn.c_proj.weight"
 
 
+def _default_device_name() -> str:
+    """``torch.get_default_device()``; torch 2.4's raises AttributeError once ``set_default_device(None)``
+    has run (its device context is left as None), which means the CPU (tools/check_floors.sh)."""
+    try:
+        return str(torch.get_default_device())
+    except AttributeError:
+        return "cpu"
+
+
 def global_state() -> dict:
     return dict(
-        default_dtype=torch.get_default_dtype(), default_device=str(torch.get_default_device()),
+        default_dtype=torch.get_default_dtype(), default_device=_default_device_name(),
         anomaly=torch.is_anomaly_enabled(), anomaly_nan=torch.is_anomaly_check_nan_enabled(),
         deterministic=torch.are_deterministic_algorithms_enabled(),
         deterministic_warn=torch.is_deterministic_algorithms_warn_only_enabled(),

@@ -76,6 +76,7 @@ def test_tune_refuses_an_empty_workdir(tmp_path, capsys, monkeypatch):
 def test_tune_folds_a_multi_line_library_error(tmp_path, capsys):
     """A SQLite storage under a file: SQLAlchemy's message carries a second line ('Background on this
     error at: ...'), which the tune command printed as is (two lines)."""
+    pytest.importorskip("optuna", reason="the tuner needs Optuna (tune extra)")
     from examples.tune.__main__ import main
 
     (tmp_path / "file").write_text("x")
@@ -117,6 +118,7 @@ def test_tune_zoo_refuses_unusable_data_before_any_trial(tmp_path, capsys, shard
     """--data naming a directory without .bin shards, or with a corrupt one, passed the argument check:
     every trial failed on it alone and the command printed 'choices written' with status 0 and an
     empty choices file. Now refused in one line naming the directory or shard, before any trial."""
+    pytest.importorskip("optuna", reason="the tuner needs Optuna (tune extra)")
     from examples.tune.__main__ import main
 
     data = tmp_path / "shards"
@@ -152,6 +154,8 @@ def test_data_beyond_the_profiles_vocabulary_is_refused_before_any_trial(tmp_pat
     tuner then exited 0 with no choice; the speedrun exited 2 blaming tune/choices.json ('delete ... to
     tune again', which fails the same way) and left a failed study behind. Now one line naming the
     data and the profile, before anything is written."""
+    if module == "tune":
+        pytest.importorskip("optuna", reason="the tuner needs Optuna (tune extra)")
     import importlib
 
     main = importlib.import_module(f"examples.{module}.__main__").main

@@ -323,5 +323,6 @@ def test_a_killed_rank_fails_the_others_next_collective_at_once(results):
     got = results["rank1_killed"]
     assert got[1] is None  # killed before it could write anything
     assert got[0] is not None and got[0]["error"].startswith("RuntimeError"), got
-    assert "Check the logs of the remote worker" in got[0]["error"], got
+    # torch 2.4's gloo says only "Read error [...]: Connection reset by peer" (tools/check_floors.sh)
+    assert any(s in got[0]["error"] for s in ("Check the logs of the remote worker", "by peer")), got
     assert got[0]["seconds"] < DEADLINE_S, got

@@ -48,6 +48,16 @@ def _both_unnamed(rank: int) -> int:
     return acc.sync().n_rows
 
 
+def _dtensor_api() -> tuple:
+    """``(DeviceMesh, Shard, distribute_tensor)``: public in ``torch.distributed.tensor`` from torch 2.5, in
+    ``torch.distributed._tensor`` in torch 2.4 (tools/check_floors.sh)."""
+    try:
+        from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor import DeviceMesh, Shard, distribute_tensor
+    return DeviceMesh, Shard, distribute_tensor
+
+
 class _Sharded(nn.Module):
     """A tensor-parallel layer in miniature: a linear map whose output is a DTensor sharded over the features."""
 
@@ -58,13 +68,12 @@ class _Sharded(nn.Module):
         self.lin = nn.Linear(4, 6).double()
 
     def forward(self, x):
-        from torch.distributed.tensor import Shard, distribute_tensor
-
+        _, Shard, distribute_tensor = _dtensor_api()
         return distribute_tensor(self.lin(x), self.mesh, [Shard(1)])
 
 
 def _dtensor_output(rank: int) -> dict:
-    from torch.distributed.tensor import DeviceMesh
+    DeviceMesh = _dtensor_api()[0]
 
     model = nn.Sequential(_Sharded(DeviceMesh("cpu", list(range(WORLD)))))
     x = _rows(0)  # the same input on every rank, as tensor parallelism runs it
@@ -95,7 +104,7 @@ def _dtensor_output(rank: int) -> dict:
 def _lens_in_a_tensor_parallel_mesh(rank: int) -> dict:
     """A lens on each rank of one tensor-parallel mesh (one replica: its data-parallel group is the rank
     alone), reading the sharded output whole with pick=full_tensor (the ranks run the same batches)."""
-    from torch.distributed.tensor import DeviceMesh
+    DeviceMesh = _dtensor_api()[0]
 
     groups = [dist.new_group([r]) for r in range(WORLD)]  # every rank creates every group
     model = nn.Sequential(_Sharded(DeviceMesh("cpu", list(range(WORLD)))))
