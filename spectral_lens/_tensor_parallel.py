@@ -16,11 +16,12 @@ dimensions) is refused (:func:`refuse_fsdp_with_tensor_parallel`).
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import torch
 from torch import nn
+
+from ._dtensor import dtensor_module
 
 __all__ = ["check_replicated", "one_replica", "refuse_fsdp_with_tensor_parallel", "refuse_tensor_parallel_params",
            "replica_ranks", "tensor_parallel_params"]
@@ -30,7 +31,7 @@ def tensor_parallel_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """``(name, parameter)`` of ``model``'s ``DTensor`` parameters placed by tensor parallelism: every
     ``DTensor`` parameter of a model without FSDP modules (none where ``torch.distributed.tensor`` was
     never imported: nothing can be a ``DTensor`` then)."""
-    dtensor = sys.modules.get("torch.distributed.tensor")
+    dtensor = dtensor_module()
     if dtensor is None:
         return []
     from .gradients._measurable import fsdp_sharded
@@ -44,7 +45,7 @@ def refuse_fsdp_with_tensor_parallel(model: nn.Module, who: str = "SpectralLens"
     (FSDP2 and tensor parallelism on a 2-D ``(dp, tp)`` mesh; HSDP's are ``(Replicate(), Shard(0))``): the
     lens takes FSDP's ``DTensor``s for FSDP's alone, so it would split the pool across the ranks of one
     tensor-parallel replica, whose collectives would then mix different batches (a wrong spectrum, silently)."""
-    dtensor = sys.modules.get("torch.distributed.tensor")
+    dtensor = dtensor_module()
     if dtensor is None:
         return
     for name, p in model.named_parameters():
@@ -77,7 +78,7 @@ def replica_ranks(model: nn.Module):
     found = tensor_parallel_params(model)
     if not found:  # (without importing torch.distributed.tensor, seconds, where nothing imported it)
         return None
-    from torch.distributed.tensor import Replicate
+    Replicate = dtensor_module().Replicate
 
     for name, p in found:
         mesh = p.device_mesh

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._dtensor import dtensor_module
 from ._peft import base_prefix, has_peft_layers, saved_copies, short_name
 from ._warnings import CompiledModelWarning
 
@@ -260,17 +261,6 @@ def _pick_hint(output) -> str:
     return " (pass pick=0 for the first element of a tuple, pick='key' for a dict entry or attribute, or a callable)"
 
 
-def _dtensor_class() -> type | None:
-    """``DTensor`` from whichever of its modules is imported (none: nothing can be a DTensor): the public
-    ``torch.distributed.tensor`` from torch 2.5, ``torch.distributed._tensor`` in torch 2.4, whose
-    ``torch.distributed.tensor`` is a package without it (its ``parallel`` only)."""
-    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
-        cls = getattr(sys.modules.get(name), "DTensor", None)
-        if cls is not None:
-            return cls
-    return None
-
-
 def check_dense_rows(x: torch.Tensor, where: str, *, hook: bool) -> None:
     """``TypeError`` naming ``where`` for a tensor whose rows cannot be read as they are: a nested tensor
     (``torch.nested``: its ragged dimension has no fixed length to flatten) or a ``DTensor``
@@ -287,8 +277,8 @@ def check_dense_rows(x: torch.Tensor, where: str, *, hook: bool) -> None:
                "the jagged rows alone")
         raise TypeError(f"{where}: {what} is a nested tensor ({x.layout}, ragged), whose rows cannot be read "
                         f"as a (..., d) tensor; pass a padded tensor and a mask: {fix}")
-    dtensor = _dtensor_class()
-    if dtensor is not None and isinstance(x, dtensor):
+    dtensor = dtensor_module()
+    if dtensor is not None and isinstance(x, dtensor.DTensor):
         fix = ("pick=lambda out: out.full_tensor() (a collective: every rank of the mesh runs the forward), or "
                "measure a layer whose output is a plain (replicated) tensor" if hook else
                "update(x.full_tensor()) (a collective over the mesh), or rows that are a plain tensor")

@@ -11,7 +11,7 @@ import itertools
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from .analysis.windows import resolve_spectrum, resolve_window
 from .analysis.taxonomy import LABELS, TaxonomyResult
 from .atomic import write_atomic
 from .records import RunRecord
+
+if TYPE_CHECKING:  # annotations only: matplotlib is the optional plot extra, imported where a figure is drawn
+    from matplotlib.figure import Figure
 
 __all__ = [
     "require_matplotlib",
