@@ -25,80 +25,22 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from support.models import TinyGPT, lm_pool
+from support.fsdp_pools import Unsized, gloo
+from support.fsdp_pools import counted as _counted
+from support.fsdp_pools import fsdp2 as _fsdp2
+from support.fsdp_pools import measure as _measure
+from support.fsdp_pools import plain as _plain
+from support.fsdp_pools import pool as _pool
+from support.fsdp_pools import spectra as _spectra
 from support.ranks import checked_case, run_gloo_cases
 
 from spectral_lens import SpectralLens
 from spectral_lens._agree import agree_counts, refuse_other_counts
 
-
-def gloo(test):
-    """The tests that spawn the ranks: the slow tier."""
-    return pytest.mark.slow(pytest.mark.distributed(test))
-
-
 WORLD = 2
 PG_TIMEOUT_S = 15  # a collective left waiting fails after this (the default is 30 min for gloo)
 DEADLINE_S = 10.0  # an agreed error comes at once, well inside the timeout
 PARAM = "transformer.h.1.attn.c_proj.weight"
-
-
-class Unsized:
-    """A re-iterable pool without a ``len`` (each pass a fresh generator); ``fail_at``: the index of the
-    batch whose loading raises (a broken file on one rank)."""
-
-    def __init__(self, batches, fail_at=None):
-        self.batches, self.fail_at = batches, fail_at
-
-    def __iter__(self):
-        for i, batch in enumerate(self.batches):
-            if i == self.fail_at:
-                raise OSError(f"batch {i} could not be read")
-            yield batch
-
-
-def _plain():
-    torch.manual_seed(0)
-    return TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12).double()
-
-
-def _fsdp2():
-    from torch.distributed.fsdp import fully_shard
-
-    model = _plain()
-    for block in model.transformer.h:
-        fully_shard(block)
-    fully_shard(model)
-    return model
-
-
-def _pool(n, seed=1):
-    return lm_pool(n, batch=4, t=12, vocab=37, seed=seed)
-
-
-def _spectra(m):
-    return {k: {"values": v.values.tolist(), "n_rows": v.n_rows} for k, v in m.spectra.items()}
-
-
-def _counted(fn):
-    """``fn()``'s value and the number of ``dist.all_reduce`` calls it made on this rank."""
-    calls = []
-    real = dist.all_reduce
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    dist.all_reduce = counting
-    try:
-        return fn(), len(calls)
-    finally:
-        dist.all_reduce = real
-
-
-def _measure(model, pool, **kwargs):
-    kwargs.setdefault("params", ())
-    return SpectralLens(model, pool, precision="float64", progress=False, **kwargs).measure(1, 1)
 
 
 # ---------------------------------------------------------------- 1. activation pools without a len
