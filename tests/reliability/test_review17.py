@@ -33,14 +33,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.fsdp_pools import Unsized, gloo
+from support.fsdp_pools import Unsized, errors, gloo
+from support.fsdp_pools import assert_equal_spectra as _assert_equal_spectra
 from support.fsdp_pools import counted as _counted
 from support.fsdp_pools import fsdp2 as _fsdp2
 from support.fsdp_pools import measure as _measure
+from support.fsdp_pools import ok as _ok
 from support.fsdp_pools import plain as _plain
 from support.fsdp_pools import pool as _pool
 from support.fsdp_pools import spectra as _spectra
-from support.ranks import checked_case, run_gloo_cases
+from support.ranks import run_gloo_cases
 
 from spectral_lens import SpectralLens
 
@@ -224,25 +226,8 @@ def results(tmp_path_factory) -> dict:
                           join_s=300, preload="torch.distributed.fsdp")
 
 
-def _ok(results, case) -> list:
-    got = checked_case(results, case, None)
-    for rank, r in enumerate(got):
-        assert r["error"] is None, f"{case} on rank {rank}: {r['error']}"
-    return [r["value"] for r in got]
-
-
 def _errors(results, case) -> list[str]:
-    """Each rank's error: raised at once (no timeout), with the ranks in step afterwards."""
-    got = checked_case(results, case, DEADLINE_S)
-    return [r["error"] or "" for r in got]
-
-
-def _assert_equal_spectra(got, want):
-    assert sorted(got) == sorted(want.spectra)
-    for name, spectrum in want.spectra.items():
-        assert got[name]["n_rows"] == spectrum.n_rows
-        diff = (torch.tensor(got[name]["values"], dtype=torch.float64) - spectrum.values).abs().max().item()
-        assert diff <= 1e-12 * spectrum.values.max().item(), (name, diff)
+    return errors(results, case, DEADLINE_S)
 
 
 @gloo

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from spectral_lens import SpectralLens
 from support.models import TinyGPT, lm_pool
+from support.ranks import checked_case
 
 
 def gloo(test):
@@ -72,3 +73,27 @@ def counted(fn):
 def measure(model, pool, **kwargs):
     kwargs.setdefault("params", ())
     return SpectralLens(model, pool, precision="float64", progress=False, **kwargs).measure(1, 1)
+
+
+def ok(results, case) -> list:
+    """Each rank's value of ``case`` (``support.ranks.run_gloo_cases``), none of them an error."""
+    got = checked_case(results, case, None)
+    for rank, r in enumerate(got):
+        assert r["error"] is None, f"{case} on rank {rank}: {r['error']}"
+    return [r["value"] for r in got]
+
+
+def errors(results, case, deadline_s: float) -> list[str]:
+    """Each rank's error: raised within ``deadline_s`` (no timeout), with the ranks in step afterwards."""
+    got = checked_case(results, case, deadline_s)
+    return [r["error"] or "" for r in got]
+
+
+def assert_equal_spectra(got, want):
+    """``got`` (:func:`spectra` of a rank's measurement) equals the measurement ``want`` within float64
+    round-off."""
+    assert sorted(got) == sorted(want.spectra)
+    for name, spectrum in want.spectra.items():
+        assert got[name]["n_rows"] == spectrum.n_rows
+        diff = (torch.tensor(got[name]["values"], dtype=torch.float64) - spectrum.values).abs().max().item()
+        assert diff <= 1e-12 * spectrum.values.max().item(), (name, diff)
