@@ -427,7 +427,11 @@ def transformed_forward() -> bool:
     ``torch.compile`` is not such a case (its hooks run, see the docs)."""
     compiler = torch.compiler
     if compiler.is_compiling():
-        return bool(getattr(compiler, "is_exporting", lambda: False)())
+        # the flag torch.export sets, read as it is: Dynamo in torch 2.7 to 2.12 folds a call of
+        # is_exporting() to True under torch.compile too (every hook then read nothing, 0 rows);
+        # torch 2.4 has neither (no export of a hooked model there)
+        flag = getattr(compiler, "_is_exporting_flag", None)
+        return bool(getattr(compiler, "is_exporting", lambda: False)() if flag is None else flag)
     active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
     return torch.jit.is_tracing() or bool(active())
 
