@@ -49,7 +49,7 @@ from .gram import (
 from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .registry import fast_path_for
-from .._deepspeed import refuse_zero3_params, whole_shape, zero3_partitioned
+from .._deepspeed import is_zero3, refuse_zero3_params, whole_shape, zero3_partitioned
 from ._measurable import (ATTENTION_OUTPUT_PATTERNS, _refuse_recording_opacus_hooks, _refuse_scripted, _resolve_params,
                           default_gradient_param, refuse_fsdp, refuse_parallel_wrapper, refuse_unfit_defaults)
 
@@ -604,8 +604,10 @@ class PerSampleGradientProbe:
         autocast as ``autocast_dtype`` says (a caller's autocast switched off when it is ``None``); every
         flag restored on exit."""
         refuse_fsdp(self.model, self.engines_)  # sharded after the probe was bound (fully_shard works in place)
-        if (self.head_loss_ or "chunked").startswith("chunked") and zero3_partitioned(self.model):
-            self.head_loss_, self._head_fns = self._initial_head_loss(), None  # partitioned after binding
+        # partitioned after binding (ZeRO-3 partitions every parameter, so the probed ones tell: no walk over the
+        # model's modules on every update, ~0.2 ms on a GPT-2-sized model)
+        if (self.head_loss_ or "chunked").startswith("chunked") and any(is_zero3(p) for p in self.params.values()):
+            self.head_loss_, self._head_fns = self._initial_head_loss(), None
         if any(p.is_inference() for p in self.params.values()):
             bad = [n for n, p in self.params.items() if p.is_inference()]
             raise RuntimeError(
