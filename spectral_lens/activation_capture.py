@@ -17,7 +17,7 @@ from ._compute import _spectrum_of
 from .accumulate import ActivationCovarianceAccumulator
 from .background import SolveFuture, submit
 from .capture import (HookSet, Target, _FEEDING, check_pick, display_name, pick_tensor, select_modules,
-                      transformed_forward, warn_if_compiled)
+                      recomputed_forward, transformed_forward, warn_if_compiled)
 from .spectrum import Spectrum
 
 __all__ = ["ActivationCapture", "attach", "attach_one"]
@@ -214,6 +214,8 @@ class _Feed:
         if owner is not None and owner is not self.capture:  # another measurement's pass (measurement_pass)
             return
         if transformed_forward():  # torch.func / jit.trace / export: no real rows, and nothing to record
+            return
+        if recomputed_forward():  # activation checkpointing's recomputation: these rows were read already
             return
         self.acc.update(pick_tensor(output, self.pick, self.where), mask=self.capture._mask)
 

@@ -30,7 +30,8 @@ from ._warnings import CompiledModelWarning
 
 __all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "check_pick", "pick_tensor", "check_dense_rows",
            "HookSet",
-           "warn_if_compiled", "unwrap_compiled", "eager_forwards", "measurement_pass", "transformed_forward"]
+           "warn_if_compiled", "unwrap_compiled", "eager_forwards", "measurement_pass", "transformed_forward",
+           "recomputed_forward"]
 
 Target = Union[str, "re.Pattern[str]", nn.Module, Callable[[str, nn.Module], bool], Iterable]
 
@@ -434,6 +435,18 @@ def transformed_forward() -> bool:
         return bool(getattr(compiler, "is_exporting", lambda: False)() if flag is None else flag)
     active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
     return torch.jit.is_tracing() or bool(active())
+
+
+def recomputed_forward() -> bool:
+    """Whether the current forward runs inside a backward pass: the recomputation of activation
+    checkpointing (``torch.utils.checkpoint`` reentrant or not, Hugging Face's
+    ``gradient_checkpointing_enable``, ``checkpoint_wrapper``, DeepSpeed's), which repeats a forward
+    already seen. A capture's hook then reads nothing: its rows were counted in the first forward
+    (before, a checkpointed block's rows were counted twice during training, 64 of 32)."""
+    return _graph_task_id() != -1
+
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 class HookSet:
