@@ -17,7 +17,8 @@ from ._compute import _spectrum_of
 from .accumulate import ActivationCovarianceAccumulator
 from .background import SolveFuture, submit
 from .capture import (HookSet, Target, _FEEDING, check_pick, display_name, pick_tensor, select_modules,
-                      recomputed_forward, transformed_forward, warn_if_compiled)
+                      graph_break_for_hook, recomputed_forward,
+                      transformed_forward, warn_if_compiled)
 from .spectrum import Spectrum
 
 __all__ = ["ActivationCapture", "attach", "attach_one"]
@@ -210,6 +211,8 @@ class _Feed:
         self.capture, self.acc, self.pick, self.where = capture, acc, pick, where
 
     def __call__(self, module, args, output) -> None:
+        if torch.compiler.is_compiling() and not transformed_forward():
+            graph_break_for_hook(self.where)
         owner = _FEEDING.get()
         if owner is not None and owner is not self.capture:  # another measurement's pass (measurement_pass)
             return

@@ -31,7 +31,7 @@ from ._warnings import CompiledModelWarning
 __all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "check_pick", "pick_tensor", "check_dense_rows",
            "HookSet",
            "warn_if_compiled", "unwrap_compiled", "eager_forwards", "measurement_pass", "transformed_forward",
-           "recomputed_forward"]
+           "recomputed_forward", "graph_break_for_hook"]
 
 Target = Union[str, "re.Pattern[str]", nn.Module, Callable[[str, nn.Module], bool], Iterable]
 
@@ -435,6 +435,20 @@ def transformed_forward() -> bool:
         return bool(getattr(compiler, "is_exporting", lambda: False)() if flag is None else flag)
     active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
     return torch.jit.is_tracing() or bool(active())
+
+
+def graph_break_for_hook(where: str) -> None:
+    """Under ``torch.compile`` a capture's hook needs a graph break: it reads its tensor on the host
+    into an accumulator the compiled graph cannot hold. Asked for here with a message that names the
+    module and the remedy, which is what ``torch.compile(..., fullgraph=True)`` (torchtitan's blocks)
+    raises; without ``fullgraph`` the hook runs eagerly between the graphs and reads its rows."""
+    msg = (f"spectral_lens: the capture hook of {where} reads its rows eagerly, which needs a graph break; "
+           "under fullgraph=True run the forwards you capture uncompiled (the module's _orig_mod, or "
+           "inside torch.compiler.set_stance('force_eager')), or compile without fullgraph")
+    try:
+        torch._dynamo.graph_break(msg=msg)
+    except TypeError:  # torch < 2.9: no message
+        torch._dynamo.graph_break()
 
 
 def recomputed_forward() -> bool:

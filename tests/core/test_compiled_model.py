@@ -260,3 +260,22 @@ def test_probe_on_blocks_compiled_one_by_one_takes_the_eager_names(fresh_dynamo)
         with sl.attach(compiled, "h.1.attn") as capture, torch.no_grad(), torch.compiler.set_stance("force_eager"):
             compiled(pool[0][0])
         assert list(capture.compute()) == ["h.1._orig_mod.attn"]
+
+
+def test_fullgraph_compile_of_a_hooked_model_names_the_capture_and_the_remedy(fresh_dynamo):
+    """``torch.compile(..., fullgraph=True)`` (torchtitan compiles its blocks so) over a module with a
+    capture attached: the hook needs a graph break, and fullgraph refused it with Dynamo's words about
+    ``ContextVar.get``. The error now names the captured module and the remedies; without fullgraph
+    the hook runs between the graphs and reads every row, equal to the float64 reference."""
+    model = TinyLM().double().eval()
+    pool = lm_pool(n_batches=2)
+    with sl.attach(model, LAYER), torch.no_grad():
+        with pytest.raises(Exception, match=r"capture hook of h\.2 .*fullgraph=True run the forwards"):
+            torch.compile(model, backend="eager", fullgraph=True)(next(iter(pool))[0])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    with sl.attach(model, LAYER) as capture, torch.no_grad():
+        for x, _ in pool:
+            compiled(x)
+    torch.testing.assert_close(capture.compute()[LAYER].values, _activation_reference(model, pool),
+                               rtol=1e-9, atol=1e-12)
