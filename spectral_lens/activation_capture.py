@@ -13,6 +13,7 @@ import weakref
 import torch
 from torch import nn
 
+from . import _compiled_feed as compiled_feed
 from ._compute import _spectrum_of
 from .accumulate import ActivationCovarianceAccumulator
 from .background import SolveFuture, submit
@@ -203,24 +204,43 @@ class _Feed:
     :func:`~spectral_lens.capture.measurement_pass`) it reads nothing, nor in a forward that
     ``torch.func`` transforms or ``torch.jit.trace`` / ``torch.export`` trace
     (:func:`~spectral_lens.capture.transformed_forward`).
+    Under ``torch.compile`` the hook is traced as one operator call (:mod:`spectral_lens._compiled_feed`)
+    whose body runs :meth:`feed` with the real tensor: no graph break, also under ``fullgraph=True``.
     """
 
-    __slots__ = ("capture", "acc", "pick", "where")
+    __slots__ = ("capture", "acc", "pick", "where", "key", "token", "__weakref__")
 
     def __init__(self, capture: ActivationCapture, acc: ActivationCovarianceAccumulator, pick, where: str) -> None:
         self.capture, self.acc, self.pick, self.where = capture, acc, pick, where
+        self.key, self.token = compiled_feed.register(self), torch.zeros(1)
 
     def __call__(self, module, args, output) -> None:
-        if torch.compiler.is_compiling() and not transformed_forward():
-            graph_break_for_hook(self.where)
-        owner = _FEEDING.get()
-        if owner is not None and owner is not self.capture:  # another measurement's pass (measurement_pass)
+        if torch.compiler.is_compiling():  # traced: the rows reach feed() through the operator at run time
+            if not transformed_forward():  # an export records nothing
+                self._from_graph(pick_tensor(output, self.pick, self.where))
             return
-        if transformed_forward():  # torch.func / jit.trace / export: no real rows, and nothing to record
-            return
-        if recomputed_forward():  # activation checkpointing's recomputation: these rows were read already
+        if transformed_forward() or self._skips():  # torch.func / jit.trace / export: no real rows
             return
         self.acc.update(pick_tensor(output, self.pick, self.where), mask=self.capture._mask)
+
+    def _skips(self) -> bool:
+        """Whether this forward is not the user's: another measurement's pass (measurement_pass), or
+        activation checkpointing's recomputation (the rows were read in the first forward)."""
+        owner = _FEEDING.get()
+        return (owner is not None and owner is not self.capture) or recomputed_forward()
+
+    def _from_graph(self, rows: torch.Tensor) -> None:
+        if compiled_feed.available():
+            compiled_feed.feed_rows(rows, self.token, self.key)
+        else:  # torch < 2.4: a graph break, after which this runs eagerly
+            graph_break_for_hook(self.where)
+            self.feed(rows)
+
+    def feed(self, rows: torch.Tensor) -> None:
+        """The run-time body of a compiled graph's call: feeds ``rows`` unless this forward is skipped
+        or the capture was removed since the graph was compiled."""
+        if self.capture.active and not self._skips():
+            self.acc.update(rows, mask=self.capture._mask)
 
     def __deepcopy__(self, memo) -> _Copied:
         return _Copied()
