@@ -13,7 +13,9 @@ import weakref
 import torch
 from torch import nn
 
+from ._blocks import block_hidden_states
 from ._compute import _spectrum_of
+from ._layout import channels_first, refuse_channels_first
 from .accumulate import ActivationCovarianceAccumulator
 from .background import SolveFuture, submit
 from .capture import (HookSet, Target, _FEEDING, check_pick, display_name, pick_tensor, select_modules,
@@ -176,7 +178,10 @@ def _where(name: str, model: nn.Module) -> str:
 
 
 def _make_hook(capture: ActivationCapture, name: str, pick, module: nn.Module) -> "_Feed":
-    return _Feed(capture, capture.accumulators[name], pick, display_name(name, module))
+    # read as given (no pick, or the lens's own reading of the blocks it chose): a channels-first output,
+    # (N, C, H, W) of a convolution, would be read as rows of W, so it is refused; an explicit pick wins
+    layout = channels_first(module) if pick is None or pick is block_hidden_states else None
+    return _Feed(capture, capture.accumulators[name], pick, display_name(name, module), layout)
 
 
 class _Copied:
@@ -204,10 +209,11 @@ class _Feed:
     (:func:`~spectral_lens.capture.transformed_forward`).
     """
 
-    __slots__ = ("capture", "acc", "pick", "where")
+    __slots__ = ("capture", "acc", "pick", "where", "layout")
 
-    def __init__(self, capture: ActivationCapture, acc: ActivationCovarianceAccumulator, pick, where: str) -> None:
-        self.capture, self.acc, self.pick, self.where = capture, acc, pick, where
+    def __init__(self, capture: ActivationCapture, acc: ActivationCovarianceAccumulator, pick, where: str,
+                 layout=None) -> None:
+        self.capture, self.acc, self.pick, self.where, self.layout = capture, acc, pick, where, layout
 
     def __call__(self, module, args, output) -> None:
         owner = _FEEDING.get()
@@ -215,7 +221,10 @@ class _Feed:
             return
         if transformed_forward():  # torch.func / jit.trace / export: no real rows, and nothing to record
             return
-        self.acc.update(pick_tensor(output, self.pick, self.where), mask=self.capture._mask)
+        rows = pick_tensor(output, self.pick, self.where)
+        if self.layout is not None:  # a convolution, pooling or norm layer, or a block ending in one
+            refuse_channels_first(self.layout, rows, self.where, chosen=self.pick is block_hidden_states)
+        self.acc.update(rows, mask=self.capture._mask)
 
     def __deepcopy__(self, memo) -> _Copied:
         return _Copied()

@@ -179,8 +179,12 @@ def _refuse_scripted(model: nn.Module) -> None:
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:
-    """Whether ``model`` is a Hugging Face encoder-decoder model (``config.is_encoder_decoder``: T5, BART)."""
-    return getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
+    """Whether ``model`` is a Hugging Face encoder-decoder model (``config.is_encoder_decoder``: T5, BART)
+    that holds its decoder: the encoder alone (a ``WhisperEncoder`` built from the whole model's config)
+    is an encoder-only model, which the defaults fit."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is not True:
+        return False
+    return any("decoder" in name.split(".") for name, _ in model.named_modules())
 
 
 def refuse_unfit_defaults(model: nn.Module, *, forward: bool, loss: bool) -> None:
