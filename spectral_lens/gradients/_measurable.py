@@ -39,6 +39,7 @@ ATTENTION_OUTPUT_PATTERNS = (
     "**.self_attention.dense.weight",  # Falcon, BLOOM
     "**.self_attn.dense.weight",  # Phi-1/1.5/2
     "**.attention.output.dense.weight",  # BERT family
+    "**.attention.o_proj.weight",  # ViT (transformers 5)
     "**.out_proj.weight",  # OPT, GPT-Neo/J, nn.MultiheadAttention
 )
 """Globs (``**`` crosses dotted segments) naming attention output projections W_O in common code bases;
