@@ -68,7 +68,7 @@ CHANNELS_FIRST = [
 
 
 @pytest.mark.parametrize("make, shape, channel_dim", CHANNELS_FIRST,
-                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
+                         ids=[f"{type(m()).__name__}-{'x'.join(map(str, s))}" for m, s, _ in CHANNELS_FIRST])
 def test_a_channels_first_output_is_refused_with_the_pick_that_measures_it(make, shape, channel_dim):
     torch.manual_seed(0)
     x = torch.randn(*shape, dtype=torch.float64)
