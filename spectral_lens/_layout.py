@@ -100,8 +100,9 @@ def refuse_channels_first(layout: tuple[nn.Module, bool], output, where: str, *,
     what = "" if direct else f" (its last module is a channels-first {type(module).__name__})"
     lens = (" SpectralLens chose this block itself (layers=None or 'all'): for a convolutional network pass "
             "layers= naming the block to measure (e.g. the last stage's last block) with that pick=." if chosen else "")
-    escape = ("" if direct else " If this output is channels-last already (features last), pass "
-              "pick=lambda out: out to read it as it is.")
+    # a block's layout is a guess, and pooling or upsampling may run over the features of (N, T, d) rows
+    escape = ("" if direct and channels is not None else " If this output is channels-last already (features "
+              "last), pass pick=lambda out: out to read it as it is.")
     raise TypeError(
         f"{where}: the module output{what} is channels-first, shape {shape} with {c} channels at dim "
         f"{channel_dim}, but rows are read along the last dimension ({output.numel() // max(shape[-1], 1)} rows "

@@ -321,3 +321,20 @@ def test_transformer_encoder_padding_nested_output_names_the_padded_pick_and_mas
     spec = cap.accumulators["layers.1"].compute()
     assert spec.n_rows == int((~pad).sum())
     assert np.abs(spec.values.numpy() - cov_eigs(ref)).max() <= 1e-5 * cov_eigs(ref)[0]  # float32 model
+
+
+def test_pooling_over_the_features_of_token_rows_can_be_read_as_it_is():
+    """MaxPool1d on (N, T, d) pools the features: its layout cannot be told from the module, so the error
+    also says how to read the output as it is; a conv (channels by definition) does not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MaxPool1d(2)).double()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    with sl.attach(model, "0") as cap, pytest.raises(TypeError, match=r"pass pick=lambda out: out to read it as it is"):
+        model(x)
+    with sl.attach(model, "0", pick=lambda out: out, precision="float64") as cap:
+        out = model(x)
+    check_spectrum(cap.accumulators["0"].compute(), out)
+    conv = nn.Sequential(nn.Conv1d(5, 5, 1))
+    with sl.attach(conv, "0"), pytest.raises(TypeError) as err:
+        conv(torch.randn(2, 5, 8))
+    assert "read it as it is" not in str(err.value)
