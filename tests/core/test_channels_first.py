@@ -97,6 +97,12 @@ def test_the_reported_case_conv2d_is_no_longer_read_as_rows_of_its_width():
     assert "0: the module output is channels-first, shape (2, 8, 8, 10) with 8 channels at dim 1" in msg
     assert "(128 rows of width 10" in msg and "pick=lambda out: out.movedim(1, -1) (160 rows of 8 channels" in msg
     assert cap.accumulators["0"].n_rows == 0
+    acc = sl.ActivationCovarianceAccumulator()  # an accumulator's own attach hooks the same way
+    with acc.attach(model, "0"), pytest.raises(TypeError, match=r"movedim\(1, -1\)"):
+        model(torch.randn(2, 3, 10, 12))
+    with acc.attach(model, "0", pick=lambda out: out.movedim(1, -1)):
+        model(torch.randn(2, 3, 10, 12))
+    assert acc.n_rows == 160 and acc.dim == 8
 
 
 class ResBlock(nn.Module):
