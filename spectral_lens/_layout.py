@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-# spatial rank of the modules whose dim after the batch is the channels; None = as many as the input has
+# modules whose output has its channels before a fixed number of spatial dims (None: the digit ending the
+# class name, MaxPool2d -> 2)
 _FIXED = (
     (nn.modules.conv._ConvNd, lambda m: len(m.kernel_size)),
     (nn.modules.pooling._MaxPoolNd, None), (nn.modules.pooling._AvgPoolNd, None),
@@ -26,6 +27,7 @@ _BATCHED = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LocalResponseNorm,
 _ELEMENTWISE = (nn.Identity, nn.modules.dropout._DropoutNd, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish,
                 nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
                 nn.PReLU, nn.Softplus, nn.Hardtanh)
+
 
 def _rank(module: nn.Module) -> tuple[bool, int | None] | None:
     """``(fixed, spatial_rank)`` of a channels-first module type, or ``None`` for any other module."""

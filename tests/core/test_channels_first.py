@@ -76,14 +76,13 @@ def test_a_channels_first_output_is_refused_with_the_pick_that_measures_it(make,
     if any(hasattr(make(), a) for a in ("out_channels", "num_features", "num_channels")):
         cases.append((nn.Sequential(make(), nn.ReLU()).double().eval(), ""))  # a container ending in one
     for model, name in cases:
-        with sl.attach(model, name) as cap:
-            with pytest.raises(TypeError, match=rf"channels-first.*at dim {channel_dim}.*"
-                                                rf"pick=lambda out: out\.movedim\({channel_dim}, -1\)"):
-                model(x)
+        pattern = rf"channels-first.*at dim {channel_dim}.*pick=lambda out: out\.movedim\({channel_dim}, -1\)"
+        with sl.attach(model, name) as cap, pytest.raises(TypeError, match=pattern):
+            model(x)
         assert cap.accumulators[name].n_rows == 0
         assert not model[0]._forward_hooks and not model._forward_hooks  # the with block removed them
         # the pick the error names measures rows of channels, as a float64 reference reads them
-        pick = lambda out: out.movedim(channel_dim, -1)  # noqa: E731
+        pick = lambda out: out.movedim(channel_dim, -1)
         with sl.attach(model, name, pick=pick, precision="float64") as cap:
             model(x)
         check_spectrum(cap.accumulators[name].compute(), pick(output_of(model, name, x)))
@@ -153,7 +152,7 @@ def test_spectral_lens_on_a_cnn_names_layers_and_pick_and_then_measures_rows_of_
                                         r"block itself.*pass layers="):
         SpectralLens(model, pool=[(x, y)], params=()).measure(0, 0)
     assert not any(m._forward_hooks for m in model.modules())
-    pick = lambda out: out.movedim(1, -1)  # noqa: E731
+    pick = lambda out: out.movedim(1, -1)
     probe = PerSampleGradientProbe(model, "fc.weight", loss_fn=ce)
     m = SpectralLens(model, pool=[(x, y)], layers="layer1.1", pick=pick, probe=probe, precision="float64").measure(0, 0)
     check_spectrum(m.spectra["act:layer1.1"], pick(output_of(model, "layer1.1", x)))
@@ -176,7 +175,7 @@ def test_padding_mask_of_a_dict_batch_selects_positions_of_a_channels_first_conv
     model = TokenConv().double().eval()
     ids, mask = torch.randint(0, 20, (3, 7)), torch.ones(3, 7, dtype=torch.long)
     mask[0, 4:], mask[2, 2:] = 0, 0
-    pick = lambda out: out.movedim(1, -1)  # noqa: E731
+    pick = lambda out: out.movedim(1, -1)
     lens = SpectralLens(model, pool=[{"input_ids": ids, "attention_mask": mask}], layers="conv", pick=pick,
                         params=(), precision="float64")
     spec = lens.measure(0, 0).spectra["act:conv"]
@@ -317,10 +316,10 @@ def test_transformer_encoder_padding_nested_output_names_the_padded_pick_and_mas
     x = torch.randn(3, 6, 8)
     pad = torch.zeros(3, 6, dtype=torch.bool)
     pad[0, 4:], pad[1, 2:] = True, True
-    with sl.attach(enc, "layers.1") as cap, torch.no_grad():
-        with pytest.raises(TypeError, match=r"layers\.1: .*nested tensor.*to_padded_tensor\(0\.0\).*mask"):
-            enc(x, src_key_padding_mask=pad)
-    pick = lambda out: out.to_padded_tensor(0.0, (3, 6, 8)) if out.is_nested else out  # noqa: E731
+    pattern = r"layers\.1: .*nested tensor.*to_padded_tensor\(0\.0\).*mask"
+    with sl.attach(enc, "layers.1"), torch.no_grad(), pytest.raises(TypeError, match=pattern):
+        enc(x, src_key_padding_mask=pad)
+    pick = lambda out: out.to_padded_tensor(0.0, (3, 6, 8)) if out.is_nested else out
     with sl.attach(enc, "layers.1", pick=pick, precision="float64") as cap, torch.no_grad(), cap.mask(~pad):
         enc(x, src_key_padding_mask=pad)
     ref = enc.layers[1](enc.layers[0](x, src_key_padding_mask=pad), src_key_padding_mask=pad)[~pad]

@@ -109,7 +109,7 @@ def test_whisper_encoder_conv_front_end_refused_and_encoder_alone_measured_with_
     x = torch.randn(3, 8, 20, dtype=torch.float64)
     target = torch.randn(3, 10, 32, dtype=torch.float64)
     for name, shape in (("conv1", r"\(3, 32, 20\)"), ("conv2", r"\(3, 32, 10\)")):
-        with sl.attach(model, name) as cap, pytest.raises(TypeError, match=rf"{name}: .*channels-first, shape {shape}"):
+        with sl.attach(model, name), pytest.raises(TypeError, match=rf"{name}: .*channels-first, shape {shape}"):
             model(x)
 
     def loss_fn(out, batch):  # regression of the encoder states: the natural loss of a bare encoder
