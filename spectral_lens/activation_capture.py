@@ -125,7 +125,11 @@ def attach(
         target: exact dotted name, glob, compiled regex, a module of ``model`` (matched by identity;
             an ``nn.ModuleList`` stands for its members), callable ``(name, module) -> bool``, or a list.
         pick: which tensor of a module output to measure: ``None`` (the output must be a tensor),
-            an ``int`` (tuple/list index), a ``str`` (dict key or attribute), or a callable.
+            an ``int`` (tuple/list index), a ``str`` (dict key or attribute), or a callable. With
+            ``None``, a channels-first output (a convolution, pooling, batch/instance/group norm or
+            upsampling layer, or a block ending in one: ``(N, C, H, W)``) is refused at the first
+            forward with a ``TypeError`` naming the ``pick=`` that reads rows of channels
+            (``lambda out: out.movedim(1, -1)``); an explicit ``pick`` is never checked.
         dim, precision, nonfinite, max_chunk_rows: passed to each
             :class:`ActivationCovarianceAccumulator`.
 
