@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from . import _compiled_feed as compiled_feed
+from ._blocks import block_hidden_states
 from ._compute import _spectrum_of
+from ._layout import channels_first, refuse_channels_first
 from .accumulate import ActivationCovarianceAccumulator
 from .background import SolveFuture, submit
 from .capture import (HookSet, Target, _FEEDING, check_pick, display_name, pick_tensor, select_modules,
@@ -125,7 +127,11 @@ def attach(
         target: exact dotted name, glob, compiled regex, a module of ``model`` (matched by identity;
             an ``nn.ModuleList`` stands for its members), callable ``(name, module) -> bool``, or a list.
         pick: which tensor of a module output to measure: ``None`` (the output must be a tensor),
-            an ``int`` (tuple/list index), a ``str`` (dict key or attribute), or a callable.
+            an ``int`` (tuple/list index), a ``str`` (dict key or attribute), or a callable. With
+            ``None``, a channels-first output (a convolution, pooling, batch/instance/group norm or
+            upsampling layer, or a block ending in one: ``(N, C, H, W)``) is refused at the first
+            forward with a ``TypeError`` naming the ``pick=`` that reads rows of channels
+            (``lambda out: out.movedim(1, -1)``); an explicit ``pick`` is never checked.
         dim, precision, nonfinite, max_chunk_rows: passed to each
             :class:`ActivationCovarianceAccumulator`.
 
@@ -178,7 +184,10 @@ def _where(name: str, model: nn.Module) -> str:
 
 
 def _make_hook(capture: ActivationCapture, name: str, pick, module: nn.Module) -> "_Feed":
-    return _Feed(capture, capture.accumulators[name], pick, display_name(name, module))
+    # read as given (no pick, or the lens's own reading of the blocks it chose): a channels-first output,
+    # (N, C, H, W) of a convolution, would be read as rows of W, so it is refused; an explicit pick wins
+    layout = channels_first(module) if pick is None or pick is block_hidden_states else None
+    return _Feed(capture, capture.accumulators[name], pick, display_name(name, module), layout)
 
 
 class _Copied:
@@ -208,20 +217,27 @@ class _Feed:
     whose body runs :meth:`feed` with the real tensor: no graph break, also under ``fullgraph=True``.
     """
 
-    __slots__ = ("capture", "acc", "pick", "where", "key", "token", "__weakref__")
+    __slots__ = ("capture", "acc", "pick", "where", "layout", "key", "token", "__weakref__")
 
-    def __init__(self, capture: ActivationCapture, acc: ActivationCovarianceAccumulator, pick, where: str) -> None:
-        self.capture, self.acc, self.pick, self.where = capture, acc, pick, where
+    def __init__(self, capture: ActivationCapture, acc: ActivationCovarianceAccumulator, pick, where: str,
+                 layout=None) -> None:
+        self.capture, self.acc, self.pick, self.where, self.layout = capture, acc, pick, where, layout
         self.key, self.token = compiled_feed.register(self), torch.zeros(1)
 
     def __call__(self, module, args, output) -> None:
         if torch.compiler.is_compiling():  # traced: the rows reach feed() through the operator at run time
             if not transformed_forward():  # an export records nothing
-                self._from_graph(pick_tensor(output, self.pick, self.where))
+                self._from_graph(self._rows(output))
             return
         if transformed_forward() or self._skips():  # torch.func / jit.trace / export: no real rows
             return
-        self.acc.update(pick_tensor(output, self.pick, self.where), mask=self.capture._mask)
+        self.acc.update(self._rows(output), mask=self.capture._mask)
+
+    def _rows(self, output) -> torch.Tensor:
+        rows = pick_tensor(output, self.pick, self.where)
+        if self.layout is not None:  # a convolution, pooling or norm layer, or a block ending in one
+            refuse_channels_first(self.layout, rows, self.where, chosen=self.pick is block_hidden_states)
+        return rows
 
     def _skips(self) -> bool:
         """Whether this forward is not the user's: another measurement's pass (measurement_pass), or

@@ -123,7 +123,9 @@ class SpectralLens:
             own choice of blocks (``layers=None`` or ``"all"``), a block returning a tuple is read at
             its first element, the hidden states (:func:`block_hidden_states`: Falcon, BLOOM,
             GPT-Neo, MPT layers in ``transformers`` 5; most decoder layers return a tensor); with
-            ``layers=`` given, ``pick=None`` requires a tensor output.
+            ``layers=`` given, ``pick=None`` requires a tensor output. A channels-first output (a CNN's
+            blocks) is refused unless a ``pick`` reads it (``lambda out: out.movedim(1, -1)``), as in
+            :func:`spectral_lens.attach`.
         mask_fn: ``mask_fn(batch) -> bool mask`` of the positions to measure, or ``None``. Default
             :func:`attention_mask`: padded positions of dict (mapping) batches with an ``"attention_mask"``
             are excluded from the activation rows (the gradient loss masks them too). Pass your own

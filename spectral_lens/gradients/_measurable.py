@@ -39,6 +39,7 @@ ATTENTION_OUTPUT_PATTERNS = (
     "**.self_attention.dense.weight",  # Falcon, BLOOM
     "**.self_attn.dense.weight",  # Phi-1/1.5/2
     "**.attention.output.dense.weight",  # BERT family
+    "**.attention.o_proj.weight",  # ViT (transformers 5)
     "**.out_proj.weight",  # OPT, GPT-Neo/J, nn.MultiheadAttention
 )
 """Globs (``**`` crosses dotted segments) naming attention output projections W_O in common code bases;
@@ -179,8 +180,12 @@ def _refuse_scripted(model: nn.Module) -> None:
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:
-    """Whether ``model`` is a Hugging Face encoder-decoder model (``config.is_encoder_decoder``: T5, BART)."""
-    return getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
+    """Whether ``model`` is a Hugging Face encoder-decoder model (``config.is_encoder_decoder``: T5, BART)
+    that holds its decoder: the encoder alone (a ``WhisperEncoder`` built from the whole model's config)
+    is an encoder-only model, which the defaults fit."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is not True:
+        return False
+    return any("decoder" in name.split(".") for name, _ in model.named_modules())
 
 
 def refuse_unfit_defaults(model: nn.Module, *, forward: bool, loss: bool) -> None:
