@@ -108,8 +108,7 @@ def weight_spectrum(weight: torch.Tensor, name: str | None = None) -> Spectrum:
         dim=int(min(m, n)),
         kind="weight",
         source=name,
-        metadata={"shape": list(w.shape), "matrix_shape": [int(m), int(n)], "dtype": str(weight.dtype).replace("torch.", ""),
-                  **({"dequantized": how} if how else {})},
+        metadata={"shape": list(w.shape), "matrix_shape": [int(m), int(n)], **({"dequantized": how} if how else {})},
     )
 
 

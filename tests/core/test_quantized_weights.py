@@ -37,7 +37,7 @@ def test_low_precision_weights_are_read_exactly(dtype):
     s = weight_spectrum(w, "w")
     ref = _sq_singular_values(w)
     assert torch.allclose(s.values, ref, rtol=1e-12, atol=0)
-    assert s.metadata["dtype"] == str(dtype).replace("torch.", "") and "dequantized" not in s.metadata
+    assert "dequantized" not in s.metadata
 
 
 def test_dynamically_quantized_weights_are_dequantized_in_model_order():
