@@ -240,3 +240,16 @@ def test_spectral_lens_end_to_end_on_a_bfloat16_model():
     assert got.shape == ref.shape
     assert ((got - ref).abs() <= 2e-2 * ref[0]).all()
     assert ((got[:3] - ref[:3]).abs() <= 2e-2 * ref[:3]).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", FLOAT8 + [torch.bfloat16])
+@pytest.mark.parametrize("precision,rtol", [("exact", 2e-5), ("fast", 2e-3), ("float64", 1e-10)])
+def test_low_precision_activations_on_cuda(dtype, precision, rtol):
+    # "fast": the centred rows enter bf16 tensor-core products (gpu-anchors.md: ~1e-4 at d = 768)
+    g = torch.Generator().manual_seed(11)
+    acc = ActivationCovarianceAccumulator(precision=precision)
+    xs = [_rows(g, 2000, 12, 200.0, 100.0, dtype) for _ in range(2)]
+    for x in xs:
+        acc.update(x.cuda())
+    _assert_close(acc.compute().values, _reference(xs), rtol)

@@ -143,3 +143,46 @@ def test_lora_on_a_4bit_layer_is_measured_exactly():
         got = probe.compute().values
         assert torch.allclose(got, ref, rtol=1e-4, atol=1e-6 * float(ref[0])), engine
         probe.detach()
+
+
+# ------------------------------------------------------------------ narrow storage and autocast dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_probe_refuses_rows_stored_in_float16_or_float8(dtype):
+    # float16 storage flushed the entries of small per-sample gradients: TinyLM with weights x 0.01,
+    # rows of h.0.attn.c_attn.weight, lost 13% of the largest eigenvalue against float32 storage
+    # (bfloat16 storage: 2e-4); float8 storage crashed in a CPU kernel ("max_values_cpu")
+    with pytest.raises(ValueError, match=rf"storage_dtype={dtype} is not supported.*torch\.bfloat16"):
+        PerSampleGradientProbe(params="h.0.attn.c_attn.weight", storage_dtype=dtype)
+
+
+def test_float16_storage_loses_small_per_sample_gradients():
+    """Why float16 storage is refused: the same rows through a float16 round trip."""
+    from tests.support.models import TinyLM, lm_pool
+
+    torch.manual_seed(0)
+    model = TinyLM(vocab=64, d=32, layers=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.01)
+    probe = PerSampleGradientProbe(model, params="h.0.attn.c_attn.weight", keep_matrix=True)
+    for batch in lm_pool(2, 3, 16, 64):
+        probe.update(batch)
+    g = probe.matrix("h.0.attn.c_attn.weight").double()
+    ref = torch.linalg.eigvalsh(g @ g.T).flip(0)
+    for dtype, lost in ((torch.float16, True), (torch.bfloat16, False)):
+        r = g.to(dtype).double()
+        err = float(((torch.linalg.eigvalsh(r @ r.T).flip(0) - ref).abs() / ref[0]).max())
+        assert (err > 0.05) if lost else (err < 2e-3), (dtype, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_autocast_to_float8_is_refused(dtype):
+    import spectral_lens as sl
+
+    # before: CPU autocast disabled itself with a UserWarning and the probe measured in float32
+    with pytest.raises(ValueError, match=rf"autocast_dtype={dtype} is not supported"):
+        PerSampleGradientProbe(params="w", autocast_dtype=dtype)
+    with pytest.raises(ValueError, match=rf"SpectralLens: autocast_dtype={dtype} is not supported"):
+        sl.SpectralLens(pool=[torch.zeros(2, 3, dtype=torch.long)], autocast_dtype=dtype)
