@@ -146,7 +146,8 @@ class PerSampleGradientProbe:
             host memory ``O(M P)``. :meth:`compute` then moves ``G`` to the device once, in column
             slabs (:func:`~spectral_lens.gradients.gram.fill_gram_by_columns`). No effect on a CPU model.
         storage_dtype: dtype of the held rows; default float32 (float64 for float64 parameters).
-            ``torch.bfloat16`` halves memory at ~3 significant digits per entry.
+            ``torch.bfloat16`` halves memory at ~3 significant digits per entry. float16 and float8
+            are refused (``ValueError``): float16 flushes small per-sample gradient entries.
         autocast_dtype: run forward passes under ``torch.autocast(device, dtype)`` (e.g. bfloat16).
             ``None``: in the model's own precision, also when ``update`` is called inside the caller's
             ``torch.autocast`` block (switched off for the measurement). Under autocast, an ``update`` of several chunks casts each
