@@ -19,7 +19,7 @@ from torch import nn
 
 import spectral_lens as sl
 from spectral_lens import ActivationCovarianceAccumulator
-from tests.support.models import TinyLM, lm_pool
+from support.models import TinyLM, lm_pool
 
 FLOAT8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 

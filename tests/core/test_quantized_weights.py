@@ -159,7 +159,7 @@ def test_probe_refuses_rows_stored_in_float16_or_float8(dtype):
 
 def test_float16_storage_loses_small_per_sample_gradients():
     """Why float16 storage is refused: the same rows through a float16 round trip."""
-    from tests.support.models import TinyLM, lm_pool
+    from support.models import TinyLM, lm_pool
 
     torch.manual_seed(0)
     model = TinyLM(vocab=64, d=32, layers=2)
