@@ -22,11 +22,25 @@ def check_callable(owner: str, name: str, value: Any, takes: str) -> None:
         raise TypeError(f"{owner}: {name} must be a callable {takes}, or None; got {_got(value)}")
 
 
-def check_dtype(owner: str, name: str, value: Any) -> None:
-    """``value`` is ``None`` or a floating-point ``torch.dtype`` (``torch.bfloat16``, not ``"bfloat16"``)."""
+#: floating-point dtypes of one byte (float8 in its variants, packed float4): no ``torch.autocast`` runs in
+#: them (CPU autocast disables itself with a warning, so a measurement would silently run in the model's
+#: precision), and values held in them keep 1 to 3 significant bits
+NARROW_FLOATS = tuple(d for d in vars(torch).values() if isinstance(d, torch.dtype) and d.is_floating_point
+                      and d.itemsize == 1)
+
+#: why ``autocast_dtype`` refuses :data:`NARROW_FLOATS`
+AUTOCAST_WHY = ("torch.autocast runs in float16 or bfloat16 (a float8 or float4 autocast is disabled by torch, so "
+                "the measurement would silently run in the model's own precision); use torch.bfloat16 or None")
+
+
+def check_dtype(owner: str, name: str, value: Any, *, refuse: tuple = (), why: str = "") -> None:
+    """``value`` is ``None`` or a floating-point ``torch.dtype`` (``torch.bfloat16``, not ``"bfloat16"``);
+    one of ``refuse`` is a ``ValueError`` saying ``why``."""
     if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
         raise TypeError(f"{owner}: {name} must be a floating-point torch.dtype (e.g. torch.bfloat16) or None; "
                         f"got {_got(value)}")
+    if value in refuse:
+        raise ValueError(f"{owner}: {name}={value} is not supported: {why}")
 
 
 def check_count(owner: str, name: str, value: Any, minimum: int, none_ok: bool = False) -> int | None:

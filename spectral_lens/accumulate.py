@@ -47,6 +47,30 @@ if TYPE_CHECKING:
 __all__ = ["ActivationCovarianceAccumulator"]
 
 
+_NATIVE_ROWS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # read as they are
+#: float types whose tensors hold two values a byte: their shape is not the rows' shape, so never read
+_PACKED = tuple(getattr(torch, n) for n in ("float4_e2m1fn_x2",) if hasattr(torch, n))
+
+
+def _value_rows(x: torch.Tensor, where: str) -> torch.Tensor:
+    """``x`` as rows of its values: a ``torch.ao`` quantized tensor (the ``quint8`` output of a statically
+    quantized module) dequantized to float32, a float8 tensor (``float8_e4m3fn``, ``float8_e5m2``, their
+    ``fnuz`` variants, ``float8_e8m0fnu``), which CPU kernels mostly cannot do arithmetic on, converted
+    exactly to bfloat16 (every float8 value is a bfloat16 value); other tensors as they are. A packed
+    float4 tensor is a ``TypeError``: its last dimension holds two values an element."""
+    if not isinstance(x, torch.Tensor) or x.dtype in _NATIVE_ROWS:
+        return x
+    if x.is_quantized:
+        return x.dequantize()
+    if x.dtype in _PACKED:
+        raise TypeError(f"{where}: rows of dtype {x.dtype} (shape {tuple(x.shape)}) pack two values into each "
+                        "element, so their shape is not the rows' shape; unpack and dequantize them to a float "
+                        "dtype first (for a hooked module: pick=)")
+    if x.dtype.is_floating_point and x.dtype.itemsize == 1:
+        return x.to(torch.bfloat16)
+    return x
+
+
 def _zero_state(dim: int, device: torch.device, shift: torch.Tensor, precision: str) -> tuple[torch.Tensor, ...]:
     """``(n, m, S, shift, bad_rows, first_bad)`` of an accumulator that has seen no rows, around ``shift``."""
     f64 = dict(dtype=torch.float64, device=device)
@@ -189,7 +213,10 @@ class ActivationCovarianceAccumulator:
             raise TypeError(f"{where}: update expects a tensor, got {type(x).__name__}")
         check_dense_rows(x, where, hook=False)
         if not x.is_floating_point():
-            raise TypeError(f"{where}: rows must be floating point, got dtype {x.dtype} with shape {tuple(x.shape)}")
+            raise TypeError(f"{where}: rows must be floating point, got dtype {x.dtype} with shape {tuple(x.shape)}; "
+                            "integer rows are not read as values (their scale is not known here): dequantize "
+                            "them first, e.g. update(x.float() * scale), or pick=lambda out: ... for a hooked "
+                            "module (torch.ao quantized tensors are dequantized automatically)")
         if x.ndim < 1 or x.shape[-1] == 0:
             raise ValueError(f"{where}: expected rows of shape (..., d), got {tuple(x.shape)}")
         if self.dim is not None and x.shape[-1] != self.dim:
@@ -238,6 +265,7 @@ class ActivationCovarianceAccumulator:
                 self._update(x, mask)
 
     def _update(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        x = _value_rows(x, self._label())
         self._check_input(x, mask)
         rows = x.detach()
         if rows.ndim != 2:

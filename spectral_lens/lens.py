@@ -25,7 +25,7 @@ from torch import nn
 
 from ._agree import (agree, agree_counts, agree_lengths, agree_widths, from_rank0, global_rank, ranks,
                      refuse_other_counts)
-from ._args import check_callable, check_count, check_dtype, check_window
+from ._args import AUTOCAST_WHY, NARROW_FLOATS, check_callable, check_count, check_dtype, check_window
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
 from ._pools import attention_mask, sharded_pool, unfixed_pool
 from ._progress import progress_bar, sized_total
@@ -216,7 +216,7 @@ class SpectralLens:
         gradient_samples = check_count(who, "gradient_samples", gradient_samples, 0, none_ok=True)
         check_callable(who, "mask_fn", mask_fn, "batch -> bool mask")
         check_callable(who, "forward_fn", forward_fn, "(model, batch) -> output")
-        check_dtype(who, "autocast_dtype", autocast_dtype)
+        check_dtype(who, "autocast_dtype", autocast_dtype, refuse=NARROW_FLOATS, why=AUTOCAST_WHY)
         if probe is not None and not isinstance(probe, PerSampleGradientProbe):
             raise TypeError(f"SpectralLens: probe must be a PerSampleGradientProbe or None, got {type(probe).__name__}")
         if writer is not None and not callable(getattr(writer, "log_measurement", None)):

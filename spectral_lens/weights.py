@@ -48,13 +48,53 @@ __all__ = [
 ParamTarget = Union[str, "re.Pattern[str]", Callable[[str, torch.Tensor], bool], Iterable]
 
 
+def _is_ao_quantized(mod: nn.Module) -> bool:
+    """A ``torch.ao`` quantized module (``quantize_dynamic``, ``convert``): ``weight()`` is a method
+    returning its quantized weight; it has no weight parameter."""
+    return (type(mod).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized",
+                                             "torch.ao.nn.intrinsic.quantized"))
+            and callable(getattr(mod, "weight", None)))
+
+
+def _weight_values(weight: torch.Tensor, where: str) -> tuple[torch.Tensor, str | None]:
+    """The values a weight stands for, and how they were read (``None``: as they are).
+
+    A quantized weight is dequantized to the matrix its module multiplies with: a ``torch.ao``
+    quantized tensor (``quantize_dynamic``'s packed ``qint8`` weight, read with ``module.weight()``),
+    bitsandbytes ``Params4bit`` (``dequantize_4bit`` with its quant state) and ``Int8Params`` (the
+    int8 rows times their row scales ``SCB / 127``). Float8 and half weights convert exactly to
+    float64 later. Any other integer or packed tensor is a ``ValueError``: its scale is unknown here,
+    and reading the raw integers would give a spectrum of the wrong matrix."""
+    kind = type(weight).__name__
+    if kind == "Params4bit" and getattr(weight, "quant_state", None) is not None:
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(weight.data, weight.quant_state), "bitsandbytes Params4bit, dequantized"
+    if kind == "Int8Params" and weight.dtype == torch.int8 and getattr(weight, "SCB", None) is not None:
+        from bitsandbytes.functional import int8_vectorwise_dequant
+
+        return int8_vectorwise_dequant(weight.data, weight.SCB), "bitsandbytes Int8Params, dequantized"
+    if weight.is_quantized:
+        return weight.dequantize(), f"torch.ao {str(weight.dtype).replace('torch.', '')}, dequantized"
+    if not (weight.is_floating_point() or weight.is_complex()) or "float4" in str(weight.dtype):
+        raise ValueError(
+            f"{where}: a {kind} of dtype {weight.dtype} and shape {tuple(weight.shape)} holds quantized or "
+            "packed integers whose scale spectral-lens does not know (torch.ao, bitsandbytes Params4bit and "
+            "Int8Params are dequantized); dequantize it and pass the float matrix to weight_spectrum, or "
+            "measure the model before quantizing it")
+    return weight, None
+
+
 def weight_spectrum(weight: torch.Tensor, name: str | None = None) -> Spectrum:
     """Squared singular values of one weight (float64 SVD on the CPU) as ``Spectrum(kind="weight")``.
 
     A >2-D weight is reshaped to ``(shape[0], -1)``. ``metadata`` records the original shape and the
-    matrix shape used.
+    matrix shape used. Half-precision and float8 weights convert exactly to float64. Quantized
+    weights are dequantized first (``torch.ao`` quantized tensors, bitsandbytes ``Params4bit`` and
+    ``Int8Params``; ``metadata["dequantized"]`` says which); other integer tensors raise ``ValueError``.
     """
-    w = weight.detach()
+    values, how = _weight_values(weight, name or "weight")
+    w = values.detach()
     if w.ndim < 2:
         raise ValueError(f"{name or 'weight'}: shape {tuple(w.shape)} is not a matrix (need >= 2 dims)")
     mat = w.reshape(w.shape[0], -1).to("cpu", torch.float64)
@@ -68,17 +108,20 @@ def weight_spectrum(weight: torch.Tensor, name: str | None = None) -> Spectrum:
         dim=int(min(m, n)),
         kind="weight",
         source=name,
-        metadata={"shape": list(w.shape), "matrix_shape": [int(m), int(n)]},
+        metadata={"shape": list(w.shape), "matrix_shape": [int(m), int(n)], **({"dequantized": how} if how else {})},
     )
 
 
 def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> list[tuple[str, torch.Tensor]]:
     """Matrix-shaped parameters of ``model`` chosen by ``select`` (default: all with >= 2 dims).
 
-    Parameters with fewer than two dimensions are never returned. Raises ``ValueError`` naming the
-    closest parameter names when nothing matches, and for DeepSpeed ZeRO-3 placeholders (gather them first).
+    Parameters with fewer than two dimensions are never returned. The weights of ``torch.ao`` quantized
+    modules (``quantize_dynamic``), which are no parameters, are included as ``"<module>.weight"`` (their
+    quantized tensor, which :func:`weight_spectrum` dequantizes), in module order. Raises ``ValueError``
+    naming the closest parameter names when nothing matches, and for DeepSpeed ZeRO-3 placeholders
+    (gather them first).
     """
-    named = list(model.named_parameters())
+    named = _with_quantized_weights(model, list(model.named_parameters()))
     if select is None:
         refuse_zero3_placeholders(dict(named), "weight_spectra")  # empty .data: even their ndim is not the matrix's
         chosen = [(n, p) for n, p in named if p.ndim >= 2]
@@ -107,6 +150,20 @@ def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> li
             f"{'closest names' if hints else 'matrix parameters'}: {(hints or names)[:8]}"
         )
     return chosen
+
+
+def _with_quantized_weights(model: nn.Module, named: list) -> list:
+    """``named`` plus ``("<module>.weight", module.weight())`` of each ``torch.ao`` quantized module,
+    ordered by module (a parameter sorts with the module that owns it)."""
+    order = {}
+    quantized = []
+    for i, (mname, mod) in enumerate(model.named_modules()):
+        order[mname] = i
+        if _is_ao_quantized(mod):
+            quantized.append((f"{mname}.weight" if mname else "weight", mod.weight()))
+    if not quantized:
+        return named
+    return sorted(named + quantized, key=lambda item: order.get(item[0].rpartition(".")[0], len(order)))
 
 
 def weight_spectra(model: nn.Module, select: ParamTarget | None = None) -> dict[str, Spectrum]:

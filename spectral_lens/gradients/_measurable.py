@@ -374,7 +374,24 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
             )
         for n in hits:
             out[n] = named[n]
+    for n, p in out.items():
+        _refuse_quantized_param(model, n, p)
     return out
+
+
+def _refuse_quantized_param(model: nn.Module, name: str, p: torch.Tensor) -> None:
+    """``ValueError`` for a probed parameter holding quantized or packed integers (bitsandbytes
+    ``Params4bit``/``Int8Params`` of ``Linear4bit``/``Linear8bitLt``, any integer or float4 tensor):
+    autograd has no gradient for it, and its entries are not the weight's values."""
+    if p.is_floating_point() and "float4" not in str(p.dtype) and not p.is_quantized:
+        return
+    raise ValueError(
+        f"{type(model).__name__}: parameter {name!r} is a {type(p).__name__} of dtype {p.dtype} and shape "
+        f"{tuple(p.shape)}: a quantized weight (e.g. bitsandbytes Linear4bit/Linear8bitLt) has no per-sample "
+        "gradient to measure. Probe the floating-point model before quantizing it, or the float parameters "
+        "of a LoRA adapter on top of it (PEFT: its lora_A/lora_B weights, see docs/guide-attach.md, PEFT / LoRA); "
+        "activation capture works on the quantized model (SpectralLens(..., params=()) measures activations only)"
+    )
 
 
 def _is_quantized(mod: nn.Module) -> bool:

@@ -23,7 +23,7 @@ from .._peft import adapter_names, is_peft, saved_copies, saved_wrappers, vmap_u
 from .._tensor_parallel import refuse_tensor_parallel_params
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
-from .._args import check_callable, check_count, check_dtype
+from .._args import AUTOCAST_WHY, NARROW_FLOATS, check_callable, check_count, check_dtype
 from ..capture import eager_forwards, measurement_autocast, measurement_pass, unwrap_compiled
 from .._warnings import ZeroGradientWarning
 from ._isolation import (cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state,
@@ -146,7 +146,8 @@ class PerSampleGradientProbe:
             host memory ``O(M P)``. :meth:`compute` then moves ``G`` to the device once, in column
             slabs (:func:`~spectral_lens.gradients.gram.fill_gram_by_columns`). No effect on a CPU model.
         storage_dtype: dtype of the held rows; default float32 (float64 for float64 parameters).
-            ``torch.bfloat16`` halves memory at ~3 significant digits per entry.
+            ``torch.bfloat16`` halves memory at ~3 significant digits per entry. float16 and float8
+            are refused (``ValueError``): float16 flushes small per-sample gradient entries.
         autocast_dtype: run forward passes under ``torch.autocast(device, dtype)`` (e.g. bfloat16).
             ``None``: in the model's own precision, also when ``update`` is called inside the caller's
             ``torch.autocast`` block (switched off for the measurement). Under autocast, an ``update`` of several chunks casts each
@@ -226,8 +227,12 @@ class PerSampleGradientProbe:
         max_resident_samples = check_count(who, "max_resident_samples", max_resident_samples, 1, none_ok=True)
         check_callable(who, "loss_fn", loss_fn, "(model_output, batch) -> per-sample losses (M,)")
         check_callable(who, "forward_fn", forward_fn, "(model, batch) -> output")
-        check_dtype(who, "storage_dtype", storage_dtype)
-        check_dtype(who, "autocast_dtype", autocast_dtype)
+        check_dtype(who, "storage_dtype", storage_dtype, refuse=(torch.float16, *NARROW_FLOATS),
+                    why="float16 rows flush per-sample gradient entries below 6e-8 and round those below 6e-5 "
+                        "to fewer bits (typical per-sample gradients are that small: 13% of a small-weight "
+                        "model's spectrum was lost), and float8 or float4 rows keep 1 to 3 bits; use "
+                        "torch.bfloat16 (the same memory, float32's range), torch.float32 or None")
+        check_dtype(who, "autocast_dtype", autocast_dtype, refuse=NARROW_FLOATS, why=AUTOCAST_WHY)
         if keep_matrix and max_resident_samples is not None:
             raise ValueError("keep_matrix=True needs every row resident: leave max_resident_samples=None")
         self.model: nn.Module | None = None
