@@ -50,6 +50,7 @@ from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .registry import fast_path_for
 from .._deepspeed import is_zero3, refuse_zero3_params, whole_shape, zero3_partitioned
+from .._offload import refuse_offloaded
 from ._measurable import (ATTENTION_OUTPUT_PATTERNS, _refuse_recording_opacus_hooks, _refuse_scripted, _resolve_params,
                           default_gradient_param, refuse_fsdp, refuse_parallel_wrapper, refuse_unfit_defaults)
 
@@ -284,6 +285,7 @@ class PerSampleGradientProbe:
         self.engines_ = {n: self._choose_engine(n) for n in params}
         refuse_fsdp(model, self.engines_)
         refuse_tensor_parallel_params(model, params)
+        refuse_offloaded(model, params, "PerSampleGradientProbe")  # Accelerate's meta placeholders
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
         self.reset()
 
@@ -618,7 +620,8 @@ class PerSampleGradientProbe:
         if self.train_mode:
             _refuse_recording_opacus_hooks(self.model)
         modes = [(m, m.training) for m in self.model.modules()]
-        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        named = list(self.model.named_parameters())
+        flags = [(p, p.requires_grad) for _, p in named]
         self._every = [p for p, _ in flags]  # the fast engine's flag switching reuses the list per chunk
         dev = self.device
         devices = sorted({p.device.index for p in self.model.parameters() if p.device.type == "cuda"})
@@ -637,6 +640,14 @@ class PerSampleGradientProbe:
                 m.training = training
             for p, flag in flags:
                 p.requires_grad_(flag)
+            # Accelerate's offloading hooks put a new meta placeholder in place of each offloaded parameter
+            # after every forward, created with the flag it had during the pass (the engines' False): the
+            # flag is restored on the parameter the model holds now, too
+            live = dict(self.model.named_parameters())
+            for (n, p), (_, flag) in zip(named, flags):
+                q = live.get(n)
+                if q is not None and q is not p and q.requires_grad != flag:
+                    q.requires_grad_(flag)
 
     def _parameter_versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self.model.parameters())
@@ -736,6 +747,7 @@ class PerSampleGradientProbe:
         self._require_model("update()")
         self._follow_params()
         dev = self.device
+        refuse_offloaded(self.model, self.params, "PerSampleGradientProbe")  # offloaded after binding
         if dev.type == "meta":
             name = next(iter(self.params))
             raise RuntimeError(

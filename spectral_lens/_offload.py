@@ -1,0 +1,105 @@
+"""Models dispatched by Hugging Face Accelerate, recognized without importing it (duck typing).
+
+``cpu_offload``, ``disk_offload``, ``dispatch_model`` / ``load_checkpoint_and_dispatch`` and
+``from_pretrained(device_map=..., offload_folder=...)`` attach an ``AlignDevicesHook`` to modules (the
+module's ``_hf_hook``; its ``forward`` replaced by one that calls the hook around the original,
+``_old_forward``). A module whose hook has ``offload=True`` keeps its parameters on the ``meta`` device
+(a shape without data) between forwards: the hook's ``weights_map`` (CPU tensors, or a loader of the
+files in the offload folder) holds the values, and each forward materializes them on the hook's
+``execution_device`` and puts meta placeholders back afterwards, new ``Parameter`` objects each time.
+The functions here read ``_hf_hook``, ``hooks`` (a ``SequentialHook``), ``offload``, ``weights_map`` and
+``execution_device`` only; a model that Accelerate never touched costs a check of its parameters' device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["execution_device", "offloaded_names", "offloaded_value", "refuse_offloaded"]
+
+
+def _hooks(module: nn.Module) -> list:
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", None) or [hook])
+
+
+def _store(model: nn.Module, name: str):
+    """``(module name, hook, key)`` of the Accelerate hook whose offload store holds parameter ``name`` of
+    ``model`` (the hook of its own module, or of an ancestor that places its submodules), or ``None``."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        prefix = ".".join(parts[:i])
+        try:
+            module = model.get_submodule(prefix)
+        except AttributeError:
+            continue
+        key = ".".join(parts[i:])
+        for hook in _hooks(module):
+            store = getattr(hook, "weights_map", None)
+            if getattr(hook, "offload", False) and store is not None:
+                try:
+                    if key in store:
+                        return prefix, hook, key
+                except Exception:  # a store that cannot answer: not readable here
+                    continue
+    return None
+
+
+def offloaded_value(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The value of parameter ``name`` of ``model`` read from Accelerate's offload store (CPU memory, or the
+    offload folder on disk) when ``name`` is a meta placeholder of an offloading ``AlignDevicesHook``;
+    ``None`` otherwise (the parameter holds its own data, or it is meta with no store: never loaded)."""
+    if model.get_parameter(name).device.type != "meta":
+        return None
+    found = _store(model, name)
+    if found is None:
+        return None
+    _, hook, key = found
+    return hook.weights_map[key]
+
+
+def execution_device(model: nn.Module) -> torch.device | None:
+    """The device Accelerate runs ``model`` on: the ``execution_device`` of the first ``AlignDevicesHook`` that
+    has one, the root's first (``dispatch_model`` gives the root one, where it sends the inputs; ``cpu_offload``
+    gives the root none and every module with parameters its own); ``None`` for a model without such hooks."""
+    for module in model.modules():
+        for hook in _hooks(module):
+            dev = getattr(hook, "execution_device", None)
+            if dev is not None:
+                return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+    return None
+
+
+def offloaded_names(model: nn.Module, names) -> list[str]:
+    """The names among ``names`` (parameters of ``model``) that are Accelerate offload placeholders now: on the
+    meta device, their value in an offloading ``AlignDevicesHook``'s store."""
+    return [n for n in names if model.get_parameter(n).device.type == "meta" and _store(model, n) is not None]
+
+
+def refuse_offloaded(model: nn.Module, names, who: str) -> None:
+    """``ValueError`` when any parameter among ``names`` of ``model`` is offloaded by Accelerate
+    (:func:`offloaded_names`): its data exists only inside its module's forward. The message names each
+    parameter, the module whose hook holds it and the execution device, and what to do instead."""
+    bad = offloaded_names(model, names)
+    if not bad:
+        return
+    shown = []
+    for n in bad[:3]:
+        prefix, hook, _ = _store(model, n)
+        shown.append(f"{n} (in the offload store of the AlignDevicesHook on {prefix or '<the model>'!r}, "
+                     f"execution_device {hook.execution_device})")
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    raise ValueError(
+        f"{who}: the parameter(s) {'; '.join(shown)}{more} are offloaded by Accelerate (cpu_offload, disk_offload, "
+        "or a device_map with 'cpu'/'disk' entries and an offload_folder): outside their module's forward they are "
+        "meta placeholders (a shape without data), materialized only inside it, and their per-sample gradients are "
+        "not measured there. Instead: probe parameters that are not offloaded (params=...; a device_map or "
+        "max_memory that keeps their module on the execution device), measure activations only "
+        "(SpectralLens(model, pool, params=()); activations of offloaded modules are exact), or probe a copy loaded "
+        "without offloading (e.g. from_pretrained(path, device_map={'': 'cpu'})). "
+        "spectral_lens.weights.weight_spectra reads offloaded weights from the offload store "
+        "(docs/guide-multi-gpu.md, Models dispatched by Accelerate)"
+    )
