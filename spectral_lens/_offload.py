@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["execution_device", "offloaded_names", "offloaded_value", "refuse_offloaded"]
+__all__ = ["execution_device", "offload_device", "offloaded_names", "offloaded_value", "refuse_offloaded"]
 
 
 def _hooks(module: nn.Module) -> list:
@@ -79,27 +79,44 @@ def offloaded_names(model: nn.Module, names) -> list[str]:
     return [n for n in names if model.get_parameter(n).device.type == "meta" and _store(model, n) is not None]
 
 
-def refuse_offloaded(model: nn.Module, names, who: str) -> None:
-    """``ValueError`` when any parameter among ``names`` of ``model`` is offloaded by Accelerate
-    (:func:`offloaded_names`): its data exists only inside its module's forward. The message names each
-    parameter, the module whose hook holds it and the execution device, and what to do instead."""
-    bad = offloaded_names(model, names)
+def offload_device(model: nn.Module, name: str) -> torch.device | None:
+    """The ``execution_device`` of the Accelerate hook that materializes offloaded parameter ``name`` of ``model``
+    in its module's forward (where the probe's rows are formed), or ``None`` when ``name`` is not offloaded."""
+    found = _store(model, name) if model.get_parameter(name).device.type == "meta" else None
+    dev = None if found is None else getattr(found[1], "execution_device", None)
+    if dev is None:
+        return None
+    return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+
+
+def refuse_offloaded(model: nn.Module, engines: dict, who: str = "PerSampleGradientProbe") -> None:
+    """``ValueError`` when any probed parameter (``engines``: name -> engine) is offloaded by Accelerate
+    (:func:`offloaded_names`) and its engine is not the fast one.
+
+    The fast engine forms each per-sample row from its module's input and output gradient, read in the
+    module's forward hook and the backward, never from the weight, so an offloaded weight (materialized by
+    Accelerate inside that forward only) is measured exactly. The ``vmap`` engine swaps the parameters for its
+    own tensors (``torch.func.functional_call``), which Accelerate's hook then overwrites with the materialized
+    weight, and the ``loop`` engine differentiates the parameter objects, which are meta placeholders that
+    Accelerate replaces in every forward: neither can be exact. The message names each parameter, the module
+    whose hook holds it and its execution device, and what to do instead."""
+    bad = [n for n in offloaded_names(model, engines) if engines[n] != "fast"]
     if not bad:
         return
     shown = []
     for n in bad[:3]:
         prefix, hook, _ = _store(model, n)
-        shown.append(f"{n} (in the offload store of the AlignDevicesHook on {prefix or '<the model>'!r}, "
-                     f"execution_device {hook.execution_device})")
+        shown.append(f"{n} (engine {engines[n]!r}; in the offload store of the AlignDevicesHook on "
+                     f"{prefix or '<the model>'!r}, execution_device {hook.execution_device})")
     more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
     raise ValueError(
         f"{who}: the parameter(s) {'; '.join(shown)}{more} are offloaded by Accelerate (cpu_offload, disk_offload, "
-        "or a device_map with 'cpu'/'disk' entries and an offload_folder): outside their module's forward they are "
-        "meta placeholders (a shape without data), materialized only inside it, and their per-sample gradients are "
-        "not measured there. Instead: probe parameters that are not offloaded (params=...; a device_map or "
-        "max_memory that keeps their module on the execution device), measure activations only "
-        "(SpectralLens(model, pool, params=()); activations of offloaded modules are exact), or probe a copy loaded "
-        "without offloading (e.g. from_pretrained(path, device_map={'': 'cpu'})). "
-        "spectral_lens.weights.weight_spectra reads offloaded weights from the offload store "
-        "(docs/guide-multi-gpu.md, Models dispatched by Accelerate)"
+        "or a device_map with 'cpu'/'disk' entries and an offload_folder) and would use an engine other than the fast "
+        "one: outside their module's forward they are meta placeholders (a shape without data), which the vmap and "
+        "loop engines would differentiate. Instead: probe matrices that have a fast path (nn.Linear, transformers' "
+        "Conv1D; not tied) with engine='auto' or 'fast' (exact on offloaded weights), probe parameters that are not "
+        "offloaded (a device_map or max_memory that keeps their module on the execution device), measure "
+        "activations only (SpectralLens(model, pool, params=())), or probe a copy loaded without offloading "
+        "(e.g. from_pretrained(path, device_map={'': 'cpu'})) (docs/guide-multi-gpu.md, Models dispatched by "
+        "Accelerate)"
     )

@@ -50,7 +50,7 @@ from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .registry import fast_path_for
 from .._deepspeed import is_zero3, refuse_zero3_params, whole_shape, zero3_partitioned
-from .._offload import refuse_offloaded
+from .._offload import offload_device, refuse_offloaded
 from ._measurable import (ATTENTION_OUTPUT_PATTERNS, _refuse_recording_opacus_hooks, _refuse_scripted, _resolve_params,
                           default_gradient_param, refuse_fsdp, refuse_parallel_wrapper, refuse_unfit_defaults)
 
@@ -285,7 +285,7 @@ class PerSampleGradientProbe:
         self.engines_ = {n: self._choose_engine(n) for n in params}
         refuse_fsdp(model, self.engines_)
         refuse_tensor_parallel_params(model, params)
-        refuse_offloaded(model, params, "PerSampleGradientProbe")  # Accelerate's meta placeholders
+        refuse_offloaded(model, self.engines_)  # Accelerate's meta placeholders: the fast engine only
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
         self.reset()
 
@@ -349,7 +349,7 @@ class PerSampleGradientProbe:
             self._rescan_peft()
         elif self._wrappers:
             self._follow_adapter()
-        changed = {}
+        changed, placeholders = {}, {}
         for name, old in self.params.items():
             path, _, local = name.rpartition(".")
             mod = self.model
@@ -358,6 +358,12 @@ class PerSampleGradientProbe:
                 mod = mod._modules[part] if isinstance(mod, nn.Module) and part in mod._modules else None
             new = getattr(mod, local, None)
             if new is old and mod is self.sites[name][0]:
+                continue
+            if (mod is self.sites[name][0] and isinstance(new, nn.Parameter) and new.device.type == old.device.type
+                    == "meta" and new.shape == old.shape and new.dtype == old.dtype):
+                # Accelerate's offloading hook puts a new meta placeholder back after every forward: the same
+                # weight (its value in the hook's store), not a replaced one
+                placeholders[name] = new
                 continue
             if is_peft(mod) and mod is not self.sites[name][0] and not rescanned:  # a peft layer or wrapper now
                 self._rescan_peft()
@@ -378,6 +384,7 @@ class PerSampleGradientProbe:
                     f"probe's {self.n_samples_} samples were taken, and {why}; call reset() first"
                 )
             changed[name] = (mod, local, new)
+        self.params.update(placeholders)
         for name, (mod, local, new) in changed.items():
             self.params[name], self.sites[name] = new, (mod, local)
         for name in changed:
@@ -569,8 +576,10 @@ class PerSampleGradientProbe:
 
     @property
     def device(self) -> torch.device:
-        """Device of the first probed parameter (batches are moved there)."""
-        return next(iter(self.params.values())).device
+        """Device of the first probed parameter (batches are moved there); for a weight offloaded by Accelerate
+        (a meta placeholder between forwards), the execution device its hook materializes it on."""
+        name, p = next(iter(self.params.items()))
+        return (offload_device(self.model, name) or p.device) if p.device.type == "meta" else p.device
 
     # ----------------------------------------------------------------------------- state
     def reset(self) -> "PerSampleGradientProbe":
@@ -694,8 +703,9 @@ class PerSampleGradientProbe:
                 if self.engine == "fast":
                     raise ValueError(f"engine='fast' impossible for {k}: {why}; use engine='auto' or 'vmap'")
                 self.engines_[k] = "vmap"
-            if not_called:  # the vmap engine cannot measure a ZeRO-3 parameter: refused before its pass
+            if not_called:  # the vmap engine cannot measure a ZeRO-3 or offloaded parameter: refused before its pass
                 refuse_zero3_params(self.params, self.engines_)
+                refuse_offloaded(self.model, self.engines_)
         forward_fn, loss_fn = self._loss_fns()  # decided by now (by the fast engine's forward, or before)
         for kind in ("vmap", "loop"):
             todo = {k: self.params[k] for k, e in self.engines_.items() if e == kind and k not in rows}
@@ -747,7 +757,7 @@ class PerSampleGradientProbe:
         self._require_model("update()")
         self._follow_params()
         dev = self.device
-        refuse_offloaded(self.model, self.params, "PerSampleGradientProbe")  # offloaded after binding
+        refuse_offloaded(self.model, self.engines_)  # offloaded after binding
         if dev.type == "meta":
             name = next(iter(self.params))
             raise RuntimeError(
