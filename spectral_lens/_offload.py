@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["execution_device", "offload_device", "offloaded_names", "offloaded_value", "refuse_offloaded"]
+__all__ = ["execution_device", "execution_devices", "offload_device", "offloaded_names", "offloaded_value", "refuse_offloaded"]
 
 
 def _hooks(module: nn.Module) -> list:
@@ -71,6 +71,18 @@ def execution_device(model: nn.Module) -> torch.device | None:
             if dev is not None:
                 return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
     return None
+
+
+def execution_devices(model: nn.Module) -> set[torch.device]:
+    """The ``execution_device`` of every Accelerate hook in ``model`` (where offloaded weights are materialized
+    and their modules run: the CUDA generators a measurement must fork although no parameter is there)."""
+    devs = set()
+    for module in model.modules():
+        for hook in _hooks(module):
+            dev = getattr(hook, "execution_device", None)
+            if dev is not None:
+                devs.add(torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev))
+    return devs
 
 
 def offloaded_names(model: nn.Module, names) -> list[str]:

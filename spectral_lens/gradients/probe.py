@@ -50,7 +50,7 @@ from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .registry import fast_path_for
 from .._deepspeed import is_zero3, refuse_zero3_params, whole_shape, zero3_partitioned
-from .._offload import offload_device, refuse_offloaded
+from .._offload import offload_device, offloaded_names, refuse_offloaded
 from ._measurable import (ATTENTION_OUTPUT_PATTERNS, _refuse_recording_opacus_hooks, _refuse_scripted, _resolve_params,
                           default_gradient_param, refuse_fsdp, refuse_parallel_wrapper, refuse_unfit_defaults)
 
@@ -360,7 +360,7 @@ class PerSampleGradientProbe:
             if new is old and mod is self.sites[name][0]:
                 continue
             if (mod is self.sites[name][0] and isinstance(new, nn.Parameter) and new.device.type == old.device.type
-                    == "meta" and new.shape == old.shape and new.dtype == old.dtype):
+                    == "meta" and new.shape == old.shape and new.dtype == old.dtype and offloaded_names(self.model, [name])):
                 # Accelerate's offloading hook puts a new meta placeholder back after every forward: the same
                 # weight (its value in the hook's store), not a replaced one
                 placeholders[name] = new
@@ -633,7 +633,7 @@ class PerSampleGradientProbe:
         flags = [(p, p.requires_grad) for _, p in named]
         self._every = [p for p, _ in flags]  # the fast engine's flag switching reuses the list per chunk
         dev = self.device
-        devices = sorted({p.device.index for p in self.model.parameters() if p.device.type == "cuda"})
+        devices = cuda_devices(self.model)
         cast = measurement_autocast(dev, self.autocast_dtype)
         try:
             with forked_rng(devices), preserved_buffers(self.model) as self._rewind_buffers, \

@@ -223,3 +223,18 @@ def test_weight_spectra_refuse_meta_weights_never_loaded():
     with pytest.raises(ValueError, match=f"weight_spectra: {KEPT} \\(shape \\(16, 16\\)\\) is on the meta device and "
                                          "in no Accelerate offload store"):
         weight_spectra(model, KEPT)
+
+
+def test_rng_of_the_execution_device_is_forked_where_every_weight_is_offloaded(tmp_path):
+    """``cpu_offload(model, execution_device="cuda:0")`` leaves no parameter on a CUDA device; the measurement
+    forks the CUDA generators of the devices holding parameters, which were none: a dropout inside the
+    offloaded modules (train_mode=True) drew from cuda:0's generator unforked. The execution devices of
+    Accelerate's hooks are forked too (no GPU here: the hook's device is read, not used)."""
+    from spectral_lens.gradients._isolation import cuda_devices
+
+    _, model = dispatched("cpu_offload", tmp_path)
+    assert cuda_devices(model) == []  # execution device: the CPU
+    for m in model.modules():
+        if hasattr(m, "_hf_hook") and getattr(m._hf_hook, "execution_device", None) is not None:
+            m._hf_hook.execution_device = 0  # as cpu_offload(model, execution_device=0) sets it
+    assert cuda_devices(model) == [0]
