@@ -652,11 +652,12 @@ class PerSampleGradientProbe:
             # Accelerate's offloading hooks put a new meta placeholder in place of each offloaded parameter
             # after every forward, created with the flag it had during the pass (the engines' False): the
             # flag is restored on the parameter the model holds now, too
-            live = dict(self.model.named_parameters())
-            for (n, p), (_, flag) in zip(named, flags):
-                q = live.get(n)
-                if q is not None and q is not p and q.requires_grad != flag:
-                    q.requires_grad_(flag)
+            if any(p.is_meta for p, _ in flags):
+                live = dict(self.model.named_parameters())
+                for (n, p), (_, flag) in zip(named, flags):
+                    q = live.get(n)
+                    if q is not None and q is not p and q.requires_grad != flag:
+                        q.requires_grad_(flag)
 
     def _parameter_versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self.model.parameters())
