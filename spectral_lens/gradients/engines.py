@@ -330,24 +330,19 @@ def fast_engine(
     # forward pre-hook, on again in the forward hook): a use elsewhere (F.linear(h, lin.weight), a
     # direct lin.forward(x), a hook reading the weight) then reaches them in the graph, which the
     # fast path, reading only the module's calls, would miss.
-    # The flags are set on the parameter the module holds at the call too (getattr): Accelerate's offloading
-    # hook materializes an offloaded weight inside the call with the flag of its meta placeholder and puts a
-    # new placeholder back after it (the object found now, in ``probed``, is no longer the module's then).
-    own = {k: [(local, getattr(m, local)) for m, local in sites.values() if id(m) == k] for k in modules}
-    probed = list({id(p): p for ps in own.values() for _, p in ps}.values())
+    own = {k: [getattr(m, local) for m, local in sites.values() if id(m) == k] for k in modules}
+    probed = list({id(p): p for ps in own.values() for p in ps}.values())
 
     def pre_hook(module, args):
-        for local, p in own[id(module)]:
+        for p in own[id(module)]:
             p.requires_grad_(False)
-            getattr(module, local).requires_grad_(False)
 
     def hook(module, args, kwargs, output):
         # The same output transformation in the forward and in any re-run of it inside the backward
         # (non-reentrant activation checkpointing recomputes a segment there and must see the same
         # saved tensors); only the forward's calls are recorded.
-        for local, p in own[id(module)]:
+        for p in own[id(module)]:
             p.requires_grad_(True)
-            getattr(module, local).requires_grad_(True)
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"fast path for {type(module).__name__}: module output is not a tensor")
         if not torch.is_grad_enabled() and _in_reentrant_checkpoint():
