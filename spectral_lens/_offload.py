@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["execution_device", "execution_devices", "offload_device", "offloaded_names", "offloaded_value", "refuse_offloaded"]
+__all__ = ["execution_device", "execution_devices", "offload_device", "offloaded_names", "offloaded_value", "offloading_modules",
+           "refuse_offloaded", "untied_names"]
 
 
 def _hooks(module: nn.Module) -> list:
@@ -85,6 +86,44 @@ def execution_devices(model: nn.Module) -> set[torch.device]:
     return devs
 
 
+def offloading_modules(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` whose Accelerate hook offloads their weights (``offload=True``)."""
+    return [n for n, m in model.named_modules() if any(getattr(h, "offload", False) for h in _hooks(m))]
+
+
+def _in_memory(model: nn.Module, name: str):
+    """The tensor the offload store holds for ``name`` without reading a file: a store over a plain ``dict``
+    (``cpu_offload``'s state dict), else ``None``."""
+    found = _store(model, name)
+    if found is None:
+        return None
+    store, key = found[1].weights_map, found[2]
+    data, prefix = getattr(store, "dataset", store), getattr(store, "prefix", "")
+    return data.get(f"{prefix}{key}") if isinstance(data, dict) else None
+
+
+def untied_names(model: nn.Module, name: str) -> list[str]:
+    """The other parameters of ``model`` that the offloaded parameter ``name`` was tied to before Accelerate
+    offloaded them: each module's hook materializes its own copy, so the placeholders are different objects
+    (the probe's identity check for tied weights does not see it) while the model's gradient is the sum over
+    the uses. Read from the transformers model's ``all_tied_weights_keys`` (``{tied: source}``) and from
+    stores that hold one tensor under both names (``cpu_offload``)."""
+    if model.get_parameter(name).device.type != "meta":
+        return []
+    out = []
+    for tied, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if name in (tied, source):
+            out.append(source if name == tied else tied)
+    mine = _in_memory(model, name)
+    if mine is not None:
+        for other, p in model.named_parameters():
+            if other != name and other not in out and p.device.type == "meta" and p.shape == mine.shape:
+                theirs = _in_memory(model, other)
+                if theirs is not None and theirs.data_ptr() == mine.data_ptr():
+                    out.append(other)
+    return out
+
+
 def offloaded_names(model: nn.Module, names) -> list[str]:
     """The names among ``names`` (parameters of ``model``) that are Accelerate offload placeholders now: on the
     meta device, their value in an offloading ``AlignDevicesHook``'s store."""
@@ -118,8 +157,9 @@ def refuse_offloaded(model: nn.Module, engines: dict, who: str = "PerSampleGradi
     shown = []
     for n in bad[:3]:
         prefix, hook, _ = _store(model, n)
-        shown.append(f"{n} (engine {engines[n]!r}; in the offload store of the AlignDevicesHook on "
-                     f"{prefix or '<the model>'!r}, execution_device {hook.execution_device})")
+        tied = untied_names(model, n)
+        shown.append(f"{n} (engine {engines[n]!r}{f'; tied to {tied}' if tied else ''}; in the offload store of the "
+                     f"AlignDevicesHook on {prefix or '<the model>'!r}, execution_device {hook.execution_device})")
     more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
     raise ValueError(
         f"{who}: the parameter(s) {'; '.join(shown)}{more} are offloaded by Accelerate (cpu_offload, disk_offload, "

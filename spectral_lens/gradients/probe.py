@@ -50,7 +50,7 @@ from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .registry import fast_path_for
 from .._deepspeed import is_zero3, refuse_zero3_params, whole_shape, zero3_partitioned
-from .._offload import offload_device, offloaded_names, refuse_offloaded
+from .._offload import offload_device, offloaded_names, offloading_modules, refuse_offloaded, untied_names
 from ._measurable import (ATTENTION_OUTPUT_PATTERNS, _refuse_recording_opacus_hooks, _refuse_scripted, _resolve_params,
                           default_gradient_param, refuse_fsdp, refuse_parallel_wrapper, refuse_unfit_defaults)
 
@@ -262,6 +262,7 @@ class PerSampleGradientProbe:
         self._wrappers: dict[str, nn.Module] = {}
         self._copies: dict[str, str] = {}
         self._untraceable: dict[str, str] = {}  # peft layers whose forward torch.func.vmap cannot trace (LoHa)
+        self._offloading: list[str] = []  # modules whose Accelerate hook offloads their weights
         self._adapters: tuple[str, ...] | None = None  # a PeftModel's adapter names: add_adapter may add wrappers
         self.reset()
         if model is not None:
@@ -281,6 +282,7 @@ class PerSampleGradientProbe:
         self._copies = saved_copies(model, self._wrappers)
         self._adapters = adapter_names(model)
         self._untraceable = vmap_untraceable(model)
+        self._offloading = offloading_modules(model)
         self.sites = {n: self._site(n) for n in params}
         self.engines_ = {n: self._choose_engine(n) for n in params}
         refuse_fsdp(model, self.engines_)
@@ -317,6 +319,7 @@ class PerSampleGradientProbe:
         """Unbind the probe from its model and forget every sample (idempotent)."""
         self.model, self.params, self.sites, self.engines_ = None, {}, {}, {}
         self._wrappers, self._copies, self._untraceable, self._adapters = {}, {}, {}, None
+        self._offloading = []
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
         self.reset()
 
@@ -445,19 +448,27 @@ class PerSampleGradientProbe:
     def _choose_engine(self, name: str) -> str:
         """The engine of parameter ``name``. In a PEFT model with layers whose forward ``torch.func.vmap``
         cannot trace (LoHa: ``self._untraceable``), ``"auto"`` takes the loop where it would take ``vmap``
-        (no failed attempt, no warning) and ``engine="vmap"`` is refused here, before any pass."""
+        (no failed attempt, no warning) and ``engine="vmap"`` is refused here, before any pass; likewise in a
+        model with modules offloaded by Accelerate (``self._offloading``), where a weight tied to another one
+        before offloading (:func:`~spectral_lens._offload.untied_names`) is not given the fast path."""
         if self.engine == "loop":
             return "loop"
         if self.engine == "vmap":
             if self._untraceable:
                 self._refuse_vmap(name)
+            if self._offloading:
+                self._refuse_vmap_offloaded()
             return "vmap"
         mod, local = self.sites[name]
         shared = self._shared(name)
         reason = None
         coupled = self._batch_statistics()
+        untied = untied_names(self.model, name)
         if len(shared) > 1:
             reason = f"it is shared by {shared} (tied weights: the fast path sees one use only)"
+        elif untied:
+            reason = (f"it is tied to {untied}, offloaded by Accelerate as separate placeholders (tied weights: the "
+                      "fast path sees one use only)")
         elif fast_path_for(mod, local) is None:
             reason = f"no fast path is registered for {type(mod).__name__}.{local}"
         elif coupled:
@@ -468,9 +479,19 @@ class PerSampleGradientProbe:
         if reason is None:
             return "fast"
         if self.engine == "fast":
-            other = "'loop'" if self._untraceable else "'vmap'"
+            other = "'loop'" if self._untraceable or self._offloading else "'vmap'"
             raise ValueError(f"engine='fast' impossible for {name}: {reason}; use engine='auto' or {other}")
-        return "loop" if self._untraceable else "vmap"
+        return "loop" if self._untraceable or self._offloading else "vmap"
+
+    def _refuse_vmap_offloaded(self) -> None:
+        """``ValueError`` for ``engine="vmap"`` in a model with modules offloaded by Accelerate."""
+        raise ValueError(
+            f"PerSampleGradientProbe: engine='vmap' impossible for {type(self.model).__name__}: Accelerate offloads the "
+            f"weights of {self._offloading[:3]}{' and more' if len(self._offloading) > 3 else ''} (meta placeholders "
+            "that its hooks replace inside each forward), which torch.func.functional_call cannot trace; use "
+            "engine='auto' (the fast path where one is registered, the per-sample loop on weights that are not "
+            "offloaded) or 'loop' (docs/guide-multi-gpu.md, Models dispatched by Accelerate)"
+        )
 
     def _refuse_vmap(self, name: str) -> None:
         """``ValueError`` for ``engine="vmap"`` in a model with a layer whose forward vmap cannot trace."""
@@ -703,7 +724,7 @@ class PerSampleGradientProbe:
             for k, why in not_called.items():
                 if self.engine == "fast":
                     raise ValueError(f"engine='fast' impossible for {k}: {why}; use engine='auto' or 'vmap'")
-                self.engines_[k] = "vmap"
+                self.engines_[k] = "loop" if self._offloading else "vmap"  # vmap cannot trace Accelerate's hooks
             if not_called:  # the vmap engine cannot measure a ZeRO-3 or offloaded parameter: refused before its pass
                 refuse_zero3_params(self.params, self.engines_)
                 refuse_offloaded(self.model, self.engines_)

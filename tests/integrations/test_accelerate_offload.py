@@ -168,13 +168,41 @@ def test_probe_of_offloaded_weights_equals_the_plain_model(how, kw, tmp_path):
 @pytest.mark.parametrize("engine", ["vmap", "loop"])
 def test_probe_of_an_offloaded_weight_on_another_engine_is_refused_naming_it(engine, tmp_path):
     _, model = dispatched("cpu_offload", tmp_path)
-    match = (rf"PerSampleGradientProbe: the parameter\(s\) {FC}.weight \(engine '{engine}'; in the offload store of the "
-             rf"AlignDevicesHook on '{FC}', execution_device cpu\) are offloaded by Accelerate")
+    match = (rf"PerSampleGradientProbe: the parameter\(s\) {FC}.weight \(engine 'loop'; in the offload store of the "
+             rf"AlignDevicesHook on '{FC}', execution_device cpu\) are offloaded by Accelerate" if engine == "loop" else
+             "engine='vmap' impossible for GPT2LMHeadModel: Accelerate offloads the weights of")
     with pytest.raises(ValueError, match=match):
         sl.PerSampleGradientProbe(model, params=f"{FC}.weight", engine=engine)
     probe = sl.PerSampleGradientProbe(params=f"{FC}.weight", engine=engine)  # bound later: refused when attached
     with pytest.raises(ValueError, match=match):
         probe.attach(model)
+
+
+@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload"])
+def test_probe_of_an_offloaded_tied_weight_is_refused(how, tmp_path):
+    """GPT-2's ``lm_head.weight`` is tied to ``transformer.wte.weight``; ``cpu_offload``/``disk_offload`` give each
+    module its own placeholder, so the probe's identity check saw no tie and took the fast path, which reads
+    ``lm_head``'s use only: 0.38 relative off the tied gradient, silently. Now the tie is read from the model's
+    ``all_tied_weights_keys`` (and from a store holding one tensor under both names) and the probe refused."""
+    _, model = dispatched(how, tmp_path)
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    with pytest.raises(ValueError, match=r"lm_head.weight \(engine 'loop'; tied to \['transformer.wte.weight'\]; in "
+                                         r"the offload store of the AlignDevicesHook on 'lm_head'"):
+        sl.PerSampleGradientProbe(model, params="lm_head.weight")
+
+
+@pytest.mark.parametrize("how", ["from_pretrained", "load_checkpoint_and_dispatch"])
+def test_probe_beside_offloaded_modules_takes_the_loop_where_vmap_cannot_trace_them(how, tmp_path):
+    """The tied head (on the CPU, one object) has no fast path; the vmap engine's functional_call failed inside
+    Accelerate's hooks of the offloaded block (``Cannot access data pointer of Tensor that doesn't have
+    storage``). Now ``"auto"`` takes the per-sample loop there (exact), and ``engine="vmap"`` is refused."""
+    ref, model = dispatched(how, tmp_path)
+    b = pool()[0]
+    probe, want = sl.PerSampleGradientProbe(model, params="lm_head.weight"), sl.PerSampleGradientProbe(ref, params="lm_head.weight")
+    assert probe.engines_ == {"lm_head.weight": "loop"} and want.engines_ == {"lm_head.weight": "vmap"}
+    assert rel(probe.update(b).compute().values, want.update(b).compute().values) <= 1e-12
+    with pytest.raises(ValueError, match="engine='vmap' impossible for GPT2LMHeadModel: Accelerate offloads the weights of"):
+        sl.PerSampleGradientProbe(model, params=KEPT, engine="vmap")
 
 
 @pytest.mark.parametrize("how", ["from_pretrained", "load_checkpoint_and_dispatch"])
