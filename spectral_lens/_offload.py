@@ -40,13 +40,25 @@ def _store(model: nn.Module, name: str):
         key = ".".join(parts[i:])
         for hook in _hooks(module):
             store = getattr(hook, "weights_map", None)
-            if getattr(hook, "offload", False) and store is not None:
-                try:
-                    if key in store:
-                        return prefix, hook, key
-                except Exception:  # a store that cannot answer: not readable here
-                    continue
+            if getattr(hook, "offload", False) and store is not None and _holds(store, key):
+                return prefix, hook, key
     return None
+
+
+def _holds(store, key: str) -> bool:
+    """Whether Accelerate's ``weights_map`` holds ``key``, without loading it: a ``PrefixedDataset`` over a
+    ``dict`` (``cpu_offload``) or an ``OffloadedWeightsLoader`` (its ``all_keys``; ``key in store`` would read
+    the tensor from the offload folder or a safetensors file)."""
+    data, full = getattr(store, "dataset", store), f"{getattr(store, 'prefix', '')}{key}"
+    keys = getattr(data, "all_keys", None)
+    if keys is not None:
+        return full in keys
+    if isinstance(data, dict):
+        return full in data
+    try:
+        return key in store
+    except Exception:  # a store that cannot answer: not readable here
+        return False
 
 
 def offloaded_value(model: nn.Module, name: str) -> torch.Tensor | None:
