@@ -266,3 +266,22 @@ def test_rng_of_the_execution_device_is_forked_where_every_weight_is_offloaded(t
         if hasattr(m, "_hf_hook") and getattr(m._hf_hook, "execution_device", None) is not None:
             m._hf_hook.execution_device = 0  # as cpu_offload(model, execution_device=0) sets it
     assert cuda_devices(model) == [0]
+
+
+def test_lens_defaults_on_a_disk_offloaded_llama_equal_the_plain_model(tmp_path):
+    """``nn.Linear`` projections (the default probe: the last layer's ``o_proj``), grouped-query attention."""
+    from accelerate import disk_offload
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=T,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    ref = transformers.LlamaForCausalLM(cfg).double().eval()
+    model = disk_offload(copy.deepcopy(ref), offload_dir=str(tmp_path / "disk"), execution_device="cpu").eval()
+    batches = pool()
+    got = sl.SpectralLens(model, batches, progress=False).measure(0, 0).spectra
+    want = sl.SpectralLens(ref, batches, progress=False).measure(0, 0).spectra
+    assert set(got) == set(want) == {"act:model.layers.1", "grad:model.layers.1.self_attn.o_proj.weight"}
+    for k in got:
+        assert rel(got[k].values, want[k].values) <= 1e-12, k
+    assert all(p.device.type == "meta" and p.requires_grad and p.grad is None for p in model.parameters())
