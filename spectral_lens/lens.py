@@ -37,6 +37,7 @@ from .capture import (Target, check_pick, eager_forwards, measurement_autocast, 
                       record_names, unwrap_compiled)
 from .gradients import PerSampleGradientProbe
 from ._deepspeed import zero3_partitioned
+from ._offload import execution_device
 from .gradients._measurable import fsdp_sharded, is_encoder_decoder, kept_sharded, refuse_parallel_wrapper
 from .gradients._batch import batch_size, default_forward, slice_batch
 from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
@@ -374,7 +375,10 @@ class SpectralLens:
 
     # ------------------------------------------------------------------ helpers
     def _device(self) -> torch.device:
-        p = next(self._require_model().parameters(), None)
+        model = self._require_model()
+        p = next(model.parameters(), None)
+        if p is not None and p.device.type == "meta":  # offloaded by Accelerate: where its hooks run the model
+            return execution_device(model) or p.device
         return p.device if p is not None else torch.device("cpu")
 
     def _windows(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ._deepspeed import refuse_zero3_placeholders
+from ._offload import offloaded_value
 from .capture import name_matcher
 from .spectrum import Spectrum
 from .summaries import stable_rank
@@ -93,6 +94,12 @@ def weight_spectrum(weight: torch.Tensor, name: str | None = None) -> Spectrum:
     weights are dequantized first (``torch.ao`` quantized tensors, bitsandbytes ``Params4bit`` and
     ``Int8Params``; ``metadata["dequantized"]`` says which); other integer tensors raise ``ValueError``.
     """
+    if weight.device.type == "meta":
+        raise ValueError(
+            f"{name or 'weight'}: shape {tuple(weight.shape)} is on the meta device (a shape without data: a weight "
+            "offloaded by Accelerate, or never loaded); weight_spectra(model, ...) reads an offloaded weight from "
+            "Accelerate's offload store"
+        )
     values, how = _weight_values(weight, name or "weight")
     w = values.detach()
     if w.ndim < 2:
@@ -169,12 +176,28 @@ def _with_quantized_weights(model: nn.Module, named: list) -> list:
 def weight_spectra(model: nn.Module, select: ParamTarget | None = None) -> dict[str, Spectrum]:
     """Weight spectra of the selected parameters, keyed by parameter name (model order).
 
+    A weight offloaded by Hugging Face Accelerate (``cpu_offload``, ``disk_offload``, a ``device_map`` with
+    ``"cpu"``/``"disk"`` entries: a meta placeholder between forwards) is read from its hook's offload store
+    (CPU memory or the offload folder), exactly; a meta weight in no store raises ``ValueError`` naming it.
+
     Example::
 
         spectra = weight_spectra(model, ["blocks.11.attn.c_proj.weight", "blocks.*.mlp.c_proj.weight"])
         {name: stable_rank(s) for name, s in spectra.items()}
     """
-    return {name: weight_spectrum(p, name) for name, p in select_parameters(model, select)}
+    out = {}
+    for name, p in select_parameters(model, select):
+        if p.device.type == "meta":  # an Accelerate offload placeholder: the value in its hook's store
+            stored = offloaded_value(model, name)
+            if stored is None:
+                raise ValueError(
+                    f"weight_spectra: {name} (shape {tuple(p.shape)}) is on the meta device and in no Accelerate "
+                    "offload store: the model's weights were never loaded (load_state_dict, or accelerate's "
+                    "load_checkpoint_and_dispatch after init_empty_weights)"
+                )
+            p = stored
+        out[name] = weight_spectrum(p, name)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

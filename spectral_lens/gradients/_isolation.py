@@ -33,13 +33,22 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .._offload import execution_devices
+
 __all__ = ["preserved_buffers", "forked_rng", "cuda_devices", "rng_state", "set_rng_state", "silenced_tensor_hooks",
            "silenced_module_backward_hooks"]
 
 
 def cuda_devices(model: nn.Module) -> list[int]:
-    """Indices of the CUDA devices holding ``model``'s parameters (the generators a measurement forks)."""
-    return sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    """Indices of the CUDA devices holding ``model``'s parameters (the generators a measurement forks), and,
+    where some parameter is a meta placeholder of Accelerate's offloading hooks, their execution devices
+    (where the offloaded modules run, a dropout there drawing from that device's generator)."""
+    params = list(model.parameters())
+    devs = {p.device.index for p in params if p.device.type == "cuda"}
+    if any(p.device.type == "meta" for p in params):
+        devs |= {d.index if d.index is not None else torch.cuda.current_device()
+                 for d in execution_devices(model) if d.type == "cuda"}
+    return sorted(devs)
 
 
 @contextlib.contextmanager

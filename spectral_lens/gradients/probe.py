@@ -50,6 +50,7 @@ from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .registry import fast_path_for
 from .._deepspeed import is_zero3, refuse_zero3_params, whole_shape, zero3_partitioned
+from .._offload import offload_device, offloaded_names, offloading_modules, refuse_offloaded, untied_names
 from ._measurable import (ATTENTION_OUTPUT_PATTERNS, _refuse_recording_opacus_hooks, _refuse_scripted, _resolve_params,
                           default_gradient_param, refuse_fsdp, refuse_parallel_wrapper, refuse_unfit_defaults)
 
@@ -266,6 +267,7 @@ class PerSampleGradientProbe:
         self._wrappers: dict[str, nn.Module] = {}
         self._copies: dict[str, str] = {}
         self._untraceable: dict[str, str] = {}  # peft layers whose forward torch.func.vmap cannot trace (LoHa)
+        self._offloading: list[str] = []  # modules whose Accelerate hook offloads their weights
         self._adapters: tuple[str, ...] | None = None  # a PeftModel's adapter names: add_adapter may add wrappers
         self.reset()
         if model is not None:
@@ -285,10 +287,12 @@ class PerSampleGradientProbe:
         self._copies = saved_copies(model, self._wrappers)
         self._adapters = adapter_names(model)
         self._untraceable = vmap_untraceable(model)
+        self._offloading = offloading_modules(model)
         self.sites = {n: self._site(n) for n in params}
         self.engines_ = {n: self._choose_engine(n) for n in params}
         refuse_fsdp(model, self.engines_)
         refuse_tensor_parallel_params(model, params)
+        refuse_offloaded(model, self.engines_)  # Accelerate's meta placeholders: the fast engine only
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
         self.reset()
 
@@ -320,6 +324,7 @@ class PerSampleGradientProbe:
         """Unbind the probe from its model and forget every sample (idempotent)."""
         self.model, self.params, self.sites, self.engines_ = None, {}, {}, {}
         self._wrappers, self._copies, self._untraceable, self._adapters = {}, {}, {}, None
+        self._offloading = []
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
         self.reset()
 
@@ -352,7 +357,7 @@ class PerSampleGradientProbe:
             self._rescan_peft()
         elif self._wrappers:
             self._follow_adapter()
-        changed = {}
+        changed, placeholders = {}, {}
         for name, old in self.params.items():
             path, _, local = name.rpartition(".")
             mod = self.model
@@ -361,6 +366,12 @@ class PerSampleGradientProbe:
                 mod = mod._modules[part] if isinstance(mod, nn.Module) and part in mod._modules else None
             new = getattr(mod, local, None)
             if new is old and mod is self.sites[name][0]:
+                continue
+            if (mod is self.sites[name][0] and isinstance(new, nn.Parameter) and new.device.type == old.device.type
+                    == "meta" and new.shape == old.shape and new.dtype == old.dtype and offloaded_names(self.model, [name])):
+                # Accelerate's offloading hook puts a new meta placeholder back after every forward: the same
+                # weight (its value in the hook's store), not a replaced one
+                placeholders[name] = new
                 continue
             if is_peft(mod) and mod is not self.sites[name][0] and not rescanned:  # a peft layer or wrapper now
                 self._rescan_peft()
@@ -381,6 +392,7 @@ class PerSampleGradientProbe:
                     f"probe's {self.n_samples_} samples were taken, and {why}; call reset() first"
                 )
             changed[name] = (mod, local, new)
+        self.params.update(placeholders)
         for name, (mod, local, new) in changed.items():
             self.params[name], self.sites[name] = new, (mod, local)
         for name in changed:
@@ -441,19 +453,27 @@ class PerSampleGradientProbe:
     def _choose_engine(self, name: str) -> str:
         """The engine of parameter ``name``. In a PEFT model with layers whose forward ``torch.func.vmap``
         cannot trace (LoHa: ``self._untraceable``), ``"auto"`` takes the loop where it would take ``vmap``
-        (no failed attempt, no warning) and ``engine="vmap"`` is refused here, before any pass."""
+        (no failed attempt, no warning) and ``engine="vmap"`` is refused here, before any pass; likewise in a
+        model with modules offloaded by Accelerate (``self._offloading``), where a weight tied to another one
+        before offloading (:func:`~spectral_lens._offload.untied_names`) is not given the fast path."""
         if self.engine == "loop":
             return "loop"
         if self.engine == "vmap":
             if self._untraceable:
                 self._refuse_vmap(name)
+            if self._offloading:
+                self._refuse_vmap_offloaded()
             return "vmap"
         mod, local = self.sites[name]
         shared = self._shared(name)
         reason = None
         coupled = self._batch_statistics()
+        untied = untied_names(self.model, name)
         if len(shared) > 1:
             reason = f"it is shared by {shared} (tied weights: the fast path sees one use only)"
+        elif untied:
+            reason = (f"it is tied to {untied}, offloaded by Accelerate as separate placeholders (tied weights: the "
+                      "fast path sees one use only)")
         elif fast_path_for(mod, local) is None:
             reason = f"no fast path is registered for {type(mod).__name__}.{local}"
         elif coupled:
@@ -464,9 +484,19 @@ class PerSampleGradientProbe:
         if reason is None:
             return "fast"
         if self.engine == "fast":
-            other = "'loop'" if self._untraceable else "'vmap'"
+            other = "'loop'" if self._untraceable or self._offloading else "'vmap'"
             raise ValueError(f"engine='fast' impossible for {name}: {reason}; use engine='auto' or {other}")
-        return "loop" if self._untraceable else "vmap"
+        return "loop" if self._untraceable or self._offloading else "vmap"
+
+    def _refuse_vmap_offloaded(self) -> None:
+        """``ValueError`` for ``engine="vmap"`` in a model with modules offloaded by Accelerate."""
+        raise ValueError(
+            f"PerSampleGradientProbe: engine='vmap' impossible for {type(self.model).__name__}: Accelerate offloads the "
+            f"weights of {self._offloading[:3]}{' and more' if len(self._offloading) > 3 else ''} (meta placeholders "
+            "that its hooks replace inside each forward), which torch.func.functional_call cannot trace; use "
+            "engine='auto' (the fast path where one is registered, the per-sample loop on weights that are not "
+            "offloaded) or 'loop' (docs/guide-multi-gpu.md, Models dispatched by Accelerate)"
+        )
 
     def _refuse_vmap(self, name: str) -> None:
         """``ValueError`` for ``engine="vmap"`` in a model with a layer whose forward vmap cannot trace."""
@@ -572,8 +602,10 @@ class PerSampleGradientProbe:
 
     @property
     def device(self) -> torch.device:
-        """Device of the first probed parameter (batches are moved there)."""
-        return next(iter(self.params.values())).device
+        """Device of the first probed parameter (batches are moved there); for a weight offloaded by Accelerate
+        (a meta placeholder between forwards), the execution device its hook materializes it on."""
+        name, p = next(iter(self.params.items()))
+        return (offload_device(self.model, name) or p.device) if p.device.type == "meta" else p.device
 
     # ----------------------------------------------------------------------------- state
     def reset(self) -> "PerSampleGradientProbe":
@@ -623,10 +655,11 @@ class PerSampleGradientProbe:
         if self.train_mode:
             _refuse_recording_opacus_hooks(self.model)
         modes = [(m, m.training) for m in self.model.modules()]
-        flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        named = list(self.model.named_parameters())
+        flags = [(p, p.requires_grad) for _, p in named]
         self._every = [p for p, _ in flags]  # the fast engine's flag switching reuses the list per chunk
         dev = self.device
-        devices = sorted({p.device.index for p in self.model.parameters() if p.device.type == "cuda"})
+        devices = cuda_devices(self.model)
         cast = measurement_autocast(dev, self.autocast_dtype)
         try:
             with forked_rng(devices), preserved_buffers(self.model) as self._rewind_buffers, \
@@ -642,6 +675,15 @@ class PerSampleGradientProbe:
                 m.training = training
             for p, flag in flags:
                 p.requires_grad_(flag)
+            # Accelerate's offloading hooks put a new meta placeholder in place of each offloaded parameter
+            # after every forward, created with the flag it had during the pass (the engines' False): the
+            # flag is restored on the parameter the model holds now, too
+            if any(p.is_meta for p, _ in flags):
+                live = dict(self.model.named_parameters())
+                for (n, p), (_, flag) in zip(named, flags):
+                    q = live.get(n)
+                    if q is not None and q is not p and q.requires_grad != flag:
+                        q.requires_grad_(flag)
 
     def _parameter_versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in self.model.parameters())
@@ -687,9 +729,10 @@ class PerSampleGradientProbe:
             for k, why in not_called.items():
                 if self.engine == "fast":
                     raise ValueError(f"engine='fast' impossible for {k}: {why}; use engine='auto' or 'vmap'")
-                self.engines_[k] = "vmap"
-            if not_called:  # the vmap engine cannot measure a ZeRO-3 parameter: refused before its pass
+                self.engines_[k] = "loop" if self._offloading else "vmap"  # vmap cannot trace Accelerate's hooks
+            if not_called:  # the vmap engine cannot measure a ZeRO-3 or offloaded parameter: refused before its pass
                 refuse_zero3_params(self.params, self.engines_)
+                refuse_offloaded(self.model, self.engines_)
         forward_fn, loss_fn = self._loss_fns()  # decided by now (by the fast engine's forward, or before)
         for kind in ("vmap", "loop"):
             todo = {k: self.params[k] for k, e in self.engines_.items() if e == kind and k not in rows}
@@ -741,6 +784,7 @@ class PerSampleGradientProbe:
         self._require_model("update()")
         self._follow_params()
         dev = self.device
+        refuse_offloaded(self.model, self.engines_)  # offloaded after binding
         if dev.type == "meta":
             name = next(iter(self.params))
             raise RuntimeError(
