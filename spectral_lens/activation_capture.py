@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ._compute import _spectrum_of
+from ._pipeline import metadata_inference
 from .accumulate import ActivationCovarianceAccumulator
 from .background import SolveFuture, submit
 from .capture import (HookSet, Target, _FEEDING, check_pick, display_name, pick_tensor, select_modules,
@@ -202,7 +203,8 @@ class _Feed:
     Inside another measurement's pass (a lens's activation pass, a probe's update:
     :func:`~spectral_lens.capture.measurement_pass`) it reads nothing, nor in a forward that
     ``torch.func`` transforms or ``torch.jit.trace`` / ``torch.export`` trace
-    (:func:`~spectral_lens.capture.transformed_forward`).
+    (:func:`~spectral_lens.capture.transformed_forward`), nor in a pipeline stage's metadata inference
+    (``torch.distributed.pipelining``: a first microbatch run again, or uninitialized tensors).
     """
 
     __slots__ = ("capture", "acc", "pick", "where")
@@ -219,6 +221,8 @@ class _Feed:
         if transformed_forward():  # torch.func / jit.trace / export: no real rows, and nothing to record
             return
         if recomputed_forward():  # activation checkpointing's recomputation: these rows were read already
+            return
+        if metadata_inference():  # a pipeline stage's shape inference: a repeated microbatch, or torch.empty rows
             return
         self.acc.update(pick_tensor(output, self.pick, self.where), mask=self.capture._mask)
 
