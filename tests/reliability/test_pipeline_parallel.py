@@ -311,3 +311,102 @@ def test_measuring_a_stage_leaves_pipeline_training_unchanged(results):
     for r in _got(results, "training_unchanged"):
         assert r == {"losses": True, "params": True, "grads": True, "optimizer": True, "training": True,
                      "rng": True, "hooks": 0}, r
+
+
+# ---------------------------------------------------------------- Interleaved1F1B: two stages on each rank
+def _interleaved(rank: int) -> dict:
+    """``sl.attach`` on both of a rank's stage modules (one block each: stage ``s`` holds ``h.s``, stages 0 and 2
+    on rank 0, 1 and 3 on rank 1) around ``ScheduleInterleaved1F1B`` training steps and forward-only steps."""
+    from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B
+
+    modules, stages = [], []
+    for index in (rank, rank + WORLD):
+        module = _plain()
+        for key in list(module.h.keys()):
+            if int(key) != index:
+                del module.h[key]
+        module.wte = module.wte if index == 0 else None
+        module.head = module.head if index == N_LAYERS - 1 else None
+        modules.append(module)
+        stages.append(PipelineStage(module, index, N_LAYERS, torch.device("cpu")))
+    schedule = ScheduleInterleaved1F1B(stages, n_microbatches=MICROBATCHES, loss_fn=_loss)
+    out = {}
+    for train in (True, False):
+        captures = [sl.attach(m, "h.*", precision="float64") for m in modules]
+        for batch in _pool():
+            _run(schedule, rank, batch, train=train)
+        for c in captures:
+            c.remove()
+        out["train" if train else "eval"] = {k: v for c in captures for k, v in _values(c.compute()).items()}
+    out["hooks"] = sum(_hooks(m) for m in modules)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results_interleaved(tmp_path_factory) -> dict:
+    return run_gloo_cases(tmp_path_factory.mktemp("pipeline_interleaved"), {"interleaved": _interleaved}, WORLD,
+                          pg_timeout_s=PG_TIMEOUT_S, join_s=JOIN_S, preload="torch.distributed.pipelining")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_attach_under_an_interleaved_schedule_reads_each_microbatch_once(results_interleaved):
+    """The second stage of a rank gets its metadata from the first on the same rank (uninitialized tensors
+    too): not read either."""
+    want = _reference()
+    got = checked_case(results_interleaved, "interleaved", None)
+    assert [r["error"] for r in got] == [None] * WORLD, got
+    for rank, r in enumerate(r["value"] for r in got):
+        held = _of(want, f"h.{rank}", f"h.{rank + WORLD}")
+        for mode in ("train", "eval"):
+            _assert_spectra({f"act:{k}": v for k, v in r[mode].items()}, held, f"rank {rank}, interleaved {mode}")
+        assert r["hooks"] == 0, r
+
+
+# ---------------------------------------------------------------- 4 ranks: 2 pipelines of 2 stages, (pp, dp)
+def _pp_dp(rank: int) -> dict:
+    """A ``(pp, dp)`` mesh: ranks 0 and 1 hold stage 0, ranks 2 and 3 stage 1; the pipelines are [0, 2] and
+    [1, 3]. The default group (the world) would split the pool across the stages: refused when the lens is
+    built. The data-parallel group splits the pool across the two pipelines (each runs its share through
+    its schedule) and sums each stage's rows over them; every rank gets every stage's spectra."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    pp = mesh["pp"].get_local_rank()
+    module = _stage_module(pp)
+    stage = PipelineStage(module, pp, 2, torch.device("cpu"), group=mesh["pp"].get_group())
+    schedule = ScheduleGPipe(stage, n_microbatches=MICROBATCHES, loss_fn=_loss)
+    forward_fn = _forward_fn(schedule, pp)
+    out = {}
+    try:
+        SpectralLens(module, _pool(), layers="all", params=(), forward_fn=forward_fn)
+        out["world"] = None
+    except ValueError as exc:
+        out["world"] = str(exc)
+    for key, pool in (("dp", _pool()), ("dp_3", _pool(3))):
+        lens = SpectralLens(module, pool, layers="all", params=(), precision="float64", mask_fn=None, progress=False,
+                            forward_fn=forward_fn, group=mesh["dp"].get_group())
+        out[key] = _values(lens.measure(1, 1).spectra)
+    out["hooks"] = _hooks(module)
+    return out
+
+
+@pytest.fixture(scope="module")
+def results_4(tmp_path_factory) -> dict:
+    return run_gloo_cases(tmp_path_factory.mktemp("pipeline_4"), {"pp_dp": _pp_dp}, 4, pg_timeout_s=PG_TIMEOUT_S,
+                          join_s=JOIN_S, preload="torch.distributed.pipelining")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pipelines_with_data_parallel_replicas_need_the_data_parallel_group(results_4):
+    got = checked_case(results_4, "pp_dp", None)
+    assert [r["error"] for r in got] == [None] * 4, got
+    for rank, r in enumerate(r["value"] for r in got):
+        assert r["world"] is not None and r["world"].startswith(f"SpectralLens: the model is stage {rank // 2} of 2"), r
+        assert f"holds the pipeline's ranks {[rank % 2, rank % 2 + 2]} together with other ranks" in r["world"], r
+        assert "device_mesh['dp'].get_group()" in r["world"], r["world"]
+        _assert_spectra(r["dp"], _reference(), f"rank {rank}, group= the dp group")
+        _assert_spectra(r["dp_3"], _reference(3), f"rank {rank}, group= the dp group, 3 batches")
+        assert r["hooks"] == 0, r
