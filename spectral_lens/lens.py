@@ -167,7 +167,11 @@ class SpectralLens:
             (``parallelize_module``): a group that is exactly one replica's tensor-parallel ranks
             measures as one process (every rank runs every batch, rows not summed twice, the ranks'
             rows compared after the pass); for a ``(dp, tp)`` mesh pass the data-parallel group
-            (``mesh["dp"].get_group()``); a group mixing both is refused. See the guide's sections.
+            (``mesh["dp"].get_group()``); a group mixing both is refused. A pipeline stage's module
+            (``torch.distributed.pipelining``): pass a ``forward_fn`` that runs one batch through the
+            schedule, called by every rank of the pipeline together, and ``params=()``; every rank of the
+            pipeline runs every batch (with a ``(pp, dp)`` mesh pass the data-parallel group), measures the
+            layers its stage holds and gets every stage's spectra. See the guide's sections.
 
     Measuring leaves the model's train/eval mode, gradients, buffers, hooks and the global RNG
     streams (torch CPU/CUDA, Python ``random``, numpy) as they were; iterating the pools is part of
@@ -307,8 +311,6 @@ class SpectralLens:
         chosen = layers is None or (isinstance(layers, str) and layers == "all")  # the lens picks the blocks
         stage = self._pipeline_stage(model)
         self._stage, self._missing = stage, []
-        if stage is not None:  # pipeline parallelism: the layers this stage holds (maybe none)
-            layers, self._missing = self._stage_layers(model, stage, layers)
         if is_encoder_decoder(model) and (chosen or self.forward_fn is default_forward):
             raise ValueError(
                 f"SpectralLens: {type(model).__name__} is an encoder-decoder model (config.is_encoder_decoder); the "
@@ -317,8 +319,8 @@ class SpectralLens:
                 "its input), and probe=PerSampleGradientProbe(params=..., forward_fn=..., loss_fn=...) with an "
                 "unshifted loss, or params=() to measure activations only"
             )
-        if stage is not None:
-            pass
+        if stage is not None:  # pipeline parallelism: the layers this stage holds (maybe none)
+            layers, self._missing = self._stage_layers(model, stage, layers)
         elif layers is None or chosen:
             layers = deepest_block(model) if layers is None else all_blocks(model)
             select_modules(model, layers)  # e.g. a block shared with another (ALBERT): refused now, not when measuring
