@@ -180,6 +180,21 @@ def _lens(rank: int) -> dict:
     return out
 
 
+def _traced(rank: int) -> dict:
+    """The tracing frontend: ``pipeline()`` with a ``SplitPoint`` before ``h.2``, ``build_stage``; the stage
+    modules keep the model's names. A lens on each, every batch through the schedule."""
+    from torch.distributed.pipelining import ScheduleGPipe, SplitPoint, build_stage, pipeline
+
+    x, _ = _pool()[0]
+    pipe = pipeline(_plain(), mb_args=(x[: len(x) // MICROBATCHES],), split_spec={"h.2": SplitPoint.BEGINNING})
+    module = pipe.get_stage_module(rank)
+    schedule = ScheduleGPipe(build_stage(module, rank, pipe.info(), torch.device("cpu")), n_microbatches=MICROBATCHES,
+                             loss_fn=_loss)
+    lens = SpectralLens(module, _pool(), layers="h.*", params=(), precision="float64", mask_fn=None, progress=False,
+                        forward_fn=_forward_fn(schedule, rank))
+    return {"spectra": _values(lens.measure(1, 1).spectra), "hooks": _hooks(module)}
+
+
 def _train(rank: int, measure: bool) -> tuple:
     """Three AdamW steps through the GPipe schedule (dropout on), a measurement between each step's backward and
     optimizer step when ``measure``; the losses, parameters, grads, optimizer state, modes and RNG afterwards."""
@@ -221,6 +236,7 @@ CASES = {  # the refusals first: on the old code, the later cases leave the rank
     "refused": _refused,
     "attached": _attached,
     "lens": _lens,
+    "traced": _traced,
     "training_unchanged": _training_unchanged,
 }
 
@@ -303,6 +319,13 @@ def test_the_lens_runs_the_pool_through_the_schedule_and_every_rank_gets_every_s
         _assert_spectra(r["default"], _of(want, "h.3"), f"rank {rank}, the default layer")
         _assert_spectra(r["all_3"], _reference(3), f"rank {rank}, 3 batches")
         assert r["nowhere"] is not None and "['h.9'] match no module of any pipeline stage" in r["nowhere"], r["nowhere"]
+        assert r["hooks"] == 0, r
+
+
+@pytest.mark.distributed
+def test_the_lens_measures_the_stages_of_a_traced_pipeline(results):
+    for rank, r in enumerate(_got(results, "traced")):
+        _assert_spectra(r["spectra"], _reference(), f"rank {rank}, pipeline() split")
         assert r["hooks"] == 0, r
 
 
