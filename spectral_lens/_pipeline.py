@@ -115,18 +115,20 @@ def whole_pipeline(stage, group, who: str = "SpectralLens") -> bool:
     )
 
 
-def merge_stages(stage, spectra: dict, missing: list, layers_spec) -> dict:
+def merge_stages(stage, spectra: dict, missing: list, layers_spec, blocks: int) -> tuple[dict, int]:
     """Every stage's spectra on every rank of the pipeline (one ``all_gather_object`` over its group), so
     that each measurement, and the record rank 0 writes, holds the whole model's layers. ``missing``: the
     targets of ``layers=`` that match no module of this stage; one that matches none on any stage, or a
-    name measured on two stages, is a ``ValueError`` on every rank (all see the same gathered lists)."""
+    name measured on two stages, is a ``ValueError`` on every rank (all see the same gathered lists).
+    ``blocks``: how many blocks this stage holds; returns the spectra and the whole model's depth (the
+    default tail window's scale rule)."""
     import torch.distributed as dist
 
     group = stage.group
     gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, (stage.stage_index, spectra, missing), group=group)
+    dist.all_gather_object(gathered, (stage.stage_index, spectra, missing, blocks), group=group)
     merged: dict = {}
-    for index, theirs, _ in sorted(gathered, key=lambda g: g[0]):
+    for index, theirs, _, _ in sorted(gathered, key=lambda g: g[0]):
         twice = sorted(set(merged) & set(theirs))
         if twice:
             raise ValueError(
@@ -134,13 +136,13 @@ def merge_stages(stage, spectra: dict, missing: list, layers_spec) -> dict:
                 "each stage's modules must have names of their own (as the unsplit model's)"
             )
         merged.update(theirs)
-    nowhere = [t for t in missing if all(t in theirs_missing for _, _, theirs_missing in gathered)]
+    nowhere = [t for t in missing if all(t in theirs_missing for _, _, theirs_missing, _ in gathered)]
     if nowhere:
         raise ValueError(
             f"SpectralLens layers={layers_spec!r}: {nowhere} match no module of any pipeline stage; "
             "every stage resolves the layers it holds"
         )
-    return merged
+    return merged, sum(g[3] for g in gathered)
 
 
 def stage_blocks(model: nn.Module) -> list[str]:

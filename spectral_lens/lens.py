@@ -297,6 +297,7 @@ class SpectralLens:
         self._owns_probe = False  # whether _bind attached or built the probe (detach unbinds only such a one)
         self.history: list[LensMeasurement] = []
         self._stage, self._missing = None, []  # the pipeline stage holding the model (_bind), the layers it lacks
+        self._depth = 0  # under pipeline parallelism: the blocks of all stages (counted at each measurement)
         if model is not None:
             self._bind(model)
 
@@ -436,6 +437,8 @@ class SpectralLens:
         if self.writer is not None:
             tail = tail if tail is not None else getattr(self.writer, "tail_window", None)
             head = head if head is not None else getattr(self.writer, "head_window", None)
+        if tail is None and self._stage is not None and self._depth:  # a pipeline stage: the whole model's depth
+            tail = tail_window(self._depth)
         if tail is None:
             try:
                 tail = tail_window(len(all_blocks(self._require_model())))
@@ -485,7 +488,9 @@ class SpectralLens:
             error = exc  # the ranks of the other stages wait in the merge: agreed over the pipeline
         if not whole:
             agree(stage.group, error, "the activation pass of a pipeline stage (with its data-parallel group)")
-        return _pipeline.merge_stages(stage, spectra, self._missing, self.layers_spec)
+        spectra, self._depth = _pipeline.merge_stages(stage, spectra, self._missing, self.layers_spec,
+                                                      len(_pipeline.stage_blocks(self.model)))
+        return spectra
 
     def _activation_spectra(self, whole_pipeline: bool) -> dict[str, Spectrum]:
         model = self._require_model()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import spectral_lens as sl
-from spectral_lens import PerSampleGradientProbe, SpectralLens
+from spectral_lens import PerSampleGradientProbe, SpectralLens, tail_window
 
 from support.ranks import checked_case, run_gloo_cases
 
@@ -177,6 +177,12 @@ def _lens(rank: int) -> dict:
     except ValueError as exc:
         out["nowhere"] = str(exc)
     out["hooks"] = _hooks(module)
+    deep = _plain()  # 24 blocks, 12 on each stage: the default tail window follows the whole model's depth
+    deep.h = nn.ModuleDict({str(i): _Block(8, 0.0).double() for i in range(12 * rank, 12 * rank + 12)})
+    deep.wte, deep.head = (deep.wte, None) if rank == 0 else (None, deep.head)
+    lens = SpectralLens(deep, _pool(1), layers="all", params=(), mask_fn=None, progress=False,
+                        forward_fn=_forward_fn(_schedule(deep, rank), rank))
+    out["deep"] = {"layers": len(lens.measure(1, 1).spectra), "tail_window": list(lens._windows()[0])}
     return out
 
 
@@ -319,6 +325,7 @@ def test_the_lens_runs_the_pool_through_the_schedule_and_every_rank_gets_every_s
         _assert_spectra(r["default"], _of(want, "h.3"), f"rank {rank}, the default layer")
         _assert_spectra(r["all_3"], _reference(3), f"rank {rank}, 3 batches")
         assert r["nowhere"] is not None and "['h.9'] match no module of any pipeline stage" in r["nowhere"], r["nowhere"]
+        assert r["deep"] == {"layers": 24, "tail_window": list(tail_window(24))}, r["deep"]  # not tail_window(12)
         assert r["hooks"] == 0, r
 
 
