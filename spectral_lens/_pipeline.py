@@ -49,8 +49,8 @@ def metadata_inference() -> bool:
 def pipeline_stage(model: nn.Module):
     """The pipeline stage object (``PipelineStage``, or the stage ``build_stage`` makes from a ``pipeline()``
     split) whose ``submod`` is ``model``, or ``None``; only looked for once ``torch.distributed.pipelining``
-    is imported. Several such stages (a schedule's stage built twice over one module) count as one: the
-    same module, stage index and pipeline."""
+    is imported and a process group is up. Found through the module's referrers (``gc``: one scan of the
+    heap's tracked objects, when a lens or a probe is built)."""
     if "torch.distributed.pipelining.stage" not in sys.modules:
         return None
     import torch.distributed as dist
