@@ -22,7 +22,6 @@ import functools
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -124,7 +123,7 @@ def _refused(rank: int) -> dict:
     """A lens with the default forward, a lens with a probed matrix, and a probe on a stage: refused when built,
     on every stage, without a collective (nothing to hang on)."""
     module = _stage_module(rank)
-    schedule = _schedule(module, rank)  # noqa: F841 - the stage holds the module while the lens is built
+    schedule = _schedule(module, rank)  # the stage holds the module while the lens is built
     mine = f"h.{2 * rank}.fc.weight"
     errors = []
     for build in (lambda: SpectralLens(module, _pool(), layers="all", params=()),
@@ -189,7 +188,12 @@ def _lens(rank: int) -> dict:
 def _traced(rank: int) -> dict:
     """The tracing frontend: ``pipeline()`` with a ``SplitPoint`` before ``h.2``, ``build_stage``; the stage
     modules keep the model's names. A lens on each, every batch through the schedule."""
-    from torch.distributed.pipelining import ScheduleGPipe, SplitPoint, build_stage, pipeline
+    from torch.distributed.pipelining import (
+        ScheduleGPipe,
+        SplitPoint,
+        build_stage,
+        pipeline,
+    )
 
     x, _ = _pool()[0]
     pipe = pipeline(_plain(), mb_args=(x[: len(x) // MICROBATCHES],), split_spec={"h.2": SplitPoint.BEGINNING})
