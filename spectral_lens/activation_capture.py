@@ -17,6 +17,7 @@ from . import _compiled_feed as compiled_feed
 from ._blocks import block_hidden_states
 from ._compute import _spectrum_of
 from ._layout import channels_first, refuse_channels_first
+from ._pipeline import metadata_inference
 from .accumulate import ActivationCovarianceAccumulator
 from .background import SolveFuture, submit
 from .capture import (HookSet, Target, _FEEDING, check_pick, display_name, pick_tensor, select_modules,
@@ -212,7 +213,8 @@ class _Feed:
     Inside another measurement's pass (a lens's activation pass, a probe's update:
     :func:`~spectral_lens.capture.measurement_pass`) it reads nothing, nor in a forward that
     ``torch.func`` transforms or ``torch.jit.trace`` / ``torch.export`` trace
-    (:func:`~spectral_lens.capture.transformed_forward`).
+    (:func:`~spectral_lens.capture.transformed_forward`), nor in a pipeline stage's metadata inference
+    (``torch.distributed.pipelining``: a first microbatch run again, or uninitialized tensors).
     Under ``torch.compile`` the hook is traced as one operator call (:mod:`spectral_lens._compiled_feed`)
     whose body runs :meth:`feed` with the real tensor: no graph break, also under ``fullgraph=True``.
     """
@@ -240,10 +242,12 @@ class _Feed:
         return rows
 
     def _skips(self) -> bool:
-        """Whether this forward is not the user's: another measurement's pass (measurement_pass), or
-        activation checkpointing's recomputation (the rows were read in the first forward)."""
+        """Whether this forward is not the user's: another measurement's pass (measurement_pass),
+        activation checkpointing's recomputation (the rows were read in the first forward), or a pipeline
+        stage's metadata inference."""
         owner = _FEEDING.get()
-        return (owner is not None and owner is not self.capture) or recomputed_forward()
+        return ((owner is not None and owner is not self.capture) or recomputed_forward()
+                or metadata_inference())  # a pipeline stage's shape inference: a repeated microbatch, or torch.empty rows
 
     def _from_graph(self, rows: torch.Tensor) -> None:
         if compiled_feed.available():

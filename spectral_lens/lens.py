@@ -30,7 +30,8 @@ from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_bl
 from ._pools import attention_mask, sharded_pool, unfixed_pool
 from ._progress import progress_bar, sized_total
 from ._tensor_parallel import check_replicated, one_replica
-from .activation_capture import attach
+from . import _pipeline
+from .activation_capture import ActivationCapture, attach
 from .attachment import Attachment
 from ._warnings import NonFiniteError
 from .capture import (Target, check_pick, eager_forwards, measurement_autocast, measurement_pass, select_modules,
@@ -169,7 +170,11 @@ class SpectralLens:
             (``parallelize_module``): a group that is exactly one replica's tensor-parallel ranks
             measures as one process (every rank runs every batch, rows not summed twice, the ranks'
             rows compared after the pass); for a ``(dp, tp)`` mesh pass the data-parallel group
-            (``mesh["dp"].get_group()``); a group mixing both is refused. See the guide's sections.
+            (``mesh["dp"].get_group()``); a group mixing both is refused. A pipeline stage's module
+            (``torch.distributed.pipelining``): pass a ``forward_fn`` that runs one batch through the
+            schedule, called by every rank of the pipeline together, and ``params=()``; every rank of the
+            pipeline runs every batch (with a ``(pp, dp)`` mesh pass the data-parallel group), measures the
+            layers its stage holds and gets every stage's spectra. See the guide's sections.
 
     Measuring leaves the model's train/eval mode, gradients, buffers, hooks and the global RNG
     streams (torch CPU/CUDA, Python ``random``, numpy) as they were; iterating the pools is part of
@@ -294,6 +299,8 @@ class SpectralLens:
         self.probe: PerSampleGradientProbe | None = probe
         self._owns_probe = False  # whether _bind attached or built the probe (detach unbinds only such a one)
         self.history: list[LensMeasurement] = []
+        self._stage, self._missing = None, []  # the pipeline stage holding the model (_bind), the layers it lacks
+        self._depth = 0  # under pipeline parallelism: the blocks of all stages (counted at each measurement)
         if model is not None:
             self._bind(model)
 
@@ -306,6 +313,8 @@ class SpectralLens:
         one_replica(model, self.group)  # tensor parallelism: a group that would split its ranks' batches is refused now
         layers = self.layers_spec
         chosen = layers is None or (isinstance(layers, str) and layers == "all")  # the lens picks the blocks
+        stage = self._pipeline_stage(model)
+        self._stage, self._missing = stage, []
         if is_encoder_decoder(model) and (chosen or self.forward_fn is default_forward):
             raise ValueError(
                 f"SpectralLens: {type(model).__name__} is an encoder-decoder model (config.is_encoder_decoder); the "
@@ -314,7 +323,9 @@ class SpectralLens:
                 "its input), and probe=PerSampleGradientProbe(params=..., forward_fn=..., loss_fn=...) with an "
                 "unshifted loss, or params=() to measure activations only"
             )
-        if layers is None or chosen:
+        if stage is not None:  # pipeline parallelism: the layers this stage holds (maybe none)
+            layers, self._missing = self._stage_layers(model, stage, layers)
+        elif layers is None or chosen:
             layers = deepest_block(model) if layers is None else all_blocks(model)
             select_modules(model, layers)  # e.g. a block shared with another (ALBERT): refused now, not when measuring
         elif _names_modules(layers):  # module objects: their names in this model (or a clear error now)
@@ -337,6 +348,52 @@ class SpectralLens:
             probe, owns = PerSampleGradientProbe(model, self.params_spec), True
         self.model, self.layers, self.probe, self._owns_probe = model, layers, probe, owns
         self._pick = block_hidden_states if chosen and self.pick is None else self.pick
+
+    def _pipeline_stage(self, model: nn.Module):
+        """The pipeline stage (``torch.distributed.pipelining``) that holds ``model``, checked against the lens's
+        options; ``None`` without pipeline parallelism."""
+        stage = _pipeline.pipeline_stage(model)
+        if stage is None or stage.num_stages < 2:
+            return None
+        where = _pipeline.describe(stage)
+        _pipeline.whole_pipeline(stage, self.group)  # a group splitting the pool across stages: refused now
+        if self.forward_fn is default_forward:
+            raise ValueError(
+                f"SpectralLens: the model is {where}; the lens's default forward would call this stage's "
+                "module on the pool's batches alone (token ids fed to a middle slice). Pass forward_fn= that "
+                "runs one pool batch through your schedule, called on every rank of the pipeline in lockstep, "
+                "e.g. lambda m, b: schedule.eval(b[0]) on the first stage, schedule.eval(target=b[1]) on the "
+                "last (with a loss_fn) and schedule.eval() between; with params=() (the gradient protocol "
+                "needs the whole pipeline). Or attach a capture to the stage's layers around your own "
+                "schedule steps: sl.attach(stage_module, layers) (the multi-GPU guide's pipeline section)"
+            )
+        no_grad = isinstance(self.params_spec, (list, tuple)) and len(self.params_spec) == 0
+        if self.probe is not None or not no_grad:
+            _pipeline.refuse_probe(model, "SpectralLens")
+        return stage
+
+    @staticmethod
+    def _stage_layers(model: nn.Module, stage, layers) -> tuple[list[str], list[str]]:
+        """The names of ``layers`` that this pipeline stage holds and the targets it holds none of (another
+        stage may). ``None``: the deepest block, on the last stage; ``"all"``: every block of every stage."""
+        if layers is None or (isinstance(layers, str) and layers == "all"):
+            blocks = _pipeline.stage_blocks(model)
+            if layers is not None:
+                return blocks, []
+            if stage.stage_index != stage.num_stages - 1:
+                return [], []
+            if not blocks:
+                raise ValueError(f"SpectralLens: the last pipeline stage ({type(model).__name__}) holds no block to "
+                                 "measure by default (the model's deepest block); pass layers=")
+            return blocks[-1:], []
+        targets = list(layers) if isinstance(layers, (list, tuple)) else [layers]
+        names, missing = [], []
+        for t in targets:
+            try:
+                names += [n for n, _ in select_modules(model, t)]
+            except ValueError:
+                missing.append(t if isinstance(t, str) else repr(t))
+        return list(dict.fromkeys(names)), missing
 
     def attach(self, model: nn.Module) -> Attachment:
         """Bind a lens built without a model (``SpectralLens(pool=..., ...)``) to ``model``.
@@ -366,7 +423,7 @@ class SpectralLens:
         attached yet); a ``probe=`` the user had attached to the model stays attached (the user's)."""
         if self.probe is not None and self._owns_probe:
             self.probe.detach()
-        self.model, self.layers, self._owns_probe = None, None, False
+        self.model, self.layers, self._owns_probe, self._stage = None, None, False, None
 
     def _require_model(self) -> nn.Module:
         if self.model is None:
@@ -386,6 +443,8 @@ class SpectralLens:
         if self.writer is not None:
             tail = tail if tail is not None else getattr(self.writer, "tail_window", None)
             head = head if head is not None else getattr(self.writer, "head_window", None)
+        if tail is None and self._stage is not None and self._depth:  # a pipeline stage: the whole model's depth
+            tail = tail_window(self._depth)
         if tail is None:
             try:
                 tail = tail_window(len(all_blocks(self._require_model())))
@@ -415,16 +474,43 @@ class SpectralLens:
         pool ran (a failure on one rank makes every rank raise, see :meth:`measure`) and on each
         layer's width, so a rank that got no batch (a pool of fewer batches than ranks) joins the
         sync with zero rows.
+
+        On a pipeline stage (``torch.distributed.pipelining``) every batch runs through the user's
+        ``forward_fn`` on every rank of the pipeline (or, with a data-parallel ``group``, the ranks of this
+        stage split the pool as usual); each rank measures the layers it holds, and every rank returns
+        every stage's spectra (gathered over the pipeline's group).
         """
+        stage = self._stage if self.model is not None else None
+        if stage is None:
+            return self._activation_spectra(False)
+        whole = _pipeline.whole_pipeline(stage, self.group)
+        spectra, error = {}, None
+        try:
+            with _pipeline.grads_set_aside(self.model):  # a schedule's eval() rescales the stage's .grad
+                spectra = self._activation_spectra(whole)
+        except BaseException as exc:  # an interrupt too
+            if whole:  # agreed over the group, which is the pipeline: every rank raises with it
+                raise
+            error = exc  # the ranks of the other stages wait in the merge: agreed over the pipeline
+        if not whole:
+            agree(stage.group, error, "the activation pass of a pipeline stage (with its data-parallel group)")
+        spectra, self._depth = _pipeline.merge_stages(stage, spectra, self._missing, self.layers_spec,
+                                                      len(_pipeline.stage_blocks(self.model)))
+        return spectra
+
+    def _activation_spectra(self, whole_pipeline: bool) -> dict[str, Spectrum]:
         model = self._require_model()
         rank, world = ranks(self.group)
         tp = one_replica(model, self.group)  # tensor parallelism: (group is one replica, its peers' group)
-        lockstep = tp is not None and tp[0]  # every forward a collective of the group: its pools compared as they go
+        # every forward a collective of the group (one tensor-parallel replica; the stages of one pipeline, each
+        # batch through the schedule): its pools compared as they go
+        lockstep = (tp is not None and tp[0]) or whole_pipeline
         if lockstep:
-            rank, world = 0, 1  # one replica: every rank runs every batch, the same rows (not summed)
+            rank, world = 0, 1  # every rank runs every batch; its rows are not summed over the group
         error = None
         try:
-            capture = attach(model, self.layers, pick=self._pick, precision=self.precision)
+            capture = (attach(model, self.layers, pick=self._pick, precision=self.precision) if self.layers != []
+                       else ActivationCapture({}))  # a pipeline stage holding none of the layers
             batches = self._activation_pass(model, capture, rank, world, lockstep)
         except BaseException as exc:  # an interrupt too (Ctrl-C on one rank): agreed below, then re-raised
             error = exc

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .._peft import adapter_names, is_peft, saved_copies, saved_wrappers, vmap_untraceable
+from .._pipeline import refuse_probe as refuse_pipeline_stage
 from .._tensor_parallel import refuse_tensor_parallel_params
 from .._warnings import NonFiniteError
 from ..attachment import Attachment
@@ -280,6 +281,7 @@ class PerSampleGradientProbe:
         refuse_parallel_wrapper(model, "PerSampleGradientProbe")
         model = unwrap_compiled(model)
         _refuse_scripted(model)
+        refuse_pipeline_stage(model, "PerSampleGradientProbe")  # the per-sample loss needs the whole pipeline
         refuse_unfit_defaults(model, forward=self._custom_forward is None, loss=self._custom_loss is None)
         params = _resolve_params(model, self.params_spec)
         self.model, self.params = model, params
