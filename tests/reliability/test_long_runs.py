@@ -236,3 +236,21 @@ def test_compute_async_lets_its_copy_of_the_state_go_before_the_solve(monkeypatc
     values = acc.compute_async().result().values
     assert live[0] - before <= 2, (before, live)
     assert torch.equal(values, acc.compute().values)
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_the_finiteness_check_of_a_square_allocates_no_square(bad):
+    """``all_finite`` (the covariance's, the solve's and the probe's Gram check) reads the smallest and
+    largest entries; ``torch.isfinite(t).all()`` allocated a float copy and three bool masks of ``t``."""
+    from spectral_lens.spectra.eigen import all_finite
+
+    d = 32
+    for dtype in (torch.float64, torch.float32):
+        t = torch.randn(d, d, dtype=dtype, generator=torch.Generator().manual_seed(3)) * 1e30
+        if bad is not None:
+            t[d - 1, 5] = bad
+        with _CountNewSquares(d) as count:
+            finite = all_finite(t)
+        assert count.n == 0
+        assert finite == bool(torch.isfinite(t).all()) == (bad is None)
+    assert all_finite(torch.empty(0, 4))
