@@ -293,6 +293,5 @@ def test_a_lens_with_a_writer_summarizes_each_spectrum_once(tmp_path, monkeypatc
         assert stored == m.summaries
     else:
         assert not any("alpha_head" in s for s in stored.values())
-        assert any("alpha_head" in s for s in m.summaries.values())
         assert {n: {k: v for k, v in s.items() if not k.startswith("alpha_head")} for n, s in m.summaries.items()} \
             == stored
