@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ._warnings import NonFiniteError, NonFiniteRowsWarning
-from .spectra.eigen import eigenvalues_descending
+from .spectra.eigen import all_finite, eigenvalues_descending
 from .spectra.moments import covariance_from_moments
 from .spectrum import Spectrum
 
@@ -98,7 +98,7 @@ def _finite_check(sums: _Sums | None, setup: _Setup, notes: list) -> int:
             + ("" if not setup.low_products else " (finite float32 rows beyond ~1e35 overflow float32 sums "
                "too: for those, use precision='float64')")
         )
-    if sums is not None and first < 0 and not bool(torch.isfinite(sums.s).all()):
+    if sums is not None and first < 0 and not all_finite(sums.s):
         raise NonFiniteError(
             f"{setup.label}: the second moments overflowed to Inf in one of updates #0..#{setup.updates - 1} "
             f"although every row is finite: products of rows exceed the range of the "

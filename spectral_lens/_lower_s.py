@@ -26,8 +26,9 @@ def _symmetric_s(lower: torch.Tensor, pend: np.ndarray | None) -> torch.Tensor:
     """The symmetric float64 ``S`` from a stored ``S`` valid in its lower triangle and the deferred
     re-shift terms ``pend`` (``(2, k, d)``, or ``None``): the terms added, then the lower triangle
     mirrored. Shared by the ``_s`` property and ``compute_async``'s snapshot, so both give the same bits."""
-    if pend is not None:
-        lower = torch.addmm(lower, *_pending_factors(pend, pend.shape[1]))
+    if pend is not None:  # a new matrix of its own: mirrored in place (one d x d allocation fewer)
+        lower = torch.addmm(lower, *_pending_factors(pend, pend.shape[1])).tril_()
+        return lower.add_(lower.tril(-1).t())  # mirror_lower's operations, the same bits
     return mirror_lower(lower)
 
 

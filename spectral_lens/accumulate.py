@@ -454,11 +454,15 @@ class ActivationCovarianceAccumulator:
         pend = self._pend[:, : self._pend_k].copy() if self._pend_k else None
         if s.device.type != "cpu":
             self._s_escaped = True  # a pending copy reads this buffer: never recycle it as the spare
-        host, wait = _host_copies((self._n, self._m, s, self._bad_rows, self._first_bad))
+        copies = [_host_copies((self._n, self._m, s, self._bad_rows, self._first_bad))]
 
         def materialize() -> _Sums:
+            # taken out of the closure: the job's reference to the copy of S is its only one, so the copy is
+            # freed once mirrored, not held through the solve (one d x d matrix less at the peak)
+            host, wait = copies.pop()
             wait()
             n, m, s_host, bad_rows, first_bad = host
+            del host
             return _Sums(n, m, _symmetric_s(s_host, pend) if stale or pend is not None else s_host, bad_rows, first_bad)
 
         return setup, materialize

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..spectra.eigen import all_finite
+
 __all__ = ["NoiseScale", "noise_scale_from_gram"]
 
 
@@ -61,7 +63,7 @@ def noise_scale_from_gram(k: torch.Tensor, source: str | None = None) -> NoiseSc
     if m < 2:
         raise ValueError(f"{where}: needs at least 2 samples, got {m}")
     k = k.to(torch.float64)
-    if not bool(torch.isfinite(k).all()):
+    if not all_finite(k):  # no M x M masks
         raise ValueError(f"{where}: the Gram matrix holds NaN/Inf (non-finite per-sample gradients)")
     small = float(torch.diagonal(k).sum()) / m  # mean |g_m|^2
     big = float(k.sum()) / m**2  # |g_mean|^2

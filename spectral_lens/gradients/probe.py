@@ -31,6 +31,7 @@ from ._isolation import (cuda_devices, forked_rng, preserved_buffers, rng_state,
                          silenced_module_backward_hooks)
 from ._validate import finite_rows, nonfinite_loss_message
 from ..spectrum import Spectrum
+from ..spectra.eigen import all_finite
 from ._batch import _autograd_usable, batch_size, default_forward, map_tensors, plain_batch, slice_batch
 from . import cast_cache
 from .engines import LossScale, fast_engine, loop_engine
@@ -931,7 +932,7 @@ class PerSampleGradientProbe:
         checked the losses and the per-sample gradients finite, so such a matrix means gradients whose
         float64 inner products overflow (a squared norm above ~1.8e308): huge or diverged weights.
         (It failed inside the eigen-solve, with a message naming only the matrix shape.)"""
-        bad = [name for name in self.params if not bool(torch.isfinite(self._gram[name]).all())]
+        bad = [name for name in self.params if not all_finite(self._gram[name])]  # no M x M masks
         if not bad:
             return
         sizes = ((float(p.detach().abs().max()), n) for n, p in self.model.named_parameters() if p.numel())

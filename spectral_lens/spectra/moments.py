@@ -227,9 +227,12 @@ def add_promoted(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.T
 
 def mirror_lower(s: torch.Tensor) -> torch.Tensor:
     """The symmetric matrix whose lower triangle (diagonal included) is ``s``'s; ``s``'s strict upper
-    triangle is ignored (it may hold anything, even NaN). Returns a new tensor."""
+    triangle is ignored (it may hold anything, even NaN). Returns a new tensor.
+
+    Two d x d allocations (the result and the strict lower triangle), not three: the sum is formed in
+    place, with the same bits."""
     low = s.tril()
-    return low + low.tril(-1).t()
+    return low.add_(low.tril(-1).t())
 
 
 def chunk_moments(
@@ -312,7 +315,16 @@ def accumulate_shifted(
 
 
 def covariance_from_moments(n: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Unbiased covariance ``(S - m m^T / n) / (n - 1)`` from shifted sums (float64, symmetrized)."""
+    """Unbiased covariance ``(S - m m^T / n) / (n - 1)`` from shifted sums (float64, symmetrized).
+
+    Two d x d allocations for float64 ``m`` and ``s`` (``m m^T``, reused for each step, and the symmetrized
+    result), not six, so at most two such matrices beside ``s`` at once (three before: at d = 4096 each is
+    128 MiB); the operations and so the bits are the same."""
     n = n.to(torch.float64)
-    cov = (s - torch.outer(m, m) / n) / (n - 1)
-    return 0.5 * (cov + cov.t())
+    if m.dtype != torch.float64 or s.dtype != torch.float64 or m.requires_grad or s.requires_grad:
+        cov = (s - torch.outer(m, m) / n) / (n - 1)  # promotions (and autograd) as they come
+        return 0.5 * (cov + cov.t())
+    cov = torch.outer(m, m).div_(n)
+    torch.sub(s, cov, out=cov)
+    cov.div_(n - 1)
+    return (cov + cov.t()).mul_(0.5)
