@@ -79,8 +79,9 @@ def _row_count(n: torch.Tensor | None, label: str, k: int) -> int:
     if rows < k:
         stance = (" or under torch.compiler.set_stance('force_eager')"  # torch >= 2.6; older ones have no stances
                   if hasattr(torch.compiler, "set_stance") else "")
-        hint = ("" if rows else " (no update reached it: if its module ran inside a torch.compile'd graph "
-                "compiled before the hook was attached, the graph skipped the hook; run the forwards through the "
+        hint = ("" if rows else " (no update reached it: the module did not run, e.g. the model took another "
+                "path around it such as a fused or fallback kernel, or it ran inside a torch.compile'd graph "
+                "compiled before the hook was attached, which skipped the hook; run the forwards through the "
                 f"uncompiled module{stance})")
         raise ValueError(f"{label}: need at least {k} rows, have {rows}{hint}")
     return rows
