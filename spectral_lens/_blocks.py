@@ -20,33 +20,37 @@ def _names_modules(target: Any) -> bool:
     return isinstance(target, (list, tuple, set, frozenset)) and any(isinstance(t, nn.Module) for t in target)
 
 
-def _block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 0]
+def _block_lists(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
+    """Every non-empty ``ModuleList``/``Sequential``/``ModuleDict``: (name, container, its keys in order)."""
+    return [(n, m, list(m.keys()) if isinstance(m, nn.ModuleDict) else [str(i) for i in range(len(m))])
+            for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict)) and len(m)]
 
 
 def all_blocks(model: nn.Module) -> list[str]:
-    """Dotted names of the model's layer stack: the ``ModuleList``/``Sequential`` of same-class,
-    parameterized blocks, preferring homogeneous stacks, then stacks that no other homogeneous stack
-    contains (the experts of a mixture-of-experts layer, or per-head modules, are lists inside a
-    block, never the stack), then ``ModuleList``, then length, then shallowness (``transformer.h``,
-    ``model.layers``, ``blocks``). Pass ``layers=`` when this guesses wrong."""
-    def homogeneous(blocks) -> bool:
+    """Dotted names of the model's layer stack: the ``ModuleList``/``Sequential``/``ModuleDict`` of
+    same-class, parameterized blocks, preferring homogeneous stacks, then stacks that no other homogeneous
+    stack contains (the experts of a mixture-of-experts layer, per-head modules or a PEFT adapter's
+    ``ModuleDict`` are containers inside a block, never the stack), then ``ModuleList``, then length, then
+    shallowness (``transformer.h``, ``model.layers``, ``blocks``; torchtitan's ``layers`` ``ModuleDict``
+    keyed ``"0"``, ``"1"``, ... in depth order). Pass ``layers=`` when this guesses wrong."""
+    def homogeneous(blocks: list) -> bool:
         return len({type(b) for b in blocks}) == 1 and any(True for _ in blocks[0].parameters())
 
-    lists = _block_lists(model)
+    lists = [(name, container, keys, [container[k] if isinstance(container, nn.ModuleDict) else container[int(k)]
+                                      for k in keys]) for name, container, keys in _block_lists(model)]
     if not lists:
         raise ValueError(
-            f"{type(model).__name__}: found no ModuleList/Sequential of blocks; pass layers= explicitly"
+            f"{type(model).__name__}: found no ModuleList/Sequential/ModuleDict of blocks; pass layers= explicitly"
         )
-    stacks = [n for n, m in lists if homogeneous(m)]
+    stacks = [name for name, _, _, blocks in lists if homogeneous(blocks)]
 
     def score(item):
-        name, blocks = item
+        name, container, _, blocks = item
         inside = any(s == "" or name.startswith(s + ".") for s in stacks if s != name)
-        return (homogeneous(blocks), not inside, isinstance(blocks, nn.ModuleList), len(blocks), -name.count("."))
+        return (homogeneous(blocks), not inside, isinstance(container, nn.ModuleList), len(blocks), -name.count("."))
 
-    name, blocks = max(lists, key=score)
-    return [f"{name}.{i}" if name else str(i) for i in range(len(blocks))]
+    name, _, keys, _ = max(lists, key=score)
+    return [f"{name}.{k}" if name else k for k in keys]
 
 
 def deepest_block(model: nn.Module) -> str:

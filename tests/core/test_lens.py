@@ -218,3 +218,54 @@ def test_lens_windows_that_differ_from_the_writers_are_refused(tmp_path):
     lens = SpectralLens(pool=[], writer=w, tail_window=[2, 6])  # the same window: fine
     assert lens._windows() == ((2, 6), (1, 3))
     w.close()
+
+
+class _TitanBlock(torch.nn.Module):
+    """A block holding an adapter-style ``ModuleDict`` of its own (one entry), which must not be taken
+    for the stack."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.attention = torch.nn.Linear(d, d)
+        self.adapters = torch.nn.ModuleDict({"default": torch.nn.Linear(d, d)})
+
+    def forward(self, h):
+        return h + torch.tanh(self.attention(h)) + self.adapters["default"](h)
+
+
+class _TitanLM(torch.nn.Module):
+    """torchtitan's layout: ``layers`` is a ``ModuleDict`` keyed "0", "1", ... (so a pipeline split keeps
+    the names), the embedding and the head beside it."""
+
+    def __init__(self, vocab: int = 64, d: int = 16, n: int = 3) -> None:
+        super().__init__()
+        self.tok_embeddings = torch.nn.Embedding(vocab, d)
+        self.layers = torch.nn.ModuleDict({str(i): _TitanBlock(d) for i in range(n)})
+        self.output = torch.nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        h = self.tok_embeddings(idx)
+        for block in self.layers.values():
+            h = block(h)
+        return self.output(h)
+
+
+def test_a_module_dict_layer_stack_is_found_and_measured():
+    """torchtitan keeps its blocks in a ``ModuleDict``: the lens found no stack ("found no
+    ModuleList/Sequential of blocks") for layers=None or "all". Now the stack is the ModuleDict, in
+    its key order, and the default layer is measured exactly (float64 reference)."""
+    torch.manual_seed(0)
+    model = _TitanLM().double()
+    assert all_blocks(model) == ["layers.0", "layers.1", "layers.2"]
+    assert deepest_block(model) == "layers.2"
+    pool = lm_pool()
+    lens = SpectralLens(model, pool, params=(), precision="float64")
+    got = lens.measure(step=1, tokens=1).spectra["act:layers.2"].values.numpy()
+    rows = []
+    hook = model.layers["2"].register_forward_hook(lambda mod, a, out: rows.append(out.detach().reshape(-1, 16)))
+    with torch.no_grad():
+        for x, _ in pool:
+            model(x)
+    hook.remove()
+    ref = np.clip(np.linalg.eigvalsh(np.cov(torch.cat(rows).numpy(), rowvar=False))[::-1], 0, None)
+    assert np.abs(got - ref).max() <= 1e-10 * ref[0]
