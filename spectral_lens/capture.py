@@ -272,12 +272,14 @@ def check_dense_rows(x: torch.Tensor, where: str, *, hook: bool) -> None:
         return
     what = "the module output" if hook else "the input"
     if x.is_nested:
-        fix = ("pick=lambda out: out.to_padded_tensor(0.0), with a mask of the valid positions (mask_fn= of "
-               "SpectralLens, or capture.mask(...)), or pick=lambda out: out.values() for the jagged rows alone"
-               if hook else "update(x.to_padded_tensor(0.0), mask=valid_positions), or update(x.values()) for "
-               "the jagged rows alone")
+        # torch.cat(x.unbind()): the valid rows of either layout (a strided one's values() is its flat buffer)
+        fix = ("pick=lambda out: torch.cat(out.unbind()) for the valid rows alone, or pick=lambda out: "
+               "out.to_padded_tensor(0.0, (N, T, d)) padded to the input's length, with a mask of the valid "
+               "positions (mask_fn= of SpectralLens, or capture.mask(...))"
+               if hook else "update(torch.cat(x.unbind())) for the valid rows alone, or "
+               "update(x.to_padded_tensor(0.0, (N, T, d)), mask=valid_positions)")
         raise TypeError(f"{where}: {what} is a nested tensor ({x.layout}, ragged), whose rows cannot be read "
-                        f"as a (..., d) tensor; pass a padded tensor and a mask: {fix}")
+                        f"as a (..., d) tensor; pass its rows as a dense tensor: {fix}")
     dtensor = dtensor_module()
     if dtensor is not None and isinstance(x, dtensor.DTensor):
         fix = ("pick=lambda out: out.full_tensor() (a collective: every rank of the mesh runs the forward), or "

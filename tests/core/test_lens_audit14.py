@@ -99,18 +99,20 @@ def test_a_nested_output_is_refused_naming_the_module_and_its_remedies_measure_i
     x = torch.randn(3, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 3 + 1
     with sl.attach(model, "0") as capture, torch.no_grad():
         with pytest.raises(TypeError, match=r"^0: the module output is a nested tensor \(torch.jagged, ragged\).*"
-                                            r"pick=lambda out: out.to_padded_tensor\(0.0\), with a mask"):
+                                            r"pick=lambda out: torch.cat\(out.unbind\(\)\) for the valid rows alone.*to_padded_tensor\(0.0, "
+                                            r"\(N, T, d\)\) padded to the input's length, with a mask"):
             model(x)
         assert capture.accumulators["0"].n_rows == 0
     with pytest.raises(TypeError, match=r"^ActivationCovarianceAccumulator: the input is a nested tensor.*"
-                                        r"update\(x.to_padded_tensor\(0.0\), mask=valid_positions\)"):
+                                        r"update\(torch.cat\(x.unbind\(\)\)\).*update\(x.to_padded_tensor\(0.0, \(N, T, d\)\), "
+                                        r"mask=valid_positions\)"):
         with torch.no_grad():
             ActivationCovarianceAccumulator().update(model(x))
     want = _reference(_jagged_rows(model[0], x))
     lengths = torch.tensor([2, 5, 3])
     valid = torch.arange(5)[None, :] < lengths[:, None]
     # the remedies the error names: the jagged rows alone, or the padded tensor with its mask
-    with sl.attach(model, "0", pick=lambda out: out.values(), precision="float64") as a, torch.no_grad():
+    with sl.attach(model, "0", pick=lambda out: torch.cat(out.unbind()), precision="float64") as a, torch.no_grad():
         model(x)
     captures = [a]
     if _jagged_pads():  # torch 2.4: only the jagged rows alone (docs/guide-attach.md)
