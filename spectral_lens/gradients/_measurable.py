@@ -182,10 +182,11 @@ def _refuse_scripted(model: nn.Module) -> None:
 def is_encoder_decoder(model: nn.Module) -> bool:
     """Whether ``model`` is a Hugging Face encoder-decoder model (``config.is_encoder_decoder``: T5, BART)
     that holds its decoder: the encoder alone (a ``WhisperEncoder`` built from the whole model's config)
-    is an encoder-only model, which the defaults fit."""
+    is an encoder-only model, which the defaults fit. The decoder is a module whose name has a segment
+    containing ``decoder`` (``decoder``; SeamlessM4T's ``text_decoder``)."""
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is not True:
         return False
-    return any("decoder" in name.split(".") for name, _ in model.named_modules())
+    return any("decoder" in part for name, _ in model.named_modules() for part in name.split("."))
 
 
 def refuse_unfit_defaults(model: nn.Module, *, forward: bool, loss: bool) -> None:
