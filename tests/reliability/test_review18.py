@@ -47,3 +47,33 @@ def test_encoder_alone_is_not_an_encoder_decoder():
     model = _EncDec("text_decoder")
     del model.text_decoder
     assert not is_encoder_decoder(model)
+
+
+def test_a_run_writer_subclass_overriding_log_measurement_still_gets_the_old_call(tmp_path):
+    """A ``RunWriter`` subclass that overrides ``log_measurement`` with the arguments the lens passed before
+    (``step, tokens, spectra, val_loss=, progress=, scalars=``), e.g. to mirror each line to a dashboard,
+    got ``TypeError: unexpected keyword argument 'summaries'`` once the lens handed its summaries over.
+    The record it writes holds the writer's own summaries, equal to the lens's."""
+    from spectral_lens.records import RunInfo, RunRecord, RunWriter, spectrum_summaries
+    from tests.support.models import TinyLM, lm_pool
+
+    seen = []
+
+    class Mirrored(RunWriter):
+        def log_measurement(self, step, tokens, spectra=None, *, val_loss=None, progress=None, scalars=None):
+            seen.append(step)
+            return super().log_measurement(step, tokens, spectra, val_loss=val_loss, progress=progress,
+                                           scalars=scalars)
+
+    torch.manual_seed(0)
+    model = TinyLM(vocab=64, d=16, heads=2, layers=2, dropout=0.0)
+    with Mirrored(tmp_path / "run", RunInfo("r", n_layer=2, total_tokens=10**4), fsync=False,
+                  tail_window=(2, 8)) as w:
+        lens = sl.SpectralLens(model, lm_pool(2, t=8), layers="all", params=(), writer=w, progress=False)
+        m = lens.measure(1, 100)
+    assert seen == [1]
+    record = RunRecord.open(tmp_path / "run")
+    stored = record.measurements[0].summaries
+    assert stored == m.summaries
+    for name, spec in m.spectra.items():  # what the writer computes from the saved spectrum
+        assert stored[name] == spectrum_summaries(record.measurements[0].spectra.load(name), (2, 8), (10, 40))
