@@ -75,5 +75,26 @@ def test_a_run_writer_subclass_overriding_log_measurement_still_gets_the_old_cal
     record = RunRecord.open(tmp_path / "run")
     stored = record.measurements[0].summaries
     assert stored == m.summaries
-    for name, spec in m.spectra.items():  # what the writer computes from the saved spectrum
+    for name in m.spectra:  # what the writer computes from the saved spectrum
         assert stored[name] == spectrum_summaries(record.measurements[0].spectra.load(name), (2, 8), (10, 40))
+
+
+def test_a_complex_parameter_is_refused_as_complex_not_as_quantized():
+    """A complex parameter was measured from the real parts of its per-sample gradients (torch's 'Casting
+    complex values to real discards the imaginary part' warning only): the spectrum of the wrong rows
+    (largest eigenvalue 1420 against 479 of the real-view rows). The quantized-weight refusal then took it
+    for a quantized weight. Refused, naming it as complex and the real view to probe."""
+
+    class Complex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 4, dtype=torch.complex128))
+
+        def forward(self, x):
+            return (x.to(torch.complex128) @ self.w.t()).abs()
+
+    with pytest.raises(ValueError, match=r"parameter 'w' is complex \(torch.complex128, shape \(3, 4\)\)") as info:
+        sl.PerSampleGradientProbe(Complex(), params=["w"], forward_fn=lambda m, b: m(b),
+                                  loss_fn=lambda out, b: out.pow(2).sum(-1))
+    assert "quantized" not in str(info.value)
+    assert "view_as_complex" in str(info.value)
