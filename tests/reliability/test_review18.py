@@ -98,3 +98,23 @@ def test_a_complex_parameter_is_refused_as_complex_not_as_quantized():
                                   loss_fn=lambda out, b: out.pow(2).sum(-1))
     assert "quantized" not in str(info.value)
     assert "view_as_complex" in str(info.value)
+
+
+def test_a_complex_weight_spectrum_is_the_complex_matrix_s():
+    """``weight_spectrum`` admits complex weights (``_weight_values``) but converted them to float64, which
+    drops the imaginary parts (a torch warning only): the spectrum of the real part. Reference: numpy's
+    singular values of the complex128 matrix."""
+    import numpy as np
+
+    from spectral_lens.weights import weight_spectrum
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 4, dtype=torch.complex64, generator=g)
+    spec = weight_spectrum(w, "w")
+    want = np.linalg.svd(w.to(torch.complex128).numpy(), compute_uv=False) ** 2
+    assert spec.values.dtype == torch.float64
+    np.testing.assert_allclose(spec.values.numpy(), want, rtol=1e-12)
+    nan = w.clone()
+    nan[0, 0] = complex(0.0, float("nan"))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        weight_spectrum(nan, "w")
