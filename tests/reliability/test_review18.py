@@ -118,3 +118,37 @@ def test_a_complex_weight_spectrum_is_the_complex_matrix_s():
     nan[0, 0] = complex(0.0, float("nan"))
     with pytest.raises(ValueError, match="NaN or Inf"):
         weight_spectrum(nan, "w")
+
+
+@pytest.mark.parametrize("hook", ["tensor", "post_accumulate_grad"])
+def test_a_lens_measuring_from_inside_a_backward_hook_reads_its_pool(hook):
+    """``SpectralLens.measure`` called inside a backward pass (a tensor hook; a post-accumulate-grad hook, as
+    an optimizer-step-in-backward loop uses) ran its pool with every forward skipped by the rule for
+    activation checkpointing's recomputation: 'h.0: need at least 2 rows, have 0' and a hint about
+    torch.compile. The lens's own no-grad pass is never a recomputation: the same spectra as outside."""
+    from tests.support.models import TinyLM, lm_pool
+
+    torch.manual_seed(0)
+    model = TinyLM(vocab=64, d=16, heads=2, layers=2, dropout=0.0)
+    pool = lm_pool(2, t=8)
+    lens = sl.SpectralLens(model, pool, layers="all", params=(), progress=False, precision="float64")
+    outside = lens.measure(0, 0)
+    got = {}
+
+    def measure(*_):
+        if not got:
+            got["m"] = lens.measure(1, 1)
+
+    logits = model(pool[0][0])
+    if hook == "tensor":
+        logits.register_hook(measure)
+        handle = None
+    else:
+        handle = model.ln_f.weight.register_post_accumulate_grad_hook(measure)
+    logits.pow(2).mean().backward()
+    if handle is not None:
+        handle.remove()
+    assert sorted(got["m"].spectra) == sorted(outside.spectra)
+    for name, spec in outside.spectra.items():
+        assert got["m"].spectra[name].n_rows == spec.n_rows
+        torch.testing.assert_close(got["m"].spectra[name].values, spec.values, rtol=1e-12, atol=0)
