@@ -246,7 +246,11 @@ class _Feed:
         activation checkpointing's recomputation (the rows were read in the first forward), or a pipeline
         stage's metadata inference."""
         owner = _FEEDING.get()
-        return ((owner is not None and owner is not self.capture) or recomputed_forward()
+        if owner is not None and owner is not self.capture:
+            return True
+        # a lens's own pass (owner: this capture; no-grad, so no checkpoint recomputes in it) reads every
+        # forward, also when the lens measures from inside a backward pass (a user's tensor or grad hook)
+        return ((owner is None and recomputed_forward())
                 or metadata_inference())  # a pipeline stage's shape inference: a repeated microbatch, or torch.empty rows
 
     def _from_graph(self, rows: torch.Tensor) -> None:

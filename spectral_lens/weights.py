@@ -90,8 +90,8 @@ def weight_spectrum(weight: torch.Tensor, name: str | None = None) -> Spectrum:
     """Squared singular values of one weight (float64 SVD on the CPU) as ``Spectrum(kind="weight")``.
 
     A >2-D weight is reshaped to ``(shape[0], -1)``. ``metadata`` records the original shape and the
-    matrix shape used. Half-precision and float8 weights convert exactly to float64. Quantized
-    weights are dequantized first (``torch.ao`` quantized tensors, bitsandbytes ``Params4bit`` and
+    matrix shape used. Half-precision and float8 weights convert exactly to float64, complex ones to
+    complex128. Quantized weights are dequantized first (``torch.ao`` quantized tensors, bitsandbytes ``Params4bit`` and
     ``Int8Params``; ``metadata["dequantized"]`` says which); other integer tensors raise ``ValueError``.
     """
     if weight.device.type == "meta":
@@ -104,7 +104,8 @@ def weight_spectrum(weight: torch.Tensor, name: str | None = None) -> Spectrum:
     w = values.detach()
     if w.ndim < 2:
         raise ValueError(f"{name or 'weight'}: shape {tuple(w.shape)} is not a matrix (need >= 2 dims)")
-    mat = w.reshape(w.shape[0], -1).to("cpu", torch.float64)
+    # a complex weight keeps its imaginary parts (complex128: the singular values of the complex matrix)
+    mat = w.reshape(w.shape[0], -1).to("cpu", torch.complex128 if w.is_complex() else torch.float64)
     if not bool(torch.isfinite(mat).all()):
         raise ValueError(f"{name or 'weight'}: shape {tuple(w.shape)} contains NaN or Inf")
     s = torch.linalg.svdvals(mat)

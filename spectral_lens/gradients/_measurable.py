@@ -182,10 +182,11 @@ def _refuse_scripted(model: nn.Module) -> None:
 def is_encoder_decoder(model: nn.Module) -> bool:
     """Whether ``model`` is a Hugging Face encoder-decoder model (``config.is_encoder_decoder``: T5, BART)
     that holds its decoder: the encoder alone (a ``WhisperEncoder`` built from the whole model's config)
-    is an encoder-only model, which the defaults fit."""
+    is an encoder-only model, which the defaults fit. The decoder is a module whose name has a segment
+    containing ``decoder`` (``decoder``; SeamlessM4T's ``text_decoder``)."""
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) is not True:
         return False
-    return any("decoder" in name.split(".") for name, _ in model.named_modules())
+    return any("decoder" in part for name, _ in model.named_modules() for part in name.split("."))
 
 
 def refuse_unfit_defaults(model: nn.Module, *, forward: bool, loss: bool) -> None:
@@ -385,6 +386,13 @@ def _refuse_quantized_param(model: nn.Module, name: str, p: torch.Tensor) -> Non
     autograd has no gradient for it, and its entries are not the weight's values."""
     if p.is_floating_point() and "float4" not in str(p.dtype) and not p.is_quantized:
         return
+    if p.is_complex():  # its rows were cast to real storage, the imaginary parts dropped (torch's warning only)
+        raise ValueError(
+            f"{type(model).__name__}: parameter {name!r} is complex ({p.dtype}, shape {tuple(p.shape)}); the probe "
+            "measures real per-sample gradients (its rows would keep the real parts only). Store it as a real "
+            "parameter of its real and imaginary parts (torch.view_as_complex(param) in the forward) and probe that, "
+            "or measure activations only (SpectralLens(..., params=()))"
+        )
     raise ValueError(
         f"{type(model).__name__}: parameter {name!r} is a {type(p).__name__} of dtype {p.dtype} and shape "
         f"{tuple(p.shape)}: a quantized weight (e.g. bitsandbytes Linear4bit/Linear8bitLt) has no per-sample "
