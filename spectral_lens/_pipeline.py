@@ -147,21 +147,15 @@ def merge_stages(stage, spectra: dict, missing: list, layers_spec, blocks: int) 
 
 def stage_blocks(model: nn.Module) -> list[str]:
     """The blocks a stage holds, for ``layers="all"`` and ``None``: the lens's layer stack
-    (:func:`~spectral_lens.all_blocks`), or else a ``ModuleDict`` of same-class blocks (torchtitan keeps the
-    unsplit model's names so: ``layers.4`` stays ``layers.4`` on the stage holding it); ``[]`` for a stage
-    that holds no block (only the embedding or the head)."""
+    (:func:`~spectral_lens.all_blocks`; torchtitan's ``ModuleDict`` keeps the unsplit model's names, so
+    ``layers.4`` stays ``layers.4`` on the stage holding it); ``[]`` for a stage that holds no block (only
+    the embedding or the head)."""
     from ._blocks import all_blocks
 
     try:
         return all_blocks(model)
     except ValueError:
-        pass
-    dicts = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleDict) and len(m) > 0
-             and len({type(b) for b in m.values()}) == 1 and any(True for _ in next(iter(m.values())).parameters())]
-    if not dicts:
         return []
-    name, blocks = max(dicts, key=lambda item: (len(item[1]), -item[0].count(".")))
-    return [f"{name}.{key}" if name else key for key in blocks]
 
 
 @contextlib.contextmanager
