@@ -1,0 +1,91 @@
+"""Review of the capture path (forwards inside a backward pass, the compiled-graph operator, channels-first
+refusal, low-precision rows): cases a demanding user runs into, against float64 references."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import spectral_lens as sl
+
+torch._dynamo = pytest.importorskip("torch._dynamo")
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class _Checkpointed(nn.Module):
+    """Two blocks, the first run under ``torch.utils.checkpoint`` (``reentrant`` or not, or not at all)."""
+
+    def __init__(self, d: int = 6, how: str = "none") -> None:
+        super().__init__()
+        self.blk, self.blk2, self.head, self.how = _Block(d), _Block(d), nn.Linear(d, 1), how
+
+    def forward(self, x):
+        h = self.blk(x) if self.how == "none" else checkpoint(self.blk, x, use_reentrant=self.how == "reentrant")
+        return self.head(self.blk2(h))
+
+
+def _cov_eigs(rows: list[torch.Tensor]) -> torch.Tensor:
+    x = torch.cat(rows).double()
+    xc = x - x.mean(0)
+    return torch.linalg.eigvalsh(xc.T @ xc / (x.shape[0] - 1)).flip(0).clamp_min(0)
+
+
+@pytest.mark.parametrize("how", ["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_compiled_training_step_with_checkpointing_inside_trains_and_reads_each_row_once(backend, how, fresh_dynamo):
+    """A model compiled whole (fullgraph) with activation checkpointing inside the compiled region, trained:
+    with the op-by-op ``eager`` backend the step's backward raised "modified by an inplace operation" (the
+    operator's token, saved as an input of the checkpointed region, had its version bumped); every backend
+    reads each row once (float64 reference of the rows the plain model gives) and trains as the eager loop."""
+    targets = ["blk.up", "blk", "blk2"]
+
+    def train(compiled: bool):
+        torch.manual_seed(0)
+        model = _Checkpointed(how=how if compiled else "none").double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        forward = torch.compile(model, backend=backend, fullgraph=True) if compiled else model
+
+        def run(x):
+            opt.zero_grad()
+            forward(x).pow(2).mean().backward()
+            opt.step()
+
+        refs = {t: [] for t in targets}
+        with sl.attach(model, targets) as capture:
+            for n in (5, 7, 5):
+                x = torch.randn(n, 6, dtype=torch.float64)
+                plain = copy.deepcopy(model)  # a copy's hooks are inert: the rows of the plain model
+                for t in targets:
+                    plain.get_submodule(t).register_forward_hook(lambda m, a, o, t=t: refs[t].append(o.detach()))
+                with torch.no_grad():
+                    plain(x)
+                run(x)
+            return capture.compute(), refs, [p.detach().clone() for p in model.parameters()]
+
+    spectra, refs, weights = train(True)
+    _, _, eager_weights = train(False)
+    for t in targets:
+        assert spectra[t].n_rows == 17, t
+        torch.testing.assert_close(spectra[t].values, _cov_eigs(refs[t]), rtol=1e-9, atol=1e-12)
+    for a, b in zip(weights, eager_weights):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
