@@ -89,3 +89,50 @@ def test_a_compiled_training_step_with_checkpointing_inside_trains_and_reads_eac
         torch.testing.assert_close(spectra[t].values, _cov_eigs(refs[t]), rtol=1e-9, atol=1e-12)
     for a, b in zip(weights, eager_weights):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_compiled_torch_func_transform_over_a_captured_module_runs_and_reads_nothing(backend, fresh_dynamo):
+    """Per-sample gradients with ``torch.func`` (``vmap(grad(...))``, Opacus-style) compiled while a capture
+    is attached: tracing the hook's operator on batched, gradient-tracking rows raised (setup_context); now
+    the hook reads nothing there, as in eager, and the gradients equal the uncompiled ones (float64)."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 1)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(5, 6, dtype=torch.float64)
+
+    def per_sample(p, x):
+        return vmap(grad(lambda p, xi: functional_call(model, p, (xi[None],)).sum()), in_dims=(None, 0))(p, x)
+
+    expected = per_sample(params, x)
+    with sl.attach(model, "0") as capture:
+        got = torch.compile(per_sample, backend=backend, fullgraph=True)(params, x)
+        assert capture.accumulators["0"].n_rows == 0
+        model(x)  # a plain forward still reads its rows
+        assert capture.accumulators["0"].n_rows == 5
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_compiled_forward_under_inference_mode_reads_its_rows(backend, fresh_dynamo):
+    """A graph compiled with a capture attached, run under ``torch.inference_mode()`` (and plainly): every
+    row read once, spectrum equal to the float64 one of the same rows, outputs unchanged."""
+    torch.manual_seed(0)
+    model = _Checkpointed().double().eval()
+    xs = [torch.randn(n, 6, dtype=torch.float64) for n in (4, 6, 5)]
+    with torch.no_grad():
+        rows = [model.blk(x) for x in xs]
+        expected = [model(x) for x in xs]
+    with sl.attach(model, "blk") as capture:
+        compiled = torch.compile(model, backend=backend, fullgraph=True)
+        outs = [compiled(xs[0])]
+        with torch.inference_mode():
+            outs += [compiled(x) for x in xs[1:]]
+        spectrum = capture.compute()["blk"]
+    assert spectrum.n_rows == 15
+    torch.testing.assert_close(spectrum.values, _cov_eigs(rows), rtol=1e-9, atol=1e-12)
+    for a, b in zip(outs, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
