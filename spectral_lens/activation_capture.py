@@ -233,7 +233,9 @@ class _Feed:
     def __init__(self, capture: ActivationCapture, acc: ActivationCovarianceAccumulator, pick, where: str,
                  layout=None) -> None:
         self.capture, self.acc, self.pick, self.where, self.layout = capture, acc, pick, where, layout
-        self.key, self.token = compiled_feed.register(self), torch.zeros(1)
+        with torch.inference_mode(False):  # an attach inside inference_mode: an inference token could not be
+            # handed to the operator's declared mutation outside it ("Inplace update to inference tensor")
+            self.key, self.token = compiled_feed.register(self), torch.zeros(1)
 
     def __call__(self, module, args, output) -> None:
         if torch.compiler.is_compiling():  # traced: the rows reach feed() through the operator at run time

@@ -136,3 +136,29 @@ def test_a_compiled_forward_under_inference_mode_reads_its_rows(backend, fresh_d
     torch.testing.assert_close(spectrum.values, _cov_eigs(rows), rtol=1e-9, atol=1e-12)
     for a, b in zip(outs, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_capture_attached_inside_inference_mode_feeds_compiled_forwards_outside_it(fresh_dynamo):
+    """``sl.attach`` called inside ``torch.inference_mode()`` (an evaluation script), the compiled model then
+    run outside it, also in a training step: the hook's token was an inference tensor, and the operator's
+    declared mutation of it raised "Inplace update to inference tensor outside InferenceMode"; now every
+    row is read (float64 reference) and the gradients equal the uncompiled model's."""
+    torch.manual_seed(0)
+    model = _Checkpointed().double()
+    plain = copy.deepcopy(model)
+    xs = [torch.randn(n, 6, dtype=torch.float64) for n in (4, 6)]
+    with torch.no_grad():
+        rows = [plain.blk(x) for x in xs]
+    with torch.inference_mode():
+        capture = sl.attach(model, "blk")
+    with capture:
+        compiled = torch.compile(model, backend="aot_eager")
+        with torch.no_grad():
+            compiled(xs[0])
+        compiled(xs[1]).sum().backward()
+        plain(xs[1]).sum().backward()
+        spectrum = capture.compute()["blk"]
+    assert spectrum.n_rows == 10
+    torch.testing.assert_close(spectrum.values, _cov_eigs(rows), rtol=1e-9, atol=1e-12)
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12)
