@@ -64,9 +64,9 @@ def _unbump(token: torch.Tensor) -> None:
     ``gm.forward``) with activation checkpointing inside it saves the token as an input of the
     checkpointed region, whose backward then refused the bumped version ("modified by an inplace
     operation")."""
-    if token.is_inference():  # no version counter (a graph run under inference_mode hands a copy made there)
-        return
-    setter = torch._C._autograd._unsafe_set_version_counter
+    setter = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+    if setter is None or token.is_inference():  # inference tensors have no version counter (a graph run
+        return  # under inference_mode hands the operator a copy made there)
     try:
         setter((token,), (0,))  # newer torch takes tuples
     except TypeError:
