@@ -46,6 +46,7 @@ def _define() -> Callable | None:
 
     @custom_op("spectral_lens::feed_rows", mutates_args=("token",), tags=() if tag is None else (tag,))
     def feed(rows: torch.Tensor, token: torch.Tensor, key: int) -> None:
+        _unbump(token)
         hook = _HOOKS.get(key)
         if hook is not None:
             hook.feed(rows)
@@ -55,6 +56,21 @@ def _define() -> Callable | None:
         return None
 
     return feed
+
+
+def _unbump(token: torch.Tensor) -> None:
+    """Set ``token``'s version counter back to 0: the declared mutation bumps it (before this body runs)
+    though nothing writes it, and a graph run op by op (``backend="eager"``, a backend returning
+    ``gm.forward``) with activation checkpointing inside it saves the token as an input of the
+    checkpointed region, whose backward then refused the bumped version ("modified by an inplace
+    operation")."""
+    setter = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+    if setter is None or token.is_inference():  # inference tensors have no version counter (a graph run
+        return  # under inference_mode hands the operator a copy made there)
+    try:
+        setter((token,), (0,))  # newer torch takes tuples
+    except TypeError:
+        setter(token, 0)
 
 
 try:
