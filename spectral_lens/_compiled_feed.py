@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-__all__ = ["register", "feed_rows", "available"]
+__all__ = ["available", "feed_rows", "register"]
 
 # key -> the hook object, while it lives; a compiled graph holds only the key (an int constant), so a
 # graph compiled while a capture was attached and run after it was removed finds no live hook, or an
 # inactive one, and feeds nothing
-_HOOKS: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+_HOOKS: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
 _KEYS = itertools.count()
 
 

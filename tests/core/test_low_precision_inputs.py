@@ -15,11 +15,11 @@ import warnings
 
 import pytest
 import torch
+from support.models import TinyLM, lm_pool
 from torch import nn
 
 import spectral_lens as sl
 from spectral_lens import ActivationCovarianceAccumulator
-from support.models import TinyLM, lm_pool
 
 FLOAT8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 

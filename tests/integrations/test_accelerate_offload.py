@@ -59,7 +59,12 @@ def pool(n=2):
 
 def dispatched(how, tmp_path):
     """``(reference, dispatched)``: the plain float64 model and a copy dispatched by Accelerate ``how``."""
-    from accelerate import cpu_offload, disk_offload, init_empty_weights, load_checkpoint_and_dispatch
+    from accelerate import (
+        cpu_offload,
+        disk_offload,
+        init_empty_weights,
+        load_checkpoint_and_dispatch,
+    )
 
     ref = plain()
     if how == "cpu_offload":

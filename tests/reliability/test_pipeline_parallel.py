@@ -23,12 +23,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from support.ranks import checked_case, run_gloo_cases
 from torch import nn
 
 import spectral_lens as sl
 from spectral_lens import PerSampleGradientProbe, SpectralLens, tail_window
-
-from support.ranks import checked_case, run_gloo_cases
 
 WORLD = 2
 PG_TIMEOUT_S = 20
