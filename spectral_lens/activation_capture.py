@@ -203,15 +203,6 @@ class _Copied:
         return "<spectral_lens hook of a copied model: inert>"
 
 
-def _in_func_transform() -> bool:
-    """Whether a ``torch.func`` transform (``vmap``, ``grad``) runs inside the graph being compiled: its
-    rows are batched or gradient-tracking tensors with nothing to record, as in eager, and the operator
-    has no rule for them (tracing it raised "an autograd.Function with functorch transforms ... must
-    override the setup_context staticmethod", failing the user's compiled per-sample gradients).
-    Dynamo folds this flag to a constant while tracing (``peek_interpreter_stack`` it does not: never None)."""
-    return bool(getattr(torch._C, "_are_functorch_transforms_active", lambda: False)())
-
-
 class _Feed:
     """The forward hook of one attached module: picks the measured tensor and feeds the accumulator.
 
@@ -239,7 +230,7 @@ class _Feed:
 
     def __call__(self, module, args, output) -> None:
         if torch.compiler.is_compiling():  # traced: the rows reach feed() through the operator at run time
-            if not (transformed_forward() or _in_func_transform()):  # an export records nothing
+            if not transformed_forward():  # an export, or a torch.func transform in the graph, records nothing
                 self._from_graph(self._rows(output))
             return
         if transformed_forward() or self._skips():  # torch.func / jit.trace / export: no real rows

@@ -434,9 +434,16 @@ def transformed_forward() -> bool:
         # is_exporting() to True under torch.compile too (every hook then read nothing, 0 rows);
         # torch 2.4 has neither (no export of a hooked model there)
         flag = getattr(compiler, "_is_exporting_flag", None)
-        return bool(getattr(compiler, "is_exporting", lambda: False)() if flag is None else flag)
-    active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
-    return torch.jit.is_tracing() or bool(active())
+        exporting = bool(getattr(compiler, "is_exporting", lambda: False)() if flag is None else flag)
+        # a torch.func transform inside the compiled region (a compiled vmap(grad(...))): Dynamo folds the flag
+        # to a constant while tracing; the capture's operator has no functorch rule ("... must override the
+        # setup_context staticmethod" failed the user's compiled per-sample gradients)
+        return exporting or _functorch_active()
+    return torch.jit.is_tracing() or _functorch_active()
+
+
+def _functorch_active() -> bool:
+    return bool(getattr(torch._C, "_are_functorch_transforms_active", lambda: False)())
 
 
 def graph_break_for_hook(where: str) -> None:
