@@ -52,11 +52,17 @@ def _channels(module: nn.Module) -> int | None:
     return None
 
 
+def _elementwise(module: nn.Module) -> bool:
+    """torch's activations and dropout, and Hugging Face's activation modules (``transformers.activations``:
+    ``GELUActivation``, ``NewGELUActivation``..., which Wav2Vec2's and Whisper's conv blocks end in)."""
+    return isinstance(module, _ELEMENTWISE) or type(module).__module__ == "transformers.activations"
+
+
 def _last_leaf(module: nn.Module) -> nn.Module | None:
     """The module registered last in ``module`` (past trailing elementwise ones such as a ReLU), looked
     for in the last child container: the module whose output a block most likely returns."""
     for child in reversed(list(module.children())):
-        if isinstance(child, _ELEMENTWISE):
+        if _elementwise(child):
             continue
         if _rank(child) is not None:
             return child

@@ -212,6 +212,10 @@ class ActivationCovarianceAccumulator:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{where}: update expects a tensor, got {type(x).__name__}")
         check_dense_rows(x, where, hook=False)
+        if x.is_complex():
+            raise TypeError(f"{where}: rows must be real floating point, got dtype {x.dtype} with shape {tuple(x.shape)}; "
+                            "measure the real and imaginary parts as features: update(torch.view_as_real(x).flatten(-2)), "
+                            "or pick=lambda out: torch.view_as_real(out).flatten(-2) for a hooked module")
         if not x.is_floating_point():
             raise TypeError(f"{where}: rows must be floating point, got dtype {x.dtype} with shape {tuple(x.shape)}; "
                             "integer rows are not read as values (their scale is not known here): dequantize "

@@ -253,3 +253,18 @@ def test_low_precision_activations_on_cuda(dtype, precision, rtol):
     for x in xs:
         acc.update(x.cuda())
     _assert_close(acc.compute().values, _reference(xs), rtol)
+
+
+def test_complex_rows_are_refused_naming_the_real_view():
+    """Complex rows were refused as "integer rows ... dequantize them": the message now says what they are
+    and how to measure them (real and imaginary parts as features); that reading matches float64."""
+    x = torch.randn(6, 4, dtype=torch.complex128, generator=torch.Generator().manual_seed(0))
+    acc = ActivationCovarianceAccumulator(precision="float64")
+    with pytest.raises(TypeError, match=r"real floating point, got dtype torch.complex128.*view_as_real"):
+        acc.update(x)
+    assert acc.n_rows == 0
+    real = torch.view_as_real(x).flatten(-2)
+    acc.update(real)
+    xc = real - real.mean(0)
+    want = torch.linalg.eigvalsh(xc.T @ xc / (len(real) - 1)).flip(0).clamp_min(0)
+    torch.testing.assert_close(acc.compute().values, want, rtol=1e-10, atol=1e-12)

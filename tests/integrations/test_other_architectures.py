@@ -216,3 +216,25 @@ def test_torchvision_resnet_stages_refused_and_classifier_read():
     assert_spectrum(cap.accumulators["layer4"].compute(),
                     outputs_of(model, "layer4", [x], lambda m, b: m(b), lambda out, b: out.movedim(1, -1)))
     assert no_hooks(model)
+
+
+def test_a_conv_block_ending_in_a_hugging_face_activation_is_refused_and_its_pick_measures_it():
+    """Wav2Vec2's feature-extractor blocks are a Conv1d then ``GELUActivation`` (transformers' own
+    activation module, not torch's): the block's (N, C, L) output was read silently as rows of L. The
+    activation is now passed over like torch's, so the block is refused; the pick it names measures the
+    channels (float64 reference)."""
+    cfg = transformers.Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                      conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
+                                      num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2)
+    torch.manual_seed(0)
+    model = transformers.Wav2Vec2Model(cfg).double().eval()
+    x = torch.randn(2, 400, dtype=torch.float64)
+    block = "feature_extractor.conv_layers.1"
+    with sl.attach(model, block), torch.no_grad(), pytest.raises(TypeError, match=r"channels-first Conv1d.*movedim"):
+        model(x)
+    rows = []
+    hook = model.get_submodule(block).register_forward_hook(lambda m, a, out: rows.append(out.movedim(1, -1)))
+    with sl.attach(model, block, pick=lambda out: out.movedim(1, -1), precision="float64") as cap, torch.no_grad():
+        model(x)
+    hook.remove()
+    assert_spectrum(cap.compute()[block], torch.cat(rows))
