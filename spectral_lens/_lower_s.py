@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .spectra.moments import mirror_lower
+from .spectra.moments import mirror_lower, mirror_lower_
 
 _PENDING = 32  # CPU: rank-2 re-shift terms deferred, then applied as one rank-64 GEMM (or on read)
 _LOWER_BLOCK = 256  # CPU: row-block height of the lower-triangle float64 add
@@ -27,8 +27,7 @@ def _symmetric_s(lower: torch.Tensor, pend: np.ndarray | None) -> torch.Tensor:
     re-shift terms ``pend`` (``(2, k, d)``, or ``None``): the terms added, then the lower triangle
     mirrored. Shared by the ``_s`` property and ``compute_async``'s snapshot, so both give the same bits."""
     if pend is not None:  # a new matrix of its own: mirrored in place (one d x d allocation fewer)
-        lower = torch.addmm(lower, *_pending_factors(pend, pend.shape[1])).tril_()
-        return lower.add_(lower.tril(-1).t())  # mirror_lower's operations, the same bits
+        return mirror_lower_(torch.addmm(lower, *_pending_factors(pend, pend.shape[1])))
     return mirror_lower(lower)
 
 

@@ -231,8 +231,13 @@ def mirror_lower(s: torch.Tensor) -> torch.Tensor:
 
     Two d x d allocations (the result and the strict lower triangle), not three: the sum is formed in
     place, with the same bits."""
-    low = s.tril()
-    return low.add_(low.tril(-1).t())
+    return mirror_lower_(s.tril())
+
+
+def mirror_lower_(s: torch.Tensor) -> torch.Tensor:
+    """:func:`mirror_lower` in place on ``s`` (a matrix of the caller's own), with the same bits."""
+    s.tril_()
+    return s.add_(s.tril(-1).t())
 
 
 def chunk_moments(

@@ -14,15 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import spectral_lens as sl
+from support.data import cov_eigs
 from spectral_lens import PerSampleGradientProbe, SpectralLens
 
 TOL = 1e-10
-
-
-def cov_eigs(rows: torch.Tensor) -> np.ndarray:
-    """Eigenvalues of the sample covariance of ``rows`` (features last), float64, descending."""
-    x = rows.detach().double().reshape(-1, rows.shape[-1]).numpy()
-    return np.clip(np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1], 0, None)
 
 
 def check_spectrum(spec, rows: torch.Tensor) -> None:

@@ -18,15 +18,11 @@ import torch
 import torch.nn.functional as F
 
 import spectral_lens as sl
+from support.data import cov_eigs
 
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
 
 TOL = 1e-8
-
-
-def cov_eigs(rows: torch.Tensor) -> np.ndarray:
-    x = rows.detach().double().reshape(-1, rows.shape[-1]).numpy()
-    return np.clip(np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1], 0, None)
 
 
 def assert_spectrum(spec, rows: torch.Tensor) -> None:

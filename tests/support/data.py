@@ -34,6 +34,11 @@ def reference_eigenvalues(rows: np.ndarray) -> np.ndarray:
     return np.linalg.eigvalsh(np.cov(rows.astype(np.float64), rowvar=False))[::-1]
 
 
+def cov_eigs(rows: torch.Tensor) -> np.ndarray:
+    """Eigenvalues of the sample covariance of ``rows`` (features last), float64, descending, clipped at 0."""
+    return np.clip(reference_eigenvalues(rows.detach().double().reshape(-1, rows.shape[-1]).numpy()), 0, None)
+
+
 def theorem6_spectrum(d: int, p: float, q: float, eta_t: float, c: float = 1.0) -> np.ndarray:
     """lambda_r = C r^-p (1 - exp(-eta t r^-q))^2 (paper Thm. 6): head ~ r^-p, tail ~ r^-(p + 2q)."""
     r = np.arange(1, d + 1, dtype=np.float64)
