@@ -231,14 +231,15 @@ class _Feed:
     def __call__(self, module, args, output) -> None:
         if torch.compiler.is_compiling():  # traced: the rows reach feed() through the operator at run time
             if not transformed_forward():  # an export, or a torch.func transform in the graph, records nothing
-                self._from_graph(self._rows(output))
+                # the layout is checked in feed(), at run time: raised while tracing, its error would reach the
+                # user inside Dynamo's "Observed exception" report
+                self._from_graph(pick_tensor(output, self.pick, self.where))
             return
         if transformed_forward() or self._skips():  # torch.func / jit.trace / export: no real rows
             return
-        self.acc.update(self._rows(output), mask=self.capture._mask)
+        self.acc.update(self._checked(pick_tensor(output, self.pick, self.where)), mask=self.capture._mask)
 
-    def _rows(self, output) -> torch.Tensor:
-        rows = pick_tensor(output, self.pick, self.where)
+    def _checked(self, rows: torch.Tensor) -> torch.Tensor:
         if self.layout is not None:  # a convolution, pooling or norm layer, or a block ending in one
             refuse_channels_first(self.layout, rows, self.where, chosen=self.pick is block_hidden_states)
         return rows
@@ -266,7 +267,7 @@ class _Feed:
         """The run-time body of a compiled graph's call: feeds ``rows`` unless this forward is skipped
         or the capture was removed since the graph was compiled."""
         if self.capture.active and not self._skips():
-            self.acc.update(rows, mask=self.capture._mask)
+            self.acc.update(self._checked(rows), mask=self.capture._mask)
 
     def __deepcopy__(self, memo) -> _Copied:
         return _Copied()

@@ -99,6 +99,25 @@ def test_the_reported_case_conv2d_is_no_longer_read_as_rows_of_its_width():
     assert acc.n_rows == 160 and acc.dim == 8
 
 
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_under_fullgraph_compile_the_refusal_is_our_type_error_and_the_pick_measures(backend):
+    """The refusal reaches a ``torch.compile(fullgraph=True)`` user as our ``TypeError`` (it was raised while
+    tracing, so Dynamo reported it as an "Observed exception" with our text in its debug context)."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    model = model.double()
+    with sl.attach(model, "0") as cap:
+        with pytest.raises(TypeError, match=r"channels-first, shape \(2, 8, 4, 5\).*movedim\(1, -1\)"):
+            torch.compile(model, fullgraph=True, backend=backend)(x)
+        assert cap.accumulators["0"].n_rows == 0
+    pick = lambda out: out.movedim(1, -1)
+    torch._dynamo.reset()
+    with sl.attach(model, "0", pick=pick, precision="float64") as cap:
+        torch.compile(model, fullgraph=True, backend=backend)(x)
+    check_spectrum(cap.accumulators["0"].compute(), pick(output_of(model, "0", x)))
+
+
 class ResBlock(nn.Module):
     """A ResNet basic block: its forward ends in a residual ReLU, its last registered module is a BatchNorm2d."""
 
