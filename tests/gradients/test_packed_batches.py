@@ -232,3 +232,19 @@ def test_lens_on_a_packed_pool_measures_each_document_alone():
     refs = torch.stack([alone(model, LLAMA_W, d)[0] for d in docs])
     want = np.sort(torch.linalg.svdvals(refs).square().numpy())[::-1]
     np.testing.assert_allclose(grad.values.double().numpy()[: len(want)], want, rtol=1e-9, atol=1e-12 * want[0])
+
+
+def test_transformers_masks_packed_rows_only_without_a_cache():
+    """What docs/gradients.md says of transformers (5.24): a packed row's documents are kept apart by the
+    model itself only with use_cache=False; the probe does not rely on it (each document runs alone)."""
+    model = llama()
+    docs = documents()
+    batch = packed(docs)
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    with torch.no_grad():
+        apart = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+        cached = model(input_ids=ids, position_ids=pos).logits[0]
+        refs = torch.cat([model(input_ids=d[None]).logits[0] for d in docs])
+    torch.testing.assert_close(apart, refs, rtol=1e-12, atol=1e-12)
+    first = len(docs[0])  # the first document sees nothing before it either way
+    assert (cached[first:] - refs[first:]).abs().max() > 1e-3
