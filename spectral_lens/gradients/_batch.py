@@ -109,9 +109,17 @@ def unpack_documents(batch: dict, pad_label: int = -100) -> dict:
                 "fields; pass one or the other"
             )
         return batch
+    if not any(k in batch for k in PACKING_KEYS):  # packed only if position_ids restart within a row
+        pos = batch.get("position_ids")
+        if not isinstance(pos, torch.Tensor) or pos.ndim != 2 or not bool((pos.diff(dim=-1) != 1).any()):
+            return batch
     ids = _document_ids(batch)
-    if ids is None or (not any(k in batch for k in PACKING_KEYS) and not bool((ids[:, -1] > 0).any())):
-        return batch  # not packed: one document per row
+    if ids is None:
+        raise ValueError(
+            f"packed batch: the packing fields {[k for k in PACKING_KEYS if k in batch]} (keys "
+            f"{sorted(map(str, batch))}) need per-token (M, T) position_ids, seq_idx, or input_ids / labels "
+            "for cu_seq_lens_q, to find the documents"
+        )
     m, t = ids.shape
     counts = ids[:, -1] + 1  # documents per row
     starts = torch.diff(ids, prepend=ids[:, :1] - 1, dim=-1) != 0  # (M, T), True at each document's first token
@@ -137,7 +145,7 @@ def unpack_documents(batch: dict, pad_label: int = -100) -> dict:
                 f"(M, T) = {(m, t)} rows (keys {sorted(map(str, batch))}); pass per-token (M, T, ...) fields only, "
                 "or pad the documents yourself (one row each, with attention_mask)"
             )
-        v = v.flatten(0, 1)[index.to(v.device)]
+        v = v.flatten(0, 1).index_select(0, index.flatten().to(v.device)).view(*index.shape, *v.shape[2:])
         if k == "labels":
             v = v.masked_fill(~valid.to(v.device), pad_label)
         out[k] = v

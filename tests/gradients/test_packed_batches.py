@@ -133,6 +133,8 @@ def test_packing_errors_name_the_fields():
     both["attention_mask"] = torch.ones_like(both["input_ids"])
     with pytest.raises(ValueError, match=r"both attention_mask and the packing fields \['cu_seq_lens_q'"):
         plain_batch(both)
+    with pytest.raises(ValueError, match=r"packing fields \['max_length_q'\].*to find the documents"):
+        plain_batch({"inputs_embeds": torch.zeros(1, 24, 4), "max_length_q": 9})
     odd = dict(packed(docs))
     odd["doc_weights"] = torch.ones(4)
     with pytest.raises(ValueError, match=r"field 'doc_weights' of shape \(4,\) cannot be split"):
