@@ -250,3 +250,16 @@ def test_transformers_masks_packed_rows_only_without_a_cache():
     torch.testing.assert_close(apart, refs, rtol=1e-12, atol=1e-12)
     first = len(docs[0])  # the first document sees nothing before it either way
     assert (cached[first:] - refs[first:]).abs().max() > 1e-3
+
+
+def test_gradient_samples_counts_documents():
+    """gradient_samples caps documents, not packed rows: the first 3 documents of the pool's first row."""
+    model = llama()
+    docs = documents()
+    lens = sl.SpectralLens(pool=[packed(docs)], params=LLAMA_W, gradient_samples=3, progress=False)
+    with lens.attach(model):
+        grad = lens.measure(step=0, tokens=0).spectra[f"grad:{LLAMA_W}"]
+    refs = torch.stack([alone(model, LLAMA_W, d)[0] for d in docs[:3]])
+    want = np.sort(torch.linalg.svdvals(refs).square().numpy())[::-1]
+    assert grad.n_rows == 3
+    np.testing.assert_allclose(grad.values.double().numpy()[:3], want, rtol=1e-9, atol=1e-12 * want[0])
