@@ -6,6 +6,11 @@ A batch is a tensor or a (nested) tuple / list / dict of tensors whose dimension
 mapping at the top (a Hugging Face ``BatchEncoding``, which is a ``collections.UserDict``, as
 tokenizers and ``DataCollatorForLanguageModeling`` return it) is read as the plain ``dict`` of its
 items (:func:`plain_batch`): ``torch.utils._pytree`` does not flatten it.
+
+A *packed* dict batch (several documents concatenated in a row, as Hugging Face's
+``DataCollatorWithFlattening`` makes: ``position_ids`` restarting per document, or ``seq_idx`` /
+``cu_seq_lens_q``, and no ``attention_mask``) is read as the right-padded batch of its documents
+(:func:`unpack_documents`): one sample per document, each run as a sequence of its own.
 """
 
 from __future__ import annotations
@@ -16,16 +21,136 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["batch_size", "slice_batch", "map_tensors", "default_forward", "plain_batch"]
+__all__ = ["batch_size", "slice_batch", "map_tensors", "default_forward", "plain_batch", "unpack_documents"]
+
+#: keys that describe how documents are packed in a row (Hugging Face's DataCollatorWithFlattening,
+#: flash-attention kwargs): read by :func:`unpack_documents`, absent from the batch it returns
+PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 def plain_batch(batch: Any) -> Any:
     """``batch`` itself, or a plain ``dict`` of its items when it is a mapping of another type (a
     ``BatchEncoding``, a ``UserDict``, a ``dict`` subclass): the form that ``torch.utils._pytree``
-    flattens and ``model(**batch)`` takes."""
-    if isinstance(batch, Mapping) and type(batch) is not dict:
-        return dict(batch.items())
+    flattens and ``model(**batch)`` takes. A packed dict batch is returned as the padded batch of its
+    documents (:func:`unpack_documents`)."""
+    if isinstance(batch, Mapping):
+        if type(batch) is not dict:
+            batch = dict(batch.items())
+        return unpack_documents(batch)
     return batch
+
+
+def _document_ids(batch: dict) -> torch.Tensor | None:
+    """(M, T) index of the document each token belongs to, numbered from 0 in each row, from every
+    packing field the batch has (``position_ids`` by Hugging Face's rule: a new document wherever the
+    position does not grow by 1; ``seq_idx``; ``cu_seq_lens_q`` over the row-major flattened tokens);
+    ``None`` without any. Fields that disagree raise a ``ValueError``."""
+    found: dict[str, torch.Tensor] = {}
+    pos = batch.get("position_ids")
+    if isinstance(pos, torch.Tensor) and pos.ndim == 2 and pos.shape[1] > 0:
+        step = torch.diff(pos, prepend=pos[:, :1] - 1, dim=-1)
+        found["position_ids"] = (step != 1).long().cumsum(-1)
+    seq = batch.get("seq_idx")
+    if isinstance(seq, torch.Tensor) and seq.ndim == 2 and seq.shape[1] > 0:
+        found["seq_idx"] = (torch.diff(seq, prepend=seq[:, :1], dim=-1) != 0).long().cumsum(-1)
+    cu = batch.get("cu_seq_lens_q")
+    grid = next((batch[k] for k in ("input_ids", "labels", "position_ids", "seq_idx")
+                 if isinstance(batch.get(k), torch.Tensor) and batch[k].ndim == 2), None)
+    if isinstance(cu, torch.Tensor) and grid is not None:
+        m, t = grid.shape
+        cu = cu.to("cpu", torch.long)
+        if cu.ndim != 1 or cu.numel() < 2 or cu[0] != 0 or cu[-1] != m * t or bool((cu.diff() <= 0).any()):
+            raise ValueError(
+                f"packed batch: cu_seq_lens_q {cu.tolist()} is not the increasing document boundaries 0 .. {m * t} "
+                f"of its (M, T) = {(m, t)} tokens"
+            )
+        starts = torch.zeros(m * t, dtype=torch.long)
+        starts[cu[:-1]] = 1
+        starts = starts.view(m, t)
+        if not bool(starts[:, 0].all()):
+            raise ValueError(f"packed batch: cu_seq_lens_q {cu.tolist()} puts a document across two rows of the "
+                             f"(M, T) = {(m, t)} batch")
+        found["cu_seq_lens_q"] = starts.cumsum(-1) - 1
+    if not found:
+        return None
+    names = list(found)
+    ref = found[names[0]]
+    for k in names[1:]:
+        other = found[k].to(ref.device)
+        if other.shape != ref.shape or not torch.equal(other, ref):
+            raise ValueError(
+                f"packed batch: {names[0]} and {k} give different document boundaries (batch keys "
+                f"{sorted(map(str, batch))}); make them describe the same packing"
+            )
+    return ref
+
+
+def unpack_documents(batch: dict, pad_label: int = -100) -> dict:
+    """A packed dict batch as the right-padded batch of its documents; any other ``batch`` unchanged.
+
+    Packed: no ``attention_mask`` and a ``seq_idx`` or ``cu_seq_lens_q`` field, or ``position_ids``
+    that restart within a row (Hugging Face's ``DataCollatorWithFlattening``: one row of concatenated
+    documents, positions from 0 in each, ``labels`` -100 at each document's first token). Document
+    ``d`` of row ``r`` becomes one row of the result, documents in row-major order, padded on the
+    right to the longest: every ``(M, T)`` tensor field is split by document (padding repeats the
+    document's last entry; ``labels`` are ``pad_label`` there), ``attention_mask`` marks each
+    document's tokens, and the packing fields (:data:`PACKING_KEYS`) are dropped. Each document is then
+    a sequence of its own: the model never attends across documents, whatever attention it uses
+    (transformers 5.24 masks packed rows only when it builds no KV cache, i.e. with
+    ``use_cache=False``). Other tensor fields, which cannot be split by document, raise a
+    ``ValueError`` naming them.
+    """
+    if batch.get("attention_mask") is not None:
+        extra = [k for k in PACKING_KEYS if k in batch]
+        if extra:
+            raise ValueError(
+                f"a batch with both attention_mask and the packing fields {extra} (keys {sorted(map(str, batch))}): "
+                "a packed row (DataCollatorWithFlattening) has no attention_mask, a padded batch no packing "
+                "fields; pass one or the other"
+            )
+        return batch
+    if not any(k in batch for k in PACKING_KEYS):  # packed only if position_ids restart within a row
+        pos = batch.get("position_ids")
+        if not isinstance(pos, torch.Tensor) or pos.ndim != 2 or not bool((pos.diff(dim=-1) != 1).any()):
+            return batch
+    ids = _document_ids(batch)
+    if ids is None:
+        raise ValueError(
+            f"packed batch: the packing fields {[k for k in PACKING_KEYS if k in batch]} (keys "
+            f"{sorted(map(str, batch))}) need per-token (M, T) position_ids, seq_idx, or input_ids / labels "
+            "for cu_seq_lens_q, to find the documents"
+        )
+    m, t = ids.shape
+    counts = ids[:, -1] + 1  # documents per row
+    starts = torch.diff(ids, prepend=ids[:, :1] - 1, dim=-1) != 0  # (M, T), True at each document's first token
+    row, start = starts.nonzero(as_tuple=True)
+    flat_start = row * t + start
+    length = torch.diff(flat_start, append=flat_start.new_tensor([m * t]))
+    ends = torch.cumsum(counts, 0) - 1  # a row's last document ends at the row's end
+    length[ends] = (t - start[ends])
+    width = int(length.max())
+    j = torch.arange(width, device=ids.device)
+    valid = j < length[:, None]  # (D, width)
+    index = flat_start[:, None] + torch.minimum(j, length[:, None] - 1)  # padding repeats the last token
+    out: dict = {}
+    for k, v in batch.items():
+        if k in PACKING_KEYS:
+            continue
+        if not isinstance(v, torch.Tensor) or v.ndim == 0:
+            out[k] = v
+            continue
+        if v.shape[:2] != (m, t):
+            raise ValueError(
+                f"packed batch: field {k!r} of shape {tuple(v.shape)} cannot be split into the documents of the "
+                f"(M, T) = {(m, t)} rows (keys {sorted(map(str, batch))}); pass per-token (M, T, ...) fields only, "
+                "or pad the documents yourself (one row each, with attention_mask)"
+            )
+        v = v.flatten(0, 1).index_select(0, index.flatten().to(v.device)).view(*index.shape, *v.shape[2:])
+        if k == "labels":
+            v = v.masked_fill(~valid.to(v.device), pad_label)
+        out[k] = v
+    out["attention_mask"] = valid.long()
+    return out
 
 
 def map_tensors(fn: Callable[[torch.Tensor], Any], batch: Any) -> Any:
@@ -55,14 +180,14 @@ def default_forward(model: torch.nn.Module, batch: Any) -> Any:
     * tuple / list ``(inputs, targets, ...)``: ``model(inputs)`` (nanoGPT convention);
     * dict, or any mapping (a ``BatchEncoding``): ``model(**batch)`` without the ``"labels"`` key
       (Hugging Face convention; the loss is computed by the probe from ``labels``, so the model never
-      sees them).
+      sees them); a packed batch as the padded batch of its documents (:func:`unpack_documents`).
     """
     if isinstance(batch, torch.Tensor):
         return model(batch)
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
-    if isinstance(batch, Mapping):
-        return model(**{k: v for k, v in batch.items() if k != "labels"})
+    if isinstance(batch, Mapping):  # a packed batch as its documents, padded (plain_batch)
+        return model(**{k: v for k, v in plain_batch(batch).items() if k != "labels"})
     raise TypeError(f"cannot call the model on a batch of type {type(batch).__name__}; pass forward_fn=")
 
 

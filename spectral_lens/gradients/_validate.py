@@ -38,7 +38,10 @@ def nonfinite_loss_message(samples: list[int], params: list[str], loss_fn: Calla
         f"while measuring {params}"
     )
     if loss_fn is None:
-        return head + "; a sequence whose targets are all ignore_index has loss 0/0 = NaN"
+        return head + (
+            "; a sequence whose targets are all ignore_index has loss 0/0 = NaN (a row that is all padding, "
+            "attention_mask 0 or labels -100, or a one-token document of a packed batch): drop it from the batch"
+        )
     name = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
     return head + f"; the custom loss_fn {name} must return finite per-sample losses of shape (M,)"
 

@@ -173,7 +173,10 @@ def causal_lm_targets(x: torch.Tensor, batch: Any, ignore_index: int = -100) -> 
         targets = batch["labels"][:, 1:]
         mask = batch.get("attention_mask")
         if mask is not None:
-            targets = targets.masked_fill(mask[:, 1:] == 0, ignore_index)
+            # a target counts when both its position and the one predicting it are real tokens: with left
+            # padding the last pad would otherwise "predict" the first real token, a term the sequence alone
+            # does not have (its first token is never a target)
+            targets = targets.masked_fill((mask[:, 1:] == 0) | (mask[:, :-1] == 0), ignore_index)
         x = x[:, :-1]
     elif isinstance(batch, (tuple, list)):
         if len(batch) < 2:
@@ -205,8 +208,11 @@ def causal_lm_loss(output: Any, batch: Any, ignore_index: int = -100, method: st
     * tuple / list ``(input_ids, targets, ...)``: ``targets`` (M, T) are already aligned with the
       logits (``targets[:, t]`` is the token after ``input_ids[:, t]``, nanoGPT convention);
     * dict (or any mapping, e.g. a ``BatchEncoding``) with ``"labels"``: Hugging Face convention,
-      labels are *not* shifted (the logits at ``t`` predict ``labels[:, t + 1]``); positions where
-      ``attention_mask`` is 0 are masked too. Without ``"labels"`` a ``ValueError`` says what to pass;
+      labels are *not* shifted (the logits at ``t`` predict ``labels[:, t + 1]``); a target is
+      masked too where ``attention_mask`` is 0 at its position or at the position predicting it (left
+      padding: the last pad does not predict the first real token), so a padded sequence has the loss of
+      the sequence alone. A packed batch (documents concatenated in a row) is read as its documents,
+      padded (:func:`spectral_lens.gradients._batch.unpack_documents`), by the probe. Without ``"labels"`` a ``ValueError`` says what to pass;
     * a bare tensor ``input_ids``: targets are ``input_ids[:, 1:]`` against ``logits[:, :-1]``.
 
     ``method`` picks the cross-entropy kernel (:func:`token_cross_entropy`). Positions whose target
