@@ -197,6 +197,8 @@ def weight_spectra(model: nn.Module, select: ParamTarget | None = None) -> dict[
     layer's fused expert weights, ``(E, out, in)``): it gives one spectrum per expert, keyed
     ``"<name>[e]"`` for ``e = 0 .. E-1`` (``select`` chooses the parameter, i.e. all its experts). Before,
     the stack was read as one ``E x (out * in)`` matrix, whose ``E`` singular values mix the experts.
+    A stack of one, ``(1, N, d)`` (a ViT's position embeddings, a single shared expert), is its one
+    ``(N, d)`` matrix under the parameter's own name (before: ``(1, N * d)``, a single singular value).
     A convolution's weight stays one matrix ``(out, in * prod(k))``.
 
     A weight offloaded by Hugging Face Accelerate (``cpu_offload``, ``disk_offload``, a ``device_map`` with
@@ -220,7 +222,9 @@ def weight_spectra(model: nn.Module, select: ParamTarget | None = None) -> dict[
                     "load_checkpoint_and_dispatch after init_empty_weights)"
                 )
             p = stored
-        if _matrix_stack(modules, name, p):
+        if _matrix_stack(modules, name, p) and p.shape[0] == 1:  # (1, N, d): a ViT's position embeddings
+            out[name] = weight_spectrum(p[0], name)
+        elif _matrix_stack(modules, name, p):
             out.update({f"{name}[{e}]": weight_spectrum(p[e], f"{name}[{e}]") for e in range(p.shape[0])})
         else:
             out[name] = weight_spectrum(p, name)

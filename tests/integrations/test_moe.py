@@ -146,13 +146,24 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.randn(e, h, d))
 
 
+class Embeddings(nn.Module):
+    def __init__(self, n=9, d=8):
+        super().__init__()
+        self.pos_embed = nn.Parameter(torch.randn(1, n, d))  # a ViT's position embeddings, a stack of one
+
+
 def test_custom_expert_stacks_split_and_convolutions_do_not():
-    """Any non-convolution module's 3-D parameter is a stack; a Conv1d weight (out, in, k), also 3-D,
-    stays the one map on flattened patches (out, in*k)."""
+    """Any non-convolution module's 3-D parameter is a stack; a stack of one (1, N, d) is its (N, d)
+    matrix under its own name (before: one (1, N*d) row, a single singular value); a Conv1d weight
+    (out, in, k), also 3-D, stays the one map on flattened patches (out, in*k)."""
     torch.manual_seed(0)
-    model = nn.ModuleDict({"experts": GroupedExperts(), "conv": nn.Conv1d(4, 6, 3)})
+    model = nn.ModuleDict({"experts": GroupedExperts(), "conv": nn.Conv1d(4, 6, 3), "emb": Embeddings()})
     spectra = weight_spectra(model)
-    assert list(spectra) == [f"experts.{w}[{e}]" for w in ("w1", "w2", "w3") for e in range(3)] + ["conv.weight"]
+    assert list(spectra) == ([f"experts.{w}[{e}]" for w in ("w1", "w2", "w3") for e in range(3)]
+                             + ["conv.weight", "emb.pos_embed"])
+    pos = model["emb"].pos_embed.detach().double()[0]
+    assert spectra["emb.pos_embed"].n_rows == 9
+    assert torch.allclose(spectra["emb.pos_embed"].values, torch.linalg.svdvals(pos) ** 2, rtol=1e-10)
     w2 = model["experts"].w2.detach().double()
     for e in range(3):
         assert torch.allclose(spectra[f"experts.w2[{e}]"].values, torch.linalg.svdvals(w2[e]) ** 2, rtol=1e-10)
