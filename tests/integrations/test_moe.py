@@ -114,15 +114,20 @@ def routed(model, layer: int, pool) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- weights
 
 
-def test_weight_spectra_give_one_spectrum_per_expert():
+SLOW_FAMILIES = ["mixtral", pytest.param("qwen2_moe", marks=pytest.mark.slow),
+                 pytest.param("qwen3_moe", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("family", SLOW_FAMILIES)
+def test_weight_spectra_give_one_spectrum_per_expert(family):
     """Each expert of a fused (E, out, in) weight is its own matrix (before: one E x (out*in) matrix
     whose E singular values mixed the experts); the router stays one matrix."""
-    model = moe(dtype=torch.float32)
-    spectra = weight_spectra(model, "model.layers.*.mlp.**")
+    model = moe(family, dtype=torch.float32)
+    spectra = weight_spectra(model, ["model.layers.*.mlp.gate.weight", "model.layers.*.mlp.experts.*"])
     experts = [f"model.layers.{i}.mlp.experts.{w}[{e}]" for i in range(2) for w in ("gate_up_proj", "down_proj")
                for e in range(4)]
-    assert list(spectra) == [n for i in range(2) for n in [f"model.layers.{i}.mlp.gate.weight"]
-                             + [x for x in experts if x.startswith(f"model.layers.{i}.")]]
+    routers = [f"model.layers.{i}.mlp.gate.weight" for i in range(2)]
+    assert sorted(spectra) == sorted(routers + experts)  # in model order (Qwen3-MoE: experts before the router)
     for name in experts:
         param, e = name[:-3], int(name[-2])
         w = model.get_parameter(param)[e].detach().double()
@@ -176,11 +181,12 @@ def test_custom_expert_stacks_split_and_convolutions_do_not():
 
 
 @pytest.mark.parametrize("param", ["model.layers.1.mlp.gate.weight", DOWN])
-def test_probe_router_and_fused_experts_match_float64_reference(param):
+@pytest.mark.parametrize("family", SLOW_FAMILIES)
+def test_probe_router_and_fused_experts_match_float64_reference(family, param):
     """The router weight (a plain (E, d) parameter of a custom module, not nn.Linear) and a fused expert
     weight: one row per sequence, equal to the float64 per-sequence gradients (the eager experts loop,
     which torch.func.vmap cannot trace: the probe measures it sequence by sequence)."""
-    model, pool = moe(), padded_pool()
+    model, pool = moe(family), padded_pool()
     with pytest.warns(sl.EngineFallbackWarning):
         probe = probed(model, param, pool)
     ref = reference_rows(model, param, pool)
@@ -225,8 +231,7 @@ def test_probe_refuses_one_expert_by_index_saying_what_to_pass():
 # ---------------------------------------------------------------------------------------------- lens
 
 
-@pytest.mark.parametrize("family", [
-    "mixtral", pytest.param("qwen2_moe", marks=pytest.mark.slow), pytest.param("qwen3_moe", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", SLOW_FAMILIES)
 def test_lens_defaults_and_router_and_experts_capture(family):
     """Defaults: the deepest block and its o_proj. The router's logits (pick=0) and the experts module's
     output are (B*T, .) token rows: the (B, T) padding mask applies to them flattened (before: a
