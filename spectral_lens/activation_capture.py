@@ -185,7 +185,7 @@ def _where(name: str, model: nn.Module) -> str:
     return f"module {name!r} of {type(model).__name__}" if name else f"the root module ({type(model).__name__})"
 
 
-def token_mask(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+def _token_mask(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
     """The padding mask for ``rows``: as given, or flattened row-major when the module returned one row per
     token of the flattened ``(batch, position)`` grid (``rows`` of shape ``(B*T, d)``, ``mask`` ``(B, T)``),
     as the router and the experts of a mixture-of-experts layer do in ``transformers`` 5."""
@@ -247,7 +247,7 @@ class _Feed:
         if transformed_forward() or self._skips():  # torch.func / jit.trace / export: no real rows
             return
         rows = self._rows(output)
-        self.acc.update(rows, mask=token_mask(rows, self.capture._mask))
+        self.acc.update(rows, mask=_token_mask(rows, self.capture._mask))
 
     def _rows(self, output) -> torch.Tensor:
         rows = pick_tensor(output, self.pick, self.where)
@@ -278,7 +278,7 @@ class _Feed:
         """The run-time body of a compiled graph's call: feeds ``rows`` unless this forward is skipped
         or the capture was removed since the graph was compiled."""
         if self.capture.active and not self._skips():
-            self.acc.update(rows, mask=token_mask(rows, self.capture._mask))
+            self.acc.update(rows, mask=_token_mask(rows, self.capture._mask))
 
     def __deepcopy__(self, memo) -> _Copied:
         return _Copied()
