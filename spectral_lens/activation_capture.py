@@ -65,7 +65,8 @@ class ActivationCapture(HookSet):
 
     @contextlib.contextmanager
     def mask(self, mask: torch.Tensor | None):
-        """Valid-position mask (bool, the module output's leading shape) for forwards inside the block."""
+        """Valid-position mask (bool, the module output's leading shape; a ``(B, T)`` mask also fits a
+        ``(B*T, d)`` output, flattened row-major) for forwards inside the block."""
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool):
             got = f"a tensor of dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise TypeError(f"ActivationCapture.mask: mask must be a bool tensor (e.g. attention_mask.bool()) or None, "
@@ -184,6 +185,16 @@ def _where(name: str, model: nn.Module) -> str:
     return f"module {name!r} of {type(model).__name__}" if name else f"the root module ({type(model).__name__})"
 
 
+def _token_mask(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The padding mask for ``rows``: as given, or flattened row-major when the module returned one row per
+    token of the flattened ``(batch, position)`` grid (``rows`` of shape ``(B*T, d)``, ``mask`` ``(B, T)``),
+    as the router and the experts of a mixture-of-experts layer do in ``transformers`` 5."""
+    if (mask is not None and isinstance(rows, torch.Tensor) and rows.ndim == 2 and mask.ndim > 1
+            and rows.shape[0] == mask.numel()):
+        return mask.reshape(-1)
+    return mask
+
+
 def _make_hook(capture: ActivationCapture, name: str, pick, module: nn.Module) -> "_Feed":
     # read as given (no pick, or the lens's own reading of the blocks it chose): a channels-first output,
     # (N, C, H, W) of a convolution, would be read as rows of W, so it is refused; an explicit pick wins
@@ -237,12 +248,13 @@ class _Feed:
             return
         if transformed_forward() or self._skips():  # torch.func / jit.trace / export: no real rows
             return
-        self.acc.update(self._checked(pick_tensor(output, self.pick, self.where)), mask=self.capture._mask)
+        self._update(pick_tensor(output, self.pick, self.where))
 
-    def _checked(self, rows: torch.Tensor) -> torch.Tensor:
+    def _update(self, rows: torch.Tensor) -> None:
+        """Feed ``rows`` (eagerly, or in a compiled graph's operator body) after the layout check."""
         if self.layout is not None:  # a convolution, pooling or norm layer, or a block ending in one
             refuse_channels_first(self.layout, rows, self.where, chosen=self.pick is block_hidden_states)
-        return rows
+        self.acc.update(rows, mask=_token_mask(rows, self.capture._mask))
 
     def _skips(self) -> bool:
         """Whether this forward is not the user's: another measurement's pass (measurement_pass),
@@ -267,7 +279,7 @@ class _Feed:
         """The run-time body of a compiled graph's call: feeds ``rows`` unless this forward is skipped
         or the capture was removed since the graph was compiled."""
         if self.capture.active and not self._skips():
-            self.acc.update(self._checked(rows), mask=self.capture._mask)
+            self._update(rows)
 
     def __deepcopy__(self, memo) -> _Copied:
         return _Copied()

@@ -4,7 +4,10 @@ A weight ``W`` (``d_out x d_in``) gives ``Spectrum(kind="weight")`` whose ``valu
 singular values ``s_j^2``, i.e. the eigenvalues of ``W^T W``, so ranks, trace normalization and the
 band alpha mean the same as for activation and gradient spectra. Parameters with more than two
 dimensions (convolutions ``out x in x k...``) are reshaped to ``out x (in * prod(k))``: the linear
-map on flattened input patches. One-dimensional parameters (biases, norms) are skipped.
+map on flattened input patches. In a model, a 3-D parameter of a module that is no convolution (the
+fused expert weights of a mixture-of-experts layer, ``experts.down_proj`` of shape ``(E, out, in)``
+in ``transformers`` 5, torchtitan's ``w1/w2/w3``) is a stack of ``E`` matrices: :func:`weight_spectra`
+gives one spectrum per slice, ``"<name>[e]"``. One-dimensional parameters (biases, norms) are skipped.
 
 Two exponents, two questions (derivation in ``docs/analysis.md``): the band alpha is the slope of
 the rank-ordered spectrum, ``lambda_r ~ r^-a``; :func:`powerlaw_fit` is WeightWatcher's
@@ -89,7 +92,8 @@ def _weight_values(weight: torch.Tensor, where: str) -> tuple[torch.Tensor, str 
 def weight_spectrum(weight: torch.Tensor, name: str | None = None) -> Spectrum:
     """Squared singular values of one weight (float64 SVD on the CPU) as ``Spectrum(kind="weight")``.
 
-    A >2-D weight is reshaped to ``(shape[0], -1)``. ``metadata`` records the original shape and the
+    A >2-D weight is reshaped to ``(shape[0], -1)`` (a convolution's map on flattened patches; for one
+    expert of a fused ``(E, out, in)`` expert weight pass ``weight[e]``). ``metadata`` records the original shape and the
     matrix shape used. Half-precision and float8 weights convert exactly to float64, complex ones to
     complex128. Quantized weights are dequantized first (``torch.ao`` quantized tensors, bitsandbytes ``Params4bit`` and
     ``Int8Params``; ``metadata["dequantized"]`` says which); other integer tensors raise ``ValueError``.
@@ -174,8 +178,28 @@ def _with_quantized_weights(model: nn.Module, named: list) -> list:
     return sorted(named + quantized, key=lambda item: order.get(item[0].rpartition(".")[0], len(order)))
 
 
+def _is_conv(module: nn.Module | None) -> bool:
+    """A convolution (torch's ``_ConvNd``, or any module with a ``kernel_size``): its >2-D weight is one map."""
+    return isinstance(module, nn.modules.conv._ConvNd) or hasattr(module, "kernel_size")
+
+
+def _matrix_stack(modules: dict, name: str, p: torch.Tensor) -> bool:
+    """Whether parameter ``name`` is a stack of matrices along dim 0: 3-D and owned by a module that is
+    no convolution (the fused ``(E, out, in)`` expert weights of mixture-of-experts layers)."""
+    owner = modules.get(name.rpartition(".")[0])
+    return p.ndim == 3 and owner is not None and not _is_conv(owner)
+
+
 def weight_spectra(model: nn.Module, select: ParamTarget | None = None) -> dict[str, Spectrum]:
     """Weight spectra of the selected parameters, keyed by parameter name (model order).
+
+    A 3-D parameter of a module that is no convolution is a stack of matrices (a mixture-of-experts
+    layer's fused expert weights, ``(E, out, in)``): it gives one spectrum per expert, keyed
+    ``"<name>[e]"`` for ``e = 0 .. E-1`` (``select`` chooses the parameter, i.e. all its experts). Before,
+    the stack was read as one ``E x (out * in)`` matrix, whose ``E`` singular values mix the experts.
+    A stack of one, ``(1, N, d)`` (a ViT's position embeddings, a single shared expert), is its one
+    ``(N, d)`` matrix under the parameter's own name (before: ``(1, N * d)``, a single singular value).
+    A convolution's weight stays one matrix ``(out, in * prod(k))``.
 
     A weight offloaded by Hugging Face Accelerate (``cpu_offload``, ``disk_offload``, a ``device_map`` with
     ``"cpu"``/``"disk"`` entries: a meta placeholder between forwards) is read from its hook's offload store
@@ -187,6 +211,7 @@ def weight_spectra(model: nn.Module, select: ParamTarget | None = None) -> dict[
         {name: stable_rank(s) for name, s in spectra.items()}
     """
     out = {}
+    modules = dict(model.named_modules())
     for name, p in select_parameters(model, select):
         if p.device.type == "meta":  # an Accelerate offload placeholder: the value in its hook's store
             stored = offloaded_value(model, name)
@@ -197,7 +222,12 @@ def weight_spectra(model: nn.Module, select: ParamTarget | None = None) -> dict[
                     "load_checkpoint_and_dispatch after init_empty_weights)"
                 )
             p = stored
-        out[name] = weight_spectrum(p, name)
+        if _matrix_stack(modules, name, p) and p.shape[0] == 1:  # (1, N, d): a ViT's position embeddings
+            out[name] = weight_spectrum(p[0], name)
+        elif _matrix_stack(modules, name, p):
+            out.update({f"{name}[{e}]": weight_spectrum(p[e], f"{name}[{e}]") for e in range(p.shape[0])})
+        else:
+            out[name] = weight_spectrum(p, name)
     return out
 
 

@@ -361,6 +361,7 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
         hits = [n if n in named else eager[n] for n in hits]
         if not hits:
             _refuse_parametrized(model, w, modules, named)
+            _refuse_expert_slice(model, w, named)
             flat = [n for n, p in named.items() if getattr(p, "_is_flat_param", False)][:3]
             if flat:
                 raise ValueError(
@@ -378,6 +379,22 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
     for n, p in out.items():
         _refuse_quantized_param(model, n, p)
     return out
+
+
+def _refuse_expert_slice(model: nn.Module, w: str, named: dict) -> None:
+    """``ValueError`` for ``"<name>[e]"``, one expert of a fused ``(E, out, in)`` expert weight (as
+    ``weight_spectra`` names it): the probe measures whole parameters, so say what to pass instead."""
+    hit = re.fullmatch(r"(.+)\[(\d+)\]", w)
+    base = named.get(hit.group(1)) if hit else None
+    if base is None or base.ndim < 3:
+        return
+    raise ValueError(
+        f"{type(model).__name__}: {w!r} is one slice of parameter {hit.group(1)!r} of shape {tuple(base.shape)} (the "
+        "fused weights of a mixture-of-experts layer, one matrix per expert along dim 0); the probe measures whole "
+        f"parameters: pass params={hit.group(1)!r} (one row per sequence of all experts' gradients together) with "
+        f"keep_matrix=True and read expert {hit.group(2)}'s rows as probe.matrix(name).view(M, {base.shape[0]}, -1)"
+        f"[:, {hit.group(2)}], or probe the router weight or an attention matrix"
+    )
 
 
 def _refuse_quantized_param(model: nn.Module, name: str, p: torch.Tensor) -> None:
