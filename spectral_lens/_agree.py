@@ -7,9 +7,18 @@ process-group timeout. Used by :class:`~spectral_lens.SpectralLens` and the inte
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import warnings
 
 import torch
+
+_OUT_OF_STEP = "_spectral_lens_out_of_step"
+TIMEOUT_ADVICE = (
+    "init_process_group(timeout=...), 30 min by default for gloo and 10 min for NCCL; set one you are prepared "
+    "to wait. Under NCCL, TORCH_NCCL_ASYNC_ERROR_HANDLING (on by default) makes the watchdog abort a rank whose "
+    "collective timed out"
+)
 
 
 def ranks(group) -> tuple[int, int]:
@@ -43,6 +52,8 @@ def agree(group, error: BaseException | None, what: str) -> None:
     failed rank re-raises its own exception, the others a ``RuntimeError`` naming the failed
     rank(s). In a single process, ``error`` is simply raised.
     """
+    if error is not None and out_of_step(error):  # another collective would only wait too
+        raise error
     rank, world = ranks(group)
     if world > 1:
         import torch.distributed as dist
@@ -51,12 +62,13 @@ def agree(group, error: BaseException | None, what: str) -> None:
         flags[rank] = int(error is not None)
         try:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-        except Exception:
+        except Exception as exc:
+            # the agreement itself failed (a rank left the others in a collective: the process-group
+            # timeout); no later agreement is tried. A failed rank's own error is the cause
+            mark_out_of_step(exc, what, failed=False)
             if error is None:
                 raise
-            # the agreement itself failed (under FSDP the other ranks wait in the all-gather of a
-            # forward this rank left: the process-group timeout): this rank's own error is the cause
-            raise error  # the collective's error stays attached as __context__
+            raise mark_out_of_step(error, what, failed=False)  # the collective's error stays attached as __context__
         if error is None:
             _raise_failed(group, [r for r, f in enumerate(flags.tolist()) if f], what)
     if error is not None:
@@ -81,20 +93,70 @@ def agree_counts(group, count: int, error: BaseException | None, what: str) -> l
     naming it. Used under FSDP, where the ranks compare their pools as they go (before each forward)."""
     import torch.distributed as dist
 
+    if error is not None and out_of_step(error):
+        raise error
     rank, world = ranks(group)
     slots = torch.zeros(world, dtype=torch.int64, device=collective_device(group))
     slots[rank] = 0 if error is not None else count + 1  # 0: failed (the other ranks' slots are 0 here)
     try:
         dist.all_reduce(slots, op=dist.ReduceOp.MAX, group=group)
-    except Exception:
+    except Exception as exc:  # as in agree: no later agreement; this rank's own error is the cause
+        mark_out_of_step(exc, what, failed=False)
         if error is None:
             raise
-        raise error  # as in agree: this rank's own error is the cause
+        raise mark_out_of_step(error, what, failed=False)
     if error is not None:
         raise error
     counts = [c - 1 for c in slots.tolist()]
     _raise_failed(group, [r for r, c in enumerate(counts) if c < 0], what)
     return counts
+
+
+def out_of_step(error: BaseException) -> bool:
+    """Whether ``error`` left the ranks' collectives out of step (:func:`mark_out_of_step`): no agreement is
+    tried after it, since the other ranks may wait in a different collective."""
+    return bool(getattr(error, _OUT_OF_STEP, False))
+
+
+def mark_out_of_step(error: BaseException, what: str, failed: bool = True) -> BaseException:
+    """``error``, marked as raised where the ranks' collectives may be out of step (inside a forward whose
+    every pass is a collective: FSDP's all-gathers, tensor parallelism's all-reduces, a pipeline's sends and
+    receives; or a collective that failed), with a note (``add_note``; a warning before Python 3.11) saying
+    that the other ranks wait until the process-group timeout. ``failed``: this rank's own failure (else a
+    collective's, most likely left waiting by another rank's failure). Marked once."""
+    if out_of_step(error):
+        return error
+    try:
+        setattr(error, _OUT_OF_STEP, True)
+    except AttributeError:  # an exception type without attributes of its own: raised unmarked, as it is
+        return error
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if failed:
+        note = (f"SpectralLens: {what} failed on global rank {rank} inside a pass that is itself a collective over "
+                "the ranks, so the lens cannot agree on it: if this rank failed first, the other ranks wait in that "
+                "pass's collective until the process group's timeout; if a collective of the pass timed out here, "
+                "another rank failed first (see its error). The timeout: " + TIMEOUT_ADVICE)
+    else:
+        note = (f"SpectralLens: a collective of {what} failed on global rank {rank}; most likely another rank "
+                "failed inside a pass whose collectives this rank waited in (see its error). The timeout: "
+                + TIMEOUT_ADVICE)
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:  # Python 3.10
+        warnings.warn(note, RuntimeWarning, stacklevel=2)
+    return error
+
+
+@contextlib.contextmanager
+def collective_pass(what: str):
+    """Around a forward (or forward and backward) that is a collective over the ranks: an exception from it
+    is :func:`mark_out_of_step` and re-raised at once; the agreements after it raise it without a collective."""
+    try:
+        yield
+    except BaseException as exc:  # an interrupt too
+        raise mark_out_of_step(exc, what)
 
 
 def global_rank(group, rank: int) -> int:

@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ._agree import (agree, agree_counts, agree_lengths, agree_widths, from_rank0, global_rank, ranks,
-                     refuse_other_counts)
+from ._agree import (agree, agree_counts, agree_lengths, agree_widths, collective_pass, from_rank0, global_rank,
+                     ranks, refuse_other_counts)
 from ._args import AUTOCAST_WHY, NARROW_FLOATS, check_callable, check_count, check_dtype, check_window
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
 from ._pools import attention_mask, sharded_pool, unfixed_pool
@@ -601,13 +601,17 @@ class SpectralLens:
             refuse_other_counts(self.group, counts, batches + world)
             if got == 0:
                 return batches
+            # each forward is a collective (FSDP's all-gathers, tensor parallelism's all-reduces, a pipeline's
+            # sends): a failure inside it is raised at once, unagreed (the other ranks wait inside theirs)
             if rank < got:
-                with capture.mask(mask):
+                with collective_pass(f"the activation pass's forward of the pool's batch {batches + rank}"), \
+                        capture.mask(mask):
                     self.forward_fn(model, mine)
                 if bar is not None:
                     bar.update(1)
             else:
-                with measurement_pass():  # feeds no capture: this rank's rows are its share only
+                with collective_pass(f"the activation pass's unmeasured forward of the pool's batch {batches}"), \
+                        measurement_pass():  # feeds no capture: this rank's rows are its share only
                     self.forward_fn(model, first)
             batches += got
             if got < world:
@@ -712,10 +716,14 @@ class SpectralLens:
             # shuffling sampler, numpy augmentation): under the fork, as in the activation pass
             with forked_rng(cuda_devices(self.model)):
                 batches = self._gradient_batches()
-                if self._everywhere():  # every rank runs these passes: the pools compared as they go
+                everywhere = self._everywhere()
+                if everywhere:  # every rank runs these passes: the pools compared as they go
                     batches = self._agreed_gradient_batches(batches)
-                for batch in batches:
-                    self.probe.update(batch)
+                for i, batch in enumerate(batches):
+                    # everywhere, a forward and backward that are collectives: as in _forwards_in_rounds
+                    with (collective_pass(f"the gradient protocol's pass over the gradient pool's batch {i}")
+                          if everywhere else contextlib.nullcontext()):
+                        self.probe.update(batch)
                     if bar is not None:
                         bar.update(batch_size(batch))
         finally:

@@ -1,0 +1,130 @@
+"""A failure on one rank during a ``SpectralLens`` measurement, on 2 gloo CPU ranks: no rank waits longer than it
+must, and every rank raises.
+
+Where every forward of the measurement is itself a collective (FSDP's all-gathers, a pipeline's sends and
+receives, tensor parallelism's all-reduces), a forward that fails on one rank leaves the other ranks inside
+that forward's collective: nothing the lens does can reach them before the process group's timeout. Before
+the fix, the failed rank then went into the lens's agreement (an ``all_reduce``), which met the other ranks'
+collectives out of step: under FSDP it waited there for the timeout before raising its own error (under NCCL
+the watchdog aborts it first, so its error was never raised); in a pipeline the agreement met the other
+stage's next-round pool comparison, which raised a false "the ranks' pools gave different numbers of batches"
+there and then waited for a second timeout. Now the failed rank raises its own error at once, with a note
+naming the timeout (``init_process_group(timeout=...)``, ``TORCH_NCCL_ASYNC_ERROR_HANDLING``), and the other
+ranks raise after one timeout, never a second one.
+
+Each out-of-step case runs in a process group of its own (it leaves the group unusable): the slow tier.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from support.fsdp_pools import fsdp2 as _fsdp2
+from support.fsdp_pools import pool as _pool
+from support.ranks import run_gloo_cases
+
+from spectral_lens import SpectralLens
+
+WORLD = 2
+PG_TIMEOUT_S = 8  # the other ranks wait this long inside the failed forward's collective
+JOIN_S = 150.0
+INJECTED = "injected: CUDA out of memory on rank 1"
+
+
+def _outcome(measure) -> dict:
+    """The measurement's error on this rank: type, message, notes (``add_note``) and seconds (no harness barrier
+    in them)."""
+    start = time.monotonic()
+    try:
+        measure()
+        error = None
+    except BaseException as exc:  # noqa: BLE001 - recorded for the parent
+        error = {"type": type(exc).__name__, "message": str(exc), "notes": list(getattr(exc, "__notes__", []))}
+    return {"error": error, "seconds": time.monotonic() - start}
+
+
+def _failing_forward(rank: int, at: int, forward):
+    """``forward`` that raises on rank 1 at its ``at``-th call (an out-of-memory in user code)."""
+    calls = []
+
+    def forward_fn(model, batch):
+        calls.append(1)
+        if rank == 1 and len(calls) == at:
+            raise RuntimeError(INJECTED)
+        return forward(model, batch)
+
+    return forward_fn
+
+
+def _fsdp_forward_fails_on_rank1(rank: int) -> dict:
+    """FSDP2, 4 batches (2 rounds): rank 1's second forward (the pool's batch 3) raises before the model runs;
+    rank 0 waits in the all-gather of its batch 2's forward."""
+    lens = SpectralLens(_fsdp2(), _pool(4), params=(), precision="float64", progress=False,
+                        forward_fn=_failing_forward(rank, 2, lambda m, b: m(b[0])))
+    return _outcome(lambda: lens.measure(1, 1))
+
+
+def _pipeline_stage_fails_on_rank1(rank: int) -> dict:
+    """A 2-stage GPipe pipeline, 3 batches each run by both stages: stage 1's forward of batch 1 raises after
+    its schedule ran (stage 0 goes on to the next round's pool comparison)."""
+    from reliability.test_pipeline_parallel import _forward_fn, _schedule, _stage_module
+    from reliability.test_pipeline_parallel import _pool as _pp_pool
+
+    module = _stage_module(rank)
+    schedule = _schedule(module, rank)
+    run = _forward_fn(schedule, rank)
+
+    def forward_fn(model, batch, calls=[]):  # noqa: B006 - the call count
+        calls.append(1)
+        out = run(model, batch)
+        if rank == 1 and len(calls) == 2:
+            raise RuntimeError(INJECTED)
+        return out
+
+    lens = SpectralLens(module, _pp_pool(3), layers="all", params=(), precision="float64", mask_fn=None,
+                        progress=False, forward_fn=forward_fn)
+    return _outcome(lambda: lens.measure(1, 1))
+
+
+def _alone(tmp_path_factory, case, fn, preload: str) -> list[dict]:
+    """``fn`` on every rank in a process group of its own; each rank's :func:`_outcome`."""
+    results = run_gloo_cases(tmp_path_factory.mktemp(case), {case: fn}, WORLD, pg_timeout_s=PG_TIMEOUT_S,
+                             join_s=JOIN_S, preload=preload)
+    got = results[case]
+    assert None not in got, f"{case}: a rank wrote no result; still running at the deadline (killed): {results['_hung']}"
+    return [r["value"] for r in got]
+
+
+def _assert_failed_rank_raises_at_once(got: list[dict]) -> None:
+    failed = got[1]["error"]
+    assert failed is not None and failed["type"] == "RuntimeError" and failed["message"] == INJECTED, got
+    assert got[1]["seconds"] < PG_TIMEOUT_S / 2, f"the failed rank waited: {got}"
+    note = "\n".join(failed["notes"])
+    assert "global rank 1" in note and "init_process_group(timeout=" in note, note
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" in note, note
+
+
+def _assert_other_rank_waits_one_timeout(got: list[dict]) -> None:
+    other = got[0]["error"]
+    assert other is not None, got
+    assert "pools gave different numbers" not in other["message"], f"a false diagnosis: {other}"
+    assert got[0]["seconds"] < 1.6 * PG_TIMEOUT_S, f"more than one timeout: {got}"
+    assert any("another rank" in n for n in other["notes"]), other
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fsdp_forward_failure_on_one_rank_is_raised_at_once(tmp_path_factory):
+    got = _alone(tmp_path_factory, "fsdp_forward", _fsdp_forward_fails_on_rank1, "torch.distributed.fsdp")
+    _assert_failed_rank_raises_at_once(got)
+    _assert_other_rank_waits_one_timeout(got)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pipeline_stage_failure_on_one_rank_is_raised_at_once(tmp_path_factory):
+    got = _alone(tmp_path_factory, "pipeline_stage", _pipeline_stage_fails_on_rank1, "torch.distributed.pipelining")
+    _assert_failed_rank_raises_at_once(got)
+    _assert_other_rank_waits_one_timeout(got)
