@@ -178,13 +178,9 @@ def agree_widths(group, named: list, batches: int) -> None:
     import torch.distributed as dist
 
     names = [name for name, _ in named]
-    digest = int.from_bytes(hashlib.blake2b("\n".join(names).encode(), digest_size=7).digest(), "big")
-    (most_layers, most_digest, most), (fewest_layers, fewest_digest, fewest) = _extremes(group, [len(names), digest, batches])
-    if most_layers != fewest_layers or most_digest != fewest_digest:  # the same on every rank: all of them raise
-        raise ValueError(
-            f"SpectralLens: the ranks measure different layers (this rank: {names}); every rank must build "
-            "the lens with the same layers= on the same model"
-        )
+    (most_layers, most_digest, most), (fewest_layers, fewest_digest, fewest) = _extremes(
+        group, [len(names), _digest(names), batches])
+    _refuse_other_layers(names, (most_layers, most_digest), (fewest_layers, fewest_digest))
     _refuse_other_lengths(fewest, most)
     accs = [acc for _, acc in named]
     widths = torch.tensor([-1 if a.dim is None else a.dim for a in accs], dtype=torch.int64,
@@ -200,12 +196,32 @@ def agree_widths(group, named: list, batches: int) -> None:
             acc.dim = d
 
 
-def agree_lengths(group, batches: int) -> None:
-    """``ValueError`` on every rank when the ranks' pools have different lengths (``batches``: this rank's
-    ``len(pool)``), in one ``all_reduce(MAX)``: under FSDP, before any forward (each forward all-gathers,
-    so pools of different lengths would leave a rank waiting in a forward the others never run)."""
-    (most,), (fewest,) = _extremes(group, [batches])
+def agree_before_pass(group, names: list[str] | None, batches: int) -> None:
+    """``ValueError`` on every rank when the ranks measure different layers (``names``: this rank's, sorted;
+    ``None`` on a pipeline stage, whose ranks measure the layers they hold) or their pools have different
+    lengths (``batches``: this rank's ``len(pool)``; a pool without one is compared round by round), in one
+    ``all_reduce(MAX)``: where every forward is a collective (FSDP, ZeRO-3, one tensor-parallel replica, a
+    pipeline), before any forward. Pools of different lengths would leave a rank waiting in a forward the
+    others never run, and other layers on one tensor-parallel rank would leave the ranks' comparison of their
+    rows (one collective per layer) mismatched."""
+    values = [0, 0] if names is None else [len(names), _digest(names)]
+    (most_layers, most_digest, most), (fewest_layers, fewest_digest, fewest) = _extremes(group, values + [batches])
+    _refuse_other_layers(names, (most_layers, most_digest), (fewest_layers, fewest_digest))
     _refuse_other_lengths(fewest, most)
+
+
+def _digest(names: list[str]) -> int:
+    return int.from_bytes(hashlib.blake2b("\n".join(names).encode(), digest_size=7).digest(), "big")
+
+
+def _refuse_other_layers(names, most: tuple[int, int], fewest: tuple[int, int]) -> None:
+    """``ValueError`` (on every rank: the extremes of the ranks' layer counts and name digests are the same
+    there) when the ranks measure different layers."""
+    if most != fewest:
+        raise ValueError(
+            f"SpectralLens: the ranks measure different layers (this rank: {names}); every rank must build "
+            "the lens with the same layers= on the same model"
+        )
 
 
 def _extremes(group, values: list[int]) -> tuple[list[int], list[int]]:

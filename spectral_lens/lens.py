@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ._agree import (agree, agree_counts, agree_lengths, agree_widths, collective_pass, from_rank0, global_rank,
+from ._agree import (agree, agree_before_pass, agree_counts, agree_widths, collective_pass, from_rank0, global_rank,
                      ranks, refuse_other_counts)
 from ._args import AUTOCAST_WHY, NARROW_FLOATS, check_callable, check_count, check_dtype, check_window
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
@@ -553,8 +553,8 @@ class SpectralLens:
         # different lengths (with a len) are refused before any forward; likewise one tensor-parallel replica
         # (lockstep), whose ranks all run every batch: rounds of one batch, compared over the group
         fsdp = lockstep or (world > 1 and (bool(fsdp_sharded(model)) or zero3_partitioned(model)))
-        if fsdp and total is not None:
-            agree_lengths(self.group, total)
+        if fsdp and total is not None:  # one collective (a pipeline's stages measure the layers they hold)
+            agree_before_pass(self.group, None if self._stage is not None else sorted(capture.accumulators), total)
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
         try:
             with self._eval_mode(), torch.no_grad(), autocast, eager_forwards(), measurement_pass(capture):

@@ -13,6 +13,13 @@ naming the timeout (``init_process_group(timeout=...)``, ``TORCH_NCCL_ASYNC_ERRO
 ranks raise after one timeout, never a second one.
 
 Each out-of-step case runs in a process group of its own (it leaves the group unusable): the slow tier.
+
+What can be checked before those forwards is agreed there: the pools' lengths, and now the layers too. On
+one tensor-parallel replica (every rank runs every batch) the ranks' rows are compared after the pass, one
+collective per layer, and the layers were compared nowhere: other layers on one rank left that comparison's
+collectives mismatched (gloo failed on one rank only; NCCL would hang), or compared one rank's ``h.0`` with
+the other's ``h.1`` ("the outputs differ between the tensor-parallel ranks"). Now every rank raises the same
+``ValueError`` naming its layers, before any forward, with the ranks in step afterwards.
 """
 
 from __future__ import annotations
@@ -23,12 +30,13 @@ import pytest
 import torch
 from support.fsdp_pools import fsdp2 as _fsdp2
 from support.fsdp_pools import pool as _pool
-from support.ranks import run_gloo_cases
+from support.ranks import checked_case, run_gloo_cases
 
 from spectral_lens import SpectralLens
 
 WORLD = 2
 PG_TIMEOUT_S = 8  # the other ranks wait this long inside the failed forward's collective
+AGREED_TIMEOUT_S = 30  # the agreed cases: a regression waits this long (the model's set-up takes seconds)
 JOIN_S = 150.0
 INJECTED = "injected: CUDA out of memory on rank 1"
 
@@ -86,6 +94,41 @@ def _pipeline_stage_fails_on_rank1(rank: int) -> dict:
     lens = SpectralLens(module, _pp_pool(3), layers="all", params=(), precision="float64", mask_fn=None,
                         progress=False, forward_fn=forward_fn)
     return _outcome(lambda: lens.measure(1, 1))
+
+
+def _tp_layers(rank: int, layers: list) -> None:
+    from reliability.test_tensor_parallel import _mesh, _plain, _tp
+    from reliability.test_tensor_parallel import _pool as _tp_pool
+
+    SpectralLens(_tp(_plain(), _mesh()), _tp_pool(2), layers=layers[rank], params=(), precision="float64",
+                 mask_fn=None, progress=False).measure(1, 1)
+
+
+def _tp_more_layers_on_rank1(rank: int) -> None:
+    _tp_layers(rank, [["h.0"], ["h.0", "h.1"]])
+
+
+def _tp_other_layer_on_rank1(rank: int) -> None:
+    _tp_layers(rank, [["h.0"], ["h.1"]])
+
+
+AGREED = {"tp_more_layers_on_rank1": _tp_more_layers_on_rank1, "tp_other_layer_on_rank1": _tp_other_layer_on_rank1}
+
+
+@pytest.fixture(scope="module")
+def agreed(tmp_path_factory) -> dict:
+    return run_gloo_cases(tmp_path_factory.mktemp("agreed"), AGREED, WORLD, pg_timeout_s=AGREED_TIMEOUT_S, join_s=JOIN_S,
+                          preload="torch.distributed.tensor.parallel")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", sorted(AGREED))
+def test_other_layers_on_one_tensor_parallel_rank_are_refused_on_every_rank(agreed, case):
+    got = checked_case(agreed, case, AGREED_TIMEOUT_S / 2)  # no timeout, and the ranks in step afterwards
+    for rank, r in enumerate(got):
+        assert r["error"] is not None and r["error"].startswith("ValueError: SpectralLens: the ranks measure "
+                                                                "different layers"), (rank, r)
+    assert "['h.0']" in got[0]["error"] and "h.1" in got[1]["error"], got
 
 
 def _alone(tmp_path_factory, case, fn, preload: str) -> list[dict]:
