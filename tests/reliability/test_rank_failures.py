@@ -121,6 +121,7 @@ def agreed(tmp_path_factory) -> dict:
                           preload="torch.distributed.tensor.parallel")
 
 
+@pytest.mark.slow  # one spawn of 2 ranks with DTensor: ~35 s on the 2-core CPU
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", sorted(AGREED))
 def test_other_layers_on_one_tensor_parallel_rank_are_refused_on_every_rank(agreed, case):
