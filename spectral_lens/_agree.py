@@ -88,16 +88,23 @@ def _raise_failed(group, failed: list[int], what: str) -> None:
 
 def agree_counts(group, count: int, error: BaseException | None, what: str) -> list[int]:
     """Every rank's ``count`` (a number >= 0 of batches or samples), indexed by group rank, in one
-    ``all_reduce(MAX)`` of world integers, with this rank's failure (``error``) agreed as in :func:`agree`:
-    if any rank failed, a failed rank re-raises its own exception and the others a ``RuntimeError``
-    naming it. Used under FSDP, where the ranks compare their pools as they go (before each forward)."""
+    ``all_reduce(MAX)``, with this rank's failure (``error``) agreed as in :func:`agree`: if any rank
+    failed, a failed rank re-raises its own exception and the others a ``RuntimeError`` naming it. Used
+    under FSDP, where the ranks compare their pools as they go (before each forward)."""
+    return agree_round(group, count, 0, error, what)[0]
+
+
+def agree_round(group, count: int, digest: int, error: BaseException | None, what: str) -> tuple[list[int], list[int]]:
+    """:func:`agree_counts`, and every rank's ``digest`` (an integer in ``[0, 2**56)``: :func:`batch_digest`)
+    in the same ``all_reduce(MAX)`` of ``2 * world`` integers."""
     import torch.distributed as dist
 
     if error is not None and out_of_step(error):
         raise error
     rank, world = ranks(group)
-    slots = torch.zeros(world, dtype=torch.int64, device=collective_device(group))
+    slots = torch.zeros(2 * world, dtype=torch.int64, device=collective_device(group))
     slots[rank] = 0 if error is not None else count + 1  # 0: failed (the other ranks' slots are 0 here)
+    slots[world + rank] = digest
     try:
         dist.all_reduce(slots, op=dist.ReduceOp.MAX, group=group)
     except Exception as exc:  # as in agree: no later agreement; this rank's own error is the cause
@@ -107,9 +114,28 @@ def agree_counts(group, count: int, error: BaseException | None, what: str) -> l
         raise mark_out_of_step(error, what, failed=False)
     if error is not None:
         raise error
-    counts = [c - 1 for c in slots.tolist()]
+    values = slots.tolist()
+    counts = [c - 1 for c in values[:world]]
     _raise_failed(group, [r for r, c in enumerate(counts) if c < 0], what)
-    return counts
+    return counts, values[world:]
+
+
+def batch_structure(batch) -> str:
+    """The shapes and dtypes of ``batch``'s tensors in its nesting (mappings by key, sequences in order), and
+    other values' types: what ranks running the same batch together (one tensor-parallel replica, a pipeline's
+    stages) must agree on before its forward."""
+    if isinstance(batch, torch.Tensor):
+        return f"{str(batch.dtype).removeprefix('torch.')}{list(batch.shape)}"
+    if isinstance(batch, dict) or (hasattr(batch, "keys") and hasattr(batch, "__getitem__")):
+        return "{" + ", ".join(f"{k!r}: {batch_structure(batch[k])}" for k in sorted(batch.keys(), key=repr)) + "}"
+    if isinstance(batch, (list, tuple)):
+        return "(" + ", ".join(batch_structure(b) for b in batch) + ")"
+    return type(batch).__name__
+
+
+def batch_digest(batch) -> int:
+    """A digest of :func:`batch_structure` in ``[1, 2**56)`` (0: no batch)."""
+    return 1 + int.from_bytes(hashlib.blake2b(batch_structure(batch).encode(), digest_size=7).digest(), "big") % (2**56 - 1)
 
 
 def out_of_step(error: BaseException) -> bool:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 from support.fsdp_pools import fsdp2 as _fsdp2
 from support.fsdp_pools import pool as _pool
 from support.ranks import checked_case, run_gloo_cases
@@ -96,11 +95,11 @@ def _pipeline_stage_fails_on_rank1(rank: int) -> dict:
     return _outcome(lambda: lens.measure(1, 1))
 
 
-def _tp_layers(rank: int, layers: list) -> None:
+def _tp_layers(rank: int, layers: list, pool=None) -> None:
     from reliability.test_tensor_parallel import _mesh, _plain, _tp
     from reliability.test_tensor_parallel import _pool as _tp_pool
 
-    SpectralLens(_tp(_plain(), _mesh()), _tp_pool(2), layers=layers[rank], params=(), precision="float64",
+    SpectralLens(_tp(_plain(), _mesh()), pool or _tp_pool(2), layers=layers[rank], params=(), precision="float64",
                  mask_fn=None, progress=False).measure(1, 1)
 
 
@@ -112,7 +111,19 @@ def _tp_other_layer_on_rank1(rank: int) -> None:
     _tp_layers(rank, [["h.0"], ["h.1"]])
 
 
-AGREED = {"tp_more_layers_on_rank1": _tp_more_layers_on_rank1, "tp_other_layer_on_rank1": _tp_other_layer_on_rank1}
+def _tp_shorter_batch_on_rank1(rank: int) -> None:
+    """Rank 1's pool: its batch 1 a token shorter (a pool built another way on one rank); the replica's ranks
+    run every batch together."""
+    from reliability.test_tensor_parallel import _pool as _tp_pool
+
+    pool = _tp_pool(3)
+    if rank == 1:
+        pool[1] = tuple(t[:, :-1] for t in pool[1])
+    _tp_layers(rank, [["h.0"], ["h.0"]], pool)
+
+
+AGREED = {"tp_more_layers_on_rank1": _tp_more_layers_on_rank1, "tp_other_layer_on_rank1": _tp_other_layer_on_rank1,
+          "tp_shorter_batch_on_rank1": _tp_shorter_batch_on_rank1}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +134,7 @@ def agreed(tmp_path_factory) -> dict:
 
 @pytest.mark.slow  # one spawn of 2 ranks with DTensor: ~35 s on the 2-core CPU
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", sorted(AGREED))
+@pytest.mark.parametrize("case", ["tp_more_layers_on_rank1", "tp_other_layer_on_rank1"])
 def test_other_layers_on_one_tensor_parallel_rank_are_refused_on_every_rank(agreed, case):
     got = checked_case(agreed, case, AGREED_TIMEOUT_S / 2)  # no timeout, and the ranks in step afterwards
     for rank, r in enumerate(got):
@@ -172,3 +183,14 @@ def test_pipeline_stage_failure_on_one_rank_is_raised_at_once(tmp_path_factory):
     got = _alone(tmp_path_factory, "pipeline_stage", _pipeline_stage_fails_on_rank1, "torch.distributed.pipelining")
     _assert_failed_rank_raises_at_once(got)
     _assert_other_rank_waits_one_timeout(got)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_batch_of_another_shape_on_one_tensor_parallel_rank_is_refused_on_every_rank_before_its_forward(agreed):
+    got = checked_case(agreed, "tp_shorter_batch_on_rank1", AGREED_TIMEOUT_S / 2)
+    for rank, r in enumerate(got):
+        assert r["error"] is not None and r["error"].startswith(
+            "ValueError: SpectralLens: the pool's batch 1 differs in shape or dtype between the ranks"), (rank, r)
+    assert "(int64[4, 12], int64[4, 12])" in got[0]["error"], got
+    assert "(int64[4, 11], int64[4, 11])" in got[1]["error"], got
