@@ -194,3 +194,70 @@ def test_a_batch_of_another_shape_on_one_tensor_parallel_rank_is_refused_on_ever
             "ValueError: SpectralLens: the pool's batch 1 differs in shape or dtype between the ranks"), (rank, r)
     assert "(int64[4, 12], int64[4, 12])" in got[0]["error"], got
     assert "(int64[4, 11], int64[4, 11])" in got[1]["error"], got
+
+
+# ---------------------------------------------------------------- in one process, torch.distributed patched
+@pytest.fixture
+def two_ranks(monkeypatch):
+    """Rank 0 of 2 (gloo); ``calls``: the all_reduce calls made, each failing with ``fail`` when it is set (a
+    collective that timed out)."""
+    import torch.distributed as dist
+
+    state = {"calls": 0, "fail": None}
+
+    def all_reduce(t, op=None, group=None):
+        state["calls"] += 1
+        if state["fail"] is not None:
+            raise state["fail"]
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    return state
+
+
+def test_no_agreement_is_tried_after_a_failure_inside_a_collective_pass(two_ranks):
+    """An error from inside a pass that is a collective (a forward under FSDP) is raised at once, with a note
+    naming the timeout, and the agreements after it raise it without a collective (the other ranks are inside
+    the pass's collective: an agreement would wait for the timeout, under NCCL until the watchdog aborts)."""
+    from spectral_lens._agree import agree, agree_counts, collective_pass
+
+    with pytest.raises(MemoryError) as info:
+        with collective_pass("the activation pass's forward of the pool's batch 3"):
+            raise MemoryError("out of memory")
+    notes = "\n".join(info.value.__notes__)
+    assert "batch 3 failed on global rank 0" in notes and "TORCH_NCCL_ASYNC_ERROR_HANDLING" in notes, notes
+    for agreement in (lambda e: agree(None, e, "the activation pass"), lambda e: agree_counts(None, 1, e, "loading")):
+        with pytest.raises(MemoryError):
+            agreement(info.value)
+    assert two_ranks["calls"] == 0
+
+
+def test_a_failed_agreement_is_not_tried_again(two_ranks):
+    """The agreement's own collective timed out (a rank left the others in a collective): its error is raised
+    with a note, and the next agreement, given that error, raises it without a second collective (a second
+    timeout)."""
+    from spectral_lens._agree import agree, agree_counts
+
+    two_ranks["fail"] = RuntimeError("gloo: Timed out waiting 8000ms")
+    with pytest.raises(RuntimeError, match="Timed out") as info:
+        agree_counts(None, 1, None, "loading the pool's batches")
+    assert "another rank" in "\n".join(info.value.__notes__)
+    with pytest.raises(RuntimeError, match="Timed out"):
+        agree(None, info.value, "the activation pass")
+    assert two_ranks["calls"] == 1
+
+
+def test_a_batch_structure_names_its_tensors_shapes_and_dtypes():
+    import torch
+
+    from spectral_lens._agree import batch_digest, batch_structure
+
+    batch = {"input_ids": torch.zeros(4, 12, dtype=torch.int64), "extra": [torch.ones(2, dtype=torch.bfloat16), "x"]}
+    assert batch_structure(batch) == "{'extra': (bfloat16[2], str), 'input_ids': int64[4, 12]}"
+    assert batch_digest(batch) == batch_digest({"extra": [torch.ones(2, dtype=torch.bfloat16), "y"],
+                                                "input_ids": torch.ones(4, 12, dtype=torch.int64)})
+    shorter = (torch.zeros(4, 11, dtype=torch.int64),)
+    assert batch_digest(shorter) != batch_digest((torch.zeros(4, 12, dtype=torch.int64),)) and batch_digest(shorter) > 0
