@@ -5,12 +5,13 @@ Where every forward of the measurement is itself a collective (FSDP's all-gather
 receives, tensor parallelism's all-reduces), a forward that fails on one rank leaves the other ranks inside
 that forward's collective: nothing the lens does can reach them before the process group's timeout. Before
 the fix, the failed rank then went into the lens's agreement (an ``all_reduce``), which met the other ranks'
-collectives out of step: under FSDP it waited there for the timeout before raising its own error (under NCCL
-the watchdog aborts it first, so its error was never raised); in a pipeline the agreement met the other
-stage's next-round pool comparison, which raised a false "the ranks' pools gave different numbers of batches"
-there and then waited for a second timeout. Now the failed rank raises its own error at once, with a note
-naming the timeout (``init_process_group(timeout=...)``, ``TORCH_NCCL_ASYNC_ERROR_HANDLING``), and the other
-ranks raise after one timeout, never a second one.
+collectives out of step: under FSDP it waited there for the timeout before raising its own error (8.5 s
+here; under NCCL the watchdog may abort it first, so that its error is never raised); in a pipeline the
+agreement met the other stage's next-round pool comparison, which then raised a false "the ranks' pools gave
+different numbers of batches" (after waiting for the timeout in the agreement that followed). Now the failed
+rank raises its own error at once, with a note naming the timeout (``init_process_group(timeout=...)``,
+``TORCH_NCCL_ASYNC_ERROR_HANDLING``), and the other ranks raise torch's timeout error after one timeout, with
+a note, and try no agreement after it (which could only wait for another timeout).
 
 Each out-of-step case runs in a process group of its own (it leaves the group unusable): the slow tier.
 
