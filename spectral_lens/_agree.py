@@ -7,9 +7,18 @@ process-group timeout. Used by :class:`~spectral_lens.SpectralLens` and the inte
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import warnings
 
 import torch
+
+_OUT_OF_STEP = "_spectral_lens_out_of_step"
+TIMEOUT_ADVICE = (
+    "init_process_group(timeout=...), 30 min by default for gloo and 10 min for NCCL; set one you are prepared "
+    "to wait. Under NCCL, TORCH_NCCL_ASYNC_ERROR_HANDLING (on by default) makes the watchdog abort a rank whose "
+    "collective timed out"
+)
 
 
 def ranks(group) -> tuple[int, int]:
@@ -43,6 +52,8 @@ def agree(group, error: BaseException | None, what: str) -> None:
     failed rank re-raises its own exception, the others a ``RuntimeError`` naming the failed
     rank(s). In a single process, ``error`` is simply raised.
     """
+    if error is not None and out_of_step(error):  # another collective would only wait too
+        raise error
     rank, world = ranks(group)
     if world > 1:
         import torch.distributed as dist
@@ -51,12 +62,13 @@ def agree(group, error: BaseException | None, what: str) -> None:
         flags[rank] = int(error is not None)
         try:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-        except Exception:
+        except Exception as exc:
+            # the agreement itself failed (a rank left the others in a collective: the process-group
+            # timeout); no later agreement is tried. A failed rank's own error is the cause
+            mark_out_of_step(exc, what, failed=False)
             if error is None:
                 raise
-            # the agreement itself failed (under FSDP the other ranks wait in the all-gather of a
-            # forward this rank left: the process-group timeout): this rank's own error is the cause
-            raise error  # the collective's error stays attached as __context__
+            raise mark_out_of_step(error, what, failed=False)  # the collective's error stays attached as __context__
         if error is None:
             _raise_failed(group, [r for r, f in enumerate(flags.tolist()) if f], what)
     if error is not None:
@@ -76,25 +88,101 @@ def _raise_failed(group, failed: list[int], what: str) -> None:
 
 def agree_counts(group, count: int, error: BaseException | None, what: str) -> list[int]:
     """Every rank's ``count`` (a number >= 0 of batches or samples), indexed by group rank, in one
-    ``all_reduce(MAX)`` of world integers, with this rank's failure (``error``) agreed as in :func:`agree`:
-    if any rank failed, a failed rank re-raises its own exception and the others a ``RuntimeError``
-    naming it. Used under FSDP, where the ranks compare their pools as they go (before each forward)."""
+    ``all_reduce(MAX)``, with this rank's failure (``error``) agreed as in :func:`agree`: if any rank
+    failed, a failed rank re-raises its own exception and the others a ``RuntimeError`` naming it. Used
+    under FSDP, where the ranks compare their pools as they go (before each forward)."""
+    return agree_round(group, count, 0, error, what)[0]
+
+
+def agree_round(group, count: int, digest: int, error: BaseException | None, what: str) -> tuple[list[int], list[int]]:
+    """:func:`agree_counts`, and every rank's ``digest`` (an integer in ``[0, 2**56)``: :func:`batch_digest`)
+    in the same ``all_reduce(MAX)`` of ``2 * world`` integers."""
     import torch.distributed as dist
 
+    if error is not None and out_of_step(error):
+        raise error
     rank, world = ranks(group)
-    slots = torch.zeros(world, dtype=torch.int64, device=collective_device(group))
+    slots = torch.zeros(2 * world, dtype=torch.int64, device=collective_device(group))
     slots[rank] = 0 if error is not None else count + 1  # 0: failed (the other ranks' slots are 0 here)
+    slots[world + rank] = digest
     try:
         dist.all_reduce(slots, op=dist.ReduceOp.MAX, group=group)
-    except Exception:
+    except Exception as exc:  # as in agree: no later agreement; this rank's own error is the cause
+        mark_out_of_step(exc, what, failed=False)
         if error is None:
             raise
-        raise error  # as in agree: this rank's own error is the cause
+        raise mark_out_of_step(error, what, failed=False)
     if error is not None:
         raise error
-    counts = [c - 1 for c in slots.tolist()]
+    values = slots.tolist()
+    counts = [c - 1 for c in values[:world]]
     _raise_failed(group, [r for r, c in enumerate(counts) if c < 0], what)
-    return counts
+    return counts, values[world:]
+
+
+def batch_structure(batch) -> str:
+    """The shapes and dtypes of ``batch``'s tensors in its nesting (mappings by key, sequences in order), and
+    other values' types: what ranks running the same batch together (one tensor-parallel replica, a pipeline's
+    stages) must agree on before its forward."""
+    if isinstance(batch, torch.Tensor):
+        return f"{str(batch.dtype).removeprefix('torch.')}{list(batch.shape)}"
+    if isinstance(batch, dict) or (hasattr(batch, "keys") and hasattr(batch, "__getitem__")):
+        return "{" + ", ".join(f"{k!r}: {batch_structure(batch[k])}" for k in sorted(batch.keys(), key=repr)) + "}"
+    if isinstance(batch, (list, tuple)):
+        return "(" + ", ".join(batch_structure(b) for b in batch) + ")"
+    return type(batch).__name__
+
+
+def batch_digest(batch) -> int:
+    """A digest of :func:`batch_structure` in ``[1, 2**56)`` (0: no batch)."""
+    return 1 + int.from_bytes(hashlib.blake2b(batch_structure(batch).encode(), digest_size=7).digest(), "big") % (2**56 - 1)
+
+
+def out_of_step(error: BaseException) -> bool:
+    """Whether ``error`` left the ranks' collectives out of step (:func:`mark_out_of_step`): no agreement is
+    tried after it, since the other ranks may wait in a different collective."""
+    return bool(getattr(error, _OUT_OF_STEP, False))
+
+
+def mark_out_of_step(error: BaseException, what: str, failed: bool = True) -> BaseException:
+    """``error``, marked as raised where the ranks' collectives may be out of step (inside a forward whose
+    every pass is a collective: FSDP's all-gathers, tensor parallelism's all-reduces, a pipeline's sends and
+    receives; or a collective that failed), with a note (``add_note``; a warning before Python 3.11) saying
+    that the other ranks wait until the process-group timeout. ``failed``: this rank's own failure (else a
+    collective's, most likely left waiting by another rank's failure). Marked once."""
+    if out_of_step(error):
+        return error
+    try:
+        setattr(error, _OUT_OF_STEP, True)
+    except AttributeError:  # an exception type without attributes of its own: raised unmarked, as it is
+        return error
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if failed:
+        note = (f"SpectralLens: {what} failed on global rank {rank} inside a pass that is itself a collective over "
+                "the ranks, so the lens cannot agree on it: if this rank failed first, the other ranks wait in that "
+                "pass's collective until the process group's timeout; if a collective of the pass timed out here, "
+                "another rank failed first (see its error). The timeout: " + TIMEOUT_ADVICE)
+    else:
+        note = (f"SpectralLens: a collective of {what} failed on global rank {rank}; most likely another rank "
+                "failed inside a pass whose collectives this rank waited in (see its error). The timeout: "
+                + TIMEOUT_ADVICE)
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:  # Python 3.10
+        warnings.warn(note, RuntimeWarning, stacklevel=2)
+    return error
+
+
+@contextlib.contextmanager
+def collective_pass(what: str):
+    """Around a forward (or forward and backward) that is a collective over the ranks: an exception from it
+    is :func:`mark_out_of_step` and re-raised at once; the agreements after it raise it without a collective."""
+    try:
+        yield
+    except BaseException as exc:  # an interrupt too
+        raise mark_out_of_step(exc, what)
 
 
 def global_rank(group, rank: int) -> int:
@@ -116,13 +204,9 @@ def agree_widths(group, named: list, batches: int) -> None:
     import torch.distributed as dist
 
     names = [name for name, _ in named]
-    digest = int.from_bytes(hashlib.blake2b("\n".join(names).encode(), digest_size=7).digest(), "big")
-    (most_layers, most_digest, most), (fewest_layers, fewest_digest, fewest) = _extremes(group, [len(names), digest, batches])
-    if most_layers != fewest_layers or most_digest != fewest_digest:  # the same on every rank: all of them raise
-        raise ValueError(
-            f"SpectralLens: the ranks measure different layers (this rank: {names}); every rank must build "
-            "the lens with the same layers= on the same model"
-        )
+    (most_layers, most_digest, most), (fewest_layers, fewest_digest, fewest) = _extremes(
+        group, [len(names), _digest(names), batches])
+    _refuse_other_layers(names, (most_layers, most_digest), (fewest_layers, fewest_digest))
     _refuse_other_lengths(fewest, most)
     accs = [acc for _, acc in named]
     widths = torch.tensor([-1 if a.dim is None else a.dim for a in accs], dtype=torch.int64,
@@ -138,12 +222,32 @@ def agree_widths(group, named: list, batches: int) -> None:
             acc.dim = d
 
 
-def agree_lengths(group, batches: int) -> None:
-    """``ValueError`` on every rank when the ranks' pools have different lengths (``batches``: this rank's
-    ``len(pool)``), in one ``all_reduce(MAX)``: under FSDP, before any forward (each forward all-gathers,
-    so pools of different lengths would leave a rank waiting in a forward the others never run)."""
-    (most,), (fewest,) = _extremes(group, [batches])
+def agree_before_pass(group, names: list[str] | None, batches: int) -> None:
+    """``ValueError`` on every rank when the ranks measure different layers (``names``: this rank's, sorted;
+    ``None`` on a pipeline stage, whose ranks measure the layers they hold) or their pools have different
+    lengths (``batches``: this rank's ``len(pool)``; a pool without one is compared round by round), in one
+    ``all_reduce(MAX)``: where every forward is a collective (FSDP, ZeRO-3, one tensor-parallel replica, a
+    pipeline), before any forward. Pools of different lengths would leave a rank waiting in a forward the
+    others never run, and other layers on one tensor-parallel rank would leave the ranks' comparison of their
+    rows (one collective per layer) mismatched."""
+    values = [0, 0] if names is None else [len(names), _digest(names)]
+    (most_layers, most_digest, most), (fewest_layers, fewest_digest, fewest) = _extremes(group, values + [batches])
+    _refuse_other_layers(names, (most_layers, most_digest), (fewest_layers, fewest_digest))
     _refuse_other_lengths(fewest, most)
+
+
+def _digest(names: list[str]) -> int:
+    return int.from_bytes(hashlib.blake2b("\n".join(names).encode(), digest_size=7).digest(), "big")
+
+
+def _refuse_other_layers(names, most: tuple[int, int], fewest: tuple[int, int]) -> None:
+    """``ValueError`` (on every rank: the extremes of the ranks' layer counts and name digests are the same
+    there) when the ranks measure different layers."""
+    if most != fewest:
+        raise ValueError(
+            f"SpectralLens: the ranks measure different layers (this rank: {names}); every rank must build "
+            "the lens with the same layers= on the same model"
+        )
 
 
 def _extremes(group, values: list[int]) -> tuple[list[int], list[int]]:

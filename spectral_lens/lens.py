@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ._agree import (agree, agree_counts, agree_lengths, agree_widths, from_rank0, global_rank, ranks,
-                     refuse_other_counts)
+from ._agree import (agree, agree_before_pass, agree_counts, agree_round, agree_widths, batch_digest, batch_structure,
+                     collective_pass, from_rank0, global_rank, ranks, refuse_other_counts)
 from ._args import AUTOCAST_WHY, NARROW_FLOATS, check_callable, check_count, check_dtype, check_window
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
 from ._pools import attention_mask, sharded_pool, unfixed_pool
@@ -553,13 +553,13 @@ class SpectralLens:
         # different lengths (with a len) are refused before any forward; likewise one tensor-parallel replica
         # (lockstep), whose ranks all run every batch: rounds of one batch, compared over the group
         fsdp = lockstep or (world > 1 and (bool(fsdp_sharded(model)) or zero3_partitioned(model)))
-        if fsdp and total is not None:
-            agree_lengths(self.group, total)
+        if fsdp and total is not None:  # one collective (a pipeline's stages measure the layers they hold)
+            agree_before_pass(self.group, None if self._stage is not None else sorted(capture.accumulators), total)
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
         try:
             with self._eval_mode(), torch.no_grad(), autocast, eager_forwards(), measurement_pass(capture):
                 if fsdp:  # with a len too: a loading or mask_fn failure on one rank is agreed, not a timeout
-                    return self._forwards_in_rounds(model, capture, rank, world, bar)
+                    return self._forwards_in_rounds(model, capture, rank, world, bar, lockstep)
                 batches = 0
                 for i, batch in enumerate(self.pool):
                     batches = i + 1
@@ -575,17 +575,21 @@ class SpectralLens:
             if bar is not None:
                 bar.close()
 
-    def _forwards_in_rounds(self, model: nn.Module, capture, rank: int, world: int, bar) -> int:
+    def _forwards_in_rounds(self, model: nn.Module, capture, rank: int, world: int, bar, lockstep: bool) -> int:
         """Under FSDP (any pool, with a ``len`` or without): in rounds of ``world`` batches (batch ``i`` on rank
         ``i % world``), each rank loads the round's batches (keeping its own and the first) and the mask
         of its own, then the ranks agree on how many batches each pool gave so far (one ``all_reduce`` of
-        world integers per round) before the round's forwards. A failure while loading or masking is
+        2 x world integers per round) before the round's forwards. A failure while loading or masking is
         agreed (every rank raises), and so are pools of different lengths (the same ``ValueError`` on
         every rank, as for pools with a ``len``), so no rank is left in a forward's all-gather. In the
-        last round a rank without a batch of its own runs one unmeasured forward of the round's first."""
+        last round a rank without a batch of its own runs one unmeasured forward of the round's first.
+        ``lockstep`` (one tensor-parallel replica, a whole pipeline; ``world`` 1 here): the ranks run each batch
+        together, and its tensors' shapes and dtypes are compared in the same ``all_reduce`` (a batch of another
+        shape on one rank would leave the forward's collectives mismatched). A failure inside a forward is
+        raised at once, not agreed (:func:`~spectral_lens._agree.collective_pass`)."""
         batches, it = 0, None
         while True:
-            got, mine, first, mask, error = 0, None, None, None, None
+            got, mine, first, mask, digest, error = 0, None, None, None, 0, None
             try:
                 it = iter(self.pool) if it is None else it
                 for j, batch in zip(range(world), it):  # zip stops on the count first: no batch is skipped
@@ -594,20 +598,31 @@ class SpectralLens:
                     mine = batch if j == rank else mine
                 if rank < got and self.mask_fn is not None:
                     mask = self.mask_fn(mine)
+                digest = batch_digest(mine) if lockstep and rank < got else 0
             except BaseException as exc:  # an interrupt too: agreed at once, then re-raised
                 error = exc
-            counts = agree_counts(self.group, batches + got, error, "loading the pool's batches or their masks "
-                                  "(mask_fn)")
+            counts, digests = agree_round(self.group, batches + got, digest, error, "loading the pool's batches or "
+                                          "their masks (mask_fn)")
             refuse_other_counts(self.group, counts, batches + world)
             if got == 0:
                 return batches
+            if len(set(digests)) > 1:  # the same on every rank: all of them raise, before the forward
+                raise ValueError(
+                    f"SpectralLens: the pool's batch {batches} differs in shape or dtype between the ranks that run it "
+                    f"together (this rank's: {batch_structure(mine)}); one tensor-parallel replica, or the stages of "
+                    "one pipeline, run every batch together, so every rank must iterate the same whole pool"
+                )
+            # each forward is a collective (FSDP's all-gathers, tensor parallelism's all-reduces, a pipeline's
+            # sends): a failure inside it is raised at once, unagreed (the other ranks wait inside theirs)
             if rank < got:
-                with capture.mask(mask):
+                with collective_pass(f"the activation pass's forward of the pool's batch {batches + rank}"), \
+                        capture.mask(mask):
                     self.forward_fn(model, mine)
                 if bar is not None:
                     bar.update(1)
             else:
-                with measurement_pass():  # feeds no capture: this rank's rows are its share only
+                with collective_pass(f"the activation pass's unmeasured forward of the pool's batch {batches}"), \
+                        measurement_pass():  # feeds no capture: this rank's rows are its share only
                     self.forward_fn(model, first)
             batches += got
             if got < world:
@@ -712,10 +727,14 @@ class SpectralLens:
             # shuffling sampler, numpy augmentation): under the fork, as in the activation pass
             with forked_rng(cuda_devices(self.model)):
                 batches = self._gradient_batches()
-                if self._everywhere():  # every rank runs these passes: the pools compared as they go
+                everywhere = self._everywhere()
+                if everywhere:  # every rank runs these passes: the pools compared as they go
                     batches = self._agreed_gradient_batches(batches)
-                for batch in batches:
-                    self.probe.update(batch)
+                for i, batch in enumerate(batches):
+                    # everywhere, a forward and backward that are collectives: as in _forwards_in_rounds
+                    with (collective_pass(f"the gradient protocol's pass over the gradient pool's batch {i}")
+                          if everywhere else contextlib.nullcontext()):
+                        self.probe.update(batch)
                     if bar is not None:
                         bar.update(batch_size(batch))
         finally:

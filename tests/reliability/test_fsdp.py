@@ -209,9 +209,10 @@ def _probe_of_gathered_copy(rank):
 
 def _forward_fails_on_rank1(rank):
     """Rank 1's batch has out-of-vocabulary ids: its forward raises after FSDP's first all-gathers, rank 0
-    waits in the next one (the forwards are collectives, so this cannot be agreed): the process-group
-    timeout, after which rank 1 raises its own error (before, the timeout of the agreement's all-reduce
-    hid it). Leaves the group broken: runs last."""
+    waits in the next one (the forwards are collectives, so this cannot be agreed) until the process-group
+    timeout; rank 1 raises its own error (at once since test_rank_failures.py's fix; before that, after
+    waiting for the timeout in the lens's agreement; before that, the agreement's timeout hid it). Leaves
+    the group broken: runs last."""
     pool = _pool(2)
     pool[1] = (pool[1][0] + 1000, pool[1][1])
     SpectralLens(_fsdp2(), pool, params=(), progress=False).measure(1, 1)
