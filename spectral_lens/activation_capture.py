@@ -16,6 +16,7 @@ from torch import nn
 from . import _compiled_feed as compiled_feed
 from ._blocks import block_hidden_states
 from ._compute import _spectrum_of
+from ._memory import check_fits
 from ._layout import channels_first, refuse_channels_first
 from ._pipeline import metadata_inference
 from .accumulate import ActivationCovarianceAccumulator
@@ -237,7 +238,12 @@ class _Feed:
             return
         if transformed_forward() or self._skips():  # torch.func / jit.trace / export: no real rows
             return
-        self.acc.update(self._checked(pick_tensor(output, self.pick, self.where)), mask=self.capture._mask)
+        self._update(self._checked(pick_tensor(output, self.pick, self.where)))
+
+    def _update(self, rows: torch.Tensor) -> None:
+        if not self.acc.initialized and not any(a.initialized for a in self.capture.accumulators.values()):
+            check_fits(list(self.capture.accumulators.values()), rows)  # a pass's first rows: will it fit?
+        self.acc.update(rows, mask=self.capture._mask)
 
     def _checked(self, rows: torch.Tensor) -> torch.Tensor:
         if self.layout is not None:  # a convolution, pooling or norm layer, or a block ending in one
@@ -267,7 +273,7 @@ class _Feed:
         """The run-time body of a compiled graph's call: feeds ``rows`` unless this forward is skipped
         or the capture was removed since the graph was compiled."""
         if self.capture.active and not self._skips():
-            self.acc.update(self._checked(rows), mask=self.capture._mask)
+            self._update(self._checked(rows))
 
     def __deepcopy__(self, memo) -> _Copied:
         return _Copied()
