@@ -14,8 +14,8 @@ against the real allocations in ``tests/core/test_measurement_memory.py``. Per a
   - an update of ``r`` rows: the centred rows ``r x d`` in the product dtype (fp32; bf16 for
     ``"fast"`` on CUDA; float64 for ``"float64"`` or float64 rows) and the chunk's ``d x d`` product
     (fp32, float64 for float64 products; on CUDA from d = 1024 three of them while the block form is
-    concatenated; two on the CPU's ``syrk`` path from 8192 rows), plus a float64 ``d x d`` when a call
-    has more than ``max_chunk_rows`` rows;
+    concatenated; two on the CPU's ``syrk`` path from 8192 rows); a call of more than ``max_chunk_rows``
+    rows (chunks of that many) holds two chunk products and its float64 ``d x d`` sum;
   - ``compute``: ``2 B`` (the mirrored copy of ``S`` and a triangle while ``S`` and its spare are
     still held); the later steps (covariance, the solve's copy of its input) stay below it.
 """

@@ -185,3 +185,16 @@ def test_free_bytes_reads_the_cpu_memory():
     free = _memory.free_bytes(torch.device("cpu"))
     assert free is not None and free > 0
     assert _memory.free_bytes(torch.device("meta")) is None
+
+
+def test_the_docs_table_is_the_estimate():
+    from pathlib import Path
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "performance.md").read_text()
+    section = text.split("## Memory of the activation measurement", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| ([\d.]+) GiB \| ([\d.]+) GiB \| ([\d.]+) GiB \|$", section, re.M)
+    assert len(rows) == 6
+    for d, layers, *gib in rows:
+        for precision, value in zip(("exact", "fast", "float64"), gib):
+            assert value == f"{measurement_bytes([int(d)] * int(layers), precision, 16384) / 2**30:.2f}"
