@@ -198,3 +198,30 @@ def test_the_docs_table_is_the_estimate():
     for d, layers, *gib in rows:
         for precision, value in zip(("exact", "fast", "float64"), gib):
             assert value == f"{measurement_bytes([int(d)] * int(layers), precision, 16384) / 2**30:.2f}"
+
+
+def _rank_worker(rank: int, port: int, out: str) -> None:
+    """A lens measured on 2 gloo ranks where only rank 1's device lacks the memory (its free memory mocked)."""
+    from support.ranks import gloo_group, write_case
+
+    if rank == 1:
+        _memory.free_bytes = lambda device: 1000
+    with gloo_group(rank, port, 2, 30):
+        lens = SpectralLens(_model(), lm_pool(), layers="all", params=())
+        try:
+            lens.measure(0, 0)
+            error = None
+        except Exception as exc:  # noqa: BLE001 - recorded for the parent
+            error = f"{type(exc).__name__}: {exc}"
+        write_case(out, "refusal", rank, {"error": error})
+
+
+@pytest.mark.distributed
+def test_one_rank_short_of_memory_makes_every_rank_raise(tmp_path):
+    from support.ranks import case_results, run_ranks
+
+    hung = run_ranks(_rank_worker, 2, tmp_path, 120.0)
+    got = case_results(tmp_path, ["refusal"], 2)["refusal"]
+    assert hung == [] and None not in got, (hung, got)
+    assert got[1]["error"].startswith("MemoryError: spectral_lens: measuring 4 layer(s) (d=32"), got
+    assert got[0]["error"].startswith("RuntimeError") and "rank(s) [1]" in got[0]["error"], got  # names rank 1
