@@ -23,7 +23,7 @@ against the real allocations in ``tests/core/test_measurement_memory.py``. Per a
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -135,9 +135,10 @@ def check_fits(accumulators: Sequence, rows: torch.Tensor) -> None:
     k = len(accumulators)
     widths = f"d={dims[0]}" if len(set(dims)) == 1 else f"widths d={min(dims)}..{max(dims)}"
     precisions = sorted({acc.precision for acc in accumulators})
+    precision = repr(precisions[0]) if len(precisions) == 1 else repr(precisions)
     fit = max(1, k * free // need) if free > 0 else 0
     raise MemoryError(
-        f"spectral_lens: measuring {k} layer(s) ({widths}, precision={precisions[0] if len(precisions) == 1 else precisions!r}, "
+        f"spectral_lens: measuring {k} layer(s) ({widths}, precision={precision}, "
         f"{n_rows} rows per update) in one pass needs about {_gib(need)} on {rows.device} (each layer keeps two "
         f"float64 d x d sums, 16 d^2 bytes, plus one layer's update or solve on top), but only {_gib(free)} is free "
         f"there; nothing was measured. Measure fewer layers at once"

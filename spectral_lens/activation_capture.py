@@ -16,8 +16,8 @@ from torch import nn
 from . import _compiled_feed as compiled_feed
 from ._blocks import block_hidden_states
 from ._compute import _spectrum_of
-from ._memory import check_fits
 from ._layout import channels_first, refuse_channels_first
+from ._memory import check_fits
 from ._pipeline import metadata_inference
 from .accumulate import ActivationCovarianceAccumulator
 from .background import SolveFuture, submit

@@ -9,15 +9,18 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from support.models import TinyLM, lm_pool
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import spectral_lens as sl
-from spectral_lens import ActivationCovarianceAccumulator, SpectralLens
-from spectral_lens import _chunk_sums, _memory
+from spectral_lens import (
+    ActivationCovarianceAccumulator,
+    SpectralLens,
+    _chunk_sums,
+    _memory,
+)
 from spectral_lens._memory import accumulator_bytes, measurement_bytes
-
-from support.models import TinyLM, lm_pool
 
 
 class _LiveBytes(TorchDispatchMode):
@@ -188,12 +191,12 @@ def test_free_bytes_reads_the_cpu_memory():
 
 
 def test_the_docs_table_is_the_estimate():
-    from pathlib import Path
     import re
+    from pathlib import Path
 
     text = (Path(__file__).resolve().parents[2] / "docs" / "performance.md").read_text()
     section = text.split("## Memory of the activation measurement", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| (\d+) \| (\d+) \| ([\d.]+) GiB \| ([\d.]+) GiB \| ([\d.]+) GiB \|$", section, re.M)
+    rows = re.findall(r"^\| (\d+) \| (\d+) \| ([\d.]+) GiB \| ([\d.]+) GiB \| ([\d.]+) GiB \|$", section, re.MULTILINE)
     assert len(rows) == 6
     for d, layers, *gib in rows:
         for precision, value in zip(("exact", "fast", "float64"), gib):
