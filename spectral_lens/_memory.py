@@ -27,9 +27,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ._lower_s import _PENDING  # deferred rank-2 re-shift terms of CPU updates
 from .spectra.moments import PRECISIONS, SYRK_MIN_ROWS
-
-_PENDING = 32  # deferred rank-2 re-shift terms of CPU updates (spectral_lens._lower_s._PENDING)
 
 
 def _product_bytes(precision: str, device_type: str, rows_float64: bool) -> tuple[int, int]:
