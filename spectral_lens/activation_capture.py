@@ -17,6 +17,7 @@ from . import _compiled_feed as compiled_feed
 from ._blocks import block_hidden_states
 from ._compute import _spectrum_of
 from ._layout import channels_first, refuse_channels_first
+from ._memory import check_fits
 from ._pipeline import metadata_inference
 from .accumulate import ActivationCovarianceAccumulator
 from .background import SolveFuture, submit
@@ -254,6 +255,8 @@ class _Feed:
         """Feed ``rows`` (eagerly, or in a compiled graph's operator body) after the layout check."""
         if self.layout is not None:  # a convolution, pooling or norm layer, or a block ending in one
             refuse_channels_first(self.layout, rows, self.where, chosen=self.pick is block_hidden_states)
+        if not self.acc.initialized and not any(a.initialized for a in self.capture.accumulators.values()):
+            check_fits(list(self.capture.accumulators.values()), rows)  # a pass's first rows: will it fit?
         self.acc.update(rows, mask=_token_mask(rows, self.capture._mask))
 
     def _skips(self) -> bool:

@@ -1,0 +1,149 @@
+"""What the activation measurement's accumulators allocate on the rows' device, and the refusal of a pass
+that cannot fit there (:func:`check_fits`, called by an attach's hooks at a pass's first rows).
+
+Derived from the code (``accumulate``, ``_chunk_sums``, ``_lower_s``, ``_compute``) and checked
+against the real allocations in ``tests/core/test_measurement_memory.py``. Per accumulator of width
+``d`` (``B = 8 d^2``, one float64 d x d matrix):
+
+* held between updates: ``2 B`` (``S`` and the spare buffer the next update writes into, from the
+  second update on) and a few float64 d-vectors (``m``, the shift, re-shift scratch; on the CPU the
+  ``(2, 32, d)`` deferred re-shift terms);
+* on top of that, at most one of these at a time (hooks run one after the other, ``compute`` solves
+  one layer after the other):
+
+  - an update of ``r`` rows: the centred rows ``r x d`` in the product dtype (fp32; bf16 for
+    ``"fast"`` on CUDA; float64 for ``"float64"`` or float64 rows) and the chunk's ``d x d`` product
+    (fp32, float64 for float64 products; on CUDA from d = 1024 three of them while the block form is
+    concatenated; two on the CPU's ``syrk`` path from 8192 rows); a call of more than ``max_chunk_rows``
+    rows (chunks of that many) holds two chunk products and its float64 ``d x d`` sum;
+  - ``compute``: ``2 B`` (the mirrored copy of ``S`` and a triangle while ``S`` and its spare are
+    still held); the later steps (covariance, the solve's copy of its input) stay below it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from ._lower_s import _PENDING  # deferred rank-2 re-shift terms of CPU updates
+from .spectra.moments import PRECISIONS, SYRK_MIN_ROWS
+
+
+def _product_bytes(precision: str, device_type: str, rows_float64: bool) -> tuple[int, int]:
+    """Bytes per entry of the centred rows and of the chunk's product: ``(row, product)``."""
+    if precision == "float64" or rows_float64:
+        return 8, 8
+    if precision == "fast" and device_type == "cuda":
+        return 2, 4  # bf16 rows, fp32 accumulation
+    return 4, 4
+
+
+def accumulator_bytes(d: int, precision: str, rows: int, *, device_type: str = "cuda", rows_float64: bool = False,
+                      max_chunk_rows: int = 131072) -> tuple[int, int, int]:
+    """``(held, update, solve)`` bytes of one accumulator of width ``d``: what it holds between updates
+    (from its second update on), and what an update of ``rows`` rows and its ``compute`` allocate on
+    top of that at their peak (a few d-vectors less: within ``64 d`` bytes). See the module's docstring."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"accumulator_bytes: precision must be one of {PRECISIONS}, got {precision!r}")
+    if d < 1 or rows < 0:
+        raise ValueError(f"accumulator_bytes: need d >= 1 and rows >= 0, got d={d}, rows={rows}")
+    square = 8 * d * d
+    row_b, prod_b = _product_bytes(precision, device_type, rows_float64)
+    if device_type == "cpu" and rows <= max_chunk_rows:  # m, shift; the deferred re-shift terms (a NumPy array)
+        held = 2 * square + 8 * d * (2 + 2 * _PENDING)
+    else:  # m, shift, the (3, d) re-shift scratch (CUDA; CPU calls of several chunks)
+        held = 2 * square + 8 * d * 5
+    chunk = min(rows, max_chunk_rows)
+    if rows > max_chunk_rows:  # several chunks: the call's float64 sum, the previous chunk's and this one's product
+        products, extra = 2, square
+    elif device_type == "cpu" and chunk >= SYRK_MIN_ROWS:
+        products, extra = 2, 0  # the recycled product buffer and syrk's own result
+    else:
+        products, extra = 1, 0
+    if device_type == "cuda" and prod_b == 4 and precision != "fast" and d >= 1024:
+        products += 2  # symmetric_product's block form: the blocks, the two block rows, the result
+    update = chunk * d * row_b + products * d * d * prod_b + extra
+    return held, update, 2 * square
+
+
+def measurement_bytes(dims: Sequence[int], precision: str, rows: int, *, device_type: str = "cuda",
+                      rows_float64: bool = False, max_chunk_rows: int = 131072) -> int:
+    """Peak bytes that accumulators of widths ``dims`` measured in one pass allocate on the rows' device
+    (``device_type``), with ``rows`` rows per update: every one's held bytes plus the largest update or
+    solve on top (:func:`accumulator_bytes`; hooks update, and ``compute`` solves, one layer at a time).
+    An upper bound: a pass of one update per layer holds one ``d x d`` less per layer."""
+    sizes = [accumulator_bytes(int(d), precision, rows, device_type=device_type, rows_float64=rows_float64,
+                               max_chunk_rows=max_chunk_rows) for d in dims]
+    return _peak(sizes)
+
+
+def _peak(sizes: list[tuple[int, int, int]]) -> int:
+    return sum(h for h, _, _ in sizes) + max((max(u, c) for _, u, c in sizes), default=0)
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Bytes the measurement can still allocate on ``device``: on CUDA the driver's free memory plus what
+    PyTorch's caching allocator has reserved and not handed out; on the CPU the kernel's ``MemAvailable``
+    (``/proc/meminfo``), else ``os.sysconf``'s available pages; ``None`` where it cannot be told (other
+    devices: no check)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free) + int(torch.cuda.memory_reserved(device)) - int(torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def check_fits(accumulators: Sequence, rows: torch.Tensor) -> None:
+    """Raise ``MemoryError`` when the ``accumulators`` of one capture, about to receive their first rows
+    (``rows``, of the first of them; widths not given are taken as its width), would need more memory on
+    the rows' device than is free (:func:`free_bytes`): before their state exists, not an out-of-memory
+    error later in the pass or in the training step after it. The message names the layers, widths,
+    precision, bytes needed and free, and the remedies."""
+    if (not accumulators or not isinstance(rows, torch.Tensor) or rows.is_nested or rows.layout != torch.strided
+            or rows.ndim < 1 or rows.shape[-1] == 0):
+        return  # (update reports malformed rows itself)
+    free = free_bytes(rows.device)
+    if free is None:
+        return
+    width = int(rows.shape[-1])
+    n_rows = rows.numel() // width
+    dims = [acc.dim or width for acc in accumulators]
+    sizes = [accumulator_bytes(d, acc.precision, n_rows, device_type=rows.device.type,
+                               rows_float64=rows.dtype == torch.float64, max_chunk_rows=acc.max_chunk_rows)
+             for d, acc in zip(dims, accumulators)]
+    need = _peak(sizes)
+    if need <= free:
+        return
+    k = len(accumulators)
+    widths = f"d={dims[0]}" if len(set(dims)) == 1 else f"widths d={min(dims)}..{max(dims)}"
+    precisions = sorted({acc.precision for acc in accumulators})
+    precision = repr(precisions[0]) if len(precisions) == 1 else repr(precisions)
+    fit = max(1, k * free // need) if free > 0 else 0
+    raise MemoryError(
+        f"spectral_lens: measuring {k} layer(s) ({widths}, precision={precision}, "
+        f"{n_rows} rows per update) in one pass needs about {_gib(need)} on {rows.device} (each layer keeps two "
+        f"float64 d x d sums, 16 d^2 bytes, plus one layer's update or solve on top), but only {_gib(free)} is free "
+        f"there; nothing was measured. Measure fewer layers at once"
+        + (f" (about {fit} fit)" if 0 < fit < k else "")
+        + ": e.g. every 4th block, SpectralLens(model, pool, layers=all_blocks(model)[::4]) (from "
+        "spectral_lens.lens import all_blocks), or the blocks in "
+        "groups over several passes (one lens or attach per group, e.g. layers=blocks[i:i + n]); or free memory on "
+        "that device first. See docs/performance.md, 'Memory of the activation measurement'"
+    )
