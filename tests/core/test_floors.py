@@ -39,3 +39,33 @@ def test_a_compiled_forward_is_not_taken_for_an_export_where_dynamo_folds_is_exp
     assert not transformed_forward()  # a compiled forward: the hooks read it
     monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True)  # what torch.export sets
     assert transformed_forward()
+
+
+def test_the_compiled_feed_operator_is_defined_with_torch_2_4s_custom_op(monkeypatch):
+    """torch 2.4's ``torch.library.custom_op`` takes no ``tags`` and cannot read a schema from string annotations
+    (``from __future__ import annotations``): defining ``spectral_lens::feed_rows`` raised there, so the capture
+    hooks under ``torch.compile`` broke the graph and ``fullgraph=True`` failed at the floor (the fallback meant for
+    torch < 2.4). Its signature and its schema inference's refusal are imitated here; the real check is
+    tests/core/test_compiled_model.py under tools/check_floors.sh."""
+    from types import SimpleNamespace
+
+    from spectral_lens import _compiled_feed
+
+    defined = {}
+
+    def custom_op_2_4(name, fn=None, /, *, mutates_args, device_types=None, schema=None):
+        def inner(fn):
+            if schema is None and any(isinstance(a, str) for a in fn.__annotations__.values()):
+                raise ValueError(f"infer_schema(func): unsupported annotations {fn.__annotations__}")
+            defined.update(name=name, schema=schema, mutates_args=set(mutates_args), fn=fn)
+            return SimpleNamespace(register_fake=lambda f: f)
+        return inner
+
+    monkeypatch.setattr(torch.library, "custom_op", custom_op_2_4)
+    monkeypatch.setattr(torch, "Tag", SimpleNamespace())  # torch 2.4 has no cudagraph_unsafe tag
+    assert _compiled_feed._define() is not None
+    assert defined["name"] == "spectral_lens::feed_rows" and defined["mutates_args"] == {"token"}
+    schema = torch._C.parse_schema(defined["name"] + defined["schema"])
+    assert [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments] == [
+        ("rows", "Tensor", False), ("token", "Tensor", True), ("key", "int", False)]
+    assert not schema.returns
