@@ -42,9 +42,12 @@ def _define() -> Callable | None:
     custom_op = getattr(getattr(torch, "library", None), "custom_op", None)
     if custom_op is None:  # torch < 2.4
         return None
-    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)  # torch < 2.5: no tags argument, no such tag
+    tags = {} if tag is None else {"tags": (tag,)}
 
-    @custom_op("spectral_lens::feed_rows", mutates_args=("token",), tags=() if tag is None else (tag,))
+    # the schema written out: torch 2.4 cannot read it from this module's (string) annotations
+    @custom_op("spectral_lens::feed_rows", mutates_args=("token",), schema="(Tensor rows, Tensor(a!) token, int key) -> ()",
+               **tags)
     def feed(rows: torch.Tensor, token: torch.Tensor, key: int) -> None:
         _unbump(token)
         hook = _HOOKS.get(key)

@@ -15,7 +15,9 @@ import sys
 
 from torch import nn
 
-_INFERENCE_NAMES = ("_forward_metadata_inference", "_shape_inference")  # torch >= 2.10, and before
+# torch >= 2.10, and before; and a stage's constructor: torch < 2.6's PipelineStage(..., input_args) without
+# output_args runs the module on torch.empty copies of input_args there
+_INFERENCE_NAMES = ("_forward_metadata_inference", "_shape_inference", "__init__")
 _codes: frozenset | None = None
 
 
@@ -26,7 +28,7 @@ def _inference_codes() -> frozenset:
         found = set()
         for cls in vars(stage).values() if stage is not None else ():
             for name in _INFERENCE_NAMES:
-                fn = getattr(cls, name, None) if isinstance(cls, type) else None
+                fn = getattr(cls, name, None) if isinstance(cls, type) and cls.__module__ == stage.__name__ else None
                 if getattr(fn, "__code__", None) is not None:
                     found.add(fn.__code__)
         _codes = frozenset(found)

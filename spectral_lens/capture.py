@@ -446,6 +446,12 @@ def _functorch_active() -> bool:
     return bool(getattr(torch._C, "_are_functorch_transforms_active", lambda: False)())
 
 
+# read once while Dynamo traces, as a constant (what torch._dynamo.assume_constant_result sets, without importing
+# Dynamo here): torch 2.4's Dynamo cannot put the call in a graph ("torch.* op returned non-Tensor bool"), which
+# broke the graph at every captured module and failed torch.compile(..., fullgraph=True); newer Dynamo folds it so
+_functorch_active._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def graph_break_for_hook(where: str) -> None:
     """Under ``torch.compile`` a capture's hook needs a graph break: it reads its tensor on the host
     into an accumulator the compiled graph cannot hold. Asked for here with a message that names the

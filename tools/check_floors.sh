@@ -8,8 +8,8 @@
 # Installs: torch 2.4.1 (PyPI's wheel is a CUDA build: with its nvidia-* and triton 3.0.0 wheels about
 # 3 GB to download, 5 GB on disk; it runs on the CPU), numpy 1.24.4, scipy 1.10.1, opt_einsum 3.3.0,
 # tqdm 4.60.0, pytest, hypothesis; spectral-lens itself editable from this checkout (--no-deps).
-# No extras: tests that need one skip. The four tiers took 15 minutes on 2 CPU cores (2026-11-28: 1299
-# passed, 100 skipped; twice that on a loaded machine) plus the download. Not run by CI (too heavy); CI
+# No extras: tests that need one skip. The four tiers took 15 to 25 minutes on 2 CPU cores (2026-11-28: 1441
+# passed, 131 skipped; longer on a loaded machine) plus the download. Not run by CI (too heavy); CI
 # and the project's own .venv are untouched.
 #
 # Environment: PYTHON310 (default: python3.10 on PATH), FLOORS_VENV (default: /tmp/spectral-lens-floors;

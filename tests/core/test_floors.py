@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import spectral_lens as sl
 from spectral_lens import ActivationCovarianceAccumulator
 
 
@@ -39,3 +40,65 @@ def test_a_compiled_forward_is_not_taken_for_an_export_where_dynamo_folds_is_exp
     assert not transformed_forward()  # a compiled forward: the hooks read it
     monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True)  # what torch.export sets
     assert transformed_forward()
+
+
+def test_the_compiled_feed_operator_is_defined_with_torch_2_4s_custom_op(monkeypatch):
+    """torch 2.4's ``torch.library.custom_op`` takes no ``tags`` and cannot read a schema from string annotations
+    (``from __future__ import annotations``): defining ``spectral_lens::feed_rows`` raised there, so the capture
+    hooks under ``torch.compile`` broke the graph and ``fullgraph=True`` failed at the floor (the fallback meant for
+    torch < 2.4). Its signature and its schema inference's refusal are imitated here; the real check is
+    tests/core/test_compiled_model.py under tools/check_floors.sh."""
+    from types import SimpleNamespace
+
+    from spectral_lens import _compiled_feed
+
+    defined = {}
+
+    def custom_op_2_4(name, fn=None, /, *, mutates_args, device_types=None, schema=None):
+        def inner(fn):
+            if schema is None and any(isinstance(a, str) for a in fn.__annotations__.values()):
+                raise ValueError(f"infer_schema(func): unsupported annotations {fn.__annotations__}")
+            defined.update(name=name, schema=schema, mutates_args=set(mutates_args), fn=fn)
+            return SimpleNamespace(register_fake=lambda f: f)
+        return inner
+
+    monkeypatch.setattr(torch.library, "custom_op", custom_op_2_4)
+    monkeypatch.setattr(torch, "Tag", SimpleNamespace())  # torch 2.4 has no cudagraph_unsafe tag
+    assert _compiled_feed._define() is not None
+    assert defined["name"] == "spectral_lens::feed_rows" and defined["mutates_args"] == {"token"}
+    schema = torch._C.parse_schema(defined["name"] + defined["schema"])
+    assert [(a.name, str(a.type), a.alias_info is not None and a.alias_info.is_write) for a in schema.arguments] == [
+        ("rows", "Tensor", False), ("token", "Tensor", True), ("key", "int", False)]
+    assert not schema.returns
+
+
+def _stage_built_under_a_capture(rank: int) -> dict:
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)).double()
+    x = torch.randn(8, 4, dtype=torch.float64) * torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64) + 3
+    with sl.attach(model, "0") as capture:
+        stage = PipelineStage(model, 0, 1, torch.device("cpu"), input_args=(x[:2],))
+        built = capture.accumulators["0"].n_rows
+        with torch.no_grad():
+            ScheduleGPipe(stage, n_microbatches=4).step(x)
+    s = capture.compute()["0"]
+    with torch.no_grad():
+        rows = model[0](x)
+    ref = torch.linalg.eigvalsh(torch.cov(rows.T)).flip(0)
+    return {"built": built, "rows": s.n_rows, "err": float(((s.values - ref).abs() / ref[0]).max())}
+
+
+def test_a_pipeline_stage_built_while_a_capture_is_attached_adds_no_rows(tmp_path):
+    """torch < 2.6: ``PipelineStage(module, ..., input_args=...)`` without ``output_args`` runs the module in its
+    constructor on ``torch.empty`` copies of ``input_args`` (uninitialized memory): a capture attached before the
+    stage was built read them (10 rows of 8 on torch 2.4.1, 2 of them garbage). One gloo rank, one stage."""
+    from support.ranks import checked_case, run_gloo_cases
+
+    results = run_gloo_cases(tmp_path, {"built": _stage_built_under_a_capture}, 1, pg_timeout_s=20, join_s=240.0,
+                             preload="torch.distributed.pipelining")
+    [got] = checked_case(results, "built", None)
+    assert got["error"] is None, got
+    assert (got["value"]["built"], got["value"]["rows"]) == (0, 8), got
+    assert got["value"]["err"] < 1e-12, got
