@@ -363,7 +363,7 @@ class SpectralLens:
                 "module on the pool's batches alone (token ids fed to a middle slice). Pass forward_fn= that "
                 "runs one pool batch through your schedule, called on every rank of the pipeline in lockstep, "
                 "e.g. lambda m, b: schedule.eval(b[0]) on the first stage, schedule.eval(target=b[1]) on the "
-                "last (with a loss_fn) and schedule.eval() between; with params=() (the gradient protocol "
+                "last (with a loss_fn) and schedule.eval() between (Schedule.eval: torch >= 2.9); with params=() (the gradient protocol "
                 "needs the whole pipeline). Or attach a capture to the stage's layers around your own "
                 "schedule steps: sl.attach(stage_module, layers) (the multi-GPU guide's pipeline section)"
             )
