@@ -140,3 +140,33 @@ def test_lens_custom_mask_fn_gets_the_documents_the_default_forward_runs():
     keep = torch.cat([torch.arange(len(d)) > 0 for d in docs])  # labels -100 at each document's first token
     assert act.n_rows == int(keep.sum())
     np.testing.assert_allclose(act.values.double().numpy(), cov_eigs(rows[keep]), rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------- MoE weight spectra
+def test_three_d_weights_that_are_no_expert_stacks_stay_one_matrix():
+    """Only an experts module's 3-D weights (path or class name with 'expert') are read as per-expert stacks.
+    XLNet's attention projections (d_model, n_head, d_head) are one (d_model, n_head*d_head) map and
+    nn.Bilinear's (out, in1, in2) one map on outer products: the merged rule split them into d_model (resp.
+    out) tiny spectra, 'layer.0.rel_attn.q[0]' ... (16 + 16 + ... entries for one tiny XLNet layer)."""
+    from spectral_lens.weights import weight_spectra
+
+    torch.manual_seed(0)
+    xlnet = transformers.XLNetModel(transformers.XLNetConfig(vocab_size=20, d_model=16, n_layer=1, n_head=2,
+                                                             d_inner=32))
+    spectra = weight_spectra(xlnet)
+    assert not [k for k in spectra if "[" in k]
+    for name in ("layer.0.rel_attn.q", "layer.0.rel_attn.o", "layer.0.rel_attn.seg_embed"):
+        w = xlnet.get_parameter(name).detach().double()
+        ref = torch.linalg.svdvals(w.reshape(w.shape[0], -1)) ** 2
+        assert spectra[name].metadata["matrix_shape"] == [w.shape[0], w.shape[1] * w.shape[2]]
+        torch.testing.assert_close(spectra[name].values.double(), ref, rtol=1e-10, atol=1e-12 * float(ref[0]))
+    bilinear = torch.nn.Bilinear(4, 5, 6)
+    got = weight_spectra(bilinear)
+    assert list(got) == ["weight"] and got["weight"].metadata["matrix_shape"] == [6, 20]
+
+    class Experts(torch.nn.Module):  # named as an experts module: still one spectrum per expert
+        def __init__(self):
+            super().__init__()
+            self.w1 = torch.nn.Parameter(torch.randn(3, 8, 4))
+
+    assert list(weight_spectra(Experts())) == ["w1[0]", "w1[1]", "w1[2]"]
