@@ -70,7 +70,8 @@ def test_non_consecutive_position_ids_are_one_sample_per_row(kind):
     rows = probe.matrix(LLAMA_W)
     assert rows.shape[0] == 2
     for m in range(2):
-        ref = row_grad(model, LLAMA_W, lambda mod: mod(input_ids=ids[m:m + 1], position_ids=pos[m:m + 1]).logits, ids[m])
+        ref = row_grad(model, LLAMA_W, lambda mod, m=m: mod(input_ids=ids[m:m + 1], position_ids=pos[m:m + 1]).logits,
+                       ids[m])
         assert (rows[m] - ref).abs().max() <= 1e-12 * ref.abs().max()
 
 
@@ -93,7 +94,7 @@ def test_custom_forward_fn_gets_the_packed_batch_as_given():
     rows = probe.matrix(LLAMA_W)
     assert rows.shape[0] == 2 and seen[-1] == (["input_ids", "labels", "position_ids"], (1, 12))
     for m, batch in enumerate((a, b)):
-        ref = row_grad(model, LLAMA_W, lambda mod: forward(mod, batch).logits, batch["labels"][0])
+        ref = row_grad(model, LLAMA_W, lambda mod, b=batch: forward(mod, b).logits, batch["labels"][0])
         assert (rows[m] - ref).abs().max() <= 1e-12 * ref.abs().max()
 
 
