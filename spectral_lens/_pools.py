@@ -11,8 +11,6 @@ from typing import Any
 
 import torch
 
-from .gradients._batch import plain_batch
-
 
 def attention_mask(batch: Any) -> torch.Tensor | None:
     """The default ``mask_fn`` of :class:`SpectralLens`: valid positions of a padded batch.
@@ -20,11 +18,10 @@ def attention_mask(batch: Any) -> torch.Tensor | None:
     For a dict batch (any mapping, such as Hugging Face's ``BatchEncoding``) with an
     ``"attention_mask"`` entry, that mask as bool (``True`` = real token); for every other batch
     ``None`` (all rows measured). The mask must have the measured module output's leading shape
-    (``(M, T)`` for a ``(M, T, d)`` block output). A packed batch (Hugging Face's
-    ``DataCollatorWithFlattening``), which the default ``forward_fn`` runs as the padded batch of its
-    documents, gets the mask of that padded batch: every token of every document, no padding.
+    (``(M, T)`` for a ``(M, T, d)`` block output). With the default ``forward_fn`` the lens hands
+    ``mask_fn`` a packed batch (Hugging Face's ``DataCollatorWithFlattening``) as it runs it, the padded
+    batch of its documents: the mask is then every token of every document, no padding.
     """
-    batch = plain_batch(batch)
     if isinstance(batch, Mapping) and batch.get("attention_mask") is not None:
         return batch["attention_mask"].bool()
     return None

@@ -40,7 +40,7 @@ from .gradients import PerSampleGradientProbe
 from ._deepspeed import zero3_partitioned
 from ._offload import execution_device
 from .gradients._measurable import fsdp_sharded, is_encoder_decoder, kept_sharded, refuse_parallel_wrapper
-from .gradients._batch import batch_size, default_forward, slice_batch
+from .gradients._batch import batch_as_run, batch_size, default_forward, slice_batch
 from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
 from .spectra.fit import tail_window
 from .spectra.moments import PRECISIONS
@@ -565,6 +565,7 @@ class SpectralLens:
                     batches = i + 1
                     if i % world != rank:
                         continue
+                    batch = batch_as_run(batch, self.forward_fn)  # packed: its documents (default forward)
                     mask = self.mask_fn(batch) if self.mask_fn is not None else None
                     with capture.mask(mask):
                         self.forward_fn(model, batch)
@@ -594,6 +595,8 @@ class SpectralLens:
                 it = iter(self.pool) if it is None else it
                 for j, batch in zip(range(world), it):  # zip stops on the count first: no batch is skipped
                     got = j + 1
+                    if j in (0, rank):  # the batches this rank runs, as it runs them (packed: its documents)
+                        batch = batch_as_run(batch, self.forward_fn)
                     first = batch if j == 0 else first
                     mine = batch if j == rank else mine
                 if rank < got and self.mask_fn is not None:
@@ -634,7 +637,7 @@ class SpectralLens:
         pool, cap = self.gradient_pool, self.gradient_samples
         n = None
         if isinstance(pool, (list, tuple)):
-            n = sum(batch_size(b) for b in pool)
+            n = sum(batch_size(batch_as_run(b, self.probe.forward_fn)) for b in pool)
         else:
             data = getattr(pool, "dataset", None)
             bs = getattr(pool, "batch_size", None)
@@ -679,6 +682,8 @@ class SpectralLens:
         """The gradient pool's batches, cut to ``gradient_samples``."""
         seen, cap = 0, self.gradient_samples
         for batch in self.gradient_pool:
+            # as the probe runs it (with its default forward a packed batch is its documents): the cap counts those
+            batch = batch_as_run(batch, self.probe.forward_fn)
             if cap is not None:
                 take = min(batch_size(batch), cap - seen)
                 if take <= 0:

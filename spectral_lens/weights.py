@@ -4,8 +4,8 @@ A weight ``W`` (``d_out x d_in``) gives ``Spectrum(kind="weight")`` whose ``valu
 singular values ``s_j^2``, i.e. the eigenvalues of ``W^T W``, so ranks, trace normalization and the
 band alpha mean the same as for activation and gradient spectra. Parameters with more than two
 dimensions (convolutions ``out x in x k...``) are reshaped to ``out x (in * prod(k))``: the linear
-map on flattened input patches. In a model, a 3-D parameter of a module that is no convolution (the
-fused expert weights of a mixture-of-experts layer, ``experts.down_proj`` of shape ``(E, out, in)``
+map on flattened input patches. In a model, a 3-D parameter of an experts module (path or class name
+containing ``expert``, no convolution: the fused expert weights of a mixture-of-experts layer, ``experts.down_proj`` of shape ``(E, out, in)``
 in ``transformers`` 5, torchtitan's ``w1/w2/w3``) is a stack of ``E`` matrices: :func:`weight_spectra`
 gives one spectrum per slice, ``"<name>[e]"``. One-dimensional parameters (biases, norms) are skipped.
 
@@ -184,22 +184,31 @@ def _is_conv(module: nn.Module | None) -> bool:
 
 
 def _matrix_stack(modules: dict, name: str, p: torch.Tensor) -> bool:
-    """Whether parameter ``name`` is a stack of matrices along dim 0: 3-D and owned by a module that is
-    no convolution (the fused ``(E, out, in)`` expert weights of mixture-of-experts layers)."""
-    owner = modules.get(name.rpartition(".")[0])
-    return p.ndim == 3 and owner is not None and not _is_conv(owner)
+    """Whether parameter ``name`` is a stack of matrices along dim 0: 3-D, owned by a module that is no
+    convolution and no ``nn.Bilinear`` (whose ``(out, in1, in2)`` weight is one map on outer products), and
+    either a stack of one ``(1, N, d)`` or the fused ``(E, out, in)`` weights of a mixture-of-experts layer:
+    the owner's path or class name says ``expert`` (``mlp.experts`` in ``transformers`` 5, torchtitan's
+    ``GroupedExperts``). Other 3-D weights stay one ``(shape[0], -1)`` map: XLNet's and Funnel's attention
+    projections ``(d_model, n_head, d_head)`` are not ``d_model`` matrices."""
+    path = name.rpartition(".")[0]
+    owner = modules.get(path)
+    if p.ndim != 3 or owner is None or _is_conv(owner) or isinstance(owner, nn.Bilinear):
+        return False
+    return p.shape[0] == 1 or "expert" in path.lower() or "expert" in type(owner).__name__.lower()
 
 
 def weight_spectra(model: nn.Module, select: ParamTarget | None = None) -> dict[str, Spectrum]:
     """Weight spectra of the selected parameters, keyed by parameter name (model order).
 
-    A 3-D parameter of a module that is no convolution is a stack of matrices (a mixture-of-experts
-    layer's fused expert weights, ``(E, out, in)``): it gives one spectrum per expert, keyed
+    A 3-D parameter of a mixture-of-experts layer's experts module (its path or class name contains
+    ``expert``; no convolution) is a stack of matrices (the fused expert weights, ``(E, out, in)``): it
+    gives one spectrum per expert, keyed
     ``"<name>[e]"`` for ``e = 0 .. E-1`` (``select`` chooses the parameter, i.e. all its experts). Before,
     the stack was read as one ``E x (out * in)`` matrix, whose ``E`` singular values mix the experts.
     A stack of one, ``(1, N, d)`` (a ViT's position embeddings, a single shared expert), is its one
     ``(N, d)`` matrix under the parameter's own name (before: ``(1, N * d)``, a single singular value).
-    A convolution's weight stays one matrix ``(out, in * prod(k))``.
+    A convolution's weight stays one matrix ``(out, in * prod(k))``, and so does any other 3-D weight
+    (``nn.Bilinear``'s, XLNet's ``(d_model, n_head, d_head)`` projections): ``(shape[0], -1)``.
 
     A weight offloaded by Hugging Face Accelerate (``cpu_offload``, ``disk_offload``, a ``device_map`` with
     ``"cpu"``/``"disk"`` entries: a meta placeholder between forwards) is read from its hook's offload store

@@ -10,7 +10,8 @@ items (:func:`plain_batch`): ``torch.utils._pytree`` does not flatten it.
 A *packed* dict batch (several documents concatenated in a row, as Hugging Face's
 ``DataCollatorWithFlattening`` makes: ``position_ids`` restarting per document, or ``seq_idx`` /
 ``cu_seq_lens_q``, and no ``attention_mask``) is read as the right-padded batch of its documents
-(:func:`unpack_documents`): one sample per document, each run as a sequence of its own.
+(:func:`unpack_documents`) by the probe and the lens when they run the default forward
+(:func:`batch_as_run`): one sample per document, each run as a sequence of its own.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["batch_size", "slice_batch", "map_tensors", "default_forward", "plain_batch", "unpack_documents"]
+__all__ = ["batch_size", "slice_batch", "map_tensors", "default_forward", "plain_batch", "batch_as_run", "unpack_documents"]
 
 #: keys that describe how documents are packed in a row (Hugging Face's DataCollatorWithFlattening,
 #: flash-attention kwargs): read by :func:`unpack_documents`, absent from the batch it returns
@@ -31,11 +32,21 @@ PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"
 def plain_batch(batch: Any) -> Any:
     """``batch`` itself, or a plain ``dict`` of its items when it is a mapping of another type (a
     ``BatchEncoding``, a ``UserDict``, a ``dict`` subclass): the form that ``torch.utils._pytree``
-    flattens and ``model(**batch)`` takes. A packed dict batch is returned as the padded batch of its
-    documents (:func:`unpack_documents`)."""
-    if isinstance(batch, Mapping):
-        if type(batch) is not dict:
-            batch = dict(batch.items())
+    flattens and ``model(**batch)`` takes. Cheap (no copy of a tensor, no host sync): the helpers below
+    call it on every slice."""
+    if isinstance(batch, Mapping) and type(batch) is not dict:
+        return dict(batch.items())
+    return batch
+
+
+def batch_as_run(batch: Any, forward_fn: Callable) -> Any:
+    """``batch`` as the probe and the lens hand it to ``forward_fn`` (and to ``loss_fn`` / ``mask_fn``):
+    :func:`plain_batch`, and with the default forward (:func:`default_forward`) a packed dict batch as the
+    right-padded batch of its documents (:func:`unpack_documents`). A ``forward_fn`` of your own gets the
+    batch as given, packed rows included (one sample per row, as before packing was read): a model that
+    runs packed rows itself (flash-attention varlen kwargs) keeps them."""
+    batch = plain_batch(batch)
+    if forward_fn is default_forward and isinstance(batch, dict):
         return unpack_documents(batch)
     return batch
 
@@ -85,12 +96,26 @@ def _document_ids(batch: dict) -> torch.Tensor | None:
     return ref
 
 
+def _collator_positions(pos: Any) -> bool:
+    """Whether ``pos`` are the ``position_ids`` of packed rows as ``DataCollatorWithFlattening`` makes
+    them: integer ``(M, T)``, each row from 0, and every position that does not grow by 1 back at 0 (a
+    new document), at least once. Not packed: positions offset by a prefix or a KV cache, scaled or
+    strided positions, floats, a left-padded batch's positions counted from its first real token. One
+    host sync."""
+    if (not isinstance(pos, torch.Tensor) or pos.ndim != 2 or pos.shape[1] < 2 or pos.is_floating_point()
+            or pos.is_complex() or pos.dtype == torch.bool):
+        return False
+    restart = pos[:, 1:] != pos[:, :-1] + 1
+    return bool(restart.any() & (pos[:, 0] == 0).all() & ((pos[:, 1:] == 0) | ~restart).all())
+
+
 def unpack_documents(batch: dict, pad_label: int = -100) -> dict:
     """A packed dict batch as the right-padded batch of its documents; any other ``batch`` unchanged.
 
-    Packed: no ``attention_mask`` and a ``seq_idx`` or ``cu_seq_lens_q`` field, or ``position_ids``
-    that restart within a row (Hugging Face's ``DataCollatorWithFlattening``: one row of concatenated
-    documents, positions from 0 in each, ``labels`` -100 at each document's first token). Document
+    Packed: no ``attention_mask`` and a packing field (:data:`PACKING_KEYS`: ``seq_idx``,
+    ``cu_seq_lens_q``, ...), or integer ``position_ids`` that restart at 0 within a row, each row starting
+    at 0 (Hugging Face's ``DataCollatorWithFlattening``: one row of concatenated documents, positions from
+    0 in each, ``labels`` -100 at each document's first token; :func:`_collator_positions`). Document
     ``d`` of row ``r`` becomes one row of the result, documents in row-major order, padded on the
     right to the longest: every ``(M, T)`` tensor field is split by document (padding repeats the
     document's last entry; ``labels`` are ``pad_label`` there), ``attention_mask`` marks each
@@ -109,10 +134,8 @@ def unpack_documents(batch: dict, pad_label: int = -100) -> dict:
                 "fields; pass one or the other"
             )
         return batch
-    if not any(k in batch for k in PACKING_KEYS):  # packed only if position_ids restart within a row
-        pos = batch.get("position_ids")
-        if not isinstance(pos, torch.Tensor) or pos.ndim != 2 or not bool((pos.diff(dim=-1) != 1).any()):
-            return batch
+    if not any(k in batch for k in PACKING_KEYS) and not _collator_positions(batch.get("position_ids")):
+        return batch
     ids = _document_ids(batch)
     if ids is None:
         raise ValueError(
@@ -180,14 +203,15 @@ def default_forward(model: torch.nn.Module, batch: Any) -> Any:
     * tuple / list ``(inputs, targets, ...)``: ``model(inputs)`` (nanoGPT convention);
     * dict, or any mapping (a ``BatchEncoding``): ``model(**batch)`` without the ``"labels"`` key
       (Hugging Face convention; the loss is computed by the probe from ``labels``, so the model never
-      sees them); a packed batch as the padded batch of its documents (:func:`unpack_documents`).
+      sees them). The probe and the lens hand it a packed batch as the padded batch of its documents
+      (:func:`batch_as_run`); called directly, it runs the batch as given.
     """
     if isinstance(batch, torch.Tensor):
         return model(batch)
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
-    if isinstance(batch, Mapping):  # a packed batch as its documents, padded (plain_batch)
-        return model(**{k: v for k, v in plain_batch(batch).items() if k != "labels"})
+    if isinstance(batch, Mapping):
+        return model(**{k: v for k, v in batch.items() if k != "labels"})
     raise TypeError(f"cannot call the model on a batch of type {type(batch).__name__}; pass forward_fn=")
 
 

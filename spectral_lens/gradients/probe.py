@@ -32,7 +32,7 @@ from ._isolation import (cuda_devices, forked_rng, preserved_buffers, rng_state,
 from ._validate import finite_rows, nonfinite_loss_message
 from ..spectrum import Spectrum
 from ..spectra.eigen import all_finite
-from ._batch import _autograd_usable, batch_size, default_forward, map_tensors, plain_batch, slice_batch
+from ._batch import _autograd_usable, batch_as_run, batch_size, default_forward, map_tensors, slice_batch
 from . import cast_cache
 from .engines import LossScale, fast_engine, loop_engine
 from .fallback import vmap_or_loop
@@ -774,7 +774,10 @@ class PerSampleGradientProbe:
         ``batch``: what ``forward_fn``/``loss_fn`` take (default: ``(input_ids, targets)``, a dict with
         ``input_ids``/``labels``, or ``input_ids``), sample index in dimension 0 of every tensor. Any
         other mapping (a Hugging Face ``BatchEncoding``) is taken as the plain ``dict`` of its items,
-        which is what ``forward_fn``/``loss_fn`` then receive. Tensors made under
+        which is what ``forward_fn``/``loss_fn`` then receive. With the default ``forward_fn``, a packed
+        batch (``DataCollatorWithFlattening``) is read as the padded batch of its documents, one sample
+        each (:func:`~spectral_lens.gradients._batch.batch_as_run`); a ``forward_fn`` of your own gets it
+        as given. Tensors made under
         ``torch.inference_mode()`` are copied to normal tensors (autograd cannot save them). On an exception the probe is left
         exactly as before the call. Returns ``self``. The probed parameters are read from the model
         by name at each call (:meth:`_follow_params`): a replaced parameter or module is followed.
@@ -795,7 +798,7 @@ class PerSampleGradientProbe:
                 "data): the model's weights were never materialized; load them (e.g. model.to_empty(device=...) "
                 "and load_state_dict) before update()"
             )
-        batch = plain_batch(batch)
+        batch = batch_as_run(batch, self.forward_fn)  # a packed batch as its documents (default forward)
         n = batch_size(batch)
         batch = map_tensors(lambda t: _autograd_usable(t.to(dev, non_blocking=True)), batch)
         snap = self._snapshot()

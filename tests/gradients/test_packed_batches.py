@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 import spectral_lens as sl  # noqa: E402
 from spectral_lens import PerSampleGradientProbe  # noqa: E402
-from spectral_lens.gradients._batch import batch_size, plain_batch, unpack_documents  # noqa: E402
+from spectral_lens.gradients._batch import batch_as_run, batch_size, default_forward, plain_batch, unpack_documents  # noqa: E402
 from spectral_lens.gradients.losses import causal_lm_loss  # noqa: E402
 from tests.support.data import cov_eigs  # noqa: E402
 
@@ -82,9 +82,9 @@ def test_packed_row_reads_as_padded_documents():
     docs = documents()
     batch = packed(docs)
     assert set(batch) == {"input_ids", "labels", "position_ids"} and batch["input_ids"].shape == (1, sum(LENGTHS))
-    out = plain_batch(batch)  # a BatchEncoding-free dict; any mapping is read the same way
+    out = batch_as_run(batch, default_forward)  # a BatchEncoding-free dict; any mapping is read the same way
     width = max(LENGTHS)
-    assert out["input_ids"].shape == (len(docs), width) and batch_size(batch) == len(docs)
+    assert out["input_ids"].shape == (len(docs), width) and batch_size(out) == len(docs)
     for m, d in enumerate(docs):
         n = len(d)
         assert out["attention_mask"][m].tolist() == [1] * n + [0] * (width - n)
@@ -118,9 +118,9 @@ def test_not_packed_batches_are_unchanged():
     mask[1, :2] = 0  # left padding with position_ids from the mask: not a packed row (attention_mask given)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     padded = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": ids}
-    assert plain_batch(padded) is padded
+    assert unpack_documents(padded) is padded and plain_batch(padded) is padded
     plain = {"input_ids": ids, "position_ids": torch.arange(6).expand(3, 6), "labels": ids}
-    assert plain_batch(plain) is plain and batch_size(plain) == 3
+    assert unpack_documents(plain) is plain and batch_size(plain) == 3
 
 
 def test_packing_errors_name_the_fields():
@@ -128,17 +128,17 @@ def test_packing_errors_name_the_fields():
     full = dict(packed(docs, return_seq_idx=True))
     full["seq_idx"] = full["seq_idx"].roll(1, dims=1)
     with pytest.raises(ValueError, match="position_ids and seq_idx give different document boundaries"):
-        plain_batch(full)
+        unpack_documents(full)
     both = dict(packed(docs, return_flash_attn_kwargs=True))
     both["attention_mask"] = torch.ones_like(both["input_ids"])
     with pytest.raises(ValueError, match=r"both attention_mask and the packing fields \['cu_seq_lens_q'"):
-        plain_batch(both)
+        unpack_documents(both)
     with pytest.raises(ValueError, match=r"packing fields \['max_length_q'\].*to find the documents"):
-        plain_batch({"inputs_embeds": torch.zeros(1, 24, 4), "max_length_q": 9})
+        unpack_documents({"inputs_embeds": torch.zeros(1, 24, 4), "max_length_q": 9})
     odd = dict(packed(docs))
     odd["doc_weights"] = torch.ones(4)
     with pytest.raises(ValueError, match=r"field 'doc_weights' of shape \(4,\) cannot be split"):
-        plain_batch(odd)
+        unpack_documents(odd)
 
 
 # ------------------------------------------------------------------------------------- probe

@@ -158,7 +158,7 @@ class Embeddings(nn.Module):
 
 
 def test_custom_expert_stacks_split_and_convolutions_do_not():
-    """Any non-convolution module's 3-D parameter is a stack; a stack of one (1, N, d) is its (N, d)
+    """An experts module's 3-D parameter (path or class name with "expert") is a stack; a stack of one (1, N, d) is its (N, d)
     matrix under its own name (before: one (1, N*d) row, a single singular value); a Conv1d weight
     (out, in, k), also 3-D, stays the one map on flattened patches (out, in*k)."""
     torch.manual_seed(0)
