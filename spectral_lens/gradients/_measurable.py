@@ -389,10 +389,10 @@ def _refuse_expert_slice(model: nn.Module, w: str, named: dict) -> None:
     if base is None or base.ndim < 3:
         return
     raise ValueError(
-        f"{type(model).__name__}: {w!r} is one slice of parameter {hit.group(1)!r} of shape {tuple(base.shape)} (the "
-        "fused weights of a mixture-of-experts layer, one matrix per expert along dim 0); the probe measures whole "
+        f"{type(model).__name__}: {w!r} is one slice along dim 0 of parameter {hit.group(1)!r} of shape "
+        f"{tuple(base.shape)} (for a mixture-of-experts layer's fused weights, one expert); the probe measures whole "
         f"parameters: pass params={hit.group(1)!r} (one row per sequence of all experts' gradients together) with "
-        f"keep_matrix=True and read expert {hit.group(2)}'s rows as probe.matrix(name).view(M, {base.shape[0]}, -1)"
+        f"keep_matrix=True and read slice {hit.group(2)}'s rows as probe.matrix(name).view(M, {base.shape[0]}, -1)"
         f"[:, {hit.group(2)}], or probe the router weight or an attention matrix"
     )
 

@@ -224,7 +224,7 @@ def test_one_expert_is_a_slice_zero_where_no_token_was_routed():
 
 def test_probe_refuses_one_expert_by_index_saying_what_to_pass():
     model = moe(dtype=torch.float32)
-    with pytest.raises(ValueError, match=r"down_proj\[3\]' is one slice of parameter .*\(4, 32, 48\).*keep_matrix"):
+    with pytest.raises(ValueError, match=r"down_proj\[3\]' is one slice along dim 0 of parameter .*\(4, 32, 48\).*keep_matrix"):
         PerSampleGradientProbe(model, params=f"{DOWN}[3]")
 
 
