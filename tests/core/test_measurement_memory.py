@@ -95,7 +95,7 @@ def test_estimate_matches_the_real_allocations(precision, d, rows, chunk, dtype)
                                             max_chunk_rows=chunk)
     acc.update(x[0])
     acc.update(x[1])
-    # the state after the second update: S, its spare, the d-vectors (the estimate leaves out 3 int64 scalars)
+    # the state after the second update: S (one d x d buffer), the d-vectors (the estimate leaves out 3 int64 scalars)
     assert 0 <= _held(acc) - held <= 64
     if hasattr(_chunk_sums._SCRATCH, "chunks"):  # the CPU path's recycled scratch, allocated anew as on a first call
         del _chunk_sums._SCRATCH.chunks
@@ -110,8 +110,8 @@ def test_estimate_matches_the_real_allocations(precision, d, rows, chunk, dtype)
     start = live.track(acc)
     with live:
         spectrum = acc.compute()
-    # the peak is the mirror of S while S and its spare are held; the later covariance and the solve's copy
-    # of its input (inside LAPACK, unseen here) stay a d x d matrix below it
+    # the peak is the covariance and its m m^T (S is mirrored in place, with one triangle's temporary); the
+    # solve's copy of its input (inside LAPACK, unseen here) comes after m m^T is freed
     assert abs((live.peak - start) - solve) <= 64 * d, (live.peak - start, solve)
     ref = torch.linalg.eigvalsh(torch.cov(x.reshape(-1, d).double().T)).flip(0)
     assert torch.allclose(spectrum.values, ref.clamp_min(0), rtol=1e-4, atol=1e-5 * float(ref[0]))  # fp32 products
@@ -119,7 +119,7 @@ def test_estimate_matches_the_real_allocations(precision, d, rows, chunk, dtype)
 
 def test_measurement_bytes_of_many_layers():
     held, update, solve = accumulator_bytes(8192, "exact", 4096)
-    assert held == 2 * 8 * 8192**2 + 5 * 8 * 8192
+    assert held == 8 * 8192**2 + 5 * 8 * 8192
     assert measurement_bytes([8192] * 80, "exact", 4096) == 80 * held + max(update, solve)
     mixed = measurement_bytes([64, 128], "float64", 10, device_type="cpu")
     assert mixed == sum(accumulator_bytes(d, "float64", 10, device_type="cpu")[0] for d in (64, 128)) + 2 * 8 * 128**2
