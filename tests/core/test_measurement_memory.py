@@ -228,3 +228,29 @@ def test_one_rank_short_of_memory_makes_every_rank_raise(tmp_path):
     assert hung == [] and None not in got, (hung, got)
     assert got[1]["error"].startswith("MemoryError: spectral_lens: measuring 4 layer(s) (d=32"), got
     assert got[0]["error"].startswith("RuntimeError") and "rank(s) [1]" in got[0]["error"], got  # names rank 1
+
+
+@pytest.mark.parametrize("rows, chunk, dtype", [(64, 131072, torch.float32), (64, 131072, torch.bfloat16),
+                                                (300, 100, torch.float32), (200, 131072, torch.float64)])
+def test_the_state_holds_one_square_matrix(rows, chunk, dtype):
+    """After many updates (the CPU one-chunk path, the deferred terms flushed; calls of several chunks;
+    float64 rows) one float64 d x d storage is alive, S itself: updates add into it in place (a spare
+    buffer beside it made two, 16 d^2 bytes a layer). Counted over every allocation since the
+    accumulator was built, so no buffer kept elsewhere (a cache, a closure) escapes the count."""
+    d = 96
+    torch.manual_seed(1)
+    xs = [(torch.randn(rows, d, dtype=torch.float64) * 2 + k).to(dtype) for k in range(40)]  # > 32: a flush
+    live = _LiveBytes()
+    with live:
+        acc = ActivationCovarianceAccumulator(d, max_chunk_rows=chunk)
+        for x in xs:
+            acc.update(x)
+    # the CPU path's recycled chunk buffers (per thread, shared by every accumulator; a float64 product
+    # for float64 rows) are counted in the update's bytes, not in the state
+    scratch = {t.untyped_storage().data_ptr() for t in tree_flatten(list(getattr(_chunk_sums._SCRATCH, "chunks", {})
+                                                                         .values()))[0] if isinstance(t, torch.Tensor)}
+    squares = [k for k, size in live.live.items() if size == 8 * d * d and k not in scratch]
+    assert squares == [acc._s_lower.untyped_storage().data_ptr()], len(squares)
+    ref = torch.linalg.eigvalsh(torch.cov(torch.cat(xs).double().T)).flip(0)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(acc.compute().values, ref.clamp_min(0), rtol=tol, atol=tol * float(ref[0]))

@@ -39,6 +39,7 @@ def assert_refused_until_reset(acc, x, mask=None) -> None:
             use()
     acc.reset()
     acc.update(x, mask)
-    fresh = ActivationCovarianceAccumulator(acc.dim, precision=acc.precision, name=label)
+    fresh = ActivationCovarianceAccumulator(acc.dim, precision=acc.precision, max_chunk_rows=acc.max_chunk_rows,
+                                            name=label)
     fresh.update(x, mask)
     assert_same_state(snapshot(acc), snapshot(fresh))
