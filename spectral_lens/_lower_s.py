@@ -25,45 +25,63 @@ def _pending_factors(pend: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tens
 def _symmetric_s(lower: torch.Tensor, pend: np.ndarray | None) -> torch.Tensor:
     """The symmetric float64 ``S`` from a stored ``S`` valid in its lower triangle and the deferred
     re-shift terms ``pend`` (``(2, k, d)``, or ``None``): the terms added, then the lower triangle
-    mirrored. Shared by the ``_s`` property and ``compute_async``'s snapshot, so both give the same bits."""
+    mirrored, into a new matrix (``lower`` is left as it is). Shared by the ``_s`` property (for a
+    buffer that escaped) and ``compute_async``'s snapshot; :func:`_symmetric_s_` gives the same bits."""
     if pend is not None:  # a new matrix of its own: mirrored in place (one d x d allocation fewer)
         return mirror_lower_(torch.addmm(lower, *_pending_factors(pend, pend.shape[1])))
     return mirror_lower(lower)
 
 
+def _symmetric_s_(lower: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """:func:`_symmetric_s` in place on ``lower`` (a buffer that never escaped), with the same bits, the
+    deferred terms given as their :func:`_pending_factors` (formed by the caller before this first write)."""
+    if factors is not None:
+        lower.addmm_(*factors)
+    return mirror_lower_(lower)
+
+
 def _add_lower(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     """``out = a + b`` (``b`` promoted to ``out``'s dtype) on the lower triangle, by row blocks of
     :data:`_LOWER_BLOCK`; outside the lower triangle ``out`` is unspecified (garbage there, NaN
-    included, is harmless). Each block is a promoting copy of ``b`` then an add of ``a``: two torch
-    passes, both parallel, which beat NumPy's single-threaded casting add (2 threads, d = 768, on the
-    project's 2-core machine: 0.27 ms vs 0.56 ms; one thread: equal, and 2x faster at d = 256)."""
+    included, is harmless). ``out`` may be ``a`` (the update in place of a state that never escaped):
+    then each block is one mixed-dtype torch add (torch promotes ``b``'s block, then adds; the same
+    float64 sums, as addition commutes). Otherwise each block is a promoting copy of ``b`` then an add
+    of ``a``: two torch passes, both parallel, which beat NumPy's single-threaded casting add (2
+    threads, d = 768, on the project's 2-core machine: 0.27 ms vs 0.56 ms; one thread: equal, and 2x
+    faster at d = 256); the in-place form measured 0.29 ms there (0.37 ms for the copy form that day)."""
     d = a.shape[0]
-    if d <= _LOWER_BLOCK:  # one block: no slicing
-        out.copy_(b)
-        out.add_(a)
-        return
-    for r0 in range(0, d, _LOWER_BLOCK):
-        r1 = min(d, r0 + _LOWER_BLOCK)
+    blocks = [(0, d)] if d <= _LOWER_BLOCK else [(r0, min(d, r0 + _LOWER_BLOCK)) for r0 in range(0, d, _LOWER_BLOCK)]
+    for r0, r1 in blocks:
         block = out[r0:r1, :r1]
-        block.copy_(b[r0:r1, :r1])
-        block.add_(a[r0:r1, :r1])
+        if out is a:
+            block.add_(b[r0:r1, :r1])
+        else:
+            block.copy_(b[r0:r1, :r1])
+            block.add_(a[r0:r1, :r1])
 
 
-def _add_deferred(state_s: torch.Tensor, s: torch.Tensor, new_s: torch.Tensor, pend: np.ndarray | None, k: int,
-                  c: np.ndarray, m64: np.ndarray, n: int) -> tuple[np.ndarray, int]:
-    """``new_s = state_s + s`` on the lower triangle (:func:`_add_lower`), and one CPU update's re-shift
-    term ``u c^T + c u^T`` (``u = m64 + n c / 2``, ``m64`` its float64 column sums; see
-    :func:`spectral_lens.spectra.moments.reshift`) deferred into slot ``k`` of ``pend`` (a new
-    ``(2, _PENDING, d)`` buffer if ``None``), past the committed count; when the slots are full, all
-    of them are added to ``new_s`` as one GEMM. Returns the ``(pend, k)`` to commit with ``new_s``."""
-    _add_lower(state_s, s, new_s)
+def _defer(pend: np.ndarray | None, k: int, c: np.ndarray, m64: np.ndarray, n: int
+           ) -> tuple[np.ndarray, int, tuple[torch.Tensor, torch.Tensor] | None]:
+    """One CPU update's re-shift term ``u c^T + c u^T`` (``u = m64 + n c / 2``, ``m64`` its float64
+    column sums; see :func:`spectral_lens.spectra.moments.reshift`) deferred into slot ``k`` of ``pend``
+    (a new ``(2, _PENDING, d)`` buffer if ``None``), past the committed count. Writes no state: returns
+    the ``(pend, k)`` to commit and, when the slots are full, the :func:`_pending_factors` of all of them
+    (this call's included; then ``k`` is 0) for :func:`_add_deferred` to add."""
     if pend is None:
-        pend = np.empty((2, _PENDING, state_s.shape[0]))
+        pend = np.empty((2, _PENDING, c.shape[0]))
     np.multiply(c, 0.5 * n, out=pend[0, k])
     pend[0, k] += m64  # u = m + n c / 2
     pend[1, k] = c
     k += 1
-    if k == pend.shape[1]:  # apply the deferred terms (this call's included) as one GEMM
-        new_s.addmm_(*_pending_factors(pend, k))
-        k = 0
-    return pend, k
+    if k == pend.shape[1]:  # apply the deferred terms as one GEMM
+        return pend, 0, _pending_factors(pend, k)
+    return pend, k, None
+
+
+def _add_deferred(state_s: torch.Tensor, s: torch.Tensor, new_s: torch.Tensor,
+                  factors: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """``new_s = state_s + s`` on the lower triangle (:func:`_add_lower`; ``new_s`` may be ``state_s``),
+    then the full slots' deferred terms (:func:`_defer`) added as one GEMM."""
+    _add_lower(state_s, s, new_s)
+    if factors is not None:
+        new_s.addmm_(*factors)

@@ -5,9 +5,9 @@ Derived from the code (``accumulate``, ``_chunk_sums``, ``_lower_s``, ``_compute
 against the real allocations in ``tests/core/test_measurement_memory.py``. Per accumulator of width
 ``d`` (``B = 8 d^2``, one float64 d x d matrix):
 
-* held between updates: ``2 B`` (``S`` and the spare buffer the next update writes into, from the
-  second update on) and a few float64 d-vectors (``m``, the shift, re-shift scratch; on the CPU the
-  ``(2, 32, d)`` deferred re-shift terms);
+* held between updates: ``B`` (``S``, which updates add into in place; from the first update on) and a
+  few float64 d-vectors (``m``, the shift, re-shift scratch; on the CPU the ``(2, 32, d)`` deferred
+  re-shift terms);
 * on top of that, at most one of these at a time (hooks run one after the other, ``compute`` solves
   one layer after the other):
 
@@ -16,8 +16,13 @@ against the real allocations in ``tests/core/test_measurement_memory.py``. Per a
     (fp32, float64 for float64 products; on CUDA from d = 1024 three of them while the block form is
     concatenated; two on the CPU's ``syrk`` path from 8192 rows); a call of more than ``max_chunk_rows``
     rows (chunks of that many) holds two chunk products and its float64 ``d x d`` sum;
-  - ``compute``: ``2 B`` (the mirrored copy of ``S`` and a triangle while ``S`` and its spare are
-    still held); the later steps (covariance, the solve's copy of its input) stay below it.
+  - ``compute``: ``2 B`` (``S`` is mirrored in place, with a strict triangle's temporary; then the
+    covariance and its ``m m^T``, or the covariance and the solve's copy of its input).
+
+Not counted: the first update after ``S`` was handed out (``state_dict``, ``merge``, ``covariance`` or
+``compute``; ``compute_async`` on CUDA) writes into a new ``d x d`` buffer rather than into the one
+read (copy-on-write), one ``B`` more during that update only; a measurement pass reads ``S`` after its
+last update.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ def _product_bytes(precision: str, device_type: str, rows_float64: bool) -> tupl
 def accumulator_bytes(d: int, precision: str, rows: int, *, device_type: str = "cuda", rows_float64: bool = False,
                       max_chunk_rows: int = 131072) -> tuple[int, int, int]:
     """``(held, update, solve)`` bytes of one accumulator of width ``d``: what it holds between updates
-    (from its second update on), and what an update of ``rows`` rows and its ``compute`` allocate on
+    (from its first update on), and what an update of ``rows`` rows and its ``compute`` allocate on
     top of that at their peak (a few d-vectors less: within ``64 d`` bytes). See the module's docstring."""
     if precision not in PRECISIONS:
         raise ValueError(f"accumulator_bytes: precision must be one of {PRECISIONS}, got {precision!r}")
@@ -52,9 +57,9 @@ def accumulator_bytes(d: int, precision: str, rows: int, *, device_type: str = "
     square = 8 * d * d
     row_b, prod_b = _product_bytes(precision, device_type, rows_float64)
     if device_type == "cpu" and rows <= max_chunk_rows:  # m, shift; the deferred re-shift terms (a NumPy array)
-        held = 2 * square + 8 * d * (2 + 2 * _PENDING)
+        held = square + 8 * d * (2 + 2 * _PENDING)
     else:  # m, shift, the (3, d) re-shift scratch (CUDA; CPU calls of several chunks)
-        held = 2 * square + 8 * d * 5
+        held = square + 8 * d * 5
     chunk = min(rows, max_chunk_rows)
     if rows > max_chunk_rows:  # several chunks: the call's float64 sum, the previous chunk's and this one's product
         products, extra = 2, square
@@ -72,8 +77,7 @@ def measurement_bytes(dims: Sequence[int], precision: str, rows: int, *, device_
                       rows_float64: bool = False, max_chunk_rows: int = 131072) -> int:
     """Peak bytes that accumulators of widths ``dims`` measured in one pass allocate on the rows' device
     (``device_type``), with ``rows`` rows per update: every one's held bytes plus the largest update or
-    solve on top (:func:`accumulator_bytes`; hooks update, and ``compute`` solves, one layer at a time).
-    An upper bound: a pass of one update per layer holds one ``d x d`` less per layer."""
+    solve on top (:func:`accumulator_bytes`; hooks update, and ``compute`` solves, one layer at a time)."""
     sizes = [accumulator_bytes(int(d), precision, rows, device_type=device_type, rows_float64=rows_float64,
                                max_chunk_rows=max_chunk_rows) for d in dims]
     return _peak(sizes)
@@ -138,8 +142,8 @@ def check_fits(accumulators: Sequence, rows: torch.Tensor) -> None:
     fit = max(1, k * free // need) if free > 0 else 0
     raise MemoryError(
         f"spectral_lens: measuring {k} layer(s) ({widths}, precision={precision}, "
-        f"{n_rows} rows per update) in one pass needs about {_gib(need)} on {rows.device} (each layer keeps two "
-        f"float64 d x d sums, 16 d^2 bytes, plus one layer's update or solve on top), but only {_gib(free)} is free "
+        f"{n_rows} rows per update) in one pass needs about {_gib(need)} on {rows.device} (each layer keeps a "
+        f"float64 d x d sum, 8 d^2 bytes, plus one layer's update or solve on top), but only {_gib(free)} is free "
         f"there; nothing was measured. Measure fewer layers at once"
         + (f" (about {fit} fit)" if 0 < fit < k else "")
         + ": e.g. every 4th block, SpectralLens(model, pool, layers=all_blocks(model)[::4]) (from "

@@ -27,7 +27,7 @@ from torch import nn
 from .background import SolveFuture, emit, submit
 from ._chunk_sums import _adopt_shift, _call_sums, _cpu_chunk_sums, _cpu_path
 from ._compute import _finite_check, _host_copies, _row_count, _Setup, _spectrum_of, _Sums
-from ._lower_s import _add_deferred, _symmetric_s
+from ._lower_s import _add_deferred, _defer, _pending_factors, _symmetric_s, _symmetric_s_
 from ._persistence import _STATE_FORMAT, _read_state, _validated, _write_state
 from ._sync import _summed, _sync_status
 from .capture import Target, check_dense_rows
@@ -142,9 +142,9 @@ class ActivationCovarianceAccumulator:
         self.dim = getattr(self, "_dim_given", self.dim)
         self._shift: torch.Tensor | None = None
         self._s_lower: torch.Tensor | None = None
-        self._s_spare: torch.Tensor | None = None
         self._s_stale = False
         self._s_escaped = True
+        self._torn = False  # see _begin_in_place
         self._pend: np.ndarray | None = None
         self._pend_k = 0
         self._rank2: tuple[torch.Tensor, ...] | None = None  # scratch of _commit (see _rank2_scratch)
@@ -172,23 +172,49 @@ class ActivationCovarianceAccumulator:
         """Float64 ``S`` (d, d), symmetric.
 
         ``update`` adds only lower triangles (a BLAS ``syrk`` forms one) and marks the upper one
-        stale; the first read mirrors it, once. ``update`` writes its result into a spare buffer and
-        swaps it in (no d x d allocation per call, and the state is never half-updated); a tensor
-        read through this property may have escaped, so it is never recycled as the spare. CPU
-        updates may also leave up to :data:`_PENDING` rank-2 re-shift terms deferred (``_pend``, see
-        :meth:`_cpu_update`): the first read adds them, in float64, before mirroring.
+        stale; the first read mirrors it, once. CPU updates may also leave up to :data:`_PENDING`
+        rank-2 re-shift terms deferred (``_pend``, see :meth:`_cpu_update`): the first read adds
+        them, in float64, before mirroring. Both in place on the state's one ``d x d`` buffer unless
+        it escaped (then into a new one, with the same bits). A tensor read through this property
+        may escape (``state_dict``, ``merge``, ``covariance``), so it is never written in place
+        afterwards: the next update writes its sum into a new buffer (copy-on-write).
         """
+        self._refuse_torn()
         if self._s_stale or self._pend_k:
-            pend = self._pend[:, : self._pend_k] if self._pend_k else None
-            self._s_lower, self._s_stale, self._pend_k = _symmetric_s(self._s_lower, pend), False, 0
-        self._s_spare = None
+            if self._s_escaped:
+                pend = self._pend[:, : self._pend_k] if self._pend_k else None
+                self._s_lower, self._s_stale, self._pend_k = _symmetric_s(self._s_lower, pend), False, 0
+            else:
+                factors = _pending_factors(self._pend, self._pend_k) if self._pend_k else None
+                self._begin_in_place()
+                s = _symmetric_s_(self._s_lower, factors)
+                self._s_lower, self._s_stale, self._pend_k, self._torn = s, False, 0, False
         self._s_escaped = True
         return self._s_lower
 
     @_s.setter
     def _s(self, value: torch.Tensor | None) -> None:
-        self._s_lower, self._s_stale, self._s_spare, self._s_escaped = value, False, None, True
+        self._s_lower, self._s_stale, self._s_escaped = value, False, True
         self._pend_k = 0
+
+    def _begin_in_place(self) -> None:
+        """Mark the state torn just before the first in-place write to ``S`` (its one ``d x d`` buffer);
+        the plain stores that end the update (:meth:`_store`) or the read (``_s``) clear the mark.
+        Every check that can reject the call has passed by then, so only an interrupt
+        (``KeyboardInterrupt``; in the write itself, an error such as running out of memory) can stop it
+        between the write and the stores, and then the state may be half-updated: with the mark left
+        set, every later update, read, merge, sync, save and compute raises (:meth:`_refuse_torn`)
+        instead of giving a silently wrong spectrum, until ``reset()`` or ``load_state_dict``."""
+        self._torn = True
+
+    def _refuse_torn(self) -> None:
+        if self._torn:
+            raise RuntimeError(
+                f"{self._label()}: an earlier update or read was interrupted (KeyboardInterrupt or an error) "
+                "while it added into the float64 sums S in place, so they may hold part of that update; "
+                "the state is refused rather than giving a wrong spectrum. Call reset() and measure again "
+                "(or restore a saved state with load_state_dict / load)"
+            )
 
     @property
     def initialized(self) -> bool:
@@ -247,7 +273,14 @@ class ActivationCovarianceAccumulator:
         """Add rows: ``x`` of shape (..., d), leading dims flattened; ``mask`` (...,) bool marks valid rows.
 
         All or nothing: the call's chunks are summed into locals and committed at the end, so an
-        exception or a ``KeyboardInterrupt`` part-way leaves the state exactly as before the call.
+        exception (a rejected input, an error in the products) or a ``KeyboardInterrupt`` part-way
+        leaves the state exactly as before the call. The one exception is the commit's last step, the
+        float64 add into ``S`` in place (the state holds one ``d x d`` buffer, not a spare beside it):
+        an interrupt between that write and the stores that follow it leaves the accumulator marked
+        torn, and every later ``update``, ``compute``, ``state_dict``, ``merge``, ``sync`` or ``save``
+        raises a ``RuntimeError`` saying so until ``reset()`` (never a silently wrong spectrum).
+        Tensors handed out before (``state_dict()``, ``covariance()``) are never written afterwards: an
+        update after such a read writes its sum into a new buffer (copy-on-write).
         No host synchronization; the eigen-solve waits for :meth:`compute`. Runs under
         ``torch.no_grad()``; inside ``torch.inference_mode()`` too, but with inference mode off, so
         the state and the recycled buffers it writes in place stay normal tensors, usable later
@@ -269,6 +302,7 @@ class ActivationCovarianceAccumulator:
                 self._update(x, mask)
 
     def _update(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        self._refuse_torn()
         x = _value_rows(x, self._label())
         self._check_input(x, mask)
         rows = x.detach()
@@ -306,9 +340,9 @@ class ActivationCovarianceAccumulator:
 
         Each update's re-shift term ``u c^T + c u^T`` (see :func:`reshift`) is kept as its two
         d-vectors; every :data:`_PENDING` updates they are applied as one rank-64 float64 GEMM, and a
-        read of the state applies the rest (:mod:`spectral_lens._lower_s`). Same all-or-nothing commit:
-        the new ``S`` goes into the spare buffer, a deferred term into a slot past the committed count
-        ``_pend_k``.
+        read of the state applies the rest (:mod:`spectral_lens._lower_s`). Same commit as
+        :meth:`_commit`: the float64 add into ``S`` in place (into a new buffer if ``S`` escaped) comes
+        last, just before the stores; a deferred term goes into a slot past the committed count ``_pend_k``.
 
         Returns whether the rows underflowed to all-zero sums (:func:`_rows_underflowed`)."""
         # NumPy would warn where torch is silent (non-finite rows, an fp64 shift beyond fp32 range);
@@ -330,16 +364,21 @@ class ActivationCovarianceAccumulator:
             c = shift64 - state_shift.numpy()
             m64 = m.astype(np.float64)
             new_m = torch.from_numpy(self._m.numpy() + (m64 + n * c))
-            new_s = self._s_spare if self._s_spare is not None else torch.empty_like(state_s)
-            pend, k = _add_deferred(state_s, s, new_s, self._pend, self._pend_k, c, m64, n)
-            spare = None if self._s_escaped else state_s
+            pend, k, factors = _defer(self._pend, self._pend_k, c, m64, n)
             new_n = self._n + n
             first_bad, bad_rows = self._first_bad, self._bad_rows  # never written in place: kept as they are
             if (broken or bad) and int(first_bad) < 0:
                 first_bad = torch.tensor(index, device="cpu")
             if bad:
                 bad_rows = bad_rows + bad
-            self._store(state_shift, new_n, new_m, new_s, spare, pend, k, bad_rows, first_bad, index, has_rows)
+            # ---- the float64 add: in place (last, just before the stores), or copy-on-write
+            if self._s_escaped:
+                new_s = torch.empty_like(state_s)
+            else:
+                new_s = state_s
+                self._begin_in_place()
+            _add_deferred(state_s, s, new_s, factors)
+            self._store(state_shift, new_n, new_m, new_s, pend, k, bad_rows, first_bad, index, has_rows)
         return underflowed
 
     def _rank2_scratch(self) -> tuple[torch.Tensor, ...]:
@@ -353,13 +392,14 @@ class ActivationCovarianceAccumulator:
         return self._rank2
 
     def _commit(self, n, m, s, shift, broken, bad) -> None:
-        """Merge one call's sums into the state: new tensors are built first, then swapped in by plain
-        attribute stores (:meth:`_store`: no call in between, so no interrupt can split them). ``n`` is an int or a
-        device tensor; ``broken`` (rows with NaN/Inf) and ``bad`` (rows dropped as such) are device
-        tensors or ``None``."""
+        """Merge one call's sums into the state: everything but ``S`` is built as new tensors first; then
+        the float64 add into ``S``, in place (its one ``d x d`` buffer, marked torn meanwhile: see
+        :meth:`_begin_in_place`) or, if ``S`` escaped, into a new buffer; then plain attribute stores
+        (:meth:`_store`: no call in between). ``n`` is an int or a device tensor; ``broken`` (rows with
+        NaN/Inf) and ``bad`` (rows dropped as such) are device tensors or ``None``."""
         index = self._updates
-        spare = None
-        if self.initialized:
+        initialized = self.initialized
+        if initialized:
             state_n, state_m, state_s, state_shift = self._n, self._m, self._s_lower, self._shift
             bad_rows, first_bad = self._bad_rows, self._first_bad
             # the exact float64 re-shift, as one rank-2 update (see reshift): S += u c^T + c u^T with
@@ -377,10 +417,8 @@ class ActivationCovarianceAccumulator:
             else:  # a host row count: fused scalar multiply-adds
                 torch.add(m, c_twice, alpha=0.5 * n, out=u_twice)
                 new_m = state_m + torch.add(m, c, alpha=float(n))
-            new_s = self._s_spare if self._s_spare is not None else torch.empty_like(state_s)
-            add_promoted(state_s, s, out=new_s)
-            new_s.addmm_(uc, cu)  # one launch and one pass over S (two addr: two of each)
-            spare = None if self._s_escaped else state_s  # the old state becomes the next spare
+            in_place = not self._s_escaped
+            new_s = state_s if in_place else torch.empty_like(state_s)  # copy-on-write for an escaped S
         else:
             dev = shift.device
             state_n = torch.zeros((), dtype=torch.int64, device=dev)
@@ -400,19 +438,23 @@ class ActivationCovarianceAccumulator:
         if bad is not None:
             bad_rows = bad_rows + bad
             first_bad = torch.addcmul(first_bad, first_bad < 0, bad > 0, value=index + 1)
-        self._store(state_shift, new_n, new_m, new_s, spare, self._pend, self._pend_k, bad_rows, first_bad, index,
-                    has_rows)
+        if initialized:  # ---- the float64 add into S: last, just before the stores
+            if in_place:
+                self._begin_in_place()
+            add_promoted(state_s, s, out=new_s)
+            new_s.addmm_(uc, cu)  # one launch and one pass over S (two addr: two of each)
+        self._store(state_shift, new_n, new_m, new_s, self._pend, self._pend_k, bad_rows, first_bad, index, has_rows)
 
-    def _store(self, shift, n, m, s_lower, spare, pend, pend_k, bad_rows, first_bad, index, has_rows) -> None:
+    def _store(self, shift, n, m, s_lower, pend, pend_k, bad_rows, first_bad, index, has_rows) -> None:
         """Swap in the new state of update #``index`` (:meth:`_commit`, :meth:`_cpu_update`): plain attribute
-        stores only, no call between them, so no interrupt can split them (one before the first store
-        leaves the state as it was). ``s_lower`` is valid in its lower triangle; ``spare`` is the next
-        update's buffer for ``S``; ``pend[:, :pend_k]`` are the deferred re-shift terms."""
+        stores only, no call between them, so no interrupt can split them (CPython checks for signals
+        at calls and backward jumps, not between plain stores). ``s_lower`` is valid in its lower
+        triangle (the state's buffer, updated in place, or a new one); ``pend[:, :pend_k]`` are the
+        deferred re-shift terms. The last store clears the torn mark (:meth:`_begin_in_place`)."""
         self.dim = m.shape[0]
         self._shift = shift
         self._n = n
         self._m = m
-        self._s_spare = spare
         self._s_escaped = False
         self._s_lower = s_lower
         self._s_stale = True
@@ -422,6 +464,7 @@ class ActivationCovarianceAccumulator:
         self._first_bad = first_bad
         self._updates = index + 1
         self._has_rows = has_rows
+        self._torn = False
 
     # ---------------------------------------------------------------- results
     def _require_rows(self, k: int) -> int:
@@ -449,6 +492,7 @@ class ActivationCovarianceAccumulator:
         ``materialize``, with the same :func:`mirror_lower` as ``compute``, so no d x d kernel runs
         on the caller's stream beyond the copy itself.
         """
+        self._refuse_torn()
         setup = self._setup()
         if not self.initialized:
             return setup, lambda: None
@@ -457,7 +501,7 @@ class ActivationCovarianceAccumulator:
         # them on the worker exactly as the ``_s`` property would
         pend = self._pend[:, : self._pend_k].copy() if self._pend_k else None
         if s.device.type != "cpu":
-            self._s_escaped = True  # a pending copy reads this buffer: never recycle it as the spare
+            self._s_escaped = True  # a pending copy reads this buffer: never write it in place again
         copies = [_host_copies((self._n, self._m, s, self._bad_rows, self._first_bad))]
 
         def materialize() -> _Sums:
@@ -526,6 +570,8 @@ class ActivationCovarianceAccumulator:
     def _merge(self, other: "ActivationCovarianceAccumulator") -> "ActivationCovarianceAccumulator":
         if not isinstance(other, ActivationCovarianceAccumulator):
             raise TypeError(f"{self._label()}: can only merge another ActivationCovarianceAccumulator")
+        self._refuse_torn()
+        other._refuse_torn()
         if other.nonfinite != self.nonfinite:
             raise ValueError(
                 f"{self._label()}: cannot merge an accumulator with nonfinite={other.nonfinite!r} into one with "

@@ -95,7 +95,7 @@ def test_estimate_matches_the_real_allocations(precision, d, rows, chunk, dtype)
                                             max_chunk_rows=chunk)
     acc.update(x[0])
     acc.update(x[1])
-    # the state after the second update: S, its spare, the d-vectors (the estimate leaves out 3 int64 scalars)
+    # the state after the second update: S (one d x d buffer), the d-vectors (the estimate leaves out 3 int64 scalars)
     assert 0 <= _held(acc) - held <= 64
     if hasattr(_chunk_sums._SCRATCH, "chunks"):  # the CPU path's recycled scratch, allocated anew as on a first call
         del _chunk_sums._SCRATCH.chunks
@@ -110,8 +110,8 @@ def test_estimate_matches_the_real_allocations(precision, d, rows, chunk, dtype)
     start = live.track(acc)
     with live:
         spectrum = acc.compute()
-    # the peak is the mirror of S while S and its spare are held; the later covariance and the solve's copy
-    # of its input (inside LAPACK, unseen here) stay a d x d matrix below it
+    # the peak is the covariance and its m m^T (S is mirrored in place, with one triangle's temporary); the
+    # solve's copy of its input (inside LAPACK, unseen here) comes after m m^T is freed
     assert abs((live.peak - start) - solve) <= 64 * d, (live.peak - start, solve)
     ref = torch.linalg.eigvalsh(torch.cov(x.reshape(-1, d).double().T)).flip(0)
     assert torch.allclose(spectrum.values, ref.clamp_min(0), rtol=1e-4, atol=1e-5 * float(ref[0]))  # fp32 products
@@ -119,7 +119,7 @@ def test_estimate_matches_the_real_allocations(precision, d, rows, chunk, dtype)
 
 def test_measurement_bytes_of_many_layers():
     held, update, solve = accumulator_bytes(8192, "exact", 4096)
-    assert held == 2 * 8 * 8192**2 + 5 * 8 * 8192
+    assert held == 8 * 8192**2 + 5 * 8 * 8192
     assert measurement_bytes([8192] * 80, "exact", 4096) == 80 * held + max(update, solve)
     mixed = measurement_bytes([64, 128], "float64", 10, device_type="cpu")
     assert mixed == sum(accumulator_bytes(d, "float64", 10, device_type="cpu")[0] for d in (64, 128)) + 2 * 8 * 128**2
@@ -228,3 +228,29 @@ def test_one_rank_short_of_memory_makes_every_rank_raise(tmp_path):
     assert hung == [] and None not in got, (hung, got)
     assert got[1]["error"].startswith("MemoryError: spectral_lens: measuring 4 layer(s) (d=32"), got
     assert got[0]["error"].startswith("RuntimeError") and "rank(s) [1]" in got[0]["error"], got  # names rank 1
+
+
+@pytest.mark.parametrize("rows, chunk, dtype", [(64, 131072, torch.float32), (64, 131072, torch.bfloat16),
+                                                (300, 100, torch.float32), (200, 131072, torch.float64)])
+def test_the_state_holds_one_square_matrix(rows, chunk, dtype):
+    """After many updates (the CPU one-chunk path, the deferred terms flushed; calls of several chunks;
+    float64 rows) one float64 d x d storage is alive, S itself: updates add into it in place (a spare
+    buffer beside it made two, 16 d^2 bytes a layer). Counted over every allocation since the
+    accumulator was built, so no buffer kept elsewhere (a cache, a closure) escapes the count."""
+    d = 96
+    torch.manual_seed(1)
+    xs = [(torch.randn(rows, d, dtype=torch.float64) * 2 + k).to(dtype) for k in range(40)]  # > 32: a flush
+    live = _LiveBytes()
+    with live:
+        acc = ActivationCovarianceAccumulator(d, max_chunk_rows=chunk)
+        for x in xs:
+            acc.update(x)
+    # the CPU path's recycled chunk buffers (per thread, shared by every accumulator; a float64 product
+    # for float64 rows) are counted in the update's bytes, not in the state
+    scratch = {t.untyped_storage().data_ptr() for t in tree_flatten(list(getattr(_chunk_sums._SCRATCH, "chunks", {})
+                                                                         .values()))[0] if isinstance(t, torch.Tensor)}
+    squares = [k for k, size in live.live.items() if size == 8 * d * d and k not in scratch]
+    assert squares == [acc._s_lower.untyped_storage().data_ptr()], len(squares)
+    ref = torch.linalg.eigvalsh(torch.cov(torch.cat(xs).double().T)).flip(0)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert torch.allclose(acc.compute().values, ref.clamp_min(0), rtol=tol, atol=tol * float(ref[0]))

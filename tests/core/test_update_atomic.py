@@ -16,12 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import spectral_lens._chunk_sums as chunk_sums
+import spectral_lens._lower_s as lower_s
 import spectral_lens.accumulate as accumulate_module
 import spectral_lens.spectra.moments as moments
 from spectral_lens import ActivationCovarianceAccumulator
 
 from support.data import rows_with_spectrum
-from support.state import assert_same_state as _assert_same_state, snapshot as _snapshot
+from support.state import assert_refused_until_reset, assert_same_state as _assert_same_state, snapshot as _snapshot
 
 
 def _raise_on_call(monkeypatch, module, name: str, call: int, exc: BaseException) -> None:
@@ -247,3 +248,102 @@ def test_interrupted_merge_leaves_state_bit_for_bit(monkeypatch, initialized):
         clean.update(torch.randn(40, 6, generator=torch.Generator().manual_seed(4)) + 9)
     clean.merge(other)
     _assert_same_state(_snapshot(acc), _snapshot(clean))
+
+
+def _then_raise(patch, module, name: str, exc: BaseException) -> None:
+    """``module.<name>`` does its work, then raises ``exc``: an interrupt right after the in-place write
+    into S, before the attribute stores that commit it."""
+    real = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        real(*args, **kwargs)
+        raise exc
+
+    patch.setattr(module, name, wrapped)
+
+
+# where the in-place write into S happens: the CPU one-chunk path (its lower-triangle add), calls of several
+# chunks (add_promoted), the first read mirroring S in place (deferred terms added, then mirrored)
+WRITES = {"cpu": (lower_s, "_add_lower", 131072), "chunks": (accumulate_module, "add_promoted", 8),
+          "read": (lower_s, "mirror_lower_", 131072)}
+
+
+@pytest.mark.parametrize("path", WRITES)
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), MemoryError("out of memory")])
+def test_interrupt_after_the_in_place_write_leaves_a_refused_state(monkeypatch, path, exc):
+    """S is one buffer, updated in place: an interrupt between that write and the stores after it cannot
+    be undone, so the accumulator is marked torn; every later use raises naming reset() (never a silently
+    wrong spectrum), and after reset() it measures as a new one."""
+    module, name, chunk = WRITES[path]
+    g = torch.Generator().manual_seed(6)
+    acc = ActivationCovarianceAccumulator(max_chunk_rows=chunk, name="blocks.0")
+    for k in range(3):
+        acc.update(torch.randn(20, 9, generator=g) * 3 + 10 * k)
+    x = torch.randn(20, 9, generator=g) + 70
+    with monkeypatch.context() as patch:
+        _then_raise(patch, module, name, exc)
+        with pytest.raises(type(exc)):
+            if path == "read":
+                acc.compute()
+            else:
+                acc.update(x)
+    assert acc._torn
+    assert_refused_until_reset(acc, x)
+
+
+@pytest.mark.parametrize("path", ["cpu", "chunks"])
+def test_interrupt_in_a_copy_on_write_leaves_the_state(monkeypatch, path):
+    """After S was handed out (state_dict), the next update writes into a new buffer: an interrupt right
+    after that write leaves the state as it was, not torn, and the retry equals an update never interrupted."""
+    module, name, chunk = WRITES[path]
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(20, 9, generator=g) * 3 + 10 * k for k in range(4)]
+    acc, clean = (ActivationCovarianceAccumulator(max_chunk_rows=chunk, name="blocks.0") for _ in range(2))
+    for a in (acc, clean):
+        for x in xs[:3]:
+            a.update(x)
+    sd = acc.state_dict()
+    clean.state_dict()  # a read adds the CPU path's deferred terms early: the same rounding for both
+    kept = {k: v.clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    before = _snapshot(acc)
+    with monkeypatch.context() as patch:
+        _then_raise(patch, module, name, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            acc.update(xs[3])
+    assert not acc._torn
+    _assert_same_state(_snapshot(acc), before)
+    assert all(torch.equal(sd[k], v) for k, v in kept.items())
+    acc.update(xs[3])
+    clean.update(xs[3])
+    _assert_same_state(_snapshot(acc), _snapshot(clean))
+
+
+@pytest.mark.parametrize("chunk, dtype", [(131072, torch.float32), (131072, torch.bfloat16), (7, torch.float32),
+                                          (131072, torch.float64)])
+def test_tensors_handed_out_are_snapshots(chunk, dtype):
+    """state_dict(), covariance() and compute_async() taken part-way stay what they were through later
+    updates (S is written in place only while nobody holds it; after a read the next update copies it).
+    The final spectrum matches float64; for calls of several chunks (no deferred CPU re-shift terms, which
+    a read adds early, in another rounding) it equals, bit for bit, that of an accumulator never read."""
+    g = torch.Generator().manual_seed(8)
+    xs = [(torch.randn(30, 12, generator=g, dtype=torch.float64) * 2 + 5 * k).to(dtype) for k in range(40)]
+    read, unread = (ActivationCovarianceAccumulator(max_chunk_rows=chunk) for _ in range(2))
+    taken = []
+    for i, x in enumerate(xs):
+        read.update(x)
+        unread.update(x)
+        if i in (1, 2, 9, 33):  # 33: past the flush of the CPU path's 32 deferred terms
+            sd = read.state_dict()
+            cov = read.covariance()
+            taken.append((sd, {k: v.clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}, cov, cov.clone(),
+                          read.compute_async(), read.compute().values))
+    for sd, kept, cov, cov_kept, future, values in taken:
+        assert all(torch.equal(sd[k], v) for k, v in kept.items())
+        assert torch.equal(cov, cov_kept)
+        assert torch.equal(future.result().values, values)
+    if chunk < 30:
+        _assert_same_state(_snapshot(read), _snapshot(unread))
+    rows = torch.cat(xs).double()
+    ref = torch.linalg.eigvalsh(torch.cov(rows.T)).flip(0).clamp_min(0)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(read.compute().values, ref, rtol=tol, atol=tol * float(ref[0]))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import re
 
+import pytest
 import torch
 
 
@@ -21,3 +23,23 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
         else:
             assert a[key] == b[key], key
+
+
+def assert_refused_until_reset(acc, x, mask=None) -> None:
+    """An accumulator stopped between its in-place add into ``S`` and the stores after it (a torn state):
+    every use raises a ``RuntimeError`` naming what happened and ``reset()``; after ``reset()`` it measures
+    again exactly as a new one."""
+    from spectral_lens import ActivationCovarianceAccumulator
+
+    label = acc.name
+    for use in (lambda: acc.update(x, mask), acc.compute, acc.covariance, acc.state_dict, acc.compute_async,
+                lambda: acc.save("unused.npz"), lambda: ActivationCovarianceAccumulator().merge(acc),
+                lambda: acc.merge(ActivationCovarianceAccumulator())):
+        with pytest.raises(RuntimeError, match=rf"{re.escape(label)}: an earlier update or read was interrupted .*reset\(\)"):
+            use()
+    acc.reset()
+    acc.update(x, mask)
+    fresh = ActivationCovarianceAccumulator(acc.dim, precision=acc.precision, max_chunk_rows=acc.max_chunk_rows,
+                                            name=label)
+    fresh.update(x, mask)
+    assert_same_state(snapshot(acc), snapshot(fresh))
