@@ -479,7 +479,7 @@ def fixed_cost(n: int = 16, d: int = 8, updates: int = 200, repeats: int = 15) -
                     m = mask if masked else None
                     fn = lambda: acc.update(x, mask=m)  # noqa: E731
                     with _route(path):
-                        for _ in range(3):  # initialized, a spare buffer, warm caches
+                        for _ in range(3):  # initialized, the state buffer owned (updated in place), warm caches
                             fn()
                         row = {"case": "fixed_cost", "dtype": str(dtype).split(".")[-1], "n": n, "d": d,
                                "path": path, "precision": precision,
