@@ -1,0 +1,194 @@
+"""Review of the activation measurement's memory check (``spectral_lens._memory``: the free memory read on
+the CPU in a container or with swap, a failing read, the refusal's layer count) and of the torch 2.4
+compatibility fixes of the capture (a compiled graph traced outside a ``torch.func`` transform and run
+inside one, and the reverse)."""
+
+from __future__ import annotations
+
+import builtins
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import spectral_lens as sl
+from spectral_lens import _memory
+from spectral_lens.accumulate import ActivationCovarianceAccumulator
+
+GiB = 1 << 30
+
+
+def _fake_files(monkeypatch, tmp_path, files: dict[str, str]) -> None:
+    """Serve ``files`` (absolute path -> text) to ``_memory``'s reads; every other /proc or /sys path is
+    absent, so the machine running the test does not matter."""
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        path = str(path)
+        if path in files:
+            target = tmp_path / f"f{sorted(files).index(path)}"
+            target.write_text(files[path])
+            return real_open(target, *args, **kwargs)
+        if path.startswith(("/proc/", "/sys/")):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(_memory, "open", fake_open, raising=False)
+    monkeypatch.setattr(_memory.os, "sysconf", lambda name: (_ for _ in ()).throw(ValueError(name)))
+
+
+def _meminfo(available: int, swap_free: int = 0) -> str:
+    return (f"MemTotal:       {4 * available // 1024} kB\nMemFree:        1024 kB\n"
+            f"MemAvailable:   {available // 1024} kB\nSwapTotal:      {swap_free // 1024} kB\n"
+            f"SwapFree:       {swap_free // 1024} kB\n")
+
+
+def _accs(k: int, d: int) -> list[ActivationCovarianceAccumulator]:
+    return [ActivationCovarianceAccumulator(dim=d, precision="exact") for _ in range(k)]
+
+
+def _need(k: int, d: int, rows: torch.Tensor) -> int:
+    return _memory.measurement_bytes([d] * k, "exact", rows.numel() // d, device_type="cpu")
+
+
+def test_a_cgroup_v2_limit_is_the_free_memory_in_a_container(monkeypatch, tmp_path):
+    """A container limited to 2 GiB on a host with 64 GiB available: ``/proc/meminfo`` shows the host's memory,
+    so a pass that needs 3 GiB passed the check and the kernel's OOM killer ended the process part-way. The
+    cgroup's limit (less its usage, plus its reclaimable inactive file cache) is now the free memory."""
+    rows = torch.zeros(4, 4096)
+    need = _need(12, 4096, rows)
+    assert 2 * GiB < need < 4 * GiB
+    files = {"/proc/meminfo": _meminfo(64 * GiB), "/proc/self/cgroup": "0::/job/step\n",
+             "/sys/fs/cgroup/job/memory.max": f"{4 * GiB}\n", "/sys/fs/cgroup/job/memory.current": f"{3 * GiB}\n",
+             "/sys/fs/cgroup/job/memory.stat": f"anon {2 * GiB}\ninactive_file {1 * GiB}\nactive_file 4096\n",
+             "/sys/fs/cgroup/job/step/memory.max": "max\n",
+             "/sys/fs/cgroup/job/step/memory.current": f"{3 * GiB}\n"}
+    _fake_files(monkeypatch, tmp_path, files)
+    assert _memory.free_bytes(torch.device("cpu")) == 2 * GiB  # 4 - 3 + 1 (the inactive cache is reclaimable)
+    with pytest.raises(MemoryError, match=r"12 layer\(s\) \(d=4096.*only 2\.00 GiB is free"):
+        _memory.check_fits(_accs(12, 4096), rows)
+    # the limit raised: it fits
+    files["/sys/fs/cgroup/job/memory.max"] = f"{8 * GiB}\n"
+    _memory.check_fits(_accs(12, 4096), rows)
+
+
+def test_a_cgroup_v1_limit_of_the_containers_own_view(monkeypatch, tmp_path):
+    """cgroup v1 (``memory.limit_in_bytes``): ``/proc/self/cgroup`` names the host's path, which the container
+    does not see; its mount's root is its own cgroup. v1 writes "no limit" as a huge number."""
+    rows = torch.zeros(4, 4096)
+    files = {"/proc/meminfo": _meminfo(64 * GiB), "/proc/self/cgroup": "5:cpu:/\n4:memory:/docker/abc\n",
+             "/sys/fs/cgroup/memory/memory.limit_in_bytes": f"{2 * GiB}\n",
+             "/sys/fs/cgroup/memory/memory.usage_in_bytes": f"{1 * GiB}\n",
+             "/sys/fs/cgroup/memory/memory.stat": f"inactive_file 7\ntotal_inactive_file {GiB // 2}\n"}
+    _fake_files(monkeypatch, tmp_path, files)
+    assert _memory.free_bytes(torch.device("cpu")) == GiB + GiB // 2
+    with pytest.raises(MemoryError, match=r"only 1\.50 GiB is free"):
+        _memory.check_fits(_accs(12, 4096), rows)
+    files["/sys/fs/cgroup/memory/memory.limit_in_bytes"] = "9223372036854771712\n"  # unlimited: the host's memory
+    assert _memory.free_bytes(torch.device("cpu")) == 64 * GiB
+    _memory.check_fits(_accs(12, 4096), rows)
+
+
+def test_swap_counts_on_the_cpu(monkeypatch, tmp_path):
+    """1 GiB available and 8 GiB of free swap: a pass of 3 GiB runs (slowly, in swap) rather than being refused;
+    the kernel kills nothing. Without the swap it is refused."""
+    rows = torch.zeros(4, 4096)
+    files = {"/proc/meminfo": _meminfo(1 * GiB, swap_free=8 * GiB), "/proc/self/cgroup": "0::/\n"}
+    _fake_files(monkeypatch, tmp_path, files)
+    assert _memory.free_bytes(torch.device("cpu")) == 9 * GiB
+    _memory.check_fits(_accs(12, 4096), rows)
+    files["/proc/meminfo"] = _meminfo(1 * GiB)
+    with pytest.raises(MemoryError, match=r"only 1\.00 GiB is free"):
+        _memory.check_fits(_accs(12, 4096), rows)
+
+
+def test_unreadable_memory_is_no_check_and_no_crash(monkeypatch, tmp_path):
+    """Neither /proc nor sysconf readable: no check (``None``), the user's forward runs. A CUDA driver that
+    cannot say its free memory (``mem_get_info`` raising) failed the user's forward at its first rows."""
+    _fake_files(monkeypatch, tmp_path, {"/proc/meminfo": "garbage\nMemAvailable: lots kB\n"})
+    assert _memory.free_bytes(torch.device("cpu")) is None
+    model = nn.Sequential(nn.Linear(8, 8))
+    with sl.attach(model, "0") as capture:
+        model(torch.randn(3, 8))
+    assert capture.accumulators["0"].n_rows == 3
+
+    def broken(device=None):
+        raise RuntimeError("CUDA error: unspecified launch failure")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", broken)
+    assert _memory.free_bytes(torch.device("cuda", 1)) is None
+
+
+def test_the_refusal_counts_the_layers_that_fit(monkeypatch):
+    """"about N fit" is the number of layers whose pass fits (the first N layers' estimate <= free < N + 1's);
+    it was ``k * free // need``, which ignores that the one update on top does not shrink with the layer count
+    (many rows per update: it said 9 of 10 fit where 5 do). When not even one layer fits, fewer layers is no
+    remedy: the message says so and names the rows (it said "about 1 fit")."""
+    d, k = 1024, 10
+    rows = torch.zeros(65536, d)
+    sizes = [_memory.accumulator_bytes(d, "exact", 65536, device_type="cpu")] * k
+    held, update = sizes[0][0], max(sizes[0][1:])
+    assert update > 10 * held  # the update dominates
+    free = held * 5 + update + 1  # exactly 5 layers fit
+    monkeypatch.setattr(_memory, "free_bytes", lambda device: free)
+    with pytest.raises(MemoryError) as e:
+        _memory.check_fits(_accs(k, d), rows)
+    n = int(re.search(r"about (\d+) fit", str(e.value)).group(1))
+    assert n == 5 and _memory._peak(sizes[:n]) <= free < _memory._peak(sizes[:n + 1])
+
+    monkeypatch.setattr(_memory, "free_bytes", lambda device: update // 2)  # not even one layer's update
+    with pytest.raises(MemoryError) as e:
+        _memory.check_fits(_accs(k, d), rows)
+    msg = str(e.value)
+    assert "fit)" not in msg and "Even one layer does not fit" in msg and "65536 rows" in msg, msg
+    assert "fewer rows per forward" in msg, msg
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("order", ["plain first", "transform first"])
+def test_a_compiled_graph_run_inside_and_outside_a_transform_reads_only_the_plain_calls(order, fresh_dynamo):
+    """``_functorch_active`` is a Dynamo constant (the torch 2.4 fix): a graph traced outside ``torch.func``
+    and called inside ``grad`` / ``vmap`` (and the reverse) must not reuse the other's folded answer. The
+    compiled model's forwards inside the transforms read nothing, its plain ones read every row once
+    (float64 reference), and the transformed results equal the uncompiled ones."""
+    from torch.func import grad, vmap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 1)).double()
+    xs = [torch.randn(5, 6, dtype=torch.float64) for _ in range(4)]
+    w = torch.randn(3, dtype=torch.float64)
+
+    def outer(f, w, x):  # the compiled model run on plain tensors inside a transform of something else
+        return (w * f(x).sum()).sum()
+
+    expected_grad = grad(outer, argnums=1)(model, w, xs[0])
+    expected_vmap = vmap(lambda wi: outer(model, wi, xs[0]))(w)
+    with sl.attach(model, "0", precision="float64") as capture:
+        compiled = torch.compile(model, backend="aot_eager")
+        fed = []
+        steps = ["plain", "grad", "vmap", "plain"] if order == "plain first" else ["grad", "vmap", "plain", "grad"]
+        for i, step in enumerate(steps):
+            x = xs[i]
+            if step == "plain":
+                compiled(x)
+                fed.append(x)
+            elif step == "grad":
+                torch.testing.assert_close(grad(outer, argnums=1)(compiled, w, x),
+                                           grad(outer, argnums=1)(model, w, x), rtol=1e-12, atol=1e-12)
+            else:
+                torch.testing.assert_close(vmap(lambda wi: outer(compiled, wi, x))(w),
+                                           vmap(lambda wi: outer(model, wi, x))(w), rtol=1e-12, atol=1e-12)
+        spectrum = capture.compute()["0"]
+    assert expected_grad.shape == w.shape and expected_vmap.shape == w.shape
+    rows = torch.cat([model[0](x) for x in fed]).detach()
+    assert spectrum.n_rows == rows.shape[0]
+    xc = rows - rows.mean(0)
+    ref = torch.linalg.eigvalsh(xc.T @ xc / (rows.shape[0] - 1)).flip(0).clamp_min(0)
+    torch.testing.assert_close(spectrum.values.double(), ref, rtol=1e-9, atol=1e-12)
