@@ -154,10 +154,11 @@ def fresh_dynamo():
 
 @pytest.mark.parametrize("order", ["plain first", "transform first"])
 def test_a_compiled_graph_run_inside_and_outside_a_transform_reads_only_the_plain_calls(order, fresh_dynamo):
-    """``_functorch_active`` is a Dynamo constant (the torch 2.4 fix): a graph traced outside ``torch.func``
-    and called inside ``grad`` / ``vmap`` (and the reverse) must not reuse the other's folded answer. The
-    compiled model's forwards inside the transforms read nothing, its plain ones read every row once
-    (float64 reference), and the transformed results equal the uncompiled ones."""
+    """``_functorch_active`` is a Dynamo constant (the torch 2.4 fix): a compiled model called plainly and
+    inside eager ``grad`` / ``vmap`` (on plain inputs), in either order, must not reuse a folded answer of the
+    other context. Its forwards inside the transforms read nothing, its plain ones read every row once
+    (float64 reference), and the transformed results equal the uncompiled ones. (torch 2.13 runs the model
+    eagerly inside the transforms, not its graph: this holds the behaviour should a later torch run it.)"""
     from torch.func import grad, vmap
 
     torch.manual_seed(0)
@@ -188,6 +189,43 @@ def test_a_compiled_graph_run_inside_and_outside_a_transform_reads_only_the_plai
         spectrum = capture.compute()["0"]
     assert expected_grad.shape == w.shape and expected_vmap.shape == w.shape
     rows = torch.cat([model[0](x) for x in fed]).detach()
+    assert spectrum.n_rows == rows.shape[0]
+    xc = rows - rows.mean(0)
+    ref = torch.linalg.eigvalsh(xc.T @ xc / (rows.shape[0] - 1)).flip(0).clamp_min(0)
+    torch.testing.assert_close(spectrum.values.double(), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_one_compiled_graph_with_plain_forwards_around_a_transform_reads_the_plain_ones(fresh_dynamo):
+    """``_functorch_active`` is folded per call while Dynamo traces: one fullgraph graph that runs the captured
+    model plainly, then inside ``vmap(grad(functional_call(...)))``, then plainly again reads the two plain
+    forwards' rows (float64 reference) and not the transformed ones, and gives the uncompiled results.
+    (Eager ``grad``/``vmap`` around a compiled model do not run its graph: torch runs it eagerly there.)"""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 1)).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(5, 6, dtype=torch.float64)
+
+    def step(p, x):
+        out = model(x)
+        g = vmap(grad(lambda p, xi: functional_call(model, p, (xi[None],)).sum()), in_dims=(None, 0))(p, x)
+        return out, g, model(x + 1)
+
+    expected = step(params, x)
+    try:
+        torch.compile(step, backend="aot_eager", fullgraph=True)(params, x)
+    except torch._dynamo.exc.Unsupported as exc:  # torch 2.4: functional_call inside vmap(grad(...))
+        pytest.skip(f"torch {torch.__version__}'s Dynamo cannot compile this step: {str(exc).splitlines()[0]}")
+    torch._dynamo.reset()
+    with sl.attach(model, "0", precision="float64") as capture:
+        got = torch.compile(step, backend="aot_eager", fullgraph=True)(params, x)
+        spectrum = capture.compute()["0"]
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-12, atol=1e-12)
+    for k in expected[1]:
+        torch.testing.assert_close(got[1][k], expected[1][k], rtol=1e-12, atol=1e-12)
+    rows = torch.cat([model[0](x), model[0](x + 1)]).detach()
     assert spectrum.n_rows == rows.shape[0]
     xc = rows - rows.mean(0)
     ref = torch.linalg.eigvalsh(xc.T @ xc / (rows.shape[0] - 1)).flip(0).clamp_min(0)
