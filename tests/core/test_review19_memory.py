@@ -184,8 +184,8 @@ def test_a_compiled_graph_run_inside_and_outside_a_transform_reads_only_the_plai
                 torch.testing.assert_close(grad(outer, argnums=1)(compiled, w, x),
                                            grad(outer, argnums=1)(model, w, x), rtol=1e-12, atol=1e-12)
             else:
-                torch.testing.assert_close(vmap(lambda wi: outer(compiled, wi, x))(w),
-                                           vmap(lambda wi: outer(model, wi, x))(w), rtol=1e-12, atol=1e-12)
+                torch.testing.assert_close(vmap(lambda wi, x=x: outer(compiled, wi, x))(w),
+                                           vmap(lambda wi, x=x: outer(model, wi, x))(w), rtol=1e-12, atol=1e-12)
         spectrum = capture.compute()["0"]
     assert expected_grad.shape == w.shape and expected_vmap.shape == w.shape
     rows = torch.cat([model[0](x) for x in fed]).detach()
