@@ -230,3 +230,54 @@ def test_one_compiled_graph_with_plain_forwards_around_a_transform_reads_the_pla
     xc = rows - rows.mean(0)
     ref = torch.linalg.eigvalsh(xc.T @ xc / (rows.shape[0] - 1)).flip(0).clamp_min(0)
     torch.testing.assert_close(spectrum.values.double(), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_cuda_free_memory_is_read_on_the_rows_device_and_other_devices_are_not_checked(monkeypatch):
+    """The rows' device, index included (a model on cuda:1 while cuda:0 is current), is the one read; MPS, XLA,
+    a privateuse backend and meta rows are not checked (``None``) and not read at all."""
+    per_device = {0: (1 * GiB, 0, 0), 1: (5 * GiB, 3 * GiB, 2 * GiB)}  # free, reserved, allocated
+    asked = []
+
+    def index(device):
+        asked.append(device)
+        return torch.device(device).index
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (per_device[index(device)][0], 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: per_device[index(device)][1])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: per_device[index(device)][2])
+    assert _memory.free_bytes(torch.device("cuda", 1)) == 6 * GiB
+    assert asked and all(torch.device(d) == torch.device("cuda", 1) for d in asked)
+    asked.clear()
+    for device in ("mps", "xla", "privateuseone", "hpu", "meta"):
+        assert _memory.free_bytes(torch.device(device)) is None
+    _memory.check_fits(_accs(80, 65536), torch.empty(8, 65536, device="meta"))  # 80 x 64 GiB: not checked
+    assert asked == []
+
+
+def test_a_capture_reset_is_checked_again_and_only_at_its_first_rows(monkeypatch):
+    """``reset()`` frees every layer's state, so the next forward is a new pass: checked again (refused when
+    the memory went meanwhile). Within a pass only the first rows are checked: later forwards do not read
+    the free memory."""
+    reads = []
+
+    def free(device):
+        reads.append(device)
+        return free.value
+
+    free.value = 1 << 30
+    monkeypatch.setattr(_memory, "free_bytes", free)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    x = torch.randn(4, 8)
+    with sl.attach(model, ["0", "2"]) as capture:
+        for _ in range(3):
+            model(x)
+        assert len(reads) == 1 and all(a.n_rows == 12 for a in capture.accumulators.values())
+        capture.reset()
+        free.value = 1000
+        with pytest.raises(MemoryError, match=r"2 layer\(s\) \(d=8"):
+            model(x)
+        assert len(reads) == 2 and not any(a.initialized for a in capture.accumulators.values())
+        free.value = 1 << 30
+        model(x)
+        assert len(reads) == 3 and all(a.n_rows == 4 for a in capture.accumulators.values())
