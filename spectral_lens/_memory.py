@@ -202,15 +202,21 @@ def check_fits(accumulators: Sequence, rows: torch.Tensor) -> None:
     precision = repr(precisions[0]) if len(precisions) == 1 else repr(precisions)
     fit = next((n for n in range(k - 1, 0, -1) if _peak(sizes[:n]) <= free), 0)  # the first n layers that fit
     if fit == 0:  # not even one: the rows of one update, or one layer's sums, are too many
-        fewer = (f"Even one layer does not fit (one layer's sums and the update of {n_rows} rows need "
-                 f"{_gib(_peak(sizes[:1]))}): feed fewer rows per forward (a smaller batch"
-                 + (", or a smaller max_chunk_rows" if n_rows > min(acc.max_chunk_rows for acc in accumulators)
-                    else "") + "), measure a narrower layer, or free memory on that device first")
+        held, update, solve = sizes[0]
+        if update > solve:  # the rows: fewer per forward
+            fewer = (f"Even one layer does not fit (its sums and the update of {n_rows} rows need "
+                     f"{_gib(held + update)}): feed fewer rows per forward (a smaller batch"
+                     + (", or a smaller max_chunk_rows" if n_rows > min(acc.max_chunk_rows for acc in accumulators)
+                        else "") + "), or free memory on that device first")
+        else:
+            fewer = (f"Even one layer of width d={dims[0]} does not fit (its sums and their solve need "
+                     f"{_gib(held + solve)}, 32 d^2 bytes): measure a narrower layer, or free memory on that device "
+                     "first")
     else:
         fewer = (f"Measure fewer layers at once (about {fit} fit): e.g. every 4th block, SpectralLens(model, pool, "
                  "layers=all_blocks(model)[::4]) (from spectral_lens.lens import all_blocks), or the blocks in "
-                 "groups over several passes (one lens or attach per group, e.g. layers=blocks[i:i + n]); or free "
-                 "memory on that device first")
+                 "groups over several passes (one lens per group, layers=blocks[i:i + n], or one "
+                 "sl.attach(model, blocks[i:i + n]) per group); or free memory on that device first")
     raise MemoryError(
         f"spectral_lens: measuring {k} layer(s) ({widths}, precision={precision}, "
         f"{n_rows} rows per update) in one pass needs about {_gib(need)} on {rows.device} (each layer keeps two "

@@ -281,3 +281,14 @@ def test_a_capture_reset_is_checked_again_and_only_at_its_first_rows(monkeypatch
         free.value = 1 << 30
         model(x)
         assert len(reads) == 3 and all(a.n_rows == 4 for a in capture.accumulators.values())
+
+
+def test_a_layer_too_wide_for_the_device_is_not_told_to_feed_fewer_rows(monkeypatch):
+    """One layer whose sums alone exceed the free memory (d = 16384: 4 GiB of float64 sums, 4 GiB for their
+    solve, 2 GiB free): fewer rows per forward would not help, so the message does not say it does."""
+    monkeypatch.setattr(_memory, "free_bytes", lambda device: 2 * GiB)
+    with pytest.raises(MemoryError) as e:
+        _memory.check_fits(_accs(3, 16384), torch.zeros(2, 16384))
+    msg = str(e.value)
+    assert "Even one layer of width d=16384 does not fit" in msg and "fewer rows" not in msg, msg
+    assert "fit)" not in msg, msg
