@@ -172,7 +172,8 @@ def _cgroup_dir_free(d: str, limit_file: str, usage_file: str, inactive_key: str
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    """``n`` bytes in GiB; below 1 GiB also in MiB (a small pass's "0.00 GiB" said nothing)."""
+    return f"{n / 2**30:.2f} GiB" + (f" ({n / 2**20:.1f} MiB)" if n < 2**30 else "")
 
 
 def check_fits(accumulators: Sequence, rows: torch.Tensor) -> None:

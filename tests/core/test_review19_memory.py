@@ -292,3 +292,14 @@ def test_a_layer_too_wide_for_the_device_is_not_told_to_feed_fewer_rows(monkeypa
     msg = str(e.value)
     assert "Even one layer of width d=16384 does not fit" in msg and "fewer rows" not in msg, msg
     assert "fit)" not in msg, msg
+
+
+def test_a_small_refusal_names_its_bytes(monkeypatch):
+    """A pass of a few MiB refused on a nearly full device said "needs about 0.00 GiB ... only 0.00 GiB is free"."""
+    rows = torch.zeros(4, 256)
+    need = _need(8, 256, rows)
+    monkeypatch.setattr(_memory, "free_bytes", lambda device: need // 2)
+    with pytest.raises(MemoryError) as e:
+        _memory.check_fits(_accs(8, 256), rows)
+    msg = str(e.value)
+    assert f"GiB ({need / 2**20:.1f} MiB) on cpu" in msg and f"only 0.00 GiB ({need // 2 / 2**20:.1f} MiB) is free" in msg, msg
