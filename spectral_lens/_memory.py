@@ -90,28 +90,94 @@ def _peak(sizes: list[tuple[int, int, int]]) -> int:
 def free_bytes(device: torch.device) -> int | None:
     """Bytes the measurement can still allocate on ``device``: on CUDA the driver's free memory plus what
     PyTorch's caching allocator has reserved and not handed out; on the CPU the kernel's ``MemAvailable``
-    (``/proc/meminfo``), else ``os.sysconf``'s available pages; ``None`` where it cannot be told (other
-    devices: no check)."""
+    plus ``SwapFree`` (``/proc/meminfo``; else ``os.sysconf``'s available pages), and no more than a cgroup
+    memory limit leaves (a container's: ``/proc/meminfo`` shows the host's memory). ``None`` where it
+    cannot be told (other devices, or a failed read: no check)."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free) + int(torch.cuda.memory_reserved(device)) - int(torch.cuda.memory_allocated(device))
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free) + int(torch.cuda.memory_reserved(device)) - int(torch.cuda.memory_allocated(device))
+        except (RuntimeError, AssertionError, OSError):  # a driver that cannot say: no check (the forward goes on)
+            return None
     if device.type != "cpu":
         return None
+    host = _meminfo()
+    if host is None:
+        try:
+            host = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            host = None
+    limited = _cgroup_free()
+    if host is None or limited is None:
+        return limited if host is None else host
+    return min(host, limited)
+
+
+def _read(path: str) -> str | None:
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (OSError, ValueError, AttributeError):
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
         return None
+
+
+def _meminfo() -> int | None:
+    """``MemAvailable`` plus ``SwapFree`` from ``/proc/meminfo``, in bytes (what the host can still hand out
+    before the OOM killer); ``None`` without ``MemAvailable``."""
+    fields = {}
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] in ("MemAvailable:", "SwapFree:") and parts[1].isdigit():
+            fields[parts[0]] = int(parts[1]) * 1024
+    if "MemAvailable:" not in fields:
+        return None
+    return fields["MemAvailable:"] + fields.get("SwapFree:", 0)
+
+
+_UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as 2^63 rounded down to a page
+
+
+def _cgroup_free() -> int | None:
+    """What the memory limits of this process's cgroup and its ancestors leave: per limited cgroup, its limit
+    less its usage plus its inactive file cache (reclaimable), the smallest of them; ``None`` without a
+    limit. cgroup v2 (``memory.max``) and v1 (``memory.limit_in_bytes``), from ``/proc/self/cgroup``'s paths
+    and, for a container's own view, the mount's root."""
+    found = []
+    for line in (_read("/proc/self/cgroup") or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            root, files = "/sys/fs/cgroup", ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in parts[1].split(","):
+            root, files = "/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                    "total_inactive_file")
+        else:
+            continue
+        path = parts[2].strip().strip("/")
+        dirs = {root}
+        while path:
+            dirs.add(f"{root}/{path}")
+            path = path.rpartition("/")[0]
+        found += [free for d in sorted(dirs) if (free := _cgroup_dir_free(d, *files)) is not None]
+    return min(found) if found else None
+
+
+def _cgroup_dir_free(d: str, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+    limit, usage = (_read(f"{d}/{limit_file}") or "").strip(), (_read(f"{d}/{usage_file}") or "").strip()
+    if not (limit.isdigit() and usage.isdigit()) or int(limit) >= _UNLIMITED:
+        return None  # no such cgroup here, or "max": no limit
+    inactive = 0
+    for line in (_read(f"{d}/memory.stat") or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == inactive_key and value.strip().isdigit():
+            inactive = int(value)
+    return max(0, int(limit) - int(usage) + inactive)
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    """``n`` bytes in GiB; below 1 GiB also in MiB (a small pass's "0.00 GiB" said nothing)."""
+    return f"{n / 2**30:.2f} GiB" + (f" ({n / 2**20:.1f} MiB)" if n < 2**30 else "")
 
 
 def check_fits(accumulators: Sequence, rows: torch.Tensor) -> None:
@@ -139,15 +205,26 @@ def check_fits(accumulators: Sequence, rows: torch.Tensor) -> None:
     widths = f"d={dims[0]}" if len(set(dims)) == 1 else f"widths d={min(dims)}..{max(dims)}"
     precisions = sorted({acc.precision for acc in accumulators})
     precision = repr(precisions[0]) if len(precisions) == 1 else repr(precisions)
-    fit = max(1, k * free // need) if free > 0 else 0
+    fit = next((n for n in range(k - 1, 0, -1) if _peak(sizes[:n]) <= free), 0)  # the first n layers that fit
+    if fit == 0:  # not even one: the rows of one update, or one layer's sums, are too many
+        held, update, solve = sizes[0]
+        if update > solve:  # the rows: fewer per forward
+            fewer = (f"Even one layer does not fit (its sums and the update of {n_rows} rows need "
+                     f"{_gib(held + update)}): feed fewer rows per forward (a smaller batch"
+                     + (", or a smaller max_chunk_rows" if n_rows > min(acc.max_chunk_rows for acc in accumulators)
+                        else "") + "), or free memory on that device first")
+        else:
+            fewer = (f"Even one layer of width d={dims[0]} does not fit (its sums and their solve need "
+                     f"{_gib(held + solve)}): measure a narrower layer, or free memory on that device "
+                     "first")
+    else:
+        fewer = (f"Measure fewer layers at once (about {fit} fit): e.g. every 4th block, SpectralLens(model, pool, "
+                 "layers=all_blocks(model)[::4]) (from spectral_lens.lens import all_blocks), or the blocks in "
+                 "groups over several passes (one lens per group, layers=blocks[i:i + n], or one "
+                 "sl.attach(model, blocks[i:i + n]) per group); or free memory on that device first")
     raise MemoryError(
         f"spectral_lens: measuring {k} layer(s) ({widths}, precision={precision}, "
         f"{n_rows} rows per update) in one pass needs about {_gib(need)} on {rows.device} (each layer keeps a "
         f"float64 d x d sum, 8 d^2 bytes, plus one layer's update or solve on top), but only {_gib(free)} is free "
-        f"there; nothing was measured. Measure fewer layers at once"
-        + (f" (about {fit} fit)" if 0 < fit < k else "")
-        + ": e.g. every 4th block, SpectralLens(model, pool, layers=all_blocks(model)[::4]) (from "
-        "spectral_lens.lens import all_blocks), or the blocks in "
-        "groups over several passes (one lens or attach per group, e.g. layers=blocks[i:i + n]); or free memory on "
-        "that device first. See docs/performance.md, 'Memory of the activation measurement'"
+        f"there; nothing was measured. {fewer}. See docs/performance.md, 'Memory of the activation measurement'"
     )
