@@ -57,7 +57,7 @@ def test_a_cgroup_v2_limit_is_the_free_memory_in_a_container(monkeypatch, tmp_pa
     so a pass that needs 3 GiB passed the check and the kernel's OOM killer ended the process part-way. The
     cgroup's limit (less its usage, plus its reclaimable inactive file cache) is now the free memory."""
     rows = torch.zeros(4, 4096)
-    need = _need(12, 4096, rows)
+    need = _need(24, 4096, rows)
     assert 2 * GiB < need < 4 * GiB
     files = {"/proc/meminfo": _meminfo(64 * GiB), "/proc/self/cgroup": "0::/job/step\n",
              "/sys/fs/cgroup/job/memory.max": f"{4 * GiB}\n", "/sys/fs/cgroup/job/memory.current": f"{3 * GiB}\n",
@@ -66,11 +66,11 @@ def test_a_cgroup_v2_limit_is_the_free_memory_in_a_container(monkeypatch, tmp_pa
              "/sys/fs/cgroup/job/step/memory.current": f"{3 * GiB}\n"}
     _fake_files(monkeypatch, tmp_path, files)
     assert _memory.free_bytes(torch.device("cpu")) == 2 * GiB  # 4 - 3 + 1 (the inactive cache is reclaimable)
-    with pytest.raises(MemoryError, match=r"12 layer\(s\) \(d=4096.*only 2\.00 GiB is free"):
-        _memory.check_fits(_accs(12, 4096), rows)
+    with pytest.raises(MemoryError, match=r"24 layer\(s\) \(d=4096.*only 2\.00 GiB is free"):
+        _memory.check_fits(_accs(24, 4096), rows)
     # the limit raised: it fits
     files["/sys/fs/cgroup/job/memory.max"] = f"{8 * GiB}\n"
-    _memory.check_fits(_accs(12, 4096), rows)
+    _memory.check_fits(_accs(24, 4096), rows)
 
 
 def test_a_cgroup_v1_limit_of_the_containers_own_view(monkeypatch, tmp_path):
