@@ -53,9 +53,15 @@ def _uneven_pool():  # batches of 1, 5 and 2 sequences: rank 0 forwards 3 of the
 
 
 def _interrupt() -> None:
-    """Ctrl-C on this rank alone (a SIGINT from ``kill -INT``): Python raises ``KeyboardInterrupt`` here."""
+    """Ctrl-C on this rank alone (a SIGINT from ``kill -INT``): Python raises ``KeyboardInterrupt`` here.
+    The rank's process is a child of pytest's: Python's own SIGINT handler and an unblocked SIGINT are
+    set first, as a user's script has them, whatever the test process passed down."""
+    before = (signal.getsignal(signal.SIGINT), sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(5)  # interrupted by the KeyboardInterrupt
+    raise AssertionError(f"no KeyboardInterrupt after SIGINT (handler and blocked signals before: {before})")
 
 
 def _ddp_training_unchanged(rank):  # regression guard: a measurement between or inside DDP's steps
