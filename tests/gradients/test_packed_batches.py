@@ -23,6 +23,7 @@ from spectral_lens import PerSampleGradientProbe  # noqa: E402
 from spectral_lens.gradients._batch import batch_as_run, batch_size, default_forward, plain_batch, unpack_documents  # noqa: E402
 from spectral_lens.gradients.losses import causal_lm_loss  # noqa: E402
 from tests.support.data import cov_eigs  # noqa: E402
+from tests.support.models import tiny_hf_llama  # noqa: E402
 
 V = 50
 LENGTHS = (5, 9, 3, 7)
@@ -31,10 +32,7 @@ GPT2_W = "transformer.h.1.attn.c_proj.weight"
 
 
 def llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(cfg).double().eval()
+    return tiny_hf_llama(V)
 
 
 def gpt2():

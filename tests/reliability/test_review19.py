@@ -18,16 +18,14 @@ transformers = pytest.importorskip("transformers")
 import spectral_lens as sl  # noqa: E402
 from spectral_lens import PerSampleGradientProbe  # noqa: E402
 from tests.support.data import cov_eigs  # noqa: E402
+from tests.support.models import tiny_hf_llama  # noqa: E402
 
 V = 50
 LLAMA_W = "model.layers.1.self_attn.o_proj.weight"
 
 
 def llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2)
-    return transformers.LlamaForCausalLM(cfg).double().eval()
+    return tiny_hf_llama(V)
 
 
 def packed(lengths, seed=1):

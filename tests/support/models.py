@@ -115,3 +115,14 @@ def lm_pool(n_batches: int = 4, batch: int = 3, t: int = 16, vocab: int = 64, se
         seq = torch.randint(0, vocab, (batch, t + 1), generator=g)
         out.append((seq[:, :-1], seq[:, 1:]))
     return out
+
+
+def tiny_hf_llama(vocab: int):
+    """A two-layer Hugging Face Llama of width 16 (transformers imported here: a test that uses it skips
+    without the hf extra first), float64, eval mode, seeded."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg).double().eval()
