@@ -1,5 +1,6 @@
 """What the activation measurement's accumulators allocate on the rows' device, and the refusal of a pass
-that cannot fit there (:func:`check_fits`, called by an attach's hooks at a pass's first rows).
+that cannot fit there (:func:`check_rows`, called by an attach's hooks at each layer's first rows:
+:func:`check_fits` at the pass's first rows, again where a layer's width was not known before).
 
 Derived from the code (``accumulate``, ``_chunk_sums``, ``_lower_s``, ``_compute``) and checked
 against the real allocations in ``tests/core/test_measurement_memory.py``. Per accumulator of width
@@ -28,9 +29,12 @@ last update.
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from ._lower_s import _PENDING  # deferred rank-2 re-shift terms of CPU updates
 from .spectra.moments import PRECISIONS, SYRK_MIN_ROWS
@@ -180,33 +184,183 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" + (f" ({n / 2**20:.1f} MiB)" if n < 2**30 else "")
 
 
-def check_fits(accumulators: Sequence, rows: torch.Tensor) -> None:
-    """Raise ``MemoryError`` when the ``accumulators`` of one capture, about to receive their first rows
-    (``rows``, of the first of them; widths not given are taken as its width), would need more memory on
-    the rows' device than is free (:func:`free_bytes`): before their state exists, not an out-of-memory
-    error later in the pass or in the training step after it. The message names the layers, widths,
+CHECK_VARIABLE = "SPECTRAL_LENS_MEMORY_CHECK"
+
+
+def check_enabled() -> bool:
+    """Whether the check runs: the environment variable ``SPECTRAL_LENS_MEMORY_CHECK`` unset, empty or ``1``;
+    ``0`` turns it off (the way around a refusal the user knows to be wrong: an estimate or a free-memory read
+    that does not hold for their setup). Any other value is a ``ValueError``: a typo must neither keep nor drop
+    the check silently."""
+    value = os.environ.get(CHECK_VARIABLE, "").strip()
+    if value in ("", "1"):
+        return True
+    if value == "0":
+        return False
+    raise ValueError(f"spectral_lens: the environment variable {CHECK_VARIABLE}={value!r} must be 0 (no memory check "
+                     "of the activation measurement) or 1 (the check, as when it is unset)")
+
+
+# torch layers whose whole output (no pick=) has a width their attributes give before it is computed; read only where
+# the forward is torch's own (a subclass's forward, a quantized linear layer's, may return anything)
+_KNOWN_WIDTHS = ((nn.Linear, "out_features"), (nn.Bilinear, "out_features"), (nn.Embedding, "embedding_dim"),
+                 (nn.EmbeddingBag, "embedding_dim"), (nn.LayerNorm, "normalized_shape"),
+                 *(((nn.RMSNorm, "normalized_shape"),) if hasattr(nn, "RMSNorm") else ()))
+
+
+def output_width(module: nn.Module, pick) -> int | None:
+    """The width ``d`` of the rows an attach's hook on ``module`` feeds, where it is certain before they arrive:
+    the output itself (``pick=None``) of a torch layer computed by torch's own forward (``nn.Linear``,
+    ``nn.Bilinear``: ``out_features``; ``nn.Embedding``, ``nn.EmbeddingBag``: ``embedding_dim``;
+    ``nn.LayerNorm``, ``nn.RMSNorm``: the last of ``normalized_shape``). ``None`` otherwise: a ``pick=`` (it
+    can choose any tensor), a block, a subclass with a forward of its own. (A forward hook registered before
+    the attach's that returns another output is caught at the layer's first rows: :func:`check_rows`.)"""
+    if pick is not None:
+        return None
+    for cls, attr in _KNOWN_WIDTHS:
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            width = getattr(module, attr, None)
+            if isinstance(width, (tuple, list)):
+                width = width[-1] if width else None
+            return width if isinstance(width, int) and not isinstance(width, bool) and width > 0 else None
+    return None
+
+
+# the passes that passed their check: capture -> (device, {accumulator: (width, sizes)}), the widths and
+# accumulator_bytes their check counted. While the capture is active, its layers that hold no state yet are memory
+# that is free now but that their first rows will take (_claimed); check_rows compares a layer's real width with
+# the one counted. Weak keys: a dropped capture claims nothing.
+_PASSES: "weakref.WeakKeyDictionary[object, tuple[torch.device, dict]]" = weakref.WeakKeyDictionary()
+_PASSES_LOCK = threading.Lock()  # hooks may run from several threads (nn.DataParallel's replicas)
+
+
+def _claimed(owner, device: torch.device) -> list[tuple[int, int, int]]:
+    """Sizes of the layers that other active captures' checks counted on ``device`` and that hold no state yet.
+    Layers with state are out of the free memory already (:func:`free_bytes`), so they are not counted again."""
+    with _PASSES_LOCK:
+        passes = [(capture, dev, list(layers.items())) for capture, (dev, layers) in _PASSES.items()]
+    return [sizes for capture, dev, layers in passes
+            if capture is not owner and getattr(capture, "active", False) and dev == device
+            for acc, (_, sizes) in layers if not acc.initialized]
+
+
+def _well_formed(rows) -> bool:
+    return (isinstance(rows, torch.Tensor) and not rows.is_nested and rows.layout == torch.strided
+            and rows.ndim >= 1 and rows.shape[-1] != 0)  # (update reports malformed rows itself)
+
+
+def _span(dims: Sequence[int]) -> str:
+    return f"d={dims[0]}" if len(set(dims)) == 1 else f"widths d={min(dims)}..{max(dims)}"
+
+
+_WAY_AROUND = (f"If you know it fits (the estimate or the free memory read does not hold for your setup), set the "
+               f"environment variable {CHECK_VARIABLE}=0 to turn this check off. See docs/performance.md, "
+               "'Memory of the activation measurement'")
+
+
+def check_rows(capture, acc, rows: torch.Tensor) -> None:
+    """The check of an attach's hook at the first rows of ``acc``, a layer of ``capture`` (an
+    :class:`~spectral_lens.activation_capture.ActivationCapture`) that holds no state yet. At the pass's first
+    rows (no layer of ``capture`` holds state): :func:`check_fits` for all its layers, before any state exists.
+    Later, where this layer's width is not the one that check counted (a width not known before its rows, or
+    output changed by another hook): the check again, of what is still to come (this capture's layers without
+    state, other captures' claimed ones) against what is free now, before this layer's state exists."""
+    if not check_enabled():
+        return
+    accs = capture.accumulators
+    if not any(a.initialized for a in accs.values()):
+        widths = capture._widths
+        check_fits(list(accs.values()), rows, [widths.get(name) for name in accs], owner=capture, first=acc)
+        return
+    if not _well_formed(rows):
+        return
+    width = int(rows.shape[-1])
+    if acc.dim is not None and acc.dim != width:
+        return  # update refuses these rows, naming both widths
+    with _PASSES_LOCK:
+        entry = _PASSES.get(capture)
+        if entry is None or entry[0] != rows.device:
+            return  # a pass not checked (free memory unknown, the check off), or a layer on another device
+        device, layers = entry
+        counted = layers.get(acc)
+        if counted is not None and counted[0] == width:
+            return  # as counted
+        mine = dict(layers)
+    n_rows = rows.numel() // width
+    mine[acc] = (width, accumulator_bytes(width, acc.precision, n_rows, device_type=device.type,
+                                          rows_float64=rows.dtype == torch.float64, max_chunk_rows=acc.max_chunk_rows))
+    sizes = [(0 if a.initialized else h, u, c) for a, (_, (h, u, c)) in mine.items()]  # held ones: out of free
+    others = _claimed(capture, device)
+    need = _peak(sizes + others)
+    free = free_bytes(device)
+    if free is None or need <= free:
+        with _PASSES_LOCK:
+            if _PASSES.get(capture) is entry:
+                layers[acc] = mine[acc]
+        return
+    waiting = [w for a, (w, _) in mine.items() if not a.initialized]
+    held = sum(a.initialized for a in mine)
+    name = acc.name or "ActivationCovarianceAccumulator"
+    before = "not counted by" if counted is None else f"counted at d={counted[0]} by"
+    theirs = (f"; {len(others)} layer(s) of other captures without state yet are counted too "
+              f"({_gib(sum(h for h, _, _ in others))})" if others else "")
+    raise MemoryError(
+        f"spectral_lens: layer {name!r} got its first rows, of width d={width} ({n_rows} rows per update), after "
+        f"{held} of its capture's {len(mine)} layers got theirs; it was {before} the pass's first check. The "
+        f"{len(waiting)} layer(s) of this capture without state yet ({_span(waiting)}) need about {_gib(need)} on "
+        f"{device} with one layer's update or solve on top{theirs}, but only {_gib(free)} is free there. "
+        f"{name!r} and the layers after it got no rows from this forward; the {held} layer(s) with state keep "
+        "theirs (reset() the capture, or remove and drop it, to free them). Measure layers of different widths in "
+        "separate passes (one sl.attach or SpectralLens per width, or give dim=), or fewer layers at once, or free "
+        f"memory on that device first. {_WAY_AROUND}"
+    )
+
+
+def check_fits(accumulators: Sequence, rows: torch.Tensor, widths: Sequence | None = None, *, owner=None,
+               first=None) -> None:
+    """Raise ``MemoryError`` when the ``accumulators`` of one capture, at the pass's first rows (``rows``, of
+    ``first``, by default the first accumulator), would need more memory on the rows' device than is free
+    (:func:`free_bytes`): before their state exists, not an out-of-memory error later in the pass or in the
+    training step after it. Each layer is counted at its ``dim``, else at ``widths[i]`` (:func:`output_width`),
+    else at the rows' width (assumed: :func:`check_rows` checks again at that layer's first rows when it is
+    another). The layers of other active captures that passed this check on that device and hold no state yet
+    are counted too (free now, taken at their first rows). With ``owner`` (the capture) a pass that fits is
+    recorded for :func:`check_rows` and for the other captures' checks. The message names the layers, widths,
     precision, bytes needed and free, and the remedies."""
-    if (not accumulators or not isinstance(rows, torch.Tensor) or rows.is_nested or rows.layout != torch.strided
-            or rows.ndim < 1 or rows.shape[-1] == 0):
-        return  # (update reports malformed rows itself)
+    if not accumulators or not check_enabled() or not _well_formed(rows):
+        return
     free = free_bytes(rows.device)
     if free is None:
         return
     width = int(rows.shape[-1])
     n_rows = rows.numel() // width
-    dims = [acc.dim or width for acc in accumulators]
+    first = accumulators[0] if first is None else first
+    dims, assumed = [], 0
+    for i, acc in enumerate(accumulators):
+        known = acc.dim or (width if acc is first else (widths[i] if widths is not None else None))
+        assumed += known is None
+        dims.append(known or width)
     sizes = [accumulator_bytes(d, acc.precision, n_rows, device_type=rows.device.type,
                                rows_float64=rows.dtype == torch.float64, max_chunk_rows=acc.max_chunk_rows)
              for d, acc in zip(dims, accumulators)]
-    need = _peak(sizes)
+    others = _claimed(owner, rows.device)
+    need = _peak(sizes + others)
     if need <= free:
+        if owner is not None:
+            with _PASSES_LOCK:
+                _PASSES[owner] = (rows.device, dict(zip(accumulators, zip(dims, sizes))))
         return
+    if owner is not None:
+        with _PASSES_LOCK:
+            _PASSES.pop(owner, None)
     k = len(accumulators)
-    widths = f"d={dims[0]}" if len(set(dims)) == 1 else f"widths d={min(dims)}..{max(dims)}"
     precisions = sorted({acc.precision for acc in accumulators})
     precision = repr(precisions[0]) if len(precisions) == 1 else repr(precisions)
-    fit = next((n for n in range(k - 1, 0, -1) if _peak(sizes[:n]) <= free), 0)  # the first n layers that fit
-    if fit == 0:  # not even one: the rows of one update, or one layer's sums, are too many
+    fit = next((n for n in range(k - 1, 0, -1) if _peak(sizes[:n] + others) <= free), 0)  # the first n layers that fit
+    if fit == 0 and others and _peak(sizes[:1]) <= free:  # fits alone: other captures' layers take the memory
+        fewer = ("The layers of the other capture(s) take that memory: measure these after they are removed (in "
+                 "another pass), or together with them in one capture, or free memory on that device first")
+    elif fit == 0:  # not even one: the rows of one update, or one layer's sums, are too many
         held, update, solve = sizes[0]
         if update > solve:  # the rows: fewer per forward
             fewer = (f"Even one layer does not fit (its sums and the update of {n_rows} rows need "
@@ -222,9 +376,15 @@ def check_fits(accumulators: Sequence, rows: torch.Tensor) -> None:
                  "layers=all_blocks(model)[::4]) (from spectral_lens.lens import all_blocks), or the blocks in "
                  "groups over several passes (one lens per group, layers=blocks[i:i + n], or one "
                  "sl.attach(model, blocks[i:i + n]) per group); or free memory on that device first")
+    guessed = (f" The width of {assumed} of them is not known before their rows arrive (no dim=; a pick=, a block, "
+               f"or a module whose output width is not its own attribute) and was taken as the first rows' d={width}: "
+               "if they are narrower, measure them in a capture of their own (one capture per width)."
+               if assumed else "")
+    theirs = (f"; {len(others)} layer(s) of other captures on that device that hold no state yet are counted too "
+              f"({_gib(sum(h for h, _, _ in others))})" if others else "")
     raise MemoryError(
-        f"spectral_lens: measuring {k} layer(s) ({widths}, precision={precision}, "
+        f"spectral_lens: measuring {k} layer(s) ({_span(dims)}, precision={precision}, "
         f"{n_rows} rows per update) in one pass needs about {_gib(need)} on {rows.device} (each layer keeps a "
-        f"float64 d x d sum, 8 d^2 bytes, plus one layer's update or solve on top), but only {_gib(free)} is free "
-        f"there; nothing was measured. {fewer}. See docs/performance.md, 'Memory of the activation measurement'"
+        f"float64 d x d sum, 8 d^2 bytes, plus one layer's update or solve on top{theirs}), but only {_gib(free)} "
+        f"is free there; nothing was measured.{guessed} {fewer}. {_WAY_AROUND}"
     )

@@ -17,7 +17,7 @@ from . import _compiled_feed as compiled_feed
 from ._blocks import block_hidden_states
 from ._compute import _spectrum_of
 from ._layout import channels_first, refuse_channels_first
-from ._memory import check_fits
+from ._memory import check_rows, output_width
 from ._pipeline import metadata_inference
 from .accumulate import ActivationCovarianceAccumulator
 from .background import SolveFuture, submit
@@ -63,6 +63,7 @@ class ActivationCapture(HookSet):
         super().__init__()
         self.accumulators = accumulators
         self._mask: torch.Tensor | None = None
+        self._widths: dict[str, int | None] = {}  # module_name -> its rows' width where certain before them
 
     @contextlib.contextmanager
     def mask(self, mask: torch.Tensor | None):
@@ -200,6 +201,7 @@ def _make_hook(capture: ActivationCapture, name: str, pick, module: nn.Module) -
     # read as given (no pick, or the lens's own reading of the blocks it chose): a channels-first output,
     # (N, C, H, W) of a convolution, would be read as rows of W, so it is refused; an explicit pick wins
     layout = channels_first(module) if pick is None or pick is block_hidden_states else None
+    capture._widths[name] = output_width(module, pick)  # for the memory check (None: known at its rows)
     return _Feed(capture, capture.accumulators[name], pick, display_name(name, module), layout)
 
 
@@ -255,8 +257,8 @@ class _Feed:
         """Feed ``rows`` (eagerly, or in a compiled graph's operator body) after the layout check."""
         if self.layout is not None:  # a convolution, pooling or norm layer, or a block ending in one
             refuse_channels_first(self.layout, rows, self.where, chosen=self.pick is block_hidden_states)
-        if not self.acc.initialized and not any(a.initialized for a in self.capture.accumulators.values()):
-            check_fits(list(self.capture.accumulators.values()), rows)  # a pass's first rows: will it fit?
+        if not self.acc.initialized:  # a layer's first rows: will the pass fit (still, at this layer's width)?
+            check_rows(self.capture, self.acc, rows)
         self.acc.update(rows, mask=_token_mask(rows, self.capture._mask))
 
     def _skips(self) -> bool:
