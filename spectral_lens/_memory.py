@@ -287,8 +287,15 @@ def check_rows(capture, acc, rows: torch.Tensor) -> None:
             return  # as counted
         mine = dict(layers)
     n_rows = rows.numel() // width
-    mine[acc] = (width, accumulator_bytes(width, acc.precision, n_rows, device_type=device.type,
-                                          rows_float64=rows.dtype == torch.float64, max_chunk_rows=acc.max_chunk_rows))
+
+    def size(a, d):
+        return d, accumulator_bytes(d, a.precision, n_rows, device_type=device.type,
+                                    rows_float64=rows.dtype == torch.float64, max_chunk_rows=a.max_chunk_rows)
+
+    sampled = counted is not None and counted[0] is None  # the first layer of a width not known: the others like it
+    if sampled:
+        mine.update({a: size(a, width) for a, (w, _) in mine.items() if w is None})
+    mine[acc] = size(acc, width)
     sizes = [(0 if a.initialized else h, u, c) for a, (_, (h, u, c)) in mine.items()]  # held ones: out of free
     others = _claimed(capture, device)
     need = _peak(sizes + others)
@@ -296,23 +303,26 @@ def check_rows(capture, acc, rows: torch.Tensor) -> None:
     if free is None or need <= free:
         with _PASSES_LOCK:
             if _PASSES.get(capture) is entry:
-                layers[acc] = mine[acc]
+                layers.update(mine)
         return
-    waiting = [w for a, (w, _) in mine.items() if not a.initialized]
+    waiting = [w for a, (w, _) in mine.items() if not a.initialized]  # (None: a width not known, not counted yet)
     held = sum(a.initialized for a in mine)
     name = acc.name or "ActivationCovarianceAccumulator"
-    before = "not counted by" if counted is None else f"counted at d={counted[0]} by"
+    before = ("not counted by" if counted is None else "not counted yet (its width was not known before its rows) by"
+              if sampled else f"counted at d={counted[0]} by")
+    like = (f"; the layers of widths not known before their rows that are still to come are counted at its d={width}"
+            if sampled else "")
     theirs = (f"; {len(others)} layer(s) of other captures without state yet are counted too "
               f"({_gib(sum(h for h, _, _ in others))})" if others else "")
     raise MemoryError(
         f"spectral_lens: layer {name!r} got its first rows, of width d={width} ({n_rows} rows per update), after "
-        f"{held} of its capture's {len(mine)} layers got theirs; it was {before} the pass's first check. The "
-        f"{len(waiting)} layer(s) of this capture without state yet ({_span(waiting)}) need about {_gib(need)} on "
+        f"{held} of its capture's {len(mine)} layers got theirs; it was {before} the pass's first check{like}. The "
+        f"{len(waiting)} layer(s) of this capture without state yet ({_span([w for w in waiting if w])}) need about {_gib(need)} on "
         f"{device} with one layer's update or solve on top{theirs}, but only {_gib(free)} is free there. "
         f"{name!r} and the layers after it got no rows from this forward; the {held} layer(s) with state keep "
-        "theirs (reset() the capture, or remove and drop it, to free them). Measure layers of different widths in "
-        "separate passes (one sl.attach or SpectralLens per width, or give dim=), or fewer layers at once, or free "
-        f"memory on that device first. {_WAY_AROUND}"
+        "theirs (reset() the capture, or remove and drop it, to free them; a SpectralLens drops its own). Measure "
+        "layers of different widths in separate passes (one sl.attach or SpectralLens per width, or give dim=), or "
+        f"fewer layers at once, or free memory on that device first. {_WAY_AROUND}"
     )
 
 
@@ -322,8 +332,9 @@ def check_fits(accumulators: Sequence, rows: torch.Tensor, widths: Sequence | No
     ``first``, by default the first accumulator), would need more memory on the rows' device than is free
     (:func:`free_bytes`): before their state exists, not an out-of-memory error later in the pass or in the
     training step after it. Each layer is counted at its ``dim``, else at ``widths[i]`` (:func:`output_width`),
-    else at the rows' width (assumed: :func:`check_rows` checks again at that layer's first rows when it is
-    another). The layers of other active captures that passed this check on that device and hold no state yet
+    else, where the rows are of a layer of a width not known before them, at the rows' width (assumed); where
+    they are of a layer of known width, not yet: :func:`check_rows` checks again at a layer's first rows when
+    its width is not the one counted. The layers of other active captures that passed this check on that device and hold no state yet
     are counted too (free now, taken at their first rows). With ``owner`` (the capture) a pass that fits is
     recorded for :func:`check_rows` and for the other captures' checks. The message names the layers, widths,
     precision, bytes needed and free, and the remedies."""
@@ -335,12 +346,15 @@ def check_fits(accumulators: Sequence, rows: torch.Tensor, widths: Sequence | No
     width = int(rows.shape[-1])
     n_rows = rows.numel() // width
     first = accumulators[0] if first is None else first
-    dims, assumed = [], 0
-    for i, acc in enumerate(accumulators):
-        known = acc.dim or (width if acc is first else (widths[i] if widths is not None else None))
-        assumed += known is None
-        dims.append(known or width)
-    sizes = [accumulator_bytes(d, acc.precision, n_rows, device_type=rows.device.type,
+    known = [acc.dim or (widths[i] if widths is not None else None) for i, acc in enumerate(accumulators)]
+    at = next(i for i, acc in enumerate(accumulators) if acc is first)
+    # widths not known before the rows: counted at the first rows' width when those rows are of such a layer (the
+    # common case: blocks, all of one width); else not yet, but at the first rows of the first of them (check_rows)
+    sample = width if known[at] is None else None
+    dims = [width if i == at and d is None else d if d is not None else sample for i, d in enumerate(known)]
+    unknown = sum(d is None for i, d in enumerate(known) if i != at)
+    sizes = [(0, 0, 0) if d is None else
+             accumulator_bytes(d, acc.precision, n_rows, device_type=rows.device.type,
                                rows_float64=rows.dtype == torch.float64, max_chunk_rows=acc.max_chunk_rows)
              for d, acc in zip(dims, accumulators)]
     others = _claimed(owner, rows.device)
@@ -356,19 +370,21 @@ def check_fits(accumulators: Sequence, rows: torch.Tensor, widths: Sequence | No
     k = len(accumulators)
     precisions = sorted({acc.precision for acc in accumulators})
     precision = repr(precisions[0]) if len(precisions) == 1 else repr(precisions)
-    fit = next((n for n in range(k - 1, 0, -1) if _peak(sizes[:n] + others) <= free), 0)  # the first n layers that fit
-    if fit == 0 and others and _peak(sizes[:1]) <= free:  # fits alone: other captures' layers take the memory
+    counted = [(d, size) for d, size in zip(dims, sizes) if d is not None]
+    fit = next((n for n in range(len(counted) - 1, 0, -1) if _peak([c for _, c in counted[:n]] + others) <= free),
+               0)  # the first n layers that fit
+    if fit == 0 and others and _peak([counted[0][1]]) <= free:  # fits alone: other captures' layers take the memory
         fewer = ("The layers of the other capture(s) take that memory: measure these after they are removed (in "
                  "another pass), or together with them in one capture, or free memory on that device first")
     elif fit == 0:  # not even one: the rows of one update, or one layer's sums, are too many
-        held, update, solve = sizes[0]
+        held, update, solve = counted[0][1]
         if update > solve:  # the rows: fewer per forward
             fewer = (f"Even one layer does not fit (its sums and the update of {n_rows} rows need "
                      f"{_gib(held + update)}): feed fewer rows per forward (a smaller batch"
                      + (", or a smaller max_chunk_rows" if n_rows > min(acc.max_chunk_rows for acc in accumulators)
                         else "") + "), or free memory on that device first")
         else:
-            fewer = (f"Even one layer of width d={dims[0]} does not fit (its sums and their solve need "
+            fewer = (f"Even one layer of width d={counted[0][0]} does not fit (its sums and their solve need "
                      f"{_gib(held + solve)}): measure a narrower layer, or free memory on that device "
                      "first")
     else:
@@ -376,14 +392,16 @@ def check_fits(accumulators: Sequence, rows: torch.Tensor, widths: Sequence | No
                  "layers=all_blocks(model)[::4]) (from spectral_lens.lens import all_blocks), or the blocks in "
                  "groups over several passes (one lens per group, layers=blocks[i:i + n], or one "
                  "sl.attach(model, blocks[i:i + n]) per group); or free memory on that device first")
-    guessed = (f" The width of {assumed} of them is not known before their rows arrive (no dim=; a pick=, a block, "
-               f"or a module whose output width is not its own attribute) and was taken as the first rows' d={width}: "
-               "if they are narrower, measure them in a capture of their own (one capture per width)."
-               if assumed else "")
+    guessed = "" if not unknown else (
+        f" The width of {unknown} of them is not known before their rows arrive (no dim=; a pick=, a block, or a "
+        f"module whose output width is not its own attribute) and was taken as the first rows' d={width}: if they are "
+        "narrower, measure them in a capture of their own (one capture per width)." if sample is not None else
+        f" {unknown} of them, of widths not known before their rows arrive, are not counted yet (they are at the "
+        "first rows of the first of them).")
     theirs = (f"; {len(others)} layer(s) of other captures on that device that hold no state yet are counted too "
               f"({_gib(sum(h for h, _, _ in others))})" if others else "")
     raise MemoryError(
-        f"spectral_lens: measuring {k} layer(s) ({_span(dims)}, precision={precision}, "
+        f"spectral_lens: measuring {k} layer(s) ({_span([d for d, _ in counted])}, precision={precision}, "
         f"{n_rows} rows per update) in one pass needs about {_gib(need)} on {rows.device} (each layer keeps a "
         f"float64 d x d sum, 8 d^2 bytes, plus one layer's update or solve on top{theirs}), but only {_gib(free)} "
         f"is free there; nothing was measured.{guessed} {fewer}. {_WAY_AROUND}"

@@ -135,6 +135,58 @@ def test_unknown_widths_are_checked_again_at_their_first_rows(monkeypatch):
     _measured_all(capture, model, x)
 
 
+class Wrapped(nn.Module):
+    """A block-like module: its output width is not an attribute of its own."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__()
+        self.inner = nn.Linear(a, b)
+
+    def forward(self, x):
+        return torch.tanh(self.inner(x))
+
+
+class UpThenBlocks(nn.Module):
+    """An up-projection (an nn.Linear, 128 wide) run first, then blocks of width 32 whose widths are not known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Linear(IN, 128)
+        self.blocks = nn.ModuleList([Wrapped(128, 32), Wrapped(32, 32), Wrapped(32, 32), Wrapped(32, 32)])
+        self.double()
+
+    def forward(self, x):
+        x = torch.tanh(self.up(x))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_unknown_widths_after_a_known_wide_layer_are_counted_at_their_own_rows(monkeypatch):
+    """The up-projection's rows come first (d = 128, known: an nn.Linear); the blocks' widths are not known before
+    their rows. They were counted at 128 (5 x 128: a false refusal of a pass that fits); now they are counted at
+    the first block's rows, at its d = 32: the exact budget measures all, one byte less is refused there, with
+    only the up-projection's state held, naming the block."""
+    model, x = UpThenBlocks(), _x()
+    real = [128, 32, 32, 32, 32]
+    with sl.attach(model, ["up", "blocks.*"]) as capture:
+        _device(monkeypatch, _peak(real) - 1, capture)
+        with pytest.raises(MemoryError) as e:
+            model(x)
+        msg = str(e.value)
+        for part in ("layer 'blocks.0' got its first rows, of width d=32", "after 1 of its capture's 5 layers",
+                     "not counted yet (its width was not known before its rows)",
+                     "still to come are counted at its d=32", "The 4 layer(s) of this capture without state yet (d=32)"):
+            assert part in msg, (part, msg)
+        assert [acc.initialized for acc in capture.accumulators.values()] == [True, False, False, False, False]
+        capture.reset()
+        _device(monkeypatch, _peak(real), capture)
+        model(x)
+    assert [acc.dim for acc in capture.accumulators.values()] == real
+    assert all(acc.n_rows == ROWS for acc in capture.accumulators.values())
+
+
 def test_an_output_changed_by_an_earlier_hook_is_checked_at_its_rows(monkeypatch):
     """A Linear's width is its out_features unless a forward hook registered before the attach's returns
     another output: the layer's first rows are checked again at their real width."""
