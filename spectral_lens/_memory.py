@@ -317,8 +317,9 @@ def check_rows(capture, acc, rows: torch.Tensor) -> None:
     raise MemoryError(
         f"spectral_lens: layer {name!r} got its first rows, of width d={width} ({n_rows} rows per update), after "
         f"{held} of its capture's {len(mine)} layers got theirs; it was {before} the pass's first check{like}. The "
-        f"{len(waiting)} layer(s) of this capture without state yet ({_span([w for w in waiting if w])}) need about {_gib(need)} on "
-        f"{device} with one layer's update or solve on top{theirs}, but only {_gib(free)} is free there. "
+        f"{len(waiting)} layer(s) of this capture without state yet ({_span([w for w in waiting if w])}) need "
+        f"about {_gib(need)} on {device} with one layer's update or solve on top{theirs}, but only {_gib(free)} "
+        "is free there. "
         f"{name!r} and the layers after it got no rows from this forward; the {held} layer(s) with state keep "
         "theirs (reset() the capture, or remove and drop it, to free them; a SpectralLens drops its own). Measure "
         "layers of different widths in separate passes (one sl.attach or SpectralLens per width, or give dim=), or "
@@ -334,10 +335,10 @@ def check_fits(accumulators: Sequence, rows: torch.Tensor, widths: Sequence | No
     training step after it. Each layer is counted at its ``dim``, else at ``widths[i]`` (:func:`output_width`),
     else, where the rows are of a layer of a width not known before them, at the rows' width (assumed); where
     they are of a layer of known width, not yet: :func:`check_rows` checks again at a layer's first rows when
-    its width is not the one counted. The layers of other active captures that passed this check on that device and hold no state yet
-    are counted too (free now, taken at their first rows). With ``owner`` (the capture) a pass that fits is
-    recorded for :func:`check_rows` and for the other captures' checks. The message names the layers, widths,
-    precision, bytes needed and free, and the remedies."""
+    its width is not the one counted. The layers of other active captures that passed this check on that
+    device and hold no state yet are counted too (free now, taken at their first rows). With ``owner`` (the
+    capture) a pass that fits is recorded for :func:`check_rows` and for the other captures' checks. The message
+    names the layers, widths, precision, bytes needed and free, and the remedies."""
     if not accumulators or not check_enabled() or not _well_formed(rows):
         return
     free = free_bytes(rows.device)

@@ -177,7 +177,8 @@ def test_unknown_widths_after_a_known_wide_layer_are_counted_at_their_own_rows(m
         msg = str(e.value)
         for part in ("layer 'blocks.0' got its first rows, of width d=32", "after 1 of its capture's 5 layers",
                      "not counted yet (its width was not known before its rows)",
-                     "still to come are counted at its d=32", "The 4 layer(s) of this capture without state yet (d=32)"):
+                     "still to come are counted at its d=32",
+                     "The 4 layer(s) of this capture without state yet (d=32)"):
             assert part in msg, (part, msg)
         assert [acc.initialized for acc in capture.accumulators.values()] == [True, False, False, False, False]
         capture.reset()
