@@ -292,3 +292,42 @@ def test_output_width_only_where_certain():
     assert output_width(OwnForward(3, 5), None) is None
     assert output_width(nn.Sequential(nn.Linear(3, 5)), None) is None
     assert output_width(nn.GELU(), None) is None
+
+
+def test_a_lens_refused_at_a_layers_first_rows_leaves_nothing_behind(monkeypatch):
+    """A lens over an up-projection (an nn.Linear, 4 d) and blocks (widths not known before their rows): the
+    blocks are counted at the first block's rows. One byte short, the lens's pass is refused there with a
+    MemoryError, the model keeps no hook, the lens no record; with the exact budget it measures every layer."""
+    from support.models import TinyLM, lm_pool
+
+    from spectral_lens import SpectralLens, activation_capture
+
+    made = []
+
+    class Recorded(activation_capture.ActivationCovarianceAccumulator):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    def device(budget):
+        made.clear()
+        monkeypatch.setattr(_memory, "free_bytes", lambda dev: budget - sum(
+            accumulator_bytes(a.dim, a.precision, rows, device_type="cpu", rows_float64=True)[0]
+            for a in made if a.initialized))
+
+    monkeypatch.setattr(activation_capture, "ActivationCovarianceAccumulator", Recorded)
+    torch.manual_seed(0)
+    model, pool = TinyLM(layers=3).double(), lm_pool()
+    rows = pool[0][0].numel()
+    layers = ["h.0.mlp.c_fc", "h.0", "h.1", "h.2"]
+    real = _memory._peak([accumulator_bytes(d, "exact", rows, device_type="cpu", rows_float64=True)
+                          for d in (128, 32, 32, 32)])
+    lens = SpectralLens(model, pool, layers=layers, params=())
+    device(real - 1)
+    with pytest.raises(MemoryError, match=r"layer 'h\.0' got its first rows, of width d=32"):
+        lens.measure(0, 0)
+    assert all(len(m._forward_hooks) == 0 for m in model.modules()) and lens.history == []
+    device(real)
+    record = lens.measure(0, 0)
+    assert {k: s.dim for k, s in record.spectra.items()} == {
+        "act:h.0.mlp.c_fc": 128, "act:h.0": 32, "act:h.1": 32, "act:h.2": 32}
