@@ -200,7 +200,8 @@ def token_inefficiency(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SpectralLensWarning)
             eps = eps_tok(T)
-        if eps and all(math.isnan(v) for v in eps.values()):
+        fam = {r.run_id: eps.get(r.run_id, math.nan) for r in members}
+        if all(math.isnan(v) for v in fam.values()):
             warnings.warn(
                 f"family {family!r}: no run reached val loss {target}; eps_tok is NaN for its runs",
                 SpectralLensWarning,
@@ -213,7 +214,7 @@ def token_inefficiency(
                 SweepWarning,
                 stacklevel=2,
             )
-        out.update({r.run_id: eps.get(r.run_id, math.nan) for r in members})
+        out.update(fam)
     return out
 
 
