@@ -119,6 +119,18 @@ def test_cli_predict_names_the_diverged_run_in_one_line(base, tmp_path, capsys):
     assert [t["tier"] for t in data["families"]["toy"]["tiers"]] == [4, 2, 16]
 
 
+def test_inspect_says_a_run_diverged_or_was_cut_short(base, tmp_path, capsys):
+    d = _copy(base, tmp_path)
+    _stop_at(d / "toy-b16", 0.3, diverge=True)  # the first NaN: the evaluation at 35%
+    _stop_at(d / "toy-b2", 0.6)
+    status = {}
+    for run in ("toy-b16", "toy-b2", "toy-b4"):
+        assert main(["inspect", str(d / run)]) == 0
+        status[run] = [line.strip() for line in capsys.readouterr().out.splitlines() if "status:" in line]
+    assert status["toy-b16"] == ["status: diverged: val_loss nan at step 334 (3.502e+08 tokens, 35% of its token budget)"]
+    assert status["toy-b2"] == ["status: cut short at 60%"] and status["toy-b4"] == ["status: complete"]
+
+
 def test_the_controller_stops_a_diverged_tier_instead_of_waiting_for_it(base, tmp_path):
     d = _copy(base, tmp_path)
     _stop_at(d / "toy-b16", 0.1, diverge=True)
