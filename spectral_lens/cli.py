@@ -184,15 +184,19 @@ def _fmt(v: float, spec: str = ".4f") -> str:
 
 def _cmd_predict(args) -> int:
     from .analysis.tail import TailPredictor
-    from .report import score_flags
+    from .report import score_flags, sweep_notes
 
     runs = _open(args.runs, args)
-    pred = TailPredictor(args.fraction, window=_window(args.window), spectrum=args.spectrum).fit(runs)
-    rankings = pred.predict()
-    score = pred.score(targets=args.target_loss) if args.target_loss is not None else None
+    notes: list[str] = []  # runs left out (diverged, cut short) and runs of a family that differ: one line each
+    with sweep_notes(notes):
+        pred = TailPredictor(args.fraction, window=_window(args.window), spectrum=args.spectrum).fit(runs)
+        rankings = pred.predict()
+        score = pred.score(targets=args.target_loss) if args.target_loss is not None else None
     if args.json:
         out = {
             "fraction": args.fraction,
+            "excluded": dict(pred.excluded_),
+            "notes": notes,
             "families": {
                 f: {
                     "recommended": rk.recommended,
@@ -225,6 +229,8 @@ def _cmd_predict(args) -> int:
             print(f"pooled (per-family min-max normalized): {_fmt(score.rho, '.3f')} (p = {_fmt(score.pvalue, '.3g')})")
         for f in score_flags(score):
             print(f"caution: {f}")
+    for n in notes:
+        print(f"note: {n}")
     return 0
 
 
@@ -279,6 +285,12 @@ def _inspect_run(path: Path, strict: bool) -> None:
     q = r.throughput()
     if q is not None:
         print(f"  throughput: {q:.4g} tokens/s (median)")
+    from .analysis.efficiency import divergence
+    from .report import run_status
+
+    why = divergence(r)  # "run 'x' (tier t) diverged: val_loss nan at step ..."
+    status = "diverged: " + why.split(" diverged: ", 1)[1] if why else run_status(r)
+    print(f"  status: {status}")
     if r.measurements:
         steps = [m.step for m in r.measurements]
         print(f"  measurement steps: {steps[0]} .. {steps[-1]}")

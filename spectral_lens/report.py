@@ -10,25 +10,27 @@ says so.
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .analysis.efficiency import token_inefficiency, tokens_to_target
+from .analysis.efficiency import COMPLETE_COVERAGE, SweepWarning, coverage, divergence, token_inefficiency, tokens_to_target
 from .analysis.noise_predictor import NoiseScalePredictor
 from .analysis.ranking import TierRanking
 from .analysis.tail import TailPredictor
 from .analysis.tier_predictor import PredictionScore
-from .analysis.windows import common_windows
+from .analysis.windows import SpectrumMismatchError, common_spectra, common_windows
 from .analysis.taxonomy import TaxonomyResult, TransitionClassifier, replicate_evidence
 from ._progress import progress_bar
 from .atomic import write_text_atomic
 from .records import RunRecord, open_runs
 
-__all__ = ["Report", "build_report", "score_flags", "MIN_TIERS", "MAX_PVALUE"]
+__all__ = ["Report", "build_report", "score_flags", "sweep_notes", "run_status", "MIN_TIERS", "MAX_PVALUE"]
 
 #: Fewer tiers than this in a family and its Spearman rho is flagged as underpowered.
 MIN_TIERS = 4
@@ -68,6 +70,40 @@ def score_flags(score: PredictionScore, statistic: str = "early α_tail") -> lis
                 f"treat the {statistic} ranking as a guess, not evidence."
             )
     return out
+
+
+@contextlib.contextmanager
+def sweep_notes(notes: list[str]):
+    """Collect the :class:`~spectral_lens.analysis.SweepWarning` lines emitted inside the block (runs
+    left out of a ranking or score, runs of a family that differ) into ``notes``, each once; every
+    other warning is shown as usual when the block ends."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SweepWarning)
+        try:
+            yield notes
+        finally:
+            others = []
+            for w in caught:
+                text = " ".join(str(w.message).split())
+                if issubclass(w.category, SweepWarning):
+                    if text not in notes:
+                        notes.append(text)
+                else:
+                    others.append(w)
+    for w in others:  # after the block: the caller's warning display (the CLI's one-line warnings)
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def run_status(run: RunRecord) -> str:
+    """``"diverged"`` (a NaN or infinite loss in the records), ``"cut short at N%"`` (the records end
+    before :data:`~spectral_lens.analysis.COMPLETE_COVERAGE` of the token budget: preempted, or
+    still running), ``"complete"``, or ``"–"`` when the budget is unknown."""
+    if divergence(run) is not None:
+        return "diverged"
+    c = coverage(run)
+    if c is None:
+        return "–"
+    return "complete" if c >= COMPLETE_COVERAGE else f"cut short at {c:.0%}"
 
 
 @dataclass
@@ -242,6 +278,12 @@ def build_report(
                 raise ValueError(f"transition {a}->{b}: no run with id {x!r}; run ids: {sorted(by_id)}")
     seeds = open_runs(replicates) if replicates else []
     windows = common_windows(records, window)  # runs that disagree fail here, not as a skipped figure
+    try:  # so do runs of a family measured at different layers
+        common_spectra(records, spectrum)
+    except SpectrumMismatchError:
+        raise
+    except ValueError:  # no usable spectrum at all: the tail predictor's note says why
+        pass
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = Report(path=out / f"report.{fmt}")
@@ -261,23 +303,27 @@ def build_report(
         report.notes.append("matplotlib is not installed: tables only (pip install 'spectral-lens[plot]' for figures)")
 
     # ---- prediction --------------------------------------------------------------------------
+    # runs left out of a ranking or score (diverged, cut short) and runs of a family that differ are notes
     pred = TailPredictor(fraction, window=window, spectrum=spectrum)
-    try:
-        pred.fit(records)
-        report.rankings = pred.predict()
-    except ValueError as exc:
-        pred = None
-        report.notes.append(f"tail predictor not run: {exc}")
+    with sweep_notes(report.notes):
+        try:
+            pred.fit(records)
+            report.rankings = pred.predict()
+        except ValueError as exc:
+            pred = None
+            report.notes.append(f"tail predictor not run: {exc}")
     base = NoiseScalePredictor(fraction)
-    try:
-        base.fit(records)
-        report.baseline_rankings = base.predict()
-    except ValueError as exc:
-        base = None
-        report.notes.append(f"noise-scale baseline not run: {exc}")
+    with sweep_notes(report.notes):
+        try:
+            base.fit(records)
+            report.baseline_rankings = base.predict()
+        except ValueError as exc:
+            base = None
+            report.notes.append(f"noise-scale baseline not run: {exc}")
     eps = {}
     if target_loss is not None:
-        eps = token_inefficiency(records, target_loss)
+        with sweep_notes(report.notes):
+            eps = token_inefficiency(records, target_loss)
         if pred is not None:
             report.score = pred.score(targets=eps)
         if base is not None:
@@ -299,12 +345,13 @@ def build_report(
             _num(eps.get(r.run_id), ".3f") if eps else "–",
             _num(r.throughput(), ".4g"),
             (f"{s.value:.3f} ± {_num(s.sigma, '.2g')}" + ("" if one_window else f" (ranks {tuple(s.window)})"))
-            if s else "–",
+            if s else ("left out (see notes)" if pred is not None and r.run_id in pred.excluded_ else "–"),
+            run_status(r),
         ])
     win_txt = f"ranks {tuple(next(iter(early.values())).window)}" if early and one_window else ""
     doc.table(
         ["run", "family", "tier", "measurements", "final val loss", "T (tokens to target)", "eps_tok",
-         "Q (tokens/s)", f"early α_tail {win_txt}"],
+         "Q (tokens/s)", f"early α_tail {win_txt}", "status"],
         rows,
     )
 

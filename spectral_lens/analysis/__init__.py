@@ -13,8 +13,12 @@
 """
 
 from .efficiency import (
+    COMPLETE_COVERAGE,
     NO_FAMILY,
     Matched,
+    SweepWarning,
+    coverage,
+    divergence,
     TransitionGains,
     align,
     eps_tok,
@@ -30,14 +34,14 @@ from .efficiency import (
     tokens_to_target,
     transition_gains,
 )
-from .early import EarlyStatistic, FractionNotReachedError, alpha_trajectory, early_alpha
+from .early import EarlyStatistic, FractionNotReachedError, NoEarlyStatisticError, alpha_trajectory, early_alpha
 from .noise_predictor import NoiseScalePredictor
 from .ranking import TierRanking, rank_tiers
 from .spearman import spearman
 from .sweep import SweepController, SweepDecision, TierDecision
 from .tail import TailPredictor
 from .tier_predictor import FamilyScore, PredictionScore, TierPredictor
-from .windows import WindowMismatchError, common_windows, resolve_spectrum, resolve_window
+from .windows import SpectrumMismatchError, WindowMismatchError, common_spectra, common_windows, resolve_spectrum, resolve_window
 from .taxonomy import (
     ACTIVATION_LED,
     GRADIENT_LED,
@@ -67,7 +71,14 @@ __all__ = [
     "THROUGHPUT_LEANING",
     "UNDETERMINED",
     "UNATTRIBUTED_LEARNING",
+    "COMPLETE_COVERAGE",
     "EarlyStatistic",
+    "NoEarlyStatisticError",
+    "SpectrumMismatchError",
+    "SweepWarning",
+    "common_spectra",
+    "coverage",
+    "divergence",
     "FamilyScore",
     "FractionNotReachedError",
     "Matched",

@@ -28,11 +28,18 @@ from ..summaries import BandAlphaFitter
 from .efficiency import NO_FAMILY
 from .windows import resolve_spectrum, resolve_window
 
-__all__ = ["FractionNotReachedError", "EarlyStatistic", "alpha_trajectory", "early_alpha", "early_value",
+__all__ = ["NoEarlyStatisticError", "FractionNotReachedError", "EarlyStatistic", "alpha_trajectory", "early_alpha", "early_value",
            "require_known_progress"]
 
 
-class FractionNotReachedError(ValueError):
+class NoEarlyStatisticError(ValueError):
+    """One run has no usable early statistic: it has not reached the fraction (cut short, or still
+    running: :class:`FractionNotReachedError`), its measurements start after it, or its spectrum there
+    cannot be fitted (a degenerate spectrum of a collapsed or diverged run). The predictors leave such
+    a run out of the ranking with a note and rank the others."""
+
+
+class FractionNotReachedError(NoEarlyStatisticError):
     """A run has no measurement at or beyond the requested progress fraction yet."""
 
 
@@ -84,7 +91,7 @@ def _fit_alpha(fitter: BandAlphaFitter, m: Measurement, name: str, run: RunRecor
         spectrum = spectra[name] if keep or not isinstance(spectra, _LazySpectra) else spectra.load(name)
         return float(fitter.fit(spectrum).alpha)
     except ValueError as exc:
-        raise ValueError(f"run {run.run_id!r}, step {m.step}: {exc}") from None
+        raise NoEarlyStatisticError(f"run {run.run_id!r}, step {m.step}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,9 @@ class EarlyStatistic:
         n_noise: number of measurements the jitter estimate used.
         window: the rank window (alpha statistics) or ``None``.
         spectrum: the spectrum name (alpha statistics) or ``None``.
+        n_rows: the distinct ``Spectrum.n_rows`` (probe rows: tokens of the held-out pool) of the
+            spectra the estimate used (alpha statistics), else ``()``; runs compared with each other
+            should have been measured on the same pool, so the same rows.
     """
 
     run_id: str
@@ -116,6 +126,7 @@ class EarlyStatistic:
     n_noise: int
     window: tuple[int, int] | None = None
     spectrum: str | None = None
+    n_rows: tuple[int, ...] = ()
 
 
 def early_value(
@@ -133,7 +144,7 @@ def early_value(
         raise ValueError(f"run {run.run_id!r}: RunInfo.batch_tier is not set; the predictor orders tiers by it")
     pts = sorted(points, key=lambda p: p[0])
     if not pts:
-        raise ValueError(
+        raise NoEarlyStatisticError(
             f"run {run.run_id!r}: no measurement with known progress carries {statistic} "
             "(record progress, or RunInfo.total_tokens)"
         )
@@ -143,7 +154,7 @@ def early_value(
             f"run {run.run_id!r}: latest measurement is at progress {f_all[-1]:.3f} < {fraction}"
         )
     if f_all[0] > fraction:
-        raise ValueError(
+        raise NoEarlyStatisticError(
             f"run {run.run_id!r}: first measurement is at progress {f_all[0]:.3f} > {fraction}; "
             "cannot interpolate (measure earlier, or choose a later fraction)"
         )
@@ -213,4 +224,5 @@ def early_alpha(
     hi = int(np.searchsorted(f_all, fraction, side="left")) if cands else 0
     need |= {i for i in (hi - 1, hi) if 0 <= i < len(cands)}
     points = [(cands[i][0], _fit_alpha(fitter, cands[i][1], name, run), cands[i][1].step) for i in sorted(need)]
-    return early_value(run, fraction, points, "alpha_tail", noise_neighbors, window=win, spectrum=name)
+    rows = tuple(sorted({int(cands[i][1].spectra[name].n_rows) for i in need}))  # loaded and kept by _fit_alpha
+    return early_value(run, fraction, points, "alpha_tail", noise_neighbors, window=win, spectrum=name, n_rows=rows)

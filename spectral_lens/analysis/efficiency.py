@@ -40,10 +40,56 @@ __all__ = [
     "matched_fraction",
     "measurement_at_loss",
     "group_by_family",
+    "SweepWarning",
+    "COMPLETE_COVERAGE",
+    "divergence",
+    "coverage",
 ]
 
 NO_FAMILY = "(no family)"
 """Family name used for runs whose ``RunInfo.family`` is ``None``."""
+
+#: A run whose records reach this share of its token budget (``RunInfo.total_tokens``) counts as complete.
+COMPLETE_COVERAGE = 0.95
+
+
+class SweepWarning(SpectralLensWarning):
+    """A run of a sweep was left out of a ranking or a score (diverged, cut short), or the runs of a
+    family differ in a way that makes their comparison doubtful (token budget, probe rows)."""
+
+
+def divergence(run: RunRecord) -> str | None:
+    """Why ``run`` counts as diverged, in one line naming it, or ``None``.
+
+    A run diverged when any of its logged ``val_loss`` / ``train_loss`` values (``log.jsonl`` events
+    and measurements) is not finite (NaN, +-inf); the line names the first such value in token order.
+    """
+    pts = [(e["tokens"], e["step"], k, float(e[k])) for e in run.events
+           for k in ("val_loss", "train_loss") if e.get(k) is not None]
+    pts += [(m.tokens, m.step, "val_loss", m.val_loss) for m in run.measurements if m.val_loss is not None]
+    bad = [p for p in pts if not math.isfinite(p[3])]
+    if not bad:
+        return None
+    tokens, step, key, value = min(bad, key=lambda p: p[0])  # min keeps the first of equal token counts
+    total = run.info.total_tokens
+    share = f", {tokens / total:.0%} of its token budget" if total else ""
+    return f"run {run.run_id!r} (tier {_tier_text(run.info.batch_tier)}) diverged: {key} {value} at step {step} ({tokens:.4g} tokens{share})"
+
+
+def coverage(run: RunRecord) -> float | None:
+    """The share of its token budget that ``run``'s records reach: the largest ``tokens`` of its events
+    and measurements over ``RunInfo.total_tokens`` (``None`` when the budget is unknown). ``1.0`` when
+    ``run.json`` extras say ``status: "complete"``."""
+    if run.info.extras.get("status") == "complete":
+        return 1.0
+    if not run.info.total_tokens:
+        return None
+    seen = [e["tokens"] for e in run.events] + [m.tokens for m in run.measurements]
+    return max(seen, default=0) / run.info.total_tokens
+
+
+def _tier_text(t) -> str:
+    return "?" if t is None else (str(int(t)) if float(t).is_integer() else f"{t:g}")
 
 
 def _curve(run_or_curve) -> tuple[np.ndarray, np.ndarray]:
@@ -135,20 +181,40 @@ def token_inefficiency(
     """``eps_tok`` of every run (keyed by run id), normalized within its family.
 
     Seeds of one tier are separate runs, each with its own ``eps_tok`` against the family's best run.
+    A run that never reached ``target`` gets ``inf`` when it ran its whole budget or diverged
+    (:func:`divergence`); one that stopped earlier (cut short: its records reach less than
+    :data:`COMPLETE_COVERAGE` of ``RunInfo.total_tokens``, see :func:`coverage`) might still have
+    reached it, so its ``eps_tok`` is unknown: NaN (Spearman scores leave it out), with a
+    :class:`SweepWarning` naming it.
     """
     out: dict[str, float] = {}
     for family, members in group_by_family(runs).items():
-        T = {r.run_id: tokens_to_target(r, target, interpolate=interpolate) for r in members}
+        T, short = {}, {}
+        for r in members:
+            t = tokens_to_target(r, target, interpolate=interpolate)
+            c = coverage(r) if math.isinf(t) else None
+            if c is not None and c < COMPLETE_COVERAGE and divergence(r) is None:
+                short[r.run_id] = c
+            else:
+                T[r.run_id] = t
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SpectralLensWarning)
             eps = eps_tok(T)
-        if all(math.isnan(v) for v in eps.values()):
+        fam = {r.run_id: eps.get(r.run_id, math.nan) for r in members}
+        if all(math.isnan(v) for v in fam.values()):
             warnings.warn(
                 f"family {family!r}: no run reached val loss {target}; eps_tok is NaN for its runs",
                 SpectralLensWarning,
                 stacklevel=2,
             )
-        out.update(eps)
+        for rid, c in short.items():
+            warnings.warn(
+                f"run {rid!r} stopped at {c:.0%} of its token budget without reaching val loss {target}: it is "
+                "cut short, not slow, so its eps_tok is unknown (NaN) and the score leaves it out",
+                SweepWarning,
+                stacklevel=2,
+            )
+        out.update(fam)
     return out
 
 

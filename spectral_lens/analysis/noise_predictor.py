@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..records import RunRecord
-from .early import EarlyStatistic, early_value, require_known_progress
+from .early import EarlyStatistic, NoEarlyStatisticError, early_value, require_known_progress
 from .tier_predictor import TierPredictor
 
 __all__ = ["NoiseScalePredictor"]
@@ -64,7 +64,7 @@ class NoiseScalePredictor(TierPredictor):
             if f is not None and v is not None and v > 0 and math.isfinite(v):
                 pts.append((f, math.log(v), m.step))
         if not pts:
-            raise ValueError(f"run {run.run_id!r}: no measurement has a positive scalar {self.key!r}")
+            raise NoEarlyStatisticError(f"run {run.run_id!r}: no measurement has a positive scalar {self.key!r}")
         return early_value(run, self.fraction, pts, "log_noise_scale", self.noise_neighbors)
 
     def _badness(self, stat: EarlyStatistic, run: RunRecord) -> tuple[float, float]:

@@ -3,7 +3,7 @@
 The pieces live in one module per concept; this module re-exports them for existing imports:
 
 * :mod:`.windows`: which spectrum and which rank window (``resolve_spectrum``, ``resolve_window``,
-  ``common_windows``);
+  ``common_windows``, ``common_spectra``);
 * :mod:`.early`: a run's statistic at an early fraction with its jitter (``early_alpha``,
   ``EarlyStatistic``, ``alpha_trajectory``);
 * :mod:`.ranking`: tiers ranked with ``p_best`` (``rank_tiers``, ``TierRanking``);
@@ -13,17 +13,21 @@ The pieces live in one module per concept; this module re-exports them for exist
 * :mod:`.sweep`: :class:`SweepController` and its decisions.
 """
 
-from .early import EarlyStatistic, FractionNotReachedError, alpha_trajectory, early_alpha
+from .early import EarlyStatistic, FractionNotReachedError, NoEarlyStatisticError, alpha_trajectory, early_alpha
 from .noise_predictor import NoiseScalePredictor
 from .ranking import TierRanking, rank_tiers
 from .sweep import SweepController, SweepDecision, TierDecision
 from .tail import TailPredictor
 from .tier_predictor import FamilyScore, PredictionScore, TierPredictor
-from .windows import DEFAULT_WINDOW, WindowMismatchError, common_windows, resolve_spectrum, resolve_window
+from .windows import (DEFAULT_WINDOW, SpectrumMismatchError, WindowMismatchError, common_spectra, common_windows,
+                      resolve_spectrum, resolve_window)
 
 __all__ = [
     "DEFAULT_WINDOW",
     "FractionNotReachedError",
+    "NoEarlyStatisticError",
+    "SpectrumMismatchError",
+    "common_spectra",
     "EarlyStatistic",
     "TierRanking",
     "FamilyScore",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..records import open_runs
 from .early import FractionNotReachedError
-from .efficiency import group_by_family
+from .efficiency import divergence, group_by_family
 from .ranking import TierRanking, rank_tiers
 from .tail import TailPredictor
 from .tier_predictor import TierPredictor
@@ -50,7 +50,8 @@ class SweepDecision:
         family: the family.
         fraction: the decision fraction.
         ready: ``True`` when the decision was made (no tier left waiting under ``wait_for_all``).
-        decisions: one :class:`TierDecision` per tier, best first (waiting tiers last).
+        decisions: one :class:`TierDecision` per tier, best first (then the tiers stopped because
+            every run of theirs diverged, waiting tiers last).
     """
 
     family: str
@@ -88,7 +89,9 @@ class SweepController:
        tier's (statistically indistinguishable from the best);
     3. its probability of being the best, ``p_best``, is at least ``min_probability``.
 
-    Otherwise it is **stopped**. When sigmas are NaN (too few measurements), only rules 1 and the
+    Otherwise it is **stopped**. A tier whose every run diverged (a NaN or infinite loss in its
+    records, :func:`~spectral_lens.analysis.divergence`) is stopped at once, with that as the reason,
+    instead of being waited for; a diverged run of a tier with other runs is left out. When sigmas are NaN (too few measurements), only rules 1 and the
     ``margin`` part of 2 apply, and the reason says so.
 
     Args:
@@ -137,8 +140,12 @@ class SweepController:
                 raise ValueError(f"run {r.run_id!r}: RunInfo.batch_tier is not set; the controller decides per tier")
         for family, members in group_by_family(runs).items():
             tier_ids = _tier_ids((r.info.batch_tier, r.run_id) for r in members)  # every run of each tier
-            reached, waiting = [], {}
+            reached, waiting, diverged = [], {}, {}
             for r in members:
+                why = divergence(r)
+                if why is not None:  # it will not reach the fraction (or its value there means nothing): stop it
+                    diverged.setdefault(r.info.batch_tier, []).append(why)
+                    continue
                 try:
                     s = pred._early(r)
                 except FractionNotReachedError as exc:
@@ -147,6 +154,13 @@ class SweepController:
                 reached.append((s.tier, s.run_id, *pred._badness(s, r)))
             if not self.wait_for_all:  # a tier with some runs past the fraction is decided on those
                 waiting = {t: rows for t, rows in waiting.items() if t not in {e[0] for e in reached}}
+            # a tier whose every run diverged is stopped; one with a healthy run is decided on that run
+            live = {e[0] for e in reached} | set(waiting)
+            dead = tuple(TierDecision(t, "stop", tier_ids[t], math.nan, math.nan, math.nan, "; ".join(whys))
+                         for t, whys in sorted(diverged.items()) if t not in live)
+            if dead and not reached and not waiting:
+                out[family] = SweepDecision(family, frac, True, dead)
+                continue
             wait = {
                 t: TierDecision(t, "wait", tier_ids[t], math.nan, math.nan, math.nan,
                                 f"not yet at {frac:.0%} progress ({rows[0][1]})")
@@ -156,11 +170,11 @@ class SweepController:
                 note = f"reached {frac:.0%}; waiting for tier(s) {', '.join(_fmt_tier(t) for t in wait)}"
                 held = {t: TierDecision(t, "wait", tier_ids[t], math.nan, math.nan, math.nan, note)
                         for t in _tier_ids(reached) if t not in wait}
-                out[family] = SweepDecision(family, frac, False, tuple(held.values()) + tuple(wait.values()))
+                out[family] = SweepDecision(family, frac, False, tuple(held.values()) + dead + tuple(wait.values()))
                 continue
             ranking = rank_tiers(family, reached, statistic=pred.statistic, n_draws=pred.n_draws,
                                  random_state=pred.random_state)
-            out[family] = SweepDecision(family, frac, True, self._decide(ranking, tier_ids) + tuple(wait.values()))
+            out[family] = SweepDecision(family, frac, True, self._decide(ranking, tier_ids) + dead + tuple(wait.values()))
         return out
 
     def _decide(self, rk: TierRanking, tier_ids: dict[float, tuple[str, ...]]) -> tuple[TierDecision, ...]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from ..records import RunRecord
 from .early import EarlyStatistic, early_alpha
-from .tier_predictor import TierPredictor
-from .windows import common_windows
+from .tier_predictor import TierPredictor, _differ
+from .efficiency import group_by_family
+from .windows import common_spectra, common_windows
 
 __all__ = ["TailPredictor"]
 
@@ -59,8 +60,22 @@ class TailPredictor(TierPredictor):
         self.spectrum = spectrum
 
     def _check_runs(self, runs: list[RunRecord]) -> None:
-        """Every family's runs share one tail window (raises :class:`WindowMismatchError` otherwise)."""
+        """Every family's runs share one tail window and one spectrum (raises
+        :class:`WindowMismatchError` / :class:`SpectrumMismatchError` otherwise)."""
         common_windows(runs, self.window)
+        common_spectra(runs, self.spectrum)
+
+    def _flags(self, runs, stats) -> list[str]:
+        """Also: runs of a family whose spectra at the fraction have different numbers of probe rows
+        (``Spectrum.n_rows``: a different held-out pool or pool size; ``alpha_tail`` depends on it)."""
+        out = super()._flags(runs, stats)
+        by_id = {s.run_id: s for s in stats}
+        for family, members in group_by_family(r for r in runs if r.run_id in by_id).items():
+            rows = {r.run_id: ", ".join(map(str, by_id[r.run_id].n_rows)) for r in members if by_id[r.run_id].n_rows}
+            out += _differ(family, rows, "probe rows (Spectrum.n_rows) near the early checkpoint",
+                           "they were measured on different held-out pools or pool sizes, and alpha_tail depends on "
+                           "the sample; measure every tier on the same pool")
+        return out
 
     def fit(self, runs) -> "TailPredictor":
         """As :meth:`TierPredictor.fit`; also learns ``windows_`` (family -> the tail window its runs

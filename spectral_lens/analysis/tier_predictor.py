@@ -8,14 +8,15 @@ Spearman correlation (:mod:`.spearman`, paper Fig. 2).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from ..records import RunRecord, open_runs
-from .early import EarlyStatistic
-from .efficiency import token_inefficiency
+from .early import EarlyStatistic, FractionNotReachedError, NoEarlyStatisticError
+from .efficiency import NO_FAMILY, SweepWarning, divergence, group_by_family, token_inefficiency
 from .ranking import TierRanking, rank_tiers
 from .spearman import spearman
 
@@ -78,6 +79,48 @@ class TierPredictor:
     def _check_runs(self, runs: list[RunRecord]) -> None:
         """Validate a set of runs before their statistics are compared (default: nothing)."""
 
+    def _flags(self, runs: list[RunRecord], stats: list[EarlyStatistic]) -> list[str]:
+        """One-line cautions about runs of a family that are compared although they differ: their
+        token budgets (``RunInfo.total_tokens``: the early fraction is then a different token count)."""
+        out = []
+        stat_ids = {s.run_id for s in stats}
+        for family, members in group_by_family(r for r in runs if r.run_id in stat_ids).items():
+            out += _differ(family, {r.run_id: r.info.total_tokens for r in members if r.info.total_tokens},
+                           "token budgets (RunInfo.total_tokens)",
+                           f"the early checkpoint at {self.fraction:.0%} of the budget is a different token count in "
+                           "each, and eps_tok compares runs of different schedules")
+        return out
+
+    def _usable(self, runs: list[RunRecord]) -> tuple[list[EarlyStatistic], list[RunRecord], dict[str, str]]:
+        """The early statistic of every run that has one; the others (diverged, or no usable early
+        statistic: :class:`NoEarlyStatisticError`) are left out with a one-line reason each, and a
+        :class:`SweepWarning` per run. No run left raises the first run's error (all their reasons)."""
+        stats, kept, excluded, errors, diverged = [], [], {}, [], set()
+        for r in runs:
+            why = divergence(r)
+            if why is not None:
+                diverged.add(r.run_id)
+            else:
+                try:
+                    stats.append(self._early(r))
+                    kept.append(r)
+                    continue
+                except NoEarlyStatisticError as exc:
+                    why = str(exc)
+                    errors.append(exc)
+            excluded[r.run_id] = why
+        if not stats:
+            if len(runs) == 1 and errors:
+                raise errors[0]
+            kind = FractionNotReachedError if errors and len(errors) == len(runs) and all(
+                isinstance(e, FractionNotReachedError) for e in errors) else NoEarlyStatisticError
+            raise kind(f"{type(self).__name__}: no run has a usable {self.statistic} at {self.fraction:.0%}: "
+                       + "; ".join(excluded.values()))
+        for rid, why in excluded.items():  # a divergence is the same line from every predictor (a report shows it once)
+            what = "the rankings and scores" if rid in diverged else f"the {self.statistic} ranking and score"
+            warnings.warn(f"{why}; left out of {what}", SweepWarning, stacklevel=3)
+        return stats, kept, excluded
+
     def _badness(self, stat: EarlyStatistic, run: RunRecord) -> tuple[float, float]:
         """(value, sigma) of the ordering statistic: smaller = predicted more token-efficient."""
         return stat.value, stat.sigma
@@ -87,15 +130,23 @@ class TierPredictor:
 
         Learned attributes: ``runs_``, ``statistics_`` (list of :class:`EarlyStatistic`),
         ``values_`` (run id -> (value, sigma) of the ordering statistic), ``family_range_``
-        (family -> (min, max) of the statistic), ``rankings_`` (family -> :class:`TierRanking`).
-        Returns ``self``.
+        (family -> (min, max) of the statistic), ``rankings_`` (family -> :class:`TierRanking`),
+        ``excluded_`` (run id -> one line: why the run is left out of the ranking and the score: it
+        diverged (:func:`~spectral_lens.analysis.divergence`), or has no usable statistic at the
+        fraction (:class:`~spectral_lens.analysis.NoEarlyStatisticError`: cut short before it,
+        measured only after it, a spectrum that cannot be fitted there)), ``flags_`` (one-line
+        cautions about runs compared although they differ, e.g. in token budget). Each excluded
+        run and each flag is also a :class:`~spectral_lens.analysis.SweepWarning`. Returns ``self``.
         """
         self.runs_ = open_runs(runs)
         if not self.runs_:
             raise ValueError(f"{type(self).__name__}.fit: no runs given")
         self._check_runs(self.runs_)
-        self.statistics_ = [self._early(r) for r in self.runs_]
-        self.values_ = {s.run_id: self._badness(s, r) for s, r in zip(self.statistics_, self.runs_)}
+        self.statistics_, kept, self.excluded_ = self._usable(self.runs_)
+        self.flags_ = self._flags(kept, self.statistics_)
+        for f in self.flags_:
+            warnings.warn(f, SweepWarning, stacklevel=2)
+        self.values_ = {s.run_id: self._badness(s, r) for s, r in zip(self.statistics_, kept)}
         self.family_range_ = _family_ranges(self.statistics_, self.values_)
         self.rankings_ = self._rank(self.statistics_, self.values_)
         return self
@@ -110,8 +161,8 @@ class TierPredictor:
             return self.runs_, self.statistics_, self.values_
         runs = open_runs(runs)
         self._check_runs(runs)
-        stats = [self._early(r) for r in runs]
-        return runs, stats, {s.run_id: self._badness(s, r) for s, r in zip(stats, runs)}
+        stats, kept, _ = self._usable(runs)
+        return runs, stats, {s.run_id: self._badness(s, r) for s, r in zip(stats, kept)}
 
     def predict(self, runs=None) -> dict[str, TierRanking]:
         """Order each family's tiers by the early statistic (best first), with ``p_best``.
@@ -184,6 +235,19 @@ class TierPredictor:
             mean_within_rho=float(np.mean(finite)) if finite else math.nan,
             points=points,
         )
+
+
+def _differ(family: str, values: dict[str, Any], what: str, why: str) -> list[str]:
+    """A one-line caution when the runs of ``family`` have different ``values`` (run id -> value),
+    naming the runs of each value; none when they agree."""
+    by_value: dict[Any, list[str]] = {}
+    for rid, v in values.items():
+        by_value.setdefault(v, []).append(rid)
+    if len(by_value) < 2:
+        return []
+    where = "these runs" if family == NO_FAMILY else f"the runs of family {family!r}"
+    parts = "; ".join(f"{', '.join(ids[:4])}{' ...' if len(ids) > 4 else ''}: {v}" for v, ids in by_value.items())
+    return [f"{where} have different {what} ({parts}): {why}"]
 
 
 def _family_ranges(stats: list[EarlyStatistic], values: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:

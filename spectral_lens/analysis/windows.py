@@ -16,7 +16,8 @@ from ..records import RunRecord
 from ..spectra.fit import tail_window
 from .efficiency import NO_FAMILY
 
-__all__ = ["DEFAULT_WINDOW", "WindowMismatchError", "resolve_spectrum", "resolve_window", "common_windows"]
+__all__ = ["DEFAULT_WINDOW", "WindowMismatchError", "SpectrumMismatchError", "resolve_spectrum", "resolve_window",
+           "common_windows", "common_spectra"]
 
 #: The d12 tail window, used when neither a window, a recorded window nor ``RunInfo.n_layer`` is known.
 DEFAULT_WINDOW = (100, 200)
@@ -24,6 +25,10 @@ DEFAULT_WINDOW = (100, 200)
 
 class WindowMismatchError(ValueError):
     """Runs that are compared with each other recorded different tail windows."""
+
+
+class SpectrumMismatchError(ValueError):
+    """Runs that are compared with each other would be analysed on different spectra (layers)."""
 
 
 def resolve_spectrum(run: RunRecord, spectrum: str | None = None) -> str:
@@ -104,4 +109,35 @@ def common_windows(runs: Iterable[RunRecord], window: tuple[int, int] | None = N
                 "pass window=(LO, HI) (CLI: --window LO HI)"
             )
         out[family] = next(iter(wins))
+    return out
+
+
+def common_spectra(runs: Iterable[RunRecord], spectrum: str | None = None) -> dict[str, str]:
+    """Family -> the one spectrum (layer) its runs are compared on.
+
+    Each run's spectrum is :func:`resolve_spectrum` (``spectrum`` if given, else its
+    ``primary_spectrum`` or only activation spectrum). The tiers of a family are ranked against each
+    other, so they must be measured at the same layer: runs that resolve to different names raise
+    :class:`SpectrumMismatchError` naming the runs and their spectra (``alpha_tail`` of different
+    layers differs by more than the tiers do). Runs whose spectrum cannot be resolved yet (no
+    measurement) are left to the analysis itself.
+    """
+    by_family: dict[str, dict[str, list[str]]] = {}
+    for run in runs:
+        if not run.measurements:
+            continue
+        family = run.info.family if run.info.family is not None else NO_FAMILY
+        by_family.setdefault(family, {}).setdefault(resolve_spectrum(run, spectrum), []).append(run.run_id)
+    out = {}
+    for family, names in by_family.items():
+        if len(names) > 1:
+            parts = "; ".join(f"{', '.join(ids[:4])}{' ...' if len(ids) > 4 else ''}: {name!r}"
+                              for name, ids in names.items())
+            where = "" if family == NO_FAMILY else f" of family {family!r}"
+            raise SpectrumMismatchError(
+                f"runs{where} would be compared on different spectra ({parts}); ranking tiers needs the same "
+                "layer in every run: record the same primary_spectrum, pass spectrum=NAME (CLI: --spectrum NAME) "
+                "if every run measured it, or leave the odd runs out"
+            )
+        out[family] = next(iter(names))
     return out
