@@ -38,18 +38,35 @@ def _rank(module: nn.Module) -> tuple[bool, int | None] | None:
                 digit = type(module).__name__.rstrip("d")[-1:]
                 return (True, int(digit)) if digit.isdigit() else (False, None)
             return True, rank(module) if callable(rank) else rank
-    if isinstance(module, _BATCHED):
+    # a norm that says so: Hugging Face's ConvNextLayerNorm (data_format="channels_first"), SAM's, ...
+    if isinstance(module, _BATCHED) or getattr(module, "data_format", None) == "channels_first":
         return False, None
+    return None
+
+
+def _size(module: nn.Module, attrs: tuple[str, ...]) -> int | None:
+    for attr in attrs:
+        value = getattr(module, attr, None)
+        value = value[-1] if isinstance(value, (tuple, list)) and value else value
+        if isinstance(value, int) and value > 0:
+            return value
     return None
 
 
 def _channels(module: nn.Module) -> int | None:
     """The channel count of a channels-first module's output, when the module knows it."""
-    for attr in ("out_channels", "num_features", "num_channels"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return _size(module, ("out_channels", "num_features", "num_channels", "normalized_shape"))
+
+
+# modules whose output is ``(..., width)``, features last, unless a subclass permutes after (timm's LayerNorm2d)
+_LAST = (nn.Linear, nn.LayerNorm, nn.RMSNorm)
+
+
+def _width(module: nn.Module) -> int | None:
+    """The feature count of a channels-last Linear or LayerNorm / RMSNorm output."""
+    if not isinstance(module, _LAST) or _rank(module) is not None:
+        return None
+    return _size(module, ("out_features", "normalized_shape"))
 
 
 def _elementwise(module: nn.Module) -> bool:
@@ -58,39 +75,58 @@ def _elementwise(module: nn.Module) -> bool:
     return isinstance(module, _ELEMENTWISE) or type(module).__module__ == "transformers.activations"
 
 
-def _last_leaf(module: nn.Module) -> nn.Module | None:
-    """The module registered last in ``module`` (past trailing elementwise ones such as a ReLU), looked
-    for in the last child container: the module whose output a block most likely returns."""
+def _sized(module: nn.Module) -> int | None:
+    """The size of ``module``'s output features: a channels-first module's channels, a Linear's or
+    LayerNorm's width; ``None`` for any other module (pooling, activations, custom modules)."""
+    return _channels(module) if _rank(module) is not None else _width(module)
+
+
+def _backwards(module: nn.Module):
+    """``module``'s modules from the one registered last: known layers whole, other containers opened."""
     for child in reversed(list(module.children())):
-        if _elementwise(child):
-            continue
-        if _rank(child) is not None:
-            return child
-        return _last_leaf(child) if next(child.children(), None) is not None else None
-    return None
+        if _rank(child) is None and _width(child) is None and next(child.children(), None) is not None:
+            yield from _backwards(child)
+        else:
+            yield child
 
 
-def channels_first(module: nn.Module) -> tuple[nn.Module, bool] | None:
-    """``(channels-first module, direct)`` when ``module``'s output is likely channels-first: the module
-    is a convolution, batch/instance/group norm, pooling or upsampling layer (``direct``: certain), or a
-    container (an ``nn.Sequential``, a ResNet block) whose last registered module (past elementwise
-    activations) is one (not ``direct``: confirmed per output by the shape, see
-    :func:`refuse_channels_first`). ``None`` otherwise: Linear, LayerNorm, Embedding, Hugging Face's
-    channels-last ``Conv1D``, and blocks that end in one of those."""
+def _last_sized(module: nn.Module) -> nn.Module | None:
+    """The module registered last in ``module`` whose output size is known (a conv, a norm, a Linear), past
+    any others (activations, dropout, pooling, a custom activation or permute module): the module whose
+    output a block most likely returns, perhaps permuted back to channels first (ConvNeXt's Linear,
+    Wav2Vec2's transposed LayerNorm)."""
+    return next((m for m in _backwards(module) if _sized(m) is not None), None)
+
+
+def channels_first(module: nn.Module) -> tuple[nn.Module, bool, frozenset] | None:
+    """``(sized module, direct, widths)`` when ``module``'s output may be channels-first: the module
+    is a convolution, batch/instance/group norm, pooling or upsampling layer, or a norm with
+    ``data_format="channels_first"`` (``direct``: certain), or a container (an ``nn.Sequential``, a
+    ResNet or ConvNeXt block) or a Linear/LayerNorm subclass, whose last module of known size
+    (past activations, pooling and modules of unknown size) is given with the feature widths of the
+    Linear and LayerNorm layers in it (``widths``); not ``direct``, the shape decides per output, see
+    :func:`refuse_channels_first`. ``None`` otherwise: nn.Linear, nn.LayerNorm, Embedding, Hugging
+    Face's channels-last ``Conv1D``, and containers without a module of known size."""
     if _rank(module) is not None:
-        return module, True
-    leaf = _last_leaf(module)
-    return (leaf, False) if leaf is not None and _channels(leaf) is not None else None
+        return module, True, frozenset()
+    if type(module) in _LAST:  # their output's last dim is their width: features last, always
+        return None
+    leaf = _last_sized(module) if _width(module) is None else module
+    if leaf is None:
+        return None
+    return leaf, False, frozenset(w for w in map(_width, module.modules()) if w is not None)
 
 
-def refuse_channels_first(layout: tuple[nn.Module, bool], output, where: str, *, chosen: bool = False) -> None:
+def refuse_channels_first(layout: tuple[nn.Module, bool, frozenset], output, where: str, *,
+                          chosen: bool = False) -> None:
     """``TypeError`` naming ``where`` when ``output`` (the tensor a hook would read as rows of its last
     dimension) is the channels-first output ``layout`` describes, with the ``pick=`` that measures it
-    as rows of channels. A container's output must show the last module's channel count at the
-    channel dimension and another size last (a block that transposes back to channels-last passes).
+    as rows of channels. A container's output must show its last sized module's size at the channel
+    dimension and, last, a size that is neither that one nor the width of a Linear or LayerNorm in it
+    (a block that transposes back to channels-last, or returns the features of its LayerNorm, passes).
     ``chosen``: ``SpectralLens`` chose the block itself (``layers=None`` or ``"all"``)."""
-    module, direct = layout
-    fixed, rank = _rank(module)
+    module, direct, widths = layout
+    fixed, rank = _rank(module) or (False, None)
     ndim = output.dim()
     if fixed:
         channel_dim = ndim - rank - 1  # unbatched inputs (C, L) included
@@ -100,17 +136,25 @@ def refuse_channels_first(layout: tuple[nn.Module, bool], output, where: str, *,
         if ndim < 3:  # (N, C): rows of C features already
             return
         channel_dim = 1
-    channels = _channels(module)
+    channels = _sized(module)
     shape = tuple(output.shape)
-    if not direct and (shape[channel_dim] != channels or shape[-1] == channels):
+    if not direct and (shape[channel_dim] != channels or shape[-1] == channels or shape[-1] in widths):
         return
     c = shape[channel_dim]
-    what = "" if direct else f" (its last module is a channels-first {type(module).__name__})"
+    if direct:
+        what = ""
+    elif _rank(module) is not None:
+        what = f" (its last module of known size is a channels-first {type(module).__name__})"
+    else:
+        what = (f" (its last module of known size is a {type(module).__name__} of {channels} features, "
+                f"which this output holds at dim {channel_dim}, not last: permuted back to channels first)")
     lens = (" SpectralLens chose this block itself (layers=None or 'all'): for a convolutional network pass "
             "layers= naming the block to measure (e.g. the last stage's last block) with that pick=." if chosen else "")
-    # a block's layout is a guess, and pooling or upsampling may run over the features of (N, T, d) rows
-    escape = ("" if direct and channels is not None else " If this output is channels-last already (features "
-              "last), pass pick=lambda out: out to read it as it is.")
+    # a block's layout is a guess; pooling or upsampling may run over the features of (N, T, d) rows, and a
+    # kernel-1 Conv1d may mix the positions of (N, T, d) rows as its channels (gMLP's, MLP-Mixer's token mixing)
+    token_mixing = isinstance(module, nn.Conv1d) and tuple(module.kernel_size) == (1,)
+    escape = ("" if direct and channels is not None and not token_mixing else " If this output is channels-last "
+              "already (features last), pass pick=lambda out: out to read it as it is.")
     raise TypeError(
         f"{where}: the module output{what} is channels-first, shape {shape} with {c} channels at dim "
         f"{channel_dim}, but rows are read along the last dimension ({output.numel() // max(shape[-1], 1)} rows "
