@@ -6,6 +6,8 @@ modules: ``None``, nothing to check per call); :func:`refuse_channels_first` che
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from torch import nn
 
 # modules whose output has its channels before a fixed number of spatial dims (None: the digit ending the
@@ -98,35 +100,46 @@ def _last_sized(module: nn.Module) -> nn.Module | None:
     return next((m for m in _backwards(module) if _sized(m) is not None), None)
 
 
-def channels_first(module: nn.Module) -> tuple[nn.Module, bool, frozenset] | None:
-    """``(sized module, direct, widths)`` when ``module``'s output may be channels-first: the module
-    is a convolution, batch/instance/group norm, pooling or upsampling layer, or a norm with
+class Layout(NamedTuple):
+    """What :func:`channels_first` found, decided once per hook: the module whose output size is known,
+    whether the output is certainly its (``direct``), its ``_rank``, its size, and the block's widths."""
+
+    module: nn.Module
+    direct: bool
+    fixed: bool
+    rank: int | None
+    channels: int | None
+    widths: frozenset
+
+
+def channels_first(module: nn.Module) -> Layout | None:
+    """The :class:`Layout` of ``module``'s output when it may be channels-first: the module is a
+    convolution, batch/instance/group norm, pooling or upsampling layer, or a norm with
     ``data_format="channels_first"`` (``direct``: certain), or a container (an ``nn.Sequential``, a
-    ResNet or ConvNeXt block) or a Linear/LayerNorm subclass, whose last module of known size
-    (past activations, pooling and modules of unknown size) is given with the feature widths of the
-    Linear and LayerNorm layers in it (``widths``); not ``direct``, the shape decides per output, see
+    ResNet or ConvNeXt block) or a Linear/LayerNorm subclass, whose last module of known size (past
+    activations, pooling and modules of unknown size) is given with the feature widths of the Linear
+    and LayerNorm layers in it (``widths``); not ``direct``, the shape decides per output, see
     :func:`refuse_channels_first`. ``None`` otherwise: nn.Linear, nn.LayerNorm, Embedding, Hugging
     Face's channels-last ``Conv1D``, and containers without a module of known size."""
     if _rank(module) is not None:
-        return module, True, frozenset()
+        return Layout(module, True, *_rank(module), _channels(module), frozenset())
     if type(module) in _LAST:  # their output's last dim is their width: features last, always
         return None
     leaf = _last_sized(module) if _width(module) is None else module
     if leaf is None:
         return None
-    return leaf, False, frozenset(w for w in map(_width, module.modules()) if w is not None)
+    widths = frozenset(w for w in map(_width, module.modules()) if w is not None)
+    return Layout(leaf, False, *(_rank(leaf) or (False, None)), _sized(leaf), widths)
 
 
-def refuse_channels_first(layout: tuple[nn.Module, bool, frozenset], output, where: str, *,
-                          chosen: bool = False) -> None:
+def refuse_channels_first(layout: Layout, output, where: str, *, chosen: bool = False) -> None:
     """``TypeError`` naming ``where`` when ``output`` (the tensor a hook would read as rows of its last
     dimension) is the channels-first output ``layout`` describes, with the ``pick=`` that measures it
     as rows of channels. A container's output must show its last sized module's size at the channel
     dimension and, last, a size that is neither that one nor the width of a Linear or LayerNorm in it
     (a block that transposes back to channels-last, or returns the features of its LayerNorm, passes).
     ``chosen``: ``SpectralLens`` chose the block itself (``layers=None`` or ``"all"``)."""
-    module, direct, widths = layout
-    fixed, rank = _rank(module) or (False, None)
+    module, direct, fixed, rank, channels, widths = layout
     ndim = output.dim()
     if fixed:
         channel_dim = ndim - rank - 1  # unbatched inputs (C, L) included
@@ -136,10 +149,10 @@ def refuse_channels_first(layout: tuple[nn.Module, bool, frozenset], output, whe
         if ndim < 3:  # (N, C): rows of C features already
             return
         channel_dim = 1
-    channels = _sized(module)
-    shape = tuple(output.shape)
+    shape = output.shape
     if not direct and (shape[channel_dim] != channels or shape[-1] == channels or shape[-1] in widths):
         return
+    shape = tuple(shape)
     c = shape[channel_dim]
     if direct:
         what = ""
