@@ -1,5 +1,5 @@
 """Which module outputs are channels-first (``(N, C, *spatial)``: convolutions, batch/instance/group
-norms, pooling, upsampling), so a capture that reads rows along the last dimension would silently
+norms, pooling, upsampling, padding), so a capture that reads rows along the last dimension would silently
 measure the wrong axis. :func:`channels_first` is decided once when a hook is registered (most
 modules: ``None``, nothing to check per call); :func:`refuse_channels_first` checks one output.
 """
@@ -22,6 +22,8 @@ _FIXED = (
     (nn.modules.instancenorm._InstanceNorm, None),
     (nn.Dropout1d, 1), (nn.Dropout2d, 2), (nn.Dropout3d, 3),
     (nn.PixelShuffle, 2), (nn.PixelUnshuffle, 2), (nn.ChannelShuffle, 2),
+    (nn.modules.padding._ConstantPadNd, None), (nn.modules.padding._ReflectionPadNd, None),  # ZeroPad2d, ...
+    (nn.modules.padding._ReplicationPadNd, None), (nn.modules.padding._CircularPadNd, None),
 )
 # channels-first only with spatial dims: (N, C) is rows of C features, (N, C, L, ...) is not
 _BATCHED = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.Upsample)

@@ -61,6 +61,11 @@ CHANNELS_FIRST = [
     (lambda: nn.AdaptiveAvgPool2d(1), (2, 5, 6, 8), 1),
     (lambda: nn.Upsample(scale_factor=2), (2, 5, 4, 6), 1),
     (lambda: nn.PixelShuffle(2), (2, 8, 3, 5), 1),
+    (lambda: nn.ZeroPad2d(1), (2, 5, 6, 7), 1),  # EfficientNet's depthwise-conv padding
+    (lambda: nn.ConstantPad1d((0, 2), 0.0), (2, 5, 6), 1),
+    (lambda: nn.ReflectionPad2d(1), (5, 6, 7), 0),
+    (lambda: nn.ReplicationPad3d(1), (2, 3, 4, 4, 5), 1),
+    (lambda: nn.CircularPad1d(1), (2, 5, 6), 1),
 ]
 
 
