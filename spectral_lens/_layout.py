@@ -27,10 +27,6 @@ _FIXED = (
 )
 # channels-first only with spatial dims: (N, C) is rows of C features, (N, C, L, ...) is not
 _BATCHED = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.Upsample)
-# shape-preserving elementwise modules that may follow the channels-first one at the end of a block
-_ELEMENTWISE = (nn.Identity, nn.modules.dropout._DropoutNd, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish,
-                nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
-                nn.PReLU, nn.Softplus, nn.Hardtanh)
 
 
 def _rank(module: nn.Module) -> tuple[bool, int | None] | None:
@@ -66,22 +62,24 @@ def _channels(module: nn.Module) -> int | None:
 _LAST = (nn.Linear, nn.LayerNorm, nn.RMSNorm)
 
 
+def _hf_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and type(module).__module__ == "transformers.pytorch_utils"
+
+
 def _width(module: nn.Module) -> int | None:
-    """The feature count of a channels-last Linear or LayerNorm / RMSNorm output."""
+    """The feature count of a channels-last Linear or LayerNorm / RMSNorm output, or of Hugging Face's
+    ``Conv1D`` (GPT-2's Linear)."""
+    if _hf_conv1d(module):
+        return _size(module, ("nf",))
     if not isinstance(module, _LAST) or _rank(module) is not None:
         return None
     return _size(module, ("out_features", "normalized_shape"))
 
 
-def _elementwise(module: nn.Module) -> bool:
-    """torch's activations and dropout, and Hugging Face's activation modules (``transformers.activations``:
-    ``GELUActivation``, ``NewGELUActivation``..., which Wav2Vec2's and Whisper's conv blocks end in)."""
-    return isinstance(module, _ELEMENTWISE) or type(module).__module__ == "transformers.activations"
-
-
 def _sized(module: nn.Module) -> int | None:
     """The size of ``module``'s output features: a channels-first module's channels, a Linear's or
-    LayerNorm's width; ``None`` for any other module (pooling, activations, custom modules)."""
+    LayerNorm's width; ``None`` for any other module (pooling, activations (torch's, Hugging Face's
+    ``transformers.activations``), dropout, custom modules)."""
     return _channels(module) if _rank(module) is not None else _width(module)
 
 
@@ -125,7 +123,7 @@ def channels_first(module: nn.Module) -> Layout | None:
     Face's channels-last ``Conv1D``, and containers without a module of known size."""
     if _rank(module) is not None:
         return Layout(module, True, *_rank(module), _channels(module), frozenset())
-    if type(module) in _LAST:  # their output's last dim is their width: features last, always
+    if type(module) in _LAST or _hf_conv1d(module):  # their output's last dim is their width: features last
         return None
     leaf = _last_sized(module) if _width(module) is None else module
     if leaf is None:

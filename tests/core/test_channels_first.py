@@ -618,3 +618,22 @@ def test_channels_last_blocks_and_linear_subclasses_are_read_as_they_are(make, s
     model = make().double().eval()
     x = torch.randn(*shape, dtype=torch.float64)
     read_as_it_is(model, "", x)
+
+
+def test_a_block_with_hugging_face_conv1d_projections_is_read_as_features():
+    """MambaLike with GPT-2's ``Conv1D`` (a Linear with a transposed weight) as its projections, at L = inner:
+    the output's last size is the out projection's ``nf``, so it is features last (it was refused as
+    channels-first: the Conv1D's size was unknown)."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class MambaLikeConv1D(MambaLike):
+        def forward(self, x):
+            h = self.conv1d(self.in_proj(x).transpose(1, 2))[..., : x.shape[1]]
+            return self.out_proj(F.silu(h.transpose(1, 2)).contiguous())  # Conv1D views its input
+
+    torch.manual_seed(0)
+    model = MambaLikeConv1D(d=4, inner=8)
+    model.in_proj, model.out_proj = Conv1D(8, 4), Conv1D(4, 8)  # Conv1D(nf=out, nx=in)
+    model = model.double().eval()
+    read_as_it_is(model, "", torch.randn(2, 8, 4, dtype=torch.float64))
