@@ -7,6 +7,8 @@ weights, against float64 references."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -59,6 +61,11 @@ CHANNELS_FIRST = [
     (lambda: nn.AdaptiveAvgPool2d(1), (2, 5, 6, 8), 1),
     (lambda: nn.Upsample(scale_factor=2), (2, 5, 4, 6), 1),
     (lambda: nn.PixelShuffle(2), (2, 8, 3, 5), 1),
+    (lambda: nn.ZeroPad2d(1), (2, 5, 6, 7), 1),  # EfficientNet's depthwise-conv padding
+    (lambda: nn.ConstantPad1d((0, 2), 0.0), (2, 5, 6), 1),
+    (lambda: nn.ReflectionPad2d(1), (5, 6, 7), 0),
+    (lambda: nn.ReplicationPad3d(1), (2, 3, 4, 4, 5), 1),
+    (lambda: nn.CircularPad1d(1), (2, 5, 6), 1),
 ]
 
 
@@ -257,16 +264,36 @@ def test_channels_last_modules_are_read_as_they_are(make):
         check_spectrum(cap.accumulators[name].compute(), out)
 
 
+class GatedByParameter(nn.Module):
+    """MambaLike with its output projection a bare parameter: no Linear or LayerNorm of the output's width."""
+
+    def __init__(self, d: int = 4, inner: int = 8) -> None:
+        super().__init__()
+        self.in_proj = nn.Linear(d, inner)
+        self.w_out = nn.Parameter(torch.randn(inner, d) / inner**0.5)
+        self.conv1d = nn.Conv1d(inner, inner, 3, groups=inner, padding=2)
+
+    def forward(self, x):
+        h = self.conv1d(self.in_proj(x).transpose(1, 2))[..., : x.shape[1]]
+        return F.silu(h.transpose(1, 2)) @ self.w_out
+
+
 def test_a_block_that_matches_the_shape_rule_by_chance_can_be_read_as_it_is_with_an_explicit_pick():
-    """MambaLike with L = 8 = conv channels and width 4: dim 1 shows the conv's 8 channels and the last
-    dim another size, so the output looks channels-first; the error says how to read it as it is."""
+    """L = 8 = the conv's channels and width 4: dim 1 shows the conv's 8 channels and the last dim another
+    size. MambaLike's out_proj has 4 features, the output's last size: read as it is (it was refused). A
+    block with no Linear or LayerNorm of that width still looks channels-first; the error says how to read
+    it as it is."""
     torch.manual_seed(0)
-    model = MambaLike(d=4, inner=8).double().eval()
-    x = torch.randn(2, 8, 4, dtype=torch.float64)
-    x_ok = torch.randn(2, 9, 4, dtype=torch.float64)
+    x, x_ok = torch.randn(2, 8, 4, dtype=torch.float64), torch.randn(2, 9, 4, dtype=torch.float64)
+    mamba = MambaLike(d=4, inner=8).double().eval()
+    with sl.attach(mamba, "", precision="float64") as cap:
+        out = mamba(x)
+    check_spectrum(cap.accumulators[""].compute(), out)
+    model = GatedByParameter(d=4, inner=8).double().eval()
     with sl.attach(model, "") as cap:
         model(x_ok)  # L = 9: read as it is
-        with pytest.raises(TypeError, match=r"last module is a channels-first Conv1d.*pick=lambda out: out to read it"):
+        with pytest.raises(TypeError, match=r"last module of known size is a channels-first Conv1d.*"
+                                            r"pick=lambda out: out to read it"):
             model(x)
     with sl.attach(model, "", pick=lambda out: out, precision="float64") as cap:
         out = model(x)
@@ -361,7 +388,252 @@ def test_pooling_over_the_features_of_token_rows_can_be_read_as_it_is():
     with sl.attach(model, "0", pick=lambda out: out, precision="float64") as cap:
         out = model(x)
     check_spectrum(cap.accumulators["0"].compute(), out)
-    conv = nn.Sequential(nn.Conv1d(5, 5, 1))
+    conv = nn.Sequential(nn.Conv1d(5, 5, 3))  # (a kernel-1 Conv1d may mix token positions: see the gMLP test)
     with sl.attach(conv, "0"), pytest.raises(TypeError) as err:
         conv(torch.randn(2, 5, 8))
     assert "read it as it is" not in str(err.value)
+
+
+# --- blocks that end channels-first through modules the rule did not know (they were read silently as rows
+# of their last spatial size), and channels-last blocks it must not refuse ---
+
+
+def refused_then_measured(model: nn.Module, name: str, x, channel_dim: int = 1, what: str = "") -> None:
+    """``attach(model, name)`` is refused at dim ``channel_dim`` with the pick that measures the channels
+    (and the error names ``what``); that pick measures them as a float64 reference reads them."""
+    where = re.escape(name or "<root: ")
+    pattern = rf"^{where}.*: the module output{what}.* is channels-first.*at dim {channel_dim}.*movedim\({channel_dim}, -1\)"
+    with sl.attach(model, name) as cap, torch.no_grad(), pytest.raises(TypeError, match=pattern):
+        model(x)
+    assert cap.accumulators[name].n_rows == 0 and not any(m._forward_hooks for m in model.modules())
+    pick = lambda out: out.movedim(channel_dim, -1)
+    with sl.attach(model, name, pick=pick, precision="float64") as cap, torch.no_grad():
+        model(x)
+    check_spectrum(cap.accumulators[name].compute(), pick(output_of(model, name, x)))
+
+
+def read_as_it_is(model: nn.Module, name: str, x) -> None:
+    with sl.attach(model, name, precision="float64") as cap, torch.no_grad():
+        model(x)
+    check_spectrum(cap.accumulators[name].compute(), output_of(model, name, x))
+
+
+def test_hugging_face_convnext_blocks_stages_and_embeddings_are_refused():
+    """ConvNeXt's block permutes to channels-last for its LayerNorm and Linears, then back: its last module
+    of known size is a Linear (pwconv2) whose C features the output holds at dim 1. The embeddings end in a
+    ``ConvNextLayerNorm(data_format="channels_first")``. All were read as rows of W; the channels-last
+    modules inside the block (its LayerNorm, its Linears: (N, H, W, C)) are read as they are."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 2], num_stages=2,
+                                      patch_size=2)
+    model = transformers.ConvNextModel(cfg).double().eval()
+    x = torch.randn(2, 3, 16, 20, dtype=torch.float64)  # stage 1: (2, 16, 4, 5)
+    for name, what in (("embeddings.layernorm", ""), ("embeddings", ".*ConvNextLayerNorm"),
+                       ("encoder.stages.1.layers.1", r".*Linear of 16 features"), ("encoder.stages.1", "")):
+        refused_then_measured(model, name, x, what=what)
+    for name in ("encoder.stages.1.layers.1.layernorm", "encoder.stages.1.layers.1.pwconv1",
+                 "encoder.stages.1.layers.1.pwconv2"):
+        read_as_it_is(model, name, x)
+    with pytest.raises(TypeError, match=r"encoder\.stages\.1\S*: .*SpectralLens chose this block itself"):
+        SpectralLens(model, pool=[x], params=()).measure(0, 0)
+
+
+@pytest.mark.parametrize("arch", ["Wav2Vec2", "Hubert"])
+def test_a_speech_feature_encoder_with_layer_norm_is_refused(arch):
+    """``feat_extract_norm="layer"``: each conv layer is Conv1d, then transpose, LayerNorm, transpose back,
+    activation. Its last module of known size is the LayerNorm: the (N, C, L) output was read as rows of
+    L. The feature projection after it ((N, L, hidden), LayerNorm then Linear) is read as it is."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{arch}Config")(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+        conv_kernel=(4, 3), conv_stride=(2, 2), num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer")
+    model = getattr(transformers, f"{arch}Model")(cfg).double().eval()
+    x = torch.randn(2, 200, dtype=torch.float64)  # conv layers: (2, 8, 99), (2, 8, 49)
+    for name in ("feature_extractor.conv_layers.0", "feature_extractor.conv_layers.1", "feature_extractor"):
+        refused_then_measured(model, name, x, what=".*LayerNorm of 8 features")
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # Wav2Vec2's: (hidden, normed features)
+    with sl.attach(model, "feature_projection", pick=first, precision="float64") as cap, torch.no_grad():
+        model(x)
+    check_spectrum(cap.accumulators["feature_projection"].compute(), first(output_of(model, "feature_projection", x)))
+    read_as_it_is(model, "encoder.layers.0", x)
+
+
+def test_hugging_face_resnet_embedder_ending_in_max_pooling_is_refused():
+    """ResNetEmbeddings is a conv layer then MaxPool2d, which knows no channel count: the rule stopped there
+    and read the (N, C, H/4, W/4) output as rows of W/4; it now takes the count from the BatchNorm before."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    model = transformers.ResNetModel(cfg).double().eval()
+    x = torch.randn(2, 3, 32, 40, dtype=torch.float64)
+    refused_then_measured(model, "embedder", x, what=".*channels-first BatchNorm2d")
+    for name in ("encoder.stages.1", "encoder.stages.1.layers.0"):  # refused before, and still
+        refused_then_measured(model, name, x)
+
+
+class Swish(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class Snake(nn.Module):
+    """A learnable activation (one alpha per channel), as audio codecs use."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, c, 1, 1))
+
+    def forward(self, x):
+        return x + torch.sin(self.alpha * x) ** 2 / self.alpha
+
+
+class Permute(nn.Module):
+    def __init__(self, *dims: int) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.permute(*self.dims)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d: an nn.LayerNorm over the channels of (N, C, H, W)."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class CNBlock(nn.Module):
+    """torchvision's ConvNeXt block: its Sequential ends in a Permute module back to channels first."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(c, c, 7, padding=3, groups=c), Permute(0, 2, 3, 1), nn.LayerNorm(c),
+                                   nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c), Permute(0, 3, 1, 2))
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+# (model, input shape, names refused, names read as they are)
+CUSTOM_CHANNELS_FIRST = [
+    ("conv-custom-activation", lambda: nn.Sequential(nn.Conv2d(3, 6, 3), Swish()), (2, 3, 9, 11), [""], []),
+    ("conv-learnable-activation", lambda: nn.Sequential(nn.Conv2d(3, 6, 3), Snake(6)), (2, 3, 9, 11), [""], []),
+    ("conv-pool-custom-activation", lambda: nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), Swish(),
+                                                          nn.MaxPool2d(2)), (2, 3, 9, 11), [""], []),
+    ("torchvision-cnblock", lambda: nn.Sequential(CNBlock()), (2, 6, 5, 9), ["0", "0.block", ""],
+     ["0.block.2", "0.block.5"]),
+    ("timm-layernorm2d", lambda: nn.Sequential(nn.Conv2d(3, 6, 1), LayerNorm2d(6)), (2, 3, 5, 9), ["1", ""], []),
+]
+
+
+@pytest.mark.parametrize("make, shape, refused, read", [c[1:] for c in CUSTOM_CHANNELS_FIRST],
+                         ids=[c[0] for c in CUSTOM_CHANNELS_FIRST])
+def test_blocks_ending_channels_first_through_custom_modules_are_refused(make, shape, refused, read):
+    """A conv followed by activations the rule does not know (parameterless or learnable), a Sequential
+    ending in a Permute module back to channels first, a LayerNorm subclass that permutes: the rule skips
+    modules of unknown size and checks the output's shape against the last module of known size."""
+    torch.manual_seed(0)
+    model = make().double().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    for name in refused:
+        refused_then_measured(model, name, x)
+    for name in read:
+        read_as_it_is(model, name, x)
+
+
+class SpatialGatingUnit(nn.Module):
+    """gMLP's spatial gating (lucidrains' g-mlp-pytorch): LayerNorm over half the features, then a kernel-1
+    Conv1d over the SEQUENCE axis (the T positions are its channels); the output (B, T, d/2) is features
+    last. ``linear``: timm's version, an nn.Linear(T, T) over the transposed gate."""
+
+    def __init__(self, d: int, seq_len: int, linear: bool = False) -> None:
+        super().__init__()
+        self.linear = linear
+        self.norm = nn.LayerNorm(d // 2)
+        self.proj = nn.Linear(seq_len, seq_len) if linear else nn.Conv1d(seq_len, seq_len, 1)
+
+    def forward(self, x):
+        u, v = x.chunk(2, dim=-1)
+        v = self.norm(v)
+        v = self.proj(v.transpose(1, 2)).transpose(1, 2) if self.linear else self.proj(v)
+        return u * v
+
+
+class GMLPBlock(nn.Module):
+    def __init__(self, d: int = 8, ff: int = 16, seq_len: int = 6, linear: bool = False) -> None:
+        super().__init__()
+        self.proj_in, self.act = nn.Linear(d, ff), nn.GELU()
+        self.sgu = SpatialGatingUnit(ff, seq_len, linear)
+        self.proj_out = nn.Linear(ff // 2, d)
+
+    def forward(self, x):
+        return x + self.proj_out(self.sgu(self.act(self.proj_in(x))))
+
+
+def test_gmlp_spatial_gating_is_read_as_rows_of_features_and_its_token_conv_error_offers_that():
+    """The spatial gating unit's output (B, T, d/2) held the conv's T channels at dim 1 and another size
+    last, so it was refused as channels-first; its last size is its LayerNorm's width: features last, read
+    as it is. Its Conv1d alone, output (B, T, d/2) with positions as channels, is still refused (the rule
+    cannot tell), and the error now offers reading it as it is (it did not, a conv being channels by
+    definition; a kernel-1 Conv1d is what gMLP and MLP-Mixer mix positions with)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 8, dtype=torch.float64)
+    model = GMLPBlock().double().eval()
+    for name in ("sgu", "", "proj_out"):
+        read_as_it_is(model, name, x)
+    with sl.attach(model, "sgu.proj"), pytest.raises(TypeError, match=r"sgu\.proj: .*channels-first, shape \(3, 6, 8\)"
+                                                                     r".*pick=lambda out: out to read it as it is"):
+        model(x)
+    with sl.attach(model, "sgu.proj", pick=lambda out: out, precision="float64") as cap:
+        model(x)
+    check_spectrum(cap.accumulators["sgu.proj"].compute(), output_of(model, "sgu.proj", x))
+    timm_style = GMLPBlock(linear=True).double().eval()  # Linear(T, T): channels-last, and (B, T, d/2) out
+    for name in ("sgu", "sgu.proj", ""):
+        read_as_it_is(timm_style, name, x)
+
+
+class MyLinear(nn.Linear):
+    pass
+
+
+CHANNELS_LAST_GUARDS = [  # blocks and Linear/LayerNorm subclasses the new shape checks must not refuse
+    ("linear-subclass", lambda: nn.Sequential(MyLinear(8, 6)), (2, 6, 8)),
+    ("linear-subclass-t-eq-width", lambda: nn.Sequential(MyLinear(8, 6), nn.ReLU()), (2, 6, 5, 8)),
+    ("conv-then-permute-to-channels-last", lambda: nn.Sequential(nn.Conv2d(3, 6, 1), Swish(), Permute(0, 2, 3, 1)),
+     (2, 3, 6, 5)),
+    ("mlp-block-norm-last", lambda: nn.Sequential(nn.Linear(8, 6), nn.GELU(), nn.Linear(6, 8), nn.LayerNorm(8)),
+     (2, 8, 8)),
+]
+
+
+@pytest.mark.parametrize("make, shape", [c[1:] for c in CHANNELS_LAST_GUARDS], ids=[c[0] for c in CHANNELS_LAST_GUARDS])
+def test_channels_last_blocks_and_linear_subclasses_are_read_as_they_are(make, shape):
+    """Not failures of the old rule (it ignored these): guards for the new checks of blocks ending in a
+    Linear or LayerNorm, of Linear subclasses, and of modules of unknown size skipped."""
+    torch.manual_seed(0)
+    model = make().double().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    read_as_it_is(model, "", x)
+
+
+def test_a_block_with_hugging_face_conv1d_projections_is_read_as_features():
+    """MambaLike with GPT-2's ``Conv1D`` (a Linear with a transposed weight) as its projections, at L = inner:
+    the output's last size is the out projection's ``nf``, so it is features last (it was refused as
+    channels-first: the Conv1D's size was unknown)."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class MambaLikeConv1D(MambaLike):
+        def forward(self, x):
+            h = self.conv1d(self.in_proj(x).transpose(1, 2))[..., : x.shape[1]]
+            return self.out_proj(F.silu(h.transpose(1, 2)).contiguous())  # Conv1D views its input
+
+    torch.manual_seed(0)
+    model = MambaLikeConv1D(d=4, inner=8)
+    model.in_proj, model.out_proj = Conv1D(8, 4), Conv1D(4, 8)  # Conv1D(nf=out, nx=in)
+    model = model.double().eval()
+    read_as_it_is(model, "", torch.randn(2, 8, 4, dtype=torch.float64))
