@@ -255,7 +255,7 @@ class _Feed:
 
     def _update(self, rows: torch.Tensor) -> None:
         """Feed ``rows`` (eagerly, or in a compiled graph's operator body) after the layout check."""
-        if self.layout is not None:  # a convolution, pooling or norm layer, or a block ending in one
+        if self.layout is not None:  # a layer or block whose output may be channels-first (_layout)
             refuse_channels_first(self.layout, rows, self.where, chosen=self.pick is block_hidden_states)
         if not self.acc.initialized:  # a layer's first rows: will the pass fit (still, at this layer's width)?
             check_rows(self.capture, self.acc, rows)
