@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ._agree import (agree, agree_before_pass, agree_counts, agree_round, agree_widths, batch_digest, batch_structure,
-                     collective_pass, from_rank0, global_rank, ranks, refuse_other_counts)
+from ._agree import (agree, agree_before_pass, agree_counts, agree_round, agree_settings, agree_widths, batch_digest,
+                     batch_structure, callable_name, collective_pass, from_rank0, global_rank, ranks, refuse_other_counts)
 from ._args import AUTOCAST_WHY, NARROW_FLOATS, check_callable, check_count, check_dtype, check_window
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
 from ._pools import attention_mask, sharded_pool, unfixed_pool
@@ -669,6 +669,15 @@ class SpectralLens:
               else "the gradient protocol (it runs on the group's rank 0)")
         return from_rank0(self.group, result[0])
 
+    def _settings(self) -> dict[str, str]:
+        """What every rank's lens must share, as text (compared by :func:`~spectral_lens._agree.agree_settings`):
+        the options that decide which rows each rank feeds to the summed statistics, and whether there is a
+        gradient protocol (a rank without one skips its agreement and broadcast). The layers and the pools'
+        lengths are compared where they are used (a pipeline's stages measure other layers)."""
+        return {"precision": repr(self.precision), "mask_fn": callable_name(self.mask_fn),
+                "pick": callable_name(self._pick), "autocast_dtype": str(self.autocast_dtype),
+                "params": "() (no gradient protocol)" if self.probe is None else "<probed matrices>"}
+
     def _everywhere(self) -> bool:
         """Whether every rank of the group runs the gradient protocol (the same passes; rank 0's result is
         broadcast as usual): every pass is a collective over the ranks, as under FSDP and DeepSpeed ZeRO-3
@@ -772,12 +781,22 @@ class SpectralLens:
         naming it, at once and with the process group still usable. So is a failure of rank 0's record
         write (``writer.log_measurement``, a full disk), after the gradient broadcast.
         """
-        try:  # before the passes: a bad argument would otherwise fail only after the whole measurement
-            step, tokens = int(step), int(tokens)
-            val_loss = None if val_loss is None else float(val_loss)
-        except (TypeError, ValueError):
-            raise TypeError(f"SpectralLens.measure: step and tokens must be integers and val_loss a number or None; "
-                            f"got step={step!r}, tokens={tokens!r}, val_loss={val_loss!r}") from None
+        # before the passes: a bad argument would otherwise fail only after the whole measurement. Agreed with the
+        # other ranks (one all_reduce per measurement), so a bad argument or a lens configured otherwise on one rank
+        # stops every rank here instead of leaving the others waiting in the first collective of the passes
+        error, settings = None, {}
+        try:
+            try:
+                step, tokens = int(step), int(tokens)
+                val_loss = None if val_loss is None else float(val_loss)
+            except (TypeError, ValueError):
+                raise TypeError(f"SpectralLens.measure: step and tokens must be integers and val_loss a number or "
+                                f"None; got step={step!r}, tokens={tokens!r}, val_loss={val_loss!r}") from None
+            self._require_model()
+            settings = self._settings()
+        except BaseException as exc:  # an interrupt too
+            error = exc
+        agree_settings(self.group, settings, error, "checking measure()'s arguments and the lens")
         spectra = self.activation_spectra()
         grad_spectra, scalars = self.gradient_spectra()
         spectra.update(grad_spectra)
