@@ -29,6 +29,7 @@ from ._args import AUTOCAST_WHY, NARROW_FLOATS, check_callable, check_count, che
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
 from ._pools import attention_mask, sharded_pool, unfixed_pool
 from ._progress import progress_bar, sized_total
+from ._sync import deferred_interrupt
 from ._tensor_parallel import check_replicated, one_replica
 from . import _pipeline
 from .activation_capture import ActivationCapture, attach
@@ -516,14 +517,19 @@ class SpectralLens:
             error = exc
         agree(self.group, error, "the activation pass")
         named = sorted(capture.accumulators.items(), key=lambda item: item[0])  # one order on every rank
-        if tp is not None:
-            check_replicated(named, tp[1])
-        if world > 1:  # (one tensor-parallel replica: world 1 here, its ranks' rows are the same, not summed)
-            agree_widths(self.group, named, batches)
-            for _, acc in named:
-                acc.sync(self.group)
+        # a Ctrl-C on one rank between these collectives (one sync per layer) is held back until they ended and
+        # agreed below, instead of leaving the other ranks waiting in the next one
+        with deferred_interrupt() as interrupted:
+            if tp is not None:
+                check_replicated(named, tp[1])
+            if world > 1:  # (one tensor-parallel replica: world 1 here, its ranks' rows are the same, not summed)
+                agree_widths(self.group, named, batches)
+                for _, acc in named:
+                    acc.sync(self.group)
         spectra, error = {}, None
         try:  # local work after the sync (an eigendecomposition out of memory on one rank): agreed too
+            if interrupted:
+                raise KeyboardInterrupt
             spectra = capture.compute()
         except NonFiniteError as exc:  # the accumulator's remedy names its own option, which the lens has not
             error = NonFiniteError(f"{exc} (SpectralLens has no nonfinite= option: it measures finite hidden states "
