@@ -127,7 +127,7 @@ def agree_settings(group, settings: dict[str, str], error: BaseException | None,
     different collectives) compared, in one ``all_reduce(MAX)`` of ``2 * world`` integers (:func:`agree_round`).
     Settings that differ: a ``ValueError`` on every rank naming the argument, both values and the ranks
     (their text gathered once more, on this failure path only)."""
-    rank, world = ranks(group)
+    world = ranks(group)[1]
     if world == 1:
         if error is not None:
             raise error

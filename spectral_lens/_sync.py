@@ -117,9 +117,9 @@ def _summed(group, state: tuple[torch.Tensor, ...], precision: str, low_products
               for r, f in enumerate(flags[world + 2:].tolist()) if f > 0]
     if failed:
         raise RuntimeError(
-            f"ActivationCovarianceAccumulator: sync across {world} ranks failed on global rank(s) {failed} between its collectives (an error or a "
-            f"Ctrl-C there); this rank stopped too, its state unchanged, so that no rank waits in a collective. "
-            f"See the error raised on rank(s) {failed} for the cause"
+            f"ActivationCovarianceAccumulator: sync across {world} ranks failed on global rank(s) {failed} between "
+            "its collectives (an error or a Ctrl-C there); this rank stopped too, its state unchanged, so that no "
+            f"rank waits in a collective. See the error raised on rank(s) {failed} for the cause"
         )
     per_rank = flags[:world].tolist()
     bad_ranks = tuple((r if group is None else dist.get_global_rank(group, r), i)

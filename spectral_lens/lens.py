@@ -785,7 +785,10 @@ class SpectralLens:
         local work (its forwards, rank 0's gradient protocol, an out-of-memory) is agreed before the
         next collective: that rank raises its own exception and every other rank a ``RuntimeError``
         naming it, at once and with the process group still usable. So is a failure of rank 0's record
-        write (``writer.log_measurement``, a full disk), after the gradient broadcast.
+        write (``writer.log_measurement``, a full disk), after the gradient broadcast. Before any pass the ranks
+        agree on the arguments and on the lens's ``precision``, ``mask_fn``, ``pick``, ``autocast_dtype`` and
+        whether it has a gradient protocol (one ``all_reduce``): a bad argument on one rank stops every rank
+        there, and settings that differ are a ``ValueError`` on every rank naming them.
         """
         # before the passes: a bad argument would otherwise fail only after the whole measurement. Agreed with the
         # other ranks (one all_reduce per measurement), so a bad argument or a lens configured otherwise on one rank

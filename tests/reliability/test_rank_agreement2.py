@@ -264,9 +264,9 @@ def peer(monkeypatch):
     def all_gather_object(out, obj, group=None):
         out[0], out[1] = obj, state["peer"][1]
 
-    for name, value in dict(is_initialized=lambda: True, get_rank=lambda group=None: 0,
-                            get_world_size=lambda group=None: 2, get_backend=lambda group=None: "gloo",
-                            all_reduce=all_reduce, all_gather_object=all_gather_object).items():
+    for name, value in {"is_initialized": lambda: True, "get_rank": lambda group=None: 0,
+                        "get_world_size": lambda group=None: 2, "get_backend": lambda group=None: "gloo",
+                        "all_reduce": all_reduce, "all_gather_object": all_gather_object}.items():
         monkeypatch.setattr(dist, name, value)
     return state
 
