@@ -120,6 +120,48 @@ def agree_round(group, count: int, digest: int, error: BaseException | None, wha
     return counts, values[world:]
 
 
+def agree_settings(group, settings: dict[str, str], error: BaseException | None, what: str) -> None:
+    """Before a measurement's first collective: this rank's failure (``error``: a bad argument, an unattached
+    lens) agreed as in :func:`agree`, and the lens's ``settings`` (``{argument: value as text}``, what the ranks
+    must share: an option set on one rank only would mix the ranks' rows silently, or send them into
+    different collectives) compared, in one ``all_reduce(MAX)`` of ``2 * world`` integers (:func:`agree_round`).
+    Settings that differ: a ``ValueError`` on every rank naming the argument, both values and the ranks
+    (their text gathered once more, on this failure path only)."""
+    world = ranks(group)[1]
+    if world == 1:
+        if error is not None:
+            raise error
+        return
+    text = "\n".join(f"{k}={v}" for k, v in sorted(settings.items()))
+    digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
+    digests = agree_round(group, 0, digest, error, what)[1]
+    if len(set(digests)) == 1:
+        return
+    import torch.distributed as dist
+
+    every: list = [None] * world
+    dist.all_gather_object(every, settings, group=group)  # every rank is here: the digests are agreed
+    other = next(r for r in range(world) if every[r] != every[0])
+    differ = [k for k in sorted(set(every[0]) | set(every[other])) if every[0].get(k) != every[other].get(k)]
+    each = "; ".join(f"{k}={every[0].get(k)} on global rank {global_rank(group, 0)}, {k}={every[other].get(k)} on "
+                     f"global rank {global_rank(group, other)}" for k in differ)
+    raise ValueError(
+        f"SpectralLens: the ranks' lenses are configured differently ({each}); every rank must build the lens with "
+        "the same arguments: the ranks' rows are summed into one statistic per layer, and rank 0's gradient "
+        "protocol is broadcast to the others"
+    )
+
+
+def callable_name(fn) -> str:
+    """``fn``'s module and qualified name (the same in every rank's process for the same function), ``None``
+    as ``None``: how :func:`agree_settings` compares a ``mask_fn`` or ``pick``."""
+    if fn is None:
+        return "None"
+    fn = getattr(fn, "func", fn)  # functools.partial: its function
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{name}"
+
+
 def batch_structure(batch) -> str:
     """The shapes and dtypes of ``batch``'s tensors in its nesting (mappings by key, sequences in order), and
     other values' types: what ranks running the same batch together (one tensor-parallel replica, a pipeline's

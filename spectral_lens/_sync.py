@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import signal
+import threading
 
 import torch
 
@@ -68,26 +71,56 @@ def _summed(group, state: tuple[torch.Tensor, ...], precision: str, low_products
     (as :func:`~spectral_lens.accumulate._zero_state` orders it), re-shifted exactly to a common shift
     (the global mean): ``((n, m, S, shift, bad_rows, first_bad), (bad_ranks, low_products, underflowed,
     has_rows))``, ``bad_ranks`` being ``(global rank, first update with NaN/Inf rows)`` per rank that had
-    such rows. Touches no accumulator: a collective that fails part-way leaves every state as it was."""
+    such rows. Touches no accumulator: a collective that fails part-way leaves every state as it was.
+
+    A failure of this rank's local work between the collectives (an out-of-memory in the d x d re-shift) or a
+    Ctrl-C during them (held back: :func:`deferred_interrupt`) does not leave the other ranks waiting in the
+    next collective: this rank takes part in the remaining ones with zeros, its failure rides in the last one,
+    and then every rank raises (this one its own exception, the others a ``RuntimeError`` naming it)."""
     import torch.distributed as dist
 
     n, m0, s0, shift, bad, first = state
-    n64 = n.to(torch.float64)
-    totals = torch.cat([m0 + n64 * shift, n64.view(1)])
-    dist.all_reduce(totals, group=group)
-    common = shift if float(totals[-1]) == 0 else representable_shift(totals[:-1] / totals[-1], precision)
-    m, s = reshift(n, m0, s0, shift, common)
-    dist.all_reduce(s, group=group)
-    packed = torch.cat([m, n64.view(1), bad.to(torch.float64).view(1)])
-    dist.all_reduce(packed, group=group)
-    # each rank's first update with NaN/Inf rows (-1: none), so that the errors can name the ranks;
-    # any rank's products below float64 -> all ranks check their range
-    world, me = dist.get_world_size(group), dist.get_rank(group)
-    flags = torch.full((world + 2,), -1, dtype=torch.int64, device=first.device)
-    flags[me] = first
-    flags[world] = int(low_products)
-    flags[world + 1] = int(underflowed)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    d, dev = m0.shape[0], m0.device
+    error = None
+    with deferred_interrupt() as interrupted:
+        try:
+            n64 = n.to(torch.float64)
+            totals = torch.cat([m0 + n64 * shift, n64.view(1)])
+        except BaseException as exc:  # an interrupt too, where it is not held back
+            error, totals = exc, torch.zeros(d + 1, dtype=torch.float64, device=dev)
+        dist.all_reduce(totals, group=group)
+        try:
+            if error is not None:
+                raise error
+            common = shift if float(totals[-1]) == 0 else representable_shift(totals[:-1] / totals[-1], precision)
+            m, s = reshift(n, m0, s0, shift, common)
+            packed = torch.cat([m, n64.view(1), bad.to(torch.float64).view(1)])
+        except BaseException as exc:  # zeros in the sums: every rank raises below, nothing is kept
+            error, s, packed = exc, torch.zeros(d, d, dtype=torch.float64, device=dev), torch.zeros(
+                d + 2, dtype=torch.float64, device=dev)
+        dist.all_reduce(s, group=group)
+        dist.all_reduce(packed, group=group)
+        # each rank's first update with NaN/Inf rows (-1: none), so that the errors can name the ranks;
+        # any rank's products below float64 -> all ranks check their range; each rank's failure above
+        world, me = dist.get_world_size(group), dist.get_rank(group)
+        flags = torch.full((2 * world + 2,), -1, dtype=torch.int64, device=first.device)
+        flags[me] = first
+        flags[world] = int(low_products)
+        flags[world + 1] = int(underflowed)
+        flags[world + 2 + me] = int(error is not None or bool(interrupted))
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    if error is None and interrupted:
+        error = KeyboardInterrupt()
+    if error is not None:
+        raise error
+    failed = [r if group is None else dist.get_global_rank(group, r)
+              for r, f in enumerate(flags[world + 2:].tolist()) if f > 0]
+    if failed:
+        raise RuntimeError(
+            f"ActivationCovarianceAccumulator: sync across {world} ranks failed on global rank(s) {failed} between "
+            "its collectives (an error or a Ctrl-C there); this rank stopped too, its state unchanged, so that no "
+            f"rank waits in a collective. See the error raised on rank(s) {failed} for the cause"
+        )
     per_rank = flags[:world].tolist()
     bad_ranks = tuple((r if group is None else dist.get_global_rank(group, r), i)
                       for r, i in enumerate(per_rank) if i >= 0)
@@ -95,3 +128,28 @@ def _summed(group, state: tuple[torch.Tensor, ...], precision: str, low_products
     first_bad = torch.tensor(min((i for _, i in bad_ranks), default=-1), device=first.device)
     sums = (n_all, packed[:-2], s, common, bad_rows, first_bad)
     return sums, (bad_ranks, bool(flags[world]), bool(flags[world + 1]), float(totals[-1]) > 0)
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold back a Ctrl-C (SIGINT) while the ranks' collectives run, so that one rank does not leave them midway
+    and the others waiting in the next one until the process-group timeout: yields a list that a Ctrl-C makes
+    ``[True]``, for the caller to agree on with the other ranks and then raise; a second Ctrl-C raises at once.
+    Only where Ctrl-C would raise ``KeyboardInterrupt`` (Python's own SIGINT handler, the main thread), and not
+    inside another ``deferred_interrupt`` (that one holds it); the handler is restored on exit."""
+    got: list[bool] = []
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield got
+        return
+
+    def hold(signum, frame):
+        if got:
+            raise KeyboardInterrupt
+        got.append(True)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield got
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

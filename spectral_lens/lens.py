@@ -23,12 +23,13 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ._agree import (agree, agree_before_pass, agree_counts, agree_round, agree_widths, batch_digest, batch_structure,
-                     collective_pass, from_rank0, global_rank, ranks, refuse_other_counts)
+from ._agree import (agree, agree_before_pass, agree_counts, agree_round, agree_settings, agree_widths, batch_digest,
+                     batch_structure, callable_name, collective_pass, from_rank0, global_rank, ranks, refuse_other_counts)
 from ._args import AUTOCAST_WHY, NARROW_FLOATS, check_callable, check_count, check_dtype, check_window
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
 from ._pools import attention_mask, sharded_pool, unfixed_pool
 from ._progress import progress_bar, sized_total
+from ._sync import deferred_interrupt
 from ._tensor_parallel import check_replicated, one_replica
 from . import _pipeline
 from .activation_capture import ActivationCapture, attach
@@ -516,14 +517,19 @@ class SpectralLens:
             error = exc
         agree(self.group, error, "the activation pass")
         named = sorted(capture.accumulators.items(), key=lambda item: item[0])  # one order on every rank
-        if tp is not None:
-            check_replicated(named, tp[1])
-        if world > 1:  # (one tensor-parallel replica: world 1 here, its ranks' rows are the same, not summed)
-            agree_widths(self.group, named, batches)
-            for _, acc in named:
-                acc.sync(self.group)
+        # a Ctrl-C on one rank between these collectives (one sync per layer) is held back until they ended and
+        # agreed below, instead of leaving the other ranks waiting in the next one
+        with deferred_interrupt() as interrupted:
+            if tp is not None:
+                check_replicated(named, tp[1])
+            if world > 1:  # (one tensor-parallel replica: world 1 here, its ranks' rows are the same, not summed)
+                agree_widths(self.group, named, batches)
+                for _, acc in named:
+                    acc.sync(self.group)
         spectra, error = {}, None
         try:  # local work after the sync (an eigendecomposition out of memory on one rank): agreed too
+            if interrupted:
+                raise KeyboardInterrupt
             spectra = capture.compute()
         except NonFiniteError as exc:  # the accumulator's remedy names its own option, which the lens has not
             error = NonFiniteError(f"{exc} (SpectralLens has no nonfinite= option: it measures finite hidden states "
@@ -669,6 +675,15 @@ class SpectralLens:
               else "the gradient protocol (it runs on the group's rank 0)")
         return from_rank0(self.group, result[0])
 
+    def _settings(self) -> dict[str, str]:
+        """What every rank's lens must share, as text (compared by :func:`~spectral_lens._agree.agree_settings`):
+        the options that decide which rows each rank feeds to the summed statistics, and whether there is a
+        gradient protocol (a rank without one skips its agreement and broadcast). The layers and the pools'
+        lengths are compared where they are used (a pipeline's stages measure other layers)."""
+        return {"precision": repr(self.precision), "mask_fn": callable_name(self.mask_fn),
+                "pick": callable_name(self._pick), "autocast_dtype": str(self.autocast_dtype),
+                "params": "() (no gradient protocol)" if self.probe is None else "<probed matrices>"}
+
     def _everywhere(self) -> bool:
         """Whether every rank of the group runs the gradient protocol (the same passes; rank 0's result is
         broadcast as usual): every pass is a collective over the ranks, as under FSDP and DeepSpeed ZeRO-3
@@ -770,14 +785,27 @@ class SpectralLens:
         local work (its forwards, rank 0's gradient protocol, an out-of-memory) is agreed before the
         next collective: that rank raises its own exception and every other rank a ``RuntimeError``
         naming it, at once and with the process group still usable. So is a failure of rank 0's record
-        write (``writer.log_measurement``, a full disk), after the gradient broadcast.
+        write (``writer.log_measurement``, a full disk), after the gradient broadcast. Before any pass the ranks
+        agree on the arguments and on the lens's ``precision``, ``mask_fn``, ``pick``, ``autocast_dtype`` and
+        whether it has a gradient protocol (one ``all_reduce``): a bad argument on one rank stops every rank
+        there, and settings that differ are a ``ValueError`` on every rank naming them.
         """
-        try:  # before the passes: a bad argument would otherwise fail only after the whole measurement
-            step, tokens = int(step), int(tokens)
-            val_loss = None if val_loss is None else float(val_loss)
-        except (TypeError, ValueError):
-            raise TypeError(f"SpectralLens.measure: step and tokens must be integers and val_loss a number or None; "
-                            f"got step={step!r}, tokens={tokens!r}, val_loss={val_loss!r}") from None
+        # before the passes: a bad argument would otherwise fail only after the whole measurement. Agreed with the
+        # other ranks (one all_reduce per measurement), so a bad argument or a lens configured otherwise on one rank
+        # stops every rank here instead of leaving the others waiting in the first collective of the passes
+        error, settings = None, {}
+        try:
+            try:
+                step, tokens = int(step), int(tokens)
+                val_loss = None if val_loss is None else float(val_loss)
+            except (TypeError, ValueError):
+                raise TypeError(f"SpectralLens.measure: step and tokens must be integers and val_loss a number or "
+                                f"None; got step={step!r}, tokens={tokens!r}, val_loss={val_loss!r}") from None
+            self._require_model()
+            settings = self._settings()
+        except BaseException as exc:  # an interrupt too
+            error = exc
+        agree_settings(self.group, settings, error, "checking measure()'s arguments and the lens")
         spectra = self.activation_spectra()
         grad_spectra, scalars = self.gradient_spectra()
         spectra.update(grad_spectra)
