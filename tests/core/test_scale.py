@@ -117,7 +117,7 @@ def test_updates_after_a_state_beyond_int32_match_the_closed_form(path):
     rng = np.random.default_rng(3)
     x = (5.0 + rng.standard_normal((300, d))).astype(np.float32)
     acc = ActivationCovarianceAccumulator(d, max_chunk_rows=131072 if path == "cpu" else 7)
-    acc.load_state_dict(_state(n0, np.zeros(d), np.eye(d), np.zeros(d)))
+    acc.load_state_dict(_state(n0, np.zeros(d), np.eye(d), np.full(d, 0.25)))  # m = -2^31 - 0.75 each
     for chunk in torch.from_numpy(x).split(50):
         acc.update(chunk, None if path == "cpu" else torch.ones(chunk.shape[0], dtype=torch.bool))
     rows = x.astype(np.float64)
