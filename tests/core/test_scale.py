@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from spectral_lens import ActivationCovarianceAccumulator, SpectralLens
+from spectral_lens import ActivationCovarianceAccumulator, SpectralLens, Spectrum
 from spectral_lens.records import RunInfo, RunWriter
 
 from support.models import TinyGPT
@@ -95,7 +95,9 @@ def test_merged_states_with_counts_beyond_int32_match_the_closed_form(tmp_path):
     for part in parts:
         acc.merge(_load(part, d))
     _check(acc, total, mean, cov)
-    assert acc.compute().n_rows == total
+    spectrum = acc.compute()
+    assert spectrum.n_rows == total
+    assert Spectrum.load(spectrum.save(tmp_path / "spectrum")).n_rows == total  # the record's count too
     # the other order, through an empty accumulator, and via state_dict, .npz and back: the same
     other = ActivationCovarianceAccumulator(d)
     for part in parts[::-1]:
