@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--window", type=int, nargs=2, metavar=("LO", "HI"),
                        help="rank window of alpha_tail (default: the tail window each run recorded in its run.json; "
                             "the runs of a family must agree)")
-        p.add_argument("--spectrum", help="spectrum name (default: each run's primary / only activation spectrum)")
+        p.add_argument("--spectrum", help="spectrum name, e.g. act:transformer.h.11, as the inspect command lists "
+                                          "them (default: each run's primary / only activation spectrum)")
         p.add_argument("--target-loss", type=_target_loss,
                        help="target validation loss for tokens-to-target and eps_tok (finite, > 0)")
         strict_arg(p)
