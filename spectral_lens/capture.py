@@ -149,7 +149,11 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
         hints = []
         for t in targets:
             if isinstance(t, str):
-                hints += difflib.get_close_matches(t, names, n=5, cutoff=0.5)
+                # the name under a prefix first ("h.1" -> "transformer.h.1", "layers.1" -> "model.layers.1"):
+                # difflib ranks a short name far below a long name that contains it
+                under = name_matcher("**." + t) if _GLOB_CHARS & set(t) else (lambda n, _m: n.endswith("." + t))
+                hints += [n for n in names if under(n, None)][:5]
+                hints += [n for n in difflib.get_close_matches(t, names, n=5, cutoff=0.5) if n not in hints]
         shown = hints or names[:8]
         raise ValueError(
             f"{type(model).__name__}: no module matches target {target!r}; "

@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="spectral-lens",
         description="Reports, early batch-tier prediction and inspection of spectral-lens run records.",
+        epilog="examples:\n"
+               "  spectral-lens inspect runs/mine-b8\n"
+               "  spectral-lens predict runs/ --target-loss 3.2\n"
+               "  spectral-lens report runs/ --out report/ --target-loss 3.2\n"
+               "'spectral-lens COMMAND --help' lists a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's lines as written
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--window", type=int, nargs=2, metavar=("LO", "HI"),
                        help="rank window of alpha_tail (default: the tail window each run recorded in its run.json; "
                             "the runs of a family must agree)")
-        p.add_argument("--spectrum", help="spectrum name (default: each run's primary / only activation spectrum)")
+        p.add_argument("--spectrum", help="spectrum name, e.g. act:transformer.h.11, as the inspect command lists "
+                                          "them (default: each run's primary / only activation spectrum)")
         p.add_argument("--target-loss", type=_target_loss,
                        help="target validation loss for tokens-to-target and eps_tok (finite, > 0)")
         strict_arg(p)
@@ -113,12 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--strict", action="store_true",
                        help="refuse a run with a malformed record line (default: skip the line with a warning)")
 
-    rp = sub.add_parser("report", help="write a Markdown or HTML report with figures")
-    rp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    run_dirs_help = "run directories (each holds a run.json), or folders of them such as a sweep root"
+    rp = sub.add_parser("report", help="write a Markdown or HTML report (figures need matplotlib: the plot extra)")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help=run_dirs_help)
     rp.add_argument("--out", type=_out_dir, required=True, help="output directory")
-    rp.add_argument("--format", choices=("md", "html"), default="md")
+    rp.add_argument("--format", choices=("md", "html"), default="md",
+                    help="report.md with PNG files beside it (default), or report.html with the figures embedded")
     rp.add_argument("--transition", type=_transition, action="append", default=[], metavar="RUN_A:RUN_B",
-                    help="classify a transition between two runs (repeatable)")
+                    help="classify a transition between two runs, named by run id (RunInfo.run_id, not a "
+                         "directory); repeatable; needs --target-loss")
     rp.add_argument("--replicates", nargs="+", default=[], metavar="RUN_DIR",
                     help="runs of one configuration that differ only in the seed: the taxonomy's thresholds "
                          "become twice their largest seed-to-seed difference (needs --target-loss)")
@@ -126,12 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     early_args(rp)
 
     pp = sub.add_parser("predict", help="rank batch tiers by the early tail exponent")
-    pp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    pp.add_argument("runs", nargs="+", metavar="RUN_DIR", help=run_dirs_help)
     pp.add_argument("--json", action="store_true", help="machine-readable output (strict JSON: an undefined value is null)")
     early_args(pp)
 
     ip = sub.add_parser("inspect", help="summarize a spectrum .npz file or a run directory")
-    ip.add_argument("path", metavar="FILE")
+    ip.add_argument("path", metavar="FILE_OR_RUN_DIR", help="a spectrum .npz file or a run directory")
     strict_arg(ip)
     return parser
 

@@ -45,6 +45,7 @@ class LensDriver:
             if not callable(getattr(s, "log_measurement", None)):
                 raise TypeError(f"sink {type(s).__name__} has no log_measurement(measurement, tail=, head=) method")
         self.tokens_per_step = tokens_per_step
+        self._warned_steps = False  # tokens() fell back to step counts and said so once
         self.last_step: int | None = None
         self.last_has_val_loss = False  # whether the record holds a validation loss at last_step
         self.handle = None
@@ -169,6 +170,15 @@ class LensDriver:
         ``step * tokens_per_step``, else ``step`` (tokens then count optimizer steps)."""
         if counted:
             return int(counted)
+        if self.tokens_per_step is None and self.lens.writer is not None and not self._warned_steps:  # a record
+            self._warned_steps = True
+            warnings.warn(
+                "spectral-lens callback: the trainer counts no input tokens and no tokens_per_step was given, so "
+                "the run record's tokens count optimizer steps, which the early prediction and the reports read "
+                "as tokens (against RunInfo.total_tokens); pass the callback tokens_per_step= (training tokens "
+                "per optimizer step), or with the Hugging Face Trainer "
+                "TrainingArguments(include_num_input_tokens_seen=True)",
+                SpectralLensWarning, stacklevel=2)
         return int(step) * (self.tokens_per_step or 1)
 
     def due(self, step: int, since: int | None = None) -> bool:

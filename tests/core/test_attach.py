@@ -402,3 +402,23 @@ def test_a_bad_pick_is_refused_when_attaching_and_a_callable_pick_builds_no_grap
     with sl.attach(model, "0", pick=pick) as capture:
         model(torch.randn(5, 4))  # a training-style forward: grad enabled
     assert seen == [False] and capture.compute()["0"].n_rows == 5
+
+
+def test_a_name_without_its_prefix_is_named_in_the_error():
+    """Followed as a new user on a config-built GPT-2: ``sl.attach(model, "h.1")`` (the block name without
+    ``transformer.``) listed 'some module names', the model's first eight (``transformer``,
+    ``transformer.wte``, ...), since difflib ranks the short name far from the long one; the error now names
+    the modules whose names end in the target first, for names and globs, also through ``SpectralLens``."""
+    import spectral_lens as sl
+
+    model = nn.ModuleDict({"transformer": nn.ModuleDict({"wte": nn.Embedding(10, 4), "wpe": nn.Embedding(10, 4),
+                                                        "drop": nn.Dropout(0.0), "ln": nn.LayerNorm(4),
+                                                        "h": nn.ModuleList(Block(4) for _ in range(3))})})
+    with pytest.raises(ValueError, match=re.escape("no module matches target 'h.1'; closest names: ['transformer.h.1'")):
+        select_modules(model, "h.1")
+    with pytest.raises(ValueError, match=re.escape("closest names: ['transformer.h.0.mlp', 'transformer.h.1.mlp', "
+                                                   "'transformer.h.2.mlp'")):
+        attach(model, "h.*.mlp")
+    with pytest.raises(ValueError, match=re.escape("SpectralLens layers='h.2': ModuleDict: no module matches target "
+                                                   "'h.2'; closest names: ['transformer.h.2'")):
+        sl.SpectralLens(model, [torch.zeros(2, 3)], layers="h.2", params=())

@@ -132,6 +132,38 @@ def test_cli_version(capsys):
     assert capsys.readouterr().out == f"spectral-lens {spectral_lens.__version__}\n"
 
 
+
+def test_cli_help_explains_every_argument(capsys):
+    """Followed as a new user from a wheel: ``spectral-lens predict --help`` listed RUN_DIR with no word on
+    what it is (a sweep root works too), ``inspect`` called its argument FILE though it takes a run directory
+    (the docs write FILE_OR_RUN_DIR), ``report --format`` had no help, ``--transition`` did not say that it
+    takes run ids and needs --target-loss, and ``spectral-lens --help`` showed no example."""
+    import argparse
+
+    from spectral_lens.cli import build_parser, main
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    synopsis = (ROOT / "docs" / "analysis.md").read_text(encoding="utf-8")
+    for command, p in sub.choices.items():
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            name = action.option_strings or action.metavar
+            assert action.help and action.help.strip(), f"spectral-lens {command}: {name} has no help text"
+            if not action.option_strings:  # the positional's name is the one the docs' synopsis uses
+                assert f"spectral-lens {command} {action.metavar}" in synopsis, (command, action.metavar)
+    assert "run id" in sub.choices["report"]._option_string_actions["--transition"].help
+    assert "--target-loss" in sub.choices["report"]._option_string_actions["--transition"].help
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    examples = [line.split()[1:] for line in out.split("\nexamples:\n", 1)[1].splitlines()
+                if line.startswith("  spectral-lens ")]
+    assert len(examples) >= 3
+    for args in examples:  # each example is a valid command line
+        assert parser.parse_args(args).command == args[0]
+
 # ------------------------------------------------------------------------------- what imports what
 def test_import_loads_no_optional_or_heavy_package(fresh):
     """``import spectral_lens`` (and every public module, the CLI, reports and plots, the integrations'

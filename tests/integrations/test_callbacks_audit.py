@@ -28,7 +28,8 @@ def test_hf_eval_loss_key_naming_the_second_of_several_datasets(tmp_path):
         report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, eval_strategy="steps", eval_steps=2)
     trainer = transformers.Trainer(model=tiny_llama(), args=args, train_dataset=RandomTokens(40, 0),
                                    eval_dataset={"a": RandomTokens(8, 1), "b": RandomTokens(8, 2)})
-    SpectralLensCallback(lens, on_evaluate=True, eval_loss_key="eval_b_loss").attach(trainer)
+    # tokens_per_step: without it (a record, no token count) the callback warns that tokens count steps
+    SpectralLensCallback(lens, on_evaluate=True, eval_loss_key="eval_b_loss", tokens_per_step=64).attach(trainer)
     with warnings.catch_warnings():
         warnings.simplefilter("error", SpectralLensWarning)
         trainer.train()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 from torch import nn
 from support.models import TinyGPT, lm_pool
@@ -110,3 +112,22 @@ def test_a_measurement_due_after_the_writer_was_closed_is_skipped_with_a_warning
         assert d.measure(3, d.tokens(3), val_loss=2.5) == {}
     assert [m.step for m in d.lens.history] == [2]
     assert [m.step for m in open_runs([tmp_path / "run"])[0].measurements] == [2]
+
+
+def test_tokens_that_count_steps_are_warned_about_once(tmp_path):
+    """Followed as a new user: a Trainer callback built without ``tokens_per_step`` (and a trainer that
+    counts no input tokens) recorded optimizer steps as ``tokens``, silently; the record's
+    ``RunInfo.total_tokens`` is a token budget, so the early prediction read every run as barely started."""
+    from spectral_lens.records import RunInfo, RunWriter
+
+    model = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
+    with RunWriter(tmp_path / "run", RunInfo("r", family="f", batch_tier=1, total_tokens=4096), fsync=False) as w:
+        d = LensDriver(lens(model, writer=w), (), None)
+        with pytest.warns(sl.SpectralLensWarning, match="record's tokens count optimizer steps.*tokens_per_step="):
+            assert d.tokens(3) == 3
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert d.tokens(4) == 4  # once per callback
+            assert LensDriver(lens(model, writer=w), (), None).tokens(5, counted=640) == 640  # the trainer's count
+            assert LensDriver(lens(model, writer=w), (), 128).tokens(5) == 640
+            assert LensDriver(lens(model), (), None).tokens(5) == 5  # no record: history only, no warning
