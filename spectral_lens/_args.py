@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_callable", "check_dtype", "check_count", "check_window"]
+__all__ = ["check_callable", "check_dtype", "check_count", "check_window", "as_integer"]
 
 
 def _got(value: Any) -> str:
@@ -64,3 +64,18 @@ def check_window(owner: str, name: str, value: Any) -> tuple[int, int] | None:
     if not 1 <= pair[0] < pair[1]:
         raise ValueError(f"{owner}: {name}={pair}: need 1 <= lo < hi (ranks are 1-based and inclusive)")
     return int(pair[0]), int(pair[1])
+
+
+def as_integer(value: Any) -> int:
+    """``value`` as an ``int``: an integral type, or a real number (a float, a one-element tensor) whose value is
+    a whole number (``1e3``, ``torch.tensor(64)``); anything else (``0.5``, ``True``, ``"3"``, ``nan``) is a
+    ``TypeError``, never silently truncated."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool):
+        raise TypeError(f"expected an integer, got {_got(value)}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real) and float(value).is_integer():
+        return int(value)
+    raise TypeError(f"expected an integer, got {_got(value)}")

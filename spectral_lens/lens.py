@@ -25,7 +25,7 @@ from torch import nn
 
 from ._agree import (agree, agree_before_pass, agree_counts, agree_round, agree_settings, agree_widths, batch_digest,
                      batch_structure, callable_name, collective_pass, from_rank0, global_rank, ranks, refuse_other_counts)
-from ._args import AUTOCAST_WHY, NARROW_FLOATS, check_callable, check_count, check_dtype, check_window
+from ._args import AUTOCAST_WHY, NARROW_FLOATS, as_integer, check_callable, check_count, check_dtype, check_window
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
 from ._pools import attention_mask, sharded_pool, unfixed_pool
 from ._progress import progress_bar, sized_total
@@ -796,7 +796,7 @@ class SpectralLens:
         error, settings = None, {}
         try:
             try:
-                step, tokens = int(step), int(tokens)
+                step, tokens = as_integer(step), as_integer(tokens)  # 0.5 is refused, not truncated to 0
                 val_loss = None if val_loss is None else float(val_loss)
             except (TypeError, ValueError):
                 raise TypeError(f"SpectralLens.measure: step and tokens must be integers and val_loss a number or "

@@ -142,6 +142,10 @@ def _lens(**kw):
     (lambda: _lens(tail_window=100), r"SpectralLens: tail_window must be a pair of integer ranks .* got int"),
     (lambda: _lens(head_window="ab"), r"SpectralLens: head_window must be a pair of integer ranks .* got str"),
     (lambda: _lens().measure(step="last", tokens=0), r"SpectralLens\.measure: step and tokens must be integers .*'last'"),
+    # a fraction was truncated (step 0.5 recorded as step 0)
+    (lambda: _lens().measure(step=0.5, tokens=0), r"SpectralLens\.measure: step and tokens must be integers .*step=0\.5"),
+    (lambda: _lens().measure(step=1, tokens=float("nan")), r"SpectralLens\.measure: .*tokens=nan"),
+    (lambda: _lens().measure(step=True, tokens=0), r"SpectralLens\.measure: .*step=True"),
 ])
 def test_wrong_argument_types_are_refused_naming_the_argument(build, match):
     with pytest.raises(TypeError, match=match):
@@ -349,3 +353,12 @@ def test_schedule_every_takes_integer_steps_only():
     every = sl.Schedule.every(1e3, start=np.int64(10))  # integral values of other types are what they say
     assert [s for s in range(0, 3100) if s in every] == [10, 1010, 2010, 3010]
     assert type(every.period) is int and type(every.start) is int
+
+
+def test_measure_takes_whole_numbers_in_any_integral_form():
+    # what users pass for step and tokens: NumPy integers, a float token count (1e6), a 0-dim tensor
+    lens = _lens()
+    m = lens.measure(step=np.int64(3), tokens=1e6)
+    assert (m.step, m.tokens) == (3, 1_000_000) and type(m.step) is int and type(m.tokens) is int
+    m = lens.measure(step=torch.tensor(4), tokens=torch.tensor(2048.0))
+    assert (m.step, m.tokens) == (4, 2048)
