@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -34,7 +35,7 @@ from ._tensor_parallel import check_replicated, one_replica
 from . import _pipeline
 from .activation_capture import ActivationCapture, attach
 from .attachment import Attachment
-from ._warnings import NonFiniteError
+from ._warnings import NonFiniteError, SpectralLensWarning
 from .capture import (Target, check_pick, eager_forwards, measurement_autocast, measurement_pass, select_modules,
                       record_names, unwrap_compiled)
 from .gradients import PerSampleGradientProbe
@@ -300,6 +301,7 @@ class SpectralLens:
         self.probe: PerSampleGradientProbe | None = probe
         self._owns_probe = False  # whether _bind attached or built the probe (detach unbinds only such a one)
         self.history: list[LensMeasurement] = []
+        self._window_warned = False  # the tail window's misfit is said once per lens (_warn_window)
         self._stage, self._missing = None, []  # the pipeline stage holding the model (_bind), the layers it lacks
         self._depth = 0  # under pipeline parallelism: the blocks of all stages (counted at each measurement)
         if model is not None:
@@ -452,6 +454,26 @@ class SpectralLens:
             except ValueError:
                 tail = tail_window(12)
         return tail, head if head is not None else (10, 40)
+
+    def _warn_window(self, tail, spectra: dict[str, Spectrum], summaries: dict[str, dict[str, float]]) -> None:
+        """Once per lens: a warning when the tail window does not fit an activation spectrum (a model narrower
+        than the window's upper rank, or a pool of fewer rows), whose ``alpha_tail`` is then left out of the
+        measurement and the record, where the early prediction (``spectral-lens predict``) looks for it."""
+        if self._window_warned or tail is None:
+            return
+        short = [(name, s) for name, s in spectra.items()
+                 if name.startswith("act:") and summaries[name] and "alpha_tail" not in summaries[name]]
+        if not short:
+            return
+        self._window_warned = True
+        name, s = short[0]
+        fits = min(int(s.values.numel()), max(int(s.n_rows) - 1, 1))
+        warnings.warn(
+            f"SpectralLens: the tail window {tuple(tail)} does not fit {name} ({s.values.numel()} eigenvalues from "
+            f"{s.n_rows} rows{f'; {len(short) - 1} more spectra alike' if len(short) > 1 else ''}), so its "
+            "alpha_tail is not recorded and the early prediction cannot use it; pass "
+            f"SpectralLens(tail_window=(lo, hi)) with hi <= {fits} (e.g. (10, 40) for a small model), or "
+            "RunWriter(tail_window=...) (said once per lens)", SpectralLensWarning, stacklevel=3)
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -824,6 +846,7 @@ class SpectralLens:
         m, error = None, None
         try:
             summaries = {name: spectrum_summaries(s, tail=tail, head=head) for name, s in spectra.items()}
+            self._warn_window(tail, spectra, summaries)
             m = LensMeasurement(int(step), int(tokens), spectra, scalars, summaries)
             self.history.append(m)
             if self.writer is not None and ranks(self.group)[0] == 0:

@@ -6,6 +6,7 @@ callable names the argument it refuses."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -362,3 +363,19 @@ def test_measure_takes_whole_numbers_in_any_integral_form():
     assert (m.step, m.tokens) == (3, 1_000_000) and type(m.step) is int and type(m.tokens) is int
     m = lens.measure(step=torch.tensor(4), tokens=torch.tensor(2048.0))
     assert (m.step, m.tokens) == (4, 2048)
+
+
+def test_a_tail_window_wider_than_the_model_is_said_once():
+    # the default tail window (100, 200) on a 4-wide layer: alpha_tail was left out of every measurement without a
+    # word, and `spectral-lens predict` refused the run only at the end of the sweep
+    lens = _lens()
+    with pytest.warns(sl.SpectralLensWarning, match=r"tail window \(100, 200\) does not fit act:proj .*hi <= "):
+        m = lens.measure(step=0, tokens=0)
+    assert "alpha_tail" not in m.summaries["act:proj"] and "rankme" in m.summaries["act:proj"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lens.measure(step=1, tokens=1)  # said once per lens
+    fitted = _lens(tail_window=(1, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "alpha_tail" in fitted.measure(step=0, tokens=0).summaries["act:proj"]

@@ -21,7 +21,8 @@ def test_hf_eval_loss_key_naming_the_second_of_several_datasets(tmp_path):
     # eval_loss_key names the second of two evaluation datasets: the old callback measured at the first
     # one's evaluation without a loss and warned, at every evaluation, that the measurement "records no
     # validation loss" although the second one's loss then went to log.jsonl; the measurement now carries it
-    writer = RunWriter(tmp_path / "run", RunInfo("hf", batch_tier=1), fsync=False)
+    # a tail window within the tiny model (the default (100, 200) is warned about, once)
+    writer = RunWriter(tmp_path / "run", RunInfo("hf", batch_tier=1), fsync=False, tail_window=(2, 8))
     lens = sl.SpectralLens(pool=heldout_pool(), params=(), writer=writer, schedule=sl.Schedule.every(100))
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
