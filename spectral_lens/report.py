@@ -95,7 +95,7 @@ def sweep_notes(notes: list[str]):
 
 
 def run_status(run: RunRecord) -> str:
-    """``"diverged"`` (a NaN or infinite loss in the records), ``"cut short at N%"`` (the records end
+    """``"diverged"`` (the logged losses end NaN or infinite), ``"cut short at N%"`` (the records end
     before :data:`~spectral_lens.analysis.COMPLETE_COVERAGE` of the token budget: preempted, or
     still running), ``"complete"``, or ``"–"`` when the budget is unknown."""
     if divergence(run) is not None:

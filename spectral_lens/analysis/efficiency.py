@@ -195,8 +195,8 @@ def token_inefficiency(
     A run that never reached ``target`` gets ``inf`` when it ran its whole budget or diverged
     (:func:`divergence`); one that stopped earlier (cut short: its records reach less than
     :data:`COMPLETE_COVERAGE` of ``RunInfo.total_tokens``, see :func:`coverage`) might still have
-    reached it, so its ``eps_tok`` is unknown: NaN (Spearman scores leave it out), with a
-    :class:`SweepWarning` naming it.
+    reached it (or is still running), so its ``eps_tok`` is unknown: NaN (Spearman scores leave it
+    out, and their ``n`` does not count it), with a :class:`SweepWarning` naming it.
     """
     out: dict[str, float] = {}
     for family, members in group_by_family(runs).items():

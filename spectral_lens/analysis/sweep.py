@@ -89,8 +89,8 @@ class SweepController:
        tier's (statistically indistinguishable from the best);
     3. its probability of being the best, ``p_best``, is at least ``min_probability``.
 
-    Otherwise it is **stopped**. A tier whose every run diverged (a NaN or infinite loss in its
-    records, :func:`~spectral_lens.analysis.divergence`) is stopped at once, with that as the reason,
+    Otherwise it is **stopped**. A tier whose every run diverged (its logged losses end NaN or
+    infinite, :func:`~spectral_lens.analysis.divergence`) is stopped at once, with that as the reason,
     instead of being waited for; a diverged run of a tier with other runs is left out. When sigmas are NaN (too few measurements), only rules 1 and the
     ``margin`` part of 2 apply, and the reason says so.
 
