@@ -29,7 +29,7 @@ from spectral_lens.cli import main
 from spectral_lens.records import open_runs
 from spectral_lens.report import run_status
 
-from .test_sweep_faults import TARGET, _rewrite, _stop_at, _table_tiers
+from .test_sweep_faults import TARGET, _respectrum, _rewrite, _stop_at, _table_tiers
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +248,20 @@ def test_records_without_extras_status_or_windows_still_read(base, tmp_path, cap
     assert _table_tiers(out) == [4, 8, 2, 16] and "note:" not in out and "n = 4" in out
     assert main(["inspect", str(d / "toy-b4")]) == 0
     assert "status: complete" in capsys.readouterr().out
+
+
+# ---- the controller and runs that will never have a statistic at the fraction ---------------------
+
+
+def test_the_controller_decides_the_others_when_a_run_cannot_be_measured_at_the_fraction(base, tmp_path):
+    d = _copy(base, tmp_path)
+    _respectrum(d / "toy-b8", lambda v: np.where(np.arange(v.size) < 3, v, 0.0), start=0.15)  # collapsed there
+    _rewrite(d / "toy-b2" / "measurements.jsonl", lambda o: o if o["progress"] >= 0.3 else None)  # measured late
+    dec = SweepController().decide([d])["toy"]  # before: NoEarlyStatisticError for the whole sweep
+    assert dec.ready and dec.waiting_tiers == []
+    by_tier = {x.tier: x for x in dec.decisions}
+    assert by_tier[4].action == "continue" and by_tier[16].action == "stop"
+    for tier, why in ((8, "zero eigenvalues"), (2, "first measurement is at progress 0.300 > 0.2")):
+        assert by_tier[tier].action == "continue" and math.isnan(by_tier[tier].value)
+        assert by_tier[tier].reason.startswith("not judged (no usable alpha_tail at 20%): ") and why in by_tier[tier].reason
+    assert [x.tier for x in dec.decisions] == [4, 16, 2, 8]  # ranked tiers first, the unjudged after
