@@ -52,7 +52,8 @@ def score_flags(score: PredictionScore, statistic: str = "early α_tail") -> lis
     for family, w in score.within.items():
         where = f"family {family}" if family else "these runs"
         if not math.isfinite(w.rho):
-            out.append(f"{where}: the correlation is undefined ({w.n} run(s), or constant values): nothing to rank.")
+            out.append(f"{where}: the correlation is undefined ({w.n} run(s) with a known eps_tok, or constant values): "
+                       "nothing to rank.")
             continue
         if w.rho < 0:
             out.append(

@@ -76,7 +76,7 @@ def test_an_undefined_rho_says_how_many_runs_it_had(base, tmp_path, capsys):
     assert main(["predict", str(d), "--target-loss", str(TARGET), "--json"]) == 0
     data = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} in --json output"))
     assert data["score"]["within"]["toy"] == {"rho": None, "pvalue": None, "n": 2}  # before: n = 4
-    assert "(2 run(s)" in data["score"]["cautions"][0]
+    assert "(2 run(s) with a known eps_tok" in data["score"]["cautions"][0]
 
 
 def test_verdict_states_the_n_of_every_scanned_rho(base, tmp_path):
