@@ -265,3 +265,16 @@ def test_the_controller_decides_the_others_when_a_run_cannot_be_measured_at_the_
         assert by_tier[tier].action == "continue" and math.isnan(by_tier[tier].value)
         assert by_tier[tier].reason.startswith("not judged (no usable alpha_tail at 20%): ") and why in by_tier[tier].reason
     assert [x.tier for x in dec.decisions] == [4, 16, 2, 8]  # ranked tiers first, the unjudged after
+
+
+def test_cli_pooled_rho_states_its_n(base, tmp_path, capsys):
+    d = _copy(base, tmp_path)
+    write_theorem6_sweep(d, (2, 4, 8), family="other", dim=128, grad_dim=64, n_measure=10, n_eval=20,
+                         tail_window=(10, 40))
+    _stop_at(d / "toy-b16", 0.3)  # eps_tok unknown: 6 of the 7 runs are scored
+    assert main(["predict", str(d), "--target-loss", str(TARGET)]) == 0
+    out = capsys.readouterr().out
+    pooled = next(line for line in out.splitlines() if line.startswith("pooled"))
+    assert pooled.endswith(", n = 6)")  # before: no n
+    within = {line.split(", ")[1].split(":")[0]: line for line in out.splitlines() if line.startswith("Spearman rho")}
+    assert within["toy"].endswith(", n = 3)") and within["other"].endswith(", n = 3)")
