@@ -278,3 +278,14 @@ def test_cli_pooled_rho_states_its_n(base, tmp_path, capsys):
     assert pooled.endswith(", n = 6)")  # before: no n
     within = {line.split(", ")[1].split(":")[0]: line for line in out.splitlines() if line.startswith("Spearman rho")}
     assert within["toy"].endswith(", n = 3)") and within["other"].endswith(", n = 3)")
+
+
+def test_the_controller_still_refuses_a_family_no_run_of_which_can_be_judged(base, tmp_path):
+    from spectral_lens.analysis import NoEarlyStatisticError
+
+    d = _copy(base, tmp_path)
+    for run in ("toy-b2", "toy-b4", "toy-b8", "toy-b16"):  # measurements start at 30%: a setup error
+        _rewrite(d / run / "measurements.jsonl", lambda o: o if o["progress"] >= 0.3 else None)
+    with pytest.raises(NoEarlyStatisticError, match=r"no run of family 'toy' has a usable alpha_tail at 20%") as info:
+        SweepController().decide([d])
+    assert all(f"run '{r}'" in str(info.value) for r in ("toy-b2", "toy-b4", "toy-b8", "toy-b16"))
