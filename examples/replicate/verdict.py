@@ -37,7 +37,8 @@ class FamilyVerdict:
             unknown because it was cut short before the target, is not counted; 0 when not scored).
         baseline_rho, baseline_pvalue: the same for the noise-scale baseline (NaN if not measured).
         reached: tiers whose run reached the target loss, with their examples/tokens to target.
-        missed: tiers that never reached it (they rank last in eps_tok).
+        missed: tiers that never reached it (they rank last in eps_tok; a run cut short before it has
+            an unknown eps_tok instead and is not in ``n``).
         rho_by_fraction: the tail statistic's rho at each scanned progress fraction.
         n_by_fraction: the number of runs each of those rhos was computed on (runs without a statistic
             at a fraction are left out of its rho, so n can differ between fractions).
