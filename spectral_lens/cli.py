@@ -236,7 +236,8 @@ def _cmd_predict(args) -> int:
         for f, w in score.within.items():
             print(f"Spearman rho (early alpha_tail vs eps_tok), {f}: {_fmt(w.rho, '.3f')} (p = {_fmt(w.pvalue, '.3g')}, n = {w.n})")
         if len(score.within) > 1:
-            print(f"pooled (per-family min-max normalized): {_fmt(score.rho, '.3f')} (p = {_fmt(score.pvalue, '.3g')})")
+            print(f"pooled (per-family min-max normalized): {_fmt(score.rho, '.3f')} "
+                  f"(p = {_fmt(score.pvalue, '.3g')}, n = {score.n})")
         for f in score_flags(score):
             print(f"caution: {f}")
     for n in notes:

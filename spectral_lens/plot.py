@@ -357,7 +357,8 @@ def plot_early_vs_eps(score: PredictionScore, baseline: PredictionScore | None =
 
     One panel for the tail predictor's ``score`` and, if given, one for a baseline's. Points are
     colored by family and labeled by tier; runs that never reached the target (``eps_tok = inf``)
-    are drawn as triangles at the top edge.
+    are drawn as triangles at the top edge; runs whose ``eps_tok`` is unknown (NaN: cut short before
+    the target) are not drawn, as the score leaves them out.
     """
     Figure = require_matplotlib()
     from matplotlib import colormaps
@@ -379,7 +380,7 @@ def plot_early_vs_eps(score: PredictionScore, baseline: PredictionScore | None =
             xs = [p[3] for p in pts if math.isfinite(p[4])]
             ys = [p[4] for p in pts if math.isfinite(p[4])]
             ax.scatter(xs, ys, color=fam_color[fam], s=36, label=fam, zorder=3)
-            inf_x = [p[3] for p in pts if not math.isfinite(p[4])]
+            inf_x = [p[3] for p in pts if math.isinf(p[4])]  # never reached; NaN (cut short: unknown) not drawn
             if inf_x:
                 ax.scatter(inf_x, [top] * len(inf_x), marker="^", color=fam_color[fam], s=40, zorder=3)
         label = names.get(s.statistic, s.statistic)
@@ -390,18 +391,18 @@ def plot_early_vs_eps(score: PredictionScore, baseline: PredictionScore | None =
         ax.set_title(f"{label} vs ε_tok\npooled {rho}{within}", fontsize=9)
         ax.set_xlim(-0.08, 1.12)
         # eps_tok >= 1 by definition: keep 1 in view and a visible span even for one run (or all equal)
-        ax.set_ylim(min(0.97, min(finite, default=1.0) - 0.03), max(top, 1.1) + (0.04 if any(not math.isfinite(p[4]) for p in s.points) else 0))
+        ax.set_ylim(min(0.97, min(finite, default=1.0) - 0.03), max(top, 1.1) + (0.04 if any(math.isinf(p[4]) for p in s.points) else 0))
         if s.n < 2:
-            ax.text(0.5, 0.5, "one run: nothing to rank", transform=ax.transAxes, ha="center", fontsize=8, color="0.4")
+            ax.text(0.5, 0.5, "one run: nothing to rank" if s.n == 1 else "no run with a known ε_tok: nothing to rank", transform=ax.transAxes, ha="center", fontsize=8, color="0.4")
         ax.grid(True, alpha=0.3)
         if len(families) > 1:
             ax.legend(fontsize=7, title="family", title_fontsize=7)
-        if any(not math.isfinite(p[4]) for p in s.points):
+        if any(math.isinf(p[4]) for p in s.points):
             ax.text(0.02, 0.97, "▲ target not reached", transform=ax.transAxes, fontsize=7, va="top", color="0.3")
     fig.draw_without_rendering()  # the layout: where each point lands, in points, for the labels
     for ax, s, top in zip(axes, panels, tops):
         box = ax.get_window_extent()
-        pts = [p for p in s.points if math.isfinite(p[3])]
+        pts = [p for p in s.points if math.isfinite(p[3]) and not math.isnan(p[4])]
         xy = [(p[3], p[4] if math.isfinite(p[4]) else top) for p in pts]
         scale = 72.0 / fig.dpi
         anchors = [((u - box.x0) * scale, (v - box.y0) * scale) for u, v in ax.transData.transform(xy)] if xy else []

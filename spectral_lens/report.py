@@ -52,7 +52,8 @@ def score_flags(score: PredictionScore, statistic: str = "early α_tail") -> lis
     for family, w in score.within.items():
         where = f"family {family}" if family else "these runs"
         if not math.isfinite(w.rho):
-            out.append(f"{where}: the correlation is undefined ({w.n} run(s), or constant values): nothing to rank.")
+            out.append(f"{where}: the correlation is undefined ({w.n} run(s) with a known eps_tok, or constant values): "
+                       "nothing to rank.")
             continue
         if w.rho < 0:
             out.append(
@@ -95,7 +96,7 @@ def sweep_notes(notes: list[str]):
 
 
 def run_status(run: RunRecord) -> str:
-    """``"diverged"`` (a NaN or infinite loss in the records), ``"cut short at N%"`` (the records end
+    """``"diverged"`` (the logged losses end NaN or infinite), ``"cut short at N%"`` (the records end
     before :data:`~spectral_lens.analysis.COMPLETE_COVERAGE` of the token budget: preempted, or
     still running), ``"complete"``, or ``"–"`` when the budget is unknown."""
     if divergence(run) is not None:

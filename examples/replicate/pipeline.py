@@ -149,5 +149,6 @@ def _jsonable(v: Verdict) -> dict:
     for name, f in v.families.items():
         fams[name] = {**f.__dict__, "reached": {str(k): x for k, x in f.reached.items()},
                       "rho_by_fraction": {str(k): x for k, x in f.rho_by_fraction.items()},
+                      "n_by_fraction": {str(k): x for k, x in f.n_by_fraction.items()},
                       "missed": list(f.missed), "flags": list(f.flags)}
     return {**v.__dict__, "window": list(v.window) if v.window else None, "families": fams, "lines": list(v.lines)}

@@ -32,11 +32,16 @@ class FamilyVerdict:
 
     Attributes:
         family: the family.
-        rho, pvalue, n: Spearman rho (early alpha_tail vs eps_tok) at the pre-registered fraction.
+        rho, pvalue, n: Spearman rho (early alpha_tail vs eps_tok) at the pre-registered fraction, and
+            the number of runs it was computed on (a run left out of the ranking, or whose eps_tok is
+            unknown because it was cut short before the target, is not counted; 0 when not scored).
         baseline_rho, baseline_pvalue: the same for the noise-scale baseline (NaN if not measured).
         reached: tiers whose run reached the target loss, with their examples/tokens to target.
-        missed: tiers that never reached it (they rank last in eps_tok).
+        missed: tiers that never reached it (they rank last in eps_tok; a run cut short before it has
+            an unknown eps_tok instead and is not in ``n``).
         rho_by_fraction: the tail statistic's rho at each scanned progress fraction.
+        n_by_fraction: the number of runs each of those rhos was computed on (runs without a statistic
+            at a fraction are left out of its rho, so n can differ between fractions).
         flags: ``"reproduced"``, ``"not reproduced"``, ``"underpowered"``, ``"negative rho"``, ...
     """
 
@@ -50,6 +55,7 @@ class FamilyVerdict:
     missed: tuple[int, ...]
     rho_by_fraction: dict[float, float]
     flags: tuple[str, ...]
+    n_by_fraction: dict[float, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -121,11 +127,13 @@ def verdict(runs: Sequence[RunRecord], *, target: float, families: Sequence[str]
         missed = tuple(t for t, v in sorted(T.items()) if not math.isfinite(v))
         w = main.within.get(family) if main is not None else None
         b = base.within.get(family) if base is not None else None
-        rho, p, n = (w.rho, w.pvalue, w.n) if w is not None else (math.nan, math.nan, len(members))
-        by_f = {f: (s.within[family].rho if s is not None and family in s.within else math.nan) for f, s in scans.items()}
+        rho, p, n = (w.rho, w.pvalue, w.n) if w is not None else (math.nan, math.nan, 0)
+        scanned = {f: (s.within.get(family) if s is not None else None) for f, s in scans.items()}
+        by_f = {f: x.rho if x is not None else math.nan for f, x in scanned.items()}
+        n_by_f = {f: x.n if x is not None else 0 for f, x in scanned.items()}
         out[family] = FamilyVerdict(family, rho, p, n, b.rho if b else math.nan, b.pvalue if b else math.nan,
-                                    reached, missed, by_f, _flags(rho, p, len(reached), why))
-    pooled = (main.rho, main.pvalue, main.n) if main is not None else (math.nan, math.nan, len(runs))
+                                    reached, missed, by_f, _flags(rho, p, len(reached), why), n_by_f)
+    pooled = (main.rho, main.pvalue, main.n) if main is not None else (math.nan, math.nan, 0)
     v = Verdict(target, fraction, window, unit, out, *pooled)
     return Verdict(**{**v.__dict__, "lines": tuple(_sentences(v))})
 
@@ -144,7 +152,7 @@ def _sentences(v: Verdict) -> list[str]:
                  + (f" (not: {', '.join(map(str, fam.missed))})" if fam.missed else ""))
         lines.append(f"{fam.family}: {reach}; rho = {_num(fam.rho)} (p = {_num(fam.pvalue, '.3g')}, n = {fam.n}); "
                      f"noise-scale baseline rho = {_num(fam.baseline_rho)}; verdict: {', '.join(fam.flags)}.")
-        scan = ", ".join(f"{f:.0%}: {_num(r)}" for f, r in fam.rho_by_fraction.items())
+        scan = ", ".join(f"{f:.0%}: {_num(r)} (n = {fam.n_by_fraction.get(f, 0)})" for f, r in fam.rho_by_fraction.items())
         lines.append(f"  {fam.family} rho by progress fraction: {scan}.")
     lines.append(f"Pooled across families (min-max normalized per family): rho = {_num(v.pooled_rho)} "
                  f"(p = {_num(v.pooled_pvalue, '.3g')}, n = {v.pooled_n}).")

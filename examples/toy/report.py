@@ -49,9 +49,11 @@ def _at_progress(run: RunRecord, f: float) -> Measurement:
     return min(run.measurements, key=lambda m: abs((run.progress(m) or 0.0) - f))
 
 
-def _rho_scan(runs, families, target, window) -> dict[str, dict[float, float]]:
+def _rho_scan(runs, families, target, window) -> tuple[dict[str, dict[float, float]], dict[str, dict[float, int]]]:
+    """Per family, the within-family rho at each scan fraction, and the number of runs it was computed on
+    (a run without a statistic at a fraction, or cut short before the target, is left out of that rho)."""
     eps = token_inefficiency(runs, target)
-    out = {f: {} for f in families}
+    out, ns = {f: {} for f in families}, {f: {} for f in families}
     for frac in SCAN_FRACTIONS:
         try:
             score = TailPredictor(frac, window=window).fit(runs).score(targets=eps)
@@ -59,8 +61,8 @@ def _rho_scan(runs, families, target, window) -> dict[str, dict[float, float]]:
             continue
         for fam in families:
             if fam in score.within:
-                out[fam][frac] = score.within[fam].rho
-    return out
+                out[fam][frac], ns[fam][frac] = score.within[fam].rho, score.within[fam].n
+    return out, ns
 
 
 def _matched(runs, family, target, window):
@@ -98,7 +100,7 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
     target, window, families = workload.target_loss, tuple(workload.window), tuple(workload.families)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        scan = _rho_scan(runs, families, target, window)
+        scan, scan_n = _rho_scan(runs, families, target, window)
     last = families[-1]
     matched = _matched(runs, last, target, window)
     rho_tier = math.nan
@@ -112,11 +114,13 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
              "(one predicted target), so T and Q count examples and examples/s.", "",
              f"Within-family Spearman rho between alpha over ranks {window[0]}-{window[1]} (last-position "
              "activations of the last block) and realized eps_tok (examples to target / the family's best), "
-             "at each progress fraction. Tiers that never reach the target rank last.", "",
+             "at each progress fraction, and the number of runs n each rho was computed on. Tiers that never "
+             "reach the target rank last.", "",
              "| family | " + " | ".join(f"{f:.0%}" for f in SCAN_FRACTIONS) + " |",
              "|---|" + "---|" * len(SCAN_FRACTIONS)]
     for fam in families:
         lines.append(f"| {fam} | " + " | ".join(_num(scan[fam].get(f, math.nan)) for f in SCAN_FRACTIONS) + " |")
+        lines.append(f"| {fam} n | " + " | ".join(str(scan_n[fam].get(f, 0)) for f in SCAN_FRACTIONS) + " |")
     sections.append("\n".join(lines))
 
     lines = [f"## Matched-loss spectra by tier, {last} (Fig. 11a analogue)", ""]
@@ -167,6 +171,7 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
         "## Our numbers beside the paper's", "",
         "| claim | paper | this run |", "|---|---|---|",
         f"| Fig. 4a | {PAPER['fig4a']} | Muon rho at 20% = {_num(ours_4a)}"
+        + (f" (n = {scan_n['Muon'][0.2]})" if 0.2 in scan_n.get("Muon", {}) else "")
         + ("" if "Muon" in families else " (Muon not in this preset)") + " |",
         f"| Fig. 11a | {PAPER['fig11a']} | {last}: rho(tier, alpha at matched loss) = {_num(rho_tier)} over "
         f"{len(matched)} tiers |",

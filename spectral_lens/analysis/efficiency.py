@@ -61,15 +61,26 @@ class SweepWarning(SpectralLensWarning):
 def divergence(run: RunRecord) -> str | None:
     """Why ``run`` counts as diverged, in one line naming it, or ``None``.
 
-    A run diverged when any of its logged ``val_loss`` / ``train_loss`` values (``log.jsonl`` events
-    and measurements) is not finite (NaN, +-inf); the line names the first such value in token order.
+    A run diverged when its losses end non-finite: at the last token count where it logged a
+    ``val_loss`` or ``train_loss`` (``log.jsonl`` events and measurements), one of them is NaN or
+    +-inf. A non-finite loss followed by finite ones is a step the run recovered from (an fp16
+    overflow step that the GradScaler skipped, the NaN ``val_loss`` of an empty evaluation batch) and
+    does not count. The line names where the non-finite losses began: the first one after the last
+    token count whose losses were all finite.
     """
     pts = [(e["tokens"], e["step"], k, float(e[k])) for e in run.events
            for k in ("val_loss", "train_loss") if e.get(k) is not None]
     pts += [(m.tokens, m.step, "val_loss", m.val_loss) for m in run.measurements if m.val_loss is not None]
-    bad = [p for p in pts if not math.isfinite(p[3])]
-    if not bad:
+    if not pts:
         return None
+    healthy: dict[int, bool] = {}  # token count -> every loss logged there is finite
+    for p in pts:
+        healthy[p[0]] = healthy.get(p[0], True) and math.isfinite(p[3])
+    end = max(healthy)
+    if healthy[end]:
+        return None
+    start = max((t for t, ok in healthy.items() if ok and t < end), default=-math.inf)
+    bad = [p for p in pts if p[0] > start and not math.isfinite(p[3])]
     tokens, step, key, value = min(bad, key=lambda p: p[0])  # min keeps the first of equal token counts
     total = run.info.total_tokens
     share = f", {tokens / total:.0%} of its token budget" if total else ""
@@ -184,8 +195,8 @@ def token_inefficiency(
     A run that never reached ``target`` gets ``inf`` when it ran its whole budget or diverged
     (:func:`divergence`); one that stopped earlier (cut short: its records reach less than
     :data:`COMPLETE_COVERAGE` of ``RunInfo.total_tokens``, see :func:`coverage`) might still have
-    reached it, so its ``eps_tok`` is unknown: NaN (Spearman scores leave it out), with a
-    :class:`SweepWarning` naming it.
+    reached it (or is still running), so its ``eps_tok`` is unknown: NaN (Spearman scores leave it
+    out, and their ``n`` does not count it), with a :class:`SweepWarning` naming it.
     """
     out: dict[str, float] = {}
     for family, members in group_by_family(runs).items():
@@ -209,8 +220,8 @@ def token_inefficiency(
             )
         for rid, c in short.items():
             warnings.warn(
-                f"run {rid!r} stopped at {c:.0%} of its token budget without reaching val loss {target}: it is "
-                "cut short, not slow, so its eps_tok is unknown (NaN) and the score leaves it out",
+                f"run {rid!r} has records to {c:.0%} of its token budget and has not reached val loss {target}: "
+                "cut short (or still running), not slow, so its eps_tok is unknown (NaN) and the score leaves it out",
                 SweepWarning,
                 stacklevel=2,
             )

@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 
 from ..records import open_runs
-from .early import FractionNotReachedError
-from .efficiency import divergence, group_by_family
+from .early import FractionNotReachedError, NoEarlyStatisticError
+from .efficiency import NO_FAMILY, divergence, group_by_family
 from .ranking import TierRanking, rank_tiers
 from .tail import TailPredictor
 from .tier_predictor import TierPredictor
@@ -51,7 +51,8 @@ class SweepDecision:
         fraction: the decision fraction.
         ready: ``True`` when the decision was made (no tier left waiting under ``wait_for_all``).
         decisions: one :class:`TierDecision` per tier, best first (then the tiers stopped because
-            every run of theirs diverged, waiting tiers last).
+            every run of theirs diverged, the tiers continued unjudged because none of their runs has
+            a usable statistic at the fraction, waiting tiers last).
     """
 
     family: str
@@ -89,10 +90,15 @@ class SweepController:
        tier's (statistically indistinguishable from the best);
     3. its probability of being the best, ``p_best``, is at least ``min_probability``.
 
-    Otherwise it is **stopped**. A tier whose every run diverged (a NaN or infinite loss in its
-    records, :func:`~spectral_lens.analysis.divergence`) is stopped at once, with that as the reason,
-    instead of being waited for; a diverged run of a tier with other runs is left out. When sigmas are NaN (too few measurements), only rules 1 and the
-    ``margin`` part of 2 apply, and the reason says so.
+    Otherwise it is **stopped**. A tier whose every run diverged (its logged losses end NaN or
+    infinite, :func:`~spectral_lens.analysis.divergence`) is stopped at once, with that as the reason,
+    instead of being waited for; a diverged run of a tier with other runs is left out. A tier none of
+    whose runs can have a usable statistic at the fraction (measured only after it, a spectrum there
+    that cannot be fitted: :class:`~spectral_lens.analysis.NoEarlyStatisticError`) is continued
+    unjudged, with that as the reason, and the other tiers are decided (when no run of a family can be
+    judged, :class:`~spectral_lens.analysis.NoEarlyStatisticError` names every run's reason). When
+    sigmas are NaN (too few measurements), only rules 1 and the ``margin`` part of 2 apply, and the
+    reason says so.
 
     Args:
         predictor: a fitted-or-not :class:`TailPredictor` (default ``TailPredictor(window=window)``)
@@ -140,7 +146,7 @@ class SweepController:
                 raise ValueError(f"run {r.run_id!r}: RunInfo.batch_tier is not set; the controller decides per tier")
         for family, members in group_by_family(runs).items():
             tier_ids = _tier_ids((r.info.batch_tier, r.run_id) for r in members)  # every run of each tier
-            reached, waiting, diverged = [], {}, {}
+            reached, waiting, diverged, unjudged = [], {}, {}, {}
             for r in members:
                 why = divergence(r)
                 if why is not None:  # it will not reach the fraction (or its value there means nothing): stop it
@@ -151,15 +157,26 @@ class SweepController:
                 except FractionNotReachedError as exc:
                     waiting.setdefault(r.info.batch_tier, []).append((r.run_id, str(exc)))
                     continue
+                except NoEarlyStatisticError as exc:  # measured only after the fraction, or not fittable there
+                    unjudged.setdefault(r.info.batch_tier, []).append(str(exc))
+                    continue
                 reached.append((s.tier, s.run_id, *pred._badness(s, r)))
+            if unjudged and not (reached or waiting or diverged):  # no run can be judged: a setup error
+                where = "" if family == NO_FAMILY else f" of family {family!r}"
+                raise NoEarlyStatisticError(f"{type(self).__name__}: no run{where} has a usable {pred.statistic} at "
+                                            f"{frac:.0%}: " + "; ".join(w for ws in unjudged.values() for w in ws))
             if not self.wait_for_all:  # a tier with some runs past the fraction is decided on those
                 waiting = {t: rows for t, rows in waiting.items() if t not in {e[0] for e in reached}}
             # a tier whose every run diverged is stopped; one with a healthy run is decided on that run
             live = {e[0] for e in reached} | set(waiting)
-            dead = tuple(TierDecision(t, "stop", tier_ids[t], math.nan, math.nan, math.nan, "; ".join(whys))
+            aside = tuple(TierDecision(t, "stop", tier_ids[t], math.nan, math.nan, math.nan, "; ".join(whys))
                          for t, whys in sorted(diverged.items()) if t not in live)
-            if dead and not reached and not waiting:
-                out[family] = SweepDecision(family, frac, True, dead)
+            # a tier with no usable statistic that will not get one is not judged: it is not stopped on no evidence
+            aside += tuple(TierDecision(t, "continue", tier_ids[t], math.nan, math.nan, math.nan,
+                                       f"not judged (no usable {pred.statistic} at {frac:.0%}): " + "; ".join(whys))
+                          for t, whys in sorted(unjudged.items()) if t not in live and t not in diverged)
+            if aside and not reached and not waiting:
+                out[family] = SweepDecision(family, frac, True, aside)
                 continue
             wait = {
                 t: TierDecision(t, "wait", tier_ids[t], math.nan, math.nan, math.nan,
@@ -170,11 +187,11 @@ class SweepController:
                 note = f"reached {frac:.0%}; waiting for tier(s) {', '.join(_fmt_tier(t) for t in wait)}"
                 held = {t: TierDecision(t, "wait", tier_ids[t], math.nan, math.nan, math.nan, note)
                         for t in _tier_ids(reached) if t not in wait}
-                out[family] = SweepDecision(family, frac, False, tuple(held.values()) + dead + tuple(wait.values()))
+                out[family] = SweepDecision(family, frac, False, tuple(held.values()) + aside + tuple(wait.values()))
                 continue
             ranking = rank_tiers(family, reached, statistic=pred.statistic, n_draws=pred.n_draws,
                                  random_state=pred.random_state)
-            out[family] = SweepDecision(family, frac, True, self._decide(ranking, tier_ids) + dead + tuple(wait.values()))
+            out[family] = SweepDecision(family, frac, True, self._decide(ranking, tier_ids) + aside + tuple(wait.values()))
         return out
 
     def _decide(self, rk: TierRanking, tier_ids: dict[float, tuple[str, ...]]) -> tuple[TierDecision, ...]:

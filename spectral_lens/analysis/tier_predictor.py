@@ -25,7 +25,8 @@ __all__ = ["FamilyScore", "PredictionScore", "TierPredictor"]
 
 @dataclass(frozen=True)
 class FamilyScore:
-    """Spearman correlation of one family's early statistic with its realized ``eps_tok``."""
+    """Spearman correlation of one family's early statistic with its realized ``eps_tok``; ``n`` is the
+    number of runs it was computed on (runs with an unknown, NaN ``eps_tok`` are not counted)."""
 
     rho: float
     pvalue: float
@@ -41,7 +42,9 @@ class PredictionScore:
         rho, pvalue, n: Spearman correlation (``scipy.stats.spearmanr``) between the per-family
             min-max normalized statistic and ``eps_tok``, pooled over all runs (for one family this
             equals the within-family value: min-max scaling keeps ranks). The two-sided p-value is
-            exact (all rank permutations) for n <= 8, scipy's t-approximation above.
+            exact (all rank permutations) for n <= 8, scipy's t-approximation above. ``n`` counts the
+            runs the rho was computed on: a run whose ``eps_tok`` is NaN (cut short before the target,
+            or a family where no run reached it) is in ``points`` but not in ``n``.
         within: per family, :class:`FamilyScore` (rho is NaN with fewer than 3 runs, or constant input).
         mean_within_rho: mean of the finite within-family rhos (the paper's "within-family mean").
         points: ``(run_id, family, tier, normalized statistic, eps_tok)`` for plotting.
@@ -203,7 +206,8 @@ class TierPredictor:
 
         Within-family rhos use the raw statistic; the pooled rho uses per-family min-max
         normalized values (paper: "across-family rho"). Runs that never reached the target have
-        ``eps_tok = inf`` and rank last. Each run counts once (seeds are not averaged here).
+        ``eps_tok = inf`` and rank last; runs cut short before it have ``eps_tok = NaN`` and are left
+        out of the rhos and of their ``n``. Each run counts once (seeds are not averaged here).
         """
         if targets is None:
             raise ValueError("score needs targets: a target validation loss, or a mapping run id -> eps_tok")
@@ -221,20 +225,28 @@ class TierPredictor:
         for s in stats:
             by_family.setdefault(s.family, []).append(s)
         for family, members in by_family.items():
-            rho, p = spearman([values[s.run_id][0] for s in members], [eps[s.run_id] for s in members])
-            within[family] = FamilyScore(rho, p, len(members))
-        rho, p = spearman([norm[s.run_id] for s in stats], [eps[s.run_id] for s in stats])
+            x, y = [values[s.run_id][0] for s in members], [eps[s.run_id] for s in members]
+            rho, p = spearman(x, y)
+            within[family] = FamilyScore(rho, p, _pairs(x, y))
+        x, y = [norm[s.run_id] for s in stats], [eps[s.run_id] for s in stats]
+        rho, p = spearman(x, y)
         finite = [w.rho for w in within.values() if math.isfinite(w.rho)]
         points = tuple((s.run_id, s.family, s.tier, norm[s.run_id], eps[s.run_id]) for s in stats)
         return PredictionScore(
             statistic=self.statistic,
             rho=rho,
             pvalue=p,
-            n=len(stats),
+            n=_pairs(x, y),
             within=within,
             mean_within_rho=float(np.mean(finite)) if finite else math.nan,
             points=points,
         )
+
+
+def _pairs(x, y) -> int:
+    """The number of (statistic, eps_tok) pairs a Spearman rho is computed on: :func:`spearman` drops
+    a pair with a NaN (an ``eps_tok`` unknown because the run was cut short before the target)."""
+    return sum(1 for a, b in zip(x, y) if not (math.isnan(a) or math.isnan(b)))
 
 
 def _differ(family: str, values: dict[str, Any], what: str, why: str) -> list[str]:

@@ -35,10 +35,13 @@ def test_noise_scale_controller_waits_for_a_tier_just_launched(tmp_path):
     assert "no measurement with a known progress yet" in next(d for d in dec.decisions if d.tier == 2).reason
     partial = SweepController(NoiseScalePredictor(), wait_for_all=False).decide([a, b])["f"]
     assert partial.ready and partial.continue_tiers == [1] and partial.waiting_tiers == [2]
-    # a run with measurements but no noise scale is still a clear error
+    # a run with measurements but no noise scale is still a clear error when no run has one; beside runs
+    # that have one it is continued unjudged with that reason (review20: as predict leaves it out)
     c = _run(tmp_path, "c", PTS, tier=4, batch_size=32)
     with pytest.raises(ValueError, match="no measurement has a positive scalar 'noise_scale'"):
-        SweepController(NoiseScalePredictor()).decide([a, c])
+        SweepController(NoiseScalePredictor()).decide([c])
+    d4 = next(d for d in SweepController(NoiseScalePredictor()).decide([a, c])["f"].decisions if d.tier == 4)
+    assert d4.action == "continue" and "no measurement has a positive scalar 'noise_scale'" in d4.reason
 
 
 def test_controller_run_without_batch_tier_is_a_clear_error(tmp_path):

@@ -158,7 +158,7 @@ def test_a_run_cut_short_before_the_target_has_an_unknown_eps_tok_not_inf(base, 
     _stop_at(d / "toy-b16", 0.3)  # reaches 2.95 only at 45%: cut short before it
     _stop_at(d / "toy-b2", 0.3, diverge=True)  # diverged before the target: it will never reach it
     runs = open_runs([d])
-    with pytest.warns(SweepWarning, match=r"run 'toy-b16' stopped at 30% of its token budget without reaching"):
+    with pytest.warns(SweepWarning, match=r"run 'toy-b16' has records to 30% of its token budget and has not reached"):
         eps = token_inefficiency(runs, TARGET)
     assert math.isnan(eps["toy-b16"])  # before: inf, ranked as the slowest tier
     assert eps["toy-b2"] == math.inf
