@@ -264,8 +264,10 @@ def check_rows(capture, acc, rows: torch.Tensor) -> None:
     rows (no layer of ``capture`` holds state): :func:`check_fits` for all its layers, before any state exists.
     Later, where this layer's width is not the one that check counted (a width not known before its rows, or
     output changed by another hook): the check again, of what is still to come (this capture's layers without
-    state, other captures' claimed ones) against what is free now, before this layer's state exists."""
-    if not check_enabled():
+    state, other captures' claimed ones) against what is free now, before this layer's state exists. Rows of
+    which there are none (an MoE expert no token was routed to) make no state: nothing is checked until real
+    rows come (not once per forward, nor counted at an update of no rows)."""
+    if isinstance(rows, torch.Tensor) and not rows.is_nested and rows.numel() == 0 or not check_enabled():
         return
     accs = capture.accumulators
     if not any(a.initialized for a in accs.values()):
