@@ -118,10 +118,10 @@ def channels_first(module: nn.Module) -> Layout | None:
     ``data_format="channels_first"`` (``direct``: certain), or a container (an ``nn.Sequential``, a
     ResNet or ConvNeXt block) or a Linear/LayerNorm subclass, whose last module of known size (past
     activations, pooling and modules of unknown size) is given with the feature widths of the Linear
-    and LayerNorm layers in it (``widths``); a container's last Linear/LayerNorm only where it also holds a
-    channels-first module of that size or of unknown size (a conv, a pooling layer: ConvNeXt, Wav2Vec2); not ``direct``, the shape decides per output, see
-    :func:`refuse_channels_first`. ``None`` otherwise: nn.Linear, nn.LayerNorm, Embedding, Hugging
-    Face's channels-last ``Conv1D``, and containers without a module of known size."""
+    and LayerNorm layers in it (``widths``; a container's last Linear/LayerNorm only where it also holds a
+    channels-first module of that size or of unknown size: ConvNeXt, Wav2Vec2); not ``direct``, the shape
+    decides per output, see :func:`refuse_channels_first`. ``None`` otherwise: nn.Linear, nn.LayerNorm,
+    Embedding, Hugging Face's channels-last ``Conv1D``, and containers without a module of known size."""
     if _rank(module) is not None:
         return Layout(module, True, *_rank(module), _channels(module), frozenset())
     if type(module) in _LAST or _hf_conv1d(module):  # their output's last dim is their width: features last

@@ -230,7 +230,7 @@ def output_width(module: nn.Module, pick) -> int | None:
 # accumulator_bytes their check counted. While the capture is active, its layers that hold no state yet are memory
 # that is free now but that their first rows will take (_claimed); check_rows compares a layer's real width with
 # the one counted. Weak keys: a dropped capture claims nothing.
-_PASSES: "weakref.WeakKeyDictionary[object, tuple[torch.device, dict]]" = weakref.WeakKeyDictionary()
+_PASSES: weakref.WeakKeyDictionary[object, tuple[torch.device, dict]] = weakref.WeakKeyDictionary()
 _PASSES_LOCK = threading.Lock()  # hooks may run from several threads (nn.DataParallel's replicas)
 
 

@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from support.data import cov_eigs
 from torch import nn
 
 import spectral_lens as sl
 from spectral_lens import _memory
 from spectral_lens._memory import accumulator_bytes
-from support.data import cov_eigs
 
 TOL = 1e-10
 
@@ -159,7 +159,7 @@ def test_a_block_ending_in_a_linear_permuted_back_over_a_conv_is_still_refused()
     with sl.attach(model, "0") as cap, pytest.raises(TypeError, match=r"Linear of 6 features.*movedim\(1, -1\)"):
         model(x)
     assert cap.accumulators["0"].n_rows == 0
-    pick = lambda out: out.movedim(1, -1)  # noqa: E731
+    pick = lambda out: out.movedim(1, -1)
     with sl.attach(model, "0", pick=pick, precision="float64") as cap:
         model(x)
     _check(cap.accumulators["0"].compute(), pick(_output(model, "0", x)))
