@@ -4,7 +4,8 @@ the regressions found, and guards for what held.
 Channels-first rule: a block whose last module of known size is a Linear or LayerNorm was refused when its
 output held that width at dim 1 and another size last, even where nothing in the block is channels-first: an
 MoE block whose router Linear (one output per expert) is registered after its experts (bare parameters), as
-Hugging Face's ``LongcatFlashMoE`` is, at a sequence length equal to the expert count; a Linear then an LSTM.
+Hugging Face's ``LongcatFlashMoE`` is, at a sequence length equal to the expert count; a Linear then an LSTM;
+MLP-Mixer's token mixing with its transposes inside (at every input).
 Such a Linear or LayerNorm now counts only in a block that also holds a channels-first module of its size (a
 conv, a norm; or one of unknown size, a pooling layer), as ConvNeXt's and Wav2Vec2's do.
 
@@ -108,6 +109,26 @@ class ProjectedLSTM(nn.Module):
 
     def forward(self, x):
         return self.lstm(self.proj(x))[0]
+
+
+class TokenMixing(nn.Module):
+    """MLP-Mixer's token mixing with the transposes inside: Linear(T, h), GELU, Linear(h, T) over the positions,
+    (B, T, d) in and out, features last."""
+
+    def __init__(self, t: int = 7, h: int = 5) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(t, h), nn.Linear(h, t)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(x.transpose(1, 2)))).transpose(1, 2)
+
+
+def test_token_mixing_with_its_transposes_inside_is_read_as_it_is():
+    """Its last Linear has T outputs, which the output holds at dim 1 at every input (T is its input size):
+    it was refused at every forward as permuted back to channels first."""
+    torch.manual_seed(0)
+    model = TokenMixing().double().eval()
+    _read_as_it_is(model, "", torch.randn(3, 7, 6, dtype=torch.float64))
 
 
 def test_an_moe_block_ending_in_its_router_linear_is_read_as_it_is_at_t_equal_to_the_expert_count():
