@@ -118,15 +118,22 @@ def channels_first(module: nn.Module) -> Layout | None:
     ``data_format="channels_first"`` (``direct``: certain), or a container (an ``nn.Sequential``, a
     ResNet or ConvNeXt block) or a Linear/LayerNorm subclass, whose last module of known size (past
     activations, pooling and modules of unknown size) is given with the feature widths of the Linear
-    and LayerNorm layers in it (``widths``); not ``direct``, the shape decides per output, see
-    :func:`refuse_channels_first`. ``None`` otherwise: nn.Linear, nn.LayerNorm, Embedding, Hugging
-    Face's channels-last ``Conv1D``, and containers without a module of known size."""
+    and LayerNorm layers in it (``widths``; a container's last Linear/LayerNorm only where it also holds a
+    channels-first module of that size or of unknown size: ConvNeXt, Wav2Vec2); not ``direct``, the shape
+    decides per output, see :func:`refuse_channels_first`. ``None`` otherwise: nn.Linear, nn.LayerNorm,
+    Embedding, Hugging Face's channels-last ``Conv1D``, and containers without a module of known size."""
     if _rank(module) is not None:
         return Layout(module, True, *_rank(module), _channels(module), frozenset())
     if type(module) in _LAST or _hf_conv1d(module):  # their output's last dim is their width: features last
         return None
     leaf = _last_sized(module) if _width(module) is None else module
     if leaf is None:
+        return None
+    if leaf is not module and _rank(leaf) is None and not any(
+            _rank(m) is not None and _channels(m) in (None, _width(leaf)) for m in module.modules()):
+        # a block ending in a Linear/LayerNorm with no channels-first module of that size (or of unknown size)
+        # in it had nothing channels-first to permute back to: its output is read as it is (an MoE block whose
+        # router Linear is its last sized module, at T == the expert count; a Linear then an LSTM)
         return None
     widths = frozenset(w for w in map(_width, module.modules()) if w is not None)
     return Layout(leaf, False, *(_rank(leaf) or (False, None)), _sized(leaf), widths)

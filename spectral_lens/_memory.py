@@ -230,7 +230,7 @@ def output_width(module: nn.Module, pick) -> int | None:
 # accumulator_bytes their check counted. While the capture is active, its layers that hold no state yet are memory
 # that is free now but that their first rows will take (_claimed); check_rows compares a layer's real width with
 # the one counted. Weak keys: a dropped capture claims nothing.
-_PASSES: "weakref.WeakKeyDictionary[object, tuple[torch.device, dict]]" = weakref.WeakKeyDictionary()
+_PASSES: weakref.WeakKeyDictionary[object, tuple[torch.device, dict]] = weakref.WeakKeyDictionary()
 _PASSES_LOCK = threading.Lock()  # hooks may run from several threads (nn.DataParallel's replicas)
 
 
@@ -264,8 +264,10 @@ def check_rows(capture, acc, rows: torch.Tensor) -> None:
     rows (no layer of ``capture`` holds state): :func:`check_fits` for all its layers, before any state exists.
     Later, where this layer's width is not the one that check counted (a width not known before its rows, or
     output changed by another hook): the check again, of what is still to come (this capture's layers without
-    state, other captures' claimed ones) against what is free now, before this layer's state exists."""
-    if not check_enabled():
+    state, other captures' claimed ones) against what is free now, before this layer's state exists. Rows of
+    which there are none (an MoE expert no token was routed to) make no state: nothing is checked until real
+    rows come (not once per forward, nor counted at an update of no rows)."""
+    if isinstance(rows, torch.Tensor) and not rows.is_nested and rows.numel() == 0 or not check_enabled():
         return
     accs = capture.accumulators
     if not any(a.initialized for a in accs.values()):
