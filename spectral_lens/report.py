@@ -96,7 +96,7 @@ def sweep_notes(notes: list[str]):
 
 
 def run_status(run: RunRecord) -> str:
-    """``"diverged"`` (the logged losses end NaN or infinite), ``"cut short at N%"`` (the records end
+    """``"diverged"`` (the logged losses end NaN or infinite), ``"ends at N% of budget"`` (the records end
     before :data:`~spectral_lens.analysis.COMPLETE_COVERAGE` of the token budget: preempted, or
     still running), ``"complete"``, or ``"–"`` when the budget is unknown."""
     if divergence(run) is not None:
@@ -104,7 +104,7 @@ def run_status(run: RunRecord) -> str:
     c = coverage(run)
     if c is None:
         return "–"
-    return "complete" if c >= COMPLETE_COVERAGE else f"cut short at {c:.0%}"
+    return "complete" if c >= COMPLETE_COVERAGE else f"ends at {c:.0%} of budget"
 
 
 @dataclass

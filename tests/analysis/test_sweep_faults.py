@@ -128,7 +128,7 @@ def test_inspect_says_a_run_diverged_or_was_cut_short(base, tmp_path, capsys):
         assert main(["inspect", str(d / run)]) == 0
         status[run] = [line.strip() for line in capsys.readouterr().out.splitlines() if "status:" in line]
     assert status["toy-b16"] == ["status: diverged: val_loss nan at step 334 (3.502e+08 tokens, 35% of its token budget)"]
-    assert status["toy-b2"] == ["status: cut short at 60%"] and status["toy-b4"] == ["status: complete"]
+    assert status["toy-b2"] == ["status: ends at 60% of budget"] and status["toy-b4"] == ["status: complete"]
 
 
 def test_the_controller_stops_a_diverged_tier_instead_of_waiting_for_it(base, tmp_path):
@@ -197,7 +197,7 @@ def test_the_report_shows_status_and_notes_instead_of_dropping_the_prediction(ba
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
             for line in text.splitlines() if line.startswith("| toy-b")}
     assert rows["toy-b16"][-1] == "diverged" and rows["toy-b16"][-2] == "left out (see notes)"
-    assert rows["toy-b2"][-1] == "cut short at 60%" and rows["toy-b4"][-1] == "complete"
+    assert rows["toy-b2"][-1] == "ends at 60% of budget" and rows["toy-b4"][-1] == "complete"
     diverged = [n for n in rep.notes if "toy-b16" in n]
     assert len(diverged) == 1 and "diverged" in diverged[0] and "left out of the rankings and scores" in diverged[0]
 
