@@ -73,7 +73,9 @@ def speedrun_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> lis
         if not best <= target:
             missed.append(f"| {r.run_id} | {r.info.family} | {r.info.batch_tier:g} | {_fmt(best)} |")
     sections.append("## Target loss\n\n" + (
-        "Runs that did NOT reach the pre-registered target (their eps_tok is infinite and they rank last):\n\n"
+        "Runs that did NOT reach the pre-registered target (a run that finished its budget without reaching it "
+        "has eps_tok infinite and ranks last; a run cut short before it has no eps_tok and is left out of the "
+        "scores):\n\n"
         "| run | family | tier | best validation loss |\n|---|---|---|---|\n" + "\n".join(missed)
         if missed else f"Every run reached {target:g}."))
 
