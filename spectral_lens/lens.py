@@ -518,8 +518,9 @@ class SpectralLens:
         agree(self.group, error, "the activation pass")
         named = sorted(capture.accumulators.items(), key=lambda item: item[0])  # one order on every rank
         # a Ctrl-C on one rank between these collectives (one sync per layer) is held back until they ended and
-        # agreed below, instead of leaving the other ranks waiting in the next one
-        with deferred_interrupt() as interrupted:
+        # agreed below, instead of leaving the other ranks waiting in the next one (no collective here in a single
+        # process: its SIGINT handler is left alone)
+        with deferred_interrupt() if tp is not None or world > 1 else contextlib.nullcontext([]) as interrupted:
             if tp is not None:
                 check_replicated(named, tp[1])
             if world > 1:  # (one tensor-parallel replica: world 1 here, its ranks' rows are the same, not summed)
