@@ -13,12 +13,16 @@ Found and fixed here (each test below failed before):
   exception was raised instead of ``KeyboardInterrupt`` (a caller that catches that error went on); so was one
   held during a sync whose own local work failed too;
 * an accumulator's own ``sync()``: a Ctrl-C during its first collective (the status) raised at once, leaving the
-  other ranks waiting in the sums' first collective until the process-group timeout.
+  other ranks waiting in the sums' first collective until the process-group timeout;
+* ``lens.gradient_spectra()`` / ``lens.activation_spectra()`` called by themselves (public, not through
+  ``measure``) agreed on nothing: ``params=()`` on one rank left both ranks waiting until the timeout, another
+  ``mask_fn`` mixed the rows silently.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import signal
 import threading
@@ -57,17 +61,24 @@ def peer(monkeypatch):
     tensor as sent, ``on_call``: an action run inside the n-th all_reduce (``{n: fn}``)."""
     import torch.distributed as dist
 
-    state = {"calls": [], "on_call": {}}
+    state = {"calls": [], "on_call": {}, "settings": None}
 
     def all_reduce(t, op=None, group=None):
         state["calls"].append(t.clone())
         action = state["on_call"].get(len(state["calls"]))
         if action is not None:
             action()
+        if state["settings"] is not None:  # the other rank's settings digest in its slot (agree_settings)
+            text = "\n".join(f"{k}={v}" for k, v in sorted(state["settings"].items()))
+            t[3] = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
+            t[1] = 1
+
+    def all_gather_object(out, obj, group=None):
+        out[0], out[1] = obj, state["settings"]
 
     for name, value in {"is_initialized": lambda: True, "get_rank": lambda group=None: 0,
                         "get_world_size": lambda group=None: 2, "get_backend": lambda group=None: "gloo",
-                        "all_reduce": all_reduce}.items():
+                        "all_reduce": all_reduce, "all_gather_object": all_gather_object}.items():
         monkeypatch.setattr(dist, name, value)
     return state
 
@@ -214,6 +225,24 @@ def test_a_ctrl_c_and_a_failure_in_one_sync_raise_the_interrupt(peer, python_sig
     monkeypatch.setattr(sync, "reshift", reshift)
 
 
+# ---------------------------------------------------------------- the public passes, called by themselves
+@pytest.mark.parametrize("method", ["gradient_spectra", "activation_spectra"])
+def test_the_public_passes_called_alone_agree_on_the_settings(peer, monkeypatch, method):
+    """The other rank (simulated) has no gradient protocol (``params=()``): ``gradient_spectra()`` or
+    ``activation_spectra()`` called by itself raises the ValueError naming it after one all_reduce, before any
+    pass (before: no agreement; the gradient protocol ran on this rank while the other skipped its collectives)."""
+    torch.manual_seed(0)
+    lens = SpectralLens(TinyLM().double(), lm_pool(n_batches=2), progress=False)
+    passes = []
+    monkeypatch.setattr(lens, "_gradient_pass", lambda: passes.append("gradient"))
+    monkeypatch.setattr(lens, "_activation_pass", lambda *a: passes.append("activation"))
+    peer["settings"] = {**lens._settings(), "params": "() (no gradient protocol)"}
+    with pytest.raises(ValueError, match=r"params=<probed matrices> on global rank 0, params=\(\) \(no gradient "
+                                         r"protocol\) on global rank 1"):
+        getattr(lens, method)()
+    assert passes == [] and len(peer["calls"]) == 1
+
+
 # ---------------------------------------------------------------- collectives counted on 2 gloo ranks
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
                 "broadcast_object_list", "barrier", "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather",
@@ -282,7 +311,14 @@ def _count_sync(rank):
     return _counted(acc.sync)
 
 
-COUNT_CASES = {"measure": _count_measure, "training_step": _count_training_step, "sync": _count_sync}
+def _gradient_spectra_params_on_rank0_only(rank):
+    torch.manual_seed(0)
+    return SpectralLens(TinyLM().double(), lm_pool(n_batches=2), progress=False,
+                        **({} if rank == 0 else {"params": ()})).gradient_spectra()
+
+
+COUNT_CASES = {"measure": _count_measure, "training_step": _count_training_step, "sync": _count_sync,
+               "gradient_spectra_params_on_rank0_only": _gradient_spectra_params_on_rank0_only}
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +337,13 @@ def test_the_agreement_adds_one_collective_per_measurement_and_none_elsewhere(co
     assert measured == [{"added": 1, "per_batch": 0}] * 2, measured
     assert [r["value"] for r in checked_case(counts, "training_step", None)] == [0, 0]
     assert [r["value"] for r in checked_case(counts, "sync", None)] == [5, 5]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_gradient_spectra_alone_with_params_on_one_rank_is_refused_on_every_rank_at_once(counts):
+    """Before: rank 1 (``params=()``) returned at once and met rank 0's gradient agreement in the barrier after
+    the case; both waited until the 30 s process-group timeout."""
+    got = checked_case(counts, "gradient_spectra_params_on_rank0_only", 15.0)
+    assert [r["error"].startswith("ValueError: SpectralLens: the ranks' lenses are configured differently (params=")
+            for r in got] == [True, True], got
