@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from spectral_lens import ActivationCovarianceAccumulator, SpectralLens
+from spectral_lens import _pools
 from spectral_lens._agree import callable_name
 from spectral_lens._sync import deferred_interrupt
 
@@ -130,6 +131,11 @@ def test_what_the_names_do_not_tell_apart():
     assert callable_name(lambda b: b) == callable_name(lambda b: None)
     assert callable_name(functools.partial(_mask, pad=0)) == callable_name(functools.partial(_mask, pad=1))
     assert callable_name(_MaskA().__call__).endswith("._MaskA.__call__")
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    default, explicit = (SpectralLens(model, lm_pool(n_batches=1), params=(), progress=False, **kw)._settings()
+                         for kw in ({}, {"autocast_dtype": None, "mask_fn": _pools.attention_mask}))
+    assert default == explicit  # a default given explicitly on one rank is no mismatch
 
 
 # ---------------------------------------------------------------- the SIGINT handler
