@@ -11,6 +11,7 @@ import threading
 
 import torch
 
+from ._agree import _OUT_OF_STEP, out_of_step
 from ._persistence import _NONFINITE
 from .spectra.moments import PRECISIONS, representable_shift, reshift
 
@@ -156,7 +157,10 @@ def deferred_interrupt():
         yield got
     except BaseException as exc:
         if got and not isinstance(exc, KeyboardInterrupt):  # (all ranks raise here anyway, or are out of step)
-            raise KeyboardInterrupt from exc
+            interrupt = KeyboardInterrupt()
+            if out_of_step(exc):  # no agreement is tried after it either
+                setattr(interrupt, _OUT_OF_STEP, True)
+            raise interrupt from exc
         raise
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)

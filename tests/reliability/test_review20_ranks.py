@@ -33,7 +33,7 @@ import torch
 
 from spectral_lens import ActivationCovarianceAccumulator, SpectralLens
 from spectral_lens import _pools
-from spectral_lens._agree import callable_name
+from spectral_lens._agree import callable_name, mark_out_of_step, out_of_step
 from spectral_lens._sync import deferred_interrupt
 
 from support.models import TinyLM, lm_pool
@@ -156,8 +156,13 @@ def test_a_held_ctrl_c_is_not_lost_when_an_error_leaves_the_block(python_sigint)
         with deferred_interrupt():
             _sigint_here()
             raise ValueError("another rank's failure")
-    assert isinstance(got.value.__cause__, ValueError)
+    assert isinstance(got.value.__cause__, ValueError) and not out_of_step(got.value)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt) as got:  # a collective's failure: the interrupt is out of step too
+        with deferred_interrupt():
+            _sigint_here()
+            raise mark_out_of_step(RuntimeError("a collective timed out"), "a test", failed=False)
+    assert out_of_step(got.value)
 
 
 def test_nested_blocks_hold_in_the_outer_one_and_restore_once(python_sigint):
