@@ -8,6 +8,7 @@ process-group timeout. Used by :class:`~spectral_lens.SpectralLens` and the inte
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import warnings
 
@@ -154,12 +155,18 @@ def agree_settings(group, settings: dict[str, str], error: BaseException | None,
 
 def callable_name(fn) -> str:
     """``fn``'s module and qualified name (the same in every rank's process for the same function), ``None``
-    as ``None``: how :func:`agree_settings` compares a ``mask_fn`` or ``pick``."""
+    as ``None``: how :func:`agree_settings` compares a ``mask_fn`` or ``pick``. A ``functools.partial`` is named
+    by its function, an instance of a class by its class; the script's module is ``__main__`` on every rank (a
+    process started by ``multiprocessing``'s spawn, as ``mp.spawn`` starts them, runs it as ``__mp_main__``).
+    Not compared: a lambda's or closure's code and captured values, a partial's arguments (two lambdas of one
+    module have the same name)."""
     if fn is None:
         return "None"
-    fn = getattr(fn, "func", fn)  # functools.partial: its function
+    if isinstance(fn, functools.partial):  # (only a partial: another callable's own .func attribute is not it)
+        fn = fn.func
     name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{name}"
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    return f"{'__main__' if module == '__mp_main__' else module}.{name}"
 
 
 def batch_structure(batch) -> str:

@@ -11,6 +11,7 @@ import threading
 
 import torch
 
+from ._agree import _OUT_OF_STEP, out_of_step
 from ._persistence import _NONFINITE
 from .spectra.moments import PRECISIONS, representable_shift, reshift
 
@@ -66,7 +67,8 @@ def _sync_status(group, dev: torch.device, label: str, name: str | None, dim: in
         )
 
 
-def _summed(group, state: tuple[torch.Tensor, ...], precision: str, low_products: bool, underflowed: bool):
+def _summed(group, state: tuple[torch.Tensor, ...], precision: str, low_products: bool, underflowed: bool,
+            interrupted: list[bool]):
     """The sum over the ranks of ``group`` of each rank's ``state`` ``(n, m, S, shift, bad_rows, first_bad)``
     (as :func:`~spectral_lens.accumulate._zero_state` orders it), re-shifted exactly to a common shift
     (the global mean): ``((n, m, S, shift, bad_rows, first_bad), (bad_ranks, low_products, underflowed,
@@ -74,43 +76,44 @@ def _summed(group, state: tuple[torch.Tensor, ...], precision: str, low_products
     such rows. Touches no accumulator: a collective that fails part-way leaves every state as it was.
 
     A failure of this rank's local work between the collectives (an out-of-memory in the d x d re-shift) or a
-    Ctrl-C during them (held back: :func:`deferred_interrupt`) does not leave the other ranks waiting in the
-    next collective: this rank takes part in the remaining ones with zeros, its failure rides in the last one,
-    and then every rank raises (this one its own exception, the others a ``RuntimeError`` naming it)."""
+    Ctrl-C during them (held back by the caller's :func:`deferred_interrupt`, whose list ``interrupted`` is, from
+    before the status collective on) does not leave the other ranks waiting in the next collective: this rank
+    takes part in the remaining ones with zeros, its failure rides in the last one, and then every rank raises
+    (this one its own exception, the others a ``RuntimeError`` naming it). A held Ctrl-C is raised here in any
+    case (``KeyboardInterrupt``, this rank's other error as its cause)."""
     import torch.distributed as dist
 
     n, m0, s0, shift, bad, first = state
     d, dev = m0.shape[0], m0.device
     error = None
-    with deferred_interrupt() as interrupted:
-        try:
-            n64 = n.to(torch.float64)
-            totals = torch.cat([m0 + n64 * shift, n64.view(1)])
-        except BaseException as exc:  # an interrupt too, where it is not held back
-            error, totals = exc, torch.zeros(d + 1, dtype=torch.float64, device=dev)
-        dist.all_reduce(totals, group=group)
-        try:
-            if error is not None:
-                raise error
-            common = shift if float(totals[-1]) == 0 else representable_shift(totals[:-1] / totals[-1], precision)
-            m, s = reshift(n, m0, s0, shift, common)
-            packed = torch.cat([m, n64.view(1), bad.to(torch.float64).view(1)])
-        except BaseException as exc:  # zeros in the sums: every rank raises below, nothing is kept
-            error, s, packed = exc, torch.zeros(d, d, dtype=torch.float64, device=dev), torch.zeros(
-                d + 2, dtype=torch.float64, device=dev)
-        dist.all_reduce(s, group=group)
-        dist.all_reduce(packed, group=group)
-        # each rank's first update with NaN/Inf rows (-1: none), so that the errors can name the ranks;
-        # any rank's products below float64 -> all ranks check their range; each rank's failure above
-        world, me = dist.get_world_size(group), dist.get_rank(group)
-        flags = torch.full((2 * world + 2,), -1, dtype=torch.int64, device=first.device)
-        flags[me] = first
-        flags[world] = int(low_products)
-        flags[world + 1] = int(underflowed)
-        flags[world + 2 + me] = int(error is not None or bool(interrupted))
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    if error is None and interrupted:
-        error = KeyboardInterrupt()
+    try:
+        n64 = n.to(torch.float64)
+        totals = torch.cat([m0 + n64 * shift, n64.view(1)])
+    except BaseException as exc:  # an interrupt too, where it is not held back
+        error, totals = exc, torch.zeros(d + 1, dtype=torch.float64, device=dev)
+    dist.all_reduce(totals, group=group)
+    try:
+        if error is not None:
+            raise error
+        common = shift if float(totals[-1]) == 0 else representable_shift(totals[:-1] / totals[-1], precision)
+        m, s = reshift(n, m0, s0, shift, common)
+        packed = torch.cat([m, n64.view(1), bad.to(torch.float64).view(1)])
+    except BaseException as exc:  # zeros in the sums: every rank raises below, nothing is kept
+        error, s, packed = exc, torch.zeros(d, d, dtype=torch.float64, device=dev), torch.zeros(
+            d + 2, dtype=torch.float64, device=dev)
+    dist.all_reduce(s, group=group)
+    dist.all_reduce(packed, group=group)
+    # each rank's first update with NaN/Inf rows (-1: none), so that the errors can name the ranks;
+    # any rank's products below float64 -> all ranks check their range; each rank's failure above
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    flags = torch.full((2 * world + 2,), -1, dtype=torch.int64, device=first.device)
+    flags[me] = first
+    flags[world] = int(low_products)
+    flags[world + 1] = int(underflowed)
+    flags[world + 2 + me] = int(error is not None or bool(interrupted))
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    if interrupted and not isinstance(error, KeyboardInterrupt):  # (one during the last collective: not agreed)
+        raise KeyboardInterrupt from error
     if error is not None:
         raise error
     failed = [r if group is None else dist.get_global_rank(group, r)
@@ -136,7 +139,8 @@ def deferred_interrupt():
     and the others waiting in the next one until the process-group timeout: yields a list that a Ctrl-C makes
     ``[True]``, for the caller to agree on with the other ranks and then raise; a second Ctrl-C raises at once.
     Only where Ctrl-C would raise ``KeyboardInterrupt`` (Python's own SIGINT handler, the main thread), and not
-    inside another ``deferred_interrupt`` (that one holds it); the handler is restored on exit."""
+    inside another ``deferred_interrupt`` (that one holds it); the handler is restored on exit. A held Ctrl-C is
+    never lost: an exception leaving the block while one is held becomes the ``KeyboardInterrupt``'s cause."""
     got: list[bool] = []
     if threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
@@ -151,5 +155,12 @@ def deferred_interrupt():
     signal.signal(signal.SIGINT, hold)
     try:
         yield got
+    except BaseException as exc:
+        if got and not isinstance(exc, KeyboardInterrupt):  # (all ranks raise here anyway, or are out of step)
+            interrupt = KeyboardInterrupt()
+            if out_of_step(exc):  # no agreement is tried after it either
+                setattr(interrupt, _OUT_OF_STEP, True)
+            raise interrupt from exc
+        raise
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -29,7 +29,7 @@ from ._chunk_sums import _adopt_shift, _call_sums, _cpu_chunk_sums, _cpu_path
 from ._compute import _finite_check, _host_copies, _row_count, _Setup, _spectrum_of, _Sums
 from ._lower_s import _add_deferred, _defer, _pending_factors, _symmetric_s, _symmetric_s_
 from ._persistence import _STATE_FORMAT, _read_state, _validated, _write_state
-from ._sync import _summed, _sync_status
+from ._sync import _summed, _sync_status, deferred_interrupt
 from .capture import Target, check_dense_rows
 from .spectra.moments import (
     PRECISIONS,
@@ -641,15 +641,21 @@ class ActivationCovarianceAccumulator:
             dev = torch.device("cuda", torch.cuda.current_device())
         else:
             dev = torch.device("cpu")
-        _sync_status(group, dev, self._label(), self.name, self.dim, self.nonfinite, self.precision, self._synced)
-        # locals only until the commit below: a collective that fails part-way (a rank that died, a
-        # timeout) leaves this rank's state as it was; a rank without rows joins with a zero state
-        if self.initialized:
-            state = self._n, self._m, self._s, self._shift, self._bad_rows, self._first_bad
-        else:
-            state = _zero_state(self.dim, dev, torch.zeros(self.dim, dtype=torch.float64), self.precision)
-        (n, m, s, shift, bad_rows, first_bad), (bad_ranks, low, underflowed, has_rows) = _summed(
-            group, state, self.precision, self._low_products, self._underflowed)
+        # a Ctrl-C from the status collective to the sums' last one is held back and agreed in that last one
+        # (inside a lens's sync the lens holds it: this one is then a no-op)
+        with deferred_interrupt() as interrupted:
+            _sync_status(group, dev, self._label(), self.name, self.dim, self.nonfinite, self.precision,
+                         self._synced)
+            # locals only until the commit below: a collective that fails part-way (a rank that died, a
+            # timeout) leaves this rank's state as it was; a rank without rows joins with a zero state
+            if self.initialized:
+                state = self._n, self._m, self._s, self._shift, self._bad_rows, self._first_bad
+            else:
+                state = _zero_state(self.dim, dev, torch.zeros(self.dim, dtype=torch.float64), self.precision)
+            (n, m, s, shift, bad_rows, first_bad), (bad_ranks, low, underflowed, has_rows) = _summed(
+                group, state, self.precision, self._low_products, self._underflowed, interrupted)
+        if interrupted:  # after the last collective, before the commit: not agreed, but not lost either
+            raise KeyboardInterrupt
         # ---- commit: plain stores only
         self._shift, self._s, self._m = shift, s, m
         self._n = n

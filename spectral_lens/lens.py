@@ -501,8 +501,14 @@ class SpectralLens:
         On a pipeline stage (``torch.distributed.pipelining``) every batch runs through the user's
         ``forward_fn`` on every rank of the pipeline (or, with a data-parallel ``group``, the ranks of this
         stage split the pool as usual); each rank measures the layers it holds, and every rank returns
-        every stage's spectra (gathered over the pipeline's group).
+        every stage's spectra (gathered over the pipeline's group). Called by itself (not through
+        :meth:`measure`), it first agrees on the lens's settings with the other ranks as :meth:`measure` does.
         """
+        self._agree_settings("SpectralLens.activation_spectra: checking the lens")
+        return self._activations()
+
+    def _activations(self) -> dict[str, Spectrum]:
+        """:meth:`activation_spectra`, the settings agreed already."""
         stage = self._stage if self.model is not None else None
         if stage is None:
             return self._activation_spectra(False)
@@ -540,8 +546,9 @@ class SpectralLens:
         agree(self.group, error, "the activation pass")
         named = sorted(capture.accumulators.items(), key=lambda item: item[0])  # one order on every rank
         # a Ctrl-C on one rank between these collectives (one sync per layer) is held back until they ended and
-        # agreed below, instead of leaving the other ranks waiting in the next one
-        with deferred_interrupt() as interrupted:
+        # agreed below, instead of leaving the other ranks waiting in the next one (no collective here in a single
+        # process: its SIGINT handler is left alone)
+        with deferred_interrupt() if tp is not None or world > 1 else contextlib.nullcontext([]) as interrupted:
             if tp is not None:
                 check_replicated(named, tp[1])
             if world > 1:  # (one tensor-parallel replica: world 1 here, its ranks' rows are the same, not summed)
@@ -677,7 +684,15 @@ class SpectralLens:
 
     def gradient_spectra(self) -> tuple[dict[str, Spectrum], dict[str, float]]:
         """Per-sample gradient spectra of the probed matrices and their noise scales (rank 0 of the
-        group computes them and broadcasts the result, after every rank agreed it succeeded)."""
+        group computes them and broadcasts the result, after every rank agreed it succeeded). Called by itself (not
+        through :meth:`measure`), it first agrees on the lens's settings with the other ranks as :meth:`measure`
+        does (a lens without a gradient protocol on one rank would otherwise skip the collectives the others wait
+        in)."""
+        self._agree_settings("SpectralLens.gradient_spectra: checking the lens")
+        return self._gradients()
+
+    def _gradients(self) -> tuple[dict[str, Spectrum], dict[str, float]]:
+        """:meth:`gradient_spectra`, the settings agreed already."""
         self._require_model()
         if self.probe is None:
             return {}, {}
@@ -696,6 +711,17 @@ class SpectralLens:
               "parallelism)" if everywhere
               else "the gradient protocol (it runs on the group's rank 0)")
         return from_rank0(self.group, result[0])
+
+    def _agree_settings(self, what: str) -> None:
+        """This rank's lens checked (attached to a model) and its :meth:`_settings` agreed with the other ranks'
+        (:func:`~spectral_lens._agree.agree_settings`: one ``all_reduce``; none in a single process)."""
+        error, settings = None, {}
+        try:
+            self._require_model()
+            settings = self._settings()
+        except BaseException as exc:  # an interrupt too
+            error = exc
+        agree_settings(self.group, settings, error, what)
 
     def _settings(self) -> dict[str, str]:
         """What every rank's lens must share, as text (compared by :func:`~spectral_lens._agree.agree_settings`):
@@ -828,8 +854,8 @@ class SpectralLens:
         except BaseException as exc:  # an interrupt too
             error = exc
         agree_settings(self.group, settings, error, "checking measure()'s arguments and the lens")
-        spectra = self.activation_spectra()
-        grad_spectra, scalars = self.gradient_spectra()
+        spectra = self._activations()
+        grad_spectra, scalars = self._gradients()
         spectra.update(grad_spectra)
         for s in spectra.values():
             s.metadata.update(step=int(step), tokens=int(tokens))
