@@ -214,8 +214,9 @@ def mark_out_of_step(error: BaseException, what: str, failed: bool = True) -> Ba
                 "pass's collective until the process group's timeout; if a collective of the pass timed out here, "
                 "another rank failed first (see its error). The timeout: " + TIMEOUT_ADVICE)
     else:
-        note = (f"SpectralLens: a collective of {what} failed on global rank {rank}; most likely another rank "
-                "failed inside a pass whose collectives this rank waited in (see its error). The timeout: "
+        note = (f"SpectralLens: a collective of {what} failed on global rank {rank}: another rank failed inside a "
+                "pass whose collectives this rank waited in (see its error), or never reached this point (it did "
+                "not call measure() at this step, is still in other work, or exited). The timeout: "
                 + TIMEOUT_ADVICE)
     if hasattr(error, "add_note"):
         error.add_note(note)
