@@ -292,7 +292,8 @@ def build_report(
     doc.h(1, title)
     fams = sorted({r.info.family or "(no family)" for r in records})
     doc.p(
-        f"{len(records)} runs in {len(fams)} famil{'y' if len(fams) == 1 else 'ies'} ({', '.join(fams)}). "
+        f"{len(records)} run{'' if len(records) == 1 else 's'} in {len(fams)} "
+        f"famil{'y' if len(fams) == 1 else 'ies'} ({', '.join(fams)}). "
         + (f"Target validation loss {target_loss:g}. " if target_loss is not None else "No target loss given: "
            "tokens-to-target, eps_tok, the prediction score and the taxonomy are skipped (pass --target-loss). ")
         + f"Early checkpoint at {fraction:.0%} of the token budget. α_tail window"
