@@ -64,12 +64,15 @@ HEAD_LOSSES = ("auto", "chunked", "materialized")
 
 @dataclass
 class _Chunk:
-    """Samples ``start:stop``; a non-resident chunk keeps its input batch and RNG state instead of rows."""
+    """Samples ``start:stop``; a non-resident chunk keeps its input batch and RNG state instead of rows,
+    and until :meth:`PerSampleGradientProbe._complete` writes them into the Gram matrix its Gram blocks."""
 
     start: int
     stop: int
     batch: Any = None  # cloned inputs, kept only for recomputation in bounded-memory mode
     rng: Any = None  # every global RNG state at the first computation (_isolation.rng_state), replayed
+    # non-resident: {name: (block against itself, block against the resident rows or None)}, float64
+    blocks: Any = None
 
     @property
     def resident(self) -> bool:
@@ -614,7 +617,9 @@ class PerSampleGradientProbe:
     def reset(self) -> "PerSampleGradientProbe":
         """Forget every sample (the configuration is kept)."""
         self.n_samples_ = 0
+        # float64 Gram matrices, sized (M, M) by _complete only (an update writes none: no O(M^2) growth per update)
         self._gram: dict[str, torch.Tensor | None] = {n: None for n in self.params}
+        self._gram_device: torch.device | None = None  # where the Gram matrices live: the last update's device
         self._rows: dict[str, list[torch.Tensor]] = {n: [] for n in self.params}  # resident chunks only
         self._chunks: list[_Chunk] = []
         self._losses: list[torch.Tensor] = []
@@ -625,14 +630,21 @@ class PerSampleGradientProbe:
         return self
 
     def _snapshot(self):
-        return (self.n_samples_, dict(self._gram), {n: list(r) for n, r in self._rows.items()}, list(self._chunks),
-                list(self._losses), self._filled, set(self._far_done), self._versions, dict(self.engines_),
-                self.head_loss_, self._head_fns)
+        """What :meth:`update` may change, for :meth:`_restore`, in time independent of ``M``: an update only
+        appends to the row, chunk and loss lists (their objects and lengths are kept, not copies), and
+        writes neither the Gram tensors nor ``_far_done`` nor an earlier chunk (its non-resident chunks'
+        Gram blocks wait on the new chunks until :meth:`_complete`)."""
+        return (self.n_samples_, dict(self._gram), self._gram_device, {n: (r, len(r)) for n, r in self._rows.items()},
+                (self._chunks, len(self._chunks)), (self._losses, len(self._losses)), self._filled, self._far_done,
+                self._versions, dict(self.engines_), self.head_loss_, self._head_fns)
 
     def _restore(self, snap) -> None:
-        # update() replaces the Gram tensors (grow_square) before writing, so the snapshot's are intact
-        (self.n_samples_, self._gram, self._rows, self._chunks, self._losses, self._filled, self._far_done,
+        (self.n_samples_, self._gram, self._gram_device, rows, chunks, losses, self._filled, self._far_done,
          self._versions, self.engines_, self.head_loss_, self._head_fns) = snap
+        for kept, n in (*rows.values(), chunks, losses):
+            del kept[n:]
+        self._rows = {name: kept for name, (kept, _) in rows.items()}
+        self._chunks, self._losses = chunks[0], losses[0]
         self._finite = []
 
     @contextlib.contextmanager
@@ -658,6 +670,10 @@ class PerSampleGradientProbe:
         if self.train_mode:
             _refuse_recording_opacus_hooks(self.model)
         modes = [(m, m.training) for m in self.model.modules()]
+        # the modules' train() runs only when some flag is to change (the usual eval-mode model measured in
+        # eval mode: no second walk over the modules per update, which a pool of one-sequence batches pays per
+        # sequence); on exit only the flags that differ are set back (nn.Module.__setattr__ costs ~10 us)
+        switch = any(training != self.train_mode for _, training in modes)
         named = list(self.model.named_parameters())
         flags = [(p, p.requires_grad) for _, p in named]
         self._every = [p for p, _ in flags]  # the fast engine's flag switching reuses the list per chunk
@@ -668,14 +684,16 @@ class PerSampleGradientProbe:
             with forked_rng(devices), preserved_buffers(self.model) as self._rewind_buffers, \
                     silenced_module_backward_hooks(self.model), cast, \
                     eager_forwards(), measurement_pass():
-                self.model.train(self.train_mode)
+                if switch:
+                    self.model.train(self.train_mode)
                 yield devices
             if self._versions is not None:  # bumped by the pass's own writes, undone on exit: not the user's
                 self._versions = self._parameter_versions()
         finally:
             self._every = self._rewind_buffers = None
             for m, training in modes:
-                m.training = training
+                if m.training != training:
+                    m.training = training
             for p, flag in flags:
                 p.requires_grad_(flag)
             # Accelerate's offloading hooks put a new meta placeholder in place of each offloaded parameter
@@ -804,8 +822,7 @@ class PerSampleGradientProbe:
         snap = self._snapshot()
         try:
             self._check_versions()
-            total = self.n_samples_ + n
-            self._gram = {k: grow_square(g, total, dev) for k, g in self._gram.items()}
+            self._gram_device = dev  # the Gram matrices are sized and filled there by _complete
             with self._isolated() as devices:
                 if self.head_loss_ is None and n > 0:
                     self._decide_without_forward()
@@ -822,7 +839,7 @@ class PerSampleGradientProbe:
                         chunk.batch = map_tensors(torch.clone, sub)
                         chunk.rng = rng_state(devices)
                     self._add_chunk(chunk, *self._gradients(sub, e - s, casts))
-            self._check_new(snap[0])
+            self._check_new(snap[0], snap[5][1])
         except BaseException:
             self._restore(snap)
             raise
@@ -847,29 +864,31 @@ class PerSampleGradientProbe:
 
     def _add_chunk(self, chunk: _Chunk, rows: dict[str, torch.Tensor], losses: torch.Tensor) -> None:
         """Record a chunk. Resident rows are kept and their Gram entries deferred to one blocked fill;
-        a non-resident chunk gets its blocks against itself and every resident row now."""
-        s, e = chunk.start, chunk.stop
+        a non-resident chunk gets its blocks against itself and every resident row now (its rows are not
+        kept), held on the chunk until :meth:`_complete` writes them into the Gram matrix."""
+        e = chunk.stop
+        if not chunk.resident:
+            chunk.blocks = {}
         for name, r in rows.items():
             self._finite.append((name, finite_rows(r)))
             if chunk.resident:
                 self._rows[name].append(self._hold(r))
                 continue
-            k, br = self._gram[name], block_rows_for(r.shape[1])
-            k[s:e, s:e] = symmetrized(gram_against(r, [r], br))
-            if self._rows[name]:
-                cross = gram_against(r, self._rows[name], br)
-                k[s:e, : cross.shape[1]] = cross
-                k[: cross.shape[1], s:e] = cross.t()
+            br = block_rows_for(r.shape[1])
+            own = symmetrized(gram_against(r, [r], br))
+            cross = gram_against(r, self._rows[name], br) if self._rows[name] else None
+            chunk.blocks[name] = (own, cross)
         self._chunks.append(chunk)
         self._losses.append(losses.detach().to(torch.float64))
         self.n_samples_ = e
 
-    def _check_new(self, start: int) -> None:
-        """One host sync per update: non-finite losses or gradients among the new samples."""
+    def _check_new(self, start: int, first: int) -> None:
+        """One host sync per update: non-finite losses or gradients among the new samples (from sample
+        ``start``, whose losses begin at ``self._losses[first]``: only the update's own are joined)."""
         finite, self._finite = self._finite, []
         if self.n_samples_ == start:
             return
-        losses = torch.cat(self._losses)[start:].cpu()
+        losses = torch.cat(self._losses[first:]).cpu()
         bad = (~torch.isfinite(losses)).nonzero().flatten() + start
         if bad.numel():
             raise NonFiniteError(nonfinite_loss_message(bad.tolist(), list(self.params), self._custom_loss))
@@ -887,6 +906,17 @@ class PerSampleGradientProbe:
         if torch.is_inference_mode_enabled():  # as in update: the state stays made of normal tensors
             with torch.inference_mode(False):
                 return self._complete()
+        for name, k in self._gram.items():  # (M, M), zero-padded: updates only add samples
+            if k is None or k.shape[0] < self.n_samples_ or k.device != self._gram_device:
+                self._gram[name] = grow_square(k, self.n_samples_, self._gram_device)
+        for c in self._chunks:  # the non-resident chunks' blocks computed by their updates
+            for name, (own, cross) in (c.blocks or {}).items():
+                k = self._gram[name]
+                k[c.start : c.stop, c.start : c.stop] = own
+                if cross is not None:
+                    k[c.start : c.stop, : cross.shape[1]] = cross
+                    k[: cross.shape[1], c.start : c.stop] = cross.t()
+            c.blocks = None
         n_res = sum(c.stop - c.start for c in self._chunks if c.resident)
         if self._filled < n_res:
             for name, blocks in self._rows.items():
