@@ -49,8 +49,8 @@ __all__ = [
 NO_FAMILY = "(no family)"
 """Family name used for runs whose ``RunInfo.family`` is ``None``."""
 
-#: A run whose records reach this share of its token budget (``RunInfo.total_tokens``) counts as complete.
 COMPLETE_COVERAGE = 0.95
+"""A run whose records reach this share of its token budget (``RunInfo.total_tokens``) counts as complete."""
 
 
 class SweepWarning(SpectralLensWarning):

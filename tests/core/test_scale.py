@@ -178,19 +178,21 @@ def test_a_long_pass_holds_no_per_update_memory():
                 fast.compute()
                 generic.state_dict()
 
-    run(0, 100)
+    # the warm-up passes through compute and state_dict once, so their one-time caches (23 KB seen in the whole
+    # suite, where other tests left them cold) are made before the measured updates
+    run(0, 250)
     tensors = _live_tensors()
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        run(100, 500)
+        run(250, 650)
         gc.collect()
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
     assert _live_tensors() == tensors
     assert grown < 8 << 10, f"{grown} bytes of Python memory kept over 400 updates"
-    assert fast.n_rows == 500 * 64 and generic.n_rows == 500 * int(mask.sum())
+    assert fast.n_rows == 650 * 64 and generic.n_rows == 650 * int(mask.sum())
 
 
 def test_checkpoints_keep_memory_and_record_size_constant(tmp_path):
