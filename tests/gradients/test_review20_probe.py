@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.models import TinyGPT
 from torch import nn
 
 import spectral_lens.gradients.probe as probe_module
 from spectral_lens.gradients import PerSampleGradientProbe
 from spectral_lens.gradients.losses import causal_lm_loss
-from support.models import TinyGPT
 
 NAMES = ["transformer.h.1.attn.c_proj.weight", "transformer.h.0.mlp.c_fc.weight"]
 
@@ -46,9 +46,9 @@ def _reference(model, batches, names) -> tuple[dict[str, torch.Tensor], torch.Te
     return {n: torch.stack(r) @ torch.stack(r).T for n, r in rows.items()}, torch.cat(losses)
 
 CONFIGS = {
-    "resident": dict(chunk_size=2),
-    "bounded": dict(chunk_size=1, max_resident_samples=2),
-    "offload": dict(chunk_size=2, offload_rows=True),
+    "resident": {"chunk_size": 2},
+    "bounded": {"chunk_size": 1, "max_resident_samples": 2},
+    "offload": {"chunk_size": 2, "offload_rows": True},
 }
 INTERRUPTIBLE = ["gram_against", "finite_rows", "fill_gram", "fill_gram_by_columns", "grow_square", "rng_state"]
 
@@ -113,7 +113,7 @@ def test_bounded_memory_holds_no_square_gram_between_updates():
     g = torch.Generator().manual_seed(6)
     for _ in range(M // c):
         probe.update(_batch(g, c))
-    held = lambda: sum(t.nbytes for ch in probe._chunks for pair in (ch.blocks or {}).values()  # noqa: E731
+    held = lambda: sum(t.nbytes for ch in probe._chunks for pair in (ch.blocks or {}).values()
                        for t in pair if t is not None)
     assert all(k is None for k in probe._gram.values())
     assert held() == len(NAMES) * 8 * (M - K) * (K + c)
