@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten
 from spectral_lens.gradients import PerSampleGradientProbe
 from spectral_lens.gradients.losses import causal_lm_loss
 from support.models import TinyGPT
+from support.per_sample import per_sample_grams as _reference
 
 NAMES = ["transformer.h.1.attn.c_proj.weight", "transformer.h.0.mlp.c_fc.weight"]
 CONFIGS = {
@@ -101,18 +102,6 @@ def test_an_update_copies_none_of_the_per_sample_lists():
     assert probe.n_samples_ == 6 and len(probe._chunks) == 4 and len(probe.losses_) == 6
 
 
-def _reference(model, batches, names) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """float64 Gram matrices and losses from one forward and one autograd.grad per sample."""
-    ps = [model.get_parameter(n) for n in names]
-    rows, losses = {n: [] for n in names}, []
-    for x, y in batches:
-        for i in range(x.shape[0]):
-            sample = (x[i : i + 1], y[i : i + 1])
-            loss = causal_lm_loss(model(sample[0]), sample)
-            for n, grad in zip(names, torch.autograd.grad(loss.sum(), ps)):
-                rows[n].append(grad.reshape(-1).double())
-            losses.append(loss.detach().double())
-    return {n: torch.stack(r) @ torch.stack(r).T for n, r in rows.items()}, torch.cat(losses)
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))

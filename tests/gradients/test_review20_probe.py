@@ -14,11 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 from support.models import TinyGPT
+from support.per_sample import per_sample_grams as _reference
 from torch import nn
 
 import spectral_lens.gradients.probe as probe_module
 from spectral_lens.gradients import PerSampleGradientProbe
-from spectral_lens.gradients.losses import causal_lm_loss
 
 NAMES = ["transformer.h.1.attn.c_proj.weight", "transformer.h.0.mlp.c_fc.weight"]
 
@@ -32,18 +32,6 @@ def _batch(g: torch.Generator, n: int):
     return torch.randint(0, 37, (n, 8), generator=g), torch.randint(0, 37, (n, 8), generator=g)
 
 
-def _reference(model, batches, names) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """float64 Gram matrices and losses from one forward and one autograd.grad per sample."""
-    ps = [model.get_parameter(n) for n in names]
-    rows, losses = {n: [] for n in names}, []
-    for x, y in batches:
-        for i in range(x.shape[0]):
-            sample = (x[i : i + 1], y[i : i + 1])
-            loss = causal_lm_loss(model(sample[0]), sample)
-            for n, grad in zip(names, torch.autograd.grad(loss.sum(), ps)):
-                rows[n].append(grad.reshape(-1).double())
-            losses.append(loss.detach().double())
-    return {n: torch.stack(r) @ torch.stack(r).T for n, r in rows.items()}, torch.cat(losses)
 
 CONFIGS = {
     "resident": {"chunk_size": 2},
