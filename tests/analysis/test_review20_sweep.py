@@ -29,21 +29,7 @@ from spectral_lens.cli import main
 from spectral_lens.records import open_runs
 from spectral_lens.report import run_status
 
-from .test_sweep_faults import TARGET, _respectrum, _rewrite, _stop_at, _table_tiers
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("review20") / "base"
-    write_theorem6_sweep(root, (2, 4, 8, 16), family="toy", dim=128, grad_dim=64, n_measure=10, n_eval=20,
-                         tail_window=(10, 40))
-    return root
-
-
-def _copy(base, tmp_path):
-    d = tmp_path / "sweep"
-    shutil.copytree(base, d)
-    return d
+from .test_sweep_faults import TARGET, _copy, _respectrum, _rewrite, _stop_at, _table_tiers, base  # noqa: F401 (a fixture)
 
 
 # ---- n: the runs each rho was computed on ----------------------------------------------------------
