@@ -330,13 +330,15 @@ def plot_alpha_trajectories(
     fig, axes = _grid(Figure, len(fams))
     colors = _tier_colors(runs)
     for ax, (family, members) in zip(axes, fams.items()):
-        win, empty = None, []
+        win, empty, unfit = None, [], []
         for run in _sorted_runs(members):
             if not run.measurements:  # listed in the panel instead of failing the whole figure
                 empty.append(_tier_label(run.info.batch_tier))
                 continue
             win = resolve_window(run, window)
             prog, alpha, _ = alpha_trajectory(run, window=window, spectrum=spectrum)
+            if np.isnan(alpha).any():  # a gap in the line (a collapsed spectrum), named in the panel
+                unfit.append(f"{_tier_label(run.info.batch_tier)} ({int(np.isnan(alpha).sum())})")
             ax.plot(100 * prog, alpha, marker="o", ms=2.5, lw=1.3, color=colors.get(run.info.batch_tier),
                     label=_tier_label(run.info.batch_tier))
         if fraction is not None:
@@ -345,8 +347,10 @@ def plot_alpha_trajectories(
         ax.set_xlabel("training progress (% of token budget)")
         ax.set_ylabel(f"α_tail (ranks {win[0]}–{win[1]})" if win else "α_tail")
         ax.set_xlim(0, 100)
-        if empty:
-            ax.text(0.02, 0.02, "no measurements: " + ", ".join(empty), transform=ax.transAxes, fontsize=8, color="0.3")
+        said = (["no measurements: " + ", ".join(empty)] if empty else []) + (
+            ["α_tail not fittable at some checkpoints: " + ", ".join(unfit)] if unfit else [])
+        if said:
+            ax.text(0.02, 0.02, "\n".join(said), transform=ax.transAxes, fontsize=8, color="0.3")
         ax.legend(fontsize=7, ncol=2)
         ax.grid(True, alpha=0.3)
     return fig

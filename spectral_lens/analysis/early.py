@@ -69,7 +69,10 @@ def alpha_trajectory(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(progress, alpha, step)`` arrays over the run's measurements of the chosen spectrum.
 
-    Measurements without that spectrum or with unknown progress are left out; sorted by progress.
+    Measurements without that spectrum or with unknown progress are left out; sorted by progress. A
+    measurement whose spectrum the window cannot be fitted on (a collapsed spectrum of a diverged run,
+    too few nonzero eigenvalues) has ``alpha`` NaN: the trajectory is a description of the whole run, where
+    :func:`early_alpha` refuses such a point (``NoEarlyStatisticError``).
     """
     name = resolve_spectrum(run, spectrum)
     fitter = BandAlphaFitter(resolve_window(run, window))
@@ -77,7 +80,11 @@ def alpha_trajectory(
     for m in run.measurements:
         f = run.progress(m)
         if name in m.spectra and f is not None:
-            rows.append((f, _fit_alpha(fitter, m, name, run, keep=False), m.step))
+            try:
+                alpha = _fit_alpha(fitter, m, name, run, keep=False)
+            except NoEarlyStatisticError:
+                alpha = math.nan
+            rows.append((f, alpha, m.step))
     rows.sort(key=lambda r: r[0])
     arr = np.array(rows, dtype=np.float64).reshape(-1, 3)
     return arr[:, 0], arr[:, 1], arr[:, 2].astype(np.int64)

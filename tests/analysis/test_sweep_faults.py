@@ -25,6 +25,7 @@ from spectral_lens.analysis import (
     SweepController,
     SweepWarning,
     TailPredictor,
+    alpha_trajectory,
     early_alpha,
     token_inefficiency,
     tokens_to_target,
@@ -256,3 +257,19 @@ def test_two_runs_of_one_tier_are_averaged_and_both_listed(base, tmp_path, capsy
     assert main(["predict", str(d), "--json"]) == 0
     tiers = json.loads(capsys.readouterr().out)["families"]["toy"]["tiers"]
     assert next(t for t in tiers if t["tier"] == 8)["runs"] == ["toy-b8", "toy-b8-s1"]
+
+
+def test_a_collapsed_late_spectrum_keeps_the_alpha_tail_figure(base, tmp_path):
+    # a run whose spectrum collapses after 60% (diverging): alpha_trajectory raised for the whole run, and the
+    # report dropped the alpha_tail figure of every run ("figure alpha_tail.png skipped")
+    pytest.importorskip("matplotlib")
+    d = _copy(base, tmp_path)
+    _respectrum(d / "toy-b8", lambda v: np.where(np.arange(v.size) < 3, v, 0.0), start=0.6)
+    run = next(r for r in open_runs([d]) if r.run_id == "toy-b8")
+    prog, alpha, _ = alpha_trajectory(run)
+    assert np.isnan(alpha[prog >= 0.6]).all() and np.isfinite(alpha[prog < 0.6]).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SweepWarning)
+        rep = build_report([d], tmp_path / "rep", target_loss=TARGET, plots=True)
+    assert (tmp_path / "rep" / "alpha_tail.png").exists()
+    assert not [n for n in rep.notes if "alpha_tail.png" in n]
