@@ -470,8 +470,9 @@ class SpectralLens:
         fits = min(int(s.values.numel()), max(int(s.n_rows) - 1, 1))
         warnings.warn(
             f"SpectralLens: the tail window {tuple(tail)} does not fit {name} ({s.values.numel()} eigenvalues from "
-            f"{s.n_rows} rows{f'; {len(short) - 1} more spectra alike' if len(short) > 1 else ''}), so its "
-            "alpha_tail is not recorded and the early prediction cannot use it; pass "
+            f"{s.n_rows} rows{f'; {len(short) - 1} more spectra alike' if len(short) > 1 else ''}), so alpha_tail "
+            "is left out of the summaries, and a run recorded with this window cannot be used by the early "
+            "prediction (spectral-lens predict); pass "
             f"SpectralLens(tail_window=(lo, hi)) with hi <= {fits} (e.g. (10, 40) for a small model), or "
             "RunWriter(tail_window=...) (said once per lens)", SpectralLensWarning, stacklevel=3)
 

@@ -56,8 +56,10 @@ class ToyLens:
         last = len(model.blocks) - 1
         self.probe = sl.PerSampleGradientProbe(model, GRADIENT_PARAM.format(last=last), loss_fn=_example_losses,
                                                chunk_size=16)
+        # the record's windows (the lens writes nothing itself; its summaries then match the record's)
         self.lens = sl.SpectralLens(model, pool, layers=f"blocks.{last}", mask_fn=last_position_mask,
-                                    probe=self.probe, gradient_samples=gradient_samples)
+                                    probe=self.probe, gradient_samples=gradient_samples,
+                                    tail_window=writer.tail_window, head_window=writer.head_window)
 
     @torch.no_grad()
     def _probe_pass(self) -> tuple[float, dict[str, float]]:

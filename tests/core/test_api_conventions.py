@@ -358,7 +358,7 @@ def test_schedule_every_takes_integer_steps_only():
 
 def test_measure_takes_whole_numbers_in_any_integral_form():
     # what users pass for step and tokens: NumPy integers, a float token count (1e6), a 0-dim tensor
-    lens = _lens()
+    lens = _lens(tail_window=(1, 3))
     m = lens.measure(step=np.int64(3), tokens=1e6)
     assert (m.step, m.tokens) == (3, 1_000_000) and type(m.step) is int and type(m.tokens) is int
     m = lens.measure(step=torch.tensor(4), tokens=torch.tensor(2048.0))
