@@ -306,22 +306,17 @@ def build_report(
 
     # ---- prediction --------------------------------------------------------------------------
     # runs left out of a ranking or score (diverged, cut short) and runs of a family that differ are notes
-    pred = TailPredictor(fraction, window=window, spectrum=spectrum)
-    with sweep_notes(report.notes):
-        try:
-            pred.fit(records)
-            report.rankings = pred.predict()
-        except ValueError as exc:
-            pred = None
-            report.notes.append(f"tail predictor not run: {exc}")
-    base = NoiseScalePredictor(fraction)
-    with sweep_notes(report.notes):
-        try:
-            base.fit(records)
-            report.baseline_rankings = base.predict()
-        except ValueError as exc:
-            base = None
-            report.notes.append(f"noise-scale baseline not run: {exc}")
+    def fitted(predictor, what: str):
+        """``(predictor, its rankings)`` fitted on ``records``, or ``(None, {})`` with a note saying why not."""
+        with sweep_notes(report.notes):
+            try:
+                return predictor, predictor.fit(records).predict()
+            except ValueError as exc:
+                report.notes.append(f"{what} not run: {exc}")
+                return None, {}
+
+    pred, report.rankings = fitted(TailPredictor(fraction, window=window, spectrum=spectrum), "tail predictor")
+    base, report.baseline_rankings = fitted(NoiseScalePredictor(fraction), "noise-scale baseline")
     eps = {}
     if target_loss is not None:
         with sweep_notes(report.notes):
