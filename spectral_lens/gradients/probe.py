@@ -819,7 +819,7 @@ class PerSampleGradientProbe:
         batch = batch_as_run(batch, self.forward_fn)  # a packed batch as its documents (default forward)
         n = batch_size(batch)
         batch = map_tensors(lambda t: _autograd_usable(t.to(dev, non_blocking=True)), batch)
-        snap = self._snapshot()
+        snap, start, first = self._snapshot(), self.n_samples_, len(self._losses)
         try:
             self._check_versions()
             self._gram_device = dev  # the Gram matrices are sized and filled there by _complete
@@ -839,7 +839,7 @@ class PerSampleGradientProbe:
                         chunk.batch = map_tensors(torch.clone, sub)
                         chunk.rng = rng_state(devices)
                     self._add_chunk(chunk, *self._gradients(sub, e - s, casts))
-            self._check_new(snap[0], snap[5][1])
+            self._check_new(start, first)
         except BaseException:
             self._restore(snap)
             raise
