@@ -20,12 +20,14 @@ import numpy as np
 import pytest
 
 from spectral_lens.analysis import (
+    COMPLETE_COVERAGE,
     FractionNotReachedError,
     SpectrumMismatchError,
     SweepController,
     SweepWarning,
     TailPredictor,
     alpha_trajectory,
+    coverage,
     early_alpha,
     token_inefficiency,
     tokens_to_target,
@@ -33,7 +35,7 @@ from spectral_lens.analysis import (
 from spectral_lens.analysis.synthetic import write_theorem6_sweep
 from spectral_lens.cli import main
 from spectral_lens.records import open_runs
-from spectral_lens.report import build_report
+from spectral_lens.report import build_report, sweep_notes
 from spectral_lens.spectrum import Spectrum
 
 TARGET = 2.95  # reached by every tier of the base sweep, in the order of its early alpha_tail: b4, b8, b2, b16
@@ -273,3 +275,30 @@ def test_a_collapsed_late_spectrum_keeps_the_alpha_tail_figure(base, tmp_path):
         rep = build_report([d], tmp_path / "rep", target_loss=TARGET, plots=True)
     assert (tmp_path / "rep" / "alpha_tail.png").exists()
     assert not [n for n in rep.notes if "alpha_tail.png" in n]
+
+
+def test_coverage_is_the_share_of_the_budget_the_records_reach(base, tmp_path):
+    d = _copy(base, tmp_path)
+    _stop_at(d / "toy-b2", 0.6)
+    runs = {r.run_id: r for r in open_runs([d])}
+    cut = runs["toy-b2"]
+    reached = max([e["tokens"] for e in cut.events] + [m.tokens for m in cut.measurements])
+    assert coverage(cut) == reached / cut.info.total_tokens and 0.5 < coverage(cut) < 0.61
+    assert coverage(runs["toy-b4"]) >= COMPLETE_COVERAGE
+
+
+def test_sweep_notes_collects_each_sweep_warning_once_and_shows_the_others():
+    notes = ["already here"]
+    shown = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        old, warnings.showwarning = warnings.showwarning, lambda msg, *a, **k: shown.append(str(msg))
+        try:
+            with sweep_notes(notes):
+                warnings.warn("run 'a' left   out", SweepWarning)
+                warnings.warn("run 'a' left out", SweepWarning)  # the same line once, whitespace folded
+                warnings.warn("already here", SweepWarning)
+                warnings.warn("something else", UserWarning)
+        finally:
+            warnings.showwarning = old
+    assert notes == ["already here", "run 'a' left out"] and shown == ["something else"]
