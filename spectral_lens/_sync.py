@@ -67,35 +67,44 @@ def _sync_status(group, dev: torch.device, label: str, name: str | None, dim: in
         )
 
 
-def _summed(group, state: tuple[torch.Tensor, ...], precision: str, low_products: bool, underflowed: bool,
-            interrupted: list[bool]):
+def _summed(group, state: tuple[torch.Tensor, ...] | BaseException, d: int, dev: torch.device, precision: str,
+            low_products: bool, underflowed: bool, interrupted: list[bool]):
     """The sum over the ranks of ``group`` of each rank's ``state`` ``(n, m, S, shift, bad_rows, first_bad)``
-    (as :func:`~spectral_lens.accumulate._zero_state` orders it), re-shifted exactly to a common shift
-    (the global mean): ``((n, m, S, shift, bad_rows, first_bad), (bad_ranks, low_products, underflowed,
-    has_rows))``, ``bad_ranks`` being ``(global rank, first update with NaN/Inf rows)`` per rank that had
-    such rows. Touches no accumulator: a collective that fails part-way leaves every state as it was.
+    (as :func:`~spectral_lens.accumulate._zero_state` orders it; width ``d``, on ``dev``), re-shifted exactly to a
+    common shift (the global mean): ``((n, m, S, shift, bad_rows, first_bad), (bad_ranks, low_products,
+    underflowed, has_rows))``, ``bad_ranks`` being ``(global rank, first update with NaN/Inf rows)`` per rank that
+    had such rows. Touches no accumulator: a collective that fails part-way leaves every state as it was.
 
-    A failure of this rank's local work between the collectives (an out-of-memory in the d x d re-shift) or a
-    Ctrl-C during them (held back by the caller's :func:`deferred_interrupt`, whose list ``interrupted`` is, from
-    before the status collective on) does not leave the other ranks waiting in the next collective: this rank
-    takes part in the remaining ones with zeros, its failure rides in the last one, and then every rank raises
-    (this one its own exception, the others a ``RuntimeError`` naming it). A held Ctrl-C is raised here in any
-    case (``KeyboardInterrupt``, this rank's other error as its cause)."""
+    A failure of this rank's local work between the collectives does not leave the other ranks waiting in the next
+    collective. Before the first sum (``state`` is the exception: the zero state of a rank without rows out of
+    memory) it rides in the first collective, a flag per rank beside the totals, and every rank stops after it (no
+    d x d sum). After it (an out-of-memory in the d x d re-shift), and for a Ctrl-C held by the caller's
+    :func:`deferred_interrupt` (whose list ``interrupted`` is, from before the status collective on), this rank
+    takes part in the remaining ones with zeros and its failure rides in the last one. Then every rank
+    raises: this one its own exception, the others a ``RuntimeError`` naming it. A held Ctrl-C is raised here in
+    any case (``KeyboardInterrupt``, this rank's other error as its cause), but for one that came during the last
+    collective, too late to ride in it: the sums are returned, as on the other ranks, for the caller to commit
+    before it raises the interrupt."""
     import torch.distributed as dist
 
-    n, m0, s0, shift, bad, first = state
-    d, dev = m0.shape[0], m0.device
-    error = None
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    error = state if isinstance(state, BaseException) else None
+    totals = torch.zeros(d + 1 + world, dtype=torch.float64, device=dev)  # sum(n m_i + n shift), n, failed per rank
     try:
-        n64 = n.to(torch.float64)
-        totals = torch.cat([m0 + n64 * shift, n64.view(1)])
+        if error is None:
+            n, m0, s0, shift, bad, first = state
+            n64 = n.to(torch.float64)
+            totals[:d] = m0 + n64 * shift
+            totals[d] = n64
     except BaseException as exc:  # an interrupt too, where it is not held back
-        error, totals = exc, torch.zeros(d + 1, dtype=torch.float64, device=dev)
+        error = exc
+    totals[d + 1 + me] = float(error is not None)  # (a Ctrl-C held so far rides in the last collective, below)
     dist.all_reduce(totals, group=group)
+    early = totals[d + 1:].tolist()
+    if any(f > 0 for f in early):  # a rank failed before any sum: every rank stops here, no other collective
+        _raise_failed(group, world, error, interrupted, early)
     try:
-        if error is not None:
-            raise error
-        common = shift if float(totals[-1]) == 0 else representable_shift(totals[:-1] / totals[-1], precision)
+        common = shift if float(totals[d]) == 0 else representable_shift(totals[:d] / totals[d], precision)
         m, s = reshift(n, m0, s0, shift, common)
         packed = torch.cat([m, n64.view(1), bad.to(torch.float64).view(1)])
     except BaseException as exc:  # zeros in the sums: every rank raises below, nothing is kept
@@ -105,32 +114,40 @@ def _summed(group, state: tuple[torch.Tensor, ...], precision: str, low_products
     dist.all_reduce(packed, group=group)
     # each rank's first update with NaN/Inf rows (-1: none), so that the errors can name the ranks;
     # any rank's products below float64 -> all ranks check their range; each rank's failure above
-    world, me = dist.get_world_size(group), dist.get_rank(group)
     flags = torch.full((2 * world + 2,), -1, dtype=torch.int64, device=first.device)
     flags[me] = first
     flags[world] = int(low_products)
     flags[world + 1] = int(underflowed)
-    flags[world + 2 + me] = int(error is not None or bool(interrupted))
+    held = bool(interrupted)  # a Ctrl-C from now on comes too late to ride in the last collective
+    flags[world + 2 + me] = int(error is not None or held)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    if interrupted and not isinstance(error, KeyboardInterrupt):  # (one during the last collective: not agreed)
-        raise KeyboardInterrupt from error
-    if error is not None:
-        raise error
-    failed = [r if group is None else dist.get_global_rank(group, r)
-              for r, f in enumerate(flags[world + 2:].tolist()) if f > 0]
-    if failed:
-        raise RuntimeError(
-            f"ActivationCovarianceAccumulator: sync across {world} ranks failed on global rank(s) {failed} between "
-            "its collectives (an error or a Ctrl-C there); this rank stopped too, its state unchanged, so that no "
-            f"rank waits in a collective. See the error raised on rank(s) {failed} for the cause"
-        )
+    _raise_failed(group, world, error, interrupted if held else [], flags[world + 2:].tolist())
     per_rank = flags[:world].tolist()
     bad_ranks = tuple((r if group is None else dist.get_global_rank(group, r), i)
                       for r, i in enumerate(per_rank) if i >= 0)
     n_all, bad_rows = packed[-2].round().to(torch.int64), packed[-1].round().to(torch.int64)
     first_bad = torch.tensor(min((i for _, i in bad_ranks), default=-1), device=first.device)
     sums = (n_all, packed[:-2], s, common, bad_rows, first_bad)
-    return sums, (bad_ranks, bool(flags[world]), bool(flags[world + 1]), float(totals[-1]) > 0)
+    return sums, (bad_ranks, bool(flags[world]), bool(flags[world + 1]), float(totals[d]) > 0)
+
+
+def _raise_failed(group, world: int, error: BaseException | None, interrupted: list[bool], failed: list) -> None:
+    """After a collective that carried each rank's failure flag (``failed``, per group rank): this rank's held
+    Ctrl-C (``KeyboardInterrupt``, its other error as the cause), else its own error, else a ``RuntimeError``
+    naming the ranks that failed; nothing when none did."""
+    import torch.distributed as dist
+
+    if interrupted and not isinstance(error, KeyboardInterrupt):
+        raise KeyboardInterrupt from error
+    if error is not None:
+        raise error
+    failed = [r if group is None else dist.get_global_rank(group, r) for r, f in enumerate(failed) if f > 0]
+    if failed:
+        raise RuntimeError(
+            f"ActivationCovarianceAccumulator: sync across {world} ranks failed on global rank(s) {failed} between "
+            "its collectives (an error or a Ctrl-C there); this rank stopped too, its state unchanged, so that no "
+            f"rank waits in a collective. See the error raised on rank(s) {failed} for the cause"
+        )
 
 
 @contextlib.contextmanager

@@ -622,7 +622,10 @@ class ActivationCovarianceAccumulator:
         all_gather. A no-op without an initialized process group; ``ValueError`` on a rank that is not a
         member of ``group``. Afterwards ``update`` raises until ``reset``. A refused sync, or a collective
         that fails part-way (a rank that died, the process-group timeout), leaves this rank's state as it
-        was (an accumulator without rows stays uninitialized).
+        was (an accumulator without rows stays uninitialized). A failure of one rank's own work between the
+        collectives (its zero state or its re-shift out of memory) or a Ctrl-C held back during them is agreed:
+        every rank raises, each state as it was. A Ctrl-C during the last collective, too late to ride in it,
+        is raised after the commit: every rank's state is synced alike.
         """
         import torch.distributed as dist
 
@@ -651,11 +654,12 @@ class ActivationCovarianceAccumulator:
             if self.initialized:
                 state = self._n, self._m, self._s, self._shift, self._bad_rows, self._first_bad
             else:
-                state = _zero_state(self.dim, dev, torch.zeros(self.dim, dtype=torch.float64), self.precision)
+                try:
+                    state = _zero_state(self.dim, dev, torch.zeros(self.dim, dtype=torch.float64), self.precision)
+                except BaseException as exc:  # its d x d out of memory: agreed in the sums' first collective
+                    state = exc
             (n, m, s, shift, bad_rows, first_bad), (bad_ranks, low, underflowed, has_rows) = _summed(
-                group, state, self.precision, self._low_products, self._underflowed, interrupted)
-        if interrupted:  # after the last collective, before the commit: not agreed, but not lost either
-            raise KeyboardInterrupt
+                group, state, self.dim, dev, self.precision, self._low_products, self._underflowed, interrupted)
         # ---- commit: plain stores only
         self._shift, self._s, self._m = shift, s, m
         self._n = n
@@ -666,6 +670,8 @@ class ActivationCovarianceAccumulator:
         self._underflowed = underflowed
         self._has_rows = has_rows
         self._synced = True
+        if interrupted:  # during the last collective, too late to ride in it: after the commit, as on every rank
+            raise KeyboardInterrupt
         return self
 
     # ------------------------------------------------------------ persistence
