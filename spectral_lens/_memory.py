@@ -226,11 +226,29 @@ def output_width(module: nn.Module, pick) -> int | None:
     return None
 
 
-# the passes that passed their check: capture -> (device, {accumulator: (width, sizes)}), the widths and
-# accumulator_bytes their check counted. While the capture is active, its layers that hold no state yet are memory
-# that is free now but that their first rows will take (_claimed); check_rows compares a layer's real width with
-# the one counted. Weak keys: a dropped capture claims nothing.
-_PASSES: weakref.WeakKeyDictionary[object, tuple[torch.device, dict]] = weakref.WeakKeyDictionary()
+def layer_device(module: nn.Module) -> torch.device | None:
+    """The device an attach's hook on ``module`` gets its rows on, where the module says so before they arrive: the
+    ``execution_device`` of its Accelerate hook (a ``device_map`` across devices, ``dispatch_model``), else the one
+    device all its parameters and buffers are on (a pipeline stage, a block moved by hand). ``None`` otherwise (no
+    weights, weights on several devices or on ``meta``): the layer is counted on the pass's first rows' device
+    until its own rows arrive (:func:`check_rows`)."""
+    from ._offload import execution_device
+
+    found = execution_device(module)
+    if found is not None:
+        return found
+    devices = {t.device for t in (*module.parameters(), *module.buffers())}
+    return devices.pop() if len(devices) == 1 and next(iter(devices)).type != "meta" else None
+
+
+# the passes that passed their check: capture -> (checked devices, {accumulator: (device, width, rows, sizes)}): each
+# layer's device (its rows' device once they came, else layer_device's, else the pass's first rows'), the width and
+# rows per update counted for it and their accumulator_bytes. A device is checked at the first rows that arrive on it
+# (check_fits: the pass's first rows; check_rows: a later device's). While the capture is active, its layers on a
+# checked device that hold no state yet are memory that is free now but that their first rows will take (_claimed);
+# check_rows compares a layer's real device, width and rows with the ones counted. Weak keys: a dropped capture claims
+# nothing.
+_PASSES: weakref.WeakKeyDictionary[object, tuple[set, dict]] = weakref.WeakKeyDictionary()
 _PASSES_LOCK = threading.Lock()  # hooks may run from several threads (nn.DataParallel's replicas)
 
 
@@ -238,10 +256,15 @@ def _claimed(owner, device: torch.device) -> list[tuple[int, int, int]]:
     """Sizes of the layers that other active captures' checks counted on ``device`` and that hold no state yet.
     Layers with state are out of the free memory already (:func:`free_bytes`), so they are not counted again."""
     with _PASSES_LOCK:
-        passes = [(capture, dev, list(layers.items())) for capture, (dev, layers) in _PASSES.items()]
-    return [sizes for capture, dev, layers in passes
-            if capture is not owner and getattr(capture, "active", False) and dev == device
-            for acc, (_, sizes) in layers if not acc.initialized]
+        passes = [(capture, set(checked), list(layers.items())) for capture, (checked, layers) in _PASSES.items()]
+    return [sizes for capture, checked, layers in passes
+            if capture is not owner and getattr(capture, "active", False) and device in checked
+            for acc, (dev, _, _, sizes) in layers if dev == device and not acc.initialized]
+
+
+def on_device(layers: dict, device: torch.device) -> dict:
+    """The entries ``{accumulator: (device, width, rows, sizes)}`` of ``layers`` counted on ``device``."""
+    return {acc: entry for acc, entry in layers.items() if entry[0] == device}
 
 
 def _well_formed(rows) -> bool:
@@ -261,44 +284,50 @@ _WAY_AROUND = (f"If you know it fits (the estimate or the free memory read does 
 def check_rows(capture, acc, rows: torch.Tensor) -> None:
     """The check of an attach's hook at the first rows of ``acc``, a layer of ``capture`` (an
     :class:`~spectral_lens.activation_capture.ActivationCapture`) that holds no state yet. At the pass's first
-    rows (no layer of ``capture`` holds state): :func:`check_fits` for all its layers, before any state exists.
-    Later, where this layer's width is not the one that check counted (a width not known before its rows, or
-    output changed by another hook): the check again, of what is still to come (this capture's layers without
-    state, other captures' claimed ones) against what is free now, before this layer's state exists. Rows of
-    which there are none (an MoE expert no token was routed to) make no state: nothing is checked until real
-    rows come (not once per forward, nor counted at an update of no rows)."""
+    rows (no layer of ``capture`` holds state): :func:`check_fits` for all its layers, before any state exists (those
+    on the rows' device are checked; see :func:`layer_device`). Later, where this layer is not as that check counted
+    it (rows on a device not checked yet: that device's first rows, checked for every layer counted there; on
+    another device than the one counted; a width not known before its rows, or output changed by another hook; more
+    rows per update than counted: an MoE layer fed top-k x tokens, a module called twice per forward): the check
+    again, of what is still to come on the rows' device (this capture's layers without state counted there, other
+    captures' claimed ones) against what is free there now, before this layer's state exists. Rows of which there
+    are none (an MoE expert no token was routed to) make no state: nothing is checked until real rows come (not
+    once per forward, nor counted at an update of no rows)."""
     if isinstance(rows, torch.Tensor) and not rows.is_nested and rows.numel() == 0 or not check_enabled():
         return
     accs = capture.accumulators
     if not any(a.initialized for a in accs.values()):
-        widths = capture._widths
-        check_fits(list(accs.values()), rows, [widths.get(name) for name in accs], owner=capture, first=acc)
+        widths, devices = capture._widths, getattr(capture, "_devices", {})
+        check_fits(list(accs.values()), rows, [widths.get(name) for name in accs], owner=capture, first=acc,
+                   devices=[devices.get(name) for name in accs])
         return
     if not _well_formed(rows):
         return
-    width = int(rows.shape[-1])
+    width, device = int(rows.shape[-1]), rows.device
+    n_rows = rows.numel() // width
     if acc.dim is not None and acc.dim != width:
         return  # update refuses these rows, naming both widths
     with _PASSES_LOCK:
         entry = _PASSES.get(capture)
-        if entry is None or entry[0] != rows.device:
-            return  # a pass not checked (free memory unknown, the check off), or a layer on another device
-        device, layers = entry
+        if entry is None:
+            return  # a pass not checked (free memory unknown, the check off)
+        checked, layers = entry
         counted = layers.get(acc)
-        if counted is not None and counted[0] == width:
+        new_device = device not in checked
+        if not new_device and counted is not None and counted[:2] == (device, width) and counted[2] >= n_rows:
             return  # as counted
         mine = dict(layers)
-    n_rows = rows.numel() // width
 
-    def size(a, d):
-        return d, accumulator_bytes(d, a.precision, n_rows, device_type=device.type,
-                                    rows_float64=rows.dtype == torch.float64, max_chunk_rows=a.max_chunk_rows)
+    def size(a, d, dev, n):
+        return dev, d, n, accumulator_bytes(d, a.precision, n, device_type=dev.type,
+                                            rows_float64=rows.dtype == torch.float64, max_chunk_rows=a.max_chunk_rows)
 
-    sampled = counted is not None and counted[0] is None  # the first layer of a width not known: the others like it
+    sampled = counted is not None and counted[1] is None  # the first layer of a width not known: the others like it
     if sampled:
-        mine.update({a: size(a, width) for a, (w, _) in mine.items() if w is None})
-    mine[acc] = size(acc, width)
-    sizes = [(0 if a.initialized else h, u, c) for a, (_, (h, u, c)) in mine.items()]  # held ones: out of free
+        mine.update({a: size(a, width, dev, n) for a, (dev, w, n, _) in mine.items() if w is None})
+    mine[acc] = size(acc, width, device, n_rows)
+    here = on_device(mine, device)
+    sizes = [(0 if a.initialized else h, u, c) for a, (_, _, _, (h, u, c)) in here.items()]  # held: out of free
     others = _claimed(capture, device)
     need = _peak(sizes + others)
     free = free_bytes(device)
@@ -306,22 +335,28 @@ def check_rows(capture, acc, rows: torch.Tensor) -> None:
         with _PASSES_LOCK:
             if _PASSES.get(capture) is entry:
                 layers.update(mine)
+                checked.add(device)
         return
-    waiting = [w for a, (w, _) in mine.items() if not a.initialized]  # (None: a width not known, not counted yet)
+    waiting = [w for a, (_, w, _, _) in here.items() if not a.initialized]  # (None: a width not known, not counted)
     held = sum(a.initialized for a in mine)
     name = acc.name or "ActivationCovarianceAccumulator"
-    before = ("not counted by" if counted is None else "not counted yet (its width was not known before its rows) by"
-              if sampled else f"counted at d={counted[0]} by")
+    before = ("not counted by" if counted is None else
+              f"counted on {counted[0]}, not on {device}, by" if counted[0] != device else
+              "not counted yet (its width was not known before its rows) by" if sampled else
+              f"counted at d={counted[1]} by" if counted[1] != width else
+              f"counted at {counted[2]} rows per update by")
+    first_here = (f"; they are the first rows on {device}, where {len(here)} of its layers are counted"
+                  if new_device else "")
     like = (f"; the layers of widths not known before their rows that are still to come are counted at its d={width}"
             if sampled else "")
     theirs = (f"; {len(others)} layer(s) of other captures without state yet are counted too "
               f"({_gib(sum(h for h, _, _ in others))})" if others else "")
     raise MemoryError(
         f"spectral_lens: layer {name!r} got its first rows, of width d={width} ({n_rows} rows per update), after "
-        f"{held} of its capture's {len(mine)} layers got theirs; it was {before} the pass's first check{like}. The "
-        f"{len(waiting)} layer(s) of this capture without state yet ({_span([w for w in waiting if w])}) need "
-        f"about {_gib(need)} on {device} with one layer's update or solve on top{theirs}, but only {_gib(free)} "
-        "is free there. "
+        f"{held} of its capture's {len(mine)} layers got theirs; it was {before} the pass's first check{first_here}"
+        f"{like}. The {len(waiting)} layer(s) of this capture without state yet{' there' if len(here) < len(mine) else ''} "
+        f"({_span([w for w in waiting if w])}) need about {_gib(need)} on {device} with one layer's update or solve "
+        f"on top{theirs}, but only {_gib(free)} is free there. "
         f"{name!r} and the layers after it got no rows from this forward; the {held} layer(s) with state keep "
         "theirs (reset() the capture, or remove and drop it, to free them; a SpectralLens drops its own). Measure "
         "layers of different widths in separate passes (one sl.attach or SpectralLens per width, or give dim=), or "
@@ -330,7 +365,7 @@ def check_rows(capture, acc, rows: torch.Tensor) -> None:
 
 
 def check_fits(accumulators: Sequence, rows: torch.Tensor, widths: Sequence | None = None, *, owner=None,
-               first=None) -> None:
+               first=None, devices: Sequence | None = None) -> None:
     """Raise ``MemoryError`` when the ``accumulators`` of one capture, at the pass's first rows (``rows``, of
     ``first``, by default the first accumulator), would need more memory on the rows' device than is free
     (:func:`free_bytes`): before their state exists, not an out-of-memory error later in the pass or in the
@@ -339,11 +374,15 @@ def check_fits(accumulators: Sequence, rows: torch.Tensor, widths: Sequence | No
     they are of a layer of known width, not yet: :func:`check_rows` checks again at a layer's first rows when
     its width is not the one counted. The layers of other active captures that passed this check on that
     device and hold no state yet are counted too (free now, taken at their first rows). With ``owner`` (the
-    capture) a pass that fits is recorded for :func:`check_rows` and for the other captures' checks. The message
-    names the layers, widths, precision, bytes needed and free, and the remedies."""
+    capture) a pass that fits is recorded for :func:`check_rows` and for the other captures' checks. With
+    ``devices`` (:func:`layer_device` per accumulator; ``None``: not known, the rows' device), only the layers on the
+    rows' device are checked now; those on other devices are recorded there, and checked at the first rows on their
+    device (:func:`check_rows`). The message names the layers, widths, precision, bytes needed and free, and the
+    remedies."""
     if not accumulators or not check_enabled() or not _well_formed(rows):
         return
-    free = free_bytes(rows.device)
+    device = rows.device
+    free = free_bytes(device)
     if free is None:
         return
     width = int(rows.shape[-1])
@@ -351,25 +390,30 @@ def check_fits(accumulators: Sequence, rows: torch.Tensor, widths: Sequence | No
     first = accumulators[0] if first is None else first
     known = [acc.dim or (widths[i] if widths is not None else None) for i, acc in enumerate(accumulators)]
     at = next(i for i, acc in enumerate(accumulators) if acc is first)
+    devs = [device if i == at or devices is None or devices[i] is None else torch.device(devices[i])
+            for i in range(len(accumulators))]
     # widths not known before the rows: counted at the first rows' width when those rows are of such a layer (the
     # common case: blocks, all of one width); else not yet, but at the first rows of the first of them (check_rows)
     sample = width if known[at] is None else None
     dims = [width if i == at and d is None else d if d is not None else sample for i, d in enumerate(known)]
-    unknown = sum(d is None for i, d in enumerate(known) if i != at)
     sizes = [(0, 0, 0) if d is None else
-             accumulator_bytes(d, acc.precision, n_rows, device_type=rows.device.type,
+             accumulator_bytes(d, acc.precision, n_rows, device_type=dev.type,
                                rows_float64=rows.dtype == torch.float64, max_chunk_rows=acc.max_chunk_rows)
-             for d, acc in zip(dims, accumulators)]
-    others = _claimed(owner, rows.device)
-    need = _peak(sizes + others)
+             for d, acc, dev in zip(dims, accumulators, devs)]
+    here = [i for i, dev in enumerate(devs) if dev == device]  # checked now; the others at their device's first rows
+    unknown = sum(known[i] is None for i in here if i != at)
+    others = _claimed(owner, device)
+    need = _peak([sizes[i] for i in here] + others)
     if need <= free:
         if owner is not None:
             with _PASSES_LOCK:
-                _PASSES[owner] = (rows.device, dict(zip(accumulators, zip(dims, sizes))))
+                _PASSES[owner] = ({device}, dict(zip(accumulators, zip(devs, dims, [n_rows] * len(dims), sizes))))
         return
     if owner is not None:
         with _PASSES_LOCK:
             _PASSES.pop(owner, None)
+    elsewhere = len(accumulators) - len(here)
+    accumulators, dims, sizes = [accumulators[i] for i in here], [dims[i] for i in here], [sizes[i] for i in here]
     k = len(accumulators)
     precisions = sorted({acc.precision for acc in accumulators})
     precision = repr(precisions[0]) if len(precisions) == 1 else repr(precisions)
@@ -403,9 +447,11 @@ def check_fits(accumulators: Sequence, rows: torch.Tensor, widths: Sequence | No
         "first rows of the first of them).")
     theirs = (f"; {len(others)} layer(s) of other captures on that device that hold no state yet are counted too "
               f"({_gib(sum(h for h, _, _ in others))})" if others else "")
+    apart = (f" ({elsewhere} more of the capture's layers are on other devices, checked at their first rows there)"
+             if elsewhere else "")
     raise MemoryError(
-        f"spectral_lens: measuring {k} layer(s) ({_span([d for d, _ in counted])}, precision={precision}, "
-        f"{n_rows} rows per update) in one pass needs about {_gib(need)} on {rows.device} (each layer keeps a "
+        f"spectral_lens: measuring {k} layer(s){apart} ({_span([d for d, _ in counted])}, precision={precision}, "
+        f"{n_rows} rows per update) in one pass needs about {_gib(need)} on {device} (each layer keeps a "
         f"float64 d x d sum, 8 d^2 bytes, plus one layer's update or solve on top{theirs}), but only {_gib(free)} "
         f"is free there; nothing was measured.{guessed} {fewer}. {_WAY_AROUND}"
     )
