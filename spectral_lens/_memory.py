@@ -1,6 +1,8 @@
 """What the activation measurement's accumulators allocate on the rows' device, and the refusal of a pass
 that cannot fit there (:func:`check_rows`, called by an attach's hooks at each layer's first rows:
-:func:`check_fits` at the pass's first rows, again where a layer's width was not known before).
+:func:`check_fits` at the pass's first rows, for the layers on their device; again at the first rows on each
+other device, and where a layer's width, device or rows per update are not the ones counted). Each layer is
+counted on its own device (:func:`layer_device`, else the pass's first rows').
 
 Derived from the code (``accumulate``, ``_chunk_sums``, ``_lower_s``, ``_compute``) and checked
 against the real allocations in ``tests/core/test_measurement_memory.py``. Per accumulator of width
