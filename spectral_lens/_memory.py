@@ -231,16 +231,18 @@ def output_width(module: nn.Module, pick) -> int | None:
 def layer_device(module: nn.Module) -> torch.device | None:
     """The device an attach's hook on ``module`` gets its rows on, where the module says so before they arrive: the
     ``execution_device`` of its Accelerate hook (a ``device_map`` across devices, ``dispatch_model``), else the one
-    device all its parameters and buffers are on (a pipeline stage, a block moved by hand). ``None`` otherwise (no
-    weights, weights on several devices or on ``meta``): the layer is counted on the pass's first rows' device
-    until its own rows arrive (:func:`check_rows`)."""
+    accelerator all its parameters and buffers are on (a pipeline stage, a block moved by hand). ``None`` otherwise:
+    the layer is counted on the pass's first rows' device until its own rows arrive (:func:`check_rows`). So are
+    layers without weights, with weights on several devices, on ``meta``, or on the CPU (weights kept there between
+    forwards may run on an accelerator: FSDP's CPU offload; counted on the CPU, their rows' memory on the accelerator
+    would be missed at the pass's first check)."""
     from ._offload import execution_device
 
     found = execution_device(module)
     if found is not None:
         return found
     devices = {t.device for t in (*module.parameters(), *module.buffers())}
-    return devices.pop() if len(devices) == 1 and next(iter(devices)).type != "meta" else None
+    return devices.pop() if len(devices) == 1 and next(iter(devices)).type not in ("meta", "cpu") else None
 
 
 # the passes that passed their check: capture -> (checked devices, {accumulator: (device, width, rows, sizes)}): each
@@ -349,6 +351,7 @@ def check_rows(capture, acc, rows: torch.Tensor) -> None:
               f"counted at {counted[2]} rows per update by")
     first_here = (f"; they are the first rows on {device}, where {len(here)} of its layers are counted"
                   if new_device else "")
+    there = " there" if len(here) < len(mine) else ""
     like = (f"; the layers of widths not known before their rows that are still to come are counted at its d={width}"
             if sampled else "")
     theirs = (f"; {len(others)} layer(s) of other captures without state yet are counted too "
@@ -356,7 +359,7 @@ def check_rows(capture, acc, rows: torch.Tensor) -> None:
     raise MemoryError(
         f"spectral_lens: layer {name!r} got its first rows, of width d={width} ({n_rows} rows per update), after "
         f"{held} of its capture's {len(mine)} layers got theirs; it was {before} the pass's first check{first_here}"
-        f"{like}. The {len(waiting)} layer(s) of this capture without state yet{' there' if len(here) < len(mine) else ''} "
+        f"{like}. The {len(waiting)} layer(s) of this capture without state yet{there} "
         f"({_span([w for w in waiting if w])}) need about {_gib(need)} on {device} with one layer's update or solve "
         f"on top{theirs}, but only {_gib(free)} is free there. "
         f"{name!r} and the layers after it got no rows from this forward; the {held} layer(s) with state keep "

@@ -4,8 +4,8 @@
 * Layers on several devices in one process (a Hugging Face ``device_map`` across devices, pipeline stages): every
   layer was counted on the device of the pass's first rows (a false refusal there when the others are elsewhere)
   and no other device was checked. Now each layer is counted on its own device (its Accelerate hook's
-  ``execution_device``, else the one device of its weights, else the first rows'), each device is checked at the
-  first rows that arrive on it, and a layer whose rows come on another device than counted moves there.
+  ``execution_device``, else the one accelerator its weights are on, else the first rows'), each device is checked
+  at the first rows that arrive on it, and a layer whose rows come on another device than counted moves there.
 * A layer fed more rows per update than the pass's first layer (the experts of an MoE layer fed top-k x tokens, a
   module fed the batch repeated) was counted at the first rows' count; now it is checked again at its own rows.
 
@@ -13,6 +13,8 @@ A second device is simulated by rows on ``meta`` (shapes without data: the check
 and device) with a free-memory budget of its own; ``free_bytes`` is patched per device type."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -73,7 +75,7 @@ def test_layers_on_another_device_are_not_counted_on_the_first(monkeypatch):
     """Two layers on the CPU, two on a second device: each device has room for two. The pass's first check
     counted all four on the CPU (refused: a false refusal); now it counts the CPU's two, and the second device's
     two at its first rows."""
-    capture = _capture(["cpu", "cpu", META, META])
+    capture = _capture([None, None, META, META])
     _free(monkeypatch, {"cpu": _peak(2), "meta": _peak(2, "meta")}, capture)
     for name, device in zip(capture.accumulators, ["cpu", "cpu", META, META]):
         _first_rows(capture, name, _rows(device))
@@ -84,7 +86,7 @@ def test_the_first_rows_on_another_device_check_that_device(monkeypatch):
     """The second device has room for one of its two layers: refused at its first rows, before any state there,
     naming it (before: no check on any device but the first's; an out-of-memory error part-way). The exact budget
     passes."""
-    capture = _capture(["cpu", "cpu", META, META])
+    capture = _capture([None, None, META, META])
     _free(monkeypatch, {"cpu": _peak(2), "meta": _peak(2, "meta") - 1}, capture)
     _first_rows(capture, "l0", _rows("cpu"))
     _first_rows(capture, "l1", _rows("cpu"))
@@ -104,7 +106,7 @@ def test_a_layer_not_known_to_be_elsewhere_moves_to_its_rows_device(monkeypatch)
     """Layers whose device is not known before their rows (None) are counted on the first rows' device; when a
     layer's rows come on another device, it is counted there (and no longer on the first): the CPU's budget for
     all four passes the first check, the second device's budget for one layer is checked at its rows."""
-    capture = _capture(["cpu", None, None, None])
+    capture = _capture([None, None, None, None])
     _free(monkeypatch, {"cpu": _peak(4), "meta": _peak(1, "meta") - 1}, capture)
     _first_rows(capture, "l0", _rows("cpu"))
     _first_rows(capture, "l1", _rows("cpu"))
@@ -113,13 +115,14 @@ def test_a_layer_not_known_to_be_elsewhere_moves_to_its_rows_device(monkeypatch)
     _free(monkeypatch, {"cpu": _peak(4), "meta": _peak(1, "meta")}, capture)
     check_rows(capture, capture.accumulators["l2"], _rows(META))
     layers = _memory._PASSES[capture][1]
-    assert [layers[acc][0] for acc in capture.accumulators.values()] == [torch.device("cpu")] * 2 + [META, torch.device("cpu")]
+    cpu = torch.device("cpu")
+    assert [layers[acc][0] for acc in capture.accumulators.values()] == [cpu, cpu, META, cpu]
 
 
 def test_one_device_is_checked_as_before(monkeypatch):
     """Every layer on the CPU (known or not): refused at the pass's first rows one byte short of all four, the
     message as for one device."""
-    for devices in (["cpu"] * 4, [None] * 4):
+    for devices in (["cpu"] * 4, [None] * 4):  # (a CPU one: a simulated layer, as a capture could be told)
         capture = _capture(devices)
         _free(monkeypatch, {"cpu": _peak(4) - 1}, capture)
         with pytest.raises(MemoryError, match=r"measuring 4 layer\(s\) \(d=64, precision='exact'") as e:
@@ -130,19 +133,30 @@ def test_one_device_is_checked_as_before(monkeypatch):
 
 
 def test_the_first_check_names_the_layers_on_other_devices(monkeypatch):
-    capture = _capture(["cpu", "cpu", "cpu", META])
+    capture = _capture([None, None, None, META])
     _free(monkeypatch, {"cpu": _peak(3) - 1, "meta": 0}, capture)
     with pytest.raises(MemoryError, match=r"measuring 3 layer\(s\) \(1 more of the capture's layers are on other "
                                           r"devices, checked at their first rows there\)"):
         _first_rows(capture, "l0", _rows("cpu"))
 
 
+class Placed(nn.Module):
+    """A module whose weights report the given devices (as on GPUs; this machine has none)."""
+
+    def __init__(self, *devices: str) -> None:
+        super().__init__()
+        self.devices = [torch.device(d) for d in devices]
+
+    def parameters(self, recurse: bool = True):
+        return iter([SimpleNamespace(device=d) for d in self.devices])
+
+
 def test_layer_device():
-    assert layer_device(nn.Linear(2, 3)) == torch.device("cpu")
+    assert layer_device(Placed("cuda:1", "cuda:1")) == torch.device("cuda", 1)  # a pipeline stage, a device_map
+    assert layer_device(Placed("cuda:0", "cuda:1")) is None
+    assert layer_device(nn.Linear(2, 3)) is None  # CPU weights may run on an accelerator (FSDP's CPU offload)
     assert layer_device(nn.Linear(2, 3, device="meta")) is None  # offloaded: no data, no device
     assert layer_device(nn.GELU()) is None
-    mixed = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3, device="meta"))
-    assert layer_device(mixed) is None
 
     class Hook:  # Accelerate's AlignDevicesHook, duck-typed: where the module runs
         execution_device = 1

@@ -69,7 +69,7 @@ def test_a_zero_state_out_of_memory_rides_in_the_first_sum_and_stops_there(peer,
     """This rank has no rows (dim=): its zero state runs out of memory. It still makes the sums' first all_reduce,
     with its failure flag set, and raises its own error there; no d x d sum follows (before: it raised after the
     status all_reduce alone, the other ranks waiting in the first sum)."""
-    import spectral_lens.accumulate as accumulate
+    from spectral_lens import accumulate
 
     acc = ActivationCovarianceAccumulator(dim=D, precision="float64")
     monkeypatch.setattr(accumulate, "_zero_state", _oom)
@@ -137,7 +137,7 @@ def _rows(rank: int) -> torch.Tensor:
 def _zero_state_oom_on_rank1(rank):
     """Rank 1 has no rows (dim=) and its zero state runs out of memory; a second sync (no failure) afterwards
     sums the ranks' rows: the group is usable and every state was kept."""
-    import spectral_lens.accumulate as accumulate
+    from spectral_lens import accumulate
 
     acc = ActivationCovarianceAccumulator(dim=D, precision="float64")
     if rank == 0:
