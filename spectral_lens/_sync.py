@@ -121,7 +121,9 @@ def _summed(group, state: tuple[torch.Tensor, ...] | BaseException, d: int, dev:
     held = bool(interrupted)  # a Ctrl-C from now on comes too late to ride in the last collective
     flags[world + 2 + me] = int(error is not None or held)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    _raise_failed(group, world, error, interrupted if held else [], flags[world + 2:].tolist())
+    failed = flags[world + 2:].tolist()
+    if held or error is not None or any(f > 0 for f in failed):  # (a late Ctrl-C too, where every rank raises)
+        _raise_failed(group, world, error, interrupted, failed)
     per_rank = flags[:world].tolist()
     bad_ranks = tuple((r if group is None else dist.get_global_rank(group, r), i)
                       for r, i in enumerate(per_rank) if i >= 0)

@@ -124,6 +124,29 @@ def test_a_ctrl_c_during_the_last_collective_is_raised_after_the_commit(peer):
     torch.testing.assert_close(acc.covariance(), torch.cov(rows.T), rtol=1e-12, atol=1e-12)
 
 
+def test_a_late_ctrl_c_in_a_sync_that_fails_anyway_is_not_lost(peer):
+    """The other rank (simulated) failed between the collectives and a Ctrl-C comes during the last one: every rank
+    raises anyway, and this one raises the KeyboardInterrupt (regression guard: a held Ctrl-C is never dropped)."""
+    acc = ActivationCovarianceAccumulator(precision="float64")
+    acc.update(torch.randn(7, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+
+    def theirs(t):
+        out = t.clone() if _is_last(t) else torch.zeros_like(t) if t.is_floating_point() else t.clone()
+        if _is_last(t):
+            out[-1] = 1  # rank 1 failed
+        return out
+
+    peer["peer"] = theirs
+    peer["during"] = lambda t: _sigint_here() if _is_last(t) else None
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            acc.sync()
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert not acc._synced and acc.n_rows == 7
+
+
 # ---------------------------------------------------------------- 2 gloo ranks
 WORLD = 2
 PG_TIMEOUT_S = 30  # a rank left waiting fails after this
