@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .analysis.efficiency import COMPLETE_COVERAGE, SweepWarning, coverage, divergence, token_inefficiency, tokens_to_target
+from .analysis.efficiency import (COMPLETE_COVERAGE, SweepWarning, coverage, divergence, ended, token_inefficiency,
+                                  tokens_to_target)
 from .analysis.noise_predictor import NoiseScalePredictor
 from .analysis.ranking import TierRanking
 from .analysis.tail import TailPredictor
@@ -338,7 +339,8 @@ def build_report(
         rows.append([
             r.run_id, r.info.family or "–", _tier(r.info.batch_tier), len(r.measurements),
             _num(float(losses[-1]) if losses.size else None),
-            _num(T, ".4g") if T is not None else "–",
+            ("not reached yet" if T == math.inf and not ended(r) and divergence(r) is None else _num(T, ".4g"))
+            if T is not None else "–",
             _num(eps.get(r.run_id), ".3f") if eps else "–",
             _num(r.throughput(), ".4g"),
             (f"{s.value:.3f} ± {_num(s.sigma, '.2g')}" + ("" if one_window else f" (ranks {tuple(s.window)})"))
