@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .analysis.efficiency import (COMPLETE_COVERAGE, SweepWarning, coverage, divergence, ended, token_inefficiency,
-                                  tokens_to_target)
+from .analysis.efficiency import (COMPLETE_COVERAGE, SweepWarning, coverage, divergence, ended, pick_learning_rates,
+                                  token_inefficiency, tokens_to_target)
 from .analysis.noise_predictor import NoiseScalePredictor
 from .analysis.ranking import TierRanking
 from .analysis.tail import TailPredictor
@@ -321,7 +321,7 @@ def build_report(
     eps = {}
     if target_loss is not None:
         with sweep_notes(report.notes):
-            eps = token_inefficiency(records, target_loss)
+            eps = token_inefficiency(pick_learning_rates(records)[0], target_loss)  # a tier's best rate only
         if pred is not None:
             report.score = pred.score(targets=eps)
         if base is not None:

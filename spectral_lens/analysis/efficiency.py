@@ -13,6 +13,7 @@ Definitions (protocol section 5):
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ __all__ = [
     "ended",
     "DIVERGED_AFTER",
     "ENDED_STATUSES",
+    "learning_rate",
+    "pick_learning_rates",
 ]
 
 NO_FAMILY = "(no family)"
@@ -125,6 +128,82 @@ def ended(run: RunRecord) -> bool:
         return True
     c = coverage(run)
     return c is not None and c >= COMPLETE_COVERAGE
+
+
+def learning_rate(run: RunRecord):
+    """The learning rate(s) ``run`` names in its ``run.json`` extras: ``"lrs"`` (parameter group ->
+    rate, as the examples and the tuner record them), else ``"lr"``; ``None`` when it names neither."""
+    extras = run.info.extras
+    return extras["lrs"] if "lrs" in extras else extras.get("lr")
+
+
+def _lr_text(lr) -> str:
+    if lr is None:
+        return "lr not recorded"
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else repr(v)  # noqa: E731
+    if isinstance(lr, dict):
+        return "lrs " + ", ".join(f"{k}={fmt(v)}" for k, v in lr.items())
+    return f"lr={fmt(lr)}"
+
+
+def _loss_at(run: RunRecord, tokens: float) -> float:
+    """The run's last finite validation loss at or before ``tokens`` (NaN when none)."""
+    t, v = run.val_curve()
+    ok = np.isfinite(v) & (t <= tokens)
+    return float(v[ok][-1]) if ok.any() else math.nan
+
+
+def pick_learning_rates(runs: Iterable[RunRecord]) -> tuple[list[RunRecord], dict[str, str]]:
+    """Of the runs of each batch tier (per family) that name several learning rates
+    (:func:`learning_rate`), keep the best rate's runs, as the paper uses the tuned rate of each tier.
+
+    The best rate has the lowest validation loss (mean over its runs) at the latest token count that
+    every run of the tier with a validation loss has reached: the final loss when the runs have
+    finished one budget. A run that diverged (:func:`divergence`) counts as an infinite loss.
+    Runs of one rate (seeds) are kept together; a tier with one rate is untouched.
+
+    Returns ``(kept runs in input order, {run id: one line why it is left out})``. The line is the
+    same for every run left out of one tier: it names the rates, their losses and the one picked.
+    When no rate of a tier has a finite loss yet (none logged a validation loss), every run of the
+    tier is left out, with a line saying so, unless all of them diverged.
+    """
+    runs = list(runs)
+    tiers: dict[tuple, dict[str, list[RunRecord]]] = {}
+    for r in runs:
+        family = r.info.family if r.info.family is not None else NO_FAMILY
+        key = json.dumps(learning_rate(r), sort_keys=True, default=str)
+        tiers.setdefault((family, r.info.batch_tier), {}).setdefault(key, []).append(r)
+    left: dict[str, str] = {}
+    for (family, tier), by_lr in tiers.items():
+        if len(by_lr) < 2:
+            continue
+        where = f"tier {_tier_text(tier)}" + ("" if family == NO_FAMILY else f" of family {family!r}")
+        bad = {r.run_id for rs in by_lr.values() for r in rs if divergence(r) is not None}
+        ends = [float(t[np.isfinite(v)][-1]) for rs in by_lr.values() for r in rs if r.run_id not in bad
+                for t, v in [r.val_curve()] if np.isfinite(v).any()]
+        at = min(ends) if ends else math.nan
+        loss = {}
+        for key, rs in by_lr.items():
+            vals = [math.inf if r.run_id in bad else _loss_at(r, at) for r in rs]
+            vals = [v for v in vals if not math.isnan(v)]
+            loss[key] = float(np.mean(vals)) if vals else math.nan
+        finite = [k for k, v in loss.items() if math.isfinite(v)]
+        texts = {k: _lr_text(learning_rate(rs[0])) for k, rs in by_lr.items()}
+        if not finite:
+            if len(bad) == sum(len(rs) for rs in by_lr.values()):
+                continue  # every run diverged: each is left out for that
+            why = (f"{where} has runs at {len(by_lr)} learning rates ({'; '.join(texts.values())}) and no "
+                   "validation loss to pick the best one by yet, so none of its runs is used")
+            left.update({r.run_id: why for rs in by_lr.values() for r in rs})
+            continue
+        best = min(finite, key=lambda k: loss[k])  # min keeps the first of equal losses
+        others = "; ".join(f"{texts[k]}: {loss[k]:.4g}" if not math.isnan(loss[k]) else f"{texts[k]}: no val loss"
+                           for k in by_lr if k != best)
+        dropped = [r.run_id for k, rs in by_lr.items() if k != best for r in rs]
+        why = (f"{where} has runs at {len(by_lr)} learning rates: the best, {texts[best]} (val loss {loss[best]:.4g} "
+               f"at {at:.4g} tokens; {others}), is used; the runs at the others ({', '.join(dropped)}) are not")
+        left.update(dict.fromkeys(dropped, why))
+    return [r for r in runs if r.run_id not in left], left
 
 
 def _tier_text(t) -> str:

@@ -22,6 +22,7 @@ from spectral_lens.analysis import (
     TailPredictor,
     divergence,
     ended,
+    pick_learning_rates,
     token_inefficiency,
 )
 from spectral_lens.analysis.synthetic import write_theorem6_sweep
@@ -162,3 +163,68 @@ def test_one_non_finite_latest_loss_counts_once_the_run_has_ended(base, tmp_path
     _info(d / "toy-b4", status="diverged")
     run = open_runs([d / "toy-b4"])[0]
     assert ended(run) and "diverged: train_loss nan" in divergence(run)
+
+
+# ---- 3: several learning rates at one tier ------------------------------------------------------------
+
+
+def _with_rates(base, tmp_path, twin):
+    """The base sweep at lr 1e-3, plus run 'toy-b8-hi': tier 8 at lr 3e-3, whose records are those
+    of run ``twin`` (toy-b16: a worse rate; toy-b4: a better one)."""
+    d = _copy(base, tmp_path)
+    for run in ("toy-b2", "toy-b4", "toy-b8", "toy-b16"):
+        info = json.loads((d / run / "run.json").read_text())
+        info["extras"]["lr"] = 1e-3
+        (d / run / "run.json").write_text(json.dumps(info))
+    shutil.copytree(d / twin, d / "toy-b8-hi")
+    _info(d / "toy-b8-hi", run_id="toy-b8-hi", batch_tier=8, tokens_per_step=8 * 65536, batch_size=8 * 64)
+    info = json.loads((d / "toy-b8-hi" / "run.json").read_text())
+    info["extras"]["lr"] = 3e-3
+    (d / "toy-b8-hi" / "run.json").write_text(json.dumps(info))
+    return d
+
+
+def test_several_learning_rates_at_a_tier_use_the_best_rate_not_their_average(base, tmp_path, capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SweepWarning)
+        alone = TailPredictor().fit(open_runs([base])).predict()["toy"]  # one rate per tier
+    d = _with_rates(base, tmp_path, "toy-b16")  # lr 3e-3 at tier 8 ends at a higher loss
+    runs = open_runs([d])
+    kept, left = pick_learning_rates(runs)
+    assert set(left) == {"toy-b8-hi"} and len(kept) == 4
+    why = left["toy-b8-hi"]
+    assert why.startswith("tier 8 of family 'toy' has runs at 2 learning rates: the best, lr=0.001 (val loss ")
+    assert "lr=0.003: " in why and why.endswith("is used; the runs at the others (toy-b8-hi) are not")
+    with pytest.warns(SweepWarning, match="has runs at 2 learning rates"):
+        pred = TailPredictor().fit(runs)
+    rk = pred.predict()["toy"]
+    assert set(pred.excluded_) == {"toy-b8-hi"}
+    assert rk.run_ids[8] == ("toy-b8",) and rk.values[8] == alone.values[8]  # before: the mean with toy-b8-hi
+    assert rk.tiers == alone.tiers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SweepWarning)
+        assert pred.score(targets=TARGET).n == 4  # before: 5, the other rate scored as a seed
+
+    assert main(["predict", str(d), "--json", "--target-loss", str(TARGET)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    tier8 = next(t for t in data["families"]["toy"]["tiers"] if t["tier"] == 8)
+    assert tier8["lr"] == 1e-3 and tier8["runs"] == ["toy-b8"]
+    assert list(data["excluded"]) == ["toy-b8-hi"] and data["score"]["n"] == 4
+    assert sum("has runs at 2 learning rates" in n for n in data["notes"]) == 1
+
+    # the controller decides tier 8 on its best rate's run; stopping or continuing it covers both runs
+    dec = {x.tier: x for x in SweepController().decide(runs)["toy"].decisions}
+    assert dec[8].value == alone.values[8] and set(dec[8].run_ids) == {"toy-b8", "toy-b8-hi"}
+
+
+def test_the_better_rate_is_picked_whichever_it_is_and_the_report_says_so(base, tmp_path):
+    d = _with_rates(base, tmp_path, "toy-b4")  # lr 3e-3 at tier 8 trains like the best tier
+    runs = open_runs([d])
+    _, left = pick_learning_rates(runs)
+    assert set(left) == {"toy-b8"} and "the best, lr=0.003 " in left["toy-b8"]
+    rep = build_report(runs, tmp_path / "rep", target_loss=TARGET, plots=False)
+    assert rep.rankings["toy"].run_ids[8] == ("toy-b8-hi",)
+    assert sum("has runs at 2 learning rates: the best, lr=0.003" in n for n in rep.notes) == 1
+    row = next(line for line in rep.path.read_text().splitlines() if line.startswith("| toy-b8 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[6] == "–" and cells[8] == "left out (see notes)", row  # eps_tok, early alpha
