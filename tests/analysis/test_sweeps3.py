@@ -228,3 +228,22 @@ def test_the_better_rate_is_picked_whichever_it_is_and_the_report_says_so(base, 
     row = next(line for line in rep.path.read_text().splitlines() if line.startswith("| toy-b8 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[6] == "–" and cells[8] == "left out (see notes)", row  # eps_tok, early alpha
+
+
+def test_a_tier_whose_rates_cannot_be_compared_yet_is_left_out_and_waited_for(base, tmp_path):
+    d = _with_rates(base, tmp_path, "toy-b16")
+    strip = lambda o: {k: v for k, v in o.items() if k not in ("val_loss", "train_loss")}  # noqa: E731
+    for run in ("toy-b8", "toy-b8-hi"):  # no validation loss logged yet
+        _rewrite(d / run / "log.jsonl", strip)
+        _rewrite(d / run / "measurements.jsonl", strip)
+    runs = open_runs([d])
+    _, left = pick_learning_rates(runs)
+    assert set(left) == {"toy-b8", "toy-b8-hi"}
+    assert "has runs at 2 learning rates (lr=0.001; lr=0.003) and no validation loss" in left["toy-b8"]
+    with pytest.warns(SweepWarning, match="no validation loss to pick the best one by yet"):
+        rk = TailPredictor().fit(runs).predict()["toy"]
+    assert 8 not in rk.tiers  # before: the two rates averaged as seeds
+    dec = SweepController().decide(runs)["toy"]
+    by_tier = {x.tier: x for x in dec.decisions}
+    assert not dec.ready and "no validation loss to pick the best one by yet" in by_tier[8].reason
+    assert by_tier[2].reason.endswith("waiting for tier(s) 8")
