@@ -8,7 +8,11 @@ import math
 
 import numpy as np
 
-from spectral_lens.analysis import UNDETERMINED, TransitionClassifier, transition_evidence
+from spectral_lens.analysis import (
+    UNDETERMINED,
+    TransitionClassifier,
+    transition_evidence,
+)
 from spectral_lens.records import RunInfo, RunRecord, RunWriter
 from spectral_lens.spectrum import Spectrum
 
