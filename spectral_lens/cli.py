@@ -193,6 +193,7 @@ def _fmt(v: float, spec: str = ".4f") -> str:
 
 
 def _cmd_predict(args) -> int:
+    from .analysis.efficiency import learning_rate
     from .analysis.tail import TailPredictor
     from .report import score_flags, sweep_notes
 
@@ -203,6 +204,7 @@ def _cmd_predict(args) -> int:
         rankings = pred.predict()
         score = pred.score(targets=args.target_loss) if args.target_loss is not None else None
     if args.json:
+        by_id = {r.run_id: r for r in pred.runs_}
         out = {
             "fraction": args.fraction,
             "excluded": dict(pred.excluded_),
@@ -213,7 +215,7 @@ def _cmd_predict(args) -> int:
                     "p_recommended": rk.p_recommended,
                     "tiers": [
                         {"tier": t, "alpha_tail": rk.values[t], "sigma": rk.sigmas[t], "p_best": rk.p_best[t],
-                         "runs": list(rk.run_ids[t])}
+                         "runs": list(rk.run_ids[t]), "lr": learning_rate(by_id[rk.run_ids[t][0]])}
                         for t in rk.tiers
                     ],
                 }

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .analysis.efficiency import COMPLETE_COVERAGE, SweepWarning, coverage, divergence, token_inefficiency, tokens_to_target
+from .analysis.efficiency import (COMPLETE_COVERAGE, SweepWarning, coverage, divergence, ended, pick_learning_rates,
+                                  token_inefficiency, tokens_to_target)
 from .analysis.noise_predictor import NoiseScalePredictor
 from .analysis.ranking import TierRanking
 from .analysis.tail import TailPredictor
@@ -320,7 +321,7 @@ def build_report(
     eps = {}
     if target_loss is not None:
         with sweep_notes(report.notes):
-            eps = token_inefficiency(records, target_loss)
+            eps = token_inefficiency(pick_learning_rates(records)[0], target_loss)  # a tier's best rate only
         if pred is not None:
             report.score = pred.score(targets=eps)
         if base is not None:
@@ -338,7 +339,8 @@ def build_report(
         rows.append([
             r.run_id, r.info.family or "–", _tier(r.info.batch_tier), len(r.measurements),
             _num(float(losses[-1]) if losses.size else None),
-            _num(T, ".4g") if T is not None else "–",
+            ("not reached yet" if T == math.inf and not ended(r) and divergence(r) is None else _num(T, ".4g"))
+            if T is not None else "–",
             _num(eps.get(r.run_id), ".3f") if eps else "–",
             _num(r.throughput(), ".4g"),
             (f"{s.value:.3f} ± {_num(s.sigma, '.2g')}" + ("" if one_window else f" (ranks {tuple(s.window)})"))

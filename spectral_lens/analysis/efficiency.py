@@ -13,6 +13,7 @@ Definitions (protocol section 5):
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -44,6 +45,11 @@ __all__ = [
     "COMPLETE_COVERAGE",
     "divergence",
     "coverage",
+    "ended",
+    "DIVERGED_AFTER",
+    "ENDED_STATUSES",
+    "learning_rate",
+    "pick_learning_rates",
 ]
 
 NO_FAMILY = "(no family)"
@@ -51,6 +57,14 @@ NO_FAMILY = "(no family)"
 
 COMPLETE_COVERAGE = 0.95
 """A run whose records reach this share of its token budget (``RunInfo.total_tokens``) counts as complete."""
+
+
+DIVERGED_AFTER = 2
+"""A run whose losses are non-finite at this many of its last logged token counts diverged (see
+:func:`divergence`); one non-finite latest loss counts only once the run has ended (:func:`ended`)."""
+
+ENDED_STATUSES = ("complete", "diverged")
+"""``run.json`` extras ``status`` values that say a run has ended (:func:`ended`)."""
 
 
 class SweepWarning(SpectralLensWarning):
@@ -61,12 +75,16 @@ class SweepWarning(SpectralLensWarning):
 def divergence(run: RunRecord) -> str | None:
     """Why ``run`` counts as diverged, in one line naming it, or ``None``.
 
-    A run diverged when its losses end non-finite: at the last token count where it logged a
-    ``val_loss`` or ``train_loss`` (``log.jsonl`` events and measurements), one of them is NaN or
-    +-inf. A non-finite loss followed by finite ones is a step the run recovered from (an fp16
-    overflow step that the GradScaler skipped, the NaN ``val_loss`` of an empty evaluation batch) and
-    does not count. The line names where the non-finite losses began: the first one after the last
-    token count whose losses were all finite.
+    A run diverged when its losses end non-finite: at each of its last :data:`DIVERGED_AFTER` (2)
+    token counts where it logged a ``val_loss`` or ``train_loss`` (``log.jsonl`` events and
+    measurements), one of them is NaN or +-inf; or at its last one, once the run has ended (run.json
+    extras ``status`` ``"complete"`` or ``"diverged"``, or records reaching :data:`COMPLETE_COVERAGE`
+    of ``RunInfo.total_tokens``). A single non-finite loss as the latest of a run that has not ended
+    is not yet a divergence (one bad evaluation, which the next finite loss shows recovered from); a
+    non-finite loss followed by finite ones is a step the run recovered from (an fp16 overflow step
+    that the GradScaler skipped, the NaN ``val_loss`` of an empty evaluation batch) and does not
+    count. The line names where the non-finite losses began: the first one after the last token
+    count whose losses were all finite.
     """
     pts = [(e["tokens"], e["step"], k, float(e[k])) for e in run.events
            for k in ("val_loss", "train_loss") if e.get(k) is not None]
@@ -80,6 +98,8 @@ def divergence(run: RunRecord) -> str | None:
     if healthy[end]:
         return None
     start = max((t for t, ok in healthy.items() if ok and t < end), default=-math.inf)
+    if sum(1 for t in healthy if t > start) < DIVERGED_AFTER and not ended(run):
+        return None  # one non-finite loss, the latest, of a run still going: not judged until the next one
     bad = [p for p in pts if p[0] > start and not math.isfinite(p[3])]
     tokens, step, key, value = min(bad, key=lambda p: p[0])  # min keeps the first of equal token counts
     total = run.info.total_tokens
@@ -97,6 +117,93 @@ def coverage(run: RunRecord) -> float | None:
         return None
     seen = [e["tokens"] for e in run.events] + [m.tokens for m in run.measurements]
     return max(seen, default=0) / run.info.total_tokens
+
+
+def ended(run: RunRecord) -> bool:
+    """Whether ``run``'s record says it will log nothing more: ``run.json`` extras ``status`` is one of
+    :data:`ENDED_STATUSES` (``RunWriter.update_info(status="complete")`` at the end of training), or
+    its records reach :data:`COMPLETE_COVERAGE` of its token budget. ``False`` for a run without a
+    token budget or status: it may still be running (``RunWriter.close`` leaves no mark in the record)."""
+    if run.info.extras.get("status") in ENDED_STATUSES:
+        return True
+    c = coverage(run)
+    return c is not None and c >= COMPLETE_COVERAGE
+
+
+def learning_rate(run: RunRecord):
+    """The learning rate(s) ``run`` names in its ``run.json`` extras: ``"lrs"`` (parameter group ->
+    rate, as the examples and the tuner record them), else ``"lr"``; ``None`` when it names neither."""
+    extras = run.info.extras
+    return extras["lrs"] if "lrs" in extras else extras.get("lr")
+
+
+def _lr_text(lr) -> str:
+    if lr is None:
+        return "lr not recorded"
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else repr(v)  # noqa: E731
+    if isinstance(lr, dict):
+        return "lrs " + ", ".join(f"{k}={fmt(v)}" for k, v in lr.items())
+    return f"lr={fmt(lr)}"
+
+
+def _loss_at(run: RunRecord, tokens: float) -> float:
+    """The run's last finite validation loss at or before ``tokens`` (NaN when none)."""
+    t, v = run.val_curve()
+    ok = np.isfinite(v) & (t <= tokens)
+    return float(v[ok][-1]) if ok.any() else math.nan
+
+
+def pick_learning_rates(runs: Iterable[RunRecord]) -> tuple[list[RunRecord], dict[str, str]]:
+    """Of the runs of each batch tier (per family) that name several learning rates
+    (:func:`learning_rate`), keep the best rate's runs, as the paper uses the tuned rate of each tier.
+
+    The best rate has the lowest validation loss (mean over its runs) at the latest token count that
+    every run of the tier with a validation loss has reached: the final loss when the runs have
+    finished one budget. A run that diverged (:func:`divergence`) counts as an infinite loss.
+    Runs of one rate (seeds) are kept together; a tier with one rate is untouched.
+
+    Returns ``(kept runs in input order, {run id: one line why it is left out})``. The line is the
+    same for every run left out of one tier: it names the rates, their losses and the one picked.
+    When no rate of a tier has a finite loss yet (none logged a validation loss), every run of the
+    tier is left out, with a line saying so, unless all of them diverged.
+    """
+    runs = list(runs)
+    tiers: dict[tuple, dict[str, list[RunRecord]]] = {}
+    for r in runs:
+        family = r.info.family if r.info.family is not None else NO_FAMILY
+        key = json.dumps(learning_rate(r), sort_keys=True, default=str)
+        tiers.setdefault((family, r.info.batch_tier), {}).setdefault(key, []).append(r)
+    left: dict[str, str] = {}
+    for (family, tier), by_lr in tiers.items():
+        if len(by_lr) < 2:
+            continue
+        where = f"tier {_tier_text(tier)}" + ("" if family == NO_FAMILY else f" of family {family!r}")
+        bad = {r.run_id for rs in by_lr.values() for r in rs if divergence(r) is not None}
+        ends = [float(t[np.isfinite(v)][-1]) for rs in by_lr.values() for r in rs if r.run_id not in bad
+                for t, v in [r.val_curve()] if np.isfinite(v).any()]
+        at = min(ends) if ends else math.nan
+        loss = {}
+        for key, rs in by_lr.items():
+            vals = [math.inf if r.run_id in bad else _loss_at(r, at) for r in rs]
+            vals = [v for v in vals if not math.isnan(v)]
+            loss[key] = float(np.mean(vals)) if vals else math.nan
+        finite = [k for k, v in loss.items() if math.isfinite(v)]
+        texts = {k: _lr_text(learning_rate(rs[0])) for k, rs in by_lr.items()}
+        if not finite:
+            if len(bad) == sum(len(rs) for rs in by_lr.values()):
+                continue  # every run diverged: each is left out for that
+            why = (f"{where} has runs at {len(by_lr)} learning rates ({'; '.join(texts.values())}) and no "
+                   "validation loss to pick the best one by yet, so none of its runs is used")
+            left.update({r.run_id: why for rs in by_lr.values() for r in rs})
+            continue
+        best = min(finite, key=lambda k: loss[k])  # min keeps the first of equal losses
+        others = "; ".join(f"{texts[k]}: {loss[k]:.4g}" if not math.isnan(loss[k]) else f"{texts[k]}: no val loss"
+                           for k in by_lr if k != best)
+        dropped = [r.run_id for k, rs in by_lr.items() if k != best for r in rs]
+        why = (f"{where} has runs at {len(by_lr)} learning rates: the best, {texts[best]} (val loss {loss[best]:.4g} "
+               f"at {at:.4g} tokens; {others}), is used; the runs at the others ({', '.join(dropped)}) are not")
+        left.update(dict.fromkeys(dropped, why))
+    return [r for r in runs if r.run_id not in left], left
 
 
 def _tier_text(t) -> str:
@@ -192,20 +299,21 @@ def token_inefficiency(
     """``eps_tok`` of every run (keyed by run id), normalized within its family.
 
     Seeds of one tier are separate runs, each with its own ``eps_tok`` against the family's best run.
-    A run that never reached ``target`` gets ``inf`` when it ran its whole budget or diverged
-    (:func:`divergence`); one that stopped earlier (cut short: its records reach less than
-    :data:`COMPLETE_COVERAGE` of ``RunInfo.total_tokens``, see :func:`coverage`) might still have
-    reached it (or is still running), so its ``eps_tok`` is unknown: NaN (Spearman scores leave it
-    out, and their ``n`` does not count it), with a :class:`SweepWarning` naming it.
+    A run that never reached ``target`` gets ``inf`` only when it is known not to reach it: it diverged
+    (:func:`divergence`) or it has ended (:func:`ended`: ran its whole budget, or ``run.json`` extras
+    ``status: "complete"``). Any other such run might still reach it: one cut short (its records
+    reach less than :data:`COMPLETE_COVERAGE` of ``RunInfo.total_tokens``, see :func:`coverage`),
+    still running, or without a token budget or status to tell; its ``eps_tok`` is unknown: NaN
+    (Spearman scores leave it out, and their ``n`` does not count it), with a :class:`SweepWarning`
+    naming it.
     """
     out: dict[str, float] = {}
     for family, members in group_by_family(runs).items():
         T, short = {}, {}
         for r in members:
             t = tokens_to_target(r, target, interpolate=interpolate)
-            c = coverage(r) if math.isinf(t) else None
-            if c is not None and c < COMPLETE_COVERAGE and divergence(r) is None:
-                short[r.run_id] = c
+            if math.isinf(t) and not ended(r) and divergence(r) is None:
+                short[r.run_id] = coverage(r)  # None: no budget to say how far it got
             else:
                 T[r.run_id] = t
         with warnings.catch_warnings():
@@ -219,8 +327,11 @@ def token_inefficiency(
                 stacklevel=2,
             )
         for rid, c in short.items():
+            where = (f"has records to {c:.0%} of its token budget" if c is not None else
+                     "has no token budget (RunInfo.total_tokens) and no run.json extras status 'complete' to say "
+                     "it ended,")
             warnings.warn(
-                f"run {rid!r} has records to {c:.0%} of its token budget and has not reached val loss {target}: "
+                f"run {rid!r} {where} and has not reached val loss {target}: "
                 "cut short (or still running), not slow, so its eps_tok is unknown (NaN) and the score leaves it out",
                 SweepWarning,
                 stacklevel=2,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..records import open_runs
 from .early import FractionNotReachedError, NoEarlyStatisticError
-from .efficiency import NO_FAMILY, divergence, group_by_family
+from .efficiency import NO_FAMILY, divergence, group_by_family, pick_learning_rates
 from .ranking import TierRanking, rank_tiers
 from .tail import TailPredictor
 from .tier_predictor import TierPredictor
@@ -92,7 +92,10 @@ class SweepController:
 
     Otherwise it is **stopped**. A tier whose every run diverged (its logged losses end NaN or
     infinite, :func:`~spectral_lens.analysis.divergence`) is stopped at once, with that as the reason,
-    instead of being waited for; a diverged run of a tier with other runs is left out. A tier none of
+    instead of being waited for; a diverged run of a tier with other runs is left out. A tier with runs
+    at several learning rates is decided on its best rate's runs
+    (:func:`~spectral_lens.analysis.pick_learning_rates`; it waits while no rate can be picked), and
+    stopping or continuing it applies to all its runs. A tier none of
     whose runs can have a usable statistic at the fraction (measured only after it, a spectrum there
     that cannot be fitted: :class:`~spectral_lens.analysis.NoEarlyStatisticError`) is continued
     unjudged, with that as the reason, and the other tiers are decided (when no run of a family can be
@@ -144,10 +147,13 @@ class SweepController:
         for r in runs:  # checked up front: a waiting run would otherwise never reach early_value's check
             if r.info.batch_tier is None:
                 raise ValueError(f"run {r.run_id!r}: RunInfo.batch_tier is not set; the controller decides per tier")
+        _, other_lr = pick_learning_rates(runs)  # a tier with runs at several rates is judged on its best rate's
         for family, members in group_by_family(runs).items():
             tier_ids = _tier_ids((r.info.batch_tier, r.run_id) for r in members)  # every run of each tier
             reached, waiting, diverged, unjudged = [], {}, {}, {}
             for r in members:
+                if r.run_id in other_lr and divergence(r) is None:
+                    continue  # another rate of its tier is better (or none can be picked yet: see below)
                 why = divergence(r)
                 if why is not None:  # it will not reach the fraction (or its value there means nothing): stop it
                     diverged.setdefault(r.info.batch_tier, []).append(why)
@@ -161,6 +167,10 @@ class SweepController:
                     unjudged.setdefault(r.info.batch_tier, []).append(str(exc))
                     continue
                 reached.append((s.tier, s.run_id, *pred._badness(s, r)))
+            seen = {e[0] for e in reached} | set(waiting) | set(diverged) | set(unjudged)
+            for r in members:  # a tier none of whose rates can be picked yet (no validation loss) waits for one
+                if r.run_id in other_lr and r.info.batch_tier not in seen:
+                    waiting.setdefault(r.info.batch_tier, []).append((r.run_id, other_lr[r.run_id]))
             if unjudged and not (reached or waiting or diverged):  # no run can be judged: a setup error
                 where = "" if family == NO_FAMILY else f" of family {family!r}"
                 raise NoEarlyStatisticError(f"{type(self).__name__}: no run{where} has a usable {pred.statistic} at "

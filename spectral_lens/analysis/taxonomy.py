@@ -36,7 +36,7 @@ import numpy as np
 from ..records import RunRecord
 from ..spectrum import Spectrum
 from ..summaries import BandAlphaFitter, InsufficientRowsWarning
-from .efficiency import measurement_at_loss, transition_gains
+from .efficiency import divergence, measurement_at_loss, transition_gains
 from .windows import resolve_spectrum
 
 __all__ = [
@@ -180,6 +180,24 @@ def _missed_target(ev: TransitionEvidence) -> list[str]:
     return [name for name, key in ((ev.a, "T_a"), (ev.b, "T_b")) if key in ev.details and not math.isfinite(ev.details[key])]
 
 
+def _missed_text(ev: TransitionEvidence) -> str:
+    """Why the sides of ``ev`` without a finite ``T`` have none: a run that diverged (``details``
+    ``diverged_a`` / ``diverged_b``, from :func:`~spectral_lens.analysis.divergence`) is named with
+    its divergence, the others as not reaching the target."""
+    target = ev.details.get("target", "?")
+    parts, plain = [], []
+    for side, name in (("a", ev.a), ("b", ev.b)):
+        if f"T_{side}" in ev.details and not math.isfinite(ev.details[f"T_{side}"]):
+            why = ev.details.get(f"diverged_{side}")
+            if why:
+                parts.append(f"{name} diverged: {why.split(' diverged: ', 1)[-1]}, before reaching the target {target}")
+            else:
+                plain.append(name)
+    if plain:
+        parts.insert(0, f"{' and '.join(plain)} did not reach the target {target}")
+    return "; ".join(parts)
+
+
 def _score(pairs: list[tuple[float, float]]) -> float:
     vals = [abs(v) / t for v, t in pairs if v is not None and math.isfinite(v)]
     return max(vals) if vals else math.nan
@@ -204,7 +222,9 @@ class TransitionClassifier:
 
     0. ``undetermined (token gain undefined)``: the evidence's ``details`` record an infinite
        ``T_a`` or ``T_b`` (a run never reached the target, as :func:`transition_evidence` records);
-       the rule names the run(s). The token gain is then undefined, not zero.
+       the rule names the run(s), a run that diverged with its divergence (``details``
+       ``diverged_a`` / ``diverged_b``: where its losses turned non-finite). The token gain is then
+       undefined, not zero.
 
     1. ``mixed/tradeoff``: one gain >= g, the other <= -g, and
        ``min(|g_tok|, |g_thr|) >= tradeoff_ratio * max(|g_tok|, |g_thr|)``.
@@ -323,7 +343,7 @@ class TransitionClassifier:
         coords = f"g_tok={gt:+.3f}, g_thr={gq:+.3f}"
         missed = _missed_target(ev)
         if missed:
-            rule = (f"rule 0: {' and '.join(missed)} did not reach the target {ev.details.get('target', '?')}: "
+            rule = (f"rule 0: {_missed_text(ev)}: "
                     f"the token gain is undefined (g_thr={gq:+.3f}, act_score={act:.2f}, grad_score={grad:.2f})")
             return TaxonomyResult(UNDETERMINED, rule, ev, act, grad, self.thresholds)
         big, small = max(abs(gt), abs(gq)), min(abs(gt), abs(gq))
@@ -426,6 +446,10 @@ def transition_evidence(
     gains = transition_gains(run_a, run_b, target)
     details: dict[str, Any] = {"target": float(target), "at": at, "T_a": gains.T_a, "T_b": gains.T_b,
                                "Q_a": gains.Q_a, "Q_b": gains.Q_b}
+    for side, run in (("a", run_a), ("b", run_b)):  # rule 0 names a divergence rather than "did not reach"
+        why = divergence(run)
+        if why is not None:
+            details[f"diverged_{side}"] = why
     picks = {}
     for side, run in (("a", run_a), ("b", run_b)):
         if not run.measurements:

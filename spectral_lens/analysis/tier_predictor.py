@@ -16,7 +16,7 @@ import numpy as np
 
 from ..records import RunRecord, open_runs
 from .early import EarlyStatistic, FractionNotReachedError, NoEarlyStatisticError
-from .efficiency import NO_FAMILY, SweepWarning, divergence, group_by_family, token_inefficiency
+from .efficiency import NO_FAMILY, SweepWarning, divergence, group_by_family, pick_learning_rates, token_inefficiency
 from .ranking import TierRanking, rank_tiers
 from .spearman import spearman
 
@@ -95,12 +95,14 @@ class TierPredictor:
         return out
 
     def _usable(self, runs: list[RunRecord]) -> tuple[list[EarlyStatistic], list[RunRecord], dict[str, str]]:
-        """The early statistic of every run that has one; the others (diverged, or no usable early
-        statistic: :class:`NoEarlyStatisticError`) are left out with a one-line reason each, and a
-        :class:`SweepWarning` per run. No run left raises the first run's error (all their reasons)."""
+        """The early statistic of every run that has one; the others (diverged, at a learning rate
+        other than its tier's best (:func:`~spectral_lens.analysis.pick_learning_rates`), or no usable
+        early statistic: :class:`NoEarlyStatisticError`) are left out with a one-line reason each, and
+        a :class:`SweepWarning` per run. No run left raises the first run's error (all their reasons)."""
         stats, kept, excluded, errors, diverged = [], [], {}, [], set()
+        _, other_lr = pick_learning_rates(runs)
         for r in runs:
-            why = divergence(r)
+            why = divergence(r) or other_lr.get(r.run_id)
             if why is not None:
                 diverged.add(r.run_id)
             else:
@@ -119,7 +121,7 @@ class TierPredictor:
                 isinstance(e, FractionNotReachedError) for e in errors) else NoEarlyStatisticError
             raise kind(f"{type(self).__name__}: no run has a usable {self.statistic} at {self.fraction:.0%}: "
                        + "; ".join(excluded.values()))
-        for rid, why in excluded.items():  # a divergence is the same line from every predictor (a report shows it once)
+        for rid, why in excluded.items():  # a divergence or a rate is the same line from every predictor (shown once)
             what = "the rankings and scores" if rid in diverged else f"the {self.statistic} ranking and score"
             warnings.warn(f"{why}; left out of {what}", SweepWarning, stacklevel=3)
         return stats, kept, excluded
@@ -135,7 +137,9 @@ class TierPredictor:
         ``values_`` (run id -> (value, sigma) of the ordering statistic), ``family_range_``
         (family -> (min, max) of the statistic), ``rankings_`` (family -> :class:`TierRanking`),
         ``excluded_`` (run id -> one line: why the run is left out of the ranking and the score: it
-        diverged (:func:`~spectral_lens.analysis.divergence`), or has no usable statistic at the
+        diverged (:func:`~spectral_lens.analysis.divergence`), its tier has runs at several learning
+        rates and its rate is not the best (:func:`~spectral_lens.analysis.pick_learning_rates`: the
+        line names the rates, their losses and the one used), or has no usable statistic at the
         fraction (:class:`~spectral_lens.analysis.NoEarlyStatisticError`: cut short before it,
         measured only after it, a spectrum that cannot be fitted there)), ``flags_`` (one-line
         cautions about runs compared although they differ, e.g. in token budget). Each excluded
@@ -217,8 +221,8 @@ class TierPredictor:
             missing = [s.run_id for s in stats if s.run_id not in eps]
             if missing:
                 raise ValueError(f"score: targets has no eps_tok for runs {missing}")
-        else:
-            eps = token_inefficiency(run_list, float(targets))
+        else:  # normalized among the runs scored: a tier's other learning rates are not in its family's min T
+            eps = token_inefficiency(pick_learning_rates(run_list)[0], float(targets))
         norm = _normalize(stats, values, self.family_range_ if runs is None else None)
         within = {}
         by_family: dict[str, list[EarlyStatistic]] = {}

@@ -168,12 +168,18 @@ def test_a_nan_loss_logged_last_is_a_divergence_named_where_it_began(base, tmp_p
     first = next(e for e in run.events if math.isnan(e["val_loss"]))  # the first event past 50%
     assert divergence(run) == f"run 'toy-b16' (tier 16) diverged: val_loss nan at step {first['step']} " + \
         f"({first['tokens']:.4g} tokens, 50% of its token budget)"
-    # a loop that logs its NaN loss and stops: one NaN, the last record
+    # a loop that logs its NaN loss and stops: one NaN, the last record. Alone it is not yet a
+    # divergence (a run still going may recover at its next loss, tests/analysis/test_sweeps3.py);
+    # the loop marks the run ended (update_info(status="diverged")) and then it is one
     d2 = tmp_path / "one"
     shutil.copytree(base / "toy-b4", d2)
     _stop_at(d2, 0.56)  # the last evaluation at 55%, the last measurement at 50%
     last = _event_steps(d2)[-1]
     _set_loss(d2, last, "train_loss", math.nan)
+    assert divergence(open_runs([d2])[0]) is None
+    info = json.loads((d2 / "run.json").read_text())
+    info["extras"]["status"] = "diverged"
+    (d2 / "run.json").write_text(json.dumps(info))
     run = open_runs([d2])[0]
     assert divergence(run) == f"run 'toy-b4' (tier 4) diverged: train_loss nan at step {last} " + \
         f"({run.events[-1]['tokens']:.4g} tokens, 55% of its token budget)"
