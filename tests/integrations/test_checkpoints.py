@@ -304,3 +304,28 @@ def test_trainer_checkpoints_measured_offline_equal_the_callbacks_online_measure
     train = [e["train_loss"] for e in offline.events if "train_loss" in e]
     assert train == [h["loss"] for h in history if "loss" in h] and len(train) == 6
     assert all(math.isfinite(x) for x in train)
+    pytest.importorskip("matplotlib", reason="report figures need the plot extra")
+    assert main(["report", str(tmp_path / "offline"), "--out", str(tmp_path / "report")]) == 0
+    assert "![" in (tmp_path / "report" / "report.md").read_text()  # its figures, the loss curves among them
+
+
+def test_measuring_a_step_the_record_already_holds_warns_before_the_passes(tmp_path):
+    """Re-running an offline script over the same checkpoints (or a resumed loop without drop_after) appended a
+    second measurement at the step without a word; the analyses then count it as one more checkpoint (the early
+    prediction's jitter, from its nearest checkpoints, shrinks). The lens says so, naming the record and the
+    step, before it measures. Out of order is no reason to warn: the analyses sort by progress."""
+    pool = lm_pool(2, batch=4, t=T, vocab=V, seed=99)
+    model = TinyGPT(vocab=V, d=16, heads=2, layers=2, ctx=T)
+    info = RunInfo("r", family="f", batch_tier=4, n_layer=2, total_tokens=1000)
+    with RunWriter(tmp_path / "run", info, fsync=False, tail_window=(2, 8)) as w:
+        lens = sl.SpectralLens(model, pool, writer=w, progress=False, params=())
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", sl.SpectralLensWarning)
+            lens.measure(5, 500)
+            lens.measure(1, 100)  # out of order: fine
+        with pytest.warns(sl.SpectralLensWarning, match=r"run record .*run already holds a measurement at step 5;.*"
+                                                        r"writer\.measured_steps\(\).*drop_after"):
+            lens.measure(5, 500)
+    assert [m.step for m in RunRecord.open(tmp_path / "run").measurements] == [5, 1, 5]  # appended, as warned
