@@ -95,10 +95,10 @@ def test_a_checkpoint_of_another_shape_is_refused_and_the_next_load_measures_rig
 
 
 def test_offline_records_of_a_sweep_give_the_online_report_and_prediction(tmp_path, capsys):
-    """Two tiers trained with state dicts saved at 10%, 20%, 30%, 60% and 100%, measured offline out of order
-    into records with their logged losses: predict prints the same ranking and report succeeds."""
+    """Two tiers trained with state dicts saved at 10%, 20%, 30% and 100%, measured offline out of order into
+    records with their logged losses: predict prints the same ranking and report succeeds."""
     steps = 10
-    at = [0, 1, 2, 5, 9]
+    at = [0, 1, 2, 9]
     pools = {tier: _plain_run(tmp_path, tier, steps, at) for tier in (2, 4)}
     for tier, pool in pools.items():
         online = RunRecord.open(tmp_path / "online" / f"b{tier}")
@@ -121,9 +121,10 @@ def test_offline_records_of_a_sweep_give_the_online_report_and_prediction(tmp_pa
     for which in ("online", "offline"):
         assert main(["predict", str(tmp_path / which), "--json", *target]) == 0
         out[which] = json.loads(capsys.readouterr().out)
-    for d in (out["online"], out["offline"]):  # the runs' paths differ; their names and numbers do not
-        json.dumps(d)
     assert _strip_paths(out["online"]) == _strip_paths(out["offline"])
+    assert out["offline"]["excluded"] == {}
+    assert [t["tier"] for t in out["offline"]["families"]["tiny"]["tiers"]] == [2, 4]
+    assert all(math.isfinite(t["alpha_tail"]) for t in out["offline"]["families"]["tiny"]["tiers"])
     pytest.importorskip("matplotlib", reason="report figures need the plot extra")
     assert main(["report", str(tmp_path / "offline"), "--out", str(tmp_path / "report"), *target]) == 0
     assert (tmp_path / "report" / "report.md").is_file()
@@ -295,6 +296,10 @@ def test_trainer_checkpoints_measured_offline_equal_the_callbacks_online_measure
             with lens.attach(transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)):
                 lens.measure(*checkpoint_position(checkpoint))
         assert log_history(w, checkpoints[-1]) == 9  # 6 training losses, 3 evaluations
+    with RunWriter(tmp_path / "offline", info, resume=True, tail_window=(2, 8), fsync=False) as w:  # the guide's
+        done = w.measured_steps()  # script run again: nothing is measured or logged twice
+        assert [checkpoint_position(c)[0] for c in checkpoints if checkpoint_position(c)[0] not in done] == []
+        assert log_history(w, checkpoints[-1]) == 0
     online, offline = RunRecord.open(tmp_path / "online"), RunRecord.open(tmp_path / "offline")
     _same_measurements(online, offline)  # steps, tokens (the callback's num_input_tokens_seen), spectra
     evals = [h for h in history if "eval_loss" in h]
