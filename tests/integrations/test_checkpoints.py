@@ -79,6 +79,26 @@ def test_load_state_dict_into_the_attached_model_measures_each_checkpoint_as_onl
         assert m.scalars["noise_scale"] == by_step[step].scalars["noise_scale"]
 
 
+def test_a_compiled_model_measures_each_loaded_checkpoint(tmp_path):
+    """The lens on a torch.compile'd model (its capture fed from inside the graph, _compiled_feed.py): the graphs
+    compiled at the first checkpoint read the weights loaded for the next one, none is baked in."""
+    pool = lm_pool(2, batch=4, t=T, vocab=V, seed=99)
+    sources = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        sources.append(TinyGPT(vocab=V, d=16, heads=2, layers=2, ctx=T))
+    eager = [sl.SpectralLens(m, pool, progress=False, tail_window=(2, 8)).measure(0, 0) for m in sources]
+    torch.manual_seed(5)
+    model = TinyGPT(vocab=V, d=16, heads=2, layers=2, ctx=T)
+    lens = sl.SpectralLens(torch.compile(model, backend="aot_eager"), pool, progress=False, tail_window=(2, 8))
+    for i in (0, 1, 0):
+        model.load_state_dict(sources[i].state_dict())
+        m = lens.measure(i, 0)
+        assert sorted(m.spectra) == sorted(eager[i].spectra)
+        for name, s in m.spectra.items():
+            assert torch.equal(s.values, eager[i].spectra[name].values), (i, name)
+
+
 def test_a_checkpoint_of_another_shape_is_refused_and_the_next_load_measures_right(tmp_path):
     _plain_run(tmp_path, 4, 2, [1])
     pool = lm_pool(2, batch=4, t=T, vocab=V, seed=99)
