@@ -28,7 +28,7 @@ from typing import Any
 
 from ..records import RunRecord
 
-__all__ = ["checkpoint_position", "log_history", "read_trainer_state"]
+__all__ = ["checkpoint_position", "log_history"]
 
 STATE_FILE = "trainer_state.json"
 
@@ -36,7 +36,7 @@ STATE_FILE = "trainer_state.json"
 _KEYS = {"loss": "train_loss", "eval_loss": "val_loss", "learning_rate": "lr"}
 
 
-def read_trainer_state(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+def _read_state(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """``(file, state)``: the JSON of ``trainer_state.json``, given the file or the checkpoint directory
     that holds it. A missing file or one that is not a JSON object raises naming the file."""
     path = Path(path)
@@ -92,7 +92,7 @@ def checkpoint_position(path: str | os.PathLike, *, tokens_per_step: int | None 
     state has no token count and ``tokens_per_step`` is not given.
     """
     tokens_per_step = _tokens_per_step(tokens_per_step)
-    file, state = read_trainer_state(path)
+    file, state = _read_state(path)
     step = state.get("global_step")
     if not _count(step):
         raise ValueError(f"{file}: global_step must be the checkpoint's optimizer step, got "
@@ -123,7 +123,7 @@ def log_history(writer, path: str | os.PathLike, *, tokens_per_step: int | None 
         The number of events appended.
     """
     tokens_per_step = _tokens_per_step(tokens_per_step)
-    file, state = read_trainer_state(path)
+    file, state = _read_state(path)
     history = state.get("log_history")
     if not isinstance(history, list):
         raise ValueError(f"{file}: expected a list under 'log_history', got "
