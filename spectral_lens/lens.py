@@ -463,7 +463,7 @@ class SpectralLens:
         if measured is None or getattr(self.writer, "closed", False) or step not in measured():
             return
         warnings.warn(
-            f"SpectralLens.measure: the run record {self.writer.path} already holds a measurement at step {step}; "
+            f"SpectralLens.measure: the run record {getattr(self.writer, 'path', self.writer)} already holds a measurement at step {step}; "
             "this one is appended as a second measurement at that step, which the analyses count as one more "
             "checkpoint. Measuring saved checkpoints again: skip the steps in writer.measured_steps(); training "
             "resumed from a checkpoint: call writer.drop_after(checkpoint_step) first", SpectralLensWarning, stacklevel=3)
