@@ -455,6 +455,19 @@ class SpectralLens:
                 tail = tail_window(12)
         return tail, head if head is not None else (10, 40)
 
+    def _warn_measured(self, step: int) -> None:
+        """A warning, before the passes, when the run record already holds a measurement at ``step``: the
+        writer appends this one as a second measurement there, which the analyses count as one more
+        checkpoint (re-running a script over saved checkpoints; a resumed loop without ``drop_after``)."""
+        measured = getattr(self.writer, "measured_steps", None)
+        if measured is None or getattr(self.writer, "closed", False) or step not in measured():
+            return
+        warnings.warn(
+            f"SpectralLens.measure: the run record {getattr(self.writer, 'path', self.writer)} already holds a measurement at step {step}; "
+            "this one is appended as a second measurement at that step, which the analyses count as one more "
+            "checkpoint. Measuring saved checkpoints again: skip the steps in writer.measured_steps(); training "
+            "resumed from a checkpoint: call writer.drop_after(checkpoint_step) first", SpectralLensWarning, stacklevel=3)
+
     def _warn_window(self, tail, spectra: dict[str, Spectrum], summaries: dict[str, dict[str, float]]) -> None:
         """Once per lens: a warning when the tail window does not fit an activation spectrum (a model narrower
         than the window's upper rank, or a pool of fewer rows), whose ``alpha_tail`` is then left out of the
@@ -852,6 +865,7 @@ class SpectralLens:
                                 f"None; got step={step!r}, tokens={tokens!r}, val_loss={val_loss!r}") from None
             self._require_model()
             settings = self._settings()
+            self._warn_measured(step)
         except BaseException as exc:  # an interrupt too
             error = exc
         agree_settings(self.group, settings, error, "checking measure()'s arguments and the lens")
