@@ -13,6 +13,9 @@ first used and, when the framework is missing, raises an ``ImportError`` naming 
 * :class:`WandbSink` (``spectral_lens.integrations.wandb``): the same for Weights & Biases; extra
   ``wandb``.
 * :func:`measurement_summaries` and :func:`measurement_scalars`: the flat scalars every sink logs.
+* :func:`checkpoint_position` and :func:`log_history` (``spectral_lens.integrations.trainer_state``): a
+  saved Trainer checkpoint's step and tokens, and its logged curves, read from ``trainer_state.json``
+  (JSON only; no extra needed).
 
 JSONL run records (:class:`~spectral_lens.records.RunWriter`) stay the default store; sinks are
 extra views of the same measurements.
@@ -29,6 +32,8 @@ __all__ = [
     "WandbSink",
     "measurement_summaries",
     "measurement_scalars",
+    "checkpoint_position",
+    "log_history",
 ]
 
 _HOMES = {
@@ -38,6 +43,8 @@ _HOMES = {
     "WandbSink": ".wandb",
     "measurement_summaries": ".summaries",
     "measurement_scalars": ".summaries",
+    "checkpoint_position": ".trainer_state",
+    "log_history": ".trainer_state",
 }
 
 
