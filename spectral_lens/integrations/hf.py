@@ -42,6 +42,12 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     the record holds each step once. If training raises, the lens is detached from the model when
     the error came from a measurement, else when the callback next starts a run.
 
+    The training loss the trainer logs (``logs["loss"]``, every ``logging_steps``) is appended to the
+    run record's ``log.jsonl`` as a ``train_loss`` event at its step, with ``tokens_per_s``: the tokens
+    trained since the previous event over the training time since then (measurements, evaluations and
+    checkpoint saves left out; none when ``tokens`` counts steps). The report's training curve and
+    throughput ``Q`` read these events. Rank 0 writes them, without a collective.
+
     Each measurement is appended to the lens's run record, sent to every sink (e.g.
     :class:`~spectral_lens.integrations.TensorBoardSink`), and its scalars (per spectrum
     ``alpha_tail``, ``alpha_head``, ``rankme``, ``stable_rank``; ``noise_scale``) are logged:
