@@ -286,6 +286,7 @@ def test_lightning_records_the_returned_loss_and_throughput(tmp_path, clock):
     # 96 tokens per training second (2 batches of 1 s each per step); measurements and validation took none
     assert [e["tokens_per_s"] for e in events] == pytest.approx([48.0] * 3, rel=1e-12)
     assert [m.step for m in lens.history] == [2, 4] and clock.t > 3000
+    assert RunRecord.open(tmp_path / "run").throughput() == pytest.approx(48.0, rel=1e-12)  # the report's Q
 
 
 def test_lightning_train_loss_key_reads_the_logged_metric(tmp_path, clock):
