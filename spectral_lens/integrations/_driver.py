@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 import weakref
 from typing import Any, Iterable, Protocol
@@ -49,6 +50,10 @@ class LensDriver:
         self.last_step: int | None = None
         self.last_has_val_loss = False  # whether the record holds a validation loss at last_step
         self.handle = None
+        # the throughput's interval: tokens at its start, training seconds in it, when the clock last ran on
+        self._interval_tokens: int | None = None  # None: no training started
+        self._train_s = 0.0
+        self._clock_from: float | None = None
 
     def release(self) -> None:
         """Detach the lens again if :meth:`bind` attached it."""
@@ -128,6 +133,46 @@ class LensDriver:
         measured, has_loss = from_rank0(self.lens.group, (measured[0], has_loss[0]))
         self.last_step = step if measured else None
         self.last_has_val_loss = measured and has_loss
+
+    def training_starts(self, step: int, counted: int | None = None) -> None:
+        """``train()`` / ``fit()`` starts (or resumes) at ``step``: the first interval of the logged
+        throughput starts here, with the clock running."""
+        self._interval_tokens = int(counted) if counted else int(step) * (self.tokens_per_step or 1)  # as tokens()
+        self._train_s = 0.0
+        self._clock_from = time.perf_counter()
+
+    def clock_stop(self) -> None:
+        """Training pauses (a step ended: the lens may measure, the trainer evaluate or save): the time
+        since :meth:`clock_run` counts as training time."""
+        if self._clock_from is not None:
+            self._train_s += time.perf_counter() - self._clock_from
+            self._clock_from = None
+
+    def clock_run(self) -> None:
+        """Training goes on from now (after a measurement, an evaluation, a checkpoint, the trainer's log)."""
+        self._clock_from = time.perf_counter()
+
+    def _real_tokens(self, counted: int | None) -> bool:
+        """Whether :meth:`tokens` counts tokens (the framework's count or ``tokens_per_step``), not steps."""
+        return bool(counted) or self.tokens_per_step is not None
+
+    def record_train_loss(self, step: int, train_loss: float, counted: int | None = None) -> None:
+        """Append a ``train_loss`` event at ``step`` to rank 0's run record, with ``tokens_per_s``: the
+        tokens trained since the previous event (or since training started) over the training time
+        between them, the time of measurements, evaluations and checkpoints left out. No
+        ``tokens_per_s`` when the record's tokens count optimizer steps (no token count, no
+        ``tokens_per_step``). Rank 0 writes alone, without a collective (an error there raises there); a
+        closed writer, or a lens without one, records nothing."""
+        tokens = self.tokens(step, counted)
+        start, train_s = self._interval_tokens, self._train_s
+        self._interval_tokens, self._train_s = tokens, 0.0
+        writer = self.lens.writer
+        if writer is None or getattr(writer, "closed", False) or ranks(self.lens.group)[0] != 0:
+            return
+        event = {"train_loss": float(train_loss)}
+        if self._real_tokens(counted) and start is not None and tokens > start and train_s > 0:
+            event["tokens_per_s"] = (tokens - start) / train_s
+        writer.log(step, tokens, **event)
 
     def record_val_loss(self, step: int, tokens: int, val_loss: float | None) -> None:
         """An evaluation ran at ``step``, which the lens already measured (the schedule came first):

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Iterable
 
+import torch
+
+from .._agree import ranks
 from .._warnings import SpectralLensWarning
 from ..lens import SpectralLens
 from ._driver import LensDriver
@@ -21,12 +25,20 @@ class LightningHooks:
         val_loss_key: str = "val_loss",
         tokens_per_step: int | None = None,
         sinks: Iterable = (),
+        train_loss_key: str | None = None,
     ) -> None:
         super().__init__()
         self.driver = LensDriver(lens, sinks, tokens_per_step)
         self.on_validation = bool(on_validation)
         self.val_loss_key = val_loss_key
+        self.train_loss_key = None if train_loss_key is None else str(train_loss_key)
         self._batch_step: int | None = None  # trainer.global_step when the previous training batch ended
+        # the returned training losses since the last train_loss event: their sum (a tensor on the loss's
+        # device, read once per event) and count; the step of that event
+        self._loss_sum = None
+        self._loss_count = 0
+        self._logged_step: int | None = None
+        self._warned_train_key = False
 
     def __getstate__(self):
         # strategy="ddp_spawn" (and other spawning launchers) pickle the trainer with its callbacks into
@@ -54,11 +66,19 @@ class LightningHooks:
 
     def on_train_start(self, trainer, pl_module) -> None:
         """After ``fit(ckpt_path=...)`` restored a checkpoint, drop what the lens recorded after its step."""
-        self._batch_step = int(trainer.global_step)
+        self._batch_step = self._logged_step = int(trainer.global_step)
+        self._loss_sum, self._loss_count = None, 0
         if trainer.global_step > 0:
             self.driver.resumed(trainer.global_step)
         else:
             self.driver.start()
+        self.driver.training_starts(trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Record the training loss of the steps since the last ``train_loss`` event (a fit shorter than
+        ``log_every_n_steps`` records one)."""
+        if int(trainer.global_step) != self._logged_step:
+            self._record_train_loss(trainer)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         """Detach the lens if this callback attached it."""
@@ -69,6 +89,7 @@ class LightningHooks:
         of the module as :meth:`teardown` does (which does not run after an error either)."""
         self.driver.release()
         self._forget_module()
+        self._loss_sum, self._loss_count = None, 0
 
     def teardown(self, trainer, pl_module, stage) -> None:
         """At the end of every run (fit, validate, test, predict) let go of the module: see :meth:`_forget_module`."""
@@ -88,14 +109,70 @@ class LightningHooks:
         accumulated gradients), or a step the batch passed over (manual optimization with several
         ``optimizer.step()`` calls per batch advances ``global_step`` by more than one: the
         measurement is then taken, and recorded, at the batch's end step)."""
+        self.driver.clock_stop()  # the batch trained until now: a measurement is no training time
         step, previous = int(trainer.global_step), self._batch_step
         self._batch_step = step
+        if self.train_loss_key is None and self._records():
+            self._add_loss(outputs, trainer, pl_module)
+        every = int(getattr(trainer, "log_every_n_steps", 0) or 0)
+        if step != previous and every > 0 and step // every > (previous or 0) // every:  # a multiple of it passed
+            self._record_train_loss(trainer)
         if step != previous and self.driver.due(step, since=previous):
             self._measure(trainer)
+        self.driver.clock_run()
+
+    def _records(self) -> bool:
+        """Whether this process writes the run record (rank 0, with an open writer)."""
+        writer = self.driver.lens.writer
+        return writer is not None and not getattr(writer, "closed", False) and ranks(self.driver.lens.group)[0] == 0
+
+    def _add_loss(self, outputs, trainer, pl_module) -> None:
+        """Add the batch's training loss (``training_step``'s return value, as Lightning passes it on:
+        divided by ``accumulate_grad_batches`` under automatic optimization) to the running sum; no
+        device sync."""
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            loss = loss.detach().reshape(()).float()  # a bfloat16 sum would round off
+        elif not isinstance(loss, (int, float)) or isinstance(loss, bool):
+            return  # nothing returned (manual optimization may return None)
+        if getattr(pl_module, "automatic_optimization", True):
+            loss = loss * max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._loss_count += 1
+
+    def _record_train_loss(self, trainer) -> None:
+        """A ``train_loss`` event at ``trainer.global_step`` (with the throughput since the previous one):
+        the mean of the returned losses since then, or ``trainer.callback_metrics[train_loss_key]``."""
+        step = int(trainer.global_step)
+        self._logged_step = step
+        loss_sum, count = self._loss_sum, self._loss_count
+        self._loss_sum, self._loss_count = None, 0
+        if not self._records():
+            return
+        if self.train_loss_key is None:
+            loss = None if not count else float(loss_sum) / count  # the one device sync per event
+        else:
+            value = trainer.callback_metrics.get(self.train_loss_key)
+            loss = None if value is None else float(value)
+            if value is None and not self._warned_train_key:
+                self._warned_train_key = True
+                warnings.warn(
+                    f"{type(self).__name__}: train_loss_key {self.train_loss_key!r} is not among the logged metrics "
+                    f"{sorted(trainer.callback_metrics)} at step {step}; no training loss is recorded there (log it "
+                    "with self.log in training_step, or pass train_loss_key=None for the loss training_step returns)",
+                    SpectralLensWarning, stacklevel=3)
+        if loss is not None:
+            self.driver.record_train_loss(step, loss)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         """With ``on_validation=True``, measure after each validation run of ``fit`` (not the sanity
         check, nor ``trainer.validate()``, which runs outside training and under inference mode)."""
+        try:
+            self._on_validation_end(trainer)
+        finally:
+            self.driver.clock_run()  # the validation and its measurement took no training time
+
+    def _on_validation_end(self, trainer) -> None:
         if not self.on_validation or trainer.sanity_checking or getattr(trainer.state, "fn", None) != "fit":
             return
         value = trainer.callback_metrics.get(self.val_loss_key)
@@ -107,7 +184,7 @@ class LightningHooks:
                 f"{sorted(trainer.callback_metrics)}; the measurements after validation record no validation loss "
                 "(pass val_loss_key= one of those)",
                 SpectralLensWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         if step == self.driver.last_step:  # measured at this step already: keep the loss
             self.driver.record_val_loss(step, self.driver.tokens(step), None if value is None else float(value))

@@ -42,6 +42,12 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     the record holds each step once. If training raises, the lens is detached from the model when
     the error came from a measurement, else when the callback next starts a run.
 
+    The training loss the trainer logs (``logs["loss"]``, every ``logging_steps``) is appended to the
+    run record's ``log.jsonl`` as a ``train_loss`` event at its step, with ``tokens_per_s``: the tokens
+    trained since the previous event over the training time since then (measurements, evaluations and
+    checkpoint saves left out; none when ``tokens`` counts steps). The report's training curve and
+    throughput ``Q`` read these events. Rank 0 writes them, without a collective.
+
     Each measurement is appended to the lens's run record, sent to every sink (e.g.
     :class:`~spectral_lens.integrations.TensorBoardSink`), and its scalars (per spectrum
     ``alpha_tail``, ``alpha_head``, ``rankme``, ``stable_rank``; ``noise_scale``) are logged:
@@ -139,6 +145,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
             self.driver.resumed(state.global_step)
         else:
             self.driver.start()
+        self.driver.training_starts(state.global_step, state.num_input_tokens_seen)
 
     def on_train_end(self, args, state, control, **kwargs):
         """Detach the lens if this callback attached it."""
@@ -146,13 +153,35 @@ class SpectralLensCallback(_transformers.TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         """Measure when the lens's schedule names this optimizer step."""
+        self.driver.clock_stop()  # the step trained until now: a measurement is no training time
         if self.driver.due(int(state.global_step)):
             self._measure(state)
+        self.driver.clock_run()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Record the training loss the trainer logs (``logs["loss"]``, every ``logging_steps``: its mean
+        over the optimizer steps since its previous log) as a ``train_loss`` event with the throughput
+        (``tokens_per_s``) since then; the time after this log (the trainer's evaluation and checkpoint)
+        is no training time."""
+        loss = (logs or {}).get("loss")
+        if loss is not None and state.global_step > 0:
+            self.driver.record_train_loss(int(state.global_step), loss, state.num_input_tokens_seen)
+        self.driver.clock_run()
+
+    def on_save(self, args, state, control, **kwargs):
+        """A checkpoint was saved: its time is no training time."""
+        self.driver.clock_run()
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
         """With ``on_evaluate=True``, measure now, recording the evaluation's ``eval_loss``; for a
         ``trainer.evaluate()`` outside ``train()``, a lens without a model is attached to the trainer's
         model for this measurement only."""
+        try:
+            self._on_evaluate(state, metrics, model)
+        finally:
+            self.driver.clock_run()  # the evaluation and its measurement took no training time
+
+    def _on_evaluate(self, state, metrics, model) -> None:
         if not self.on_evaluate_:
             return
         val_loss = (metrics or {}).get(self.eval_loss_key)
@@ -166,7 +195,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
                 f"{sorted(metrics or {})}; the measurement at step {step} records no validation "
                 "loss (pass eval_loss_key= one of those)",
                 SpectralLensWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         if step == self.driver.last_step:  # measured at this step already: keep the loss
             self.driver.record_val_loss(step, self.driver.tokens(step, state.num_input_tokens_seen),

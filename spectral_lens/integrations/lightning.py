@@ -30,6 +30,14 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
     the record holds each step once. A lens
     the callback attached is detached at the end of the fit, also when it raises.
 
+    Every ``trainer.log_every_n_steps`` optimizer steps, and at the end of the fit, a ``train_loss``
+    event is appended to the run record's ``log.jsonl``: the mean of the losses ``training_step``
+    returned since the previous one (summed on their device, read once per event), or
+    ``trainer.callback_metrics[train_loss_key]``, with ``tokens_per_s``, the tokens trained since the
+    previous event over the training time since then (measurements and validation left out; none
+    without ``tokens_per_step``). The report's training curve and throughput ``Q`` read these events.
+    Rank 0 writes them, without a collective.
+
     Each measurement is appended to the lens's run record, sent to every sink, and its scalars (per
     spectrum ``alpha_tail``, ``alpha_head``, ``rankme``, ``stable_rank``; ``noise_scale``) go to
     every logger of the trainer (``trainer.loggers``: TensorBoard, CSV, W&B, ...).
@@ -42,7 +50,11 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
             dataloaders Lightning logs ``val_loss/dataloader_idx_0``, ...); a key that is not among
             ``trainer.callback_metrics`` after a validation run warns (``SpectralLensWarning``).
         tokens_per_step: training tokens per optimizer step (records' ``tokens``); without it,
-            ``tokens`` counts optimizer steps.
+            ``tokens`` counts optimizer steps (and no ``tokens_per_s`` is recorded).
         sinks: extra loggers with a ``log_measurement`` method.
+        train_loss_key: the logged metric recorded as the training loss (e.g. one logged with
+            ``self.log("train_loss", loss, sync_dist=True)``); default ``None``: the mean of the losses
+            ``training_step`` returned (rank 0's own batches). A key that is not among
+            ``trainer.callback_metrics`` when an event is due warns once (``SpectralLensWarning``).
     """
 
