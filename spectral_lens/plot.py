@@ -235,7 +235,8 @@ def plot_loss_curves(runs: Sequence[RunRecord], target_loss: float | None = None
     """Validation loss against tokens (log x), one panel per family, one line per run.
 
     Training loss from ``log.jsonl`` (``train_loss``), when recorded, is drawn thin and dashed in the
-    same color; ``target_loss`` as a horizontal line.
+    same color (labelled with its tier when the run has no validation loss, as a Trainer run without
+    evaluation); ``target_loss`` as a horizontal line.
     """
     Figure = require_matplotlib()
     fams = group_by_family(runs)
@@ -247,11 +248,13 @@ def plot_loss_curves(runs: Sequence[RunRecord], target_loss: float | None = None
             c = colors.get(run.info.batch_tier)
             train = [(e["tokens"], float(e["train_loss"])) for e in run.events
                      if e.get("train_loss") is not None and e["tokens"] > 0]
-            if train:
-                t, l = zip(*sorted(train))
-                ax.plot(t, l, color=c, lw=0.8, ls="--", alpha=0.6)
             tokens, losses = run.val_curve()
             keep = tokens > 0
+            if train:  # labelled only when the run has no validation curve to carry its label
+                t, l = zip(*sorted(train))
+                ax.plot(t, l, color=c, lw=0.8, ls="--", alpha=0.6,
+                        label=None if keep.any() else _tier_label(run.info.batch_tier) + " (training)")
+                drawn = True
             if keep.any():
                 ax.plot(tokens[keep], losses[keep], color=c, lw=1.5, label=_tier_label(run.info.batch_tier))
                 drawn = True

@@ -64,6 +64,23 @@ def test_loss_curves_plot_the_records(tmp_path):
     assert ax.get_xscale() == "log"
 
 
+def test_loss_curves_of_a_run_with_only_training_losses(tmp_path):
+    """A Trainer run without evaluation records train_loss events only: its panel draws them (labelled, log x),
+    not "no loss recorded" over the curve."""
+    w = RunWriter(tmp_path / "trainonly", RunInfo("trainonly", family="f", batch_tier=8, total_tokens=1000), fsync=False)
+    points = [(100, 4.0), (200, 3.5), (400, 3.1)]
+    for step, (tokens, loss) in enumerate(points, 1):
+        w.log(step, tokens, train_loss=loss)
+    w.close()
+    ax = plot.plot_loss_curves(open_runs([tmp_path / "trainonly"])).axes[0]
+    (line,) = ax.lines
+    np.testing.assert_allclose(line.get_xdata(), [p[0] for p in points])
+    np.testing.assert_allclose(line.get_ydata(), [p[1] for p in points])
+    assert line.get_linestyle() == "--" and "training" in line.get_label()
+    assert ax.get_xscale() == "log"
+    assert not [t for t in ax.texts if t.get_text() == "no loss recorded"]
+
+
 def test_gradient_spectra_plot_the_matched_measurement(tmp_path):
     (path,) = write_theorem6_sweep(tmp_path, (4,), family="g", n_measure=6, n_eval=12, grad_dim=32)
     (run,) = open_runs([path])
