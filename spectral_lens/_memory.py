@@ -308,8 +308,10 @@ def check_rows(capture, acc, rows: torch.Tensor) -> None:
         widths, modules = capture._widths, getattr(capture, "_modules", {})
         # the layers' devices now, not at the attach: a model moved since (model.to) is counted where it is
         # (a capture built without its modules, or a module dropped since: counted on the rows' device)
-        refs = [modules.get(name) for name in accs]
-        devices = [None if ref is None or (module := ref()) is None else layer_device(module) for ref in refs]
+        devices = []
+        for name in accs:
+            module = modules[name]() if name in modules else None
+            devices.append(None if module is None else layer_device(module))
         check_fits(list(accs.values()), rows, [widths.get(name) for name in accs], owner=capture, first=acc,
                    devices=devices)
         return
