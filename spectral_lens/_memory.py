@@ -308,8 +308,8 @@ def check_rows(capture, acc, rows: torch.Tensor) -> None:
         widths, modules = capture._widths, getattr(capture, "_modules", {})
         # the layers' devices now, not at the attach: a model moved since (model.to) is counted where it is
         # (a capture built without its modules, or a module dropped since: counted on the rows' device)
-        devices = []
-        for name in accs:
+        devices = []  # (a loop: Dynamo, intercepting this frame after a compiled model's transform, ran a walrus in a
+        for name in accs:  # comprehension's weakref call as a call of the module; test_review19_memory)
             module = modules[name]() if name in modules else None
             devices.append(None if module is None else layer_device(module))
         check_fits(list(accs.values()), rows, [widths.get(name) for name in accs], owner=capture, first=acc,
