@@ -231,7 +231,9 @@ def output_width(module: nn.Module, pick) -> int | None:
 def layer_device(module: nn.Module) -> torch.device | None:
     """The device an attach's hook on ``module`` gets its rows on, where the module says so before they arrive: the
     ``execution_device`` of its Accelerate hook (a ``device_map`` across devices, ``dispatch_model``), else the one
-    accelerator all its parameters and buffers are on (a pipeline stage, a block moved by hand). ``None`` otherwise:
+    accelerator all its parameters and buffers are on (a pipeline stage, a block moved by hand); read at the pass's
+    first rows (:func:`check_rows`), so a model moved after the attach is counted where it runs. ``None`` otherwise
+    (and for an accelerator named without its index, ``execution_device="cuda"``, which no tensor's device equals):
     the layer is counted on the pass's first rows' device until its own rows arrive (:func:`check_rows`). So are
     layers without weights, with weights on several devices, on ``meta``, or on the CPU (weights kept there between
     forwards may run on an accelerator: FSDP's CPU offload; counted on the CPU, their rows' memory on the accelerator
@@ -239,10 +241,12 @@ def layer_device(module: nn.Module) -> torch.device | None:
     from ._offload import execution_device
 
     found = execution_device(module)
-    if found is not None:
-        return found
-    devices = {t.device for t in (*module.parameters(), *module.buffers())}
-    return devices.pop() if len(devices) == 1 and next(iter(devices)).type not in ("meta", "cpu") else None
+    if found is None:
+        devices = {t.device for t in (*module.parameters(), *module.buffers())}
+        found = devices.pop() if len(devices) == 1 and next(iter(devices)).type not in ("meta", "cpu") else None
+    # an accelerator named without its index ("cuda": the current one when the rows are sent) is not a tensor's
+    # device (cuda:0): such a layer is counted on its rows' device, as one not known before them
+    return None if found is not None and found.index is None and found.type not in ("cpu", "meta") else found
 
 
 # the passes that passed their check: capture -> (checked devices, {accumulator: (device, width, rows, sizes)}): each
@@ -301,9 +305,15 @@ def check_rows(capture, acc, rows: torch.Tensor) -> None:
         return
     accs = capture.accumulators
     if not any(a.initialized for a in accs.values()):
-        widths, devices = capture._widths, getattr(capture, "_devices", {})
+        widths, modules = capture._widths, getattr(capture, "_modules", {})
+        # the layers' devices now, not at the attach: a model moved since (model.to) is counted where it is
+        # (a capture built without its modules, or a module dropped since: counted on the rows' device)
+        devices = []  # (a loop: Dynamo, intercepting this frame after a compiled model's transform, ran a walrus in a
+        for name in accs:  # comprehension's weakref call as a call of the module; test_review19_memory)
+            module = modules[name]() if name in modules else None
+            devices.append(None if module is None else layer_device(module))
         check_fits(list(accs.values()), rows, [widths.get(name) for name in accs], owner=capture, first=acc,
-                   devices=[devices.get(name) for name in accs])
+                   devices=devices)
         return
     if not _well_formed(rows):
         return

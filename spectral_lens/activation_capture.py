@@ -17,7 +17,7 @@ from . import _compiled_feed as compiled_feed
 from ._blocks import block_hidden_states
 from ._compute import _spectrum_of
 from ._layout import channels_first, refuse_channels_first
-from ._memory import check_rows, layer_device, output_width
+from ._memory import check_rows, output_width
 from ._pipeline import metadata_inference
 from .accumulate import ActivationCovarianceAccumulator
 from .background import SolveFuture, submit
@@ -64,7 +64,7 @@ class ActivationCapture(HookSet):
         self.accumulators = accumulators
         self._mask: torch.Tensor | None = None
         self._widths: dict[str, int | None] = {}  # module_name -> its rows' width where certain before them
-        self._devices: dict[str, torch.device | None] = {}  # module_name -> its rows' device where told before
+        self._modules: dict[str, weakref.ref] = {}  # module_name -> its module, whose device the check reads
 
     @contextlib.contextmanager
     def mask(self, mask: torch.Tensor | None):
@@ -203,7 +203,7 @@ def _make_hook(capture: ActivationCapture, name: str, pick, module: nn.Module) -
     # (N, C, H, W) of a convolution, would be read as rows of W, so it is refused; an explicit pick wins
     layout = channels_first(module) if pick is None or pick is block_hidden_states else None
     capture._widths[name] = output_width(module, pick)  # for the memory check (None: known at its rows)
-    capture._devices[name] = layer_device(module)  # (None: counted on the pass's first rows' device)
+    capture._modules[name] = weakref.ref(module)  # its device read at the pass's first rows (_memory.layer_device)
     return _Feed(capture, capture.accumulators[name], pick, display_name(name, module), layout)
 
 

@@ -14,6 +14,7 @@ and device) with a free-memory budget of its own; ``free_bytes`` is patched per 
 
 from __future__ import annotations
 
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -38,13 +39,30 @@ def _peak(n: int, device_type: str = "cpu") -> int:
     return _memory._peak([_size(device_type=device_type)] * n)
 
 
+class _Hook:  # Accelerate's AlignDevicesHook, duck-typed: where the module runs
+    def __init__(self, device) -> None:
+        self.execution_device = device
+
+
+def _module(device) -> nn.Module:
+    """A module that layer_device places on ``device`` (``None``: no weights, not known before its rows; ``"cpu"``:
+    CPU weights, which are not known to run there either; another device: the execution device of its hook)."""
+    if device is None:
+        return nn.GELU()
+    module = nn.Linear(2, 3, device=device if device == "cpu" else "meta")
+    if device != "cpu":
+        module._hf_hook = _Hook(device)
+    return module
+
+
 def _capture(devices: list) -> ActivationCapture:
     """A capture of ``len(devices)`` layers of width ``D`` (known before their rows), each on ``devices[i]``
     (``None``: not known before its rows)."""
     accs = {f"l{i}": ActivationCovarianceAccumulator(precision="exact", name=f"l{i}") for i in range(len(devices))}
     capture = ActivationCapture(accs)
     capture._widths = {name: D for name in accs}
-    capture._devices = dict(zip(accs, devices))
+    capture.held_modules = [_module(device) for device in devices]  # (the capture refers to them weakly)
+    capture._modules = {name: weakref.ref(module) for name, module in zip(accs, capture.held_modules)}
     return capture
 
 
