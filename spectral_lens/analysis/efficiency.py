@@ -178,6 +178,12 @@ def _loss_at(curve: tuple[np.ndarray, np.ndarray], tokens: float) -> float:
     return float(np.interp(tokens, t, v))
 
 
+def _rate_text(loss: float, n_bad: int, n: int) -> tuple[str, str]:
+    """A rate's loss (or why it has none) and its share of diverged runs, for the pick's note."""
+    value = f"{loss:.4g}" if math.isfinite(loss) else "diverged" if n_bad == n else "no val loss"
+    return value, (f", {n_bad} of {n} runs diverged" if 0 < n_bad < n else "")
+
+
 def pick_learning_rates(runs: Iterable[RunRecord]) -> tuple[list[RunRecord], dict[str, str]]:
     """Of the runs of each batch tier (per family) that name several learning rates
     (:func:`learning_rate`; equal to 6 significant digits is one rate), keep the best rate's runs, as
@@ -223,8 +229,9 @@ def pick_learning_rates(runs: Iterable[RunRecord]) -> tuple[list[RunRecord], dic
             n_bad[key] = sum(r.run_id in bad for r in rs)
         late = [k for k in by_lr if reach[k] is not None and math.isnan(loss[k])]
         if late:  # it has validation losses, all after the others' last: no token count to compare them at
-            firsts = "; ".join(f"{texts[k]} first at {min(curves[r.run_id][0][0] for r in by_lr[k] if r.run_id in curves and curves[r.run_id][0].size):.4g} tokens"  # noqa: E501
-                               for k in late)
+            first = {k: min(curves[r.run_id][0][0] for r in by_lr[k] if r.run_id in curves and curves[r.run_id][0].size)
+                     for k in late}
+            firsts = "; ".join(f"{texts[k]} first at {first[k]:.4g} tokens" for k in late)
             why = (f"{where} has runs at {len(by_lr)} learning rates ({'; '.join(texts.values())}) and no token count "
                    f"where every rate has a validation loss yet ({firsts}, after {at:.4g}), so none of its runs is used")
             left.update(dict.fromkeys(ids, why))
@@ -240,18 +247,15 @@ def pick_learning_rates(runs: Iterable[RunRecord]) -> tuple[list[RunRecord], dic
         rank = {k: (n_bad[k] / len(by_lr[k]), loss[k] if k in finite else math.inf) for k in by_lr}
         best = min(by_lr, key=lambda k: rank[k])  # min keeps the first of equal ranks
 
-        def said(k, at_text=""):
-            value = (f"{loss[k]:.4g}" if k in finite else "diverged" if n_bad[k] == len(by_lr[k]) else "no val loss")
-            return value + at_text + (f", {n_bad[k]} of {len(by_lr[k])} runs diverged" if 0 < n_bad[k] < len(by_lr[k])
-                                      else "")
-
+        said = {k: _rate_text(loss[k], n_bad[k], len(rs)) for k, rs in by_lr.items()}
         totals = {r.info.total_tokens for rs in by_lr.values() for r in rs}
         total = next(iter(totals)) if len(totals) == 1 else None
         at_text = f" at {at:.4g} tokens" + (f", {at / total:.0%} of the budget" if total else "")
-        others = "; ".join(f"{texts[k]}: {said(k)}" for k in by_lr if k != best)
+        others = "; ".join(f"{texts[k]}: {said[k][0]}{said[k][1]}" for k in by_lr if k != best)
         dropped = [r.run_id for k, rs in by_lr.items() if k != best for r in rs]
         why = (f"{where} has runs at {len(by_lr)} learning rates: the best, {texts[best]} (val loss "
-               f"{said(best, at_text)}; {others}), is used; the runs at the others ({', '.join(dropped)}) are not")
+               f"{said[best][0]}{at_text}{said[best][1]}; {others}), is used; the runs at the others "
+               f"({', '.join(dropped)}) are not")
         left.update(dict.fromkeys(dropped, why))
     return [r for r in runs if r.run_id not in left], left
 

@@ -19,7 +19,13 @@ import warnings
 
 import pytest
 
-from spectral_lens.analysis import SweepController, TailPredictor, divergence, ended, pick_learning_rates
+from spectral_lens.analysis import (
+    SweepController,
+    TailPredictor,
+    divergence,
+    ended,
+    pick_learning_rates,
+)
 from spectral_lens.analysis.synthetic import write_theorem6_sweep
 from spectral_lens.records import RunInfo, RunWriter, open_runs
 from spectral_lens.report import build_report
@@ -108,7 +114,7 @@ def test_the_controller_decides_a_tier_whose_every_rate_has_a_diverged_seed_on_i
 def test_a_rate_still_waiting_for_its_first_val_loss_beside_a_diverged_rate_is_waited_for(base, tmp_path):
     d = _with_rates(base, tmp_path, "toy-b16")  # toy-b8 at lr 1e-3, toy-b8-hi at lr 3e-3
     _diverge(d / "toy-b8-hi")
-    strip = lambda o: {k: v for k, v in o.items() if k not in ("val_loss", "train_loss")}  # noqa: E731
+    strip = lambda o: {k: v for k, v in o.items() if k not in ("val_loss", "train_loss")}
     _rewrite(d / "toy-b8" / "log.jsonl", strip)  # no validation loss logged yet
     _rewrite(d / "toy-b8" / "measurements.jsonl", strip)
     runs = open_runs([d])
@@ -129,8 +135,8 @@ def test_a_rate_still_waiting_for_its_first_val_loss_beside_a_diverged_rate_is_w
 
 
 def test_rates_evaluated_at_different_token_counts_are_compared_at_one_token_count(tmp_path):
-    loss_a = lambda t: 4.0 - 2e-8 * t  # noqa: E731
-    loss_b = lambda t: loss_a(t) + 0.01  # noqa: E731  # worse at every token count
+    loss_a = lambda t: 4.0 - 2e-8 * t
+    loss_b = lambda t: loss_a(t) + 0.01  # worse at every token count
     a = _run(tmp_path, "a", 1e-3, [(t, loss_a(t)) for t in (1e7, 2e7, 3e7, 4e7, 5e7)])
     b = _run(tmp_path, "b", 3e-3, [(t, loss_b(t)) for t in (1.5e7, 3e7, 4.5e7)])
     kept, left = _pick(a, b)
@@ -187,14 +193,14 @@ def test_divergence_counts_token_counts_not_losses(tmp_path):
 
     nan = math.nan
     # train_loss and val_loss non-finite at one step: one token count, not two
-    assert divergence(record("same", [dict(train_loss=1.0), dict(train_loss=nan, val_loss=nan)])) is None
+    assert divergence(record("same", [{"train_loss": 1.0}, {"train_loss": nan, "val_loss": nan}])) is None
     # a run whose only logged loss is NaN: not judged until it logs another or ends
-    assert divergence(record("only", [dict(val_loss=nan)])) is None
-    assert divergence(record("only-ended", [dict(val_loss=nan)], status="diverged")) is not None
+    assert divergence(record("only", [{"val_loss": nan}])) is None
+    assert divergence(record("only-ended", [{"val_loss": nan}], status="diverged")) is not None
     # NaN, then finite, then NaN: one non-finite loss since the last finite one
-    assert divergence(record("nfn", [dict(val_loss=nan), dict(val_loss=1.0), dict(val_loss=nan)])) is None
-    two = record("nfnn", [dict(val_loss=nan), dict(val_loss=1.0), dict(val_loss=nan), dict(train_loss=nan)])
+    assert divergence(record("nfn", [{"val_loss": nan}, {"val_loss": 1.0}, {"val_loss": nan}])) is None
+    two = record("nfnn", [{"val_loss": nan}, {"val_loss": 1.0}, {"val_loss": nan}, {"train_loss": nan}])
     assert "diverged: val_loss nan at step 3 " in divergence(two)
     # a run marked complete and then resumed keeps its status: ended until the status says otherwise
-    assert ended(record("resumed", [dict(val_loss=1.0)], status="complete"))
-    assert not ended(record("running", [dict(val_loss=1.0)], status="running"))
+    assert ended(record("resumed", [{"val_loss": 1.0}], status="complete"))
+    assert not ended(record("running", [{"val_loss": 1.0}], status="running"))

@@ -4,11 +4,14 @@ runs table beside it said "not reached yet" and gave it no eps_tok."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from spectral_lens.analysis import UNDETERMINED, TransitionClassifier, ended, transition_evidence
+from spectral_lens.analysis import (
+    UNDETERMINED,
+    TransitionClassifier,
+    ended,
+    transition_evidence,
+)
 from spectral_lens.records import RunInfo, RunRecord, RunWriter
 from spectral_lens.spectrum import Spectrum
 
