@@ -244,8 +244,7 @@ def pick_learning_rates(runs: Iterable[RunRecord]) -> tuple[list[RunRecord], dic
                    "validation loss to pick the best one by yet, so none of its runs is used")
             left.update(dict.fromkeys(ids, why))
             continue
-        rank = {k: (n_bad[k] / len(by_lr[k]), loss[k] if k in finite else math.inf) for k in by_lr}
-        best = min(by_lr, key=lambda k: rank[k])  # min keeps the first of equal ranks
+        best = min(finite, key=lambda k: (n_bad[k] / len(by_lr[k]), loss[k]))  # min keeps the first of equals
 
         said = {k: _rate_text(loss[k], n_bad[k], len(rs)) for k, rs in by_lr.items()}
         totals = {r.info.total_tokens for rs in by_lr.values() for r in rs}

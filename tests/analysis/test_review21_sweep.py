@@ -79,8 +79,10 @@ def test_each_rate_with_a_diverged_seed_still_picks_the_rate_with_fewer_divergen
             _run(tmp_path, "a2", 1e-3, [(1e7, 3.0), (2e7, nan), (3e7, nan)]),
             _run(tmp_path, "a3", 3e-3, [(1e7, 3.1), (2e7, 2.9)]),
             _run(tmp_path, "a4", 3e-3, [(1e7, nan), (2e7, nan)])]
+    runs.append(_run(tmp_path, "a0", 1e-1, []))  # a rate with no validation loss (and no divergence) yet
     kept, left = _pick(*runs)
     assert kept == ["a1", "a2"]  # before: none, "no validation loss to pick the best one by yet"
+    assert "lr=0.1: no val loss" in left["a0"]
     assert "the best, lr=0.001 (val loss 2.5 at 2e+07 tokens, 1 of 2 runs diverged; " in left["a3"], left["a3"]
     assert "lr=0.003: 2.9, 1 of 2 runs diverged" in left["a3"]
     # a rate none of whose runs diverged still beats one with a diverged seed, whatever its loss
