@@ -194,8 +194,9 @@ def pick_learning_rates(runs: Iterable[RunRecord]) -> tuple[list[RunRecord], dic
     pull the comparison back to the first evaluations; the final loss when the runs have finished one
     budget. Each run's validation loss there is interpolated linearly between its evaluations around
     it (runs evaluated at different token counts are compared at the same one; a run that ends before
-    it is not counted). The best rate has the smallest share of diverged runs (:func:`divergence`),
-    then the lowest mean validation loss of its other runs; ties go to the first rate in run order.
+    it is not counted). The best rate, of those with a validation loss there, has the smallest share of
+    diverged runs (:func:`divergence`), then the lowest mean validation loss of its other runs; ties
+    go to the first rate in run order.
     Runs of one rate (seeds) are kept together; a tier with one rate is untouched.
 
     Returns ``(kept runs in input order, {run id: one line why it is left out})``. The line is the
