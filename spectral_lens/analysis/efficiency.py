@@ -137,71 +137,125 @@ def learning_rate(run: RunRecord):
     return extras["lrs"] if "lrs" in extras else extras.get("lr")
 
 
+def _lr_key(lr):
+    """``lr`` as the tier's rates are grouped by: numbers (and strings that read as one) to 6 significant
+    digits, so that one rate written two ways (``1e-3``, ``0.0010000000000000002``, ``"0.001"``) is one rate."""
+    if isinstance(lr, dict):
+        return {str(k): _lr_key(v) for k, v in lr.items()}
+    if isinstance(lr, (list, tuple)):
+        return [_lr_key(v) for v in lr]
+    if isinstance(lr, str):
+        try:
+            lr = float(lr)
+        except ValueError:
+            return lr
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr):
+        return float(f"{lr:.6g}")
+    return lr
+
+
 def _lr_text(lr) -> str:
     if lr is None:
         return "lr not recorded"
-    fmt = lambda v: f"{v:.3g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else repr(v)  # noqa: E731
+    fmt = lambda v: f"{v:.6g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else repr(v)  # noqa: E731
     if isinstance(lr, dict):
         return "lrs " + ", ".join(f"{k}={fmt(v)}" for k, v in lr.items())
     return f"lr={fmt(lr)}"
 
 
-def _loss_at(run: RunRecord, tokens: float) -> float:
-    """The run's last finite validation loss at or before ``tokens`` (NaN when none)."""
+def _finite_val(run: RunRecord) -> tuple[np.ndarray, np.ndarray]:
     t, v = run.val_curve()
-    ok = np.isfinite(v) & (t <= tokens)
-    return float(v[ok][-1]) if ok.any() else math.nan
+    ok = np.isfinite(v)
+    return t[ok], v[ok]
+
+
+def _loss_at(curve: tuple[np.ndarray, np.ndarray], tokens: float) -> float:
+    """The validation loss of a run's finite ``curve`` at ``tokens``, linearly interpolated between the
+    evaluations around it (NaN outside its first and last evaluation)."""
+    t, v = curve
+    if not t.size or not t[0] <= tokens <= t[-1]:
+        return math.nan
+    return float(np.interp(tokens, t, v))
+
+
+def _rate_text(loss: float, n_bad: int, n: int) -> tuple[str, str]:
+    """A rate's loss (or why it has none) and its share of diverged runs, for the pick's note."""
+    value = f"{loss:.4g}" if math.isfinite(loss) else "diverged" if n_bad == n else "no val loss"
+    return value, (f", {n_bad} of {n} runs diverged" if 0 < n_bad < n else "")
 
 
 def pick_learning_rates(runs: Iterable[RunRecord]) -> tuple[list[RunRecord], dict[str, str]]:
     """Of the runs of each batch tier (per family) that name several learning rates
-    (:func:`learning_rate`), keep the best rate's runs, as the paper uses the tuned rate of each tier.
+    (:func:`learning_rate`; equal to 6 significant digits is one rate), keep the best rate's runs, as
+    the paper uses the tuned rate of each tier.
 
-    The best rate has the lowest validation loss (mean over its runs) at the latest token count that
-    every run of the tier with a validation loss has reached: the final loss when the runs have
-    finished one budget. A run that diverged (:func:`divergence`) counts as an infinite loss.
+    The rates are compared at one token count: the latest that every rate reached (the last finite
+    validation loss of its furthest run, diverged runs aside), so a seed cut short early does not
+    pull the comparison back to the first evaluations; the final loss when the runs have finished one
+    budget. Each run's validation loss there is interpolated linearly between its evaluations around
+    it (runs evaluated at different token counts are compared at the same one; a run that ends before
+    it is not counted). The best rate, of those with a validation loss there, has the smallest share of
+    diverged runs (:func:`divergence`), then the lowest mean validation loss of its other runs; ties
+    go to the first rate in run order.
     Runs of one rate (seeds) are kept together; a tier with one rate is untouched.
 
     Returns ``(kept runs in input order, {run id: one line why it is left out})``. The line is the
-    same for every run left out of one tier: it names the rates, their losses and the one picked.
-    When no rate of a tier has a finite loss yet (none logged a validation loss), every run of the
-    tier is left out, with a line saying so, unless all of them diverged.
+    same for every run left out of one tier: it names the rates, their losses, the token count and
+    the one picked. A tier whose rates cannot be compared yet has every run left out, with a line
+    saying why: no rate has a validation loss (unless all of its runs diverged: each is left out for
+    that), or a rate's evaluations all come after that token count.
     """
     runs = list(runs)
     tiers: dict[tuple, dict[str, list[RunRecord]]] = {}
     for r in runs:
         family = r.info.family if r.info.family is not None else NO_FAMILY
-        key = json.dumps(learning_rate(r), sort_keys=True, default=str)
+        key = json.dumps(_lr_key(learning_rate(r)), sort_keys=True, default=str)
         tiers.setdefault((family, r.info.batch_tier), {}).setdefault(key, []).append(r)
     left: dict[str, str] = {}
     for (family, tier), by_lr in tiers.items():
         if len(by_lr) < 2:
             continue
         where = f"tier {_tier_text(tier)}" + ("" if family == NO_FAMILY else f" of family {family!r}")
-        bad = {r.run_id for rs in by_lr.values() for r in rs if divergence(r) is not None}
-        ends = [float(t[np.isfinite(v)][-1]) for rs in by_lr.values() for r in rs if r.run_id not in bad
-                for t, v in [r.val_curve()] if np.isfinite(v).any()]
-        at = min(ends) if ends else math.nan
-        loss = {}
-        for key, rs in by_lr.items():
-            vals = [math.inf if r.run_id in bad else _loss_at(r, at) for r in rs]
-            vals = [v for v in vals if not math.isnan(v)]
-            loss[key] = float(np.mean(vals)) if vals else math.nan
-        finite = [k for k, v in loss.items() if math.isfinite(v)]
+        ids = [r.run_id for rs in by_lr.values() for r in rs]
         texts = {k: _lr_text(learning_rate(rs[0])) for k, rs in by_lr.items()}
+        bad = {r.run_id for rs in by_lr.values() for r in rs if divergence(r) is not None}
+        curves = {r.run_id: _finite_val(r) for rs in by_lr.values() for r in rs if r.run_id not in bad}
+        reach = {k: max((curves[r.run_id][0][-1] for r in rs if r.run_id in curves and curves[r.run_id][0].size),
+                        default=None) for k, rs in by_lr.items()}
+        at = min((float(t) for t in reach.values() if t is not None), default=math.nan)
+        loss, n_bad = {}, {}
+        for key, rs in by_lr.items():
+            vals = [v for r in rs if r.run_id in curves for v in [_loss_at(curves[r.run_id], at)] if not math.isnan(v)]
+            loss[key] = float(np.mean(vals)) if vals else math.nan
+            n_bad[key] = sum(r.run_id in bad for r in rs)
+        late = [k for k in by_lr if reach[k] is not None and math.isnan(loss[k])]
+        if late:  # it has validation losses, all after the others' last: no token count to compare them at
+            first = {k: min(curves[r.run_id][0][0] for r in by_lr[k] if r.run_id in curves and curves[r.run_id][0].size)
+                     for k in late}
+            firsts = "; ".join(f"{texts[k]} first at {first[k]:.4g} tokens" for k in late)
+            why = (f"{where} has runs at {len(by_lr)} learning rates ({'; '.join(texts.values())}) and no token count "
+                   f"where every rate has a validation loss yet ({firsts}, after {at:.4g}), so none of its runs is used")
+            left.update(dict.fromkeys(ids, why))
+            continue
+        finite = [k for k, v in loss.items() if math.isfinite(v)]
         if not finite:
-            if len(bad) == sum(len(rs) for rs in by_lr.values()):
+            if len(bad) == len(ids):
                 continue  # every run diverged: each is left out for that
             why = (f"{where} has runs at {len(by_lr)} learning rates ({'; '.join(texts.values())}) and no "
                    "validation loss to pick the best one by yet, so none of its runs is used")
-            left.update({r.run_id: why for rs in by_lr.values() for r in rs})
+            left.update(dict.fromkeys(ids, why))
             continue
-        best = min(finite, key=lambda k: loss[k])  # min keeps the first of equal losses
-        others = "; ".join(f"{texts[k]}: {loss[k]:.4g}" if not math.isnan(loss[k]) else f"{texts[k]}: no val loss"
-                           for k in by_lr if k != best)
+        best = min(finite, key=lambda k: (n_bad[k] / len(by_lr[k]), loss[k]))  # min keeps the first of equals
+
+        said = {k: _rate_text(loss[k], n_bad[k], len(rs)) for k, rs in by_lr.items()}
+        totals = {r.info.total_tokens for rs in by_lr.values() for r in rs}
+        total = next(iter(totals)) if len(totals) == 1 else None
+        at_text = f" at {at:.4g} tokens" + (f", {at / total:.0%} of the budget" if total else "")
+        others = "; ".join(f"{texts[k]}: {said[k][0]}{said[k][1]}" for k in by_lr if k != best)
         dropped = [r.run_id for k, rs in by_lr.items() if k != best for r in rs]
-        why = (f"{where} has runs at {len(by_lr)} learning rates: the best, {texts[best]} (val loss {loss[best]:.4g} "
-               f"at {at:.4g} tokens; {others}), is used; the runs at the others ({', '.join(dropped)}) are not")
+        why = (f"{where} has runs at {len(by_lr)} learning rates: the best, {texts[best]} (val loss "
+               f"{said[best][0]}{at_text}{said[best][1]}; {others}), is used; the runs at the others "
+               f"({', '.join(dropped)}) are not")
         left.update(dict.fromkeys(dropped, why))
     return [r for r in runs if r.run_id not in left], left
 

@@ -167,7 +167,7 @@ class SweepController:
                     unjudged.setdefault(r.info.batch_tier, []).append(str(exc))
                     continue
                 reached.append((s.tier, s.run_id, *pred._badness(s, r)))
-            seen = {e[0] for e in reached} | set(waiting) | set(diverged) | set(unjudged)
+            seen = {e[0] for e in reached} | set(waiting) | set(unjudged)  # a diverged run does not decide its tier
             for r in members:  # a tier none of whose rates can be picked yet (no validation loss) waits for one
                 if r.run_id in other_lr and r.info.batch_tier not in seen:
                     waiting.setdefault(r.info.batch_tier, []).append((r.run_id, other_lr[r.run_id]))

@@ -36,7 +36,7 @@ import numpy as np
 from ..records import RunRecord
 from ..spectrum import Spectrum
 from ..summaries import BandAlphaFitter, InsufficientRowsWarning
-from .efficiency import divergence, measurement_at_loss, transition_gains
+from .efficiency import divergence, ended, measurement_at_loss, transition_gains
 from .windows import resolve_spectrum
 
 __all__ = [
@@ -183,16 +183,23 @@ def _missed_target(ev: TransitionEvidence) -> list[str]:
 def _missed_text(ev: TransitionEvidence) -> str:
     """Why the sides of ``ev`` without a finite ``T`` have none: a run that diverged (``details``
     ``diverged_a`` / ``diverged_b``, from :func:`~spectral_lens.analysis.divergence`) is named with
-    its divergence, the others as not reaching the target."""
+    its divergence, one that has not ended (``details`` ``not_ended_a`` / ``not_ended_b``:
+    :func:`~spectral_lens.analysis.ended` is false) as not reaching the target yet, the others as not
+    reaching it."""
     target = ev.details.get("target", "?")
-    parts, plain = [], []
+    parts, plain, going = [], [], []
     for side, name in (("a", ev.a), ("b", ev.b)):
         if f"T_{side}" in ev.details and not math.isfinite(ev.details[f"T_{side}"]):
             why = ev.details.get(f"diverged_{side}")
             if why:
                 parts.append(f"{name} diverged: {why.split(' diverged: ', 1)[-1]}, before reaching the target {target}")
+            elif ev.details.get(f"not_ended_{side}"):
+                going.append(name)
             else:
                 plain.append(name)
+    if going:
+        parts.insert(0, f"{' and '.join(going)} {'has' if len(going) == 1 else 'have'} not reached the target "
+                        f"{target} yet (its record does not say it ended: cut short or still running)")
     if plain:
         parts.insert(0, f"{' and '.join(plain)} did not reach the target {target}")
     return "; ".join(parts)
@@ -223,8 +230,9 @@ class TransitionClassifier:
     0. ``undetermined (token gain undefined)``: the evidence's ``details`` record an infinite
        ``T_a`` or ``T_b`` (a run never reached the target, as :func:`transition_evidence` records);
        the rule names the run(s), a run that diverged with its divergence (``details``
-       ``diverged_a`` / ``diverged_b``: where its losses turned non-finite). The token gain is then
-       undefined, not zero.
+       ``diverged_a`` / ``diverged_b``: where its losses turned non-finite), one whose record does
+       not say it ended (``details`` ``not_ended_a`` / ``not_ended_b``; cut short or still running)
+       as not reaching the target yet. The token gain is then undefined, not zero.
 
     1. ``mixed/tradeoff``: one gain >= g, the other <= -g, and
        ``min(|g_tok|, |g_thr|) >= tradeoff_ratio * max(|g_tok|, |g_thr|)``.
@@ -450,6 +458,8 @@ def transition_evidence(
         why = divergence(run)
         if why is not None:
             details[f"diverged_{side}"] = why
+        elif not math.isfinite(details[f"T_{side}"]) and not ended(run):  # ... and a run that may still reach it
+            details[f"not_ended_{side}"] = True
     picks = {}
     for side, run in (("a", run_a), ("b", run_b)):
         if not run.measurements:
