@@ -239,3 +239,37 @@ def test_module_list_parameter_list_and_set_training_are_the_torch_ones(build, m
         set_training(model, module_list(model), mode)
         ref.train(mode)
         assert [m.training for m in model.modules()] == [m.training for m in ref.modules()]
+
+
+def test_bounded_mode_takes_a_non_resident_chunks_rng_state_once(monkeypatch):
+    """Bounded memory: a chunk that is not kept resident stores the RNG state its pass starts from (for the
+    replay in ``compute``), and its pass reuses that state for its engines' rewinds instead of taking every
+    stream's state again (numpy's and Python's cost ~0.1 ms a chunk on the CPU; the old code took it twice).
+    The replay stays exact: the Gram matrix equals a resident probe's up to the float64 summation order, and
+    a second bounded probe's bit for bit."""
+    import spectral_lens.gradients.probe as probe_module
+
+    taken, real = [], probe_module.rng_state
+    monkeypatch.setattr(probe_module, "rng_state", lambda *a: taken.append(1) or real(*a))
+    model = TinyGPT(d=16, layers=2, ctx=8, dropout=0.2)
+    batches = _batches(3, seed=6, b=2)
+    kw = {"max_resident_samples": 2, "chunk_size": 1, "train_mode": True}
+    probe = PerSampleGradientProbe(model, W, **kw)
+    torch.manual_seed(5)
+    probe.update(batches[0])  # resident: its pass takes the state for its engines' rewinds, once per chunk
+    assert len(taken) == 2
+    taken.clear()
+    probe.update(batches[1])  # two non-resident chunks
+    assert len(taken) == 2, f"{len(taken)} RNG states taken for 2 non-resident chunks"
+    probe.update(batches[2])
+    got = probe.gram()
+    again = PerSampleGradientProbe(model, W, **kw)
+    torch.manual_seed(5)
+    for b in batches:
+        again.update(b)
+    assert torch.equal(got, again.gram())
+    resident = PerSampleGradientProbe(model, W, train_mode=True, chunk_size=1)
+    torch.manual_seed(5)
+    for b in batches:
+        resident.update(b)
+    torch.testing.assert_close(got, resident.gram(), rtol=1e-12, atol=1e-12)
