@@ -244,6 +244,7 @@ class PerSampleGradientProbe:
         self.model: nn.Module | None = None
         self._every: list[torch.Tensor] | None = None  # list(model.parameters()) during an update
         self._devices: list[int] | None = None  # cuda_devices(model) during an update (_isolated)
+        self._modules: list[nn.Module] | None = None  # list(model.modules()) during an update (_isolated)
         # float16 backward passes' seeds, carried between chunks (engines): the fast engine's (read from module
         # output gradients) and the vmap / loop engines' (read from the rows, larger)
         self._loss_scale, self._row_loss_scale = LossScale(), LossScale()
@@ -674,7 +675,7 @@ class PerSampleGradientProbe:
         # the model itself: five walks per update, ~160 named_modules generator steps on a 2-block GPT); read
         # afresh at every update, so a module added or replaced, a flag toggled or a hook added between updates
         # is seen as before
-        modules = module_list(self.model)
+        modules = self._modules = module_list(self.model)
         params = parameter_list(modules)
         modes = [(m, m.training) for m in modules]
         # the modes are set only when some flag is to change (the usual eval-mode model measured in eval mode:
@@ -698,7 +699,7 @@ class PerSampleGradientProbe:
             if self._versions is not None:  # bumped by the pass's own writes, undone on exit: not the user's
                 self._versions = self._parameter_versions()
         finally:
-            self._every = self._rewind_buffers = self._devices = None
+            self._every = self._rewind_buffers = self._devices = self._modules = None
             restore_training(modes)
             for p, flag in flags:
                 p.requires_grad_(flag)
@@ -791,7 +792,7 @@ class PerSampleGradientProbe:
     def _casts(self, passes: int) -> cast_cache.CastCache | None:
         """A cast cache for ``passes`` forward passes of one call; none for a single pass (nothing to
         reuse, and no copies held)."""
-        return cast_cache.CastCache(self.model) if cast_cache.ENABLED and passes > 1 else None
+        return cast_cache.CastCache(self.model, self._modules) if cast_cache.ENABLED and passes > 1 else None
 
     # ----------------------------------------------------------------------------- public API
     def update(self, batch: Any) -> "PerSampleGradientProbe":
