@@ -36,14 +36,75 @@ from torch.utils.hooks import RemovableHandle
 from .._offload import execution_devices
 
 __all__ = ["preserved_buffers", "forked_rng", "cuda_devices", "rng_state", "set_rng_state", "silenced_tensor_hooks",
-           "silenced_module_backward_hooks"]
+           "silenced_module_backward_hooks", "module_list", "parameter_list", "set_training"]
 
 
-def cuda_devices(model: nn.Module) -> list[int]:
+def module_list(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())`` (each module once, in the same order) from one walk over ``_modules``:
+    without ``named_modules``' chain of generators (one per nesting level, each module's yield passing
+    through all of them) and its name strings. The probe walks the model once per update with it and hands
+    the list to each part of its isolation, which walked the model again each (five walks per update)."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+
+    def visit(m: nn.Module) -> None:
+        seen.add(id(m))
+        out.append(m)
+        for child in m._modules.values():
+            if child is not None and id(child) not in seen:
+                visit(child)
+
+    visit(model)
+    return out
+
+
+def parameter_list(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
+    """``list(model.parameters())`` (each parameter once, in the same order) for ``modules`` =
+    :func:`module_list` ``(model)``, without another walk."""
+    out, seen = [], set()
+    for m in modules:
+        for p in m._parameters.values():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def set_training(model: nn.Module, modules: list[nn.Module], mode: bool) -> None:
+    """``model.train(mode)``, for ``modules`` = :func:`module_list` ``(model)``. Where no module overrides
+    ``train`` (nor ``__setattr__`` or ``children``) that call only sets every ``training`` flag to ``mode``: here the flags
+    that differ are set directly (``nn.Module.__setattr__``'s checks cost ~5 us a module, and a model kept in
+    train mode between measurements paid them for every module at every update). A model with an override
+    gets ``model.train(mode)`` itself, so the override decides the modes measured (a frozen normalization)."""
+    if not isinstance(mode, bool) or any(type(m).train is not _TRAIN or type(m).__setattr__ is not _SETATTR
+                                         or type(m).children is not _CHILDREN for m in modules):
+        model.train(mode)
+        return
+    for m in modules:
+        if m.training is not mode:
+            object.__setattr__(m, "training", mode)
+
+
+def restore_training(modes: list[tuple[nn.Module, bool]]) -> None:
+    """Set each module's ``training`` flag back to the one in ``modes`` (``(module, flag)`` pairs) where it
+    differs, as ``module.training = flag`` does (directly where ``nn.Module.__setattr__`` is not overridden)."""
+    for m, training in modes:
+        if m.training != training:
+            if type(m).__setattr__ is _SETATTR:
+                object.__setattr__(m, "training", training)
+            else:
+                m.training = training
+
+
+_TRAIN, _SETATTR, _CHILDREN = nn.Module.train, nn.Module.__setattr__, nn.Module.children
+
+
+def cuda_devices(model: nn.Module, params: list[torch.Tensor] | None = None) -> list[int]:
     """Indices of the CUDA devices holding ``model``'s parameters (the generators a measurement forks), and,
     where some parameter is a meta placeholder of Accelerate's offloading hooks, their execution devices
-    (where the offloaded modules run, a dropout there drawing from that device's generator)."""
-    params = list(model.parameters())
+    (where the offloaded modules run, a dropout there drawing from that device's generator). ``params``:
+    ``list(model.parameters())`` where the caller has it (no walk here)."""
+    params = list(model.parameters()) if params is None else params
     devs = {p.device.index for p in params if p.device.type == "cuda"}
     if any(p.device.type == "meta" for p in params):
         devs |= {d.index if d.index is not None else torch.cuda.current_device()
@@ -88,7 +149,7 @@ def set_rng_state(state: tuple, devices: Iterable = ()) -> None:
 
 
 @contextlib.contextmanager
-def preserved_buffers(model: nn.Module) -> Iterator[Callable[[], None]]:
+def preserved_buffers(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[Callable[[], None]]:
     """Restore every buffer of ``model`` (same tensor object, same bits) when the block exits.
 
     A buffer whose value changed is copied back in place (tensors aliasing it see the old values
@@ -106,8 +167,10 @@ def preserved_buffers(model: nn.Module) -> Iterator[Callable[[], None]]:
     measurement found). It judges a tensor written from :func:`_version` alone, on the host, so a pass
     that writes nothing costs neither a copy nor a device synchronization; a write through ``.data``
     bumps no counter and is put back only on exit, which compares values.
+
+    ``modules``: ``list(model.modules())`` where the caller has it (:func:`module_list`; no walk here).
     """
-    modules = list(model.modules())
+    modules = list(model.modules()) if modules is None else modules
     # [module, name, buffer, snapshot, version]: the version is refreshed after a rewind's put-back
     saved = [
         [module, name, buf, None if buf is None else buf.detach().clone(), _version(buf)]
@@ -227,7 +290,7 @@ class _ChainedHooks:
 
 
 @contextlib.contextmanager
-def silenced_module_backward_hooks(model: nn.Module) -> Iterator[None]:
+def silenced_module_backward_hooks(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
     r"""Switch off the module backward hooks of ``model``'s modules inside the block: per module
     (``register_full_backward_hook``, ``register_full_backward_pre_hook``, the legacy
     ``register_backward_hook``) and global (``torch.nn.modules.module.register_module_full_backward_hook``,
@@ -245,9 +308,10 @@ def silenced_module_backward_hooks(model: nn.Module) -> Iterator[None]:
     ``RemovableHandle``\s stay valid, a hook registered or removed while the block runs is registered or
     removed as usual, and other models (and their global hooks) are unaffected. Nested use is safe:
     each level puts back what it found. Forward hooks are not affected (they are part of the model).
+    ``modules``: ``list(model.modules())`` where the caller has it (:func:`module_list`; no walk here).
     """
     saved = [(m, m.__dict__.get("_get_backward_hooks", _MISSING), m.__dict__.get("_get_backward_pre_hooks", _MISSING))
-             for m in model.modules()]
+             for m in (model.modules() if modules is None else modules)]
     try:
         for m, _, _ in saved:
             m.__dict__["_get_backward_hooks"] = _no_backward_hooks

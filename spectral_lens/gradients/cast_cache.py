@@ -54,12 +54,13 @@ class CastCache:
 
     ``model``: the model whose ``nn.Linear`` (and ``Conv1D``) modules :func:`cached_linear_casts` will serve,
     found here once (a module-tree walk per chunk cost about as much host time as the casts did);
-    ``None``: they are found at each :func:`cached_linear_casts`."""
+    ``None``: they are found at each :func:`cached_linear_casts`. ``modules``: ``list(model.modules())`` where
+    the caller has it (the probe's one walk per update; no walk here)."""
 
-    def __init__(self, model: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module | None = None, modules: list[nn.Module] | None = None) -> None:
         self._kept: dict[tuple[int, torch.dtype], tuple] = {}  # (source, _state(source), cast)
         self._by_module: dict[int, tuple] = {}  # the modules' kept casts (see _kept_params)
-        self.modules = None if model is None else _cast_keeping_modules(model)
+        self.modules = None if model is None else _cast_keeping_modules(model, modules)
 
     def __len__(self) -> int:
         """Casts held: by :meth:`cast` and for modules (see :func:`cached_linear_casts`)."""
@@ -182,21 +183,23 @@ def _cached_forward(module: nn.Module):
     return None
 
 
-def _compiled(model: nn.Module) -> bool:
-    """A ``torch.compile``d model or submodule: an instance ``forward`` would cost recompilations."""
+def _compiled(model: nn.Module, modules: list[nn.Module] | None = None) -> bool:
+    """A ``torch.compile``d model or submodule: an instance ``forward`` would cost recompilations.
+    ``modules``: ``list(model.modules())`` where the caller has it."""
     dynamo = sys.modules.get("torch._dynamo")  # not imported yet: nothing can be compiled
     if dynamo is None:
         return False
     return any(isinstance(m, dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
-               for m in model.modules())
+               for m in (model.modules() if modules is None else modules))
 
 
-def _cast_keeping_modules(model: nn.Module) -> list[tuple[nn.Module, object]]:
+def _cast_keeping_modules(model: nn.Module, modules: list[nn.Module] | None = None) -> list[tuple[nn.Module, object]]:
     """``(module, cast-keeping forward)`` for every ``nn.Linear`` (forward ``nn.Linear.forward``) and
-    ``transformers`` ``Conv1D`` of ``model``; none in a compiled model."""
-    if _compiled(model):
+    ``transformers`` ``Conv1D`` of ``model``; none in a compiled model. ``modules``: ``list(model.modules())``
+    where the caller has it."""
+    if _compiled(model, modules):
         return []
-    found = ((m, _cached_forward(m)) for m in model.modules())
+    found = ((m, _cached_forward(m)) for m in (model.modules() if modules is None else modules))
     return [(m, f) for m, f in found if f is not None]
 
 

@@ -27,8 +27,8 @@ from ..attachment import Attachment
 from .._args import AUTOCAST_WHY, NARROW_FLOATS, check_callable, check_count, check_dtype
 from ..capture import eager_forwards, measurement_autocast, measurement_pass, unwrap_compiled
 from .._warnings import ZeroGradientWarning
-from ._isolation import (cuda_devices, forked_rng, preserved_buffers, rng_state, set_rng_state,
-                         silenced_module_backward_hooks)
+from ._isolation import (cuda_devices, forked_rng, module_list, parameter_list, preserved_buffers, restore_training,
+                         rng_state, set_rng_state, set_training, silenced_module_backward_hooks)
 from ._validate import finite_rows, nonfinite_loss_message
 from ..spectrum import Spectrum
 from ..spectra.eigen import all_finite
@@ -243,6 +243,8 @@ class PerSampleGradientProbe:
             raise ValueError("keep_matrix=True needs every row resident: leave max_resident_samples=None")
         self.model: nn.Module | None = None
         self._every: list[torch.Tensor] | None = None  # list(model.parameters()) during an update
+        self._devices: list[int] | None = None  # cuda_devices(model) during an update (_isolated)
+        self._modules: list[nn.Module] | None = None  # list(model.modules()) during an update (_isolated)
         # float16 backward passes' seeds, carried between chunks (engines): the fast engine's (read from module
         # output gradients) and the vmap / loop engines' (read from the rows, larger)
         self._loss_scale, self._row_loss_scale = LossScale(), LossScale()
@@ -669,45 +671,50 @@ class PerSampleGradientProbe:
             )
         if self.train_mode:
             _refuse_recording_opacus_hooks(self.model)
-        modes = [(m, m.training) for m in self.model.modules()]
-        # the modules' train() runs only when some flag is to change (the usual eval-mode model measured in
-        # eval mode: no second walk over the modules per update, which a pool of one-sequence batches pays per
-        # sequence); on exit only the flags that differ are set back (nn.Module.__setattr__ costs ~10 us)
+        # one walk over the model per update (module_list), its list shared by every part below (each walked
+        # the model itself: five walks per update, ~160 named_modules generator steps on a 2-block GPT); read
+        # afresh at every update, so a module added or replaced, a flag toggled or a hook added between updates
+        # is seen as before
+        modules = self._modules = module_list(self.model)
+        params = parameter_list(modules)
+        modes = [(m, m.training) for m in modules]
+        # the modes are set only when some flag is to change (the usual eval-mode model measured in eval mode:
+        # no second walk over the modules per update, which a pool of one-sequence batches pays per sequence);
+        # on exit only the flags that differ are set back
         switch = any(training != self.train_mode for _, training in modes)
-        named = list(self.model.named_parameters())
-        flags = [(p, p.requires_grad) for _, p in named]
-        self._every = [p for p, _ in flags]  # the fast engine's flag switching reuses the list per chunk
+        flags = [(p, p.requires_grad) for p in params]
+        self._every = params  # the fast engine's flag switching reuses the list per chunk
+        # Accelerate's meta placeholders: their names, to restore the flag on the ones the model holds afterwards
+        named = [n for n, _ in self.model.named_parameters()] if any(p.is_meta for p in params) else None
         dev = self.device
-        devices = cuda_devices(self.model)
+        devices = self._devices = cuda_devices(self.model, params)
         cast = measurement_autocast(dev, self.autocast_dtype)
         try:
-            with forked_rng(devices), preserved_buffers(self.model) as self._rewind_buffers, \
-                    silenced_module_backward_hooks(self.model), cast, \
+            with forked_rng(devices), preserved_buffers(self.model, modules) as self._rewind_buffers, \
+                    silenced_module_backward_hooks(self.model, modules), cast, \
                     eager_forwards(), measurement_pass():
                 if switch:
-                    self.model.train(self.train_mode)
+                    set_training(self.model, modules, self.train_mode)  # model.train(), or its flags directly
                 yield devices
             if self._versions is not None:  # bumped by the pass's own writes, undone on exit: not the user's
                 self._versions = self._parameter_versions()
         finally:
-            self._every = self._rewind_buffers = None
-            for m, training in modes:
-                if m.training != training:
-                    m.training = training
+            self._every = self._rewind_buffers = self._devices = self._modules = None
+            restore_training(modes)
             for p, flag in flags:
                 p.requires_grad_(flag)
             # Accelerate's offloading hooks put a new meta placeholder in place of each offloaded parameter
             # after every forward, created with the flag it had during the pass (the engines' False): the
             # flag is restored on the parameter the model holds now, too
-            if any(p.is_meta for p, _ in flags):
+            if named is not None:
                 live = dict(self.model.named_parameters())
-                for (n, p), (_, flag) in zip(named, flags):
+                for n, (p, flag) in zip(named, flags):
                     q = live.get(n)
                     if q is not None and q is not p and q.requires_grad != flag:
                         q.requires_grad_(flag)
 
     def _parameter_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in self.model.parameters())
+        return tuple(p._version for p in parameter_list(module_list(self.model)))
 
     def _check_versions(self) -> None:
         if self.max_resident_samples is None:
@@ -723,10 +730,12 @@ class PerSampleGradientProbe:
 
     # ----------------------------------------------------------------------------- gradients
     def _gradients(
-        self, batch: Any, n: int, casts: cast_cache.CastCache | None = None
+        self, batch: Any, n: int, casts: cast_cache.CastCache | None = None, rng: tuple | None = None
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Rows (n, P) in storage dtype for every probed parameter, and the n losses. ``casts``: the
-        autocast casts shared by the chunks of one update (fast engine only)."""
+        autocast casts shared by the chunks of one update (fast engine only). ``rng``: in bounded-memory mode,
+        the RNG state (:func:`~._isolation.rng_state`) the streams are in now, where the caller has just taken or
+        set it (a non-resident chunk's: not taken a second time)."""
         rows: dict[str, torch.Tensor] = {}
         losses = None
         # every pass starts from the buffers the measurement found (preserved_buffers' rewind after each
@@ -737,8 +746,8 @@ class PerSampleGradientProbe:
         # recomputation on the settled engines does not repeat)
         rewind = None
         if self.max_resident_samples is not None:
-            devices = cuda_devices(self.model)
-            start = rng_state(devices)
+            devices = self._devices  # _isolated's
+            start = rng_state(devices) if rng is None else rng
             rewind = lambda: set_rng_state(start, devices)  # noqa: E731
         fast = {k: self.sites[k] for k, e in self.engines_.items() if e == "fast"}
         if fast:
@@ -778,12 +787,12 @@ class PerSampleGradientProbe:
         """Recompute a non-resident chunk's rows, replaying its RNG states (torch CPU and CUDA, Python's
         ``random``, numpy's global generator: the forward draws what it drew the first time)."""
         set_rng_state(chunk.rng, devices)
-        return self._gradients(chunk.batch, chunk.stop - chunk.start, casts)[0]
+        return self._gradients(chunk.batch, chunk.stop - chunk.start, casts, chunk.rng)[0]
 
     def _casts(self, passes: int) -> cast_cache.CastCache | None:
         """A cast cache for ``passes`` forward passes of one call; none for a single pass (nothing to
         reuse, and no copies held)."""
-        return cast_cache.CastCache(self.model) if cast_cache.ENABLED and passes > 1 else None
+        return cast_cache.CastCache(self.model, self._modules) if cast_cache.ENABLED and passes > 1 else None
 
     # ----------------------------------------------------------------------------- public API
     def update(self, batch: Any) -> "PerSampleGradientProbe":
@@ -838,7 +847,7 @@ class PerSampleGradientProbe:
                     if not self._fits(e - s):  # keep what recomputation needs instead of the rows
                         chunk.batch = map_tensors(torch.clone, sub)
                         chunk.rng = rng_state(devices)
-                    self._add_chunk(chunk, *self._gradients(sub, e - s, casts))
+                    self._add_chunk(chunk, *self._gradients(sub, e - s, casts, chunk.rng))
             self._check_new(start, first)
         except BaseException:
             self._restore(snap)
