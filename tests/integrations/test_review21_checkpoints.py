@@ -269,3 +269,98 @@ def test_the_duplicate_step_check_follows_drop_after_another_lens_and_a_resume(t
         warnings.simplefilter("error", sl.SpectralLensWarning)
         sl.SpectralLens(model, pool, writer=w, progress=False, params=()).measure(9, 90)
     assert [m.step for m in RunRecord.open(tmp_path / "run").measurements] == [1, 2, 3, 3, 9]
+
+
+# ------------------------------------------------------------------ a real Trainer: the guide's script across a resume
+@pytest.mark.slow
+def test_the_guides_script_on_a_trainer_run_resumed_from_an_earlier_checkpoint(tmp_path):
+    """A Trainer run (gradient accumulation, logging_first_step, two evaluation datasets) measured through
+    checkpoint-6 with the guide's script, then resumed from checkpoint-4 with max_steps raised to 8, which overwrites
+    checkpoint-6: the script run again stops at log_history naming drop_after; after writer.drop_after(4) it measures
+    the new checkpoint-6 and checkpoint-8, and the record's curves are the newest state's, each step once."""
+    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the hf extra installs it)")
+    import torch
+
+    class Tokens(torch.utils.data.Dataset):
+        def __init__(self, n, seed):
+            self.ids = torch.randint(0, V, (n, T), generator=torch.Generator().manual_seed(seed))
+
+        def __len__(self):
+            return len(self.ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    def train(max_steps, resume=None):
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=16, n_layer=2, n_head=2)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=2,
+            gradient_accumulation_steps=2, learning_rate=1e-3, save_strategy="steps", save_steps=2,
+            eval_strategy="steps", eval_steps=2, logging_steps=1, logging_first_step=True,
+            include_num_input_tokens_seen=True, report_to=[], use_cpu=True, disable_tqdm=True)
+        transformers.Trainer(model=transformers.GPT2LMHeadModel(cfg), args=args, train_dataset=Tokens(64, 0),
+                             eval_dataset={"a": Tokens(4, 1), "b": Tokens(4, 2)}).train(resume_from_checkpoint=resume)
+
+    ids = torch.randint(0, V, (8, T), generator=torch.Generator().manual_seed(99))
+    pool = [{"input_ids": ids[:4], "labels": ids[:4]}, {"input_ids": ids[4:], "labels": ids[4:]}]
+    info = RunInfo("gpt2", family="gpt2", batch_tier=4, n_layer=2, total_tokens=8 * 4 * T)
+
+    def guide_script():
+        checkpoints = sorted((tmp_path / "out").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        with RunWriter(tmp_path / "run", info, resume=True, tail_window=(2, 8), fsync=False) as writer:
+            lens = sl.SpectralLens(pool=pool, writer=writer, progress=False)
+            log_history(writer, checkpoints[-1], eval_loss_key="eval_a_loss")
+            done = writer.measured_steps()
+            for checkpoint in checkpoints:
+                step, tokens = checkpoint_position(checkpoint)
+                if step in done:
+                    continue
+                hf_model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+                with lens.attach(hf_model):
+                    lens.measure(step, tokens)
+        return checkpoints
+
+    train(6)
+    guide_script()
+    m = RunRecord.open(tmp_path / "run").measurements[-1]
+    old6 = {n: m.spectra[n].values for n in m.spectra}  # loaded now: drop_after removes the files
+    train(8, resume=str(tmp_path / "out" / "checkpoint-4"))
+    with pytest.raises(ValueError, match=r"at step 6, but the record .* already holds .*writer\.drop_after\("):
+        guide_script()
+    with RunWriter(tmp_path / "run", info, resume=True, fsync=False) as writer:
+        assert writer.drop_after(4) == 1
+    checkpoints = guide_script()
+    assert [c.name for c in checkpoints] == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
+
+    rec = RunRecord.open(tmp_path / "run")
+    assert [(m.step, m.tokens) for m in rec.measurements] == [(2, 128), (4, 256), (6, 384), (8, 512)]
+    new6 = rec.measurements[2]
+    assert sorted(new6.spectra) == sorted(old6) and m.step == 6
+    assert any(not torch.equal(new6.spectra[n].values, old6[n]) for n in old6)  # the new weights, measured
+    history = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
+    train_entries = [(h["step"], h["num_input_tokens_seen"], h["loss"], h["learning_rate"]) for h in history
+                     if "loss" in h]
+    assert [(e["step"], e["tokens"], e["train_loss"], e["lr"]) for e in rec.events if "train_loss" in e] \
+        == train_entries and [s for s, *_ in train_entries] == [1, 2, 3, 4, 5, 6, 7, 8]
+    evals = [(h["num_input_tokens_seen"], h["eval_a_loss"]) for h in history if "eval_a_loss" in h]
+    tokens, losses = rec.val_curve()
+    assert list(zip(tokens.tolist(), losses.tolist())) == evals and len(evals) == 4
+    with RunWriter(tmp_path / "run", info, resume=True, fsync=False) as writer:  # once more: nothing new
+        assert log_history(writer, checkpoints[-1], eval_loss_key="eval_a_loss") == 0
+
+
+def test_non_finite_logged_losses_are_kept_once(tmp_path):
+    """With logging_nan_inf_filter=False the Trainer logs a diverged loss as NaN or Infinity (json writes them so):
+    they reach the record (the divergence rule reads non-finite logged losses) and a re-run adds nothing."""
+    history = [{"loss": 3.9, "learning_rate": 1e-3, "num_input_tokens_seen": 64, "step": 1},
+               {"loss": float("nan"), "learning_rate": 1e-3, "num_input_tokens_seen": 128, "step": 2},
+               {"loss": float("inf"), "learning_rate": 1e-3, "num_input_tokens_seen": 192, "step": 3},
+               {"eval_loss": float("nan"), "num_input_tokens_seen": 192, "step": 3}]
+    d = _state(tmp_path, "checkpoint-3", history, global_step=3, num_input_tokens_seen=192)
+    with _writer(tmp_path) as w:
+        assert log_history(w, d) == 4
+        assert log_history(w, d) == 0
+    events = _events(tmp_path / "run")
+    assert [str(e.get("train_loss", e.get("val_loss"))) for e in events] == ["3.9", "nan", "inf", "nan"]
