@@ -126,13 +126,15 @@ def log_history(writer, path: str | os.PathLike, *, tokens_per_step: int | None 
         path: a checkpoint directory or its ``trainer_state.json``.
         tokens_per_step: as in :func:`checkpoint_position`.
         eval_loss_key: the evaluation metric recorded as ``val_loss``, as the callback's: ``eval_loss``,
-            or ``eval_<name>_loss`` for one of several evaluation datasets (a dict).
+            or ``eval_<name>_loss`` for one of several evaluation datasets (a dict). A history without it
+            but with other ``eval_<name>_loss`` keys raises ``ValueError`` listing them.
 
     Returns:
         The number of events appended.
     """
     tokens_per_step = _tokens_per_step(tokens_per_step)
-    keys = {"loss": "train_loss", str(eval_loss_key): "val_loss", "learning_rate": "lr"}
+    eval_loss_key = str(eval_loss_key)
+    keys = {"loss": "train_loss", eval_loss_key: "val_loss", "learning_rate": "lr"}
     file, state = _read_state(path)
     history = state.get("log_history")
     if not isinstance(history, list):
@@ -147,11 +149,13 @@ def log_history(writer, path: str | os.PathLike, *, tokens_per_step: int | None 
     for m in record.measurements:  # the callback's measurement at an evaluation holds its loss
         if m.val_loss is not None:
             had.setdefault((m.step, "val_loss"), (float(m.val_loss), f"the record {writer.path}"))
-    events = []
+    events, other_losses, has_key = [], set(), False
     for i, entry in enumerate(history):
         where = f"log_history[{i}]"
         if not isinstance(entry, dict):
             raise ValueError(f"{file}: {where} is a {type(entry).__name__}, expected an object")
+        has_key = has_key or eval_loss_key in entry
+        other_losses.update(k for k in entry if isinstance(k, str) and re.fullmatch(r"eval_\w+_loss", k))
         values = {}
         for src, key in keys.items():
             if src in entry:
@@ -181,6 +185,10 @@ def log_history(writer, path: str | os.PathLike, *, tokens_per_step: int | None 
             events.append((step, tokens, new))
             for key, v in new.items():
                 had[(step, key)] = (v, f"{where} of {file.name}")
+    if not has_key and other_losses - {eval_loss_key}:  # several evaluation datasets: which one is not guessed
+        raise ValueError(f"{file}: log_history holds no {eval_loss_key!r} but {sorted(other_losses)} (one per "
+                         "evaluation dataset): pass eval_loss_key= the one to record as the validation loss; "
+                         "nothing was written")
     for step, tokens, new in events:
         writer.log(step, tokens, **new)
     return len(events)

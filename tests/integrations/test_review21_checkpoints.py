@@ -76,12 +76,18 @@ def test_a_directory_where_the_state_file_should_be_and_unreadable_files_are_nam
 # ------------------------------------------------------------------ log_history
 def test_log_history_records_the_loss_of_one_of_several_evaluation_datasets(tmp_path):
     """A Trainer with eval_dataset={"a": ..., "b": ...} logs eval_a_loss and eval_b_loss, no eval_loss: the callback
-    records one of them (eval_loss_key=); log_history wrote no validation curve at all and could not be told which."""
+    records one of them (eval_loss_key=); log_history wrote no validation curve at all, without a word, and could not
+    be told which."""
     history = [{"loss": 3.9, "learning_rate": 1e-3, "num_input_tokens_seen": 64, "step": 2},
                {"eval_a_loss": 3.85, "num_input_tokens_seen": 64, "step": 2},
                {"eval_b_loss": 3.95, "num_input_tokens_seen": 64, "step": 2}]
     d = _state(tmp_path, "checkpoint-2", history, global_step=2, num_input_tokens_seen=64)
     with _writer(tmp_path) as w:
+        for key in ("eval_loss", "eval_c_loss"):  # the default, a typo: which dataset is not guessed
+            with pytest.raises(ValueError, match=rf"checkpoint-2/trainer_state\.json: log_history holds no '{key}' but "
+                                                 r"\['eval_a_loss', 'eval_b_loss'\] .*pass eval_loss_key="):
+                log_history(w, d, eval_loss_key=key)
+        assert _events(w.path) == []
         assert log_history(w, d, eval_loss_key="eval_a_loss") == 2
         assert log_history(w, d, eval_loss_key="eval_a_loss") == 0
     assert _events(tmp_path / "run") == [{"step": 2, "tokens": 64, "train_loss": 3.9, "lr": 1e-3},
