@@ -33,6 +33,7 @@ __all__ = ["checkpoint_position", "log_history"]
 
 STATE_FILE = "trainer_state.json"
 
+
 def _read_state(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """``(file, state)``: the JSON of ``trainer_state.json``, given the file or the checkpoint directory
     that holds it. A missing file or one that is not a JSON object raises naming the file."""
@@ -175,11 +176,13 @@ def log_history(writer, path: str | os.PathLike, *, tokens_per_step: int | None 
             if old is None:
                 new[key] = v
             elif not (old == v or (math.isnan(old) and math.isnan(v))):
-                raise ValueError(
-                    f"{file}: {where} has {key}={v!r} at step {step}, but {there} already holds {key}={old!r} "
-                    "there: the state of another run? A run resumed from a checkpoint before that step trained "
-                    "it again: call writer.drop_after(<the step of the checkpoint it resumed from>) and measure "
-                    "the checkpoints after it again; nothing was written")
+                why = ("the state of another run? A run resumed from a checkpoint before that step trained it "
+                       "again: call writer.drop_after(<the step of the checkpoint it resumed from>) and measure the "
+                       "checkpoints after it again" if there.startswith("the record") else
+                       "two values at one step (a second evaluation there, e.g. trainer.evaluate() on another "
+                       "dataset): record the one you mean with writer.log(step, tokens, val_loss=...)")
+                raise ValueError(f"{file}: {where} has {key}={v!r} at step {step}, but {there} already holds "
+                                 f"{key}={old!r} there: {why}; nothing was written")
         if new:
             tokens = _tokens(file, where, step, entry.get("num_input_tokens_seen"), tokens_per_step)
             events.append((step, tokens, new))
