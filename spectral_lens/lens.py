@@ -47,6 +47,8 @@ from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
 from .spectra.fit import tail_window
 from .spectra.moments import PRECISIONS
 from .records import RunWriter, spectrum_summaries
+from .records.schema import MEASUREMENTS_FILE
+from .records.writer import _json_object
 from .schedule import Schedule
 from .spectrum import Spectrum
 
@@ -458,9 +460,37 @@ class SpectralLens:
     def _warn_measured(self, step: int) -> None:
         """A warning, before the passes, when the run record already holds a measurement at ``step``: the
         writer appends this one as a second measurement there, which the analyses count as one more
-        checkpoint (re-running a script over saved checkpoints; a resumed loop without ``drop_after``)."""
-        measured = getattr(self.writer, "measured_steps", None)
-        if measured is None or getattr(self.writer, "closed", False) or step not in measured():
+        checkpoint (re-running a script over saved checkpoints; a resumed loop without ``drop_after``).
+
+        A :class:`RunWriter`'s ``measurements.jsonl`` is read once, then only the lines appended since the
+        previous measure (a long record is not parsed again at every measurement); a file that is not the
+        one read before (``drop_after`` replaces it; another run directory) is read again from its start.
+        Another writer (duck-typed) is asked with its ``measured_steps()``."""
+        writer = self.writer
+        measured = getattr(writer, "measured_steps", None)
+        if measured is None or getattr(writer, "closed", False):
+            return
+        if not isinstance(writer, RunWriter):
+            steps = measured()
+        else:
+            file = writer.path / MEASUREMENTS_FILE
+            seen = getattr(self, "_measured_seen", None)  # (file, dev, inode), offset, the bytes before it, steps
+            with open(file, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                ident = (str(file), st.st_dev, st.st_ino)
+                same = seen is not None and seen[0] == ident and seen[1] <= st.st_size
+                if same:  # and the bytes before the offset are those read: the file was only appended to
+                    fh.seek(seen[1] - len(seen[2]))
+                    same = fh.read(len(seen[2])) == seen[2]
+                offset, tail, steps = (seen[1], seen[2], seen[3]) if same else (0, b"", set())
+                fh.seek(offset)
+                chunk = fh.read()
+            end = chunk.rfind(b"\n") + 1  # whole lines only
+            for obj in map(_json_object, chunk[:end].splitlines()):
+                if obj is not None and isinstance(obj.get("step"), int) and not isinstance(obj["step"], bool):
+                    steps.add(obj["step"])
+            self._measured_seen = (ident, offset + end, (tail + chunk[:end])[-256:], steps)
+        if step not in steps:
             return
         warnings.warn(
             f"SpectralLens.measure: the run record {getattr(self.writer, 'path', self.writer)} already holds a measurement at step {step}; "

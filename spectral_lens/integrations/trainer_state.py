@@ -23,6 +23,7 @@ import json
 import math
 import numbers
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +33,15 @@ __all__ = ["checkpoint_position", "log_history"]
 
 STATE_FILE = "trainer_state.json"
 
-#: ``log_history`` keys -> the run record's event keys (``RunWriter.log``'s conventional names).
-_KEYS = {"loss": "train_loss", "eval_loss": "val_loss", "learning_rate": "lr"}
-
 
 def _read_state(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """``(file, state)``: the JSON of ``trainer_state.json``, given the file or the checkpoint directory
     that holds it. A missing file or one that is not a JSON object raises naming the file."""
     path = Path(path)
-    file = path / STATE_FILE if path.is_dir() else path
+    file = path / STATE_FILE if path.is_dir() and path.name != STATE_FILE else path
     if not file.is_file():
-        where = f"{path} holds no {STATE_FILE}" if path.is_dir() else f"{file} does not exist"
+        where = (f"{file} is not a file" if file.exists() else
+                 f"{path} holds no {STATE_FILE}" if path.is_dir() else f"{file} does not exist")
         raise FileNotFoundError(f"{where}: expected a Trainer checkpoint directory (checkpoint-N/) or its {STATE_FILE}")
     try:
         state = json.loads(file.read_text(encoding="utf-8"))
@@ -97,49 +96,69 @@ def checkpoint_position(path: str | os.PathLike, *, tokens_per_step: int | None 
     if not _count(step):
         raise ValueError(f"{file}: global_step must be the checkpoint's optimizer step, got "
                          f"{'nothing (missing)' if 'global_step' not in state else repr(step)}")
+    named = re.fullmatch(r"checkpoint-(\d+)", file.parent.name)
+    if named and int(named[1]) != step:
+        raise ValueError(f"{file}: global_step is {step} but the directory is {file.parent.name}: expected the step in "
+                         "its name (the Trainer saves checkpoint-<global_step>); was this state copied from another "
+                         "checkpoint?")
     return int(step), _tokens(file, "the state", int(step), state.get("num_input_tokens_seen"), tokens_per_step)
 
 
-def log_history(writer, path: str | os.PathLike, *, tokens_per_step: int | None = None) -> int:
+def log_history(writer, path: str | os.PathLike, *, tokens_per_step: int | None = None,
+                eval_loss_key: str = "eval_loss") -> int:
     """Append the training curves of a Trainer state's ``log_history`` to ``writer``'s ``log.jsonl``.
 
-    Each entry with ``loss``, ``eval_loss`` or ``learning_rate`` becomes one event at its ``step``:
+    Each entry with ``loss``, ``eval_loss_key`` or ``learning_rate`` becomes one event at its ``step``:
     ``train_loss`` (the Trainer's mean over its logging interval), ``val_loss``, ``lr``, at the entry's
     ``num_input_tokens_seen`` (else ``step * tokens_per_step``). Other keys (``grad_norm``, the run
-    summary's ``train_loss``, other evaluation sets' ``eval_<name>_loss``) are not copied.
+    summary's ``train_loss``, the other evaluation sets' losses) are not copied.
 
-    Idempotent: a value the record already holds at the same step (a re-run, or the state of a later
-    checkpoint of the same run, whose history extends the earlier one) is not written again; a different
-    value at the same step and key (another run's state) raises ``ValueError`` naming both, and nothing is
-    written. Read the newest checkpoint's state: it holds the whole history up to that checkpoint (a
-    resumed Trainer continues the history of the checkpoint it resumed from).
+    Idempotent: a value the record already holds at the same step (a re-run, the state of a later
+    checkpoint of the same run, whose history extends the earlier one, or a validation loss the
+    ``SpectralLensCallback`` recorded during training) is not written again; a different value at the
+    same step and key raises ``ValueError`` naming both, and nothing is written: the state of another
+    run, or of this run resumed from a checkpoint before that step (``writer.drop_after(that
+    checkpoint's step)`` removes what the record holds after it; measure the checkpoints after it
+    again, they were overwritten). Read the newest checkpoint's state: it holds the whole history up
+    to that checkpoint (a resumed Trainer continues the history of the checkpoint it resumed from).
 
     Args:
         writer: the run's :class:`~spectral_lens.records.RunWriter`.
         path: a checkpoint directory or its ``trainer_state.json``.
         tokens_per_step: as in :func:`checkpoint_position`.
+        eval_loss_key: the evaluation metric recorded as ``val_loss``, as the callback's: ``eval_loss``,
+            or ``eval_<name>_loss`` for one of several evaluation datasets (a dict). A history without it
+            but with other ``eval_<name>_loss`` keys raises ``ValueError`` listing them.
 
     Returns:
         The number of events appended.
     """
     tokens_per_step = _tokens_per_step(tokens_per_step)
+    eval_loss_key = str(eval_loss_key)
+    keys = {"loss": "train_loss", eval_loss_key: "val_loss", "learning_rate": "lr"}
     file, state = _read_state(path)
     history = state.get("log_history")
     if not isinstance(history, list):
         raise ValueError(f"{file}: expected a list under 'log_history', got "
                          f"{'nothing (missing)' if 'log_history' not in state else type(history).__name__}")
-    had: dict[tuple[int, str], float] = {}
-    for e in RunRecord.open(writer.path, errors="skip").events:
-        for key in _KEYS.values():
+    record = RunRecord.open(writer.path, errors="skip")
+    had: dict[tuple[int, str], tuple[float, str]] = {}  # (step, key) -> (value, where it is)
+    for e in record.events:
+        for key in keys.values():
             if isinstance(e.get(key), numbers.Real) and isinstance(e.get("step"), int):
-                had.setdefault((e["step"], key), float(e[key]))
-    events = []
+                had.setdefault((e["step"], key), (float(e[key]), f"the record {writer.path}"))
+    for m in record.measurements:  # the callback's measurement at an evaluation holds its loss
+        if m.val_loss is not None:
+            had.setdefault((m.step, "val_loss"), (float(m.val_loss), f"the record {writer.path}"))
+    events, other_losses, has_key = [], set(), False
     for i, entry in enumerate(history):
         where = f"log_history[{i}]"
         if not isinstance(entry, dict):
             raise ValueError(f"{file}: {where} is a {type(entry).__name__}, expected an object")
+        has_key = has_key or eval_loss_key in entry
+        other_losses.update(k for k in entry if isinstance(k, str) and re.fullmatch(r"eval_\w+_loss", k))
         values = {}
-        for src, key in _KEYS.items():
+        for src, key in keys.items():
             if src in entry:
                 v = entry[src]
                 if isinstance(v, bool) or not isinstance(v, numbers.Real):
@@ -153,17 +172,26 @@ def log_history(writer, path: str | os.PathLike, *, tokens_per_step: int | None 
                              f"{'no step' if 'step' not in entry else f'step {step!r}'}: expected the optimizer step")
         new = {}
         for key, v in values.items():
-            old = had.get((step, key))
+            old, there = had.get((step, key), (None, ""))
             if old is None:
                 new[key] = v
             elif not (old == v or (math.isnan(old) and math.isnan(v))):
-                raise ValueError(f"{file}: {where} has {key}={v!r} at step {step}, but the record {writer.path} "
-                                 f"already holds {key}={old!r} there: is it the record of another run?")
+                why = ("the state of another run? A run resumed from a checkpoint before that step trained it "
+                       "again: call writer.drop_after(<the step of the checkpoint it resumed from>) and measure the "
+                       "checkpoints after it again" if there.startswith("the record") else
+                       "two values at one step (a second evaluation there, e.g. trainer.evaluate() on another "
+                       "dataset): record the one you mean with writer.log(step, tokens, val_loss=...)")
+                raise ValueError(f"{file}: {where} has {key}={v!r} at step {step}, but {there} already holds "
+                                 f"{key}={old!r} there: {why}; nothing was written")
         if new:
             tokens = _tokens(file, where, step, entry.get("num_input_tokens_seen"), tokens_per_step)
             events.append((step, tokens, new))
             for key, v in new.items():
-                had[(step, key)] = v
+                had[(step, key)] = (v, f"{where} of {file.name}")
+    if not has_key and other_losses - {eval_loss_key}:  # several evaluation datasets: which one is not guessed
+        raise ValueError(f"{file}: log_history holds no {eval_loss_key!r} but {sorted(other_losses)} (one per "
+                         "evaluation dataset): pass eval_loss_key= the one to record as the validation loss; "
+                         "nothing was written")
     for step, tokens, new in events:
         writer.log(step, tokens, **new)
     return len(events)
