@@ -370,3 +370,34 @@ def test_non_finite_logged_losses_are_kept_once(tmp_path):
         assert log_history(w, d) == 0
     events = _events(tmp_path / "run")
     assert [str(e.get("train_loss", e.get("val_loss"))) for e in events] == ["3.9", "nan", "inf", "nan"]
+
+
+def test_log_history_over_the_callbacks_own_record_adds_no_second_curve(tmp_path, monkeypatch):
+    """The HF callback records the Trainer's training loss (and the lens its evaluations' losses); running
+    log_history over that record afterwards (as the guide does for an online run) adds only what the callback
+    did not record (the learning rate), never a second training or validation point at a step."""
+    from integrations.test_callback_curves import FakeClock, hf_pool, hf_trainer, tiny_gpt2
+
+    from spectral_lens.integrations import SpectralLensCallback, _driver
+
+    clock = FakeClock()
+    monkeypatch.setattr(_driver, "time", clock, raising=False)
+    model = tiny_gpt2()
+    writer = RunWriter(tmp_path / "run", RunInfo("gpt2", batch_tier=1), fsync=False, tail_window=(4, 16))
+    lens = sl.SpectralLens(model, hf_pool(), writer=writer, params=(), schedule=sl.Schedule.every(2), progress=False)
+    trainer = hf_trainer(model, tmp_path, clock, max_steps=4, logging_steps=2, include_num_input_tokens_seen=True,
+                         eval_strategy="steps", eval_steps=2)
+    SpectralLensCallback(lens, on_evaluate=True).attach(trainer)
+    trainer.train()
+    state = tmp_path / "trainer_state.json"
+    trainer.state.save_to_json(str(state))
+    before = _events(tmp_path / "run")
+    assert [e["step"] for e in before if "train_loss" in e] == [2, 4]
+    assert log_history(writer, state) == 2  # the two learning-rate entries
+    writer.close()
+    after = _events(tmp_path / "run")
+    assert [e for e in after if "lr" not in e] == before
+    assert sorted(e["step"] for e in after if "lr" in e) == [2, 4]
+    assert all(set(e) & {"train_loss", "val_loss"} == set() for e in after if "lr" in e)
+    tokens, _ = RunRecord.open(tmp_path / "run").val_curve()
+    assert len(tokens) == len(set(tokens.tolist())) == 2
