@@ -103,6 +103,16 @@ class LightningHooks:
         for name in ("log", "log_dict"):
             self.__dict__.pop(name, None)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """Start the clock again if a checkpoint stopped it (see :meth:`on_save_checkpoint`)."""
+        self.driver.clock_resume()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        """A checkpoint is about to be written (``ModelCheckpoint`` runs after the other callbacks, at a
+        batch's end or after validation): its time is no training time, so the clock stops until the next
+        training batch starts."""
+        self.driver.clock_stop()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Measure when an optimizer step ran in this batch and the lens's schedule names the new
         ``trainer.global_step`` (with ``accumulate_grad_batches > 1``, not after a batch that only
@@ -137,7 +147,10 @@ class LightningHooks:
             return  # nothing returned (manual optimization may return None)
         if getattr(pl_module, "automatic_optimization", True):
             loss = loss * max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
-        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        if self._loss_sum is None:  # a copy: under manual optimization loss is the module's own tensor
+            self._loss_sum = loss.clone() if isinstance(loss, torch.Tensor) else loss
+        else:
+            self._loss_sum = self._loss_sum + loss
         self._loss_count += 1
 
     def _record_train_loss(self, trainer) -> None:
