@@ -164,6 +164,12 @@ class LightningHooks:
             return
         if self.train_loss_key is None:
             loss = None if not count else float(loss_sum) / count  # the one device sync per event
+            if not count and not self._warned_train_key:
+                self._warned_train_key = True
+                warnings.warn(
+                    f"{type(self).__name__}: training_step returned no loss (a scalar tensor or a dict with 'loss') "
+                    f"in the batches up to step {step}, so no training loss is recorded; return it, or log it with "
+                    "self.log and pass train_loss_key= its name", SpectralLensWarning, stacklevel=3)
         else:
             value = trainer.callback_metrics.get(self.train_loss_key)
             loss = None if value is None else float(value)

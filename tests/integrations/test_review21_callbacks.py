@@ -41,7 +41,7 @@ def clock(monkeypatch):
 
 
 class Lit(pl.LightningModule):
-    def __init__(self, nan_from: int | None = None, manual: bool = False) -> None:
+    def __init__(self, nan_from: int | None = None, manual: bool = False, returns: bool = True) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
@@ -49,6 +49,7 @@ class Lit(pl.LightningModule):
         self.automatic_optimization = not manual
         self.losses: list[float] = []
         self.returned: list[torch.Tensor] = []
+        self.returns = returns
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -63,7 +64,7 @@ class Lit(pl.LightningModule):
             opt.step()
             out = loss.detach()
             self.returned.append(out)
-            return out
+            return out if self.returns else None
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -189,3 +190,15 @@ def test_lightning_manual_optimization_loss_not_aliased(tmp_path, clock):
     events = train_events(tmp_path / "run")
     assert [e["step"] for e in events] == [2]
     assert events[0]["train_loss"] == pytest.approx(sum(module.losses) / 2, rel=1e-6)
+
+
+def test_lightning_no_returned_loss_warns_once(tmp_path, clock):
+    """Manual optimization may return nothing from training_step: no train_loss can be recorded, which
+    warns once (naming train_loss_key=) instead of leaving the training curve silently empty."""
+    module = Lit(manual=True, returns=False)
+    cb, writer = callback(tmp_path, module)
+    with pytest.warns(sl.SpectralLensWarning, match="training_step returned no loss") as caught:
+        fit(tmp_path, clock, module, [cb], max_steps=4, log_every_n_steps=1)
+    writer.close()
+    assert sum("returned no loss" in str(w.message) for w in caught) == 1
+    assert train_events(tmp_path / "run") == []
