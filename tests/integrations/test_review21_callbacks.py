@@ -202,3 +202,95 @@ def test_lightning_no_returned_loss_warns_once(tmp_path, clock):
     writer.close()
     assert sum("returned no loss" in str(w.message) for w in caught) == 1
     assert train_events(tmp_path / "run") == []
+
+
+# ---- Hugging Face callback, its hooks called as the Trainer calls them (no Trainer: cheap) ----------------
+
+
+def hf_callback(tmp_path, **kw):
+    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    from spectral_lens.integrations import SpectralLensCallback
+
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
+    writer = RunWriter(tmp_path / "run", RunInfo("hf", batch_tier=1), fsync=False, tail_window=(4, 12))
+    lens = sl.SpectralLens(model, lm_pool(1, batch=4, t=12, vocab=37), writer=writer, params=(), progress=False,
+                           forward_fn=lambda m, b: m(b[0]), **kw)
+    state, control = transformers.TrainerState(), transformers.TrainerControl()
+    cb = SpectralLensCallback(lens, tokens_per_step=10)
+    cb.on_train_begin(None, state, control, model=model)
+    return cb, state, control, writer
+
+
+def test_hf_non_finite_training_losses_are_recorded(tmp_path, clock):
+    """With TrainingArguments(logging_nan_inf_filter=False) the Trainer logs a NaN or inf loss: each is a
+    train_loss event as logged (no crash), and divergence() names the run."""
+    from spectral_lens.analysis import divergence
+
+    cb, state, control, writer = hf_callback(tmp_path)
+    for step, loss in [(2, 3.5), (4, float("nan")), (6, float("inf"))]:
+        clock.t += 2.0
+        state.global_step = step
+        cb.on_step_end(None, state, control)
+        cb.on_log(None, state, control, logs={"loss": loss, "learning_rate": 1e-3})
+    writer.close()
+    events = train_events(tmp_path / "run")
+    assert [e["step"] for e in events] == [2, 4, 6]
+    assert events[0]["train_loss"] == 3.5 and math.isnan(events[1]["train_loss"]) and events[2]["train_loss"] == math.inf
+    assert [e["tokens_per_s"] for e in events] == pytest.approx([10.0] * 3, rel=1e-12)
+    assert "train_loss" in (divergence(RunRecord.open(tmp_path / "run")) or "")
+
+
+def test_hf_own_scalars_and_other_logs_are_not_training_losses(tmp_path, clock):
+    """on_log sees every trainer.log: the callback's own measurement scalars (logged through trainer.log at
+    a measured step), evaluation metrics and the end-of-train summary (its "train_loss" key) are not
+    recorded as training losses; only logs["loss"] is, once per log."""
+    cb, state, control, writer = hf_callback(tmp_path, schedule=sl.Schedule.every(2))
+    logged = []
+
+    class FakeTrainer:  # what _measure's trainer.log needs: the trainer's state and control, on_log called back
+        def __init__(self):
+            self.state, self.control = state, control
+
+        def log(self, logs):
+            logged.append(dict(logs))
+            cb.on_log(None, state, control, logs=logs)
+
+    cb._trainer = FakeTrainer()
+    state.global_step = 2
+    clock.t += 2.0
+    cb.on_step_end(None, state, control)  # measures: its scalars go through trainer.log, then on_log
+    cb.on_log(None, state, control, logs={"loss": 3.0})
+    cb.on_log(None, state, control, logs={"eval_loss": 2.5, "eval_runtime": 1.0})
+    cb.on_log(None, state, control, logs={"train_loss": 2.9, "train_runtime": 9.0})
+    writer.close()
+    assert logged and any(k.startswith("spectral_lens/") for k in logged[0])
+    assert [(e["step"], e["train_loss"]) for e in train_events(tmp_path / "run")] == [(2, 3.0)]
+
+
+def test_train_loss_on_other_ranks_writes_nothing_and_agrees_nothing(tmp_path, clock, monkeypatch):
+    """On a rank other than 0 a train_loss event is neither written nor agreed on (no collective), and the
+    Lightning callback adds up no returned loss there (no per-batch work)."""
+    from spectral_lens.integrations import _lightning_hooks
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a collective for a train_loss event")
+
+    monkeypatch.setattr(_driver, "ranks", lambda group: (1, 2))
+    monkeypatch.setattr(_lightning_hooks, "ranks", lambda group: (1, 2))
+    monkeypatch.setattr(_driver, "agree", no_collective)
+    monkeypatch.setattr(_driver, "from_rank0", no_collective)
+    module = Lit()
+    cb, writer = callback(tmp_path, module)
+    adds = []
+    monkeypatch.setattr(cb, "_add_loss", lambda *a: adds.append(1))
+    cb.driver.training_starts(0)
+    cb.driver.record_train_loss(2, 1.0)
+    cb._batch_step = cb._logged_step = 0
+
+    class Trainer:
+        global_step, log_every_n_steps, loggers = 1, 1, []
+
+    cb.on_train_batch_end(Trainer(), module, torch.tensor(1.0), None, 0)
+    writer.close()
+    assert train_events(tmp_path / "run") == [] and adds == []
