@@ -20,7 +20,7 @@ from spectral_lens.integrations import _driver
 from spectral_lens.records import RunInfo, RunRecord, RunWriter
 
 pl = pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
-from spectral_lens.integrations import SpectralLensLightningCallback  # noqa: E402
+from spectral_lens.integrations import SpectralLensLightningCallback
 
 
 class FakeClock:
