@@ -152,6 +152,12 @@ class LensDriver:
         """Training goes on from now (after a measurement, an evaluation, a checkpoint, the trainer's log)."""
         self._clock_from = time.perf_counter()
 
+    def clock_resume(self) -> None:
+        """Training goes on from now if the clock was stopped (:meth:`clock_stop` while a checkpoint was
+        written); a running clock runs on."""
+        if self._clock_from is None and self._interval_tokens is not None:
+            self._clock_from = time.perf_counter()
+
     def _real_tokens(self, counted: int | None) -> bool:
         """Whether :meth:`tokens` counts tokens (the framework's count or ``tokens_per_step``), not steps."""
         return bool(counted) or self.tokens_per_step is not None

@@ -103,6 +103,16 @@ class LightningHooks:
         for name in ("log", "log_dict"):
             self.__dict__.pop(name, None)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        """Start the clock again if a checkpoint stopped it (see :meth:`on_save_checkpoint`)."""
+        self.driver.clock_resume()
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        """A checkpoint is about to be written (``ModelCheckpoint`` runs after the other callbacks, at a
+        batch's end or after validation): its time is no training time, so the clock stops until the next
+        training batch starts."""
+        self.driver.clock_stop()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Measure when an optimizer step ran in this batch and the lens's schedule names the new
         ``trainer.global_step`` (with ``accumulate_grad_batches > 1``, not after a batch that only
@@ -137,7 +147,10 @@ class LightningHooks:
             return  # nothing returned (manual optimization may return None)
         if getattr(pl_module, "automatic_optimization", True):
             loss = loss * max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
-        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        if self._loss_sum is None:  # a copy: under manual optimization loss is the module's own tensor
+            self._loss_sum = loss.clone() if isinstance(loss, torch.Tensor) else loss
+        else:
+            self._loss_sum = self._loss_sum + loss
         self._loss_count += 1
 
     def _record_train_loss(self, trainer) -> None:
@@ -151,6 +164,12 @@ class LightningHooks:
             return
         if self.train_loss_key is None:
             loss = None if not count else float(loss_sum) / count  # the one device sync per event
+            if not count and not self._warned_train_key:
+                self._warned_train_key = True
+                warnings.warn(
+                    f"{type(self).__name__}: training_step returned no loss (a scalar tensor or a dict with 'loss') "
+                    f"in the batches up to step {step}, so no training loss is recorded; return it, or log it with "
+                    "self.log and pass train_loss_key= its name", SpectralLensWarning, stacklevel=3)
         else:
             value = trainer.callback_metrics.get(self.train_loss_key)
             loss = None if value is None else float(value)

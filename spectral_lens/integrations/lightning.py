@@ -34,9 +34,10 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
     event is appended to the run record's ``log.jsonl``: the mean of the losses ``training_step``
     returned since the previous one (summed on their device, read once per event), or
     ``trainer.callback_metrics[train_loss_key]``, with ``tokens_per_s``, the tokens trained since the
-    previous event over the training time since then (measurements and validation left out; none
-    without ``tokens_per_step``). The report's training curve and throughput ``Q`` read these events.
-    Rank 0 writes them, without a collective.
+    previous event over the training time since then (measurements, validation and checkpoint writes
+    left out; none without ``tokens_per_step``). A ``training_step`` that returns no loss (manual
+    optimization may return nothing) warns once: pass ``train_loss_key=``. The report's training
+    curve and throughput ``Q`` read these events. Rank 0 writes them, without a collective.
 
     Each measurement is appended to the lens's run record, sent to every sink, and its scalars (per
     spectrum ``alpha_tail``, ``alpha_head``, ``rankme``, ``stable_rank``; ``noise_scale``) go to

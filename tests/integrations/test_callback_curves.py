@@ -248,8 +248,8 @@ def lit_module(pl, log_key=None):
 
 def lit_trainer(pl, tmp_path, clock, callbacks, **kw):
     class Tick(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            clock.t += 1.0  # one training batch
+        def on_before_backward(self, trainer, pl_module, loss):
+            clock.t += 1.0  # one training batch (after every callback's on_train_batch_start)
 
         def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
             clock.t += 1000.0  # a validation batch: no training time
@@ -343,6 +343,7 @@ def test_lightning_resume_records_each_training_loss_once(tmp_path, clock):
     with pytest.raises(RuntimeError, match="crash at step 7"):
         run()
     assert [e["step"] for e in train_events(tmp_path / "run")] == [2, 4, 6]
+    assert [e["tokens_per_s"] for e in train_events(tmp_path / "run")] == pytest.approx([48.0] * 3, rel=1e-12)
     module = run(ckpt_path=str(tmp_path / "ckpt" / "step=4.ckpt"))
     events = train_events(tmp_path / "run")
     assert [e["step"] for e in events] == [2, 4, 6, 8]  # the replayed step 6 once
