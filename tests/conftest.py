@@ -1,4 +1,4 @@
-"""Hypothesis profiles for the whole suite, and a guard that restores torch's thread count after each test.
+"""Hypothesis profiles for the whole suite, and one intra-op torch thread per test (restored afterwards).
 
 ``ci`` (the default) draws the same examples on every run (``derandomize``), so the README's test
 command passes or fails the same way on every clean clone. ``explore`` draws new examples each run:
@@ -20,11 +20,18 @@ import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """Every test leaves torch's intra-op thread count as it found it: the benchmarks' one-thread cases
-    (bench_covariance.fixed_cost, bench_gradients.host_overhead / new_probe) set 1 and keep it, which
-    made every later test in the session run on one thread."""
+def _one_torch_thread():
+    """Every test runs on one intra-op thread and leaves torch's thread count as it found it.
+
+    The suite's models and matrices are tiny: on this project's 2-core machine, two OpenMP threads
+    spin-waiting on each other cost several times the CPU as soon as anything else runs (a tiny LM's
+    ``linear`` took 11 ms a call on two threads under load, 0.24 ms on one; tests/analysis/
+    test_report_real_records.py's training 64 s against 15 s). A test that needs more threads sets them;
+    this restores the count afterwards (the benchmarks' one-thread cases, bench_covariance.fixed_cost,
+    bench_gradients.host_overhead / new_probe, set 1 and keep it). Worker processes set their own
+    (support/ranks.py)."""
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
