@@ -7,9 +7,7 @@ whose closed form is known in float64."""
 
 from __future__ import annotations
 
-import os
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -17,17 +15,9 @@ import torch
 
 from spectral_lens import ActivationCovarianceAccumulator
 
+from .test_sync_failures_agreed import _is_last, _sigint_here
+
 D = 5
-
-
-def _sigint_here() -> None:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.2)  # the handler runs here at the latest
-
-
-def _is_last(t: torch.Tensor, world: int = 2) -> bool:
-    return t.dtype == torch.int64 and t.numel() == 2 * world + 2
 
 
 @pytest.fixture
