@@ -72,12 +72,14 @@ def parameter_list(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
 
 def set_training(model: nn.Module, modules: list[nn.Module], mode: bool) -> None:
     """``model.train(mode)``, for ``modules`` = :func:`module_list` ``(model)``. Where no module overrides
-    ``train`` (nor ``__setattr__`` or ``children``) that call only sets every ``training`` flag to ``mode``: here the flags
-    that differ are set directly (``nn.Module.__setattr__``'s checks cost ~5 us a module, and a model kept in
-    train mode between measurements paid them for every module at every update). A model with an override
-    gets ``model.train(mode)`` itself, so the override decides the modes measured (a frozen normalization)."""
-    if not isinstance(mode, bool) or any(type(m).train is not _TRAIN or type(m).__setattr__ is not _SETATTR
-                                         or type(m).children is not _CHILDREN for m in modules):
+    ``train`` (nor ``__setattr__``, ``children`` or ``named_children``), in its class or on the instance, that
+    call only sets every ``training`` flag to ``mode``: here the flags that differ are set directly
+    (``nn.Module.__setattr__``'s checks cost ~5 us a module, and a model kept in train mode between measurements
+    paid them for every module at every update). A model with an override gets ``model.train(mode)`` itself,
+    so the override decides the modes measured: a frozen normalization's class, or a frozen encoder's
+    instance (``encoder.train = disabled_train``, as latent-diffusion and BLIP-2 code keep theirs in eval
+    mode; ``nn.Module.train`` calls ``child.train(mode)``, which finds the instance's)."""
+    if not isinstance(mode, bool) or not all(_plain(m) for m in modules):
         model.train(mode)
         return
     for m in modules:
@@ -96,7 +98,17 @@ def restore_training(modes: list[tuple[nn.Module, bool]]) -> None:
                 m.training = training
 
 
-_TRAIN, _SETATTR, _CHILDREN = nn.Module.train, nn.Module.__setattr__, nn.Module.children
+_TRAIN, _SETATTR, _CHILDREN, _NAMED_CHILDREN = (nn.Module.train, nn.Module.__setattr__, nn.Module.children,
+                                                 nn.Module.named_children)
+
+
+def _plain(m: nn.Module) -> bool:
+    """Whether ``m.train(mode)`` would only set ``m.training`` and call its children's ``train``: neither its
+    class nor the instance itself overrides a method that call goes through."""
+    t, d = type(m), m.__dict__
+    return (t.train is _TRAIN and t.__setattr__ is _SETATTR and t.children is _CHILDREN
+            and t.named_children is _NAMED_CHILDREN
+            and "train" not in d and "children" not in d and "named_children" not in d)
 
 
 def cuda_devices(model: nn.Module, params: list[torch.Tensor] | None = None) -> list[int]:

@@ -1,0 +1,87 @@
+"""Review of the probe's one walk per update (``_isolation.module_list`` / ``set_training``): the mode switch
+set every flag directly where no module's class overrides ``train``, ``__setattr__`` or ``children``. A module
+whose *instance* overrides ``train`` (``encoder.train = disabled_train``: latent-diffusion and BLIP-2 code keep
+a frozen encoder in eval mode so) or whose class overrides ``named_children`` (which ``nn.Module.train``
+recurses through) was switched to the probe's mode anyway: its dropout drew during a ``train_mode=True``
+measurement, which ``model.train(True)`` (the code before the walk) does not do."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from spectral_lens.gradients import PerSampleGradientProbe
+from spectral_lens.gradients._isolation import module_list, set_training
+
+
+def disabled_train(self, mode=True):
+    """The latent-diffusion / LAVIS idiom: assigned as ``module.train``, so ``.train()`` leaves its modes alone."""
+    return self
+
+
+class _SkipsSecond(nn.Sequential):
+    """``named_children`` leaves out child ``"1"``, so ``train()`` does not reach it."""
+
+    def named_children(self):
+        return ((n, c) for n, c in super().named_children() if n != "1")
+
+
+def _frozen_by_instance() -> nn.Module:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.Dropout(0.5), nn.Linear(3, 2)))
+    model[1].eval()
+    model[1].train = disabled_train.__get__(model[1])
+    return model
+
+
+def _frozen_children_by_instance() -> nn.Module:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.Dropout(0.5), nn.Linear(3, 2)))
+    model[1].eval()
+    model[1].children = lambda: iter(())
+    return model
+
+
+def _skipped_by_class() -> nn.Module:
+    model = nn.Sequential(nn.Linear(3, 3), _SkipsSecond(nn.Linear(3, 3), nn.Dropout(0.5)))
+    model[1][1].eval()
+    return model
+
+
+@pytest.mark.parametrize("build", [_frozen_by_instance, _frozen_children_by_instance, _skipped_by_class],
+                         ids=["instance train", "instance children", "class named_children"])
+@pytest.mark.parametrize("mode", [True, False])
+def test_set_training_leaves_the_modes_model_train_leaves(build, mode):
+    model, ref = build(), build()
+    for start in (not mode, mode):
+        model[0].training = ref[0].training = start
+        set_training(model, module_list(model), mode)
+        ref.train(mode)
+        assert [m.training for m in model.modules()] == [m.training for m in ref.modules()]
+
+
+def test_a_frozen_encoder_stays_in_eval_mode_in_a_train_mode_measurement():
+    """``train_mode=True`` on a model whose frozen encoder's instance overrides ``train``: the encoder's dropout
+    stays off during the passes (as under ``model.train(True)``), so the rows are the float64 reference's
+    without dropout; every mode is as before afterwards."""
+    torch.manual_seed(0)
+    model = _frozen_by_instance()
+    seen = []
+    model[1][0].register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    before = [m.training for m in model.modules()]
+    probe = PerSampleGradientProbe(model, "0.weight", keep_matrix=True, train_mode=True, engine="loop",
+                                   forward_fn=lambda m, b: m(b[0]),
+                                   loss_fn=lambda out, b: ((out - b[1]) ** 2).sum(1))
+    rows = probe.update((x, y)).matrix()
+    assert seen and not any(seen), "the frozen encoder's dropout was in train mode during the measurement"
+    assert [m.training for m in model.modules()] == before
+    ref = copy.deepcopy(model).double()
+    ref[1].training = False
+    want = []
+    for i in range(6):
+        ref.zero_grad()
+        ((ref(x[i : i + 1].double()) - y[i : i + 1].double()) ** 2).sum().backward()
+        want.append(ref[0].weight.grad.flatten().clone())
+    torch.testing.assert_close(rows.double(), torch.stack(want), rtol=1e-5, atol=1e-6)
