@@ -675,8 +675,16 @@ class PerSampleGradientProbe:
         # the model itself: five walks per update, ~160 named_modules generator steps on a 2-block GPT); read
         # afresh at every update, so a module added or replaced, a flag toggled or a hook added between updates
         # is seen as before
-        modules = self._modules = module_list(self.model)
+        modules = module_list(self.model)
         params = parameter_list(modules)
+        if any(isinstance(p, nn.parameter.UninitializedTensorMixin) for p in params):
+            lazy = [n for n, p in self.model.named_parameters() if isinstance(p, nn.parameter.UninitializedTensorMixin)]
+            raise RuntimeError(
+                f"PerSampleGradientProbe: the model's parameter(s) {lazy} are uninitialized (a lazy module such as "
+                "nn.LazyLinear that has not run yet; its shapes are set by its first forward): run the model once on "
+                "a batch before update()"
+            )
+        self._modules = modules
         modes = [(m, m.training) for m in modules]
         # the modes are set only when some flag is to change (the usual eval-mode model measured in eval mode:
         # no second walk over the modules per update, which a pool of one-sequence batches pays per sequence);

@@ -85,3 +85,35 @@ def test_a_frozen_encoder_stays_in_eval_mode_in_a_train_mode_measurement():
         ((ref(x[i : i + 1].double()) - y[i : i + 1].double()) ** 2).sum().backward()
         want.append(ref[0].weight.grad.flatten().clone())
     torch.testing.assert_close(rows.double(), torch.stack(want), rtol=1e-5, atol=1e-6)
+
+
+def _per_sample_reference(model: nn.Module, param: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    ref = copy.deepcopy(model).double().eval()
+    w = ref.get_parameter(param)
+    rows = []
+    for i in range(len(x)):
+        (g,) = torch.autograd.grad(((ref(x[i : i + 1].double()) - y[i : i + 1].double()) ** 2).sum(), w)
+        rows.append(g.flatten())
+    return torch.stack(rows)
+
+
+def test_an_uninitialized_lazy_module_is_refused_by_name_and_measured_once_run():
+    """A model with an ``nn.LazyLinear`` that has not run: ``update`` raises an error naming its parameters
+    (was torch's ``requires_grad_`` error from inside the engine and again from the flag restore) and changes
+    nothing; once the model has run, the rows are the float64 reference's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.LazyLinear(2))
+    x, y = torch.randn(5, 4), torch.randn(5, 2)
+    probe = PerSampleGradientProbe(model, "0.weight", keep_matrix=True, forward_fn=lambda m, b: m(b[0]),
+                                   loss_fn=lambda out, b: ((out - b[1]) ** 2).sum(1))
+    modes = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    rng = torch.get_rng_state()
+    with pytest.raises(RuntimeError, match=r"\['2.weight', '2.bias'\] are uninitialized.*run the model once"):
+        probe.update((x, y))
+    assert [m.training for m in model.modules()] == modes and [p.requires_grad for p in model.parameters()] == flags
+    assert torch.equal(torch.get_rng_state(), rng) and probe.n_samples_ == 0
+    assert isinstance(model[2], nn.LazyLinear)  # not run by the refused update
+    model(x[:1])
+    rows = probe.update((x, y)).matrix()
+    torch.testing.assert_close(rows.double(), _per_sample_reference(model, "0.weight", x, y), rtol=1e-5, atol=1e-6)
