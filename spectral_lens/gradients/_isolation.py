@@ -79,12 +79,19 @@ def set_training(model: nn.Module, modules: list[nn.Module], mode: bool) -> None
     so the override decides the modes measured: a frozen normalization's class, or a frozen encoder's
     instance (``encoder.train = disabled_train``, as latent-diffusion and BLIP-2 code keep theirs in eval
     mode; ``nn.Module.train`` calls ``child.train(mode)``, which finds the instance's)."""
-    if not isinstance(mode, bool) or not all(_plain(m) for m in modules):
-        model.train(mode)
-        return
-    for m in modules:
-        if m.training is not mode:
-            object.__setattr__(m, "training", mode)
+    if isinstance(mode, bool):
+        for m in modules:  # a loop, not a function per module: this check runs at every switching update
+            t, d = type(m), m.__dict__
+            if (t.train is not _TRAIN or t.__setattr__ is not _SETATTR or t.children is not _CHILDREN
+                    or t.named_children is not _NAMED_CHILDREN or "train" in d or "children" in d
+                    or "named_children" in d):
+                break
+        else:
+            for m in modules:
+                if m.training is not mode:
+                    object.__setattr__(m, "training", mode)
+            return
+    model.train(mode)
 
 
 def restore_training(modes: list[tuple[nn.Module, bool]]) -> None:
@@ -101,14 +108,6 @@ def restore_training(modes: list[tuple[nn.Module, bool]]) -> None:
 _TRAIN, _SETATTR, _CHILDREN, _NAMED_CHILDREN = (nn.Module.train, nn.Module.__setattr__, nn.Module.children,
                                                  nn.Module.named_children)
 
-
-def _plain(m: nn.Module) -> bool:
-    """Whether ``m.train(mode)`` would only set ``m.training`` and call its children's ``train``: neither its
-    class nor the instance itself overrides a method that call goes through."""
-    t, d = type(m), m.__dict__
-    return (t.train is _TRAIN and t.__setattr__ is _SETATTR and t.children is _CHILDREN
-            and t.named_children is _NAMED_CHILDREN
-            and "train" not in d and "children" not in d and "named_children" not in d)
 
 
 def cuda_devices(model: nn.Module, params: list[torch.Tensor] | None = None) -> list[int]:
