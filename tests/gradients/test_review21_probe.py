@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from spectral_lens.gradients import PerSampleGradientProbe
-from spectral_lens.gradients._isolation import module_list, set_training
+from spectral_lens.gradients._isolation import module_list, parameter_list, set_training
 
 
 def disabled_train(self, mode=True):
@@ -161,3 +161,44 @@ def test_a_train_override_is_undone_by_the_override_after_the_measurement(train_
     assert model.seen and set(model.seen) == {(want, train_mode)}
     assert model.kernels == ("inference" if train_mode else "training")
     assert [m.training for m in model.modules()] == before
+
+
+def _parametrized() -> nn.Module:
+    from torch.nn.utils import parametrizations
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Embedding(5, 3), nn.Linear(3, 5, bias=False))
+    parametrizations.weight_norm(model[0])  # the weight lives in parametrizations.weight.original0/1
+    parametrizations.spectral_norm(model[1])
+    model[3].weight = model[2].weight  # tied
+    return model
+
+
+def _containers() -> nn.Module:
+    model = nn.Module()
+    model.plist = nn.ParameterList([nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(3))])
+    model.pdict = nn.ParameterDict({"x": nn.Parameter(torch.ones(1)), "y": nn.Parameter(torch.ones(1))})
+    model.again = model.plist  # shared: visited once
+    return model
+
+
+def _wrapped_children() -> nn.Module:
+    return nn.Sequential(nn.Linear(3, 3), torch.jit.script(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1))),
+                         torch.compile(nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1))))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script's
+@pytest.mark.parametrize("build", [_parametrized, _containers, _wrapped_children],
+                         ids=["parametrizations and tied", "parameter containers", "scripted and compiled children"])
+def test_module_list_and_parameter_list_are_the_torch_ones_on_other_containers(build):
+    """``module_list`` / ``parameter_list`` give ``model.modules()`` / ``model.parameters()`` (the same objects in
+    the same order) where parameters live in parametrizations, parameter containers, a scripted or a compiled
+    submodule; ``set_training`` leaves the flags ``model.train`` leaves (a script module's ``__setattr__`` and the
+    compiled wrapper's ``training`` property: ``model.train`` itself)."""
+    model, ref = build(), build()
+    mods = module_list(model)
+    assert [id(m) for m in mods] == [id(m) for m in model.modules()]
+    assert [id(p) for p in parameter_list(mods)] == [id(p) for p in model.parameters()]
+    for mode in (False, True, False):
+        set_training(model, module_list(model), mode)
+        ref.train(mode)
+        assert [m.training for m in model.modules()] == [m.training for m in ref.modules()]
