@@ -70,7 +70,7 @@ def parameter_list(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
     return out
 
 
-def set_training(model: nn.Module, modules: list[nn.Module], mode: bool) -> None:
+def set_training(model: nn.Module, modules: list[nn.Module], mode: bool) -> bool:
     """``model.train(mode)``, for ``modules`` = :func:`module_list` ``(model)``. Where no module overrides
     ``train`` (nor ``__setattr__``, ``children`` or ``named_children``), in its class or on the instance, that
     call only sets every ``training`` flag to ``mode``: here the flags that differ are set directly
@@ -78,7 +78,8 @@ def set_training(model: nn.Module, modules: list[nn.Module], mode: bool) -> None
     paid them for every module at every update). A model with an override gets ``model.train(mode)`` itself,
     so the override decides the modes measured: a frozen normalization's class, or a frozen encoder's
     instance (``encoder.train = disabled_train``, as latent-diffusion and BLIP-2 code keep theirs in eval
-    mode; ``nn.Module.train`` calls ``child.train(mode)``, which finds the instance's)."""
+    mode; ``nn.Module.train`` calls ``child.train(mode)``, which finds the instance's). Returns whether it
+    called ``model.train(mode)`` (the caller then undoes the override's side effects the same way)."""
     if isinstance(mode, bool):
         for m in modules:  # a loop, not a function per module: this check runs at every switching update
             t, d = type(m), m.__dict__
@@ -90,8 +91,9 @@ def set_training(model: nn.Module, modules: list[nn.Module], mode: bool) -> None
             for m in modules:
                 if m.training is not mode:
                     object.__setattr__(m, "training", mode)
-            return
+            return False
     model.train(mode)
+    return True
 
 
 def restore_training(modes: list[tuple[nn.Module, bool]]) -> None:

@@ -141,8 +141,6 @@ class _Kernelized(nn.Module):
         return self.b(self.norm(self.drop(self.a(x))))
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: the fix calls model.train(mode before) on exit, so an override "
-                   "runs twice per switching update, against test_review20_probe's once (a contract for the lead)")
 @pytest.mark.parametrize("train_mode", [False, True])
 def test_a_train_override_is_undone_by_the_override_after_the_measurement(train_mode):
     """The measurement switched the mode through the model's ``train`` override (its side effects ran), and
@@ -204,7 +202,6 @@ def test_module_list_and_parameter_list_are_the_torch_ones_on_other_containers(b
         assert [m.training for m in model.modules()] == [m.training for m in ref.modules()]
 
 
-@pytest.mark.xfail(strict=True, reason="not fixed: needs model.train(mode before) on exit (see the test above)")
 def test_a_training_levit_measured_in_eval_mode_evaluates_with_its_weights_of_then():
     """Hugging Face's LeViT caches its attention biases in eval-mode forwards and clears the cache only in
     ``train(True)``. Measured in eval mode while training, the probe's eval forwards filled the cache and its
