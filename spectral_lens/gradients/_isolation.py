@@ -70,19 +70,30 @@ def parameter_list(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
     return out
 
 
-def set_training(model: nn.Module, modules: list[nn.Module], mode: bool) -> None:
+def set_training(model: nn.Module, modules: list[nn.Module], mode: bool) -> bool:
     """``model.train(mode)``, for ``modules`` = :func:`module_list` ``(model)``. Where no module overrides
-    ``train`` (nor ``__setattr__`` or ``children``) that call only sets every ``training`` flag to ``mode``: here the flags
-    that differ are set directly (``nn.Module.__setattr__``'s checks cost ~5 us a module, and a model kept in
-    train mode between measurements paid them for every module at every update). A model with an override
-    gets ``model.train(mode)`` itself, so the override decides the modes measured (a frozen normalization)."""
-    if not isinstance(mode, bool) or any(type(m).train is not _TRAIN or type(m).__setattr__ is not _SETATTR
-                                         or type(m).children is not _CHILDREN for m in modules):
-        model.train(mode)
-        return
-    for m in modules:
-        if m.training is not mode:
-            object.__setattr__(m, "training", mode)
+    ``train`` (nor ``__setattr__``, ``children`` or ``named_children``), in its class or on the instance, that
+    call only sets every ``training`` flag to ``mode``: here the flags that differ are set directly
+    (``nn.Module.__setattr__``'s checks cost ~5 us a module, and a model kept in train mode between measurements
+    paid them for every module at every update). A model with an override gets ``model.train(mode)`` itself,
+    so the override decides the modes measured: a frozen normalization's class, or a frozen encoder's
+    instance (``encoder.train = disabled_train``, as latent-diffusion and BLIP-2 code keep theirs in eval
+    mode; ``nn.Module.train`` calls ``child.train(mode)``, which finds the instance's). Returns whether it
+    called ``model.train(mode)`` (the caller then undoes the override's side effects the same way)."""
+    if isinstance(mode, bool):
+        for m in modules:  # a loop, not a function per module: this check runs at every switching update
+            t, d = type(m), m.__dict__
+            if (t.train is not _TRAIN or t.__setattr__ is not _SETATTR or t.children is not _CHILDREN
+                    or t.named_children is not _NAMED_CHILDREN or "train" in d or "children" in d
+                    or "named_children" in d):
+                break
+        else:
+            for m in modules:
+                if m.training is not mode:
+                    object.__setattr__(m, "training", mode)
+            return False
+    model.train(mode)
+    return True
 
 
 def restore_training(modes: list[tuple[nn.Module, bool]]) -> None:
@@ -96,7 +107,9 @@ def restore_training(modes: list[tuple[nn.Module, bool]]) -> None:
                 m.training = training
 
 
-_TRAIN, _SETATTR, _CHILDREN = nn.Module.train, nn.Module.__setattr__, nn.Module.children
+_TRAIN, _SETATTR, _CHILDREN, _NAMED_CHILDREN = (nn.Module.train, nn.Module.__setattr__, nn.Module.children,
+                                                 nn.Module.named_children)
+
 
 
 def cuda_devices(model: nn.Module, params: list[torch.Tensor] | None = None) -> list[int]:

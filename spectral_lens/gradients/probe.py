@@ -675,8 +675,16 @@ class PerSampleGradientProbe:
         # the model itself: five walks per update, ~160 named_modules generator steps on a 2-block GPT); read
         # afresh at every update, so a module added or replaced, a flag toggled or a hook added between updates
         # is seen as before
-        modules = self._modules = module_list(self.model)
+        modules = module_list(self.model)
         params = parameter_list(modules)
+        if any(isinstance(p, nn.parameter.UninitializedTensorMixin) for p in params):
+            lazy = [n for n, p in self.model.named_parameters() if isinstance(p, nn.parameter.UninitializedTensorMixin)]
+            raise RuntimeError(
+                f"PerSampleGradientProbe: the model's parameter(s) {lazy} are uninitialized (a lazy module such as "
+                "nn.LazyLinear that has not run yet; its shapes are set by its first forward): run the model once on "
+                "a batch before update()"
+            )
+        self._modules = modules
         modes = [(m, m.training) for m in modules]
         # the modes are set only when some flag is to change (the usual eval-mode model measured in eval mode:
         # no second walk over the modules per update, which a pool of one-sequence batches pays per sequence);
@@ -689,29 +697,37 @@ class PerSampleGradientProbe:
         dev = self.device
         devices = self._devices = cuda_devices(self.model, params)
         cast = measurement_autocast(dev, self.autocast_dtype)
+        called_train = False
         try:
             with forked_rng(devices), preserved_buffers(self.model, modules) as self._rewind_buffers, \
                     silenced_module_backward_hooks(self.model, modules), cast, \
                     eager_forwards(), measurement_pass():
-                if switch:
-                    set_training(self.model, modules, self.train_mode)  # model.train(), or its flags directly
+                if switch:  # model.train(), or its flags directly
+                    called_train = set_training(self.model, modules, self.train_mode)
                 yield devices
             if self._versions is not None:  # bumped by the pass's own writes, undone on exit: not the user's
                 self._versions = self._parameter_versions()
         finally:
             self._every = self._rewind_buffers = self._devices = self._modules = None
-            restore_training(modes)
-            for p, flag in flags:
-                p.requires_grad_(flag)
-            # Accelerate's offloading hooks put a new meta placeholder in place of each offloaded parameter
-            # after every forward, created with the flag it had during the pass (the engines' False): the
-            # flag is restored on the parameter the model holds now, too
-            if named is not None:
-                live = dict(self.model.named_parameters())
-                for n, (p, flag) in zip(named, flags):
-                    q = live.get(n)
-                    if q is not None and q is not p and q.requires_grad != flag:
-                        q.requires_grad_(flag)
+            try:
+                # an override's side effects of the switch undone by the override itself (a Hugging Face model
+                # with use_kernels re-kernelizes for the mode; PEFT's DoRA layer clears its cache): model.train()
+                # with the model's own mode before, then every flag as it was
+                if called_train:
+                    self.model.train(modes[0][1])
+            finally:
+                restore_training(modes)
+                for p, flag in flags:
+                    p.requires_grad_(flag)
+                # Accelerate's offloading hooks put a new meta placeholder in place of each offloaded parameter
+                # after every forward, created with the flag it had during the pass (the engines' False): the
+                # flag is restored on the parameter the model holds now, too
+                if named is not None:
+                    live = dict(self.model.named_parameters())
+                    for n, (p, flag) in zip(named, flags):
+                        q = live.get(n)
+                        if q is not None and q is not p and q.requires_grad != flag:
+                            q.requires_grad_(flag)
 
     def _parameter_versions(self) -> tuple[int, ...]:
         return tuple(p._version for p in parameter_list(module_list(self.model)))

@@ -143,5 +143,6 @@ def test_a_train_override_decides_the_modes_measured_and_the_flags_come_back(tra
     calls = wrapped.calls
     probe.update(_batch(torch.Generator().manual_seed(7), 2))
     assert wrapped.seen and set(wrapped.seen) == {(train_mode, False)}
-    assert wrapped.calls == calls + (1 if train_mode else 0)  # eval model measured in eval mode: no train()
+    # eval model measured in eval mode: no train(); else there (train_mode) and back (the mode before)
+    assert wrapped.calls == calls + (2 if train_mode else 0)
     assert [(n, m.training) for n, m in model.named_modules()] == before
