@@ -522,7 +522,8 @@ class SpectralLens:
     @contextlib.contextmanager
     def _eval_mode(self):
         """Eval mode, forked RNG streams and preserved buffers for the activation pass (the iteration
-        over the pool included); modes, RNG states and buffers are restored on exit, also on errors."""
+        over the pool included); modes, RNG states and buffers are restored on exit, also on errors (a model
+        that was training through ``model.train()``, then every module's own flag)."""
         model = self._require_model()
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
@@ -530,6 +531,8 @@ class SpectralLens:
             with forked_rng(cuda_devices(model)), preserved_buffers(model):
                 yield
         finally:
+            if modes[0][1]:  # a training model goes back through its train() override too, as it came through eval():
+                model.train()  # state an override derives from the mode (LeViT's eval bias cache) is not left as measured
             for m, training in modes:
                 m.training = training
 
