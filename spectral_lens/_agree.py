@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from ._warnings import NonFiniteError
+
 _OUT_OF_STEP = "_spectral_lens_out_of_step"
 TIMEOUT_ADVICE = (
     "init_process_group(timeout=...), 30 min by default for gloo and 10 min for NCCL; set one you are prepared "
@@ -51,7 +53,9 @@ def agree(group, error: BaseException | None, what: str) -> None:
     ``KeyboardInterrupt``: a Ctrl-C that reached one rank stops every rank too). If any rank failed,
     every rank raises at once instead of leaving the others waiting in the next collective: a
     failed rank re-raises its own exception, the others a ``RuntimeError`` naming the failed
-    rank(s). In a single process, ``error`` is simply raised.
+    rank(s), a :class:`NonFiniteError` when every failed rank's error is one (non-finite hidden states
+    or gradients: every rank can then handle the measurement's failure alike). In a single process,
+    ``error`` is simply raised.
     """
     if error is not None and out_of_step(error):  # another collective would only wait too
         raise error
@@ -60,7 +64,7 @@ def agree(group, error: BaseException | None, what: str) -> None:
         import torch.distributed as dist
 
         flags = torch.zeros(world, dtype=torch.int64, device=collective_device(group))
-        flags[rank] = int(error is not None)
+        flags[rank] = 0 if error is None else 2 if isinstance(error, NonFiniteError) else 1
         try:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         except Exception as exc:
@@ -71,17 +75,19 @@ def agree(group, error: BaseException | None, what: str) -> None:
                 raise
             raise mark_out_of_step(error, what, failed=False)  # the collective's error stays attached as __context__
         if error is None:
-            _raise_failed(group, [r for r, f in enumerate(flags.tolist()) if f], what)
+            codes = flags.tolist()
+            _raise_failed(group, [r for r, f in enumerate(codes) if f], what,
+                          nonfinite=all(f in (0, 2) for f in codes))
     if error is not None:
         raise error
 
 
-def _raise_failed(group, failed: list[int], what: str) -> None:
+def _raise_failed(group, failed: list[int], what: str, nonfinite: bool = False) -> None:
     """On a rank that did not fail: the ``RuntimeError`` naming the group ranks ``failed`` by their global
-    ranks, when there are any."""
+    ranks, when there are any (a :class:`NonFiniteError` with ``nonfinite``: each failed rank's error was one)."""
     if failed:
         failed = [global_rank(group, r) for r in failed]
-        raise RuntimeError(
+        raise (NonFiniteError if nonfinite else RuntimeError)(
             f"SpectralLens: {what} failed on global rank(s) {failed}; this rank stopped too so that "
             f"no rank waits in a collective. See the error raised on rank(s) {failed} for the cause"
         )

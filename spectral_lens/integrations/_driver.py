@@ -8,7 +8,7 @@ import weakref
 from typing import Any, Iterable, Protocol
 
 from .._agree import agree, from_rank0, ranks
-from .._warnings import SpectralLensWarning
+from .._warnings import NonFiniteError, SpectralLensWarning
 from ..attachment import Attachment
 from ..lens import LensMeasurement, SpectralLens
 from .summaries import measurement_scalars
@@ -245,7 +245,8 @@ class LensDriver:
         """Measure now; fan out to the sinks on rank 0 and return the flat scalars there (``{}`` on the
         other ranks). ``log``: called with the scalars on rank 0 after the sinks (the framework's own
         loggers). An error of a sink or of ``log`` on rank 0 is agreed with the other ranks: every
-        rank raises."""
+        rank raises. A measurement that finds non-finite hidden states or gradients (a diverged run) is
+        skipped with a warning on every rank (``{}``): measuring does not end the training."""
         writer = self.lens.writer
         if from_rank0(self.lens.group, writer is not None and bool(getattr(writer, "closed", False))):
             # the user closed the run record after train()/fit() (the guides do), then evaluated again:
@@ -255,7 +256,14 @@ class LensDriver:
                           "to record it", SpectralLensWarning, stacklevel=3)
             return {}
         try:
-            m = self.lens.measure(step, tokens, val_loss=val_loss)
+            try:
+                m = self.lens.measure(step, tokens, val_loss=val_loss)
+            except NonFiniteError as exc:  # on every rank alike (agreed by the lens)
+                # non-finite hidden states or gradients: a run that diverged. The training goes on as it
+                # would without the callback; its logged losses (train_loss events) show the divergence
+                warnings.warn(f"spectral-lens: the measurement at step {step} is skipped (the training goes on): "
+                              f"{exc}", SpectralLensWarning, stacklevel=3)
+                return {}
             self.last_step = step
             self.last_has_val_loss = val_loss is not None
             tail, head = self.windows()
