@@ -25,11 +25,14 @@ def _lens(model, **kw):
 
 
 @pytest.mark.parametrize("params", [(), None])  # activations only; activations and the gradient probe
-def test_a_measurement_of_a_diverged_model_is_skipped_and_the_next_one_measures(params):
+def test_a_measurement_of_a_diverged_model_is_skipped_and_the_next_one_measures(params, tmp_path):
+    from spectral_lens.records import RunInfo, RunRecord, RunWriter
+
     torch.manual_seed(0)
     model = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12).train()
     kw = {} if params is None else {"params": params}
-    d = LensDriver(_lens(model, **kw), (), 100)
+    writer = RunWriter(tmp_path / "run", RunInfo("r"), fsync=False, tail_window=(2, 8))
+    d = LensDriver(_lens(model, writer=writer, **kw), (), 100)
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     w = next(p for n, p in model.named_parameters() if n.startswith("transformer.h.0") and p.dim() == 2)
     good = w.detach().clone()
@@ -38,6 +41,7 @@ def test_a_measurement_of_a_diverged_model_is_skipped_and_the_next_one_measures(
     with pytest.warns(sl.SpectralLensWarning, match="measurement at step 2 is skipped .*training goes on"):
         assert d.measure(2, d.tokens(2)) == {}
     assert d.lens.history == [] and d.last_step is None
+    assert RunRecord.open(tmp_path / "run").measurements == []  # nothing recorded for the skipped step
     assert all(m.training for m in model.modules())
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
     with torch.no_grad():
@@ -48,6 +52,8 @@ def test_a_measurement_of_a_diverged_model_is_skipped_and_the_next_one_measures(
     fresh = LensDriver(_lens(model, **kw), (), 100).measure(4, 400)
     assert scalars and scalars == fresh
     assert [m.step for m in d.lens.history] == [4]
+    writer.close()
+    assert [m.step for m in RunRecord.open(tmp_path / "run").measurements] == [4]
 
 
 def test_other_errors_still_end_the_run():
