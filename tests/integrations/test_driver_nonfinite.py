@@ -94,3 +94,31 @@ def test_a_rank_that_did_not_fail_raises_a_nonfinite_error_when_the_failed_rank_
         agree(None, MemoryError("own"), "the gradient pass")
     rank1_of_2[0] = 0
     agree(None, None, "the gradient pass")  # nobody failed
+
+
+def _nan_gradients_on_rank0(rank):
+    """2 gloo ranks: the gradient pass (rank 0 alone runs it) finds NaN losses; every rank's driver skips the
+    measurement with a warning and returns {} (the barrier after the case shows the ranks in step)."""
+    from support.models import TinyLM
+    from support.models import lm_pool as tiny_pool
+
+    torch.manual_seed(0)
+    model = TinyLM().double()
+    probe = sl.PerSampleGradientProbe(model, "h.2.attn.c_proj.weight", forward_fn=lambda m, b: m(b[0]) * float("nan"))
+    lens = sl.SpectralLens(model, tiny_pool(n_batches=4), probe=probe, progress=False, tail_window=(2, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = LensDriver(lens, (), 10).measure(1, 10)
+    return {"scalars": got, "warned": [str(w.message)[:120] for w in caught if "is skipped" in str(w.message)]}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_skip_alike_when_rank0s_gradient_pass_is_not_finite(tmp_path):
+    from support.ranks import checked_case, run_gloo_cases
+
+    results = run_gloo_cases(tmp_path, {"nan": _nan_gradients_on_rank0}, 2, pg_timeout_s=30, join_s=240,
+                             preload="torch")
+    for r in checked_case(results, "nan", 20.0):
+        assert r["error"] is None, r
+        assert r["value"]["scalars"] == {} and len(r["value"]["warned"]) == 1, r
