@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from support.models import step_attention_biases, tiny_levit
 from torch import nn
 
 from spectral_lens.gradients import PerSampleGradientProbe
@@ -207,23 +208,12 @@ def test_a_training_levit_measured_in_eval_mode_evaluates_with_its_weights_of_th
     ``train(True)``. Measured in eval mode while training, the probe's eval forwards filled the cache and its
     exit set the flags back without ``train(True)``: after the next optimizer step, ``model.eval()`` ran with
     the attention biases of the measurement (outputs unlike those of the same model never measured)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LevitConfig(image_size=32, kernel_size=3, stride=2, padding=1, patch_size=16,
-                                   hidden_sizes=[16, 24], num_attention_heads=[1, 2], depths=[1, 1],
-                                   key_dim=[4, 4], drop_path_rate=0, mlp_ratio=[2, 2], attention_ratio=[2, 2],
-                                   num_labels=3, down_ops=[["Subsample", 4, 16 // 4, 4, 2, 2]])
-    model = transformers.LevitForImageClassification(cfg).train()
+    model = tiny_levit()
     ref = copy.deepcopy(model)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
     probe = PerSampleGradientProbe(model, "classifier.linear.weight", forward_fn=lambda m, b: m(pixel_values=b[0]).logits,
                                    loss_fn=lambda out, b: nn.functional.cross_entropy(out, b[1], reduction="none"))
     probe.update((x, y))
-    for m in (model, ref):  # an optimizer step on the attention biases (not a constant: softmax ignores one)
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if name.endswith("attention_biases"):
-                    p.add_(torch.linspace(-1, 1, p.numel()).view_as(p))
-        m.eval()
+    step_attention_biases(model, ref)
     with torch.no_grad():
         torch.testing.assert_close(model(pixel_values=x).logits, ref(pixel_values=x).logits, rtol=0, atol=0)

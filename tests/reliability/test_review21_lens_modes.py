@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
+from support.models import step_attention_biases, tiny_levit
 from torch import nn
 
 from spectral_lens import SpectralLens
@@ -77,24 +77,13 @@ def test_frozen_submodules_keep_their_eval_mode_and_an_eval_model_is_not_switche
 
 
 def test_a_training_levit_measured_by_the_lens():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LevitConfig(image_size=32, kernel_size=3, stride=2, padding=1, patch_size=16,
-                                   hidden_sizes=[16, 24], num_attention_heads=[1, 2], depths=[1, 1],
-                                   key_dim=[4, 4], drop_path_rate=0, mlp_ratio=[2, 2], attention_ratio=[2, 2],
-                                   num_labels=3, down_ops=[["Subsample", 4, 16 // 4, 4, 2, 2]])
-    model = transformers.LevitForImageClassification(cfg).train()
+    model = tiny_levit()
     ref = copy.deepcopy(model)
     x = torch.randn(4, 3, 32, 32)
     lens = SpectralLens(model, [x], layers=["levit.encoder.stages.0"], params=(), progress=False,
                         forward_fn=lambda m, b: m(pixel_values=b).logits, pick=lambda out: out[0] if isinstance(out, tuple) else out)
     lens.measure(1, 10)
     lens.detach()
-    for m in (model, ref):  # an optimizer step on the attention biases
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if name.endswith("attention_biases"):
-                    p.add_(torch.linspace(-1, 1, p.numel()).view_as(p))
-        m.eval()
+    step_attention_biases(model, ref)
     with torch.no_grad():
         torch.testing.assert_close(model(pixel_values=x).logits, ref(pixel_values=x).logits, rtol=0, atol=0)

@@ -126,3 +126,28 @@ def tiny_hf_llama(vocab: int):
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                    num_attention_heads=2, num_key_value_heads=2)
     return transformers.LlamaForCausalLM(cfg).double().eval()
+
+
+def tiny_levit():
+    """Hugging Face's LeViT in miniature (32 x 32 images, two stages, 3 labels), in training mode; skips the
+    test without transformers. Its attention modules cache their biases in eval-mode forwards and clear the
+    cache only in ``train(True)``."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LevitConfig(image_size=32, kernel_size=3, stride=2, padding=1, patch_size=16,
+                                   hidden_sizes=[16, 24], num_attention_heads=[1, 2], depths=[1, 1],
+                                   key_dim=[4, 4], drop_path_rate=0, mlp_ratio=[2, 2], attention_ratio=[2, 2],
+                                   num_labels=3, down_ops=[["Subsample", 4, 16 // 4, 4, 2, 2]])
+    return transformers.LevitForImageClassification(cfg).train()
+
+
+def step_attention_biases(*models) -> None:
+    """An optimizer step on each LeViT's attention biases (not a constant: softmax ignores one), then eval mode."""
+    for m in models:
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("attention_biases"):
+                    p.add_(torch.linspace(-1, 1, p.numel()).view_as(p))
+        m.eval()
