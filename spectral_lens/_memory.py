@@ -165,7 +165,10 @@ def _cgroup_free() -> int | None:
         while path:
             dirs.add(f"{root}/{path}")
             path = path.rpartition("/")[0]
-        found += [free for d in sorted(dirs) if (free := _cgroup_dir_free(d, *files)) is not None]
+        for d in sorted(dirs):
+            free = _cgroup_dir_free(d, *files)
+            if free is not None:
+                found.append(free)
     return min(found) if found else None
 
 
