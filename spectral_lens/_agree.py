@@ -96,14 +96,18 @@ def _raise_failed(group, failed: list[int], what: str, nonfinite: bool = False) 
 def agree_counts(group, count: int, error: BaseException | None, what: str) -> list[int]:
     """Every rank's ``count`` (a number >= 0 of batches or samples), indexed by group rank, in one
     ``all_reduce(MAX)``, with this rank's failure (``error``) agreed as in :func:`agree`: if any rank
-    failed, a failed rank re-raises its own exception and the others a ``RuntimeError`` naming it. Used
-    under FSDP, where the ranks compare their pools as they go (before each forward)."""
+    failed, a failed rank re-raises its own exception and the others a ``RuntimeError`` naming it (a
+    :class:`NonFiniteError` when every failed rank's error is one). Used under FSDP, where the ranks
+    compare their pools as they go (before each forward)."""
     return agree_round(group, count, 0, error, what)[0]
 
 
 def agree_round(group, count: int, digest: int, error: BaseException | None, what: str) -> tuple[list[int], list[int]]:
     """:func:`agree_counts`, and every rank's ``digest`` (an integer in ``[0, 2**56)``: :func:`batch_digest`)
-    in the same ``all_reduce(MAX)`` of ``2 * world`` integers."""
+    in the same ``all_reduce(MAX)`` of ``2 * world`` integers. A failed rank's count slot is 0 and its digest
+    slot holds :func:`agree`'s code (1, 2 for a :class:`NonFiniteError`), so the ranks that did not fail raise
+    a ``NonFiniteError`` too when every failed rank's error was one, as :func:`agree`'s do: a callback then
+    skips the measurement alike on every rank, none going on alone into the training's next collective."""
     import torch.distributed as dist
 
     if error is not None and out_of_step(error):
@@ -111,7 +115,7 @@ def agree_round(group, count: int, digest: int, error: BaseException | None, wha
     rank, world = ranks(group)
     slots = torch.zeros(2 * world, dtype=torch.int64, device=collective_device(group))
     slots[rank] = 0 if error is not None else count + 1  # 0: failed (the other ranks' slots are 0 here)
-    slots[world + rank] = digest
+    slots[world + rank] = digest if error is None else 2 if isinstance(error, NonFiniteError) else 1
     try:
         dist.all_reduce(slots, op=dist.ReduceOp.MAX, group=group)
     except Exception as exc:  # as in agree: no later agreement; this rank's own error is the cause
@@ -123,7 +127,8 @@ def agree_round(group, count: int, digest: int, error: BaseException | None, wha
         raise error
     values = slots.tolist()
     counts = [c - 1 for c in values[:world]]
-    _raise_failed(group, [r for r, c in enumerate(counts) if c < 0], what)
+    failed = [r for r, c in enumerate(counts) if c < 0]
+    _raise_failed(group, failed, what, nonfinite=all(values[world + r] == 2 for r in failed))
     return counts, values[world:]
 
 

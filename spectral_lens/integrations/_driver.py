@@ -162,23 +162,35 @@ class LensDriver:
         """Whether :meth:`tokens` counts tokens (the framework's count or ``tokens_per_step``), not steps."""
         return bool(counted) or self.tokens_per_step is not None
 
-    def record_train_loss(self, step: int, train_loss: float, counted: int | None = None) -> None:
+    def record_train_loss(self, step: int, train_loss, counted: int | None = None) -> None:
         """Append a ``train_loss`` event at ``step`` to rank 0's run record, with ``tokens_per_s``: the
         tokens trained since the previous event (or since training started) over the training time
         between them, the time of measurements, evaluations and checkpoints left out. No
         ``tokens_per_s`` when the record's tokens count optimizer steps (no token count, no
-        ``tokens_per_step``). Rank 0 writes alone, without a collective (an error there raises there); a
-        closed writer, or a lens without one, records nothing."""
+        ``tokens_per_step``). ``train_loss``: the loss, or a function that gives it (or ``None``:
+        nothing to record), called on rank 0 only (a device sync). Every rank calls this at the same
+        steps (the logging cadence): rank 0 writes and the ranks agree on its success, one small
+        collective per event (none in a single process), so a failed write (a full disk) raises on
+        every rank instead of leaving the others in the training's next collective. A closed writer,
+        or a lens without one, records nothing."""
         tokens = self.tokens(step, counted)
         start, train_s = self._interval_tokens, self._train_s
         self._interval_tokens, self._train_s = tokens, 0.0
-        writer = self.lens.writer
-        if writer is None or getattr(writer, "closed", False) or ranks(self.lens.group)[0] != 0:
-            return
-        event = {"train_loss": float(train_loss)}
-        if self._real_tokens(counted) and start is not None and tokens > start and train_s > 0:
-            event["tokens_per_s"] = (tokens - start) / train_s
-        writer.log(step, tokens, **event)
+        real = self._real_tokens(counted)
+
+        def on_rank0() -> None:
+            writer = self.lens.writer
+            if writer is None or getattr(writer, "closed", False):
+                return
+            loss = train_loss() if callable(train_loss) else train_loss
+            if loss is None:
+                return
+            event = {"train_loss": float(loss)}
+            if real and start is not None and tokens > start and train_s > 0:
+                event["tokens_per_s"] = (tokens - start) / train_s
+            writer.log(step, tokens, **event)
+
+        self._agreed_on_rank0(on_rank0, "recording the training loss (rank 0 writes it)")
 
     def record_val_loss(self, step: int, tokens: int, val_loss: float | None) -> None:
         """An evaluation ran at ``step``, which the lens already measured (the schedule came first):

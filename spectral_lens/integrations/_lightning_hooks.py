@@ -155,33 +155,35 @@ class LightningHooks:
 
     def _record_train_loss(self, trainer) -> None:
         """A ``train_loss`` event at ``trainer.global_step`` (with the throughput since the previous one):
-        the mean of the returned losses since then, or ``trainer.callback_metrics[train_loss_key]``."""
+        the mean of the returned losses since then, or ``trainer.callback_metrics[train_loss_key]``. Every
+        rank calls it at the same steps (every ``log_every_n_steps``, and at the train end): rank 0 reads the
+        loss and writes, and the ranks agree on its success (:meth:`LensDriver.record_train_loss`)."""
         step = int(trainer.global_step)
         self._logged_step = step
         loss_sum, count = self._loss_sum, self._loss_count
         self._loss_sum, self._loss_count = None, 0
-        if not self._records():
-            return
+        self.driver.record_train_loss(step, lambda: self._train_loss(trainer, step, loss_sum, count))
+
+    def _train_loss(self, trainer, step: int, loss_sum, count: int) -> float | None:
+        """The loss of the event at ``step`` (``None``: none to record); the driver calls it on rank 0, with an
+        open writer. (Its warnings' stacklevel 8: Lightning's hook call, through the driver's agreement.)"""
         if self.train_loss_key is None:
-            loss = None if not count else float(loss_sum) / count  # the one device sync per event
             if not count and not self._warned_train_key:
                 self._warned_train_key = True
                 warnings.warn(
                     f"{type(self).__name__}: training_step returned no loss (a scalar tensor or a dict with 'loss') "
                     f"in the batches up to step {step}, so no training loss is recorded; return it, or log it with "
-                    "self.log and pass train_loss_key= its name", SpectralLensWarning, stacklevel=3)
-        else:
-            value = trainer.callback_metrics.get(self.train_loss_key)
-            loss = None if value is None else float(value)
-            if value is None and not self._warned_train_key:
-                self._warned_train_key = True
-                warnings.warn(
-                    f"{type(self).__name__}: train_loss_key {self.train_loss_key!r} is not among the logged metrics "
-                    f"{sorted(trainer.callback_metrics)} at step {step}; no training loss is recorded there (log it "
-                    "with self.log in training_step, or pass train_loss_key=None for the loss training_step returns)",
-                    SpectralLensWarning, stacklevel=3)
-        if loss is not None:
-            self.driver.record_train_loss(step, loss)
+                    "self.log and pass train_loss_key= its name", SpectralLensWarning, stacklevel=8)
+            return None if not count else float(loss_sum) / count  # the one device sync per event
+        value = trainer.callback_metrics.get(self.train_loss_key)
+        if value is None and not self._warned_train_key:
+            self._warned_train_key = True
+            warnings.warn(
+                f"{type(self).__name__}: train_loss_key {self.train_loss_key!r} is not among the logged metrics "
+                f"{sorted(trainer.callback_metrics)} at step {step}; no training loss is recorded there (log it "
+                "with self.log in training_step, or pass train_loss_key=None for the loss training_step returns)",
+                SpectralLensWarning, stacklevel=8)
+        return None if value is None else float(value)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         """With ``on_validation=True``, measure after each validation run of ``fit`` (not the sanity

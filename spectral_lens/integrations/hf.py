@@ -46,7 +46,8 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     run record's ``log.jsonl`` as a ``train_loss`` event at its step, with ``tokens_per_s``: the tokens
     trained since the previous event over the training time since then (measurements, evaluations and
     checkpoint saves left out; none when ``tokens`` counts steps). The report's training curve and
-    throughput ``Q`` read these events. Rank 0 writes them, without a collective.
+    throughput ``Q`` read these events. Rank 0 writes them; under ``torch.distributed`` the ranks agree on
+    each write (one small collective per logged loss), so a failed write raises on every rank.
 
     Each measurement is appended to the lens's run record, sent to every sink (e.g.
     :class:`~spectral_lens.integrations.TensorBoardSink`), and its scalars (per spectrum
@@ -162,7 +163,8 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         """Record the training loss the trainer logs (``logs["loss"]``, every ``logging_steps``: its mean
         over the optimizer steps since its previous log) as a ``train_loss`` event with the throughput
         (``tokens_per_s``) since then; the time after this log (the trainer's evaluation and checkpoint)
-        is no training time."""
+        is no training time. The trainer logs its loss on every rank at the same steps (gathered over the
+        ranks), so the ranks agree there on rank 0's write (:meth:`LensDriver.record_train_loss`)."""
         loss = (logs or {}).get("loss")
         if loss is not None and state.global_step > 0:
             self.driver.record_train_loss(int(state.global_step), loss, state.num_input_tokens_seen)

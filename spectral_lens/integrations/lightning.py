@@ -37,7 +37,8 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
     previous event over the training time since then (measurements, validation and checkpoint writes
     left out; none without ``tokens_per_step``). A ``training_step`` that returns no loss (manual
     optimization may return nothing) warns once: pass ``train_loss_key=``. The report's training
-    curve and throughput ``Q`` read these events. Rank 0 writes them, without a collective.
+    curve and throughput ``Q`` read these events. Rank 0 writes them; under ``torch.distributed`` the
+    ranks agree on each write (one small collective per event), so a failed write raises on every rank.
 
     Each measurement is appended to the lens's run record, sent to every sink, and its scalars (per
     spectrum ``alpha_tail``, ``alpha_head``, ``rankme``, ``stable_rank``; ``noise_scale``) go to
