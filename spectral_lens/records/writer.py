@@ -90,6 +90,8 @@ class RunWriter:
         self.fsync = fsync
         self._fds: dict[str, int] = {}
         self._lock_fd: int | None = None
+        self._steps: set[int] = set()  # the steps of measurements.jsonl's lines read so far (see _read_steps)
+        self._steps_read: tuple | None = None  # ((st_dev, st_ino), offset read to, the bytes before it)
         run_file = self.path / RUN_FILE
         if not run_file.exists():  # a new run: check the arguments before creating its directory
             if info is None:
@@ -465,8 +467,51 @@ class RunWriter:
 
     def measured_steps(self) -> set[int]:
         """The steps of the lines in ``measurements.jsonl`` (a line that is not a JSON object with an
-        integer ``step`` is passed over), e.g. whether a checkpoint's step was measured before a resume."""
-        return {step for step, _ in self._lines(MEASUREMENTS_FILE)}
+        integer ``step`` is passed over), e.g. whether a checkpoint's step was measured before a resume.
+
+        Lines appended before this writer opened, by it, or by another program since are all counted;
+        the file is parsed once, then only the bytes appended since the previous call (see
+        :meth:`has_measurement`). A new set each call."""
+        steps, extra = self._read_steps()
+        return steps | {extra} if extra is not None else set(steps)
+
+    def has_measurement(self, step: int) -> bool:
+        """Whether ``measurements.jsonl`` holds a line at ``step`` (as :meth:`measured_steps`), e.g. to
+        skip a checkpoint measured before. :class:`~spectral_lens.SpectralLens` asks it before each
+        measurement, and warns (the writer itself appends a second line at a step without a word).
+
+        Cheap on a long record: the file is parsed on the first call, then only the lines appended
+        since the previous call are (one line per measurement); a file replaced (:meth:`drop_after`,
+        another program) or rewritten in place is read again from its start."""
+        steps, extra = self._read_steps()
+        return step in steps or step == extra
+
+    def _read_steps(self) -> tuple[set[int], int | None]:
+        """Bring ``self._steps`` up to date with ``measurements.jsonl`` and return it, with the step of a
+        last line that is a complete JSON object without its newline (another program's, read again
+        next time as it may be mid-write), else ``None``. Only whole lines are remembered, with the file's
+        identity, the offset read to and the 256 bytes before it: the next call reads from that offset
+        when the file is the same one and those bytes are unchanged (it was only appended to), else from
+        its start."""
+        with open(self.path / MEASUREMENTS_FILE, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            ident, seen = (st.st_dev, st.st_ino), self._steps_read
+            same = seen is not None and seen[0] == ident and seen[1] <= st.st_size
+            if same and seen[2]:
+                fh.seek(seen[1] - len(seen[2]))
+                same = fh.read(len(seen[2])) == seen[2]
+            if not same:
+                self._steps = set()
+            offset, before = (seen[1], seen[2]) if same else (0, b"")
+            fh.seek(offset)
+            chunk = fh.read()
+        end = chunk.rfind(b"\n") + 1  # whole lines only
+        for obj in map(_json_object, chunk[:end].splitlines()):
+            if obj is not None and _int_step(obj) is not None:
+                self._steps.add(obj["step"])
+        self._steps_read = (ident, offset + end, (before + chunk[:end])[-256:])
+        last = _json_object(chunk[end:]) if chunk[end:].strip() else None
+        return self._steps, None if last is None else _int_step(last)
 
     def val_loss_steps(self) -> set[int]:
         """The steps at which the record holds a validation loss: a numeric ``val_loss`` in a line of
@@ -478,8 +523,7 @@ class RunWriter:
     def _lines(self, name: str) -> list[tuple[int, dict[str, Any]]]:
         """``(step, line)`` of each line of the JSONL file ``name`` that is a JSON object with an integer ``step``."""
         objs = (obj for obj in map(_json_object, (self.path / name).read_bytes().splitlines()) if obj is not None)
-        return [(obj["step"], obj) for obj in objs
-                if isinstance(obj.get("step"), int) and not isinstance(obj.get("step"), bool)]
+        return [(obj["step"], obj) for obj in objs if _int_step(obj) is not None]
 
     @property
     def closed(self) -> bool:
@@ -595,6 +639,12 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def _int_step(line: Mapping[str, Any]) -> int | None:
+    """The line's ``step`` when it is an integer (not a bool), else ``None``."""
+    step = line.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _spectrum_files(line: Mapping[str, Any]) -> set[str]:
