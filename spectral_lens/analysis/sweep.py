@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..records import open_runs
 from .early import FractionNotReachedError, NoEarlyStatisticError
-from .efficiency import NO_FAMILY, divergence, group_by_family, pick_learning_rates
+from .efficiency import NO_FAMILY, divergence, failure, group_by_family, pick_learning_rates
 from .ranking import TierRanking, rank_tiers
 from .tail import TailPredictor
 from .tier_predictor import TierPredictor
@@ -160,8 +160,10 @@ class SweepController:
                     continue
                 try:
                     s = pred._early(r)
-                except FractionNotReachedError as exc:
-                    waiting.setdefault(r.info.batch_tier, []).append((r.run_id, str(exc)))
+                except FractionNotReachedError as exc:  # a failed run logs nothing more until it is resumed: said
+                    failed = failure(r)
+                    why = f"{exc}; it {failed}: resume it, or leave it out of the runs" if failed else str(exc)
+                    waiting.setdefault(r.info.batch_tier, []).append((r.run_id, why))
                     continue
                 except NoEarlyStatisticError as exc:  # measured only after the fraction, or not fittable there
                     unjudged.setdefault(r.info.batch_tier, []).append(str(exc))

@@ -123,7 +123,8 @@ class RunWriter:
                     f"{run_file}: resuming run {stored.run_id!r} with info for run {info.run_id!r}"
                 )
             self.info = stored
-            windows = RunRecord._read_header(self.path).get("summary_windows", {})
+            header = RunRecord._read_header(self.path)
+            windows = header.get("summary_windows", {})
             self.tail_window = tuple(windows["tail"]) if windows.get("tail") else None
             self.head_window = tuple(windows["head"]) if windows.get("head") else None
             if tail_window is not None and _checked_window(tail_window, "tail_window") != self.tail_window:
@@ -131,6 +132,12 @@ class RunWriter:
                     f"{run_file}: resuming a run recorded with tail_window={self.tail_window} with "
                     f"tail_window={tuple(tail_window)}; one run's summaries use one window (omit tail_window to keep it)"
                 )
+            if header.get("extras", {}).get("status") == FAILED:  # resumed, the run goes on: the failure mark (the
+                header["extras"].pop("failure", None)  # writer's own, see __exit__) is withdrawn
+                header["extras"]["status"] = "running"
+                _write_json_atomic(run_file, header, fsync)
+                stored.extras.pop("failure", None)
+                stored.extras["status"] = "running"
         else:
             if info is None:
                 raise ValueError(f"{self.path}: a new run needs a RunInfo (info=...)")
@@ -552,14 +559,61 @@ class RunWriter:
     def __enter__(self) -> "RunWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close; when the block ends with an exception, first record that in ``run.json``'s extras:
+        ``status: "failed"`` (unless the status already says the run ended: ``"complete"``,
+        ``"diverged"``) and ``failure``: the exception's type and the first line of its message. A clean
+        exit records nothing: leaving the block (after a ``break``, an early stop) is not completion;
+        ``update_info(status="complete")`` says that. ``SystemExit(0)`` and ``GeneratorExit`` are no failure."""
+        try:
+            if exc_type is not None and not self.closed and _is_failure(exc):
+                self._mark_failed(exc)
+        finally:
+            self.close()
+
+    def _mark_failed(self, exc: BaseException) -> None:
+        """``run.json`` extras ``status: "failed"`` and ``failure``; a write that fails (the disk the error
+        was about) is a :class:`RecordWarning`, so the block's own exception is the one raised."""
+        try:
+            status = RunRecord._read_header(self.path).get("extras", {}).get("status")
+            extras = {"failure": _failure_text(exc)}
+            if status not in _ENDED:
+                extras["status"] = FAILED
+            self.update_info(**extras)
+        except Exception as err:
+            warnings.warn(f"{self.path}: could not record the run's failure ({_failure_text(exc)}) in {RUN_FILE}: "
+                          f"{_failure_text(err)}", RecordWarning, stacklevel=3)
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
             self.close()
         except Exception:
             pass
+
+
+#: ``run.json`` extras ``status`` a :class:`RunWriter` used as a context manager records when its block
+#: ends with an exception (with ``failure``: the exception); ``RunWriter(resume=True)`` sets it to ``"running"``.
+FAILED = "failed"
+
+#: Statuses that say the run ended (``spectral_lens.analysis.ENDED_STATUSES``): a failure does not replace them.
+_ENDED = ("complete", "diverged")
+
+
+def _is_failure(exc: BaseException | None) -> bool:
+    """Whether an exception ending a ``with RunWriter(...)`` block is a failure of the run: anything but
+    ``GeneratorExit`` and ``SystemExit`` with status 0 (``sys.exit()``)."""
+    if isinstance(exc, GeneratorExit):
+        return False
+    return not (isinstance(exc, SystemExit) and exc.code in (0, None))
+
+
+def _failure_text(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters); a type outside the builtins named
+    with its module (``torch.OutOfMemoryError``)."""
+    t = type(exc)
+    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    message = next(iter(str(exc).splitlines()), "").strip()
+    return f"{name}: {message}"[:200] if message else name
 
 
 #: The lock file :class:`RunWriter` holds an exclusive ``flock`` on while it is open (never removed).
