@@ -379,10 +379,10 @@ def token_inefficiency(
     A run that never reached ``target`` gets ``inf`` only when it is known not to reach it: it diverged
     (:func:`divergence`) or it has ended (:func:`ended`: ran its whole budget, or ``run.json`` extras
     ``status: "complete"``). Any other such run might still reach it: one cut short (its records
-    reach less than :data:`COMPLETE_COVERAGE` of ``RunInfo.total_tokens``, see :func:`coverage`),
-    still running, or without a token budget or status to tell; its ``eps_tok`` is unknown: NaN
-    (Spearman scores leave it out, and their ``n`` does not count it), with a :class:`SweepWarning`
-    naming it.
+    reach less than :data:`COMPLETE_COVERAGE` of ``RunInfo.total_tokens``, see :func:`coverage`; one
+    that failed, :func:`failure`), still running, or without a token budget or status to tell; its
+    ``eps_tok`` is unknown: NaN (Spearman scores leave it out, and their ``n`` does not count it), with
+    a :class:`SweepWarning` naming it.
     """
     out: dict[str, float] = {}
     for family, members in group_by_family(runs).items():

@@ -6,10 +6,10 @@ past 95% of its budget, as finished."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
-import sys
 import warnings
 
 import pytest
@@ -35,7 +35,7 @@ def _extras(path):
 
 def _run(path, events=(), *, raises=None, total=10_000, **extras):
     """A run logging ``(tokens, val_loss)`` events in a ``with RunWriter`` block that then raises ``raises``."""
-    with pytest.raises(type(raises)) if raises is not None else _nothing():
+    with pytest.raises(type(raises)) if raises is not None else contextlib.nullcontext():
         with RunWriter(path, RunInfo(path.name, family="f", batch_tier=4, total_tokens=total, extras=extras),
                        fsync=False) as w:
             for i, (tokens, loss) in enumerate(events):
@@ -43,14 +43,6 @@ def _run(path, events=(), *, raises=None, total=10_000, **extras):
             if raises is not None:
                 raise raises
     return path
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---- the writer records a failure ---------------------------------------------------------------------------------
