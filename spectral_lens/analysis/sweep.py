@@ -90,19 +90,19 @@ class SweepController:
        tier's (statistically indistinguishable from the best);
     3. its probability of being the best, ``p_best``, is at least ``min_probability``.
 
-    Otherwise it is **stopped**. A tier whose every run diverged (its logged losses end NaN or
-    infinite, :func:`~spectral_lens.analysis.divergence`) is stopped at once, with that as the reason,
-    instead of being waited for; a diverged run of a tier with other runs is left out. A tier with runs
-    at several learning rates is decided on its best rate's runs
+    Otherwise it is **stopped**. A tier whose every run diverged (its logged losses end NaN or infinite,
+    :func:`~spectral_lens.analysis.divergence`) is stopped at once, with that as the reason, instead of
+    being waited for; a diverged run of a tier with other runs is left out. A tier with runs at several
+    learning rates is decided on its best rate's runs
     (:func:`~spectral_lens.analysis.pick_learning_rates`; it waits while no rate can be picked), and
     stopping or continuing it applies to all its runs. A run that failed before the fraction
     (:func:`~spectral_lens.analysis.failure`) keeps its tier waiting (it may be resumed), the reason
     naming it. A tier none of whose runs can have a usable statistic at the fraction (measured only
     after it, a spectrum there that cannot be fitted:
-    :class:`~spectral_lens.analysis.NoEarlyStatisticError`) is continued unjudged, with that as the reason, and the other tiers are decided (when no run of a family can be
-    judged, :class:`~spectral_lens.analysis.NoEarlyStatisticError` names every run's reason). When
-    sigmas are NaN (too few measurements), only rules 1 and the ``margin`` part of 2 apply, and the
-    reason says so.
+    :class:`~spectral_lens.analysis.NoEarlyStatisticError`) is continued unjudged, with that as the
+    reason, and the other tiers are decided (when no run of a family can be judged,
+    :class:`~spectral_lens.analysis.NoEarlyStatisticError` names every run's reason). When sigmas are
+    NaN (too few measurements), only rules 1 and the ``margin`` part of 2 apply, and the reason says so.
 
     Args:
         predictor: a fitted-or-not :class:`TailPredictor` (default ``TailPredictor(window=window)``)
