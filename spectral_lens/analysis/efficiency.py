@@ -23,6 +23,7 @@ import numpy as np
 
 from .._warnings import SpectralLensWarning
 from ..records import Measurement, RunRecord
+from ..records.writer import FAILED as _FAILED
 
 __all__ = [
     "NO_FAMILY",
@@ -68,7 +69,7 @@ DIVERGED_AFTER = 2
 ENDED_STATUSES = ("complete", "diverged")
 """``run.json`` extras ``status`` values that say a run has ended (:func:`ended`)."""
 
-FAILED_STATUS = "failed"
+FAILED_STATUS = _FAILED
 """``run.json`` extras ``status`` of a run whose ``with RunWriter(...)`` block ended with an exception
 (:func:`failure`); the writer records the exception as extras ``failure``."""
 
