@@ -58,7 +58,8 @@ class RunWriter:
             On resume, a truncated last line left by a crash is cut off (with a
             :class:`RecordWarning`) before anything is appended. A run resumed from a training
             checkpoint trains the steps after it again: call :meth:`drop_after` with the
-            checkpoint's step so they are recorded once (the framework callbacks do).
+            checkpoint's step so they are recorded once (the framework callbacks do). A run marked
+            ``status: "failed"`` (below) is marked ``"running"`` again.
         fsync: fsync every file and line (default). ``False`` trades crash safety for speed
             (synthetic data, tests); the write order, and thus safety for concurrent readers, is kept.
         tail_window: window of the stored ``alpha_tail`` summary; default: the scale rule for
@@ -66,6 +67,10 @@ class RunWriter:
             On resume the run's recorded windows are kept; a ``tail_window`` given that differs from
             the recorded one is a ``ValueError`` (one run's summaries use one window).
         head_window: window of the stored ``alpha_head`` summary (default ``(10, 40)``).
+
+    Used as a context manager (``with RunWriter(...) as w:``), a block that ends with an exception
+    leaves ``run.json`` extras ``status: "failed"`` and ``failure`` (see :meth:`__exit__`); a clean
+    exit leaves no mark (``update_info(status="complete")`` says the run is done).
 
     Example::
 
