@@ -298,11 +298,12 @@ def _inspect_run(path: Path, strict: bool) -> None:
     q = r.throughput()
     if q is not None:
         print(f"  throughput: {q:.4g} tokens/s (median)")
-    from .analysis.efficiency import divergence
+    from .analysis.efficiency import coverage, divergence, failure
     from .report import run_status
 
-    why = divergence(r)  # "run 'x' (tier t) diverged: val_loss nan at step ..."
-    status = "diverged: " + why.split(" diverged: ", 1)[1] if why else run_status(r)
+    why, failed, c = divergence(r), failure(r), coverage(r)  # "run 'x' (tier t) diverged: val_loss nan at step ..."
+    status = ("diverged: " + why.split(" diverged: ", 1)[1] if why else
+              failed + ("" if c is None else f" at {c:.0%} of budget") if failed else run_status(r))
     print(f"  status: {status}")
     if r.measurements:
         steps = [m.step for m in r.measurements]

@@ -47,8 +47,6 @@ from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
 from .spectra.fit import tail_window
 from .spectra.moments import PRECISIONS
 from .records import RunWriter, spectrum_summaries
-from .records.schema import MEASUREMENTS_FILE
-from .records.writer import _json_object
 from .schedule import Schedule
 from .spectrum import Spectrum
 
@@ -462,35 +460,20 @@ class SpectralLens:
         writer appends this one as a second measurement there, which the analyses count as one more
         checkpoint (re-running a script over saved checkpoints; a resumed loop without ``drop_after``).
 
-        A :class:`RunWriter`'s ``measurements.jsonl`` is read once, then only the lines appended since the
-        previous measure (a long record is not parsed again at every measurement); a file that is not the
-        one read before (``drop_after`` replaces it; another run directory) is read again from its start.
-        Another writer (duck-typed) is asked with its ``measured_steps()``."""
+        The writer is asked: :meth:`RunWriter.has_measurement` (which reads only the lines appended since
+        it was last asked), or a duck-typed writer's ``measured_steps()``."""
         writer = self.writer
-        measured = getattr(writer, "measured_steps", None)
-        if measured is None or getattr(writer, "closed", False):
+        if writer is None or getattr(writer, "closed", False):
             return
-        if not isinstance(writer, RunWriter):
-            steps = measured()
+        has = getattr(writer, "has_measurement", None)
+        measured = getattr(writer, "measured_steps", None)
+        if has is not None:
+            held = has(step)
+        elif measured is not None:
+            held = step in measured()
         else:
-            file = writer.path / MEASUREMENTS_FILE
-            seen = getattr(self, "_measured_seen", None)  # (file, dev, inode), offset, the bytes before it, steps
-            with open(file, "rb") as fh:
-                st = os.fstat(fh.fileno())
-                ident = (str(file), st.st_dev, st.st_ino)
-                same = seen is not None and seen[0] == ident and seen[1] <= st.st_size
-                if same:  # and the bytes before the offset are those read: the file was only appended to
-                    fh.seek(seen[1] - len(seen[2]))
-                    same = fh.read(len(seen[2])) == seen[2]
-                offset, tail, steps = (seen[1], seen[2], seen[3]) if same else (0, b"", set())
-                fh.seek(offset)
-                chunk = fh.read()
-            end = chunk.rfind(b"\n") + 1  # whole lines only
-            for obj in map(_json_object, chunk[:end].splitlines()):
-                if obj is not None and isinstance(obj.get("step"), int) and not isinstance(obj["step"], bool):
-                    steps.add(obj["step"])
-            self._measured_seen = (ident, offset + end, (tail + chunk[:end])[-256:], steps)
-        if step not in steps:
+            return
+        if not held:
             return
         warnings.warn(
             f"SpectralLens.measure: the run record {getattr(self.writer, 'path', self.writer)} already holds a measurement at step {step}; "

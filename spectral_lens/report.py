@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .analysis.efficiency import (COMPLETE_COVERAGE, SweepWarning, coverage, divergence, ended, pick_learning_rates,
-                                  token_inefficiency, tokens_to_target)
+from .analysis.efficiency import (COMPLETE_COVERAGE, SweepWarning, coverage, divergence, ended, failure,
+                                  pick_learning_rates, token_inefficiency, tokens_to_target)
 from .analysis.noise_predictor import NoiseScalePredictor
 from .analysis.ranking import TierRanking
 from .analysis.tail import TailPredictor
@@ -97,12 +97,17 @@ def sweep_notes(notes: list[str]):
 
 
 def run_status(run: RunRecord) -> str:
-    """``"diverged"`` (the logged losses end NaN or infinite), ``"ends at N% of budget"`` (the records end
-    before :data:`~spectral_lens.analysis.COMPLETE_COVERAGE` of the token budget: preempted, or
-    still running), ``"complete"``, or ``"–"`` when the budget is unknown."""
+    """``"diverged"`` (the logged losses end NaN or infinite), ``"failed (TYPE) at N% of budget"`` (its
+    ``with RunWriter`` block ended with that exception, :func:`~spectral_lens.analysis.failure`),
+    ``"ends at N% of budget"`` (the records end before
+    :data:`~spectral_lens.analysis.COMPLETE_COVERAGE` of the token budget: preempted, or still running),
+    ``"complete"``, or ``"–"`` when the budget is unknown."""
     if divergence(run) is not None:
         return "diverged"
     c = coverage(run)
+    if failure(run) is not None:
+        kind = str(run.info.extras.get("failure") or "").split(":", 1)[0].strip()
+        return "failed" + (f" ({kind})" if kind else "") + ("" if c is None else f" at {c:.0%} of budget")
     if c is None:
         return "–"
     return "complete" if c >= COMPLETE_COVERAGE else f"ends at {c:.0%} of budget"

@@ -23,6 +23,7 @@ import numpy as np
 
 from .._warnings import SpectralLensWarning
 from ..records import Measurement, RunRecord
+from ..records.writer import FAILED as _FAILED
 
 __all__ = [
     "NO_FAMILY",
@@ -46,8 +47,10 @@ __all__ = [
     "divergence",
     "coverage",
     "ended",
+    "failure",
     "DIVERGED_AFTER",
     "ENDED_STATUSES",
+    "FAILED_STATUS",
     "learning_rate",
     "pick_learning_rates",
 ]
@@ -66,6 +69,10 @@ DIVERGED_AFTER = 2
 ENDED_STATUSES = ("complete", "diverged")
 """``run.json`` extras ``status`` values that say a run has ended (:func:`ended`)."""
 
+FAILED_STATUS = _FAILED
+"""``run.json`` extras ``status`` of a run whose ``with RunWriter(...)`` block ended with an exception
+(:func:`failure`); the writer records the exception as extras ``failure``."""
+
 
 class SweepWarning(SpectralLensWarning):
     """A run of a sweep was left out of a ranking or a score (diverged, cut short), or the runs of a
@@ -79,8 +86,8 @@ def divergence(run: RunRecord) -> str | None:
     token counts where it logged a ``val_loss`` or ``train_loss`` (``log.jsonl`` events and
     measurements), one of them is NaN or +-inf; or at its last one, once the run has ended (run.json
     extras ``status`` ``"complete"`` or ``"diverged"``, or records reaching :data:`COMPLETE_COVERAGE`
-    of ``RunInfo.total_tokens``). A single non-finite loss as the latest of a run that has not ended
-    is not yet a divergence (one bad evaluation, which the next finite loss shows recovered from); a
+    of ``RunInfo.total_tokens``) or failed (:func:`failure`: a loop that raised on the NaN loss). A
+    single non-finite loss as the latest of a run that has not ended (or failed) is not yet a divergence (one bad evaluation, which the next finite loss shows recovered from); a
     non-finite loss followed by finite ones is a step the run recovered from (an fp16 overflow step
     that the GradScaler skipped, the NaN ``val_loss`` of an empty evaluation batch) and does not
     count. The line names where the non-finite losses began: the first one after the last token
@@ -98,7 +105,7 @@ def divergence(run: RunRecord) -> str | None:
     if healthy[end]:
         return None
     start = max((t for t, ok in healthy.items() if ok and t < end), default=-math.inf)
-    if sum(1 for t in healthy if t > start) < DIVERGED_AFTER and not ended(run):
+    if sum(1 for t in healthy if t > start) < DIVERGED_AFTER and not ended(run) and failure(run) is None:
         return None  # one non-finite loss, the latest, of a run still going: not judged until the next one
     bad = [p for p in pts if p[0] > start and not math.isfinite(p[3])]
     tokens, step, key, value = min(bad, key=lambda p: p[0])  # min keeps the first of equal token counts
@@ -120,14 +127,28 @@ def coverage(run: RunRecord) -> float | None:
 
 
 def ended(run: RunRecord) -> bool:
-    """Whether ``run``'s record says it will log nothing more: ``run.json`` extras ``status`` is one of
+    """Whether ``run``'s record says it finished: ``run.json`` extras ``status`` is one of
     :data:`ENDED_STATUSES` (``RunWriter.update_info(status="complete")`` at the end of training), or
-    its records reach :data:`COMPLETE_COVERAGE` of its token budget. ``False`` for a run without a
-    token budget or status: it may still be running (``RunWriter.close`` leaves no mark in the record)."""
+    its records reach :data:`COMPLETE_COVERAGE` of its token budget; then a target it did not reach, it
+    never will. ``False`` for a run without a token budget or status: it may still be running (a clean
+    ``RunWriter.close`` leaves no mark in the record). ``False`` for a run that failed short of that
+    coverage (:func:`failure`): it logs nothing more, but it was cut short, so a target not reached
+    says nothing about it (resumed, ``RunWriter(resume=True)`` marks it ``"running"`` again)."""
     if run.info.extras.get("status") in ENDED_STATUSES:
         return True
     c = coverage(run)
     return c is not None and c >= COMPLETE_COVERAGE
+
+
+def failure(run: RunRecord) -> str | None:
+    """``"failed (TYPE: message)"`` when ``run.json`` extras ``status`` is ``"failed"``: the run's
+    ``with RunWriter(...)`` block ended with that exception (extras ``failure``), and nothing resumed it
+    since; else ``None``. Such a run logs nothing more, and did not finish (:func:`ended`)."""
+    extras = run.info.extras
+    if extras.get("status") != FAILED_STATUS:
+        return None
+    why = extras.get("failure")
+    return f"failed ({why})" if isinstance(why, str) and why else "failed"
 
 
 def learning_rate(run: RunRecord):
@@ -139,8 +160,11 @@ def learning_rate(run: RunRecord):
 
 def _lr_key(lr):
     """``lr`` as the tier's rates are grouped by: numbers (and strings that read as one) to 6 significant
-    digits, so that one rate written two ways (``1e-3``, ``0.0010000000000000002``, ``"0.001"``) is one rate."""
+    digits, so that one rate written two ways (``1e-3``, ``0.0010000000000000002``, ``"0.001"``) is one rate;
+    ``lrs`` of one parameter group (``{"lr": 1e-3}``) is that group's rate, as ``lr=1e-3`` is."""
     if isinstance(lr, dict):
+        if len(lr) == 1:
+            return _lr_key(next(iter(lr.values())))
         return {str(k): _lr_key(v) for k, v in lr.items()}
     if isinstance(lr, (list, tuple)):
         return [_lr_key(v) for v in lr]
@@ -356,10 +380,10 @@ def token_inefficiency(
     A run that never reached ``target`` gets ``inf`` only when it is known not to reach it: it diverged
     (:func:`divergence`) or it has ended (:func:`ended`: ran its whole budget, or ``run.json`` extras
     ``status: "complete"``). Any other such run might still reach it: one cut short (its records
-    reach less than :data:`COMPLETE_COVERAGE` of ``RunInfo.total_tokens``, see :func:`coverage`),
-    still running, or without a token budget or status to tell; its ``eps_tok`` is unknown: NaN
-    (Spearman scores leave it out, and their ``n`` does not count it), with a :class:`SweepWarning`
-    naming it.
+    reach less than :data:`COMPLETE_COVERAGE` of ``RunInfo.total_tokens``, see :func:`coverage`; one
+    that failed, :func:`failure`), still running, or without a token budget or status to tell; its
+    ``eps_tok`` is unknown: NaN (Spearman scores leave it out, and their ``n`` does not count it), with
+    a :class:`SweepWarning` naming it.
     """
     out: dict[str, float] = {}
     for family, members in group_by_family(runs).items():
@@ -381,12 +405,14 @@ def token_inefficiency(
                 stacklevel=2,
             )
         for rid, c in short.items():
+            failed = failure(next(r for r in members if r.run_id == rid))
             where = (f"has records to {c:.0%} of its token budget" if c is not None else
                      "has no token budget (RunInfo.total_tokens) and no run.json extras status 'complete' to say "
                      "it ended,")
             warnings.warn(
                 f"run {rid!r} {where} and has not reached val loss {target}: "
-                "cut short (or still running), not slow, so its eps_tok is unknown (NaN) and the score leaves it out",
+                + (f"it {failed}, cut short" if failed else "cut short (or still running)")
+                + ", not slow, so its eps_tok is unknown (NaN) and the score leaves it out",
                 SweepWarning,
                 stacklevel=2,
             )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ..records import open_runs
 from .early import FractionNotReachedError, NoEarlyStatisticError
-from .efficiency import NO_FAMILY, divergence, group_by_family, pick_learning_rates
+from .efficiency import NO_FAMILY, divergence, failure, group_by_family, pick_learning_rates
 from .ranking import TierRanking, rank_tiers
 from .tail import TailPredictor
 from .tier_predictor import TierPredictor
@@ -90,18 +90,19 @@ class SweepController:
        tier's (statistically indistinguishable from the best);
     3. its probability of being the best, ``p_best``, is at least ``min_probability``.
 
-    Otherwise it is **stopped**. A tier whose every run diverged (its logged losses end NaN or
-    infinite, :func:`~spectral_lens.analysis.divergence`) is stopped at once, with that as the reason,
-    instead of being waited for; a diverged run of a tier with other runs is left out. A tier with runs
-    at several learning rates is decided on its best rate's runs
+    Otherwise it is **stopped**. A tier whose every run diverged (its logged losses end NaN or infinite,
+    :func:`~spectral_lens.analysis.divergence`) is stopped at once, with that as the reason, instead of
+    being waited for; a diverged run of a tier with other runs is left out. A tier with runs at several
+    learning rates is decided on its best rate's runs
     (:func:`~spectral_lens.analysis.pick_learning_rates`; it waits while no rate can be picked), and
-    stopping or continuing it applies to all its runs. A tier none of
-    whose runs can have a usable statistic at the fraction (measured only after it, a spectrum there
-    that cannot be fitted: :class:`~spectral_lens.analysis.NoEarlyStatisticError`) is continued
-    unjudged, with that as the reason, and the other tiers are decided (when no run of a family can be
-    judged, :class:`~spectral_lens.analysis.NoEarlyStatisticError` names every run's reason). When
-    sigmas are NaN (too few measurements), only rules 1 and the ``margin`` part of 2 apply, and the
-    reason says so.
+    stopping or continuing it applies to all its runs. A run that failed before the fraction
+    (:func:`~spectral_lens.analysis.failure`) keeps its tier waiting (it may be resumed), the reason
+    naming it. A tier none of whose runs can have a usable statistic at the fraction (measured only
+    after it, a spectrum there that cannot be fitted:
+    :class:`~spectral_lens.analysis.NoEarlyStatisticError`) is continued unjudged, with that as the
+    reason, and the other tiers are decided (when no run of a family can be judged,
+    :class:`~spectral_lens.analysis.NoEarlyStatisticError` names every run's reason). When sigmas are
+    NaN (too few measurements), only rules 1 and the ``margin`` part of 2 apply, and the reason says so.
 
     Args:
         predictor: a fitted-or-not :class:`TailPredictor` (default ``TailPredictor(window=window)``)
@@ -160,8 +161,10 @@ class SweepController:
                     continue
                 try:
                     s = pred._early(r)
-                except FractionNotReachedError as exc:
-                    waiting.setdefault(r.info.batch_tier, []).append((r.run_id, str(exc)))
+                except FractionNotReachedError as exc:  # a failed run logs nothing more until it is resumed: said
+                    failed = failure(r)
+                    why = f"{exc}; it {failed}: resume it, or leave it out of the runs" if failed else str(exc)
+                    waiting.setdefault(r.info.batch_tier, []).append((r.run_id, why))
                     continue
                 except NoEarlyStatisticError as exc:  # measured only after the fraction, or not fittable there
                     unjudged.setdefault(r.info.batch_tier, []).append(str(exc))

@@ -58,7 +58,8 @@ class RunWriter:
             On resume, a truncated last line left by a crash is cut off (with a
             :class:`RecordWarning`) before anything is appended. A run resumed from a training
             checkpoint trains the steps after it again: call :meth:`drop_after` with the
-            checkpoint's step so they are recorded once (the framework callbacks do).
+            checkpoint's step so they are recorded once (the framework callbacks do). A run marked
+            ``status: "failed"`` (below) is marked ``"running"`` again.
         fsync: fsync every file and line (default). ``False`` trades crash safety for speed
             (synthetic data, tests); the write order, and thus safety for concurrent readers, is kept.
         tail_window: window of the stored ``alpha_tail`` summary; default: the scale rule for
@@ -66,6 +67,10 @@ class RunWriter:
             On resume the run's recorded windows are kept; a ``tail_window`` given that differs from
             the recorded one is a ``ValueError`` (one run's summaries use one window).
         head_window: window of the stored ``alpha_head`` summary (default ``(10, 40)``).
+
+    Used as a context manager (``with RunWriter(...) as w:``), a block that ends with an exception
+    leaves ``run.json`` extras ``status: "failed"`` and ``failure`` (see :meth:`__exit__`); a clean
+    exit leaves no mark (``update_info(status="complete")`` says the run is done).
 
     Example::
 
@@ -90,6 +95,8 @@ class RunWriter:
         self.fsync = fsync
         self._fds: dict[str, int] = {}
         self._lock_fd: int | None = None
+        self._steps: set[int] = set()  # the steps of measurements.jsonl's lines read so far (see _read_steps)
+        self._steps_read: tuple | None = None  # ((st_dev, st_ino), offset read to, the bytes before it)
         run_file = self.path / RUN_FILE
         if not run_file.exists():  # a new run: check the arguments before creating its directory
             if info is None:
@@ -121,7 +128,8 @@ class RunWriter:
                     f"{run_file}: resuming run {stored.run_id!r} with info for run {info.run_id!r}"
                 )
             self.info = stored
-            windows = RunRecord._read_header(self.path).get("summary_windows", {})
+            header = RunRecord._read_header(self.path)
+            windows = header.get("summary_windows", {})
             self.tail_window = tuple(windows["tail"]) if windows.get("tail") else None
             self.head_window = tuple(windows["head"]) if windows.get("head") else None
             if tail_window is not None and _checked_window(tail_window, "tail_window") != self.tail_window:
@@ -129,6 +137,12 @@ class RunWriter:
                     f"{run_file}: resuming a run recorded with tail_window={self.tail_window} with "
                     f"tail_window={tuple(tail_window)}; one run's summaries use one window (omit tail_window to keep it)"
                 )
+            if header.get("extras", {}).get("status") == FAILED:  # resumed, the run goes on: the failure mark (the
+                header["extras"].pop("failure", None)  # writer's own, see __exit__) is withdrawn
+                header["extras"]["status"] = "running"
+                _write_json_atomic(run_file, header, fsync)
+                stored.extras.pop("failure", None)
+                stored.extras["status"] = "running"
         else:
             if info is None:
                 raise ValueError(f"{self.path}: a new run needs a RunInfo (info=...)")
@@ -465,8 +479,51 @@ class RunWriter:
 
     def measured_steps(self) -> set[int]:
         """The steps of the lines in ``measurements.jsonl`` (a line that is not a JSON object with an
-        integer ``step`` is passed over), e.g. whether a checkpoint's step was measured before a resume."""
-        return {step for step, _ in self._lines(MEASUREMENTS_FILE)}
+        integer ``step`` is passed over), e.g. whether a checkpoint's step was measured before a resume.
+
+        Lines appended before this writer opened, by it, or by another program since are all counted;
+        the file is parsed once, then only the bytes appended since the previous call (see
+        :meth:`has_measurement`). A new set each call."""
+        steps, extra = self._read_steps()
+        return steps | {extra} if extra is not None else set(steps)
+
+    def has_measurement(self, step: int) -> bool:
+        """Whether ``measurements.jsonl`` holds a line at ``step`` (as :meth:`measured_steps`), e.g. to
+        skip a checkpoint measured before. :class:`~spectral_lens.SpectralLens` asks it before each
+        measurement, and warns (the writer itself appends a second line at a step without a word).
+
+        Cheap on a long record: the file is parsed on the first call, then only the lines appended
+        since the previous call are (one line per measurement); a file replaced (:meth:`drop_after`,
+        another program) or rewritten in place is read again from its start."""
+        steps, extra = self._read_steps()
+        return step in steps or step == extra
+
+    def _read_steps(self) -> tuple[set[int], int | None]:
+        """Bring ``self._steps`` up to date with ``measurements.jsonl`` and return it, with the step of a
+        last line that is a complete JSON object without its newline (another program's, read again
+        next time as it may be mid-write), else ``None``. Only whole lines are remembered, with the file's
+        identity, the offset read to and the 256 bytes before it: the next call reads from that offset
+        when the file is the same one and those bytes are unchanged (it was only appended to), else from
+        its start."""
+        with open(self.path / MEASUREMENTS_FILE, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            ident, seen = (st.st_dev, st.st_ino), self._steps_read
+            same = seen is not None and seen[0] == ident and seen[1] <= st.st_size
+            if same and seen[2]:
+                fh.seek(seen[1] - len(seen[2]))
+                same = fh.read(len(seen[2])) == seen[2]
+            if not same:
+                self._steps = set()
+            offset, before = (seen[1], seen[2]) if same else (0, b"")
+            fh.seek(offset)
+            chunk = fh.read()
+        end = chunk.rfind(b"\n") + 1  # whole lines only
+        for obj in map(_json_object, chunk[:end].splitlines()):
+            if obj is not None and _int_step(obj) is not None:
+                self._steps.add(obj["step"])
+        self._steps_read = (ident, offset + end, (before + chunk[:end])[-256:])
+        last = _json_object(chunk[end:]) if chunk[end:].strip() else None
+        return self._steps, None if last is None else _int_step(last)
 
     def val_loss_steps(self) -> set[int]:
         """The steps at which the record holds a validation loss: a numeric ``val_loss`` in a line of
@@ -478,8 +535,7 @@ class RunWriter:
     def _lines(self, name: str) -> list[tuple[int, dict[str, Any]]]:
         """``(step, line)`` of each line of the JSONL file ``name`` that is a JSON object with an integer ``step``."""
         objs = (obj for obj in map(_json_object, (self.path / name).read_bytes().splitlines()) if obj is not None)
-        return [(obj["step"], obj) for obj in objs
-                if isinstance(obj.get("step"), int) and not isinstance(obj.get("step"), bool)]
+        return [(obj["step"], obj) for obj in objs if _int_step(obj) is not None]
 
     @property
     def closed(self) -> bool:
@@ -508,14 +564,61 @@ class RunWriter:
     def __enter__(self) -> "RunWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close; when the block ends with an exception, first record that in ``run.json``'s extras:
+        ``status: "failed"`` (unless the status already says the run ended: ``"complete"``,
+        ``"diverged"``) and ``failure``: the exception's type and the first line of its message. A clean
+        exit records nothing: leaving the block (after a ``break``, an early stop) is not completion;
+        ``update_info(status="complete")`` says that. ``SystemExit(0)`` and ``GeneratorExit`` are no failure."""
+        try:
+            if exc_type is not None and not self.closed and _is_failure(exc):
+                self._mark_failed(exc)
+        finally:
+            self.close()
+
+    def _mark_failed(self, exc: BaseException) -> None:
+        """``run.json`` extras ``status: "failed"`` and ``failure``; a write that fails (the disk the error
+        was about) is a :class:`RecordWarning`, so the block's own exception is the one raised."""
+        try:
+            status = RunRecord._read_header(self.path).get("extras", {}).get("status")
+            extras = {"failure": _failure_text(exc)}
+            if status not in _ENDED:
+                extras["status"] = FAILED
+            self.update_info(**extras)
+        except Exception as err:
+            warnings.warn(f"{self.path}: could not record the run's failure ({_failure_text(exc)}) in {RUN_FILE}: "
+                          f"{_failure_text(err)}", RecordWarning, stacklevel=3)
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
             self.close()
         except Exception:
             pass
+
+
+#: ``run.json`` extras ``status`` a :class:`RunWriter` used as a context manager records when its block
+#: ends with an exception (with ``failure``: the exception); ``RunWriter(resume=True)`` sets it to ``"running"``.
+FAILED = "failed"
+
+#: Statuses that say the run ended (``spectral_lens.analysis.ENDED_STATUSES``): a failure does not replace them.
+_ENDED = ("complete", "diverged")
+
+
+def _is_failure(exc: BaseException | None) -> bool:
+    """Whether an exception ending a ``with RunWriter(...)`` block is a failure of the run: anything but
+    ``GeneratorExit`` and ``SystemExit`` with status 0 (``sys.exit()``)."""
+    if isinstance(exc, GeneratorExit):
+        return False
+    return not (isinstance(exc, SystemExit) and exc.code in (0, None))
+
+
+def _failure_text(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters); a type outside the builtins named
+    with its module (``torch.OutOfMemoryError``)."""
+    t = type(exc)
+    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+    message = next(iter(str(exc).splitlines()), "").strip()
+    return f"{name}: {message}"[:200] if message else name
 
 
 #: The lock file :class:`RunWriter` holds an exclusive ``flock`` on while it is open (never removed).
@@ -595,6 +698,12 @@ def _json_object(raw: bytes) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def _int_step(line: Mapping[str, Any]) -> int | None:
+    """The line's ``step`` when it is an integer (not a bool), else ``None``."""
+    step = line.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _spectrum_files(line: Mapping[str, Any]) -> set[str]:
