@@ -118,8 +118,8 @@ def cuda_devices(model: nn.Module, params: list[torch.Tensor] | None = None) -> 
     (where the offloaded modules run, a dropout there drawing from that device's generator). ``params``:
     ``list(model.parameters())`` where the caller has it (no walk here)."""
     params = list(model.parameters()) if params is None else params
-    devs = {p.device.index for p in params if p.device.type == "cuda"}
-    if any(p.device.type == "meta" for p in params):
+    devs = {p.get_device() for p in params if p.is_cuda}  # is_cuda, is_meta: no torch.device built per parameter
+    if any(p.is_meta for p in params):
         devs |= {d.index if d.index is not None else torch.cuda.current_device()
                  for d in execution_devices(model) if d.type == "cuda"}
     return sorted(devs)
@@ -145,10 +145,12 @@ def forked_rng(devices: Iterable = ()) -> Iterator[None]:
 def rng_state(devices: Iterable = ()) -> tuple:
     """Every global RNG stream :func:`forked_rng` forks, as one value for :func:`set_rng_state`: the
     torch CPU generator, the CUDA generators of ``devices``, Python's ``random`` and numpy's global
-    generator (a forward may draw from any of them, e.g. LayerDrop through ``random``)."""
+    generator (a forward may draw from any of them, e.g. LayerDrop through ``random``). NumPy's as the
+    dictionary of ``get_state(legacy=False)``: the legacy tuple exists only for MT19937, and with another global
+    bit generator (``np.random.set_bit_generator(np.random.PCG64())``) ``get_state()`` warned at every update."""
     devices = list(devices)
     return (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices], random.getstate(),
-            np.random.get_state())
+            np.random.get_state(legacy=False))
 
 
 def set_rng_state(state: tuple, devices: Iterable = ()) -> None:
