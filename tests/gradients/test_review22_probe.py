@@ -13,6 +13,7 @@ import importlib
 import random
 import sys
 import warnings
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -143,3 +144,91 @@ def test_an_fsdp_module_added_after_binding_is_still_refused(monkeypatch):
         probe.update(_batch(2))
     assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
     assert probe.n_samples_ == 3
+
+
+def _llama_in_train_mode():
+    pytest.importorskip("transformers")
+    from support.models import tiny_hf_llama
+
+    model = tiny_hf_llama(37).train()
+    model.model.layers[0].mlp.train(False)  # frozen by hand: not what model.train() gives
+    return model
+
+
+def _calls_of(code) -> tuple[list, Callable]:
+    """A profile function counting the calls of ``code`` (a spy that leaves the method's identity alone)."""
+    calls = []
+
+    def prof(frame, event, arg):
+        if event == "call" and frame.f_code is code:
+            calls.append(frame.f_locals.get("mode"))
+    return calls, prof
+
+
+def test_a_hugging_face_model_without_use_kernels_gets_its_flags_set_directly():
+    """Every transformers-5 model inherits ``PreTrainedModel.train``, which is ``nn.Module.train`` unless
+    ``use_kernels`` is set: the old isolation took it for an override and called ``model.train`` twice per
+    switching update (~0.2 ms of this two-layer Llama's ~0.5 ms isolation). Now its flags are set directly,
+    the override is not called, and the rows, losses and every flag are those of the old path (bit for bit)."""
+    from transformers import PreTrainedModel
+
+    from spectral_lens.gradients import _isolation
+
+    model = _llama_in_train_mode()
+    before = [m.training for m in model.modules()]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 37, (3, 9), generator=g)
+    batch = {"input_ids": ids, "labels": ids}
+    name = "model.layers.1.self_attn.o_proj.weight"
+    calls, prof = _calls_of(PreTrainedModel.train.__code__)
+    probe = PerSampleGradientProbe(model, name, keep_matrix=True)
+    sys.setprofile(prof)
+    try:
+        probe.update(batch)
+    finally:
+        sys.setprofile(None)
+    assert calls == [], f"PreTrainedModel.train called with modes {calls}"
+    assert [m.training for m in model.modules()] == before
+    ref = PerSampleGradientProbe(model, name, keep_matrix=True)
+    saved = _isolation._hf_train
+    _isolation._hf_train = lambda: None  # the old path: model.train(False), then model.train(True) and the flags
+    try:
+        sys.setprofile(prof)
+        try:
+            ref.update(batch)
+        finally:
+            sys.setprofile(None)
+    finally:
+        _isolation._hf_train = saved
+    assert calls == [False, False, True, True]  # the model's and its inner LlamaModel's, on entry and exit
+    assert [m.training for m in model.modules()] == before
+    assert torch.equal(probe.matrix(), ref.matrix()) and torch.equal(probe.losses_, ref.losses_)
+
+
+def test_a_hugging_face_model_with_use_kernels_still_gets_model_train(monkeypatch):
+    """With ``use_kernels`` set the override re-kernelizes on a change of mode: it is still called on entry
+    (for the measured mode) and on exit (for the model's own), and the flags come back."""
+    model = _llama_in_train_mode()
+    before = [m.training for m in model.modules()]
+    kernelized = []
+    model._use_kernels = True  # what set_use_kernels(True) leaves (the kernels package is not needed here)
+    monkeypatch.setattr(model, "set_use_kernels", lambda on: kernelized.append(model.training), raising=False)
+    ids = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(2))
+    PerSampleGradientProbe(model, "model.layers.1.self_attn.o_proj.weight").update({"input_ids": ids, "labels": ids})
+    assert kernelized == [False, True]
+    assert [m.training for m in model.modules()] == before
+
+
+def test_another_train_method_under_the_same_name_is_an_override(monkeypatch):
+    """``_hf_train`` takes ``PreTrainedModel.train`` only where it uses the names of the method it was read
+    from; a release whose method does more is an override again (``set_training`` calls ``model.train``)."""
+    from spectral_lens.gradients import _isolation
+
+    model = _llama_in_train_mode()
+    mods = _isolation.module_list(model)
+    assert _isolation.set_training(model, mods, False) is False
+    model.train()
+    monkeypatch.setattr(_isolation, "_HF_TRAIN", {})
+    monkeypatch.setattr(_isolation, "_HF_TRAIN_NAMES", _isolation._HF_TRAIN_NAMES - {"set_use_kernels"})
+    assert _isolation.set_training(model, mods, False) is True
+    assert not any(m.training for m in model.modules())
