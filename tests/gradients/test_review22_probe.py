@@ -62,7 +62,7 @@ def global_bit_generator():
     np.random.set_state(saved)
 
 
-@pytest.mark.parametrize("bg", ["PCG64", "Philox"])
+@pytest.mark.parametrize("bg", ["MT19937", "PCG64", "Philox"])
 def test_another_global_bit_generator_is_forked_without_a_warning(global_bit_generator, bg):
     """With ``np.random.set_bit_generator(PCG64())`` the old isolation's ``np.random.get_state()`` (legacy tuple)
     warned ("get_state and legacy can only be used with the MT19937 BitGenerator") at every update: an error
