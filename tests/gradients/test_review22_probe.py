@@ -232,3 +232,37 @@ def test_another_train_method_under_the_same_name_is_an_override(monkeypatch):
     monkeypatch.setattr(_isolation, "_HF_TRAIN_NAMES", _isolation._HF_TRAIN_NAMES - {"set_use_kernels"})
     assert _isolation.set_training(model, mods, False) is True
     assert not any(m.training for m in model.modules())
+
+
+def _batches_of_every_form():
+    import collections
+
+    x, y = torch.arange(6).view(3, 2), torch.arange(3)
+    pair = collections.namedtuple("Pair", "x y")
+    return [x, (x, y), [x, y], {"input_ids": x, "labels": y}, collections.UserDict({"input_ids": x, "labels": y}),
+            (x, (y, y)), pair(x, y), (x, 3, None, "s"), {"a": x, "b": [y]}, (x, nn.Parameter(y.float())),
+            collections.OrderedDict(a=x, b=y), (x, torch.tensor(1.5))]
+
+
+@pytest.mark.parametrize("i", range(12))
+def test_map_tensors_slice_and_size_are_the_pytree_ones_on_every_batch_form(i):
+    """The direct path for a plain tensor / ``tuple`` / ``list`` / ``dict`` of plain tensors gives what
+    ``torch.utils._pytree`` gives (same container type, keys and order, same leaves), and every other form
+    (nested, a named tuple, other leaves, a parameter, an ``OrderedDict``, a mapping) still goes through it."""
+    from torch.utils import _pytree as pytree
+
+    from spectral_lens.gradients._batch import batch_size, map_tensors, plain_batch, slice_batch
+
+    batch = _batches_of_every_form()[i]
+    ref = pytree.tree_map(lambda t: t * 2 if isinstance(t, torch.Tensor) else t, plain_batch(batch))
+    got = map_tensors(lambda t: t * 2, batch)
+    assert pytree.tree_structure(got) == pytree.tree_structure(ref) and type(got) is type(ref)
+    for a, b in zip(pytree.tree_leaves(got), pytree.tree_leaves(ref)):
+        assert type(a) is type(b) and (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b)
+    sizes = {t.shape[0] for t in pytree.tree_leaves(plain_batch(batch)) if isinstance(t, torch.Tensor) and t.ndim}
+    assert batch_size(batch) == sizes.pop()
+    part = slice_batch(batch, 1, 3)
+    want = pytree.tree_map(lambda t: t[1:3] if isinstance(t, torch.Tensor) and t.ndim else t, plain_batch(batch))
+    assert pytree.tree_structure(part) == pytree.tree_structure(want)
+    for a, b in zip(pytree.tree_leaves(part), pytree.tree_leaves(want)):
+        assert (torch.equal(a, b) and a.data_ptr() == b.data_ptr()) if isinstance(a, torch.Tensor) else a == b
