@@ -219,21 +219,15 @@ def preserved_buffers(model: nn.Module, modules: list[nn.Module] | None = None) 
     """
     modules = list(model.modules()) if modules is None else modules
     # [module, name, buffer, snapshot, version]: the version is refreshed after a rewind's put-back
-    saved = [
-        [module, name, buf, None if buf is None else buf.detach().clone(), _version(buf)]
-        for module in modules
-        for name, buf in module._buffers.items()
-    ]
-    scalars = [
-        (module, {k: v for k, v in vars(module).items() if k != "training" and isinstance(v, _SCALARS)})
-        for module in modules
-        if module._buffers
-    ]
-    renormed = [
-        [None, None, m.weight, m.weight.detach().clone(), _version(m.weight)]
-        for m in modules
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
-    ]
+    saved, scalars, renormed = [], [], []
+    for module in modules:  # one pass (three list comprehensions over the modules before)
+        if module._buffers:
+            saved += [[module, name, buf, None if buf is None else buf.detach().clone(), _version(buf)]
+                      for name, buf in module._buffers.items()]
+            scalars.append((module, {k: v for k, v in vars(module).items()
+                                     if k != "training" and isinstance(v, _SCALARS)}))
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.max_norm is not None:
+            renormed.append([None, None, module.weight, module.weight.detach().clone(), _version(module.weight)])
 
     def put_back(exact: bool) -> None:
         with torch.no_grad():
@@ -357,20 +351,29 @@ def silenced_module_backward_hooks(model: nn.Module, modules: list[nn.Module] | 
     each level puts back what it found. Forward hooks are not affected (they are part of the model).
     ``modules``: ``list(model.modules())`` where the caller has it (:func:`module_list`; no walk here).
     """
-    saved = [(m, m.__dict__.get("_get_backward_hooks", _MISSING), m.__dict__.get("_get_backward_pre_hooks", _MISSING))
-             for m in (model.modules() if modules is None else modules)]
+    modules = list(model.modules()) if modules is None else modules
+    # what a module's instance holds under those names already (an enclosing block's shadows): put back on exit;
+    # every other module only loses the shadows (one pass each way, ~9 us on a 2-block GPT; was ~15)
+    nested = [(m, m.__dict__.get(_GET_HOOKS, _MISSING), m.__dict__.get(_GET_PRE_HOOKS, _MISSING))
+              for m in modules if _GET_HOOKS in m.__dict__ or _GET_PRE_HOOKS in m.__dict__]
     try:
-        for m, _, _ in saved:
-            m.__dict__["_get_backward_hooks"] = _no_backward_hooks
-            m.__dict__["_get_backward_pre_hooks"] = _no_backward_pre_hooks
+        for m in modules:
+            d = m.__dict__
+            d[_GET_HOOKS] = _no_backward_hooks
+            d[_GET_PRE_HOOKS] = _no_backward_pre_hooks
         yield
     finally:
-        for m, hooks, pre in saved:
-            for name, was in (("_get_backward_hooks", hooks), ("_get_backward_pre_hooks", pre)):
-                if was is _MISSING:
-                    m.__dict__.pop(name, None)
-                else:
+        for m in modules:
+            d = m.__dict__
+            d.pop(_GET_HOOKS, None)
+            d.pop(_GET_PRE_HOOKS, None)
+        for m, hooks, pre in nested:
+            for name, was in ((_GET_HOOKS, hooks), (_GET_PRE_HOOKS, pre)):
+                if was is not _MISSING:
                     m.__dict__[name] = was
+
+
+_GET_HOOKS, _GET_PRE_HOOKS = "_get_backward_hooks", "_get_backward_pre_hooks"
 
 
 def _no_backward_hooks() -> tuple[list, list]:

@@ -834,7 +834,8 @@ class PerSampleGradientProbe:
         self._require_model("update()")
         self._follow_params()
         dev = self.device
-        refuse_offloaded(self.model, self.engines_)  # offloaded after binding
+        if any(p.is_meta for p in self.params.values()):  # offloaded after binding (a placeholder, followed above)
+            refuse_offloaded(self.model, self.engines_)
         if dev.type == "meta":
             name = next(iter(self.params))
             raise RuntimeError(
