@@ -39,7 +39,7 @@ and the relative error of singular values against ``probe_fp32`` (max over all j
     python benchmarks/bench_gradients.py --host-overhead  # CPU: the probe's host work per chunk (host_overhead)
     python benchmarks/bench_gradients.py --cpu-parts      # CPU: Gram fill, loss scaling, finiteness check, old vs new
     python benchmarks/bench_gradients.py --new-probe      # CPU: a new probe's extra aten ops and time over a kept one
-    python benchmarks/bench_gradients.py --isolation --repeats 9 [--old DIR]  # CPU: the probe's fixed cost per update
+    python benchmarks/bench_gradients.py --isolation --repeats 9 [--old DIR] [--fsdp]  # CPU: the probe's fixed cost per update
     python benchmarks/bench_gradients.py --probe-ratio --repeats 7 [--m 512]  # probe / forward interleaved, 32 tokens (CPU)
     python benchmarks/bench_gradients.py --probe-ratio --device cuda --seq 1024 --m 64 512 --repeats 9 --chunk-mib 512
 """
@@ -50,6 +50,8 @@ import argparse
 import contextlib
 import functools
 import gc
+import importlib
+import importlib.util
 import math
 import statistics
 import sys
@@ -523,8 +525,6 @@ def cpu_parts(pairs: int = 7) -> dict:
 def _package_at(alias: str, root: str):
     """The ``spectral_lens`` package of another checkout (``root``: the folder holding its ``spectral_lens/``),
     imported under ``alias`` beside this one (its imports are relative), for an A/B run in one process."""
-    import importlib.util
-
     pkg = Path(root) / "spectral_lens"
     spec = importlib.util.spec_from_file_location(alias, pkg / "__init__.py", submodule_search_locations=[str(pkg)])
     mod = importlib.util.module_from_spec(spec)
@@ -533,15 +533,21 @@ def _package_at(alias: str, root: str):
     return mod
 
 
-def isolation(rounds: int = 9, old: str | None = None, reps: int = 200, m1: int = 200, m8: int = 400) -> dict:
+def isolation(rounds: int = 9, old: str | None = None, reps: int = 200, m1: int = 200, m8: int = 400,
+              fsdp: bool = False) -> dict:
     """The probe's fixed per-update cost on the CPU (1 thread), a 2-block GPT of width 16 (vocabulary 37, 12
     tokens): the isolation's enter + exit (``with probe._isolated(): pass``, ``reps`` times, per call) with the
     model in eval mode and in train mode (its flags switched and set back), and a ``gradient_spectra`` pass
     (``SpectralLens.gradient_spectra`` over ``m1`` sequences in batches of 1, ``m8`` in batches of 8, compute
     included) per update against one bare forward + backward of the same batch. ``old``: the folder of another
     checkout (holding its ``spectral_lens/``), measured in the same rounds, alternating (CPU ``process_time``;
-    medians over ``rounds``)."""
+    medians over ``rounds``). With transformers installed, also the isolation of a two-layer Hugging Face Llama
+    of width 16 (every transformers-5 model inherits ``PreTrainedModel.train``). ``fsdp``: import
+    ``torch.distributed.fsdp`` first, as a training script that can shard does (the probe's FSDP check then
+    looks for sharded modules)."""
     torch.set_num_threads(1)
+    if fsdp:
+        importlib.import_module("torch.distributed.fsdp")
     versions = {"new": sys.modules["spectral_lens"]}
     if old is not None:
         versions = {"old": _package_at("spectral_lens_old", old), **versions}
@@ -572,10 +578,24 @@ def isolation(rounds: int = 9, old: str | None = None, reps: int = 200, m1: int 
                 p.grad = None
         return fn
 
+    llama = None
+    try:
+        import transformers
+
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=2)
+        llama = transformers.LlamaForCausalLM(cfg)
+        hf = {v: pkg.gradients.PerSampleGradientProbe(llama, "model.layers.1.self_attn.o_proj.weight")
+              for v, pkg in versions.items()}
+    except ImportError:
+        pass
     cases = {}
     for mode in ("eval", "train"):
         for v in versions:
             cases[(mode, "iso", v)] = enter_exit(probes[v])
+            if llama is not None:
+                cases[(mode, "hf_iso", v)] = enter_exit(hf[v])
         for b in pools:
             cases[(mode, f"bare{b}", "")] = bare(b)
             for v in versions:
@@ -584,14 +604,18 @@ def isolation(rounds: int = 9, old: str | None = None, reps: int = 200, m1: int 
     for r in range(rounds + 1):  # round 0: warm-up
         for key, fn in cases.items():
             model.train(key[0] == "train")
+            if llama is not None:
+                llama.train(key[0] == "train")
             t0 = time.process_time()
             fn()
             if r:
                 times[key].append(time.process_time() - t0)
-    out = {"threads": torch.get_num_threads(), "rounds": rounds}
+    out = {"threads": torch.get_num_threads(), "rounds": rounds, "fsdp_imported": fsdp}
     for mode in ("eval", "train"):
         for v in versions:
             out[f"{mode}_isolation_us_{v}"] = statistics.median(times[(mode, "iso", v)]) / reps * 1e6
+            if llama is not None:
+                out[f"{mode}_hf_llama_isolation_us_{v}"] = statistics.median(times[(mode, "hf_iso", v)]) / reps * 1e6
         for b in pools:
             for v in versions:
                 ratios = [p / q for p, q in zip(times[(mode, f"pass{b}", v)], times[(mode, f"bare{b}", "")])]
@@ -601,6 +625,9 @@ def isolation(rounds: int = 9, old: str | None = None, reps: int = 200, m1: int 
               + "; gradient_spectra pass per update / bare fwd+bwd " + "; ".join(
                   f"batch {b}: " + ", ".join(f"{v} {out[f'{mode}_batch{b}_pass_over_bare_{v}']:.3f}" for v in versions)
                   for b in pools))
+        if llama is not None:
+            print(f"{mode} Llama: isolation enter+exit " + ", ".join(
+                f"{v} {out[f'{mode}_hf_llama_isolation_us_{v}']:.0f} us" for v in versions))
     return out
 
 
@@ -622,6 +649,7 @@ def main(argv=None):
     ap.add_argument("--probe-ratio", action="store_true", help="only the probe / forward ratio, interleaved (probe_ratio)")
     ap.add_argument("--isolation", action="store_true", help="only the probe's fixed per-update cost on the CPU (isolation)")
     ap.add_argument("--old", default=None, help="--isolation: the folder of an older checkout, measured alternately")
+    ap.add_argument("--fsdp", action="store_true", help="--isolation: import torch.distributed.fsdp first")
     ap.add_argument("--chunk-mib", type=int, nargs="*", default=[], help="--probe-ratio: extra probe cases with this chunked-head block budget (MiB)")
     args = ap.parse_args(argv)
     if args.host_overhead:
@@ -631,7 +659,7 @@ def main(argv=None):
     if args.new_probe:
         return new_probe()
     if args.isolation:
-        return isolation(args.repeats, args.old)
+        return isolation(args.repeats, args.old, fsdp=args.fsdp)
     if args.probe_ratio:
         res = [probe_ratio(args.repeats, m, args.device, args.seq or 32, args.chunk_mib, args.chunk) for m in (args.m or [64])]
         if args.out:
