@@ -145,7 +145,7 @@ def refuse_fsdp(model: nn.Module, engines: dict[str, str], modules: list[nn.Modu
 
     ``modules`` (``list(model.modules())``) and ``params`` (name -> the model's probed parameter), where the
     caller has them (the probe at every update): then no walk over the model and no ``get_parameter`` unless
-    some module is sharded (the walk with names cost ~30 us a update on a 2-block GPT once FSDP is imported)."""
+    some module is sharded (the walk with names cost ~30 us an update on a 2-block GPT once FSDP is imported)."""
     refuse_zero3_params({n: model.get_parameter(n) for n in engines} if params is None else params, engines)
     if modules is not None:
         classes = _fsdp_classes()
