@@ -182,11 +182,12 @@ def test_a_hugging_face_model_without_use_kernels_gets_its_flags_set_directly():
     name = "model.layers.1.self_attn.o_proj.weight"
     calls, prof = _calls_of(PreTrainedModel.train.__code__)
     probe = PerSampleGradientProbe(model, name, keep_matrix=True)
+    was = sys.getprofile()
     sys.setprofile(prof)
     try:
         probe.update(batch)
     finally:
-        sys.setprofile(None)
+        sys.setprofile(was)
     assert calls == [], f"PreTrainedModel.train called with modes {calls}"
     assert [m.training for m in model.modules()] == before
     ref = PerSampleGradientProbe(model, name, keep_matrix=True)
@@ -197,7 +198,7 @@ def test_a_hugging_face_model_without_use_kernels_gets_its_flags_set_directly():
         try:
             ref.update(batch)
         finally:
-            sys.setprofile(None)
+            sys.setprofile(was)
     finally:
         _isolation._hf_train = saved
     assert calls == [False, False, True, True]  # the model's and its inner LlamaModel's, on entry and exit
