@@ -39,6 +39,7 @@ and the relative error of singular values against ``probe_fp32`` (max over all j
     python benchmarks/bench_gradients.py --host-overhead  # CPU: the probe's host work per chunk (host_overhead)
     python benchmarks/bench_gradients.py --cpu-parts      # CPU: Gram fill, loss scaling, finiteness check, old vs new
     python benchmarks/bench_gradients.py --new-probe      # CPU: a new probe's extra aten ops and time over a kept one
+    python benchmarks/bench_gradients.py --isolation --repeats 9 [--old DIR] [--fsdp]  # CPU: the probe's fixed cost per update
     python benchmarks/bench_gradients.py --probe-ratio --repeats 7 [--m 512]  # probe / forward interleaved, 32 tokens (CPU)
     python benchmarks/bench_gradients.py --probe-ratio --device cuda --seq 1024 --m 64 512 --repeats 9 --chunk-mib 512
 """
@@ -49,6 +50,8 @@ import argparse
 import contextlib
 import functools
 import gc
+import importlib
+import importlib.util
 import math
 import statistics
 import sys
@@ -519,6 +522,115 @@ def cpu_parts(pairs: int = 7) -> dict:
     return out
 
 
+def _package_at(alias: str, root: str):
+    """The ``spectral_lens`` package of another checkout (``root``: the folder holding its ``spectral_lens/``),
+    imported under ``alias`` beside this one (its imports are relative), for an A/B run in one process."""
+    pkg = Path(root) / "spectral_lens"
+    spec = importlib.util.spec_from_file_location(alias, pkg / "__init__.py", submodule_search_locations=[str(pkg)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def isolation(rounds: int = 9, old: str | None = None, reps: int = 200, m1: int = 200, m8: int = 400,
+              fsdp: bool = False) -> dict:
+    """The probe's fixed per-update cost on the CPU (1 thread), a 2-block GPT of width 16 (vocabulary 37, 12
+    tokens): the isolation's enter + exit (``with probe._isolated(): pass``, ``reps`` times, per call) with the
+    model in eval mode and in train mode (its flags switched and set back), and a ``gradient_spectra`` pass
+    (``SpectralLens.gradient_spectra`` over ``m1`` sequences in batches of 1, ``m8`` in batches of 8, compute
+    included) per update against one bare forward + backward of the same batch. ``old``: the folder of another
+    checkout (holding its ``spectral_lens/``), measured in the same rounds, alternating (CPU ``process_time``;
+    medians over ``rounds``). With transformers installed, also the isolation of a two-layer Hugging Face Llama
+    of width 16 (every transformers-5 model inherits ``PreTrainedModel.train``). ``fsdp``: import
+    ``torch.distributed.fsdp`` first, as a training script that can shard does (the probe's FSDP check then
+    looks for sharded modules)."""
+    torch.set_num_threads(1)
+    if fsdp:
+        importlib.import_module("torch.distributed.fsdp")
+    versions = {"new": sys.modules["spectral_lens"]}
+    if old is not None:
+        versions = {"old": _package_at("spectral_lens_old", old), **versions}
+    torch.manual_seed(0)
+    model = GPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
+    name = "transformer.h.1.attn.c_proj.weight"
+    g = torch.Generator().manual_seed(0)
+    seqs = torch.randint(0, 37, (max(m1, m8), 13), generator=g)
+    pools = {b: [(seqs[i:i + b, :-1], seqs[i:i + b, 1:]) for i in range(0, m, b)] for b, m in ((1, m1), (8, m8))}
+    probes = {v: pkg.gradients.PerSampleGradientProbe(model, name) for v, pkg in versions.items()}
+    lenses = {(v, b): pkg.SpectralLens(model, pools[b], params=name, progress=False)
+              for v, pkg in versions.items() for b in pools}
+
+    def enter_exit(probe):
+        def fn():
+            for _ in range(reps):
+                with probe._isolated():
+                    pass
+        return fn
+
+    def bare(b):
+        x, y = pools[b][0]
+
+        def fn():
+            for _ in range(len(pools[b])):
+                F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+            for p in model.parameters():
+                p.grad = None
+        return fn
+
+    llama = None
+    try:
+        import transformers
+
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=2)
+        llama = transformers.LlamaForCausalLM(cfg)
+        hf = {v: pkg.gradients.PerSampleGradientProbe(llama, "model.layers.1.self_attn.o_proj.weight")
+              for v, pkg in versions.items()}
+    except ImportError:
+        pass
+    cases = {}
+    for mode in ("eval", "train"):
+        for v in versions:
+            cases[(mode, "iso", v)] = enter_exit(probes[v])
+            if llama is not None:
+                cases[(mode, "hf_iso", v)] = enter_exit(hf[v])
+        for b in pools:
+            cases[(mode, f"bare{b}", "")] = bare(b)
+            for v in versions:
+                cases[(mode, f"pass{b}", v)] = lenses[(v, b)].gradient_spectra
+    times = {k: [] for k in cases}
+    for r in range(rounds + 1):  # round 0: warm-up
+        for key, fn in cases.items():
+            model.train(key[0] == "train")
+            if llama is not None:
+                llama.train(key[0] == "train")
+            t0 = time.process_time()
+            fn()
+            if r:
+                times[key].append(time.process_time() - t0)
+    out = {"threads": torch.get_num_threads(), "rounds": rounds, "fsdp_imported": fsdp}
+    for mode in ("eval", "train"):
+        for v in versions:
+            out[f"{mode}_isolation_us_{v}"] = statistics.median(times[(mode, "iso", v)]) / reps * 1e6
+            if llama is not None:
+                out[f"{mode}_hf_llama_isolation_us_{v}"] = statistics.median(times[(mode, "hf_iso", v)]) / reps * 1e6
+        for b in pools:
+            for v in versions:
+                ratios = [p / q for p, q in zip(times[(mode, f"pass{b}", v)], times[(mode, f"bare{b}", "")])]
+                out[f"{mode}_batch{b}_pass_over_bare_{v}"] = statistics.median(ratios)
+        print(f"{mode} model: isolation enter+exit " + ", ".join(f"{v} {out[f'{mode}_isolation_us_{v}']:.0f} us"
+                                                              for v in versions)
+              + "; gradient_spectra pass per update / bare fwd+bwd " + "; ".join(
+                  f"batch {b}: " + ", ".join(f"{v} {out[f'{mode}_batch{b}_pass_over_bare_{v}']:.3f}" for v in versions)
+                  for b in pools))
+        if llama is not None:
+            print(f"{mode} Llama: isolation enter+exit " + ", ".join(
+                f"{v} {out[f'{mode}_hf_llama_isolation_us_{v}']:.0f} us" for v in versions))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -535,6 +647,9 @@ def main(argv=None):
     ap.add_argument("--cpu-parts", action="store_true", help="only the CPU parts, old vs new (cpu_parts)")
     ap.add_argument("--new-probe", action="store_true", help="only a new probe's extra cost over a kept one (new_probe)")
     ap.add_argument("--probe-ratio", action="store_true", help="only the probe / forward ratio, interleaved (probe_ratio)")
+    ap.add_argument("--isolation", action="store_true", help="only the probe's fixed per-update cost on the CPU (isolation)")
+    ap.add_argument("--old", default=None, help="--isolation: the folder of an older checkout, measured alternately")
+    ap.add_argument("--fsdp", action="store_true", help="--isolation: import torch.distributed.fsdp first")
     ap.add_argument("--chunk-mib", type=int, nargs="*", default=[], help="--probe-ratio: extra probe cases with this chunked-head block budget (MiB)")
     args = ap.parse_args(argv)
     if args.host_overhead:
@@ -543,6 +658,8 @@ def main(argv=None):
         return cpu_parts()
     if args.new_probe:
         return new_probe()
+    if args.isolation:
+        return isolation(args.repeats, args.old, fsdp=args.fsdp)
     if args.probe_ratio:
         res = [probe_ratio(args.repeats, m, args.device, args.seq or 32, args.chunk_mib, args.chunk) for m in (args.m or [64])]
         if args.out:

@@ -129,7 +129,8 @@ def kept_sharded(model: nn.Module):
                 m.reshard()
 
 
-def refuse_fsdp(model: nn.Module, engines: dict[str, str]) -> None:
+def refuse_fsdp(model: nn.Module, engines: dict[str, str], modules: list[nn.Module] | None = None,
+                params: dict | None = None) -> None:
     """``ValueError`` for an FSDP-sharded model (:func:`fsdp_sharded`) whose probed matrices do not all use
     the fast engine (``engines``: parameter name -> engine), raised before any pass.
 
@@ -140,8 +141,16 @@ def refuse_fsdp(model: nn.Module, engines: dict[str, str]) -> None:
     engine cannot trace FSDP's hooks (``requires_grad_`` under ``torch.func``), and the ``loop`` engine's
     gradients are sharded ``DTensor``s. Parameters partitioned by DeepSpeed ZeRO-3 on an engine other than the
     fast one are refused here too (:func:`~spectral_lens._deepspeed.refuse_zero3_params`; also when partitioned
-    after the probe was bound)."""
-    refuse_zero3_params({n: model.get_parameter(n) for n in engines}, engines)
+    after the probe was bound).
+
+    ``modules`` (``list(model.modules())``) and ``params`` (name -> the model's probed parameter), where the
+    caller has them (the probe at every update): then no walk over the model and no ``get_parameter`` unless
+    some module is sharded (the walk with names cost ~30 us an update on a 2-block GPT once FSDP is imported)."""
+    refuse_zero3_params({n: model.get_parameter(n) for n in engines} if params is None else params, engines)
+    if modules is not None:
+        classes = _fsdp_classes()
+        if classes is None or not any(isinstance(m, classes) for m in modules):
+            return
     sharded = fsdp_sharded(model)
     if not sharded:
         return

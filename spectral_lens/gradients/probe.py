@@ -657,7 +657,13 @@ class PerSampleGradientProbe:
         :func:`~._isolation.silenced_tensor_hooks`),
         autocast as ``autocast_dtype`` says (a caller's autocast switched off when it is ``None``); every
         flag restored on exit."""
-        refuse_fsdp(self.model, self.engines_)  # sharded after the probe was bound (fully_shard works in place)
+        # one walk over the model per update (module_list), its list shared by every part below (each walked
+        # the model itself: five walks per update, ~160 named_modules generator steps on a 2-block GPT); read
+        # afresh at every update, so a module added or replaced, a flag toggled or a hook added between updates
+        # is seen as before
+        modules = module_list(self.model)
+        # sharded after the probe was bound (fully_shard works in place): found in the module list (no walk)
+        refuse_fsdp(self.model, self.engines_, modules, self.params)
         # partitioned after binding (ZeRO-3 partitions every parameter, so the probed ones tell: no walk over the
         # model's modules on every update, ~0.2 ms on a GPT-2-sized model)
         if (self.head_loss_ or "chunked").startswith("chunked") and any(is_zero3(p) for p in self.params.values()):
@@ -671,11 +677,6 @@ class PerSampleGradientProbe:
             )
         if self.train_mode:
             _refuse_recording_opacus_hooks(self.model)
-        # one walk over the model per update (module_list), its list shared by every part below (each walked
-        # the model itself: five walks per update, ~160 named_modules generator steps on a 2-block GPT); read
-        # afresh at every update, so a module added or replaced, a flag toggled or a hook added between updates
-        # is seen as before
-        modules = module_list(self.model)
         params = parameter_list(modules)
         if any(isinstance(p, nn.parameter.UninitializedTensorMixin) for p in params):
             lazy = [n for n, p in self.model.named_parameters() if isinstance(p, nn.parameter.UninitializedTensorMixin)]
@@ -833,7 +834,8 @@ class PerSampleGradientProbe:
         self._require_model("update()")
         self._follow_params()
         dev = self.device
-        refuse_offloaded(self.model, self.engines_)  # offloaded after binding
+        if any(p.is_meta for p in self.params.values()):  # offloaded after binding (a placeholder, followed above)
+            refuse_offloaded(self.model, self.engines_)
         if dev.type == "meta":
             name = next(iter(self.params))
             raise RuntimeError(
