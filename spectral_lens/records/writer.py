@@ -496,7 +496,8 @@ class RunWriter:
 
         Cheap on a long record: the file is parsed on the first call, then only the lines appended
         since the previous call are (one line per measurement); a file replaced (:meth:`drop_after`,
-        another program) or rewritten in place is read again from its start."""
+        another program) or rewritten in place is read again from its start, as far as its identity and
+        the 256 bytes before the offset read to tell (a rewrite in place that keeps those is not seen)."""
         steps, extra = self._read_steps()
         return step in steps or step == extra
 
