@@ -106,7 +106,8 @@ def run_status(run: RunRecord) -> str:
         return "diverged"
     c = coverage(run)
     if failure(run) is not None:
-        kind = str(run.info.extras.get("failure") or "").split(":", 1)[0].strip()
+        why = run.info.extras.get("failure")  # text, as failure() reads it: "TYPE: first line of the message"
+        kind = why.split(":", 1)[0].strip() if isinstance(why, str) else ""
         return "failed" + (f" ({kind})" if kind else "") + ("" if c is None else f" at {c:.0%} of budget")
     if c is None:
         return "–"

@@ -97,8 +97,8 @@ class SweepController:
     (:func:`~spectral_lens.analysis.pick_learning_rates`; it waits while no rate can be picked), and
     stopping or continuing it applies to all its runs. A run that failed before the fraction
     (:func:`~spectral_lens.analysis.failure`) keeps its tier waiting (it may be resumed), the reason
-    naming it. A tier none of whose runs can have a usable statistic at the fraction (measured only
-    after it, a spectrum there that cannot be fitted:
+    naming it (before the progress of the tier's other runs). A tier none of whose runs can have a
+    usable statistic at the fraction (measured only after it, a spectrum there that cannot be fitted:
     :class:`~spectral_lens.analysis.NoEarlyStatisticError`) is continued unjudged, with that as the
     reason, and the other tiers are decided (when no run of a family can be judged,
     :class:`~spectral_lens.analysis.NoEarlyStatisticError` names every run's reason). When sigmas are
@@ -151,7 +151,7 @@ class SweepController:
         _, other_lr = pick_learning_rates(runs)  # a tier with runs at several rates is judged on its best rate's
         for family, members in group_by_family(runs).items():
             tier_ids = _tier_ids((r.info.batch_tier, r.run_id) for r in members)  # every run of each tier
-            reached, waiting, diverged, unjudged = [], {}, {}, {}
+            reached, waiting, diverged, unjudged, failed = [], {}, {}, {}, set()
             for r in members:
                 if r.run_id in other_lr and divergence(r) is None:
                     continue  # another rate of its tier is better (or none can be picked yet: see below)
@@ -162,8 +162,10 @@ class SweepController:
                 try:
                     s = pred._early(r)
                 except FractionNotReachedError as exc:  # a failed run logs nothing more until it is resumed: said
-                    failed = failure(r)
-                    why = f"{exc}; it {failed}: resume it, or leave it out of the runs" if failed else str(exc)
+                    why = failure(r)
+                    if why:  # named first in its tier's reason: the one thing to act on
+                        failed.add(r.run_id)
+                    why = f"{exc}; it {why}: resume it, or leave it out of the runs" if why else str(exc)
                     waiting.setdefault(r.info.batch_tier, []).append((r.run_id, why))
                     continue
                 except NoEarlyStatisticError as exc:  # measured only after the fraction, or not fittable there
@@ -191,9 +193,9 @@ class SweepController:
             if aside and not reached and not waiting:
                 out[family] = SweepDecision(family, frac, True, aside)
                 continue
-            wait = {
-                t: TierDecision(t, "wait", tier_ids[t], math.nan, math.nan, math.nan,
-                                f"not yet at {frac:.0%} progress ({rows[0][1]})")
+            wait = {  # the reason of a failed run of the tier, else of its first run
+                t: TierDecision(t, "wait", tier_ids[t], math.nan, math.nan, math.nan, "not yet at "
+                                f"{frac:.0%} progress ({next((w for i, w in rows if i in failed), rows[0][1])})")
                 for t, rows in sorted(waiting.items())
             }
             if not reached or (wait and self.wait_for_all):

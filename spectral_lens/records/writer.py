@@ -117,6 +117,7 @@ class RunWriter:
 
     def _open(self, run_file: Path, info: RunInfo | None, resume: bool, tail_window, head_window) -> None:
         fsync = self.fsync
+        failed = False  # a resumed run marked failed (by __exit__)
         if run_file.exists():
             if not resume:
                 raise FileExistsError(
@@ -137,12 +138,7 @@ class RunWriter:
                     f"{run_file}: resuming a run recorded with tail_window={self.tail_window} with "
                     f"tail_window={tuple(tail_window)}; one run's summaries use one window (omit tail_window to keep it)"
                 )
-            if header.get("extras", {}).get("status") == FAILED:  # resumed, the run goes on: the failure mark (the
-                header["extras"].pop("failure", None)  # writer's own, see __exit__) is withdrawn
-                header["extras"]["status"] = "running"
-                _write_json_atomic(run_file, header, fsync)
-                stored.extras.pop("failure", None)
-                stored.extras["status"] = "running"
+            failed = header.get("extras", {}).get("status") == FAILED  # withdrawn below, once the files are open
         else:
             if info is None:
                 raise ValueError(f"{self.path}: a new run needs a RunInfo (info=...)")
@@ -176,6 +172,12 @@ class RunWriter:
         if fsync:  # the entries just created (the JSONL files, spectra/, the run directory) must be durable
             _fsync_dir(self.path)  # too, not only what is fsynced into them
             _fsync_dir(self.path.parent)
+        if failed:  # resumed, the run goes on: the failure mark (the writer's own,
+            header["extras"].pop("failure", None)  # see __exit__) is withdrawn; only now, so that a resume
+            header["extras"]["status"] = "running"  # refused above (a bad last line) leaves the mark as it was
+            _write_json_atomic(run_file, header, fsync)
+            self.info.extras.pop("failure", None)
+            self.info.extras["status"] = "running"
 
     def _leftovers(self) -> list[str]:
         """The record files of another run in this directory: ``log.jsonl``, ``measurements.jsonl``,
@@ -494,7 +496,8 @@ class RunWriter:
 
         Cheap on a long record: the file is parsed on the first call, then only the lines appended
         since the previous call are (one line per measurement); a file replaced (:meth:`drop_after`,
-        another program) or rewritten in place is read again from its start."""
+        another program) or rewritten in place is read again from its start, as far as its identity and
+        the 256 bytes before the offset read to tell (a rewrite in place that keeps those is not seen)."""
         steps, extra = self._read_steps()
         return step in steps or step == extra
 
@@ -614,10 +617,14 @@ def _is_failure(exc: BaseException | None) -> bool:
 
 def _failure_text(exc: BaseException) -> str:
     """``Type: first line of the message`` (at most 200 characters); a type outside the builtins named
-    with its module (``torch.OutOfMemoryError``)."""
+    with its module (``torch.OutOfMemoryError``); the type alone when ``str(exc)`` raises (a broken
+    ``__str__``: the block's exception is still the one raised)."""
     t = type(exc)
     name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-    message = next(iter(str(exc).splitlines()), "").strip()
+    try:
+        message = next(iter(str(exc).splitlines()), "").strip()
+    except Exception:
+        message = ""
     return f"{name}: {message}"[:200] if message else name
 
 
