@@ -137,7 +137,7 @@ class LensDriver:
     def training_starts(self, step: int, counted: int | None = None) -> None:
         """``train()`` / ``fit()`` starts (or resumes) at ``step``: the first interval of the logged
         throughput starts here, with the clock running."""
-        self._interval_tokens = int(counted) if counted else int(step) * (self.tokens_per_step or 1)  # as tokens()
+        self._interval_tokens = self._counted_tokens(step, counted)
         self._train_s = 0.0
         self._clock_from = time.perf_counter()
 
@@ -172,8 +172,9 @@ class LensDriver:
         steps (the logging cadence): rank 0 writes and the ranks agree on its success, one small
         collective per event (none in a single process), so a failed write (a full disk) raises on
         every rank instead of leaving the others in the training's next collective. A closed writer,
-        or a lens without one, records nothing."""
-        tokens = self.tokens(step, counted)
+        or a lens without one, records nothing. :meth:`tokens`'s one-time warning is given inside rank 0's agreed
+        work: raised (warnings as errors) before the agreement, it left the other ranks waiting in it."""
+        tokens = self._counted_tokens(step, counted)
         start, train_s = self._interval_tokens, self._train_s
         self._interval_tokens, self._train_s = tokens, 0.0
         real = self._real_tokens(counted)
@@ -182,6 +183,7 @@ class LensDriver:
             writer = self.lens.writer
             if writer is None or getattr(writer, "closed", False):
                 return
+            self.tokens(step, counted)  # its warning (tokens that count steps), if due: here, agreed
             loss = train_loss() if callable(train_loss) else train_loss
             if loss is None:
                 return
@@ -242,7 +244,12 @@ class LensDriver:
                 "per optimizer step), or with the Hugging Face Trainer "
                 "TrainingArguments(include_num_input_tokens_seen=True)",
                 SpectralLensWarning, stacklevel=2)
-        return int(step) * (self.tokens_per_step or 1)
+        return self._counted_tokens(step, counted)
+
+    def _counted_tokens(self, step: int, counted: int | None = None) -> int:
+        """:meth:`tokens` without its warning (every rank computes them; only rank 0, the one with the writer,
+        warns)."""
+        return int(counted) if counted else int(step) * (self.tokens_per_step or 1)
 
     def due(self, step: int, since: int | None = None) -> bool:
         """Whether the lens's schedule asks for ``step`` (or, with ``since``, for any step after
