@@ -5,9 +5,11 @@ The one thing there was the callback's one-time warning that the record's tokens
 token count, no ``tokens_per_step``), which ``tokens()`` gives on rank 0 only (the rank with the writer). Under
 warnings as errors (``python -W error``, pytest's ``filterwarnings = error``) it was raised on rank 0 before
 the agreement: rank 0 left ``on_log`` / ``on_train_batch_end`` at once and the other ranks waited in the
-agreement's ``all_reduce``. Now it is given inside rank 0's agreed work: rank 0 raises it after the agreement,
-the others a ``RuntimeError`` naming rank 0. Fast: one process as rank 0 of 2 (a patched ``all_reduce``); slow:
-2 gloo ranks."""
+agreement's ``all_reduce``. The same held where a scheduled measurement came first (the callbacks' ``_measure``
+computed the tokens, warning, before the driver's first collective). Now the callbacks count with
+``agreed_tokens()``, whose warning is given inside rank 0's next agreed work: rank 0 raises it after the
+agreement, the others a ``RuntimeError`` naming rank 0. Fast: one process as rank 0 of 2 (a patched
+``all_reduce``); slow: 2 gloo ranks."""
 
 from __future__ import annotations
 
@@ -27,12 +29,12 @@ WHAT = "recording the training loss (rank 0 writes it)"
 STEPS = "tokens count optimizer steps"
 
 
-def _lens(path: Path | None) -> sl.SpectralLens:
+def _lens(path: Path | None, schedule: sl.Schedule | None = None) -> sl.SpectralLens:
     torch.manual_seed(0)
     model = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
     writer = None if path is None else RunWriter(path, RunInfo("r", batch_tier=1), fsync=False, tail_window=(4, 12))
     return sl.SpectralLens(model, lm_pool(1, batch=4, t=12, vocab=37), writer=writer, params=(), progress=False,
-                           forward_fn=lambda m, b: m(b[0]))
+                           forward_fn=lambda m, b: m(b[0]), schedule=schedule)
 
 
 def _hf_run(lens: sl.SpectralLens) -> None:
@@ -89,9 +91,16 @@ def rank0_of_2(monkeypatch):
 
     for name, value in {"is_available": lambda: True, "is_initialized": lambda: True,
                         "get_rank": lambda group=None: 0, "get_world_size": lambda group=None: 2,
-                        "get_backend": lambda group=None: "gloo", "all_reduce": all_reduce}.items():
+                        "get_backend": lambda group=None: "gloo", "all_reduce": all_reduce,
+                        "broadcast_object_list": lambda objects, src=0, group=None: None}.items():
         monkeypatch.setattr(dist, name, value)
     return state
+
+
+@pytest.fixture
+def measurement():
+    """A measurement of the test lens at step 1, taken in one process (before ``rank0_of_2`` fakes the ranks)."""
+    return _lens(None).measure(1, 1)
 
 
 @pytest.mark.parametrize("framework", sorted(RUNS))
@@ -125,6 +134,25 @@ def test_the_steps_warning_is_still_given_once_and_the_losses_recorded(framework
     assert [(e["step"], e["tokens"], e["train_loss"]) for e in events] == expected
     assert all(e.get("tokens_per_s") is None for e in events)
     assert rank0_of_2["calls"] == 2
+
+
+@pytest.mark.parametrize("framework", sorted(RUNS))
+def test_the_steps_warning_of_a_measurement_is_agreed_too(framework, tmp_path, measurement, rank0_of_2, monkeypatch):
+    """A measurement scheduled at step 1 comes before the first loss event: rank 0 raises the steps warning (an
+    error) in the agreement on its sinks (one all_reduce), after the measurement's own collectives (here
+    ``lens.measure`` returns a measurement taken in one process), not before them (zero)."""
+    run, module = RUNS[framework]
+    pytest.importorskip(module)
+    lens = _lens(tmp_path / "run", sl.Schedule(steps=frozenset({1})))
+    measured = []
+    monkeypatch.setattr(lens, "measure", lambda step, tokens, val_loss=None: measured.append((step, tokens))
+                        or measurement)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sl.SpectralLensWarning)
+        with pytest.raises(sl.SpectralLensWarning, match=STEPS):
+            run(lens)
+    assert measured == [(1, 1)] and rank0_of_2["calls"] == 1
+    lens.writer.close()
 
 
 # ---------------------------------------------------------------- 2 gloo ranks
