@@ -34,7 +34,7 @@ def _lens(path: Path | None, schedule: sl.Schedule | None = None) -> sl.Spectral
     model = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
     writer = None if path is None else RunWriter(path, RunInfo("r", batch_tier=1), fsync=False, tail_window=(4, 12))
     return sl.SpectralLens(model, lm_pool(1, batch=4, t=12, vocab=37), writer=writer, params=(), progress=False,
-                           forward_fn=lambda m, b: m(b[0]), schedule=schedule)
+                           forward_fn=lambda m, b: m(b[0]), schedule=schedule, tail_window=(4, 12))
 
 
 def _hf_run(lens: sl.SpectralLens) -> None:
@@ -161,10 +161,10 @@ def _imports(rank):
     import transformers  # noqa: F401
 
 
-def _as_errors(run, rank: int):
+def _as_errors(run, rank: int, schedule: sl.Schedule | None = None):
     """``run`` on this rank under warnings as errors, rank 0 with a run record, the other without."""
     path = Path(tempfile.mkdtemp()) / "run" if rank == 0 else None
-    lens = _lens(path)
+    lens = _lens(path, schedule)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", sl.SpectralLensWarning)
@@ -182,23 +182,34 @@ def _lightning_as_errors(rank):
     _as_errors(_lightning_run, rank)
 
 
-CASES = {"imports": _imports, "hf": _hf_as_errors, "lightning": _lightning_as_errors}
+def _hf_measured_as_errors(rank):
+    _as_errors(_hf_run, rank, sl.Schedule(steps=frozenset({1})))
+
+
+def _lightning_measured_as_errors(rank):
+    _as_errors(_lightning_run, rank, sl.Schedule(steps=frozenset({1})))
+
+
+CASES = {"imports": _imports, "hf": _hf_as_errors, "lightning": _lightning_as_errors,
+         "hf_measured": _hf_measured_as_errors, "lightning_measured": _lightning_measured_as_errors}
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_raise_together_when_rank0s_steps_warning_is_an_error(tmp_path):
     """2 gloo ranks (a 30 s collective timeout), warnings as errors: rank 0 raises the steps warning and rank 1
-    a RuntimeError naming it, both at once and in step (before: rank 1 waited in the agreement until the
-    timeout)."""
+    a RuntimeError naming it, both at once and in step, at the first loss event, or (``*_measured``) in the
+    agreement on the sinks of a measurement scheduled at step 1 (before: rank 1 waited in the agreement, or in
+    the measurement's first collective, until the timeout)."""
     pytest.importorskip("transformers", reason="the hf extra is not installed")
     pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
     from support.ranks import checked_case, run_gloo_cases
 
     results = run_gloo_cases(tmp_path, CASES, 2, pg_timeout_s=30, join_s=300, preload="spectral_lens.integrations")
     assert [r["error"] for r in checked_case(results, "imports", None)] == [None, None]
-    for case in ("hf", "lightning"):
+    sinks = "a sink's log_measurement or the trainer's loggers"
+    for case, what in (("hf", WHAT), ("lightning", WHAT), ("hf_measured", sinks), ("lightning_measured", sinks)):
         r0, r1 = (r["error"] for r in checked_case(results, case, 20.0))
         assert r0 is not None and r0.startswith("SpectralLensWarning: ") and STEPS in r0, (case, r0)
-        assert r1 is not None and re.match(r"RuntimeError: SpectralLens: " + re.escape(WHAT)
+        assert r1 is not None and re.match(r"RuntimeError: SpectralLens: " + re.escape(what)
                                            + r" failed on global rank\(s\) \[0\]", r1), (case, r1)
