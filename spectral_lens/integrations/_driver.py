@@ -13,6 +13,13 @@ from ..attachment import Attachment
 from ..lens import LensMeasurement, SpectralLens
 from .summaries import measurement_scalars
 
+_STEPS_WARNING = (
+    "spectral-lens callback: the trainer counts no input tokens and no tokens_per_step was given, so the run record's "
+    "tokens count optimizer steps, which the early prediction and the reports read as tokens (against "
+    "RunInfo.total_tokens); pass the callback tokens_per_step= (training tokens per optimizer step), or with the "
+    "Hugging Face Trainer TrainingArguments(include_num_input_tokens_seen=True)"
+)
+
 # The attachment a callback made for each lens it attached (a lens built without a model). When a
 # run raised, its end hook never ran and the lens is still bound to that run's model; the next
 # callback run of the lens re-attaches it to its own model instead of refusing it. The attachment is
@@ -47,6 +54,7 @@ class LensDriver:
                 raise TypeError(f"sink {type(s).__name__} has no log_measurement(measurement, tail=, head=) method")
         self.tokens_per_step = tokens_per_step
         self._warned_steps = False  # tokens() fell back to step counts and said so once
+        self._steps_pending = False  # agreed_tokens() fell back to step counts: rank 0's next agreed work says so
         self.last_step: int | None = None
         self.last_has_val_loss = False  # whether the record holds a validation loss at last_step
         self.handle = None
@@ -137,7 +145,7 @@ class LensDriver:
     def training_starts(self, step: int, counted: int | None = None) -> None:
         """``train()`` / ``fit()`` starts (or resumes) at ``step``: the first interval of the logged
         throughput starts here, with the clock running."""
-        self._interval_tokens = int(counted) if counted else int(step) * (self.tokens_per_step or 1)  # as tokens()
+        self._interval_tokens = self._counted_tokens(step, counted)
         self._train_s = 0.0
         self._clock_from = time.perf_counter()
 
@@ -173,7 +181,7 @@ class LensDriver:
         collective per event (none in a single process), so a failed write (a full disk) raises on
         every rank instead of leaving the others in the training's next collective. A closed writer,
         or a lens without one, records nothing."""
-        tokens = self.tokens(step, counted)
+        tokens = self.agreed_tokens(step, counted)
         start, train_s = self._interval_tokens, self._train_s
         self._interval_tokens, self._train_s = tokens, 0.0
         real = self._real_tokens(counted)
@@ -212,10 +220,14 @@ class LensDriver:
     def _agreed_on_rank0(self, work, what: str) -> None:
         """Run ``work()`` on rank 0 of the lens's group; then every rank agrees (one collective) on
         whether it succeeded, so a failure there (a full disk, a sink's error) makes every rank raise at
-        once instead of leaving the others waiting in the training loop's next collective."""
+        once instead of leaving the others waiting in the training loop's next collective. Rank 0 first gives
+        :meth:`agreed_tokens`'s pending warning, so that one raised as an error is agreed too."""
         error = None
         if ranks(self.lens.group)[0] == 0:
             try:
+                if self._steps_pending:
+                    self._steps_pending, self._warned_steps = False, True
+                    warnings.warn(_STEPS_WARNING, SpectralLensWarning, stacklevel=3)
                 work()
             except BaseException as exc:  # an interrupt too: agreed below, then re-raised on rank 0
                 error = exc
@@ -231,18 +243,26 @@ class LensDriver:
     def tokens(self, step: int, counted: int | None = None) -> int:
         """Training tokens at ``step``: the framework's count when it keeps one, else
         ``step * tokens_per_step``, else ``step`` (tokens then count optimizer steps)."""
-        if counted:
-            return int(counted)
-        if self.tokens_per_step is None and self.lens.writer is not None and not self._warned_steps:  # a record
+        if self._counts_steps(counted):
             self._warned_steps = True
-            warnings.warn(
-                "spectral-lens callback: the trainer counts no input tokens and no tokens_per_step was given, so "
-                "the run record's tokens count optimizer steps, which the early prediction and the reports read "
-                "as tokens (against RunInfo.total_tokens); pass the callback tokens_per_step= (training tokens "
-                "per optimizer step), or with the Hugging Face Trainer "
-                "TrainingArguments(include_num_input_tokens_seen=True)",
-                SpectralLensWarning, stacklevel=2)
-        return int(step) * (self.tokens_per_step or 1)
+            warnings.warn(_STEPS_WARNING, SpectralLensWarning, stacklevel=2)
+        return self._counted_tokens(step, counted)
+
+    def agreed_tokens(self, step: int, counted: int | None = None) -> int:
+        """:meth:`tokens`, for a callback's hook that every rank runs: its warning (given on rank 0 only, where the
+        writer is) waits for rank 0's next agreed work (:meth:`_agreed_on_rank0`: a measurement's sinks, a loss
+        event), so a warning raised as an error (``-W error``) makes every rank raise; raised at once, it left the
+        other ranks waiting in the next collective until the process-group timeout."""
+        if self._counts_steps(counted):
+            self._steps_pending = True
+        return self._counted_tokens(step, counted)
+
+    def _counts_steps(self, counted: int | None) -> bool:
+        """Whether the record's tokens count optimizer steps and that was not said yet."""
+        return not counted and self.tokens_per_step is None and self.lens.writer is not None and not self._warned_steps
+
+    def _counted_tokens(self, step: int, counted: int | None = None) -> int:
+        return int(counted) if counted else int(step) * (self.tokens_per_step or 1)
 
     def due(self, step: int, since: int | None = None) -> bool:
         """Whether the lens's schedule asks for ``step`` (or, with ``since``, for any step after

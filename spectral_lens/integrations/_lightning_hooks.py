@@ -58,7 +58,7 @@ class LightningHooks:
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=step)
 
-        self.driver.measure(step, self.driver.tokens(step), val_loss, log=log)
+        self.driver.measure(step, self.driver.agreed_tokens(step), val_loss, log=log)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Attach a lens without a model to ``pl_module``; else check that it is (or contains) the lens's."""
@@ -208,7 +208,7 @@ class LightningHooks:
                 stacklevel=3,
             )
         if step == self.driver.last_step:  # measured at this step already: keep the loss
-            self.driver.record_val_loss(step, self.driver.tokens(step), None if value is None else float(value))
+            self.driver.record_val_loss(step, self.driver.agreed_tokens(step), None if value is None else float(value))
             return
         self._measure(trainer, None if value is None else float(value))
 

@@ -118,7 +118,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
             else:
                 state.log_history.append({**scalars, "step": step})
 
-        self.driver.measure(step, self.driver.tokens(step, state.num_input_tokens_seen), val_loss, log=log)
+        self.driver.measure(step, self.driver.agreed_tokens(step, state.num_input_tokens_seen), val_loss, log=log)
 
     def _trainer_of(self, state):
         """:attr:`trainer` if ``state`` is its state (the callback runs in that trainer), else ``None``: a
@@ -200,7 +200,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
                 stacklevel=3,
             )
         if step == self.driver.last_step:  # measured at this step already: keep the loss
-            self.driver.record_val_loss(step, self.driver.tokens(step, state.num_input_tokens_seen),
+            self.driver.record_val_loss(step, self.driver.agreed_tokens(step, state.num_input_tokens_seen),
                                         None if val_loss is None else float(val_loss))
             return
         val_loss = None if val_loss is None else float(val_loss)
