@@ -90,7 +90,8 @@ def set_training(model: nn.Module, modules: list[nn.Module], mode: bool) -> bool
         hf = _hf_train()
         for m in modules:  # a loop, not a function per module: this check runs at every switching update
             t, d = type(m), m.__dict__
-            if ((t.train is not _TRAIN and (t.train is not hf or getattr(m, "use_kernels", True)))
+            if ((t.train is not _TRAIN and (t.train is not hf or getattr(m, "use_kernels", True)
+                                            or not _reaches_module_train(t, hf)))
                     or t.__setattr__ is not _SETATTR or t.children is not _CHILDREN
                     or t.named_children is not _NAMED_CHILDREN or "train" in d or "children" in d
                     or "named_children" in d):
@@ -122,22 +123,33 @@ _TRAIN, _SETATTR, _CHILDREN, _NAMED_CHILDREN = (nn.Module.train, nn.Module.__set
 def _hf_train() -> Callable | None:
     """Transformers' ``PreTrainedModel.train`` where transformers is imported and that method is the one read
     (``changed = self.training != mode; super().train(mode); if self.use_kernels and changed:
-    self.set_use_kernels(True)``: only those names), else ``None``. A release whose method uses any other name
-    is not taken for it (its models get ``model.train()``)."""
+    self.set_use_kernels(True)``: defined as ``PreTrainedModel.train`` in ``transformers.modeling_utils``, with
+    exactly those names), else ``None``. A release whose method uses other names, or a function patched onto the
+    class (``PreTrainedModel.train = disabled_train``, which uses none), is an override (``model.train()``)."""
     utils = sys.modules.get("transformers.modeling_utils")
-    train = getattr(getattr(utils, "PreTrainedModel", None), "train", None)
+    train = vars(getattr(utils, "PreTrainedModel", object)).get("train")
     if train is None:
         return None
     known = _HF_TRAIN.get(train)
     if known is None:
         code = getattr(train, "__code__", None)
-        known = _HF_TRAIN[train] = code is not None and set(code.co_names) <= _HF_TRAIN_NAMES
+        known = _HF_TRAIN[train] = (
+            code is not None and set(code.co_names) == _HF_TRAIN_NAMES
+            and getattr(train, "__qualname__", None) == "PreTrainedModel.train"
+            and getattr(train, "__module__", None) == "transformers.modeling_utils")
     return train if known else None
 
 
 _HF_TRAIN: dict = {}  # PreTrainedModel.train -> whether it is the method _hf_train reads
 _HF_TRAIN_NAMES = frozenset({"training", "super", "train", "use_kernels", "set_use_kernels"})
 
+
+def _reaches_module_train(t: type, hf: Callable) -> bool:
+    """Whether ``super().train`` in :func:`_hf_train`'s method, on an instance of class ``t``, is
+    ``nn.Module.train``: no class after ``PreTrainedModel`` in ``t``'s MRO defines a ``train`` of its own (a mixin
+    there, ``class M(LlamaForCausalLM, FrozenMixin)``, is an override that method calls)."""
+    trains = [c.__dict__["train"] for c in t.__mro__ if "train" in c.__dict__]  # ~1 us (12 classes: a Llama)
+    return len(trains) > 1 and trains[0] is hf and trains[1] is _TRAIN
 
 
 def cuda_devices(model: nn.Module, params: list[torch.Tensor] | None = None) -> list[int]:
