@@ -90,6 +90,17 @@ def alpha_trajectory(
     return arr[:, 0], arr[:, 1], arr[:, 2].astype(np.int64)
 
 
+def _steps_as_tokens_hint(run: RunRecord) -> str:
+    """Why a finished run may read as barely started: every measurement's tokens equal its step (a
+    framework callback without a token count records optimizer steps), so the progress against
+    ``RunInfo.total_tokens`` is steps over tokens. Empty otherwise."""
+    ms = run.measurements
+    if not ms or not all(m.tokens == m.step for m in ms) or max(m.step for m in ms) < 2:
+        return ""
+    return ("; its tokens equal its steps (recorded without a token count?): give the callback tokens_per_step=, "
+            "or TrainingArguments(include_num_input_tokens_seen=True) to the Hugging Face Trainer")
+
+
 def _fit_alpha(fitter: BandAlphaFitter, m: Measurement, name: str, run: RunRecord, keep: bool = True,
                given: bool = False) -> float:
     """``keep=False``: a spectrum read from disk is not kept in ``m.spectra`` (a trajectory visits every
@@ -240,6 +251,7 @@ def early_alpha(
     if cands and cands[-1][0] < fraction:
         raise FractionNotReachedError(
             f"run {run.run_id!r}: latest measurement is at progress {cands[-1][0]:.3f} < {fraction}"
+            + _steps_as_tokens_hint(run)
         )
     # only the measurements the estimate needs are fitted (and their spectra loaded)
     f_all = np.array([c[0] for c in cands])

@@ -53,3 +53,43 @@ def test_collapsed_spectrum_message_is_unchanged():
     with pytest.raises(NoEarlyStatisticError) as info:
         _fit_alpha(sl.BandAlphaFitter((10, 40)), m, "act:h", SimpleNamespace(run_id="r"))
     assert "run 'r', step 3" in str(info.value) and "HI <=" not in str(info.value)
+
+
+def _steps_as_tokens_run(root, tokens_per_step):
+    """A Trainer-callback record without a token count: its tokens are the optimizer steps."""
+    import math
+
+    import torch
+
+    from spectral_lens.records import RunInfo, RunWriter
+    import spectral_lens as sl
+
+    values = torch.tensor([1.0 / j ** 1.5 for j in range(1, 65)], dtype=torch.float64)
+    spec = sl.Spectrum(values, kind="activation_covariance", n_rows=256, dim=64)
+    with RunWriter(root, RunInfo("hf-b8", family="f", batch_tier=8, n_layer=2, total_tokens=30 * 256),
+                   tail_window=(10, 40)) as w:
+        for step in range(5, 31, 5):
+            w.log_measurement(step, step * tokens_per_step, {"act:h": spec}, val_loss=5.0 - math.log(step))
+    return root
+
+
+def test_tokens_that_are_steps_are_named_when_the_fraction_is_not_reached(tmp_path):
+    from spectral_lens.analysis import FractionNotReachedError, early_alpha
+    from spectral_lens.records import RunRecord
+
+    run = RunRecord.open(_steps_as_tokens_run(tmp_path / "steps", 1))
+    with pytest.raises(FractionNotReachedError) as info:
+        early_alpha(run)
+    msg = str(info.value)
+    assert "latest measurement is at progress 0.004 < 0.2" in msg
+    assert "tokens equal its steps" in msg and "tokens_per_step" in msg and "include_num_input_tokens_seen" in msg
+
+
+def test_a_run_short_of_the_fraction_with_real_tokens_has_no_steps_hint(tmp_path):
+    from spectral_lens.analysis import FractionNotReachedError, early_alpha
+    from spectral_lens.records import RunRecord
+
+    run = RunRecord.open(_steps_as_tokens_run(tmp_path / "tokens", 16))   # 30 * 16 of 30 * 256 tokens
+    with pytest.raises(FractionNotReachedError) as info:
+        early_alpha(run)
+    assert "tokens equal its steps" not in str(info.value)
