@@ -333,15 +333,20 @@ def plot_alpha_trajectories(
     fig, axes = _grid(Figure, len(fams))
     colors = _tier_colors(runs)
     for ax, (family, members) in zip(axes, fams.items()):
-        win, empty, unfit = None, [], []
+        win, empty, unfit, narrow = None, [], [], None
         for run in _sorted_runs(members):
             if not run.measurements:  # listed in the panel instead of failing the whole figure
                 empty.append(_tier_label(run.info.batch_tier))
                 continue
             win = resolve_window(run, window)
             prog, alpha, _ = alpha_trajectory(run, window=window, spectrum=spectrum)
-            if np.isnan(alpha).any():  # a gap in the line (a collapsed spectrum), named in the panel
-                unfit.append(f"{_tier_label(run.info.batch_tier)} ({int(np.isnan(alpha).sum())})")
+            n_bad = int(np.isnan(alpha).sum())
+            if n_bad:  # a gap in the line (a collapsed spectrum), named in the panel
+                unfit.append(f"{_tier_label(run.info.batch_tier)} ({n_bad} of {alpha.size})")
+            if n_bad and n_bad == alpha.size:  # no point at all: a window wider than the spectrum?
+                size = _spectrum_size(run, spectrum)
+                if size is not None and size < win[1]:
+                    narrow = size if narrow is None else min(narrow, size)
             ax.plot(100 * prog, alpha, marker="o", ms=2.5, lw=1.3, color=colors.get(run.info.batch_tier),
                     label=_tier_label(run.info.batch_tier))
         if fraction is not None:
@@ -351,12 +356,25 @@ def plot_alpha_trajectories(
         ax.set_ylabel(f"α_tail (ranks {win[0]}–{win[1]})" if win else "α_tail")
         ax.set_xlim(0, 100)
         said = (["no measurements: " + ", ".join(empty)] if empty else []) + (
-            ["α_tail not fittable at some checkpoints: " + ", ".join(unfit)] if unfit else [])
+            ["α_tail not fittable at checkpoints: " + ", ".join(unfit)] if unfit else []) + (
+            [f"window [{win[0]}, {win[1]}] is wider than the spectrum ({narrow} eigenvalues):\n"
+             f"pass --window LO HI with HI <= {narrow} (window= in Python)"] if narrow is not None else [])
         if said:
             ax.text(0.02, 0.02, "\n".join(said), transform=ax.transAxes, fontsize=8, color="0.3")
         ax.legend(fontsize=7, ncol=2)
         ax.grid(True, alpha=0.3)
     return fig
+
+
+def _spectrum_size(run: RunRecord, spectrum: str | None) -> int | None:
+    """Eigenvalue count of the run's latest measured spectrum used for ``alpha_tail`` (None if none)."""
+    name = resolve_spectrum(run, spectrum)
+    for m in reversed(run.measurements):
+        if name in m.spectra:
+            spectra = m.spectra
+            loaded = spectra.load(name) if hasattr(spectra, "load") else spectra[name]
+            return int(loaded.values.numel())
+    return None
 
 
 def plot_early_vs_eps(score: PredictionScore, baseline: PredictionScore | None = None) -> "Figure":
@@ -395,7 +413,10 @@ def plot_early_vs_eps(score: PredictionScore, baseline: PredictionScore | None =
         ax.set_ylabel("token inefficiency ε_tok = T(B) / min T")
         rho = f"ρ_S = {s.rho:.2f} (p = {s.pvalue:.2g}, n = {s.n})" if math.isfinite(s.rho) else "ρ_S undefined"
         within = f"; within-family mean {s.mean_within_rho:.2f}" if len(s.within) > 1 and math.isfinite(s.mean_within_rho) else ""
-        ax.set_title(f"{label} vs ε_tok\npooled {rho}{within}", fontsize=9)
+        # the triangles' key goes in the title: inside the axes it covered a never-reached run of the family's
+        # smallest statistic, which is drawn at the top-left corner
+        never = "\n▲ at the top edge: target not reached" if any(math.isinf(p[4]) for p in s.points) else ""
+        ax.set_title(f"{label} vs ε_tok\npooled {rho}{within}{never}", fontsize=9)
         ax.set_xlim(-0.08, 1.12)
         # eps_tok >= 1 by definition: keep 1 in view and a visible span even for one run (or all equal)
         ax.set_ylim(min(0.97, min(finite, default=1.0) - 0.03), max(top, 1.1) + (0.04 if any(math.isinf(p[4]) for p in s.points) else 0))
@@ -404,8 +425,6 @@ def plot_early_vs_eps(score: PredictionScore, baseline: PredictionScore | None =
         ax.grid(True, alpha=0.3)
         if len(families) > 1:
             ax.legend(fontsize=7, title="family", title_fontsize=7)
-        if any(math.isinf(p[4]) for p in s.points):
-            ax.text(0.02, 0.97, "▲ target not reached", transform=ax.transAxes, fontsize=7, va="top", color="0.3")
     fig.draw_without_rendering()  # the layout: where each point lands, in points, for the labels
     for ax, s, top in zip(axes, panels, tops):
         box = ax.get_window_extent()

@@ -90,15 +90,42 @@ def alpha_trajectory(
     return arr[:, 0], arr[:, 1], arr[:, 2].astype(np.int64)
 
 
-def _fit_alpha(fitter: BandAlphaFitter, m: Measurement, name: str, run: RunRecord, keep: bool = True) -> float:
+def _steps_as_tokens_hint(run: RunRecord) -> str:
+    """Why a finished run may read as barely started: every measurement's tokens equal its step (a
+    framework callback without a token count records optimizer steps), so the progress against
+    ``RunInfo.total_tokens`` is steps over tokens. Empty otherwise."""
+    ms = run.measurements
+    if not ms or not all(m.tokens == m.step for m in ms) or max(m.step for m in ms) < 2:
+        return ""
+    return ("; its tokens equal its steps (recorded without a token count?): give the callback tokens_per_step=, "
+            "or TrainingArguments(include_num_input_tokens_seen=True) to the Hugging Face Trainer")
+
+
+def _fit_alpha(fitter: BandAlphaFitter, m: Measurement, name: str, run: RunRecord, keep: bool = True,
+               given: bool = False) -> float:
     """``keep=False``: a spectrum read from disk is not kept in ``m.spectra`` (a trajectory visits every
-    measurement of the run once; kept, they all stayed in memory)."""
+    measurement of the run once; kept, they all stayed in memory). ``given``: the window was passed
+    (``window=``), not read from the record; only the hint for a too-wide window says which."""
     spectra = m.spectra
+    spectrum = None
     try:
         spectrum = spectra[name] if keep or not isinstance(spectra, _LazySpectra) else spectra.load(name)
         return float(fitter.fit(spectrum).alpha)
     except ValueError as exc:
-        raise NoEarlyStatisticError(f"run {run.run_id!r}, step {m.step}: {exc}") from None
+        hi_rank = max(w[1] for w in fitter.windows)
+        hint = "" if spectrum is None else _too_wide_hint(hi_rank, spectrum.values.numel(), given)
+        raise NoEarlyStatisticError(f"run {run.run_id!r}, step {m.step}: {exc}{hint}") from None
+
+
+def _too_wide_hint(hi_rank: int, size: int, given: bool) -> str:
+    """What to do when the tail window reaches past the spectrum (a small model recorded with the d12
+    window (100, 200), the default up to 12 layers): a window that fits, on the command line and in
+    Python. Empty when the window fits (the fit failed for another reason: zeros, NaN)."""
+    if hi_rank <= size:
+        return ""
+    lo, hi = (10, 40) if size >= 40 else (1, size)
+    where = "the window you passed" if given else "the tail window recorded in run.json"
+    return f" ({where}); use one with HI <= {size}: --window {lo} {hi} (window=({lo}, {hi}) in Python)"
 
 
 @dataclass(frozen=True)
@@ -224,12 +251,14 @@ def early_alpha(
     if cands and cands[-1][0] < fraction:
         raise FractionNotReachedError(
             f"run {run.run_id!r}: latest measurement is at progress {cands[-1][0]:.3f} < {fraction}"
+            + _steps_as_tokens_hint(run)
         )
     # only the measurements the estimate needs are fitted (and their spectra loaded)
     f_all = np.array([c[0] for c in cands])
     need = set(np.argsort(np.abs(f_all - fraction), kind="stable")[: max(noise_neighbors, 2)].tolist())
     hi = int(np.searchsorted(f_all, fraction, side="left")) if cands else 0
     need |= {i for i in (hi - 1, hi) if 0 <= i < len(cands)}
-    points = [(cands[i][0], _fit_alpha(fitter, cands[i][1], name, run), cands[i][1].step) for i in sorted(need)]
+    points = [(cands[i][0], _fit_alpha(fitter, cands[i][1], name, run, given=window is not None), cands[i][1].step)
+              for i in sorted(need)]
     rows = tuple(sorted({int(cands[i][1].spectra[name].n_rows) for i in need}))  # loaded and kept by _fit_alpha
     return early_value(run, fraction, points, "alpha_tail", noise_neighbors, window=win, spectrum=name, n_rows=rows)
