@@ -23,6 +23,8 @@ from torch import nn
 
 from spectral_lens.gradients import PerSampleGradientProbe
 
+from .test_probe_walks import _count_walks
+
 W = "transformer.h.1.attn.c_proj.weight"
 
 
@@ -95,18 +97,6 @@ def test_a_cached_gaussian_consumed_inside_the_pass_comes_back(global_bit_genera
     assert _np_state() == before
     np.random.randn()
     assert np.random.randn() == want
-
-
-def _count_walks(monkeypatch, model: nn.Module) -> list:
-    walks, real = [], nn.Module.named_modules
-
-    def counting(self, *a, **k):
-        if self is model:
-            walks.append(1)
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(nn.Module, "named_modules", counting)
-    return walks
 
 
 def test_the_fsdp_refusal_walks_nothing_once_fsdp_is_imported(monkeypatch):

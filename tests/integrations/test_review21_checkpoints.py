@@ -5,12 +5,11 @@ a crash half-way through log_history, and the duplicate-step check on a long rec
 
 from __future__ import annotations
 
-import builtins
 import json
-import pathlib
 import warnings
 
 import pytest
+from support.files import bytes_read
 from support.models import TinyGPT, lm_pool
 
 import spectral_lens as sl
@@ -179,44 +178,6 @@ def test_a_log_history_cut_short_by_a_crash_is_completed_by_a_rerun(tmp_path, mo
 
 
 # ------------------------------------------------------------------ SpectralLens._warn_measured
-def _reads_of(monkeypatch, name):
-    """Bytes read from files called ``name`` (through open() or Path.read_bytes)."""
-    counted = [0]
-    real_open, real_read_bytes = builtins.open, pathlib.Path.read_bytes
-
-    class Counting:
-        def __init__(self, fh):
-            self.fh = fh
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
-        def read(self, *args):
-            data = self.fh.read(*args)
-            counted[0] += len(data)
-            return data
-
-        def __getattr__(self, key):
-            return getattr(self.fh, key)
-
-    def counting_open(file, *args, **kw):
-        fh = real_open(file, *args, **kw)
-        return Counting(fh) if pathlib.Path(str(file)).name == name else fh
-
-    def counting_read_bytes(self):
-        data = real_read_bytes(self)
-        if self.name == name:
-            counted[0] += len(data)
-        return data
-
-    monkeypatch.setattr(builtins, "open", counting_open)
-    monkeypatch.setattr(pathlib.Path, "read_bytes", counting_read_bytes)
-    return counted
-
-
 def test_the_duplicate_step_check_reads_a_long_record_once(tmp_path, monkeypatch):
     """Each measure read and parsed the whole measurements.jsonl to look for its step: on a record of 5000
     measurements of a 12-layer model (18 MB) about 2-3 s per measure on this machine, quadratic over a run. It now
@@ -233,7 +194,7 @@ def test_the_duplicate_step_check_reads_a_long_record_once(tmp_path, monkeypatch
                 fh.write(json.dumps({**line, "step": step}) + "\n")
         lens.measure(1000, 1000)  # reads the 199 lines appended since the last measure
         size = file.stat().st_size
-        counted = _reads_of(monkeypatch, "measurements.jsonl")
+        counted = bytes_read(monkeypatch, "measurements.jsonl")
         for step in (1001, 1002, 1003):
             lens.measure(step, step)
         assert counted[0] < 3 * 2 * len(json.dumps(line)) < size / 10, (counted[0], size)

@@ -3,13 +3,12 @@ and the lens asks it instead of parsing measurements.jsonl itself."""
 
 from __future__ import annotations
 
-import builtins
 import json
 import os
-import pathlib
 import warnings
 
 import pytest
+from support.files import bytes_read
 from support.models import TinyGPT, lm_pool
 
 import spectral_lens as sl
@@ -21,44 +20,6 @@ def _writer(tmp_path, **kw):
 
 
 V, T = 64, 16
-
-
-def _bytes_read(monkeypatch, name):
-    """Bytes read from files called ``name`` (through open() or Path.read_bytes)."""
-    counted = [0]
-    real_open, real_read_bytes = builtins.open, pathlib.Path.read_bytes
-
-    class Counting:
-        def __init__(self, fh):
-            self.fh = fh
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.fh.close()
-
-        def read(self, *args):
-            data = self.fh.read(*args)
-            counted[0] += len(data)
-            return data
-
-        def __getattr__(self, key):
-            return getattr(self.fh, key)
-
-    def counting_open(file, *args, **kw):
-        fh = real_open(file, *args, **kw)
-        return Counting(fh) if pathlib.Path(str(file)).name == name else fh
-
-    def counting_read_bytes(self):
-        data = real_read_bytes(self)
-        if self.name == name:
-            counted[0] += len(data)
-        return data
-
-    monkeypatch.setattr(builtins, "open", counting_open)
-    monkeypatch.setattr(pathlib.Path, "read_bytes", counting_read_bytes)
-    return counted
 
 
 def test_the_writer_reads_its_measured_steps_once_then_only_what_was_appended(tmp_path, monkeypatch):
@@ -75,7 +36,7 @@ def test_the_writer_reads_its_measured_steps_once_then_only_what_was_appended(tm
     with _writer(tmp_path, resume=True) as w:
         assert w.measured_steps() == set(range(1, 3000))
         size = file.stat().st_size
-        counted = _bytes_read(monkeypatch, "measurements.jsonl")
+        counted = bytes_read(monkeypatch, "measurements.jsonl")
         w.log_measurement(10_000, 500, {})  # its own line
         with open(file, "a") as fh:  # and another program's
             fh.write(json.dumps({**line, "step": 10_001}) + "\n")
