@@ -94,6 +94,7 @@ class RunWriter:
         self.path = Path(path)
         self.fsync = fsync
         self._fds: dict[str, int] = {}
+        self._ends: dict[str, int] = {}  # each JSONL file's size after this writer's last line (see _append)
         self._lock_fd: int | None = None
         self._steps: set[int] = set()  # the steps of measurements.jsonl's lines read so far (see _read_steps)
         self._steps_read: tuple | None = None  # ((st_dev, st_ino), offset read to, the bytes before it)
@@ -138,7 +139,7 @@ class RunWriter:
                     f"{run_file}: resuming a run recorded with tail_window={self.tail_window} with "
                     f"tail_window={tuple(tail_window)}; one run's summaries use one window (omit tail_window to keep it)"
                 )
-            failed = header.get("extras", {}).get("status") == FAILED  # withdrawn below, once the files are open
+            failed = _extras(header).get("status") == FAILED  # withdrawn below, once the files are open
         else:
             if info is None:
                 raise ValueError(f"{self.path}: a new run needs a RunInfo (info=...)")
@@ -257,6 +258,11 @@ class RunWriter:
         data = _json_line(obj)
         start = os.fstat(fd).st_size
         try:
+            # the line starts on a fresh line: where the file is not as this writer's last line left it
+            # (another program appended, or a failed write's cut failed too), its last byte is read, and a
+            # line left without its newline is ended first, so the two lines are not glued (losing both)
+            if start and start != self._ends.get(name) and os.pread(fd, 1, start - 1) != b"\n":
+                data = b"\n" + data
             written = os.write(fd, data)
             while written < len(data):  # a short write (disk filling up): write the rest, or fail below
                 written += os.write(fd, data[written:])
@@ -268,6 +274,7 @@ class RunWriter:
             except OSError:
                 pass
             raise named_os_error(exc, self.path / name) from exc
+        self._ends[name] = start + len(data)
 
     def log(self, step: int, tokens: int, **scalars: Any) -> None:
         """Append one scalar event to ``log.jsonl``.
@@ -451,6 +458,7 @@ class RunWriter:
             # the append descriptor still points at the replaced file: reopen it on the new one
             os.close(self._fds.pop(name))
             self._fds[name] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            self._ends.pop(name, None)
             if name == MEASUREMENTS_FILE:
                 n_dropped = n
         if not unknown:
@@ -475,7 +483,7 @@ class RunWriter:
                 isinstance(q, torch.Tensor) and q.numel() == 1 and q.dtype != torch.bool and not q.is_complex())):
             raise TypeError(f"RunWriter.update_info: throughput must be a number (tokens/s), got {q!r}")
         header = RunRecord._read_header(self.path)
-        header.setdefault("extras", {}).update(extras)
+        header["extras"] = {**_extras(header), **extras}
         _write_json_atomic(self.path / RUN_FILE, header, self.fsync)
         self.info.extras.update(extras)
 
@@ -583,7 +591,7 @@ class RunWriter:
         """``run.json`` extras ``status: "failed"`` and ``failure``; a write that fails (the disk the error
         was about) is a :class:`RecordWarning`, so the block's own exception is the one raised."""
         try:
-            status = RunRecord._read_header(self.path).get("extras", {}).get("status")
+            status = _extras(RunRecord._read_header(self.path)).get("status")
             extras = {"failure": _failure_text(exc)}
             if status not in _ENDED:
                 extras["status"] = FAILED
@@ -605,6 +613,13 @@ FAILED = "failed"
 
 #: Statuses that say the run ended (``spectral_lens.analysis.ENDED_STATUSES``): a failure does not replace them.
 _ENDED = ("complete", "diverged")
+
+
+def _extras(header: Mapping[str, Any]) -> dict[str, Any]:
+    """``run.json``'s ``extras`` (a header from ``RunRecord._read_header``); ``{}`` when absent or ``null``
+    (a hand-written or old file), as :meth:`RunInfo.from_dict` reads it."""
+    extras = header.get("extras")
+    return extras if isinstance(extras, dict) else {}
 
 
 def _is_failure(exc: BaseException | None) -> bool:
