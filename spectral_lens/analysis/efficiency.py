@@ -23,6 +23,7 @@ import numpy as np
 
 from .._warnings import SpectralLensWarning
 from ..records import Measurement, RunRecord
+from ..records.writer import COMPLETE_COVERAGE as _COMPLETE_COVERAGE
 from ..records.writer import FAILED as _FAILED
 
 __all__ = [
@@ -58,7 +59,7 @@ __all__ = [
 NO_FAMILY = "(no family)"
 """Family name used for runs whose ``RunInfo.family`` is ``None``."""
 
-COMPLETE_COVERAGE = 0.95
+COMPLETE_COVERAGE = _COMPLETE_COVERAGE
 """A run whose records reach this share of its token budget (``RunInfo.total_tokens``) counts as complete."""
 
 
