@@ -145,7 +145,8 @@ def failure(run: RunRecord) -> str | None:
     """``"failed (TYPE: message)"`` when ``run.json`` extras ``status`` is ``"failed"``: the run's
     ``with RunWriter(...)`` block ended with that exception (extras ``failure``), and nothing resumed it
     since; else ``None``. Such a run logs nothing more, and did not finish: :func:`ended` is ``False``
-    unless its records reach :data:`COMPLETE_COVERAGE` of its token budget."""
+    unless its records reach :data:`COMPLETE_COVERAGE` of its token budget. Extras
+    ``failure_after_end`` (a block that raised after the record said the run ended) is no failure."""
     extras = run.info.extras
     if extras.get("status") != FAILED_STATUS:
         return None
