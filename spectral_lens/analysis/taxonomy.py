@@ -36,7 +36,13 @@ import numpy as np
 from ..records import RunRecord
 from ..spectrum import Spectrum
 from ..summaries import BandAlphaFitter, InsufficientRowsWarning
-from .efficiency import divergence, ended, failure, measurement_at_loss, transition_gains
+from .efficiency import (
+    divergence,
+    ended,
+    failure,
+    measurement_at_loss,
+    transition_gains,
+)
 from .windows import resolve_spectrum
 
 __all__ = [

@@ -71,7 +71,8 @@ class RunWriter:
 
     Used as a context manager (``with RunWriter(...) as w:``), a block that ends with an exception
     leaves ``run.json`` extras ``status: "failed"`` and ``failure``, or ``failure_after_end`` when the
-    record already said the run ended (see :meth:`__exit__`); a clean exit leaves no mark (``update_info(status="complete")`` says the run is done).
+    record already said the run ended (see :meth:`__exit__`); a clean exit leaves no mark
+    (``update_info(status="complete")`` says the run is done).
 
     Example::
 
@@ -463,10 +464,10 @@ class RunWriter:
             os.close(self._fds.pop(name))
             self._fds[name] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
             self._ends.pop(name, None)
-        for name in (LOG_FILE, MEASUREMENTS_FILE):  # what is kept counts as recorded before (see _ended_before)
-            self._before[name] = os.fstat(self._fds[name]).st_size
             if name == MEASUREMENTS_FILE:
                 n_dropped = n
+        for name in (LOG_FILE, MEASUREMENTS_FILE):  # what is kept counts as recorded before (see _ended_before)
+            self._before[name] = os.fstat(self._fds[name]).st_size
         if not unknown:
             spectra = self.path / SPECTRA_DIR
             for file_name in sorted(dropped_files - kept_files):
@@ -628,7 +629,8 @@ class RunWriter:
             for raw in reversed(data.splitlines()):  # the furthest line is usually the last
                 obj = _json_object(raw)
                 tokens = None if obj is None else obj.get("tokens")
-                if isinstance(tokens, numbers.Real) and not isinstance(tokens, bool) and tokens / total >= COMPLETE_COVERAGE:
+                number = isinstance(tokens, numbers.Real) and not isinstance(tokens, bool)
+                if number and tokens / total >= COMPLETE_COVERAGE:
                     return True
         return False
 

@@ -6,13 +6,20 @@ checkpoints) does not mark the run failed, and no ``failure`` key is left beside
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 
 import numpy as np
 import pytest
 
-from spectral_lens.analysis import UNDETERMINED, TransitionClassifier, ended, failure, transition_evidence
+from spectral_lens.analysis import (
+    UNDETERMINED,
+    TransitionClassifier,
+    ended,
+    failure,
+    transition_evidence,
+)
 from spectral_lens.analysis.tail import TailPredictor
 from spectral_lens.cli import main
 from spectral_lens.records import RunInfo, RunRecord, RunWriter
@@ -29,15 +36,13 @@ def _run(root, run_id, losses, budget_evals, raises=None, **extras):
     block then raises ``raises``."""
     info = RunInfo(run_id, family="f", batch_tier=8, total_tokens=budget_evals * 100, n_layer=12, extras=extras)
     r = np.arange(1, 301, dtype=float)
-    try:
-        with RunWriter(root / run_id, info, fsync=False) as w:
-            for i, loss in enumerate(losses):
-                w.log(i, (i + 1) * 100, val_loss=loss, tokens_per_s=1000.0)
-                w.log_measurement(i, (i + 1) * 100, {"act": Spectrum(r**-1.0, n_rows=10_000, dim=300)}, val_loss=loss)
-            if raises is not None:
-                raise raises
-    except type(raises) if raises is not None else ():
-        pass
+    expect = pytest.raises(type(raises)) if raises is not None else contextlib.nullcontext()
+    with expect, RunWriter(root / run_id, info, fsync=False) as w:
+        for i, loss in enumerate(losses):
+            w.log(i, (i + 1) * 100, val_loss=loss, tokens_per_s=1000.0)
+            w.log_measurement(i, (i + 1) * 100, {"act": Spectrum(r**-1.0, n_rows=10_000, dim=300)}, val_loss=loss)
+        if raises is not None:
+            raise raises
     return RunRecord.open(root / run_id)
 
 
