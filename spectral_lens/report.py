@@ -114,6 +114,16 @@ def run_status(run: RunRecord) -> str:
     return "complete" if c >= COMPLETE_COVERAGE else f"ends at {c:.0%} of budget"
 
 
+def _target_cell(run: RunRecord, T: float) -> str:
+    """The runs table's T cell: tokens to the target; for a run that has not reached it, "not reached"
+    when it never will (it ended or diverged), "not reached (failed)" when its block failed short of its
+    budget (:func:`~spectral_lens.analysis.failure`: cut short; its status says where), else "not reached
+    yet" (it may still be running)."""
+    if T == math.inf and not ended(run) and divergence(run) is None:
+        return "not reached (failed)" if failure(run) is not None else "not reached yet"
+    return _num(T, ".4g")
+
+
 @dataclass
 class Report:
     """What :func:`build_report` wrote and computed.
@@ -345,8 +355,7 @@ def build_report(
         rows.append([
             r.run_id, r.info.family or "–", _tier(r.info.batch_tier), len(r.measurements),
             _num(float(losses[-1]) if losses.size else None),
-            ("not reached yet" if T == math.inf and not ended(r) and divergence(r) is None else _num(T, ".4g"))
-            if T is not None else "–",
+            _target_cell(r, T) if T is not None else "–",
             _num(eps.get(r.run_id), ".3f") if eps else "–",
             _num(r.throughput(), ".4g"),
             (f"{s.value:.3f} ± {_num(s.sigma, '.2g')}" + ("" if one_window else f" (ranks {tuple(s.window)})"))

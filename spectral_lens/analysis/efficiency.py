@@ -23,6 +23,7 @@ import numpy as np
 
 from .._warnings import SpectralLensWarning
 from ..records import Measurement, RunRecord
+from ..records.writer import COMPLETE_COVERAGE as _COMPLETE_COVERAGE
 from ..records.writer import FAILED as _FAILED
 
 __all__ = [
@@ -58,7 +59,7 @@ __all__ = [
 NO_FAMILY = "(no family)"
 """Family name used for runs whose ``RunInfo.family`` is ``None``."""
 
-COMPLETE_COVERAGE = 0.95
+COMPLETE_COVERAGE = _COMPLETE_COVERAGE
 """A run whose records reach this share of its token budget (``RunInfo.total_tokens``) counts as complete."""
 
 
@@ -144,7 +145,8 @@ def failure(run: RunRecord) -> str | None:
     """``"failed (TYPE: message)"`` when ``run.json`` extras ``status`` is ``"failed"``: the run's
     ``with RunWriter(...)`` block ended with that exception (extras ``failure``), and nothing resumed it
     since; else ``None``. Such a run logs nothing more, and did not finish: :func:`ended` is ``False``
-    unless its records reach :data:`COMPLETE_COVERAGE` of its token budget."""
+    unless its records reach :data:`COMPLETE_COVERAGE` of its token budget. Extras
+    ``failure_after_end`` (a block that raised after the record said the run ended) is no failure."""
     extras = run.info.extras
     if extras.get("status") != FAILED_STATUS:
         return None

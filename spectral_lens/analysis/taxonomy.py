@@ -36,7 +36,13 @@ import numpy as np
 from ..records import RunRecord
 from ..spectrum import Spectrum
 from ..summaries import BandAlphaFitter, InsufficientRowsWarning
-from .efficiency import divergence, ended, measurement_at_loss, transition_gains
+from .efficiency import (
+    divergence,
+    ended,
+    failure,
+    measurement_at_loss,
+    transition_gains,
+)
 from .windows import resolve_spectrum
 
 __all__ = [
@@ -183,16 +189,20 @@ def _missed_target(ev: TransitionEvidence) -> list[str]:
 def _missed_text(ev: TransitionEvidence) -> str:
     """Why the sides of ``ev`` without a finite ``T`` have none: a run that diverged (``details``
     ``diverged_a`` / ``diverged_b``, from :func:`~spectral_lens.analysis.divergence`) is named with
-    its divergence, one that has not ended (``details`` ``not_ended_a`` / ``not_ended_b``:
-    :func:`~spectral_lens.analysis.ended` is false) as not reaching the target yet, the others as not
-    reaching it."""
+    its divergence, one that failed short of its budget (``details`` ``failed_a`` / ``failed_b``, from
+    :func:`~spectral_lens.analysis.failure`) with its failure, one that has not ended otherwise
+    (``details`` ``not_ended_a`` / ``not_ended_b``: :func:`~spectral_lens.analysis.ended` is false) as
+    not reaching the target yet, the others as not reaching it."""
     target = ev.details.get("target", "?")
     parts, plain, going = [], [], []
     for side, name in (("a", ev.a), ("b", ev.b)):
         if f"T_{side}" in ev.details and not math.isfinite(ev.details[f"T_{side}"]):
             why = ev.details.get(f"diverged_{side}")
+            failed = ev.details.get(f"failed_{side}")
             if why:
                 parts.append(f"{name} diverged: {why.split(' diverged: ', 1)[-1]}, before reaching the target {target}")
+            elif failed and ev.details.get(f"not_ended_{side}"):
+                parts.append(f"{name} has not reached the target {target}: it {failed}, cut short")
             elif ev.details.get(f"not_ended_{side}"):
                 going.append(name)
             else:
@@ -232,7 +242,9 @@ class TransitionClassifier:
        the rule names the run(s), a run that diverged with its divergence (``details``
        ``diverged_a`` / ``diverged_b``: where its losses turned non-finite), one whose record does
        not say it ended (``details`` ``not_ended_a`` / ``not_ended_b``; cut short or still running)
-       as not reaching the target yet. The token gain is then undefined, not zero.
+       as not reaching the target yet, or, when it failed (``details`` ``failed_a`` / ``failed_b``:
+       :func:`~spectral_lens.analysis.failure`), as failed and cut short. The token gain is then
+       undefined, not zero.
 
     1. ``mixed/tradeoff``: one gain >= g, the other <= -g, and
        ``min(|g_tok|, |g_thr|) >= tradeoff_ratio * max(|g_tok|, |g_thr|)``.
@@ -460,6 +472,8 @@ def transition_evidence(
             details[f"diverged_{side}"] = why
         elif not math.isfinite(details[f"T_{side}"]) and not ended(run):  # ... and a run that may still reach it
             details[f"not_ended_{side}"] = True
+            if failure(run) is not None:  # ... once resumed: it failed, cut short
+                details[f"failed_{side}"] = failure(run)
     picks = {}
     for side, run in (("a", run_a), ("b", run_b)):
         if not run.measurements:

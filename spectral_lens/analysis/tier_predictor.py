@@ -16,7 +16,8 @@ import numpy as np
 
 from ..records import RunRecord, open_runs
 from .early import EarlyStatistic, FractionNotReachedError, NoEarlyStatisticError
-from .efficiency import NO_FAMILY, SweepWarning, divergence, group_by_family, pick_learning_rates, token_inefficiency
+from .efficiency import (NO_FAMILY, SweepWarning, divergence, failure, group_by_family, pick_learning_rates,
+                         token_inefficiency)
 from .ranking import TierRanking, rank_tiers
 from .spearman import spearman
 
@@ -110,8 +111,9 @@ class TierPredictor:
                     stats.append(self._early(r))
                     kept.append(r)
                     continue
-                except NoEarlyStatisticError as exc:
-                    why = str(exc)
+                except NoEarlyStatisticError as exc:  # short of the fraction because it failed: said
+                    failed = failure(r) if isinstance(exc, FractionNotReachedError) else None
+                    why = f"{exc}; it {failed}" if failed else str(exc)
                     errors.append(exc)
             excluded[r.run_id] = why
         if not stats:

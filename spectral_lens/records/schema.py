@@ -134,7 +134,7 @@ class RunInfo:
         if not isinstance(kwargs.get("extras") or {}, dict):
             raise RecordFormatError(f"{origin}: run metadata field 'extras' must be an object")
         unknown = {k: v for k, v in data.items() if k not in known and k not in ("format", "version")}
-        if unknown:
+        if unknown or "extras" in kwargs:  # "extras": null (a hand-written or old run.json) reads as {}
             kwargs["extras"] = {**unknown, **dict(kwargs.get("extras") or {})}
         if "run_id" not in kwargs:
             raise RecordFormatError(f"{origin}: run metadata has no 'run_id'")

@@ -59,7 +59,8 @@ class RunWriter:
             :class:`RecordWarning`) before anything is appended. A run resumed from a training
             checkpoint trains the steps after it again: call :meth:`drop_after` with the
             checkpoint's step so they are recorded once (the framework callbacks do). A run marked
-            ``status: "failed"`` (below) is marked ``"running"`` again.
+            ``status: "failed"`` (below) is marked ``"running"`` again, and a ``failure_after_end``
+            is withdrawn.
         fsync: fsync every file and line (default). ``False`` trades crash safety for speed
             (synthetic data, tests); the write order, and thus safety for concurrent readers, is kept.
         tail_window: window of the stored ``alpha_tail`` summary; default: the scale rule for
@@ -69,8 +70,9 @@ class RunWriter:
         head_window: window of the stored ``alpha_head`` summary (default ``(10, 40)``).
 
     Used as a context manager (``with RunWriter(...) as w:``), a block that ends with an exception
-    leaves ``run.json`` extras ``status: "failed"`` and ``failure`` (see :meth:`__exit__`); a clean
-    exit leaves no mark (``update_info(status="complete")`` says the run is done).
+    leaves ``run.json`` extras ``status: "failed"`` and ``failure``, or ``failure_after_end`` when the
+    record already said the run ended (see :meth:`__exit__`); a clean exit leaves no mark
+    (``update_info(status="complete")`` says the run is done).
 
     Example::
 
@@ -94,6 +96,8 @@ class RunWriter:
         self.path = Path(path)
         self.fsync = fsync
         self._fds: dict[str, int] = {}
+        self._ends: dict[str, int] = {}  # each JSONL file's size after this writer's last line (see _append)
+        self._before: dict[str, int] = {}  # each JSONL file's size when opened (or after drop_after): see _ended_before
         self._lock_fd: int | None = None
         self._steps: set[int] = set()  # the steps of measurements.jsonl's lines read so far (see _read_steps)
         self._steps_read: tuple | None = None  # ((st_dev, st_ino), offset read to, the bytes before it)
@@ -117,7 +121,7 @@ class RunWriter:
 
     def _open(self, run_file: Path, info: RunInfo | None, resume: bool, tail_window, head_window) -> None:
         fsync = self.fsync
-        failed = False  # a resumed run marked failed (by __exit__)
+        marked = False  # a resumed run marked failed, or failure_after_end (by __exit__)
         if run_file.exists():
             if not resume:
                 raise FileExistsError(
@@ -138,7 +142,7 @@ class RunWriter:
                     f"{run_file}: resuming a run recorded with tail_window={self.tail_window} with "
                     f"tail_window={tuple(tail_window)}; one run's summaries use one window (omit tail_window to keep it)"
                 )
-            failed = header.get("extras", {}).get("status") == FAILED  # withdrawn below, once the files are open
+            marked = _extras(header).get("status") == FAILED or FAILURE_AFTER_END in _extras(header)  # withdrawn
         else:
             if info is None:
                 raise ValueError(f"{self.path}: a new run needs a RunInfo (info=...)")
@@ -169,15 +173,17 @@ class RunWriter:
             self._clean_orphans()
         for name in (LOG_FILE, MEASUREMENTS_FILE):
             self._fds[name] = self._open_append(self.path / name)
+            self._before[name] = self._ends[name] = os.fstat(self._fds[name]).st_size  # ends with a newline
         if fsync:  # the entries just created (the JSONL files, spectra/, the run directory) must be durable
             _fsync_dir(self.path)  # too, not only what is fsynced into them
             _fsync_dir(self.path.parent)
-        if failed:  # resumed, the run goes on: the failure mark (the writer's own,
-            header["extras"].pop("failure", None)  # see __exit__) is withdrawn; only now, so that a resume
-            header["extras"]["status"] = "running"  # refused above (a bad last line) leaves the mark as it was
+        if marked:  # resumed, the run (or the work on it) goes on: the writer's own marks (see __exit__)
+            for extras in (header["extras"], self.info.extras):  # are withdrawn; only now, so that a resume
+                extras.pop(FAILURE_AFTER_END, None)  # refused above (a bad last line) leaves them as they were
+                if extras.get("status") == FAILED:
+                    extras.pop("failure", None)
+                    extras["status"] = "running"
             _write_json_atomic(run_file, header, fsync)
-            self.info.extras.pop("failure", None)
-            self.info.extras["status"] = "running"
 
     def _leftovers(self) -> list[str]:
         """The record files of another run in this directory: ``log.jsonl``, ``measurements.jsonl``,
@@ -257,6 +263,11 @@ class RunWriter:
         data = _json_line(obj)
         start = os.fstat(fd).st_size
         try:
+            # the line starts on a fresh line: where the file is not as this writer's last line left it
+            # (another program appended, or a failed write's cut failed too), its last byte is read, and a
+            # line left without its newline is ended first, so the two lines are not glued (losing both)
+            if start and start != self._ends.get(name) and os.pread(fd, 1, start - 1) != b"\n":
+                data = b"\n" + data
             written = os.write(fd, data)
             while written < len(data):  # a short write (disk filling up): write the rest, or fail below
                 written += os.write(fd, data[written:])
@@ -268,6 +279,7 @@ class RunWriter:
             except OSError:
                 pass
             raise named_os_error(exc, self.path / name) from exc
+        self._ends[name] = start + len(data)
 
     def log(self, step: int, tokens: int, **scalars: Any) -> None:
         """Append one scalar event to ``log.jsonl``.
@@ -451,8 +463,11 @@ class RunWriter:
             # the append descriptor still points at the replaced file: reopen it on the new one
             os.close(self._fds.pop(name))
             self._fds[name] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            self._ends.pop(name, None)
             if name == MEASUREMENTS_FILE:
                 n_dropped = n
+        for name in (LOG_FILE, MEASUREMENTS_FILE):  # what is kept counts as recorded before (see _ended_before)
+            self._before[name] = os.fstat(self._fds[name]).st_size
         if not unknown:
             spectra = self.path / SPECTRA_DIR
             for file_name in sorted(dropped_files - kept_files):
@@ -475,7 +490,7 @@ class RunWriter:
                 isinstance(q, torch.Tensor) and q.numel() == 1 and q.dtype != torch.bool and not q.is_complex())):
             raise TypeError(f"RunWriter.update_info: throughput must be a number (tokens/s), got {q!r}")
         header = RunRecord._read_header(self.path)
-        header.setdefault("extras", {}).update(extras)
+        header["extras"] = {**_extras(header), **extras}
         _write_json_atomic(self.path / RUN_FILE, header, self.fsync)
         self.info.extras.update(extras)
 
@@ -569,10 +584,13 @@ class RunWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         """Close; when the block ends with an exception, first record that in ``run.json``'s extras:
-        ``status: "failed"`` (unless the status already says the run ended: ``"complete"``,
-        ``"diverged"``) and ``failure``: the exception's type and the first line of its message. A clean
-        exit records nothing: leaving the block (after a ``break``, an early stop) is not completion;
-        ``update_info(status="complete")`` says that. ``SystemExit(0)`` and ``GeneratorExit`` are no failure."""
+        ``status: "failed"`` and ``failure``: the exception's type and the first line of its message.
+        When the record already says the run ended (status ``"complete"`` or ``"diverged"``, or the lines
+        recorded before this writer opened reach :data:`COMPLETE_COVERAGE` of ``total_tokens``: a script
+        measuring a finished run's checkpoints), the status is kept and the exception is recorded as
+        ``failure_after_end`` instead: the training did not fail. A clean exit records nothing: leaving
+        the block (after a ``break``, an early stop) is not completion; ``update_info(status="complete")``
+        says that. ``SystemExit(0)`` and ``GeneratorExit`` are no failure."""
         try:
             if exc_type is not None and not self.closed and _is_failure(exc):
                 self._mark_failed(exc)
@@ -580,17 +598,41 @@ class RunWriter:
             self.close()
 
     def _mark_failed(self, exc: BaseException) -> None:
-        """``run.json`` extras ``status: "failed"`` and ``failure``; a write that fails (the disk the error
-        was about) is a :class:`RecordWarning`, so the block's own exception is the one raised."""
+        """``run.json`` extras ``status: "failed"`` and ``failure``, or, when the record already says the
+        run ended, ``failure_after_end`` (see :meth:`__exit__`); a write that fails (the disk the error was
+        about) is a :class:`RecordWarning`, so the block's own exception is the one raised."""
         try:
-            status = RunRecord._read_header(self.path).get("extras", {}).get("status")
-            extras = {"failure": _failure_text(exc)}
-            if status not in _ENDED:
-                extras["status"] = FAILED
-            self.update_info(**extras)
+            header = RunRecord._read_header(self.path)
+            status = _extras(header).get("status")
+            if status in _ENDED or (status != FAILED and self._ended_before(header)):
+                self.update_info(**{FAILURE_AFTER_END: _failure_text(exc)})
+            else:
+                self.update_info(status=FAILED, failure=_failure_text(exc))
         except Exception as err:
             warnings.warn(f"{self.path}: could not record the run's failure ({_failure_text(exc)}) in {RUN_FILE}: "
                           f"{_failure_text(err)}", RecordWarning, stacklevel=3)
+
+    def _ended_before(self, header: Mapping[str, Any]) -> bool:
+        """Whether the lines recorded before this writer opened (or kept by its last :meth:`drop_after`)
+        reach :data:`COMPLETE_COVERAGE` of ``header``'s ``total_tokens``: the training had ended, and
+        this writer's work (a script measuring its checkpoints) is not the run's. Read only when a block
+        fails; a file that cannot be read counts as not ended."""
+        total = header.get("total_tokens")
+        if isinstance(total, bool) or not isinstance(total, numbers.Real) or not total > 0:
+            return False
+        for name, size in self._before.items():
+            try:
+                with open(self.path / name, "rb") as fh:
+                    data = fh.read(size)
+            except OSError:
+                continue
+            for raw in reversed(data.splitlines()):  # the furthest line is usually the last
+                obj = _json_object(raw)
+                tokens = None if obj is None else obj.get("tokens")
+                number = isinstance(tokens, numbers.Real) and not isinstance(tokens, bool)
+                if number and tokens / total >= COMPLETE_COVERAGE:
+                    return True
+        return False
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
@@ -605,6 +647,21 @@ FAILED = "failed"
 
 #: Statuses that say the run ended (``spectral_lens.analysis.ENDED_STATUSES``): a failure does not replace them.
 _ENDED = ("complete", "diverged")
+
+#: A run whose records reach this share of its token budget (``RunInfo.total_tokens``) counts as complete
+#: (``spectral_lens.analysis.COMPLETE_COVERAGE``).
+COMPLETE_COVERAGE = 0.95
+
+#: ``run.json`` extras key of the exception that ended a ``with RunWriter(...)`` block when the record
+#: already said the run ended (see :meth:`RunWriter.__exit__`); the run's status is kept.
+FAILURE_AFTER_END = "failure_after_end"
+
+
+def _extras(header: Mapping[str, Any]) -> dict[str, Any]:
+    """``run.json``'s ``extras`` (a header from ``RunRecord._read_header``); ``{}`` when absent or ``null``
+    (a hand-written or old file), as :meth:`RunInfo.from_dict` reads it."""
+    extras = header.get("extras")
+    return extras if isinstance(extras, dict) else {}
 
 
 def _is_failure(exc: BaseException | None) -> bool:
