@@ -1,6 +1,6 @@
 """``SpectralLens`` across 2 gloo ranks as a multi-GPU user meets it: other layer sets on one rank, a
 failure after the sync, Ctrl-C on one rank, a rank killed outright, a ``DistributedDataParallel``
-training loop around it, a pool sharded by a ``DistributedSampler``.
+training loop around it or the wrapper itself given to it, a pool sharded by a ``DistributedSampler``.
 
 All cases run in one process group of 2 plain processes with a short process-group timeout, joined
 with a deadline, so a hang fails the test instead of blocking CI; after every case the ranks meet in a
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from spectral_lens import ActivationCovarianceAccumulator, SpectralLens
+from spectral_lens import ActivationCovarianceAccumulator, PerSampleGradientProbe, SpectralLens
 
 from support.models import TinyLM, lm_pool
 from support.ranks import checked_case, run_gloo_cases
@@ -62,6 +62,21 @@ def _interrupt() -> None:
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(5)  # interrupted by the KeyboardInterrupt
     raise AssertionError(f"no KeyboardInterrupt after SIGINT (handler and blocked signals before: {before})")
+
+
+def _ddp_wrapper(rank):  # a DDP wrapper given to the lens or the probe: refused on every rank
+    ddp = torch.nn.parallel.DistributedDataParallel(_model())
+    errors = []
+    for build in (lambda: SpectralLens(ddp, lm_pool(n_batches=2), params=()),
+                  lambda: SpectralLens(pool=lm_pool(n_batches=2)).attach(ddp),
+                  lambda: PerSampleGradientProbe(ddp),
+                  lambda: PerSampleGradientProbe(params="module.h.2.attn.c_proj.weight").attach(ddp)):
+        try:
+            build()
+            errors.append(None)
+        except ValueError as exc:
+            errors.append(str(exc))
+    return errors
 
 
 def _ddp_training_unchanged(rank):  # regression guard: a measurement between or inside DDP's steps
@@ -188,6 +203,7 @@ def _rank1_killed(rank):
 # (and the killed rank at the very end: it ends the process group)
 CASES = {
     "ddp_training_unchanged": _ddp_training_unchanged,
+    "ddp_wrapper": _ddp_wrapper,
     "uneven_batches": _uneven_batches,
     "accumulator_updates_per_rank": _accumulator_updates_per_rank,
     "layers_in_other_orders": _layers_in_other_orders,
@@ -232,6 +248,18 @@ def test_ddp_training_steps_are_unchanged_by_measuring(results):
     are bit-identical to the run without the measurement, and the ranks' gradients are equal."""
     for value in _values(_case(results, "ddp_training_unchanged")):
         assert value == {"same": [True, True], "synced": True}
+
+
+@pytest.mark.distributed
+def test_ddp_wrapper_is_refused(results):
+    """A ``DistributedDataParallel`` wrapper was accepted and its backward cross-talked with the lens's
+    broadcast: now the lens and the probe refuse it (built or attached) on every rank, naming
+    ``model.module``. (Moved here from test_lens_distributed.py: these ranks import torch._dynamo for
+    DDP anyway, those no longer do.)"""
+    for r in _case(results, "ddp_wrapper"):
+        assert r["error"] is None, r
+        for msg in r["value"]:
+            assert msg is not None and "DistributedDataParallel wrapper" in msg and "model.module" in msg, r["value"]
 
 
 @pytest.mark.distributed
