@@ -17,6 +17,19 @@ from spectral_lens.report import build_report
 TARGET = 3.0
 
 
+@pytest.fixture
+def figures_unrendered(monkeypatch):
+    """Report figures built (every ``plot_*`` call runs, so one that cannot be drawn is still a note) and
+    saved through the real ``save_figure`` (atomic, a real PNG), but as an empty figure: rendering the
+    built one was most of these file-handling tests' time (~0.25 s a figure, 10 per test). The rendered
+    figures are checked in test_report_real_records.py (the report's PNGs, each > 5 kB)."""
+    Figure = pytest.importorskip("matplotlib.figure").Figure
+    from spectral_lens import plot
+
+    real = plot.save_figure
+    monkeypatch.setattr(plot, "save_figure", lambda fig, path, **kw: real(Figure(figsize=(0.5, 0.5)), path, **kw))
+
+
 def _sweep(root: Path) -> Path:
     sw = root / "sw"
     kw = dict(dim=256, grad_dim=32, n_eval=20, n_measure=10, noise=0.02)
@@ -116,8 +129,7 @@ def test_html_is_well_formed_and_escapes_ids(tmp_path):
     assert 'a<b&"c\'-b1' in "".join(chk.text)  # unescaped by a parser: the original id
 
 
-def test_rerun_into_the_same_directory_leaves_no_figure_of_the_old_report(tmp_path):
-    pytest.importorskip("matplotlib")
+def test_rerun_into_the_same_directory_leaves_no_figure_of_the_old_report(tmp_path, figures_unrendered):
     sw = tmp_path / "sw"
     write_theorem6_sweep(sw, (2, 4, 8), family="f", dim=256, grad_dim=64, n_eval=20, n_measure=8)
     out = tmp_path / "out"
@@ -169,10 +181,9 @@ def test_the_baseline_score_is_shown_when_the_tail_predictor_cannot_run(tmp_path
 
 
 @pytest.mark.parametrize("fmt", ["md", "html"])
-def test_a_users_own_figure_names_in_out_are_left_alone(tmp_path, fmt):
+def test_a_users_own_figure_names_in_out_are_left_alone(tmp_path, fmt, figures_unrendered):
     """Only figures an earlier report in ``out`` linked are removed: a report into a directory that
     holds the user's own ``loss.png`` / ``gain_plane.png`` (and no report) deleted them before."""
-    pytest.importorskip("matplotlib")
     sw = tmp_path / "sw"
     write_theorem6_sweep(sw, (2, 4, 8), family="f", dim=256, grad_dim=64, n_eval=20, n_measure=8)
     out = tmp_path / "out"

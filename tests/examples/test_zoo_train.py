@@ -17,8 +17,10 @@ FAST = dict(profile="tiny", data="pydoc", batch_tier=2, val_tokens=4 * 512, save
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_variant_trains_with_falling_loss(variant, tmp_path):
+    # validated on 2 x 512 tokens (FAST's 4 x 512 was a quarter of these 16 cases' time): every variant's drop
+    # is >= 0.81 on either (0.3 asked), the two drops within 0.06 of each other
     torch.manual_seed(0)
-    res = train(variant=variant, run_dir=tmp_path, steps=6, eval_every_tokens=10**9, **FAST)
+    res = train(variant=variant, run_dir=tmp_path, steps=6, eval_every_tokens=10**9, **{**FAST, "val_tokens": 2 * 512})
     start, end = res.history[0]["val_loss"], res.history[-1]["val_loss"]
     assert math.isfinite(end) and end < start - 0.3, (variant, start, end)
     assert res.steps == 6 and res.tokens == 6 * 2 * 512

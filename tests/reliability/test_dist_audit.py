@@ -1,6 +1,7 @@
 """``SpectralLens`` across 2 gloo ranks as a multi-GPU user meets it: other layer sets on one rank, a
 failure after the sync, Ctrl-C on one rank, a rank killed outright, a ``DistributedDataParallel``
-training loop around it, a pool sharded by a ``DistributedSampler``.
+training loop around it or the wrapper itself given to it, a pool sharded by a ``DistributedSampler``; a named
+and an unnamed accumulator synced, a tensor-parallel (``DTensor``) module output reaching a capture.
 
 All cases run in one process group of 2 plain processes with a short process-group timeout, joined
 with a deadline, so a hang fails the test instead of blocking CI; after every case the ranks meet in a
@@ -25,8 +26,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
-from spectral_lens import ActivationCovarianceAccumulator, SpectralLens
+import spectral_lens as sl
+from spectral_lens import ActivationCovarianceAccumulator, PerSampleGradientProbe, SpectralLens
 
 from support.models import TinyLM, lm_pool
 from support.ranks import checked_case, run_gloo_cases
@@ -62,6 +65,21 @@ def _interrupt() -> None:
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(5)  # interrupted by the KeyboardInterrupt
     raise AssertionError(f"no KeyboardInterrupt after SIGINT (handler and blocked signals before: {before})")
+
+
+def _ddp_wrapper(rank):  # a DDP wrapper given to the lens or the probe: refused on every rank
+    ddp = torch.nn.parallel.DistributedDataParallel(_model())
+    errors = []
+    for build in (lambda: SpectralLens(ddp, lm_pool(n_batches=2), params=()),
+                  lambda: SpectralLens(pool=lm_pool(n_batches=2)).attach(ddp),
+                  lambda: PerSampleGradientProbe(ddp),
+                  lambda: PerSampleGradientProbe(params="module.h.2.attn.c_proj.weight").attach(ddp)):
+        try:
+            build()
+            errors.append(None)
+        except ValueError as exc:
+            errors.append(str(exc))
+    return errors
 
 
 def _ddp_training_unchanged(rank):  # regression guard: a measurement between or inside DDP's steps
@@ -184,10 +202,121 @@ def _rank1_killed(rank):
     SpectralLens(_model(), lm_pool(n_batches=4), forward_fn=forward, params=(), progress=False).measure(1, 1)
 
 
+# ---- the fourteenth audit (it had its own 2 ranks in test_dist_audit14.py; these ranks import DTensor with
+# torch._dynamo anyway): ``sync`` of a named accumulator on one rank and an unnamed one on the other, and a
+# tensor-parallel (``DTensor``) module output reaching a capture. Before the fixes: the names were compared only
+# when every rank's accumulator had one, so a named and an unnamed accumulator (most likely other layers of one
+# width) were summed silently; a ``DTensor`` output failed deep inside the accumulator with ``RuntimeError:
+# .numpy() is not supported for tensor subclasses`` (naming neither the module nor what to do).
+DEADLINE14_S = 10.0  # a refused sync: every rank raises at once
+
+
+def _rows14(rank: int) -> torch.Tensor:
+    return torch.randn(5 + rank, 4, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+
+
+def _named_and_unnamed(rank: int) -> dict:
+    acc = ActivationCovarianceAccumulator(name="h.1" if rank == 0 else None)
+    acc.update(_rows14(rank))
+    error = None
+    try:
+        acc.sync()
+    except ValueError as exc:
+        error = str(exc)
+    return {"error": error, "n": acc.n_rows, "synced": acc._synced}
+
+
+def _both_unnamed(rank: int) -> int:
+    acc = ActivationCovarianceAccumulator()
+    acc.update(_rows14(rank))
+    return acc.sync().n_rows
+
+
+def _dtensor_api() -> tuple:
+    """``(DeviceMesh, Shard, distribute_tensor)``: public in ``torch.distributed.tensor`` from torch 2.5, in
+    ``torch.distributed._tensor`` in torch 2.4 (tools/check_floors.sh)."""
+    try:
+        from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor import DeviceMesh, Shard, distribute_tensor
+    return DeviceMesh, Shard, distribute_tensor
+
+
+class _Sharded(nn.Module):
+    """A tensor-parallel layer in miniature: a linear map whose output is a DTensor sharded over the features."""
+
+    def __init__(self, mesh) -> None:
+        super().__init__()
+        self.mesh = mesh
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 6).double()
+
+    def forward(self, x):
+        _, Shard, distribute_tensor = _dtensor_api()
+        return distribute_tensor(self.lin(x), self.mesh, [Shard(1)])
+
+
+def _dtensor_output(rank: int) -> dict:
+    DeviceMesh = _dtensor_api()[0]
+
+    model = nn.Sequential(_Sharded(DeviceMesh("cpu", list(range(WORLD)))))
+    x = _rows14(0)  # the same input on every rank, as tensor parallelism runs it
+    out = {}
+    with sl.attach(model, "0") as capture:
+        try:
+            with torch.no_grad():
+                model(x)
+        except TypeError as exc:
+            out["hook"] = str(exc)
+        out["hook_rows"] = capture.accumulators["0"].n_rows
+    try:
+        with torch.no_grad():
+            ActivationCovarianceAccumulator(name="direct").update(model(x))
+    except TypeError as exc:
+        out["update"] = str(exc)
+    # the remedy the error names: the whole tensor, gathered in the pick (every rank runs the forward)
+    with sl.attach(model, "0", pick=lambda o: o.full_tensor(), precision="float64") as capture:
+        with torch.no_grad():
+            model(x)
+        out["full"] = capture.compute()["0"].values.tolist()
+    with torch.no_grad():
+        y = model[0].lin(x)
+    out["want"] = np.linalg.eigvalsh(np.cov(y.numpy().T))[::-1].tolist()
+    return out
+
+
+def _lens_in_a_tensor_parallel_mesh(rank: int) -> dict:
+    """A lens on each rank of one tensor-parallel mesh (one replica: its data-parallel group is the rank
+    alone), reading the sharded output whole with pick=full_tensor (the ranks run the same batches)."""
+    DeviceMesh = _dtensor_api()[0]
+
+    groups = [dist.new_group([r]) for r in range(WORLD)]  # every rank creates every group
+    model = nn.Sequential(_Sharded(DeviceMesh("cpu", list(range(WORLD)))))
+    pool = [_rows14(0), _rows14(1)]
+    out = {}
+    lens = sl.SpectralLens(model, pool, layers="0", params=(), mask_fn=None, progress=False, group=groups[rank])
+    try:
+        lens.measure(0, 0)
+    except TypeError as exc:
+        out["refused"] = str(exc)
+    lens = sl.SpectralLens(model, pool, layers="0", params=(), mask_fn=None, progress=False, group=groups[rank],
+                           pick=lambda o: o.full_tensor())
+    out["full"] = lens.measure(0, 0).spectra["act:0"].values.tolist()
+    with torch.no_grad():
+        y = model[0].lin(torch.cat(pool))
+    out["want"] = np.linalg.eigvalsh(np.cov(y.numpy().T))[::-1].tolist()
+    return out
+
+
 # regression guards first: the cases that left the ranks in mismatched collectives before the fixes run last
 # (and the killed rank at the very end: it ends the process group)
 CASES = {
     "ddp_training_unchanged": _ddp_training_unchanged,
+    "ddp_wrapper": _ddp_wrapper,
+    "named_and_unnamed": _named_and_unnamed,  # the fourteenth audit's: errors alike on every rank, even before
+    "both_unnamed": _both_unnamed,
+    "dtensor_output": _dtensor_output,
+    "lens_in_a_tensor_parallel_mesh": _lens_in_a_tensor_parallel_mesh,
     "uneven_batches": _uneven_batches,
     "accumulator_updates_per_rank": _accumulator_updates_per_rank,
     "layers_in_other_orders": _layers_in_other_orders,
@@ -204,7 +333,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
-    # DDP's first construction imports torch._dynamo (seconds): preloaded, not in a case's deadline
+    # DDP's first construction imports torch._dynamo (seconds; DTensor with it): preloaded, not in a case's deadline
     return run_gloo_cases(tmp_path_factory.mktemp("dist_audit"), CASES, WORLD, pg_timeout_s=PG_TIMEOUT_S,
                           join_s=JOIN_S, preload="torch._dynamo")
 
@@ -232,6 +361,53 @@ def test_ddp_training_steps_are_unchanged_by_measuring(results):
     are bit-identical to the run without the measurement, and the ranks' gradients are equal."""
     for value in _values(_case(results, "ddp_training_unchanged")):
         assert value == {"same": [True, True], "synced": True}
+
+
+@pytest.mark.distributed
+def test_ddp_wrapper_is_refused(results):
+    """A ``DistributedDataParallel`` wrapper was accepted and its backward cross-talked with the lens's
+    broadcast: now the lens and the probe refuse it (built or attached) on every rank, naming
+    ``model.module``. (Moved here from test_lens_distributed.py: these ranks import torch._dynamo for
+    DDP anyway, those no longer do.)"""
+    for r in _case(results, "ddp_wrapper"):
+        assert r["error"] is None, r
+        for msg in r["value"]:
+            assert msg is not None and "DistributedDataParallel wrapper" in msg and "model.module" in msg, r["value"]
+
+
+def _values14(results, case, deadline: bool = True) -> list:
+    # with deadline: a refused sync, so every rank raises at once, none waits for the process-group timeout
+    got = checked_case(results, case, DEADLINE14_S if deadline else None)
+    assert [r["error"] for r in got] == [None] * WORLD, got
+    return [r["value"] for r in got]
+
+
+@pytest.mark.distributed
+def test_a_named_and_an_unnamed_accumulator_are_refused_on_every_rank(results):
+    got = _values14(results, "named_and_unnamed")
+    for rank, r in enumerate(got):
+        assert r["error"] is not None, f"rank {rank} summed a named and an unnamed accumulator: {r}"
+        assert "have a name and others none" in r["error"], r
+        assert f"(this rank's: {'h.1' if rank == 0 else None!r})" in r["error"], r
+        assert r["n"] == 5 + rank and not r["synced"]  # the refused sync left the state as it was
+    assert _values14(results, "both_unnamed") == [11, 11]  # unnamed on every rank: summed as before
+
+
+@pytest.mark.distributed
+def test_a_dtensor_output_is_refused_naming_the_module_and_full_tensor_measures_it(results):
+    for r in _values14(results, "dtensor_output", deadline=False):  # DTensor's first use takes seconds
+        assert r["hook"].startswith("0: the module output is a DTensor"), r["hook"]
+        assert "pick=lambda out: out.full_tensor()" in r["hook"] and "Shard(dim=1)" in r["hook"]
+        assert r["hook_rows"] == 0
+        assert r["update"].startswith("direct: the input is a DTensor") and "update(x.full_tensor())" in r["update"]
+        np.testing.assert_allclose(r["full"], r["want"], rtol=1e-10, atol=1e-12 * r["want"][0])
+
+
+@pytest.mark.distributed
+def test_a_lens_per_rank_of_a_tensor_parallel_mesh_measures_the_whole_output_with_full_tensor(results):
+    for r in _values14(results, "lens_in_a_tensor_parallel_mesh", deadline=False):
+        assert r["refused"].startswith("0: the module output is a DTensor"), r["refused"]
+        np.testing.assert_allclose(r["full"], r["want"], rtol=1e-10, atol=1e-12 * r["want"][0])
 
 
 @pytest.mark.distributed

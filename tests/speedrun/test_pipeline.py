@@ -57,7 +57,17 @@ def test_zoo_trainable_trial_is_a_prefix_of_the_run_budget_schedule(tmp_path):
 def test_tiny_preset_end_to_end_then_resume_and_cli(tmp_path, capsys, monkeypatch):
     p = PRESETS["tiny"]
     out = tmp_path / "out"
-    assert main(["--preset", "tiny", "--out", str(out), "--threads", "1", "--no-progress"]) == 0
+    # the report's figures are built (every plot_* call runs on these runs) and saved through the real
+    # save_figure, but as an empty figure: their rendering was ~1/5 of this test's time; the library report's
+    # rendered figures are checked in tests/analysis/test_report_real_records.py (each PNG > 5 kB)
+    from matplotlib.figure import Figure
+
+    from spectral_lens import plot
+
+    real_save = plot.save_figure
+    with monkeypatch.context() as m:
+        m.setattr(plot, "save_figure", lambda fig, path, **kw: real_save(Figure(figsize=(0.5, 0.5)), path, **kw))
+        assert main(["--preset", "tiny", "--out", str(out), "--threads", "1", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "paper 0.93" in printed and f"predict {out / 'runs'}/*" in printed
     ids = sorted(f"{f.lower()}-b{t}" for f in p.families for t in p.tiers)

@@ -10,7 +10,7 @@ from examples.replicate.settings import check_settings
 from examples.toy.presets import PRESETS
 
 
-def test_smoke_preset_end_to_end_then_resume(smoke_job, tmp_path, capsys):
+def test_smoke_preset_end_to_end_then_resume(smoke_job, tmp_path, capsys, monkeypatch):
     pytest.importorskip("optuna", reason="the toy's tuner needs the tune extra: pip install -e '.[tune]'")
     status, finished, printed = smoke_job  # main(["--preset", "smoke", "--out", DIR]), run once per session
     assert status == 0
@@ -28,7 +28,14 @@ def test_smoke_preset_end_to_end_then_resume(smoke_job, tmp_path, capsys):
     choices = json.loads((out / "tune" / "choices.json").read_text())
     assert {(c["family"], c["tier"]) for c in choices["choices"]} == {("Muon", 16), ("Muon", 32), ("Muon", 64)}
     stamps = {p.name: os.stat(p / "measurements.jsonl").st_mtime_ns for p in (out / "runs").iterdir()}
-    # second call: tuning and training are complete, only the report is rebuilt
+    # second call: tuning and training are complete, only the report is rebuilt. Its figures are built and
+    # saved through the real save_figure, as empty figures: the shared job rendered every one of them, and
+    # rendering them again was most of this call's time
+    Figure = pytest.importorskip("matplotlib.figure").Figure
+    from spectral_lens import plot
+
+    real_save = plot.save_figure
+    monkeypatch.setattr(plot, "save_figure", lambda fig, path, **kw: real_save(Figure(figsize=(0.5, 0.5)), path, **kw))
     assert main(["--preset", "smoke", "--out", str(out)]) == 0
     assert "3 of 3 runs already complete; training 0" in capsys.readouterr().out
     assert stamps == {p.name: os.stat(p / "measurements.jsonl").st_mtime_ns for p in (out / "runs").iterdir()}
