@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support.figures import save_figures_unrendered
 
 from spectral_lens.analysis.synthetic import write_theorem6_sweep
 from spectral_lens.report import build_report
@@ -23,11 +24,7 @@ def figures_unrendered(monkeypatch):
     saved through the real ``save_figure`` (atomic, a real PNG), but as an empty figure: rendering the
     built one was most of these file-handling tests' time (~0.25 s a figure, 10 per test). The rendered
     figures are checked in test_report_real_records.py (the report's PNGs, each > 5 kB)."""
-    Figure = pytest.importorskip("matplotlib.figure").Figure
-    from spectral_lens import plot
-
-    real = plot.save_figure
-    monkeypatch.setattr(plot, "save_figure", lambda fig, path, **kw: real(Figure(figsize=(0.5, 0.5)), path, **kw))
+    save_figures_unrendered(monkeypatch)
 
 
 def _sweep(root: Path) -> Path:

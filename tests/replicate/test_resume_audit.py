@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+from support.figures import save_figures_unrendered
 
 pytest.importorskip("optuna", reason="the toy's tuner needs the tune extra: pip install -e '.[tune]'")
 
@@ -32,11 +33,7 @@ def test_a_report_killed_mid_write_leaves_no_temporary_file_after_the_rerun(fini
     out = _copy(finished, tmp_path)
     # the rebuilt report's figures are built and saved through the real save_figure, as empty figures: their
     # rendering was most of this test's time, and the smoke job behind `finished` rendered them all
-    Figure = pytest.importorskip("matplotlib.figure").Figure
-    from spectral_lens import plot
-
-    real_save = plot.save_figure
-    monkeypatch.setattr(plot, "save_figure", lambda fig, path, **kw: real_save(Figure(figsize=(0.5, 0.5)), path, **kw))
+    save_figures_unrendered(monkeypatch)
     stale = [out / "report" / ".loss.png.2f6a11c8c2f14c8d9282e2cd919afaeb.tmp",
              out / "report" / ".report.md.0123456789abcdef0123456789abcdef.tmp"]
     for p in stale:

@@ -1,10 +1,10 @@
 """The speedrun end to end on the ``tiny`` preset through the CLI and the shared pipeline, resume, the library CLI."""
 import json
-import math
 import os
 
 import pytest
 import torch
+from support.figures import save_figures_unrendered
 
 from examples.nanogpt.train import train
 from examples.speedrun.__main__ import main
@@ -60,13 +60,8 @@ def test_tiny_preset_end_to_end_then_resume_and_cli(tmp_path, capsys, monkeypatc
     # the report's figures are built (every plot_* call runs on these runs) and saved through the real
     # save_figure, but as an empty figure: their rendering was ~1/5 of this test's time; the library report's
     # rendered figures are checked in tests/analysis/test_report_real_records.py (each PNG > 5 kB)
-    from matplotlib.figure import Figure
-
-    from spectral_lens import plot
-
-    real_save = plot.save_figure
     with monkeypatch.context() as m:
-        m.setattr(plot, "save_figure", lambda fig, path, **kw: real_save(Figure(figsize=(0.5, 0.5)), path, **kw))
+        save_figures_unrendered(m)
         assert main(["--preset", "tiny", "--out", str(out), "--threads", "1", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "paper 0.93" in printed and f"predict {out / 'runs'}/*" in printed

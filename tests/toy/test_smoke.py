@@ -4,9 +4,10 @@ import os
 import shutil
 
 import pytest
+from support.figures import save_figures_unrendered
 
-from examples.toy.__main__ import main
 from examples.replicate.settings import check_settings
+from examples.toy.__main__ import main
 from examples.toy.presets import PRESETS
 
 
@@ -31,11 +32,7 @@ def test_smoke_preset_end_to_end_then_resume(smoke_job, tmp_path, capsys, monkey
     # second call: tuning and training are complete, only the report is rebuilt. Its figures are built and
     # saved through the real save_figure, as empty figures: the shared job rendered every one of them, and
     # rendering them again was most of this call's time
-    Figure = pytest.importorskip("matplotlib.figure").Figure
-    from spectral_lens import plot
-
-    real_save = plot.save_figure
-    monkeypatch.setattr(plot, "save_figure", lambda fig, path, **kw: real_save(Figure(figsize=(0.5, 0.5)), path, **kw))
+    save_figures_unrendered(monkeypatch)
     assert main(["--preset", "smoke", "--out", str(out)]) == 0
     assert "3 of 3 runs already complete; training 0" in capsys.readouterr().out
     assert stamps == {p.name: os.stat(p / "measurements.jsonl").st_mtime_ns for p in (out / "runs").iterdir()}
