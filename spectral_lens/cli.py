@@ -192,6 +192,37 @@ def _fmt(v: float, spec: str = ".4f") -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
+def _unranked(rk) -> str | None:
+    """Why a family's tiers are not a ranking (one tier: its P(best) = 1 is trivially true), or None."""
+    if len(rk.tiers) > 1:
+        return None
+    return f"one tier ({rk.recommended:g}): nothing to rank"
+
+
+def _realized(pred, target_loss: float) -> dict[str, tuple[float, float, str]]:
+    """Run id -> ``(T, eps_tok, target)`` of the ranked runs: tokens to ``target_loss`` (NaN when not
+    reached), ``eps_tok`` as the score computes it (a tier's best learning rate; NaN when unknown,
+    ``inf`` when the run ended above the target), and ``"reached"`` or the report's not-reached wording
+    (``"not reached"``, ``"not reached yet"``, ``"not reached (failed)"``). The realized answer the
+    prediction is checked against; the prediction itself is not changed."""
+    from .analysis.efficiency import pick_learning_rates, token_inefficiency, tokens_to_target
+    from .report import _target_cell
+
+    with warnings.catch_warnings():  # the score just computed the same eps_tok and showed its warnings
+        warnings.simplefilter("ignore")
+        eps = token_inefficiency(pick_learning_rates(pred.runs_)[0], target_loss)
+    out = {}
+    for r in pred.runs_:
+        T = tokens_to_target(r, target_loss)
+        out[r.run_id] = (T if math.isfinite(T) else math.nan, eps.get(r.run_id, math.nan),
+                         "reached" if math.isfinite(T) else _target_cell(r, T))
+    return out
+
+
+def _eps_cell(v: float) -> str:
+    return "not reached" if v == math.inf else _fmt(v, ".3f")
+
+
 def _cmd_predict(args) -> int:
     from .analysis.efficiency import learning_rate
     from .analysis.tail import TailPredictor
@@ -203,6 +234,7 @@ def _cmd_predict(args) -> int:
         pred = TailPredictor(args.fraction, window=_window(args.window), spectrum=args.spectrum).fit(runs)
         rankings = pred.predict()
         score = pred.score(targets=args.target_loss) if args.target_loss is not None else None
+        realized = _realized(pred, args.target_loss) if args.target_loss is not None else None
     if args.json:
         by_id = {r.run_id: r for r in pred.runs_}
         out = {
@@ -213,15 +245,23 @@ def _cmd_predict(args) -> int:
                 f: {
                     "recommended": rk.recommended,
                     "p_recommended": rk.p_recommended,
+                    "ranked": len(rk.tiers) > 1,
+                    "note": _unranked(rk),
                     "tiers": [
                         {"tier": t, "alpha_tail": rk.values[t], "sigma": rk.sigmas[t], "p_best": rk.p_best[t],
-                         "runs": list(rk.run_ids[t]), "lr": learning_rate(by_id[rk.run_ids[t][0]])}
+                         "runs": list(rk.run_ids[t]), "lr": learning_rate(by_id[rk.run_ids[t][0]]),
+                         **({} if realized is None else {
+                             "tokens_to_target": [realized[rid][0] for rid in rk.run_ids[t]],
+                             "eps_tok": [realized[rid][1] for rid in rk.run_ids[t]],
+                             "target_status": [realized[rid][2] for rid in rk.run_ids[t]]})}
                         for t in rk.tiers
                     ],
                 }
                 for f, rk in rankings.items()
             },
         }
+        if args.target_loss is not None:
+            out["target_loss"] = args.target_loss
         if score is not None:
             out["score"] = {"rho": score.rho, "pvalue": score.pvalue, "n": score.n,
                             "within": {f: {"rho": w.rho, "pvalue": w.pvalue, "n": w.n} for f, w in score.within.items()},
@@ -229,11 +269,18 @@ def _cmd_predict(args) -> int:
         print(json.dumps(_strict_json(out), indent=2, allow_nan=False))
         return 0
     for f, rk in rankings.items():
-        print(f"family {f}: recommended tier {rk.recommended:g} (P(best) = {_fmt(rk.p_recommended, '.2f')})")
-        print(f"  {'rank':>4}  {'tier':>6}  {'alpha_tail':>10}  {'sigma':>8}  {'P(best)':>7}  runs")
+        unranked = _unranked(rk)
+        print(f"family {f}: {unranked}" if unranked else
+              f"family {f}: recommended tier {rk.recommended:g} (P(best) = {_fmt(rk.p_recommended, '.2f')})")
+        extra = "" if realized is None else f"  {'T (tokens to target)':>20}  {'eps_tok':>11}"
+        print(f"  {'rank':>4}  {'tier':>6}  {'alpha_tail':>10}  {'sigma':>8}  {'P(best)':>7}{extra}  runs")
         for i, t in enumerate(rk.tiers, 1):
+            if realized is not None:  # realized answer, one value per run of the tier (seeds), as the runs column
+                cells = [realized[rid] for rid in rk.run_ids[t]]
+                extra = (f"  {', '.join(c[2] if c[2] != 'reached' else f'{c[0]:.4g}' for c in cells):>20}"
+                         f"  {', '.join(_eps_cell(c[1]) for c in cells):>11}")
             print(f"  {i:>4}  {t:>6g}  {rk.values[t]:>10.4f}  {_fmt(rk.sigmas[t], '.2g'):>8}  "
-                  f"{_fmt(rk.p_best[t], '.3f'):>7}  {', '.join(rk.run_ids[t])}")
+                  f"{_fmt(rk.p_best[t], '.3f'):>7}{extra}  {', '.join(rk.run_ids[t])}")
     if score is not None:
         for f, w in score.within.items():
             print(f"Spearman rho (early alpha_tail vs eps_tok), {f}: {_fmt(w.rho, '.3f')} (p = {_fmt(w.pvalue, '.3g')}, n = {w.n})")
@@ -268,15 +315,36 @@ def _inspect_spectrum(path: Path) -> None:
         if s.n_nonzero >= 9:
             try:
                 c = crossover_rank(s)
-                if c.located:
+                if c.located:  # the tail window must start beyond r* (Prop. 9), else its alpha mixes in the head
+                    where = "" if "alpha_tail" not in summ else (
+                        "; the alpha_tail window [100, 200] starts beyond it" if c.rank < 100 else
+                        "; the alpha_tail window [100, 200] starts before it (in the head: it underestimates the tail exponent)")
                     print(f"  crossover rank r*: {c.rank:.1f} (head alpha {c.head_alpha:.3f}, tail alpha "
-                          f"{c.tail_alpha:.3f})")
+                          f"{c.tail_alpha:.3f}){where}")
                 else:
                     print(f"  crossover rank r*: not located within ranks {c.ranks[0]}-{c.ranks[1]}")
             except ValueError:
                 pass
     if s.metadata:
         print(f"  metadata: {json.dumps(s.metadata)[:300]}")
+
+
+def _windows_text(run) -> str:
+    """``run.json`` ``summary_windows`` in words: the ranks the stored ``alpha_tail`` / ``alpha_head``
+    were fitted on (a run without ``alpha_tail`` shows which window did not fit), and for a run that
+    recorded no tail window, the one ``predict`` and ``report`` use instead."""
+    from .analysis.windows import DEFAULT_WINDOW
+    from .spectra.fit import tail_window
+
+    windows = run.summary_windows or {}
+    parts = [f"{key} ranks {list(windows[key])}" for key in ("tail", "head") if windows.get(key)]
+    text = ", ".join(parts) + " (run.json)" if parts else "none recorded in run.json"
+    if not windows.get("tail"):
+        n_layer = run.info.n_layer
+        text += (f"; predict and report use tail ranks {list(tail_window(int(n_layer)))} (scale rule for "
+                 f"n_layer {n_layer})" if n_layer else
+                 f"; predict and report use tail ranks {list(DEFAULT_WINDOW)} (n_layer unknown: the d12 window)")
+    return text
 
 
 def _inspect_run(path: Path, strict: bool) -> None:
@@ -287,6 +355,7 @@ def _inspect_run(path: Path, strict: bool) -> None:
     print(f"{path}: run {i.run_id!r}")
     print(f"  family: {i.family}   batch tier: {i.batch_tier}   tokens/step: {i.tokens_per_step}   seed: {i.seed}")
     print(f"  n_layer: {i.n_layer}   total tokens: {i.total_tokens}   primary spectrum: {i.primary_spectrum}")
+    print(f"  summary windows: {_windows_text(r)}")
     if i.extras:
         print(f"  extras: {json.dumps(i.extras)[:300]}")
     print(f"  events: {len(r.events)}   measurements: {len(r.measurements)}")

@@ -347,7 +347,9 @@ def build_report(
     doc.h(2, "Runs")
     early = {s.run_id: s for s in (pred.statistics_ if pred is not None else [])}
     rows = []
-    one_window = len({tuple(s.window) for s in early.values()}) <= 1  # else each cell names its window
+    # the windows fitted, else (the tail predictor failed) the ones it tried: the header names one, or each cell its own
+    tried = {tuple(s.window) for s in early.values()} or ({tuple(window)} if window is not None else set(windows.values()))
+    one_window = len(tried) <= 1
     for r in sorted(records, key=lambda r: (r.info.family or "", r.info.batch_tier or 0, r.run_id)):
         _, losses = r.val_curve()
         T = tokens_to_target(r, target_loss) if target_loss is not None else None
@@ -362,10 +364,10 @@ def build_report(
             if s else ("left out (see notes)" if pred is not None and r.run_id in pred.excluded_ else "–"),
             run_status(r),
         ])
-    win_txt = f"ranks {tuple(next(iter(early.values())).window)}" if early and one_window else ""
+    win_txt = f" ranks {next(iter(tried))}" if len(tried) == 1 else ""
     doc.table(
         ["run", "family", "tier", "measurements", "final val loss", "T (tokens to target)", "eps_tok",
-         "Q (tokens/s)", f"early α_tail {win_txt}", "status"],
+         "Q (tokens/s)", f"early α_tail{win_txt}", "status"],
         rows,
     )
 
@@ -378,7 +380,8 @@ def build_report(
             "P(best) is the probability that a tier has the smallest true α_tail under that uncertainty."
         )
         for family, rk in report.rankings.items():
-            doc.h(3, f"{family}: recommended tier {_tier(rk.recommended)} (P(best) = {_num(rk.p_recommended, '.2f')})")
+            doc.h(3, f"{family}: one tier ({_tier(rk.recommended)}): nothing to rank" if len(rk.tiers) == 1 else
+                  f"{family}: recommended tier {_tier(rk.recommended)} (P(best) = {_num(rk.p_recommended, '.2f')})")
             b_rk = report.baseline_rankings.get(family)
             rows = []
             for i, t in enumerate(rk.tiers, 1):

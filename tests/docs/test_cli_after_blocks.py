@@ -97,4 +97,4 @@ def test_hf_trainer_example_writes_a_record_predict_reads(tmp_path, monkeypatch,
     # the fixture's Llama is 32 wide (a window inside it) and measured at steps 2 and 4 of 4 (progress 0.5, 1)
     code, out = _cli(["predict", "runs/llama-b1", "--fraction", "0.5", "--window", "2", "8"], capsys)
     assert code == 0, out
-    assert "family llama: recommended tier 1" in out
+    assert "family llama: one tier (1): nothing to rank" in out  # one run: no ranking
