@@ -136,9 +136,8 @@ def test_the_check_of_a_failing_block_parses_only_the_lines_that_may_reach_the_b
         warnings.simplefilter("ignore", RecordWarning)
         w = RunWriter(path, resume=True, fsync=False)
     monkeypatch.setattr(json, "loads", counting_loads)
-    with pytest.raises(RuntimeError):
-        with w:
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), w:
+        raise RuntimeError("boom")
     monkeypatch.undo()
     assert len(calls) < 20, len(calls)  # the header, twice; no line below 95% (before: 20,000)
     assert _open_skip(path).info.extras["status"] == "failed"
