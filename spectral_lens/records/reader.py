@@ -70,6 +70,18 @@ def _read_jsonl(path: Path, errors: str) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
+def _event_problem(obj: dict[str, Any]) -> str | None:
+    """Why :meth:`RunRecord.open` refuses the ``log.jsonl`` line ``obj`` (a JSON object), or ``None``: it
+    needs integer ``step`` and ``tokens``, and numbers (or null) in ``val_loss``, ``train_loss``,
+    ``tokens_per_s``. The writer's check of a failing block counts the same lines (see ``RunWriter.__exit__``)."""
+    bad = [k for k in ("val_loss", "train_loss", "tokens_per_s") if obj.get(k) is not None and not _is_number(obj[k])]
+    if bad:
+        return f"{bad} must be numbers within the float range"
+    if not _is_count(obj.get("step")) or not _is_count(obj.get("tokens")):
+        return "event needs integer 'step' and 'tokens' within the float range"
+    return None
+
+
 def _spectrum_listing(root: Path) -> frozenset[str]:
     """``"spectra/NAME"`` of every regular file in ``root/spectra`` (a symbolic link to one included), from
     one directory listing; empty when there is no such directory or it cannot be read. These are the names
@@ -205,11 +217,8 @@ class RunRecord:
         windows = {k: tuple(v) if v else None for k, v in (header.get("summary_windows") or {}).items()}
         events = []
         for lineno, obj in _read_jsonl(path / LOG_FILE, errors):
-            bad = [k for k in ("val_loss", "train_loss", "tokens_per_s") if obj.get(k) is not None
-                   and not _is_number(obj[k])]
-            if not _is_count(obj.get("step")) or not _is_count(obj.get("tokens")) or bad:
-                what = (f"{bad} must be numbers within the float range" if bad else
-                        "event needs integer 'step' and 'tokens' within the float range")
+            what = _event_problem(obj)
+            if what is not None:
                 msg = f"{path / LOG_FILE}, line {lineno}: {what}"
                 if errors == "raise":
                     raise RecordFormatError(msg + "; " + SKIP_HINT)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import operator
 import os
@@ -20,7 +21,7 @@ from ..atomic import TMP_SUFFIX, named_os_error, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
 from ..spectra.fit import tail_window as _tail_window
 from ..spectrum import Spectrum
-from .reader import RunRecord, _is_record_line, _read_jsonl
+from .reader import RunRecord, _event_problem, _is_record_line, _read_jsonl
 from .schema import (
     LOG_FILE,
     MEASUREMENTS_FILE,
@@ -32,6 +33,7 @@ from .schema import (
     RecordFormatError,
     RecordWarning,
     RunInfo,
+    _is_count,
     _json_line,
     _safe_name,
     _write_json_atomic,
@@ -616,23 +618,59 @@ class RunWriter:
         """Whether the lines recorded before this writer opened (or kept by its last :meth:`drop_after`)
         reach :data:`COMPLETE_COVERAGE` of ``header``'s ``total_tokens``: the training had ended, and
         this writer's work (a script measuring its checkpoints) is not the run's. Read only when a block
-        fails; a file that cannot be read counts as not ended."""
+        fails; a file that cannot be read counts as not ended.
+
+        Only the lines :meth:`RunRecord.open` keeps count (an event it refuses, a measurement whose spectrum
+        file is missing: not), so the status is kept only where the analyses see the run ended (else they
+        would see neither an end nor the failure). Cheap on a long record, as the block's exception waits:
+        the files are read in chunks and only a line whose text holds ``"tokens": N`` with ``N`` that far
+        is parsed (a run failing at 50%: no line)."""
         total = header.get("total_tokens")
-        if isinstance(total, bool) or not isinstance(total, numbers.Real) or not total > 0:
+        if isinstance(total, bool) or not isinstance(total, numbers.Real) or not 0 < total < math.inf:
             return False
+        least = COMPLETE_COVERAGE * total * (1 - 1e-9)  # below any count that far (a margin for the rounding)
+        far = re.compile(rb'"tokens"[ \t\r]*:[ \t\r]*(\d{%d,})' % len(str(int(least))))  # JSON's blanks in a line
         for name, size in self._before.items():
             try:
                 with open(self.path / name, "rb") as fh:
-                    data = fh.read(size)
+                    rest, left = b"", size
+                    while True:  # whole lines of the first `size` bytes, a chunk at a time
+                        chunk = fh.read(min(left, _SCAN_CHUNK)) if left > 0 else b""
+                        left -= len(chunk)
+                        data = rest + chunk
+                        if chunk:
+                            cut = data.rfind(b"\n") + 1
+                            data, rest = data[:cut], data[cut:]
+                        for m in far.finditer(data):
+                            if len(m[1]) > 400 or int(m[1]) < least:  # longer: beyond the float range (refused)
+                                continue
+                            lo, hi = data.rfind(b"\n", 0, m.start()) + 1, data.find(b"\n", m.end())
+                            if self._counts(name, data[lo:hi if hi >= 0 else len(data)], total):
+                                return True
+                        if not chunk:
+                            break
             except OSError:
                 continue
-            for raw in reversed(data.splitlines()):  # the furthest line is usually the last
-                obj = _json_object(raw)
-                tokens = None if obj is None else obj.get("tokens")
-                number = isinstance(tokens, numbers.Real) and not isinstance(tokens, bool)
-                if number and tokens / total >= COMPLETE_COVERAGE:
-                    return True
         return False
+
+    def _counts(self, name: str, raw: bytes, total: float) -> bool:
+        """Whether the line ``raw`` of the JSONL file ``name`` is one :meth:`RunRecord.open` keeps, at
+        :data:`COMPLETE_COVERAGE` of ``total`` tokens or further (as ``analysis.coverage`` divides)."""
+        obj = _json_object(raw)
+        if obj is None or not _is_count(obj.get("tokens")) or not _is_count(obj.get("step")):
+            return False
+        try:
+            if not obj["tokens"] / total >= COMPLETE_COVERAGE:
+                return False
+        except OverflowError:
+            return False
+        if name == LOG_FILE:
+            return _event_problem(obj) is None
+        try:
+            RunRecord._parse_measurement(self.path, obj, f"{self.path / name}", 0)
+        except (RecordFormatError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            return False
+        return True
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
@@ -655,6 +693,9 @@ COMPLETE_COVERAGE = 0.95
 #: ``run.json`` extras key of the exception that ended a ``with RunWriter(...)`` block when the record
 #: already said the run ended (see :meth:`RunWriter.__exit__`); the run's status is kept.
 FAILURE_AFTER_END = "failure_after_end"
+
+#: Bytes of a JSONL file :meth:`RunWriter._ended_before` reads at a time (a failing block's check: bounded memory).
+_SCAN_CHUNK = 1 << 22
 
 
 def _extras(header: Mapping[str, Any]) -> dict[str, Any]:
