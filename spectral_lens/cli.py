@@ -341,8 +341,12 @@ def _windows_text(run) -> str:
     text = ", ".join(parts) + " (run.json)" if parts else "none recorded in run.json"
     if not windows.get("tail"):
         n_layer = run.info.n_layer
-        text += (f"; predict and report use tail ranks {list(tail_window(int(n_layer)))} (scale rule for "
-                 f"n_layer {n_layer})" if n_layer else
+        try:  # a malformed n_layer (< 1) is said here, not an error that hides the rest of inspect
+            rule = list(tail_window(int(n_layer))) if n_layer else None
+        except ValueError:
+            return text + (f"; predict and report stop on it: n_layer {n_layer} in run.json is not a depth (>= 1) "
+                           "for the scale rule (pass --window LO HI)")
+        text += (f"; predict and report use tail ranks {rule} (scale rule for n_layer {n_layer})" if rule else
                  f"; predict and report use tail ranks {list(DEFAULT_WINDOW)} (n_layer unknown: the d12 window)")
     return text
 
