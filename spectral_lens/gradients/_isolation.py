@@ -185,26 +185,40 @@ def forked_rng(devices: Iterable = ()) -> Iterator[None]:
 def rng_state(devices: Iterable = ()) -> tuple:
     """Every global RNG stream :func:`forked_rng` forks, as one value for :func:`set_rng_state`: the
     torch CPU generator, the CUDA generators of ``devices``, Python's ``random`` and numpy's global
-    generator (a forward may draw from any of them, e.g. LayerDrop through ``random``). NumPy's as the
-    dictionary of ``get_state(legacy=False)``: the legacy tuple exists only for MT19937, and with another global
-    bit generator (``np.random.set_bit_generator(np.random.PCG64())``) ``get_state()`` warned at every update."""
+    generator (a forward may draw from any of them, e.g. LayerDrop through ``random``). NumPy's as the bit
+    generator object installed now (``np.random.get_bit_generator()``) and the dictionary of
+    ``get_state(legacy=False)``: the legacy tuple exists only for MT19937 (with another global bit generator,
+    ``np.random.set_bit_generator(np.random.PCG64())``, ``get_state()`` warned at every update), and a state
+    dictionary alone cannot be set once another bit generator is installed (by the user between an update and
+    a bounded-memory recomputation, or by a forward: numpy's ``ValueError: state must be for a PCG64 RNG``)."""
     devices = list(devices)
     return (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices], random.getstate(),
-            np.random.get_state(legacy=False))
+            (_get_bit_generator(), np.random.get_state(legacy=False)))
 
 
 def set_rng_state(state: tuple, devices: Iterable = ()) -> None:
-    """Set every stream captured by :func:`rng_state` (same ``devices``) back to that state. NumPy's MT19937
-    key goes in as a list: its setter reads the key item by item, ~35 us from the array (a NumPy scalar per
-    item), ~11 us with the list made here (the same 624 values)."""
-    cpu, cuda, py, npy = state
+    """Set every stream captured by :func:`rng_state` (same ``devices``) back to that state: numpy's bit
+    generator object is installed again where another one is (then its state is set: the user's generator,
+    not a copy, draws next). NumPy's MT19937 key goes in as a list: its setter reads the key item by item,
+    ~35 us from the array (a NumPy scalar per item), ~11 us with the list made here (the same 624 values)."""
+    cpu, cuda, py, (bit_generator, npy) = state
     torch.set_rng_state(cpu)
     for d, s in zip(list(devices), cuda):
         torch.cuda.set_rng_state(s, d)
     random.setstate(py)
+    if bit_generator is not None and _get_bit_generator() is not bit_generator:
+        np.random.set_bit_generator(bit_generator)
     if npy.get("bit_generator") == "MT19937" and isinstance(npy["state"].get("key"), np.ndarray):
         npy = {**npy, "state": {**npy["state"], "key": npy["state"]["key"].tolist()}}
     np.random.set_state(npy)
+
+
+def _no_bit_generator() -> None:
+    """``np.random.get_bit_generator`` where numpy has none (nor ``set_bit_generator``: the generator stays)."""
+    return None
+
+
+_get_bit_generator = getattr(np.random, "get_bit_generator", _no_bit_generator)
 
 
 @contextlib.contextmanager
