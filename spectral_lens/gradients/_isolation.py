@@ -215,7 +215,6 @@ def set_rng_state(state: tuple, devices: Iterable = ()) -> None:
 
 def _no_bit_generator() -> None:
     """``np.random.get_bit_generator`` where numpy has none (nor ``set_bit_generator``: the generator stays)."""
-    return None
 
 
 _get_bit_generator = getattr(np.random, "get_bit_generator", _no_bit_generator)

@@ -52,7 +52,7 @@ from torch.utils.checkpoint import CheckpointFunction
 from torch.utils import _pytree as pytree
 
 from .._deepspeed import behind_zero3_hooks
-from ._isolation import _no_backward_hooks, _no_backward_pre_hooks, silenced_tensor_hooks
+from ._isolation import _no_backward_hooks, _no_backward_pre_hooks, rng_state, set_rng_state, silenced_tensor_hooks
 from ._batch import slice_batch
 from .cast_cache import CastCache, cached_linear_casts
 from .registry import fast_path_for
@@ -504,25 +504,24 @@ def vmap_engine(
             if not (_half_backward(detached.values()) or _half(model.parameters())):
                 (grads, (_, losses)), s = run(detached, 1.0, *leaves), 1.0
             else:  # a float16 backward: loss-scaled, each try with the first one's random draws
+                # every global stream (torch, Python's random, numpy's generator: rng_state), not torch's alone: a
+                # forward drawing from numpy drew anew at every try
                 devices = sorted({p.device.index for p in detached.values() if p.device.type == "cuda"})
-                with torch.random.fork_rng(devices):
-                    state = [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
+                state = rng_state(devices)
 
-                    def grads_at(s):
-                        torch.set_rng_state(state[0])
-                        for d, st in zip(devices, state[1:]):
-                            torch.cuda.set_rng_state(st, d)
-                        got, (_, lo) = run(detached, s, *leaves)
-                        return got, lo
+                def grads_at(s):
+                    set_rng_state(state, devices)
+                    got, (_, lo) = run(detached, s, *leaves)
+                    return got, lo
 
-                    # a non-finite loss: nothing to rescale, the probe reports it
+                try:  # a non-finite loss: nothing to rescale, the probe reports it
                     (grads, losses), s = scaled_backward(
                         grads_at, lambda r: list(r[0].values()) if bool(torch.isfinite(r[1]).all()) else [],
                         loss_scale or LossScale())
-                    end = [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in devices]
-                torch.set_rng_state(end[0])  # the stream as after one pass (every try draws the same)
-                for d, st in zip(devices, end[1:]):
-                    torch.cuda.set_rng_state(st, d)
+                except BaseException:
+                    set_rng_state(state, devices)  # as torch.random.fork_rng left it
+                    raise
+                # the streams as after one pass (every try draws the same): the last try's end, which they hold now
     finally:
         for m, k, p in slots:
             if m._parameters[k] is not p:  # [] not get(): a scripted module's dictionary has no get

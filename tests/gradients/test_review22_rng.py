@@ -111,11 +111,10 @@ def test_forked_rng_restores_the_installed_bit_generator(global_bit_generator):
     expected = np.random.get_state(legacy=False)
     want = np.random.randn(), np.random.randn()
     np.random.set_state(expected)
-    with pytest.raises(RuntimeError, match="inside"):
-        with forked_rng():
-            np.random.set_bit_generator(np.random.PCG64(1))
-            np.random.random()
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), forked_rng():
+        np.random.set_bit_generator(np.random.PCG64(1))
+        np.random.random()
+        raise RuntimeError("inside")
     assert np.random.get_bit_generator() is user
     assert (np.random.randn(), np.random.randn()) == want
     np.random.set_state(expected)
