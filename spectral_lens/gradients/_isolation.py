@@ -170,7 +170,8 @@ def forked_rng(devices: Iterable = ()) -> Iterator[None]:
     """Fork every global RNG stream a measurement may draw from; restore each on exit, also on exceptions.
 
     The torch CPU generator and the CUDA generators of ``devices`` (as ``torch.random.fork_rng``), Python's
-    ``random`` module and numpy's legacy global generator (``np.random.seed``/``np.random.random``).
+    ``random`` module and numpy's legacy global generator (``np.random.seed``/``np.random.random``): the
+    bit generator object installed and its state.
     Generators the caller owns (``torch.Generator``, ``np.random.default_rng()``) are not global and not
     touched.
     """
