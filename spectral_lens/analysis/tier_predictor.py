@@ -119,7 +119,10 @@ class TierPredictor:
             excluded[r.run_id] = why
         if not stats:
             if len(runs) == 1 and errors:  # its own error, with the same "; it failed (...)" note as a left-out run's
-                raise type(errors[0])(excluded[runs[0].run_id]) from None
+                exc, why = errors[0], excluded[runs[0].run_id]
+                if why == str(exc):
+                    raise exc
+                raise type(exc)(why) from None
             kind = FractionNotReachedError if errors and len(errors) == len(runs) and all(
                 isinstance(e, FractionNotReachedError) for e in errors) else NoEarlyStatisticError
             raise kind(f"{type(self).__name__}: no run has a usable {self.statistic} at {self.fraction:.0%}: "
