@@ -5,6 +5,7 @@ tier that is a toss-up with another (P(best) within Monte Carlo error, or smalle
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -45,13 +46,11 @@ def _short_run(root, run_id, raises=None):
     """One measurement at 10% of a 1000-token budget; the writer's block then raises ``raises``."""
     info = RunInfo(run_id, family="f", batch_tier=8, total_tokens=1000, n_layer=12)
     spec = {"act": Spectrum(np.arange(1, 301, dtype=float) ** -1.0, n_rows=10_000, dim=300)}
-    try:
-        with RunWriter(root / run_id, info, fsync=False, tail_window=(10, 40)) as w:
-            w.log_measurement(1, 100, spec)
-            if raises is not None:
-                raise raises
-    except type(raises) if raises is not None else ():
-        pass
+    expect = pytest.raises(type(raises)) if raises is not None else contextlib.nullcontext()
+    with expect, RunWriter(root / run_id, info, fsync=False, tail_window=(10, 40)) as w:
+        w.log_measurement(1, 100, spec)
+        if raises is not None:
+            raise raises
     return root / run_id
 
 
