@@ -219,14 +219,22 @@ def _realized(pred, target_loss: float) -> dict[str, tuple[float, float, str]]:
     return out
 
 
+def _eps_status(v: float) -> str:
+    """``predict --json``'s word for an ``eps_tok`` that strict JSON writes as a number or ``null``:
+    ``"known"`` (a number), ``"not reached"`` (``inf``: the run ended or diverged above the target and
+    ranks last in the score) or ``"unknown"`` (NaN: cut short or still going, or no run of its family
+    reached the target; the score leaves it out). Both non-finite values are ``null`` in ``"eps_tok"``."""
+    return "known" if math.isfinite(v) else "not reached" if v == math.inf else "unknown"
+
+
 def _eps_cell(v: float) -> str:
-    return "not reached" if v == math.inf else _fmt(v, ".3f")
+    return _fmt(v, ".3f") if math.isfinite(v) else _eps_status(v)
 
 
 def _cmd_predict(args) -> int:
     from .analysis.efficiency import learning_rate
     from .analysis.tail import TailPredictor
-    from .report import score_flags, sweep_notes
+    from .report import ranking_flags, score_flags, sweep_notes, target_flags
 
     runs = _open(args.runs, args)
     notes: list[str] = []  # runs left out (diverged, cut short) and runs of a family that differ: one line each
@@ -235,6 +243,8 @@ def _cmd_predict(args) -> int:
         rankings = pred.predict()
         score = pred.score(targets=args.target_loss) if args.target_loss is not None else None
         realized = _realized(pred, args.target_loss) if args.target_loss is not None else None
+    cautions = [] if score is None else (score_flags(score) + target_flags(
+        [r for r in pred.runs_ if r.run_id in {p[0] for p in score.points}], args.target_loss))
     if args.json:
         by_id = {r.run_id: r for r in pred.runs_}
         out = {
@@ -247,12 +257,14 @@ def _cmd_predict(args) -> int:
                     "p_recommended": rk.p_recommended,
                     "ranked": len(rk.tiers) > 1,
                     "note": _unranked(rk),
+                    "cautions": ranking_flags({f: rk}),
                     "tiers": [
                         {"tier": t, "alpha_tail": rk.values[t], "sigma": rk.sigmas[t], "p_best": rk.p_best[t],
                          "runs": list(rk.run_ids[t]), "lr": learning_rate(by_id[rk.run_ids[t][0]]),
                          **({} if realized is None else {
                              "tokens_to_target": [realized[rid][0] for rid in rk.run_ids[t]],
                              "eps_tok": [realized[rid][1] for rid in rk.run_ids[t]],
+                             "eps_tok_status": [_eps_status(realized[rid][1]) for rid in rk.run_ids[t]],
                              "target_status": [realized[rid][2] for rid in rk.run_ids[t]]})}
                         for t in rk.tiers
                     ],
@@ -265,7 +277,7 @@ def _cmd_predict(args) -> int:
         if score is not None:
             out["score"] = {"rho": score.rho, "pvalue": score.pvalue, "n": score.n,
                             "within": {f: {"rho": w.rho, "pvalue": w.pvalue, "n": w.n} for f, w in score.within.items()},
-                            "cautions": score_flags(score)}
+                            "cautions": cautions}
         print(json.dumps(_strict_json(out), indent=2, allow_nan=False))
         return 0
     for f, rk in rankings.items():
@@ -281,14 +293,16 @@ def _cmd_predict(args) -> int:
                          f"  {', '.join(_eps_cell(c[1]) for c in cells):>11}")
             print(f"  {i:>4}  {t:>6g}  {rk.values[t]:>10.4f}  {_fmt(rk.sigmas[t], '.2g'):>8}  "
                   f"{_fmt(rk.p_best[t], '.3f'):>7}{extra}  {', '.join(rk.run_ids[t])}")
+        for c in ranking_flags({f: rk}):
+            print(f"caution: {c}")
     if score is not None:
         for f, w in score.within.items():
             print(f"Spearman rho (early alpha_tail vs eps_tok), {f}: {_fmt(w.rho, '.3f')} (p = {_fmt(w.pvalue, '.3g')}, n = {w.n})")
         if len(score.within) > 1:
             print(f"pooled (per-family min-max normalized): {_fmt(score.rho, '.3f')} "
                   f"(p = {_fmt(score.pvalue, '.3g')}, n = {score.n})")
-        for f in score_flags(score):
-            print(f"caution: {f}")
+        for c in cautions:
+            print(f"caution: {c}")
     for n in notes:
         print(f"note: {n}")
     return 0

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .analysis.efficiency import (COMPLETE_COVERAGE, SweepWarning, coverage, divergence, ended, failure,
-                                  pick_learning_rates, token_inefficiency, tokens_to_target)
+                                  group_by_family, pick_learning_rates, reached_at_first_evaluation,
+                                  token_inefficiency, tokens_to_target)
 from .analysis.noise_predictor import NoiseScalePredictor
-from .analysis.ranking import TierRanking
+from .analysis.ranking import TierRanking, close_call
 from .analysis.tail import TailPredictor
 from .analysis.tier_predictor import PredictionScore
 from .analysis.windows import SpectrumMismatchError, common_spectra, common_windows
@@ -31,7 +32,7 @@ from ._progress import progress_bar
 from .atomic import write_text_atomic
 from .records import RunRecord, open_runs
 
-__all__ = ["Report", "build_report", "score_flags", "sweep_notes", "run_status", "MIN_TIERS", "MAX_PVALUE"]
+__all__ = ["Report", "build_report", "score_flags", "target_flags", "ranking_flags", "sweep_notes", "run_status", "MIN_TIERS", "MAX_PVALUE"]
 
 #: Fewer tiers than this in a family and its Spearman rho is flagged as underpowered.
 MIN_TIERS = 4
@@ -72,6 +73,28 @@ def score_flags(score: PredictionScore, statistic: str = "early α_tail") -> lis
                 f"treat the {statistic} ranking as a guess, not evidence."
             )
     return out
+
+
+def target_flags(runs: Iterable[RunRecord], target_loss: float) -> list[str]:
+    """A caution per family whose runs (two or more: the runs scored) all reached ``target_loss`` at
+    their first evaluation (:func:`~spectral_lens.analysis.efficiency.reached_at_first_evaluation`):
+    their ``T`` is where each was first evaluated, their ``eps_tok`` compares evaluation spacings, and
+    the score means nothing."""
+    out = []
+    for family, members in group_by_family(runs).items():
+        if len(members) > 1 and all(reached_at_first_evaluation(r, target_loss) for r in members):
+            where = f"family {family}" if family else "these runs"
+            out.append(f"{where}: every run ({len(members)}) reached val loss {target_loss:g} at its first evaluation: "
+                       "T is only where each run was first evaluated and eps_tok compares evaluation spacings, so "
+                       "the score means nothing here; choose a lower target loss.")
+    return out
+
+
+def ranking_flags(rankings: dict[str, TierRanking]) -> list[str]:
+    """A caution per family whose recommended tier is not clearly the likeliest best
+    (:func:`~spectral_lens.analysis.ranking.close_call`: another tier's P(best) is larger, or within
+    Monte Carlo error)."""
+    return [c for c in map(close_call, rankings.values()) if c is not None]
 
 
 @contextlib.contextmanager
@@ -135,7 +158,8 @@ class Report:
         score: the tail predictor's :class:`PredictionScore` (``None`` without a target loss).
         baseline_rankings, baseline_score: the same for the noise-scale baseline (when available).
         taxonomy: one :class:`TaxonomyResult` per requested transition.
-        flags: plain-words cautions about the prediction score (see :func:`score_flags`).
+        flags: plain-words cautions about the prediction score (:func:`score_flags`, :func:`target_flags`),
+            then about the rankings (:func:`ranking_flags`: a toss-up between the top tiers).
         notes: what was skipped and why.
     """
 
@@ -397,6 +421,8 @@ def build_report(
             if eps:
                 headers.append("realized eps_tok")
             doc.table(headers, rows)
+            for c in ranking_flags({family: rk}):  # a toss-up between the top tiers: said where the ranking is
+                doc.p("Caution: " + c)
     if report.score is not None:
         doc.h(2, "Score: does the early tail order realized token efficiency?")
         rows = [[f, _num(w.rho, ".3f"), _num(w.pvalue, ".3g"), w.n] for f, w in report.score.within.items()]
@@ -413,7 +439,8 @@ def build_report(
             )
         doc.p("p-values: exact permutation test (scipy.stats.permutation_test) for up to 8 runs, "
               "scipy.stats.spearmanr's t-approximation above.")
-        report.flags = score_flags(report.score)
+        scored = [by_id[p[0]] for p in report.score.points]
+        report.flags = score_flags(report.score) + target_flags(scored, target_loss)
         if report.flags:
             doc.h(3, "Caution")
             for f in report.flags:
@@ -424,6 +451,7 @@ def build_report(
         rows = [[f, _num(w.rho, ".3f"), _num(w.pvalue, ".3g"), w.n] for f, w in bs.within.items()]
         rows.append(["pooled (per-family min-max normalized)", _num(bs.rho, ".3f"), _num(bs.pvalue, ".3g"), bs.n])
         doc.table(["family", "Spearman ρ (noise-scale tier vs eps_tok)", "p-value", "runs"], rows)
+    report.flags += ranking_flags(report.rankings)  # shown under their ranking tables
 
     # ---- taxonomy -------------------------------------------------------------------------------
     if replicates and not transitions:

@@ -29,6 +29,7 @@ from ..records.writer import FAILED as _FAILED
 __all__ = [
     "NO_FAMILY",
     "tokens_to_target",
+    "reached_at_first_evaluation",
     "eps_tok",
     "token_inefficiency",
     "tok_gain",
@@ -341,6 +342,17 @@ def tokens_to_target(run_or_curve, target: float, *, interpolate: bool = False) 
     if not np.isfinite(l0) or l0 == l1:
         return float(t1)
     return float(t0 + (l0 - target) / (l0 - l1) * (t1 - t0))
+
+
+def reached_at_first_evaluation(run_or_curve, target: float) -> bool:
+    """Whether the first checkpoint (in token order) already has validation loss ``<= target``. Then
+    ``T`` is that checkpoint's token count: where the first evaluation happened to be, an upper bound
+    on the tokens the target needed, not a measurement of them; a family whose runs all do this has
+    an ``eps_tok`` that only compares evaluation spacings (choose a lower target)."""
+    if not math.isfinite(target):
+        raise ValueError(f"reached_at_first_evaluation: target validation loss must be a finite number, got {target}")
+    _, losses = _curve(run_or_curve)
+    return bool(losses.size) and bool(losses[0] <= target)
 
 
 def eps_tok(T: Mapping[Hashable, float]) -> dict[Hashable, float]:

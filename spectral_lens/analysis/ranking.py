@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["TierRanking", "rank_tiers"]
+__all__ = ["TierRanking", "rank_tiers", "close_call"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class TierRanking:
         recommended: the predicted most token-efficient tier (``tiers[0]``).
         p_recommended: ``p_best[recommended]``.
         run_ids: per tier, the run ids behind it.
+        n_draws: the Monte Carlo draws behind ``p_best`` (its error is about ``sqrt(p (1 - p) / n_draws)``).
     """
 
     family: str
@@ -36,6 +37,7 @@ class TierRanking:
     recommended: float
     p_recommended: float
     run_ids: dict[float, tuple[str, ...]]
+    n_draws: int = 4000
 
 
 def rank_tiers(
@@ -93,4 +95,30 @@ def rank_tiers(
         recommended=tiers[0],
         p_recommended=p_best[tiers[0]],
         run_ids=run_ids,
+        n_draws=n_draws,
     )
+
+
+def close_call(rk: TierRanking) -> str | None:
+    """A one-line caution when the recommended tier is not clearly the likeliest best: another tier's
+    ``p_best`` is larger, or smaller by less than twice the Monte Carlo error of the difference
+    (``sqrt((p1 + p2 - (p1 - p2)^2) / n_draws)``, two multinomial shares). Tiers with equal or nearly
+    equal values then swap P(best) by draw noise alone (0.49 vs 0.51); the recommendation stays the
+    point estimate (protocol: smaller early statistic = fewer tokens), and this says it is a toss-up.
+    ``None`` for one tier, NaN ``p_best``, or a clear lead."""
+    if len(rk.tiers) < 2 or any(math.isnan(p) for p in rk.p_best.values()):
+        return None
+    rec, p1 = rk.recommended, rk.p_recommended
+    rival = max(rk.tiers[1:], key=lambda t: (rk.p_best[t], -rk.values[t]))
+    p2 = rk.p_best[rival]
+    err = math.sqrt(max(p1 + p2 - (p1 - p2) ** 2, 0.0) / rk.n_draws)
+    if p2 < p1 - 2 * err:
+        return None
+    where = f"family {rk.family}" if rk.family else "these runs"
+    v1, v2 = rk.values[rec], rk.values[rival]
+    tie = "; equal values: the smaller tier first" if v1 == v2 else ""
+    lead = f"tier {rival:g} has the larger P(best)" if p2 > p1 else "the two are within Monte Carlo error"
+    return (f"{where}: tiers {rec:g} and {rival:g} are too close to call: P(best) {p1:.3f} vs {p2:.3f} ({lead}: "
+            f"+-{2 * err:.3f} on the difference, {rk.n_draws} draws); tier {rec:g} is recommended by the point "
+            f"estimate of the early {rk.statistic} ({v1:.6g} vs {v2:.6g}{tie}), not by evidence that it is the "
+            f"better tier: treat them as equal, or measure more seeds.")

@@ -99,7 +99,8 @@ class TierPredictor:
         """The early statistic of every run that has one; the others (diverged, at a learning rate
         other than its tier's best (:func:`~spectral_lens.analysis.pick_learning_rates`), or no usable
         early statistic: :class:`NoEarlyStatisticError`) are left out with a one-line reason each, and
-        a :class:`SweepWarning` per run. No run left raises the first run's error (all their reasons)."""
+        a :class:`SweepWarning` per run. No run left raises the first run's error (all their reasons; one
+        run: its own error, with the note that it failed when it did, as a left-out run's reason has)."""
         stats, kept, excluded, errors, diverged = [], [], {}, [], set()
         _, other_lr = pick_learning_rates(runs)
         for r in runs:
@@ -117,8 +118,11 @@ class TierPredictor:
                     errors.append(exc)
             excluded[r.run_id] = why
         if not stats:
-            if len(runs) == 1 and errors:
-                raise errors[0]
+            if len(runs) == 1 and errors:  # its own error, with the same "; it failed (...)" note as a left-out run's
+                exc, why = errors[0], excluded[runs[0].run_id]
+                if why == str(exc):
+                    raise exc
+                raise type(exc)(why) from None
             kind = FractionNotReachedError if errors and len(errors) == len(runs) and all(
                 isinstance(e, FractionNotReachedError) for e in errors) else NoEarlyStatisticError
             raise kind(f"{type(self).__name__}: no run has a usable {self.statistic} at {self.fraction:.0%}: "

@@ -77,6 +77,7 @@ def test_predict_json_realized_cells_are_strict_and_aligned_with_runs(sweep, cap
     assert toy[4]["target_status"] == ["reached", "not reached (failed)"] and toy[4]["eps_tok"][1] is None
     assert toy[2]["runs"] == ["toy-b2", "toy-b2-s1"]
     assert toy[2]["target_status"] == ["not reached", "not reached yet"] and toy[2]["eps_tok"] == [None, None]
+    assert toy[2]["eps_tok_status"] == ["not reached", "unknown"]  # inf (ranks last) vs NaN (left out), both null
     assert toy[16]["target_status"] == ["not reached"] and toy[16]["tokens_to_target"] == [None]
     assert data["families"]["toy"]["ranked"] is True and data["families"]["toy"]["note"] is None
     solo = data["families"]["solo"]
@@ -88,7 +89,7 @@ def test_predict_json_realized_cells_are_strict_and_aligned_with_runs(sweep, cap
     out = capsys.readouterr().out
     assert "family solo: one tier (4): nothing to rank" in out and "family toy: recommended tier 4" in out
     row = next(x for x in out.splitlines() if x.rstrip().endswith("toy-b4, toy-b4-s1"))
-    assert "not reached (failed)" in row and "1.000, nan" in row
+    assert "not reached (failed)" in row and "1.000, unknown" in row  # eps_tok NaN: --json's word (was "nan")
     row = next(x for x in out.splitlines() if x.rstrip().endswith("toy-b2, toy-b2-s1"))
     assert "not reached, not reached yet" in row
 
