@@ -76,14 +76,18 @@ class LightningHooks:
         only defines ``training_step``), now rather than at the first scheduled measurement."""
         lens = self.driver.lens
         model = pl_module if lens.model is None else lens.model
-        probe = getattr(lens, "probe", None)
-        calls = lens.forward_fn is default_forward or (probe is not None and probe.forward_fn is default_forward)
+        probe = lens.probe
+        spec = lens.params_spec  # params=() measures no gradients; otherwise the lens builds a probe on attach,
+        builds = probe is None and not (isinstance(spec, (list, tuple)) and len(spec) == 0)  # calling forward
+        calls = (lens.forward_fn is default_forward or builds
+                 or (probe is not None and probe.forward_fn is default_forward))
         if model is not None and calls and not _defines_forward(model):
             raise TypeError(
                 f"{type(self).__name__}: the SpectralLens would call {type(model).__name__}.forward on the pool's "
                 f"batches, but {type(model).__name__} defines no forward (Lightning does not need one); build the "
                 f"lens on the network the module trains (SpectralLens(module.net, pool, ...), whatever your "
-                f"attribute is called), define forward, or pass the lens (and its probe) forward_fn="
+                f"attribute is called), define forward, or pass forward_fn= to the lens and to its gradient probe (probe=PerSampleGradientProbe(..., "
+                f"forward_fn=...); the probe the lens builds itself calls forward), or params=() for no gradients"
             )
         self.driver.bind(pl_module, type(self).__name__)
 

@@ -10,7 +10,7 @@ from support.models import TinyGPT, lm_pool
 import spectral_lens as sl
 
 pl = pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
-from spectral_lens.integrations import SpectralLensLightningCallback  # noqa: E402
+from spectral_lens.integrations import SpectralLensLightningCallback
 
 
 class NoForwardLit(pl.LightningModule):
@@ -68,3 +68,13 @@ def test_a_forward_fn_is_enough():
                            forward_fn=lambda m, batch: m.net(batch[0]))
     fit(module, lens)
     assert [m.step for m in lens.history] == [2, 4]
+
+
+def test_a_forward_fn_for_the_activations_alone_is_refused_while_the_lens_builds_a_probe():
+    # the probe SpectralLens builds for params=None calls model.forward whatever the lens's forward_fn
+    module = NoForwardLit()
+    lens = sl.SpectralLens(pool=pool(), schedule=sl.Schedule.every(2), tail_window=(2, 8),
+                           forward_fn=lambda m, batch: m.net(batch[0]))
+    with pytest.raises(TypeError, match=r"defines no forward.*gradient probe"):
+        fit(module, lens)
+    assert module.steps_run == 0
