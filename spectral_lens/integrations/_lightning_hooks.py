@@ -10,8 +10,18 @@ import torch
 
 from .._agree import ranks
 from .._warnings import SpectralLensWarning
+from ..gradients._batch import default_forward
 from ..lens import SpectralLens
 from ._driver import LensDriver
+
+
+def _defines_forward(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s class (or a base of its own) defines ``forward``: not only ``nn.Module``'s
+    placeholder or ``LightningModule``'s pass-through to it, both of which raise ``NotImplementedError``."""
+    for klass in type(module).__mro__:
+        if "forward" in vars(klass):
+            return not (klass is torch.nn.Module or klass.__name__ == "LightningModule")
+    return False
 
 
 class LightningHooks:
@@ -61,7 +71,24 @@ class LightningHooks:
         self.driver.measure(step, self.driver.agreed_tokens(step), val_loss, log=log)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        """Attach a lens without a model to ``pl_module``; else check that it is (or contains) the lens's."""
+        """Attach a lens without a model to ``pl_module``; else check that it is (or contains) the lens's.
+        Refuse a model without a ``forward`` of its own that the lens would call (a ``LightningModule`` that
+        only defines ``training_step``), now rather than at the first scheduled measurement."""
+        lens = self.driver.lens
+        model = pl_module if lens.model is None else lens.model
+        probe = lens.probe
+        spec = lens.params_spec  # params=() measures no gradients; otherwise the lens builds a probe on attach,
+        builds = probe is None and not (isinstance(spec, (list, tuple)) and len(spec) == 0)  # calling forward
+        calls = (lens.forward_fn is default_forward or builds
+                 or (probe is not None and probe.forward_fn is default_forward))
+        if model is not None and calls and not _defines_forward(model):
+            raise TypeError(
+                f"{type(self).__name__}: the SpectralLens would call {type(model).__name__}.forward on the pool's "
+                f"batches, but {type(model).__name__} defines no forward (Lightning does not need one); build the "
+                f"lens on the network the module trains (SpectralLens(module.net, pool, ...), whatever your "
+                f"attribute is called), define forward, or pass forward_fn= to the lens and to its gradient probe (probe=PerSampleGradientProbe(..., "
+                f"forward_fn=...); the probe the lens builds itself calls forward), or params=() for no gradients"
+            )
         self.driver.bind(pl_module, type(self).__name__)
 
     def on_train_start(self, trainer, pl_module) -> None:

@@ -17,7 +17,9 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
     trains, or without a model (``SpectralLens(pool=...)``: the callback attaches it to the
     ``LightningModule`` for the fit and detaches it afterwards), with its held-out pool, a :class:`~spectral_lens.records.RunWriter` and a
     :class:`~spectral_lens.Schedule` (pass ``forward_fn=`` when the module's ``forward`` does not
-    take the pool's batches). The callback measures after every optimizer step the schedule names
+    take the pool's batches; a ``LightningModule`` without a ``forward`` of its own, which Lightning allows, is
+    refused with a ``TypeError`` when the fit starts: build the lens on the network it trains). The callback
+    measures after every optimizer step the schedule names
     (``trainer.global_step``; with ``accumulate_grad_batches > 1``, after the batch that stepped) and,
     with ``on_validation=True``, after every validation run of the fit, recording
     ``trainer.callback_metrics[val_loss_key]`` as the validation loss (``trainer.validate()`` and
