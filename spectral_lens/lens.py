@@ -44,7 +44,7 @@ from ._offload import execution_device
 from .gradients._measurable import fsdp_sharded, is_encoder_decoder, kept_sharded, refuse_parallel_wrapper
 from .gradients._batch import batch_as_run, batch_size, default_forward, slice_batch
 from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
-from .spectra.fit import tail_window
+from .spectra.fit import tail_window, window_that_fits
 from .spectra.moments import PRECISIONS
 from .records import RunWriter, spectrum_summaries
 from .schedule import Schedule
@@ -499,7 +499,7 @@ class SpectralLens:
             f"{s.n_rows} rows{f'; {len(short) - 1} more spectra alike' if len(short) > 1 else ''}), so alpha_tail "
             "is left out of the summaries, and a run recorded with this window cannot be used by the early "
             "prediction (spectral-lens predict); pass "
-            f"SpectralLens(tail_window=(lo, hi)) with hi <= {fits} (e.g. (10, 40) for a small model), or "
+            f"SpectralLens(tail_window=(lo, hi)) with hi <= {fits} (e.g. {window_that_fits(fits)}), or "
             "RunWriter(tail_window=...) (said once per lens)", SpectralLensWarning, stacklevel=3)
 
     @contextlib.contextmanager

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..records import Measurement, RunRecord
 from ..records.schema import _LazySpectra
+from ..spectra.fit import window_that_fits
 from ..summaries import BandAlphaFitter
 from .efficiency import NO_FAMILY
 from .windows import resolve_spectrum, resolve_window
@@ -123,7 +124,7 @@ def _too_wide_hint(hi_rank: int, size: int, given: bool) -> str:
     Python. Empty when the window fits (the fit failed for another reason: zeros, NaN)."""
     if hi_rank <= size:
         return ""
-    lo, hi = (10, 40) if size >= 40 else (1, size)
+    lo, hi = window_that_fits(size)
     where = "the window you passed" if given else "the tail window recorded in run.json"
     return f" ({where}); use one with HI <= {size}: --window {lo} {hi} (window=({lo}, {hi}) in Python)"
 

@@ -741,7 +741,7 @@ def _lock_run_dir(path: Path) -> int | None:
         raise RuntimeError(
             f"{path}: another RunWriter has this run directory open (it holds the lock on {lock_file}); "
             "one writer per run directory: close the other writer first (a killed writer's lock is released "
-            "when its process exits)"
+            "when its process exits); under torch.distributed, create the writer on rank 0 only"
         ) from None
     if fd is None and locks.SUPPORTED:
         warnings.warn(f"{path}: the file system does not support locks; a second RunWriter on this directory "

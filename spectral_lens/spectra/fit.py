@@ -184,6 +184,14 @@ def band_alpha(p, window: tuple[int, int]) -> AlphaFit:
     return AlphaFit((lo, hi), -slope, intercept, r2, stderr, hi - lo + 1)
 
 
+def window_that_fits(size: int) -> tuple[int, int]:
+    """An example rank window for a spectrum of ``size`` usable eigenvalues, for messages about a window
+    that does not fit: the head window ``(10, 40)`` where it fits, else the upper three quarters of the
+    ranks, ``(max(1, size // 4), size)``. Not a protocol rule: on a spectrum this small the window may
+    start inside the learned head (see :func:`estimate_crossover`)."""
+    return (10, 40) if size >= 40 else (max(1, size // 4), max(1, size))
+
+
 def tail_window(n_layer: int) -> tuple[int, int]:
     """The paper's scale rule for the tail window (Sec. 2).
 

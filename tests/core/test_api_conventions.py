@@ -6,6 +6,7 @@ callable names the argument it refuses."""
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import numpy as np
@@ -369,9 +370,16 @@ def test_a_tail_window_wider_than_the_model_is_said_once():
     # the default tail window (100, 200) on a 4-wide layer: alpha_tail was left out of every measurement without a
     # word, and `spectral-lens predict` refused the run only at the end of the sweep
     lens = _lens()
-    with pytest.warns(sl.SpectralLensWarning, match=r"tail window \(100, 200\) does not fit act:proj .*hi <= "):
+    with pytest.warns(sl.SpectralLensWarning, match=r"tail window \(100, 200\) does not fit act:proj .*hi <= ") as got:
         m = lens.measure(step=0, tokens=0)
     assert "alpha_tail" not in m.summaries["act:proj"] and "rankme" in m.summaries["act:proj"]
+    # the example it gives fits (it said "(10, 40) for a small model" whatever the limit it had just named)
+    example = re.search(r"hi <= (\d+) \(e\.g\. \((\d+), (\d+)\)\)", str(got[0].message))
+    assert example and int(example[3]) <= int(example[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        suggested = _lens(tail_window=(int(example[2]), int(example[3])))
+        assert "alpha_tail" in suggested.measure(step=0, tokens=0).summaries["act:proj"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lens.measure(step=1, tokens=1)  # said once per lens
