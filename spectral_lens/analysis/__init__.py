@@ -23,6 +23,7 @@ from .efficiency import (
     failure,
     learning_rate,
     pick_learning_rates,
+    reached_at_first_evaluation,
     DIVERGED_AFTER,
     ENDED_STATUSES,
     FAILED_STATUS,
@@ -43,7 +44,7 @@ from .efficiency import (
 )
 from .early import EarlyStatistic, FractionNotReachedError, NoEarlyStatisticError, alpha_trajectory, early_alpha
 from .noise_predictor import NoiseScalePredictor
-from .ranking import TierRanking, rank_tiers
+from .ranking import TierRanking, close_call, rank_tiers
 from .spearman import spearman
 from .sweep import SweepController, SweepDecision, TierDecision
 from .tail import TailPredictor
@@ -107,6 +108,7 @@ __all__ = [
     "common_windows",
     "early_alpha",
     "eps_tok",
+    "close_call",
     "ended",
     "failure",
     "learning_rate",
@@ -122,6 +124,7 @@ __all__ = [
     "measurement_at_loss",
     "matched_tokens",
     "rank_tiers",
+    "reached_at_first_evaluation",
     "replicate_evidence",
     "spearman",
     "resolve_spectrum",
