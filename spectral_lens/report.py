@@ -174,6 +174,12 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
+def _is_nan(v: Any) -> bool:
+    """An ``eps_tok`` that is not known (NaN: the run has not reached the target and has not ended): the table
+    says ``unknown``, as ``spectral-lens predict`` does (``–``: no value at all)."""
+    return isinstance(v, float) and math.isnan(v)
+
+
 def _num(v: Any, fmt: str = ".4g") -> str:
     if v is None:
         return "–"
@@ -382,7 +388,7 @@ def build_report(
             r.run_id, r.info.family or "–", _tier(r.info.batch_tier), len(r.measurements),
             _num(float(losses[-1]) if losses.size else None),
             _target_cell(r, T) if T is not None else "–",
-            _num(eps.get(r.run_id), ".3f") if eps else "–",
+            ("unknown" if _is_nan(eps.get(r.run_id)) else _num(eps.get(r.run_id), ".3f")) if eps else "–",
             _num(r.throughput(), ".4g"),
             (f"{s.value:.3f} ± {_num(s.sigma, '.2g')}" + ("" if one_window else f" (ranks {tuple(s.window)})"))
             if s else ("left out (see notes)" if pred is not None and r.run_id in pred.excluded_ else "–"),
