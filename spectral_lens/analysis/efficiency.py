@@ -345,14 +345,20 @@ def tokens_to_target(run_or_curve, target: float, *, interpolate: bool = False) 
 
 
 def reached_at_first_evaluation(run_or_curve, target: float) -> bool:
-    """Whether the first checkpoint (in token order) already has validation loss ``<= target``. Then
-    ``T`` is that checkpoint's token count: where the first evaluation happened to be, an upper bound
+    """Whether the first checkpoint of training (in token order) already has validation loss ``<= target``.
+    Then ``T`` is that checkpoint's token count: where the first evaluation happened to be, an upper bound
     on the tokens the target needed, not a measurement of them; a family whose runs all do this has
-    an ``eps_tok`` that only compares evaluation spacings (choose a lower target)."""
+    an ``eps_tok`` that only compares evaluation spacings (choose a lower target). An evaluation before
+    training (at token 0, as the example trainers do) or at the same token count as the one that
+    reached the target brackets nothing, so it does not count as an earlier one."""
     if not math.isfinite(target):
         raise ValueError(f"reached_at_first_evaluation: target validation loss must be a finite number, got {target}")
-    _, losses = _curve(run_or_curve)
-    return bool(losses.size) and bool(losses[0] <= target)
+    tokens, losses = _curve(run_or_curve)
+    hit = np.flatnonzero(losses <= target)
+    if hit.size == 0:
+        return False
+    before = tokens[: int(hit[0])]
+    return not bool(np.any((before > 0) & (before < tokens[hit[0]])))
 
 
 def eps_tok(T: Mapping[Hashable, float]) -> dict[Hashable, float]:

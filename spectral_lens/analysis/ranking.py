@@ -105,9 +105,13 @@ def close_call(rk: TierRanking) -> str | None:
     (``sqrt((p1 + p2 - (p1 - p2)^2) / n_draws)``, two multinomial shares). Tiers with equal or nearly
     equal values then swap P(best) by draw noise alone (0.49 vs 0.51); the recommendation stays the
     point estimate (protocol: smaller early statistic = fewer tokens), and this says it is a toss-up.
-    ``None`` for one tier, NaN ``p_best``, or a clear lead."""
+    ``None`` for one tier, NaN ``p_best``, or a clear lead. ``n_draws < 1`` (a ranking built by hand)
+    is a ``ValueError``: there is no Monte Carlo error to compare with."""
     if len(rk.tiers) < 2 or any(math.isnan(p) for p in rk.p_best.values()):
         return None
+    if not rk.n_draws >= 1:
+        raise ValueError(f"close_call: family {rk.family!r}: TierRanking.n_draws must be >= 1 (the Monte Carlo "
+                         f"draws behind p_best), got {rk.n_draws}")
     rec, p1 = rk.recommended, rk.p_recommended
     rival = max(rk.tiers[1:], key=lambda t: (rk.p_best[t], -rk.values[t]))
     p2 = rk.p_best[rival]
