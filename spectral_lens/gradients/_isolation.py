@@ -25,6 +25,7 @@ engine (the ``vmap`` engine never sees them) and the hooks are not called by a m
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
 import sys
 from typing import Callable, Iterable, Iterator
@@ -180,7 +181,7 @@ def forked_rng(devices: Iterable = ()) -> Iterator[None]:
     try:
         yield
     finally:
-        set_rng_state(state, devices)
+        set_rng_state(state, devices, reinstall=True)
 
 
 def rng_state(devices: Iterable = ()) -> tuple:
@@ -197,10 +198,13 @@ def rng_state(devices: Iterable = ()) -> tuple:
             (_get_bit_generator(), np.random.get_state(legacy=False)))
 
 
-def set_rng_state(state: tuple, devices: Iterable = ()) -> None:
-    """Set every stream captured by :func:`rng_state` (same ``devices``) back to that state: numpy's bit
-    generator object is installed again where another one is (then its state is set: the user's generator,
-    not a copy, draws next). NumPy's MT19937 key goes in as a list: its setter reads the key item by item,
+def set_rng_state(state: tuple, devices: Iterable = (), reinstall: bool = False) -> None:
+    """Set every stream captured by :func:`rng_state` (same ``devices``) back to that state. Where another numpy
+    bit generator is installed now than when the state was captured: with ``reinstall`` (:func:`forked_rng`'s
+    exit) the captured object itself is installed again (the user's generator, not a copy, draws next); else
+    (a replay: a bounded-memory recomputation of an earlier update's chunk, a rewind, a retry) a copy of it with
+    the captured state, so that an object the user replaced since and still draws from
+    (``np.random.Generator(it)``) is not rewound. NumPy's MT19937 key goes in as a list: its setter reads the key item by item,
     ~35 us from the array (a NumPy scalar per item), ~11 us with the list made here (the same 624 values)."""
     cpu, cuda, py, (bit_generator, npy) = state
     torch.set_rng_state(cpu)
@@ -208,7 +212,9 @@ def set_rng_state(state: tuple, devices: Iterable = ()) -> None:
         torch.cuda.set_rng_state(s, d)
     random.setstate(py)
     if bit_generator is not None and _get_bit_generator() is not bit_generator:
-        np.random.set_bit_generator(bit_generator)
+        # a fork's exit puts the user's own object back; a replay (a chunk recomputed, a rewind, a retry) draws
+        # from a copy, so an object the user has replaced since, and may still draw from, is not rewound
+        np.random.set_bit_generator(bit_generator if reinstall else copy.deepcopy(bit_generator))
     if npy.get("bit_generator") == "MT19937" and isinstance(npy["state"].get("key"), np.ndarray):
         npy = {**npy, "state": {**npy["state"], "key": npy["state"]["key"].tolist()}}
     np.random.set_state(npy)

@@ -104,7 +104,8 @@ def test_a_forward_installing_its_own_bit_generator_leaves_the_users(global_bit_
 def test_forked_rng_restores_the_installed_bit_generator(global_bit_generator):
     """The isolation itself: a block that installs another bit generator and draws from it finds the user's
     generator object back afterwards (also on an exception), the same next draw; and set_rng_state of a state
-    captured under MT19937 works under PCG64 (it reinstalls the MT19937 object)."""
+    captured under MT19937 works under PCG64 (a replay draws from a copy of the MT19937 object; with
+    ``reinstall``, a fork's exit, the object itself is installed)."""
     user = np.random.MT19937(4)
     np.random.set_bit_generator(user)
     np.random.randn()  # a cached Gaussian too
@@ -121,5 +122,9 @@ def test_forked_rng_restores_the_installed_bit_generator(global_bit_generator):
     state = rng_state()
     np.random.set_bit_generator(np.random.PCG64(2))
     set_rng_state(state)
+    assert np.random.get_bit_generator() is not user and type(np.random.get_bit_generator()) is type(user)
+    assert (np.random.randn(), np.random.randn()) == want
+    np.random.set_bit_generator(np.random.PCG64(3))
+    set_rng_state(state, reinstall=True)
     assert np.random.get_bit_generator() is user
     assert (np.random.randn(), np.random.randn()) == want
