@@ -153,7 +153,7 @@ def test_no_gradients_and_a_forward_fn_need_no_forward(params):
 def test_an_explicit_probe_decides_by_its_own_forward_fn():
     pl, callback = package("lightning.pytorch")
     kinds = modules(pl)
-    custom = dict(forward_fn=lambda m, b: m.net(b[0]))
+    custom = {"forward_fn": lambda m, b: m.net(b[0])}
     # the probe with the default forward on a module without one: refused
     module = kinds["base"]()
     lens = lens_for(probe=PerSampleGradientProbe(params="net.lm_head.weight"), **custom)
