@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Mapping
 from typing import Iterable
@@ -15,12 +16,35 @@ from ..lens import SpectralLens
 from ._driver import LensDriver
 
 
+def _lightning_pass_through(klass: type) -> bool:
+    """Whether ``klass`` is Lightning's own ``LightningModule`` (of ``lightning.pytorch`` or ``pytorch_lightning``),
+    whose ``forward`` only passes the call on to the next class's (``super().forward``). By module and name: a
+    class of the user's that is also called ``LightningModule`` is not it."""
+    return klass.__name__ == "LightningModule" and klass.__module__.split(".")[0] in ("lightning", "pytorch_lightning")
+
+
 def _defines_forward(module: torch.nn.Module) -> bool:
-    """Whether ``module``'s class (or a base of its own) defines ``forward``: not only ``nn.Module``'s
-    placeholder or ``LightningModule``'s pass-through to it, both of which raise ``NotImplementedError``."""
-    for klass in type(module).__mro__:
-        if "forward" in vars(klass):
-            return not (klass is torch.nn.Module or klass.__name__ == "LightningModule")
+    """Whether calling ``module`` reaches a ``forward`` of its own rather than ``nn.Module``'s placeholder, which
+    raises ``NotImplementedError``: one set on the instance (``module.forward = net.forward``), or the first one
+    in its class's MRO past ``LightningModule``'s pass-through (so a mixin's after it counts). An instance
+    ``forward`` that wraps the module's own method (``trainer.fit(torch.compile(module))`` sets one) is
+    judged by that method."""
+    mro, start = type(module).__mro__, 0
+    own = vars(module).get("forward")
+    if own is not None:
+        try:
+            own = inspect.unwrap(own)
+        except ValueError:  # a __wrapped__ chain without end: some callable of the user's
+            return True
+        if getattr(own, "__self__", None) is not module:
+            return True  # another callable (another module's forward, a function)
+        found = [i for i, klass in enumerate(mro) if vars(klass).get("forward") is getattr(own, "__func__", None)]
+        if not found:
+            return True  # another method of the module's
+        start = found[0]
+    for klass in mro[start:]:
+        if "forward" in vars(klass) and not _lightning_pass_through(klass):
+            return klass is not torch.nn.Module
     return False
 
 
