@@ -54,3 +54,13 @@ def helpers():
     h.lm_batch, h.reference_rows, h.lm_sample_loss = lm_batch, reference_rows, lm_sample_loss
     h.sq_singular_values, h.TinyGPT, h.TinyCNN = sq_singular_values, TinyGPT, TinyCNN
     return h
+
+
+@pytest.fixture
+def global_bit_generator():
+    """Restores NumPy's global bit generator (and its state) after the test."""
+    saved_bg = np.random.get_bit_generator()
+    saved = np.random.get_state(legacy=False)
+    yield
+    np.random.set_bit_generator(saved_bg)
+    np.random.set_state(saved)

@@ -54,16 +54,6 @@ def _np_state():
     return st["bit_generator"], inner, st.get("has_gauss"), st.get("gauss"), st.get("has_uint32"), st.get("uinteger")
 
 
-@pytest.fixture
-def global_bit_generator():
-    """Restores NumPy's global bit generator (and its state) after the test."""
-    saved_bg = np.random.get_bit_generator()
-    saved = np.random.get_state(legacy=False)
-    yield
-    np.random.set_bit_generator(saved_bg)
-    np.random.set_state(saved)
-
-
 @pytest.mark.parametrize("bg", ["MT19937", "PCG64", "Philox"])
 def test_another_global_bit_generator_is_forked_without_a_warning(global_bit_generator, bg):
     """With ``np.random.set_bit_generator(PCG64())`` the old isolation's ``np.random.get_state()`` (legacy tuple)

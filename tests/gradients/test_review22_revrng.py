@@ -41,16 +41,6 @@ def _state(bg) -> tuple:
     return st["bit_generator"], {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in st["state"].items()}
 
 
-@pytest.fixture
-def global_bit_generator():
-    """Restores NumPy's global bit generator (and its state) after the test."""
-    saved_bg = np.random.get_bit_generator()
-    saved = np.random.get_state(legacy=False)
-    yield
-    np.random.set_bit_generator(saved_bg)
-    np.random.set_state(saved)
-
-
 def test_gram_leaves_the_bit_generator_installed_at_update(global_bit_generator):
     """update() under the user's MT19937, the user installs a PCG64 and keeps drawing from the MT19937 through a
     ``Generator``, gram() recomputes: both of the user's bit generators hold their states afterwards (before: the

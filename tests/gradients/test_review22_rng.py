@@ -51,16 +51,6 @@ def _np_state():
     return st["bit_generator"], inner, st.get("has_gauss"), st.get("gauss")
 
 
-@pytest.fixture
-def global_bit_generator():
-    """Restores NumPy's global bit generator (and its state) after the test."""
-    saved_bg = np.random.get_bit_generator()
-    saved = np.random.get_state(legacy=False)
-    yield
-    np.random.set_bit_generator(saved_bg)
-    np.random.set_state(saved)
-
-
 def test_gram_after_the_user_installs_another_bit_generator(global_bit_generator):
     """update() under MT19937, then the user installs PCG64, then gram(): the recomputation replays the chunks'
     draws (rows equal the all-resident probe's, to float64 rounding) and the user's PCG64, its state, is back.
