@@ -92,7 +92,7 @@ def test_a_run_without_a_budget_short_of_the_target_has_an_unknown_eps_tok_not_i
     rep = build_report(runs, tmp_path / "rep", target_loss=TARGET, plots=False)
     row = next(line for line in rep.path.read_text().splitlines() if line.startswith("| toy-b16 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[5] == "not reached yet" and cells[6] == "–", row
+    assert cells[5] == "not reached yet" and cells[6] == "unknown", row  # the word predict prints (was "–", as for no value)
     assert rep.score.within["toy"].n == 3
 
     # a run that says it ended (update_info(status="complete")) is known not to reach it: inf
