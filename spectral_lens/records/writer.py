@@ -622,33 +622,21 @@ class RunWriter:
 
         Only the lines :meth:`RunRecord.open` keeps count (an event it refuses, a measurement whose spectrum
         file is missing: not), so the status is kept only where the analyses see the run ended (else they
-        would see neither an end nor the failure). Cheap on a long record, as the block's exception waits:
-        the files are read in chunks and only a line whose text holds ``"tokens": N`` with ``N`` that far
-        is parsed (a run failing at 50%: no line)."""
+        would see neither an end nor the failure). Read line by line (bounded memory), only within the
+        bytes the files held then."""
         total = header.get("total_tokens")
         if isinstance(total, bool) or not isinstance(total, numbers.Real) or not 0 < total < math.inf:
             return False
-        least = COMPLETE_COVERAGE * total * (1 - 1e-9)  # below any count that far (a margin for the rounding)
-        far = re.compile(rb'"tokens"[ \t\r]*:[ \t\r]*(\d{%d,})' % len(str(int(least))))  # JSON's blanks in a line
         for name, size in self._before.items():
             try:
                 with open(self.path / name, "rb") as fh:
-                    rest, left = b"", size
-                    while True:  # whole lines of the first `size` bytes, a chunk at a time
-                        chunk = fh.read(min(left, _SCAN_CHUNK)) if left > 0 else b""
-                        left -= len(chunk)
-                        data = rest + chunk
-                        if chunk:
-                            cut = data.rfind(b"\n") + 1
-                            data, rest = data[:cut], data[cut:]
-                        for m in far.finditer(data):
-                            if len(m[1]) > 400 or int(m[1]) < least:  # longer: beyond the float range (refused)
-                                continue
-                            lo, hi = data.rfind(b"\n", 0, m.start()) + 1, data.find(b"\n", m.end())
-                            if self._counts(name, data[lo:hi if hi >= 0 else len(data)], total):
-                                return True
-                        if not chunk:
+                    read = 0
+                    for raw in fh:
+                        read += len(raw)
+                        if read > size:  # past what the file held when this writer opened: its own lines
                             break
+                        if b'"tokens"' in raw and self._counts(name, raw, total):
+                            return True
             except OSError:
                 continue
         return False
@@ -693,9 +681,6 @@ COMPLETE_COVERAGE = 0.95
 #: ``run.json`` extras key of the exception that ended a ``with RunWriter(...)`` block when the record
 #: already said the run ended (see :meth:`RunWriter.__exit__`); the run's status is kept.
 FAILURE_AFTER_END = "failure_after_end"
-
-#: Bytes of a JSONL file :meth:`RunWriter._ended_before` reads at a time (a failing block's check: bounded memory).
-_SCAN_CHUNK = 1 << 22
 
 
 def _extras(header: Mapping[str, Any]) -> dict[str, Any]:

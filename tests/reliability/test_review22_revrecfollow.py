@@ -12,7 +12,6 @@ import warnings
 import pytest
 import torch
 
-import spectral_lens.records.writer as writer_module
 from spectral_lens import Spectrum
 from spectral_lens.analysis import coverage, ended, failure
 from spectral_lens.records import RecordWarning, RunInfo, RunRecord, RunWriter
@@ -90,13 +89,10 @@ def _random_line(rng, i):
     return rng.choice([text, text, text, text[: len(text) // 2], "[1, 2]", "{\"step\": 3, \"tokens\": 97000"])
 
 
-@pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("chunk", [7, 64, None])
-def test_the_writers_ended_before_agrees_with_the_readers_coverage(tmp_path, monkeypatch, seed, chunk):
-    """Random log lines (some refused by the reader, some at 95%, a nested "tokens"), read in chunks as small as
-    7 bytes (lines cross chunk boundaries): the writer's check says what the analysis says."""
-    if chunk is not None:
-        monkeypatch.setattr(writer_module, "_SCAN_CHUNK", chunk, raising=False)
+@pytest.mark.parametrize("seed", range(12))
+def test_the_writers_ended_before_agrees_with_the_readers_coverage(tmp_path, seed):
+    """Random log lines (some refused by the reader, some at 95%, a nested "tokens"): the writer's check says
+    what the analysis says."""
     rng = random.Random(seed)
     agree = []
     for k in range(8):
@@ -115,29 +111,3 @@ def test_the_writers_ended_before_agrees_with_the_readers_coverage(tmp_path, mon
         theirs = coverage(_open_skip(path)) >= 0.95
         agree.append((mine, theirs, (path / "log.jsonl").read_text()))
     assert all(mine == theirs for mine, theirs, _ in agree), [a for a in agree if a[0] != a[1]]
-
-
-def test_the_check_of_a_failing_block_parses_only_the_lines_that_may_reach_the_budget(tmp_path, monkeypatch):
-    """A long record failing at 50%: before, every line of both files was parsed while the block's exception was
-    being handled (a million-line log.jsonl: 4.8 s and +279 MB here, a second Ctrl-C meanwhile lost the mark)."""
-    path = tmp_path / "r"
-    with RunWriter(path, RunInfo("r", total_tokens=TOTAL), fsync=False):
-        pass
-    with open(path / "log.jsonl", "wb") as fh:
-        fh.write(b"".join(b'{"step": %d, "tokens": %d, "train_loss": 3.0}\n' % (i, i * 25) for i in range(20_000)))
-    calls = []
-    real_loads = json.loads
-
-    def counting_loads(s, *args, **kwargs):
-        calls.append(1)
-        return real_loads(s, *args, **kwargs)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RecordWarning)
-        w = RunWriter(path, resume=True, fsync=False)
-    monkeypatch.setattr(json, "loads", counting_loads)
-    with pytest.raises(RuntimeError), w:
-        raise RuntimeError("boom")
-    monkeypatch.undo()
-    assert len(calls) < 20, len(calls)  # the header, twice; no line below 95% (before: 20,000)
-    assert _open_skip(path).info.extras["status"] == "failed"
