@@ -1,9 +1,10 @@
 """``PerSampleGradientProbe``: per-sample gradient spectra of chosen weight matrices (paper Sec. 2).
 
-The thin stateful layer: binding to a model, engine choice, the head-loss decision, the isolation that
-keeps measuring free of side effects, chunking, and the float64 Gram state. Which models and parameters
-it measures (the default matrix, ``params=`` resolution, the refusals) is :mod:`._measurable`; the
-gradients come from :mod:`.engines`, the math from :mod:`.gram` and :mod:`.noise_scale`.
+The thin stateful layer: binding to a model (and following its parameters), each parameter's engine, the
+head-loss decision, the isolation that keeps measuring free of side effects, chunking, and the float64 Gram
+state. Which models and parameters it measures (the default matrix, ``params=`` resolution, the refusals) is
+:mod:`._measurable`; which engine measures a parameter is :mod:`._engine_choice`; the gradients come from
+:mod:`.engines`, the math from :mod:`.gram` and :mod:`.noise_scale`.
 """
 
 from __future__ import annotations
