@@ -29,8 +29,8 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     ``eval_loss_key`` names, as the validation loss; also a ``trainer.evaluate()`` before or after
     ``train()``). A step is measured once: an evaluation at a step the schedule already measured is
     not measured again, and its validation loss is appended to the run record's ``log.jsonl`` as a
-    ``val_loss`` event (read by ``RunRecord.val_curve``) and logged as ``spectral_lens/val_loss``. With several evaluation datasets (a dict),
-    name one of their losses, ``eval_loss_key="eval_<name>_loss"``: a callback added with
+    ``val_loss`` event (read by ``RunRecord.val_curve``) and logged as ``spectral_lens/val_loss``. With
+    several evaluation datasets (a dict), name one of their losses, ``eval_loss_key="eval_<name>_loss"``: a callback added with
     :meth:`attach` measures (or keeps the loss) at that dataset's evaluation and passes over the
     others' at the same step; a key missing from the metrics warns and records no validation loss
     (a plain callback, which cannot see the trainer's datasets, warns at every other dataset's
@@ -46,9 +46,10 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     run record's ``log.jsonl`` as a ``train_loss`` event at its step, with ``tokens_per_s``: the tokens
     trained since the previous event over the training time since then (measurements, evaluations and
     checkpoint saves left out; none when ``tokens`` counts steps). The report's training curve and
-    throughput ``Q`` read these events. A run from step 0 that logged no loss (shorter than ``logging_steps``)
-    records ``train()``'s final ``train_loss`` at its last step instead. Rank 0 writes them; under ``torch.distributed`` the ranks agree on
-    each write (one small collective per logged loss), so a failed write raises on every rank.
+    throughput ``Q`` read these events. A run from step 0 that logged no loss (shorter than
+    ``logging_steps``) records ``train()``'s final ``train_loss`` at its last step instead. Rank 0 writes
+    them; under ``torch.distributed`` the ranks agree on each write (one small collective per logged
+    loss), so a failed write raises on every rank.
 
     Each measurement is appended to the lens's run record, sent to every sink (e.g.
     :class:`~spectral_lens.integrations.TensorBoardSink`), and its scalars (per spectrum
