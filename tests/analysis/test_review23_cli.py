@@ -61,3 +61,98 @@ def test_close_call_wording_by_who_leads():
     assert "on the difference, 4000 draws" in c and "treat them as equal" in c
     # a clear lead over both: nothing
     assert close_call(_hand({4: 0.80, 8: 0.15, 16: 0.05})) is None
+
+
+# ---- 2: inspect FILE.npz compares r* with the run's window, or --window, and says which ----------------------
+
+
+def _theorem6(t: float = 0.5):
+    """A 768-wide activation spectrum with its crossover rank r* at 67.3 (head alpha 1, tail alpha 2.2)."""
+    import torch
+
+    from spectral_lens import Spectrum
+    from spectral_lens.analysis.synthetic import theorem6_activation
+
+    return Spectrum(torch.tensor(theorem6_activation(t, dim=768, eta=25.0, q=0.6).copy()), n_rows=10_000, dim=768)
+
+
+def _run_with_spectrum(root, run_id, tail_window=(10, 40), n_layer=12):
+    """A run directory with one measurement of :func:`_theorem6`; returns its spectrum file."""
+    from spectral_lens.records import RunInfo, RunWriter
+
+    info = RunInfo(run_id, family="f", batch_tier=8, total_tokens=1000, n_layer=n_layer)
+    with RunWriter(root / run_id, info, fsync=False, tail_window=tail_window) as w:
+        w.log_measurement(1, 100, {"act": _theorem6()})
+    (npz,) = sorted((root / run_id / "spectra").glob("*.npz"))
+    return npz
+
+
+def _inspect(capsys, *argv):
+    from spectral_lens.cli import main
+
+    assert main(["inspect", *map(str, argv)]) == 0
+    return capsys.readouterr().out
+
+
+def _line(out: str, start: str) -> str:
+    return next(x for x in out.splitlines() if x.startswith(start))
+
+
+def test_inspect_spectrum_file_uses_its_runs_recorded_window(tmp_path, capsys):
+    """A spectrum of a run recorded with tail window [10, 40] was compared with [100, 200] ('starts beyond
+    r* = 67'): the run's own window starts in the head, which is what the user needed to hear."""
+    npz = _run_with_spectrum(tmp_path, "w10")
+    out = _inspect(capsys, npz)
+    assert f"  tail window: ranks [10, 40] (recorded in {tmp_path / 'w10' / 'run.json'})" in out
+    assert _line(out, "  alpha_tail [10, 40]: ")
+    assert _line(out, "  crossover rank r*: 67.3").endswith(
+        "the alpha_tail window [10, 40] starts before it (in the head: it underestimates the tail exponent)")
+    # --window overrides the run's window and says so
+    out = _inspect(capsys, npz, "--window", "100", "200")
+    assert "  tail window: ranks [100, 200] (--window)" in out and _line(out, "  alpha_tail [100, 200]: ")
+    assert _line(out, "  crossover rank r*: 67.3").endswith("the alpha_tail window [100, 200] starts beyond it")
+
+
+def test_inspect_spectrum_file_window_sources(tmp_path, capsys):
+    # a run without a recorded tail window: predict's scale rule for its n_layer (d36 -> [200, 400])
+    npz = _run_with_spectrum(tmp_path, "d36", tail_window=None, n_layer=36)
+    header = json.loads((tmp_path / "d36" / "run.json").read_text())
+    header["summary_windows"].pop("tail", None)
+    (tmp_path / "d36" / "run.json").write_text(json.dumps(header))
+    out = _inspect(capsys, npz)
+    assert _line(out, "  tail window: ranks [200, 400] (scale rule for n_layer 36 in ")
+    assert "--window LO HI to choose" in out
+    # a file outside any run directory: the d12 window, said so
+    loose = tmp_path / "loose.npz"
+    _theorem6().save(loose)
+    out = _inspect(capsys, loose)
+    assert ("  tail window: ranks [100, 200] (the d12 window; the file is not in a run directory; "
+            "--window LO HI to choose)") in out
+    # an unreadable run.json beside the file is named, not fatal
+    npz = _run_with_spectrum(tmp_path, "broken")
+    (tmp_path / "broken" / "run.json").write_text("[1, 2]")
+    out = _inspect(capsys, npz, "--window", "10", "40")
+    assert "  tail window: ranks [10, 40] (--window)" in out
+    out = _inspect(capsys, npz)
+    assert _line(out, "  tail window: ranks [100, 200] (the d12 window; ").endswith(
+        "run.json cannot be read: " f"{tmp_path / 'broken' / 'run.json'}: not a JSON object; --window LO HI to choose)")
+    # a window beyond the spectrum: said, not silently left out
+    out = _inspect(capsys, loose, "--window", "10", "5000")
+    assert "  alpha_tail [10, 5000]: not fitted (the window does not fit this spectrum" in out
+
+
+def test_inspect_window_is_checked_and_refused_for_a_run_directory(tmp_path, capsys):
+    from spectral_lens.cli import main
+
+    npz = _run_with_spectrum(tmp_path, "r")
+    for argv, want in ((["--window", "5", "3"], "argument --window: expected 1-based ranks LO < HI, got 5 3"),
+                       (["--window", "0", "0"], "argument --window: expected 1-based ranks LO < HI, got 0 0"),
+                       (["--window", "x", "3"], "argument --window: invalid int value: 'x'")):
+        with pytest.raises(SystemExit) as exc:
+            main(["inspect", str(npz), *argv])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("spectral-lens inspect: error: ") and want in err, err
+    assert main(["inspect", str(tmp_path / "r"), "--window", "10", "40"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--window applies to a spectrum .npz file" in err
