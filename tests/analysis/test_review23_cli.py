@@ -156,3 +156,28 @@ def test_inspect_window_is_checked_and_refused_for_a_run_directory(tmp_path, cap
     assert main(["inspect", str(tmp_path / "r"), "--window", "10", "40"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--window applies to a spectrum .npz file" in err
+
+
+# ---- 3: where the public helpers live --------------------------------------------------------------------------
+
+
+def test_caution_helpers_public_homes():
+    """``close_call`` and ``reached_at_first_evaluation`` are analysis helpers, exported by
+    ``spectral_lens.analysis`` (commit 981e6de); the caution builders over records (``target_flags``,
+    ``ranking_flags``, ``score_flags``) are the report's, exported by ``spectral_lens.report``: analysis
+    does not import the report layer (data flows one way), so it does not re-export them."""
+    import re
+    from pathlib import Path
+
+    import spectral_lens.analysis as analysis
+    import spectral_lens.report as report
+    from spectral_lens.analysis import efficiency, ranking
+
+    assert analysis.close_call is ranking.close_call and "close_call" in analysis.__all__
+    assert analysis.reached_at_first_evaluation is efficiency.reached_at_first_evaluation
+    assert "reached_at_first_evaluation" in analysis.__all__
+    for name in ("target_flags", "ranking_flags", "score_flags"):
+        assert name in report.__all__ and name not in analysis.__all__
+    importers = [p.name for p in Path(analysis.__file__).parent.glob("*.py")
+                 if re.search(r"^\s*(from|import) (\.\.|spectral_lens\.)report\b", p.read_text(encoding="utf-8"), re.M)]
+    assert importers == []
