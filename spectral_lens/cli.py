@@ -72,9 +72,19 @@ def _transition(text: str) -> tuple[str, str]:
 
 def _out_dir(text: str) -> str:
     """``--out``: an empty value (an unset shell variable) would be the current directory, where the
-    report replaces report.md and removes figure files such as loss.png: refused."""
+    report replaces report.md and removes figure files such as loss.png: refused; so is an existing file."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"expected an output directory, got {text!r}")
+    if Path(text).exists() and not Path(text).is_dir():  # was the bare "FILE: File exists" of mkdir
+        raise argparse.ArgumentTypeError(f"expected an output directory, got {text!r}, an existing file")
+    return text
+
+
+def _path(text: str) -> str:
+    """A RUN_DIR or FILE_OR_RUN_DIR: an empty value (an unset shell variable, ``"$RUNS"``) would be the
+    current directory, read in its place without a word: refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
     return text
 
 
@@ -122,26 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     run_dirs_help = "run directories (each holds a run.json), or folders of them such as a sweep root"
     rp = sub.add_parser("report", help="write a Markdown or HTML report (figures need matplotlib: the plot extra)")
-    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help=run_dirs_help)
+    rp.add_argument("runs", nargs="+", type=_path, metavar="RUN_DIR", help=run_dirs_help)
     rp.add_argument("--out", type=_out_dir, required=True, help="output directory")
     rp.add_argument("--format", choices=("md", "html"), default="md",
                     help="report.md with PNG files beside it (default), or report.html with the figures embedded")
     rp.add_argument("--transition", type=_transition, action="append", default=[], metavar="RUN_A:RUN_B",
                     help="classify a transition between two runs, named by run id (RunInfo.run_id, not a "
                          "directory); repeatable; needs --target-loss")
-    rp.add_argument("--replicates", nargs="+", default=[], metavar="RUN_DIR",
+    rp.add_argument("--replicates", nargs="+", type=_path, default=[], metavar="RUN_DIR",
                     help="runs of one configuration that differ only in the seed: the taxonomy's thresholds "
                          "become twice their largest seed-to-seed difference (needs --target-loss)")
     rp.add_argument("--no-plots", action="store_true", help="tables only")
     early_args(rp)
 
     pp = sub.add_parser("predict", help="rank batch tiers by the early tail exponent")
-    pp.add_argument("runs", nargs="+", metavar="RUN_DIR", help=run_dirs_help)
+    pp.add_argument("runs", nargs="+", type=_path, metavar="RUN_DIR", help=run_dirs_help)
     pp.add_argument("--json", action="store_true", help="machine-readable output (strict JSON: an undefined value is null)")
     early_args(pp)
 
     ip = sub.add_parser("inspect", help="summarize a spectrum .npz file or a run directory")
-    ip.add_argument("path", metavar="FILE_OR_RUN_DIR", help="a spectrum .npz file or a run directory")
+    ip.add_argument("path", type=_path, metavar="FILE_OR_RUN_DIR", help="a spectrum .npz file or a run directory")
     ip.add_argument("--window", type=int, nargs=2, metavar=("LO", "HI"),
                     help="rank window of alpha_tail for a spectrum file, compared with its crossover rank r* "
                          "(default: the tail window of the run.json of the run directory the file sits in, "
@@ -502,7 +512,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     each.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # parse_args says it as "spectral-lens: error: ...", without the command
+        parser.exit(2, f"{parser.prog} {args.command}: error: unrecognized arguments: {' '.join(extra)}\n")
     _check_window(parser, args)
     from ._warnings import SpectrumFormatError
 

@@ -181,3 +181,116 @@ def test_caution_helpers_public_homes():
     importers = [p.name for p in Path(analysis.__file__).parent.glob("*.py")
                  if re.search(r"^\s*(from|import) (\.\.|spectral_lens\.)report\b", p.read_text(encoding="utf-8"), re.M)]
     assert importers == []
+
+
+# ---- 4: adversarial argv: one line on stderr and status 2, or a correct result ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def play(tmp_path_factory):
+    """A 3-tier sweep, and beside it the half-written and wrong inputs a user meets."""
+    import os
+    import shutil
+
+    from spectral_lens.analysis.synthetic import write_theorem6_sweep
+
+    root = tmp_path_factory.mktemp("review23_cli")
+    write_theorem6_sweep(root / "sweep", (2, 4, 8), family="base", n_measure=8, n_eval=20)
+    run = root / "sweep" / "base-b4"
+    (root / "empty").mkdir()
+    for name, text in (("emptyjson", b""), ("listjson", b"[1, 2]"), ("nonutf", b'{"run_id": "\xff\xfe"}')):
+        shutil.copytree(run, root / name)
+        (root / name / "run.json").write_bytes(text)
+    shutil.copytree(run, root / "trunc")
+    for f in ("log.jsonl", "measurements.jsonl"):
+        data = (root / "trunc" / f).read_bytes()
+        (root / "trunc" / f).write_bytes(data[:-30])  # a half-written last line
+    (root / "loop" / "a").mkdir(parents=True)
+    os.symlink("..", root / "loop" / "a" / "back")
+    (root / "afile.txt").write_text("not a run")
+    return root
+
+
+def _run(argv):
+    """``main(argv)``'s status and stderr lines (a traceback fails the test)."""
+    import contextlib
+    import io
+
+    from spectral_lens.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            status = main([str(a) for a in argv])
+        except SystemExit as exc:
+            status = exc.code
+    return status, err.getvalue().splitlines()
+
+
+def _one_error(argv, want: str):
+    status, lines = _run(argv)
+    errors = [x for x in lines if ": warning: " not in x]
+    assert status == 2 and len(errors) == 1, (argv, status, lines)
+    assert errors[0].startswith(f"spectral-lens {argv[0]}: error: ") and want in errors[0], (argv, errors)
+
+
+def test_an_empty_path_argument_is_refused_not_read_as_the_current_directory(play, monkeypatch):
+    """``predict "$RUNS"`` with RUNS unset read the current directory (a sweep root there was ranked without a
+    word); ``inspect ""`` inspected it. ``--out ""`` was already refused."""
+    monkeypatch.chdir(play / "sweep")
+    assert _run(["predict", "."])[0] == 0  # the current directory, when named, is fine
+    _one_error(["predict", ""], "argument RUN_DIR: expected a path, got ''")
+    _one_error(["report", play / "sweep", "--out", play / "r", "--replicates", " "], "argument --replicates: expected a path")
+    monkeypatch.chdir(play / "sweep" / "base-b4")
+    _one_error(["inspect", ""], "argument FILE_OR_RUN_DIR: expected a path, got ''")
+
+
+def test_out_that_is_a_file_and_unknown_options_name_the_problem_and_the_command(play):
+    """``--out FILE`` said only 'FILE: File exists'; an unknown option said 'spectral-lens: error: ...',
+    without the command every other error names."""
+    _one_error(["report", play / "sweep", "--out", play / "afile.txt", "--no-plots"],
+               f"argument --out: expected an output directory, got '{play / 'afile.txt'}', an existing file")
+    _one_error(["predict", play / "sweep", "--bogus"], "unrecognized arguments: --bogus")
+    _one_error(["inspect", play / "afile.txt", "extra"], "unrecognized arguments: extra")
+    _one_error(["report", play / "sweep", "--out", play / "r", "--bogus", "1"], "unrecognized arguments: --bogus 1")
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["predict"], "the following arguments are required: RUN_DIR"),
+    (["report", "{sweep}"], "the following arguments are required: --out"),
+    (["inspect"], "the following arguments are required: FILE_OR_RUN_DIR"),
+    (["predict", "{root}/empty"], "empty: not a spectral-lens run directory (no run.json)"),
+    (["predict", "{root}/nonexistent"], "nonexistent: not a spectral-lens run directory"),
+    (["predict", "{root}/afile.txt"], "afile.txt: not a spectral-lens run directory"),
+    (["predict", "{root}/emptyjson"], "emptyjson/run.json: corrupted run metadata"),
+    (["predict", "{root}/listjson"], "listjson/run.json: not a JSON object"),
+    (["predict", "{root}/nonutf"], "nonutf/run.json: corrupted run metadata ('utf-8' codec"),
+    (["predict", "{root}/loop"], "loop: not a spectral-lens run directory"),
+    (["inspect", "{root}/loop"], "loop: not a spectral-lens run directory"),
+    (["inspect", "{root}/listjson"], "listjson/run.json: not a JSON object"),
+    (["inspect", "{root}/afile.txt"], "afile.txt: not a NumPy .npz archive"),
+    (["inspect", "{root}/nonexistent"], "nonexistent: no such file or directory"),
+    (["inspect", "{sweep}"], "sweep: not a spectral-lens run directory"),
+    (["predict", "{sweep}", "--target-loss", "nan"], "argument --target-loss: expected a finite validation loss > 0"),
+    (["predict", "{sweep}", "--target-loss=-inf"], "argument --target-loss: expected a finite validation loss > 0"),
+    (["predict", "{sweep}", "--target-loss", "-inf"], "argument --target-loss: expected one argument"),  # argparse: an option
+    (["predict", "{sweep}", "--window", "0", "0"], "argument --window: expected 1-based ranks LO < HI, got 0 0"),
+    (["predict", "{sweep}", "--window", "5", "3"], "argument --window: expected 1-based ranks LO < HI, got 5 3"),
+    (["predict", "{sweep}", "--window", "10", "99999999999999999999"], "exceeds the spectrum"),
+    (["predict", "{sweep}", "--fraction", "nan"], "argument --fraction: expected a fraction of the token budget in (0, 1]"),
+    (["predict", "{sweep}", "--fraction", "1e-300"], "cannot interpolate"),
+    (["predict", "{sweep}", "{sweep}"], "run ids must be unique"),
+    (["report", "{sweep}", "--out", "/dev/null/r", "--no-plots"], "/dev/null/r: Not a directory"),
+    (["report", "{root}/trunc", "--out", "{root}/r", "--no-plots", "--window", "5", "3"], "argument --window"),
+    (["report", "{root}/listjson", "--out", "{root}/r", "--no-plots"], "listjson/run.json: not a JSON object"),
+])
+def test_adversarial_argv_is_one_line_and_status_2(play, argv, want):
+    _one_error([a.format(root=play, sweep=play / "sweep") for a in argv], want.format(root=play))
+
+
+def test_half_written_records_give_a_result_with_one_warning_per_line(play):
+    """A truncated last line (a write in progress) costs that line, with one warning each, even under --strict."""
+    for argv in (["predict", play / "trunc"], ["predict", play / "trunc", "--strict", "--json"], ["inspect", play / "trunc"],
+                 ["report", play / "trunc", "--out", play / "r-trunc", "--no-plots"]):
+        status, lines = _run(argv)
+        assert status == 0 and len(lines) == 2 and all(": warning: " in x and "truncated last line" in x for x in lines)
