@@ -335,7 +335,8 @@ def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, i
     from .spectra.fit import tail_window
 
     head, tail, source = (10, 40), DEFAULT_WINDOW, "the d12 window; the file is not in a run directory"
-    run_dir = next((d for d in (path.parent, path.parent.parent) if (d / "run.json").is_file()), None)
+    here = path.absolute()  # "x.npz" run from inside RUN/spectra: its parents are "." without this
+    run_dir = next((d for d in (here.parent, here.parent.parent) if (d / "run.json").is_file()), None)
     if run_dir is not None:
         run_json = run_dir / "run.json"
         try:
@@ -348,7 +349,7 @@ def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, i
             elif isinstance(n_layer, int) and not isinstance(n_layer, bool) and n_layer >= 1:
                 tail, source = tail_window(n_layer), f"scale rule for n_layer {n_layer} in {run_json}, which records no tail window"
             else:
-                source = f"the d12 window; {run_json} records no tail window and no n_layer"
+                source = f"the d12 window; {run_json} records no tail window and no usable n_layer"
         except (ValueError, OSError) as exc:
             source = f"the d12 window; {run_json} cannot be read: {_user_error(exc)}"
     if window is not None:

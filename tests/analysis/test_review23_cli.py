@@ -107,6 +107,10 @@ def test_inspect_spectrum_file_uses_its_runs_recorded_window(tmp_path, capsys):
     assert _line(out, "  alpha_tail [10, 40]: ")
     assert _line(out, "  crossover rank r*: 67.3").endswith(
         "the alpha_tail window [10, 40] starts before it (in the head: it underestimates the tail exponent)")
+    # a relative path from inside RUN/spectra finds the run too
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(npz.parent)
+        assert "  tail window: ranks [10, 40] (recorded in " in _inspect(capsys, npz.name)
     # --window overrides the run's window and says so
     out = _inspect(capsys, npz, "--window", "100", "200")
     assert "  tail window: ranks [100, 200] (--window)" in out and _line(out, "  alpha_tail [100, 200]: ")
