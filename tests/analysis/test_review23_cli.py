@@ -298,3 +298,18 @@ def test_half_written_records_give_a_result_with_one_warning_per_line(play):
                  ["report", play / "trunc", "--out", play / "r-trunc", "--no-plots"]):
         status, lines = _run(argv)
         assert status == 0 and len(lines) == 2 and all(": warning: " in x and "truncated last line" in x for x in lines)
+
+
+def test_predict_prints_a_three_way_toss_up(tmp_path, capsys):
+    """End to end: three tiers of one q and eta (the same early alpha_tail) are one caution naming all three."""
+    from spectral_lens.analysis.synthetic import write_theorem6_sweep
+    from spectral_lens.cli import main
+
+    write_theorem6_sweep(tmp_path, (4, 8, 16), family="tie", q={4: 1.0, 8: 1.0, 16: 1.0}, eta=25.0, n_measure=8, n_eval=20)
+    assert main(["predict", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert [x for x in out.splitlines() if x.startswith("caution: ")] == [
+        next(x for x in out.splitlines() if x.startswith("caution: family tie: tiers 4, 8 and 16 are too close to call"))]
+    assert main(["predict", str(tmp_path), "--json"]) == 0
+    (c,) = json.loads(capsys.readouterr().out)["families"]["tie"]["cautions"]
+    assert c.startswith("family tie: tiers 4, 8 and 16 are too close to call")
