@@ -173,8 +173,7 @@ def test_caution_helpers_public_homes():
     import re
     from pathlib import Path
 
-    import spectral_lens.analysis as analysis
-    import spectral_lens.report as report
+    from spectral_lens import analysis, report
     from spectral_lens.analysis import efficiency, ranking
 
     assert analysis.close_call is ranking.close_call and "close_call" in analysis.__all__
@@ -183,7 +182,7 @@ def test_caution_helpers_public_homes():
     for name in ("target_flags", "ranking_flags", "score_flags"):
         assert name in report.__all__ and name not in analysis.__all__
     importers = [p.name for p in Path(analysis.__file__).parent.glob("*.py")
-                 if re.search(r"^\s*(from|import) (\.\.|spectral_lens\.)report\b", p.read_text(encoding="utf-8"), re.M)]
+                 if re.search(r"^\s*(from|import) (\.\.|spectral_lens\.)report\b", p.read_text(encoding="utf-8"), re.MULTILINE)]
     assert importers == []
 
 
