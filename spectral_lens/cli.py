@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def strict_arg(p):
         p.add_argument("--strict", action="store_true",
-                       help="refuse a run with a malformed record line (default: skip the line with a warning)")
+                       help="refuse a run with a malformed record line (default: skip the line with a warning); "
+                            "a truncated last line, a write in progress, is skipped either way")
 
     run_dirs_help = "run directories (each holds a run.json), or folders of them such as a sweep root"
     rp = sub.add_parser("report", help="write a Markdown or HTML report (figures need matplotlib: the plot extra)")
@@ -154,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("path", type=_path, metavar="FILE_OR_RUN_DIR", help="a spectrum .npz file or a run directory")
     ip.add_argument("--window", type=int, nargs=2, metavar=("LO", "HI"),
                     help="rank window of alpha_tail for a spectrum file, compared with its crossover rank r* "
-                         "(default: the tail window of the run.json of the run directory the file sits in, "
-                         "else [100, 200])")
+                         "(default: the tail window predict uses for the run the file belongs to, from its "
+                         "run.json; else [100, 200])")
     strict_arg(ip)
     return parser
 
@@ -342,10 +343,13 @@ def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, i
         try:
             header = RunRecord._read_header(run_dir)
             windows, n_layer = header.get("summary_windows") or {}, header.get("n_layer")
-            if windows.get("head"):
-                head = tuple(windows["head"])
-            if windows.get("tail"):
-                tail, source = tuple(windows["tail"]), f"recorded in {run_json}"
+            ok = {k: w for k, w in windows.items() if w and 1 <= w[0] < w[1]}  # the reader checks types only
+            if ok.get("head"):
+                head = tuple(ok["head"])
+            if ok.get("tail"):
+                tail, source = tuple(ok["tail"]), f"recorded in {run_json}"
+            elif windows.get("tail"):
+                source = f"the d12 window; {run_json} records tail window {list(windows['tail'])}, not 1-based ranks LO < HI"
             elif isinstance(n_layer, int) and not isinstance(n_layer, bool) and n_layer >= 1:
                 tail, source = tail_window(n_layer), f"scale rule for n_layer {n_layer} in {run_json}, which records no tail window"
             else:

@@ -140,6 +140,15 @@ def test_inspect_spectrum_file_window_sources(tmp_path, capsys):
     out = _inspect(capsys, npz)
     assert _line(out, "  tail window: ranks [100, 200] (the d12 window; ").endswith(
         "run.json cannot be read: " f"{tmp_path / 'broken' / 'run.json'}: not a JSON object; --window LO HI to choose)")
+    # a recorded window that is not LO < HI (the reader checks its types only): named, the d12 window used
+    npz = _run_with_spectrum(tmp_path, "swapped")
+    header = json.loads((tmp_path / "swapped" / "run.json").read_text())
+    header["summary_windows"] = {"tail": [40, 10], "head": [0, 5]}
+    (tmp_path / "swapped" / "run.json").write_text(json.dumps(header))
+    out = _inspect(capsys, npz)
+    assert (f"  tail window: ranks [100, 200] (the d12 window; {tmp_path / 'swapped' / 'run.json'} records tail "
+            "window [40, 10], not 1-based ranks LO < HI; --window LO HI to choose)") in out
+    assert _line(out, "  alpha_head [10, 40]: ")
     # a window beyond the spectrum: said, not silently left out
     out = _inspect(capsys, loose, "--window", "10", "5000")
     assert "  alpha_tail [10, 5000]: not fitted (the window does not fit this spectrum" in out
