@@ -5,7 +5,7 @@ Examples::
     spectral-lens report runs/sweep --out report/ --format html --target-loss 3.2
     spectral-lens report runs/a runs/b --out r/ --target-loss 3.2 --transition a:b
     spectral-lens predict runs/sweep --target-loss 3.2
-    spectral-lens inspect runs/sweep/toy-b4/spectra/00000763_act_blocks.11.npz
+    spectral-lens inspect runs/sweep/toy-b4/spectra/00000763_act_blocks.11.npz --window 10 40
     spectral-lens inspect runs/sweep/toy-b4
 
 A RUN_DIR may be a run directory or a directory of run directories (a sweep root). Errors in the
@@ -72,9 +72,19 @@ def _transition(text: str) -> tuple[str, str]:
 
 def _out_dir(text: str) -> str:
     """``--out``: an empty value (an unset shell variable) would be the current directory, where the
-    report replaces report.md and removes figure files such as loss.png: refused."""
+    report replaces report.md and removes figure files such as loss.png: refused; so is an existing file."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"expected an output directory, got {text!r}")
+    if Path(text).exists() and not Path(text).is_dir():  # was the bare "FILE: File exists" of mkdir
+        raise argparse.ArgumentTypeError(f"expected an output directory, got {text!r}, an existing file")
+    return text
+
+
+def _path(text: str) -> str:
+    """A RUN_DIR or FILE_OR_RUN_DIR: an empty value (an unset shell variable, ``"$RUNS"``) would be the
+    current directory, read in its place without a word: refused."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
     return text
 
 
@@ -118,30 +128,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     def strict_arg(p):
         p.add_argument("--strict", action="store_true",
-                       help="refuse a run with a malformed record line (default: skip the line with a warning)")
+                       help="refuse a run with a malformed record line (default: skip the line with a warning); "
+                            "a truncated last line, a write in progress, is skipped either way")
 
     run_dirs_help = "run directories (each holds a run.json), or folders of them such as a sweep root"
     rp = sub.add_parser("report", help="write a Markdown or HTML report (figures need matplotlib: the plot extra)")
-    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help=run_dirs_help)
+    rp.add_argument("runs", nargs="+", type=_path, metavar="RUN_DIR", help=run_dirs_help)
     rp.add_argument("--out", type=_out_dir, required=True, help="output directory")
     rp.add_argument("--format", choices=("md", "html"), default="md",
                     help="report.md with PNG files beside it (default), or report.html with the figures embedded")
     rp.add_argument("--transition", type=_transition, action="append", default=[], metavar="RUN_A:RUN_B",
                     help="classify a transition between two runs, named by run id (RunInfo.run_id, not a "
                          "directory); repeatable; needs --target-loss")
-    rp.add_argument("--replicates", nargs="+", default=[], metavar="RUN_DIR",
+    rp.add_argument("--replicates", nargs="+", type=_path, default=[], metavar="RUN_DIR",
                     help="runs of one configuration that differ only in the seed: the taxonomy's thresholds "
                          "become twice their largest seed-to-seed difference (needs --target-loss)")
     rp.add_argument("--no-plots", action="store_true", help="tables only")
     early_args(rp)
 
     pp = sub.add_parser("predict", help="rank batch tiers by the early tail exponent")
-    pp.add_argument("runs", nargs="+", metavar="RUN_DIR", help=run_dirs_help)
+    pp.add_argument("runs", nargs="+", type=_path, metavar="RUN_DIR", help=run_dirs_help)
     pp.add_argument("--json", action="store_true", help="machine-readable output (strict JSON: an undefined value is null)")
     early_args(pp)
 
     ip = sub.add_parser("inspect", help="summarize a spectrum .npz file or a run directory")
-    ip.add_argument("path", metavar="FILE_OR_RUN_DIR", help="a spectrum .npz file or a run directory")
+    ip.add_argument("path", type=_path, metavar="FILE_OR_RUN_DIR", help="a spectrum .npz file or a run directory")
+    ip.add_argument("--window", type=int, nargs=2, metavar=("LO", "HI"),
+                    help="rank window of alpha_tail for a spectrum file, compared with its crossover rank r* "
+                         "(default: the tail window predict uses for the run the file belongs to, from its "
+                         "run.json; else [100, 200])")
     strict_arg(ip)
     return parser
 
@@ -308,11 +323,52 @@ def _cmd_predict(args) -> int:
     return 0
 
 
-def _inspect_spectrum(path: Path) -> None:
+def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, int], str]:
+    """The ``(tail, head)`` windows ``inspect FILE.npz`` fits, and where the tail one came from, in words.
+
+    A spectrum file carries no window: ``--window`` if given, else the run the file belongs to
+    (``RUN/spectra/FILE.npz`` or ``RUN/FILE.npz``) decides as ``predict`` does (its recorded tail window,
+    else the scale rule for its ``n_layer``), else the d12 window ``[100, 200]``. The head window is the
+    run's recorded one, else ``[10, 40]``. A run.json that cannot be read is named, not fatal: the
+    file itself is what the user asked about."""
+    from .analysis.windows import DEFAULT_WINDOW
+    from .records import RunRecord
+    from .spectra.fit import tail_window
+
+    head, tail, source = (10, 40), DEFAULT_WINDOW, "the d12 window; the file is not in a run directory"
+    here = path.absolute()  # "x.npz" run from inside RUN/spectra: its parents are "." without this
+    run_dir = next((d for d in (here.parent, here.parent.parent) if (d / "run.json").is_file()), None)
+    if run_dir is not None:
+        run_json = run_dir / "run.json"
+        try:
+            header = RunRecord._read_header(run_dir)
+            windows, n_layer = header.get("summary_windows") or {}, header.get("n_layer")
+            ok = {k: w for k, w in windows.items() if w and 1 <= w[0] < w[1]}  # the reader checks types only
+            if ok.get("head"):
+                head = tuple(ok["head"])
+            if ok.get("tail"):
+                tail, source = tuple(ok["tail"]), f"recorded in {run_json}"
+            elif windows.get("tail"):
+                source = f"the d12 window; {run_json} records tail window {list(windows['tail'])}, not 1-based ranks LO < HI"
+            elif isinstance(n_layer, int) and not isinstance(n_layer, bool) and n_layer >= 1:
+                tail, source = tail_window(n_layer), f"scale rule for n_layer {n_layer} in {run_json}, which records no tail window"
+            else:
+                source = f"the d12 window; {run_json} records no tail window and no usable n_layer"
+        except (ValueError, OSError) as exc:
+            source = f"the d12 window; {run_json} cannot be read: {_user_error(exc)}"
+    if window is not None:
+        tail, source = tuple(window), "--window"
+    elif not source.startswith("recorded"):
+        source += "; --window LO HI to choose"
+    return (int(tail[0]), int(tail[1])), (int(head[0]), int(head[1])), source
+
+
+def _inspect_spectrum(path: Path, window=None) -> None:
     from .spectrum import Spectrum
     from .summaries import RankMe, crossover_rank, participation_ratio, stable_rank
     from .records import spectrum_summaries
 
+    tail, head, source = _spectrum_windows(path, window)
     s = Spectrum.load(path)
     v = s.values
     print(f"{path}: {s.kind} spectrum")
@@ -322,17 +378,24 @@ def _inspect_spectrum(path: Path) -> None:
     if s.n_nonzero:
         print(f"  RankMe: {RankMe()(s):.4g}   participation ratio: {participation_ratio(s):.4g}   "
               f"stable rank: {stable_rank(s):.4g}")
-        summ = spectrum_summaries(s)
-        for key, win in (("alpha_head", (10, 40)), ("alpha_tail", (100, 200))):
+        summ = spectrum_summaries(s, tail=tail, head=head)
+        chosen = window is not None or source.startswith(("recorded", "scale rule"))
+        if "alpha_tail" in summ or chosen:  # the d12 default on a short loose spectrum: nothing to say about it
+            print(f"  tail window: ranks [{tail[0]}, {tail[1]}] ({source})")
+        for key, win in (("alpha_head", head), ("alpha_tail", tail)):
             if key in summ:
                 print(f"  {key} [{win[0]}, {win[1]}]: {summ[key]:.4f} (r2 {summ[key + '_r2']:.3f})")
+            elif key == "alpha_tail" and chosen:
+                print(f"  {key} [{win[0]}, {win[1]}]: not fitted (the window does not fit this spectrum: "
+                      f"{s.n_nonzero} nonzero eigenvalues, {s.n_rows} rows)")
         if s.n_nonzero >= 9:
             try:
                 c = crossover_rank(s)
                 if c.located:  # the tail window must start beyond r* (Prop. 9), else its alpha mixes in the head
+                    win = f"the alpha_tail window [{tail[0]}, {tail[1]}]"
                     where = "" if "alpha_tail" not in summ else (
-                        "; the alpha_tail window [100, 200] starts beyond it" if c.rank < 100 else
-                        "; the alpha_tail window [100, 200] starts before it (in the head: it underestimates the tail exponent)")
+                        f"; {win} starts beyond it" if c.rank < tail[0] else
+                        f"; {win} starts before it (in the head: it underestimates the tail exponent)")
                     print(f"  crossover rank r*: {c.rank:.1f} (head alpha {c.head_alpha:.3f}, tail alpha "
                           f"{c.tail_alpha:.3f}){where}")
                 else:
@@ -405,10 +468,13 @@ def _inspect_run(path: Path, strict: bool) -> None:
 
 def _cmd_inspect(args) -> int:
     path = Path(args.path)
+    if path.is_dir() and args.window is not None:
+        raise ValueError(f"--window applies to a spectrum .npz file; {path} is a directory (a run's windows are "
+                         "in its run.json; predict --window LO HI re-fits its runs)")
     if path.is_dir():
         _inspect_run(path, args.strict)
     elif path.is_file():
-        _inspect_spectrum(path)
+        _inspect_spectrum(path, _window(args.window))
     elif path.exists():
         raise ValueError(f"{path}: not a regular file or a directory (expected a spectrum .npz file or a run directory)")
     else:
@@ -451,7 +517,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     each.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # parse_args says it as "spectral-lens: error: ...", without the command
+        parser.exit(2, f"{parser.prog} {args.command}: error: unrecognized arguments: {' '.join(extra)}\n")
     _check_window(parser, args)
     from ._warnings import SpectrumFormatError
 

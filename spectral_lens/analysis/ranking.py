@@ -99,30 +99,52 @@ def rank_tiers(
     )
 
 
+def _words(items: Sequence[str]) -> str:
+    """``["4"]`` -> ``4``, ``["4", "8"]`` -> ``4 and 8``, ``["4", "8", "16"]`` -> ``4, 8 and 16``."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
 def close_call(rk: TierRanking) -> str | None:
     """A one-line caution when the recommended tier is not clearly the likeliest best: another tier's
     ``p_best`` is larger, or smaller by less than twice the Monte Carlo error of the difference
     (``sqrt((p1 + p2 - (p1 - p2)^2) / n_draws)``, two multinomial shares). Tiers with equal or nearly
     equal values then swap P(best) by draw noise alone (0.49 vs 0.51); the recommendation stays the
     point estimate (protocol: smaller early statistic = fewer tokens), and this says it is a toss-up.
-    ``None`` for one tier, NaN ``p_best``, or a clear lead. ``n_draws < 1`` (a ranking built by hand)
-    is a ``ValueError``: there is no Monte Carlo error to compare with."""
+    Every such tier is named, in ranking order (three tiers at P(best) about 1/3 each are a three-way
+    toss-up, not a two-way one). ``None`` for one tier, NaN ``p_best``, or a clear lead. ``n_draws < 1``
+    (a ranking built by hand) is a ``ValueError``: there is no Monte Carlo error to compare with."""
     if len(rk.tiers) < 2 or any(math.isnan(p) for p in rk.p_best.values()):
         return None
     if not rk.n_draws >= 1:
         raise ValueError(f"close_call: family {rk.family!r}: TierRanking.n_draws must be >= 1 (the Monte Carlo "
                          f"draws behind p_best), got {rk.n_draws}")
     rec, p1 = rk.recommended, rk.p_recommended
-    rival = max(rk.tiers[1:], key=lambda t: (rk.p_best[t], -rk.values[t]))
-    p2 = rk.p_best[rival]
-    err = math.sqrt(max(p1 + p2 - (p1 - p2) ** 2, 0.0) / rk.n_draws)
-    if p2 < p1 - 2 * err:
+
+    def err(p2: float) -> float:
+        return math.sqrt(max(p1 + p2 - (p1 - p2) ** 2, 0.0) / rk.n_draws)
+
+    rivals = [t for t in rk.tiers if t != rec and rk.p_best[t] >= p1 - 2 * err(rk.p_best[t])]
+    if not rivals:
         return None
     where = f"family {rk.family}" if rk.family else "these runs"
-    v1, v2 = rk.values[rec], rk.values[rival]
-    tie = "; equal values: the smaller tier first" if v1 == v2 else ""
-    lead = f"tier {rival:g} has the larger P(best)" if p2 > p1 else "the two are within Monte Carlo error"
-    return (f"{where}: tiers {rec:g} and {rival:g} are too close to call: P(best) {p1:.3f} vs {p2:.3f} ({lead}: "
-            f"+-{2 * err:.3f} on the difference, {rk.n_draws} draws); tier {rec:g} is recommended by the point "
-            f"estimate of the early {rk.statistic} ({v1:.6g} vs {v2:.6g}{tie}), not by evidence that it is the "
-            f"better tier: treat them as equal, or measure more seeds.")
+    v1 = rk.values[rec]
+    tie = "; equal values: the smaller tier first" if any(rk.values[t] == v1 for t in rivals) else ""
+    larger = [f"{t:g}" for t in rivals if rk.p_best[t] > p1]
+    margin = 2 * max(err(rk.p_best[t]) for t in rivals)
+    if len(rivals) == 1:  # the two-tier wording
+        (rival,) = rivals
+        lead = f"tier {rival:g} has the larger P(best)" if larger else "the two are within Monte Carlo error"
+        diff = f"+-{margin:.3f} on the difference"
+        them = "them"
+    else:
+        lead = (f"tier {larger[0]} has a larger P(best)" if len(larger) == 1 else
+                f"tiers {_words(larger)} have a larger P(best)" if larger else
+                f"all {len(rivals) + 1} are within Monte Carlo error")
+        diff = f"+-{margin:.3f} or less on each difference from tier {rec:g}"
+        them = f"these {len(rivals) + 1}"
+    p_rivals = ", ".join(f"{rk.p_best[t]:.3f}" for t in rivals)
+    v_rivals = ", ".join(f"{rk.values[t]:.6g}" for t in rivals)
+    return (f"{where}: tiers {_words([f'{t:g}' for t in (rec, *rivals)])} are too close to call: P(best) {p1:.3f} "
+            f"vs {p_rivals} ({lead}: {diff}, {rk.n_draws} draws); tier {rec:g} is recommended by the point "
+            f"estimate of the early {rk.statistic} ({v1:.6g} vs {v_rivals}{tie}), not by evidence that it is the "
+            f"better tier: treat {them} as equal, or measure more seeds.")
