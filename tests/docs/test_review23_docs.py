@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import inspect
 import re
 import sys
 import warnings
@@ -124,3 +125,27 @@ def test_the_kernel_counts_the_pages_state_are_counted(monkeypatch):
     finally:
         sys.modules.pop("bench_covariance", None)
     _check_kernel_counts(counts, "counted")
+
+
+def test_the_probe_api_block_shows_every_argument_at_its_default():
+    """docs/gradients.md's API block lists the probe's constructor as a reader copies it: every argument,
+    each at the value the code defaults to (a new argument, or a changed default, must show there)."""
+    import importlib.util
+
+    from spectral_lens.gradients import PerSampleGradientProbe
+
+    spec = importlib.util.spec_from_file_location("spectral_lens_docs_blocks_r23", ROOT / "tests/docs/test_code_blocks.py")
+    blocks = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, blocks)  # its dataclass looks its module up there
+    spec.loader.exec_module(blocks)
+    page = ROOT / "docs/gradients.md"
+    after = page.read_text(encoding="utf-8").splitlines().index("## API") + 1
+    block = next(b for b in blocks.blocks(page) if b.line > after)
+    call = next(node for node in ast.walk(ast.parse(block.code))
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "PerSampleGradientProbe")
+    shown = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    params = dict(inspect.signature(PerSampleGradientProbe).parameters)
+    params.pop("model")  # the block's positional argument
+    assert list(shown) == list(params), f"docs/gradients.md, block at line {block.line}: shows {list(shown)}, the code takes {list(params)}"
+    wrong = {name: (value, params[name].default) for name, value in shown.items() if value != params[name].default}
+    assert not wrong, f"docs/gradients.md, block at line {block.line}: (shown, default) {wrong}"
