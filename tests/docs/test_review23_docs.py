@@ -149,3 +149,36 @@ def test_the_probe_api_block_shows_every_argument_at_its_default():
     assert list(shown) == list(params), f"docs/gradients.md, block at line {block.line}: shows {list(shown)}, the code takes {list(params)}"
     wrong = {name: (value, params[name].default) for name, value in shown.items() if value != params[name].default}
     assert not wrong, f"docs/gradients.md, block at line {block.line}: (shown, default) {wrong}"
+
+
+def _count_samples(ran: list[int], module, args) -> None:
+    ran.append(args[0].shape[0])
+
+
+def test_the_recomputation_cost_of_bounded_memory():
+    """docs/gradients.md's cost of ``max_resident_samples=K``: the extra per-sample gradients ``compute()``
+    recomputes, by its formula and by its two examples, against a count of the samples the model runs.
+    The page said ``(M - K)^2 / (2K)`` (8 and 36 at M = 32, K = 16 and 8) beside examples of +50% and +150%,
+    which are ``M (M - K) / (2K)``, the count (16 and 48)."""
+    from support.models import TinyGPT
+
+    stated = _stated("docs/gradients.md", r"Cost: about `([^`]+)` extra per-sample gradients "
+                                          r"\(K = M/2: \+(\d+)%; K = M/4: \+(\d+)%\)")
+    formula = re.sub(r"(?<=[\w)])\s*(?=[(A-Za-z])", "*", stated.group(1)).replace("^", "**")  # M (M - K) -> M*(M - K)
+    torch.manual_seed(0)
+    model = TinyGPT()
+    ids = torch.randint(0, 37, (32, 12))
+    for k, percent in ((16, int(stated.group(2))), (8, int(stated.group(3)))):
+        probe = sl.PerSampleGradientProbe(model, max_resident_samples=k, chunk_size=2, head_loss="materialized")
+        for i in range(0, 32, 8):
+            probe.update(ids[i:i + 8])
+        ran: list[int] = []
+        handle = model.register_forward_pre_hook(functools.partial(_count_samples, ran))
+        try:
+            probe.compute()
+        finally:
+            handle.remove()
+        by_formula = eval(formula, {"__builtins__": {}}, {"M": 32, "K": k})  # the page's arithmetic, M and K only
+        assert sum(ran) == by_formula == 32 * percent / 100, (
+            f"M = 32, K = {k}: compute() recomputed {sum(ran)} samples; docs/gradients.md's {stated.group(1)!r} "
+            f"gives {by_formula:g}, its example +{percent}% gives {32 * percent / 100:g}")
