@@ -182,3 +182,27 @@ def test_the_recomputation_cost_of_bounded_memory():
         assert sum(ran) == by_formula == 32 * percent / 100, (
             f"M = 32, K = {k}: compute() recomputed {sum(ran)} samples; docs/gradients.md's {stated.group(1)!r} "
             f"gives {by_formula:g}, its example +{percent}% gives {32 * percent / 100:g}")
+
+
+def test_every_warning_class_is_named_where_the_base_is():
+    """docs/api-core.md's "Warnings and errors" lists what ``SpectralLensWarning`` is the base of, for
+    ``warnings.filterwarnings``; the records' ``RecordWarning`` and the analyses' ``SweepWarning`` were
+    missing from it."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.walk_packages(sl.__path__, "spectral_lens."):
+        # the integrations need optional extras; __main__ is the command line
+        if not module.name.startswith(("spectral_lens.integrations", "spectral_lens.__main__")):
+            importlib.import_module(module.name)
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    names = {cls.__name__ for cls in subclasses(sl.SpectralLensWarning) if cls.__module__.startswith("spectral_lens")}
+    section = _prose("docs/api-core.md").split("## Warnings and errors", 1)[1].split(" ## ", 1)[0]
+    assert {"InsufficientRowsWarning", "RecordWarning", "SweepWarning"} <= names
+    missing = sorted(name for name in names if f"`{name}`" not in section)
+    assert not missing, f"docs/api-core.md, Warnings and errors: SpectralLensWarning is also the base of {missing}"
