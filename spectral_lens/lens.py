@@ -8,13 +8,13 @@ appends one measurement to a run record when a :class:`~spectral_lens.records.Ru
 :class:`~spectral_lens.schedule.Schedule` (when to measure) is in ``schedule``; the layer-stack defaults
 (``_blocks``) and the default mask and pool checks (``_pools``) are in private modules; all are importable
 from here. The ranks' agreement under ``torch.distributed`` (on failures, layers, pool lengths, and rank
-0's values) is in the private module ``_agree``.
+0's values) is in the private module ``_agree``; the gradient protocol's batches (the gradient pool cut to
+``gradient_samples``, and the ranks' agreement on each batch where every rank runs the protocol) in ``_gradient_pool``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import warnings
 from collections.abc import Iterator
@@ -24,9 +24,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ._agree import (agree, agree_before_pass, agree_counts, agree_round, agree_settings, agree_widths, batch_digest,
-                     batch_structure, callable_name, collective_pass, from_rank0, global_rank, ranks, refuse_other_counts)
+from ._agree import (agree, agree_before_pass, agree_round, agree_settings, agree_widths, batch_digest,
+                     batch_structure, callable_name, collective_pass, from_rank0, ranks, refuse_other_counts)
 from ._args import AUTOCAST_WHY, NARROW_FLOATS, as_integer, check_callable, check_count, check_dtype, check_window
+from ._gradient_pool import agreed_batches, gradient_batches, gradient_total
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
 from ._pools import attention_mask, sharded_pool, unfixed_pool
 from ._progress import progress_bar, sized_total
@@ -42,7 +43,7 @@ from .gradients import PerSampleGradientProbe
 from ._deepspeed import zero3_partitioned
 from ._offload import execution_device
 from .gradients._measurable import fsdp_sharded, is_encoder_decoder, kept_sharded, refuse_parallel_wrapper
-from .gradients._batch import batch_as_run, batch_size, default_forward, slice_batch
+from .gradients._batch import batch_as_run, batch_size, default_forward
 from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
 from .spectra.fit import tail_window, window_that_fits
 from .spectra.moments import PRECISIONS
@@ -697,20 +698,10 @@ class SpectralLens:
                 return batches
 
     def _gradient_total(self) -> int | None:
-        """Samples the gradient pass will take: the pool's sample count (lists, tuples, DataLoaders
-        over a sized dataset) capped by ``gradient_samples``; ``None`` when unknown."""
-        pool, cap = self.gradient_pool, self.gradient_samples
-        n = None
-        if isinstance(pool, (list, tuple)):
-            n = sum(batch_size(batch_as_run(b, self.probe.forward_fn)) for b in pool)
-        else:
-            data = getattr(pool, "dataset", None)
-            bs = getattr(pool, "batch_size", None)
-            if data is not None and bs is not None and sized_total(data) is not None:
-                n = len(data) - (len(data) % bs if getattr(pool, "drop_last", False) else 0)
-        if cap is None:
-            return n
-        return cap if n is None else min(cap, n)
+        """Samples the gradient pass will take (:func:`~spectral_lens._gradient_pool.gradient_total`); ``None`` when
+        unknown."""
+        forward_fn = None if self.probe is None else self.probe.forward_fn  # None: params=(), no gradient pass
+        return gradient_total(self.gradient_pool, self.gradient_samples, forward_fn)
 
     def gradient_spectra(self) -> tuple[dict[str, Spectrum], dict[str, float]]:
         """Per-sample gradient spectra of the probed matrices and their noise scales (rank 0 of the
@@ -771,51 +762,6 @@ class SpectralLens:
         tp = one_replica(self.model, self.group)
         return bool(fsdp_sharded(self.model)) or zero3_partitioned(self.model) or (tp is not None and bool(tp[0]))
 
-    def _gradient_batches(self) -> Iterator:
-        """The gradient pool's batches, cut to ``gradient_samples``."""
-        seen, cap = 0, self.gradient_samples
-        for batch in self.gradient_pool:
-            # as the probe runs it (with its default forward a packed batch is its documents): the cap counts those
-            batch = batch_as_run(batch, self.probe.forward_fn)
-            if cap is not None:
-                take = min(batch_size(batch), cap - seen)
-                if take <= 0:
-                    return
-                batch = slice_batch(batch, 0, take)
-            yield batch
-            seen += batch_size(batch)
-            if cap is not None and seen >= cap:
-                return  # not one batch more from the loader (its loading and collation cost)
-
-    def _agreed_gradient_batches(self, batches: Iterator) -> Iterator:
-        """Where every rank runs the gradient protocol and each pass is a collective (FSDP, ZeRO-3, one
-        tensor-parallel replica: :meth:`_everywhere`): each of
-        ``batches`` once the ranks agreed that each has its next batch, of as many samples (the probe's
-        passes depend on it), in one ``all_reduce`` of world integers per batch and one at the end.
-        A failure while loading is agreed (every rank raises), and so are pools that differ (the same
-        ``ValueError`` on every rank), so no rank is left in a pass the others never run."""
-        end = object()
-        for i in itertools.count(1):
-            batch, size, error = end, 0, None
-            try:
-                batch = next(batches, end)
-                size = 0 if batch is end else 1 + batch_size(batch)  # 0: none left
-            except BaseException as exc:  # an interrupt too: agreed at once, then re-raised
-                error = exc
-            sizes = agree_counts(self.group, size, error, "loading the gradient pool's batches")
-            if len(set(sizes)) > 1:
-                each = ", ".join(f"global rank {global_rank(self.group, r)}: "
-                                 + (f"{n - 1} samples" if n else "none left") for r, n in enumerate(sizes))
-                cut = "" if self.gradient_samples is None else f" (cut to gradient_samples={self.gradient_samples})"
-                raise ValueError(
-                    f"SpectralLens: the ranks' gradient pools differ at batch {i}: {each}{cut}; under FSDP, ZeRO-3 and "
-                    "tensor parallelism every rank runs the gradient protocol, whose passes are collectives over the "
-                    "ranks, so every rank must pass the same whole gradient pool"
-                )
-            if batch is end:
-                return
-            yield batch
-
     def _gradient_pass(self) -> tuple[dict[str, Spectrum], dict[str, float]]:
         """The gradient protocol over the whole gradient pool, on this rank."""
         self.probe.reset()
@@ -824,10 +770,10 @@ class SpectralLens:
             # iterating the pool draws random numbers too (a DataLoader iterator's base seed, a
             # shuffling sampler, numpy augmentation): under the fork, as in the activation pass
             with forked_rng(cuda_devices(self.model)):
-                batches = self._gradient_batches()
+                batches = gradient_batches(self.gradient_pool, self.gradient_samples, self.probe.forward_fn)
                 everywhere = self._everywhere()
                 if everywhere:  # every rank runs these passes: the pools compared as they go
-                    batches = self._agreed_gradient_batches(batches)
+                    batches = agreed_batches(self.group, batches, self.gradient_samples)
                 for i, batch in enumerate(batches):
                     # everywhere, a forward and backward that are collectives: as in _forwards_in_rounds
                     with (collective_pass(f"the gradient protocol's pass over the gradient pool's batch {i}")

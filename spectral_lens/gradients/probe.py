@@ -1,9 +1,10 @@
 """``PerSampleGradientProbe``: per-sample gradient spectra of chosen weight matrices (paper Sec. 2).
 
-The thin stateful layer: binding to a model, engine choice, the head-loss decision, the isolation that
-keeps measuring free of side effects, chunking, and the float64 Gram state. Which models and parameters
-it measures (the default matrix, ``params=`` resolution, the refusals) is :mod:`._measurable`; the
-gradients come from :mod:`.engines`, the math from :mod:`.gram` and :mod:`.noise_scale`.
+The thin stateful layer: binding to a model (and following its parameters), each parameter's engine, the
+head-loss decision, the isolation that keeps measuring free of side effects, chunking, and the float64 Gram
+state. Which models and parameters it measures (the default matrix, ``params=`` resolution, the refusals) is
+:mod:`._measurable`; which engine measures a parameter is :mod:`._engine_choice`; the gradients come from
+:mod:`.engines`, the math from :mod:`.gram` and :mod:`.noise_scale`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ._isolation import (cuda_devices, forked_rng, module_list, parameter_list, 
 from ._validate import finite_rows, nonfinite_loss_message
 from ..spectrum import Spectrum
 from ..spectra.eigen import all_finite
+from ._engine_choice import choose_engine
 from ._batch import _autograd_usable, batch_as_run, batch_size, default_forward, map_tensors, slice_batch
 from . import cast_cache
 from .engines import LossScale, fast_engine, loop_engine
@@ -50,9 +52,8 @@ from .gram import (
 )
 from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
-from .registry import fast_path_for
 from .._deepspeed import is_zero3, refuse_zero3_params, whole_shape, zero3_partitioned
-from .._offload import offload_device, offloaded_names, offloading_modules, refuse_offloaded, untied_names
+from .._offload import offload_device, offloaded_names, offloading_modules, refuse_offloaded
 from ._measurable import (ATTENTION_OUTPUT_PATTERNS, _refuse_recording_opacus_hooks, _refuse_scripted, _resolve_params,
                           default_gradient_param, refuse_fsdp, refuse_parallel_wrapper, refuse_unfit_defaults)
 
@@ -446,79 +447,10 @@ class PerSampleGradientProbe:
         self._copies = copies
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
 
-    def _shared(self, name: str) -> list[str]:
-        p = self.params[name]
-        return [n for n, q in self.model.named_parameters(remove_duplicate=False) if q is p]
-
-    def _batch_statistics(self) -> list[str]:
-        """BatchNorm layers that normalize by their batch's statistics while measuring: every one with
-        ``train_mode=True``, those without running statistics (``track_running_stats=False``) in eval
-        mode too. Per sample (the ``vmap`` and ``loop`` engines, the per-sample reference), each
-        sequence is normalized by its own statistics; a fast-path pass by its chunk's."""
-        return [n for n, m in self.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                and (self.train_mode or m.running_mean is None)]
-
     def _choose_engine(self, name: str) -> str:
-        """The engine of parameter ``name``. In a PEFT model with layers whose forward ``torch.func.vmap``
-        cannot trace (LoHa: ``self._untraceable``), ``"auto"`` takes the loop where it would take ``vmap``
-        (no failed attempt, no warning) and ``engine="vmap"`` is refused here, before any pass; likewise in a
-        model with modules offloaded by Accelerate (``self._offloading``), where a weight tied to another one
-        before offloading (:func:`~spectral_lens._offload.untied_names`) is not given the fast path."""
-        if self.engine == "loop":
-            return "loop"
-        if self.engine == "vmap":
-            if self._untraceable:
-                self._refuse_vmap(name)
-            if self._offloading:
-                self._refuse_vmap_offloaded()
-            return "vmap"
-        mod, local = self.sites[name]
-        shared = self._shared(name)
-        reason = None
-        coupled = self._batch_statistics()
-        untied = untied_names(self.model, name)
-        if len(shared) > 1:
-            reason = f"it is shared by {shared} (tied weights: the fast path sees one use only)"
-        elif untied:
-            reason = (f"it is tied to {untied}, offloaded by Accelerate as separate placeholders (tied weights: the "
-                      "fast path sees one use only)")
-        elif fast_path_for(mod, local) is None:
-            reason = f"no fast path is registered for {type(mod).__name__}.{local}"
-        elif coupled:
-            reason = (f"BatchNorm layer(s) {coupled[:5]} normalize by the statistics of the pass's batch "
-                      f"({'train_mode=True' if self.train_mode else 'track_running_stats=False'}), which mixes the "
-                      "samples of a chunk; the fast path differentiates the chunk's summed loss, so its rows would "
-                      "depend on chunk_size")
-        if reason is None:
-            return "fast"
-        if self.engine == "fast":
-            other = "'loop'" if self._untraceable or self._offloading else "'vmap'"
-            raise ValueError(f"engine='fast' impossible for {name}: {reason}; use engine='auto' or {other}")
-        return "loop" if self._untraceable or self._offloading else "vmap"
-
-    def _refuse_vmap_offloaded(self) -> None:
-        """``ValueError`` for ``engine="vmap"`` in a model with modules offloaded by Accelerate."""
-        raise ValueError(
-            f"PerSampleGradientProbe: engine='vmap' impossible for {type(self.model).__name__}: Accelerate offloads the "
-            f"weights of {self._offloading[:3]}{' and more' if len(self._offloading) > 3 else ''} (meta placeholders "
-            "that its hooks replace inside each forward), which torch.func.functional_call cannot trace; use "
-            "engine='auto' (the fast path where one is registered, the per-sample loop on weights that are not "
-            "offloaded) or 'loop' (docs/guide-multi-gpu.md, Models dispatched by Accelerate)"
-        )
-
-    def _refuse_vmap(self, name: str) -> None:
-        """``ValueError`` for ``engine="vmap"`` in a model with a layer whose forward vmap cannot trace."""
-        (layer, what), more = next(iter(self._untraceable.items())), len(self._untraceable) - 1
-        mod, local = self.sites[name]
-        fast = len(self._shared(name)) == 1 and fast_path_for(mod, local) is not None and not self._batch_statistics()
-        raise ValueError(
-            f"PerSampleGradientProbe: engine='vmap' impossible for {type(self.model).__name__}: its peft layer {layer!r} "
-            f"({what}{f'; {more} more such layer(s)' if more else ''}) runs a torch.autograd.Function without "
-            "setup_context or vmap rule in its forward (LoHa), which torch.func.vmap cannot trace; use engine='auto' (the "
-            "fast path where one is registered, the per-sample loop elsewhere)"
-            + (f", engine='fast' ({name} has a fast path)" if fast else "")
-            + " or engine='loop' (the same gradients, one backward per sample)"
-        )
+        """The engine of parameter ``name`` (:func:`~._engine_choice.choose_engine`)."""
+        return choose_engine(self.engine, self.model, name, self.sites[name], self.params[name],
+                             train_mode=self.train_mode, untraceable=self._untraceable, offloading=self._offloading)
 
     def _initial_head_loss(self) -> str | None:
         """The head-loss decision known without the model's output; ``None``: decided at the first update."""

@@ -11,6 +11,9 @@ from .._agree import agree, from_rank0, ranks
 from .._warnings import NonFiniteError, SpectralLensWarning
 from ..attachment import Attachment
 from ..lens import LensMeasurement, SpectralLens
+from ..records import RunWriter
+from ..records.reader import RunRecord
+from ..records.schema import RUN_FILE, _write_json_atomic
 from .summaries import measurement_scalars
 
 _STEPS_WARNING = (
@@ -53,6 +56,7 @@ class LensDriver:
             if not callable(getattr(s, "log_measurement", None)):
                 raise TypeError(f"sink {type(s).__name__} has no log_measurement(measurement, tail=, head=) method")
         self.tokens_per_step = tokens_per_step
+        self._warned_info = False  # the run record's RunInfo.tokens_per_step differs from tokens_per_step: said once
         self._warned_steps = False  # tokens() fell back to step counts and said so once
         self._steps_pending = False  # agreed_tokens() fell back to step counts: rank 0's next agreed work says so
         self.last_step: int | None = None
@@ -200,19 +204,27 @@ class LensDriver:
 
         self._agreed_on_rank0(on_rank0, "recording the training loss (rank 0 writes it)")
 
-    def record_val_loss(self, step: int, tokens: int, val_loss: float | None) -> None:
+    def record_val_loss(self, step: int, tokens: int, val_loss: float | None, log=None) -> None:
         """An evaluation ran at ``step``, which the lens already measured (the schedule came first):
         the measurement is not repeated, but its validation loss is kept, as a ``val_loss`` event in the
         run record's ``log.jsonl`` on rank 0 (read by ``RunRecord.val_curve``, ``tokens_to_target`` and
-        the reports), unless the record already holds one at this step or the writer was closed."""
+        the reports), unless the record already holds one at this step or the writer was closed. ``log``:
+        called on rank 0 with ``{"spectral_lens/val_loss": loss}`` when the loss is kept (also by a lens
+        without a writer), so the loggers' curve has the steps the record has, each once (a measurement
+        with a loss logs it with its scalars)."""
         lens = self.lens
         if val_loss is None or self.last_has_val_loss:
             return
 
         def on_rank0() -> None:
+            writer = lens.writer
             # a writer the user closed after train()/fit() (then trainer.evaluate()): nothing to append to
-            if lens.writer is not None and not getattr(lens.writer, "closed", False):
-                lens.writer.log(step, tokens, val_loss=float(val_loss))
+            if writer is not None and getattr(writer, "closed", False):
+                return
+            if writer is not None:
+                writer.log(step, tokens, val_loss=float(val_loss))
+            if log is not None:
+                log({"spectral_lens/val_loss": float(val_loss)})
 
         self._agreed_on_rank0(on_rank0, "recording the validation loss")
         self.last_has_val_loss = True
@@ -228,10 +240,35 @@ class LensDriver:
                 if self._steps_pending:
                     self._steps_pending, self._warned_steps = False, True
                     warnings.warn(_STEPS_WARNING, SpectralLensWarning, stacklevel=3)
+                self._record_tokens_per_step()
                 work()
             except BaseException as exc:  # an interrupt too: agreed below, then re-raised on rank 0
                 error = exc
         agree(self.lens.group, error, what)
+
+    def _record_tokens_per_step(self) -> None:
+        """On rank 0: fill the run record's ``RunInfo.tokens_per_step`` (``run.json``, rewritten atomically)
+        with the callback's ``tokens_per_step`` when the ``RunInfo`` left it out, as the record's tokens are
+        counted with it (``spectral-lens inspect`` shows it; the noise-scale baseline in tokens reads it).
+        A ``RunInfo`` value that differs is kept, and warned about once. Runs inside each agreed work
+        (:meth:`_agreed_on_rank0`), so a failed write or a warning raised as an error is agreed too."""
+        writer, n = self.lens.writer, self.tokens_per_step
+        if n is None or not isinstance(writer, RunWriter) or writer.closed:
+            return
+        info = writer.info
+        if info.tokens_per_step is None:
+            header = RunRecord._read_header(writer.path)
+            header["tokens_per_step"] = int(n)
+            _write_json_atomic(writer.path / RUN_FILE, header, writer.fsync)
+            info.tokens_per_step = int(n)
+        elif info.tokens_per_step != n and not self._warned_info:
+            self._warned_info = True
+            warnings.warn(
+                f"spectral-lens callback: the run record {writer.path} has RunInfo.tokens_per_step="
+                f"{info.tokens_per_step!r}, but the callback was given tokens_per_step={n!r} (the record's tokens are "
+                "step * tokens_per_step unless the trainer counts input tokens); run.json keeps its value: pass "
+                "the callback and the RunInfo the same number",
+                SpectralLensWarning, stacklevel=4)
 
     def windows(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
         """The alpha windows of the lens's summaries (the run record's, else the depth rule's).

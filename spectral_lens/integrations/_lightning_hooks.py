@@ -85,14 +85,21 @@ class LightningHooks:
             "(Lightning re-runs your script for each rank) or torchrun, with the writer on rank 0 only"
         )
 
-    def _measure(self, trainer, val_loss: float | None = None) -> None:
+    @staticmethod
+    def _log_to(trainer):
+        """The scalars' way to every logger of ``trainer``, at its ``global_step`` (called on rank 0,
+        agreed with the other ranks by the driver)."""
         step = int(trainer.global_step)
 
-        def log(scalars: dict[str, float]) -> None:  # on rank 0, agreed with the other ranks by the driver
+        def log(scalars: dict[str, float]) -> None:
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=step)
 
-        self.driver.measure(step, self.driver.agreed_tokens(step), val_loss, log=log)
+        return log
+
+    def _measure(self, trainer, val_loss: float | None = None) -> None:
+        step = int(trainer.global_step)
+        self.driver.measure(step, self.driver.agreed_tokens(step), val_loss, log=self._log_to(trainer))
 
     def on_fit_start(self, trainer, pl_module) -> None:
         """Attach a lens without a model to ``pl_module``; else check that it is (or contains) the lens's.
@@ -258,8 +265,9 @@ class LightningHooks:
                 SpectralLensWarning,
                 stacklevel=3,
             )
-        if step == self.driver.last_step:  # measured at this step already: keep the loss
-            self.driver.record_val_loss(step, self.driver.agreed_tokens(step), None if value is None else float(value))
+        if step == self.driver.last_step:  # measured at this step already: keep (and log) the loss
+            self.driver.record_val_loss(step, self.driver.agreed_tokens(step), None if value is None else float(value),
+                                        log=self._log_to(trainer))
             return
         self._measure(trainer, None if value is None else float(value))
 

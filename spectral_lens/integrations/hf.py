@@ -29,8 +29,8 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     ``eval_loss_key`` names, as the validation loss; also a ``trainer.evaluate()`` before or after
     ``train()``). A step is measured once: an evaluation at a step the schedule already measured is
     not measured again, and its validation loss is appended to the run record's ``log.jsonl`` as a
-    ``val_loss`` event (read by ``RunRecord.val_curve``). With several evaluation datasets (a dict),
-    name one of their losses, ``eval_loss_key="eval_<name>_loss"``: a callback added with
+    ``val_loss`` event (read by ``RunRecord.val_curve``) and logged as ``spectral_lens/val_loss``. With
+    several evaluation datasets (a dict), name one of their losses, ``eval_loss_key="eval_<name>_loss"``: a callback added with
     :meth:`attach` measures (or keeps the loss) at that dataset's evaluation and passes over the
     others' at the same step; a key missing from the metrics warns and records no validation loss
     (a plain callback, which cannot see the trainer's datasets, warns at every other dataset's
@@ -46,8 +46,10 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     run record's ``log.jsonl`` as a ``train_loss`` event at its step, with ``tokens_per_s``: the tokens
     trained since the previous event over the training time since then (measurements, evaluations and
     checkpoint saves left out; none when ``tokens`` counts steps). The report's training curve and
-    throughput ``Q`` read these events. Rank 0 writes them; under ``torch.distributed`` the ranks agree on
-    each write (one small collective per logged loss), so a failed write raises on every rank.
+    throughput ``Q`` read these events. A run from step 0 that logged no loss (shorter than
+    ``logging_steps``) records ``train()``'s final ``train_loss`` at its last step instead. Rank 0 writes
+    them; under ``torch.distributed`` the ranks agree on each write (one small collective per logged
+    loss), so a failed write raises on every rank.
 
     Each measurement is appended to the lens's run record, sent to every sink (e.g.
     :class:`~spectral_lens.integrations.TensorBoardSink`), and its scalars (per spectrum
@@ -64,7 +66,8 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         on_evaluate: also measure at every evaluation.
         tokens_per_step: training tokens per optimizer step, used when the trainer does not count
             input tokens (``TrainingArguments(include_num_input_tokens_seen=...)``); without
-            either, ``tokens`` counts optimizer steps.
+            either, ``tokens`` counts optimizer steps. Also recorded as the run record's
+            ``RunInfo.tokens_per_step`` when that is ``None``.
         sinks: extra loggers with a ``log_measurement`` method.
         eval_loss_key: the evaluation metric recorded as the validation loss (``Trainer.evaluate``
             names it ``<metric_key_prefix>_loss``: ``eval_loss``, ``eval_<name>_loss`` for a dict of
@@ -85,6 +88,8 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         self.eval_loss_key = str(eval_loss_key)
         self._warned_step: int | None = None  # the step of the last missing-key warning
         self._trainer = None  # attach()'s trainer: held until its train() begins, then weakly
+        # whether this train() call started at step 0 and logged no training loss yet (see on_log)
+        self._no_loss_yet = False
 
     @property
     def trainer(self):
@@ -103,10 +108,12 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         self._trainer = trainer
         return self
 
-    def _measure(self, state, val_loss: float | None = None) -> None:
+    def _log_to(self, state):
+        """The scalars' way to the trainer's loggers (see the class docstring), at ``state.global_step``
+        (called on rank 0, agreed with the other ranks by the driver)."""
         step = int(state.global_step)
 
-        def log(scalars: dict[str, float]) -> None:  # on rank 0, agreed with the other ranks by the driver
+        def log(scalars: dict[str, float]) -> None:
             trainer = self._trainer_of(state)
             if trainer is not None:
                 control = trainer.control
@@ -118,7 +125,12 @@ class SpectralLensCallback(_transformers.TrainerCallback):
             else:
                 state.log_history.append({**scalars, "step": step})
 
-        self.driver.measure(step, self.driver.agreed_tokens(step, state.num_input_tokens_seen), val_loss, log=log)
+        return log
+
+    def _measure(self, state, val_loss: float | None = None) -> None:
+        step = int(state.global_step)
+        self.driver.measure(step, self.driver.agreed_tokens(step, state.num_input_tokens_seen), val_loss,
+                            log=self._log_to(state))
 
     def _trainer_of(self, state):
         """:attr:`trainer` if ``state`` is its state (the callback runs in that trainer), else ``None``: a
@@ -142,6 +154,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         if self._trainer is not None and not isinstance(self._trainer, weakref.ref):
             self._trainer = weakref.ref(self._trainer)  # its train() holds it from now on
         self.driver.bind(model, "SpectralLensCallback")
+        self._no_loss_yet = state.global_step == 0
         if state.global_step > 0:  # train(resume_from_checkpoint=...): the steps after it are replayed
             self.driver.resumed(state.global_step)
         else:
@@ -163,10 +176,18 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         """Record the training loss the trainer logs (``logs["loss"]``, every ``logging_steps``: its mean
         over the optimizer steps since its previous log) as a ``train_loss`` event with the throughput
         (``tokens_per_s``) since then; the time after this log (the trainer's evaluation and checkpoint)
-        is no training time. The trainer logs its loss on every rank at the same steps (gathered over the
-        ranks), so the ranks agree there on rank 0's write (:meth:`LensDriver.record_train_loss`)."""
-        loss = (logs or {}).get("loss")
+        is no training time. A run that logged no loss (shorter than ``logging_steps``) records the
+        ``train_loss`` of ``train()``'s final metrics instead, the trainer's mean over all its steps,
+        at the last step: the same mean a log there would give (rank 0's own, not gathered). Only for a
+        run from step 0: transformers 4 divides a resumed run's sum by all its steps. The trainer logs on
+        every rank at the same steps, so the ranks agree there on rank 0's write
+        (:meth:`LensDriver.record_train_loss`)."""
+        logs = logs or {}
+        loss = logs.get("loss")
+        if loss is None and self._no_loss_yet and "train_runtime" in logs:  # train()'s final metrics
+            loss = logs.get("train_loss")
         if loss is not None and state.global_step > 0:
+            self._no_loss_yet = False
             self.driver.record_train_loss(int(state.global_step), loss, state.num_input_tokens_seen)
         self.driver.clock_run()
 
@@ -199,9 +220,9 @@ class SpectralLensCallback(_transformers.TrainerCallback):
                 SpectralLensWarning,
                 stacklevel=3,
             )
-        if step == self.driver.last_step:  # measured at this step already: keep the loss
+        if step == self.driver.last_step:  # measured at this step already: keep (and log) the loss
             self.driver.record_val_loss(step, self.driver.agreed_tokens(step, state.num_input_tokens_seen),
-                                        None if val_loss is None else float(val_loss))
+                                        None if val_loss is None else float(val_loss), log=self._log_to(state))
             return
         val_loss = None if val_loss is None else float(val_loss)
         if self.driver.lens.model is not None:  # in train(), or a lens built on the model

@@ -25,7 +25,8 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
     ``trainer.callback_metrics[val_loss_key]`` as the validation loss (``trainer.validate()`` and
     ``trainer.test()`` do not measure). A step is measured once per fit: a validation run at a step the
     schedule already measured is not measured again, and its validation loss is appended to the run
-    record's ``log.jsonl`` as a ``val_loss`` event (read by ``RunRecord.val_curve``). When ``fit(ckpt_path=...)``
+    record's ``log.jsonl`` as a ``val_loss`` event (read by ``RunRecord.val_curve``) and logged as
+    ``spectral_lens/val_loss``. When ``fit(ckpt_path=...)``
     resumes a run, the measurements the lens recorded after the checkpoint's step are dropped first
     (:meth:`RunWriter.drop_after <spectral_lens.records.RunWriter.drop_after>`, with the
     ``log.jsonl`` rows after it; pass the run's writer with ``RunWriter(path, resume=True)``), so
@@ -53,8 +54,9 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
         val_loss_key: the logged metric recorded as validation loss (with several validation
             dataloaders Lightning logs ``val_loss/dataloader_idx_0``, ...); a key that is not among
             ``trainer.callback_metrics`` after a validation run warns (``SpectralLensWarning``).
-        tokens_per_step: training tokens per optimizer step (records' ``tokens``); without it,
-            ``tokens`` counts optimizer steps (and no ``tokens_per_s`` is recorded).
+        tokens_per_step: training tokens per optimizer step (records' ``tokens``; also the run record's
+            ``RunInfo.tokens_per_step`` when that is ``None``); without it, ``tokens`` counts optimizer steps
+            (and no ``tokens_per_s`` is recorded).
         sinks: extra loggers with a ``log_measurement`` method.
         train_loss_key: the logged metric recorded as the training loss (e.g. one logged with
             ``self.log("train_loss", loss, sync_dist=True)``); default ``None``: the mean of the losses
