@@ -85,8 +85,8 @@ class ActivationCovarianceAccumulator:
     Args:
         dim: row width ``d``; inferred from the first ``update`` when ``None``.
         precision: ``"exact"`` (default; fp32 products with TF32 off, fp64 for fp64 input),
-            ``"fast"`` (bf16 products with fp32 accumulation on CUDA tensor cores; same as
-            ``"exact"`` on other devices) or ``"float64"`` (fp64 products). Chunk sums are always
+            ``"fast"`` (bf16 products with fp32 accumulation on CUDA tensor cores; the products of
+            ``"exact"`` on other devices, where bf16 rows are centred around a bf16-rounded shift) or ``"float64"`` (fp64 products). Chunk sums are always
             merged in float64 around a shift, never as raw second moments.
         nonfinite: ``"raise"`` (default): a NaN/Inf anywhere makes ``compute`` raise
             :class:`NonFiniteError` naming the module and the first offending update (checked
