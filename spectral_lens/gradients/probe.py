@@ -147,7 +147,7 @@ class PerSampleGradientProbe:
         max_resident_samples: ``None`` (default): every row of ``G`` stays in memory, one pass,
             peak ``O(M^2 + M P)``. An int ``K``: at most ``K`` rows (plus one chunk) are held, the other
             chunks' input batches are kept and their cross Gram blocks are recomputed in
-            :meth:`compute`, peak ``O(M^2 + (K + chunk) P)`` for ~``(M-K)^2/(2K)`` extra sample gradients.
+            :meth:`compute`, peak ``O(M^2 + (K + chunk) P)`` for ~``M(M-K)/(2K)`` extra sample gradients (docs/gradients.md).
         offload_rows: hold the resident rows of ``G`` in host memory (pinned when the model is on CUDA)
             instead of on the model's device: device memory ``O(M^2 + one chunk)`` without recomputation,
             host memory ``O(M P)``. :meth:`compute` then moves ``G`` to the device once, in column
