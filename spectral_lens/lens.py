@@ -494,10 +494,12 @@ class SpectralLens:
             return
         self._window_warned = True
         name, s = short[0]
-        fits = min(int(s.values.numel()), max(int(s.n_rows) - 1, 1))
+        # a window must end within the nonzero eigenvalues: at most the width and rows - 1, fewer on
+        # rank-deficient activations (few distinct inputs), where the width alone gave advice that did not fit
+        fits = max(min(int(s.values.numel()), int(s.n_rows) - 1, s.n_nonzero), 1)
         warnings.warn(
             f"SpectralLens: the tail window {tuple(tail)} does not fit {name} ({s.values.numel()} eigenvalues from "
-            f"{s.n_rows} rows{f'; {len(short) - 1} more spectra alike' if len(short) > 1 else ''}), so alpha_tail "
+            f"{s.n_rows} rows, {s.n_nonzero} nonzero{f'; {len(short) - 1} more spectra alike' if len(short) > 1 else ''}), so alpha_tail "
             "is left out of the summaries, and a run recorded with this window cannot be used by the early "
             "prediction (spectral-lens predict); pass "
             f"SpectralLens(tail_window=(lo, hi)) with hi <= {fits} (e.g. {window_that_fits(fits)}), or "
