@@ -61,8 +61,10 @@ class RunWriter:
             :class:`RecordWarning`) before anything is appended. A run resumed from a training
             checkpoint trains the steps after it again: call :meth:`drop_after` with the
             checkpoint's step so they are recorded once (the framework callbacks do). A run marked
-            ``status: "failed"`` (below) is marked ``"running"`` again, and a ``failure_after_end``
-            is withdrawn.
+            ``status: "failed"`` (below) is marked ``"running"`` while the writer is open, and its
+            ``failure`` (and a ``failure_after_end``) moves to extras ``failure_history``; on close the
+            status is removed if the writer went on with the training, else the failure is restored
+            (see :meth:`_settle`).
         fsync: fsync every file and line (default). ``False`` trades crash safety for speed
             (synthetic data, tests); the write order, and thus safety for concurrent readers, is kept.
         tail_window: window of the stored ``alpha_tail`` summary; default: the scale rule for
@@ -103,6 +105,9 @@ class RunWriter:
         self._lock_fd: int | None = None
         self._steps: set[int] = set()  # the steps of measurements.jsonl's lines read so far (see _read_steps)
         self._steps_read: tuple | None = None  # ((st_dev, st_ino), offset read to, the bytes before it)
+        self._withdrawn: dict[str, Any] | None = None  # the failure this writer withdrew on resume (see _settle)
+        self._max_tokens: int | None = None  # the largest tokens of a line this writer appended
+        self._dropped = False  # drop_after ran: the training resumed from a checkpoint
         run_file = self.path / RUN_FILE
         if not run_file.exists():  # a new run: check the arguments before creating its directory
             if info is None:
@@ -118,7 +123,7 @@ class RunWriter:
         try:
             self._open(run_file, info, resume, tail_window, head_window)
         except BaseException:
-            self.close()
+            self._close()
             raise
 
     def _open(self, run_file: Path, info: RunInfo | None, resume: bool, tail_window, head_window) -> None:
@@ -180,12 +185,11 @@ class RunWriter:
             _fsync_dir(self.path)  # too, not only what is fsynced into them
             _fsync_dir(self.path.parent)
         if marked:  # resumed, the run (or the work on it) goes on: the writer's own marks (see __exit__)
-            for extras in (header["extras"], self.info.extras):  # are withdrawn; only now, so that a resume
-                extras.pop(FAILURE_AFTER_END, None)  # refused above (a bad last line) leaves them as they were
-                if extras.get("status") == FAILED:
-                    extras.pop("failure", None)
-                    extras["status"] = "running"
-            _write_json_atomic(run_file, header, fsync)
+            end, now = self._record_end(), time.time()  # are withdrawn into the history; only now, so that a
+            header["extras"], withdrawn = _withdraw_marks(header["extras"], end, now)  # resume refused above
+            _write_json_atomic(run_file, header, fsync)  # (a bad last line) leaves them as they were
+            self.info.extras = _withdraw_marks(self.info.extras, end, now)[0]
+            self._withdrawn = withdrawn  # settled when the writer closes (see _settle)
 
     def _leftovers(self) -> list[str]:
         """The record files of another run in this directory: ``log.jsonl``, ``measurements.jsonl``,
@@ -302,6 +306,11 @@ class RunWriter:
         event.update(scalars)
         event.setdefault("time", time.time())
         self._append(LOG_FILE, event)
+        self._appended(event["tokens"])
+
+    def _appended(self, tokens: int) -> None:
+        """Note a line this writer appended at ``tokens`` (see :meth:`_settle`)."""
+        self._max_tokens = tokens if self._max_tokens is None else max(self._max_tokens, tokens)
 
     def _spectrum_file(self, step: int, name: str, taken: set[str]) -> str:
         base = f"{int(step):08d}_{_safe_name(name)}"
@@ -406,6 +415,7 @@ class RunWriter:
             for entry in entries.values() if cut else ():
                 (self.path / entry["file"]).unlink(missing_ok=True)
             raise
+        self._appended(int(tokens))
         return Measurement(
             step=int(step),
             tokens=int(tokens),
@@ -437,6 +447,7 @@ class RunWriter:
         if not self._fds:
             raise ValueError(f"RunWriter for {self.path} is closed")
         step = int(step)
+        self._dropped = True  # the training resumed from a checkpoint (see _settle)
         dropped_files: set[str] = set()
         kept_files: set[str] = set()
         unknown = False
@@ -495,6 +506,8 @@ class RunWriter:
         header["extras"] = {**_extras(header), **extras}
         _write_json_atomic(self.path / RUN_FILE, header, self.fsync)
         self.info.extras.update(extras)
+        if "status" in extras:  # a status said by the caller (or a new failure) is not the resume's to settle
+            self._withdrawn = None
 
     def measured_steps(self) -> set[int]:
         """The steps of the lines in ``measurements.jsonl`` (a line that is not a JSON object with an
@@ -563,7 +576,40 @@ class RunWriter:
         return not getattr(self, "_fds", None)
 
     def close(self) -> None:
-        """Close the files and release the run directory's lock (idempotent)."""
+        """Close the files and release the run directory's lock (idempotent). A failed run this writer
+        marked ``"running"`` on resume is first marked as what it is now (see :meth:`_settle`)."""
+        self._settle()
+        self._close()
+
+    def _settle(self) -> None:
+        """When this writer resumed a failed run (marked it ``"running"``, its failure moved to
+        ``failure_history``), the run is no longer running once it closes: if the writer went on with the
+        training (appended a line past the tokens where the record ended at the resume, or ran
+        :meth:`drop_after`), the status is removed, as a run that never failed has none (a clean exit is
+        no completion: ``update_info(status="complete")`` says that); if it did not (a script that only
+        measured the failed run's checkpoints, or recorded nothing), the failure is restored: ``status:
+        "failed"``, its ``failure``, and its entry leaves the history. Nothing is changed when the status
+        is no longer ``"running"`` (a status given to :meth:`update_info`, a new failure, another program),
+        in another process than the one that opened the writer, or after a failure mark that could not be
+        written; a write that fails is a :class:`RecordWarning`."""
+        withdrawn, self._withdrawn = getattr(self, "_withdrawn", None), None
+        if withdrawn is None or self.closed or os.getpid() != self._lock_pid:
+            return
+        tokens = withdrawn["tokens"]
+        went_on = self._dropped or (self._max_tokens is not None and (tokens is None or self._max_tokens > tokens))
+        try:
+            header = RunRecord._read_header(self.path)
+            if _extras(header).get("status") != RUNNING:
+                return
+            header["extras"] = _settled(_extras(header), withdrawn, went_on)
+            _write_json_atomic(self.path / RUN_FILE, header, self.fsync)
+            self.info.extras = _settled(self.info.extras, withdrawn, went_on)
+        except Exception as err:
+            warnings.warn(f"{self.path}: could not record in {RUN_FILE} that the resumed run stopped (its status "
+                          f"stays {RUNNING!r}): {_failure_text(err)}", RecordWarning, stacklevel=3)
+
+    def _close(self) -> None:
+        """Close the files and release the lock, writing nothing (the constructor's cleanup, ``__del__``)."""
         while getattr(self, "_fds", None):
             _, fd = self._fds.popitem()
             os.close(fd)
@@ -592,14 +638,15 @@ class RunWriter:
         measuring a finished run's checkpoints), the status is kept and the exception is recorded as
         ``failure_after_end`` instead: the training did not fail. A clean exit records nothing: leaving
         the block (after a ``break``, an early stop) is not completion; ``update_info(status="complete")``
-        says that. ``SystemExit(0)`` and ``GeneratorExit`` are no failure."""
+        says that (a resumed failed run is settled as :meth:`close` does). ``SystemExit(0)`` and
+        ``GeneratorExit`` are no failure."""
         try:
-            if exc_type is not None and not self.closed and _is_failure(exc):
-                self._mark_failed(exc)
+            if exc_type is not None and not self.closed and _is_failure(exc) and not self._mark_failed(exc):
+                self._withdrawn = None  # the failure could not be recorded: run.json is left as it is
         finally:
             self.close()
 
-    def _mark_failed(self, exc: BaseException) -> None:
+    def _mark_failed(self, exc: BaseException) -> bool:
         """``run.json`` extras ``status: "failed"`` and ``failure``, or, when the record already says the
         run ended, ``failure_after_end`` (see :meth:`__exit__`); a write that fails (the disk the error was
         about) is a :class:`RecordWarning`, so the block's own exception is the one raised."""
@@ -613,6 +660,29 @@ class RunWriter:
         except Exception as err:
             warnings.warn(f"{self.path}: could not record the run's failure ({_failure_text(exc)}) in {RUN_FILE}: "
                           f"{_failure_text(err)}", RecordWarning, stacklevel=3)
+            return False
+        return True
+
+    def _record_end(self) -> tuple[int | None, int | None]:
+        """``(step, tokens)`` of the record's last line with integer ``step`` and ``tokens`` in
+        ``log.jsonl`` or ``measurements.jsonl`` (the one with more tokens; only the last MiB of each file
+        is read), ``(None, None)`` when neither has one: where a failed run stopped, read on resume."""
+        best: tuple[int | None, int | None] = (None, None)
+        for name in (LOG_FILE, MEASUREMENTS_FILE):
+            try:
+                with open(self.path / name, "rb") as fh:
+                    size = fh.seek(0, os.SEEK_END)
+                    fh.seek(max(0, size - (1 << 20)))
+                    lines = fh.read().split(b"\n")
+            except OSError:
+                continue
+            for raw in reversed(lines[1:] if size > 1 << 20 else lines):  # the first may be cut by the seek
+                obj = _json_object(raw)
+                if obj is not None and _is_count(obj.get("step")) and _is_count(obj.get("tokens")):
+                    if best[1] is None or obj["tokens"] > best[1]:
+                        best = (obj["step"], obj["tokens"])
+                    break
+        return best
 
     def _ended_before(self, header: Mapping[str, Any]) -> bool:
         """Whether the lines recorded before this writer opened (or kept by its last :meth:`drop_after`)
@@ -662,7 +732,7 @@ class RunWriter:
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
-            self.close()
+            self._close()
         except Exception:
             pass
 
@@ -678,6 +748,16 @@ _ENDED = ("complete", "diverged")
 #: (``spectral_lens.analysis.COMPLETE_COVERAGE``).
 COMPLETE_COVERAGE = 0.95
 
+#: ``run.json`` extras ``status`` of a failed run resumed by ``RunWriter(resume=True)`` while the writer is
+#: open (see :meth:`RunWriter._settle`).
+RUNNING = "running"
+
+#: ``run.json`` extras key of the failures a resume withdrew: a list of ``{"failure": TEXT, "step": S,
+#: "tokens": T, "resumed": TIME}`` (``"after_end": true`` for a ``failure_after_end``), oldest first, ``step``
+#: and ``tokens`` where the record ended at the resume (``null`` when it held no line). The analyses do not
+#: read it (a run's status is ``status``); ``spectral-lens inspect`` shows it.
+FAILURE_HISTORY = "failure_history"
+
 #: ``run.json`` extras key of the exception that ended a ``with RunWriter(...)`` block when the record
 #: already said the run ended (see :meth:`RunWriter.__exit__`); the run's status is kept.
 FAILURE_AFTER_END = "failure_after_end"
@@ -688,6 +768,69 @@ def _extras(header: Mapping[str, Any]) -> dict[str, Any]:
     (a hand-written or old file), as :meth:`RunInfo.from_dict` reads it."""
     extras = header.get("extras")
     return extras if isinstance(extras, dict) else {}
+
+
+def _withdraw_marks(extras: Mapping[str, Any], end: tuple[int | None, int | None], now: float
+                    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``extras`` of a run being resumed: a ``failure_after_end``, and a ``status: "failed"`` with its ``failure``,
+    withdrawn (the status set to ``"running"``) and moved to the end of ``failure_history`` at ``end`` (the
+    ``(step, tokens)`` where the record ends); with the entry of the withdrawn ``failure`` (``None`` when the
+    run was not failed). A ``failure_history`` that is not a list (not the writer's) is left as it is."""
+    out, (step, tokens) = dict(extras), end
+    entries = []
+    if FAILURE_AFTER_END in out:
+        entries.append({"failure": out.pop(FAILURE_AFTER_END), "step": step, "tokens": tokens, "resumed": now,
+                        "after_end": True})
+    withdrawn = None
+    if out.get("status") == FAILED:
+        withdrawn = {"failure": out.pop("failure", None), "step": step, "tokens": tokens, "resumed": now}
+        out["status"] = RUNNING
+        entries.append(withdrawn)
+    history = out.get(FAILURE_HISTORY, [])
+    if entries and isinstance(history, list):
+        out[FAILURE_HISTORY] = [*history, *entries]
+    return out, withdrawn
+
+
+def _settled(extras: Mapping[str, Any], withdrawn: Mapping[str, Any], went_on: bool) -> dict[str, Any]:
+    """``extras`` of a resumed failed run (status ``"running"``) when its writer closes (see
+    :meth:`RunWriter._settle`): without ``status`` when the writer ``went_on`` with the training, else with
+    the ``withdrawn`` failure restored and its entry (the last) taken off ``failure_history`` (the key
+    removed when that leaves it empty), as before the resume."""
+    out = dict(extras)
+    if out.get("status") != RUNNING:
+        return out
+    if went_on:
+        del out["status"]
+        return out
+    out["status"] = FAILED
+    if withdrawn["failure"] is not None:
+        out["failure"] = withdrawn["failure"]
+    history = out.get(FAILURE_HISTORY)
+    if isinstance(history, list) and history and history[-1] == withdrawn:
+        if len(history) == 1:
+            del out[FAILURE_HISTORY]
+        else:
+            out[FAILURE_HISTORY] = history[:-1]
+    return out
+
+
+def failure_history_lines(extras: Mapping[str, Any]) -> list[str]:
+    """One line per entry of ``extras["failure_history"]`` (see :data:`FAILURE_HISTORY`), for
+    ``spectral-lens inspect``: ``"failed (RuntimeError: preempted) at step 800, 419430400 tokens; resumed"``.
+    An entry that is not an object is shown as it is."""
+    history = extras.get(FAILURE_HISTORY) if isinstance(extras, Mapping) else None
+    out = []
+    for e in history if isinstance(history, list) else ():
+        if not isinstance(e, Mapping):
+            out.append(repr(e)[:200])
+            continue
+        why = e.get("failure")
+        text = ("failed after the run ended" if e.get("after_end") else "failed") + (f" ({why})" if why else "")
+        if e.get("step") is not None or e.get("tokens") is not None:
+            text += f" at step {e.get('step')}, {e.get('tokens')} tokens"
+        out.append(text + "; resumed")
+    return out
 
 
 def _is_failure(exc: BaseException | None) -> bool:
