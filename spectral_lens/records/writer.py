@@ -21,7 +21,7 @@ from ..atomic import TMP_SUFFIX, named_os_error, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
 from ..spectra.fit import tail_window as _tail_window
 from ..spectrum import Spectrum
-from .reader import RunRecord, _event_problem, _is_record_line, _read_jsonl
+from .reader import RunRecord, _event_problem, _is_record_line
 from .schema import (
     LOG_FILE,
     MEASUREMENTS_FILE,
@@ -103,8 +103,7 @@ class RunWriter:
         self._ends: dict[str, int] = {}  # each JSONL file's size after this writer's last line (see _append)
         self._before: dict[str, int] = {}  # each JSONL file's size when opened (or after drop_after): see _ended_before
         self._lock_fd: int | None = None
-        self._steps: set[int] = set()  # the steps of measurements.jsonl's lines read so far (see _read_steps)
-        self._steps_read: tuple | None = None  # ((st_dev, st_ino), offset read to, the bytes before it)
+        self._scans: dict[str, _Scan] = {}  # each JSONL file's lines read so far (see _scan)
         self._withdrawn: dict[str, Any] | None = None  # the failure this writer withdrew on resume (see _settle)
         self._max_tokens: int | None = None  # the largest tokens of a line this writer appended
         self._dropped = False  # drop_after ran: the training resumed from a checkpoint
@@ -239,14 +238,21 @@ class RunWriter:
         tmps = [p for d in (self.path, spectra) if d.is_dir() for p in d.iterdir()
                 if p.name.startswith(".") and (p.name.endswith(TMP_SUFFIX) or p.name.endswith(".tmp.npz"))]
         referenced: set[str] = set()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            lines = _read_jsonl(self.path / MEASUREMENTS_FILE, "skip")
-        if any(issubclass(w.category, RecordWarning) and "truncated last line" not in str(w.message) for w in caught):
+        unknown = [False]
+
+        def visit(raw: bytes, obj: dict[str, Any] | None) -> None:
+            if obj is None:
+                unknown[0] = unknown[0] or bool(raw.strip())
+            else:
+                referenced.update(_spectrum_files(obj))
+
+        # the one read of the file before the writer opens it: it also counts the steps (see _scan)
+        last = self._scan(MEASUREMENTS_FILE, visit, fresh=True)[1] if (self.path / MEASUREMENTS_FILE).exists() else b""
+        if _is_record_line(last):  # a complete line that only lacks its newline: kept (see _fix_last_line)
+            referenced |= _spectrum_files(_json_object(last) or {})
+        if unknown[0]:
             orphans = []
         else:
-            for _, obj in lines:
-                referenced |= _spectrum_files(obj)
             orphans = [p for p in spectra.iterdir() if _SPECTRUM_FILE.fullmatch(p.name) and p.name not in referenced] \
                 if spectra.is_dir() else []
         for p in tmps + orphans:
@@ -455,8 +461,12 @@ class RunWriter:
         for name in (LOG_FILE, MEASUREMENTS_FILE):
             path = self.path / name
             keep: list[bytes] = []
+            scan = _Scan(measurements=name == MEASUREMENTS_FILE)  # of the file as rewritten (see _scan)
             n = 0
-            for raw in path.read_bytes().splitlines(keepends=True):
+            data = path.read_bytes()  # lines end at b"\n" only, as RunRecord.open reads them: a b"\r" inside
+            lines = [raw + b"\n" for raw in data.split(b"\n")]  # a line is no line break (splitlines split it)
+            lines[-1] = lines[-1][:-1]  # what follows the last newline: a last line without it, or nothing
+            for raw in lines if lines[-1] else lines[:-1]:
                 obj = _json_object(raw)
                 if obj is None:  # kept as it is
                     keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
@@ -470,6 +480,7 @@ class RunWriter:
                 else:
                     keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
                     kept_files |= files
+                    scan.add(obj)
             if not n:
                 continue
             write_atomic(path, lambda fh: fh.writelines(keep), fsync=self.fsync)
@@ -477,6 +488,9 @@ class RunWriter:
             os.close(self._fds.pop(name))
             self._fds[name] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
             self._ends.pop(name, None)
+            st = os.fstat(self._fds[name])  # the lines just written are the file's, all of them whole
+            scan.ident, scan.offset, scan.before = (st.st_dev, st.st_ino), sum(map(len, keep)), b"".join(keep[-256:])[-256:]
+            self._scans[name] = scan if st.st_size == scan.offset else _Scan(measurements=scan.measurements)
             if name == MEASUREMENTS_FILE:
                 n_dropped = n
         for name in (LOG_FILE, MEASUREMENTS_FILE):  # what is kept counts as recorded before (see _ended_before)
@@ -532,43 +546,61 @@ class RunWriter:
         return step in steps or step == extra
 
     def _read_steps(self) -> tuple[set[int], int | None]:
-        """Bring ``self._steps`` up to date with ``measurements.jsonl`` and return it, with the step of a
-        last line that is a complete JSON object without its newline (another program's, read again
-        next time as it may be mid-write), else ``None``. Only whole lines are remembered, with the file's
-        identity, the offset read to and the 256 bytes before it: the next call reads from that offset
-        when the file is the same one and those bytes are unchanged (it was only appended to), else from
-        its start."""
-        with open(self.path / MEASUREMENTS_FILE, "rb") as fh:
+        """The steps of ``measurements.jsonl``'s whole lines (see :meth:`_scan`), with the step of a last
+        line that is a complete JSON object without its newline (another program's, read again next time
+        as it may be mid-write), else ``None``."""
+        scan, last = self._scan(MEASUREMENTS_FILE)
+        obj = _json_object(last) if last.strip() else None
+        return scan.steps, None if obj is None else _int_step(obj)
+
+    def _scan(self, name: str, visit=None, *, fresh: bool = False) -> tuple["_Scan", bytes]:
+        """Bring the read of the JSONL file ``name`` up to date, and return it (:class:`_Scan`: the steps
+        and validation-loss steps of its whole lines) with the bytes after its last newline. The file is
+        parsed on the first call, then only from the offset read to, when it is the same file (its
+        identity) and the 256 bytes before that offset are unchanged (it was only appended to); else, or
+        with ``fresh``, from its start. ``visit(raw, obj)`` sees each whole line read (``obj``: its JSON
+        object, or ``None``). A file that does not exist reads as empty."""
+        scan = None if fresh else self._scans.get(name)
+        try:
+            fh = open(self.path / name, "rb")
+        except FileNotFoundError:
+            self._scans.pop(name, None)
+            return _Scan(measurements=name == MEASUREMENTS_FILE), b""
+        with fh:
             st = os.fstat(fh.fileno())
-            ident, seen = (st.st_dev, st.st_ino), self._steps_read
-            same = seen is not None and seen[0] == ident and seen[1] <= st.st_size
-            if same and seen[2]:
-                fh.seek(seen[1] - len(seen[2]))
-                same = fh.read(len(seen[2])) == seen[2]
+            ident = (st.st_dev, st.st_ino)
+            same = scan is not None and scan.ident == ident and scan.offset <= st.st_size
+            if same and scan.before:
+                fh.seek(scan.offset - len(scan.before))
+                same = fh.read(len(scan.before)) == scan.before
             if not same:
-                self._steps = set()
-            offset, before = (seen[1], seen[2]) if same else (0, b"")
-            fh.seek(offset)
+                scan = _Scan(ident, measurements=name == MEASUREMENTS_FILE)
+            self._scans[name] = scan
+            fh.seek(scan.offset)
             chunk = fh.read()
         end = chunk.rfind(b"\n") + 1  # whole lines only
-        for obj in map(_json_object, chunk[:end].splitlines()):
-            if obj is not None and _int_step(obj) is not None:
-                self._steps.add(obj["step"])
-        self._steps_read = (ident, offset + end, (before + chunk[:end])[-256:])
-        last = _json_object(chunk[end:]) if chunk[end:].strip() else None
-        return self._steps, None if last is None else _int_step(last)
+        for raw in chunk[:end].split(b"\n")[:-1]:  # lines end at b"\n" only, as RunRecord.open reads them
+            obj = _json_object(raw)
+            scan.add(obj)
+            if visit is not None:
+                visit(raw, obj)
+        scan.offset += end
+        scan.before = (scan.before + chunk[max(0, end - 256):end])[-256:]
+        return scan, chunk[end:]
 
     def val_loss_steps(self) -> set[int]:
         """The steps at which the record holds a validation loss: a numeric ``val_loss`` in a line of
         ``measurements.jsonl`` or an event of ``log.jsonl`` (other lines are passed over), e.g. whether
-        an evaluation at a resumed checkpoint's step was recorded before the resume."""
-        return {step for name in (MEASUREMENTS_FILE, LOG_FILE) for step, obj in self._lines(name)
-                if isinstance(obj.get("val_loss"), numbers.Real) and not isinstance(obj.get("val_loss"), bool)}
-
-    def _lines(self, name: str) -> list[tuple[int, dict[str, Any]]]:
-        """``(step, line)`` of each line of the JSONL file ``name`` that is a JSON object with an integer ``step``."""
-        objs = (obj for obj in map(_json_object, (self.path / name).read_bytes().splitlines()) if obj is not None)
-        return [(obj["step"], obj) for obj in objs if _int_step(obj) is not None]
+        an evaluation at a resumed checkpoint's step was recorded before the resume. Each file is parsed
+        once, then only what was appended since (as :meth:`has_measurement`). A new set each call."""
+        out: set[int] = set()
+        for name in (MEASUREMENTS_FILE, LOG_FILE):
+            scan, last = self._scan(name)
+            out |= scan.val_steps
+            obj = _json_object(last) if last.strip() else None
+            if obj is not None and _int_step(obj) is not None and _is_val_loss(obj):
+                out.add(obj["step"])
+        return out
 
     @property
     def closed(self) -> bool:
@@ -922,6 +954,36 @@ def _checked_window(window: Any, what: str) -> tuple[int, int]:
     if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in (lo, hi)) or not 1 <= lo < hi:
         raise ValueError(f"RunWriter: {what} must be a pair of integer ranks (lo, hi) with 1 <= lo < hi, got {window!r}")
     return int(lo), int(hi)
+
+
+def _is_val_loss(line: Mapping[str, Any]) -> bool:
+    """Whether the line's ``val_loss`` is a number (not a bool)."""
+    v = line.get("val_loss")
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+class _Scan:
+    """What :meth:`RunWriter._scan` read of one JSONL file: its identity ``(st_dev, st_ino)``, the offset
+    read to (after the last whole line), the up to 256 bytes before it, and the integer steps of the lines
+    that are JSON objects: all of them (``measurements.jsonl`` only) and those with a numeric
+    ``val_loss``."""
+
+    __slots__ = ("ident", "offset", "before", "steps", "val_steps", "measurements")
+
+    def __init__(self, ident: tuple[int, int] | None = None, *, measurements: bool) -> None:
+        self.ident, self.offset, self.before, self.measurements = ident, 0, b"", measurements
+        self.steps: set[int] = set()
+        self.val_steps: set[int] = set()
+
+    def add(self, obj: Mapping[str, Any] | None) -> None:
+        """Count one whole line (its JSON object, or ``None``)."""
+        step = None if obj is None else _int_step(obj)
+        if step is None:
+            return
+        if self.measurements:
+            self.steps.add(step)
+        if _is_val_loss(obj):
+            self.val_steps.add(step)
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:
