@@ -510,8 +510,12 @@ class RunWriter:
         """Merge ``extras`` into ``run.json``'s ``extras`` (rewritten atomically), e.g. a final status.
 
         ``throughput`` (tokens/s, read by :meth:`RunRecord.throughput`) must be a number, else
-        ``TypeError``. A refused or failed write changes neither ``run.json`` nor ``self.info``.
+        ``TypeError``. A refused or failed write changes neither ``run.json`` nor ``self.info``. A closed
+        writer raises ``ValueError`` (it no longer holds the run directory's lock: another writer may be
+        rewriting ``run.json``, and this write would undo that one's).
         """
+        if self.closed:
+            raise ValueError(f"RunWriter for {self.path} is closed")
         q = extras.get("throughput", 0.0)
         if isinstance(q, bool) or not (isinstance(q, numbers.Real) or (
                 isinstance(q, torch.Tensor) and q.numel() == 1 and q.dtype != torch.bool and not q.is_complex())):

@@ -119,3 +119,17 @@ def test_the_orphan_scan_still_keeps_files_a_line_may_refer_to(tmp_path):
     assert orphan.exists() and not other.exists()
     assert [m.step for m in RunRecord.open(path).measurements] == [1, 2, 9]
 
+
+
+def test_a_closed_writer_refuses_update_info(tmp_path):
+    """update_info wrote run.json after close(), without the lock: over the next writer's run.json (its failure
+    mark, its status), which that writer's next update then overwrote in turn."""
+    path = _record(tmp_path / "r", 1)
+    old = RunWriter(path, resume=True, fsync=False)
+    old.close()
+    with RunWriter(path, resume=True, fsync=False) as new:
+        new.update_info(status="diverged")
+        with pytest.raises(ValueError, match="closed"):
+            old.update_info(status="complete", lr=1.0)
+    assert json.loads((path / "run.json").read_text())["extras"] == {"status": "diverged"}
+    assert old.info.extras == {}
