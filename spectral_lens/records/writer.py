@@ -557,7 +557,7 @@ class RunWriter:
         obj = _json_object(last) if last.strip() else None
         return scan.steps, None if obj is None else _int_step(obj)
 
-    def _scan(self, name: str, visit=None, *, fresh: bool = False) -> tuple["_Scan", bytes]:
+    def _scan(self, name: str, visit=None, *, fresh: bool = False) -> tuple[_Scan, bytes]:
         """Bring the read of the JSONL file ``name`` up to date, and return it (:class:`_Scan`: the steps
         and validation-loss steps of its whole lines) with the bytes after its last newline. The file is
         parsed on the first call, then only from the offset read to, when it is the same file (its
@@ -565,12 +565,10 @@ class RunWriter:
         with ``fresh``, from its start. ``visit(raw, obj)`` sees each whole line read (``obj``: its JSON
         object, or ``None``). A file that does not exist reads as empty."""
         scan = None if fresh else self._scans.get(name)
-        try:
-            fh = open(self.path / name, "rb")
-        except FileNotFoundError:
+        if not (self.path / name).exists():
             self._scans.pop(name, None)
             return _Scan(measurements=name == MEASUREMENTS_FILE), b""
-        with fh:
+        with open(self.path / name, "rb") as fh:
             st = os.fstat(fh.fileno())
             ident = (st.st_dev, st.st_ino)
             same = scan is not None and scan.ident == ident and scan.offset <= st.st_size
@@ -972,7 +970,7 @@ class _Scan:
     that are JSON objects: all of them (``measurements.jsonl`` only) and those with a numeric
     ``val_loss``."""
 
-    __slots__ = ("ident", "offset", "before", "steps", "val_steps", "measurements")
+    __slots__ = ("before", "ident", "measurements", "offset", "steps", "val_steps")
 
     def __init__(self, ident: tuple[int, int] | None = None, *, measurements: bool) -> None:
         self.ident, self.offset, self.before, self.measurements = ident, 0, b"", measurements

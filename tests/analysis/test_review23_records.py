@@ -23,8 +23,10 @@ def _extras(path):
     return json.loads((path / "run.json").read_text())["extras"]
 
 
-def _failed(path, tokens=4000, exc=RuntimeError("preempted"), *, resume=False, **extras):
-    """A ``with RunWriter`` block that logs one event at ``tokens`` (step ``tokens // 1000``) and raises."""
+def _failed(path, tokens=4000, exc=None, *, resume=False, **extras):
+    """A ``with RunWriter`` block that logs one event at ``tokens`` (step ``tokens // 1000``) and raises ``exc``
+    (default ``RuntimeError("preempted")``)."""
+    exc = RuntimeError("preempted") if exc is None else exc
     with pytest.raises(type(exc)):
         info = None if resume else RunInfo(path.name, family="f", batch_tier=4, total_tokens=10_000, extras=extras)
         with RunWriter(path, info, resume=resume, fsync=False) as w:
