@@ -455,6 +455,10 @@ def _inspect_run(path: Path, strict: bool) -> None:
     status = ("diverged: " + why.split(" diverged: ", 1)[1] if why else
               failed + ("" if c is None else f" at {c:.0%} of budget") if failed else run_status(r))
     print(f"  status: {status}")
+    from .records.writer import failure_history_lines  # failures a resume withdrew (run.json failure_history)
+
+    for line in failure_history_lines(i.extras):
+        print(f"  earlier: {line}")
     if r.measurements:
         steps = [m.step for m in r.measurements]
         print(f"  measurement steps: {steps[0]} .. {steps[-1]}")

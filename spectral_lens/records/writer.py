@@ -21,7 +21,7 @@ from ..atomic import TMP_SUFFIX, named_os_error, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
 from ..spectra.fit import tail_window as _tail_window
 from ..spectrum import Spectrum
-from .reader import RunRecord, _event_problem, _is_record_line, _read_jsonl
+from .reader import RunRecord, _event_problem, _is_record_line
 from .schema import (
     LOG_FILE,
     MEASUREMENTS_FILE,
@@ -61,8 +61,10 @@ class RunWriter:
             :class:`RecordWarning`) before anything is appended. A run resumed from a training
             checkpoint trains the steps after it again: call :meth:`drop_after` with the
             checkpoint's step so they are recorded once (the framework callbacks do). A run marked
-            ``status: "failed"`` (below) is marked ``"running"`` again, and a ``failure_after_end``
-            is withdrawn.
+            ``status: "failed"`` (below) is marked ``"running"`` while the writer is open, and its
+            ``failure`` (and a ``failure_after_end``) moves to extras ``failure_history``; on close the
+            status is removed if the writer went on with the training, else the failure is restored
+            (see :meth:`_settle`).
         fsync: fsync every file and line (default). ``False`` trades crash safety for speed
             (synthetic data, tests); the write order, and thus safety for concurrent readers, is kept.
         tail_window: window of the stored ``alpha_tail`` summary; default: the scale rule for
@@ -101,8 +103,10 @@ class RunWriter:
         self._ends: dict[str, int] = {}  # each JSONL file's size after this writer's last line (see _append)
         self._before: dict[str, int] = {}  # each JSONL file's size when opened (or after drop_after): see _ended_before
         self._lock_fd: int | None = None
-        self._steps: set[int] = set()  # the steps of measurements.jsonl's lines read so far (see _read_steps)
-        self._steps_read: tuple | None = None  # ((st_dev, st_ino), offset read to, the bytes before it)
+        self._scans: dict[str, _Scan] = {}  # each JSONL file's lines read so far (see _scan)
+        self._withdrawn: dict[str, Any] | None = None  # the failure this writer withdrew on resume (see _settle)
+        self._max_tokens: int | None = None  # the largest tokens of a line this writer appended
+        self._dropped = False  # drop_after ran: the training resumed from a checkpoint
         run_file = self.path / RUN_FILE
         if not run_file.exists():  # a new run: check the arguments before creating its directory
             if info is None:
@@ -118,7 +122,7 @@ class RunWriter:
         try:
             self._open(run_file, info, resume, tail_window, head_window)
         except BaseException:
-            self.close()
+            self._close()
             raise
 
     def _open(self, run_file: Path, info: RunInfo | None, resume: bool, tail_window, head_window) -> None:
@@ -180,12 +184,11 @@ class RunWriter:
             _fsync_dir(self.path)  # too, not only what is fsynced into them
             _fsync_dir(self.path.parent)
         if marked:  # resumed, the run (or the work on it) goes on: the writer's own marks (see __exit__)
-            for extras in (header["extras"], self.info.extras):  # are withdrawn; only now, so that a resume
-                extras.pop(FAILURE_AFTER_END, None)  # refused above (a bad last line) leaves them as they were
-                if extras.get("status") == FAILED:
-                    extras.pop("failure", None)
-                    extras["status"] = "running"
-            _write_json_atomic(run_file, header, fsync)
+            end, now = self._record_end(), time.time()  # are withdrawn into the history; only now, so that a
+            header["extras"], withdrawn = _withdraw_marks(header["extras"], end, now)  # resume refused above
+            _write_json_atomic(run_file, header, fsync)  # (a bad last line) leaves them as they were
+            self.info.extras = _withdraw_marks(self.info.extras, end, now)[0]
+            self._withdrawn = withdrawn  # settled when the writer closes (see _settle)
 
     def _leftovers(self) -> list[str]:
         """The record files of another run in this directory: ``log.jsonl``, ``measurements.jsonl``,
@@ -235,14 +238,21 @@ class RunWriter:
         tmps = [p for d in (self.path, spectra) if d.is_dir() for p in d.iterdir()
                 if p.name.startswith(".") and (p.name.endswith(TMP_SUFFIX) or p.name.endswith(".tmp.npz"))]
         referenced: set[str] = set()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            lines = _read_jsonl(self.path / MEASUREMENTS_FILE, "skip")
-        if any(issubclass(w.category, RecordWarning) and "truncated last line" not in str(w.message) for w in caught):
+        unknown = [False]
+
+        def visit(raw: bytes, obj: dict[str, Any] | None) -> None:
+            if obj is None:
+                unknown[0] = unknown[0] or bool(raw.strip())
+            else:
+                referenced.update(_spectrum_files(obj))
+
+        # the one read of the file before the writer opens it: it also counts the steps (see _scan)
+        last = self._scan(MEASUREMENTS_FILE, visit, fresh=True)[1] if (self.path / MEASUREMENTS_FILE).exists() else b""
+        if _is_record_line(last):  # a complete line that only lacks its newline: kept (see _fix_last_line)
+            referenced |= _spectrum_files(_json_object(last) or {})
+        if unknown[0]:
             orphans = []
         else:
-            for _, obj in lines:
-                referenced |= _spectrum_files(obj)
             orphans = [p for p in spectra.iterdir() if _SPECTRUM_FILE.fullmatch(p.name) and p.name not in referenced] \
                 if spectra.is_dir() else []
         for p in tmps + orphans:
@@ -302,6 +312,11 @@ class RunWriter:
         event.update(scalars)
         event.setdefault("time", time.time())
         self._append(LOG_FILE, event)
+        self._appended(event["tokens"])
+
+    def _appended(self, tokens: int) -> None:
+        """Note a line this writer appended at ``tokens`` (see :meth:`_settle`)."""
+        self._max_tokens = tokens if self._max_tokens is None else max(self._max_tokens, tokens)
 
     def _spectrum_file(self, step: int, name: str, taken: set[str]) -> str:
         base = f"{int(step):08d}_{_safe_name(name)}"
@@ -406,6 +421,7 @@ class RunWriter:
             for entry in entries.values() if cut else ():
                 (self.path / entry["file"]).unlink(missing_ok=True)
             raise
+        self._appended(int(tokens))
         return Measurement(
             step=int(step),
             tokens=int(tokens),
@@ -437,6 +453,7 @@ class RunWriter:
         if not self._fds:
             raise ValueError(f"RunWriter for {self.path} is closed")
         step = int(step)
+        self._dropped = True  # the training resumed from a checkpoint (see _settle)
         dropped_files: set[str] = set()
         kept_files: set[str] = set()
         unknown = False
@@ -444,8 +461,12 @@ class RunWriter:
         for name in (LOG_FILE, MEASUREMENTS_FILE):
             path = self.path / name
             keep: list[bytes] = []
+            scan = _Scan(measurements=name == MEASUREMENTS_FILE)  # of the file as rewritten (see _scan)
             n = 0
-            for raw in path.read_bytes().splitlines(keepends=True):
+            data = path.read_bytes()  # lines end at b"\n" only, as RunRecord.open reads them: a b"\r" inside
+            lines = [raw + b"\n" for raw in data.split(b"\n")]  # a line is no line break (splitlines split it)
+            lines[-1] = lines[-1][:-1]  # what follows the last newline: a last line without it, or nothing
+            for raw in lines if lines[-1] else lines[:-1]:
                 obj = _json_object(raw)
                 if obj is None:  # kept as it is
                     keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
@@ -459,6 +480,7 @@ class RunWriter:
                 else:
                     keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
                     kept_files |= files
+                    scan.add(obj)
             if not n:
                 continue
             write_atomic(path, lambda fh: fh.writelines(keep), fsync=self.fsync)
@@ -466,6 +488,9 @@ class RunWriter:
             os.close(self._fds.pop(name))
             self._fds[name] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
             self._ends.pop(name, None)
+            st = os.fstat(self._fds[name])  # the lines just written are the file's, all of them whole
+            scan.ident, scan.offset, scan.before = (st.st_dev, st.st_ino), sum(map(len, keep)), b"".join(keep[-256:])[-256:]
+            self._scans[name] = scan if st.st_size == scan.offset else _Scan(measurements=scan.measurements)
             if name == MEASUREMENTS_FILE:
                 n_dropped = n
         for name in (LOG_FILE, MEASUREMENTS_FILE):  # what is kept counts as recorded before (see _ended_before)
@@ -485,8 +510,12 @@ class RunWriter:
         """Merge ``extras`` into ``run.json``'s ``extras`` (rewritten atomically), e.g. a final status.
 
         ``throughput`` (tokens/s, read by :meth:`RunRecord.throughput`) must be a number, else
-        ``TypeError``. A refused or failed write changes neither ``run.json`` nor ``self.info``.
+        ``TypeError``. A refused or failed write changes neither ``run.json`` nor ``self.info``. A closed
+        writer raises ``ValueError`` (it no longer holds the run directory's lock: another writer may be
+        rewriting ``run.json``, and this write would undo that one's).
         """
+        if self.closed:
+            raise ValueError(f"RunWriter for {self.path} is closed")
         q = extras.get("throughput", 0.0)
         if isinstance(q, bool) or not (isinstance(q, numbers.Real) or (
                 isinstance(q, torch.Tensor) and q.numel() == 1 and q.dtype != torch.bool and not q.is_complex())):
@@ -495,6 +524,8 @@ class RunWriter:
         header["extras"] = {**_extras(header), **extras}
         _write_json_atomic(self.path / RUN_FILE, header, self.fsync)
         self.info.extras.update(extras)
+        if "status" in extras:  # a status said by the caller (or a new failure) is not the resume's to settle
+            self._withdrawn = None
 
     def measured_steps(self) -> set[int]:
         """The steps of the lines in ``measurements.jsonl`` (a line that is not a JSON object with an
@@ -519,43 +550,59 @@ class RunWriter:
         return step in steps or step == extra
 
     def _read_steps(self) -> tuple[set[int], int | None]:
-        """Bring ``self._steps`` up to date with ``measurements.jsonl`` and return it, with the step of a
-        last line that is a complete JSON object without its newline (another program's, read again
-        next time as it may be mid-write), else ``None``. Only whole lines are remembered, with the file's
-        identity, the offset read to and the 256 bytes before it: the next call reads from that offset
-        when the file is the same one and those bytes are unchanged (it was only appended to), else from
-        its start."""
-        with open(self.path / MEASUREMENTS_FILE, "rb") as fh:
+        """The steps of ``measurements.jsonl``'s whole lines (see :meth:`_scan`), with the step of a last
+        line that is a complete JSON object without its newline (another program's, read again next time
+        as it may be mid-write), else ``None``."""
+        scan, last = self._scan(MEASUREMENTS_FILE)
+        obj = _json_object(last) if last.strip() else None
+        return scan.steps, None if obj is None else _int_step(obj)
+
+    def _scan(self, name: str, visit=None, *, fresh: bool = False) -> tuple[_Scan, bytes]:
+        """Bring the read of the JSONL file ``name`` up to date, and return it (:class:`_Scan`: the steps
+        and validation-loss steps of its whole lines) with the bytes after its last newline. The file is
+        parsed on the first call, then only from the offset read to, when it is the same file (its
+        identity) and the 256 bytes before that offset are unchanged (it was only appended to); else, or
+        with ``fresh``, from its start. ``visit(raw, obj)`` sees each whole line read (``obj``: its JSON
+        object, or ``None``). A file that does not exist reads as empty."""
+        scan = None if fresh else self._scans.get(name)
+        if not (self.path / name).exists():
+            self._scans.pop(name, None)
+            return _Scan(measurements=name == MEASUREMENTS_FILE), b""
+        with open(self.path / name, "rb") as fh:
             st = os.fstat(fh.fileno())
-            ident, seen = (st.st_dev, st.st_ino), self._steps_read
-            same = seen is not None and seen[0] == ident and seen[1] <= st.st_size
-            if same and seen[2]:
-                fh.seek(seen[1] - len(seen[2]))
-                same = fh.read(len(seen[2])) == seen[2]
+            ident = (st.st_dev, st.st_ino)
+            same = scan is not None and scan.ident == ident and scan.offset <= st.st_size
+            if same and scan.before:
+                fh.seek(scan.offset - len(scan.before))
+                same = fh.read(len(scan.before)) == scan.before
             if not same:
-                self._steps = set()
-            offset, before = (seen[1], seen[2]) if same else (0, b"")
-            fh.seek(offset)
+                scan = _Scan(ident, measurements=name == MEASUREMENTS_FILE)
+            self._scans[name] = scan
+            fh.seek(scan.offset)
             chunk = fh.read()
         end = chunk.rfind(b"\n") + 1  # whole lines only
-        for obj in map(_json_object, chunk[:end].splitlines()):
-            if obj is not None and _int_step(obj) is not None:
-                self._steps.add(obj["step"])
-        self._steps_read = (ident, offset + end, (before + chunk[:end])[-256:])
-        last = _json_object(chunk[end:]) if chunk[end:].strip() else None
-        return self._steps, None if last is None else _int_step(last)
+        for raw in chunk[:end].split(b"\n")[:-1]:  # lines end at b"\n" only, as RunRecord.open reads them
+            obj = _json_object(raw)
+            scan.add(obj)
+            if visit is not None:
+                visit(raw, obj)
+        scan.offset += end
+        scan.before = (scan.before + chunk[max(0, end - 256):end])[-256:]
+        return scan, chunk[end:]
 
     def val_loss_steps(self) -> set[int]:
         """The steps at which the record holds a validation loss: a numeric ``val_loss`` in a line of
         ``measurements.jsonl`` or an event of ``log.jsonl`` (other lines are passed over), e.g. whether
-        an evaluation at a resumed checkpoint's step was recorded before the resume."""
-        return {step for name in (MEASUREMENTS_FILE, LOG_FILE) for step, obj in self._lines(name)
-                if isinstance(obj.get("val_loss"), numbers.Real) and not isinstance(obj.get("val_loss"), bool)}
-
-    def _lines(self, name: str) -> list[tuple[int, dict[str, Any]]]:
-        """``(step, line)`` of each line of the JSONL file ``name`` that is a JSON object with an integer ``step``."""
-        objs = (obj for obj in map(_json_object, (self.path / name).read_bytes().splitlines()) if obj is not None)
-        return [(obj["step"], obj) for obj in objs if _int_step(obj) is not None]
+        an evaluation at a resumed checkpoint's step was recorded before the resume. Each file is parsed
+        once, then only what was appended since (as :meth:`has_measurement`). A new set each call."""
+        out: set[int] = set()
+        for name in (MEASUREMENTS_FILE, LOG_FILE):
+            scan, last = self._scan(name)
+            out |= scan.val_steps
+            obj = _json_object(last) if last.strip() else None
+            if obj is not None and _int_step(obj) is not None and _is_val_loss(obj):
+                out.add(obj["step"])
+        return out
 
     @property
     def closed(self) -> bool:
@@ -563,7 +610,40 @@ class RunWriter:
         return not getattr(self, "_fds", None)
 
     def close(self) -> None:
-        """Close the files and release the run directory's lock (idempotent)."""
+        """Close the files and release the run directory's lock (idempotent). A failed run this writer
+        marked ``"running"`` on resume is first marked as what it is now (see :meth:`_settle`)."""
+        self._settle()
+        self._close()
+
+    def _settle(self) -> None:
+        """When this writer resumed a failed run (marked it ``"running"``, its failure moved to
+        ``failure_history``), the run is no longer running once it closes: if the writer went on with the
+        training (appended a line past the tokens where the record ended at the resume, or ran
+        :meth:`drop_after`), the status is removed, as a run that never failed has none (a clean exit is
+        no completion: ``update_info(status="complete")`` says that); if it did not (a script that only
+        measured the failed run's checkpoints, or recorded nothing), the failure is restored: ``status:
+        "failed"``, its ``failure``, and its entry leaves the history. Nothing is changed when the status
+        is no longer ``"running"`` (a status given to :meth:`update_info`, a new failure, another program),
+        in another process than the one that opened the writer, or after a failure mark that could not be
+        written; a write that fails is a :class:`RecordWarning`."""
+        withdrawn, self._withdrawn = getattr(self, "_withdrawn", None), None
+        if withdrawn is None or self.closed or os.getpid() != self._lock_pid:
+            return
+        tokens = withdrawn["tokens"]
+        went_on = self._dropped or (self._max_tokens is not None and (tokens is None or self._max_tokens > tokens))
+        try:
+            header = RunRecord._read_header(self.path)
+            if _extras(header).get("status") != RUNNING:
+                return
+            header["extras"] = _settled(_extras(header), withdrawn, went_on)
+            _write_json_atomic(self.path / RUN_FILE, header, self.fsync)
+            self.info.extras = _settled(self.info.extras, withdrawn, went_on)
+        except Exception as err:
+            warnings.warn(f"{self.path}: could not record in {RUN_FILE} that the resumed run stopped (its status "
+                          f"stays {RUNNING!r}): {_failure_text(err)}", RecordWarning, stacklevel=3)
+
+    def _close(self) -> None:
+        """Close the files and release the lock, writing nothing (the constructor's cleanup, ``__del__``)."""
         while getattr(self, "_fds", None):
             _, fd = self._fds.popitem()
             os.close(fd)
@@ -592,14 +672,15 @@ class RunWriter:
         measuring a finished run's checkpoints), the status is kept and the exception is recorded as
         ``failure_after_end`` instead: the training did not fail. A clean exit records nothing: leaving
         the block (after a ``break``, an early stop) is not completion; ``update_info(status="complete")``
-        says that. ``SystemExit(0)`` and ``GeneratorExit`` are no failure."""
+        says that (a resumed failed run is settled as :meth:`close` does). ``SystemExit(0)`` and
+        ``GeneratorExit`` are no failure."""
         try:
-            if exc_type is not None and not self.closed and _is_failure(exc):
-                self._mark_failed(exc)
+            if exc_type is not None and not self.closed and _is_failure(exc) and not self._mark_failed(exc):
+                self._withdrawn = None  # the failure could not be recorded: run.json is left as it is
         finally:
             self.close()
 
-    def _mark_failed(self, exc: BaseException) -> None:
+    def _mark_failed(self, exc: BaseException) -> bool:
         """``run.json`` extras ``status: "failed"`` and ``failure``, or, when the record already says the
         run ended, ``failure_after_end`` (see :meth:`__exit__`); a write that fails (the disk the error was
         about) is a :class:`RecordWarning`, so the block's own exception is the one raised."""
@@ -613,6 +694,29 @@ class RunWriter:
         except Exception as err:
             warnings.warn(f"{self.path}: could not record the run's failure ({_failure_text(exc)}) in {RUN_FILE}: "
                           f"{_failure_text(err)}", RecordWarning, stacklevel=3)
+            return False
+        return True
+
+    def _record_end(self) -> tuple[int | None, int | None]:
+        """``(step, tokens)`` of the record's last line with integer ``step`` and ``tokens`` in
+        ``log.jsonl`` or ``measurements.jsonl`` (the one with more tokens; only the last MiB of each file
+        is read), ``(None, None)`` when neither has one: where a failed run stopped, read on resume."""
+        best: tuple[int | None, int | None] = (None, None)
+        for name in (LOG_FILE, MEASUREMENTS_FILE):
+            try:
+                with open(self.path / name, "rb") as fh:
+                    size = fh.seek(0, os.SEEK_END)
+                    fh.seek(max(0, size - (1 << 20)))
+                    lines = fh.read().split(b"\n")
+            except OSError:
+                continue
+            for raw in reversed(lines[1:] if size > 1 << 20 else lines):  # the first may be cut by the seek
+                obj = _json_object(raw)
+                if obj is not None and _is_count(obj.get("step")) and _is_count(obj.get("tokens")):
+                    if best[1] is None or obj["tokens"] > best[1]:
+                        best = (obj["step"], obj["tokens"])
+                    break
+        return best
 
     def _ended_before(self, header: Mapping[str, Any]) -> bool:
         """Whether the lines recorded before this writer opened (or kept by its last :meth:`drop_after`)
@@ -662,7 +766,7 @@ class RunWriter:
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         try:
-            self.close()
+            self._close()
         except Exception:
             pass
 
@@ -678,6 +782,16 @@ _ENDED = ("complete", "diverged")
 #: (``spectral_lens.analysis.COMPLETE_COVERAGE``).
 COMPLETE_COVERAGE = 0.95
 
+#: ``run.json`` extras ``status`` of a failed run resumed by ``RunWriter(resume=True)`` while the writer is
+#: open (see :meth:`RunWriter._settle`).
+RUNNING = "running"
+
+#: ``run.json`` extras key of the failures a resume withdrew: a list of ``{"failure": TEXT, "step": S,
+#: "tokens": T, "resumed": TIME}`` (``"after_end": true`` for a ``failure_after_end``), oldest first, ``step``
+#: and ``tokens`` where the record ended at the resume (``null`` when it held no line). The analyses do not
+#: read it (a run's status is ``status``); ``spectral-lens inspect`` shows it.
+FAILURE_HISTORY = "failure_history"
+
 #: ``run.json`` extras key of the exception that ended a ``with RunWriter(...)`` block when the record
 #: already said the run ended (see :meth:`RunWriter.__exit__`); the run's status is kept.
 FAILURE_AFTER_END = "failure_after_end"
@@ -688,6 +802,69 @@ def _extras(header: Mapping[str, Any]) -> dict[str, Any]:
     (a hand-written or old file), as :meth:`RunInfo.from_dict` reads it."""
     extras = header.get("extras")
     return extras if isinstance(extras, dict) else {}
+
+
+def _withdraw_marks(extras: Mapping[str, Any], end: tuple[int | None, int | None], now: float
+                    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``extras`` of a run being resumed: a ``failure_after_end``, and a ``status: "failed"`` with its ``failure``,
+    withdrawn (the status set to ``"running"``) and moved to the end of ``failure_history`` at ``end`` (the
+    ``(step, tokens)`` where the record ends); with the entry of the withdrawn ``failure`` (``None`` when the
+    run was not failed). A ``failure_history`` that is not a list (not the writer's) is left as it is."""
+    out, (step, tokens) = dict(extras), end
+    entries = []
+    if FAILURE_AFTER_END in out:
+        entries.append({"failure": out.pop(FAILURE_AFTER_END), "step": step, "tokens": tokens, "resumed": now,
+                        "after_end": True})
+    withdrawn = None
+    if out.get("status") == FAILED:
+        withdrawn = {"failure": out.pop("failure", None), "step": step, "tokens": tokens, "resumed": now}
+        out["status"] = RUNNING
+        entries.append(withdrawn)
+    history = out.get(FAILURE_HISTORY, [])
+    if entries and isinstance(history, list):
+        out[FAILURE_HISTORY] = [*history, *entries]
+    return out, withdrawn
+
+
+def _settled(extras: Mapping[str, Any], withdrawn: Mapping[str, Any], went_on: bool) -> dict[str, Any]:
+    """``extras`` of a resumed failed run (status ``"running"``) when its writer closes (see
+    :meth:`RunWriter._settle`): without ``status`` when the writer ``went_on`` with the training, else with
+    the ``withdrawn`` failure restored and its entry (the last) taken off ``failure_history`` (the key
+    removed when that leaves it empty), as before the resume."""
+    out = dict(extras)
+    if out.get("status") != RUNNING:
+        return out
+    if went_on:
+        del out["status"]
+        return out
+    out["status"] = FAILED
+    if withdrawn["failure"] is not None:
+        out["failure"] = withdrawn["failure"]
+    history = out.get(FAILURE_HISTORY)
+    if isinstance(history, list) and history and history[-1] == withdrawn:
+        if len(history) == 1:
+            del out[FAILURE_HISTORY]
+        else:
+            out[FAILURE_HISTORY] = history[:-1]
+    return out
+
+
+def failure_history_lines(extras: Mapping[str, Any]) -> list[str]:
+    """One line per entry of ``extras["failure_history"]`` (see :data:`FAILURE_HISTORY`), for
+    ``spectral-lens inspect``: ``"failed (RuntimeError: preempted) at step 800, 419430400 tokens; resumed"``.
+    An entry that is not an object is shown as it is."""
+    history = extras.get(FAILURE_HISTORY) if isinstance(extras, Mapping) else None
+    out = []
+    for e in history if isinstance(history, list) else ():
+        if not isinstance(e, Mapping):
+            out.append(repr(e)[:200])
+            continue
+        why = e.get("failure")
+        text = ("failed after the run ended" if e.get("after_end") else "failed") + (f" ({why})" if why else "")
+        if e.get("step") is not None or e.get("tokens") is not None:
+            text += f" at step {e.get('step')}, {e.get('tokens')} tokens"
+        out.append(text + "; resumed")
+    return out
 
 
 def _is_failure(exc: BaseException | None) -> bool:
@@ -779,6 +956,36 @@ def _checked_window(window: Any, what: str) -> tuple[int, int]:
     if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in (lo, hi)) or not 1 <= lo < hi:
         raise ValueError(f"RunWriter: {what} must be a pair of integer ranks (lo, hi) with 1 <= lo < hi, got {window!r}")
     return int(lo), int(hi)
+
+
+def _is_val_loss(line: Mapping[str, Any]) -> bool:
+    """Whether the line's ``val_loss`` is a number (not a bool)."""
+    v = line.get("val_loss")
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+class _Scan:
+    """What :meth:`RunWriter._scan` read of one JSONL file: its identity ``(st_dev, st_ino)``, the offset
+    read to (after the last whole line), the up to 256 bytes before it, and the integer steps of the lines
+    that are JSON objects: all of them (``measurements.jsonl`` only) and those with a numeric
+    ``val_loss``."""
+
+    __slots__ = ("before", "ident", "measurements", "offset", "steps", "val_steps")
+
+    def __init__(self, ident: tuple[int, int] | None = None, *, measurements: bool) -> None:
+        self.ident, self.offset, self.before, self.measurements = ident, 0, b"", measurements
+        self.steps: set[int] = set()
+        self.val_steps: set[int] = set()
+
+    def add(self, obj: Mapping[str, Any] | None) -> None:
+        """Count one whole line (its JSON object, or ``None``)."""
+        step = None if obj is None else _int_step(obj)
+        if step is None:
+            return
+        if self.measurements:
+            self.steps.add(step)
+        if _is_val_loss(obj):
+            self.val_steps.add(step)
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:
