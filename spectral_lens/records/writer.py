@@ -515,7 +515,9 @@ class RunWriter:
         rewriting ``run.json``, and this write would undo that one's).
         """
         if self.closed:
-            raise ValueError(f"RunWriter for {self.path} is closed")
+            raise ValueError(f"RunWriter.update_info: the writer for {self.path} is closed (it no longer holds the run "
+                             "directory's lock); call update_info before close(), inside the with block, or reopen "
+                             "the run with RunWriter(..., resume=True)")
         q = extras.get("throughput", 0.0)
         if isinstance(q, bool) or not (isinstance(q, numbers.Real) or (
                 isinstance(q, torch.Tensor) and q.numel() == 1 and q.dtype != torch.bool and not q.is_complex())):
