@@ -91,7 +91,7 @@ class TierPredictor:
         for family, members in group_by_family(r for r in runs if r.run_id in stat_ids).items():
             out += _differ(family, {r.run_id: r.info.total_tokens for r in members if r.info.total_tokens},
                            "token budgets (RunInfo.total_tokens)",
-                           f"the early checkpoint at {self.fraction:.0%} of the budget is a different token count in "
+                           f"the early checkpoint at {percent(self.fraction)} of the budget is a different token count in "
                            "each, and eps_tok compares runs of different schedules")
         return out
 
@@ -125,7 +125,7 @@ class TierPredictor:
                 raise type(exc)(why) from None
             kind = FractionNotReachedError if errors and len(errors) == len(runs) and all(
                 isinstance(e, FractionNotReachedError) for e in errors) else NoEarlyStatisticError
-            raise kind(f"{type(self).__name__}: no run has a usable {self.statistic} at {self.fraction:.0%}: "
+            raise kind(f"{type(self).__name__}: no run has a usable {self.statistic} at {percent(self.fraction)}: "
                        + "; ".join(excluded.values()))
         for rid, why in excluded.items():  # a divergence or a rate is the same line from every predictor (shown once)
             what = "the rankings and scores" if rid in diverged else f"the {self.statistic} ranking and score"
@@ -251,6 +251,12 @@ class TierPredictor:
             mean_within_rho=float(np.mean(finite)) if finite else math.nan,
             points=points,
         )
+
+
+def percent(fraction: float) -> str:
+    """A progress fraction in words: ``0.2`` -> ``"20%"``, ``0.001`` -> ``"0.1%"`` (``:.0%`` said ``"0%"``)."""
+    p = 100 * fraction
+    return f"{p:.0f}%" if abs(p - round(p)) < 1e-9 else f"{p:.3g}%"
 
 
 def _pairs(x, y) -> int:
