@@ -341,7 +341,9 @@ def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, i
     from .spectra.fit import tail_window
 
     head, tail, source = (10, 40), DEFAULT_WINDOW, "the d12 window; the file is not in a run directory"
-    here = path.absolute()  # "x.npz" run from inside RUN/spectra: its parents are "." without this
+    # "x.npz" run from inside RUN/spectra: its parents are "." without absolute(); normpath: the parent of
+    # RUN/spectra/sub/../x.npz is RUN/spectra, not "sub/.." (whose name is "..")
+    here = Path(os.path.normpath(path.absolute()))
     # RUN/spectra/FILE.npz (where a RunWriter puts it) or RUN/FILE.npz; not RUN/OTHER/FILE.npz, a file
     # kept inside a run that need not be its own
     homes = (here.parent, here.parent.parent) if here.parent.name == SPECTRA_DIR else (here.parent,)

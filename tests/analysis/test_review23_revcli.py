@@ -98,7 +98,9 @@ def test_inspect_file_takes_the_window_of_its_own_run_only(tmp_path):
     assert status == 0 and _tail_line(out).startswith(
         "  tail window: ranks [100, 200] (the d12 window; the file is not in a run directory"), out
     # its own spectra/ directory, and a file directly in the run directory, still take the run's window
-    for f in (npz, shutil.copy(npz, tmp_path / "r" / "top.npz")):
+    dotted = tmp_path / "r" / "spectra" / "sub" / ".." / npz.name  # its parent is named "..", lexically
+    (tmp_path / "r" / "spectra" / "sub").mkdir()
+    for f in (npz, dotted, shutil.copy(npz, tmp_path / "r" / "top.npz")):
         status, out, _ = _run(["inspect", f])
         assert status == 0 and _tail_line(out).startswith("  tail window: ranks [10, 40] (recorded in "), out
 
