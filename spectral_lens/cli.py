@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -75,15 +76,18 @@ def _out_dir(text: str) -> str:
     report replaces report.md and removes figure files such as loss.png: refused; so is an existing file."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"expected an output directory, got {text!r}")
-    if Path(text).exists() and not Path(text).is_dir():  # was the bare "FILE: File exists" of mkdir
+    # os.path, not Path: a name that cannot be stat()ed (too long) is False here, and the report's mkdir
+    # names it; an OSError out of an argparse type function would be a traceback
+    if os.path.exists(text) and not os.path.isdir(text):  # was the bare "FILE: File exists" of mkdir
         raise argparse.ArgumentTypeError(f"expected an output directory, got {text!r}, an existing file")
     return text
 
 
 def _path(text: str) -> str:
     """A RUN_DIR or FILE_OR_RUN_DIR: an empty value (an unset shell variable, ``"$RUNS"``) would be the
-    current directory, read in its place without a word: refused."""
-    if not text.strip():
+    current directory, read in its place without a word: refused, and so is a name of spaces that does
+    not exist (one that exists, however odd, is not the current directory)."""
+    if not text.strip() and not os.path.exists(text):
         raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
     return text
 
@@ -327,22 +331,28 @@ def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, i
     """The ``(tail, head)`` windows ``inspect FILE.npz`` fits, and where the tail one came from, in words.
 
     A spectrum file carries no window: ``--window`` if given, else the run the file belongs to
-    (``RUN/spectra/FILE.npz`` or ``RUN/FILE.npz``) decides as ``predict`` does (its recorded tail window,
-    else the scale rule for its ``n_layer``), else the d12 window ``[100, 200]``. The head window is the
+    (``RUN/spectra/FILE.npz`` or ``RUN/FILE.npz``, not ``RUN/OTHER/FILE.npz``) decides as ``predict`` does
+    (its recorded tail window, else the scale rule for its ``n_layer``), else the d12 window ``[100, 200]``. The head window is the
     run's recorded one, else ``[10, 40]``. A run.json that cannot be read is named, not fatal: the
     file itself is what the user asked about."""
     from .analysis.windows import DEFAULT_WINDOW
     from .records import RunRecord
+    from .records.schema import SPECTRA_DIR
     from .spectra.fit import tail_window
 
     head, tail, source = (10, 40), DEFAULT_WINDOW, "the d12 window; the file is not in a run directory"
-    here = path.absolute()  # "x.npz" run from inside RUN/spectra: its parents are "." without this
-    run_dir = next((d for d in (here.parent, here.parent.parent) if (d / "run.json").is_file()), None)
+    # "x.npz" run from inside RUN/spectra: its parents are "." without absolute(); normpath: the parent of
+    # RUN/spectra/sub/../x.npz is RUN/spectra, not "sub/.." (whose name is "..")
+    here = Path(os.path.normpath(path.absolute()))
+    # RUN/spectra/FILE.npz (where a RunWriter puts it) or RUN/FILE.npz; not RUN/OTHER/FILE.npz, a file
+    # kept inside a run that need not be its own
+    homes = (here.parent, here.parent.parent) if here.parent.name == SPECTRA_DIR else (here.parent,)
+    run_dir = next((d for d in homes if (d / "run.json").is_file()), None)
     if run_dir is not None:
         run_json = run_dir / "run.json"
         try:
             header = RunRecord._read_header(run_dir)
-            windows, n_layer = header.get("summary_windows") or {}, header.get("n_layer")
+            windows = header.get("summary_windows") or {}
             ok = {k: w for k, w in windows.items() if w and 1 <= w[0] < w[1]}  # the reader checks types only
             if ok.get("head"):
                 head = tuple(ok["head"])
@@ -350,10 +360,12 @@ def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, i
                 tail, source = tuple(ok["tail"]), f"recorded in {run_json}"
             elif windows.get("tail"):
                 source = f"the d12 window; {run_json} records tail window {list(windows['tail'])}, not 1-based ranks LO < HI"
-            elif isinstance(n_layer, int) and not isinstance(n_layer, bool) and n_layer >= 1:
-                tail, source = tail_window(n_layer), f"scale rule for n_layer {n_layer} in {run_json}, which records no tail window"
-            else:
-                source = f"the d12 window; {run_json} records no tail window and no usable n_layer"
+            else:  # n_layer through RunInfo's checks, as predict reads it (10**400 is beyond floats: refused)
+                n_layer = RunRecord._read_info(run_dir).n_layer
+                if isinstance(n_layer, int) and not isinstance(n_layer, bool) and n_layer >= 1:
+                    tail, source = tail_window(n_layer), f"scale rule for n_layer {n_layer} in {run_json}, which records no tail window"
+                else:
+                    source = f"the d12 window; {run_json} records no tail window and no usable n_layer"
         except (ValueError, OSError) as exc:
             source = f"the d12 window; {run_json} cannot be read: {_user_error(exc)}"
     if window is not None:
@@ -523,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # parse_args says it as "spectral-lens: error: ...", without the command
-        parser.exit(2, f"{parser.prog} {args.command}: error: unrecognized arguments: {' '.join(extra)}\n")
+        parser.exit(2, f"{parser.prog} {args.command}: error: unrecognized arguments: {' '.join(' '.join(extra).split())}\n")
     _check_window(parser, args)
     from ._warnings import SpectrumFormatError
 
