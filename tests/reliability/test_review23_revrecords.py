@@ -36,11 +36,10 @@ def _history(path):
 
 def _fail(path, tokens, text, *, info=None):
     """A ``with RunWriter`` block (resumed when ``info`` is None) that logs at ``tokens`` and raises."""
-    with pytest.raises(RuntimeError):
-        with RunWriter(path, info, resume=info is None, fsync=False) as w:
-            if tokens is not None:
-                w.log(tokens // 100, tokens, train_loss=1.0)
-            raise RuntimeError(text)
+    with pytest.raises(RuntimeError), RunWriter(path, info, resume=info is None, fsync=False) as w:
+        if tokens is not None:
+            w.log(tokens // 100, tokens, train_loss=1.0)
+        raise RuntimeError(text)
 
 
 @pytest.mark.parametrize("goes_on", [False, True])
