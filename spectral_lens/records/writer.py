@@ -672,7 +672,8 @@ class RunWriter:
         When the record already says the run ended (status ``"complete"`` or ``"diverged"``, or the lines
         recorded before this writer opened reach :data:`COMPLETE_COVERAGE` of ``total_tokens``: a script
         measuring a finished run's checkpoints), the status is kept and the exception is recorded as
-        ``failure_after_end`` instead: the training did not fail. A clean exit records nothing: leaving
+        ``failure_after_end`` instead: the training did not fail. A failed run this writer resumed (its
+        ``"running"``) is not ended by its lines: it is marked failed again, with the new exception. A clean exit records nothing: leaving
         the block (after a ``break``, an early stop) is not completion; ``update_info(status="complete")``
         says that (a resumed failed run is settled as :meth:`close` does). ``SystemExit(0)`` and
         ``GeneratorExit`` are no failure."""
@@ -689,7 +690,9 @@ class RunWriter:
         try:
             header = RunRecord._read_header(self.path)
             status = _extras(header).get("status")
-            if status in _ENDED or (status != FAILED and self._ended_before(header)):
+            # a failed run this writer resumed is still failed ("running" is its own mark), not ended by its lines
+            failed = status == FAILED or (status == RUNNING and self._withdrawn is not None)
+            if status in _ENDED or (not failed and self._ended_before(header)):
                 self.update_info(**{FAILURE_AFTER_END: _failure_text(exc)})
             else:
                 self.update_info(status=FAILED, failure=_failure_text(exc))
@@ -811,7 +814,8 @@ def _withdraw_marks(extras: Mapping[str, Any], end: tuple[int | None, int | None
     """``extras`` of a run being resumed: a ``failure_after_end``, and a ``status: "failed"`` with its ``failure``,
     withdrawn (the status set to ``"running"``) and moved to the end of ``failure_history`` at ``end`` (the
     ``(step, tokens)`` where the record ends); with the entry of the withdrawn ``failure`` (``None`` when the
-    run was not failed). A ``failure_history`` that is not a list (not the writer's) is left as it is."""
+    run was not failed). A ``failure_history`` that is ``null`` counts as none; one that is not a list (not the
+    writer's) becomes the list's first entry, so that neither it nor the failure is lost."""
     out, (step, tokens) = dict(extras), end
     entries = []
     if FAILURE_AFTER_END in out:
@@ -822,9 +826,10 @@ def _withdraw_marks(extras: Mapping[str, Any], end: tuple[int | None, int | None
         withdrawn = {"failure": out.pop("failure", None), "step": step, "tokens": tokens, "resumed": now}
         out["status"] = RUNNING
         entries.append(withdrawn)
-    history = out.get(FAILURE_HISTORY, [])
-    if entries and isinstance(history, list):
-        out[FAILURE_HISTORY] = [*history, *entries]
+    history = out.get(FAILURE_HISTORY)
+    if entries:
+        out[FAILURE_HISTORY] = [*(history if isinstance(history, list) else () if history is None else [history]),
+                                *entries]
     return out, withdrawn
 
 
@@ -861,7 +866,7 @@ def failure_history_lines(extras: Mapping[str, Any]) -> list[str]:
         if not isinstance(e, Mapping):
             out.append(repr(e)[:200])
             continue
-        why = e.get("failure")
+        why = " ".join(str(e.get("failure") or "").split())[:200]  # one line, as the failure marks are
         text = ("failed after the run ended" if e.get("after_end") else "failed") + (f" ({why})" if why else "")
         if e.get("step") is not None or e.get("tokens") is not None:
             text += f" at step {e.get('step')}, {e.get('tokens')} tokens"
