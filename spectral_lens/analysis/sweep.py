@@ -14,7 +14,7 @@ from .early import FractionNotReachedError, NoEarlyStatisticError
 from .efficiency import NO_FAMILY, divergence, failure, group_by_family, pick_learning_rates
 from .ranking import TierRanking, rank_tiers
 from .tail import TailPredictor
-from .tier_predictor import TierPredictor
+from .tier_predictor import TierPredictor, percent
 
 __all__ = ["TierDecision", "SweepDecision", "SweepController"]
 
@@ -179,7 +179,7 @@ class SweepController:
             if unjudged and not (reached or waiting or diverged):  # no run can be judged: a setup error
                 where = "" if family == NO_FAMILY else f" of family {family!r}"
                 raise NoEarlyStatisticError(f"{type(self).__name__}: no run{where} has a usable {pred.statistic} at "
-                                            f"{frac:.0%}: " + "; ".join(w for ws in unjudged.values() for w in ws))
+                                            f"{percent(frac)}: " + "; ".join(w for ws in unjudged.values() for w in ws))
             if not self.wait_for_all:  # a tier with some runs past the fraction is decided on those
                 waiting = {t: rows for t, rows in waiting.items() if t not in {e[0] for e in reached}}
             # a tier whose every run diverged is stopped; one with a healthy run is decided on that run
@@ -188,18 +188,18 @@ class SweepController:
                          for t, whys in sorted(diverged.items()) if t not in live)
             # a tier with no usable statistic that will not get one is not judged: it is not stopped on no evidence
             aside += tuple(TierDecision(t, "continue", tier_ids[t], math.nan, math.nan, math.nan,
-                                       f"not judged (no usable {pred.statistic} at {frac:.0%}): " + "; ".join(whys))
+                                       f"not judged (no usable {pred.statistic} at {percent(frac)}): " + "; ".join(whys))
                           for t, whys in sorted(unjudged.items()) if t not in live and t not in diverged)
             if aside and not reached and not waiting:
                 out[family] = SweepDecision(family, frac, True, aside)
                 continue
             wait = {  # the reason of a failed run of the tier, else of its first run
                 t: TierDecision(t, "wait", tier_ids[t], math.nan, math.nan, math.nan, "not yet at "
-                                f"{frac:.0%} progress ({next((w for i, w in rows if i in failed), rows[0][1])})")
+                                f"{percent(frac)} progress ({next((w for i, w in rows if i in failed), rows[0][1])})")
                 for t, rows in sorted(waiting.items())
             }
             if not reached or (wait and self.wait_for_all):
-                note = f"reached {frac:.0%}; waiting for tier(s) {', '.join(_fmt_tier(t) for t in wait)}"
+                note = f"reached {percent(frac)}; waiting for tier(s) {', '.join(_fmt_tier(t) for t in wait)}"
                 held = {t: TierDecision(t, "wait", tier_ids[t], math.nan, math.nan, math.nan, note)
                         for t in _tier_ids(reached) if t not in wait}
                 out[family] = SweepDecision(family, frac, False, tuple(held.values()) + aside + tuple(wait.values()))
