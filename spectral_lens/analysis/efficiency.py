@@ -135,7 +135,8 @@ def ended(run: RunRecord) -> bool:
     never will. ``False`` for a run without a token budget or status: it may still be running (a clean
     ``RunWriter.close`` leaves no mark in the record). ``False`` for a run that failed short of that
     coverage (:func:`failure`): it logs nothing more, but it was cut short, so a target not reached
-    says nothing about it (resumed, ``RunWriter(resume=True)`` marks it ``"running"`` again)."""
+    says nothing about it (resumed, ``RunWriter(resume=True)`` marks it ``"running"`` while open; the past
+    failure is kept in ``failure_history``, which this does not read)."""
     if run.info.extras.get("status") in ENDED_STATUSES:
         return True
     c = coverage(run)
