@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 import weakref
@@ -48,14 +49,17 @@ class LensDriver:
     def __init__(self, lens: SpectralLens, sinks: Iterable[Sink], tokens_per_step: int | None) -> None:
         if not isinstance(lens, SpectralLens):
             raise TypeError(f"expected a spectral_lens.SpectralLens, got {type(lens).__name__}")
-        if tokens_per_step is not None and tokens_per_step < 1:
+        # an integer, as the record's tokens and RunInfo.tokens_per_step are (a fraction was counted
+        # int(step * n) and recorded in run.json as int(n)); NumPy integers are taken as Python ints
+        if tokens_per_step is not None and (isinstance(tokens_per_step, bool) or not isinstance(
+                tokens_per_step, numbers.Integral) or tokens_per_step < 1):
             raise ValueError(f"tokens_per_step must be a positive integer, got {tokens_per_step!r}")
         self.lens = lens
         self.sinks = list(sinks)
         for s in self.sinks:
             if not callable(getattr(s, "log_measurement", None)):
                 raise TypeError(f"sink {type(s).__name__} has no log_measurement(measurement, tail=, head=) method")
-        self.tokens_per_step = tokens_per_step
+        self.tokens_per_step = None if tokens_per_step is None else int(tokens_per_step)
         self._warned_info = False  # the run record's RunInfo.tokens_per_step differs from tokens_per_step: said once
         self._warned_steps = False  # tokens() fell back to step counts and said so once
         self._steps_pending = False  # agreed_tokens() fell back to step counts: rank 0's next agreed work says so
