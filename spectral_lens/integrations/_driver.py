@@ -215,12 +215,14 @@ class LensDriver:
         the reports), unless the record already holds one at this step or the writer was closed. ``log``:
         called on rank 0 with ``{"spectral_lens/val_loss": loss}`` when the loss is kept (also by a lens
         without a writer), so the loggers' curve has the steps the record has, each once (a measurement
-        with a loss logs it with its scalars)."""
+        with a loss logs it with its scalars). Rank 0 decides, with its own loss, and every rank makes the
+        agreement's one collective (none in a single process) whatever its own: a loss only rank 0 has (a
+        Lightning metric logged on rank 0 alone) left rank 0 waiting in it while the others returned."""
         lens = self.lens
-        if val_loss is None or self.last_has_val_loss:
-            return
 
         def on_rank0() -> None:
+            if val_loss is None or self.last_has_val_loss:
+                return
             writer = lens.writer
             # a writer the user closed after train()/fit() (then trainer.evaluate()): nothing to append to
             if writer is not None and getattr(writer, "closed", False):
@@ -231,7 +233,7 @@ class LensDriver:
                 log({"spectral_lens/val_loss": float(val_loss)})
 
         self._agreed_on_rank0(on_rank0, "recording the validation loss")
-        self.last_has_val_loss = True
+        self.last_has_val_loss = self.last_has_val_loss or val_loss is not None
 
     def _agreed_on_rank0(self, work, what: str) -> None:
         """Run ``work()`` on rank 0 of the lens's group; then every rank agrees (one collective) on

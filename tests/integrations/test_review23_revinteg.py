@@ -168,3 +168,54 @@ def test_hf_trainer_evaluating_its_training_set_at_each_epoch_end_records_each_l
     assert [s for s, _ in logged] == [2, 4]
     assert any("train_runtime" in h and "total_flos" not in h for h in trainer.state.log_history)  # the recipe ran
     assert _events(tmp_path / "run", "train_loss") == logged
+
+
+# --------------------------------------------------------------------------------------------------
+# a validation loss that only rank 0 has: every rank still makes the agreement's collective
+
+
+@pytest.fixture
+def as_rank(monkeypatch):
+    """This process as rank ``state["rank"]`` of 2 gloo ranks (the other one succeeds); ``state["calls"]``: the
+    all_reduces made."""
+    import torch.distributed as dist
+
+    state = {"rank": 1, "calls": 0}
+
+    def all_reduce(t, op=None, group=None):
+        state["calls"] += 1
+
+    def broadcast_object_list(objects, src=0, group=None):
+        pass
+
+    for name, value in {"is_available": lambda: True, "is_initialized": lambda: True,
+                        "get_rank": lambda group=None: state["rank"], "get_world_size": lambda group=None: 2,
+                        "get_backend": lambda group=None: "gloo", "all_reduce": all_reduce,
+                        "broadcast_object_list": broadcast_object_list}.items():
+        monkeypatch.setattr(dist, name, value)
+    return state
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("loss", [None, 0.75])
+def test_record_val_loss_agrees_on_every_rank_whatever_its_own_loss(tmp_path, as_rank, rank, loss):
+    """At a measured step, each rank makes the one agreement whether or not it has a loss: Lightning's
+    ``callback_metrics`` lack ``val_loss`` on the ranks that did not log it (``self.log(..., rank_zero_only=True)``
+    called on rank 0 only, as Lightning documents). Before, a rank without one returned at once while rank 0
+    waited in the agreement's all_reduce, which the other rank's next training collective then met."""
+    as_rank["rank"] = rank
+    lens = _lens(tmp_path, writer=rank == 0)
+    driver = LensDriver(lens, [], tokens_per_step=4)
+    driver.last_step = 2  # measured at step 2 without a loss
+    logged = []
+    driver.record_val_loss(2, 8, loss, log=logged.append)
+    assert as_rank["calls"] == 1
+    if rank == 0:
+        lens.writer.close()
+        expected = [] if loss is None else [(2, loss)]
+        assert _events(tmp_path / "run", "val_loss") == expected
+        assert logged == [{"spectral_lens/val_loss": v} for _, v in expected]
+    else:
+        assert logged == []
+    driver.record_val_loss(2, 8, loss, log=logged.append)  # a second evaluation at the step: agreed too
+    assert as_rank["calls"] == 2

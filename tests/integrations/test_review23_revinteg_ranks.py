@@ -4,7 +4,10 @@ scheduled measurement's, the agreement on its sinks and loggers (inside which ra
 ``RunInfo.tokens_per_step``), the agreement on a validation loss kept at a measured step (and logged), and the
 agreement on ``train()``'s final ``train_loss`` of a run that logged none (at ``on_train_end``, after an
 evaluation with ``metric_key_prefix="train"`` that is not taken for it). Under warnings as errors, rank 0's
-warning that the ``RunInfo``'s ``tokens_per_step`` differs from the callback's makes both ranks raise together."""
+warning that the ``RunInfo``'s ``tokens_per_step`` differs from the callback's makes both ranks raise together.
+The Lightning callback at a validation of a measured step whose ``val_loss`` only rank 0 logged
+(``self.log(..., rank_zero_only=True)`` on rank 0 alone): both ranks make the agreement (before: rank 1
+returned, and rank 0's agreement met rank 1's next one, leaving the ranks out of step)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from spectral_lens.records import RunInfo, RunRecord, RunWriter
 
 
 def _imports(rank):
+    import lightning.pytorch  # noqa: F401
     import transformers  # noqa: F401
 
 
@@ -74,13 +78,56 @@ def _hf_differing_warning_as_error(rank):
         return _hf_hooks(rank, RunInfo("r", batch_tier=1, tokens_per_step=32))
 
 
-CASES = {"imports": _imports, "hf_ok": _hf_ok, "hf_differing": _hf_differing_warning_as_error}
+class _FakeTrainer:
+    """What the Lightning callback's hooks read of a ``Trainer`` in ``fit``."""
+
+    def __init__(self) -> None:
+        self.global_step, self.log_every_n_steps, self.loggers, self.callback_metrics = 0, 50, [], {}
+        self.sanity_checking = False
+        self.state = type("State", (), {"fn": "fit"})()
+
+
+def _lightning_val_loss_on_rank0_only(rank):
+    """Measured at step 2 (the schedule), then validated there, ``val_loss`` among rank 0's metrics only; the
+    train end's ``train_loss`` event. Rank 0 returns its record's events."""
+    from spectral_lens.integrations import SpectralLensLightningCallback
+
+    torch.manual_seed(0)
+    model = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
+    path = Path(tempfile.mkdtemp()) / "run" if rank == 0 else None
+    writer = None if path is None else RunWriter(path, RunInfo("r", batch_tier=1), fsync=False, tail_window=(4, 12))
+    lens = sl.SpectralLens(model, lm_pool(1, batch=4, t=12, vocab=37), writer=writer, params=(), progress=False,
+                           forward_fn=lambda m, b: m(b[0]), schedule=sl.Schedule(frozenset({2})))
+    cb = SpectralLensLightningCallback(lens, on_validation=True, tokens_per_step=48)
+    trainer = _FakeTrainer()
+    try:
+        cb.on_train_start(trainer, model)
+        for i in range(2):
+            cb.on_train_batch_start(trainer, model, None, i)
+            trainer.global_step = i + 1
+            cb.on_train_batch_end(trainer, model, torch.tensor(2.0 + i), None, i)
+        trainer.callback_metrics = {"val_loss": torch.tensor(1.25)} if rank == 0 else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SpectralLensWarning)  # rank 1: val_loss is not among its metrics
+            cb.on_validation_end(trainer, model)
+        cb.on_train_end(trainer, model)
+    finally:
+        if writer is not None:
+            writer.close()
+    if path is None:
+        return None
+    return [[e["step"], e.get("val_loss"), e.get("train_loss")] for e in RunRecord.open(path).events]
+
+
+CASES = {"imports": _imports, "hf_ok": _hf_ok, "hf_differing": _hf_differing_warning_as_error,
+         "lightning_val_loss_on_rank0_only": _lightning_val_loss_on_rank0_only}
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_stay_in_step_through_the_review23_callback_writes(tmp_path):
     pytest.importorskip("transformers", reason="the hf extra is not installed")
+    pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
     from support.ranks import checked_case, run_gloo_cases
 
     results = run_gloo_cases(tmp_path, CASES, 2, pg_timeout_s=30, join_s=400, preload="spectral_lens.integrations")
@@ -96,3 +143,6 @@ def test_two_ranks_stay_in_step_through_the_review23_callback_writes(tmp_path):
     assert r0.startswith("SpectralLensWarning: spectral-lens callback: the run record") and "tokens_per_step=32" in r0
     assert r1.startswith("RuntimeError: SpectralLens: a sink's log_measurement or the trainer's loggers failed on "
                          "global rank(s) [0]"), r1
+    r0, r1 = checked_case(results, "lightning_val_loss_on_rank0_only", 25.0)
+    assert [r0["error"], r1["error"]] == [None, None], (r0, r1)
+    assert r0["value"] == [[2, 1.25, None], [2, None, 2.5]] and r1["value"] is None
