@@ -15,6 +15,7 @@ validation loss logged, the HF final ``train_loss`` of a run that logged none):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -219,3 +220,33 @@ def test_record_val_loss_agrees_on_every_rank_whatever_its_own_loss(tmp_path, as
         assert logged == []
     driver.record_val_loss(2, 8, loss, log=logged.append)  # a second evaluation at the step: agreed too
     assert as_rank["calls"] == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# the run.json rewrite keeps the writer's own marks, and they keep it
+
+
+def test_tokens_per_step_fill_and_the_writers_failure_marks_keep_each_other(tmp_path):
+    """A run that failed, resumed (the writer marks it ``"running"``), the callback fills ``tokens_per_step``, the
+    block fails again: ``run.json`` has both the new failure and ``tokens_per_step``, and the extras the user
+    gave; the same after a clean resume and close (the writer settles its own ``"running"`` mark)."""
+    path = tmp_path / "run"
+    with pytest.raises(RuntimeError), RunWriter(path, RunInfo("r", batch_tier=1, extras={"lr": 0.1}), fsync=False):
+        raise RuntimeError("first")
+    for attempt in ("second", None):
+        with pytest.raises(RuntimeError) if attempt else contextlib.nullcontext(), RunWriter(path, resume=True, fsync=False) as w:
+            lens = sl.SpectralLens(torch.nn.Sequential(torch.nn.Linear(4, 4)), [torch.randn(3, 4)], writer=w,
+                                   params=(), layers=["0"], progress=False)
+            LensDriver(lens, [], tokens_per_step=48).record_train_loss(2, 1.5)
+            assert json.loads((path / "run.json").read_text())["tokens_per_step"] == 48
+            if attempt:
+                raise RuntimeError(attempt)
+        header = json.loads((path / "run.json").read_text())
+        assert header["tokens_per_step"] == 48 and header["extras"]["lr"] == 0.1, header
+        assert header["run_id"] == "r" and header["summary_windows"]["tail"], header
+        if attempt:
+            assert header["extras"]["status"] == "failed" and "second" in header["extras"]["failure"], header
+        else:
+            assert header["extras"].get("status") != "running", header
+    assert RunRecord.open(path).info.tokens_per_step == 48
+
