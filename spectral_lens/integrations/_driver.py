@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 import weakref
@@ -48,14 +49,17 @@ class LensDriver:
     def __init__(self, lens: SpectralLens, sinks: Iterable[Sink], tokens_per_step: int | None) -> None:
         if not isinstance(lens, SpectralLens):
             raise TypeError(f"expected a spectral_lens.SpectralLens, got {type(lens).__name__}")
-        if tokens_per_step is not None and tokens_per_step < 1:
+        # an integer, as the record's tokens and RunInfo.tokens_per_step are (a fraction was counted
+        # int(step * n) and recorded in run.json as int(n)); NumPy integers are taken as Python ints
+        if tokens_per_step is not None and (isinstance(tokens_per_step, bool) or not isinstance(
+                tokens_per_step, numbers.Integral) or tokens_per_step < 1):
             raise ValueError(f"tokens_per_step must be a positive integer, got {tokens_per_step!r}")
         self.lens = lens
         self.sinks = list(sinks)
         for s in self.sinks:
             if not callable(getattr(s, "log_measurement", None)):
                 raise TypeError(f"sink {type(s).__name__} has no log_measurement(measurement, tail=, head=) method")
-        self.tokens_per_step = tokens_per_step
+        self.tokens_per_step = None if tokens_per_step is None else int(tokens_per_step)
         self._warned_info = False  # the run record's RunInfo.tokens_per_step differs from tokens_per_step: said once
         self._warned_steps = False  # tokens() fell back to step counts and said so once
         self._steps_pending = False  # agreed_tokens() fell back to step counts: rank 0's next agreed work says so
@@ -211,12 +215,14 @@ class LensDriver:
         the reports), unless the record already holds one at this step or the writer was closed. ``log``:
         called on rank 0 with ``{"spectral_lens/val_loss": loss}`` when the loss is kept (also by a lens
         without a writer), so the loggers' curve has the steps the record has, each once (a measurement
-        with a loss logs it with its scalars)."""
+        with a loss logs it with its scalars). Rank 0 decides, with its own loss, and every rank makes the
+        agreement's one collective (none in a single process) whatever its own: a loss only rank 0 has (a
+        Lightning metric logged on rank 0 alone) left rank 0 waiting in it while the others returned."""
         lens = self.lens
-        if val_loss is None or self.last_has_val_loss:
-            return
 
         def on_rank0() -> None:
+            if val_loss is None or self.last_has_val_loss:
+                return
             writer = lens.writer
             # a writer the user closed after train()/fit() (then trainer.evaluate()): nothing to append to
             if writer is not None and getattr(writer, "closed", False):
@@ -227,7 +233,7 @@ class LensDriver:
                 log({"spectral_lens/val_loss": float(val_loss)})
 
         self._agreed_on_rank0(on_rank0, "recording the validation loss")
-        self.last_has_val_loss = True
+        self.last_has_val_loss = self.last_has_val_loss or val_loss is not None
 
     def _agreed_on_rank0(self, work, what: str) -> None:
         """Run ``work()`` on rank 0 of the lens's group; then every rank agrees (one collective) on

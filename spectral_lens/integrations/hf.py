@@ -88,8 +88,10 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         self.eval_loss_key = str(eval_loss_key)
         self._warned_step: int | None = None  # the step of the last missing-key warning
         self._trainer = None  # attach()'s trainer: held until its train() begins, then weakly
-        # whether this train() call started at step 0 and logged no training loss yet (see on_log)
+        # whether this train() call started at step 0 and logged no training loss yet, and the (step, train_loss,
+        # tokens seen) of its last log that looked like train()'s final metrics (see on_log)
         self._no_loss_yet = False
+        self._final_loss: tuple | None = None
 
     @property
     def trainer(self):
@@ -154,7 +156,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         if self._trainer is not None and not isinstance(self._trainer, weakref.ref):
             self._trainer = weakref.ref(self._trainer)  # its train() holds it from now on
         self.driver.bind(model, "SpectralLensCallback")
-        self._no_loss_yet = state.global_step == 0
+        self._no_loss_yet, self._final_loss = state.global_step == 0, None
         if state.global_step > 0:  # train(resume_from_checkpoint=...): the steps after it are replayed
             self.driver.resumed(state.global_step)
         else:
@@ -162,8 +164,15 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         self.driver.training_starts(state.global_step, state.num_input_tokens_seen)
 
     def on_train_end(self, args, state, control, **kwargs):
-        """Detach the lens if this callback attached it."""
-        self.driver.release()
+        """Record the final ``train_loss`` of a run that logged no loss (see :meth:`on_log`); detach the lens if
+        this callback attached it."""
+        try:
+            final, self._final_loss = self._final_loss, None
+            if final is not None and self._no_loss_yet:  # the trainer calls this on every rank, as on_log
+                self._no_loss_yet = False
+                self.driver.record_train_loss(*final)
+        finally:
+            self.driver.release()
 
     def on_step_end(self, args, state, control, **kwargs):
         """Measure when the lens's schedule names this optimizer step."""
@@ -179,15 +188,18 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         is no training time. A run that logged no loss (shorter than ``logging_steps``) records the
         ``train_loss`` of ``train()``'s final metrics instead, the trainer's mean over all its steps,
         at the last step: the same mean a log there would give (rank 0's own, not gathered). Only for a
-        run from step 0: transformers 4 divides a resumed run's sum by all its steps. The trainer logs on
-        every rank at the same steps, so the ranks agree there on rank 0's write
+        run from step 0: transformers 4 divides a resumed run's sum by all its steps. Recorded at
+        :meth:`on_train_end`, which follows only the final metrics: an evaluation with
+        ``metric_key_prefix="train"`` (a training set's loss) logs ``train_loss`` and ``train_runtime`` too.
+        The trainer logs on every rank at the same steps, so the ranks agree there on rank 0's write
         (:meth:`LensDriver.record_train_loss`)."""
         logs = logs or {}
         loss = logs.get("loss")
-        if loss is None and self._no_loss_yet and "train_runtime" in logs:  # train()'s final metrics
-            loss = logs.get("train_loss")
+        if (loss is None and self._no_loss_yet and state.global_step > 0 and "train_runtime" in logs
+                and logs.get("train_loss") is not None):
+            self._final_loss = (int(state.global_step), logs["train_loss"], state.num_input_tokens_seen)
         if loss is not None and state.global_step > 0:
-            self._no_loss_yet = False
+            self._no_loss_yet, self._final_loss = False, None
             self.driver.record_train_loss(int(state.global_step), loss, state.num_input_tokens_seen)
         self.driver.clock_run()
 
