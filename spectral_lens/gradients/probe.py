@@ -33,7 +33,7 @@ from ._isolation import (cuda_devices, forked_rng, module_list, parameter_list, 
 from ._validate import finite_rows, nonfinite_loss_message
 from ..spectrum import Spectrum
 from ..spectra.eigen import all_finite
-from ._engine_choice import choose_engine
+from ._engine_choice import choose_engine, general_engine, refuse_fast
 from ._batch import _autograd_usable, batch_as_run, batch_size, default_forward, map_tensors, slice_batch
 from . import cast_cache
 from .engines import LossScale, fast_engine, loop_engine
@@ -707,8 +707,9 @@ class PerSampleGradientProbe:
             rows.update(got)
             for k, why in not_called.items():
                 if self.engine == "fast":
-                    raise ValueError(f"engine='fast' impossible for {k}: {why}; use engine='auto' or 'vmap'")
-                self.engines_[k] = "loop" if self._offloading else "vmap"  # vmap cannot trace Accelerate's hooks
+                    refuse_fast(self.model, k, why, self._untraceable, self._offloading)
+                # the loop where vmap cannot trace the model (Accelerate's hooks, a PEFT LoHa layer), as "auto" chooses
+                self.engines_[k] = general_engine(self._untraceable, self._offloading)
             if not_called:  # the vmap engine cannot measure a ZeRO-3 or offloaded parameter: refused before its pass
                 refuse_zero3_params(self.params, self.engines_)
                 refuse_offloaded(self.model, self.engines_)
