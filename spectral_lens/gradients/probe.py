@@ -30,7 +30,7 @@ from ..capture import eager_forwards, measurement_autocast, measurement_pass, un
 from .._warnings import ZeroGradientWarning
 from ._isolation import (cuda_devices, forked_rng, module_list, parameter_list, preserved_buffers, restore_training,
                          rng_state, set_rng_state, set_training, silenced_module_backward_hooks)
-from ._validate import finite_rows, nonfinite_loss_message
+from ._validate import finite_rows, half_hint, nonfinite_loss_message
 from ..spectrum import Spectrum
 from ..spectra.eigen import all_finite
 from ._engine_choice import choose_engine, general_engine, refuse_fast
@@ -78,25 +78,6 @@ class _Chunk:
     @property
     def resident(self) -> bool:
         return self.batch is None
-
-
-def _half_hint(model: nn.Module, param: torch.Tensor, autocast_dtype: torch.dtype | None) -> str:
-    """What a non-finite gradient means where the backward ran (partly) in float16, loss-scaled at every
-    scale tried: float16 weights anywhere in the model (also under autocast to bfloat16, which casts only
-    the operations on its list) or autocast to float16."""
-    half_weights = any(p.dtype == torch.float16 for p in model.parameters())
-    if not half_weights and autocast_dtype != torch.float16:
-        return ""
-    if autocast_dtype == torch.float16:
-        where = "autocast_dtype=float16: the backward runs in float16"
-    elif autocast_dtype is not None:
-        where = (f"float16 weights under autocast_dtype={str(autocast_dtype).replace('torch.', '')}: the operations autocast does not "
-                 "cast (embedding lookups, elementwise operations and others) and their backward run in float16")
-    else:
-        where = "float16 weights: the backward runs in float16"
-    return (f" (parameter of dtype {str(param.dtype).replace('torch.', '')}; {where}, loss-scaled by powers of two down to 2^-40, and "
-            "still overflowed (largest float16 65504) or met a non-finite value; measure a copy of the model with "
-            "float32 or bfloat16 weights (autocast does not change the weights' dtype), whose range is float32's)")
 
 
 class PerSampleGradientProbe:
@@ -857,7 +838,7 @@ class PerSampleGradientProbe:
             bad = (~ok).nonzero().flatten() + start
             if bad.numel():
                 raise NonFiniteError(f"{name}: non-finite per-sample gradient for sample(s) {bad.tolist()[:20]}"
-                                     f"{_half_hint(self.model, self.params[name], self.autocast_dtype)}")
+                                     f"{half_hint(self.model, self.params[name], self.autocast_dtype)}")
 
     def _complete(self) -> None:
         """Fill the Gram entries still missing: resident rows by float64 blocks (column slabs on the CPU
