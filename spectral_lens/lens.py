@@ -719,7 +719,7 @@ class SpectralLens:
         self._require_model()
         if self.probe is None:
             return {}, {}
-        rank, world = ranks(self.group)
+        rank = ranks(self.group)[0]
         result: list = [None]
         error = None
         everywhere = self._everywhere()
