@@ -35,7 +35,7 @@ from ._sync import deferred_interrupt
 from ._tensor_parallel import check_replicated, one_replica
 from . import _pipeline
 from .activation_capture import ActivationCapture, attach
-from .attachment import Attachment
+from .attachment import Attachment, attach_once
 from ._warnings import NonFiniteError, SpectralLensWarning
 from .capture import (Target, check_pick, eager_forwards, measurement_autocast, measurement_pass, select_modules,
                       record_names, unwrap_compiled)
@@ -408,18 +408,14 @@ class SpectralLens:
         while measuring. A lens that is already attached (built with a model, or attached before)
         raises ``ValueError``: remove the first handle (or ``detach()``) first.
         """
-        model = unwrap_compiled(model)
-        if self.model is not None and self.model is not model:
-            raise ValueError(
-                f"SpectralLens is attached to another {type(self.model).__name__}; call remove() on its handle first"
-            )
-        if self.model is not None:
-            raise ValueError(
-                f"SpectralLens is already attached to this {type(model).__name__} (built with it, or attached "
-                "before); keep using it, or call remove() on the first handle (or detach()) before attaching again"
-            )
-        self._bind(model)
-        return Attachment(self, model)
+        return attach_once(
+            self, model,
+            elsewhere=lambda other: (f"SpectralLens is attached to another {type(other).__name__}; call remove() on "
+                                     "its handle first"),
+            again=lambda same: (f"SpectralLens is already attached to this {type(same).__name__} (built with it, or "
+                                "attached before); keep using it, or call remove() on the first handle (or detach()) "
+                                "before attaching again"),
+        )
 
     def detach(self) -> None:
         """Unbind the lens from the model (idempotent); the history is kept. The gradient probe is

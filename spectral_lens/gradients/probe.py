@@ -24,7 +24,7 @@ from .._peft import adapter_names, is_peft, saved_copies, saved_wrappers, vmap_u
 from .._pipeline import refuse_probe as refuse_pipeline_stage
 from .._tensor_parallel import refuse_tensor_parallel_params
 from .._warnings import NonFiniteError
-from ..attachment import Attachment
+from ..attachment import Attachment, attach_once
 from .._args import AUTOCAST_WHY, NARROW_FLOATS, check_callable, check_count, check_dtype
 from ..capture import eager_forwards, measurement_autocast, measurement_pass, unwrap_compiled
 from .._warnings import ZeroGradientWarning
@@ -295,20 +295,15 @@ class PerSampleGradientProbe:
         changes nothing in the model. A probe that is already attached (to this model or another)
         must be removed first: attaching again raises ``ValueError``.
         """
-        model = unwrap_compiled(model)
-        if self.model is not None and self.model is not model:
-            raise ValueError(
-                f"PerSampleGradientProbe is attached to another {type(self.model).__name__}; "
-                "call remove() on its handle (or detach()) first"
-            )
-        if self.model is not None:
-            raise ValueError(
-                f"PerSampleGradientProbe is already attached to this {type(model).__name__} (params "
-                f"{list(self.params)}, {self.n_samples_} samples); attaching again would discard its samples. "
-                "Keep using it, or call remove() on the first handle (or detach()) before attaching it again"
-            )
-        self._bind(model)
-        return Attachment(self, model)
+        return attach_once(
+            self, model,
+            elsewhere=lambda other: (f"PerSampleGradientProbe is attached to another {type(other).__name__}; "
+                                     "call remove() on its handle (or detach()) first"),
+            again=lambda same: (f"PerSampleGradientProbe is already attached to this {type(same).__name__} (params "
+                                f"{list(self.params)}, {self.n_samples_} samples); attaching again would discard its "
+                                "samples. Keep using it, or call remove() on the first handle (or detach()) before "
+                                "attaching it again"),
+        )
 
     def detach(self) -> None:
         """Unbind the probe from its model and forget every sample (idempotent)."""
