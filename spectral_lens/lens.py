@@ -38,11 +38,11 @@ from .activation_capture import ActivationCapture, attach
 from .attachment import Attachment, attach_once
 from ._warnings import NonFiniteError, SpectralLensWarning
 from .capture import (Target, check_pick, eager_forwards, measurement_autocast, measurement_pass, select_modules,
-                      record_names, unwrap_compiled)
+                      record_names)
 from .gradients import PerSampleGradientProbe
 from ._deepspeed import zero3_partitioned
 from ._offload import execution_device
-from .gradients._measurable import fsdp_sharded, is_encoder_decoder, kept_sharded, refuse_parallel_wrapper
+from .gradients._measurable import bindable, fsdp_sharded, is_encoder_decoder, kept_sharded
 from .gradients._batch import batch_as_run, batch_size, default_forward
 from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
 from .spectra.fit import tail_window, window_that_fits
@@ -310,10 +310,7 @@ class SpectralLens:
 
     # ------------------------------------------------------------------ attachment
     def _bind(self, model: nn.Module) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"SpectralLens needs the model as an nn.Module, got {type(model).__name__}")
-        refuse_parallel_wrapper(model, "SpectralLens")
-        model = unwrap_compiled(model)
+        model = bindable(model, "SpectralLens", needs="SpectralLens needs the model as an nn.Module")
         one_replica(model, self.group)  # tensor parallelism: a group that would split its ranks' batches is refused now
         layers = self.layers_spec
         chosen = layers is None or (isinstance(layers, str) and layers == "all")  # the lens picks the blocks

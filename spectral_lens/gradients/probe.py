@@ -26,7 +26,7 @@ from .._tensor_parallel import refuse_tensor_parallel_params
 from .._warnings import NonFiniteError
 from ..attachment import Attachment, attach_once
 from .._args import AUTOCAST_WHY, NARROW_FLOATS, check_callable, check_count, check_dtype
-from ..capture import eager_forwards, measurement_autocast, measurement_pass, unwrap_compiled
+from ..capture import eager_forwards, measurement_autocast, measurement_pass
 from .._warnings import ZeroGradientWarning
 from ._isolation import (cuda_devices, forked_rng, module_list, parameter_list, preserved_buffers, restore_training,
                          rng_state, set_rng_state, set_training, silenced_module_backward_hooks)
@@ -55,7 +55,7 @@ from .noise_scale import NoiseScale, noise_scale_from_gram
 from .._deepspeed import is_zero3, refuse_zero3_params, whole_shape, zero3_partitioned
 from .._offload import offload_device, offloaded_names, offloading_modules, refuse_offloaded
 from ._measurable import (ATTENTION_OUTPUT_PATTERNS, _refuse_recording_opacus_hooks, _refuse_scripted, _resolve_params,
-                          default_gradient_param, refuse_fsdp, refuse_parallel_wrapper, refuse_unfit_defaults)
+                          bindable, default_gradient_param, refuse_fsdp, refuse_unfit_defaults)
 
 __all__ = ["PerSampleGradientProbe", "ATTENTION_OUTPUT_PATTERNS", "default_gradient_param"]
 
@@ -264,10 +264,7 @@ class PerSampleGradientProbe:
 
     # ----------------------------------------------------------------------------- attachment
     def _bind(self, model: nn.Module) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"PerSampleGradientProbe.attach needs an nn.Module, got {type(model).__name__}")
-        refuse_parallel_wrapper(model, "PerSampleGradientProbe")
-        model = unwrap_compiled(model)
+        model = bindable(model, "PerSampleGradientProbe", needs="PerSampleGradientProbe.attach needs an nn.Module")
         _refuse_scripted(model)
         refuse_pipeline_stage(model, "PerSampleGradientProbe")  # the per-sample loss needs the whole pipeline
         refuse_unfit_defaults(model, forward=self._custom_forward is None, loss=self._custom_loss is None)
