@@ -338,17 +338,20 @@ class SpectralLens:
             except ValueError as e:
                 raise ValueError(f"SpectralLens layers={layers!r}: {e}") from None
         probe, owns = self.probe, False
-        no_grad = isinstance(self.params_spec, (list, tuple)) and len(self.params_spec) == 0
         if probe is not None:
             if probe.model is None:
                 probe.attach(model)
                 owns = True  # the lens bound it, so the lens unbinds it (detach)
             elif probe.model is not model:
                 raise ValueError("SpectralLens: probe= was built for another model")
-        elif not no_grad:
+        elif not self._activations_only():
             probe, owns = PerSampleGradientProbe(model, self.params_spec), True
         self.model, self.layers, self.probe, self._owns_probe = model, layers, probe, owns
         self._pick = block_hidden_states if chosen and self.pick is None else self.pick
+
+    def _activations_only(self) -> bool:
+        """Whether ``params=()`` (or ``[]``) asks for no gradient protocol."""
+        return isinstance(self.params_spec, (list, tuple)) and len(self.params_spec) == 0
 
     def _pipeline_stage(self, model: nn.Module):
         """The pipeline stage (``torch.distributed.pipelining``) that holds ``model``, checked against the lens's
@@ -368,8 +371,7 @@ class SpectralLens:
                 "needs the whole pipeline). Or attach a capture to the stage's layers around your own "
                 "schedule steps: sl.attach(stage_module, layers) (the multi-GPU guide's pipeline section)"
             )
-        no_grad = isinstance(self.params_spec, (list, tuple)) and len(self.params_spec) == 0
-        if self.probe is not None or not no_grad:
+        if self.probe is not None or not self._activations_only():
             _pipeline.refuse_probe(model, "SpectralLens")
         return stage
 

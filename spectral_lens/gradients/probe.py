@@ -276,11 +276,9 @@ class PerSampleGradientProbe:
         self._untraceable = vmap_untraceable(model)
         self._offloading = offloading_modules(model)
         self.sites = {n: self._site(n) for n in params}
-        self.engines_ = {n: self._choose_engine(n) for n in params}
-        refuse_fsdp(model, self.engines_)
-        refuse_tensor_parallel_params(model, params)
+        self._choose_engines()
         refuse_offloaded(model, self.engines_)  # Accelerate's meta placeholders: the fast engine only
-        self.head_loss_, self._head_fns = self._initial_head_loss(), None
+        self._forget_head_loss()
         self.reset()
 
     def attach(self, model: nn.Module) -> Attachment:
@@ -307,7 +305,7 @@ class PerSampleGradientProbe:
         self.model, self.params, self.sites, self.engines_ = None, {}, {}, {}
         self._wrappers, self._copies, self._untraceable, self._adapters = {}, {}, {}, None
         self._offloading = []
-        self.head_loss_, self._head_fns = self._initial_head_loss(), None
+        self._forget_head_loss()
         self.reset()
 
     def _require_model(self, what: str) -> None:
@@ -412,18 +410,26 @@ class PerSampleGradientProbe:
             self.params = params
             self.sites = {n: self._site(n) for n in params}
         if renamed or rescan:
-            self.engines_ = {n: self._choose_engine(n) for n in self.params}
-            refuse_fsdp(self.model, self.engines_)
-            refuse_tensor_parallel_params(self.model, self.params)
+            self._choose_engines()
         if renamed:
             self.reset()
         self._copies = copies
-        self.head_loss_, self._head_fns = self._initial_head_loss(), None
+        self._forget_head_loss()
+
+    def _choose_engines(self) -> None:
+        """Every probed parameter's engine, then the refusals that depend on them (FSDP, tensor parallelism)."""
+        self.engines_ = {n: self._choose_engine(n) for n in self.params}
+        refuse_fsdp(self.model, self.engines_)
+        refuse_tensor_parallel_params(self.model, self.params)
 
     def _choose_engine(self, name: str) -> str:
         """The engine of parameter ``name`` (:func:`~._engine_choice.choose_engine`)."""
         return choose_engine(self.engine, self.model, name, self.sites[name], self.params[name],
                              train_mode=self.train_mode, untraceable=self._untraceable, offloading=self._offloading)
+
+    def _forget_head_loss(self) -> None:
+        """Drop the head-loss decision (the model, its layers or the adapter changed): made again as at binding."""
+        self.head_loss_, self._head_fns = self._initial_head_loss(), None
 
     def _initial_head_loss(self) -> str | None:
         """The head-loss decision known without the model's output; ``None``: decided at the first update."""
@@ -572,7 +578,7 @@ class PerSampleGradientProbe:
         # partitioned after binding (ZeRO-3 partitions every parameter, so the probed ones tell: no walk over the
         # model's modules on every update, ~0.2 ms on a GPT-2-sized model)
         if (self.head_loss_ or "chunked").startswith("chunked") and any(is_zero3(p) for p in self.params.values()):
-            self.head_loss_, self._head_fns = self._initial_head_loss(), None
+            self._forget_head_loss()
         if any(p.is_inference() for p in self.params.values()):
             bad = [n for n, p in self.params.items() if p.is_inference()]
             raise RuntimeError(
