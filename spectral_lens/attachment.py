@@ -74,9 +74,15 @@ def attach_once(owner: Any, model: nn.Module, *, elsewhere: Callable[[nn.Module]
     """``owner.attach(model)`` for an owner with ``model`` and ``_bind``: bind it to ``model`` (a ``torch.compile``
     wrapper unwrapped, as ``_bind`` does) and return its new handle. An owner bound already raises ``ValueError``
     with the owner's own message, ``elsewhere(current_model)`` when bound to another model, ``again(model)`` to
-    this one: attaching again would drop what the owner holds for it."""
+    this one: attaching again would drop what the owner holds for it. A refused bind leaves the owner unbound
+    (``owner.detach()``): ``_bind`` may have set part of its state, and a half-bound owner without a handle
+    refused every later attach as "attached to another" model."""
     model = unwrap_compiled(model)
     if owner.model is not None:
         raise ValueError(elsewhere(owner.model) if owner.model is not model else again(model))
-    owner._bind(model)
+    try:
+        owner._bind(model)
+    except BaseException:
+        owner.detach()
+        raise
     return Attachment(owner, model)

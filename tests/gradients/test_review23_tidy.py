@@ -97,3 +97,34 @@ def test_fast_path_found_unusable_in_a_loha_model_takes_the_loop():
     assert list(probe.engines_.values()) == ["loop"]
     with pytest.raises(ValueError, match=r"engine='fast' impossible for .*o\.weight: .*; use engine='auto' or 'loop'$"):
         sl.PerSampleGradientProbe(model, params="o.weight", engine="fast").update(batch)
+
+
+def test_a_refused_attach_leaves_the_probe_unbound():
+    """A probe whose ``attach`` is refused (``engine='fast'`` on a weight of a module registered twice) stays
+    unbound: it attaches to another model afterwards, and a lens attaching it likewise. Before: the refused
+    model stayed bound (``probe.model`` set, no handle to remove), so the next ``attach`` raised "attached to
+    another Sequential"."""
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+
+    shared = net()
+    shared.add_module("3", shared[0])  # the same Linear under two names: its weight is shared
+    kw = dict(engine="fast", loss_fn=lambda out, batch: out.pow(2).sum(1), forward_fn=lambda m, batch: m(batch))
+    probe = sl.PerSampleGradientProbe(params="0.weight", **kw)
+    with pytest.raises(ValueError, match=r"engine='fast' impossible for 0\.weight: it is shared by"):
+        probe.attach(shared)
+    assert probe.model is None and probe.params == {} and probe.engines_ == {}
+    fine = net()
+    with probe.attach(fine):
+        assert probe.model is fine and probe.engines_ == {"0.weight": "fast"}
+        assert probe.update(torch.randn(4, 3, dtype=torch.float32)).n_samples_ == 4
+    assert probe.model is None
+    lens_probe = sl.PerSampleGradientProbe(params="0.weight", **kw)
+    lens = sl.SpectralLens(pool=[torch.randn(4, 3)], layers="0", probe=lens_probe, forward_fn=lambda m, b: m(b),
+                           progress=False)
+    with pytest.raises(ValueError, match=r"it is shared by"):
+        lens.attach(shared)
+    assert lens.model is None and lens_probe.model is None
+    with lens.attach(fine):
+        assert lens.model is fine and lens_probe.model is fine
