@@ -103,18 +103,19 @@ def _instead(model: nn.Module, name: str, fast_why: str | None, untraceable: dic
     placeholder = bool(offloaded_names(model, [name]))
     fast, general_ok = fast_why is None, general == "vmap" or not placeholder
     if not (fast or general_ok):
-        return (f"no engine can measure {name} in this model: the fast path cannot ({fast_why}) and the vmap and "
+        why = f" ({fast_why})" if style == "long" else ""  # style "or": the refusal has just said why
+        return (f"no engine can measure {name} in this model: the fast path cannot{why} and the vmap and "
                 "loop engines cannot differentiate an offloaded weight (a meta placeholder outside its module's "
                 "forward); probe a parameter that is not offloaded, or a copy of the model loaded without "
                 "offloading (docs/guide-multi-gpu.md, Models dispatched by Accelerate)")
     if style == "or":
         return "use " + " or ".join(["engine='auto'"] + [f"'{e}'" for e in (general,) if general_ok])
-    auto = ("the fast path where one is registered, the per-sample loop elsewhere" if general_ok
-            else f"the fast path: {name} has one")
-    parts = [f"engine='auto' ({auto})"]
+    if not general_ok:  # an offloaded weight: the fast path alone measures it
+        return f"use engine='auto' or 'fast' ({name} has a fast path, exact on an offloaded weight)"
+    parts = ["engine='auto' (the fast path where one is registered, the per-sample loop elsewhere)"]
     if fast:
         parts.append(f"engine='fast' ({name} has a fast path)")
-    if general_ok and general == "loop":
+    if general == "loop":
         parts.append("engine='loop' (the same gradients, one backward per sample)")
     return "use " + ", ".join(parts[:-1]) + (" or " if len(parts) > 1 else "") + parts[-1]
 
