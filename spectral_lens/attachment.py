@@ -4,17 +4,19 @@
 :meth:`SpectralLens.attach <spectral_lens.SpectralLens.attach>` bind their owner to a model (resolve
 names, choose engines); hooks exist only while they measure. The handle unbinds the owner again.
 (Accumulators, which do hook the model, return an :class:`~spectral_lens.ActivationCapture`: the
-same context-manager shape with ``remove()``.)
+same context-manager shape with ``remove()``.) :func:`attach_once` is their shared ``attach``.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
-__all__ = ["Attachment"]
+from .capture import unwrap_compiled
+
+__all__ = ["Attachment", "attach_once"]
 
 
 class Attachment:
@@ -65,3 +67,22 @@ class Attachment:
 
     def __repr__(self) -> str:
         return f"Attachment({type(self.owner).__name__}, active={self.active})"
+
+
+def attach_once(owner: Any, model: nn.Module, *, elsewhere: Callable[[nn.Module], str],
+                again: Callable[[nn.Module], str]) -> Attachment:
+    """``owner.attach(model)`` for an owner with ``model`` and ``_bind``: bind it to ``model`` (a ``torch.compile``
+    wrapper unwrapped, as ``_bind`` does) and return its new handle. An owner bound already raises ``ValueError``
+    with the owner's own message, ``elsewhere(current_model)`` when bound to another model, ``again(model)`` to
+    this one: attaching again would drop what the owner holds for it. A refused bind leaves the owner unbound
+    (``owner.detach()``): ``_bind`` may have set part of its state, and a half-bound owner without a handle
+    refused every later attach as "attached to another" model."""
+    model = unwrap_compiled(model)
+    if owner.model is not None:
+        raise ValueError(elsewhere(owner.model) if owner.model is not model else again(model))
+    try:
+        owner._bind(model)
+    except BaseException:
+        owner.detach()
+        raise
+    return Attachment(owner, model)

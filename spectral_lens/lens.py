@@ -35,14 +35,14 @@ from ._sync import deferred_interrupt
 from ._tensor_parallel import check_replicated, one_replica
 from . import _pipeline
 from .activation_capture import ActivationCapture, attach
-from .attachment import Attachment
+from .attachment import Attachment, attach_once
 from ._warnings import NonFiniteError, SpectralLensWarning
 from .capture import (Target, check_pick, eager_forwards, measurement_autocast, measurement_pass, select_modules,
-                      record_names, unwrap_compiled)
+                      record_names)
 from .gradients import PerSampleGradientProbe
 from ._deepspeed import zero3_partitioned
 from ._offload import execution_device
-from .gradients._measurable import fsdp_sharded, is_encoder_decoder, kept_sharded, refuse_parallel_wrapper
+from .gradients._measurable import bindable, fsdp_sharded, is_encoder_decoder, kept_sharded
 from .gradients._batch import batch_as_run, batch_size, default_forward
 from .gradients._isolation import cuda_devices, forked_rng, preserved_buffers
 from .spectra.fit import tail_window, window_that_fits
@@ -310,10 +310,7 @@ class SpectralLens:
 
     # ------------------------------------------------------------------ attachment
     def _bind(self, model: nn.Module) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"SpectralLens needs the model as an nn.Module, got {type(model).__name__}")
-        refuse_parallel_wrapper(model, "SpectralLens")
-        model = unwrap_compiled(model)
+        model = bindable(model, "SpectralLens", needs="SpectralLens needs the model as an nn.Module")
         one_replica(model, self.group)  # tensor parallelism: a group that would split its ranks' batches is refused now
         layers = self.layers_spec
         chosen = layers is None or (isinstance(layers, str) and layers == "all")  # the lens picks the blocks
@@ -341,17 +338,20 @@ class SpectralLens:
             except ValueError as e:
                 raise ValueError(f"SpectralLens layers={layers!r}: {e}") from None
         probe, owns = self.probe, False
-        no_grad = isinstance(self.params_spec, (list, tuple)) and len(self.params_spec) == 0
         if probe is not None:
             if probe.model is None:
                 probe.attach(model)
                 owns = True  # the lens bound it, so the lens unbinds it (detach)
             elif probe.model is not model:
                 raise ValueError("SpectralLens: probe= was built for another model")
-        elif not no_grad:
+        elif not self._activations_only():
             probe, owns = PerSampleGradientProbe(model, self.params_spec), True
         self.model, self.layers, self.probe, self._owns_probe = model, layers, probe, owns
         self._pick = block_hidden_states if chosen and self.pick is None else self.pick
+
+    def _activations_only(self) -> bool:
+        """Whether ``params=()`` (or ``[]``) asks for no gradient protocol."""
+        return isinstance(self.params_spec, (list, tuple)) and len(self.params_spec) == 0
 
     def _pipeline_stage(self, model: nn.Module):
         """The pipeline stage (``torch.distributed.pipelining``) that holds ``model``, checked against the lens's
@@ -371,8 +371,7 @@ class SpectralLens:
                 "needs the whole pipeline). Or attach a capture to the stage's layers around your own "
                 "schedule steps: sl.attach(stage_module, layers) (the multi-GPU guide's pipeline section)"
             )
-        no_grad = isinstance(self.params_spec, (list, tuple)) and len(self.params_spec) == 0
-        if self.probe is not None or not no_grad:
+        if self.probe is not None or not self._activations_only():
             _pipeline.refuse_probe(model, "SpectralLens")
         return stage
 
@@ -408,18 +407,14 @@ class SpectralLens:
         while measuring. A lens that is already attached (built with a model, or attached before)
         raises ``ValueError``: remove the first handle (or ``detach()``) first.
         """
-        model = unwrap_compiled(model)
-        if self.model is not None and self.model is not model:
-            raise ValueError(
-                f"SpectralLens is attached to another {type(self.model).__name__}; call remove() on its handle first"
-            )
-        if self.model is not None:
-            raise ValueError(
-                f"SpectralLens is already attached to this {type(model).__name__} (built with it, or attached "
-                "before); keep using it, or call remove() on the first handle (or detach()) before attaching again"
-            )
-        self._bind(model)
-        return Attachment(self, model)
+        return attach_once(
+            self, model,
+            elsewhere=lambda other: (f"SpectralLens is attached to another {type(other).__name__}; call remove() on "
+                                     "its handle first"),
+            again=lambda same: (f"SpectralLens is already attached to this {type(same).__name__} (built with it, or "
+                                "attached before); keep using it, or call remove() on the first handle (or detach()) "
+                                "before attaching again"),
+        )
 
     def detach(self) -> None:
         """Unbind the lens from the model (idempotent); the history is kept. The gradient probe is
@@ -719,7 +714,7 @@ class SpectralLens:
         self._require_model()
         if self.probe is None:
             return {}, {}
-        rank, world = ranks(self.group)
+        rank = ranks(self.group)[0]
         result: list = [None]
         error = None
         everywhere = self._everywhere()

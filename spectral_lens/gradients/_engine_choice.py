@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from .._offload import untied_names
+from .._offload import offloaded_names, untied_names
 from .registry import fast_path_for
 
-__all__ = ["batch_statistics", "choose_engine", "shared_names"]
+__all__ = ["batch_statistics", "choose_engine", "fast_refusal", "general_engine", "refuse_fast", "shared_names"]
 
 
 def shared_names(model: nn.Module, param: nn.Parameter) -> list[str]:
@@ -32,6 +32,36 @@ def batch_statistics(model: nn.Module, train_mode: bool) -> list[str]:
             and (train_mode or m.running_mean is None)]
 
 
+def fast_refusal(model: nn.Module, name: str, site: tuple[nn.Module, str], param: nn.Parameter,
+                 train_mode: bool) -> str | None:
+    """Why the fast path cannot give parameter ``name`` its exact rows (``param``, attribute ``site[1]`` of module
+    ``site[0]``), or ``None`` where it can: a shared or offload-tied weight (the fast path sees one use only), no
+    fast path registered, or BatchNorm mixing a chunk's samples."""
+    mod, local = site
+    shared = shared_names(model, param)
+    untied = untied_names(model, name)
+    coupled = batch_statistics(model, train_mode)
+    if len(shared) > 1:
+        return f"it is shared by {shared} (tied weights: the fast path sees one use only)"
+    if untied:
+        return (f"it is tied to {untied}, offloaded by Accelerate as separate placeholders (tied weights: the "
+                "fast path sees one use only)")
+    if fast_path_for(mod, local) is None:
+        return f"no fast path is registered for {type(mod).__name__}.{local}"
+    if coupled:
+        return (f"BatchNorm layer(s) {coupled[:5]} normalize by the statistics of the pass's batch "
+                f"({'train_mode=True' if train_mode else 'track_running_stats=False'}), which mixes the "
+                "samples of a chunk; the fast path differentiates the chunk's summed loss, so its rows would "
+                "depend on chunk_size")
+    return None
+
+
+def general_engine(untraceable: dict[str, str], offloading: list[str]) -> str:
+    """The engine ``"auto"`` takes off the fast path: the per-sample loop where ``torch.func`` cannot trace the
+    model (a PEFT LoHa layer, Accelerate's offloading hooks), ``"vmap"`` elsewhere."""
+    return "loop" if untraceable or offloading else "vmap"
+
+
 def choose_engine(engine: str, model: nn.Module, name: str, site: tuple[nn.Module, str], param: nn.Parameter, *,
                   train_mode: bool, untraceable: dict[str, str], offloading: list[str]) -> str:
     """The engine of parameter ``name`` (``param``, attribute ``site[1]`` of module ``site[0]``) for the probe's
@@ -39,63 +69,71 @@ def choose_engine(engine: str, model: nn.Module, name: str, site: tuple[nn.Modul
     ``untraceable``), ``"auto"`` takes the loop where it would take ``vmap`` (no failed attempt, no warning)
     and ``engine="vmap"`` is refused here, before any pass; likewise in a model with modules offloaded by
     Accelerate (``offloading``), where a weight tied to another one before offloading
-    (:func:`~spectral_lens._offload.untied_names`) is not given the fast path."""
+    (:func:`~spectral_lens._offload.untied_names`) is not given the fast path. A refusal suggests only the
+    engines that would be accepted for ``name`` (:func:`_instead`)."""
     if engine == "loop":
         return "loop"
     if engine == "vmap":
-        if untraceable:
-            _refuse_vmap(model, name, site, param, train_mode, untraceable)
-        if offloading:
-            _refuse_vmap_offloaded(model, offloading)
+        if untraceable or offloading:
+            _refuse_vmap(model, name, fast_refusal(model, name, site, param, train_mode), untraceable, offloading)
         return "vmap"
-    mod, local = site
-    shared = shared_names(model, param)
-    reason = None
-    coupled = batch_statistics(model, train_mode)
-    untied = untied_names(model, name)
-    if len(shared) > 1:
-        reason = f"it is shared by {shared} (tied weights: the fast path sees one use only)"
-    elif untied:
-        reason = (f"it is tied to {untied}, offloaded by Accelerate as separate placeholders (tied weights: the "
-                  "fast path sees one use only)")
-    elif fast_path_for(mod, local) is None:
-        reason = f"no fast path is registered for {type(mod).__name__}.{local}"
-    elif coupled:
-        reason = (f"BatchNorm layer(s) {coupled[:5]} normalize by the statistics of the pass's batch "
-                  f"({'train_mode=True' if train_mode else 'track_running_stats=False'}), which mixes the "
-                  "samples of a chunk; the fast path differentiates the chunk's summed loss, so its rows would "
-                  "depend on chunk_size")
+    reason = fast_refusal(model, name, site, param, train_mode)
     if reason is None:
         return "fast"
     if engine == "fast":
-        other = "'loop'" if untraceable or offloading else "'vmap'"
-        raise ValueError(f"engine='fast' impossible for {name}: {reason}; use engine='auto' or {other}")
-    return "loop" if untraceable or offloading else "vmap"
+        refuse_fast(model, name, reason, untraceable, offloading)
+    return general_engine(untraceable, offloading)
 
 
-def _refuse_vmap_offloaded(model: nn.Module, offloading: list[str]) -> None:
-    """``ValueError`` for ``engine="vmap"`` in a model with modules offloaded by Accelerate."""
-    raise ValueError(
-        f"PerSampleGradientProbe: engine='vmap' impossible for {type(model).__name__}: Accelerate offloads the "
-        f"weights of {offloading[:3]}{' and more' if len(offloading) > 3 else ''} (meta placeholders "
-        "that its hooks replace inside each forward), which torch.func.functional_call cannot trace; use "
-        "engine='auto' (the fast path where one is registered, the per-sample loop on weights that are not "
-        "offloaded) or 'loop' (docs/guide-multi-gpu.md, Models dispatched by Accelerate)"
-    )
+def refuse_fast(model: nn.Module, name: str, why: str, untraceable: dict[str, str], offloading: list[str]) -> None:
+    """``ValueError`` for ``engine="fast"`` on parameter ``name`` whose fast path cannot run (``why``), suggesting
+    only engines that would be accepted."""
+    raise ValueError(f"engine='fast' impossible for {name}: {why}; " + _instead(model, name, why, untraceable, offloading, "or"))
 
 
-def _refuse_vmap(model: nn.Module, name: str, site: tuple[nn.Module, str], param: nn.Parameter, train_mode: bool,
-                 untraceable: dict[str, str]) -> None:
-    """``ValueError`` for ``engine="vmap"`` in a model with a layer whose forward vmap cannot trace."""
-    (layer, what), more = next(iter(untraceable.items())), len(untraceable) - 1
-    mod, local = site
-    fast = (len(shared_names(model, param)) == 1 and fast_path_for(mod, local) is not None
-            and not batch_statistics(model, train_mode))
-    raise ValueError(
-        f"PerSampleGradientProbe: engine='vmap' impossible for {type(model).__name__}: its peft layer {layer!r} "
-        f"({what}{f'; {more} more such layer(s)' if more else ''}) runs a torch.autograd.Function without "
-        "setup_context or vmap rule in its forward (LoHa), which torch.func.vmap cannot trace; use engine='auto' (the "
-        "fast path where one is registered, the per-sample loop elsewhere)"
-        + (f", engine='fast' ({name} has a fast path)" if fast else "")
-        + " or engine='loop' (the same gradients, one backward per sample)"
-    )
+def _instead(model: nn.Module, name: str, fast_why: str | None, untraceable: dict[str, str], offloading: list[str],
+             style: str) -> str:
+    """What to use instead of a refused engine for parameter ``name``, naming only engines that would be accepted
+    for it: ``"fast"`` where the fast path can run (``fast_why`` is ``None``), the per-sample loop unless ``name``
+    is offloaded by Accelerate (its engines refuse a meta placeholder, :func:`~spectral_lens._offload.refuse_offloaded`),
+    ``"vmap"`` where ``torch.func`` can trace the model, ``"auto"`` where one of those is its choice.
+    ``style="or"``: ``use engine='auto' or 'loop'``; ``"long"``: each engine with what it does. Where none
+    would be accepted (an offloaded weight the fast path refuses), says so and what to do."""
+    general = general_engine(untraceable, offloading)
+    placeholder = bool(offloaded_names(model, [name]))
+    fast, general_ok = fast_why is None, general == "vmap" or not placeholder
+    if not (fast or general_ok):
+        why = f" ({fast_why})" if style == "long" else ""  # style "or": the refusal has just said why
+        return (f"no engine can measure {name} in this model: the fast path cannot{why} and the vmap and "
+                "loop engines cannot differentiate an offloaded weight (a meta placeholder outside its module's "
+                "forward); probe a parameter that is not offloaded, or a copy of the model loaded without "
+                "offloading (docs/guide-multi-gpu.md, Models dispatched by Accelerate)")
+    if style == "or":
+        return "use " + " or ".join(["engine='auto'"] + [f"'{e}'" for e in (general,) if general_ok])
+    if not general_ok:  # an offloaded weight: the fast path alone measures it
+        return f"use engine='auto' or 'fast' ({name} has a fast path, exact on an offloaded weight)"
+    parts = ["engine='auto' (the fast path where one is registered, the per-sample loop elsewhere)"]
+    if fast:
+        parts.append(f"engine='fast' ({name} has a fast path)")
+    if general == "loop":
+        parts.append("engine='loop' (the same gradients, one backward per sample)")
+    return "use " + ", ".join(parts[:-1]) + (" or " if len(parts) > 1 else "") + parts[-1]
+
+
+def _refuse_vmap(model: nn.Module, name: str, fast_why: str | None, untraceable: dict[str, str],
+                 offloading: list[str]) -> None:
+    """``ValueError`` for ``engine="vmap"`` in a model with a layer whose forward vmap cannot trace (``untraceable``)
+    or with modules offloaded by Accelerate (``offloading``)."""
+    if untraceable:
+        (layer, what), more = next(iter(untraceable.items())), len(untraceable) - 1
+        why = (f"its peft layer {layer!r} ({what}{f'; {more} more such layer(s)' if more else ''}) runs a "
+               "torch.autograd.Function without setup_context or vmap rule in its forward (LoHa), which "
+               "torch.func.vmap cannot trace")
+    else:
+        why = (f"Accelerate offloads the weights of {offloading[:3]}{' and more' if len(offloading) > 3 else ''} "
+               "(meta placeholders that its hooks replace inside each forward), which torch.func.functional_call "
+               "cannot trace")
+    instead = _instead(model, name, fast_why, untraceable, offloading, "long")
+    if offloading and "docs/guide-multi-gpu.md" not in instead:
+        instead += " (docs/guide-multi-gpu.md, Models dispatched by Accelerate)"
+    raise ValueError(f"PerSampleGradientProbe: engine='vmap' impossible for {type(model).__name__}: {why}; {instead}")

@@ -23,10 +23,10 @@ from torch.nn.utils import parametrize
 
 from .._deepspeed import refuse_deepspeed_engine, refuse_zero3_params
 from .._peft import base_prefix, has_peft_layers, saved_copies, short_name
-from ..capture import glob_to_regex, uncompiled_name
+from ..capture import glob_to_regex, uncompiled_name, unwrap_compiled
 from ._validate import param_names
 
-__all__ = ["ATTENTION_OUTPUT_PATTERNS", "default_gradient_param", "fsdp_sharded", "is_encoder_decoder",
+__all__ = ["ATTENTION_OUTPUT_PATTERNS", "bindable", "default_gradient_param", "fsdp_sharded", "is_encoder_decoder",
            "refuse_fsdp", "refuse_parallel_wrapper", "refuse_unfit_defaults"]
 
 ATTENTION_OUTPUT_PATTERNS = (
@@ -67,6 +67,16 @@ def refuse_parallel_wrapper(model: Any, who: str) -> None:
         f"measuring runs its own forward/backward passes, which through the wrapper would {why}. The inner "
         "module has the same parameters, and training through the wrapper is unaffected"
     )
+
+
+def bindable(model: Any, who: str, needs: str) -> nn.Module:
+    """The module ``who`` (the probe, the lens) binds to when given ``model``: ``TypeError`` ``"<needs>, got <type>"``
+    for anything but an ``nn.Module``, ``ValueError`` for a parallel wrapper (:func:`refuse_parallel_wrapper`),
+    and a ``torch.compile`` wrapper unwrapped (names as in the uncompiled model)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{needs}, got {type(model).__name__}")
+    refuse_parallel_wrapper(model, who)
+    return unwrap_compiled(model)
 
 
 def _fsdp_classes() -> tuple[type, type] | None:

@@ -1,14 +1,15 @@
 """Argument checks and error messages of :class:`~spectral_lens.gradients.PerSampleGradientProbe`
-that name the parameter or loss at fault and what was expected, and the finiteness check of its
-gradient rows (:func:`finite_rows`)."""
+that name the parameter or loss at fault and what was expected (:func:`half_hint`: what a non-finite
+gradient means in a float16 backward), and the finiteness check of its gradient rows (:func:`finite_rows`)."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
-__all__ = ["param_names", "nonfinite_loss_message", "finite_rows"]
+__all__ = ["param_names", "nonfinite_loss_message", "half_hint", "finite_rows"]
 
 
 def param_names(params: Any) -> list[str] | None:
@@ -44,6 +45,25 @@ def nonfinite_loss_message(samples: list[int], params: list[str], loss_fn: Calla
         )
     name = getattr(loss_fn, "__name__", None) or type(loss_fn).__name__
     return head + f"; the custom loss_fn {name} must return finite per-sample losses of shape (M,)"
+
+
+def half_hint(model: nn.Module, param: torch.Tensor, autocast_dtype: torch.dtype | None) -> str:
+    """What a non-finite gradient means where the backward ran (partly) in float16, loss-scaled at every
+    scale tried: float16 weights anywhere in the model (also under autocast to bfloat16, which casts only
+    the operations on its list) or autocast to float16."""
+    half_weights = any(p.dtype == torch.float16 for p in model.parameters())
+    if not half_weights and autocast_dtype != torch.float16:
+        return ""
+    if autocast_dtype == torch.float16:
+        where = "autocast_dtype=float16: the backward runs in float16"
+    elif autocast_dtype is not None:
+        where = (f"float16 weights under autocast_dtype={str(autocast_dtype).replace('torch.', '')}: the operations autocast does not "
+                 "cast (embedding lookups, elementwise operations and others) and their backward run in float16")
+    else:
+        where = "float16 weights: the backward runs in float16"
+    return (f" (parameter of dtype {str(param.dtype).replace('torch.', '')}; {where}, loss-scaled by powers of two down to 2^-40, and "
+            "still overflowed (largest float16 65504) or met a non-finite value; measure a copy of the model with "
+            "float32 or bfloat16 weights (autocast does not change the weights' dtype), whose range is float32's)")
 
 
 def finite_rows(rows: torch.Tensor) -> torch.Tensor:

@@ -24,16 +24,16 @@ from .._peft import adapter_names, is_peft, saved_copies, saved_wrappers, vmap_u
 from .._pipeline import refuse_probe as refuse_pipeline_stage
 from .._tensor_parallel import refuse_tensor_parallel_params
 from .._warnings import NonFiniteError
-from ..attachment import Attachment
+from ..attachment import Attachment, attach_once
 from .._args import AUTOCAST_WHY, NARROW_FLOATS, check_callable, check_count, check_dtype
-from ..capture import eager_forwards, measurement_autocast, measurement_pass, unwrap_compiled
+from ..capture import eager_forwards, measurement_autocast, measurement_pass
 from .._warnings import ZeroGradientWarning
 from ._isolation import (cuda_devices, forked_rng, module_list, parameter_list, preserved_buffers, restore_training,
                          rng_state, set_rng_state, set_training, silenced_module_backward_hooks)
-from ._validate import finite_rows, nonfinite_loss_message
+from ._validate import finite_rows, half_hint, nonfinite_loss_message
 from ..spectrum import Spectrum
 from ..spectra.eigen import all_finite
-from ._engine_choice import choose_engine
+from ._engine_choice import choose_engine, general_engine, refuse_fast
 from ._batch import _autograd_usable, batch_as_run, batch_size, default_forward, map_tensors, slice_batch
 from . import cast_cache
 from .engines import LossScale, fast_engine, loop_engine
@@ -55,7 +55,7 @@ from .noise_scale import NoiseScale, noise_scale_from_gram
 from .._deepspeed import is_zero3, refuse_zero3_params, whole_shape, zero3_partitioned
 from .._offload import offload_device, offloaded_names, offloading_modules, refuse_offloaded
 from ._measurable import (ATTENTION_OUTPUT_PATTERNS, _refuse_recording_opacus_hooks, _refuse_scripted, _resolve_params,
-                          default_gradient_param, refuse_fsdp, refuse_parallel_wrapper, refuse_unfit_defaults)
+                          bindable, default_gradient_param, refuse_fsdp, refuse_unfit_defaults)
 
 __all__ = ["PerSampleGradientProbe", "ATTENTION_OUTPUT_PATTERNS", "default_gradient_param"]
 
@@ -78,25 +78,6 @@ class _Chunk:
     @property
     def resident(self) -> bool:
         return self.batch is None
-
-
-def _half_hint(model: nn.Module, param: torch.Tensor, autocast_dtype: torch.dtype | None) -> str:
-    """What a non-finite gradient means where the backward ran (partly) in float16, loss-scaled at every
-    scale tried: float16 weights anywhere in the model (also under autocast to bfloat16, which casts only
-    the operations on its list) or autocast to float16."""
-    half_weights = any(p.dtype == torch.float16 for p in model.parameters())
-    if not half_weights and autocast_dtype != torch.float16:
-        return ""
-    if autocast_dtype == torch.float16:
-        where = "autocast_dtype=float16: the backward runs in float16"
-    elif autocast_dtype is not None:
-        where = (f"float16 weights under autocast_dtype={str(autocast_dtype).replace('torch.', '')}: the operations autocast does not "
-                 "cast (embedding lookups, elementwise operations and others) and their backward run in float16")
-    else:
-        where = "float16 weights: the backward runs in float16"
-    return (f" (parameter of dtype {str(param.dtype).replace('torch.', '')}; {where}, loss-scaled by powers of two down to 2^-40, and "
-            "still overflowed (largest float16 65504) or met a non-finite value; measure a copy of the model with "
-            "float32 or bfloat16 weights (autocast does not change the weights' dtype), whose range is float32's)")
 
 
 class PerSampleGradientProbe:
@@ -283,10 +264,7 @@ class PerSampleGradientProbe:
 
     # ----------------------------------------------------------------------------- attachment
     def _bind(self, model: nn.Module) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"PerSampleGradientProbe.attach needs an nn.Module, got {type(model).__name__}")
-        refuse_parallel_wrapper(model, "PerSampleGradientProbe")
-        model = unwrap_compiled(model)
+        model = bindable(model, "PerSampleGradientProbe", needs="PerSampleGradientProbe.attach needs an nn.Module")
         _refuse_scripted(model)
         refuse_pipeline_stage(model, "PerSampleGradientProbe")  # the per-sample loss needs the whole pipeline
         refuse_unfit_defaults(model, forward=self._custom_forward is None, loss=self._custom_loss is None)
@@ -298,11 +276,9 @@ class PerSampleGradientProbe:
         self._untraceable = vmap_untraceable(model)
         self._offloading = offloading_modules(model)
         self.sites = {n: self._site(n) for n in params}
-        self.engines_ = {n: self._choose_engine(n) for n in params}
-        refuse_fsdp(model, self.engines_)
-        refuse_tensor_parallel_params(model, params)
+        self._choose_engines()
         refuse_offloaded(model, self.engines_)  # Accelerate's meta placeholders: the fast engine only
-        self.head_loss_, self._head_fns = self._initial_head_loss(), None
+        self._forget_head_loss()
         self.reset()
 
     def attach(self, model: nn.Module) -> Attachment:
@@ -314,27 +290,22 @@ class PerSampleGradientProbe:
         changes nothing in the model. A probe that is already attached (to this model or another)
         must be removed first: attaching again raises ``ValueError``.
         """
-        model = unwrap_compiled(model)
-        if self.model is not None and self.model is not model:
-            raise ValueError(
-                f"PerSampleGradientProbe is attached to another {type(self.model).__name__}; "
-                "call remove() on its handle (or detach()) first"
-            )
-        if self.model is not None:
-            raise ValueError(
-                f"PerSampleGradientProbe is already attached to this {type(model).__name__} (params "
-                f"{list(self.params)}, {self.n_samples_} samples); attaching again would discard its samples. "
-                "Keep using it, or call remove() on the first handle (or detach()) before attaching it again"
-            )
-        self._bind(model)
-        return Attachment(self, model)
+        return attach_once(
+            self, model,
+            elsewhere=lambda other: (f"PerSampleGradientProbe is attached to another {type(other).__name__}; "
+                                     "call remove() on its handle (or detach()) first"),
+            again=lambda same: (f"PerSampleGradientProbe is already attached to this {type(same).__name__} (params "
+                                f"{list(self.params)}, {self.n_samples_} samples); attaching again would discard its "
+                                "samples. Keep using it, or call remove() on the first handle (or detach()) before "
+                                "attaching it again"),
+        )
 
     def detach(self) -> None:
         """Unbind the probe from its model and forget every sample (idempotent)."""
         self.model, self.params, self.sites, self.engines_ = None, {}, {}, {}
         self._wrappers, self._copies, self._untraceable, self._adapters = {}, {}, {}, None
         self._offloading = []
-        self.head_loss_, self._head_fns = self._initial_head_loss(), None
+        self._forget_head_loss()
         self.reset()
 
     def _require_model(self, what: str) -> None:
@@ -439,18 +410,26 @@ class PerSampleGradientProbe:
             self.params = params
             self.sites = {n: self._site(n) for n in params}
         if renamed or rescan:
-            self.engines_ = {n: self._choose_engine(n) for n in self.params}
-            refuse_fsdp(self.model, self.engines_)
-            refuse_tensor_parallel_params(self.model, self.params)
+            self._choose_engines()
         if renamed:
             self.reset()
         self._copies = copies
-        self.head_loss_, self._head_fns = self._initial_head_loss(), None
+        self._forget_head_loss()
+
+    def _choose_engines(self) -> None:
+        """Every probed parameter's engine, then the refusals that depend on them (FSDP, tensor parallelism)."""
+        self.engines_ = {n: self._choose_engine(n) for n in self.params}
+        refuse_fsdp(self.model, self.engines_)
+        refuse_tensor_parallel_params(self.model, self.params)
 
     def _choose_engine(self, name: str) -> str:
         """The engine of parameter ``name`` (:func:`~._engine_choice.choose_engine`)."""
         return choose_engine(self.engine, self.model, name, self.sites[name], self.params[name],
                              train_mode=self.train_mode, untraceable=self._untraceable, offloading=self._offloading)
+
+    def _forget_head_loss(self) -> None:
+        """Drop the head-loss decision (the model, its layers or the adapter changed): made again as at binding."""
+        self.head_loss_, self._head_fns = self._initial_head_loss(), None
 
     def _initial_head_loss(self) -> str | None:
         """The head-loss decision known without the model's output; ``None``: decided at the first update."""
@@ -599,7 +578,7 @@ class PerSampleGradientProbe:
         # partitioned after binding (ZeRO-3 partitions every parameter, so the probed ones tell: no walk over the
         # model's modules on every update, ~0.2 ms on a GPT-2-sized model)
         if (self.head_loss_ or "chunked").startswith("chunked") and any(is_zero3(p) for p in self.params.values()):
-            self.head_loss_, self._head_fns = self._initial_head_loss(), None
+            self._forget_head_loss()
         if any(p.is_inference() for p in self.params.values()):
             bad = [n for n, p in self.params.items() if p.is_inference()]
             raise RuntimeError(
@@ -707,8 +686,9 @@ class PerSampleGradientProbe:
             rows.update(got)
             for k, why in not_called.items():
                 if self.engine == "fast":
-                    raise ValueError(f"engine='fast' impossible for {k}: {why}; use engine='auto' or 'vmap'")
-                self.engines_[k] = "loop" if self._offloading else "vmap"  # vmap cannot trace Accelerate's hooks
+                    refuse_fast(self.model, k, why, self._untraceable, self._offloading)
+                # the loop where vmap cannot trace the model (Accelerate's hooks, a PEFT LoHa layer), as "auto" chooses
+                self.engines_[k] = general_engine(self._untraceable, self._offloading)
             if not_called:  # the vmap engine cannot measure a ZeRO-3 or offloaded parameter: refused before its pass
                 refuse_zero3_params(self.params, self.engines_)
                 refuse_offloaded(self.model, self.engines_)
@@ -856,7 +836,7 @@ class PerSampleGradientProbe:
             bad = (~ok).nonzero().flatten() + start
             if bad.numel():
                 raise NonFiniteError(f"{name}: non-finite per-sample gradient for sample(s) {bad.tolist()[:20]}"
-                                     f"{_half_hint(self.model, self.params[name], self.autocast_dtype)}")
+                                     f"{half_hint(self.model, self.params[name], self.autocast_dtype)}")
 
     def _complete(self) -> None:
         """Fill the Gram entries still missing: resident rows by float64 blocks (column slabs on the CPU
