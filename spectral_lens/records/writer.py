@@ -21,6 +21,20 @@ from ..atomic import TMP_SUFFIX, named_os_error, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
 from ..spectra.fit import tail_window as _tail_window
 from ..spectrum import Spectrum
+from ._status import (  # the status lifecycle; its names stay importable from here
+    _ENDED,
+    COMPLETE_COVERAGE,
+    FAILED,
+    FAILURE_AFTER_END,
+    FAILURE_HISTORY,
+    RUNNING,
+    _extras,
+    _failure_text,
+    _is_failure,
+    _settled,
+    _withdraw_marks,
+    failure_history_lines,
+)
 from .reader import RunRecord, _event_problem, _is_record_line
 from .schema import (
     LOG_FILE,
@@ -774,125 +788,6 @@ class RunWriter:
             self._close()
         except Exception:
             pass
-
-
-#: ``run.json`` extras ``status`` a :class:`RunWriter` used as a context manager records when its block
-#: ends with an exception (with ``failure``: the exception); ``RunWriter(resume=True)`` sets it to ``"running"``.
-FAILED = "failed"
-
-#: Statuses that say the run ended (``spectral_lens.analysis.ENDED_STATUSES``): a failure does not replace them.
-_ENDED = ("complete", "diverged")
-
-#: A run whose records reach this share of its token budget (``RunInfo.total_tokens``) counts as complete
-#: (``spectral_lens.analysis.COMPLETE_COVERAGE``).
-COMPLETE_COVERAGE = 0.95
-
-#: ``run.json`` extras ``status`` of a failed run resumed by ``RunWriter(resume=True)`` while the writer is
-#: open (see :meth:`RunWriter._settle`).
-RUNNING = "running"
-
-#: ``run.json`` extras key of the failures a resume withdrew: a list of ``{"failure": TEXT, "step": S,
-#: "tokens": T, "resumed": TIME}`` (``"after_end": true`` for a ``failure_after_end``), oldest first, ``step``
-#: and ``tokens`` where the record ended at the resume (``null`` when it held no line). The analyses do not
-#: read it (a run's status is ``status``); ``spectral-lens inspect`` shows it.
-FAILURE_HISTORY = "failure_history"
-
-#: ``run.json`` extras key of the exception that ended a ``with RunWriter(...)`` block when the record
-#: already said the run ended (see :meth:`RunWriter.__exit__`); the run's status is kept.
-FAILURE_AFTER_END = "failure_after_end"
-
-
-def _extras(header: Mapping[str, Any]) -> dict[str, Any]:
-    """``run.json``'s ``extras`` (a header from ``RunRecord._read_header``); ``{}`` when absent or ``null``
-    (a hand-written or old file), as :meth:`RunInfo.from_dict` reads it."""
-    extras = header.get("extras")
-    return extras if isinstance(extras, dict) else {}
-
-
-def _withdraw_marks(extras: Mapping[str, Any], end: tuple[int | None, int | None], now: float
-                    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """``extras`` of a run being resumed: a ``failure_after_end``, and a ``status: "failed"`` with its ``failure``,
-    withdrawn (the status set to ``"running"``) and moved to the end of ``failure_history`` at ``end`` (the
-    ``(step, tokens)`` where the record ends); with the entry of the withdrawn ``failure`` (``None`` when the
-    run was not failed). A ``failure_history`` that is ``null`` counts as none; one that is not a list (not the
-    writer's) becomes the list's first entry, so that neither it nor the failure is lost."""
-    out, (step, tokens) = dict(extras), end
-    entries = []
-    if FAILURE_AFTER_END in out:
-        entries.append({"failure": out.pop(FAILURE_AFTER_END), "step": step, "tokens": tokens, "resumed": now,
-                        "after_end": True})
-    withdrawn = None
-    if out.get("status") == FAILED:
-        withdrawn = {"failure": out.pop("failure", None), "step": step, "tokens": tokens, "resumed": now}
-        out["status"] = RUNNING
-        entries.append(withdrawn)
-    history = out.get(FAILURE_HISTORY)
-    if entries:
-        out[FAILURE_HISTORY] = [*(history if isinstance(history, list) else () if history is None else [history]),
-                                *entries]
-    return out, withdrawn
-
-
-def _settled(extras: Mapping[str, Any], withdrawn: Mapping[str, Any], went_on: bool) -> dict[str, Any]:
-    """``extras`` of a resumed failed run (status ``"running"``) when its writer closes (see
-    :meth:`RunWriter._settle`): without ``status`` when the writer ``went_on`` with the training, else with
-    the ``withdrawn`` failure restored and its entry (the last) taken off ``failure_history`` (the key
-    removed when that leaves it empty), as before the resume."""
-    out = dict(extras)
-    if out.get("status") != RUNNING:
-        return out
-    if went_on:
-        del out["status"]
-        return out
-    out["status"] = FAILED
-    if withdrawn["failure"] is not None:
-        out["failure"] = withdrawn["failure"]
-    history = out.get(FAILURE_HISTORY)
-    if isinstance(history, list) and history and history[-1] == withdrawn:
-        if len(history) == 1:
-            del out[FAILURE_HISTORY]
-        else:
-            out[FAILURE_HISTORY] = history[:-1]
-    return out
-
-
-def failure_history_lines(extras: Mapping[str, Any]) -> list[str]:
-    """One line per entry of ``extras["failure_history"]`` (see :data:`FAILURE_HISTORY`), for
-    ``spectral-lens inspect``: ``"failed (RuntimeError: preempted) at step 800, 419430400 tokens; resumed"``.
-    An entry that is not an object is shown as it is."""
-    history = extras.get(FAILURE_HISTORY) if isinstance(extras, Mapping) else None
-    out = []
-    for e in history if isinstance(history, list) else ():
-        if not isinstance(e, Mapping):
-            out.append(repr(e)[:200])
-            continue
-        why = " ".join(str(e.get("failure") or "").split())[:200]  # one line, as the failure marks are
-        text = ("failed after the run ended" if e.get("after_end") else "failed") + (f" ({why})" if why else "")
-        if e.get("step") is not None or e.get("tokens") is not None:
-            text += f" at step {e.get('step')}, {e.get('tokens')} tokens"
-        out.append(text + "; resumed")
-    return out
-
-
-def _is_failure(exc: BaseException | None) -> bool:
-    """Whether an exception ending a ``with RunWriter(...)`` block is a failure of the run: anything but
-    ``GeneratorExit`` and ``SystemExit`` with status 0 (``sys.exit()``)."""
-    if isinstance(exc, GeneratorExit):
-        return False
-    return not (isinstance(exc, SystemExit) and exc.code in (0, None))
-
-
-def _failure_text(exc: BaseException) -> str:
-    """``Type: first line of the message`` (at most 200 characters); a type outside the builtins named
-    with its module (``torch.OutOfMemoryError``); the type alone when ``str(exc)`` raises (a broken
-    ``__str__``: the block's exception is still the one raised)."""
-    t = type(exc)
-    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-    try:
-        message = next(iter(str(exc).splitlines()), "").strip()
-    except Exception:
-        message = ""
-    return f"{name}: {message}"[:200] if message else name
 
 
 #: The lock file :class:`RunWriter` holds an exclusive ``flock`` on while it is open (never removed).
