@@ -5,7 +5,7 @@ these, and writes the result atomically (see ``docs/records.md``, "Failed runs")
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 #: ``run.json`` extras ``status`` a :class:`RunWriter` used as a context manager records when its block
@@ -125,3 +125,31 @@ def _failure_text(exc: BaseException) -> str:
     except Exception:
         message = ""
     return f"{name}: {message}"[:200] if message else name
+
+
+def _is_marked(extras: Mapping[str, Any]) -> bool:
+    """Whether a resume has marks to withdraw (see :func:`_withdraw_marks`): ``status: "failed"`` or a
+    ``failure_after_end``."""
+    return extras.get("status") == FAILED or FAILURE_AFTER_END in extras
+
+
+def _failure_mark(extras: Mapping[str, Any], text: str, *, resumed: bool,
+                  ended_before: Callable[[], bool]) -> dict[str, Any]:
+    """The extras keys a ``with RunWriter(...)`` block's failure ``text`` writes (merged into ``extras``):
+    ``failure_after_end`` when the record already says the run ended (an ended status, or ``ended_before()``:
+    the lines recorded before the writer opened reach :data:`COMPLETE_COVERAGE`; asked only when needed, as it
+    reads the files), else ``status: "failed"`` and ``failure``. A failed run the writer ``resumed`` (its
+    ``"running"``) is still failed, not ended by its lines."""
+    status = extras.get("status")
+    failed = status == FAILED or (status == RUNNING and resumed)
+    if status in _ENDED or (not failed and ended_before()):
+        return {FAILURE_AFTER_END: text}
+    return {"status": FAILED, "failure": text}
+
+
+def _went_on(withdrawn: Mapping[str, Any], max_tokens: int | None, dropped: bool) -> bool:
+    """Whether a writer that resumed a failed run went on with the training (see :func:`_settled`): it ran
+    ``drop_after`` (``dropped``), or appended a line (the largest tokens: ``max_tokens``) past the tokens where
+    the record ended at the resume (the ``withdrawn`` entry's; any line when the record held none)."""
+    tokens = withdrawn["tokens"]
+    return dropped or (max_tokens is not None and (tokens is None or max_tokens > tokens))

@@ -21,20 +21,20 @@ from ..atomic import TMP_SUFFIX, named_os_error, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
 from ..spectra.fit import tail_window as _tail_window
 from ..spectrum import Spectrum
-from ._status import (  # the status lifecycle; its names stay importable from here
-    _ENDED,
+from ._status import (  # the status lifecycle (see _status)
     COMPLETE_COVERAGE,
-    FAILED,
-    FAILURE_AFTER_END,
-    FAILURE_HISTORY,
     RUNNING,
     _extras,
+    _failure_mark,
     _failure_text,
     _is_failure,
+    _is_marked,
     _settled,
+    _went_on,
     _withdraw_marks,
-    failure_history_lines,
 )
+# imported from here by the analyses, the CLI and tests:
+from ._status import _ENDED, FAILED, FAILURE_AFTER_END, FAILURE_HISTORY, failure_history_lines  # noqa: F401
 from .reader import RunRecord, _event_problem, _is_record_line
 from .schema import (
     LOG_FILE,
@@ -162,7 +162,7 @@ class RunWriter:
                     f"{run_file}: resuming a run recorded with tail_window={self.tail_window} with "
                     f"tail_window={tuple(tail_window)}; one run's summaries use one window (omit tail_window to keep it)"
                 )
-            marked = _extras(header).get("status") == FAILED or FAILURE_AFTER_END in _extras(header)  # withdrawn
+            marked = _is_marked(_extras(header))  # withdrawn below
         else:
             if info is None:
                 raise ValueError(f"{self.path}: a new run needs a RunInfo (info=...)")
@@ -645,8 +645,7 @@ class RunWriter:
         withdrawn, self._withdrawn = getattr(self, "_withdrawn", None), None
         if withdrawn is None or self.closed or os.getpid() != self._lock_pid:
             return
-        tokens = withdrawn["tokens"]
-        went_on = self._dropped or (self._max_tokens is not None and (tokens is None or self._max_tokens > tokens))
+        went_on = _went_on(withdrawn, self._max_tokens, self._dropped)
         try:
             header = RunRecord._read_header(self.path)
             if _extras(header).get("status") != RUNNING:
@@ -703,13 +702,8 @@ class RunWriter:
         about) is a :class:`RecordWarning`, so the block's own exception is the one raised."""
         try:
             header = RunRecord._read_header(self.path)
-            status = _extras(header).get("status")
-            # a failed run this writer resumed is still failed ("running" is its own mark), not ended by its lines
-            failed = status == FAILED or (status == RUNNING and self._withdrawn is not None)
-            if status in _ENDED or (not failed and self._ended_before(header)):
-                self.update_info(**{FAILURE_AFTER_END: _failure_text(exc)})
-            else:
-                self.update_info(status=FAILED, failure=_failure_text(exc))
+            self.update_info(**_failure_mark(_extras(header), _failure_text(exc), resumed=self._withdrawn is not None,
+                                             ended_before=lambda: self._ended_before(header)))
         except Exception as err:
             warnings.warn(f"{self.path}: could not record the run's failure ({_failure_text(exc)}) in {RUN_FILE}: "
                           f"{_failure_text(err)}", RecordWarning, stacklevel=3)
