@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import operator
@@ -35,6 +34,7 @@ from ._status import (  # the status lifecycle (see _status)
 )
 # imported from here by the analyses, the CLI and tests:
 from ._status import _ENDED, FAILED, FAILURE_AFTER_END, FAILURE_HISTORY, failure_history_lines  # noqa: F401
+from ._scan import _int_step, _is_val_loss, _json_object, _Scan, _scan_file  # the incremental reader
 from .reader import RunRecord, _event_problem, _is_record_line
 from .schema import (
     LOG_FILE,
@@ -579,32 +579,14 @@ class RunWriter:
         parsed on the first call, then only from the offset read to, when it is the same file (its
         identity) and the 256 bytes before that offset are unchanged (it was only appended to); else, or
         with ``fresh``, from its start. ``visit(raw, obj)`` sees each whole line read (``obj``: its JSON
-        object, or ``None``). A file that does not exist reads as empty."""
-        scan = None if fresh else self._scans.get(name)
-        if not (self.path / name).exists():
+        object, or ``None``). A file that does not exist reads as empty (see :func:`_scan_file`)."""
+        scan, last = _scan_file(self.path / name, None if fresh else self._scans.get(name),
+                                measurements=name == MEASUREMENTS_FILE, visit=visit)
+        if scan.ident is None:  # no such file
             self._scans.pop(name, None)
-            return _Scan(measurements=name == MEASUREMENTS_FILE), b""
-        with open(self.path / name, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            ident = (st.st_dev, st.st_ino)
-            same = scan is not None and scan.ident == ident and scan.offset <= st.st_size
-            if same and scan.before:
-                fh.seek(scan.offset - len(scan.before))
-                same = fh.read(len(scan.before)) == scan.before
-            if not same:
-                scan = _Scan(ident, measurements=name == MEASUREMENTS_FILE)
+        else:
             self._scans[name] = scan
-            fh.seek(scan.offset)
-            chunk = fh.read()
-        end = chunk.rfind(b"\n") + 1  # whole lines only
-        for raw in chunk[:end].split(b"\n")[:-1]:  # lines end at b"\n" only, as RunRecord.open reads them
-            obj = _json_object(raw)
-            scan.add(obj)
-            if visit is not None:
-                visit(raw, obj)
-        scan.offset += end
-        scan.before = (scan.before + chunk[max(0, end - 256):end])[-256:]
-        return scan, chunk[end:]
+        return scan, last
 
     def val_loss_steps(self) -> set[int]:
         """The steps at which the record holds a validation loss: a numeric ``val_loss`` in a line of
@@ -852,51 +834,6 @@ def _checked_window(window: Any, what: str) -> tuple[int, int]:
     if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in (lo, hi)) or not 1 <= lo < hi:
         raise ValueError(f"RunWriter: {what} must be a pair of integer ranks (lo, hi) with 1 <= lo < hi, got {window!r}")
     return int(lo), int(hi)
-
-
-def _is_val_loss(line: Mapping[str, Any]) -> bool:
-    """Whether the line's ``val_loss`` is a number (not a bool)."""
-    v = line.get("val_loss")
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-class _Scan:
-    """What :meth:`RunWriter._scan` read of one JSONL file: its identity ``(st_dev, st_ino)``, the offset
-    read to (after the last whole line), the up to 256 bytes before it, and the integer steps of the lines
-    that are JSON objects: all of them (``measurements.jsonl`` only) and those with a numeric
-    ``val_loss``."""
-
-    __slots__ = ("before", "ident", "measurements", "offset", "steps", "val_steps")
-
-    def __init__(self, ident: tuple[int, int] | None = None, *, measurements: bool) -> None:
-        self.ident, self.offset, self.before, self.measurements = ident, 0, b"", measurements
-        self.steps: set[int] = set()
-        self.val_steps: set[int] = set()
-
-    def add(self, obj: Mapping[str, Any] | None) -> None:
-        """Count one whole line (its JSON object, or ``None``)."""
-        step = None if obj is None else _int_step(obj)
-        if step is None:
-            return
-        if self.measurements:
-            self.steps.add(step)
-        if _is_val_loss(obj):
-            self.val_steps.add(step)
-
-
-def _json_object(raw: bytes) -> dict[str, Any] | None:
-    """The JSON object on one line, or ``None`` (blank, not JSON, not an object)."""
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def _int_step(line: Mapping[str, Any]) -> int | None:
-    """The line's ``step`` when it is an integer (not a bool), else ``None``."""
-    step = line.get("step")
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _spectrum_files(line: Mapping[str, Any]) -> set[str]:
