@@ -147,9 +147,21 @@ def _failure_mark(extras: Mapping[str, Any], text: str, *, resumed: bool,
     return {"status": FAILED, "failure": text}
 
 
-def _went_on(withdrawn: Mapping[str, Any], max_tokens: int | None, dropped: bool) -> bool:
+def _went_on(resumed_at: int | None, max_tokens: int | None, dropped: bool) -> bool:
     """Whether a writer that resumed a failed run went on with the training (see :func:`_settled`): it ran
-    ``drop_after`` (``dropped``), or appended a line (the largest tokens: ``max_tokens``) past the tokens where
-    the record ended at the resume (the ``withdrawn`` entry's; any line when the record held none)."""
-    tokens = withdrawn["tokens"]
-    return dropped or (max_tokens is not None and (tokens is None or max_tokens > tokens))
+    ``drop_after`` (``dropped``), or appended a line (the largest tokens: ``max_tokens``) past ``resumed_at``,
+    the tokens where the record ended when it opened (any line when the record held none)."""
+    return dropped or (max_tokens is not None and (resumed_at is None or max_tokens > resumed_at))
+
+
+def _stale_running(extras: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The entry a resume withdrew, when ``extras`` hold the ``"running"`` of a writer that resumed a failed
+    run and never closed (killed): status ``"running"`` and a last ``failure_history`` entry a resume wrote
+    (an object with ``resumed``, no ``after_end``); else ``None``. Read by a writer opening the run, which holds
+    its lock: the earlier writer is gone, and its mark is settled as the new writer's own (a ``"running"`` set
+    by ``update_info`` reads the same: the analyses treat it as no status)."""
+    history = extras.get(FAILURE_HISTORY)
+    if extras.get("status") != RUNNING or not isinstance(history, list) or not history:
+        return None
+    last = history[-1]
+    return last if isinstance(last, dict) and "resumed" in last and not last.get("after_end") else None

@@ -29,6 +29,7 @@ from ._status import (  # the status lifecycle (see _status)
     _is_failure,
     _is_marked,
     _settled,
+    _stale_running,
     _went_on,
     _withdraw_marks,
 )
@@ -119,6 +120,7 @@ class RunWriter:
         self._lock_fd: int | None = None
         self._scans: dict[str, _Scan] = {}  # each JSONL file's lines read so far (see _scan)
         self._withdrawn: dict[str, Any] | None = None  # the failure this writer withdrew on resume (see _settle)
+        self._resumed_at: int | None = None  # the tokens where the record ended when it withdrew it
         self._max_tokens: int | None = None  # the largest tokens of a line this writer appended
         self._dropped = False  # drop_after ran: the training resumed from a checkpoint
         run_file = self.path / RUN_FILE
@@ -142,6 +144,7 @@ class RunWriter:
     def _open(self, run_file: Path, info: RunInfo | None, resume: bool, tail_window, head_window) -> None:
         fsync = self.fsync
         marked = False  # a resumed run marked failed, or failure_after_end (by __exit__)
+        stale = None  # the entry of an earlier writer's "running" it never settled (killed)
         if run_file.exists():
             if not resume:
                 raise FileExistsError(
@@ -163,6 +166,8 @@ class RunWriter:
                     f"tail_window={tuple(tail_window)}; one run's summaries use one window (omit tail_window to keep it)"
                 )
             marked = _is_marked(_extras(header))  # withdrawn below
+            # held by this writer, the lock says the writer that set a "running" is gone (without locks: unknown)
+            stale = None if marked or self._lock_fd is None else _stale_running(_extras(header))
         else:
             if info is None:
                 raise ValueError(f"{self.path}: a new run needs a RunInfo (info=...)")
@@ -202,7 +207,9 @@ class RunWriter:
             header["extras"], withdrawn = _withdraw_marks(header["extras"], end, now)  # resume refused above
             _write_json_atomic(run_file, header, fsync)  # (a bad last line) leaves them as they were
             self.info.extras = _withdraw_marks(self.info.extras, end, now)[0]
-            self._withdrawn = withdrawn  # settled when the writer closes (see _settle)
+            self._withdrawn, self._resumed_at = withdrawn, end[1]  # settled when the writer closes (see _settle)
+        elif stale is not None:  # this writer holds the lock: the one that set the "running" is gone; its
+            self._withdrawn, self._resumed_at = stale, self._record_end()[1]  # lines count as recorded before
 
     def _leftovers(self) -> list[str]:
         """The record files of another run in this directory: ``log.jsonl``, ``measurements.jsonl``,
@@ -627,7 +634,7 @@ class RunWriter:
         withdrawn, self._withdrawn = getattr(self, "_withdrawn", None), None
         if withdrawn is None or self.closed or os.getpid() != self._lock_pid:
             return
-        went_on = _went_on(withdrawn, self._max_tokens, self._dropped)
+        went_on = _went_on(self._resumed_at, self._max_tokens, self._dropped)
         try:
             header = RunRecord._read_header(self.path)
             if _extras(header).get("status") != RUNNING:
