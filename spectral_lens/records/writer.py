@@ -469,7 +469,8 @@ class RunWriter:
         any point leaves a readable record; calling ``drop_after`` again completes the job (spectrum
         files left behind are also removed by the next ``RunWriter(resume=True)``). Lines without a
         numeric ``step`` are kept; while ``measurements.jsonl`` has a line that is not a JSON object,
-        no spectrum file is removed (that line's references are unknown).
+        no spectrum file is removed (that line's references are unknown). A partial last line (another
+        program's, mid-write) of a file rewritten is cut off with a :class:`RecordWarning`, as on resume.
         """
         if not self._fds:
             raise ValueError(f"RunWriter for {self.path} is closed")
@@ -487,7 +488,11 @@ class RunWriter:
             data = path.read_bytes()  # lines end at b"\n" only, as RunRecord.open reads them: a b"\r" inside
             lines = [raw + b"\n" for raw in data.split(b"\n")]  # a line is no line break (splitlines split it)
             lines[-1] = lines[-1][:-1]  # what follows the last newline: a last line without it, or nothing
-            for raw in lines if lines[-1] else lines[:-1]:
+            partial = lines.pop()
+            if partial and _is_record_line(partial):  # a complete line that only lacks its newline: a line
+                lines.append(partial)
+                partial = b""
+            for raw in lines:
                 obj = _json_object(raw)
                 if obj is None:  # kept as it is
                     keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
@@ -504,6 +509,11 @@ class RunWriter:
                     scan.add(obj)
             if not n:
                 continue
+            if partial:  # a line being written (another program's): the file is replaced, so the rest of it
+                unknown = unknown or name == MEASUREMENTS_FILE  # goes to the old one; kept, ended with a newline,
+                warnings.warn(  # it would be a broken line mid-file (the reader refuses the record)
+                    f"{path}: dropping a partial last line ({len(partial)} bytes, no newline) while removing the "
+                    f"steps after {step}", RecordWarning, stacklevel=2)
             write_atomic(path, lambda fh: fh.writelines(keep), fsync=self.fsync)
             # the append descriptor still points at the replaced file: reopen it on the new one
             os.close(self._fds.pop(name))

@@ -128,3 +128,39 @@ def test_a_failure_that_is_no_string_is_restored_without_duplicating_its_entry(t
     extras = _extras(path)
     assert extras["status"] == "failed" and "failure_history" not in extras  # before (NaN): 3 entries
     assert json.dumps(extras.get("failure")) == json.dumps(text) or (text is None and "failure" not in extras)
+
+
+@pytest.mark.parametrize("name", ["log.jsonl", "measurements.jsonl"])
+def test_drop_after_cuts_a_partial_last_line_instead_of_burying_it_mid_file(tmp_path, name):
+    """Another program's partial last line (mid-write): ``drop_after`` replaces the file, so its writer's rest
+    goes to the replaced file; the line was kept and ended with a newline, and the next line made it a broken
+    line mid-file: ``RunRecord.open`` refused the whole record. Now it is cut off with a warning, as a
+    resume does."""
+    from spectral_lens.records import RecordWarning
+
+    path = tmp_path / "r"
+    w = RunWriter(path, RunInfo("r", total_tokens=10_000), fsync=False)
+    for s in range(1, 6):
+        w.log(s, s * 100, train_loss=1.0)
+        w.log_measurement(s, s * 100, {})
+    with open(path / name, "ab") as fh:
+        fh.write(b'{"step": 6, "tokens": 6')
+    with pytest.warns(RecordWarning, match="partial last line"):
+        assert w.drop_after(3) == 2
+    w.log(4, 400, train_loss=1.0)
+    w.log_measurement(4, 400, {})
+    w.close()
+    r = RunRecord.open(path)  # before: RecordFormatError (a corrupted line 4)
+    assert [e["step"] for e in r.events] == [1, 2, 3, 4] and [m.step for m in r.measurements] == [1, 2, 3, 4]
+
+
+def test_drop_after_keeps_a_complete_last_line_without_its_newline(tmp_path):
+    path = tmp_path / "r"
+    w = RunWriter(path, RunInfo("r", total_tokens=10_000), fsync=False)
+    for s in range(1, 6):
+        w.log(s, s * 100, train_loss=1.0)
+    with open(path / "log.jsonl", "ab") as fh:
+        fh.write(b'{"step": 2, "tokens": 250, "lr": 0.1}')
+    w.drop_after(3)
+    w.close()
+    assert [e["step"] for e in RunRecord.open(path).events] == [1, 2, 3, 2]
