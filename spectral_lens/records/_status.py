@@ -5,6 +5,7 @@ these, and writes the result atomically (see ``docs/records.md``, "Failed runs")
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -80,12 +81,21 @@ def _settled(extras: Mapping[str, Any], withdrawn: Mapping[str, Any], went_on: b
     if withdrawn["failure"] is not None:
         out["failure"] = withdrawn["failure"]
     history = out.get(FAILURE_HISTORY)
-    if isinstance(history, list) and history and history[-1] == withdrawn:
+    if isinstance(history, list) and history and _same_entry(history[-1], withdrawn):
         if len(history) == 1:
             del out[FAILURE_HISTORY]
         else:
             out[FAILURE_HISTORY] = history[:-1]
     return out
+
+
+def _same_entry(a: Any, b: Any) -> bool:
+    """Whether two ``failure_history`` entries are the same, as their JSON text (a NaN ``failure`` of a
+    hand-written ``run.json`` equals itself only as one object: ``==`` tells two reads of it apart)."""
+    try:
+        return a == b or json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    except (TypeError, ValueError, RecursionError):
+        return False
 
 
 def failure_history_lines(extras: Mapping[str, Any]) -> list[str]:

@@ -164,3 +164,15 @@ def test_drop_after_keeps_a_complete_last_line_without_its_newline(tmp_path):
     w.drop_after(3)
     w.close()
     assert [e["step"] for e in RunRecord.open(path).events] == [1, 2, 3, 2]
+
+
+def test_the_settle_takes_off_an_entry_whose_failure_is_a_nan_of_another_read():
+    """``_settled`` compared the history's last entry with ``==``: a NaN ``failure`` read twice into two float
+    objects never compared equal, so the entry stayed beside the restored failure (one more per resume).
+    Through ``RunWriter`` CPython's ``json`` hands out one NaN object, which hid it."""
+    from spectral_lens.records._status import _settled
+
+    withdrawn = {"failure": [float("nan")], "step": 4, "tokens": 400, "resumed": 1.5}
+    extras = {"status": "running", "failure_history": [{"failure": "old"}, {**withdrawn, "failure": [float("nan")]}]}
+    out = _settled(extras, withdrawn, went_on=False)
+    assert out["status"] == "failed" and out["failure_history"] == [{"failure": "old"}]
