@@ -79,7 +79,8 @@ class RunWriter:
             ``status: "failed"`` (below) is marked ``"running"`` while the writer is open, and its
             ``failure`` (and a ``failure_after_end``) moves to extras ``failure_history``; on close the
             status is removed if the writer went on with the training, else the failure is restored
-            (see :meth:`_settle`).
+            (see :meth:`_settle`). A ``"running"`` left by such a writer that was killed is settled by the
+            next resumed writer as its own.
         fsync: fsync every file and line (default). ``False`` trades crash safety for speed
             (synthetic data, tests); the write order, and thus safety for concurrent readers, is kept.
         tail_window: window of the stored ``alpha_tail`` summary; default: the scale rule for
@@ -640,7 +641,9 @@ class RunWriter:
         "failed"``, its ``failure``, and its entry leaves the history. Nothing is changed when the status
         is no longer ``"running"`` (a status given to :meth:`update_info`, a new failure, another program),
         in another process than the one that opened the writer, or after a failure mark that could not be
-        written; a write that fails is a :class:`RecordWarning`."""
+        written; a write that fails is a :class:`RecordWarning`. A ``"running"`` an earlier writer set and
+        never settled (killed: see ``_status._stale_running``) is settled as this writer's own, going on
+        judged from where the record ended when this writer opened."""
         withdrawn, self._withdrawn = getattr(self, "_withdrawn", None), None
         if withdrawn is None or self.closed or os.getpid() != self._lock_pid:
             return
