@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import operator
@@ -21,6 +20,22 @@ from ..atomic import TMP_SUFFIX, named_os_error, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
 from ..spectra.fit import tail_window as _tail_window
 from ..spectrum import Spectrum
+from ._status import (  # the status lifecycle (see _status)
+    COMPLETE_COVERAGE,
+    RUNNING,
+    _extras,
+    _failure_mark,
+    _failure_text,
+    _is_failure,
+    _is_marked,
+    _settled,
+    _stale_running,
+    _went_on,
+    _withdraw_marks,
+)
+# imported from here by the analyses, the CLI and tests:
+from ._status import _ENDED, FAILED, FAILURE_AFTER_END, FAILURE_HISTORY, failure_history_lines  # noqa: F401
+from ._scan import _int_step, _is_val_loss, _json_object, _Scan, _scan_file  # the incremental reader
 from .reader import RunRecord, _event_problem, _is_record_line
 from .schema import (
     LOG_FILE,
@@ -64,7 +79,8 @@ class RunWriter:
             ``status: "failed"`` (below) is marked ``"running"`` while the writer is open, and its
             ``failure`` (and a ``failure_after_end``) moves to extras ``failure_history``; on close the
             status is removed if the writer went on with the training, else the failure is restored
-            (see :meth:`_settle`).
+            (see :meth:`_settle`). A ``"running"`` left by such a writer that was killed is settled by the
+            next resumed writer as its own.
         fsync: fsync every file and line (default). ``False`` trades crash safety for speed
             (synthetic data, tests); the write order, and thus safety for concurrent readers, is kept.
         tail_window: window of the stored ``alpha_tail`` summary; default: the scale rule for
@@ -105,6 +121,7 @@ class RunWriter:
         self._lock_fd: int | None = None
         self._scans: dict[str, _Scan] = {}  # each JSONL file's lines read so far (see _scan)
         self._withdrawn: dict[str, Any] | None = None  # the failure this writer withdrew on resume (see _settle)
+        self._resumed_at: int | None = None  # the tokens where the record ended when it withdrew it
         self._max_tokens: int | None = None  # the largest tokens of a line this writer appended
         self._dropped = False  # drop_after ran: the training resumed from a checkpoint
         run_file = self.path / RUN_FILE
@@ -128,6 +145,7 @@ class RunWriter:
     def _open(self, run_file: Path, info: RunInfo | None, resume: bool, tail_window, head_window) -> None:
         fsync = self.fsync
         marked = False  # a resumed run marked failed, or failure_after_end (by __exit__)
+        stale = None  # the entry of an earlier writer's "running" it never settled (killed)
         if run_file.exists():
             if not resume:
                 raise FileExistsError(
@@ -148,7 +166,9 @@ class RunWriter:
                     f"{run_file}: resuming a run recorded with tail_window={self.tail_window} with "
                     f"tail_window={tuple(tail_window)}; one run's summaries use one window (omit tail_window to keep it)"
                 )
-            marked = _extras(header).get("status") == FAILED or FAILURE_AFTER_END in _extras(header)  # withdrawn
+            marked = _is_marked(_extras(header))  # withdrawn below
+            # held by this writer, the lock says the writer that set a "running" is gone (without locks: unknown)
+            stale = None if marked or self._lock_fd is None else _stale_running(_extras(header))
         else:
             if info is None:
                 raise ValueError(f"{self.path}: a new run needs a RunInfo (info=...)")
@@ -188,7 +208,9 @@ class RunWriter:
             header["extras"], withdrawn = _withdraw_marks(header["extras"], end, now)  # resume refused above
             _write_json_atomic(run_file, header, fsync)  # (a bad last line) leaves them as they were
             self.info.extras = _withdraw_marks(self.info.extras, end, now)[0]
-            self._withdrawn = withdrawn  # settled when the writer closes (see _settle)
+            self._withdrawn, self._resumed_at = withdrawn, end[1]  # settled when the writer closes (see _settle)
+        elif stale is not None:  # this writer holds the lock: the one that set the "running" is gone; its
+            self._withdrawn, self._resumed_at = stale, self._record_end()[1]  # lines count as recorded before
 
     def _leftovers(self) -> list[str]:
         """The record files of another run in this directory: ``log.jsonl``, ``measurements.jsonl``,
@@ -448,7 +470,8 @@ class RunWriter:
         any point leaves a readable record; calling ``drop_after`` again completes the job (spectrum
         files left behind are also removed by the next ``RunWriter(resume=True)``). Lines without a
         numeric ``step`` are kept; while ``measurements.jsonl`` has a line that is not a JSON object,
-        no spectrum file is removed (that line's references are unknown).
+        no spectrum file is removed (that line's references are unknown). A partial last line (another
+        program's, mid-write) of a file rewritten is cut off with a :class:`RecordWarning`, as on resume.
         """
         if not self._fds:
             raise ValueError(f"RunWriter for {self.path} is closed")
@@ -466,7 +489,11 @@ class RunWriter:
             data = path.read_bytes()  # lines end at b"\n" only, as RunRecord.open reads them: a b"\r" inside
             lines = [raw + b"\n" for raw in data.split(b"\n")]  # a line is no line break (splitlines split it)
             lines[-1] = lines[-1][:-1]  # what follows the last newline: a last line without it, or nothing
-            for raw in lines if lines[-1] else lines[:-1]:
+            partial = lines.pop()
+            if partial and _is_record_line(partial):  # a complete line that only lacks its newline: a line
+                lines.append(partial)
+                partial = b""
+            for raw in lines:
                 obj = _json_object(raw)
                 if obj is None:  # kept as it is
                     keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
@@ -483,6 +510,11 @@ class RunWriter:
                     scan.add(obj)
             if not n:
                 continue
+            if partial:  # a line being written (another program's): the file is replaced, so the rest of it
+                unknown = unknown or name == MEASUREMENTS_FILE  # goes to the old one; kept, ended with a newline,
+                warnings.warn(  # it would be a broken line mid-file (the reader refuses the record)
+                    f"{path}: dropping a partial last line ({len(partial)} bytes, no newline) while removing the "
+                    f"steps after {step}", RecordWarning, stacklevel=2)
             write_atomic(path, lambda fh: fh.writelines(keep), fsync=self.fsync)
             # the append descriptor still points at the replaced file: reopen it on the new one
             os.close(self._fds.pop(name))
@@ -565,32 +597,14 @@ class RunWriter:
         parsed on the first call, then only from the offset read to, when it is the same file (its
         identity) and the 256 bytes before that offset are unchanged (it was only appended to); else, or
         with ``fresh``, from its start. ``visit(raw, obj)`` sees each whole line read (``obj``: its JSON
-        object, or ``None``). A file that does not exist reads as empty."""
-        scan = None if fresh else self._scans.get(name)
-        if not (self.path / name).exists():
+        object, or ``None``). A file that does not exist reads as empty (see :func:`_scan_file`)."""
+        scan, last = _scan_file(self.path / name, None if fresh else self._scans.get(name),
+                                measurements=name == MEASUREMENTS_FILE, visit=visit)
+        if scan.ident is None:  # no such file
             self._scans.pop(name, None)
-            return _Scan(measurements=name == MEASUREMENTS_FILE), b""
-        with open(self.path / name, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            ident = (st.st_dev, st.st_ino)
-            same = scan is not None and scan.ident == ident and scan.offset <= st.st_size
-            if same and scan.before:
-                fh.seek(scan.offset - len(scan.before))
-                same = fh.read(len(scan.before)) == scan.before
-            if not same:
-                scan = _Scan(ident, measurements=name == MEASUREMENTS_FILE)
+        else:
             self._scans[name] = scan
-            fh.seek(scan.offset)
-            chunk = fh.read()
-        end = chunk.rfind(b"\n") + 1  # whole lines only
-        for raw in chunk[:end].split(b"\n")[:-1]:  # lines end at b"\n" only, as RunRecord.open reads them
-            obj = _json_object(raw)
-            scan.add(obj)
-            if visit is not None:
-                visit(raw, obj)
-        scan.offset += end
-        scan.before = (scan.before + chunk[max(0, end - 256):end])[-256:]
-        return scan, chunk[end:]
+        return scan, last
 
     def val_loss_steps(self) -> set[int]:
         """The steps at which the record holds a validation loss: a numeric ``val_loss`` in a line of
@@ -627,12 +641,13 @@ class RunWriter:
         "failed"``, its ``failure``, and its entry leaves the history. Nothing is changed when the status
         is no longer ``"running"`` (a status given to :meth:`update_info`, a new failure, another program),
         in another process than the one that opened the writer, or after a failure mark that could not be
-        written; a write that fails is a :class:`RecordWarning`."""
+        written; a write that fails is a :class:`RecordWarning`. A ``"running"`` an earlier writer set and
+        never settled (killed: see ``_status._stale_running``) is settled as this writer's own, going on
+        judged from where the record ended when this writer opened."""
         withdrawn, self._withdrawn = getattr(self, "_withdrawn", None), None
         if withdrawn is None or self.closed or os.getpid() != self._lock_pid:
             return
-        tokens = withdrawn["tokens"]
-        went_on = self._dropped or (self._max_tokens is not None and (tokens is None or self._max_tokens > tokens))
+        went_on = _went_on(self._resumed_at, self._max_tokens, self._dropped)
         try:
             header = RunRecord._read_header(self.path)
             if _extras(header).get("status") != RUNNING:
@@ -689,13 +704,8 @@ class RunWriter:
         about) is a :class:`RecordWarning`, so the block's own exception is the one raised."""
         try:
             header = RunRecord._read_header(self.path)
-            status = _extras(header).get("status")
-            # a failed run this writer resumed is still failed ("running" is its own mark), not ended by its lines
-            failed = status == FAILED or (status == RUNNING and self._withdrawn is not None)
-            if status in _ENDED or (not failed and self._ended_before(header)):
-                self.update_info(**{FAILURE_AFTER_END: _failure_text(exc)})
-            else:
-                self.update_info(status=FAILED, failure=_failure_text(exc))
+            self.update_info(**_failure_mark(_extras(header), _failure_text(exc), resumed=self._withdrawn is not None,
+                                             ended_before=lambda: self._ended_before(header)))
         except Exception as err:
             warnings.warn(f"{self.path}: could not record the run's failure ({_failure_text(exc)}) in {RUN_FILE}: "
                           f"{_failure_text(err)}", RecordWarning, stacklevel=3)
@@ -776,125 +786,6 @@ class RunWriter:
             pass
 
 
-#: ``run.json`` extras ``status`` a :class:`RunWriter` used as a context manager records when its block
-#: ends with an exception (with ``failure``: the exception); ``RunWriter(resume=True)`` sets it to ``"running"``.
-FAILED = "failed"
-
-#: Statuses that say the run ended (``spectral_lens.analysis.ENDED_STATUSES``): a failure does not replace them.
-_ENDED = ("complete", "diverged")
-
-#: A run whose records reach this share of its token budget (``RunInfo.total_tokens``) counts as complete
-#: (``spectral_lens.analysis.COMPLETE_COVERAGE``).
-COMPLETE_COVERAGE = 0.95
-
-#: ``run.json`` extras ``status`` of a failed run resumed by ``RunWriter(resume=True)`` while the writer is
-#: open (see :meth:`RunWriter._settle`).
-RUNNING = "running"
-
-#: ``run.json`` extras key of the failures a resume withdrew: a list of ``{"failure": TEXT, "step": S,
-#: "tokens": T, "resumed": TIME}`` (``"after_end": true`` for a ``failure_after_end``), oldest first, ``step``
-#: and ``tokens`` where the record ended at the resume (``null`` when it held no line). The analyses do not
-#: read it (a run's status is ``status``); ``spectral-lens inspect`` shows it.
-FAILURE_HISTORY = "failure_history"
-
-#: ``run.json`` extras key of the exception that ended a ``with RunWriter(...)`` block when the record
-#: already said the run ended (see :meth:`RunWriter.__exit__`); the run's status is kept.
-FAILURE_AFTER_END = "failure_after_end"
-
-
-def _extras(header: Mapping[str, Any]) -> dict[str, Any]:
-    """``run.json``'s ``extras`` (a header from ``RunRecord._read_header``); ``{}`` when absent or ``null``
-    (a hand-written or old file), as :meth:`RunInfo.from_dict` reads it."""
-    extras = header.get("extras")
-    return extras if isinstance(extras, dict) else {}
-
-
-def _withdraw_marks(extras: Mapping[str, Any], end: tuple[int | None, int | None], now: float
-                    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """``extras`` of a run being resumed: a ``failure_after_end``, and a ``status: "failed"`` with its ``failure``,
-    withdrawn (the status set to ``"running"``) and moved to the end of ``failure_history`` at ``end`` (the
-    ``(step, tokens)`` where the record ends); with the entry of the withdrawn ``failure`` (``None`` when the
-    run was not failed). A ``failure_history`` that is ``null`` counts as none; one that is not a list (not the
-    writer's) becomes the list's first entry, so that neither it nor the failure is lost."""
-    out, (step, tokens) = dict(extras), end
-    entries = []
-    if FAILURE_AFTER_END in out:
-        entries.append({"failure": out.pop(FAILURE_AFTER_END), "step": step, "tokens": tokens, "resumed": now,
-                        "after_end": True})
-    withdrawn = None
-    if out.get("status") == FAILED:
-        withdrawn = {"failure": out.pop("failure", None), "step": step, "tokens": tokens, "resumed": now}
-        out["status"] = RUNNING
-        entries.append(withdrawn)
-    history = out.get(FAILURE_HISTORY)
-    if entries:
-        out[FAILURE_HISTORY] = [*(history if isinstance(history, list) else () if history is None else [history]),
-                                *entries]
-    return out, withdrawn
-
-
-def _settled(extras: Mapping[str, Any], withdrawn: Mapping[str, Any], went_on: bool) -> dict[str, Any]:
-    """``extras`` of a resumed failed run (status ``"running"``) when its writer closes (see
-    :meth:`RunWriter._settle`): without ``status`` when the writer ``went_on`` with the training, else with
-    the ``withdrawn`` failure restored and its entry (the last) taken off ``failure_history`` (the key
-    removed when that leaves it empty), as before the resume."""
-    out = dict(extras)
-    if out.get("status") != RUNNING:
-        return out
-    if went_on:
-        del out["status"]
-        return out
-    out["status"] = FAILED
-    if withdrawn["failure"] is not None:
-        out["failure"] = withdrawn["failure"]
-    history = out.get(FAILURE_HISTORY)
-    if isinstance(history, list) and history and history[-1] == withdrawn:
-        if len(history) == 1:
-            del out[FAILURE_HISTORY]
-        else:
-            out[FAILURE_HISTORY] = history[:-1]
-    return out
-
-
-def failure_history_lines(extras: Mapping[str, Any]) -> list[str]:
-    """One line per entry of ``extras["failure_history"]`` (see :data:`FAILURE_HISTORY`), for
-    ``spectral-lens inspect``: ``"failed (RuntimeError: preempted) at step 800, 419430400 tokens; resumed"``.
-    An entry that is not an object is shown as it is."""
-    history = extras.get(FAILURE_HISTORY) if isinstance(extras, Mapping) else None
-    out = []
-    for e in history if isinstance(history, list) else ():
-        if not isinstance(e, Mapping):
-            out.append(repr(e)[:200])
-            continue
-        why = " ".join(str(e.get("failure") or "").split())[:200]  # one line, as the failure marks are
-        text = ("failed after the run ended" if e.get("after_end") else "failed") + (f" ({why})" if why else "")
-        if e.get("step") is not None or e.get("tokens") is not None:
-            text += f" at step {e.get('step')}, {e.get('tokens')} tokens"
-        out.append(text + "; resumed")
-    return out
-
-
-def _is_failure(exc: BaseException | None) -> bool:
-    """Whether an exception ending a ``with RunWriter(...)`` block is a failure of the run: anything but
-    ``GeneratorExit`` and ``SystemExit`` with status 0 (``sys.exit()``)."""
-    if isinstance(exc, GeneratorExit):
-        return False
-    return not (isinstance(exc, SystemExit) and exc.code in (0, None))
-
-
-def _failure_text(exc: BaseException) -> str:
-    """``Type: first line of the message`` (at most 200 characters); a type outside the builtins named
-    with its module (``torch.OutOfMemoryError``); the type alone when ``str(exc)`` raises (a broken
-    ``__str__``: the block's exception is still the one raised)."""
-    t = type(exc)
-    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-    try:
-        message = next(iter(str(exc).splitlines()), "").strip()
-    except Exception:
-        message = ""
-    return f"{name}: {message}"[:200] if message else name
-
-
 #: The lock file :class:`RunWriter` holds an exclusive ``flock`` on while it is open (never removed).
 LOCK_FILE = ".writer.lock"
 
@@ -963,51 +854,6 @@ def _checked_window(window: Any, what: str) -> tuple[int, int]:
     if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) for r in (lo, hi)) or not 1 <= lo < hi:
         raise ValueError(f"RunWriter: {what} must be a pair of integer ranks (lo, hi) with 1 <= lo < hi, got {window!r}")
     return int(lo), int(hi)
-
-
-def _is_val_loss(line: Mapping[str, Any]) -> bool:
-    """Whether the line's ``val_loss`` is a number (not a bool)."""
-    v = line.get("val_loss")
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-class _Scan:
-    """What :meth:`RunWriter._scan` read of one JSONL file: its identity ``(st_dev, st_ino)``, the offset
-    read to (after the last whole line), the up to 256 bytes before it, and the integer steps of the lines
-    that are JSON objects: all of them (``measurements.jsonl`` only) and those with a numeric
-    ``val_loss``."""
-
-    __slots__ = ("before", "ident", "measurements", "offset", "steps", "val_steps")
-
-    def __init__(self, ident: tuple[int, int] | None = None, *, measurements: bool) -> None:
-        self.ident, self.offset, self.before, self.measurements = ident, 0, b"", measurements
-        self.steps: set[int] = set()
-        self.val_steps: set[int] = set()
-
-    def add(self, obj: Mapping[str, Any] | None) -> None:
-        """Count one whole line (its JSON object, or ``None``)."""
-        step = None if obj is None else _int_step(obj)
-        if step is None:
-            return
-        if self.measurements:
-            self.steps.add(step)
-        if _is_val_loss(obj):
-            self.val_steps.add(step)
-
-
-def _json_object(raw: bytes) -> dict[str, Any] | None:
-    """The JSON object on one line, or ``None`` (blank, not JSON, not an object)."""
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def _int_step(line: Mapping[str, Any]) -> int | None:
-    """The line's ``step`` when it is an integer (not a bool), else ``None``."""
-    step = line.get("step")
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _spectrum_files(line: Mapping[str, Any]) -> set[str]:
