@@ -137,6 +137,13 @@ def test_a_checkpoint_without_its_trainer_state_is_named(tmp_path, monkeypatch):
         pass
 
 
+def test_an_output_dir_without_checkpoints_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hf-run").mkdir()  # before: IndexError: list index out of range
+    with pytest.raises(FileNotFoundError, match=r"hf-run: no checkpoint-N/ directories"):
+        _run(_measuring_script())
+
+
 def _budget_20_steps() -> str:
     code = _measuring_script()
     assert "total_tokens=10 * 4 * 16)" in code
@@ -266,3 +273,27 @@ def test_a_state_dict_of_another_model_is_named(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"(?s)ckpt_100\.pt: cannot load it into the model .*size mismatch"):
         _run(_nanogpt_script(), ns)
     assert RunRecord.open("runs/nanogpt").measurements == []
+
+
+def test_a_crashed_run_measured_past_its_records_end_keeps_the_failure_in_its_history(tmp_path, monkeypatch, capsys):
+    """As the guide says: checkpoints after the record's last line read as the run going on (records' rule)."""
+    pytest.importorskip("transformers")
+    from spectral_lens.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _hf_run(tmp_path, steps=(2,))
+    ns = _run(_budget_20_steps())
+    assert [m.step for m in ns["lens"].history] == [2]
+    run = tmp_path / "runs" / "gpt2-b4"
+    info = RunInfo("gpt2-b4", family="gpt2-tiny", batch_tier=4, n_layer=2, total_tokens=20 * 4 * 16)
+    with pytest.raises(RuntimeError, match="preempted"), RunWriter(run, info, resume=True):
+        raise RuntimeError("preempted")
+    assert _status(run) == "failed"
+    _hf_run(tmp_path, steps=(4, 6))
+    ns = _run(_budget_20_steps())
+    assert [m.step for m in ns["lens"].history] == [4, 6]
+    assert _status(run) is None
+    extras = json.loads((run / "run.json").read_text())["extras"]
+    assert [h["failure"] for h in extras["failure_history"]] == ["RuntimeError: preempted"]
+    assert main(["inspect", str(run)]) == 0
+    assert "earlier: failed (RuntimeError: preempted)" in capsys.readouterr().out
