@@ -98,3 +98,27 @@ def test_hf_trainer_example_writes_a_record_predict_reads(tmp_path, monkeypatch,
     code, out = _cli(["predict", "runs/llama-b1", "--fraction", "0.5", "--window", "2", "8"], capsys)
     assert code == 0, out
     assert "family llama: one tier (1): nothing to rank" in out  # one run: no ranking
+
+
+@pytest.mark.slow
+def test_checkpoints_guide_commands_read_the_record_its_scripts_wrote(tmp_path, monkeypatch, capsys):
+    """Review 23: the guide's Trainer run, its measuring script (run on its own, twice) and its commands; the
+    run's first checkpoint was at 33% of its budget, and the guide's ``predict`` line refused it (exit 2).
+    (tests/integrations/test_review23_ckpt.py runs the same script fast, on checkpoints saved without training.)"""
+    pytest.importorskip("transformers", reason="the Trainer example needs the hf extra")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (hf extra)")
+    page = "docs/guide-checkpoints.md"
+    monkeypatch.chdir(tmp_path)
+    _run_block_after(page, "## Hugging Face `Trainer` checkpoints")
+    for _ in range(2):  # a second run measures nothing new
+        _run_block_after(page, "training and evaluation losses so far. Measure every checkpoint into one run record:")
+    from spectral_lens.records import RunRecord
+
+    assert [m.step for m in RunRecord.open("runs/gpt2-b4").measurements] == [2, 4, 6, 8, 10]
+    commands = _page_commands(page, "Then, as for a record written during training:")
+    assert [c[0] for c in commands] == ["report", "predict"]
+    for args in commands:
+        code, out = _cli(args, capsys)
+        assert code == 0, (args, out)
+    assert "family gpt2-tiny: one tier (4): nothing to rank" in out  # as the guide says
+    assert (tmp_path / "report" / "report.md").is_file()
