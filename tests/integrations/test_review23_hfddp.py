@@ -24,7 +24,7 @@ PG_TIMEOUT_S = 60.0  # a collective left waiting fails after this (so a hang sho
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Both ranks' results of the three cases (one pair of processes: the poisoned case last, as it ends them)."""
+    """Both ranks' results of every case (one pair of processes: the poisoned case last, as it ends them)."""
     from support import hf_ddp
     from support.ranks import case_results, run_ranks
 
@@ -39,6 +39,7 @@ def _ok(ranks, case):
     assert ranks["_hung"] == [], f"ranks still running at the deadline (killed): {ranks['_hung']}"
     assert None not in got, f"{case}: no result from a rank: {got}"
     assert [r["error"] for r in got] == [None, None], [r.get("traceback") for r in got]
+    assert [r["barrier"] for r in got] == ["ok", "ok"], got
     return [r["value"] for r in got]
 
 
@@ -98,11 +99,24 @@ def test_trainer_under_ddp_records_on_rank0_and_measures_the_whole_pool(ranks):
     # the gradient spectrum (rank 0 measures the whole gradient pool, then broadcasts): a one-process lens's
     final = tiny_gpt2()
     final.load_state_dict(load_file(str(ranks["out"] / "weights6.safetensors")))
-    one = sl.SpectralLens(final, heldout_pool(), precision="float64", progress=False).measure(6, 0).spectra
+    one = sl.SpectralLens(final, heldout_pool(), precision="float64", tail_window=(4, 16), progress=False).measure(6, 0).spectra
     key = "grad:transformer.h.1.attn.c_proj.weight"
     for r in (r0, r1):
         got, want = torch.tensor(r["spectra"]["6"][key], dtype=torch.float64), one[key].values
         assert (got - want).abs().max() < 1e-10 * want.max()
+
+
+def test_measuring_leaves_the_ddp_training_bit_identical(ranks):
+    """Dropout on: the measurements (both ranks' forwards, rank 0's gradient passes) change neither the trained
+    weights nor the logged losses."""
+    from safetensors.torch import load_file
+
+    measured, plain = _ok(ranks, "train"), _ok(ranks, "plain")
+    for r, p in zip(measured, plain):
+        assert [h["loss"] for h in r["log_history"] if "loss" in h] == p["losses"]
+    got = load_file(str(ranks["out"] / "weights6.safetensors"))
+    want = load_file(str(ranks["out"] / "weights_plain.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_a_run_that_logged_no_loss_records_the_final_train_loss_once(ranks):
@@ -110,6 +124,21 @@ def test_a_run_that_logged_no_loss_records_the_final_train_loss_once(ranks):
     (final,) = r0["final_train_loss"]
     assert [[e["step"], e["train_loss"]] for e in r0["events"] if "train_loss" in e] == [[2, final]]
     assert r1["events"] is None
+
+
+def test_a_measurement_that_fails_on_rank1_raises_on_every_rank_at_once(ranks):
+    assert ranks["_hung"] == [], f"ranks still running at the deadline (killed): {ranks['_hung']}"
+    r0, r1 = ranks["measurement_fails"]
+    assert r1["error"] == "RuntimeError: bad held-out batch on rank 1", r1
+    assert r0["error"].startswith("RuntimeError: SpectralLens: the activation pass failed on global rank(s) [1]"), r0
+    assert [r0["barrier"], r1["barrier"]] == ["ok", "ok"]  # the ranks made the same collectives
+    assert abs(r0["ended"] - r1["ended"]) < PG_TIMEOUT_S / 2
+    out = ranks["out"]
+    states = [json.loads((out / f"measurement_fails.state.rank{r}.json").read_text()) for r in (0, 1)]
+    assert states == [{"history": [2], "global_step": 4, "detached": True}] * 2, states
+    header = json.loads((out / "measurement_fails" / "run.json").read_text())
+    assert header["extras"]["status"] == "failed"
+    assert header["extras"]["failure"].startswith("RuntimeError: SpectralLens: the activation pass failed"), header
 
 
 def test_a_poisoned_batch_on_rank1_ends_every_rank_and_marks_the_record_failed(ranks):

@@ -18,12 +18,13 @@ TOKENS_PER_STEP = WORLD * BATCH * T  # the whole world's tokens per optimizer st
 
 
 def tiny_gpt2():
-    """A two-layer GPT-2 of width 32, seeded (the same weights on every rank), no dropout."""
+    """A two-layer GPT-2 of width 32, seeded (the same weights on every rank), with dropout (training draws from
+    the RNG stream, which a measurement must leave as it was)."""
     import transformers
 
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=T, n_embd=32, n_layer=2, n_head=4,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                                  resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
     return transformers.GPT2LMHeadModel(cfg)
 
 
@@ -165,6 +166,22 @@ def case_train(rank: int, root: Path) -> dict:
     return result
 
 
+def case_plain(rank: int, root: Path) -> dict:
+    """:func:`case_train`'s training without the callback; rank 0 saves the final weights
+    (``weights_plain.safetensors``)."""
+    import transformers
+    from safetensors.torch import save_file
+
+    args = _args(str(root / f"plain{rank}"), max_steps=6, logging_steps=2, eval_strategy="steps", eval_steps=2)
+    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(64, 0),
+                                   eval_dataset=Tokens(8, 1))
+    trainer.train()
+    if rank == 0:
+        save_file({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                  str(root / "weights_plain.safetensors"))
+    return {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}
+
+
 def case_short(rank: int, root: Path) -> dict:
     """2 steps with ``logging_steps=5``: no loss logged, so the callback records ``train()``'s final
     ``train_loss`` (rank 0's own mean) at step 2, at ``on_train_end``, the ranks agreeing on the write."""
@@ -188,6 +205,46 @@ def case_short(rank: int, root: Path) -> dict:
             writer.close()
     final = [h["train_loss"] for h in trainer.state.log_history if "train_runtime" in h]
     return {"final_train_loss": final, "events": _events(path) if rank == 0 else None}
+
+
+def case_measurement_fails(rank: int, root: Path) -> dict:
+    """As :func:`case_poisoned`, but what fails is rank 1's share of the lens's activation pass at step 4 (its
+    ``forward_fn``): the lens agrees on it, so both ranks raise at once (rank 0 a ``RuntimeError`` naming rank 1)
+    and stay in step (the worker's barrier after the case), the callback detaches the lens it attached on both
+    ranks, and rank 0's ``with RunWriter(...)`` marks the record failed."""
+    import transformers
+
+    import spectral_lens as sl
+    from spectral_lens.integrations import SpectralLensCallback
+    from spectral_lens.records import RunInfo, RunWriter
+
+    calls = []
+
+    def forward(model, batch):
+        calls.append(1)
+        if rank == 1 and len(calls) == 2:  # rank 1's one pool batch of the second measurement
+            raise RuntimeError("bad held-out batch on rank 1")
+        return model(**batch)
+
+    path = root / "measurement_fails"
+    writer = (RunWriter(path, RunInfo("hf-measurement-fails", batch_tier=4, n_layer=2), fsync=False,
+                        tail_window=(4, 16)) if rank == 0 else None)
+    lens = sl.SpectralLens(pool=heldout_pool(), writer=writer, params=(), forward_fn=forward,
+                           schedule=sl.Schedule.every(2), progress=False)
+    args = _args(str(root / f"fails{rank}"), max_steps=6, logging_steps=2)
+    trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(64, 0))
+    SpectralLensCallback(lens, tokens_per_step=TOKENS_PER_STEP).attach(trainer)
+    try:
+        if writer is not None:
+            with writer:
+                trainer.train()
+        else:
+            trainer.train()
+    finally:
+        Path(root, f"measurement_fails.state.rank{rank}.json").write_text(json.dumps(
+            {"history": [m.step for m in lens.history], "global_step": trainer.state.global_step,
+             "detached": lens.model is None}))
+    return None
 
 
 def case_poisoned(rank: int, root: Path) -> dict:
@@ -222,15 +279,18 @@ def case_poisoned(rank: int, root: Path) -> dict:
     return {"history": steps}
 
 
-CASES = {"train": case_train, "short": case_short, "poisoned": case_poisoned}
+CASES = {"train": case_train, "plain": case_plain, "short": case_short, "measurement_fails": case_measurement_fails,
+         "poisoned": case_poisoned}
+ENDS_THE_PROCESS = {"poisoned"}  # a rank that failed there exits, as under torchrun (the others' collective fails)
 
 
 def worker(rank: int, port: int, out: str, cases: tuple[str, ...] = tuple(CASES), pg_timeout_s: float = 60.0) -> None:
     """One rank's process: the environment torchrun would give (the ``Trainer``'s Accelerate state reads it), a
     gloo group with a collective timeout of ``pg_timeout_s`` (Accelerate keeps a group that is already up; on the
     CPU it would start one with the default 30 minutes), then each case in turn. A case's value or error, its end
-    time and seconds go to ``<case>.rank<r>.json``. A case that raised ends the process (a failed rank exits, as
-    under torchrun), so the other ranks' next collective fails at once."""
+    time and seconds, and (after every case but those of :data:`ENDS_THE_PROCESS`) the outcome of a barrier (the
+    ranks in step again) go to ``<case>.rank<r>.json``. A case of :data:`ENDS_THE_PROCESS` that raised ends the
+    process (a failed rank exits, as under torchrun), so the other ranks' next collective fails at once."""
     from support.ranks import gloo_group, write_case
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
@@ -252,6 +312,12 @@ def worker(rank: int, port: int, out: str, cases: tuple[str, ...] = tuple(CASES)
                 result["error"] = f"{type(exc).__name__}: {exc}"
                 result["traceback"] = traceback.format_exc()[-3000:]
             result["seconds"], result["ended"] = time.monotonic() - start, time.time()
-            write_case(out, case, rank, result)
-            if result["error"] is not None:
+            if result["error"] is not None and case in ENDS_THE_PROCESS:
+                write_case(out, case, rank, result)
                 return  # leaves the group: the process ends
+            try:
+                torch.distributed.barrier()
+                result["barrier"] = "ok"
+            except Exception as exc:  # noqa: BLE001
+                result["barrier"] = f"{type(exc).__name__}: {exc}"
+            write_case(out, case, rank, result)
