@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 import pytest
 import torch
@@ -82,10 +83,15 @@ def test_trainer_under_ddp_records_on_rank0_and_measures_the_whole_pool(ranks):
         assert [(h["step"], h["spectral_lens/val_loss"]) for h in lens_logs if "spectral_lens/val_loss" in h] == \
             [(s, eval_loss[s]) for s in (2, 4, 6)], key
         assert not [h for h in r1[key] if any(k.startswith("spectral_lens/") for k in h)], key
-    rankme = [h["spectral_lens/act:transformer.h.1/rankme"] for h in r0["logs"]
-              if "spectral_lens/act:transformer.h.1/rankme" in h]
-    assert rankme == pytest.approx([sl.RankMe()(sl.Spectrum(torch.tensor(
-        r0["spectra"][str(s)]["act:transformer.h.1"], dtype=torch.float64), 96, 32)) for s in (2, 4, 6)], rel=1e-12)
+    # rank 0's loggers got the record's summaries and noise scale, each at its step
+    logged = {h["step"]: h for h in r0["logs"] if "spectral_lens/noise_scale" in h}
+    for step in ("2", "4", "6"):
+        for name, summaries in r0["summaries"][step].items():
+            for k in ("alpha_tail", "alpha_head", "rankme", "stable_rank"):
+                got, want = logged[int(step)][f"spectral_lens/{name}/{k}"], summaries.get(k, math.nan)
+                assert got == want or (math.isnan(got) and math.isnan(want)), (step, name, k, got, want)
+        assert logged[int(step)]["spectral_lens/noise_scale"] == r0["scalars"][step]["noise_scale"]
+    assert not math.isnan(logged[6]["spectral_lens/act:transformer.h.1/alpha_tail"])  # the record's window (4, 16)
 
     # the activation spectra: the whole pool (3 batches on 2 ranks: 96 rows) on both ranks, as one process
     assert set(r0["spectra"]["6"]) == {"act:transformer.h.1", "grad:transformer.h.1.attn.c_proj.weight"}
@@ -122,8 +128,18 @@ def test_measuring_leaves_the_ddp_training_bit_identical(ranks):
 def test_a_run_that_logged_no_loss_records_the_final_train_loss_once(ranks):
     r0, r1 = _ok(ranks, "short")
     (final,) = r0["final_train_loss"]
+    assert r1["final_train_loss"] != [final]  # rank 0's own mean (the trainer does not gather it), as documented
     assert [[e["step"], e["train_loss"]] for e in r0["events"] if "train_loss" in e] == [[2, final]]
     assert r1["events"] is None
+
+
+def test_a_run_resumed_from_a_checkpoint_records_each_step_once(ranks):
+    """Crashed after step 5 (on every rank), resumed from checkpoint-2 with ``eval_on_start``: rank 0's record
+    drops steps 3-5 and holds each step's measurement, train_loss and val_loss once."""
+    r0, r1 = _ok(ranks, "resume")
+    assert r0["history"] == r1["history"] == [[2, 4], [4, 6]]
+    assert r0["measured"] == [[s, s * 64] for s in (2, 4, 6)]
+    assert r0["events"] == [[s, k] for s in (2, 4, 6) for k in ("train_loss", "val_loss")]
 
 
 def test_a_measurement_that_fails_on_rank1_raises_on_every_rank_at_once(ranks):

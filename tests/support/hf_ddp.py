@@ -99,9 +99,10 @@ def reference_spectrum(state_dict, layer: str = "transformer.h.1") -> torch.Tens
 def _args(out: str, **kw):
     import transformers
 
+    kw.setdefault("save_strategy", "no")
     return transformers.TrainingArguments(
         output_dir=out, per_device_train_batch_size=BATCH, per_device_eval_batch_size=4, learning_rate=3e-3,
-        save_strategy="no", report_to=[], use_cpu=True, ddp_backend="gloo", disable_tqdm=True, seed=0, **kw)
+        report_to=[], use_cpu=True, ddp_backend="gloo", disable_tqdm=True, seed=0, **kw)
 
 
 def _events(path: Path) -> list[dict]:
@@ -157,6 +158,8 @@ def case_train(rank: int, root: Path) -> dict:
     if rank == 0:
         record = RunRecord.open(path)
         result["measured"] = [[m.step, m.tokens] for m in record.measurements]
+        result["summaries"] = {str(m.step): m.summaries for m in record.measurements}
+        result["scalars"] = {str(m.step): m.scalars for m in record.measurements}
         result["events"] = record.events
         result["run_json"] = json.loads((path / "run.json").read_text())
         from safetensors.torch import save_file
@@ -205,6 +208,60 @@ def case_short(rank: int, root: Path) -> dict:
             writer.close()
     final = [h["train_loss"] for h in trainer.state.log_history if "train_runtime" in h]
     return {"final_train_loss": final, "events": _events(path) if rank == 0 else None}
+
+
+def _crash_at(step: int):
+    import transformers
+
+    class CrashAt(transformers.TrainerCallback):
+        """The training loop crashes after optimizer step ``step``, on every rank (after the callback's hooks)."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise KeyboardInterrupt(f"crash at step {step}")
+
+    return CrashAt()
+
+
+def case_resume(rank: int, root: Path) -> dict:
+    """A run with a checkpoint every 2 steps that crashes after step 5 on every rank, then ``train(resume_from_
+    checkpoint=<checkpoint-2>)`` with ``eval_on_start`` to step 6, rank 0's writer opened with ``resume=True``: the
+    record holds each step once (rank 0 drops what came after step 2, both ranks agree whether step 2 counts as
+    measured). One output directory for both ranks, as under torchrun (rank 0 saves the checkpoints)."""
+    import transformers
+
+    import spectral_lens as sl
+    from spectral_lens.integrations import SpectralLensCallback
+    from spectral_lens.records import RunInfo, RunWriter
+
+    path, out = root / "resume", str(root / "resume_out")
+    steps = []
+    for resume in (False, True):
+        writer = (RunWriter(path, None if resume else RunInfo("hf-resume", batch_tier=4, n_layer=2), resume=resume,
+                            fsync=False, tail_window=(4, 16)) if rank == 0 else None)
+        lens = sl.SpectralLens(pool=heldout_pool(), writer=writer, params=(), schedule=sl.Schedule.every(2),
+                               progress=False)
+        args = _args(out, max_steps=6, logging_steps=2, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                     save_steps=2, eval_on_start=resume)
+        trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(64, 0),
+                                       eval_dataset=Tokens(8, 1))
+        SpectralLensCallback(lens, on_evaluate=True, tokens_per_step=TOKENS_PER_STEP).attach(trainer)
+        try:
+            if resume:
+                trainer.train(resume_from_checkpoint=f"{out}/checkpoint-2")
+            else:
+                trainer.add_callback(_crash_at(5))
+                trainer.train()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if writer is not None:
+                writer.close()
+        steps.append([m.step for m in lens.history])
+    if rank != 0:
+        return {"history": steps}
+    events = [[e["step"], "train_loss" if "train_loss" in e else "val_loss"] for e in _events(path)]
+    return {"history": steps, "measured": _measured(path), "events": events}
 
 
 def case_measurement_fails(rank: int, root: Path) -> dict:
@@ -279,7 +336,8 @@ def case_poisoned(rank: int, root: Path) -> dict:
     return {"history": steps}
 
 
-CASES = {"train": case_train, "plain": case_plain, "short": case_short, "measurement_fails": case_measurement_fails,
+CASES = {"train": case_train, "plain": case_plain, "short": case_short, "resume": case_resume,
+         "measurement_fails": case_measurement_fails,
          "poisoned": case_poisoned}
 ENDS_THE_PROCESS = {"poisoned"}  # a rank that failed there exits, as under torchrun (the others' collective fails)
 
