@@ -1,10 +1,12 @@
-"""The ``SpectralLensCallback`` in a real ``transformers.Trainer`` under 2-process DDP (gloo, CPU; slow tier):
-a config-built GPT-2, the ``RunWriter`` on rank 0, the lens measuring every 2 steps, a loss logged and an
-evaluation every 2 steps (``tests/support/hf_ddp.py`` runs the ranks). Checked: no hang, rank 0's record
+"""The ``SpectralLensCallback`` in a real ``transformers.Trainer`` under 2-process DDP (gloo, CPU; slow tier, about
+45 s on the 2-core machine): a config-built GPT-2 with dropout, the ``RunWriter`` on rank 0, the lens measuring
+every 2 steps, a loss logged and an evaluation every 2 steps (``tests/support/hf_ddp.py`` runs the ranks, in one
+pair of processes). Checked: no hang (a join deadline, a 60 s collective timeout), rank 0's record
 (measurements, ``train_loss`` and ``val_loss`` events, ``RunInfo.tokens_per_step``), the loggers' values on
 rank 0 only, the activation spectra on both ranks against a one-process float64 reference over the same pool,
-the final ``train_loss`` of a run that logged none, and a poisoned batch on rank 1: both ranks end, rank 0's
-record marked failed."""
+training bit-identical to training without the callback, the final ``train_loss`` of a run that logged none, a
+resume from a checkpoint, a measurement failing on rank 1 (agreed: both ranks raise, in step), and a poisoned
+training batch on rank 1: both ranks end within seconds, rank 0's record marked failed."""
 
 from __future__ import annotations
 
@@ -51,7 +53,12 @@ def _normalized(values) -> torch.Tensor:
 
 def test_trainer_under_ddp_records_on_rank0_and_measures_the_whole_pool(ranks):
     from safetensors.torch import load_file
-    from support.hf_ddp import TOKENS_PER_STEP, heldout_pool, reference_spectrum, tiny_gpt2
+    from support.hf_ddp import (
+        TOKENS_PER_STEP,
+        heldout_pool,
+        reference_spectrum,
+        tiny_gpt2,
+    )
 
     import spectral_lens as sl
 

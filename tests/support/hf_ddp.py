@@ -137,7 +137,7 @@ def case_train(rank: int, root: Path) -> dict:
     args = _args(str(root / f"out{rank}"), max_steps=6, logging_steps=2, eval_strategy="steps", eval_steps=2)
     trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(64, 0),
                                    eval_dataset=Tokens(8, 1))
-    cb = SpectralLensCallback(lens, on_evaluate=True, tokens_per_step=TOKENS_PER_STEP).attach(trainer)
+    SpectralLensCallback(lens, on_evaluate=True, tokens_per_step=TOKENS_PER_STEP).attach(trainer)
     recorder = _recorder_class()(keep={2, 4, 6} if rank == 0 else ())
     trainer.add_callback(recorder)
     if writer is not None:
