@@ -78,7 +78,7 @@ def _settled(extras: Mapping[str, Any], withdrawn: Mapping[str, Any], went_on: b
         del out["status"]
         return out
     out["status"] = FAILED
-    if withdrawn["failure"] is not None:
+    if withdrawn.get("failure") is not None:  # a stale "running"'s entry may lack it (see _stale_running)
         out["failure"] = withdrawn["failure"]
     history = out.get(FAILURE_HISTORY)
     if isinstance(history, list) and history and _same_entry(history[-1], withdrawn):

@@ -471,7 +471,8 @@ class RunWriter:
         files left behind are also removed by the next ``RunWriter(resume=True)``). Lines without a
         numeric ``step`` are kept; while ``measurements.jsonl`` has a line that is not a JSON object,
         no spectrum file is removed (that line's references are unknown). A partial last line (another
-        program's, mid-write) of a file rewritten is cut off with a :class:`RecordWarning`, as on resume.
+        program's, mid-write) of a file rewritten is cut off with a :class:`RecordWarning`, as on resume;
+        cut, it keeps no spectrum file (blanks after the last newline are no line: dropped without a word).
         """
         if not self._fds:
             raise ValueError(f"RunWriter for {self.path} is closed")
@@ -510,11 +511,11 @@ class RunWriter:
                     scan.add(obj)
             if not n:
                 continue
-            if partial:  # a line being written (another program's): the file is replaced, so the rest of it
-                unknown = unknown or name == MEASUREMENTS_FILE  # goes to the old one; kept, ended with a newline,
-                warnings.warn(  # it would be a broken line mid-file (the reader refuses the record)
+            if partial.strip():  # a line being written (another program's): the file is replaced, so the rest
+                warnings.warn(  # of it goes to the old one; kept, ended with a newline, it would be a broken line
                     f"{path}: dropping a partial last line ({len(partial)} bytes, no newline) while removing the "
-                    f"steps after {step}", RecordWarning, stacklevel=2)
+                    f"steps after {step}", RecordWarning, stacklevel=2)  # mid-file (the reader refuses the record).
+                # Cut, it is no line of the file: its references protect no spectrum file (only kept lines do)
             write_atomic(path, lambda fh: fh.writelines(keep), fsync=self.fsync)
             # the append descriptor still points at the replaced file: reopen it on the new one
             os.close(self._fds.pop(name))
