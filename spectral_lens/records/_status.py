@@ -74,13 +74,16 @@ def _settled(extras: Mapping[str, Any], withdrawn: Mapping[str, Any], went_on: b
     out = dict(extras)
     if out.get("status") != RUNNING:
         return out
+    history = out.get(FAILURE_HISTORY)
     if went_on:
         del out["status"]
+        if isinstance(history, list) and history and _same_entry(history[-1], withdrawn):
+            # settled: a later "running" (a user's update_info) is then no gone writer's mark (_stale_running)
+            out[FAILURE_HISTORY] = [*history[:-1], {**history[-1], "went_on": True}]
         return out
     out["status"] = FAILED
     if withdrawn.get("failure") is not None:  # a stale "running"'s entry may lack it (see _stale_running)
         out["failure"] = withdrawn["failure"]
-    history = out.get(FAILURE_HISTORY)
     if isinstance(history, list) and history and _same_entry(history[-1], withdrawn):
         if len(history) == 1:
             del out[FAILURE_HISTORY]
@@ -112,7 +115,7 @@ def failure_history_lines(extras: Mapping[str, Any]) -> list[str]:
         text = ("failed after the run ended" if e.get("after_end") else "failed") + (f" ({why})" if why else "")
         if e.get("step") is not None or e.get("tokens") is not None:
             text += f" at step {e.get('step')}, {e.get('tokens')} tokens"
-        out.append(text + "; resumed")
+        out.append(text + ("; resumed, and the training went on" if e.get("went_on") else "; resumed"))
     return out
 
 
@@ -167,11 +170,12 @@ def _went_on(resumed_at: int | None, max_tokens: int | None, dropped: bool) -> b
 def _stale_running(extras: Mapping[str, Any]) -> dict[str, Any] | None:
     """The entry a resume withdrew, when ``extras`` hold the ``"running"`` of a writer that resumed a failed
     run and never closed (killed): status ``"running"`` and a last ``failure_history`` entry a resume wrote
-    (an object with ``resumed``, no ``after_end``); else ``None``. Read by a writer opening the run, which holds
+    (an object with ``resumed``, no ``after_end``, not marked ``went_on`` by a writer that settled it); else ``None``. Read by a writer opening the run, which holds
     its lock: the earlier writer is gone, and its mark is settled as the new writer's own (a ``"running"`` set
     by ``update_info`` reads the same: the analyses treat it as no status)."""
     history = extras.get(FAILURE_HISTORY)
     if extras.get("status") != RUNNING or not isinstance(history, list) or not history:
         return None
     last = history[-1]
-    return last if isinstance(last, dict) and "resumed" in last and not last.get("after_end") else None
+    return (last if isinstance(last, dict) and "resumed" in last and not last.get("after_end")
+            and not last.get("went_on") else None)

@@ -36,7 +36,7 @@ def _failed(path, tokens=4000, exc=None, *, resume=False, **extras):
 
 
 def _history(path):
-    return [{k: v for k, v in e.items() if k != "resumed"} for e in _extras(path).get("failure_history", [])]
+    return [{k: v for k, v in e.items() if k not in ("resumed", "went_on")} for e in _extras(path).get("failure_history", [])]
 
 
 def test_a_failed_run_resumed_that_goes_on_and_exits_cleanly_is_no_longer_running(tmp_path, capsys):
@@ -53,7 +53,7 @@ def test_a_failed_run_resumed_that_goes_on_and_exits_cleanly_is_no_longer_runnin
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "  status: ends at 50% of budget\n" in out
-    assert "  earlier: failed (RuntimeError: preempted) at step 4, 4000 tokens; resumed\n" in out
+    assert "  earlier: failed (RuntimeError: preempted) at step 4, 4000 tokens; resumed, and the training went on\n" in out
 
 
 def test_a_resume_that_only_measures_the_failed_runs_checkpoints_leaves_it_failed(tmp_path):
@@ -84,7 +84,7 @@ def test_every_failure_of_a_run_stays_in_its_history(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  earlier: ")]
     assert lines == ["  earlier: failed (RuntimeError: CUDA out of memory.) at step 2, 2000 tokens; resumed",
-                     "  earlier: failed (KeyboardInterrupt) at step 6, 6000 tokens; resumed"]
+                     "  earlier: failed (KeyboardInterrupt) at step 6, 6000 tokens; resumed, and the training went on"]
 
 
 def test_drop_after_counts_as_the_training_going_on(tmp_path):

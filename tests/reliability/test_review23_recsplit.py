@@ -29,7 +29,7 @@ def _extras(path):
 
 
 def _history(path):
-    return [{k: v for k, v in e.items() if k != "resumed"} for e in _extras(path).get("failure_history", [])]
+    return [{k: v for k, v in e.items() if k not in ("resumed", "went_on")} for e in _extras(path).get("failure_history", [])]
 
 
 def _failed_run(path, tokens=400):

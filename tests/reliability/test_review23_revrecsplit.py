@@ -102,6 +102,31 @@ def test_a_stale_running_whose_entry_has_no_failure_is_settled(tmp_path, went_on
             if went_on:
                 w.log(5, 500, train_loss=1.0)
     if went_on:
-        assert _extras(path) == {"failure_history": [{"step": 4, "tokens": 400, "resumed": 1.0}]}
+        assert _extras(path) == {"failure_history": [{"step": 4, "tokens": 400, "resumed": 1.0, "went_on": True}]}
     else:
         assert _extras(path) == {"status": "failed"}
+
+
+def test_a_users_running_after_a_settled_resume_brings_back_no_failure(tmp_path):
+    """A run fails at step 4, a resume goes on to step 8 (its "running" settled: no status), a later writer says
+    update_info(status="running") and closes; a measure-only resume then took that "running" for a killed writer's
+    mark (the history's last entry was a resume's) and restored the failure the run had moved past. A settled entry
+    is now marked went_on, which no later "running" is taken for."""
+    path = tmp_path / "r"
+    with pytest.raises(RuntimeError), RunWriter(path, RunInfo("r", total_tokens=10_000), fsync=False) as w:
+        for s in range(1, 5):
+            w.log(s, s * 100, train_loss=1.0)
+        raise RuntimeError("preempted")
+    with RunWriter(path, resume=True, fsync=False) as w:
+        for s in range(5, 9):
+            w.log(s, s * 100, train_loss=1.0)
+    extras = json.loads((path / "run.json").read_text())["extras"]
+    assert "status" not in extras and extras["failure_history"][-1]["went_on"] is True
+    with RunWriter(path, resume=True, fsync=False) as w:
+        w.log(9, 900, train_loss=1.0)
+        w.update_info(status="running")
+    with RunWriter(path, resume=True, fsync=False):
+        pass  # measures nothing new
+    extras = json.loads((path / "run.json").read_text())["extras"]
+    assert extras["status"] == "running" and "failure" not in extras, extras  # before: failed, "RuntimeError: preempted"
+    assert [e["failure"] for e in extras["failure_history"]] == ["RuntimeError: preempted"]
