@@ -10,8 +10,9 @@ waiting for clients. 1/2 clients joined``: tests/integrations/test_review23_flak
 from the moment the last rank reached ``fit``, so neither process's start-up counts; a rank left in a collective
 would wait the 240 s. A rank that exited first could end the other before that one reached its own refusal, and
 the test saw one ``REFUSED`` line (it required only rank 0's, and failed when rank 0's was the missing one): rank 1
-exiting with the error had Lightning's child-process observer kill rank 0 (SIGKILL), and rank 0 exiting first
-once left rank 1 ending silently after ``init_process_group`` (cause not found). Now each rank, having refused,
+exiting with the error had Lightning's child-process observer kill rank 0 (SIGKILL); under load, a rank that exited
+first (either one) also left the other ending without its refusal (rank 1 printed nothing after joining the group;
+cause not found). Now each rank, having refused,
 waits for the other's refusal (a file each, at most 60 s) before it exits, rank 1 with status 0, and the test
 requires both refusals."""
 
