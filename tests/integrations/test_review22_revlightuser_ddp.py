@@ -12,8 +12,8 @@ would wait the 240 s. Rank 1 exits 0 after its refusal: exiting with the error, 
 observer kill rank 0 (SIGKILL, polled every 5 s), on a loaded machine before rank 0 printed its own refusal. The
 ``REFUSED`` lines are found anywhere in the output, not at line starts: with ``PYTHONUNBUFFERED=1`` (set on this
 machine) ``print`` writes the text and its newline separately, so the two ranks' lines, printed at once into one
-pipe, interleaved as ``REFUSED rank=1 ...REFUSED rank=0 ...`` and the test saw rank 1's alone (3 failures in 7
-loaded runs; it required rank 0's). The test now requires both refusals."""
+pipe, interleaved (6 of 8 runs on the loaded machine), as ``REFUSED rank=1 ...REFUSED rank=0 ...`` in 3, where
+the test saw rank 1's alone and failed (it required rank 0's). The test now requires both refusals."""
 
 from __future__ import annotations
 
