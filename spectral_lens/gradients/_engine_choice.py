@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from .._deepspeed import is_zero3
 from .._offload import offloaded_names, untied_names
+from ._measurable import fsdp_sharded
 from .registry import fast_path_for
 
 __all__ = ["batch_statistics", "choose_engine", "fast_refusal", "general_engine", "refuse_fast", "shared_names"]
@@ -91,27 +93,48 @@ def refuse_fast(model: nn.Module, name: str, why: str, untraceable: dict[str, st
     raise ValueError(f"engine='fast' impossible for {name}: {why}; " + _instead(model, name, why, untraceable, offloading, "or"))
 
 
+def _fast_only(model: nn.Module, name: str, general: str) -> tuple[str, str, str] | None:
+    """Where the fast engine alone could measure parameter ``name`` (its vmap and loop engines are refused before
+    any pass): what ``name`` is, what to do instead, and where the fast path is exact. A parameter partitioned
+    by DeepSpeed ZeRO-3 (:func:`~spectral_lens._deepspeed.refuse_zero3_params`), a model sharded with FSDP
+    (:func:`~._measurable.refuse_fsdp`), a weight offloaded by Accelerate where ``general`` is the loop
+    (:func:`~spectral_lens._offload.refuse_offloaded`); ``None`` elsewhere."""
+    if is_zero3(model.get_parameter(name)):
+        return ("a parameter partitioned by DeepSpeed ZeRO stage 3 (an empty placeholder outside its module's "
+                "forward)", "probe a matrix that has a fast path, or measure activations only (params=())",
+                "exact under ZeRO-3")
+    if fsdp_sharded(model):
+        return ("a model sharded with FSDP (vmap cannot trace FSDP's hooks; the loop engine's gradients are "
+                "shards)", "probe a matrix that has a fast path, or an unsharded copy (docs/guide-multi-gpu.md)",
+                "exact under FSDP2")
+    if general == "loop" and offloaded_names(model, [name]):
+        return ("an offloaded weight (a meta placeholder outside its module's forward)",
+                "probe a parameter that is not offloaded, or a copy of the model loaded without offloading "
+                "(docs/guide-multi-gpu.md, Models dispatched by Accelerate)", "exact on an offloaded weight")
+    return None
+
+
 def _instead(model: nn.Module, name: str, fast_why: str | None, untraceable: dict[str, str], offloading: list[str],
              style: str) -> str:
     """What to use instead of a refused engine for parameter ``name``, naming only engines that would be accepted
-    for it: ``"fast"`` where the fast path can run (``fast_why`` is ``None``), the per-sample loop unless ``name``
-    is offloaded by Accelerate (its engines refuse a meta placeholder, :func:`~spectral_lens._offload.refuse_offloaded`),
-    ``"vmap"`` where ``torch.func`` can trace the model, ``"auto"`` where one of those is its choice.
+    for it: ``"fast"`` where the fast path can run (``fast_why`` is ``None``), the per-sample loop or ``"vmap"``
+    (where ``torch.func`` can trace the model) unless the fast engine alone may measure ``name`` (:func:`_fast_only`:
+    offloaded by Accelerate, partitioned by ZeRO-3, sharded by FSDP), ``"auto"`` where one of those is its choice.
     ``style="or"``: ``use engine='auto' or 'loop'``; ``"long"``: each engine with what it does. Where none
-    would be accepted (an offloaded weight the fast path refuses), says so and what to do."""
+    would be accepted (such a parameter that the fast path refuses), says so and what to do."""
     general = general_engine(untraceable, offloading)
-    placeholder = bool(offloaded_names(model, [name]))
-    fast, general_ok = fast_why is None, general == "vmap" or not placeholder
+    only = _fast_only(model, name, general)
+    fast, general_ok = fast_why is None, only is None
     if not (fast or general_ok):
         why = f" ({fast_why})" if style == "long" else ""  # style "or": the refusal has just said why
+        what, remedy, _ = only
+        verb = "differentiate" if what.startswith("an offloaded") else "measure"
         return (f"no engine can measure {name} in this model: the fast path cannot{why} and the vmap and "
-                "loop engines cannot differentiate an offloaded weight (a meta placeholder outside its module's "
-                "forward); probe a parameter that is not offloaded, or a copy of the model loaded without "
-                "offloading (docs/guide-multi-gpu.md, Models dispatched by Accelerate)")
+                f"loop engines cannot {verb} {what}; {remedy}")
     if style == "or":
         return "use " + " or ".join(["engine='auto'"] + [f"'{e}'" for e in (general,) if general_ok])
-    if not general_ok:  # an offloaded weight: the fast path alone measures it
-        return f"use engine='auto' or 'fast' ({name} has a fast path, exact on an offloaded weight)"
+    if not general_ok:  # the fast path alone measures it
+        return f"use engine='auto' or 'fast' ({name} has a fast path, {only[2]})"
     parts = ["engine='auto' (the fast path where one is registered, the per-sample loop elsewhere)"]
     if fast:
         parts.append(f"engine='fast' ({name} has a fast path)")
