@@ -17,7 +17,8 @@ from .._offload import offloaded_names, untied_names
 from ._measurable import fsdp_sharded
 from .registry import fast_path_for
 
-__all__ = ["batch_statistics", "choose_engine", "fast_refusal", "general_engine", "refuse_fast", "shared_names"]
+__all__ = ["batch_statistics", "choose_engine", "fast_refusal", "general_engine", "refuse_fast", "running_statistics",
+           "shared_names"]
 
 
 def shared_names(model: nn.Module, param: nn.Parameter) -> list[str]:
@@ -32,6 +33,14 @@ def batch_statistics(model: nn.Module, train_mode: bool) -> list[str]:
     sequence is normalized by its own statistics; a fast-path pass by its chunk's."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and (train_mode or m.running_mean is None)]
+
+
+def running_statistics(model: nn.Module, train_mode: bool) -> list[str]:
+    """BatchNorm layers that update their running statistics in place while measuring (``train_mode=True``): a
+    write to a buffer that ``torch.func`` cannot trace, so the ``vmap`` engine fails in the first pass (``"auto"``
+    falls back to the per-sample loop there)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and train_mode and m.running_mean is not None]
 
 
 def fast_refusal(model: nn.Module, name: str, site: tuple[nn.Module, str], param: nn.Parameter,
@@ -77,20 +86,23 @@ def choose_engine(engine: str, model: nn.Module, name: str, site: tuple[nn.Modul
         return "loop"
     if engine == "vmap":
         if untraceable or offloading:
-            _refuse_vmap(model, name, fast_refusal(model, name, site, param, train_mode), untraceable, offloading)
+            _refuse_vmap(model, name, fast_refusal(model, name, site, param, train_mode), untraceable, offloading,
+                         train_mode)
         return "vmap"
     reason = fast_refusal(model, name, site, param, train_mode)
     if reason is None:
         return "fast"
     if engine == "fast":
-        refuse_fast(model, name, reason, untraceable, offloading)
+        refuse_fast(model, name, reason, untraceable, offloading, train_mode=train_mode)
     return general_engine(untraceable, offloading)
 
 
-def refuse_fast(model: nn.Module, name: str, why: str, untraceable: dict[str, str], offloading: list[str]) -> None:
+def refuse_fast(model: nn.Module, name: str, why: str, untraceable: dict[str, str], offloading: list[str], *,
+                train_mode: bool) -> None:
     """``ValueError`` for ``engine="fast"`` on parameter ``name`` whose fast path cannot run (``why``), suggesting
-    only engines that would be accepted."""
-    raise ValueError(f"engine='fast' impossible for {name}: {why}; " + _instead(model, name, why, untraceable, offloading, "or"))
+    only engines that would be accepted (measuring with ``train_mode``)."""
+    instead = _instead(model, name, why, untraceable, offloading, train_mode, "or")
+    raise ValueError(f"engine='fast' impossible for {name}: {why}; {instead}")
 
 
 def _fast_only(model: nn.Module, name: str, general: str) -> tuple[str, str, str] | None:
@@ -115,14 +127,17 @@ def _fast_only(model: nn.Module, name: str, general: str) -> tuple[str, str, str
 
 
 def _instead(model: nn.Module, name: str, fast_why: str | None, untraceable: dict[str, str], offloading: list[str],
-             style: str) -> str:
+             train_mode: bool, style: str) -> str:
     """What to use instead of a refused engine for parameter ``name``, naming only engines that would be accepted
     for it: ``"fast"`` where the fast path can run (``fast_why`` is ``None``), the per-sample loop or ``"vmap"``
     (where ``torch.func`` can trace the model) unless the fast engine alone may measure ``name`` (:func:`_fast_only`:
-    offloaded by Accelerate, partitioned by ZeRO-3, sharded by FSDP), ``"auto"`` where one of those is its choice.
+    offloaded by Accelerate, partitioned by ZeRO-3, sharded by FSDP), the loop rather than ``"vmap"`` where the
+    latter would fail in the pass (:func:`running_statistics`), ``"auto"`` where one of those is its choice.
     ``style="or"``: ``use engine='auto' or 'loop'``; ``"long"``: each engine with what it does. Where none
     would be accepted (such a parameter that the fast path refuses), says so and what to do."""
     general = general_engine(untraceable, offloading)
+    if general == "vmap" and running_statistics(model, train_mode):
+        general = "loop"  # vmap cannot trace the update of running statistics: where "auto" falls back
     only = _fast_only(model, name, general)
     fast, general_ok = fast_why is None, only is None
     if not (fast or general_ok):
@@ -144,7 +159,7 @@ def _instead(model: nn.Module, name: str, fast_why: str | None, untraceable: dic
 
 
 def _refuse_vmap(model: nn.Module, name: str, fast_why: str | None, untraceable: dict[str, str],
-                 offloading: list[str]) -> None:
+                 offloading: list[str], train_mode: bool) -> None:
     """``ValueError`` for ``engine="vmap"`` in a model with a layer whose forward vmap cannot trace (``untraceable``)
     or with modules offloaded by Accelerate (``offloading``)."""
     if untraceable:
@@ -156,7 +171,7 @@ def _refuse_vmap(model: nn.Module, name: str, fast_why: str | None, untraceable:
         why = (f"Accelerate offloads the weights of {offloading[:3]}{' and more' if len(offloading) > 3 else ''} "
                "(meta placeholders that its hooks replace inside each forward), which torch.func.functional_call "
                "cannot trace")
-    instead = _instead(model, name, fast_why, untraceable, offloading, "long")
+    instead = _instead(model, name, fast_why, untraceable, offloading, train_mode, "long")
     if offloading and "docs/guide-multi-gpu.md" not in instead:
         instead += " (docs/guide-multi-gpu.md, Models dispatched by Accelerate)"
     raise ValueError(f"PerSampleGradientProbe: engine='vmap' impossible for {type(model).__name__}: {why}; {instead}")

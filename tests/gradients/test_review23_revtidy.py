@@ -11,6 +11,7 @@ every parameter it partitions (``spectral_lens/_deepspeed.py``); set here on gat
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -92,3 +93,30 @@ def test_fast_path_found_unusable_in_the_pass_suggests_only_accepted_engines(zer
     else:
         assert message.endswith("; use engine='auto' or 'vmap'"), message
         assert _accepted(model, "o.weight", "auto") and _accepted(model, "o.weight", "vmap")
+
+
+def _bn_net(track: bool) -> nn.Sequential:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4, track_running_stats=track)
+    return nn.Sequential(nn.Linear(8, 8), bn, nn.Flatten(), nn.Linear(32, 3)).double().eval()
+
+
+@pytest.mark.parametrize("track, train_mode", [(True, True), (False, False)], ids=["running", "batch"])
+def test_fast_refusal_for_batch_statistics_suggests_an_engine_that_runs(track, train_mode):
+    """A BatchNorm normalizing by the pass's batch keeps ``0.weight`` off the fast path. With ``train_mode=True``
+    it also updates its running statistics in place, which ``torch.func`` cannot trace: ``engine='vmap'`` fails
+    in the first update (``auto`` falls back to the loop). Before: the refusal suggested ``'vmap'`` there too."""
+    x = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kw = dict(loss_fn=lambda out, b: out.pow(2).mean(-1), train_mode=train_mode)
+    with pytest.raises(ValueError, match=r"engine='fast' impossible for 0\.weight: BatchNorm") as info:
+        sl.PerSampleGradientProbe(_bn_net(track), "0.weight", engine="fast", **kw)
+    message = str(info.value)
+    assert _suggested(message) == ["auto", "loop" if train_mode else "vmap"], message
+    for other in _suggested(message):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", sl.EngineFallbackWarning)  # auto: vmap, then the loop
+            probe = sl.PerSampleGradientProbe(_bn_net(track), "0.weight", engine=other, **kw).update(x)
+        assert probe.n_samples_ == 5, other
+    if train_mode:  # the premise: vmap cannot trace the running-statistics update
+        with pytest.raises(RuntimeError, match="engine='vmap' cannot trace"):
+            sl.PerSampleGradientProbe(_bn_net(track), "0.weight", engine="vmap", **kw).update(x)
