@@ -120,3 +120,27 @@ def test_fast_refusal_for_batch_statistics_suggests_an_engine_that_runs(track, t
     if train_mode:  # the premise: vmap cannot trace the running-statistics update
         with pytest.raises(RuntimeError, match="engine='vmap' cannot trace"):
             sl.PerSampleGradientProbe(_bn_net(track), "0.weight", engine="vmap", **kw).update(x)
+
+
+def test_a_refused_lens_attach_leaves_the_users_attached_probe_alone():
+    """``attach_once`` detaches an owner whose bind was refused; for a lens that must not reach a ``probe=`` the
+    user attached (the lens never owned it): its handle stays active and its samples are kept, whether the lens
+    is refused before the probe is looked at (``layers`` matching nothing) or because of it (another model)."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2))
+
+    model, other = net(), net()
+    probe = sl.PerSampleGradientProbe(params="0.weight", loss_fn=lambda out, b: out.pow(2).sum(1),
+                                      forward_fn=lambda m, b: m(b))
+    handle = probe.attach(model)
+    probe.update(torch.randn(4, 3))
+    for target, layers, match in ((model, "nope", "no module matches"), (other, "0", "built for another model")):
+        lens = sl.SpectralLens(pool=[torch.randn(4, 3)], layers=layers, probe=probe, forward_fn=lambda m, b: m(b),
+                               progress=False)
+        with pytest.raises(ValueError, match=match):
+            lens.attach(target)
+        assert lens.model is None and probe.model is model and handle.active and probe.n_samples_ == 4
+    with pytest.raises(ValueError, match="already attached to this Sequential"):
+        probe.attach(model)  # refused before binding: nothing detached
+    assert handle.active and probe.n_samples_ == 4
