@@ -112,17 +112,17 @@ def _fast_only(model: nn.Module, name: str, general: str) -> tuple[str, str, str
     (:func:`~._measurable.refuse_fsdp`), a weight offloaded by Accelerate where ``general`` is the loop
     (:func:`~spectral_lens._offload.refuse_offloaded`); ``None`` elsewhere."""
     if is_zero3(model.get_parameter(name)):
-        return ("a parameter partitioned by DeepSpeed ZeRO stage 3 (an empty placeholder outside its module's "
-                "forward)", "probe a matrix that has a fast path, or measure activations only (params=())",
+        return (("a parameter partitioned by DeepSpeed ZeRO stage 3 (an empty placeholder outside its module's "
+                 "forward)"), "probe a matrix that has a fast path, or measure activations only (params=())",
                 "exact under ZeRO-3")
     if fsdp_sharded(model):
-        return ("a model sharded with FSDP (vmap cannot trace FSDP's hooks; the loop engine's gradients are "
-                "shards)", "probe a matrix that has a fast path, or an unsharded copy (docs/guide-multi-gpu.md)",
+        return (("a model sharded with FSDP (vmap cannot trace FSDP's hooks; the loop engine's gradients are "
+                 "shards)"), "probe a matrix that has a fast path, or an unsharded copy (docs/guide-multi-gpu.md)",
                 "exact under FSDP2")
     if general == "loop" and offloaded_names(model, [name]):
         return ("an offloaded weight (a meta placeholder outside its module's forward)",
-                "probe a parameter that is not offloaded, or a copy of the model loaded without offloading "
-                "(docs/guide-multi-gpu.md, Models dispatched by Accelerate)", "exact on an offloaded weight")
+                ("probe a parameter that is not offloaded, or a copy of the model loaded without offloading "
+                 "(docs/guide-multi-gpu.md, Models dispatched by Accelerate)"), "exact on an offloaded weight")
     return None
 
 

@@ -44,7 +44,7 @@ def _net(zero3: bool, functional: bool = False) -> nn.Module:
     return model
 
 
-KW = dict(forward_fn=lambda m, b: m(b), loss_fn=lambda out, b: out.pow(2).sum((1, 2)))
+KW = {"forward_fn": lambda m, b: m(b), "loss_fn": lambda out, b: out.pow(2).sum((1, 2))}
 BATCH = torch.randint(0, 11, (3, 5))
 
 
@@ -107,7 +107,7 @@ def test_fast_refusal_for_batch_statistics_suggests_an_engine_that_runs(track, t
     it also updates its running statistics in place, which ``torch.func`` cannot trace: ``engine='vmap'`` fails
     in the first update (``auto`` falls back to the loop). Before: the refusal suggested ``'vmap'`` there too."""
     x = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    kw = dict(loss_fn=lambda out, b: out.pow(2).mean(-1), train_mode=train_mode)
+    kw = {"loss_fn": lambda out, b: out.pow(2).mean(-1), "train_mode": train_mode}
     with pytest.raises(ValueError, match=r"engine='fast' impossible for 0\.weight: BatchNorm") as info:
         sl.PerSampleGradientProbe(_bn_net(track), "0.weight", engine="fast", **kw)
     message = str(info.value)
