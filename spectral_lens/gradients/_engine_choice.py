@@ -12,10 +12,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from .._deepspeed import is_zero3
 from .._offload import offloaded_names, untied_names
+from ._measurable import fsdp_sharded
 from .registry import fast_path_for
 
-__all__ = ["batch_statistics", "choose_engine", "fast_refusal", "general_engine", "refuse_fast", "shared_names"]
+__all__ = ["batch_statistics", "choose_engine", "fast_refusal", "general_engine", "refuse_fast", "running_statistics",
+           "shared_names"]
 
 
 def shared_names(model: nn.Module, param: nn.Parameter) -> list[str]:
@@ -30,6 +33,14 @@ def batch_statistics(model: nn.Module, train_mode: bool) -> list[str]:
     sequence is normalized by its own statistics; a fast-path pass by its chunk's."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and (train_mode or m.running_mean is None)]
+
+
+def running_statistics(model: nn.Module, train_mode: bool) -> list[str]:
+    """BatchNorm layers that update their running statistics in place while measuring (``train_mode=True``): a
+    write to a buffer that ``torch.func`` cannot trace, so the ``vmap`` engine fails in the first pass (``"auto"``
+    falls back to the per-sample loop there)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and train_mode and m.running_mean is not None]
 
 
 def fast_refusal(model: nn.Module, name: str, site: tuple[nn.Module, str], param: nn.Parameter,
@@ -75,43 +86,70 @@ def choose_engine(engine: str, model: nn.Module, name: str, site: tuple[nn.Modul
         return "loop"
     if engine == "vmap":
         if untraceable or offloading:
-            _refuse_vmap(model, name, fast_refusal(model, name, site, param, train_mode), untraceable, offloading)
+            _refuse_vmap(model, name, fast_refusal(model, name, site, param, train_mode), untraceable, offloading,
+                         train_mode)
         return "vmap"
     reason = fast_refusal(model, name, site, param, train_mode)
     if reason is None:
         return "fast"
     if engine == "fast":
-        refuse_fast(model, name, reason, untraceable, offloading)
+        refuse_fast(model, name, reason, untraceable, offloading, train_mode=train_mode)
     return general_engine(untraceable, offloading)
 
 
-def refuse_fast(model: nn.Module, name: str, why: str, untraceable: dict[str, str], offloading: list[str]) -> None:
+def refuse_fast(model: nn.Module, name: str, why: str, untraceable: dict[str, str], offloading: list[str], *,
+                train_mode: bool) -> None:
     """``ValueError`` for ``engine="fast"`` on parameter ``name`` whose fast path cannot run (``why``), suggesting
-    only engines that would be accepted."""
-    raise ValueError(f"engine='fast' impossible for {name}: {why}; " + _instead(model, name, why, untraceable, offloading, "or"))
+    only engines that would be accepted (measuring with ``train_mode``)."""
+    instead = _instead(model, name, why, untraceable, offloading, train_mode, "or")
+    raise ValueError(f"engine='fast' impossible for {name}: {why}; {instead}")
+
+
+def _fast_only(model: nn.Module, name: str, general: str) -> tuple[str, str, str] | None:
+    """Where the fast engine alone could measure parameter ``name`` (its vmap and loop engines are refused before
+    any pass): what ``name`` is, what to do instead, and where the fast path is exact. A parameter partitioned
+    by DeepSpeed ZeRO-3 (:func:`~spectral_lens._deepspeed.refuse_zero3_params`), a model sharded with FSDP
+    (:func:`~._measurable.refuse_fsdp`), a weight offloaded by Accelerate where ``general`` is the loop
+    (:func:`~spectral_lens._offload.refuse_offloaded`); ``None`` elsewhere."""
+    if is_zero3(model.get_parameter(name)):
+        return (("a parameter partitioned by DeepSpeed ZeRO stage 3 (an empty placeholder outside its module's "
+                 "forward)"), "probe a matrix that has a fast path, or measure activations only (params=())",
+                "exact under ZeRO-3")
+    if fsdp_sharded(model):
+        return (("a model sharded with FSDP (vmap cannot trace FSDP's hooks; the loop engine's gradients are "
+                 "shards)"), "probe a matrix that has a fast path, or an unsharded copy (docs/guide-multi-gpu.md)",
+                "exact under FSDP2")
+    if general == "loop" and offloaded_names(model, [name]):
+        return ("an offloaded weight (a meta placeholder outside its module's forward)",
+                ("probe a parameter that is not offloaded, or a copy of the model loaded without offloading "
+                 "(docs/guide-multi-gpu.md, Models dispatched by Accelerate)"), "exact on an offloaded weight")
+    return None
 
 
 def _instead(model: nn.Module, name: str, fast_why: str | None, untraceable: dict[str, str], offloading: list[str],
-             style: str) -> str:
+             train_mode: bool, style: str) -> str:
     """What to use instead of a refused engine for parameter ``name``, naming only engines that would be accepted
-    for it: ``"fast"`` where the fast path can run (``fast_why`` is ``None``), the per-sample loop unless ``name``
-    is offloaded by Accelerate (its engines refuse a meta placeholder, :func:`~spectral_lens._offload.refuse_offloaded`),
-    ``"vmap"`` where ``torch.func`` can trace the model, ``"auto"`` where one of those is its choice.
+    for it: ``"fast"`` where the fast path can run (``fast_why`` is ``None``), the per-sample loop or ``"vmap"``
+    (where ``torch.func`` can trace the model) unless the fast engine alone may measure ``name`` (:func:`_fast_only`:
+    offloaded by Accelerate, partitioned by ZeRO-3, sharded by FSDP), the loop rather than ``"vmap"`` where the
+    latter would fail in the pass (:func:`running_statistics`), ``"auto"`` where one of those is its choice.
     ``style="or"``: ``use engine='auto' or 'loop'``; ``"long"``: each engine with what it does. Where none
-    would be accepted (an offloaded weight the fast path refuses), says so and what to do."""
+    would be accepted (such a parameter that the fast path refuses), says so and what to do."""
     general = general_engine(untraceable, offloading)
-    placeholder = bool(offloaded_names(model, [name]))
-    fast, general_ok = fast_why is None, general == "vmap" or not placeholder
+    if general == "vmap" and running_statistics(model, train_mode):
+        general = "loop"  # vmap cannot trace the update of running statistics: where "auto" falls back
+    only = _fast_only(model, name, general)
+    fast, general_ok = fast_why is None, only is None
     if not (fast or general_ok):
         why = f" ({fast_why})" if style == "long" else ""  # style "or": the refusal has just said why
+        what, remedy, _ = only
+        verb = "differentiate" if what.startswith("an offloaded") else "measure"
         return (f"no engine can measure {name} in this model: the fast path cannot{why} and the vmap and "
-                "loop engines cannot differentiate an offloaded weight (a meta placeholder outside its module's "
-                "forward); probe a parameter that is not offloaded, or a copy of the model loaded without "
-                "offloading (docs/guide-multi-gpu.md, Models dispatched by Accelerate)")
+                f"loop engines cannot {verb} {what}; {remedy}")
     if style == "or":
         return "use " + " or ".join(["engine='auto'"] + [f"'{e}'" for e in (general,) if general_ok])
-    if not general_ok:  # an offloaded weight: the fast path alone measures it
-        return f"use engine='auto' or 'fast' ({name} has a fast path, exact on an offloaded weight)"
+    if not general_ok:  # the fast path alone measures it
+        return f"use engine='auto' or 'fast' ({name} has a fast path, {only[2]})"
     parts = ["engine='auto' (the fast path where one is registered, the per-sample loop elsewhere)"]
     if fast:
         parts.append(f"engine='fast' ({name} has a fast path)")
@@ -121,7 +159,7 @@ def _instead(model: nn.Module, name: str, fast_why: str | None, untraceable: dic
 
 
 def _refuse_vmap(model: nn.Module, name: str, fast_why: str | None, untraceable: dict[str, str],
-                 offloading: list[str]) -> None:
+                 offloading: list[str], train_mode: bool) -> None:
     """``ValueError`` for ``engine="vmap"`` in a model with a layer whose forward vmap cannot trace (``untraceable``)
     or with modules offloaded by Accelerate (``offloading``)."""
     if untraceable:
@@ -133,7 +171,7 @@ def _refuse_vmap(model: nn.Module, name: str, fast_why: str | None, untraceable:
         why = (f"Accelerate offloads the weights of {offloading[:3]}{' and more' if len(offloading) > 3 else ''} "
                "(meta placeholders that its hooks replace inside each forward), which torch.func.functional_call "
                "cannot trace")
-    instead = _instead(model, name, fast_why, untraceable, offloading, "long")
+    instead = _instead(model, name, fast_why, untraceable, offloading, train_mode, "long")
     if offloading and "docs/guide-multi-gpu.md" not in instead:
         instead += " (docs/guide-multi-gpu.md, Models dispatched by Accelerate)"
     raise ValueError(f"PerSampleGradientProbe: engine='vmap' impossible for {type(model).__name__}: {why}; {instead}")

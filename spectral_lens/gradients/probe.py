@@ -686,7 +686,7 @@ class PerSampleGradientProbe:
             rows.update(got)
             for k, why in not_called.items():
                 if self.engine == "fast":
-                    refuse_fast(self.model, k, why, self._untraceable, self._offloading)
+                    refuse_fast(self.model, k, why, self._untraceable, self._offloading, train_mode=self.train_mode)
                 # the loop where vmap cannot trace the model (Accelerate's hooks, a PEFT LoHa layer), as "auto" chooses
                 self.engines_[k] = general_engine(self._untraceable, self._offloading)
             if not_called:  # the vmap engine cannot measure a ZeRO-3 or offloaded parameter: refused before its pass
