@@ -64,14 +64,14 @@ class ToyLens:
                                     tail_window=writer.tail_window, head_window=writer.head_window)
 
     @torch.no_grad()
-    def _probe_pass(self) -> tuple[float, dict[str, float]]:
+    def _probe_pass(self, fourier: bool = True) -> tuple[float, dict[str, float]]:
         was = self.model.training
         self.model.eval()
         try:
             h = forward_in_chunks(lambda x: self.model.hidden(x)[:, -1], self.x, self.batch)  # bit-identical, faster
             w = self.model.wte.weight if self.model.lm_head is None else self.model.lm_head.weight
             val = float(F.cross_entropy(norm(h) @ w.T, self.y))
-            return val, fourier_summaries(h, self.phase, self.c)
+            return val, fourier_summaries(h, self.phase, self.c) if fourier else {}
         finally:
             self.model.train(was)
 
@@ -86,5 +86,5 @@ class ToyLens:
 
     @torch.no_grad()
     def val_loss(self) -> float:
-        """Validation loss over the pool only (no spectra)."""
-        return self._probe_pass()[0]
+        """Validation loss over the pool only (no spectra, no Fourier probes)."""
+        return self._probe_pass(fourier=False)[0]
