@@ -18,6 +18,7 @@ from spectral_lens.records import RunWriter
 
 from .model import ToyTransformer, norm
 from .probes import fourier_summaries
+from .train import forward_in_chunks
 
 __all__ = ["ToyLens", "last_position_mask", "GRADIENT_PARAM"]
 
@@ -46,12 +47,13 @@ class ToyLens:
         c: the cycle length.
         writer: the run's :class:`~spectral_lens.records.RunWriter`.
         gradient_samples: examples M of the per-sample gradient spectrum.
-        batch: pool batch size of the activation pass.
+        batch: pool batch size of the activation pass (and of the validation / Fourier pass).
     """
 
     def __init__(self, model: ToyTransformer, x: torch.Tensor, y: torch.Tensor, phase: torch.Tensor, c: int,
                  writer: RunWriter, *, gradient_samples: int = 64, batch: int = 256):
         self.model, self.x, self.y, self.phase, self.c, self.writer = model, x, y, phase, c, writer
+        self.batch = batch
         pool = [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x), batch)]
         last = len(model.blocks) - 1
         self.probe = sl.PerSampleGradientProbe(model, GRADIENT_PARAM.format(last=last), loss_fn=_example_losses,
@@ -62,14 +64,14 @@ class ToyLens:
                                     tail_window=writer.tail_window, head_window=writer.head_window)
 
     @torch.no_grad()
-    def _probe_pass(self) -> tuple[float, dict[str, float]]:
+    def _probe_pass(self, fourier: bool = True) -> tuple[float, dict[str, float]]:
         was = self.model.training
         self.model.eval()
         try:
-            h = self.model.hidden(self.x)[:, -1]
+            h = forward_in_chunks(lambda x: self.model.hidden(x)[:, -1], self.x, self.batch)  # bit-identical, faster
             w = self.model.wte.weight if self.model.lm_head is None else self.model.lm_head.weight
             val = float(F.cross_entropy(norm(h) @ w.T, self.y))
-            return val, fourier_summaries(h, self.phase, self.c)
+            return val, fourier_summaries(h, self.phase, self.c) if fourier else {}
         finally:
             self.model.train(was)
 
@@ -84,5 +86,5 @@ class ToyLens:
 
     @torch.no_grad()
     def val_loss(self) -> float:
-        """Validation loss over the pool only (no spectra)."""
-        return self._probe_pass()[0]
+        """Validation loss over the pool only (no spectra, no Fourier probes)."""
+        return self._probe_pass(fourier=False)[0]

@@ -70,7 +70,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: Rotary | None) -> torch.Tensor:
         x = x + self.attn(norm(x), rotary)
-        return x + self.c_out(F.relu(self.c_fc(norm(x))).square())
+        return x + self.c_out(self.c_fc(norm(x)).relu_().square())  # in place: one large temporary fewer
 
 
 class ToyTransformer(nn.Module):
