@@ -270,3 +270,33 @@ def test_tiny_coverage_is_not_zero_percent(tmp_path):
     assert run_status(RunRecord.open(c)) == "ends at 0.05% of budget"
     status, out, err = _run(["inspect", c])
     assert status == 0 and "  status: ends at 0.05% of budget" in out.splitlines(), out
+
+
+def test_divergence_early_in_a_long_budget_is_not_zero_percent(tmp_path):
+    """divergence() said "(300 tokens, 0% of its token budget)" (``:.0%``); inspect prints it as the
+    status, predict and report as a note."""
+    from spectral_lens.analysis.efficiency import divergence
+    from spectral_lens.records import RunInfo, RunRecord, RunWriter
+
+    info = RunInfo("d", family="f", batch_tier=1, total_tokens=10**6)
+    with RunWriter(tmp_path / "d", info, fsync=False) as w:
+        for k, loss in enumerate([3.0, 2.9, float("nan"), float("nan"), float("nan")], 1):
+            w.log(k, 100 * k, val_loss=loss)
+    why = divergence(RunRecord.open(tmp_path / "d"))
+    assert why is not None and "(300 tokens, 0.03% of its token budget)" in why, why
+    status, out, err = _run(["inspect", tmp_path / "d"])
+    assert status == 0 and "0.03% of its token budget" in out, (out, err)
+
+
+def test_short_run_warning_is_not_zero_percent(tmp_path):
+    """A run cut short at 0.05% of its budget that never reached the target: the warning said "has records
+    to 0% of its token budget"."""
+    from spectral_lens.analysis.efficiency import token_inefficiency
+    from spectral_lens.records import RunRecord
+
+    a = RunRecord.open(_make_run(tmp_path, "a", 1, total_tokens=10**6))
+    b = RunRecord.open(_make_run(tmp_path, "b", 2, total_tokens=1000))
+    with pytest.warns(Warning) as caught:
+        token_inefficiency([a, b], 1.0)
+    texts = [str(w.message) for w in caught]
+    assert any("run 'a' has records to 0.05% of its token budget" in t for t in texts), texts
