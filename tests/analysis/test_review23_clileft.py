@@ -80,7 +80,7 @@ def test_swapped_recorded_tail_window_names_the_run_and_file(tmp_path, command):
     assert err[0].startswith(f"spectral-lens {command}: error: run 'a': {run_json} records tail window [5, 3]"), err
     assert "--window LO HI" in err[0]
     # --window replaces the recorded window: the run is usable
-    status, out, err = _run([command, a, b, "--window", "10", "40", *extra])
+    status, _, err = _run([command, a, b, "--window", "10", "40", *extra])
     assert status == 0, err
 
 
@@ -153,7 +153,7 @@ def test_transition_of_a_run_with_itself_is_refused(tmp_path):
     a, b = _make_run(tmp_path, "a", 1), _make_run(tmp_path, "b", 2)
     status, out, err = _run(["report", a, b, "--out", tmp_path / "out", "--no-plots", "--target-loss", "2.75",
                              "--transition", "a:a"])
-    assert status == 2 and len(err) == 1 and "two different runs" in err[0] and "'a:a'" in err[0], err
+    assert status == 2 and out == "" and len(err) == 1 and "two different runs" in err[0] and "'a:a'" in err[0], err
     assert not (tmp_path / "out").exists()
 
 
@@ -240,7 +240,7 @@ def test_out_dangling_symlink_is_named(tmp_path, nested):
     link = tmp_path / "link"
     os.symlink(tmp_path / "nowhere", link)
     out_dir = link / "sub" if nested else link
-    status, out, err = _run(["report", a, "--out", out_dir, "--no-plots"])
+    status, _, err = _run(["report", a, "--out", out_dir, "--no-plots"])
     assert status == 2 and len(err) == 1, err
     assert f"'{link}' is a symbolic link to a path that does not exist" in err[0], err
     assert not (tmp_path / "nowhere").exists()
@@ -269,7 +269,7 @@ def test_tiny_coverage_is_not_zero_percent(tmp_path):
     c = _make_run(tmp_path, "c", total_tokens=10**6)
     assert run_status(RunRecord.open(c)) == "ends at 0.05% of budget"
     status, out, err = _run(["inspect", c])
-    assert status == 0 and "  status: ends at 0.05% of budget" in out.splitlines(), out
+    assert status == 0 and err == [] and "  status: ends at 0.05% of budget" in out.splitlines(), out
 
 
 def test_divergence_early_in_a_long_budget_is_not_zero_percent(tmp_path):
