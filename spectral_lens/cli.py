@@ -68,6 +68,8 @@ def _transition(text: str) -> tuple[str, str]:
     a, sep, b = text.partition(":")
     if not sep or not a or not b:
         raise argparse.ArgumentTypeError(f"transition must be RUN_A:RUN_B (run ids), got {text!r}")
+    if a == b:  # every difference is zero: the taxonomy would label a run's change against itself
+        raise argparse.ArgumentTypeError(f"transition must name two different runs, got {text!r}")
     return a, b
 
 
@@ -80,6 +82,10 @@ def _out_dir(text: str) -> str:
     # names it; an OSError out of an argparse type function would be a traceback
     if os.path.exists(text) and not os.path.isdir(text):  # was the bare "FILE: File exists" of mkdir
         raise argparse.ArgumentTypeError(f"expected an output directory, got {text!r}, an existing file")
+    for p in (text, *map(str, Path(text).parents)):  # a dangling link, as mkdir says it: "File exists"
+        if os.path.islink(p) and not os.path.exists(p):
+            raise argparse.ArgumentTypeError(f"expected an output directory, got {text!r}: {p!r} is a symbolic "
+                                             "link to a path that does not exist")
     return text
 
 
@@ -208,7 +214,17 @@ def _strict_json(obj):
 
 
 def _fmt(v: float, spec: str = ".4f") -> str:
-    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+    """``v`` formatted by ``spec``, ``"nan"`` for an undefined value, and without the sign of a value that
+    rounds to zero (a flat spectrum's alpha is ``-0.0``: ``"-0.0000"`` read as a negative exponent)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "nan"
+    text = format(v, spec)
+    try:
+        if isinstance(v, float) and float(text) == 0:
+            text = format(0.0, spec)
+    except ValueError:  # "inf", a spec with a suffix ("%"): as formatted
+        pass
+    return text
 
 
 def _unranked(rk) -> str | None:
@@ -310,7 +326,7 @@ def _cmd_predict(args) -> int:
                 cells = [realized[rid] for rid in rk.run_ids[t]]
                 extra = (f"  {', '.join(c[2] if c[2] != 'reached' else f'{c[0]:.4g}' for c in cells):>20}"
                          f"  {', '.join(_eps_cell(c[1]) for c in cells):>11}")
-            print(f"  {i:>4}  {t:>6g}  {rk.values[t]:>10.4f}  {_fmt(rk.sigmas[t], '.2g'):>8}  "
+            print(f"  {i:>4}  {t:>6g}  {_fmt(rk.values[t]):>10}  {_fmt(rk.sigmas[t], '.2g'):>8}  "
                   f"{_fmt(rk.p_best[t], '.3f'):>7}{extra}  {', '.join(rk.run_ids[t])}")
         for c in ranking_flags({f: rk}):
             print(f"caution: {c}")
@@ -327,6 +343,9 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+_NOT_IN_RUN = "the d12 window; the file is not in a run directory"
+
+
 def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, int], str]:
     """The ``(tail, head)`` windows ``inspect FILE.npz`` fits, and where the tail one came from, in words.
 
@@ -340,7 +359,7 @@ def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, i
     from .records.schema import SPECTRA_DIR
     from .spectra.fit import tail_window
 
-    head, tail, source = (10, 40), DEFAULT_WINDOW, "the d12 window; the file is not in a run directory"
+    head, tail, source = (10, 40), DEFAULT_WINDOW, _NOT_IN_RUN
     # "x.npz" run from inside RUN/spectra: its parents are "." without absolute(); normpath: the parent of
     # RUN/spectra/sub/../x.npz is RUN/spectra, not "sub/.." (whose name is "..")
     here = Path(os.path.normpath(path.absolute()))
@@ -391,12 +410,14 @@ def _inspect_spectrum(path: Path, window=None) -> None:
         print(f"  RankMe: {RankMe()(s):.4g}   participation ratio: {participation_ratio(s):.4g}   "
               f"stable rank: {stable_rank(s):.4g}")
         summ = spectrum_summaries(s, tail=tail, head=head)
-        chosen = window is not None or source.startswith(("recorded", "scale rule"))
-        if "alpha_tail" in summ or chosen:  # the d12 default on a short loose spectrum: nothing to say about it
+        # the d12 default for a file outside a run, on a short spectrum: nothing to say about it; a run.json
+        # that cannot be read or records a bad window is said whether or not the window fits
+        chosen = window is not None or not source.startswith(_NOT_IN_RUN)
+        if "alpha_tail" in summ or chosen:
             print(f"  tail window: ranks [{tail[0]}, {tail[1]}] ({source})")
         for key, win in (("alpha_head", head), ("alpha_tail", tail)):
             if key in summ:
-                print(f"  {key} [{win[0]}, {win[1]}]: {summ[key]:.4f} (r2 {summ[key + '_r2']:.3f})")
+                print(f"  {key} [{win[0]}, {win[1]}]: {_fmt(summ[key])} (r2 {_fmt(summ[key + '_r2'], '.3f')})")
             elif key == "alpha_tail" and chosen:
                 print(f"  {key} [{win[0]}, {win[1]}]: not fitted (the window does not fit this spectrum: "
                       f"{s.n_nonzero} nonzero eigenvalues, {s.n_rows} rows)")
@@ -408,8 +429,8 @@ def _inspect_spectrum(path: Path, window=None) -> None:
                     where = "" if "alpha_tail" not in summ else (
                         f"; {win} starts beyond it" if c.rank < tail[0] else
                         f"; {win} starts before it (in the head: it underestimates the tail exponent)")
-                    print(f"  crossover rank r*: {c.rank:.1f} (head alpha {c.head_alpha:.3f}, tail alpha "
-                          f"{c.tail_alpha:.3f}){where}")
+                    print(f"  crossover rank r*: {c.rank:.1f} (head alpha {_fmt(c.head_alpha, '.3f')}, tail alpha "
+                          f"{_fmt(c.tail_alpha, '.3f')}){where}")
                 else:
                     print(f"  crossover rank r*: not located within ranks {c.ranks[0]}-{c.ranks[1]}")
             except ValueError:
@@ -461,11 +482,12 @@ def _inspect_run(path: Path, strict: bool) -> None:
     if q is not None:
         print(f"  throughput: {q:.4g} tokens/s (median)")
     from .analysis.efficiency import coverage, divergence, failure
+    from .analysis.tier_predictor import percent
     from .report import run_status
 
     why, failed, c = divergence(r), failure(r), coverage(r)  # "run 'x' (tier t) diverged: val_loss nan at step ..."
     status = ("diverged: " + why.split(" diverged: ", 1)[1] if why else
-              failed + ("" if c is None else f" at {c:.0%} of budget") if failed else run_status(r))
+              failed + ("" if c is None else f" at {percent(c)} of budget") if failed else run_status(r))
     print(f"  status: {status}")
     from .records.writer import failure_history_lines  # failures a resume withdrew (run.json failure_history)
 
@@ -478,7 +500,7 @@ def _inspect_run(path: Path, strict: bool) -> None:
         for name in r.spectrum_names():
             kind = next((m.kinds.get(name) for m in r.measurements if name in m.kinds), None)
             summ = last.summaries.get(name, {})
-            parts = [f"{k}={v:.4g}" for k, v in summ.items() if not k.endswith("_r2")]
+            parts = [f"{k}={_fmt(v, '.4g')}" for k, v in summ.items() if not k.endswith("_r2")]
             print(f"  spectrum {name!r} ({kind}); last: {', '.join(parts) or '–'}")
 
 
@@ -535,7 +557,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # parse_args says it as "spectral-lens: error: ...", without the command
-        parser.exit(2, f"{parser.prog} {args.command}: error: unrecognized arguments: {' '.join(' '.join(extra).split())}\n")
+        argv = list(sys.argv[1:] if argv is None else argv)
+        before = argv[:argv.index(args.command)] if args.command in argv else []
+        # an option before the command is the program's (spectral-lens --foo predict), not the command's
+        mine = [x for x in extra if x in before] or extra
+        who = parser.prog if mine is not extra else f"{parser.prog} {args.command}"
+        parser.exit(2, f"{who}: error: unrecognized arguments: {' '.join(' '.join(mine).split())}\n")
     _check_window(parser, args)
     from ._warnings import SpectrumFormatError
 

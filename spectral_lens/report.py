@@ -25,7 +25,7 @@ from .analysis.efficiency import (COMPLETE_COVERAGE, SweepWarning, coverage, div
 from .analysis.noise_predictor import NoiseScalePredictor
 from .analysis.ranking import TierRanking, close_call
 from .analysis.tail import TailPredictor
-from .analysis.tier_predictor import PredictionScore
+from .analysis.tier_predictor import PredictionScore, percent
 from .analysis.windows import SpectrumMismatchError, common_spectra, common_windows
 from .analysis.taxonomy import TaxonomyResult, TransitionClassifier, replicate_evidence
 from ._progress import progress_bar
@@ -131,10 +131,10 @@ def run_status(run: RunRecord) -> str:
     if failure(run) is not None:
         why = run.info.extras.get("failure")  # text, as failure() reads it: "TYPE: first line of the message"
         kind = why.split(":", 1)[0].strip() if isinstance(why, str) else ""
-        return "failed" + (f" ({kind})" if kind else "") + ("" if c is None else f" at {c:.0%} of budget")
+        return "failed" + (f" ({kind})" if kind else "") + ("" if c is None else f" at {percent(c)} of budget")
     if c is None:
         return "–"
-    return "complete" if c >= COMPLETE_COVERAGE else f"ends at {c:.0%} of budget"
+    return "complete" if c >= COMPLETE_COVERAGE else f"ends at {percent(c)} of budget"
 
 
 def _target_cell(run: RunRecord, T: float) -> str:
@@ -188,6 +188,9 @@ def _num(v: Any, fmt: str = ".4g") -> str:
             return "–"
         if math.isinf(v):
             return "not reached" if v > 0 else "-inf"
+        with contextlib.suppress(ValueError):  # a spec with a suffix ("%") is left as formatted
+            if float(format(v, fmt)) == 0:  # no "-0.0000" (a flat spectrum's alpha) read as a negative value
+                v = 0.0
     return format(v, fmt)
 
 
@@ -343,7 +346,7 @@ def build_report(
         f"famil{'y' if len(fams) == 1 else 'ies'} ({', '.join(fams)}). "
         + (f"Target validation loss {target_loss:g}. " if target_loss is not None else "No target loss given: "
            "tokens-to-target, eps_tok, the prediction score and the taxonomy are skipped (pass --target-loss). ")
-        + f"Early checkpoint at {fraction:.0%} of the token budget. α_tail window"
+        + f"Early checkpoint at {percent(fraction)} of the token budget. α_tail window"
         + (f" (given): ranks {list(window)}." if window is not None else
            " (recorded by each run): " + ", ".join(f"{f or '(no family)'} ranks {list(w)}" for f, w in windows.items()) + ".")
     )
@@ -390,7 +393,7 @@ def build_report(
             _target_cell(r, T) if T is not None else "–",
             ("unknown" if _is_nan(eps.get(r.run_id)) else _num(eps.get(r.run_id), ".3f")) if eps else "–",
             _num(r.throughput(), ".4g"),
-            (f"{s.value:.3f} ± {_num(s.sigma, '.2g')}" + ("" if one_window else f" (ranks {tuple(s.window)})"))
+            (f"{_num(s.value, '.3f')} ± {_num(s.sigma, '.2g')}" + ("" if one_window else f" (ranks {tuple(s.window)})"))
             if s else ("left out (see notes)" if pred is not None and r.run_id in pred.excluded_ else "–"),
             run_status(r),
         ])
@@ -415,7 +418,7 @@ def build_report(
             b_rk = report.baseline_rankings.get(family)
             rows = []
             for i, t in enumerate(rk.tiers, 1):
-                row = [i, _tier(t), f"{rk.values[t]:.4f}", _num(rk.sigmas[t], ".2g"), _num(rk.p_best[t], ".3f")]
+                row = [i, _tier(t), _num(rk.values[t], ".4f"), _num(rk.sigmas[t], ".2g"), _num(rk.p_best[t], ".3f")]
                 if b_rk is not None:
                     row.append(b_rk.tiers.index(t) + 1 if t in b_rk.tiers else "–")
                 if eps:
@@ -482,8 +485,8 @@ def build_report(
             rows = []
             for t in report.taxonomy:
                 ev = t.evidence
-                rows.append([f"{ev.a} → {ev.b}", t.label, f"{ev.tok_gain:+.3f}" if math.isfinite(ev.tok_gain) else "–",
-                             f"{ev.thr_gain:+.3f}" if math.isfinite(ev.thr_gain) else "–",
+                rows.append([f"{ev.a} → {ev.b}", t.label, _num(ev.tok_gain, "+.3f") if math.isfinite(ev.tok_gain) else "–",
+                             _num(ev.thr_gain, "+.3f") if math.isfinite(ev.thr_gain) else "–",
                              _num(ev.d_alpha_head, "+.3f"), _num(ev.act_jsd, ".2g"), _num(ev.d_grad_alpha, "+.3f"),
                              _num(ev.grad_jsd, ".2g"), t.rule])
             doc.table(["transition", "label", "TokGain", "ThrGain", "Δα_head", "JSD act", "Δα_grad", "JSD grad", "rule"], rows)

@@ -64,13 +64,19 @@ def resolve_spectrum(run: RunRecord, spectrum: str | None = None) -> str:
 def resolve_window(run: RunRecord, window: tuple[int, int] | None = None) -> tuple[int, int]:
     """The tail window for ``run``, in this order: ``window`` if given; the window the run recorded
     (``run.summary_windows["tail"]``, from ``run.json``); the scale rule for ``info.n_layer``
-    (:func:`spectral_lens.tail_window`); else the d12 window ``(100, 200)`` with a warning."""
+    (:func:`spectral_lens.tail_window`); else the d12 window ``(100, 200)`` with a warning. A recorded
+    window that is not 1-based ranks ``lo < hi`` raises ``ValueError`` naming the run and its run.json."""
     if window is not None:
         lo, hi = window
         return (int(lo), int(hi))
     recorded = (getattr(run, "summary_windows", None) or {}).get("tail")
     if recorded:
-        return (int(recorded[0]), int(recorded[1]))
+        lo, hi = (int(recorded[0]), int(recorded[1]))
+        if not 1 <= lo < hi:  # the reader checks types only (inspect shows such a run.json); name the run here
+            where = f"{run.path / 'run.json'}" if getattr(run, "path", None) is not None else "its run.json"
+            raise ValueError(f"run {run.run_id!r}: {where} records tail window {[lo, hi]}, not 1-based ranks "
+                             "LO < HI; pass window=(LO, HI) (CLI: --window LO HI)")
+        return (lo, hi)
     if run.info.n_layer:
         return tail_window(int(run.info.n_layer))
     warnings.warn(  # the default warning filter shows each run's message once

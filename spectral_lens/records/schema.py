@@ -7,6 +7,7 @@ The layout and the durability rules are in :mod:`spectral_lens.records`.
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from collections.abc import Mapping
@@ -131,6 +132,8 @@ class RunInfo:
                 raise RecordFormatError(f"{origin}: run metadata field {key!r} has the wrong type ({type(v).__name__})")
             if isinstance(v, int) and not _is_number(v):
                 raise RecordFormatError(f"{origin}: run metadata field {key!r} is an integer beyond the float range")
+            if isinstance(v, float) and not math.isfinite(v):  # json reads 1e400 as inf, and NaN / Infinity
+                raise RecordFormatError(f"{origin}: run metadata field {key!r} must be a finite number, got {v!r}")
         if not isinstance(kwargs.get("extras") or {}, dict):
             raise RecordFormatError(f"{origin}: run metadata field 'extras' must be an object")
         unknown = {k: v for k, v in data.items() if k not in known and k not in ("format", "version")}

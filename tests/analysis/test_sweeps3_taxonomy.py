@@ -39,7 +39,8 @@ def test_rule_0_names_a_run_that_diverged_instead_of_saying_it_did_not_reach_the
     assert ev.details["diverged_b"].startswith("run 'blown' (tier 8) diverged: val_loss nan at step 3")
     res = clf.classify(ev)
     assert res.label == UNDETERMINED
-    assert res.rule.startswith("rule 0: blown diverged: val_loss nan at step 3 (400 tokens, 67% of its token "
+    # percent(): "66.7%", as the tail predictor writes fractions, where ":.0%" said "67%" (review 23 clileft)
+    assert res.rule.startswith("rule 0: blown diverged: val_loss nan at step 3 (400 tokens, 66.7% of its token "
                                "budget), before reaching the target 2.95: the token gain is undefined"), res.rule
     assert "did not reach" not in res.rule  # before: "rule 0: blown did not reach the target 2.95"
 
