@@ -34,7 +34,10 @@ _CALLBACK_ATTACHMENTS: "weakref.WeakKeyDictionary[SpectralLens, weakref.ref[Atta
 
 class Sink(Protocol):
     """Anything with ``log_measurement(measurement, tail=..., head=...)`` (see TensorBoardSink), and
-    optionally ``resumed(step)``, called on rank 0 when training resumes from a checkpoint at ``step``."""
+    optionally ``resumed(step)``, called on rank 0 when training resumes from a checkpoint at ``step``,
+    and ``log_val_loss(step, val_loss)``, called on rank 0 with a validation loss kept at a step already
+    measured without one (:meth:`LensDriver.record_val_loss`), so the sink's ``val_loss`` curve has the
+    steps the run record has."""
 
     def log_measurement(self, measurement: LensMeasurement, tail=..., head=...) -> None: ...
 
@@ -63,6 +66,7 @@ class LensDriver:
         self._warned_info = False  # the run record's RunInfo.tokens_per_step differs from tokens_per_step: said once
         self._warned_steps = False  # tokens() fell back to step counts and said so once
         self._steps_pending = False  # agreed_tokens() fell back to step counts: rank 0's next agreed work says so
+        self._pending_warnings: list[str] = []  # warn_on_rank0(): given at rank 0's next agreed work
         self.last_step: int | None = None
         self.last_has_val_loss = False  # whether the record holds a validation loss at last_step
         self.handle = None
@@ -214,8 +218,9 @@ class LensDriver:
         run record's ``log.jsonl`` on rank 0 (read by ``RunRecord.val_curve``, ``tokens_to_target`` and
         the reports), unless the record already holds one at this step or the writer was closed. ``log``:
         called on rank 0 with ``{"spectral_lens/val_loss": loss}`` when the loss is kept (also by a lens
-        without a writer), so the loggers' curve has the steps the record has, each once (a measurement
-        with a loss logs it with its scalars). Rank 0 decides, with its own loss, and every rank makes the
+        without a writer), and each sink's ``log_val_loss(step, loss)`` where it has one, so the loggers'
+        and the sinks' curves have the steps the record has, each once (a measurement with a loss logs it
+        with its scalars). Rank 0 decides, with its own loss, and every rank makes the
         agreement's one collective (none in a single process) whatever its own: a loss only rank 0 has (a
         Lightning metric logged on rank 0 alone) left rank 0 waiting in it while the others returned."""
         lens = self.lens
@@ -229,23 +234,38 @@ class LensDriver:
                 return
             if writer is not None:
                 writer.log(step, tokens, val_loss=float(val_loss))
+            for sink in self.sinks:
+                if callable(getattr(sink, "log_val_loss", None)):
+                    sink.log_val_loss(step, float(val_loss))
             if log is not None:
                 log({"spectral_lens/val_loss": float(val_loss)})
 
         self._agreed_on_rank0(on_rank0, "recording the validation loss")
         self.last_has_val_loss = self.last_has_val_loss or val_loss is not None
 
+    def warn_on_rank0(self, message: str) -> None:
+        """Warn (``SpectralLensWarning``) on rank 0 only, at its next agreed work (:meth:`_agreed_on_rank0`: a
+        measurement's sinks, a loss event), as :meth:`agreed_tokens` does: about something only rank 0's value
+        decides (rank 0 writes the record), and raised as an error (``-W error``) on every rank alike. Call it on
+        every rank before that work; the other ranks drop it."""
+        if ranks(self.lens.group)[0] == 0:
+            self._pending_warnings.append(str(message))
+
     def _agreed_on_rank0(self, work, what: str) -> None:
         """Run ``work()`` on rank 0 of the lens's group; then every rank agrees (one collective) on
         whether it succeeded, so a failure there (a full disk, a sink's error) makes every rank raise at
         once instead of leaving the others waiting in the training loop's next collective. Rank 0 first gives
-        :meth:`agreed_tokens`'s pending warning, so that one raised as an error is agreed too."""
+        :meth:`agreed_tokens`'s and :meth:`warn_on_rank0`'s pending warnings, so one raised as an error is
+        agreed too."""
         error = None
         if ranks(self.lens.group)[0] == 0:
             try:
                 if self._steps_pending:
                     self._steps_pending, self._warned_steps = False, True
                     warnings.warn(_STEPS_WARNING, SpectralLensWarning, stacklevel=3)
+                pending, self._pending_warnings = self._pending_warnings, []
+                for message in pending:
+                    warnings.warn(message, SpectralLensWarning, stacklevel=3)
                 self._record_tokens_per_step()
                 work()
             except BaseException as exc:  # an interrupt too: agreed below, then re-raised on rank 0
@@ -329,6 +349,7 @@ class LensDriver:
             warnings.warn(f"spectral-lens: the lens's RunWriter ({getattr(writer, 'path', 'rank 0')}) is closed, so the "
                           f"measurement due at step {step} is skipped; close the writer after the last evaluation "
                           "to record it", SpectralLensWarning, stacklevel=3)
+            self._pending_warnings.clear()  # about what this measurement would have recorded
             return {}
         try:
             try:
@@ -338,6 +359,7 @@ class LensDriver:
                 # would without the callback; its logged losses (train_loss events) show the divergence
                 warnings.warn(f"spectral-lens: the measurement at step {step} is skipped (the training goes on): "
                               f"{exc}", SpectralLensWarning, stacklevel=3)
+                self._pending_warnings.clear()  # about what this measurement would have recorded
                 return {}
             self.last_step = step
             self.last_has_val_loss = val_loss is not None

@@ -258,13 +258,14 @@ class LightningHooks:
         step = int(trainer.global_step)
         if value is None:
             # e.g. several validation dataloaders, whose metrics Lightning logs as "val_loss/dataloader_idx_0", ...
-            warnings.warn(
+            # Rank 0's loss is the one recorded (it writes the record and decides in record_val_loss), so only rank 0's
+            # metrics matter: a val_loss logged with self.log(..., rank_zero_only=True) is missing on the other ranks
+            # alone, which stay quiet. Given at rank 0's agreed work (the measurement's or the kept loss's), so a
+            # warning raised as an error raises on every rank together, with no collective of its own
+            self.driver.warn_on_rank0(
                 f"{type(self).__name__}: val_loss_key {self.val_loss_key!r} is not among the logged metrics "
-                f"{sorted(trainer.callback_metrics)}; the measurements after validation record no validation loss "
-                "(pass val_loss_key= one of those)",
-                SpectralLensWarning,
-                stacklevel=3,
-            )
+                f"{sorted(trainer.callback_metrics)} on rank 0; the measurements after validation record no "
+                "validation loss (pass val_loss_key= one of those)")
         if step == self.driver.last_step:  # measured at this step already: keep (and log) the loss
             self.driver.record_val_loss(step, self.driver.agreed_tokens(step), None if value is None else float(value),
                                         log=self._log_to(trainer))

@@ -47,7 +47,10 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     trained since the previous event over the training time since then (measurements, evaluations and
     checkpoint saves left out; none when ``tokens`` counts steps). The report's training curve and
     throughput ``Q`` read these events. A run from step 0 that logged no loss (shorter than
-    ``logging_steps``) records ``train()``'s final ``train_loss`` at its last step instead. Rank 0 writes
+    ``logging_steps``, or ``logging_strategy="no"``) records ``train()``'s final ``train_loss`` at its last step
+    instead: the mean over all its steps, one point (with ``logging_strategy="no"``, the whole run's mean, far above
+    its last loss in a long run; log every ``logging_steps`` for a curve). A pruned hyperparameter-search trial
+    records none. Rank 0 writes
     them; under ``torch.distributed`` the ranks agree on each write (one small collective per logged
     loss), so a failed write raises on every rank.
 
@@ -189,8 +192,11 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         ``train_loss`` of ``train()``'s final metrics instead, the trainer's mean over all its steps,
         at the last step: the same mean a log there would give (rank 0's own, not gathered). Only for a
         run from step 0: transformers 4 divides a resumed run's sum by all its steps. Recorded at
-        :meth:`on_train_end`, which follows only the final metrics: an evaluation with
-        ``metric_key_prefix="train"`` (a training set's loss) logs ``train_loss`` and ``train_runtime`` too.
+        :meth:`on_train_end` when that follows the final metrics' log: an evaluation with
+        ``metric_key_prefix="train"`` (a training set's loss) logs ``train_loss`` and ``train_runtime`` too,
+        and is followed by :meth:`on_evaluate`, which forgets it (a pruned hyperparameter-search trial calls
+        ``on_train_end`` right after an evaluation, without final metrics: nothing is recorded then).
+        With ``logging_strategy="no"`` that one point is the whole run's mean loss, at its last step.
         The trainer logs on every rank at the same steps, so the ranks agree there on rank 0's write
         (:meth:`LensDriver.record_train_loss`)."""
         logs = logs or {}
@@ -211,6 +217,11 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         """With ``on_evaluate=True``, measure now, recording the evaluation's ``eval_loss``; for a
         ``trainer.evaluate()`` outside ``train()``, a lens without a model is attached to the trainer's
         model for this measurement only."""
+        # an evaluation's metrics were logged just before this (Trainer.evaluate logs, then calls on_evaluate): a
+        # training-set evaluation's (metric_key_prefix="train") are not train()'s final metrics, which on_train_end
+        # follows at once. Forgotten here, or a pruned Optuna trial (on_train_end right after the evaluation that
+        # pruned it) recorded that evaluation's loss as the run's final train_loss
+        self._final_loss = None
         try:
             self._on_evaluate(state, metrics, model)
         finally:

@@ -53,7 +53,8 @@ class SpectralLensLightningCallback(LightningHooks, _pl.Callback):
         on_validation: also measure after every validation run.
         val_loss_key: the logged metric recorded as validation loss (with several validation
             dataloaders Lightning logs ``val_loss/dataloader_idx_0``, ...); a key that is not among
-            ``trainer.callback_metrics`` after a validation run warns (``SpectralLensWarning``).
+            ``trainer.callback_metrics`` after a validation run warns (``SpectralLensWarning``), on rank 0
+            only: rank 0's loss is the one recorded (a ``self.log(..., rank_zero_only=True)`` metric is fine).
         tokens_per_step: training tokens per optimizer step (records' ``tokens``; also the run record's
             ``RunInfo.tokens_per_step`` when that is ``None``); without it, ``tokens`` counts optimizer steps
             (and no ``tokens_per_s`` is recorded).

@@ -76,6 +76,13 @@ class TensorBoardSink:
                 self.writer.add_image(f"{self.prefix}{name}/spectrum", image, global_step=step, dataformats="HWC")
         self.writer.flush()
 
+    def log_val_loss(self, step: int, val_loss: float) -> None:
+        """Write a validation loss a callback kept at an already measured ``step`` (see
+        :meth:`LensDriver.record_val_loss <spectral_lens.integrations._driver.LensDriver.record_val_loss>`)
+        as ``<prefix>val_loss``, the tag a measurement with a loss writes it under; flush."""
+        self.writer.add_scalar(f"{self.prefix}val_loss", float(val_loss), global_step=int(step))
+        self.writer.flush()
+
     def resumed(self, step: int) -> None:
         """Training resumed from a checkpoint at ``step``: hide what was logged after it (a writer this
         sink created is closed and reopened with ``purge_step=step + 1``; a writer passed in is left as is)."""

@@ -56,3 +56,9 @@ class WandbSink:
                 image = spectrum_image(spectrum, f"{name} @ step {measurement.step}", tail, head)
                 data[f"{self.prefix}{name}/spectrum"] = self._wandb.Image(image)
         self.run.log(data)
+
+    def log_val_loss(self, step: int, val_loss: float) -> None:
+        """Log a validation loss a callback kept at an already measured ``step`` (see
+        :meth:`LensDriver.record_val_loss <spectral_lens.integrations._driver.LensDriver.record_val_loss>`)
+        as ``<prefix>val_loss`` against ``<prefix>step``, the key a measurement with a loss logs it under."""
+        self.run.log({f"{self.prefix}val_loss": float(val_loss), f"{self.prefix}step": int(step)})
