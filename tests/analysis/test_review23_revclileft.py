@@ -55,3 +55,14 @@ def test_build_report_non_finite_fraction_names_the_fraction(tmp_path, fraction)
             pass
     with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\]"):
         build_report([tmp_path / "a", tmp_path / "b"], tmp_path / "out", fraction=fraction, plots=False)
+
+
+def test_unknown_option_before_and_after_the_command_each_named_by_its_owner(tmp_path, capsys):
+    """Was "spectral-lens: error: unrecognized arguments: --foo --foo": the one after the command is the
+    command's, and the program's error names only its own."""
+    from spectral_lens.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--foo", "predict", str(tmp_path), "--foo"])
+    err = capsys.readouterr().err.splitlines()
+    assert exc.value.code == 2 and err == ["spectral-lens: error: unrecognized arguments: --foo"], err
