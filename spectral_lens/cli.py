@@ -560,7 +560,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         before = argv[:argv.index(args.command)] if args.command in argv else []
         # an option before the command is the program's (spectral-lens --foo predict), not the command's
-        mine = [x for x in extra if x in before] or extra
+        left, mine = list(before), []
+        for x in extra:  # each token before the command once: "--foo predict R --foo" has one of each
+            if x in left:
+                left.remove(x)
+                mine.append(x)
+        mine = mine or extra
         who = parser.prog if mine is not extra else f"{parser.prog} {args.command}"
         parser.exit(2, f"{who}: error: unrecognized arguments: {' '.join(' '.join(mine).split())}\n")
     _check_window(parser, args)

@@ -254,9 +254,15 @@ class TierPredictor:
 
 
 def percent(fraction: float) -> str:
-    """A progress fraction in words: ``0.2`` -> ``"20%"``, ``0.001`` -> ``"0.1%"`` (``:.0%`` said ``"0%"``)."""
+    """A progress fraction in words: ``0.2`` -> ``"20%"``, ``0.001`` -> ``"0.1%"`` (``:.0%`` said ``"0%"``);
+    ``nan`` -> ``"nan%"`` (messages about a bad fraction must not fail to say it), never ``"-0%"``, and a
+    tiny nonzero share is not ``"0%"``."""
     p = 100 * fraction
-    return f"{p:.0f}%" if abs(p - round(p)) < 1e-9 else f"{p:.3g}%"
+    if not math.isfinite(p):
+        return f"{p}%"
+    if p == 0:
+        return "0%"
+    return f"{p:.0f}%" if abs(p - round(p)) < 1e-9 and round(p) != 0 else f"{p:.3g}%"
 
 
 def _pairs(x, y) -> int:

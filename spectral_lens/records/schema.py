@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 import warnings
 from collections.abc import Mapping
@@ -112,6 +113,10 @@ class RunInfo:
             raise ValueError(f"RunInfo.batch_tier must be a positive number, got {self.batch_tier!r}")
         if self.total_tokens is not None and not self.total_tokens > 0:
             raise ValueError(f"RunInfo.total_tokens must be positive, got {self.total_tokens!r}")
+        for key in ("batch_tier", "tokens_per_step", "total_tokens", "batch_size"):
+            v = getattr(self, key)  # the reader refuses NaN / Infinity in run.json: never write one
+            if isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isfinite(v):
+                raise ValueError(f"RunInfo.{key} must be a finite number, got {v!r}")
         if not isinstance(self.extras, dict):
             raise TypeError(f"RunInfo.extras must be a dict, got {type(self.extras).__name__}")
 
