@@ -482,7 +482,7 @@ def _inspect_run(path: Path, strict: bool) -> None:
     if q is not None:
         print(f"  throughput: {q:.4g} tokens/s (median)")
     from .analysis.efficiency import coverage, divergence, failure
-    from .analysis.tier_predictor import percent
+    from .analysis.efficiency import percent
     from .report import run_status
 
     why, failed, c = divergence(r), failure(r), coverage(r)  # "run 'x' (tier t) diverged: val_loss nan at step ..."

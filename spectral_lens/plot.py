@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from .analysis.efficiency import group_by_family, measurement_at_loss
+from .analysis.efficiency import group_by_family, measurement_at_loss, percent
 from .analysis.early import alpha_trajectory
-from .analysis.tier_predictor import PredictionScore, percent
+from .analysis.tier_predictor import PredictionScore
 from .analysis.windows import resolve_spectrum, resolve_window
 from .analysis.taxonomy import LABELS, TaxonomyResult
 from .atomic import write_atomic

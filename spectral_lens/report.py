@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .analysis.efficiency import (COMPLETE_COVERAGE, SweepWarning, coverage, divergence, ended, failure,
-                                  group_by_family, pick_learning_rates, reached_at_first_evaluation,
+                                  group_by_family, percent, pick_learning_rates, reached_at_first_evaluation,
                                   token_inefficiency, tokens_to_target)
 from .analysis.noise_predictor import NoiseScalePredictor
 from .analysis.ranking import TierRanking, close_call
 from .analysis.tail import TailPredictor
-from .analysis.tier_predictor import PredictionScore, percent
+from .analysis.tier_predictor import PredictionScore
 from .analysis.windows import SpectrumMismatchError, common_spectra, common_windows
 from .analysis.taxonomy import TaxonomyResult, TransitionClassifier, replicate_evidence
 from ._progress import progress_bar

@@ -112,7 +112,7 @@ def divergence(run: RunRecord) -> str | None:
     bad = [p for p in pts if p[0] > start and not math.isfinite(p[3])]
     tokens, step, key, value = min(bad, key=lambda p: p[0])  # min keeps the first of equal token counts
     total = run.info.total_tokens
-    share = f", {_percent(tokens / total)} of its token budget" if total else ""
+    share = f", {percent(tokens / total)} of its token budget" if total else ""
     return f"run {run.run_id!r} (tier {_tier_text(run.info.batch_tier)}) diverged: {key} {value} at step {step} ({tokens:.4g} tokens{share})"
 
 
@@ -279,7 +279,7 @@ def pick_learning_rates(runs: Iterable[RunRecord]) -> tuple[list[RunRecord], dic
         said = {k: _rate_text(loss[k], n_bad[k], len(rs)) for k, rs in by_lr.items()}
         totals = {r.info.total_tokens for rs in by_lr.values() for r in rs}
         total = next(iter(totals)) if len(totals) == 1 else None
-        at_text = f" at {at:.4g} tokens" + (f", {_percent(at / total)} of the budget" if total else "")
+        at_text = f" at {at:.4g} tokens" + (f", {percent(at / total)} of the budget" if total else "")
         others = "; ".join(f"{texts[k]}: {said[k][0]}{said[k][1]}" for k in by_lr if k != best)
         dropped = [r.run_id for k, rs in by_lr.items() if k != best for r in rs]
         why = (f"{where} has runs at {len(by_lr)} learning rates: the best, {texts[best]} (val loss "
@@ -289,12 +289,16 @@ def pick_learning_rates(runs: Iterable[RunRecord]) -> tuple[list[RunRecord], dic
     return [r for r in runs if r.run_id not in left], left
 
 
-def _percent(fraction: float) -> str:
-    """:func:`~spectral_lens.analysis.tier_predictor.percent` (``0.0005`` -> ``"0.05%"``, where ``:.0%``
-    said ``"0%"``), imported here when called: tier_predictor imports this module."""
-    from .tier_predictor import percent
-
-    return percent(fraction)
+def percent(fraction: float) -> str:
+    """A progress fraction in words: ``0.2`` -> ``"20%"``, ``0.001`` -> ``"0.1%"`` (``:.0%`` said ``"0%"``);
+    ``nan`` -> ``"nan%"`` (messages about a bad fraction must not fail to say it), never ``"-0%"``, and a
+    tiny nonzero share is not ``"0%"``."""
+    p = 100 * fraction
+    if not math.isfinite(p):
+        return f"{p}%"
+    if p == 0:
+        return "0%"
+    return f"{p:.0f}%" if abs(p - round(p)) < 1e-9 and round(p) != 0 else f"{p:.3g}%"
 
 
 def _tier_text(t) -> str:
@@ -436,7 +440,7 @@ def token_inefficiency(
             )
         for rid, c in short.items():
             failed = failure(next(r for r in members if r.run_id == rid))
-            where = (f"has records to {_percent(c)} of its token budget" if c is not None else
+            where = (f"has records to {percent(c)} of its token budget" if c is not None else
                      "has no token budget (RunInfo.total_tokens) and no run.json extras status 'complete' to say "
                      "it ended,")
             warnings.warn(

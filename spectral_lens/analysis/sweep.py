@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from ..records import open_runs
 from .early import FractionNotReachedError, NoEarlyStatisticError
-from .efficiency import NO_FAMILY, divergence, failure, group_by_family, pick_learning_rates
+from .efficiency import NO_FAMILY, divergence, failure, group_by_family, percent, pick_learning_rates
 from .ranking import TierRanking, rank_tiers
 from .tail import TailPredictor
-from .tier_predictor import TierPredictor, percent
+from .tier_predictor import TierPredictor
 
 __all__ = ["TierDecision", "SweepDecision", "SweepController"]
 

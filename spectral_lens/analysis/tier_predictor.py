@@ -16,8 +16,8 @@ import numpy as np
 
 from ..records import RunRecord, open_runs
 from .early import EarlyStatistic, FractionNotReachedError, NoEarlyStatisticError
-from .efficiency import (NO_FAMILY, SweepWarning, divergence, failure, group_by_family, pick_learning_rates,
-                         token_inefficiency)
+from .efficiency import (NO_FAMILY, SweepWarning, divergence, failure, group_by_family, percent,
+                         pick_learning_rates, token_inefficiency)
 from .ranking import TierRanking, rank_tiers
 from .spearman import spearman
 
@@ -251,18 +251,6 @@ class TierPredictor:
             mean_within_rho=float(np.mean(finite)) if finite else math.nan,
             points=points,
         )
-
-
-def percent(fraction: float) -> str:
-    """A progress fraction in words: ``0.2`` -> ``"20%"``, ``0.001`` -> ``"0.1%"`` (``:.0%`` said ``"0%"``);
-    ``nan`` -> ``"nan%"`` (messages about a bad fraction must not fail to say it), never ``"-0%"``, and a
-    tiny nonzero share is not ``"0%"``."""
-    p = 100 * fraction
-    if not math.isfinite(p):
-        return f"{p}%"
-    if p == 0:
-        return "0%"
-    return f"{p:.0f}%" if abs(p - round(p)) < 1e-9 and round(p) != 0 else f"{p:.3g}%"
 
 
 def _pairs(x, y) -> int:
