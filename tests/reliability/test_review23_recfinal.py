@@ -1,0 +1,157 @@
+"""Review 23 (``audit-rev-recfinal``): an adversary of the run record's whole status lifecycle.
+
+A property-based test drives random sessions on one run directory: a writer opened new or resumed, lines
+logged and measured at increasing or repeated tokens, ``drop_after``, ``update_info(status=...)``, and the
+session ended by an exception, ``sys.exit(0)``, a clean exit, ``close()`` without ``with``, or a kill (the
+files closed and the lock released, nothing settled: as SIGKILL, see ``test_review23_recsplit``), sometimes
+leaving a partial line. After each session it checks the invariants of ``docs/records.md`` "Failed runs":
+``run.json`` is valid JSON; ``failure`` only beside ``status: "failed"``; every failure raised is still the
+``failure``, the ``failure_after_end`` or in ``failure_history`` (time order, no duplicates); a writer that
+set ``"running"`` (or took over a killed writer's) leaves none at a clean close; ``RunRecord.open`` reads the
+record; ``failure``/``ended`` agree with the status; ``spectral-lens inspect`` exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spectral_lens import Spectrum
+from spectral_lens.analysis import ENDED_STATUSES, ended, failure
+from spectral_lens.cli import main
+from spectral_lens.records import RunInfo, RunRecord, RunWriter
+
+TOTAL = 10_000
+
+_action = st.one_of(
+    st.tuples(st.just("log"), st.integers(0, 3)),  # tokens += 100 * n (0: repeated)
+    st.tuples(st.just("measure"), st.integers(0, 3), st.booleans()),  # with a spectrum file or none
+    st.tuples(st.just("drop"), st.integers(-1, 3)),  # drop_after(last step - n)
+    st.tuples(st.just("status"), st.sampled_from(["complete", "diverged", "running"])),
+    st.tuples(st.just("jump"), st.integers(0, 3)),  # a large step forward: toward 95% of the budget
+)
+_end = st.sampled_from(["clean", "raise", "exit0", "close", "kill", "kill_partial"])
+_session = st.tuples(st.lists(_action, max_size=5), _end)
+
+
+def _spec():
+    return Spectrum(np.arange(1, 21, dtype=float) ** -1.0, n_rows=64, dim=20)
+
+
+class _Run:
+    """The run directory and what the test knows of it: the failures raised, the position the last line
+    reached, whether the last writer that set ``"running"`` was killed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.raised: list[str] = []
+        self.tokens = 0
+        self.n = 0
+
+    def extras(self) -> dict:
+        return json.loads((self.path / "run.json").read_text())["extras"] or {}
+
+    def session(self, actions, end) -> None:
+        run_file = self.path / "run.json"
+        new = not run_file.exists()
+        w = (RunWriter(self.path, RunInfo("r", total_tokens=TOTAL), fsync=False, tail_window=(2, 10)) if new
+             else RunWriter(self.path, resume=True, fsync=False))
+        before = self.extras()
+        # this writer sets "running" (a failed run resumed), or takes over a killed writer's
+        sets_running = before.get("status") == "failed" or "failure_after_end" in before
+        said_status = False
+        for act in actions:
+            kind = act[0]
+            if kind in ("log", "jump", "measure"):
+                self.tokens += 100 * act[1] * (25 if kind == "jump" else 1)
+                step = self.tokens // 100
+                if kind == "measure":
+                    w.log_measurement(step, self.tokens, {"act": _spec()} if act[2] else None, val_loss=2.0)
+                else:
+                    w.log(step, self.tokens, train_loss=1.0)
+            elif kind == "drop":
+                keep = max(self.tokens // 100 - act[1], 0)
+                w.drop_after(keep)
+                self.tokens = min(self.tokens, keep * 100)
+            else:
+                w.update_info(status=act[1])
+                said_status = True
+        if end in ("kill", "kill_partial"):
+            w._close()  # as SIGKILL: the kernel releases the lock, nothing is settled
+            if end == "kill_partial":
+                with open(self.path / "log.jsonl", "ab") as fh:
+                    fh.write(b'{"step": 99, "tok')
+            return
+        if end == "close":
+            w.close()
+        else:
+            text = f"RuntimeError: boom {len(self.raised)}"
+            with contextlib.suppress(RuntimeError, SystemExit), w:
+                if end == "raise":
+                    self.raised.append(text)
+                    raise RuntimeError(text.split(": ", 1)[1])
+                if end == "exit0":
+                    sys.exit(0)
+        if sets_running and not said_status:
+            assert self.extras().get("status") != "running", (before, self.extras())
+
+    def check(self) -> None:
+        extras = self.extras()  # valid JSON
+        status = extras.get("status")
+        if "failure" in extras:
+            assert status == "failed", extras
+        history = extras.get("failure_history", [])
+        assert isinstance(history, list)
+        texts = [e["failure"] for e in history]
+        times = [e["resumed"] for e in history]
+        assert times == sorted(times), history
+        assert len(set(texts)) == len(texts), history
+        kept = texts + [extras[k] for k in ("failure", "failure_after_end") if k in extras]
+        assert len(set(kept)) == len(kept), extras
+        assert set(self.raised) <= set(kept), (self.raised, extras)
+        # failures are raised in order: the history keeps that order
+        order = [self.raised.index(t) for t in texts if t in self.raised]
+        assert order == sorted(order), extras
+        run = RunRecord.open(self.path)
+        assert run.info.extras == extras
+        assert (failure(run) is not None) == (status == "failed")
+        if status == "failed":
+            assert failure(run) == f"failed ({extras['failure']})"
+        if status in ENDED_STATUSES:
+            assert ended(run)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            assert main(["inspect", str(self.path)]) == 0
+        assert len(out.getvalue().splitlines()) >= 1
+
+
+def _drive(sessions) -> None:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # RecordWarnings of the cut partial lines
+        run = _Run(Path(tmp) / "r")
+        for actions, end in sessions:
+            run.session(actions, end)
+            run.check()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_session, min_size=1, max_size=6))
+def test_the_status_lifecycle_keeps_its_invariants(sessions):
+    _drive(sessions)
+
+
+@pytest.mark.slow
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_session, min_size=1, max_size=12))
+def test_the_status_lifecycle_keeps_its_invariants_deep(sessions):
+    _drive(sessions)
