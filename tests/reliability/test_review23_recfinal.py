@@ -155,3 +155,58 @@ def test_the_status_lifecycle_keeps_its_invariants(sessions):
 @given(st.lists(_session, min_size=1, max_size=12))
 def test_the_status_lifecycle_keeps_its_invariants_deep(sessions):
     _drive(sessions)
+
+
+# -- bugs the adversary found -------------------------------------------------------------------------------
+
+
+def _failed(path, tokens=400, *, say_running=False):
+    with contextlib.suppress(RuntimeError), RunWriter(path, RunInfo("r", total_tokens=TOTAL), fsync=False) as w:
+        if say_running:
+            w.update_info(status="running")
+        w.log(tokens // 100, tokens, train_loss=1.0)
+        raise RuntimeError("X")
+
+
+def _extras(path):
+    return json.loads((path / "run.json").read_text())["extras"]
+
+
+@pytest.mark.parametrize("said", ["running", "complete"])
+def test_a_resume_that_went_on_under_a_status_of_its_own_brings_back_no_failure(tmp_path, said):
+    """A resumed failed run whose script says its own status (``update_info(status="running")`` at the start
+    of every run, or ``"complete"``) and trains on: its history entry is marked ``went_on`` at the close, so a
+    later ``"running"`` is no killed writer's mark. Before, the entry stayed unmarked (the user's status
+    dropped the resume's settle), and a measure-only resume restored the failure the run had moved past."""
+    path = tmp_path / "r"
+    _failed(path)
+    with RunWriter(path, resume=True, fsync=False) as w:
+        w.update_info(status=said)
+        w.log(5, 500, train_loss=1.0)
+    assert _extras(path)["status"] == said  # the user's status is kept
+    assert _extras(path)["failure_history"][-1]["went_on"] is True
+    if said != "running":
+        with RunWriter(path, resume=True, fsync=False) as w:
+            w.update_info(status="running")
+    RunWriter(path, resume=True, fsync=False).close()  # a script that only measures
+    extras = _extras(path)
+    assert extras["status"] == "running" and "failure" not in extras  # before: failed (RuntimeError: X)
+    assert [e["failure"] for e in extras["failure_history"]] == ["RuntimeError: X"]
+    assert failure(RunRecord.open(path)) is None
+
+
+def test_a_resumed_failed_run_that_says_running_and_fails_past_95_percent_is_failed(tmp_path):
+    """A failed run resumed, its script saying ``update_info(status="running")``, failing again at 98%: the
+    new exception is its ``failure`` (``status: "failed"``), as without the user's ``"running"``. Before, the
+    user's status dropped that the writer resumed a failed run: its lines before (98%) read as the run's end,
+    the exception went to ``failure_after_end`` and the status stayed ``"running"`` (read as complete)."""
+    path = tmp_path / "r"
+    _failed(path, 9_800, say_running=True)
+    with contextlib.suppress(RuntimeError), RunWriter(path, resume=True, fsync=False) as w:
+        w.update_info(status="running")
+        w.log(99, 9_850, train_loss=1.0)
+        raise RuntimeError("Y")
+    extras = _extras(path)
+    assert extras["status"] == "failed" and extras["failure"] == "RuntimeError: Y", extras
+    assert "failure_after_end" not in extras
+    assert failure(RunRecord.open(path)) == "failed (RuntimeError: Y)"
