@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from spectral_lens import Spectrum
@@ -55,21 +55,37 @@ class _Run:
     def __init__(self, path: Path):
         self.path = path
         self.raised: list[str] = []
+        self.moved_past: set[str] = set()  # failures a writer resumed and went on past (never restored)
         self.tokens = 0
         self.n = 0
 
     def extras(self) -> dict:
         return json.loads((self.path / "run.json").read_text())["extras"] or {}
 
+    def end(self):
+        """The largest tokens of a whole line of the record (each file's tokens never decrease)."""
+        out = None
+        for name in ("log.jsonl", "measurements.jsonl"):
+            p = self.path / name
+            for raw in p.read_bytes().split(b"\n")[:-1] if p.exists() else ():
+                with contextlib.suppress(ValueError):
+                    t = json.loads(raw)["tokens"]
+                    out = t if out is None else max(out, t)
+        return out
+
     def session(self, actions, end) -> None:
         run_file = self.path / "run.json"
         new = not run_file.exists()
         w = (RunWriter(self.path, RunInfo("r", total_tokens=TOTAL), fsync=False, tail_window=(2, 10)) if new
              else RunWriter(self.path, resume=True, fsync=False))
-        before = self.extras()
-        # this writer sets "running" (a failed run resumed), or takes over a killed writer's
-        sets_running = before.get("status") == "failed" or "failure_after_end" in before
-        said_status = False
+        before, at_open = self.extras(), self.end()
+        # the failure this writer withdraws: a failed run resumed, or a killed writer's "running" taken over
+        last = (before.get("failure_history") or [None])[-1]
+        withdraws = (before.get("failure") if before.get("status") == "failed" else
+                     last["failure"] if before.get("status") == "running" and isinstance(last, dict)
+                     and not last.get("after_end") and not last.get("went_on") else None)
+        sets_running = withdraws is not None
+        said_status, said, went_on = False, None, False
         for act in actions:
             kind = act[0]
             if kind in ("log", "jump", "measure"):
@@ -79,19 +95,23 @@ class _Run:
                     w.log_measurement(step, self.tokens, {"act": _spec()} if act[2] else None, val_loss=2.0)
                 else:
                     w.log(step, self.tokens, train_loss=1.0)
+                went_on = went_on or at_open is None or self.tokens > at_open
             elif kind == "drop":
                 keep = max(self.tokens // 100 - act[1], 0)
                 w.drop_after(keep)
+                went_on = True
                 self.tokens = min(self.tokens, keep * 100)
             else:
                 w.update_info(status=act[1])
-                said_status = True
+                said_status, said = True, act[1]
         if end in ("kill", "kill_partial"):
             w._close()  # as SIGKILL: the kernel releases the lock, nothing is settled
             if end == "kill_partial":
                 with open(self.path / "log.jsonl", "ab") as fh:
                     fh.write(b'{"step": 99, "tok')
             return
+        if withdraws is not None and went_on:
+            self.moved_past.add(withdraws)
         if end == "close":
             w.close()
         else:
@@ -104,6 +124,8 @@ class _Run:
                     sys.exit(0)
         if sets_running and not said_status:
             assert self.extras().get("status") != "running", (before, self.extras())
+        if sets_running and end == "raise" and said not in ENDED_STATUSES:  # a failed run failing again
+            assert self.extras().get("failure") == self.raised[-1], (before, self.extras())
 
     def check(self) -> None:
         extras = self.extras()  # valid JSON
@@ -127,6 +149,7 @@ class _Run:
         assert (failure(run) is not None) == (status == "failed")
         if status == "failed":
             assert failure(run) == f"failed ({extras['failure']})"
+            assert extras["failure"] not in self.moved_past, (self.moved_past, extras)
         if status in ENDED_STATUSES:
             assert ended(run)
         out = io.StringIO()
@@ -144,6 +167,22 @@ def _drive(sessions) -> None:
             run.check()
 
 
+# found by the deep variant, fixed (see the tests below): a resume under the caller's "running" that went
+# on, then a measure-only resume (the failure came back); a resume under "running" failing past 95%
+_PINNED = [
+    [([], "raise"), ([("log", 0), ("status", "running")], "clean"), ([], "clean")],
+    [([("jump", 3), ("jump", 1)], "raise"),
+     ([("status", "running"), ("log", 1)], "raise")],
+]
+
+
+def _pinned(test):
+    for case in _PINNED:
+        test = example(case)(test)
+    return test
+
+
+@_pinned
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_session, min_size=1, max_size=6))
 def test_the_status_lifecycle_keeps_its_invariants(sessions):
@@ -151,6 +190,7 @@ def test_the_status_lifecycle_keeps_its_invariants(sessions):
 
 
 @pytest.mark.slow
+@_pinned
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_session, min_size=1, max_size=12))
 def test_the_status_lifecycle_keeps_its_invariants_deep(sessions):
