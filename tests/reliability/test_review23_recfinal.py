@@ -30,6 +30,7 @@ from spectral_lens import Spectrum
 from spectral_lens.analysis import ENDED_STATUSES, ended, failure
 from spectral_lens.cli import main
 from spectral_lens.records import RunInfo, RunRecord, RunWriter
+from spectral_lens.report import run_status
 
 TOTAL = 10_000
 
@@ -152,6 +153,7 @@ class _Run:
             assert extras["failure"] not in self.moved_past, (self.moved_past, extras)
         if status in ENDED_STATUSES:
             assert ended(run)
+        assert run_status(run).startswith("failed") == (status == "failed") or run_status(run) == "diverged"
         out = io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
             assert main(["inspect", str(self.path)]) == 0
