@@ -77,10 +77,7 @@ def _settled(extras: Mapping[str, Any], withdrawn: Mapping[str, Any], went_on: b
     history = out.get(FAILURE_HISTORY)
     if went_on:
         del out["status"]
-        if isinstance(history, list) and history and _same_entry(history[-1], withdrawn):
-            # settled: a later "running" (a user's update_info) is then no gone writer's mark (_stale_running)
-            out[FAILURE_HISTORY] = [*history[:-1], {**history[-1], "went_on": True}]
-        return out
+        return _marked_went_on(out, withdrawn)
     out["status"] = FAILED
     if withdrawn.get("failure") is not None:  # a stale "running"'s entry may lack it (see _stale_running)
         out["failure"] = withdrawn["failure"]
@@ -89,6 +86,18 @@ def _settled(extras: Mapping[str, Any], withdrawn: Mapping[str, Any], went_on: b
             del out[FAILURE_HISTORY]
         else:
             out[FAILURE_HISTORY] = history[:-1]
+    return out
+
+
+def _marked_went_on(extras: Mapping[str, Any], withdrawn: Mapping[str, Any]) -> dict[str, Any]:
+    """``extras`` with the ``withdrawn`` failure's entry (the last of ``failure_history``) marked ``"went_on":
+    true``: the writer that resumed the run went on with the training (see :func:`_settled`; also where the
+    status is the caller's, said with ``update_info``). A later ``"running"`` is then no gone writer's mark
+    (:func:`_stale_running`), so no resume brings back the failure the run moved past."""
+    out = dict(extras)
+    history = out.get(FAILURE_HISTORY)
+    if isinstance(history, list) and history and _same_entry(history[-1], withdrawn):
+        out[FAILURE_HISTORY] = [*history[:-1], {**history[-1], "went_on": True}]
     return out
 
 

@@ -28,6 +28,7 @@ from ._status import (  # the status lifecycle (see _status)
     _failure_text,
     _is_failure,
     _is_marked,
+    _marked_went_on,
     _settled,
     _stale_running,
     _went_on,
@@ -121,6 +122,7 @@ class RunWriter:
         self._lock_fd: int | None = None
         self._scans: dict[str, _Scan] = {}  # each JSONL file's lines read so far (see _scan)
         self._withdrawn: dict[str, Any] | None = None  # the failure this writer withdrew on resume (see _settle)
+        self._said = False  # update_info said a status (or a new failure): the status is no longer the resume's
         self._resumed_at: int | None = None  # the tokens where the record ended when it withdrew it
         self._max_tokens: int | None = None  # the largest tokens of a line this writer appended
         self._dropped = False  # drop_after ran: the training resumed from a checkpoint
@@ -559,8 +561,8 @@ class RunWriter:
         header["extras"] = {**_extras(header), **extras}
         _write_json_atomic(self.path / RUN_FILE, header, self.fsync)
         self.info.extras.update(extras)
-        if "status" in extras:  # a status said by the caller (or a new failure) is not the resume's to settle
-            self._withdrawn = None
+        if "status" in extras:  # a status said by the caller (or a new failure) is not the resume's to settle;
+            self._said = True  # the writer still resumed a failed run (see _settle, _mark_failed)
 
     def measured_steps(self) -> set[int]:
         """The steps of the lines in ``measurements.jsonl`` (a line that is not a JSON object with an
@@ -639,23 +641,31 @@ class RunWriter:
         :meth:`drop_after`), the status is removed, as a run that never failed has none (a clean exit is
         no completion: ``update_info(status="complete")`` says that); if it did not (a script that only
         measured the failed run's checkpoints, or recorded nothing), the failure is restored: ``status:
-        "failed"``, its ``failure``, and its entry leaves the history. Nothing is changed when the status
-        is no longer ``"running"`` (a status given to :meth:`update_info`, a new failure, another program),
-        in another process than the one that opened the writer, or after a failure mark that could not be
-        written; a write that fails is a :class:`RecordWarning`. A ``"running"`` an earlier writer set and
-        never settled (killed: see ``_status._stale_running``) is settled as this writer's own, going on
-        judged from where the record ended when this writer opened."""
+        "failed"``, its ``failure``, and its entry leaves the history. The status is not changed when it is no
+        longer ``"running"`` (another program), or when :meth:`update_info` said one (the caller's, or a new
+        failure's): then only the entry is marked ``went_on`` if the writer went on (unless the run is failed
+        again), so that a later ``"running"`` is no gone writer's mark (see ``_status._stale_running``). Nothing is changed in another
+        process than the one that opened the writer, or after a failure mark that could not be written; a
+        write that fails is a :class:`RecordWarning`. A ``"running"`` an earlier writer set and never settled
+        (killed) is settled as this writer's own, going on judged from where the record ended when this
+        writer opened."""
         withdrawn, self._withdrawn = getattr(self, "_withdrawn", None), None
         if withdrawn is None or self.closed or os.getpid() != self._lock_pid:
             return
         went_on = _went_on(self._resumed_at, self._max_tokens, self._dropped)
+
+        def settle(extras: dict[str, Any]) -> dict[str, Any]:
+            return _marked_went_on(extras, withdrawn) if self._said else _settled(extras, withdrawn, went_on)
+
         try:
             header = RunRecord._read_header(self.path)
-            if _extras(header).get("status") != RUNNING:
+            status = _extras(header).get("status")  # said and failed: the next resume's entry is the last
+            unchanged = (not went_on or status == FAILED) if self._said else status != RUNNING
+            if unchanged:
                 return
-            header["extras"] = _settled(_extras(header), withdrawn, went_on)
+            header["extras"] = settle(_extras(header))
             _write_json_atomic(self.path / RUN_FILE, header, self.fsync)
-            self.info.extras = _settled(self.info.extras, withdrawn, went_on)
+            self.info.extras = settle(self.info.extras)
         except Exception as err:
             warnings.warn(f"{self.path}: could not record in {RUN_FILE} that the resumed run stopped (its status "
                           f"stays {RUNNING!r}): {_failure_text(err)}", RecordWarning, stacklevel=3)
