@@ -194,7 +194,11 @@ def test_every_warning_class_is_named_where_the_base_is():
     for module in pkgutil.walk_packages(sl.__path__, "spectral_lens."):
         # the integrations need optional extras; __main__ is the command line
         if not module.name.startswith(("spectral_lens.integrations", "spectral_lens.__main__")):
-            importlib.import_module(module.name)
+            try:
+                importlib.import_module(module.name)
+            except ModuleNotFoundError as exc:  # a Triton kernel module without the kernels extra (CI)
+                if exc.name != "triton":
+                    raise
 
     def subclasses(cls):
         for sub in cls.__subclasses__():
