@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import time
 import warnings
@@ -42,6 +43,25 @@ class Sink(Protocol):
     def log_measurement(self, measurement: LensMeasurement, tail=..., head=...) -> None: ...
 
 
+def _check_log_val_loss(sink) -> None:
+    """Refuse a sink whose ``log_val_loss`` cannot be called as ``log_val_loss(step, val_loss)`` (a method of that
+    name the sink had for its own use): now, not at the first kept validation loss, hours into the training."""
+    method = getattr(sink, "log_val_loss", None)
+    if not callable(method):
+        return
+    try:
+        signature = inspect.signature(method)
+    except (TypeError, ValueError):  # a builtin without a signature: called as the protocol says
+        return
+    try:
+        signature.bind(0, 0.0)
+    except TypeError:
+        raise TypeError(
+            f"sink {type(sink).__name__}'s log_val_loss{signature} cannot be called as log_val_loss(step, val_loss), "
+            "which the callbacks call on rank 0 with a validation loss kept at an already measured step; give it "
+            "that signature, or rename the method") from None
+
+
 class LensDriver:
     """Runs a configured :class:`~spectral_lens.SpectralLens` for a framework callback.
 
@@ -62,6 +82,7 @@ class LensDriver:
         for s in self.sinks:
             if not callable(getattr(s, "log_measurement", None)):
                 raise TypeError(f"sink {type(s).__name__} has no log_measurement(measurement, tail=, head=) method")
+            _check_log_val_loss(s)
         self.tokens_per_step = None if tokens_per_step is None else int(tokens_per_step)
         self._warned_info = False  # the run record's RunInfo.tokens_per_step differs from tokens_per_step: said once
         self._warned_steps = False  # tokens() fell back to step counts and said so once
