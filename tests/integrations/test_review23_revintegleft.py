@@ -24,7 +24,7 @@ import torch
 
 import spectral_lens as sl
 from spectral_lens.integrations._driver import LensDriver
-from spectral_lens.records import RunInfo, RunWriter
+from spectral_lens.records import RunInfo, RunRecord, RunWriter
 
 
 def _events(path, key):
@@ -35,8 +35,8 @@ def _events(path, key):
 def _lens(path, schedule=None):
     w = None if path is None else RunWriter(Path(path), RunInfo("r", batch_tier=1), fsync=False, tail_window=(2, 8))
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    return sl.SpectralLens(model, [torch.randn(3, 4)], writer=w, params=(), layers=["0"], progress=False,
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))  # the tail window (2, 8) fits: no warning of its own
+    return sl.SpectralLens(model, [torch.randn(32, 16)], writer=w, params=(), layers=["0"], progress=False,
                            schedule=schedule)
 
 
@@ -138,20 +138,21 @@ class _RaisingSink(_Sink):
         raise OSError("the sink's disk is full")
 
 
+DEBUG = False  # True: the errors with their messages (when this test fails)
+
+
 def _outcome(fn, path):
     """``fn()``'s error type (or ``None``) and, on rank 0, the record's val_loss events after it."""
     try:
         fn()
         error = None
     except BaseException as exc:  # noqa: BLE001
-        error = type(exc).__name__
+        error = type(exc).__name__ + (": " + str(exc)[:300] if DEBUG else "")
     return [error, None if path is None else _events(path, "val_loss")]
 
 
-def _lightning_missing_key(rank):
-    """Both ranks validate at a measured step (2) and at an unmeasured one (3) without ``val_loss`` in
-    ``callback_metrics``, under ``-W error``: rank 0 raises its warning inside the agreed work, rank 1 the
-    agreement's error, at each step (no rank waits in a collective the other skipped)."""
+def _lightning_validation(rank, metrics):
+    """The Lightning callback, step 2 measured, and a validation end at ``step`` with these ``callback_metrics``."""
     from spectral_lens.integrations import SpectralLensLightningCallback
 
     path = Path(tempfile.mkdtemp()) / "run" if rank == 0 else None
@@ -159,7 +160,31 @@ def _lightning_missing_key(rank):
     cb = SpectralLensLightningCallback(lens, on_validation=True, tokens_per_step=4)
     cb.driver.last_step = 2
     trainer = types.SimpleNamespace(sanity_checking=False, state=types.SimpleNamespace(fn="fit"), global_step=2,
-                                    callback_metrics={}, loggers=[])
+                                    callback_metrics=metrics, loggers=[])
+    return lens, path, cb, trainer
+
+
+def _lightning_rank_zero_only(rank):
+    """``self.log("val_loss", ..., rank_zero_only=True)`` under ``-W error``: rank 1 lacks the key and stays quiet;
+    rank 0 records its loss at the measured step 2 and measures step 3 with it."""
+    lens, path, cb, trainer = _lightning_validation(rank, {"val_loss": torch.tensor(1.5)} if rank == 0 else {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cb.on_validation_end(trainer, None)
+        trainer.global_step = 3
+        cb.on_validation_end(trainer, None)
+    if path is None:
+        return None
+    lens.writer.close()
+    tokens, losses = RunRecord.open(path).val_curve()  # the kept loss's event and the measurement's loss
+    return [[t // 4, v] for t, v in zip(tokens.tolist(), losses.tolist())]  # tokens_per_step=4
+
+
+def _lightning_missing_key(rank):
+    """Both ranks validate at a measured step (2) and at an unmeasured one (3) without ``val_loss`` in
+    ``callback_metrics``, under ``-W error``: rank 0 raises its warning inside the agreed work, rank 1 the
+    agreement's error, at each step (no rank waits in a collective the other skipped)."""
+    _, _, cb, trainer = _lightning_validation(rank, {})
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -193,18 +218,25 @@ def _imports(rank):
     import transformers  # noqa: F401
 
 
-CASES = {"imports": _imports, "lightning_missing_key": _lightning_missing_key, "sink_raises": _sink_raises}
+CASES = {"imports": _imports, "lightning_rank_zero_only": _lightning_rank_zero_only,
+         "lightning_missing_key": _lightning_missing_key, "sink_raises": _sink_raises}
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_ranks_stay_in_step_for_rank0s_warning_and_sink_error(tmp_path):
+    """2 gloo ranks (a 30 s collective timeout), each case followed by a barrier: a ``val_loss`` rank 0 alone
+    logged is recorded with no warning on rank 1 (before review 23: rank 1 raised it under ``-W error`` and rank 0
+    waited in the agreement); a key missing on rank 0 raises on both ranks, at a measured step and at a new one;
+    rank 0's sink raising in ``log_val_loss`` raises on both, after the record kept the loss."""
     pytest.importorskip("transformers", reason="the hf extra is not installed")
     pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
     from support.ranks import checked_case, run_gloo_cases
 
     results = run_gloo_cases(tmp_path, CASES, 2, pg_timeout_s=30, join_s=400, preload="spectral_lens.integrations")
     assert [r["error"] for r in checked_case(results, "imports", None)] == [None, None]
+    got = checked_case(results, "lightning_rank_zero_only", 20.0)
+    assert [(r["error"], r["value"]) for r in got] == [(None, [[2, 1.5], [3, 1.5]]), (None, None)], got
     got = checked_case(results, "lightning_missing_key", 20.0)
     assert [r["value"] for r in got] == [["SpectralLensWarning"] * 2, ["RuntimeError"] * 2], got
     got = checked_case(results, "sink_raises", 20.0)
