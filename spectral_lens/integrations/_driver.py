@@ -38,7 +38,7 @@ class Sink(Protocol):
     optionally ``resumed(step)``, called on rank 0 when training resumes from a checkpoint at ``step``,
     and ``log_val_loss(step, val_loss)``, called on rank 0 with a validation loss kept at a step already
     measured without one (:meth:`LensDriver.record_val_loss`), so the sink's ``val_loss`` curve has the
-    steps the run record has."""
+    steps the run record has (a ``log_val_loss`` that cannot be called so is refused when the driver is built)."""
 
     def log_measurement(self, measurement: LensMeasurement, tail=..., head=...) -> None: ...
 
