@@ -268,7 +268,8 @@ class LensDriver:
         """Warn (``SpectralLensWarning``) on rank 0 only, at its next agreed work (:meth:`_agreed_on_rank0`: a
         measurement's sinks, a loss event), as :meth:`agreed_tokens` does: about something only rank 0's value
         decides (rank 0 writes the record), and raised as an error (``-W error``) on every rank alike. Call it on
-        every rank before that work; the other ranks drop it."""
+        every rank before that work; the other ranks drop it. A measurement that is skipped or raises drops it too
+        (it was about that measurement)."""
         if ranks(self.lens.group)[0] == 0:
             self._pending_warnings.append(str(message))
 
@@ -398,4 +399,5 @@ class LensDriver:
             return scalars
         except BaseException:
             self.release()  # the run ends with this error: do not leave the lens bound to its model
+            self._pending_warnings.clear()  # about this measurement: not for a later run's first agreed work
             raise

@@ -241,3 +241,28 @@ def test_two_ranks_stay_in_step_for_rank0s_warning_and_sink_error(tmp_path):
     assert [r["value"] for r in got] == [["SpectralLensWarning"] * 2, ["RuntimeError"] * 2], got
     got = checked_case(results, "sink_raises", 20.0)
     assert [r["value"] for r in got] == [["OSError", [[2, 1.25]]], ["RuntimeError", None]], got
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. a queued rank-0 warning does not outlive the measurement it was about
+
+
+def test_a_measurement_that_raised_leaves_no_queued_warning_for_the_next_run(tmp_path):
+    """Lightning queues its missing-``val_loss_key`` warning for the measurement after validation; that
+    measurement raised (an out-of-memory, the run ends): the warning was given at the next run's first agreed
+    work (a ``train_loss`` event of another ``fit``), about a run that was over (before: still queued)."""
+    driver = LensDriver(_lens(tmp_path / "run"), [], 4)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    driver.lens.measure = boom
+    driver.warn_on_rank0("val_loss_key 'val_loss' is not among the logged metrics")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        driver.measure(3, 12)
+    del driver.lens.measure
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        driver.record_train_loss(4, 1.0)
+    driver.lens.writer.close()
+    assert _events(tmp_path / "run", "train_loss") == [[4, 1.0]]
