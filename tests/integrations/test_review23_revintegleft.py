@@ -7,6 +7,8 @@
 * a sink whose ``log_val_loss`` cannot be called as ``log_val_loss(step, val_loss)`` (a user's sink written
   before the method joined the protocol, with a method of that name of its own) crashed the training at the
   first kept validation loss, hours in; it is refused when the callback is built;
+* a rank-0 warning queued for a measurement (Lightning's missing ``val_loss_key``) that raised instead was given at
+  a later run's first agreed work; the measurement's error drops it now;
 * 2 gloo ranks (slow): a Lightning ``val_loss_key`` missing on rank 0 under ``-W error``, and a sink's
   ``log_val_loss`` that raises on rank 0, make both ranks raise together, in step; the record keeps the loss.
 """
