@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import time
 import warnings
@@ -37,9 +38,28 @@ class Sink(Protocol):
     optionally ``resumed(step)``, called on rank 0 when training resumes from a checkpoint at ``step``,
     and ``log_val_loss(step, val_loss)``, called on rank 0 with a validation loss kept at a step already
     measured without one (:meth:`LensDriver.record_val_loss`), so the sink's ``val_loss`` curve has the
-    steps the run record has."""
+    steps the run record has (a ``log_val_loss`` that cannot be called so is refused when the driver is built)."""
 
     def log_measurement(self, measurement: LensMeasurement, tail=..., head=...) -> None: ...
+
+
+def _check_log_val_loss(sink) -> None:
+    """Refuse a sink whose ``log_val_loss`` cannot be called as ``log_val_loss(step, val_loss)`` (a method of that
+    name the sink had for its own use): now, not at the first kept validation loss, hours into the training."""
+    method = getattr(sink, "log_val_loss", None)
+    if not callable(method):
+        return
+    try:
+        signature = inspect.signature(method)
+    except (TypeError, ValueError):  # a builtin without a signature: called as the protocol says
+        return
+    try:
+        signature.bind(0, 0.0)
+    except TypeError:
+        raise TypeError(
+            f"sink {type(sink).__name__}'s log_val_loss{signature} cannot be called as log_val_loss(step, val_loss), "
+            "which the callbacks call on rank 0 with a validation loss kept at an already measured step; give it "
+            "that signature, or rename the method") from None
 
 
 class LensDriver:
@@ -62,6 +82,7 @@ class LensDriver:
         for s in self.sinks:
             if not callable(getattr(s, "log_measurement", None)):
                 raise TypeError(f"sink {type(s).__name__} has no log_measurement(measurement, tail=, head=) method")
+            _check_log_val_loss(s)
         self.tokens_per_step = None if tokens_per_step is None else int(tokens_per_step)
         self._warned_info = False  # the run record's RunInfo.tokens_per_step differs from tokens_per_step: said once
         self._warned_steps = False  # tokens() fell back to step counts and said so once
@@ -247,7 +268,8 @@ class LensDriver:
         """Warn (``SpectralLensWarning``) on rank 0 only, at its next agreed work (:meth:`_agreed_on_rank0`: a
         measurement's sinks, a loss event), as :meth:`agreed_tokens` does: about something only rank 0's value
         decides (rank 0 writes the record), and raised as an error (``-W error``) on every rank alike. Call it on
-        every rank before that work; the other ranks drop it."""
+        every rank before that work; the other ranks drop it. A measurement that is skipped or raises drops it too
+        (it was about that measurement)."""
         if ranks(self.lens.group)[0] == 0:
             self._pending_warnings.append(str(message))
 
@@ -377,4 +399,5 @@ class LensDriver:
             return scalars
         except BaseException:
             self.release()  # the run ends with this error: do not leave the lens bound to its model
+            self._pending_warnings.clear()  # about this measurement: not for a later run's first agreed work
             raise

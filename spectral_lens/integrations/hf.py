@@ -194,20 +194,27 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         run from step 0: transformers 4 divides a resumed run's sum by all its steps. Recorded at
         :meth:`on_train_end` when that follows the final metrics' log: an evaluation with
         ``metric_key_prefix="train"`` (a training set's loss) logs ``train_loss`` and ``train_runtime`` too,
-        and is followed by :meth:`on_evaluate`, which forgets it (a pruned hyperparameter-search trial calls
-        ``on_train_end`` right after an evaluation, without final metrics: nothing is recorded then).
+        and is followed by :meth:`on_evaluate` with those metrics, which forgets it (a pruned hyperparameter-search
+        trial calls ``on_train_end`` right after an evaluation, without final metrics: nothing is recorded then);
+        any other evaluation keeps a pending final loss (a callback ahead of this one that evaluates at the train
+        end runs after the final metrics' log).
         With ``logging_strategy="no"`` that one point is the whole run's mean loss, at its last step.
         The trainer logs on every rank at the same steps, so the ranks agree there on rank 0's write
         (:meth:`LensDriver.record_train_loss`)."""
         logs = logs or {}
         loss = logs.get("loss")
-        if (loss is None and self._no_loss_yet and state.global_step > 0 and "train_runtime" in logs
-                and logs.get("train_loss") is not None):
+        if loss is None and self._no_loss_yet and state.global_step > 0 and self._is_final_like(logs):
             self._final_loss = (int(state.global_step), logs["train_loss"], state.num_input_tokens_seen)
         if loss is not None and state.global_step > 0:
             self._no_loss_yet, self._final_loss = False, None
             self.driver.record_train_loss(int(state.global_step), loss, state.num_input_tokens_seen)
         self.driver.clock_run()
+
+    @staticmethod
+    def _is_final_like(metrics) -> bool:
+        """Whether logged ``metrics`` look like ``train()``'s final metrics (``train_runtime`` and a ``train_loss``):
+        those, or a training-set evaluation's (``metric_key_prefix="train"``), which :meth:`on_evaluate` then forgets."""
+        return "train_runtime" in metrics and metrics.get("train_loss") is not None
 
     def on_save(self, args, state, control, **kwargs):
         """A checkpoint was saved: its time is no training time."""
@@ -220,8 +227,10 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         # an evaluation's metrics were logged just before this (Trainer.evaluate logs, then calls on_evaluate): a
         # training-set evaluation's (metric_key_prefix="train") are not train()'s final metrics, which on_train_end
         # follows at once. Forgotten here, or a pruned Optuna trial (on_train_end right after the evaluation that
-        # pruned it) recorded that evaluation's loss as the run's final train_loss
-        self._final_loss = None
+        # pruned it) recorded that evaluation's loss as the run's final train_loss. Only then: another evaluation
+        # (a callback ahead of this one evaluating at on_train_end, after the final metrics) keeps the final loss
+        if self._is_final_like(metrics or {}):
+            self._final_loss = None
         try:
             self._on_evaluate(state, metrics, model)
         finally:
