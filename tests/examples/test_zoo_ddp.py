@@ -79,6 +79,11 @@ def _worker(rank: int, port: int, out: str) -> None:
             torch.save(dict(grads=grads, loss=loss), os.path.join(out, "grads.pt"))
         with _float64():
             train(run_dir=os.path.join(out, "run"), **KW)
+        # both ranks done before either tears the group down (a rank destroying it while its peer's last
+        # collective may still be in flight can abort the peer). Rank 1 died once with SIGABRT ("terminate
+        # called without an active exception") in a CI run and once in 30 local runs (2026-11-28); where it
+        # died was not captured and 20 runs under load did not reproduce it: this barrier is a guess, not a fix
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
