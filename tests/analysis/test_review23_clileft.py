@@ -7,8 +7,6 @@ the command are named as what they are; a tiny coverage is not "0%"."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -16,19 +14,10 @@ import re
 
 import numpy as np
 import pytest
+from support.cli import run_cli
 
 
-def _run(argv):
-    """``main(argv)``'s status, stdout and stderr lines (a traceback fails the test)."""
-    from spectral_lens.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            status = main([str(a) for a in argv])
-        except SystemExit as exc:
-            status = exc.code
-    return status, out.getvalue(), err.getvalue().splitlines()
+_run = run_cli
 
 
 def _make_run(root, run_id, tier=1, values=None, total_tokens=1000, tail_window=(10, 40)):

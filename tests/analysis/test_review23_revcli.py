@@ -6,24 +6,13 @@ path made of spaces that exists is a path."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import pytest
+from support.cli import run_cli
 
 
-def _run(argv):
-    """``main(argv)``'s status, stdout and stderr lines (a traceback fails the test)."""
-    from spectral_lens.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            status = main([str(a) for a in argv])
-        except SystemExit as exc:
-            status = exc.code
-    return status, out.getvalue(), err.getvalue().splitlines()
+_run = run_cli
 
 
 def _run_with_spectrum(root, run_id, tail_window=(10, 40), n_layer=12):
