@@ -25,7 +25,8 @@ COMPLETE_COVERAGE = 0.95
 RUNNING = "running"
 
 #: ``run.json`` extras key of the failures a resume withdrew: a list of ``{"failure": TEXT, "step": S,
-#: "tokens": T, "resumed": TIME}`` (``"after_end": true`` for a ``failure_after_end``), oldest first, ``step``
+#: "tokens": T, "resumed": TIME}`` (``"after_end": true`` for a ``failure_after_end``; ``"went_on": true`` once the
+#: resumed writer went on with the training and settled its ``"running"``), oldest first, ``step``
 #: and ``tokens`` where the record ended at the resume (``null`` when it held no line). The analyses do not
 #: read it (a run's status is ``status``); ``spectral-lens inspect`` shows it.
 FAILURE_HISTORY = "failure_history"
@@ -179,9 +180,10 @@ def _went_on(resumed_at: int | None, max_tokens: int | None, dropped: bool) -> b
 def _stale_running(extras: Mapping[str, Any]) -> dict[str, Any] | None:
     """The entry a resume withdrew, when ``extras`` hold the ``"running"`` of a writer that resumed a failed
     run and never closed (killed): status ``"running"`` and a last ``failure_history`` entry a resume wrote
-    (an object with ``resumed``, no ``after_end``, not marked ``went_on`` by a writer that settled it); else ``None``. Read by a writer opening the run, which holds
-    its lock: the earlier writer is gone, and its mark is settled as the new writer's own (a ``"running"`` set
-    by ``update_info`` reads the same: the analyses treat it as no status)."""
+    (an object with ``resumed``, no ``after_end``, not marked ``went_on`` by a writer that settled it); else
+    ``None``. Read by a writer opening the run, which holds its lock: the earlier writer is gone, and its
+    mark is settled as the new writer's own (a ``"running"`` set by ``update_info`` on such a run reads the
+    same: the analyses treat it as no status)."""
     history = extras.get(FAILURE_HISTORY)
     if extras.get("status") != RUNNING or not isinstance(history, list) or not history:
         return None
