@@ -122,6 +122,13 @@ def _normalized(s: Spectrum | np.ndarray) -> np.ndarray:
     return v / total
 
 
+def _signed(v: float) -> str:
+    """``v`` as ``+0.123`` in a rule's text; a value that rounds to zero is ``+0.000``, not ``-0.000`` (a
+    tiny loss read as a negative gain)."""
+    s = f"{v:+.3f}"
+    return "+0.000" if float(s) == 0 else s
+
+
 @dataclass(frozen=True)
 class TransitionEvidence:
     """The numbers behind a transition's label.
@@ -360,11 +367,11 @@ class TransitionClassifier:
         gq = ev.g_thr if math.isfinite(ev.g_thr) else 0.0
         act = _score([(ev.d_alpha_head, self.head_threshold), (ev.act_jsd, self.act_jsd_threshold)])
         grad = _score([(ev.d_grad_alpha, self.grad_alpha_threshold), (ev.grad_jsd, self.grad_jsd_threshold)])
-        coords = f"g_tok={gt:+.3f}, g_thr={gq:+.3f}"
+        coords = f"g_tok={_signed(gt)}, g_thr={_signed(gq)}"
         missed = _missed_target(ev)
         if missed:
             rule = (f"rule 0: {_missed_text(ev)}: "
-                    f"the token gain is undefined (g_thr={gq:+.3f}, act_score={act:.2f}, grad_score={grad:.2f})")
+                    f"the token gain is undefined (g_thr={_signed(gq)}, act_score={act:.2f}, grad_score={grad:.2f})")
             return TaxonomyResult(UNDETERMINED, rule, ev, act, grad, self.thresholds)
         big, small = max(abs(gt), abs(gq)), min(abs(gt), abs(gq))
         if max(gt, gq) >= g and min(gt, gq) <= -g and small >= self.tradeoff_ratio * big:
