@@ -14,8 +14,6 @@ from .._warnings import NonFiniteError, SpectralLensWarning
 from ..attachment import Attachment
 from ..lens import LensMeasurement, SpectralLens
 from ..records import RunWriter
-from ..records.reader import RunRecord
-from ..records.schema import RUN_FILE, _write_json_atomic
 from .summaries import measurement_scalars
 
 _STEPS_WARNING = (
@@ -305,10 +303,7 @@ class LensDriver:
             return
         info = writer.info
         if info.tokens_per_step is None:
-            header = RunRecord._read_header(writer.path)
-            header["tokens_per_step"] = int(n)
-            _write_json_atomic(writer.path / RUN_FILE, header, writer.fsync)
-            info.tokens_per_step = int(n)
+            writer.fill_tokens_per_step(n)
         elif info.tokens_per_step != n and not self._warned_info:
             self._warned_info = True
             warnings.warn(

@@ -549,20 +549,41 @@ class RunWriter:
         writer raises ``ValueError`` (it no longer holds the run directory's lock: another writer may be
         rewriting ``run.json``, and this write would undo that one's).
         """
-        if self.closed:
-            raise ValueError(f"RunWriter.update_info: the writer for {self.path} is closed (it no longer holds the run "
-                             "directory's lock); call update_info before close(), inside the with block, or reopen "
-                             "the run with RunWriter(..., resume=True)")
+        self._check_open("update_info")
         q = extras.get("throughput", 0.0)
         if isinstance(q, bool) or not (isinstance(q, numbers.Real) or (
                 isinstance(q, torch.Tensor) and q.numel() == 1 and q.dtype != torch.bool and not q.is_complex())):
             raise TypeError(f"RunWriter.update_info: throughput must be a number (tokens/s), got {q!r}")
-        header = RunRecord._read_header(self.path)
-        header["extras"] = {**_extras(header), **extras}
-        _write_json_atomic(self.path / RUN_FILE, header, self.fsync)
+        self._rewrite_header("extras", {**_extras(RunRecord._read_header(self.path)), **extras})
         self.info.extras.update(extras)
         if "status" in extras:  # a status said by the caller (or a new failure) is not the resume's to settle;
             self._said = True  # the writer still resumed a failed run (see _settle, _mark_failed)
+
+    def fill_tokens_per_step(self, tokens_per_step: int) -> None:
+        """Record ``RunInfo.tokens_per_step`` in ``run.json`` (rewritten atomically) when the ``RunInfo`` left it
+        out (``None``), e.g. by a training callback that was given it; a recorded value is kept (compare
+        ``self.info.tokens_per_step``). A positive ``int`` (not a bool), else ``ValueError``; a closed writer raises
+        ``ValueError``, as :meth:`update_info`."""
+        self._check_open("fill_tokens_per_step")
+        n = _count_arg(tokens_per_step, "fill_tokens_per_step", "tokens_per_step")
+        if n < 1:
+            raise ValueError(f"RunWriter.fill_tokens_per_step: tokens_per_step must be >= 1, got {tokens_per_step!r}")
+        if self.info.tokens_per_step is None:
+            self._rewrite_header("tokens_per_step", n)
+            self.info.tokens_per_step = n
+
+    def _check_open(self, method: str) -> None:
+        if self.closed:
+            raise ValueError(f"RunWriter.{method}: the writer for {self.path} is closed (it no longer holds the run "
+                             f"directory's lock); call {method} before close(), inside the with block, or reopen "
+                             "the run with RunWriter(..., resume=True)")
+
+    def _rewrite_header(self, key: str, value: Any) -> None:
+        """``run.json`` read again (another change since this writer opened is kept) with ``key`` set to
+        ``value``, rewritten atomically; a failed write leaves the file as it was."""
+        header = RunRecord._read_header(self.path)
+        header[key] = value
+        _write_json_atomic(self.path / RUN_FILE, header, self.fsync)
 
     def measured_steps(self) -> set[int]:
         """The steps of the lines in ``measurements.jsonl`` (a line that is not a JSON object with an
