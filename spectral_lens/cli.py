@@ -374,20 +374,22 @@ def _cmd_predict(args) -> int:
 _NOT_IN_RUN = "the d12 window; the file is not in a run directory"
 
 
-def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, int], str]:
-    """The ``(tail, head)`` windows ``inspect FILE.npz`` fits, and where the tail one came from, in words.
+def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, int], str, str | None]:
+    """The ``(tail, head)`` windows ``inspect FILE.npz`` fits, where the tail one came from, in words, and
+    why the run's recorded head window is not the head one (``None`` when it is, or none is recorded).
 
     A spectrum file carries no window: ``--window`` if given, else the run the file belongs to
     (``RUN/spectra/FILE.npz`` or ``RUN/FILE.npz``, not ``RUN/OTHER/FILE.npz``) decides as ``predict`` does
     (its recorded tail window, else the scale rule for its ``n_layer``), else the d12 window ``[100, 200]``. The head window is the
-    run's recorded one, else ``[10, 40]``. A run.json that cannot be read is named, not fatal: the
+    run's recorded one, else ``[10, 40]`` (a recorded one that is not 1-based ranks LO < HI is said, as the
+    tail one is: the taxonomy stops on it). A run.json that cannot be read is named, not fatal: the
     file itself is what the user asked about."""
     from .analysis.windows import DEFAULT_WINDOW
     from .records import RunRecord
     from .records.schema import SPECTRA_DIR
     from .spectra.fit import tail_window
 
-    head, tail, source = (10, 40), DEFAULT_WINDOW, _NOT_IN_RUN
+    head, tail, source, head_note = (10, 40), DEFAULT_WINDOW, _NOT_IN_RUN, None
     # "x.npz" run from inside RUN/spectra: its parents are "." without absolute(); normpath: the parent of
     # RUN/spectra/sub/../x.npz is RUN/spectra, not "sub/.." (whose name is "..")
     here = Path(os.path.normpath(path.absolute()))
@@ -403,6 +405,8 @@ def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, i
             ok = {k: w for k, w in windows.items() if w and 1 <= w[0] < w[1]}  # the reader checks types only
             if ok.get("head"):
                 head = tuple(ok["head"])
+            elif windows.get("head"):
+                head_note = f"{run_json} records head window {list(windows['head'])}, not 1-based ranks LO < HI"
             if ok.get("tail"):
                 tail, source = tuple(ok["tail"]), f"recorded in {run_json}"
             elif windows.get("tail"):
@@ -419,7 +423,7 @@ def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, i
         tail, source = tuple(window), "--window"
     elif not source.startswith("recorded"):
         source += "; --window LO HI to choose"
-    return (int(tail[0]), int(tail[1])), (int(head[0]), int(head[1])), source
+    return (int(tail[0]), int(tail[1])), (int(head[0]), int(head[1])), source, head_note
 
 
 def _inspect_spectrum(path: Path, window=None) -> None:
@@ -427,7 +431,7 @@ def _inspect_spectrum(path: Path, window=None) -> None:
     from .summaries import RankMe, crossover_rank, participation_ratio, stable_rank
     from .records import spectrum_summaries
 
-    tail, head, source = _spectrum_windows(path, window)
+    tail, head, source, head_note = _spectrum_windows(path, window)
     s = Spectrum.load(path)
     v = s.values
     print(f"{path}: {s.kind} spectrum")
@@ -443,6 +447,8 @@ def _inspect_spectrum(path: Path, window=None) -> None:
         chosen = window is not None or not source.startswith(_NOT_IN_RUN)
         if "alpha_tail" in summ or chosen:
             print(f"  tail window: ranks [{tail[0]}, {tail[1]}] ({source})")
+        if head_note is not None:  # was the default [10, 40] without a word
+            print(f"  head window: ranks [{head[0]}, {head[1]}] (the default; {head_note})")
         for key, win in (("alpha_head", head), ("alpha_tail", tail)):
             if key in summ:
                 print(f"  {key} [{win[0]}, {win[1]}]: {_fmt(summ[key])} (r2 {_fmt(summ[key + '_r2'], '.3f')})")

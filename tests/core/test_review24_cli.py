@@ -205,3 +205,18 @@ def test_swapped_head_window_api(tmp_path):
     with pytest.raises(ValueError, match=r"run 'a': .*run\.json records head window \[40, 10\]"):
         transition_evidence(ra, rb, 2.75)
     assert transition_evidence(ra, rb, 2.75, head_window=(10, 40)).d_alpha_head == ev.d_alpha_head
+
+
+def test_swapped_recorded_head_window_inspect_says_it(tmp_path):
+    """inspect FILE.npz fitted alpha_head on the default [10, 40] without a word (the tail one is said)."""
+    a = _make_run(tmp_path, "a")
+    run_json = _swap_head(a)
+    npz = sorted((a / "spectra").glob("*.npz"))[0]
+    status, out, err = run_cli(["inspect", npz])
+    assert status == 0 and err == [], err
+    assert (f"  head window: ranks [10, 40] (the default; {run_json} records head window [40, 10], not 1-based "
+            "ranks LO < HI)") in out, out
+    assert "alpha_head [10, 40]: " in out
+    _make_run(tmp_path, "b")
+    status, out, err = run_cli(["inspect", sorted((tmp_path / "b" / "spectra").glob("*.npz"))[0]])
+    assert status == 0 and "head window:" not in out, out
