@@ -225,7 +225,8 @@ def _num(v: Any, fmt: str = ".4g") -> str:
 
 
 def _tier(t) -> str:
-    return "?" if t is None else (str(int(t)) if float(t).is_integer() else f"{t:g}")
+    """A batch tier as text: ``8``, ``0.5``; a huge one (finite in run.json) ``1e+300``, not 301 digits."""
+    return "?" if t is None else (str(int(t)) if float(t).is_integer() and abs(t) < 1e15 else f"{t:g}")
 
 
 class _Doc:

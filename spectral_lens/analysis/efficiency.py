@@ -304,7 +304,8 @@ def percent(fraction: float) -> str:
 
 
 def _tier_text(t) -> str:
-    return "?" if t is None else (str(int(t)) if float(t).is_integer() else f"{t:g}")
+    """A batch tier as text: ``8``, ``0.5``; a huge one (finite in run.json) ``1e+300``, not 301 digits."""
+    return "?" if t is None else (str(int(t)) if float(t).is_integer() and abs(t) < 1e15 else f"{t:g}")
 
 
 def _curve(run_or_curve) -> tuple[np.ndarray, np.ndarray]:

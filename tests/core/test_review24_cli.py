@@ -220,3 +220,20 @@ def test_swapped_recorded_head_window_inspect_says_it(tmp_path):
     _make_run(tmp_path, "b")
     status, out, err = run_cli(["inspect", sorted((tmp_path / "b" / "spectra").glob("*.npz"))[0]])
     assert status == 0 and "head window:" not in out, out
+
+
+def test_huge_batch_tier_prints_in_g_form(tmp_path):
+    """A finite batch_tier 1e300 in run.json printed as int(1e300), 301 digits, in the report's tables and
+    in the analyses' notes."""
+    from spectral_lens.analysis.efficiency import _tier_text
+    from spectral_lens.report import _tier
+
+    for tier_text in (_tier, _tier_text):
+        assert tier_text(1e300) == "1e+300" and tier_text(8.0) == "8" and tier_text(0.5) == "0.5"
+        assert tier_text(np.float32(4)) == "4" and tier_text(2 ** 40) == "1099511627776" and tier_text(None) == "?"
+    a, b = _make_run(tmp_path, "a", 1), _make_run(tmp_path, "b", 2)
+    _edit_header(b, lambda h: h.update(batch_tier=1e300))
+    status, out, err = run_cli(["report", a, b, "--out", tmp_path / "out", "--no-plots"])
+    assert status == 0, err
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| 1e+300 |" in text and "0" * 30 not in text, text
