@@ -605,8 +605,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_window(parser, args)
     from ._warnings import SpectrumFormatError
 
+    shown: set[str] = set()
+
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"spectral-lens {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        # each text once: a run's "no recorded tail window" came once per analysis that resolved its window
+        # (predict twice, report three times; every catch_warnings resets the once-per-place registry)
+        text = " ".join(str(message).split())
+        if text not in shown:
+            shown.add(text)
+            print(f"spectral-lens {args.command}: warning: {text}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.showwarning = show

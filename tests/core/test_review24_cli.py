@@ -237,3 +237,34 @@ def test_huge_batch_tier_prints_in_g_form(tmp_path):
     assert status == 0, err
     text = (tmp_path / "out" / "report.md").read_text()
     assert "| 1e+300 |" in text and "0" * 30 not in text, text
+
+
+# ---- 5. warnings once; an n_layer that is not a depth named with its run --------------------------------
+
+
+def _no_tail_window(run_dir, n_layer=None):
+    return _edit_header(run_dir, lambda h: (h.update(n_layer=n_layer), h["summary_windows"].update(tail=None)))
+
+
+@pytest.mark.parametrize("command", ["predict", "report"])
+def test_each_warning_line_once(tmp_path, command):
+    """A run without a tail window or n_layer: its warning came twice in predict, three times in report."""
+    a, b = _make_run(tmp_path, "a", 1), _make_run(tmp_path, "b", 2)
+    for r in (a, b):
+        _no_tail_window(r)
+    extra = ["--out", tmp_path / "out", "--no-plots"] if command == "report" else []
+    status, out, err = run_cli([command, a, b, *extra])
+    assert status == 0, err
+    warned = [x for x in err if "no recorded tail window" in x]
+    assert len(warned) == 2 and "run 'a'" in warned[0] and "run 'b'" in warned[1], err
+    assert all(x.startswith(f"spectral-lens {command}: warning: ") for x in err), err
+
+
+def test_n_layer_below_one_names_the_run_and_file(tmp_path):
+    """Was "error: n_layer must be >= 1, got -3": no run, no file."""
+    a, b = _make_run(tmp_path, "a", 1), _make_run(tmp_path, "b", 2)
+    run_json = _no_tail_window(b, -3)
+    status, out, err = run_cli(["predict", a, b])
+    assert status == 2 and out == "" and len(err) == 1, err
+    assert err[0].startswith(f"spectral-lens predict: error: run 'b': {run_json}: n_layer must be >= 1, got -3"), err
+    assert "--window LO HI" in err[0]
