@@ -475,13 +475,17 @@ def _inspect_spectrum(path: Path, window=None) -> None:
 
 def _windows_text(run) -> str:
     """``run.json`` ``summary_windows`` in words: the ranks the stored ``alpha_tail`` / ``alpha_head``
-    were fitted on (a run without ``alpha_tail`` shows which window did not fit), and for a run that
+    were fitted on (a run without ``alpha_tail`` shows which window did not fit; one that is not LO < HI is
+    said, with the command that stops on it), and for a run that
     recorded no tail window, the one ``predict`` and ``report`` use instead."""
     from .analysis.windows import DEFAULT_WINDOW
     from .spectra.fit import tail_window
 
     windows = run.summary_windows or {}
-    parts = [f"{key} ranks {list(windows[key])}" for key in ("tail", "head") if windows.get(key)]
+    stops = {"tail": "predict and report stop on it", "head": "a report's --transition stops on it"}
+    parts = [f"{key} ranks {list(windows[key])}" + ("" if 1 <= windows[key][0] < windows[key][1] else
+                                                     f" (not 1-based ranks LO < HI: {stops[key]})")
+             for key in ("tail", "head") if windows.get(key)]
     text = ", ".join(parts) + " (run.json)" if parts else "none recorded in run.json"
     if not windows.get("tail"):
         n_layer = run.info.n_layer

@@ -268,3 +268,13 @@ def test_n_layer_below_one_names_the_run_and_file(tmp_path):
     assert status == 2 and out == "" and len(err) == 1, err
     assert err[0].startswith(f"spectral-lens predict: error: run 'b': {run_json}: n_layer must be >= 1, got -3"), err
     assert "--window LO HI" in err[0]
+
+
+def test_inspect_run_says_a_swapped_recorded_window(tmp_path):
+    """inspect RUN showed "tail ranks [5, 3], head ranks [40, 10]" as if they were windows."""
+    a = _make_run(tmp_path, "a")
+    _edit_header(a, lambda h: h["summary_windows"].update(tail=[5, 3], head=[40, 10]))
+    status, out, err = run_cli(["inspect", a])
+    assert status == 0 and err == [], err
+    assert ("  summary windows: tail ranks [5, 3] (not 1-based ranks LO < HI: predict and report stop on it), "
+            "head ranks [40, 10] (not 1-based ranks LO < HI: a report's --transition stops on it) (run.json)") in out, out
