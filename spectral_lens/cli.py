@@ -76,7 +76,7 @@ def _transition(text: str) -> str:
     readings = _readings(text)
     if not readings:
         raise argparse.ArgumentTypeError(f"transition must be RUN_A:RUN_B (run ids), got {text!r}")
-    if all(a == b for a, b in readings):  # every difference is zero: the taxonomy would label a run's change against itself
+    if all(a == b for a, b in readings):  # every difference zero: a run's change labelled against itself
         raise argparse.ArgumentTypeError(f"transition must name two different runs, got {text!r}")
     return text
 
