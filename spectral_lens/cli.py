@@ -64,13 +64,40 @@ def _check_window(parser: argparse.ArgumentParser, args) -> None:
                        f"LO < HI, got {window[0]} {window[1]}\n")
 
 
-def _transition(text: str) -> tuple[str, str]:
-    a, sep, b = text.partition(":")
-    if not sep or not a or not b:
+def _readings(text: str) -> list[tuple[str, str]]:
+    """Every ``(RUN_A, RUN_B)`` that ``text`` splits into at one of its ``:`` (a run id may hold a ``:``
+    itself), both sides non-empty."""
+    return [(text[:i], text[i + 1:]) for i, c in enumerate(text) if c == ":" and 0 < i < len(text) - 1]
+
+
+def _transition(text: str) -> str:
+    """``--transition RUN_A:RUN_B``, checked for its form here; which ``:`` splits it is decided once the runs
+    are open (:func:`_split_transition`)."""
+    readings = _readings(text)
+    if not readings:
         raise argparse.ArgumentTypeError(f"transition must be RUN_A:RUN_B (run ids), got {text!r}")
-    if a == b:  # every difference is zero: the taxonomy would label a run's change against itself
+    if all(a == b for a, b in readings):  # every difference zero: a run's change labelled against itself
         raise argparse.ArgumentTypeError(f"transition must name two different runs, got {text!r}")
-    return a, b
+    return text
+
+
+def _split_transition(text: str, run_ids) -> tuple[str, str]:
+    """``--transition`` ``text`` as ``(RUN_A, RUN_B)``: split at the one ``:`` that leaves two different known
+    run ids (``exp:1:exp:2`` with runs ``exp:1`` and ``exp:2``; ``a:b`` split at its first ``:`` was
+    ``('a', 'b:c')`` for ``a:b:c`` whatever the runs were called). Two such splits: ``ValueError`` naming both
+    readings. None: a single ``:`` reading is returned (the report names its unknown id), else ``ValueError``."""
+    readings = [(a, b) for a, b in _readings(text) if a != b]
+    known = [(a, b) for a, b in readings if a in run_ids and b in run_ids]
+    if len(known) == 1:
+        return known[0]
+    if known:
+        both = " or ".join(f"{a!r} -> {b!r}" for a, b in known)
+        raise ValueError(f"--transition {text!r} is ambiguous: it reads as {both}, each a pair of these runs' ids "
+                         "(rename a run, or call spectral_lens.report.build_report(transitions=[(RUN_A, RUN_B)]))")
+    if len(readings) == 1:
+        return readings[0]
+    raise ValueError(f"--transition {text!r}: no ':' in it splits it into two run ids of these runs (expected "
+                     f"RUN_A:RUN_B); run ids: {sorted(run_ids)}")
 
 
 def _out_dir(text: str) -> str:
@@ -149,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="report.md with PNG files beside it (default), or report.html with the figures embedded")
     rp.add_argument("--transition", type=_transition, action="append", default=[], metavar="RUN_A:RUN_B",
                     help="classify a transition between two runs, named by run id (RunInfo.run_id, not a "
-                         "directory); repeatable; needs --target-loss")
+                         "directory); a run id may hold ':' (the ':' that leaves two known run ids splits it); "
+                         "repeatable; needs --target-loss")
     rp.add_argument("--replicates", nargs="+", type=_path, default=[], metavar="RUN_DIR",
                     help="runs of one configuration that differ only in the seed: the taxonomy's thresholds "
                          "become twice their largest seed-to-seed difference (needs --target-loss)")
@@ -188,9 +216,11 @@ def _cmd_report(args) -> int:
         known = sorted({name for r in runs for name in r.spectrum_names()})
         if args.spectrum not in known:
             raise ValueError(f"--spectrum {args.spectrum!r}: no run records it; recorded spectra: {known}")
+    ids = {r.run_id for r in runs}
+    transitions = [_split_transition(t, ids) for t in args.transition]
     rep = build_report(
         runs, args.out, fmt=args.format, target_loss=args.target_loss, fraction=args.fraction,
-        window=_window(args.window), spectrum=args.spectrum, transitions=args.transition, replicates=replicates,
+        window=_window(args.window), spectrum=args.spectrum, transitions=transitions, replicates=replicates,
         plots=not args.no_plots,
     )
     print(f"wrote {rep.path}" + (f" and {len(rep.figures)} figures" if rep.figures else ""))
@@ -215,16 +245,14 @@ def _strict_json(obj):
 
 def _fmt(v: float, spec: str = ".4f") -> str:
     """``v`` formatted by ``spec``, ``"nan"`` for an undefined value, and without the sign of a value that
-    rounds to zero (a flat spectrum's alpha is ``-0.0``: ``"-0.0000"`` read as a negative exponent)."""
+    rounds to zero (a flat spectrum's alpha is ``-0.0``: ``"-0.0000"`` read as a negative exponent), a NumPy
+    float32 included, and a huge value in the ``"g"`` form (``1e+300``, not 300 digits): ``report._plain``."""
+    from .report import _as_float, _plain
+
+    v = _as_float(v)
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "nan"
-    text = format(v, spec)
-    try:
-        if isinstance(v, float) and float(text) == 0:
-            text = format(0.0, spec)
-    except ValueError:  # "inf", a spec with a suffix ("%"): as formatted
-        pass
-    return text
+    return _plain(v, spec)
 
 
 def _unranked(rk) -> str | None:
@@ -346,20 +374,22 @@ def _cmd_predict(args) -> int:
 _NOT_IN_RUN = "the d12 window; the file is not in a run directory"
 
 
-def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, int], str]:
-    """The ``(tail, head)`` windows ``inspect FILE.npz`` fits, and where the tail one came from, in words.
+def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, int], str, str | None]:
+    """The ``(tail, head)`` windows ``inspect FILE.npz`` fits, where the tail one came from, in words, and
+    why the run's recorded head window is not the head one (``None`` when it is, or none is recorded).
 
     A spectrum file carries no window: ``--window`` if given, else the run the file belongs to
     (``RUN/spectra/FILE.npz`` or ``RUN/FILE.npz``, not ``RUN/OTHER/FILE.npz``) decides as ``predict`` does
     (its recorded tail window, else the scale rule for its ``n_layer``), else the d12 window ``[100, 200]``. The head window is the
-    run's recorded one, else ``[10, 40]``. A run.json that cannot be read is named, not fatal: the
+    run's recorded one, else ``[10, 40]`` (a recorded one that is not 1-based ranks LO < HI is said, as the
+    tail one is: the taxonomy stops on it). A run.json that cannot be read is named, not fatal: the
     file itself is what the user asked about."""
     from .analysis.windows import DEFAULT_WINDOW
     from .records import RunRecord
     from .records.schema import SPECTRA_DIR
     from .spectra.fit import tail_window
 
-    head, tail, source = (10, 40), DEFAULT_WINDOW, _NOT_IN_RUN
+    head, tail, source, head_note = (10, 40), DEFAULT_WINDOW, _NOT_IN_RUN, None
     # "x.npz" run from inside RUN/spectra: its parents are "." without absolute(); normpath: the parent of
     # RUN/spectra/sub/../x.npz is RUN/spectra, not "sub/.." (whose name is "..")
     here = Path(os.path.normpath(path.absolute()))
@@ -375,6 +405,8 @@ def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, i
             ok = {k: w for k, w in windows.items() if w and 1 <= w[0] < w[1]}  # the reader checks types only
             if ok.get("head"):
                 head = tuple(ok["head"])
+            elif windows.get("head"):
+                head_note = f"{run_json} records head window {list(windows['head'])}, not 1-based ranks LO < HI"
             if ok.get("tail"):
                 tail, source = tuple(ok["tail"]), f"recorded in {run_json}"
             elif windows.get("tail"):
@@ -391,7 +423,7 @@ def _spectrum_windows(path: Path, window) -> tuple[tuple[int, int], tuple[int, i
         tail, source = tuple(window), "--window"
     elif not source.startswith("recorded"):
         source += "; --window LO HI to choose"
-    return (int(tail[0]), int(tail[1])), (int(head[0]), int(head[1])), source
+    return (int(tail[0]), int(tail[1])), (int(head[0]), int(head[1])), source, head_note
 
 
 def _inspect_spectrum(path: Path, window=None) -> None:
@@ -399,22 +431,24 @@ def _inspect_spectrum(path: Path, window=None) -> None:
     from .summaries import RankMe, crossover_rank, participation_ratio, stable_rank
     from .records import spectrum_summaries
 
-    tail, head, source = _spectrum_windows(path, window)
+    tail, head, source, head_note = _spectrum_windows(path, window)
     s = Spectrum.load(path)
     v = s.values
     print(f"{path}: {s.kind} spectrum")
     print(f"  source: {s.source}   dim: {s.dim}   n_rows: {s.n_rows}   nonzero: {s.n_nonzero}")
-    print(f"  top eigenvalues: {', '.join(f'{x:.4g}' for x in v[:5].tolist())}")
-    print(f"  trace: {float(v.sum()):.6g}")
+    print(f"  top eigenvalues: {', '.join(_fmt(x, '.4g') for x in v[:5].tolist())}")
+    print(f"  trace: {_fmt(float(v.sum()), '.6g')}")
     if s.n_nonzero:
-        print(f"  RankMe: {RankMe()(s):.4g}   participation ratio: {participation_ratio(s):.4g}   "
-              f"stable rank: {stable_rank(s):.4g}")
+        print(f"  RankMe: {_fmt(RankMe()(s), '.4g')}   participation ratio: {_fmt(participation_ratio(s), '.4g')}   "
+              f"stable rank: {_fmt(stable_rank(s), '.4g')}")
         summ = spectrum_summaries(s, tail=tail, head=head)
         # the d12 default for a file outside a run, on a short spectrum: nothing to say about it; a run.json
         # that cannot be read or records a bad window is said whether or not the window fits
         chosen = window is not None or not source.startswith(_NOT_IN_RUN)
         if "alpha_tail" in summ or chosen:
             print(f"  tail window: ranks [{tail[0]}, {tail[1]}] ({source})")
+        if head_note is not None:  # was the default [10, 40] without a word
+            print(f"  head window: ranks [{head[0]}, {head[1]}] (the default; {head_note})")
         for key, win in (("alpha_head", head), ("alpha_tail", tail)):
             if key in summ:
                 print(f"  {key} [{win[0]}, {win[1]}]: {_fmt(summ[key])} (r2 {_fmt(summ[key + '_r2'], '.3f')})")
@@ -441,13 +475,17 @@ def _inspect_spectrum(path: Path, window=None) -> None:
 
 def _windows_text(run) -> str:
     """``run.json`` ``summary_windows`` in words: the ranks the stored ``alpha_tail`` / ``alpha_head``
-    were fitted on (a run without ``alpha_tail`` shows which window did not fit), and for a run that
+    were fitted on (a run without ``alpha_tail`` shows which window did not fit; one that is not LO < HI is
+    said, with the command that stops on it), and for a run that
     recorded no tail window, the one ``predict`` and ``report`` use instead."""
     from .analysis.windows import DEFAULT_WINDOW
     from .spectra.fit import tail_window
 
     windows = run.summary_windows or {}
-    parts = [f"{key} ranks {list(windows[key])}" for key in ("tail", "head") if windows.get(key)]
+    stops = {"tail": "predict and report stop on it", "head": "a report's --transition stops on it"}
+    parts = [f"{key} ranks {list(windows[key])}" + ("" if 1 <= windows[key][0] < windows[key][1] else
+                                                     f" (not 1-based ranks LO < HI: {stops[key]})")
+             for key in ("tail", "head") if windows.get(key)]
     text = ", ".join(parts) + " (run.json)" if parts else "none recorded in run.json"
     if not windows.get("tail"):
         n_layer = run.info.n_layer
@@ -476,11 +514,11 @@ def _inspect_run(path: Path, strict: bool) -> None:
     tokens, losses = r.val_curve()
     if losses.size:
         k = int(losses.argmin())
-        print(f"  val loss: first {losses[0]:.4g} at {tokens[0]:.4g} tokens, last {losses[-1]:.4g} at {tokens[-1]:.4g}, "
-              f"min {losses[k]:.4g} at {tokens[k]:.4g}")
+        print(f"  val loss: first {_fmt(losses[0], '.4g')} at {tokens[0]:.4g} tokens, last {_fmt(losses[-1], '.4g')} "
+              f"at {tokens[-1]:.4g}, min {_fmt(losses[k], '.4g')} at {tokens[k]:.4g}")
     q = r.throughput()
     if q is not None:
-        print(f"  throughput: {q:.4g} tokens/s (median)")
+        print(f"  throughput: {_fmt(q, '.4g')} tokens/s (median)")
     from .analysis.efficiency import coverage, divergence, failure
     from .analysis.efficiency import percent
     from .report import run_status
@@ -571,8 +609,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_window(parser, args)
     from ._warnings import SpectrumFormatError
 
+    shown: set[str] = set()
+
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"spectral-lens {args.command}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+        # each text once: a run's "no recorded tail window" came once per analysis that resolved its window
+        # (predict twice, report three times; every catch_warnings resets the once-per-place registry)
+        text = " ".join(str(message).split())
+        if text not in shown:
+            shown.add(text)
+            print(f"spectral-lens {args.command}: warning: {text}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.showwarning = show

@@ -13,6 +13,7 @@ import base64
 import contextlib
 import html
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ def score_flags(score: PredictionScore, statistic: str = "early α_tail") -> lis
             continue
         if w.rho < 0:
             out.append(
-                f"{where}: ρ = {w.rho:.2f} is negative: a flatter early tail went with MORE tokens to the target, "
+                f"{where}: ρ = {_rho(w.rho)} is negative: a flatter early tail went with MORE tokens to the target, "
                 f"the opposite of what the predictor assumes; do not trust its recommendation here."
             )
         reasons = []
@@ -69,10 +70,17 @@ def score_flags(score: PredictionScore, statistic: str = "early α_tail") -> lis
             reasons.append(f"p = {w.pvalue:.2g} > {MAX_PVALUE}")
         if reasons:
             out.append(
-                f"{where}: underpowered ({', '.join(reasons)}): a ρ of {w.rho:.2f} could be chance; "
+                f"{where}: underpowered ({', '.join(reasons)}): a ρ of {_rho(w.rho)} could be chance; "
                 f"treat the {statistic} ranking as a guess, not evidence."
             )
     return out
+
+
+def _rho(v: float) -> str:
+    """A rho in a caution: two decimals, but a nonzero one that rounds to zero keeps one significant digit
+    (``ρ = -0.00 is negative`` read as a contradiction; ``-0.004`` is what it is)."""
+    text = f"{v:.2f}"
+    return "0.00" if v == 0 else text if float(text) != 0 else f"{v:.1g}"
 
 
 def target_flags(runs: Iterable[RunRecord], target_loss: float) -> list[str]:
@@ -180,7 +188,32 @@ def _is_nan(v: Any) -> bool:
     return isinstance(v, float) and math.isnan(v)
 
 
+#: From this magnitude on, a fixed-point spec (".4f") formats as its "g" form: ".4f" of 1e300 wrote 305 characters.
+_FIXED_LIMIT = 1e9
+
+
+def _as_float(v: Any) -> Any:
+    """``v`` as a Python float when it is a real, non-integer number (a NumPy ``float32`` is not a ``float``:
+    the checks below missed it), else ``v``."""
+    return float(v) if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) else v
+
+
+def _plain(v: Any, fmt: str) -> str:
+    """``format(v, fmt)`` of a number, without the sign of a value that rounds to zero (a flat spectrum's
+    alpha is ``-0.0``: ``"-0.0000"`` read as a negative value) and, for a huge value and a fixed-point ``fmt``,
+    in the ``"g"`` form at the same precision (``1e+300``, not 300 digits)."""
+    v = _as_float(v)
+    if isinstance(v, float) and math.isfinite(v):
+        if fmt.endswith("f") and abs(v) >= _FIXED_LIMIT:
+            fmt = fmt[:-1] + "g"
+        with contextlib.suppress(ValueError):  # a spec with a suffix ("%") is left as formatted
+            if float(format(v, fmt)) == 0:
+                v = 0.0
+    return format(v, fmt)
+
+
 def _num(v: Any, fmt: str = ".4g") -> str:
+    v = _as_float(v)
     if v is None:
         return "–"
     if isinstance(v, float):
@@ -188,14 +221,12 @@ def _num(v: Any, fmt: str = ".4g") -> str:
             return "–"
         if math.isinf(v):
             return "not reached" if v > 0 else "-inf"
-        with contextlib.suppress(ValueError):  # a spec with a suffix ("%") is left as formatted
-            if float(format(v, fmt)) == 0:  # no "-0.0000" (a flat spectrum's alpha) read as a negative value
-                v = 0.0
-    return format(v, fmt)
+    return _plain(v, fmt)
 
 
 def _tier(t) -> str:
-    return "?" if t is None else (str(int(t)) if float(t).is_integer() else f"{t:g}")
+    """A batch tier as text: ``8``, ``0.5``; a huge one (finite in run.json) ``1e+300``, not 301 digits."""
+    return "?" if t is None else (str(int(t)) if float(t).is_integer() and abs(t) < 1e15 else f"{t:g}")
 
 
 class _Doc:

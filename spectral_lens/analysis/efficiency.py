@@ -292,17 +292,20 @@ def pick_learning_rates(runs: Iterable[RunRecord]) -> tuple[list[RunRecord], dic
 def percent(fraction: float) -> str:
     """A progress fraction in words: ``0.2`` -> ``"20%"``, ``0.001`` -> ``"0.1%"`` (``:.0%`` said ``"0%"``);
     ``nan`` -> ``"nan%"`` (messages about a bad fraction must not fail to say it), never ``"-0%"``, and a
-    tiny nonzero share is not ``"0%"``."""
-    p = 100 * fraction
+    tiny nonzero share is not ``"0%"``; a huge one is ``"1e+302%"``, not 303 digits (``:.0f`` writes every
+    digit of a whole number). A NumPy scalar prints as the float it is."""
+    p = 100 * float(fraction)
     if not math.isfinite(p):
         return f"{p}%"
     if p == 0:
         return "0%"
-    return f"{p:.0f}%" if abs(p - round(p)) < 1e-9 and round(p) != 0 else f"{p:.3g}%"
+    whole = abs(p) < 1e6 and abs(p - round(p)) < 1e-9 and round(p) != 0
+    return f"{p:.0f}%" if whole else f"{p:.3g}%"
 
 
 def _tier_text(t) -> str:
-    return "?" if t is None else (str(int(t)) if float(t).is_integer() else f"{t:g}")
+    """A batch tier as text: ``8``, ``0.5``; a huge one (finite in run.json) ``1e+300``, not 301 digits."""
+    return "?" if t is None else (str(int(t)) if float(t).is_integer() and abs(t) < 1e15 else f"{t:g}")
 
 
 def _curve(run_or_curve) -> tuple[np.ndarray, np.ndarray]:

@@ -33,6 +33,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .._args import check_window
 from ..records import RunRecord
 from ..spectrum import Spectrum
 from ..summaries import BandAlphaFitter, InsufficientRowsWarning
@@ -431,8 +432,18 @@ def _alpha(spec: Spectrum, window: tuple[int, int]) -> float:
 
 
 def _recorded_head_window(run_a: RunRecord, run_b: RunRecord) -> tuple[int, int]:
-    """The head window both runs recorded (``run.summary_windows["head"]``), else ``(10, 40)``."""
+    """The head window both runs recorded (``run.summary_windows["head"]``), else ``(10, 40)``. A recorded
+    window that is not 1-based ranks ``lo < hi`` raises ``ValueError`` naming the run and its run.json, as
+    :func:`~spectral_lens.analysis.resolve_window` does for the tail window (it was an ``alpha_head`` of NaN,
+    a transition without activation-head evidence, without a word)."""
     recorded = {r.run_id: (getattr(r, "summary_windows", None) or {}).get("head") for r in (run_a, run_b)}
+    for r in (run_a, run_b):
+        w = recorded[r.run_id]
+        if w and not 1 <= int(w[0]) < int(w[1]):  # the reader checks types only (inspect shows such a run.json)
+            where = f"{r.path / 'run.json'}" if getattr(r, "path", None) is not None else "its run.json"
+            raise ValueError(f"run {r.run_id!r}: {where} records head window {[int(x) for x in w]}, not 1-based "
+                             "ranks LO < HI; pass head_window=(LO, HI) to transition_evidence (the CLI has no option "
+                             "for it: correct the run.json)")
     windows = {tuple(int(x) for x in w) for w in recorded.values() if w}
     if len(windows) > 1:
         raise ValueError(f"runs recorded different head windows {recorded}: pass head_window= to compare them on one")
@@ -470,6 +481,9 @@ def transition_evidence(
         raise ValueError(f"at must be 'loss' or 'final', got {at!r}")
     if head_window is None:
         head_window = _recorded_head_window(run_a, run_b)
+    # a swapped window was an alpha of NaN (_alpha's "cannot resolve"), not an error
+    head_window = check_window("transition_evidence", "head_window", head_window)
+    gradient_window = check_window("transition_evidence", "gradient_window", gradient_window)
     gains = transition_gains(run_a, run_b, target)
     details: dict[str, Any] = {"target": float(target), "at": at, "T_a": gains.T_a, "T_b": gains.T_b,
                                "Q_a": gains.Q_a, "Q_b": gains.Q_b}

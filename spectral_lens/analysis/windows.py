@@ -65,7 +65,8 @@ def resolve_window(run: RunRecord, window: tuple[int, int] | None = None) -> tup
     """The tail window for ``run``, in this order: ``window`` if given; the window the run recorded
     (``run.summary_windows["tail"]``, from ``run.json``); the scale rule for ``info.n_layer``
     (:func:`spectral_lens.tail_window`); else the d12 window ``(100, 200)`` with a warning. A recorded
-    window that is not 1-based ranks ``lo < hi`` raises ``ValueError`` naming the run and its run.json."""
+    window that is not 1-based ranks ``lo < hi``, or an ``n_layer`` below 1 (no recorded window), raises
+    ``ValueError`` naming the run and its run.json."""
     if window is not None:
         lo, hi = window
         return (int(lo), int(hi))
@@ -78,7 +79,12 @@ def resolve_window(run: RunRecord, window: tuple[int, int] | None = None) -> tup
                              "LO < HI; pass window=(LO, HI) (CLI: --window LO HI)")
         return (lo, hi)
     if run.info.n_layer:
-        return tail_window(int(run.info.n_layer))
+        try:
+            return tail_window(int(run.info.n_layer))
+        except ValueError as exc:  # an n_layer < 1 of a hand-written run.json: name the run and its file
+            where = f"{run.path / 'run.json'}" if getattr(run, "path", None) is not None else "its RunInfo"
+            raise ValueError(f"run {run.run_id!r}: {where}: {exc} (a depth, for the scale rule's tail window); "
+                             "pass window=(LO, HI) (CLI: --window LO HI)") from None
     warnings.warn(  # the default warning filter shows each run's message once
         f"run {run.run_id!r}: no recorded tail window and RunInfo.n_layer unknown; using the d12 tail window "
         f"{DEFAULT_WINDOW} (pass window= to choose)",

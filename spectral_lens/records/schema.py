@@ -71,6 +71,8 @@ _INFO_TYPES = {
     "tokens_per_step": (int, float), "seed": (int,), "n_layer": (int,), "total_tokens": (int, float),
     "batch_size": (int, float),
 }
+# RunInfo fields read from disk that must be > 0 (RunInfo refuses the others too; the reader names file and field)
+_POSITIVE = ("batch_tier", "tokens_per_step", "total_tokens", "batch_size")
 
 
 @dataclass
@@ -117,6 +119,10 @@ class RunInfo:
             v = getattr(self, key)  # the reader refuses NaN / Infinity in run.json: never write one
             if isinstance(v, numbers.Real) and not isinstance(v, bool) and not math.isfinite(v):
                 raise ValueError(f"RunInfo.{key} must be a finite number, got {v!r}")
+        for key in ("tokens_per_step", "batch_size"):  # counts per optimizer step: 0 or less is no step at all
+            v = getattr(self, key)
+            if isinstance(v, numbers.Real) and not isinstance(v, bool) and not v > 0:
+                raise ValueError(f"RunInfo.{key} must be positive, got {v!r}")
         if not isinstance(self.extras, dict):
             raise TypeError(f"RunInfo.extras must be a dict, got {type(self.extras).__name__}")
 
@@ -139,6 +145,8 @@ class RunInfo:
                 raise RecordFormatError(f"{origin}: run metadata field {key!r} is an integer beyond the float range")
             if isinstance(v, float) and not math.isfinite(v):  # json reads 1e400 as inf, and NaN / Infinity
                 raise RecordFormatError(f"{origin}: run metadata field {key!r} must be a finite number, got {v!r}")
+            if key in _POSITIVE and v is not None and not v > 0:  # a hand-written or other tool's run.json
+                raise RecordFormatError(f"{origin}: run metadata field {key!r} must be a positive number, got {v!r}")
         if not isinstance(kwargs.get("extras") or {}, dict):
             raise RecordFormatError(f"{origin}: run metadata field 'extras' must be an object")
         unknown = {k: v for k, v in data.items() if k not in known and k not in ("format", "version")}
