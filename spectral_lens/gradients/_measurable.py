@@ -176,8 +176,9 @@ def refuse_fsdp(model: nn.Module, engines: dict[str, str], modules: list[nn.Modu
            "model (vmap cannot trace FSDP's hooks; the loop engine's gradients are shards)")
     raise ValueError(
         f"PerSampleGradientProbe: {type(model).__name__} is sharded with FSDP (fully_shard or FullyShardedDataParallel "
-        f"on {', '.join(shown)}): {why}. Instead: probe matrices that have a fast path (nn.Linear, transformers' "
-        "Conv1D; not tied) with engine='auto' or 'fast' (exact under FSDP2, where every rank runs every pass), or "
+        f"on {', '.join(shown)}): {why}. Instead: {'shard with fully_shard and ' if fsdp1 else ''}probe matrices "
+        "that have a fast path (nn.Linear, transformers' Conv1D; not tied) with engine='auto' or 'fast' "
+        f"{'there ' if fsdp1 else ''}(exact under FSDP2, where every rank runs every pass), or "
         "measure activations only (SpectralLens(model, pool, params=())), or probe an unsharded copy: on every rank, "
         "full = torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
         "full_state_dict=True)); load it into a plain model of the same architecture and probe that "

@@ -33,7 +33,7 @@ from ._isolation import (cuda_devices, forked_rng, module_list, parameter_list, 
 from ._validate import finite_rows, half_hint, nonfinite_loss_message
 from ..spectrum import Spectrum
 from ..spectra.eigen import all_finite
-from ._engine_choice import choose_engine, general_engine, refuse_fast
+from ._engine_choice import choose_engine, fast_refusal, general_engine, refuse_fast
 from ._batch import _autograd_usable, batch_as_run, batch_size, default_forward, map_tensors, slice_batch
 from . import cast_cache
 from .engines import LossScale, fast_engine, loop_engine
@@ -277,7 +277,7 @@ class PerSampleGradientProbe:
         self._offloading = offloading_modules(model)
         self.sites = {n: self._site(n) for n in params}
         self._choose_engines()
-        refuse_offloaded(model, self.engines_)  # Accelerate's meta placeholders: the fast engine only
+        self._refuse_offloaded()  # Accelerate's meta placeholders: the fast engine only
         self._forget_head_loss()
         self.reset()
 
@@ -426,6 +426,15 @@ class PerSampleGradientProbe:
         """The engine of parameter ``name`` (:func:`~._engine_choice.choose_engine`)."""
         return choose_engine(self.engine, self.model, name, self.sites[name], self.params[name],
                              train_mode=self.train_mode, untraceable=self._untraceable, offloading=self._offloading)
+
+    def _refuse_offloaded(self, unusable: dict[str, str] | None = None) -> None:
+        """:func:`~spectral_lens._offload.refuse_offloaded` told why the fast path cannot measure a parameter
+        (:func:`~._engine_choice.fast_refusal`, or ``unusable``: found in a pass), so that it suggests the fast
+        engine only where it can run."""
+        def why(name: str) -> str | None:
+            return (unusable or {}).get(name) or fast_refusal(self.model, name, self.sites[name], self.params[name],
+                                                              self.train_mode)
+        refuse_offloaded(self.model, self.engines_, why_not_fast=why)
 
     def _forget_head_loss(self) -> None:
         """Drop the head-loss decision (the model, its layers or the adapter changed): made again as at binding."""
@@ -691,7 +700,7 @@ class PerSampleGradientProbe:
                 self.engines_[k] = general_engine(self._untraceable, self._offloading)
             if not_called:  # the vmap engine cannot measure a ZeRO-3 or offloaded parameter: refused before its pass
                 refuse_zero3_params(self.params, self.engines_)
-                refuse_offloaded(self.model, self.engines_)
+                self._refuse_offloaded(not_called)
         forward_fn, loss_fn = self._loss_fns()  # decided by now (by the fast engine's forward, or before)
         for kind in ("vmap", "loop"):
             todo = {k: self.params[k] for k, e in self.engines_.items() if e == kind and k not in rows}
@@ -747,7 +756,7 @@ class PerSampleGradientProbe:
         self._follow_params()
         dev = self.device
         if any(p.is_meta for p in self.params.values()):  # offloaded after binding (a placeholder, followed above)
-            refuse_offloaded(self.model, self.engines_)
+            self._refuse_offloaded()
         if dev.type == "meta":
             name = next(iter(self.params))
             raise RuntimeError(
