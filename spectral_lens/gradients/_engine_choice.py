@@ -151,7 +151,7 @@ def _instead(model: nn.Module, name: str, fast_why: str | None, untraceable: dic
         fsdp2 = f" (where engine='auto' or 'fast' measures {name} exactly)" if fast_why is None else ""
         return (f"no engine can measure {name} in this model: the probe does not measure FSDP1's "
                 "FullyShardedDataParallel (outside its forward a parameter is a view of this rank's shard); shard "
-                f"with FSDP2's fully_shard{fsdp2}, or probe an unsharded copy (docs/guide-multi-gpu.md, FSDP)")
+                f"with fully_shard (FSDP2){fsdp2}, or probe an unsharded copy (docs/guide-multi-gpu.md, FSDP)")
     general = general_engine(untraceable, offloading, running_statistics(model, train_mode))
     only = _fast_only(model, name, general)
     fast, general_ok = fast_why is None, only is None
