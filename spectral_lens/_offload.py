@@ -177,7 +177,7 @@ def refuse_offloaded(model: nn.Module, engines: dict, who: str = "PerSampleGradi
     for n in bad[:3]:
         prefix, hook, _ = _store(model, n)
         tied = untied_names(model, n)
-        no_fast = f"; the fast path cannot measure it: {why[n]}" if why[n] else ""
+        no_fast = f"; the fast path cannot measure it: {why[n]}" if why[n] and not tied else ""  # tied: said
         shown.append(f"{n} (engine {engines[n]!r}{f'; tied to {tied}' if tied else ''}{no_fast}; in the offload store "
                      f"of the AlignDevicesHook on {prefix or '<the model>'!r}, execution_device {hook.execution_device})")
     more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
