@@ -116,3 +116,32 @@ def test_a_parameter_the_fast_path_measures_is_still_pointed_to_it(setting):
     message = _refusal(setting, "o.weight", "loop")
     assert "with engine='auto' or 'fast'" in message and "the fast path cannot" not in message, message
     assert outcome(setting, "o.weight", "auto") == ("measured", None)
+
+
+class _InPlace(nn.Module):
+    """``o``'s input is modified in place after its call: every engine's backward needs it as the call saw it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.o, self.head = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 11)
+
+    def forward(self, ids):
+        h = torch.tanh(self.emb(ids))
+        y = self.o(h)
+        h.mul_(2.0)
+        return self.head(torch.tanh(y) + h)
+
+
+def test_an_input_modified_in_place_suggests_no_engine_that_fails_alike():
+    """Before: the fast engine's refusal said ``use engine='vmap'``, which fails in autograd the same way."""
+    def run(engine):
+        torch.manual_seed(0)
+        sl.PerSampleGradientProbe(_InPlace().double(), params="o.weight", engine=engine, **KW).update(BATCH)
+
+    for engine in ("vmap", "loop"):  # the premise
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            run(engine)
+    for engine in ("auto", "fast"):
+        with pytest.raises(RuntimeError, match="modified in place after the call") as info:
+            run(engine)
+        assert "engine='vmap'" not in str(info.value) and "no engine can measure" in str(info.value), info.value
