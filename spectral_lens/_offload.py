@@ -13,7 +13,7 @@ The functions here read ``_hf_hook``, ``hooks`` (a ``SequentialHook``), ``offloa
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -15,7 +15,8 @@ import contextlib
 import difflib
 import re
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

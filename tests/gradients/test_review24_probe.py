@@ -17,7 +17,6 @@ swap, as ``fully_shard`` does), ZeRO-3 by the ``ds_*`` attributes it sets (spect
 from __future__ import annotations
 
 import copy
-import re
 import warnings
 
 import pytest
@@ -26,11 +25,11 @@ from torch import nn
 
 import spectral_lens as sl
 
-from .test_review24_probe_audit import BATCH, KW, Net, build, outcome, suggested
+from .test_review24_probe_audit import BATCH, KW, outcome, suggested
 
 
 def _refusal(setting: str, param: str, engine: str) -> str:
-    stage, message = outcome(setting, param, engine)
+    _, message = outcome(setting, param, engine)
     assert message is not None, (setting, param, engine)
     return message
 
