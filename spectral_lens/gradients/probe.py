@@ -116,7 +116,8 @@ class PerSampleGradientProbe:
         engine: ``"auto"`` (fast path where one is registered for the module type, the weight is
             not shared and no BatchNorm normalizes by batch statistics, ``"vmap"`` otherwise, falling back to ``"loop"`` with an
             :class:`~spectral_lens.EngineFallbackWarning` where ``torch.func`` refuses the model; in a PEFT
-            model with LoHa layers, whose forward ``torch.func`` cannot trace, ``"loop"`` at once, without a warning),
+            model with LoHa layers, whose forward ``torch.func`` cannot trace, with Accelerate's offloading, or with
+            BatchNorm updating running statistics (``train_mode=True``), ``"loop"`` at once, without a warning),
             ``"fast"`` (error if impossible), ``"vmap"`` (error naming the likely cause if ``torch.func``
             refuses the model; a ``ValueError`` at once in a PEFT model with LoHa layers), ``"loop"``.
         chunk_size: samples per forward/backward pass (default 16). Results do not depend on it; memory
