@@ -10,7 +10,7 @@ imports ``deepspeed``), so a model that DeepSpeed never touched costs a loop ove
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -85,7 +85,8 @@ def behind_zero3_hooks(module: nn.Module, handle) -> None:
     hooks.update((k, items[k]) for k in order)
 
 
-def refuse_zero3_params(params: dict, engines: dict, who: str = "PerSampleGradientProbe") -> None:
+def refuse_zero3_params(params: dict, engines: dict, who: str = "PerSampleGradientProbe",
+                        why_not_fast: Callable[[str], str | None] | None = None) -> None:
     """``ValueError`` when any of ``params`` (name -> parameter to probe) is managed by ZeRO stage 3 and its
     engine (``engines``: name -> engine) is not the fast one.
 
@@ -96,17 +97,22 @@ def refuse_zero3_params(params: dict, engines: dict, who: str = "PerSampleGradie
     model with the parameters swapped for its own tensors (``torch.func.functional_call``), which ZeRO-3's
     gather then overwrites with its placeholders and gathered partitions, and the ``loop`` engine takes
     ``torch.autograd.grad`` of the parameters themselves, whose ``.data`` ZeRO-3 empties after each forward:
-    neither can be exact."""
+    neither can be exact. ``why_not_fast``: why the fast path cannot measure a parameter (``None`` where it can):
+    said for each, and ``engine='auto'`` or ``'fast'`` suggested only where some fast path can run (before: also
+    after the fast path had proved unusable)."""
     bad = [n for n in zero3_names(params.items()) if engines.get(n) != "fast"]
     if not bad:
         return
+    why = {n: why_not_fast(n) for n in bad} if why_not_fast is not None else {}
+    no_fast = "".join(f"; the fast path cannot measure {n}: {why[n]}" for n in bad[:3] if why.get(n))
+    fast = ("probe matrices that have a fast path (nn.Linear, transformers' Conv1D; not tied) with engine='auto' or "
+            "'fast' (exact under ZeRO-3 when every rank runs the same passes, as SpectralLens does), or "
+            if not all(why.get(n) for n in bad) else "")
     raise ValueError(
         f"{who}: the probed parameter(s) {_shown(params, bad)} are partitioned by DeepSpeed ZeRO stage 3 and would "
-        f"use an engine other than the fast one ({ {n: engines.get(n) for n in bad} }): the vmap and loop engines "
-        "need the whole weight outside a forward, where it is an empty placeholder on every rank (its whole shape "
-        "is ds_shape). Instead: probe matrices that have a fast path (nn.Linear, transformers' Conv1D; not tied) "
-        "with engine='auto' or 'fast' (exact under ZeRO-3 when every rank runs the same passes, as SpectralLens "
-        "does), or measure activations only (SpectralLens(model, pool, params=())), or train with ZeRO stage 1 or 2 "
+        f"use an engine other than the fast one ({ {n: engines.get(n) for n in bad} }{no_fast}): the vmap and loop "
+        "engines need the whole weight outside a forward, where it is an empty placeholder on every rank (its whole "
+        f"shape is ds_shape). Instead: {fast}measure activations only (SpectralLens(model, pool, params=())), or train with ZeRO stage 1 or 2 "
         "(whole parameters), or probe an unsharded copy: on every rank, with deepspeed.zero.GatheredParameters("
         "list(model.parameters())): state = {k: v.clone() for k, v in model.state_dict().items()}; load it into a "
         "plain model of the same architecture and probe that (docs/guide-multi-gpu.md, DeepSpeed ZeRO)"

@@ -13,6 +13,8 @@ The functions here read ``_hf_hook``, ``hooks`` (a ``SequentialHook``), ``offloa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -152,7 +154,8 @@ def offload_device(model: nn.Module, name: str) -> torch.device | None:
     return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
 
 
-def refuse_offloaded(model: nn.Module, engines: dict, who: str = "PerSampleGradientProbe") -> None:
+def refuse_offloaded(model: nn.Module, engines: dict, who: str = "PerSampleGradientProbe",
+                     why_not_fast: Callable[[str], str | None] | None = None) -> None:
     """``ValueError`` when any probed parameter (``engines``: name -> engine) is offloaded by Accelerate
     (:func:`offloaded_names`) and its engine is not the fast one.
 
@@ -162,23 +165,30 @@ def refuse_offloaded(model: nn.Module, engines: dict, who: str = "PerSampleGradi
     own tensors (``torch.func.functional_call``), which Accelerate's hook then overwrites with the materialized
     weight, and the ``loop`` engine differentiates the parameter objects, which are meta placeholders that
     Accelerate replaces in every forward: neither can be exact. The message names each parameter, the module
-    whose hook holds it and its execution device, and what to do instead."""
+    whose hook holds it and its execution device, and what to do instead. ``why_not_fast``: why the fast path
+    cannot measure a parameter (name -> reason, ``None`` where it can; the probe's, also for a fast path found
+    unusable in a pass): the message says so for each, and suggests ``engine='auto'`` or ``'fast'`` only for
+    parameters whose fast path can run (before: also after the fast path had proved unusable)."""
     bad = [n for n in offloaded_names(model, engines) if engines[n] != "fast"]
     if not bad:
         return
+    why = {n: None if why_not_fast is None else why_not_fast(n) for n in bad}
     shown = []
     for n in bad[:3]:
         prefix, hook, _ = _store(model, n)
         tied = untied_names(model, n)
-        shown.append(f"{n} (engine {engines[n]!r}{f'; tied to {tied}' if tied else ''}; in the offload store of the "
-                     f"AlignDevicesHook on {prefix or '<the model>'!r}, execution_device {hook.execution_device})")
+        no_fast = f"; the fast path cannot measure it: {why[n]}" if why[n] and not tied else ""  # tied: said
+        shown.append(f"{n} (engine {engines[n]!r}{f'; tied to {tied}' if tied else ''}{no_fast}; in the offload store "
+                     f"of the AlignDevicesHook on {prefix or '<the model>'!r}, execution_device {hook.execution_device})")
     more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    fastable = [n for n in bad if not why[n]]
+    fast = ("probe matrices that have a fast path (nn.Linear, transformers' Conv1D; not tied) with engine='auto' or "
+            "'fast' (exact on offloaded weights), " if fastable else "")
     raise ValueError(
         f"{who}: the parameter(s) {'; '.join(shown)}{more} are offloaded by Accelerate (cpu_offload, disk_offload, "
         "or a device_map with 'cpu'/'disk' entries and an offload_folder) and would use an engine other than the fast "
         "one: outside their module's forward they are meta placeholders (a shape without data), which the vmap and "
-        "loop engines would differentiate. Instead: probe matrices that have a fast path (nn.Linear, transformers' "
-        "Conv1D; not tied) with engine='auto' or 'fast' (exact on offloaded weights), probe parameters that are not "
+        f"loop engines would differentiate. Instead: {fast}probe parameters that are not "
         "offloaded (a device_map or max_memory that keeps their module on the execution device), measure "
         "activations only (SpectralLens(model, pool, params=())), or probe a copy loaded without offloading "
         "(e.g. from_pretrained(path, device_map={'': 'cpu'})) (docs/guide-multi-gpu.md, Models dispatched by "

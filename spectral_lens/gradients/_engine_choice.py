@@ -3,7 +3,7 @@
 The fast path (:mod:`.registry`) where one is registered for the module type and its rows are exact (the
 weight used once, no BatchNorm mixing a chunk's samples), else the generic ``torch.func`` engine, or the
 per-sample loop where ``torch.func`` cannot trace the model (a PEFT LoHa layer, Accelerate's offloading
-hooks); ``engine="fast"`` or ``"vmap"`` that cannot run is refused with the reason and what to pass
+hooks, BatchNorm updating its running statistics); ``engine="fast"`` or ``"vmap"`` that cannot run is refused with the reason and what to pass
 instead. Pure decisions over the model and the probe's settings: the probe keeps the result per parameter
 (``engines_``) and asks again when a parameter or the model's layers change.
 """
@@ -14,7 +14,7 @@ from torch import nn
 
 from .._deepspeed import is_zero3
 from .._offload import offloaded_names, untied_names
-from ._measurable import fsdp_sharded
+from ._measurable import _fsdp_classes, fsdp_sharded
 from .registry import fast_path_for
 
 __all__ = ["batch_statistics", "choose_engine", "fast_refusal", "general_engine", "refuse_fast", "running_statistics",
@@ -38,7 +38,7 @@ def batch_statistics(model: nn.Module, train_mode: bool) -> list[str]:
 def running_statistics(model: nn.Module, train_mode: bool) -> list[str]:
     """BatchNorm layers that update their running statistics in place while measuring (``train_mode=True``): a
     write to a buffer that ``torch.func`` cannot trace, so the ``vmap`` engine fails in the first pass (``"auto"``
-    falls back to the per-sample loop there)."""
+    takes the per-sample loop there from the start: :func:`general_engine`)."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and train_mode and m.running_mean is not None]
 
@@ -67,10 +67,20 @@ def fast_refusal(model: nn.Module, name: str, site: tuple[nn.Module, str], param
     return None
 
 
-def general_engine(untraceable: dict[str, str], offloading: list[str]) -> str:
+def general_engine(untraceable: dict[str, str], offloading: list[str], running: list[str] = ()) -> str:
     """The engine ``"auto"`` takes off the fast path: the per-sample loop where ``torch.func`` cannot trace the
-    model (a PEFT LoHa layer, Accelerate's offloading hooks), ``"vmap"`` elsewhere."""
-    return "loop" if untraceable or offloading else "vmap"
+    model (a PEFT LoHa layer, Accelerate's offloading hooks, BatchNorm layers updating their running statistics
+    in place: ``running``, :func:`running_statistics`), ``"vmap"`` elsewhere. Chosen at binding, so "auto" makes
+    no attempt that is bound to fail and warns about no fallback of its own choosing (the loop's rows are those
+    the fallback gave)."""
+    return "loop" if untraceable or offloading or running else "vmap"
+
+
+def _fsdp1(model: nn.Module) -> bool:
+    """Whether ``model`` holds an FSDP1 ``FullyShardedDataParallel`` wrapper, which the probe refuses whatever the
+    engine (:func:`~._measurable.refuse_fsdp`)."""
+    classes = _fsdp_classes()
+    return classes is not None and any(isinstance(m, classes[1]) for m in model.modules())
 
 
 def choose_engine(engine: str, model: nn.Module, name: str, site: tuple[nn.Module, str], param: nn.Parameter, *,
@@ -80,8 +90,9 @@ def choose_engine(engine: str, model: nn.Module, name: str, site: tuple[nn.Modul
     ``untraceable``), ``"auto"`` takes the loop where it would take ``vmap`` (no failed attempt, no warning)
     and ``engine="vmap"`` is refused here, before any pass; likewise in a model with modules offloaded by
     Accelerate (``offloading``), where a weight tied to another one before offloading
-    (:func:`~spectral_lens._offload.untied_names`) is not given the fast path. A refusal suggests only the
-    engines that would be accepted for ``name`` (:func:`_instead`)."""
+    (:func:`~spectral_lens._offload.untied_names`) is not given the fast path. With BatchNorm layers updating
+    their running statistics (``train_mode=True``), ``"auto"`` takes the loop too (:func:`general_engine`). A
+    refusal suggests only the engines that would be accepted for ``name`` (:func:`_instead`)."""
     if engine == "loop":
         return "loop"
     if engine == "vmap":
@@ -94,7 +105,7 @@ def choose_engine(engine: str, model: nn.Module, name: str, site: tuple[nn.Modul
         return "fast"
     if engine == "fast":
         refuse_fast(model, name, reason, untraceable, offloading, train_mode=train_mode)
-    return general_engine(untraceable, offloading)
+    return general_engine(untraceable, offloading, running_statistics(model, train_mode))
 
 
 def refuse_fast(model: nn.Module, name: str, why: str, untraceable: dict[str, str], offloading: list[str], *,
@@ -134,10 +145,14 @@ def _instead(model: nn.Module, name: str, fast_why: str | None, untraceable: dic
     offloaded by Accelerate, partitioned by ZeRO-3, sharded by FSDP), the loop rather than ``"vmap"`` where the
     latter would fail in the pass (:func:`running_statistics`), ``"auto"`` where one of those is its choice.
     ``style="or"``: ``use engine='auto' or 'loop'``; ``"long"``: each engine with what it does. Where none
-    would be accepted (such a parameter that the fast path refuses), says so and what to do."""
-    general = general_engine(untraceable, offloading)
-    if general == "vmap" and running_statistics(model, train_mode):
-        general = "loop"  # vmap cannot trace the update of running statistics: where "auto" falls back
+    would be accepted (such a parameter that the fast path refuses; any parameter under FSDP1, which the probe
+    refuses whatever the engine), says so and what to do."""
+    if _fsdp1(model):  # not "exact under FSDP2": no engine is accepted under this wrapper
+        fsdp2 = f" (where engine='auto' or 'fast' measures {name} exactly)" if fast_why is None else ""
+        return (f"no engine can measure {name} in this model: the probe does not measure FSDP1's "
+                "FullyShardedDataParallel (outside its forward a parameter is a view of this rank's shard); shard "
+                f"with fully_shard (FSDP2){fsdp2}, or probe an unsharded copy (docs/guide-multi-gpu.md, FSDP)")
+    general = general_engine(untraceable, offloading, running_statistics(model, train_mode))
     only = _fast_only(model, name, general)
     fast, general_ok = fast_why is None, only is None
     if not (fast or general_ok):

@@ -435,9 +435,11 @@ def fast_engine(
         total = None
         for x, version, dy in used:
             if x._version != version:
-                raise RuntimeError(
-                    f"{name}: the input of {type(mod).__name__} was modified in place after the call; "
-                    "the fast path needs it intact (use engine='vmap')"
+                raise RuntimeError(  # not "use engine='vmap'": its backward (and the loop's) needs the input too
+                    f"{name}: the input of {type(mod).__name__} was modified in place after the call; no engine can "
+                    "measure the weight then: its gradient needs the input as the call saw it (the vmap and loop "
+                    "engines fail in autograd: 'modified by an inplace operation'). Make that operation out of "
+                    "place (or clone the input before it)"
                 )
             g = fn(mod, local, x, dy)
             total = g if total is None else total + g

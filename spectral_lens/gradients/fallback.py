@@ -2,7 +2,8 @@
 
 ``torch.func`` refuses many models: data-dependent Python control flow (``if x.sum() > 0``, Hugging
 Face attention-mask checks) and ``.item()`` (``vmap: ...``), in-place updates of captured buffers
-(BatchNorm running statistics under ``train_mode=True``: ``During a grad ... transform ...``),
+(BatchNorm running statistics under ``train_mode=True``: ``During a grad ... transform ...``; ``"auto"`` takes the
+loop there at binding, :func:`~._engine_choice.general_engine`),
 ``torch.autograd.Function`` subclasses without ``setup_context`` (reentrant activation checkpointing,
 custom kernels; a module backward hook, ``register_full_backward_hook``, would install one too, but the
 probe switches those off while it measures), saved-tensor hooks (non-reentrant activation
@@ -125,7 +126,7 @@ def vmap_or_loop(
             raise RuntimeError(
                 f"per-sample gradients of {list(params)}: engine='vmap' cannot trace {type(model).__name__} "
                 f"({refusal}). Likely cause: {cause}. Pass engine='loop' (the same gradients, one backward per "
-                "sample), or engine='auto', which falls back to it"
+                "sample), or engine='auto', which uses it where vmap cannot trace"
             ) from exc
     warnings.warn(
         f"per-sample gradients of {list(params)}: torch.func.vmap cannot trace {type(model).__name__} "

@@ -33,7 +33,7 @@ from ._isolation import (cuda_devices, forked_rng, module_list, parameter_list, 
 from ._validate import finite_rows, half_hint, nonfinite_loss_message
 from ..spectrum import Spectrum
 from ..spectra.eigen import all_finite
-from ._engine_choice import choose_engine, general_engine, refuse_fast
+from ._engine_choice import choose_engine, fast_refusal, general_engine, refuse_fast
 from ._batch import _autograd_usable, batch_as_run, batch_size, default_forward, map_tensors, slice_batch
 from . import cast_cache
 from .engines import LossScale, fast_engine, loop_engine
@@ -52,7 +52,7 @@ from .gram import (
 )
 from .losses import causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
-from .._deepspeed import is_zero3, refuse_zero3_params, whole_shape, zero3_partitioned
+from .._deepspeed import is_zero3, whole_shape, zero3_partitioned
 from .._offload import offload_device, offloaded_names, offloading_modules, refuse_offloaded
 from ._measurable import (ATTENTION_OUTPUT_PATTERNS, _refuse_recording_opacus_hooks, _refuse_scripted, _resolve_params,
                           bindable, default_gradient_param, refuse_fsdp, refuse_unfit_defaults)
@@ -116,7 +116,8 @@ class PerSampleGradientProbe:
         engine: ``"auto"`` (fast path where one is registered for the module type, the weight is
             not shared and no BatchNorm normalizes by batch statistics, ``"vmap"`` otherwise, falling back to ``"loop"`` with an
             :class:`~spectral_lens.EngineFallbackWarning` where ``torch.func`` refuses the model; in a PEFT
-            model with LoHa layers, whose forward ``torch.func`` cannot trace, ``"loop"`` at once, without a warning),
+            model with LoHa layers, whose forward ``torch.func`` cannot trace, with Accelerate's offloading, or with
+            BatchNorm updating running statistics (``train_mode=True``), ``"loop"`` at once, without a warning),
             ``"fast"`` (error if impossible), ``"vmap"`` (error naming the likely cause if ``torch.func``
             refuses the model; a ``ValueError`` at once in a PEFT model with LoHa layers), ``"loop"``.
         chunk_size: samples per forward/backward pass (default 16). Results do not depend on it; memory
@@ -277,7 +278,7 @@ class PerSampleGradientProbe:
         self._offloading = offloading_modules(model)
         self.sites = {n: self._site(n) for n in params}
         self._choose_engines()
-        refuse_offloaded(model, self.engines_)  # Accelerate's meta placeholders: the fast engine only
+        self._refuse_offloaded()  # Accelerate's meta placeholders: the fast engine only
         self._forget_head_loss()
         self.reset()
 
@@ -419,13 +420,26 @@ class PerSampleGradientProbe:
     def _choose_engines(self) -> None:
         """Every probed parameter's engine, then the refusals that depend on them (FSDP, tensor parallelism)."""
         self.engines_ = {n: self._choose_engine(n) for n in self.params}
-        refuse_fsdp(self.model, self.engines_)
+        refuse_fsdp(self.model, self.engines_, why_not_fast=self._why_not_fast())
         refuse_tensor_parallel_params(self.model, self.params)
 
     def _choose_engine(self, name: str) -> str:
         """The engine of parameter ``name`` (:func:`~._engine_choice.choose_engine`)."""
         return choose_engine(self.engine, self.model, name, self.sites[name], self.params[name],
                              train_mode=self.train_mode, untraceable=self._untraceable, offloading=self._offloading)
+
+    def _why_not_fast(self, unusable: dict[str, str] | None = None) -> Callable[[str], str | None]:
+        """Why the fast path cannot measure a parameter (:func:`~._engine_choice.fast_refusal`, or ``unusable``:
+        found in a pass), for the refusals of an engine other than the fast one (Accelerate's offloading, ZeRO-3,
+        FSDP), so that they suggest the fast engine only where it can run."""
+        def why(name: str) -> str | None:
+            return (unusable or {}).get(name) or fast_refusal(self.model, name, self.sites[name], self.params[name],
+                                                              self.train_mode)
+        return why
+
+    def _refuse_offloaded(self, unusable: dict[str, str] | None = None) -> None:
+        """:func:`~spectral_lens._offload.refuse_offloaded`, told :meth:`_why_not_fast`."""
+        refuse_offloaded(self.model, self.engines_, why_not_fast=self._why_not_fast(unusable))
 
     def _forget_head_loss(self) -> None:
         """Drop the head-loss decision (the model, its layers or the adapter changed): made again as at binding."""
@@ -574,7 +588,7 @@ class PerSampleGradientProbe:
         # is seen as before
         modules = module_list(self.model)
         # sharded after the probe was bound (fully_shard works in place): found in the module list (no walk)
-        refuse_fsdp(self.model, self.engines_, modules, self.params)
+        refuse_fsdp(self.model, self.engines_, modules, self.params, self._why_not_fast())
         # partitioned after binding (ZeRO-3 partitions every parameter, so the probed ones tell: no walk over the
         # model's modules on every update, ~0.2 ms on a GPT-2-sized model)
         if (self.head_loss_ or "chunked").startswith("chunked") and any(is_zero3(p) for p in self.params.values()):
@@ -689,9 +703,9 @@ class PerSampleGradientProbe:
                     refuse_fast(self.model, k, why, self._untraceable, self._offloading, train_mode=self.train_mode)
                 # the loop where vmap cannot trace the model (Accelerate's hooks, a PEFT LoHa layer), as "auto" chooses
                 self.engines_[k] = general_engine(self._untraceable, self._offloading)
-            if not_called:  # the vmap engine cannot measure a ZeRO-3 or offloaded parameter: refused before its pass
-                refuse_zero3_params(self.params, self.engines_)
-                refuse_offloaded(self.model, self.engines_)
+            if not_called:  # vmap cannot measure a ZeRO-3, FSDP-sharded or offloaded parameter: refused before its pass
+                refuse_fsdp(self.model, self.engines_, params=self.params, why_not_fast=self._why_not_fast(not_called))
+                self._refuse_offloaded(not_called)
         forward_fn, loss_fn = self._loss_fns()  # decided by now (by the fast engine's forward, or before)
         for kind in ("vmap", "loop"):
             todo = {k: self.params[k] for k, e in self.engines_.items() if e == kind and k not in rows}
@@ -747,7 +761,7 @@ class PerSampleGradientProbe:
         self._follow_params()
         dev = self.device
         if any(p.is_meta for p in self.params.values()):  # offloaded after binding (a placeholder, followed above)
-            refuse_offloaded(self.model, self.engines_)
+            self._refuse_offloaded()
         if dev.type == "meta":
             name = next(iter(self.params))
             raise RuntimeError(
