@@ -19,6 +19,7 @@ import warnings
 
 import pytest
 import torch
+from support.hf_trainer import lens_trainer
 
 import spectral_lens as sl
 from spectral_lens._warnings import SpectralLensWarning
@@ -238,20 +239,7 @@ def test_hf_final_metrics_after_a_training_set_evaluation_are_still_recorded(tmp
 def test_hf_logging_strategy_no_records_the_runs_mean_loss_at_its_last_step(tmp_path):
     """A real ``Trainer`` with ``logging_strategy="no"``: the record's one ``train_loss`` event is the final
     metrics' ``train_loss`` (the mean over every step), at the last step, as the docs say."""
-    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the hf extra installs it)")
-    from spectral_lens.integrations import SpectralLensCallback
-
-    from .test_callback_curves import RandomTokens, hf_pool, tiny_gpt2
-
-    model = tiny_gpt2()
-    writer = RunWriter(tmp_path / "run", RunInfo("hf", batch_tier=1), fsync=False, tail_window=(2, 8))
-    lens = sl.SpectralLens(model, hf_pool(), writer=writer, params=(), progress=False)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
-        save_strategy="no", use_cpu=True, disable_tqdm=True, max_steps=3, logging_strategy="no")
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(12, 0))
-    SpectralLensCallback(lens, tokens_per_step=40).attach(trainer)
+    trainer, writer = lens_trainer(tmp_path, 12, max_steps=3, logging_strategy="no")
     out = trainer.train()
     writer.close()
     assert not any("loss" in h for h in trainer.state.log_history)

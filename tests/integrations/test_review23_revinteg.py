@@ -22,6 +22,7 @@ import math
 
 import pytest
 import torch
+from support.hf_trainer import lens_trainer
 
 import spectral_lens as sl
 from spectral_lens.integrations._driver import LensDriver
@@ -142,27 +143,21 @@ def test_hf_trainer_evaluating_its_training_set_at_each_epoch_end_records_each_l
     each epoch's end, before the trainer logs its epoch loss): the record holds the trainer's logged losses,
     one per step (before: the first epoch's evaluation loss too, at the same step as that epoch's loss)."""
     transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the hf extra installs it)")
-    from spectral_lens.integrations import SpectralLensCallback
 
-    from .test_callback_curves import RandomTokens, hf_pool, tiny_gpt2
-
-    model = tiny_gpt2()
-    writer = RunWriter(tmp_path / "run", RunInfo("hf", batch_tier=1), fsync=False, tail_window=(2, 8))
-    lens = sl.SpectralLens(model, hf_pool(), writer=writer, params=(), progress=False)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
-        save_strategy="no", use_cpu=True, disable_tqdm=True, num_train_epochs=2, logging_strategy="epoch")
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(8, 0))
+    from .test_callback_curves import RandomTokens
 
     class TrainSetLoss(transformers.TrainerCallback):
+        trainer = None
+
         def on_epoch_end(self, args, state, control, **kwargs):
             kept = copy.deepcopy(control)  # the recipe: evaluate() clears should_log, which the epoch's loss needs
-            trainer.evaluate(eval_dataset=RandomTokens(4, 0), metric_key_prefix="train")
+            self.trainer.evaluate(eval_dataset=RandomTokens(4, 0), metric_key_prefix="train")
             return kept
 
-    trainer.add_callback(TrainSetLoss())
-    SpectralLensCallback(lens, tokens_per_step=40).attach(trainer)
+    train_set_loss = TrainSetLoss()  # ahead of the lens's callback (and of the PrinterCallback, whose one hook is on_log)
+    trainer, writer = lens_trainer(tmp_path, 8, callbacks=[train_set_loss], num_train_epochs=2,
+                                   logging_strategy="epoch")
+    train_set_loss.trainer = trainer
     trainer.train()
     writer.close()
     logged = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.hf_trainer import lens_trainer
 
 import spectral_lens as sl
 from spectral_lens.integrations._driver import LensDriver
@@ -275,10 +276,6 @@ def test_hf_trainer_with_a_callback_evaluating_at_the_train_end_records_the_fina
     """A real ``Trainer`` (3 steps, no loss logged) and a callback ahead of this one that evaluates in
     ``on_train_end``: the record's one ``train_loss`` event is the final metrics' mean, at the last step."""
     transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the hf extra installs it)")
-    from spectral_lens.integrations import SpectralLensCallback
-
-    from .test_callback_curves import RandomTokens, hf_pool, tiny_gpt2
 
     class EvaluateAtTheEnd(transformers.TrainerCallback):
         trainer = None
@@ -286,17 +283,9 @@ def test_hf_trainer_with_a_callback_evaluating_at_the_train_end_records_the_fina
         def on_train_end(self, args, state, control, **kwargs):
             self.trainer.evaluate()
 
-    model = tiny_gpt2()
-    writer = RunWriter(tmp_path / "run", RunInfo("hf", batch_tier=1), fsync=False, tail_window=(2, 8))
-    lens = sl.SpectralLens(model, hf_pool(), writer=writer, params=(), progress=False)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
-        save_strategy="no", use_cpu=True, disable_tqdm=True, max_steps=3, logging_steps=10)
     at_end = EvaluateAtTheEnd()
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(12, 0),
-                                   eval_dataset=RandomTokens(8, 1), callbacks=[at_end])
+    trainer, writer = lens_trainer(tmp_path, 12, eval_n=8, callbacks=[at_end], max_steps=3, logging_steps=10)
     at_end.trainer = trainer
-    SpectralLensCallback(lens, tokens_per_step=40).attach(trainer)
     out = trainer.train()
     writer.close()
     assert any("eval_loss" in h for h in trainer.state.log_history)  # the evaluation ran, after the final metrics

@@ -1,0 +1,36 @@
+"""A real ``transformers.Trainer`` with the ``SpectralLensCallback`` attached, in one process: the set-up the HF
+callback tests of review 23 share (``tests/integrations/test_review23_integleft.py``, ``test_review23_revinteg.py``,
+``test_review23_revintegleft.py``); the model and data are ``tests/integrations/test_callback_curves.py``'s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def lens_trainer(tmp_path: Path, train_n: int, *, eval_n: int | None = None, callbacks=(), **args):
+    """``(trainer, writer)``: a config-built GPT-2 (no download) trained on ``train_n`` random sequences (seed 0),
+    evaluated on ``eval_n`` (seed 1) where given; ``callbacks`` given to the ``Trainer`` (ahead of the lens's);
+    ``args``: the ``TrainingArguments`` beyond batch 4, lr 1e-3, CPU, no saving, reporting or progress bar. The
+    lens (activations only, the default pool ``hf_pool()``) writes to ``tmp_path/run`` and is attached last with
+    ``tokens_per_step=40``. Skips the test without the hf extra."""
+    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the hf extra installs it)")
+    from integrations.test_callback_curves import RandomTokens, hf_pool, tiny_gpt2
+
+    import spectral_lens as sl
+    from spectral_lens.integrations import SpectralLensCallback
+    from spectral_lens.records import RunInfo, RunWriter
+
+    model = tiny_gpt2()
+    writer = RunWriter(tmp_path / "run", RunInfo("hf", batch_tier=1), fsync=False, tail_window=(2, 8))
+    lens = sl.SpectralLens(model, hf_pool(), writer=writer, params=(), progress=False)
+    training_args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True, **args)
+    trainer = transformers.Trainer(model=model, args=training_args, train_dataset=RandomTokens(train_n, 0),
+                                   eval_dataset=None if eval_n is None else RandomTokens(eval_n, 1),
+                                   callbacks=list(callbacks))
+    SpectralLensCallback(lens, tokens_per_step=40).attach(trainer)
+    return trainer, writer
