@@ -88,10 +88,14 @@ def test_a_taken_master_port_relaunches_a_gloo_group(tmp_path, taken):
     assert sorted(p.name for p in tmp_path.glob("rank*")) == [f"rank0.port{given[1]}", f"rank1.port{given[1]}"]
 
 PARENT = textwrap.dedent('''
-    import os, sys, time
+    import os, signal, sys, time
     from pathlib import Path
     sys.path.insert(0, sys.argv[2])
     from support.ranks import run_ranks
+
+    # Ctrl-C raises KeyboardInterrupt, as in a pytest run from a terminal (a shell's background job, and so this
+    # process, may inherit SIGINT ignored, which Python then leaves ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def sleeper(rank, port, out):
         Path(out, f"pid{rank}.tmp").write_text(str(os.getpid()))
