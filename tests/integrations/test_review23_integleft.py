@@ -19,7 +19,12 @@ import warnings
 
 import pytest
 import torch
-from support.hf_trainer import lens_trainer
+from support.hf_trainer import (
+    FINAL_METRICS,
+    TRAIN_SET_EVALUATION,
+    hf_hooks,
+    lens_trainer,
+)
 
 import spectral_lens as sl
 from spectral_lens._warnings import SpectralLensWarning
@@ -186,23 +191,9 @@ def test_lightning_rank0_without_val_loss_warns_inside_the_agreement(tmp_path, a
 # --------------------------------------------------------------------------------------------------
 # 3. HF: a pruned trial's on_train_end after a training-set evaluation records no train_loss
 
-_TRAIN_SET_EVALUATION = {"train_loss": 0.5, "train_runtime": 0.1, "train_samples_per_second": 80.0,
-                         "train_steps_per_second": 10.0, "epoch": 1.0}  # trainer.evaluate(..., metric_key_prefix="train")
-_FINAL = {"train_runtime": 1.0, "train_samples_per_second": 8.0, "train_steps_per_second": 6.0,
-          "train_loss": 1.9, "epoch": 1.5}  # train()'s final metrics (total_flos popped by the Printer/ProgressCallback)
-
-
 def _hf_run(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
-    from spectral_lens.integrations import SpectralLensCallback
-
     lens = _lens(tmp_path)
-    cb = SpectralLensCallback(lens, tokens_per_step=4)
-    state, control = transformers.TrainerState(), transformers.TrainerControl()
-    cb.on_train_begin(None, state, control)
-    state.global_step = 2
-    cb.on_step_end(None, state, control)
-    return lens, cb, state, control
+    return (lens, *hf_hooks(lens, step=2))
 
 
 def test_hf_pruned_trial_records_no_training_set_evaluation_as_its_train_loss(tmp_path):
@@ -211,8 +202,8 @@ def test_hf_pruned_trial_records_no_training_set_evaluation_as_its_train_loss(tm
     ``_report_to_hp_search`` calls ``on_train_end`` and raises ``TrialPruned``: no ``train_loss`` is recorded
     (before: the training-set evaluation's 0.5, at step 2)."""
     lens, cb, state, control = _hf_run(tmp_path)
-    cb.on_log(None, state, control, logs=dict(_TRAIN_SET_EVALUATION))
-    cb.on_evaluate(None, state, control, metrics=dict(_TRAIN_SET_EVALUATION))
+    cb.on_log(None, state, control, logs=dict(TRAIN_SET_EVALUATION))
+    cb.on_evaluate(None, state, control, metrics=dict(TRAIN_SET_EVALUATION))
     cb.on_log(None, state, control, logs={"eval_loss": 1.2, "eval_runtime": 0.1, "epoch": 1.0})
     cb.on_evaluate(None, state, control, metrics={"eval_loss": 1.2, "eval_runtime": 0.1, "epoch": 1.0})
     cb.on_train_end(None, state, control)  # pruned
@@ -223,10 +214,10 @@ def test_hf_pruned_trial_records_no_training_set_evaluation_as_its_train_loss(tm
 def test_hf_final_metrics_after_a_training_set_evaluation_are_still_recorded(tmp_path):
     """The same evaluations, then ``train()`` finishes: its final metrics' ``train_loss`` is recorded."""
     lens, cb, state, control = _hf_run(tmp_path)
-    cb.on_log(None, state, control, logs=dict(_TRAIN_SET_EVALUATION))
-    cb.on_evaluate(None, state, control, metrics=dict(_TRAIN_SET_EVALUATION))
+    cb.on_log(None, state, control, logs=dict(TRAIN_SET_EVALUATION))
+    cb.on_evaluate(None, state, control, metrics=dict(TRAIN_SET_EVALUATION))
     state.global_step = 3
-    cb.on_log(None, state, control, logs=dict(_FINAL))
+    cb.on_log(None, state, control, logs=dict(FINAL_METRICS))
     cb.on_train_end(None, state, control)
     lens.writer.close()
     assert _events(tmp_path / "run", "train_loss") == [(3, 1.9)]

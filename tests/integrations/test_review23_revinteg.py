@@ -22,7 +22,12 @@ import math
 
 import pytest
 import torch
-from support.hf_trainer import lens_trainer
+from support.hf_trainer import (
+    FINAL_METRICS,
+    TRAIN_SET_EVALUATION,
+    hf_hooks,
+    lens_trainer,
+)
 
 import spectral_lens as sl
 from spectral_lens.integrations._driver import LensDriver
@@ -82,20 +87,8 @@ def test_callbacks_refuse_a_fractional_tokens_per_step(tmp_path, framework):
 
 
 def _hooks(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
-    from spectral_lens.integrations import SpectralLensCallback
-
     lens = _lens(tmp_path)
-    cb = SpectralLensCallback(lens, tokens_per_step=4)
-    state, control = transformers.TrainerState(), transformers.TrainerControl()
-    cb.on_train_begin(None, state, control)
-    return lens, cb, state, control
-
-
-_EVALUATION = {"train_loss": 0.5, "train_runtime": 0.1, "train_samples_per_second": 80.0,
-               "train_steps_per_second": 10.0, "epoch": 1.0}  # trainer.evaluate(..., metric_key_prefix="train")
-_FINAL = {"train_runtime": 1.0, "train_samples_per_second": 8.0, "train_steps_per_second": 6.0,
-          "train_loss": 1.9, "epoch": 1.5}  # train()'s final metrics (total_flos popped by the Printer/ProgressCallback)
+    return (lens, *hf_hooks(lens))
 
 
 def test_hf_an_evaluation_with_prefix_train_is_no_final_train_loss(tmp_path):
@@ -104,10 +97,10 @@ def test_hf_an_evaluation_with_prefix_train_is_no_final_train_loss(tmp_path):
     a run that logged a loss add nothing."""
     lens, cb, state, control = _hooks(tmp_path)
     state.global_step = 4
-    cb.on_log(None, state, control, logs=dict(_EVALUATION))
+    cb.on_log(None, state, control, logs=dict(TRAIN_SET_EVALUATION))
     cb.on_log(None, state, control, logs={"loss": 2.0, "learning_rate": 1e-3, "epoch": 1.0})
     state.global_step = 6
-    cb.on_log(None, state, control, logs=dict(_FINAL))
+    cb.on_log(None, state, control, logs=dict(FINAL_METRICS))
     cb.on_train_end(None, state, control)
     lens.writer.close()
     assert _events(tmp_path / "run", "train_loss") == [(4, 2.0)]
@@ -118,9 +111,9 @@ def test_hf_final_metrics_still_stand_in_for_a_run_that_logged_no_loss(tmp_path)
     at its step, with its tokens."""
     lens, cb, state, control = _hooks(tmp_path)
     state.global_step = 2
-    cb.on_log(None, state, control, logs=dict(_EVALUATION))
+    cb.on_log(None, state, control, logs=dict(TRAIN_SET_EVALUATION))
     state.global_step = 3
-    cb.on_log(None, state, control, logs=dict(_FINAL))
+    cb.on_log(None, state, control, logs=dict(FINAL_METRICS))
     assert _events(tmp_path / "run", "train_loss") == []  # recorded at the train end: only the final metrics
     cb.on_train_end(None, state, control)  # come before it
     lens.writer.close()
@@ -133,7 +126,7 @@ def test_hf_an_interrupted_train_records_no_later_evaluations_train_loss(tmp_pat
     metric_key_prefix="train")`` is no training loss (before: recorded as one)."""
     lens, cb, state, control = _hooks(tmp_path)
     state.global_step = 3
-    cb.on_log(None, state, control, logs=dict(_EVALUATION))
+    cb.on_log(None, state, control, logs=dict(TRAIN_SET_EVALUATION))
     lens.writer.close()
     assert _events(tmp_path / "run", "train_loss") == []
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.hf_trainer import lens_trainer
+from support.hf_trainer import FINAL_METRICS, hf_hooks, lens_trainer
 
 import spectral_lens as sl
 from spectral_lens.integrations._driver import LensDriver
@@ -46,22 +46,12 @@ def _lens(path, schedule=None):
 # --------------------------------------------------------------------------------------------------
 # 1. HF: an evaluation between the final metrics and on_train_end keeps the final train_loss
 
-_FINAL = {"train_runtime": 1.0, "train_samples_per_second": 8.0, "train_steps_per_second": 6.0,
-          "train_loss": 1.9, "epoch": 1.5}  # train()'s final metrics
 _EVAL = {"eval_loss": 1.2, "eval_runtime": 0.1, "epoch": 1.5}
 
 
 def _hf_run(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
-    from spectral_lens.integrations import SpectralLensCallback
-
     lens = _lens(tmp_path / "run")
-    cb = SpectralLensCallback(lens, tokens_per_step=4)
-    state, control = transformers.TrainerState(), transformers.TrainerControl()
-    cb.on_train_begin(None, state, control)
-    state.global_step = 3
-    cb.on_step_end(None, state, control)
-    return lens, cb, state, control
+    return (lens, *hf_hooks(lens, step=3))
 
 
 def test_hf_an_evaluation_at_the_train_end_keeps_the_final_train_loss(tmp_path):
@@ -69,7 +59,7 @@ def test_hf_an_evaluation_at_the_train_end_keeps_the_final_train_loss(tmp_path):
     one that evaluates there (``trainer.evaluate()``: logs, then ``on_evaluate``) left the record without the final
     ``train_loss`` of a run that logged no loss (before: forgotten at that ``on_evaluate``)."""
     lens, cb, state, control = _hf_run(tmp_path)
-    cb.on_log(None, state, control, logs=dict(_FINAL))
+    cb.on_log(None, state, control, logs=dict(FINAL_METRICS))
     cb.on_log(None, state, control, logs=dict(_EVAL))  # another callback's on_train_end evaluates
     cb.on_evaluate(None, state, control, metrics=dict(_EVAL))
     cb.on_train_end(None, state, control)

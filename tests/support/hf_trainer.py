@@ -1,6 +1,7 @@
-"""A real ``transformers.Trainer`` with the ``SpectralLensCallback`` attached, in one process: the set-up the HF
-callback tests of review 23 share (``tests/integrations/test_review23_integleft.py``, ``test_review23_revinteg.py``,
-``test_review23_revintegleft.py``); the model and data are ``tests/integrations/test_callback_curves.py``'s."""
+"""The ``SpectralLensCallback`` in one process, in a real ``transformers.Trainer`` or driven by hand as ``train()``
+calls it: the set-up the HF callback tests of review 23 share (``tests/integrations/test_review23_integleft.py``,
+``test_review23_revinteg.py``, ``test_review23_revintegleft.py``); the model and data are
+``tests/integrations/test_callback_curves.py``'s."""
 
 from __future__ import annotations
 
@@ -34,3 +35,26 @@ def lens_trainer(tmp_path: Path, train_n: int, *, eval_n: int | None = None, cal
                                    callbacks=list(callbacks))
     SpectralLensCallback(lens, tokens_per_step=40).attach(trainer)
     return trainer, writer
+
+
+TRAIN_SET_EVALUATION = {"train_loss": 0.5, "train_runtime": 0.1, "train_samples_per_second": 80.0,
+                        "train_steps_per_second": 10.0, "epoch": 1.0}  # trainer.evaluate(..., metric_key_prefix="train")
+FINAL_METRICS = {"train_runtime": 1.0, "train_samples_per_second": 8.0, "train_steps_per_second": 6.0,
+                 "train_loss": 1.9, "epoch": 1.5}  # train()'s final metrics (total_flos popped by the Printer/ProgressCallback)
+
+
+def hf_hooks(lens, step: int | None = None):
+    """``(cb, state, control)``: the ``SpectralLensCallback`` on ``lens`` (``tokens_per_step=4``) after
+    ``on_train_begin`` and, with ``step``, that step's ``on_step_end``, for a test to call its hooks as
+    ``Trainer.train()`` does (copy the metrics above with ``dict(...)``: the callback may pop keys). Skips the test
+    without the hf extra."""
+    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    from spectral_lens.integrations import SpectralLensCallback
+
+    cb = SpectralLensCallback(lens, tokens_per_step=4)
+    state, control = transformers.TrainerState(), transformers.TrainerControl()
+    cb.on_train_begin(None, state, control)
+    if step is not None:
+        state.global_step = step
+        cb.on_step_end(None, state, control)
+    return cb, state, control
