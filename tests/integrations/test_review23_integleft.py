@@ -13,36 +13,26 @@
 
 from __future__ import annotations
 
-import json
 import types
 import warnings
 
 import pytest
 import torch
-from support.hf_trainer import (
+from support.callbacks import (
     FINAL_METRICS,
     TRAIN_SET_EVALUATION,
+    events,
+    fake_two_ranks,
     hf_hooks,
     lens_trainer,
+    tiny_lens,
 )
 
 import spectral_lens as sl
 from spectral_lens._warnings import SpectralLensWarning
 from spectral_lens.integrations._driver import LensDriver
 from spectral_lens.integrations.tensorboard import TensorBoardSink
-from spectral_lens.records import RunInfo, RunRecord, RunWriter
-
-
-def _events(path, key):
-    lines = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
-    return [(e["step"], e[key]) for e in lines if key in e]
-
-
-def _lens(tmp_path, writer=True, schedule=None):
-    w = RunWriter(tmp_path / "run", RunInfo("r", batch_tier=1), fsync=False, tail_window=(2, 8)) if writer else None
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    return sl.SpectralLens(model, [torch.randn(3, 4)], writer=w, params=(), layers=["0"], progress=False,
-                           schedule=schedule)
+from spectral_lens.records import RunRecord
 
 
 class _SummaryWriter:
@@ -82,7 +72,7 @@ def test_hf_kept_val_loss_reaches_the_sinks_once_per_step(tmp_path):
     from spectral_lens.integrations import SpectralLensCallback, WandbSink
 
     tb, run = _SummaryWriter(), _WandbRun()
-    lens = _lens(tmp_path, schedule=sl.Schedule(frozenset({2})))
+    lens = tiny_lens(tmp_path, schedule=sl.Schedule(frozenset({2})))
     cb = SpectralLensCallback(lens, on_evaluate=True, tokens_per_step=4,
                               sinks=[TensorBoardSink(tb, figures=False), WandbSink(run)])
     state, control = transformers.TrainerState(), transformers.TrainerControl()
@@ -108,14 +98,14 @@ def test_driver_kept_val_loss_without_a_writer_reaches_a_sink_and_a_closed_write
     """A lens without a writer still logs a kept loss (as the loggers get it); a closed writer keeps none, and
     neither do the sinks (the curves stay the record's). A sink without ``log_val_loss`` is passed over."""
     tb = _SummaryWriter()
-    driver = LensDriver(_lens(tmp_path, writer=False), [TensorBoardSink(tb, figures=False), object.__new__(
+    driver = LensDriver(tiny_lens(tmp_path, writer=False), [TensorBoardSink(tb, figures=False), object.__new__(
         type("OnlyMeasurements", (), {"log_measurement": lambda self, m, tail=None, head=None: None}))], None)
     driver.last_step = 3
     driver.record_val_loss(3, 3, 2.5)
     assert tb.scalars == [("spectral_lens/val_loss", 3, 2.5)]
 
     tb2 = _SummaryWriter()
-    lens = _lens(tmp_path)
+    lens = tiny_lens(tmp_path)
     lens.writer.close()
     driver = LensDriver(lens, [TensorBoardSink(tb2, figures=False)], None)
     driver.last_step = 3
@@ -129,21 +119,8 @@ def test_driver_kept_val_loss_without_a_writer_reaches_a_sink_and_a_closed_write
 
 @pytest.fixture
 def as_rank(monkeypatch):
-    """This process as rank ``state["rank"]`` of 2 gloo ranks (the other one succeeds); ``state["calls"]``: the
-    all_reduces made."""
-    import torch.distributed as dist
-
-    state = {"rank": 1, "calls": 0}
-
-    def all_reduce(t, op=None, group=None):
-        state["calls"] += 1
-
-    for name, value in {"is_available": lambda: True, "is_initialized": lambda: True,
-                        "get_rank": lambda group=None: state["rank"], "get_world_size": lambda group=None: 2,
-                        "get_backend": lambda group=None: "gloo", "all_reduce": all_reduce,
-                        "broadcast_object_list": lambda objects, src=0, group=None: None}.items():
-        monkeypatch.setattr(dist, name, value)
-    return state
+    """This process as rank ``as_rank["rank"]`` of 2 gloo ranks; ``as_rank["calls"]``: the all_reduces made."""
+    return fake_two_ranks(monkeypatch)
 
 
 def _validation_end(tmp_path, rank, metrics):
@@ -152,7 +129,7 @@ def _validation_end(tmp_path, rank, metrics):
     pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
     from spectral_lens.integrations import SpectralLensLightningCallback
 
-    lens = _lens(tmp_path, writer=rank == 0)
+    lens = tiny_lens(tmp_path, writer=rank == 0)
     cb = SpectralLensLightningCallback(lens, on_validation=True, tokens_per_step=4)
     cb.driver.last_step = 2
     trainer = types.SimpleNamespace(sanity_checking=False, state=types.SimpleNamespace(fn="fit"), global_step=2,
@@ -185,14 +162,14 @@ def test_lightning_rank0_without_val_loss_warns_inside_the_agreement(tmp_path, a
     with pytest.warns(SpectralLensWarning, match="is not among the logged metrics"):
         lens = _validation_end(tmp_path / "again", 0, {})
     lens.writer.close()
-    assert _events(tmp_path / "again" / "run", "val_loss") == []
+    assert events(tmp_path / "again" / "run", "val_loss") == []
 
 
 # --------------------------------------------------------------------------------------------------
 # 3. HF: a pruned trial's on_train_end after a training-set evaluation records no train_loss
 
 def _hf_run(tmp_path):
-    lens = _lens(tmp_path)
+    lens = tiny_lens(tmp_path)
     return (lens, *hf_hooks(lens, step=2))
 
 
@@ -208,7 +185,7 @@ def test_hf_pruned_trial_records_no_training_set_evaluation_as_its_train_loss(tm
     cb.on_evaluate(None, state, control, metrics={"eval_loss": 1.2, "eval_runtime": 0.1, "epoch": 1.0})
     cb.on_train_end(None, state, control)  # pruned
     lens.writer.close()
-    assert _events(tmp_path / "run", "train_loss") == []
+    assert events(tmp_path / "run", "train_loss") == []
 
 
 def test_hf_final_metrics_after_a_training_set_evaluation_are_still_recorded(tmp_path):
@@ -220,7 +197,7 @@ def test_hf_final_metrics_after_a_training_set_evaluation_are_still_recorded(tmp
     cb.on_log(None, state, control, logs=dict(FINAL_METRICS))
     cb.on_train_end(None, state, control)
     lens.writer.close()
-    assert _events(tmp_path / "run", "train_loss") == [(3, 1.9)]
+    assert events(tmp_path / "run", "train_loss") == [(3, 1.9)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -234,4 +211,4 @@ def test_hf_logging_strategy_no_records_the_runs_mean_loss_at_its_last_step(tmp_
     out = trainer.train()
     writer.close()
     assert not any("loss" in h for h in trainer.state.log_history)
-    assert _events(tmp_path / "run", "train_loss") == [(3, pytest.approx(out.training_loss))]
+    assert events(tmp_path / "run", "train_loss") == [(3, pytest.approx(out.training_loss))]

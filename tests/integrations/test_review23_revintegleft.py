@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.hf_trainer import FINAL_METRICS, hf_hooks, lens_trainer
+from support.callbacks import FINAL_METRICS, hf_hooks, lens_trainer
 
 import spectral_lens as sl
 from spectral_lens.integrations._driver import LensDriver

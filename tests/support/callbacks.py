@@ -1,13 +1,54 @@
-"""The ``SpectralLensCallback`` in one process, in a real ``transformers.Trainer`` or driven by hand as ``train()``
-calls it: the set-up the HF callback tests of review 23 share (``tests/integrations/test_review23_integleft.py``,
-``test_review23_revinteg.py``, ``test_review23_revintegleft.py``); the model and data are
-``tests/integrations/test_callback_curves.py``'s."""
+"""The set-up that review 23's callback tests share (``tests/integrations/test_review23_integleft.py``,
+``test_review23_revinteg.py``, ``test_review23_revintegleft.py``): a tiny lens and its record's events, a fake
+2-rank gloo world, and the ``SpectralLensCallback`` in one process, in a real ``transformers.Trainer`` or driven by
+hand as ``train()`` calls it (the model and data are ``tests/integrations/test_callback_curves.py``'s)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
+
+
+def tiny_lens(tmp_path: Path, *, writer: bool = True, schedule=None):
+    """A lens on one ``Linear(4, 4)`` (its layer ``"0"``, no gradients, a pool of one batch of 3 rows), writing to
+    ``tmp_path/run`` (tail window (2, 8)) with ``writer``."""
+    import spectral_lens as sl
+    from spectral_lens.records import RunInfo, RunWriter
+
+    w = RunWriter(tmp_path / "run", RunInfo("r", batch_tier=1), fsync=False, tail_window=(2, 8)) if writer else None
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    return sl.SpectralLens(model, [torch.randn(3, 4)], writer=w, params=(), layers=["0"], progress=False,
+                           schedule=schedule)
+
+
+def events(path: Path, key: str) -> list[tuple]:
+    """``(step, value)`` of every event in the record at ``path`` (its ``log.jsonl``) that has ``key``."""
+    lines = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
+    return [(e["step"], e[key]) for e in lines if key in e]
+
+
+def fake_two_ranks(monkeypatch) -> dict:
+    """``torch.distributed`` faked: this process is rank ``state["rank"]`` of 2 gloo ranks (the other one
+    succeeds); ``state["calls"]`` counts the all_reduces made. Returns ``state``."""
+    import torch.distributed as dist
+
+    state = {"rank": 1, "calls": 0}
+
+    def all_reduce(t, op=None, group=None):
+        state["calls"] += 1
+
+    def broadcast_object_list(objects, src=0, group=None):
+        pass
+
+    for name, value in {"is_available": lambda: True, "is_initialized": lambda: True,
+                        "get_rank": lambda group=None: state["rank"], "get_world_size": lambda group=None: 2,
+                        "get_backend": lambda group=None: "gloo", "all_reduce": all_reduce,
+                        "broadcast_object_list": broadcast_object_list}.items():
+        monkeypatch.setattr(dist, name, value)
+    return state
 
 
 def lens_trainer(tmp_path: Path, train_n: int, *, eval_n: int | None = None, callbacks=(), **args):
