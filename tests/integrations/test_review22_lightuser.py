@@ -3,43 +3,19 @@
 from __future__ import annotations
 
 import pytest
-import torch
-import torch.nn.functional as F
-from support.models import TinyGPT, lm_pool
+from support import lightning_user
+from support.lightning_user import pool
 
 import spectral_lens as sl
 
 pl = pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
 from spectral_lens.integrations import SpectralLensLightningCallback
 
-
-class NoForwardLit(pl.LightningModule):
-    """Calls its network in the steps and defines no ``forward`` (Lightning does not need one)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
-        self.steps_run = 0
-
-    def training_step(self, batch, batch_idx):
-        self.steps_run += 1
-        x, y = batch
-        return F.cross_entropy(self.net(x).flatten(0, 1), y.flatten())
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+NoForwardLit = lightning_user.no_forward_module(pl, "NoForwardLit")  # calls its network in the steps
 
 
-def fit(module, lens, max_steps=4):
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[SpectralLensLightningCallback(lens)])
-    trainer.fit(module, torch.utils.data.DataLoader(lm_pool(6, batch=4, t=12, vocab=37, seed=0), batch_size=None))
-    return trainer
-
-
-def pool():
-    return lm_pool(2, batch=4, t=12, vocab=37, seed=9)
+def fit(module, lens):
+    return lightning_user.fit(pl, SpectralLensLightningCallback, module, lens, max_steps=4, batches=6)
 
 
 @pytest.mark.parametrize("on_module", [False, True], ids=["lens-without-model", "lens-on-the-module"])

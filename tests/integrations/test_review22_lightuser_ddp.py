@@ -8,14 +8,13 @@ not: tests/integrations/test_review23_flake_ddp.py)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from support.lightning_user import run_script
 
 pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
 pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
@@ -24,28 +23,23 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent('''
     import datetime, os, sys
-    import torch, torch.nn.functional as F
+    import torch
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import DDPStrategy
-    from support.models import TinyGPT, lm_pool
+    from support.lightning_user import no_forward_module
+    from support.models import lm_pool
     import spectral_lens as sl
     from spectral_lens.records import RunInfo, RunWriter
     from spectral_lens.integrations import SpectralLensLightningCallback, TensorBoardSink
 
     out, mode = sys.argv[1], sys.argv[2]
 
-    class Lit(pl.LightningModule):  # no forward: the lens is built on self.net
-        def __init__(self):
-            super().__init__()
-            self.net = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
+    class Lit(no_forward_module(pl)):  # no forward: the lens is built on self.net
         def training_step(self, batch, i):
             if mode == "fail" and self.global_step == 120 and self.global_rank == 1:
                 raise RuntimeError("injected failure on rank 1")
-            x, y = batch
-            return F.cross_entropy(self.net(x).flatten(0, 1), y.flatten())
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+            return super().training_step(batch, i)
 
     torch.manual_seed(0)
     lit = Lit()
@@ -72,12 +66,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def run(tmp_path: Path, mode: str) -> subprocess.CompletedProcess:
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return subprocess.run([sys.executable, str(tmp_path / "train.py"), str(tmp_path / "out"), mode], check=False,
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    return run_script(tmp_path, SCRIPT, str(tmp_path / "out"), mode, timeout=400)
 
 
 def steps(path: Path, key: str | None = None) -> list[int]:
@@ -86,7 +75,6 @@ def steps(path: Path, key: str | None = None) -> list[int]:
 
 
 def test_lightning_ddp_two_processes_fail_on_rank_1_then_resume(tmp_path):
-    (tmp_path / "train.py").write_text(SCRIPT)
     failed = run(tmp_path, "fail")
     assert failed.returncode != 0, failed.stdout[-3000:] + failed.stderr[-3000:]
     assert "injected failure on rank 1" in failed.stdout + failed.stderr

@@ -10,7 +10,8 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from support.models import TinyGPT, lm_pool
+from support import lightning_user
+from support.lightning_user import pool
 from torch import nn
 
 import spectral_lens as sl
@@ -33,19 +34,7 @@ def package(name):
 def modules(pl):
     """Module classes for the package ``pl``: ``Base`` defines no forward (Lightning needs none)."""
 
-    class Base(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
-            self.steps_run = 0
-
-        def training_step(self, batch, batch_idx):
-            self.steps_run += 1
-            x, y = batch
-            return F.cross_entropy(self.net(x).flatten(0, 1), y.flatten())
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+    Base = lightning_user.no_forward_module(pl)
 
     class ForwardMixin(nn.Module):
         def forward(self, x):
@@ -75,15 +64,7 @@ def modules(pl):
 
 
 def fit(pl, callback_class, module, lens, **kw):
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         callbacks=[callback_class(lens)], **kw)
-    trainer.fit(module, torch.utils.data.DataLoader(lm_pool(4, batch=4, t=12, vocab=37, seed=0), batch_size=None))
-    return trainer
-
-
-def pool():
-    return lm_pool(2, batch=4, t=12, vocab=37, seed=9)
+    return lightning_user.fit(pl, callback_class, module, lens, max_steps=2, batches=4, **kw)
 
 
 def lens_for(module=None, **kw):

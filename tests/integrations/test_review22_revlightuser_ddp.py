@@ -17,15 +17,14 @@ the test saw rank 1's alone and failed (it required rank 0's). The test now requ
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
+from support import lightning_user
 
 pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
 
@@ -33,23 +32,18 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent('''
     import datetime, os, sys, time
-    import torch, torch.nn.functional as F
+    import torch
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import DDPStrategy
-    from support.models import TinyGPT, lm_pool
+    from support.lightning_user import no_forward_module
+    from support.models import lm_pool
     import spectral_lens as sl
     from spectral_lens.integrations import SpectralLensLightningCallback
 
-    class Lit(pl.LightningModule):  # no forward
-        def __init__(self):
-            super().__init__()
-            self.net = TinyGPT(vocab=37, d=16, heads=2, layers=2, ctx=12)
+    class Lit(no_forward_module(pl)):  # no forward
         def training_step(self, batch, i):
             print(f"TRAINED rank={self.global_rank}", flush=True)
-            x, y = batch
-            return F.cross_entropy(self.net(x).flatten(0, 1), y.flatten())
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+            return super().training_step(batch, i)
 
     lens = sl.SpectralLens(pool=lm_pool(2, batch=4, t=12, vocab=37, seed=9), schedule=sl.Schedule.every(2))
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=DDPStrategy(process_group_backend="gloo",
@@ -71,13 +65,7 @@ TIMEOUT_S = 240  # the script's DDP timeout (a rank left in a collective waits t
 def run_script(tmp_path: Path, pythonpath: tuple[str, ...] = ()) -> tuple[subprocess.CompletedProcess, float]:
     """The script run in a subprocess (``pythonpath``: directories put first on its ``PYTHONPATH``), and the
     seconds from the last rank's ``FIT`` line (its start-up done, at ``fit``) to the end of the run."""
-    (tmp_path / "train.py").write_text(SCRIPT)
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*pythonpath, str(root), str(root / "tests")])}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    done = subprocess.run([sys.executable, str(tmp_path / "train.py")], check=False, cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S + 360)
+    done = lightning_user.run_script(tmp_path, SCRIPT, timeout=TIMEOUT_S + 360, pythonpath=pythonpath)
     end = time.time()
     (tmp_path / "output.txt").write_text(f"{done.stdout}\n--- stderr ---\n{done.stderr}")  # kept for a failure
     return done, end - max(fit_times(done).values(), default=float("-inf"))

@@ -13,30 +13,26 @@
 
 from __future__ import annotations
 
-import json
 import types
 import warnings
 
 import pytest
 import torch
+from support.callbacks import (
+    FINAL_METRICS,
+    TRAIN_SET_EVALUATION,
+    events,
+    fake_two_ranks,
+    hf_hooks,
+    lens_trainer,
+    tiny_lens,
+)
 
 import spectral_lens as sl
 from spectral_lens._warnings import SpectralLensWarning
 from spectral_lens.integrations._driver import LensDriver
 from spectral_lens.integrations.tensorboard import TensorBoardSink
-from spectral_lens.records import RunInfo, RunRecord, RunWriter
-
-
-def _events(path, key):
-    lines = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
-    return [(e["step"], e[key]) for e in lines if key in e]
-
-
-def _lens(tmp_path, writer=True, schedule=None):
-    w = RunWriter(tmp_path / "run", RunInfo("r", batch_tier=1), fsync=False, tail_window=(2, 8)) if writer else None
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    return sl.SpectralLens(model, [torch.randn(3, 4)], writer=w, params=(), layers=["0"], progress=False,
-                           schedule=schedule)
+from spectral_lens.records import RunRecord
 
 
 class _SummaryWriter:
@@ -76,7 +72,7 @@ def test_hf_kept_val_loss_reaches_the_sinks_once_per_step(tmp_path):
     from spectral_lens.integrations import SpectralLensCallback, WandbSink
 
     tb, run = _SummaryWriter(), _WandbRun()
-    lens = _lens(tmp_path, schedule=sl.Schedule(frozenset({2})))
+    lens = tiny_lens(tmp_path, schedule=sl.Schedule(frozenset({2})))
     cb = SpectralLensCallback(lens, on_evaluate=True, tokens_per_step=4,
                               sinks=[TensorBoardSink(tb, figures=False), WandbSink(run)])
     state, control = transformers.TrainerState(), transformers.TrainerControl()
@@ -102,14 +98,14 @@ def test_driver_kept_val_loss_without_a_writer_reaches_a_sink_and_a_closed_write
     """A lens without a writer still logs a kept loss (as the loggers get it); a closed writer keeps none, and
     neither do the sinks (the curves stay the record's). A sink without ``log_val_loss`` is passed over."""
     tb = _SummaryWriter()
-    driver = LensDriver(_lens(tmp_path, writer=False), [TensorBoardSink(tb, figures=False), object.__new__(
+    driver = LensDriver(tiny_lens(tmp_path, writer=False), [TensorBoardSink(tb, figures=False), object.__new__(
         type("OnlyMeasurements", (), {"log_measurement": lambda self, m, tail=None, head=None: None}))], None)
     driver.last_step = 3
     driver.record_val_loss(3, 3, 2.5)
     assert tb.scalars == [("spectral_lens/val_loss", 3, 2.5)]
 
     tb2 = _SummaryWriter()
-    lens = _lens(tmp_path)
+    lens = tiny_lens(tmp_path)
     lens.writer.close()
     driver = LensDriver(lens, [TensorBoardSink(tb2, figures=False)], None)
     driver.last_step = 3
@@ -123,21 +119,8 @@ def test_driver_kept_val_loss_without_a_writer_reaches_a_sink_and_a_closed_write
 
 @pytest.fixture
 def as_rank(monkeypatch):
-    """This process as rank ``state["rank"]`` of 2 gloo ranks (the other one succeeds); ``state["calls"]``: the
-    all_reduces made."""
-    import torch.distributed as dist
-
-    state = {"rank": 1, "calls": 0}
-
-    def all_reduce(t, op=None, group=None):
-        state["calls"] += 1
-
-    for name, value in {"is_available": lambda: True, "is_initialized": lambda: True,
-                        "get_rank": lambda group=None: state["rank"], "get_world_size": lambda group=None: 2,
-                        "get_backend": lambda group=None: "gloo", "all_reduce": all_reduce,
-                        "broadcast_object_list": lambda objects, src=0, group=None: None}.items():
-        monkeypatch.setattr(dist, name, value)
-    return state
+    """This process as rank ``as_rank["rank"]`` of 2 gloo ranks; ``as_rank["calls"]``: the all_reduces made."""
+    return fake_two_ranks(monkeypatch)
 
 
 def _validation_end(tmp_path, rank, metrics):
@@ -146,7 +129,7 @@ def _validation_end(tmp_path, rank, metrics):
     pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
     from spectral_lens.integrations import SpectralLensLightningCallback
 
-    lens = _lens(tmp_path, writer=rank == 0)
+    lens = tiny_lens(tmp_path, writer=rank == 0)
     cb = SpectralLensLightningCallback(lens, on_validation=True, tokens_per_step=4)
     cb.driver.last_step = 2
     trainer = types.SimpleNamespace(sanity_checking=False, state=types.SimpleNamespace(fn="fit"), global_step=2,
@@ -179,29 +162,15 @@ def test_lightning_rank0_without_val_loss_warns_inside_the_agreement(tmp_path, a
     with pytest.warns(SpectralLensWarning, match="is not among the logged metrics"):
         lens = _validation_end(tmp_path / "again", 0, {})
     lens.writer.close()
-    assert _events(tmp_path / "again" / "run", "val_loss") == []
+    assert events(tmp_path / "again" / "run", "val_loss") == []
 
 
 # --------------------------------------------------------------------------------------------------
 # 3. HF: a pruned trial's on_train_end after a training-set evaluation records no train_loss
 
-_TRAIN_SET_EVALUATION = {"train_loss": 0.5, "train_runtime": 0.1, "train_samples_per_second": 80.0,
-                         "train_steps_per_second": 10.0, "epoch": 1.0}  # trainer.evaluate(..., metric_key_prefix="train")
-_FINAL = {"train_runtime": 1.0, "train_samples_per_second": 8.0, "train_steps_per_second": 6.0,
-          "train_loss": 1.9, "epoch": 1.5}  # train()'s final metrics (total_flos popped by the Printer/ProgressCallback)
-
-
 def _hf_run(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
-    from spectral_lens.integrations import SpectralLensCallback
-
-    lens = _lens(tmp_path)
-    cb = SpectralLensCallback(lens, tokens_per_step=4)
-    state, control = transformers.TrainerState(), transformers.TrainerControl()
-    cb.on_train_begin(None, state, control)
-    state.global_step = 2
-    cb.on_step_end(None, state, control)
-    return lens, cb, state, control
+    lens = tiny_lens(tmp_path)
+    return (lens, *hf_hooks(lens, step=2))
 
 
 def test_hf_pruned_trial_records_no_training_set_evaluation_as_its_train_loss(tmp_path):
@@ -210,25 +179,25 @@ def test_hf_pruned_trial_records_no_training_set_evaluation_as_its_train_loss(tm
     ``_report_to_hp_search`` calls ``on_train_end`` and raises ``TrialPruned``: no ``train_loss`` is recorded
     (before: the training-set evaluation's 0.5, at step 2)."""
     lens, cb, state, control = _hf_run(tmp_path)
-    cb.on_log(None, state, control, logs=dict(_TRAIN_SET_EVALUATION))
-    cb.on_evaluate(None, state, control, metrics=dict(_TRAIN_SET_EVALUATION))
+    cb.on_log(None, state, control, logs=dict(TRAIN_SET_EVALUATION))
+    cb.on_evaluate(None, state, control, metrics=dict(TRAIN_SET_EVALUATION))
     cb.on_log(None, state, control, logs={"eval_loss": 1.2, "eval_runtime": 0.1, "epoch": 1.0})
     cb.on_evaluate(None, state, control, metrics={"eval_loss": 1.2, "eval_runtime": 0.1, "epoch": 1.0})
     cb.on_train_end(None, state, control)  # pruned
     lens.writer.close()
-    assert _events(tmp_path / "run", "train_loss") == []
+    assert events(tmp_path / "run", "train_loss") == []
 
 
 def test_hf_final_metrics_after_a_training_set_evaluation_are_still_recorded(tmp_path):
     """The same evaluations, then ``train()`` finishes: its final metrics' ``train_loss`` is recorded."""
     lens, cb, state, control = _hf_run(tmp_path)
-    cb.on_log(None, state, control, logs=dict(_TRAIN_SET_EVALUATION))
-    cb.on_evaluate(None, state, control, metrics=dict(_TRAIN_SET_EVALUATION))
+    cb.on_log(None, state, control, logs=dict(TRAIN_SET_EVALUATION))
+    cb.on_evaluate(None, state, control, metrics=dict(TRAIN_SET_EVALUATION))
     state.global_step = 3
-    cb.on_log(None, state, control, logs=dict(_FINAL))
+    cb.on_log(None, state, control, logs=dict(FINAL_METRICS))
     cb.on_train_end(None, state, control)
     lens.writer.close()
-    assert _events(tmp_path / "run", "train_loss") == [(3, 1.9)]
+    assert events(tmp_path / "run", "train_loss") == [(3, 1.9)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,21 +207,8 @@ def test_hf_final_metrics_after_a_training_set_evaluation_are_still_recorded(tmp
 def test_hf_logging_strategy_no_records_the_runs_mean_loss_at_its_last_step(tmp_path):
     """A real ``Trainer`` with ``logging_strategy="no"``: the record's one ``train_loss`` event is the final
     metrics' ``train_loss`` (the mean over every step), at the last step, as the docs say."""
-    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the hf extra installs it)")
-    from spectral_lens.integrations import SpectralLensCallback
-
-    from .test_callback_curves import RandomTokens, hf_pool, tiny_gpt2
-
-    model = tiny_gpt2()
-    writer = RunWriter(tmp_path / "run", RunInfo("hf", batch_tier=1), fsync=False, tail_window=(2, 8))
-    lens = sl.SpectralLens(model, hf_pool(), writer=writer, params=(), progress=False)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
-        save_strategy="no", use_cpu=True, disable_tqdm=True, max_steps=3, logging_strategy="no")
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(12, 0))
-    SpectralLensCallback(lens, tokens_per_step=40).attach(trainer)
+    trainer, writer = lens_trainer(tmp_path, 12, max_steps=3, logging_strategy="no")
     out = trainer.train()
     writer.close()
     assert not any("loss" in h for h in trainer.state.log_history)
-    assert _events(tmp_path / "run", "train_loss") == [(3, pytest.approx(out.training_loss))]
+    assert events(tmp_path / "run", "train_loss") == [(3, pytest.approx(out.training_loss))]

@@ -22,23 +22,19 @@ import math
 
 import pytest
 import torch
+from support.callbacks import (
+    FINAL_METRICS,
+    TRAIN_SET_EVALUATION,
+    events,
+    fake_two_ranks,
+    hf_hooks,
+    lens_trainer,
+    tiny_lens,
+)
 
 import spectral_lens as sl
 from spectral_lens.integrations._driver import LensDriver
 from spectral_lens.records import RunInfo, RunRecord, RunWriter
-
-
-def _events(path, key):
-    lines = [json.loads(line) for line in (path / "log.jsonl").read_text().splitlines()]
-    return [(e["step"], e[key]) for e in lines if key in e]
-
-
-def _lens(tmp_path, info=None, writer=True):
-    w = RunWriter(tmp_path / "run", info or RunInfo("r", batch_tier=1), fsync=False, tail_window=(2, 8)) \
-        if writer else None
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    return sl.SpectralLens(model, [torch.randn(3, 4)], writer=w, params=(), layers=["0"], progress=False)
-
 
 # --------------------------------------------------------------------------------------------------
 # tokens_per_step: a positive integer
@@ -46,14 +42,14 @@ def _lens(tmp_path, info=None, writer=True):
 
 @pytest.mark.parametrize("bad", [1.5, 4096.5, True, math.nan, math.inf, "48", 0, -4])
 def test_driver_refuses_a_tokens_per_step_that_is_not_a_positive_integer(tmp_path, bad):
-    lens = _lens(tmp_path, writer=False)
+    lens = tiny_lens(tmp_path, writer=False)
     with pytest.raises(ValueError, match=r"tokens_per_step must be a positive integer, got "):
         LensDriver(lens, [], tokens_per_step=bad)
 
 
 def test_driver_takes_integer_types_and_records_a_python_int(tmp_path):
     np = pytest.importorskip("numpy")
-    lens = _lens(tmp_path)
+    lens = tiny_lens(tmp_path)
     driver = LensDriver(lens, [], tokens_per_step=np.int64(48))
     assert type(driver.tokens_per_step) is int and driver.tokens(3) == 144
     driver.record_train_loss(2, 1.5)
@@ -73,7 +69,7 @@ def test_callbacks_refuse_a_fractional_tokens_per_step(tmp_path, framework):
         pytest.importorskip("lightning.pytorch", reason="the lightning extra is not installed")
         from spectral_lens.integrations import SpectralLensLightningCallback as Callback
     with pytest.raises(ValueError, match=r"tokens_per_step must be a positive integer, got 1\.5"):
-        Callback(_lens(tmp_path, writer=False), tokens_per_step=1.5)
+        Callback(tiny_lens(tmp_path, writer=False), tokens_per_step=1.5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,20 +77,8 @@ def test_callbacks_refuse_a_fractional_tokens_per_step(tmp_path, framework):
 
 
 def _hooks(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
-    from spectral_lens.integrations import SpectralLensCallback
-
-    lens = _lens(tmp_path)
-    cb = SpectralLensCallback(lens, tokens_per_step=4)
-    state, control = transformers.TrainerState(), transformers.TrainerControl()
-    cb.on_train_begin(None, state, control)
-    return lens, cb, state, control
-
-
-_EVALUATION = {"train_loss": 0.5, "train_runtime": 0.1, "train_samples_per_second": 80.0,
-               "train_steps_per_second": 10.0, "epoch": 1.0}  # trainer.evaluate(..., metric_key_prefix="train")
-_FINAL = {"train_runtime": 1.0, "train_samples_per_second": 8.0, "train_steps_per_second": 6.0,
-          "train_loss": 1.9, "epoch": 1.5}  # train()'s final metrics (total_flos popped by the Printer/ProgressCallback)
+    lens = tiny_lens(tmp_path)
+    return (lens, *hf_hooks(lens))
 
 
 def test_hf_an_evaluation_with_prefix_train_is_no_final_train_loss(tmp_path):
@@ -103,13 +87,13 @@ def test_hf_an_evaluation_with_prefix_train_is_no_final_train_loss(tmp_path):
     a run that logged a loss add nothing."""
     lens, cb, state, control = _hooks(tmp_path)
     state.global_step = 4
-    cb.on_log(None, state, control, logs=dict(_EVALUATION))
+    cb.on_log(None, state, control, logs=dict(TRAIN_SET_EVALUATION))
     cb.on_log(None, state, control, logs={"loss": 2.0, "learning_rate": 1e-3, "epoch": 1.0})
     state.global_step = 6
-    cb.on_log(None, state, control, logs=dict(_FINAL))
+    cb.on_log(None, state, control, logs=dict(FINAL_METRICS))
     cb.on_train_end(None, state, control)
     lens.writer.close()
-    assert _events(tmp_path / "run", "train_loss") == [(4, 2.0)]
+    assert events(tmp_path / "run", "train_loss") == [(4, 2.0)]
 
 
 def test_hf_final_metrics_still_stand_in_for_a_run_that_logged_no_loss(tmp_path):
@@ -117,13 +101,13 @@ def test_hf_final_metrics_still_stand_in_for_a_run_that_logged_no_loss(tmp_path)
     at its step, with its tokens."""
     lens, cb, state, control = _hooks(tmp_path)
     state.global_step = 2
-    cb.on_log(None, state, control, logs=dict(_EVALUATION))
+    cb.on_log(None, state, control, logs=dict(TRAIN_SET_EVALUATION))
     state.global_step = 3
-    cb.on_log(None, state, control, logs=dict(_FINAL))
-    assert _events(tmp_path / "run", "train_loss") == []  # recorded at the train end: only the final metrics
+    cb.on_log(None, state, control, logs=dict(FINAL_METRICS))
+    assert events(tmp_path / "run", "train_loss") == []  # recorded at the train end: only the final metrics
     cb.on_train_end(None, state, control)  # come before it
     lens.writer.close()
-    assert _events(tmp_path / "run", "train_loss") == [(3, 1.9)]
+    assert events(tmp_path / "run", "train_loss") == [(3, 1.9)]
     assert [(e["step"], e["tokens"]) for e in RunRecord.open(tmp_path / "run").events] == [(3, 12)]
 
 
@@ -132,9 +116,9 @@ def test_hf_an_interrupted_train_records_no_later_evaluations_train_loss(tmp_pat
     metric_key_prefix="train")`` is no training loss (before: recorded as one)."""
     lens, cb, state, control = _hooks(tmp_path)
     state.global_step = 3
-    cb.on_log(None, state, control, logs=dict(_EVALUATION))
+    cb.on_log(None, state, control, logs=dict(TRAIN_SET_EVALUATION))
     lens.writer.close()
-    assert _events(tmp_path / "run", "train_loss") == []
+    assert events(tmp_path / "run", "train_loss") == []
 
 
 def test_hf_trainer_evaluating_its_training_set_at_each_epoch_end_records_each_logged_loss_once(tmp_path):
@@ -142,33 +126,27 @@ def test_hf_trainer_evaluating_its_training_set_at_each_epoch_end_records_each_l
     each epoch's end, before the trainer logs its epoch loss): the record holds the trainer's logged losses,
     one per step (before: the first epoch's evaluation loss too, at the same step as that epoch's loss)."""
     transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the hf extra installs it)")
-    from spectral_lens.integrations import SpectralLensCallback
 
-    from .test_callback_curves import RandomTokens, hf_pool, tiny_gpt2
-
-    model = tiny_gpt2()
-    writer = RunWriter(tmp_path / "run", RunInfo("hf", batch_tier=1), fsync=False, tail_window=(2, 8))
-    lens = sl.SpectralLens(model, hf_pool(), writer=writer, params=(), progress=False)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
-        save_strategy="no", use_cpu=True, disable_tqdm=True, num_train_epochs=2, logging_strategy="epoch")
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(8, 0))
+    from .test_callback_curves import RandomTokens
 
     class TrainSetLoss(transformers.TrainerCallback):
+        trainer = None
+
         def on_epoch_end(self, args, state, control, **kwargs):
             kept = copy.deepcopy(control)  # the recipe: evaluate() clears should_log, which the epoch's loss needs
-            trainer.evaluate(eval_dataset=RandomTokens(4, 0), metric_key_prefix="train")
+            self.trainer.evaluate(eval_dataset=RandomTokens(4, 0), metric_key_prefix="train")
             return kept
 
-    trainer.add_callback(TrainSetLoss())
-    SpectralLensCallback(lens, tokens_per_step=40).attach(trainer)
+    train_set_loss = TrainSetLoss()  # ahead of the lens's callback (and of the PrinterCallback, whose one hook is on_log)
+    trainer, writer = lens_trainer(tmp_path, 8, callbacks=[train_set_loss], num_train_epochs=2,
+                                   logging_strategy="epoch")
+    train_set_loss.trainer = trainer
     trainer.train()
     writer.close()
     logged = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     assert [s for s, _ in logged] == [2, 4]
     assert any("train_runtime" in h and "total_flos" not in h for h in trainer.state.log_history)  # the recipe ran
-    assert _events(tmp_path / "run", "train_loss") == logged
+    assert events(tmp_path / "run", "train_loss") == logged
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,24 +155,8 @@ def test_hf_trainer_evaluating_its_training_set_at_each_epoch_end_records_each_l
 
 @pytest.fixture
 def as_rank(monkeypatch):
-    """This process as rank ``state["rank"]`` of 2 gloo ranks (the other one succeeds); ``state["calls"]``: the
-    all_reduces made."""
-    import torch.distributed as dist
-
-    state = {"rank": 1, "calls": 0}
-
-    def all_reduce(t, op=None, group=None):
-        state["calls"] += 1
-
-    def broadcast_object_list(objects, src=0, group=None):
-        pass
-
-    for name, value in {"is_available": lambda: True, "is_initialized": lambda: True,
-                        "get_rank": lambda group=None: state["rank"], "get_world_size": lambda group=None: 2,
-                        "get_backend": lambda group=None: "gloo", "all_reduce": all_reduce,
-                        "broadcast_object_list": broadcast_object_list}.items():
-        monkeypatch.setattr(dist, name, value)
-    return state
+    """This process as rank ``as_rank["rank"]`` of 2 gloo ranks; ``as_rank["calls"]``: the all_reduces made."""
+    return fake_two_ranks(monkeypatch)
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -205,7 +167,7 @@ def test_record_val_loss_agrees_on_every_rank_whatever_its_own_loss(tmp_path, as
     called on rank 0 only, as Lightning documents). Before, a rank without one returned at once while rank 0
     waited in the agreement's all_reduce, which the other rank's next training collective then met."""
     as_rank["rank"] = rank
-    lens = _lens(tmp_path, writer=rank == 0)
+    lens = tiny_lens(tmp_path, writer=rank == 0)
     driver = LensDriver(lens, [], tokens_per_step=4)
     driver.last_step = 2  # measured at step 2 without a loss
     logged = []
@@ -214,7 +176,7 @@ def test_record_val_loss_agrees_on_every_rank_whatever_its_own_loss(tmp_path, as
     if rank == 0:
         lens.writer.close()
         expected = [] if loss is None else [(2, loss)]
-        assert _events(tmp_path / "run", "val_loss") == expected
+        assert events(tmp_path / "run", "val_loss") == expected
         assert logged == [{"spectral_lens/val_loss": v} for _, v in expected]
     else:
         assert logged == []

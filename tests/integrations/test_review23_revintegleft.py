@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.callbacks import FINAL_METRICS, hf_hooks, lens_trainer
 
 import spectral_lens as sl
 from spectral_lens.integrations._driver import LensDriver
@@ -45,22 +46,12 @@ def _lens(path, schedule=None):
 # --------------------------------------------------------------------------------------------------
 # 1. HF: an evaluation between the final metrics and on_train_end keeps the final train_loss
 
-_FINAL = {"train_runtime": 1.0, "train_samples_per_second": 8.0, "train_steps_per_second": 6.0,
-          "train_loss": 1.9, "epoch": 1.5}  # train()'s final metrics
 _EVAL = {"eval_loss": 1.2, "eval_runtime": 0.1, "epoch": 1.5}
 
 
 def _hf_run(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
-    from spectral_lens.integrations import SpectralLensCallback
-
     lens = _lens(tmp_path / "run")
-    cb = SpectralLensCallback(lens, tokens_per_step=4)
-    state, control = transformers.TrainerState(), transformers.TrainerControl()
-    cb.on_train_begin(None, state, control)
-    state.global_step = 3
-    cb.on_step_end(None, state, control)
-    return lens, cb, state, control
+    return (lens, *hf_hooks(lens, step=3))
 
 
 def test_hf_an_evaluation_at_the_train_end_keeps_the_final_train_loss(tmp_path):
@@ -68,7 +59,7 @@ def test_hf_an_evaluation_at_the_train_end_keeps_the_final_train_loss(tmp_path):
     one that evaluates there (``trainer.evaluate()``: logs, then ``on_evaluate``) left the record without the final
     ``train_loss`` of a run that logged no loss (before: forgotten at that ``on_evaluate``)."""
     lens, cb, state, control = _hf_run(tmp_path)
-    cb.on_log(None, state, control, logs=dict(_FINAL))
+    cb.on_log(None, state, control, logs=dict(FINAL_METRICS))
     cb.on_log(None, state, control, logs=dict(_EVAL))  # another callback's on_train_end evaluates
     cb.on_evaluate(None, state, control, metrics=dict(_EVAL))
     cb.on_train_end(None, state, control)
@@ -275,10 +266,6 @@ def test_hf_trainer_with_a_callback_evaluating_at_the_train_end_records_the_fina
     """A real ``Trainer`` (3 steps, no loss logged) and a callback ahead of this one that evaluates in
     ``on_train_end``: the record's one ``train_loss`` event is the final metrics' mean, at the last step."""
     transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
-    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the hf extra installs it)")
-    from spectral_lens.integrations import SpectralLensCallback
-
-    from .test_callback_curves import RandomTokens, hf_pool, tiny_gpt2
 
     class EvaluateAtTheEnd(transformers.TrainerCallback):
         trainer = None
@@ -286,17 +273,9 @@ def test_hf_trainer_with_a_callback_evaluating_at_the_train_end_records_the_fina
         def on_train_end(self, args, state, control, **kwargs):
             self.trainer.evaluate()
 
-    model = tiny_gpt2()
-    writer = RunWriter(tmp_path / "run", RunInfo("hf", batch_tier=1), fsync=False, tail_window=(2, 8))
-    lens = sl.SpectralLens(model, hf_pool(), writer=writer, params=(), progress=False)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, learning_rate=1e-3, report_to=[],
-        save_strategy="no", use_cpu=True, disable_tqdm=True, max_steps=3, logging_steps=10)
     at_end = EvaluateAtTheEnd()
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=RandomTokens(12, 0),
-                                   eval_dataset=RandomTokens(8, 1), callbacks=[at_end])
+    trainer, writer = lens_trainer(tmp_path, 12, eval_n=8, callbacks=[at_end], max_steps=3, logging_steps=10)
     at_end.trainer = trainer
-    SpectralLensCallback(lens, tokens_per_step=40).attach(trainer)
     out = trainer.train()
     writer.close()
     assert any("eval_loss" in h for h in trainer.state.log_history)  # the evaluation ran, after the final metrics

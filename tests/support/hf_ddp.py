@@ -5,6 +5,7 @@ Spawned by :func:`support.ranks.run_ranks`; each case's per-rank result is writt
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -105,6 +106,19 @@ def _args(out: str, **kw):
         report_to=[], use_cpu=True, ddp_backend="gloo", disable_tqdm=True, seed=0, **kw)
 
 
+def _writer(rank: int, path: Path, info, **kw):
+    """Rank 0's ``RunWriter`` at ``path`` (no fsync, a tail window of (4, 16)); ``None`` on the other ranks."""
+    from spectral_lens.records import RunWriter
+
+    return RunWriter(path, info, fsync=False, tail_window=(4, 16), **kw) if rank == 0 else None
+
+
+def _train(trainer, writer) -> None:
+    """``trainer.train()``, inside ``with writer`` on rank 0 (an error marks the record failed)."""
+    with writer if writer is not None else contextlib.nullcontext():
+        trainer.train()
+
+
 def _events(path: Path) -> list[dict]:
     from spectral_lens.records import RunRecord
 
@@ -125,12 +139,11 @@ def case_train(rank: int, root: Path) -> dict:
 
     import spectral_lens as sl
     from spectral_lens.integrations import SpectralLensCallback
-    from spectral_lens.records import RunInfo, RunRecord, RunWriter
+    from spectral_lens.records import RunInfo, RunRecord
 
     path = root / "train"
-    writer = (RunWriter(path, RunInfo("hf-ddp", family="gpt2", batch_tier=BATCH * WORLD, n_layer=2,
-                                      total_tokens=6 * TOKENS_PER_STEP), fsync=False, tail_window=(4, 16),
-                        head_window=(1, 4)) if rank == 0 else None)
+    writer = _writer(rank, path, RunInfo("hf-ddp", family="gpt2", batch_tier=BATCH * WORLD, n_layer=2,
+                                         total_tokens=6 * TOKENS_PER_STEP), head_window=(1, 4))
     # fp64 products (the default "exact" forms them in fp32), to compare against a float64 reference
     lens = sl.SpectralLens(pool=heldout_pool(), writer=writer, schedule=sl.Schedule.every(2), precision="float64",
                            progress=False)
@@ -140,11 +153,7 @@ def case_train(rank: int, root: Path) -> dict:
     SpectralLensCallback(lens, on_evaluate=True, tokens_per_step=TOKENS_PER_STEP).attach(trainer)
     recorder = _recorder_class()(keep={2, 4, 6} if rank == 0 else ())
     trainer.add_callback(recorder)
-    if writer is not None:
-        with writer:
-            trainer.train()
-    else:
-        trainer.train()
+    _train(trainer, writer)
     result = {
         "process_index": trainer.args.process_index, "world": trainer.args.world_size,
         "wrapped": type(trainer.model_wrapped).__name__, "detached": lens.model is None,
@@ -192,10 +201,10 @@ def case_short(rank: int, root: Path) -> dict:
 
     import spectral_lens as sl
     from spectral_lens.integrations import SpectralLensCallback
-    from spectral_lens.records import RunInfo, RunWriter
+    from spectral_lens.records import RunInfo
 
     path = root / "short"
-    writer = RunWriter(path, RunInfo("hf-short", batch_tier=4), fsync=False, tail_window=(4, 16)) if rank == 0 else None
+    writer = _writer(rank, path, RunInfo("hf-short", batch_tier=4))
     lens = sl.SpectralLens(pool=heldout_pool(), writer=writer, params=(), schedule=sl.Schedule.every(2),
                            progress=False)
     trainer = transformers.Trainer(model=tiny_gpt2(), args=_args(str(root / f"short{rank}"), max_steps=2,
@@ -232,13 +241,12 @@ def case_resume(rank: int, root: Path) -> dict:
 
     import spectral_lens as sl
     from spectral_lens.integrations import SpectralLensCallback
-    from spectral_lens.records import RunInfo, RunWriter
+    from spectral_lens.records import RunInfo
 
     path, out = root / "resume", str(root / "resume_out")
     steps = []
     for resume in (False, True):
-        writer = (RunWriter(path, None if resume else RunInfo("hf-resume", batch_tier=4, n_layer=2), resume=resume,
-                            fsync=False, tail_window=(4, 16)) if rank == 0 else None)
+        writer = _writer(rank, path, None if resume else RunInfo("hf-resume", batch_tier=4, n_layer=2), resume=resume)
         lens = sl.SpectralLens(pool=heldout_pool(), writer=writer, params=(), schedule=sl.Schedule.every(2),
                                progress=False)
         args = _args(out, max_steps=6, logging_steps=2, eval_strategy="steps", eval_steps=2, save_strategy="steps",
@@ -273,7 +281,7 @@ def case_measurement_fails(rank: int, root: Path) -> dict:
 
     import spectral_lens as sl
     from spectral_lens.integrations import SpectralLensCallback
-    from spectral_lens.records import RunInfo, RunWriter
+    from spectral_lens.records import RunInfo
 
     calls = []
 
@@ -284,19 +292,14 @@ def case_measurement_fails(rank: int, root: Path) -> dict:
         return model(**batch)
 
     path = root / "measurement_fails"
-    writer = (RunWriter(path, RunInfo("hf-measurement-fails", batch_tier=4, n_layer=2), fsync=False,
-                        tail_window=(4, 16)) if rank == 0 else None)
+    writer = _writer(rank, path, RunInfo("hf-measurement-fails", batch_tier=4, n_layer=2))
     lens = sl.SpectralLens(pool=heldout_pool(), writer=writer, params=(), forward_fn=forward,
                            schedule=sl.Schedule.every(2), progress=False)
     args = _args(str(root / f"fails{rank}"), max_steps=6, logging_steps=2)
     trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=Tokens(64, 0))
     SpectralLensCallback(lens, tokens_per_step=TOKENS_PER_STEP).attach(trainer)
     try:
-        if writer is not None:
-            with writer:
-                trainer.train()
-        else:
-            trainer.train()
+        _train(trainer, writer)
     finally:
         Path(root, f"measurement_fails.state.rank{rank}.json").write_text(json.dumps(
             {"history": [m.step for m in lens.history], "global_step": trainer.state.global_step,
@@ -312,11 +315,10 @@ def case_poisoned(rank: int, root: Path) -> dict:
 
     import spectral_lens as sl
     from spectral_lens.integrations import SpectralLensCallback
-    from spectral_lens.records import RunInfo, RunWriter
+    from spectral_lens.records import RunInfo
 
     path = root / "poisoned"
-    writer = (RunWriter(path, RunInfo("hf-poisoned", batch_tier=4, n_layer=2), fsync=False, tail_window=(4, 16))
-              if rank == 0 else None)
+    writer = _writer(rank, path, RunInfo("hf-poisoned", batch_tier=4, n_layer=2))
     lens = sl.SpectralLens(pool=heldout_pool(), writer=writer, params=(), schedule=sl.Schedule.every(2),
                            progress=False)
     args = _args(str(root / f"poisoned{rank}"), max_steps=6, logging_steps=2, eval_strategy="steps", eval_steps=2)
@@ -324,11 +326,7 @@ def case_poisoned(rank: int, root: Path) -> dict:
     trainer = transformers.Trainer(model=tiny_gpt2(), args=args, train_dataset=data, eval_dataset=Tokens(8, 1))
     SpectralLensCallback(lens, on_evaluate=True, tokens_per_step=TOKENS_PER_STEP).attach(trainer)
     try:
-        if writer is not None:
-            with writer:
-                trainer.train()
-        else:
-            trainer.train()
+        _train(trainer, writer)
     finally:
         steps = [m.step for m in lens.history]
         Path(root, f"poisoned.history.rank{rank}.json").write_text(json.dumps(

@@ -10,38 +10,97 @@ import functools
 import importlib
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import socket
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (for ``MASTER_PORT``)."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for ``MASTER_PORT``). It is released before the
+    ranks bind it, so another process may take it first: :func:`run_ranks` launches again on a new one then."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+PORT_TAKEN_EXIT = 98  # a rank's exit status when its MASTER_PORT was taken (errno EADDRINUSE on Linux)
+
+
+def _address_in_use(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failed bind of a port already in use: torch's TCPStore raises ``DistNetworkError``
+    ("... name: EADDRINUSE, message: address already in use"), a plain socket ``OSError`` ("[Errno 98] Address
+    already in use")."""
+    return "address already in use" in str(exc).lower()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: this rank is killed when the process that launched it dies (pytest killed by a signal runs no
+    ``finally``), instead of living on, orphaned, until its own timeout. A no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the prctl
+        os._exit(1)
+
+
+def _rank_main(worker: Callable, rank: int, port: int, out: str, parent: int) -> None:
+    """A rank's process for :func:`run_ranks`: ``worker(rank, port, out)``; a port taken before the ranks bound it
+    ends the process with :data:`PORT_TAKEN_EXIT`, for the parent to launch again (any other error: status 1)."""
+    _die_with_parent(parent)
+    try:
+        worker(rank, port, out)
+    except BaseException as exc:
+        if not _address_in_use(exc):
+            raise
+        traceback.print_exc()
+        sys.exit(PORT_TAKEN_EXIT)
+
+
+def _launch(worker: Callable, world: int, out: Path, join_s: float) -> tuple[list[int], bool]:
+    """One launch of :func:`run_ranks`: the ranks still running after ``join_s`` (killed), and whether a rank
+    found the port taken (the others are killed at once: they would wait for it until their timeout). Every
+    rank still running when this returns or raises (a Ctrl-C, pytest-timeout's error) is killed."""
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(worker, r, port, str(out), os.getpid())) for r in range(world)]
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + join_s
+        running = list(procs)
+        while running and time.monotonic() < deadline:
+            multiprocessing.connection.wait([p.sentinel for p in running], max(0.0, deadline - time.monotonic()))
+            running = [p for p in running if p.is_alive()]
+            if any(p.exitcode == PORT_TAKEN_EXIT for p in procs):
+                return [], True
+        return [r for r, p in enumerate(procs) if p.is_alive()], False
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
 def run_ranks(worker: Callable, world: int, out: Path, join_s: float) -> list[int]:
     """Run ``worker(rank, port, str(out))`` in ``world`` spawned processes; join them all within
     ``join_s`` seconds, kill the ones still running and return their ranks (a hang fails the caller's
-    test instead of blocking CI, as ``mp.spawn``'s join would)."""
-    ctx = multiprocessing.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, port, str(out))) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + join_s
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    return hung
+    test instead of blocking CI, as ``mp.spawn``'s join would). A rank that finds the port taken
+    (:func:`free_port` releases it before rank 0 binds it) has the whole launch made once more on a new port.
+    The ranks are killed when this is interrupted, and (Linux) when its process dies."""
+    for _ in range(2):
+        hung, port_taken = _launch(worker, world, out, join_s)
+        if not port_taken:
+            return hung
+    raise RuntimeError(f"support.ranks.run_ranks: the ranks' MASTER_PORT was taken by another process twice "
+                       f"(exit status {PORT_TAKEN_EXIT}; see the ranks' tracebacks above)")
 
 
 @contextlib.contextmanager
