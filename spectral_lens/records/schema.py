@@ -73,6 +73,9 @@ _INFO_TYPES = {
 }
 # RunInfo fields read from disk that must be > 0 (RunInfo refuses the others too; the reader names file and field)
 _POSITIVE = ("batch_tier", "tokens_per_step", "total_tokens", "batch_size")
+# of those, the ones RunInfo took as 0 before review 24 (write_theorem6_sweep wrote batch_size 0 for a step shorter
+# than a sequence): a 0 in run.json reads as unknown, with a RecordWarning, not a refusal of the whole run
+_ZERO_UNKNOWN = ("tokens_per_step", "batch_size")
 
 
 @dataclass
@@ -145,6 +148,11 @@ class RunInfo:
                 raise RecordFormatError(f"{origin}: run metadata field {key!r} is an integer beyond the float range")
             if isinstance(v, float) and not math.isfinite(v):  # json reads 1e400 as inf, and NaN / Infinity
                 raise RecordFormatError(f"{origin}: run metadata field {key!r} must be a finite number, got {v!r}")
+            if key in _ZERO_UNKNOWN and v == 0:  # RunInfo took a 0 before: the run stays readable
+                warnings.warn(f"{origin}: run metadata field {key!r} is 0: read as unknown (null; a run.json of an "
+                              "older version, whose RunInfo took a 0)", RecordWarning, stacklevel=3)
+                kwargs[key] = None
+                continue
             if key in _POSITIVE and v is not None and not v > 0:  # a hand-written or other tool's run.json
                 raise RecordFormatError(f"{origin}: run metadata field {key!r} must be a positive number, got {v!r}")
         if not isinstance(kwargs.get("extras") or {}, dict):
