@@ -49,3 +49,12 @@ def test_zero_count_of_an_older_run_json_reads_as_unknown(tmp_path, field):
     run_json.write_text(json.dumps(header))
     with pytest.raises(RecordFormatError, match=f"'{field}' must be a positive number, got -1"):
         RunRecord.open(run)
+
+
+@pytest.mark.parametrize("fraction, text", [(9999.99999999999, "1e+06%"), (-9999.99999999999, "-1e+06%"),
+                                            (1e4, "1e+06%"), (9999.99, "999999%"), (0.2, "20%")])
+def test_percent_at_the_g_form_switch(fraction, text):
+    """A share that rounds to 1e6% printed ``1000000%`` (whole below 1e6 before rounding), 1e6% ``1e+06%``."""
+    from spectral_lens.analysis.efficiency import percent
+
+    assert percent(fraction) == text
