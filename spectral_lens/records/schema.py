@@ -114,6 +114,10 @@ class RunInfo:
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, str) or not self.run_id:
             raise ValueError(f"RunInfo.run_id must be a non-empty string, got {self.run_id!r}")
+        for key in _POSITIVE:  # a bool or a string is written, and the reader refuses it as the wrong type
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                raise TypeError(f"RunInfo.{key} must be a number, got {v!r}")
         if self.batch_tier is not None and not (isinstance(self.batch_tier, (int, float)) and self.batch_tier > 0):
             raise ValueError(f"RunInfo.batch_tier must be a positive number, got {self.batch_tier!r}")
         if self.total_tokens is not None and not self.total_tokens > 0:

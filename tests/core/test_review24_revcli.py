@@ -43,8 +43,8 @@ def test_zero_count_of_an_older_run_json_reads_as_unknown(tmp_path, field):
     assert getattr(rec.info, field) is None and len(rec.measurements) == 4
     status, out, err = run_cli(["inspect", run])
     assert status == 0 and "f-b1" in out, err
-    assert err == [f"spectral-lens inspect: warning: {run_json}: run metadata field '{field}' is 0: read as unknown "
-                   "(null; a run.json of an older version, whose RunInfo took a 0)"], err
+    assert err == [(f"spectral-lens inspect: warning: {run_json}: run metadata field '{field}' is 0: read as unknown "
+                    "(null; a run.json of an older version, whose RunInfo took a 0)")], err
     header[field] = -1
     run_json.write_text(json.dumps(header))
     with pytest.raises(RecordFormatError, match=f"'{field}' must be a positive number, got -1"):
@@ -58,3 +58,31 @@ def test_percent_at_the_g_form_switch(fraction, text):
     from spectral_lens.analysis.efficiency import percent
 
     assert percent(fraction) == text
+
+
+@pytest.mark.parametrize("field", ["batch_tier", "tokens_per_step", "total_tokens", "batch_size"])
+@pytest.mark.parametrize("value", [False, True, "8"])
+def test_runinfo_refuses_what_its_reader_refuses(tmp_path, field, value):
+    """``RunInfo(tokens_per_step=False)`` (a 0 the new positivity check let through: it skipped bools) and
+    ``batch_size=True`` or ``"8"`` were written to a run.json that the reader then refused as the wrong type."""
+    import numpy as np
+
+    from spectral_lens.records import RunInfo, RunRecord, RunWriter
+
+    with pytest.raises(TypeError, match=rf"RunInfo\.{field} must be a number, got {value!r}"):
+        RunInfo("r", **{field: value})
+    info = RunInfo("r", **{field: np.float64(8)})  # a NumPy number is one: written and read back as 8
+    with RunWriter(tmp_path / "r", info, fsync=False):
+        pass
+    assert getattr(RunRecord.open(tmp_path / "r").info, field) == 8
+
+
+def test_transition_whose_only_known_reading_is_a_run_with_itself():
+    """``c:d:c:d`` with a run ``c:d`` said "no ':' in it splits it into two run ids of these runs": it does, into
+    one run twice, refused as ``--transition a:a`` is."""
+    from spectral_lens.cli import _split_transition
+
+    with pytest.raises(ValueError, match=r"--transition 'c:d:c:d' names run 'c:d' twice: a transition must name two "
+                                         r"different runs"):
+        _split_transition("c:d:c:d", {"c:d", "x"})
+    assert _split_transition("c:d:c:d", {"c:d", "c", "d:c:d"}) == ("c", "d:c:d")  # a pair of two: that one
