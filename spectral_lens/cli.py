@@ -96,6 +96,10 @@ def _split_transition(text: str, run_ids) -> tuple[str, str]:
                          "(rename a run, or call spectral_lens.report.build_report(transitions=[(RUN_A, RUN_B)]))")
     if len(readings) == 1:
         return readings[0]
+    same = [a for a, b in _readings(text) if a == b and a in run_ids]  # as --transition a:a is refused
+    if same:
+        raise ValueError(f"--transition {text!r} names run {same[0]!r} twice: a transition must name two "
+                         "different runs")
     raise ValueError(f"--transition {text!r}: no ':' in it splits it into two run ids of these runs (expected "
                      f"RUN_A:RUN_B); run ids: {sorted(run_ids)}")
 

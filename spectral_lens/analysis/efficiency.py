@@ -299,7 +299,7 @@ def percent(fraction: float) -> str:
         return f"{p}%"
     if p == 0:
         return "0%"
-    whole = abs(p) < 1e6 and abs(p - round(p)) < 1e-9 and round(p) != 0
+    whole = abs(round(p)) < 1e6 and abs(p - round(p)) < 1e-9 and round(p) != 0  # 999999.9999999991 is 1e+06%
     return f"{p:.0f}%" if whole else f"{p:.3g}%"
 
 

@@ -120,7 +120,7 @@ def write_theorem6_sweep(
             seed=seed,
             n_layer=12,
             total_tokens=total_tokens,
-            batch_size=tps // seq_len,
+            batch_size=tps // seq_len or tps / seq_len,  # samples per step: a fraction below one sequence
             primary_spectrum="act:blocks.11",
             extras={"synthetic": "theorem6", "q_B": qb, "eta_B": eb, "p": p},
         )

@@ -73,6 +73,9 @@ _INFO_TYPES = {
 }
 # RunInfo fields read from disk that must be > 0 (RunInfo refuses the others too; the reader names file and field)
 _POSITIVE = ("batch_tier", "tokens_per_step", "total_tokens", "batch_size")
+# of those, the ones RunInfo took as 0 before review 24 (write_theorem6_sweep wrote batch_size 0 for a step shorter
+# than a sequence): a 0 in run.json reads as unknown, with a RecordWarning, not a refusal of the whole run
+_ZERO_UNKNOWN = ("tokens_per_step", "batch_size")
 
 
 @dataclass
@@ -111,6 +114,10 @@ class RunInfo:
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, str) or not self.run_id:
             raise ValueError(f"RunInfo.run_id must be a non-empty string, got {self.run_id!r}")
+        for key in _POSITIVE:  # a bool or a string is written, and the reader refuses it as the wrong type
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                raise TypeError(f"RunInfo.{key} must be a number, got {v!r}")
         if self.batch_tier is not None and not (isinstance(self.batch_tier, (int, float)) and self.batch_tier > 0):
             raise ValueError(f"RunInfo.batch_tier must be a positive number, got {self.batch_tier!r}")
         if self.total_tokens is not None and not self.total_tokens > 0:
@@ -145,6 +152,11 @@ class RunInfo:
                 raise RecordFormatError(f"{origin}: run metadata field {key!r} is an integer beyond the float range")
             if isinstance(v, float) and not math.isfinite(v):  # json reads 1e400 as inf, and NaN / Infinity
                 raise RecordFormatError(f"{origin}: run metadata field {key!r} must be a finite number, got {v!r}")
+            if key in _ZERO_UNKNOWN and v == 0:  # RunInfo took a 0 before: the run stays readable
+                warnings.warn(f"{origin}: run metadata field {key!r} is 0: read as unknown (null; a run.json of an "
+                              "older version, whose RunInfo took a 0)", RecordWarning, stacklevel=3)
+                kwargs[key] = None
+                continue
             if key in _POSITIVE and v is not None and not v > 0:  # a hand-written or other tool's run.json
                 raise RecordFormatError(f"{origin}: run metadata field {key!r} must be a positive number, got {v!r}")
         if not isinstance(kwargs.get("extras") or {}, dict):

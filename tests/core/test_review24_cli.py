@@ -141,9 +141,10 @@ def test_score_flags_rho_that_rounds_to_zero_keeps_its_digit():
 
 
 @pytest.mark.parametrize("field", ["tokens_per_step", "batch_size"])
-@pytest.mark.parametrize("value", [0, -8, -0.5])
+@pytest.mark.parametrize("value", [-8, -0.5])
 def test_non_positive_count_in_run_json_is_refused(tmp_path, field, value):
-    """Was read as given: tokens_per_step 0 printed "tokens/step: 0" and batch_size -1 fed the noise-scale baseline."""
+    """Was read as given: batch_size -1 fed the noise-scale baseline. (A 0, which RunInfo took before, reads as
+    unknown with a warning: test_review24_revcli.)"""
     from spectral_lens.records import RecordFormatError, RunRecord
 
     a = _make_run(tmp_path, "a")
