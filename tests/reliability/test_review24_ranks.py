@@ -126,3 +126,13 @@ def test_a_failed_agreement_raises_this_ranks_own_error_marked_out_of_step(peer)
     with pytest.raises(RuntimeError, match="connection closed by peer") as theirs:
         _lens()
     assert out_of_step(theirs.value)
+
+
+def test_attach_is_not_agreed_its_error_raised_on_this_rank_alone(peer):
+    """Documented: ``lens.attach(model)`` of a lens built without a model makes no collective; a layer the model
+    lacks is raised on this rank alone (the other ranks are not told: bound their wait with the timeout)."""
+    lens = SpectralLens(pool=lm_pool(n_batches=2), layers="h.5", params=(), progress=False)
+    assert [c.tolist() for c in peer["calls"]] == [[0, 0]]  # the constructor's agreement
+    with pytest.raises(ValueError, match="SpectralLens layers='h.5'"):
+        lens.attach(TinyLM())
+    assert len(peer["calls"]) == 1 and lens.model is None
