@@ -163,7 +163,10 @@ class SpectralLens:
             results are broadcast. Before the sync and before the broadcast the ranks agree that
             their local work succeeded: if it failed on any rank, every rank raises (the failed
             rank its own exception, the others a ``RuntimeError`` naming it) instead of waiting in a
-            collective until the process-group timeout.
+            collective until the process-group timeout. Building the lens is agreed the same way (one
+            small ``all_reduce`` at the end of the constructor, with ``torch.distributed`` initialized), so
+            every rank of the group builds it together: an error in one rank's constructor (a layer its
+            model lacks) is raised on every rank there, the others naming it and quoting its error.
             A model sharded with FSDP (``fully_shard``, ``FullyShardedDataParallel``), whose every
             forward is a collective: every rank runs as many activation forwards (one unmeasured where
             its share is a batch short; the pools' lengths are compared, a pool without a ``len`` round
