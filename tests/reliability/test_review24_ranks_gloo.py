@@ -35,7 +35,7 @@ def _built_then_measured(rank: int, model, **kwargs) -> list[float]:
     """Build the lens (a failure is recorded by the case runner) and, if built, measure once."""
     lens = SpectralLens(model, lm_pool(n_batches=4), params=(), progress=False, **kwargs)
     spectra = lens.measure(1, 1).spectra
-    return spectra[sorted(spectra)[0]].values[:3].tolist()
+    return spectra[min(spectra)].values[:3].tolist()
 
 
 def _layer_missing_on_rank1(rank: int):
