@@ -156,17 +156,24 @@ def agree_built(group, error: BaseException | None, what: str) -> None:
 
 
 @contextlib.contextmanager
-def built_together(group, what: str):
+def built_together(group, what: str, undo=None):
     """Around a step that every rank of ``group`` takes once, outside any measurement (a lens's constructor):
     its success or failure agreed on leaving (:func:`agree_built`), so that an error on one rank (a layer its
     model lacks, an argument only it computes wrongly) stops every rank there instead of leaving the others
-    waiting in their first collective until the process-group timeout."""
+    waiting in their first collective until the process-group timeout. ``undo()``: called where this rank's
+    step succeeded but the agreement raises (another rank failed), so that it leaves nothing bound, as a
+    step that failed here does."""
     try:
         yield
     except BaseException as exc:  # an interrupt too
         agree_built(group, exc, what)
         raise
-    agree_built(group, None, what)
+    try:
+        agree_built(group, None, what)
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
 
 
 def agree_counts(group, count: int, error: BaseException | None, what: str) -> list[int]:

@@ -139,3 +139,18 @@ def test_attach_is_not_agreed_its_error_raised_on_this_rank_alone(peer):
     with pytest.raises(ValueError, match="SpectralLens layers='h.5'"):
         lens.attach(TinyLM())
     assert len(peer["calls"]) == 1 and lens.model is None
+
+
+def test_a_probe_the_lens_attached_is_free_again_when_another_rank_failed(peer):
+    """This rank built its lens (attaching the user's ``probe=``), another rank's constructor failed: the
+    RuntimeError leaves the probe unbound, as a failed constructor in one process does, so that it can be
+    attached again (before the undo: still bound to the model of a lens the user never got)."""
+    from spectral_lens import PerSampleGradientProbe
+
+    probe = PerSampleGradientProbe()
+    peer["peer"] = _failed_on_rank1("ValueError: boom")
+    with pytest.raises(RuntimeError, match=r"global rank 1: ValueError: boom"):
+        SpectralLens(TinyLM(), lm_pool(n_batches=2), probe=probe, progress=False)
+    assert probe.model is None
+    peer["peer"] = None
+    assert SpectralLens(TinyLM(), lm_pool(n_batches=2), probe=probe, progress=False).probe is probe
