@@ -82,15 +82,98 @@ def agree(group, error: BaseException | None, what: str) -> None:
         raise error
 
 
-def _raise_failed(group, failed: list[int], what: str, nonfinite: bool = False) -> None:
+def _raise_failed(group, failed: list[int], what: str, nonfinite: bool = False,
+                  causes: list[str] | None = None) -> None:
     """On a rank that did not fail: the ``RuntimeError`` naming the group ranks ``failed`` by their global
-    ranks, when there are any (a :class:`NonFiniteError` with ``nonfinite``: each failed rank's error was one)."""
+    ranks, when there are any (a :class:`NonFiniteError` with ``nonfinite``: each failed rank's error was one);
+    ``causes``: each failed rank's error as text, in the order of ``failed``, quoted in the message."""
     if failed:
         failed = [global_rank(group, r) for r in failed]
+        quoted = "" if causes is None else "".join(f" (global rank {r}: {c})" for r, c in zip(failed, causes))
         raise (NonFiniteError if nonfinite else RuntimeError)(
-            f"SpectralLens: {what} failed on global rank(s) {failed}; this rank stopped too so that "
+            f"SpectralLens: {what} failed on global rank(s) {failed}{quoted}; this rank stopped too so that "
             f"no rank waits in a collective. See the error raised on rank(s) {failed} for the cause"
         )
+
+
+CAUSE_BYTES = 512  # of a failed rank's error text (type and message, UTF-8) carried to the other ranks
+
+
+def _member_world(group) -> int:
+    """The size of ``group`` where this rank is one of its members under an initialized ``torch.distributed``;
+    else 1 (no process group, a rank outside ``group``, or a ``group`` that is not a process group: no agreement
+    is possible there, and ``measure`` refuses the last two)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    try:
+        if dist.get_rank(group) < 0:
+            return 1
+        return dist.get_world_size(group)
+    except Exception:  # noqa: BLE001 - not a process group: left to measure's own check, as before
+        return 1
+
+
+def agree_built(group, error: BaseException | None, what: str) -> None:
+    """:func:`agree` for a step that every rank of ``group`` takes once, outside any measurement (building a
+    lens): one ``all_reduce(MAX)`` of a failure flag per rank; where some rank failed, a second one (on that
+    path only) carries each failed rank's error as text (its first :data:`CAUSE_BYTES` bytes), which the other
+    ranks quote in their ``RuntimeError`` naming the failed ranks (their own error may be far from the failed
+    rank's in a merged log). A failed rank re-raises its own exception. In a single process, on a rank outside
+    ``group`` or with a ``group`` that is not a process group, ``error`` is simply raised (no collective)."""
+    world = _member_world(group)
+    if world == 1 or (error is not None and out_of_step(error)):
+        if error is not None:
+            raise error
+        return
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group)
+    dev = collective_device(group)
+    flags = torch.zeros(world, dtype=torch.int64, device=dev)
+    flags[rank] = int(error is not None)
+    try:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        failed = [r for r, f in enumerate(flags.tolist()) if f]
+        if failed:  # every rank is here: the text of each failed rank's error, in its own row
+            text = torch.zeros(world, CAUSE_BYTES, dtype=torch.int32, device=dev)
+            if error is not None:
+                mine = f"{type(error).__name__}: {error}".encode()[:CAUSE_BYTES]
+                text[rank, :len(mine)] = torch.tensor(list(mine), dtype=torch.int32)
+            dist.all_reduce(text, op=dist.ReduceOp.MAX, group=group)
+    except Exception as exc:  # as in agree: no later agreement; this rank's own error is the cause
+        mark_out_of_step(exc, what, failed=False)
+        if error is None:
+            raise
+        raise mark_out_of_step(error, what, failed=False)
+    if error is not None:
+        raise error
+    if failed:
+        rows = text.cpu().tolist()
+        causes = [bytes(b for b in rows[r] if b).decode(errors="replace") for r in failed]
+        _raise_failed(group, failed, what, causes=causes)
+
+
+@contextlib.contextmanager
+def built_together(group, what: str, undo=None):
+    """Around a step that every rank of ``group`` takes once, outside any measurement (a lens's constructor):
+    its success or failure agreed on leaving (:func:`agree_built`), so that an error on one rank (a layer its
+    model lacks, an argument only it computes wrongly) stops every rank there instead of leaving the others
+    waiting in their first collective until the process-group timeout. ``undo()``: called where this rank's
+    step succeeded but the agreement raises (another rank failed), so that it leaves nothing bound, as a
+    step that failed here does."""
+    try:
+        yield
+    except BaseException as exc:  # an interrupt too
+        agree_built(group, exc, what)
+        raise
+    try:
+        agree_built(group, None, what)
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
 
 
 def agree_counts(group, count: int, error: BaseException | None, what: str) -> list[int]:

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ._agree import (agree, agree_before_pass, agree_round, agree_settings, agree_widths, batch_digest,
-                     batch_structure, callable_name, collective_pass, from_rank0, ranks, refuse_other_counts)
+                     batch_structure, built_together, callable_name, collective_pass, from_rank0, ranks,
+                     refuse_other_counts)
 from ._args import AUTOCAST_WHY, NARROW_FLOATS, as_integer, check_callable, check_count, check_dtype, check_window
 from ._gradient_pool import agreed_batches, gradient_batches, gradient_total
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
@@ -162,7 +163,10 @@ class SpectralLens:
             results are broadcast. Before the sync and before the broadcast the ranks agree that
             their local work succeeded: if it failed on any rank, every rank raises (the failed
             rank its own exception, the others a ``RuntimeError`` naming it) instead of waiting in a
-            collective until the process-group timeout.
+            collective until the process-group timeout. Building the lens is agreed the same way (one
+            small ``all_reduce`` at the end of the constructor, with ``torch.distributed`` initialized), so
+            every rank of the group builds it together: an error in one rank's constructor (a layer its
+            model lacks) is raised on every rank there, the others naming it and quoting its error.
             A model sharded with FSDP (``fully_shard``, ``FullyShardedDataParallel``), whose every
             forward is a collective: every rank runs as many activation forwards (one unmeasured where
             its share is a batch short; the pools' lengths are compared, a pool without a ``len`` round
@@ -211,102 +215,106 @@ class SpectralLens:
         head_window: tuple[int, int] | None = None,
         group=None,
     ) -> None:
-        if pool is None:
-            raise ValueError("SpectralLens needs pool=: a re-iterable of held-out batches")
-        for what, p in (("pool", pool), ("gradient_pool", gradient_pool)):
-            if p is not None and (isinstance(p, (str, bytes, torch.Tensor)) or not isinstance(p, Iterable)):
+        # an error on one rank (a layer its model lacks, an argument only it computes wrongly) stops every
+        # rank here, named on the others, instead of leaving them in their first collective until the timeout;
+        # a rank that built its lens unbinds it then (a probe= it attached is free again)
+        with built_together(group, "building the lens", undo=self.detach):
+            if pool is None:
+                raise ValueError("SpectralLens needs pool=: a re-iterable of held-out batches")
+            for what, p in (("pool", pool), ("gradient_pool", gradient_pool)):
+                if p is not None and (isinstance(p, (str, bytes, torch.Tensor)) or not isinstance(p, Iterable)):
+                    raise TypeError(
+                        f"SpectralLens: {what} must be a re-iterable of held-out batches (a list of batches, a "
+                        f"DataLoader), got {type(p).__name__}"
+                        + (f" of shape {tuple(p.shape)}, whose iteration yields single samples without a batch "
+                           f"dimension: pass a list of batches, e.g. list({what}.split(8))" if isinstance(p, torch.Tensor) else "")
+                    )
+            who = "SpectralLens"
+            gradient_samples = check_count(who, "gradient_samples", gradient_samples, 0, none_ok=True)
+            check_callable(who, "mask_fn", mask_fn, "batch -> bool mask")
+            check_callable(who, "forward_fn", forward_fn, "(model, batch) -> output")
+            check_dtype(who, "autocast_dtype", autocast_dtype, refuse=NARROW_FLOATS, why=AUTOCAST_WHY)
+            if probe is not None and not isinstance(probe, PerSampleGradientProbe):
+                raise TypeError(f"SpectralLens: probe must be a PerSampleGradientProbe or None, got {type(probe).__name__}")
+            if writer is not None and not callable(getattr(writer, "log_measurement", None)):
                 raise TypeError(
-                    f"SpectralLens: {what} must be a re-iterable of held-out batches (a list of batches, a "
-                    f"DataLoader), got {type(p).__name__}"
-                    + (f" of shape {tuple(p.shape)}, whose iteration yields single samples without a batch "
-                       f"dimension: pass a list of batches, e.g. list({what}.split(8))" if isinstance(p, torch.Tensor) else "")
+                    f"SpectralLens: writer must be a RunWriter (spectral_lens.records) or None, got {type(writer).__name__}"
+                    + (" (open one with RunWriter(path, RunInfo(...)))" if isinstance(writer, (str, os.PathLike)) else "")
                 )
-        who = "SpectralLens"
-        gradient_samples = check_count(who, "gradient_samples", gradient_samples, 0, none_ok=True)
-        check_callable(who, "mask_fn", mask_fn, "batch -> bool mask")
-        check_callable(who, "forward_fn", forward_fn, "(model, batch) -> output")
-        check_dtype(who, "autocast_dtype", autocast_dtype, refuse=NARROW_FLOATS, why=AUTOCAST_WHY)
-        if probe is not None and not isinstance(probe, PerSampleGradientProbe):
-            raise TypeError(f"SpectralLens: probe must be a PerSampleGradientProbe or None, got {type(probe).__name__}")
-        if writer is not None and not callable(getattr(writer, "log_measurement", None)):
-            raise TypeError(
-                f"SpectralLens: writer must be a RunWriter (spectral_lens.records) or None, got {type(writer).__name__}"
-                + (" (open one with RunWriter(path, RunInfo(...)))" if isinstance(writer, (str, os.PathLike)) else "")
-            )
-        tail_window = check_window(who, "tail_window", tail_window)
-        head_window = check_window(who, "head_window", head_window)
-        if probe is not None and params is not None:
-            raise ValueError("SpectralLens: pass params= or a configured probe=, not both")
-        for what, p in (("pool", pool), ("gradient_pool", gradient_pool)):
-            if isinstance(p, Iterator):  # a generator: empty after the first pass over it
-                raise TypeError(
-                    f"SpectralLens: {what} is a one-shot iterator ({type(p).__name__}), exhausted after its first "
-                    f"pass; the lens iterates its pools at every measurement: pass a re-iterable of batches "
-                    f"such as a list or a DataLoader (e.g. {what}=list(...))"
-                )
-        if gradient_samples is not None and int(gradient_samples) < 2:
-            raise ValueError(
-                f"SpectralLens: gradient_samples={gradient_samples}, but a gradient spectrum needs at least 2 "
-                "samples (sequences); pass gradient_samples >= 2, or None for the whole gradient pool"
-            )
-        if precision not in PRECISIONS:
-            raise ValueError(f"SpectralLens: precision must be one of {PRECISIONS}, got {precision!r}")
-        # the gradient pass reads gradient_pool (default: pool), cut to gradient_samples
-        checks = ([("pool", pool, gradient_samples)] if gradient_pool is None
-                  else [("pool", pool, None), ("gradient_pool", gradient_pool, gradient_samples)])
-        for what, p, cap in checks:
-            why = sharded_pool(p)
-            if why:
+            tail_window = check_window(who, "tail_window", tail_window)
+            head_window = check_window(who, "head_window", head_window)
+            if probe is not None and params is not None:
+                raise ValueError("SpectralLens: pass params= or a configured probe=, not both")
+            for what, p in (("pool", pool), ("gradient_pool", gradient_pool)):
+                if isinstance(p, Iterator):  # a generator: empty after the first pass over it
+                    raise TypeError(
+                        f"SpectralLens: {what} is a one-shot iterator ({type(p).__name__}), exhausted after its first "
+                        f"pass; the lens iterates its pools at every measurement: pass a re-iterable of batches "
+                        f"such as a list or a DataLoader (e.g. {what}=list(...))"
+                    )
+            if gradient_samples is not None and int(gradient_samples) < 2:
                 raise ValueError(
-                    f"SpectralLens: {what} {why}: each rank would pass its own shard, which the lens shards again "
-                    "(batch i on rank i % world; the gradient protocol runs on rank 0), so a measurement would see "
-                    "a part of the pool only. Pass the same whole pool on every rank: a DataLoader without the "
-                    "DistributedSampler, or a list of batches"
+                    f"SpectralLens: gradient_samples={gradient_samples}, but a gradient spectrum needs at least 2 "
+                    "samples (sequences); pass gradient_samples >= 2, or None for the whole gradient pool"
                 )
-            why = unfixed_pool(p, cap)
-            if why:
-                raise ValueError(
-                    f"SpectralLens: {what} {why}, so the measured sequences would change from checkpoint to "
-                    "checkpoint; the protocol measures a fixed held-out pool (paper Sec. 2). Pass a DataLoader "
-                    "with shuffle=False (the spectra do not depend on the order) or a list of batches"
-                )
-        self.pool = pool
-        self.layers_spec = layers
-        self.params_spec = params
-        self.gradient_pool = pool if gradient_pool is None else gradient_pool
-        self.gradient_samples = gradient_samples
-        self.precision = precision
-        check_pick(pick)
-        self.pick = pick
-        self._pick = pick  # the pick in use: block_hidden_states for the lens's own blocks (set by _bind)
-        self.mask_fn = mask_fn
-        self.forward_fn = forward_fn or default_forward
-        self.autocast_dtype = autocast_dtype
-        self.writer = writer
-        self.schedule = schedule
-        self.progress = progress
-        for what, mine in (("tail_window", tail_window), ("head_window", head_window)):
-            recorded = getattr(writer, what, None)
-            if mine is not None and recorded is not None and tuple(mine) != tuple(recorded):
-                raise ValueError(
-                    f"SpectralLens: {what}={tuple(mine)} differs from the writer's recorded {what} "
-                    f"{tuple(recorded)}; the record's summaries use the writer's, so the measurements' summaries "
-                    f"and what sinks log would disagree with it: leave {what} out (the writer's is used) or pass "
-                    f"the same window"
-                )
-        self.tail_window = None if tail_window is None else tuple(tail_window)
-        self.head_window = None if head_window is None else tuple(head_window)
-        self.group = group
-        self.model: nn.Module | None = None
-        self.layers = None
-        self.probe: PerSampleGradientProbe | None = probe
-        self._owns_probe = False  # whether _bind attached or built the probe (detach unbinds only such a one)
-        self.history: list[LensMeasurement] = []
-        self._window_warned = False  # the tail window's misfit is said once per lens (_warn_window)
-        self._stage, self._missing = None, []  # the pipeline stage holding the model (_bind), the layers it lacks
-        self._depth = 0  # under pipeline parallelism: the blocks of all stages (counted at each measurement)
-        if model is not None:
-            self._bind(model)
+            if precision not in PRECISIONS:
+                raise ValueError(f"SpectralLens: precision must be one of {PRECISIONS}, got {precision!r}")
+            # the gradient pass reads gradient_pool (default: pool), cut to gradient_samples
+            checks = ([("pool", pool, gradient_samples)] if gradient_pool is None
+                      else [("pool", pool, None), ("gradient_pool", gradient_pool, gradient_samples)])
+            for what, p, cap in checks:
+                why = sharded_pool(p)
+                if why:
+                    raise ValueError(
+                        f"SpectralLens: {what} {why}: each rank would pass its own shard, which the lens shards again "
+                        "(batch i on rank i % world; the gradient protocol runs on rank 0), so a measurement would see "
+                        "a part of the pool only. Pass the same whole pool on every rank: a DataLoader without the "
+                        "DistributedSampler, or a list of batches"
+                    )
+                why = unfixed_pool(p, cap)
+                if why:
+                    raise ValueError(
+                        f"SpectralLens: {what} {why}, so the measured sequences would change from checkpoint to "
+                        "checkpoint; the protocol measures a fixed held-out pool (paper Sec. 2). Pass a DataLoader "
+                        "with shuffle=False (the spectra do not depend on the order) or a list of batches"
+                    )
+            self.pool = pool
+            self.layers_spec = layers
+            self.params_spec = params
+            self.gradient_pool = pool if gradient_pool is None else gradient_pool
+            self.gradient_samples = gradient_samples
+            self.precision = precision
+            check_pick(pick)
+            self.pick = pick
+            self._pick = pick  # the pick in use: block_hidden_states for the lens's own blocks (set by _bind)
+            self.mask_fn = mask_fn
+            self.forward_fn = forward_fn or default_forward
+            self.autocast_dtype = autocast_dtype
+            self.writer = writer
+            self.schedule = schedule
+            self.progress = progress
+            for what, mine in (("tail_window", tail_window), ("head_window", head_window)):
+                recorded = getattr(writer, what, None)
+                if mine is not None and recorded is not None and tuple(mine) != tuple(recorded):
+                    raise ValueError(
+                        f"SpectralLens: {what}={tuple(mine)} differs from the writer's recorded {what} "
+                        f"{tuple(recorded)}; the record's summaries use the writer's, so the measurements' summaries "
+                        f"and what sinks log would disagree with it: leave {what} out (the writer's is used) or pass "
+                        f"the same window"
+                    )
+            self.tail_window = None if tail_window is None else tuple(tail_window)
+            self.head_window = None if head_window is None else tuple(head_window)
+            self.group = group
+            self.model: nn.Module | None = None
+            self.layers = None
+            self.probe: PerSampleGradientProbe | None = probe
+            self._owns_probe = False  # whether _bind attached or built the probe (detach unbinds only such a one)
+            self.history: list[LensMeasurement] = []
+            self._window_warned = False  # the tail window's misfit is said once per lens (_warn_window)
+            self._stage, self._missing = None, []  # the pipeline stage holding the model (_bind), the layers it lacks
+            self._depth = 0  # under pipeline parallelism: the blocks of all stages (counted at each measurement)
+            if model is not None:
+                self._bind(model)
 
     # ------------------------------------------------------------------ attachment
     def _bind(self, model: nn.Module) -> None:

@@ -151,8 +151,10 @@ def test_rank0s_failed_write_is_agreed_before_it_raises(framework, tmp_path, one
     with no collective, the other ranks left in the training's next one)."""
     pytest.importorskip("transformers" if framework == "hf" else "lightning.pytorch")
     one_of_2["rank"] = 0
+    lens = _lens(tmp_path / "run", full=True)
+    one_of_2["calls"] = 0  # (the lens's constructor made one: its agreement)
     with pytest.raises(OSError, match="No space left"):
-        (_hf_run if framework == "hf" else _lightning_run)(_lens(tmp_path / "run", full=True))
+        (_hf_run if framework == "hf" else _lightning_run)(lens)
     assert one_of_2["calls"] == 1
 
 
@@ -162,12 +164,15 @@ def test_the_other_ranks_raise_when_rank0s_write_failed(framework, tmp_path, one
     on); when rank 0's writes succeed, one all_reduce per event and none per batch."""
     pytest.importorskip("transformers" if framework == "hf" else "lightning.pytorch")
     run = _hf_run if framework == "hf" else _lightning_run
-    one_of_2["peer"] = 1
+    lens = _lens(None)  # (its constructor's agreement: the peer succeeds)
+    one_of_2.update(peer=1, calls=0)
     with pytest.raises(RuntimeError, match=re.escape(WHAT) + r" failed on global rank\(s\) \[0\]"):
-        run(_lens(None))
+        run(lens)
     assert one_of_2["calls"] == 1
-    one_of_2.update(peer=0, calls=0)
-    run(_lens(None))
+    one_of_2["peer"] = 0
+    lens = _lens(None)
+    one_of_2["calls"] = 0
+    run(lens)
     assert one_of_2["calls"] == 2  # HF: the logs at steps 2 and 4; Lightning: step 3 and the train end
 
 

@@ -168,6 +168,7 @@ def test_record_val_loss_agrees_on_every_rank_whatever_its_own_loss(tmp_path, as
     waited in the agreement's all_reduce, which the other rank's next training collective then met."""
     as_rank["rank"] = rank
     lens = tiny_lens(tmp_path, writer=rank == 0)
+    as_rank["calls"] = 0  # (the lens's constructor made one: its agreement)
     driver = LensDriver(lens, [], tokens_per_step=4)
     driver.last_step = 2  # measured at step 2 without a loss
     logged = []

@@ -244,6 +244,7 @@ def test_the_public_passes_called_alone_agree_on_the_settings(peer, monkeypatch,
     pass (before: no agreement; the gradient protocol ran on this rank while the other skipped its collectives)."""
     torch.manual_seed(0)
     lens = SpectralLens(TinyLM().double(), lm_pool(n_batches=2), progress=False)
+    peer["calls"].clear()  # (the lens's constructor made one: its agreement)
     passes = []
     monkeypatch.setattr(lens, "_gradient_pass", lambda: passes.append("gradient"))
     monkeypatch.setattr(lens, "_activation_pass", lambda *a: passes.append("activation"))
