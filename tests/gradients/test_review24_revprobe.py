@@ -1,0 +1,44 @@
+"""Review 24 (rev-probe): the fast engine's refusal under ZeRO-3 or FSDP2 with BatchNorm by batch statistics.
+
+There only the fast engine could measure a matrix, and BatchNorm normalizing by the pass's batch statistics refuses
+the fast path to every matrix of the model, so the remedy ``probe a matrix that has a fast path`` named an
+alternative that is refused too (the audit, test_review24_probe_audit.py, checks only the words ``engine='auto' or
+'fast'``). Now: ``train_mode=False`` where every such layer has running statistics (then it normalizes by them and
+the fast path is exact), nothing of the kind where one has none; the other remedies (activations only, an unsharded
+copy) stay.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .test_review24_probe_audit import PARAMS, build, outcome
+
+
+@pytest.mark.parametrize("setting", ["zero3+bn_running", "fsdp2+bn_running", "zero3+bn_batch", "fsdp2+bn_batch"])
+def test_fast_refusal_under_sharding_with_batch_statistics_names_no_refused_matrix(setting):
+    for param in PARAMS:
+        stage, message = outcome(setting, param, "fast")
+        assert stage == "bind" and message is not None, (setting, param, stage)
+        where = f"{setting} {param}: {message}"
+        assert "probe a matrix that has a fast path" not in message, where
+        assert "activations only" in message or "unsharded copy" in message, where
+        assert ("train_mode=False" in message) == ("bn_running" in setting), where
+
+
+@pytest.mark.parametrize("wrapper", ["zero3", "fsdp2"])
+def test_the_suggested_train_mode_false_is_accepted(wrapper):
+    """The premise of the hint: with train_mode=False BatchNorm uses its running statistics and the fast engine
+    measures the matrix in the same (sharded) model; with batch statistics in eval mode too it is refused."""
+    import spectral_lens as sl
+    from .test_review24_probe_audit import BATCH, KW
+
+    model, train_mode = build(f"{wrapper}+bn_running")
+    assert train_mode
+    probe = sl.PerSampleGradientProbe(model, params="o.weight", engine="fast", train_mode=False, **KW)
+    probe.update(BATCH)
+    assert probe.n_samples_ == 3 and probe.engines_ == {"o.weight": "fast"}
+    model, train_mode = build(f"{wrapper}+bn_batch")
+    assert not train_mode
+    with pytest.raises(ValueError, match="no engine can measure o.weight"):
+        sl.PerSampleGradientProbe(model, params="o.weight", engine="fast", train_mode=False, **KW)
