@@ -99,11 +99,28 @@ def _fully_shard_linear(rank):
     return out
 
 
+def _bound_before_fully_shard(rank):
+    """A probe bound to the plain model (the fast engine for the nn.Linear), then ``fully_shard`` on that layer and
+    the root (in place: the layer's class becomes FSDPLinear): its updates keep measuring it with the fast engine
+    (before, the update chose again, found no fast path for FSDPLinear and refused the vmap engine under FSDP)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    probe = PerSampleGradientProbe(model, engine="auto", **KW)
+    fully_shard(model[2])
+    fully_shard(model)
+    for b in _batches():
+        probe.update(b)
+    return {"engines": probe.engines_, "values": probe.compute().values.tolist()}
+
+
+CASES = {"fully_shard_linear": _fully_shard_linear, "bound_before_fully_shard": _bound_before_fully_shard}
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fully_shard_on_the_probed_linear_is_measured_exactly(tmp_path):
-    results = run_gloo_cases(tmp_path, {"fully_shard_linear": _fully_shard_linear}, 2, pg_timeout_s=15, join_s=240,
-                             preload="spectral_lens")
+    results = run_gloo_cases(tmp_path, CASES, 2, pg_timeout_s=15, join_s=240, preload="spectral_lens")
     ref = _values(_model(), "auto")
     assert ref["engines"] == {"2.weight": "fast"}
     loop = _values(_model(), "loop")
@@ -116,3 +133,6 @@ def test_fully_shard_on_the_probed_linear_is_measured_exactly(tmp_path):
             torch.testing.assert_close(torch.tensor(got[e]["values"]), torch.tensor(loop["values"]), rtol=1e-12,
                                        atol=1e-14)
         assert got["untouched"] and got["no_grads"], (rank, got)
+    for rank, r in enumerate(checked_case(results, "bound_before_fully_shard", None)):
+        assert r["error"] is None, f"rank {rank}: {r['error']}"
+        assert r["value"] == ref, rank
