@@ -45,6 +45,15 @@ def test_a_fully_sharded_linear_has_the_linear_fast_path():
     assert fast_path_for(lin, "bias") is fast_path_for(plain, "bias") is not None
 
 
+def test_a_fully_sharded_conv1d_has_the_conv1d_fast_path_by_name():
+    pytest.importorskip("transformers", reason="the hf extra installs transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    conv = _swapped(Conv1D(5, 3))
+    assert type(conv).__name__ == "FSDPConv1D"
+    assert fast_path_for(conv, "weight") is fast_path_for(Conv1D(5, 3), "weight") is not None
+
+
 def test_only_fully_shards_own_class_swap_is_unwrapped():
     class Mine(FSDPModule, nn.Linear):  # a user's subclass: its own name and possibly its own use of the weight
         pass
