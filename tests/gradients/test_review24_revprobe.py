@@ -42,3 +42,15 @@ def test_the_suggested_train_mode_false_is_accepted(wrapper):
     assert not train_mode
     with pytest.raises(ValueError, match="no engine can measure o.weight"):
         sl.PerSampleGradientProbe(model, params="o.weight", engine="fast", train_mode=False, **KW)
+
+
+@pytest.mark.parametrize("setting", ["fsdp2+bn_running", "fsdp2+seq_first"])
+def test_fsdp2_refusal_says_which_engine_cannot_measure_a_sharded_model(setting):
+    """FSDP2's refusal of an engine other than the fast one read "would use an engine other than the fast one; the
+    fast path cannot measure o.weight: <why>, which cannot measure a sharded model": the "which" fell on the fast
+    path's reason. The reason now follows the clause it explains."""
+    stage, message = outcome(setting, "o.weight", "auto")
+    assert message is not None, (setting, stage)
+    assert "would use an engine other than the fast one, which cannot measure a sharded model" in message, message
+    assert "; the fast path cannot measure o.weight: " in message, message
+    assert "), which cannot measure a sharded model" not in message, message
