@@ -38,9 +38,11 @@ def batch_statistics(model: nn.Module, train_mode: bool) -> list[str]:
 def running_statistics(model: nn.Module, train_mode: bool) -> list[str]:
     """BatchNorm layers that update their running statistics in place while measuring (``train_mode=True``): a
     write to a buffer that ``torch.func`` cannot trace, so the ``vmap`` engine fails in the first pass (``"auto"``
-    takes the per-sample loop there from the start: :func:`general_engine`)."""
+    takes the per-sample loop there from the start: :func:`general_engine`). Not a layer whose
+    ``track_running_stats`` was switched off after construction: its buffers stay but train mode no longer
+    writes them (``F.batch_norm`` gets none), so vmap traces it."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and train_mode and m.running_mean is not None]
+            and train_mode and m.track_running_stats and m.running_mean is not None]
 
 
 def fast_refusal(model: nn.Module, name: str, site: tuple[nn.Module, str], param: nn.Parameter,

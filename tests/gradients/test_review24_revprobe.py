@@ -10,7 +10,13 @@ copy) stay.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
+import torch
+from torch import nn
+
+import spectral_lens as sl
 
 from .test_review24_probe_audit import PARAMS, build, outcome
 
@@ -54,3 +60,42 @@ def test_fsdp2_refusal_says_which_engine_cannot_measure_a_sharded_model(setting)
     assert "would use an engine other than the fast one, which cannot measure a sharded model" in message, message
     assert "; the fast path cannot measure o.weight: " in message, message
     assert "), which cannot measure a sharded model" not in message, message
+
+
+class _SeqBN(nn.Module):
+    """``fc -> BatchNorm1d over (M, C, T) -> out``, the mean over the sequence: a per-sample loss per sequence."""
+
+    def __init__(self, bn: nn.Module) -> None:
+        super().__init__()
+        self.fc, self.bn, self.out = nn.Linear(4, 4), bn, nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.bn(self.fc(x).transpose(1, 2)).transpose(1, 2))).mean(1)
+
+
+def _probe(model, engine):
+    kw = {"forward_fn": lambda m, b: m(b[0]), "loss_fn": lambda out, b: ((out - b[1]) ** 2).sum(-1)}
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.randn(6, 5, 4, generator=g, dtype=torch.float64), torch.randn(6, 1, generator=g, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sl.EngineFallbackWarning)
+        probe = sl.PerSampleGradientProbe(model, params="fc.weight", engine=engine, train_mode=True, chunk_size=4, **kw)
+        probe.update(batch)
+    return probe
+
+
+def test_auto_keeps_vmap_for_batchnorm_that_stopped_tracking_running_statistics():
+    """``bn.track_running_stats = False`` set after construction (the running buffers stay): in train mode the layer
+    no longer updates them (F.batch_norm gets no running statistics), so vmap traces it, as before review 24;
+    ``auto`` took the loop at binding (the buffers alone were looked at). Same rows as the loop (float64)."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(4)
+    bn.track_running_stats = False
+    model = _SeqBN(bn).double()
+    assert bn.running_mean is not None
+    auto = _probe(model, "auto")
+    assert auto.engines_ == {"fc.weight": "vmap"}
+    loop = _probe(model, "loop")
+    torch.testing.assert_close(auto.compute().values, loop.compute().values, rtol=1e-12, atol=1e-14)
+    torch.manual_seed(0)
+    assert _probe(_SeqBN(nn.BatchNorm1d(4)).double(), "auto").engines_ == {"fc.weight": "loop"}  # tracking: the loop
