@@ -18,7 +18,7 @@ from torch import nn
 
 import spectral_lens as sl
 
-from .test_review24_probe_audit import PARAMS, build, outcome
+from .test_review24_probe_audit import BATCH, KW, PARAMS, build, outcome
 
 
 @pytest.mark.parametrize("setting", ["zero3+bn_running", "fsdp2+bn_running", "zero3+bn_batch", "fsdp2+bn_batch"])
@@ -36,9 +36,6 @@ def test_fast_refusal_under_sharding_with_batch_statistics_names_no_refused_matr
 def test_the_suggested_train_mode_false_is_accepted(wrapper):
     """The premise of the hint: with train_mode=False BatchNorm uses its running statistics and the fast engine
     measures the matrix in the same (sharded) model; with batch statistics in eval mode too it is refused."""
-    import spectral_lens as sl
-    from .test_review24_probe_audit import BATCH, KW
-
     model, train_mode = build(f"{wrapper}+bn_running")
     assert train_mode
     probe = sl.PerSampleGradientProbe(model, params="o.weight", engine="fast", train_mode=False, **KW)

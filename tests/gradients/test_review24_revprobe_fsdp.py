@@ -12,25 +12,28 @@ CPU ranks (as tests/reliability/test_fsdp.py) and compares the spectrum with the
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
+from support.ranks import checked_case, run_gloo_cases
 from torch import nn
 
 from spectral_lens import PerSampleGradientProbe
 from spectral_lens.gradients.registry import fast_path_for, fsdp2_base
 
-from support.ranks import checked_case, run_gloo_cases
 
-fsdp = pytest.importorskip("torch.distributed.fsdp")
-FSDPModule = getattr(fsdp, "FSDPModule", None)
-if FSDPModule is None:  # torch < 2.6
-    FSDPModule = pytest.importorskip("torch.distributed._composable.fsdp").FSDPModule
+def _fsdp_module() -> type:
+    """FSDP2's ``FSDPModule``, imported in the test that needs it (not at collection: importing FSDP makes the
+    probe look for it in every update of the session's other tests)."""
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    found = getattr(fsdp, "FSDPModule", None)
+    return found if found is not None else pytest.importorskip("torch.distributed._composable.fsdp").FSDPModule
 
 
 def _swapped(module: nn.Module) -> nn.Module:
     """``module`` with its class swapped as ``fully_shard`` swaps it (the mixin first, no forward of its own)."""
+    FSDPModule = _fsdp_module()
     cls = type(module)
     module.__class__ = type(f"FSDP{cls.__name__}", (FSDPModule, cls), {"__deepcopy__": None})
     return module
@@ -55,6 +58,8 @@ def test_a_fully_sharded_conv1d_has_the_conv1d_fast_path_by_name():
 
 
 def test_only_fully_shards_own_class_swap_is_unwrapped():
+    FSDPModule = _fsdp_module()
+
     class Mine(FSDPModule, nn.Linear):  # a user's subclass: its own name and possibly its own use of the weight
         pass
 
@@ -83,7 +88,7 @@ def _batches():
             for _ in range(2)]
 
 
-KW = dict(params="2.weight", forward_fn=lambda m, b: m(b[0]), loss_fn=lambda out, b: ((out - b[1]) ** 2).sum(-1))
+KW = {"params": "2.weight", "forward_fn": lambda m, b: m(b[0]), "loss_fn": lambda out, b: ((out - b[1]) ** 2).sum(-1)}
 
 
 def _values(model, engine):
