@@ -38,9 +38,11 @@ def batch_statistics(model: nn.Module, train_mode: bool) -> list[str]:
 def running_statistics(model: nn.Module, train_mode: bool) -> list[str]:
     """BatchNorm layers that update their running statistics in place while measuring (``train_mode=True``): a
     write to a buffer that ``torch.func`` cannot trace, so the ``vmap`` engine fails in the first pass (``"auto"``
-    takes the per-sample loop there from the start: :func:`general_engine`)."""
+    takes the per-sample loop there from the start: :func:`general_engine`). Not a layer whose
+    ``track_running_stats`` was switched off after construction: its buffers stay but train mode no longer
+    writes them (``F.batch_norm`` gets none), so vmap traces it."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and train_mode and m.running_mean is not None]
+            and train_mode and m.track_running_stats and m.running_mean is not None]
 
 
 def fast_refusal(model: nn.Module, name: str, site: tuple[nn.Module, str], param: nn.Parameter,
@@ -116,19 +118,30 @@ def refuse_fast(model: nn.Module, name: str, why: str, untraceable: dict[str, st
     raise ValueError(f"engine='fast' impossible for {name}: {why}; {instead}")
 
 
-def _fast_only(model: nn.Module, name: str, general: str) -> tuple[str, str, str] | None:
+def _other_matrix(model: nn.Module, train_mode: bool) -> str:
+    """The remedy "another matrix with a fast path" where only the fast engine can measure, unless BatchNorm by
+    batch statistics (:func:`batch_statistics`) refuses the fast path to every matrix of the model: then
+    ``train_mode=False`` where that lifts it (every such layer has running statistics), else nothing."""
+    if not batch_statistics(model, train_mode):
+        return "probe a matrix that has a fast path, or "
+    if not batch_statistics(model, False):
+        return "measure with train_mode=False (BatchNorm then normalizes by its running statistics), or "
+    return ""
+
+
+def _fast_only(model: nn.Module, name: str, general: str, train_mode: bool) -> tuple[str, str, str] | None:
     """Where the fast engine alone could measure parameter ``name`` (its vmap and loop engines are refused before
-    any pass): what ``name`` is, what to do instead, and where the fast path is exact. A parameter partitioned
-    by DeepSpeed ZeRO-3 (:func:`~spectral_lens._deepspeed.refuse_zero3_params`), a model sharded with FSDP
-    (:func:`~._measurable.refuse_fsdp`), a weight offloaded by Accelerate where ``general`` is the loop
-    (:func:`~spectral_lens._offload.refuse_offloaded`); ``None`` elsewhere."""
+    any pass): what ``name`` is, what to do instead (:func:`_other_matrix`), and where the fast path is exact. A
+    parameter partitioned by DeepSpeed ZeRO-3 (:func:`~spectral_lens._deepspeed.refuse_zero3_params`), a model
+    sharded with FSDP (:func:`~._measurable.refuse_fsdp`), a weight offloaded by Accelerate where ``general`` is
+    the loop (:func:`~spectral_lens._offload.refuse_offloaded`); ``None`` elsewhere."""
     if is_zero3(model.get_parameter(name)):
         return (("a parameter partitioned by DeepSpeed ZeRO stage 3 (an empty placeholder outside its module's "
-                 "forward)"), "probe a matrix that has a fast path, or measure activations only (params=())",
+                 "forward)"), f"{_other_matrix(model, train_mode)}measure activations only (params=())",
                 "exact under ZeRO-3")
     if fsdp_sharded(model):
         return (("a model sharded with FSDP (vmap cannot trace FSDP's hooks; the loop engine's gradients are "
-                 "shards)"), "probe a matrix that has a fast path, or an unsharded copy (docs/guide-multi-gpu.md)",
+                 "shards)"), f"{_other_matrix(model, train_mode)}probe an unsharded copy (docs/guide-multi-gpu.md)",
                 "exact under FSDP2")
     if general == "loop" and offloaded_names(model, [name]):
         return ("an offloaded weight (a meta placeholder outside its module's forward)",
@@ -153,7 +166,7 @@ def _instead(model: nn.Module, name: str, fast_why: str | None, untraceable: dic
                 "FullyShardedDataParallel (outside its forward a parameter is a view of this rank's shard); shard "
                 f"with fully_shard (FSDP2){fsdp2}, or probe an unsharded copy (docs/guide-multi-gpu.md, FSDP)")
     general = general_engine(untraceable, offloading, running_statistics(model, train_mode))
-    only = _fast_only(model, name, general)
+    only = _fast_only(model, name, general, train_mode)
     fast, general_ok = fast_why is None, only is None
     if not (fast or general_ok):
         why = f" ({fast_why})" if style == "long" else ""  # style "or": the refusal has just said why

@@ -179,8 +179,8 @@ def refuse_fsdp(model: nn.Module, engines: dict[str, str], modules: list[nn.Modu
     why = ("the probe does not measure FSDP1's FullyShardedDataParallel: outside its forward a parameter is a view "
            "of this rank's shard (empty where the shard holds none of a matrix), which the probe would size and read "
            "wrongly; shard with FSDP2's fully_shard (there the fast engine measures exactly)" if fsdp1 else
-           f"the probed matrices {slow} would use an engine other than the fast one{no_fast}, which cannot measure a "
-           "sharded model (vmap cannot trace FSDP's hooks; the loop engine's gradients are shards)")
+           f"the probed matrices {slow} would use an engine other than the fast one, which cannot measure a sharded "
+           f"model (vmap cannot trace FSDP's hooks; the loop engine's gradients are shards){no_fast}")
     raise ValueError(
         f"PerSampleGradientProbe: {type(model).__name__} is sharded with FSDP (fully_shard or FullyShardedDataParallel "
         f"on {', '.join(shown)}): {why}. Instead: {'shard with fully_shard and ' if fsdp1 else ''}"

@@ -89,13 +89,30 @@ def register_fast_path_by_name(
     return add if fn is None else add(fn)
 
 
+def fsdp2_base(cls: type) -> type:
+    """The class that FSDP2's ``fully_shard`` mixed ``FSDPModule`` into, else ``cls`` itself.
+
+    ``fully_shard(module)`` swaps the module's class for ``type("FSDP" + name, (FSDPModule, cls), ...)``
+    (``nn.Linear`` -> ``FSDPLinear``), which adds collectives around the forward but no forward of its own:
+    the fast path of ``cls`` measures it as before (without this, a ``fully_shard``-ed layer had none, and
+    under FSDP no other engine can measure it). Matched by the mixin's name and package, so FSDP is never
+    imported here; a subclass of that class (or one that defines ``forward``) is not unwrapped.
+    """
+    bases = cls.__bases__
+    if (len(bases) == 2 and bases[0].__name__ == "FSDPModule" and bases[0].__module__.startswith("torch.distributed.")
+            and "forward" not in cls.__dict__ and cls.__name__ == "FSDP" + bases[1].__name__):
+        return bases[1]
+    return cls
+
+
 def fast_path_for(module: nn.Module, param_name: str) -> FastPath | None:
     """The fast path handling ``module.<param_name>``, or ``None`` (then the generic engine is used).
 
     Looked up by exact type in :data:`FAST_PATHS`, then by ``(__module__, __qualname__)`` in
-    :data:`FAST_PATHS_BY_NAME`.
+    :data:`FAST_PATHS_BY_NAME`; a module that FSDP2's ``fully_shard`` was applied to directly is looked up
+    by the class it was (:func:`fsdp2_base`).
     """
-    cls = type(module)
+    cls = fsdp2_base(type(module))
     entry = FAST_PATHS.get(cls)
     if entry is None:
         entry = FAST_PATHS_BY_NAME.get((cls.__module__, cls.__qualname__))
