@@ -230,11 +230,12 @@ def _is_training(scalars: Mapping[str, Any]) -> bool:
 
 def _went_on(resumed_at: int | None, max_tokens: int | None, dropped: bool, *, trained: bool = False) -> bool:
     """Whether a writer that resumed a failed run went on with the training (see :func:`_settled`): it ran
-    ``drop_after`` (``dropped``), logged a line of training (``trained``, :func:`_is_training`: at any tokens,
-    as a restart from an earlier checkpoint without ``drop_after`` trains again before where the record ended),
-    or appended a line (the largest tokens: ``max_tokens``) past ``resumed_at``, the tokens where the record
-    ended when it opened (any line when the record held none): a measurement or an evaluation there is no
-    training, as a script measuring the failed run's checkpoints records them."""
+    ``drop_after`` (``dropped``), trained a step again (``trained``: logged a line of training,
+    :func:`_is_training`, at a step where the record held one, as a restart from an earlier checkpoint without
+    ``drop_after`` does before where the record ended; see ``RunWriter._retrained``), or appended a line (the
+    largest tokens: ``max_tokens``) past ``resumed_at``, the tokens where the record ended when it opened (any
+    line when the record held none). Other lines up to there are no training: a script measuring or
+    evaluating the failed run's checkpoints, or backfilling their curves, records them."""
     return dropped or trained or (max_tokens is not None and (resumed_at is None or max_tokens > resumed_at))
 
 

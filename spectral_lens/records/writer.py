@@ -127,7 +127,8 @@ class RunWriter:
         self._resumed_at: int | None = None  # the tokens where the record ended when it withdrew it
         self._max_tokens: int | None = None  # the largest tokens of a line this writer appended
         self._dropped = False  # drop_after ran: the training resumed from a checkpoint
-        self._trained = False  # it logged a line of training (train_loss, tokens_per_s): see _status._went_on
+        self._trained = False  # it trained a step again (see _retrained, _status._went_on)
+        self._trained_before: set[int] | None = None  # steps of the record's training lines before (_retrained)
         run_file = self.path / RUN_FILE
         if not run_file.exists():  # a new run: check the arguments before creating its directory
             if info is None:
@@ -342,12 +343,39 @@ class RunWriter:
         event.update(scalars)
         event.setdefault("time", time.time())
         self._append(LOG_FILE, event)
-        self._appended(event["tokens"], training=_is_training(scalars))
+        self._appended(event["tokens"])
+        if not self._trained and self._withdrawn is not None and _is_training(scalars):
+            self._trained = self._retrained(event["step"])
 
-    def _appended(self, tokens: int, *, training: bool = False) -> None:
-        """Note a line this writer appended at ``tokens``, a line of training or not (see :meth:`_settle`)."""
+    def _appended(self, tokens: int) -> None:
+        """Note a line this writer appended at ``tokens`` (see :meth:`_settle`)."""
         self._max_tokens = tokens if self._max_tokens is None else max(self._max_tokens, tokens)
-        self._trained = self._trained or training
+
+    def _retrained(self, step: int) -> bool:
+        """Whether the record held a line of training (``_status._is_training``) at ``step`` when this writer
+        opened (or in what its :meth:`drop_after` kept): a writer that resumed a failed run and logs training
+        there trains that step again (a restart from an earlier checkpoint without ``drop_after``), so it went
+        on with the training, wherever the record ended (see :meth:`_settle`). A training line at a step the
+        record lacks, before its end, is not: ``trainer_state.log_history`` backfills a checkpoint's curves so,
+        writing only what the record lacks. The steps are read once, line by line, within the bytes
+        ``log.jsonl`` held then (a file that cannot be read holds none)."""
+        if self._trained_before is None:
+            steps: set[int] = set()
+            size = self._before.get(LOG_FILE, 0)
+            try:
+                with open(self.path / LOG_FILE, "rb") as fh:
+                    read = 0
+                    for raw in fh:
+                        read += len(raw)
+                        if read > size:  # past what the file held when this writer opened: its own lines
+                            break
+                        obj = _json_object(raw)
+                        if obj is not None and _int_step(obj) is not None and _is_training(obj):
+                            steps.add(obj["step"])
+            except OSError:
+                pass
+            self._trained_before = steps
+        return step in self._trained_before
 
     def _spectrum_file(self, step: int, name: str, taken: set[str]) -> str:
         base = f"{int(step):08d}_{_safe_name(name)}"

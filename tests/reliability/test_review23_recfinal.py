@@ -11,7 +11,7 @@ set ``"running"`` (or took over a killed writer's) leaves none at a clean close;
 record; ``failure``/``ended`` agree with the status; ``spectral-lens inspect`` exits 0.
 
 Review 24 (``audit-records``) added restarts from an earlier checkpoint without ``drop_after`` (``back``), and
-the invariants that a line of training goes on wherever its tokens, that a status said without going on
+the invariants that a line of training at a step the record held one at goes on wherever its tokens, that a status said without going on
 settles the failure too (no later resume restores it), and that no ``"running"`` outlives a clean close but
 one the closing writer said itself.
 """
@@ -80,12 +80,22 @@ class _Run:
                     out = t if out is None else max(out, t)
         return out
 
+    def trained_steps(self) -> set:
+        """The steps of the whole lines of ``log.jsonl`` with a ``train_loss`` (lines of training)."""
+        p, out = self.path / "log.jsonl", set()
+        for raw in p.read_bytes().split(b"\n")[:-1] if p.exists() else ():
+            with contextlib.suppress(ValueError):
+                line = json.loads(raw)
+                if line.get("train_loss") is not None and isinstance(line.get("step"), int):
+                    out.add(line["step"])
+        return out
+
     def session(self, actions, end) -> None:
         run_file = self.path / "run.json"
         new = not run_file.exists()
         w = (RunWriter(self.path, RunInfo("r", total_tokens=TOTAL), fsync=False, tail_window=(2, 10)) if new
              else RunWriter(self.path, resume=True, fsync=False))
-        before, at_open = self.extras(), self.end()
+        before, at_open, trained = self.extras(), self.end(), self.trained_steps()
         # the failure this writer withdraws: a failed run resumed, or a killed writer's "running" taken over
         last = (before.get("failure_history") or [None])[-1]
         withdraws = (before.get("failure") if before.get("status") == "failed" else
@@ -102,9 +112,10 @@ class _Run:
                     w.log_measurement(step, self.tokens, {"act": _spec()} if act[2] else None, val_loss=2.0)
                 else:
                     w.log(step, self.tokens, train_loss=1.0)
-                # review 24: a line of training (train_loss) goes on wherever its tokens; a measurement, past
-                # the record's end only
-                went_on = went_on or kind != "measure" or at_open is None or self.tokens > at_open
+                # review 24: a line of training (train_loss) at a step the record held one at trains it again
+                # (goes on wherever its tokens); other lines go on past the record's end only
+                went_on = (went_on or at_open is None or self.tokens > at_open
+                           or (kind != "measure" and step in trained))
             elif kind == "back":
                 self.tokens = max(self.tokens - 100 * act[1], 0)
             elif kind == "drop":
@@ -189,7 +200,7 @@ _PINNED = [
     [([("jump", 3), ("jump", 1)], "raise"),
      ([("status", "running"), ("log", 1)], "raise")],
     # review 24: a restart from an earlier checkpoint that trains, without drop_after (the failure came back)
-    [([("log", 2)], "raise"), ([("back", 1), ("log", 0)], "clean")],
+    [([("log", 1), ("log", 1)], "raise"), ([("back", 1), ("log", 0)], "clean")],
     # review 24: a status said without going on, then "running" and a measure-only resume (the failure came back)
     [([("log", 1)], "raise"), ([("status", "complete")], "clean"), ([("status", "running")], "clean"),
      ([], "clean")],

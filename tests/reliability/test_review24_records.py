@@ -31,9 +31,9 @@ def _extras(path):
     return json.loads((path / "run.json").read_text())["extras"]
 
 
-def _failed(path, tokens=800):
+def _failed(path, tokens=800, every=100):
     with contextlib.suppress(RuntimeError), RunWriter(path, RunInfo("r", total_tokens=TOTAL), fsync=False) as w:
-        for t in range(100, tokens + 1, 100):
+        for t in range(every, tokens + 1, every):
             w.log(t // 100, t, train_loss=1.0)
         raise RuntimeError("preempted")
 
@@ -48,8 +48,9 @@ def _measure_only(path):
 
 @pytest.mark.parametrize("scalars", [{"train_loss": 1.0}, {"tokens_per_s": 5e5}, {"train_loss": float("nan")}])
 def test_a_restart_from_an_earlier_checkpoint_that_trains_went_on(tmp_path, scalars):
-    """Failed at 800 tokens, restarted from the checkpoint at 400 without ``drop_after``, trained to 600 and
-    stopped cleanly: the training went on. Before, the failure came back (600 is not past 800)."""
+    """Failed at 800 tokens, restarted from the checkpoint at 400 without ``drop_after``, trained steps 5 and 6
+    again (the record held training lines there) and stopped cleanly: the training went on. Before, the
+    failure came back (600 is not past 800)."""
     path = tmp_path / "r"
     _failed(path)
     with RunWriter(path, resume=True, fsync=False) as w:
@@ -85,6 +86,27 @@ def test_checkpoint_work_before_the_records_end_is_still_no_going_on(tmp_path, h
         else:
             w.log(4, 400, lr=1e-3)
     assert _extras(path) == {"status": "failed", "failure": "RuntimeError: preempted"}
+
+
+def test_a_backfill_of_the_curves_before_the_records_end_is_no_going_on(tmp_path):
+    """A training line at a step the record lacks, before its end, trains no step again: ``log_history``
+    backfilling a checkpoint's curves (``docs/guide-checkpoints.md``) into a failed run's record, which held
+    ``train_loss`` every second step, writes the others (and ``lr``): the failure stays, as before."""
+    from spectral_lens.integrations.trainer_state import log_history
+
+    path = tmp_path / "r"
+    _failed(path, every=200)
+    state = tmp_path / "checkpoint-6" / "trainer_state.json"
+    state.parent.mkdir()
+    state.write_text(json.dumps({"global_step": 6, "num_input_tokens_seen": 600, "log_history": [
+        {"step": s, "loss": 1.0, "learning_rate": 1e-3, "num_input_tokens_seen": 100 * s} for s in range(1, 7)]}))
+    with RunWriter(path, resume=True, fsync=False) as w:
+        assert log_history(w, state.parent) == 6  # train_loss at 1, 3, 5 and lr everywhere
+    assert sum(1 for e in RunRecord.open(path).events if e.get("train_loss") is not None) == 7
+    assert _extras(path) == {"status": "failed", "failure": "RuntimeError: preempted"}
+    with RunWriter(path, resume=True, fsync=False) as w:  # training step 6 again (held): going on
+        w.log(6, 600, train_loss=0.9)
+    assert "status" not in _extras(path)
 
 
 # -- 2. a status said without going on settles the entry ----------------------------------------------------

@@ -8,7 +8,7 @@ from spectral_lens.records._status import _closed, _is_training, _stale_running,
 
 
 def test_went_on_pure():
-    assert _went_on(800, 600, False, trained=True)
+    assert _went_on(800, 600, False, trained=True)  # a step trained again (RunWriter._retrained)
     assert not _went_on(800, 600, False, trained=False)
     assert _went_on(800, 900, False, trained=False) and _went_on(800, None, True, trained=False)
     assert _is_training({"train_loss": 1.0}) and _is_training({"tokens_per_s": 1.0, "lr": 0.1})
