@@ -81,7 +81,8 @@ class RunWriter:
             ``failure`` (and a ``failure_after_end``) moves to extras ``failure_history``; on close the
             status is removed if the writer went on with the training, else the failure is restored
             (see :meth:`_settle`). A ``"running"`` left by such a writer that was killed is settled by the
-            next resumed writer as its own.
+            next resumed writer as its own; any other ``"running"`` it finds (no writer holds it) is
+            removed when it closes, unless it said a status itself.
         fsync: fsync every file and line (default). ``False`` trades crash safety for speed
             (synthetic data, tests); the write order, and thus safety for concurrent readers, is kept.
         tail_window: window of the stored ``alpha_tail`` summary; default: the scale rule for
@@ -344,7 +345,8 @@ class RunWriter:
         event.setdefault("time", time.time())
         self._append(LOG_FILE, event)
         self._appended(event["tokens"])
-        if not self._trained and self._withdrawn is not None and _is_training(scalars):
+        if (self._withdrawn is not None and not self._trained and _is_training(scalars)  # read only while it
+                and not _went_on(self._resumed_at, self._max_tokens, self._dropped)):  # tells (see _retrained)
             self._trained = self._retrained(event["step"])
 
     def _appended(self, tokens: int) -> None:
@@ -693,8 +695,8 @@ class RunWriter:
     def _settle(self) -> None:
         """When this writer resumed a failed run (marked it ``"running"``, its failure moved to
         ``failure_history``), the run is no longer running once it closes: if the writer went on with the
-        training (logged a line of training, ``train_loss`` or ``tokens_per_s``, at any tokens; appended a line
-        past the tokens where the record ended at the resume; or ran :meth:`drop_after`), the status is
+        training (appended a line past the tokens where the record ended at the resume; trained a step again,
+        see :meth:`_retrained`; or ran :meth:`drop_after`), the status is
         removed, as a run that never failed has none (a clean exit is no completion:
         ``update_info(status="complete")`` says that); if it did not (a script that only measured or evaluated
         the failed run's checkpoints, or recorded nothing), the failure is restored: ``status: "failed"``, its

@@ -3,8 +3,10 @@
 * "Went on" was judged by tokens only: a failed run restarted from an EARLIER checkpoint without ``drop_after``
   that trained (logged ``train_loss``) but stopped before the failure's tokens had the failure restored at the
   close, although the training went on. A ``log`` line with ``train_loss`` or ``tokens_per_s`` (a line of
-  training) now counts as going on, wherever its tokens; measurements and ``val_loss`` events (a script
-  measuring or evaluating checkpoints) still count only past the record's end.
+  training) at a step where the record held one (the step trained again) now counts as going on, wherever
+  its tokens; measurements, ``val_loss`` events and training lines at steps the record lacked (a script
+  measuring, evaluating or backfilling checkpoints, such as ``trainer_state.log_history``) still count only
+  past the record's end.
 * A status the caller said with ``update_info`` (``"complete"``, ``"diverged"``) without going on left the
   history entry unmarked: a later ``"running"`` and a measure-only resume restored the failure the caller had
   settled. The entry is now marked ``"settled": STATUS`` at the close.
