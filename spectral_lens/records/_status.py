@@ -34,7 +34,8 @@ FAILURE_HISTORY = "failure_history"
 
 #: ``failure_history`` entry key: the status (``"complete"``, ``"diverged"``, ...; ``null``: removed) under which the
 #: writer that withdrew the entry's failure closed without going on with the training, said by the caller with
-#: ``update_info``. The caller settled the failure: no later ``"running"`` brings it back (:func:`_stale_running`).
+#: ``update_info`` (or set by another program). It settled the failure: no later ``"running"`` brings it back
+#: (:func:`_stale_running`).
 SETTLED = "settled"
 
 #: ``log`` scalars only a training loop records: a ``log.jsonl`` event with one of them is a line of training
