@@ -26,10 +26,21 @@ RUNNING = "running"
 
 #: ``run.json`` extras key of the failures a resume withdrew: a list of ``{"failure": TEXT, "step": S,
 #: "tokens": T, "resumed": TIME}`` (``"after_end": true`` for a ``failure_after_end``; ``"went_on": true`` once the
-#: resumed writer went on with the training and settled its ``"running"``), oldest first, ``step``
+#: resumed writer went on with the training and settled its ``"running"``; ``"settled": STATUS`` when it closed,
+#: without going on, under a status said meanwhile, see :data:`SETTLED`), oldest first, ``step``
 #: and ``tokens`` where the record ended at the resume (``null`` when it held no line). The analyses do not
 #: read it (a run's status is ``status``); ``spectral-lens inspect`` shows it.
 FAILURE_HISTORY = "failure_history"
+
+#: ``failure_history`` entry key: the status (``"complete"``, ``"diverged"``, ...; ``null``: removed) under which the
+#: writer that withdrew the entry's failure closed without going on with the training, said by the caller with
+#: ``update_info`` (or set by another program). It settled the failure: no later ``"running"`` brings it back
+#: (:func:`_stale_running`).
+SETTLED = "settled"
+
+#: ``log`` scalars only a training loop records: a ``log.jsonl`` event with one of them is a line of training
+#: (see :func:`_went_on`); ``val_loss`` and ``lr`` are also what a script evaluating checkpoints records.
+_TRAINING_KEYS = ("train_loss", "tokens_per_s")
 
 #: ``run.json`` extras key of the exception that ended a ``with RunWriter(...)`` block when the record
 #: already said the run ended (see :meth:`RunWriter.__exit__`); the run's status is kept.
@@ -95,11 +106,45 @@ def _marked_went_on(extras: Mapping[str, Any], withdrawn: Mapping[str, Any]) -> 
     true``: the writer that resumed the run went on with the training (see :func:`_settled`; also where the
     status is the caller's, said with ``update_info``). A later ``"running"`` is then no gone writer's mark
     (:func:`_stale_running`), so no resume brings back the failure the run moved past."""
+    return _marked(extras, withdrawn, {"went_on": True})
+
+
+def _marked(extras: Mapping[str, Any], withdrawn: Mapping[str, Any], mark: Mapping[str, Any]) -> dict[str, Any]:
+    """``extras`` with ``mark`` merged into the ``withdrawn`` failure's entry when it is the last of
+    ``failure_history`` (else, e.g. another program rewrote the history, unchanged)."""
     out = dict(extras)
     history = out.get(FAILURE_HISTORY)
     if isinstance(history, list) and history and _same_entry(history[-1], withdrawn):
-        out[FAILURE_HISTORY] = [*history[:-1], {**history[-1], "went_on": True}]
+        out[FAILURE_HISTORY] = [*history[:-1], {**history[-1], **mark}]
     return out
+
+
+def _closed(extras: Mapping[str, Any], withdrawn: Mapping[str, Any] | None, went_on: bool, said: bool
+            ) -> dict[str, Any] | None:
+    """``extras`` when a resumed writer closes (see ``RunWriter._settle``), ``None`` when nothing changes.
+    ``withdrawn``: the failure's entry it withdrew (or took over from a killed writer); ``None``: it found a
+    ``"running"`` with nothing to restore (after an ``after_end``, ``went_on`` or ``settled`` entry, or none).
+    ``said``: the caller said a status with ``update_info`` (or a new failure was marked).
+
+    * its own ``"running"`` (not said): settled by :func:`_settled` (removed if it ``went_on``, else the
+      failure restored);
+    * a ``"running"`` with nothing to restore, not said: removed (the writer holds the lock: no other
+      writer is running; the analyses read ``"running"`` as no status);
+    * a status said: kept; the entry marked ``went_on`` when it went on, else ``settled`` with the status, as
+      the caller settled the failure (so that no later ``"running"`` brings it back), except a ``"failed"``
+      (failed again: the next resume's entry follows) and the caller's ``"running"`` without going on (the
+      resume's own mark: the next resume that does not go on restores the failure)."""
+    status = extras.get("status")
+    if withdrawn is None:
+        if status != RUNNING or said:
+            return None
+        return {k: v for k, v in extras.items() if k != "status"}
+    if status == RUNNING and not said:
+        return _settled(extras, withdrawn, went_on)
+    if status == FAILED or (status == RUNNING and not went_on):
+        return None
+    out = _marked(extras, withdrawn, {"went_on": True} if went_on else {SETTLED: status})
+    return None if out.get(FAILURE_HISTORY) is extras.get(FAILURE_HISTORY) else out
 
 
 def _same_entry(a: Any, b: Any) -> bool:
@@ -125,7 +170,15 @@ def failure_history_lines(extras: Mapping[str, Any]) -> list[str]:
         text = ("failed after the run ended" if e.get("after_end") else "failed") + (f" ({why})" if why else "")
         if e.get("step") is not None or e.get("tokens") is not None:
             text += f" at step {e.get('step')}, {e.get('tokens')} tokens"
-        out.append(text + ("; resumed, and the training went on" if e.get("went_on") else "; resumed"))
+        if e.get("went_on"):
+            text += "; resumed, and the training went on"
+        elif SETTLED in e:
+            settled = e[SETTLED]
+            text += (f"; resumed, then marked {' '.join(str(settled).split())[:40]}" if settled is not None
+                     else "; resumed, then its status was removed")
+        else:
+            text += "; resumed"
+        out.append(text)
     return out
 
 
@@ -170,17 +223,28 @@ def _failure_mark(extras: Mapping[str, Any], text: str, *, resumed: bool,
     return {"status": FAILED, "failure": text}
 
 
-def _went_on(resumed_at: int | None, max_tokens: int | None, dropped: bool) -> bool:
+def _is_training(scalars: Mapping[str, Any]) -> bool:
+    """Whether a ``log`` event's ``scalars`` make it a line of training: a ``train_loss`` or ``tokens_per_s``
+    that is not ``None`` (see :data:`_TRAINING_KEYS`)."""
+    return any(scalars.get(k) is not None for k in _TRAINING_KEYS)
+
+
+def _went_on(resumed_at: int | None, max_tokens: int | None, dropped: bool, *, trained: bool = False) -> bool:
     """Whether a writer that resumed a failed run went on with the training (see :func:`_settled`): it ran
-    ``drop_after`` (``dropped``), or appended a line (the largest tokens: ``max_tokens``) past ``resumed_at``,
-    the tokens where the record ended when it opened (any line when the record held none)."""
-    return dropped or (max_tokens is not None and (resumed_at is None or max_tokens > resumed_at))
+    ``drop_after`` (``dropped``), trained a step again (``trained``: logged a line of training,
+    :func:`_is_training`, at a step where the record held one, as a restart from an earlier checkpoint without
+    ``drop_after`` does before where the record ended; see ``RunWriter._retrained``), or appended a line (the
+    largest tokens: ``max_tokens``) past ``resumed_at``, the tokens where the record ended when it opened (any
+    line when the record held none). Other lines up to there are no training: a script measuring or
+    evaluating the failed run's checkpoints, or backfilling their curves, records them."""
+    return dropped or trained or (max_tokens is not None and (resumed_at is None or max_tokens > resumed_at))
 
 
 def _stale_running(extras: Mapping[str, Any]) -> dict[str, Any] | None:
     """The entry a resume withdrew, when ``extras`` hold the ``"running"`` of a writer that resumed a failed
     run and never closed (killed): status ``"running"`` and a last ``failure_history`` entry a resume wrote
-    (an object with ``resumed``, no ``after_end``, not marked ``went_on`` by a writer that settled it); else
+    (an object with ``resumed``, no ``after_end``, not marked ``went_on`` or ``settled`` by a writer that
+    closed); else
     ``None``. Read by a writer opening the run, which holds its lock: the earlier writer is gone, and its
     mark is settled as the new writer's own (a ``"running"`` set by ``update_info`` on such a run reads the
     same: the analyses treat it as no status)."""
@@ -189,4 +253,4 @@ def _stale_running(extras: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     last = history[-1]
     return (last if isinstance(last, dict) and "resumed" in last and not last.get("after_end")
-            and not last.get("went_on") else None)
+            and not last.get("went_on") and SETTLED not in last else None)

@@ -23,13 +23,13 @@ from ..spectrum import Spectrum
 from ._status import (  # the status lifecycle (see _status)
     COMPLETE_COVERAGE,
     RUNNING,
+    _closed,
     _extras,
     _failure_mark,
     _failure_text,
     _is_failure,
     _is_marked,
-    _marked_went_on,
-    _settled,
+    _is_training,
     _stale_running,
     _went_on,
     _withdraw_marks,
@@ -81,7 +81,8 @@ class RunWriter:
             ``failure`` (and a ``failure_after_end``) moves to extras ``failure_history``; on close the
             status is removed if the writer went on with the training, else the failure is restored
             (see :meth:`_settle`). A ``"running"`` left by such a writer that was killed is settled by the
-            next resumed writer as its own.
+            next resumed writer as its own; any other ``"running"`` it finds (no writer holds it) is
+            removed when it closes, unless it said a status itself.
         fsync: fsync every file and line (default). ``False`` trades crash safety for speed
             (synthetic data, tests); the write order, and thus safety for concurrent readers, is kept.
         tail_window: window of the stored ``alpha_tail`` summary; default: the scale rule for
@@ -122,10 +123,13 @@ class RunWriter:
         self._lock_fd: int | None = None
         self._scans: dict[str, _Scan] = {}  # each JSONL file's lines read so far (see _scan)
         self._withdrawn: dict[str, Any] | None = None  # the failure this writer withdrew on resume (see _settle)
+        self._found_running = False  # it found a "running" with nothing to restore: removed at the close (_settle)
         self._said = False  # update_info said a status (or a new failure): the status is no longer the resume's
         self._resumed_at: int | None = None  # the tokens where the record ended when it withdrew it
         self._max_tokens: int | None = None  # the largest tokens of a line this writer appended
         self._dropped = False  # drop_after ran: the training resumed from a checkpoint
+        self._trained = False  # it trained a step again (see _retrained, _status._went_on)
+        self._trained_before: set[int] | None = None  # steps of the record's training lines before (_retrained)
         run_file = self.path / RUN_FILE
         if not run_file.exists():  # a new run: check the arguments before creating its directory
             if info is None:
@@ -148,7 +152,8 @@ class RunWriter:
         fsync = self.fsync
         marked = False  # a resumed run marked failed, or failure_after_end (by __exit__)
         stale = None  # the entry of an earlier writer's "running" it never settled (killed)
-        if run_file.exists():
+        existing = run_file.exists()  # resumed: a "running" there is no writer's (see below)
+        if existing:
             if not resume:
                 raise FileExistsError(
                     f"{run_file} already exists: pass resume=True to append to this run, or choose a new directory"
@@ -213,6 +218,9 @@ class RunWriter:
             self._withdrawn, self._resumed_at = withdrawn, end[1]  # settled when the writer closes (see _settle)
         elif stale is not None:  # this writer holds the lock: the one that set the "running" is gone; its
             self._withdrawn, self._resumed_at = stale, self._record_end()[1]  # lines count as recorded before
+        # any other "running" is no writer's either (this one holds the lock), with nothing to restore: settled
+        self._found_running = (existing and self._withdrawn is None and self._lock_fd is not None  # at the close
+                               and _extras(header).get("status") == RUNNING)  # (see _settle)
 
     def _leftovers(self) -> list[str]:
         """The record files of another run in this directory: ``log.jsonl``, ``measurements.jsonl``,
@@ -337,10 +345,39 @@ class RunWriter:
         event.setdefault("time", time.time())
         self._append(LOG_FILE, event)
         self._appended(event["tokens"])
+        if (self._withdrawn is not None and not self._trained and _is_training(scalars)  # read only while it
+                and not _went_on(self._resumed_at, self._max_tokens, self._dropped)):  # tells (see _retrained)
+            self._trained = self._retrained(event["step"])
 
     def _appended(self, tokens: int) -> None:
         """Note a line this writer appended at ``tokens`` (see :meth:`_settle`)."""
         self._max_tokens = tokens if self._max_tokens is None else max(self._max_tokens, tokens)
+
+    def _retrained(self, step: int) -> bool:
+        """Whether the record held a line of training (``_status._is_training``) at ``step`` when this writer
+        opened (or in what its :meth:`drop_after` kept): a writer that resumed a failed run and logs training
+        there trains that step again (a restart from an earlier checkpoint without ``drop_after``), so it went
+        on with the training, wherever the record ended (see :meth:`_settle`). A training line at a step the
+        record lacks, before its end, is not: ``trainer_state.log_history`` backfills a checkpoint's curves so,
+        writing only what the record lacks. The steps are read once, line by line, within the bytes
+        ``log.jsonl`` held then (a file that cannot be read holds none)."""
+        if self._trained_before is None:
+            steps: set[int] = set()
+            size = self._before.get(LOG_FILE, 0)
+            try:
+                with open(self.path / LOG_FILE, "rb") as fh:
+                    read = 0
+                    for raw in fh:
+                        read += len(raw)
+                        if read > size:  # past what the file held when this writer opened: its own lines
+                            break
+                        obj = _json_object(raw)
+                        if obj is not None and _int_step(obj) is not None and _is_training(obj):
+                            steps.add(obj["step"])
+            except OSError:
+                pass
+            self._trained_before = steps
+        return step in self._trained_before
 
     def _spectrum_file(self, step: int, name: str, taken: set[str]) -> str:
         base = f"{int(step):08d}_{_safe_name(name)}"
@@ -658,35 +695,36 @@ class RunWriter:
     def _settle(self) -> None:
         """When this writer resumed a failed run (marked it ``"running"``, its failure moved to
         ``failure_history``), the run is no longer running once it closes: if the writer went on with the
-        training (appended a line past the tokens where the record ended at the resume, or ran
-        :meth:`drop_after`), the status is removed, as a run that never failed has none (a clean exit is
-        no completion: ``update_info(status="complete")`` says that); if it did not (a script that only
-        measured the failed run's checkpoints, or recorded nothing), the failure is restored: ``status:
-        "failed"``, its ``failure``, and its entry leaves the history. The status is not changed when it is no
-        longer ``"running"`` (another program), or when :meth:`update_info` said one (the caller's, or a new
-        failure's): then only the entry is marked ``went_on`` if the writer went on (unless the run is failed
-        again), so that a later ``"running"`` is no gone writer's mark (see ``_status._stale_running``). Nothing is changed in another
-        process than the one that opened the writer, or after a failure mark that could not be written; a
-        write that fails is a :class:`RecordWarning`. A ``"running"`` an earlier writer set and never settled
-        (killed) is settled as this writer's own, going on judged from where the record ended when this
-        writer opened."""
+        training (appended a line past the tokens where the record ended at the resume; trained a step again,
+        see :meth:`_retrained`; or ran :meth:`drop_after`), the status is
+        removed, as a run that never failed has none (a clean exit is no completion:
+        ``update_info(status="complete")`` says that); if it did not (a script that only measured or evaluated
+        the failed run's checkpoints, or recorded nothing), the failure is restored: ``status: "failed"``, its
+        ``failure``, and its entry leaves the history. A status :meth:`update_info` said (the caller's, or a new
+        failure's), or another program's, is kept: the entry is marked ``went_on`` if the writer went on, else
+        ``settled`` with that status (unless the run is failed again, or the status is the caller's
+        ``"running"``), so that a later ``"running"`` is no gone writer's mark (see ``_status._closed``,
+        ``_status._stale_running``). A ``"running"`` an earlier writer set and never settled (killed) is
+        settled as this writer's own, going on judged from where the record ended when this writer opened;
+        any other ``"running"`` it found (nothing to restore: no writer holds it, as this one holds the lock)
+        is removed unless the caller said a status. Nothing is changed in another process than the one that
+        opened the writer, or after a failure mark that could not be written; a write that fails is a
+        :class:`RecordWarning`."""
         withdrawn, self._withdrawn = getattr(self, "_withdrawn", None), None
-        if withdrawn is None or self.closed or os.getpid() != self._lock_pid:
+        found, self._found_running = getattr(self, "_found_running", False), False
+        if (withdrawn is None and not found) or self.closed or os.getpid() != self._lock_pid:
             return
-        went_on = _went_on(self._resumed_at, self._max_tokens, self._dropped)
-
-        def settle(extras: dict[str, Any]) -> dict[str, Any]:
-            return _marked_went_on(extras, withdrawn) if self._said else _settled(extras, withdrawn, went_on)
-
+        went_on = _went_on(self._resumed_at, self._max_tokens, self._dropped, trained=self._trained)
         try:
             header = RunRecord._read_header(self.path)
-            status = _extras(header).get("status")  # said and failed: the next resume's entry is the last
-            unchanged = (not went_on or status == FAILED) if self._said else status != RUNNING
-            if unchanged:
+            extras = _closed(_extras(header), withdrawn, went_on, self._said)
+            if extras is None:
                 return
-            header["extras"] = settle(_extras(header))
+            header["extras"] = extras
             _write_json_atomic(self.path / RUN_FILE, header, self.fsync)
-            self.info.extras = settle(self.info.extras)
+            info_extras = _closed(self.info.extras, withdrawn, went_on, self._said)
+            if info_extras is not None:
+                self.info.extras = info_extras
         except Exception as err:
             warnings.warn(f"{self.path}: could not record in {RUN_FILE} that the resumed run stopped (its status "
                           f"stays {RUNNING!r}): {_failure_text(err)}", RecordWarning, stacklevel=3)
@@ -726,7 +764,7 @@ class RunWriter:
         ``GeneratorExit`` are no failure."""
         try:
             if exc_type is not None and not self.closed and _is_failure(exc) and not self._mark_failed(exc):
-                self._withdrawn = None  # the failure could not be recorded: run.json is left as it is
+                self._withdrawn, self._found_running = None, False  # not recorded: run.json is left as it is
         finally:
             self.close()
 

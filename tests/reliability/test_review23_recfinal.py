@@ -9,6 +9,11 @@ leaving a partial line. After each session it checks the invariants of ``docs/re
 ``failure``, the ``failure_after_end`` or in ``failure_history`` (time order, no duplicates); a writer that
 set ``"running"`` (or took over a killed writer's) leaves none at a clean close; ``RunRecord.open`` reads the
 record; ``failure``/``ended`` agree with the status; ``spectral-lens inspect`` exits 0.
+
+Review 24 (``audit-records``) added restarts from an earlier checkpoint without ``drop_after`` (``back``), and
+the invariants that a line of training at a step the record held one at goes on wherever its tokens, that a status said without going on
+settles the failure too (no later resume restores it), and that no ``"running"`` outlives a clean close but
+one the closing writer said itself.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ _action = st.one_of(
     st.tuples(st.just("drop"), st.integers(-1, 3)),  # drop_after(last step - n)
     st.tuples(st.just("status"), st.sampled_from(["complete", "diverged", "running"])),
     st.tuples(st.just("jump"), st.integers(0, 3)),  # a large step forward: toward 95% of the budget
+    st.tuples(st.just("back"), st.integers(1, 3)),  # review 24: a restart from an earlier checkpoint, no drop_after
 )
 _end = st.sampled_from(["clean", "raise", "exit0", "close", "kill", "kill_partial", "kill_partial_m"])
 _session = st.tuples(st.lists(_action, max_size=5), _end)
@@ -74,17 +80,27 @@ class _Run:
                     out = t if out is None else max(out, t)
         return out
 
+    def trained_steps(self) -> set:
+        """The steps of the whole lines of ``log.jsonl`` with a ``train_loss`` (lines of training)."""
+        p, out = self.path / "log.jsonl", set()
+        for raw in p.read_bytes().split(b"\n")[:-1] if p.exists() else ():
+            with contextlib.suppress(ValueError):
+                line = json.loads(raw)
+                if line.get("train_loss") is not None and isinstance(line.get("step"), int):
+                    out.add(line["step"])
+        return out
+
     def session(self, actions, end) -> None:
         run_file = self.path / "run.json"
         new = not run_file.exists()
         w = (RunWriter(self.path, RunInfo("r", total_tokens=TOTAL), fsync=False, tail_window=(2, 10)) if new
              else RunWriter(self.path, resume=True, fsync=False))
-        before, at_open = self.extras(), self.end()
+        before, at_open, trained = self.extras(), self.end(), self.trained_steps()
         # the failure this writer withdraws: a failed run resumed, or a killed writer's "running" taken over
         last = (before.get("failure_history") or [None])[-1]
         withdraws = (before.get("failure") if before.get("status") == "failed" else
                      last["failure"] if before.get("status") == "running" and isinstance(last, dict)
-                     and not last.get("after_end") and not last.get("went_on") else None)
+                     and not last.get("after_end") and not last.get("went_on") and "settled" not in last else None)
         sets_running = withdraws is not None
         said_status, said, went_on = False, None, False
         for act in actions:
@@ -96,7 +112,12 @@ class _Run:
                     w.log_measurement(step, self.tokens, {"act": _spec()} if act[2] else None, val_loss=2.0)
                 else:
                     w.log(step, self.tokens, train_loss=1.0)
-                went_on = went_on or at_open is None or self.tokens > at_open
+                # review 24: a line of training (train_loss) at a step the record held one at trains it again
+                # (goes on wherever its tokens); other lines go on past the record's end only
+                went_on = (went_on or at_open is None or self.tokens > at_open
+                           or (kind != "measure" and step in trained))
+            elif kind == "back":
+                self.tokens = max(self.tokens - 100 * act[1], 0)
             elif kind == "drop":
                 keep = max(self.tokens // 100 - act[1], 0)
                 w.drop_after(keep)
@@ -111,8 +132,8 @@ class _Run:
                 with open(self.path / ("log.jsonl" if end == "kill_partial" else "measurements.jsonl"), "ab") as fh:
                     fh.write(b'{"step": 99, "tok')
             return
-        if withdraws is not None and went_on:
-            self.moved_past.add(withdraws)
+        if withdraws is not None and (went_on or said not in (None, "running")):
+            self.moved_past.add(withdraws)  # review 24: a status said ("complete") settles the failure too
         if end == "close":
             w.close()
         else:
@@ -125,6 +146,9 @@ class _Run:
                     sys.exit(0)
         if sets_running and not said_status:
             assert self.extras().get("status") != "running", (before, self.extras())
+        # review 24: no "running" outlives a clean close but one the writer said itself (no writer holds it)
+        if said != "running":
+            assert self.extras().get("status") != "running", (before, said, self.extras())
         if sets_running and end == "raise" and said not in ENDED_STATUSES:  # a failed run failing again
             assert self.extras().get("failure") == self.raised[-1], (before, self.extras())
 
@@ -175,6 +199,15 @@ _PINNED = [
     [([], "raise"), ([("log", 0), ("status", "running")], "clean"), ([], "clean")],
     [([("jump", 3), ("jump", 1)], "raise"),
      ([("status", "running"), ("log", 1)], "raise")],
+    # review 24: a restart from an earlier checkpoint that trains, without drop_after (the failure came back)
+    [([("log", 1), ("log", 1)], "raise"), ([("back", 1), ("log", 0)], "clean")],
+    # review 24: a status said without going on, then "running" and a measure-only resume (the failure came back)
+    [([("log", 1)], "raise"), ([("status", "complete")], "clean"), ([("status", "running")], "clean"),
+     ([], "clean")],
+    # review 24: a "running" with nothing to restore (no history; after a went_on entry) stayed for good
+    [([("log", 1), ("status", "running")], "clean"), ([], "close")],
+    [([("log", 1)], "raise"), ([("log", 1)], "clean"), ([("log", 1), ("status", "running")], "clean"),
+     ([], "exit0")],
 ]
 
 
@@ -232,7 +265,8 @@ def test_a_resume_that_went_on_under_a_status_of_its_own_brings_back_no_failure(
             w.update_info(status="running")
     RunWriter(path, resume=True, fsync=False).close()  # a script that only measures
     extras = _extras(path)
-    assert extras["status"] == "running" and "failure" not in extras  # before: failed (RuntimeError: X)
+    # review 24: the "running" no writer holds is removed at that close (before: kept for good); before review 23:
+    assert "status" not in extras and "failure" not in extras  # failed (RuntimeError: X)
     assert [e["failure"] for e in extras["failure_history"]] == ["RuntimeError: X"]
     assert failure(RunRecord.open(path)) is None
 
