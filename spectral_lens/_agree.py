@@ -98,7 +98,10 @@ def model_cuda_device(model) -> torch.device | None:
     meta device, spread over several GPUs, or not an ``nn.Module``)."""
     if not isinstance(model, torch.nn.Module):
         return None
-    found = {t.device for t in (*model.parameters(), *model.buffers()) if t.device.type == "cuda"}
+    try:
+        found = {t.device for t in (*model.parameters(), *model.buffers()) if t.device.type == "cuda"}
+    except Exception:  # noqa: BLE001 - a module whose tensors cannot be listed: no hint (this rank must still
+        return None    # reach the agreement's collective, as every other rank does)
     return found.pop() if len(found) == 1 else None
 
 

@@ -182,3 +182,12 @@ def test_model_cuda_device(devices, expected):
 
 def test_model_cuda_device_of_what_is_not_a_module():
     assert model_cuda_device(None) is None and model_cuda_device("TinyLM") is None
+
+
+def test_model_cuda_device_of_a_module_whose_tensors_cannot_be_listed():
+    """No hint, no error: a rank raising here would skip the agreement's collective the others wait in."""
+    class Broken(nn.Module):
+        def parameters(self, recurse=True):
+            raise RuntimeError("cannot list")
+
+    assert model_cuda_device(Broken()) is None
