@@ -40,10 +40,69 @@ def ranks(group) -> tuple[int, int]:
 
 
 def collective_device(group) -> torch.device:
-    """Where the group's collectives take tensors: the current CUDA device for NCCL, else the CPU."""
+    """Where the group's collectives take tensors: for NCCL the CUDA device the process group is bound to
+    (:func:`bound_device`), else the current CUDA device (``torch.cuda.set_device``); the CPU otherwise."""
     import torch.distributed as dist
 
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    bound = bound_device(group)
+    return bound if bound is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def bound_device(group) -> torch.device | None:
+    """The CUDA device ``init_process_group(device_id=...)`` bound the process group to (a subgroup inherits
+    it), else ``None``: what torch's own ``barrier`` uses first, ahead of the current device."""
+    import torch.distributed as dist
+
+    try:
+        bound = getattr(group if group is not None else dist.distributed_c10d._get_default_group(),
+                        "bound_device_id", None)
+    except Exception:  # noqa: BLE001 - no default group (a faked one), an older torch: none bound
+        return None
+    if isinstance(bound, torch.device) and bound.type == "cuda" and bound.index is not None:
+        return bound
+    return None
+
+
+def built_device(group, model) -> torch.device:
+    """Where the constructor's agreement (:func:`agree_built`) takes its tensors. Not NCCL: the CPU. NCCL: the
+    bound device (:func:`bound_device`); else the one CUDA device holding ``model``'s parameters and buffers
+    (:func:`model_cuda_device`); else, where CUDA is not initialized in this process yet (no ``set_device``, no
+    CUDA tensor), device ``LOCAL_RANK`` (else the global rank) modulo the device count, much as torch's NCCL
+    ``barrier`` guesses; else the current device. Why: a lens is often built before
+    ``torch.cuda.set_device(local_rank)`` (which ``measure`` needs); the current device is then ``cuda:0`` on
+    every rank, and an NCCL collective there fails (two ranks on one GPU) or waits, and puts a CUDA context
+    on GPU 0 for every rank, where before the constructor made no collective."""
+    import os
+
+    import torch.distributed as dist
+
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    bound = bound_device(group)
+    if bound is not None:
+        return bound
+    held = model_cuda_device(model)
+    if held is not None:
+        return held
+    if not torch.cuda.is_initialized() and torch.cuda.device_count() > 0:
+        local = os.environ.get("LOCAL_RANK", "")
+        index = int(local) if local.isdigit() else dist.get_rank()
+        return torch.device("cuda", index % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def model_cuda_device(model) -> torch.device | None:
+    """The one CUDA device holding ``model``'s parameters and buffers, else ``None`` (a model on the CPU or the
+    meta device, spread over several GPUs, or not an ``nn.Module``)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    try:
+        found = {t.device for t in (*model.parameters(), *model.buffers()) if t.device.type == "cuda"}
+    except Exception:  # noqa: BLE001 - a module whose tensors cannot be listed: no hint (this rank must still
+        return None    # reach the agreement's collective, as every other rank does)
+    return found.pop() if len(found) == 1 else None
 
 
 def agree(group, error: BaseException | None, what: str) -> None:
@@ -115,13 +174,14 @@ def _member_world(group) -> int:
         return 1
 
 
-def agree_built(group, error: BaseException | None, what: str) -> None:
+def agree_built(group, error: BaseException | None, what: str, model=None) -> None:
     """:func:`agree` for a step that every rank of ``group`` takes once, outside any measurement (building a
     lens): one ``all_reduce(MAX)`` of a failure flag per rank; where some rank failed, a second one (on that
     path only) carries each failed rank's error as text (its first :data:`CAUSE_BYTES` bytes), which the other
     ranks quote in their ``RuntimeError`` naming the failed ranks (their own error may be far from the failed
     rank's in a merged log). A failed rank re-raises its own exception. In a single process, on a rank outside
-    ``group`` or with a ``group`` that is not a process group, ``error`` is simply raised (no collective)."""
+    ``group`` or with a ``group`` that is not a process group, ``error`` is simply raised (no collective).
+    Under NCCL its tensors are on :func:`built_device` (``model``: the lens's model, a hint at this rank's GPU)."""
     world = _member_world(group)
     if world == 1 or (error is not None and out_of_step(error)):
         if error is not None:
@@ -130,7 +190,7 @@ def agree_built(group, error: BaseException | None, what: str) -> None:
     import torch.distributed as dist
 
     rank = dist.get_rank(group)
-    dev = collective_device(group)
+    dev = built_device(group, model)
     flags = torch.zeros(world, dtype=torch.int64, device=dev)
     flags[rank] = int(error is not None)
     try:
@@ -156,20 +216,20 @@ def agree_built(group, error: BaseException | None, what: str) -> None:
 
 
 @contextlib.contextmanager
-def built_together(group, what: str, undo=None):
+def built_together(group, what: str, undo=None, model=None):
     """Around a step that every rank of ``group`` takes once, outside any measurement (a lens's constructor):
     its success or failure agreed on leaving (:func:`agree_built`), so that an error on one rank (a layer its
     model lacks, an argument only it computes wrongly) stops every rank there instead of leaving the others
     waiting in their first collective until the process-group timeout. ``undo()``: called where this rank's
     step succeeded but the agreement raises (another rank failed), so that it leaves nothing bound, as a
-    step that failed here does."""
+    step that failed here does. ``model``: a hint at this rank's GPU under NCCL (:func:`built_device`)."""
     try:
         yield
     except BaseException as exc:  # an interrupt too
-        agree_built(group, exc, what)
+        agree_built(group, exc, what, model)
         raise
     try:
-        agree_built(group, None, what)
+        agree_built(group, None, what, model)
     except BaseException:
         if undo is not None:
             undo()

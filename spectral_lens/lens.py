@@ -217,8 +217,9 @@ class SpectralLens:
     ) -> None:
         # an error on one rank (a layer its model lacks, an argument only it computes wrongly) stops every
         # rank here, named on the others, instead of leaving them in their first collective until the timeout;
-        # a rank that built its lens unbinds it then (a probe= it attached is free again)
-        with built_together(group, "building the lens", undo=self.detach):
+        # a rank that built its lens unbinds it then (a probe= it attached is free again); under NCCL the agreement
+        # runs on the model's GPU (a lens is often built before torch.cuda.set_device: _agree.built_device)
+        with built_together(group, "building the lens", undo=self.detach, model=model):
             if pool is None:
                 raise ValueError("SpectralLens needs pool=: a re-iterable of held-out batches")
             for what, p in (("pool", pool), ("gradient_pool", gradient_pool)):
