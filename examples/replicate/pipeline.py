@@ -38,6 +38,7 @@ from spectral_lens.records import RunRecord, open_runs
 from spectral_lens.report import build_report
 
 from .runs import run_id, train_runs
+from .settings import refuse_torchrun
 from .tuning import TunerSettings, choose_rates
 from .verdict import Verdict, verdict
 from .workload import Workload
@@ -89,6 +90,7 @@ def replicate(workload: Workload, out: Path, tuner: TunerSettings, *, stream=Non
 
     ``stream``: where progress and the verdict are printed (``None``: standard output; ``False``: nowhere).
     """
+    refuse_torchrun(getattr(workload, "name", "replicate"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lock = out / LOCK_FILE

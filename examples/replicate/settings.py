@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -84,3 +85,13 @@ def check_settings(out: Path, preset, what: str = "run") -> None:
             if _PRESET_TEMPORARY.fullmatch(p.name):
                 p.unlink(missing_ok=True)
         write_text_atomic(path, json.dumps(want, indent=1) + "\n")
+
+
+def refuse_torchrun(name: str) -> None:
+    """Refuse (``ValueError``) to start a replication under torchrun: it runs in one process (each run trains on one
+    device), and under torchrun every rank would run the whole pipeline (rank 1 stopped on the directory's lock
+    while rank 0's first training run waited for it in ``init_process_group`` until the process-group timeout)."""
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if world not in ("", "0", "1"):
+        raise ValueError(f"{name} runs in one process (each run trains on one device), but WORLD_SIZE={world} "
+                         "(started by torchrun?): run it with python -m, not torchrun")

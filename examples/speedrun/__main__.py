@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         from .summary import PAPER
         from .workload import ZooWorkload
 
+        from examples.replicate.settings import refuse_torchrun
+
+        refuse_torchrun("examples.speedrun")
         preset = get_preset(args.preset)
         if args.threads is not None:
             import torch

@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     out = Path(args.out or f"runs/toy-{preset.name}")
     try:
+        from examples.replicate.settings import refuse_torchrun
+
+        refuse_torchrun("examples.toy")
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         if not (out / "preset.json").exists() and not (out / "preset.json").is_symlink() \
