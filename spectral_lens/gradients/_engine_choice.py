@@ -17,8 +17,8 @@ from .._offload import offloaded_names, untied_names
 from ._measurable import _fsdp_classes, fsdp_sharded
 from .registry import fast_path_for
 
-__all__ = ["batch_statistics", "choose_engine", "fast_refusal", "general_engine", "refuse_fast", "running_statistics",
-           "shared_names"]
+__all__ = ["batch_statistics", "choose_engine", "fast_refusal", "general_engine", "other_fast_matrix", "refuse_fast",
+           "running_statistics", "shared_names"]
 
 
 def shared_names(model: nn.Module, param: nn.Parameter) -> list[str]:
@@ -118,13 +118,30 @@ def refuse_fast(model: nn.Module, name: str, why: str, untraceable: dict[str, st
     raise ValueError(f"engine='fast' impossible for {name}: {why}; {instead}")
 
 
-def _other_matrix(model: nn.Module, train_mode: bool) -> str:
-    """The remedy "another matrix with a fast path" where only the fast engine can measure, unless BatchNorm by
-    batch statistics (:func:`batch_statistics`) refuses the fast path to every matrix of the model: then
-    ``train_mode=False`` where that lifts it (every such layer has running statistics), else nothing."""
-    if not batch_statistics(model, train_mode):
-        return "probe a matrix that has a fast path, or "
-    if not batch_statistics(model, False):
+def other_fast_matrix(model: nn.Module, train_mode: bool, names) -> str | None:
+    """A parameter of ``model`` outside ``names`` whose fast path gives its exact rows as far as binding can tell
+    (:func:`fast_refusal` is ``None``: registered, not tied, no BatchNorm by batch statistics), or ``None``: the
+    "other matrices" that a refusal of ``names`` may suggest. Walks the modules up to the first one found."""
+    if batch_statistics(model, train_mode):  # every matrix of the model: none has exact fast rows
+        return None
+    for prefix, mod in model.named_modules():
+        for local, p in mod.named_parameters(recurse=False):
+            name = f"{prefix}.{local}" if prefix else local
+            if (name not in names and fast_path_for(mod, local) is not None
+                    and fast_refusal(model, name, (mod, local), p, train_mode) is None):
+                return name
+    return None
+
+
+def _other_matrix(model: nn.Module, name: str, train_mode: bool) -> str:
+    """The remedy "another matrix with a fast path" where only the fast engine can measure ``name``: naming one
+    (:func:`other_fast_matrix`), unless BatchNorm by batch statistics (:func:`batch_statistics`) refuses the fast
+    path to every matrix of the model: then ``train_mode=False`` where that lifts it (every such layer has running
+    statistics), else nothing (also where no other matrix has a fast path)."""
+    other = other_fast_matrix(model, train_mode, [name])
+    if other is not None:
+        return f"probe another matrix that has a fast path (such as {other}; its input batch-first), or "
+    if batch_statistics(model, train_mode) and not batch_statistics(model, False):
         return "measure with train_mode=False (BatchNorm then normalizes by its running statistics), or "
     return ""
 
@@ -137,11 +154,11 @@ def _fast_only(model: nn.Module, name: str, general: str, train_mode: bool) -> t
     the loop (:func:`~spectral_lens._offload.refuse_offloaded`); ``None`` elsewhere."""
     if is_zero3(model.get_parameter(name)):
         return (("a parameter partitioned by DeepSpeed ZeRO stage 3 (an empty placeholder outside its module's "
-                 "forward)"), f"{_other_matrix(model, train_mode)}measure activations only (params=())",
+                 "forward)"), f"{_other_matrix(model, name, train_mode)}measure activations only (params=())",
                 "exact under ZeRO-3")
     if fsdp_sharded(model):
         return (("a model sharded with FSDP (vmap cannot trace FSDP's hooks; the loop engine's gradients are "
-                 "shards)"), f"{_other_matrix(model, train_mode)}probe an unsharded copy (docs/guide-multi-gpu.md)",
+                 "shards)"), f"{_other_matrix(model, name, train_mode)}probe an unsharded copy (docs/guide-multi-gpu.md)",
                 "exact under FSDP2")
     if general == "loop" and offloaded_names(model, [name]):
         return ("an offloaded weight (a meta placeholder outside its module's forward)",
@@ -177,7 +194,8 @@ def _instead(model: nn.Module, name: str, fast_why: str | None, untraceable: dic
     if style == "or":
         return "use " + " or ".join(["engine='auto'"] + [f"'{e}'" for e in (general,) if general_ok])
     if not general_ok:  # the fast path alone measures it
-        return f"use engine='auto' or 'fast' ({name} has a fast path, {only[2]})"
+        return (f"use engine='auto' or 'fast' ({name} has a fast path, {only[2]}, if its module's input is batch-first: "
+                "the sample index in dimension 0)")
     parts = ["engine='auto' (the fast path where one is registered, the per-sample loop elsewhere)"]
     if fast:
         parts.append(f"engine='fast' ({name} has a fast path)")
