@@ -119,15 +119,20 @@ def refuse_fast(model: nn.Module, name: str, why: str, untraceable: dict[str, st
 
 
 def other_fast_matrix(model: nn.Module, train_mode: bool, names) -> str | None:
-    """A parameter of ``model`` outside ``names`` whose fast path gives its exact rows as far as binding can tell
-    (:func:`fast_refusal` is ``None``: registered, not tied, no BatchNorm by batch statistics), or ``None``: the
-    "other matrices" that a refusal of ``names`` may suggest. Walks the modules up to the first one found."""
+    """A matrix of ``model`` (a parameter of 2 or more dimensions) in a module other than those of ``names`` whose
+    fast path gives its exact rows as far as binding can tell (:func:`fast_refusal` is ``None``: registered, not
+    tied, no BatchNorm by batch statistics), or ``None``: the "other matrices" that a refusal of ``names`` may
+    suggest (not the bias of a refused weight's module: a reason found in a pass, a sequence-first input or a
+    module never called, holds for it too). Walks the modules up to the first one found."""
     if batch_statistics(model, train_mode):  # every matrix of the model: none has exact fast rows
         return None
+    refused = {n.rpartition(".")[0] for n in names}
     for prefix, mod in model.named_modules():
+        if prefix in refused:
+            continue
         for local, p in mod.named_parameters(recurse=False):
             name = f"{prefix}.{local}" if prefix else local
-            if (name not in names and fast_path_for(mod, local) is not None
+            if (p.ndim >= 2 and fast_path_for(mod, local) is not None
                     and fast_refusal(model, name, (mod, local), p, train_mode) is None):
                 return name
     return None
