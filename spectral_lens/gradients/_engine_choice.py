@@ -3,8 +3,8 @@
 The fast path (:mod:`.registry`) where one is registered for the module type and its rows are exact (the
 weight used once, no BatchNorm mixing a chunk's samples), else the generic ``torch.func`` engine, or the
 per-sample loop where ``torch.func`` cannot trace the model (a PEFT LoHa layer, Accelerate's offloading
-hooks, BatchNorm updating its running statistics); ``engine="fast"`` or ``"vmap"`` that cannot run is refused with the reason and what to pass
-instead. Pure decisions over the model and the probe's settings: the probe keeps the result per parameter
+hooks, BatchNorm or InstanceNorm updating its running statistics); ``engine="fast"`` or ``"vmap"`` that cannot
+run is refused with the reason and what to pass instead. Pure decisions over the model and the probe's settings: the probe keeps the result per parameter
 (``engines_``) and asks again when a parameter or the model's layers change.
 """
 
@@ -36,13 +36,26 @@ def batch_statistics(model: nn.Module, train_mode: bool) -> list[str]:
 
 
 def running_statistics(model: nn.Module, train_mode: bool) -> list[str]:
-    """BatchNorm layers that update their running statistics in place while measuring (``train_mode=True``): a
-    write to a buffer that ``torch.func`` cannot trace, so the ``vmap`` engine fails in the first pass (``"auto"``
-    takes the per-sample loop there from the start: :func:`general_engine`). Not a layer whose
-    ``track_running_stats`` was switched off after construction: its buffers stay but train mode no longer
-    writes them (``F.batch_norm`` gets none), so vmap traces it."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and train_mode and m.track_running_stats and m.running_mean is not None]
+    """Normalization layers of torch that update their running statistics in place while measuring: a write to a
+    buffer that ``torch.func`` cannot trace, so the ``vmap`` engine fails in the first pass (``"auto"`` takes the
+    per-sample loop there from the start: :func:`general_engine`; its rows are those the fallback gave).
+    BatchNorm with ``train_mode=True``, not a layer whose ``track_running_stats`` was switched off after
+    construction (its buffers stay but ``F.batch_norm`` gets none, so vmap traces it). InstanceNorm with running
+    statistics (``track_running_stats=True``) with ``train_mode=True``, and one whose ``track_running_stats`` was
+    switched off after construction in either mode (it normalizes by the input's statistics and still passes
+    its buffers to ``F.instance_norm``, which updates them). Other classes with running buffers are not
+    recognized (whether their forward writes them cannot be told without running it: a frozen BatchNorm keeps
+    them unchanged): there ``"auto"`` tries vmap and falls back with a warning."""
+    return [n for n, m in model.named_modules() if _updates_running(m, train_mode)]
+
+
+def _updates_running(m: nn.Module, train_mode: bool) -> bool:
+    """Whether ``m`` (BatchNorm or InstanceNorm) writes its running statistics in a forward (:func:`running_statistics`)."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return train_mode and m.track_running_stats and m.running_mean is not None
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm):  # use_input_stats = training or not track_running_stats
+        return m.running_mean is not None and (train_mode or not m.track_running_stats)
+    return False
 
 
 def fast_refusal(model: nn.Module, name: str, site: tuple[nn.Module, str], param: nn.Parameter,
@@ -71,8 +84,8 @@ def fast_refusal(model: nn.Module, name: str, site: tuple[nn.Module, str], param
 
 def general_engine(untraceable: dict[str, str], offloading: list[str], running: list[str] = ()) -> str:
     """The engine ``"auto"`` takes off the fast path: the per-sample loop where ``torch.func`` cannot trace the
-    model (a PEFT LoHa layer, Accelerate's offloading hooks, BatchNorm layers updating their running statistics
-    in place: ``running``, :func:`running_statistics`), ``"vmap"`` elsewhere. Chosen at binding, so "auto" makes
+    model (a PEFT LoHa layer, Accelerate's offloading hooks, BatchNorm or InstanceNorm layers updating their running
+    statistics in place: ``running``, :func:`running_statistics`), ``"vmap"`` elsewhere. Chosen at binding, so "auto" makes
     no attempt that is bound to fail and warns about no fallback of its own choosing (the loop's rows are those
     the fallback gave)."""
     return "loop" if untraceable or offloading or running else "vmap"

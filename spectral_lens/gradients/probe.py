@@ -33,7 +33,8 @@ from ._isolation import (cuda_devices, forked_rng, module_list, parameter_list, 
 from ._validate import finite_rows, half_hint, nonfinite_loss_message
 from ..spectrum import Spectrum
 from ..spectra.eigen import all_finite
-from ._engine_choice import choose_engine, fast_refusal, general_engine, other_fast_matrix, refuse_fast
+from ._engine_choice import (choose_engine, fast_refusal, general_engine, other_fast_matrix, refuse_fast,
+                             running_statistics)
 from ._batch import _autograd_usable, batch_as_run, batch_size, default_forward, map_tensors, slice_batch
 from . import cast_cache
 from .engines import LossScale, fast_engine, loop_engine
@@ -706,8 +707,10 @@ class PerSampleGradientProbe:
             for k, why in not_called.items():
                 if self.engine == "fast":
                     refuse_fast(self.model, k, why, self._untraceable, self._offloading, train_mode=self.train_mode)
-                # the loop where vmap cannot trace the model (Accelerate's hooks, a PEFT LoHa layer), as "auto" chooses
-                self.engines_[k] = general_engine(self._untraceable, self._offloading)
+                # the loop where vmap cannot trace the model (Accelerate's hooks, a PEFT LoHa layer, running statistics
+                # updated in place), as "auto" chooses at binding
+                self.engines_[k] = general_engine(self._untraceable, self._offloading,
+                                                  running_statistics(self.model, self.train_mode))
             if not_called:  # vmap cannot measure a ZeRO-3, FSDP-sharded or offloaded parameter: refused before its pass
                 refuse_fsdp(self.model, self.engines_, params=self.params, why_not_fast=self._why_not_fast(not_called),
                             other_fast=self._other_fast)
