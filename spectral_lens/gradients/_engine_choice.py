@@ -158,7 +158,7 @@ def _other_matrix(model: nn.Module, name: str, train_mode: bool) -> str:
     statistics), else nothing (also where no other matrix has a fast path)."""
     other = other_fast_matrix(model, train_mode, [name])
     if other is not None:
-        return f"probe another matrix that has a fast path (such as {other}; its input batch-first), or "
+        return f"probe another matrix that has a fast path (such as {other}, if its input is batch-first), or "
     if batch_statistics(model, train_mode) and not batch_statistics(model, False):
         return "measure with train_mode=False (BatchNorm then normalizes by its running statistics), or "
     return ""
@@ -180,8 +180,9 @@ def _fast_only(model: nn.Module, name: str, general: str, train_mode: bool) -> t
                 "exact under FSDP2")
     if general == "loop" and offloaded_names(model, [name]):
         return ("an offloaded weight (a meta placeholder outside its module's forward)",
-                ("probe a parameter that is not offloaded, or a copy of the model loaded without offloading "
-                 "(docs/guide-multi-gpu.md, Models dispatched by Accelerate)"), "exact on an offloaded weight")
+                (f"{_other_matrix(model, name, train_mode)}probe a parameter that is not offloaded, or a copy of "
+                 "the model loaded without offloading (docs/guide-multi-gpu.md, Models dispatched by Accelerate)"),
+                "exact on an offloaded weight")
     return None
 
 

@@ -28,6 +28,7 @@ from torch import nn
 import spectral_lens as sl
 from spectral_lens.gradients.registry import fast_path_for, fsdp2_base
 
+
 def _audit():
     """The review's audit module (its models, ``outcome``), loaded from its file (pytest imports tests by path)."""
     spec = importlib.util.spec_from_file_location("review24_probe_audit", Path(__file__).with_name(
