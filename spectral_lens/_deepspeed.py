@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["behind_zero3_hooks", "refuse_deepspeed_engine", "refuse_zero3_params", "refuse_zero3_placeholders", "whole_shape",
+__all__ = ["behind_zero3_hooks", "fast_hint", "refuse_deepspeed_engine", "refuse_zero3_params", "refuse_zero3_placeholders", "whole_shape",
            "zero3_names", "zero3_partitioned"]
 
 
@@ -85,8 +85,26 @@ def behind_zero3_hooks(module: nn.Module, handle) -> None:
     hooks.update((k, items[k]) for k in order)
 
 
+def fast_hint(bad: list[str], why: dict, other_fast: Callable[[list[str]], str | None] | None, exact: str) -> str:
+    """The remedy "probe matrices that have a fast path with engine='auto' or 'fast'" of a refusal of the engines
+    other than the fast one (ZeRO-3, FSDP2, Accelerate's offloading; ``exact``: where the fast path is exact) for the
+    refused parameters ``bad``: for them where some has no reason against its fast path (``why``: name -> reason),
+    else for other matrices where ``other_fast(bad)`` names one (the reasons were the refused parameters' own),
+    else ``""``. Honest about what binding cannot see: the fast path needs its layer's input batch-first (a
+    sequence-first layout is found in the first pass and refused there)."""
+    what = "(nn.Linear, transformers' Conv1D; not tied; on a batch-first input, the sample index in dimension 0)"
+    if not all(why.get(n) for n in bad):
+        return f"probe matrices that have a fast path {what} with engine='auto' or 'fast' ({exact})"
+    other = None if other_fast is None else other_fast(bad)
+    if other is None:
+        return ""
+    return (f"probe other matrices that have a fast path (such as {other}; {what[1:-1]}) with engine='auto' or 'fast' "
+            f"({exact})")
+
+
 def refuse_zero3_params(params: dict, engines: dict, who: str = "PerSampleGradientProbe",
-                        why_not_fast: Callable[[str], str | None] | None = None) -> None:
+                        why_not_fast: Callable[[str], str | None] | None = None,
+                        other_fast: Callable[[list[str]], str | None] | None = None) -> None:
     """``ValueError`` when any of ``params`` (name -> parameter to probe) is managed by ZeRO stage 3 and its
     engine (``engines``: name -> engine) is not the fast one.
 
@@ -99,15 +117,16 @@ def refuse_zero3_params(params: dict, engines: dict, who: str = "PerSampleGradie
     ``torch.autograd.grad`` of the parameters themselves, whose ``.data`` ZeRO-3 empties after each forward:
     neither can be exact. ``why_not_fast``: why the fast path cannot measure a parameter (``None`` where it can):
     said for each, and ``engine='auto'`` or ``'fast'`` suggested only where some fast path can run (before: also
-    after the fast path had proved unusable)."""
+    after the fast path had proved unusable). ``other_fast``: another parameter of the model whose fast path can run
+    (given the refused names; ``None`` where none can): where the refused ones have none, the hint names it ("probe
+    other matrices"), as a reason of one parameter (no fast path for an Embedding, a tied weight) leaves others."""
     bad = [n for n in zero3_names(params.items()) if engines.get(n) != "fast"]
     if not bad:
         return
     why = {n: why_not_fast(n) for n in bad} if why_not_fast is not None else {}
     no_fast = "".join(f"; the fast path cannot measure {n}: {why[n]}" for n in bad[:3] if why.get(n))
-    fast = ("probe matrices that have a fast path (nn.Linear, transformers' Conv1D; not tied) with engine='auto' or "
-            "'fast' (exact under ZeRO-3 when every rank runs the same passes, as SpectralLens does), or "
-            if not all(why.get(n) for n in bad) else "")
+    fast = fast_hint(bad, why, other_fast, "exact under ZeRO-3 when every rank runs the same passes, as SpectralLens does")
+    fast += ", or " if fast else ""
     raise ValueError(
         f"{who}: the probed parameter(s) {_shown(params, bad)} are partitioned by DeepSpeed ZeRO stage 3 and would "
         f"use an engine other than the fast one ({ {n: engines.get(n) for n in bad} }{no_fast}): the vmap and loop "

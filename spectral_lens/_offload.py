@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ._deepspeed import fast_hint
+
 __all__ = ["execution_device", "execution_devices", "offload_device", "offloaded_names", "offloaded_value", "offloading_modules",
            "refuse_offloaded", "untied_names"]
 
@@ -155,7 +157,8 @@ def offload_device(model: nn.Module, name: str) -> torch.device | None:
 
 
 def refuse_offloaded(model: nn.Module, engines: dict, who: str = "PerSampleGradientProbe",
-                     why_not_fast: Callable[[str], str | None] | None = None) -> None:
+                     why_not_fast: Callable[[str], str | None] | None = None,
+                     other_fast: Callable[[list[str]], str | None] | None = None) -> None:
     """``ValueError`` when any probed parameter (``engines``: name -> engine) is offloaded by Accelerate
     (:func:`offloaded_names`) and its engine is not the fast one.
 
@@ -168,7 +171,8 @@ def refuse_offloaded(model: nn.Module, engines: dict, who: str = "PerSampleGradi
     whose hook holds it and its execution device, and what to do instead. ``why_not_fast``: why the fast path
     cannot measure a parameter (name -> reason, ``None`` where it can; the probe's, also for a fast path found
     unusable in a pass): the message says so for each, and suggests ``engine='auto'`` or ``'fast'`` only for
-    parameters whose fast path can run (before: also after the fast path had proved unusable)."""
+    parameters whose fast path can run (before: also after the fast path had proved unusable), else for other
+    matrices where ``other_fast`` names one (:func:`~spectral_lens._deepspeed.fast_hint`)."""
     bad = [n for n in offloaded_names(model, engines) if engines[n] != "fast"]
     if not bad:
         return
@@ -181,9 +185,8 @@ def refuse_offloaded(model: nn.Module, engines: dict, who: str = "PerSampleGradi
         shown.append(f"{n} (engine {engines[n]!r}{f'; tied to {tied}' if tied else ''}{no_fast}; in the offload store "
                      f"of the AlignDevicesHook on {prefix or '<the model>'!r}, execution_device {hook.execution_device})")
     more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-    fastable = [n for n in bad if not why[n]]
-    fast = ("probe matrices that have a fast path (nn.Linear, transformers' Conv1D; not tied) with engine='auto' or "
-            "'fast' (exact on offloaded weights), " if fastable else "")
+    fast = fast_hint(bad, why, other_fast, "exact on offloaded weights")
+    fast += ", " if fast else ""
     raise ValueError(
         f"{who}: the parameter(s) {'; '.join(shown)}{more} are offloaded by Accelerate (cpu_offload, disk_offload, "
         "or a device_map with 'cpu'/'disk' entries and an offload_folder) and would use an engine other than the fast "

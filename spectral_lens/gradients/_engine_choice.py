@@ -3,8 +3,8 @@
 The fast path (:mod:`.registry`) where one is registered for the module type and its rows are exact (the
 weight used once, no BatchNorm mixing a chunk's samples), else the generic ``torch.func`` engine, or the
 per-sample loop where ``torch.func`` cannot trace the model (a PEFT LoHa layer, Accelerate's offloading
-hooks, BatchNorm updating its running statistics); ``engine="fast"`` or ``"vmap"`` that cannot run is refused with the reason and what to pass
-instead. Pure decisions over the model and the probe's settings: the probe keeps the result per parameter
+hooks, BatchNorm or InstanceNorm updating its running statistics); ``engine="fast"`` or ``"vmap"`` that cannot
+run is refused with the reason and what to pass instead. Pure decisions over the model and the probe's settings: the probe keeps the result per parameter
 (``engines_``) and asks again when a parameter or the model's layers change.
 """
 
@@ -17,8 +17,8 @@ from .._offload import offloaded_names, untied_names
 from ._measurable import _fsdp_classes, fsdp_sharded
 from .registry import fast_path_for
 
-__all__ = ["batch_statistics", "choose_engine", "fast_refusal", "general_engine", "refuse_fast", "running_statistics",
-           "shared_names"]
+__all__ = ["batch_statistics", "choose_engine", "fast_refusal", "general_engine", "other_fast_matrix", "refuse_fast",
+           "running_statistics", "shared_names"]
 
 
 def shared_names(model: nn.Module, param: nn.Parameter) -> list[str]:
@@ -36,13 +36,26 @@ def batch_statistics(model: nn.Module, train_mode: bool) -> list[str]:
 
 
 def running_statistics(model: nn.Module, train_mode: bool) -> list[str]:
-    """BatchNorm layers that update their running statistics in place while measuring (``train_mode=True``): a
-    write to a buffer that ``torch.func`` cannot trace, so the ``vmap`` engine fails in the first pass (``"auto"``
-    takes the per-sample loop there from the start: :func:`general_engine`). Not a layer whose
-    ``track_running_stats`` was switched off after construction: its buffers stay but train mode no longer
-    writes them (``F.batch_norm`` gets none), so vmap traces it."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and train_mode and m.track_running_stats and m.running_mean is not None]
+    """Normalization layers of torch that update their running statistics in place while measuring: a write to a
+    buffer that ``torch.func`` cannot trace, so the ``vmap`` engine fails in the first pass (``"auto"`` takes the
+    per-sample loop there from the start: :func:`general_engine`; its rows are those the fallback gave).
+    BatchNorm with ``train_mode=True``, not a layer whose ``track_running_stats`` was switched off after
+    construction (its buffers stay but ``F.batch_norm`` gets none, so vmap traces it). InstanceNorm with running
+    statistics (``track_running_stats=True``) with ``train_mode=True``, and one whose ``track_running_stats`` was
+    switched off after construction in either mode (it normalizes by the input's statistics and still passes
+    its buffers to ``F.instance_norm``, which updates them). Other classes with running buffers are not
+    recognized (whether their forward writes them cannot be told without running it: a frozen BatchNorm keeps
+    them unchanged): there ``"auto"`` tries vmap and falls back with a warning."""
+    return [n for n, m in model.named_modules() if _updates_running(m, train_mode)]
+
+
+def _updates_running(m: nn.Module, train_mode: bool) -> bool:
+    """Whether ``m`` (BatchNorm or InstanceNorm) writes its running statistics in a forward (:func:`running_statistics`)."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return train_mode and m.track_running_stats and m.running_mean is not None
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm):  # use_input_stats = training or not track_running_stats
+        return m.running_mean is not None and (train_mode or not m.track_running_stats)
+    return False
 
 
 def fast_refusal(model: nn.Module, name: str, site: tuple[nn.Module, str], param: nn.Parameter,
@@ -71,8 +84,8 @@ def fast_refusal(model: nn.Module, name: str, site: tuple[nn.Module, str], param
 
 def general_engine(untraceable: dict[str, str], offloading: list[str], running: list[str] = ()) -> str:
     """The engine ``"auto"`` takes off the fast path: the per-sample loop where ``torch.func`` cannot trace the
-    model (a PEFT LoHa layer, Accelerate's offloading hooks, BatchNorm layers updating their running statistics
-    in place: ``running``, :func:`running_statistics`), ``"vmap"`` elsewhere. Chosen at binding, so "auto" makes
+    model (a PEFT LoHa layer, Accelerate's offloading hooks, BatchNorm or InstanceNorm layers updating their running
+    statistics in place: ``running``, :func:`running_statistics`), ``"vmap"`` elsewhere. Chosen at binding, so "auto" makes
     no attempt that is bound to fail and warns about no fallback of its own choosing (the loop's rows are those
     the fallback gave)."""
     return "loop" if untraceable or offloading or running else "vmap"
@@ -118,13 +131,35 @@ def refuse_fast(model: nn.Module, name: str, why: str, untraceable: dict[str, st
     raise ValueError(f"engine='fast' impossible for {name}: {why}; {instead}")
 
 
-def _other_matrix(model: nn.Module, train_mode: bool) -> str:
-    """The remedy "another matrix with a fast path" where only the fast engine can measure, unless BatchNorm by
-    batch statistics (:func:`batch_statistics`) refuses the fast path to every matrix of the model: then
-    ``train_mode=False`` where that lifts it (every such layer has running statistics), else nothing."""
-    if not batch_statistics(model, train_mode):
-        return "probe a matrix that has a fast path, or "
-    if not batch_statistics(model, False):
+def other_fast_matrix(model: nn.Module, train_mode: bool, names) -> str | None:
+    """A matrix of ``model`` (a parameter of 2 or more dimensions) in a module other than those of ``names`` whose
+    fast path gives its exact rows as far as binding can tell (:func:`fast_refusal` is ``None``: registered, not
+    tied, no BatchNorm by batch statistics), or ``None``: the "other matrices" that a refusal of ``names`` may
+    suggest (not the bias of a refused weight's module: a reason found in a pass, a sequence-first input or a
+    module never called, holds for it too). Walks the modules up to the first one found."""
+    if batch_statistics(model, train_mode):  # every matrix of the model: none has exact fast rows
+        return None
+    refused = {n.rpartition(".")[0] for n in names}
+    for prefix, mod in model.named_modules():
+        if prefix in refused:
+            continue
+        for local, p in mod.named_parameters(recurse=False):
+            name = f"{prefix}.{local}" if prefix else local
+            if (p.ndim >= 2 and fast_path_for(mod, local) is not None
+                    and fast_refusal(model, name, (mod, local), p, train_mode) is None):
+                return name
+    return None
+
+
+def _other_matrix(model: nn.Module, name: str, train_mode: bool) -> str:
+    """The remedy "another matrix with a fast path" where only the fast engine can measure ``name``: naming one
+    (:func:`other_fast_matrix`), unless BatchNorm by batch statistics (:func:`batch_statistics`) refuses the fast
+    path to every matrix of the model: then ``train_mode=False`` where that lifts it (every such layer has running
+    statistics), else nothing (also where no other matrix has a fast path)."""
+    other = other_fast_matrix(model, train_mode, [name])
+    if other is not None:
+        return f"probe another matrix that has a fast path (such as {other}, if its input is batch-first), or "
+    if batch_statistics(model, train_mode) and not batch_statistics(model, False):
         return "measure with train_mode=False (BatchNorm then normalizes by its running statistics), or "
     return ""
 
@@ -137,16 +172,17 @@ def _fast_only(model: nn.Module, name: str, general: str, train_mode: bool) -> t
     the loop (:func:`~spectral_lens._offload.refuse_offloaded`); ``None`` elsewhere."""
     if is_zero3(model.get_parameter(name)):
         return (("a parameter partitioned by DeepSpeed ZeRO stage 3 (an empty placeholder outside its module's "
-                 "forward)"), f"{_other_matrix(model, train_mode)}measure activations only (params=())",
+                 "forward)"), f"{_other_matrix(model, name, train_mode)}measure activations only (params=())",
                 "exact under ZeRO-3")
     if fsdp_sharded(model):
         return (("a model sharded with FSDP (vmap cannot trace FSDP's hooks; the loop engine's gradients are "
-                 "shards)"), f"{_other_matrix(model, train_mode)}probe an unsharded copy (docs/guide-multi-gpu.md)",
+                 "shards)"), f"{_other_matrix(model, name, train_mode)}probe an unsharded copy (docs/guide-multi-gpu.md)",
                 "exact under FSDP2")
     if general == "loop" and offloaded_names(model, [name]):
         return ("an offloaded weight (a meta placeholder outside its module's forward)",
-                ("probe a parameter that is not offloaded, or a copy of the model loaded without offloading "
-                 "(docs/guide-multi-gpu.md, Models dispatched by Accelerate)"), "exact on an offloaded weight")
+                (f"{_other_matrix(model, name, train_mode)}probe a parameter that is not offloaded, or a copy of "
+                 "the model loaded without offloading (docs/guide-multi-gpu.md, Models dispatched by Accelerate)"),
+                "exact on an offloaded weight")
     return None
 
 
@@ -177,7 +213,8 @@ def _instead(model: nn.Module, name: str, fast_why: str | None, untraceable: dic
     if style == "or":
         return "use " + " or ".join(["engine='auto'"] + [f"'{e}'" for e in (general,) if general_ok])
     if not general_ok:  # the fast path alone measures it
-        return f"use engine='auto' or 'fast' ({name} has a fast path, {only[2]})"
+        return (f"use engine='auto' or 'fast' ({name} has a fast path, {only[2]}, if its module's input is batch-first: "
+                "the sample index in dimension 0)")
     parts = ["engine='auto' (the fast path where one is registered, the per-sample loop elsewhere)"]
     if fast:
         parts.append(f"engine='fast' ({name} has a fast path)")

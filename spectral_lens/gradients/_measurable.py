@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._deepspeed import refuse_deepspeed_engine, refuse_zero3_params
+from .._deepspeed import fast_hint, refuse_deepspeed_engine, refuse_zero3_params
 from .._peft import base_prefix, has_peft_layers, saved_copies, short_name
 from ..capture import glob_to_regex, uncompiled_name, unwrap_compiled
 from ._validate import param_names
@@ -141,7 +141,8 @@ def kept_sharded(model: nn.Module):
 
 
 def refuse_fsdp(model: nn.Module, engines: dict[str, str], modules: list[nn.Module] | None = None,
-                params: dict | None = None, why_not_fast: Callable[[str], str | None] | None = None) -> None:
+                params: dict | None = None, why_not_fast: Callable[[str], str | None] | None = None,
+                other_fast: Callable[[list[str]], str | None] | None = None) -> None:
     """``ValueError`` for an FSDP-sharded model (:func:`fsdp_sharded`) whose probed matrices do not all use
     the fast engine (``engines``: parameter name -> engine), raised before any pass.
 
@@ -158,9 +159,10 @@ def refuse_fsdp(model: nn.Module, engines: dict[str, str], modules: list[nn.Modu
     caller has them (the probe at every update): then no walk over the model and no ``get_parameter`` unless
     some module is sharded (the walk with names cost ~30 us an update on a 2-block GPT once FSDP is imported).
     ``why_not_fast``: why the fast path cannot measure a parameter (``None`` where it can): under FSDP2 the
-    fast engine is suggested only where some fast path can run (as by ZeRO-3's refusal)."""
+    fast engine is suggested only where some fast path can run, for other matrices where ``other_fast`` names one
+    (as by ZeRO-3's refusal: :func:`~spectral_lens._deepspeed.fast_hint`)."""
     refuse_zero3_params({n: model.get_parameter(n) for n in engines} if params is None else params, engines,
-                        why_not_fast=why_not_fast)
+                        why_not_fast=why_not_fast, other_fast=other_fast)
     if modules is not None:
         classes = _fsdp_classes()
         if classes is None or not any(isinstance(m, classes) for m in modules):
@@ -175,7 +177,12 @@ def refuse_fsdp(model: nn.Module, engines: dict[str, str], modules: list[nn.Modu
         return
     why_fast = {n: why_not_fast(n) for n in slow} if why_not_fast is not None and not fsdp1 else {}
     no_fast = "".join(f"; the fast path cannot measure {n}: {why_fast[n]}" for n in list(slow)[:3] if why_fast.get(n))
-    fast = not slow or not all(why_fast.get(n) for n in slow)  # the fast engine suggested: for some it can run
+    if fsdp1:  # no reasons asked: every matrix is refused under FSDP1, the fast engine too
+        fast = ("probe matrices that have a fast path (nn.Linear, transformers' Conv1D; not tied) with engine='auto' "
+                "or 'fast' there (exact under FSDP2, where every rank runs every pass), or ")
+    else:
+        fast = fast_hint(list(slow), why_fast, other_fast, "exact under FSDP2, where every rank runs every pass")
+        fast += ", or " if fast else ""
     why = ("the probe does not measure FSDP1's FullyShardedDataParallel: outside its forward a parameter is a view "
            "of this rank's shard (empty where the shard holds none of a matrix), which the probe would size and read "
            "wrongly; shard with FSDP2's fully_shard (there the fast engine measures exactly)" if fsdp1 else
@@ -183,9 +190,7 @@ def refuse_fsdp(model: nn.Module, engines: dict[str, str], modules: list[nn.Modu
            f"model (vmap cannot trace FSDP's hooks; the loop engine's gradients are shards){no_fast}")
     raise ValueError(
         f"PerSampleGradientProbe: {type(model).__name__} is sharded with FSDP (fully_shard or FullyShardedDataParallel "
-        f"on {', '.join(shown)}): {why}. Instead: {'shard with fully_shard and ' if fsdp1 else ''}"
-        + ("probe matrices that have a fast path (nn.Linear, transformers' Conv1D; not tied) with engine='auto' or "
-           f"'fast' {'there ' if fsdp1 else ''}(exact under FSDP2, where every rank runs every pass), or " if fast else "")
+        f"on {', '.join(shown)}): {why}. Instead: {'shard with fully_shard and ' if fsdp1 else ''}{fast}"
         + "measure activations only (SpectralLens(model, pool, params=())), or probe an unsharded copy: on every rank, "
         "full = torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
         "full_state_dict=True)); load it into a plain model of the same architecture and probe that "

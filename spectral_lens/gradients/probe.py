@@ -33,7 +33,8 @@ from ._isolation import (cuda_devices, forked_rng, module_list, parameter_list, 
 from ._validate import finite_rows, half_hint, nonfinite_loss_message
 from ..spectrum import Spectrum
 from ..spectra.eigen import all_finite
-from ._engine_choice import choose_engine, fast_refusal, general_engine, refuse_fast
+from ._engine_choice import (choose_engine, fast_refusal, general_engine, other_fast_matrix, refuse_fast,
+                             running_statistics)
 from ._batch import _autograd_usable, batch_as_run, batch_size, default_forward, map_tensors, slice_batch
 from . import cast_cache
 from .engines import LossScale, fast_engine, loop_engine
@@ -420,7 +421,7 @@ class PerSampleGradientProbe:
     def _choose_engines(self) -> None:
         """Every probed parameter's engine, then the refusals that depend on them (FSDP, tensor parallelism)."""
         self.engines_ = {n: self._choose_engine(n) for n in self.params}
-        refuse_fsdp(self.model, self.engines_, why_not_fast=self._why_not_fast())
+        refuse_fsdp(self.model, self.engines_, why_not_fast=self._why_not_fast(), other_fast=self._other_fast)
         refuse_tensor_parallel_params(self.model, self.params)
 
     def _choose_engine(self, name: str) -> str:
@@ -437,9 +438,14 @@ class PerSampleGradientProbe:
                                                               self.train_mode)
         return why
 
+    def _other_fast(self, refused: list[str]) -> str | None:
+        """Another parameter of the model whose fast path can run (:func:`~._engine_choice.other_fast_matrix`), for
+        the refusals that suggest "other matrices" when the refused parameters' own fast paths cannot."""
+        return other_fast_matrix(self.model, self.train_mode, refused)
+
     def _refuse_offloaded(self, unusable: dict[str, str] | None = None) -> None:
         """:func:`~spectral_lens._offload.refuse_offloaded`, told :meth:`_why_not_fast`."""
-        refuse_offloaded(self.model, self.engines_, why_not_fast=self._why_not_fast(unusable))
+        refuse_offloaded(self.model, self.engines_, why_not_fast=self._why_not_fast(unusable), other_fast=self._other_fast)
 
     def _forget_head_loss(self) -> None:
         """Drop the head-loss decision (the model, its layers or the adapter changed): made again as at binding."""
@@ -588,7 +594,7 @@ class PerSampleGradientProbe:
         # is seen as before
         modules = module_list(self.model)
         # sharded after the probe was bound (fully_shard works in place): found in the module list (no walk)
-        refuse_fsdp(self.model, self.engines_, modules, self.params, self._why_not_fast())
+        refuse_fsdp(self.model, self.engines_, modules, self.params, self._why_not_fast(), self._other_fast)
         # partitioned after binding (ZeRO-3 partitions every parameter, so the probed ones tell: no walk over the
         # model's modules on every update, ~0.2 ms on a GPT-2-sized model)
         if (self.head_loss_ or "chunked").startswith("chunked") and any(is_zero3(p) for p in self.params.values()):
@@ -701,10 +707,13 @@ class PerSampleGradientProbe:
             for k, why in not_called.items():
                 if self.engine == "fast":
                     refuse_fast(self.model, k, why, self._untraceable, self._offloading, train_mode=self.train_mode)
-                # the loop where vmap cannot trace the model (Accelerate's hooks, a PEFT LoHa layer), as "auto" chooses
-                self.engines_[k] = general_engine(self._untraceable, self._offloading)
+                # the loop where vmap cannot trace the model (Accelerate's hooks, a PEFT LoHa layer, running statistics
+                # updated in place), as "auto" chooses at binding
+                self.engines_[k] = general_engine(self._untraceable, self._offloading,
+                                                  running_statistics(self.model, self.train_mode))
             if not_called:  # vmap cannot measure a ZeRO-3, FSDP-sharded or offloaded parameter: refused before its pass
-                refuse_fsdp(self.model, self.engines_, params=self.params, why_not_fast=self._why_not_fast(not_called))
+                refuse_fsdp(self.model, self.engines_, params=self.params, why_not_fast=self._why_not_fast(not_called),
+                            other_fast=self._other_fast)
                 self._refuse_offloaded(not_called)
         forward_fn, loss_fn = self._loss_fns()  # decided by now (by the fast engine's forward, or before)
         for kind in ("vmap", "loop"):

@@ -89,18 +89,27 @@ def register_fast_path_by_name(
     return add if fn is None else add(fn)
 
 
+#: The classes that torch's composable APIs mix into a module's class, each with the prefix of the new class's name:
+#: FSDP2's ``fully_shard`` (``FSDPModule``, ``"FSDP"``), ``torch.distributed._composable.replicate`` (``DDP``,
+#: ``"DDP"``) and the FSDP2-based ``replicate`` (``ReplicateModule``, ``"Replicate"``).
+_COMPOSABLE_MIXINS = {"FSDPModule": "FSDP", "DDP": "DDP", "ReplicateModule": "Replicate"}
+
+
 def fsdp2_base(cls: type) -> type:
-    """The class that FSDP2's ``fully_shard`` mixed ``FSDPModule`` into, else ``cls`` itself.
+    """The class that FSDP2's ``fully_shard`` or the composable ``replicate`` mixed its class into, else ``cls``.
 
     ``fully_shard(module)`` swaps the module's class for ``type("FSDP" + name, (FSDPModule, cls), ...)``
-    (``nn.Linear`` -> ``FSDPLinear``), which adds collectives around the forward but no forward of its own:
-    the fast path of ``cls`` measures it as before (without this, a ``fully_shard``-ed layer had none, and
-    under FSDP no other engine can measure it). Matched by the mixin's name and package, so FSDP is never
-    imported here; a subclass of that class (or one that defines ``forward``) is not unwrapped.
+    (``nn.Linear`` -> ``FSDPLinear``), and ``torch.distributed._composable.replicate`` likewise for
+    ``DDP`` + name (``DDPLinear``; the FSDP2-based ``replicate``: ``Replicate`` + name), which add hooks and
+    collectives around the forward but no forward of their own: the fast path of ``cls`` measures it as before
+    (without this, such a layer had none, and under FSDP no other engine can measure it). Matched by the mixin's
+    name and package, so torch.distributed is never imported here; a subclass of that class (or one that defines
+    ``forward``) is not unwrapped.
     """
     bases = cls.__bases__
-    if (len(bases) == 2 and bases[0].__name__ == "FSDPModule" and bases[0].__module__.startswith("torch.distributed.")
-            and "forward" not in cls.__dict__ and cls.__name__ == "FSDP" + bases[1].__name__):
+    if (len(bases) == 2 and bases[0].__module__.startswith("torch.distributed.")
+            and bases[0].__name__ in _COMPOSABLE_MIXINS and "forward" not in cls.__dict__
+            and cls.__name__ == _COMPOSABLE_MIXINS[bases[0].__name__] + bases[1].__name__):
         return bases[1]
     return cls
 
@@ -109,8 +118,8 @@ def fast_path_for(module: nn.Module, param_name: str) -> FastPath | None:
     """The fast path handling ``module.<param_name>``, or ``None`` (then the generic engine is used).
 
     Looked up by exact type in :data:`FAST_PATHS`, then by ``(__module__, __qualname__)`` in
-    :data:`FAST_PATHS_BY_NAME`; a module that FSDP2's ``fully_shard`` was applied to directly is looked up
-    by the class it was (:func:`fsdp2_base`).
+    :data:`FAST_PATHS_BY_NAME`; a module that FSDP2's ``fully_shard`` or the composable ``replicate`` was applied
+    to directly is looked up by the class it was (:func:`fsdp2_base`).
     """
     cls = fsdp2_base(type(module))
     entry = FAST_PATHS.get(cls)
