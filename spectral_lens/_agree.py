@@ -105,6 +105,20 @@ def model_cuda_device(model) -> torch.device | None:
     return found.pop() if len(found) == 1 else None
 
 
+@contextlib.contextmanager
+def _own_collectives(error: BaseException | None, what: str):
+    """Around an agreement's own collectives: where one fails (a rank left the others in a collective: the
+    process-group timeout), no later agreement is tried (:func:`mark_out_of_step`), and this rank's own
+    ``error``, if any, is what it raises (the collective's error stays attached as ``__context__``)."""
+    try:
+        yield
+    except Exception as exc:
+        mark_out_of_step(exc, what, failed=False)
+        if error is None:
+            raise
+        raise mark_out_of_step(error, what, failed=False)  # noqa: B904 (the collective's error is the context)
+
+
 def agree(group, error: BaseException | None, what: str) -> None:
     """Collective agreement on this rank's local work before the next collective phase.
 
@@ -124,15 +138,8 @@ def agree(group, error: BaseException | None, what: str) -> None:
 
         flags = torch.zeros(world, dtype=torch.int64, device=collective_device(group))
         flags[rank] = 0 if error is None else 2 if isinstance(error, NonFiniteError) else 1
-        try:
+        with _own_collectives(error, what):
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-        except Exception as exc:
-            # the agreement itself failed (a rank left the others in a collective: the process-group
-            # timeout); no later agreement is tried. A failed rank's own error is the cause
-            mark_out_of_step(exc, what, failed=False)
-            if error is None:
-                raise
-            raise mark_out_of_step(error, what, failed=False)  # the collective's error stays attached as __context__
         if error is None:
             codes = flags.tolist()
             _raise_failed(group, [r for r, f in enumerate(codes) if f], what,
@@ -193,7 +200,7 @@ def agree_built(group, error: BaseException | None, what: str, model=None) -> No
     dev = built_device(group, model)
     flags = torch.zeros(world, dtype=torch.int64, device=dev)
     flags[rank] = int(error is not None)
-    try:
+    with _own_collectives(error, what):
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         failed = [r for r, f in enumerate(flags.tolist()) if f]
         if failed:  # every rank is here: the text of each failed rank's error, in its own row
@@ -202,11 +209,6 @@ def agree_built(group, error: BaseException | None, what: str, model=None) -> No
                 mine = f"{type(error).__name__}: {error}".encode()[:CAUSE_BYTES]
                 text[rank, :len(mine)] = torch.tensor(list(mine), dtype=torch.int32)
             dist.all_reduce(text, op=dist.ReduceOp.MAX, group=group)
-    except Exception as exc:  # as in agree: no later agreement; this rank's own error is the cause
-        mark_out_of_step(exc, what, failed=False)
-        if error is None:
-            raise
-        raise mark_out_of_step(error, what, failed=False)
     if error is not None:
         raise error
     if failed:
@@ -259,13 +261,8 @@ def agree_round(group, count: int, digest: int, error: BaseException | None, wha
     slots = torch.zeros(2 * world, dtype=torch.int64, device=collective_device(group))
     slots[rank] = 0 if error is not None else count + 1  # 0: failed (the other ranks' slots are 0 here)
     slots[world + rank] = digest if error is None else 2 if isinstance(error, NonFiniteError) else 1
-    try:
+    with _own_collectives(error, what):
         dist.all_reduce(slots, op=dist.ReduceOp.MAX, group=group)
-    except Exception as exc:  # as in agree: no later agreement; this rank's own error is the cause
-        mark_out_of_step(exc, what, failed=False)
-        if error is None:
-            raise
-        raise mark_out_of_step(error, what, failed=False)
     if error is not None:
         raise error
     values = slots.tolist()
