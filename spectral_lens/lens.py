@@ -97,6 +97,24 @@ class LensMeasurement:
         return out
 
 
+def _checked_group(group):
+    """``group`` if it is ``None`` or a ``torch.distributed`` process group; else a ``TypeError`` saying what to
+    pass (a ``DeviceMesh`` was accepted here and failed at the first ``measure`` with torch's "Group ... is not
+    registered")."""
+    if group is None:
+        return group
+    import torch.distributed as dist
+
+    if dist.is_available() and (isinstance(group, dist.ProcessGroup) or group is dist.GroupMember.NON_GROUP_MEMBER
+                                or (type(group) is int and group == dist.GroupMember.NON_GROUP_MEMBER)):
+        return group  # (new_group gives the ranks outside it NON_GROUP_MEMBER, an int)
+    kind = type(group).__name__
+    hint = ("pass one of its dimensions' process group, e.g. mesh['dp'].get_group() (mesh.get_group() for a "
+            "1-D mesh)" if kind == "DeviceMesh" else "pass a group made by torch.distributed.new_group, or leave "
+            "group= out (the whole world)")
+    raise TypeError(f"SpectralLens: group= takes a torch.distributed process group, got {kind}: {hint}")
+
+
 class SpectralLens:
     """Measure activation and per-sample gradient spectra of a model over a fixed held-out pool.
 
@@ -155,7 +173,8 @@ class SpectralLens:
             layer stack (:func:`~spectral_lens.tail_window`) and ``(10, 40)``. Under ``torch.distributed`` every
             rank summarizes with the group's rank 0 windows (the rank with the writer).
         group: ``torch.distributed`` process group (default: the whole world once it is
-            initialized). Every rank of the group calls ``measure`` together; a rank outside it
+            initialized; anything else, a ``DeviceMesh`` included, is a ``TypeError``: pass
+            ``mesh["dp"].get_group()``). Every rank of the group calls ``measure`` together; a rank outside it
             raises ``ValueError``. Each rank runs the activation pass on its share of the pool
             (batch ``i`` goes to group rank ``i % world``; a rank without a batch joins with zero
             rows) and statistics are synced; the gradient protocol runs on the group's rank 0 over
@@ -305,7 +324,7 @@ class SpectralLens:
                     )
             self.tail_window = None if tail_window is None else tuple(tail_window)
             self.head_window = None if head_window is None else tuple(head_window)
-            self.group = group
+            self.group = _checked_group(group)
             self.model: nn.Module | None = None
             self.layers = None
             self.probe: PerSampleGradientProbe | None = probe
