@@ -229,6 +229,17 @@ def _is_training(scalars: Mapping[str, Any]) -> bool:
     return any(scalars.get(k) is not None for k in _TRAINING_KEYS)
 
 
+def _trains_again(scalars: Mapping[str, Any], step: int, held: Mapping[int, bool]) -> bool:
+    """Whether a line of training (:func:`_is_training`) with ``scalars`` at ``step`` trains that step again, given
+    ``held``: the steps of the record's training lines before, each with whether one of them had a
+    ``train_loss``. A ``tokens_per_s`` (measured only while training) where the record held a training line; a
+    ``train_loss`` only where it held a ``train_loss``: ``trainer_state.log_history`` backfills the losses the
+    record lacks (a loop that logged only its throughput), never one where it holds one, and no throughput."""
+    if step not in held:
+        return False
+    return scalars.get("tokens_per_s") is not None or (scalars.get("train_loss") is not None and held[step])
+
+
 def _went_on(resumed_at: int | None, max_tokens: int | None, dropped: bool, *, trained: bool = False) -> bool:
     """Whether a writer that resumed a failed run went on with the training (see :func:`_settled`): it ran
     ``drop_after`` (``dropped``), trained a step again (``trained``: logged a line of training,

@@ -31,6 +31,7 @@ from ._status import (  # the status lifecycle (see _status)
     _is_marked,
     _is_training,
     _stale_running,
+    _trains_again,
     _went_on,
     _withdraw_marks,
 )
@@ -129,7 +130,7 @@ class RunWriter:
         self._max_tokens: int | None = None  # the largest tokens of a line this writer appended
         self._dropped = False  # drop_after ran: the training resumed from a checkpoint
         self._trained = False  # it trained a step again (see _retrained, _status._went_on)
-        self._trained_before: set[int] | None = None  # steps of the record's training lines before (_retrained)
+        self._trained_before: dict[int, bool] | None = None  # steps of the record's training lines before (_retrained)
         run_file = self.path / RUN_FILE
         if not run_file.exists():  # a new run: check the arguments before creating its directory
             if info is None:
@@ -347,22 +348,24 @@ class RunWriter:
         self._appended(event["tokens"])
         if (self._withdrawn is not None and not self._trained and _is_training(scalars)  # read only while it
                 and not _went_on(self._resumed_at, self._max_tokens, self._dropped)):  # tells (see _retrained)
-            self._trained = self._retrained(event["step"])
+            self._trained = self._retrained(event["step"], scalars)
 
     def _appended(self, tokens: int) -> None:
         """Note a line this writer appended at ``tokens`` (see :meth:`_settle`)."""
         self._max_tokens = tokens if self._max_tokens is None else max(self._max_tokens, tokens)
 
-    def _retrained(self, step: int) -> bool:
-        """Whether the record held a line of training (``_status._is_training``) at ``step`` when this writer
-        opened (or in what its :meth:`drop_after` kept): a writer that resumed a failed run and logs training
-        there trains that step again (a restart from an earlier checkpoint without ``drop_after``), so it went
-        on with the training, wherever the record ended (see :meth:`_settle`). A training line at a step the
-        record lacks, before its end, is not: ``trainer_state.log_history`` backfills a checkpoint's curves so,
-        writing only what the record lacks. The steps are read once, line by line, within the bytes
-        ``log.jsonl`` held then (a file that cannot be read holds none)."""
+    def _retrained(self, step: int, scalars: Mapping[str, Any]) -> bool:
+        """Whether the line of training (``_status._is_training``) with ``scalars`` at ``step`` trains that step
+        again (``_status._trains_again``: a training line the record held there when this writer opened, or in
+        what its :meth:`drop_after` kept): a writer that resumed a failed run does so when it restarts from an
+        earlier checkpoint without ``drop_after``, so it went on with the training, wherever the record ended
+        (see :meth:`_settle`). A training line at a step the record lacks, before its end, is not:
+        ``trainer_state.log_history`` backfills a checkpoint's curves so, writing only what the record lacks.
+        Only the lines :meth:`RunRecord.open` keeps count (``log_history`` reads the record with it: a line it
+        refuses, another tool's, is no loss held there, and the backfill writes one). The steps are read once,
+        line by line, within the bytes ``log.jsonl`` held then (a file that cannot be read holds none)."""
         if self._trained_before is None:
-            steps: set[int] = set()
+            held: dict[int, bool] = {}
             size = self._before.get(LOG_FILE, 0)
             try:
                 with open(self.path / LOG_FILE, "rb") as fh:
@@ -372,12 +375,12 @@ class RunWriter:
                         if read > size:  # past what the file held when this writer opened: its own lines
                             break
                         obj = _json_object(raw)
-                        if obj is not None and _int_step(obj) is not None and _is_training(obj):
-                            steps.add(obj["step"])
+                        if obj is not None and _is_training(obj) and _event_problem(obj) is None:
+                            held[obj["step"]] = held.get(obj["step"], False) or obj.get("train_loss") is not None
             except OSError:
                 pass
-            self._trained_before = steps
-        return step in self._trained_before
+            self._trained_before = held
+        return _trains_again(scalars, step, self._trained_before)
 
     def _spectrum_file(self, step: int, name: str, taken: set[str]) -> str:
         base = f"{int(step):08d}_{_safe_name(name)}"

@@ -46,6 +46,9 @@ _action = st.one_of(
     st.tuples(st.just("status"), st.sampled_from(["complete", "diverged", "running"])),
     st.tuples(st.just("jump"), st.integers(0, 3)),  # a large step forward: toward 95% of the budget
     st.tuples(st.just("back"), st.integers(1, 3)),  # review 24: a restart from an earlier checkpoint, no drop_after
+    # review 24 (audit-rev-records): a line of throughput only (a loop's), and an evaluation's val_loss event
+    st.tuples(st.just("tps"), st.integers(0, 3)),
+    st.tuples(st.just("eval"), st.integers(0, 3)),
 )
 _end = st.sampled_from(["clean", "raise", "exit0", "close", "kill", "kill_partial", "kill_partial_m"])
 _session = st.tuples(st.lists(_action, max_size=5), _end)
@@ -80,13 +83,31 @@ class _Run:
                     out = t if out is None else max(out, t)
         return out
 
-    def trained_steps(self) -> set:
-        """The steps of the whole lines of ``log.jsonl`` with a ``train_loss`` (lines of training)."""
+    def last_end(self):
+        """The tokens where the writer reads that the record ends (``RunWriter._record_end``): the larger of each
+        file's last whole line with integer step and tokens (after a ``back``, less than :meth:`end`)."""
+        out = None
+        for name in ("log.jsonl", "measurements.jsonl"):
+            p = self.path / name
+            for raw in reversed(p.read_bytes().split(b"\n")[:-1] if p.exists() else []):
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(line, dict) and isinstance(line.get("step"), int) and isinstance(line.get("tokens"), int):
+                    out = line["tokens"] if out is None else max(out, line["tokens"])
+                    break
+        return out
+
+    def trained_steps(self, key: str | None = "train_loss") -> set:
+        """The steps of the whole lines of ``log.jsonl`` with a ``key`` (``None``: a ``train_loss`` or a
+        ``tokens_per_s``, any line of training)."""
         p, out = self.path / "log.jsonl", set()
         for raw in p.read_bytes().split(b"\n")[:-1] if p.exists() else ():
             with contextlib.suppress(ValueError):
                 line = json.loads(raw)
-                if line.get("train_loss") is not None and isinstance(line.get("step"), int):
+                if any(line.get(k) is not None for k in ((key,) if key else ("train_loss", "tokens_per_s"))) \
+                        and isinstance(line.get("step"), int):
                     out.add(line["step"])
         return out
 
@@ -95,7 +116,7 @@ class _Run:
         new = not run_file.exists()
         w = (RunWriter(self.path, RunInfo("r", total_tokens=TOTAL), fsync=False, tail_window=(2, 10)) if new
              else RunWriter(self.path, resume=True, fsync=False))
-        before, at_open, trained = self.extras(), self.end(), self.trained_steps()
+        before, at_open, trained, any_trained = self.extras(), self.last_end(), self.trained_steps(), self.trained_steps(None)
         # the failure this writer withdraws: a failed run resumed, or a killed writer's "running" taken over
         last = (before.get("failure_history") or [None])[-1]
         withdraws = (before.get("failure") if before.get("status") == "failed" else
@@ -105,17 +126,23 @@ class _Run:
         said_status, said, went_on = False, None, False
         for act in actions:
             kind = act[0]
-            if kind in ("log", "jump", "measure"):
+            if kind in ("log", "jump", "measure", "tps", "eval"):
                 self.tokens += 100 * act[1] * (25 if kind == "jump" else 1)
                 step = self.tokens // 100
                 if kind == "measure":
                     w.log_measurement(step, self.tokens, {"act": _spec()} if act[2] else None, val_loss=2.0)
+                elif kind == "tps":
+                    w.log(step, self.tokens, tokens_per_s=5e5)
+                elif kind == "eval":
+                    w.log(step, self.tokens, val_loss=2.0)
                 else:
                     w.log(step, self.tokens, train_loss=1.0)
-                # review 24: a line of training (train_loss) at a step the record held one at trains it again
-                # (goes on wherever its tokens); other lines go on past the record's end only
+                # review 24: a line of training at a step the record held one at trains it again (goes on
+                # wherever its tokens): a train_loss where it held a train_loss, a tokens_per_s where it held
+                # either (audit-rev-records); other lines go on past the record's end only
                 went_on = (went_on or at_open is None or self.tokens > at_open
-                           or (kind != "measure" and step in trained))
+                           or (kind in ("log", "jump") and step in trained)
+                           or (kind == "tps" and step in any_trained))
             elif kind == "back":
                 self.tokens = max(self.tokens - 100 * act[1], 0)
             elif kind == "drop":
@@ -146,6 +173,9 @@ class _Run:
                     sys.exit(0)
         if sets_running and not said_status:
             assert self.extras().get("status") != "running", (before, self.extras())
+            # audit-rev-records: and nothing else goes on: a clean close that did not go on restores the failure
+            if end != "raise":
+                assert (self.extras().get("status") == "failed") == (not went_on), (before, went_on, self.extras())
         # review 24: no "running" outlives a clean close but one the writer said itself (no writer holds it)
         if said != "running":
             assert self.extras().get("status") != "running", (before, said, self.extras())
@@ -208,6 +238,8 @@ _PINNED = [
     [([("log", 1), ("status", "running")], "clean"), ([], "close")],
     [([("log", 1)], "raise"), ([("log", 1)], "clean"), ([("log", 1), ("status", "running")], "clean"),
      ([], "exit0")],
+    # audit-rev-records: a loss backfilled where the record held only a throughput went on (cleared the failure)
+    [([("tps", 1), ("tps", 1)], "raise"), ([("back", 1), ("log", 0)], "clean")],
 ]
 
 
