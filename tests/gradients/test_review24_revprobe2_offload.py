@@ -58,3 +58,20 @@ def test_offload_loha_builds_are_finite_and_equal(setting):
             out = model(AUDIT.BATCH)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("param", ["o.weight", "head.weight"])
+def test_the_probe_on_the_offloaded_loha_model_gives_the_models_rows(param):
+    """The fast engine on the offloaded model (``head.weight`` in the store of the hook that places the LoHa
+    layer's submodules) against the loop on the float64 model without offloading."""
+    pytest.importorskip("accelerate", reason="the hf extra installs accelerate")
+    import spectral_lens as sl
+
+    rows = {}
+    for setting, engine in (("loha", "loop"), ("offload+loha", "auto")):
+        model, _ = AUDIT.build(setting)
+        probe = sl.PerSampleGradientProbe(model, params=param, engine=engine, keep_matrix=True, **AUDIT.KW)
+        probe.update(AUDIT.BATCH)
+        rows[setting] = probe.matrix().double()
+        assert set(probe.engines_.values()) == {engine if setting == "loha" else "fast"}
+    torch.testing.assert_close(rows["offload+loha"], rows["loha"], rtol=1e-12, atol=1e-14)
