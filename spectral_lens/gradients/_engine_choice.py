@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .._deepspeed import is_zero3
+from .._deepspeed import is_zero3, whole_shape
 from .._offload import offloaded_names, untied_names
 from ._measurable import _fsdp_classes, fsdp_sharded
 from .registry import fast_path_for
@@ -132,9 +132,10 @@ def refuse_fast(model: nn.Module, name: str, why: str, untraceable: dict[str, st
 
 
 def other_fast_matrix(model: nn.Module, train_mode: bool, names) -> str | None:
-    """A matrix of ``model`` (a parameter of 2 or more dimensions) in a module other than those of ``names`` whose
-    fast path gives its exact rows as far as binding can tell (:func:`fast_refusal` is ``None``: registered, not
-    tied, no BatchNorm by batch statistics), or ``None``: the "other matrices" that a refusal of ``names`` may
+    """A matrix of ``model`` (a parameter of 2 or more dimensions by its whole shape: a ZeRO-3 placeholder is 1-D
+    outside a forward) in a module other than those of ``names`` whose fast path gives its exact rows as far as
+    binding can tell (:func:`fast_refusal` is ``None``: registered, not tied, no BatchNorm by batch statistics),
+    or ``None``: the "other matrices" that a refusal of ``names`` may
     suggest (not the bias of a refused weight's module: a reason found in a pass, a sequence-first input or a
     module never called, holds for it too). Walks the modules up to the first one found."""
     if batch_statistics(model, train_mode):  # every matrix of the model: none has exact fast rows
@@ -145,7 +146,7 @@ def other_fast_matrix(model: nn.Module, train_mode: bool, names) -> str | None:
             continue
         for local, p in mod.named_parameters(recurse=False):
             name = f"{prefix}.{local}" if prefix else local
-            if (p.ndim >= 2 and fast_path_for(mod, local) is not None
+            if (len(whole_shape(p)) >= 2 and fast_path_for(mod, local) is not None
                     and fast_refusal(model, name, (mod, local), p, train_mode) is None):
                 return name
     return None
