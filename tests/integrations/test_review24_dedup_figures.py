@@ -12,8 +12,8 @@ import spectral_lens as sl
 
 pytest.importorskip("matplotlib", reason="the plot extra is not installed")
 wandb = pytest.importorskip("wandb", reason="the wandb extra is not installed")
-from spectral_lens.integrations import TensorBoardSink, WandbSink  # noqa: E402
-from spectral_lens.integrations._figure import spectrum_image  # noqa: E402
+from spectral_lens.integrations import TensorBoardSink, WandbSink
+from spectral_lens.integrations._figure import spectrum_image
 
 
 class _Run:
