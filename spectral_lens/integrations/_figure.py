@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from ..spectrum import Spectrum
@@ -34,3 +36,11 @@ def spectrum_image(spectrum: Spectrum, title: str, tail=None, head=None) -> np.n
     ax.set_title(title, fontsize=8)
     fig.canvas.draw()
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def measurement_images(measurement, tail=None, head=None, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+    """``(tag, image)`` for each spectrum of ``measurement``: ``<prefix><spectrum>/spectrum`` and its
+    :func:`spectrum_image` titled ``<spectrum> @ step <step>``, the figures every sink logs alike."""
+    step = int(measurement.step)
+    for name, spectrum in measurement.spectra.items():
+        yield f"{prefix}{name}/spectrum", spectrum_image(spectrum, f"{name} @ step {step}", tail, head)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..lens import LensMeasurement
-from ._figure import spectrum_image
+from ._figure import measurement_images
 from ._require import require
 from .summaries import measurement_scalars
 
@@ -71,9 +71,8 @@ class TensorBoardSink:
         for tag, value in measurement_scalars(measurement, tail, head, self.prefix).items():
             self.writer.add_scalar(tag, value, global_step=step)
         if self.figures:
-            for name, spectrum in measurement.spectra.items():
-                image = spectrum_image(spectrum, f"{name} @ step {step}", tail, head)
-                self.writer.add_image(f"{self.prefix}{name}/spectrum", image, global_step=step, dataformats="HWC")
+            for tag, image in measurement_images(measurement, tail, head, self.prefix):
+                self.writer.add_image(tag, image, global_step=step, dataformats="HWC")
         self.writer.flush()
 
     def log_val_loss(self, step: int, val_loss: float) -> None:

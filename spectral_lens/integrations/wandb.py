@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..lens import LensMeasurement
-from ._figure import spectrum_image
+from ._figure import measurement_images
 from ._require import require
 from .summaries import measurement_scalars
 
@@ -52,9 +52,8 @@ class WandbSink:
         data: dict = dict(measurement_scalars(measurement, tail, head, self.prefix))
         data[f"{self.prefix}step"] = int(measurement.step)
         if self.figures:
-            for name, spectrum in measurement.spectra.items():
-                image = spectrum_image(spectrum, f"{name} @ step {measurement.step}", tail, head)
-                data[f"{self.prefix}{name}/spectrum"] = self._wandb.Image(image)
+            for tag, image in measurement_images(measurement, tail, head, self.prefix):
+                data[tag] = self._wandb.Image(image)
         self.run.log(data)
 
     def log_val_loss(self, step: int, val_loss: float) -> None:

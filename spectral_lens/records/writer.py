@@ -9,7 +9,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -368,15 +368,10 @@ class RunWriter:
             held: dict[int, bool] = {}
             size = self._before.get(LOG_FILE, 0)
             try:
-                with open(self.path / LOG_FILE, "rb") as fh:
-                    read = 0
-                    for raw in fh:
-                        read += len(raw)
-                        if read > size:  # past what the file held when this writer opened: its own lines
-                            break
-                        obj = _json_object(raw)
-                        if obj is not None and _is_training(obj) and _event_problem(obj) is None:
-                            held[obj["step"]] = held.get(obj["step"], False) or obj.get("train_loss") is not None
+                for raw in _lines_held(self.path / LOG_FILE, size):
+                    obj = _json_object(raw)
+                    if obj is not None and _is_training(obj) and _event_problem(obj) is None:
+                        held[obj["step"]] = held.get(obj["step"], False) or obj.get("train_loss") is not None
             except OSError:
                 pass
             self._trained_before = held
@@ -821,14 +816,9 @@ class RunWriter:
             return False
         for name, size in self._before.items():
             try:
-                with open(self.path / name, "rb") as fh:
-                    read = 0
-                    for raw in fh:
-                        read += len(raw)
-                        if read > size:  # past what the file held when this writer opened: its own lines
-                            break
-                        if b'"tokens"' in raw and self._counts(name, raw, total):
-                            return True
+                for raw in _lines_held(self.path / name, size):
+                    if b'"tokens"' in raw and self._counts(name, raw, total):
+                        return True
             except OSError:
                 continue
         return False
@@ -884,6 +874,19 @@ def _lock_run_dir(path: Path) -> int | None:
 
 #: Event keys the reader requires to be numbers (see ``RunRecord.open``).
 _NUMERIC_EVENT_KEYS = ("val_loss", "train_loss", "tokens_per_s")
+
+
+def _lines_held(file: Path, size: int) -> Iterator[bytes]:
+    """The lines of ``file`` (newline kept) within its first ``size`` bytes, read one at a time (bounded
+    memory): what it held when the writer opened it (``RunWriter._before``), not the lines appended since.
+    An ``OSError`` (a file that cannot be opened or read) is the caller's."""
+    with open(file, "rb") as fh:
+        read = 0
+        for raw in fh:
+            read += len(raw)
+            if read > size:  # past what the file held when the writer opened: its own lines
+                return
+            yield raw
 
 
 def _count_arg(value: Any, method: str, what: str) -> int:
