@@ -47,6 +47,14 @@ def collective_device(group, model=None) -> torch.device:
     formed by every rank, whose ranks must be on different GPUs (a model moved to ``cuda:{local_rank}`` without
     ``set_device`` leaves the current device ``cuda:0`` on every rank: two ranks on one GPU fail or wait), and a
     group bound with ``device_id=`` takes collectives on that device only."""
+    return _device(group, model, guess=False)
+
+
+def _device(group, model, guess: bool) -> torch.device:
+    """:func:`collective_device` (``guess``: :func:`built_device`, guessing ``LOCAL_RANK``'s GPU where CUDA is
+    not initialized yet)."""
+    import os
+
     import torch.distributed as dist
 
     if dist.get_backend(group) != "nccl":
@@ -57,6 +65,10 @@ def collective_device(group, model=None) -> torch.device:
     held = model_cuda_device(model)
     if held is not None:
         return held
+    if guess and not torch.cuda.is_initialized() and torch.cuda.device_count() > 0:
+        local = os.environ.get("LOCAL_RANK", "")
+        index = int(local) if local.isdigit() else dist.get_rank()
+        return torch.device("cuda", index % torch.cuda.device_count())
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -78,22 +90,13 @@ def bound_device(group) -> torch.device | None:
 def built_device(group, model) -> torch.device:
     """Where the constructor's agreement (:func:`agree_built`) takes its tensors. Not NCCL: the CPU. NCCL: the
     bound device (:func:`bound_device`); else the one CUDA device holding ``model``'s parameters and buffers
-    (:func:`model_cuda_device`); else (:func:`collective_device`'s rule, and one more step), where CUDA is not initialized in this process yet (no ``set_device``, no
+    (:func:`model_cuda_device`); else, where CUDA is not initialized in this process yet (no ``set_device``, no
     CUDA tensor), device ``LOCAL_RANK`` (else the global rank) modulo the device count, much as torch's NCCL
-    ``barrier`` guesses; else the current device. Why: a lens is often built before
+    ``barrier`` guesses; else the current device (:func:`collective_device`'s rule, that guess added). Why: a lens is often built before
     ``torch.cuda.set_device(local_rank)`` (which ``measure`` needs); the current device is then ``cuda:0`` on
     every rank, and an NCCL collective there fails (two ranks on one GPU) or waits, and puts a CUDA context
     on GPU 0 for every rank, where before the constructor made no collective."""
-    import os
-
-    import torch.distributed as dist
-
-    if (dist.get_backend(group) == "nccl" and bound_device(group) is None and model_cuda_device(model) is None
-            and not torch.cuda.is_initialized() and torch.cuda.device_count() > 0):
-        local = os.environ.get("LOCAL_RANK", "")
-        index = int(local) if local.isdigit() else dist.get_rank()
-        return torch.device("cuda", index % torch.cuda.device_count())
-    return collective_device(group, model)
+    return _device(group, model, guess=True)
 
 
 def model_cuda_device(model) -> torch.device | None:
@@ -500,6 +503,6 @@ def from_rank0(group, value, model=None):
         shared = [value]
         src = 0 if group is None else dist.get_global_rank(group, 0)  # src is a global rank
         dev = collective_device(group, model)
-        dist.broadcast_object_list(shared, src=src, group=group, device=dev if dev.type == "cuda" else None)
+        dist.broadcast_object_list(shared, src=src, group=group, **({"device": dev} if dev.type == "cuda" else {}))
         value = shared[0]
     return value
