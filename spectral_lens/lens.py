@@ -801,7 +801,7 @@ class SpectralLens:
                 batches = gradient_batches(self.gradient_pool, self.gradient_samples, self.probe.forward_fn)
                 everywhere = self._everywhere()
                 if everywhere:  # every rank runs these passes: the pools compared as they go
-                    batches = agreed_batches(self.group, batches, self.gradient_samples)
+                    batches = agreed_batches(self.group, batches, self.gradient_samples, self.model)
                 for i, batch in enumerate(batches):
                     # everywhere, a forward and backward that are collectives: as in _forwards_in_rounds
                     with (collective_pass(f"the gradient protocol's pass over the gradient pool's batch {i}")

@@ -195,6 +195,29 @@ def test_measure_takes_the_models_gpu_for_every_collective(nccl, monkeypatch, bo
     assert set(nccl["devices"]) == {CUDA1}
 
 
+def test_the_gradient_pools_agreement_and_the_callbacks_take_the_models_gpu(nccl, monkeypatch):
+    """Under FSDP the gradient pool is compared batch by batch (``agreed_batches``), and the integrations'
+    callbacks agree between measurements (``_Driver``): on the model's GPU too, as ``measure``'s other
+    collectives; before, on the current device (cuda:0), a second device for this rank's collectives."""
+    import torch.distributed as dist
+
+    from spectral_lens._gradient_pool import agreed_batches
+    from spectral_lens.integrations._driver import LensDriver
+
+    def all_reduce(t, op=None, group=None):  # the other rank had the same batches
+        nccl["reduced"] += 1
+        t[0] = t[1]
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    model = TinyLM()
+    monkeypatch.setattr(_agree, "model_cuda_device", lambda m: CUDA1 if m is model else None)
+    assert len(list(agreed_batches(None, iter(lm_pool(n_batches=2)), None, model))) == 2
+    driver = LensDriver.__new__(LensDriver)  # (rank 1: only the agreement runs)
+    driver.lens = types.SimpleNamespace(group=None, model=model)
+    driver._agreed_on_rank0(lambda: None, "a callback's work")
+    assert nccl["reduced"] == 4 and set(nccl["devices"]) == {CUDA1}
+
+
 def test_gloo_sync_is_unchanged(monkeypatch):
     """Not NCCL: the state's device, else the CPU, whatever ``device`` says; ``torch.cuda`` not asked."""
     import torch.distributed as dist
