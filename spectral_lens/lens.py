@@ -610,9 +610,12 @@ class SpectralLens:
                 check_replicated(named, tp[1])
             if world > 1:  # (one tensor-parallel replica: world 1 here, its ranks' rows are the same, not summed)
                 agree_widths(self.group, named, batches, model)
-                dev = collective_device(self.group, model)  # the accumulators' sums too: one device per rank
+                # under NCCL the accumulators' sums on the agreements' device too: one device per rank (other
+                # backends: sync as before, the state's device or the CPU)
+                dev = collective_device(self.group, model)
+                on = {"device": dev} if dev.type == "cuda" else {}
                 for _, acc in named:
-                    acc.sync(self.group, device=dev)
+                    acc.sync(self.group, **on)
         spectra, error = {}, None
         try:  # local work after the sync (an eigendecomposition out of memory on one rank): agreed too
             if interrupted:
