@@ -233,3 +233,38 @@ def test_gloo_sync_is_unchanged(monkeypatch):
     acc = ActivationCovarianceAccumulator(4)
     acc.sync(device="cuda:1")
     assert seen and set(seen) == {torch.device("cpu")}
+
+
+def test_settings_that_differ_are_gathered_on_the_models_gpu(nccl, monkeypatch):
+    """The failure path of ``agree_settings`` gathers the ranks' settings with ``all_gather_object``, which takes
+    no device (torch's current one): run with the measurement's device made current (cuda:1, the model's);
+    before, on cuda:0, a second device for this rank's collectives."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(d):
+        before, current[0] = current[0], torch.device(d).index
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    def all_reduce(t, op=None, group=None):  # rank 0's lens is configured otherwise: another digest
+        t[0], t[2] = t[1], t[3] + 1
+
+    def all_gather_object(out, obj, group=None):
+        nccl["devices"].append(torch.device("cuda", current[0]))
+        out[:] = [{"precision": "fast"}, obj]
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    model = TinyLM()
+    monkeypatch.setattr(_agree, "model_cuda_device", lambda m: CUDA1 if m is model else None)
+    with pytest.raises(ValueError, match="precision=fast on global rank 0, precision=exact on global rank 1"):
+        _agree.agree_settings(None, {"precision": "exact"}, None, "checking", model)
+    assert set(nccl["devices"]) == {CUDA1} and current[0] == 0
