@@ -19,12 +19,10 @@ import types
 
 import pytest
 import torch
-
-from spectral_lens import ActivationCovarianceAccumulator, SpectralLens
-from spectral_lens import _agree, _sync
-from spectral_lens import accumulate as accumulate_mod
-
 from support.models import TinyLM, lm_pool
+
+from spectral_lens import ActivationCovarianceAccumulator, SpectralLens, _agree, _sync
+from spectral_lens import accumulate as accumulate_mod
 
 pytestmark = pytest.mark.distributed
 
@@ -157,7 +155,7 @@ def test_a_state_on_its_gpu_is_summed_there_where_no_device_is_bound(nccl, monke
     acc = ActivationCovarianceAccumulator(4)
     acc.update(_rows())
     monkeypatch.setattr(acc, "_s", types.SimpleNamespace(device=CUDA1))  # (read for the device only)
-    with pytest.raises(Exception):  # the fake state cannot be summed; the devices are chosen before
+    with pytest.raises(AttributeError):  # the fake state cannot be copied (agreed, then raised); devices chosen
         acc.sync()
     assert nccl["devices"] and set(nccl["devices"]) == {CUDA1}
 
