@@ -39,15 +39,37 @@ def ranks(group) -> tuple[int, int]:
     return 0, 1
 
 
-def collective_device(group) -> torch.device:
-    """Where the group's collectives take tensors: for NCCL the CUDA device the process group is bound to
-    (:func:`bound_device`), else the current CUDA device (``torch.cuda.set_device``); the CPU otherwise."""
+def collective_device(group, model=None) -> torch.device:
+    """Where the group's collectives take tensors, one device per rank for a whole measurement. Not NCCL: the
+    CPU. NCCL: the device the process group is bound to (:func:`bound_device`); else the one CUDA device holding
+    ``model``'s parameters and buffers (:func:`model_cuda_device`; ``model``: the lens's, a hint at this rank's
+    GPU); else the current CUDA device (``torch.cuda.set_device``). Why: NCCL makes one communicator per device,
+    formed by every rank, whose ranks must be on different GPUs (a model moved to ``cuda:{local_rank}`` without
+    ``set_device`` leaves the current device ``cuda:0`` on every rank: two ranks on one GPU fail or wait), and a
+    group bound with ``device_id=`` takes collectives on that device only."""
+    return _device(group, model, guess=False)
+
+
+def _device(group, model, guess: bool) -> torch.device:
+    """:func:`collective_device` (``guess``: :func:`built_device`, guessing ``LOCAL_RANK``'s GPU where CUDA is
+    not initialized yet)."""
+    import os
+
     import torch.distributed as dist
 
     if dist.get_backend(group) != "nccl":
         return torch.device("cpu")
     bound = bound_device(group)
-    return bound if bound is not None else torch.device("cuda", torch.cuda.current_device())
+    if bound is not None:
+        return bound
+    held = model_cuda_device(model)
+    if held is not None:
+        return held
+    if guess and not torch.cuda.is_initialized() and torch.cuda.device_count() > 0:
+        local = os.environ.get("LOCAL_RANK", "")
+        index = int(local) if local.isdigit() else dist.get_rank()
+        return torch.device("cuda", index % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def bound_device(group) -> torch.device | None:
@@ -70,27 +92,11 @@ def built_device(group, model) -> torch.device:
     bound device (:func:`bound_device`); else the one CUDA device holding ``model``'s parameters and buffers
     (:func:`model_cuda_device`); else, where CUDA is not initialized in this process yet (no ``set_device``, no
     CUDA tensor), device ``LOCAL_RANK`` (else the global rank) modulo the device count, much as torch's NCCL
-    ``barrier`` guesses; else the current device. Why: a lens is often built before
+    ``barrier`` guesses; else the current device (:func:`collective_device`'s rule, that guess added). Why: a lens is often built before
     ``torch.cuda.set_device(local_rank)`` (which ``measure`` needs); the current device is then ``cuda:0`` on
     every rank, and an NCCL collective there fails (two ranks on one GPU) or waits, and puts a CUDA context
     on GPU 0 for every rank, where before the constructor made no collective."""
-    import os
-
-    import torch.distributed as dist
-
-    if dist.get_backend(group) != "nccl":
-        return torch.device("cpu")
-    bound = bound_device(group)
-    if bound is not None:
-        return bound
-    held = model_cuda_device(model)
-    if held is not None:
-        return held
-    if not torch.cuda.is_initialized() and torch.cuda.device_count() > 0:
-        local = os.environ.get("LOCAL_RANK", "")
-        index = int(local) if local.isdigit() else dist.get_rank()
-        return torch.device("cuda", index % torch.cuda.device_count())
-    return torch.device("cuda", torch.cuda.current_device())
+    return _device(group, model, guess=True)
 
 
 def model_cuda_device(model) -> torch.device | None:
@@ -119,7 +125,7 @@ def _own_collectives(error: BaseException | None, what: str):
         raise mark_out_of_step(error, what, failed=False)  # noqa: B904 (the collective's error is the context)
 
 
-def agree(group, error: BaseException | None, what: str) -> None:
+def agree(group, error: BaseException | None, what: str, model=None) -> None:
     """Collective agreement on this rank's local work before the next collective phase.
 
     Every rank of the group all-reduces (MAX) one failure flag per rank (``error`` may be a
@@ -128,7 +134,7 @@ def agree(group, error: BaseException | None, what: str) -> None:
     failed rank re-raises its own exception, the others a ``RuntimeError`` naming the failed
     rank(s), a :class:`NonFiniteError` when every failed rank's error is one (non-finite hidden states
     or gradients: every rank can then handle the measurement's failure alike). In a single process,
-    ``error`` is simply raised.
+    ``error`` is simply raised. ``model``: the lens's, where its tensors go under NCCL (:func:`collective_device`).
     """
     if error is not None and out_of_step(error):  # another collective would only wait too
         raise error
@@ -136,7 +142,7 @@ def agree(group, error: BaseException | None, what: str) -> None:
     if world > 1:
         import torch.distributed as dist
 
-        flags = torch.zeros(world, dtype=torch.int64, device=collective_device(group))
+        flags = torch.zeros(world, dtype=torch.int64, device=collective_device(group, model))
         flags[rank] = 0 if error is None else 2 if isinstance(error, NonFiniteError) else 1
         with _own_collectives(error, what):
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
@@ -238,16 +244,17 @@ def built_together(group, what: str, undo=None, model=None):
         raise
 
 
-def agree_counts(group, count: int, error: BaseException | None, what: str) -> list[int]:
+def agree_counts(group, count: int, error: BaseException | None, what: str, model=None) -> list[int]:
     """Every rank's ``count`` (a number >= 0 of batches or samples), indexed by group rank, in one
     ``all_reduce(MAX)``, with this rank's failure (``error``) agreed as in :func:`agree`: if any rank
     failed, a failed rank re-raises its own exception and the others a ``RuntimeError`` naming it (a
     :class:`NonFiniteError` when every failed rank's error is one). Used under FSDP, where the ranks
     compare their pools as they go (before each forward)."""
-    return agree_round(group, count, 0, error, what)[0]
+    return agree_round(group, count, 0, error, what, model)[0]
 
 
-def agree_round(group, count: int, digest: int, error: BaseException | None, what: str) -> tuple[list[int], list[int]]:
+def agree_round(group, count: int, digest: int, error: BaseException | None, what: str,
+                model=None) -> tuple[list[int], list[int]]:
     """:func:`agree_counts`, and every rank's ``digest`` (an integer in ``[0, 2**56)``: :func:`batch_digest`)
     in the same ``all_reduce(MAX)`` of ``2 * world`` integers. A failed rank's count slot is 0 and its digest
     slot holds :func:`agree`'s code (1, 2 for a :class:`NonFiniteError`), so the ranks that did not fail raise
@@ -258,7 +265,7 @@ def agree_round(group, count: int, digest: int, error: BaseException | None, wha
     if error is not None and out_of_step(error):
         raise error
     rank, world = ranks(group)
-    slots = torch.zeros(2 * world, dtype=torch.int64, device=collective_device(group))
+    slots = torch.zeros(2 * world, dtype=torch.int64, device=collective_device(group, model))
     slots[rank] = 0 if error is not None else count + 1  # 0: failed (the other ranks' slots are 0 here)
     slots[world + rank] = digest if error is None else 2 if isinstance(error, NonFiniteError) else 1
     with _own_collectives(error, what):
@@ -272,7 +279,7 @@ def agree_round(group, count: int, digest: int, error: BaseException | None, wha
     return counts, values[world:]
 
 
-def agree_settings(group, settings: dict[str, str], error: BaseException | None, what: str) -> None:
+def agree_settings(group, settings: dict[str, str], error: BaseException | None, what: str, model=None) -> None:
     """Before a measurement's first collective: this rank's failure (``error``: a bad argument, an unattached
     lens) agreed as in :func:`agree`, and the lens's ``settings`` (``{argument: value as text}``, what the ranks
     must share: an option set on one rank only would mix the ranks' rows silently, or send them into
@@ -286,13 +293,15 @@ def agree_settings(group, settings: dict[str, str], error: BaseException | None,
         return
     text = "\n".join(f"{k}={v}" for k, v in sorted(settings.items()))
     digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
-    digests = agree_round(group, 0, digest, error, what)[1]
+    digests = agree_round(group, 0, digest, error, what, model)[1]
     if len(set(digests)) == 1:
         return
     import torch.distributed as dist
 
     every: list = [None] * world
-    dist.all_gather_object(every, settings, group=group)  # every rank is here: the digests are agreed
+    dev = collective_device(group, model)  # all_gather_object takes no device: the current one, made this one
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        dist.all_gather_object(every, settings, group=group)  # every rank is here: the digests are agreed
     other = next(r for r in range(world) if every[r] != every[0])
     differ = [k for k in sorted(set(every[0]) | set(every[other])) if every[0].get(k) != every[other].get(k)]
     each = "; ".join(f"{k}={every[0].get(k)} on global rank {global_rank(group, 0)}, {k}={every[other].get(k)} on "
@@ -393,7 +402,7 @@ def global_rank(group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 
 
-def agree_widths(group, named: list, batches: int) -> None:
+def agree_widths(group, named: list, batches: int, model=None) -> None:
     """Check that every rank measures the same layers (``named``: this rank's ``(name, accumulator)``
     pairs, sorted by name, the order in which they are synced) and that every rank's pool gave the same
     number of batches (``batches``), in one ``all_reduce(MAX)`` of a fixed length; then give an
@@ -406,12 +415,12 @@ def agree_widths(group, named: list, batches: int) -> None:
 
     names = [name for name, _ in named]
     (most_layers, most_digest, most), (fewest_layers, fewest_digest, fewest) = _extremes(
-        group, [len(names), _digest(names), batches])
+        group, [len(names), _digest(names), batches], model)
     _refuse_other_layers(names, (most_layers, most_digest), (fewest_layers, fewest_digest))
     _refuse_other_lengths(fewest, most)
     accs = [acc for _, acc in named]
     widths = torch.tensor([-1 if a.dim is None else a.dim for a in accs], dtype=torch.int64,
-                          device=collective_device(group))
+                          device=collective_device(group, model))
     dist.all_reduce(widths, op=dist.ReduceOp.MAX, group=group)
     for acc, d in zip(accs, widths.tolist()):
         if d < 0:  # the same on every rank: no rank saw a row for this layer
@@ -423,7 +432,7 @@ def agree_widths(group, named: list, batches: int) -> None:
             acc.dim = d
 
 
-def agree_before_pass(group, names: list[str] | None, batches: int) -> None:
+def agree_before_pass(group, names: list[str] | None, batches: int, model=None) -> None:
     """``ValueError`` on every rank when the ranks measure different layers (``names``: this rank's, sorted;
     ``None`` on a pipeline stage, whose ranks measure the layers they hold) or their pools have different
     lengths (``batches``: this rank's ``len(pool)``; a pool without one is compared round by round), in one
@@ -432,7 +441,7 @@ def agree_before_pass(group, names: list[str] | None, batches: int) -> None:
     others never run, and other layers on one tensor-parallel rank would leave the ranks' comparison of their
     rows (one collective per layer) mismatched."""
     values = [0, 0] if names is None else [len(names), _digest(names)]
-    (most_layers, most_digest, most), (fewest_layers, fewest_digest, fewest) = _extremes(group, values + [batches])
+    (most_layers, most_digest, most), (fewest_layers, fewest_digest, fewest) = _extremes(group, values + [batches], model)
     _refuse_other_layers(names, (most_layers, most_digest), (fewest_layers, fewest_digest))
     _refuse_other_lengths(fewest, most)
 
@@ -451,11 +460,11 @@ def _refuse_other_layers(names, most: tuple[int, int], fewest: tuple[int, int]) 
         )
 
 
-def _extremes(group, values: list[int]) -> tuple[list[int], list[int]]:
+def _extremes(group, values: list[int], model=None) -> tuple[list[int], list[int]]:
     """The largest and the smallest of each of ``values`` over the ranks, in one ``all_reduce(MAX)``."""
     import torch.distributed as dist
 
-    local = torch.tensor(values, dtype=torch.int64, device=collective_device(group))
+    local = torch.tensor(values, dtype=torch.int64, device=collective_device(group, model))
     both = torch.cat([local, -local])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
     n = len(values)
@@ -485,14 +494,15 @@ def refuse_other_counts(group, counts: list[int], full: int) -> None:
         )
 
 
-def from_rank0(group, value):
+def from_rank0(group, value, model=None):
     """``value`` as rank 0 of ``group`` has it, on every rank (one small broadcast of a picklable
-    object; none in a single process)."""
+    object; none in a single process), under NCCL on :func:`collective_device` (else torch's current device)."""
     if ranks(group)[1] > 1:
         import torch.distributed as dist
 
         shared = [value]
         src = 0 if group is None else dist.get_global_rank(group, 0)  # src is a global rank
-        dist.broadcast_object_list(shared, src=src, group=group)
+        dev = collective_device(group, model)
+        dist.broadcast_object_list(shared, src=src, group=group, **({"device": dev} if dev.type == "cuda" else {}))
         value = shared[0]
     return value

@@ -53,14 +53,15 @@ def gradient_batches(pool: Iterable[Any], cap: int | None, forward_fn: Callable)
             return  # not one batch more from the loader (its loading and collation cost)
 
 
-def agreed_batches(group, batches: Iterator, cap: int | None) -> Iterator:
+def agreed_batches(group, batches: Iterator, cap: int | None, model=None) -> Iterator:
     """Where every rank runs the gradient protocol and each pass is a collective (FSDP, ZeRO-3, one
     tensor-parallel replica: :meth:`~spectral_lens.lens.SpectralLens._everywhere`): each of
     ``batches`` once the ranks of ``group`` agreed that each has its next batch, of as many samples (the probe's
     passes depend on it), in one ``all_reduce`` of world integers per batch and one at the end.
     A failure while loading is agreed (every rank raises), and so are pools that differ (the same
     ``ValueError`` on every rank, naming ``cap``, the lens's ``gradient_samples``), so no rank is left in a pass
-    the others never run."""
+    the others never run. ``model``: the lens's, where the agreement's tensors go under NCCL
+    (:func:`~spectral_lens._agree.collective_device`)."""
     end = object()
     for i in itertools.count(1):
         batch, size, error = end, 0, None
@@ -69,7 +70,7 @@ def agreed_batches(group, batches: Iterator, cap: int | None) -> Iterator:
             size = 0 if batch is end else 1 + batch_size(batch)  # 0: none left
         except BaseException as exc:  # an interrupt too: agreed at once, then re-raised
             error = exc
-        sizes = agree_counts(group, size, error, "loading the gradient pool's batches")
+        sizes = agree_counts(group, size, error, "loading the gradient pool's batches", model)
         if len(set(sizes)) > 1:
             each = ", ".join(f"global rank {global_rank(group, r)}: "
                              + (f"{n - 1} samples" if n else "none left") for r, n in enumerate(sizes))

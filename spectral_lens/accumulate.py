@@ -79,6 +79,32 @@ def _zero_state(dim: int, device: torch.device, shift: torch.Tensor, precision: 
             torch.full((), -1, dtype=torch.int64, device=device))
 
 
+def _nccl_device(group, device, held: torch.device | None, label: str) -> torch.device:
+    """Where ``sync``'s collectives take tensors under NCCL: ``device`` (``sync``'s argument: a lens passes its
+    measurement's, :func:`~spectral_lens._agree.collective_device`), else the device the process group is bound to
+    (``init_process_group(device_id=...)``), else the state's GPU (``held``), else the current CUDA device. Why:
+    NCCL takes CUDA tensors only, makes one communicator per device that every rank joins (its ranks on different
+    GPUs), and a group bound to a device takes collectives on that device only."""
+    from ._agree import bound_device
+
+    bound = bound_device(group)
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device.type != "cuda" or (bound is not None and device != bound):
+            raise ValueError(
+                f"{label}: sync(device={device}) under NCCL: expected a CUDA device"
+                + ("" if bound is None else f", the one the process group is bound to ({bound}, "
+                                            "init_process_group(device_id=...)): NCCL takes no other"))
+        return device
+    if bound is not None:
+        return bound
+    if held is not None and held.type == "cuda":
+        return held
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 class ActivationCovarianceAccumulator:
     """Streaming centered covariance of d-dimensional rows and its eigen-spectrum.
 
@@ -610,7 +636,7 @@ class ActivationCovarianceAccumulator:
         self._has_rows |= other._has_rows
         return self
 
-    def sync(self, group=None) -> "ActivationCovarianceAccumulator":
+    def sync(self, group=None, *, device=None) -> "ActivationCovarianceAccumulator":
         """Replace each rank's state by the sum over ranks (``all_reduce`` of float64 sufficient statistics).
 
         First every rank all-reduces a small status vector (``dim``, ``nonfinite``, ``precision``,
@@ -626,6 +652,12 @@ class ActivationCovarianceAccumulator:
         collectives (its zero state or its re-shift out of memory) or a Ctrl-C held back during them is agreed:
         every rank raises, each state as it was. A Ctrl-C during the last collective, too late to ride in it,
         is raised after the commit: every rank's state is synced alike.
+
+        Under NCCL the collectives take tensors on one CUDA device per rank: ``device`` (a lens passes the one
+        its other collectives use), else the device the process group is bound to, else the state's GPU, else the
+        current device (a rank without rows). A state elsewhere is copied there for the sums (a d x d float64
+        copy) and the result put back on the state's device. Other backends: the state's device, else the CPU
+        (``device`` is not used).
         """
         import torch.distributed as dist
 
@@ -638,12 +670,11 @@ class ActivationCovarianceAccumulator:
             )
         if dist.get_world_size(group) == 1:
             return self
-        if self.initialized:
-            dev = self._s.device
-        elif dist.get_backend(group) == "nccl":
-            dev = torch.device("cuda", torch.cuda.current_device())
+        home = self._s.device if self.initialized else None  # where the state is, and stays
+        if dist.get_backend(group) == "nccl":
+            dev = _nccl_device(group, device, home, self._label())
         else:
-            dev = torch.device("cpu")
+            dev = home if home is not None else torch.device("cpu")
         # a Ctrl-C from the status collective to the sums' last one is held back and agreed in that last one
         # (inside a lens's sync the lens holds it: this one is then a no-op)
         with deferred_interrupt() as interrupted:
@@ -651,15 +682,18 @@ class ActivationCovarianceAccumulator:
                          self._synced)
             # locals only until the commit below: a collective that fails part-way (a rank that died, a
             # timeout) leaves this rank's state as it was; a rank without rows joins with a zero state
-            if self.initialized:
-                state = self._n, self._m, self._s, self._shift, self._bad_rows, self._first_bad
-            else:
-                try:
+            try:  # (a copy to dev, or the zero state, out of memory: agreed in the sums' first collective)
+                if self.initialized:  # (no copy where the state is on dev)
+                    state = tuple(t.to(dev) for t in (self._n, self._m, self._s, self._shift, self._bad_rows,
+                                                       self._first_bad))
+                else:
                     state = _zero_state(self.dim, dev, torch.zeros(self.dim, dtype=torch.float64), self.precision)
-                except BaseException as exc:  # its d x d out of memory: agreed in the sums' first collective
-                    state = exc
+            except BaseException as exc:
+                state = exc
             (n, m, s, shift, bad_rows, first_bad), (bad_ranks, low, underflowed, has_rows) = _summed(
                 group, state, self.dim, dev, self.precision, self._low_products, self._underflowed, interrupted)
+            if home is not None and home != dev:  # the state back where it was (after every collective: local)
+                n, m, s, shift, bad_rows, first_bad = (t.to(home) for t in (n, m, s, shift, bad_rows, first_bad))
         # ---- commit: plain stores only
         self._shift, self._s, self._m = shift, s, m
         self._n = n

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ._agree import (agree, agree_before_pass, agree_round, agree_settings, agree_widths, batch_digest,
-                     batch_structure, built_together, callable_name, collective_pass, from_rank0, ranks,
-                     refuse_other_counts)
+                     batch_structure, built_together, callable_name, collective_device, collective_pass, from_rank0,
+                     ranks, refuse_other_counts)
 from ._args import AUTOCAST_WHY, NARROW_FLOATS, as_integer, check_callable, check_count, check_dtype, check_window
 from ._gradient_pool import agreed_batches, gradient_batches, gradient_total
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
@@ -578,7 +578,8 @@ class SpectralLens:
                 raise
             error = exc  # the ranks of the other stages wait in the merge: agreed over the pipeline
         if not whole:
-            agree(stage.group, error, "the activation pass of a pipeline stage (with its data-parallel group)")
+            agree(stage.group, error, "the activation pass of a pipeline stage (with its data-parallel group)",
+                  self.model)
         spectra, self._depth = _pipeline.merge_stages(stage, spectra, self._missing, self.layers_spec,
                                                       len(_pipeline.stage_blocks(self.model)))
         return spectra
@@ -599,7 +600,7 @@ class SpectralLens:
             batches = self._activation_pass(model, capture, rank, world, lockstep)
         except BaseException as exc:  # an interrupt too (Ctrl-C on one rank): agreed below, then re-raised
             error = exc
-        agree(self.group, error, "the activation pass")
+        agree(self.group, error, "the activation pass", model)
         named = sorted(capture.accumulators.items(), key=lambda item: item[0])  # one order on every rank
         # a Ctrl-C on one rank between these collectives (one sync per layer) is held back until they ended and
         # agreed below, instead of leaving the other ranks waiting in the next one (no collective here in a single
@@ -608,9 +609,13 @@ class SpectralLens:
             if tp is not None:
                 check_replicated(named, tp[1])
             if world > 1:  # (one tensor-parallel replica: world 1 here, its ranks' rows are the same, not summed)
-                agree_widths(self.group, named, batches)
+                agree_widths(self.group, named, batches, model)
+                # under NCCL the accumulators' sums on the agreements' device too: one device per rank (other
+                # backends: sync as before, the state's device or the CPU)
+                dev = collective_device(self.group, model)
+                on = {"device": dev} if dev.type == "cuda" else {}
                 for _, acc in named:
-                    acc.sync(self.group)
+                    acc.sync(self.group, **on)
         spectra, error = {}, None
         try:  # local work after the sync (an eigendecomposition out of memory on one rank): agreed too
             if interrupted:
@@ -623,7 +628,7 @@ class SpectralLens:
             error.__cause__ = exc
         except BaseException as exc:
             error = exc
-        agree(self.group, error, "computing the activation spectra")
+        agree(self.group, error, "computing the activation spectra", model)
         names = record_names(model, spectra, params=False)  # eager; a PEFT model's as before get_peft_model
         return {f"act:{names[name]}": spectrum for name, spectrum in spectra.items()}
 
@@ -645,7 +650,8 @@ class SpectralLens:
         # (lockstep), whose ranks all run every batch: rounds of one batch, compared over the group
         fsdp = lockstep or (world > 1 and (bool(fsdp_sharded(model)) or zero3_partitioned(model)))
         if fsdp and total is not None:  # one collective (a pipeline's stages measure the layers they hold)
-            agree_before_pass(self.group, None if self._stage is not None else sorted(capture.accumulators), total)
+            agree_before_pass(self.group, None if self._stage is not None else sorted(capture.accumulators), total,
+                              model)
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
         try:
             with self._eval_mode(), torch.no_grad(), autocast, eager_forwards(), measurement_pass(capture):
@@ -696,7 +702,7 @@ class SpectralLens:
             except BaseException as exc:  # an interrupt too: agreed at once, then re-raised
                 error = exc
             counts, digests = agree_round(self.group, batches + got, digest, error, "loading the pool's batches or "
-                                          "their masks (mask_fn)")
+                                          "their masks (mask_fn)", model)
             refuse_other_counts(self.group, counts, batches + world)
             if got == 0:
                 return batches
@@ -755,8 +761,8 @@ class SpectralLens:
                 self.probe.reset()
         agree(self.group, error, "the gradient protocol (it runs on every rank under FSDP, ZeRO-3 and tensor "
               "parallelism)" if everywhere
-              else "the gradient protocol (it runs on the group's rank 0)")
-        return from_rank0(self.group, result[0])
+              else "the gradient protocol (it runs on the group's rank 0)", self.model)
+        return from_rank0(self.group, result[0], self.model)
 
     def _agree_settings(self, what: str) -> None:
         """This rank's lens checked (attached to a model) and its :meth:`_settings` agreed with the other ranks'
@@ -767,7 +773,7 @@ class SpectralLens:
             settings = self._settings()
         except BaseException as exc:  # an interrupt too
             error = exc
-        agree_settings(self.group, settings, error, what)
+        agree_settings(self.group, settings, error, what, self.model)
 
     def _settings(self) -> dict[str, str]:
         """What every rank's lens must share, as text (compared by :func:`~spectral_lens._agree.agree_settings`):
@@ -798,7 +804,7 @@ class SpectralLens:
                 batches = gradient_batches(self.gradient_pool, self.gradient_samples, self.probe.forward_fn)
                 everywhere = self._everywhere()
                 if everywhere:  # every rank runs these passes: the pools compared as they go
-                    batches = agreed_batches(self.group, batches, self.gradient_samples)
+                    batches = agreed_batches(self.group, batches, self.gradient_samples, self.model)
                 for i, batch in enumerate(batches):
                     # everywhere, a forward and backward that are collectives: as in _forwards_in_rounds
                     with (collective_pass(f"the gradient protocol's pass over the gradient pool's batch {i}")
@@ -855,7 +861,7 @@ class SpectralLens:
             self._warn_measured(step)
         except BaseException as exc:  # an interrupt too
             error = exc
-        agree_settings(self.group, settings, error, "checking measure()'s arguments and the lens")
+        agree_settings(self.group, settings, error, "checking measure()'s arguments and the lens", self.model)
         spectra = self._activations()
         grad_spectra, scalars = self._gradients()
         spectra.update(grad_spectra)
@@ -870,7 +876,7 @@ class SpectralLens:
         # rank 0's windows on every rank: only rank 0 has the writer and its recorded windows, and summaries
         # that differ between ranks could send code that branches on them (an early stop) down different
         # paths, into mismatched collectives
-        tail, head = from_rank0(self.group, self._windows())
+        tail, head = from_rank0(self.group, self._windows(), self.model)
         m, error = None, None
         try:
             summaries = {name: spectrum_summaries(s, tail=tail, head=head) for name, s in spectra.items()}
@@ -890,7 +896,7 @@ class SpectralLens:
                                             **done)
         except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
             error = exc
-        agree(self.group, error, "summarizing or writing the run record (rank 0 writes it)")
+        agree(self.group, error, "summarizing or writing the run record (rank 0 writes it)", self.model)
         return m
 
     def maybe_measure(self, step: int, tokens: int, **kwargs) -> LensMeasurement | None:

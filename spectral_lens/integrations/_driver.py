@@ -169,7 +169,7 @@ class LensDriver:
         # the checkpoint's step counts as measured only when it was (in this process's history or, on
         # rank 0, in the run record): an evaluation at the restored step (eval_on_start) measures otherwise;
         # a validation loss recorded there before the resume stands (an evaluation there appends none)
-        measured, has_loss = from_rank0(self.lens.group, (measured[0], has_loss[0]))
+        measured, has_loss = from_rank0(self.lens.group, (measured[0], has_loss[0]), self.lens.model)
         self.last_step = step if measured else None
         self.last_has_val_loss = measured and has_loss
 
@@ -290,7 +290,7 @@ class LensDriver:
                 work()
             except BaseException as exc:  # an interrupt too: agreed below, then re-raised on rank 0
                 error = exc
-        agree(self.lens.group, error, what)
+        agree(self.lens.group, error, what, self.lens.model)  # (under NCCL: measure's device, the model's GPU)
 
     def _record_tokens_per_step(self) -> None:
         """On rank 0: fill the run record's ``RunInfo.tokens_per_step`` (``run.json``, rewritten atomically)
@@ -360,7 +360,8 @@ class LensDriver:
         rank raises. A measurement that finds non-finite hidden states or gradients (a diverged run) is
         skipped with a warning on every rank (``{}``): measuring does not end the training."""
         writer = self.lens.writer
-        if from_rank0(self.lens.group, writer is not None and bool(getattr(writer, "closed", False))):
+        if from_rank0(self.lens.group, writer is not None and bool(getattr(writer, "closed", False)),
+                      self.lens.model):
             # the user closed the run record after train()/fit() (the guides do), then evaluated again:
             # nothing to record into; every rank skips alike (the writer lives on rank 0 only)
             warnings.warn(f"spectral-lens: the lens's RunWriter ({getattr(writer, 'path', 'rank 0')}) is closed, so the "

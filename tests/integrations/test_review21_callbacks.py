@@ -281,7 +281,7 @@ def test_train_loss_on_other_ranks_writes_nothing_and_agrees_once_per_event(tmp_
     agreed = []
     monkeypatch.setattr(_driver, "ranks", lambda group: (1, 2))
     monkeypatch.setattr(_lightning_hooks, "ranks", lambda group: (1, 2))
-    monkeypatch.setattr(_driver, "agree", lambda group, error, what: agreed.append((error, what)))
+    monkeypatch.setattr(_driver, "agree", lambda group, error, what, model=None: agreed.append((error, what)))
     monkeypatch.setattr(_driver, "from_rank0", no_collective)
     module = Lit()
     cb, writer = callback(tmp_path, module)
