@@ -671,7 +671,8 @@ class ActivationCovarianceAccumulator:
             )
         if dist.get_world_size(group) == 1:
             return self
-        home = self._s.device if self.initialized else None  # where the state is, and stays
+        home = self._shift.device if self.initialized else None  # where the state is, and stays (not S: read
+        # below, where its refusal of a torn state or its mirroring out of memory is agreed, not before a collective)
         if dist.get_backend(group) == "nccl":
             dev = _nccl_device(group, device, home, self._label())
         else:

@@ -103,3 +103,30 @@ def test_a_state_elsewhere_keeps_its_dtypes_device_and_values(nccl, precision):
     torch.testing.assert_close(acc.covariance(), torch.cov(rows.T), rtol=1e-10, atol=1e-12)
     with pytest.raises(RuntimeError, match="synced"):
         acc.update(rows)
+
+
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+def test_a_torn_state_is_refused_in_a_collective_not_before_one(nccl, monkeypatch, backend):
+    """A state torn by an interrupted in-place update refuses every sync; that refusal came from reading ``S``'s
+    device before the status collective, so this rank raised alone and the others waited in the status collective
+    until the process-group timeout. Now the state's device is read from its shift, and the refusal rides in the
+    sums' first collective: every rank raises (this one the torn error), the state still torn."""
+    import torch.distributed as dist
+
+    carried = []
+
+    def all_reduce(t, op=None, group=None):
+        nccl["reduced"] += 1
+        if t.dtype == torch.float64 and t.ndim == 1 and t.numel() == 4 + 1 + 2:  # the first sums' totals
+            carried.append(bool(t[4 + 1 + 1] > 0))
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    acc = ActivationCovarianceAccumulator(4, precision="float64")
+    acc.update(_rows())
+    acc._s_stale = True  # the next read of S mirrors it in place: interrupted there, the state stays torn
+    acc._s_escaped = False
+    acc._torn = True
+    with pytest.raises(RuntimeError, match="interrupted"):
+        acc.sync(device="cuda:1")
+    assert carried == [True] and acc._torn and not acc._synced
