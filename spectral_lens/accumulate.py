@@ -656,7 +656,8 @@ class ActivationCovarianceAccumulator:
         Under NCCL the collectives take tensors on one CUDA device per rank: ``device`` (a lens passes the one
         its other collectives use), else the device the process group is bound to, else the state's GPU, else the
         current device (a rank without rows). A state elsewhere is copied there for the sums (a d x d float64
-        copy) and the result put back on the state's device. Other backends: the state's device, else the CPU
+        copy) and the result put back on the state's device, into buffers made there before the sums (their
+        allocation failing is agreed as above, not left to one rank after the last collective). Other backends: the state's device, else the CPU
         (``device`` is not used).
         """
         import torch.distributed as dist
@@ -670,7 +671,8 @@ class ActivationCovarianceAccumulator:
             )
         if dist.get_world_size(group) == 1:
             return self
-        home = self._s.device if self.initialized else None  # where the state is, and stays
+        home = self._shift.device if self.initialized else None  # where the state is, and stays (not S: read
+        # below, where its refusal of a torn state or its mirroring out of memory is agreed, not before a collective)
         if dist.get_backend(group) == "nccl":
             dev = _nccl_device(group, device, home, self._label())
         else:
@@ -682,18 +684,24 @@ class ActivationCovarianceAccumulator:
                          self._synced)
             # locals only until the commit below: a collective that fails part-way (a rank that died, a
             # timeout) leaves this rank's state as it was; a rank without rows joins with a zero state
-            try:  # (a copy to dev, or the zero state, out of memory: agreed in the sums' first collective)
-                if self.initialized:  # (no copy where the state is on dev)
-                    state = tuple(t.to(dev) for t in (self._n, self._m, self._s, self._shift, self._bad_rows,
-                                                       self._first_bad))
+            back = None  # a state elsewhere: the buffers on its device that the sums are put back into
+            # a copy to dev, the buffers back home or the zero state out of memory: agreed in the sums' first
+            # collective (no copy where the state is on dev)
+            try:
+                if self.initialized:
+                    held = (self._n, self._m, self._s, self._shift, self._bad_rows, self._first_bad)
+                    if home != dev:  # made now, filled in place (no allocation) after the last collective, where
+                        back = tuple(torch.empty_like(t) for t in held)  # a failure would be this rank's only
+                    state = tuple(t.to(dev) for t in held)
                 else:
                     state = _zero_state(self.dim, dev, torch.zeros(self.dim, dtype=torch.float64), self.precision)
             except BaseException as exc:
                 state = exc
-            (n, m, s, shift, bad_rows, first_bad), (bad_ranks, low, underflowed, has_rows) = _summed(
+            sums, (bad_ranks, low, underflowed, has_rows) = _summed(
                 group, state, self.dim, dev, self.precision, self._low_products, self._underflowed, interrupted)
-            if home is not None and home != dev:  # the state back where it was (after every collective: local)
-                n, m, s, shift, bad_rows, first_bad = (t.to(home) for t in (n, m, s, shift, bad_rows, first_bad))
+            if back is not None:  # the state back where it was
+                sums = tuple(b.copy_(t) for b, t in zip(back, sums))
+            n, m, s, shift, bad_rows, first_bad = sums
         # ---- commit: plain stores only
         self._shift, self._s, self._m = shift, s, m
         self._n = n

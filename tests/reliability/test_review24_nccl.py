@@ -154,7 +154,7 @@ def test_a_state_on_its_gpu_is_summed_there_where_no_device_is_bound(nccl, monke
     """No bound device, no device given: the state's GPU (where the model's rows arrived), as before."""
     acc = ActivationCovarianceAccumulator(4)
     acc.update(_rows())
-    monkeypatch.setattr(acc, "_s", types.SimpleNamespace(device=CUDA1))  # (read for the device only)
+    monkeypatch.setattr(acc, "_shift", types.SimpleNamespace(device=CUDA1))  # (read for the device only)
     with pytest.raises(AttributeError):  # the fake state cannot be copied (agreed, then raised); devices chosen
         acc.sync()
     assert nccl["devices"] and set(nccl["devices"]) == {CUDA1}
