@@ -71,5 +71,22 @@ def test_a_rank_stopped_while_writing_its_result_leaves_none(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["case.rank0.json"]  # no temporary file left
 
 
-if __name__ == "__main__":
-    pytest.main([__file__])
+
+@pytest.mark.slow  # 4 gloo ranks (~10 s)
+@pytest.mark.distributed
+def test_core_test_sync_relaunches_when_its_master_port_is_taken(tmp_path, monkeypatch):
+    """tests/core/test_sync.py (fast tier) spawned its ranks with ``mp.spawn`` on a bare ``free_port()``: a port taken
+    before rank 0 bound it failed the module ("address already in use"). It runs them by ``run_ranks`` now."""
+    import importlib
+
+    test_sync = importlib.import_module("core.test_sync")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        given = []
+        real = ranks.free_port
+        monkeypatch.setattr(ranks, "free_port", lambda: given.append(port if not given else real()) or given[-1])
+        test_sync.run_sync_cases(str(tmp_path))
+    assert len(given) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cov-2-float64.npy", "cov-3-exact.npy", "cov-4-float64.npy"]
