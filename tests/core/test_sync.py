@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from spectral_lens import ActivationCovarianceAccumulator
 
 from support.data import rows_with_spectrum
-from support.ranks import free_port
+from support.ranks import run_ranks
 
 
 def _rank_rows(rank: int, world: int) -> np.ndarray:
@@ -55,10 +55,21 @@ def _worker(rank: int, port: int, out: str) -> None:
     os._exit(0)
 
 
+JOIN_S = 240  # the 4 ranks (each imports torch) took 9.4 s with the load average at 5 on 2 cores
+
+
+def run_sync_cases(out: str) -> None:
+    """The 4 ranks of :func:`_worker`, by ``support.ranks.run_ranks``: ``mp.spawn`` with a bare ``free_port`` failed
+    the test when another process took the port before rank 0 bound it (rank 0: "address already in use"), and a
+    hung rank blocked the run with no deadline; ``run_ranks`` relaunches on a new port and kills a hung rank."""
+    hung = run_ranks(_worker, max(w for w, _ in CASES), Path(out), JOIN_S)
+    assert hung == [], f"tests/core/test_sync.py: ranks {hung} still running after {JOIN_S} s (killed)"
+
+
 @pytest.fixture(scope="module")
 def synced(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("sync"))
-    mp.spawn(_worker, args=(free_port(), out), nprocs=max(w for w, _ in CASES), join=True)
+    run_sync_cases(out)
     return out
 
 

@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import socket
 import sys
 import time
@@ -89,16 +90,36 @@ def _launch(worker: Callable, world: int, out: Path, join_s: float) -> tuple[lis
                 p.join(5)
 
 
+def _entries(out: Path) -> set[str]:
+    """The names in ``out`` (none where it does not exist yet)."""
+    return set(os.listdir(out)) if os.path.isdir(out) else set()
+
+
+def _remove_new(out: Path, before: set[str]) -> None:
+    """Remove what a launch that found its port taken left in ``out`` (every name not in ``before``): a rank
+    that wrote its result before another found the port taken would otherwise pass for the relaunch's rank
+    when that one writes none (hangs, dies)."""
+    for name in _entries(out) - before:
+        path = Path(out, name)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def run_ranks(worker: Callable, world: int, out: Path, join_s: float) -> list[int]:
     """Run ``worker(rank, port, str(out))`` in ``world`` spawned processes; join them all within
     ``join_s`` seconds, kill the ones still running and return their ranks (a hang fails the caller's
     test instead of blocking CI, as ``mp.spawn``'s join would). A rank that finds the port taken
-    (:func:`free_port` releases it before rank 0 binds it) has the whole launch made once more on a new port.
+    (:func:`free_port` releases it before rank 0 binds it) has the whole launch made once more on a new port,
+    after what the first launch wrote in ``out`` is removed.
     The ranks are killed when this is interrupted, and (Linux) when its process dies."""
+    before = _entries(out)
     for _ in range(2):
         hung, port_taken = _launch(worker, world, out, join_s)
         if not port_taken:
             return hung
+        _remove_new(out, before)
     raise RuntimeError(f"support.ranks.run_ranks: the ranks' MASTER_PORT was taken by another process twice "
                        f"(exit status {PORT_TAKEN_EXIT}; see the ranks' tracebacks above)")
 
@@ -119,8 +140,12 @@ def gloo_group(rank: int, port: int, world: int, timeout_s: float) -> Iterator[N
 
 
 def write_case(out: str | Path, case: str, rank: int, result: dict) -> None:
-    """One rank's result of one case, as :func:`case_results` reads it back."""
-    Path(out, f"{case}.rank{rank}.json").write_text(json.dumps(result))
+    """One rank's result of one case, as :func:`case_results` reads it back; written atomically: a rank killed
+    while writing it (the join deadline, a relaunch) leaves no file, not a truncated one that
+    :func:`case_results` would fail to parse instead of reporting the rank's result missing."""
+    from spectral_lens.atomic import write_text_atomic
+
+    write_text_atomic(Path(out, f"{case}.rank{rank}.json"), json.dumps(result), fsync=False)
 
 
 def case_results(out: Path, cases: Iterable[str], world: int) -> dict[str, list[dict | None]]:

@@ -366,11 +366,14 @@ def test_a_silent_trial_is_announced_once_while_it_waits_out_the_grace_period(tm
     (study,) = _open_studies(cfg, None, "x").values()
     trial = _claim(study)  # claimed by a worker that never beats again
     notes = Notes()
-    w = _Worker({None: study}, SyntheticTrainable(), cfg, tmp_path, heartbeat_interval=0.05, grace_period=60.0,
+    # heartbeat_interval 0.25: a note after 2 x 0.25 s of silence. It was 0.05: the first sweep had to come within
+    # 0.1 s of the claim, a margin a scheduling or GC pause on a loaded machine can take (measured: 12 ms at most
+    # in 40 tries at load 5 on 2 cores; a 0.12 s pause injected after the claim failed it)
+    w = _Worker({None: study}, SyntheticTrainable(), cfg, tmp_path, heartbeat_interval=0.25, grace_period=60.0,
                 poll_interval=0.01, progress=notes)
     w._sweep_stale(study)
     assert notes.lines == []  # not silent for long yet
-    time.sleep(0.15)
+    time.sleep(0.55)
     w._sweep_stale(study)
     w._sweep_stale(study)
     assert len(notes.lines) == 1 and notes.lines[0].startswith(f"trial {trial.number} (f/b8/x1): no heartbeat for ")
