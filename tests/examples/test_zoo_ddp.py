@@ -73,10 +73,12 @@ def _params(ckpt) -> dict:
 
 def _worker(rank: int, port: int, out: str) -> None:
     # rank 1 died three times with SIGABRT, "terminate called without an active exception" (a C++ std::thread
-    # destroyed while joinable), twice in full CI runs and once in 30 local runs (2026-11-28); 200 later runs did
-    # not reproduce it. The message is the one a torch/gloo thread left running at process teardown gives; where
-    # it died was not captured. So: a native abort now prints every thread's Python stack to the captured stderr,
-    # and a rank that finished ends without the interpreter's teardown (its results are on disk, written atomically)
+    # destroyed while joinable). It is torch 2.13's process teardown on CPU (gloo), not this code: a plain gloo
+    # script without spectral-lens (init, a few all_reduces, destroy_process_group, exit) aborted the same way in
+    # 12 of 110 runs under torchrun, and in 0 of 42 when its ranks ended with os._exit (2026-11-28; see
+    # tests/docs/test_multi_gpu_guide.py::torn_down). So a finished rank ends with os._exit (its results are
+    # complete on disk), and a native abort elsewhere prints every thread's Python stack to the
+    # captured stderr
     faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
