@@ -95,6 +95,10 @@ _RUN_PAGES = r"""
 import ast, importlib.util, json, os, sys, tempfile, traceback, warnings
 for name in OPTIONAL:
     sys.modules[name] = None  # `import name` raises ImportError, as after a plain `pip install spectral-lens`
+# an editable install of a checkout (``pip install -e .``) answers for any spectral_lens module the wheel lacks
+# (its finder sits on sys.meta_path after the path finder): the wheel alone must answer
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path[:] = [p for p in sys.path if p == SITE or not os.path.isdir(os.path.join(p or ".", "spectral_lens"))]
 import spectral_lens
 assert spectral_lens.__file__.startswith(SITE), spectral_lens.__file__
 
@@ -159,4 +163,4 @@ def test_docs_blocks_run_from_the_wheel_alone(tmp_path):
     failed = {page: note for page, (ran, note) in result.items() if note and "FAILED" in note}
     assert not failed, "\n".join(f"{page}: {note}" for page, note in failed.items())
     assert all(ran >= 1 for ran, _ in result.values()), result
-    assert sum(ran for ran, _ in result.values()) >= 20, result
+    assert sum(ran for ran, _ in result.values()) >= 18, result  # 18 need no extra (2026-11-28)
