@@ -164,3 +164,29 @@ def test_docs_blocks_run_from_the_wheel_alone(tmp_path):
     assert not failed, "\n".join(f"{page}: {note}" for page, note in failed.items())
     assert all(ran >= 1 for ran, _ in result.values()), result
     assert sum(ran for ran, _ in result.values()) >= 20, result  # 20 need no extra (2026-11-28)
+
+
+# ------------------------------------------------------------------- the docs test without the extras
+def test_docs_blocks_skip_where_an_extra_is_missing(tmp_path, monkeypatch):
+    """With the test suite in the sdist, a packager runs it with the core and ``test`` dependencies only: the
+    blocks of docs/guide-checkpoints.md (``import transformers``) and docs/tuning.md (``examples.tune``'s
+    one-line error naming the ``tune`` extra) failed there instead of skipping as the fixtures' blocks do."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("review25_code_blocks", ROOT / "tests" / "docs" / "test_code_blocks.py")
+    code_blocks = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, code_blocks)
+    spec.loader.exec_module(code_blocks)
+    for name in ("transformers", "optuna"):
+        monkeypatch.setitem(sys.modules, name, None)  # not installed: `import name` raises ModuleNotFoundError
+    for name in [m for m in sys.modules if m == "examples.tune" or m.startswith("examples.tune.")]:
+        monkeypatch.delitem(sys.modules, name)  # imported afresh, so its import of optuna runs again
+    for page, missing in (("docs/guide-checkpoints.md", "transformers"), ("docs/tuning.md", "optuna")):
+        with pytest.raises(pytest.skip.Exception, match=rf"{page}, block at line \d+: needs {missing}, not installed"):
+            code_blocks.test_page_blocks_run(ROOT / page, tmp_path, monkeypatch)
+    # a module that is installed but fails to import is a failure, not a skip
+    page = tmp_path / "page.md"
+    page.write_text("```python\nraise ModuleNotFoundError('No module named numpy', name='numpy')\n```\n", encoding="utf-8")
+    monkeypatch.setattr(code_blocks, "ROOT", tmp_path)
+    with pytest.raises(pytest.fail.Exception, match="page.md, block at line 1 failed"):
+        code_blocks.test_page_blocks_run(page, tmp_path, monkeypatch)
