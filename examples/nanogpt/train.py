@@ -172,8 +172,9 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
         opts = build_optimizers(model, recipe, matrix_optimizer=matrix_optimizer, matrix_lr=matrix_lr,
                                 lr_scale=lr_scale, muon_impl=muon_impl)
         # what a checkpoint must share with the run that resumes it (stop_tokens, evaluation and logging may differ)
-        settings = dict(variant=variant, profile=profile, data=td.name, steps=steps, batch_tier=batch_tier, rows=rows,
-                        seq_len=seq_len, tokens_per_step=tokens_per_step, lr_scale=float(lr_scale),
+        settings = dict(variant=variant, profile=profile, data=td.name, data_fingerprint=td.fingerprint, steps=steps,
+                        batch_tier=batch_tier, rows=rows, seq_len=seq_len, tokens_per_step=tokens_per_step,
+                        lr_scale=float(lr_scale),
                         matrix_optimizer=matrix_optimizer or recipe.matrix_optimizer, matrix_lr=matrix_lr,
                         muon_impl=muon_impl, seed=seed, config=dataclasses.asdict(cfg))
         start = 0
@@ -201,7 +202,8 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             _remove_stale_temporaries(run_dir)
-            meta = dict(variant=variant, profile=profile, data=td.name, world_size=world, steps=steps,
+            meta = dict(variant=variant, profile=profile, data=td.name, data_fingerprint=settings["data_fingerprint"],
+                        world_size=world, steps=steps,
                         batch_tier=batch_tier, rows=rows, seq_len=seq_len, tokens_per_step=tokens_per_step,
                         lr_scale=lr_scale, matrix_optimizer=matrix_optimizer or recipe.matrix_optimizer,
                         matrix_lr=matrix_lr, optimizers=[type(o).__module__ + "." + type(o).__name__ for o in opts],
