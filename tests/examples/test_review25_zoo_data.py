@@ -71,3 +71,22 @@ def test_a_shard_matching_both_patterns_is_refused(tmp_path):
     write_shard(tmp_path / "train_minus_val.bin", np.arange(200, 250))  # "*train*" and "*val*": held out AND trained on
     with pytest.raises(ValueError, match="train_minus_val.bin.*both"):
         bin_data(tmp_path)
+
+
+def test_a_run_longer_than_its_data_says_so(tmp_path):
+    """Chunks wrap around at the end of the training tokens (a new epoch): that used to happen silently."""
+    d = tmp_path / "data"
+    _shards(d, [np.arange(0, 100)])  # 3 chunks of 32 (+1) tokens; 4 steps of tier 1 need 4
+    with pytest.warns(UserWarning, match=r"1\.33 passes over the 96 training tokens .* step 3"):
+        train(data=str(d), run_dir=tmp_path / "a", **TINY)
+    meta = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert meta["train_epochs"] == pytest.approx(4 / 3, abs=1e-4)
+    assert meta["val_tokens"] == 64  # used: 2 micro-batches of 32 (of 199 held-out tokens)
+
+
+def test_validation_tokens_actually_used_are_recorded(tmp_path):
+    d = tmp_path / "data"
+    _shards(d, [np.arange(0, 400)], val=range(3000, 3070))  # 70 held-out tokens: 2 micro-batches of 32
+    train(data=str(d), run_dir=tmp_path / "a", **{**TINY, "val_tokens": 10_000})
+    meta = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert meta["val_tokens"] == 64 and meta["train_epochs"] == pytest.approx(128 / 384, abs=1e-4)
