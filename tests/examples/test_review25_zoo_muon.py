@@ -33,3 +33,17 @@ def test_every_singular_value_lies_in_the_maps_range(shape, dtype, slack):
         sv = torch.linalg.svdvals(G)
         want = torch.from_numpy(_five_steps((sv / (torch.linalg.matrix_norm(G) + 1e-7)).numpy()))
         torch.testing.assert_close(s.sort().values, want.sort().values, rtol=0, atol=1e-9)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon is missing")
+def test_resume_with_torch_muon_is_bitwise(tmp_path):
+    """The checkpoint carries torch.optim.Muon's momentum buffers too (the records' Muon: test_zoo_train)."""
+    from examples.nanogpt.train import load_model, train
+
+    kw = dict(variant="AttnScale", profile="tiny", data="pydoc", steps=4, batch_tier=2, val_tokens=1024, verbose=False,
+              eval_every_tokens=10**9, save_final=True, muon_impl="torch", device="cpu")
+    train(run_dir=tmp_path / "a", checkpoint_every_tokens=2048, **kw)
+    train(run_dir=tmp_path / "b", resume=tmp_path / "a" / "ckpt_000002.pt", **kw)
+    a, b = load_model(tmp_path / "a" / "ckpt_000004.pt"), load_model(tmp_path / "b" / "ckpt_000004.pt")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
