@@ -35,6 +35,7 @@ def test_every_singular_value_lies_in_the_maps_range(shape, dtype, slack):
         torch.testing.assert_close(s.sort().values, want.sort().values, rtol=0, atol=1e-9)
 
 
+@pytest.mark.slow  # ~4.5 s on the 2-core machine
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon is missing")
 def test_resume_with_torch_muon_is_bitwise(tmp_path):
     """The checkpoint carries torch.optim.Muon's momentum buffers too (the records' Muon: test_zoo_train)."""
