@@ -41,8 +41,8 @@ from .progress import Progress, summary_table
 from .promotion import Entry, rank
 from .storage import _optuna, _scheme, is_single_worker, open_storage
 from .trainable import Candidate, Trainable
-from .trials import (SynchronizedHalvingPruner, _candidate, _group_of, _group_state, _live, _orphans,
-                     _retry_callback, _rung_losses)
+from .trials import (CandidateHalvingPruner, SynchronizedHalvingPruner, _candidate, _group_of, _group_state, _live,
+                     _orphans, _retry_callback, _rung_losses)
 from .worker import TrialFailed, _Worker
 
 optuna = _optuna()
@@ -249,9 +249,8 @@ def _open_studies(cfg: _Config, storage_url: str | None, study_name: str, storag
     with _setup_lock(storage_url):
         for group, name in names.items():
             pruner = (SynchronizedHalvingPruner(len(cfg.rungs)) if cfg.mode == "synchronized" else
-                      optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.min_resource,
-                                                             reduction_factor=cfg.reduction_factor,
-                                                             min_early_stopping_rate=0))
+                      CandidateHalvingPruner(min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor,
+                                             min_early_stopping_rate=0))
             study = optuna.create_study(storage=storage, study_name=name, direction="minimize", pruner=pruner,
                                         load_if_exists=True)
             stored = study.user_attrs.get("tune:config")

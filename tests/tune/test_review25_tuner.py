@@ -134,6 +134,33 @@ def test_a_trial_taken_over_after_its_last_report_is_let_go(tmp_path, mode):
     assert _outcome(res) == _outcome(ref)
 
 
+def test_asynchronous_pruner_counts_a_lost_trial_and_its_retry_once():
+    """A trial failed for a lost worker keeps its ``completed_rung_0`` and its retry inherits it:
+    Optuna's pruner counted the candidate twice, which pruned a trial the rung promotes."""
+    import optuna
+
+    from examples.tune.trials import CandidateHalvingPruner
+
+    def decide(pruner):
+        study = optuna.create_study(pruner=pruner)
+        S = optuna.trial.TrialState
+        for state, loss, attrs in [(S.FAIL, 5.0, {}),                       # lost worker (no error)
+                                   (S.RUNNING, 5.0, {}),                    # its retry, the same candidate
+                                   (S.COMPLETE, 5.75, {}), (S.COMPLETE, 5.1875, {}),
+                                   (S.FAIL, None, {"duplicate_of": 3})]:    # a dropped duplicate has no value
+            study.add_trial(optuna.trial.create_trial(
+                state=state, value=loss if state == S.COMPLETE else None, intermediate_values={10: loss or 0.0},
+                system_attrs={} if loss is None else {"completed_rung_0": loss}, user_attrs=attrs))
+        trial = study.ask()
+        trial.report(5.1875, 10)
+        return pruner.prune(study, study._storage.get_trial(trial._trial_id))
+
+    kw = dict(min_resource=10, reduction_factor=2, min_early_stopping_rate=0)
+    # competing 5.0, 5.75, 5.1875 and its own 5.1875: the top 2 of 4 are 5.0 and 5.1875, it survives
+    assert decide(CandidateHalvingPruner(**kw)) is False
+    assert decide(optuna.pruners.SuccessiveHalvingPruner(**kw)) is True    # Optuna's: 5.0 twice, the bar is 5.0
+
+
 # ---------------------------------------------------------------- the asynchronous pruner's settings
 
 @pytest.mark.parametrize("min_resource, says", [
