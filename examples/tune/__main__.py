@@ -16,9 +16,14 @@ def _family(text: str) -> tuple[str, dict[str, float]]:
     """``NAME=GROUP:LR[,GROUP:LR...]`` -> (NAME, {GROUP: LR})."""
     try:
         name, rest = text.split("=", 1)
-        lrs = {g: float(v) for g, v in (item.split(":", 1) for item in rest.split(","))}
+        pairs = [(g, float(v)) for g, v in (item.split(":", 1) for item in rest.split(","))]
     except ValueError:
         raise argparse.ArgumentTypeError(f"family {text!r}: expected NAME=GROUP:LR[,GROUP:LR...]") from None
+    lrs = dict(pairs)
+    if len(lrs) != len(pairs):  # the later rate would silently replace the earlier
+        twice = sorted({g for g, _ in pairs if [p for p, _ in pairs].count(g) > 1})
+        raise argparse.ArgumentTypeError(f"family {text!r}: group {', '.join(map(repr, twice))} is given twice; "
+                                         "expected each GROUP once")
     return name, lrs
 
 

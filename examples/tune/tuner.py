@@ -200,8 +200,13 @@ def _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, 
                          "asynchronous pruner's settings; synchronized mode runs every rung of `rungs` and keeps "
                          "the better half at each (the paper's rule): leave them out, or pass mode='asynchronous'")
     min_resource = rungs[0] if min_resource is None else min_resource
-    if not isinstance(min_resource, int) or min_resource <= 0:
+    if isinstance(min_resource, bool) or not isinstance(min_resource, int) or min_resource <= 0:
         raise ValueError(f"tune: min_resource={min_resource!r} must be a positive int")
+    asked = rungs[-2] if len(rungs) > 1 else rungs[-1]  # the pruner is asked at the end of every rung but the last
+    if min_resource > asked:  # its first rung would never be reached: nothing would ever be pruned
+        raise ValueError(f"tune: min_resource={min_resource!r} is beyond the last rung the asynchronous pruner is "
+                         f"asked at ({asked}; rungs {list(rungs)}): it would never prune; expected at most {asked} "
+                         "(default: the first rung)")
     if not isinstance(reduction_factor, int) or reduction_factor < 2:
         raise ValueError(f"tune: reduction_factor={reduction_factor!r} must be an int >= 2")
     if extrapolate_to is not None and (isinstance(extrapolate_to, bool) or not isinstance(extrapolate_to, (int, float))

@@ -8,6 +8,8 @@ from typing import ClassVar
 
 import pytest
 
+from support.threads import one_intra_op_thread  # noqa: F401  (autouse: the zoo test trains)
+
 from examples.tune import tune
 from examples.tune.synthetic import SyntheticTrainable
 
@@ -164,12 +166,14 @@ def test_asynchronous_pruner_counts_a_lost_trial_and_its_retry_once():
 # ---------------------------------------------------------------- the asynchronous pruner's settings
 
 @pytest.mark.parametrize("min_resource, says", [
-    (41, r"min_resource=41 .*last rung 40"),
+    (41, r"min_resource=41 is beyond the last rung the asynchronous pruner is asked at \(20; rungs \[10, 20, 40\]\)"),
+    (21, r"min_resource=21 .*it would never prune; expected at most 20"),
     (True, r"min_resource=True must be a positive int"),
 ])
 def test_asynchronous_min_resource_beyond_the_last_rung_is_refused(tmp_path, min_resource, says):
-    """A min_resource above the last rung never prunes anything (every candidate trains to the end):
-    it was accepted silently, and ``True`` was taken for 1."""
+    """The pruner is asked at the end of every rung but the last: a min_resource beyond that never
+    prunes anything (every candidate trains to the end). It was accepted silently, and ``True`` was
+    taken for 1."""
     with pytest.raises(ValueError, match=says):
         tune(SyntheticTrainable(), workdir=tmp_path, mode="asynchronous", min_resource=min_resource,
              progress=False, **CFG)
@@ -181,7 +185,7 @@ def test_cli_min_resource_beyond_the_last_rung_is_one_line_exit_2(tmp_path, caps
     rc = main(["synthetic", "--tiers", "8", "--rungs", "10", "20", "--workdir", str(tmp_path), "--mode",
                "asynchronous", "--min-resource", "100", "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "min_resource=100" in err and "20" in err, err
+    assert rc == 2 and err.count("\n") == 1 and "min_resource=100" in err and "expected at most 10" in err, err
     assert not (tmp_path / "trials").exists()
 
 
