@@ -414,8 +414,15 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
     cfg = _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, min_resource,
                     reduction_factor, multipliers, rel_tol, extrapolate_to, heartbeat_interval, grace_period)
     cfg = dataclasses.replace(cfg, trainable=_describe_trainable(trainable))
+    if not isinstance(study_name, str) or not study_name:
+        raise ValueError(f"tune: study_name={study_name!r}; expected a non-empty string (it names the study and "
+                         "its trial directories)")
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a file of that name: say which argument and what was expected
+        raise ValueError(f"tune: workdir {str(workdir)!r} cannot be made ({e.strerror or e}: "
+                         f"{e.filename or workdir}); expected a directory or a path where one can be made") from None
     choices_path = Path(choices_path) if choices_path is not None else workdir / "choices.json"
     try:  # refuse a choices path that cannot be written before any training, not after the study
         choices_path.parent.mkdir(parents=True, exist_ok=True)

@@ -199,6 +199,25 @@ def test_cli_a_group_given_twice_in_a_family_is_refused(tmp_path, capsys):
     assert e.value.code == 2 and err.count("\n") == 1 and "'lr'" in err and "twice" in err, err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--workdir", "{file}"], r"error: tune: workdir '.*afile' cannot be made \(File exists: .*afile\); expected a "
+                              r"directory"),
+    (["--workdir", "{tmp}/w", "--study", ""], r"error: tune: study_name=''; expected a non-empty string"),
+])
+def test_cli_an_unusable_workdir_or_study_name_is_one_line_naming_it(tmp_path, capsys, argv, says):
+    """A --workdir that is a file was '[Errno 17] File exists' (which option?); an empty --study ran, its
+    trial directories directly under workdir/trials."""
+    from examples.tune.__main__ import main
+
+    (tmp_path / "afile").write_text("x")
+    argv = [a.format(file=tmp_path / "afile", tmp=tmp_path) for a in argv]
+    rc = main(["synthetic", "--tiers", "8", "--rungs", "10", "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert __import__("re").search(says, err), err
+    assert not (tmp_path / "w" / "trials").exists()
+
+
 # ---------------------------------------------------------------- the caller's state
 
 def test_zoo_trainable_leaves_the_callers_torch_rng_alone(tmp_path):
