@@ -35,7 +35,8 @@ def test_a_half_written_last_journal_line_costs_that_line_only(tmp_path, monkeyp
     half-written line and finishes with the results of an uninterrupted run."""
     ref = _quiet_tune(SyntheticTrainable(), workdir=tmp_path / "ref")
     log = tmp_path / "tune.log"
-    kw = dict(workdir=tmp_path / "w", storage=f"journal:{log}", heartbeat_interval=0.1, grace_period=0.5)
+    kw = dict(workdir=tmp_path / "w", storage=f"journal:{log}", heartbeat_interval=0.1, grace_period=0.5,
+              poll_interval=0.05)
 
     def interrupted(self, *a, **k):
         raise KeyboardInterrupt   # the first run stops as its first trial begins training
