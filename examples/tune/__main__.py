@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from examples.cli import OneLineParser, directory, one_line
@@ -76,8 +77,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Show a warning as one line (``python -m examples.tune: warning: ...``), without the source line."""
+    print(f"python -m examples.tune: warning: {one_line(message)}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     """Run the tuner from the command line; returns the exit status."""
+    with warnings.catch_warnings():  # the grid-edge and take-over warnings: one line each, as the errors
+        warnings.showwarning = _one_line_warning
+        return _main(argv)
+
+
+def _main(argv) -> int:
     args = _parser().parse_args(argv)
     if args.mode == "synchronized":  # the paper's rule always keeps the top half; say so instead of ignoring them
         for flag, value in (("--min-resource", args.min_resource), ("--reduction-factor", args.reduction_factor)):

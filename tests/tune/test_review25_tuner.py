@@ -219,6 +219,19 @@ def test_cli_an_unusable_workdir_or_study_name_is_one_line_naming_it(tmp_path, c
     assert not (tmp_path / "w" / "trials").exists()
 
 
+def test_cli_warnings_are_one_line_without_source_code(tmp_path, capsys):
+    """The grid-edge warning printed the file, line and source line of the call to ``tune`` (two
+    lines, the second a line of code) to a command-line user."""
+    from examples.tune.__main__ import main
+
+    rc = main(["synthetic", "--tiers", "8", "--reference-tier", "1", "--rungs", "10", "--workdir", str(tmp_path),
+               "--quiet", "--family", "a=lr:1e-3"])   # scales 1..8 around the synthetic optimum 1: the lowest
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 0
+    assert err == ["python -m examples.tune: warning: tune: the chosen learning rate is the lowest candidate for "
+                   "a/b8 of the grid: the best rate may lie beyond it (widen the multipliers)"], err
+
+
 # ---------------------------------------------------------------- the caller's state
 
 def test_zoo_trainable_leaves_the_callers_torch_rng_alone(tmp_path):
