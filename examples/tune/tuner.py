@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 import sys
 import threading
@@ -175,6 +176,10 @@ def _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, 
             raise ValueError(f"tune: family name {name!r} must be a non-empty string without '/'")
         if not isinstance(lrs, Mapping) or not lrs:
             raise ValueError(f"tune: empty candidate set: family {name!r} has no reference rates ({lrs!r})")
+        for g, v in lrs.items():  # float() would take True for 1.0 and "3e-4" for a rate; "abc" named nothing
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise ValueError(f"tune: family {name!r} group {g!r} has reference rate {v!r}; expected a finite "
+                                 "rate > 0 (a number)")
         fam[name] = {str(g): float(v) for g, v in lrs.items()}
     tiers = tuple(tiers)
     if not tiers:

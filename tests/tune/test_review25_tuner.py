@@ -232,6 +232,15 @@ def test_cli_warnings_are_one_line_without_source_code(tmp_path, capsys):
                    "a/b8 of the grid: the best rate may lie beyond it (widen the multipliers)"], err
 
 
+@pytest.mark.parametrize("rate", [True, "3e-4", "abc", None])
+def test_a_reference_rate_that_is_not_a_number_is_refused_naming_it(tmp_path, rate):
+    """``True`` was trained as the rate 1.0 and ``"3e-4"`` as 3e-4; ``"abc"`` was 'could not convert string
+    to float' without the family or group."""
+    with pytest.raises(ValueError, match=rf"tune: family 'f' group 'lr' has reference rate {rate!r}; expected a "
+                                         r"finite rate > 0"):
+        tune(SyntheticTrainable(), **(CFG | dict(families={"f": {"lr": rate}}, workdir=tmp_path, progress=False)))
+
+
 # ---------------------------------------------------------------- the caller's state
 
 def test_zoo_trainable_leaves_the_callers_torch_rng_alone(tmp_path):
