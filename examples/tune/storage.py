@@ -72,27 +72,46 @@ def _journal_backend(path: Path):
     operation would be glued onto the torn one, a line that is not JSON, and every later read of
     the journal raises (the study is lost). Appends here cut the file back to its last newline under
     the journal's lock, so the torn operation (never applied by any reader) costs that line only."""
-    from optuna.storages.journal import JournalFileBackend
+    return _backend_class()(str(path))
 
-    class _Backend(JournalFileBackend):
-        def append_logs(self, logs) -> None:
-            data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
-            self._lock.acquire()
-            try:
-                with open(self._file_path, "r+b") as f:
-                    end = f.seek(0, os.SEEK_END)
-                    if end:
-                        f.seek(max(0, end - 1))
-                        if f.read(1) != b"\n":
-                            _drop_torn_tail(f, end)
-                    f.seek(0, os.SEEK_END)
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            finally:
-                self._lock.release()
 
-    return _Backend(str(path))
+_BACKEND = None
+
+
+def _backend_class():
+    """The backend class, made on first use (Optuna is an optional extra) under a module-level name,
+    so that a storage still pickles (``pickle`` finds the class through the module's ``__getattr__``)."""
+    global _BACKEND
+    if _BACKEND is None:
+        from optuna.storages.journal import JournalFileBackend
+
+        class TornTailJournalBackend(JournalFileBackend):
+            def append_logs(self, logs) -> None:
+                data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
+                self._lock.acquire()
+                try:
+                    with open(self._file_path, "r+b") as f:
+                        end = f.seek(0, os.SEEK_END)
+                        if end:
+                            f.seek(end - 1)
+                            if f.read(1) != b"\n":
+                                _drop_torn_tail(f, end)
+                        f.seek(0, os.SEEK_END)
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                finally:
+                    self._lock.release()
+
+        TornTailJournalBackend.__module__, TornTailJournalBackend.__qualname__ = __name__, "TornTailJournalBackend"
+        _BACKEND = TornTailJournalBackend
+    return _BACKEND
+
+
+def __getattr__(name):
+    if name == "TornTailJournalBackend":
+        return _backend_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _drop_torn_tail(f, end: int) -> None:

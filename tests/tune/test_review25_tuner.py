@@ -71,6 +71,16 @@ def test_the_journal_backend_drops_a_half_written_tail_before_appending(tmp_path
     assert all(line.startswith(b"{") and line.endswith(b"}") for line in log.read_bytes().splitlines())
 
 
+def test_a_journal_storage_still_pickles(tmp_path):
+    """The journal backend that drops torn lines is a module-level class: a storage pickles, as Optuna's does."""
+    import pickle
+
+    from examples.tune.storage import open_storage
+
+    storage = pickle.loads(pickle.dumps(open_storage(f"journal:{tmp_path}/j.log")))
+    assert type(storage._backend).__name__ == "TornTailJournalBackend"
+
+
 @pytest.mark.parametrize("where", ["middle", "last"])
 def test_a_malformed_journal_line_is_named_with_its_line_number(tmp_path, where):
     """A complete line that is not JSON (a damaged journal): Optuna raised a bare JSONDecodeError
