@@ -105,7 +105,7 @@ def _checked_group(group):
         return group
     import torch.distributed as dist
 
-    if dist.is_available() and (isinstance(group, dist.ProcessGroup) or group is dist.GroupMember.NON_GROUP_MEMBER
+    if dist.is_available() and (isinstance(group, dist.ProcessGroup)
                                 or (type(group) is int and group == dist.GroupMember.NON_GROUP_MEMBER)):
         return group  # (new_group gives the ranks outside it NON_GROUP_MEMBER, an int)
     kind = type(group).__name__

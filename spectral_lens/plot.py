@@ -388,6 +388,8 @@ def plot_early_vs_eps(score: PredictionScore, baseline: PredictionScore | None =
     Figure = require_matplotlib()
     from matplotlib import colormaps
 
+    from .report import _rho  # a rho that rounds to zero keeps a digit, as in the report's text
+
     panels = [s for s in (score, baseline) if s is not None]
     fig = Figure(figsize=(5.6 * len(panels), 4.4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False).ravel()
@@ -411,8 +413,8 @@ def plot_early_vs_eps(score: PredictionScore, baseline: PredictionScore | None =
         label = names.get(s.statistic, s.statistic)
         ax.set_xlabel(f"{label.split(' (')[0]}, min-max normalized per family")
         ax.set_ylabel("token inefficiency ε_tok = T(B) / min T")
-        rho = f"ρ_S = {s.rho:.2f} (p = {s.pvalue:.2g}, n = {s.n})" if math.isfinite(s.rho) else "ρ_S undefined"
-        within = f"; within-family mean {s.mean_within_rho:.2f}" if len(s.within) > 1 and math.isfinite(s.mean_within_rho) else ""
+        rho = f"ρ_S = {_rho(s.rho)} (p = {s.pvalue:.2g}, n = {s.n})" if math.isfinite(s.rho) else "ρ_S undefined"
+        within = f"; within-family mean {_rho(s.mean_within_rho)}" if len(s.within) > 1 and math.isfinite(s.mean_within_rho) else ""
         # the triangles' key goes in the title: inside the axes it covered a never-reached run of the family's
         # smallest statistic, which is drawn at the top-left corner
         never = "\n▲ at the top edge: target not reached" if any(math.isinf(p[4]) for p in s.points) else ""

@@ -194,7 +194,9 @@ _FIXED_LIMIT = 1e9
 
 def _as_float(v: Any) -> Any:
     """``v`` as a Python float when it is a real, non-integer number (a NumPy ``float32`` is not a ``float``:
-    the checks below missed it), else ``v``."""
+    the checks below missed it; a 0-d NumPy array or torch tensor is read as its one value), else ``v``."""
+    if getattr(v, "ndim", None) == 0 and callable(getattr(v, "item", None)):
+        v = v.item()
     return float(v) if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) else v
 
 

@@ -66,6 +66,9 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
+_PROBE = 65_536  # tokens hashed at each end of a shard by TokenStream.fingerprint
+
+
 class TokenStream:
     """Token shards read as chunks of ``L + 1`` tokens at stride ``L`` (inputs and shifted targets).
 
@@ -83,6 +86,18 @@ class TokenStream:
     def num_chunks(self, L: int) -> int:
         """How many distinct chunks of ``L`` (+1) tokens the stream holds."""
         return sum(max(len(s) - 1, 0) // L for s in self.shards)
+
+    def fingerprint(self) -> str:
+        """What chunk addressing depends on: each shard's file name and length, and a crc32 of its first
+        and last 65,536 tokens (all of a shorter one). A shard added, removed or replaced changes it."""
+        crc, parts = 0, []
+        for shard, name in zip(self.shards, self.names):
+            n = len(shard)
+            parts.append(f"{os.path.basename(name)}:{n}")
+            head, tail = (shard, shard[:0]) if n <= 2 * _PROBE else (shard[:_PROBE], shard[-_PROBE:])
+            crc = zlib.crc32(np.ascontiguousarray(tail, dtype="<u2").tobytes(),
+                             zlib.crc32(np.ascontiguousarray(head, dtype="<u2").tobytes(), crc))
+        return f"{len(parts)} shards, {self.num_tokens:,} tokens, crc32 {zlib.crc32(' '.join(parts).encode(), crc):08x}"
 
     def chunk(self, k: int, L: int, vocab_size: int | None = None) -> np.ndarray:
         """Chunk ``k`` (mod the number of chunks) as int64, checking ids < ``vocab_size``."""
@@ -110,6 +125,12 @@ class TokenData:
     vocab_size: int   # number of ids the tokenizer emits (the model may pad beyond)
     eot_id: int
     name: str
+
+    @property
+    def fingerprint(self) -> str:
+        """The layout of both streams (:meth:`TokenStream.fingerprint`); a checkpoint records it, so that a
+        resume refuses shards changed since (micro-batch ``k`` is addressed by position in the shards)."""
+        return f"train {self.train.fingerprint()}; val {self.val.fingerprint()}"
 
 
 def micro_batch(stream: TokenStream, k: int, rows: int, seq_len: int, device="cpu", vocab_size: int | None = None):
@@ -210,6 +231,10 @@ def bin_data(directory: str | os.PathLike) -> TokenData:
     train, val = sorted(d.glob("*train*.bin")), sorted(d.glob("*val*.bin"))
     if not train or not val:
         raise FileNotFoundError(f"{d}: need *train*.bin and *val*.bin shards (found {len(train)} train, {len(val)} val)")
+    both = sorted(set(train) & set(val))
+    if both:  # it would be trained on and held out at once
+        raise ValueError(f"{d}: {', '.join(f.name for f in both)} match both *train*.bin and *val*.bin; rename "
+                         "them so that every shard is either training or held-out data")
     stream = lambda files: TokenStream([read_shard(f) for f in files], [str(f) for f in files])  # noqa: E731
     return TokenData(stream(train), stream(val), GPT2_VOCAB, GPT2_EOT, f"bin:{d}")
 

@@ -20,6 +20,7 @@ import numbers
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -172,8 +173,9 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
         opts = build_optimizers(model, recipe, matrix_optimizer=matrix_optimizer, matrix_lr=matrix_lr,
                                 lr_scale=lr_scale, muon_impl=muon_impl)
         # what a checkpoint must share with the run that resumes it (stop_tokens, evaluation and logging may differ)
-        settings = dict(variant=variant, profile=profile, data=td.name, steps=steps, batch_tier=batch_tier, rows=rows,
-                        seq_len=seq_len, tokens_per_step=tokens_per_step, lr_scale=float(lr_scale),
+        settings = dict(variant=variant, profile=profile, data=td.name, data_fingerprint=td.fingerprint, steps=steps,
+                        batch_tier=batch_tier, rows=rows, seq_len=seq_len, tokens_per_step=tokens_per_step,
+                        lr_scale=float(lr_scale),
                         matrix_optimizer=matrix_optimizer or recipe.matrix_optimizer, matrix_lr=matrix_lr,
                         muon_impl=muon_impl, seed=seed, config=dataclasses.asdict(cfg))
         start = 0
@@ -193,6 +195,13 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
         if n_val == 0:
             raise ValueError(f"held-out stream of {td.name} has {td.val.num_tokens:,} tokens, fewer than one "
                              f"micro-batch of {micro_tokens + 1:,}")
+        # chunks wrap around at the end of the training tokens: say so when this run (up to stop_step) reuses them
+        n_train = td.train.num_chunks(micro_tokens)
+        epochs = stop_step * batch_tier / n_train if n_train else None  # None: the first micro-batch fails
+        if epochs is not None and epochs > 1 and rank == 0:
+            warnings.warn(f"train: {stop_step} steps x {tokens_per_step:,} tokens = {epochs:.2f} passes over the "
+                          f"{n_train * micro_tokens:,} training tokens of {td.name}: micro-batches repeat from step "
+                          f"{n_train // batch_tier}", stacklevel=2)
         eval_steps = max(1, round(eval_every_tokens / tokens_per_step)) if eval_every_tokens else max(1, steps // 10)
         ckpt_steps = max(1, round(checkpoint_every_tokens / tokens_per_step)) if checkpoint_every_tokens else None
 
@@ -201,10 +210,12 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             _remove_stale_temporaries(run_dir)
-            meta = dict(variant=variant, profile=profile, data=td.name, world_size=world, steps=steps,
+            meta = dict(variant=variant, profile=profile, data=td.name, data_fingerprint=settings["data_fingerprint"],
+                        world_size=world, steps=steps,
                         batch_tier=batch_tier, rows=rows, seq_len=seq_len, tokens_per_step=tokens_per_step,
                         lr_scale=lr_scale, matrix_optimizer=matrix_optimizer or recipe.matrix_optimizer,
                         matrix_lr=matrix_lr, optimizers=[type(o).__module__ + "." + type(o).__name__ for o in opts],
+                        train_epochs=epochs and round(epochs, 6), val_tokens=n_val * micro_tokens,
                         params=count_params(model), seed=seed, device=str(device),
                         fp8_head_active=cfg.fp8_head and model.fp8_head_active(torch.empty(16, cfg.n_embd, device=device)),
                         config=dataclasses.asdict(cfg), recipe=dataclasses.asdict(recipe))

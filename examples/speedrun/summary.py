@@ -29,7 +29,7 @@ def min_pvalue(n: int) -> float:
     """The smallest exact two-sided p-value of a Spearman rho over ``n`` distinct ranks (a perfect order): ``2/n!``."""
     if n < 2:
         raise ValueError(f"min_pvalue: need n >= 2 ranks, got {n}")
-    return 2.0 / math.factorial(n) if n <= 20 else 0.0
+    return 2 / math.factorial(n)  # int / int: exact rounding, 0.0 only where 2/n! is below the float range
 
 
 def _fmt(v, spec=".3f") -> str:

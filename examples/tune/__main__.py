@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from examples.cli import OneLineParser, directory, one_line
@@ -16,9 +17,14 @@ def _family(text: str) -> tuple[str, dict[str, float]]:
     """``NAME=GROUP:LR[,GROUP:LR...]`` -> (NAME, {GROUP: LR})."""
     try:
         name, rest = text.split("=", 1)
-        lrs = {g: float(v) for g, v in (item.split(":", 1) for item in rest.split(","))}
+        pairs = [(g, float(v)) for g, v in (item.split(":", 1) for item in rest.split(","))]
     except ValueError:
         raise argparse.ArgumentTypeError(f"family {text!r}: expected NAME=GROUP:LR[,GROUP:LR...]") from None
+    lrs = dict(pairs)
+    if len(lrs) != len(pairs):  # the later rate would silently replace the earlier
+        twice = sorted({g for g, _ in pairs if [p for p, _ in pairs].count(g) > 1})
+        raise argparse.ArgumentTypeError(f"family {text!r}: group {', '.join(map(repr, twice))} is given twice; "
+                                         "expected each GROUP once")
     return name, lrs
 
 
@@ -71,8 +77,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Show a warning as one line (``python -m examples.tune: warning: ...``), without the source line."""
+    print(f"python -m examples.tune: warning: {one_line(message)}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     """Run the tuner from the command line; returns the exit status."""
+    with warnings.catch_warnings():  # the grid-edge and take-over warnings: one line each, as the errors
+        warnings.showwarning = _one_line_warning
+        return _main(argv)
+
+
+def _main(argv) -> int:
     args = _parser().parse_args(argv)
     if args.mode == "synchronized":  # the paper's rule always keeps the top half; say so instead of ignoring them
         for flag, value in (("--min-resource", args.min_resource), ("--reduction-factor", args.reduction_factor)):

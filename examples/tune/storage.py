@@ -3,7 +3,9 @@
 - ``None``: in-memory (one process; nothing survives it).
 - ``journal:/path/to/tune.log`` (or a path ending in ``.log``/``.journal``): ``JournalStorage`` on a
   ``JournalFileBackend``, for several processes on one machine (or on a shared file system that
-  supports the lock file). Resumable.
+  supports the lock file). Resumable. A last line left half-written by a process killed (or out of
+  disk space) mid-append is dropped before the next append, under the journal's lock; a malformed
+  line elsewhere is refused, naming its line number.
 - ``sqlite:///path.db``: ``RDBStorage`` over SQLite; single worker only (SQLite locks the whole file
   and Optuna warns against concurrent writers). Resumable.
 - ``postgresql://user:pass@host/db`` (or ``mysql://...``): ``RDBStorage``, passed through, for
@@ -11,6 +13,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -62,6 +65,83 @@ def _refuse_foreign_sqlite_file(url: str) -> None:
                              "(it would be overwritten); name a new file or an existing study database")
 
 
+def _journal_backend(path: Path):
+    """Optuna's ``JournalFileBackend`` on ``path``, whose appends first drop a half-written last line.
+
+    Optuna skips a last line without its newline when reading, but appends after it: the next
+    operation would be glued onto the torn one, a line that is not JSON, and every later read of
+    the journal raises (the study is lost). Appends here cut the file back to its last newline under
+    the journal's lock, so the torn operation (never applied by any reader) costs that line only."""
+    return _backend_class()(str(path))
+
+
+_BACKEND = None
+
+
+def _backend_class():
+    """The backend class, made on first use (Optuna is an optional extra) under a module-level name,
+    so that a storage still pickles (``pickle`` finds the class through the module's ``__getattr__``)."""
+    global _BACKEND
+    if _BACKEND is None:
+        from optuna.storages.journal import JournalFileBackend
+
+        class TornTailJournalBackend(JournalFileBackend):
+            def append_logs(self, logs) -> None:
+                data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
+                self._lock.acquire()
+                try:
+                    with open(self._file_path, "r+b") as f:
+                        end = f.seek(0, os.SEEK_END)
+                        if end:
+                            f.seek(end - 1)
+                            if f.read(1) != b"\n":
+                                _drop_torn_tail(f, end)
+                        f.seek(0, os.SEEK_END)
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                finally:
+                    self._lock.release()
+
+        TornTailJournalBackend.__module__, TornTailJournalBackend.__qualname__ = __name__, "TornTailJournalBackend"
+        _BACKEND = TornTailJournalBackend
+    return _BACKEND
+
+
+def __getattr__(name):
+    if name == "TornTailJournalBackend":
+        return _backend_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _drop_torn_tail(f, end: int) -> None:
+    """Truncate the open journal ``f`` (``end`` bytes) after its last newline."""
+    block, pos = 1 << 16, end
+    while pos > 0:
+        start = max(0, pos - block)
+        f.seek(start)
+        chunk = f.read(pos - start)
+        i = chunk.rfind(b"\n")
+        if i >= 0:
+            f.truncate(start + i + 1)
+            return
+        pos = start
+    f.truncate(0)
+
+
+def _first_malformed_line(path: Path) -> str | None:
+    """``"line N (first bytes)"`` for the first complete line of the journal that is not JSON, else None."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.endswith(b"\n"):
+                return None  # a half-written last line: dropped before the next append
+            try:
+                json.loads(line)
+            except ValueError:
+                return f"line {n} ({line[:60]!r})"
+    return None
+
+
 def open_storage(url: str | None):
     """The Optuna storage for ``url`` (see the module docstring); a clear ``ValueError`` if it cannot be opened."""
     optuna = _optuna()
@@ -78,10 +158,13 @@ def open_storage(url: str | None):
             raise ValueError(f"storage {url!r} cannot be opened: directory {str(path.parent)!r} does not exist")
         if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise ValueError(f"storage {url!r} cannot be opened: {str(path)!r} is not writable")
-        from optuna.storages.journal import JournalFileBackend
-
+        # Optuna raises only once a line follows the bad one (mid-run, as a bare JSONDecodeError): say it here
+        bad = _first_malformed_line(path) if path.is_file() else None
+        if bad is not None:
+            raise ValueError(f"storage {url!r} cannot be opened: {bad} of {str(path)!r} is not a JSON operation "
+                             "(the journal is damaged; Optuna cannot replay past it)")
         try:
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+            return optuna.storages.JournalStorage(_journal_backend(path))
         except Exception as e:
             raise ValueError(f"storage {url!r} cannot be opened: {type(e).__name__}: {e}") from e
     if scheme == "sqlite":

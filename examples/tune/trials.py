@@ -18,7 +18,7 @@ from .trainable import Candidate
 
 optuna = _optuna()
 
-__all__ = ["SynchronizedHalvingPruner"]
+__all__ = ["SynchronizedHalvingPruner", "CandidateHalvingPruner"]
 
 def _candidate(ft) -> Candidate:
     a = ft.user_attrs
@@ -145,3 +145,30 @@ class SynchronizedHalvingPruner(optuna.pruners.BasePruner):
         if state.pending is not None and state.pending < done:
             return False
         return trial.user_attrs["key"] not in state.survived[done - 1]
+
+
+class _CandidateTrials:
+    """A study seen by Optuna's pruner: its trials less those that do not stand for a candidate."""
+
+    def __init__(self, study) -> None:
+        self._study = study
+
+    def __getattr__(self, name):
+        return getattr(self._study, name)
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list:
+        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states)
+                if not _is_stale_fail(t) and "duplicate_of" not in t.user_attrs]
+
+
+class CandidateHalvingPruner(optuna.pruners.SuccessiveHalvingPruner):
+    """Optuna's ``SuccessiveHalvingPruner`` (ASHA) counting each candidate once at a rung.
+
+    A trial failed for a lost worker keeps its ``completed_rung_<k>`` values and its retry inherits
+    them, so Optuna's pruner counted that candidate twice in every later comparison at those rungs
+    (a promotion decided against a doubled competitor). Here the failed trial is left out, as
+    everywhere else in the tuner: its retry stands for the candidate.
+    """
+
+    def prune(self, study, trial) -> bool:
+        return super().prune(_CandidateTrials(study), trial)

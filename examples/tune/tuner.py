@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 import sys
 import threading
@@ -41,8 +42,8 @@ from .progress import Progress, summary_table
 from .promotion import Entry, rank
 from .storage import _optuna, _scheme, is_single_worker, open_storage
 from .trainable import Candidate, Trainable
-from .trials import (SynchronizedHalvingPruner, _candidate, _group_of, _group_state, _live, _orphans,
-                     _retry_callback, _rung_losses)
+from .trials import (CandidateHalvingPruner, SynchronizedHalvingPruner, _candidate, _group_of, _group_state, _live,
+                     _orphans, _retry_callback, _rung_losses)
 from .worker import TrialFailed, _Worker
 
 optuna = _optuna()
@@ -175,6 +176,10 @@ def _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, 
             raise ValueError(f"tune: family name {name!r} must be a non-empty string without '/'")
         if not isinstance(lrs, Mapping) or not lrs:
             raise ValueError(f"tune: empty candidate set: family {name!r} has no reference rates ({lrs!r})")
+        for g, v in lrs.items():  # float() would take True for 1.0 and "3e-4" for a rate; "abc" named nothing
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise ValueError(f"tune: family {name!r} group {g!r} has reference rate {v!r}; expected a finite "
+                                 "rate > 0 (a number)")
         fam[name] = {str(g): float(v) for g, v in lrs.items()}
     tiers = tuple(tiers)
     if not tiers:
@@ -200,8 +205,13 @@ def _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, 
                          "asynchronous pruner's settings; synchronized mode runs every rung of `rungs` and keeps "
                          "the better half at each (the paper's rule): leave them out, or pass mode='asynchronous'")
     min_resource = rungs[0] if min_resource is None else min_resource
-    if not isinstance(min_resource, int) or min_resource <= 0:
+    if isinstance(min_resource, bool) or not isinstance(min_resource, int) or min_resource <= 0:
         raise ValueError(f"tune: min_resource={min_resource!r} must be a positive int")
+    asked = rungs[-2] if len(rungs) > 1 else rungs[-1]  # the pruner is asked at the end of every rung but the last
+    if min_resource > asked:  # its first rung would never be reached: nothing would ever be pruned
+        raise ValueError(f"tune: min_resource={min_resource!r} is beyond the last rung the asynchronous pruner is "
+                         f"asked at ({asked}; rungs {list(rungs)}): it would never prune; expected at most {asked} "
+                         "(default: the first rung)")
     if not isinstance(reduction_factor, int) or reduction_factor < 2:
         raise ValueError(f"tune: reduction_factor={reduction_factor!r} must be an int >= 2")
     if extrapolate_to is not None and (isinstance(extrapolate_to, bool) or not isinstance(extrapolate_to, (int, float))
@@ -249,9 +259,8 @@ def _open_studies(cfg: _Config, storage_url: str | None, study_name: str, storag
     with _setup_lock(storage_url):
         for group, name in names.items():
             pruner = (SynchronizedHalvingPruner(len(cfg.rungs)) if cfg.mode == "synchronized" else
-                      optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.min_resource,
-                                                             reduction_factor=cfg.reduction_factor,
-                                                             min_early_stopping_rate=0))
+                      CandidateHalvingPruner(min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor,
+                                             min_early_stopping_rate=0))
             study = optuna.create_study(storage=storage, study_name=name, direction="minimize", pruner=pruner,
                                         load_if_exists=True)
             stored = study.user_attrs.get("tune:config")
@@ -410,8 +419,15 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
     cfg = _validate(families, tiers, reference_tier, rungs, mode, n_workers, storage, min_resource,
                     reduction_factor, multipliers, rel_tol, extrapolate_to, heartbeat_interval, grace_period)
     cfg = dataclasses.replace(cfg, trainable=_describe_trainable(trainable))
+    if not isinstance(study_name, str) or not study_name:
+        raise ValueError(f"tune: study_name={study_name!r}; expected a non-empty string (it names the study and "
+                         "its trial directories)")
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a file of that name: say which argument and what was expected
+        raise ValueError(f"tune: workdir {str(workdir)!r} cannot be made ({e.strerror or e}: "
+                         f"{e.filename or workdir}); expected a directory or a path where one can be made") from None
     choices_path = Path(choices_path) if choices_path is not None else workdir / "choices.json"
     try:  # refuse a choices path that cannot be written before any training, not after the study
         choices_path.parent.mkdir(parents=True, exist_ok=True)

@@ -258,8 +258,18 @@ class _Worker:
             if self.progress:
                 self.progress.note(f"trial {trial.number} {cand.key} failed: {type(e).__name__}: {e}")
             return False
-        trial.set_user_attr(f"rung:{k}", loss)
+        try:
+            trial.set_user_attr(f"rung:{k}", loss)
+        except UpdateFinishedTrialError:  # failed by another worker's sweep meanwhile: its retry owns the candidate
+            self._let_go(trial)
+            return False
         return True
+
+    def _let_go(self, trial) -> None:
+        """Forget a held trial another worker failed (our heartbeats were late); its retry trains on."""
+        self._drop(trial)
+        warnings.warn(f"tune: trial {trial.number} was taken over by another worker (heartbeat older than "
+                      f"grace_period={self.grace_period}s); dropping it here")
 
     # -- synchronized mode
     def _sync_step(self, study) -> str:
@@ -321,7 +331,12 @@ class _Worker:
             for k in range(done, n):
                 if not self._train_rung(study, trial, cand, k):
                     return "worked"
-                if k + 1 < n and trial.should_prune():
+                try:
+                    prune = k + 1 < n and trial.should_prune()  # the pruner stores its rung value in the trial
+                except UpdateFinishedTrialError:
+                    self._let_go(trial)
+                    return "worked"
+                if prune:
                     self._finish(study, trial, optuna.trial.TrialState.PRUNED)
                     return "worked"
             self._finish(study, trial, optuna.trial.TrialState.COMPLETE,

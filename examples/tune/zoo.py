@@ -11,7 +11,8 @@ after the first step reaching the budget, evaluates and checkpoints there, and c
 schedule is ``schedule_tokens`` when set (the measured run's budget, so trials are prefixes of the
 measured runs) else the tuner's ``horizon``. A promoted trial resumes from ``workdir/ckpt.pt``. Since
 the data order, the learning-rate schedule and the evaluation points depend only on the step, the run
-up to a rung is exactly the prefix of the uninterrupted run.
+up to a rung is exactly the prefix of the uninterrupted run. torch's global random streams are
+restored after each call (the trainer seeds them), so tuning in-process leaves the caller's alone.
 """
 from __future__ import annotations
 
@@ -125,15 +126,25 @@ class ZooTrainable:
                 return
             report(int(tokens), float(val_loss))
 
-        train(variant=candidate.family, profile=self.profile, data=self.data, run_dir=workdir, tokens=schedule,
-              stop_tokens=budget, batch_tier=candidate.tier, seq_len=self.seq_len, rows=self.rows, lr_scale=scale,
-              eval_every_tokens=self.eval_every_tokens, val_tokens=self.val_tokens, resume=resume, save_final=True,
-              seed=self.seed, device=self.device, compile=self.compile, attn_impl=self.attn_impl, on_eval=on_eval,
-              verbose=False)
+        with _callers_rng_kept():  # train() seeds torch's global generators; the tuner may run in the caller's process
+            train(variant=candidate.family, profile=self.profile, data=self.data, run_dir=workdir, tokens=schedule,
+                  stop_tokens=budget, batch_tier=candidate.tier, seq_len=self.seq_len, rows=self.rows,
+                  lr_scale=scale, eval_every_tokens=self.eval_every_tokens, val_tokens=self.val_tokens,
+                  resume=resume, save_final=True, seed=self.seed, device=self.device, compile=self.compile,
+                  attn_impl=self.attn_impl, on_eval=on_eval, verbose=False)
         _keep_latest_checkpoint(workdir)
         if "past" in seen:
             raise ValueError(f"ZooTrainable: {candidate.key} stopped at {seen['past']} tokens, past the rung budget "
                              f"{budget}; choose rung budgets that are multiples of the tier's tokens per step")
+
+
+def _callers_rng_kept():
+    """``torch.random.fork_rng`` over the CPU and every CUDA device: torch's global random streams are
+    restored after the block (``train`` calls ``torch.manual_seed``, which reset the caller's stream)."""
+    import torch
+
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def _keep_latest_checkpoint(workdir: Path) -> None:
