@@ -4,7 +4,8 @@ Per page, the blocks run in order in one namespace, in a fresh temporary working
 the prose leaves to the reader (``model``, ``heldout_pool``, ``total_steps``, ...) come from
 ``tests/docs/fixtures.py``, injected only when a block reads a name the page has not defined. A
 block directly preceded by the line ``<!-- docs-test: skip -->`` (blank lines and other HTML comment
-lines may sit between them) is not run. A failure names the page and the block's first line.
+lines may sit between them) is not run. A block that needs an optional package not installed here skips,
+with the page's later blocks. A failure names the page and the block's first line.
 """
 
 from __future__ import annotations
@@ -84,6 +85,21 @@ def inject(ns: dict, names: set[str]) -> None:
 
 
 PAGES = [p for p in pages() if any(not b.skipped for b in blocks(p))]
+# a block that fails to import one of these fails: they are the library, the examples and the core dependencies
+NOT_OPTIONAL = {"spectral_lens", "examples", "torch", "numpy", "scipy", "opt_einsum", "tqdm"}
+
+
+def not_installed(exc: BaseException) -> str | None:
+    """The optional package whose absence raised ``exc`` (directly, or as the cause of an error that names an
+    extra), when it is not installed here; else None. Such a block skips, as a fixture that needs an extra does:
+    the test suite also runs from the sdist with only the core and ``test`` dependencies."""
+    while exc is not None:
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            top = exc.name.split(".")[0]
+            if top not in NOT_OPTIONAL and importlib.util.find_spec(top) is None:
+                return top
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def test_the_parser_sees_fences_and_markers(tmp_path):
@@ -125,6 +141,12 @@ def test_page_blocks_run(page, tmp_path, monkeypatch):
                     exec(compile(tree, where, "exec"), ns)
             except pytest.skip.Exception:
                 raise
+            except ImportError as exc:
+                missing = not_installed(exc)
+                if missing is None:
+                    pytest.fail(f"{where} failed:\n{traceback.format_exc(limit=-4)}", pytrace=False)
+                pytest.skip(f"{where}: needs {missing}, not installed here; this block and the page's later blocks "
+                            "were not run")
             except BaseException:  # noqa: BLE001 - reported with the page and line
                 pytest.fail(f"{where} failed:\n{traceback.format_exc(limit=-4)}", pytrace=False)
     finally:

@@ -6,8 +6,10 @@ printed "choices written to ..." with exit status 0 and an empty choices file.
 """
 import pytest
 
-import examples.tune.tuner as tuner_module
-from examples.tune.__main__ import main
+pytest.importorskip("optuna", reason="examples.tune needs the tune extra: pip install -e '.[tune]'")
+
+import examples.tune.tuner as tuner_module  # noqa: E402
+from examples.tune.__main__ import main  # noqa: E402
 
 SYN = ["synthetic", "--tiers", "8", "--rungs", "10", "20", "--workdir", "W", "--quiet"]
 ZOO = ["zoo", "--variants", "RoPE", "--tiers", "8", "--rungs", "4096", "8192", "--workdir", "W", "--quiet"]

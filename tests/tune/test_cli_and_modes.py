@@ -3,9 +3,11 @@ import json
 
 import pytest
 
-from examples.tune import tune
-from examples.tune.__main__ import main
-from examples.tune.synthetic import SyntheticTrainable
+pytest.importorskip("optuna", reason="examples.tune needs the tune extra: pip install -e '.[tune]'")
+
+from examples.tune import tune  # noqa: E402
+from examples.tune.__main__ import main  # noqa: E402
+from examples.tune.synthetic import SyntheticTrainable  # noqa: E402
 
 CFG = dict(families={"f": {"lr": 1e-3}}, tiers=[1, 32], reference_tier=8, rungs=[30, 90, 270], progress=False)
 

@@ -3,9 +3,11 @@ import math
 
 import pytest
 
-from examples.tune import tune
-from examples.tune.promotion import Entry, n_keep, rank, survivors
-from examples.tune.synthetic import SyntheticTrainable
+pytest.importorskip("optuna", reason="examples.tune needs the tune extra: pip install -e '.[tune]'")
+
+from examples.tune import tune  # noqa: E402
+from examples.tune.promotion import Entry, n_keep, rank, survivors  # noqa: E402
+from examples.tune.synthetic import SyntheticTrainable  # noqa: E402
 
 NAN = float("nan")
 

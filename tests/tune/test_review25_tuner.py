@@ -8,10 +8,12 @@ from typing import ClassVar
 
 import pytest
 
-from support.threads import one_intra_op_thread  # noqa: F401  (autouse: the zoo test trains)
+pytest.importorskip("optuna", reason="examples.tune needs the tune extra: pip install -e '.[tune]'")
 
-from examples.tune import tune
-from examples.tune.synthetic import SyntheticTrainable
+from support.threads import one_intra_op_thread  # noqa: E402, F401  (autouse: the zoo test trains)
+
+from examples.tune import tune  # noqa: E402
+from examples.tune.synthetic import SyntheticTrainable  # noqa: E402
 
 CFG = dict(families={"f": {"lr": 1e-3}}, tiers=[1, 8], reference_tier=8, rungs=[10, 20, 40])
 

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from examples.tune import tune
-from examples.tune.synthetic import SyntheticTrainable
-from support.workers import UntilWorkersStarted
+pytest.importorskip("optuna", reason="examples.tune needs the tune extra: pip install -e '.[tune]'")
+
+from examples.tune import tune  # noqa: E402
+from examples.tune.synthetic import SyntheticTrainable  # noqa: E402
+from support.workers import UntilWorkersStarted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = dict(families={"synthetic": {"lr": 1e-3}}, tiers=[1, 32], reference_tier=8, rungs=[30, 90, 270])

@@ -3,9 +3,11 @@ import math
 
 import pytest
 
-from examples.tune import load_choices, tune
-from examples.tune.zoo import ZooTrainable, zoo_reference_lrs
-from support.threads import one_intra_op_thread  # noqa: F401  (autouse)
+pytest.importorskip("optuna", reason="examples.tune needs the tune extra: pip install -e '.[tune]'")
+
+from examples.tune import load_choices, tune  # noqa: E402
+from examples.tune.zoo import ZooTrainable, zoo_reference_lrs  # noqa: E402
+from support.threads import one_intra_op_thread  # noqa: E402, F401  (autouse)
 
 
 def test_zoo_tuning_end_to_end(tmp_path):
