@@ -147,8 +147,17 @@ class SynchronizedHalvingPruner(optuna.pruners.BasePruner):
         return trial.user_attrs["key"] not in state.survived[done - 1]
 
 
+def _counts(ft) -> bool:
+    """Whether a trial's rung values count for its candidate: not a duplicate, not failed for a lost worker."""
+    return not _is_stale_fail(ft) and "duplicate_of" not in ft.user_attrs
+
+
 class _CandidateTrials:
-    """A study seen by Optuna's pruner: its trials less those that do not stand for a candidate."""
+    """A study seen by Optuna's pruner: its trials less those that do not stand for a candidate.
+
+    Optuna's ``SuccessiveHalvingPruner.prune`` reads the trials through ``study.get_trials`` (2.x to
+    5.0); ``_get_trials`` and ``trials`` are filtered too, so a version reading them instead still sees
+    each candidate once (the property test against Optuna's pruner checks the installed version)."""
 
     def __init__(self, study) -> None:
         self._study = study
@@ -157,8 +166,14 @@ class _CandidateTrials:
         return getattr(self._study, name)
 
     def get_trials(self, deepcopy: bool = True, states=None) -> list:
-        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states)
-                if not _is_stale_fail(t) and "duplicate_of" not in t.user_attrs]
+        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states) if _counts(t)]
+
+    def _get_trials(self, *args, **kwargs) -> list:
+        return [t for t in self._study._get_trials(*args, **kwargs) if _counts(t)]
+
+    @property
+    def trials(self) -> list:
+        return self.get_trials()
 
 
 class CandidateHalvingPruner(optuna.pruners.SuccessiveHalvingPruner):

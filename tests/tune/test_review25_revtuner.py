@@ -209,3 +209,22 @@ def test_the_torn_tail_cut_loses_no_line_of_a_process_appending_meanwhile(tmp_pa
 
     assert len(list(JournalFileBackend(str(path)).read_logs(0))) == len(ops) == 2 * n
     assert not os.path.exists(str(path) + ".lock")
+
+
+def test_the_pruners_view_of_the_study_filters_every_way_of_reading_trials():
+    """``CandidateHalvingPruner`` hands Optuna's pruner a study whose ``get_trials`` leaves out lost
+    trials and duplicates; ``_get_trials`` (Optuna's cached reader) and ``trials`` were passed through
+    unfiltered, so an Optuna version reading those would count a lost candidate twice again."""
+    from examples.tune.trials import _CandidateTrials
+
+    sim = _Sim(CandidateHalvingPruner(**KW))
+    for i in range(2):
+        sim.start(i)
+    sim.step(0, 1.0, False)
+    sim.lose(0, duplicate=True)
+    view = _CandidateTrials(sim.study)
+    want = [t.number for t in sim.study.get_trials() if t.state == S.RUNNING]
+    assert [t.number for t in view.get_trials(deepcopy=False)] == want
+    assert [t.number for t in view._get_trials(deepcopy=False)] == want
+    assert [t.number for t in view.trials] == want
+    assert view.direction == sim.study.direction and view._storage is sim.study._storage
