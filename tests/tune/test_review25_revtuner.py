@@ -31,17 +31,26 @@ class _Sim:
         self.study = optuna.create_study(pruner=pruner)
         self.trial: dict[int, object] = {}
         self.next: dict[int, int] = {}
+        self.orphan: dict[int, object] = {}
 
     def start(self, i: int) -> None:
         self.trial[i], self.next[i] = self.study.ask(), 0
+        self.trial[i].set_user_attr("key", f"c{i}")   # as the tuner's enqueued trials (a retry inherits it)
 
-    def lose(self, i: int, duplicate: bool) -> None:
+    def lose(self, i: int, duplicate: bool, retry: bool = True) -> None:
         """The worker of candidate ``i`` is lost mid-rung: another worker's sweep fails its trial (no
         ``error``) and re-enqueues it with its reports and attributes; the retry is claimed. With
-        ``duplicate``, a second sweep re-enqueued it too, and that copy was dropped as a duplicate."""
+        ``duplicate``, a second sweep re-enqueued it too, and that copy was dropped as a duplicate.
+        Without ``retry``, the failing worker died before re-enqueueing it (an orphan, see ``retry``)."""
         storage, t = self.study._storage, self.trial[i]
         assert storage.set_trial_state_values(t._trial_id, state=S.FAIL)
-        lost = storage.get_trial(t._trial_id)
+        self.orphan[i] = storage.get_trial(t._trial_id)
+        if retry:
+            self.retry(i, duplicate)
+
+    def retry(self, i: int, duplicate: bool = False) -> None:
+        """The re-enqueueing of candidate ``i``'s lost trial (by the failing worker, or the next sweep)."""
+        lost = self.orphan.pop(i)
         _retry_callback()(self.study, lost)
         self.trial[i] = _claim(self.study)
         if duplicate:
@@ -69,9 +78,10 @@ class _Sim:
 
 
 # each event: (which running candidate acts, its loss (4.0 after a first rung: it fails with an error
-# instead), its worker lost during this rung, its retry re-enqueued twice)
+# instead), its worker lost during this rung, its retry re-enqueued twice, or not re-enqueued until the
+# candidate's next event (an orphan meanwhile: this event reports nothing))
 _events = st.lists(st.tuples(st.integers(0, 9), st.sampled_from([1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0]),
-                             st.booleans(), st.booleans()),
+                             st.booleans(), st.booleans(), st.booleans()),
                    min_size=1, max_size=60)
 
 
@@ -83,11 +93,16 @@ def _replay(events, n_candidates, lose: bool, errors: bool):
             sim.start(i)
     running = list(range(n_candidates))
     got, want = [], []
-    for pick, value, lost, dup in events:
+    for pick, value, lost, dup, orphan in events:
         if not running:
             break
         i = running[pick % len(running)]
         error = errors and value == 4.0 and ref.next[i] > 0   # a failure after reporting some rungs
+        if i in ours.orphan:
+            ours.retry(i)
+        if lose and lost and orphan:
+            ours.lose(i, dup, retry=False)
+            continue
         if lose and lost:
             ours.lose(i, dup)
         want.append((i, ref.step(i, value, error)))
@@ -111,8 +126,8 @@ def test_without_lost_workers_the_pruner_decides_as_optunas(events, n_candidates
 @given(events=_events, n_candidates=st.integers(1, 10))
 # Optuna's pruner counts candidate 2's rung-0 loss 3.0 twice (lost trial and retry): candidate 0's 3.0
 # then ties the bar (top 2 of 4) and is promoted; counted once it is pruned (top 1 of 3 is 1.0)
-@example(events=[(2, 3.0, False, False), (1, 1.0, False, False), (2, 2.0, True, False), (0, 3.0, False, False)],
-         n_candidates=3)
+@example(events=[(2, 3.0, False, False, False), (1, 1.0, False, False, False), (2, 2.0, True, False, False),
+                 (0, 3.0, False, False, False)], n_candidates=3)
 def test_with_lost_workers_the_pruner_decides_as_optuna_on_the_uninterrupted_history(events, n_candidates):
     """Trials lost mid-rung (and retried, some retried twice and dropped as duplicates): every
     decision is the one Optuna's pruner takes when no worker was lost (the candidate counted once)."""
@@ -228,3 +243,24 @@ def test_the_pruners_view_of_the_study_filters_every_way_of_reading_trials():
     assert [t.number for t in view._get_trials(deepcopy=False)] == want
     assert [t.number for t in view.trials] == want
     assert view.direction == sim.study.direction and view._storage is sim.study._storage
+
+
+def test_a_lost_trial_not_yet_retried_still_counts_once():
+    """Between a sweep failing a lost trial and re-enqueueing it (or until the next sweep, if the
+    failing worker died in between: an *orphan*), the candidate has no other trial. The pruner left
+    the failed trial out all the same, so the candidate was not counted at all: a trial that the
+    uninterrupted history prunes was promoted. Now a lost trial is left out only once a retry stands
+    for its candidate."""
+    def decide(lose: bool, pruner):
+        sim = _Sim(pruner)
+        for i in range(3):
+            sim.start(i)
+        assert sim.step(0, 1.0, False) == "promoted"
+        assert sim.step(1, 3.0, False) == "pruned"
+        if lose:
+            sim.lose(0, duplicate=False, retry=False)
+        return sim.step(2, 2.0, False)
+
+    assert decide(False, optuna.pruners.SuccessiveHalvingPruner(**KW)) == "pruned"   # 2.0 vs 1.0, 3.0: top 1 of 3
+    assert decide(True, optuna.pruners.SuccessiveHalvingPruner(**KW)) == "pruned"
+    assert decide(True, CandidateHalvingPruner(**KW)) == "pruned"
