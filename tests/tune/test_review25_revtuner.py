@@ -5,7 +5,6 @@ import json
 import multiprocessing as mp
 import os
 import warnings
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -13,10 +12,10 @@ from hypothesis import strategies as st
 
 optuna = pytest.importorskip("optuna")
 
-from examples.tune import tune  # noqa: E402
-from examples.tune.synthetic import SyntheticTrainable  # noqa: E402
-from examples.tune.trials import CandidateHalvingPruner, _retry_callback  # noqa: E402
-from examples.tune.worker import _claim, _Worker  # noqa: E402
+from examples.tune import tune
+from examples.tune.synthetic import SyntheticTrainable
+from examples.tune.trials import CandidateHalvingPruner, _retry_callback
+from examples.tune.worker import _claim, _Worker
 
 S = optuna.trial.TrialState
 STEPS = (1, 2, 4, 8)            # report steps: the pruner's rungs are at 1, 2, 4 (min_resource 1, factor 2)
