@@ -147,8 +147,22 @@ class SynchronizedHalvingPruner(optuna.pruners.BasePruner):
         return trial.user_attrs["key"] not in state.survived[done - 1]
 
 
+def _standing(trials) -> list:
+    """``trials`` less those that do not stand for their candidate (:func:`_live`): duplicates, and
+    trials failed for a lost worker once a retry stands for the candidate. A lost trial not retried
+    yet (the sweep enqueues the retry just after, or an orphan) still stands for it: it counts once.
+    A trial without a candidate key (not the tuner's) counts unless it is a duplicate or failed lost."""
+    live = {ft.number for ft in _live(trials).values()}
+    return [t for t in trials if (t.number in live if "key" in t.user_attrs
+                                  else not _is_stale_fail(t) and "duplicate_of" not in t.user_attrs)]
+
+
 class _CandidateTrials:
-    """A study seen by Optuna's pruner: its trials less those that do not stand for a candidate."""
+    """A study seen by Optuna's pruner: its trials less those that do not stand for a candidate.
+
+    Optuna's ``SuccessiveHalvingPruner.prune`` reads the trials through ``study.get_trials`` (2.x to
+    5.0); ``_get_trials`` and ``trials`` are filtered too, so a version reading them instead still sees
+    each candidate once (the property test against Optuna's pruner checks the installed version)."""
 
     def __init__(self, study) -> None:
         self._study = study
@@ -156,9 +170,19 @@ class _CandidateTrials:
     def __getattr__(self, name):
         return getattr(self._study, name)
 
+    def _keep(self, trials) -> list:
+        keep = {t.number for t in _standing(self._study.get_trials(deepcopy=False))}
+        return [t for t in trials if t.number in keep]
+
     def get_trials(self, deepcopy: bool = True, states=None) -> list:
-        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states)
-                if not _is_stale_fail(t) and "duplicate_of" not in t.user_attrs]
+        return self._keep(self._study.get_trials(deepcopy=deepcopy, states=states))
+
+    def _get_trials(self, *args, **kwargs) -> list:
+        return self._keep(self._study._get_trials(*args, **kwargs))
+
+    @property
+    def trials(self) -> list:
+        return self.get_trials()
 
 
 class CandidateHalvingPruner(optuna.pruners.SuccessiveHalvingPruner):
@@ -166,8 +190,9 @@ class CandidateHalvingPruner(optuna.pruners.SuccessiveHalvingPruner):
 
     A trial failed for a lost worker keeps its ``completed_rung_<k>`` values and its retry inherits
     them, so Optuna's pruner counted that candidate twice in every later comparison at those rungs
-    (a promotion decided against a doubled competitor). Here the failed trial is left out, as
-    everywhere else in the tuner: its retry stands for the candidate.
+    (a promotion decided against a doubled competitor). Here the failed trial is left out once its
+    retry stands for the candidate (as everywhere else in the tuner, :func:`_live`), and so are
+    dropped duplicates; every other trial counts as in Optuna's pruner.
     """
 
     def prune(self, study, trial) -> bool:

@@ -327,7 +327,19 @@ class _Worker:
             if cand is None:
                 return "worked"
             n = len(self.cfg.rungs)
-            done = len(_rung_losses(study._storage.get_trial(trial._trial_id), n))
+            ft = study._storage.get_trial(trial._trial_id)
+            done = len(_rung_losses(ft, n))
+            if 0 < done < n and ft.last_step is not None and ft.last_step <= self.cfg.rungs[done - 1]:
+                # a retry whose worker was lost after storing rung done-1's loss, maybe before the pruner
+                # decided it (the retry inherits no decision then): ask now; a decided rung answers False
+                try:
+                    prune = trial.should_prune()
+                except UpdateFinishedTrialError:
+                    self._let_go(trial)
+                    return "worked"
+                if prune:
+                    self._finish(study, trial, optuna.trial.TrialState.PRUNED)
+                    return "worked"
             for k in range(done, n):
                 if not self._train_rung(study, trial, cand, k):
                     return "worked"
