@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-optuna = pytest.importorskip("optuna")
+optuna = pytest.importorskip("optuna", reason="examples.tune needs the tune extra: pip install -e '.[tune]'")
 
 from examples.tune import tune
 from examples.tune.synthetic import SyntheticTrainable
