@@ -17,6 +17,7 @@ from spectral_lens.records import RunInfo, RunRecord, RunWriter
 
 from support.models import TinyLM, lm_pool
 from support.ranks import free_port
+from support.teardown import end_rank
 
 
 def _model(seed=0, tied=False):
@@ -129,6 +130,7 @@ def _worker(rank, world, port, out):
             np.save(out + ".grad.npy", m.spectra["grad:h.2.attn.c_proj.weight"].values.numpy())
     finally:
         dist.destroy_process_group()
+    end_rank()  # os._exit(0): torch 2.13's gloo teardown aborts a finished rank at exit now and then (support.teardown)
 
 
 # slow: the fast tier checks the same (measure on several ranks equals one process, a non-zero rank holds

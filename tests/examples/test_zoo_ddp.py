@@ -76,7 +76,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     # destroyed while joinable). It is torch 2.13's process teardown on CPU (gloo), not this code: a plain gloo
     # script without spectral-lens (init, a few all_reduces, destroy_process_group, exit) aborted the same way in
     # 32 of 237 runs under torchrun, and in 0 of 184 when its ranks ended with os._exit (2026-11-28; see
-    # tests/docs/test_multi_gpu_guide.py::torn_down). So a finished rank ends with os._exit (its results are
+    # tests/support/teardown.py). So a finished rank ends with os._exit (its results are
     # complete on disk), and a native abort elsewhere prints every thread's Python stack to the
     # captured stderr
     faulthandler.enable(all_threads=True)

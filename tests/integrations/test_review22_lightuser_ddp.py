@@ -29,6 +29,7 @@ SCRIPT = textwrap.dedent('''
     from lightning.pytorch.strategies import DDPStrategy
     from support.lightning_user import no_forward_module
     from support.models import lm_pool
+    from support.teardown import end_rank
     import spectral_lens as sl
     from spectral_lens.records import RunInfo, RunWriter
     from spectral_lens.integrations import SpectralLensLightningCallback, TensorBoardSink
@@ -62,6 +63,7 @@ SCRIPT = textwrap.dedent('''
         writer.close()
     for s in sinks:
         s.close()
+    end_rank()  # os._exit(0): torch 2.13's gloo teardown aborts a finished rank at exit now and then (support.teardown)
 ''')
 
 
