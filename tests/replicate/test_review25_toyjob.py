@@ -117,7 +117,7 @@ def test_a_measured_run_that_diverges_is_kept_as_diverged_and_the_verdict_ranks_
 
     monkeypatch.setattr(wl.ToyRun, "train_until", nan_from_step_1)
     assert main(["--preset", "smoke", "--out", str(out)]) == 0
-    capsys.readouterr()
+    assert "muon-b32 diverged (lrs" in capsys.readouterr().out
     run, = open_runs([out / "runs" / "muon-b32"])
     assert run.info.extras["status"] == "diverged" and "nan" in run.info.extras["divergence"]
     assert "diverged: train_loss nan at step 1" in divergence(run)
