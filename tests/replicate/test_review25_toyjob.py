@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+from support.figures import save_figures_unrendered
 
 pytest.importorskip("optuna", reason="the toy's tuner needs the tune extra: pip install -e '.[tune]'")
 
@@ -27,6 +28,7 @@ def _records(out):
             for p in sorted((out / "runs").iterdir()) if not p.name.startswith(".")}
 
 
+@pytest.mark.slow  # ~5 s: trains two of the three smoke runs again
 def test_a_job_killed_mid_training_of_a_tier_resumes_to_the_uninterrupted_results(smoke_job, tmp_path, capsys,
                                                                                   monkeypatch):
     from examples.toy import workload as wl
@@ -49,6 +51,7 @@ def test_a_job_killed_mid_training_of_a_tier_resumes_to_the_uninterrupted_result
         calls["n"] += 1
         return real(self, budget, horizon, x, y, step)
 
+    save_figures_unrendered(monkeypatch)  # the report's figures: built and saved, not rendered (most of the time)
     monkeypatch.setattr(wl.ToyRun, "train_until", killed_midway)
     assert main(["--preset", "smoke", "--out", str(out)]) == 130
     assert calls["n"] == 1 and "rerun the same command to resume" in capsys.readouterr().err
@@ -115,6 +118,7 @@ def test_a_measured_run_that_diverges_is_kept_as_diverged_and_the_verdict_ranks_
             on_step(r, math.nan if self.batch == 32 and r.step >= 1 else loss)
         return real(self, budget, horizon, x, y, step)
 
+    save_figures_unrendered(monkeypatch)
     monkeypatch.setattr(wl.ToyRun, "train_until", nan_from_step_1)
     assert main(["--preset", "smoke", "--out", str(out)]) == 0
     assert "muon-b32 diverged (lrs" in capsys.readouterr().out
