@@ -152,5 +152,5 @@ def _jsonable(v: Verdict) -> dict:
         fams[name] = {**f.__dict__, "reached": {str(k): x for k, x in f.reached.items()},
                       "rho_by_fraction": {str(k): x for k, x in f.rho_by_fraction.items()},
                       "n_by_fraction": {str(k): x for k, x in f.n_by_fraction.items()},
-                      "missed": list(f.missed), "flags": list(f.flags)}
+                      "missed": list(f.missed), "diverged": list(f.diverged), "flags": list(f.flags)}
     return {**v.__dict__, "window": list(v.window) if v.window else None, "families": fams, "lines": list(v.lines)}

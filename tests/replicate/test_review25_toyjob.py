@@ -128,7 +128,7 @@ def test_a_measured_run_that_diverges_is_kept_as_diverged_and_the_verdict_ranks_
     assert max(e["step"] for e in run.events) == 1  # training stopped there, before the target
     v = json.loads((out / "report" / "verdict.json").read_text())["families"]["Muon"]
     assert 32 in v["missed"] and "32" not in v["reached"]
-    assert "(not: 32)" in (out / "report" / "verdict.txt").read_text()
+    assert "(not: 32 (diverged))" in (out / "report" / "verdict.txt").read_text() and v["diverged"] == [32]
     # the rerun keeps it (it is finished): nothing is trained again
     monkeypatch.setattr(wl.ToyRun, "train_until", real)
     assert main(["--preset", "smoke", "--out", str(out)]) == 0
