@@ -163,3 +163,15 @@ def test_a_nan_validation_loss_at_a_measurement_ends_the_run_as_diverged_without
     assert run.info.extras["status"] == "diverged" and "validation loss nan" in run.info.extras["divergence"]
     assert len(measured) == len(run.measurements) == 2  # steps 0 and 2 measured; not the NaN one (step 4)
     assert "diverged: val_loss nan at step 4" in divergence(run)
+
+
+def test_verdict_json_records_the_rule_it_was_judged_by(smoke_job):
+    # the target, fraction and window are guarded by preset.json, but the rho threshold and the significance
+    # level were only in the text: verdict.json alone could not say whether "reproduced" meant rho >= 0.8
+    from examples.replicate.verdict import ALPHA, REPRODUCED_RHO
+
+    status, finished, _ = smoke_job
+    assert status == 0
+    v = json.loads((finished / "report" / "verdict.json").read_text())
+    assert v["reproduced_rho"] == REPRODUCED_RHO == 0.8 and v["alpha"] == ALPHA == 0.05
+    assert v["target"] == 2.0 and v["fraction"] == 0.2
