@@ -40,7 +40,7 @@ from spectral_lens.report import build_report
 from .runs import run_id, train_runs
 from .settings import refuse_torchrun
 from .tuning import TunerSettings, choose_rates
-from .verdict import Verdict, verdict
+from .verdict import ALPHA, REPRODUCED_RHO, Verdict, verdict
 from .workload import Workload
 
 __all__ = ["replicate", "chain_transitions"]
@@ -152,5 +152,6 @@ def _jsonable(v: Verdict) -> dict:
         fams[name] = {**f.__dict__, "reached": {str(k): x for k, x in f.reached.items()},
                       "rho_by_fraction": {str(k): x for k, x in f.rho_by_fraction.items()},
                       "n_by_fraction": {str(k): x for k, x in f.n_by_fraction.items()},
-                      "missed": list(f.missed), "flags": list(f.flags)}
-    return {**v.__dict__, "window": list(v.window) if v.window else None, "families": fams, "lines": list(v.lines)}
+                      "missed": list(f.missed), "diverged": list(f.diverged), "flags": list(f.flags)}
+    return {**v.__dict__, "window": list(v.window) if v.window else None, "families": fams, "lines": list(v.lines),
+            "reproduced_rho": REPRODUCED_RHO, "alpha": ALPHA}  # the rule it was judged by, with its numbers

@@ -70,7 +70,9 @@ def train_runs(workload: Workload, lrs: Mapping[tuple[str, int], Mapping[str, fl
         workload.run(family, tier, dict(lrs[(family, tier)]), partial)
         os.replace(partial, final)
         _fsync_dir(runs_dir)
-        progress.advance(workload.budget, f"{final.name} done (lrs {_fmt_lrs(lrs[(family, tier)])})")
+        status = _status(final)
+        done = "done" if status in (None, "complete") else status  # e.g. "diverged": kept, ranked as not reaching
+        progress.advance(workload.budget, f"{final.name} {done} (lrs {_fmt_lrs(lrs[(family, tier)])})")
     if (runs_dir / ".partial").exists() and not any((runs_dir / ".partial").iterdir()):
         (runs_dir / ".partial").rmdir()
     return dirs
@@ -84,6 +86,16 @@ def _check_finished(run_dir: Path) -> None:
     if missing:
         raise ValueError(f"{run_dir}: this finished run is missing {', '.join(missing)}; delete the run directory "
                          "to train it again")
+
+
+def _status(run_dir: Path) -> str | None:
+    """The ``extras["status"]`` of the run in ``run_dir`` (``None`` when not readable)."""
+    try:
+        info = json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    status = (info.get("extras") or {}).get("status") if isinstance(info, dict) else None
+    return status if isinstance(status, str) else None
 
 
 def _check_rates(run_dir: Path, lrs: Mapping[str, float]) -> None:

@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from spectral_lens.analysis import NoiseScalePredictor, TailPredictor, tokens_to_target, token_inefficiency
+from spectral_lens.analysis import NoiseScalePredictor, TailPredictor, divergence, tokens_to_target, token_inefficiency
 from spectral_lens.analysis.predictor import FractionNotReachedError
 from spectral_lens.records import RunRecord
 
@@ -42,6 +42,8 @@ class FamilyVerdict:
         rho_by_fraction: the tail statistic's rho at each scanned progress fraction.
         n_by_fraction: the number of runs each of those rhos was computed on (runs without a statistic
             at a fraction are left out of its rho, so n can differ between fractions).
+        diverged: the tiers of ``missed`` whose run diverged (``spectral_lens.analysis.divergence``),
+            so that the verdict says why they never reached the target.
         flags: ``"reproduced"``, ``"not reproduced"``, ``"underpowered"``, ``"negative rho"``, ...
     """
 
@@ -56,6 +58,7 @@ class FamilyVerdict:
     rho_by_fraction: dict[float, float]
     flags: tuple[str, ...]
     n_by_fraction: dict[float, int] = field(default_factory=dict)
+    diverged: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ def verdict(runs: Sequence[RunRecord], *, target: float, families: Sequence[str]
         T = {int(r.info.batch_tier): tokens_to_target(r, target) for r in members}
         reached = {t: v for t, v in sorted(T.items()) if math.isfinite(v)}
         missed = tuple(t for t, v in sorted(T.items()) if not math.isfinite(v))
+        diverged = tuple(sorted(int(r.info.batch_tier) for r in members
+                                if int(r.info.batch_tier) in missed and divergence(r) is not None))
         w = main.within.get(family) if main is not None else None
         b = base.within.get(family) if base is not None else None
         rho, p, n = (w.rho, w.pvalue, w.n) if w is not None else (math.nan, math.nan, 0)
@@ -132,7 +137,7 @@ def verdict(runs: Sequence[RunRecord], *, target: float, families: Sequence[str]
         by_f = {f: x.rho if x is not None else math.nan for f, x in scanned.items()}
         n_by_f = {f: x.n if x is not None else 0 for f, x in scanned.items()}
         out[family] = FamilyVerdict(family, rho, p, n, b.rho if b else math.nan, b.pvalue if b else math.nan,
-                                    reached, missed, by_f, _flags(rho, p, len(reached), why), n_by_f)
+                                    reached, missed, by_f, _flags(rho, p, len(reached), why), n_by_f, diverged)
     pooled = (main.rho, main.pvalue, main.n) if main is not None else (math.nan, math.nan, 0)
     v = Verdict(target, fraction, window, unit, out, *pooled)
     return Verdict(**{**v.__dict__, "lines": tuple(_sentences(v))})
@@ -149,7 +154,8 @@ def _sentences(v: Verdict) -> list[str]:
     for fam in v.families.values():
         tiers = sorted(set(fam.reached) | set(fam.missed))
         reach = (f"{len(fam.reached)} of {len(tiers)} tiers reached the target"
-                 + (f" (not: {', '.join(map(str, fam.missed))})" if fam.missed else ""))
+                 + (f" (not: {', '.join(f'{t} (diverged)' if t in fam.diverged else str(t) for t in fam.missed)})"
+                    if fam.missed else ""))
         lines.append(f"{fam.family}: {reach}; rho = {_num(fam.rho)} (p = {_num(fam.pvalue, '.3g')}, n = {fam.n}); "
                      f"noise-scale baseline rho = {_num(fam.baseline_rho)}; verdict: {', '.join(fam.flags)}.")
         scan = ", ".join(f"{f:.0%}: {_num(r)} (n = {fam.n_by_fraction.get(f, 0)})" for f, r in fam.rho_by_fraction.items())

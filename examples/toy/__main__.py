@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, OSError) as exc:  # e.g. a malformed choices file in OUT/tune: one line
         print(f"examples.toy: error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except FloatingPointError as exc:  # a measured run diverged at the tuner's rate: one line, finished runs kept
+    except FloatingPointError as exc:  # non-finite numbers outside a run (a measured run records its divergence)
         print(f"examples.toy: error: {one_line(exc)} (the run is not kept; finished runs are)", file=sys.stderr)
         return 2
     finally:

@@ -10,6 +10,8 @@ The validation loss is computed over the same fixed held-out pool, reusing the p
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -71,13 +73,17 @@ class ToyLens:
             h = forward_in_chunks(lambda x: self.model.hidden(x)[:, -1], self.x, self.batch)  # bit-identical, faster
             w = self.model.wte.weight if self.model.lm_head is None else self.model.lm_head.weight
             val = float(F.cross_entropy(norm(h) @ w.T, self.y))
-            return val, fourier_summaries(h, self.phase, self.c) if fourier else {}
+            return val, fourier_summaries(h, self.phase, self.c) if fourier and math.isfinite(val) else {}
         finally:
             self.model.train(was)
 
     def measure(self, step: int, seen: int, progress: float) -> float:
-        """Measure now, append the measurement (``tokens`` field = examples seen); return the val loss."""
+        """Measure now, append the measurement (``tokens`` field = examples seen); return the val loss.
+
+        A non-finite validation loss raises ``FloatingPointError`` before anything is measured."""
         val, fourier = self._probe_pass()
+        if not math.isfinite(val):  # a diverged model: its spectra would be NaN, or fail to converge
+            raise FloatingPointError(f"toy: validation loss {val} at step {step} ({seen} examples)")
         m = self.lens.measure(step, seen, val_loss=val, progress=progress)
         scalars = {k: v for k, v in m.scalars.items() if k != "val_loss"}
         scalars.update(fourier)

@@ -116,7 +116,11 @@ class ToyWorkload:
         return self._trainable
 
     def run(self, family: str, tier: int, lrs: Mapping[str, float], run_dir: Path) -> Path:
-        """Train one measured run into ``run_dir`` (its name is the run id) and close its record."""
+        """Train one measured run into ``run_dir`` (its name is the run id) and close its record.
+
+        A run whose training or validation loss turns non-finite stops there, its record marked
+        ``status: "diverged"`` (with the reason in ``divergence``): a finished run that never reaches the target.
+        """
         p, d = self.preset, self._trainable.data
         run = ToyRun(family, tier, lrs, p.model, seed=p.seed)
         steps = math.ceil(p.budget / tier)
@@ -134,18 +138,31 @@ class ToyWorkload:
             def checkpoint(r: ToyRun, loss: float | None) -> None:
                 clock["train"] += time.perf_counter() - clock["t"]
                 if not math.isfinite(loss if loss is not None else 0.0):
+                    writer.log(r.step, r.seen, train_loss=loss)  # the record shows where it diverged
                     raise FloatingPointError(f"toy {run_dir.name}: training loss {loss} at {r.seen} examples")
                 progress = min(1.0, r.seen / p.budget)
                 rate = r.seen / clock["train"] if clock["train"] > 0 else None
                 if r.step in measure_steps:
-                    lens.measure(r.step, r.seen, progress)
+                    try:
+                        lens.measure(r.step, r.seen, progress)
+                    except FloatingPointError:  # a non-finite validation loss: no spectra of a broken model
+                        writer.log(r.step, r.seen, val_loss=math.nan, train_loss=loss, tokens_per_s=rate)
+                        raise
                     writer.log(r.step, r.seen, train_loss=loss, tokens_per_s=rate)
                 elif r.step in eval_steps:
                     writer.log(r.step, r.seen, val_loss=lens.val_loss(), train_loss=loss, tokens_per_s=rate)
                 clock["t"] = time.perf_counter()
 
-            checkpoint(run, None)
-            run.train_until(p.budget, p.budget, d.x_train, d.y_train, checkpoint)
+            try:
+                checkpoint(run, None)
+                run.train_until(p.budget, p.budget, d.x_train, d.y_train, checkpoint)
+            except FloatingPointError as exc:
+                # a diverged run is a result, not a crash: it never reaches the target, so its record ends
+                # here marked "diverged" and the verdict ranks it last (spectral_lens.analysis.divergence);
+                # raising instead lost it, and the rerun trained the same seed at the same rate into the
+                # same divergence, so the job could never finish
+                writer.update_info(status="diverged", divergence=str(exc))
+                return run_dir
             writer.update_info(throughput=run.seen / max(clock["train"], 1e-9), status="complete")
         return run_dir
 
