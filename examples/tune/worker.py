@@ -271,6 +271,18 @@ class _Worker:
         warnings.warn(f"tune: trial {trial.number} was taken over by another worker (heartbeat older than "
                       f"grace_period={self.grace_period}s); dropping it here")
 
+    def _ended_by_pruner(self, study, trial) -> bool:
+        """Ask the pruner about the trial's last stored rung (it stores its rung value in the trial); True when
+        the trial ends here: pruned, or failed meanwhile by another worker (let go)."""
+        try:
+            prune = trial.should_prune()
+        except UpdateFinishedTrialError:
+            self._let_go(trial)
+            return True
+        if prune:
+            self._finish(study, trial, optuna.trial.TrialState.PRUNED)
+        return prune
+
     # -- synchronized mode
     def _sync_step(self, study) -> str:
         """One scheduling step; returns "worked", "waiting" or "done"."""
@@ -332,24 +344,12 @@ class _Worker:
             if 0 < done < n and ft.last_step is not None and ft.last_step <= self.cfg.rungs[done - 1]:
                 # a retry whose worker was lost after storing rung done-1's loss, maybe before the pruner
                 # decided it (the retry inherits no decision then): ask now; a decided rung answers False
-                try:
-                    prune = trial.should_prune()
-                except UpdateFinishedTrialError:
-                    self._let_go(trial)
-                    return "worked"
-                if prune:
-                    self._finish(study, trial, optuna.trial.TrialState.PRUNED)
+                if self._ended_by_pruner(study, trial):
                     return "worked"
             for k in range(done, n):
                 if not self._train_rung(study, trial, cand, k):
                     return "worked"
-                try:
-                    prune = k + 1 < n and trial.should_prune()  # the pruner stores its rung value in the trial
-                except UpdateFinishedTrialError:
-                    self._let_go(trial)
-                    return "worked"
-                if prune:
-                    self._finish(study, trial, optuna.trial.TrialState.PRUNED)
+                if k + 1 < n and self._ended_by_pruner(study, trial):
                     return "worked"
             self._finish(study, trial, optuna.trial.TrialState.COMPLETE,
                          value=float(study._storage.get_trial(trial._trial_id).user_attrs[f"rung:{n - 1}"]))
