@@ -46,3 +46,39 @@ def test_a_trial_checkpoint_the_trainer_refuses_stops_the_tuner(tmp_path, finger
     wd = tmp_path / "tune" / "trials" / "tune" / "RoPE" / "b2" / "x1"
     assert f"{wd / 'ckpt.pt'}" in msg and f"delete {wd}" in msg and "\n" not in msg
     assert ("no data fingerprint" if fingerprint is None else "data changed") in msg
+
+
+@pytest.mark.slow
+def test_a_study_interrupted_before_the_fingerprint_resumes_after_deleting_its_trials(tmp_path, monkeypatch):
+    """What docs/replication-speedrun.md tells the user: delete the trial directories, rerun; the
+    trials train again from the start and the choice equals an uninterrupted tuning's."""
+    import shutil
+
+    kw = dict(families={"RoPE": zoo_reference_lrs("RoPE")}, tiers=[2], reference_tier=2, rungs=[2048, 4096],
+              multipliers=(1.0,), progress=False, study_name="s", heartbeat_interval=0.2, grace_period=1.0)
+    work = tmp_path / "tune"
+    journal = f"journal:{work / 'tune.journal'}"
+    import examples.nanogpt.train as T
+
+    real = T.train
+
+    def interrupted_at_rung_1(**a):  # Ctrl-C as the trial starts its second rung (the first is checkpointed)
+        if a["stop_tokens"] > 2048:
+            raise KeyboardInterrupt
+        return real(**a)
+
+    zoo = ZooTrainable(eval_every_tokens=2048, val_tokens=1024)
+    monkeypatch.setattr(T, "train", interrupted_at_rung_1)
+    with pytest.raises(KeyboardInterrupt):
+        tune(zoo, workdir=work, storage=journal, **kw)
+    monkeypatch.setattr(T, "train", real)
+    (ck_path,) = work.glob("trials/s/RoPE/b2/x1/ckpt.pt")
+    ck = torch.load(ck_path, weights_only=True)
+    del ck["settings"]["data_fingerprint"]  # as the trainer before review 25 wrote it
+    torch.save(ck, ck_path)
+    with pytest.raises(TrialDirMismatch, match="no data fingerprint"):
+        tune(zoo, workdir=work, storage=journal, **kw)
+    shutil.rmtree(work / "trials")
+    resumed = tune(zoo, workdir=work, storage=journal, **kw)
+    straight = tune(zoo, workdir=tmp_path / "straight", **kw)
+    assert resumed.losses == straight.losses and set(resumed.choices) == {("RoPE", 2)}
