@@ -45,3 +45,29 @@ def test_other_data_is_still_refused_naming_the_fingerprints(tmp_path):
     with pytest.raises(ValueError, match=r"data_fingerprint \(checkpoint 'train 1 shards, 7 tokens.*"
                                                    r"the data changed since the checkpoint"):
         train(run_dir=tmp_path / "b", resume=ckpt, **RUN)
+
+
+@pytest.mark.parametrize("steps, warns", [(3, False), (4, True)])
+def test_the_wrap_warning_counts_the_worlds_chunks_and_spares_a_run_using_all_of_them(tmp_path, monkeypatch, steps,
+                                                                                     warns):
+    """Tier 2 reads micro-batches 2s and 2s+1 at step s (split over the ranks, never world x tier): 6
+    chunks last exactly 3 steps (no warning), a 4th step repeats chunks 0 and 1."""
+    import warnings
+
+    import numpy as np
+
+    from examples.nanogpt.data import write_shard
+    from examples.nanogpt.variants import PROFILES, Profile
+
+    monkeypatch.setitem(PROFILES, "gpt2-mini", Profile("gpt2-mini", 2, 2, 32, 50304, 50256, 32, 32, 8))
+    d = tmp_path / "data"
+    d.mkdir()
+    write_shard(d / "train_0.bin", np.arange(6 * 32 + 1) % 250)  # exactly 6 chunks of 32 (+1) tokens
+    write_shard(d / "val_0.bin", np.arange(100) % 250)
+    run = {**RUN, "profile": "gpt2-mini", "data": str(d), "steps": steps, "batch_tier": 2}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train(run_dir=tmp_path / "a", **run)
+    wrap = [str(w.message) for w in seen if "passes over" in str(w.message)]
+    assert wrap == (["train: 4 steps x 64 tokens = 1.33 passes over the 192 training tokens of "
+                     f"bin:{d}: micro-batches repeat from step 3"] if warns else [])
