@@ -12,8 +12,9 @@ schedule is ``schedule_tokens`` when set (the measured run's budget, so trials a
 measured runs) else the tuner's ``horizon``. A promoted trial resumes from ``workdir/ckpt.pt``. Since
 the data order, the learning-rate schedule and the evaluation points depend only on the step, the run
 up to a rung is exactly the prefix of the uninterrupted run. A checkpoint the trainer refuses to
-continue (made by an older trainer, or on other data) stops the tuner with a ``TrialDirMismatch``. torch's global random streams are
-restored after each call (the trainer seeds them), so tuning in-process leaves the caller's alone.
+continue (made by an older trainer, or on other data) stops the tuner with a ``TrialDirMismatch``.
+torch's global random streams are restored after each call (the trainer seeds them), so tuning
+in-process leaves the caller's alone.
 """
 from __future__ import annotations
 
