@@ -39,6 +39,12 @@ from .variants import build_config, build_recipe, canonical_name, get_profile
 OnEval = Callable[[torch.nn.Module, int, int, float], None]
 
 
+class CheckpointMismatch(ValueError):
+    """``resume=`` names a checkpoint this run cannot continue (other settings, other data, another
+    shape): a property of the checkpoint, not of the run, so a caller that resumes on its own (the
+    tuner's ``ZooTrainable``) can tell it from a run that fails."""
+
+
 @dataclass
 class TrainResult:
     """What a run produced. ``history`` holds the evaluation rows written to ``metrics.jsonl``."""
@@ -355,27 +361,35 @@ def _load_checkpoint(path, model, opts, settings: dict, device) -> int:
     The checkpoint must have been made with the same ``settings`` (variant, profile, data, schedule
     length, batch tier, micro-batch geometry, learning-rate scale, optimizers, seed, model config) and
     fit the model and optimizers; everything is checked before anything is loaded, so a rejected
-    checkpoint (a ``ValueError`` naming the file and what differs) leaves the run untouched.
+    checkpoint (a :class:`CheckpointMismatch` naming the file and what differs) leaves the run untouched.
+    A checkpoint from before the trainer recorded the data's fingerprint is refused too (its data
+    cannot be checked), saying so.
     """
     ck = read_checkpoint(path, map_location=device)
     have = ck.get("settings")
     if not isinstance(have, dict):
-        raise ValueError(f"{path}: the checkpoint records no training settings (made by an older trainer), so it "
-                         "cannot be checked against this run; start the run again without --resume")
+        raise CheckpointMismatch(f"{path}: the checkpoint records no training settings (made by an older trainer), "
+                                 "so it cannot be checked against this run; start the run again without --resume")
     diff = [k for k in sorted(set(have) | set(settings)) if have.get(k) != settings.get(k)]
+    if diff == ["data_fingerprint"] and "data_fingerprint" not in have:  # written before the trainer recorded it
+        raise CheckpointMismatch(f"{path}: the checkpoint records no data fingerprint (made by an older trainer), so "
+                                 f"the data it was trained on cannot be checked against {settings['data']}; start "
+                                 "the run again without --resume")
     if diff:
         shown = ", ".join(k if k == "config" else f"{k} (checkpoint {have.get(k)!r}, this run {settings.get(k)!r})"
                           for k in diff)
-        raise ValueError(f"{path}: checkpoint made with other settings: {shown}; resume with the checkpoint's "
-                         "settings or start a new run")
+        todo = ("the data changed since the checkpoint (a shard added, removed or replaced, or another Python's "
+                "bundled text): start a new run") if "data_fingerprint" in diff else \
+            "resume with the checkpoint's settings or start a new run"
+        raise CheckpointMismatch(f"{path}: checkpoint made with other settings: {shown}; {todo}")
     step = ck.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= settings["steps"] \
             or ck.get("tokens") != step * settings["tokens_per_step"]:
-        raise ValueError(f"{path}: step {step!r} / tokens {ck.get('tokens')!r} do not fit this run "
-                         f"({settings['steps']} steps of {settings['tokens_per_step']} tokens)")
+        raise CheckpointMismatch(f"{path}: step {step!r} / tokens {ck.get('tokens')!r} do not fit this run "
+                                 f"({settings['steps']} steps of {settings['tokens_per_step']} tokens)")
     problems = state_problems(model, opts, ck.get("model"), ck.get("optimizers"))
     if problems:
-        raise ValueError(f"{path}: the checkpoint does not fit this run: {'; '.join(problems)}")
+        raise CheckpointMismatch(f"{path}: the checkpoint does not fit this run: {'; '.join(problems)}")
     model.load_state_dict(ck["model"])
     for o, s in zip(opts, ck["optimizers"]):
         o.load_state_dict(s)

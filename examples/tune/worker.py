@@ -253,6 +253,8 @@ class _Worker:
                     f"at or before {budget} ({max(at)}) would rank an earlier point of training; make every "
                     "rung a whole number of steps of every tier")
             loss = float(values[max(at)])
+        except TrialDirMismatch:  # the directory's fault (e.g. a checkpoint the trainer refuses): stop, as above
+            raise
         except Exception as e:  # a crashing or diverging trial fails alone; the study goes on
             self._finish(study, trial, optuna.trial.TrialState.FAIL, error=f"{type(e).__name__}: {e}")
             if self.progress:

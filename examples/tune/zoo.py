@@ -11,8 +11,10 @@ after the first step reaching the budget, evaluates and checkpoints there, and c
 schedule is ``schedule_tokens`` when set (the measured run's budget, so trials are prefixes of the
 measured runs) else the tuner's ``horizon``. A promoted trial resumes from ``workdir/ckpt.pt``. Since
 the data order, the learning-rate schedule and the evaluation points depend only on the step, the run
-up to a rung is exactly the prefix of the uninterrupted run. torch's global random streams are
-restored after each call (the trainer seeds them), so tuning in-process leaves the caller's alone.
+up to a rung is exactly the prefix of the uninterrupted run. A checkpoint the trainer refuses to
+continue (made by an older trainer, or on other data) stops the tuner with a ``TrialDirMismatch``.
+torch's global random streams are restored after each call (the trainer seeds them), so tuning
+in-process leaves the caller's alone.
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ class ZooTrainable:
 
     def __call__(self, candidate: Candidate, budget: int, *, horizon: int, workdir: Path, report: Report) -> None:
         """Train ``candidate`` to ``budget`` tokens, resuming from ``workdir/ckpt.pt``; report every evaluation."""
-        from examples.nanogpt.train import train
+        from examples.nanogpt.train import CheckpointMismatch, train
 
         schedule = self.schedule_tokens or horizon
         if not 0 < budget <= horizon <= schedule:
@@ -126,12 +128,22 @@ class ZooTrainable:
                 return
             report(int(tokens), float(val_loss))
 
-        with _callers_rng_kept():  # train() seeds torch's global generators; the tuner may run in the caller's process
-            train(variant=candidate.family, profile=self.profile, data=self.data, run_dir=workdir, tokens=schedule,
-                  stop_tokens=budget, batch_tier=candidate.tier, seq_len=self.seq_len, rows=self.rows,
-                  lr_scale=scale, eval_every_tokens=self.eval_every_tokens, val_tokens=self.val_tokens,
-                  resume=resume, save_final=True, seed=self.seed, device=self.device, compile=self.compile,
-                  attn_impl=self.attn_impl, on_eval=on_eval, verbose=False)
+        try:
+            with _callers_rng_kept():  # train() seeds torch's global generators; the tuner may run in the caller's process
+                train(variant=candidate.family, profile=self.profile, data=self.data, run_dir=workdir, tokens=schedule,
+                      stop_tokens=budget, batch_tier=candidate.tier, seq_len=self.seq_len, rows=self.rows,
+                      lr_scale=scale, eval_every_tokens=self.eval_every_tokens, val_tokens=self.val_tokens,
+                      resume=resume, save_final=True, seed=self.seed, device=self.device, compile=self.compile,
+                      attn_impl=self.attn_impl, on_eval=on_eval, verbose=False)
+        except CheckpointMismatch as e:
+            # the directory's fault, not the candidate's: failing the trial alone would fail every promoted
+            # trial in turn and choose among the others; stop the tuner instead (the worker re-raises this)
+            from .worker import TrialDirMismatch
+
+            raise TrialDirMismatch(f"tune: {candidate.key}: {e}; the tuner stops: delete {workdir} (and any other "
+                                   "trial directory made before) to train the trial again from the start (the same "
+                                   "losses on the same data), or the whole tuning directory if the data changed"
+                                   ) from None
         _keep_latest_checkpoint(workdir)
         if "past" in seen:
             raise ValueError(f"ZooTrainable: {candidate.key} stopped at {seen['past']} tokens, past the rung budget "
