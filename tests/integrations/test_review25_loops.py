@@ -14,10 +14,9 @@ import copy
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
-import textwrap
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import spectral_lens as sl
-from tests.support.models import TinyGPT, lm_batch
+from support.models import TinyGPT, lm_batch
 
 BLOCK, PARAM = "transformer.h.1", "transformer.h.1.attn.c_proj.weight"
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,10 +85,8 @@ def assert_same_state(a, b):
 
 # ---------------------------------------------------------------- Lightning Fabric
 
-L = pytest.importorskip("lightning", reason="the lightning extra is not installed")
-
-
 def fabric_setup(precision: str):
+    L = pytest.importorskip("lightning", reason="the lightning extra is not installed")
     torch.manual_seed(0)
     fabric = L.Fabric(accelerator="cpu", devices=1, precision=precision)
     model = TinyGPT()
@@ -168,8 +165,8 @@ import numpy as np, torch, torch.nn.functional as F
 import lightning as L
 import spectral_lens as sl
 from spectral_lens.records import RunInfo, RunWriter
-from tests.support.models import TinyGPT, lm_batch
-from tests.support.teardown import end_rank
+from support.models import TinyGPT, lm_batch
+from support.teardown import end_rank
 out = sys.argv[1]
 fabric = L.Fabric(accelerator="cpu", devices=2, strategy="ddp", precision="64-true")
 fabric.launch()
@@ -204,13 +201,19 @@ def test_fabric_ddp_two_cpu_ranks_measure_the_whole_pool(tmp_path):
     """Fabric's DDP (2 gloo ranks, fabric.launch()): the lens on fabric.setup's wrapper (DDP inside) measures the
     whole held-out pool (sharded over the ranks) on every rank (the spectra are equal on both and equal one process's on the full pool at
     the trained weights, float64), without DDP's collectives in its passes; rank 0 alone writes the record."""
+    pytest.importorskip("lightning", reason="the lightning extra is not installed")
     script = tmp_path / "fabric_ddp.py"
     script.write_text(FABRIC_DDP)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "MASTER_PORT": str(29500 + os.getpid() % 2000)}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=240)
-    assert "rank 0 done" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}  # Fabric picks a free port
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # rank 1 too: Fabric started it in rank 0's session
+        stdout, stderr = proc.communicate()
+    assert "rank 0 done" in stdout and "rank 1 done" in stdout, stdout[-3000:] + stderr[-3000:]
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert got[0] == got[1]
     model = TinyGPT().double()
@@ -230,11 +233,9 @@ def test_fabric_ddp_two_cpu_ranks_measure_the_whole_pool(tmp_path):
 
 # ---------------------------------------------------------------- Hugging Face Accelerate
 
-accelerate = pytest.importorskip("accelerate", reason="accelerate is not installed")
-
-
 @pytest.fixture
 def fresh_accelerator_state():
+    pytest.importorskip("accelerate", reason="accelerate is not installed")
     from accelerate.state import AcceleratorState, GradientState
     yield
     AcceleratorState._reset_state(True)
@@ -246,6 +247,8 @@ def test_accelerate_bf16_accumulate_measures_without_touching_grad(fresh_acceler
     forward patched with autocast) measures inside accelerator.accumulate, leaves the accumulated .grad bitwise,
     the optimizer state, modes and RNG as they were, and keeps the patched forward; names resolve, and the
     unwrapped model measures the same."""
+    import accelerate
+
     torch.manual_seed(0)
     acc = accelerate.Accelerator(cpu=True, mixed_precision="bf16", gradient_accumulation_steps=4)
     model = TinyGPT()
@@ -277,3 +280,65 @@ def test_accelerate_bf16_accumulate_measures_without_touching_grad(fresh_acceler
                                progress=False).measure(9, 9).spectra for m in (pm, unwrapped)]
     assert all(torch.equal(spectra[0][k].values, spectra[1][k].values) for k in spectra[0])
     assert pm.forward == patched
+
+
+def _accelerate_rank(rank: int, port: int, out: str) -> None:
+    """One of 2 CPU processes under Accelerate (MULTI_CPU, gloo), bf16 mixed precision, 2 accumulation steps."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    from accelerate import Accelerator
+    from support.ranks import write_case
+    from support.teardown import end_rank
+
+    acc = Accelerator(cpu=True, mixed_precision="bf16", gradient_accumulation_steps=2)
+    torch.manual_seed(0)
+    model = TinyGPT()
+    pm, popt = acc.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    pool, gpool = pools()
+    try:
+        sl.SpectralLens(pm, pool, layers=BLOCK, progress=False)
+        refused = ""
+    except ValueError as e:
+        refused = str(e)
+    inner = acc.unwrap_model(pm)
+    lens = sl.SpectralLens(inner, pool, layers=BLOCK, params=PARAM, gradient_pool=gpool, precision="float64",
+                           tail_window=(2, 8), progress=False)
+    same_grad = []
+    for i in range(2):
+        x, y = lm_batch(seed=50 + 2 * i + rank)
+        with acc.accumulate(pm):
+            acc.backward(F.cross_entropy(pm(x).flatten(0, 1).float(), y.flatten()))
+            grads = [p.grad.clone() for p in inner.parameters()]
+            m = lens.measure(i, i)
+            same_grad.append(all(torch.equal(g, p.grad) for g, p in zip(grads, inner.parameters())))
+            weights = {k: v.tolist() for k, v in inner.state_dict().items()}  # the measured ones
+            popt.step()
+            popt.zero_grad()
+    write_case(out, "acc", rank, dict(refused=refused, same_grad=same_grad, inner=type(inner).__name__,
+                                      spectra={k: s.values.tolist() for k, s in m.spectra.items()},
+                                      weights=weights))
+    end_rank()
+
+
+@pytest.mark.slow
+def test_accelerate_two_cpu_processes(tmp_path):
+    """Accelerate under 2 CPU processes (bf16, accumulation): the prepared DDP wrapper is refused with the way out,
+    unwrap_model's module measures inside accumulate without touching .grad, and both ranks get the same spectra,
+    equal to one process's measurement of the whole pool at the same weights under bf16 autocast."""
+    pytest.importorskip("accelerate", reason="accelerate is not installed")
+    from support.ranks import case_results, run_ranks
+
+    assert run_ranks(_accelerate_rank, 2, tmp_path, 180.0) == []
+    got = case_results(tmp_path, ["acc"], 2)["acc"]
+    assert None not in got, got
+    for r in got:
+        assert "DistributedDataParallel" in r["refused"] and "model.module" in r["refused"]
+        assert r["same_grad"] == [True, True] and r["inner"] == "TinyGPT"
+    assert got[0]["spectra"] == got[1]["spectra"]
+    model = TinyGPT()
+    model.load_state_dict({k: torch.tensor(v) for k, v in got[0]["weights"].items()})
+    pool, gpool = pools()
+    m = sl.SpectralLens(model, pool, layers=BLOCK, params=PARAM, gradient_pool=gpool, precision="float64",
+                        autocast_dtype=torch.bfloat16, tail_window=(2, 8), progress=False).measure(0, 0)
+    act = m.spectra[f"act:{BLOCK}"].values.numpy()
+    assert np.abs(np.array(got[0]["spectra"][f"act:{BLOCK}"]) - act).max() <= 1e-8 * act[0]
