@@ -320,15 +320,18 @@ def unwrap_fabric(model: nn.Module) -> nn.Module:
     module as it is.
 
     Its names carry a ``_forward_module.`` prefix the user's model lacks, and its forward adds only Fabric's
-    precision context and input casts (the lens has its own ``autocast_dtype``). Under Fabric's DDP strategy the
-    forward module is a ``DistributedDataParallel``, whose passes would start its collectives on one rank: its
+    precision context and input casts (the lens has its own ``autocast_dtype``; float inputs it does not cast).
+    Under Fabric's DDP strategy the forward module is a ``DistributedDataParallel`` (inside a compile wrapper when
+    the model given to ``setup`` was compiled), whose passes would start its collectives on one rank: its
     ``.module`` is taken (the user's model, the same parameters; training through Fabric is unaffected). Any
     other forward module (FSDP, a DeepSpeed engine, a compile wrapper) is returned for the usual handling.
     """
     while _is_fabric_wrapper(model):
-        model = model._forward_module
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
+        model = inner = model._forward_module
+        while _is_compiled_wrapper(inner):
+            inner = inner._orig_mod
+        if isinstance(inner, nn.parallel.DistributedDataParallel):
+            model = inner.module
     return model
 
 

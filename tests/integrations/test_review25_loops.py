@@ -158,6 +158,39 @@ def test_fabric_precision_plugins_measuring_changes_nothing(precision):
     assert all(torch.equal(spectra[0][k].values, spectra[1][k].values) for k in spectra[0])
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fabric_ddp_strategy_binds_the_users_model_not_ddp(compiled, monkeypatch):
+    """Fabric's DDP strategy (one CPU process, gloo): the wrapper runs a DistributedDataParallel, inside a compile
+    wrapper when the model given to setup was compiled; the lens and the probe bind the user's model, never the
+    DDP (whose passes would start its collectives on this rank alone), and names resolve without ``module.``."""
+    L = pytest.importorskip("lightning", reason="the lightning extra is not installed")
+    import torch.distributed as dist
+    from support.ranks import free_port
+
+    env = dict(os.environ)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    try:
+        fabric = L.Fabric(accelerator="cpu", devices=1, strategy="ddp")
+        fabric.launch()
+        torch.manual_seed(0)
+        model = TinyGPT()
+        fm = fabric.setup(torch.compile(model) if compiled else model)
+        inner = fm._forward_module._orig_mod if compiled else fm._forward_module
+        assert isinstance(inner, torch.nn.parallel.DistributedDataParallel)
+        pool, gpool = pools()
+        lens = sl.SpectralLens(fm, pool, layers=BLOCK, params=PARAM, gradient_pool=gpool, tail_window=(2, 8),
+                               progress=False)
+        assert lens.model is model and lens.probe.model is model
+        assert set(lens.measure(0, 0).spectra) == {f"act:{BLOCK}", f"grad:{PARAM}"}
+        lens.detach()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(env)
+
+
 FABRIC_DDP = r'''
 import json, os, sys, warnings
 warnings.simplefilter("ignore")
