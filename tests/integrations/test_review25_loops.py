@@ -270,9 +270,13 @@ def test_fabric_ddp_two_cpu_ranks_measure_the_whole_pool(tmp_path):
 def fresh_accelerator_state():
     pytest.importorskip("accelerate", reason="accelerate is not installed")
     from accelerate.state import AcceleratorState, GradientState
+    def reset():  # Accelerate's state is process-wide: an earlier Accelerator fixed its mixed precision
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+    reset()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset()
 
 
 def test_accelerate_bf16_accumulate_measures_without_touching_grad(fresh_accelerator_state):
