@@ -23,7 +23,7 @@ from .accumulate import ActivationCovarianceAccumulator
 from .background import SolveFuture, submit
 from .capture import (HookSet, Target, _FEEDING, check_pick, display_name, pick_tensor, select_modules,
                       graph_break_for_hook, recomputed_forward,
-                      transformed_forward, warn_if_compiled)
+                      transformed_forward, unwrap_fabric, warn_if_compiled)
 from .spectrum import Spectrum
 
 __all__ = ["ActivationCapture", "attach", "attach_one"]
@@ -128,7 +128,8 @@ def attach(
     """Register forward hooks on the modules ``target`` selects; each feeds its own accumulator.
 
     Args:
-        model: any ``nn.Module`` (attach to the uncompiled module; a ``torch.compile`` wrapper warns).
+        model: any ``nn.Module`` (attach to the uncompiled module; a ``torch.compile`` wrapper warns); a
+            Lightning Fabric wrapper (``fabric.setup``'s) is unwrapped, so names are the user's model's.
         target: exact dotted name, glob, compiled regex, a module of ``model`` (matched by identity;
             an ``nn.ModuleList`` stands for its members), callable ``(name, module) -> bool``, or a list.
         pick: which tensor of a module output to measure: ``None`` (the output must be a tensor),
@@ -145,6 +146,7 @@ def attach(
     contributes rows from every call.
     """
     check_pick(pick)
+    model = unwrap_fabric(model)  # fabric.setup's wrapper: names as in the user's model
     warn_if_compiled(model)
     selected = select_modules(model, target)
     accs = {
@@ -167,6 +169,7 @@ def attach(
 def attach_one(acc: ActivationCovarianceAccumulator, model: nn.Module, target: Target, pick) -> ActivationCapture:
     """:meth:`ActivationCovarianceAccumulator.attach`: hook ``acc`` to the one module ``target`` selects."""
     check_pick(pick)
+    model = unwrap_fabric(model)  # fabric.setup's wrapper: names as in the user's model
     warn_if_compiled(model)
     selected = select_modules(model, target)
     if len(selected) != 1:

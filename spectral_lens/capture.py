@@ -30,7 +30,7 @@ from ._warnings import CompiledModelWarning
 
 __all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "check_pick", "pick_tensor", "check_dense_rows",
            "HookSet",
-           "warn_if_compiled", "unwrap_compiled", "eager_forwards", "measurement_pass", "transformed_forward",
+           "warn_if_compiled", "unwrap_compiled", "unwrap_fabric", "eager_forwards", "measurement_pass", "transformed_forward",
            "recomputed_forward", "graph_break_for_hook"]
 
 Target = Union[str, "re.Pattern[str]", nn.Module, Callable[[str, nn.Module], bool], Iterable]
@@ -310,14 +310,41 @@ def warn_if_compiled(model: nn.Module) -> None:
         )
 
 
+def _is_fabric_wrapper(model: nn.Module) -> bool:
+    """Whether ``model`` is the ``_FabricModule`` that Lightning Fabric's ``fabric.setup(model)`` returns."""
+    return type(model).__name__ == "_FabricModule" and isinstance(getattr(model, "_forward_module", None), nn.Module)
+
+
+def unwrap_fabric(model: nn.Module) -> nn.Module:
+    """The module a Lightning Fabric wrapper (``_FabricModule``, what ``fabric.setup`` returns) runs; any other
+    module as it is.
+
+    Its names carry a ``_forward_module.`` prefix the user's model lacks, and its forward adds only Fabric's
+    precision context and input casts (the lens has its own ``autocast_dtype``; float inputs it does not cast).
+    Under Fabric's DDP strategy the forward module is a ``DistributedDataParallel`` (inside a compile wrapper when
+    the model given to ``setup`` was compiled), whose passes would start its collectives on one rank: its
+    ``.module`` is taken (the user's model, the same parameters; training through Fabric is unaffected). Any
+    other forward module (FSDP, a DeepSpeed engine, a compile wrapper) is returned for the usual handling.
+    """
+    while _is_fabric_wrapper(model):
+        model = inner = model._forward_module
+        while _is_compiled_wrapper(inner):
+            inner = inner._orig_mod
+        if isinstance(inner, nn.parallel.DistributedDataParallel):
+            model = inner.module
+    return model
+
+
 def unwrap_compiled(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile`` wrapper (``OptimizedModule``) wraps; any other module as it is.
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) wraps, a Lightning Fabric wrapper
+    unwrapped first (:func:`unwrap_fabric`); any other module as it is.
 
     Its parameter and module names are the uncompiled model's (no ``_orig_mod.`` prefix), so a
     measurement of a compiled model is recorded under the same names as one of the eager model.
     """
+    model = unwrap_fabric(model)
     while _is_compiled_wrapper(model):
-        model = model._orig_mod
+        model = unwrap_fabric(model._orig_mod)
     return model
 
 
