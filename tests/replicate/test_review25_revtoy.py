@@ -131,3 +131,35 @@ def test_the_verdict_names_a_tier_that_diverged_after_reaching_the_target_and_le
     assert "3 of 4 tiers reached the target (not: 128 (diverged)) (16 diverged after reaching it)" in line
     assert "diverged tiers are left out of rho" in line
     assert "underpowered" in fam.flags  # two tiers reached the target and are ranked
+
+
+def test_a_rerun_keeps_a_diverged_run_and_its_note_says_so(tmp_path):
+    # a diverged run is a finished result: the rerun trains nothing, and its "already complete" note said nothing
+    # of the divergence (the run's own progress line, "diverged", was printed only by the call that trained it)
+    import io
+    import json
+
+    from examples.replicate.runs import train_runs
+
+    class Diverging:
+        name, unit, families, tiers, reference_tier, target_loss, budget = "fake", "examples", ("A",), (1, 2), 1, 1.0, 10
+
+        def __init__(self):
+            self.calls = []
+
+        def run(self, family, tier, lrs, run_dir):
+            self.calls.append(tier)
+            run_dir.mkdir(parents=True)
+            extras = {"lrs": lrs, "status": "diverged" if tier == 2 else "complete"}
+            (run_dir / "run.json").write_text(json.dumps({"run_id": run_dir.name, "extras": extras}))
+            for name in ("log.jsonl", "measurements.jsonl"):
+                (run_dir / name).write_text("")
+            return run_dir
+    lrs = {("A", 1): {"lr": 0.1}, ("A", 2): {"lr": 0.2}}
+    first, log = Diverging(), io.StringIO()
+    train_runs(first, lrs, tmp_path, stream=log)
+    assert first.calls == [1, 2] and "a-b2 diverged (lrs lr=0.2)" in log.getvalue()
+    again, log = Diverging(), io.StringIO()
+    train_runs(again, lrs, tmp_path, stream=log)
+    assert again.calls == []
+    assert "2 of 2 runs already complete (a-b2 diverged); training 0" in log.getvalue()
