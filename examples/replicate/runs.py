@@ -61,9 +61,8 @@ def train_runs(workload: Workload, lrs: Mapping[tuple[str, int], Mapping[str, fl
                 _check_rates(final, lrs[(family, tier)])
     progress = Progress(len(todo) * workload.budget, "train", stream=stream)
     kept = [d.name for d in dirs if d.exists() and _status(d) == "diverged"]  # finished results: not retrained
-    progress.note(f"{len(dirs) - len(todo)} of {len(dirs)} runs already complete"
-                  + (f" ({', '.join(kept)} diverged)" if kept else "")
-                  + f"; training {len(todo)} x {workload.budget:,} {workload.unit}")
+    progress.note(f"{len(dirs) - len(todo)} of {len(dirs)} runs already complete; training {len(todo)} "
+                  f"x {workload.budget:,} {workload.unit}" + (f" (kept as diverged: {', '.join(kept)})" if kept else ""))
     for family, tier, final in todo:
         partial = runs_dir / ".partial" / final.name  # same name: the record keeps its run id
         if partial.exists():

@@ -162,4 +162,20 @@ def test_a_rerun_keeps_a_diverged_run_and_its_note_says_so(tmp_path):
     again, log = Diverging(), io.StringIO()
     train_runs(again, lrs, tmp_path, stream=log)
     assert again.calls == []
-    assert "2 of 2 runs already complete (a-b2 diverged); training 0" in log.getvalue()
+    assert "2 of 2 runs already complete; training 0 x 10 examples (kept as diverged: a-b2)" in log.getvalue()
+
+
+def test_a_diverged_status_survives_the_writers_close_and_inspect_and_predict_show_it(tmp_path, capsys):
+    # ToyWorkload.run says update_info(status="diverged") inside its `with RunWriter(...)` block and leaves it
+    # cleanly: the writer's close must keep the status, and the CLI must read the run as diverged
+    from spectral_lens.cli import main as cli
+
+    dirs = [_write(tmp_path, 16, slow=0.6, alpha0=1.2, slope=1.0, nan_from=0.9),
+            _write(tmp_path, 32, slow=1.3, alpha0=1.5, slope=1.0), _write(tmp_path, 64, slow=1.4, alpha0=1.7, slope=1.0)]
+    run, = open_runs([dirs[0]])
+    assert run.info.extras["status"] == "diverged"
+    assert cli(["inspect", str(dirs[0])]) == 0
+    assert "status: diverged: val_loss nan at step 5" in capsys.readouterr().out
+    assert cli(["predict", str(tmp_path), "--target-loss", "2.0", "--window", "10", "40"]) == 0
+    out = capsys.readouterr()
+    assert "muon-b16' (tier 16) diverged" in out.out + out.err and "left out of the rankings and scores" in out.out + out.err
