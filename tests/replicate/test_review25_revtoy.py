@@ -179,3 +179,35 @@ def test_a_diverged_status_survives_the_writers_close_and_inspect_and_predict_sh
     assert cli(["predict", str(tmp_path), "--target-loss", "2.0", "--window", "10", "40"]) == 0
     out = capsys.readouterr()
     assert "muon-b16' (tier 16) diverged" in out.out + out.err and "left out of the rankings and scores" in out.out + out.err
+
+
+def test_the_eta_after_a_run_that_diverged_early_counts_only_what_it_trained(tmp_path, monkeypatch):
+    # a run that diverged after 1 of its 10 examples was counted as 10 examples done, in the time 1 took: the
+    # ETA then promised the next run in a tenth of its time. Clock: 1 s per example trained
+    import io
+    import json
+
+    from examples.replicate import progress as progress_mod
+    from examples.replicate.runs import train_runs
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(progress_mod, "time", SimpleNamespace(monotonic=lambda: clock["t"]))
+
+    class Workload:
+        name, unit, families, tiers, reference_tier, target_loss, budget = "fake", "examples", ("A",), (1, 2), 1, 1.0, 10
+
+        def run(self, family, tier, lrs, run_dir):
+            seen = 1 if tier == 1 else 10  # tier 1 diverges at its first example
+            clock["t"] += seen
+            run_dir.mkdir(parents=True)
+            status = "diverged" if tier == 1 else "complete"
+            (run_dir / "run.json").write_text(json.dumps({"run_id": run_dir.name, "extras": {"lrs": lrs, "status": status}}))
+            (run_dir / "log.jsonl").write_text("".join(json.dumps({"step": s, "tokens": s, "train_loss": 1.0}) + "\n"
+                                                       for s in range(seen + 1)))
+            (run_dir / "measurements.jsonl").write_text("")
+            return run_dir
+    log = io.StringIO()
+    train_runs(Workload(), {("A", 1): {"lr": 0.1}, ("A", 2): {"lr": 0.2}}, tmp_path, stream=log)
+    first = next(x for x in log.getvalue().splitlines() if "a-b1 diverged" in x)
+    assert "ETA 0m10s" in first  # 10 examples left at 1 example/s (was "ETA 0m01s")
+    assert "100.0%" in log.getvalue().splitlines()[-1]
