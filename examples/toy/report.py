@@ -245,9 +245,9 @@ def _figures(runs, families, target, window, scan, matched, steps, out_dir: Path
     ax[1].set(xlabel=f"alpha at {fraction:.0%} progress (interpolated, as rho)", ylabel="examples to target",
               title=f"target loss {target:g}")
     fig.tight_layout()
-    out.append((_save(fig, out_dir / "toy_fig4a.png"), f"Fig. 4a analogue: rho by progress; alpha at {fraction:.0%} (the "
-                "values the verdict's rho ranks) vs examples to target (tiers not reaching it, and runs left out of "
-                "rho, not drawn)"))
+    caption = (f"Fig. 4a analogue: rho by progress; alpha at {fraction:.0%} (the values the verdict's rho ranks) vs "
+               "examples to target (tiers not reaching it, and runs left out of rho, not drawn)")
+    out.append((_save(fig, out_dir / "toy_fig4a.png"), caption))
 
     if matched:
         fig, ax = plt.subplots(figsize=(5, 4))

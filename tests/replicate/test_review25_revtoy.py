@@ -10,11 +10,11 @@ import torch
 
 pytest.importorskip("matplotlib")
 
-from examples.replicate import verdict as verdict_mod  # noqa: E402
-from examples.replicate.pipeline import chain_transitions  # noqa: E402
-from examples.toy import report  # noqa: E402
-from spectral_lens import Spectrum  # noqa: E402
-from spectral_lens.records import RunInfo, RunWriter, open_runs  # noqa: E402
+from examples.replicate import verdict as verdict_mod
+from examples.replicate.pipeline import chain_transitions
+from examples.toy import report
+from spectral_lens import Spectrum
+from spectral_lens.records import RunInfo, RunWriter, open_runs
 
 FRACTIONS = (0.0, 0.1, 0.25, 0.3, 0.5, 1.0)  # no measurement at 20%: the nearest one (25%) is not rho's value
 
@@ -103,7 +103,7 @@ def test_fig4a_and_the_probes_leave_out_a_run_that_diverged_after_reaching_the_t
             _write(tmp_path, 128, slow=1.45, alpha0=1.8, slope=1.0)]
     runs = open_runs(dirs)
     wl = SimpleNamespace(target_loss=2.0, window=(10, 40), families=("Muon",), fraction=0.2)
-    v, used = _verdict_statistics(monkeypatch, runs, wl)
+    _, used = _verdict_statistics(monkeypatch, runs, wl)
     assert set(used) == {"muon-b32", "muon-b64", "muon-b128"}
     assert report._best_run(runs, "Muon", 2.0).run_id == "muon-b32"
     text = "\n".join(report.toy_sections(wl, runs, tmp_path))
