@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from spectral_lens.analysis import tokens_to_target
+from spectral_lens.analysis import divergence, tokens_to_target
 from spectral_lens import _locks as locks
 from spectral_lens.atomic import write_text_atomic
 from spectral_lens.records import RunRecord, open_runs
@@ -62,13 +62,15 @@ def _remove_stale_temporaries(directory: Path) -> None:
 
 
 def chain_transitions(runs: Sequence[RunRecord], families: Sequence[str], target: float) -> list[tuple[str, str]]:
-    """Consecutive steps of the family chain, each family represented by its most token-efficient run.
+    """Consecutive steps of the family chain, each family represented by its most token-efficient run
+    among those that did not diverge (as the toy report's best run; the library ranks no diverged run).
 
-    A family none of whose runs reached ``target`` breaks the chain there (its steps are left out).
+    A family none of whose runs reached ``target`` (without diverging) breaks the chain there (its steps are left out).
     """
     best = {}
     for family in families:
-        members = [(tokens_to_target(r, target), r.info.batch_tier, r.run_id) for r in runs if r.info.family == family]
+        members = [(tokens_to_target(r, target), r.info.batch_tier, r.run_id) for r in runs
+                   if r.info.family == family and divergence(r) is None]
         members = [m for m in members if math.isfinite(m[0])]
         if members:
             best[family] = min(members)[2]

@@ -48,6 +48,13 @@ class Progress:
         eta_txt = f", ETA {_fmt(eta)}" if eta is not None and self.done < self.total else ""
         print(f"[{self.stage}] {pct:5.1f}% after {_fmt(elapsed)}{eta_txt}: {message}", file=self._out(), flush=True)
 
+    def drop(self, amount: float) -> None:
+        """Remove ``amount`` from the stage's work without doing it (a run that diverged part way: the rest of its
+        budget is never trained, and counting it as done would make the ETA extrapolate work that took no time)."""
+        if not 0 <= amount <= self.total - self.done:
+            raise ValueError(f"Progress.drop: amount must be in [0, {self.total - self.done:g}] (the work left), got {amount}")
+        self.total -= amount
+
     def note(self, message: str) -> None:
         """Print one line of the stage without advancing."""
         if self.stream is not False:

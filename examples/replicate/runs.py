@@ -60,8 +60,9 @@ def train_runs(workload: Workload, lrs: Mapping[tuple[str, int], Mapping[str, fl
                 _check_finished(final)
                 _check_rates(final, lrs[(family, tier)])
     progress = Progress(len(todo) * workload.budget, "train", stream=stream)
+    kept = [d.name for d in dirs if d.exists() and _status(d) == "diverged"]  # finished results: not retrained
     progress.note(f"{len(dirs) - len(todo)} of {len(dirs)} runs already complete; training {len(todo)} "
-                  f"x {workload.budget:,} {workload.unit}")
+                  f"x {workload.budget:,} {workload.unit}" + (f" (kept as diverged: {', '.join(kept)})" if kept else ""))
     for family, tier, final in todo:
         partial = runs_dir / ".partial" / final.name  # same name: the record keeps its run id
         if partial.exists():
@@ -71,8 +72,12 @@ def train_runs(workload: Workload, lrs: Mapping[tuple[str, int], Mapping[str, fl
         os.replace(partial, final)
         _fsync_dir(runs_dir)
         status = _status(final)
-        done = "done" if status in (None, "complete") else status  # e.g. "diverged": kept, ranked as not reaching
-        progress.advance(workload.budget, f"{final.name} {done} (lrs {_fmt_lrs(lrs[(family, tier)])})")
+        done = "done" if status in (None, "complete") else status  # e.g. "diverged": kept, a finished result
+        trained = workload.budget
+        if status == "diverged":  # stopped part way: the ETA counts only what was trained
+            trained = min(workload.budget, _seen(final, workload.budget))
+            progress.drop(workload.budget - trained)
+        progress.advance(trained, f"{final.name} {done} (lrs {_fmt_lrs(lrs[(family, tier)])})")
     if (runs_dir / ".partial").exists() and not any((runs_dir / ".partial").iterdir()):
         (runs_dir / ".partial").rmdir()
     return dirs
@@ -96,6 +101,25 @@ def _status(run_dir: Path) -> str | None:
         return None
     status = (info.get("extras") or {}).get("status") if isinstance(info, dict) else None
     return status if isinstance(status, str) else None
+
+
+def _seen(run_dir: Path, default: float) -> float:
+    """The largest ``tokens`` (in the workload's unit) of the record in ``run_dir``'s log and measurements:
+    how far its training got (``default`` when the files hold none, or cannot be read)."""
+    seen = []
+    for name in (LOG_FILE, MEASUREMENTS_FILE):
+        try:
+            lines = (run_dir / name).read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                t = json.loads(line).get("tokens")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(t, (int, float)) and not isinstance(t, bool) and t >= 0:
+                seen.append(float(t))
+    return max(seen, default=default)
 
 
 def _check_rates(run_dir: Path, lrs: Mapping[str, float]) -> None:

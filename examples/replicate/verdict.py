@@ -3,7 +3,8 @@
 Pre-registered (before any run, the same for every workload): the tail statistic is read at the
 workload's early fraction (paper: 20%); a family *reproduces* the paper's claim when its Spearman rho
 between early ``alpha_tail`` and realized ``eps_tok`` is at least :data:`REPRODUCED_RHO`; it is
-*underpowered* when fewer than three of its tiers reach the target, else *not significant* when the
+*underpowered* when fewer than three of its tiers reach the target (a run that diverged after reaching
+it not counted: it is left out of rho), else *not significant* when the
 exact p-value exceeds :data:`ALPHA`; a negative rho is flagged as the opposite of the claim. When the
 tail statistic cannot be scored at all (e.g. the rank window exceeds the spectrum), the flag says why.
 """
@@ -38,12 +39,14 @@ class FamilyVerdict:
         baseline_rho, baseline_pvalue: the same for the noise-scale baseline (NaN if not measured).
         reached: tiers whose run reached the target loss, with their examples/tokens to target.
         missed: tiers that never reached it (they rank last in eps_tok; a run cut short before it has
-            an unknown eps_tok instead and is not in ``n``).
+            an unknown eps_tok instead, and a diverged run is left out: neither is in ``n``).
         rho_by_fraction: the tail statistic's rho at each scanned progress fraction.
         n_by_fraction: the number of runs each of those rhos was computed on (runs without a statistic
             at a fraction are left out of its rho, so n can differ between fractions).
-        diverged: the tiers of ``missed`` whose run diverged (``spectral_lens.analysis.divergence``),
-            so that the verdict says why they never reached the target.
+        diverged: the tiers whose run diverged (``spectral_lens.analysis.divergence``), in ``missed``
+            (the verdict says why they never reached the target) or in ``reached`` (it reached the target,
+            then diverged: its examples-to-target stand). The library's predictors leave every diverged
+            run out of the ranking (its early statistic too), so none of them is in ``n``: the verdict says so.
         flags: ``"reproduced"``, ``"not reproduced"``, ``"underpowered"``, ``"negative rho"``, ...
     """
 
@@ -128,8 +131,7 @@ def verdict(runs: Sequence[RunRecord], *, target: float, families: Sequence[str]
         T = {int(r.info.batch_tier): tokens_to_target(r, target) for r in members}
         reached = {t: v for t, v in sorted(T.items()) if math.isfinite(v)}
         missed = tuple(t for t, v in sorted(T.items()) if not math.isfinite(v))
-        diverged = tuple(sorted(int(r.info.batch_tier) for r in members
-                                if int(r.info.batch_tier) in missed and divergence(r) is not None))
+        diverged = tuple(sorted(int(r.info.batch_tier) for r in members if divergence(r) is not None))
         w = main.within.get(family) if main is not None else None
         b = base.within.get(family) if base is not None else None
         rho, p, n = (w.rho, w.pvalue, w.n) if w is not None else (math.nan, math.nan, 0)
@@ -137,7 +139,8 @@ def verdict(runs: Sequence[RunRecord], *, target: float, families: Sequence[str]
         by_f = {f: x.rho if x is not None else math.nan for f, x in scanned.items()}
         n_by_f = {f: x.n if x is not None else 0 for f, x in scanned.items()}
         out[family] = FamilyVerdict(family, rho, p, n, b.rho if b else math.nan, b.pvalue if b else math.nan,
-                                    reached, missed, by_f, _flags(rho, p, len(reached), why), n_by_f, diverged)
+                                    reached, missed, by_f, _flags(rho, p, len(set(reached) - set(diverged)), why),
+                                    n_by_f, diverged)
     pooled = (main.rho, main.pvalue, main.n) if main is not None else (math.nan, math.nan, 0)
     v = Verdict(target, fraction, window, unit, out, *pooled)
     return Verdict(**{**v.__dict__, "lines": tuple(_sentences(v))})
@@ -155,7 +158,10 @@ def _sentences(v: Verdict) -> list[str]:
         tiers = sorted(set(fam.reached) | set(fam.missed))
         reach = (f"{len(fam.reached)} of {len(tiers)} tiers reached the target"
                  + (f" (not: {', '.join(f'{t} (diverged)' if t in fam.diverged else str(t) for t in fam.missed)})"
-                    if fam.missed else ""))
+                    if fam.missed else "")
+                 + (f" ({', '.join(str(t) for t in fam.diverged if t in fam.reached)} diverged after reaching it)"
+                    if set(fam.diverged) & set(fam.reached) else "")
+                 + ("; diverged tiers are left out of rho" if fam.diverged else ""))
         lines.append(f"{fam.family}: {reach}; rho = {_num(fam.rho)} (p = {_num(fam.pvalue, '.3g')}, n = {fam.n}); "
                      f"noise-scale baseline rho = {_num(fam.baseline_rho)}; verdict: {', '.join(fam.flags)}.")
         scan = ", ".join(f"{f:.0%}: {_num(r)} (n = {fam.n_by_fraction.get(f, 0)})" for f, r in fam.rho_by_fraction.items())

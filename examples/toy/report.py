@@ -14,7 +14,7 @@ import numpy as np
 from scipy import stats
 
 import spectral_lens as sl
-from spectral_lens.analysis import TailPredictor, token_inefficiency, tokens_to_target
+from spectral_lens.analysis import TailPredictor, divergence, token_inefficiency, tokens_to_target
 from spectral_lens.records import Measurement, RunRecord
 
 __all__ = ["toy_sections", "PAPER", "SCAN_FRACTIONS"]
@@ -39,7 +39,9 @@ def _alpha(m: Measurement, name: str, window: tuple[int, int]) -> float:
 
 
 def _best_run(runs: Sequence[RunRecord], family: str, target: float) -> RunRecord | None:
-    members = [r for r in runs if r.info.family == family]
+    """The family's most token-efficient run among those that did not diverge (a run that reached the target
+    and then diverged has no healthy late checkpoints to probe, and the library leaves it out of every ranking)."""
+    members = [r for r in runs if r.info.family == family and divergence(r) is None]
     if not members:
         return None
     return min(members, key=lambda r: (tokens_to_target(r, target), r.info.batch_tier))
@@ -47,6 +49,23 @@ def _best_run(runs: Sequence[RunRecord], family: str, target: float) -> RunRecor
 
 def _at_progress(run: RunRecord, f: float) -> Measurement:
     return min(run.measurements, key=lambda m: abs((run.progress(m) or 0.0) - f))
+
+
+def _fig4a_points(runs, families, target, window, fraction) -> dict[str, list[tuple[float, float, int]]]:
+    """Per family, ``(alpha_tail, examples to target (NaN if not reached), tier)`` of every run in the
+    pre-registered rho: the values ``TailPredictor(fraction, window=window)`` ranks, interpolated at exactly
+    ``fraction`` as the verdict's rho reads them (runs it leaves out, e.g. diverged ones, are not drawn)."""
+    out = {f: [] for f in families}
+    try:
+        stats = TailPredictor(fraction, window=window).fit(runs).statistics_
+    except ValueError:  # no run has a statistic at the fraction (FractionNotReachedError is one)
+        return out
+    by_id = {r.run_id: r for r in runs}
+    for s in stats:
+        if s.family in out:
+            T = tokens_to_target(by_id[s.run_id], target)
+            out[s.family].append((s.value, T if math.isfinite(T) else math.nan, int(s.tier)))
+    return out
 
 
 def _rho_scan(runs, families, target, window) -> tuple[dict[str, dict[float, float]], dict[str, dict[float, int]]]:
@@ -115,7 +134,7 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
              f"Within-family Spearman rho between alpha over ranks {window[0]}-{window[1]} (last-position "
              "activations of the last block) and realized eps_tok (examples to target / the family's best), "
              "at each progress fraction, and the number of runs n each rho was computed on. Tiers that never "
-             "reach the target rank last.", "",
+             "reach the target rank last; a run that diverged is left out (the library's rule).", "",
              "| family | " + " | ".join(f"{f:.0%}" for f in SCAN_FRACTIONS) + " |",
              "|---|" + "---|" * len(SCAN_FRACTIONS)]
     for fam in families:
@@ -136,7 +155,8 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
 
     lines = ["## Fourier probes along the cyclic index (Fig. 4b / 11b analogues)", "",
              "H_S (task band r = 1..8), H_peak and PC1 peak mass of the last-position hidden states grouped by "
-             "the target's phase, for each family's most token-efficient tier (first / 20% / last checkpoint):", "",
+             "the target's phase, for each family's most token-efficient tier among its runs that did not diverge "
+             "(first / 20% / last checkpoint):", "",
              "| family | tier | H_S | H_peak | PC1 peak mass |", "|---|---|---|---|---|"]
     for fam in families:
         r = _best_run(runs, fam, target)
@@ -159,7 +179,11 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
             lines.append(f"| {fam} | " + " | ".join(_num(last_s.get(k, math.nan), ".3f") for k in bands) + " |")
     sections.append("\n".join(lines))
 
-    figs = _figures(runs, families, target, window, scan, matched, steps, out_dir)
+    fraction = float(getattr(workload, "fraction", 0.2))  # the pipeline's default, the paper's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        points = _fig4a_points(runs, families, target, window, fraction)
+    figs = _figures(runs, families, target, window, scan, matched, steps, out_dir, points, fraction)
     if figs:
         sections.append("## Toy figures\n\n" + "\n\n".join(f"![{cap}]({p.name})\n\n*{cap}*" for p, cap in figs))
 
@@ -193,7 +217,8 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _figures(runs, families, target, window, scan, matched, steps, out_dir: Path) -> list[tuple[Path, str]]:
+def _figures(runs, families, target, window, scan, matched, steps, out_dir: Path, points, fraction
+             ) -> list[tuple[Path, str]]:
     try:
         import matplotlib
 
@@ -211,24 +236,18 @@ def _figures(runs, families, target, window, scan, matched, steps, out_dir: Path
               title=f"tail statistic, ranks {window[0]}-{window[1]}")
     ax[0].legend()
     for fam in families:
-        pts = []
-        for r in runs:
-            if r.info.family != fam:
-                continue
-            T = tokens_to_target(r, target)
-            try:
-                a = _alpha(_at_progress(r, 0.2), r.info.primary_spectrum, window)
-            except (ValueError, KeyError):
-                continue
-            pts.append((a, T if math.isfinite(T) else np.nan, int(r.info.batch_tier)))
+        pts = points.get(fam, [])
         if pts:
             ax[1].scatter([p[0] for p in pts], [p[1] for p in pts], label=fam)
             for a, T, t in pts:
                 if math.isfinite(T):
                     ax[1].annotate(f"B={t}", (a, T), fontsize=7)
-    ax[1].set(xlabel="alpha at 20% progress", ylabel="examples to target", title=f"target loss {target:g}")
+    ax[1].set(xlabel=f"alpha at {fraction:.0%} progress (interpolated, as rho)", ylabel="examples to target",
+              title=f"target loss {target:g}")
     fig.tight_layout()
-    out.append((_save(fig, out_dir / "toy_fig4a.png"), "Fig. 4a analogue: rho by progress; early alpha vs examples to target (unreached tiers not drawn)"))
+    caption = (f"Fig. 4a analogue: rho by progress; alpha at {fraction:.0%} (the values the verdict's rho ranks) vs "
+               "examples to target (tiers not reaching it, and runs left out of rho, not drawn)")
+    out.append((_save(fig, out_dir / "toy_fig4a.png"), caption))
 
     if matched:
         fig, ax = plt.subplots(figsize=(5, 4))
@@ -252,7 +271,7 @@ def _figures(runs, families, target, window, scan, matched, steps, out_dir: Path
     ax.set(xlabel="training progress (%)", ylabel="H_S (modes 1-8)", title="task-band concentration")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    out.append((_save(fig, out_dir / "toy_fig4b.png"), "Fig. 4b analogue: H_S during training, each family's most token-efficient tier"))
+    out.append((_save(fig, out_dir / "toy_fig4b.png"), "Fig. 4b analogue: H_S during training, each family's most token-efficient tier (runs that did not diverge)"))
 
     if steps:
         fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -119,7 +119,7 @@ class ToyWorkload:
         """Train one measured run into ``run_dir`` (its name is the run id) and close its record.
 
         A run whose training or validation loss turns non-finite stops there, its record marked
-        ``status: "diverged"`` (with the reason in ``divergence``): a finished run that never reaches the target.
+        ``status: "diverged"`` (with the reason in ``divergence``): a finished run, not trained again by a rerun.
         """
         p, d = self.preset, self._trainable.data
         run = ToyRun(family, tier, lrs, p.model, seed=p.seed)
@@ -157,8 +157,9 @@ class ToyWorkload:
                 checkpoint(run, None)
                 run.train_until(p.budget, p.budget, d.x_train, d.y_train, checkpoint)
             except FloatingPointError as exc:
-                # a diverged run is a result, not a crash: it never reaches the target, so its record ends
-                # here marked "diverged" and the verdict ranks it last (spectral_lens.analysis.divergence);
+                # a diverged run is a result, not a crash: its record ends here marked "diverged", and the
+                # verdict names it and leaves it out of rho, as the library does every diverged run (its
+                # examples-to-target stand if it reached the target first; spectral_lens.analysis.divergence);
                 # raising instead lost it, and the rerun trained the same seed at the same rate into the
                 # same divergence, so the job could never finish
                 writer.update_info(status="diverged", divergence=str(exc))

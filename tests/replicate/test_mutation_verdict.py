@@ -45,6 +45,7 @@ def runs(monkeypatch):
     monkeypatch.setattr(vmod, "NoiseScalePredictor", _Noise)
     monkeypatch.setattr(vmod, "token_inefficiency", lambda runs, target: {})
     monkeypatch.setattr(vmod, "tokens_to_target", lambda r, target: 100.0 * r.info.batch_tier)
+    monkeypatch.setattr(vmod, "divergence", lambda r: None)  # these stub runs have no records to read
     return [SimpleNamespace(info=SimpleNamespace(family=f, batch_tier=t)) for f in ("A", "B") for t in (1, 2, 4, 8, 16)]
 
 
