@@ -289,3 +289,74 @@ def test_fabric_ddp_measuring_between_forward_and_backward_leaves_the_allreduced
         for k, v in got[0][engine]["spectra"].items():
             ref = np.array(got[0]["fast"]["spectra"][k])
             assert np.abs(np.array(v) - ref).max() <= 1e-10 * ref[0], (engine, k)
+
+
+FABRIC_FSDP2 = r'''
+import json, sys, warnings
+warnings.simplefilter("ignore")
+import torch, torch.nn.functional as F
+import lightning as L
+from lightning.fabric.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
+import spectral_lens as sl
+from support.models import TinyGPT, lm_batch
+from support.teardown import end_rank
+
+
+def shard(model, mesh):
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh["data_parallel"])
+    return fully_shard(model, mesh=mesh["data_parallel"])
+
+
+fabric = L.Fabric(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(parallelize_fn=shard))
+fabric.launch()
+r = fabric.global_rank
+torch.manual_seed(0)
+with fabric.init_module(empty_init=False):
+    model = TinyGPT()
+fm = fabric.setup(model)
+x, y = lm_batch(seed=50 + r)
+fabric.backward(F.cross_entropy(fm(x).flatten(0, 1), y.flatten()))
+lens = sl.SpectralLens(fm, [lm_batch(seed=20 + i)[0] for i in range(2)], layers="transformer.h.1",
+                       params="transformer.h.1.attn.c_proj.weight", gradient_pool=[lm_batch(seed=30 + i) for i in range(2)],
+                       tail_window=(2, 8), progress=False)
+m = lens.measure(0, 0)
+bound = type(lens.model).__name__
+lens.detach()
+json.dump({"model": bound, "spectra": {k: s.values.tolist() for k, s in m.spectra.items()}},
+          open(f"{sys.argv[1]}/rank{r}.json", "w"))
+fabric.barrier()
+print(f"rank {r} done", flush=True)
+end_rank()
+'''
+
+
+@pytest.mark.slow
+def test_fabric_fsdp2_on_two_cpu_ranks_measures_the_plain_models_spectra(tmp_path):
+    """Fabric's ModelParallelStrategy with fully_shard (FSDP2; Fabric's strategy="fsdp" refuses the CPU) on 2 gloo
+    ranks: the lens on the wrapper binds the sharded user model and measures, on both ranks, the spectra of the
+    plain model at the same weights (float32, 1e-5)."""
+    pytest.importorskip("lightning", reason="the lightning extra is not installed")
+    script = tmp_path / "fabric_fsdp2.py"
+    script.write_text(FABRIC_FSDP2)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    assert "rank 0 done" in stdout and "rank 1 done" in stdout, stdout[-3000:] + stderr[-3000:]
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert got[0]["model"] == "FSDPTinyGPT" and got[0]["spectra"] == got[1]["spectra"]
+    torch.manual_seed(0)
+    want = sl.SpectralLens(TinyGPT(), [lm_batch(seed=20 + i)[0] for i in range(2)], layers=BLOCK, params=PARAM,
+                           gradient_pool=[lm_batch(seed=30 + i) for i in range(2)], tail_window=(2, 8),
+                           progress=False).measure(0, 0).spectra
+    assert sorted(got[0]["spectra"]) == sorted(want)
+    for k, s in want.items():
+        ref = s.values.numpy()
+        assert np.abs(np.array(got[0]["spectra"][k]) - ref).max() <= 1e-5 * ref[0], k
