@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ._deepspeed import refuse_zero3_placeholders
+from ._dtensor import dtensor_module
 from ._offload import offloaded_value
 from .capture import name_matcher, uncompiled_name, unwrap_compiled
 from .spectrum import Spectrum
@@ -96,7 +97,9 @@ def weight_spectrum(weight: torch.Tensor, name: str | None = None) -> Spectrum:
     expert of a fused ``(E, out, in)`` expert weight pass ``weight[e]``). ``metadata`` records the original shape and the
     matrix shape used. Half-precision and float8 weights convert exactly to float64, complex ones to
     complex128. Quantized weights are dequantized first (``torch.ao`` quantized tensors, bitsandbytes ``Params4bit`` and
-    ``Int8Params``; ``metadata["dequantized"]`` says which); other integer tensors raise ``ValueError``.
+    ``Int8Params``; ``metadata["dequantized"]`` says which); other integer tensors raise ``ValueError``. A
+    ``DTensor`` (a weight sharded by FSDP2's ``fully_shard`` or tensor parallelism) is gathered whole with
+    ``full_tensor()``, a collective over its mesh: call it on every rank of the mesh.
     """
     if weight.device.type == "meta":
         raise ValueError(
@@ -104,6 +107,11 @@ def weight_spectrum(weight: torch.Tensor, name: str | None = None) -> Spectrum:
             "offloaded by Accelerate, or never loaded); weight_spectra(model, ...) reads an offloaded weight from "
             "Accelerate's offload store"
         )
+    dtensor = dtensor_module()
+    if dtensor is not None and isinstance(weight, dtensor.DTensor):
+        # an FSDP2 or tensor-parallel shard: the whole matrix (before, the spectrum's values were a DTensor, which
+        # neither .numpy() nor the records read); full_tensor() all-gathers over its mesh, so every rank calls
+        weight = weight.detach().full_tensor()
     values, how = _weight_values(weight, name or "weight")
     w = values.detach()
     if w.ndim < 2:

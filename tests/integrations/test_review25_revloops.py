@@ -216,6 +216,22 @@ def test_weight_spectra_under_fabric_ddp_read_the_users_model_and_refuse_plain_d
         os.environ.update(env)
 
 
+def test_weight_spectra_of_fsdp2_shards_are_the_whole_matrices(one_rank):
+    """fully_shard (FSDP2, the weights DTensors): the spectra are plain tensors of the whole matrices, equal to the
+    unsharded model's (before: DTensor values, which .numpy() and the records refuse)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = TinyGPT()
+    want = weight_spectra(model)
+    fully_shard(model)
+    assert type(model.get_parameter(PARAM)).__name__ == "DTensor"
+    got = weight_spectra(model)
+    assert all(type(s.values) is torch.Tensor for s in got.values())
+    assert_same_spectra(got, want)
+    assert got[PARAM].values.numpy().shape == (16,)
+
+
 # ---------------------------------------------------------------- Fabric DDP: measuring with the reducer armed
 
 FABRIC_DDP_ARMED = r'''
@@ -298,6 +314,7 @@ import lightning as L
 from lightning.fabric.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import fully_shard
 import spectral_lens as sl
+from spectral_lens.weights import weight_spectra
 from support.models import TinyGPT, lm_batch
 from support.teardown import end_rank
 
@@ -323,7 +340,8 @@ lens = sl.SpectralLens(fm, [lm_batch(seed=20 + i)[0] for i in range(2)], layers=
 m = lens.measure(0, 0)
 bound = type(lens.model).__name__
 lens.detach()
-json.dump({"model": bound, "spectra": {k: s.values.tolist() for k, s in m.spectra.items()}},
+weights = {k: s.values.tolist() for k, s in weight_spectra(fm).items()}  # every rank: full_tensor() gathers
+json.dump({"model": bound, "weights": weights, "spectra": {k: s.values.tolist() for k, s in m.spectra.items()}},
           open(f"{sys.argv[1]}/rank{r}.json", "w"))
 fabric.barrier()
 print(f"rank {r} done", flush=True)
@@ -335,7 +353,8 @@ end_rank()
 def test_fabric_fsdp2_on_two_cpu_ranks_measures_the_plain_models_spectra(tmp_path):
     """Fabric's ModelParallelStrategy with fully_shard (FSDP2; Fabric's strategy="fsdp" refuses the CPU) on 2 gloo
     ranks: the lens on the wrapper binds the sharded user model and measures, on both ranks, the spectra of the
-    plain model at the same weights (float32, 1e-5)."""
+    plain model at the same weights (float32, 1e-5); weight_spectra on the wrapper gives the plain model's, names
+    and values."""
     pytest.importorskip("lightning", reason="the lightning extra is not installed")
     script = tmp_path / "fabric_fsdp2.py"
     script.write_text(FABRIC_FSDP2)
@@ -352,7 +371,9 @@ def test_fabric_fsdp2_on_two_cpu_ranks_measures_the_plain_models_spectra(tmp_pat
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert got[0]["model"] == "FSDPTinyGPT" and got[0]["spectra"] == got[1]["spectra"]
     torch.manual_seed(0)
-    want = sl.SpectralLens(TinyGPT(), [lm_batch(seed=20 + i)[0] for i in range(2)], layers=BLOCK, params=PARAM,
+    plain = TinyGPT()
+    assert got[0]["weights"] == got[1]["weights"] == {k: s.values.tolist() for k, s in weight_spectra(plain).items()}
+    want = sl.SpectralLens(plain, [lm_batch(seed=20 + i)[0] for i in range(2)], layers=BLOCK, params=PARAM,
                            gradient_pool=[lm_batch(seed=30 + i) for i in range(2)], tail_window=(2, 8),
                            progress=False).measure(0, 0).spectra
     assert sorted(got[0]["spectra"]) == sorted(want)
