@@ -311,8 +311,13 @@ def warn_if_compiled(model: nn.Module) -> None:
 
 
 def _is_fabric_wrapper(model: nn.Module) -> bool:
-    """Whether ``model`` is the ``_FabricModule`` that Lightning Fabric's ``fabric.setup(model)`` returns."""
-    return type(model).__name__ == "_FabricModule" and isinstance(getattr(model, "_forward_module", None), nn.Module)
+    """Whether ``model`` is the ``_FabricModule`` that Lightning Fabric's ``fabric.setup(model)`` returns: the class
+    of that name defined by Lightning (``lightning.fabric`` or the standalone ``lightning_fabric``), or a subclass.
+    A class of the user's own that happens to share the name is a model like any other (unwrapping it would drop
+    its own layers)."""
+    return (any(c.__name__ == "_FabricModule" and c.__module__.startswith(("lightning.fabric.", "lightning_fabric."))
+                for c in type(model).__mro__)
+            and isinstance(getattr(model, "_forward_module", None), nn.Module))
 
 
 def unwrap_fabric(model: nn.Module) -> nn.Module:

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from ._deepspeed import refuse_zero3_placeholders
+from ._dtensor import dtensor_module
 from ._offload import offloaded_value
-from .capture import name_matcher
+from .capture import name_matcher, uncompiled_name, unwrap_compiled
 from .spectrum import Spectrum
 from .summaries import stable_rank
 
@@ -96,7 +97,9 @@ def weight_spectrum(weight: torch.Tensor, name: str | None = None) -> Spectrum:
     expert of a fused ``(E, out, in)`` expert weight pass ``weight[e]``). ``metadata`` records the original shape and the
     matrix shape used. Half-precision and float8 weights convert exactly to float64, complex ones to
     complex128. Quantized weights are dequantized first (``torch.ao`` quantized tensors, bitsandbytes ``Params4bit`` and
-    ``Int8Params``; ``metadata["dequantized"]`` says which); other integer tensors raise ``ValueError``.
+    ``Int8Params``; ``metadata["dequantized"]`` says which); other integer tensors raise ``ValueError``. A
+    ``DTensor`` (a weight sharded by FSDP2's ``fully_shard`` or tensor parallelism) is gathered whole with
+    ``full_tensor()``, a collective over its mesh: call it on every rank of the mesh.
     """
     if weight.device.type == "meta":
         raise ValueError(
@@ -104,6 +107,11 @@ def weight_spectrum(weight: torch.Tensor, name: str | None = None) -> Spectrum:
             "offloaded by Accelerate, or never loaded); weight_spectra(model, ...) reads an offloaded weight from "
             "Accelerate's offload store"
         )
+    dtensor = dtensor_module()
+    if dtensor is not None and isinstance(weight, dtensor.DTensor):
+        # an FSDP2 or tensor-parallel shard: the whole matrix (before, the spectrum's values were a DTensor, which
+        # neither .numpy() nor the records read); full_tensor() all-gathers over its mesh, so every rank calls
+        weight = weight.detach().full_tensor()
     values, how = _weight_values(weight, name or "weight")
     w = values.detach()
     if w.ndim < 2:
@@ -124,34 +132,49 @@ def weight_spectrum(weight: torch.Tensor, name: str | None = None) -> Spectrum:
     )
 
 
-def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> list[tuple[str, torch.Tensor]]:
-    """Matrix-shaped parameters of ``model`` chosen by ``select`` (default: all with >= 2 dims).
+def _weights_module(model: nn.Module) -> nn.Module:
+    """The module whose weights are read, as :class:`~spectral_lens.SpectralLens` and the probe bind it: a
+    ``torch.compile`` wrapper and Lightning Fabric's ``_FabricModule`` unwrapped (under Fabric's DDP strategy, the
+    DDP's module; :func:`~spectral_lens.capture.unwrap_compiled`), so names are the user's model's. A
+    ``DistributedDataParallel``/``DataParallel`` wrapper or a DeepSpeed engine is refused, as the lens refuses
+    it: its names carry a ``module.`` prefix that the lens's records and ``params=`` lack."""
+    inner = unwrap_compiled(model)
+    engine = any(c.__name__ == "DeepSpeedEngine" and c.__module__.startswith("deepspeed.") for c in type(inner).__mro__)
+    if engine or isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        what = "a DeepSpeed engine" if engine else f"a {type(inner).__name__} wrapper"
+        raise ValueError(
+            f"weight_spectra: model is {what} ({type(inner).__name__}); pass the module it wraps "
+            f"({'engine' if engine else 'model'}.module), as SpectralLens and PerSampleGradientProbe require: the "
+            "wrapper's parameter names carry a 'module.' prefix that the lens's records and params= lack; the "
+            "wrapped module holds the same weights")
+    return inner
 
-    Parameters with fewer than two dimensions are never returned. The weights of ``torch.ao`` quantized
-    modules (``quantize_dynamic``), which are no parameters, are included as ``"<module>.weight"`` (their
-    quantized tensor, which :func:`weight_spectrum` dequantizes), in module order. Raises ``ValueError``
-    naming the closest parameter names when nothing matches, and for DeepSpeed ZeRO-3 placeholders
-    (gather them first).
-    """
-    named = _with_quantized_weights(model, list(model.named_parameters()))
+
+def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str, torch.Tensor]]:
+    """``(own name, eager name, weight)`` of the matrix parameters of ``model`` (unwrapped already) that
+    ``select`` chooses; a name, glob or regex matches either name (the eager one has no ``_orig_mod``
+    segments of a per-block ``torch.compile``, as the lens's records name it)."""
+    named = [(n, uncompiled_name(n), p) for n, p in _with_quantized_weights(model, list(model.named_parameters()))]
     if select is None:
-        refuse_zero3_placeholders(dict(named), "weight_spectra")  # empty .data: even their ndim is not the matrix's
-        chosen = [(n, p) for n, p in named if p.ndim >= 2]
+        refuse_zero3_placeholders({n: p for n, _, p in named}, "weight_spectra")  # empty .data: not the matrix's ndim
+        chosen = [item for item in named if item[2].ndim >= 2]
     else:
         targets = list(select) if isinstance(select, (list, tuple, set, frozenset)) else [select]
         if not targets:
             raise ValueError("empty parameter target list")
         matchers = [name_matcher(t, "parameter") for t in targets]
-        matched = [(n, p) for n, p in named if any(f(n, p) for f in matchers)]
-        refuse_zero3_placeholders(dict(matched), "weight_spectra")
-        chosen = [(n, p) for n, p in matched if p.ndim >= 2]
+        eager = [f for t, f in zip(targets, matchers) if isinstance(t, (str, re.Pattern))]
+        matched = [(n, e, p) for n, e, p in named
+                   if any(f(n, p) for f in matchers) or (e != n and any(f(e, p) for f in eager))]
+        refuse_zero3_placeholders({n: p for n, _, p in matched}, "weight_spectra")
+        chosen = [item for item in matched if item[2].ndim >= 2]
         if matched and not chosen:
             raise ValueError(
                 f"{type(model).__name__}: target {select!r} matches only parameters with < 2 dims "
-                f"({[n for n, _ in matched][:5]}); weight spectra need matrices"
+                f"({[e for _, e, _ in matched][:5]}); weight spectra need matrices"
             )
     if not chosen:
-        names = [n for n, p in named if p.ndim >= 2]
+        names = [e for _, e, p in named if p.ndim >= 2]
         hints = []
         if select is not None:
             for t in (select if isinstance(select, (list, tuple)) else [select]):
@@ -162,6 +185,21 @@ def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> li
             f"{'closest names' if hints else 'matrix parameters'}: {(hints or names)[:8]}"
         )
     return chosen
+
+
+def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> list[tuple[str, torch.Tensor]]:
+    """Matrix-shaped parameters of ``model`` chosen by ``select`` (default: all with >= 2 dims).
+
+    Parameters with fewer than two dimensions are never returned. The weights of ``torch.ao`` quantized
+    modules (``quantize_dynamic``), which are no parameters, are included as ``"<module>.weight"`` (their
+    quantized tensor, which :func:`weight_spectrum` dequantizes), in module order. Names are the user's
+    model's, as the lens records them: a ``torch.compile`` wrapper and Lightning Fabric's ``fabric.setup``
+    wrapper are unwrapped (no ``_orig_mod.`` / ``_forward_module.`` prefix), and the ``_orig_mod`` segments of
+    per-block compilation left out. Raises ``ValueError`` naming the closest parameter names when nothing
+    matches, for DeepSpeed ZeRO-3 placeholders (gather them first), and for a ``DistributedDataParallel`` /
+    ``DataParallel`` wrapper or DeepSpeed engine (pass ``model.module``, as to the lens).
+    """
+    return [(eager, p) for _, eager, p in _chosen(_weights_module(model), select)]
 
 
 def _with_quantized_weights(model: nn.Module, named: list) -> list:
@@ -214,16 +252,22 @@ def weight_spectra(model: nn.Module, select: ParamTarget | None = None) -> dict[
     ``"cpu"``/``"disk"`` entries: a meta placeholder between forwards) is read from its hook's offload store
     (CPU memory or the offload folder), exactly; a meta weight in no store raises ``ValueError`` naming it.
 
+    Names are the user's model's, as the lens and the probe take and record them (:func:`select_parameters`):
+    a ``torch.compile`` wrapper and Lightning Fabric's wrapper (under its DDP strategy, the DDP's module) are
+    unwrapped; a ``DistributedDataParallel`` wrapper is refused (pass ``model.module``, as to the lens).
+
     Example::
 
         spectra = weight_spectra(model, ["blocks.11.attn.c_proj.weight", "blocks.*.mlp.c_proj.weight"])
         {name: stable_rank(s) for name, s in spectra.items()}
     """
+    model = _weights_module(model)
     out = {}
-    modules = dict(model.named_modules())
-    for name, p in select_parameters(model, select):
+    # by eager name (a compile wrapper and the module it wraps share one: the wrapped module, later, owns the weights)
+    modules = {uncompiled_name(n): m for n, m in model.named_modules()}
+    for own, name, p in _chosen(model, select):
         if p.device.type == "meta":  # an Accelerate offload placeholder: the value in its hook's store
-            stored = offloaded_value(model, name)
+            stored = offloaded_value(model, own)
             if stored is None:
                 raise ValueError(
                     f"weight_spectra: {name} (shape {tuple(p.shape)}) is on the meta device and in no Accelerate "

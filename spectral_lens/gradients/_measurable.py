@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 
 from .._deepspeed import fast_hint, refuse_deepspeed_engine, refuse_zero3_params
 from .._peft import base_prefix, has_peft_layers, saved_copies, short_name
-from ..capture import glob_to_regex, uncompiled_name, unwrap_compiled, unwrap_fabric
+from ..capture import glob_to_regex, uncompiled_name, unwrap_compiled
 from ._validate import param_names
 
 __all__ = ["ATTENTION_OUTPUT_PATTERNS", "bindable", "default_gradient_param", "fsdp_sharded", "is_encoder_decoder",
@@ -73,12 +73,14 @@ def refuse_parallel_wrapper(model: Any, who: str) -> None:
 def bindable(model: Any, who: str, needs: str) -> nn.Module:
     """The module ``who`` (the probe, the lens) binds to when given ``model``: ``TypeError`` ``"<needs>, got <type>"``
     for anything but an ``nn.Module``, ``ValueError`` for a parallel wrapper (:func:`refuse_parallel_wrapper`),
-    and a ``torch.compile`` wrapper and Lightning Fabric's ``_FabricModule`` unwrapped (names as in the user's model)."""
+    and a ``torch.compile`` wrapper and Lightning Fabric's ``_FabricModule`` unwrapped (names as in the user's model).
+    The wrappers are unwrapped before the refusal: a compiled DDP (``torch.compile(DDP(model))``, PyTorch's own
+    recipe) was bound as the DDP, its passes starting DDP's work on one rank."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{needs}, got {type(model).__name__}")
-    model = unwrap_fabric(model)  # Fabric's wrapper first: the engine or DDP it runs is then refused
+    model = unwrap_compiled(model)  # compile and Fabric wrappers (Fabric's DDP: its module); any other DDP refused
     refuse_parallel_wrapper(model, who)
-    return unwrap_compiled(model)
+    return model
 
 
 def _fsdp_classes() -> tuple[type, type] | None:
