@@ -27,6 +27,7 @@ import json
 import math
 import numbers
 import os
+import signal
 import sys
 import threading
 import time
@@ -360,17 +361,50 @@ def exit_with_parent(parent: int, interval: float = 1.0) -> threading.Thread:
     return thread
 
 
+@contextlib.contextmanager
+def _signal_handler(handler, *signums):
+    """Install ``handler`` for ``signums`` (in the main thread only: elsewhere Python refuses), restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def _worker_main(trainable, cfg: _Config, storage_url, study_name, workdir, heartbeat_interval, grace_period,
-                 poll_interval, parent: int | None = None) -> None:
-    """Entry point of an extra worker process started by :func:`tune` (spawn); it ends with ``parent``."""
+                 poll_interval, parent: int | None = None, verbosity: int | None = None) -> None:
+    """Entry point of an extra worker process started by :func:`tune` (spawn); it ends with ``parent``
+    and logs at its parent's Optuna ``verbosity`` (a spawned process starts at Optuna's INFO default:
+    the command line's worker printed a ``[I ...] Using an existing study`` line its parent silences).
+
+    SIGTERM (``tune()`` terminates its workers when it stops on an exception) and SIGINT (Ctrl-C reaches
+    the whole process group) raise ``KeyboardInterrupt``, so the worker releases its trials on its way out
+    (:meth:`_Worker._release`; SIGTERM used to end it at once, and a rerun waited ``grace_period`` for
+    its trials). A signal arriving during that release (``tune()``'s SIGTERM right after the Ctrl-C) is
+    ignored so as not to cut it short; the worker still ends with its parent (:func:`exit_with_parent`)."""
     if parent is not None:
         exit_with_parent(parent)
-    try:
-        studies = _open_studies(cfg, storage_url, study_name)
-        _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                poll_interval=poll_interval, progress=None, study_name=study_name).run()
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: stop without a traceback
-        raise SystemExit(130) from None
+    if verbosity is not None:
+        optuna.logging.set_verbosity(verbosity)
+    worker = None
+
+    def stop(signum, frame) -> None:
+        if worker is None or not worker.releasing:
+            raise KeyboardInterrupt
+
+    with _signal_handler(stop, signal.SIGINT, signal.SIGTERM):
+        try:
+            studies = _open_studies(cfg, storage_url, study_name)
+            worker = _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval,
+                             grace_period=grace_period, poll_interval=poll_interval, progress=None,
+                             study_name=study_name)
+            worker.run()
+        except KeyboardInterrupt:  # Ctrl-C or tune()'s SIGTERM: stop without a traceback
+            raise SystemExit(130) from None
 
 
 def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], tiers: Sequence[int],
@@ -446,7 +480,8 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
         ctx = mp.get_context("spawn")
         for _ in range(n_workers - 1):
             p = ctx.Process(target=_worker_main, args=(trainable, cfg, storage, study_name, workdir,
-                                                       heartbeat_interval, grace_period, poll_interval, os.getpid()))
+                                                       heartbeat_interval, grace_period, poll_interval, os.getpid(),
+                                                       optuna.logging.get_verbosity()))
             p.start()
             procs.append(p)
     bar = Progress(total=len(cfg.candidates())) if progress else None
