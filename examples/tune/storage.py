@@ -124,12 +124,12 @@ def _signals_deferred():
     """Run the block with SIGINT's and SIGTERM's Python handlers held off; a signal arriving meanwhile is
     handled (the saved handler called, or SIGTERM's default action taken) once it ends.
 
-    Optuna's journal lock is not safe to interrupt: ``KeyboardInterrupt`` while waiting for the lock
-    makes it remove the lock file another process holds, and one during the release turns into a
-    ``FileNotFoundError`` (the command line's Ctrl-C ended in 'error: [Errno 2] ... .rename', status 2)
-    and can leave the lock file behind (every process then waits 30 s to break it). Python runs signal
-    handlers in the main thread only, so other threads' appends need nothing. The cost: Ctrl-C waits
-    for the append (milliseconds; up to Optuna's 30 s while a lock left by a killed process is broken)."""
+    Optuna's journal lock is not safe to interrupt: a ``KeyboardInterrupt`` between taking the lock and
+    its release leaves the lock file behind (every process then waits 30 s to break it), and one inside
+    the release turns into a ``FileNotFoundError`` (seen: the command line's Ctrl-C ended in 'error:
+    [Errno 2] ... .rename', status 2, instead of 130). Python runs signal handlers in the main thread
+    only, so other threads' appends (the heartbeat's) need nothing. The cost: Ctrl-C waits for the
+    append (milliseconds; up to Optuna's 30 s while a lock left by a killed process is broken)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

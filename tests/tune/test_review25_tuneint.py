@@ -102,7 +102,7 @@ def _ctrl_c_at_rung_1(monkeypatch, kw, release=True):
             _quiet_tune(SyntheticTrainable(), **kw, grace_period=GRACE)
 
 
-@pytest.mark.parametrize("mode", ["synchronized", "asynchronous"])
+@pytest.mark.parametrize("mode", ["synchronized", pytest.param("asynchronous", marks=pytest.mark.slow)])  # ~4 s
 def test_a_rerun_after_ctrl_c_takes_the_interrupted_trials_over_without_waiting(tmp_path, monkeypatch, mode):
     """Ctrl-C as the worker begins rung 1 (synchronized: it then holds every trial of the family/tier,
     waiting at rung 0): the rerun took them over only after grace_period; now at once, and no finished
@@ -316,3 +316,48 @@ def test_cli_ctrl_c_with_two_workers_releases_every_trial_and_says_one_line(tmp_
     assert proc.returncode == 130, err
     assert err.count("\n") == 1 and err.startswith("python -m examples.tune: interrupted"), err
     _check_each_released_its_own(journal, workers=2)
+
+
+def test_a_trial_interrupted_while_it_is_being_finished_is_released(tmp_path, monkeypatch):
+    """Ctrl-C inside the finishing of a trial (its extrapolation stored, Optuna not told yet): the trial
+    was forgotten on the way out (``_finish`` dropped it in a ``finally``) although still RUNNING, so the
+    release missed it and the rerun waited for it. Now it stays held until told, and is released."""
+    journal = tmp_path / "tune.log"
+    kw = dict(workdir=tmp_path / "w", storage=f"journal:{journal}")
+
+    def ctrl_c(*a, **k):
+        raise Interrupt()
+
+    with monkeypatch.context() as m:
+        m.setattr(worker_mod, "extrapolate_loss", ctrl_c)   # the first pruned trial's finishing
+        with pytest.raises(Interrupt):
+            _quiet_tune(SyntheticTrainable(), **kw, grace_period=GRACE)
+    assert _check_released(journal)
+    ref = _quiet_tune(SyntheticTrainable(), workdir=tmp_path / "ref")
+    res, took = _timed_rerun(tmp_path, kw)
+    assert took < GRACE / 3 and _outcome(res) == _outcome(ref)
+
+
+# ---------------------------------------------------------------- Ctrl-C inside a journal append
+
+def test_ctrl_c_at_the_journal_locks_release_waits_for_the_append(tmp_path):
+    """SIGINT handled just before Optuna's lock release: the ``KeyboardInterrupt`` left the lock file
+    behind (every process then waits 30 s to break it) or, inside the release, became a
+    ``FileNotFoundError`` ('error: ... .rename', exit 2, on the command line). Now it is raised once the
+    append is done and the lock released."""
+    from examples.tune.storage import _journal_backend
+
+    path = tmp_path / "tune.log"
+    backend = _journal_backend(path)
+    real_release = backend._lock.release
+
+    def ctrl_c_then_release():
+        signal.raise_signal(signal.SIGINT)   # its handler runs at the next bytecode
+        real_release()
+
+    backend._lock.release = ctrl_c_then_release
+    with pytest.raises(KeyboardInterrupt):
+        backend.append_logs([{"op_code": 99, "i": 1}])
+    assert not os.path.lexists(str(path) + ".lock"), "the journal's lock file was left behind"
+    assert [json.loads(line) for line in path.read_bytes().splitlines()] == [{"op_code": 99, "i": 1}]
+
