@@ -19,7 +19,9 @@ it holds; a RUNNING trial whose heartbeat is older than ``grace_period`` seconds
 other worker and re-enqueued with its intermediate values and rung losses
 (``RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)``; ``RetryFailedTrialCallback``
 before Optuna 4.9), so the retry continues from the
-candidate's checkpoint in ``workdir`` and never retrains a finished rung.
+candidate's checkpoint in ``workdir`` and never retrains a finished rung. A worker stopping on an
+exception (Ctrl-C; SIGTERM in a spawned worker) does the same to its own trials on its way out, so a
+rerun need not wait ``grace_period`` for them.
 """
 import contextlib
 import dataclasses
