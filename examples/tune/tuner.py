@@ -346,6 +346,9 @@ def _at_edge(choices: Mapping[tuple[str, int], Candidate],
     return out
 
 
+_STOP_TIMEOUT = 60.0  # seconds a spawned worker gets to release its trials once tune() stopped it
+
+
 def exit_with_parent(parent: int, interval: float = 1.0) -> threading.Thread:
     """Watch, from a daemon thread, whether the process ``parent`` is still this process's parent, and
     end this process at once (status 1) when it is not: a worker whose ``tune()`` process was killed
@@ -383,28 +386,29 @@ def _worker_main(trainable, cfg: _Config, storage_url, study_name, workdir, hear
     and logs at its parent's Optuna ``verbosity`` (a spawned process starts at Optuna's INFO default:
     the command line's worker printed a ``[I ...] Using an existing study`` line its parent silences).
 
-    SIGTERM (``tune()`` terminates its workers when it stops on an exception) and SIGINT (Ctrl-C reaches
-    the whole process group) raise ``KeyboardInterrupt``, so the worker releases its trials on its way out
-    (:meth:`_Worker._release`; SIGTERM used to end it at once, and a rerun waited ``grace_period`` for
-    its trials). A signal arriving during that release (``tune()``'s SIGTERM right after the Ctrl-C) is
-    ignored so as not to cut it short; the worker still ends with its parent (:func:`exit_with_parent`)."""
+    The first SIGTERM (``tune()`` terminates its workers when it stops on an exception) or SIGINT (Ctrl-C
+    reaches the whole process group) raises ``KeyboardInterrupt``, so the worker releases its trials on
+    its way out (:meth:`_Worker._release`; SIGTERM used to end it at once, and a rerun waited
+    ``grace_period`` for its trials). Later ones (``tune()``'s SIGTERM right after the Ctrl-C) are
+    ignored, so as not to cut that release short; ``tune()`` kills a worker that does not end within
+    ``_STOP_TIMEOUT`` s, and the worker ends with its parent (:func:`exit_with_parent`)."""
     if parent is not None:
         exit_with_parent(parent)
     if verbosity is not None:
         optuna.logging.set_verbosity(verbosity)
-    worker = None
+    stopping = []
 
     def stop(signum, frame) -> None:
-        if worker is None or not worker.releasing:
+        if not stopping:
+            stopping.append(signum)
             raise KeyboardInterrupt
 
     with _signal_handler(stop, signal.SIGINT, signal.SIGTERM):
         try:
             studies = _open_studies(cfg, storage_url, study_name)
-            worker = _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval,
-                             grace_period=grace_period, poll_interval=poll_interval, progress=None,
-                             study_name=study_name)
-            worker.run()
+            _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period, poll_interval=poll_interval, progress=None,
+                    study_name=study_name).run()
         except KeyboardInterrupt:  # Ctrl-C or tune()'s SIGTERM: stop without a traceback
             raise SystemExit(130) from None
 
@@ -491,8 +495,12 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
         _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                 poll_interval=poll_interval, progress=bar, study_name=study_name).run()
     except BaseException:
-        for p in procs:  # stop the workers this call started; a later run resumes their trials
+        for p in procs:  # stop the workers this call started (they release their trials); a later run resumes
             p.terminate()
+        for p in procs:  # one that does not end (a trainable that swallowed the interrupt) is killed
+            p.join(_STOP_TIMEOUT)
+            if p.is_alive():
+                p.kill()
         raise
     finally:
         for p in procs:

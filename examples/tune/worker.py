@@ -99,7 +99,6 @@ class _Worker:
         self.progress = progress
         self.held: dict[int, object] = {}      # trial_id -> optuna.Trial
         self.claimed: dict[int, object] = {}   # trial_id -> study: claimed, not yet held (see _claim)
-        self.releasing = False                 # inside _release (a spawned worker's signal handler waits for it)
         self.silent_noted: set[int] = set()    # trials this worker said it is waiting for (one note each)
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -163,28 +162,24 @@ class _Worker:
         the heartbeat takes those trials over. The in-memory storage keeps nothing: nothing to release."""
         if self.session is not None:
             return
-        self.releasing = True
-        try:
-            with self.lock:
-                mine = {tid: t.study for tid, t in self.held.items()}
-                mine.update(self.claimed)
-            by_study: dict[object, set[int]] = defaultdict(set)
-            for tid, study in mine.items():
-                by_study[study].add(tid)
-            for study, tids in by_study.items():
-                try:
-                    trials = study.get_trials(deepcopy=False)
-                    live = _live(trials)
-                    for ft in trials:
-                        if ft._trial_id in tids and ft.state == optuna.trial.TrialState.RUNNING:
-                            _fail_lost(study, ft, live)
-                except Exception:  # noqa: BLE001 - e.g. a database gone away: the heartbeat covers these trials
-                    continue
-            with self.lock:
-                self.held.clear()
-                self.claimed.clear()
-        finally:
-            self.releasing = False
+        with self.lock:
+            mine = {tid: t.study for tid, t in self.held.items()}
+            mine.update(self.claimed)
+        by_study: dict[object, set[int]] = defaultdict(set)
+        for tid, study in mine.items():
+            by_study[study].add(tid)
+        for study, tids in by_study.items():
+            try:
+                trials = study.get_trials(deepcopy=False)
+                live = _live(trials)
+                for ft in trials:
+                    if ft._trial_id in tids and ft.state == optuna.trial.TrialState.RUNNING:
+                        _fail_lost(study, ft, live)
+            except Exception:  # noqa: BLE001 - e.g. a database gone away: the heartbeat covers these trials
+                continue
+        with self.lock:
+            self.held.clear()
+            self.claimed.clear()
 
     def _claimed(self, study):
         """The ``on_claim`` of :func:`_claim` for ``study``: the trial is this worker's from the claim on."""
