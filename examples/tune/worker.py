@@ -175,7 +175,7 @@ class _Worker:
                 for ft in trials:
                     if ft._trial_id in tids and ft.state == optuna.trial.TrialState.RUNNING:
                         _fail_lost(study, ft, live)
-            except Exception:  # noqa: BLE001 - e.g. a database gone away: the heartbeat covers these trials
+            except Exception:  # noqa: BLE001, S112 - e.g. a database gone away: the heartbeat covers these trials
                 continue
         with self.lock:
             self.held.clear()
