@@ -5,7 +5,8 @@
   ``JournalFileBackend``, for several processes on one machine (or on a shared file system that
   supports the lock file). Resumable. A last line left half-written by a process killed (or out of
   disk space) mid-append is dropped before the next append, under the journal's lock; a malformed
-  line elsewhere is refused, naming its line number.
+  line elsewhere is refused, naming its line number. Ctrl-C (or a SIGTERM handler) waits for an
+  append of the main thread to end, so it never leaves the lock file behind.
 - ``sqlite:///path.db``: ``RDBStorage`` over SQLite; single worker only (SQLite locks the whole file
   and Optuna warns against concurrent writers). Resumable.
 - ``postgresql://user:pass@host/db`` (or ``mysql://...``): ``RDBStorage``, passed through, for
@@ -13,8 +14,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 
 __all__ = ["open_storage", "is_single_worker"]
@@ -87,6 +91,10 @@ def _backend_class():
 
         class TornTailJournalBackend(JournalFileBackend):
             def append_logs(self, logs) -> None:
+                with _signals_deferred():
+                    self._append_logs(logs)
+
+            def _append_logs(self, logs) -> None:
                 data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8")
                 self._lock.acquire()
                 try:
@@ -106,6 +114,41 @@ def _backend_class():
         TornTailJournalBackend.__module__, TornTailJournalBackend.__qualname__ = __name__, "TornTailJournalBackend"
         _BACKEND = TornTailJournalBackend
     return _BACKEND
+
+
+_DEFERRED = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Run the block with SIGINT's and SIGTERM's Python handlers held off; a signal arriving meanwhile is
+    handled (the saved handler called, or SIGTERM's default action taken) once it ends.
+
+    Optuna's journal lock is not safe to interrupt: a ``KeyboardInterrupt`` between taking the lock and
+    its release leaves the lock file behind (every process then waits 30 s to break it), and one inside
+    the release turns into a ``FileNotFoundError`` (seen: the command line's Ctrl-C ended in 'error:
+    [Errno 2] ... .rename', status 2, instead of 130). Python runs signal handlers in the main thread
+    only, so other threads' appends (the heartbeat's) need nothing. The cost: Ctrl-C waits for the
+    append (milliseconds; up to Optuna's 30 s while a lock left by a killed process is broken)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[tuple[int, object]] = []
+    saved = {}
+    try:
+        for signum in _DEFERRED:
+            if signal.getsignal(signum) is not None:   # None: a handler not set from Python (left alone)
+                saved[signum] = signal.signal(signum, lambda n, frame: pending.append((n, frame)))
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        for signum, frame in pending:
+            handler = saved[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL and signum == signal.SIGTERM:
+                os.kill(os.getpid(), signum)   # its default action, now that the journal is consistent
 
 
 def __getattr__(name):

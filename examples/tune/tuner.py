@@ -19,7 +19,9 @@ it holds; a RUNNING trial whose heartbeat is older than ``grace_period`` seconds
 other worker and re-enqueued with its intermediate values and rung losses
 (``RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)``; ``RetryFailedTrialCallback``
 before Optuna 4.9), so the retry continues from the
-candidate's checkpoint in ``workdir`` and never retrains a finished rung.
+candidate's checkpoint in ``workdir`` and never retrains a finished rung. A worker stopping on an
+exception (Ctrl-C; SIGTERM in a spawned worker) does the same to its own trials on its way out, so a
+rerun need not wait ``grace_period`` for them.
 """
 import contextlib
 import dataclasses
@@ -27,6 +29,7 @@ import json
 import math
 import numbers
 import os
+import signal
 import sys
 import threading
 import time
@@ -343,6 +346,9 @@ def _at_edge(choices: Mapping[tuple[str, int], Candidate],
     return out
 
 
+_STOP_TIMEOUT = 60.0  # seconds a spawned worker gets to release its trials once tune() stopped it
+
+
 def exit_with_parent(parent: int, interval: float = 1.0) -> threading.Thread:
     """Watch, from a daemon thread, whether the process ``parent`` is still this process's parent, and
     end this process at once (status 1) when it is not: a worker whose ``tune()`` process was killed
@@ -360,17 +366,51 @@ def exit_with_parent(parent: int, interval: float = 1.0) -> threading.Thread:
     return thread
 
 
+@contextlib.contextmanager
+def _signal_handler(handler, *signums):
+    """Install ``handler`` for ``signums`` (in the main thread only: elsewhere Python refuses), restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def _worker_main(trainable, cfg: _Config, storage_url, study_name, workdir, heartbeat_interval, grace_period,
-                 poll_interval, parent: int | None = None) -> None:
-    """Entry point of an extra worker process started by :func:`tune` (spawn); it ends with ``parent``."""
+                 poll_interval, parent: int | None = None, verbosity: int | None = None) -> None:
+    """Entry point of an extra worker process started by :func:`tune` (spawn); it ends with ``parent``
+    and logs at its parent's Optuna ``verbosity`` (a spawned process starts at Optuna's INFO default:
+    the command line's worker printed a ``[I ...] Using an existing study`` line its parent silences).
+
+    The first SIGTERM (``tune()`` terminates its workers when it stops on an exception) or SIGINT (Ctrl-C
+    reaches the whole process group) raises ``KeyboardInterrupt``, so the worker releases its trials on
+    its way out (:meth:`_Worker._release`; SIGTERM used to end it at once, and a rerun waited
+    ``grace_period`` for its trials). Later ones (``tune()``'s SIGTERM right after the Ctrl-C) are
+    ignored, so as not to cut that release short; ``tune()`` kills a worker that does not end within
+    ``_STOP_TIMEOUT`` s, and the worker ends with its parent (:func:`exit_with_parent`)."""
     if parent is not None:
         exit_with_parent(parent)
-    try:
-        studies = _open_studies(cfg, storage_url, study_name)
-        _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                poll_interval=poll_interval, progress=None, study_name=study_name).run()
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: stop without a traceback
-        raise SystemExit(130) from None
+    if verbosity is not None:
+        optuna.logging.set_verbosity(verbosity)
+    stopping = []
+
+    def stop(signum, frame) -> None:
+        if not stopping:
+            stopping.append(signum)
+            raise KeyboardInterrupt
+
+    with _signal_handler(stop, signal.SIGINT, signal.SIGTERM):
+        try:
+            studies = _open_studies(cfg, storage_url, study_name)
+            _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period, poll_interval=poll_interval, progress=None,
+                    study_name=study_name).run()
+        except KeyboardInterrupt:  # Ctrl-C or tune()'s SIGTERM: stop without a traceback
+            raise SystemExit(130) from None
 
 
 def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], tiers: Sequence[int],
@@ -446,7 +486,8 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
         ctx = mp.get_context("spawn")
         for _ in range(n_workers - 1):
             p = ctx.Process(target=_worker_main, args=(trainable, cfg, storage, study_name, workdir,
-                                                       heartbeat_interval, grace_period, poll_interval, os.getpid()))
+                                                       heartbeat_interval, grace_period, poll_interval, os.getpid(),
+                                                       optuna.logging.get_verbosity()))
             p.start()
             procs.append(p)
     bar = Progress(total=len(cfg.candidates())) if progress else None
@@ -454,8 +495,12 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
         _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                 poll_interval=poll_interval, progress=bar, study_name=study_name).run()
     except BaseException:
-        for p in procs:  # stop the workers this call started; a later run resumes their trials
+        for p in procs:  # stop the workers this call started (they release their trials); a later run resumes
             p.terminate()
+        for p in procs:  # one that does not end (a trainable that swallowed the interrupt) is killed
+            p.join(_STOP_TIMEOUT)
+            if p.is_alive():
+                p.kill()
         raise
     finally:
         for p in procs:

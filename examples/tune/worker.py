@@ -5,7 +5,9 @@ Claiming is Optuna's atomic WAITING -> RUNNING transition (``set_trial_state_val
 ``False`` to every claimant but one), so no candidate is trained by two workers. A worker writes a
 heartbeat (system attribute ``tune:heartbeat``) for the trials it holds; a RUNNING trial whose
 heartbeat is older than ``grace_period`` is failed by another worker and re-enqueued with its
-intermediate values and rung losses.
+intermediate values and rung losses. A worker that stops on an exception (Ctrl-C, a SIGTERM turned
+into one, a crash) does that to its own trials on its way out (:meth:`_Worker._release`), so a rerun
+takes them over at once instead of after ``grace_period``; a hard kill leaves them to the heartbeat.
 """
 from __future__ import annotations
 
@@ -45,16 +47,39 @@ class TrialDirMismatch(ValueError):
     """A trial's checkpoint directory was made by another study or under another rung schedule."""
 
 
-def _claim(study):
-    """Atomically move one WAITING trial of ``study`` to RUNNING; an ``optuna.Trial`` or None."""
+def _claim(study, on_claim=None):
+    """Atomically move one WAITING trial of ``study`` to RUNNING; an ``optuna.Trial`` or None.
+
+    ``on_claim(trial_id)`` is called as soon as the claim succeeded, before the trial object is made
+    (storage reads), so a worker interrupted in between still knows the trial is its own."""
     storage = study._storage
     for ft in storage.get_all_trials(study._study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
         try:
             if storage.set_trial_state_values(ft._trial_id, state=optuna.trial.TrialState.RUNNING):
+                if on_claim is not None:
+                    on_claim(ft._trial_id)
                 return optuna.trial.Trial(study, ft._trial_id)
         except UpdateFinishedTrialError:
             continue
     return None
+
+
+def _fail_lost(study, ft, live) -> bool:
+    """Fail the RUNNING trial ``ft`` as lost (state FAIL, no ``error``) and re-enqueue it with its reports
+    and rung losses when it stands for its candidate (``live``: :func:`_live` of the trials read with it).
+
+    The heartbeat sweep's take-over and a stopping worker's release both come here, so both leave the
+    same trials. False, touching nothing, when the trial is no longer RUNNING: another worker failed it
+    first (its retry owns the candidate) or it finished. Each step is one atomic storage operation; a
+    process stopped between the two leaves an *orphan*, which the next sweep or resume re-enqueues."""
+    try:
+        if not study._storage.set_trial_state_values(ft._trial_id, state=optuna.trial.TrialState.FAIL):
+            return False
+    except UpdateFinishedTrialError:
+        return False
+    if "key" in ft.user_attrs and live.get(ft.user_attrs["key"]) is ft:
+        _retry_callback()(study, study._storage.get_trial(ft._trial_id))
+    return True
 
 
 class _Worker:
@@ -73,6 +98,7 @@ class _Worker:
         self.heartbeat_interval, self.grace_period, self.poll_interval = heartbeat_interval, grace_period, poll_interval
         self.progress = progress
         self.held: dict[int, object] = {}      # trial_id -> optuna.Trial
+        self.claimed: dict[int, object] = {}   # trial_id -> study: claimed, not yet held (see _claim)
         self.silent_noted: set[int] = set()    # trials this worker said it is waiting for (one note each)
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -113,19 +139,54 @@ class _Worker:
                                        f"{silent:.0f} s; taken over after {self.grace_period:g} s without one (its "
                                        "worker may have been stopped)")
                 continue
-            try:
-                if not study._storage.set_trial_state_values(ft._trial_id, state=optuna.trial.TrialState.FAIL):
-                    continue
-            except UpdateFinishedTrialError:
+            if not _fail_lost(study, ft, live):
                 continue  # another worker failed it first
-            if "key" in ft.user_attrs and live.get(ft.user_attrs["key"]) is ft:
-                _retry_callback()(study, study._storage.get_trial(ft._trial_id))
-                if self.progress:
-                    self.progress.note(f"trial {ft.number} ({ft.user_attrs['key']}) lost its worker; re-enqueued")
+            if "key" in ft.user_attrs and live.get(ft.user_attrs["key"]) is ft and self.progress:
+                self.progress.note(f"trial {ft.number} ({ft.user_attrs['key']}) lost its worker; re-enqueued")
         # a worker that failed a lost trial and died before re-enqueueing it left the candidate without a
         # trial; retry it (should that worker be alive after all, the second retry is dropped as a duplicate)
         for ft in _orphans(study.get_trials(deepcopy=False)):
             _retry_callback()(study, ft)
+
+    def _release(self) -> None:
+        """Fail and re-enqueue the trials this worker holds, as another worker's sweep would once their
+        heartbeat is ``grace_period`` old: called when the worker stops on an exception, so that a rerun
+        (or another worker) takes them over at once. The trials look exactly as after that sweep (the
+        retry logic and the pruners see no difference), only without the wait.
+
+        Only this worker's trials, and only while RUNNING: one another worker took over (our heartbeat
+        was late) is left to its retry. Interrupted again (a second Ctrl-C), it stops where it is: every
+        storage operation is atomic, a trial failed but not re-enqueued is an orphan (re-enqueued by the
+        next sweep or resume) and one not reached is taken over after ``grace_period``, as before. Errors
+        of the storage are not raised (the exception that stopped the worker is what the caller sees);
+        the heartbeat takes those trials over. The in-memory storage keeps nothing: nothing to release."""
+        if self.session is not None:
+            return
+        with self.lock:
+            mine = {tid: t.study for tid, t in self.held.items()}
+            mine.update(self.claimed)
+        by_study: dict[object, set[int]] = defaultdict(set)
+        for tid, study in mine.items():
+            by_study[study].add(tid)
+        for study, tids in by_study.items():
+            try:
+                trials = study.get_trials(deepcopy=False)
+                live = _live(trials)
+                for ft in trials:
+                    if ft._trial_id in tids and ft.state == optuna.trial.TrialState.RUNNING:
+                        _fail_lost(study, ft, live)
+            except Exception:  # noqa: BLE001, S112 - e.g. a database gone away: the heartbeat covers these trials
+                continue
+        with self.lock:
+            self.held.clear()
+            self.claimed.clear()
+
+    def _claimed(self, study):
+        """The ``on_claim`` of :func:`_claim` for ``study``: the trial is this worker's from the claim on."""
+        def note(trial_id: int) -> None:
+            with self.lock:
+                self.claimed[trial_id] = study
+        return note
 
     # -- trial life cycle
     def _start(self, study, trial):
@@ -137,12 +198,14 @@ class _Worker:
                     and "duplicate_of" not in other.user_attrs and not _is_stale_fail(other):
                 trial.set_user_attr("duplicate_of", other.number)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                self._drop(trial)
                 return None
         cand = _candidate(ft)
         trial.suggest_float("lr_scale", cand.scale, cand.scale)
         self._beat(trial)
         with self.lock:
             self.held[trial._trial_id] = trial
+            self.claimed.pop(trial._trial_id, None)
         return cand
 
     def _drop_taken_over(self, by_id) -> None:
@@ -158,8 +221,11 @@ class _Worker:
     def _drop(self, trial) -> None:
         with self.lock:
             self.held.pop(trial._trial_id, None)
+            self.claimed.pop(trial._trial_id, None)
 
     def _finish(self, study, trial, state, value=None, error=None) -> None:
+        """Tell Optuna the trial's end and forget it. Interrupted before the tell, the trial stays held
+        (RUNNING), so the release on the way out hands it on, as the heartbeat would after a kill."""
         try:
             if error is not None:
                 trial.set_user_attr("error", error)
@@ -175,8 +241,7 @@ class _Worker:
                 study.tell(trial, state=state)
         except UpdateFinishedTrialError:
             warnings.warn(f"trial {trial.number} was finished by another worker (its heartbeat went stale)")
-        finally:
-            self._drop(trial)
+        self._drop(trial)
 
     def _trial_dir(self, cand: Candidate) -> Path:
         """The candidate's checkpoint directory, ``workdir/trials/<study>/<family>/b<tier>/x<scale>``.
@@ -321,7 +386,7 @@ class _Worker:
                     self._finish(study, trial, optuna.trial.TrialState.COMPLETE,
                                  value=float(study._storage.get_trial(trial._trial_id).user_attrs[f"rung:{n - 1}"]))
             return "worked"
-        trial = _claim(study)
+        trial = _claim(study, self._claimed(study))
         if trial is not None:
             self._start(study, trial)
             return "worked"
@@ -334,7 +399,7 @@ class _Worker:
     # -- asynchronous mode
     def _async_step(self) -> str:
         for study in self.studies.values():
-            trial = _claim(study)
+            trial = _claim(study, self._claimed(study))
             if trial is None:
                 continue
             cand = self._start(study, trial)
@@ -364,6 +429,8 @@ class _Worker:
         return "waiting" if busy else "done"
 
     def run(self) -> None:
+        """Work until every study is finished; on an exception, release the held trials (:meth:`_release`)
+        before it propagates."""
         beat = threading.Thread(target=self._heartbeat_loop, daemon=True)
         beat.start()
         try:
@@ -379,5 +446,9 @@ class _Worker:
                     return
                 if status == "waiting":
                     time.sleep(self.poll_interval)
+        except BaseException:
+            self.stop.set()  # no heartbeat for the trials being released
+            self._release()
+            raise
         finally:
             self.stop.set()

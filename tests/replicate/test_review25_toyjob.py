@@ -64,7 +64,7 @@ def test_a_job_killed_mid_training_of_a_tier_resumes_to_the_uninterrupted_result
     assert (out / "report" / "verdict.json").read_text() == (finished / "report" / "verdict.json").read_text()
 
 
-@pytest.mark.slow  # ~65 s: the rerun waits out the tuner's 60 s grace period for the interrupted trial
+@pytest.mark.slow  # ~5 s (~65 s before the interrupted worker released its trials: the rerun waited out grace_period)
 def test_a_job_killed_during_tuning_resumes_to_the_uninterrupted_choices(smoke_job, tmp_path, capsys, monkeypatch):
     from examples.toy import workload as wl
 
