@@ -222,3 +222,37 @@ def test_ctrl_c_during_the_claims_journal_append_leaves_no_trial_running(tmp_pat
     res = _quiet_tune(SyntheticTrainable(), **kw, heartbeat_interval=0.5, grace_period=GRACE, poll_interval=0.05)
     assert time.monotonic() - t0 < GRACE / 3
     assert _outcome(res) == _outcome(ref)
+
+
+def test_a_spawned_worker_keeps_an_ignored_sigint_ignored(tmp_path):
+    """A ``tune()`` started with SIGINT ignored (``nohup``, a background job of a script) ignores Ctrl-C,
+    but its spawned workers (which inherit the ignored disposition) installed their stop handler over it:
+    a SIGINT to the process group stopped the workers only, and the tuning went on short of them (seen:
+    tuneint's CLI test run from a background job ended 0 with 'worker process ... exited with status
+    130'). ``_worker_main`` is run here in this process, SIGINT ignored, with a SIGINT mid-training."""
+    from examples.tune.tuner import _open_studies, _validate, _worker_main
+
+    class CtrlCOnce(SyntheticTrainable):
+        def __call__(self, candidate, budget, **k):
+            if budget == 20 and not sent:
+                sent.append(1)
+                signal.raise_signal(signal.SIGINT)
+            return super().__call__(candidate, budget, **k)
+
+    sent = []
+    storage = f"journal:{tmp_path}/j.log"
+    cfg = _validate(CFG["families"], CFG["tiers"], CFG["reference_tier"], CFG["rungs"], "synchronized", 1, storage,
+                    None, 2, (0.5, 1.0, 2.0), 1e-9, None)
+    _open_studies(cfg, storage, "tune")
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            _worker_main(CtrlCOnce(), cfg, storage, "tune", tmp_path / "w", 0.5, GRACE, 0.01)   # no SystemExit(130)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert sent
+    st = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(f"{tmp_path}/j.log"))
+    trials = optuna.load_study(study_name="tune", storage=st).get_trials()
+    assert not [t for t in trials if t.state in (S.RUNNING, S.WAITING)]
