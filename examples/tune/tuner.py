@@ -388,9 +388,9 @@ def _worker_main(trainable, cfg: _Config, storage_url, study_name, workdir, hear
 
     The first SIGTERM (``tune()`` terminates its workers when it stops on an exception) or SIGINT (Ctrl-C
     reaches the whole process group; unless ignored, as in a background job) raises ``KeyboardInterrupt``,
-    so the worker releases its trials on its way out (:meth:`_Worker._release`; SIGTERM used to end it at once, and a rerun waited
-    ``grace_period`` for its trials). Later ones (``tune()``'s SIGTERM right after the Ctrl-C) are
-    ignored, so as not to cut that release short; ``tune()`` kills a worker that does not end within
+    so the worker releases its trials on its way out (:meth:`_Worker._release`; SIGTERM used to end it
+    at once, and a rerun waited ``grace_period`` for its trials). Later ones (``tune()``'s SIGTERM right
+    after the Ctrl-C) are ignored, so as not to cut that release short; ``tune()`` kills a worker that does not end within
     ``_STOP_TIMEOUT`` s, and the worker ends with its parent (:func:`exit_with_parent`)."""
     if parent is not None:
         exit_with_parent(parent)
