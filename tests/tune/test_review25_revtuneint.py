@@ -256,3 +256,48 @@ def test_a_spawned_worker_keeps_an_ignored_sigint_ignored(tmp_path):
     st = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(f"{tmp_path}/j.log"))
     trials = optuna.load_study(study_name="tune", storage=st).get_trials()
     assert not [t for t in trials if t.state in (S.RUNNING, S.WAITING)]
+
+
+def test_a_candidates_fault_is_not_released_and_a_worker_crash_is_released_once_per_run(tmp_path, monkeypatch):
+    """The trainable raising on every attempt is the candidate's failure (FAIL with ``error``, never
+    re-enqueued: a rerun adds no trial); a crash of the worker's own code on one candidate stops the
+    call, and each run releases the trials it held once (a rerun adds as many trials as it held: no
+    retry loop within a call)."""
+    class Diverges(SyntheticTrainable):
+        def __call__(self, candidate, budget, **k):
+            if candidate.key == "f/b1/x0.125":
+                raise ValueError("diverged")
+            return super().__call__(candidate, budget, **k)
+
+    journal = tmp_path / "j.log"
+    kw = dict(workdir=tmp_path / "w", storage=f"journal:{journal}", grace_period=GRACE)
+
+    def trials():
+        st = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+        return optuna.load_study(study_name="tune", storage=st).get_trials()
+
+    for _ in range(2):
+        _quiet_tune(Diverges(), **kw)
+        failed = [t for t in trials() if t.state == S.FAIL]
+        assert [t.user_attrs["error"] for t in failed] == ["ValueError: diverged"]
+    n0 = len(trials())
+
+    from examples.tune import worker as worker_mod
+    real = worker_mod._Worker._trial_dir
+
+    def bug(self, cand):
+        if cand.key == "f/b8/x1":
+            raise RuntimeError("worker bug")
+        return real(self, cand)
+
+    journal, kw = tmp_path / "k.log", dict(workdir=tmp_path / "v", storage=f"journal:{tmp_path / 'k.log'}",
+                                           grace_period=GRACE)
+    monkeypatch.setattr(worker_mod._Worker, "_trial_dir", bug)
+    counts = []
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="worker bug"):
+            _quiet_tune(SyntheticTrainable(), **kw)
+        ts = trials()
+        assert not [t for t in ts if t.state == S.RUNNING]
+        counts.append(len(ts))
+    assert n0 > 0 and counts[2] - counts[1] == counts[1] - counts[0] > 0   # the same release per run, no more
