@@ -12,7 +12,6 @@ import signal
 import threading
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 
