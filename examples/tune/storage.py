@@ -122,7 +122,8 @@ _DEFERRED = (signal.SIGINT, signal.SIGTERM)
 @contextlib.contextmanager
 def _signals_deferred():
     """Run the block with SIGINT's and SIGTERM's Python handlers held off; a signal arriving meanwhile is
-    handled (the saved handler called, or SIGTERM's default action taken) once it ends.
+    handled (the saved handler called, or its default action taken) once it ends; each pending one is
+    handled even when an earlier one raised (the first exception is raised after).
 
     Optuna's journal lock is not safe to interrupt: a ``KeyboardInterrupt`` between taking the lock and
     its release leaves the lock file behind (every process then waits 30 s to break it), and one inside
@@ -143,12 +144,18 @@ def _signals_deferred():
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
-        for signum, frame in pending:
+        raised = None
+        for signum, frame in pending:   # every one (a KeyboardInterrupt must not drop a SIGTERM after it)
             handler = saved[signum]
             if callable(handler):
-                handler(signum, frame)
-            elif handler == signal.SIG_DFL and signum == signal.SIGTERM:
+                try:
+                    handler(signum, frame)
+                except BaseException as e:   # noqa: BLE001 - raised once all were handled
+                    raised = raised or e
+            elif handler == signal.SIG_DFL:   # SIGINT's too, when set to SIG_DFL: it ends the process
                 os.kill(os.getpid(), signum)   # its default action, now that the journal is consistent
+        if raised is not None:
+            raise raised
 
 
 def __getattr__(name):

@@ -387,10 +387,10 @@ def _worker_main(trainable, cfg: _Config, storage_url, study_name, workdir, hear
     the command line's worker printed a ``[I ...] Using an existing study`` line its parent silences).
 
     The first SIGTERM (``tune()`` terminates its workers when it stops on an exception) or SIGINT (Ctrl-C
-    reaches the whole process group) raises ``KeyboardInterrupt``, so the worker releases its trials on
-    its way out (:meth:`_Worker._release`; SIGTERM used to end it at once, and a rerun waited
-    ``grace_period`` for its trials). Later ones (``tune()``'s SIGTERM right after the Ctrl-C) are
-    ignored, so as not to cut that release short; ``tune()`` kills a worker that does not end within
+    reaches the whole process group; unless ignored, as in a background job) raises ``KeyboardInterrupt``,
+    so the worker releases its trials on its way out (:meth:`_Worker._release`; SIGTERM used to end it
+    at once, and a rerun waited ``grace_period`` for its trials). Later ones (``tune()``'s SIGTERM right
+    after the Ctrl-C) are ignored, so as not to cut that release short; ``tune()`` kills a worker that does not end within
     ``_STOP_TIMEOUT`` s, and the worker ends with its parent (:func:`exit_with_parent`)."""
     if parent is not None:
         exit_with_parent(parent)
@@ -403,7 +403,10 @@ def _worker_main(trainable, cfg: _Config, storage_url, study_name, workdir, hear
             stopping.append(signum)
             raise KeyboardInterrupt
 
-    with _signal_handler(stop, signal.SIGINT, signal.SIGTERM):
+    # an ignored SIGINT (tune() started under nohup or as a background job; the worker inherits it) stays
+    # ignored, as in tune()'s own process: Ctrl-C to the process group must not stop the workers alone
+    signums = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) != signal.SIG_IGN else [])
+    with _signal_handler(stop, *signums):
         try:
             studies = _open_studies(cfg, storage_url, study_name)
             _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval,

@@ -27,7 +27,7 @@ from spectral_lens.atomic import TMP_SUFFIX, write_text_atomic
 
 from .extrapolate import extrapolate_loss
 from .progress import Progress
-from .storage import _optuna
+from .storage import _optuna, _signals_deferred
 from .trainable import Candidate, Trainable
 from .trials import _candidate, _group_of, _group_state, _is_stale_fail, _live, _orphans, _retry_callback, _rung_losses
 
@@ -51,16 +51,20 @@ def _claim(study, on_claim=None):
     """Atomically move one WAITING trial of ``study`` to RUNNING; an ``optuna.Trial`` or None.
 
     ``on_claim(trial_id)`` is called as soon as the claim succeeded, before the trial object is made
-    (storage reads), so a worker interrupted in between still knows the trial is its own."""
+    (storage reads), so a worker interrupted in between still knows the trial is its own. Ctrl-C is
+    held off from the claim's write to that call (a journal append raises it as the append ends, inside
+    ``set_trial_state_values``: the trial was RUNNING and nobody's)."""
     storage = study._storage
     for ft in storage.get_all_trials(study._study_id, deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
         try:
-            if storage.set_trial_state_values(ft._trial_id, state=optuna.trial.TrialState.RUNNING):
-                if on_claim is not None:
+            with _signals_deferred():
+                claimed = storage.set_trial_state_values(ft._trial_id, state=optuna.trial.TrialState.RUNNING)
+                if claimed and on_claim is not None:
                     on_claim(ft._trial_id)
-                return optuna.trial.Trial(study, ft._trial_id)
         except UpdateFinishedTrialError:
             continue
+        if claimed:
+            return optuna.trial.Trial(study, ft._trial_id)
     return None
 
 

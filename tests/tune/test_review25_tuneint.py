@@ -294,8 +294,11 @@ def test_cli_ctrl_c_with_two_workers_releases_every_trial_and_says_one_line(tmp_
     cmd = [sys.executable, "-m", "examples.tune", "synthetic", "--tiers", "1", "8", "--reference-tier", "8",
            "--rungs", "10", "20", "40", "--family", "f=lr:1e-3", "--workdir", str(tmp_path / "w"),
            "--storage", f"journal:{journal}", "--workers", "2", "--sleep", "0.5", "--grace", str(GRACE), "--quiet"]
+    # SIGINT at its default in the child: pytest run as a background job (or under nohup) ignores it, and
+    # the command line would inherit that (and rightly ignore the Ctrl-C)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while time.time() < deadline:   # both processes hold trials: the spawned one has begun one
@@ -352,8 +355,12 @@ def test_ctrl_c_at_the_journal_locks_release_waits_for_the_append(tmp_path):
         real_release()
 
     backend._lock.release = ctrl_c_then_release
-    with pytest.raises(KeyboardInterrupt):
-        backend.append_logs([{"op_code": 99, "i": 1}])
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)   # pytest as a background job ignores it
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            backend.append_logs([{"op_code": 99, "i": 1}])
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert not os.path.lexists(str(path) + ".lock"), "the journal's lock file was left behind"
     assert [json.loads(line) for line in path.read_bytes().splitlines()] == [{"op_code": 99, "i": 1}]
 
