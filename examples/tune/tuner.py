@@ -500,8 +500,9 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
     except BaseException:
         for p in procs:  # stop the workers this call started (they release their trials); a later run resumes
             p.terminate()
+        deadline = time.monotonic() + _STOP_TIMEOUT  # one deadline for all: the k-th worker waited k x 60 s
         for p in procs:  # one that does not end (a trainable that swallowed the interrupt) is killed
-            p.join(_STOP_TIMEOUT)
+            p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
         raise
