@@ -11,12 +11,8 @@ measures it, keeps the patched forward, and leaves the accumulated ``.grad`` of 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import random
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import spectral_lens as sl
+from support.fabric import run_fabric_ranks
 from support.models import TinyGPT, lm_batch
 
 BLOCK, PARAM = "transformer.h.1", "transformer.h.1.attn.c_proj.weight"
@@ -235,19 +232,7 @@ def test_fabric_ddp_two_cpu_ranks_measure_the_whole_pool(tmp_path):
     whole held-out pool (sharded over the ranks) on every rank (the spectra are equal on both and equal one process's on the full pool at
     the trained weights, float64), without DDP's collectives in its passes; rank 0 alone writes the record."""
     pytest.importorskip("lightning", reason="the lightning extra is not installed")
-    script = tmp_path / "fabric_ddp.py"
-    script.write_text(FABRIC_DDP)
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}  # Fabric picks a free port
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # rank 1 too: Fabric started it in rank 0's session
-        stdout, stderr = proc.communicate()
-    assert "rank 0 done" in stdout and "rank 1 done" in stdout, stdout[-3000:] + stderr[-3000:]
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    got = run_fabric_ranks(tmp_path, "fabric_ddp.py", FABRIC_DDP)
     assert got[0] == got[1]
     model = TinyGPT().double()
     with np.load(tmp_path / "weights.npz") as w:

@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import collections
 import datetime
-import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +27,7 @@ from torch import nn
 import spectral_lens as sl
 from spectral_lens.capture import unwrap_compiled
 from spectral_lens.weights import select_parameters, weight_spectra
+from support.fabric import run_fabric_ranks
 from support.models import TinyGPT, lm_batch
 
 BLOCK, PARAM = "transformer.h.1", "transformer.h.1.attn.c_proj.weight"
@@ -282,19 +279,7 @@ def test_fabric_ddp_measuring_between_forward_and_backward_leaves_the_allreduced
     loop engines) before fabric.backward neither hangs nor feeds the reducer: the all-reduced .grad is bitwise the
     one without it, on both ranks; the spectra are equal on both ranks, no hook is left, weight names are the user's."""
     pytest.importorskip("lightning", reason="the lightning extra is not installed")
-    script = tmp_path / "fabric_ddp_armed.py"
-    script.write_text(FABRIC_DDP_ARMED)
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}  # Fabric picks a free port
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # rank 1 too: Fabric started it in rank 0's session
-        stdout, stderr = proc.communicate()
-    assert "rank 0 done" in stdout and "rank 1 done" in stdout, stdout[-3000:] + stderr[-3000:]
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    got = run_fabric_ranks(tmp_path, "fabric_ddp_armed.py", FABRIC_DDP_ARMED)
     assert got[0]["grad_sum"] == got[1]["grad_sum"]  # all-reduced
     assert got[0]["weights"] == ["transformer.h.1.attn.c_attn.weight", PARAM]
     for engine in ("fast", "vmap", "loop"):
@@ -356,19 +341,7 @@ def test_fabric_fsdp2_on_two_cpu_ranks_measures_the_plain_models_spectra(tmp_pat
     plain model at the same weights (float32, 1e-5); weight_spectra on the wrapper gives the plain model's, names
     and values."""
     pytest.importorskip("lightning", reason="the lightning extra is not installed")
-    script = tmp_path / "fabric_fsdp2.py"
-    script.write_text(FABRIC_FSDP2)
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-    assert "rank 0 done" in stdout and "rank 1 done" in stdout, stdout[-3000:] + stderr[-3000:]
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    got = run_fabric_ranks(tmp_path, "fabric_fsdp2.py", FABRIC_FSDP2)
     assert got[0]["model"] == "FSDPTinyGPT" and got[0]["spectra"] == got[1]["spectra"]
     torch.manual_seed(0)
     plain = TinyGPT()

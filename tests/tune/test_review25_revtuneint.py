@@ -19,8 +19,8 @@ pytest.importorskip("optuna", reason="examples.tune needs the tune extra: pip in
 
 import optuna  # noqa: E402
 
-from examples.tune import tune  # noqa: E402
 from examples.tune.synthetic import SyntheticTrainable  # noqa: E402
+from support.tuning import outcome, quiet_tune  # noqa: E402
 
 S = optuna.trial.TrialState
 CFG = dict(families={"f": {"lr": 1e-3}}, tiers=[1, 8], reference_tier=8, rungs=[10, 20, 40])
@@ -28,13 +28,7 @@ GRACE = 30.0
 
 
 def _quiet_tune(trainable, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)   # the at-edge warning of the synthetic grid
-        return tune(trainable, progress=False, **(CFG | kw))
-
-
-def _outcome(res):
-    return res.choices, res.losses, res.survivors, [(s.candidate.key, s.state, s.rung_losses) for s in res.trials]
+    return quiet_tune(trainable, cfg=CFG, **kw)
 
 
 @pytest.fixture
@@ -112,7 +106,7 @@ def test_tune_leaves_the_callers_handlers_and_runs_from_a_thread(tmp_path, monke
     try:
         ref = _quiet_tune(SyntheticTrainable(), workdir=tmp_path / "ref")
         res = _quiet_tune(SyntheticTrainable(), workdir=tmp_path / "a", storage=f"journal:{tmp_path / 'a.log'}")
-        assert _outcome(res) == _outcome(ref)
+        assert outcome(res) == outcome(ref)
         assert all(signal.getsignal(s) is mine for s in old)
 
         def boom(self, candidate, budget, **k):
@@ -137,7 +131,7 @@ def test_tune_leaves_the_callers_handlers_and_runs_from_a_thread(tmp_path, monke
         t.start()
         t.join(120)
         assert "error" not in out, out.get("error")
-        assert _outcome(out["res"]) == _outcome(ref)
+        assert outcome(out["res"]) == outcome(ref)
         assert all(signal.getsignal(s) is mine for s in old)
     finally:
         for s, h in old.items():
@@ -180,7 +174,7 @@ def test_ctrl_c_mid_last_rung_then_rerun_equals_an_uninterrupted_tuning(tmp_path
     t0 = time.monotonic()
     res = _quiet_tune(SyntheticTrainable(), **kw, heartbeat_interval=0.5, grace_period=GRACE, poll_interval=0.05)
     assert time.monotonic() - t0 < GRACE / 3
-    assert _outcome(res) == _outcome(ref)
+    assert outcome(res) == outcome(ref)
 
 
 def test_ctrl_c_during_the_claims_journal_append_leaves_no_trial_running(tmp_path, monkeypatch):
@@ -220,7 +214,7 @@ def test_ctrl_c_during_the_claims_journal_append_leaves_no_trial_running(tmp_pat
     t0 = time.monotonic()
     res = _quiet_tune(SyntheticTrainable(), **kw, heartbeat_interval=0.5, grace_period=GRACE, poll_interval=0.05)
     assert time.monotonic() - t0 < GRACE / 3
-    assert _outcome(res) == _outcome(ref)
+    assert outcome(res) == outcome(ref)
 
 
 def test_a_spawned_worker_keeps_an_ignored_sigint_ignored(tmp_path):

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -23,9 +22,9 @@ pytest.importorskip("optuna", reason="examples.tune needs the tune extra: pip in
 
 import optuna  # noqa: E402
 
-from examples.tune import tune  # noqa: E402
 from examples.tune import worker as worker_mod  # noqa: E402
 from examples.tune.synthetic import SyntheticTrainable  # noqa: E402
+from support.tuning import outcome, quiet_tune  # noqa: E402
 from support.workers import worker_pids  # noqa: E402
 
 S = optuna.trial.TrialState
@@ -39,13 +38,7 @@ class Interrupt(KeyboardInterrupt):
 
 
 def _quiet_tune(trainable, **kw):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)   # the at-edge warning of the synthetic grid
-        return tune(trainable, progress=False, **(CFG | kw))
-
-
-def _outcome(res):
-    return res.choices, res.losses, res.survivors, [(s.candidate.key, s.state, s.rung_losses) for s in res.trials]
+    return quiet_tune(trainable, cfg=CFG, **kw)
 
 
 def _trials(journal: Path) -> list:
@@ -124,7 +117,7 @@ def test_a_rerun_after_ctrl_c_takes_the_interrupted_trials_over_without_waiting(
         assert len(lost) > 1                          # all it held, not only the one it was training
     res, took = _timed_rerun(tmp_path, kw)
     assert took < GRACE / 3, f"the rerun took {took:.1f} s: it waited for the interrupted trials"
-    assert _outcome(res) == _outcome(ref)
+    assert outcome(res) == outcome(ref)
     ends = Counter((c["key"], c["budget"]) for c in _calls(tmp_path / "w") if c["event"] == "end")
     assert all(n == 1 for n in ends.values()), ends    # nothing finished twice
 
@@ -165,7 +158,7 @@ def test_a_second_ctrl_c_during_the_release_leaves_a_study_that_resumes(tmp_path
     for line in journal.read_bytes().splitlines():                         # the journal is whole
         json.loads(line)
     res = _quiet_tune(SyntheticTrainable(), **kw, heartbeat_interval=0.1, grace_period=0.5, poll_interval=0.05)
-    assert _outcome(res) == _outcome(ref)
+    assert outcome(res) == outcome(ref)
 
 
 def test_the_release_leaves_a_trial_another_worker_took_over_to_its_retry(tmp_path):
@@ -224,7 +217,7 @@ def test_a_trial_claimed_but_not_yet_set_up_is_released_too(tmp_path, monkeypatc
     assert len(_check_released(journal)) == 3
     ref = _quiet_tune(SyntheticTrainable(), workdir=tmp_path / "ref")
     res, took = _timed_rerun(tmp_path, kw)
-    assert took < GRACE / 3 and _outcome(res) == _outcome(ref)
+    assert took < GRACE / 3 and outcome(res) == outcome(ref)
 
 
 # ---------------------------------------------------------------- several workers: each releases its own
@@ -282,7 +275,7 @@ def test_two_workers_interrupted_each_release_their_own_trials(tmp_path, monkeyp
     _check_each_released_its_own(journal, workers=2)
     res, took = _timed_rerun(tmp_path, kw)
     assert took < GRACE / 3, f"the rerun took {took:.1f} s: it waited for the interrupted trials"
-    assert _outcome(res) == _outcome(ref)
+    assert outcome(res) == outcome(ref)
 
 
 @pytest.mark.slow  # ~4-9 s: a real Ctrl-C to the command line and its spawned worker
@@ -334,7 +327,7 @@ def test_a_trial_interrupted_while_it_is_being_finished_is_released(tmp_path, mo
     assert _check_released(journal)
     ref = _quiet_tune(SyntheticTrainable(), workdir=tmp_path / "ref")
     res, took = _timed_rerun(tmp_path, kw)
-    assert took < GRACE / 3 and _outcome(res) == _outcome(ref)
+    assert took < GRACE / 3 and outcome(res) == outcome(ref)
 
 
 # ---------------------------------------------------------------- Ctrl-C inside a journal append
