@@ -12,31 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.per_sample import mlp_model, mlp_probe_values
 from support.ranks import checked_case, run_gloo_cases
-from torch import nn
-
-from spectral_lens import PerSampleGradientProbe
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
 
-
-def _batches():
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64))
-            for _ in range(2)]
-
-
-KW = {"params": "2.weight", "forward_fn": lambda m, b: m(b[0]), "loss_fn": lambda out, b: ((out - b[1]) ** 2).sum(-1)}
-
-
-def _values(model, engine):
-    probe = PerSampleGradientProbe(model, engine=engine, **KW)
-    for b in _batches():
-        probe.update(b)
-    return {"engines": probe.engines_, "values": probe.compute().values.tolist()}
 
 
 def _replicated_linear(rank):
@@ -45,9 +25,9 @@ def _replicated_linear(rank):
     gradient replicate all-reduces (averages) as without the probe."""
     from torch.distributed._composable import replicate
 
-    model = _model()
+    model = mlp_model()
     replicate(model[2])
-    out = {e: _values(model, e) for e in ("auto", "fast")}
+    out = {e: mlp_probe_values(model, e) for e in ("auto", "fast")}
     out["no_grads"] = all(p.grad is None for p in model.parameters())
     x = torch.randn(4, 4, generator=torch.Generator().manual_seed(10 + rank), dtype=torch.float64)
     model(x).pow(2).sum().backward()
@@ -60,12 +40,12 @@ def _replicated_linear(rank):
 def test_a_replicated_linear_is_measured_exactly(tmp_path):
     results = run_gloo_cases(tmp_path, {"replicated_linear": _replicated_linear}, 2, pg_timeout_s=15, join_s=240,
                              preload="spectral_lens")
-    ref = _values(_model(), "auto")
+    ref = mlp_probe_values(mlp_model(), "auto")
     assert ref["engines"] == {"2.weight": "fast"}
-    loop = _values(_model(), "loop")
+    loop = mlp_probe_values(mlp_model(), "loop")
     grads = []
     for rank in range(2):  # the plain model's gradient on each rank's data: replicate averages them
-        plain = _model()
+        plain = mlp_model()
         x = torch.randn(4, 4, generator=torch.Generator().manual_seed(10 + rank), dtype=torch.float64)
         plain(x).pow(2).sum().backward()
         grads.append(plain[2].weight.grad)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support.per_sample import MLP_KW, mlp_batches, mlp_model, mlp_probe_values
 from support.ranks import checked_case, run_gloo_cases
 from torch import nn
 
@@ -77,25 +78,6 @@ def test_only_fully_shards_own_class_swap_is_unwrapped():
     assert fast_path_for(lin, "weight") is None
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-
-
-def _batches():
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64))
-            for _ in range(2)]
-
-
-KW = {"params": "2.weight", "forward_fn": lambda m, b: m(b[0]), "loss_fn": lambda out, b: ((out - b[1]) ** 2).sum(-1)}
-
-
-def _values(model, engine):
-    probe = PerSampleGradientProbe(model, engine=engine, **KW)
-    for b in _batches():
-        probe.update(b)
-    return {"engines": probe.engines_, "values": probe.compute().values.tolist()}
 
 
 def _fully_shard_linear(rank):
@@ -103,11 +85,11 @@ def _fully_shard_linear(rank):
     with the fast engine on every rank; the shards and ``.grad`` are left as they were."""
     from torch.distributed.fsdp import fully_shard
 
-    model = _model()
+    model = mlp_model()
     fully_shard(model[2])
     fully_shard(model)
     before = {n: p.to_local().clone() for n, p in model.named_parameters()}
-    out = {e: _values(model, e) for e in ("auto", "fast")}
+    out = {e: mlp_probe_values(model, e) for e in ("auto", "fast")}
     out["untouched"] = all(torch.equal(before[n], p.to_local()) for n, p in model.named_parameters())
     out["no_grads"] = all(p.grad is None for p in model.parameters())
     return out
@@ -119,11 +101,11 @@ def _bound_before_fully_shard(rank):
     (before, the update chose again, found no fast path for FSDPLinear and refused the vmap engine under FSDP)."""
     from torch.distributed.fsdp import fully_shard
 
-    model = _model()
-    probe = PerSampleGradientProbe(model, engine="auto", **KW)
+    model = mlp_model()
+    probe = PerSampleGradientProbe(model, engine="auto", **MLP_KW)
     fully_shard(model[2])
     fully_shard(model)
-    for b in _batches():
+    for b in mlp_batches():
         probe.update(b)
     return {"engines": probe.engines_, "values": probe.compute().values.tolist()}
 
@@ -135,9 +117,9 @@ CASES = {"fully_shard_linear": _fully_shard_linear, "bound_before_fully_shard": 
 @pytest.mark.distributed
 def test_fully_shard_on_the_probed_linear_is_measured_exactly(tmp_path):
     results = run_gloo_cases(tmp_path, CASES, 2, pg_timeout_s=15, join_s=240, preload="spectral_lens")
-    ref = _values(_model(), "auto")
+    ref = mlp_probe_values(mlp_model(), "auto")
     assert ref["engines"] == {"2.weight": "fast"}
-    loop = _values(_model(), "loop")
+    loop = mlp_probe_values(mlp_model(), "loop")
     for rank, r in enumerate(checked_case(results, "fully_shard_linear", None)):
         assert r["error"] is None, f"rank {rank}: {r['error']}"
         got = r["value"]

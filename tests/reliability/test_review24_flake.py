@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import time
@@ -16,6 +17,20 @@ from pathlib import Path
 
 import pytest
 from support import ranks
+
+
+@contextlib.contextmanager
+def _first_port_taken(monkeypatch):
+    """``run_ranks``'s first launch gets a port this test listens on (taken), later ones a free port:
+    yields the taken port and the list of ports handed out."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        given = []
+        real = ranks.free_port
+        monkeypatch.setattr(ranks, "free_port", lambda: given.append(port if not given else real()) or given[-1])
+        yield port, given
 
 
 def _stale_worker(rank: int, port: int, out: str) -> None:
@@ -37,13 +52,7 @@ def _stale_worker(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.slow  # waits out the 15 s join deadline (rank 1 hangs)
 def test_a_relaunch_does_not_read_the_first_launchs_results(tmp_path, monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        given = []
-        real = ranks.free_port
-        monkeypatch.setattr(ranks, "free_port", lambda: given.append(port if not given else real()) or given[-1])
+    with _first_port_taken(monkeypatch) as (port, given):
         (tmp_path / "taken").write_text(str(port))
         hung = ranks.run_ranks(_stale_worker, 2, tmp_path, 15.0)  # per launch; one took 1.2 s at load 5
     assert len(given) == 2 and hung == [1]
@@ -81,13 +90,7 @@ def test_core_test_sync_relaunches_when_its_master_port_is_taken(tmp_path, monke
     import importlib
 
     test_sync = importlib.import_module("core.test_sync")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        given = []
-        real = ranks.free_port
-        monkeypatch.setattr(ranks, "free_port", lambda: given.append(port if not given else real()) or given[-1])
+    with _first_port_taken(monkeypatch) as (_, given):
         test_sync.run_sync_cases(str(tmp_path))
     assert len(given) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cov-2-float64.npy", "cov-3-exact.npy", "cov-4-float64.npy"]

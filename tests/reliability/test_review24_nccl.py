@@ -19,6 +19,7 @@ import types
 
 import pytest
 import torch
+from support.fake_nccl import fake_nccl_rank1
 from support.models import TinyLM, lm_pool
 
 from spectral_lens import ActivationCovarianceAccumulator, SpectralLens, _agree, _sync
@@ -73,7 +74,6 @@ def nccl(monkeypatch):
     """Rank 1 of 2 under "nccl", 2 GPUs, ``set_device`` never called (current device 0), no device bound
     (``state["bound"]``); ``state["devices"]``: every device a collective's tensor asked for (the agreements',
     the sync's, an empty accumulator's zero state, a copy made with ``Tensor.to``, an object broadcast's)."""
-    import torch.distributed as dist
 
     state = {"devices": [], "bound": None, "reduced": 0}
 
@@ -83,16 +83,7 @@ def nccl(monkeypatch):
     def broadcast_object_list(objs, src=None, group=None, device=None):
         state["devices"].append(torch.device("cuda", 0) if device is None else torch.device(device))
 
-    for name, value in {"is_initialized": lambda: True, "get_rank": lambda group=None: 1,
-                        "get_world_size": lambda group=None: 2, "get_backend": lambda group=None: "nccl",
-                        "all_reduce": all_reduce, "broadcast_object_list": broadcast_object_list}.items():
-        monkeypatch.setattr(dist, name, value)
-    monkeypatch.setattr(dist.distributed_c10d, "_get_default_group",
-                        lambda: types.SimpleNamespace(bound_device_id=state["bound"]))
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    fake_nccl_rank1(monkeypatch, state, all_reduce=all_reduce, broadcast_object_list=broadcast_object_list)
     monkeypatch.setattr(_agree, "torch", _Torch(state["devices"]))
     monkeypatch.setattr(_sync, "torch", _SyncTorch(state["devices"]))
     zero_state = accumulate_mod._zero_state

@@ -23,6 +23,7 @@ from spectral_lens import SpectralLens
 from spectral_lens import _agree
 from spectral_lens._agree import built_device, collective_device, model_cuda_device
 
+from support.fake_nccl import fake_nccl_rank1
 from support.models import TinyLM, lm_pool
 
 pytestmark = pytest.mark.distributed
@@ -49,23 +50,13 @@ def nccl(monkeypatch):
     """This process as rank 1 of 2 under "nccl" with 2 GPUs, ``set_device`` never called (current device 0),
     CUDA initialized, no device bound; ``state["devices"]``: the devices the agreement's tensors asked for,
     ``state["calls"]``: the tensors all-reduced (the other rank succeeded: nothing merged in)."""
-    import torch.distributed as dist
 
     state = {"devices": [], "calls": [], "bound": None}
 
     def all_reduce(t, op=None, group=None):
         state["calls"].append(t.clone())
 
-    for name, value in {"is_initialized": lambda: True, "get_rank": lambda group=None: 1,
-                        "get_world_size": lambda group=None: 2, "get_backend": lambda group=None: "nccl",
-                        "all_reduce": all_reduce}.items():
-        monkeypatch.setattr(dist, name, value)
-    monkeypatch.setattr(dist.distributed_c10d, "_get_default_group",
-                        lambda: types.SimpleNamespace(bound_device_id=state["bound"]))
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    fake_nccl_rank1(monkeypatch, state, all_reduce=all_reduce)
     monkeypatch.setattr(_agree, "torch", _Torch(state["devices"]))
     return state
 

@@ -21,3 +21,33 @@ def per_sample_grams(model, batches, names) -> tuple[dict[str, torch.Tensor], to
                 rows[n].append(grad.reshape(-1).double())
             losses.append(loss.detach().double())
     return {n: torch.stack(r) @ torch.stack(r).T for n, r in rows.items()}, torch.cat(losses)
+
+
+# A float64 MLP probed at its last weight, shared by the gloo tests of wrapped layers (fully_shard, replicate)
+MLP_KW = {"params": "2.weight", "forward_fn": lambda m, b: m(b[0]),
+          "loss_fn": lambda out, b: ((out - b[1]) ** 2).sum(-1)}
+
+
+def mlp_model():
+    """``Linear(4, 6) - Tanh - Linear(6, 3)`` in float64, seeded (every rank builds the same one)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def mlp_batches():
+    """Two seeded ``(inputs, targets)`` batches of 5 rows for :func:`mlp_model`."""
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64))
+            for _ in range(2)]
+
+
+def mlp_probe_values(model, engine):
+    """The engines the probe used on :func:`mlp_batches` and its spectrum's values, as lists (a rank's JSON result)."""
+    from spectral_lens import PerSampleGradientProbe
+
+    probe = PerSampleGradientProbe(model, engine=engine, **MLP_KW)
+    for b in mlp_batches():
+        probe.update(b)
+    return {"engines": probe.engines_, "values": probe.compute().values.tolist()}
