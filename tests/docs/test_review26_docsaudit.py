@@ -239,3 +239,86 @@ def test_install_lines_name_extras_that_exist(page):
     assert named, page
     unknown = {e for group in named for e in group.split(",")} - extras
     assert not unknown, f"{page} installs extras pyproject.toml does not declare: {sorted(unknown)}"
+
+
+# Inline signatures of the prose that state the code's defaults (test_doc_signatures.py checks the
+# defaults of signatures in headings only, and only that an inline call's keywords exist): the page,
+# the object, and how the signature starts on the page; the values are read from the page.
+DOCUMENTED_DEFAULTS = [
+    ("docs/analysis.md", "spectral_lens.analysis.tokens_to_target", "`tokens_to_target(run_or_("),
+    ("docs/analysis.md", "spectral_lens.analysis.align", "`align(runs, by,"),
+    ("docs/analysis.md", "spectral_lens.analysis.transition_evidence", "`transition_evidence(run_a, run_b, target, *,"),
+    ("docs/analysis.md", "spectral_lens.analysis.TransitionClassifier", "`TransitionClassifier(gain_threshold="),
+    ("docs/analysis.md", "spectral_lens.analysis.TransitionClassifier.from_replicates", "`TransitionClassifier.from_replicates(null,"),
+    ("docs/analysis.md", "spectral_lens.weights.powerlaw_fit", "`powerlaw_fit(spectrum, *,"),
+    ("docs/analysis.md", "spectral_lens.plot.save_figure", "`save_figure(fig, path,"),
+    ("docs/analysis.md", "spectral_lens.report.build_report", "`build_report(..., progress="),
+    ("docs/analysis.md", "spectral_lens.analysis.SweepController", "SweepController(keep="),
+    ("docs/guide-batch-sweep.md", "spectral_lens.analysis.SweepController", "SweepController(keep="),
+    ("docs/api-core.md", "spectral_lens.crossover_rank", "`crossover_rank(spectrum, ranks="),
+    ("docs/api-core.md", "spectral_lens.RankMe", "`RankMe(on="),
+    ("docs/api-core.md", "spectral_lens.BandAlphaFitter", "`BandAlphaFitter(windows="),
+    ("docs/gradients.md", "spectral_lens.gradients.token_cross_entropy", "`token_cross_entropy(logits,"),
+    ("docs/gradients.md", "spectral_lens.gradients.linear_cross_entropy", "`linear_cross_entropy(hidden,"),
+    ("docs/lens.md", "spectral_lens.Schedule.every", "`Schedule.every(k,"),
+    ("docs/records.md", "spectral_lens.records.RunRecord.open", "rec = RunRecord.open("),  # its comment: the defaults
+]
+
+
+def _resolve(dotted: str):
+    import importlib
+
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for part in parts[i:]:
+            obj = getattr(obj, part)
+        return obj
+    raise ImportError(dotted)
+
+
+def documented_keywords(page: str, start: str) -> dict[str, str]:
+    """``name -> value text`` of the signature that starts with ``start`` on ``page``: an inline code
+    span (which may wrap), or a code line whose ``# comment`` lists the defaults."""
+    text = (ROOT / page).read_text(encoding="utf-8")
+    at = text.find(start)
+    assert at >= 0, f"{page} no longer shows {start!r}: update DOCUMENTED_DEFAULTS"
+    if start.startswith("`"):
+        span = text[at + 1: text.index("`", at + 1)]
+    else:
+        span = text[at: text.index("\n", at)]
+    span = " ".join(span.split())
+    call, _, comment = span.partition("#")
+    open_at, depth = call.index("("), 0
+    for end in range(open_at, len(call)):  # the parenthesis that closes the call's own
+        depth += {"(": 1, ")": -1}.get(call[end], 0)
+        if depth == 0:
+            break
+    args = call[open_at + 1: end]
+    shown = dict(re.findall(r"(\w+)=(\([^)]*\)|[^,]+)", args))
+    shown.update(re.findall(r"(\w+)=([^,\s]+)", comment))
+    return {k: v.strip() for k, v in shown.items() if v.strip() != "..."}
+
+
+@pytest.mark.parametrize("page, dotted, start", DOCUMENTED_DEFAULTS,
+                         ids=[f"{p}:{s.strip('`(').split('(')[0]}" for p, _, s in DOCUMENTED_DEFAULTS])
+def test_inline_signatures_state_the_code_defaults(page, dotted, start):
+    import ast
+    import inspect
+
+    import spectral_lens
+
+    shown = documented_keywords(page, start)
+    assert shown, (page, start)
+    params = inspect.signature(_resolve(dotted)).parameters
+    for name, value in shown.items():
+        assert name in params, f"{page}: {start}...: {name} is no parameter of {dotted}"
+        try:
+            documented = ast.literal_eval(value)
+        except ValueError:
+            documented = getattr(spectral_lens, value)
+        assert documented == params[name].default, (
+            f"{page}: {start}...: {name}={value}, but {dotted} defaults to {params[name].default!r}")
