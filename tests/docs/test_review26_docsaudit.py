@@ -141,7 +141,9 @@ BARE_FILE = re.compile(r"(?<![\w/.-])(test_\w+\.py)\b")
 def missing_citations(root: Path = ROOT) -> list[str]:
     """Tests the docs cite that do not exist: a ``tests/...`` path, a bare ``test_x.py`` that no folder
     of ``tests/`` holds, or ``FILE::name`` (``::name`` alone continues the file named before it)."""
-    files = {p.name: p for p in (root / "tests").rglob("test_*.py")}
+    files: dict[str, list[Path]] = {}  # a bare name may stand for files of several folders: any of them
+    for p in sorted((root / "tests").rglob("test_*.py")):
+        files.setdefault(p.name, []).append(p)
     out = []
     for page in pages(root):
         text = page.read_text(encoding="utf-8")
@@ -158,10 +160,12 @@ def missing_citations(root: Path = ROOT) -> list[str]:
             last = cited
             if cited is None:
                 continue
-            path = root / cited if "/" in cited else files.get(cited)
-            if path is None or not path.is_file():
+            paths = [root / cited] if "/" in cited else files.get(cited, [])
+            paths = [p for p in paths if p.is_file()]
+            if not paths:
                 continue  # reported above
-            if not re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{name}\b", path.read_text(encoding="utf-8"), re.M):
+            defined = re.compile(rf"^\s*(?:async\s+)?(?:def|class)\s+{name}\b", re.M)
+            if not any(defined.search(p.read_text(encoding="utf-8")) for p in paths):
                 out.append(f"{page.relative_to(root)}:{line(m.start())}: {cited}::{name} is not defined there")
     return out
 
