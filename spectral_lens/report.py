@@ -35,7 +35,8 @@ from .records import RunRecord, open_runs
 
 __all__ = ["Report", "build_report", "score_flags", "target_flags", "ranking_flags", "sweep_notes", "run_status", "MIN_TIERS", "MAX_PVALUE"]
 
-#: Fewer tiers than this in a family and its Spearman rho is flagged as underpowered.
+#: Fewer runs than this in a family (runs with a known ``eps_tok``, as the rho counts them: seeds of one tier count
+#: each) and its Spearman rho is flagged as underpowered.
 MIN_TIERS = 4
 #: A p-value above this and the rho is flagged as underpowered.
 MAX_PVALUE = 0.1
@@ -48,7 +49,7 @@ def score_flags(score: PredictionScore, statistic: str = "early α_tail") -> lis
     """Plain-words cautions about a :class:`PredictionScore`, one sentence per problem.
 
     Per family: a negative rho (the early statistic ordered the tiers the wrong way round), and an
-    underpowered one (fewer than :data:`MIN_TIERS` tiers, or p > :data:`MAX_PVALUE`); an undefined
+    underpowered one (fewer than :data:`MIN_TIERS` runs with a known ``eps_tok``, or p > :data:`MAX_PVALUE`); an undefined
     rho (fewer than 3 runs or constant values) is said too.
     """
     out = []

@@ -194,7 +194,7 @@ def lower_panels(y: torch.Tensor, out: torch.Tensor) -> list[tuple[torch.Tensor,
 
 
 def _panel_width(d: int) -> int:
-    """Row-block height of :func:`_gemm_lower`: 64, wider from d = 1,088 on (at most ~16 GEMMs)."""
+    """Row-block height of :func:`_gemm_lower`: 64 up to d = 1,024, a multiple of 64 above (at most 16 GEMMs)."""
     return max(64, -(-d // (16 * 64)) * 64)
 
 
