@@ -133,7 +133,9 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     # a name or glob also matches a module's eager name (uncompiled_name: per-block compiled models, whose
     # records use those); a compile wrapper and the module it wraps share one, and only the first is taken
     eager = [name_matcher(t) for t in targets if isinstance(t, (str, re.Pattern))]
-    prefix = base_prefix(model)  # a PeftModel's "base_model.model.": names as typed for the model it wraps
+    # a PeftModel's "base_model.model.": names as typed for the model it wraps (also inside a compile wrapper, whose
+    # "_orig_mod." uncompiled_name drops: before, torch.compile(peft_model) matched only the long names)
+    prefix = base_prefix(unwrap_compiled(model))
     chosen, seen = [], set()
     for name, mod in named:
         plain = uncompiled_name(name)

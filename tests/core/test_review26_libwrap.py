@@ -130,6 +130,21 @@ def test_weight_spectra_of_a_peft_model_use_the_lens_names_and_equal_float64_ref
     assert list(weight_spectra(torch.compile(pm))) == list(got)
 
 
+def test_a_compiled_peft_model_selects_modules_by_the_base_models_names():
+    """torch.compile(PeftModel): sl.attach(..., "a") selects the LoRA layer as on the PeftModel itself (before:
+    'no module matches target 'a''; the PEFT prefix was read from the compile wrapper, which has none)."""
+    from spectral_lens.capture import select_modules
+
+    pm = lora_net()
+    assert [n for n, _ in select_modules(pm, "a")] == ["base_model.model.a"]
+    compiled = torch.compile(pm)
+    assert [n for n, _ in select_modules(compiled, ["a", "b"])] == ["_orig_mod.base_model.model.a",
+                                                                     "_orig_mod.base_model.model.b"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sl.CompiledModelWarning)
+        assert list(sl.attach(compiled, "a").accumulators) == ["_orig_mod.base_model.model.a"]
+
+
 # ---------------------------------------------------------------- 3. FSDP1 flat parameters
 
 def fsdp1(model, use_orig_params):
