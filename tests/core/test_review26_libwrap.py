@@ -223,3 +223,44 @@ def test_a_users_class_named_optimizedmodule_is_not_unwrapped():
     assert lens.model is model
     real = torch.compile(net())
     assert list(weight_spectra(real)) == ["a.weight", "b.weight", "head.weight"]  # the real wrapper still unwrapped
+
+
+def _fsdp1_rank(rank: int, port: int, out: str) -> None:
+    """Real FSDP1 on 2 gloo ranks (FULL_SHARD): weight_spectra outside and inside summon_full_params."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from support.ranks import gloo_group, write_case
+
+    with gloo_group(rank, port, 2, 60):
+        result = {}
+        for orig in (True, False):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = FSDP(net(), use_orig_params=orig, device_id=torch.device("cpu"))
+            try:
+                weight_spectra(model)
+                result[f"outside {orig}"] = None
+            except ValueError as exc:
+                result[f"outside {orig}"] = str(exc)
+            with FSDP.summon_full_params(model):
+                got = weight_spectra(model)
+            result[f"inside {orig}"] = {k: s.values.tolist() for k, s in got.items()}
+        write_case(out, "fsdp1", rank, result)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_real_fsdp1_sharded_on_two_ranks_is_refused_outside_and_exact_inside_summon_full_params(tmp_path):
+    """The stand-in's rule on real FSDP1 (FULL_SHARD, 2 gloo ranks): use_orig_params=True leaves each parameter a
+    1-D view of the rank's shard (before: 'no matrix parameter matches', or matrices silently left out), =False a
+    flat parameter; both refused naming summon_full_params, inside which the spectra equal the plain model's."""
+    from support.ranks import case_results, run_ranks
+
+    hung = run_ranks(_fsdp1_rank, 2, tmp_path, 180.0)
+    got = case_results(tmp_path, ["fsdp1"], 2)["fsdp1"]
+    assert hung == [] and None not in got, (hung, got)
+    want = {k: s.values.tolist() for k, s in weight_spectra(net()).items()}
+    for r in got:
+        assert "as views of this rank's shard" in r["outside True"] and "summon_full_params" in r["outside True"], r
+        assert "flat 1-D parameter" in r["outside False"] and "summon_full_params" in r["outside False"], r
+        assert r["inside True"] == want and r["inside False"] == want, r
