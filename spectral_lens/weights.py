@@ -231,10 +231,12 @@ def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> li
     modules (``quantize_dynamic``), which are no parameters, are included as ``"<module>.weight"`` (their
     quantized tensor, which :func:`weight_spectrum` dequantizes), in module order. Names are the user's
     model's, as the lens records them: a ``torch.compile`` wrapper and Lightning Fabric's ``fabric.setup``
-    wrapper are unwrapped (no ``_orig_mod.`` / ``_forward_module.`` prefix), and the ``_orig_mod`` segments of
-    per-block compilation left out. Raises ``ValueError`` naming the closest parameter names when nothing
-    matches, for DeepSpeed ZeRO-3 placeholders (gather them first), and for a ``DistributedDataParallel`` /
-    ``DataParallel`` wrapper or DeepSpeed engine (pass ``model.module``, as to the lens).
+    wrapper are unwrapped (no ``_orig_mod.`` / ``_forward_module.`` prefix), the ``_orig_mod`` segments of
+    per-block compilation left out, and a PEFT model's parameters named as before ``get_peft_model``
+    (``a.weight`` for ``base_model.model.a.base_layer.weight``; either spelling selects). Raises ``ValueError``
+    naming the closest parameter names when nothing matches, for DeepSpeed ZeRO-3 placeholders (gather them
+    first), for FSDP1 flat parameters or shard views (call it inside ``summon_full_params``), and for a
+    ``DistributedDataParallel`` / ``DataParallel`` wrapper or DeepSpeed engine (pass ``model.module``, as to the lens).
     """
     return [(eager, p) for _, eager, p in _chosen(_weights_module(model), select)]
 
@@ -291,7 +293,9 @@ def weight_spectra(model: nn.Module, select: ParamTarget | None = None) -> dict[
 
     Names are the user's model's, as the lens and the probe take and record them (:func:`select_parameters`):
     a ``torch.compile`` wrapper and Lightning Fabric's wrapper (under its DDP strategy, the DDP's module) are
-    unwrapped; a ``DistributedDataParallel`` wrapper is refused (pass ``model.module``, as to the lens).
+    unwrapped, a PEFT model's names are the base model's; a ``DistributedDataParallel`` wrapper is refused (pass
+    ``model.module``, as to the lens), and so are FSDP1's flat parameters and shard views (call it inside
+    ``FullyShardedDataParallel.summon_full_params(model)`` on every rank).
 
     Example::
 
