@@ -210,7 +210,7 @@ class OptimizedModule(nn.Module):
 
 
 def test_a_users_class_named_optimizedmodule_is_not_unwrapped():
-    import torch._dynamo  # noqa: F401  (loaded, as in a process that compiled anything)
+    import torch._dynamo
 
     model = OptimizedModule()
     got = weight_spectra(model)  # both layers (before: the _orig_mod Linear alone, "weight")
@@ -227,9 +227,8 @@ def test_a_users_class_named_optimizedmodule_is_not_unwrapped():
 
 def _fsdp1_rank(rank: int, port: int, out: str) -> None:
     """Real FSDP1 on 2 gloo ranks (FULL_SHARD): weight_spectra outside and inside summon_full_params."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
     from support.ranks import gloo_group, write_case
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     with gloo_group(rank, port, 2, 60):
         result = {}
