@@ -210,6 +210,7 @@ class OptimizedModule(nn.Module):
 
 
 def test_a_users_class_named_optimizedmodule_is_not_unwrapped():
+    # dynamo loaded, as in a process that compiled anything (before it is, nothing is a compile wrapper)
     import torch._dynamo
 
     model = OptimizedModule()
