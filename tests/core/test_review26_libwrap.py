@@ -83,6 +83,20 @@ def test_attach_refuses_ddp_and_compiled_ddp_with_the_lens_way_out(one_rank):
     np.testing.assert_allclose(acc.compute().values.numpy(), want, rtol=1e-10, atol=1e-13)
 
 
+def test_a_bound_lens_or_probe_given_the_ddp_of_its_model_names_the_wrapper(one_rank):
+    """lens.attach(ddp) on a lens bound to ddp.module: the DDP refusal with its way out (before: 'SpectralLens is
+    attached to another Net', for the same model wrapped); the binding is kept."""
+    model = net()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    lens = sl.SpectralLens(model, [torch.randn(3, 6, dtype=torch.float64)], layers="a", params=(), progress=False)
+    probe = sl.PerSampleGradientProbe(model, params="b.weight")
+    for owner, who in ((lens, "SpectralLens"), (probe, "PerSampleGradientProbe")):
+        with pytest.raises(ValueError, match=rf"{who}: model is a DistributedDataParallel wrapper; pass the wrapped "
+                                             r"module \(model\.module\)"):
+            owner.attach(ddp)
+        assert owner.model is model
+
+
 def test_attach_refuses_data_parallel_and_a_deepspeed_engine():
     model = net()
     with pytest.raises(ValueError, match=r"spectral_lens\.attach: model is a DataParallel wrapper .*\(model\.module\)"):
