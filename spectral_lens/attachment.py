@@ -79,7 +79,8 @@ def attach_once(owner: Any, model: nn.Module, *, elsewhere: Callable[[nn.Module]
     refused every later attach as "attached to another" model. A parallel wrapper (DDP, DataParallel, a DeepSpeed
     engine) is refused first, as ``_bind`` refuses it: an owner bound to ``wrapper.module`` said "attached to
     another" model for the same model wrapped."""
-    from .gradients._measurable import refuse_parallel_wrapper  # lazy: the gradients package imports this module
+    # imported here: the gradients package imports this module
+    from .gradients._measurable import refuse_parallel_wrapper
 
     model = unwrap_compiled(model)
     refuse_parallel_wrapper(model, type(owner).__name__)
