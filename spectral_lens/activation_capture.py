@@ -23,7 +23,7 @@ from .accumulate import ActivationCovarianceAccumulator
 from .background import SolveFuture, submit
 from .capture import (HookSet, Target, _FEEDING, check_pick, display_name, pick_tensor, select_modules,
                       graph_break_for_hook, recomputed_forward,
-                      transformed_forward, unwrap_fabric, warn_if_compiled)
+                      transformed_forward, unwrap_fabric, warn_if_compiled, refuse_parallel_wrapper_names)
 from .spectrum import Spectrum
 
 __all__ = ["ActivationCapture", "attach", "attach_one"]
@@ -129,7 +129,9 @@ def attach(
 
     Args:
         model: any ``nn.Module`` (attach to the uncompiled module; a ``torch.compile`` wrapper warns); a
-            Lightning Fabric wrapper (``fabric.setup``'s) is unwrapped, so names are the user's model's.
+            Lightning Fabric wrapper (``fabric.setup``'s) is unwrapped, so names are the user's model's. A
+            ``DistributedDataParallel``/``DataParallel`` wrapper or DeepSpeed engine is refused with a
+            ``ValueError``, as the lens refuses it: pass ``model.module`` (its hooks fire in the wrapper's forward).
         target: exact dotted name, glob, compiled regex, a module of ``model`` (matched by identity;
             an ``nn.ModuleList`` stands for its members), callable ``(name, module) -> bool``, or a list.
         pick: which tensor of a module output to measure: ``None`` (the output must be a tensor),
@@ -147,6 +149,7 @@ def attach(
     """
     check_pick(pick)
     model = unwrap_fabric(model)  # fabric.setup's wrapper: names as in the user's model
+    refuse_parallel_wrapper_names(model, "spectral_lens.attach")  # DDP/DataParallel/engine: model.module, as the lens
     warn_if_compiled(model)
     selected = select_modules(model, target)
     accs = {
@@ -170,6 +173,7 @@ def attach_one(acc: ActivationCovarianceAccumulator, model: nn.Module, target: T
     """:meth:`ActivationCovarianceAccumulator.attach`: hook ``acc`` to the one module ``target`` selects."""
     check_pick(pick)
     model = unwrap_fabric(model)  # fabric.setup's wrapper: names as in the user's model
+    refuse_parallel_wrapper_names(model, f"{acc._label()}.attach")  # DDP/DataParallel/engine: model.module
     warn_if_compiled(model)
     selected = select_modules(model, target)
     if len(selected) != 1:

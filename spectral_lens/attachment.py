@@ -76,8 +76,14 @@ def attach_once(owner: Any, model: nn.Module, *, elsewhere: Callable[[nn.Module]
     with the owner's own message, ``elsewhere(current_model)`` when bound to another model, ``again(model)`` to
     this one: attaching again would drop what the owner holds for it. A refused bind leaves the owner unbound
     (``owner.detach()``): ``_bind`` may have set part of its state, and a half-bound owner without a handle
-    refused every later attach as "attached to another" model."""
+    refused every later attach as "attached to another" model. A parallel wrapper (DDP, DataParallel, a DeepSpeed
+    engine) is refused first, as ``_bind`` refuses it: an owner bound to ``wrapper.module`` said "attached to
+    another" model for the same model wrapped."""
+    # imported here: the gradients package imports this module
+    from .gradients._measurable import refuse_parallel_wrapper
+
     model = unwrap_compiled(model)
+    refuse_parallel_wrapper(model, type(owner).__name__)
     if owner.model is not None:
         raise ValueError(elsewhere(owner.model) if owner.model is not model else again(model))
     try:

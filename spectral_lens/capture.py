@@ -30,7 +30,7 @@ from ._warnings import CompiledModelWarning
 
 __all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "check_pick", "pick_tensor", "check_dense_rows",
            "HookSet",
-           "warn_if_compiled", "unwrap_compiled", "unwrap_fabric", "eager_forwards", "measurement_pass", "transformed_forward",
+           "warn_if_compiled", "unwrap_compiled", "unwrap_fabric", "refuse_parallel_wrapper_names", "eager_forwards", "measurement_pass", "transformed_forward",
            "recomputed_forward", "graph_break_for_hook"]
 
 Target = Union[str, "re.Pattern[str]", nn.Module, Callable[[str, nn.Module], bool], Iterable]
@@ -133,7 +133,9 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     # a name or glob also matches a module's eager name (uncompiled_name: per-block compiled models, whose
     # records use those); a compile wrapper and the module it wraps share one, and only the first is taken
     eager = [name_matcher(t) for t in targets if isinstance(t, (str, re.Pattern))]
-    prefix = base_prefix(model)  # a PeftModel's "base_model.model.": names as typed for the model it wraps
+    # a PeftModel's "base_model.model.": names as typed for the model it wraps (also inside a compile wrapper, whose
+    # "_orig_mod." uncompiled_name drops: before, torch.compile(peft_model) matched only the long names)
+    prefix = base_prefix(unwrap_compiled(model))
     chosen, seen = [], set()
     for name, mod in named:
         plain = uncompiled_name(name)
@@ -295,8 +297,13 @@ def check_dense_rows(x: torch.Tensor, where: str, *, hook: bool) -> None:
 
 
 def _is_compiled_wrapper(model: nn.Module) -> bool:
-    """Whether ``model`` is the ``OptimizedModule`` that ``torch.compile(module)`` returns."""
-    return type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module)
+    """Whether ``model`` is the ``OptimizedModule`` that ``torch.compile(module)`` returns (``isinstance`` of
+    ``torch._dynamo.eval_frame.OptimizedModule``, or a subclass). Before ``torch._dynamo`` is imported nothing can
+    be compiled, so it is not imported here (about 2 s). A class of the user's own that happens to
+    share the name is a model like any other (unwrapping it would drop its own layers)."""
+    frame = sys.modules.get("torch._dynamo.eval_frame")
+    return (frame is not None and isinstance(model, frame.OptimizedModule)
+            and isinstance(getattr(model, "_orig_mod", None), nn.Module))
 
 
 def warn_if_compiled(model: nn.Module) -> None:
@@ -351,6 +358,24 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
     while _is_compiled_wrapper(model):
         model = unwrap_fabric(model._orig_mod)
     return model
+
+
+def refuse_parallel_wrapper_names(model: nn.Module, who: str) -> None:
+    """``ValueError`` for a ``DistributedDataParallel``/``DataParallel`` wrapper or a DeepSpeed engine (also
+    inside a ``torch.compile`` wrapper) given to a function that hooks or names the model's modules
+    (:func:`spectral_lens.attach`), as :class:`~spectral_lens.SpectralLens`, the probe and ``weight_spectra``
+    refuse it: its names carry a ``module.`` prefix that the lens's records lack. Hooks on ``model.module``'s
+    layers fire inside the wrapper's forward, so passing ``model.module`` measures the same rows."""
+    inner = unwrap_compiled(model)
+    engine = any(c.__name__ == "DeepSpeedEngine" and c.__module__.startswith("deepspeed.") for c in type(inner).__mro__)
+    if not (engine or isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel))):
+        return
+    what, way = ("a DeepSpeed engine", "engine.module") if engine else (f"a {type(inner).__name__} wrapper", "model.module")
+    raise ValueError(
+        f"{who}: model is {what} ({type(inner).__name__}); pass the wrapped module ({way}) instead, as SpectralLens, "
+        "PerSampleGradientProbe and weight_spectra require: the wrapper's module names carry a 'module.' prefix "
+        f"that the lens's records lack. Hooks on {way}'s layers fire inside the wrapper's forward, so training "
+        "through the wrapper is measured the same")
 
 
 # the attribute under which a wrapper module holds the module it wraps, a segment of every name inside it:

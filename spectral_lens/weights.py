@@ -32,7 +32,7 @@ from torch import nn
 from ._deepspeed import refuse_zero3_placeholders
 from ._dtensor import dtensor_module
 from ._offload import offloaded_value
-from .capture import name_matcher, uncompiled_name, unwrap_compiled
+from .capture import name_matcher, record_names, uncompiled_name, unwrap_compiled
 from .spectrum import Spectrum
 from .summaries import stable_rank
 
@@ -147,14 +147,51 @@ def _weights_module(model: nn.Module) -> nn.Module:
             f"({'engine' if engine else 'model'}.module), as SpectralLens and PerSampleGradientProbe require: the "
             "wrapper's parameter names carry a 'module.' prefix that the lens's records and params= lack; the "
             "wrapped module holds the same weights")
+    _refuse_fsdp1_flat(inner)
     return inner
 
 
+def _refuse_fsdp1_flat(model: nn.Module) -> None:
+    """``ValueError`` for FSDP1 weights that are not the matrices: the 1-D ``FlatParameter`` of a
+    ``FullyShardedDataParallel(use_orig_params=False)`` (its only parameter outside ``summon_full_params``: before,
+    'no matrix parameter matches' with an empty list), or under ``use_orig_params=True`` a parameter that is a
+    view of this rank's shard (1-D or empty, not its original shape: before, silently left out as < 2 dims).
+    Inside ``FullyShardedDataParallel.summon_full_params(model)`` both are the whole matrices again."""
+    flat = [(n, p) for n, p in model.named_parameters() if getattr(p, "_is_flat_param", False)]
+    sharded = []
+    for handle in {id(h): h for m in model.modules() if (h := getattr(m, "_handle", None)) is not None}.values():
+        fp = getattr(handle, "flat_param", None)
+        views, shapes = getattr(fp, "_params", None), getattr(fp, "_shapes", None)
+        if getattr(fp, "_is_flat_param", False) and views is not None and shapes is not None:
+            sharded += [p for p, shape in zip(views, shapes) if tuple(p.shape) != tuple(shape)]
+    if not (flat or sharded):
+        return
+    if flat:
+        n, p = flat[0]
+        what = (f"holds its weights as {len(flat)} flat 1-D parameter(s) ({n!r}, shape {tuple(p.shape)}) of "
+                "FullyShardedDataParallel(use_orig_params=False), none of them a matrix")
+    else:
+        names = {id(p): n for n, p in model.named_parameters()}
+        shown = [uncompiled_name(names.get(id(p), "?")) for p in sharded[:3]]
+        what = (f"holds {len(sharded)} FullyShardedDataParallel parameter(s) as views of this rank's shard, not the "
+                f"matrices ({shown}: shapes {[tuple(p.shape) for p in sharded[:3]]})")
+    raise ValueError(
+        f"weight_spectra: {type(model).__name__} {what}; call weight_spectra inside "
+        "`with FullyShardedDataParallel.summon_full_params(model):` (on every rank: it all-gathers the weights), "
+        "where they are the whole matrices under the names the lens records (with use_orig_params=True they are "
+        "parameters of their own names also outside it, whole only under ShardingStrategy.NO_SHARD), or pass an "
+        "unwrapped model of the same architecture holding the full weights (load its state_dict)")
+
+
 def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str, torch.Tensor]]:
-    """``(own name, eager name, weight)`` of the matrix parameters of ``model`` (unwrapped already) that
-    ``select`` chooses; a name, glob or regex matches either name (the eager one has no ``_orig_mod``
-    segments of a per-block ``torch.compile``, as the lens's records name it)."""
-    named = [(n, uncompiled_name(n), p) for n, p in _with_quantized_weights(model, list(model.named_parameters()))]
+    """``(own name, record name, weight)`` of the matrix parameters of ``model`` (unwrapped already) that
+    ``select`` chooses. The record name is the lens's (:func:`~spectral_lens.capture.record_names`): no
+    ``_orig_mod`` segments of a per-block ``torch.compile``, and in a PEFT model the name before
+    ``get_peft_model`` (``a.weight`` for ``base_model.model.a.base_layer.weight``). A name, glob or regex
+    matches the own name, the one without wrapper segments, or the record name."""
+    pairs = _with_quantized_weights(model, list(model.named_parameters()))
+    records = record_names(model, [n for n, _ in pairs], params=True)
+    named = [(n, records[n], p) for n, p in pairs]
     if select is None:
         refuse_zero3_placeholders({n: p for n, _, p in named}, "weight_spectra")  # empty .data: not the matrix's ndim
         chosen = [item for item in named if item[2].ndim >= 2]
@@ -165,7 +202,7 @@ def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str
         matchers = [name_matcher(t, "parameter") for t in targets]
         eager = [f for t, f in zip(targets, matchers) if isinstance(t, (str, re.Pattern))]
         matched = [(n, e, p) for n, e, p in named
-                   if any(f(n, p) for f in matchers) or (e != n and any(f(e, p) for f in eager))]
+                   if any(f(n, p) for f in matchers) or any(f(a, p) for a in {e, uncompiled_name(n)} - {n} for f in eager)]
         refuse_zero3_placeholders({n: p for n, _, p in matched}, "weight_spectra")
         chosen = [item for item in matched if item[2].ndim >= 2]
         if matched and not chosen:
@@ -194,10 +231,12 @@ def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> li
     modules (``quantize_dynamic``), which are no parameters, are included as ``"<module>.weight"`` (their
     quantized tensor, which :func:`weight_spectrum` dequantizes), in module order. Names are the user's
     model's, as the lens records them: a ``torch.compile`` wrapper and Lightning Fabric's ``fabric.setup``
-    wrapper are unwrapped (no ``_orig_mod.`` / ``_forward_module.`` prefix), and the ``_orig_mod`` segments of
-    per-block compilation left out. Raises ``ValueError`` naming the closest parameter names when nothing
-    matches, for DeepSpeed ZeRO-3 placeholders (gather them first), and for a ``DistributedDataParallel`` /
-    ``DataParallel`` wrapper or DeepSpeed engine (pass ``model.module``, as to the lens).
+    wrapper are unwrapped (no ``_orig_mod.`` / ``_forward_module.`` prefix), the ``_orig_mod`` segments of
+    per-block compilation left out, and a PEFT model's parameters named as before ``get_peft_model``
+    (``a.weight`` for ``base_model.model.a.base_layer.weight``; either spelling selects). Raises ``ValueError``
+    naming the closest parameter names when nothing matches, for DeepSpeed ZeRO-3 placeholders (gather them
+    first), for FSDP1 flat parameters or shard views (call it inside ``summon_full_params``), and for a
+    ``DistributedDataParallel`` / ``DataParallel`` wrapper or DeepSpeed engine (pass ``model.module``, as to the lens).
     """
     return [(eager, p) for _, eager, p in _chosen(_weights_module(model), select)]
 
@@ -254,7 +293,9 @@ def weight_spectra(model: nn.Module, select: ParamTarget | None = None) -> dict[
 
     Names are the user's model's, as the lens and the probe take and record them (:func:`select_parameters`):
     a ``torch.compile`` wrapper and Lightning Fabric's wrapper (under its DDP strategy, the DDP's module) are
-    unwrapped; a ``DistributedDataParallel`` wrapper is refused (pass ``model.module``, as to the lens).
+    unwrapped, a PEFT model's names are the base model's; a ``DistributedDataParallel`` wrapper is refused (pass
+    ``model.module``, as to the lens), and so are FSDP1's flat parameters and shard views (call it inside
+    ``FullyShardedDataParallel.summon_full_params(model)`` on every rank).
 
     Example::
 
@@ -263,8 +304,7 @@ def weight_spectra(model: nn.Module, select: ParamTarget | None = None) -> dict[
     """
     model = _weights_module(model)
     out = {}
-    # by eager name (a compile wrapper and the module it wraps share one: the wrapped module, later, owns the weights)
-    modules = {uncompiled_name(n): m for n, m in model.named_modules()}
+    modules = dict(model.named_modules())  # by own name: the owner of each parameter (its path), exactly
     for own, name, p in _chosen(model, select):
         if p.device.type == "meta":  # an Accelerate offload placeholder: the value in its hook's store
             stored = offloaded_value(model, own)
@@ -275,9 +315,9 @@ def weight_spectra(model: nn.Module, select: ParamTarget | None = None) -> dict[
                     "load_checkpoint_and_dispatch after init_empty_weights)"
                 )
             p = stored
-        if _matrix_stack(modules, name, p) and p.shape[0] == 1:  # (1, N, d): a ViT's position embeddings
+        if _matrix_stack(modules, own, p) and p.shape[0] == 1:  # (1, N, d): a ViT's position embeddings
             out[name] = weight_spectrum(p[0], name)
-        elif _matrix_stack(modules, name, p):
+        elif _matrix_stack(modules, own, p):
             out.update({f"{name}[{e}]": weight_spectrum(p[e], f"{name}[{e}]") for e in range(p.shape[0])})
         else:
             out[name] = weight_spectrum(p, name)

@@ -262,18 +262,21 @@ def test_sync_on_a_nonmember_rank_raises(results):
     assert [r["value"] for r in got[1:]] == [20 + 30, 20 + 30]  # the members sum their own rows
 
 
-def test_data_parallel_wrapper_is_refused_and_hooks_only_attach_accepts_it():
+def test_data_parallel_wrapper_is_refused_and_hooks_on_its_module_fire_in_its_forward():
     model = _model()
     dp = torch.nn.DataParallel(model)  # on the CPU: a wrapper that calls the module
     for build in (lambda: SpectralLens(dp, lm_pool(n_batches=2), params=()),
                   lambda: PerSampleGradientProbe(dp)):
         with pytest.raises(ValueError, match=r"DataParallel wrapper; pass the wrapped module \(model\.module\)"):
             build()
-    # hooks only: the caller runs the forwards, the library starts no pass of its own through the wrapper
-    with attach(dp, "module.h.2") as capture, torch.no_grad():
+    # attach refuses it too (review 26: before, it accepted it with 'module.'-prefixed names the records lack);
+    # hooks on dp.module's layers fire in the wrapper's forward
+    with pytest.raises(ValueError, match=r"DataParallel wrapper .*\(model\.module\)"):
+        attach(dp, "module.h.2")
+    with attach(dp.module, "h.2") as capture, torch.no_grad():
         for x, _ in lm_pool(n_batches=2):
             dp(x)
-    assert capture.accumulators["module.h.2"].n_rows > 0
+    assert capture.accumulators["h.2"].n_rows > 0
 
 
 def test_every_rank_summarizes_with_rank0s_recorded_windows(results):
