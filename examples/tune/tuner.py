@@ -346,7 +346,33 @@ def _at_edge(choices: Mapping[tuple[str, int], Candidate],
     return out
 
 
-_STOP_TIMEOUT = 60.0  # seconds a spawned worker gets to release its trials once tune() stopped it
+_STOP_TIMEOUT = 60.0  # seconds the spawned workers get, all together, to release their trials once tune() stopped
+
+
+def _stop_workers(procs, timeout: float | None = None) -> None:
+    """Stop the worker processes ``procs`` that :func:`tune` started, when it stops on an exception.
+
+    Each is sent SIGTERM (it releases its trials, :func:`_worker_main`); they share one deadline,
+    ``timeout`` seconds (default ``_STOP_TIMEOUT``) from now, and any still running then (a trainable
+    that swallowed the interrupt) is killed: ``k`` workers cost at most ``timeout``, not ``k x timeout``.
+    A second Ctrl-C (or the command line's SIGTERM) during that wait ends it: the rest are killed at
+    once (their trials are left to the heartbeat) and the caller raises its first exception at once;
+    the wait used to end in a join without a deadline, and ``tune()`` hung as long as such a worker ran."""
+    timeout = _STOP_TIMEOUT if timeout is None else timeout
+    for p in procs:
+        p.terminate()
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:  # the user does not want to wait: kill the rest now
+        pass
+    finally:
+        for p in procs:
+            if p.exitcode is None:
+                p.kill()
+        for p in procs:  # a killed process ends at once
+            p.join()
 
 
 def exit_with_parent(parent: int, interval: float = 1.0) -> threading.Thread:
@@ -497,18 +523,12 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
     try:
         _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                 poll_interval=poll_interval, progress=bar, study_name=study_name).run()
+        for p in procs:  # the study is finished: they end on their own (a Ctrl-C here stops them as below)
+            p.join()
     except BaseException:
-        for p in procs:  # stop the workers this call started (they release their trials); a later run resumes
-            p.terminate()
-        deadline = time.monotonic() + _STOP_TIMEOUT  # one deadline for all: the k-th worker waited k x 60 s
-        for p in procs:  # one that does not end (a trainable that swallowed the interrupt) is killed
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
+        _stop_workers(procs)  # they release their trials; a later run resumes
         raise
     finally:
-        for p in procs:
-            p.join()
         if bar:
             bar.close()
     for p in procs:
