@@ -136,6 +136,7 @@ class _Worker:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.current: int | None = None        # the trial being worked on (a crash there is counted on it)
+        self.crash: Exception | None = None     # what stopped the worker, when it was no interrupt
 
     # -- heartbeats
     def _beat(self, trial) -> None:
@@ -182,7 +183,7 @@ class _Worker:
         for ft in _orphans(study.get_trials(deepcopy=False)):
             _retry_callback()(study, ft)
 
-    def _release(self, crash: BaseException | None = None) -> None:
+    def _release(self) -> None:
         """Fail and re-enqueue the trials this worker holds, as another worker's sweep would once their
         heartbeat is ``grace_period`` old: called when the worker stops on an exception, so that a rerun
         (or another worker) takes them over at once. The trials look exactly as after that sweep (the
@@ -195,7 +196,7 @@ class _Worker:
         of the storage are not raised (the exception that stopped the worker is what the caller sees);
         the heartbeat takes those trials over. The in-memory storage keeps nothing: nothing to release.
 
-        ``crash``: the worker stopped on that exception (not an interrupt): the trial it was working on
+        ``self.crash``: the worker stopped on that exception (not an interrupt): the trial it was working on
         is counted as having crashed it, and failed for good once it did so too often (:func:`_fail_crashed`);
         the other trials it held are released as for an interrupt, uncounted."""
         if self.session is not None:
@@ -203,7 +204,7 @@ class _Worker:
         with self.lock:
             mine = {tid: t.study for tid, t in self.held.items()}
             mine.update(self.claimed)
-        culprit = self.current if crash is not None else None
+        culprit = self.current if self.crash is not None else None
         by_study: dict[object, set[int]] = defaultdict(set)
         for tid, study in mine.items():
             by_study[study].add(tid)
@@ -214,7 +215,7 @@ class _Worker:
                 for ft in trials:
                     if ft._trial_id in tids and ft.state == optuna.trial.TrialState.RUNNING:
                         if ft._trial_id == culprit:
-                            _fail_crashed(study, ft, live, crash)
+                            _fail_crashed(study, ft, live, self.crash)
                         else:
                             _fail_lost(study, ft, live)
             except Exception:  # noqa: BLE001, S112 - e.g. a database gone away: the heartbeat covers these trials
@@ -496,7 +497,8 @@ class _Worker:
             self.stop.set()  # no heartbeat for the trials being released
             # a crash of the worker's own code is counted on the trial it was working on; an interrupt
             # (Ctrl-C, a SIGTERM turned into one) or a trial directory to be deleted by hand is no crash
-            self._release(e if isinstance(e, Exception) and not isinstance(e, TrialDirMismatch) else None)
+            self.crash = e if isinstance(e, Exception) and not isinstance(e, TrialDirMismatch) else None
+            self._release()
             raise
         finally:
             self.stop.set()
