@@ -508,19 +508,19 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
     if progress is None:
         progress = sys.stderr.isatty()
     studies = _open_studies(cfg, storage, study_name)
-    procs = []
-    if n_workers > 1:
-        import multiprocessing as mp
+    procs, bar = [], None
+    try:  # spawning too: a Ctrl-C (or a worker that cannot start) there stops the workers already started
+        if n_workers > 1:
+            import multiprocessing as mp
 
-        ctx = mp.get_context("spawn")
-        for _ in range(n_workers - 1):
-            p = ctx.Process(target=_worker_main, args=(trainable, cfg, storage, study_name, workdir,
-                                                       heartbeat_interval, grace_period, poll_interval, os.getpid(),
-                                                       optuna.logging.get_verbosity()))
-            p.start()
-            procs.append(p)
-    bar = Progress(total=len(cfg.candidates())) if progress else None
-    try:
+            ctx = mp.get_context("spawn")
+            for _ in range(n_workers - 1):
+                p = ctx.Process(target=_worker_main, args=(trainable, cfg, storage, study_name, workdir,
+                                                           heartbeat_interval, grace_period, poll_interval,
+                                                           os.getpid(), optuna.logging.get_verbosity()))
+                p.start()
+                procs.append(p)
+        bar = Progress(total=len(cfg.candidates())) if progress else None
         _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                 poll_interval=poll_interval, progress=bar, study_name=study_name).run()
         for p in procs:  # the study is finished: they end on their own (a Ctrl-C here stops them as below)

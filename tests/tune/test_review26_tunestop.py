@@ -52,13 +52,16 @@ class _Stubborn:
 
     log: list = []
     ctrl_c_in_wait = False
+    fail_start_at = 0
 
     def __init__(self, *a, **k) -> None:
         self.exitcode = None
         self.pid = 10 ** 6 + len(self.log)
 
     def start(self) -> None:
-        pass
+        self.log.append(("start", self, time.monotonic()))
+        if type(self).fail_start_at == sum(what == "start" for what, _, _ in self.log):
+            raise RuntimeError("cannot start a worker")
 
     def terminate(self) -> None:
         self.log.append(("terminate", self, time.monotonic()))
@@ -91,6 +94,7 @@ def stubborn(monkeypatch):
 
     _Stubborn.log = []
     _Stubborn.ctrl_c_in_wait = False
+    _Stubborn.fail_start_at = 0
     monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: _Context())
     return _Stubborn
 
@@ -132,12 +136,24 @@ def test_a_second_ctrl_c_during_the_stop_wait_kills_the_workers_at_once(tmp_path
     stubborn.ctrl_c_in_wait = True
     took = _interrupted_tune(tmp_path, monkeypatch, n_workers=3)
     assert took < 10, f"tune() took {took:.1f} s to stop"
-    assert sorted(what for what, _, _ in stubborn.log) == ["kill", "kill", "terminate", "terminate"]
+    assert sorted(what for what, _, _ in stubborn.log if what != "start") == ["kill", "kill", "terminate", "terminate"]
+
+
+def test_a_worker_that_cannot_start_stops_those_already_started(tmp_path, monkeypatch, stubborn):
+    """The third worker's start fails (e.g. a trainable that cannot be pickled for it): the two started
+    before were left running (spawning was outside the stop); now they are stopped as on any exception."""
+    monkeypatch.setattr(tuner_mod, "_STOP_TIMEOUT", 0.1)
+    stubborn.fail_start_at = 3
+    with pytest.raises(RuntimeError, match="cannot start a worker"):
+        quiet_tune(SyntheticTrainable(), cfg=CFG, workdir=tmp_path / "w", storage=f"journal:{tmp_path / 'j.log'}",
+                   n_workers=4, grace_period=GRACE)
+    started = [p for what, p, _ in stubborn.log if what == "start"][:2]
+    assert [p for what, p, _ in stubborn.log if what == "kill"] == started
 
 
 def test_stop_workers_kills_what_a_second_ctrl_c_left_running():
     """The stop routine alone: a deadline shared by all, and a KeyboardInterrupt in the wait ends it."""
-    _Stubborn.log, _Stubborn.ctrl_c_in_wait = [], False
+    _Stubborn.log, _Stubborn.ctrl_c_in_wait, _Stubborn.fail_start_at = [], False, 0
     procs = [_Stubborn() for _ in range(3)]
     t0 = time.monotonic()
     tuner_mod._stop_workers(procs, timeout=0.3)
@@ -401,3 +417,30 @@ def test_interrupts_are_not_counted_as_crashes(tmp_path, monkeypatch):
     assert not [t for t in _trials(journal) if CRASHES in t.system_attrs or t.user_attrs.get("error")]
     ref = quiet_tune(SyntheticTrainable(), cfg=SMALL, workdir=tmp_path / "ref")
     assert outcome(quiet_tune(SyntheticTrainable(), cfg=SMALL, **kw)) == outcome(ref)
+
+
+def test_a_trial_failed_by_hand_is_treated_as_lost_and_retried(tmp_path):
+    """A RUNNING trial failed by hand through Optuna (``study.tell(n, state=FAIL)``, e.g. to take it off a
+    stuck worker) carries no ``error``: like the tuner's own take-over, it is lost, not the candidate's
+    failure. The rerun retries it at once (no ``grace_period`` wait) and ends as an uninterrupted tuning."""
+    from examples.tune.storage import open_storage
+    from examples.tune.worker import _claim
+
+    journal = tmp_path / "j.log"
+    kw = dict(workdir=tmp_path / "w", storage=f"journal:{journal}")
+    cfg = dict(SMALL, multipliers=(0.5, 1.0, 2.0))
+    ref = quiet_tune(SyntheticTrainable(), cfg=cfg, workdir=tmp_path / "ref")
+    from examples.tune.tuner import _open_studies, _validate
+
+    v = _validate(cfg["families"], cfg["tiers"], cfg["reference_tier"], cfg["rungs"], "synchronized", 1, kw["storage"],
+                  None, 2, cfg["multipliers"], 1e-9, None)
+    _open_studies(v, kw["storage"], "tune")
+    study = optuna.load_study(study_name="tune", storage=open_storage(kw["storage"]))
+    stuck = _claim(study)                                   # a worker that claimed it and hangs
+    study.tell(stuck.number, state=S.FAIL)                  # the user fails it by hand
+    t0 = time.monotonic()
+    res = quiet_tune(SyntheticTrainable(), cfg=cfg, **kw, heartbeat_interval=0.5, grace_period=GRACE,
+                     poll_interval=0.05)
+    assert time.monotonic() - t0 < GRACE / 3
+    assert outcome(res) == outcome(ref)
+    assert [s.state for s in res.trials if s.number == stuck.number] == []   # its retry stands for it
