@@ -17,6 +17,7 @@ import textwrap
 import time
 import warnings
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -50,7 +51,7 @@ class _Stubborn:
     no timeout while it runs would hang ``tune()``: it raises instead. ``ctrl_c_in_wait``: the first
     timed join raises ``KeyboardInterrupt`` (a second Ctrl-C during the stop wait)."""
 
-    log: list = []
+    log: ClassVar[list] = []
     ctrl_c_in_wait = False
     fail_start_at = 0
 
@@ -217,7 +218,7 @@ def test_a_second_ctrl_c_ends_tune_while_a_worker_swallowed_the_first(tmp_path):
         assert proc.poll() is None, "tune() stopped at once: its worker did not hold it up"
         os.kill(proc.pid, signal.SIGINT)
         t0 = time.monotonic()
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
         took = time.monotonic() - t0
     finally:
         if proc.poll() is None:
@@ -255,12 +256,11 @@ def test_a_ctrl_c_between_restoring_the_two_handlers_drops_no_signal(monkeypatch
 
     old = {s: real_signal(s, h) for s, h in ((signal.SIGINT, on_int), (signal.SIGTERM, on_term))}
     try:
-        with pytest.raises(KeyboardInterrupt):
-            with monkeypatch.context() as m:
-                m.setattr(signal, "signal", swap_then_ctrl_c)
-                with _signals_deferred():
-                    signal.raise_signal(signal.SIGTERM)
-                    assert seen == []
+        with pytest.raises(KeyboardInterrupt), monkeypatch.context() as m:
+            m.setattr(signal, "signal", swap_then_ctrl_c)
+            with _signals_deferred():
+                signal.raise_signal(signal.SIGTERM)
+                assert seen == []
         assert forced and seen == ["TERM", "INT"]
         assert signal.getsignal(signal.SIGINT) is on_int and signal.getsignal(signal.SIGTERM) is on_term
         signal.raise_signal(signal.SIGTERM)
@@ -318,7 +318,7 @@ def test_cli_sigterm_releases_the_trials_and_says_one_line(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
