@@ -20,8 +20,10 @@ other worker and re-enqueued with its intermediate values and rung losses
 (``RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)``; ``RetryFailedTrialCallback``
 before Optuna 4.9), so the retry continues from the
 candidate's checkpoint in ``workdir`` and never retrains a finished rung. A worker stopping on an
-exception (Ctrl-C; SIGTERM in a spawned worker) does the same to its own trials on its way out, so a
-rerun need not wait ``grace_period`` for them.
+exception (Ctrl-C; SIGTERM in a spawned worker or in the command line's process) does the same to its
+own trials on its way out, so a rerun need not wait ``grace_period`` for them; a crash of the worker's
+own code counts against the trial it was working on, which is failed after ``_MAX_CRASH_RETRIES``
+retries (:mod:`examples.tune.worker`).
 """
 import contextlib
 import dataclasses
