@@ -119,6 +119,34 @@ def _backend_class():
 _DEFERRED = (signal.SIGINT, signal.SIGTERM)
 
 
+def _handle(signum: int, frame, handler) -> None:
+    """What ``signum`` would have done under ``handler``: call it, or take the default action
+    (SIGINT's too, when set to SIG_DFL: it ends the process), or nothing for SIG_IGN."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:
+        signal.signal(signum, handler)     # no longer deferred: the default action ends the process
+        os.kill(os.getpid(), signum)
+
+
+class _Deferral:
+    """The handler :func:`_signals_deferred` installs: while ``active`` it notes each signal in
+    ``pending``; after, it hands it to the handler it replaced (``saved``). So a signal arriving while
+    the handlers are put back, or a deferral left installed because a signal's handler raised
+    between two of those swaps, is handled as it would have been, never dropped."""
+
+    def __init__(self) -> None:
+        self.active = True
+        self.saved: dict[int, object] = {}
+        self.pending: list[tuple[int, object]] = []
+
+    def __call__(self, signum: int, frame) -> None:
+        if self.active:
+            self.pending.append((signum, frame))
+        else:
+            _handle(signum, frame, self.saved[signum])
+
+
 @contextlib.contextmanager
 def _signals_deferred():
     """Run the block with SIGINT's and SIGTERM's Python handlers held off; a signal arriving meanwhile is
@@ -130,30 +158,48 @@ def _signals_deferred():
     the release turns into a ``FileNotFoundError`` (seen: the command line's Ctrl-C ended in 'error:
     [Errno 2] ... .rename', status 2, instead of 130). Python runs signal handlers in the main thread
     only, so other threads' appends (the heartbeat's) need nothing. The cost: Ctrl-C waits for the
-    append (milliseconds; up to Optuna's 30 s while a lock left by a killed process is broken)."""
+    append (milliseconds; up to Optuna's 30 s while a lock left by a killed process is broken).
+
+    Putting the handlers back is two swaps, and a signal can arrive between them (its handler may raise
+    there): the pending signals are handled first, then the deferral hands later ones on by itself
+    (:class:`_Deferral`), and then the handlers are swapped back, each swap retried if a handler raised
+    in it. The old restore, a plain loop, was cut short by a Ctrl-C after SIGINT's swap: SIGTERM stayed
+    with the deferral, which noted it for nobody (dropped from then on), and the pending ones were lost.
+    (Blocking the signals with ``pthread_sigmask`` would not do: it is per thread, and the heartbeat
+    thread would take the signal and have the main thread run its handler anyway.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    pending: list[tuple[int, object]] = []
-    saved = {}
+    deferral = _Deferral()
     try:
         for signum in _DEFERRED:
-            if signal.getsignal(signum) is not None:   # None: a handler not set from Python (left alone)
-                saved[signum] = signal.signal(signum, lambda n, frame: pending.append((n, frame)))
+            handler = signal.getsignal(signum)
+            if isinstance(handler, _Deferral) and not handler.active:
+                handler = handler.saved[signum]   # one left installed by a swap cut short: the handler it stood for
+            if handler is not None:   # None: a handler not set from Python (left alone)
+                deferral.saved[signum] = handler
+                signal.signal(signum, deferral)
         yield
     finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
         raised = None
-        for signum, frame in pending:   # every one (a KeyboardInterrupt must not drop a SIGTERM after it)
-            handler = saved[signum]
-            if callable(handler):
+        done = 0
+        while True:   # every pending one, in arrival order (a KeyboardInterrupt must not drop a SIGTERM after it)
+            while done < len(deferral.pending):
+                signum, frame = deferral.pending[done]
+                done += 1
                 try:
-                    handler(signum, frame)
+                    _handle(signum, frame, deferral.saved[signum])
                 except BaseException as e:   # noqa: BLE001 - raised once all were handled
                     raised = raised or e
-            elif handler == signal.SIG_DFL:   # SIGINT's too, when set to SIG_DFL: it ends the process
-                os.kill(os.getpid(), signum)   # its default action, now that the journal is consistent
+            if not deferral.active:
+                break
+            deferral.active = False   # from here on the deferral hands a signal on; one more pass for any noted just now
+        for signum, handler in deferral.saved.items():
+            while signal.getsignal(signum) is deferral:
+                try:
+                    signal.signal(signum, handler)
+                except BaseException as e:   # noqa: BLE001 - a signal's handler ran in the swap and raised
+                    raised = raised or e
         if raised is not None:
             raise raised
 

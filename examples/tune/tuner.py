@@ -20,8 +20,10 @@ other worker and re-enqueued with its intermediate values and rung losses
 (``RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)``; ``RetryFailedTrialCallback``
 before Optuna 4.9), so the retry continues from the
 candidate's checkpoint in ``workdir`` and never retrains a finished rung. A worker stopping on an
-exception (Ctrl-C; SIGTERM in a spawned worker) does the same to its own trials on its way out, so a
-rerun need not wait ``grace_period`` for them.
+exception (Ctrl-C; SIGTERM in a spawned worker or in the command line's process) does the same to its
+own trials on its way out, so a rerun need not wait ``grace_period`` for them; a crash of the worker's
+own code counts against the trial it was working on, which is failed after ``_MAX_CRASH_RETRIES``
+retries (:mod:`examples.tune.worker`).
 """
 import contextlib
 import dataclasses
@@ -346,7 +348,33 @@ def _at_edge(choices: Mapping[tuple[str, int], Candidate],
     return out
 
 
-_STOP_TIMEOUT = 60.0  # seconds a spawned worker gets to release its trials once tune() stopped it
+_STOP_TIMEOUT = 60.0  # seconds the spawned workers get, all together, to release their trials once tune() stopped
+
+
+def _stop_workers(procs, timeout: float | None = None) -> None:
+    """Stop the worker processes ``procs`` that :func:`tune` started, when it stops on an exception.
+
+    Each is sent SIGTERM (it releases its trials, :func:`_worker_main`); they share one deadline,
+    ``timeout`` seconds (default ``_STOP_TIMEOUT``) from now, and any still running then (a trainable
+    that swallowed the interrupt) is killed: ``k`` workers cost at most ``timeout``, not ``k x timeout``.
+    A second Ctrl-C (or the command line's SIGTERM) during that wait ends it: the rest are killed at
+    once (their trials are left to the heartbeat) and the caller raises its first exception at once;
+    the wait used to end in a join without a deadline, and ``tune()`` hung as long as such a worker ran."""
+    timeout = _STOP_TIMEOUT if timeout is None else timeout
+    for p in procs:
+        p.terminate()
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:  # the user does not want to wait: kill the rest now
+        pass
+    finally:
+        for p in procs:
+            if p.exitcode is None:
+                p.kill()
+        for p in procs:  # a killed process ends at once
+            p.join()
 
 
 def exit_with_parent(parent: int, interval: float = 1.0) -> threading.Thread:
@@ -482,33 +510,27 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
     if progress is None:
         progress = sys.stderr.isatty()
     studies = _open_studies(cfg, storage, study_name)
-    procs = []
-    if n_workers > 1:
-        import multiprocessing as mp
+    procs, bar = [], None
+    try:  # spawning too: a Ctrl-C (or a worker that cannot start) there stops the workers already started
+        if n_workers > 1:
+            import multiprocessing as mp
 
-        ctx = mp.get_context("spawn")
-        for _ in range(n_workers - 1):
-            p = ctx.Process(target=_worker_main, args=(trainable, cfg, storage, study_name, workdir,
-                                                       heartbeat_interval, grace_period, poll_interval, os.getpid(),
-                                                       optuna.logging.get_verbosity()))
-            p.start()
-            procs.append(p)
-    bar = Progress(total=len(cfg.candidates())) if progress else None
-    try:
+            ctx = mp.get_context("spawn")
+            for _ in range(n_workers - 1):
+                p = ctx.Process(target=_worker_main, args=(trainable, cfg, storage, study_name, workdir,
+                                                           heartbeat_interval, grace_period, poll_interval,
+                                                           os.getpid(), optuna.logging.get_verbosity()))
+                p.start()
+                procs.append(p)
+        bar = Progress(total=len(cfg.candidates())) if progress else None
         _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                 poll_interval=poll_interval, progress=bar, study_name=study_name).run()
+        for p in procs:  # the study is finished: they end on their own (a Ctrl-C here stops them as below)
+            p.join()
     except BaseException:
-        for p in procs:  # stop the workers this call started (they release their trials); a later run resumes
-            p.terminate()
-        deadline = time.monotonic() + _STOP_TIMEOUT  # one deadline for all: the k-th worker waited k x 60 s
-        for p in procs:  # one that does not end (a trainable that swallowed the interrupt) is killed
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
+        _stop_workers(procs)  # they release their trials; a later run resumes
         raise
     finally:
-        for p in procs:
-            p.join()
         if bar:
             bar.close()
     for p in procs:

@@ -37,6 +37,8 @@ from optuna.exceptions import UpdateFinishedTrialError  # noqa: E402
 __all__ = ["TrialFailed", "TrialDirMismatch"]
 
 _HEARTBEAT = "tune:heartbeat"
+_CRASHES = "tune:crashes"   # how often the candidate's trials crashed their worker (inherited by each retry)
+_MAX_CRASH_RETRIES = 3      # as Optuna's max_retry: retried after 3 crashes; the 4th fails the candidate
 
 
 class TrialFailed(RuntimeError):
@@ -86,6 +88,33 @@ def _fail_lost(study, ft, live) -> bool:
     return True
 
 
+def _fail_crashed(study, ft, live, error: BaseException) -> bool:
+    """The trial ``ft`` was being worked on when its worker crashed (an exception other than an interrupt,
+    raised outside the trainable: the trainable's own are the trial's failure). Count the crash on the
+    candidate (system attribute ``tune:crashes``, kept by every retry) and release the trial as lost
+    (:func:`_fail_lost`), or, at the ``_MAX_CRASH_RETRIES + 1``-th crash, fail it as the candidate's
+    failure (``error`` set: never retried, ranked last) and say so in one line: without a limit, a crash
+    repeated on every rerun added a retry per rerun and the candidate was never decided. False when the
+    trial is no longer RUNNING (another worker took it over)."""
+    crashes = int(ft.system_attrs.get(_CRASHES, 0)) + 1
+    storage = study._storage
+    try:
+        if crashes <= _MAX_CRASH_RETRIES:
+            storage.set_trial_system_attr(ft._trial_id, _CRASHES, crashes)
+            return _fail_lost(study, ft, live)   # its retry is made from the trial as stored now: it keeps the count
+        key = ft.user_attrs.get("key", f"trial {ft.number}")
+        why = (f"crashed its worker {crashes} times (last: {type(error).__name__}: {error}); not retried: "
+               "fix the cause, then tune it under a new study_name (this study keeps it failed)")
+        with _signals_deferred():   # both or neither: a RUNNING trial with an error would be retried
+            storage.set_trial_user_attr(ft._trial_id, "error", why)
+            failed = storage.set_trial_state_values(ft._trial_id, state=optuna.trial.TrialState.FAIL)
+    except UpdateFinishedTrialError:
+        return False
+    if failed:
+        warnings.warn(f"tune: candidate {key} (trial {ft.number}) {why}", stacklevel=2)
+    return failed
+
+
 class _Worker:
     """One worker process: claims, trains, holds and finishes trials until every study is finished."""
     def __init__(self, studies: Mapping[tuple[str, int] | None, object], trainable: Trainable, cfg: _Config,
@@ -106,6 +135,8 @@ class _Worker:
         self.silent_noted: set[int] = set()    # trials this worker said it is waiting for (one note each)
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.current: int | None = None        # the trial being worked on (a crash there is counted on it)
+        self.crash: Exception | None = None     # what stopped the worker, when it was no interrupt
 
     # -- heartbeats
     def _beat(self, trial) -> None:
@@ -163,12 +194,17 @@ class _Worker:
         storage operation is atomic, a trial failed but not re-enqueued is an orphan (re-enqueued by the
         next sweep or resume) and one not reached is taken over after ``grace_period``, as before. Errors
         of the storage are not raised (the exception that stopped the worker is what the caller sees);
-        the heartbeat takes those trials over. The in-memory storage keeps nothing: nothing to release."""
+        the heartbeat takes those trials over. The in-memory storage keeps nothing: nothing to release.
+
+        ``self.crash``: the worker stopped on that exception (not an interrupt): the trial it was working on
+        is counted as having crashed it, and failed for good once it did so too often (:func:`_fail_crashed`);
+        the other trials it held are released as for an interrupt, uncounted."""
         if self.session is not None:
             return
         with self.lock:
             mine = {tid: t.study for tid, t in self.held.items()}
             mine.update(self.claimed)
+        culprit = self.current if self.crash is not None else None
         by_study: dict[object, set[int]] = defaultdict(set)
         for tid, study in mine.items():
             by_study[study].add(tid)
@@ -178,7 +214,10 @@ class _Worker:
                 live = _live(trials)
                 for ft in trials:
                     if ft._trial_id in tids and ft.state == optuna.trial.TrialState.RUNNING:
-                        _fail_lost(study, ft, live)
+                        if ft._trial_id == culprit:
+                            _fail_crashed(study, ft, live, self.crash)
+                        else:
+                            _fail_lost(study, ft, live)
             except Exception:  # noqa: BLE001, S112 - e.g. a database gone away: the heartbeat covers these trials
                 continue
         with self.lock:
@@ -376,6 +415,7 @@ class _Worker:
             if done == 0 or st.pending is None or st.pending >= done:
                 ready.append((done, ft.number, trial, ft))
         for done, _, trial, ft in sorted(ready, key=lambda r: (r[0], r[1])):
+            self.current = trial._trial_id
             cand = _candidate(ft)
             if done == n:  # a retry whose worker died after storing the last rung's loss, before finishing it
                 self._finish(study, trial, optuna.trial.TrialState.COMPLETE,
@@ -392,6 +432,7 @@ class _Worker:
             return "worked"
         trial = _claim(study, self._claimed(study))
         if trial is not None:
+            self.current = trial._trial_id
             self._start(study, trial)
             return "worked"
         self._sweep_stale(study)
@@ -406,6 +447,7 @@ class _Worker:
             trial = _claim(study, self._claimed(study))
             if trial is None:
                 continue
+            self.current = trial._trial_id
             cand = self._start(study, trial)
             if cand is None:
                 return "worked"
@@ -439,6 +481,7 @@ class _Worker:
         beat.start()
         try:
             while True:
+                self.current = None
                 if self.cfg.mode == "synchronized":
                     (study,) = self.studies.values()
                     status = self._sync_step(study)
@@ -450,8 +493,11 @@ class _Worker:
                     return
                 if status == "waiting":
                     time.sleep(self.poll_interval)
-        except BaseException:
+        except BaseException as e:
             self.stop.set()  # no heartbeat for the trials being released
+            # a crash of the worker's own code is counted on the trial it was working on; an interrupt
+            # (Ctrl-C, a SIGTERM turned into one) or a trial directory to be deleted by hand is no crash
+            self.crash = e if isinstance(e, Exception) and not isinstance(e, TrialDirMismatch) else None
             self._release()
             raise
         finally:
