@@ -13,6 +13,7 @@ from typing import Mapping
 
 import torch
 
+from examples.replicate.machine import machine_info
 from examples.tune.trainable import Candidate, Report
 from spectral_lens.records import RunInfo, RunWriter
 
@@ -127,7 +128,8 @@ class ToyWorkload:
         info = RunInfo(run_dir.name, family=family, batch_tier=tier, tokens_per_step=tier, seed=p.seed,
                        n_layer=p.model.n_layer, total_tokens=p.budget, batch_size=tier,
                        primary_spectrum=f"act:blocks.{p.model.n_layer - 1}",
-                       extras={"unit": "examples", "lrs": dict(lrs), "preset": p.name, "task": p.task.__dict__})
+                       extras={"unit": "examples", "lrs": dict(lrs), "preset": p.name, "task": p.task.__dict__,
+                               "machine": machine_info()})  # what trained it: CPU, OS, torch, BLAS, threads
         measure_steps = {step_at(f, steps) for f in p.measure_fractions}
         eval_steps = {step_at(k * p.eval_every, steps) for k in range(1, int(round(1 / p.eval_every)) + 1)}
         with RunWriter(run_dir, info, tail_window=p.window, head_window=(2, 8)) as writer:
