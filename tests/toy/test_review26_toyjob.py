@@ -15,6 +15,7 @@ from examples.replicate import pipeline
 from examples.replicate.machine import cpu_model, machine_info
 from examples.toy import report
 from spectral_lens import Spectrum
+from spectral_lens.analysis import TailPredictor, token_inefficiency
 from spectral_lens.records import RunInfo, RunWriter, open_runs
 
 FRACTIONS = (0.0, 0.1, 0.2, 0.25, 0.3, 0.5, 1.0)
@@ -91,9 +92,10 @@ def test_our_numbers_and_the_probe_rows_use_the_presets_fraction(tmp_path, monke
                                          (128, 0.6, 1.25, -1.0))])
     wl = SimpleNamespace(target_loss=2.0, window=(10, 40), families=("Muon",), fraction=0.3)
     text = "\n".join(_sections(tmp_path, monkeypatch, wl, runs))
-    scan, ns = report._rho_scan(runs, ("Muon",), 2.0, (10, 40), (0.2, 0.3))
-    assert scan["Muon"][0.2] == pytest.approx(0.4) and scan["Muon"][0.3] == pytest.approx(-0.2)
-    assert f"Muon rho at 30% = {report._num(scan['Muon'][0.3])} (n = {ns['Muon'][0.3]})" in text
+    eps = token_inefficiency(runs, 2.0)
+    rho = {f: TailPredictor(f, window=(10, 40)).fit(runs).score(targets=eps).within["Muon"] for f in (0.2, 0.3)}
+    assert rho[0.2].rho == pytest.approx(0.4) and rho[0.3].rho == pytest.approx(-0.2)
+    assert f"Muon rho at 30% = {report._num(rho[0.3].rho)} (n = {rho[0.3].n})" in text
     assert "rho at 20%" not in text
     assert "(first / 30% / last checkpoint)" in text
     assert "| Muon | 16 | 0.000 / 0.300 / 1.000 |" in text  # H_S = progress: the 30% checkpoint was read
