@@ -119,8 +119,10 @@ class ToyWorkload:
     def run(self, family: str, tier: int, lrs: Mapping[str, float], run_dir: Path) -> Path:
         """Train one measured run into ``run_dir`` (its name is the run id) and close its record.
 
-        A run whose training or validation loss turns non-finite stops there, its record marked
-        ``status: "diverged"`` (with the reason in ``divergence``): a finished run, not trained again by a rerun.
+        A run whose training or validation loss turns non-finite stops there (at a measurement or at an
+        evaluation-only step), its record marked ``status: "diverged"`` (with the reason in ``divergence``): a
+        finished run, not trained again by a rerun. ``extras["machine"]`` records what trained it
+        (:func:`examples.replicate.machine.machine_info`).
         """
         p, d = self.preset, self._trainable.data
         run = ToyRun(family, tier, lrs, p.model, seed=p.seed)
@@ -152,7 +154,10 @@ class ToyWorkload:
                         raise
                     writer.log(r.step, r.seen, train_loss=loss, tokens_per_s=rate)
                 elif r.step in eval_steps:
-                    writer.log(r.step, r.seen, val_loss=lens.val_loss(), train_loss=loss, tokens_per_s=rate)
+                    val = lens.val_loss()
+                    writer.log(r.step, r.seen, val_loss=val, train_loss=loss, tokens_per_s=rate)
+                    if not math.isfinite(val):  # as at a measurement: the run stops here, diverged
+                        raise FloatingPointError(f"toy {run_dir.name}: validation loss {val} at {r.seen} examples")
                 clock["t"] = time.perf_counter()
 
             try:

@@ -240,3 +240,28 @@ def test_a_stray_floating_point_error_is_not_reported_as_a_one_line_input_error(
     monkeypatch.setattr(pipeline, "_replicate", boom)
     with pytest.raises(FloatingPointError, match="something non-finite"):
         toy_main.main(["--preset", "smoke", "--out", str(tmp_path / "toy")])
+
+
+def test_a_nan_validation_loss_at_an_evaluation_only_step_stops_the_run_as_diverged(tmp_path, monkeypatch):
+    # at a measurement a NaN validation loss stopped the run (diverged, as documented), but at the evaluations
+    # between measurements it was logged and training went on
+    from examples.toy import measure
+    from examples.toy.presets import PRESETS, REFERENCE_LRS
+    from examples.toy.workload import ToyWorkload, step_at
+
+    preset = PRESETS["smoke"]
+    steps = preset.budget // 64
+    measured = {step_at(f, steps) for f in preset.measure_fractions}
+    evals = sorted({step_at(k * preset.eval_every, steps) for k in range(1, 11)} - measured)
+    bad = evals[0]  # the first evaluation-only step: the first call of ToyLens.val_loss (measurements use measure)
+    real = measure.ToyLens.val_loss
+    calls = {"n": 0}
+
+    def val_loss(self):
+        calls["n"] += 1
+        return math.nan if calls["n"] == 1 else real(self)
+    monkeypatch.setattr(measure.ToyLens, "val_loss", val_loss)
+    run_dir = ToyWorkload(preset).run("Muon", 64, REFERENCE_LRS["Muon"], tmp_path / "muon-b64")
+    run, = open_runs([run_dir])
+    assert run.info.extras["status"] == "diverged" and "validation loss nan" in run.info.extras["divergence"]
+    assert max(e["step"] for e in run.events) == bad and max(m.step for m in run.measurements) < bad
