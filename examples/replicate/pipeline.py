@@ -14,7 +14,8 @@ interrupted pipeline is resumed by running the same command again:
 
 A running pipeline holds an exclusive lock on ``OUT/.replicate.lock`` (released by the kernel if it
 is killed): a second job started into the same directory meanwhile is refused with a ``ValueError``
-instead of training the same runs and removing the other's ``.partial`` run.
+instead of training the same runs and removing the other's ``.partial`` run. A CLI that checks or writes
+``OUT/preset.json`` takes the lock first (:func:`job_lock`) and passes it on (``replicate(..., lock=...)``).
 
 Workloads may define, besides the :class:`~examples.replicate.workload.Workload` contract:
 ``fraction`` (the early progress fraction, default 0.2), ``window`` (the tail rank window; default
