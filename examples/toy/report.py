@@ -239,24 +239,31 @@ def _save(fig, path: Path) -> Path:
 
 
 def _annotate_tiers(ax, pts) -> None:
-    """Label each point ``(alpha, examples, tier)`` "B=<tier>" beside it, moving a label up past those already
-    placed when their boxes would intersect (tiers whose points nearly coincide, e.g. B = 64 and 128 with the
+    """Label each point ``(alpha, examples, tier)`` "B=<tier>" beside it (on its left when the label would pass the
+    axes' right edge: B = 512's was cut off by the figure's), moving a label up past those already placed when
+    their boxes would intersect (tiers whose points nearly coincide, e.g. B = 64 and 128 with the
     same examples to target and close alphas, had their labels drawn over each other). Call after the layout:
     the boxes are measured where the figure will draw them."""
     fig = ax.figure
     renderer = fig.canvas.get_renderer()
     ax.autoscale_view()
     placed = []
+    right_edge = ax.get_window_extent(renderer).x1
     for a, T, t in sorted(pts, key=lambda p: (p[1], p[0], p[2])):
         label = ax.annotate(f"B={t}", (a, T), xytext=(3, 3), textcoords="offset points", fontsize=7)
         box = label.get_window_extent(renderer)
-        dy = 3.0
+        dx, dy = 3.0, 3.0
+        if box.x1 > right_edge:  # the rightmost point's label would leave the figure: put it on the left
+            dx = -3.0
+            label.set_horizontalalignment("right")
+            label.xyann = (dx, dy)
+            box = label.get_window_extent(renderer)
         for _ in range(len(placed) + 1):  # each move clears at least one placed box
             hit = [b for b in placed if box.overlaps(b)]
             if not hit:
                 break
             dy += (max(b.y1 for b in hit) - box.y0) * 72 / fig.dpi + 1  # points: just above the highest one hit
-            label.xyann = (3, dy)
+            label.xyann = (dx, dy)
             box = label.get_window_extent(renderer)
         placed.append(box)
 

@@ -140,7 +140,7 @@ def _label_boxes(points):
     renderer = fig.canvas.get_renderer()
     fig.draw(renderer)
     texts = [t for t in fig.axes[1].texts if t.get_text().startswith("B=")]
-    return {t.get_text(): t.get_window_extent(renderer) for t in texts}
+    return {t.get_text(): t.get_window_extent(renderer) for t in texts}, fig.bbox
 
 
 @pytest.mark.filterwarnings("ignore:No artists with labels")  # Fig. 4b of no runs: an empty legend
@@ -151,8 +151,10 @@ def _label_boxes(points):
 ])
 def test_fig4a_tier_labels_do_not_overlap_when_points_coincide(points):
     pytest.importorskip("matplotlib")
-    boxes = _label_boxes(points)
+    boxes, figure = _label_boxes(points)
     assert sorted(boxes) == sorted(f"B={t}" for *_, t in points)
+    for name, box in boxes.items():  # inside the figure (the rightmost point's label was cut off at its edge)
+        assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and box.y1 <= figure.y1, (name, box, figure)
     names = sorted(boxes)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
