@@ -12,7 +12,7 @@ import os
 import platform
 from pathlib import Path
 
-__all__ = ["machine_info", "cpu_model"]
+__all__ = ["cpu_model", "machine_info"]
 
 #: Environment variables that choose CPU kernels or threads (``MKL_CBWR`` moves results by an ULP or more).
 KERNEL_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "ATEN_CPU_CAPABILITY")

@@ -45,7 +45,7 @@ from .tuning import TunerSettings, choose_rates
 from .verdict import ALPHA, REPRODUCED_RHO, Verdict, verdict
 from .workload import Workload
 
-__all__ = ["replicate", "chain_transitions", "job_lock", "JobLock"]
+__all__ = ["JobLock", "chain_transitions", "job_lock", "replicate"]
 
 
 #: The temporary files of ``spectral_lens.atomic.write_atomic`` (``.<name>.<uuid hex>.tmp``).
@@ -87,7 +87,7 @@ def _lr_table(workload: Workload, lrs) -> str:
     return "\n".join(rows)
 
 
-def replicate(workload: Workload, out: Path, tuner: TunerSettings, *, stream=None, lock: "JobLock | None" = None
+def replicate(workload: Workload, out: Path, tuner: TunerSettings, *, stream=None, lock: JobLock | None = None
               ) -> Verdict:
     """Run the whole pipeline for ``workload`` into ``out``; returns the :class:`Verdict` (also printed).
 

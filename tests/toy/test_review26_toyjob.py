@@ -191,9 +191,9 @@ def test_two_jobs_started_at_once_with_different_presets_do_not_both_run(tmp_pat
     # job A found no preset.json and was about to write its own when job B (another preset) started: B found
     # no preset.json either, wrote its own and ran; A then wrote its own over it and ran too, into one --out.
     # B is started at the worst moment, from inside A's write of preset.json
-    import spectral_lens.atomic as atomic
     from examples.toy import __main__ as toy_main
     from examples.toy.presets import PRESETS
+    from spectral_lens import atomic
 
     other = dataclasses.replace(PRESETS["smoke"], name="smoke-other", budget=2 * PRESETS["smoke"].budget)
     monkeypatch.setitem(toy_main.PRESETS, other.name, other)
