@@ -14,7 +14,8 @@ interrupted pipeline is resumed by running the same command again:
 
 A running pipeline holds an exclusive lock on ``OUT/.replicate.lock`` (released by the kernel if it
 is killed): a second job started into the same directory meanwhile is refused with a ``ValueError``
-instead of training the same runs and removing the other's ``.partial`` run.
+instead of training the same runs and removing the other's ``.partial`` run. A CLI that checks or writes
+``OUT/preset.json`` takes the lock first (:func:`job_lock`) and passes it on (``replicate(..., lock=...)``).
 
 Workloads may define, besides the :class:`~examples.replicate.workload.Workload` contract:
 ``fraction`` (the early progress fraction, default 0.2), ``window`` (the tail rank window; default
@@ -23,6 +24,7 @@ with any figures written into ``out_dir``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,15 +40,13 @@ from spectral_lens.records import RunRecord, open_runs
 from spectral_lens.report import build_report
 
 from .runs import run_id, train_runs
-from .settings import refuse_torchrun
+from .settings import LOCK_FILE, refuse_torchrun  # LOCK_FILE: held by a running job (job_lock)
 from .tuning import TunerSettings, choose_rates
 from .verdict import ALPHA, REPRODUCED_RHO, Verdict, verdict
 from .workload import Workload
 
-__all__ = ["replicate", "chain_transitions"]
+__all__ = ["JobLock", "chain_transitions", "job_lock", "replicate"]
 
-#: The lock file a running :func:`replicate` holds in its output directory (one job per directory).
-LOCK_FILE = ".replicate.lock"
 
 #: The temporary files of ``spectral_lens.atomic.write_atomic`` (``.<name>.<uuid hex>.tmp``).
 _TEMPORARY = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
@@ -87,12 +87,40 @@ def _lr_table(workload: Workload, lrs) -> str:
     return "\n".join(rows)
 
 
-def replicate(workload: Workload, out: Path, tuner: TunerSettings, *, stream=None) -> Verdict:
+def replicate(workload: Workload, out: Path, tuner: TunerSettings, *, stream=None, lock: JobLock | None = None
+              ) -> Verdict:
     """Run the whole pipeline for ``workload`` into ``out``; returns the :class:`Verdict` (also printed).
 
     ``stream``: where progress and the verdict are printed (``None``: standard output; ``False``: nowhere).
+    ``lock``: the caller's held :func:`job_lock` of ``out`` (taken before it checked ``OUT/preset.json``);
+    ``None``: the pipeline takes it.
     """
     refuse_torchrun(getattr(workload, "name", "replicate"))
+    if lock is None:
+        with job_lock(out):
+            return _replicate(workload, Path(out), tuner, stream)
+    if not lock.held or lock.directory != Path(out).resolve():
+        raise ValueError(f"replicate: the lock passed is {'not held' if not lock.held else 'for ' + str(lock.directory)}, "
+                         f"expected the held lock of {Path(out).resolve()} (job_lock(out))")
+    return _replicate(workload, Path(out), tuner, stream)
+
+
+class JobLock:
+    """The held lock of the job writing into ``directory`` (yielded by :func:`job_lock`; ``held`` until it exits)."""
+
+    def __init__(self, directory: Path):
+        self.directory, self.held = directory, True
+
+
+@contextlib.contextmanager
+def job_lock(out: Path):
+    """Hold the exclusive lock of the job writing into ``out`` (``OUT/.replicate.lock``; ``out`` is created) and
+    yield a :class:`JobLock` for :func:`replicate`'s ``lock``.
+
+    Raises ``ValueError`` (one line) when another job holds it (another process, or another ``job_lock`` in this
+    one). A CLI takes it before it checks or writes ``OUT/preset.json`` and passes it to :func:`replicate`: two
+    jobs started at once with different presets both found no ``preset.json`` and wrote theirs, and one then ran
+    under the other's settings."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lock = out / LOCK_FILE
@@ -101,9 +129,11 @@ def replicate(workload: Workload, out: Path, tuner: TunerSettings, *, stream=Non
     except BlockingIOError:
         raise ValueError(f"{out}: another replication is running into this directory (it holds {lock}); wait for "
                          "it, or stop it and rerun to resume") from None
+    held = JobLock(out.resolve())
     try:
-        return _replicate(workload, out, tuner, stream)
+        yield held
     finally:
+        held.held = False
         if fd is not None:
             locks.release(fd, os.getpid())
 
@@ -140,12 +170,24 @@ def _replicate(workload: Workload, out: Path, tuner: TunerSettings, stream) -> V
     text = rep.path.read_text(encoding="utf-8")
     write_text_atomic(rep.path, text.rstrip() + "\n\n" + "\n\n".join(sections) + "\n")
     write_text_atomic(report_dir / "verdict.txt", "\n".join(v.lines) + "\n")
-    write_text_atomic(report_dir / "verdict.json", json.dumps(_jsonable(v), indent=2, allow_nan=True) + "\n")
+    write_text_atomic(report_dir / "verdict.json", json.dumps(_strict(_jsonable(v)), indent=2, allow_nan=False) + "\n")
     say(f"[report] {rep.path}")
     say("\nVerdict:")
     for line in v.lines:
         say("  " + line)
     return v
+
+
+def _strict(x):
+    """``x`` with every NaN or infinite float replaced by ``None`` (JSON ``null``): ``verdict.json`` is strict JSON
+    (bare ``NaN``, as ``json.dumps`` writes by default, is refused by strict parsers and other languages)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _strict(y) for k, y in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(y) for y in x]
+    return x
 
 
 def _jsonable(v: Verdict) -> dict:

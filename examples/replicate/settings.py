@@ -18,11 +18,17 @@ __all__ = ["check_settings", "settings_of", "holds_other_files"]
 _PRESET_TEMPORARY = re.compile(r"\.preset\.json\.[0-9a-f]{32}\.tmp")
 
 
+#: The lock file a running job holds in its output directory (``examples.replicate.pipeline.job_lock``).
+LOCK_FILE = ".replicate.lock"
+
+
 def holds_other_files(out: Path) -> bool:
     """Whether ``out`` is a directory holding anything but ``preset.json`` being written (the temporary file a
-    first call killed while writing it leaves; ``out`` is then still a fresh output directory)."""
+    first call killed while writing it leaves; ``out`` is then still a fresh output directory) and the job's
+    lock file (taken before ``preset.json`` is written)."""
     out = Path(out)
-    return out.is_dir() and any(not _PRESET_TEMPORARY.fullmatch(p.name) for p in out.iterdir())
+    return out.is_dir() and any(not _PRESET_TEMPORARY.fullmatch(p.name) and p.name != LOCK_FILE
+                                for p in out.iterdir())
 
 #: Preset fields that do not change any result (a planned wall time for the ETA): not compared.
 INFORMATIONAL = frozenset({"expected_minutes"})

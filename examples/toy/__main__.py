@@ -9,6 +9,7 @@ line naming the fields, rather than mixing its results with the old ones: use a 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -52,21 +53,37 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     preset = PRESETS[args.preset]
     out = Path(args.out or f"runs/toy-{preset.name}")
-    try:
-        from examples.replicate.settings import refuse_torchrun
+    with contextlib.ExitStack() as held:
+        try:
+            from examples.replicate.settings import refuse_torchrun
 
-        refuse_torchrun("examples.toy")
-        if args.threads is not None and args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        if not (out / "preset.json").exists() and not (out / "preset.json").is_symlink() \
-                and holds_other_files(out):
-            raise ValueError(f"{out} is not empty and holds no toy run: choose another --out")
-        check_settings(out, preset, "toy run")  # every setting, as examples.speedrun: never mix results
-    except (ValueError, OSError) as exc:
-        print(f"examples.toy: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+            refuse_torchrun("examples.toy")
+            if args.threads is not None and args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            if out.exists() and not out.is_dir():
+                raise ValueError(f"--out {out} is not a directory; use a new --out")
+            _check_fresh(out)  # before the lock: a refused directory gets no lock file
+            from examples.replicate.pipeline import job_lock
 
-    threads = args.threads or preset.threads
+            # the job's lock before preset.json is read or written: two jobs started at once into a new --out
+            # with different presets both found no preset.json, both wrote theirs, and one ran under the other's
+            lock = held.enter_context(job_lock(out))
+            _check_fresh(out)
+            check_settings(out, preset, "toy run")  # every setting, as examples.speedrun: never mix results
+        except (ValueError, OSError) as exc:
+            print(f"examples.toy: error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        return _run(preset, out, args.threads or preset.threads, lock)
+
+
+def _check_fresh(out: Path) -> None:
+    """Refuse an ``out`` that is not empty and holds no toy run (no ``preset.json``)."""
+    if not (out / "preset.json").exists() and not (out / "preset.json").is_symlink() and holds_other_files(out):
+        raise ValueError(f"{out} is not empty and holds no toy run: choose another --out")
+
+
+def _run(preset, out: Path, threads: int, lock) -> int:
+    """The pipeline with ``threads`` torch threads (the tuner's workers too); returns the exit status."""
     previous_env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", *MALLOC_ENV)}
     os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the tuner's spawned worker processes
     keep_freed_memory()
@@ -79,15 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        replicate(ToyWorkload(preset), out, preset.tuner)
+        replicate(ToyWorkload(preset), out, preset.tuner, lock=lock)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume (finished runs are kept)", file=sys.stderr)
         return 130
     except (ValueError, KeyError, OSError) as exc:  # e.g. a malformed choices file in OUT/tune: one line
         print(f"examples.toy: error: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except FloatingPointError as exc:  # non-finite numbers outside a run (a measured run records its divergence)
-        print(f"examples.toy: error: {one_line(exc)} (the run is not kept; finished runs are)", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(previous)

@@ -34,6 +34,11 @@ def _num(x: float, fmt: str = ".2f") -> str:
     return format(x, fmt) if x is not None and math.isfinite(x) else "n/a"
 
 
+def _pct(f: float) -> str:
+    """A progress fraction in percent: ``20%``, ``12.5%`` (no rounding that would hide the preset's fraction)."""
+    return f"{100 * f:.3g}%"
+
+
 def _alpha(m: Measurement, name: str, window: tuple[int, int]) -> float:
     return float(sl.BandAlphaFitter(window).fit(m.spectra[name]).alpha)
 
@@ -68,12 +73,13 @@ def _fig4a_points(runs, families, target, window, fraction) -> dict[str, list[tu
     return out
 
 
-def _rho_scan(runs, families, target, window) -> tuple[dict[str, dict[float, float]], dict[str, dict[float, int]]]:
-    """Per family, the within-family rho at each scan fraction, and the number of runs it was computed on
+def _rho_scan(runs, families, target, window, fractions=SCAN_FRACTIONS
+              ) -> tuple[dict[str, dict[float, float]], dict[str, dict[float, int]]]:
+    """Per family, the within-family rho at each of ``fractions``, and the number of runs it was computed on
     (a run without a statistic at a fraction, or cut short before the target, is left out of that rho)."""
     eps = token_inefficiency(runs, target)
     out, ns = {f: {} for f in families}, {f: {} for f in families}
-    for frac in SCAN_FRACTIONS:
+    for frac in fractions:
         try:
             score = TailPredictor(frac, window=window).fit(runs).score(targets=eps)
         except ValueError:
@@ -85,15 +91,25 @@ def _rho_scan(runs, families, target, window) -> tuple[dict[str, dict[float, flo
 
 
 def _matched(runs, family, target, window):
-    """Per tier of ``family``: (examples at the first measurement with val loss <= target, alpha, spectrum)."""
+    """Per tier of ``family``: (examples at the first measurement with val loss <= target, alpha, spectrum).
+
+    A run that diverged is left out, even one that reached the target first: its rho(tier, alpha) ranks the
+    tiers, and the library's predictors leave every diverged run out of a ranking, its checkpoints from before
+    the divergence too (as the verdict's rho and Fig. 4a here do); :func:`_diverged_tiers` names them."""
     rows = []
-    for r in sorted((r for r in runs if r.info.family == family), key=lambda r: r.info.batch_tier):
+    for r in sorted((r for r in runs if r.info.family == family and divergence(r) is None),
+                    key=lambda r: r.info.batch_tier):
         name = r.info.primary_spectrum
         hit = [m for m in r.measurements if m.val_loss is not None and m.val_loss <= target]
         if hit:
             m = hit[0]
             rows.append((int(r.info.batch_tier), m.tokens, m.val_loss, _alpha(m, name, window), m.spectra[name]))
     return rows
+
+
+def _diverged_tiers(runs, family) -> list[int]:
+    """The tiers of ``family`` whose run diverged (left out of the matched-loss table and its rho)."""
+    return sorted(int(r.info.batch_tier) for r in runs if r.info.family == family and divergence(r) is not None)
 
 
 def _h_peak_steps(runs, families, target) -> list[tuple[str, float]]:
@@ -117,9 +133,11 @@ def _last_scalars(runs, family: str, target: float) -> dict[str, float]:
 def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str]:
     """Markdown sections (and figures in ``out_dir``) of the toy report."""
     target, window, families = workload.target_loss, tuple(workload.window), tuple(workload.families)
+    fraction = float(getattr(workload, "fraction", 0.2))  # the preset's (the pipeline's default: the paper's 20%)
+    scanned = tuple(sorted(set(SCAN_FRACTIONS) | {fraction}))  # the table shows the pre-registered fraction too
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        scan, scan_n = _rho_scan(runs, families, target, window)
+        scan, scan_n = _rho_scan(runs, families, target, window, scanned)
     last = families[-1]
     matched = _matched(runs, last, target, window)
     rho_tier = math.nan
@@ -135,11 +153,11 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
              "activations of the last block) and realized eps_tok (examples to target / the family's best), "
              "at each progress fraction, and the number of runs n each rho was computed on. Tiers that never "
              "reach the target rank last; a run that diverged is left out (the library's rule).", "",
-             "| family | " + " | ".join(f"{f:.0%}" for f in SCAN_FRACTIONS) + " |",
-             "|---|" + "---|" * len(SCAN_FRACTIONS)]
+             "| family | " + " | ".join(_pct(f) for f in scanned) + " |",
+             "|---|" + "---|" * len(scanned)]
     for fam in families:
-        lines.append(f"| {fam} | " + " | ".join(_num(scan[fam].get(f, math.nan)) for f in SCAN_FRACTIONS) + " |")
-        lines.append(f"| {fam} n | " + " | ".join(str(scan_n[fam].get(f, 0)) for f in SCAN_FRACTIONS) + " |")
+        lines.append(f"| {fam} | " + " | ".join(_num(scan[fam].get(f, math.nan)) for f in scanned) + " |")
+        lines.append(f"| {fam} n | " + " | ".join(str(scan_n[fam].get(f, 0)) for f in scanned) + " |")
     sections.append("\n".join(lines))
 
     lines = [f"## Matched-loss spectra by tier, {last} (Fig. 11a analogue)", ""]
@@ -150,19 +168,23 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
         lines += ["", f"Spearman rho(tier, matched-loss alpha) = {_num(rho_tier)} (n = {len(matched)}); the paper's "
                   "'smaller batches are steeper' means rho < 0."]
     else:
-        lines.append(f"No {last} run reached the target {target:g}: nothing to match.")
+        lines.append(f"No {last} run reached the target {target:g} without diverging: nothing to match.")
+    gone = _diverged_tiers(runs, last)
+    if gone:
+        lines += ["", "Left out (diverged, even after reaching the target: the library ranks no diverged run): "
+                  + ", ".join(f"B={t}" for t in gone) + "."]
     sections.append("\n".join(lines))
 
     lines = ["## Fourier probes along the cyclic index (Fig. 4b / 11b analogues)", "",
              "H_S (task band r = 1..8), H_peak and PC1 peak mass of the last-position hidden states grouped by "
              "the target's phase, for each family's most token-efficient tier among its runs that did not diverge "
-             "(first / 20% / last checkpoint):", "",
+             f"(first / {_pct(fraction)} / last checkpoint):", "",
              "| family | tier | H_S | H_peak | PC1 peak mass |", "|---|---|---|---|---|"]
     for fam in families:
         r = _best_run(runs, fam, target)
         if r is None:
             continue
-        ms = [_at_progress(r, f) for f in (0.0, 0.2, 1.0)]
+        ms = [_at_progress(r, f) for f in (0.0, fraction, 1.0)]
         cell = lambda key: " / ".join(_num(m.scalars.get(key, math.nan), ".3f") for m in ms)  # noqa: E731
         lines.append(f"| {fam} | {int(r.info.batch_tier)} | {cell('H_S')} | {cell('H_peak')} | {cell('pc1_peak')} |")
     if steps:
@@ -179,7 +201,6 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
             lines.append(f"| {fam} | " + " | ".join(_num(last_s.get(k, math.nan), ".3f") for k in bands) + " |")
     sections.append("\n".join(lines))
 
-    fraction = float(getattr(workload, "fraction", 0.2))  # the pipeline's default, the paper's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         points = _fig4a_points(runs, families, target, window, fraction)
@@ -187,15 +208,15 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
     if figs:
         sections.append("## Toy figures\n\n" + "\n\n".join(f"![{cap}]({p.name})\n\n*{cap}*" for p, cap in figs))
 
-    ours_4a = scan.get("Muon", {}).get(0.2, math.nan)
+    ours_4a = scan.get("Muon", {}).get(fraction, math.nan)
     ratio = math.nan
     if len(steps) == 3 and abs(steps[0][1]) + abs(steps[1][1]) > 0:
         ratio = steps[2][1] / (0.5 * (abs(steps[0][1]) + abs(steps[1][1])))
     sections.append("\n".join([
         "## Our numbers beside the paper's", "",
         "| claim | paper | this run |", "|---|---|---|",
-        f"| Fig. 4a | {PAPER['fig4a']} | Muon rho at 20% = {_num(ours_4a)}"
-        + (f" (n = {scan_n['Muon'][0.2]})" if 0.2 in scan_n.get("Muon", {}) else "")
+        f"| Fig. 4a | {PAPER['fig4a']} | Muon rho at {_pct(fraction)} = {_num(ours_4a)}"
+        + (f" (n = {scan_n['Muon'][fraction]})" if fraction in scan_n.get("Muon", {}) else "")
         + ("" if "Muon" in families else " (Muon not in this preset)") + " |",
         f"| Fig. 11a | {PAPER['fig11a']} | {last}: rho(tier, alpha at matched loss) = {_num(rho_tier)} over "
         f"{len(matched)} tiers |",
@@ -215,6 +236,36 @@ def _save(fig, path: Path) -> Path:
     save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _annotate_tiers(ax, pts) -> None:
+    """Label each point ``(alpha, examples, tier)`` "B=<tier>" beside it (on its left when the label would pass the
+    axes' right edge: B = 512's was cut off by the figure's), moving a label up past those already placed when
+    their boxes would intersect (tiers whose points nearly coincide, e.g. B = 64 and 128 with the
+    same examples to target and close alphas, had their labels drawn over each other). Call after the layout:
+    the boxes are measured where the figure will draw them."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    ax.autoscale_view()
+    placed = []
+    right_edge = ax.get_window_extent(renderer).x1
+    for a, T, t in sorted(pts, key=lambda p: (p[1], p[0], p[2])):
+        label = ax.annotate(f"B={t}", (a, T), xytext=(3, 3), textcoords="offset points", fontsize=7)
+        box = label.get_window_extent(renderer)
+        dx, dy = 3.0, 3.0
+        if box.x1 > right_edge:  # the rightmost point's label would leave the figure: put it on the left
+            dx = -3.0
+            label.set_horizontalalignment("right")
+            label.xyann = (dx, dy)
+            box = label.get_window_extent(renderer)
+        for _ in range(len(placed) + 1):  # each move clears at least one placed box
+            hit = [b for b in placed if box.overlaps(b)]
+            if not hit:
+                break
+            dy += (max(b.y1 for b in hit) - box.y0) * 72 / fig.dpi + 1  # points: just above the highest one hit
+            label.xyann = (dx, dy)
+            box = label.get_window_extent(renderer)
+        placed.append(box)
 
 
 def _figures(runs, families, target, window, scan, matched, steps, out_dir: Path, points, fraction
@@ -239,13 +290,11 @@ def _figures(runs, families, target, window, scan, matched, steps, out_dir: Path
         pts = points.get(fam, [])
         if pts:
             ax[1].scatter([p[0] for p in pts], [p[1] for p in pts], label=fam)
-            for a, T, t in pts:
-                if math.isfinite(T):
-                    ax[1].annotate(f"B={t}", (a, T), fontsize=7)
-    ax[1].set(xlabel=f"alpha at {fraction:.0%} progress (interpolated, as rho)", ylabel="examples to target",
+    ax[1].set(xlabel=f"alpha at {_pct(fraction)} progress (interpolated, as rho)", ylabel="examples to target",
               title=f"target loss {target:g}")
     fig.tight_layout()
-    caption = (f"Fig. 4a analogue: rho by progress; alpha at {fraction:.0%} (the values the verdict's rho ranks) vs "
+    _annotate_tiers(ax[1], [p for fam in families for p in points.get(fam, []) if math.isfinite(p[1])])
+    caption = (f"Fig. 4a analogue: rho by progress; alpha at {_pct(fraction)} (the values the verdict's rho ranks) vs "
                "examples to target (tiers not reaching it, and runs left out of rho, not drawn)")
     out.append((_save(fig, out_dir / "toy_fig4a.png"), caption))
 

@@ -13,6 +13,7 @@ from typing import Mapping
 
 import torch
 
+from examples.replicate.machine import machine_info
 from examples.tune.trainable import Candidate, Report
 from spectral_lens.records import RunInfo, RunWriter
 
@@ -118,8 +119,10 @@ class ToyWorkload:
     def run(self, family: str, tier: int, lrs: Mapping[str, float], run_dir: Path) -> Path:
         """Train one measured run into ``run_dir`` (its name is the run id) and close its record.
 
-        A run whose training or validation loss turns non-finite stops there, its record marked
-        ``status: "diverged"`` (with the reason in ``divergence``): a finished run, not trained again by a rerun.
+        A run whose training or validation loss turns non-finite stops there (at a measurement or at an
+        evaluation-only step), its record marked ``status: "diverged"`` (with the reason in ``divergence``): a
+        finished run, not trained again by a rerun. ``extras["machine"]`` records what trained it
+        (:func:`examples.replicate.machine.machine_info`).
         """
         p, d = self.preset, self._trainable.data
         run = ToyRun(family, tier, lrs, p.model, seed=p.seed)
@@ -127,7 +130,8 @@ class ToyWorkload:
         info = RunInfo(run_dir.name, family=family, batch_tier=tier, tokens_per_step=tier, seed=p.seed,
                        n_layer=p.model.n_layer, total_tokens=p.budget, batch_size=tier,
                        primary_spectrum=f"act:blocks.{p.model.n_layer - 1}",
-                       extras={"unit": "examples", "lrs": dict(lrs), "preset": p.name, "task": p.task.__dict__})
+                       extras={"unit": "examples", "lrs": dict(lrs), "preset": p.name, "task": p.task.__dict__,
+                               "machine": machine_info()})  # what trained it: CPU, OS, torch, BLAS, threads
         measure_steps = {step_at(f, steps) for f in p.measure_fractions}
         eval_steps = {step_at(k * p.eval_every, steps) for k in range(1, int(round(1 / p.eval_every)) + 1)}
         with RunWriter(run_dir, info, tail_window=p.window, head_window=(2, 8)) as writer:
@@ -150,7 +154,10 @@ class ToyWorkload:
                         raise
                     writer.log(r.step, r.seen, train_loss=loss, tokens_per_s=rate)
                 elif r.step in eval_steps:
-                    writer.log(r.step, r.seen, val_loss=lens.val_loss(), train_loss=loss, tokens_per_s=rate)
+                    val = lens.val_loss()
+                    writer.log(r.step, r.seen, val_loss=val, train_loss=loss, tokens_per_s=rate)
+                    if not math.isfinite(val):  # as at a measurement: the run stops here, diverged
+                        raise FloatingPointError(f"toy {run_dir.name}: validation loss {val} at {r.seen} examples")
                 clock["t"] = time.perf_counter()
 
             try:

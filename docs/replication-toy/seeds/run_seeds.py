@@ -56,7 +56,8 @@ def main(out: Path, seed0: Path | None) -> int:
         dirs = {0: seed0, **dirs}
     for s, d in sorted(dirs.items()):
         v = json.loads((d / "report" / "verdict.json").read_text())["families"]["Muon"]
-        rows[s] = {"rho": v["rho"], "pvalue": v["pvalue"], "baseline_rho": v["baseline_rho"],
+        nan = lambda x: math.nan if x is None else x  # noqa: E731  verdict.json writes NaN as null
+        rows[s] = {"rho": nan(v["rho"]), "pvalue": nan(v["pvalue"]), "baseline_rho": nan(v["baseline_rho"]),
                    "reached": {int(k): x for k, x in v["reached"].items()}, "missed": v["missed"],
                    "rho_by_fraction": v["rho_by_fraction"], "alpha": _early_alphas(d)}
     rhos = [r["rho"] for r in rows.values()]
