@@ -83,6 +83,7 @@ def _hashed_pieces(shard: np.ndarray, version: int) -> list[np.ndarray]:
     ``_PROBE`` tokens (all of a shard of up to ``2 * _PROBE``). Version 2 also: ``_SAMPLES`` windows of ``_SAMPLE``
     tokens evenly spaced between them, the first right after the head and the last right before the tail (all of
     a middle shorter than ``_SAMPLES * _SAMPLE``)."""
+    shard = shard.view(np.ndarray)  # a memmap's slices cost ~10x a plain array's (26,000 windows per 100 shards)
     n = len(shard)
     if n <= 2 * _PROBE:
         return [shard]
@@ -126,7 +127,7 @@ class TokenStream:
         for shard, name in zip(self.shards, self.names):
             parts.append(f"{os.path.basename(name)}:{len(shard)}")
             for piece in _hashed_pieces(shard, version):
-                crc = zlib.crc32(np.ascontiguousarray(piece, dtype="<u2").tobytes(), crc)
+                crc = zlib.crc32(np.ascontiguousarray(piece, dtype="<u2"), crc)  # its buffer: no copy
         return f"{len(parts)} shards, {self.num_tokens:,} tokens, crc32 {zlib.crc32(' '.join(parts).encode(), crc):08x}"
 
     def chunk(self, k: int, L: int, vocab_size: int | None = None) -> np.ndarray:
