@@ -153,6 +153,7 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     rank, world, own_group = _setup_distributed(device)
+    finished = False
     try:
         td = load_fitting_data(data, profile)
         base = build_config(variant, prof)
@@ -295,10 +296,13 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
             if save_final:
                 _save_checkpoint(run_dir / f"ckpt_{step:06d}.pt", model, opts, step, tokens_per_step, settings)
             log_file.close()
+        finished = True
         return TrainResult(run_dir, step, step * tokens_per_step, history[-1]["val_loss"],
                            train_tokens / train_time if train_time else float("nan"), history)
     finally:
-        if own_group:
+        if own_group:  # after a success every rank waits for the others (rank 0's last checkpoint) first
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
