@@ -82,7 +82,7 @@ def _hashed_pieces(shard: np.ndarray, version: int) -> list[np.ndarray]:
     """The parts of ``shard`` a fingerprint of ``version`` hashes, in order. Both versions: the first and the last
     ``_PROBE`` tokens (all of a shard of up to ``2 * _PROBE``). Version 2 also: ``_SAMPLES`` windows of ``_SAMPLE``
     tokens evenly spaced between them, the first right after the head and the last right before the tail (all of
-    a middle shorter than ``_SAMPLES * _SAMPLE``)."""
+    a middle of up to ``_SAMPLES * _SAMPLE`` tokens)."""
     shard = shard.view(np.ndarray)  # a memmap's slices cost ~10x a plain array's (26,000 windows per 100 shards)
     n = len(shard)
     if n <= 2 * _PROBE:
