@@ -67,6 +67,35 @@ def read_shard(path: str | os.PathLike) -> np.ndarray:
 
 
 _PROBE = 65_536  # tokens hashed at each end of a shard by TokenStream.fingerprint
+_SAMPLES, _SAMPLE = 256, 1_024  # fingerprint v2: windows of _SAMPLE tokens evenly spaced between the ends
+FINGERPRINT_VERSION = 2  # what TokenData.fingerprint writes; version 1 (no prefix) hashed the ends only
+
+
+def fingerprint_version(fingerprint: str) -> int:
+    """The version of a recorded :attr:`TokenData.fingerprint`: ``"v2 train ...; val ..."`` is 2, the unprefixed
+    ``"train ...; val ..."`` that checkpoints made before review 26 hold is 1."""
+    head = fingerprint.split(" ", 1)[0]
+    return int(head[1:]) if head[:1] == "v" and head[1:].isdigit() else 1
+
+
+def _hashed_pieces(shard: np.ndarray, version: int) -> list[np.ndarray]:
+    """The parts of ``shard`` a fingerprint of ``version`` hashes, in order. Both versions: the first and the last
+    ``_PROBE`` tokens (all of a shard of up to ``2 * _PROBE``). Version 2 also: ``_SAMPLES`` windows of ``_SAMPLE``
+    tokens evenly spaced between them, the first right after the head and the last right before the tail (all of
+    a middle of up to ``_SAMPLES * _SAMPLE`` tokens)."""
+    shard = shard.view(np.ndarray)  # a memmap's slices cost ~10x a plain array's (26,000 windows per 100 shards)
+    n = len(shard)
+    if n <= 2 * _PROBE:
+        return [shard]
+    middle = n - 2 * _PROBE
+    if version < 2:
+        samples = []
+    elif middle <= _SAMPLES * _SAMPLE:
+        samples = [shard[_PROBE:n - _PROBE]]
+    else:
+        samples = [shard[a:a + _SAMPLE] for a in
+                   (_PROBE + i * (middle - _SAMPLE) // (_SAMPLES - 1) for i in range(_SAMPLES))]
+    return [shard[:_PROBE], *samples, shard[-_PROBE:]]
 
 
 class TokenStream:
@@ -87,16 +116,18 @@ class TokenStream:
         """How many distinct chunks of ``L`` (+1) tokens the stream holds."""
         return sum(max(len(s) - 1, 0) // L for s in self.shards)
 
-    def fingerprint(self) -> str:
-        """What chunk addressing depends on: each shard's file name and length, and a crc32 of its first
-        and last 65,536 tokens (all of a shorter one). A shard added, removed or replaced changes it."""
+    def fingerprint(self, version: int = FINGERPRINT_VERSION) -> str:
+        """What chunk addressing depends on: each shard's file name (not its directory) and length, and a crc32 of
+        the tokens :func:`_hashed_pieces` picks (``version`` 2: both ends and 256 strided windows; 1: the ends).
+        A shard added, removed, renamed or replaced changes it; see docs/examples-zoo.md for which edits inside
+        a shard it sees."""
+        if version not in (1, 2):
+            raise ValueError(f"token stream {self.names}: fingerprint version {version!r}, expected 1 or 2")
         crc, parts = 0, []
         for shard, name in zip(self.shards, self.names):
-            n = len(shard)
-            parts.append(f"{os.path.basename(name)}:{n}")
-            head, tail = (shard, shard[:0]) if n <= 2 * _PROBE else (shard[:_PROBE], shard[-_PROBE:])
-            crc = zlib.crc32(np.ascontiguousarray(tail, dtype="<u2").tobytes(),
-                             zlib.crc32(np.ascontiguousarray(head, dtype="<u2").tobytes(), crc))
+            parts.append(f"{os.path.basename(name)}:{len(shard)}")
+            for piece in _hashed_pieces(shard, version):
+                crc = zlib.crc32(np.ascontiguousarray(piece, dtype="<u2"), crc)  # its buffer: no copy
         return f"{len(parts)} shards, {self.num_tokens:,} tokens, crc32 {zlib.crc32(' '.join(parts).encode(), crc):08x}"
 
     def chunk(self, k: int, L: int, vocab_size: int | None = None) -> np.ndarray:
@@ -128,9 +159,16 @@ class TokenData:
 
     @property
     def fingerprint(self) -> str:
-        """The layout of both streams (:meth:`TokenStream.fingerprint`); a checkpoint records it, so that a
-        resume refuses shards changed since (micro-batch ``k`` is addressed by position in the shards)."""
-        return f"train {self.train.fingerprint()}; val {self.val.fingerprint()}"
+        """The layout of both streams (:meth:`TokenStream.fingerprint`), ``"v2 train ...; val ..."``; a checkpoint
+        records it, so that a resume refuses shards changed since (micro-batch ``k`` is addressed by position in
+        the shards). Where the shards' directory is is not part of it."""
+        return self.fingerprint_as(FINGERPRINT_VERSION)
+
+    def fingerprint_as(self, version: int) -> str:
+        """:attr:`fingerprint` as version ``version`` wrote it (1: the unprefixed form of checkpoints made before
+        review 26), to check a recorded fingerprint of that version against these streams."""
+        body = f"train {self.train.fingerprint(version)}; val {self.val.fingerprint(version)}"
+        return body if version == 1 else f"v{version} {body}"
 
 
 def micro_batch(stream: TokenStream, k: int, rows: int, seq_len: int, device="cpu", vocab_size: int | None = None):
@@ -236,7 +274,8 @@ def bin_data(directory: str | os.PathLike) -> TokenData:
         raise ValueError(f"{d}: {', '.join(f.name for f in both)} match both *train*.bin and *val*.bin; rename "
                          "them so that every shard is either training or held-out data")
     stream = lambda files: TokenStream([read_shard(f) for f in files], [str(f) for f in files])  # noqa: E731
-    return TokenData(stream(train), stream(val), GPT2_VOCAB, GPT2_EOT, f"bin:{d}")
+    # the resolved directory: the same shards named by a relative path, an absolute one or a symlink have one name
+    return TokenData(stream(train), stream(val), GPT2_VOCAB, GPT2_EOT, f"bin:{d.resolve()}")
 
 
 def load_data(spec: str) -> TokenData:

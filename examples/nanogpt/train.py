@@ -153,6 +153,7 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     rank, world, own_group = _setup_distributed(device)
+    finished = False
     try:
         td = load_fitting_data(data, profile)
         base = build_config(variant, prof)
@@ -186,7 +187,7 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
                         muon_impl=muon_impl, seed=seed, config=dataclasses.asdict(cfg))
         start = 0
         if resume is not None:
-            start = _load_checkpoint(resume, model, opts, settings, device)
+            start = _load_checkpoint(resume, model, opts, settings, device, data=td)
         # compile=True: one compiled graph of the whole model for the training steps only. Evaluation
         # and on_eval measurements use the eager module: no recompiles for grad mode or for the
         # measurement hooks. (Compiling each block separately re-specialized per block and grad mode
@@ -295,10 +296,13 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
             if save_final:
                 _save_checkpoint(run_dir / f"ckpt_{step:06d}.pt", model, opts, step, tokens_per_step, settings)
             log_file.close()
+        finished = True
         return TrainResult(run_dir, step, step * tokens_per_step, history[-1]["val_loss"],
                            train_tokens / train_time if train_time else float("nan"), history)
     finally:
-        if own_group:
+        if own_group:  # after a success every rank waits for the others (rank 0's last checkpoint) first
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -355,31 +359,35 @@ def _save_checkpoint(path: Path, model, opts, step, tokens_per_step, settings: d
     write_atomic(path, lambda fh: torch.save(state, fh))
 
 
-def _load_checkpoint(path, model, opts, settings: dict, device) -> int:
+def _load_checkpoint(path, model, opts, settings: dict, device, data=None) -> int:
     """Restore model and optimizer state (``weights_only=True``: no pickled code); returns the step.
 
     The checkpoint must have been made with the same ``settings`` (variant, profile, data, schedule
     length, batch tier, micro-batch geometry, learning-rate scale, optimizers, seed, model config) and
     fit the model and optimizers; everything is checked before anything is loaded, so a rejected
     checkpoint (a :class:`CheckpointMismatch` naming the file and what differs) leaves the run untouched.
-    A checkpoint from before the trainer recorded the data's fingerprint is refused too (its data
-    cannot be checked), saying so.
+    Shards are the same data wherever their directory is (:func:`_same_data`). A checkpoint from before
+    the trainer recorded the data's fingerprint is refused too (its data cannot be checked), saying so.
     """
     ck = read_checkpoint(path, map_location=device)
     have = ck.get("settings")
     if not isinstance(have, dict):
         raise CheckpointMismatch(f"{path}: the checkpoint records no training settings (made by an older trainer), "
                                  "so it cannot be checked against this run; start the run again without --resume")
-    diff = [k for k in sorted(set(have) | set(settings)) if have.get(k) != settings.get(k)]
-    if diff == ["data_fingerprint"] and "data_fingerprint" not in have:  # written before the trainer recorded it
-        raise CheckpointMismatch(f"{path}: the checkpoint records no data fingerprint (made by an older trainer), so "
-                                 f"the data it was trained on cannot be checked against {settings['data']}; start "
-                                 "the run again without --resume")
+    if "data_fingerprint" not in have:  # written before the trainer recorded it
+        bins = str(have.get("data")).startswith("bin:") and settings["data"].startswith("bin:")  # any directory
+        if all(have.get(k) == settings.get(k) or k == "data_fingerprint" or (k == "data" and bins)
+               for k in set(have) | set(settings)):
+            raise CheckpointMismatch(f"{path}: the checkpoint records no data fingerprint (made by an older trainer), "
+                                     f"so the data it was trained on cannot be checked against {settings['data']}; "
+                                     "start the run again without --resume")
+    diff = [k for k in sorted(set(have) | set(settings)) if have.get(k) != settings.get(k)
+            and not (k in ("data", "data_fingerprint") and _same_data(have, settings, data))]
     if diff:
         shown = ", ".join(k if k == "config" else f"{k} (checkpoint {have.get(k)!r}, this run {settings.get(k)!r})"
                           for k in diff)
-        todo = ("the data changed since the checkpoint (a shard added, removed or replaced, or another Python's "
-                "bundled text): start a new run") if "data_fingerprint" in diff else \
+        todo = ("the data changed since the checkpoint (a shard added, removed, renamed or replaced, or another "
+                "Python's bundled text): start a new run") if "data_fingerprint" in diff else \
             "resume with the checkpoint's settings or start a new run"
         raise CheckpointMismatch(f"{path}: checkpoint made with other settings: {shown}; {todo}")
     step = ck.get("step")
@@ -394,6 +402,32 @@ def _load_checkpoint(path, model, opts, settings: dict, device) -> int:
     for o, s in zip(opts, ck["optimizers"]):
         o.load_state_dict(s)
     return step
+
+
+def _same_data(have: dict, settings: dict, data=None) -> bool:
+    """Whether a checkpoint's recorded ``data`` / ``data_fingerprint`` (``have``) name the data of this run
+    (``settings``; ``data``: its :class:`~examples.nanogpt.data.TokenData`).
+
+    Shard directories are not compared: the fingerprint (file names, lengths, sampled tokens) identifies the
+    shards, and the directory was recorded as typed before review 26 (``bin:shards`` and ``bin:/abs/shards``
+    were refused as different data). A fingerprint of an older version is checked against this data's
+    fingerprint of that version (needs ``data``). The bundled corpus is compared by name (it holds the Python
+    version) and fingerprint."""
+    from .data import fingerprint_version
+
+    name, fp = have.get("data"), have.get("data_fingerprint")
+    if not isinstance(name, str) or not isinstance(fp, str):
+        return False
+    both_bin = name.startswith("bin:") and settings["data"].startswith("bin:")
+    if not (both_bin or name == settings["data"]):
+        return False
+    version = fingerprint_version(fp)
+    if version == fingerprint_version(settings["data_fingerprint"]):
+        return fp == settings["data_fingerprint"]
+    try:
+        return data is not None and fp == data.fingerprint_as(version)
+    except ValueError:  # a version this trainer does not know
+        return False
 
 
 def _truncate_metrics(path: Path, start: int) -> float | None:

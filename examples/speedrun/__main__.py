@@ -9,6 +9,7 @@ print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from examples.cli import OneLineParser, directory, one_line
 
 from .presets import PRESETS, Preset, get_preset
 
-__all__ = ["main", "build_parser", "check_settings"]
+__all__ = ["main", "build_parser", "check_settings", "recorded_data"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,24 @@ def check_settings(out: Path, preset: Preset) -> None:
     from examples.replicate.settings import check_settings as check
 
     check(out, preset, "speedrun")
+
+
+def recorded_data(out: Path, data: str) -> str:
+    """``data`` as ``OUT/preset.json`` records it: a shard directory resolved (``--data shards``, ``./shards``, the
+    absolute path and a symlink to it are one setting), or, where ``preset.json`` already names the same directory
+    in another spelling (written as typed before review 26), that spelling, so the rerun resumes instead of being
+    refused as other settings. The bundled corpus names and a path that is no directory are left as they are."""
+    if data in ("pydoc", "stdlib") or not Path(data).is_dir():
+        return data
+    resolved = str(Path(data).resolve())
+    try:
+        have = json.loads((Path(out) / "preset.json").read_text(encoding="utf-8")).get("data")
+    except (OSError, UnicodeError, ValueError, AttributeError):  # none yet, or check_settings says what is wrong
+        return resolved
+    if isinstance(have, str) and have not in ("pydoc", "stdlib") and Path(have).is_dir() \
+            and str(Path(have).resolve()) == resolved:
+        return have
+    return resolved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 # the same window mask trains (recorded in preset.json)
                 preset = preset.replace(attn_impl="dense")
         out = Path(args.out or f"runs/speedrun-{preset.name}")
+        preset = preset.replace(data=recorded_data(out, preset.data))
         workload = ZooWorkload(preset)
         resumed = (out / "preset.json").exists() or (out / "preset.json").is_symlink()
         if resumed:  # other settings are refused before the data is read (parsing --data stdlib takes seconds)

@@ -19,18 +19,18 @@ the 3 steps and is four orders below the fp32 failure. The one-step gradient che
 import contextlib
 import faulthandler
 import os
-import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from examples.nanogpt.data import builtin_data
 from examples.nanogpt.model import GPT, window_at
 from examples.nanogpt.train import accumulate_gradients, train
 from examples.nanogpt.variants import build_config
-from support.ranks import free_port
+from support.ranks import gloo_group, run_ranks
+from support.teardown import end_rank
 
 VARIANT = "AttnScale"   # Muon + Adam groups, value embeddings, a layer without attention, LSWA
 KW = dict(variant=VARIANT, profile="tiny", data="pydoc", steps=3, batch_tier=4, val_tokens=2 * 512,
@@ -71,35 +71,39 @@ def _params(ckpt) -> dict:
     return torch.load(ckpt, weights_only=True)["model"]
 
 
+PG_TIMEOUT_S = 240  # a collective left waiting (the other rank failed) fails instead of waiting 30 minutes
+JOIN_S = 420        # both ranks took ~30 s on the 2-core machine under load; a hang is killed at this deadline
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     # rank 1 died three times with SIGABRT, "terminate called without an active exception" (a C++ std::thread
     # destroyed while joinable). It is torch 2.13's process teardown on CPU (gloo), not this code: a plain gloo
     # script without spectral-lens (init, a few all_reduces, destroy_process_group, exit) aborted the same way in
     # 32 of 237 runs under torchrun, and in 0 of 184 when its ranks ended with os._exit (2026-11-28; see
-    # tests/support/teardown.py). So a finished rank ends with os._exit (its results are
-    # complete on disk), and a native abort elsewhere prints every thread's Python stack to the
-    # captured stderr
+    # tests/support/teardown.py). So a finished rank ends with end_rank (os._exit; its results are complete on
+    # disk, and done.rank<r> says it got there), and a native abort elsewhere prints every thread's Python stack
+    # to the captured stderr
     faulthandler.enable(all_threads=True)
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, port, 2, PG_TIMEOUT_S):
         grads, loss = _step_gradients(rank, 2)
         if rank == 0:
             torch.save(dict(grads=grads, loss=loss), os.path.join(out, "grads.pt"))
         with _float64():
             train(run_dir=os.path.join(out, "run"), **KW)
         dist.barrier()  # both ranks done before either tears the group down
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    Path(out, f"done.rank{rank}").write_text("ok")
+    end_rank()
 
 
 @pytest.mark.distributed
 def test_two_gloo_ranks_match_single_process(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    # support.ranks.run_ranks: mp.spawn on a bare free_port() failed the test when another process took the port
+    # before rank 0 bound it; run_ranks launches again on a new port, and kills a rank still running at JOIN_S
+    hung = run_ranks(_worker, 2, tmp_path, JOIN_S)
+    assert hung == [], f"ranks {hung} still running after {JOIN_S} s (killed)"
+    assert sorted(p.name for p in tmp_path.glob("done.rank*")) == ["done.rank0", "done.rank1"], \
+        "a rank failed before the end (its traceback is in the captured stderr)"
 
     # one step's gradients: equal up to fp32 summation order (a wrong reduction scale would show here;
     # Adam and Muon are nearly scale-invariant, so parameters alone could hide it)
