@@ -191,3 +191,26 @@ def test_a_ctrl_c_while_the_workers_are_sent_sigterm_still_stops_every_one():
     except KeyboardInterrupt:   # (the old code let it out: tune() then raised it instead of its first exception)
         pass
     assert all(p.exitcode is not None for p in procs), log
+
+
+# ---------------------------------------------------------------- the command line
+
+def test_cli_a_storage_error_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """A database gone away mid-run (Optuna's ``StorageInternalError``; a storage error in a report now
+    stops the call instead of failing the candidate) is the user's to fix, like a full disk: one line
+    naming it, status 2, not a traceback."""
+    from examples.tune.__main__ import main
+
+    def gone(*args, **kwargs):
+        raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.\n(connection lost)")
+
+    monkeypatch.setattr(tuner_mod, "tune", gone)
+    try:
+        rc = main(["synthetic", "--tiers", "8", "--rungs", "30", "--workdir", str(tmp_path / "w"), "--quiet"])
+    except optuna.exceptions.StorageInternalError:
+        pytest.fail("the command let a storage error through (a traceback)")
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "error: storage:" in err and "connection lost" in err
+    monkeypatch.setattr(tuner_mod, "tune", lambda *a, **k: 1 / 0)   # a bug stays a traceback
+    with pytest.raises(ZeroDivisionError):
+        main(["synthetic", "--tiers", "8", "--rungs", "30", "--workdir", str(tmp_path / "w"), "--quiet"])
