@@ -129,9 +129,12 @@ def main(argv=None) -> int:
         try:
             with _sigterm_raises():
                 return _main(argv)
-        except _Terminated:  # outside the tuning (parsing, printing the result)
+        except _Terminated:  # outside the tuning (parsing, importing, printing the result)
             print(f"python -m examples.tune: terminated: {_RESUME}", file=sys.stderr)
             return 143
+        except KeyboardInterrupt:  # the same for Ctrl-C (it printed a traceback)
+            print(f"python -m examples.tune: interrupted: {_RESUME}", file=sys.stderr)
+            return 130
 
 
 def _main(argv) -> int:

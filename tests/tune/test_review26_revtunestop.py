@@ -214,3 +214,31 @@ def test_cli_a_storage_error_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tuner_mod, "tune", lambda *a, **k: 1 / 0)   # a bug stays a traceback
     with pytest.raises(ZeroDivisionError):
         main(["synthetic", "--tiers", "8", "--rungs", "30", "--workdir", str(tmp_path / "w"), "--quiet"])
+
+
+def test_cli_ctrl_c_while_starting_up_is_one_line(tmp_path, capsys, monkeypatch):
+    """``python -m examples.tune`` spent its first seconds importing torch (through ``examples.tune``'s
+    choices module, before ``main()`` ran): a Ctrl-C then printed a KeyboardInterrupt traceback and a SIGTERM
+    ended it without a word. The package now imports no torch, so that happens inside ``main()``, where
+    Ctrl-C anywhere (importing, parsing, printing the result) is one line with status 130."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    probe = ("import sys, examples.tune.__main__; "
+             "print(sorted(m for m in ('torch', 'spectral_lens', 'optuna') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])
+    import examples.tune.__main__ as cli
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_parser", ctrl_c)
+    try:
+        rc = cli.main(["synthetic", "--tiers", "8", "--rungs", "30", "--workdir", str(tmp_path / "w")])
+    except KeyboardInterrupt:
+        pytest.fail("the command let KeyboardInterrupt through (a traceback)")
+    err = capsys.readouterr().err.strip()
+    assert rc == 130 and len(err.splitlines()) == 1 and "interrupted" in err
