@@ -374,6 +374,8 @@ class _Worker:
             self.progress.note(f"trial {trial.number} {cand.key}: rung {k} -> {budget}")
         try:
             self.trainable(cand, budget, horizon=self.cfg.rungs[-1], workdir=wd, report=report)
+            if not_stored:  # a trainable that went on after a report failed: its reports have a hole
+                raise not_stored[0]
             values = study._storage.get_trial(trial._trial_id).intermediate_values
             at = [s for s in values if s <= budget]
             if not at:

@@ -75,6 +75,38 @@ def test_a_storage_error_in_report_stops_the_call_and_fails_no_candidate(tmp_pat
         assert outcome(res) == outcome(quiet_tune(SyntheticTrainable(), cfg=cfg, workdir=tmp_path / "ref"))
 
 
+def test_a_storage_error_in_a_report_the_trainable_swallowed_stops_the_call_too(tmp_path, monkeypatch):
+    """A trainable that catches the failed report and trains on (it returns normally) left the trial with
+    a hole in its reports (or failed it for a missing rung report): the worker stops all the same."""
+    real_call = SyntheticTrainable.__call__
+    real = optuna.storages.JournalStorage.set_trial_intermediate_value
+    hit = []
+
+    def swallowing(self, candidate, budget, *, report, **k):
+        def lenient(resource, loss):
+            try:
+                report(resource, loss)
+            except OSError:
+                pass
+        return real_call(self, candidate, budget, report=lenient, **k)
+
+    def disk_full(self, trial_id, step, value):
+        if not hit and step > 0:
+            hit.append(trial_id)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, trial_id, step, value)
+
+    with monkeypatch.context() as m:
+        m.setattr(SyntheticTrainable, "__call__", swallowing)
+        m.setattr(optuna.storages.JournalStorage, "set_trial_intermediate_value", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            quiet_tune(SyntheticTrainable(), cfg=SMALL, **_kw(tmp_path))
+    trials = _trials(tmp_path / "j.log")
+    assert hit and not [t.number for t in trials if t.user_attrs.get("error") or t.state == S.RUNNING]
+    ref = quiet_tune(SyntheticTrainable(), cfg=SMALL, workdir=tmp_path / "ref")
+    assert outcome(quiet_tune(SyntheticTrainable(), cfg=SMALL, **_kw(tmp_path))) == outcome(ref)
+
+
 def test_a_report_taken_over_by_another_worker_lets_the_trial_go(tmp_path, monkeypatch):
     """A report refused because another worker took the trial over (our heartbeat was late) is no
     storage failure: the trial is let go (its retry trains on), with the take-over warning, and the
