@@ -362,7 +362,7 @@ class _Worker:
             if resource not in reported:
                 try:
                     trial.report(val_loss, resource)
-                except UpdateFinishedTrialError:   # taken over by another worker: let go below, as before
+                except UpdateFinishedTrialError:   # taken over by another worker: the trial ends here, as before
                     raise
                 except Exception as e:   # the storage's (a full disk, a database gone away): stops the worker
                     not_stored.append(e)

@@ -253,6 +253,7 @@ def test_cli_ctrl_c_while_starting_up_is_one_line(tmp_path, capsys, monkeypatch)
     choices module, before ``main()`` ran): a Ctrl-C then printed a KeyboardInterrupt traceback and a SIGTERM
     ended it without a word. The package now imports no torch, so that happens inside ``main()``, where
     Ctrl-C anywhere (importing, parsing, printing the result) is one line with status 130."""
+    import os
     import subprocess
     import sys
 
@@ -260,7 +261,7 @@ def test_cli_ctrl_c_while_starting_up_is_one_line(tmp_path, capsys, monkeypatch)
     probe = ("import sys, examples.tune.__main__; "
              "print(sorted(m for m in ('torch', 'spectral_lens', 'optuna') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "PYTHONPATH": str(root)})
+                         env={**os.environ, "PYTHONPATH": str(root)}, check=False)
     assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-2000:])
     import examples.tune.__main__ as cli
 
