@@ -115,6 +115,13 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _is_storage_error(e: Exception) -> bool:
+    """Optuna's ``StorageInternalError`` (a database gone away, a failed commit): the user's to fix, as an
+    ``OSError`` is, not a traceback (Optuna is imported only once the tuning starts)."""
+    exceptions = sys.modules.get("optuna.exceptions")
+    return exceptions is not None and isinstance(e, exceptions.StorageInternalError)
+
+
 def main(argv=None) -> int:
     """Run the tuner from the command line; returns the exit status."""
     with warnings.catch_warnings():  # the grid-edge and take-over warnings: one line each, as the errors
@@ -122,9 +129,12 @@ def main(argv=None) -> int:
         try:
             with _sigterm_raises():
                 return _main(argv)
-        except _Terminated:  # outside the tuning (parsing, printing the result)
+        except _Terminated:  # outside the tuning (parsing, importing, printing the result)
             print(f"python -m examples.tune: terminated: {_RESUME}", file=sys.stderr)
             return 143
+        except KeyboardInterrupt:  # the same for Ctrl-C (it printed a traceback)
+            print(f"python -m examples.tune: interrupted: {_RESUME}", file=sys.stderr)
+            return 130
 
 
 def _main(argv) -> int:
@@ -176,6 +186,11 @@ def _main(argv) -> int:
         return 130
     except (ValueError, KeyError, OSError, ImportError) as e:
         print(f"python -m examples.tune: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a database gone away (it stops the call, as a full disk does): one line too
+        if not _is_storage_error(e):
+            raise
+        print(f"python -m examples.tune: error: storage: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"choices written to {result.choices_path}")
     if result.missing:  # every candidate of a family/tier diverged: a script must notice (exit 1), even with --quiet

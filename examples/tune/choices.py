@@ -19,8 +19,6 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from spectral_lens.atomic import write_text_atomic
-
 from .trainable import Candidate
 
 __all__ = ["Choices", "write_choices", "load_choices"]
@@ -50,6 +48,10 @@ def write_choices(path: Path, choices: Mapping[tuple[str, int], Candidate], *, l
                          loss=loss if math.isfinite(loss) else None,
                          at_edge=(at_edge or {}).get((family, tier))))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # imported here: spectral_lens imports torch (seconds), and `python -m examples.tune` imports this
+    # package before its main() can turn a Ctrl-C or SIGTERM meanwhile into one line (it was a traceback)
+    from spectral_lens.atomic import write_text_atomic
+
     write_text_atomic(path, json.dumps(dict(version=VERSION, **meta, choices=rows), indent=2) + "\n")
 
 

@@ -49,7 +49,7 @@ from .storage import _optuna, _scheme, is_single_worker, open_storage
 from .trainable import Candidate, Trainable
 from .trials import (CandidateHalvingPruner, SynchronizedHalvingPruner, _candidate, _group_of, _group_state, _live,
                      _orphans, _retry_callback, _rung_losses)
-from .worker import TrialFailed, _Worker
+from .worker import _MAX_CRASH_RETRIES, TrialFailed, _crashed_out, _Worker
 
 optuna = _optuna()
 
@@ -97,6 +97,8 @@ class TuneResult:
         at_edge: ``(family, tier) -> "lowest" | "highest"`` for a choice that is the smallest or the
             largest candidate of its family/tier (of two or more): the best rate may lie beyond the
             grid; widen the multipliers. Also warned about, shown in the table and in the choices file.
+        crashed: keys of the candidates failed for crashing their worker too often (never tuned: their
+            family/tier's choice was made without them); warned about on every call.
     """
 
     choices: dict[tuple[str, int], Candidate]
@@ -110,6 +112,7 @@ class TuneResult:
     choices_path: Path
     rungs: tuple[int, ...] = field(default=())
     at_edge: dict[tuple[str, int], str] = field(default_factory=dict)
+    crashed: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         """The summary table (one line per candidate) printed at the end of :func:`tune`."""
@@ -299,7 +302,7 @@ def _open_studies(cfg: _Config, storage_url: str | None, study_name: str, storag
 
 def _collect(studies, cfg: _Config, storage_url, study_name, choices_path: Path) -> TuneResult:
     n = len(cfg.rungs)
-    summaries, choices, losses, surv, missing = [], {}, {}, {}, []
+    summaries, choices, losses, surv, missing, crashed = [], {}, {}, {}, [], []
     groups: dict[tuple[str, int], dict] = defaultdict(dict)
     for study in studies.values():
         for key, ft in _live(study.get_trials(deepcopy=False)).items():
@@ -310,6 +313,8 @@ def _collect(studies, cfg: _Config, storage_url, study_name, choices_path: Path)
     for g in sorted(groups):
         members = groups[g]
         for ft in members.values():
+            if _crashed_out(ft):
+                crashed.append(ft.user_attrs["key"])
             ex = ft.user_attrs.get("extrapolated_loss")
             summaries.append(TrialSummary(ft.number, _candidate(ft), names[ft.state], tuple(_rung_losses(ft, n)),
                                           float("nan") if ex is None else float(ex), ft.user_attrs.get("error")))
@@ -331,7 +336,7 @@ def _collect(studies, cfg: _Config, storage_url, study_name, choices_path: Path)
                   meta=dict(study_name=study_name, mode=cfg.mode, rungs=list(cfg.rungs),
                             reference_tier=cfg.reference_tier, missing=[list(m) for m in missing]))
     return TuneResult(choices, losses, summaries, surv, missing, cfg.mode, study_name, storage_url, choices_path,
-                      cfg.rungs, at_edge)
+                      cfg.rungs, at_edge, sorted(crashed))
 
 
 def _at_edge(choices: Mapping[tuple[str, int], Candidate],
@@ -361,10 +366,10 @@ def _stop_workers(procs, timeout: float | None = None) -> None:
     once (their trials are left to the heartbeat) and the caller raises its first exception at once;
     the wait used to end in a join without a deadline, and ``tune()`` hung as long as such a worker ran."""
     timeout = _STOP_TIMEOUT if timeout is None else timeout
-    for p in procs:
-        p.terminate()
     deadline = time.monotonic() + timeout
     try:
+        for p in procs:  # (in the try: a Ctrl-C between two of these used to leave the rest running)
+            p.terminate()
         for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))
     except KeyboardInterrupt:  # the user does not want to wait: kill the rest now
@@ -537,6 +542,14 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
         if p.exitcode != 0:
             warnings.warn(f"tune: worker process {p.pid} exited with status {p.exitcode}; its trials were taken over")
     result = _collect(studies, cfg, storage, study_name, choices_path)
+    for s in result.trials:  # each call: a rerun of the finished study (the main job's tuning step) says it too
+        if s.candidate.key in result.crashed:
+            g = (s.candidate.family, s.candidate.tier)
+            tail = (f"the choice for {g[0]}/b{g[1]} ({result.choices[g].key}) was made without it" if g in result.choices
+                    else f"{g[0]}/b{g[1]} has no choice")
+            warnings.warn(f"tune: candidate {s.candidate.key} crashed its worker {_MAX_CRASH_RETRIES + 1} times and "
+                          f"was never tuned: {tail} (fix the cause, then tune under a new study_name to include it)",
+                          stacklevel=2)
     if result.at_edge:
         warnings.warn("tune: the chosen learning rate is the " + "; ".join(
             f"{e} candidate for {f}/b{t}" for (f, t), e in sorted(result.at_edge.items())) +

@@ -39,6 +39,7 @@ __all__ = ["TrialFailed", "TrialDirMismatch"]
 _HEARTBEAT = "tune:heartbeat"
 _CRASHES = "tune:crashes"   # how often the candidate's trials crashed their worker (inherited by each retry)
 _MAX_CRASH_RETRIES = 3      # as Optuna's max_retry: retried after 3 crashes; the 4th fails the candidate
+_CRASHED = "crashed its worker"   # how the error of a candidate failed by that limit begins (see _crashed_out)
 
 
 class TrialFailed(RuntimeError):
@@ -103,7 +104,7 @@ def _fail_crashed(study, ft, live, error: BaseException) -> bool:
             storage.set_trial_system_attr(ft._trial_id, _CRASHES, crashes)
             return _fail_lost(study, ft, live)   # its retry is made from the trial as stored now: it keeps the count
         key = ft.user_attrs.get("key", f"trial {ft.number}")
-        why = (f"crashed its worker {crashes} times (last: {type(error).__name__}: {error}); not retried: "
+        why = (f"{_CRASHED} {crashes} times (last: {type(error).__name__}: {error}); not retried: "
                "fix the cause, then tune it under a new study_name (this study keeps it failed)")
         with _signals_deferred():   # both or neither: a RUNNING trial with an error would be retried
             storage.set_trial_user_attr(ft._trial_id, "error", why)
@@ -113,6 +114,23 @@ def _fail_crashed(study, ft, live, error: BaseException) -> bool:
     if failed:
         warnings.warn(f"tune: candidate {key} (trial {ft.number}) {why}", stacklevel=2)
     return failed
+
+
+def _is_crash(error: BaseException) -> bool:
+    """Whether ``error``, which stopped a worker, counts as a crash against the trial it was working on:
+    an ``Exception`` of the worker's own code. Not an interrupt (Ctrl-C, a SIGTERM turned into one), not a
+    trial directory to be deleted by hand (``TrialDirMismatch``), and not a file-system or storage error
+    (``OSError``, Optuna's ``StorageInternalError``: a full disk, a directory it may not write, a database
+    gone away): their cause lies outside the candidate, and counting them failed it for good after four
+    (the study lost to a passing outage); such a trial is released, and retried as often as it stops."""
+    return isinstance(error, Exception) and not isinstance(
+        error, (TrialDirMismatch, OSError, optuna.exceptions.StorageInternalError))
+
+
+def _crashed_out(ft) -> bool:
+    """Whether the trial ``ft`` was failed for crashing its worker too often (:func:`_fail_crashed`); a
+    trainable's error reads ``"<ExceptionType>: ..."``, so it never begins so."""
+    return ft.state == optuna.trial.TrialState.FAIL and str(ft.user_attrs.get("error", "")).startswith(_CRASHED)
 
 
 class _Worker:
@@ -332,6 +350,7 @@ class _Worker:
         """Train ``cand`` to rung ``k``; store the rung loss. False if the trial failed (and was finished)."""
         budget = self.cfg.rungs[k]
         reported = set(study._storage.get_trial(trial._trial_id).intermediate_values)
+        not_stored: list[Exception] = []   # a report the storage failed to write (not the candidate's failure)
 
         def report(resource: int, val_loss: float) -> None:
             if isinstance(resource, bool) or not isinstance(resource, numbers.Integral) or resource < 0:
@@ -341,7 +360,13 @@ class _Worker:
             if not math.isfinite(val_loss):
                 raise TrialFailed(f"{cand.key}: validation loss {val_loss} at resource {resource}")
             if resource not in reported:
-                trial.report(val_loss, resource)
+                try:
+                    trial.report(val_loss, resource)
+                except UpdateFinishedTrialError:   # taken over by another worker: the trial ends here, as before
+                    raise
+                except Exception as e:   # the storage's (a full disk, a database gone away): stops the worker
+                    not_stored.append(e)
+                    raise
                 reported.add(resource)
 
         wd = self._trial_dir(cand)
@@ -349,6 +374,8 @@ class _Worker:
             self.progress.note(f"trial {trial.number} {cand.key}: rung {k} -> {budget}")
         try:
             self.trainable(cand, budget, horizon=self.cfg.rungs[-1], workdir=wd, report=report)
+            if not_stored:  # a trainable that went on after a report failed: its reports have a hole
+                raise not_stored[0]
             values = study._storage.get_trial(trial._trial_id).intermediate_values
             at = [s for s in values if s <= budget]
             if not at:
@@ -364,6 +391,8 @@ class _Worker:
         except TrialDirMismatch:  # the directory's fault (e.g. a checkpoint the trainer refuses): stop, as above
             raise
         except Exception as e:  # a crashing or diverging trial fails alone; the study goes on
+            if not_stored:  # ... unless the storage failed its report (however the trainable passed that on):
+                raise not_stored[0]   # the worker stops as on any storage error; the trial is released, uncounted
             self._finish(study, trial, optuna.trial.TrialState.FAIL, error=f"{type(e).__name__}: {e}")
             if self.progress:
                 self.progress.note(f"trial {trial.number} {cand.key} failed: {type(e).__name__}: {e}")
@@ -495,9 +524,8 @@ class _Worker:
                     time.sleep(self.poll_interval)
         except BaseException as e:
             self.stop.set()  # no heartbeat for the trials being released
-            # a crash of the worker's own code is counted on the trial it was working on; an interrupt
-            # (Ctrl-C, a SIGTERM turned into one) or a trial directory to be deleted by hand is no crash
-            self.crash = e if isinstance(e, Exception) and not isinstance(e, TrialDirMismatch) else None
+            # a crash of the worker's own code is counted on the trial it was working on (see _is_crash)
+            self.crash = e if _is_crash(e) else None
             self._release()
             raise
         finally:
