@@ -156,31 +156,54 @@ def _refuse_fsdp1_flat(model: nn.Module) -> None:
     ``FullyShardedDataParallel(use_orig_params=False)`` (its only parameter outside ``summon_full_params``: before,
     'no matrix parameter matches' with an empty list), or under ``use_orig_params=True`` a parameter that is a
     view of this rank's shard (1-D or empty, not its original shape: before, silently left out as < 2 dims).
-    Inside ``FullyShardedDataParallel.summon_full_params(model)`` both are the whole matrices again."""
+    Inside ``FullyShardedDataParallel.summon_full_params(model)`` both are the whole matrices again.
+
+    The original shapes are held by the wrapper's handle. Given the module inside the wrapper
+    (``fsdp_model.module``, or a submodule: no handle within reach), FSDP1's parameters (marked
+    ``_fsdp_flattened``) count as shard views when one is empty or none of them is a matrix: under a sharded
+    strategy every one is a 1-D view, under ``NO_SHARD`` they keep their shapes (before: 'no matrix parameter
+    matches', the 1-D views silently left out). Under ``use_orig_params=False`` a submodule's weights are plain
+    tensors outside ``summon_full_params`` (FSDP1 marks the modules it manages ``_fsdp_use_orig_params``)."""
     flat = [(n, p) for n, p in model.named_parameters() if getattr(p, "_is_flat_param", False)]
-    sharded = []
-    for handle in {id(h): h for m in model.modules() if (h := getattr(m, "_handle", None)) is not None}.values():
+    handles = {id(h): h for m in model.modules() if (h := getattr(m, "_handle", None)) is not None}.values()
+    sharded, known = [], set()
+    for handle in handles:
         fp = getattr(handle, "flat_param", None)
         views, shapes = getattr(fp, "_params", None), getattr(fp, "_shapes", None)
         if getattr(fp, "_is_flat_param", False) and views is not None and shapes is not None:
+            known.update(id(p) for p in views)
             sharded += [p for p, shape in zip(views, shapes) if tuple(p.shape) != tuple(shape)]
-    if not (flat or sharded):
+    orphans = [p for _, p in model.named_parameters()
+               if getattr(p, "_fsdp_flattened", False) and not getattr(p, "_is_flat_param", False) and id(p) not in known]
+    inside = not any(getattr(getattr(h, "flat_param", None), "_is_flat_param", False) for h in handles)
+    if orphans and (any(p.numel() == 0 for p in orphans) or all(p.ndim < 2 for p in orphans)):
+        sharded += [p for p in orphans if p.ndim < 2]
+    # use_orig_params=False, a submodule given: its weights are plain tensors (views of the flat parameter)
+    hidden = [f"{n}.{k}" if n else k for n, m in model.named_modules() if getattr(m, "_fsdp_use_orig_params", None) is False
+              for k, v in vars(m).items() if isinstance(v, torch.Tensor)]
+    if not (flat or sharded or hidden):
         return
     if flat:
         n, p = flat[0]
         what = (f"holds its weights as {len(flat)} flat 1-D parameter(s) ({n!r}, shape {tuple(p.shape)}) of "
                 "FullyShardedDataParallel(use_orig_params=False), none of them a matrix")
+    elif hidden:
+        what = (f"holds the weights of FullyShardedDataParallel(use_orig_params=False) as plain tensors, not "
+                f"parameters ({[uncompiled_name(n) for n in hidden[:3]]}: views of the wrapper's flat parameter)")
     else:
         names = {id(p): n for n, p in model.named_parameters()}
         shown = [uncompiled_name(names.get(id(p), "?")) for p in sharded[:3]]
         what = (f"holds {len(sharded)} FullyShardedDataParallel parameter(s) as views of this rank's shard, not the "
                 f"matrices ({shown}: shapes {[tuple(p.shape) for p in sharded[:3]]})")
+    where = ("FullyShardedDataParallel.summon_full_params(fsdp_model):`, fsdp_model the FullyShardedDataParallel "
+             "wrapper this module is inside (summon_full_params of the module itself gathers nothing)" if inside
+             else "FullyShardedDataParallel.summon_full_params(model):`")
     raise ValueError(
-        f"weight_spectra: {type(model).__name__} {what}; call weight_spectra inside "
-        "`with FullyShardedDataParallel.summon_full_params(model):` (on every rank: it all-gathers the weights), "
-        "where they are the whole matrices under the names the lens records (with use_orig_params=True they are "
-        "parameters of their own names also outside it, whole only under ShardingStrategy.NO_SHARD), or pass an "
-        "unwrapped model of the same architecture holding the full weights (load its state_dict)")
+        f"weight_spectra: {type(model).__name__} {what}; call weight_spectra inside `with {where} (on every rank: it "
+        "all-gathers the weights), where they are the whole matrices under the names the lens records (with "
+        "use_orig_params=True they are parameters of their own names also outside it, whole only under "
+        "ShardingStrategy.NO_SHARD), or pass an unwrapped model of the same architecture holding the full weights "
+        "(load its state_dict)")
 
 
 def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str, torch.Tensor]]:

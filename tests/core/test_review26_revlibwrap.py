@@ -1,0 +1,164 @@
+"""Review 26 (revlibwrap): an adversarial review of the libwrap merge (7d12934).
+
+* ``weight_spectra(fsdp_model.module)`` (the module inside an FSDP1 wrapper, what "pass ``model.module``" suggests;
+  or one of its submodules) under ``use_orig_params=True`` on a sharded strategy: the parameters are 1-D views of
+  the rank's shard, but the wrapper's handle that holds their shapes is out of reach. Before: "no matrix parameter
+  matches ...; matrix parameters: []", or a selected matrix "matches only parameters with < 2 dims"; now the
+  refusal that names ``summon_full_params`` of the wrapper; so is a submodule under ``use_orig_params=False``,
+  whose weights are plain tensors there (before: "no matrix parameter matches"). Under ``NO_SHARD`` (the parameters whole) and inside
+  ``summon_full_params`` the spectra are the plain model's (float64 references).
+"""
+
+from __future__ import annotations
+
+import datetime
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from spectral_lens.weights import weight_spectra
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def net() -> Net:
+    torch.manual_seed(0)
+    return Net().double()
+
+
+def svd_ref(w: torch.Tensor) -> np.ndarray:
+    """float64 reference: squared singular values of ``w`` (numpy)."""
+    return np.linalg.svd(w.detach().double().numpy(), compute_uv=False) ** 2
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A one-process gloo group (what FSDP needs), destroyed afterwards."""
+    import torch.distributed as dist
+    from support.ranks import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- FSDP1: the module inside the wrapper
+
+def _as_fsdp1_views(model: nn.Module, sharded: bool) -> nn.Module:
+    """Stand-in for ``fsdp_model.module`` under ``use_orig_params=True`` (real FSDP1 on 2 ranks: the slow test
+    below): FSDP1 marks the original parameters ``_fsdp_flattened``; on a sharded strategy each is a 1-D view of
+    this rank's part of its flat parameter (or empty), under ``NO_SHARD`` it keeps its shape."""
+    for i, p in enumerate(list(model.parameters())):
+        p._fsdp_flattened = True
+        if sharded:
+            p.data = p.data.flatten()[: 3 * (i % 3)]  # this rank's part, possibly empty
+    return model
+
+
+def test_the_module_inside_an_fsdp1_wrapper_with_sharded_views_is_refused_naming_the_wrapper():
+    inner = _as_fsdp1_views(net(), sharded=True)
+    for call in (lambda: weight_spectra(inner), lambda: weight_spectra(inner, "b.weight"),
+                 lambda: weight_spectra(inner.a)):
+        with pytest.raises(ValueError, match=r"weight_spectra: \w+ holds \d FullyShardedDataParallel parameter\(s\) as "
+                                             r"views of this rank's shard.*summon_full_params\(fsdp_model\).*the "
+                                             r"FullyShardedDataParallel wrapper this module is inside"):
+            call()
+
+
+def test_the_module_inside_an_fsdp1_wrapper_with_whole_parameters_is_measured():
+    """NO_SHARD (or one rank): the parameters marked by FSDP1 keep their shapes: no refusal, exact spectra."""
+    plain = net()
+    inner = _as_fsdp1_views(net(), sharded=False)
+    got = weight_spectra(inner)
+    assert list(got) == ["a.weight", "b.weight", "head.weight"]
+    for name, w in (("a.weight", plain.a.weight), ("head.weight", plain.head.weight)):
+        np.testing.assert_allclose(np.sort(got[name].values.numpy())[::-1], svd_ref(w), rtol=1e-12, atol=1e-14)
+    assert list(weight_spectra(inner.b)) == ["weight"]
+
+
+def test_real_fsdp1_module_on_one_rank(one_rank):
+    """Real FSDP1 on one rank (NO_SHARD): ``.module`` with use_orig_params=True is measured exactly; with =False its
+    flat parameter is refused naming the wrapper (summon_full_params of the inner module gathers nothing)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    want = weight_spectra(net())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # world size 1: NO_SHARD instead of FULL_SHARD
+        orig = FSDP(net(), use_orig_params=True, device_id=torch.device("cpu"))
+        flat = FSDP(net(), use_orig_params=False, device_id=torch.device("cpu"))
+    got = weight_spectra(orig.module)
+    assert list(got) == list(want) and all(torch.equal(got[k].values, want[k].values) for k in want)
+    with pytest.raises(ValueError, match=r"flat 1-D parameter.*summon_full_params\(fsdp_model\).*wrapper this module "
+                                         r"is inside"):
+        weight_spectra(flat.module)
+    with pytest.raises(ValueError, match=r"use_orig_params=False\) as plain tensors, not parameters \(\['weight', "
+                                         r"'bias'\].*summon_full_params\(fsdp_model\).*wrapper this module is inside"):
+        weight_spectra(flat.module.a)  # before: 'no matrix parameter matches None; matrix parameters: []'
+    with pytest.raises(ValueError, match=r"flat 1-D parameter.*summon_full_params\(model\)"):
+        weight_spectra(flat)  # the wrapper itself: summon_full_params(model) as before
+    with FSDP.summon_full_params(flat):
+        got = weight_spectra(flat.module)
+    assert list(got) == list(want) and all(torch.equal(got[k].values, want[k].values) for k in want)
+
+
+def _fsdp1_module_rank(rank: int, port: int, out: str) -> None:
+    """Real FSDP1 on 2 gloo ranks (FULL_SHARD): weight_spectra of the wrapper's ``.module`` and of a submodule,
+    outside and inside ``summon_full_params`` of the wrapper."""
+    from support.ranks import gloo_group, write_case
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with gloo_group(rank, port, 2, 60):
+        result = {}
+        for orig in (True, False):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = FSDP(net(), use_orig_params=orig, device_id=torch.device("cpu"))
+            for tag, call in (("module", lambda: weight_spectra(model.module)),
+                              ("select", lambda: weight_spectra(model.module, "b.weight")),
+                              ("submodule", lambda: weight_spectra(model.module.a))):
+                try:
+                    call()
+                    result[f"outside {orig} {tag}"] = None
+                except ValueError as exc:
+                    result[f"outside {orig} {tag}"] = str(exc)
+            with FSDP.summon_full_params(model):
+                got = weight_spectra(model.module)
+            result[f"inside {orig}"] = {k: s.values.tolist() for k, s in got.items()}
+        write_case(out, "fsdp1_module", rank, result)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_real_fsdp1_module_sharded_on_two_ranks_is_refused_outside_and_exact_inside(tmp_path):
+    """The stand-in's rule on real FSDP1 (FULL_SHARD, 2 gloo ranks): ``fsdp_model.module`` (and a submodule) with
+    use_orig_params=True holds 1-D views (before: 'no matrix parameter matches ...: []', a selected matrix 'matches
+    only parameters with < 2 dims'), with =False the flat parameter (a submodule: plain tensors); all refused naming the
+    wrapper's summon_full_params, inside which the spectra equal the plain model's."""
+    from support.ranks import case_results, run_ranks
+
+    hung = run_ranks(_fsdp1_module_rank, 2, tmp_path, 180.0)
+    got = case_results(tmp_path, ["fsdp1_module"], 2)["fsdp1_module"]
+    assert hung == [] and None not in got, (hung, got)
+    want = {k: s.values.tolist() for k, s in weight_spectra(net()).items()}
+    for r in got:
+        for orig in (True, False):
+            for tag in ("module", "select", "submodule"):
+                msg = r[f"outside {orig} {tag}"]
+                assert msg is not None and "summon_full_params(fsdp_model)" in msg and "wrapper this module is inside" \
+                    in msg, (orig, tag, msg)
+            assert r[f"inside {orig}"] == want, r
+    np.testing.assert_allclose(want["b.weight"], svd_ref(net().b.weight), rtol=1e-12)
