@@ -32,6 +32,7 @@ from torch import nn
 from ._deepspeed import refuse_zero3_placeholders
 from ._dtensor import dtensor_module
 from ._offload import offloaded_value
+from ._peft import base_prefix, has_peft_layers, short_name
 from .capture import name_matcher, record_names, uncompiled_name, unwrap_compiled
 from .spectrum import Spectrum
 from .summaries import stable_rank
@@ -235,6 +236,7 @@ def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str
             )
     if not chosen:
         names = [e for _, e, p in named if p.ndim >= 2]
+        _refuse_shared_short_name(model, select, named)
         hints = []
         if select is not None:
             for t in (select if isinstance(select, (list, tuple)) else [select]):
@@ -245,6 +247,23 @@ def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str
             f"{'closest names' if hints else 'matrix parameters'}: {(hints or names)[:8]}"
         )
     return chosen
+
+
+def _refuse_shared_short_name(model: nn.Module, select: ParamTarget, named: list[tuple[str, str, torch.Tensor]]) -> None:
+    """``ValueError`` when a name in ``select`` that matched nothing is the short (pre-``get_peft_model``) name of
+    several matrices of a PEFT model, which therefore keep their full names (:func:`~spectral_lens.capture.record_names`,
+    e.g. a module of the user's own with a ``base_layer`` submodule): say which, instead of pointing at unrelated
+    closest names."""
+    if not has_peft_layers(model):
+        return
+    prefix = base_prefix(model)
+    for t in select if isinstance(select, (list, tuple, set, frozenset)) else [select]:
+        owners = [e for n, e, p in named
+                  if p.ndim >= 2 and isinstance(t, str) and short_name(uncompiled_name(n), prefix, base_layer=True) == t]
+        if len(owners) > 1:
+            raise ValueError(
+                f"{type(model).__name__}: {t!r} is the name before get_peft_model of {len(owners)} matrices ({owners}), "
+                "so each keeps its full name (in the lens's records too): select one by its full name")
 
 
 def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> list[tuple[str, torch.Tensor]]:

@@ -19,7 +19,8 @@ import pytest
 import torch
 from torch import nn
 
-from spectral_lens.weights import weight_spectra
+import spectral_lens as sl
+from spectral_lens.weights import select_parameters, weight_spectra
 
 
 class Net(nn.Module):
@@ -162,3 +163,80 @@ def test_real_fsdp1_module_sharded_on_two_ranks_is_refused_outside_and_exact_ins
                     in msg, (orig, tag, msg)
             assert r[f"inside {orig}"] == want, r
     np.testing.assert_allclose(want["b.weight"], svd_ref(net().b.weight), rtol=1e-12)
+
+
+# ---------------------------------------------------------------- PEFT: which matrix a short name measures
+
+class Shared(nn.Module):
+    """A module of the user's own with a matrix and a ``base_layer`` submodule: both are ``x.weight`` without the
+    PEFT segments."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.base_layer = nn.Parameter(torch.randn(4, 6)), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return x @ self.weight.T + self.base_layer(x)
+
+
+class PeftNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.x, self.head = nn.Linear(6, 6), Shared(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.x(torch.tanh(self.a(x)))))
+
+
+def _peft_net(**config):
+    peft = pytest.importorskip("peft", reason="the hf extra installs peft")
+    torch.manual_seed(0)
+    return peft, peft.get_peft_model(PeftNet().double(), peft.LoraConfig(r=2, init_lora_weights=False, **config))
+
+
+def test_a_short_name_of_two_peft_matrices_is_an_error_naming_both_never_a_pick():
+    """``x.weight`` and ``x.base_layer.weight`` share the short name ``x.weight``: both keep their full names (no
+    silent pick), each spectrum is its own matrix's (float64 reference), and selecting ``x.weight`` raises naming
+    both (before: "no matrix parameter matches 'x.weight'; closest names: ['a.weight', 'head.weight']")."""
+    _, pm = _peft_net(target_modules=["a"], modules_to_save=["head"])
+    x = pm.get_base_model().x
+    got = weight_spectra(pm)
+    full = ["base_model.model.x.weight", "base_model.model.x.base_layer.weight"]
+    assert all(k in got for k in full) and "x.weight" not in got
+    for name, w in zip(full, (x.weight, x.base_layer.weight)):
+        np.testing.assert_allclose(np.sort(got[name].values.numpy())[::-1], svd_ref(w), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match=r"PeftModel: 'x\.weight' is the name before get_peft_model of 2 matrices "
+                                         r"\(\['base_model\.model\.x\.weight', 'base_model\.model\.x\.base_layer\."
+                                         r"weight'\]\).*select one by its full name"):
+        weight_spectra(pm, "x.weight")
+    assert list(weight_spectra(pm, full[1])) == [full[1]]
+    with pytest.raises(ValueError, match=r"no matrix parameter matches 'y\.weight'"):  # an unknown name as before
+        weight_spectra(pm, "y.weight")
+
+
+def test_peft_adapters_each_matrix_keeps_its_own_name_and_head_weight_follows_the_active_copy():
+    """Two LoRA adapters with a ``modules_to_save`` head: ``lora_A``/``lora_B`` keep the adapter segment, and
+    ``head.weight`` is the copy the forward runs (the active adapter's, the original with adapters disabled), as
+    the probe's ``params="head.weight"`` takes it; the other copies keep their full names."""
+    peft, pm = _peft_net(target_modules=["a"], modules_to_save=["head"])
+    pm.add_adapter("other", peft.LoraConfig(r=3, target_modules=["a"], modules_to_save=["head"], init_lora_weights=False))
+    head = pm.get_base_model().head
+    with torch.no_grad():  # distinct copies
+        head.modules_to_save["other"].weight.mul_(3.0)
+        head.original_module.weight.mul_(0.5)
+    for adapter, want, rest in (("default", head.modules_to_save["default"], ["head.modules_to_save.other.weight",
+                                                                              "head.original_module.weight"]),
+                                ("other", head.modules_to_save["other"], ["head.modules_to_save.default.weight",
+                                                                          "head.original_module.weight"])):
+        pm.set_adapter(adapter)
+        got = weight_spectra(pm)
+        assert {"a.lora_A.default.weight", "a.lora_A.other.weight", "a.lora_B.other.weight", *rest} <= set(got)
+        assert len(got) == 10  # every matrix once: a, its 4 LoRA matrices, x's 2, the head's 3 copies
+        np.testing.assert_allclose(got["head.weight"].values.numpy(), svd_ref(want.weight), rtol=1e-12, atol=1e-14)
+        assert select_parameters(pm, "head.weight")[0][1] is want.weight
+        assert sl.PerSampleGradientProbe(pm, params="head.weight").params["base_model.model.head.modules_to_save."
+                                                                          f"{adapter}.weight"] is want.weight
+    with pm.disable_adapter():
+        got = weight_spectra(pm)
+        np.testing.assert_allclose(got["head.weight"].values.numpy(), svd_ref(head.original_module.weight), rtol=1e-12)
+        assert "head.original_module.weight" not in got
