@@ -116,6 +116,47 @@ def test_real_fsdp1_module_on_one_rank(one_rank):
     assert list(got) == list(want) and all(torch.equal(got[k].values, want[k].values) for k in want)
 
 
+@pytest.mark.slow  # loading torch._dynamo takes ~3 s in a process that has not yet
+def test_a_subclass_of_the_compile_wrapper_is_unwrapped():
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    class Mine(OptimizedModule):
+        pass
+
+    compiled = torch.compile(net())
+    mine = Mine(compiled._orig_mod, compiled.dynamo_ctx)
+    assert list(weight_spectra(mine)) == ["a.weight", "b.weight", "head.weight"]  # no "_orig_mod." prefix
+    with pytest.warns(sl.CompiledModelWarning):
+        sl.attach(mine, "a").remove()
+
+
+@pytest.mark.slow
+def test_dynamo_loaded_after_spectral_lens_is_read_at_call_time():
+    """spectral_lens does not load torch._dynamo; a process that loads it later (torch.compile) has its wrappers
+    recognized when weight_spectra / attach are called."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, warnings, torch\n"
+        "import spectral_lens as sl\n"
+        "from spectral_lens.weights import weight_spectra\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "c = torch.compile(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)))\n"
+        "assert list(weight_spectra(c)) == ['0.weight', '1.weight'], list(weight_spectra(c))\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    sl.attach(c, '1').remove()\n"
+        "assert any(issubclass(x.category, sl.CompiledModelWarning) for x in w)\n"
+        "print('ok')\n")
+    root = str(Path(sl.__file__).resolve().parents[1])  # this checkout's spectral_lens
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def _fsdp1_module_rank(rank: int, port: int, out: str) -> None:
     """Real FSDP1 on 2 gloo ranks (FULL_SHARD): weight_spectra of the wrapper's ``.module`` and of a submodule,
     outside and inside ``summon_full_params`` of the wrapper."""
@@ -139,6 +180,12 @@ def _fsdp1_module_rank(rank: int, port: int, out: str) -> None:
             with FSDP.summon_full_params(model):
                 got = weight_spectra(model.module)
             result[f"inside {orig}"] = {k: s.values.tolist() for k, s in got.items()}
+        from torch.distributed.fsdp import fully_shard  # FSDP2: DTensor shards, gathered, never refused
+
+        model = net()
+        fully_shard(model.a)
+        fully_shard(model)
+        result["fsdp2"] = {k: s.values.tolist() for k, s in weight_spectra(model).items()}
         write_case(out, "fsdp1_module", rank, result)
 
 
@@ -162,6 +209,9 @@ def test_real_fsdp1_module_sharded_on_two_ranks_is_refused_outside_and_exact_ins
                 assert msg is not None and "summon_full_params(fsdp_model)" in msg and "wrapper this module is inside" \
                     in msg, (orig, tag, msg)
             assert r[f"inside {orig}"] == want, r
+        assert list(r["fsdp2"]) == list(want), r
+        for k in want:
+            np.testing.assert_allclose(r["fsdp2"][k], want[k], rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(want["b.weight"], svd_ref(net().b.weight), rtol=1e-12)
 
 
