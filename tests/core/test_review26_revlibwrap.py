@@ -290,3 +290,20 @@ def test_peft_adapters_each_matrix_keeps_its_own_name_and_head_weight_follows_th
         got = weight_spectra(pm)
         np.testing.assert_allclose(got["head.weight"].values.numpy(), svd_ref(head.original_module.weight), rtol=1e-12)
         assert "head.original_module.weight" not in got
+
+
+def test_a_lora_layers_short_name_measures_the_frozen_base_matrix_not_the_merged_one():
+    """``a.weight`` of a LoRA layer is ``base_layer.weight``, frozen while LoRA trains; the matrix the forward
+    multiplies with, ``W + scale * B @ A``, is ``a.weight`` of a ``merge_and_unload()``ed copy (float64)."""
+    import copy
+
+    peft = pytest.importorskip("peft", reason="the hf extra installs peft")
+    pm = peft.get_peft_model(net(), peft.LoraConfig(r=2, target_modules=["a"], init_lora_weights=False))
+    lora = pm.get_base_model().a
+    w = lora.base_layer.weight.detach()
+    merged_w = w + lora.scaling["default"] * lora.lora_B["default"].weight.detach() @ lora.lora_A["default"].weight.detach()
+    assert not torch.allclose(w, merged_w)
+    got = weight_spectra(pm, "a.weight")["a.weight"]
+    np.testing.assert_allclose(np.sort(got.values.numpy())[::-1], svd_ref(w), rtol=1e-12, atol=1e-14)
+    merged = weight_spectra(copy.deepcopy(pm).merge_and_unload(), "a.weight")["a.weight"]
+    np.testing.assert_allclose(np.sort(merged.values.numpy())[::-1], svd_ref(merged_w), rtol=1e-10, atol=1e-13)
