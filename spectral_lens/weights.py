@@ -32,8 +32,8 @@ from torch import nn
 from ._deepspeed import refuse_zero3_placeholders
 from ._dtensor import dtensor_module
 from ._offload import offloaded_value
-from ._peft import base_prefix, has_peft_layers, short_name
-from .capture import name_matcher, record_names, uncompiled_name, unwrap_compiled
+from ._peft import has_peft_layers, short_name
+from .capture import name_matcher, peft_prefix, record_names, uncompiled_name, unwrap_compiled
 from .spectrum import Spectrum
 from .summaries import stable_rank
 
@@ -256,7 +256,7 @@ def _refuse_shared_short_name(model: nn.Module, select: ParamTarget, named: list
     closest names."""
     if not has_peft_layers(model):
         return
-    prefix = base_prefix(model)
+    prefix = peft_prefix(model)
     for t in select if isinstance(select, (list, tuple, set, frozenset)) else [select]:
         owners = [e for n, e, p in named
                   if p.ndim >= 2 and isinstance(t, str) and short_name(uncompiled_name(n), prefix, base_layer=True) == t]

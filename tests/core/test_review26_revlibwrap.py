@@ -307,3 +307,35 @@ def test_a_lora_layers_short_name_measures_the_frozen_base_matrix_not_the_merged
     np.testing.assert_allclose(np.sort(got.values.numpy())[::-1], svd_ref(w), rtol=1e-12, atol=1e-14)
     merged = weight_spectra(copy.deepcopy(pm).merge_and_unload(), "a.weight")["a.weight"]
     np.testing.assert_allclose(np.sort(merged.values.numpy())[::-1], svd_ref(merged_w), rtol=1e-10, atol=1e-13)
+
+
+def test_fsdp1_around_a_peft_model_names_it_as_the_peft_model(one_rank):
+    """``FullyShardedDataParallel(peft_model)`` (what the Hugging Face ``Trainer``'s FSDP1 holds as ``trainer.model``):
+    ``layers=``/``attach`` select by the base model's names, the lens records and ``weight_spectra`` use the same
+    keys as for the PeftModel itself, with equal spectra (float64). Before: "no module matches target ['a',
+    'head']", and weight spectra keyed ``base_model.model.a.weight`` / ``base_model.model.head.modules_to_save.
+    default.weight`` (the PEFT prefix read from the FSDP wrapper, which has none)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    peft = pytest.importorskip("peft", reason="the hf extra installs peft")
+    pm = peft.get_peft_model(net(), peft.LoraConfig(r=2, target_modules=["a", "b"], modules_to_save=["head"],
+                                                    init_lora_weights=False))
+    gen = torch.Generator().manual_seed(5)
+    pool = [torch.randn(8, 6, dtype=torch.float64, generator=gen) for _ in range(2)]
+    want = sl.SpectralLens(pm, pool, layers=["a", "head"], params=(), progress=False).measure(1, 1).spectra
+    want_w = weight_spectra(pm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # world size 1: NO_SHARD, the parameters whole
+        wrapped = FSDP(pm, use_orig_params=True, device_id=torch.device("cpu"))
+    got = sl.SpectralLens(wrapped, pool, layers=["a", "head"], params=(), progress=False).measure(1, 1).spectra
+    assert list(got) == list(want) == ["act:a", "act:head"]
+    for k in want:
+        np.testing.assert_allclose(got[k].values.numpy(), want[k].values.numpy(), rtol=1e-12, atol=1e-14)
+    got_w = weight_spectra(wrapped)
+    assert list(got_w) == list(want_w) and "head.weight" in got_w and "a.weight" in got_w
+    for k in want_w:
+        np.testing.assert_allclose(got_w[k].values.numpy(), want_w[k].values.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.sort(got_w["head.weight"].values.numpy())[::-1],
+                               svd_ref(pm.get_base_model().head.modules_to_save["default"].weight), rtol=1e-12)
+    with sl.attach(wrapped, "b") as capture:
+        assert list(capture.accumulators) == ["_fsdp_wrapped_module.base_model.model.b"]
