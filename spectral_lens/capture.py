@@ -397,8 +397,8 @@ def uncompiled_name(name: str) -> str:
 
 def peft_prefix(model: nn.Module) -> str:
     """:func:`~spectral_lens._peft.base_prefix` of the ``PeftModel`` that ``model`` is, or holds under wrapper
-    segments only (:data:`_WRAPPER_SEGMENTS`: ``FullyShardedDataParallel(peft_model)``, as the Hugging Face
-    ``Trainer``'s FSDP passes it, a compile or checkpoint wrapper): the prefix as :func:`uncompiled_name` names
+    segments only (:data:`_WRAPPER_SEGMENTS`: ``FullyShardedDataParallel(peft_model)``, as Accelerate's FSDP1
+    plugin wraps it, a compile or checkpoint wrapper): the prefix as :func:`uncompiled_name` names
     have it. ``""`` for any other model."""
     while not is_peft(model):
         inner = next((m for a in _WRAPPER_SEGMENTS if isinstance(m := model._modules.get(a), nn.Module)), None)

@@ -310,7 +310,7 @@ def test_a_lora_layers_short_name_measures_the_frozen_base_matrix_not_the_merged
 
 
 def test_fsdp1_around_a_peft_model_names_it_as_the_peft_model(one_rank):
-    """``FullyShardedDataParallel(peft_model)`` (what the Hugging Face ``Trainer``'s FSDP1 holds as ``trainer.model``):
+    """``FullyShardedDataParallel(peft_model)`` (as Accelerate's FSDP1 plugin wraps it, ``trainer.model`` under FSDP):
     ``layers=``/``attach`` select by the base model's names, the lens records and ``weight_spectra`` use the same
     keys as for the PeftModel itself, with equal spectra (float64). Before: "no module matches target ['a',
     'head']", and weight spectra keyed ``base_model.model.a.weight`` / ``base_model.model.head.modules_to_save.
