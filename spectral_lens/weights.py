@@ -33,7 +33,13 @@ from ._deepspeed import refuse_zero3_placeholders
 from ._dtensor import dtensor_module
 from ._offload import offloaded_value
 from ._peft import has_peft_layers, short_name
-from .capture import name_matcher, peft_prefix, record_names, uncompiled_name, unwrap_compiled
+from .capture import (
+    name_matcher,
+    peft_prefix,
+    record_names,
+    uncompiled_name,
+    unwrap_compiled,
+)
 from .spectrum import Spectrum
 from .summaries import stable_rank
 

@@ -153,7 +153,8 @@ def test_dynamo_loaded_after_spectral_lens_is_read_at_call_time():
         "print('ok')\n")
     root = str(Path(sl.__file__).resolve().parents[1])  # this checkout's spectral_lens
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
@@ -169,18 +170,19 @@ def _fsdp1_module_rank(rank: int, port: int, out: str) -> None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = FSDP(net(), use_orig_params=orig, device_id=torch.device("cpu"))
-            for tag, call in (("module", lambda: weight_spectra(model.module)),
-                              ("select", lambda: weight_spectra(model.module, "b.weight")),
-                              ("submodule", lambda: weight_spectra(model.module.a))):
+            for tag, inner, select in (("module", model.module, None), ("select", model.module, "b.weight"),
+                                       ("submodule", model.module.a, None)):
                 try:
-                    call()
+                    weight_spectra(inner, select)
                     result[f"outside {orig} {tag}"] = None
                 except ValueError as exc:
                     result[f"outside {orig} {tag}"] = str(exc)
             with FSDP.summon_full_params(model):
                 got = weight_spectra(model.module)
             result[f"inside {orig}"] = {k: s.values.tolist() for k, s in got.items()}
-        from torch.distributed.fsdp import fully_shard  # FSDP2: DTensor shards, gathered, never refused
+        from torch.distributed.fsdp import (
+            fully_shard,  # FSDP2: DTensor shards, gathered, never refused
+        )
 
         model = net()
         fully_shard(model.a)
@@ -210,8 +212,8 @@ def test_real_fsdp1_module_sharded_on_two_ranks_is_refused_outside_and_exact_ins
                     in msg, (orig, tag, msg)
             assert r[f"inside {orig}"] == want, r
         assert list(r["fsdp2"]) == list(want), r
-        for k in want:
-            np.testing.assert_allclose(r["fsdp2"][k], want[k], rtol=1e-12, atol=1e-14)
+        for k, values in want.items():
+            np.testing.assert_allclose(r["fsdp2"][k], values, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(want["b.weight"], svd_ref(net().b.weight), rtol=1e-12)
 
 
