@@ -170,7 +170,8 @@ def _refuse_fsdp1_flat(model: nn.Module) -> None:
     ``_fsdp_flattened``) count as shard views when one is empty or none of them is a matrix: under a sharded
     strategy every one is a 1-D view, under ``NO_SHARD`` they keep their shapes (before: 'no matrix parameter
     matches', the 1-D views silently left out). Under ``use_orig_params=False`` a submodule's weights are plain
-    tensors outside ``summon_full_params`` (FSDP1 marks the modules it manages ``_fsdp_use_orig_params``)."""
+    tensors outside ``summon_full_params``, views of the flat parameter (FSDP1 marks the modules it manages
+    ``_fsdp_use_orig_params``)."""
     flat = [(n, p) for n, p in model.named_parameters() if getattr(p, "_is_flat_param", False)]
     handles = {id(h): h for m in model.modules() if (h := getattr(m, "_handle", None)) is not None}.values()
     sharded, known = [], set()
@@ -185,9 +186,11 @@ def _refuse_fsdp1_flat(model: nn.Module) -> None:
     inside = not any(getattr(getattr(h, "flat_param", None), "_is_flat_param", False) for h in handles)
     if orphans and (any(p.numel() == 0 for p in orphans) or all(p.ndim < 2 for p in orphans)):
         sharded += [p for p in orphans if p.ndim < 2]
-    # use_orig_params=False, a submodule given: its weights are plain tensors (views of the flat parameter)
+    # use_orig_params=False, a submodule given: its weights are plain tensors, views of the flat parameter (a plain
+    # tensor attribute of the user's own, a cache, is not one)
     hidden = [f"{n}.{k}" if n else k for n, m in model.named_modules() if getattr(m, "_fsdp_use_orig_params", None) is False
-              for k, v in vars(m).items() if isinstance(v, torch.Tensor)]
+              for k, v in vars(m).items()
+              if isinstance(v, torch.Tensor) and getattr(v._base, "_is_flat_param", False)]
     if not (flat or sharded or hidden):
         return
     if flat:

@@ -114,6 +114,13 @@ def test_real_fsdp1_module_on_one_rank(one_rank):
     with FSDP.summon_full_params(flat):
         got = weight_spectra(flat.module)
     assert list(got) == list(want) and all(torch.equal(got[k].values, want[k].values) for k in want)
+    cached = net()
+    cached.a.cache = torch.ones(2, 3).T  # a plain tensor attribute (a view) of the user's own: not FSDP's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cached = FSDP(cached, use_orig_params=False, device_id=torch.device("cpu"))
+    with FSDP.summon_full_params(cached):
+        assert list(weight_spectra(cached)) == list(want)
 
 
 @pytest.mark.slow  # loading torch._dynamo takes ~3 s in a process that has not yet
