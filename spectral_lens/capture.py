@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ._dtensor import dtensor_module
-from ._peft import base_prefix, has_peft_layers, saved_copies, short_name
+from ._peft import base_prefix, has_peft_layers, is_peft, saved_copies, short_name
 from ._warnings import CompiledModelWarning
 
 __all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "check_pick", "pick_tensor", "check_dense_rows",
@@ -133,9 +133,10 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     # a name or glob also matches a module's eager name (uncompiled_name: per-block compiled models, whose
     # records use those); a compile wrapper and the module it wraps share one, and only the first is taken
     eager = [name_matcher(t) for t in targets if isinstance(t, (str, re.Pattern))]
-    # a PeftModel's "base_model.model.": names as typed for the model it wraps (also inside a compile wrapper, whose
-    # "_orig_mod." uncompiled_name drops: before, torch.compile(peft_model) matched only the long names)
-    prefix = base_prefix(unwrap_compiled(model))
+    # a PeftModel's "base_model.model.": names as typed for the model it wraps (also inside a compile or FSDP1
+    # wrapper, whose segments uncompiled_name drops: before, torch.compile(peft_model) and FSDP(peft_model) matched
+    # only the long names)
+    prefix = peft_prefix(unwrap_compiled(model))
     chosen, seen = [], set()
     for name, mod in named:
         plain = uncompiled_name(name)
@@ -394,6 +395,19 @@ def uncompiled_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
+def peft_prefix(model: nn.Module) -> str:
+    """:func:`~spectral_lens._peft.base_prefix` of the ``PeftModel`` that ``model`` is, or holds under wrapper
+    segments only (:data:`_WRAPPER_SEGMENTS`: ``FullyShardedDataParallel(peft_model)``, as Accelerate's FSDP1
+    plugin wraps it, a compile or checkpoint wrapper): the prefix as :func:`uncompiled_name` names
+    have it. ``""`` for any other model."""
+    while not is_peft(model):
+        inner = next((m for a in _WRAPPER_SEGMENTS if isinstance(m := model._modules.get(a), nn.Module)), None)
+        if inner is None:
+            return ""
+        model = inner
+    return base_prefix(model)
+
+
 def record_names(model: nn.Module, names: Iterable[str], *, params: bool) -> dict[str, str]:
     """``{name: the name a record carries}`` for module names (``params=False``) or parameter names
     (``params=True``) of ``model``: :func:`uncompiled_name`, and in a PEFT model the name of the model
@@ -406,7 +420,10 @@ def record_names(model: nn.Module, names: Iterable[str], *, params: bool) -> dic
     model = unwrap_compiled(model)
     if not has_peft_layers(model):
         return eager
-    prefix, copies = base_prefix(model), saved_copies(model) if params else {}
+    # by names without wrapper segments (FSDP1's _fsdp_wrapped_module around the PeftModel: before, its prefix was
+    # kept, "base_model.model.a.weight", and a modules_to_save copy kept its long name)
+    prefix = peft_prefix(model)
+    copies = {uncompiled_name(c): uncompiled_name(w) for c, w in saved_copies(model).items()} if params else {}
 
     def short(name: str) -> str:
         for copy, wrapper in copies.items():

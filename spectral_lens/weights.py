@@ -32,7 +32,14 @@ from torch import nn
 from ._deepspeed import refuse_zero3_placeholders
 from ._dtensor import dtensor_module
 from ._offload import offloaded_value
-from .capture import name_matcher, record_names, uncompiled_name, unwrap_compiled
+from ._peft import has_peft_layers, short_name
+from .capture import (
+    name_matcher,
+    peft_prefix,
+    record_names,
+    uncompiled_name,
+    unwrap_compiled,
+)
 from .spectrum import Spectrum
 from .summaries import stable_rank
 
@@ -156,31 +163,57 @@ def _refuse_fsdp1_flat(model: nn.Module) -> None:
     ``FullyShardedDataParallel(use_orig_params=False)`` (its only parameter outside ``summon_full_params``: before,
     'no matrix parameter matches' with an empty list), or under ``use_orig_params=True`` a parameter that is a
     view of this rank's shard (1-D or empty, not its original shape: before, silently left out as < 2 dims).
-    Inside ``FullyShardedDataParallel.summon_full_params(model)`` both are the whole matrices again."""
+    Inside ``FullyShardedDataParallel.summon_full_params(model)`` both are the whole matrices again.
+
+    The original shapes are held by the wrapper's handle. Given the module inside the wrapper
+    (``fsdp_model.module``, or a submodule: no handle within reach), FSDP1's parameters (marked
+    ``_fsdp_flattened``) count as shard views when one is empty or none of them is a matrix: under a sharded
+    strategy every one is a 1-D view, under ``NO_SHARD`` they keep their shapes (before: 'no matrix parameter
+    matches', the 1-D views silently left out). Under ``use_orig_params=False`` a submodule's weights are plain
+    tensors outside ``summon_full_params``, views of the flat parameter (FSDP1 marks the modules it manages
+    ``_fsdp_use_orig_params``)."""
     flat = [(n, p) for n, p in model.named_parameters() if getattr(p, "_is_flat_param", False)]
-    sharded = []
-    for handle in {id(h): h for m in model.modules() if (h := getattr(m, "_handle", None)) is not None}.values():
+    handles = {id(h): h for m in model.modules() if (h := getattr(m, "_handle", None)) is not None}.values()
+    sharded, known = [], set()
+    for handle in handles:
         fp = getattr(handle, "flat_param", None)
         views, shapes = getattr(fp, "_params", None), getattr(fp, "_shapes", None)
         if getattr(fp, "_is_flat_param", False) and views is not None and shapes is not None:
+            known.update(id(p) for p in views)
             sharded += [p for p, shape in zip(views, shapes) if tuple(p.shape) != tuple(shape)]
-    if not (flat or sharded):
+    orphans = [p for _, p in model.named_parameters()
+               if getattr(p, "_fsdp_flattened", False) and not getattr(p, "_is_flat_param", False) and id(p) not in known]
+    inside = not any(getattr(getattr(h, "flat_param", None), "_is_flat_param", False) for h in handles)
+    if orphans and (any(p.numel() == 0 for p in orphans) or all(p.ndim < 2 for p in orphans)):
+        sharded += [p for p in orphans if p.ndim < 2]
+    # use_orig_params=False, a submodule given: its weights are plain tensors, views of the flat parameter (a plain
+    # tensor attribute of the user's own, a cache, is not one)
+    hidden = [f"{n}.{k}" if n else k for n, m in model.named_modules() if getattr(m, "_fsdp_use_orig_params", None) is False
+              for k, v in vars(m).items()
+              if isinstance(v, torch.Tensor) and getattr(v._base, "_is_flat_param", False)]
+    if not (flat or sharded or hidden):
         return
     if flat:
         n, p = flat[0]
         what = (f"holds its weights as {len(flat)} flat 1-D parameter(s) ({n!r}, shape {tuple(p.shape)}) of "
                 "FullyShardedDataParallel(use_orig_params=False), none of them a matrix")
+    elif hidden:
+        what = (f"holds the weights of FullyShardedDataParallel(use_orig_params=False) as plain tensors, not "
+                f"parameters ({[uncompiled_name(n) for n in hidden[:3]]}: views of the wrapper's flat parameter)")
     else:
         names = {id(p): n for n, p in model.named_parameters()}
         shown = [uncompiled_name(names.get(id(p), "?")) for p in sharded[:3]]
         what = (f"holds {len(sharded)} FullyShardedDataParallel parameter(s) as views of this rank's shard, not the "
                 f"matrices ({shown}: shapes {[tuple(p.shape) for p in sharded[:3]]})")
+    where = ("FullyShardedDataParallel.summon_full_params(fsdp_model):`, fsdp_model the FullyShardedDataParallel "
+             "wrapper this module is inside (summon_full_params of the module itself gathers nothing)" if inside
+             else "FullyShardedDataParallel.summon_full_params(model):`")
     raise ValueError(
-        f"weight_spectra: {type(model).__name__} {what}; call weight_spectra inside "
-        "`with FullyShardedDataParallel.summon_full_params(model):` (on every rank: it all-gathers the weights), "
-        "where they are the whole matrices under the names the lens records (with use_orig_params=True they are "
-        "parameters of their own names also outside it, whole only under ShardingStrategy.NO_SHARD), or pass an "
-        "unwrapped model of the same architecture holding the full weights (load its state_dict)")
+        f"weight_spectra: {type(model).__name__} {what}; call weight_spectra inside `with {where} (on every rank: it "
+        "all-gathers the weights), where they are the whole matrices under the names the lens records (with "
+        "use_orig_params=True they are parameters of their own names also outside it, whole only under "
+        "ShardingStrategy.NO_SHARD), or pass an unwrapped model of the same architecture holding the full weights "
+        "(load its state_dict)")
 
 
 def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str, torch.Tensor]]:
@@ -212,6 +245,7 @@ def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str
             )
     if not chosen:
         names = [e for _, e, p in named if p.ndim >= 2]
+        _refuse_shared_short_name(model, select, named)
         hints = []
         if select is not None:
             for t in (select if isinstance(select, (list, tuple)) else [select]):
@@ -222,6 +256,23 @@ def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str
             f"{'closest names' if hints else 'matrix parameters'}: {(hints or names)[:8]}"
         )
     return chosen
+
+
+def _refuse_shared_short_name(model: nn.Module, select: ParamTarget, named: list[tuple[str, str, torch.Tensor]]) -> None:
+    """``ValueError`` when a name in ``select`` that matched nothing is the short (pre-``get_peft_model``) name of
+    several matrices of a PEFT model, which therefore keep their full names (:func:`~spectral_lens.capture.record_names`,
+    e.g. a module of the user's own with a ``base_layer`` submodule): say which, instead of pointing at unrelated
+    closest names."""
+    if not has_peft_layers(model):
+        return
+    prefix = peft_prefix(model)
+    for t in select if isinstance(select, (list, tuple, set, frozenset)) else [select]:
+        owners = [e for n, e, p in named
+                  if p.ndim >= 2 and isinstance(t, str) and short_name(uncompiled_name(n), prefix, base_layer=True) == t]
+        if len(owners) > 1:
+            raise ValueError(
+                f"{type(model).__name__}: {t!r} is the name before get_peft_model of {len(owners)} matrices ({owners}), "
+                "so each keeps its full name (in the lens's records too): select one by its full name")
 
 
 def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> list[tuple[str, torch.Tensor]]:
