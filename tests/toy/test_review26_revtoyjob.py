@@ -229,6 +229,8 @@ def test_fig4a_tier_labels_stay_inside_the_axes_when_points_at_the_top_coincide(
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             assert not boxes[a].overlaps(boxes[b]), (a, b)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------ the machine
@@ -269,3 +271,15 @@ def test_machine_info_survives_odd_torch_config_and_is_json(monkeypatch):
         raise ImportError("no config in this build")
     monkeypatch.setattr(torch.__config__, "show", broken)
     assert machine.machine_info()["blas"] == []  # a diagnostic never stops a run
+
+
+def test_the_verdict_names_a_fraction_off_whole_percents_as_the_report_does(tmp_path):
+    # the toy report said "Muon rho at 12.5%" while the verdict beside it said "at 12% of the budget"
+    from examples.replicate.verdict import verdict
+
+    spec = (4.0, 3.0, 2.5, 1.9, 1.8, 1.7, 1.6)
+    runs = open_runs([_run(tmp_path, t, spec, tuple(1.0 + k * f for f in _F)) for t, k in ((16, 1.0), (32, 2.0))])
+    v = verdict(runs, target=2.0, families=("Muon",), unit="examples", fraction=0.125, window=(10, 40),
+                fractions=(0.1, 0.125))
+    assert "at 12.5% of the budget" in v.lines[0]
+    assert "rho by progress fraction: 10%: n/a (n = 2), 12.5%: n/a (n = 2)." in "\n".join(v.lines)
