@@ -125,12 +125,12 @@ def _power(alpha):
     return Spectrum(values=torch.tensor([r ** -alpha for r in range(1, 65)], dtype=torch.float64), n_rows=500, dim=64)
 
 
-def _run(root, tier, vals, alphas, *, diverge_at=None):
+def _run(root, tier, vals, alphas, *, diverge_at=None, machine=None):
     """A hand-written Muon run: val loss ``vals[i]`` and an exact power-law spectrum of exponent ``alphas[i]`` at
     progress ``_F[i]`` (budget 1000); from index ``diverge_at`` on its losses are NaN and it is marked diverged."""
     path = root / f"muon-b{tier}"
     info = RunInfo(path.name, family="Muon", batch_tier=tier, total_tokens=1000, n_layer=2,
-                   primary_spectrum="act:blocks.1")
+                   primary_spectrum="act:blocks.1", extras={} if machine is None else {"machine": machine})
     with RunWriter(path, info, tail_window=(10, 40), fsync=False) as w:
         for i, f in enumerate(_F):
             if diverge_at is not None and i >= diverge_at:
@@ -283,3 +283,27 @@ def test_the_verdict_names_a_fraction_off_whole_percents_as_the_report_does(tmp_
                 fractions=(0.1, 0.125))
     assert "at 12.5% of the budget" in v.lines[0]
     assert "rho by progress fraction: 10%: n/a (n = 2), 12.5%: n/a (n = 2)." in "\n".join(v.lines)
+
+
+def test_the_report_names_the_machines_and_a_sweep_resumed_on_another(tmp_path, monkeypatch):
+    # a job resumed on another machine keeps its finished runs and trains the rest there: each run.json said so,
+    # but the report (the file a reader compares) named no machine at all
+    intel = dict(machine.machine_info(), cpu="Intel(R) Xeon(R) CPU @ 2.20GHz", cpu_capability="AVX2")
+    amd = dict(intel, cpu="AMD EPYC 7B13", os="Linux-6.1-other-kernel")
+    vals, alphas = (4.0, 3.0, 2.5, 1.9, 1.8, 1.7, 1.6), tuple(1.0 + f for f in _F)
+    wl = SimpleNamespace(target_loss=2.0, window=(10, 40), families=("Muon",), fraction=0.2)
+    monkeypatch.setattr(report, "_save", lambda fig, path: path)
+
+    one = open_runs([_run(tmp_path / "a", t, vals, alphas, machine=intel) for t in (16, 32)])
+    text = report._machines(one)
+    assert text.startswith("## Machine") and "Intel(R) Xeon(R) CPU @ 2.20GHz" in text and "muon-b16, muon-b32" in text
+    assert "different machines" not in text
+    two = open_runs([_run(tmp_path / "b", 16, vals, alphas, machine=intel),
+                     _run(tmp_path / "b", 32, vals, alphas, machine=amd)])
+    text = "\n".join(report.toy_sections(wl, two, tmp_path))  # the last section of the report
+    assert "## Machine" in text and "AMD EPYC 7B13" in text and "trained on 2 different machines" in text
+    same_kernels = open_runs([_run(tmp_path / "c", 16, vals, alphas, machine=intel),
+                              _run(tmp_path / "c", 32, vals, alphas, machine=dict(intel, os="Linux-6.2"))])
+    assert "different machines" not in report._machines(same_kernels)  # a kernel update changes no CPU kernel
+    old = open_runs([_run(tmp_path / "d", t, vals, alphas) for t in (16, 32)])
+    assert report._machines(old) == ""  # records made before machines were recorded: no section
