@@ -247,7 +247,7 @@ def _machines(runs) -> str:
             key = json.dumps([m.get(k) for k in _KERNEL_FIELDS], sort_keys=True)
             env = m.get("env") or {}
             shown = (f"{m.get('cpu')}; torch {m.get('torch')}; CPU kernels {m.get('cpu_capability')}; "
-                     f"{m.get('threads')} threads; BLAS {' / '.join(map(str, m.get('blas') or [])) or 'n/a'}; env "
+                     f"torch threads {m.get('threads')}; BLAS {' / '.join(map(str, m.get('blas') or [])) or 'n/a'}; env "
                      + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) if isinstance(env, dict) and env
                         else "none"))
             groups.setdefault(key, (shown, []))[1].append(r.run_id)
