@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 __all__ = ["cpu_model", "machine_info"]
@@ -18,18 +19,39 @@ __all__ = ["cpu_model", "machine_info"]
 KERNEL_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "ATEN_CPU_CAPABILITY")
 
 
+#: ``/proc/cpuinfo`` fields that name an ARM core where Linux writes no ``model name`` (Graviton 2 and 3 differ
+#: only in them).
+ARM_FIELDS = ("CPU implementer", "CPU part", "CPU variant", "CPU revision")
+
+
 def cpu_model(cpuinfo: str | None = None) -> str:
     """The CPU's model name: the first ``model name`` line of ``/proc/cpuinfo`` (Linux; ``cpuinfo`` is its
-    text, read when ``None``), else ``platform.processor()``, else ``"unknown"``."""
+    text, read when ``None``), else its ARM core fields (:data:`ARM_FIELDS`), else on macOS ``sysctl``'s
+    ``machdep.cpu.brand_string`` (e.g. ``Apple M2 Pro``), else ``platform.processor()``, else ``"unknown"``.
+    ``platform.processor()`` alone names only the architecture (``arm``, ``aarch64``), the same for every chip."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
         except OSError:
             cpuinfo = ""
+    arm = {}
     for line in cpuinfo.splitlines():
         key, sep, value = line.partition(":")
-        if sep and key.strip().lower() in ("model name", "hardware", "cpu model") and value.strip():
-            return value.strip()
+        key, value = key.strip(), value.strip()
+        if sep and key.lower() in ("model name", "hardware", "cpu model") and value:
+            return value
+        if sep and key in ARM_FIELDS and value:
+            arm.setdefault(key, value)  # the first core's
+    if arm:
+        return ", ".join(f"{k} {arm[k]}" for k in ARM_FIELDS if k in arm)
+    if platform.system() == "Darwin":
+        try:
+            done = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=5)
+            if done.returncode == 0 and done.stdout.strip():
+                return done.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
     return platform.processor() or "unknown"
 
 
@@ -53,11 +75,11 @@ def machine_info() -> dict:
 
     try:
         capability = torch.backends.cpu.get_cpu_capability()
-    except (AttributeError, RuntimeError):  # older torch
+    except Exception:  # older torch; a diagnostic never stops the run it describes
         capability = None
     try:
         blas = _blas(torch.__config__.show())
-    except (AttributeError, RuntimeError):
+    except Exception:  # a build without the config, or one that fails to print it
         blas = []
     return {
         "cpu": cpu_model(),

@@ -150,9 +150,15 @@ def _num(x: float, fmt: str = ".2f") -> str:
     return format(x, fmt) if math.isfinite(x) else "n/a"
 
 
+def _pct(f: float) -> str:
+    """A progress fraction in percent, unrounded as the toy report writes it: ``20%``, ``12.5%`` (``:.0%`` said
+    ``12%`` of a fraction pre-registered as 12.5%)."""
+    return f"{100 * f:.3g}%"
+
+
 def _sentences(v: Verdict) -> list[str]:
     lines = [f"Pre-registered: target validation loss {v.target:g}; early statistic alpha_tail over ranks "
-             f"{v.window} at {v.fraction:.0%} of the budget; a family reproduces the claim when "
+             f"{v.window} at {_pct(v.fraction)} of the budget; a family reproduces the claim when "
              f"rho >= {REPRODUCED_RHO}."]
     for fam in v.families.values():
         tiers = sorted(set(fam.reached) | set(fam.missed))
@@ -164,7 +170,7 @@ def _sentences(v: Verdict) -> list[str]:
                  + ("; diverged tiers are left out of rho" if fam.diverged else ""))
         lines.append(f"{fam.family}: {reach}; rho = {_num(fam.rho)} (p = {_num(fam.pvalue, '.3g')}, n = {fam.n}); "
                      f"noise-scale baseline rho = {_num(fam.baseline_rho)}; verdict: {', '.join(fam.flags)}.")
-        scan = ", ".join(f"{f:.0%}: {_num(r)} (n = {fam.n_by_fraction.get(f, 0)})" for f, r in fam.rho_by_fraction.items())
+        scan = ", ".join(f"{_pct(f)}: {_num(r)} (n = {fam.n_by_fraction.get(f, 0)})" for f, r in fam.rho_by_fraction.items())
         lines.append(f"  {fam.family} rho by progress fraction: {scan}.")
     lines.append(f"Pooled across families (min-max normalized per family): rho = {_num(v.pooled_rho)} "
                  f"(p = {_num(v.pooled_pvalue, '.3g')}, n = {v.pooled_n}).")

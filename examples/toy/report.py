@@ -5,6 +5,7 @@ written next to ``report.md`` (skipped, with a note, without matplotlib).
 """
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -224,7 +225,41 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
         + (f"{steps[2][0]} step / mean |earlier step| = {_num(ratio)}" if math.isfinite(ratio)
            else "not measured (needs the whole chain: `--preset full`)") + " |",
     ]))
+    machines = _machines(runs)
+    if machines:
+        sections.append(machines)
     return sections
+
+
+#: The ``extras["machine"]`` fields that choose the CPU kernels (the OS string, with its kernel release, does not).
+_KERNEL_FIELDS = ("cpu", "torch", "blas", "cpu_capability", "threads", "env")
+
+
+def _machines(runs) -> str:
+    """A section naming the machine(s) the runs trained on (``extras["machine"]``, see
+    :func:`examples.replicate.machine.machine_info`), and saying so when they differ: a job resumed on another
+    machine keeps its finished runs (trained on the first) and trains the rest on the second, and nothing else
+    in the report would tell. Empty when no run recorded one (records made before review 26)."""
+    groups: dict[str, tuple[str, list[str]]] = {}
+    for r in runs:
+        m = (r.info.extras or {}).get("machine")
+        if isinstance(m, dict):
+            key = json.dumps([m.get(k) for k in _KERNEL_FIELDS], sort_keys=True)
+            env = m.get("env") or {}
+            shown = (f"{m.get('cpu')}; torch {m.get('torch')}; CPU kernels {m.get('cpu_capability')}; "
+                     f"torch threads {m.get('threads')}; BLAS {' / '.join(map(str, m.get('blas') or [])) or 'n/a'}; env "
+                     + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) if isinstance(env, dict) and env
+                        else "none"))
+            groups.setdefault(key, (shown, []))[1].append(r.run_id)
+    if not groups:
+        return ""
+    lines = ["## Machine", "", "What trained the runs (`run.json` `extras[\"machine\"]`; CPU, torch, its BLAS, CPU "
+             "kernel level, threads, kernel-choosing environment variables):", ""]
+    lines += [f"- {shown}: {', '.join(sorted(ids))}" for shown, ids in sorted(groups.values())]
+    if len(groups) > 1:
+        lines += ["", f"The runs were trained on {len(groups)} different machines or kernel settings (a job resumed "
+                  "elsewhere?): their last digits may differ from a sweep trained on one."]
+    return "\n".join(lines)
 
 
 def _save(fig, path: Path) -> Path:
@@ -240,20 +275,24 @@ def _save(fig, path: Path) -> Path:
 
 def _annotate_tiers(ax, pts) -> None:
     """Label each point ``(alpha, examples, tier)`` "B=<tier>" beside it (on its left when the label would pass the
-    axes' right edge: B = 512's was cut off by the figure's), moving a label up past those already placed when
+    axes' right edge: B = 512's was cut off by the figure's), moving a label past those already placed when
     their boxes would intersect (tiers whose points nearly coincide, e.g. B = 64 and 128 with the
-    same examples to target and close alphas, had their labels drawn over each other). Call after the layout:
-    the boxes are measured where the figure will draw them."""
+    same examples to target and close alphas, had their labels drawn over each other): up from a point in the
+    axes' lower half, down from one in the upper half (stacked upwards, the labels of coincident points at the
+    top of the plot rose out of the axes, over the title). Call after the layout: the boxes are measured where
+    the figure will draw them."""
     fig = ax.figure
     renderer = fig.canvas.get_renderer()
     ax.autoscale_view()
     placed = []
-    right_edge = ax.get_window_extent(renderer).x1
+    axes = ax.get_window_extent(renderer)
     for a, T, t in sorted(pts, key=lambda p: (p[1], p[0], p[2])):
-        label = ax.annotate(f"B={t}", (a, T), xytext=(3, 3), textcoords="offset points", fontsize=7)
+        down = ax.transData.transform((a, T))[1] > 0.5 * (axes.y0 + axes.y1)  # stack towards the axes' middle
+        dx, dy = 3.0, -3.0 if down else 3.0
+        label = ax.annotate(f"B={t}", (a, T), xytext=(dx, dy), textcoords="offset points", fontsize=7,
+                            va="top" if down else "baseline")
         box = label.get_window_extent(renderer)
-        dx, dy = 3.0, 3.0
-        if box.x1 > right_edge:  # the rightmost point's label would leave the figure: put it on the left
+        if box.x1 > axes.x1:  # the rightmost point's label would leave the figure: put it on the left
             dx = -3.0
             label.set_horizontalalignment("right")
             label.xyann = (dx, dy)
@@ -262,7 +301,10 @@ def _annotate_tiers(ax, pts) -> None:
             hit = [b for b in placed if box.overlaps(b)]
             if not hit:
                 break
-            dy += (max(b.y1 for b in hit) - box.y0) * 72 / fig.dpi + 1  # points: just above the highest one hit
+            if down:  # points: just below the lowest one hit
+                dy -= (box.y1 - min(b.y0 for b in hit)) * 72 / fig.dpi + 1
+            else:  # just above the highest one hit
+                dy += (max(b.y1 for b in hit) - box.y0) * 72 / fig.dpi + 1
             label.xyann = (dx, dy)
             box = label.get_window_extent(renderer)
         placed.append(box)
