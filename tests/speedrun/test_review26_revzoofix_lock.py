@@ -5,9 +5,9 @@ the lock after: two jobs started at once into one new ``--out`` with different p
 import dataclasses
 import json
 
-import examples.speedrun.presets as presets
 from examples.replicate import pipeline
 from examples.replicate.settings import LOCK_FILE
+from examples.speedrun import presets
 from examples.speedrun.__main__ import main
 from spectral_lens import atomic
 
