@@ -301,9 +301,11 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
                            train_tokens / train_time if train_time else float("nan"), history)
     finally:
         if own_group:  # after a success every rank waits for the others (rank 0's last checkpoint) first
-            if finished:
-                dist.barrier()
-            dist.destroy_process_group()
+            try:
+                if finished:
+                    dist.barrier()  # fails (gloo: connection reset) when another rank failed and exited
+            finally:
+                dist.destroy_process_group()
 
 
 def load_fitting_data(data: str, profile: str):
@@ -374,6 +376,14 @@ def _load_checkpoint(path, model, opts, settings: dict, device, data=None) -> in
     if not isinstance(have, dict):
         raise CheckpointMismatch(f"{path}: the checkpoint records no training settings (made by an older trainer), "
                                  "so it cannot be checked against this run; start the run again without --resume")
+    from .data import FINGERPRINT_VERSION, fingerprint_version
+
+    fp = have.get("data_fingerprint")
+    if isinstance(fp, str) and fingerprint_version(fp) > FINGERPRINT_VERSION:  # not "the data changed"
+        raise CheckpointMismatch(f"{path}: the checkpoint's data fingerprint is version {fingerprint_version(fp)}, "
+                                 f"written by a newer trainer (this one knows versions 1 to {FINGERPRINT_VERSION}), "
+                                 "so its data cannot be checked; resume with that trainer or start the run again "
+                                 "without --resume")
     if "data_fingerprint" not in have:  # written before the trainer recorded it
         bins = str(have.get("data")).startswith("bin:") and settings["data"].startswith("bin:")  # any directory
         if all(have.get(k) == settings.get(k) or k == "data_fingerprint" or (k == "data" and bins)

@@ -63,6 +63,19 @@ def recorded_data(out: Path, data: str) -> str:
     return resolved
 
 
+def _holds_preset(out: Path) -> bool:
+    """Whether ``out`` holds a ``preset.json`` (a dangling symlink too: :func:`check_settings` says what is wrong)."""
+    return (out / "preset.json").exists() or (out / "preset.json").is_symlink()
+
+
+def _check_fresh(out: Path) -> None:
+    """Refuse an ``out`` that is not empty and holds no speedrun (no ``preset.json``)."""
+    from examples.replicate.settings import holds_other_files
+
+    if not _holds_preset(out) and holds_other_files(out):
+        raise ValueError(f"{out} is not empty and holds no speedrun: choose another --out")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the speedrun; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -70,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from examples.nanogpt.train import load_fitting_data
         from examples.replicate import replicate
-        from examples.replicate.settings import holds_other_files
 
         from .summary import PAPER
         from .workload import ZooWorkload
@@ -104,19 +116,32 @@ def main(argv: list[str] | None = None) -> int:
                 # the same window mask trains (recorded in preset.json)
                 preset = preset.replace(attn_impl="dense")
         out = Path(args.out or f"runs/speedrun-{preset.name}")
-        preset = preset.replace(data=recorded_data(out, preset.data))
-        workload = ZooWorkload(preset)
-        resumed = (out / "preset.json").exists() or (out / "preset.json").is_symlink()
-        if resumed:  # other settings are refused before the data is read (parsing --data stdlib takes seconds)
-            check_settings(out, preset)
-        # fail fast on missing shards or token ids beyond the profile's vocabulary (with --data SHARDS on a
-        # byte-level preset every tuner trial failed, and the error blamed tune/choices.json), before any training
-        load_fitting_data(preset.data, preset.profile)
-        if not resumed:
-            if holds_other_files(out):  # as examples.toy: never write a speedrun into another run's directory
-                raise ValueError(f"{out} is not empty and holds no speedrun: choose another --out")
-            check_settings(out, preset)  # creates out and writes preset.json
-        v = replicate(workload, out, preset.tuner, stream=False if args.no_progress else None)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is not a directory; use a new --out")
+        data, loaded = preset.data, False
+        if not _holds_preset(out):  # a new run: refused before the lock (a refused directory gets no lock file)
+            _check_fresh(out)
+            # fail fast on missing shards or token ids beyond the profile's vocabulary (with --data SHARDS on a
+            # byte-level preset every tuner trial failed, and the error blamed tune/choices.json), before any
+            # training and before anything is written
+            loaded = load_fitting_data(data, preset.profile) is not None
+        from examples.replicate.pipeline import job_lock
+
+        with job_lock(out) as lock:
+            # the job's lock before preset.json is read or written (as examples.toy): two jobs started at once
+            # into a new --out with different presets both found no preset.json, both wrote theirs, and one
+            # ran under the other's settings
+            preset = preset.replace(data=recorded_data(out, data))
+            workload = ZooWorkload(preset)
+            resumed = _holds_preset(out)
+            if resumed:  # other settings are refused before the data is read (parsing --data stdlib takes seconds)
+                check_settings(out, preset)
+            if not loaded:
+                load_fitting_data(preset.data, preset.profile)
+            if not resumed:
+                _check_fresh(out)  # as examples.toy: never write a speedrun into another run's directory
+                check_settings(out, preset)  # writes preset.json
+            v = replicate(workload, out, preset.tuner, stream=False if args.no_progress else None, lock=lock)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume (finished runs are kept)", file=sys.stderr)
         return 130

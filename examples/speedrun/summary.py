@@ -19,7 +19,7 @@ from typing import Sequence
 from examples.replicate.verdict import ALPHA, verdict
 from spectral_lens.records import RunRecord
 
-__all__ = ["PAPER", "min_pvalue", "speedrun_sections"]
+__all__ = ["PAPER", "best_val_loss", "min_pvalue", "speedrun_sections"]
 
 PAPER = dict(within_rho_d12=0.97, pooled_rho=0.93, within_rho_d36_d48=0.95)
 """The paper's early-prediction correlations (Sec. 3): within-family mean at d12, pooled, at d36/d48."""
@@ -34,6 +34,15 @@ def min_pvalue(n: int) -> float:
 
 def _fmt(v, spec=".3f") -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def best_val_loss(run: RunRecord) -> float:
+    """The lowest finite validation loss of ``run`` (NaN when it has none). Finite only: a diverged run's curve
+    ends NaN (it is kept as a result), and the minimum of a curve holding a NaN is NaN (numpy), which listed a
+    run that reached the target before it diverged as having missed it."""
+    _, losses = run.val_curve()
+    finite = [float(x) for x in losses if math.isfinite(x)]
+    return min(finite) if finite else math.nan
 
 
 def speedrun_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str]:
@@ -68,10 +77,10 @@ def speedrun_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> lis
 
     missed = []
     for r in runs:
-        _, losses = r.val_curve()
-        best = float(losses.min()) if losses.size else math.nan
+        best = best_val_loss(r)
         if not best <= target:
-            missed.append(f"| {r.run_id} | {r.info.family} | {r.info.batch_tier:g} | {_fmt(best)} |")
+            diverged = " (diverged)" if (r.info.extras or {}).get("status") == "diverged" else ""
+            missed.append(f"| {r.run_id} | {r.info.family} | {r.info.batch_tier:g} | {_fmt(best)}{diverged} |")
     sections.append("## Target loss\n\n" + (
         "Runs that did NOT reach the pre-registered target (a run that finished its budget without reaching it "
         "has eps_tok infinite and ranks last; a run cut short before it has no eps_tok and is left out of the "

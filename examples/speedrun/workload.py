@@ -9,6 +9,7 @@ whose learning-rate schedule spans the measured runs' budget (a trial is a prefi
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Mapping
 
@@ -83,7 +84,11 @@ class ZooWorkload:
                             schedule_tokens=p.budget)
 
     def run(self, family: str, tier: int, lrs: Mapping[str, float], run_dir: Path) -> Path:
-        """Train ``family`` at ``tier`` with ``lrs`` and measure into ``run_dir`` (its name is the run id)."""
+        """Train ``family`` at ``tier`` with ``lrs`` and measure into ``run_dir`` (its name is the run id).
+
+        A run whose validation loss turns non-finite stops at that evaluation, its record marked ``status:
+        "diverged"`` (the reason in ``divergence``): a finished run, not trained again by a rerun.
+        """
         p = self.preset
         family = canonical_name(family)
         run_dir = Path(run_dir)
@@ -101,6 +106,10 @@ class ZooWorkload:
         with RunWriter(run_dir, info, tail_window=p.tail_window, head_window=p.head_window) as writer:
 
             def on_eval(model: torch.nn.Module, step: int, tokens: int, val_loss: float) -> None:
+                if not math.isfinite(val_loss):  # as examples.toy: the run stops here, diverged (no spectra of
+                    writer.log(step, tokens, val_loss=val_loss)  # a broken model); the record shows where
+                    raise FloatingPointError(f"speedrun {run_dir.name}: validation loss {val_loss} at "
+                                             f"{tokens:,} tokens (step {step})")
                 if "lens" not in state:  # zoo blocks return (x, v): pick=0 takes the residual stream
                     state["lens"] = sl.SpectralLens(
                         model, pool, layers="all", pick=0, gradient_samples=p.gradient_samples, writer=writer,
@@ -108,11 +117,20 @@ class ZooWorkload:
                 state["lens"].measure(step, tokens, val_loss=val_loss, progress=tokens / p.budget)
                 writer.log(step, tokens, val_loss=val_loss)
 
-            result = train(variant=family, profile=p.profile, data=p.data, run_dir=run_dir / "train",
-                           tokens=p.budget, batch_tier=tier, seq_len=p.seq_len, rows=p.rows, lr_scale=scale,
-                           eval_every_tokens=max(1, int(p.measure_every * p.budget)), val_tokens=p.val_tokens,
-                           save_final=False, seed=p.seed, device=str(device), compile=p.compile,
-                           attn_impl=p.attn_impl, on_eval=on_eval, verbose=False)
+            try:
+                result = train(variant=family, profile=p.profile, data=p.data, run_dir=run_dir / "train",
+                               tokens=p.budget, batch_tier=tier, seq_len=p.seq_len, rows=p.rows, lr_scale=scale,
+                               eval_every_tokens=max(1, int(p.measure_every * p.budget)), val_tokens=p.val_tokens,
+                               save_final=False, seed=p.seed, device=str(device), compile=p.compile,
+                               attn_impl=p.attn_impl, on_eval=on_eval, verbose=False)
+            except FloatingPointError as exc:
+                # a diverged run is a result, not a crash (as examples.toy's): its record ends here marked
+                # "diverged" and the pipeline keeps it; raising instead marked it failed, stopped the job, and
+                # the rerun trained the same seed at the same rates into the same divergence
+                writer.update_info(device=str(device), status="diverged", divergence=str(exc))
+                if self.verbose:
+                    print(f"  {info.run_id}: diverged ({exc})", flush=True)
+                return run_dir
             reached = min(r["val_loss"] for r in result.history) <= p.target_loss
             writer.update_info(throughput=result.tokens_per_s, final_val_loss=result.final_val_loss,
                                reached_target=bool(reached), device=str(device), status="complete")
