@@ -19,6 +19,7 @@ import spectral_lens as sl
 from examples.nanogpt.data import heldout_pool, load_data
 from examples.nanogpt.train import train
 from examples.nanogpt.variants import build_config, canonical_name, get_profile
+from examples.replicate.machine import machine_info
 from examples.tune.zoo import ZooTrainable, lr_scale_of, zoo_reference_lrs
 from spectral_lens.records import RunInfo, RunWriter
 
@@ -95,12 +96,13 @@ class ZooWorkload:
         scale = lr_scale_of(lrs, self.reference_lrs(family), p.lr_factor)
         cfg = build_config(family, get_profile(p.profile))
         per_step = self.tokens_per_step(family, tier)
+        device = torch.device(p.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         info = RunInfo(run_dir.name, family=family, batch_tier=tier, tokens_per_step=per_step,
                        seed=p.seed, n_layer=cfg.n_layer, total_tokens=p.budget, batch_size=per_step // (p.seq_len or cfg.seq_len),
                        primary_spectrum=f"act:blocks.{cfg.n_layer - 1}",
                        extras=dict(preset=p.name, profile=p.profile, data=p.data, lrs=dict(lrs), lr_scale=scale,
-                                   target_loss=p.target_loss))
-        device = torch.device(p.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                                   target_loss=p.target_loss,
+                                   machine=machine_info(device)))  # what trained it (GPU, CPU, torch), as the toy's
         pool = self.pool(device)
         state: dict = {}
         with RunWriter(run_dir, info, tail_window=p.tail_window, head_window=p.head_window) as writer:
