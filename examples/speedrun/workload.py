@@ -17,7 +17,7 @@ import torch
 
 import spectral_lens as sl
 from examples.nanogpt.data import heldout_pool, load_data
-from examples.nanogpt.train import train
+from examples.nanogpt.train import TrainingDiverged, train
 from examples.nanogpt.variants import build_config, canonical_name, get_profile
 from examples.replicate.machine import machine_info
 from examples.tune.zoo import ZooTrainable, lr_scale_of, zoo_reference_lrs
@@ -87,8 +87,12 @@ class ZooWorkload:
     def run(self, family: str, tier: int, lrs: Mapping[str, float], run_dir: Path) -> Path:
         """Train ``family`` at ``tier`` with ``lrs`` and measure into ``run_dir`` (its name is the run id).
 
-        A run whose validation loss turns non-finite stops at that evaluation, its record marked ``status:
-        "diverged"`` (the reason in ``divergence``): a finished run, not trained again by a rerun.
+        A run whose validation or training loss turns non-finite stops there (the trainer's
+        ``TrainingDiverged`` for the training loss), its record marked ``status: "diverged"`` (the reason in
+        ``divergence``): a finished run, not trained again by a rerun. So does a run whose activations the lens
+        cannot measure (``NonFiniteError``: beyond float32's range, with a finite loss): recorded as failed, it
+        stopped the job with status 2 and every rerun trained it into the same error. ``extras["machine"]``
+        records what trained it (:func:`examples.replicate.machine.machine_info`).
         """
         p = self.preset
         family = canonical_name(family)
@@ -116,7 +120,12 @@ class ZooWorkload:
                     state["lens"] = sl.SpectralLens(
                         model, pool, layers="all", pick=0, gradient_samples=p.gradient_samples, writer=writer,
                         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
-                state["lens"].measure(step, tokens, val_loss=val_loss, progress=tokens / p.budget)
+                try:
+                    state["lens"].measure(step, tokens, val_loss=val_loss, progress=tokens / p.budget)
+                except sl.NonFiniteError as exc:  # activations beyond float32's range (or below it) with a
+                    writer.log(step, tokens, val_loss=val_loss)  # finite loss: the run stops here, unmeasured
+                    raise FloatingPointError(f"speedrun {run_dir.name}: the lens could not measure at {tokens:,} "
+                                             f"tokens (step {step}; validation loss {val_loss:.4g}): {exc}") from None
                 writer.log(step, tokens, val_loss=val_loss)
 
             try:
@@ -126,6 +135,8 @@ class ZooWorkload:
                                save_final=False, seed=p.seed, device=str(device), compile=p.compile,
                                attn_impl=p.attn_impl, on_eval=on_eval, verbose=False)
             except FloatingPointError as exc:
+                if isinstance(exc, TrainingDiverged) and exc.what == "training loss":  # the record shows where
+                    writer.log(exc.step, exc.tokens, train_loss=exc.value)
                 # a diverged run is a result, not a crash (as examples.toy's): its record ends here marked
                 # "diverged" and the pipeline keeps it; raising instead marked it failed, stopped the job, and
                 # the rerun trained the same seed at the same rates into the same divergence
