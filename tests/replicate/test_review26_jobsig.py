@@ -143,6 +143,7 @@ def test_the_trainer_stops_at_a_nan_training_loss_and_keeps_no_nan_checkpoint(tm
     assert not list((tmp_path / "t").glob("ckpt_*.pt"))  # save_final: no checkpoint of the NaN model
 
 
+@pytest.mark.slow  # > 3 s: trains twice / to a rung
 def test_the_trainer_names_its_last_finite_checkpoint(tmp_path):
     from examples.nanogpt.train import TrainingDiverged, train
 
@@ -183,6 +184,7 @@ def test_the_trainer_cli_says_diverged_in_one_line_with_status_1(tmp_path, monke
                                        "step 5 (320 tokens); no checkpoint was saved before it\n")
 
 
+@pytest.mark.slow  # > 3 s: trains twice / to a rung
 def test_a_tuner_trial_with_a_nan_training_loss_still_fails_alone(tmp_path, monkeypatch):
     import examples.nanogpt.train as tr
     from examples.tune.candidates import Candidate
