@@ -1,4 +1,8 @@
-"""Command line: ``python -m examples.nanogpt {params,variants,train} ...`` (see README.md)."""
+"""Command line: ``python -m examples.nanogpt {params,variants,train} ...`` (see README.md).
+
+``train`` exits with status 1 and one line when the run diverged (a non-finite loss: it stops there, its newest
+checkpoint the last finite state), 2 for a refused setting, 130 on Ctrl-C.
+"""
 from __future__ import annotations
 
 import os
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     except BrokenPipeError:  # `python -m examples.nanogpt variants | head -3`: stop quietly
         return reader_gone()
-    from .train import train
+    from .train import TrainingDiverged, train
     from .variants import canonical_name, get_profile
 
     if a.steps is None and a.tokens is None:
@@ -75,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
                     checkpoint_every_tokens=a.checkpoint_every_tokens, save_final=not a.no_save_final, resume=a.resume,
                     seed=a.seed, device=a.device, compile=a.compile, attn_impl=a.attn_impl, log_every=a.log_every,
                     verbose=not a.quiet)
+    except TrainingDiverged as e:  # a NaN loss: stopped there (it trained on into NaN rows and checkpoints), status 1
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops alike; one line says why
+            print(f"python -m examples.nanogpt train: {one_line(e).removeprefix('train: ')}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: one line naming the newest checkpoint to resume from, no traceback
         # this run's checkpoints only: the run dir may hold older ones of an earlier run
         ckpts = sorted(p for p in Path(a.run_dir).glob("ckpt_*.pt") if p.stat().st_mtime >= started - 1)

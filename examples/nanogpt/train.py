@@ -45,6 +45,25 @@ class CheckpointMismatch(ValueError):
     tuner's ``ZooTrainable``) can tell it from a run that fails."""
 
 
+class TrainingDiverged(FloatingPointError):
+    """The training loss, a validation loss or the weights to be checkpointed turned non-finite: :func:`train`
+    stops there (training on a NaN model only wrote NaN rows and NaN checkpoints). ``step``, ``tokens``,
+    ``what`` (``"training loss"``, ``"validation loss"``, ``"weights"``) and ``value`` say where; ``checkpoint``
+    is the newest checkpoint of the run (saved by it, or the one it resumed from; ``None``: none), saved
+    while its weights were finite. A ``FloatingPointError``, as the speedrun's and the toy's divergence."""
+
+    def __init__(self, message: str, *, step: int, tokens: int, what: str, value: float,
+                 checkpoint: Path | None):
+        super().__init__(message)
+        self.step, self.tokens, self.what, self.value, self.checkpoint = step, tokens, what, value, checkpoint
+
+
+def _finite_weights(model: torch.nn.Module) -> bool:
+    """Whether every parameter of ``model`` is finite (one synchronization)."""
+    flags = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 @dataclass
 class TrainResult:
     """What a run produced. ``history`` holds the evaluation rows written to ``metrics.jsonl``."""
@@ -135,6 +154,12 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
     ``run_dir/metrics.jsonl``; checkpoints are ``run_dir/ckpt_<step>.pt`` state dicts. The temporary
     files a killed run left behind (an interrupted checkpoint save: as large as a checkpoint) are
     removed when a run starts in ``run_dir``.
+
+    Divergence: a non-finite training loss (checked whenever it is read: every ``log_every`` steps, at
+    evaluations, after the evaluation and ``on_eval``, and before each checkpoint), a non-finite validation
+    loss (after ``on_eval``, which may raise its own exception first) or non-finite weights about to be checkpointed stop the run with
+    :class:`TrainingDiverged` (its row written to ``metrics.jsonl``); no checkpoint of a NaN model is saved, so
+    the newest one (``TrainingDiverged.checkpoint``) is the last finite state.
     """
     _check_arguments(steps=steps, tokens=tokens, batch_tier=batch_tier, seq_len=seq_len, rows=rows,
                      eval_every_tokens=eval_every_tokens, val_tokens=val_tokens,
@@ -256,6 +281,18 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
         history: list[dict] = []
         t_start, train_time, train_tokens = time.perf_counter(), 0.0, 0
         step = start
+        saved = Path(resume) if resume is not None else None  # the newest checkpoint: the last finite state
+        bad_loss = None  # a non-finite training loss read at a step with an evaluation due
+
+        def diverged(what: str, value: float) -> TrainingDiverged:
+            where = f"at step {step} ({step * tokens_per_step:,} tokens)"
+            last = f"the last checkpoint, {saved}, was saved before it" if saved else "no checkpoint was saved before it"
+            return TrainingDiverged(f"train: {variant} diverged: {what} {value} {where}; {last}", step=step,
+                                    tokens=step * tokens_per_step, what=what, value=value, checkpoint=saved)
+
+        def check_weights() -> None:  # on every rank (identical weights): no rank waits for one that stopped
+            if not _finite_weights(model):
+                raise diverged("weights", math.nan)
         while True:
             last = step >= stop_step
             if last or step % eval_steps == 0 or step == start:
@@ -268,6 +305,10 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
                 log(row)
                 if on_eval is not None:
                     on_eval(model, step, step * tokens_per_step, val)
+                if not math.isfinite(val):  # a caller's on_eval may have raised its own exception first
+                    raise diverged("validation loss", val)
+                if bad_loss is not None:  # read just before this evaluation: evaluated (and on_eval called) first
+                    raise diverged("training loss", bad_loss)
                 model.train()
                 stop = target_val_loss is not None and val <= target_val_loss
                 if last or stop:
@@ -280,18 +321,31 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
                 opt.step()
             model.zero_grad(set_to_none=True)
             step += 1
-            if step % log_every == 0 or step >= stop_step or (step % eval_steps == 0):
+            checkpoint_due = bool(ckpt_steps) and step % ckpt_steps == 0 and step < stop_step
+            if step % log_every == 0 or step >= stop_step or (step % eval_steps == 0) or checkpoint_due:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 last_loss = float(loss)
+                if not math.isfinite(last_loss):  # the same on every rank (the loss is all-reduced)
+                    if step >= stop_step or step % eval_steps == 0:
+                        bad_loss = last_loss  # the evaluation due now records it, then the run stops
+                    else:
+                        log(dict(step=step, tokens=step * tokens_per_step, train_loss=last_loss, val_loss=None,
+                                 lr_mult=mult, elapsed_s=time.perf_counter() - t_start))
+                        raise diverged("training loss", last_loss)
             train_time += time.perf_counter() - t0
             train_tokens += tokens_per_step
             if step % log_every == 0 and step % eval_steps != 0 and step < stop_step:
                 log(dict(step=step, tokens=step * tokens_per_step, train_loss=last_loss, val_loss=None,
                          tokens_per_s=train_tokens / train_time, lr_mult=mult,
                          elapsed_s=time.perf_counter() - t_start))
-            if rank == 0 and ckpt_steps and step % ckpt_steps == 0 and step < stop_step:
-                _save_checkpoint(run_dir / f"ckpt_{step:06d}.pt", model, opts, step, tokens_per_step, settings)
+            if checkpoint_due and bad_loss is None:  # (else the evaluation due now stops the run)
+                check_weights()
+                if rank == 0:
+                    saved = run_dir / f"ckpt_{step:06d}.pt"
+                    _save_checkpoint(saved, model, opts, step, tokens_per_step, settings)
+        if save_final:
+            check_weights()
         if rank == 0:
             if save_final:
                 _save_checkpoint(run_dir / f"ckpt_{step:06d}.pt", model, opts, step, tokens_per_step, settings)

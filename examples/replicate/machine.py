@@ -8,12 +8,13 @@ changes no number the run computes.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 from pathlib import Path
 
-__all__ = ["cpu_model", "machine_info"]
+__all__ = ["cpu_model", "machine_info", "machine_section"]
 
 #: Environment variables that choose CPU kernels or threads (``MKL_CBWR`` moves results by an ULP or more).
 KERNEL_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MKL_CBWR", "ATEN_CPU_CAPABILITY")
@@ -68,9 +69,11 @@ def _blas(config: str) -> list[str]:
     return out
 
 
-def machine_info() -> dict:
+def machine_info(device=None) -> dict:
     """CPU model, machine, OS, Python, torch version and build's BLAS, CPU kernel level, torch threads and the
-    kernel-choosing environment variables that are set (a few milliseconds; no number of a run changes)."""
+    kernel-choosing environment variables that are set (a few milliseconds; no number of a run changes); for a
+    CUDA ``device`` (the speedrun's) also ``gpu``: its name, compute capability and CUDA version, as the GPU's
+    kernels are then the ones that train."""
     import torch
 
     try:
@@ -81,7 +84,7 @@ def machine_info() -> dict:
         blas = _blas(torch.__config__.show())
     except Exception:  # a build without the config, or one that fails to print it
         blas = []
-    return {
+    info = {
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
@@ -93,3 +96,44 @@ def machine_info() -> dict:
         "threads": torch.get_num_threads(),
         "env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ},
     }
+    if device is not None and torch.device(device).type == "cuda":
+        try:
+            major, minor = torch.cuda.get_device_capability(device)
+            info["gpu"] = (f"{torch.cuda.get_device_name(device)}; compute capability {major}.{minor}; "
+                           f"CUDA {torch.version.cuda}")
+        except Exception:  # a diagnostic never stops the run it describes
+            info["gpu"] = None
+    return info
+
+
+#: The ``extras["machine"]`` fields that choose the kernels (the OS string, with its kernel release, does not).
+_KERNEL_FIELDS = ("cpu", "torch", "blas", "cpu_capability", "threads", "env", "gpu")
+
+
+def machine_section(runs) -> str:
+    """A report section (Markdown) naming the machine(s) the runs trained on (``extras["machine"]``, see
+    :func:`machine_info`), and saying so when they differ: a job resumed on another machine keeps its finished
+    runs (trained on the first) and trains the rest on the second, and nothing else in the report would tell.
+    Empty when no run recorded one (records made before review 26). Shared by the toy's and the speedrun's
+    reports."""
+    groups: dict[str, tuple[str, list[str]]] = {}
+    for r in runs:
+        m = (r.info.extras or {}).get("machine")
+        if isinstance(m, dict):
+            key = json.dumps([m.get(k) for k in _KERNEL_FIELDS], sort_keys=True)
+            env = m.get("env") or {}
+            shown = ((f"GPU {m['gpu']}; " if m.get("gpu") else "")
+                     + f"{m.get('cpu')}; torch {m.get('torch')}; CPU kernels {m.get('cpu_capability')}; "
+                     f"torch threads {m.get('threads')}; BLAS {' / '.join(map(str, m.get('blas') or [])) or 'n/a'}; env "
+                     + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) if isinstance(env, dict) and env
+                        else "none"))
+            groups.setdefault(key, (shown, []))[1].append(r.run_id)
+    if not groups:
+        return ""
+    lines = ["## Machine", "", "What trained the runs (`run.json` `extras[\"machine\"]`; GPU if any, CPU, torch, its "
+             "BLAS, CPU kernel level, threads, kernel-choosing environment variables):", ""]
+    lines += [f"- {shown}: {', '.join(sorted(ids))}" for shown, ids in sorted(groups.values())]
+    if len(groups) > 1:
+        lines += ["", f"The runs were trained on {len(groups)} different machines or kernel settings (a job resumed "
+                  "elsewhere?): their last digits may differ from a sweep trained on one."]
+    return "\n".join(lines)

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from examples.cli import OneLineParser, directory, one_line
+from examples.cli import OneLineParser, directory, one_line, sigterm_raises, stopped
 
 from .presets import PRESETS, Preset, get_preset
 
@@ -76,8 +76,20 @@ def _check_fresh(out: Path) -> None:
         raise ValueError(f"{out} is not empty and holds no speedrun: choose another --out")
 
 
+_RESUME = "rerun the same command to resume (finished runs are kept)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the speedrun; returns the exit status."""
+    """Run the speedrun; returns the exit status (Ctrl-C 130 and SIGTERM 143, one line: the tuner's trials are
+    released and a rerun resumes, see :mod:`examples.cli`)."""
+    try:
+        with sigterm_raises():  # SIGTERM raises examples.cli.Terminated, a KeyboardInterrupt, as Ctrl-C
+            return _main(argv)
+    except KeyboardInterrupt as e:
+        return stopped("python -m examples.speedrun", e, _RESUME)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
@@ -142,9 +154,6 @@ def main(argv: list[str] | None = None) -> int:
                 _check_fresh(out)  # as examples.toy: never write a speedrun into another run's directory
                 check_settings(out, preset)  # writes preset.json
             v = replicate(workload, out, preset.tuner, stream=False if args.no_progress else None, lock=lock)
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume (finished runs are kept)", file=sys.stderr)
-        return 130
     except (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError, ImportError) as exc:
         print(f"python -m examples.speedrun: error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -6,8 +6,9 @@ taxonomy of the chain with its evidence) and its verdict (rho per family and poo
 missed tiers, flags) are generic. This module adds what is specific to the speedrun: our rhos beside
 the paper's numbers (Sec. 3) with the smallest p-value the number of tiers allows, the runs that
 missed the pre-registered target with their best losses, the tuner's chosen factors with their
-final-rung losses (and whether each is an end of its grid). The validation-loss curves are the
-library report's ``loss.png``.
+final-rung losses (and whether each is an end of its grid), and the machine(s) that trained the runs
+(:func:`examples.replicate.machine.machine_section`, as the toy's report). The validation-loss curves are
+the library report's ``loss.png``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from examples.replicate.machine import machine_section
 from examples.replicate.verdict import ALPHA, verdict
 from spectral_lens.records import RunRecord
 
@@ -99,4 +101,7 @@ def speedrun_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> lis
         sections.append(f"## Tuner choices\n\nSynchronized successive halving (`examples.tune`), rungs "
                         f"{list(p.rungs)} tokens, learning-rate schedules over the {p.budget:,}-token run budget "
                         f"(`{choices_path.relative_to(out_dir.parent)}`).\n\n" + "\n".join(lines))
+    machines = machine_section(runs)  # the toy report's section: what trained the runs, and whether they differ
+    if machines:
+        sections.append(machines)
     return sections

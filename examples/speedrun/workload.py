@@ -17,8 +17,9 @@ import torch
 
 import spectral_lens as sl
 from examples.nanogpt.data import heldout_pool, load_data
-from examples.nanogpt.train import train
+from examples.nanogpt.train import TrainingDiverged, train
 from examples.nanogpt.variants import build_config, canonical_name, get_profile
+from examples.replicate.machine import machine_info
 from examples.tune.zoo import ZooTrainable, lr_scale_of, zoo_reference_lrs
 from spectral_lens.records import RunInfo, RunWriter
 
@@ -86,8 +87,12 @@ class ZooWorkload:
     def run(self, family: str, tier: int, lrs: Mapping[str, float], run_dir: Path) -> Path:
         """Train ``family`` at ``tier`` with ``lrs`` and measure into ``run_dir`` (its name is the run id).
 
-        A run whose validation loss turns non-finite stops at that evaluation, its record marked ``status:
-        "diverged"`` (the reason in ``divergence``): a finished run, not trained again by a rerun.
+        A run whose validation or training loss turns non-finite stops there (the trainer's
+        ``TrainingDiverged`` for the training loss), its record marked ``status: "diverged"`` (the reason in
+        ``divergence``): a finished run, not trained again by a rerun. So does a run whose activations the lens
+        cannot measure (``NonFiniteError``: beyond float32's range, with a finite loss): recorded as failed, it
+        stopped the job with status 2 and every rerun trained it into the same error. ``extras["machine"]``
+        records what trained it (:func:`examples.replicate.machine.machine_info`).
         """
         p = self.preset
         family = canonical_name(family)
@@ -95,12 +100,13 @@ class ZooWorkload:
         scale = lr_scale_of(lrs, self.reference_lrs(family), p.lr_factor)
         cfg = build_config(family, get_profile(p.profile))
         per_step = self.tokens_per_step(family, tier)
+        device = torch.device(p.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         info = RunInfo(run_dir.name, family=family, batch_tier=tier, tokens_per_step=per_step,
                        seed=p.seed, n_layer=cfg.n_layer, total_tokens=p.budget, batch_size=per_step // (p.seq_len or cfg.seq_len),
                        primary_spectrum=f"act:blocks.{cfg.n_layer - 1}",
                        extras=dict(preset=p.name, profile=p.profile, data=p.data, lrs=dict(lrs), lr_scale=scale,
-                                   target_loss=p.target_loss))
-        device = torch.device(p.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+                                   target_loss=p.target_loss,
+                                   machine=machine_info(device)))  # what trained it (GPU, CPU, torch), as the toy's
         pool = self.pool(device)
         state: dict = {}
         with RunWriter(run_dir, info, tail_window=p.tail_window, head_window=p.head_window) as writer:
@@ -114,7 +120,12 @@ class ZooWorkload:
                     state["lens"] = sl.SpectralLens(
                         model, pool, layers="all", pick=0, gradient_samples=p.gradient_samples, writer=writer,
                         autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
-                state["lens"].measure(step, tokens, val_loss=val_loss, progress=tokens / p.budget)
+                try:
+                    state["lens"].measure(step, tokens, val_loss=val_loss, progress=tokens / p.budget)
+                except sl.NonFiniteError as exc:  # activations beyond float32's range (or below it) with a
+                    writer.log(step, tokens, val_loss=val_loss)  # finite loss: the run stops here, unmeasured
+                    raise FloatingPointError(f"speedrun {run_dir.name}: the lens could not measure at {tokens:,} "
+                                             f"tokens (step {step}; validation loss {val_loss:.4g}): {exc}") from None
                 writer.log(step, tokens, val_loss=val_loss)
 
             try:
@@ -124,6 +135,8 @@ class ZooWorkload:
                                save_final=False, seed=p.seed, device=str(device), compile=p.compile,
                                attn_impl=p.attn_impl, on_eval=on_eval, verbose=False)
             except FloatingPointError as exc:
+                if isinstance(exc, TrainingDiverged) and exc.what == "training loss":  # the record shows where
+                    writer.log(exc.step, exc.tokens, train_loss=exc.value)
                 # a diverged run is a result, not a crash (as examples.toy's): its record ends here marked
                 # "diverged" and the pipeline keeps it; raising instead marked it failed, stopped the job, and
                 # the rerun trained the same seed at the same rates into the same divergence

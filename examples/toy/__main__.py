@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from examples.cli import OneLineParser, directory, one_line
+from examples.cli import OneLineParser, directory, one_line, sigterm_raises, stopped
 from examples.replicate.settings import check_settings, holds_other_files
 
 from .presets import PRESETS
@@ -44,8 +44,20 @@ def keep_freed_memory() -> None:
             return
 
 
+_RESUME = "rerun the same command to resume (finished runs are kept)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2 for bad input, one line on stderr)."""
+    """Command-line entry point; returns the exit status (2 for bad input, one line on stderr; Ctrl-C 130 and
+    SIGTERM 143, one line: the tuner's trials are released and a rerun resumes, see :mod:`examples.cli`)."""
+    try:
+        with sigterm_raises():  # SIGTERM raises examples.cli.Terminated, a KeyboardInterrupt, as Ctrl-C
+            return _main(argv)
+    except KeyboardInterrupt as e:
+        return stopped("python -m examples.toy", e, _RESUME)
+
+
+def _main(argv: list[str] | None) -> int:
     ap = OneLineParser(prog="python -m examples.toy", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="smoke (tests), cpu (main job), full (paper)")
     ap.add_argument("--out", type=directory, default=None, help="output directory (default runs/toy-<preset>)")
@@ -97,9 +109,6 @@ def _run(preset, out: Path, threads: int, lock) -> int:
     torch.set_num_threads(threads)
     try:
         replicate(ToyWorkload(preset), out, preset.tuner, lock=lock)
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume (finished runs are kept)", file=sys.stderr)
-        return 130
     except (ValueError, KeyError, OSError) as exc:  # e.g. a malformed choices file in OUT/tune: one line
         print(f"examples.toy: error: {one_line(exc)}", file=sys.stderr)
         return 2

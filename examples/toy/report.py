@@ -5,7 +5,6 @@ written next to ``report.md`` (skipped, with a note, without matplotlib).
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 from scipy import stats
 
 import spectral_lens as sl
+from examples.replicate.machine import machine_section as _machines  # shared with the speedrun's report
 from spectral_lens.analysis import TailPredictor, divergence, token_inefficiency, tokens_to_target
 from spectral_lens.records import Measurement, RunRecord
 
@@ -229,37 +229,6 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
     if machines:
         sections.append(machines)
     return sections
-
-
-#: The ``extras["machine"]`` fields that choose the CPU kernels (the OS string, with its kernel release, does not).
-_KERNEL_FIELDS = ("cpu", "torch", "blas", "cpu_capability", "threads", "env")
-
-
-def _machines(runs) -> str:
-    """A section naming the machine(s) the runs trained on (``extras["machine"]``, see
-    :func:`examples.replicate.machine.machine_info`), and saying so when they differ: a job resumed on another
-    machine keeps its finished runs (trained on the first) and trains the rest on the second, and nothing else
-    in the report would tell. Empty when no run recorded one (records made before review 26)."""
-    groups: dict[str, tuple[str, list[str]]] = {}
-    for r in runs:
-        m = (r.info.extras or {}).get("machine")
-        if isinstance(m, dict):
-            key = json.dumps([m.get(k) for k in _KERNEL_FIELDS], sort_keys=True)
-            env = m.get("env") or {}
-            shown = (f"{m.get('cpu')}; torch {m.get('torch')}; CPU kernels {m.get('cpu_capability')}; "
-                     f"torch threads {m.get('threads')}; BLAS {' / '.join(map(str, m.get('blas') or [])) or 'n/a'}; env "
-                     + (", ".join(f"{k}={v}" for k, v in sorted(env.items())) if isinstance(env, dict) and env
-                        else "none"))
-            groups.setdefault(key, (shown, []))[1].append(r.run_id)
-    if not groups:
-        return ""
-    lines = ["## Machine", "", "What trained the runs (`run.json` `extras[\"machine\"]`; CPU, torch, its BLAS, CPU "
-             "kernel level, threads, kernel-choosing environment variables):", ""]
-    lines += [f"- {shown}: {', '.join(sorted(ids))}" for shown, ids in sorted(groups.values())]
-    if len(groups) > 1:
-        lines += ["", f"The runs were trained on {len(groups)} different machines or kernel settings (a job resumed "
-                  "elsewhere?): their last digits may differ from a sweep trained on one."]
-    return "\n".join(lines)
 
 
 def _save(fig, path: Path) -> Path:

@@ -8,14 +8,11 @@ their trials (a rerun resumes them at once), and say so in one line.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import sys
-import threading
 import warnings
 from pathlib import Path
 
-from examples.cli import OneLineParser, directory, one_line
+from examples.cli import OneLineParser, directory, one_line, sigterm_raises, stopped
 
 
 def _family(text: str) -> tuple[str, dict[str, float]]:
@@ -87,32 +84,8 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"python -m examples.tune: warning: {one_line(message)}", file=sys.stderr)
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM in the command line's process, raised as Ctrl-C is: the workers release their trials on the
-    way out (a plain SIGTERM ended the process at once and left them RUNNING until ``--grace`` ran out)."""
-
-
 _RESUME = ("rerun the same command to resume (with a journal or database --storage; the in-memory default "
            "keeps nothing)")
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise _Terminated
-
-
-@contextlib.contextmanager
-def _sigterm_raises():
-    """SIGTERM raises :class:`_Terminated` in the block (main thread, default disposition only: a SIGTERM
-    that the caller ignores or handles is left so); the disposition is restored after."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
-        return
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _is_storage_error(e: Exception) -> bool:
@@ -127,14 +100,10 @@ def main(argv=None) -> int:
     with warnings.catch_warnings():  # the grid-edge and take-over warnings: one line each, as the errors
         warnings.showwarning = _one_line_warning
         try:
-            with _sigterm_raises():
+            with sigterm_raises():  # SIGTERM raises examples.cli.Terminated, a KeyboardInterrupt
                 return _main(argv)
-        except _Terminated:  # outside the tuning (parsing, importing, printing the result)
-            print(f"python -m examples.tune: terminated: {_RESUME}", file=sys.stderr)
-            return 143
-        except KeyboardInterrupt:  # the same for Ctrl-C (it printed a traceback)
-            print(f"python -m examples.tune: interrupted: {_RESUME}", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as e:  # outside the tuning (parsing, importing, printing the result)
+            return stopped("python -m examples.tune", e, _RESUME)
 
 
 def _main(argv) -> int:
@@ -178,12 +147,8 @@ def _main(argv) -> int:
                       reduction_factor=2 if args.reduction_factor is None else args.reduction_factor,
                       heartbeat_interval=args.heartbeat,
                       grace_period=args.grace)
-    except _Terminated:  # SIGTERM (kill): as Ctrl-C, with the status a shell gives a process it ended (128 + 15)
-        print(f"python -m examples.tune: terminated: {_RESUME}", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (the spawned workers stop quietly too)
-        print(f"python -m examples.tune: interrupted: {_RESUME}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C (130) or SIGTERM (143): one line, no traceback (the workers stop quietly)
+        return stopped("python -m examples.tune", e, _RESUME)
     except (ValueError, KeyError, OSError, ImportError) as e:
         print(f"python -m examples.tune: error: {one_line(e)}", file=sys.stderr)
         return 2
