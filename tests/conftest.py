@@ -54,3 +54,20 @@ def smoke_job(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         status = main(["--preset", "smoke", "--out", str(out)])
     return status, out, printed.getvalue()
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A one-process gloo group (what DDP and FSDP need), destroyed afterwards."""
+    import datetime
+
+    import torch.distributed as dist
+    from support.ranks import free_port
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

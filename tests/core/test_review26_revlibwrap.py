@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import datetime
 import warnings
 
 import numpy as np
@@ -23,38 +22,7 @@ import spectral_lens as sl
 from spectral_lens.weights import select_parameters, weight_spectra
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a, self.b, self.head = nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
-
-
-def net() -> Net:
-    torch.manual_seed(0)
-    return Net().double()
-
-
-def svd_ref(w: torch.Tensor) -> np.ndarray:
-    """float64 reference: squared singular values of ``w`` (numpy)."""
-    return np.linalg.svd(w.detach().double().numpy(), compute_uv=False) ** 2
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    """A one-process gloo group (what FSDP needs), destroyed afterwards."""
-    import torch.distributed as dist
-    from support.ranks import free_port
-
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+from support.wrapped import net, svd_ref
 
 
 # ---------------------------------------------------------------- FSDP1: the module inside the wrapper

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import collections
-import datetime
 import os
 from pathlib import Path
 
@@ -34,19 +33,6 @@ BLOCK, PARAM = "transformer.h.1", "transformer.h.1.attn.c_proj.weight"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def one_rank(monkeypatch):
-    """A one-process gloo group (what DDP needs), destroyed afterwards."""
-    import torch.distributed as dist
-    from support.ranks import free_port
-
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def fabric(**kw):
