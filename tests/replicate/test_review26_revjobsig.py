@@ -66,3 +66,68 @@ def test_a_toy_run_the_lens_cannot_measure_is_kept_as_diverged_not_failed(tmp_pa
     _, losses = run.val_curve()
     # the validation loss at the unmeasurable point was finite: the record must not say NaN there
     assert len(losses) >= 2 and all(math.isfinite(v) for v in losses)
+
+
+# ---- the report tells a run the lens could not measure ----------------------------------------------------------
+
+_F = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 1.0)
+
+
+def _power(alpha):
+    import torch
+
+    from spectral_lens import Spectrum
+
+    return Spectrum(values=torch.tensor([r ** -alpha for r in range(1, 65)], dtype=torch.float64), n_rows=500, dim=64)
+
+
+def _run(root, tier, vals, *, stop_at=None, nan=False):
+    """A hand-written Muon run (val loss ``vals[i]`` at progress ``_F[i]``, budget 1000); from ``stop_at`` on it is
+    kept as diverged: with a NaN loss there (``nan``), or unmeasured with a finite one (the lens' error)."""
+    from spectral_lens.records import RunInfo, RunWriter
+
+    path = root / f"muon-b{tier}"
+    info = RunInfo(path.name, family="Muon", batch_tier=tier, total_tokens=1000, n_layer=2,
+                   primary_spectrum="act:blocks.1")
+    with RunWriter(path, info, tail_window=(10, 40), fsync=False) as w:
+        for i, f in enumerate(_F):
+            if stop_at is not None and i >= stop_at:
+                w.log(i, int(1000 * f), val_loss=math.nan if nan else vals[i])
+                w.update_info(status="diverged", divergence="toy: validation loss nan" if nan else
+                              "toy: the lens could not measure at step 4: act:blocks.1 overflowed")
+                break
+            w.log_measurement(i, int(1000 * f), {"act:blocks.1": _power(1.0 + f)}, val_loss=vals[i], progress=f,
+                              scalars={"H_S": f, "H_peak": 0.5, "pc1_peak": 0.5})
+        else:
+            w.update_info(status="complete")
+    return path
+
+
+def test_the_reports_name_a_run_stopped_unmeasured(tmp_path, monkeypatch):
+    # a run kept as diverged with finite losses reads as merely cut short to the verdict (the library's rule): the
+    # speedrun's table called it "(diverged)" (the verdict did not), and the toy's report did not name it at all
+    from types import SimpleNamespace
+
+    from examples.replicate.verdict import unmeasured, unmeasured_note
+    from examples.speedrun.summary import speedrun_sections
+    from examples.toy import report
+    from spectral_lens.records import open_runs
+
+    vals = (4.0, 3.0, 2.5, 2.3, 2.2, 2.1, 2.05)
+    runs = open_runs([_run(tmp_path, 16, vals), _run(tmp_path, 32, vals, stop_at=4),
+                      _run(tmp_path, 64, vals, stop_at=4, nan=True)])
+    assert [r.run_id for r in unmeasured(runs)] == ["muon-b32"]
+    note = unmeasured_note(runs)
+    assert note.startswith("Stopped unmeasured (kept, not retrained): muon-b32.") and "muon-b64" not in note
+    assert unmeasured_note(runs[:1]) == ""
+
+    monkeypatch.setattr(report, "_save", lambda fig, path: path)
+    wl = SimpleNamespace(target_loss=2.0, window=(10, 40), families=("Muon",), fraction=0.2)
+    assert note in "\n".join(report.toy_sections(wl, runs, tmp_path))
+
+    preset = SimpleNamespace(name="t", profile="tiny", data="pydoc", budget=1000, rungs=(100,))
+    sr = SimpleNamespace(preset=preset, target_loss=2.0, families=("Muon",), tiers=(16, 32, 64), unit="tokens",
+                         fraction=0.2, window=(10, 40))
+    text = "\n".join(speedrun_sections(sr, runs, tmp_path / "report"))
+    assert "| muon-b32 | Muon | 32 | 2.200 (stopped unmeasured) |" in text and note in text
+    assert "| muon-b64 | Muon | 64 | 2.300 (diverged) |" in text
