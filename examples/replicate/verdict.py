@@ -19,7 +19,7 @@ from spectral_lens.analysis import NoiseScalePredictor, TailPredictor, divergenc
 from spectral_lens.analysis.predictor import FractionNotReachedError
 from spectral_lens.records import RunRecord
 
-__all__ = ["ALPHA", "REPRODUCED_RHO", "FamilyVerdict", "Verdict", "verdict"]
+__all__ = ["ALPHA", "REPRODUCED_RHO", "FamilyVerdict", "Verdict", "unmeasured", "unmeasured_note", "verdict"]
 
 REPRODUCED_RHO = 0.8
 """Within-family Spearman rho at or above which a family counts as reproducing the claim."""
@@ -144,6 +144,26 @@ def verdict(runs: Sequence[RunRecord], *, target: float, families: Sequence[str]
     pooled = (main.rho, main.pvalue, main.n) if main is not None else (math.nan, math.nan, 0)
     v = Verdict(target, fraction, window, unit, out, *pooled)
     return Verdict(**{**v.__dict__, "lines": tuple(_sentences(v))})
+
+
+def unmeasured(runs: Sequence[RunRecord]) -> list[RunRecord]:
+    """The runs a job stopped and kept as ``status: "diverged"`` while their losses were finite: the lens could not
+    measure them (``NonFiniteError``, activations beyond float32's range; ``divergence`` in ``run.json`` says why).
+    The library reads such a run as cut short, not diverged (:func:`spectral_lens.analysis.divergence`), so the
+    verdict counts it as having missed the target unless it reached it first, and names no divergence."""
+    return [r for r in runs if (r.info.extras or {}).get("status") == "diverged" and divergence(r) is None]
+
+
+def unmeasured_note(runs: Sequence[RunRecord]) -> str:
+    """One report paragraph naming the :func:`unmeasured` runs ('' when none): nothing else in a report told them
+    from runs that finished their budget or merely missed the target."""
+    gone = unmeasured(runs)
+    if not gone:
+        return ""
+    return ("Stopped unmeasured (kept, not retrained): " + ", ".join(sorted(r.run_id for r in gone))
+            + ". The lens could not measure them at a finite loss (`run.json` `divergence` says why, e.g. activations "
+            "beyond float32's range); their losses being finite, the verdict counts each as cut short there (a "
+            "missed target unless it reached the target first), not as diverged.")
 
 
 def _num(x: float, fmt: str = ".2f") -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from examples.replicate.machine import machine_section
-from examples.replicate.verdict import ALPHA, verdict
+from examples.replicate.verdict import ALPHA, unmeasured, unmeasured_note, verdict
 from spectral_lens.records import RunRecord
 
 __all__ = ["PAPER", "best_val_loss", "min_pvalue", "speedrun_sections"]
@@ -78,17 +78,20 @@ def speedrun_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> lis
                 + "\n".join(f"- {n}" for n in notes)]
 
     missed = []
+    stopped = {r.run_id for r in unmeasured(runs)}  # kept as diverged, with finite losses: the lens failed there
     for r in runs:
         best = best_val_loss(r)
         if not best <= target:
-            diverged = " (diverged)" if (r.info.extras or {}).get("status") == "diverged" else ""
+            diverged = " (stopped unmeasured)" if r.run_id in stopped else \
+                " (diverged)" if (r.info.extras or {}).get("status") == "diverged" else ""
             missed.append(f"| {r.run_id} | {r.info.family} | {r.info.batch_tier:g} | {_fmt(best)}{diverged} |")
     sections.append("## Target loss\n\n" + (
         "Runs that did NOT reach the pre-registered target (a run that finished its budget without reaching it "
         "has eps_tok infinite and ranks last; a run cut short before it has no eps_tok and is left out of the "
         "scores):\n\n"
         "| run | family | tier | best validation loss |\n|---|---|---|---|\n" + "\n".join(missed)
-        if missed else f"Every run reached {target:g}."))
+        if missed else f"Every run reached {target:g}.")
+        + (f"\n\n{unmeasured_note(runs)}" if stopped else ""))
 
     choices_path = out_dir.parent / "tune" / "choices.json"
     if choices_path.exists():

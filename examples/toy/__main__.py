@@ -15,9 +15,18 @@ import sys
 from pathlib import Path
 
 from examples.cli import OneLineParser, directory, one_line, sigterm_raises, stopped
-from examples.replicate.settings import check_settings, holds_other_files
 
-from .presets import PRESETS
+# examples.replicate (its package imports the pipeline, so torch) and .presets are imported inside main(), under
+# its SIGTERM handling: imported here, at start-up, a `kill` in the job's first second or two ended it silently
+
+
+def __getattr__(name: str):
+    """``PRESETS``, imported on first use (``.presets`` imports torch: see above)."""
+    if name == "PRESETS":
+        from .presets import PRESETS
+
+        return PRESETS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 #: glibc's settings of when freed memory goes back to the kernel (read from the environment at process start).
@@ -58,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from .presets import PRESETS  # torch: imported under main()'s SIGTERM handler
+
     ap = OneLineParser(prog="python -m examples.toy", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="smoke (tests), cpu (main job), full (paper)")
     ap.add_argument("--out", type=directory, default=None, help="output directory (default runs/toy-<preset>)")
@@ -67,7 +78,7 @@ def _main(argv: list[str] | None) -> int:
     out = Path(args.out or f"runs/toy-{preset.name}")
     with contextlib.ExitStack() as held:
         try:
-            from examples.replicate.settings import refuse_torchrun
+            from examples.replicate.settings import check_settings, refuse_torchrun
 
             refuse_torchrun("examples.toy")
             if args.threads is not None and args.threads < 1:
@@ -90,6 +101,8 @@ def _main(argv: list[str] | None) -> int:
 
 def _check_fresh(out: Path) -> None:
     """Refuse an ``out`` that is not empty and holds no toy run (no ``preset.json``)."""
+    from examples.replicate.settings import holds_other_files
+
     if not (out / "preset.json").exists() and not (out / "preset.json").is_symlink() and holds_other_files(out):
         raise ValueError(f"{out} is not empty and holds no toy run: choose another --out")
 

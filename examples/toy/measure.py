@@ -39,6 +39,15 @@ def _example_losses(logits: torch.Tensor, batch) -> torch.Tensor:
     return F.cross_entropy(logits, batch[1], reduction="none")
 
 
+
+class Unmeasurable(FloatingPointError):
+    """The lens could not measure a checkpoint whose validation loss (``val_loss``) is finite: the run stops
+    there, kept as diverged, its record showing that finite loss (the speedrun's rule, review 26)."""
+
+    def __init__(self, message: str, *, val_loss: float):
+        super().__init__(message)
+        self.val_loss = val_loss
+
 class ToyLens:
     """Measure one toy model over a fixed held-out pool and append to its run record.
 
@@ -80,11 +89,17 @@ class ToyLens:
     def measure(self, step: int, seen: int, progress: float) -> float:
         """Measure now, append the measurement (``tokens`` field = examples seen); return the val loss.
 
-        A non-finite validation loss raises ``FloatingPointError`` before anything is measured."""
+        A non-finite validation loss raises ``FloatingPointError`` before anything is measured; activations the
+        lens cannot measure (``NonFiniteError``) raise :class:`Unmeasurable`, a ``FloatingPointError`` too: the
+        run is kept as diverged (a ``ValueError`` failed the job, and every rerun trained into it again)."""
         val, fourier = self._probe_pass()
         if not math.isfinite(val):  # a diverged model: its spectra would be NaN, or fail to converge
             raise FloatingPointError(f"toy: validation loss {val} at step {step} ({seen} examples)")
-        m = self.lens.measure(step, seen, val_loss=val, progress=progress)
+        try:
+            m = self.lens.measure(step, seen, val_loss=val, progress=progress)
+        except sl.NonFiniteError as exc:  # activations beyond float32's range with a finite loss: as the speedrun's
+            raise Unmeasurable(f"toy: the lens could not measure at step {step} ({seen} examples; validation "
+                               f"loss {val:.4g}): {exc}", val_loss=val) from None
         scalars = {k: v for k, v in m.scalars.items() if k != "val_loss"}
         scalars.update(fourier)
         self.writer.log_measurement(step, seen, m.spectra, val_loss=val, progress=progress, scalars=scalars)

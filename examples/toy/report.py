@@ -15,6 +15,7 @@ from scipy import stats
 
 import spectral_lens as sl
 from examples.replicate.machine import machine_section as _machines  # shared with the speedrun's report
+from examples.replicate.verdict import unmeasured_note
 from spectral_lens.analysis import TailPredictor, divergence, token_inefficiency, tokens_to_target
 from spectral_lens.records import Measurement, RunRecord
 
@@ -174,6 +175,9 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
     if gone:
         lines += ["", "Left out (diverged, even after reaching the target: the library ranks no diverged run): "
                   + ", ".join(f"B={t}" for t in gone) + "."]
+    stopped = unmeasured_note(runs)  # kept as diverged with finite losses (the lens failed there): nothing else said so
+    if stopped:
+        lines += ["", stopped]
     sections.append("\n".join(lines))
 
     lines = ["## Fourier probes along the cyclic index (Fig. 4b / 11b analogues)", "",

@@ -149,8 +149,10 @@ class ToyWorkload:
                 if r.step in measure_steps:
                     try:
                         lens.measure(r.step, r.seen, progress)
-                    except FloatingPointError:  # a non-finite validation loss: no spectra of a broken model
-                        writer.log(r.step, r.seen, val_loss=math.nan, train_loss=loss, tokens_per_s=rate)
+                    except FloatingPointError as exc:  # a non-finite validation loss: no spectra of a broken
+                        # model; or a finite one whose activations the lens cannot measure (measure.Unmeasurable)
+                        writer.log(r.step, r.seen, val_loss=getattr(exc, "val_loss", math.nan), train_loss=loss,
+                                   tokens_per_s=rate)
                         raise
                     writer.log(r.step, r.seen, train_loss=loss, tokens_per_s=rate)
                 elif r.step in eval_steps:
