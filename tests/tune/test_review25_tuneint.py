@@ -24,6 +24,7 @@ import optuna  # noqa: E402
 
 from examples.tune import worker as worker_mod  # noqa: E402
 from examples.tune.synthetic import SyntheticTrainable  # noqa: E402
+from support.signals import signal_when  # noqa: E402
 from support.tuning import outcome, quiet_tune  # noqa: E402
 from support.workers import worker_pids  # noqa: E402
 
@@ -292,20 +293,13 @@ def test_cli_ctrl_c_with_two_workers_releases_every_trial_and_says_one_line(tmp_
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:   # both processes hold trials: the spawned one has begun one
-            if len(worker_pids(tmp_path / "w")) == 2 and journal.exists() and \
-                    len({w for t, w in _journal_owners(journal)[0].items()}) == 2:
-                break
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err
+
+    def both_hold_trials():   # the spawned process has begun one too
+        return len(worker_pids(tmp_path / "w")) == 2 and journal.exists() and \
+            len({w for t, w in _journal_owners(journal)[0].items()}) == 2
+
+    returncode, err = signal_when(proc, both_hold_trials, signal.SIGINT, group=True)
+    assert returncode == 130, err
     assert err.count("\n") == 1 and err.startswith("python -m examples.tune: interrupted"), err
     _check_each_released_its_own(journal, workers=2)
 

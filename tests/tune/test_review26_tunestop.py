@@ -27,6 +27,7 @@ from examples.tune import tune  # noqa: E402
 from examples.tune import tuner as tuner_mod  # noqa: E402
 from examples.tune import worker as worker_mod  # noqa: E402
 from examples.tune.synthetic import SyntheticTrainable  # noqa: E402
+from support.signals import signal_when  # noqa: E402
 from support.tuning import outcome, quiet_tune  # noqa: E402
 
 S = optuna.trial.TrialState
@@ -308,21 +309,13 @@ def test_cli_sigterm_releases_the_trials_and_says_one_line(tmp_path):
            "--storage", f"journal:{journal}", "--workers", "2", "--sleep", "0.2", "--grace", str(GRACE), "--quiet"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:   # both processes began a trial
-            pids = {json.loads(line)["pid"] for f in (tmp_path / "w").rglob("calls.jsonl")
-                    for line in f.read_text().splitlines() if line.endswith("}")}
-            if len(pids) == 2:
-                break
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 143, err
+
+    def both_began_a_trial():
+        return len({json.loads(line)["pid"] for f in (tmp_path / "w").rglob("calls.jsonl")
+                    for line in f.read_text().splitlines() if line.endswith("}")}) == 2
+
+    returncode, err = signal_when(proc, both_began_a_trial, signal.SIGTERM)
+    assert returncode == 143, err
     assert err.count("\n") == 1 and err.startswith("python -m examples.tune: terminated: rerun"), err
     trials = _trials(journal)
     assert not [t.number for t in trials if t.state == S.RUNNING], "a trial was left RUNNING: the rerun waits"
