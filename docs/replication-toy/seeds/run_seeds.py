@@ -28,6 +28,7 @@ from pathlib import Path
 
 import examples.toy.__main__ as toy_main
 from examples.toy.presets import PRESETS
+from spectral_lens.atomic import write_text_atomic
 
 SEEDS = (1, 2, 3)
 MAIN_RUN = Path(__file__).resolve().parents[1] / "verdict.txt"  # seed 0, for the table
@@ -72,7 +73,7 @@ def main(out: Path, seed0: Path | None) -> int:
                "verdict": "supported across seeds" if median >= 0.8 - 1e-9 else "not supported across seeds",
                "mean_alpha": mean_alpha, "mean_examples_to_target": mean_eps,
                "rho_of_means": rho_m, "pvalue_of_means": p_m}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print("seed  rho@20%  p      baseline  examples-to-target by tier")
     for s, r in sorted(rows.items()):
         eps = ", ".join(f"{t}: {r['reached'].get(t, 'missed')}" for t in tiers)
