@@ -108,7 +108,8 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     prefix (:func:`~spectral_lens._peft.short_name`: as the model was before ``get_peft_model``). The
     names returned are the modules' own.
 
-    Raises ``ValueError`` naming the closest module names when nothing matches, and when a module
+    Raises ``ValueError`` naming the closest module names when nothing matches or an entry of a list
+    matches nothing (each entry must match, a glob, regex or callable too), and when a module
     object given as a target is not a submodule of ``model``, and ``TypeError`` when ``model`` is not
     an ``nn.Module``.
     """
