@@ -102,3 +102,14 @@ def test_weight_spectra_of_a_valid_list_equal_the_float64_reference():
     for name in got:
         ref = torch.linalg.svdvals(dict(m.named_parameters())[name].detach().double()) ** 2
         assert torch.allclose(torch.as_tensor(got[name].values, dtype=torch.float64)[: len(ref)], ref, rtol=1e-6)
+
+
+def test_a_framework_callback_binding_a_lens_with_a_missing_layer_entry_raises_and_binds_nothing():
+    from spectral_lens.integrations._driver import LensDriver
+
+    m = _model()
+    lens = sl.SpectralLens(pool=[torch.randn(4, 6)], layers=["0", "typo"], params=())
+    driver = LensDriver(lens, [], None)
+    with pytest.raises(ValueError, match="SpectralLens layers=.*entry 'typo'"):
+        driver.bind(m, "on_train_begin")
+    assert lens.model is None and driver.handle is None and _hooks(m) == 0
