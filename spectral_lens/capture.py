@@ -108,7 +108,8 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     prefix (:func:`~spectral_lens._peft.short_name`: as the model was before ``get_peft_model``). The
     names returned are the modules' own.
 
-    Raises ``ValueError`` naming the closest module names when nothing matches, and when a module
+    Raises ``ValueError`` naming the closest module names when nothing matches or an entry of a list
+    matches nothing (each entry must match, a glob, regex or callable too), and when a module
     object given as a target is not a submodule of ``model``, and ``TypeError`` when ``model`` is not
     an ``nn.Module``.
     """
@@ -132,34 +133,39 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
             )
     # a name or glob also matches a module's eager name (uncompiled_name: per-block compiled models, whose
     # records use those); a compile wrapper and the module it wraps share one, and only the first is taken
-    eager = [name_matcher(t) for t in targets if isinstance(t, (str, re.Pattern))]
+    named_by = [isinstance(t, (str, re.Pattern)) for t in targets]
     # a PeftModel's "base_model.model.": names as typed for the model it wraps (also inside a compile or FSDP1
     # wrapper, whose segments uncompiled_name drops: before, torch.compile(peft_model) and FSDP(peft_model) matched
     # only the long names)
     prefix = peft_prefix(unwrap_compiled(model))
     chosen, seen = [], set()
+    hit = [False] * len(targets)  # which entries matched a module: each of a list must (not only the list as a whole)
     for name, mod in named:
         plain = uncompiled_name(name)
         short = short_name(plain, prefix, base_layer=False)
-        if (any(f(name, mod) for f in matchers) or (plain != name and any(f(plain, mod) for f in eager))
-                or (short != plain and any(f(short, mod) for f in eager))):
+        here = [f(name, mod) or (is_name and ((plain != name and f(plain, mod)) or (short != plain and f(short, mod))))
+                for f, is_name in zip(matchers, named_by)]
+        if any(here):
+            hit = [a or b for a, b in zip(hit, here)]
             if plain not in seen:
                 seen.add(plain)
                 chosen.append((name, mod))
     if not chosen:
         _refuse_aliases(model, targets, named)
-        names = [n for n, _ in named if n]
-        hints = []
-        for t in targets:
-            if isinstance(t, str):
-                # the name under a prefix first ("h.1" -> "transformer.h.1", "layers.1" -> "model.layers.1"):
-                # difflib ranks a short name far below a long name that contains it
-                under = name_matcher("**." + t) if _GLOB_CHARS & set(t) else (lambda n, _m: n.endswith("." + t))
-                hints += [n for n in names if under(n, None)][:5]
-                hints += [n for n in difflib.get_close_matches(t, names, n=5, cutoff=0.5) if n not in hints]
-        shown = hints or names[:8]
+        hints, shown = _closest_modules(targets, named)
         raise ValueError(
             f"{type(model).__name__}: no module matches target {target!r}; "
+            f"{'closest names' if hints else 'some module names'}: {shown}"
+        )
+    missed = [t for t, h in zip(targets, hit) if not h]
+    if missed:  # a typo in one entry of five would otherwise give four spectra and no word
+        _refuse_aliases(model, missed, named)
+        hints, shown = _closest_modules(missed, named)
+        raise ValueError(
+            f"{type(model).__name__}: {'entry' if len(missed) == 1 else 'entries'} "
+            f"{', '.join(repr(t) for t in missed)} of target {target!r} "
+            f"{'matches' if len(missed) == 1 else 'match'} no module (each entry of a list must match at least one "
+            f"module, a glob or regex too; the others matched {[n for n, _ in chosen][:8]}); "
             f"{'closest names' if hints else 'some module names'}: {shown}"
         )
     for name, mod in chosen:
@@ -171,6 +177,21 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
                 "be measured; measure the module before scripting it, or select a module that is not scripted"
             )
     return chosen
+
+
+def _closest_modules(targets: list, named: list) -> tuple[list[str], list[str]]:
+    """``(hints, shown)`` for an error on ``targets`` that matched nothing: the module names closest to its
+    name and glob entries (``hints``, maybe empty), and what to show (``hints``, else the first names)."""
+    names = [n for n, _ in named if n]
+    hints = []
+    for t in targets:
+        if isinstance(t, str):
+            # the name under a prefix first ("h.1" -> "transformer.h.1", "layers.1" -> "model.layers.1"):
+            # difflib ranks a short name far below a long name that contains it
+            under = name_matcher("**." + t) if _GLOB_CHARS & set(t) else (lambda n, _m: n.endswith("." + t))
+            hints += [n for n in names if under(n, None) and n not in hints][:5]
+            hints += [n for n in difflib.get_close_matches(t, names, n=5, cutoff=0.5) if n not in hints]
+    return hints, hints or names[:8]
 
 
 def _refuse_aliases(model: nn.Module, targets: list, named: list) -> None:

@@ -233,9 +233,13 @@ def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str
         if not targets:
             raise ValueError("empty parameter target list")
         matchers = [name_matcher(t, "parameter") for t in targets]
-        eager = [f for t, f in zip(targets, matchers) if isinstance(t, (str, re.Pattern))]
-        matched = [(n, e, p) for n, e, p in named
-                   if any(f(n, p) for f in matchers) or any(f(a, p) for a in {e, uncompiled_name(n)} - {n} for f in eager)]
+        by_name = [isinstance(t, (str, re.Pattern)) for t in targets]
+        # per entry, the parameters it matches: each entry of a list must choose a matrix, as it would alone
+        hits = [[item for item in named if f(item[0], item[2]) or (eager and any(
+                    f(a, item[2]) for a in {item[1], uncompiled_name(item[0])} - {item[0]}))]
+                for f, eager in zip(matchers, by_name)]
+        taken = {id(item) for h in hits for item in h}  # the items of named themselves: one entry each
+        matched = [item for item in named if id(item) in taken]
         refuse_zero3_placeholders({n: p for n, _, p in matched}, "weight_spectra")
         chosen = [item for item in matched if item[2].ndim >= 2]
         if matched and not chosen:
@@ -243,19 +247,49 @@ def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str
                 f"{type(model).__name__}: target {select!r} matches only parameters with < 2 dims "
                 f"({[e for _, e, _ in matched][:5]}); weight spectra need matrices"
             )
+        if chosen:
+            _refuse_missed_entries(model, select, targets, hits, named, chosen)
     if not chosen:
-        names = [e for _, e, p in named if p.ndim >= 2]
         _refuse_shared_short_name(model, select, named)
-        hints = []
-        if select is not None:
-            for t in (select if isinstance(select, (list, tuple)) else [select]):
-                if isinstance(t, str):
-                    hints += difflib.get_close_matches(t, names, n=5, cutoff=0.5)
+        hints, shown = _closest_params(select if isinstance(select, (list, tuple)) else [select], named)
         raise ValueError(
             f"{type(model).__name__}: no matrix parameter matches {select!r}; "
-            f"{'closest names' if hints else 'matrix parameters'}: {(hints or names)[:8]}"
+            f"{'closest names' if hints else 'matrix parameters'}: {shown}"
         )
     return chosen
+
+
+def _closest_params(targets: list, named: list[tuple[str, str, torch.Tensor]]) -> tuple[list[str], list[str]]:
+    """``(hints, shown)`` for an error on ``targets`` that chose no matrix: the matrix names closest to its
+    name entries (``hints``, maybe empty), and what to show (the first eight of ``hints``, else of all matrices)."""
+    names = [e for _, e, p in named if p.ndim >= 2]
+    hints = []
+    for t in targets:
+        if isinstance(t, str):
+            hints += [n for n in difflib.get_close_matches(t, names, n=5, cutoff=0.5) if n not in hints]
+    return hints, (hints or names)[:8]
+
+
+def _refuse_missed_entries(model: nn.Module, select, targets: list, hits: list, named: list, chosen: list) -> None:
+    """``ValueError`` naming the entries of the list ``select`` that choose no matrix parameter while others do:
+    before, they were dropped silently (a typo in one name of five gave four spectra). An entry matching only
+    vectors (a bias) is named as such; a glob or regex entry that matches nothing is refused too (it was written
+    to select something; alternatives go in one regex, ``re.compile("a|b")``, or a callable)."""
+    missed = [t for t, h in zip(targets, hits) if not any(p.ndim >= 2 for _, _, p in h)]
+    if not missed:
+        return
+    _refuse_shared_short_name(model, missed, named)
+    vectors = [f"{t!r} matches only {[e for _, e, _ in h][:3]}" for t, h in zip(targets, hits) if h and not any(
+        p.ndim >= 2 for _, _, p in h)]
+    hints, shown = _closest_params(missed, named)
+    one = len(missed) == 1
+    raise ValueError(
+        f"{type(model).__name__}: {'entry' if one else 'entries'} {', '.join(repr(t) for t in missed)} of target "
+        f"{select!r} {'matches' if one else 'match'} no matrix parameter (each entry of a list must choose at least "
+        f"one, a glob or regex too; the others chose {[e for _, e, _ in chosen][:8]})"
+        + (f"; parameters with < 2 dims: {'; '.join(vectors)}" if vectors else "")
+        + f"; {'closest names' if hints else 'matrix parameters'}: {shown}"
+    )
 
 
 def _refuse_shared_short_name(model: nn.Module, select: ParamTarget, named: list[tuple[str, str, torch.Tensor]]) -> None:
@@ -285,7 +319,7 @@ def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> li
     wrapper are unwrapped (no ``_orig_mod.`` / ``_forward_module.`` prefix), the ``_orig_mod`` segments of
     per-block compilation left out, and a PEFT model's parameters named as before ``get_peft_model``
     (``a.weight`` for ``base_model.model.a.base_layer.weight``; either spelling selects). Raises ``ValueError``
-    naming the closest parameter names when nothing matches, for DeepSpeed ZeRO-3 placeholders (gather them
+    naming the closest parameter names when nothing matches or an entry of a list chooses no matrix, for DeepSpeed ZeRO-3 placeholders (gather them
     first), for FSDP1 flat parameters or shard views (call it inside ``summon_full_params``), and for a
     ``DistributedDataParallel`` / ``DataParallel`` wrapper or DeepSpeed engine (pass ``model.module``, as to the lens).
     """
