@@ -355,7 +355,10 @@ class SpectralLens:
         if stage is not None:  # pipeline parallelism: the layers this stage holds (maybe none)
             layers, self._missing = self._stage_layers(model, stage, layers)
         elif layers is None or chosen:
-            layers = deepest_block(model) if layers is None else all_blocks(model)
+            # "all": a block object registered under several names (ALBERT, a looped stack) once, under its first
+            # name, whose hook sees every call (as before each entry had to match: a second name is refused)
+            listed = {n for n, _ in model.named_modules()}
+            layers = deepest_block(model) if layers is None else [n for n in all_blocks(model) if n in listed]
             select_modules(model, layers)  # e.g. a block shared with another (ALBERT): refused now, not when measuring
         elif _names_modules(layers):  # module objects: their names in this model (or a clear error now)
             names = [n for n, _ in select_modules(model, layers)]

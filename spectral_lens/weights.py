@@ -235,8 +235,10 @@ def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str
         matchers = [name_matcher(t, "parameter") for t in targets]
         by_name = [isinstance(t, (str, re.Pattern)) for t in targets]
         # per entry, the parameters it matches: each entry of a list must choose a matrix, as it would alone
-        hits = [[item for item in named if f(item[0], item[2]) or (eager and any(
-                    f(a, item[2]) for a in {item[1], uncompiled_name(item[0])} - {item[0]}))]
+        # the other names of each parameter (record name, eager name), built once: not per entry and parameter
+        others = [tuple({e, uncompiled_name(n)} - {n}) for n, e, _ in named]
+        hits = [[item for item, alt in zip(named, others) if f(item[0], item[2]) or (eager and any(
+                    f(a, item[2]) for a in alt))]
                 for f, eager in zip(matchers, by_name)]
         taken = {id(item) for h in hits for item in h}  # the items of named themselves: one entry each
         matched = [item for item in named if id(item) in taken]
@@ -250,6 +252,7 @@ def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str
         if chosen:
             _refuse_missed_entries(model, select, targets, hits, named, chosen)
     if not chosen:
+        _refuse_tied_alias(model, select if isinstance(select, (list, tuple, set, frozenset)) else [select], named)
         _refuse_shared_short_name(model, select, named)
         hints, shown = _closest_params(select if isinstance(select, (list, tuple)) else [select], named)
         raise ValueError(
@@ -278,6 +281,7 @@ def _refuse_missed_entries(model: nn.Module, select, targets: list, hits: list, 
     missed = [t for t, h in zip(targets, hits) if not any(p.ndim >= 2 for _, _, p in h)]
     if not missed:
         return
+    _refuse_tied_alias(model, missed, named)
     _refuse_shared_short_name(model, missed, named)
     vectors = [f"{t!r} matches only {[e for _, e, _ in h][:3]}" for t, h in zip(targets, hits) if h and not any(
         p.ndim >= 2 for _, _, p in h)]
@@ -290,6 +294,22 @@ def _refuse_missed_entries(model: nn.Module, select, targets: list, hits: list, 
         + (f"; parameters with < 2 dims: {'; '.join(vectors)}" if vectors else "")
         + f"; {'closest names' if hints else 'matrix parameters'}: {shown}"
     )
+
+
+def _refuse_tied_alias(model: nn.Module, targets, named: list[tuple[str, str, torch.Tensor]]) -> None:
+    """``ValueError`` when a name in ``targets`` is a second name of a tied parameter (``lm_head.weight`` tied to
+    ``transformer.wte.weight``): ``named_parameters()`` lists the tensor once, under its first name, so that name
+    matched nothing, and the error listed the other matrices without saying why."""
+    first = {id(p): e for _, e, p in named}
+    own = {n for n, _, _ in named}
+    for alias, p in model.named_parameters(remove_duplicate=False):
+        if alias in own or id(p) not in first:
+            continue
+        if any(isinstance(t, str) and t in (alias, uncompiled_name(alias)) for t in targets):
+            raise ValueError(
+                f"{type(model).__name__}: parameter {uncompiled_name(alias)!r} is the parameter {first[id(p)]!r} again "
+                "(tied weights, e.g. an output head tied to the embedding), which weight_spectra lists once, under "
+                f"its first name: select {first[id(p)]!r} (the same matrix)")
 
 
 def _refuse_shared_short_name(model: nn.Module, select: ParamTarget, named: list[tuple[str, str, torch.Tensor]]) -> None:
