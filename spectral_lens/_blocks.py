@@ -30,7 +30,9 @@ def all_blocks(model: nn.Module) -> list[str]:
     """Dotted names of the model's layer stack: the ``ModuleList``/``Sequential``/``ModuleDict`` of
     same-class, parameterized blocks, preferring homogeneous stacks, then stacks that no other homogeneous
     stack contains (the experts of a mixture-of-experts layer, per-head modules or a PEFT adapter's
-    ``ModuleDict`` are containers inside a block, never the stack), then ``ModuleList``, then length, then
+    ``ModuleDict`` are containers inside a block, never the stack), then stacks of blocks that have
+    submodules over a list of leaf modules of the same length (per-layer embedding tables or projections
+    beside the blocks, as value embeddings), then ``ModuleList``, then length, then
     shallowness (``transformer.h``, ``model.layers``, ``blocks``; torchtitan's ``layers`` ``ModuleDict``
     keyed ``"0"``, ``"1"``, ... in depth order). Pass ``layers=`` when this guesses wrong."""
     def homogeneous(blocks: list) -> bool:
@@ -47,7 +49,9 @@ def all_blocks(model: nn.Module) -> list[str]:
     def score(item):
         name, container, _, blocks = item
         inside = any(s == "" or name.startswith(s + ".") for s in stacks if s != name)
-        return (homogeneous(blocks), not inside, isinstance(container, nn.ModuleList), len(blocks), -name.count("."))
+        composite = any(True for _ in blocks[0].children())   # blocks, not a list of tables or projections
+        return (homogeneous(blocks), not inside, composite, isinstance(container, nn.ModuleList), len(blocks),
+                -name.count("."))
 
     name, _, keys, _ = max(lists, key=score)
     return [f"{name}.{k}" if name else k for k in keys]
