@@ -23,11 +23,13 @@ import spectral_lens
 ROOT = Path(__file__).resolve().parents[2]
 try:
     import tomllib  # Python >= 3.11
-
-    PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-except ImportError:  # Python 3.10: the pyproject checks skip, the rest runs
-    PYPROJECT = None
-needs_pyproject = pytest.mark.skipif(PYPROJECT is None, reason="reading pyproject.toml needs tomllib (Python >= 3.11)")
+except ImportError:  # Python 3.10: tomli, which pytest requires there
+    try:
+        import tomli as tomllib
+    except ImportError:
+        tomllib = None
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8")) if tomllib else None
+needs_pyproject = pytest.mark.skipif(PYPROJECT is None, reason="reading pyproject.toml needs tomllib (Python >= 3.11) or tomli")
 OPTIONAL = ("matplotlib", "transformers", "accelerate", "lightning", "pytorch_lightning", "tensorboard",
             "wandb", "optuna", "pandas", "triton", "peft")
 
