@@ -19,17 +19,9 @@ from pathlib import Path
 import pytest
 
 import spectral_lens
+from support.pyproject import PYPROJECT, needs_pyproject
 
 ROOT = Path(__file__).resolve().parents[2]
-try:
-    import tomllib  # Python >= 3.11
-except ImportError:  # Python 3.10: tomli, which pytest requires there
-    try:
-        import tomli as tomllib
-    except ImportError:
-        tomllib = None
-PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8")) if tomllib else None
-needs_pyproject = pytest.mark.skipif(PYPROJECT is None, reason="reading pyproject.toml needs tomllib (Python >= 3.11) or tomli")
 
 # what the tests read or import besides the package: the sdist must carry them (MANIFEST.in)
 SUITE = ("tests", "docs", "examples", "benchmarks", "tools")

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 import types
 import unicodedata
 from pathlib import Path
 
 import pytest
+
+from support.pyproject import PYPROJECT
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -238,8 +239,9 @@ def test_the_quoted_cautions_are_what_the_report_prints():
 def test_install_lines_name_extras_that_exist(page):
     """Every ``pip install ... ".[a,b]"`` / ``"spectral-lens[a,b]"`` of the install pages names extras
     that pyproject.toml declares (an unknown extra only warns in pip, and installs nothing)."""
-    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")  # (3.10: pytest's tomli)
-    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"])
+    if PYPROJECT is None:
+        pytest.skip("reading pyproject.toml needs tomllib (Python >= 3.11) or tomli")
+    extras = set(PYPROJECT["project"]["optional-dependencies"])
     named = re.findall(r"""(?:\.|spectral-lens|\.whl)\[([\w,-]+)\]""", (ROOT / page).read_text(encoding="utf-8"))
     assert named, page
     unknown = {e for group in named for e in group.split(",")} - extras
