@@ -9,6 +9,7 @@ print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -18,7 +19,7 @@ from examples.cli import OneLineParser, directory, one_line, sigterm_raises, sto
 
 from .presets import PRESETS, Preset, get_preset
 
-__all__ = ["main", "build_parser", "check_settings", "recorded_data"]
+__all__ = ["main", "build_parser", "check_settings", "check_data", "recorded_data"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,14 +36,83 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def check_settings(out: Path, preset: Preset) -> None:
-    """Write ``out/preset.json``, or refuse (``ValueError``) an output directory made with other settings.
+@dataclasses.dataclass(frozen=True)
+class _Recorded(Preset):
+    """What ``preset.json`` holds: the preset and the :attr:`~examples.nanogpt.data.TokenData.fingerprint` of its
+    data (a fact of the shards, not a setting: kept out of :class:`Preset`)."""
+
+    data_fingerprint: str | None = None
+
+
+def _recorded_fingerprint(out: Path):
+    """``OUT/preset.json``'s ``data_fingerprint``; ``_MISSING`` where there is none (no file, written before review
+    26, or unreadable: :func:`check_settings` says what is wrong)."""
+    try:
+        have = json.loads((Path(out) / "preset.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeError, ValueError):
+        return _MISSING
+    return have.get("data_fingerprint", _MISSING) if isinstance(have, dict) else _MISSING
+
+
+_MISSING = object()
+
+
+def check_settings(out: Path, preset: Preset, fingerprint: str | None = None) -> None:
+    """Write ``out/preset.json`` (with the data's ``fingerprint``), or refuse (``ValueError``) an output directory made
+    with other settings. A recorded data fingerprint is not compared here (:func:`check_data` does, once the data is
+    read).
 
     The check shared with ``examples.toy``: :func:`examples.replicate.settings.check_settings`.
     """
     from examples.replicate.settings import check_settings as check
 
+    recorded = _recorded_fingerprint(out)
+    if recorded is not _MISSING:
+        preset = _Recorded(**dataclasses.asdict(preset), data_fingerprint=recorded)
+    elif fingerprint is not None and not _holds_preset(out):  # a new output directory
+        preset = _Recorded(**dataclasses.asdict(preset), data_fingerprint=fingerprint)
     check(out, preset, "speedrun")
+
+
+def _streams(fingerprint: str) -> dict[str, str]:
+    """A :attr:`~examples.nanogpt.data.TokenData.fingerprint` by stream: ``{"train": "1 shards, ...", "val": ...}``."""
+    from examples.nanogpt.data import fingerprint_version
+
+    body = fingerprint.split(" ", 1)[-1] if fingerprint_version(fingerprint) > 1 else fingerprint
+    return dict(part.split(" ", 1) for part in body.split("; ") if " " in part)
+
+
+def check_data(out: Path, data) -> None:
+    """Refuse (``ValueError``, one line) a rerun whose data (``data``: the
+    :class:`~examples.nanogpt.data.TokenData`) is not what ``OUT/preset.json`` recorded: shards changed in place
+    would mix runs trained on the old tokens (kept) with runs trained on the new ones. A ``preset.json`` written
+    before review 26 records no fingerprint: the data its runs saw cannot be checked, so it is accepted and the
+    fingerprint recorded now (atomically), so that later changes are refused. Call after :func:`check_settings`."""
+    from examples.nanogpt.data import FINGERPRINT_VERSION, fingerprint_version
+    from spectral_lens.atomic import write_text_atomic
+
+    path = Path(out) / "preset.json"
+    recorded = _recorded_fingerprint(out)
+    if recorded is _MISSING:
+        have = json.loads(path.read_text(encoding="utf-8"))
+        write_text_atomic(path, json.dumps({**have, "data_fingerprint": data.fingerprint}, indent=1) + "\n")
+        return
+    if not isinstance(recorded, str):
+        raise ValueError(f"{path} records data_fingerprint {recorded!r}, expected a string; use a new --out")
+    version = fingerprint_version(recorded)
+    if version > FINGERPRINT_VERSION:  # not "the data changed"
+        raise ValueError(f"{path}: the data fingerprint is version {version}, written by a newer speedrun (this one "
+                         f"knows versions 1 to {FINGERPRINT_VERSION}), so the data cannot be checked; rerun with that "
+                         "version or use a new --out")
+    now = data.fingerprint_as(version)
+    if now == recorded:
+        return
+    have, want = _streams(recorded), _streams(now)
+    changed = [k for k in ("train", "val") if have.get(k) != want.get(k)] or ["train", "val"]
+    shown = "; ".join(f"{k} shards: recorded {have.get(k)}, now {want.get(k)}" for k in changed)
+    raise ValueError(f"{out} holds a speedrun trained on other data: the {' and '.join(changed)} data of "
+                     f"{data.name} changed since {path} recorded it ({shown}); restore the data or use a new --out "
+                     "(kept runs would be mixed with runs trained on the changed tokens)")
 
 
 def recorded_data(out: Path, data: str) -> str:
@@ -130,13 +200,13 @@ def _main(argv: list[str] | None) -> int:
         out = Path(args.out or f"runs/speedrun-{preset.name}")
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is not a directory; use a new --out")
-        data, loaded = preset.data, False
+        data, td = preset.data, None
         if not _holds_preset(out):  # a new run: refused before the lock (a refused directory gets no lock file)
             _check_fresh(out)
             # fail fast on missing shards or token ids beyond the profile's vocabulary (with --data SHARDS on a
             # byte-level preset every tuner trial failed, and the error blamed tune/choices.json), before any
             # training and before anything is written
-            loaded = load_fitting_data(data, preset.profile) is not None
+            td = load_fitting_data(data, preset.profile)
         from examples.replicate.pipeline import job_lock
 
         with job_lock(out) as lock:
@@ -148,11 +218,13 @@ def _main(argv: list[str] | None) -> int:
             resumed = _holds_preset(out)
             if resumed:  # other settings are refused before the data is read (parsing --data stdlib takes seconds)
                 check_settings(out, preset)
-            if not loaded:
-                load_fitting_data(preset.data, preset.profile)
-            if not resumed:
+            if td is None:
+                td = load_fitting_data(preset.data, preset.profile)
+            if resumed:  # shards changed in place since preset.json recorded them are refused
+                check_data(out, td)
+            else:
                 _check_fresh(out)  # as examples.toy: never write a speedrun into another run's directory
-                check_settings(out, preset)  # writes preset.json
+                check_settings(out, preset, td.fingerprint)  # writes preset.json
             v = replicate(workload, out, preset.tuner, stream=False if args.no_progress else None, lock=lock)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError, ImportError) as exc:
         print(f"python -m examples.speedrun: error: {one_line(exc)}", file=sys.stderr)
