@@ -85,3 +85,13 @@ def stopped(prog: str, exc: KeyboardInterrupt, resume: str) -> int:
     kind, status = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
     print(f"{prog}: {kind}: {resume}", file=sys.stderr)
     return status
+
+
+def run_stoppable(prog: str, resume: str, body, argv: list[str] | None) -> int:
+    """``body(argv)``'s exit status, with SIGTERM raised as Ctrl-C is (:func:`sigterm_raises`) and either one said in
+    one line (:func:`stopped`: 143 or 130): the job command lines' ``main``."""
+    try:
+        with sigterm_raises():
+            return body(argv)
+    except KeyboardInterrupt as e:
+        return stopped(prog, e, resume)

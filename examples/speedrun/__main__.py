@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from examples.cli import OneLineParser, directory, one_line, sigterm_raises, stopped
+from examples.cli import OneLineParser, directory, one_line, run_stoppable
 
 from .presets import PRESETS, Preset, get_preset
 
@@ -152,11 +152,7 @@ _RESUME = "rerun the same command to resume (finished runs are kept)"
 def main(argv: list[str] | None = None) -> int:
     """Run the speedrun; returns the exit status (Ctrl-C 130 and SIGTERM 143, one line: the tuner's trials are
     released and a rerun resumes, see :mod:`examples.cli`)."""
-    try:
-        with sigterm_raises():  # SIGTERM raises examples.cli.Terminated, a KeyboardInterrupt, as Ctrl-C
-            return _main(argv)
-    except KeyboardInterrupt as e:
-        return stopped("python -m examples.speedrun", e, _RESUME)
+    return run_stoppable("python -m examples.speedrun", _RESUME, _main, argv)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from examples.cli import OneLineParser, directory, one_line, sigterm_raises, stopped
+from examples.cli import OneLineParser, directory, one_line, run_stoppable
 
 # examples.replicate (its package imports the pipeline, so torch) and .presets are imported inside main(), under
 # its SIGTERM handling: imported here, at start-up, a `kill` in the job's first second or two ended it silently
@@ -59,11 +59,7 @@ _RESUME = "rerun the same command to resume (finished runs are kept)"
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for bad input, one line on stderr; Ctrl-C 130 and
     SIGTERM 143, one line: the tuner's trials are released and a rerun resumes, see :mod:`examples.cli`)."""
-    try:
-        with sigterm_raises():  # SIGTERM raises examples.cli.Terminated, a KeyboardInterrupt, as Ctrl-C
-            return _main(argv)
-    except KeyboardInterrupt as e:
-        return stopped("python -m examples.toy", e, _RESUME)
+    return run_stoppable("python -m examples.toy", _RESUME, _main, argv)
 
 
 def _main(argv: list[str] | None) -> int:
