@@ -118,7 +118,9 @@ def window_ranks(window, name: str = "window") -> tuple[int, int]:
             raise TypeError
         lo, hi = operator.index(lo), operator.index(hi)
     except TypeError:
-        raise ValueError(f"{name} {window!r}: ranks must be integers (Python or NumPy ints, not bools)") from None
+        fractions = all(isinstance(v, (float, np.floating)) and 0 < v <= 1 for v in (lo, hi))
+        hint = "; these look like fractions of the spectrum: give ranks, e.g. (100, 200)" if fractions else ""
+        raise ValueError(f"{name} {window!r}: ranks must be integers (Python or NumPy ints, not bools){hint}") from None
     if lo < 1 or hi <= lo:
         raise ValueError(f"{name} {window!r}: need 1 <= lo < hi (ranks are 1-based and inclusive)")
     return lo, hi
@@ -134,6 +136,13 @@ def _check_window(p: np.ndarray, window: tuple[int, int], name: str = "window") 
     if not finite.all():
         raise ValueError(
             f"window [{lo}, {hi}] holds a NaN/Inf eigenvalue (first at rank {lo + int(np.argmin(finite))})"
+        )
+    negative = np.flatnonzero(p[lo - 1 : hi] < 0)
+    if negative.size:  # round-off of an unclamped solve: not a zero, and its log is undefined
+        r = lo + int(negative[0])
+        raise ValueError(
+            f"window [{lo}, {hi}] holds a negative eigenvalue {p[r - 1]:.6g} at rank {r}; eigenvalues must be "
+            "> 0 inside the window (clamp an eigensolver's round-off with values.clamp_min(0), or fit fewer ranks)"
         )
     nonzero = int(np.count_nonzero(p > 0))
     if np.any(p[lo - 1 : hi] <= 0):
