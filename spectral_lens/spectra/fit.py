@@ -207,10 +207,18 @@ def tail_window(n_layer: int) -> tuple[int, int]:
     d12 (and shallower) -> [100, 200]; d36 -> [200, 400]; d48 -> [400, 800]. Depths between tiers take
     the next tier's window; deeper models continue outward by doubling per further 1.33x in depth
     (the ratio 48/36), i.e. 64 layers -> [800, 1600]. The extrapolation beyond d48 is ours, not the
-    paper's: check it against :func:`estimate_crossover` on your own spectra.
+    paper's: check it against :func:`estimate_crossover` on your own spectra. ``n_layer`` must be an integer
+    (Python or NumPy, not a bool): ``ValueError`` otherwise.
     """
-    if n_layer < 1:
+    try:  # a depth: 12.5 took the d36 window and True the d12 one, without a word
+        if isinstance(n_layer, (bool, np.bool_)):
+            raise TypeError
+        n = operator.index(n_layer)
+    except TypeError:
+        raise ValueError(f"n_layer must be an integer number of blocks (Python or NumPy int), got {n_layer!r}") from None
+    if n < 1:
         raise ValueError(f"n_layer must be >= 1, got {n_layer}")
+    n_layer = n
     if n_layer <= 12:
         return (100, 200)
     if n_layer <= 36:

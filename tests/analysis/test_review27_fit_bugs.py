@@ -15,13 +15,14 @@
 from __future__ import annotations
 
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from spectral_lens import RankMe, participation_ratio, stable_rank
+from spectral_lens import RankMe, participation_ratio, stable_rank, tail_window
 from spectral_lens.analysis import SweepController, TailPredictor, early_alpha, resolve_window
 from spectral_lens.analysis.synthetic import write_theorem6_sweep
 from spectral_lens.records import open_runs
@@ -115,3 +116,16 @@ def test_band_alpha_names_a_negative_eigenvalue_in_its_window():
     p[150:] = 0.0  # zeros keep their message
     with pytest.raises(ValueError, match=r"reaches zero eigenvalues: only 150 are nonzero"):
         band_alpha(p, (100, 200))
+
+
+@pytest.mark.parametrize("n_layer", [12.5, 36.0, True, "12", None])
+def test_tail_window_refuses_a_depth_that_is_not_an_integer(n_layer):
+    """12.5 took the d36 window (200, 400) and True the d12 one, silently; "12" raised a bare TypeError."""
+    with pytest.raises(ValueError, match=r"n_layer must be an integer number of blocks .*got " + re.escape(repr(n_layer))):
+        tail_window(n_layer)
+
+
+def test_tail_window_takes_numpy_integers():
+    assert tail_window(np.int64(36)) == (200, 400) and tail_window(np.int32(64)) == (800, 1600)
+    with pytest.raises(ValueError, match=r"n_layer must be >= 1, got 0"):
+        tail_window(np.int64(0))
