@@ -215,7 +215,9 @@ def tail_window(n_layer: int) -> tuple[int, int]:
             raise TypeError
         n = operator.index(n_layer)
     except TypeError:
-        raise ValueError(f"n_layer must be an integer number of blocks (Python or NumPy int), got {n_layer!r}") from None
+        raise ValueError(
+            f"n_layer must be an integer number of blocks (Python or NumPy int), got {n_layer!r}"
+        ) from None
     if n < 1:
         raise ValueError(f"n_layer must be >= 1, got {n_layer}")
     n_layer = n

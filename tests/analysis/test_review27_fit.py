@@ -256,7 +256,9 @@ def test_spearman_at_eight_points_is_exact_and_above_it_is_scipys():
 
 def _raw_records(run_dir):
     """(run.json, log.jsonl rows, measurements.jsonl rows) read as plain JSON."""
-    read = lambda name: [json.loads(line) for line in (run_dir / name).read_text().splitlines() if line.strip()]  # noqa: E731
+    def read(name):
+        return [json.loads(line) for line in (run_dir / name).read_text().splitlines() if line.strip()]
+
     return json.loads((run_dir / "run.json").read_text()), read("log.jsonl"), read("measurements.jsonl")
 
 

@@ -121,7 +121,8 @@ def test_band_alpha_names_a_negative_eigenvalue_in_its_window():
 @pytest.mark.parametrize("n_layer", [12.5, 36.0, True, "12", None])
 def test_tail_window_refuses_a_depth_that_is_not_an_integer(n_layer):
     """12.5 took the d36 window (200, 400) and True the d12 one, silently; "12" raised a bare TypeError."""
-    with pytest.raises(ValueError, match=r"n_layer must be an integer number of blocks .*got " + re.escape(repr(n_layer))):
+    match = r"n_layer must be an integer number of blocks .*got " + re.escape(repr(n_layer))
+    with pytest.raises(ValueError, match=match):
         tail_window(n_layer)
 
 
