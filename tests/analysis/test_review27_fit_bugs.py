@@ -86,7 +86,9 @@ def _float32_rank_deficient_eigenvalues(d=256, n=64, seed=0):
 def test_effective_ranks_accept_float32_solver_round_off(d, n):
     ev = _float32_rank_deficient_eigenvalues(d, n)
     low, top = float(ev.min()), float(ev.max())
-    assert -1e-6 * top < low < -1e-10 * top  # round-off negatives beyond the float64 tolerance
+    assert low > -1e-6 * top
+    if low >= -1e-10 * top:  # measured -4e-8 here (CPU, seed 0); another LAPACK may round differently
+        pytest.skip(f"this solver's float32 round-off ({low / top:.3g} of the largest) is within 1e-10")
     ref = np.clip(ev.double().numpy(), 0, None)
     p = ref / ref.sum()
     p = p[p > 0]
@@ -95,6 +97,15 @@ def test_effective_ranks_accept_float32_solver_round_off(d, n):
     assert float(rankme(ev)) == pytest.approx(want, rel=1e-12)
     assert participation_ratio(ev) == pytest.approx(ref.sum() ** 2 / (ref**2).sum(), rel=1e-12)
     assert stable_rank(ev) == pytest.approx(ref.sum() / ref.max(), rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_float32_round_off_negative_counts_as_zero(dtype):
+    values = torch.tensor([1.0, 0.25, 0.0, -4e-8], dtype=dtype)
+    clamped = values.double().clamp_min(0)
+    assert RankMe()(values) == pytest.approx(RankMe()(clamped), rel=1e-15)
+    assert participation_ratio(values) == pytest.approx(participation_ratio(clamped), rel=1e-15)
+    assert stable_rank(values) == pytest.approx(stable_rank(clamped), rel=1e-15)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
