@@ -7,6 +7,7 @@ the target: ``T ~ (R/r_h)^((alpha_tail - p)/2)``.
 from __future__ import annotations
 
 from ..records import RunRecord
+from ..spectra.fit import window_ranks
 from .early import EarlyStatistic, early_alpha
 from .tier_predictor import TierPredictor, _differ
 from .efficiency import group_by_family
@@ -24,7 +25,8 @@ class TailPredictor(TierPredictor):
             (``summary_windows`` in its ``run.json``), else the scale rule for ``RunInfo.n_layer``
             (d12 -> [100, 200], d36 -> [200, 400], d48 -> [400, 800]); the runs of a family must
             agree (:func:`~spectral_lens.analysis.common_windows`), else
-            :class:`~spectral_lens.analysis.WindowMismatchError`.
+            :class:`~spectral_lens.analysis.WindowMismatchError`. A window that is not a pair of integer
+            ranks ``1 <= lo < hi`` (a float, fractions, a bool) raises ``ValueError`` here.
         spectrum: spectrum name; default :func:`resolve_spectrum` (the run's primary / only
             activation spectrum).
         noise_neighbors: measurements nearest to ``fraction`` used for the jitter ``sigma``.
@@ -56,7 +58,8 @@ class TailPredictor(TierPredictor):
         random_state: int = 0,
     ):
         super().__init__(fraction, noise_neighbors=noise_neighbors, n_draws=n_draws, random_state=random_state)
-        self.window = None if window is None else (int(window[0]), int(window[1]))
+        # checked when built, as BandAlphaFitter does: int() made (0.1, 0.2) (0, 0) and (100.7, 200) (100, 200)
+        self.window = None if window is None else window_ranks(window, "TailPredictor: window")
         self.spectrum = spectrum
 
     def _check_runs(self, runs: list[RunRecord]) -> None:

@@ -13,7 +13,7 @@ from typing import Iterable
 
 from .._warnings import SpectralLensWarning
 from ..records import RunRecord
-from ..spectra.fit import tail_window
+from ..spectra.fit import tail_window, window_ranks
 from .efficiency import NO_FAMILY
 
 __all__ = ["DEFAULT_WINDOW", "WindowMismatchError", "SpectrumMismatchError", "resolve_spectrum", "resolve_window",
@@ -64,12 +64,13 @@ def resolve_spectrum(run: RunRecord, spectrum: str | None = None) -> str:
 def resolve_window(run: RunRecord, window: tuple[int, int] | None = None) -> tuple[int, int]:
     """The tail window for ``run``, in this order: ``window`` if given; the window the run recorded
     (``run.summary_windows["tail"]``, from ``run.json``); the scale rule for ``info.n_layer``
-    (:func:`spectral_lens.tail_window`); else the d12 window ``(100, 200)`` with a warning. A recorded
+    (:func:`spectral_lens.tail_window`); else the d12 window ``(100, 200)`` with a warning. A given
+    ``window`` that is not a pair of integer ranks ``1 <= lo < hi`` (a float, even ``100.0``, or fractions
+    such as ``(0.1, 0.2)``; a bool) raises ``ValueError`` naming it; a recorded
     window that is not 1-based ranks ``lo < hi``, or an ``n_layer`` below 1 (no recorded window), raises
     ``ValueError`` naming the run and its run.json."""
-    if window is not None:
-        lo, hi = window
-        return (int(lo), int(hi))
+    if window is not None:  # checked as BandAlphaFitter does: int() made (0.1, 0.2) (0, 0) and (100.7, 200) (100, 200)
+        return window_ranks(window, "window")
     recorded = (getattr(run, "summary_windows", None) or {}).get("tail")
     if recorded:
         lo, hi = (int(recorded[0]), int(recorded[1]))

@@ -118,7 +118,9 @@ def window_ranks(window, name: str = "window") -> tuple[int, int]:
             raise TypeError
         lo, hi = operator.index(lo), operator.index(hi)
     except TypeError:
-        raise ValueError(f"{name} {window!r}: ranks must be integers (Python or NumPy ints, not bools)") from None
+        fractions = all(isinstance(v, (float, np.floating)) and 0 < v <= 1 for v in (lo, hi))
+        hint = "; these look like fractions of the spectrum: give ranks, e.g. (100, 200)" if fractions else ""
+        raise ValueError(f"{name} {window!r}: ranks must be integers (Python or NumPy ints, not bools){hint}") from None
     if lo < 1 or hi <= lo:
         raise ValueError(f"{name} {window!r}: need 1 <= lo < hi (ranks are 1-based and inclusive)")
     return lo, hi
@@ -134,6 +136,13 @@ def _check_window(p: np.ndarray, window: tuple[int, int], name: str = "window") 
     if not finite.all():
         raise ValueError(
             f"window [{lo}, {hi}] holds a NaN/Inf eigenvalue (first at rank {lo + int(np.argmin(finite))})"
+        )
+    negative = np.flatnonzero(p[lo - 1 : hi] < 0)
+    if negative.size:  # round-off of an unclamped solve: not a zero, and its log is undefined
+        r = lo + int(negative[0])
+        raise ValueError(
+            f"window [{lo}, {hi}] holds a negative eigenvalue {p[r - 1]:.6g} at rank {r}; eigenvalues must be "
+            "> 0 inside the window (clamp an eigensolver's round-off with values.clamp_min(0), or fit fewer ranks)"
         )
     nonzero = int(np.count_nonzero(p > 0))
     if np.any(p[lo - 1 : hi] <= 0):
@@ -198,10 +207,20 @@ def tail_window(n_layer: int) -> tuple[int, int]:
     d12 (and shallower) -> [100, 200]; d36 -> [200, 400]; d48 -> [400, 800]. Depths between tiers take
     the next tier's window; deeper models continue outward by doubling per further 1.33x in depth
     (the ratio 48/36), i.e. 64 layers -> [800, 1600]. The extrapolation beyond d48 is ours, not the
-    paper's: check it against :func:`estimate_crossover` on your own spectra.
+    paper's: check it against :func:`estimate_crossover` on your own spectra. ``n_layer`` must be an integer
+    (Python or NumPy, not a bool): ``ValueError`` otherwise.
     """
-    if n_layer < 1:
+    try:  # a depth: 12.5 took the d36 window and True the d12 one, without a word
+        if isinstance(n_layer, (bool, np.bool_)):
+            raise TypeError
+        n = operator.index(n_layer)
+    except TypeError:
+        raise ValueError(
+            f"n_layer must be an integer number of blocks (Python or NumPy int), got {n_layer!r}"
+        ) from None
+    if n < 1:
         raise ValueError(f"n_layer must be >= 1, got {n_layer}")
+    n_layer = n
     if n_layer <= 12:
         return (100, 200)
     if n_layer <= 36:

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["rankme", "participation_ratio", "stable_rank"]
 
 #: Negative eigenvalues down to this fraction of the largest are an eigensolver's float64 round-off and
-#: count as 0; below it the values are not a spectrum (``ValueError``).
+#: count as 0; below it the values are not a spectrum (``ValueError``). Lower-precision input has a
+#: wider tolerance (:func:`_negative_tolerance`).
 NEGATIVE_TOLERANCE = 1e-10
+
+
+def _negative_tolerance(values: torch.Tensor) -> float:
+    """The fraction of the largest eigenvalue down to which negatives count as round-off: :data:`NEGATIVE_TOLERANCE`
+    for float64 (and integers), ``sqrt(n) * eps`` of float32 for float32/fp16/bf16 input (no eigensolver computes
+    in fp16/bf16, they only store its output), as ``spectra.fit``'s numerical rank. ``torch.linalg.eigvalsh``
+    of a float32 covariance of fewer rows than dimensions gives negatives of 3.5e-9 to 4e-8 of the largest
+    (measured at d = 128-4,096, N = d/4 and d/2), 35x and more inside ``sqrt(n) * eps``; with the float64
+    tolerance ``RankMe()(eigvalsh(C))`` raised."""
+    if values.dtype.is_floating_point and values.dtype != torch.float64:
+        eps = torch.finfo(torch.promote_types(values.dtype, torch.float32)).eps
+        return max(NEGATIVE_TOLERANCE, math.sqrt(values.numel()) * eps)
+    return NEGATIVE_TOLERANCE
 
 
 def rankme(values: torch.Tensor, on: str = "eigenvalues") -> torch.Tensor:
@@ -18,8 +34,9 @@ def rankme(values: torch.Tensor, on: str = "eigenvalues") -> torch.Tensor:
     ``on="singular_values"`` uses ``p_j = sigma_j / sum sigma`` with ``sigma_j = sqrt(lambda_j)``
     (Garrido et al.'s RankMe on embedding singular values). Zero entries contribute 0. Formed from
     ``lambda / max lambda`` (scale-free, no overflow); ``ValueError`` for NaN/Inf eigenvalues, for
-    negative ones beyond round-off (:data:`NEGATIVE_TOLERANCE` of the largest; those within count as
-    0) and for an all-zero (or empty) spectrum.
+    negative ones beyond round-off (:data:`NEGATIVE_TOLERANCE` of the largest for float64 values,
+    ``sqrt(n) * eps`` of float32 for lower precision; those within count as 0) and for an all-zero
+    (or empty) spectrum.
     """
     if on not in ("eigenvalues", "singular_values"):
         raise ValueError(f"rankme: on must be 'eigenvalues' or 'singular_values', got {on!r}")
@@ -36,7 +53,7 @@ def rankme(values: torch.Tensor, on: str = "eigenvalues") -> torch.Tensor:
 def _scaled(values: torch.Tensor, name: str) -> torch.Tensor | None:
     """``values`` in float64 divided by their largest entry (so squares neither overflow nor underflow),
     round-off negatives set to 0, or ``None`` for an all-zero (or empty) spectrum; raises ``ValueError``
-    naming ``name`` for NaN/Inf and for negative eigenvalues beyond :data:`NEGATIVE_TOLERANCE`."""
+    naming ``name`` for NaN/Inf and for negative eigenvalues beyond round-off (:func:`_negative_tolerance`)."""
     if values.ndim != 1:  # a matrix's entries are not its eigenvalues: refuse rather than flatten them
         raise ValueError(
             f"{name}: expected a 1-D tensor of eigenvalues, got shape {tuple(values.shape)}; for a matrix W pass "
@@ -48,11 +65,13 @@ def _scaled(values: torch.Tensor, name: str) -> torch.Tensor | None:
     if not v.numel():
         return None
     top, low = float(v.max()), float(v.min())
-    if low < -NEGATIVE_TOLERANCE * max(top, 0.0):
+    tol = _negative_tolerance(values)
+    if low < -tol * max(top, 0.0):
         raise ValueError(
             f"{name}: the spectrum has a negative eigenvalue {low:.6g} (largest {top:.6g}); eigenvalues of a "
-            f"PSD operator must be >= 0 (round-off down to {NEGATIVE_TOLERANCE:g} of the largest counts as 0; "
-            "clamp larger ones with values.clamp_min(0) if you know them to be round-off)"
+            f"PSD operator must be >= 0 (round-off down to {tol:.3g} of the largest counts as 0 for "
+            f"{str(values.dtype).replace('torch.', '')} values; clamp larger ones with values.clamp_min(0) if you "
+            "know them to be round-off)"
         )
     return v.clamp_min(0) / top if top > 0 else None
 
