@@ -177,16 +177,14 @@ def test_the_trials_of_the_workers_tune_kills_are_released_at_once(tmp_path, mon
     kills the worker: failed as lost, re-enqueued, uncounted."""
     import multiprocessing
 
-    class Context:
-        Process = _Stuck
-
     procs = []
 
-    def process(*a, **k):
-        procs.append(_Stuck(*a, **k))
-        return procs[-1]
+    class Context:
+        @staticmethod
+        def Process(*a, **k):
+            procs.append(_Stuck(*a, **k))
+            return procs[-1]
 
-    Context.Process = staticmethod(process)
     monkeypatch.setattr(multiprocessing, "get_context", lambda method=None: Context())
     monkeypatch.setattr(tuner_mod, "_STOP_TIMEOUT", 0.05)
 
