@@ -120,10 +120,11 @@ def test_a_candidate_lost_while_training_on_every_run_is_failed_after_the_takeov
     assert len(_trials(journal)) == n                       # no retry added by the finishing runs
 
 
-def test_a_takeover_of_a_trial_merely_held_or_finished_is_not_counted(tmp_path):
-    """A worker killed while it holds a trial whose rung loss is stored (waiting for the synchronized
-    decision), or while it is finishing one, was not training it: a kill then (the machine preempted, the
-    OOM killer choosing it for another trial) is not the candidate's doing, and is not counted."""
+def test_a_takeover_of_a_trial_merely_held_is_not_counted(tmp_path):
+    """A worker killed while it holds trials whose rung loss is stored (waiting for the synchronized
+    decision; a worker killed while finishing a trial leaves it so too) was not training them: a kill then
+    (the machine preempted, the OOM killer choosing it for another trial) is not their candidates' doing,
+    and is not counted."""
     storage = f"journal:{tmp_path / 'j.log'}"
     cfg = _config(storage)
     (study,) = tuner_mod._open_studies(cfg, storage, "tune").values()
