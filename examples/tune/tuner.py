@@ -23,7 +23,10 @@ candidate's checkpoint in ``workdir`` and never retrains a finished rung. A work
 exception (Ctrl-C; SIGTERM in a spawned worker or in the command line's process) does the same to its
 own trials on its way out, so a rerun need not wait ``grace_period`` for them; a crash of the worker's
 own code counts against the trial it was working on, which is failed after ``_MAX_CRASH_RETRIES``
-retries (:mod:`examples.tune.worker`).
+retries, and so does a take-over of a trial whose worker went silent while training it (an OOM kill on
+every rerun; ``_MAX_TAKEOVER_RETRIES``) (:mod:`examples.tune.worker`). The spawned workers stamp the
+trials they claim, so the ones ``tune()`` has to kill on its way out have their trials released at
+once, uncounted, rather than left to the heartbeat.
 """
 import contextlib
 import dataclasses
@@ -35,6 +38,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -49,7 +53,7 @@ from .storage import _optuna, _scheme, is_single_worker, open_storage
 from .trainable import Candidate, Trainable
 from .trials import (CandidateHalvingPruner, SynchronizedHalvingPruner, _candidate, _group_of, _group_state, _live,
                      _orphans, _retry_callback, _rung_losses)
-from .worker import _MAX_CRASH_RETRIES, TrialFailed, _crashed_out, _Worker
+from .worker import TrialFailed, _crashed_out, _release_owned, _Worker
 
 optuna = _optuna()
 
@@ -97,8 +101,9 @@ class TuneResult:
         at_edge: ``(family, tier) -> "lowest" | "highest"`` for a choice that is the smallest or the
             largest candidate of its family/tier (of two or more): the best rate may lie beyond the
             grid; widen the multipliers. Also warned about, shown in the table and in the choices file.
-        crashed: keys of the candidates failed for crashing their worker too often (never tuned: their
-            family/tier's choice was made without them); warned about on every call.
+        crashed: keys of the candidates failed for crashing their worker, or losing it while training
+            them, too often (never tuned: their family/tier's choice was made without them); warned about
+            on every call.
     """
 
     choices: dict[tuple[str, int], Candidate]
@@ -356,15 +361,20 @@ def _at_edge(choices: Mapping[tuple[str, int], Candidate],
 _STOP_TIMEOUT = 60.0  # seconds the spawned workers get, all together, to release their trials once tune() stopped
 
 
-def _stop_workers(procs, timeout: float | None = None) -> None:
+def _stop_workers(procs, timeout: float | None = None, release=None) -> None:
     """Stop the worker processes ``procs`` that :func:`tune` started, when it stops on an exception.
 
     Each is sent SIGTERM (it releases its trials, :func:`_worker_main`); they share one deadline,
     ``timeout`` seconds (default ``_STOP_TIMEOUT``) from now, and any still running then (a trainable
     that swallowed the interrupt) is killed: ``k`` workers cost at most ``timeout``, not ``k x timeout``.
     A second Ctrl-C (or the command line's SIGTERM) during that wait ends it: the rest are killed at
-    once (their trials are left to the heartbeat) and the caller raises its first exception at once;
-    the wait used to end in a join without a deadline, and ``tune()`` hung as long as such a worker ran."""
+    once and the caller raises its first exception at once; the wait used to end in a join without a
+    deadline, and ``tune()`` hung as long as such a worker ran.
+
+    ``release(killed)``, called with the processes killed here once they ended, releases their trials
+    (``tune()``: :func:`~examples.tune.worker._release_owned`); they used to wait ``grace_period`` for
+    the heartbeat, and were then counted as take-overs although our own stop ended their worker. A
+    storage error or another Ctrl-C there leaves the rest to the heartbeat, as before."""
     timeout = _STOP_TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + timeout
     try:
@@ -375,11 +385,16 @@ def _stop_workers(procs, timeout: float | None = None) -> None:
     except KeyboardInterrupt:  # the user does not want to wait: kill the rest now
         pass
     finally:
-        for p in procs:
-            if p.exitcode is None:
-                p.kill()
+        killed = [p for p in procs if p.exitcode is None]
+        for p in killed:
+            p.kill()
         for p in procs:  # a killed process ends at once
             p.join()
+        if killed and release is not None:
+            try:
+                release(killed)
+            except (Exception, KeyboardInterrupt):  # noqa: BLE001 - the heartbeat covers them; raise the first
+                pass
 
 
 def exit_with_parent(parent: int, interval: float = 1.0) -> threading.Thread:
@@ -414,10 +429,12 @@ def _signal_handler(handler, *signums):
 
 
 def _worker_main(trainable, cfg: _Config, storage_url, study_name, workdir, heartbeat_interval, grace_period,
-                 poll_interval, parent: int | None = None, verbosity: int | None = None) -> None:
+                 poll_interval, parent: int | None = None, verbosity: int | None = None,
+                 owner: str | None = None) -> None:
     """Entry point of an extra worker process started by :func:`tune` (spawn); it ends with ``parent``
     and logs at its parent's Optuna ``verbosity`` (a spawned process starts at Optuna's INFO default:
     the command line's worker printed a ``[I ...] Using an existing study`` line its parent silences).
+    It stamps ``owner`` on the trials it claims, so that ``tune()`` can release them should it kill it.
 
     The first SIGTERM (``tune()`` terminates its workers when it stops on an exception) or SIGINT (Ctrl-C
     reaches the whole process group; unless ignored, as in a background job) raises ``KeyboardInterrupt``,
@@ -444,7 +461,7 @@ def _worker_main(trainable, cfg: _Config, storage_url, study_name, workdir, hear
             studies = _open_studies(cfg, storage_url, study_name)
             _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval,
                     grace_period=grace_period, poll_interval=poll_interval, progress=None,
-                    study_name=study_name).run()
+                    study_name=study_name, owner=owner).run()
         except KeyboardInterrupt:  # Ctrl-C or tune()'s SIGTERM: stop without a traceback
             raise SystemExit(130) from None
 
@@ -515,25 +532,28 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
     if progress is None:
         progress = sys.stderr.isatty()
     studies = _open_studies(cfg, storage, study_name)
-    procs, bar = [], None
+    procs, owners, bar = [], {}, None
     try:  # spawning too: a Ctrl-C (or a worker that cannot start) there stops the workers already started
         if n_workers > 1:
             import multiprocessing as mp
 
             ctx = mp.get_context("spawn")
             for _ in range(n_workers - 1):
+                owner = uuid.uuid4().hex
                 p = ctx.Process(target=_worker_main, args=(trainable, cfg, storage, study_name, workdir,
                                                            heartbeat_interval, grace_period, poll_interval,
-                                                           os.getpid(), optuna.logging.get_verbosity()))
+                                                           os.getpid(), optuna.logging.get_verbosity(), owner))
                 p.start()
                 procs.append(p)
+                owners[id(p)] = owner
         bar = Progress(total=len(cfg.candidates())) if progress else None
         _Worker(studies, trainable, cfg, workdir, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                 poll_interval=poll_interval, progress=bar, study_name=study_name).run()
         for p in procs:  # the study is finished: they end on their own (a Ctrl-C here stops them as below)
             p.join()
     except BaseException:
-        _stop_workers(procs)  # they release their trials; a later run resumes
+        # they release their trials (those we kill: released here); a later run resumes
+        _stop_workers(procs, release=lambda killed: _release_owned(studies, {owners[id(p)] for p in killed}))
         raise
     finally:
         if bar:
@@ -547,9 +567,9 @@ def tune(trainable: Trainable, *, families: Mapping[str, Mapping[str, float]], t
             g = (s.candidate.family, s.candidate.tier)
             tail = (f"the choice for {g[0]}/b{g[1]} ({result.choices[g].key}) was made without it" if g in result.choices
                     else f"{g[0]}/b{g[1]} has no choice")
-            warnings.warn(f"tune: candidate {s.candidate.key} crashed its worker {_MAX_CRASH_RETRIES + 1} times and "
-                          f"was never tuned: {tail} (fix the cause, then tune under a new study_name to include it)",
-                          stacklevel=2)
+            what = s.error.split(" (", 1)[0]   # "crashed its worker 4 times", "lost its worker 4 times while ..."
+            warnings.warn(f"tune: candidate {s.candidate.key} {what} and was never tuned: {tail} (fix the cause, "
+                          "then tune under a new study_name to include it)", stacklevel=2)
     if result.at_edge:
         warnings.warn("tune: the chosen learning rate is the " + "; ".join(
             f"{e} candidate for {f}/b{t}" for (f, t), e in sorted(result.at_edge.items())) +

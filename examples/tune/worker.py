@@ -8,6 +8,13 @@ heartbeat is older than ``grace_period`` is failed by another worker and re-enqu
 intermediate values and rung losses. A worker that stops on an exception (Ctrl-C, a SIGTERM turned
 into one, a crash) does that to its own trials on its way out (:meth:`_Worker._release`), so a rerun
 takes them over at once instead of after ``grace_period``; a hard kill leaves them to the heartbeat.
+
+A candidate that keeps stopping its worker is failed after a limit, not retried for ever: a crash of
+the worker's own code (counted on the trial it was working on, ``_MAX_CRASH_RETRIES``), and a
+take-over of a trial whose worker went silent while *training* it (the OOM killer ending every rerun
+at the same candidate; ``_MAX_TAKEOVER_RETRIES``). Both counts are system attributes of the trial,
+inherited by each retry, so they survive a restart of ``tune()``. Releases (our own stop) are never
+counted, nor are take-overs of trials a silent worker merely held.
 """
 from __future__ import annotations
 
@@ -40,6 +47,11 @@ _HEARTBEAT = "tune:heartbeat"
 _CRASHES = "tune:crashes"   # how often the candidate's trials crashed their worker (inherited by each retry)
 _MAX_CRASH_RETRIES = 3      # as Optuna's max_retry: retried after 3 crashes; the 4th fails the candidate
 _CRASHED = "crashed its worker"   # how the error of a candidate failed by that limit begins (see _crashed_out)
+_TAKEOVERS = "tune:takeovers"  # how often the candidate was taken over while being trained (inherited by each retry)
+_MAX_TAKEOVER_RETRIES = 3      # as for crashes: the 4th take-over during training fails the candidate
+_LOST = "lost its worker"      # how the error of a candidate failed by that limit begins (see _crashed_out)
+_TRAINING = "tune:training"    # the rung the trial's worker is training (set before the trainable is called)
+_OWNER = "tune:owner"          # [worker token, trial id]: which of tune()'s spawned workers claimed the trial
 
 
 class TrialFailed(RuntimeError):
@@ -89,31 +101,58 @@ def _fail_lost(study, ft, live) -> bool:
     return True
 
 
-def _fail_crashed(study, ft, live, error: BaseException) -> bool:
-    """The trial ``ft`` was being worked on when its worker crashed (an exception other than an interrupt,
-    raised outside the trainable: the trainable's own are the trial's failure). Count the crash on the
-    candidate (system attribute ``tune:crashes``, kept by every retry) and release the trial as lost
-    (:func:`_fail_lost`), or, at the ``_MAX_CRASH_RETRIES + 1``-th crash, fail it as the candidate's
-    failure (``error`` set: never retried, ranked last) and say so in one line: without a limit, a crash
-    repeated on every rerun added a retry per rerun and the candidate was never decided. False when the
-    trial is no longer RUNNING (another worker took it over)."""
-    crashes = int(ft.system_attrs.get(_CRASHES, 0)) + 1
+def _fail_counted(study, ft, live, counter: str, limit: int, why) -> bool:
+    """Count one more loss of its worker on the candidate of the RUNNING trial ``ft`` (system attribute
+    ``counter``, kept by every retry, so the count survives a restart of ``tune()``) and release ``ft``
+    as lost (:func:`_fail_lost`), or, at the ``limit + 1``-th, fail it as the candidate's failure
+    (``error`` = ``why(count)``: never retried, ranked last) and say so in one line. False when the
+    trial is no longer RUNNING (another worker took it over, or it finished)."""
+    count = int(ft.system_attrs.get(counter, 0)) + 1
     storage = study._storage
     try:
-        if crashes <= _MAX_CRASH_RETRIES:
-            storage.set_trial_system_attr(ft._trial_id, _CRASHES, crashes)
+        if count <= limit:
+            storage.set_trial_system_attr(ft._trial_id, counter, count)
             return _fail_lost(study, ft, live)   # its retry is made from the trial as stored now: it keeps the count
         key = ft.user_attrs.get("key", f"trial {ft.number}")
-        why = (f"{_CRASHED} {crashes} times (last: {type(error).__name__}: {error}); not retried: "
-               "fix the cause, then tune it under a new study_name (this study keeps it failed)")
+        reason = why(count)
         with _signals_deferred():   # both or neither: a RUNNING trial with an error would be retried
-            storage.set_trial_user_attr(ft._trial_id, "error", why)
+            storage.set_trial_user_attr(ft._trial_id, "error", reason)
             failed = storage.set_trial_state_values(ft._trial_id, state=optuna.trial.TrialState.FAIL)
     except UpdateFinishedTrialError:
         return False
     if failed:
-        warnings.warn(f"tune: candidate {key} (trial {ft.number}) {why}", stacklevel=2)
+        warnings.warn(f"tune: candidate {key} (trial {ft.number}) {reason}", stacklevel=3)
     return failed
+
+
+def _fail_crashed(study, ft, live, error: BaseException) -> bool:
+    """The trial ``ft`` was being worked on when its worker crashed (an exception other than an interrupt,
+    raised outside the trainable: the trainable's own are the trial's failure). Count the crash on the
+    candidate (``tune:crashes``) and release the trial, or, at the ``_MAX_CRASH_RETRIES + 1``-th crash,
+    fail it for good (:func:`_fail_counted`): without a limit, a crash repeated on every rerun added a
+    retry per rerun and the candidate was never decided."""
+    return _fail_counted(study, ft, live, _CRASHES, _MAX_CRASH_RETRIES, lambda n: (
+        f"{_CRASHED} {n} times (last: {type(error).__name__}: {error}); not retried: fix the cause, then tune "
+        "it under a new study_name (this study keeps it failed)"))
+
+
+def _training_lost(ft) -> bool:
+    """Whether the trial ``ft`` was being trained when its worker went silent: it names the rung its worker
+    started (``tune:training``) and that rung's loss is not stored. A trial its worker merely held (waiting
+    for a synchronized decision) or was finishing is not: a kill then is not the candidate's doing."""
+    k = ft.system_attrs.get(_TRAINING)
+    return k is not None and f"rung:{k}" not in ft.user_attrs
+
+
+def _fail_taken_over(study, ft, live, grace_period: float) -> bool:
+    """Take over the trial ``ft``, whose worker went silent while training it (:func:`_training_lost`):
+    count it on the candidate (``tune:takeovers``) and release it, or, at the ``_MAX_TAKEOVER_RETRIES +
+    1``-th, fail it for good (:func:`_fail_counted`). A worker killed by the OOM killer on every rerun
+    at the same candidate used to have its trial taken over and retried without end."""
+    return _fail_counted(study, ft, live, _TAKEOVERS, _MAX_TAKEOVER_RETRIES, lambda n: (
+        f"{_LOST} {n} times while training it (no heartbeat for {grace_period:g} s: killed, e.g. by the "
+        "out-of-memory killer, or hung); not retried: find why (memory: a smaller model or batch tier, or fewer "
+        "workers per machine), then tune it under a new study_name (this study keeps it failed)"))
 
 
 def _is_crash(error: BaseException) -> bool:
@@ -128,16 +167,35 @@ def _is_crash(error: BaseException) -> bool:
 
 
 def _crashed_out(ft) -> bool:
-    """Whether the trial ``ft`` was failed for crashing its worker too often (:func:`_fail_crashed`); a
-    trainable's error reads ``"<ExceptionType>: ..."``, so it never begins so."""
-    return ft.state == optuna.trial.TrialState.FAIL and str(ft.user_attrs.get("error", "")).startswith(_CRASHED)
+    """Whether the trial ``ft`` was failed for crashing or losing its worker too often (:func:`_fail_crashed`,
+    :func:`_fail_taken_over`); a trainable's error reads ``"<ExceptionType>: ..."``, so it never begins so."""
+    return ft.state == optuna.trial.TrialState.FAIL and str(ft.user_attrs.get("error", "")).startswith(
+        (_CRASHED, _LOST))
+
+
+def _release_owned(studies, owners) -> int:
+    """Release (:func:`_fail_lost`, uncounted) the RUNNING trials of ``studies`` claimed by the workers
+    whose tokens are in ``owners`` (stamped ``tune:owner`` at the claim, :meth:`_Worker._claimed`); the
+    number released. Only for workers known to be dead (``tune()`` killed and joined them): a live
+    worker's trials would be taken from under it. A retry inherits its predecessor's stamp, so a stamp
+    counts only on the trial it names; a trial claimed but not stamped yet is left to the heartbeat."""
+    released = 0
+    for study in studies.values():
+        trials = study.get_trials(deepcopy=False)
+        live = _live(trials)
+        for ft in trials:
+            stamp = ft.system_attrs.get(_OWNER)
+            if ft.state == optuna.trial.TrialState.RUNNING and isinstance(stamp, list) and len(stamp) == 2 \
+                    and stamp[0] in owners and stamp[1] == ft._trial_id:
+                released += _fail_lost(study, ft, live)
+    return released
 
 
 class _Worker:
     """One worker process: claims, trains, holds and finishes trials until every study is finished."""
     def __init__(self, studies: Mapping[tuple[str, int] | None, object], trainable: Trainable, cfg: _Config,
                  workdir: Path, *, heartbeat_interval: float, grace_period: float, poll_interval: float,
-                 progress: Progress | None, study_name: str | None = None):
+                 progress: Progress | None, study_name: str | None = None, owner: str | None = None):
         self.studies = dict(studies)
         # the tune() call's study name (asynchronous mode: the prefix of its per-family/tier studies)
         self.study_name = study_name if study_name is not None else next(iter(self.studies.values())).study_name
@@ -155,6 +213,7 @@ class _Worker:
         self.stop = threading.Event()
         self.current: int | None = None        # the trial being worked on (a crash there is counted on it)
         self.crash: Exception | None = None     # what stopped the worker, when it was no interrupt
+        self.owner = owner                      # stamped on each claimed trial (tune()'s spawned workers)
 
     # -- heartbeats
     def _beat(self, trial) -> None:
@@ -192,9 +251,14 @@ class _Worker:
                                        f"{silent:.0f} s; taken over after {self.grace_period:g} s without one (its "
                                        "worker may have been stopped)")
                 continue
-            if not _fail_lost(study, ft, live):
+            # a worker lost while training the trial counts against its candidate (an OOM kill on every
+            # rerun); one that merely held it, or stopped on our own stop (released, never swept), does not
+            taken = _fail_taken_over(study, ft, live, self.grace_period) if _training_lost(ft) else \
+                _fail_lost(study, ft, live)
+            if not taken:
                 continue  # another worker failed it first
-            if "key" in ft.user_attrs and live.get(ft.user_attrs["key"]) is ft and self.progress:
+            if "key" in ft.user_attrs and live.get(ft.user_attrs["key"]) is ft and self.progress \
+                    and "error" not in study._storage.get_trial(ft._trial_id).user_attrs:  # (else failed for good)
                 self.progress.note(f"trial {ft.number} ({ft.user_attrs['key']}) lost its worker; re-enqueued")
         # a worker that failed a lost trial and died before re-enqueueing it left the candidate without a
         # trial; retry it (should that worker be alive after all, the second retry is dropped as a duplicate)
@@ -243,10 +307,13 @@ class _Worker:
             self.claimed.clear()
 
     def _claimed(self, study):
-        """The ``on_claim`` of :func:`_claim` for ``study``: the trial is this worker's from the claim on."""
+        """The ``on_claim`` of :func:`_claim` for ``study``: the trial is this worker's from the claim on, and
+        is stamped with ``owner`` (if any), so that ``tune()`` can release it at once should it kill us."""
         def note(trial_id: int) -> None:
             with self.lock:
                 self.claimed[trial_id] = study
+            if self.owner is not None:
+                study._storage.set_trial_system_attr(trial_id, _OWNER, [self.owner, trial_id])
         return note
 
     # -- trial life cycle
@@ -370,6 +437,11 @@ class _Worker:
                 reported.add(resource)
 
         wd = self._trial_dir(cand)
+        try:  # from here to the rung's stored loss, a silent worker counts as a take-over (_training_lost)
+            study._storage.set_trial_system_attr(trial._trial_id, _TRAINING, k)
+        except UpdateFinishedTrialError:  # failed by another worker's sweep meanwhile: its retry owns the candidate
+            self._let_go(trial)
+            return False
         if self.progress:
             self.progress.note(f"trial {trial.number} {cand.key}: rung {k} -> {budget}")
         try:
@@ -410,11 +482,21 @@ class _Worker:
         warnings.warn(f"tune: trial {trial.number} was taken over by another worker (heartbeat older than "
                       f"grace_period={self.grace_period}s); dropping it here")
 
+    def _should_prune(self, trial) -> bool:
+        """``trial.should_prune()``, with no trial being worked on meanwhile: the pruner decides over every
+        trial of the family/tier (the study), so an exception it raises is no crash of this candidate.
+        Blamed on it, a fault of the study (another trial's data, a bug of the pruner) failed the
+        candidates one after another as each asked, four crashes each."""
+        current, self.current = self.current, None   # (left None when it raises: the crash is nobody's)
+        prune = trial.should_prune()
+        self.current = current
+        return prune
+
     def _ended_by_pruner(self, study, trial) -> bool:
         """Ask the pruner about the trial's last stored rung (it stores its rung value in the trial); True when
         the trial ends here: pruned, or failed meanwhile by another worker (let go)."""
         try:
-            prune = trial.should_prune()
+            prune = self._should_prune(trial)
         except UpdateFinishedTrialError:
             self._let_go(trial)
             return True
@@ -451,7 +533,7 @@ class _Worker:
                              value=float(ft.user_attrs[f"rung:{n - 1}"]))
                 return "worked"
             if done > 0:
-                if trial.should_prune():
+                if self._should_prune(trial):
                     self._finish(study, trial, optuna.trial.TrialState.PRUNED)
                     return "worked"
             if self._train_rung(study, trial, cand, done):
