@@ -1,0 +1,118 @@
+"""Session 27's adversarial accuracy audit of the streaming covariance accumulator.
+
+The bug found: the shift of a chunk (the mean of a row sample, every ``n // 1024``-th row) aliased with
+the sequence structure of hooked activations. ``B`` sequences of ``L`` tokens, both powers of two, put
+every sampled row at a position that is a multiple of ``B``, so the sample held each sequence's first
+token ``B`` times too often; models give that token activations 1e2-1e3 times the others' spread in a
+few dimensions ("massive activations"), and the rows centred on that shift lost 10-30x more of the
+spectrum in float32 products than around the chunk's mean (bf16 products: 9% of eigenvalues 1-50).
+The stride is now an odd prime (:func:`spectral_lens._chunk_sums._sample_step`).
+
+References are float64 two-pass covariances (``np.cov`` of the rows converted exactly to float64).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import spectral_lens._chunk_sums as chunk_sums
+from spectral_lens import ActivationCovarianceAccumulator
+from spectral_lens.spectra.fast_moments import fast_chunk_moments
+from spectral_lens.spectra.moments import covariance_from_moments
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _first_token_indicator(batch: int, length: int) -> torch.Tensor:
+    """(batch * length, 1) float32 rows: 1 at each sequence's first position, else 0; the mean of any
+    row sample of it is the fraction of first tokens in that sample."""
+    x = torch.zeros(batch, length, 1)
+    x[:, 0] = 1.0
+    return x.reshape(-1, 1)
+
+
+# (sequences, tokens): powers of two (the usual hooked batch), and lengths with odd factors
+SHAPES = [(8, 1024), (32, 1024), (128, 1024), (64, 2048), (256, 512), (128, 1000), (24, 1536), (12, 1024)]
+
+
+@pytest.mark.parametrize("batch, length", SHAPES)
+def test_shift_sample_holds_each_sequence_position_equally_often(batch, length):
+    """The first-token fraction of the shift's sample, on every path that samples (the generic path's
+    unmasked and masked sample, the CPU one-chunk path, its masked compaction, a multi-chunk masked
+    call), is within 2/1024 of the true 1/L: a sample of c >= 1024 rows at a stride prime to L holds
+    ceil(c / L) first tokens, at most 1/L + 1/c of it (4/1024 for masked rows, see below). Before: B/1024
+    for B and L powers of two."""
+    x = _first_token_indicator(batch, length)
+    n = x.shape[0]
+    truth = 1.0 / length
+    g = torch.Generator().manual_seed(batch * length)
+    some = torch.rand(n, generator=g) > 0.05  # a padding mask that drops 5% of the rows
+    some[0] = True
+    every = torch.ones(n, dtype=torch.bool)
+    fractions = {"generic": float(chunk_sums._sample_mean(x, None)),
+                 "generic, all valid": float(chunk_sums._sample_mean(x, every)),
+                 "generic, masked": float(chunk_sums._sample_mean(x, some))}
+    for name, mask in (("cpu", None), ("cpu, masked", some)):
+        acc = ActivationCovarianceAccumulator()
+        acc.update(x, mask)
+        fractions[name] = float(acc._shift[0])
+    acc = ActivationCovarianceAccumulator(max_chunk_rows=n // 2)  # two chunks: the first one's shift
+    acc.update(torch.cat([x, x]), torch.cat([some, some]))
+    fractions["multi-chunk, masked"] = float(acc._shift[0])
+    # masked samples: which first tokens are hit depends on the valid counts before them, a random draw
+    # (~B / p hits on average): allow 4/1024, while the positions of unmasked rows are fixed (2/1024)
+    bad = {k: v for k, v in fractions.items() if abs(v - truth) > (4 if "masked" in k else 2) / 1024}
+    assert not bad, (batch, length, truth, bad)
+
+
+def _massive_first_token_pool(batch, length, d, massive, seed):
+    """float32 rows of ``batch`` sequences of ``length`` tokens: a power-law covariance (lambda_j = j^-1.2,
+    random basis, mean 3) whose first token carries ``massive`` in two dimensions."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    lam = torch.arange(1, d + 1, dtype=torch.float64) ** -1.2
+    x = (torch.randn(batch * length, d, generator=g, dtype=torch.float64) * lam.sqrt()) @ basis.T + 3.0
+    x.view(batch, length, d)[:, 0, :2] += massive
+    return x.float()
+
+
+def _eigs(c: np.ndarray) -> np.ndarray:
+    return np.linalg.eigvalsh(c)[::-1].clip(0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_massive_first_tokens_in_power_of_two_batches_keep_their_accuracy(seed):
+    """128 sequences x 1024 tokens, one chunk (131,072 rows, d = 16), the first token 1e3 spreads out in
+    two dimensions (||C|| ~ 2e3, the bulk's eigenvalues 0.4 and below). Against the float64 two-pass
+    covariance of the same float32 rows, errors relative to ||C|| (what float32 products bound):
+
+    * ``"exact"`` (float32 products): within 4 eps32 (4.8e-7) of ||C||. Measured (seeds 0-2): 4e-8-2e-7
+      with the fix; 1.4e-7, 3.0e-6, 2.7e-7 before (the shift 124 spreads from the chunk's mean).
+    * the CUDA fast mode's arithmetic (bf16 centred rows, fp32 products: ``fast_chunk_moments`` on the
+      CPU, the same roundings) around the shift the accumulator picks: within 6e-4 of ||C|| (bf16 rounds
+      ``x - s`` to 2^-9 of itself), and eigenvalues 1-10 within 2e-2 of themselves. Measured: 2-3e-4 and
+      7-9e-3 with the fix; 1.9-2.0e-3 and 8e-2-1.9e-1 before.
+    """
+    x = _massive_first_token_pool(128, 1024, 16, 1e3, seed)
+    ref = _eigs(np.cov(x.double().numpy(), rowvar=False))
+    acc = ActivationCovarianceAccumulator(precision="exact")
+    acc.update(x)
+    got = acc.compute().values.numpy()
+    assert np.abs(got - ref).max() <= 4 * EPS32 * ref[0]
+    shift = chunk_sums._sample_mean(x, None).double()
+    m, s = fast_chunk_moments(x, shift, use_triton=False)
+    fast = _eigs(covariance_from_moments(torch.tensor(x.shape[0]), m.double(), s.double()).numpy())
+    assert np.abs(fast - ref).max() <= 6e-4 * ref[0]
+    assert (np.abs(fast[:10] - ref[:10]) / ref[:10]).max() <= 2e-2
+
+
+def test_sample_step_is_an_odd_prime_of_at_least_1024_rows():
+    """The stride: 1 below 3,072 rows, else the largest odd prime <= n // 1024, so the sample keeps at
+    least 1024 rows and at most a few more (prime gaps are small)."""
+    assert [chunk_sums._sample_step(n) for n in (1, 1023, 2048, 3071)] == [1, 1, 1, 1]
+    for n in (3072, 4096, 8192, 16384, 65536, 131072, 128000, 10 ** 7):
+        p = chunk_sums._sample_step(n)
+        assert p % 2 and all(p % f for f in range(3, int(p ** 0.5) + 1, 2)), (n, p)
+        assert p <= n // 1024 and (n // 1024) - p < 20 and -(-n // p) >= 1024, (n, p)
