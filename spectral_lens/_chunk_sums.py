@@ -43,8 +43,8 @@ def _sample_step(n: int) -> int:
     sequence's first token ``B`` times too often. Models give that token activations 1e2-1e3 times the
     spread of the others in a few dimensions (GPT-2's "massive activations"): at ``B = 128``, ``L = 1024``
     the shift was 12% of that size away from the chunk's mean, and the float32 products of the rows
-    centred on it lost 10-30x more of the spectrum than around the mean (bf16 ones: up to 9% of
-    eigenvalues 1-50; ``tests/core/test_review27_core.py``). A prime stride that does not divide ``L``
+    centred on it were 3-15x less accurate relative to the largest eigenvalue (bf16 ones: eigenvalues
+    1-10 off by 8-19% at d = 16, under 1% now; ``tests/core/test_review27_core.py``). A prime stride that does not divide ``L``
     visits every position of a sequence equally often; only ``L`` with that prime as a factor (3, 5, 7
     for 2-10 times 1024 rows) can still alias, as any period could with a fixed stride."""
     q = n // _SHIFT_ROWS
