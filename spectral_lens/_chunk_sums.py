@@ -44,9 +44,10 @@ def _sample_step(n: int) -> int:
     spread of the others in a few dimensions (GPT-2's "massive activations"): at ``B = 128``, ``L = 1024``
     the shift was 12% of that size away from the chunk's mean, and the float32 products of the rows
     centred on it were 3-15x less accurate relative to the largest eigenvalue (bf16 ones: eigenvalues
-    1-10 off by 8-19% at d = 16, under 1% now; ``tests/core/test_review27_core.py``). A prime stride that does not divide ``L``
-    visits every position of a sequence equally often; only ``L`` with that prime as a factor (3, 5, 7
-    for 2-10 times 1024 rows) can still alias, as any period could with a fixed stride."""
+    1-10 off by 8-19% at d = 16, under 1% now; ``tests/core/test_review27_core.py``). A prime stride
+    that does not divide ``L`` visits every position of a sequence equally often; only an ``L`` with
+    that prime as a factor (3, 5 or 7, for chunks of 3-10 times 1024 rows) can still alias, as any
+    period can with a fixed stride."""
     q = n // _SHIFT_ROWS
     return 1 if q < 3 else _odd_prime_at_most(q)
 
