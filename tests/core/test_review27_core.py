@@ -16,6 +16,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import spectral_lens._chunk_sums as chunk_sums
 from spectral_lens import ActivationCovarianceAccumulator
@@ -116,3 +118,85 @@ def test_sample_step_is_an_odd_prime_of_at_least_1024_rows():
         p = chunk_sums._sample_step(n)
         assert p % 2 and all(p % f for f in range(3, int(p ** 0.5) + 1, 2)), (n, p)
         assert p <= n // 1024 and (n // 1024) - p < 20 and -(-n // p) >= 1024, (n, p)
+
+
+# ------------------------------------------------ low-precision rows far from 0, any chunking and merge tree
+
+
+@st.composite
+def far_pools(draw):
+    """Low-precision rows 1e2-1e6 spreads from 0 (fp16: within its range), condition up to 1e6, maybe rank
+    deficient (fewer rows than d, a constant column, duplicated rows), a padding mask whose dropped rows
+    hold NaN/Inf, cut into streams of calls (empty and one-row calls too; 1-D, 2-D and 3-D shapes), each
+    stream maybe saved through ``state_dict``, merged in a random tree."""
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    d = draw(st.integers(1, 12))
+    n = draw(st.integers(2, 120))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    rng = np.random.default_rng(seed)
+    spread = 10.0 ** draw(st.floats(-3, 3))
+    offset = 10.0 ** draw(st.floats(2, 6)) * spread
+    if dtype == torch.float16:
+        offset = min(offset, 3e4)
+    basis, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    lam = np.logspace(0, -draw(st.floats(0, 6)), d)
+    x = (rng.standard_normal((n, d)) * np.sqrt(lam)) @ basis.T * spread + offset * rng.uniform(-1, 1, d)
+    shape = draw(st.sampled_from(["plain", "constant", "duplicates"]))
+    if shape == "constant":
+        x[:, 0] = x[0, 0]
+    elif shape == "duplicates":
+        x[n // 2:] = x[0]
+    rows = torch.from_numpy(x).to(dtype)
+    valid = torch.from_numpy(rng.random(n) < draw(st.sampled_from([1.0, 0.8]))).bool()
+    rows[~valid] = torch.tensor([float("nan"), float("inf")], dtype=dtype)[torch.arange(int((~valid).sum())) % 2, None]
+    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=6)))
+    calls = [(a, b) for a, b in zip([0, *cuts], [*cuts, n])]
+    streams = draw(st.integers(1, max(1, len(calls))))
+    return rows, valid, calls, streams, draw(st.integers(0, 2 ** 31 - 1))
+
+
+def _check_far_pool(pool, precision, max_chunk_rows):
+    rows, valid, calls, streams, seed = pool
+    rng = np.random.default_rng(seed)
+    accs = [ActivationCovarianceAccumulator(precision=precision, max_chunk_rows=max_chunk_rows) for _ in range(streams)]
+    for i, (a, b) in enumerate(calls):
+        x, m = rows[a:b], valid[a:b]
+        if x.shape[0] == 1 and rng.random() < 0.5:
+            x, m = x[0], m[0]  # one row as a 1-D tensor
+        elif x.shape[0] % 2 == 0 and x.shape[0] and rng.random() < 0.5:
+            x, m = x.reshape(2, -1, x.shape[-1]), m.reshape(2, -1)  # (batch, tokens, d)
+        accs[i % streams].update(x, m if not bool(m.all()) or rng.random() < 0.5 else None)
+    while len(accs) > 1:  # a random merge tree, some sides through state_dict
+        i = int(rng.integers(0, len(accs) - 1))
+        other = accs.pop(i + 1)
+        if rng.random() < 0.4 and other.initialized:
+            copy = ActivationCovarianceAccumulator(precision=precision)
+            copy.load_state_dict(other.state_dict())
+            other = copy
+        accs[i].merge(other)
+    kept = rows[valid].double().numpy()
+    if kept.shape[0] < 2:
+        return
+    got = accs[0].compute()
+    # exact float64 reference: the float64 covariance of the same values, shifted by one row (exact)
+    ref = np.clip(np.linalg.eigvalsh(np.atleast_2d(np.cov(kept - kept[0], rowvar=False)))[::-1], 0, None)
+    assert got.n_rows == kept.shape[0]
+    # float32 products of rows centred on a shift near their mean: a few eps32 of ||C|| (measured at most
+    # 10 eps32 over 300 random pools); 32 eps32 leaves room. Constant rows: exactly 0.
+    assert np.abs(got.values.numpy() - ref).max() <= 32 * EPS32 * ref[0]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pool=far_pools(), precision=st.sampled_from(["exact", "fast"]), max_chunk_rows=st.sampled_from([1, 7, 131072]))
+def test_low_precision_rows_far_from_zero_in_any_chunking_and_merge_tree(pool, precision, max_chunk_rows):
+    """float32/bf16/fp16 rows with means 1e2-1e6 spreads from 0, chunked, masked and merged at random,
+    against the float64 covariance of the same values: within 32 eps32 of ||C||."""
+    _check_far_pool(pool, precision, max_chunk_rows)
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pool=far_pools(), precision=st.sampled_from(["exact", "fast"]), max_chunk_rows=st.sampled_from([1, 7, 131072]))
+def test_low_precision_rows_far_from_zero_many_examples(pool, precision, max_chunk_rows):
+    """The same property over 400 examples (slow tier)."""
+    _check_far_pool(pool, precision, max_chunk_rows)
