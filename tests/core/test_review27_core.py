@@ -44,8 +44,9 @@ def test_shift_sample_holds_each_sequence_position_equally_often(batch, length):
     """The first-token fraction of the shift's sample, on every path that samples (the generic path's
     unmasked and masked sample, the CPU one-chunk path, its masked compaction, a multi-chunk masked
     call), is within 2/1024 of the true 1/L: a sample of c >= 1024 rows at a stride prime to L holds
-    ceil(c / L) first tokens, at most 1/L + 1/c of it (4/1024 for masked rows, see below). Before: B/1024
-    for B and L powers of two."""
+    ceil(c / L) first tokens, at most 1/L + 1/c of it; with a mask the generic path spreads 1021 rows (a
+    prime) evenly among the valid ones (8/1024 for partly masked rows, see below). Before: B/1024 for B
+    and L powers of two, with or without a mask (all rows valid)."""
     x = _first_token_indicator(batch, length)
     n = x.shape[0]
     truth = 1.0 / length
@@ -63,9 +64,10 @@ def test_shift_sample_holds_each_sequence_position_equally_often(batch, length):
     acc = ActivationCovarianceAccumulator(max_chunk_rows=n // 2)  # two chunks: the first one's shift
     acc.update(torch.cat([x, x]), torch.cat([some, some]))
     fractions["multi-chunk, masked"] = float(acc._shift[0])
-    # masked samples: which first tokens are hit depends on the valid counts before them, a random draw
-    # (~B / p hits on average): allow 4/1024, while the positions of unmasked rows are fixed (2/1024)
-    bad = {k: v for k, v in fractions.items() if abs(v - truth) > (4 if "masked" in k else 2) / 1024}
+    # partly masked rows: which first tokens the sample hits depends on the valid counts before them, a
+    # random draw (over 40 masks at most 5/1024 off, and 10/1024 with the old spacing): allow 8/1024; the
+    # positions of unmasked (or all valid) rows are fixed: 2/1024
+    bad = {k: v for k, v in fractions.items() if abs(v - truth) > (8 if "masked" in k else 2) / 1024}
     assert not bad, (batch, length, truth, bad)
 
 
