@@ -8,6 +8,7 @@ centred rows and the product in per-thread recycled scratch (:func:`_recycled`).
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any, Callable
 
@@ -25,7 +26,8 @@ from .spectra.moments import (
     symmetric_product,
 )
 
-_SHIFT_ROWS = 1024  # rows sampled (evenly spaced) from each chunk; their mean is the chunk's shift
+_SHIFT_ROWS = 1024  # rows sampled from each chunk (at least; see _sample_step); their mean is the chunk's shift
+_MASKED_SAMPLE = 1021  # rows sampled among a masked chunk's valid ones on the device (a prime: see _sample_mean)
 _CPU_DTYPES = (torch.float32, torch.float64)  # CPU rows that take the NumPy-driven one-chunk path
 _CPU_HALF = (torch.bfloat16, torch.float16)  # CPU rows converted exactly into that path's scratch
 _SCRATCH = threading.local()  # CPU: per thread, recycled chunk buffers (see _chunk_scratch)
@@ -33,27 +35,57 @@ _SCRATCH_SHAPES = 4  # chunk shapes kept per thread
 _SCRATCH_MAX_BYTES = 16 << 20  # a chunk whose buffers are larger gets fresh ones each time
 
 
+def _sample_step(n: int) -> int:
+    """Stride of the shift's row sample over a chunk of ``n`` rows: the largest odd prime at most
+    ``n // 1024`` (at least 1024 rows, every ``step``-th from the first), 1 (every row) below 3072 rows.
+
+    Why a prime and not ``n // 1024``: a chunk of ``B`` sequences of ``L`` tokens, both powers of two, put
+    every sampled row at a position that is a multiple of ``B`` in its sequence, so the sample held each
+    sequence's first token ``B`` times too often. Models give that token activations 1e2-1e3 times the
+    spread of the others in a few dimensions (GPT-2's "massive activations"): at ``B = 128``, ``L = 1024``
+    the shift was 12% of that size away from the chunk's mean, and the float32 products of the rows
+    centred on it were 3-15x less accurate relative to the largest eigenvalue (bf16 ones: eigenvalues
+    1-10 off by 8-19% at d = 16, under 1% now; ``tests/core/test_review27_core.py``). A prime stride
+    that does not divide ``L`` visits every position of a sequence equally often; only an ``L`` with
+    that prime as a factor (3, 5 or 7, for chunks of 3-10 times 1024 rows) can still alias, as any
+    period can with a fixed stride."""
+    q = n // _SHIFT_ROWS
+    return 1 if q < 3 else _odd_prime_at_most(q)
+
+
+@functools.lru_cache(maxsize=64)
+def _odd_prime_at_most(q: int) -> int:
+    """The largest odd prime ``<= q`` (``q >= 3``), by trial division; cached: one per chunk height."""
+    p = q if q % 2 else q - 1
+    while any(p % f == 0 for f in range(3, int(p ** 0.5) + 1, 2)):
+        p -= 2
+    return p
+
+
 def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None, wide: bool = False) -> torch.Tensor:
-    """Mean of up to 1024 evenly spaced valid rows of a chunk (its shift; need not be exact); 0 if
-    no row is valid.
+    """Mean of a sample of about 1024 valid rows of a chunk, every :func:`_sample_step`-th (its shift;
+    need not be exact); 0 if no row is valid.
 
     Summed in float64 if ``wide`` (the shift is float64: float64 precision or float64 rows), so
     finite rows near float32's limit (|x| > ~1e35) cannot give an infinite shift; else in the rows'
     precision (fp32 for half types; float32 products of such rows overflow anyway), where a float64
     sum would cost one more conversion kernel per update.
 
-    With a mask the rows are spaced evenly among the valid ones, found on the device (no host
+    With a mask the rows are spread evenly among the valid ones, found on the device (no host
     read): the ``j``-th is the first row whose running count of valid rows exceeds
-    ``j * count // k``. Evenly spaced rows of the chunk could all be masked (a mask that keeps
-    the last token of each sequence never meets a stride dividing the sequence length): the shift
-    was then 0, and rows far from 0 lost their tail in the float32 products.
+    ``j * count // k``, ``k`` = :data:`_MASKED_SAMPLE` (a prime, so that the spacing ``count / k`` is
+    rarely a whole number: with ``k = 1024``, ``B`` sequences of 1024 tokens all valid were sampled every
+    ``B`` rows, the aliasing :func:`_sample_step` describes).
+    Rows of the chunk at a fixed stride could all be masked (a mask that keeps the last token of each
+    sequence never meets a stride dividing the sequence length): the shift was then 0, and rows far
+    from 0 lost their tail in the float32 products.
     """
     dtype = torch.float64 if wide else (None if rows.dtype == torch.float32 else torch.float32)
     if valid is None:  # one kernel: the sample is read and averaged in the accumulation dtype directly
-        step = max(1, rows.shape[0] // _SHIFT_ROWS)
+        step = _sample_step(rows.shape[0])
         return (rows[::step] if step > 1 else rows).mean(0, dtype=dtype)
     rank = valid.cumsum(0)
-    k = min(_SHIFT_ROWS, rows.shape[0])
+    k = min(_MASKED_SAMPLE, rows.shape[0])
     targets = torch.arange(k, device=rows.device).mul_(rank[-1]).div_(k, rounding_mode="floor")
     # searched in rank[:-1]: at most the last row, so no index is out of range when no row is valid
     head = rows.index_select(0, torch.searchsorted(rank[:-1], targets, right=True))
@@ -177,7 +209,7 @@ def _cpu_centered(rows: torch.Tensor, keep: np.ndarray | None, precision: str):
     if half:  # one exact conversion into the scratch, centred there in place: no fresh fp32 copy
         y.copy_(rows)  # (page faults), no slow mixed-dtype kernel
         rows = y
-    step = max(1, n_rows // _SHIFT_ROWS)
+    step = _sample_step(n_rows)
     head = rows[::step] if step > 1 else rows
     if half and work == torch.float64:  # float64 precision: the shift from fp32 values, as for fp32 rows
         head = head.float()
@@ -202,7 +234,8 @@ def _cpu_compacted(rows: torch.Tensor, kept: np.ndarray, scratch):
     dtype), centred there and multiplied, so masked rows cost neither a pass nor a product (a mask
     keeping 1 position in 64 made the product 64x the kept rows' one). The shift is the mean of
     the same sample rows as without compaction (the valid ones among every ``step``-th row of the
-    chunk, else evenly spaced valid rows: see :func:`_sample_mean`), summed in the same dtype.
+    chunk (:func:`_sample_step`), else every ``_sample_step(n)``-th valid row: see :func:`_sample_mean`),
+    summed in the same dtype.
     Masked rows are never read, whatever they hold. CPU only: on CUDA, where the row count would
     need a host sync, masked rows are zeroed and multiplied (:func:`chunk_moments`)."""
     n_rows, d = rows.shape
@@ -216,12 +249,12 @@ def _cpu_compacted(rows: torch.Tensor, kept: np.ndarray, scratch):
         y.copy_(torch.index_select(rows, 0, index, out=_gather_scratch(n_rows, d, rows.dtype)[:n]))
     # the shift's sample, as on the uncompacted rows: valid rows among rows[::step], summed in the
     # rows' dtype (fp32 for half rows, which are exact in it)
-    step = max(1, n_rows // _SHIFT_ROWS)
+    step = _sample_step(n_rows)
     sdt = np.float64 if rows.dtype == torch.float64 else np.float32
     values = y.numpy()
     sample = values[kept % step == 0] if step > 1 else values
     if n and not sample.shape[0]:  # every sampled row masked (see _sample_mean): valid rows instead
-        sample = values[:: max(1, n // _SHIFT_ROWS)]
+        sample = values[:: _sample_step(n)]
     sample = sample.astype(sdt, copy=False)
     mean = np.add.reduce(sample, 0) / max(1, sample.shape[0])
     if not np.isfinite(mean).all():  # an fp32 sum overflowed (|x| > ~1e35), or NaN/Inf rows (stay so)
