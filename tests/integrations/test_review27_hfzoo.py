@@ -324,3 +324,30 @@ def test_trainer_callback_runs_a_few_steps(name, tied, tmp_path):
         assert all(m.spectra[f"grad:{p}"].n_rows == 6 for p in (ZOO[name][3], head_name(model)))
         assert np.isfinite(m.spectra[f"act:{block}"].values.numpy()).all()
     assert lens.model is None
+
+
+@pytest.mark.parametrize("name", ["cohere", "codegen", "qwen3_moe", "mamba2", "jamba", "recurrent_gemma", "zamba2"])
+def test_lens_defaults_on_the_families_test_hf_architectures_leaves_out(name):
+    """SpectralLens with its defaults: the last block of the stack and its output projection (RecurrentGemma:
+    the last attention block's; Zamba2, tied: the Mamba mixer's, its shared attention being registered under the
+    first hybrid layer), the block's spectrum equal to the float64 reference, one gradient row per sequence."""
+    model = build(name)
+    stack = ZOO[name][2]
+    block = f"{stack}.{len(model.get_submodule(stack)) - 1}"
+    pool = padded_pool()
+    lens = sl.SpectralLens(model, pool, precision="float64", progress=False)
+    assert (lens.layers, list(lens.probe.params)) == (block, [ZOO[name][3]])
+    before = snapshot(model)
+    m = lens.measure(step=1, tokens=60)
+    assert_same(before, snapshot(model))
+    rows = []
+    hook = model.get_submodule(block).register_forward_hook(lambda mod, a, out: rows.append(block_hidden_states(out)))
+    with torch.no_grad():
+        for x in pool:
+            model(input_ids=x["input_ids"], attention_mask=x["attention_mask"])
+    hook.remove()
+    ref = eig_desc(torch.cat([r[x["attention_mask"].bool()] for r, x in zip(rows, pool)]))
+    act = m.spectra[f"act:{block}"]
+    assert act.dim == model.config.hidden_size and act.n_rows == 44
+    assert np.abs(act.values.numpy() - np.clip(ref, 0, None)).max() <= tol(model) * ref[0]
+    assert m.spectra[f"grad:{ZOO[name][3]}"].n_rows == 6
