@@ -351,3 +351,28 @@ def test_lens_defaults_on_the_families_test_hf_architectures_leaves_out(name):
     assert act.dim == model.config.hidden_size and act.n_rows == 44
     assert np.abs(act.values.numpy() - np.clip(ref, 0, None)).max() <= tol(model) * ref[0]
     assert m.spectra[f"grad:{ZOO[name][3]}"].n_rows == 6
+
+
+TRANSFORMED_LOGITS = {"gemma2", "cohere", "recurrent_gemma", "mamba", "mamba2"}  # soft-capping, scaling, .float()
+
+
+@pytest.mark.parametrize("name", zoo_params(slow={"zamba2"}))
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_head_loss_matches_float64_loop_or_says_why_not(name, tied):
+    """The head + loss chunked over tokens (what head_loss='auto' takes on CUDA), forced on the CPU: the attention
+    projection's per-sequence gradients equal the float64 loop; a model that transforms its head's output (Gemma 2
+    and RecurrentGemma soft-cap, Cohere scales, Mamba casts to float32) is refused with the reason."""
+    model = build(name, tie_word_embeddings=tied)
+    param = ZOO[name][3]
+    pool = padded_pool()
+    if name in TRANSFORMED_LOGITS:
+        with pytest.raises(ValueError, match=r"impossible for .*something runs after the head"):
+            probe = sl.PerSampleGradientProbe(model, param, head_loss="chunked")
+            probe.update(pool[0])
+        return
+    ref = reference_rows(model, [param], pool)[param]
+    probe = sl.PerSampleGradientProbe(model, param, keep_matrix=True, head_loss="chunked")
+    for batch in pool:
+        probe.update(batch)
+    assert probe.head_loss_.startswith("chunked")
+    assert (probe.matrix().double() - ref).abs().max() <= tol(model) * ref.abs().max()
