@@ -34,7 +34,11 @@ def all_blocks(model: nn.Module) -> list[str]:
     submodules over a list of leaf modules of the same length (per-layer embedding tables or projections
     beside the blocks, as value embeddings), then ``ModuleList``, then length, then
     shallowness (``transformer.h``, ``model.layers``, ``blocks``; torchtitan's ``layers`` ``ModuleDict``
-    keyed ``"0"``, ``"1"``, ... in depth order). Pass ``layers=`` when this guesses wrong."""
+    keyed ``"0"``, ``"1"``, ... in depth order). Before all of these, a Hugging Face model's stack is the
+    ``ModuleList`` of ``config.num_hidden_layers`` blocks that have submodules, homogeneous or not: a hybrid
+    model's layers mix classes (Zamba2's Mamba and hybrid layers, Jamba's Mamba and attention layers), and a
+    homogeneous list inside one of them (Zamba2's adapters of its shared block) is not the stack.
+    Pass ``layers=`` when this guesses wrong."""
     def homogeneous(blocks: list) -> bool:
         return len({type(b) for b in blocks}) == 1 and any(True for _ in blocks[0].parameters())
 
@@ -45,13 +49,16 @@ def all_blocks(model: nn.Module) -> list[str]:
             f"{type(model).__name__}: found no ModuleList/Sequential/ModuleDict of blocks; pass layers= explicitly"
         )
     stacks = [name for name, _, _, blocks in lists if homogeneous(blocks)]
+    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)  # a Hugging Face config's
 
     def score(item):
         name, container, _, blocks = item
         inside = any(s == "" or name.startswith(s + ".") for s in stacks if s != name)
         composite = any(True for _ in blocks[0].children())   # blocks, not a list of tables or projections
-        return (homogeneous(blocks), not inside, composite, isinstance(container, nn.ModuleList), len(blocks),
-                -name.count("."))
+        configured = (isinstance(depth, int) and len(blocks) == depth and isinstance(container, nn.ModuleList)
+                      and all(any(True for _ in b.children()) and any(True for _ in b.parameters()) for b in blocks))
+        return (configured, homogeneous(blocks), not inside, composite, isinstance(container, nn.ModuleList),
+                len(blocks), -name.count("."))
 
     name, _, keys, _ = max(lists, key=score)
     return [f"{name}.{k}" if name else k for k in keys]

@@ -41,6 +41,7 @@ ATTENTION_OUTPUT_PATTERNS = (
     "**.self_attn.dense.weight",  # Phi-1/1.5/2
     "**.attention.output.dense.weight",  # BERT family
     "**.attention.o_proj.weight",  # ViT (transformers 5)
+    "**.temporal_block.o_proj.weight",  # RecurrentGemma's local-attention blocks
     "**.out_proj.weight",  # OPT, GPT-Neo/J, nn.MultiheadAttention
 )
 """Globs (``**`` crosses dotted segments) naming attention output projections W_O in common code bases;
