@@ -8,7 +8,8 @@ crash) leaves the previous file at ``path`` untouched and removes its temporary 
 of the write, the fsync or the rename (``ENOSPC``, ``EIO``, ``path`` a directory, ...) is raised with
 ``filename`` set to ``path`` (a killed
 process can leave a ``.*.tmp`` file behind; :class:`~spectral_lens.records.RunWriter` cleans those on
-resume).
+resume). The temporary file's name is the target's, cut to fit the file system's 255-byte limit on
+names.
 
 Like ``open(path, "w")``, a write to a symlink writes the file it points to (the end of the chain; a
 dangling link's target is created) and leaves the link in place: the temporary file goes in the
@@ -31,6 +32,10 @@ __all__ = ["write_atomic", "write_text_atomic", "write_json_atomic", "fsync_dir"
 
 #: Suffix of every temporary file written here (``.<name>.<hex>.tmp``).
 TMP_SUFFIX = ".tmp"
+
+#: The longest file name, in bytes, on the file systems the library runs on (``NAME_MAX`` of Linux's
+#: ext4, XFS, tmpfs, NFS; macOS's APFS): a temporary file name is kept within it.
+_NAME_MAX = 255
 
 
 def fsync_dir(path: Path) -> None:
@@ -73,6 +78,18 @@ def _write_target(path: Path) -> Path:
     return target
 
 
+def _tmp_name(name: str) -> str:
+    """``.<name>.<hex>.tmp``, ``name`` cut (whole characters) so that it fits in ``_NAME_MAX`` bytes:
+    a target whose own name is within the limit but less than 38 bytes under it can be written (its
+    full temporary name was refused, ``ENAMETOOLONG``, where ``open(path, "w")`` succeeds)."""
+    tail = f".{uuid.uuid4().hex}{TMP_SUFFIX}"
+    room = _NAME_MAX - 1 - len(tail)
+    name = name[:room]
+    while len(os.fsencode(name)) > room:  # multi-byte characters (or undecodable bytes) take more room
+        name = name[:-1]
+    return f".{name}{tail}"
+
+
 def _old_mode(path: Path) -> int | None:
     """The permission bits of the file at ``path``, or None when there is none."""
     try:
@@ -92,7 +109,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
     path = Path(path)
     target = _write_target(path)
     mode = _old_mode(target)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+    tmp = target.with_name(_tmp_name(target.name))
     try:
         with open(tmp, "wb") as fh:
             write(fh)

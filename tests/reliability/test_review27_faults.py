@@ -1,0 +1,56 @@
+"""Review 27 (faults): atomic writes, the accumulator's save/load and the schedule under hostile input.
+
+Each test failed before the fix it guards (see docs/reliability.md)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+from spectral_lens import ActivationCovarianceAccumulator
+from spectral_lens import atomic as _io
+
+
+def _leftovers(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(_io.TMP_SUFFIX))
+
+
+# ---------------------------------------------------------------- atomic writes of long names
+
+@pytest.mark.parametrize("name", ["a" * 255, "b" * 230 + ".json", "\u00e9" * 120 + ".txt"],
+                         ids=["255-bytes", "235-bytes", "245-bytes-utf8"])
+def test_a_file_name_near_the_length_limit_is_written_atomically(tmp_path, name):
+    # open(path, "w") writes any name up to 255 bytes; the temporary file ".<name>.<32 hex>.tmp" was 38
+    # bytes longer, so write_atomic raised ENAMETOOLONG for names of 218 to 255 bytes
+    path = tmp_path / name
+    path.write_text("old")
+    _io.write_text_atomic(path, "new")
+    assert path.read_text() == "new"
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_failed_write_of_a_long_name_keeps_the_old_file_and_names_it(tmp_path, monkeypatch):
+    path = tmp_path / ("c" * 240)
+    path.write_text("old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_io.os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        _io.write_text_atomic(path, "new")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert path.read_text() == "old"
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_accumulator_saved_under_a_long_name_loads_back(tmp_path):
+    acc = ActivationCovarianceAccumulator(3, precision="float64")
+    acc.update(torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    path = acc.save(tmp_path / ("layer." * 40 + "state"))  # 251 bytes with ".npz"
+    back = ActivationCovarianceAccumulator.load(path)
+    torch.testing.assert_close(back.compute().values, acc.compute().values, rtol=0, atol=0)
+    assert _leftovers(tmp_path) == []
