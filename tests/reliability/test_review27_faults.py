@@ -54,3 +54,31 @@ def test_an_accumulator_saved_under_a_long_name_loads_back(tmp_path):
     back = ActivationCovarianceAccumulator.load(path)
     torch.testing.assert_close(back.compute().values, acc.compute().values, rtol=0, atol=0)
     assert _leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------- the accumulator's save/load round trip
+
+def _acc(seed: int = 0) -> ActivationCovarianceAccumulator:
+    acc = ActivationCovarianceAccumulator(4, precision="float64")
+    acc.update(torch.randn(30, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)))
+    return acc
+
+
+def test_load_reads_what_save_wrote_under_a_path_without_npz(tmp_path):
+    # save("state") writes state.npz (documented); load("state") raised FileNotFoundError for "state"
+    acc = _acc()
+    written = acc.save(tmp_path / "state")
+    assert written == tmp_path / "state.npz"
+    back = ActivationCovarianceAccumulator.load(tmp_path / "state")
+    torch.testing.assert_close(back.compute().values, acc.compute().values, rtol=0, atol=0)
+
+
+def test_load_prefers_the_exact_path_and_names_a_missing_one(tmp_path):
+    # a file at the exact path is read as it is (a state renamed without its suffix); a missing one is named
+    _acc(0).save(tmp_path / "state")
+    other = _acc(1)
+    (tmp_path / "state").write_bytes((other.save(tmp_path / "other.npz")).read_bytes())
+    back = ActivationCovarianceAccumulator.load(tmp_path / "state")
+    torch.testing.assert_close(back.compute().values, other.compute().values, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="absent"):
+        ActivationCovarianceAccumulator.load(tmp_path / "absent")
