@@ -82,3 +82,27 @@ def test_load_prefers_the_exact_path_and_names_a_missing_one(tmp_path):
     torch.testing.assert_close(back.compute().values, other.compute().values, rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="absent"):
         ActivationCovarianceAccumulator.load(tmp_path / "absent")
+
+
+# ---------------------------------------------------------------- the schedule
+
+@pytest.mark.parametrize("kind", ["explicit", "log_spaced", "at_fractions", "union"])
+@pytest.mark.parametrize("step", [torch.tensor(10), torch.tensor(10.0), torch.tensor([10])], ids=["int", "float", "1-elt"])
+def test_a_tensor_step_is_in_the_schedule_as_its_value(kind, step):
+    # measure(step=torch.tensor(10)) records step 10, but `step in schedule` compared the tensor by hash
+    # (identity) with the explicit steps: maybe_measure skipped every scheduled step given as a tensor
+    from spectral_lens.schedule import Schedule
+
+    schedule = {"explicit": Schedule(frozenset({10})), "log_spaced": Schedule.log_spaced(1000, 4),
+                "at_fractions": Schedule.at_fractions(100, [0.1]), "union": Schedule.every(7) | Schedule(frozenset({10}))}[kind]
+    assert 10 in schedule
+    assert step in schedule
+    assert torch.tensor(11) not in schedule
+
+
+def test_steps_that_are_not_whole_numbers_are_never_in_a_schedule():
+    from spectral_lens.schedule import Schedule
+
+    schedule = Schedule.every(5) | Schedule(frozenset({7}))
+    assert [s for s in range(12) if s in schedule] == [0, 5, 7, 10]
+    assert 7.5 not in schedule and torch.tensor(7.5) not in schedule
