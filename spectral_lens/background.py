@@ -9,6 +9,10 @@ Warnings a job raises must reach the user on the user's thread (the ``warnings``
 ``catch_warnings`` are process-global and not thread-safe, so a worker must not swap them). Jobs
 therefore do not call :func:`warnings.warn`; they append ``(message, category)`` pairs to a list,
 and :meth:`SolveFuture.result` re-emits them on the thread that calls it, attributed to that call.
+
+Done-callbacks run on the worker thread, which resolves one job at a time: a callback that waits there for
+an unfinished job (``result()`` / ``exception()``) raises ``RuntimeError`` instead of waiting for itself
+forever (``concurrent.futures.wait`` on that thread cannot be refused: do not call it in a callback).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ __all__ = ["SolveFuture", "emit", "submit"]
 _THREAD_PREFIX = "spectral-lens"
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
+_on_worker = threading.local()  # ``.active`` is True on the worker thread while it runs a job or its callbacks
 
 
 def _get_executor() -> ThreadPoolExecutor:
@@ -66,11 +71,26 @@ class SolveFuture(Future):
         self._notes: list[tuple[str, type[Warning]]] = []
 
     def result(self, timeout: float | None = None) -> Any:
+        self._refuse_waiting_for_itself("result")
         try:
             return super().result(timeout)
         finally:
             if self.done() and not self.cancelled():
                 emit(self._notes, stacklevel=2)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._refuse_waiting_for_itself("exception")
+        return super().exception(timeout)
+
+    def _refuse_waiting_for_itself(self, method: str) -> None:
+        """A ``RuntimeError`` for a wait on the worker thread (in a done-callback: callbacks of a job run
+        there) for a future that is not done: only that thread can resolve it, so the wait never ended
+        (and every later ``compute_async`` of the process waited behind it)."""
+        if getattr(_on_worker, "active", False) and not self.done():
+            raise RuntimeError(
+                f"SolveFuture.{method}() called on spectral-lens's worker thread (in a done-callback) for a job "
+                "that has not finished: the one worker runs jobs in order, so it would wait for itself forever; "
+                "wait for it from another thread, or add a done-callback to it instead")
 
 
 def submit(job: Callable[[list], Any]) -> SolveFuture:
@@ -85,14 +105,18 @@ def submit(job: Callable[[list], Any]) -> SolveFuture:
         if not future.set_running_or_notify_cancel():
             return
         notes: list[tuple[str, type[Warning]]] = []
+        _on_worker.active = True  # done-callbacks run below, on this thread (see SolveFuture.result)
         try:
-            value = job(notes)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
-            future._notes = notes
-            future.set_exception(exc)
-        else:
-            future._notes = notes
-            future.set_result(value)
+            try:
+                value = job(notes)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+                future._notes = notes
+                future.set_exception(exc)
+            else:
+                future._notes = notes
+                future.set_result(value)
+        finally:
+            _on_worker.active = False
 
     _get_executor().submit(run)
     return future

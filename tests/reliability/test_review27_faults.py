@@ -106,3 +106,34 @@ def test_steps_that_are_not_whole_numbers_are_never_in_a_schedule():
     schedule = Schedule.every(5) | Schedule(frozenset({7}))
     assert [s for s in range(12) if s in schedule] == [0, 5, 7, 10]
     assert 7.5 not in schedule and torch.tensor(7.5) not in schedule
+
+
+# ---------------------------------------------------------------- the background worker
+
+@pytest.mark.parametrize("method", ["result", "exception"])
+def test_waiting_for_a_job_in_a_done_callback_raises_instead_of_deadlocking_the_worker(method):
+    # done-callbacks run on the one worker thread; a callback waiting for a job submitted after its own
+    # waited for itself forever (here 2 s, the wait's timeout), and every later compute_async waited behind it
+    import threading
+
+    acc = _acc()
+    seen, ran = {}, threading.Event()
+
+    def chained(_):
+        try:
+            seen["value"] = getattr(acc.compute_async(), method)(timeout=2)
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            seen["error"] = exc
+        finally:
+            ran.set()
+
+    acc.compute_async().add_done_callback(chained)
+    assert ran.wait(30)
+    assert isinstance(seen.get("error"), RuntimeError), seen
+    assert "worker thread" in str(seen["error"]) and "done-callback" in str(seen["error"])
+    # the worker goes on: a later job is solved, and a done job's result can be read in a callback
+    later = acc.compute_async()
+    torch.testing.assert_close(later.result(timeout=30).values, acc.compute().values, rtol=0, atol=0)
+    got, ran2 = {}, threading.Event()
+    acc.compute_async().add_done_callback(lambda f: (got.setdefault("v", f.result()), ran2.set()))
+    assert ran2.wait(30) and got["v"].values.shape == (4,)
