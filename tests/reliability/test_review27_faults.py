@@ -137,3 +137,24 @@ def test_waiting_for_a_job_in_a_done_callback_raises_instead_of_deadlocking_the_
     got, ran2 = {}, threading.Event()
     acc.compute_async().add_done_callback(lambda f: (got.setdefault("v", f.result()), ran2.set()))
     assert ran2.wait(30) and got["v"].values.shape == (4,)
+
+
+# ---------------------------------------------------------------- progress bars on a closed standard error
+
+def test_a_measurement_with_standard_error_closed_runs_without_a_bar(monkeypatch):
+    # progress=None asks sys.stderr.isatty(), which raises ValueError on a closed stream: every
+    # measurement of a job whose standard error was closed failed before its first batch
+    import io
+    import sys
+
+    from spectral_lens import SpectralLens
+    from support.models import TinyLM, lm_pool
+
+    torch.manual_seed(0)
+    lens = SpectralLens(TinyLM().double(), lm_pool(n_batches=2))
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys, "stderr", closed)
+    m = lens.measure(step=1, tokens=16)
+    assert m.spectra and all(s.values.numel() > 0 for s in m.spectra.values())
