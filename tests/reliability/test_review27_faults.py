@@ -158,3 +158,39 @@ def test_a_measurement_with_standard_error_closed_runs_without_a_bar(monkeypatch
     monkeypatch.setattr(sys, "stderr", closed)
     m = lens.measure(step=1, tokens=16)
     assert m.spectra and all(s.values.numel() > 0 for s in m.spectra.values())
+
+
+# ---------------------------------------------------------------- a load of a path that is not a regular file
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+@pytest.mark.parametrize("kind", ["accumulator", "spectrum"])
+def test_a_load_of_a_fifo_is_refused_at_once(tmp_path, kind):
+    # opening a FIFO blocks until a writer comes: load waited forever (here a helper thread writes junk
+    # after 5 s so the old code ends, with another error, instead of hanging the suite)
+    import threading
+    import time
+
+    from spectral_lens import Spectrum
+    from spectral_lens._warnings import SpectrumFormatError, StateFormatError
+
+    fifo = tmp_path / "state.npz"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def unblock():
+        if not done.wait(5):
+            with open(fifo, "wb") as fh:
+                fh.write(b"junk")
+
+    helper = threading.Thread(target=unblock, daemon=True)
+    helper.start()
+    load, error = ((ActivationCovarianceAccumulator.load, StateFormatError) if kind == "accumulator"
+                   else (Spectrum.load, SpectrumFormatError))
+    start = time.monotonic()
+    try:
+        with pytest.raises(error, match="not a regular file") as info:
+            load(fifo)
+    finally:
+        done.set()
+        helper.join()
+    assert str(fifo) in str(info.value) and time.monotonic() - start < 3
