@@ -10,6 +10,9 @@ Warnings a job raises must reach the user on the user's thread (the ``warnings``
 therefore do not call :func:`warnings.warn`; they append ``(message, category)`` pairs to a list,
 and :meth:`SolveFuture.result` re-emits them on the thread that calls it, attributed to that call.
 
+At interpreter exit the worker is joined before ``atexit`` handlers run; a job submitted after that runs on
+the submitting thread (``result()`` is then ready at once) instead of raising ``RuntimeError``.
+
 Done-callbacks run on the worker thread, which resolves one job at a time: a callback that waits there for
 an unfinished job (``result()`` / ``exception()``) raises ``RuntimeError`` instead of waiting for itself
 forever (``concurrent.futures.wait`` on that thread cannot be refused: do not call it in a callback).
@@ -105,6 +108,7 @@ def submit(job: Callable[[list], Any]) -> SolveFuture:
         if not future.set_running_or_notify_cancel():
             return
         notes: list[tuple[str, type[Warning]]] = []
+        was = getattr(_on_worker, "active", False)  # True in a callback of a job run inline at exit (see below)
         _on_worker.active = True  # done-callbacks run below, on this thread (see SolveFuture.result)
         try:
             try:
@@ -116,7 +120,10 @@ def submit(job: Callable[[list], Any]) -> SolveFuture:
                 future._notes = notes
                 future.set_result(value)
         finally:
-            _on_worker.active = False
+            _on_worker.active = was
 
-    _get_executor().submit(run)
+    try:
+        _get_executor().submit(run)
+    except RuntimeError:  # the interpreter is exiting (an atexit handler runs after the worker was joined): the
+        run()  # job runs here, on the caller's thread, instead of "cannot schedule new futures after shutdown"
     return future

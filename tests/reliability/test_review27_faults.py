@@ -194,3 +194,45 @@ def test_a_load_of_a_fifo_is_refused_at_once(tmp_path, kind):
         done.set()
         helper.join()
     assert str(fifo) in str(info.value) and time.monotonic() - start < 3
+
+
+def test_a_job_submitted_after_the_worker_shut_down_runs_on_the_caller(monkeypatch):
+    # at interpreter exit concurrent.futures shuts the worker down before atexit handlers run, and
+    # compute_async there raised "RuntimeError: cannot schedule new futures after (interpreter) shutdown"
+    from concurrent.futures import ThreadPoolExecutor
+
+    from spectral_lens import background
+
+    stopped = ThreadPoolExecutor(max_workers=1)
+    stopped.shutdown()
+    monkeypatch.setattr(background, "_executor", stopped)
+    acc = _acc()
+    future = acc.compute_async()
+    assert future.done()
+    torch.testing.assert_close(future.result().values, acc.compute().values, rtol=0, atol=0)
+    x = torch.randn(10, 4, dtype=torch.float64)
+    x[2, 1] = float("nan")
+    acc.update(x)
+    from spectral_lens._warnings import NonFiniteError
+
+    with pytest.raises(NonFiniteError):  # the job's own error, as from the worker
+        acc.compute_async().result()
+
+
+@pytest.mark.slow
+def test_compute_async_in_an_atexit_handler_gives_the_spectrum():
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import atexit, torch
+        from spectral_lens import ActivationCovarianceAccumulator
+        acc = ActivationCovarianceAccumulator(8, precision="float64")
+        acc.update(torch.randn(40, 8, dtype=torch.float64))
+        acc.compute_async().result()  # the worker exists, and is joined at exit before the handler runs
+        atexit.register(lambda: print("atexit", bool((acc.compute_async().result().values == acc.compute().values).all())))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and "atexit True" in out.stdout, out.stdout + out.stderr
