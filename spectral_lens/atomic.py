@@ -13,7 +13,9 @@ names.
 
 Like ``open(path, "w")``, a write to a symlink writes the file it points to (the end of the chain; a
 dangling link's target is created) and leaves the link in place: the temporary file goes in the
-target's directory, so the rename stays atomic. An overwrite keeps the old file's permission bits; a
+target's directory, so the rename stays atomic. A file this process may not open for writing (made
+read-only, ``chmod a-w``) is refused with ``open``'s ``PermissionError``, not replaced. An overwrite
+keeps the old file's permission bits; a
 new file gets ``open``'s (``0o666`` less the umask). Owner, group, ACLs and extended attributes are
 those of the new file (the writing process's), as with any rename-based write.
 """
@@ -98,6 +100,23 @@ def _old_mode(path: Path) -> int | None:
         return None
 
 
+def _refuse_unwritable(target: Path, path: Path) -> None:
+    """The ``OSError`` that ``open(path, "w")`` raises (``PermissionError``), naming ``path``, when the
+    existing regular file ``target`` cannot be opened for writing: a file made read-only (``chmod a-w``)
+    to protect it was replaced by the rename without a word. Opened without truncation and closed."""
+    try:
+        regular = stat.S_ISREG(os.stat(target).st_mode)
+    except OSError:  # gone meanwhile: the rename creates it, as open would
+        return
+    if not regular:
+        return
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from None
+    os.close(fd)
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, fsync: bool = True) -> Path:
     """Call ``write(fh)`` on a binary temporary file next to ``path``, then rename it onto ``path``.
 
@@ -109,6 +128,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
     path = Path(path)
     target = _write_target(path)
     mode = _old_mode(target)
+    if mode is not None:
+        _refuse_unwritable(target, path)
     tmp = target.with_name(_tmp_name(target.name))
     try:
         with open(tmp, "wb") as fh:

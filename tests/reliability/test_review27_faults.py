@@ -127,15 +127,21 @@ def test_waiting_for_a_job_in_a_done_callback_raises_instead_of_deadlocking_the_
         finally:
             ran.set()
 
-    acc.compute_async().add_done_callback(chained)
+    from spectral_lens import background
+
+    gate = threading.Event()  # the first job ends after its callback is added, so the callback runs on the worker
+    background.submit(lambda notes: gate.wait(30)).add_done_callback(chained)
+    gate.set()
     assert ran.wait(30)
     assert isinstance(seen.get("error"), RuntimeError), seen
     assert "worker thread" in str(seen["error"]) and "done-callback" in str(seen["error"])
     # the worker goes on: a later job is solved, and a done job's result can be read in a callback
     later = acc.compute_async()
     torch.testing.assert_close(later.result(timeout=30).values, acc.compute().values, rtol=0, atol=0)
-    got, ran2 = {}, threading.Event()
-    acc.compute_async().add_done_callback(lambda f: (got.setdefault("v", f.result()), ran2.set()))
+    got, ran2, gate2 = {}, threading.Event(), threading.Event()
+    first = background.submit(lambda notes: (gate2.wait(30), acc.compute())[1])
+    first.add_done_callback(lambda f: (got.setdefault("v", f.result()), ran2.set()))
+    gate2.set()
     assert ran2.wait(30) and got["v"].values.shape == (4,)
 
 
@@ -236,3 +242,63 @@ def test_compute_async_in_an_atexit_handler_gives_the_spectrum():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and "atexit True" in out.stdout, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------- a write-protected file
+
+def _in_child(fn) -> int:
+    """Run ``fn()`` in a forked child as an unprivileged user (``nobody`` when this is root: root opens any
+    file for writing, so a read-only file protects nothing from it); the child's exit code."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 3
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            code = fn()
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(os, "geteuid"), reason="POSIX fork and users")
+def test_a_write_protected_file_is_refused_as_open_refuses_it():
+    # open(path, "w") raises PermissionError on a file made read-only (chmod a-w) to protect it, but the
+    # rename replaced it without a word: a rerun overwrote a protected result
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    top = Path(tempfile.mkdtemp())
+    try:
+        os.chmod(top, 0o777)  # writable by the child, whoever it runs as: only the file is protected
+        kept = top / "kept.json"
+        kept.write_text("old")
+        os.chmod(kept, 0o444)
+        if os.geteuid() == 0:
+            os.chown(kept, 65534, 65534)
+            os.chown(top, 65534, 65534)
+
+        def child() -> int:
+            try:
+                open(kept, "w").close()
+                return 4  # open writes it (a privileged child): nothing to compare
+            except PermissionError:
+                pass
+            try:
+                _io.write_text_atomic(kept, "new")
+            except PermissionError as exc:
+                return 0 if exc.filename == str(kept) else 5
+            return 1
+
+        code = _in_child(child)
+        if code == 4:
+            pytest.skip("this user may write read-only files")
+        assert code == 0, code
+        assert kept.read_text() == "old" and _leftovers(top) == []
+        os.chmod(kept, 0o644)  # writable again: written as before
+        _io.write_text_atomic(kept, "new")
+        assert kept.read_text() == "new"
+    finally:
+        shutil.rmtree(top)
