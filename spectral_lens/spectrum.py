@@ -60,8 +60,10 @@ def read_npz(path: Path, what: str, error: type[Exception]) -> tuple[Any, dict[s
         raise
     # NotImplementedError / RuntimeError (RecursionError included): zipfile's answer to a damaged entry
     # header that names a compression method, zip version or flag it lacks, or encryption
+    # MemoryError: an array whose header declares a shape far beyond the bytes the file holds (a damaged or
+    # tampered header: numpy allocates the declared size before reading)
     except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, OSError, EOFError, NotImplementedError,
-            RuntimeError) as exc:
+            RuntimeError, MemoryError) as exc:
         raise error(f"{path}: not readable as {what} ({exc})") from exc
     return header, arrays
 

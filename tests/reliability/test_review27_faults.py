@@ -302,3 +302,38 @@ def test_a_write_protected_file_is_refused_as_open_refuses_it():
         assert kept.read_text() == "new"
     finally:
         shutil.rmtree(top)
+
+
+# ---------------------------------------------------------------- a state file whose array header lies
+
+@pytest.mark.parametrize("kind", ["accumulator", "spectrum"])
+def test_an_array_declaring_a_huge_shape_is_a_format_error_naming_the_file(tmp_path, kind):
+    # a damaged or tampered .npy header inside the archive declaring 8 TiB: numpy's allocation raised a bare
+    # MemoryError, not the format error naming the file that every other damaged file gets
+    import io
+    import zipfile
+
+    from numpy.lib import format as npy_format
+
+    from spectral_lens import Spectrum
+    from spectral_lens._warnings import SpectrumFormatError, StateFormatError
+
+    if kind == "accumulator":
+        saved, member, load, error = _acc().save(tmp_path / "good.npz"), "s.npy", ActivationCovarianceAccumulator.load, StateFormatError
+    else:
+        saved = Spectrum(torch.linspace(1, 0, 5, dtype=torch.float64), n_rows=9, dim=5).save(tmp_path / "good.npz")
+        member, load, error = "values.npy", Spectrum.load, SpectrumFormatError
+    bad = tmp_path / "bad.npz"
+    with zipfile.ZipFile(saved) as src, zipfile.ZipFile(bad, "w") as dst:
+        assert member in src.namelist()
+        for name in src.namelist():
+            if name == member:
+                buf = io.BytesIO()
+                npy_format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": (2**20, 2**20)})
+                buf.write(b"\0" * 64)
+                dst.writestr(name, buf.getvalue())
+            else:
+                dst.writestr(name, src.read(name))
+    with pytest.raises(error) as info:
+        load(bad)
+    assert str(bad) in str(info.value)
