@@ -8,8 +8,8 @@ crash) leaves the previous file at ``path`` untouched and removes its temporary 
 of the write, the fsync or the rename (``ENOSPC``, ``EIO``, ``path`` a directory, ...) is raised with
 ``filename`` set to ``path`` (a killed
 process can leave a ``.*.tmp`` file behind; :class:`~spectral_lens.records.RunWriter` cleans those on
-resume). The temporary file's name is the target's, cut to fit the file system's 255-byte limit on
-names.
+resume). The temporary file's name is the target's, cut to fit the file system's limit on names
+(255 bytes; 143 on eCryptfs).
 
 Like ``open(path, "w")``, a write to a symlink writes the file it points to (the end of the chain; a
 dangling link's target is created) and leaves the link in place: the temporary file goes in the
@@ -35,9 +35,18 @@ __all__ = ["write_atomic", "write_text_atomic", "write_json_atomic", "fsync_dir"
 #: Suffix of every temporary file written here (``.<name>.<hex>.tmp``).
 TMP_SUFFIX = ".tmp"
 
-#: The longest file name, in bytes, on the file systems the library runs on (``NAME_MAX`` of Linux's
-#: ext4, XFS, tmpfs, NFS; macOS's APFS): a temporary file name is kept within it.
+#: The longest file name, in bytes, where the file system does not say (``NAME_MAX`` of Linux's ext4, XFS,
+#: tmpfs, NFS; macOS's APFS); eCryptfs allows 143. A temporary file name is kept within the directory's.
 _NAME_MAX = 255
+
+
+def _name_max(directory: Path) -> int:
+    """The longest file name in bytes in ``directory`` (``pathconf``), else :data:`_NAME_MAX`."""
+    try:
+        found = os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such directory (the write names it), no pathconf
+        return _NAME_MAX
+    return found if isinstance(found, int) and 64 <= found <= _NAME_MAX else _NAME_MAX
 
 
 def fsync_dir(path: Path) -> None:
@@ -80,12 +89,12 @@ def _write_target(path: Path) -> Path:
     return target
 
 
-def _tmp_name(name: str) -> str:
-    """``.<name>.<hex>.tmp``, ``name`` cut (whole characters) so that it fits in ``_NAME_MAX`` bytes:
+def _tmp_name(name: str, name_max: int = _NAME_MAX) -> str:
+    """``.<name>.<hex>.tmp``, ``name`` cut (whole characters) so that it fits in ``name_max`` bytes:
     a target whose own name is within the limit but less than 38 bytes under it can be written (its
     full temporary name was refused, ``ENAMETOOLONG``, where ``open(path, "w")`` succeeds)."""
     tail = f".{uuid.uuid4().hex}{TMP_SUFFIX}"
-    room = _NAME_MAX - 1 - len(tail)
+    room = name_max - 1 - len(tail)
     name = name[:room]
     while len(os.fsencode(name)) > room:  # multi-byte characters (or undecodable bytes) take more room
         name = name[:-1]
@@ -130,7 +139,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
     mode = _old_mode(target)
     if mode is not None:
         _refuse_unwritable(target, path)
-    tmp = target.with_name(_tmp_name(target.name))
+    tmp = target.with_name(_tmp_name(target.name, _name_max(target.parent)))
     try:
         with open(tmp, "wb") as fh:
             write(fh)

@@ -337,3 +337,20 @@ def test_an_array_declaring_a_huge_shape_is_a_format_error_naming_the_file(tmp_p
     with pytest.raises(error) as info:
         load(bad)
     assert str(bad) in str(info.value)
+
+
+def test_the_temporary_name_fits_a_file_system_with_shorter_names(tmp_path, monkeypatch):
+    # eCryptfs allows 143-byte names: the temporary name follows the directory's limit (pathconf)
+    real = os.pathconf
+    monkeypatch.setattr(_io.os, "pathconf", lambda p, n: 143 if n == "PC_NAME_MAX" else real(p, n))
+    made = []
+    real_open = open
+
+    def spy(file, *args, **kwargs):
+        made.append(os.path.basename(os.fspath(file)))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", spy)
+    _io.write_text_atomic(tmp_path / ("d" * 140), "x")
+    assert (tmp_path / ("d" * 140)).read_text() == "x"
+    assert made and all(len(os.fsencode(n)) <= 143 for n in made), made
