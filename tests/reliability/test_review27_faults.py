@@ -147,6 +147,7 @@ def test_waiting_for_a_job_in_a_done_callback_raises_instead_of_deadlocking_the_
 
 # ---------------------------------------------------------------- progress bars on a closed standard error
 
+@pytest.mark.filterwarnings("ignore:SpectralLens. the tail window")  # the tiny model's pool
 def test_a_measurement_with_standard_error_closed_runs_without_a_bar(monkeypatch):
     # progress=None asks sys.stderr.isatty(), which raises ValueError on a closed stream: every
     # measurement of a job whose standard error was closed failed before its first batch
