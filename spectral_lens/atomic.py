@@ -120,7 +120,7 @@ def _refuse_unwritable(target: Path, path: Path) -> None:
     if not regular:
         return
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_NONBLOCK)
+        fd = os.open(target, os.O_WRONLY | getattr(os, "O_NONBLOCK", 0))  # no O_NONBLOCK on Windows
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from None
     os.close(fd)
