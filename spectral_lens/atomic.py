@@ -140,8 +140,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
     if mode is not None:
         _refuse_unwritable(target, path)
     tmp = target.with_name(_tmp_name(target.name, _name_max(target.parent)))
+    created = False
     try:
         with open(tmp, "wb") as fh:
+            created = True
             write(fh)
             fh.flush()
             if mode is not None:
@@ -154,6 +156,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and not created and exc.errno in (errno.EACCES, errno.EPERM):
+            # the directory refused the temporary file, although the file itself may be writable: say so
+            raise OSError(exc.errno, f"{exc.strerror or exc}: cannot create a file in {target.parent} (an atomic write "
+                          "creates a temporary file there and renames it onto the file)", os.fspath(path)) from exc
         if isinstance(exc, OSError):  # name the target, not the removed temporary file
             named = named_os_error(exc, path, instead_of=tmp)
             if named is not exc:

@@ -355,3 +355,38 @@ def test_the_temporary_name_fits_a_file_system_with_shorter_names(tmp_path, monk
     _io.write_text_atomic(tmp_path / ("d" * 140), "x")
     assert (tmp_path / ("d" * 140)).read_text() == "x"
     assert made and all(len(os.fsencode(n)) <= 143 for n in made), made
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(os, "geteuid"), reason="POSIX fork and users")
+def test_a_directory_that_refuses_the_temporary_file_is_named(tmp_path):
+    # a writable file in a read-only directory: open(path, "w") writes it, the atomic write cannot (its
+    # temporary file goes in the directory); the error said "Permission denied: <file>", whose mode allows it
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    top = Path(tempfile.mkdtemp())
+    try:
+        kept = top / "kept.json"
+        kept.write_text("old")
+        os.chmod(kept, 0o666)
+        if os.geteuid() == 0:
+            os.chown(top, 65534, 65534)
+            os.chown(kept, 65534, 65534)
+        os.chmod(top, 0o555)
+
+        def child() -> int:
+            try:
+                _io.write_text_atomic(kept, "new")
+            except PermissionError as exc:
+                return 0 if exc.filename == str(kept) and f"in {top}" in str(exc) else 5
+            return 4 if kept.read_text() == "new" else 1  # 4: a privileged child writes it
+
+        code = _in_child(child)
+        if code == 4:
+            pytest.skip("this user may write into read-only directories")
+        assert code == 0, code
+        assert kept.read_text() == "old" and _leftovers(top) == []
+    finally:
+        os.chmod(top, 0o755)
+        shutil.rmtree(top)
