@@ -15,7 +15,9 @@ the submitting thread (``result()`` is then ready at once) instead of raising ``
 
 Done-callbacks run on the worker thread, which resolves one job at a time: a callback that waits there for
 an unfinished job (``result()`` / ``exception()``) raises ``RuntimeError`` instead of waiting for itself
-forever (``concurrent.futures.wait`` on that thread cannot be refused: do not call it in a callback).
+forever (``concurrent.futures.wait`` on that thread cannot be refused: do not call it in a callback). In a
+forked child, waiting for a future of the parent's that had not ended at the fork raises ``RuntimeError``
+too: the child has no worker thread, and that future was never resolved there.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = ["SolveFuture", "emit", "submit"]
 _THREAD_PREFIX = "spectral-lens"
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
+_SETTLED = ("FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED")  # concurrent.futures' states of a future that has ended
 _on_worker = threading.local()  # ``.active`` is True on the worker thread while it runs a job or its callbacks
 
 
@@ -72,6 +75,7 @@ class SolveFuture(Future):
     def __init__(self) -> None:
         super().__init__()
         self._notes: list[tuple[str, type[Warning]]] = []
+        self._pid = os.getpid()  # the process whose worker thread runs the job
 
     def result(self, timeout: float | None = None) -> Any:
         self._refuse_waiting_for_itself("result")
@@ -89,6 +93,11 @@ class SolveFuture(Future):
         """A ``RuntimeError`` for a wait on the worker thread (in a done-callback: callbacks of a job run
         there) for a future that is not done: only that thread can resolve it, so the wait never ended
         (and every later ``compute_async`` of the process waited behind it)."""
+        if self._pid != os.getpid() and self._state not in _SETTLED:  # read without the future's lock, which a
+            raise RuntimeError(  # thread of the parent may have held at the fork
+                f"SolveFuture.{method}() in process {os.getpid()} for a job submitted in process {self._pid} before it "
+                "forked: the job runs on that process's worker thread only, and this copy of the future is never "
+                "resolved; call compute_async() again in this process")
         if getattr(_on_worker, "active", False) and not self.done():
             raise RuntimeError(
                 f"SolveFuture.{method}() called on spectral-lens's worker thread (in a done-callback) for a job "

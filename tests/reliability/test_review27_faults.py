@@ -391,3 +391,31 @@ def test_a_directory_that_refuses_the_temporary_file_is_named(tmp_path):
     finally:
         os.chmod(top, 0o755)
         shutil.rmtree(top)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_waiting_in_a_forked_child_for_the_parents_job_raises():
+    # the child inherits the future but not the worker thread that resolves it: result() waited forever
+    # (here 3 s, the wait's timeout)
+    import threading
+
+    from spectral_lens import background
+
+    gate = threading.Event()
+    pending = background.submit(lambda notes: gate.wait(30))
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 1
+            try:
+                pending.result(timeout=3)
+            except RuntimeError as exc:
+                code = 0 if "before it forked" in str(exc) else 2
+            except BaseException:  # noqa: BLE001 - the old TimeoutError
+                code = 3
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        gate.set()
+    assert pending.result(timeout=30) is True  # the parent's future resolves as before
