@@ -7,7 +7,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from ._args import check_count
+from ._args import as_integer, check_count
 
 __all__ = ["Schedule"]
 
@@ -65,6 +65,13 @@ class Schedule:
         return cls(frozenset(out))
 
     def __contains__(self, step: int) -> bool:
+        """Whether ``step`` is measured. A step is compared by its value, as ``measure`` reads it: a
+        one-element tensor (``torch.tensor(10)``, ``10.`` too) is its number (a tensor hashes by identity, so
+        it was never found among the explicit ``steps``: ``maybe_measure`` skipped the step silently)."""
+        try:
+            step = as_integer(step)
+        except TypeError:  # not a whole number (2.5, True): compared as it is, never measured
+            pass
         periodic = self.period is not None and step >= self.start and (step - self.start) % self.period == 0
         return step in self.steps or periodic or any(step in p for p in self.parts)
 

@@ -38,10 +38,12 @@ def _is_numpy_file(path: Path) -> bool:
 def read_npz(path: Path, what: str, error: type[Exception]) -> tuple[Any, dict[str, np.ndarray]]:
     """The parsed JSON ``header`` and the other arrays of a ``.npz`` file this library wrote, read
     without pickle. ``what`` names the expected file with its article ("an accumulator state file");
-    a directory, another kind of file, a single ``.npy`` array, a damaged archive or a header that is
-    not a JSON string raises ``error`` naming ``path``. A missing file raises ``FileNotFoundError``."""
+    a directory, a FIFO or device, another kind of file, a single ``.npy`` array, a damaged archive or a
+    header that is not a JSON string raises ``error`` naming ``path``. A missing file raises ``FileNotFoundError``."""
     if path.is_dir():
         raise error(f"{path}: is a directory, expected {what} (.npz)")
+    if path.exists() and not path.is_file():  # opening a FIFO without a writer waited forever
+        raise error(f"{path}: not a regular file (a FIFO, socket or device), expected {what} (.npz)")
     try:
         if not _is_numpy_file(path):
             raise error(f"{path}: not a NumPy .npz archive, expected {what} (.npz)")
@@ -58,8 +60,10 @@ def read_npz(path: Path, what: str, error: type[Exception]) -> tuple[Any, dict[s
         raise
     # NotImplementedError / RuntimeError (RecursionError included): zipfile's answer to a damaged entry
     # header that names a compression method, zip version or flag it lacks, or encryption
+    # MemoryError: an array whose header declares a shape far beyond the bytes the file holds (a damaged or
+    # tampered header: numpy allocates the declared size before reading)
     except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, OSError, EOFError, NotImplementedError,
-            RuntimeError) as exc:
+            RuntimeError, MemoryError) as exc:
         raise error(f"{path}: not readable as {what} ({exc})") from exc
     return header, arrays
 
