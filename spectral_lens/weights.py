@@ -34,9 +34,11 @@ from ._dtensor import dtensor_module
 from ._offload import offloaded_value
 from ._peft import has_peft_layers, short_name
 from .capture import (
+    eager_target,
     name_matcher,
     peft_prefix,
     record_names,
+    refuse_parallel_wrapper_names,
     uncompiled_name,
     unwrap_compiled,
 )
@@ -145,15 +147,8 @@ def _weights_module(model: nn.Module) -> nn.Module:
     DDP's module; :func:`~spectral_lens.capture.unwrap_compiled`), so names are the user's model's. A
     ``DistributedDataParallel``/``DataParallel`` wrapper or a DeepSpeed engine is refused, as the lens refuses
     it: its names carry a ``module.`` prefix that the lens's records and ``params=`` lack."""
+    refuse_parallel_wrapper_names(model, "weight_spectra")  # the wording of the lens, the probe and sl.attach
     inner = unwrap_compiled(model)
-    engine = any(c.__name__ == "DeepSpeedEngine" and c.__module__.startswith("deepspeed.") for c in type(inner).__mro__)
-    if engine or isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        what = "a DeepSpeed engine" if engine else f"a {type(inner).__name__} wrapper"
-        raise ValueError(
-            f"weight_spectra: model is {what} ({type(inner).__name__}); pass the module it wraps "
-            f"({'engine' if engine else 'model'}.module), as SpectralLens and PerSampleGradientProbe require: the "
-            "wrapper's parameter names carry a 'module.' prefix that the lens's records and params= lack; the "
-            "wrapped module holds the same weights")
     _refuse_fsdp1_flat(inner)
     return inner
 
@@ -237,9 +232,13 @@ def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str
         # per entry, the parameters it matches: each entry of a list must choose a matrix, as it would alone
         # the other names of each parameter (record name, eager name), built once: not per entry and parameter
         others = [tuple({e, uncompiled_name(n)} - {n}) for n, e, _ in named]
+        # a name or glob typed with wrapper segments ("_orig_mod.h.1.w.weight", as a compiled model or its saved
+        # state dict names it) matches by the eager and record names too (before: no matrix parameter matched)
+        stripped = [None if (e := eager_target(t)) is None else name_matcher(e, "parameter") for t in targets]
         hits = [[item for item, alt in zip(named, others) if f(item[0], item[2]) or (eager and any(
-                    f(a, item[2]) for a in alt))]
-                for f, eager in zip(matchers, by_name)]
+                    f(a, item[2]) for a in alt)) or (g is not None and any(
+                    g(a, item[2]) for a in (item[1], uncompiled_name(item[0]))))]
+                for f, g, eager in zip(matchers, stripped, by_name)]
         taken = {id(item) for h in hits for item in h}  # the items of named themselves: one entry each
         matched = [item for item in named if id(item) in taken]
         refuse_zero3_placeholders({n: p for n, _, p in matched}, "weight_spectra")
