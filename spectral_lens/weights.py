@@ -20,6 +20,7 @@ largest eigenvalues (the head of the rank plot), while the paper's tail window s
 from __future__ import annotations
 
 import difflib
+import gc
 import math
 import re
 from dataclasses import dataclass
@@ -167,7 +168,10 @@ def _refuse_fsdp1_flat(model: nn.Module) -> None:
     matches', the 1-D views silently left out). Under ``use_orig_params=False`` a submodule's weights are plain
     tensors outside ``summon_full_params``, views of the flat parameter (FSDP1 marks the modules it manages
     ``_fsdp_use_orig_params``)."""
-    flat = [(n, p) for n, p in model.named_parameters() if getattr(p, "_is_flat_param", False)]
+    # only weights that are matrices count: a model whose parameters are all 1-D (norms, biases) has no matrix to
+    # gather, and is told so by _chosen ("no matrix parameter"), not sent to summon_full_params (review 27)
+    flat = [(n, p) for n, p in model.named_parameters() if getattr(p, "_is_flat_param", False)
+            and (getattr(p, "_shapes", None) is None or any(len(shape) >= 2 for shape in p._shapes))]
     handles = {id(h): h for m in model.modules() if (h := getattr(m, "_handle", None)) is not None}.values()
     sharded, known = [], set()
     for handle in handles:
@@ -175,17 +179,21 @@ def _refuse_fsdp1_flat(model: nn.Module) -> None:
         views, shapes = getattr(fp, "_params", None), getattr(fp, "_shapes", None)
         if getattr(fp, "_is_flat_param", False) and views is not None and shapes is not None:
             known.update(id(p) for p in views)
-            sharded += [p for p, shape in zip(views, shapes) if tuple(p.shape) != tuple(shape)]
+            sharded += [p for p, shape in zip(views, shapes) if tuple(p.shape) != tuple(shape) and len(shape) >= 2]
     orphans = [p for _, p in model.named_parameters()
                if getattr(p, "_fsdp_flattened", False) and not getattr(p, "_is_flat_param", False) and id(p) not in known]
     inside = not any(getattr(getattr(h, "flat_param", None), "_is_flat_param", False) for h in handles)
-    if orphans and (any(p.numel() == 0 for p in orphans) or all(p.ndim < 2 for p in orphans)):
+    originals = _fsdp1_original_shapes(orphans) if orphans else {}
+    if originals and all(id(p) in originals for p in orphans):  # the wrapper's flat parameter found: exact shapes
+        sharded += [p for p in orphans if tuple(p.shape) != originals[id(p)] and len(originals[id(p)]) >= 2]
+    elif orphans and (any(p.numel() == 0 for p in orphans) or all(p.ndim < 2 for p in orphans)):
         sharded += [p for p in orphans if p.ndim < 2]
     # use_orig_params=False, a submodule given: its weights are plain tensors, views of the flat parameter (a plain
-    # tensor attribute of the user's own, a cache, is not one)
-    hidden = [f"{n}.{k}" if n else k for n, m in model.named_modules() if getattr(m, "_fsdp_use_orig_params", None) is False
-              for k, v in vars(m).items()
-              if isinstance(v, torch.Tensor) and getattr(v._base, "_is_flat_param", False)]
+    # tensor attribute of the user's own, a cache, is not one), in their original shapes: refused when one is a matrix
+    hidden = {f"{n}.{k}" if n else k: v.ndim for n, m in model.named_modules()
+              if getattr(m, "_fsdp_use_orig_params", None) is False
+              for k, v in vars(m).items() if isinstance(v, torch.Tensor) and getattr(v._base, "_is_flat_param", False)}
+    hidden = list(hidden) if any(ndim >= 2 for ndim in hidden.values()) else []
     if not (flat or sharded or hidden):
         return
     if flat:
@@ -209,6 +217,23 @@ def _refuse_fsdp1_flat(model: nn.Module) -> None:
         "use_orig_params=True they are parameters of their own names also outside it, whole only under "
         "ShardingStrategy.NO_SHARD), or pass an unwrapped model of the same architecture holding the full weights "
         "(load its state_dict)")
+
+
+def _fsdp1_original_shapes(params: list[torch.Tensor]) -> dict[int, tuple[int, ...]]:
+    """``{id(p): original shape}`` for FSDP1 parameters (``use_orig_params=True``) whose flat parameter is out of
+    reach (given the module inside the wrapper, or a submodule): read from the flat parameter's ``_params`` list that
+    holds them and its ``_shapes`` beside it, found through their referrers (two scans of the heap's tracked
+    objects, only when such parameters exist). ``{}`` when none is found (FSDP1's attributes renamed)."""
+    ids = {id(p) for p in params}
+    lists = [r for r in gc.get_referrers(*params) if isinstance(r, list) and any(id(q) in ids for q in r)]
+    out: dict[int, tuple[int, ...]] = {}
+    for owner in gc.get_referrers(*lists) if lists else ():
+        attrs = owner if isinstance(owner, dict) else vars(owner) if isinstance(owner, torch.Tensor) else None
+        views = attrs.get("_params") if isinstance(attrs, dict) else None
+        shapes = attrs.get("_shapes") if views is not None else None
+        if any(views is r for r in lists) and shapes is not None and len(shapes) == len(views):
+            out.update((id(q), tuple(shape)) for q, shape in zip(views, shapes))
+    return out
 
 
 def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str, torch.Tensor]]:
@@ -254,6 +279,11 @@ def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str
         _refuse_tied_alias(model, select if isinstance(select, (list, tuple, set, frozenset)) else [select], named)
         _refuse_shared_short_name(model, select, named)
         hints, shown = _closest_params(select if isinstance(select, (list, tuple)) else [select], named)
+        if select is None:  # before: "no matrix parameter matches None; matrix parameters: []"
+            vectors = [e for _, e, _ in named]
+            raise ValueError(
+                f"{type(model).__name__} has no matrix parameter (weight spectra need >= 2 dims): its "
+                f"{len(vectors)} parameter(s) are 1-D or scalars: {vectors[:8]}")
         raise ValueError(
             f"{type(model).__name__}: no matrix parameter matches {select!r}; "
             f"{'closest names' if hints else 'matrix parameters'}: {shown}"
