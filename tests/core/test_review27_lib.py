@@ -178,3 +178,48 @@ def test_attach_on_a_peft_model_keys_as_the_lens_and_weight_spectra():
     acc = ActivationCovarianceAccumulator(precision="float64")
     with acc.attach(pm, "b") as one:
         assert list(one.accumulators) == ["b"] and acc.name == "base_model.model.b"
+
+
+# ---------------------------------------------------------------- 5. pipeline layers= agreement without addresses
+
+def _stage(index: int) -> nn.Module:
+    """Stage ``index`` of a two-stage split that keeps the unsplit model's names (h.0 on stage 0, h.1 on stage 1)."""
+    return nn.ModuleDict({"h": nn.ModuleDict({str(index): nn.Linear(3, 3)})})
+
+
+class _Stage:
+    def __init__(self, index: int) -> None:
+        self.stage_index, self.num_stages, self.group = index, 2, None
+
+
+def _merge_on_each_rank(monkeypatch, layers_per_rank: list) -> list:
+    """Run the lens's per-stage resolution and the merge as each of two ranks would, with each rank's own
+    ``layers=`` objects (two processes: two lambdas at two addresses), the all_gather played by hand."""
+    import torch.distributed as dist
+    from spectral_lens import _pipeline
+
+    resolved = [sl.SpectralLens._stage_layers(_stage(r), _Stage(r), layers) for r, layers in enumerate(layers_per_rank)]
+    gathered = [(r, {}, missing, 0) for r, (_, missing) in enumerate(resolved)]
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(slice(None), gathered))
+    outcomes = []
+    for r, layers in enumerate(layers_per_rank):
+        try:
+            _pipeline.merge_stages(_Stage(r), {}, resolved[r][1], layers, 0)
+            outcomes.append(None)
+        except ValueError as exc:
+            outcomes.append(str(exc))
+    return outcomes
+
+
+def test_a_callable_layer_matching_no_stage_is_refused_on_every_rank(monkeypatch):
+    def layers():  # a new lambda per rank, as in each rank's process
+        return ["h.0", lambda name, m: name == "h.9"]
+
+    got = _merge_on_each_rank(monkeypatch, [layers(), layers()])
+    assert all(g is not None and "['layers[1] (test_a_callable_layer_matching_no_stage_is_refused_on_every_rank."
+               "<locals>.layers.<locals>.<lambda>)'] match no module of any pipeline stage" in g for g in got), got
+    # a callable that one stage matches is no error; nor is a name on the other stage
+    fine = _merge_on_each_rank(monkeypatch, [["h.0", lambda n, m: n == "h.1"], ["h.0", lambda n, m: n == "h.1"]])
+    assert fine == [None, None]
+    assert sl.SpectralLens._stage_layers(_stage(1), _Stage(1), ["h.0", lambda n, m: n == "h.1"]) == (["h.1"], [0])
