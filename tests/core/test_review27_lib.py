@@ -223,3 +223,37 @@ def test_a_callable_layer_matching_no_stage_is_refused_on_every_rank(monkeypatch
     fine = _merge_on_each_rank(monkeypatch, [["h.0", lambda n, m: n == "h.1"], ["h.0", lambda n, m: n == "h.1"]])
     assert fine == [None, None]
     assert sl.SpectralLens._stage_layers(_stage(1), _Stage(1), ["h.0", lambda n, m: n == "h.1"]) == (["h.1"], [0])
+
+
+# ---------------------------------------------------------------- review: the default stack with some blocks wrapped
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm = nn.Linear(4, 4), nn.LayerNorm(4)
+
+    def forward(self, x):
+        return self.norm(self.lin(x))
+
+
+class _WithTables(nn.Module):
+    """Blocks beside a list of per-layer tables of the same length (value embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables = nn.ModuleList([nn.Embedding(10, 4) for _ in range(3)])
+        self.blocks = nn.ModuleList([_Block() for _ in range(3)])
+
+
+def test_a_stack_with_one_block_compiled_or_checkpoint_wrapped_is_still_the_default_stack():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from spectral_lens.lens import all_blocks, deepest_block
+
+    for wrap in (torch.compile, checkpoint_wrapper):
+        model = _WithTables()
+        assert all_blocks(model) == ["blocks.0", "blocks.1", "blocks.2"]
+        model.blocks[0] = wrap(model.blocks[0])  # before: the tables were chosen ("tables.2" the default probe)
+        assert all_blocks(model) == ["blocks.0", "blocks.1", "blocks.2"] and deepest_block(model) == "blocks.2"
+        model.blocks[2] = wrap(model.blocks[2])
+        assert deepest_block(model) == "blocks.2"
