@@ -196,9 +196,10 @@ def attach_one(acc: ActivationCovarianceAccumulator, model: nn.Module, target: T
     key = record_names(model, [name], params=False)[name]  # as attach keys it: the records' name
     capture = ActivationCapture({key: acc})
     _claim(acc, capture, _where(name, model))  # before any change: a refused attach changes nothing
+    # the name last: a hook that cannot be registered leaves the accumulator as it was (before: renamed)
+    capture.add(module.register_forward_hook(_make_hook(capture, key, pick, module, name)))
     if acc.name is None or acc.name == getattr(acc, "_attach_name", None):  # unset, or set by an earlier attach
         acc.name = acc._attach_name = name
-    capture.add(module.register_forward_hook(_make_hook(capture, key, pick, module, name)))
     return capture
 
 

@@ -435,11 +435,14 @@ def eager_target(target) -> str | None:
     """A name or glob target as :func:`uncompiled_name` writes names (``"_orig_mod.h.1.w.weight"`` ->
     ``"h.1.w.weight"``: the name a compiled model, a compiled block or an FSDP1 / checkpoint wrapper prints, or a
     state dict saved from one holds), to be matched against eager names; ``None`` for any other target, a name
-    without wrapper segments, or one that is only wrapper segments (``"_orig_mod"``: the root, kept as typed)."""
+    without wrapper segments, one that is only wrapper segments (``"_orig_mod"``: the root, kept as typed), and a
+    glob left with wildcards only (``"**._orig_mod"`` asks for the compiled modules, not for ``"**"``, every one)."""
     if not isinstance(target, str):
         return None
     plain = uncompiled_name(target)
-    return plain if plain and plain != target else None
+    if not plain or plain == target or not set(plain) - set("*?."):
+        return None
+    return plain
 
 
 def peft_prefix(model: nn.Module) -> str:

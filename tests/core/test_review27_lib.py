@@ -257,3 +257,36 @@ def test_a_stack_with_one_block_compiled_or_checkpoint_wrapped_is_still_the_defa
         assert all_blocks(model) == ["blocks.0", "blocks.1", "blocks.2"] and deepest_block(model) == "blocks.2"
         model.blocks[2] = wrap(model.blocks[2])
         assert deepest_block(model) == "blocks.2"
+
+
+def test_a_glob_of_wrapper_segments_alone_still_means_the_wrapped_modules():
+    """"**._orig_mod" asks for the modules compiled blocks wrap, not, stripped to "**", for every module."""
+    from spectral_lens.capture import select_modules
+
+    model = Stack()
+    model.blocks[0] = torch.compile(model.blocks[0])
+    assert [n for n, _ in select_modules(model, "**._orig_mod")] == ["blocks.0._orig_mod"]
+    assert [n for n, _ in select_modules(model, "blocks.*._orig_mod")] == ["blocks.0", "blocks.1"]  # as "blocks.*"
+
+
+# ---------------------------------------------------------------- review: a refused acc.attach changes nothing
+
+def test_an_acc_attach_whose_hook_cannot_be_registered_leaves_the_accumulator_unnamed_and_unhooked(monkeypatch):
+    model = net()
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no hooks here")
+
+    monkeypatch.setattr(model.b, "register_forward_hook", refuse)
+    acc = ActivationCovarianceAccumulator(precision="float64")
+    with pytest.raises(RuntimeError, match="no hooks here"):
+        acc.attach(model, "b")
+    assert acc.name is None  # before: "b", the name of a module it never measured
+    with pytest.raises(RuntimeError, match="no hooks here"):
+        sl.attach(model, ["a", "b", "head"])
+    assert not model.a._forward_hooks and not model.head._forward_hooks  # none left behind by a failed attach
+    x = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    with acc.attach(model, "a") as capture:  # attachable again, named by this attach
+        model(x)
+    assert acc.name == "a" and list(capture.accumulators) == ["a"]
+    np.testing.assert_allclose(acc.compute().values.numpy(), _cov_eigs(model.a(x)), rtol=1e-10, atol=1e-13)
