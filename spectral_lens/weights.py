@@ -161,8 +161,12 @@ def _refuse_fsdp1_flat(model: nn.Module) -> None:
     view of this rank's shard (1-D or empty, not its original shape: before, silently left out as < 2 dims).
     Inside ``FullyShardedDataParallel.summon_full_params(model)`` both are the whole matrices again.
 
+    Only weights whose original shape is a matrix count: a model whose parameters are all 1-D has no matrix to
+    gather, and :func:`_chosen` says so (before: 'views of this rank's shard', or 'flat 1-D parameters').
+
     The original shapes are held by the wrapper's handle. Given the module inside the wrapper
-    (``fsdp_model.module``, or a submodule: no handle within reach), FSDP1's parameters (marked
+    (``fsdp_model.module``, or a submodule: no handle within reach), they are read from the flat parameter found
+    through the views (:func:`_fsdp1_original_shapes`); where it is not found, FSDP1's parameters (marked
     ``_fsdp_flattened``) count as shard views when one is empty or none of them is a matrix: under a sharded
     strategy every one is a 1-D view, under ``NO_SHARD`` they keep their shapes (before: 'no matrix parameter
     matches', the 1-D views silently left out). Under ``use_orig_params=False`` a submodule's weights are plain
