@@ -104,7 +104,9 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     A name, glob or regex also matches a module by its eager name (:func:`uncompiled_name`: without
     the ``_orig_mod`` segments of a ``torch.compile``d submodule, as the records name it); a compile
     wrapper and the module it wraps have the same eager name, and only the first (the wrapper) is
-    selected. In a PEFT ``PeftModel`` a name or glob also matches without the ``base_model.model.``
+    selected. A name or glob written with wrapper segments (``"_orig_mod.h.1"``, as a compiled model prints it)
+    also matches by eager names (:func:`eager_target`). In a PEFT ``PeftModel`` a name or glob also matches without
+    the ``base_model.model.``
     prefix (:func:`~spectral_lens._peft.short_name`: as the model was before ``get_peft_model``). The
     names returned are the modules' own.
 

@@ -371,7 +371,9 @@ def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> li
     model's, as the lens records them: a ``torch.compile`` wrapper and Lightning Fabric's ``fabric.setup``
     wrapper are unwrapped (no ``_orig_mod.`` / ``_forward_module.`` prefix), the ``_orig_mod`` segments of
     per-block compilation left out, and a PEFT model's parameters named as before ``get_peft_model``
-    (``a.weight`` for ``base_model.model.a.base_layer.weight``; either spelling selects). Raises ``ValueError``
+    (``a.weight`` for ``base_model.model.a.base_layer.weight``; either spelling selects). A name or glob written
+    with wrapper segments, as ``torch.compile(model).named_parameters()`` prints it or a state dict saved from a
+    compiled model holds it (``"_orig_mod.a.weight"``), selects the same parameter as the plain name. Raises ``ValueError``
     naming the closest parameter names when nothing matches or an entry of a list chooses no matrix, for DeepSpeed ZeRO-3 placeholders (gather them
     first), for FSDP1 flat parameters or shard views (call it inside ``summon_full_params``), and for a
     ``DistributedDataParallel`` / ``DataParallel`` wrapper or DeepSpeed engine (pass ``model.module``, as to the lens).
