@@ -57,9 +57,9 @@ def test_fsdp1_of_a_model_without_matrices_says_no_matrix_parameter_not_shard_vi
             weight_spectra(wrapped.module)
 
 
-def test_the_module_inside_fsdp1_with_whole_matrices_is_measured_by_the_flat_parameters_shapes(one_rank):
-    """NO_SHARD: the module inside the wrapper holds its whole matrices; its original shapes are found through
-    the flat parameter (exact spectra, float64 reference)."""
+def test_the_module_inside_fsdp1_with_whole_matrices_is_measured(one_rank):
+    """NO_SHARD: the module inside the wrapper holds its whole matrices: measured as before (exact spectra, float64
+    reference; a regression guard of the shape lookup)."""
     wrapped = _fsdp1(net(), True)
     got = weight_spectra(wrapped.module)
     assert list(got) == ["a.weight", "b.weight", "head.weight"]
