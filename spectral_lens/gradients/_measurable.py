@@ -369,7 +369,7 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
     for w in wanted:
         if not isinstance(w, str):
             raise TypeError(f"params must be dotted parameter names (str), got {type(w).__name__}")
-        if w not in named and w not in eager and eager_target(w) is not None:
+        if w not in named and w not in eager and w not in modules and eager_target(w) is not None:
             w = eager_target(w)  # typed with wrapper segments ("_orig_mod.h.1.w.weight", a compiled model's name)
         weight = f"{w}.weight" if w else "weight"
         if w in named or w in eager:
