@@ -76,6 +76,8 @@ class Verdict:
         families: per family, its :class:`FamilyVerdict` (in chain order).
         pooled_rho, pooled_pvalue, pooled_n: across families (per-family min-max normalized statistic).
         lines: the verdict in plain words, one sentence per line.
+        unmeasured: the run ids of the :func:`unmeasured` runs (stopped, kept, counted as cut short), which
+            ``lines`` names too (the printed verdict said nothing of them: only the report did).
     """
 
     target: float
@@ -87,6 +89,7 @@ class Verdict:
     pooled_pvalue: float
     pooled_n: int
     lines: tuple[str, ...] = field(default=())
+    unmeasured: tuple[str, ...] = field(default=())
 
 
 def _score(predictor, runs, eps):
@@ -142,7 +145,8 @@ def verdict(runs: Sequence[RunRecord], *, target: float, families: Sequence[str]
                                     reached, missed, by_f, _flags(rho, p, len(set(reached) - set(diverged)), why),
                                     n_by_f, diverged)
     pooled = (main.rho, main.pvalue, main.n) if main is not None else (math.nan, math.nan, 0)
-    v = Verdict(target, fraction, window, unit, out, *pooled)
+    stopped = tuple(sorted(r.run_id for r in unmeasured(runs)))
+    v = Verdict(target, fraction, window, unit, out, *pooled, unmeasured=stopped)
     return Verdict(**{**v.__dict__, "lines": tuple(_sentences(v))})
 
 
@@ -151,7 +155,8 @@ def unmeasured(runs: Sequence[RunRecord]) -> list[RunRecord]:
     measure them (``NonFiniteError``, activations beyond float32's range; ``divergence`` in ``run.json`` says why).
     The library reads such a run as cut short, not diverged (:func:`spectral_lens.analysis.divergence`), so the
     verdict counts it as having missed the target unless it reached it first, and names no divergence."""
-    return [r for r in runs if (r.info.extras or {}).get("status") == "diverged" and divergence(r) is None]
+    status = lambda r: (getattr(r.info, "extras", None) or {}).get("status")  # noqa: E731 (a stand-in info: none)
+    return [r for r in runs if status(r) == "diverged" and divergence(r) is None]
 
 
 def unmeasured_note(runs: Sequence[RunRecord]) -> str:
@@ -194,6 +199,10 @@ def _sentences(v: Verdict) -> list[str]:
         lines.append(f"  {fam.family} rho by progress fraction: {scan}.")
     lines.append(f"Pooled across families (min-max normalized per family): rho = {_num(v.pooled_rho)} "
                  f"(p = {_num(v.pooled_pvalue, '.3g')}, n = {v.pooled_n}).")
+    if v.unmeasured:
+        lines.append(f"Stopped unmeasured (kept, not retrained): {', '.join(v.unmeasured)}: the lens could not measure "
+                     "them at a finite loss, so each counts as cut short there (a missed target unless it reached "
+                     "the target first), not as diverged.")
     failed = [f.family for f in v.families.values() if "reproduced" not in f.flags]
     weak = [f.family for f in v.families.values() if "reproduced" in f.flags and len(f.flags) > 1]
     if failed:
