@@ -52,3 +52,14 @@ def test_the_tuner_says_one_prefix_on_every_line(tmp_path, capsys):
                  "--min-resource", "5"]) == 2
     second = capsys.readouterr().err.strip()
     assert first.startswith("python -m examples.tune") and second.startswith("python -m examples.tune: error: ")
+
+
+def test_the_toys_help_is_plain_text(capsys):
+    # its description was the module docstring's first line, reST: ``python -m examples.toy --preset cpu ...``: ...
+    from examples.toy.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "``" not in out
+    assert "Rerun the same command to resume" in " ".join(out.split()) and "report.md" in out
