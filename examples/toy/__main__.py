@@ -125,7 +125,7 @@ def _run(preset, out: Path, threads: int, lock) -> int:
     torch.set_num_threads(threads)
     try:
         replicate(ToyWorkload(preset), out, preset.tuner, lock=lock)
-    except (ValueError, KeyError, OSError) as exc:  # e.g. a malformed choices file in OUT/tune: one line
+    except (ValueError, KeyError, OSError, ImportError) as exc:  # a malformed OUT/tune/choices.json, no Optuna: one line
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     finally:

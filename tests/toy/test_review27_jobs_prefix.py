@@ -63,3 +63,16 @@ def test_the_toys_help_is_plain_text(capsys):
     out = capsys.readouterr().out
     assert info.value.code == 0 and "``" not in out
     assert "Rerun the same command to resume" in " ".join(out.split()) and "report.md" in out
+
+
+def test_the_toy_without_optuna_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    # a first-time user's `pip install -e .` (no tune extra): the tuning stage's ImportError was a traceback (the
+    # speedrun and the tuner already said it in one line)
+    from examples.toy.__main__ import main
+
+    def no_optuna(*args, **kwargs):
+        raise ImportError("examples.tune needs Optuna: pip install 'spectral-lens[tune]'")
+    monkeypatch.setattr(pipeline, "replicate", no_optuna)
+    assert main(["--preset", "smoke", "--out", str(tmp_path / "toy")]) == 2
+    assert capsys.readouterr().err == ("python -m examples.toy: error: examples.tune needs Optuna: "
+                                       "pip install 'spectral-lens[tune]'\n")
