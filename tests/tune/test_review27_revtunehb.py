@@ -170,3 +170,38 @@ def test_a_pruner_exception_says_whose_decision_it_was_and_that_it_was_not_count
     notes = getattr(info.value, "__notes__", [])
     assert len(notes) == 1 and "the pruner raised" in notes[0] and "f/b8/x" in notes[0], notes
     assert "not counted" in notes[0] and "until" in notes[0] and "\n" not in notes[0], notes
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes need Python 3.11")
+def test_the_command_line_keeps_the_pruners_note(tmp_path, monkeypatch, capsys):
+    """The command line prints a ``ValueError`` (or ``KeyError``, ``OSError``) as one line of the message
+    alone, the form of a user error: a pruner's ``KeyError`` read ``error: scale``, the note naming the
+    trial dropped."""
+    from examples.tune.__main__ import main
+
+    def bug(self, study, trial):
+        raise KeyError("scale")
+
+    monkeypatch.setattr(trials_mod.SynchronizedHalvingPruner, "prune", bug)
+    rc = main(["synthetic", "--tiers", "8", "--rungs", "10", "20", "--workdir", str(tmp_path / "w"), "--quiet",
+               "--storage", f"journal:{tmp_path / 'j.log'}"])
+    err = capsys.readouterr().err
+    (line,) = [ln for ln in err.splitlines() if "error:" in ln]
+    assert rc == 2 and "error: scale; tune: the pruner raised deciding trial" in line and "not counted" in line, err
+
+
+def test_training_lost_reads_only_a_value_naming_the_trial():
+    """``[rung, trial id]`` of the trial itself, its rung's loss not stored: lost while training. A value
+    naming another trial (inherited by a retry) or a bare rung (the first version of the count) is not."""
+    study = optuna.create_study()
+    t = study.ask()
+    storage, tid = study._storage, t._trial_id
+
+    def lost(value, stored=False):
+        storage.set_trial_system_attr(tid, TRAINING, value)
+        if stored:
+            storage.set_trial_user_attr(tid, "rung:1", 0.5)
+        return worker_mod._training_lost(storage.get_trial(tid))
+
+    assert lost([1, tid]) and not lost([1, tid + 1]) and not lost(1) and not lost(None)
+    assert not lost([1, tid], stored=True)
