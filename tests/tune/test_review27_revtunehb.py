@@ -205,3 +205,49 @@ def test_training_lost_reads_only_a_value_naming_the_trial():
 
     assert lost([1, tid]) and not lost([1, tid + 1]) and not lost(1) and not lost(None)
     assert not lost([1, tid], stored=True)
+
+
+_ORPHAN_SCRIPT = """
+import os, sys, time
+sys.path[:0] = {path!r}
+import examples.tune.tuner as t
+from examples.tune.synthetic import SyntheticTrainable
+
+watch = t.exit_with_parent
+t.exit_with_parent = lambda parent, **k: None   # armed below, once the worker trains
+
+
+class Orphaned(SyntheticTrainable):
+    # while it trains, its tune() process is killed (SIGKILL: the worker sees only that its parent is gone)
+    def __call__(self, candidate, budget, **k):
+        watch(-1, interval=0.01)
+        time.sleep(30)
+
+
+cfg = t._validate({{"f": {{"lr": 1.0}}}}, [8], 8, [10, 20], "synchronized", 1, {storage!r}, None, 2, (0.5, 1.0, 2.0),
+                  1e-9, None)
+t._worker_main(Orphaned(), cfg, {storage!r}, "tune", {workdir!r}, 10.0, 60.0, 0.01, parent=os.getppid())
+"""
+
+
+@pytest.mark.slow  # ~3-12 s: a real process importing Optuna
+def test_a_worker_whose_tune_process_died_releases_its_trial_uncounted(tmp_path):
+    """The out-of-memory killer (or ``kill -9``) ends ``tune()``'s process while a spawned worker trains a
+    candidate; the worker, seeing its parent gone, ended at once (``os._exit``) and left that candidate's
+    trial to the heartbeat, which now counts it as lost while training: every kill of ``tune()`` counted
+    against each spawned worker's candidate (four, and an innocent candidate was failed for good). It now
+    releases its trials as on ``tune()``'s SIGTERM: failed as lost, re-enqueued, uncounted."""
+    import subprocess
+
+    storage = f"journal:{tmp_path / 'j.log'}"
+    script = tmp_path / "orphan.py"
+    script.write_text(_ORPHAN_SCRIPT.format(path=sys.path, storage=storage, workdir=str(tmp_path / "w")))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-2000:])
+    storage_ = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j.log")))
+    (study,) = storage_.get_all_studies()
+    trials = storage_.get_all_trials(study._study_id)
+    assert not [t.number for t in trials if t.state == S.RUNNING]
+    (lost,) = [t for t in trials if t.state == S.FAIL]
+    assert TAKEOVERS not in lost.system_attrs and "error" not in lost.user_attrs
+    assert [t.state for t in trials if t.system_attrs.get("failed_trial") == lost.number] == [S.WAITING]
