@@ -49,6 +49,26 @@ def _claim(acc: ActivationCovarianceAccumulator, capture: "ActivationCapture", w
     _FED_BY[acc] = (weakref.ref(capture), where)
 
 
+class _RecordKeyed(dict):
+    """A capture's ``{record name: ...}`` (``accumulators``, ``compute()``'s spectra), a plain ``dict`` but for its
+    ``KeyError``: a lookup by a module's own name, as a capture was keyed before review 27, names the key it has now;
+    any other missing key names the keys there are (before: the bare name)."""
+
+    def __init__(self, items, own: dict[str, str]) -> None:
+        super().__init__(items)
+        self._own = own  # {a module's own name: its key}, where they differ
+
+    def __missing__(self, key):
+        now = self._own.get(key) if isinstance(key, str) else None
+        if now is not None and now in self:
+            raise KeyError(
+                f"{key!r} is now keyed {now!r}: a capture is keyed by the names the lens records (without "
+                "_orig_mod / FSDP1 / checkpoint wrapper segments, a PEFT model's as before get_peft_model; until review "
+                "27 the module's own name, which is each accumulator's name now; docs/guide-attach.md)")
+        raise KeyError(f"{key!r}: not a key of this capture; its keys: {list(self)[:8]}"
+                       + (f" (and {len(self) - 8} more)" if len(self) > 8 else ""))
+
+
 class ActivationCapture(HookSet):
     """Forward hooks feeding selected modules' outputs into one accumulator each.
 
@@ -62,9 +82,11 @@ class ActivationCapture(HookSet):
     Set a padding mask for the next forward passes with ``with capture.mask(attention_mask): ...``.
     """
 
-    def __init__(self, accumulators: dict[str, ActivationCovarianceAccumulator]) -> None:
+    def __init__(self, accumulators: dict[str, ActivationCovarianceAccumulator], *,
+                 own: dict[str, str] | None = None) -> None:
         super().__init__()
-        self.accumulators = accumulators
+        # own: {a module's own name: its key} where they differ, for the KeyError of a lookup by the old key
+        self.accumulators = _RecordKeyed(accumulators, dict(own or {}))
         self._mask: torch.Tensor | None = None
         self._widths: dict[str, int | None] = {}  # module_name -> its rows' width where certain before them
         self._modules: dict[str, weakref.ref] = {}  # module_name -> its module, whose device the check reads
@@ -86,9 +108,13 @@ class ActivationCapture(HookSet):
     def __repr__(self) -> str:
         return f"ActivationCapture({list(self.accumulators)}, active={self.active})"
 
+    def _keyed(self, items: dict) -> dict:
+        """``items`` with the accumulators' ``KeyError`` for a module's own name (:class:`_RecordKeyed`)."""
+        return _RecordKeyed(items, getattr(self.accumulators, "_own", {}))
+
     def compute(self) -> dict[str, Spectrum]:
-        """``{module_name: Spectrum}`` for every attached module."""
-        return {name: acc.compute() for name, acc in self.accumulators.items()}
+        """``{module_name: Spectrum}`` for every attached module, keyed as :attr:`accumulators`."""
+        return self._keyed({name: acc.compute() for name, acc in self.accumulators.items()})
 
     def compute_async(self) -> SolveFuture:
         """One :class:`concurrent.futures.Future` of ``{module_name: Spectrum}``: :meth:`compute` for the
@@ -102,7 +128,8 @@ class ActivationCapture(HookSet):
         snapshots = {name: acc._snapshot() for name, acc in self.accumulators.items()}
 
         def job(notes: list) -> dict[str, Spectrum]:
-            return {name: _spectrum_of(materialize(), setup, notes) for name, (setup, materialize) in snapshots.items()}
+            return self._keyed({name: _spectrum_of(materialize(), setup, notes)
+                                for name, (setup, materialize) in snapshots.items()})
 
         return submit(job)
 
@@ -168,7 +195,7 @@ def attach(
         )
         for name, _ in selected
     }
-    capture = ActivationCapture(accs)
+    capture = ActivationCapture(accs, own={name: key for name, key in keys.items() if key != name})
     try:
         for name, module in selected:
             _claim(accs[keys[name]], capture, _where(name, model))
@@ -194,7 +221,7 @@ def attach_one(acc: ActivationCovarianceAccumulator, model: nn.Module, target: T
         )
     name, module = selected[0]
     key = record_names(model, [name], params=False)[name]  # as attach keys it: the records' name
-    capture = ActivationCapture({key: acc})
+    capture = ActivationCapture({key: acc}, own={name: key} if key != name else None)
     _claim(acc, capture, _where(name, model))  # before any change: a refused attach changes nothing
     # the name last: a hook that cannot be registered leaves the accumulator as it was (before: renamed)
     capture.add(module.register_forward_hook(_make_hook(capture, key, pick, module, name)))

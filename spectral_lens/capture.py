@@ -17,7 +17,7 @@ import functools
 import re
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Callable, Iterable, Union
 
 import torch
@@ -105,7 +105,8 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     the ``_orig_mod`` segments of a ``torch.compile``d submodule, as the records name it); a compile
     wrapper and the module it wraps have the same eager name, and only the first (the wrapper) is
     selected. A name or glob written with wrapper segments (``"_orig_mod.h.1"``, as a compiled model prints it)
-    also matches by eager names (:func:`eager_target`). In a PEFT ``PeftModel`` a name or glob also matches without
+    also matches by eager names (:func:`eager_target`), unless it is a module's name as typed: then that module
+    only (``"h.1._orig_mod"`` the block a compile wrapper holds, not the wrapper). In a PEFT ``PeftModel`` a name or glob also matches without
     the ``base_model.model.``
     prefix (:func:`~spectral_lens._peft.short_name`: as the model was before ``get_peft_model``). The
     names returned are the modules' own.
@@ -125,10 +126,12 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     if not targets:
         raise ValueError("empty module target list")
     matchers = [name_matcher(t) for t in targets]
-    # a name or glob typed with wrapper segments (as a compiled model prints it: "_orig_mod.h.1", "h.1._orig_mod.attn")
-    # also matches by the eager names: the same module with or without the wrapper (before: nothing matched)
-    stripped = [None if (e := eager_target(t)) is None else name_matcher(e) for t in targets]
     named = list(model.named_modules())
+    # a name or glob typed with wrapper segments (as a compiled model prints it: "_orig_mod.h.1", "h.1._orig_mod.attn")
+    # also matches by the eager names: the same module with or without the wrapper (before: nothing matched); a name
+    # that is a module of the model as typed selects that module only (eager_target)
+    own = {n for n, _ in named}
+    stripped = [None if (e := eager_target(t, own)) is None else name_matcher(e) for t in targets]
     for t in targets:
         if isinstance(t, nn.Module) and not any(m is t for _, m in named):
             raise ValueError(
@@ -433,13 +436,16 @@ def uncompiled_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
-def eager_target(target) -> str | None:
+def eager_target(target, known: Container[str] = ()) -> str | None:
     """A name or glob target as :func:`uncompiled_name` writes names (``"_orig_mod.h.1.w.weight"`` ->
     ``"h.1.w.weight"``: the name a compiled model, a compiled block or an FSDP1 / checkpoint wrapper prints, or a
     state dict saved from one holds), to be matched against eager names; ``None`` for any other target, a name
-    without wrapper segments, one that is only wrapper segments (``"_orig_mod"``: the root, kept as typed), and a
-    glob left with wildcards only (``"**._orig_mod"`` asks for the compiled modules, not for ``"**"``, every one)."""
-    if not isinstance(target, str):
+    without wrapper segments, one that is only wrapper segments (``"_orig_mod"``: the root, kept as typed), a
+    glob left with wildcards only (``"**._orig_mod"`` asks for the compiled modules, not for ``"**"``, every one),
+    and a name in ``known`` (the model's own module or parameter names): a name that is a module or parameter as
+    typed means that one, not what its stripped form names, which may be another (the compile wrapper around the
+    block typed, or the parent of a child of the user's own called ``_orig_mod``; review 27)."""
+    if not isinstance(target, str) or target in known:
         return None
     plain = uncompiled_name(target)
     if not plain or plain == target or not set(plain) - set("*?."):

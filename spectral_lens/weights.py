@@ -230,13 +230,17 @@ def _fsdp1_original_shapes(params: list[torch.Tensor]) -> dict[int, tuple[int, .
     """``{id(p): original shape}`` for FSDP1 parameters (``use_orig_params=True``) whose flat parameter is out of
     reach (given the module inside the wrapper, or a submodule): read from the flat parameter's ``_params`` list that
     holds them and its ``_shapes`` beside it, found through their referrers (two scans of the heap's tracked
-    objects, only when such parameters exist). ``{}`` when none is found (FSDP1's attributes renamed)."""
+    objects, only when such parameters exist: about 0.2 s with 2.4e5 tracked objects, 0.55 s with 5e6, on a
+    loaded CPU). Only a flat parameter's own attributes count (``_is_flat_param`` among them). ``{}`` when none is
+    found (FSDP1's attributes renamed)."""
     ids = {id(p) for p in params}
     lists = [r for r in gc.get_referrers(*params) if isinstance(r, list) and any(id(q) in ids for q in r)]
     out: dict[int, tuple[int, ...]] = {}
     for owner in gc.get_referrers(*lists) if lists else ():
         attrs = owner if isinstance(owner, dict) else vars(owner) if isinstance(owner, torch.Tensor) else None
-        views = attrs.get("_params") if isinstance(attrs, dict) else None
+        # a flat parameter's own attributes only (FSDP1 sets _is_flat_param on it): an object of the user's own that
+        # lists the same parameters and their current 1-D shapes as _params / _shapes is not one (review 27)
+        views = attrs.get("_params") if isinstance(attrs, dict) and attrs.get("_is_flat_param") is True else None
         shapes = attrs.get("_shapes") if views is not None else None
         if any(views is r for r in lists) and shapes is not None and len(shapes) == len(views):
             out.update((id(q), tuple(shape)) for q, shape in zip(views, shapes))
@@ -266,7 +270,9 @@ def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str
         others = [tuple({e, uncompiled_name(n)} - {n}) for n, e, _ in named]
         # a name or glob typed with wrapper segments ("_orig_mod.h.1.w.weight", as a compiled model or its saved
         # state dict names it) matches by the eager and record names too (before: no matrix parameter matched)
-        stripped = [None if (e := eager_target(t)) is None else name_matcher(e, "parameter") for t in targets]
+        # (a name that is a parameter as typed selects that one only: eager_target)
+        own = {n for n, _, _ in named}
+        stripped = [None if (e := eager_target(t, own)) is None else name_matcher(e, "parameter") for t in targets]
         hits = [[item for item, alt in zip(named, others) if f(item[0], item[2]) or (eager and any(
                     f(a, item[2]) for a in alt)) or (g is not None and any(
                     g(a, item[2]) for a in (item[1], uncompiled_name(item[0]))))]

@@ -370,6 +370,7 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
     for w in wanted:
         if not isinstance(w, str):
             raise TypeError(f"params must be dotted parameter names (str), got {type(w).__name__}")
+        typed = w  # for messages: the name as typed
         if w not in named and w not in eager and w not in modules and eager_target(w) is not None:
             w = eager_target(w)  # typed with wrapper segments ("_orig_mod.h.1.w.weight", a compiled model's name)
         weight = f"{w}.weight" if w else "weight"
@@ -389,14 +390,16 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
             flat = [n for n, p in named.items() if getattr(p, "_is_flat_param", False)][:3]
             if flat:
                 raise ValueError(
-                    f"{type(model).__name__} has no parameter {w!r}: FullyShardedDataParallel(use_orig_params=False) "
+                    f"{type(model).__name__} has no parameter {typed!r}: FullyShardedDataParallel(use_orig_params=False) "
                     f"flattened the parameters into {flat}, which the probe cannot name a matrix of (and it does not "
                     "measure under FSDP1 at all); shard with FSDP2's fully_shard, or probe an unsharded copy gathered "
                     "with get_model_state_dict(full_state_dict=True), or measure activations only (params=())"
                 )
             close = difflib.get_close_matches(w, list(named), n=5, cutoff=0.4)
             raise ValueError(
-                f"{type(model).__name__} has no parameter {w!r}; closest names: {close or list(named)[:8]}"
+                f"{type(model).__name__} has no parameter {typed!r}"
+                + (f" (nor {w!r}, its name without wrapper segments)" if w != typed else "")
+                + f"; closest names: {close or list(named)[:8]}"
             )
         for n in hits:
             out[n] = named[n]
