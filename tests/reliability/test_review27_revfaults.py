@@ -140,3 +140,35 @@ def test_the_records_cleanup_removes_a_cut_temporary_file(tmp_path):
     with pytest.warns(Warning, match="removed 1 temporary file"):
         RunWriter(tmp_path / "run", resume=True, fsync=False).close()
     assert not stale.exists()
+
+
+# ---------------------------------------------------------------- a step's value in a schedule
+
+_SCHEDULES = {
+    "every": Schedule.every(1),
+    "explicit": Schedule(frozenset({0, 1, 10})),
+    "combined": Schedule(frozenset({1})) | Schedule.every(5),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_SCHEDULES))
+@pytest.mark.parametrize("step", [True, False, np.True_, torch.tensor(True), torch.tensor([True])],
+                         ids=["True", "False", "np.True_", "tensor(True)", "tensor([True])"])
+def test_a_bool_step_is_never_in_a_schedule(kind, step):
+    # True == 1 and False == 0: a bool was step 1 or 0 (True in every(1), False in every(5)), and
+    # maybe_measure then called measure, which refuses a bool; a bool tensor raised torch's "Subtraction
+    # with a bool tensor is not supported" in a periodic schedule
+    assert step not in _SCHEDULES[kind]
+
+
+@pytest.mark.parametrize("kind", sorted(_SCHEDULES))
+def test_steps_of_any_numeric_kind_are_compared_by_value(kind):
+    # a 0-d numpy array raised "unhashable type: 'numpy.ndarray'" (measure reads it as its value too);
+    # several numbers raised torch's "Boolean value of Tensor with more than one value is ambiguous"
+    schedule = _SCHEDULES[kind]
+    assert np.array(10) in schedule and np.array([10.0]) in schedule
+    for whole in (10, np.int64(10), np.uint8(10), np.float32(10.0), 10.0, torch.tensor(10), torch.tensor([10.0])):
+        assert whole in schedule, whole
+    for other in (torch.tensor([1, 10]), np.array([1, 10]), "10", None, 2.5, float("nan"), float("inf"),
+                  torch.tensor(10.5), torch.tensor(10 + 0j)):
+        assert other not in schedule, other
