@@ -172,3 +172,28 @@ def test_steps_of_any_numeric_kind_are_compared_by_value(kind):
     for other in (torch.tensor([1, 10]), np.array([1, 10]), "10", None, 2.5, float("nan"), float("inf"),
                   torch.tensor(10.5), torch.tensor(10 + 0j)):
         assert other not in schedule, other
+
+
+def test_a_tensor_step_is_read_once_and_a_bool_tensor_never():
+    # confirmed: one host read (a CUDA sync) per question, whatever the schedule's parts (before the value
+    # was compared, a periodic schedule read a tensor step two or three times through bool(), an explicit
+    # one never, and never found it); a bool tensor or several numbers are decided without a read
+    reads = []
+
+    class Counted(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("item", "__bool__", "tolist", "__int__", "__index__", "__float__"):
+                reads.append(func.__name__)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    nested = (Schedule(frozenset({1})) | Schedule.every(5)) | Schedule.log_spaced(100, 4)
+    for schedule in (Schedule.every(5), Schedule(frozenset({10})), nested):
+        for step, want in ((10, True), (11, False)):
+            reads.clear()
+            assert (torch.tensor(step).as_subclass(Counted) in schedule) is want
+            assert len(reads) == 1, reads
+        reads.clear()
+        assert torch.tensor(True).as_subclass(Counted) not in schedule
+        assert torch.tensor([10, 11]).as_subclass(Counted) not in schedule
+        assert reads == []
