@@ -197,3 +197,60 @@ def test_a_tensor_step_is_read_once_and_a_bool_tensor_never():
         assert torch.tensor(True).as_subclass(Counted) not in schedule
         assert torch.tensor([10, 11]).as_subclass(Counted) not in schedule
         assert reads == []
+
+
+# ---------------------------------------------------------------- the worker thread
+
+def test_a_job_whose_worker_could_not_start_runs_once_without_a_critical_log(monkeypatch, caplog):
+    # the executor queues a job before it starts its thread; when that start failed ("can't start new
+    # thread": a pids limit), the job ran on the caller, and its queued copy, run by the next worker,
+    # logged CRITICAL "Future ... in unexpected state: FINISHED" to standard error
+    import logging
+
+    from spectral_lens import background
+
+    monkeypatch.setattr(background, "_executor", None)  # a fresh worker, started below
+    real_start, tries = threading.Thread.start, []
+
+    def failing_once(self):
+        tries.append(self.name)
+        if len(tries) == 1:
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", failing_once)
+    ran = []
+    with caplog.at_level(logging.CRITICAL, logger="concurrent.futures"):
+        first = background.submit(lambda notes: ran.append("first") or 1)
+        assert first.done() and first.result() == 1  # ran here, as at interpreter exit
+        second = background.submit(lambda notes: ran.append("second") or 2)
+        assert second.result(timeout=30) == 2  # the queued copy of the first ran before it, on the worker
+        background._executor.shutdown(wait=True)
+    assert ran == ["first", "second"]
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("concurrent")] == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_a_forked_child_reads_a_finished_job_and_runs_its_own():
+    # confirmed: the fork check refuses only a job of the parent's that had not ended at the fork; a job
+    # that had ended is read in the child, and the child's own jobs run on its own worker
+    from spectral_lens import background
+
+    done = background.submit(lambda notes: (notes.append(("kept", UserWarning)), 7)[1])
+    assert done.result(timeout=30) == 7
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            import warnings
+
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                ok = done.result() == 7 and done.exception() is None and [str(w.message) for w in seen] == ["kept"]
+            own = background.submit(lambda notes: os.getpid())
+            code = 0 if ok and own.result(timeout=30) == os.getpid() else 2
+        except BaseException:  # noqa: BLE001 - the exit code says it
+            code = 3
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
