@@ -254,3 +254,32 @@ def test_a_forked_child_reads_a_finished_job_and_runs_its_own():
         finally:
             os._exit(code)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+# ---------------------------------------------------------------- a state file too big for memory
+
+@pytest.mark.parametrize("kind", ["accumulator", "spectrum"])
+def test_an_intact_file_too_big_for_memory_stays_a_memory_error_naming_it(tmp_path, monkeypatch, kind):
+    # every MemoryError of a load became the format error ("not readable as an accumulator state file"):
+    # an intact state of d = 65536 (32 GiB) loaded where memory is short read as a damaged file (a
+    # tampered header declaring more than the file holds is still the format error: test_review27_faults)
+    from spectral_lens import Spectrum
+    from spectral_lens._warnings import SpectrumFormatError, StateFormatError
+
+    if kind == "accumulator":
+        acc = ActivationCovarianceAccumulator(4, precision="float64")
+        acc.update(torch.randn(12, 4, dtype=torch.float64))
+        saved, load, error = acc.save(tmp_path / "state.npz"), ActivationCovarianceAccumulator.load, StateFormatError
+    else:
+        saved = Spectrum(torch.linspace(1, 0, 5, dtype=torch.float64), n_rows=9, dim=5).save(tmp_path / "s.npz")
+        load, error = Spectrum.load, SpectrumFormatError
+
+    def short_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 32.0 GiB for an array with shape (65536, 65536) and data type float64")
+
+    monkeypatch.setattr(np.lib.format, "read_array", short_of_memory)
+    with pytest.raises(MemoryError) as info:
+        load(saved)
+    assert not isinstance(info.value, error) and str(saved) in str(info.value) and "32.0 GiB" in str(info.value)
+    monkeypatch.undo()
+    assert load(saved) is not None
