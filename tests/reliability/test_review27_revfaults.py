@@ -283,3 +283,47 @@ def test_an_intact_file_too_big_for_memory_stays_a_memory_error_naming_it(tmp_pa
     assert not isinstance(info.value, error) and str(saved) in str(info.value) and "32.0 GiB" in str(info.value)
     monkeypatch.undo()
     assert load(saved) is not None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="needs root to act as two users")
+def test_another_users_file_in_a_shared_directory_is_refused_as_open_refuses_it():
+    # confirmed (a change of the probe, kept): another user's 0644 file in a directory everyone may write
+    # was replaced by the rename (the file then belonged to the writer); it is refused as open(path, "w")
+    # refuses it, naming the path given, through a symlink too (link and file kept); the caller's own
+    # writable files are written as before
+    import tempfile
+    from pathlib import Path
+
+    shared = Path(tempfile.mkdtemp())  # (pytest's tmp_path is private to its user)
+    os.chmod(shared, 0o777)  # no sticky bit: the rename is allowed
+    theirs = shared / "run.json"
+    theirs.write_text("theirs")
+    os.chmod(theirs, 0o644)
+    link = shared / "latest.json"
+    link.symlink_to("run.json")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            refused = []
+            for path in (theirs, link):
+                try:
+                    _io.write_text_atomic(path, "mine")
+                except PermissionError as exc:
+                    refused.append(exc.filename == str(path))
+            _io.write_text_atomic(shared / "own.json", "a")
+            _io.write_text_atomic(shared / "own.json", "b")
+            code = 0 if refused == [True, True] and (shared / "own.json").read_text() == "b" else 2
+        except BaseException:  # noqa: BLE001 - the exit code says it
+            code = 3
+        finally:
+            os._exit(code)
+    try:
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert theirs.read_text() == "theirs" and os.stat(theirs).st_uid == 0
+        assert link.is_symlink() and os.readlink(link) == "run.json" and _leftovers(shared) == []
+    finally:
+        shutil.rmtree(shared)
