@@ -9,12 +9,14 @@ of the write, the fsync or the rename (``ENOSPC``, ``EIO``, ``path`` a directory
 ``filename`` set to ``path`` (a killed
 process can leave a ``.*.tmp`` file behind; :class:`~spectral_lens.records.RunWriter` cleans those on
 resume). The temporary file's name is the target's, cut to fit the file system's limit on names
-(255 bytes; 143 on eCryptfs).
+(255 bytes; 143 on eCryptfs, asked with ``pathconf`` only when a name is refused as too long).
 
 Like ``open(path, "w")``, a write to a symlink writes the file it points to (the end of the chain; a
 dangling link's target is created) and leaves the link in place: the temporary file goes in the
 target's directory, so the rename stays atomic. A file this process may not open for writing (made
-read-only, ``chmod a-w``) is refused with ``open``'s ``PermissionError``, not replaced. An overwrite
+read-only, ``chmod a-w``; another user's file in a directory everyone may write) is refused with ``open``'s
+``PermissionError``, not replaced (the probe, an ``open`` without truncation, is skipped for the caller's
+own file whose mode lets it write; any other error of it is left to the rename). An overwrite
 keeps the old file's permission bits; a
 new file gets ``open``'s (``0o666`` less the umask). Owner, group, ACLs and extended attributes are
 those of the new file (the writing process's), as with any rename-based write.
