@@ -152,12 +152,12 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
     created = False
     try:
         try:
-            fh = open(tmp, "wb")
+            fh = open(tmp, "wb")  # noqa: SIM115 - entered below
         except OSError as exc:  # the directory's limit on names is below 255 bytes (eCryptfs): asked only then
             if exc.errno != errno.ENAMETOOLONG:  # (pathconf is a round trip to the server on NFS)
                 raise
             tmp = target.with_name(_tmp_name(target.name, _name_max(target.parent)))
-            fh = open(tmp, "wb")
+            fh = open(tmp, "wb")  # noqa: SIM115 - entered below
         with fh:
             created = True
             write(fh)

@@ -237,7 +237,8 @@ def test_a_forked_child_reads_a_finished_job_and_runs_its_own():
     from spectral_lens import background
 
     done = background.submit(lambda notes: (notes.append(("kept", UserWarning)), 7)[1])
-    assert done.result(timeout=30) == 7
+    with pytest.warns(UserWarning, match="kept"):
+        assert done.result(timeout=30) == 7
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         code = 1
