@@ -42,7 +42,10 @@ def read_npz(path: Path, what: str, error: type[Exception]) -> tuple[Any, dict[s
     a directory, a FIFO or device, another kind of file, a single ``.npy`` array, a damaged archive, an array
     declaring more bytes than the file holds or a header that is not a JSON string raises ``error`` naming
     ``path``. A missing file raises ``FileNotFoundError``; an intact file whose arrays do not fit in memory, a
-    ``MemoryError`` naming it (the file is not damaged)."""
+    ``MemoryError`` naming it (the file is not damaged). A ``path`` without ``.npz`` that does not exist is
+    read with ``.npz`` appended, the file ``save(path)`` wrote (``Spectrum.load`` as the accumulator's)."""
+    if path.suffix != ".npz" and not path.exists() and path.with_name(path.name + ".npz").exists():
+        path = path.with_name(path.name + ".npz")
     if path.is_dir():
         raise error(f"{path}: is a directory, expected {what} (.npz)")
     if path.exists() and not path.is_file():  # opening a FIFO without a writer waited forever

@@ -328,3 +328,20 @@ def test_another_users_file_in_a_shared_directory_is_refused_as_open_refuses_it(
         assert link.is_symlink() and os.readlink(link) == "run.json" and _leftovers(shared) == []
     finally:
         shutil.rmtree(shared)
+
+
+# ---------------------------------------------------------------- a spectrum loaded as it was saved
+
+def test_a_spectrum_loads_from_the_path_it_was_saved_to(tmp_path):
+    # Spectrum.save("s") writes s.npz, as the accumulator's save does; review 27 made the accumulator's
+    # load("s") read it, but Spectrum.load("s") still raised FileNotFoundError; the exact path is read first
+    from spectral_lens import Spectrum
+
+    spectrum = Spectrum(torch.linspace(1, 0, 5, dtype=torch.float64), n_rows=9, dim=5)
+    assert spectrum.save(tmp_path / "s") == tmp_path / "s.npz"
+    torch.testing.assert_close(Spectrum.load(tmp_path / "s").values, spectrum.values, rtol=0, atol=0)
+    other = Spectrum(torch.linspace(2, 0, 5, dtype=torch.float64), n_rows=9, dim=5)
+    (tmp_path / "s").write_bytes(other.save(tmp_path / "o.npz").read_bytes())
+    torch.testing.assert_close(Spectrum.load(tmp_path / "s").values, other.values, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="absent"):
+        Spectrum.load(tmp_path / "absent")
