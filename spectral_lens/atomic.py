@@ -9,12 +9,14 @@ of the write, the fsync or the rename (``ENOSPC``, ``EIO``, ``path`` a directory
 ``filename`` set to ``path`` (a killed
 process can leave a ``.*.tmp`` file behind; :class:`~spectral_lens.records.RunWriter` cleans those on
 resume). The temporary file's name is the target's, cut to fit the file system's limit on names
-(255 bytes; 143 on eCryptfs).
+(255 bytes; 143 on eCryptfs, asked with ``pathconf`` only when a name is refused as too long).
 
 Like ``open(path, "w")``, a write to a symlink writes the file it points to (the end of the chain; a
 dangling link's target is created) and leaves the link in place: the temporary file goes in the
 target's directory, so the rename stays atomic. A file this process may not open for writing (made
-read-only, ``chmod a-w``) is refused with ``open``'s ``PermissionError``, not replaced. An overwrite
+read-only, ``chmod a-w``; another user's file in a directory everyone may write) is refused with ``open``'s
+``PermissionError``, not replaced (the probe, an ``open`` without truncation, is skipped for the caller's
+own file whose mode lets it write; any other error of it is left to the rename). An overwrite
 keeps the old file's permission bits; a
 new file gets ``open``'s (``0o666`` less the umask). Owner, group, ACLs and extended attributes are
 those of the new file (the writing process's), as with any rename-based write.
@@ -101,28 +103,34 @@ def _tmp_name(name: str, name_max: int = _NAME_MAX) -> str:
     return f".{name}{tail}"
 
 
-def _old_mode(path: Path) -> int | None:
-    """The permission bits of the file at ``path``, or None when there is none."""
+def _old_stat(path: Path) -> os.stat_result | None:
+    """The ``stat`` of the file at ``path``, or None when there is none."""
     try:
-        return stat.S_IMODE(os.stat(path).st_mode)
+        return os.stat(path)
     except OSError:
         return None
 
 
+def _owner_may_write(st: os.stat_result) -> bool:
+    """Whether this process owns the file of ``st`` and its mode lets the owner write it: ``open`` would (the
+    common case, so no probe is needed; on Windows, without ``geteuid``, the probe always runs)."""
+    geteuid = getattr(os, "geteuid", None)
+    return geteuid is not None and st.st_uid == geteuid() and bool(st.st_mode & stat.S_IWUSR)
+
+
 def _refuse_unwritable(target: Path, path: Path) -> None:
-    """The ``OSError`` that ``open(path, "w")`` raises (``PermissionError``), naming ``path``, when the
-    existing regular file ``target`` cannot be opened for writing: a file made read-only (``chmod a-w``)
-    to protect it was replaced by the rename without a word. Opened without truncation and closed."""
-    try:
-        regular = stat.S_ISREG(os.stat(target).st_mode)
-    except OSError:  # gone meanwhile: the rename creates it, as open would
-        return
-    if not regular:
-        return
+    """The ``PermissionError`` that ``open(path, "w")`` raises, naming ``path``, when the existing regular
+    file ``target`` may not be opened for writing: a file made read-only (``chmod a-w``) to protect it was
+    replaced by the rename without a word. Opened without truncation and closed. Any other error of the
+    probe is left to the rename, which decides as it did before the probe: a file removed meanwhile
+    (``ENOENT``) is created, a running program's file (``ETXTBSY``) or one under a lease (``EWOULDBLOCK``)
+    is replaced."""
     try:
         fd = os.open(target, os.O_WRONLY | getattr(os, "O_NONBLOCK", 0))  # no O_NONBLOCK on Windows
-    except OSError as exc:
+    except PermissionError as exc:
         raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from None
+    except OSError:
+        return
     os.close(fd)
 
 
@@ -136,13 +144,21 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
     """
     path = Path(path)
     target = _write_target(path)
-    mode = _old_mode(target)
-    if mode is not None:
+    old = _old_stat(target)
+    mode = None if old is None else stat.S_IMODE(old.st_mode)
+    if old is not None and stat.S_ISREG(old.st_mode) and not _owner_may_write(old):
         _refuse_unwritable(target, path)
-    tmp = target.with_name(_tmp_name(target.name, _name_max(target.parent)))
+    tmp = target.with_name(_tmp_name(target.name))
     created = False
     try:
-        with open(tmp, "wb") as fh:
+        try:
+            fh = open(tmp, "wb")  # noqa: SIM115 - entered below
+        except OSError as exc:  # the directory's limit on names is below 255 bytes (eCryptfs): asked only then
+            if exc.errno != errno.ENAMETOOLONG:  # (pathconf is a round trip to the server on NFS)
+                raise
+            tmp = target.with_name(_tmp_name(target.name, _name_max(target.parent)))
+            fh = open(tmp, "wb")  # noqa: SIM115 - entered below
+        with fh:
             created = True
             write(fh)
             fh.flush()

@@ -11,11 +11,15 @@ therefore do not call :func:`warnings.warn`; they append ``(message, category)``
 and :meth:`SolveFuture.result` re-emits them on the thread that calls it, attributed to that call.
 
 At interpreter exit the worker is joined before ``atexit`` handlers run; a job submitted after that runs on
-the submitting thread (``result()`` is then ready at once) instead of raising ``RuntimeError``.
+the submitting thread (``result()`` is then ready at once) instead of raising ``RuntimeError``, and so does a
+job whose submit could not start the worker thread (it runs once: the copy left in the queue does nothing).
+A job submitted at exit by another thread while the worker still runs the jobs queued before may run
+alongside them (jobs are independent: only their order of completion differs).
 
 Done-callbacks run on the worker thread, which resolves one job at a time: a callback that waits there for
 an unfinished job (``result()`` / ``exception()``) raises ``RuntimeError`` instead of waiting for itself
-forever (``concurrent.futures.wait`` on that thread cannot be refused: do not call it in a callback). In a
+forever, with or without a ``timeout`` (the job cannot end while it lasts) (``concurrent.futures.wait`` on
+that thread cannot be refused: do not call it in a callback). In a
 forked child, waiting for a future of the parent's that had not ended at the fork raises ``RuntimeError``
 too: the child has no worker thread, and that future was never resolved there.
 """
@@ -112,8 +116,11 @@ def submit(job: Callable[[list], Any]) -> SolveFuture:
     ``BaseException``) surface from ``result()``.
     """
     future = SolveFuture()
+    once = threading.Lock()
 
     def run() -> None:
+        if not once.acquire(blocking=False):  # run already, here: the submit queued it, then could not start the
+            return  # worker ("can't start new thread"); the queued copy logged "Future in unexpected state"
         if not future.set_running_or_notify_cancel():
             return
         notes: list[tuple[str, type[Warning]]] = []
@@ -133,6 +140,6 @@ def submit(job: Callable[[list], Any]) -> SolveFuture:
 
     try:
         _get_executor().submit(run)
-    except RuntimeError:  # the interpreter is exiting (an atexit handler runs after the worker was joined): the
-        run()  # job runs here, on the caller's thread, instead of "cannot schedule new futures after shutdown"
+    except RuntimeError:  # the interpreter is exiting (an atexit handler runs after the worker was joined), or no
+        run()  # thread could be started: the job runs here, on the caller's thread, instead of raising
     return future

@@ -349,7 +349,10 @@ def test_the_temporary_name_fits_a_file_system_with_shorter_names(tmp_path, monk
     real_open = open
 
     def spy(file, *args, **kwargs):
-        made.append(os.path.basename(os.fspath(file)))
+        name = os.path.basename(os.fspath(file))
+        if len(os.fsencode(name)) > 143:  # refused as eCryptfs refuses it
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), os.fspath(file))
+        made.append(name)
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", spy)
