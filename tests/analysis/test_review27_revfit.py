@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from spectral_lens import RankMe, participation_ratio, stable_rank
+from spectral_lens import RankMe, SweepController, participation_ratio, stable_rank
 from spectral_lens.spectra.ranks import NEGATIVE_TOLERANCE, rankme
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -92,3 +92,14 @@ def test_float64_keeps_its_own_tolerance_and_a_spectrum_needs_none():
     # the float32 tolerance of the same n (2) would be 1.7e-7: float64 must not get it
     with pytest.raises(ValueError, match=r"negative eigenvalue"):
         stable_rank(torch.tensor([1.0, -1e-8], dtype=torch.float64))
+
+
+def test_sweep_controller_names_itself_and_keeps_the_checked_window():
+    """``SweepController(window=(0.1, 0.2))`` was refused as "TailPredictor: window ...", a class the caller never
+    named, and ``SweepController.window`` kept the unchecked value (a NumPy array stayed an array)."""
+    with pytest.raises(ValueError, match=r"^SweepController: window \(0\.1, 0\.2\): ranks must be integers"):
+        SweepController(window=(0.1, 0.2))
+    ctl = SweepController(window=np.array([100, 200]))
+    assert ctl.window == (100, 200) and all(type(v) is int for v in ctl.window)
+    assert ctl.predictor.window == (100, 200)
+    assert SweepController().window is None
