@@ -6,6 +6,7 @@ import numbers
 import warnings
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from ._warnings import InsufficientRowsWarning
@@ -135,10 +136,14 @@ def _need_spectrum(spectrum: Any, where: str, raw: str) -> None:
 
 
 def _values(spectrum: Spectrum | torch.Tensor, where: str) -> torch.Tensor:
+    """The eigenvalues of ``spectrum`` as a tensor of their own dtype, which sets the round-off tolerance of
+    negatives (:func:`spectral_lens.spectra.ranks._negative_tolerance`). A list is read as NumPy reads it
+    (Python floats are float64): through ``torch.as_tensor`` alone it took torch's default dtype, float32,
+    which rounded the values, turned 1e39 into Inf and gave float64 data float32's tolerance."""
     if isinstance(spectrum, Spectrum):
         return spectrum.values
     try:
-        values = torch.as_tensor(spectrum)
+        values = spectrum if isinstance(spectrum, torch.Tensor) else torch.as_tensor(np.asarray(spectrum))
     except (TypeError, ValueError, RuntimeError):
         values = None
     if values is None or values.is_complex() or values.dtype == torch.bool:

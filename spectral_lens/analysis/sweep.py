@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from ..records import open_runs
+from ..spectra.fit import window_ranks
 from .early import FractionNotReachedError, NoEarlyStatisticError
 from .efficiency import NO_FAMILY, divergence, failure, group_by_family, percent, pick_learning_rates
 from .ranking import TierRanking, rank_tiers
@@ -109,6 +110,7 @@ class SweepController:
             or :class:`NoiseScalePredictor`; only its configuration is used.
         window: rank window of ``alpha_tail`` for the default predictor; ``None`` (default): each
             run's recorded window (the runs of a family must agree). Give either this or ``predictor``.
+            A window that is not a pair of integer ranks ``1 <= lo < hi`` raises ``ValueError`` here.
         keep: number of best tiers always continued (>= 1).
         n_sigma, min_probability, margin: rules 2 and 3 (``margin`` in units of the statistic).
         wait_for_all: decide only when every tier of a family reached the fraction (default); with
@@ -130,6 +132,8 @@ class SweepController:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if predictor is not None and window is not None:
             raise ValueError("SweepController: pass window= or a configured predictor=, not both")
+        if window is not None:  # checked here, so the error names the class the caller built
+            window = window_ranks(window, "SweepController: window")
         self.predictor = predictor if predictor is not None else TailPredictor(window=window)
         self.window = window
         self.keep = keep

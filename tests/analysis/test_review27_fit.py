@@ -127,8 +127,13 @@ def test_noisy_power_law_matches_linregress(a, d, noise, seed, data):
     if noise > 1e-3:  # linregress forms stderr from 1 - r^2: near a perfect fit that is its own round-off
         assert fit.stderr == pytest.approx(se, rel=1e-8)
         assert fit.r2 == pytest.approx(r2, abs=1e-9)
-    else:
-        assert fit.stderr <= 1e-7 and fit.r2 == pytest.approx(1.0, abs=1e-9)
+    else:  # the direct formulas on float64 residuals (a noise of 1e-6 gives a stderr of ~1e-6, not <= 1e-7)
+        j, y = np.log(np.arange(lo, hi + 1.0)), np.log(lam[lo - 1 : hi] / math.fsum(lam.tolist()))
+        nat = stats.linregress(j, y)  # natural logs: base 10's intercept, converted, carries ~1e-14 of its own
+        sse = float(((y - (nat.intercept + nat.slope * j)) ** 2).sum())
+        assert fit.stderr == pytest.approx(math.sqrt(sse / (j.size - 2) / ((j - j.mean()) ** 2).sum()),
+                                           rel=1e-6, abs=1e-12)
+        assert fit.r2 == pytest.approx(1.0 - sse / ((y - y.mean()) ** 2).sum(), abs=1e-9)
 
 
 @settings(max_examples=40, deadline=None)
