@@ -26,6 +26,11 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
             for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict)) and len(m)]
 
 
+def _hf_config(config: Any) -> bool:
+    """Whether ``config`` is a ``transformers`` config (by class name, without importing ``transformers``)."""
+    return any(c.__name__ in ("PretrainedConfig", "PreTrainedConfig") for c in type(config).__mro__)
+
+
 def all_blocks(model: nn.Module) -> list[str]:
     """Dotted names of the model's layer stack: the ``ModuleList``/``Sequential``/``ModuleDict`` of
     same-class, parameterized blocks, preferring homogeneous stacks, then stacks that no other homogeneous
@@ -37,7 +42,11 @@ def all_blocks(model: nn.Module) -> list[str]:
     keyed ``"0"``, ``"1"``, ... in depth order). Before all of these, a Hugging Face model's stack is the
     ``ModuleList`` of ``config.num_hidden_layers`` blocks that have submodules, homogeneous or not: a hybrid
     model's layers mix classes (Zamba2's Mamba and hybrid layers, Jamba's Mamba and attention layers), and a
-    homogeneous list inside one of them (Zamba2's adapters of its shared block) is not the stack.
+    homogeneous list inside one of them (Zamba2's adapters of its shared block) is not the stack. Only a
+    ``transformers`` config counts (``num_hidden_layers`` of another config may count anything, an MLP's
+    hidden layers), and never a list inside a homogeneous stack: a T5 block's list of sublayers (self-attention,
+    feed-forward) is as long as the config says when the stack was truncated or grown without updating it.
+    An encoder-decoder's config counts its encoder's layers: the encoder's stack, whichever is longer.
     Pass ``layers=`` when this guesses wrong."""
     def homogeneous(blocks: list) -> bool:
         return len({type(b) for b in blocks}) == 1 and any(True for _ in blocks[0].parameters())
@@ -49,13 +58,15 @@ def all_blocks(model: nn.Module) -> list[str]:
             f"{type(model).__name__}: found no ModuleList/Sequential/ModuleDict of blocks; pass layers= explicitly"
         )
     stacks = [name for name, _, _, blocks in lists if homogeneous(blocks)]
-    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)  # a Hugging Face config's
+    config = getattr(model, "config", None)
+    depth = getattr(config, "num_hidden_layers", None) if _hf_config(config) else None
 
     def score(item):
         name, container, _, blocks = item
         inside = any(s == "" or name.startswith(s + ".") for s in stacks if s != name)
         composite = any(True for _ in blocks[0].children())   # blocks, not a list of tables or projections
         configured = (isinstance(depth, int) and len(blocks) == depth and isinstance(container, nn.ModuleList)
+                      and not inside
                       and all(any(True for _ in b.children()) and any(True for _ in b.parameters()) for b in blocks))
         return (configured, homogeneous(blocks), not inside, composite, isinstance(container, nn.ModuleList),
                 len(blocks), -name.count("."))
