@@ -26,9 +26,21 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
             for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict)) and len(m)]
 
 
-def _hf_config(config: Any) -> bool:
-    """Whether ``config`` is a ``transformers`` config (by class name, without importing ``transformers``)."""
-    return any(c.__name__ in ("PretrainedConfig", "PreTrainedConfig") for c in type(config).__mro__)
+def _hf_depth(model: nn.Module) -> int | None:
+    """``model.config.num_hidden_layers`` where ``config`` is a ``transformers`` config (told by its class name,
+    without importing ``transformers``); a multimodal model's root config has none: its text config's (the
+    language model's stack, not the vision tower's). ``None`` for any other config or count."""
+    config = getattr(model, "config", None)
+    if not any(c.__name__ in ("PretrainedConfig", "PreTrainedConfig") for c in type(config).__mro__):
+        return None
+    depth = getattr(config, "num_hidden_layers", None)
+    if depth is None:
+        try:
+            text = config.get_text_config()
+        except (AttributeError, TypeError, ValueError):  # transformers < 4.44, or several text configs
+            return None
+        depth = getattr(text, "num_hidden_layers", None) if text is not config else None
+    return depth if isinstance(depth, int) and not isinstance(depth, bool) else None
 
 
 def all_blocks(model: nn.Module) -> list[str]:
@@ -46,7 +58,9 @@ def all_blocks(model: nn.Module) -> list[str]:
     ``transformers`` config counts (``num_hidden_layers`` of another config may count anything, an MLP's
     hidden layers), and never a list inside a homogeneous stack: a T5 block's list of sublayers (self-attention,
     feed-forward) is as long as the config says when the stack was truncated or grown without updating it.
-    An encoder-decoder's config counts its encoder's layers: the encoder's stack, whichever is longer.
+    An encoder-decoder's config counts its encoder's layers: the encoder's stack, whichever is longer. A
+    multimodal model's (Llava, PaliGemma, Qwen2-VL) counts them in its text config: the language model's stack,
+    not a longer vision tower.
     Pass ``layers=`` when this guesses wrong."""
     def homogeneous(blocks: list) -> bool:
         return len({type(b) for b in blocks}) == 1 and any(True for _ in blocks[0].parameters())
@@ -58,14 +72,13 @@ def all_blocks(model: nn.Module) -> list[str]:
             f"{type(model).__name__}: found no ModuleList/Sequential/ModuleDict of blocks; pass layers= explicitly"
         )
     stacks = [name for name, _, _, blocks in lists if homogeneous(blocks)]
-    config = getattr(model, "config", None)
-    depth = getattr(config, "num_hidden_layers", None) if _hf_config(config) else None
+    depth = _hf_depth(model)
 
     def score(item):
         name, container, _, blocks = item
         inside = any(s == "" or name.startswith(s + ".") for s in stacks if s != name)
         composite = any(True for _ in blocks[0].children())   # blocks, not a list of tables or projections
-        configured = (isinstance(depth, int) and len(blocks) == depth and isinstance(container, nn.ModuleList)
+        configured = (depth is not None and len(blocks) == depth and isinstance(container, nn.ModuleList)
                       and not inside
                       and all(any(True for _ in b.children()) and any(True for _ in b.parameters()) for b in blocks))
         return (configured, homogeneous(blocks), not inside, composite, isinstance(container, nn.ModuleList),

@@ -144,3 +144,39 @@ def test_transformers_encoder_decoder_takes_the_stack_its_config_counts(encoder,
                                    num_decoder_layers=decoder, num_heads=2)
     model = transformers.T5ForConditionalGeneration(config)
     assert all_blocks(model) == [f"encoder.block.{i}" for i in range(encoder)]
+
+
+def test_a_multimodal_model_takes_its_language_model_not_a_longer_vision_tower():
+    """A Llava-style model: the root config has no ``num_hidden_layers``, its text config counts the language
+    model's 2 layers; the vision tower's 3 layers are longer (before: the vision tower, the default probe then
+    being a SigLIP/CLIP layer, as for PaliGemma's real 18 Gemma and 27 SigLIP layers)."""
+
+    class TextConfig(PretrainedConfig):
+        pass
+
+    class MultimodalConfig(PretrainedConfig):
+        def get_text_config(self):
+            return self.text_config
+
+    class Tower(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.layers = nn.ModuleList(Block() for _ in range(n))
+
+    class VLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = MultimodalConfig(text_config=TextConfig(num_hidden_layers=2))
+            self.vision_tower, self.language_model = Tower(3), Tower(2)
+
+    assert all_blocks(VLM()) == ["language_model.layers.0", "language_model.layers.1"]
+
+
+def test_transformers_llava_takes_its_language_model():
+    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    text = dict(model_type="llama", hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=64)
+    vision = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                  num_attention_heads=2, image_size=16, patch_size=8)
+    model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(text_config=text, vision_config=vision))
+    assert all_blocks(model) == ["model.language_model.layers.0", "model.language_model.layers.1"]
