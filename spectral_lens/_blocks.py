@@ -26,21 +26,25 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
             for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict)) and len(m)]
 
 
-def _hf_depth(model: nn.Module) -> int | None:
+def _hf_depth(model: nn.Module) -> tuple[int | None, list[str] | None]:
     """``model.config.num_hidden_layers`` where ``config`` is a ``transformers`` config (told by its class name,
-    without importing ``transformers``); a multimodal model's root config has none: its text config's (the
-    language model's stack, not the vision tower's). ``None`` for any other config or count."""
+    without importing ``transformers``), with ``None`` for where the stack may lie (anywhere); a multimodal
+    model's root config has none: its text config's, with the names of the modules built from it (the language
+    model, whose stack this counts, not a vision or audio tower as deep). ``(None, None)`` for any other config."""
     config = getattr(model, "config", None)
     if not any(c.__name__ in ("PretrainedConfig", "PreTrainedConfig") for c in type(config).__mro__):
-        return None
-    depth = getattr(config, "num_hidden_layers", None)
+        return None, None
+    depth, owners = getattr(config, "num_hidden_layers", None), None
     if depth is None:
         try:
             text = config.get_text_config()
         except (AttributeError, TypeError, ValueError):  # transformers < 4.44, or several text configs
-            return None
-        depth = getattr(text, "num_hidden_layers", None) if text is not config else None
-    return depth if isinstance(depth, int) and not isinstance(depth, bool) else None
+            return None, None
+        if text is config:
+            return None, None
+        depth = getattr(text, "num_hidden_layers", None)
+        owners = [n for n, m in model.named_modules() if getattr(m, "config", None) is text] or None
+    return (depth, owners) if isinstance(depth, int) and not isinstance(depth, bool) else (None, None)
 
 
 def all_blocks(model: nn.Module) -> list[str]:
@@ -59,8 +63,8 @@ def all_blocks(model: nn.Module) -> list[str]:
     hidden layers), and never a list inside a homogeneous stack: a T5 block's list of sublayers (self-attention,
     feed-forward) is as long as the config says when the stack was truncated or grown without updating it.
     An encoder-decoder's config counts its encoder's layers: the encoder's stack, whichever is longer. A
-    multimodal model's (Llava, PaliGemma, Qwen2-VL) counts them in its text config: the language model's stack,
-    not a longer vision tower.
+    multimodal model's (Llava, PaliGemma, Qwen2-VL) counts them in its text config: the stack of the language
+    model built from it, not a vision tower, longer or as long.
     Pass ``layers=`` when this guesses wrong."""
     def homogeneous(blocks: list) -> bool:
         return len({type(b) for b in blocks}) == 1 and any(True for _ in blocks[0].parameters())
@@ -72,14 +76,14 @@ def all_blocks(model: nn.Module) -> list[str]:
             f"{type(model).__name__}: found no ModuleList/Sequential/ModuleDict of blocks; pass layers= explicitly"
         )
     stacks = [name for name, _, _, blocks in lists if homogeneous(blocks)]
-    depth = _hf_depth(model)
+    depth, owners = _hf_depth(model)
 
     def score(item):
         name, container, _, blocks = item
         inside = any(s == "" or name.startswith(s + ".") for s in stacks if s != name)
         composite = any(True for _ in blocks[0].children())   # blocks, not a list of tables or projections
         configured = (depth is not None and len(blocks) == depth and isinstance(container, nn.ModuleList)
-                      and not inside
+                      and not inside and (owners is None or any(name.startswith(o + ".") for o in owners))
                       and all(any(True for _ in b.children()) and any(True for _ in b.parameters()) for b in blocks))
         return (configured, homogeneous(blocks), not inside, composite, isinstance(container, nn.ModuleList),
                 len(blocks), -name.count("."))

@@ -146,10 +146,13 @@ def test_transformers_encoder_decoder_takes_the_stack_its_config_counts(encoder,
     assert all_blocks(model) == [f"encoder.block.{i}" for i in range(encoder)]
 
 
-def test_a_multimodal_model_takes_its_language_model_not_a_longer_vision_tower():
+@pytest.mark.parametrize("as_long", [False, True])
+def test_a_multimodal_model_takes_its_language_model_not_a_vision_tower(as_long):
     """A Llava-style model: the root config has no ``num_hidden_layers``, its text config counts the language
     model's 2 layers; the vision tower's 3 layers are longer (before: the vision tower, the default probe then
-    being a SigLIP/CLIP layer, as for PaliGemma's real 18 Gemma and 27 SigLIP layers)."""
+    being a SigLIP/CLIP layer, as for PaliGemma's real 18 Gemma and 27 SigLIP layers). A tower or Q-Former as
+    long as the language model, registered first, is not taken either: the stack lies in the module built
+    from the text config (BLIP-2's default OPT and Q-Former both have 12 layers)."""
 
     class TextConfig(PretrainedConfig):
         pass
@@ -159,15 +162,17 @@ def test_a_multimodal_model_takes_its_language_model_not_a_longer_vision_tower()
             return self.text_config
 
     class Tower(nn.Module):
-        def __init__(self, n):
+        def __init__(self, n, config=None):
             super().__init__()
+            self.config = config
             self.layers = nn.ModuleList(Block() for _ in range(n))
 
     class VLM(nn.Module):
         def __init__(self):
             super().__init__()
             self.config = MultimodalConfig(text_config=TextConfig(num_hidden_layers=2))
-            self.vision_tower, self.language_model = Tower(3), Tower(2)
+            self.vision_tower = Tower(2 if as_long else 3)
+            self.language_model = Tower(2, self.config.text_config)
 
     assert all_blocks(VLM()) == ["language_model.layers.0", "language_model.layers.1"]
 
