@@ -36,6 +36,8 @@ def _hf_depth(model: nn.Module) -> tuple[int | None, list[str] | None]:
         return None, None
     depth, owners = getattr(config, "num_hidden_layers", None), None
     if depth is None:
+        if getattr(config, "is_encoder_decoder", False):  # two stacks, as before (EncoderDecoderModel, T5Gemma)
+            return None, None
         try:
             text = config.get_text_config()
         except (AttributeError, TypeError, ValueError):  # transformers < 4.44, or several text configs
@@ -64,7 +66,8 @@ def all_blocks(model: nn.Module) -> list[str]:
     feed-forward) is as long as the config says when the stack was truncated or grown without updating it.
     An encoder-decoder's config counts its encoder's layers: the encoder's stack, whichever is longer. A
     multimodal model's (Llava, PaliGemma, Qwen2-VL) counts them in its text config: the stack of the language
-    model built from it, not a vision tower, longer or as long.
+    model built from it, not a vision tower, longer or as long (an encoder-decoder built from two configs,
+    ``EncoderDecoderModel``, ``VisionEncoderDecoderModel``, T5Gemma: scored as without a config).
     Pass ``layers=`` when this guesses wrong."""
     def homogeneous(blocks: list) -> bool:
         return len({type(b) for b in blocks}) == 1 and any(True for _ in blocks[0].parameters())

@@ -185,3 +185,29 @@ def test_transformers_llava_takes_its_language_model():
                   num_attention_heads=2, image_size=16, patch_size=8)
     model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(text_config=text, vision_config=vision))
     assert all_blocks(model) == ["model.language_model.layers.0", "model.language_model.layers.1"]
+
+
+def test_an_encoder_decoder_built_from_two_configs_is_scored_as_before():
+    """``EncoderDecoderModel``'s root config has no count and its text config is the decoder's: the rule
+    leaves it alone (the encoder's stack when as long, as before), not the decoder's as for a multimodal LM."""
+
+    class DecoderConfig(PretrainedConfig):
+        pass
+
+    class EncDecConfig(PretrainedConfig):
+        def get_text_config(self):
+            return self.decoder
+
+    class Tower(nn.Module):
+        def __init__(self, config=None):
+            super().__init__()
+            self.config = config
+            self.layers = nn.ModuleList(Block() for _ in range(2))
+
+    class EncDec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = EncDecConfig(is_encoder_decoder=True, decoder=DecoderConfig(num_hidden_layers=2))
+            self.encoder, self.decoder = Tower(), Tower(self.config.decoder)
+
+    assert all_blocks(EncDec()) == ["encoder.layers.0", "encoder.layers.1"]
