@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .capture import unwrap_compiled
+
 
 def _names_modules(target: Any) -> bool:
     """Whether a layer target is or lists module objects (resolved to their names when binding)."""
@@ -49,6 +51,22 @@ def _hf_depth(model: nn.Module) -> tuple[int | None, list[str] | None]:
     return (depth, owners) if isinstance(depth, int) and not isinstance(depth, bool) else (None, None)
 
 
+def _unwrapped(block: nn.Module) -> nn.Module:
+    """The module a wrapper around one block runs: ``torch.compile``'s (per-block compilation), FSDP1's
+    ``FullyShardedDataParallel`` and ``torch.distributed``'s checkpoint wrapper (per-block auto-wrapping); any
+    other block as it is. A stack whose blocks are wrapped one by one, or only some of them, is still one stack
+    of one class (before: a stack with one compiled block was not homogeneous, and the lens's default chose a
+    list of per-layer embeddings beside it)."""
+    while True:
+        inner = unwrap_compiled(block)
+        if inner is block and type(block).__module__.startswith("torch.distributed"):
+            inner = next((m for a in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+                          if isinstance(m := block._modules.get(a), nn.Module)), block)
+        if inner is block:
+            return block
+        block = inner
+
+
 def all_blocks(model: nn.Module) -> list[str]:
     """Dotted names of the model's layer stack: the ``ModuleList``/``Sequential``/``ModuleDict`` of
     same-class, parameterized blocks, preferring homogeneous stacks, then stacks that no other homogeneous
@@ -72,7 +90,7 @@ def all_blocks(model: nn.Module) -> list[str]:
     def homogeneous(blocks: list) -> bool:
         return len({type(b) for b in blocks}) == 1 and any(True for _ in blocks[0].parameters())
 
-    lists = [(name, container, keys, [container[k] if isinstance(container, nn.ModuleDict) else container[int(k)]
+    lists = [(name, container, keys, [_unwrapped(container[k] if isinstance(container, nn.ModuleDict) else container[int(k)])
                                       for k in keys]) for name, container, keys in _block_lists(model)]
     if not lists:
         raise ValueError(

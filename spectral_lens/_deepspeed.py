@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["behind_zero3_hooks", "fast_hint", "refuse_deepspeed_engine", "refuse_zero3_params", "refuse_zero3_placeholders", "whole_shape",
+__all__ = ["behind_zero3_hooks", "fast_hint", "refuse_zero3_params", "refuse_zero3_placeholders", "whole_shape",
            "zero3_names", "zero3_partitioned"]
 
 
@@ -149,19 +149,3 @@ def refuse_zero3_placeholders(named: dict, who: str) -> None:
             "with deepspeed.zero.GatheredParameters(list(model.parameters())): ... (docs/guide-multi-gpu.md, "
             "DeepSpeed ZeRO)"
         )
-
-
-def refuse_deepspeed_engine(model, who: str) -> None:
-    """``ValueError`` for a ``DeepSpeedEngine`` (what ``deepspeed.initialize`` returns; recognized by its
-    class name and module): measure ``engine.module``. The engine's forward registers hooks on its outputs
-    that scale the loss for gradient accumulation (and, in float16, by the loss scale) in any backward from
-    them, and starts its optimizer's bookkeeping; its parameter names carry a ``module.`` prefix."""
-    if not any(c.__name__ == "DeepSpeedEngine" and c.__module__.startswith("deepspeed.") for c in type(model).__mro__):
-        return
-    raise ValueError(
-        f"{who}: model is a DeepSpeed engine ({type(model).__name__}, from deepspeed.initialize); pass the module it "
-        "trains (engine.module) instead: the engine's forward scales the loss of any backward through its outputs "
-        "(gradient accumulation, float16 loss scaling) and updates its optimizer's bookkeeping, which measuring "
-        "must not. engine.module has the same parameters (and names without the 'module.' prefix), and training "
-        "through the engine is unaffected (docs/guide-multi-gpu.md, DeepSpeed ZeRO)"
-    )

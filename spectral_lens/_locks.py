@@ -2,7 +2,12 @@
 
 The kernel releases a lock when its holder's process exits or is killed, so a crash never leaves a
 stale lock behind (which is why a lock file is preferable to a pid file). A lock is held on an open
-file description, which a forked child shares: only the process that took it releases it.
+file description, which a forked child shares: only the process that took it releases it (and a child
+that outlives a killed holder keeps the lock held until it exits).
+
+On NFS, Linux emulates ``flock`` with POSIX byte-range locks (the descriptor is opened read-write, which
+they need), so the lock holds between machines; a mount with ``nolock`` or ``local_lock=flock`` keeps
+locks local to one machine. Deleting the lock file while it is held lets a second holder lock a new file.
 """
 
 from __future__ import annotations

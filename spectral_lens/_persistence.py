@@ -96,12 +96,26 @@ def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: s
     return out
 
 
+def _npz_path(path: Path) -> Path:
+    """The file :func:`_write_state` writes for ``path``: ``path`` itself when it ends in ``.npz``, else with it appended."""
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def _state_path(path: Path) -> Path:
+    """The file a load of ``path`` reads: ``path`` when it exists, else the file a save to ``path`` wrote
+    (``.npz`` appended) when that one exists, so ``load(p)`` reads what ``save(p)`` wrote; else ``path``
+    (whose load then raises ``FileNotFoundError`` naming it)."""
+    if path.exists() or path.suffix == ".npz":
+        return path
+    saved = _npz_path(path)
+    return saved if saved.exists() else path
+
+
 def _write_state(sd: dict[str, Any], path: str | Path, fsync: bool) -> Path:
     """Write a ``state_dict`` ``sd`` as ``.npz`` (appended to a ``path`` without it), atomically; returns the path."""
     header = {k: sd[k] for k in _HEADER_KEYS}
     arrays = {k: v.detach().cpu().numpy() for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    path = Path(path)
-    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+    path = _npz_path(Path(path))
     blob = np.array(json.dumps(header))
     write_atomic(path, lambda fh: np.savez(fh, header=blob, **arrays), fsync=fsync)
     return path

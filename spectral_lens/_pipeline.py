@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 import sys
 
 from torch import nn
@@ -120,7 +121,9 @@ def whole_pipeline(stage, group, who: str = "SpectralLens") -> bool:
 def merge_stages(stage, spectra: dict, missing: list, layers_spec, blocks: int) -> tuple[dict, int]:
     """Every stage's spectra on every rank of the pipeline (one ``all_gather_object`` over its group), so
     that each measurement, and the record rank 0 writes, holds the whole model's layers. ``missing``: the
-    targets of ``layers=`` that match no module of this stage; one that matches none on any stage, or a
+    positions of the targets of ``layers=`` that match no module of this stage (compared by position, the same on
+    every rank: before, a callable's or module's ``repr`` was compared, which holds an address that differs
+    between ranks, so a callable matching no stage was never refused); one that matches none on any stage, or a
     name measured on two stages, is a ``ValueError`` on every rank (all see the same gathered lists).
     ``blocks``: how many blocks this stage holds; returns the spectra and the whole model's depth (the
     default tail window's scale rule)."""
@@ -138,13 +141,27 @@ def merge_stages(stage, spectra: dict, missing: list, layers_spec, blocks: int) 
                 "each stage's modules must have names of their own (as the unsplit model's)"
             )
         merged.update(theirs)
-    nowhere = [t for t in missing if all(t in theirs_missing for _, _, theirs_missing, _ in gathered)]
+    nowhere = [target_label(layers_spec, i) for i in missing
+               if all(i in theirs_missing for _, _, theirs_missing, _ in gathered)]
     if nowhere:
         raise ValueError(
             f"SpectralLens layers={layers_spec!r}: {nowhere} match no module of any pipeline stage; "
             "every stage resolves the layers it holds"
         )
     return merged, sum(g[3] for g in gathered)
+
+
+def target_label(layers_spec, i: int) -> str:
+    """Entry ``i`` of ``layers=`` for messages, the same on every rank: a name or glob as typed, a regex's
+    pattern, a module's or callable's kind and position (never a ``repr`` holding an address)."""
+    targets = list(layers_spec) if isinstance(layers_spec, (list, tuple)) else [layers_spec]
+    t = targets[i]
+    if isinstance(t, str):
+        return t
+    if isinstance(t, re.Pattern):
+        return f"re.compile({t.pattern!r})"
+    kind = f"{type(t).__name__} module" if isinstance(t, nn.Module) else getattr(t, "__qualname__", type(t).__name__)
+    return f"layers[{i}] ({kind})" if isinstance(layers_spec, (list, tuple)) else f"layers ({kind})"
 
 
 def stage_blocks(model: nn.Module) -> list[str]:

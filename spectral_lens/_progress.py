@@ -15,13 +15,18 @@ __all__ = ["progress_enabled", "progress_bar", "sized_total"]
 
 
 def progress_enabled(progress: bool | None) -> bool:
-    """Resolve ``progress`` (``None`` = auto: stderr is a TTY and ``$CI`` is unset)."""
+    """Resolve ``progress`` (``None`` = auto: stderr is a TTY and ``$CI`` is unset). A standard error that is
+    missing (``None``), closed or cannot answer is not a terminal: no bar (its ``isatty`` raised ``ValueError``
+    through every measurement)."""
     if progress is not None:
         return bool(progress)
     if os.environ.get("CI"):
         return False
     stream = sys.stderr
-    return bool(getattr(stream, "isatty", None) and stream.isatty())
+    try:
+        return bool(getattr(stream, "isatty", None) and stream.isatty())
+    except (ValueError, OSError):  # a closed stream (ValueError), or one whose descriptor is gone
+        return False
 
 
 def progress_bar(total: int | None, desc: str, progress: bool | None, unit: str = "it") -> Any | None:

@@ -28,7 +28,7 @@ from .background import SolveFuture, emit, submit
 from ._chunk_sums import _adopt_shift, _call_sums, _cpu_chunk_sums, _cpu_path
 from ._compute import _finite_check, _host_copies, _row_count, _Setup, _spectrum_of, _Sums
 from ._lower_s import _add_deferred, _defer, _pending_factors, _symmetric_s, _symmetric_s_
-from ._persistence import _STATE_FORMAT, _read_state, _validated, _write_state
+from ._persistence import _STATE_FORMAT, _read_state, _state_path, _validated, _write_state
 from ._sync import _summed, _sync_status, deferred_interrupt
 from .capture import Target, check_dense_rows
 from .spectra.moments import (
@@ -778,10 +778,11 @@ class ActivationCovarianceAccumulator:
              max_chunk_rows: int = 131072) -> "ActivationCovarianceAccumulator":
         """Rebuild an accumulator from :meth:`save` output.
 
-        A corrupted, truncated, tampered (wrong dtype, shape, count or header field) or foreign file,
-        or one missing an array, raises :class:`StateFormatError` naming the file.
+        ``path`` is read as :meth:`save` named it: a ``path`` without ``.npz`` that does not exist is read
+        with ``.npz`` appended (``load(p)`` reads what ``save(p)`` wrote). A corrupted, truncated, tampered
+        (wrong dtype, shape, count or header field) or foreign file, or one missing an array, raises :class:`StateFormatError` naming the file.
         """
-        path = Path(path)
+        path = _state_path(Path(path))
         header, arrays = _read_state(path, device)
         acc = cls(header.get("dim"), precision=header["precision"], nonfinite=header.get("nonfinite", "raise"),
                   max_chunk_rows=max_chunk_rows, name=name)

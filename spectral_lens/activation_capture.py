@@ -21,7 +21,7 @@ from ._memory import check_rows, output_width
 from ._pipeline import metadata_inference
 from .accumulate import ActivationCovarianceAccumulator
 from .background import SolveFuture, submit
-from .capture import (HookSet, Target, _FEEDING, check_pick, display_name, pick_tensor, select_modules,
+from .capture import (HookSet, Target, _FEEDING, check_pick, display_name, pick_tensor, record_names, select_modules,
                       graph_break_for_hook, recomputed_forward,
                       transformed_forward, unwrap_fabric, warn_if_compiled, refuse_parallel_wrapper_names)
 from .spectrum import Spectrum
@@ -49,19 +49,44 @@ def _claim(acc: ActivationCovarianceAccumulator, capture: "ActivationCapture", w
     _FED_BY[acc] = (weakref.ref(capture), where)
 
 
+class _RecordKeyed(dict):
+    """A capture's ``{record name: ...}`` (``accumulators``, ``compute()``'s spectra), a plain ``dict`` but for its
+    ``KeyError``: a lookup by a module's own name, as a capture was keyed before review 27, names the key it has now;
+    any other missing key names the keys there are (before: the bare name)."""
+
+    def __init__(self, items, own: dict[str, str]) -> None:
+        super().__init__(items)
+        self._own = own  # {a module's own name: its key}, where they differ
+
+    def __missing__(self, key):
+        now = self._own.get(key) if isinstance(key, str) else None
+        if now is not None and now in self:
+            raise KeyError(
+                f"{key!r} is now keyed {now!r}: a capture is keyed by the names the lens records (without "
+                "_orig_mod / FSDP1 / checkpoint wrapper segments, a PEFT model's as before get_peft_model; until review "
+                "27 the module's own name, which is each accumulator's name now; docs/guide-attach.md)")
+        raise KeyError(f"{key!r}: not a key of this capture; its keys: {list(self)[:8]}"
+                       + (f" (and {len(self) - 8} more)" if len(self) > 8 else ""))
+
+
 class ActivationCapture(HookSet):
     """Forward hooks feeding selected modules' outputs into one accumulator each.
 
     Attributes:
-        accumulators: ``{module_name: ActivationCovarianceAccumulator}`` in model order.
+        accumulators: ``{module_name: ActivationCovarianceAccumulator}`` in model order, keyed by the names the
+            lens's records and ``weight_spectra`` use (:func:`~spectral_lens.capture.record_names`: without the
+            ``_orig_mod`` / FSDP1 / checkpoint wrapper segments, a PEFT model's as before ``get_peft_model``);
+            each accumulator's ``name`` (its spectrum's ``source``) is the module's own name.
 
     Use as a context manager (hooks are removed on exit, also on exceptions) or call ``remove()``.
     Set a padding mask for the next forward passes with ``with capture.mask(attention_mask): ...``.
     """
 
-    def __init__(self, accumulators: dict[str, ActivationCovarianceAccumulator]) -> None:
+    def __init__(self, accumulators: dict[str, ActivationCovarianceAccumulator], *,
+                 own: dict[str, str] | None = None) -> None:
         super().__init__()
-        self.accumulators = accumulators
+        # own: {a module's own name: its key} where they differ, for the KeyError of a lookup by the old key
+        self.accumulators = _RecordKeyed(accumulators, dict(own or {}))
         self._mask: torch.Tensor | None = None
         self._widths: dict[str, int | None] = {}  # module_name -> its rows' width where certain before them
         self._modules: dict[str, weakref.ref] = {}  # module_name -> its module, whose device the check reads
@@ -83,9 +108,13 @@ class ActivationCapture(HookSet):
     def __repr__(self) -> str:
         return f"ActivationCapture({list(self.accumulators)}, active={self.active})"
 
+    def _keyed(self, items: dict) -> dict:
+        """``items`` with the accumulators' ``KeyError`` for a module's own name (:class:`_RecordKeyed`)."""
+        return _RecordKeyed(items, getattr(self.accumulators, "_own", {}))
+
     def compute(self) -> dict[str, Spectrum]:
-        """``{module_name: Spectrum}`` for every attached module."""
-        return {name: acc.compute() for name, acc in self.accumulators.items()}
+        """``{module_name: Spectrum}`` for every attached module, keyed as :attr:`accumulators`."""
+        return self._keyed({name: acc.compute() for name, acc in self.accumulators.items()})
 
     def compute_async(self) -> SolveFuture:
         """One :class:`concurrent.futures.Future` of ``{module_name: Spectrum}``: :meth:`compute` for the
@@ -99,7 +128,8 @@ class ActivationCapture(HookSet):
         snapshots = {name: acc._snapshot() for name, acc in self.accumulators.items()}
 
         def job(notes: list) -> dict[str, Spectrum]:
-            return {name: _spectrum_of(materialize(), setup, notes) for name, (setup, materialize) in snapshots.items()}
+            return self._keyed({name: _spectrum_of(materialize(), setup, notes)
+                                for name, (setup, materialize) in snapshots.items()})
 
         return submit(job)
 
@@ -143,6 +173,10 @@ def attach(
         dim, precision, nonfinite, max_chunk_rows: passed to each
             :class:`ActivationCovarianceAccumulator`.
 
+    The capture's keys are the names the lens records (``capture.compute()["h.1.attn"]`` for a block compiled one by
+    one, ``"model.layers.1"`` for a PEFT model's ``base_model.model.model.layers.1``), as ``weight_spectra`` keys its
+    spectra; each accumulator's ``name`` stays the module's own.
+
     The hooks read outputs under ``torch.no_grad()`` and return nothing, so the model's outputs,
     gradients and autograd graph are unchanged. A module called several times per forward
     contributes rows from every call.
@@ -152,17 +186,20 @@ def attach(
     refuse_parallel_wrapper_names(model, "spectral_lens.attach")  # DDP/DataParallel/engine: model.module, as the lens
     warn_if_compiled(model)
     selected = select_modules(model, target)
+    # keyed as the lens's records and weight_spectra name the modules (record_names: no wrapper segments, a PEFT
+    # model's names as before get_peft_model); each accumulator's name (its spectrum's source) is the module's own
+    keys = record_names(model, [name for name, _ in selected], params=False)
     accs = {
-        name: ActivationCovarianceAccumulator(
+        keys[name]: ActivationCovarianceAccumulator(
             dim, precision=precision, nonfinite=nonfinite, max_chunk_rows=max_chunk_rows, name=name
         )
         for name, _ in selected
     }
-    capture = ActivationCapture(accs)
+    capture = ActivationCapture(accs, own={name: key for name, key in keys.items() if key != name})
     try:
         for name, module in selected:
-            _claim(accs[name], capture, _where(name, model))
-            capture.add(module.register_forward_hook(_make_hook(capture, name, pick, module)))
+            _claim(accs[keys[name]], capture, _where(name, model))
+            capture.add(module.register_forward_hook(_make_hook(capture, keys[name], pick, module, name)))
     except BaseException:
         capture.remove()
         raise
@@ -183,11 +220,13 @@ def attach_one(acc: ActivationCovarianceAccumulator, model: nn.Module, target: T
             "spectral_lens.attach(model, target) for one accumulator per module"
         )
     name, module = selected[0]
-    capture = ActivationCapture({name: acc})
+    key = record_names(model, [name], params=False)[name]  # as attach keys it: the records' name
+    capture = ActivationCapture({key: acc}, own={name: key} if key != name else None)
     _claim(acc, capture, _where(name, model))  # before any change: a refused attach changes nothing
+    # the name last: a hook that cannot be registered leaves the accumulator as it was (before: renamed)
+    capture.add(module.register_forward_hook(_make_hook(capture, key, pick, module, name)))
     if acc.name is None or acc.name == getattr(acc, "_attach_name", None):  # unset, or set by an earlier attach
         acc.name = acc._attach_name = name
-    capture.add(module.register_forward_hook(_make_hook(capture, name, pick, module)))
     return capture
 
 
@@ -205,13 +244,13 @@ def _token_mask(rows: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor |
     return mask
 
 
-def _make_hook(capture: ActivationCapture, name: str, pick, module: nn.Module) -> "_Feed":
+def _make_hook(capture: ActivationCapture, name: str, pick, module: nn.Module, own: str | None = None) -> "_Feed":
     # read as given (no pick, or the lens's own reading of the blocks it chose): a channels-first output,
     # (N, C, H, W) of a convolution, would be read as rows of W, so it is refused; an explicit pick wins
     layout = channels_first(module) if pick is None or pick is block_hidden_states else None
     capture._widths[name] = output_width(module, pick)  # for the memory check (None: known at its rows)
     capture._modules[name] = weakref.ref(module)  # its device read at the pass's first rows (_memory.layer_device)
-    return _Feed(capture, capture.accumulators[name], pick, display_name(name, module), layout)
+    return _Feed(capture, capture.accumulators[name], pick, display_name(name if own is None else own, module), layout)
 
 
 class _Copied:

@@ -8,11 +8,16 @@ crash) leaves the previous file at ``path`` untouched and removes its temporary 
 of the write, the fsync or the rename (``ENOSPC``, ``EIO``, ``path`` a directory, ...) is raised with
 ``filename`` set to ``path`` (a killed
 process can leave a ``.*.tmp`` file behind; :class:`~spectral_lens.records.RunWriter` cleans those on
-resume).
+resume). The temporary file's name is the target's, cut to fit the file system's limit on names
+(255 bytes; 143 on eCryptfs, asked with ``pathconf`` only when a name is refused as too long).
 
 Like ``open(path, "w")``, a write to a symlink writes the file it points to (the end of the chain; a
 dangling link's target is created) and leaves the link in place: the temporary file goes in the
-target's directory, so the rename stays atomic. An overwrite keeps the old file's permission bits; a
+target's directory, so the rename stays atomic. A file this process may not open for writing (made
+read-only, ``chmod a-w``; another user's file in a directory everyone may write) is refused with ``open``'s
+``PermissionError``, not replaced (the probe, an ``open`` without truncation, is skipped for the caller's
+own file whose mode lets it write; any other error of it is left to the rename). An overwrite
+keeps the old file's permission bits; a
 new file gets ``open``'s (``0o666`` less the umask). Owner, group, ACLs and extended attributes are
 those of the new file (the writing process's), as with any rename-based write.
 """
@@ -31,6 +36,19 @@ __all__ = ["write_atomic", "write_text_atomic", "write_json_atomic", "fsync_dir"
 
 #: Suffix of every temporary file written here (``.<name>.<hex>.tmp``).
 TMP_SUFFIX = ".tmp"
+
+#: The longest file name, in bytes, where the file system does not say (``NAME_MAX`` of Linux's ext4, XFS,
+#: tmpfs, NFS; macOS's APFS); eCryptfs allows 143. A temporary file name is kept within the directory's.
+_NAME_MAX = 255
+
+
+def _name_max(directory: Path) -> int:
+    """The longest file name in bytes in ``directory`` (``pathconf``), else :data:`_NAME_MAX`."""
+    try:
+        found = os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such directory (the write names it), no pathconf
+        return _NAME_MAX
+    return found if isinstance(found, int) and 64 <= found <= _NAME_MAX else _NAME_MAX
 
 
 def fsync_dir(path: Path) -> None:
@@ -73,12 +91,47 @@ def _write_target(path: Path) -> Path:
     return target
 
 
-def _old_mode(path: Path) -> int | None:
-    """The permission bits of the file at ``path``, or None when there is none."""
+def _tmp_name(name: str, name_max: int = _NAME_MAX) -> str:
+    """``.<name>.<hex>.tmp``, ``name`` cut (whole characters) so that it fits in ``name_max`` bytes:
+    a target whose own name is within the limit but less than 38 bytes under it can be written (its
+    full temporary name was refused, ``ENAMETOOLONG``, where ``open(path, "w")`` succeeds)."""
+    tail = f".{uuid.uuid4().hex}{TMP_SUFFIX}"
+    room = name_max - 1 - len(tail)
+    name = name[:room]
+    while len(os.fsencode(name)) > room:  # multi-byte characters (or undecodable bytes) take more room
+        name = name[:-1]
+    return f".{name}{tail}"
+
+
+def _old_stat(path: Path) -> os.stat_result | None:
+    """The ``stat`` of the file at ``path``, or None when there is none."""
     try:
-        return stat.S_IMODE(os.stat(path).st_mode)
+        return os.stat(path)
     except OSError:
         return None
+
+
+def _owner_may_write(st: os.stat_result) -> bool:
+    """Whether this process owns the file of ``st`` and its mode lets the owner write it: ``open`` would (the
+    common case, so no probe is needed; on Windows, without ``geteuid``, the probe always runs)."""
+    geteuid = getattr(os, "geteuid", None)
+    return geteuid is not None and st.st_uid == geteuid() and bool(st.st_mode & stat.S_IWUSR)
+
+
+def _refuse_unwritable(target: Path, path: Path) -> None:
+    """The ``PermissionError`` that ``open(path, "w")`` raises, naming ``path``, when the existing regular
+    file ``target`` may not be opened for writing: a file made read-only (``chmod a-w``) to protect it was
+    replaced by the rename without a word. Opened without truncation and closed. Any other error of the
+    probe is left to the rename, which decides as it did before the probe: a file removed meanwhile
+    (``ENOENT``) is created, a running program's file (``ETXTBSY``) or one under a lease (``EWOULDBLOCK``)
+    is replaced."""
+    try:
+        fd = os.open(target, os.O_WRONLY | getattr(os, "O_NONBLOCK", 0))  # no O_NONBLOCK on Windows
+    except PermissionError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from None
+    except OSError:
+        return
+    os.close(fd)
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, fsync: bool = True) -> Path:
@@ -91,10 +144,22 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
     """
     path = Path(path)
     target = _write_target(path)
-    mode = _old_mode(target)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+    old = _old_stat(target)
+    mode = None if old is None else stat.S_IMODE(old.st_mode)
+    if old is not None and stat.S_ISREG(old.st_mode) and not _owner_may_write(old):
+        _refuse_unwritable(target, path)
+    tmp = target.with_name(_tmp_name(target.name))
+    created = False
     try:
-        with open(tmp, "wb") as fh:
+        try:
+            fh = open(tmp, "wb")  # noqa: SIM115 - entered below
+        except OSError as exc:  # the directory's limit on names is below 255 bytes (eCryptfs): asked only then
+            if exc.errno != errno.ENAMETOOLONG:  # (pathconf is a round trip to the server on NFS)
+                raise
+            tmp = target.with_name(_tmp_name(target.name, _name_max(target.parent)))
+            fh = open(tmp, "wb")  # noqa: SIM115 - entered below
+        with fh:
+            created = True
             write(fh)
             fh.flush()
             if mode is not None:
@@ -107,6 +172,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and not created and exc.errno in (errno.EACCES, errno.EPERM):
+            # the directory refused the temporary file, although the file itself may be writable: say so
+            raise OSError(exc.errno, f"{exc.strerror or exc}: cannot create a file in {target.parent} (an atomic write "
+                          "creates a temporary file there and renames it onto the file)", os.fspath(path)) from exc
         if isinstance(exc, OSError):  # name the target, not the removed temporary file
             named = named_os_error(exc, path, instead_of=tmp)
             if named is not exc:

@@ -9,6 +9,19 @@ Warnings a job raises must reach the user on the user's thread (the ``warnings``
 ``catch_warnings`` are process-global and not thread-safe, so a worker must not swap them). Jobs
 therefore do not call :func:`warnings.warn`; they append ``(message, category)`` pairs to a list,
 and :meth:`SolveFuture.result` re-emits them on the thread that calls it, attributed to that call.
+
+At interpreter exit the worker is joined before ``atexit`` handlers run; a job submitted after that runs on
+the submitting thread (``result()`` is then ready at once) instead of raising ``RuntimeError``, and so does a
+job whose submit could not start the worker thread (it runs once: the copy left in the queue does nothing).
+A job submitted at exit by another thread while the worker still runs the jobs queued before may run
+alongside them (jobs are independent: only their order of completion differs).
+
+Done-callbacks run on the worker thread, which resolves one job at a time: a callback that waits there for
+an unfinished job (``result()`` / ``exception()``) raises ``RuntimeError`` instead of waiting for itself
+forever, with or without a ``timeout`` (the job cannot end while it lasts) (``concurrent.futures.wait`` on
+that thread cannot be refused: do not call it in a callback). In a
+forked child, waiting for a future of the parent's that had not ended at the fork raises ``RuntimeError``
+too: the child has no worker thread, and that future was never resolved there.
 """
 
 from __future__ import annotations
@@ -24,6 +37,8 @@ __all__ = ["SolveFuture", "emit", "submit"]
 _THREAD_PREFIX = "spectral-lens"
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
+_SETTLED = ("FINISHED", "CANCELLED", "CANCELLED_AND_NOTIFIED")  # concurrent.futures' states of a future that has ended
+_on_worker = threading.local()  # ``.active`` is True on the worker thread while it runs a job or its callbacks
 
 
 def _get_executor() -> ThreadPoolExecutor:
@@ -64,13 +79,34 @@ class SolveFuture(Future):
     def __init__(self) -> None:
         super().__init__()
         self._notes: list[tuple[str, type[Warning]]] = []
+        self._pid = os.getpid()  # the process whose worker thread runs the job
 
     def result(self, timeout: float | None = None) -> Any:
+        self._refuse_waiting_for_itself("result")
         try:
             return super().result(timeout)
         finally:
             if self.done() and not self.cancelled():
                 emit(self._notes, stacklevel=2)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._refuse_waiting_for_itself("exception")
+        return super().exception(timeout)
+
+    def _refuse_waiting_for_itself(self, method: str) -> None:
+        """A ``RuntimeError`` for a wait on the worker thread (in a done-callback: callbacks of a job run
+        there) for a future that is not done: only that thread can resolve it, so the wait never ended
+        (and every later ``compute_async`` of the process waited behind it)."""
+        if self._pid != os.getpid() and self._state not in _SETTLED:  # read without the future's lock, which a
+            raise RuntimeError(  # thread of the parent may have held at the fork
+                f"SolveFuture.{method}() in process {os.getpid()} for a job submitted in process {self._pid} before it "
+                "forked: the job runs on that process's worker thread only, and this copy of the future is never "
+                "resolved; call compute_async() again in this process")
+        if getattr(_on_worker, "active", False) and not self.done():
+            raise RuntimeError(
+                f"SolveFuture.{method}() called on spectral-lens's worker thread (in a done-callback) for a job "
+                "that has not finished: the one worker runs jobs in order, so it would wait for itself forever; "
+                "wait for it from another thread, or add a done-callback to it instead")
 
 
 def submit(job: Callable[[list], Any]) -> SolveFuture:
@@ -80,19 +116,30 @@ def submit(job: Callable[[list], Any]) -> SolveFuture:
     ``BaseException``) surface from ``result()``.
     """
     future = SolveFuture()
+    once = threading.Lock()
 
     def run() -> None:
+        if not once.acquire(blocking=False):  # run already, here: the submit queued it, then could not start the
+            return  # worker ("can't start new thread"); the queued copy logged "Future in unexpected state"
         if not future.set_running_or_notify_cancel():
             return
         notes: list[tuple[str, type[Warning]]] = []
+        was = getattr(_on_worker, "active", False)  # True in a callback of a job run inline at exit (see below)
+        _on_worker.active = True  # done-callbacks run below, on this thread (see SolveFuture.result)
         try:
-            value = job(notes)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
-            future._notes = notes
-            future.set_exception(exc)
-        else:
-            future._notes = notes
-            future.set_result(value)
+            try:
+                value = job(notes)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+                future._notes = notes
+                future.set_exception(exc)
+            else:
+                future._notes = notes
+                future.set_result(value)
+        finally:
+            _on_worker.active = was
 
-    _get_executor().submit(run)
+    try:
+        _get_executor().submit(run)
+    except RuntimeError:  # the interpreter is exiting (an atexit handler runs after the worker was joined), or no
+        run()  # thread could be started: the job runs here, on the caller's thread, instead of raising
     return future

@@ -17,7 +17,7 @@ import functools
 import re
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Callable, Iterable, Union
 
 import torch
@@ -30,7 +30,7 @@ from ._warnings import CompiledModelWarning
 
 __all__ = ["Target", "glob_to_regex", "name_matcher", "select_modules", "check_pick", "pick_tensor", "check_dense_rows",
            "HookSet",
-           "warn_if_compiled", "unwrap_compiled", "unwrap_fabric", "refuse_parallel_wrapper_names", "eager_forwards", "measurement_pass", "transformed_forward",
+           "warn_if_compiled", "unwrap_compiled", "eager_target", "unwrap_fabric", "refuse_parallel_wrapper_names", "eager_forwards", "measurement_pass", "transformed_forward",
            "recomputed_forward", "graph_break_for_hook"]
 
 Target = Union[str, "re.Pattern[str]", nn.Module, Callable[[str, nn.Module], bool], Iterable]
@@ -104,7 +104,10 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     A name, glob or regex also matches a module by its eager name (:func:`uncompiled_name`: without
     the ``_orig_mod`` segments of a ``torch.compile``d submodule, as the records name it); a compile
     wrapper and the module it wraps have the same eager name, and only the first (the wrapper) is
-    selected. In a PEFT ``PeftModel`` a name or glob also matches without the ``base_model.model.``
+    selected. A name or glob written with wrapper segments (``"_orig_mod.h.1"``, as a compiled model prints it)
+    also matches by eager names (:func:`eager_target`), unless it is a module's name as typed: then that module
+    only (``"h.1._orig_mod"`` the block a compile wrapper holds, not the wrapper). In a PEFT ``PeftModel`` a name or glob also matches without
+    the ``base_model.model.``
     prefix (:func:`~spectral_lens._peft.short_name`: as the model was before ``get_peft_model``). The
     names returned are the modules' own.
 
@@ -124,6 +127,11 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
         raise ValueError("empty module target list")
     matchers = [name_matcher(t) for t in targets]
     named = list(model.named_modules())
+    # a name or glob typed with wrapper segments (as a compiled model prints it: "_orig_mod.h.1", "h.1._orig_mod.attn")
+    # also matches by the eager names: the same module with or without the wrapper (before: nothing matched); a name
+    # that is a module of the model as typed selects that module only (eager_target)
+    own = {n for n, _ in named}
+    stripped = [None if (e := eager_target(t, own)) is None else name_matcher(e) for t in targets]
     for t in targets:
         if isinstance(t, nn.Module) and not any(m is t for _, m in named):
             raise ValueError(
@@ -144,7 +152,8 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
         plain = uncompiled_name(name)
         short = short_name(plain, prefix, base_layer=False)
         here = [f(name, mod) or (is_name and ((plain != name and f(plain, mod)) or (short != plain and f(short, mod))))
-                for f, is_name in zip(matchers, named_by)]
+                or (g is not None and (g(plain, mod) or g(short, mod)))
+                for f, g, is_name in zip(matchers, stripped, named_by)]
         if any(here):
             hit = [a or b for a, b in zip(hit, here)]
             if plain not in seen:
@@ -383,21 +392,32 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
 
 
 def refuse_parallel_wrapper_names(model: nn.Module, who: str) -> None:
-    """``ValueError`` for a ``DistributedDataParallel``/``DataParallel`` wrapper or a DeepSpeed engine (also
-    inside a ``torch.compile`` wrapper) given to a function that hooks or names the model's modules
-    (:func:`spectral_lens.attach`), as :class:`~spectral_lens.SpectralLens`, the probe and ``weight_spectra``
-    refuse it: its names carry a ``module.`` prefix that the lens's records lack. Hooks on ``model.module``'s
-    layers fire inside the wrapper's forward, so passing ``model.module`` measures the same rows."""
+    """``ValueError`` for a ``DistributedDataParallel``/``DataParallel`` wrapper or a DeepSpeed engine (also inside a
+    ``torch.compile`` wrapper): the one refusal of :func:`spectral_lens.attach`, :class:`~spectral_lens.SpectralLens`,
+    the probe and ``weight_spectra``, naming the wrapper's class once and the way out (``model.module``,
+    ``engine.module``). Its names carry a ``module.`` prefix that the lens's records lack, and a pass through it
+    starts the wrapper's own work on this rank alone; hooks on the wrapped module's layers fire inside the wrapper's
+    forward, so passing it measures the same rows and training through the wrapper is unaffected."""
     inner = unwrap_compiled(model)
-    engine = any(c.__name__ == "DeepSpeedEngine" and c.__module__.startswith("deepspeed.") for c in type(inner).__mro__)
-    if not (engine or isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel))):
+    cls = type(inner).__name__
+    if any(c.__name__ == "DeepSpeedEngine" and c.__module__.startswith("deepspeed.") for c in type(inner).__mro__):
+        what, way = f"a DeepSpeed engine ({cls}, from deepspeed.initialize)", "engine.module"
+        why = ("its forward scales the loss of any backward through its outputs (gradient accumulation, float16 loss "
+               "scaling) and updates its optimizer's bookkeeping, which measuring must not")
+    elif isinstance(inner, nn.parallel.DistributedDataParallel):
+        what, way = f"a {cls} wrapper", "model.module"
+        why = ("a measuring pass through it would start DDP's buffer broadcast and gradient all-reduce on this rank "
+               "alone (a hang, or cross-talk with the lens's own collectives)")
+    elif isinstance(inner, nn.DataParallel):
+        what, way = f"a {cls} wrapper", "model.module"
+        why = "a measuring pass through it would replicate the model across devices (hooks would see the replicas)"
+    else:
         return
-    what, way = ("a DeepSpeed engine", "engine.module") if engine else (f"a {type(inner).__name__} wrapper", "model.module")
     raise ValueError(
-        f"{who}: model is {what} ({type(inner).__name__}); pass the wrapped module ({way}) instead, as SpectralLens, "
-        "PerSampleGradientProbe and weight_spectra require: the wrapper's module names carry a 'module.' prefix "
-        f"that the lens's records lack. Hooks on {way}'s layers fire inside the wrapper's forward, so training "
-        "through the wrapper is measured the same")
+        f"{who}: model is {what}; pass the wrapped module ({way}) instead: {why}, and its names carry a 'module.' "
+        f"prefix that the lens's records lack. {way} holds the same parameters under the records' names, and hooks "
+        "on its layers fire inside the wrapper's forward, so training through the wrapper is measured the same and "
+        "unaffected (docs/guide-multi-gpu.md)")
 
 
 # the attribute under which a wrapper module holds the module it wraps, a segment of every name inside it:
@@ -414,6 +434,23 @@ def uncompiled_name(name: str) -> str:
     ``torch.distributed``'s activation checkpoint wrappers, so measurements of compiled, wrapped and
     eager models are recorded alike (a name without those segments is returned unchanged)."""
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def eager_target(target, known: Container[str] = ()) -> str | None:
+    """A name or glob target as :func:`uncompiled_name` writes names (``"_orig_mod.h.1.w.weight"`` ->
+    ``"h.1.w.weight"``: the name a compiled model, a compiled block or an FSDP1 / checkpoint wrapper prints, or a
+    state dict saved from one holds), to be matched against eager names; ``None`` for any other target, a name
+    without wrapper segments, one that is only wrapper segments (``"_orig_mod"``: the root, kept as typed), a
+    glob left with wildcards only (``"**._orig_mod"`` asks for the compiled modules, not for ``"**"``, every one),
+    and a name in ``known`` (the model's own module or parameter names): a name that is a module or parameter as
+    typed means that one, not what its stripped form names, which may be another (the compile wrapper around the
+    block typed, or the parent of a child of the user's own called ``_orig_mod``; review 27)."""
+    if not isinstance(target, str) or target in known:
+        return None
+    plain = uncompiled_name(target)
+    if not plain or plain == target or not set(plain) - set("*?."):
+        return None
+    return plain
 
 
 def peft_prefix(model: nn.Module) -> str:

@@ -408,8 +408,8 @@ class SpectralLens:
 
     @staticmethod
     def _stage_layers(model: nn.Module, stage, layers) -> tuple[list[str], list[str]]:
-        """The names of ``layers`` that this pipeline stage holds and the targets it holds none of (another
-        stage may). ``None``: the deepest block, on the last stage; ``"all"``: every block of every stage."""
+        """The names of ``layers`` that this pipeline stage holds and the positions of the targets it holds none of
+        (another stage may). ``None``: the deepest block, on the last stage; ``"all"``: every block of every stage."""
         if layers is None or (isinstance(layers, str) and layers == "all"):
             blocks = _pipeline.stage_blocks(model)
             if layers is not None:
@@ -422,11 +422,11 @@ class SpectralLens:
             return blocks[-1:], []
         targets = list(layers) if isinstance(layers, (list, tuple)) else [layers]
         names, missing = [], []
-        for t in targets:
+        for i, t in enumerate(targets):
             try:
                 names += [n for n, _ in select_modules(model, t)]
             except ValueError:
-                missing.append(t if isinstance(t, str) else repr(t))
+                missing.append(i)  # by position, the same on every rank (a callable's repr holds its address)
         return list(dict.fromkeys(names)), missing
 
     def attach(self, model: nn.Module) -> Attachment:

@@ -5,11 +5,34 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
-from ._args import check_count
+import numpy as np
+import torch
+
+from ._args import as_integer, check_count
 
 __all__ = ["Schedule"]
+
+
+def _whole(step: Any) -> int | None:
+    """``step`` as an ``int`` when it is a whole number (a number, a numpy scalar, a one-element array or
+    tensor: read once, so a CUDA tensor syncs once), else ``None``: a bool (of any kind), a fraction, nan,
+    several numbers, a string."""
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.dtype == torch.bool or step.dtype.is_complex:  # decided without reading it
+            return None
+        step = step.item()
+    elif isinstance(step, (np.ndarray, np.generic)):
+        if step.size != 1 or step.dtype.kind not in "iuf":
+            return None
+        step = step.item()
+    if isinstance(step, bool):
+        return None
+    try:
+        return as_integer(step)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -65,8 +88,20 @@ class Schedule:
         return cls(frozenset(out))
 
     def __contains__(self, step: int) -> bool:
+        """Whether ``step`` is measured. A step is compared by its value, as ``measure`` reads it: a
+        one-element tensor or array (``torch.tensor(10)``, ``np.int64(10)``, ``10.`` too) is its number (a
+        tensor hashes by identity, so it was never found among the explicit ``steps``: ``maybe_measure``
+        skipped the step silently). A CUDA tensor is read with one host sync, as ``measure`` reads it (pass
+        ``int`` steps to avoid it). Anything else is never measured (``measure`` refuses it): a bool (``True``
+        is not step 1), 2.5, nan, several numbers."""
+        value = _whole(step)
+        if value is None:
+            return False
+        return self._holds(value)
+
+    def _holds(self, step: int) -> bool:
         periodic = self.period is not None and step >= self.start and (step - self.start) % self.period == 0
-        return step in self.steps or periodic or any(step in p for p in self.parts)
+        return step in self.steps or periodic or any(p._holds(step) for p in self.parts)
 
     def __or__(self, other: "Schedule") -> "Schedule":
         return Schedule(parts=(self, other))

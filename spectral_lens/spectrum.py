@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import operator
 import zipfile
 import zlib
@@ -38,10 +39,17 @@ def _is_numpy_file(path: Path) -> bool:
 def read_npz(path: Path, what: str, error: type[Exception]) -> tuple[Any, dict[str, np.ndarray]]:
     """The parsed JSON ``header`` and the other arrays of a ``.npz`` file this library wrote, read
     without pickle. ``what`` names the expected file with its article ("an accumulator state file");
-    a directory, another kind of file, a single ``.npy`` array, a damaged archive or a header that is
-    not a JSON string raises ``error`` naming ``path``. A missing file raises ``FileNotFoundError``."""
+    a directory, a FIFO or device, another kind of file, a single ``.npy`` array, a damaged archive, an array
+    declaring more bytes than the file holds or a header that is not a JSON string raises ``error`` naming
+    ``path``. A missing file raises ``FileNotFoundError``; an intact file whose arrays do not fit in memory, a
+    ``MemoryError`` naming it (the file is not damaged). A ``path`` without ``.npz`` that does not exist is
+    read with ``.npz`` appended, the file ``save(path)`` wrote (``Spectrum.load`` as the accumulator's)."""
+    if path.suffix != ".npz" and not path.exists() and path.with_name(path.name + ".npz").exists():
+        path = path.with_name(path.name + ".npz")
     if path.is_dir():
         raise error(f"{path}: is a directory, expected {what} (.npz)")
+    if path.exists() and not path.is_file():  # opening a FIFO without a writer waited forever
+        raise error(f"{path}: not a regular file (a FIFO, socket or device), expected {what} (.npz)")
     try:
         if not _is_numpy_file(path):
             raise error(f"{path}: not a NumPy .npz archive, expected {what} (.npz)")
@@ -56,12 +64,46 @@ def read_npz(path: Path, what: str, error: type[Exception]) -> tuple[Any, dict[s
             arrays = {k: data[k] for k in data.files if k != "header"}  # each read (decompressed) afresh
     except (FileNotFoundError, error):
         raise
+    except MemoryError as exc:  # numpy allocates an array's declared size before reading it
+        if _declares_more_than_it_holds(path):  # a damaged or tampered .npy header (8 TiB in a small file)
+            raise error(f"{path}: not readable as {what} (an array declares more bytes than the file holds: {exc})") from exc
+        raise MemoryError(f"{path}: its arrays do not fit in memory ({exc})") from exc  # an intact file: not a format error
     # NotImplementedError / RuntimeError (RecursionError included): zipfile's answer to a damaged entry
     # header that names a compression method, zip version or flag it lacks, or encryption
     except (zipfile.BadZipFile, zlib.error, KeyError, ValueError, OSError, EOFError, NotImplementedError,
             RuntimeError) as exc:
         raise error(f"{path}: not readable as {what} ({exc})") from exc
     return header, arrays
+
+
+#: The most a deflated zip member expands (deflate's limit is about 1032:1), with room for its header.
+_MAX_EXPANSION = 1100
+
+
+def _declares_more_than_it_holds(path: Path) -> bool:
+    """Whether an array of the ``.npz`` at ``path`` declares (shape times item size) more bytes than its
+    member holds, or than the file could expand to, or has a header that cannot be read: a damaged or
+    tampered file, whose ``MemoryError`` is a format error; else the arrays are real and memory is short."""
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read = {(1, 0): np.lib.format.read_array_header_1_0,
+                            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read is None:  # version 3 (utf-8 field names): never written here
+                        return True
+                    shape, _, dtype = read(fh)
+                declared = math.prod(shape) * dtype.itemsize
+                if declared > min(info.file_size, _MAX_EXPANSION * min(info.compress_size, size) + 4096):
+                    return True
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError, RuntimeError,
+            TypeError):
+        return True
+    return False
 
 
 def _json_ok(v: Any) -> bool:

@@ -20,6 +20,7 @@ largest eigenvalues (the head of the rank plot), while the paper's tail window s
 from __future__ import annotations
 
 import difflib
+import gc
 import math
 import re
 from dataclasses import dataclass
@@ -34,9 +35,11 @@ from ._dtensor import dtensor_module
 from ._offload import offloaded_value
 from ._peft import has_peft_layers, short_name
 from .capture import (
+    eager_target,
     name_matcher,
     peft_prefix,
     record_names,
+    refuse_parallel_wrapper_names,
     uncompiled_name,
     unwrap_compiled,
 )
@@ -145,15 +148,8 @@ def _weights_module(model: nn.Module) -> nn.Module:
     DDP's module; :func:`~spectral_lens.capture.unwrap_compiled`), so names are the user's model's. A
     ``DistributedDataParallel``/``DataParallel`` wrapper or a DeepSpeed engine is refused, as the lens refuses
     it: its names carry a ``module.`` prefix that the lens's records and ``params=`` lack."""
+    refuse_parallel_wrapper_names(model, "weight_spectra")  # the wording of the lens, the probe and sl.attach
     inner = unwrap_compiled(model)
-    engine = any(c.__name__ == "DeepSpeedEngine" and c.__module__.startswith("deepspeed.") for c in type(inner).__mro__)
-    if engine or isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        what = "a DeepSpeed engine" if engine else f"a {type(inner).__name__} wrapper"
-        raise ValueError(
-            f"weight_spectra: model is {what} ({type(inner).__name__}); pass the module it wraps "
-            f"({'engine' if engine else 'model'}.module), as SpectralLens and PerSampleGradientProbe require: the "
-            "wrapper's parameter names carry a 'module.' prefix that the lens's records and params= lack; the "
-            "wrapped module holds the same weights")
     _refuse_fsdp1_flat(inner)
     return inner
 
@@ -165,14 +161,21 @@ def _refuse_fsdp1_flat(model: nn.Module) -> None:
     view of this rank's shard (1-D or empty, not its original shape: before, silently left out as < 2 dims).
     Inside ``FullyShardedDataParallel.summon_full_params(model)`` both are the whole matrices again.
 
+    Only weights whose original shape is a matrix count: a model whose parameters are all 1-D has no matrix to
+    gather, and :func:`_chosen` says so (before: 'views of this rank's shard', or 'flat 1-D parameters').
+
     The original shapes are held by the wrapper's handle. Given the module inside the wrapper
-    (``fsdp_model.module``, or a submodule: no handle within reach), FSDP1's parameters (marked
+    (``fsdp_model.module``, or a submodule: no handle within reach), they are read from the flat parameter found
+    through the views (:func:`_fsdp1_original_shapes`); where it is not found, FSDP1's parameters (marked
     ``_fsdp_flattened``) count as shard views when one is empty or none of them is a matrix: under a sharded
     strategy every one is a 1-D view, under ``NO_SHARD`` they keep their shapes (before: 'no matrix parameter
     matches', the 1-D views silently left out). Under ``use_orig_params=False`` a submodule's weights are plain
     tensors outside ``summon_full_params``, views of the flat parameter (FSDP1 marks the modules it manages
     ``_fsdp_use_orig_params``)."""
-    flat = [(n, p) for n, p in model.named_parameters() if getattr(p, "_is_flat_param", False)]
+    # only weights that are matrices count: a model whose parameters are all 1-D (norms, biases) has no matrix to
+    # gather, and is told so by _chosen ("no matrix parameter"), not sent to summon_full_params (review 27)
+    flat = [(n, p) for n, p in model.named_parameters() if getattr(p, "_is_flat_param", False)
+            and (getattr(p, "_shapes", None) is None or any(len(shape) >= 2 for shape in p._shapes))]
     handles = {id(h): h for m in model.modules() if (h := getattr(m, "_handle", None)) is not None}.values()
     sharded, known = [], set()
     for handle in handles:
@@ -180,17 +183,24 @@ def _refuse_fsdp1_flat(model: nn.Module) -> None:
         views, shapes = getattr(fp, "_params", None), getattr(fp, "_shapes", None)
         if getattr(fp, "_is_flat_param", False) and views is not None and shapes is not None:
             known.update(id(p) for p in views)
-            sharded += [p for p, shape in zip(views, shapes) if tuple(p.shape) != tuple(shape)]
+            sharded += [p for p, shape in zip(views, shapes) if tuple(p.shape) != tuple(shape) and len(shape) >= 2]
     orphans = [p for _, p in model.named_parameters()
                if getattr(p, "_fsdp_flattened", False) and not getattr(p, "_is_flat_param", False) and id(p) not in known]
     inside = not any(getattr(getattr(h, "flat_param", None), "_is_flat_param", False) for h in handles)
     if orphans and (any(p.numel() == 0 for p in orphans) or all(p.ndim < 2 for p in orphans)):
-        sharded += [p for p in orphans if p.ndim < 2]
+        # shard views, or a model without matrices: the original shapes tell (two heap scans, ~0.2 s each in a
+        # process with 2e5 tracked objects: only here, where a matrix model would be refused anyway)
+        originals = _fsdp1_original_shapes(orphans)
+        if originals and all(id(p) in originals for p in orphans):  # the wrapper's flat parameter found
+            sharded += [p for p in orphans if tuple(p.shape) != originals[id(p)] and len(originals[id(p)]) >= 2]
+        else:
+            sharded += [p for p in orphans if p.ndim < 2]
     # use_orig_params=False, a submodule given: its weights are plain tensors, views of the flat parameter (a plain
-    # tensor attribute of the user's own, a cache, is not one)
-    hidden = [f"{n}.{k}" if n else k for n, m in model.named_modules() if getattr(m, "_fsdp_use_orig_params", None) is False
-              for k, v in vars(m).items()
-              if isinstance(v, torch.Tensor) and getattr(v._base, "_is_flat_param", False)]
+    # tensor attribute of the user's own, a cache, is not one), in their original shapes: refused when one is a matrix
+    hidden = {f"{n}.{k}" if n else k: v.ndim for n, m in model.named_modules()
+              if getattr(m, "_fsdp_use_orig_params", None) is False
+              for k, v in vars(m).items() if isinstance(v, torch.Tensor) and getattr(v._base, "_is_flat_param", False)}
+    hidden = list(hidden) if any(ndim >= 2 for ndim in hidden.values()) else []
     if not (flat or sharded or hidden):
         return
     if flat:
@@ -216,6 +226,27 @@ def _refuse_fsdp1_flat(model: nn.Module) -> None:
         "(load its state_dict)")
 
 
+def _fsdp1_original_shapes(params: list[torch.Tensor]) -> dict[int, tuple[int, ...]]:
+    """``{id(p): original shape}`` for FSDP1 parameters (``use_orig_params=True``) whose flat parameter is out of
+    reach (given the module inside the wrapper, or a submodule): read from the flat parameter's ``_params`` list that
+    holds them and its ``_shapes`` beside it, found through their referrers (two scans of the heap's tracked
+    objects, only when such parameters exist: about 0.2 s with 2.4e5 tracked objects, 0.55 s with 5e6, on a
+    loaded CPU). Only a flat parameter's own attributes count (``_is_flat_param`` among them). ``{}`` when none is
+    found (FSDP1's attributes renamed)."""
+    ids = {id(p) for p in params}
+    lists = [r for r in gc.get_referrers(*params) if isinstance(r, list) and any(id(q) in ids for q in r)]
+    out: dict[int, tuple[int, ...]] = {}
+    for owner in gc.get_referrers(*lists) if lists else ():
+        attrs = owner if isinstance(owner, dict) else vars(owner) if isinstance(owner, torch.Tensor) else None
+        # a flat parameter's own attributes only (FSDP1 sets _is_flat_param on it): an object of the user's own that
+        # lists the same parameters and their current 1-D shapes as _params / _shapes is not one (review 27)
+        views = attrs.get("_params") if isinstance(attrs, dict) and attrs.get("_is_flat_param") is True else None
+        shapes = attrs.get("_shapes") if views is not None else None
+        if any(views is r for r in lists) and shapes is not None and len(shapes) == len(views):
+            out.update((id(q), tuple(shape)) for q, shape in zip(views, shapes))
+    return out
+
+
 def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str, torch.Tensor]]:
     """``(own name, record name, weight)`` of the matrix parameters of ``model`` (unwrapped already) that
     ``select`` chooses. The record name is the lens's (:func:`~spectral_lens.capture.record_names`): no
@@ -237,9 +268,15 @@ def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str
         # per entry, the parameters it matches: each entry of a list must choose a matrix, as it would alone
         # the other names of each parameter (record name, eager name), built once: not per entry and parameter
         others = [tuple({e, uncompiled_name(n)} - {n}) for n, e, _ in named]
+        # a name or glob typed with wrapper segments ("_orig_mod.h.1.w.weight", as a compiled model or its saved
+        # state dict names it) matches by the eager and record names too (before: no matrix parameter matched)
+        # (a name that is a parameter as typed selects that one only: eager_target)
+        own = {n for n, _, _ in named}
+        stripped = [None if (e := eager_target(t, own)) is None else name_matcher(e, "parameter") for t in targets]
         hits = [[item for item, alt in zip(named, others) if f(item[0], item[2]) or (eager and any(
-                    f(a, item[2]) for a in alt))]
-                for f, eager in zip(matchers, by_name)]
+                    f(a, item[2]) for a in alt)) or (g is not None and any(
+                    g(a, item[2]) for a in (item[1], uncompiled_name(item[0]))))]
+                for f, g, eager in zip(matchers, stripped, by_name)]
         taken = {id(item) for h in hits for item in h}  # the items of named themselves: one entry each
         matched = [item for item in named if id(item) in taken]
         refuse_zero3_placeholders({n: p for n, _, p in matched}, "weight_spectra")
@@ -255,6 +292,11 @@ def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str
         _refuse_tied_alias(model, select if isinstance(select, (list, tuple, set, frozenset)) else [select], named)
         _refuse_shared_short_name(model, select, named)
         hints, shown = _closest_params(select if isinstance(select, (list, tuple)) else [select], named)
+        if select is None:  # before: "no matrix parameter matches None; matrix parameters: []"
+            vectors = [e for _, e, _ in named]
+            raise ValueError(
+                f"{type(model).__name__} has no matrix parameter (weight spectra need >= 2 dims): its "
+                f"{len(vectors)} parameter(s) are 1-D or scalars: {vectors[:8]}")
         raise ValueError(
             f"{type(model).__name__}: no matrix parameter matches {select!r}; "
             f"{'closest names' if hints else 'matrix parameters'}: {shown}"
@@ -338,7 +380,9 @@ def select_parameters(model: nn.Module, select: ParamTarget | None = None) -> li
     model's, as the lens records them: a ``torch.compile`` wrapper and Lightning Fabric's ``fabric.setup``
     wrapper are unwrapped (no ``_orig_mod.`` / ``_forward_module.`` prefix), the ``_orig_mod`` segments of
     per-block compilation left out, and a PEFT model's parameters named as before ``get_peft_model``
-    (``a.weight`` for ``base_model.model.a.base_layer.weight``; either spelling selects). Raises ``ValueError``
+    (``a.weight`` for ``base_model.model.a.base_layer.weight``; either spelling selects). A name or glob written
+    with wrapper segments, as ``torch.compile(model).named_parameters()`` prints it or a state dict saved from a
+    compiled model holds it (``"_orig_mod.a.weight"``), selects the same parameter as the plain name. Raises ``ValueError``
     naming the closest parameter names when nothing matches or an entry of a list chooses no matrix, for DeepSpeed ZeRO-3 placeholders (gather them
     first), for FSDP1 flat parameters or shard views (call it inside ``summon_full_params``), and for a
     ``DistributedDataParallel`` / ``DataParallel`` wrapper or DeepSpeed engine (pass ``model.module``, as to the lens).

@@ -50,7 +50,8 @@ class TrainingDiverged(FloatingPointError):
     stops there (training on a NaN model only wrote NaN rows and NaN checkpoints). ``step``, ``tokens``,
     ``what`` (``"training loss"``, ``"validation loss"``, ``"weights"``) and ``value`` say where; ``checkpoint``
     is the newest checkpoint of the run (saved by it, or the one it resumed from; ``None``: none), saved
-    while its weights were finite. A ``FloatingPointError``, as the speedrun's and the toy's divergence."""
+    while its weights were finite; under torchrun rank 0 saves it and every rank names it (until review 27 the
+    other ranks said no checkpoint was saved). A ``FloatingPointError``, as the speedrun's and the toy's divergence."""
 
     def __init__(self, message: str, *, step: int, tokens: int, what: str, value: float,
                  checkpoint: Path | None):
@@ -286,7 +287,8 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
 
         def diverged(what: str, value: float) -> TrainingDiverged:
             where = f"at step {step} ({step * tokens_per_step:,} tokens)"
-            last = f"the last checkpoint, {saved}, was saved before it" if saved else "no checkpoint was saved before it"
+            last = (f"the last checkpoint, {saved}, was saved before it" + (" (by rank 0)" if world > 1 else "")
+                    if saved else "no checkpoint was saved before it")
             return TrainingDiverged(f"train: {variant} diverged: {what} {value} {where}; {last}", step=step,
                                     tokens=step * tokens_per_step, what=what, value=value, checkpoint=saved)
 
@@ -341,8 +343,8 @@ def train(*, variant: str = "FlexWin", profile: str = "tiny", data: str = "pydoc
                          elapsed_s=time.perf_counter() - t_start))
             if checkpoint_due and bad_loss is None:  # (else the evaluation due now stops the run)
                 check_weights()
-                if rank == 0:
-                    saved = run_dir / f"ckpt_{step:06d}.pt"
+                saved = run_dir / f"ckpt_{step:06d}.pt"  # on every rank: TrainingDiverged names it on each
+                if rank == 0:  # (rank 0 saves it; the others reach their next all-reduce only after it has)
                     _save_checkpoint(saved, model, opts, step, tokens_per_step, settings)
         if save_final:
             check_weights()

@@ -7,6 +7,7 @@ so an interrupted pipeline does not tune twice, unless it records other rungs, m
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,22 @@ def _check_settings(choices_path: Path, workdir: Path, want: dict) -> None:
                          "(the choices and the tuner's study, tune.journal) to tune again with these")
 
 
+@contextlib.contextmanager
+def _optuna_warnings_only():
+    """Optuna's INFO lines off in the block (restored after), as ``python -m examples.tune`` has them: the job printed
+    ``[I <time>] A new study created in Journal ...`` and, from each spawned worker (which takes this verbosity),
+    ``Using an existing study ... instead of creating a new one``, which reads as a problem to a first-time user; the
+    tuner's own ``tune:`` lines say what happens."""
+    import optuna
+
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(before, optuna.logging.WARNING))
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
 def choose_rates(workload: Workload, workdir: Path, settings: TunerSettings, *, stream=None
                  ) -> dict[tuple[str, int], dict[str, float]]:
     """Learning rates per ``(family, tier)``: tune them (or reuse ``workdir/choices.json``) and read them back.
@@ -73,11 +90,12 @@ def choose_rates(workload: Workload, workdir: Path, settings: TunerSettings, *, 
     else:
         families: Mapping[str, Mapping[str, float]] = {f: dict(workload.reference_lrs(f)) for f in workload.families}
         extra = {} if settings.multipliers is None else {"multipliers": tuple(settings.multipliers)}
-        tune(workload.trainable(), families=families, tiers=tuple(workload.tiers),
-             reference_tier=workload.reference_tier, rungs=tuple(settings.rungs), workdir=workdir,
-             choices_path=choices_path, mode=settings.mode, storage=f"journal:{workdir / 'tune.journal'}",
-             study_name=f"{workload.name}-tune", n_workers=settings.n_workers, progress=stream is not False,
-             **extra)
+        with _optuna_warnings_only():
+            tune(workload.trainable(), families=families, tiers=tuple(workload.tiers),
+                 reference_tier=workload.reference_tier, rungs=tuple(settings.rungs), workdir=workdir,
+                 choices_path=choices_path, mode=settings.mode, storage=f"journal:{workdir / 'tune.journal'}",
+                 study_name=f"{workload.name}-tune", n_workers=settings.n_workers, progress=stream is not False,
+                 **extra)
     chosen = load_choices(choices_path)
     out = {}
     for family in workload.families:

@@ -19,7 +19,8 @@ from spectral_lens.analysis import NoiseScalePredictor, TailPredictor, divergenc
 from spectral_lens.analysis.predictor import FractionNotReachedError
 from spectral_lens.records import RunRecord
 
-__all__ = ["ALPHA", "REPRODUCED_RHO", "FamilyVerdict", "Verdict", "unmeasured", "unmeasured_note", "verdict"]
+__all__ = ["ALPHA", "REPRODUCED_RHO", "FamilyVerdict", "Verdict", "percent", "unmeasured", "unmeasured_note",
+           "verdict"]
 
 REPRODUCED_RHO = 0.8
 """Within-family Spearman rho at or above which a family counts as reproducing the claim."""
@@ -76,6 +77,8 @@ class Verdict:
         families: per family, its :class:`FamilyVerdict` (in chain order).
         pooled_rho, pooled_pvalue, pooled_n: across families (per-family min-max normalized statistic).
         lines: the verdict in plain words, one sentence per line.
+        unmeasured: the run ids of the :func:`unmeasured` runs (stopped, kept, counted as cut short), which
+            ``lines`` names too (the printed verdict said nothing of them: only the report did).
     """
 
     target: float
@@ -87,6 +90,7 @@ class Verdict:
     pooled_pvalue: float
     pooled_n: int
     lines: tuple[str, ...] = field(default=())
+    unmeasured: tuple[str, ...] = field(default=())
 
 
 def _score(predictor, runs, eps):
@@ -142,7 +146,8 @@ def verdict(runs: Sequence[RunRecord], *, target: float, families: Sequence[str]
                                     reached, missed, by_f, _flags(rho, p, len(set(reached) - set(diverged)), why),
                                     n_by_f, diverged)
     pooled = (main.rho, main.pvalue, main.n) if main is not None else (math.nan, math.nan, 0)
-    v = Verdict(target, fraction, window, unit, out, *pooled)
+    stopped = tuple(sorted(r.run_id for r in unmeasured(runs)))
+    v = Verdict(target, fraction, window, unit, out, *pooled, unmeasured=stopped)
     return Verdict(**{**v.__dict__, "lines": tuple(_sentences(v))})
 
 
@@ -151,7 +156,8 @@ def unmeasured(runs: Sequence[RunRecord]) -> list[RunRecord]:
     measure them (``NonFiniteError``, activations beyond float32's range; ``divergence`` in ``run.json`` says why).
     The library reads such a run as cut short, not diverged (:func:`spectral_lens.analysis.divergence`), so the
     verdict counts it as having missed the target unless it reached it first, and names no divergence."""
-    return [r for r in runs if (r.info.extras or {}).get("status") == "diverged" and divergence(r) is None]
+    status = lambda r: (getattr(r.info, "extras", None) or {}).get("status")  # noqa: E731 (a stand-in info: none)
+    return [r for r in runs if status(r) == "diverged" and divergence(r) is None]
 
 
 def unmeasured_note(runs: Sequence[RunRecord]) -> str:
@@ -170,15 +176,22 @@ def _num(x: float, fmt: str = ".2f") -> str:
     return format(x, fmt) if math.isfinite(x) else "n/a"
 
 
-def _pct(f: float) -> str:
-    """A progress fraction in percent, unrounded as the toy report writes it: ``20%``, ``12.5%`` (``:.0%`` said
-    ``12%`` of a fraction pre-registered as 12.5%)."""
-    return f"{100 * f:.3g}%"
+def percent(f: float, among: Sequence[float] = ()) -> str:
+    """A progress fraction in percent, unrounded: ``20%``, ``12.5%`` (``:.0%`` said ``12%`` of a fraction
+    pre-registered as 12.5%), with as many digits (3 at least) as tell it from each other fraction of ``among``: a
+    pre-registered 0.2004 beside a scanned 0.2 is ``20.04%`` (both were ``20%``: two columns, or a rho, of one name;
+    fractions within 1e-9, e.g. 0.1 + 0.2 and 0.3, are one). Shared with the toy report."""
+    for digits in range(3, 18):
+        label = f"{100 * f:.{digits}g}%"
+        if all(f"{100 * g:.{digits}g}%" != label for g in among if not math.isclose(g, f, abs_tol=1e-9)):
+            break
+    return label
 
 
 def _sentences(v: Verdict) -> list[str]:
+    scanned = sorted({f for fam in v.families.values() for f in fam.rho_by_fraction} | {v.fraction})
     lines = [f"Pre-registered: target validation loss {v.target:g}; early statistic alpha_tail over ranks "
-             f"{v.window} at {_pct(v.fraction)} of the budget; a family reproduces the claim when "
+             f"{v.window} at {percent(v.fraction, scanned)} of the budget; a family reproduces the claim when "
              f"rho >= {REPRODUCED_RHO}."]
     for fam in v.families.values():
         tiers = sorted(set(fam.reached) | set(fam.missed))
@@ -190,10 +203,15 @@ def _sentences(v: Verdict) -> list[str]:
                  + ("; diverged tiers are left out of rho" if fam.diverged else ""))
         lines.append(f"{fam.family}: {reach}; rho = {_num(fam.rho)} (p = {_num(fam.pvalue, '.3g')}, n = {fam.n}); "
                      f"noise-scale baseline rho = {_num(fam.baseline_rho)}; verdict: {', '.join(fam.flags)}.")
-        scan = ", ".join(f"{_pct(f)}: {_num(r)} (n = {fam.n_by_fraction.get(f, 0)})" for f, r in fam.rho_by_fraction.items())
+        scan = ", ".join(f"{percent(f, scanned)}: {_num(r)} (n = {fam.n_by_fraction.get(f, 0)})"
+                         for f, r in fam.rho_by_fraction.items())
         lines.append(f"  {fam.family} rho by progress fraction: {scan}.")
     lines.append(f"Pooled across families (min-max normalized per family): rho = {_num(v.pooled_rho)} "
                  f"(p = {_num(v.pooled_pvalue, '.3g')}, n = {v.pooled_n}).")
+    if v.unmeasured:
+        lines.append(f"Stopped unmeasured (kept, not retrained): {', '.join(v.unmeasured)}: the lens could not measure "
+                     "them at a finite loss, so each counts as cut short there (a missed target unless it reached "
+                     "the target first), not as diverged.")
     failed = [f.family for f in v.families.values() if "reproduced" not in f.flags]
     weak = [f.family for f in v.families.values() if "reproduced" in f.flags and len(f.flags) > 1]
     if failed:

@@ -85,9 +85,11 @@ def _streams(fingerprint: str) -> dict[str, str]:
 def check_data(out: Path, data) -> None:
     """Refuse (``ValueError``, one line) a rerun whose data (``data``: the
     :class:`~examples.nanogpt.data.TokenData`) is not what ``OUT/preset.json`` recorded: shards changed in place
-    would mix runs trained on the old tokens (kept) with runs trained on the new ones. A ``preset.json`` written
+    would mix runs trained on the old tokens (kept) with runs trained on the new ones; the bundled corpus (``pydoc``,
+    ``stdlib``) changes with the Python version instead, and its refusal says so. A ``preset.json`` written
     before review 26 records no fingerprint: the data its runs saw cannot be checked, so it is accepted and the
-    fingerprint recorded now (atomically), so that later changes are refused. Call after :func:`check_settings`."""
+    fingerprint recorded now (atomically; a symlinked ``preset.json`` is written through, the link kept), so that
+    later changes are refused. Call after :func:`check_settings`."""
     from examples.nanogpt.data import FINGERPRINT_VERSION, fingerprint_version
     from spectral_lens.atomic import write_text_atomic
 
@@ -110,9 +112,21 @@ def check_data(out: Path, data) -> None:
     have, want = _streams(recorded), _streams(now)
     changed = [k for k in ("train", "val") if have.get(k) != want.get(k)] or ["train", "val"]
     shown = "; ".join(f"{k} shards: recorded {have.get(k)}, now {want.get(k)}" for k in changed)
+    if data.name.startswith("builtin:"):  # nothing to restore: the corpus is this Python's text (see _BUNDLED)
+        fix = _BUNDLED.format(name=data.name)
+    else:
+        fix = "restore the data or use a new --out"
     raise ValueError(f"{out} holds a speedrun trained on other data: the {' and '.join(changed)} data of "
-                     f"{data.name} changed since {path} recorded it ({shown}); restore the data or use a new --out "
+                     f"{data.name} changed since {path} recorded it ({shown}); {fix} "
                      "(kept runs would be mixed with runs trained on the changed tokens)")
+
+
+#: How :func:`check_data` words a refusal of the bundled corpus (``--data pydoc|stdlib``): it is built from the running
+#: Python's own pydoc topics and stdlib docstrings, so it changes with the Python version (or an update of its
+#: standard library), not by anyone editing it; the recorded fingerprint does not say which Python made the run.
+_BUNDLED = ("the bundled corpus {name} is this Python's own pydoc/stdlib text, which changes with the Python version "
+            "or an update of its standard library (preset.json does not record which Python made the run): rerun "
+            "with the Python that started it, or use a new --out")
 
 
 def recorded_data(out: Path, data: str) -> str:

@@ -54,19 +54,26 @@ def keep_freed_memory() -> None:
 
 
 _RESUME = "rerun the same command to resume (finished runs are kept)"
+#: ``--help``'s description, plain text (the module docstring's first line, shown until review 27, was reST markup).
+_DESCRIPTION = ("The paper's toy model, replicated end to end: tune a learning rate per batch tier, train every tier "
+                "with spectral measurements, predict the token-efficient tier, write OUT/report/report.md and print "
+                "the verdict. Rerun the same command to resume (finished runs are kept). See docs/replication-toy.md.")
+PROG = "python -m examples.toy"  # every line of the job says it: argparse's errors, the job's own, Ctrl-C and SIGTERM
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (2 for bad input, one line on stderr; Ctrl-C 130 and
     SIGTERM 143, one line: the tuner's trials are released and a rerun resumes, see :mod:`examples.cli`)."""
-    return run_stoppable("python -m examples.toy", _RESUME, _main, argv)
+    return run_stoppable(PROG, _RESUME, _main, argv)
 
 
 def _main(argv: list[str] | None) -> int:
     from .presets import PRESETS  # torch: imported under main()'s SIGTERM handler
 
-    ap = OneLineParser(prog="python -m examples.toy", description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="smoke (tests), cpu (main job), full (paper)")
+    ap = OneLineParser(prog=PROG, description=_DESCRIPTION)
+    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
+                    help="smoke (the tests'; seconds), cpu (the main job, the default; minutes), full (the paper's "
+                         "sweep; hours)")
     ap.add_argument("--out", type=directory, default=None, help="output directory (default runs/toy-<preset>)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the preset's)")
     args = ap.parse_args(argv)
@@ -90,7 +97,7 @@ def _main(argv: list[str] | None) -> int:
             _check_fresh(out)
             check_settings(out, preset, "toy run")  # every setting, as examples.speedrun: never mix results
         except (ValueError, OSError) as exc:
-            print(f"examples.toy: error: {one_line(exc)}", file=sys.stderr)
+            print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
             return 2
         return _run(preset, out, args.threads or preset.threads, lock)
 
@@ -118,8 +125,8 @@ def _run(preset, out: Path, threads: int, lock) -> int:
     torch.set_num_threads(threads)
     try:
         replicate(ToyWorkload(preset), out, preset.tuner, lock=lock)
-    except (ValueError, KeyError, OSError) as exc:  # e.g. a malformed choices file in OUT/tune: one line
-        print(f"examples.toy: error: {one_line(exc)}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, ImportError) as exc:  # a malformed OUT/tune/choices.json, no Optuna: one line
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(previous)

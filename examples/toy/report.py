@@ -15,7 +15,7 @@ from scipy import stats
 
 import spectral_lens as sl
 from examples.replicate.machine import machine_section as _machines  # shared with the speedrun's report
-from examples.replicate.verdict import unmeasured_note
+from examples.replicate.verdict import percent, unmeasured_note
 from spectral_lens.analysis import TailPredictor, divergence, token_inefficiency, tokens_to_target
 from spectral_lens.records import Measurement, RunRecord
 
@@ -37,8 +37,9 @@ def _num(x: float, fmt: str = ".2f") -> str:
 
 
 def _pct(f: float) -> str:
-    """A progress fraction in percent: ``20%``, ``12.5%`` (no rounding that would hide the preset's fraction)."""
-    return f"{100 * f:.3g}%"
+    """A progress fraction in percent: ``20%``, ``12.5%`` (no rounding that would hide the preset's fraction), told
+    from every scanned one: a preset's 0.2004 is ``20.04%``, not a second ``20%`` column beside 0.2's."""
+    return percent(f, SCAN_FRACTIONS)
 
 
 def _alpha(m: Measurement, name: str, window: tuple[int, int]) -> float:
@@ -136,7 +137,8 @@ def toy_sections(workload, runs: Sequence[RunRecord], out_dir: Path) -> list[str
     """Markdown sections (and figures in ``out_dir``) of the toy report."""
     target, window, families = workload.target_loss, tuple(workload.window), tuple(workload.families)
     fraction = float(getattr(workload, "fraction", 0.2))  # the preset's (the pipeline's default: the paper's 20%)
-    scanned = tuple(sorted(set(SCAN_FRACTIONS) | {fraction}))  # the table shows the pre-registered fraction too
+    # the table shows the pre-registered fraction too (a grid point it merely rounds to, e.g. 0.1 + 0.2, is dropped)
+    scanned = tuple(sorted({f for f in SCAN_FRACTIONS if not math.isclose(f, fraction, abs_tol=1e-9)} | {fraction}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scan, scan_n = _rho_scan(runs, families, target, window, scanned)

@@ -149,8 +149,9 @@ def _main(argv) -> int:
                       grace_period=args.grace)
     except KeyboardInterrupt as e:  # Ctrl-C (130) or SIGTERM (143): one line, no traceback (the workers stop quietly)
         return stopped("python -m examples.tune", e, _RESUME)
-    except (ValueError, KeyError, OSError, ImportError) as e:
-        print(f"python -m examples.tune: error: {one_line(e)}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, ImportError) as e:   # (with its notes: a pruner's names the trial)
+        print(f"python -m examples.tune: error: {'; '.join([one_line(e), *getattr(e, '__notes__', ())])}",
+              file=sys.stderr)
         return 2
     except Exception as e:  # a database gone away (it stops the call, as a full disk does): one line too
         if not _is_storage_error(e):

@@ -397,16 +397,24 @@ def _stop_workers(procs, timeout: float | None = None, release=None) -> None:
                 pass
 
 
-def exit_with_parent(parent: int, interval: float = 1.0) -> threading.Thread:
+def exit_with_parent(parent: int, interval: float = 1.0, timeout: float | None = None) -> threading.Thread:
     """Watch, from a daemon thread, whether the process ``parent`` is still this process's parent, and
-    end this process at once (status 1) when it is not: a worker whose ``tune()`` process was killed
-    (SIGKILL reaches no child) would otherwise train on to the study's end, unseen. Its trials are
-    then taken over like those of any killed worker (the journal and checkpoints are written
-    atomically, so a kill at any point is safe)."""
+    end this process when it is not: a worker whose ``tune()`` process was killed (SIGKILL reaches no
+    child) would otherwise train on to the study's end, unseen. It is sent SIGTERM first, which a
+    spawned worker turns into the release of its trials (:func:`_worker_main`, uncounted: the worker
+    did not fail its candidate), and ended at once (status 1) ``timeout`` seconds later (default
+    ``_STOP_TIMEOUT``: a trainable that swallowed the interrupt). It used to end at once, leaving the
+    trial it was training to the heartbeat, which counts it as lost while training
+    (``tune:takeovers``): every kill of ``tune()`` counted against each spawned worker's candidate.
+    The journal and checkpoints are written atomically, so a kill at any point is safe."""
+    timeout = _STOP_TIMEOUT if timeout is None else timeout
+
     def watch() -> None:
         while True:
             time.sleep(interval)
             if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(timeout)
                 os._exit(1)
 
     thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)

@@ -50,7 +50,7 @@ _CRASHED = "crashed its worker"   # how the error of a candidate failed by that 
 _TAKEOVERS = "tune:takeovers"  # how often the candidate was taken over while being trained (inherited by each retry)
 _MAX_TAKEOVER_RETRIES = 3      # as for crashes: the 4th take-over during training fails the candidate
 _LOST = "lost its worker"      # how the error of a candidate failed by that limit begins (see _crashed_out)
-_TRAINING = "tune:training"    # the rung the trial's worker is training (set before the trainable is called)
+_TRAINING = "tune:training"    # [rung, trial id]: the rung the trial's worker is training (set before the trainable)
 _OWNER = "tune:owner"          # [worker token, trial id]: which of tune()'s spawned workers claimed the trial
 
 
@@ -139,9 +139,14 @@ def _fail_crashed(study, ft, live, error: BaseException) -> bool:
 def _training_lost(ft) -> bool:
     """Whether the trial ``ft`` was being trained when its worker went silent: it names the rung its worker
     started (``tune:training``) and that rung's loss is not stored. A trial its worker merely held (waiting
-    for a synchronized decision) or was finishing is not: a kill then is not the candidate's doing."""
-    k = ft.system_attrs.get(_TRAINING)
-    return k is not None and f"rung:{k}" not in ft.user_attrs
+    for a synchronized decision) or was finishing is not: a kill then is not the candidate's doing.
+
+    The value names the trial it was written for: a retry inherits its predecessor's, which, after a loss
+    mid-rung, names that rung without its loss; a worker lost after claiming the retry, before training it,
+    merely held it, and was counted. A bare rung (written by the first version of this count, which did
+    not name the trial) is not trusted either: that take-over is not counted."""
+    v = ft.system_attrs.get(_TRAINING)
+    return isinstance(v, list) and len(v) == 2 and v[1] == ft._trial_id and f"rung:{v[0]}" not in ft.user_attrs
 
 
 def _fail_taken_over(study, ft, live, grace_period: float) -> bool:
@@ -227,7 +232,10 @@ class _Worker:
             with self.lock:
                 trials = list(self.held.values())
             for t in trials:
-                self._beat(t)
+                try:
+                    self._beat(t)
+                except Exception:  # noqa: BLE001, S112 - the storage's (a full disk, a dropped connection): next beat
+                    continue       # retries; the thread used to die, and the live worker's trials were taken over
 
     def _sweep_stale(self, study) -> None:
         """Fail RUNNING trials whose worker stopped beating; re-enqueue the ones that stand for a candidate."""
@@ -438,7 +446,7 @@ class _Worker:
 
         wd = self._trial_dir(cand)
         try:  # from here to the rung's stored loss, a silent worker counts as a take-over (_training_lost)
-            study._storage.set_trial_system_attr(trial._trial_id, _TRAINING, k)
+            study._storage.set_trial_system_attr(trial._trial_id, _TRAINING, [k, trial._trial_id])
         except UpdateFinishedTrialError:  # failed by another worker's sweep meanwhile: its retry owns the candidate
             self._let_go(trial)
             return False
@@ -488,7 +496,21 @@ class _Worker:
         Blamed on it, a fault of the study (another trial's data, a bug of the pruner) failed the
         candidates one after another as each asked, four crashes each."""
         current, self.current = self.current, None   # (left None when it raises: the crash is nobody's)
-        prune = trial.should_prune()
+        try:
+            prune = trial.should_prune()
+        except UpdateFinishedTrialError:
+            raise
+        except Exception as e:   # the pruner's own (not the storage's): every rerun stops here too; say so
+            if _is_crash(e) and hasattr(e, "add_note"):   # (Python >= 3.11)
+                try:
+                    ft = trial.study._storage.get_trial(trial._trial_id)
+                    what = f"{ft.user_attrs.get('key')}, after rung {len(_rung_losses(ft, len(self.cfg.rungs))) - 1}"
+                except Exception:  # noqa: BLE001 - the storage's: the pruner's exception is the one to raise
+                    what = "its candidate"
+                e.add_note(f"tune: the pruner raised deciding trial {trial.number} ({what}); not counted against "
+                           "that candidate (the pruner reads every trial of its family/tier): every rerun stops "
+                           "here until its cause is fixed")
+            raise
         self.current = current
         return prune
 

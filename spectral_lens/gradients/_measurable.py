@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .._deepspeed import fast_hint, refuse_deepspeed_engine, refuse_zero3_params
+from .._deepspeed import fast_hint, refuse_zero3_params
 from .._peft import base_prefix, has_peft_layers, saved_copies, short_name
-from ..capture import glob_to_regex, uncompiled_name, unwrap_compiled
+from ..capture import eager_target, glob_to_regex, refuse_parallel_wrapper_names, uncompiled_name, unwrap_compiled
 from ._validate import param_names
 
 __all__ = ["ATTENTION_OUTPUT_PATTERNS", "bindable", "default_gradient_param", "fsdp_sharded", "is_encoder_decoder",
@@ -49,26 +49,12 @@ the default probe is the match in the deepest block (largest block index in the 
 
 
 def refuse_parallel_wrapper(model: Any, who: str) -> None:
-    """``ValueError`` for a ``DistributedDataParallel``/``DataParallel`` wrapper: measure ``model.module``.
-
-    A forward/backward through the wrapper starts the wrapper's own work on this rank alone (DDP's
-    buffer broadcast per forward and gradient all-reduce per backward; DataParallel's replication),
-    which the other ranks never match: it cross-talks with the lens's collectives or hangs. A
-    ``DeepSpeedEngine`` likewise (:func:`~spectral_lens._deepspeed.refuse_deepspeed_engine`).
-    """
-    refuse_deepspeed_engine(model, who)
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        why = ("start DDP's buffer broadcast and gradient all-reduce on this rank alone (the other ranks never "
-               "match them: a hang, or cross-talk with the lens's own collectives)")
-    elif isinstance(model, nn.DataParallel):
-        why = "replicate the model across devices on every pass (hooks and gradients would see the replicas)"
-    else:
-        return
-    raise ValueError(
-        f"{who}: model is a {type(model).__name__} wrapper; pass the wrapped module (model.module) instead: "
-        f"measuring runs its own forward/backward passes, which through the wrapper would {why}. The inner "
-        "module has the same parameters, and training through the wrapper is unaffected"
-    )
+    """``ValueError`` for a ``DistributedDataParallel``/``DataParallel`` wrapper or a ``DeepSpeedEngine``: measure
+    ``model.module`` (``engine.module``). A forward/backward through the wrapper starts the wrapper's own work on
+    this rank alone (DDP's buffer broadcast per forward and gradient all-reduce per backward; DataParallel's
+    replication; the engine's loss scaling), which the other ranks never match. The wording is shared with
+    ``sl.attach`` and ``weight_spectra`` (:func:`~spectral_lens.capture.refuse_parallel_wrapper_names`)."""
+    refuse_parallel_wrapper_names(model, who)
 
 
 def bindable(model: Any, who: str, needs: str) -> nn.Module:
@@ -384,6 +370,9 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
     for w in wanted:
         if not isinstance(w, str):
             raise TypeError(f"params must be dotted parameter names (str), got {type(w).__name__}")
+        typed = w  # for messages: the name as typed
+        if w not in named and w not in eager and w not in modules and eager_target(w) is not None:
+            w = eager_target(w)  # typed with wrapper segments ("_orig_mod.h.1.w.weight", a compiled model's name)
         weight = f"{w}.weight" if w else "weight"
         if w in named or w in eager:
             hits = [w]
@@ -401,14 +390,16 @@ def _resolve_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
             flat = [n for n, p in named.items() if getattr(p, "_is_flat_param", False)][:3]
             if flat:
                 raise ValueError(
-                    f"{type(model).__name__} has no parameter {w!r}: FullyShardedDataParallel(use_orig_params=False) "
+                    f"{type(model).__name__} has no parameter {typed!r}: FullyShardedDataParallel(use_orig_params=False) "
                     f"flattened the parameters into {flat}, which the probe cannot name a matrix of (and it does not "
                     "measure under FSDP1 at all); shard with FSDP2's fully_shard, or probe an unsharded copy gathered "
                     "with get_model_state_dict(full_state_dict=True), or measure activations only (params=())"
                 )
             close = difflib.get_close_matches(w, list(named), n=5, cutoff=0.4)
             raise ValueError(
-                f"{type(model).__name__} has no parameter {w!r}; closest names: {close or list(named)[:8]}"
+                f"{type(model).__name__} has no parameter {typed!r}"
+                + (f" (nor {w!r}, its name without wrapper segments)" if w != typed else "")
+                + f"; closest names: {close or list(named)[:8]}"
             )
         for n in hits:
             out[n] = named[n]

@@ -256,10 +256,10 @@ def test_probe_on_blocks_compiled_one_by_one_takes_the_eager_names(fresh_dynamo)
     assert list(probe.params) == ["h.2._orig_mod.attn.c_proj.weight"]  # the parameter's own name
     assert probe.params[list(probe.params)[0]] is compiled.h[2]._orig_mod.attn.c_proj.weight
     _assert_probe_matches(probe, pool, ref)
-    if HAS_STANCES:  # attach takes them too (its keys are the modules' own names)
+    if HAS_STANCES:  # attach takes them too (its keys are the records' eager names since review 27)
         with sl.attach(compiled, "h.1.attn") as capture, torch.no_grad(), torch.compiler.set_stance("force_eager"):
             compiled(pool[0][0])
-        assert list(capture.compute()) == ["h.1._orig_mod.attn"]
+        assert list(capture.compute()) == ["h.1.attn"]
 
 
 

@@ -187,7 +187,7 @@ def test_weight_spectra_under_fabric_ddp_read_the_users_model_and_refuse_plain_d
         ddp = unwrap_compiled(fm._forward_module) if not compiled else fm._forward_module._orig_mod
         assert isinstance(ddp, nn.parallel.DistributedDataParallel)
         for wrapped in (ddp, torch.compile(ddp)):
-            with pytest.raises(ValueError, match=r"weight_spectra: model is a DistributedDataParallel wrapper .*"
+            with pytest.raises(ValueError, match=r"weight_spectra: model is a DistributedDataParallel wrapper; .*"
                                                  r"\(model\.module\)"):
                 weight_spectra(wrapped)
             with pytest.raises(ValueError, match="DistributedDataParallel"):

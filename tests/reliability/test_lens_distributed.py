@@ -271,7 +271,7 @@ def test_data_parallel_wrapper_is_refused_and_hooks_on_its_module_fire_in_its_fo
             build()
     # attach refuses it too (review 26: before, it accepted it with 'module.'-prefixed names the records lack);
     # hooks on dp.module's layers fire in the wrapper's forward
-    with pytest.raises(ValueError, match=r"DataParallel wrapper .*\(model\.module\)"):
+    with pytest.raises(ValueError, match=r"DataParallel wrapper; .*\(model\.module\)"):
         attach(dp, "module.h.2")
     with attach(dp.module, "h.2") as capture, torch.no_grad():
         for x, _ in lm_pool(n_batches=2):

@@ -104,7 +104,7 @@ def test_bad_out_is_one_line_exit_2(tmp_path, capsys, case):
             marker.write_bytes(b"\xff{")
     assert main(["--preset", "smoke", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("examples.toy: error: ") and str(out) in err
+    assert err.count("\n") == 1 and err.startswith("python -m examples.toy: error: ") and str(out) in err
 
 
 def test_resume_of_an_older_name_only_preset_json_says_why(tmp_path, capsys):
