@@ -28,6 +28,29 @@ def _block_lists(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
             for n, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential, nn.ModuleDict)) and len(m)]
 
 
+def _hf_depth(model: nn.Module) -> tuple[int | None, list[str] | None]:
+    """``model.config.num_hidden_layers`` where ``config`` is a ``transformers`` config (told by its class name,
+    without importing ``transformers``), with ``None`` for where the stack may lie (anywhere); a multimodal
+    model's root config has none: its text config's, with the names of the modules built from it (the language
+    model, whose stack this counts, not a vision or audio tower as deep). ``(None, None)`` for any other config."""
+    config = getattr(model, "config", None)
+    if not any(c.__name__ in ("PretrainedConfig", "PreTrainedConfig") for c in type(config).__mro__):
+        return None, None
+    depth, owners = getattr(config, "num_hidden_layers", None), None
+    if depth is None:
+        if getattr(config, "is_encoder_decoder", False):  # two stacks, as before (EncoderDecoderModel, T5Gemma)
+            return None, None
+        try:
+            text = config.get_text_config()
+        except (AttributeError, TypeError, ValueError):  # transformers < 4.44, or several text configs
+            return None, None
+        if text is config:
+            return None, None
+        depth = getattr(text, "num_hidden_layers", None)
+        owners = [n for n, m in model.named_modules() if getattr(m, "config", None) is text] or None
+    return (depth, owners) if isinstance(depth, int) and not isinstance(depth, bool) else (None, None)
+
+
 def _unwrapped(block: nn.Module) -> nn.Module:
     """The module a wrapper around one block runs: ``torch.compile``'s (per-block compilation), FSDP1's
     ``FullyShardedDataParallel`` and ``torch.distributed``'s checkpoint wrapper (per-block auto-wrapping); any
@@ -55,7 +78,14 @@ def all_blocks(model: nn.Module) -> list[str]:
     keyed ``"0"``, ``"1"``, ... in depth order). Before all of these, a Hugging Face model's stack is the
     ``ModuleList`` of ``config.num_hidden_layers`` blocks that have submodules, homogeneous or not: a hybrid
     model's layers mix classes (Zamba2's Mamba and hybrid layers, Jamba's Mamba and attention layers), and a
-    homogeneous list inside one of them (Zamba2's adapters of its shared block) is not the stack.
+    homogeneous list inside one of them (Zamba2's adapters of its shared block) is not the stack. Only a
+    ``transformers`` config counts (``num_hidden_layers`` of another config may count anything, an MLP's
+    hidden layers), and never a list inside a homogeneous stack: a T5 block's list of sublayers (self-attention,
+    feed-forward) is as long as the config says when the stack was truncated or grown without updating it.
+    An encoder-decoder's config counts its encoder's layers: the encoder's stack, whichever is longer. A
+    multimodal model's (Llava, PaliGemma, Qwen2-VL) counts them in its text config: the stack of the language
+    model built from it, not a vision tower, longer or as long (an encoder-decoder built from two configs,
+    ``EncoderDecoderModel``, ``VisionEncoderDecoderModel``, T5Gemma: scored as without a config).
     Pass ``layers=`` when this guesses wrong."""
     def homogeneous(blocks: list) -> bool:
         return len({type(b) for b in blocks}) == 1 and any(True for _ in blocks[0].parameters())
@@ -67,13 +97,14 @@ def all_blocks(model: nn.Module) -> list[str]:
             f"{type(model).__name__}: found no ModuleList/Sequential/ModuleDict of blocks; pass layers= explicitly"
         )
     stacks = [name for name, _, _, blocks in lists if homogeneous(blocks)]
-    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)  # a Hugging Face config's
+    depth, owners = _hf_depth(model)
 
     def score(item):
         name, container, _, blocks = item
         inside = any(s == "" or name.startswith(s + ".") for s in stacks if s != name)
         composite = any(True for _ in blocks[0].children())   # blocks, not a list of tables or projections
-        configured = (isinstance(depth, int) and len(blocks) == depth and isinstance(container, nn.ModuleList)
+        configured = (depth is not None and len(blocks) == depth and isinstance(container, nn.ModuleList)
+                      and not inside and (owners is None or any(name.startswith(o + ".") for o in owners))
                       and all(any(True for _ in b.children()) and any(True for _ in b.parameters()) for b in blocks))
         return (configured, homogeneous(blocks), not inside, composite, isinstance(container, nn.ModuleList),
                 len(blocks), -name.count("."))

@@ -10,6 +10,10 @@ from torch import nn
 from spectral_lens.lens import all_blocks, deepest_block
 
 
+class PretrainedConfig(SimpleNamespace):
+    """Stands for ``transformers.PretrainedConfig``: the rule counts a ``transformers`` config only (by class name)."""
+
+
 class Mixer(nn.Module):
     def __init__(self):
         super().__init__()
@@ -25,7 +29,7 @@ class Hybrid(nn.Module):  # a shared attention with a homogeneous list of adapte
 class HybridLM(nn.Module):
     def __init__(self, n_config=4, extra=None):
         super().__init__()
-        self.config = SimpleNamespace(num_hidden_layers=n_config)
+        self.config = PretrainedConfig(num_hidden_layers=n_config)
         self.embed = nn.Embedding(11, 8)
         self.layers = nn.ModuleList([Mixer(), Hybrid(), Mixer(), Hybrid()])
         if extra is not None:
