@@ -224,7 +224,7 @@ def _main(argv: list[str] | None) -> int:
             # into a new --out with different presets both found no preset.json, both wrote theirs, and one
             # ran under the other's settings
             preset = preset.replace(data=recorded_data(out, data))
-            workload = ZooWorkload(preset)
+            workload = ZooWorkload(preset, verbose=not args.no_progress)  # its line per run is progress too
             resumed = _holds_preset(out)
             if resumed:  # other settings are refused before the data is read (parsing --data stdlib takes seconds)
                 check_settings(out, preset)

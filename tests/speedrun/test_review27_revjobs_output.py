@@ -25,3 +25,19 @@ def test_the_run_line_says_stopped_unmeasured(tmp_path, monkeypatch, capsys):
     w.run(family, 4, w.reference_lrs(family), tmp_path / "run")
     out = capsys.readouterr().out
     assert "  run: stopped unmeasured (speedrun run: the lens could not measure at" in out and "diverged" not in out, out
+
+
+def test_no_progress_silences_the_line_per_run_too(tmp_path, monkeypatch):
+    # --no-progress ("no progress lines") silenced the pipeline's lines but not the workload's line per finished run
+    import examples.replicate as rep
+    from examples.speedrun.__main__ import main
+
+    seen = []
+
+    def stop(workload, out, *args, **kwargs):
+        seen.append(workload.verbose)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(rep, "replicate", stop)
+    argv = ["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "out")]
+    assert main([*argv, "--no-progress"]) == 130 and main(argv) == 130
+    assert seen == [False, True]
