@@ -128,7 +128,7 @@ def _run(preset, out: Path, threads: int, lock, started: float) -> int:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        verdict = replicate(ToyWorkload(preset), out, preset.tuner, lock=lock)
+        replicate(ToyWorkload(preset), out, preset.tuner, lock=lock)
     except (ValueError, KeyError, OSError, ImportError) as exc:  # a malformed OUT/tune/choices.json, no Optuna: one line
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2
@@ -140,9 +140,8 @@ def _run(preset, out: Path, threads: int, lock, started: float) -> int:
             else:
                 os.environ[k] = v
     took = time.strftime('%H:%M:%S', time.gmtime(time.perf_counter() - started))
-    print(f"\ndone in {took}: report {out / 'report' / 'report.md'}; pooled rho {verdict.pooled_rho:.3f} "
-          f"(p = {verdict.pooled_pvalue:.3g}); run records in {out / 'runs'} "
-          f"(python -m spectral_lens.cli predict {out / 'runs'}/*)")
+    print(f"\ndone in {took}: report {out / 'report' / 'report.md'}; run records in {out / 'runs'} "
+          f"(python -m spectral_lens.cli predict {out / 'runs'}/*)")  # (rho: in the verdict just above)
     return 0
 
 
