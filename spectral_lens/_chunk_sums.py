@@ -70,27 +70,27 @@ def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None, wide: bool = Fa
     precision (fp32 for half types; float32 products of such rows overflow anyway), where a float64
     sum would cost one more conversion kernel per update.
 
-    With a mask the sample is every ``step``-th valid row, found on the device (no host read): the
-    ``j``-th is the first row whose running count of valid rows exceeds ``j * step mod count``, for the
-    ``ceil(n / step)`` values of ``j`` the unmasked sample has (``step`` = :func:`_sample_step` of the
-    chunk's ``n`` rows), wrapping around the valid rows when some are masked (a prefix of them is then
-    sampled once more than the rest, at most twice as often). With every row valid it is the unmasked
-    sample. Rows spread evenly among the valid ones (rank ``j * count // 1021``) aliased with the
+    With a mask the sample is found on the device (no host read): the ``j``-th row is the first whose
+    running count of valid rows exceeds ``j * step * count // n``, for the ``ceil(n / step)`` values of
+    ``j`` the unmasked sample has (``step`` = :func:`_sample_step` of the chunk's ``n`` rows): spread
+    evenly among the valid rows, and with every row valid exactly the unmasked sample (the prime
+    stride). 1021 rows spread evenly among the valid ones (rank ``j * count // 1021``) aliased with the
     sequences much as a stride does: a spacing near ``L / m`` (``L`` tokens per sequence) sampled
-    nearly the same position of ``m`` sequences in a row, so the last 72,928-row chunk of 204 sequences
-    of 1000 tokens held 7% first tokens instead of 0.1% (``tests/core/test_review27_revcore.py``).
+    nearly the same position of ``m`` sequences in a row, so the last 72,928-row chunk of a call of 204
+    sequences of 1000 tokens, all valid, held 7% first tokens instead of 0.1%
+    (``tests/core/test_review27_revcore.py``). Rows partly masked in a pattern that repeats every
+    sequence can still alias so, less often (a spacing ``step * count / n`` rather than ``count / 1021``).
     Rows of the chunk at a fixed stride could all be masked (a mask that keeps the last token of each
     sequence never meets a stride dividing the sequence length): the shift was then 0, and rows far
-    from 0 lost their tail in the float32 products; valid rows at a stride cannot be.
+    from 0 lost their tail in the float32 products; a sample among the valid rows cannot miss them.
     """
     dtype = torch.float64 if wide else (None if rows.dtype == torch.float32 else torch.float32)
     if valid is None:  # one kernel: the sample is read and averaged in the accumulation dtype directly
         step = _sample_step(rows.shape[0])
         return (rows[::step] if step > 1 else rows).mean(0, dtype=dtype)
     rank = valid.cumsum(0)
-    # valid ranks 0, step, 2 step, ... modulo the count (at least 1: no valid row gives rank 0)
-    targets = torch.arange(0, rows.shape[0], _sample_step(rows.shape[0]), device=rows.device)
-    targets.remainder_(rank[-1].clamp(min=1))
+    n = rows.shape[0]  # valid ranks j * step * count // n: every step-th valid row when all are valid
+    targets = torch.arange(0, n, _sample_step(n), device=rows.device).mul_(rank[-1]).div_(n, rounding_mode="floor")
     # searched in rank[:-1]: at most the last row, so no index is out of range when no row is valid
     head = rows.index_select(0, torch.searchsorted(rank[:-1], targets, right=True))
     # no valid row: the row read may hold anything (NaN, Inf); then a finite shift, whatever it is
