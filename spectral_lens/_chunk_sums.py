@@ -89,7 +89,9 @@ def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None, wide: bool = Fa
         step = _sample_step(rows.shape[0])
         return (rows[::step] if step > 1 else rows).mean(0, dtype=dtype)
     rank = valid.cumsum(0)
-    n = rows.shape[0]  # valid ranks j * step * count // n: every step-th valid row when all are valid
+    # valid ranks j * step * count // n: every step-th valid row when all are valid (int64: the product
+    # j * step * count < n ** 2 fits for chunks of up to 3e9 rows)
+    n = rows.shape[0]
     targets = torch.arange(0, n, _sample_step(n), device=rows.device).mul_(rank[-1]).div_(n, rounding_mode="floor")
     # searched in rank[:-1]: at most the last row, so no index is out of range when no row is valid
     head = rows.index_select(0, torch.searchsorted(rank[:-1], targets, right=True))
