@@ -64,12 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     from .train import TrainingDiverged, train
     from .variants import canonical_name, get_profile
 
+    # the train parser's errors (``python -m examples.nanogpt train: error: ...``), as its other lines; ap.error said
+    # ``python -m examples.nanogpt: error: train: ...`` (until review 27)
     if a.steps is None and a.tokens is None:
-        ap.error("train: give --steps or --tokens")
+        t.error("give --steps or --tokens")
     try:
         canonical_name(a.variant), get_profile(a.profile)
     except KeyError as e:
-        ap.error(e.args[0])
+        t.error(e.args[0])
     started = time.time()
     try:
         res = train(variant=a.variant, profile=a.profile, data=a.data, run_dir=a.run_dir, steps=a.steps, tokens=a.tokens,

@@ -60,9 +60,13 @@ def train_runs(workload: Workload, lrs: Mapping[tuple[str, int], Mapping[str, fl
                 _check_finished(final)
                 _check_rates(final, lrs[(family, tier)])
     progress = Progress(len(todo) * workload.budget, "train", stream=stream)
-    kept = [d.name for d in dirs if d.exists() and _status(d) == "diverged"]  # finished results: not retrained
+    kept: dict[str, list[str]] = {}  # finished results, not retrained, by how the verdict reads them
+    for d in dirs:
+        if d.exists() and _status(d) == "diverged":
+            kept.setdefault(_stopped(d), []).append(d.name)
+    said = "; ".join(f"kept as {how}: {', '.join(names)}" for how, names in sorted(kept.items()))
     progress.note(f"{len(dirs) - len(todo)} of {len(dirs)} runs already complete; training {len(todo)} "
-                  f"x {workload.budget:,} {workload.unit}" + (f" (kept as diverged: {', '.join(kept)})" if kept else ""))
+                  f"x {workload.budget:,} {workload.unit}" + (f" ({said})" if said else ""))
     for family, tier, final in todo:
         partial = runs_dir / ".partial" / final.name  # same name: the record keeps its run id
         if partial.exists():
@@ -73,6 +77,8 @@ def train_runs(workload: Workload, lrs: Mapping[tuple[str, int], Mapping[str, fl
         _fsync_dir(runs_dir)
         status = _status(final)
         done = "done" if status in (None, "complete") else status  # e.g. "diverged": kept, a finished result
+        if status == "diverged":
+            done = _stopped(final)
         trained = workload.budget
         if status == "diverged":  # stopped part way: the ETA counts only what was trained
             trained = min(workload.budget, _seen(final, workload.budget))
@@ -101,6 +107,22 @@ def _status(run_dir: Path) -> str | None:
         return None
     status = (info.get("extras") or {}).get("status") if isinstance(info, dict) else None
     return status if isinstance(status, str) else None
+
+
+def _stopped(run_dir: Path) -> str:
+    """How a run kept as ``status: "diverged"`` is read by the verdict: ``"stopped unmeasured"`` where its losses
+    stayed finite (:func:`examples.replicate.verdict.unmeasured`: the lens could not measure it; the verdict counts it
+    as cut short), else ``"diverged"`` (also where the record cannot be read). The progress line called both
+    "diverged", contradicting the verdict and the report (review 27)."""
+    from spectral_lens.records import RunRecord
+
+    from .verdict import unmeasured
+
+    try:
+        run = RunRecord.open(run_dir)
+    except (OSError, ValueError):  # not a readable record (the report's reader names the problem)
+        return "diverged"
+    return "stopped unmeasured" if unmeasured([run]) else "diverged"
 
 
 def _seen(run_dir: Path, default: float) -> float:

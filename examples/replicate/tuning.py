@@ -80,7 +80,7 @@ def choose_rates(workload: Workload, workdir: Path, settings: TunerSettings, *, 
     The study lives in a journal file (``workdir/tune.journal``), so an interrupted tuning stage
     continues where it stopped when the pipeline is run again; ``stream=False`` silences the tuner.
     """
-    from examples.tune import load_choices, tune  # the tuner (examples/tune, issue #10)
+    from examples.tune import load_choices  # the tuner (examples/tune, issue #10); no Optuna needed to read choices
 
     workdir.mkdir(parents=True, exist_ok=True)
     choices_path = workdir / "choices.json"
@@ -88,6 +88,8 @@ def choose_rates(workload: Workload, workdir: Path, settings: TunerSettings, *, 
         _check_settings(choices_path, workdir, dict(rungs=list(settings.rungs), mode=settings.mode,
                                                     reference_tier=workload.reference_tier))
     else:
+        from examples.tune import tune  # Optuna (the tune extra): only to tune, not to reuse the choices
+
         families: Mapping[str, Mapping[str, float]] = {f: dict(workload.reference_lrs(f)) for f in workload.families}
         extra = {} if settings.multipliers is None else {"multipliers": tuple(settings.multipliers)}
         with _optuna_warnings_only():

@@ -114,6 +114,10 @@ def check_data(out: Path, data) -> None:
     shown = "; ".join(f"{k} shards: recorded {have.get(k)}, now {want.get(k)}" for k in changed)
     if data.name.startswith("builtin:"):  # nothing to restore: the corpus is this Python's text (see _BUNDLED)
         fix = _BUNDLED.format(name=data.name)
+        trained = _trained_with(out)
+        if trained is not None:  # a kept run says which Python: name it (the refusal said only "that Python")
+            fix = fix.replace("rerun with the Python that started it",
+                              f"rerun with Python {trained[0]} (as {trained[1]} records)")
     else:
         fix = "restore the data or use a new --out"
     raise ValueError(f"{out} holds a speedrun trained on other data: the {' and '.join(changed)} data of "
@@ -127,6 +131,19 @@ def check_data(out: Path, data) -> None:
 _BUNDLED = ("the bundled corpus {name} is this Python's own pydoc/stdlib text, which changes with the Python version "
             "or an update of its standard library (preset.json does not record which Python made the run): rerun "
             "with the Python that started it, or use a new --out")
+
+
+def _trained_with(out: Path) -> tuple[str, Path] | None:
+    """The Python version a kept run of ``out`` was trained with (``OUT/runs/*/run.json`` ``extras.machine.python``,
+    :func:`examples.replicate.machine.machine_info`) and that file; ``None`` where no run records one."""
+    for path in sorted(Path(out).glob("runs/*/run.json")):
+        try:
+            version = json.loads(path.read_text(encoding="utf-8"))["extras"]["machine"]["python"]
+        except (OSError, UnicodeError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(version, str) and version:
+            return version, path
+    return None
 
 
 def recorded_data(out: Path, data: str) -> str:
@@ -224,7 +241,7 @@ def _main(argv: list[str] | None) -> int:
             # into a new --out with different presets both found no preset.json, both wrote theirs, and one
             # ran under the other's settings
             preset = preset.replace(data=recorded_data(out, data))
-            workload = ZooWorkload(preset)
+            workload = ZooWorkload(preset, verbose=not args.no_progress)  # its line per run is progress too
             resumed = _holds_preset(out)
             if resumed:  # other settings are refused before the data is read (parsing --data stdlib takes seconds)
                 check_settings(out, preset)

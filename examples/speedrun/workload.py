@@ -124,6 +124,7 @@ class ZooWorkload:
                     state["lens"].measure(step, tokens, val_loss=val_loss, progress=tokens / p.budget)
                 except sl.NonFiniteError as exc:  # activations beyond float32's range (or below it) with a
                     writer.log(step, tokens, val_loss=val_loss)  # finite loss: the run stops here, unmeasured
+                    state["unmeasured"] = True
                     raise FloatingPointError(f"speedrun {run_dir.name}: the lens could not measure at {tokens:,} "
                                              f"tokens (step {step}; validation loss {val_loss:.4g}): {exc}") from None
                 writer.log(step, tokens, val_loss=val_loss)
@@ -141,8 +142,9 @@ class ZooWorkload:
                 # "diverged" and the pipeline keeps it; raising instead marked it failed, stopped the job, and
                 # the rerun trained the same seed at the same rates into the same divergence
                 writer.update_info(device=str(device), status="diverged", divergence=str(exc))
-                if self.verbose:
-                    print(f"  {info.run_id}: diverged ({exc})", flush=True)
+                if self.verbose:  # as the verdict reads it: finite losses are a run cut short, not diverged
+                    how = "stopped unmeasured" if state.get("unmeasured") else "diverged"
+                    print(f"  {info.run_id}: {how} ({exc})", flush=True)
                 return run_dir
             reached = min(r["val_loss"] for r in result.history) <= p.target_loss
             writer.update_info(throughput=result.tokens_per_s, final_val_loss=result.final_val_loss,

@@ -70,6 +70,13 @@ class Preset:
     window: tuple[int, int] = (10, 40)
     fraction: float = 0.2
 
+    def __post_init__(self) -> None:
+        # as the speedrun's presets: a fraction of 20 (meaning 20%) trained every run and only then left the verdict
+        # with no ranking, its report columns labelled 2e+03%
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"toy preset {self.name!r}: fraction={self.fraction} must be in (0, 1] (0.2 is 20% of "
+                             "the budget)")
+
 
 _TASK = CyclicTask(c=67, context=64, vocab=1024, max_step=16, offsets=(0,), n_examples=32_000, heldout=768)
 

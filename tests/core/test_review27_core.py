@@ -44,8 +44,8 @@ def test_shift_sample_holds_each_sequence_position_equally_often(batch, length):
     """The first-token fraction of the shift's sample, on every path that samples (the generic path's
     unmasked and masked sample, the CPU one-chunk path, its masked compaction, a multi-chunk masked
     call), is within 2/1024 of the true 1/L: a sample of c >= 1024 rows at a stride prime to L holds
-    ceil(c / L) first tokens, at most 1/L + 1/c of it; with a mask the generic path spreads 1021 rows (a
-    prime) evenly among the valid ones (8/1024 for partly masked rows, see below). Before: B/1024 for B
+    ceil(c / L) first tokens, at most 1/L + 1/c of it; with a mask the generic path takes the valid ranks
+    j * p * count // n (8/1024 for partly masked rows, see below). Before: B/1024 for B
     and L powers of two, with or without a mask (all rows valid)."""
     x = _first_token_indicator(batch, length)
     n = x.shape[0]
