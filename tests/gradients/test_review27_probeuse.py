@@ -93,6 +93,14 @@ def probe_rows(model, name, batch, **kw):
     return probe.matrix(name), probe
 
 
+def save_matmuls(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    aten = torch.ops.aten
+    saved = (aten.mm.default, aten.addmm.default, aten.bmm.default)
+    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def hf_checkpointed(make, how):
     model = make()
     with warnings.catch_warnings():
@@ -105,17 +113,21 @@ def hf_checkpointed(make, how):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         elif how == "every_2":
             model.activation_checkpointing_enable(every_n_layers=2)
+        elif how == "selective":  # torchtitan-style selective checkpointing: matmul outputs saved, the rest recomputed
+            context = functools.partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, save_matmuls)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                               "context_fn": context})
     return model
 
 
 # ---------------------------------------------------------------------------------------------- checkpointing
 
 
-@pytest.mark.parametrize("how", ["default", "non_reentrant", "every_2"])
+@pytest.mark.parametrize("how", ["default", "non_reentrant", "every_2", "selective"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_hf_non_reentrant_checkpointing_in_train_mode_equals_float64_loop(arch, how):
     """gradient_checkpointing_enable() (transformers 5: non-reentrant by default; it also makes the embedding
-    output require grad) in a model kept in train mode, measured with train_mode=True so that the checkpointing
+    output require grad; every other layer; selective checkpointing) in a model kept in train mode, measured with train_mode=True so that the checkpointing
     is active: the final and first block's matrices (fast engine) and the embedding (vmap refuses the
     saved-tensor hooks: loop) equal the float64 loop."""
     make, wo, low, emb = MODELS[arch]
