@@ -341,6 +341,7 @@ def train_run(make, batches, probe=None, *, ac=None, scaler=False, accum=1, comp
     step leaves behind."""
     model = make().train()
     run = torch.compile(model, backend="eager") if compiled else model
+    hooks = hook_counts(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sc = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if scaler else None
     torch.manual_seed(123)
@@ -367,7 +368,15 @@ def train_run(make, batches, probe=None, *, ac=None, scaler=False, accum=1, comp
         opt.zero_grad()
     return dict(losses=losses, grads=grads, params=[p.detach().clone() for p in model.parameters()],
                 opt=opt.state_dict()["state"], scaler=sc.state_dict() if sc else None, torch_rng=torch.get_rng_state(),
-                py_rng=random.getstate(), np_rng=np.random.get_state()[1].copy(), training=model.training)
+                py_rng=random.getstate(), np_rng=np.random.get_state()[1].copy(), training=model.training,
+                hooks_kept=hook_counts(model) == hooks)
+
+
+def hook_counts(model):
+    """Every module's hook dictionaries and every parameter's tensor hooks, by size."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return ([tuple(len(getattr(m, k)) for k in kinds) for m in model.modules()]
+            + [len(p._backward_hooks or {}) for p in model.parameters()])
 
 
 def assert_identical(a, b):
@@ -379,6 +388,7 @@ def assert_identical(a, b):
         assert all(torch.equal(torch.as_tensor(a["opt"][k][f]), torch.as_tensor(b["opt"][k][f])) for f in a["opt"][k])
     assert a["scaler"] == b["scaler"] and torch.equal(a["torch_rng"], b["torch_rng"])
     assert a["py_rng"] == b["py_rng"] and np.array_equal(a["np_rng"], b["np_rng"]) and a["training"] == b["training"]
+    assert a["hooks_kept"] and b["hooks_kept"]
 
 
 def measuring(name, rows, **kw):
@@ -408,7 +418,7 @@ COMPILED = {"torch.compile (eager)": dict(compiled=True, make=lambda: gpt2(0.1),
 @pytest.mark.parametrize("case", list(STEPS) + [pytest.param(c, marks=pytest.mark.slow) for c in COMPILED])
 def test_training_step_is_bit_identical_with_the_probe(case):
     """Losses, .grad (mid-accumulation included), parameters, AdamW and GradScaler state, the torch / Python /
-    numpy RNG streams and the train mode after two optimizer steps are bit for bit those of the same run
+    numpy RNG streams, the train mode and the hooks after two optimizer steps are bit for bit those of the same run
     without the probe, which measures inside the step (between forward and backward, in the caller's
     autocast block, or between a micro-batch's backward and the next)."""
     c = dict({**STEPS, **COMPILED}[case])
