@@ -457,14 +457,20 @@ def test_bf16_autocast_rows_against_float64():
 
 
 @pytest.mark.slow  # compiling: ~8 s
-def test_compiled_model_rows_and_no_recompile():
-    """torch.compile (eager backend) trained for a step: the probe's rows equal the uncompiled model's bit for
-    bit, and the compiled training step that follows compiles no new graph."""
+@pytest.mark.parametrize("how", ["wrapper", "module.compile"])
+def test_compiled_model_rows_and_no_recompile(how):
+    """torch.compile (eager backend; the wrapper, or nn.Module.compile in place) trained for a step: the probe's
+    rows equal the uncompiled model's bit for bit, and the compiled training step that follows compiles no
+    new graph."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     model = gpt2().train()
-    run = torch.compile(model, backend="eager")
+    if how == "wrapper":
+        run = torch.compile(model, backend="eager")
+    else:
+        model.compile(backend="eager")
+        run = model
     batch = ids_batch()
     run(**batch).loss.backward()
     graphs = counters["stats"]["unique_graphs"]
