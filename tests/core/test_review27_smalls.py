@@ -39,3 +39,33 @@ def test_runinfo_accepts_numpy_integers_and_writes_a_readable_run(tmp_path):
         assert w.tail_window == (200, 400)
     run = RunRecord.open(tmp_path / "r")
     assert (run.info.n_layer, run.info.seed) == (24, 7)
+
+
+# --- 2. percent labels a fraction apart from those it sits among; the report header uses it ---------------------
+
+def test_library_percent_tells_close_fractions_apart():
+    from spectral_lens.analysis.efficiency import LABEL_GRID, percent
+
+    assert percent(0.2) == "20%" and percent(0.125) == "12.5%" and percent(0.001) == "0.1%"  # unchanged alone
+    assert percent(0.2004, LABEL_GRID) == "20.04%" and percent(0.2, LABEL_GRID) == "20%"
+    assert percent(0.1 + 0.2, [0.3]) == "30%"  # one fraction, not 30.000000000000004%
+    assert percent(float("nan"), LABEL_GRID) == "nan%" and percent(-0.0, LABEL_GRID) == "0%"
+
+
+def test_example_percent_is_the_library_one_with_its_grid():
+    from examples.replicate import verdict
+    from spectral_lens.analysis import efficiency
+
+    assert verdict.LABEL_GRID == efficiency.LABEL_GRID
+    for f in (0.2, 0.2004, 0.125, 0.05001, 0.3, 0.999):
+        assert verdict.percent(f, [0.2, 0.2004]) == efficiency.percent(f, (0.2, 0.2004, *efficiency.LABEL_GRID))
+
+
+def test_report_header_labels_an_early_checkpoint_near_20_percent_apart(tmp_path):
+    from spectral_lens.analysis.synthetic import write_theorem6_sweep
+    from spectral_lens.records import open_runs
+    from spectral_lens.report import build_report
+
+    write_theorem6_sweep(tmp_path / "sw", (2, 4, 8), family="g", n_measure=20, n_eval=100)
+    build_report(open_runs([tmp_path / "sw"]), tmp_path / "rep", fraction=0.2004, plots=False)
+    assert "Early checkpoint at 20.04% of the token budget" in (tmp_path / "rep" / "report.md").read_text()
