@@ -69,3 +69,30 @@ def test_report_header_labels_an_early_checkpoint_near_20_percent_apart(tmp_path
     write_theorem6_sweep(tmp_path / "sw", (2, 4, 8), family="g", n_measure=20, n_eval=100)
     build_report(open_runs([tmp_path / "sw"]), tmp_path / "rep", fraction=0.2004, plots=False)
     assert "Early checkpoint at 20.04% of the token budget" in (tmp_path / "rep" / "report.md").read_text()
+
+
+# --- 3. Schedule.at_fractions / log_spaced take integer counts, as Schedule.every does --------------------------
+
+@pytest.mark.parametrize("make", [lambda v: __import__("spectral_lens").Schedule.at_fractions(v, [0.5]),
+                                  lambda v: __import__("spectral_lens").Schedule.log_spaced(v, 3)])
+@pytest.mark.parametrize("value", [10.5, True, "10", float("nan")])
+def test_schedule_refuses_a_non_integer_total(make, value):
+    with pytest.raises(TypeError, match=r"total_steps.*" + repr(value).replace("'", ".")):
+        make(value)
+
+
+def test_schedule_log_spaced_refuses_non_integer_n_and_first():
+    from spectral_lens import Schedule
+
+    with pytest.raises(TypeError, match="n .*2.5"):
+        Schedule.log_spaced(100, 2.5)
+    with pytest.raises(TypeError, match="first .*1.5"):
+        Schedule.log_spaced(100, 3, first=1.5)
+
+
+def test_schedule_takes_a_whole_float_total_as_its_int():
+    from spectral_lens import Schedule
+
+    for s, want in ((Schedule.log_spaced(1000.0, 1), {1000}), (Schedule.log_spaced(1e3, 4), {1, 10, 100, 1000}),
+                    (Schedule.at_fractions(10.0, [0.5, 1.0]), {5, 9})):
+        assert s.steps == want and all(type(t) is int for t in s.steps)
