@@ -96,3 +96,46 @@ def test_schedule_takes_a_whole_float_total_as_its_int():
     for s, want in ((Schedule.log_spaced(1000.0, 1), {1000}), (Schedule.log_spaced(1e3, 4), {1, 10, 100, 1000}),
                     (Schedule.at_fractions(10.0, [0.5, 1.0]), {5, 9})):
         assert s.steps == want and all(type(t) is int for t in s.steps)
+
+
+# --- 4. two parameters (modules) with one record name: refused, naming both; one module by two names: once ------
+
+class _OwnOrigMod(__import__("torch").nn.Module):
+    """A model that really has both ``a`` and ``a._orig_mod`` (a child of the user's own named so): their record
+    names (wrapper segments dropped) are both ``a``, and ``a.weight`` / ``a._orig_mod.weight`` both ``a.weight``."""
+
+    def __init__(self):
+        import torch.nn as nn
+
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.a._orig_mod = nn.Linear(5, 6)
+
+
+def test_weight_spectra_refuses_two_parameters_with_one_record_name():
+    from spectral_lens.weights import select_parameters, weight_spectra
+
+    for call in (lambda m: weight_spectra(m), lambda m: select_parameters(m), lambda m: weight_spectra(m, "**")):
+        with pytest.raises(ValueError, match=r"'a\.weight'.*'a\._orig_mod\.weight'.*'a\.weight'"):
+            call(_OwnOrigMod())
+    assert set(weight_spectra(_OwnOrigMod(), "a.weight")) == {"a.weight"}  # one of them alone is fine
+
+
+def test_select_modules_refuses_two_modules_with_one_record_name_listed_apart():
+    from spectral_lens.capture import select_modules
+
+    with pytest.raises(ValueError, match=r"'a'.*'a\._orig_mod'"):
+        select_modules(_OwnOrigMod(), ["a", "a._orig_mod"])
+    assert [n for n, _ in select_modules(_OwnOrigMod(), "a")] == ["a"]  # the name as typed: that module
+
+
+def test_select_modules_selects_a_compiled_module_listed_by_two_names_once():
+    import torch
+    import torch.nn as nn
+
+    from spectral_lens.capture import select_modules
+
+    model = nn.Sequential()
+    model.add_module("a", torch.compile(nn.Linear(4, 3)))
+    chosen = select_modules(model, ["a", "a._orig_mod"])  # one module (wrapper and wrapped): measured once
+    assert [n for n, _ in chosen] == ["a"]
