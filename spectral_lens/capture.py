@@ -112,7 +112,9 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     names returned are the modules' own.
 
     Raises ``ValueError`` naming the closest module names when nothing matches or an entry of a list
-    matches nothing (each entry must match, a glob, regex or callable too), and when a module
+    matches nothing (each entry must match, a glob, regex or callable too), when two different modules of one
+    eager name are each selected by their own names (a module of the user's own with a child called ``_orig_mod``:
+    their records would collide; a wrapper named twice, ``["a", "a._orig_mod"]``, is selected once), and when a module
     object given as a target is not a submodule of ``model``, and ``TypeError`` when ``model`` is not
     an ``nn.Module``.
     """
