@@ -139,3 +139,36 @@ def test_select_modules_selects_a_compiled_module_listed_by_two_names_once():
     model.add_module("a", torch.compile(nn.Linear(4, 3)))
     chosen = select_modules(model, ["a", "a._orig_mod"])  # one module (wrapper and wrapped): measured once
     assert [n for n, _ in chosen] == ["a"]
+
+
+# --- 5. spearman's exact_max is bounded: n! pairings past the bound hang -------------------------------------------
+
+@pytest.mark.parametrize("bad", [11, 10**6, 2.5, True, "8"])
+def test_spearman_refuses_an_exact_max_beyond_its_limit(bad):
+    from spectral_lens.analysis.spearman import spearman
+
+    with pytest.raises((ValueError, TypeError), match=r"exact_max.*10"):
+        spearman([1, 2, 3, 4], [1, 3, 2, 4], exact_max=bad)
+
+
+def test_spearman_names_its_limit():
+    import importlib
+
+    mod = importlib.import_module("spectral_lens.analysis.spearman")
+
+    assert mod.EXACT_LIMIT == 10 and mod.EXACT_MAX <= mod.EXACT_LIMIT
+
+
+def test_spearman_exact_up_to_the_limit_against_a_float64_enumeration():
+    import itertools
+    import math
+
+    from spectral_lens.analysis.spearman import spearman
+
+    x, y = np.array([0.1, 0.5, 0.2, 0.9, 0.7, 0.3]), np.array([1.0, 2.0, 4.0, 3.0, 6.0, 5.0])
+    rho, p = spearman(x, y, exact_max=6)
+    rx, ry = np.argsort(np.argsort(x)).astype(np.float64), np.argsort(np.argsort(y)).astype(np.float64)
+    rhos = [np.corrcoef(np.array(perm), ry)[0, 1] for perm in itertools.permutations(rx)]
+    assert math.isclose(rho, np.corrcoef(rx, ry)[0, 1], abs_tol=1e-12)
+    share = np.mean(np.abs(rhos) >= abs(rho) - 1e-12)  # no ties: symmetric null, two-sided = this share
+    assert math.isclose(p, share, rel_tol=1e-9)
