@@ -172,3 +172,29 @@ def test_spearman_exact_up_to_the_limit_against_a_float64_enumeration():
     assert math.isclose(rho, np.corrcoef(rx, ry)[0, 1], abs_tol=1e-12)
     share = np.mean(np.abs(rhos) >= abs(rho) - 1e-12)  # no ties: symmetric null, two-sided = this share
     assert math.isclose(p, share, rel_tol=1e-9)
+
+
+# --- 6. integer eigenvalues have no round-off: any negative one is refused -----------------------------------------
+
+@pytest.mark.parametrize("dtype", ["int64", "int32", "int16"])
+def test_integer_eigenvalues_refuse_any_negative(dtype):
+    import torch
+
+    from spectral_lens.spectra.ranks import participation_ratio, rankme, stable_rank
+
+    big = 10**11 if dtype == "int64" else 30_000
+    values = torch.tensor([big, 5, -1], dtype=getattr(torch, dtype))
+    for f in (rankme, participation_ratio, stable_rank):
+        with pytest.raises(ValueError, match=r"negative eigenvalue -1"):
+            f(values)
+    assert float(stable_rank(torch.tensor([big, 5, 0], dtype=getattr(torch, dtype)))) == pytest.approx(
+        (big + 5) / big, rel=1e-15)  # a zero is still fine
+
+
+def test_integer_list_through_summaries_refuses_a_negative():
+    from spectral_lens import summaries
+
+    with pytest.raises(ValueError, match="negative eigenvalue"):
+        summaries.stable_rank([10**11, 3, -1])
+    assert summaries.stable_rank([10**11, 3, 0]) == pytest.approx(1 + 3e-11, rel=1e-15)
+    assert summaries.stable_rank([1e11, 3.0, -1.0]) == pytest.approx(1 + 3e-11, rel=1e-15)  # float64: round-off
