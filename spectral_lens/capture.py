@@ -112,7 +112,9 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     names returned are the modules' own.
 
     Raises ``ValueError`` naming the closest module names when nothing matches or an entry of a list
-    matches nothing (each entry must match, a glob, regex or callable too), and when a module
+    matches nothing (each entry must match, a glob, regex or callable too), when two different modules of one
+    eager name are each selected by their own names (a module of the user's own with a child called ``_orig_mod``:
+    their records would collide; a wrapper named twice, ``["a", "a._orig_mod"]``, is selected once), and when a module
     object given as a target is not a submodule of ``model``, and ``TypeError`` when ``model`` is not
     an ``nn.Module``.
     """
@@ -146,7 +148,7 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     # wrapper, whose segments uncompiled_name drops: before, torch.compile(peft_model) and FSDP(peft_model) matched
     # only the long names)
     prefix = peft_prefix(unwrap_compiled(model))
-    chosen, seen = [], set()
+    chosen, seen = [], {}  # eager name -> the first module selected under it
     hit = [False] * len(targets)  # which entries matched a module: each of a list must (not only the list as a whole)
     for name, mod in named:
         plain = uncompiled_name(name)
@@ -157,8 +159,14 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
         if any(here):
             hit = [a or b for a, b in zip(hit, here)]
             if plain not in seen:
-                seen.add(plain)
+                seen[plain] = (name, mod)
                 chosen.append((name, mod))
+            elif _distinct_by_name(seen[plain][1], name, mod, matchers):
+                raise ValueError(
+                    f"{type(model).__name__}: modules {seen[plain][0]!r} and {name!r} are both selected and would both "
+                    f"be recorded as {plain!r} (record names drop the wrapper segments "
+                    f"{', '.join(sorted(_WRAPPER_SEGMENTS))}), but the first is no wrapper of the second (it has "
+                    "parameters or buffers of its own): select one of them, or rename the submodule")
     if not chosen:
         _refuse_aliases(model, targets, named)
         hints, shown = _closest_modules(targets, named)
@@ -186,6 +194,16 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
                 "be measured; measure the module before scripting it, or select a module that is not scripted"
             )
     return chosen
+
+
+def _distinct_by_name(first: nn.Module, name: str, mod: nn.Module, matchers: list) -> bool:
+    """Whether ``mod`` (own name ``name``), selected by its own name, is another module than ``first``, selected
+    before under the same eager name: ``first`` is then no wrapper (a ``torch.compile`` ``OptimizedModule``, an
+    FSDP1 or checkpoint wrapper holds no parameter or buffer of its own) but a module of the user's own with a child
+    called ``_orig_mod`` (or another wrapper segment). A wrapper and the module it wraps are one module by two names:
+    selected once, as the wrapper."""
+    own_state = next(first.parameters(recurse=False), None) is not None or next(first.buffers(recurse=False), None) is not None
+    return mod is not first and own_state and any(f(name, mod) for f in matchers)
 
 
 def _closest_modules(targets: list, named: list) -> tuple[list[str], list[str]]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .analysis.efficiency import (COMPLETE_COVERAGE, SweepWarning, coverage, divergence, ended, failure,
+from .analysis.efficiency import (COMPLETE_COVERAGE, LABEL_GRID, SweepWarning, coverage, divergence, ended, failure,
                                   group_by_family, percent, pick_learning_rates, reached_at_first_evaluation,
                                   token_inefficiency, tokens_to_target)
 from .analysis.noise_predictor import NoiseScalePredictor
@@ -380,7 +380,7 @@ def build_report(
         f"famil{'y' if len(fams) == 1 else 'ies'} ({', '.join(fams)}). "
         + (f"Target validation loss {target_loss:g}. " if target_loss is not None else "No target loss given: "
            "tokens-to-target, eps_tok, the prediction score and the taxonomy are skipped (pass --target-loss). ")
-        + f"Early checkpoint at {percent(fraction)} of the token budget. α_tail window"
+        + f"Early checkpoint at {percent(fraction, LABEL_GRID)} of the token budget. α_tail window"
         + (f" (given): ranks {list(window)}." if window is not None else
            " (recorded by each run): " + ", ".join(f"{f or '(no family)'} ranks {list(w)}" for f, w in windows.items()) + ".")
     )

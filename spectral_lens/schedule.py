@@ -35,6 +35,17 @@ def _whole(step: Any) -> int | None:
         return None
 
 
+def _count(owner: str, name: str, value: Any) -> int:
+    """``value`` as an ``int``, as :meth:`Schedule.every` takes its ``k``: a float that is a whole number (``1e3``)
+    is taken as it; a fraction (``10.5``, which moved the measured steps), a bool, a string or nan is a
+    ``TypeError`` naming ``owner``, ``name`` and the value."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be an integer (a whole float such as 1e3 is taken), got {value!r}")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """When to measure, as a set of training steps.
@@ -60,7 +71,10 @@ class Schedule:
 
     @classmethod
     def log_spaced(cls, total_steps: int, n: int, first: int = 1) -> "Schedule":
-        """About ``n`` steps spaced evenly in log between ``first`` and ``total_steps`` (inclusive)."""
+        """About ``n`` steps spaced evenly in log between ``first`` and ``total_steps`` (inclusive); integers (a
+        whole float such as ``1e3`` is taken as it, ``10.5`` or a bool is a ``TypeError``), as for :meth:`every`."""
+        total_steps, n, first = (_count("Schedule.log_spaced", k, v) for k, v in
+                                 (("total_steps", total_steps), ("n", n), ("first", first)))
         if total_steps < first or first < 1 or n < 1:
             raise ValueError(f"Schedule.log_spaced: need total_steps >= first >= 1 and n >= 1, got {total_steps}, {first}, {n}")
         if n == 1:
@@ -77,14 +91,16 @@ class Schedule:
         (``total_steps - 1``) and every fraction is measured. ``f * total_steps`` is rounded to 6
         decimals before the ceiling, so a fraction is the step its decimal value names
         (``at_fractions(100, [0.07])`` is step 7, although the float ``0.07 * 100`` is ``7.000000000000001``).
+        ``total_steps`` is an integer, as for :meth:`every` (``10.5`` or a bool is a ``TypeError``).
         """
-        if int(total_steps) < 1:
+        total_steps = _count("Schedule.at_fractions", "total_steps", total_steps)
+        if total_steps < 1:
             raise ValueError(f"Schedule.at_fractions: total_steps must be >= 1, got {total_steps}")
         out = set()
         for f in fractions:
             if not 0.0 <= f <= 1.0:
                 raise ValueError(f"Schedule.at_fractions: fraction {f} outside [0, 1]")
-            out.add(min(int(math.ceil(round(f * total_steps, 6))), int(total_steps) - 1))
+            out.add(min(int(math.ceil(round(f * total_steps, 6))), total_steps - 1))
         return cls(frozenset(out))
 
     def __contains__(self, step: int) -> bool:

@@ -264,14 +264,15 @@ def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str
         if not targets:
             raise ValueError("empty parameter target list")
         matchers = [name_matcher(t, "parameter") for t in targets]
-        by_name = [isinstance(t, (str, re.Pattern)) for t in targets]
+        own = {n for n, _, _ in named}
+        # a name that is a parameter as typed selects that one only, not another whose record name it also is
+        by_name = [isinstance(t, (str, re.Pattern)) and not (isinstance(t, str) and t in own) for t in targets]
         # per entry, the parameters it matches: each entry of a list must choose a matrix, as it would alone
         # the other names of each parameter (record name, eager name), built once: not per entry and parameter
         others = [tuple({e, uncompiled_name(n)} - {n}) for n, e, _ in named]
         # a name or glob typed with wrapper segments ("_orig_mod.h.1.w.weight", as a compiled model or its saved
         # state dict names it) matches by the eager and record names too (before: no matrix parameter matched)
         # (a name that is a parameter as typed selects that one only: eager_target)
-        own = {n for n, _, _ in named}
         stripped = [None if (e := eager_target(t, own)) is None else name_matcher(e, "parameter") for t in targets]
         hits = [[item for item, alt in zip(named, others) if f(item[0], item[2]) or (eager and any(
                     f(a, item[2]) for a in alt)) or (g is not None and any(
@@ -301,6 +302,13 @@ def _chosen(model: nn.Module, select: ParamTarget | None) -> list[tuple[str, str
             f"{type(model).__name__}: no matrix parameter matches {select!r}; "
             f"{'closest names' if hints else 'matrix parameters'}: {shown}"
         )
+    by_record: dict[str, str] = {}
+    for own, rec, _ in chosen:  # a dict keyed by record name kept the last of them, the other lost silently
+        if by_record.setdefault(rec, own) != own:
+            raise ValueError(
+                f"{type(model).__name__}: parameters {by_record[rec]!r} and {own!r} would both be recorded as {rec!r} "
+                "(record names drop the wrapper segments _orig_mod, _fsdp_wrapped_module, _checkpoint_wrapped_module): "
+                "select one of them, or rename the submodule")
     return chosen
 
 

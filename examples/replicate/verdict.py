@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from spectral_lens.analysis import NoiseScalePredictor, TailPredictor, divergence, tokens_to_target, token_inefficiency
+from spectral_lens.analysis.efficiency import LABEL_GRID, percent as _percent
 from spectral_lens.analysis.predictor import FractionNotReachedError
 from spectral_lens.records import RunRecord
 
@@ -176,23 +177,11 @@ def _num(x: float, fmt: str = ".2f") -> str:
     return format(x, fmt) if math.isfinite(x) else "n/a"
 
 
-#: The 5% grid every :func:`percent` label is told from, whatever fractions a table shows: a fraction near a grid
-#: point only the toy report scans (0.05001 beside its 5%) was ``5%`` in the verdict and ``5.001%`` in the report.
-LABEL_GRID = tuple(k / 20 for k in range(1, 21))
-
-
 def percent(f: float, among: Sequence[float] = ()) -> str:
-    """A progress fraction in percent, unrounded: ``20%``, ``12.5%`` (``:.0%`` said ``12%`` of a fraction
-    pre-registered as 12.5%), with as many digits (3 at least) as tell it from each other fraction of ``among`` and of
-    :data:`LABEL_GRID`: a pre-registered 0.2004 beside a scanned 0.2 is ``20.04%`` (both were ``20%``: two columns,
-    or a rho, of one name; fractions within 1e-9, e.g. 0.1 + 0.2 and 0.3, are one), and one fraction has one label in
-    the verdict and the toy report (shared with it), which scan different fractions."""
-    others = [g for g in (*among, *LABEL_GRID) if not math.isclose(g, f, abs_tol=1e-9)]
-    for digits in range(3, 18):
-        label = f"{100 * f:.{digits}g}%"
-        if all(f"{100 * g:.{digits}g}%" != label for g in others):
-            break
-    return label
+    """A progress fraction in percent, told from each fraction of ``among`` and of :data:`LABEL_GRID`
+    (:func:`spectral_lens.analysis.efficiency.percent`): a pre-registered 0.2004 beside a scanned 0.2 is
+    ``20.04%``, and one fraction has one label in the verdict and the toy report (shared with it)."""
+    return _percent(f, (*among, *LABEL_GRID))
 
 
 def _sentences(v: Verdict) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -180,6 +181,11 @@ def _check_fresh(out: Path) -> None:
 _RESUME = "rerun the same command to resume (finished runs are kept)"
 
 
+def _or_na(x: float, fmt: str) -> str:
+    """``x`` formatted, or ``n/a`` where it is NaN (no pooled rho: too few ranked tiers), as the verdict says it."""
+    return format(x, fmt) if math.isfinite(x) else "n/a"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the speedrun; returns the exit status (Ctrl-C 130 and SIGTERM 143, one line: the tuner's trials are
     released and a rerun resumes, see :mod:`examples.cli`)."""
@@ -257,7 +263,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"python -m examples.speedrun: error: {one_line(exc)}", file=sys.stderr)
         return 2
     print(f"\ndone in {time.strftime('%H:%M:%S', time.gmtime(time.perf_counter() - t0))}: report "
-          f"{out / 'report' / 'report.md'}; pooled rho {v.pooled_rho:.3f} (p = {v.pooled_pvalue:.3g}), paper "
+          f"{out / 'report' / 'report.md'}; pooled rho {_or_na(v.pooled_rho, '.3f')} (p = {_or_na(v.pooled_pvalue, '.3g')}), paper "
           f"{PAPER['pooled_rho']}; run records in {out / 'runs'} (python -m spectral_lens.cli predict {out / 'runs'}/*)")
     return 0
 

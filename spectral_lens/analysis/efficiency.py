@@ -17,7 +17,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Mapping
+from typing import Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -289,18 +289,35 @@ def pick_learning_rates(runs: Iterable[RunRecord]) -> tuple[list[RunRecord], dic
     return [r for r in runs if r.run_id not in left], left
 
 
-def percent(fraction: float) -> str:
+#: A 5% grid of progress fractions a user is likely to write (0.05, 0.1, ..., 1.0): pass it as ``among`` to
+#: :func:`percent` so that a fraction near a grid point is told from it (0.2004 is ``20.04%``, not ``20%``).
+LABEL_GRID = tuple(k / 20 for k in range(1, 21))
+
+
+def percent(fraction: float, among: Sequence[float] = ()) -> str:
     """A progress fraction in words: ``0.2`` -> ``"20%"``, ``0.001`` -> ``"0.1%"`` (``:.0%`` said ``"0%"``);
     ``nan`` -> ``"nan%"`` (messages about a bad fraction must not fail to say it), never ``"-0%"``, and a
     tiny nonzero share is not ``"0%"``; a huge one is ``"1e+302%"``, not 303 digits (``:.0f`` writes every
-    digit of a whole number). A NumPy scalar prints as the float it is."""
+    digit of a whole number). A NumPy scalar prints as the float it is. With ``among`` (other fractions of
+    one table or message, e.g. :data:`LABEL_GRID`), as many digits (3 at least) as tell ``fraction`` from each
+    of them: ``percent(0.2004, LABEL_GRID)`` is ``"20.04%"``; fractions within 1e-9 (0.1 + 0.2 and 0.3) are one."""
     p = 100 * float(fraction)
     if not math.isfinite(p):
         return f"{p}%"
+    others = [100 * float(g) for g in among if not math.isclose(float(g), float(fraction), abs_tol=1e-9)]
+    for digits in range(3, 18):
+        label = _percent_label(p, digits)
+        if all(_percent_label(q, digits) != label for q in others if math.isfinite(q)):
+            break
+    return label
+
+
+def _percent_label(p: float, digits: int) -> str:
+    """``p`` percent with ``digits`` significant digits (a whole number as one, 0 as ``0%``)."""
     if p == 0:
         return "0%"
     whole = abs(round(p)) < 1e6 and abs(p - round(p)) < 1e-9 and round(p) != 0  # 999999.9999999991 is 1e+06%
-    return f"{p:.0f}%" if whole else f"{p:.3g}%"
+    return f"{p:.0f}%" if whole else f"{p:.{digits}g}%"
 
 
 def _tier_text(t) -> str:

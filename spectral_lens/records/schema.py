@@ -118,6 +118,14 @@ class RunInfo:
             v = getattr(self, key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
                 raise TypeError(f"RunInfo.{key} must be a number, got {v!r}")
+        for key in ("seed", "n_layer"):  # the reader refuses a float (even 12.0) here; resolve_window int()-ed it
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise TypeError(f"RunInfo.{key} must be an integer (Python or NumPy int), got {v!r}")
+        for key in ("family", "primary_spectrum"):
+            v = getattr(self, key)
+            if v is not None and not isinstance(v, str):
+                raise TypeError(f"RunInfo.{key} must be a string or None, got {v!r}")
         if self.batch_tier is not None and not (isinstance(self.batch_tier, (int, float)) and self.batch_tier > 0):
             raise ValueError(f"RunInfo.batch_tier must be a positive number, got {self.batch_tier!r}")
         if self.total_tokens is not None and not self.total_tokens > 0:

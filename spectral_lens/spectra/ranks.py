@@ -16,7 +16,7 @@ NEGATIVE_TOLERANCE = 1e-10
 
 def _negative_tolerance(values: torch.Tensor) -> float:
     """The fraction of the largest eigenvalue down to which negatives count as round-off: :data:`NEGATIVE_TOLERANCE`
-    for float64 (and integers), ``sqrt(n) * eps`` of float32 for float32/fp16/bf16 input (no eigensolver computes
+    for float64, none for integers (exact: any negative is refused), ``sqrt(n) * eps`` of float32 for float32/fp16/bf16 input (no eigensolver computes
     in fp16/bf16, they only store its output), as ``spectra.fit``'s numerical rank. ``torch.linalg.eigvalsh``
     of a float32 covariance of fewer rows than dimensions gives negatives of 3.5e-9 to 4e-8 of the largest
     (measured at d = 128-4,096, N = d/4 and d/2), 35x and more inside ``sqrt(n) * eps``; up to 3e-7, 6x
@@ -25,6 +25,8 @@ def _negative_tolerance(values: torch.Tensor) -> float:
     if values.dtype.is_floating_point and values.dtype != torch.float64:
         eps = torch.finfo(torch.promote_types(values.dtype, torch.float32)).eps
         return max(NEGATIVE_TOLERANCE, math.sqrt(values.numel()) * eps)
+    if not values.dtype.is_floating_point:  # integers have no round-off: [10**11, -1] is no spectrum (took 1e-10)
+        return 0.0
     return NEGATIVE_TOLERANCE
 
 
@@ -36,7 +38,7 @@ def rankme(values: torch.Tensor, on: str = "eigenvalues") -> torch.Tensor:
     (Garrido et al.'s RankMe on embedding singular values). Zero entries contribute 0. Formed from
     ``lambda / max lambda`` (scale-free, no overflow); ``ValueError`` for NaN/Inf eigenvalues, for
     negative ones beyond round-off (:data:`NEGATIVE_TOLERANCE` of the largest for float64 values,
-    ``sqrt(n) * eps`` of float32 for lower precision; those within count as 0) and for an all-zero
+    ``sqrt(n) * eps`` of float32 for lower precision, none for integers; those within count as 0) and for an all-zero
     (or empty) spectrum.
     """
     if on not in ("eigenvalues", "singular_values"):
