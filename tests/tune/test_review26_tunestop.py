@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ from examples.tune import tuner as tuner_mod  # noqa: E402
 from examples.tune import worker as worker_mod  # noqa: E402
 from examples.tune.synthetic import SyntheticTrainable  # noqa: E402
 from support.signals import signal_when  # noqa: E402
-from support.tuning import outcome, quiet_tune  # noqa: E402
+from support.tuning import outcome, quiet_tune, twice_interrupted_swallowing_tune  # noqa: E402
 
 S = optuna.trial.TrialState
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,64 +166,13 @@ def test_stop_workers_kills_what_a_second_ctrl_c_left_running():
     assert time.monotonic() - t0 < 5 and all(p.exitcode == -signal.SIGKILL for p in procs)
 
 
-_SWALLOWING_SCRIPT = """
-import os, signal, sys, time
-sys.path.insert(0, {root!r})
-from examples.tune import tune
-from examples.tune.synthetic import SyntheticTrainable
-
-
-class Swallows(SyntheticTrainable):
-    # in the spawned worker: a trainable that swallows every interrupt and trains on
-    def __call__(self, candidate, budget, **k):
-        if os.getpid() == int(os.environ["TUNESTOP_MAIN"]):
-            return super().__call__(candidate, budget, **k)
-        open(os.path.join({flag!r}), "w").close()
-        while True:
-            try:
-                time.sleep(0.05)
-            except KeyboardInterrupt:
-                pass
-
-
-if __name__ == "__main__":
-    os.environ["TUNESTOP_MAIN"] = str(os.getpid())
-    try:
-        tune(Swallows(sleep=0.2), families={{"f": {{"lr": 1e-3}}}}, tiers=[1, 8], reference_tier=8, rungs=[10, 20, 40],
-             workdir={workdir!r}, storage="journal:" + {journal!r}, n_workers=2, progress=False, grace_period=30.0)
-    except KeyboardInterrupt:
-        sys.exit(130)
-"""
-
-
 @pytest.mark.slow  # ~5-10 s: a real spawned worker
 def test_a_second_ctrl_c_ends_tune_while_a_worker_swallowed_the_first(tmp_path):
     """A real ``tune(n_workers=2)`` whose spawned worker's trainable swallows interrupts: the first
     SIGINT stops tune()'s own worker and starts the 60 s stop wait; a second SIGINT ends it: tune()
     raises at once and the worker is killed (it used to hang in a join without a deadline)."""
-    flag = tmp_path / "worker-training"
-    script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(_SWALLOWING_SCRIPT.format(
-        root=str(ROOT), flag=str(flag), workdir=str(tmp_path / "w"), journal=str(tmp_path / "j.log"))))
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 120
-        while not flag.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGINT)   # the main process only: its worker gets tune()'s SIGTERM
-        time.sleep(1.0)
-        assert proc.poll() is None, "tune() stopped at once: its worker did not hold it up"
-        os.kill(proc.pid, signal.SIGINT)
-        t0 = time.monotonic()
-        _, err = proc.communicate(timeout=30)
-        took = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err
+    code, err, took, _ = twice_interrupted_swallowing_tune(tmp_path, grace_period=30.0)
+    assert code == 130, err
     assert took < 15, f"tune() took {took:.1f} s after the second Ctrl-C"
 
 

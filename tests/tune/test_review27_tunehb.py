@@ -29,7 +29,7 @@ from examples.tune import trials as trials_mod  # noqa: E402
 from examples.tune import tuner as tuner_mod  # noqa: E402
 from examples.tune import worker as worker_mod  # noqa: E402
 from examples.tune.synthetic import SyntheticTrainable  # noqa: E402
-from support.tuning import outcome, quiet_tune  # noqa: E402
+from support.tuning import outcome, quiet_tune, twice_interrupted_swallowing_tune  # noqa: E402
 
 S = optuna.trial.TrialState
 ROOT = Path(__file__).resolve().parents[2]
@@ -308,62 +308,13 @@ def test_a_process_killed_at_the_same_candidate_on_every_run_ends_the_retries(tm
     assert max(t.system_attrs.get(TAKEOVERS, 0) for t in trials) == TAKEOVER_LIMIT
 
 
-_SWALLOWING_SCRIPT = """
-import os, sys, time
-sys.path.insert(0, {root!r})
-from examples.tune import tune
-from examples.tune.synthetic import SyntheticTrainable
-
-
-class Swallows(SyntheticTrainable):
-    # in the spawned worker: a trainable that swallows every interrupt and trains on
-    def __call__(self, candidate, budget, **k):
-        if os.getpid() == int(os.environ["TUNEHB_MAIN"]):
-            return super().__call__(candidate, budget, **k)
-        open({flag!r}, "w").close()
-        while True:
-            try:
-                time.sleep(0.05)
-            except KeyboardInterrupt:
-                pass
-
-
-if __name__ == "__main__":
-    os.environ["TUNEHB_MAIN"] = str(os.getpid())
-    try:
-        tune(Swallows(sleep=0.2), families={{"f": {{"lr": 1e-3}}}}, tiers=[1, 8], reference_tier=8, rungs=[10, 20, 40],
-             workdir={workdir!r}, storage="journal:" + {journal!r}, n_workers=2, progress=False, grace_period=60.0)
-    except KeyboardInterrupt:
-        sys.exit(130)
-"""
-
-
 @pytest.mark.slow  # ~5-10 s: a real spawned worker
 def test_a_second_ctrl_c_leaves_no_trial_of_the_killed_worker_to_the_heartbeat(tmp_path):
     """A real ``tune(n_workers=2)`` whose spawned worker swallows interrupts, stopped by two Ctrl-Cs: the
     second kills that worker, whose trial stayed RUNNING until ``grace_period`` passed (a rerun waited 60 s
     for it, then counted a take-over). Now nothing is left RUNNING: its trial is released, uncounted."""
-    flag, journal = tmp_path / "worker-training", tmp_path / "j.log"
-    script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(_SWALLOWING_SCRIPT.format(
-        root=str(ROOT), flag=str(flag), workdir=str(tmp_path / "w"), journal=str(journal))))
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 120
-        while not flag.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGINT)   # the main process only: its worker gets tune()'s SIGTERM
-        time.sleep(1.0)
-        assert proc.poll() is None, "tune() stopped at once: its worker did not hold it up"
-        os.kill(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err
+    code, err, _, journal = twice_interrupted_swallowing_tune(tmp_path, grace_period=60.0)
+    assert code == 130, err
     trials = _trials(journal)
     assert not [t.number for t in trials if t.state == S.RUNNING], err
     lost = [t for t in trials if t.state == S.FAIL]
