@@ -17,7 +17,7 @@ from examples.cli import Terminated, sigterm_raises
 from examples.replicate.machine import machine_info, machine_section
 from examples.replicate.runs import _status
 from examples.speedrun.presets import PRESETS
-from spectral_lens import NonFiniteError
+from support.lens_faults import overflow_on_second_measure  # noqa: E402
 from spectral_lens.analysis import divergence
 from spectral_lens.records import RunInfo, RunWriter, open_runs
 
@@ -218,17 +218,7 @@ def test_a_speedrun_run_with_a_nan_training_loss_is_kept_as_diverged(tmp_path, m
 def test_a_speedrun_run_the_lens_cannot_measure_is_kept_as_diverged_not_failed(tmp_path, monkeypatch):
     # float32 overflow of the activations with a finite loss: NonFiniteError (a ValueError) marked the record
     # failed and stopped the job with status 2; the rerun retrained the .partial run into the same error
-    import spectral_lens as sl
-
-    real = sl.SpectralLens.measure
-    calls = []
-
-    def overflowing(self, *a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise NonFiniteError("act:blocks.0: the second moments overflowed to Inf ... float32 products")
-        return real(self, *a, **kw)
-    monkeypatch.setattr(sl.SpectralLens, "measure", overflowing)
+    calls = overflow_on_second_measure(monkeypatch)
     w = wl.ZooWorkload(PRESETS["tiny"], verbose=False)
     family = w.families[0]
     run_dir = w.run(family, 4, w.reference_lrs(family), tmp_path / "run")  # returns: a result

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from examples.replicate.runs import _status
-from spectral_lens import NonFiniteError
+from support.lens_faults import overflow_on_second_measure  # noqa: E402
 from spectral_lens.records import RunRecord
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,18 +43,10 @@ def test_the_toy_cli_still_exposes_its_presets():
 def test_a_toy_run_the_lens_cannot_measure_is_kept_as_diverged_not_failed(tmp_path, monkeypatch):
     # as the speedrun's (item 4 of the merge): a NonFiniteError (a ValueError) of the lens with a finite loss
     # left the toy's record failed, the job stopped with status 2, and the rerun trained into the same error
-    import spectral_lens as sl
     from examples.toy.presets import PRESETS
     from examples.toy.workload import ToyWorkload
 
-    real, calls = sl.SpectralLens.measure, []
-
-    def overflowing(self, *a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise NonFiniteError("act:blocks.1: the second moments overflowed to Inf ... float32 products")
-        return real(self, *a, **kw)
-    monkeypatch.setattr(sl.SpectralLens, "measure", overflowing)
+    calls = overflow_on_second_measure(monkeypatch, "blocks.1")
     preset = dataclasses.replace(PRESETS["smoke"], tiers=(4,), reference_tier=4, budget=160, gradient_samples=8,
                                  measure_fractions=(0.0, 0.5, 1.0), eval_every=0.25)
     run_dir = ToyWorkload(preset).run("Muon", 4, {"embed": 3e-3, "hidden": 0.02}, tmp_path / "muon-b4")

@@ -5,21 +5,12 @@ import pytest
 
 import examples.speedrun.workload as wl
 from examples.speedrun.presets import PRESETS
-from spectral_lens import NonFiniteError
+from support.lens_faults import overflow_on_second_measure  # noqa: E402
 
 
 @pytest.mark.slow  # one tiny zoo run: ~4 s on the shared 2-core machine
 def test_the_run_line_says_stopped_unmeasured(tmp_path, monkeypatch, capsys):
-    import spectral_lens as sl
-
-    real, calls = sl.SpectralLens.measure, []
-
-    def overflowing(self, *a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise NonFiniteError("act:blocks.0: the second moments overflowed to Inf ... float32 products")
-        return real(self, *a, **kw)
-    monkeypatch.setattr(sl.SpectralLens, "measure", overflowing)
+    overflow_on_second_measure(monkeypatch)
     w = wl.ZooWorkload(PRESETS["tiny"], verbose=True)
     family = w.families[0]
     w.run(family, 4, w.reference_lrs(family), tmp_path / "run")
