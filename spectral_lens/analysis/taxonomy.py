@@ -502,7 +502,7 @@ def transition_evidence(
         m = None
         if at == "loss":
             m = measurement_at_loss(run, target)
-            if m is not None and not (m.val_loss is not None and m.val_loss <= target):
+            if m is not None and not (m.val_loss is not None and math.isfinite(m.val_loss) and m.val_loss <= target):
                 details[f"matched_{side}"] = "first measurement at or past tokens-to-target (log's val_loss)"
             reached = gains.T_a if side == "a" else gains.T_b  # tokens-to-target, from the run's log
             if m is None:

@@ -1,0 +1,65 @@
+"""Review 27 (taxo): tokens-to-target, gains and the predict output against protocol sections 5-7.
+
+References are written from the protocol text (float64), not from the code."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from spectral_lens.analysis.efficiency import (measurement_at_loss, reached_at_first_evaluation, token_inefficiency,
+                                               tokens_to_target, transition_gains)
+from spectral_lens.records import RunInfo, RunRecord, RunWriter
+from spectral_lens.spectrum import Spectrum
+
+
+def _run(root, run_id, points, *, tier=8, q=1000.0, budget=600):
+    """A run with a validation loss and a measurement at each ``(tokens, loss)`` of ``points``."""
+    info = RunInfo(run_id, family="f", batch_tier=tier, total_tokens=budget, n_layer=12)
+    r = np.arange(1, 301, dtype=float)
+    with RunWriter(root / run_id, info, fsync=False) as w:
+        for i, (t, loss) in enumerate(points):
+            w.log(i, t, val_loss=loss, tokens_per_s=q)
+            w.log_measurement(i, t, {"act": Spectrum(r**-1.0, n_rows=10_000, dim=300)}, val_loss=loss)
+    return RunRecord.open(root / run_id)
+
+
+def _ref_T(points, target):
+    """Protocol sec. 5: tokens at the first checkpoint (token order) whose validation loss is <= target."""
+    for t, loss in sorted(points, key=lambda p: p[0]):
+        if math.isfinite(loss) and loss <= target:  # a loss is a finite number; -inf is no loss at all
+            return float(t)
+    return math.inf
+
+
+def test_minus_inf_loss_does_not_reach_the_target(tmp_path):
+    """A -inf validation loss (an overflow, a broken evaluation) counted as reaching any target: the run
+    got the smallest T of its family (eps_tok 1) at the checkpoint where its loss broke."""
+    pts = [(100, 4.0), (200, -math.inf), (600, 3.0)]
+    assert tokens_to_target(([t for t, _ in pts], [v for _, v in pts]), 3.2) == _ref_T(pts, 3.2) == 600.0
+    assert tokens_to_target(([t for t, _ in pts], [v for _, v in pts]), 3.2, interpolate=True) == pytest.approx(
+        600.0)  # the -inf checkpoint brackets nothing: no line through it
+    broken = _run(tmp_path, "broken", pts)
+    ok = _run(tmp_path, "ok", [(100, 4.0), (200, 3.5), (400, 3.1), (600, 2.9)])
+    assert tokens_to_target(broken, 3.2) == 600.0
+    eps = token_inefficiency([broken, ok], 3.2)
+    assert eps == {"broken": pytest.approx(1.5), "ok": 1.0}  # T 600 vs 400
+    assert measurement_at_loss(broken, 3.2).tokens == 600  # not the measurement with the -inf loss
+    # 200 reaches it, after an evaluation (100) that did not: a measured T, not an upper bound
+    assert not reached_at_first_evaluation(([100, 200], [-math.inf, 3.0]), 3.2)
+
+
+def test_transition_gains_at_target_before_training_names_the_run(tmp_path):
+    """A target above the loss of an evaluation at token 0 gives T = 0: transition_gains said only
+    'T_a must be a positive number, got 0.0'; now it names the run and what to do, as eps_tok does."""
+    a = _run(tmp_path, "a", [(0, 10.9), (100, 4.0), (600, 3.0)])
+    b = _run(tmp_path, "b", [(0, 10.8), (100, 3.9), (600, 2.9)], q=1200.0)
+    with pytest.raises(ValueError, match=r"transition_gains: run 'a' is at the target loss 11\.0 at its first "
+                                         r"evaluation, before training \(T = 0 tokens\).*choose a lower target"):
+        transition_gains(a, b, 11.0)
+    g = transition_gains(a, b, 3.95)  # T(a) = 600, T(b) = 100; Q 1000 -> 1200
+    assert (g.T_a, g.T_b) == (_ref_T([(0, 10.9), (100, 4.0), (600, 3.0)], 3.95), 100.0)
+    assert g.tok_gain == pytest.approx(600 / 100 - 1) and g.thr_gain == pytest.approx(1200 / 1000 - 1)
+    assert g.g_tok == pytest.approx(math.log(6.0)) and g.g_thr == pytest.approx(math.log(1.2))
