@@ -306,6 +306,19 @@ def _matplotlib_available() -> bool:
     return True
 
 
+_TRANSITION_KEY = (
+    "Each row is a transition a → b (b: the changed variant). TokGain = T(a)/T(b) - 1, with T the training tokens "
+    "at the first validation checkpoint with val loss <= {target:g}: +0.10 means a needed 10% more tokens than b, so b "
+    "learned faster. ThrGain = Q(b)/Q(a) - 1, with Q the median logged training throughput in tokens/s: +0.10 means "
+    "b is 10% faster. The rules compare the log gains g_tok = log(1 + TokGain), g_thr = log(1 + ThrGain) with "
+    "gain_threshold. Δα_head, Δα_grad: change (b - a) of the power-law exponent of the activation spectrum's head "
+    "window and of the gradient spectrum, each run's measured at matched loss (its first measurement at val loss "
+    "<= {target:g}); JSD: Jensen-Shannon divergence of the two normalized spectra (0 = same "
+    "shape). act_score / grad_score in the rule text are these moves in units of their thresholds (>= 1: a clear move)."
+)
+"""The taxonomy section's key: what each column of its table means (units, signs)."""
+
+
 def build_report(
     runs: Sequence[RunRecord | str | os.PathLike],
     out: str | os.PathLike,
@@ -516,6 +529,7 @@ def build_report(
                 report.taxonomy.append(clf.classify_runs(by_id[a], by_id[b], target_loss, activation=spectrum))
             doc.h(2, "Taxonomy of transitions")
             doc.p(f"Thresholds ({source}): " + ", ".join(f"{k}={v:g}" for k, v in clf.thresholds.items()) + ".")
+            doc.p(_TRANSITION_KEY.format(target=target_loss))
             rows = []
             for t in report.taxonomy:
                 ev = t.evidence

@@ -63,3 +63,39 @@ def test_transition_gains_at_target_before_training_names_the_run(tmp_path):
     assert (g.T_a, g.T_b) == (_ref_T([(0, 10.9), (100, 4.0), (600, 3.0)], 3.95), 100.0)
     assert g.tok_gain == pytest.approx(600 / 100 - 1) and g.thr_gain == pytest.approx(1200 / 1000 - 1)
     assert g.g_tok == pytest.approx(math.log(6.0)) and g.g_thr == pytest.approx(math.log(1.2))
+
+
+def test_predict_output_says_what_each_number_means(tmp_path, capsys):
+    """``predict`` printed alpha_tail, sigma, P(best), T and eps_tok without saying what they are, their
+    units or which way is better: a key under the tables says it (window, spectrum, fraction, target)."""
+    from spectral_lens.analysis.synthetic import write_theorem6_sweep
+    from spectral_lens.cli import main
+
+    write_theorem6_sweep(tmp_path, (2, 4, 8), n_eval=40, n_measure=20, dim=256, grad_dim=64, tail_window=(40, 80))
+    assert main(["predict", str(tmp_path), "--target-loss", "3.0"]) == 0
+    keys = [x for x in capsys.readouterr().out.splitlines() if x.startswith("key: ")]
+    assert len(keys) == 3, keys
+    assert "ranks 40-80 of act:blocks.11) at 20% of each run's token budget" in keys[0]
+    assert "smaller (flatter) early tail predicts fewer tokens" in keys[0] and "P(best): the probability" in keys[0]
+    assert "first validation checkpoint with val loss <= 3;" in keys[1] and "eps_tok = T / the smallest T" in keys[1]
+    assert keys[2].startswith("key: Spearman rho = rank correlation")
+    assert main(["predict", str(tmp_path)]) == 0  # no target: only the alpha_tail key
+    assert [x for x in capsys.readouterr().out.splitlines() if x.startswith("key: ")] == keys[:1]
+
+
+def test_report_transition_table_says_what_its_gains_mean(tmp_path):
+    """The taxonomy table showed TokGain -0.066 with no word on its definition or sign (a fraction, T(a)/T(b) - 1:
+    positive = b needs fewer tokens); the section now says it, with the target, under the thresholds."""
+    from spectral_lens.analysis.synthetic import write_theorem6_sweep
+    from spectral_lens.cli import main
+
+    write_theorem6_sweep(tmp_path / "runs", (4, 8), n_eval=40, n_measure=20, dim=256, grad_dim=64,
+                         tail_window=(40, 80))
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--target-loss", "3.0",
+                 "--transition", "toy-b4:toy-b8", "--no-plots"]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    section = text[text.index("## Taxonomy of transitions"):]
+    assert "TokGain = T(a)/T(b) - 1, with T the training tokens at the first validation checkpoint with val loss <= 3:" \
+        in section
+    assert "ThrGain = Q(b)/Q(a) - 1, with Q the median logged training throughput in tokens/s" in section
+    assert section.index("TokGain = ") < section.index("| transition | label |")
