@@ -315,7 +315,7 @@ def _predict_key(pred, target_loss, scored: bool) -> list[str]:
         out.append(f"key: T = training tokens at the first validation checkpoint with val loss <= {target_loss:g}; "
                    "eps_tok = T / the smallest T of the family's runs (1.000 = the most token-efficient run; "
                    "'not reached': it ended or diverged above the target and ranks last; 'unknown': cut short or "
-                   "still running, left out of the score).")
+                   "still running, or no run of the family reached the target; left out of the score).")
     if scored:
         out.append("key: Spearman rho = rank correlation of the early alpha_tail with eps_tok over the runs (+1: the "
                    "prediction ordered them exactly as they turned out; p: the chance of a rho at least this far from 0 "
