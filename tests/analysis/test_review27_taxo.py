@@ -21,7 +21,7 @@ def _run(root, run_id, points, *, tier=8, q=1000.0, budget=600):
     r = np.arange(1, 301, dtype=float)
     with RunWriter(root / run_id, info, fsync=False) as w:
         for i, (t, loss) in enumerate(points):
-            w.log(i, t, val_loss=loss, tokens_per_s=q)
+            w.log(i, t, val_loss=loss, **({} if q is None else {"tokens_per_s": q}))
             w.log_measurement(i, t, {"act": Spectrum(r**-1.0, n_rows=10_000, dim=300)}, val_loss=loss)
     return RunRecord.open(root / run_id)
 
@@ -109,3 +109,20 @@ def test_report_transition_table_says_what_its_gains_mean(tmp_path):
         in section
     assert "ThrGain = Q(b)/Q(a) - 1, with Q the median logged training throughput in tokens/s" in section
     assert section.index("TokGain = ") < section.index("| transition | label |")
+
+
+def test_rule_text_says_an_unknown_gain_is_unknown(tmp_path):
+    """Runs that log no tokens_per_s have no throughput: the rule text said ``g_thr=+0.000``, as if the two
+    were measured equally fast; it says ``g_thr=unknown (as 0)`` (the rule still counts it as 0, as documented)."""
+    from spectral_lens.analysis.taxonomy import (ACTIVATION_LED, TransitionClassifier, TransitionEvidence,
+                                                 transition_evidence)
+
+    clf = TransitionClassifier()
+    res = clf.classify(TransitionEvidence("a", "b", math.expm1(0.3), math.nan, 0.3, math.nan, d_alpha_head=0.2))
+    assert res.label == ACTIVATION_LED and "g_tok=+0.300, g_thr=unknown (as 0)" in res.rule, res.rule
+    res = clf.classify(TransitionEvidence("a", "b", 0.0, 0.0, 0.0, 0.0))
+    assert "g_tok=+0.000, g_thr=+0.000" in res.rule  # measured equal stays a number
+    a = _run(tmp_path, "a", [(100, 4.0), (600, 3.0)], q=None)
+    b = _run(tmp_path, "b", [(100, 3.9), (300, 3.1), (600, 2.9)], q=None)
+    res = clf.classify(transition_evidence(a, b, 3.15))
+    assert res.evidence.details["Q_a"] is None and "g_thr=unknown (as 0)" in res.rule, res.rule
