@@ -303,9 +303,13 @@ def _predict_key(pred, target_loss, scored: bool) -> list[str]:
     reader who has not read the protocol (the table alone said ``alpha_tail``, ``P(best)``, ``eps_tok``)."""
     from .analysis.efficiency import percent
 
-    used = sorted({(tuple(s.window), s.spectrum) for s in pred.statistics_ if s.window is not None})
-    where = (f"ranks {used[0][0][0]}-{used[0][0][1]} of {used[0][1]}" if len(used) == 1
-             else "each run's tail window (its run.json, or --window)")
+    fams: dict[str, set] = {}
+    for s in pred.statistics_:
+        if s.window is not None:
+            fams.setdefault(s.family, set()).add(f"ranks {s.window[0]}-{s.window[1]} of {s.spectrum}")
+    said = {f: ", ".join(sorted(w)) for f, w in fams.items()}
+    where = (next(iter(said.values())) if len(set(said.values())) == 1
+             else "; ".join(f"{w} in family {f}" for f, w in said.items()))
     out = [f"key: alpha_tail = power-law exponent of the activation spectrum's tail ({where}) at "
            f"{percent(pred.fraction)} of each run's token budget; a smaller (flatter) early tail predicts fewer "
            "tokens to a target loss, so the tiers are ranked by it, smallest (the predicted best) first. "

@@ -126,3 +126,16 @@ def test_rule_text_says_an_unknown_gain_is_unknown(tmp_path):
     b = _run(tmp_path, "b", [(100, 3.9), (300, 3.1), (600, 2.9)], q=None)
     res = clf.classify(transition_evidence(a, b, 3.15))
     assert res.evidence.details["Q_a"] is None and "g_thr=unknown (as 0)" in res.rule, res.rule
+
+
+def test_predict_key_names_each_familys_window(tmp_path, capsys):
+    """Families that recorded different tail windows: the key names each one's, not one of them."""
+    from spectral_lens.analysis.synthetic import write_theorem6_sweep
+    from spectral_lens.cli import main
+
+    kw = dict(n_eval=20, n_measure=15, dim=256, grad_dim=64)
+    write_theorem6_sweep(tmp_path, (2, 4), family="f1", tail_window=(40, 80), **kw)
+    write_theorem6_sweep(tmp_path, (2, 4), family="f2", tail_window=(50, 100), **kw)
+    assert main(["predict", str(tmp_path)]) == 0
+    (key,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("key: ")]
+    assert "(ranks 40-80 of act:blocks.11 in family f1; ranks 50-100 of act:blocks.11 in family f2)" in key, key
