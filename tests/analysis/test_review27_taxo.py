@@ -139,3 +139,57 @@ def test_predict_key_names_each_familys_window(tmp_path, capsys):
     assert main(["predict", str(tmp_path)]) == 0
     (key,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("key: ")]
     assert "(ranks 40-80 of act:blocks.11 in family f1; ranks 50-100 of act:blocks.11 in family f2)" in key, key
+
+
+def test_tokens_to_target_matches_the_protocol_on_random_curves():
+    """2,000 random curves: unequal grids, repeated token counts, NaN / +-inf losses, non-monotone losses,
+    targets above, below and exactly at a checkpoint's loss; T against the protocol's first-checkpoint rule."""
+    rng = np.random.default_rng(27)
+    for _ in range(2000):
+        k = int(rng.integers(1, 10))
+        tokens = rng.choice([0, 1, 2, 3, 5, 8, 13, 21], size=k).astype(float) * 1e6
+        losses = rng.uniform(2.5, 4.0, size=k)
+        losses[rng.random(k) < 0.15] = np.nan
+        losses[rng.random(k) < 0.1] = rng.choice([np.inf, -np.inf])
+        finite = losses[np.isfinite(losses)]
+        target = float(rng.choice(finite)) if finite.size and rng.random() < 0.4 else float(rng.choice([2.4, 3.2, 4.1]))
+        pts = list(zip(tokens.tolist(), losses.tolist()))
+        assert tokens_to_target((tokens, losses), target) == _ref_T(pts, target), (pts, target)
+
+
+def _ref_label(gt, gq, act, grad, g=0.02, ratio=0.5):
+    """The documented rules 1-5 (docs/analysis.md, taxonomy table), from the text; unknown gains count as 0."""
+    gt, gq = (v if math.isfinite(v) else 0.0 for v in (gt, gq))
+    big, small = max(abs(gt), abs(gq)), min(abs(gt), abs(gq))
+    if max(gt, gq) >= g and min(gt, gq) <= -g and small >= ratio * big:
+        return "mixed/tradeoff"
+    if big < g:
+        return "no clear change"
+    if max(gt, gq) < g or (min(gt, gq) <= -g and -min(gt, gq) > max(gt, gq)):
+        return "regression"
+    if gt >= g and gt >= gq:
+        a, r = (v if math.isfinite(v) else -math.inf for v in (act, grad))
+        if a >= 1 and a >= r:
+            return "activation-led learning"
+        return "gradient-led learning" if r >= 1 else "learning gain, spectrally unattributed"
+    return "throughput/execution-leaning"
+
+
+def test_classifier_matches_the_documented_rules_on_a_grid():
+    """Every pair of log gains on a grid with the threshold and its neighbours, NaN, ties (g_tok = g_thr) and
+    equal-magnitude tradeoffs, times spectral evidence that is absent, below, at and above its thresholds."""
+    from spectral_lens.analysis.taxonomy import TransitionClassifier, TransitionEvidence
+
+    clf = TransitionClassifier()
+    grid = [-0.5, -0.1, -0.03, -0.02, -0.0199, 0.0, 0.0199, 0.02, 0.03, 0.05, 0.1, 0.5, math.nan]
+    spectral = [(0.0, 0.0, 0.0, 0.0), (0.05, 0.0, 0.0, 0.0), (0.0, 0.0, 0.1, 0.0), (0.06, 0.0, 0.2, 0.0),
+                (0.1, 0.0, 0.1, 0.0), (math.nan,) * 4, (0.0, 0.006, math.nan, math.nan), (-0.05, 0.0, -0.1, 0.0),
+                (0.049, 0.0049, 0.099, 0.0049)]
+    for gt in grid:
+        for gq in grid:
+            for dh, jsd, dg, gj in spectral:
+                ev = TransitionEvidence("a", "b", math.expm1(gt), math.expm1(gq), gt, gq, dh, jsd, dg, gj)
+                act = max((abs(v) / t for v, t in ((dh, 0.05), (jsd, 0.005)) if math.isfinite(v)), default=math.nan)
+                grad = max((abs(v) / t for v, t in ((dg, 0.1), (gj, 0.005)) if math.isfinite(v)), default=math.nan)
+                res = clf.classify(ev)
+                assert res.label == _ref_label(gt, gq, act, grad), (gt, gq, dh, jsd, dg, gj, res.rule)
