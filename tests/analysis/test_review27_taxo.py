@@ -193,3 +193,23 @@ def test_classifier_matches_the_documented_rules_on_a_grid():
                 grad = max((abs(v) / t for v, t in ((dg, 0.1), (gj, 0.005)) if math.isfinite(v)), default=math.nan)
                 res = clf.classify(ev)
                 assert res.label == _ref_label(gt, gq, act, grad), (gt, gq, dh, jsd, dg, gj, res.rule)
+
+
+def test_report_cautions_a_transition_across_batch_tiers(tmp_path, capsys):
+    """``--transition toy-b4:toy-b8`` (one variant, two batch tiers) was labelled throughput-leaning without a
+    word: its gains are the batch size's, not an architectural change's (the paper compares variants at one
+    tier). The report and the CLI now say so; a transition within one tier has no such caution."""
+    from spectral_lens.analysis.synthetic import write_theorem6_sweep
+    from spectral_lens.cli import main
+    from spectral_lens.records import open_runs
+    from spectral_lens.report import transition_flags
+
+    write_theorem6_sweep(tmp_path / "runs", (4, 8), n_eval=20, n_measure=15, dim=256, grad_dim=64,
+                         tail_window=(40, 80))
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--target-loss", "3.0",
+                 "--transition", "toy-b4:toy-b8", "--no-plots"]) == 0
+    want = "transition toy-b4 -> toy-b8: the runs are of batch tiers 4 and 8, so its gains mix the batch size's effect"
+    assert any(x.startswith(f"caution: {want}") for x in capsys.readouterr().out.splitlines())
+    assert f"Caution: {want}" in (tmp_path / "rep" / "report.md").read_text()
+    b4, b8 = open_runs([tmp_path / "runs"])
+    assert transition_flags([(b4, b4), (b8, b8)]) == [] and len(transition_flags([(b8, b4)])) == 1
