@@ -373,16 +373,17 @@ def reached_at_first_evaluation(run_or_curve, target: float) -> bool:
     on the tokens the target needed, not a measurement of them; a family whose runs all do this has
     an ``eps_tok`` that only compares evaluation spacings (choose a lower target). An evaluation before
     training (at token 0, as the example trainers do) or at the same token count as the one that
-    reached the target brackets nothing, so it does not count as an earlier one; nor does one whose loss
-    is not finite (NaN, inf: an empty or broken evaluation says nothing of where the target was crossed)."""
+    reached the target brackets nothing, so it does not count as an earlier one. An earlier evaluation with
+    a non-finite loss (NaN, ``-inf``) is one that did not reach the target (as ``tests/analysis/
+    test_review22_revanalysis2.py`` decided)."""
     if not math.isfinite(target):
         raise ValueError(f"reached_at_first_evaluation: target validation loss must be a finite number, got {target}")
     tokens, losses = _curve(run_or_curve)
     hit = _reached(losses, target)
     if hit.size == 0:
         return False
-    before, lost = tokens[: int(hit[0])], losses[: int(hit[0])]
-    return not bool(np.any((before > 0) & (before < tokens[hit[0]]) & np.isfinite(lost)))
+    before = tokens[: int(hit[0])]
+    return not bool(np.any((before > 0) & (before < tokens[hit[0]])))
 
 
 def eps_tok(T: Mapping[Hashable, float]) -> dict[Hashable, float]:
