@@ -374,8 +374,7 @@ def reached_at_first_evaluation(run_or_curve, target: float) -> bool:
     an ``eps_tok`` that only compares evaluation spacings (choose a lower target). An evaluation before
     training (at token 0, as the example trainers do) or at the same token count as the one that
     reached the target brackets nothing, so it does not count as an earlier one. An earlier evaluation with
-    a non-finite loss (NaN, ``-inf``) is one that did not reach the target (as ``tests/analysis/
-    test_review22_revanalysis2.py`` decided)."""
+    a non-finite loss (NaN, ``-inf``) does count: it is one that did not reach the target."""
     if not math.isfinite(target):
         raise ValueError(f"reached_at_first_evaluation: target validation loss must be a finite number, got {target}")
     tokens, losses = _curve(run_or_curve)
