@@ -298,6 +298,35 @@ def _eps_cell(v: float) -> str:
     return _fmt(v, ".3f") if math.isfinite(v) else _eps_status(v)
 
 
+def _predict_key(pred, target_loss, scored: bool) -> list[str]:
+    """``predict``'s key under its tables: what each number means, its units, and the decision rule, for a
+    reader who has not read the protocol (the table alone said ``alpha_tail``, ``P(best)``, ``eps_tok``)."""
+    from .analysis.efficiency import percent
+
+    fams: dict[str, set] = {}
+    for s in pred.statistics_:
+        if s.window is not None:
+            fams.setdefault(s.family, set()).add(f"ranks {s.window[0]}-{s.window[1]} of {s.spectrum}")
+    said = {f: ", ".join(sorted(w)) for f, w in fams.items()}
+    where = (next(iter(said.values())) if len(set(said.values())) == 1
+             else "; ".join(f"{w} in family {f}" for f, w in said.items()))
+    out = [f"key: alpha_tail = power-law exponent of the activation spectrum's tail ({where}) at "
+           f"{percent(pred.fraction)} of each run's token budget; a smaller (flatter) early tail predicts fewer "
+           "tokens to a target loss, so the tiers are ranked by it, smallest (the predicted best) first. "
+           "sigma: its uncertainty (checkpoint-to-checkpoint jitter and the spread between a tier's runs). "
+           "P(best): the probability, given these sigmas, that the tier has the smallest alpha_tail."]
+    if target_loss is not None:
+        out.append(f"key: T = training tokens at the first validation checkpoint with val loss <= {target_loss:g}; "
+                   "eps_tok = T / the smallest T of the family's runs (1.000 = the most token-efficient run; "
+                   "'not reached': it ended or diverged above the target and ranks last; 'unknown': cut short or "
+                   "still running, or no run of the family reached the target; left out of the score).")
+    if scored:
+        out.append("key: Spearman rho = rank correlation of the early alpha_tail with eps_tok over the runs (+1: the "
+                   "prediction ordered them exactly as they turned out; p: the chance of a rho at least this far from 0 "
+                   "if alpha_tail and eps_tok were unrelated; n: the runs with a known eps_tok).")
+    return out
+
+
 def _cmd_predict(args) -> int:
     from .analysis.efficiency import learning_rate
     from .analysis.tail import TailPredictor
@@ -362,6 +391,8 @@ def _cmd_predict(args) -> int:
                   f"{_fmt(rk.p_best[t], '.3f'):>7}{extra}  {', '.join(rk.run_ids[t])}")
         for c in ranking_flags({f: rk}):
             print(f"caution: {c}")
+    for line in _predict_key(pred, args.target_loss, score is not None):
+        print(line)
     if score is not None:
         for f, w in score.within.items():
             print(f"Spearman rho (early alpha_tail vs eps_tok), {f}: {_fmt(w.rho, '.3f')} (p = {_fmt(w.pvalue, '.3g')}, n = {w.n})")

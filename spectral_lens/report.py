@@ -33,7 +33,7 @@ from ._progress import progress_bar
 from .atomic import write_text_atomic
 from .records import RunRecord, open_runs
 
-__all__ = ["Report", "build_report", "score_flags", "target_flags", "ranking_flags", "sweep_notes", "run_status", "MIN_TIERS", "MAX_PVALUE"]
+__all__ = ["Report", "build_report", "score_flags", "target_flags", "ranking_flags", "transition_flags", "sweep_notes", "run_status", "MIN_TIERS", "MAX_PVALUE"]
 
 #: Fewer runs than this in a family (runs with a known ``eps_tok``, as the rho counts them: seeds of one tier count
 #: each) and its Spearman rho is flagged as underpowered.
@@ -168,7 +168,8 @@ class Report:
         baseline_rankings, baseline_score: the same for the noise-scale baseline (when available).
         taxonomy: one :class:`TaxonomyResult` per requested transition.
         flags: plain-words cautions about the prediction score (:func:`score_flags`, :func:`target_flags`),
-            then about the rankings (:func:`ranking_flags`: a toss-up between the top tiers).
+            then about the rankings (:func:`ranking_flags`: a toss-up between the top tiers), then about the
+            transitions (:func:`transition_flags`: two runs of different batch tiers).
         notes: what was skipped and why.
     """
 
@@ -304,6 +305,36 @@ def _matplotlib_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def transition_flags(pairs) -> list[str]:
+    """A one-line caution per transition ``(run_a, run_b)`` whose runs are of different batch tiers
+    (``RunInfo.batch_tier``): its token and throughput gains then mix the batch size's effect with the
+    change's (the paper classifies transitions between variants at one tier, B = 8), and a tier step of one
+    variant is no architectural transition at all. Runs without a tier are not judged."""
+    from .analysis.efficiency import _tier_text
+
+    out = []
+    for a, b in pairs:
+        ta, tb = a.info.batch_tier, b.info.batch_tier
+        if ta is not None and tb is not None and ta != tb:
+            out.append(f"transition {a.run_id} -> {b.run_id}: the runs are of batch tiers {_tier_text(ta)} and "
+                       f"{_tier_text(tb)}, so its gains mix the batch size's effect with the change's (the paper "
+                       "classifies transitions between variants at one tier); compare runs of one batch tier")
+    return out
+
+
+_TRANSITION_KEY = (
+    "Each row is a transition a → b (b: the changed variant). TokGain = T(a)/T(b) - 1, with T the training tokens "
+    "at the first validation checkpoint with val loss <= {target:g}: +0.10 means a needed 10% more tokens than b, so b "
+    "learned faster. ThrGain = Q(b)/Q(a) - 1, with Q the median logged training throughput in tokens/s: +0.10 means "
+    "b is 10% faster. The rules compare the log gains g_tok = log(1 + TokGain), g_thr = log(1 + ThrGain) with "
+    "gain_threshold. Δα_head, Δα_grad: change (b - a) of the power-law exponent of the activation spectrum's head "
+    "window and of the gradient spectrum, each run's measured at matched loss (its first measurement at val loss "
+    "<= {target:g}); JSD: Jensen-Shannon divergence of the two normalized spectra (0 = same "
+    "shape). act_score / grad_score in the rule text are these moves in units of their thresholds (>= 1: a clear move)."
+)
+"""The taxonomy section's key: what each column of its table means (units, signs)."""
 
 
 def build_report(
@@ -516,6 +547,7 @@ def build_report(
                 report.taxonomy.append(clf.classify_runs(by_id[a], by_id[b], target_loss, activation=spectrum))
             doc.h(2, "Taxonomy of transitions")
             doc.p(f"Thresholds ({source}): " + ", ".join(f"{k}={v:g}" for k, v in clf.thresholds.items()) + ".")
+            doc.p(_TRANSITION_KEY.format(target=target_loss))
             rows = []
             for t in report.taxonomy:
                 ev = t.evidence
@@ -524,6 +556,10 @@ def build_report(
                              _num(ev.d_alpha_head, "+.3f"), _num(ev.act_jsd, ".2g"), _num(ev.d_grad_alpha, "+.3f"),
                              _num(ev.grad_jsd, ".2g"), t.rule])
             doc.table(["transition", "label", "TokGain", "ThrGain", "Δα_head", "JSD act", "Δα_grad", "JSD grad", "rule"], rows)
+            mixed = transition_flags([(by_id[a], by_id[b]) for a, b in transitions])
+            for f in mixed:
+                doc.p("Caution: " + f)
+            report.flags += mixed
 
     # ---- figures --------------------------------------------------------------------------------
     if want_plots:

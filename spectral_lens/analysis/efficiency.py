@@ -360,12 +360,13 @@ def tokens_to_target(run_or_curve, target: float, *, interpolate: bool = False) 
 
     Returns ``math.inf`` when no checkpoint reaches the target. Ties: checkpoints are taken in
     token order, equal token counts in file order; a loss exactly equal to ``target`` counts as
-    reached; NaN losses never do. A non-finite ``target`` or token count is a ``ValueError``.
+    reached; non-finite losses (NaN, and ``-inf``, a broken loss rather than a low one) never do. A
+    non-finite ``target`` or token count is a ``ValueError``.
     """
     if not math.isfinite(target):
         raise ValueError(f"tokens_to_target: target validation loss must be a finite number, got {target}")
     tokens, losses = _curve(run_or_curve)
-    hit = np.flatnonzero(losses <= target)
+    hit = _reached(losses, target)
     if hit.size == 0:
         return math.inf
     i = int(hit[0])
@@ -377,17 +378,24 @@ def tokens_to_target(run_or_curve, target: float, *, interpolate: bool = False) 
     return float(t0 + (l0 - target) / (l0 - l1) * (t1 - t0))
 
 
+def _reached(losses: np.ndarray, target: float) -> np.ndarray:
+    """Indices of the finite ``losses`` at or below ``target``: a ``-inf`` validation loss is an overflow
+    or a broken evaluation, not a run at the target (it gave the smallest ``T`` of a family)."""
+    return np.flatnonzero(np.isfinite(losses) & (losses <= target))
+
+
 def reached_at_first_evaluation(run_or_curve, target: float) -> bool:
     """Whether the first checkpoint of training (in token order) already has validation loss ``<= target``.
     Then ``T`` is that checkpoint's token count: where the first evaluation happened to be, an upper bound
     on the tokens the target needed, not a measurement of them; a family whose runs all do this has
     an ``eps_tok`` that only compares evaluation spacings (choose a lower target). An evaluation before
     training (at token 0, as the example trainers do) or at the same token count as the one that
-    reached the target brackets nothing, so it does not count as an earlier one."""
+    reached the target brackets nothing, so it does not count as an earlier one. An earlier evaluation with
+    a non-finite loss (NaN, ``-inf``) does count: it is one that did not reach the target."""
     if not math.isfinite(target):
         raise ValueError(f"reached_at_first_evaluation: target validation loss must be a finite number, got {target}")
     tokens, losses = _curve(run_or_curve)
-    hit = np.flatnonzero(losses <= target)
+    hit = _reached(losses, target)
     if hit.size == 0:
         return False
     before = tokens[: int(hit[0])]
@@ -527,9 +535,16 @@ class TransitionGains:
 def transition_gains(run_a: RunRecord, run_b: RunRecord, target: float, *, warmup: float = 0.1) -> TransitionGains:
     """Token and throughput gains of ``run_a -> run_b`` from their records.
 
-    ``Q`` is :meth:`RunRecord.throughput` (median logged tokens/s after ``warmup``).
+    ``Q`` is :meth:`RunRecord.throughput` (median logged tokens/s after ``warmup``). A run at the target
+    at an evaluation at token 0 (before training) has ``T = 0``: no token gain can be computed against
+    it, a ``ValueError`` naming the run (as :func:`eps_tok`'s), not a bare ``T_a must be positive``.
     """
     T_a, T_b = tokens_to_target(run_a, target), tokens_to_target(run_b, target)
+    for run, T in ((run_a, T_a), (run_b, T_b)):
+        if T == 0:
+            raise ValueError(f"transition_gains: run {run.run_id!r} is at the target loss {target} at its first "
+                             "evaluation, before training (T = 0 tokens), so no token gain can be computed "
+                             "against it; choose a lower target loss")
     Q_a, Q_b = run_a.throughput(warmup), run_b.throughput(warmup)
     t_ok = math.isfinite(T_a) and math.isfinite(T_b)
     q_ok = Q_a is not None and Q_b is not None and Q_a > 0 and Q_b > 0
@@ -646,7 +661,7 @@ def measurement_at_loss(run: RunRecord, target: float, *, spectrum: str | None =
     has no measurement from there on. ``spectrum``: only measurements that hold that spectrum.
     """
     ms = sorted((m for m in run.measurements if spectrum is None or spectrum in m.spectra), key=lambda m: m.tokens)
-    m = next((x for x in ms if x.val_loss is not None and x.val_loss <= target), None)
+    m = next((x for x in ms if x.val_loss is not None and math.isfinite(x.val_loss) and x.val_loss <= target), None)
     if m is None:
         reached = tokens_to_target(run, target)
         if math.isfinite(reached):

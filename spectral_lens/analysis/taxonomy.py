@@ -130,6 +130,12 @@ def _signed(v: float) -> str:
     return "+0.000" if float(s) == 0 else s
 
 
+def _gain_text(v: float) -> str:
+    """A log gain in a rule's text: :func:`_signed`, or ``unknown (as 0)`` for a gain the records do not give
+    (no logged throughput: it was ``+0.000``, read as a throughput measured equal)."""
+    return _signed(v) if v is not None and math.isfinite(v) else "unknown (as 0)"
+
+
 @dataclass(frozen=True)
 class TransitionEvidence:
     """The numbers behind a transition's label.
@@ -368,11 +374,11 @@ class TransitionClassifier:
         gq = ev.g_thr if math.isfinite(ev.g_thr) else 0.0
         act = _score([(ev.d_alpha_head, self.head_threshold), (ev.act_jsd, self.act_jsd_threshold)])
         grad = _score([(ev.d_grad_alpha, self.grad_alpha_threshold), (ev.grad_jsd, self.grad_jsd_threshold)])
-        coords = f"g_tok={_signed(gt)}, g_thr={_signed(gq)}"
+        coords = f"g_tok={_gain_text(ev.g_tok)}, g_thr={_gain_text(ev.g_thr)}"
         missed = _missed_target(ev)
         if missed:
             rule = (f"rule 0: {_missed_text(ev)}: "
-                    f"the token gain is undefined (g_thr={_signed(gq)}, act_score={act:.2f}, grad_score={grad:.2f})")
+                    f"the token gain is undefined (g_thr={_gain_text(ev.g_thr)}, act_score={act:.2f}, grad_score={grad:.2f})")
             return TaxonomyResult(UNDETERMINED, rule, ev, act, grad, self.thresholds)
         big, small = max(abs(gt), abs(gq)), min(abs(gt), abs(gq))
         if max(gt, gq) >= g and min(gt, gq) <= -g and small >= self.tradeoff_ratio * big:
@@ -502,7 +508,7 @@ def transition_evidence(
         m = None
         if at == "loss":
             m = measurement_at_loss(run, target)
-            if m is not None and not (m.val_loss is not None and m.val_loss <= target):
+            if m is not None and not (m.val_loss is not None and math.isfinite(m.val_loss) and m.val_loss <= target):
                 details[f"matched_{side}"] = "first measurement at or past tokens-to-target (log's val_loss)"
             reached = gains.T_a if side == "a" else gains.T_b  # tokens-to-target, from the run's log
             if m is None:
