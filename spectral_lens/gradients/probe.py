@@ -27,7 +27,7 @@ from .._warnings import NonFiniteError
 from ..attachment import Attachment, attach_once
 from .._args import AUTOCAST_WHY, NARROW_FLOATS, check_callable, check_count, check_dtype
 from ..capture import eager_forwards, measurement_autocast, measurement_pass
-from .._warnings import ZeroGradientWarning
+from .._warnings import MixedWeightsWarning, ZeroGradientWarning
 from ._isolation import (cuda_devices, forked_rng, module_list, parameter_list, preserved_buffers, restore_training,
                          rng_state, set_rng_state, set_training, silenced_module_backward_hooks)
 from ._validate import finite_rows, half_hint, nonfinite_loss_message
@@ -559,7 +559,9 @@ class PerSampleGradientProbe:
         self._finite: list[tuple[str, torch.Tensor]] = []  # per-chunk row finiteness, checked per update
         self._filled = 0  # leading resident rows whose Gram entries among themselves are complete
         self._far_done: set[tuple[int, int]] = set()  # non-resident chunk pairs whose block is filled
-        self._versions: tuple[int, ...] | None = None
+        # (ids, version counters) of the model's parameters at the last update (_parameter_versions)
+        self._versions: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        self._mixed_warned = False  # MixedWeightsWarning given in this accumulation
         return self
 
     def _snapshot(self):
@@ -638,7 +640,7 @@ class PerSampleGradientProbe:
                     called_train = set_training(self.model, modules, self.train_mode)
                 yield devices
             if self._versions is not None:  # bumped by the pass's own writes, undone on exit: not the user's
-                self._versions = self._parameter_versions()
+                self._versions = self._parameter_versions(params)
         finally:
             self._every = self._rewind_buffers = self._devices = self._modules = None
             try:
@@ -661,20 +663,50 @@ class PerSampleGradientProbe:
                         if q is not None and q is not p and q.requires_grad != flag:
                             q.requires_grad_(flag)
 
-    def _parameter_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in parameter_list(module_list(self.model)))
+    def _parameter_versions(self, params: list[torch.Tensor] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The ids and version counters of the model's parameters (``params``: their list, else walked). An
+        inference tensor, which has no counter, counts as ``-1`` (the probe refuses one only where it is probed)."""
+        params = parameter_list(module_list(self.model)) if params is None else params
+        try:
+            versions = tuple(p._version for p in params)
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            versions = tuple(-1 if p.is_inference() else p._version for p in params)
+        return tuple(map(id, params)), versions
 
-    def _check_versions(self) -> None:
-        if self.max_resident_samples is None:
+    def _check_versions(self, params: list[torch.Tensor] | None = None) -> None:
+        """Parameters written in place since the last update (an optimizer step; the probe's own passes re-read
+        the counters on exit from :meth:`_isolated`): ``RuntimeError`` in bounded-memory mode, whose recomputation
+        would mix checkpoints; otherwise a :class:`~spectral_lens.MixedWeightsWarning` naming them, once per
+        accumulation (the rows taken so far are the old weights'). A parameter replaced by a new tensor is not
+        counted here (:meth:`_follow_params`)."""
+        now = self._parameter_versions(params)
+        before, self._versions = self._versions, now
+        if before is None or before[1] == now[1]:
             return
-        now = self._parameter_versions()
-        if self._versions is None:
-            self._versions = now
-        elif now != self._versions:
+        if self.max_resident_samples is not None:
+            self._versions = before
             raise RuntimeError(
                 "model parameters were modified in place since the first update(); bounded-memory mode "
                 "(max_resident_samples) recomputes earlier samples and would mix checkpoints. Call reset()."
             )
+        if self._mixed_warned or not self.n_samples_:
+            return
+        old = dict(zip(*before))
+        changed = {i for i, v in zip(*now) if old.get(i, v) != v}
+        if not changed:  # parameters added or replaced, none written in place
+            return
+        names = [n for n, p in self.model.named_parameters() if id(p) in changed]
+        shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        self._mixed_warned = True
+        warnings.warn(
+            f"PerSampleGradientProbe: the model's weights were written in place since the probe's {self.n_samples_} "
+            f"samples were taken ({len(names)} parameter(s): {shown}; an optimizer step?): the spectrum will mix "
+            "per-sample gradients from different weights. Call reset() between checkpoints (SpectralLens.measure "
+            "does); to accumulate across steps on purpose, filter this warning "
+            "(warnings.filterwarnings('ignore', category=spectral_lens.MixedWeightsWarning)). Warned once until reset()",
+            MixedWeightsWarning,
+            stacklevel=3,
+        )
 
     # ----------------------------------------------------------------------------- gradients
     def _gradients(
@@ -783,9 +815,9 @@ class PerSampleGradientProbe:
         batch = map_tensors(lambda t: _autograd_usable(t.to(dev, non_blocking=True)), batch)
         snap, start, first = self._snapshot(), self.n_samples_, len(self._losses)
         try:
-            self._check_versions()
             self._gram_device = dev  # the Gram matrices are sized and filled there by _complete
             with self._isolated() as devices:
+                self._check_versions(self._every)  # before this update's passes (their own writes re-read on exit)
                 if self.head_loss_ is None and n > 0:
                     self._decide_without_forward()
                 if self.head_loss_ is None and n > 0 and any(e != "fast" for e in self.engines_.values()):
