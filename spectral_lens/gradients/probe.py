@@ -451,6 +451,23 @@ class PerSampleGradientProbe:
         """Drop the head-loss decision (the model, its layers or the adapter changed): made again as at binding."""
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
 
+    @contextlib.contextmanager
+    def _trained_loss(self, loss_fn: Callable[[Any, Any], torch.Tensor]):
+        """``loss_fn`` in place of the default loss inside the block, as a user's ``loss_fn`` (an integration's:
+        the loss the trainer trains on, e.g. Hugging Face's label smoothing); the default loss and the head-loss
+        decision are back afterwards. A probe with a user's ``loss_fn`` or ``forward_fn`` is left as it is."""
+        if self._custom_loss is not None or self._custom_forward is not None:
+            yield
+            return
+        saved = self.loss_fn, self.head_loss_, self._head_fns
+        self.loss_fn = self._custom_loss = loss_fn
+        self._forget_head_loss()
+        try:
+            yield
+        finally:
+            self._custom_loss = None
+            self.loss_fn, self.head_loss_, self._head_fns = saved
+
     def _initial_head_loss(self) -> str | None:
         """The head-loss decision known without the model's output; ``None``: decided at the first update."""
         if self._custom_loss is not None or self._custom_forward is not None:
