@@ -14,6 +14,7 @@ import warnings
 import contextlib
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -62,6 +63,38 @@ __all__ = ["PerSampleGradientProbe", "ATTENTION_OUTPUT_PATTERNS", "default_gradi
 
 ENGINES = ("auto", "fast", "vmap", "loop")
 HEAD_LOSSES = ("auto", "chunked", "materialized")
+
+
+# optimizer steps counted process-wide (_optimizer_steps): the count, and each optimizer's count at its last step.
+# Fused optimizers (torch.optim.AdamW(fused=True), SGD(fused=True)) write the weights without moving their
+# version counters, so the counters alone miss their steps
+_STEPS = [0]
+_STEPPED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
+_COUNTING: list = []  # the hook's handle, once installed
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _STEPS[0] += 1
+    _STEPPED[optimizer] = _STEPS[0]
+
+
+def _optimizer_steps() -> int:
+    """The number of ``torch.optim.Optimizer.step()`` calls since the probe first asked (a global step post-hook,
+    installed once per process at the first ``update``: O(1) per step, removed never)."""
+    if not _COUNTING:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _COUNTING.append(register_optimizer_step_post_hook(_count_step))
+    return _STEPS[0]
+
+
+def _stepped_parameters(since: int, ids: set[int]) -> set[int]:
+    """The ids among ``ids`` of parameters an optimizer stepped after the count ``since``."""
+    out: set[int] = set()
+    for opt, n in list(_STEPPED.items()):
+        if n > since:
+            out.update(i for g in opt.param_groups for i in map(id, g["params"]) if i in ids)
+    return out
 
 
 @dataclass
@@ -576,8 +609,9 @@ class PerSampleGradientProbe:
         self._finite: list[tuple[str, torch.Tensor]] = []  # per-chunk row finiteness, checked per update
         self._filled = 0  # leading resident rows whose Gram entries among themselves are complete
         self._far_done: set[tuple[int, int]] = set()  # non-resident chunk pairs whose block is filled
-        # (ids, version counters) of the model's parameters at the last update (_parameter_versions)
-        self._versions: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        # (ids, version counters) of the model's parameters at the last update (_parameter_versions), and the
+        # optimizer step count then (_optimizer_steps)
+        self._versions: tuple[tuple[int, ...], tuple[int, ...], int] | None = None
         self._mixed_warned = False  # MixedWeightsWarning given in this accumulation
         return self
 
@@ -657,7 +691,7 @@ class PerSampleGradientProbe:
                     called_train = set_training(self.model, modules, self.train_mode)
                 yield devices
             if self._versions is not None:  # bumped by the pass's own writes, undone on exit: not the user's
-                self._versions = self._parameter_versions(params)
+                self._versions = (*self._parameter_versions(params), self._versions[2])
         finally:
             self._every = self._rewind_buffers = self._devices = self._modules = None
             try:
@@ -691,14 +725,19 @@ class PerSampleGradientProbe:
         return tuple(map(id, params)), versions
 
     def _check_versions(self, params: list[torch.Tensor] | None = None) -> None:
-        """Parameters written in place since the last update (an optimizer step; the probe's own passes re-read
-        the counters on exit from :meth:`_isolated`): ``RuntimeError`` in bounded-memory mode, whose recomputation
-        would mix checkpoints; otherwise a :class:`~spectral_lens.MixedWeightsWarning` naming them, once per
-        accumulation (the rows taken so far are the old weights'). A parameter replaced by a new tensor is not
-        counted here (:meth:`_follow_params`)."""
-        now = self._parameter_versions(params)
-        before, self._versions = self._versions, now
-        if before is None or before[1] == now[1]:
+        """Weights changed since the last update: parameters written in place (their version counters moved; the
+        probe's own passes re-read the counters on exit from :meth:`_isolated`) or stepped by a
+        ``torch.optim.Optimizer`` (:func:`_optimizer_steps`: a fused optimizer moves no counter).
+        ``RuntimeError`` in bounded-memory mode, whose recomputation would mix checkpoints; otherwise a
+        :class:`~spectral_lens.MixedWeightsWarning` naming them, once per accumulation (the rows taken so far
+        are the old weights'). A parameter replaced by a new tensor is not counted here (:meth:`_follow_params`)."""
+        ids, versions = self._parameter_versions(params)
+        before, self._versions = self._versions, (ids, versions, _optimizer_steps())
+        if before is None:
+            return
+        moved = before[1] != versions
+        stepped = _stepped_parameters(before[2], set(ids)) if self._versions[2] != before[2] else set()
+        if not (moved or stepped):
             return
         if self.max_resident_samples is not None:
             self._versions = before
@@ -708,18 +747,18 @@ class PerSampleGradientProbe:
             )
         if self._mixed_warned or not self.n_samples_:
             return
-        old = dict(zip(*before))
-        changed = {i for i, v in zip(*now) if old.get(i, v) != v}
+        old = dict(zip(before[0], before[1]))
+        changed = stepped | {i for i, v in zip(ids, versions) if old.get(i, v) != v}
         if not changed:  # parameters added or replaced, none written in place
             return
         names = [n for n, p in self.model.named_parameters() if id(p) in changed]
         shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         self._mixed_warned = True
         warnings.warn(
-            f"PerSampleGradientProbe: the model's weights were written in place since the probe's {self.n_samples_} "
-            f"samples were taken ({len(names)} parameter(s): {shown}; an optimizer step?): the spectrum will mix "
-            "per-sample gradients from different weights. Call reset() between checkpoints (SpectralLens.measure "
-            "does); to accumulate across steps on purpose, filter this warning "
+            f"PerSampleGradientProbe: the model's weights changed since the probe's {self.n_samples_} samples were "
+            f"taken ({len(names)} parameter(s): {shown}; written in place or stepped by an optimizer): the spectrum "
+            "will mix per-sample gradients from different weights. Call reset() between checkpoints "
+            "(SpectralLens.measure does); to accumulate across steps on purpose, filter this warning "
             "(warnings.filterwarnings('ignore', category=spectral_lens.MixedWeightsWarning)). Warned once until reset()",
             MixedWeightsWarning,
             stacklevel=3,
