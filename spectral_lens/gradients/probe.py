@@ -75,7 +75,10 @@ _COUNTING: list = []  # the hook's handle, once installed
 
 def _count_step(optimizer, args, kwargs) -> None:
     _STEPS[0] += 1
-    _STEPPED[optimizer] = _STEPS[0]
+    try:
+        _STEPPED[optimizer] = _STEPS[0]
+    except TypeError:  # an optimizer that cannot be weakly referenced or hashed: not followed, never an error
+        pass
 
 
 def _optimizer_steps() -> int:
