@@ -193,7 +193,8 @@ def test_the_lens_measures_across_optimizer_steps_without_a_warning():
     assert len(lens.history) == 3
 
 
-def test_a_fused_optimizer_step_is_seen_though_it_moves_no_version_counter():
+@pytest.mark.parametrize("bounded", [None, 5], ids=["default", "bounded_memory"])
+def test_a_fused_optimizer_step_is_seen_though_it_moves_no_version_counter(bounded):
     """``AdamW(fused=True)`` writes the weights without moving ``_version``: counted by the optimizer step hook, in
     both modes (bounded-memory mode checked only the counters, and recomputed with the new weights)."""
     model, (b1, b2) = mlp_model(), mlp_batches()
@@ -202,16 +203,15 @@ def test_a_fused_optimizer_step_is_seen_though_it_moves_no_version_counter():
     except RuntimeError as e:
         pytest.skip(str(e))
     version = model[2].weight._version
-    for bounded in (None, 5):
-        probe = PerSampleGradientProbe(model, max_resident_samples=bounded, chunk_size=5, **MLP_KW)
-        probe.update(b1)
-        _step(model, b1, opt)
-        if bounded is None:
-            with pytest.warns(MixedWeightsWarning, match="'2.weight'"):
-                probe.update(b2)
-        else:
-            with pytest.raises(RuntimeError, match="bounded-memory mode"):
-                probe.update(b2)
+    probe = PerSampleGradientProbe(model, max_resident_samples=bounded, chunk_size=5, **MLP_KW)
+    probe.update(b1)
+    _step(model, b1, opt)
+    if bounded is None:
+        with pytest.warns(MixedWeightsWarning, match="'2.weight'"):
+            probe.update(b2)
+    else:
+        with pytest.raises(RuntimeError, match="bounded-memory mode"):
+            probe.update(b2)
     assert model[2].weight._version == version  # what the counters alone could not see
 
 
