@@ -850,7 +850,10 @@ class PerSampleGradientProbe:
         as given. Tensors made under
         ``torch.inference_mode()`` are copied to normal tensors (autograd cannot save them). On an exception the probe is left
         exactly as before the call. Returns ``self``. The probed parameters are read from the model
-        by name at each call (:meth:`_follow_params`): a replaced parameter or module is followed.
+        by name at each call (:meth:`_follow_params`): a replaced parameter or module is followed. Weights
+        changed since the previous call (written in place, or stepped by a ``torch.optim`` optimizer) warn once
+        until :meth:`reset` with a :class:`~spectral_lens.MixedWeightsWarning` (a ``RuntimeError`` in
+        bounded-memory mode): the rows would mix checkpoints (:meth:`_check_versions`).
         Inside ``torch.inference_mode()`` (an evaluation loop) it works as inside ``torch.no_grad()``:
         the probe's state and passes are made outside inference mode.
         """
