@@ -16,6 +16,7 @@ Core pieces (attach to any ``nn.Module``):
 from ._warnings import (
     CompiledModelWarning,
     InsufficientRowsWarning,
+    MixedWeightsWarning,
     NonFiniteError,
     NonFiniteRowsWarning,
     SpectralLensWarning,
@@ -71,4 +72,5 @@ __all__ = [
     "stable_rank",
     "tail_window",
     "ZeroGradientWarning",
+    "MixedWeightsWarning",
 ]

@@ -8,6 +8,7 @@ __all__ = [
     "CompiledModelWarning",
     "NonFiniteRowsWarning",
     "ZeroGradientWarning",
+    "MixedWeightsWarning",
     "NonFiniteError",
     "SpectrumFormatError",
     "StateFormatError",
@@ -33,6 +34,13 @@ class NonFiniteRowsWarning(SpectralLensWarning):
 class ZeroGradientWarning(SpectralLensWarning):
     """Every per-sample gradient of a probed parameter is exactly zero (zero-initialized head at
     step 0, or no gradient path); the gradient spectrum is all zero."""
+
+
+class MixedWeightsWarning(SpectralLensWarning):
+    """A ``PerSampleGradientProbe`` saw the model's weights written in place (an optimizer step) between two
+    ``update`` calls without a ``reset()``: its spectrum mixes rows from two checkpoints. Warned once per
+    accumulation; to accumulate across steps on purpose, filter it
+    (``warnings.filterwarnings("ignore", category=MixedWeightsWarning)``)."""
 
 
 class NonFiniteError(ValueError):

@@ -14,6 +14,7 @@ import warnings
 import contextlib
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -27,7 +28,7 @@ from .._warnings import NonFiniteError
 from ..attachment import Attachment, attach_once
 from .._args import AUTOCAST_WHY, NARROW_FLOATS, check_callable, check_count, check_dtype
 from ..capture import eager_forwards, measurement_autocast, measurement_pass
-from .._warnings import ZeroGradientWarning
+from .._warnings import MixedWeightsWarning, ZeroGradientWarning
 from ._isolation import (cuda_devices, forked_rng, module_list, parameter_list, preserved_buffers, restore_training,
                          rng_state, set_rng_state, set_training, silenced_module_backward_hooks)
 from ._validate import finite_rows, half_hint, nonfinite_loss_message
@@ -62,6 +63,41 @@ __all__ = ["PerSampleGradientProbe", "ATTENTION_OUTPUT_PATTERNS", "default_gradi
 
 ENGINES = ("auto", "fast", "vmap", "loop")
 HEAD_LOSSES = ("auto", "chunked", "materialized")
+
+
+# optimizer steps counted process-wide (_optimizer_steps): the count, and each optimizer's count at its last step.
+# Fused optimizers (torch.optim.AdamW(fused=True), SGD(fused=True)) write the weights without moving their
+# version counters, so the counters alone miss their steps
+_STEPS = [0]
+_STEPPED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
+_COUNTING: list = []  # the hook's handle, once installed
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _STEPS[0] += 1
+    try:
+        _STEPPED[optimizer] = _STEPS[0]
+    except TypeError:  # an optimizer that cannot be weakly referenced or hashed: not followed, never an error
+        pass
+
+
+def _optimizer_steps() -> int:
+    """The number of ``torch.optim.Optimizer.step()`` calls since the probe first asked (a global step post-hook,
+    installed once per process at the first ``update``: O(1) per step, removed never)."""
+    if not _COUNTING:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _COUNTING.append(register_optimizer_step_post_hook(_count_step))
+    return _STEPS[0]
+
+
+def _stepped_parameters(since: int, ids: set[int]) -> set[int]:
+    """The ids among ``ids`` of parameters an optimizer stepped after the count ``since``."""
+    out: set[int] = set()
+    for opt, n in list(_STEPPED.items()):
+        if n > since:
+            out.update(i for g in opt.param_groups for i in map(id, g["params"]) if i in ids)
+    return out
 
 
 @dataclass
@@ -451,6 +487,23 @@ class PerSampleGradientProbe:
         """Drop the head-loss decision (the model, its layers or the adapter changed): made again as at binding."""
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
 
+    @contextlib.contextmanager
+    def _trained_loss(self, loss_fn: Callable[[Any, Any], torch.Tensor]):
+        """``loss_fn`` in place of the default loss inside the block, as a user's ``loss_fn`` (an integration's:
+        the loss the trainer trains on, e.g. Hugging Face's label smoothing); the default loss and the head-loss
+        decision are back afterwards. A probe with a user's ``loss_fn`` or ``forward_fn`` is left as it is."""
+        if self._custom_loss is not None or self._custom_forward is not None:
+            yield
+            return
+        saved = self.loss_fn, self.head_loss_, self._head_fns
+        self.loss_fn = self._custom_loss = loss_fn
+        self._forget_head_loss()
+        try:
+            yield
+        finally:
+            self._custom_loss = None
+            self.loss_fn, self.head_loss_, self._head_fns = saved
+
     def _initial_head_loss(self) -> str | None:
         """The head-loss decision known without the model's output; ``None``: decided at the first update."""
         if self._custom_loss is not None or self._custom_forward is not None:
@@ -559,7 +612,10 @@ class PerSampleGradientProbe:
         self._finite: list[tuple[str, torch.Tensor]] = []  # per-chunk row finiteness, checked per update
         self._filled = 0  # leading resident rows whose Gram entries among themselves are complete
         self._far_done: set[tuple[int, int]] = set()  # non-resident chunk pairs whose block is filled
-        self._versions: tuple[int, ...] | None = None
+        # (ids, version counters) of the model's parameters at the last update (_parameter_versions), and the
+        # optimizer step count then (_optimizer_steps)
+        self._versions: tuple[tuple[int, ...], tuple[int, ...], int] | None = None
+        self._mixed_warned = False  # MixedWeightsWarning given in this accumulation
         return self
 
     def _snapshot(self):
@@ -638,7 +694,7 @@ class PerSampleGradientProbe:
                     called_train = set_training(self.model, modules, self.train_mode)
                 yield devices
             if self._versions is not None:  # bumped by the pass's own writes, undone on exit: not the user's
-                self._versions = self._parameter_versions()
+                self._versions = (*self._parameter_versions(params), self._versions[2])
         finally:
             self._every = self._rewind_buffers = self._devices = self._modules = None
             try:
@@ -661,20 +717,55 @@ class PerSampleGradientProbe:
                         if q is not None and q is not p and q.requires_grad != flag:
                             q.requires_grad_(flag)
 
-    def _parameter_versions(self) -> tuple[int, ...]:
-        return tuple(p._version for p in parameter_list(module_list(self.model)))
+    def _parameter_versions(self, params: list[torch.Tensor] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The ids and version counters of the model's parameters (``params``: their list, else walked). An
+        inference tensor, which has no counter, counts as ``-1`` (the probe refuses one only where it is probed)."""
+        params = parameter_list(module_list(self.model)) if params is None else params
+        try:
+            versions = tuple(p._version for p in params)
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            versions = tuple(-1 if p.is_inference() else p._version for p in params)
+        return tuple(map(id, params)), versions
 
-    def _check_versions(self) -> None:
-        if self.max_resident_samples is None:
+    def _check_versions(self, params: list[torch.Tensor] | None = None) -> None:
+        """Weights changed since the last update: parameters written in place (their version counters moved; the
+        probe's own passes re-read the counters on exit from :meth:`_isolated`) or stepped by a
+        ``torch.optim.Optimizer`` (:func:`_optimizer_steps`: a fused optimizer moves no counter).
+        ``RuntimeError`` in bounded-memory mode, whose recomputation would mix checkpoints; otherwise a
+        :class:`~spectral_lens.MixedWeightsWarning` naming them, once per accumulation (the rows taken so far
+        are the old weights'). A parameter replaced by a new tensor is not counted here (:meth:`_follow_params`)."""
+        ids, versions = self._parameter_versions(params)
+        before, self._versions = self._versions, (ids, versions, _optimizer_steps())
+        if before is None:
             return
-        now = self._parameter_versions()
-        if self._versions is None:
-            self._versions = now
-        elif now != self._versions:
+        moved = before[1] != versions
+        stepped = _stepped_parameters(before[2], set(ids)) if self._versions[2] != before[2] else set()
+        if not (moved or stepped):
+            return
+        if self.max_resident_samples is not None:
+            self._versions = before
             raise RuntimeError(
                 "model parameters were modified in place since the first update(); bounded-memory mode "
                 "(max_resident_samples) recomputes earlier samples and would mix checkpoints. Call reset()."
             )
+        if self._mixed_warned or not self.n_samples_:
+            return
+        old = dict(zip(before[0], before[1]))
+        changed = stepped | {i for i, v in zip(ids, versions) if old.get(i, v) != v}
+        if not changed:  # parameters added or replaced, none written in place
+            return
+        names = [n for n, p in self.model.named_parameters() if id(p) in changed]
+        shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        self._mixed_warned = True
+        warnings.warn(
+            f"PerSampleGradientProbe: the model's weights changed since the probe's {self.n_samples_} samples were "
+            f"taken ({len(names)} parameter(s): {shown}; written in place or stepped by an optimizer): the spectrum "
+            "will mix per-sample gradients from different weights. Call reset() between checkpoints "
+            "(SpectralLens.measure does); to accumulate across steps on purpose, filter this warning "
+            "(warnings.filterwarnings('ignore', category=spectral_lens.MixedWeightsWarning)). Warned once until reset()",
+            MixedWeightsWarning,
+            stacklevel=3,
+        )
 
     # ----------------------------------------------------------------------------- gradients
     def _gradients(
@@ -759,7 +850,10 @@ class PerSampleGradientProbe:
         as given. Tensors made under
         ``torch.inference_mode()`` are copied to normal tensors (autograd cannot save them). On an exception the probe is left
         exactly as before the call. Returns ``self``. The probed parameters are read from the model
-        by name at each call (:meth:`_follow_params`): a replaced parameter or module is followed.
+        by name at each call (:meth:`_follow_params`): a replaced parameter or module is followed. Weights
+        changed since the previous call (written in place, or stepped by a ``torch.optim`` optimizer) warn once
+        until :meth:`reset` with a :class:`~spectral_lens.MixedWeightsWarning` (a ``RuntimeError`` in
+        bounded-memory mode): the rows would mix checkpoints (:meth:`_check_versions`).
         Inside ``torch.inference_mode()`` (an evaluation loop) it works as inside ``torch.no_grad()``:
         the probe's state and passes are made outside inference mode.
         """
@@ -783,9 +877,9 @@ class PerSampleGradientProbe:
         batch = map_tensors(lambda t: _autograd_usable(t.to(dev, non_blocking=True)), batch)
         snap, start, first = self._snapshot(), self.n_samples_, len(self._losses)
         try:
-            self._check_versions()
             self._gram_device = dev  # the Gram matrices are sized and filled there by _complete
             with self._isolated() as devices:
+                self._check_versions(self._every)  # before this update's passes (their own writes re-read on exit)
                 if self.head_loss_ is None and n > 0:
                     self._decide_without_forward()
                 if self.head_loss_ is None and n > 0 and any(e != "fast" for e in self.engines_.values()):

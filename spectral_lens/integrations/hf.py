@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 import weakref
-from typing import Iterable
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
 
 from .._warnings import SpectralLensWarning
+from ..gradients.losses import causal_lm_targets, extract_logits
 from ..lens import SpectralLens
 from ._driver import LensDriver
 from ._require import require
@@ -14,6 +20,19 @@ from ._require import require
 _transformers = require("transformers", "hf", "spectral_lens.integrations.hf.SpectralLensCallback")
 
 __all__ = ["SpectralLensCallback"]
+
+
+def _smoothed_causal_lm_loss(output: Any, batch: Any, epsilon: float, ignore_index: int = -100) -> torch.Tensor:
+    """Per-sequence mean label-smoothed next-token cross-entropy, ``(M,)``: Hugging Face's ``LabelSmoother``
+    per token (``(1 - eps) * nll + eps * mean over the vocabulary of -log p``, the same as ``F.cross_entropy``'s
+    ``label_smoothing``), averaged over each sequence's non-ignored targets, with the default loss's targets and
+    masks (:func:`~spectral_lens.gradients.causal_lm_targets`). Computed in float32 or the logits' wider dtype."""
+    logits, targets = causal_lm_targets(extract_logits(output), batch, ignore_index)
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    tok = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index, reduction="none",
+                          label_smoothing=epsilon).view(targets.shape)
+    return tok.sum(-1) / (targets != ignore_index).sum(-1)
 
 
 class SpectralLensCallback(_transformers.TrainerCallback):
@@ -132,10 +151,28 @@ class SpectralLensCallback(_transformers.TrainerCallback):
 
         return log
 
-    def _measure(self, state, val_loss: float | None = None) -> None:
+    def _measure(self, state, args, val_loss: float | None = None) -> None:
         step = int(state.global_step)
-        self.driver.measure(step, self.driver.agreed_tokens(step, state.num_input_tokens_seen), val_loss,
-                            log=self._log_to(state))
+        with self._trained_loss(state, args):
+            self.driver.measure(step, self.driver.agreed_tokens(step, state.num_input_tokens_seen), val_loss,
+                                log=self._log_to(state))
+
+    def _trained_loss(self, state, args):
+        """The per-sample loss the trainer trains on, for the lens's gradient probe during a measurement: with
+        label smoothing (``TrainingArguments(label_smoothing_factor=eps)``; with :meth:`attach`, the trainer's
+        ``label_smoother``, none when it has a ``compute_loss_func``) the default loss is replaced by the
+        smoothed one (:func:`_smoothed_causal_lm_loss`); a probe with the user's ``loss_fn`` is left as it is."""
+        probe = self.driver.lens.probe
+        trainer = self._trainer_of(state)
+        if trainer is not None:
+            smoother = getattr(trainer, "label_smoother", None)
+            eps = 0.0 if smoother is None or getattr(trainer, "compute_loss_func", None) is not None else smoother.epsilon
+        else:
+            eps = getattr(args, "label_smoothing_factor", 0.0) or 0.0
+        if probe is None or not eps:
+            return contextlib.nullcontext()
+        return probe._trained_loss(functools.partial(_smoothed_causal_lm_loss, epsilon=float(eps),
+                                                     ignore_index=probe.ignore_index))
 
     def _trainer_of(self, state):
         """:attr:`trainer` if ``state`` is its state (the callback runs in that trainer), else ``None``: a
@@ -181,7 +218,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         """Measure when the lens's schedule names this optimizer step."""
         self.driver.clock_stop()  # the step trained until now: a measurement is no training time
         if self.driver.due(int(state.global_step)):
-            self._measure(state)
+            self._measure(state, args)
         self.driver.clock_run()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -232,11 +269,11 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         if self._is_final_like(metrics or {}):
             self._final_loss = None
         try:
-            self._on_evaluate(state, metrics, model)
+            self._on_evaluate(state, args, metrics, model)
         finally:
             self.driver.clock_run()  # the evaluation and its measurement took no training time
 
-    def _on_evaluate(self, state, metrics, model) -> None:
+    def _on_evaluate(self, state, args, metrics, model) -> None:
         if not self.on_evaluate_:
             return
         val_loss = (metrics or {}).get(self.eval_loss_key)
@@ -258,10 +295,10 @@ class SpectralLensCallback(_transformers.TrainerCallback):
             return
         val_loss = None if val_loss is None else float(val_loss)
         if self.driver.lens.model is not None:  # in train(), or a lens built on the model
-            self._measure(state, val_loss)
+            self._measure(state, args, val_loss)
             return
         self.driver.bind(model, "SpectralLensCallback")  # trainer.evaluate() outside train()
         try:
-            self._measure(state, val_loss)
+            self._measure(state, args, val_loss)
         finally:
             self.driver.release()
