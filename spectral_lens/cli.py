@@ -299,31 +299,30 @@ def _eps_cell(v: float) -> str:
 
 
 def _predict_key(pred, target_loss, scored: bool) -> list[str]:
-    """``predict``'s key under its tables: what each number means, its units, and the decision rule, for a
-    reader who has not read the protocol (the table alone said ``alpha_tail``, ``P(best)``, ``eps_tok``)."""
+    """``predict``'s key under its tables: what each number means and which way is better, for a reader who
+    has not read the protocol, in short lines (a key longer than the tables buries them). The spectrum is
+    named, not assumed to be an activation one (``--spectrum`` may pick a gradient spectrum)."""
     from .analysis.efficiency import percent
 
     fams: dict[str, set] = {}
     for s in pred.statistics_:
         if s.window is not None:
-            fams.setdefault(s.family, set()).add(f"ranks {s.window[0]}-{s.window[1]} of {s.spectrum}")
+            fams.setdefault(s.family, set()).add(f"{s.spectrum}, ranks {s.window[0]}-{s.window[1]}")
     said = {f: ", ".join(sorted(w)) for f, w in fams.items()}
     where = (next(iter(said.values())) if len(set(said.values())) == 1
              else "; ".join(f"{w} in family {f}" for f, w in said.items()))
-    out = [f"key: alpha_tail = power-law exponent of the activation spectrum's tail ({where}) at "
-           f"{percent(pred.fraction)} of each run's token budget; a smaller (flatter) early tail predicts fewer "
-           "tokens to a target loss, so the tiers are ranked by it, smallest (the predicted best) first. "
-           "sigma: its uncertainty (checkpoint-to-checkpoint jitter and the spread between a tier's runs). "
-           "P(best): the probability, given these sigmas, that the tier has the smallest alpha_tail."]
+    out = [f"key: alpha_tail = tail power-law exponent ({where}) at {percent(pred.fraction)} of each run's token "
+           "budget; smaller predicts fewer tokens: rank 1",
+           "key: sigma = its uncertainty; P(best) = the probability, given the sigmas, that the tier has the "
+           "smallest alpha_tail"]
     if target_loss is not None:
-        out.append(f"key: T = training tokens at the first validation checkpoint with val loss <= {target_loss:g}; "
-                   "eps_tok = T / the smallest T of the family's runs (1.000 = the most token-efficient run; "
-                   "'not reached': it ended or diverged above the target and ranks last; 'unknown': cut short or "
-                   "still running, or no run of the family reached the target; left out of the score).")
+        out += [f"key: T = tokens at the first evaluation with val loss <= {target_loss:.10g}; eps_tok = T / the "
+                "smallest T of the family (1.000 = fewest tokens)",
+                "key: 'not reached' = ended or diverged above the target (ranks last); 'unknown' = cut short, still "
+                "running or none of the family reached it (left out)"]
     if scored:
-        out.append("key: Spearman rho = rank correlation of the early alpha_tail with eps_tok over the runs (+1: the "
-                   "prediction ordered them exactly as they turned out; p: the chance of a rho at least this far from 0 "
-                   "if alpha_tail and eps_tok were unrelated; n: the runs with a known eps_tok).")
+        out.append("key: Spearman rho: +1 = alpha_tail ordered the runs as eps_tok did; p = the chance of such a rho "
+                   "if unrelated; n = runs with a known eps_tok")
     return out
 
 

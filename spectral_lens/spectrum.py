@@ -149,8 +149,13 @@ class Spectrum:
             raise ValueError(f"Spectrum.kind must be one of {KINDS}, got {self.kind!r}")
         # never via the default device; a normal tensor also when made inside torch.inference_mode() (a spectrum
         # measured in an evaluation loop is kept: its values must take in-place ops and autograd later)
+        raw = self.values
+        if isinstance(raw, np.ndarray) and (any(st < 0 for st in raw.strides) or not raw.flags.writeable):
+            # a reversed view (``np.sort(x)[::-1]``: negative strides) or a read-only array: torch refuses the
+            # first with a stride error and warns on the second; a copy is the same eigenvalues
+            raw = np.array(raw)
         with torch.inference_mode(False):
-            v = torch.as_tensor(self.values, device="cpu").detach().to(torch.float64)
+            v = torch.as_tensor(raw, device="cpu").detach().to(torch.float64)
             v = v.clone() if v.is_inference() else v
         if v.ndim != 1:
             raise ValueError(f"Spectrum.values must be 1-D, got shape {tuple(v.shape)}")

@@ -103,7 +103,7 @@ def _matched(runs, family, target, window):
     for r in sorted((r for r in runs if r.info.family == family and divergence(r) is None),
                     key=lambda r: r.info.batch_tier):
         name = r.info.primary_spectrum
-        hit = [m for m in r.measurements if m.val_loss is not None and m.val_loss <= target]
+        hit = [m for m in r.measurements if m.val_loss is not None and math.isfinite(m.val_loss) and m.val_loss <= target]
         if hit:
             m = hit[0]
             rows.append((int(r.info.batch_tier), m.tokens, m.val_loss, _alpha(m, name, window), m.spectra[name]))

@@ -74,13 +74,13 @@ def test_predict_output_says_what_each_number_means(tmp_path, capsys):
     write_theorem6_sweep(tmp_path, (2, 4, 8), n_eval=40, n_measure=20, dim=256, grad_dim=64, tail_window=(40, 80))
     assert main(["predict", str(tmp_path), "--target-loss", "3.0"]) == 0
     keys = [x for x in capsys.readouterr().out.splitlines() if x.startswith("key: ")]
-    assert len(keys) == 3, keys
-    assert "ranks 40-80 of act:blocks.11) at 20% of each run's token budget" in keys[0]
-    assert "smaller (flatter) early tail predicts fewer tokens" in keys[0] and "P(best): the probability" in keys[0]
-    assert "first validation checkpoint with val loss <= 3;" in keys[1] and "eps_tok = T / the smallest T" in keys[1]
-    assert keys[2].startswith("key: Spearman rho = rank correlation")
-    assert main(["predict", str(tmp_path)]) == 0  # no target: only the alpha_tail key
-    assert [x for x in capsys.readouterr().out.splitlines() if x.startswith("key: ")] == keys[:1]
+    assert len(keys) == 5, keys  # (review 27 revtaxo: shorter lines, the spectrum named, not "activation")
+    assert "(act:blocks.11, ranks 40-80) at 20% of each run's token budget" in keys[0]
+    assert "smaller predicts fewer tokens" in keys[0] and "P(best) = the probability" in keys[1]
+    assert "first evaluation with val loss <= 3;" in keys[2] and "eps_tok = T / the smallest T" in keys[2]
+    assert keys[4].startswith("key: Spearman rho: +1 = alpha_tail ordered the runs as eps_tok did")
+    assert main(["predict", str(tmp_path)]) == 0  # no target: only the alpha_tail, sigma and P(best) keys
+    assert [x for x in capsys.readouterr().out.splitlines() if x.startswith("key: ")] == keys[:2]
 
 
 def test_report_transition_table_says_what_its_gains_mean(tmp_path):
@@ -127,8 +127,8 @@ def test_predict_key_names_each_familys_window(tmp_path, capsys):
     write_theorem6_sweep(tmp_path, (2, 4), family="f1", tail_window=(40, 80), **kw)
     write_theorem6_sweep(tmp_path, (2, 4), family="f2", tail_window=(50, 100), **kw)
     assert main(["predict", str(tmp_path)]) == 0
-    (key,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("key: ")]
-    assert "(ranks 40-80 of act:blocks.11 in family f1; ranks 50-100 of act:blocks.11 in family f2)" in key, key
+    key = [x for x in capsys.readouterr().out.splitlines() if x.startswith("key: ")][0]
+    assert "(act:blocks.11, ranks 40-80 in family f1; act:blocks.11, ranks 50-100 in family f2)" in key, key
 
 
 def test_tokens_to_target_matches_the_protocol_on_random_curves():
