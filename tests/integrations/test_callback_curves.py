@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from support.data import RandomTokens as _RandomTokens
 from support.models import TinyGPT, lm_pool
 
 import spectral_lens as sl
@@ -64,16 +65,9 @@ def tiny_gpt2():
     return transformers.GPT2LMHeadModel(cfg)
 
 
-class RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, n: int, seed: int) -> None:
-        self.ids = torch.randint(0, VOCAB, (n, T), generator=torch.Generator().manual_seed(seed))
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
+def RandomTokens(n: int, seed: int) -> _RandomTokens:  # noqa: N802 (the dataset class, sized for this file)
+    return _RandomTokens(n, seed, vocab=VOCAB, length=T)
 
 def hf_pool():
     ids = RandomTokens(2, 99).ids

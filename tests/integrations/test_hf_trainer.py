@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers", reason="the hf extra is not i
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the hf extra installs it)")
 from spectral_lens.integrations import SpectralLensCallback  # noqa: E402
 from spectral_lens.records import RunInfo, RunWriter, open_runs, spectrum_summaries  # noqa: E402
+from support.data import RandomTokens as _RandomTokens  # noqa: E402
 
 VOCAB, T = 64, 16
 
@@ -26,18 +27,9 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(cfg)
 
 
-class RandomTokens(torch.utils.data.Dataset):
-    """Tokenizer-free: random token ids; labels = input_ids (the model shifts them)."""
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.ids = torch.randint(0, VOCAB, (n, T), generator=torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
+def RandomTokens(n: int, seed: int) -> _RandomTokens:  # noqa: N802 (the dataset class, sized for this file)
+    return _RandomTokens(n, seed, vocab=VOCAB, length=T)
 
 def heldout_pool():
     ids = torch.randint(0, VOCAB, (4, T), generator=torch.Generator().manual_seed(99))

@@ -21,6 +21,7 @@ from transformers.trainer_pt_utils import LabelSmoother  # noqa: E402
 from spectral_lens.gradients import extract_logits  # noqa: E402
 from spectral_lens.integrations import SpectralLensCallback  # noqa: E402
 from spectral_lens.integrations.hf import _smoothed_causal_lm_loss  # noqa: E402
+from support.data import RandomTokens as _RandomTokens  # noqa: E402
 
 VOCAB, T, EPS = 64, 12, 0.1
 PARAM = "model.layers.1.self_attn.o_proj.weight"
@@ -35,16 +36,9 @@ def tiny_llama():
     return transformers.LlamaForCausalLM(cfg).double()
 
 
-class RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, n: int, seed: int) -> None:
-        self.ids = torch.randint(0, VOCAB, (n, T), generator=torch.Generator().manual_seed(seed))
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
+def RandomTokens(n: int, seed: int) -> _RandomTokens:  # noqa: N802 (the dataset class, sized for this file)
+    return _RandomTokens(n, seed, vocab=VOCAB, length=T)
 
 def pool():
     """Two batches; the second has -100 labels (masked prompt) and right padding."""

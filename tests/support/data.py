@@ -47,3 +47,17 @@ def theorem6_spectrum(d: int, p: float, q: float, eta_t: float, c: float = 1.0) 
 
 def as_tensor(rows: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(rows).to(dtype)
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Tokenizer-free causal-LM examples for a Hugging Face ``Trainer``: ``n`` rows of ``length`` random token ids
+    below ``vocab`` (seeded), labels = input_ids (the model shifts them)."""
+
+    def __init__(self, n: int, seed: int, *, vocab: int, length: int) -> None:
+        self.ids = torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
