@@ -7,7 +7,6 @@ at a time (its per-sequence loss: the mean over that sequence's non-ignored toke
 
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
