@@ -65,18 +65,30 @@ def test_a_name_as_typed_still_selects_that_module_only():
     assert [n for n, _ in select_modules(_siblings_model(), "a.x")] == ["a.x"]
 
 
-def test_real_wrappers_listed_twice_or_by_glob_are_selected_once():
+def test_checkpoint_wrappers_listed_twice_or_by_glob_are_selected_once():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    m = nn.Module()
+    m.k = checkpoint_wrapper(nn.Sequential(nn.Linear(4, 4)))
+    m.n = checkpoint_wrapper(checkpoint_wrapper(nn.Sequential(nn.Linear(4, 4))))  # a chain of two wrappers
+    chosen = select_modules(m, ["k", "k._checkpoint_wrapped_module", "n", "n._checkpoint_wrapped_module",
+                                "n._checkpoint_wrapped_module._checkpoint_wrapped_module"])
+    assert [n for n, _ in chosen] == ["k", "n"]
+    assert [n for n, _ in select_modules(m, "**")] == [
+        "k", "k._checkpoint_wrapped_module.0", "n", "n._checkpoint_wrapped_module._checkpoint_wrapped_module.0"]
+
+
+@pytest.mark.slow  # torch.compile's first use imports dynamo (about 4 s)
+def test_compiled_modules_listed_twice_or_by_glob_are_selected_once():
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     m = nn.Module()
     m.c = torch.compile(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
-    m.k = checkpoint_wrapper(nn.Sequential(nn.Linear(4, 4)))
     m.n = checkpoint_wrapper(torch.compile(nn.Sequential(nn.Linear(4, 4))))  # a chain of two wrappers
-    chosen = select_modules(m, ["c", "c._orig_mod", "k", "k._checkpoint_wrapped_module", "n",
-                                "n._checkpoint_wrapped_module", "n._checkpoint_wrapped_module._orig_mod"])
-    assert [n for n, _ in chosen] == ["c", "k", "n"]
-    assert [n for n, _ in select_modules(m, "**")] == ["c", "c._orig_mod.0", "c._orig_mod.1", "k",
-                                                       "k._checkpoint_wrapped_module.0", "n",
+    chosen = select_modules(m, ["c", "c._orig_mod", "n", "n._checkpoint_wrapped_module",
+                                "n._checkpoint_wrapped_module._orig_mod"])
+    assert [n for n, _ in chosen] == ["c", "n"]
+    assert [n for n, _ in select_modules(m, "**")] == ["c", "c._orig_mod.0", "c._orig_mod.1", "n",
                                                        "n._checkpoint_wrapped_module._orig_mod.0"]
 
 
