@@ -161,12 +161,13 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
             if plain not in seen:
                 seen[plain] = (name, mod)
                 chosen.append((name, mod))
-            elif _distinct_by_name(seen[plain][1], name, mod, matchers):
+            elif _distinct_by_name(*seen[plain], name, mod, matchers):
                 raise ValueError(
                     f"{type(model).__name__}: modules {seen[plain][0]!r} and {name!r} are both selected and would both "
                     f"be recorded as {plain!r} (record names drop the wrapper segments "
-                    f"{', '.join(sorted(_WRAPPER_SEGMENTS))}), but the first is no wrapper of the second (it has "
-                    "parameters or buffers of its own): select one of them, or rename the submodule")
+                    f"{', '.join(sorted(_WRAPPER_SEGMENTS))}), but the first is no wrapper of the second (a wrapper "
+                    "holds one child under such a segment and no parameter or buffer of its own): select one of them, "
+                    "or rename the submodule")
     if not chosen:
         _refuse_aliases(model, targets, named)
         hints, shown = _closest_modules(targets, named)
@@ -196,14 +197,31 @@ def select_modules(model: nn.Module, target: Target) -> list[tuple[str, nn.Modul
     return chosen
 
 
-def _distinct_by_name(first: nn.Module, name: str, mod: nn.Module, matchers: list) -> bool:
-    """Whether ``mod`` (own name ``name``), selected by its own name, is another module than ``first``, selected
-    before under the same eager name: ``first`` is then no wrapper (a ``torch.compile`` ``OptimizedModule``, an
-    FSDP1 or checkpoint wrapper holds no parameter or buffer of its own) but a module of the user's own with a child
-    called ``_orig_mod`` (or another wrapper segment). A wrapper and the module it wraps are one module by two names:
-    selected once, as the wrapper."""
-    own_state = next(first.parameters(recurse=False), None) is not None or next(first.buffers(recurse=False), None) is not None
-    return mod is not first and own_state and any(f(name, mod) for f in matchers)
+def _distinct_by_name(first_name: str, first: nn.Module, name: str, mod: nn.Module, matchers: list) -> bool:
+    """Whether ``mod`` (own name ``name``), selected by its own name, is another module than ``first`` (own name
+    ``first_name``), selected before under the same eager name: unless ``first`` wraps ``mod``
+    (:func:`_wraps`), they compute different outputs that one record name cannot hold (a module of the user's own
+    with a child called ``_orig_mod``, or two such modules side by side). A wrapper and the module it wraps are one
+    module by two names: selected once, as the wrapper."""
+    return mod is not first and not _wraps(first_name, first, name) and any(f(name, mod) for f in matchers)
+
+
+def _wraps(outer_name: str, outer: nn.Module, name: str) -> bool:
+    """Whether the module named ``name`` is reached from ``outer`` (named ``outer_name``) through wrappers only: each
+    module on the way (a ``torch.compile`` ``OptimizedModule``, an FSDP1 or checkpoint wrapper) holds one child,
+    under a wrapper segment (:data:`_WRAPPER_SEGMENTS`), and no parameter or buffer of its own. Holding no state of
+    its own is not enough: a container of the user's own (its layers all in children, one of them called
+    ``_orig_mod``) holds none, and neither does a sibling of the module (``a.x`` beside ``a._orig_mod.x``)."""
+    if outer_name and not name.startswith(outer_name + "."):
+        return False
+    m = outer
+    for seg in (name[len(outer_name) + 1:] if outer_name else name).split("."):
+        children = [k for k, c in m._modules.items() if c is not None]
+        if (seg not in _WRAPPER_SEGMENTS or children != [seg] or next(m.parameters(recurse=False), None) is not None
+                or next(m.buffers(recurse=False), None) is not None):
+            return False
+        m = m._modules[seg]
+    return True
 
 
 def _closest_modules(targets: list, named: list) -> tuple[list[str], list[str]]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from .analysis.efficiency import group_by_family, measurement_at_loss, percent
+from .analysis.efficiency import LABEL_GRID, group_by_family, measurement_at_loss, percent
 from .analysis.early import alpha_trajectory
 from .analysis.tier_predictor import PredictionScore
 from .analysis.windows import resolve_spectrum, resolve_window
@@ -350,7 +350,7 @@ def plot_alpha_trajectories(
             ax.plot(100 * prog, alpha, marker="o", ms=2.5, lw=1.3, color=colors.get(run.info.batch_tier),
                     label=_tier_label(run.info.batch_tier))
         if fraction is not None:
-            ax.axvline(100 * fraction, color="0.4", ls="--", lw=1, label=f"early checkpoint ({percent(fraction)})")
+            ax.axvline(100 * fraction, color="0.4", ls="--", lw=1, label=f"early checkpoint ({percent(fraction, LABEL_GRID)})")  # as the report header says it
         ax.set_title(f"{family}: tail exponent during training", fontsize=10)
         ax.set_xlabel("training progress (% of token budget)")
         ax.set_ylabel(f"α_tail (ranks {win[0]}–{win[1]})" if win else "α_tail")

@@ -21,8 +21,8 @@ __all__ = ["spearman", "EXACT_MAX", "EXACT_LIMIT"]
 #: Largest number of points with an exact permutation p-value (8! = 40320 pairings).
 EXACT_MAX = 8
 
-#: Largest ``exact_max`` taken: the exact test enumerates ``n!`` pairings (10! = 3,628,800 took ~9 s on a busy
-#: CPU; each further point multiplies time and memory by ``n``). scipy's ``permutation_test`` goes exact only while ``n!`` is within ``n_resamples`` (9999 by
+#: Largest ``exact_max`` taken: the exact test enumerates ``n!`` pairings (10! = 3,628,800 took 9-16 s and 2.1 GB
+#: peak memory on a busy 2-core CPU; each further point multiplies time and memory by ``n``). scipy's ``permutation_test`` goes exact only while ``n!`` is within ``n_resamples`` (9999 by
 #: default), and otherwise samples; ``n_resamples=np.inf`` here asked it to enumerate whatever ``n`` is.
 EXACT_LIMIT = 10
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..records import RunRecord, open_runs
 from .early import EarlyStatistic, FractionNotReachedError, NoEarlyStatisticError
-from .efficiency import (NO_FAMILY, SweepWarning, divergence, failure, group_by_family, percent,
+from .efficiency import (LABEL_GRID, NO_FAMILY, SweepWarning, divergence, failure, group_by_family, percent,
                          pick_learning_rates, token_inefficiency)
 from .ranking import TierRanking, rank_tiers
 from .spearman import spearman
@@ -91,7 +91,7 @@ class TierPredictor:
         for family, members in group_by_family(r for r in runs if r.run_id in stat_ids).items():
             out += _differ(family, {r.run_id: r.info.total_tokens for r in members if r.info.total_tokens},
                            "token budgets (RunInfo.total_tokens)",
-                           f"the early checkpoint at {percent(self.fraction)} of the budget is a different token count in "
+                           f"the early checkpoint at {percent(self.fraction, LABEL_GRID)} of the budget is a different token count in "
                            "each, and eps_tok compares runs of different schedules")
         return out
 
@@ -125,7 +125,7 @@ class TierPredictor:
                 raise type(exc)(why) from None
             kind = FractionNotReachedError if errors and len(errors) == len(runs) and all(
                 isinstance(e, FractionNotReachedError) for e in errors) else NoEarlyStatisticError
-            raise kind(f"{type(self).__name__}: no run has a usable {self.statistic} at {percent(self.fraction)}: "
+            raise kind(f"{type(self).__name__}: no run has a usable {self.statistic} at {percent(self.fraction, LABEL_GRID)}: "
                        + "; ".join(excluded.values()))
         for rid, why in excluded.items():  # a divergence or a rate is the same line from every predictor (shown once)
             what = "the rankings and scores" if rid in diverged else f"the {self.statistic} ranking and score"

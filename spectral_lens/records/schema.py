@@ -126,7 +126,13 @@ class RunInfo:
             v = getattr(self, key)
             if v is not None and not isinstance(v, str):
                 raise TypeError(f"RunInfo.{key} must be a string or None, got {v!r}")
-        if self.batch_tier is not None and not (isinstance(self.batch_tier, (int, float)) and self.batch_tier > 0):
+        for key in (*_POSITIVE, "seed", "n_layer"):  # the reader refuses an int a float cannot hold (json reads 1e400
+            v = getattr(self, key)                    # digits as one); isfinite() raised a bare OverflowError on it
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool) and not _is_number(int(v)):
+                raise ValueError(f"RunInfo.{key} is an integer beyond the float range ({len(str(abs(int(v))))} "
+                                 "digits), which the run.json reader refuses")
+        # a NumPy number as the other fields take it (np.int64(8) was "must be a positive number, got np.int64(8)")
+        if self.batch_tier is not None and not (isinstance(self.batch_tier, numbers.Real) and self.batch_tier > 0):
             raise ValueError(f"RunInfo.batch_tier must be a positive number, got {self.batch_tier!r}")
         if self.total_tokens is not None and not self.total_tokens > 0:
             raise ValueError(f"RunInfo.total_tokens must be positive, got {self.total_tokens!r}")
