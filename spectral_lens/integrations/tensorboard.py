@@ -41,12 +41,13 @@ class TensorBoardSink:
     """
 
     def __init__(self, writer, *, figures: bool = True, prefix: str = "spectral_lens/") -> None:
+        if isinstance(writer, (str, os.PathLike)):  # first: the tensorboard extra installs matplotlib too
+            tb = require("torch.utils.tensorboard", "tensorboard", "TensorBoardSink", package="tensorboard")
         if figures:  # fail now (before a writer is created), not at the first measurement hours into training
             from ..plot import require_matplotlib
 
             require_matplotlib()
         if isinstance(writer, (str, os.PathLike)):
-            tb = require("torch.utils.tensorboard", "tensorboard", "TensorBoardSink", package="tensorboard")
             self.writer = tb.SummaryWriter(log_dir=os.fspath(writer))
             self._owned = True
             self._summary_writer = tb.SummaryWriter

@@ -47,7 +47,13 @@ def center_cast(
     if use_triton is None:
         use_triton = x.is_cuda and triton_available()
     if use_triton:
-        from . import _center_kernel as kernel
+        try:
+            from . import _center_kernel as kernel
+        except ImportError as exc:  # asked for explicitly: name the extra, not a bare "No module named 'triton'"
+            raise ImportError(
+                f"center_cast(use_triton=True) needs Triton ({exc}): pip install 'spectral-lens[kernels]', "
+                "or pass use_triton=None (the torch path where Triton is missing)"
+            ) from exc
 
         if x.stride(1) != 1:
             x = x.contiguous()
