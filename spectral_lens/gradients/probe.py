@@ -14,6 +14,8 @@ import warnings
 import contextlib
 import functools
 import math
+import itertools
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -65,37 +67,71 @@ ENGINES = ("auto", "fast", "vmap", "loop")
 HEAD_LOSSES = ("auto", "chunked", "materialized")
 
 
-# optimizer steps counted process-wide (_optimizer_steps): the count, and each optimizer's count at its last step.
+# optimizer steps counted process-wide (_count_step): the count, and each optimizer's count at its last step.
 # Fused optimizers (torch.optim.AdamW(fused=True), SGD(fused=True)) write the weights without moving their
-# version counters, so the counters alone miss their steps
+# version counters, so the counters alone miss their steps. The global step post-hook is installed only while
+# some probe holds an accumulation (_hold_counting / _release_counting): measurement leaves no hook behind.
+# _STEPPED: per optimizer, the count at its last step that ran, and the later GradScaler steps with their flags
 _STEPS = [0]
-_STEPPED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, int]" = weakref.WeakKeyDictionary()
-_COUNTING: list = []  # the hook's handle, once installed
+_STEPPED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, list]]" = weakref.WeakKeyDictionary()
+_COUNTING_LOCK = threading.Lock()
+_HOLDERS: set[int] = set()  # keys of the accumulations holding the hook (one per probe between update and reset)
+_KEYS = itertools.count()
+_COUNTING: list = []  # the hook's handle while _HOLDERS is not empty
+_MAYBE_KEPT = 16  # GradScaler steps kept per optimizer with their unread inf flags (_count_step)
 
 
 def _count_step(optimizer, args, kwargs) -> None:
+    """The step post-hook: counts the step against ``optimizer``. A ``GradScaler`` step of an optimizer that scales
+    itself (fused ones) calls ``step()`` also when it skips the update for inf gradients, with the flag as
+    ``optimizer.found_inf``: kept, unread (no sync here), and read by :func:`_stepped_parameters`."""
     _STEPS[0] += 1
+    found = getattr(optimizer, "found_inf", None)
     try:
-        _STEPPED[optimizer] = _STEPS[0]
+        sure, maybe = _STEPPED.get(optimizer, (0, []))
+        if not isinstance(found, torch.Tensor):
+            sure, maybe = _STEPS[0], []
+        else:
+            maybe = [*maybe, (_STEPS[0], found)]
+            if len(maybe) > _MAYBE_KEPT:  # bounded: the oldest counts as a step
+                sure, maybe = maybe[0][0], maybe[1:]
+        _STEPPED[optimizer] = (sure, maybe)
     except TypeError:  # an optimizer that cannot be weakly referenced or hashed: not followed, never an error
         pass
 
 
-def _optimizer_steps() -> int:
-    """The number of ``torch.optim.Optimizer.step()`` calls since the probe first asked (a global step post-hook,
-    installed once per process at the first ``update``: O(1) per step, removed never)."""
-    if not _COUNTING:
-        from torch.optim.optimizer import register_optimizer_step_post_hook
+def _hold_counting() -> int:
+    """Install the global optimizer step post-hook unless installed (O(1) per step), and hold it: returns the
+    key for :func:`_release_counting`."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
 
-        _COUNTING.append(register_optimizer_step_post_hook(_count_step))
+    with _COUNTING_LOCK:
+        key = next(_KEYS)
+        if not _COUNTING:
+            _COUNTING.append(register_optimizer_step_post_hook(_count_step))
+        _HOLDERS.add(key)
+        return key
+
+
+def _release_counting(key: int) -> None:
+    """Drop the hold ``key`` (idempotent); the last one removes the hook."""
+    with _COUNTING_LOCK:
+        _HOLDERS.discard(key)
+        if not _HOLDERS and _COUNTING:
+            _COUNTING.pop().remove()
+
+
+def _optimizer_steps() -> int:
+    """The number of ``torch.optim.Optimizer.step()`` calls counted so far (while some probe held the hook)."""
     return _STEPS[0]
 
 
 def _stepped_parameters(since: int, ids: set[int]) -> set[int]:
-    """The ids among ``ids`` of parameters an optimizer stepped after the count ``since``."""
+    """The ids among ``ids`` of parameters an optimizer stepped after the count ``since`` (a step a ``GradScaler``
+    skipped for inf gradients, its ``found_inf`` flag set, left them unchanged: not counted)."""
     out: set[int] = set()
-    for opt, n in list(_STEPPED.items()):
-        if n > since:
+    for opt, (sure, maybe) in list(_STEPPED.items()):
+        if sure > since or any(n > since and not bool(found) for n, found in maybe):
             out.update(i for g in opt.param_groups for i in map(id, g["params"]) if i in ids)
     return out
 
@@ -616,7 +652,28 @@ class PerSampleGradientProbe:
         # optimizer step count then (_optimizer_steps)
         self._versions: tuple[tuple[int, ...], tuple[int, ...], int] | None = None
         self._mixed_warned = False  # MixedWeightsWarning given in this accumulation
+        self._sync_counting()
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickle / copy.deepcopy (a model keeping its probe as an attribute): a copied finalizer is dead, so the
+        # copy takes its own hold of the step hook (__setstate__)
+        return {**self.__dict__, "_counting": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._sync_counting()
+
+    def _sync_counting(self) -> None:
+        """Hold the global optimizer step hook exactly while an accumulation is under way (``_versions`` set, from
+        the first update until :meth:`reset`, :meth:`detach`, a failed first update, or garbage collection: a
+        ``weakref.finalize``), so that no hook is left behind by a probe holding no rows."""
+        held = getattr(self, "_counting", None)
+        if self._versions is not None and held is None:
+            self._counting = weakref.finalize(self, _release_counting, _hold_counting())
+        elif self._versions is None and held is not None:
+            self._counting = None
+            held()  # runs _release_counting once, and detaches the finalizer
 
     def _snapshot(self):
         """What :meth:`update` may change, for :meth:`_restore`, in time independent of ``M``: an update only
@@ -735,9 +792,12 @@ class PerSampleGradientProbe:
         :class:`~spectral_lens.MixedWeightsWarning` naming them, once per accumulation (the rows taken so far
         are the old weights'). A parameter replaced by a new tensor is not counted here (:meth:`_follow_params`)."""
         ids, versions = self._parameter_versions(params)
-        before, self._versions = self._versions, (ids, versions, _optimizer_steps())
-        if before is None:
+        if self._versions is None:  # an accumulation starts: its steps are counted from here on (hook held first)
+            self._versions = (ids, versions, -1)
+            self._sync_counting()
+            self._versions = (ids, versions, _optimizer_steps())
             return
+        before, self._versions = self._versions, (ids, versions, _optimizer_steps())
         moved = before[1] != versions
         stepped = _stepped_parameters(before[2], set(ids)) if self._versions[2] != before[2] else set()
         if not (moved or stepped):
@@ -898,6 +958,7 @@ class PerSampleGradientProbe:
             self._check_new(start, first)
         except BaseException:
             self._restore(snap)
+            self._sync_counting()  # a failed first update holds no accumulation, nor the step hook
             raise
         return self
 
