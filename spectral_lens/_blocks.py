@@ -67,6 +67,20 @@ def _unwrapped(block: nn.Module) -> nn.Module:
         block = inner
 
 
+def _without_leaves_around(keys: list[str], blocks: list[nn.Module]) -> tuple[list[str], list[nn.Module]]:
+    """A container's blocks without the leaf modules before and after them, when two or more blocks (modules
+    with submodules) of one class lie between those leaves: ``nn.Sequential(*blocks, nn.LayerNorm(d))``, or a
+    whole model as ``nn.Sequential(embedding, *blocks, norm, head)``, is a stack of its blocks, the norm not
+    one of them (before: two classes, not a stack, and a list of attention heads inside a block was chosen).
+    Any other container (leaf layers only, blocks of two classes, a leaf between blocks) keeps every element."""
+    inner = [i for i, b in enumerate(blocks) if any(True for _ in b.children())]
+    if len(inner) < 2 or inner[-1] - inner[0] + 1 != len(inner) or len(inner) == len(blocks):
+        return keys, blocks
+    if len({type(blocks[i]) for i in inner}) != 1:
+        return keys, blocks
+    return keys[inner[0]:inner[-1] + 1], blocks[inner[0]:inner[-1] + 1]
+
+
 def all_blocks(model: nn.Module) -> list[str]:
     """Dotted names of the model's layer stack: the ``ModuleList``/``Sequential``/``ModuleDict`` of
     same-class, parameterized blocks, preferring homogeneous stacks, then stacks that no other homogeneous
@@ -90,11 +104,16 @@ def all_blocks(model: nn.Module) -> list[str]:
     def homogeneous(blocks: list) -> bool:
         return len({type(b) for b in blocks}) == 1 and any(True for _ in blocks[0].parameters())
 
-    lists = [(name, container, keys, [_unwrapped(container[k] if isinstance(container, nn.ModuleDict) else container[int(k)])
-                                      for k in keys]) for name, container, keys in _block_lists(model)]
+    lists = [(name, container, *_without_leaves_around(keys, [
+        _unwrapped(container[k] if isinstance(container, nn.ModuleDict) else container[int(k)]) for k in keys]))
+        for name, container, keys in _block_lists(model)]
+    lists = [item for item in lists if any(True for b in item[3] for _ in b.parameters())]
     if not lists:
+        children = ", ".join(f"{n} ({type(m).__name__})" for n, m in list(model.named_children())[:8])
         raise ValueError(
-            f"{type(model).__name__}: found no ModuleList/Sequential/ModuleDict of blocks; pass layers= explicitly"
+            f"{type(model).__name__}: found no ModuleList/Sequential/ModuleDict of blocks with parameters (the "
+            f"layer stack the lens measures by default); its modules: {children or 'none'}; pass layers= "
+            "explicitly (names, globs or module objects, e.g. layers=[model.block1, model.block2])"
         )
     stacks = [name for name, _, _, blocks in lists if homogeneous(blocks)]
     depth, owners = _hf_depth(model)
