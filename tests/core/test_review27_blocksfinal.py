@@ -91,3 +91,55 @@ def test_a_model_whose_containers_hold_no_parameters_is_refused_with_its_modules
     with pytest.raises(ValueError, match=r"Plain: found no ModuleList/Sequential/ModuleDict of blocks with "
                                          r"parameters.*block1 \(Unit\).*pass layers="):
         all_blocks(Plain())
+
+
+# ------------------------------------------------- what docs/lens.md says of other user models (pinned)
+
+class Unit(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.mlp = nn.Linear(D, D), nn.Linear(D, D)
+
+
+def test_two_stacks_as_long_without_a_config_the_first_registered_and_groups_of_blocks_the_groups():
+    encdec = nn.Module()
+    encdec.encoder, encdec.decoder = nn.ModuleList(Unit() for _ in range(3)), nn.ModuleList(Unit() for _ in range(3))
+    assert all_blocks(encdec) == ["encoder.0", "encoder.1", "encoder.2"]
+    groups = nn.Module()
+    groups.groups = nn.ModuleList(nn.ModuleDict({"a": Unit(), "b": Unit()}) for _ in range(3))
+    assert all_blocks(groups) == ["groups.0", "groups.1", "groups.2"]
+    keyed = nn.Module()
+    keyed.layers = nn.ModuleDict({k: Unit() for k in ("first", "second", "third")})
+    assert all_blocks(keyed) == ["layers.first", "layers.second", "layers.third"]
+
+
+@pytest.mark.slow  # importing peft and transformers: about 7 s on a loaded CPU
+def test_peft_and_torch_compile_together_measure_the_decoder_layers():
+    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    import torch
+
+    from spectral_lens.lens import SpectralLens
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    compiled = torch.compile(model)
+    names = [f"base_model.model.model.layers.{i}" for i in range(2)]
+    assert all_blocks(compiled) == [f"_orig_mod.{n}" for n in names]
+    assert SpectralLens(compiled, [{"input_ids": torch.ones(1, 3, dtype=torch.long)}], layers="all",
+                        params=()).layers == names
+
+
+def test_a_looped_stack_all_measures_the_shared_block_once_and_none_is_refused():
+    import torch
+
+    from spectral_lens.lens import SpectralLens
+
+    looped = nn.Module()
+    looped.layers = nn.ModuleList([Unit()] * 3)
+    pool = [torch.zeros(1, D)]
+    assert SpectralLens(looped, pool, layers="all", params=()).layers == ["layers.0"]
+    with pytest.raises(ValueError, match=r"'layers.2' is the module 'layers.0' again"):
+        SpectralLens(looped, pool, params=())
