@@ -67,34 +67,55 @@ def _unwrapped(block: nn.Module) -> nn.Module:
         block = inner
 
 
+def _without_leaves_around(keys: list[str], blocks: list[nn.Module]) -> tuple[list[str], list[nn.Module]]:
+    """A container's blocks without the leaf modules before and after them, when two or more blocks (modules
+    with submodules) of one class lie between those leaves: ``nn.Sequential(*blocks, nn.LayerNorm(d))``, or a
+    whole model as ``nn.Sequential(embedding, *blocks, norm, head)``, is a stack of its blocks, the norm not
+    one of them (before: two classes, not a stack, and a list of attention heads inside a block was chosen).
+    Any other container (leaf layers only, blocks of two classes, a leaf between blocks) keeps every element."""
+    inner = [i for i, b in enumerate(blocks) if any(True for _ in b.children())]
+    if len(inner) < 2 or inner[-1] - inner[0] + 1 != len(inner) or len(inner) == len(blocks):
+        return keys, blocks
+    if len({type(blocks[i]) for i in inner}) != 1:
+        return keys, blocks
+    return keys[inner[0]:inner[-1] + 1], blocks[inner[0]:inner[-1] + 1]
+
+
 def all_blocks(model: nn.Module) -> list[str]:
-    """Dotted names of the model's layer stack: the ``ModuleList``/``Sequential``/``ModuleDict`` of
-    same-class, parameterized blocks, preferring homogeneous stacks, then stacks that no other homogeneous
-    stack contains (the experts of a mixture-of-experts layer, per-head modules or a PEFT adapter's
-    ``ModuleDict`` are containers inside a block, never the stack), then stacks of blocks that have
-    submodules over a list of leaf modules of the same length (per-layer embedding tables or projections
-    beside the blocks, as value embeddings), then ``ModuleList``, then length, then
-    shallowness (``transformer.h``, ``model.layers``, ``blocks``; torchtitan's ``layers`` ``ModuleDict``
-    keyed ``"0"``, ``"1"``, ... in depth order). Before all of these, a Hugging Face model's stack is the
-    ``ModuleList`` of ``config.num_hidden_layers`` blocks that have submodules, homogeneous or not: a hybrid
-    model's layers mix classes (Zamba2's Mamba and hybrid layers, Jamba's Mamba and attention layers), and a
-    homogeneous list inside one of them (Zamba2's adapters of its shared block) is not the stack. Only a
-    ``transformers`` config counts (``num_hidden_layers`` of another config may count anything, an MLP's
-    hidden layers), and never a list inside a homogeneous stack: a T5 block's list of sublayers (self-attention,
-    feed-forward) is as long as the config says when the stack was truncated or grown without updating it.
-    An encoder-decoder's config counts its encoder's layers: the encoder's stack, whichever is longer. A
-    multimodal model's (Llava, PaliGemma, Qwen2-VL) counts them in its text config: the stack of the language
-    model built from it, not a vision tower, longer or as long (an encoder-decoder built from two configs,
-    ``EncoderDecoderModel``, ``VisionEncoderDecoderModel``, T5Gemma: scored as without a config).
-    Pass ``layers=`` when this guesses wrong."""
+    """Dotted names of the model's layer stack, one of its ``ModuleList``/``Sequential``/``ModuleDict``
+    containers (a ``ModuleDict`` in key order: torchtitan's ``layers``), chosen in this order:
+
+    1. a Hugging Face model's ``ModuleList`` of ``config.num_hidden_layers`` blocks with submodules, of one
+       class or not (hybrid models: Zamba2's Mamba and hybrid layers, Jamba's; a homogeneous list inside one of
+       them, Zamba2's adapters, is not the stack). Only a ``transformers`` config counts (another config's
+       ``num_hidden_layers`` may count anything, an MLP's hidden layers), never for a list inside a homogeneous
+       stack (a T5 block's sublayers, in a stack grown or truncated without updating the config). An
+       encoder-decoder's config counts its encoder's layers; a multimodal model's (Llava, PaliGemma, Qwen2-VL)
+       is its text config's, for a stack inside the language model built from it, not a vision tower as long
+       (an encoder-decoder built from two configs, ``EncoderDecoderModel``, T5Gemma: scored as without one);
+    2. then blocks of one class with parameters (blocks wrapped one by one compared by the module they wrap,
+       leaf modules before or after them left out: a final norm inside the ``Sequential``), in a container
+       no other such container holds (the experts of a mixture-of-experts layer, per-head modules or a PEFT
+       adapter's ``ModuleDict`` are containers inside a block, never the stack);
+    3. then blocks that have submodules over a list of leaf modules as long (per-layer embedding tables or
+       projections beside the blocks, as value embeddings), then ``ModuleList``, then length, then
+       shallowness (``transformer.h``, ``model.layers``, ``blocks``), then registration order.
+
+    Containers without parameters are never the stack; ``ValueError`` naming the model's modules when no
+    container is left. Pass ``layers=`` when this guesses wrong."""
     def homogeneous(blocks: list) -> bool:
         return len({type(b) for b in blocks}) == 1 and any(True for _ in blocks[0].parameters())
 
-    lists = [(name, container, keys, [_unwrapped(container[k] if isinstance(container, nn.ModuleDict) else container[int(k)])
-                                      for k in keys]) for name, container, keys in _block_lists(model)]
+    lists = [(name, container, *_without_leaves_around(keys, [
+        _unwrapped(container[k] if isinstance(container, nn.ModuleDict) else container[int(k)]) for k in keys]))
+        for name, container, keys in _block_lists(model)]
+    lists = [item for item in lists if any(True for b in item[3] for _ in b.parameters())]
     if not lists:
+        children = ", ".join(f"{n} ({type(m).__name__})" for n, m in list(model.named_children())[:8])
         raise ValueError(
-            f"{type(model).__name__}: found no ModuleList/Sequential/ModuleDict of blocks; pass layers= explicitly"
+            f"{type(model).__name__}: found no ModuleList/Sequential/ModuleDict of blocks with parameters (the "
+            f"layer stack the lens measures by default); its modules: {children or 'none'}; pass layers= "
+            "explicitly: the names, globs or module objects of the blocks to measure"
         )
     stacks = [name for name, _, _, blocks in lists if homogeneous(blocks)]
     depth, owners = _hf_depth(model)
