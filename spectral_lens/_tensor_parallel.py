@@ -24,7 +24,7 @@ from torch import nn
 
 from ._dtensor import dtensor_module
 
-__all__ = ["check_replicated", "one_replica", "refuse_fsdp_with_tensor_parallel", "refuse_tensor_parallel_params",
+__all__ = ["check_replicated", "check_same_forwards", "one_replica", "refuse_fsdp_with_tensor_parallel", "refuse_tensor_parallel_params",
            "replica_ranks", "tensor_parallel_params"]
 
 
@@ -211,6 +211,31 @@ def _check_same_layers(names: list, peers_group, device, who: str) -> None:
             f"{who}: the tensor-parallel ranks {dist.get_process_group_ranks(peers_group)} measure different "
             f"layers (this rank: {names}); the ranks of one tensor-parallel mesh run the same forwards and must "
             "measure the same layers: pass the same layers= on every rank"
+        )
+
+
+def check_same_forwards(forwards: int | None, peers_group, who: str = "SpectralLens") -> None:
+    """``ValueError`` on every tensor-parallel peer, before any forward, when they would run different numbers
+    of forwards (``forwards``: this rank's, ``None`` for a pool without ``len``, not checked). Needed where the
+    lens's ``group`` holds one rank of the mesh (each rank's own group, a data-parallel group), whose agreement
+    on the pools does not reach the peers: before, the rank with more batches ran a forward alone and its
+    all-reduce met another collective of its peer (gloo aborted a process, 'collective mismatch'). One
+    all-reduce over ``peers_group``."""
+    import torch.distributed as dist
+
+    mine = -1.0 if forwards is None else float(forwards)
+    both = torch.tensor([mine, -mine], dtype=torch.float64)
+    if dist.get_backend(peers_group) == "nccl":
+        both = both.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=peers_group)
+    hi, lo = float(both[0]), -float(both[1])
+    if lo >= 0 and hi != lo:  # every rank knows its count, and they differ (the same on every peer)
+        raise ValueError(
+            f"{who}: the tensor-parallel ranks {dist.get_process_group_ranks(peers_group)} would run different "
+            f"numbers of forwards (this rank: {forwards}, the others between {int(lo)} and {int(hi)}): the ranks of "
+            "one tensor-parallel mesh run every forward together, so each must get the same pool (the lens's "
+            "group= holds one rank of the mesh: give the ranks of one mesh the same pool, e.g. a data loader "
+            "sharded by the data-parallel rank, not the global rank)"
         )
 
 

@@ -77,12 +77,20 @@ def _other_layers_world(rank: int) -> dict:
     return _values(lens.measure(1, 1))
 
 
+def _other_lengths_own_groups(rank: int) -> dict:
+    groups = [dist.new_group([r]) for r in range(WORLD)]
+    lens = SpectralLens(_tp(_plain(), _mesh()), _pool(4 if rank == 0 else 3), layers=LAYERS, params=(),
+                        precision="float64", mask_fn=None, progress=False, group=groups[rank])
+    return _values(lens.measure(1, 1))
+
+
 CASES = {
     "masked": _masked,
     "weights": _weights,
     "compiled": _compiled,
     "other_layers_own_groups": _other_layers_own_groups,
     "other_layers_world": _other_layers_world,
+    "other_lengths_own_groups": _other_lengths_own_groups,  # last: on the old code gloo aborted rank 0's process
 }
 
 
@@ -165,3 +173,14 @@ def test_other_layers_on_the_ranks_of_one_mesh_raise_the_same_error_on_every_ran
         assert r["error"] is not None and r["error"].startswith("ValueError: SpectralLens:"), (rank, r)
         mine = "['h.0']" if rank == 0 else "['h.0', 'h.1']"
         assert "different layers" in r["error"] and mine in r["error"], (rank, r["error"])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pools_of_other_lengths_on_the_ranks_of_one_mesh_are_refused_before_any_forward(results):
+    """Each rank's own group (the documented data-parallel group of a single replica), pools of 4 and 3 batches."""
+    got = checked_case(results, "other_lengths_own_groups", None)
+    for rank, r in enumerate(got):
+        assert r["error"] is not None and r["error"].startswith("ValueError: SpectralLens: the tensor-parallel ranks "
+                                                                "[0, 1] would run different numbers of forwards "
+                                                                f"(this rank: {4 - rank},"), (rank, r)
