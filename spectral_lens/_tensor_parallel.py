@@ -214,9 +214,10 @@ def _check_same_layers(names: list, peers_group, device, who: str) -> None:
         )
 
 
-def check_same_forwards(forwards: int | None, peers_group, who: str = "SpectralLens") -> None:
+def check_same_forwards(forwards: int | None, peers_group, who: str = "SpectralLens", what: str = "forwards") -> None:
     """``ValueError`` on every tensor-parallel peer, before any forward, when they would run different numbers
-    of forwards (``forwards``: this rank's, ``None`` for a pool without ``len``, not checked). Needed where the
+    of forwards (``forwards``: this rank's, ``None`` for a pool without ``len``, not checked; ``what``: what is
+    counted, the activation pass's forwards or the gradient protocol's samples). Needed where the
     lens's ``group`` holds one rank of the mesh (each rank's own group, a data-parallel group), whose agreement
     on the pools does not reach the peers: before, the rank with more batches ran a forward alone and its
     all-reduce met another collective of its peer (gloo aborted a process, 'collective mismatch'). One
@@ -232,7 +233,7 @@ def check_same_forwards(forwards: int | None, peers_group, who: str = "SpectralL
     if lo >= 0 and hi != lo:  # every rank knows its count, and they differ (the same on every peer)
         raise ValueError(
             f"{who}: the tensor-parallel ranks {dist.get_process_group_ranks(peers_group)} would run different "
-            f"numbers of forwards (this rank: {forwards}, the others between {int(lo)} and {int(hi)}): the ranks of "
+            f"numbers of {what} (this rank: {forwards}, the others between {int(lo)} and {int(hi)}): the ranks of "
             "one tensor-parallel mesh run every forward together, so each must get the same pool (the lens's "
             "group= holds one rank of the mesh: give the ranks of one mesh the same pool, e.g. a data loader "
             "sharded by the data-parallel rank, not the global rank)"

@@ -760,6 +760,9 @@ class SpectralLens:
         everywhere = self._everywhere()
         if rank == 0 or everywhere:
             try:
+                tp = None if everywhere else one_replica(self.model, self.group)
+                if tp is not None:  # a group with one rank of the mesh (which runs it alike): the peers' pools compared
+                    check_same_forwards(self._gradient_total(), tp[1], what="gradient samples (gradient_pool)")
                 result = [self._gradient_pass()]
             except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
                 error = exc

@@ -84,6 +84,14 @@ def _other_lengths_own_groups(rank: int) -> dict:
     return _values(lens.measure(1, 1))
 
 
+def _other_gradient_pools_own_groups(rank: int) -> dict:
+    groups = [dist.new_group([r]) for r in range(WORLD)]
+    lens = SpectralLens(_tp(_plain(), _mesh()), _pool(2), layers=LAYERS, params="lm_head.weight",
+                        gradient_pool=_pool(2 if rank == 0 else 1, seed=5), precision="float64", mask_fn=None,
+                        progress=False, group=groups[rank])
+    return _values(lens.measure(1, 1))
+
+
 CASES = {
     "masked": _masked,
     "weights": _weights,
@@ -91,6 +99,7 @@ CASES = {
     "other_layers_own_groups": _other_layers_own_groups,
     "other_layers_world": _other_layers_world,
     "other_lengths_own_groups": _other_lengths_own_groups,  # last: on the old code gloo aborted rank 0's process
+    "other_gradient_pools_own_groups": _other_gradient_pools_own_groups,  # old code: rank 0 waited 20 s
 }
 
 
@@ -184,3 +193,13 @@ def test_pools_of_other_lengths_on_the_ranks_of_one_mesh_are_refused_before_any_
         assert r["error"] is not None and r["error"].startswith("ValueError: SpectralLens: the tensor-parallel ranks "
                                                                 "[0, 1] would run different numbers of forwards "
                                                                 f"(this rank: {4 - rank},"), (rank, r)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_gradient_pools_of_other_lengths_on_the_ranks_of_one_mesh_are_refused_before_the_protocol(results):
+    got = checked_case(results, "other_gradient_pools_own_groups", 15.0)  # before: a 20 s process-group timeout
+    for rank, r in enumerate(got):
+        assert r["error"] is not None and r["error"].startswith("ValueError: SpectralLens: the tensor-parallel ranks "
+                                                                "[0, 1] would run different numbers of gradient "
+                                                                f"samples (gradient_pool) (this rank: {8 - 4 * rank},"), (rank, r)
