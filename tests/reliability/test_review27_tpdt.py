@@ -3,6 +3,22 @@
 The model and references are those of ``test_tensor_parallel.py`` (Megatron-style MLPs: ``c_fc``
 ``ColwiseParallel``, ``c_proj`` ``RowwiseParallel``, over a 1-D mesh of both ranks; float64 references from
 the plain model in one process).
+
+Before the fixes, under a ``group=`` holding one rank of the mesh (each rank's own group, or the data-parallel
+group of a 2-D mesh), whose agreement does not reach the mesh's other ranks:
+
+* other layers on the two ranks (``["h.0"]`` and ``["h.0", "h.1"]``; also under the default group with a pool
+  without ``len``): the replication check all-reduced digests of different sizes, gloo aborted rank 0's
+  process (``op.preamble.length <= op.nbytes. 56 vs 32 ... collective mismatch``) and rank 1 failed with
+  ``Connection reset by peer``;
+* pools of 4 and 3 batches: rank 0 ran a fourth forward alone, gloo aborted its process (``1536 vs 8``);
+* gradient pools of 2 and 1 batches: rank 1 returned a spectrum, rank 0 waited in its second batch's forward
+  until the 20 s process-group timeout.
+
+Now each raises the same ``ValueError`` on both ranks (the pools' counts before any forward). Regression
+guards (they passed before): padding masks on a tensor-parallel model, ``weight_spectra`` of the
+``ColwiseParallel``/``RowwiseParallel`` shards (the full matrices' spectra on every rank), a tensor-parallel
+model compiled with ``torch.compile(backend="eager")``.
 """
 
 from __future__ import annotations
@@ -17,7 +33,7 @@ from spectral_lens.weights import weight_spectra
 
 from support.ranks import checked_case, run_gloo_cases
 
-from reliability.test_tensor_parallel import LAYERS, _mesh, _plain, _pool, _rows, _tp, _values
+from reliability.test_tensor_parallel import LAYERS, _mesh, _plain, _pool, _tp, _values
 
 WORLD = 2
 PG_TIMEOUT_S = 20
