@@ -17,13 +17,14 @@ dimensions) is refused (:func:`refuse_fsdp_with_tensor_parallel`).
 from __future__ import annotations
 
 import warnings
+import zlib
 
 import torch
 from torch import nn
 
 from ._dtensor import dtensor_module
 
-__all__ = ["check_replicated", "one_replica", "refuse_fsdp_with_tensor_parallel", "refuse_tensor_parallel_params",
+__all__ = ["check_replicated", "check_same_forwards", "one_replica", "refuse_fsdp_with_tensor_parallel", "refuse_tensor_parallel_params",
            "replica_ranks", "tensor_parallel_params"]
 
 
@@ -159,18 +160,20 @@ def _same(hi: torch.Tensor, lo: torch.Tensor) -> bool:
 
 
 def check_replicated(named: list, peers_group, who: str = "SpectralLens") -> None:
-    """``ValueError`` on every tensor-parallel peer when a measured layer's rows differ between them (one
-    collective over ``peers_group``): a sequence-parallel output (each rank holds a slice of the tokens) or
+    """``ValueError`` on every tensor-parallel peer when they measure different layers, or when a measured
+    layer's rows differ between them (two small collectives over ``peers_group``): a sequence-parallel output (each rank holds a slice of the tokens) or
     a sharded output read as a plain tensor (each rank holds some of the features), whose statistics would
     be one rank's part. ``named``: ``(layer name, accumulator)`` in one order on every rank."""
     import torch.distributed as dist
 
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(peers_group) == "nccl"
+              else torch.device("cpu"))
+    _check_same_layers([name for name, _ in named], peers_group, device, who)
     if not named:
         return
     digest = torch.stack([_digest(acc) for _, acc in named])
     both = torch.stack([digest, -digest])  # MAX of both: the largest and (negated) the smallest over the ranks
-    if dist.get_backend(peers_group) == "nccl":
-        both = both.to(torch.device("cuda", torch.cuda.current_device()))
+    both = both.to(device)
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=peers_group)
     both = both.cpu()
     differ = [name for (name, _), hi, lo in zip(named, both[0], -both[1]) if not _same(hi, lo)]
@@ -183,6 +186,57 @@ def check_replicated(named: list, peers_group, who: str = "SpectralLens") -> Non
             "output is replicated (e.g. a RowwiseParallel output with its default Replicate() layout), or "
             "gather it in the pick, e.g. pick=lambda out: DTensor.from_local(out, mesh, [Shard(1)]).full_tensor() "
             "for a sequence-sharded output (a collective over the mesh)"
+        )
+
+
+def _layers_key(names: list) -> tuple[int, int]:
+    """``(count, CRC-32 of the names)`` of a rank's measured layers: equal on ranks that measure the same ones."""
+    return len(names), zlib.crc32("\0".join(names).encode())
+
+
+def _check_same_layers(names: list, peers_group, device, who: str) -> None:
+    """``ValueError`` on every tensor-parallel peer when they measure different layers (one all-reduce of a
+    fixed size over ``peers_group``, before the digests, whose sizes would then differ: before, gloo aborted
+    a rank's process with 'a collective mismatch', and the other one failed with a broken connection). The
+    lens's own agreement on the layers runs over its ``group``, which holds one rank of each mesh when it is
+    each rank's own group or the data-parallel group."""
+    import torch.distributed as dist
+
+    key = torch.tensor(_layers_key(names), dtype=torch.float64)  # a CRC-32 is exact in float64
+    both = torch.cat([key, -key]).to(device)  # MAX of both: the largest and (negated) the smallest
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=peers_group)
+    both = both.cpu()
+    if not torch.equal(both[:2], -both[2:]):
+        raise ValueError(
+            f"{who}: the tensor-parallel ranks {dist.get_process_group_ranks(peers_group)} measure different "
+            f"layers (this rank: {names}); the ranks of one tensor-parallel mesh run the same forwards and must "
+            "measure the same layers: pass the same layers= on every rank"
+        )
+
+
+def check_same_forwards(forwards: int | None, peers_group, who: str = "SpectralLens", what: str = "forwards") -> None:
+    """``ValueError`` on every tensor-parallel peer, before any forward, when they would run different numbers
+    of forwards (``forwards``: this rank's, ``None`` for a pool without ``len``, not checked; ``what``: what is
+    counted, the activation pass's forwards or the gradient protocol's samples). Needed where the
+    lens's ``group`` holds one rank of the mesh (each rank's own group, a data-parallel group), whose agreement
+    on the pools does not reach the peers: before, the rank with more batches ran a forward alone and its
+    all-reduce met another collective of its peer (gloo aborted a process, 'collective mismatch'). One
+    all-reduce over ``peers_group``."""
+    import torch.distributed as dist
+
+    mine = -1.0 if forwards is None else float(forwards)
+    both = torch.tensor([mine, -mine], dtype=torch.float64)
+    if dist.get_backend(peers_group) == "nccl":
+        both = both.to(torch.device("cuda", torch.cuda.current_device()))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=peers_group)
+    hi, lo = float(both[0]), -float(both[1])
+    if lo >= 0 and hi != lo:  # every rank knows its count, and they differ (the same on every peer)
+        raise ValueError(
+            f"{who}: the tensor-parallel ranks {dist.get_process_group_ranks(peers_group)} would run different "
+            f"numbers of {what} (this rank: {forwards}, the others between {int(lo)} and {int(hi)}): the ranks of "
+            "one tensor-parallel mesh run every forward together, so each must get the same pool (the lens's "
+            "group= holds one rank of the mesh: give the ranks of one mesh the same pool, e.g. a data loader "
+            "sharded by the data-parallel rank, not the global rank)"
         )
 
 

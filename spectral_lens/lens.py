@@ -33,7 +33,7 @@ from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_bl
 from ._pools import attention_mask, sharded_pool, unfixed_pool
 from ._progress import progress_bar, sized_total
 from ._sync import deferred_interrupt
-from ._tensor_parallel import check_replicated, one_replica
+from ._tensor_parallel import check_replicated, check_same_forwards, one_replica
 from . import _pipeline
 from .activation_capture import ActivationCapture, attach
 from .attachment import Attachment, attach_once
@@ -598,6 +598,9 @@ class SpectralLens:
             rank, world = 0, 1  # every rank runs every batch; its rows are not summed over the group
         error = None
         try:
+            if tp is not None and not tp[0]:  # a group with one rank of the mesh: its peers' pools compared first
+                total = sized_total(self.pool)
+                check_same_forwards(None if total is None else len(range(rank, total, world)), tp[1])
             capture = (attach(model, self.layers, pick=self._pick, precision=self.precision) if self.layers != []
                        else ActivationCapture({}))  # a pipeline stage holding none of the layers
             batches = self._activation_pass(model, capture, rank, world, lockstep)
@@ -757,6 +760,9 @@ class SpectralLens:
         everywhere = self._everywhere()
         if rank == 0 or everywhere:
             try:
+                tp = None if everywhere else one_replica(self.model, self.group)
+                if tp is not None:  # a group with one rank of the mesh (which runs it alike): the peers' pools compared
+                    check_same_forwards(self._gradient_total(), tp[1], what="gradient samples (gradient_pool)")
                 result = [self._gradient_pass()]
             except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
                 error = exc
