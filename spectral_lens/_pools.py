@@ -37,8 +37,11 @@ _RANDOM_SAMPLERS = (
 def unfixed_pool(pool: Any, cap: int | None = None) -> str | None:
     """Why iterating ``pool`` (a ``DataLoader`` with a random sampler) yields a different set of samples
     at each measurement, or ``None``. A reshuffled pool whose every sample is measured is fine (the
-    spectra do not depend on the order); one that draws with replacement, drops a shuffled remainder
-    (``drop_last``) or is cut to its first ``cap`` samples is not the fixed pool of the protocol."""
+    spectra do not depend on the order, up to rounding); one that draws with replacement, draws a random
+    part of its data (``num_samples`` not a multiple of the data's size without replacement), drops a
+    shuffled remainder (``drop_last``) or is cut to its first ``cap`` samples is not the fixed pool of the
+    protocol. Only torch's random samplers are recognized: a sampler of your own, an ``IterableDataset``
+    with a shuffle buffer or random augmentation are not detected."""
     batch_sampler = getattr(pool, "batch_sampler", None)
     sampler = getattr(batch_sampler, "sampler", None) or getattr(pool, "sampler", None)
     if not isinstance(sampler, _RANDOM_SAMPLERS):
@@ -46,6 +49,15 @@ def unfixed_pool(pool: Any, cap: int | None = None) -> str | None:
     n = len(sampler)
     if getattr(sampler, "replacement", False):
         return "draws its samples at random with replacement"
+    # without replacement, a sampler of num_samples other than its data's size draws a random part of it:
+    # RandomSampler a fresh subset (fewer) or whole permutations plus one (more, not a multiple), and
+    # WeightedRandomSampler a fresh subset (fewer than its weights)
+    whole = len(sampler.weights) if isinstance(sampler, torch.utils.data.WeightedRandomSampler) else (
+        len(sampler.data_source) if isinstance(sampler, torch.utils.data.RandomSampler) else n)
+    if whole and n % whole:
+        part = f"a random {n} of its {whole} samples" if n < whole else \
+            f"{n // whole} whole pass(es) over its {whole} samples and a random {n % whole} of them"
+        return f"draws {part} on every pass (num_samples={n}), a different set each time"
     size = getattr(batch_sampler, "batch_size", None)
     if getattr(batch_sampler, "drop_last", False) and size and n % size:
         return f"shuffles and drops a different {n % size} of its {n} samples on every pass (drop_last=True)"

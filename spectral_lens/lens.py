@@ -601,6 +601,13 @@ class SpectralLens:
             capture = (attach(model, self.layers, pick=self._pick, precision=self.precision) if self.layers != []
                        else ActivationCapture({}))  # a pipeline stage holding none of the layers
             batches = self._activation_pass(model, capture, rank, world, lockstep)
+            if batches == 0:  # the same on every rank (each counts every batch of the pool)
+                raise ValueError(
+                    f"SpectralLens: the pool gave no batches ({type(self.pool).__name__}"
+                    f"{f' of length {len(self.pool)}' if sized_total(self.pool) is not None else ''}); the activation "
+                    "protocol measures the fixed held-out pool: pass one that yields the same batches at every "
+                    "measurement (a non-empty list or a DataLoader over a non-empty dataset)"
+                )
         except BaseException as exc:  # an interrupt too (Ctrl-C on one rank): agreed below, then re-raised
             error = exc
         agree(self.group, error, "the activation pass", model)

@@ -1,0 +1,270 @@
+"""Review 27 (pools): the held-out pool the lens measures on, audited as an adversary.
+
+The fixed pool (protocol.md section 1): samplers that draw a random part of their data at every pass
+(``RandomSampler(num_samples=)``, ``WeightedRandomSampler(replacement=False)`` with fewer samples than
+weights) are refused like the other unfixed pools; a pool with no batches, and a pool whose every
+position is masked out, say so instead of blaming a module that did not run; the gradient progress
+total counts a ``DataLoader``'s sampler, not its dataset. What holds already is pinned against float64
+references of the intended rows: ragged, padded and tuple/dict/tensor batches, the gradient cap in the
+middle of a batch, bit-identical repeat measurements (dropout model in train mode, any global RNG
+state, ``num_workers`` > 0), and a shuffled pool equal to the fixed one up to rounding only.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import (DataLoader, RandomSampler, SubsetRandomSampler, TensorDataset,
+                              WeightedRandomSampler)
+
+from spectral_lens import SpectralLens
+from spectral_lens.lens import unfixed_pool
+
+from support.models import TinyLM
+
+GRAD = "grad:h.2.attn.c_proj.weight"
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tail window.*")
+        yield
+
+
+def _model(dropout=0.0):
+    torch.manual_seed(0)
+    return TinyLM(tied=False, dropout=dropout).double().eval()
+
+
+def _seq(n=12, t=9, seed=0):
+    return torch.randint(0, 64, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _ds(n=12):
+    seq = _seq(n)
+    return TensorDataset(seq[:, :-1], seq[:, 1:])
+
+
+class _Dict(nn.Module):
+    """``TinyLM`` called as a Hugging Face model: ``model(input_ids=..., attention_mask=..., extra keys)``."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, input_ids, attention_mask=None, **extra):
+        return self.m(input_ids)
+
+
+def _rows(model, inputs, masks=None):
+    """float64 reference rows: the deepest block's output at every kept position of each input."""
+    seen = []
+    handle = model.h[-1].register_forward_hook(lambda mod, args, o: seen.append(o.detach().to(torch.float64)))
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                model(x)
+    finally:
+        handle.remove()
+    masks = masks or [None] * len(seen)
+    return torch.cat([h.flatten(0, 1) if k is None else h[k.bool()] for h, k in zip(seen, masks)])
+
+
+def _cov_eigs(rows):
+    rows = rows.to(torch.float64)
+    centered = rows - rows.mean(0)
+    cov = centered.T @ centered / (rows.shape[0] - 1)
+    return torch.linalg.eigvalsh(cov).flip(0).clamp_min(0)
+
+
+def _close(got, ref):
+    torch.testing.assert_close(got[: ref.numel()], ref, rtol=1e-9, atol=1e-12 * float(ref[0]))
+
+
+def _hand_grads(model, xs, ys):
+    """Squared singular values of G, one row per sequence: its mean next-token loss's gradient (float64)."""
+    w = model.h[2].attn.c_proj.weight
+    rows = []
+    for x, y in zip(xs, ys):
+        keep = y != -100
+        loss = F.cross_entropy(model(x[None])[0][keep], y[keep], reduction="mean")
+        rows.append(torch.autograd.grad(loss, w)[0].flatten())
+    return torch.linalg.svdvals(torch.stack(rows)) ** 2
+
+
+# --------------------------------------------------------------------------- the fixed pool
+
+@pytest.mark.parametrize("sampler, why", [
+    (lambda ds: RandomSampler(ds, num_samples=6), "a random 6 of its 12"),
+    (lambda ds: RandomSampler(ds, num_samples=15), "1 whole pass.* and a random 3"),
+    (lambda ds: WeightedRandomSampler([1.0] * 12, 6, replacement=False), "a random 6 of its 12"),
+])
+def test_samplers_drawing_a_random_part_of_their_data_are_refused(sampler, why):
+    # before: accepted (no replacement, no cap, no drop_last), and each measurement saw another subset
+    ds = _ds()
+    loader = DataLoader(ds, batch_size=3, sampler=sampler(ds))
+    assert unfixed_pool(loader) is not None
+    with pytest.raises(ValueError, match=f"pool draws {why}.*fixed held-out pool"):
+        SpectralLens(_model(), loader, params=(), progress=False)
+    with pytest.raises(ValueError, match=f"gradient_pool draws {why}"):
+        SpectralLens(_model(), [ds[:6]], gradient_pool=loader, progress=False)
+
+
+@pytest.mark.parametrize("sampler", [
+    lambda ds: RandomSampler(ds),
+    lambda ds: RandomSampler(ds, num_samples=24),  # two whole permutations: every sample twice, every pass
+    lambda ds: WeightedRandomSampler([1.0] * 12, 12, replacement=False),  # a permutation of all of them
+    lambda ds: SubsetRandomSampler(range(12)),
+])
+def test_samplers_drawing_whole_passes_are_fixed(sampler):
+    ds = _ds()
+    assert unfixed_pool(DataLoader(ds, batch_size=3, sampler=sampler(ds))) is None
+
+
+def test_a_subset_sampler_really_measured_other_rows_at_each_checkpoint():
+    """Why it is refused: the same weights, two measurements, two spectra (the sampler draws from the training
+    loop's RNG streams, which move between checkpoints)."""
+    ds = _ds()
+    model = _model()
+    loader = DataLoader(ds, batch_size=3, sampler=RandomSampler(ds, num_samples=6))
+    lens = SpectralLens(model, [ds[:3]], params=(), progress=False)
+    lens.pool = loader  # past the constructor's check, as before the fix
+    torch.manual_seed(1)
+    a = lens.measure(0, 0).spectra["act:h.2"].values
+    torch.manual_seed(2)
+    b = lens.measure(1, 0).spectra["act:h.2"].values
+    assert not torch.equal(a, b)
+
+
+def test_a_shuffled_whole_pool_equals_the_fixed_one_up_to_rounding():
+    ds, seq = _ds(), _seq()
+    model = _model()
+    ref = _cov_eigs(_rows(model, [seq[:, :-1]]))
+    lens = SpectralLens(model, DataLoader(ds, batch_size=5, shuffle=True), params=(), progress=False)
+    torch.manual_seed(1)
+    a = lens.measure(0, 0).spectra["act:h.2"].values
+    torch.manual_seed(2)
+    b = lens.measure(1, 0).spectra["act:h.2"].values
+    _close(a, ref)
+    _close(b, ref)
+
+
+def test_repeat_measurements_are_bit_identical_in_any_rng_state_with_dropout_in_train_mode():
+    ds, seq = _ds(), _seq()
+    model = _model(dropout=0.3).train()  # the lens measures in eval mode: no dropout mask drawn
+    lens = SpectralLens(model, DataLoader(ds, batch_size=5), gradient_samples=7, progress=False)
+    torch.manual_seed(1)
+    a = lens.measure(0, 0)
+    torch.manual_seed(2)
+    torch.rand(3)
+    b = lens.measure(1, 0)
+    assert model.training
+    for k in a.spectra:
+        assert torch.equal(a.spectra[k].values, b.spectra[k].values), k
+    model.eval()
+    _close(a.spectra["act:h.2"].values, _cov_eigs(_rows(model, [seq[:, :-1]])))
+    _close(a.spectra[GRAD].values, _hand_grads(model, seq[:7, :-1], seq[:7, 1:]))
+
+
+def test_worker_processes_give_the_same_bits_as_the_main_process():
+    ds = _ds()
+    model = _model()
+    one = SpectralLens(model, DataLoader(ds, batch_size=5), progress=False).measure(0, 0)
+    two = SpectralLens(model, DataLoader(ds, batch_size=5, num_workers=2), progress=False).measure(0, 0)
+    for k in one.spectra:
+        assert torch.equal(one.spectra[k].values, two.spectra[k].values), k
+
+
+def test_a_one_shot_generator_is_refused():
+    ds = _ds()
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        SpectralLens(_model(), (b for b in [ds[:6]]), progress=False)
+    with pytest.raises(TypeError, match="gradient_pool is a one-shot iterator"):
+        SpectralLens(_model(), [ds[:6]], gradient_pool=iter(DataLoader(ds, batch_size=3)), progress=False)
+
+
+# --------------------------------------------------------------------------- sizes
+
+@pytest.mark.parametrize("pool", [[], DataLoader(TensorDataset(torch.zeros(0, 8, dtype=torch.long)), batch_size=2)],
+                         ids=["list", "dataloader"])
+def test_an_empty_pool_says_so(pool):
+    # before: "h.2: need at least 2 rows, have 0 (no update reached it: the module did not run, ...)"
+    lens = SpectralLens(_model(), pool, params=(), progress=False)
+    with pytest.raises(ValueError, match="the pool gave no batches"):
+        lens.measure(0, 0)
+
+
+def test_a_pool_masked_out_entirely_blames_the_mask_not_the_module():
+    ids = _seq(3, 8)
+    lens = SpectralLens(_Dict(_model()), [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}], params=(),
+                        progress=False)
+    with pytest.raises(ValueError, match=r"have 0 \(1 update\(s\) reached it, every row masked out") as info:
+        lens.measure(0, 0)
+    assert "did not run" not in str(info.value)
+
+
+def test_ragged_padded_and_mixed_batches_measure_exactly_the_kept_rows():
+    """Batches of different sizes and lengths, a last partial batch, right and left padding, extra keys: the
+    rows measured are the unpadded positions, every one once (float64 reference)."""
+    base = _model()
+    model = _Dict(base)
+    a, b, c = _seq(4, 7, 1), _seq(3, 11, 2), _seq(1, 5, 3)
+    ma = torch.ones_like(a)
+    ma[1, 5:] = 0  # right padding
+    ma[3, :2] = 0  # left padding
+    mb = torch.ones_like(b)
+    mb[0, 3:] = 0
+    pool = [{"input_ids": a, "attention_mask": ma, "labels": a, "doc_id": torch.arange(4)},
+            {"input_ids": b, "attention_mask": mb},
+            {"input_ids": c}]  # no mask: every position
+    m = SpectralLens(model, pool, params=(), progress=False).measure(0, 0)
+    rows = _rows(base, [a, b, c], [ma, mb, None])
+    assert rows.shape[0] == int(ma.sum() + mb.sum() + c.numel()) == m.spectra["act:m.h.2"].n_rows
+    _close(m.spectra["act:m.h.2"].values, _cov_eigs(rows))
+    # tuples and plain tensors of different lengths: every position
+    tup = SpectralLens(base, [(a, a), (b, b), (c, c)], params=(), progress=False).measure(0, 0)
+    ten = SpectralLens(base, [a, b, c], params=(), progress=False).measure(0, 0)
+    ref = _cov_eigs(_rows(base, [a, b, c]))
+    assert tup.spectra["act:h.2"].n_rows == ten.spectra["act:h.2"].n_rows == a.numel() + b.numel() + c.numel()
+    _close(tup.spectra["act:h.2"].values, ref)
+    assert torch.equal(tup.spectra["act:h.2"].values, ten.spectra["act:h.2"].values)
+
+
+def test_gradient_samples_cutting_a_batch_takes_its_first_sequences():
+    """gradient_samples=5 over dict batches of 3 (ragged lengths, padding, an extra key): the first 5 sequences
+    of the pool, in order, each one gradient of its mean loss over its kept targets (float64 reference)."""
+    base = _model()
+    a, b = _seq(3, 8, 1), _seq(3, 10, 2)
+    mb = torch.ones_like(b)
+    mb[1, 6:] = 0
+    lb = b.masked_fill(mb == 0, -100)
+    pool = [{"input_ids": a, "labels": a, "doc_id": torch.arange(3)},
+            {"input_ids": b, "attention_mask": mb, "labels": lb, "doc_id": torch.arange(3, 6)}]
+    lens = SpectralLens(_Dict(base), pool, params="m.h.2.attn.c_proj.weight", gradient_samples=5, progress=False)
+    got = lens.measure(0, 0).spectra["grad:m.h.2.attn.c_proj.weight"]
+    assert got.n_rows == 5
+    xs = [a[0], a[1], a[2], b[0], b[1]]
+    ys = [torch.cat([s[1:], s.new_tensor([-100])]) for s in (a[0], a[1], a[2], lb[0], lb[1])]
+    _close(got.values, _hand_grads(base, xs, ys))
+
+
+def test_a_gradient_pool_smaller_than_gradient_samples_takes_all_of_it():
+    model = _model()
+    seq = _seq(4)
+    m = SpectralLens(model, [(seq[:, :-1], seq[:, 1:])], gradient_samples=512, progress=False).measure(0, 0)
+    assert m.spectra[GRAD].n_rows == 4
+    _close(m.spectra[GRAD].values, _hand_grads(model, seq[:, :-1], seq[:, 1:]))
+
+
+def test_gradient_progress_total_counts_the_loaders_sampler():
+    # before: the dataset's 12, though the sampler draws 7 (the progress bar's total)
+    ds = _ds()
+    lens = SpectralLens(pool=DataLoader(ds, batch_size=5, sampler=SubsetRandomSampler(range(7))), progress=False)
+    assert lens._gradient_total() == 7
+    lens = SpectralLens(pool=DataLoader(ds, batch_size=5, sampler=range(7), drop_last=True), progress=False)
+    assert lens._gradient_total() == 5 == sum(x.shape[0] for x, _ in lens.pool)
