@@ -601,13 +601,6 @@ class SpectralLens:
             capture = (attach(model, self.layers, pick=self._pick, precision=self.precision) if self.layers != []
                        else ActivationCapture({}))  # a pipeline stage holding none of the layers
             batches = self._activation_pass(model, capture, rank, world, lockstep)
-            if batches == 0:  # the same on every rank (each counts every batch of the pool)
-                raise ValueError(
-                    f"SpectralLens: the pool gave no batches ({type(self.pool).__name__}"
-                    f"{f' of length {len(self.pool)}' if sized_total(self.pool) is not None else ''}); the activation "
-                    "protocol measures the fixed held-out pool: pass one that yields the same batches at every "
-                    "measurement (a non-empty list or a DataLoader over a non-empty dataset)"
-                )
         except BaseException as exc:  # an interrupt too (Ctrl-C on one rank): agreed below, then re-raised
             error = exc
         agree(self.group, error, "the activation pass", model)
@@ -630,6 +623,13 @@ class SpectralLens:
         try:  # local work after the sync (an eigendecomposition out of memory on one rank): agreed too
             if interrupted:
                 raise KeyboardInterrupt
+            if batches == 0:  # the same on every rank (each counts every batch; pools' lengths agreed above)
+                raise ValueError(
+                    f"SpectralLens: the pool gave no batches ({type(self.pool).__name__}"
+                    f"{f' of length {len(self.pool)}' if sized_total(self.pool) is not None else ''}); the activation "
+                    "protocol measures the fixed held-out pool: pass one that yields the same batches at every "
+                    "measurement (a non-empty list or a DataLoader over a non-empty dataset)"
+                )
             spectra = capture.compute()
         except NonFiniteError as exc:  # the accumulator's remedy names its own option, which the lens has not
             error = NonFiniteError(f"{exc} (SpectralLens has no nonfinite= option: it measures finite hidden states "

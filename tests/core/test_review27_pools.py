@@ -268,3 +268,19 @@ def test_gradient_progress_total_counts_the_loaders_sampler():
     assert lens._gradient_total() == 7
     lens = SpectralLens(pool=DataLoader(ds, batch_size=5, sampler=range(7), drop_last=True), progress=False)
     assert lens._gradient_total() == 5 == sum(x.shape[0] for x, _ in lens.pool)
+
+
+def test_the_probes_train_mode_draws_dropout_from_the_callers_rng_state():
+    """What docs/lens.md says: with train_mode=True the gradient spectrum depends on the global RNG state at
+    measure() (dropout masks), the same state giving the same bits."""
+    from spectral_lens import PerSampleGradientProbe
+
+    model = _model(dropout=0.3)
+    seq = _seq(6)
+    lens = SpectralLens(model, [(seq[:, :-1], seq[:, 1:])], layers="h.0", progress=False,
+                        probe=PerSampleGradientProbe(params="h.2.attn.c_proj.weight", train_mode=True))
+    runs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        runs.append(lens.measure(0, 0).spectra[GRAD].values)
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
