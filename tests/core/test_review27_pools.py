@@ -284,3 +284,33 @@ def test_the_probes_train_mode_draws_dropout_from_the_callers_rng_state():
         torch.manual_seed(seed)
         runs.append(lens.measure(0, 0).spectra[GRAD].values)
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.slow  # ~5 s: imports transformers
+@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload"])
+def test_a_failure_mid_pass_on_an_accelerate_offloaded_model_leaves_it_as_dispatched(how, tmp_path):
+    """A batch whose mask fails (wrong shape) in the middle of the pool: the measurement raises, every offloaded
+    weight is a meta placeholder again with Accelerate's hooks as they were, and the next measurement equals the
+    plain model's bit for bit."""
+    pytest.importorskip("transformers", reason="the hf extra is not installed")
+    pytest.importorskip("accelerate", reason="the hf extra installs accelerate")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "integrations"))
+    try:
+        from test_accelerate_offload import accelerate_state, dispatched, pool
+    finally:
+        sys.path.pop(0)
+    ref, model = dispatched(how, tmp_path)
+    batches = pool(3)
+    before = accelerate_state(model)
+    bad = batches[:1] + [{**batches[1], "attention_mask": torch.ones(2, 5, dtype=torch.long)}] + batches[2:]
+    with pytest.raises(ValueError, match="mask"):
+        SpectralLens(model, bad, progress=False, mask_fn=lambda b: b.get("attention_mask", torch.ones(3, 12)).bool(),
+                     forward_fn=lambda m, b: m(input_ids=b["input_ids"])).measure(0, 0)
+    assert accelerate_state(model) == before
+    got = SpectralLens(model, batches, progress=False).measure(0, 0).spectra
+    want = SpectralLens(ref, batches, progress=False).measure(0, 0).spectra
+    for k in want:
+        assert torch.equal(got[k].values, want[k].values), k
