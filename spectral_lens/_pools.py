@@ -1,7 +1,7 @@
 """What ``SpectralLens`` reads from its held-out pool besides the batches: the default ``mask_fn``
 (:func:`attention_mask`) and the checks, when the lens is built, that iterating the pool gives the same
 whole pool at every measurement (:func:`unfixed_pool`: not reshuffled and cut; :func:`sharded_pool`:
-not one rank's shard). Import them from :mod:`spectral_lens.lens`.
+not one rank's shard), and, at a measurement split between ranks, that it is not reshuffled (:func:`reshuffled`). Import them from :mod:`spectral_lens.lens`.
 """
 
 from __future__ import annotations
@@ -63,6 +63,18 @@ def unfixed_pool(pool: Any, cap: int | None = None) -> str | None:
         return f"shuffles and drops a different {n % size} of its {n} samples on every pass (drop_last=True)"
     if cap is not None and cap < n:
         return f"shuffles, and gradient_samples={cap} takes the first {cap} of its {n} samples"
+    return None
+
+
+def reshuffled(pool: Any) -> str | None:
+    """What makes iterating ``pool`` (a ``DataLoader`` with a random sampler) give its samples in a new random
+    order at every pass, or ``None``. Fine in one process (the spectra do not depend on the order), not where
+    the lens splits the pool between ranks (batch ``i`` on rank ``i % world``): each rank draws its own order
+    from its own RNG streams, so the ranks' shares overlap and miss samples."""
+    batch_sampler = getattr(pool, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or getattr(pool, "sampler", None)
+    if isinstance(sampler, _RANDOM_SAMPLERS):
+        return f"is a DataLoader over a {type(sampler).__name__} (shuffle=True), which draws a new order at every pass"
     return None
 
 

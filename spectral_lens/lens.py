@@ -30,7 +30,7 @@ from ._agree import (agree, agree_before_pass, agree_round, agree_settings, agre
 from ._args import AUTOCAST_WHY, NARROW_FLOATS, as_integer, check_callable, check_count, check_dtype, check_window
 from ._gradient_pool import agreed_batches, gradient_batches, gradient_total
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
-from ._pools import attention_mask, sharded_pool, unfixed_pool
+from ._pools import attention_mask, reshuffled, sharded_pool, unfixed_pool
 from ._progress import progress_bar, sized_total
 from ._sync import deferred_interrupt
 from ._tensor_parallel import check_replicated, one_replica
@@ -598,6 +598,14 @@ class SpectralLens:
             rank, world = 0, 1  # every rank runs every batch; its rows are not summed over the group
         error = None
         try:
+            why = reshuffled(self.pool) if world > 1 else None
+            if why:  # the same pool type on every rank: every rank raises
+                raise ValueError(
+                    f"SpectralLens: the pool {why}; the {world} ranks measure their shares of it (batch i on rank "
+                    "i % world), each from its own pass, whose order comes from that rank's RNG streams, so the shares "
+                    "would overlap and miss samples. Pass a DataLoader with shuffle=False (the spectra do not depend "
+                    "on the order) or a list of batches"
+                )
             capture = (attach(model, self.layers, pick=self._pick, precision=self.precision) if self.layers != []
                        else ActivationCapture({}))  # a pipeline stage holding none of the layers
             batches = self._activation_pass(model, capture, rank, world, lockstep)

@@ -314,3 +314,46 @@ def test_a_failure_mid_pass_on_an_accelerate_offloaded_model_leaves_it_as_dispat
     want = SpectralLens(ref, batches, progress=False).measure(0, 0).spectra
     for k in want:
         assert torch.equal(got[k].values, want[k].values), k
+
+
+# --------------------------------------------------------------------------- a shuffled pool split between ranks
+
+def test_a_shuffled_pool_split_between_ranks_is_refused(monkeypatch):
+    """Each rank measures batches i % world == rank of its own pass, shuffled from its own RNG streams: the shares
+    overlap and miss samples (tests/core/test_review27_pools.py::test_..._on_two_gloo_ranks measures it).
+    The check itself, with the lens's rank count patched to 2 (no collective reached: the refusal comes first)."""
+    import spectral_lens.lens as lens_module
+
+    lens = SpectralLens(_model(), DataLoader(_ds(), batch_size=2, shuffle=True), params=(), progress=False)
+    monkeypatch.setattr(lens_module, "ranks", lambda group: (0, 2))
+    with pytest.raises(ValueError, match=r"RandomSampler \(shuffle=True\).*the 2 ranks measure their shares"):
+        lens.measure(0, 0)
+
+
+def _shuffled_on_each_rank(rank):
+    torch.manual_seed(100 + rank)  # rank-seeded training: each rank's shuffle differs
+    SpectralLens(_model(), DataLoader(_ds(), batch_size=2, shuffle=True), params=(), progress=False).measure(0, 0)
+
+
+def _fixed_on_each_rank(rank):
+    torch.manual_seed(100 + rank)
+    m = SpectralLens(_model(), DataLoader(_ds(), batch_size=2), params=(), progress=False).measure(0, 0)
+    return m.spectra["act:h.2"].values.tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_shuffled_pool_on_two_gloo_ranks(tmp_path):
+    """Before: accepted, and the two ranks' shares of their own shuffles measured other rows than the pool's
+    (the top eigenvalue off by ~0.6 on this pool). Now every rank refuses it; the same pool unshuffled equals
+    the float64 reference of the whole pool."""
+    from support.ranks import checked_case, run_gloo_cases
+
+    results = run_gloo_cases(tmp_path, {"shuffled": _shuffled_on_each_rank, "fixed": _fixed_on_each_rank}, 2,
+                             pg_timeout_s=30, join_s=240.0, preload="torch.distributed")
+    for r in checked_case(results, "shuffled", None):
+        assert r["error"].startswith("ValueError") and "shuffle=False" in r["error"], r
+    ref = _cov_eigs(_rows(_model(), [_seq()[:, :-1]]))
+    for r in checked_case(results, "fixed", None):
+        assert r["error"] is None, r
+        _close(torch.tensor(r["value"], dtype=torch.float64), ref)
