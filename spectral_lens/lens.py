@@ -131,9 +131,10 @@ class SpectralLens:
             ``model(batch)`` for tensors). Reuse the same pool at every checkpoint and across runs
             (the paper's protocol). A one-shot iterator (a generator) is refused with a ``TypeError``:
             it would be empty from the second pass on; a ``DataLoader`` whose passes differ in content
-            (shuffled and cut by ``gradient_samples``, sampled with replacement, or shuffled with
-            ``drop_last``) with a ``ValueError`` (:func:`unfixed_pool`), and so is one rank's shard (a
-            ``DataLoader`` over a ``DistributedSampler``): every rank passes the same whole pool.
+            (shuffled and cut by ``gradient_samples``, sampled with replacement, a random part of the data
+            drawn by ``num_samples``, or shuffled with ``drop_last``) with a ``ValueError`` (:func:`unfixed_pool`), and so is one rank's shard (a
+            ``DataLoader`` over a ``DistributedSampler``): every rank passes the same whole pool, not shuffled
+            (each rank would shuffle its own way: refused at ``measure`` when the pool is split between ranks).
         layers: modules whose outputs are measured: ``None`` = the deepest block (paper default),
             ``"all"`` = every block (depth profile), or any target of :func:`spectral_lens.attach`
             (module objects such as ``model.h[-1]`` are resolved to their names when the lens binds).
