@@ -17,13 +17,23 @@ def attention_mask(batch: Any) -> torch.Tensor | None:
 
     For a dict batch (any mapping, such as Hugging Face's ``BatchEncoding``) with an
     ``"attention_mask"`` entry, that mask as bool (``True`` = real token); for every other batch
-    ``None`` (all rows measured). The mask must have the measured module output's leading shape
+    ``None`` (all rows measured). A floating-point mask of other values than 0 and 1 (an additive mask)
+    is a ``ValueError``. The mask must have the measured module output's leading shape
     (``(M, T)`` for a ``(M, T, d)`` block output). With the default ``forward_fn`` the lens hands
     ``mask_fn`` a packed batch (Hugging Face's ``DataCollatorWithFlattening``) as it runs it, the padded
     batch of its documents: the mask is then every token of every document, no padding.
     """
     if isinstance(batch, Mapping) and batch.get("attention_mask") is not None:
-        return batch["attention_mask"].bool()
+        mask = batch["attention_mask"]
+        # a float mask of 1/0 is a mask; an additive one (0 for real tokens, -inf or -1e9 for padding) would
+        # read inverted as bool (one host sync, for floating masks only)
+        if isinstance(mask, torch.Tensor) and mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(
+                f"attention_mask (the default mask_fn of SpectralLens): the batch's floating-point attention_mask of "
+                f"shape {tuple(mask.shape)} holds values other than 0 and 1 (min {float(mask.min())}): an additive mask "
+                "(0 = real token) would be read inverted; pass the 1/0 mask (1 = real token), or mask_fn="
+            )
+        return mask.bool()
     return None
 
 

@@ -357,3 +357,20 @@ def test_a_shuffled_pool_on_two_gloo_ranks(tmp_path):
     for r in checked_case(results, "fixed", None):
         assert r["error"] is None, r
         _close(torch.tensor(r["value"], dtype=torch.float64), ref)
+
+
+def test_an_additive_float_attention_mask_is_refused_not_read_inverted():
+    """``attention_mask`` as bool: an additive mask (0 real, -inf padding) gave True at the padding and measured
+    exactly the padded positions. Float 1/0 masks are still read."""
+    from spectral_lens import attention_mask
+
+    ids = _seq(2, 6)
+    ones = torch.ones(2, 6)
+    ones[1, 4:] = 0
+    assert torch.equal(attention_mask({"input_ids": ids, "attention_mask": ones}), ones.bool())
+    additive = (1 - ones) * torch.finfo(torch.float32).min
+    with pytest.raises(ValueError, match="values other than 0 and 1.*additive"):
+        attention_mask({"input_ids": ids, "attention_mask": additive})
+    lens = SpectralLens(_Dict(_model()), [{"input_ids": ids, "attention_mask": additive}], params=(), progress=False)
+    with pytest.raises(ValueError, match="additive"):
+        lens.measure(0, 0)
