@@ -332,6 +332,8 @@ class SpectralLens:
             self._owns_probe = False  # whether _bind attached or built the probe (detach unbinds only such a one)
             self.history: list[LensMeasurement] = []
             self._window_warned = False  # the tail window's misfit is said once per lens (_warn_window)
+            self._rows = {}  # each spectrum's rows at the last measurement (_warn_pool_changed)
+            self._pool_warned = False
             self._stage, self._missing = None, []  # the pipeline stage holding the model (_bind), the layers it lacks
             self._depth = 0  # under pipeline parallelism: the blocks of all stages (counted at each measurement)
             if model is not None:
@@ -508,6 +510,24 @@ class SpectralLens:
             "this one is appended as a second measurement at that step, which the analyses count as one more "
             "checkpoint. Measuring saved checkpoints again: skip the steps in writer.measured_steps(); training "
             "resumed from a checkpoint: call writer.drop_after(checkpoint_step) first", SpectralLensWarning, stacklevel=3)
+
+    def _warn_pool_changed(self, spectra: dict[str, Spectrum]) -> None:
+        """Once per lens: a warning when a spectrum's row count differs from the last measurement's (a fixed pool
+        gives the same rows at every checkpoint: a pool whose size changes, a streaming or randomly sampled one,
+        measures other rows). Same-sized pools of other content are not seen: no fingerprint of the content."""
+        rows = {name: int(s.n_rows) for name, s in spectra.items()}
+        changed = [(n, self._rows[n], r) for n, r in rows.items() if n in self._rows and self._rows[n] != r]
+        self._rows = rows
+        if not changed or self._pool_warned:
+            return
+        self._pool_warned = True
+        name, before, now = changed[0]
+        warnings.warn(
+            f"SpectralLens: {name} has {now} rows at this measurement and had {before} at the previous one"
+            f"{f' ({len(changed) - 1} more spectra alike)' if len(changed) > 1 else ''}: the pool (or its mask) changed "
+            "between measurements, and the protocol compares spectra of a fixed held-out pool (paper Sec. 2). Pass a "
+            "pool that yields the same batches at every measurement (a list of batches, a DataLoader with "
+            "shuffle=False over a fixed dataset) (said once per lens)", SpectralLensWarning, stacklevel=3)
 
     def _warn_window(self, tail, spectra: dict[str, Spectrum], summaries: dict[str, dict[str, float]]) -> None:
         """Once per lens: a warning when the tail window does not fit an activation spectrum (a model narrower
@@ -900,6 +920,7 @@ class SpectralLens:
         try:
             summaries = {name: spectrum_summaries(s, tail=tail, head=head) for name, s in spectra.items()}
             self._warn_window(tail, spectra, summaries)
+            self._warn_pool_changed(spectra)
             m = LensMeasurement(int(step), int(tokens), spectra, scalars, summaries)
             self.history.append(m)
             if self.writer is not None and ranks(self.group)[0] == 0:

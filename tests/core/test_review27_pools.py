@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import (DataLoader, RandomSampler, SubsetRandomSampler, TensorDataset,
                               WeightedRandomSampler)
 
-from spectral_lens import SpectralLens
+from spectral_lens import SpectralLens, SpectralLensWarning
 from spectral_lens.lens import unfixed_pool
 
 from support.models import TinyLM
@@ -374,3 +374,36 @@ def test_an_additive_float_attention_mask_is_refused_not_read_inverted():
     lens = SpectralLens(_Dict(_model()), [{"input_ids": ids, "attention_mask": additive}], params=(), progress=False)
     with pytest.raises(ValueError, match="additive"):
         lens.measure(0, 0)
+
+
+class _Growing:
+    """A re-iterable whose passes differ in size (a streaming pool, a sampler of its own): no torch sampler to read.
+    Each measurement iterates it twice (the activation pass, then the gradient pass)."""
+
+    def __init__(self, seq):
+        self.seq, self.passes = seq, 0
+
+    def __iter__(self):
+        self.passes += 1
+        n = 3 + self.passes
+        yield self.seq[:n, :-1], self.seq[:n, 1:]
+
+
+def test_a_pool_whose_rows_change_between_measurements_is_warned_once():
+    lens = SpectralLens(_model(), _Growing(_seq()), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*tail window.*")
+        lens.measure(0, 0)
+    with pytest.warns(SpectralLensWarning, match=r"act:h.2 has 48 rows at this measurement and had 32 .*1 more spectra"):
+        lens.measure(1, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*tail window.*")
+        lens.measure(2, 0)  # said once per lens
+    fixed = SpectralLens(_model(), [(_seq()[:, :-1], _seq()[:, 1:])], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message=".*tail window.*")
+        fixed.measure(0, 0)
+        fixed.measure(1, 0)
