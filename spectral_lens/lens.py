@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -249,6 +249,12 @@ class SpectralLens:
                         f"DataLoader), got {type(p).__name__}"
                         + (f" of shape {tuple(p.shape)}, whose iteration yields single samples without a batch "
                            f"dimension: pass a list of batches, e.g. list({what}.split(8))" if isinstance(p, torch.Tensor) else "")
+                    )
+                if isinstance(p, Mapping):  # one dict batch (a tokenizer's BatchEncoding): iterating it yields its keys
+                    raise TypeError(
+                        f"SpectralLens: {what} is a mapping ({type(p).__name__} with keys {sorted(map(str, p))[:6]}), "
+                        f"whose iteration yields its keys, not batches: a single dict batch is passed as [batch], a "
+                        f"pool as a list of them or a DataLoader"
                     )
             who = "SpectralLens"
             gradient_samples = check_count(who, "gradient_samples", gradient_samples, 0, none_ok=True)

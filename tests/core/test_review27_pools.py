@@ -407,3 +407,16 @@ def test_a_pool_whose_rows_change_between_measurements_is_warned_once():
         warnings.filterwarnings("ignore", message=".*tail window.*")
         fixed.measure(0, 0)
         fixed.measure(1, 0)
+
+
+def test_a_single_dict_batch_passed_as_the_pool_is_refused():
+    """Before: accepted, and iterating it gave the keys as batches ("cannot call the model on a batch of type str"
+    at the first measurement, or a forward_fn of your own handed strings)."""
+    from collections import UserDict
+
+    ids = _seq(2, 6)
+    for batch in ({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, UserDict(input_ids=ids)):
+        with pytest.raises(TypeError, match=r"^SpectralLens: pool is a mapping .*\[batch\]"):
+            SpectralLens(_Dict(_model()), batch, params=(), progress=False)
+        with pytest.raises(TypeError, match=r"gradient_pool is a mapping.*\[batch\]"):
+            SpectralLens(_Dict(_model()), [batch], gradient_pool=batch, progress=False)
