@@ -171,13 +171,17 @@ def test_repeat_measurements_are_bit_identical_in_any_rng_state_with_dropout_in_
     _close(a.spectra[GRAD].values, _hand_grads(model, seq[:7, :-1], seq[:7, 1:]))
 
 
-def test_worker_processes_give_the_same_bits_as_the_main_process():
+@pytest.mark.parametrize("persistent", [False, True])
+def test_worker_processes_give_the_same_bits_as_the_main_process(persistent):
     ds = _ds()
     model = _model()
     one = SpectralLens(model, DataLoader(ds, batch_size=5), progress=False).measure(0, 0)
-    two = SpectralLens(model, DataLoader(ds, batch_size=5, num_workers=2), progress=False).measure(0, 0)
-    for k in one.spectra:
-        assert torch.equal(one.spectra[k].values, two.spectra[k].values), k
+    lens = SpectralLens(model, DataLoader(ds, batch_size=5, num_workers=2, persistent_workers=persistent),
+                        progress=False)
+    for step in (0, 1):  # persistent workers: the second measurement reuses them
+        two = lens.measure(step, 0)
+        for k in one.spectra:
+            assert torch.equal(one.spectra[k].values, two.spectra[k].values), k
 
 
 def test_a_one_shot_generator_is_refused():
