@@ -72,14 +72,18 @@ def _refuse_meta(n: torch.Tensor | None, label: str) -> None:
         )
 
 
-def _row_count(n: torch.Tensor | None, label: str, k: int) -> int:
-    """Rows in the state (``None``: uninitialized); raises ``ValueError`` naming ``label`` below ``k``."""
+def _row_count(n: torch.Tensor | None, label: str, k: int, updates: int = 0) -> int:
+    """Rows in the state (``None``: uninitialized); raises ``ValueError`` naming ``label`` below ``k``.
+    ``updates``: the updates it had, so that no rows from updates that came (every row masked out) is not
+    blamed on a module that did not run."""
     _refuse_meta(n, label)
     rows = int(n) if n is not None else 0
     if rows < k:
         stance = (" or under torch.compiler.set_stance('force_eager')"  # torch >= 2.6; older ones have no stances
                   if hasattr(torch.compiler, "set_stance") else "")
-        hint = ("" if rows else " (no update reached it: the module did not run, e.g. the model took another "
+        hint = ("" if rows else f" ({updates} update(s) reached it, every row masked out: the mask (a padded "
+                "batch's attention_mask, SpectralLens's mask_fn) excluded every position, or the batches had "
+                "none)" if updates else " (no update reached it: the module did not run, e.g. the model took another "
                 "path around it such as a fused or fallback kernel, or it ran inside a torch.compile'd graph "
                 "compiled before the hook was attached, which skipped the hook; run the forwards through the "
                 f"uncompiled module{stance})")
@@ -151,7 +155,7 @@ def _spectrum_of(sums: _Sums | None, setup: _Setup, notes: list) -> Spectrum:
     Warnings are appended to ``notes`` (the caller emits them on its own thread)."""
     _refuse_meta(None if sums is None else sums.n, setup.label)
     skipped = _finite_check(sums, setup, notes)
-    n = _row_count(None if sums is None else sums.n, setup.label, 2)
+    n = _row_count(None if sums is None else sums.n, setup.label, 2, setup.updates)
     values = eigenvalues_descending(covariance_from_moments(sums.n, sums.m, sums.s))
     meta: dict[str, Any] = {"precision": setup.precision, "skipped_rows": skipped}
     return Spectrum(values.cpu(), n_rows=n, dim=setup.dim, kind="activation_covariance", source=setup.name,

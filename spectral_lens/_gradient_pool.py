@@ -21,7 +21,7 @@ __all__ = ["agreed_batches", "gradient_batches", "gradient_total"]
 
 def gradient_total(pool: Iterable[Any], cap: int | None, forward_fn: Callable | None) -> int | None:
     """Samples the gradient pass will take: the pool's sample count (lists, tuples, DataLoaders
-    over a sized dataset; a list's batches counted as ``forward_fn``, the probe's, gets them) capped by ``cap``
+    over a sized sampler or dataset; a list's batches counted as ``forward_fn``, the probe's, gets them) capped by ``cap``
     (``gradient_samples``); ``None`` when unknown."""
     n = None
     if isinstance(pool, (list, tuple)):
@@ -29,8 +29,13 @@ def gradient_total(pool: Iterable[Any], cap: int | None, forward_fn: Callable | 
     else:
         data = getattr(pool, "dataset", None)
         bs = getattr(pool, "batch_size", None)
-        if data is not None and bs is not None and sized_total(data) is not None:
-            n = len(data) - (len(data) % bs if getattr(pool, "drop_last", False) else 0)
+        # the samples its sampler draws (a sampler= over part of the data: SubsetRandomSampler, num_samples=),
+        # else the dataset's (an IterableDataset's sampler has no length)
+        sampler = getattr(pool, "sampler", None)
+        size = sized_total(sampler) if sampler is not None else None
+        size = sized_total(data) if size is None and data is not None else size
+        if data is not None and bs is not None and size is not None:
+            n = size - (size % bs if getattr(pool, "drop_last", False) else 0)
     if cap is None:
         return n
     return cap if n is None else min(cap, n)

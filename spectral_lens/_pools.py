@@ -1,7 +1,7 @@
 """What ``SpectralLens`` reads from its held-out pool besides the batches: the default ``mask_fn``
 (:func:`attention_mask`) and the checks, when the lens is built, that iterating the pool gives the same
 whole pool at every measurement (:func:`unfixed_pool`: not reshuffled and cut; :func:`sharded_pool`:
-not one rank's shard). Import them from :mod:`spectral_lens.lens`.
+not one rank's shard), and, at a measurement split between ranks, that it is not reshuffled (:func:`reshuffled`). Import them from :mod:`spectral_lens.lens`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,23 @@ def attention_mask(batch: Any) -> torch.Tensor | None:
 
     For a dict batch (any mapping, such as Hugging Face's ``BatchEncoding``) with an
     ``"attention_mask"`` entry, that mask as bool (``True`` = real token); for every other batch
-    ``None`` (all rows measured). The mask must have the measured module output's leading shape
+    ``None`` (all rows measured). A floating-point mask of other values than 0 and 1 (an additive mask)
+    is a ``ValueError``. The mask must have the measured module output's leading shape
     (``(M, T)`` for a ``(M, T, d)`` block output). With the default ``forward_fn`` the lens hands
     ``mask_fn`` a packed batch (Hugging Face's ``DataCollatorWithFlattening``) as it runs it, the padded
     batch of its documents: the mask is then every token of every document, no padding.
     """
     if isinstance(batch, Mapping) and batch.get("attention_mask") is not None:
-        return batch["attention_mask"].bool()
+        mask = batch["attention_mask"]
+        # a float mask of 1/0 is a mask; an additive one (0 for real tokens, -inf or -1e9 for padding) would
+        # read inverted as bool (one host sync, for floating masks only)
+        if isinstance(mask, torch.Tensor) and mask.is_floating_point() and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(
+                f"attention_mask (the default mask_fn of SpectralLens): the batch's floating-point attention_mask of "
+                f"shape {tuple(mask.shape)} holds values other than 0 and 1 (min {float(mask.min())}): an additive mask "
+                "(0 = real token) would be read inverted; pass the 1/0 mask (1 = real token), or mask_fn="
+            )
+        return mask.bool()
     return None
 
 
@@ -37,8 +47,11 @@ _RANDOM_SAMPLERS = (
 def unfixed_pool(pool: Any, cap: int | None = None) -> str | None:
     """Why iterating ``pool`` (a ``DataLoader`` with a random sampler) yields a different set of samples
     at each measurement, or ``None``. A reshuffled pool whose every sample is measured is fine (the
-    spectra do not depend on the order); one that draws with replacement, drops a shuffled remainder
-    (``drop_last``) or is cut to its first ``cap`` samples is not the fixed pool of the protocol."""
+    spectra do not depend on the order, up to rounding); one that draws with replacement, draws a random
+    part of its data (``num_samples`` not a multiple of the data's size without replacement), drops a
+    shuffled remainder (``drop_last``) or is cut to its first ``cap`` samples is not the fixed pool of the
+    protocol. Only torch's random samplers are recognized: a sampler of your own, an ``IterableDataset``
+    with a shuffle buffer or random augmentation are not detected."""
     batch_sampler = getattr(pool, "batch_sampler", None)
     sampler = getattr(batch_sampler, "sampler", None) or getattr(pool, "sampler", None)
     if not isinstance(sampler, _RANDOM_SAMPLERS):
@@ -46,11 +59,32 @@ def unfixed_pool(pool: Any, cap: int | None = None) -> str | None:
     n = len(sampler)
     if getattr(sampler, "replacement", False):
         return "draws its samples at random with replacement"
+    # without replacement, a sampler of num_samples other than its data's size draws a random part of it:
+    # RandomSampler a fresh subset (fewer) or whole permutations plus one (more, not a multiple), and
+    # WeightedRandomSampler a fresh subset (fewer than its weights)
+    whole = len(sampler.weights) if isinstance(sampler, torch.utils.data.WeightedRandomSampler) else (
+        len(sampler.data_source) if isinstance(sampler, torch.utils.data.RandomSampler) else n)
+    if whole and n % whole:
+        part = f"a random {n} of its {whole} samples" if n < whole else \
+            f"{n // whole} whole pass(es) over its {whole} samples and a random {n % whole} of them"
+        return f"draws {part} on every pass (num_samples={n}), a different set each time"
     size = getattr(batch_sampler, "batch_size", None)
     if getattr(batch_sampler, "drop_last", False) and size and n % size:
         return f"shuffles and drops a different {n % size} of its {n} samples on every pass (drop_last=True)"
     if cap is not None and cap < n:
         return f"shuffles, and gradient_samples={cap} takes the first {cap} of its {n} samples"
+    return None
+
+
+def reshuffled(pool: Any) -> str | None:
+    """What makes iterating ``pool`` (a ``DataLoader`` with a random sampler) give its samples in a new random
+    order at every pass, or ``None``. Fine in one process (the spectra do not depend on the order), not where
+    the lens splits the pool between ranks (batch ``i`` on rank ``i % world``): each rank draws its own order
+    from its own RNG streams, so the ranks' shares overlap and miss samples."""
+    batch_sampler = getattr(pool, "batch_sampler", None)
+    sampler = getattr(batch_sampler, "sampler", None) or getattr(pool, "sampler", None)
+    if isinstance(sampler, _RANDOM_SAMPLERS):
+        return f"is a DataLoader over a {type(sampler).__name__} (shuffle=True), which draws a new order at every pass"
     return None
 
 

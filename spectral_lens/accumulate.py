@@ -495,7 +495,7 @@ class ActivationCovarianceAccumulator:
 
     # ---------------------------------------------------------------- results
     def _require_rows(self, k: int) -> int:
-        return _row_count(self._n if self.initialized else None, self._label(), k)
+        return _row_count(self._n if self.initialized else None, self._label(), k, self._updates)
 
     def _setup(self) -> _Setup:
         return _Setup(self._label(), self.name, self.dim, self.precision, self.nonfinite, self._updates,

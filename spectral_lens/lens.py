@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -30,7 +30,7 @@ from ._agree import (agree, agree_before_pass, agree_round, agree_settings, agre
 from ._args import AUTOCAST_WHY, NARROW_FLOATS, as_integer, check_callable, check_count, check_dtype, check_window
 from ._gradient_pool import agreed_batches, gradient_batches, gradient_total
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
-from ._pools import attention_mask, sharded_pool, unfixed_pool
+from ._pools import attention_mask, reshuffled, sharded_pool, unfixed_pool
 from ._progress import progress_bar, sized_total
 from ._sync import deferred_interrupt
 from ._tensor_parallel import check_replicated, check_same_forwards, one_replica
@@ -131,9 +131,10 @@ class SpectralLens:
             ``model(batch)`` for tensors). Reuse the same pool at every checkpoint and across runs
             (the paper's protocol). A one-shot iterator (a generator) is refused with a ``TypeError``:
             it would be empty from the second pass on; a ``DataLoader`` whose passes differ in content
-            (shuffled and cut by ``gradient_samples``, sampled with replacement, or shuffled with
-            ``drop_last``) with a ``ValueError`` (:func:`unfixed_pool`), and so is one rank's shard (a
-            ``DataLoader`` over a ``DistributedSampler``): every rank passes the same whole pool.
+            (shuffled and cut by ``gradient_samples``, sampled with replacement, a random part of the data
+            drawn by ``num_samples``, or shuffled with ``drop_last``) with a ``ValueError`` (:func:`unfixed_pool`), and so is one rank's shard (a
+            ``DataLoader`` over a ``DistributedSampler``): every rank passes the same whole pool, not shuffled
+            (each rank would shuffle its own way: refused at ``measure`` when the pool is split between ranks).
         layers: modules whose outputs are measured: ``None`` = the deepest block (paper default),
             ``"all"`` = every block (depth profile), or any target of :func:`spectral_lens.attach`
             (module objects such as ``model.h[-1]`` are resolved to their names when the lens binds).
@@ -249,6 +250,12 @@ class SpectralLens:
                         + (f" of shape {tuple(p.shape)}, whose iteration yields single samples without a batch "
                            f"dimension: pass a list of batches, e.g. list({what}.split(8))" if isinstance(p, torch.Tensor) else "")
                     )
+                if isinstance(p, Mapping):  # one dict batch (a tokenizer's BatchEncoding): iterating it yields its keys
+                    raise TypeError(
+                        f"SpectralLens: {what} is a mapping ({type(p).__name__} with keys {sorted(map(str, p))[:6]}), "
+                        f"whose iteration yields its keys, not batches: a single dict batch is passed as [batch], a "
+                        f"pool as a list of them or a DataLoader"
+                    )
             who = "SpectralLens"
             gradient_samples = check_count(who, "gradient_samples", gradient_samples, 0, none_ok=True)
             check_callable(who, "mask_fn", mask_fn, "batch -> bool mask")
@@ -331,6 +338,8 @@ class SpectralLens:
             self._owns_probe = False  # whether _bind attached or built the probe (detach unbinds only such a one)
             self.history: list[LensMeasurement] = []
             self._window_warned = False  # the tail window's misfit is said once per lens (_warn_window)
+            self._rows = {}  # each spectrum's rows at the last measurement (_warn_pool_changed)
+            self._pool_warned = False
             self._stage, self._missing = None, []  # the pipeline stage holding the model (_bind), the layers it lacks
             self._depth = 0  # under pipeline parallelism: the blocks of all stages (counted at each measurement)
             if model is not None:
@@ -508,6 +517,24 @@ class SpectralLens:
             "checkpoint. Measuring saved checkpoints again: skip the steps in writer.measured_steps(); training "
             "resumed from a checkpoint: call writer.drop_after(checkpoint_step) first", SpectralLensWarning, stacklevel=3)
 
+    def _warn_pool_changed(self, spectra: dict[str, Spectrum]) -> None:
+        """Once per lens: a warning when a spectrum's row count differs from the last measurement's (a fixed pool
+        gives the same rows at every checkpoint: a pool whose size changes, a streaming or randomly sampled one,
+        measures other rows). Same-sized pools of other content are not seen: no fingerprint of the content."""
+        rows = {name: int(s.n_rows) for name, s in spectra.items()}
+        changed = [(n, self._rows[n], r) for n, r in rows.items() if n in self._rows and self._rows[n] != r]
+        self._rows = rows
+        if not changed or self._pool_warned:
+            return
+        self._pool_warned = True
+        name, before, now = changed[0]
+        warnings.warn(
+            f"SpectralLens: {name} has {now} rows at this measurement and had {before} at the previous one"
+            f"{f' ({len(changed) - 1} more spectra alike)' if len(changed) > 1 else ''}: the pool (or its mask) changed "
+            "between measurements, and the protocol compares spectra of a fixed held-out pool (paper Sec. 2). Pass a "
+            "pool that yields the same batches at every measurement (a list of batches, a DataLoader with "
+            "shuffle=False over a fixed dataset) (said once per lens)", SpectralLensWarning, stacklevel=3)
+
     def _warn_window(self, tail, spectra: dict[str, Spectrum], summaries: dict[str, dict[str, float]]) -> None:
         """Once per lens: a warning when the tail window does not fit an activation spectrum (a model narrower
         than the window's upper rank, or a pool of fewer rows), whose ``alpha_tail`` is then left out of the
@@ -601,6 +628,14 @@ class SpectralLens:
             if tp is not None and not tp[0]:  # a group with one rank of the mesh: its peers' pools compared first
                 total = sized_total(self.pool)
                 check_same_forwards(None if total is None else len(range(rank, total, world)), tp[1])
+            why = reshuffled(self.pool) if world > 1 else None
+            if why:  # the same pool type on every rank: every rank raises
+                raise ValueError(
+                    f"SpectralLens: the pool {why}; the {world} ranks measure their shares of it (batch i on rank "
+                    "i % world), each from its own pass, whose order comes from that rank's RNG streams, so the shares "
+                    "would overlap and miss samples. Pass a DataLoader with shuffle=False (the spectra do not depend "
+                    "on the order) or a list of batches"
+                )
             capture = (attach(model, self.layers, pick=self._pick, precision=self.precision) if self.layers != []
                        else ActivationCapture({}))  # a pipeline stage holding none of the layers
             batches = self._activation_pass(model, capture, rank, world, lockstep)
@@ -626,6 +661,13 @@ class SpectralLens:
         try:  # local work after the sync (an eigendecomposition out of memory on one rank): agreed too
             if interrupted:
                 raise KeyboardInterrupt
+            if batches == 0:  # the same on every rank (each counts every batch; pools' lengths agreed above)
+                raise ValueError(
+                    f"SpectralLens: the pool gave no batches ({type(self.pool).__name__}"
+                    f"{f' of length {len(self.pool)}' if sized_total(self.pool) is not None else ''}); the activation "
+                    "protocol measures the fixed held-out pool: pass one that yields the same batches at every "
+                    "measurement (a non-empty list or a DataLoader over a non-empty dataset)"
+                )
             spectra = capture.compute()
         except NonFiniteError as exc:  # the accumulator's remedy names its own option, which the lens has not
             error = NonFiniteError(f"{exc} (SpectralLens has no nonfinite= option: it measures finite hidden states "
@@ -890,6 +932,7 @@ class SpectralLens:
         try:
             summaries = {name: spectrum_summaries(s, tail=tail, head=head) for name, s in spectra.items()}
             self._warn_window(tail, spectra, summaries)
+            self._warn_pool_changed(spectra)
             m = LensMeasurement(int(step), int(tokens), spectra, scalars, summaries)
             self.history.append(m)
             if self.writer is not None and ranks(self.group)[0] == 0:
