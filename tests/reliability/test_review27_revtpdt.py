@@ -14,12 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-
-from spectral_lens import SpectralLens
-
+from reliability.test_tensor_parallel import LAYERS, _mesh, _plain, _pool, _tp, _values
 from support.ranks import checked_case, run_gloo_cases
 
-from reliability.test_tensor_parallel import LAYERS, _mesh, _plain, _pool, _tp, _values
+from spectral_lens import SpectralLens
 
 WORLD = 2
 PG_TIMEOUT_S = 20
