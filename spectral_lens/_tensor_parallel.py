@@ -24,7 +24,7 @@ from torch import nn
 
 from ._dtensor import dtensor_module
 
-__all__ = ["check_replicated", "check_same_forwards", "one_replica", "refuse_fsdp_with_tensor_parallel", "refuse_tensor_parallel_params",
+__all__ = ["check_replicated", "check_same_forwards", "gradient_layout", "one_replica", "refuse_fsdp_with_tensor_parallel", "refuse_tensor_parallel_params",
            "replica_ranks", "tensor_parallel_params"]
 
 
@@ -214,29 +214,83 @@ def _check_same_layers(names: list, peers_group, device, who: str) -> None:
         )
 
 
-def check_same_forwards(forwards: int | None, peers_group, who: str = "SpectralLens", what: str = "forwards") -> None:
+def gradient_layout(pool, cap: int | None, forward_fn) -> int | None:
+    """CRC-32 of the sizes of the batches the gradient protocol will run (as
+    :func:`~spectral_lens._gradient_pool.gradient_batches` cuts them to ``cap``), as runs ``(size, count)``:
+    lists and tuples (their batches as ``forward_fn`` gets them), DataLoaders over a sized dataset; ``None`` when
+    unknown. The probe runs one forward per chunk of each batch, so peers with as many samples in other batches
+    would run different numbers of forwards."""
+    from ._progress import sized_total
+    from .gradients._batch import batch_as_run, batch_size
+
+    if isinstance(pool, (list, tuple)):
+        runs = [(batch_size(batch_as_run(b, forward_fn)), 1) for b in pool]
+    else:
+        data, bs = getattr(pool, "dataset", None), getattr(pool, "batch_size", None)
+        if data is None or bs is None or sized_total(data) is None:
+            return None
+        n, bs = len(data), int(bs)
+        runs = [(bs, n // bs)] + ([] if getattr(pool, "drop_last", False) or n % bs == 0 else [(n % bs, 1)])
+    out, left = [], cap
+    for size, count in runs:
+        if left is None:
+            _run(out, size, count)
+            continue
+        if left <= 0 or size <= 0:  # gradient_batches stops at the cap (and at an empty batch under a cap)
+            break
+        whole = min(count, left // size)  # whole batches while they fit, then one batch cut to the cap
+        _run(out, size, whole)
+        left -= size * whole
+        if whole < count:
+            _run(out, left, 1)
+            break
+    return zlib.crc32(repr(out).encode())
+
+
+def _run(out: list, size: int, count: int) -> None:
+    """Append ``count`` batches of ``size`` to the runs ``out`` (merged with the last run of that size)."""
+    if count <= 0:
+        return
+    if out and out[-1][0] == size:
+        out[-1] = (size, out[-1][1] + count)
+    else:
+        out.append((size, count))
+
+
+def check_same_forwards(forwards: int | None, peers_group, who: str = "SpectralLens", what: str = "forwards",
+                        layout: int | None = None) -> None:
     """``ValueError`` on every tensor-parallel peer, before any forward, when they would run different numbers
     of forwards (``forwards``: this rank's, ``None`` for a pool without ``len``, not checked; ``what``: what is
-    counted, the activation pass's forwards or the gradient protocol's samples). Needed where the
+    counted, the activation pass's forwards or the gradient protocol's samples; ``layout``: for the gradient
+    protocol, :func:`gradient_layout` of its pool, ``None`` where unknown, not checked). Needed where the
     lens's ``group`` holds one rank of the mesh (each rank's own group, a data-parallel group), whose agreement
     on the pools does not reach the peers: before, the rank with more batches ran a forward alone and its
     all-reduce met another collective of its peer (gloo aborted a process, 'collective mismatch'). One
-    all-reduce over ``peers_group``."""
+    all-reduce over ``peers_group`` (of the same size on every peer, whatever it knows)."""
     import torch.distributed as dist
 
-    mine = -1.0 if forwards is None else float(forwards)
-    both = torch.tensor([mine, -mine], dtype=torch.float64)
+    mine = [-1.0 if forwards is None else float(forwards), -1.0 if layout is None else float(layout)]
+    both = torch.tensor(mine + [-x for x in mine], dtype=torch.float64)  # a CRC-32 is exact in float64
     if dist.get_backend(peers_group) == "nccl":
         both = both.to(torch.device("cuda", torch.cuda.current_device()))
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=peers_group)
-    hi, lo = float(both[0]), -float(both[1])
+    both = both.cpu()
+    hi, lo = float(both[0]), -float(both[2])
+    ranks = dist.get_process_group_ranks(peers_group)
     if lo >= 0 and hi != lo:  # every rank knows its count, and they differ (the same on every peer)
         raise ValueError(
-            f"{who}: the tensor-parallel ranks {dist.get_process_group_ranks(peers_group)} would run different "
+            f"{who}: the tensor-parallel ranks {ranks} would run different "
             f"numbers of {what} (this rank: {forwards}, the others between {int(lo)} and {int(hi)}): the ranks of "
             "one tensor-parallel mesh run every forward together, so each must get the same pool (the lens's "
             "group= holds one rank of the mesh: give the ranks of one mesh the same pool, e.g. a data loader "
             "sharded by the data-parallel rank, not the global rank)"
+        )
+    if -float(both[3]) >= 0 and float(both[1]) != -float(both[3]):  # as many, in batches of other sizes
+        raise ValueError(
+            f"{who}: the tensor-parallel ranks {ranks} would run {what.split(' (')[0].replace('samples', 'batches')} "
+            f"of other sizes (as many samples, {forwards}, in other batches): the probe runs one forward per "
+            "chunk of each batch, and the ranks of one tensor-parallel mesh run every forward together, so each "
+            "must get the same pool, in the same batches"
         )
 
 

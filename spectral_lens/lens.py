@@ -33,7 +33,7 @@ from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_bl
 from ._pools import attention_mask, reshuffled, sharded_pool, unfixed_pool
 from ._progress import progress_bar, sized_total
 from ._sync import deferred_interrupt
-from ._tensor_parallel import check_replicated, check_same_forwards, one_replica
+from ._tensor_parallel import check_replicated, check_same_forwards, gradient_layout, one_replica
 from . import _pipeline
 from .activation_capture import ActivationCapture, attach
 from .attachment import Attachment, attach_once
@@ -804,7 +804,9 @@ class SpectralLens:
             try:
                 tp = None if everywhere else one_replica(self.model, self.group)
                 if tp is not None:  # a group with one rank of the mesh (which runs it alike): the peers' pools compared
-                    check_same_forwards(self._gradient_total(), tp[1], what="gradient samples (gradient_pool)")
+                    layout = gradient_layout(self.gradient_pool, self.gradient_samples, self.probe.forward_fn)
+                    check_same_forwards(self._gradient_total(), tp[1], what="gradient samples (gradient_pool)",
+                                        layout=layout)  # and their batches' sizes (one forward per chunk of each)
                 result = [self._gradient_pass()]
             except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
                 error = exc
