@@ -16,10 +16,24 @@ from torch import nn
 from torch.optim.optimizer import _global_optimizer_post_hooks as HOOKS
 
 import spectral_lens as sl
+import spectral_lens.gradients.probe as probe_mod
 from spectral_lens import MixedWeightsWarning, PerSampleGradientProbe
 
 pytestmark = [pytest.mark.filterwarnings("error::spectral_lens.MixedWeightsWarning"),
               pytest.mark.filterwarnings("ignore:SpectralLens. the tail window")]
+
+
+def _held() -> int:
+    """Accumulations holding the step hook now: other tests' probes still alive and accumulating count too (in
+    the whole suite one is), so each test counts from what it found."""
+    gc.collect()
+    return len(probe_mod._HOLDERS)
+
+
+def _check(holders: int) -> None:
+    """``holders`` accumulations hold the hook, which is registered once while any does and not at all after."""
+    ours = sum(h is probe_mod._count_step for h in HOOKS.values())
+    assert (len(probe_mod._HOLDERS), ours) == (holders, int(holders > 0))
 
 
 def _step(model, batch, opt):
@@ -37,37 +51,37 @@ def _fused(params):
 
 
 def test_the_step_hook_lives_only_while_a_probe_holds_rows():
-    before = len(HOOKS)
+    h0 = _held()
     model, (b1, b2) = mlp_model(), mlp_batches()
     probe = PerSampleGradientProbe(model, **MLP_KW)
-    assert len(HOOKS) == before  # construction installs nothing
+    _check(h0)  # construction installs nothing
     probe.update(b1)
-    assert len(HOOKS) == before + 1
+    _check(h0 + 1)
     probe.update(b2)
-    assert len(HOOKS) == before + 1
+    _check(h0 + 1)
     probe.reset()
-    assert len(HOOKS) == before
+    _check(h0)
     probe.update(b1)
-    assert len(HOOKS) == before + 1
+    _check(h0 + 1)
     probe.detach()
-    assert len(HOOKS) == before
+    _check(h0)
     probe.attach(model)
     probe.update(b1)
     del probe
     gc.collect()
-    assert len(HOOKS) == before
+    _check(h0)
 
 
 def test_two_probes_overlapping_share_one_hook_removed_by_the_last():
-    before = len(HOOKS)
+    h0 = _held()
     model, (b1, b2) = mlp_model(), mlp_batches()
     p1 = PerSampleGradientProbe(model, **MLP_KW)
     p2 = PerSampleGradientProbe(model, **MLP_KW)
     p1.update(b1)
     p2.update(b1)
-    assert len(HOOKS) == before + 1
+    _check(h0 + 2)
     p1.reset()
-    assert len(HOOKS) == before + 1  # p2 still accumulates: its fused steps are still counted
+    _check(h0 + 1)  # p2 still accumulates: its fused steps are still counted
     opt = _fused(model.parameters())
     _step(model, b1, opt)
     with pytest.warns(MixedWeightsWarning, match="'2.weight'"):
@@ -75,14 +89,14 @@ def test_two_probes_overlapping_share_one_hook_removed_by_the_last():
     p1.update(b1)
     del p2
     gc.collect()
-    assert len(HOOKS) == before + 1
+    _check(h0 + 1)
     p1.reset()
     p1.reset()  # idempotent
-    assert len(HOOKS) == before
+    _check(h0)
 
 
 def test_a_failed_update_holds_no_hook_unless_rows_were_held_before():
-    before = len(HOOKS)
+    h0 = _held()
     model, (b1, b2) = mlp_model(), mlp_batches()
     calls = [0]
 
@@ -95,20 +109,22 @@ def test_a_failed_update_holds_no_hook_unless_rows_were_held_before():
     probe = PerSampleGradientProbe(model, **{**MLP_KW, "forward_fn": forward})
     with pytest.raises(ValueError, match="boom"):
         probe.update(b1)
-    assert probe.n_samples_ == 0 and len(HOOKS) == before
+    assert probe.n_samples_ == 0
+    _check(h0)
     probe.update(b1)
-    assert len(HOOKS) == before + 1
+    _check(h0 + 1)
     calls[0] = 0
     with pytest.raises(ValueError, match="boom"):
         probe.update(b2)
-    assert probe.n_samples_ == 5 and len(HOOKS) == before + 1  # the rows taken before still hold it
+    assert probe.n_samples_ == 5
+    _check(h0 + 1)  # the rows taken before still hold it
     probe.reset()
-    assert len(HOOKS) == before
+    _check(h0)
 
 
 def test_a_copied_probe_takes_its_own_hold():
     """A model keeping its probe as an attribute is deep-copied whole: a copied finalizer is dead."""
-    before = len(HOOKS)
+    h0 = _held()
     model, (b1, b2) = mlp_model(), mlp_batches()
     probe = PerSampleGradientProbe(model, **MLP_KW)
     model.probe = probe
@@ -116,17 +132,17 @@ def test_a_copied_probe_takes_its_own_hold():
     twin = copy.deepcopy(model)
     del model.probe
     probe.reset()
-    assert len(HOOKS) == before + 1  # the copy still accumulates
+    _check(h0 + 1)  # the copy still accumulates
     opt = _fused(twin.parameters())  # kept alive: the steps are counted per optimizer, weakly (a freed one is not seen)
     _step(twin, b1, opt)
     with pytest.warns(MixedWeightsWarning):
         twin.probe.update(b2)
     twin.probe.reset()
-    assert len(HOOKS) == before
+    _check(h0)
 
 
 def test_holding_and_releasing_from_threads_leaves_no_hook():
-    before = len(HOOKS)
+    h0 = _held()
     model, (b1, _) = mlp_model(), mlp_batches()
     probes = [PerSampleGradientProbe(model, **MLP_KW) for _ in range(4)]
 
@@ -140,11 +156,11 @@ def test_holding_and_releasing_from_threads_leaves_no_hook():
         t.start()
     for t in threads:
         t.join()
-    assert len(HOOKS) == before
+    _check(h0)
 
 
 def test_the_lens_leaves_no_hook_after_each_measurement():
-    before = len(HOOKS)
+    h0 = _held()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(16, 8), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 16)).double()
     pool = [torch.randint(0, 16, (3, 6), generator=torch.Generator().manual_seed(i)) for i in range(2)]
@@ -152,7 +168,7 @@ def test_the_lens_leaves_no_hook_after_each_measurement():
     opt = _fused(model.parameters())
     for step in range(2):
         lens.measure(step, step)
-        assert len(HOOKS) == before
+        _check(h0)
         opt.zero_grad()
         model(pool[0]).logsumexp(-1).mean().backward()
         opt.step()
