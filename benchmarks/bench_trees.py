@@ -161,9 +161,12 @@ def main() -> None:
     ap.add_argument("new")
     ap.add_argument("--pairs", type=int, default=15)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", nargs="+", default=None, help="only cases whose name contains one of these")
     args = ap.parse_args()
     load0 = os.getloadavg()
     (po, cases), (pn, _) = start(args.old), start(args.new)
+    if args.only:
+        cases = [c for c in cases if any(o in c for o in args.only)]
     times = {c: {"old": [], "new": []} for c in cases}
     for _ in range(args.pairs):
         for c in cases:
@@ -190,6 +193,8 @@ def main() -> None:
         for c in cases:
             if c.startswith("update") and c.split()[2].startswith("1024x") and "masked" not in c:
                 bare = "bare XtX " + c.split()[2]
+                if bare not in times:
+                    continue
                 r = [u / b for u, b in zip(times[c][tree], times[bare][tree])]
                 q1, med, q3 = quartiles(r)
                 out.setdefault("issue13", []).append({"tree": tree, "case": c, "ratio": med, "iqr": [q1, q3]})

@@ -113,16 +113,12 @@ class Schedule:
 
         A plain ``int`` (what a training loop passes every step) skips the conversion: :func:`_whole`'s type
         checks made the call 9x slower (0.3 to 2.7 us, review 27's CPU check)."""
-        if type(step) is int:  # not a bool (its own type), not an int subclass: those take _whole
-            return self._holds(step)
-        value = _whole(step)
-        if value is None:
-            return False
-        return self._holds(value)
-
-    def _holds(self, step: int) -> bool:
+        if type(step) is not int:  # a bool (its own type) or an int subclass too: converted
+            step = _whole(step)
+            if step is None:
+                return False
         periodic = self.period is not None and step >= self.start and (step - self.start) % self.period == 0
-        return step in self.steps or periodic or any(p._holds(step) for p in self.parts)
+        return step in self.steps or periodic or any(step in p for p in self.parts)
 
     def __or__(self, other: "Schedule") -> "Schedule":
         return Schedule(parts=(self, other))
