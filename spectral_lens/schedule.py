@@ -112,7 +112,7 @@ class Schedule:
         is not step 1), 2.5, nan, several numbers.
 
         A plain ``int`` (what a training loop passes every step) skips the conversion: :func:`_whole`'s type
-        checks made the call 9x slower (0.3 to 2.7 us, review 27's CPU check)."""
+        checks and a second call made it 4.5-9x slower (0.3 to 1.7-2.7 us, review 27's CPU check)."""
         if type(step) is not int:  # a bool (its own type) or an int subclass too: converted
             step = _whole(step)
             if step is None:
