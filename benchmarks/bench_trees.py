@@ -136,7 +136,8 @@ PER = {"update": 5, "bare": 5, "lens": 10, "probe": 5, "Schedule": 5, "select_mo
 
 
 def start(tree: str) -> tuple[subprocess.Popen, list[str]]:
-    env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS="2")
+    # passive OpenMP waits: a worker that just finished must not spin on the cores the other one is timed on
+    env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE")
     p = subprocess.Popen([sys.executable, "-c", WORKER], cwd=tree, env=env, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     hello = json.loads(p.stdout.readline())
