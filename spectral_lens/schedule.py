@@ -109,15 +109,16 @@ class Schedule:
         tensor hashes by identity, so it was never found among the explicit ``steps``: ``maybe_measure``
         skipped the step silently). A CUDA tensor is read with one host sync, as ``measure`` reads it (pass
         ``int`` steps to avoid it). Anything else is never measured (``measure`` refuses it): a bool (``True``
-        is not step 1), 2.5, nan, several numbers."""
-        value = _whole(step)
-        if value is None:
-            return False
-        return self._holds(value)
+        is not step 1), 2.5, nan, several numbers.
 
-    def _holds(self, step: int) -> bool:
+        A plain ``int`` (what a training loop passes every step) skips the conversion: :func:`_whole`'s type
+        checks and a second call made it 4.5-9x slower (0.3 to 1.7-2.7 us, review 27's CPU check)."""
+        if type(step) is not int:  # a bool (its own type) or an int subclass too: converted
+            step = _whole(step)
+            if step is None:
+                return False
         periodic = self.period is not None and step >= self.start and (step - self.start) % self.period == 0
-        return step in self.steps or periodic or any(p._holds(step) for p in self.parts)
+        return step in self.steps or periodic or any(step in p for p in self.parts)
 
     def __or__(self, other: "Schedule") -> "Schedule":
         return Schedule(parts=(self, other))
