@@ -87,3 +87,11 @@ def twice_interrupted_swallowing_tune(tmp_path, grace_period: float):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     return proc.returncode, err, took, journal
+
+
+def journal_trials(journal) -> list:
+    """Every trial of every study in a tuner's journal file (asynchronous mode: one study per family/tier)."""
+    import optuna
+
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    return [t for s in storage.get_all_studies() for t in storage.get_all_trials(s._study_id)]

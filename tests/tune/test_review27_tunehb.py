@@ -29,7 +29,7 @@ from examples.tune import trials as trials_mod  # noqa: E402
 from examples.tune import tuner as tuner_mod  # noqa: E402
 from examples.tune import worker as worker_mod  # noqa: E402
 from examples.tune.synthetic import SyntheticTrainable  # noqa: E402
-from support.tuning import outcome, quiet_tune, twice_interrupted_swallowing_tune  # noqa: E402
+from support.tuning import journal_trials, outcome, quiet_tune, twice_interrupted_swallowing_tune  # noqa: E402
 
 S = optuna.trial.TrialState
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,10 +41,7 @@ CRASHES = worker_mod._CRASHES
 SMALL = dict(families={"f": {"lr": 1.0}}, tiers=[8], reference_tier=8, rungs=[10, 20], multipliers=(0.5, 1.0, 2.0))
 
 
-def _trials(journal: Path) -> list:
-    """Every trial of every study in the journal (asynchronous mode: one study per family/tier)."""
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    return [t for s in storage.get_all_studies() for t in storage.get_all_trials(s._study_id)]
+_trials = journal_trials
 
 
 def _config(storage: str, mode: str = "synchronized"):
