@@ -14,8 +14,6 @@ import warnings
 import contextlib
 import functools
 import math
-import itertools
-import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -34,6 +32,10 @@ from .._warnings import MixedWeightsWarning, ZeroGradientWarning
 from ._isolation import (cuda_devices, forked_rng, module_list, parameter_list, preserved_buffers, restore_training,
                          rng_state, set_rng_state, set_training, silenced_module_backward_hooks)
 from ._validate import finite_rows, half_hint, nonfinite_loss_message
+from ._steps import hold_counting as _hold_counting
+from ._steps import optimizer_steps as _optimizer_steps
+from ._steps import release_counting as _release_counting
+from ._steps import stepped_parameters as _stepped_parameters
 from ..spectrum import Spectrum
 from ..spectra.eigen import all_finite
 from ._engine_choice import (choose_engine, fast_refusal, general_engine, other_fast_matrix, refuse_fast,
@@ -65,75 +67,6 @@ __all__ = ["PerSampleGradientProbe", "ATTENTION_OUTPUT_PATTERNS", "default_gradi
 
 ENGINES = ("auto", "fast", "vmap", "loop")
 HEAD_LOSSES = ("auto", "chunked", "materialized")
-
-
-# optimizer steps counted process-wide (_count_step): the count, and each optimizer's count at its last step.
-# Fused optimizers (torch.optim.AdamW(fused=True), SGD(fused=True)) write the weights without moving their
-# version counters, so the counters alone miss their steps. The global step post-hook is installed only while
-# some probe holds an accumulation (_hold_counting / _release_counting): measurement leaves no hook behind.
-# _STEPPED: per optimizer, the count at its last step that ran, and the later GradScaler steps with their flags
-_STEPS = [0]
-_STEPPED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, list]]" = weakref.WeakKeyDictionary()
-_COUNTING_LOCK = threading.Lock()
-_HOLDERS: set[int] = set()  # keys of the accumulations holding the hook (one per probe between update and reset)
-_KEYS = itertools.count()
-_COUNTING: list = []  # the hook's handle while _HOLDERS is not empty
-_MAYBE_KEPT = 16  # GradScaler steps kept per optimizer with their unread inf flags (_count_step)
-
-
-def _count_step(optimizer, args, kwargs) -> None:
-    """The step post-hook: counts the step against ``optimizer``. A ``GradScaler`` step of an optimizer that scales
-    itself (fused ones) calls ``step()`` also when it skips the update for inf gradients, with the flag as
-    ``optimizer.found_inf``: kept, unread (no sync here), and read by :func:`_stepped_parameters`."""
-    _STEPS[0] += 1
-    found = getattr(optimizer, "found_inf", None)
-    try:
-        sure, maybe = _STEPPED.get(optimizer, (0, []))
-        if not isinstance(found, torch.Tensor):
-            sure, maybe = _STEPS[0], []
-        else:
-            maybe = [*maybe, (_STEPS[0], found)]
-            if len(maybe) > _MAYBE_KEPT:  # bounded: the oldest counts as a step
-                sure, maybe = maybe[0][0], maybe[1:]
-        _STEPPED[optimizer] = (sure, maybe)
-    except TypeError:  # an optimizer that cannot be weakly referenced or hashed: not followed, never an error
-        pass
-
-
-def _hold_counting() -> int:
-    """Install the global optimizer step post-hook unless installed (O(1) per step), and hold it: returns the
-    key for :func:`_release_counting`."""
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    with _COUNTING_LOCK:
-        key = next(_KEYS)
-        if not _COUNTING:
-            _COUNTING.append(register_optimizer_step_post_hook(_count_step))
-        _HOLDERS.add(key)
-        return key
-
-
-def _release_counting(key: int) -> None:
-    """Drop the hold ``key`` (idempotent); the last one removes the hook."""
-    with _COUNTING_LOCK:
-        _HOLDERS.discard(key)
-        if not _HOLDERS and _COUNTING:
-            _COUNTING.pop().remove()
-
-
-def _optimizer_steps() -> int:
-    """The number of ``torch.optim.Optimizer.step()`` calls counted so far (while some probe held the hook)."""
-    return _STEPS[0]
-
-
-def _stepped_parameters(since: int, ids: set[int]) -> set[int]:
-    """The ids among ``ids`` of parameters an optimizer stepped after the count ``since`` (a step a ``GradScaler``
-    skipped for inf gradients, its ``found_inf`` flag set, left them unchanged: not counted)."""
-    out: set[int] = set()
-    for opt, (sure, maybe) in list(_STEPPED.items()):
-        if sure > since or any(n > since and not bool(found) for n, found in maybe):
-            out.update(i for g in opt.param_groups for i in map(id, g["params"]) if i in ids)
-    return out
 
 
 @dataclass

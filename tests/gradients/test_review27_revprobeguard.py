@@ -16,7 +16,7 @@ from torch import nn
 from torch.optim.optimizer import _global_optimizer_post_hooks as HOOKS
 
 import spectral_lens as sl
-import spectral_lens.gradients.probe as probe_mod
+import spectral_lens.gradients._steps as steps_mod
 from spectral_lens import MixedWeightsWarning, PerSampleGradientProbe
 
 pytestmark = [pytest.mark.filterwarnings("error::spectral_lens.MixedWeightsWarning"),
@@ -27,13 +27,13 @@ def _held() -> int:
     """Accumulations holding the step hook now: other tests' probes still alive and accumulating count too (in
     the whole suite one is), so each test counts from what it found."""
     gc.collect()
-    return len(probe_mod._HOLDERS)
+    return len(steps_mod._HOLDERS)
 
 
 def _check(holders: int) -> None:
     """``holders`` accumulations hold the hook, which is registered once while any does and not at all after."""
-    ours = sum(h is probe_mod._count_step for h in HOOKS.values())
-    assert (len(probe_mod._HOLDERS), ours) == (holders, int(holders > 0))
+    ours = sum(h is steps_mod._count_step for h in HOOKS.values())
+    assert (len(steps_mod._HOLDERS), ours) == (holders, int(holders > 0))
 
 
 def _step(model, batch, opt):
