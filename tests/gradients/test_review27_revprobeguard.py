@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from support.per_sample import MLP_KW, mlp_batches, mlp_model
+from support.per_sample import MLP_KW, mlp_batches, mlp_model, no_mixed_weights_warning
 from torch import nn
 from torch.optim.optimizer import _global_optimizer_post_hooks as HOOKS
 
@@ -233,7 +233,9 @@ def test_a_swa_average_of_the_model_and_another_models_optimizer_do_not_warn():
     swa.update_parameters(model)
     swa.update_parameters(model)
     _step(other, b1, opt)
-    probe.update(b2)
+    with no_mixed_weights_warning():
+        probe.update(b2)
+    assert probe.n_samples_ == 10
 
 
 # ----------------------------------------------------------------------------- what is and is not seen

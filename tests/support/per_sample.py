@@ -3,6 +3,9 @@ sample."""
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 
 from spectral_lens.gradients.losses import causal_lm_loss
@@ -51,3 +54,15 @@ def mlp_probe_values(model, engine):
     for b in mlp_batches():
         probe.update(b)
     return {"engines": probe.engines_, "values": probe.compute().values.tolist()}
+
+
+@contextlib.contextmanager
+def no_mixed_weights_warning():
+    """Asserts that the block emits no ``MixedWeightsWarning`` (every warning recorded, whatever the filters)."""
+    from spectral_lens import MixedWeightsWarning
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        yield
+    mixed = [str(w.message) for w in seen if issubclass(w.category, MixedWeightsWarning)]
+    assert not mixed, mixed
