@@ -2,6 +2,8 @@
 (:func:`attention_mask`) and the checks, when the lens is built, that iterating the pool gives the same
 whole pool at every measurement (:func:`unfixed_pool`: not reshuffled and cut; :func:`sharded_pool`:
 not one rank's shard), and, at a measurement split between ranks, that it is not reshuffled (:func:`reshuffled`). Import them from :mod:`spectral_lens.lens`.
+The content fingerprint of the batches a measurement reads (:class:`PoolFingerprint`), compared from one measurement
+to the next, sees a pool that changed at the same size.
 """
 
 from __future__ import annotations
@@ -160,7 +162,8 @@ def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None) -> tor
 def batch_fingerprint(batch: Any, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The residues (:func:`tensor_fingerprint`) of every tensor in ``batch`` (a tensor, or a nested tuple, list
     or dict of them; other leaves, such as strings, are not read), each salted by its place in the batch. Without
-    ``mask``, a mapping's ``"attention_mask"`` is the mask (padding not read)."""
+    ``mask``, a mapping's ``"attention_mask"`` is the mask (padding not read). A tensor whose kernels fail is
+    not read."""
     from torch.utils import _pytree as pytree
 
     from .gradients._batch import plain_batch
@@ -169,9 +172,14 @@ def batch_fingerprint(batch: Any, mask: torch.Tensor | None = None) -> list[torc
     if mask is None and isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
         mask = batch["attention_mask"]
     out = []
-    for path, leaf in pytree.tree_flatten_with_path(batch)[0]:
-        if isinstance(leaf, torch.Tensor):
-            h = tensor_fingerprint(leaf, mask)
+    with torch.no_grad():  # (the gradient pass reads its batches outside no_grad)
+        for path, leaf in pytree.tree_flatten_with_path(batch)[0]:
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            try:
+                h = tensor_fingerprint(leaf, mask)
+            except (RuntimeError, TypeError):  # a tensor the kernels do not take (a backend's own): not read, never
+                continue                       # a failed measurement
             if h is not None:
                 out.append(h * _salt(pytree.keystr(path)) % _P)
     return out

@@ -218,3 +218,21 @@ def test_a_tuple_of_tensors_passed_as_the_pool_is_refused():
     SpectralLens(_model(), ((x[:6], y[:6]), (x[6:], y[6:])), progress=False).measure(0, 0)
     SpectralLens(_model(), list(x.split(4)), params=(), progress=False).measure(0, 0)
     SpectralLens(_model(), (x,), params=(), progress=False).measure(0, 0)  # one tensor: the same either way
+
+
+def test_the_fingerprint_reads_nothing_back_to_the_host_per_batch(monkeypatch):
+    """On a GPU each read would be a host sync per batch: the running sum stays a tensor until ``value()``."""
+    fp = PoolFingerprint()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host read in PoolFingerprint.add")
+
+    seq = _seq()
+    batches = [(seq[:6, :-1], seq[:6, 1:]), {"input_ids": seq, "attention_mask": torch.ones_like(seq),
+                                             "inputs_embeds": torch.randn(12, 9, 300, requires_grad=True)}]
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "cpu", "numpy"):
+            m.setattr(torch.Tensor, name, refuse)
+        for b in batches:
+            fp.add(b)
+    assert fp.batches == 2 and isinstance(fp.value(), int)
