@@ -236,3 +236,40 @@ def test_the_fingerprint_reads_nothing_back_to_the_host_per_batch(monkeypatch):
         for b in batches:
             fp.add(b)
     assert fp.batches == 2 and isinstance(fp.value(), int)
+
+
+# --------------------------------------------------------------------------- per rank
+
+class _HalfFresh:
+    """Four batches; batches 1 and 3 (group rank 1's share on two ranks) are new at every pass, of the same shape."""
+
+    def __init__(self):
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        for i in range(4):
+            seq = _seq(3, seed=100 + i + (1000 * self.passes if i % 2 else 0))
+            yield seq[:, :-1], seq[:, 1:]
+
+
+def _half_fresh_on_each_rank(rank):
+    lens = SpectralLens(_model(), _HalfFresh(), params=(), progress=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lens.measure(0, 0)
+        lens.measure(1, 0)
+    return [str(w.message)[:60] for w in seen if "the pool changed" in str(w.message)]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_each_rank_compares_its_own_share_on_two_gloo_ranks(tmp_path):
+    """No collective: the rank whose share changed warns, the other does not (its batches are the same)."""
+    from support.ranks import checked_case, run_gloo_cases
+
+    results = run_gloo_cases(tmp_path, {"half": _half_fresh_on_each_rank}, 2, pg_timeout_s=30, join_s=240.0,
+                             preload="torch.distributed")
+    r0, r1 = checked_case(results, "half", None)
+    assert r0["error"] is None and r1["error"] is None, (r0, r1)
+    assert r0["value"] == [] and len(r1["value"]) == 1 and r1["value"][0].startswith(CHANGED), (r0, r1)
