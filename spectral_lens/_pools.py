@@ -106,8 +106,9 @@ def sharded_pool(pool: Any) -> str | None:
 #: the fingerprint's modulus, a Mersenne prime below 2**31: every product of two residues stays within int64
 _P = 2**31 - 1
 _A, _B, _C = 1_103_515_245, 12_345, 2_654_435_761 % _P  # fixed constants of the per-value and per-row mixes
-#: floating-point tensors are fingerprinted at this many evenly spaced values of each sample at most
-FLOAT_SAMPLES = 1024
+#: the fingerprint reads at most this many evenly spaced values of each sample (all of a row of up to 65,536 tokens):
+#: its temporaries stay small beside the forward's activations for any input (pixels, ``inputs_embeds``)
+SAMPLE_VALUES = 65_536
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _INTEGERS = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool}
 
@@ -126,8 +127,8 @@ def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     Dimension 0 indexes samples: each sample's values are hashed as a multiset (no position weights: a
     pool re-padded to other lengths, left or right, hashes alike once ``mask`` excludes the padding) and the
     samples' hashes are mixed and summed, so the result does not depend on how the pool is ordered or
-    batched (a shuffled whole pool hashes as the fixed one). Integer and bool tensors are read whole;
-    floating-point (and complex) ones by their bits, at most :data:`FLOAT_SAMPLES` evenly spaced values per
+    batched (a shuffled whole pool hashes as the fixed one). Integer and bool tensors are read as integers,
+    floating-point (and complex) ones by their bits; at most :data:`SAMPLE_VALUES` evenly spaced values of each
     sample. ``mask``: positions to read (nonzero = read), applied where ``t``'s leading shape is the mask's
     and both are on one device."""
     if type(t) is not torch.Tensor or t.layout != torch.strided or t.numel() == 0 or t.device.type == "meta":
@@ -144,7 +145,8 @@ def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     shape = tuple(t.shape)
     rows = t.reshape(shape[0] if shape else 1, -1)
     n = rows.shape[1]
-    idx = torch.arange(FLOAT_SAMPLES, device=t.device) * n // FLOAT_SAMPLES if floating and n > FLOAT_SAMPLES else None
+    # evenly spaced, the first and the last included
+    idx = torch.arange(SAMPLE_VALUES, device=t.device) * (n - 1) // (SAMPLE_VALUES - 1) if n > SAMPLE_VALUES else None
     vals = (rows if idx is None else rows[:, idx]).long()
     f = vals % _P * _A % _P + _B
     f = f * f % _P

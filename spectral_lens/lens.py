@@ -780,6 +780,8 @@ class SpectralLens:
                     mine = batch if j == rank else mine
                 if rank < got and self.mask_fn is not None:
                     mask = self.mask_fn(mine)
+                if rank < got:
+                    self._content_now["pool"].add(mine, mask)  # in the agreed part: a failure stops every rank
                 digest = batch_digest(mine) if lockstep and rank < got else 0
             except BaseException as exc:  # an interrupt too: agreed at once, then re-raised
                 error = exc
@@ -797,7 +799,6 @@ class SpectralLens:
             # each forward is a collective (FSDP's all-gathers, tensor parallelism's all-reduces, a pipeline's
             # sends): a failure inside it is raised at once, unagreed (the other ranks wait inside theirs)
             if rank < got:
-                self._content_now["pool"].add(mine, mask)
                 with collective_pass(f"the activation pass's forward of the pool's batch {batches + rank}"), \
                         capture.mask(mask):
                     self.forward_fn(model, mine)

@@ -90,9 +90,12 @@ def test_the_fingerprint_ignores_order_batching_and_padding_but_not_content():
 
 def test_the_fingerprint_of_float_and_other_batches():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 5, 700, generator=g)  # 3,500 values per sample: 1,024 of them read
+    x = torch.randn(6, 5, 14_000, generator=g)  # 70,000 values per sample: 65,536 of them read
     assert _fp([x]) == _fp([x[[3, 1, 0]], x[[2, 5, 4]]])
-    assert _fp([x]) != _fp([torch.randn(6, 5, 700, generator=g)])
+    assert _fp([x]) != _fp([torch.randn(6, 5, 14_000, generator=g)])
+    y = x.clone()
+    y[2, 4, -1] += 1  # the last value of a sample is read
+    assert _fp([y]) != _fp([x])
     assert _fp([x]) != _fp([x.double()]) and _fp([x.bfloat16()]) != _fp([x.half()])
     assert _fp([{"inputs_embeds": x, "labels": torch.zeros(6, dtype=torch.long)}]) != _fp([{"inputs_embeds": x}])
     assert _fp([torch.complex(x, -x)]) != _fp([x])
@@ -112,7 +115,7 @@ def test_a_pool_of_the_same_size_but_other_content_is_warned_once():
         lens.measure(1, 0)
     _quietly(lambda: lens.measure(2, 0))  # said once per lens
     # the advertised filter silences it
-    lens = SpectralLens(_model(), _Fresh(), progress=False)
+    lens = SpectralLens(_model(), _Fresh(), params=(), progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", message=".*tail window.*")
