@@ -562,8 +562,8 @@ class SpectralLens:
         warnings.warn(
             f"SpectralLens: the pool changed between measurements: {name} has {now} rows at this measurement and had "
             f"{before} at the previous one"
-            f"{f' ({len(changed) - 1} more spectra alike)' if len(changed) > 1 else ''}: the pool (or its mask) changed "
-            "between measurements, and the protocol compares spectra of a fixed held-out pool (paper Sec. 2). Pass a "
+            f"{f' ({len(changed) - 1} more spectra alike)' if len(changed) > 1 else ''} (the pool or its mask changed), "
+            "and the protocol compares spectra of a fixed held-out pool (paper Sec. 2). Pass a "
             "pool that yields the same batches at every measurement (a list of batches, a DataLoader with "
             "shuffle=False over a fixed dataset)" + silence, SpectralLensWarning, stacklevel=3)
 
