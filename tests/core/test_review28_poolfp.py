@@ -276,3 +276,22 @@ def test_each_rank_compares_its_own_share_on_two_gloo_ranks(tmp_path):
     r0, r1 = checked_case(results, "half", None)
     assert r0["error"] is None and r1["error"] is None, (r0, r1)
     assert r0["value"] == [] and len(r1["value"]) == 1 and r1["value"][0].startswith(CHANGED), (r0, r1)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Streams new text at every pass (a tokenized web stream), six sequences a pass."""
+
+    def __init__(self):
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        yield from _seq(6, seed=50 + self.passes)
+
+
+def test_a_dataloader_over_a_streaming_iterable_dataset_is_warned():
+    """Before: not seen (6 sequences at every pass, same row counts); nothing in the constructor can tell."""
+    lens = SpectralLens(_model(), DataLoader(_Stream(), batch_size=3), params=(), progress=False)
+    _quietly(lambda: lens.measure(0, 0))
+    with pytest.warns(SpectralLensWarning, match=CHANGED + ": the pool gave the same row counts"):
+        lens.measure(1, 0)
