@@ -185,9 +185,9 @@ def simulated_recruitment_time(beta, kappa, R: int, delta: float) -> float:
     Integrates ``a_r' = kappa_r (beta_r - a_r)`` from zero with ``scipy.integrate.solve_ivp``
     (DOP853, rtol 1e-12) and a terminal event on ``max_r (1 - a_r/beta_r) - delta``; makes no
     assumption about which mode is slowest. The reference for :func:`recruitment_time`. It
-    integrates the scale-free ``u_r = a_r / beta_r`` (``u_r' = kappa_r (1 - u_r)``, absolute
-    tolerance 1e-14 on ``u``), so a mode with a small ``|beta_r|`` is resolved as well as a large one
-    (the relative residual does not depend on ``beta_r``, which only has to be nonzero).
+    integrates the same ODE in the scale-free residual ``w_r = 1 - a_r / beta_r`` (``w_r' = -kappa_r
+    w_r``, ``w_r(0) = 1``), so the relative tolerance holds for the residual itself and a mode with a
+    small ``|beta_r|`` is resolved as well as a large one (``beta_r`` only has to be nonzero).
     """
     from scipy.integrate import solve_ivp
 
@@ -201,15 +201,16 @@ def simulated_recruitment_time(beta, kappa, R: int, delta: float) -> float:
         raise ValueError("simulated_recruitment_time: beta_r must be nonzero for r <= R (relative residual)")
     k = kappa[:R]
 
-    def rhs(_t, u):
-        return k * (1.0 - u)
+    def rhs(_t, w):
+        return -k * w
 
-    def event(_t, u):
-        return float(np.max(1.0 - u)) - delta
+    def event(_t, w):
+        return float(np.max(w)) - delta
 
     event.terminal, event.direction = True, -1
     t_end = 2.0 * -math.log(delta) / float(k.min())
-    sol = solve_ivp(rhs, (0.0, t_end), np.zeros(R), method="DOP853", events=event, rtol=1e-12, atol=1e-14)
+    sol = solve_ivp(rhs, (0.0, t_end), np.ones(R), method="DOP853", events=event, rtol=1e-12,
+                    atol=1e-3 * delta * 1e-12)
     if sol.t_events[0].size == 0:
         raise RuntimeError("simulated_recruitment_time: the event was not reached (integration failed)")
     return float(sol.t_events[0][0])
@@ -345,7 +346,8 @@ def local_alpha(r, t: float, p: float, eta: float, q: float) -> np.ndarray:
     fn = "local_alpha"
     p = _real(fn, "p", p)
     t, eta, q = (_real(fn, name, v, low=0.0, strict=True) for name, v in (("t", t), ("eta", eta), ("q", q)))
-    x = np.asarray(eta * t * r**-q, dtype=np.float64)
+    with np.errstate(over="ignore", under="ignore"):  # r^-q -> inf / 0 handled below
+        x = np.asarray(eta * t * r**-q, dtype=np.float64)
     # x / (e^x - 1) = x e^{-x} / (1 - e^{-x}), without overflow; its limits are 1 at x = 0 (r^-q
     # underflows deep in the tail) and 0 at x = inf (r^-q overflows deep in the head)
     with np.errstate(invalid="ignore", over="ignore"):
