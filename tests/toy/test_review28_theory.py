@@ -195,3 +195,20 @@ def test_bad_input_raises_a_named_error(call, match):
     """Old: NaN/inf/negative times came back as nan or inf, a short beta broadcast, r=-1 indexed from the end."""
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---------------------------------------------------------------- Cor. 12: amplitude vs energy share
+
+
+def test_band_share_of_squared_masses_also_increases():
+    # the toy's probe H_S uses energies (squared amplitudes); Cor. 12 is stated for m_r = u_r v_r
+    beta = np.array([1.0, 2.0, 0.5, 0.0, 0.0, 0.0])
+    m0 = np.array([0.1, 0.3, 0.05, 0.5, 1.0, 0.2])
+    S = beta > 0
+    ts = np.linspace(0.0, 20.0, 401)
+    H2 = [th.band_concentration(th.factor_masses(t, m0, beta) ** 2, S) for t in ts]
+    assert np.all(np.diff(H2) > 0)
+    # a nonzero off-band target breaks it (the check can fail)
+    beta_bad = np.where(S, beta, 3.0)
+    H2_bad = [th.band_concentration(th.factor_masses(t, m0, beta_bad) ** 2, S) for t in ts]
+    assert not np.all(np.diff(H2_bad) > 0)
