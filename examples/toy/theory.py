@@ -299,7 +299,11 @@ def time_to_target_slope(eps: float, kappa_fast: float, kappa_slow: float, k: in
     ``dT/dks = -(m-k) T e^{-2 ks T} / (k kf e^{-2 kf T} + (m-k) ks e^{-2 ks T})``.
     """
     T = time_to_target(eps, kappa_fast, kappa_slow, k, m)
-    es, ef = math.exp(-2 * kappa_slow * T), math.exp(-2 * kappa_fast * T)
+    # divided through by the larger of e^{-2 ks T}, e^{-2 kf T}: no 0/0 when both underflow (tiny eps)
+    if kappa_fast >= kappa_slow:
+        es, ef = 1.0, math.exp(-2 * (kappa_fast - kappa_slow) * T)
+    else:
+        es, ef = math.exp(-2 * (kappa_slow - kappa_fast) * T), 1.0
     return -(m - k) * T * es / (k * kappa_fast * ef + (m - k) * kappa_slow * es)
 
 

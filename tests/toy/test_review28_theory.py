@@ -212,3 +212,20 @@ def test_band_share_of_squared_masses_also_increases():
     beta_bad = np.where(S, beta, 3.0)
     H2_bad = [th.band_concentration(th.factor_masses(t, m0, beta_bad) ** 2, S) for t in ts]
     assert not np.all(np.diff(H2_bad) > 0)
+
+
+# ---------------------------------------------------------------- Prop. 5: slope at tiny targets
+
+
+@pytest.mark.parametrize("eps", [1e-320, 1e-200, 1e-3, 0.9])
+@pytest.mark.parametrize("kf,ks", [(3.0, 1.0), (1.0, 3.0)])
+def test_time_to_target_slope_matches_mpmath(eps, kf, ks):
+    """Old: ``e^{-2 kappa T}`` of both bands underflowed to 0 at tiny ``eps`` and the slope was 0/0."""
+    k, m = 2, 5
+    T = th.time_to_target(eps, kf, ks, k, m)
+    Tm = mp.mpf(T)
+    es, ef = mp.exp(-2 * ks * Tm), mp.exp(-2 * kf * Tm)
+    ref = -(m - k) * Tm * es / (k * kf * ef + (m - k) * ks * es)  # the proof's implicit derivative
+    got = th.time_to_target_slope(eps, kf, ks, k, m)
+    assert got < 0 or ref > -1e-300  # negative, unless the true value underflows float64
+    assert abs(mp.mpf(got) - ref) <= 1e-13 * abs(ref) + mp.mpf("1e-300"), (got, ref)
