@@ -210,7 +210,7 @@ def simulated_recruitment_time(beta, kappa, R: int, delta: float) -> float:
     event.terminal, event.direction = True, -1
     t_end = 2.0 * -math.log(delta) / float(k.min())
     sol = solve_ivp(rhs, (0.0, t_end), np.ones(R), method="DOP853", events=event, rtol=1e-12,
-                    atol=1e-3 * delta * 1e-12)
+                    atol=1e-15 * delta)  # w >= delta up to the event: the relative tolerance governs
     if sol.t_events[0].size == 0:
         raise RuntimeError("simulated_recruitment_time: the event was not reached (integration failed)")
     return float(sol.t_events[0][0])
@@ -238,20 +238,23 @@ def matched_loss_time(level: float, beta, kappa) -> float:
 def mode_mass(t: float, beta, kappa, r: int = 0) -> float:
     """Prop. 4: normalized activation mass ``P(t) = |a_r|^2 / sum_s |a_s|^2`` of mode ``r`` (0-based).
 
-    Computed from ``|a_s| = |beta_s| kappa_s t (1 - e^{-kappa_s t}) / (kappa_s t)`` rescaled by its
-    largest entry before squaring, so tiny ``t`` (where ``|a_s|^2`` underflows) still gives the
-    ratio, which tends to ``|beta_r kappa_r|^2 / sum_s |beta_s kappa_s|^2`` as ``t -> 0``.
+    The amplitudes are rescaled by their largest entry before squaring, and at small times
+    (``kappa_s t < 1`` for all ``s``) taken as ``|beta_s| kappa_s g(kappa_s t)`` with
+    ``g(x) = (1 - e^{-x}) / x`` (the common factor ``t`` dropped), so tiny ``t``, where ``|a_s|^2``
+    underflows, still gives the ratio; it tends to ``|beta_r kappa_r|^2 / sum_s |beta_s kappa_s|^2``.
     """
     t, beta, kappa = _modes("mode_mass", t, beta, kappa)
     if isinstance(r, bool) or int(r) != r or not 0 <= int(r) < beta.size:
         raise ValueError(f"mode_mass: r must be a 0-based mode index in [0, {beta.size}), got {r!r}")
     if t <= 0:
         raise ValueError(f"mode_mass: t must be > 0 (no activation energy at t=0), got {t!r}")
-    amp = np.abs(beta) / np.abs(beta).max() if np.any(beta != 0) else np.zeros(beta.size)
-    if np.any(kappa > 0):
-        amp = amp * (kappa / kappa.max()) * _rel_rise(kappa * t)
-    else:
-        amp = np.zeros(beta.size)
+    bmax, kmax = float(np.abs(beta).max()), float(kappa.max())
+    if bmax == 0 or kmax == 0:
+        raise ValueError("mode_mass: no activation energy (every beta_r = 0 or every kappa_r = 0)")
+    with np.errstate(over="ignore"):  # kappa t = inf is fine: 1 - e^{-inf} = 1
+        x = kappa * t
+    rise = (kappa / kmax) * _rel_rise(x) if x.max() < 1.0 else -np.expm1(-x)  # proportional to 1 - e^{-x}
+    amp = np.abs(beta) / bmax * rise
     if not np.any(amp > 0):
         raise ValueError("mode_mass: no activation energy (every mode has beta_r = 0 or kappa_r = 0)")
     amp = amp / amp.max()
@@ -272,9 +275,15 @@ def fast_band_concentration(t0: float, kappa_fast: float, kappa_slow: float, k: 
     t0 = _real("fast_band_concentration", "t0", t0)
     if t0 <= 0:
         raise ValueError(f"fast_band_concentration: need t0 > 0, got {t0!r}")
-    # C = k / (k + (m - k) rho^2), rho = A_s^(1/2) / A_f^(1/2): no 0/0 when A underflows at tiny t0
-    rise = _rel_rise(np.array([kappa_fast * t0, kappa_slow * t0]))
-    rho = (kappa_slow / kappa_fast) * float(rise[1] / rise[0])
+    # C = k / (k + (m - k) rho^2) with rho = (A_s / A_f)^(1/2); at small times rho from
+    # kappa g(kappa t0), g(x) = (1 - e^{-x}) / x, so there is no 0/0 when A underflows at tiny t0
+    x = np.array([kappa_fast * t0, kappa_slow * t0])
+    if x.max() < 1.0:
+        g = _rel_rise(x)
+        rho = (kappa_slow / kappa_fast) * float(g[1] / g[0])
+    else:
+        a = -np.expm1(-x)
+        rho = float(a[1] / a[0]) if a[0] > 0 else math.inf
     return k / (k + (m - k) * rho**2)
 
 
