@@ -229,3 +229,10 @@ def test_time_to_target_slope_matches_mpmath(eps, kf, ks):
     got = th.time_to_target_slope(eps, kf, ks, k, m)
     assert got < 0 or ref > -1e-300  # negative, unless the true value underflows float64
     assert abs(mp.mpf(got) - ref) <= 1e-13 * abs(ref) + mp.mpf("1e-300"), (got, ref)
+
+
+def test_mass_and_concentration_when_kappa_t_overflows():
+    # control for the small/large-time branches: kappa t = inf means a fully learned mode
+    assert th.mode_mass(1e10, [1.0, 1.0], [1e300, 1.0]) == 0.5
+    assert th.fast_band_concentration(1e10, 1e300, 1.0, 1, 2) == 0.5
+    assert th.fast_band_concentration(1.0, 1e300, 1e-320, 1, 2) == 1.0  # A_s ~ 1e-640 underflows
