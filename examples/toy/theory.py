@@ -462,9 +462,9 @@ def polar_factor(G, rtol: float | None = None) -> np.ndarray:
     Singular values at or below ``rtol * sigma_max`` (default ``max(m, n) * eps``) count as zero,
     so for rank-deficient ``G`` only the rank-``r`` part enters, as in the theorem.
     """
-    G = np.asarray(G, dtype=np.float64)
-    if G.ndim != 2 or G.size == 0:
-        raise ValueError(f"polar_factor: expected a non-empty matrix, got shape {G.shape}")
+    G = _matrix("polar_factor", G)
+    if rtol is not None:  # a NaN rtol kept no singular value and returned a zero matrix
+        rtol = _real("polar_factor", "rtol", rtol, low=0.0)
     U, s, Vt = np.linalg.svd(G, full_matrices=False)
     if s.size == 0 or s[0] == 0:
         raise ValueError("polar_factor: G is zero; the polar factor is undefined")
@@ -475,7 +475,19 @@ def polar_factor(G, rtol: float | None = None) -> np.ndarray:
 
 def nuclear_norm(G) -> float:
     """Thm. 17(2): ``||G||_* = sum of singular values``, the dual norm of the operator norm."""
-    return float(np.linalg.svd(np.asarray(G, dtype=np.float64), compute_uv=False).sum())
+    return float(np.linalg.svd(_matrix("nuclear_norm", G), compute_uv=False).sum())
+
+
+def _matrix(fn: str, G) -> np.ndarray:
+    G = np.asarray(G)
+    if np.iscomplexobj(G):
+        raise ValueError(f"{fn}: G must be real, got dtype {G.dtype}")
+    G = G.astype(np.float64)
+    if G.ndim != 2 or G.size == 0:
+        raise ValueError(f"{fn}: expected a non-empty matrix, got shape {G.shape}")
+    if not np.all(np.isfinite(G)):
+        raise ValueError(f"{fn}: G has non-finite entries")
+    return G
 
 
 def quintic_map(s, coefficients: Sequence[float], steps: int = 5) -> np.ndarray:
@@ -485,7 +497,12 @@ def quintic_map(s, coefficients: Sequence[float], steps: int = 5) -> np.ndarray:
     singular value by ``phi(s) = a s + b s^3 + c s^5``; this returns ``phi`` applied ``steps`` times.
     Feed it ``sigma / ||G||_F`` to predict the iteration's output exactly (in exact arithmetic).
     """
+    coefficients = tuple(coefficients)
+    if len(coefficients) != 3:
+        raise ValueError(f"quintic_map: coefficients must be (a, b, c), got {coefficients!r}")
     a, b, c = (float(v) for v in coefficients)
+    if isinstance(steps, bool) or int(steps) != steps or steps < 0:
+        raise ValueError(f"quintic_map: steps must be an integer >= 0, got {steps!r}")
     s = np.asarray(s, dtype=np.float64).copy()
     for _ in range(int(steps)):
         s2 = s * s
@@ -502,5 +519,7 @@ def quintic_band(lo: float, coefficients: Sequence[float], steps: int = 5, n: in
     """
     if not 0 < lo <= 1:
         raise ValueError(f"quintic_band: lo must lie in (0, 1], got {lo!r}")
+    if int(n) != n or n < 2:
+        raise ValueError(f"quintic_band: n must be an integer >= 2, got {n!r}")
     v = quintic_map(np.geomspace(lo, 1.0, n), coefficients, steps)
     return float(v.min()), float(v.max())

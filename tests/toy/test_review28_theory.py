@@ -190,6 +190,11 @@ NAN, INF = float("nan"), float("inf")
     (lambda: th.mode_mass(1.0, [1.0, 1.0], [1.0, 2.0], r=-1), "0-based mode index"),
     (lambda: th.mode_mass(1.0, [1.0, 1.0], [1.0, 2.0], r=2), "0-based mode index"),
     (lambda: th.mode_mass(1.0, [0.0, 0.0], [1.0, 2.0]), "no activation energy"),
+    (lambda: th.polar_factor(np.eye(3), rtol=NAN), "polar_factor: rtol must be finite"),
+    (lambda: th.polar_factor([[1.0, NAN], [0.0, 1.0]]), "polar_factor: G has non-finite"),
+    (lambda: th.nuclear_norm([1.0, 2.0]), "nuclear_norm: expected a non-empty matrix"),
+    (lambda: th.quintic_map([0.5], (3.4445, -4.7750)), "coefficients must be"),
+    (lambda: th.quintic_map([0.5], (3.4445, -4.7750, 2.0315), steps=-1), "steps must be an integer"),
 ])
 def test_bad_input_raises_a_named_error(call, match):
     """Old: NaN/inf/negative times came back as nan or inf, a short beta broadcast, r=-1 indexed from the end."""
