@@ -166,7 +166,8 @@ class PerSampleGradientProbe:
             ``"materialized"``: always the full logits. When ``loss_fn`` or ``forward_fn`` is given,
             ``"auto"`` does nothing (a user's loss is never replaced). The decision is
             ``probe.head_loss_`` (``"chunked (lm_head)"``, ``"materialized: <reason>"``), made once
-            per attached model.
+            per attached model. An integration's label-smoothed default loss (Hugging Face's
+            ``label_smoothing_factor``) takes the same decision (``linear_cross_entropy(label_smoothing=)``).
 
     Measuring has no side effects: ``.grad``, ``requires_grad``, train/eval flags, module buffers
     (BatchNorm running statistics also with ``train_mode=True``), the CPU and CUDA RNG states, Python's
