@@ -388,6 +388,7 @@ def head_loss_fns(
     module = model.get_submodule(head)
     if type(module) is not nn.Linear:
         raise TypeError(f"head_loss_fns: {head!r} must be an nn.Linear head, got {type(module).__name__}")
+    eps = _check_smoothing("head_loss_fns", label_smoothing)
 
     def forward_fn(m: nn.Module, batch: Any):
         inputs = batch["input_ids"] if isinstance(batch, Mapping) else batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -405,7 +406,6 @@ def head_loss_fns(
     def loss_fn(hidden: torch.Tensor, batch: Any) -> torch.Tensor:
         return causal_lm_head_loss(hidden, batch, module, ignore_index, chunk_rows, eps)
 
-    eps = _check_smoothing("head_loss_fns", label_smoothing)
     if example is not None:
         with torch.no_grad():
             inputs = example["input_ids"] if isinstance(example, Mapping) else example[0] if isinstance(example, (tuple, list)) else example
