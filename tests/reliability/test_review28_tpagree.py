@@ -98,14 +98,45 @@ def _other_chunk_size_on_rank1(rank: int) -> None:
     _lens(rank, _pool(2), mask_fn=None, probe=probe).measure(1, 1)
 
 
+def _plain_no_peer_rounds(rank: int) -> dict:
+    """A plain model (no DTensor parameters) under the default group and each rank's own group: no peers' rounds
+    (patched to raise here), so no new collective."""
+    import spectral_lens.lens as lens_mod
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tensor-parallel peers' rounds ran on a model without tensor parallelism")
+
+    saved, lens_mod.PeerRounds = lens_mod.PeerRounds, refuse
+    try:
+        groups = [dist.new_group([r]) for r in range(WORLD)]
+        out = {}
+        for where, group in (("world", None), ("own", groups[rank])):
+            lens = SpectralLens(_plain(), _pool(), layers=LAYERS, params="lm_head.weight", precision="float64",
+                                mask_fn=None, progress=False, group=group)
+            out[where] = sorted(_values(lens.measure(1, 1)))
+        return out
+    finally:
+        lens_mod.PeerRounds = saved
+
+
+def _one_replica_other_chunk_size(rank: int) -> None:
+    """One replica (the default group is the mesh): every rank runs the gradient protocol, so the probe's
+    settings are compared with the lens's (one all_reduce, as before)."""
+    probe = PerSampleGradientProbe(params="lm_head.weight", chunk_size=2 if rank == 1 else 4)
+    SpectralLens(_tp(_plain(), _mesh()), _pool(2), layers=LAYERS, probe=probe, precision="float64", mask_fn=None,
+                 progress=False).measure(1, 1)
+
+
 CASES = {  # the cases the old code fails last: a timeout there leaves the process group unusable
     "equal_counted": _equal_counted,
+    "plain_no_peer_rounds": _plain_no_peer_rounds,
     "loading_fails_on_rank1": _loading_fails_on_rank1,
     "mask_fn_fails_on_rank1": _mask_fn_fails_on_rank1,
     "mask_not_bool_on_rank1": _mask_not_bool_on_rank1,
     "gradient_loading_fails_on_rank1": _gradient_loading_fails_on_rank1,
     "other_chunk_size_on_rank1": _other_chunk_size_on_rank1,
     "unsized_longer_on_rank0": _unsized_longer_on_rank0,
+    "one_replica_other_chunk_size": _one_replica_other_chunk_size,
 }
 
 
@@ -189,3 +220,21 @@ def test_pools_without_len_of_other_lengths_on_the_ranks_of_one_mesh_are_refused
     for error in _errors(results, "unsized_longer_on_rank0"):
         assert error.startswith("ValueError: SpectralLens: the tensor-parallel ranks [0, 1] would run different "
                                 "numbers of forwards (global rank 0: 3 or more, global rank 1: 2)"), error
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_plain_model_runs_no_peers_rounds(results):
+    got = checked_case(results, "plain_no_peer_rounds", None)
+    assert [r["error"] for r in got] == [None] * WORLD, got
+    for r in got:
+        assert r["value"]["world"] == r["value"]["own"] == ["act:h.0", "act:h.1", "grad:lm_head.weight"], r
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_probe_chunk_size_of_its_own_in_one_replica_is_refused_by_the_settings_agreement(results):
+    for error in _errors(results, "one_replica_other_chunk_size"):
+        assert error.startswith("ValueError: SpectralLens: the ranks' lenses are configured differently (probe="
+                                "chunk_size=4"), error
+        assert "probe=chunk_size=2" in error, error
