@@ -830,7 +830,7 @@ class SpectralLens:
                                         settings=self._peer_settings(probe=True))
                     peers = PeerRounds(tp[1], "the gradient protocol of a tensor-parallel rank outside its passes "
                                        "(loading a batch of the gradient pool)", self.model)  # agreed between them
-                result = [self._gradient_pass(peers)]
+                result = [self._gradient_pass() if peers is None else self._gradient_pass(peers)]
             except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
                 error = exc
                 if peers is not None:  # with this rank's tensor-parallel peers first (their next round)
