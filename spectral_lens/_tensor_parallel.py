@@ -282,10 +282,11 @@ def check_same_forwards(forwards: int | None, peers_group, who: str = "SpectralL
     hi, lo = float(both[0]), -float(both[n])
     ranks = dist.get_process_group_ranks(peers_group)
     if float(both[2]) != -float(both[n + 2]):  # first: other settings may be why the counts differ
+        phase = "gradient protocol" if "gradient" in what else "activation pass"
         raise ValueError(
-            f"{who}: the tensor-parallel ranks {ranks} run the {'gradient protocol' if 'gradient' in what else 'activation pass'} "
-            f"with other settings (this rank: {settings}): the ranks of one tensor-parallel mesh run every forward "
-            "together, and other settings run other forwards (a probe's chunk_size: one forward per chunk) or other "
+            f"{who}: the tensor-parallel ranks {ranks} run the {phase} with other settings (this rank: {settings}): "
+            "the ranks of one tensor-parallel mesh run every forward together, and other settings run other "
+            "forwards (a probe's chunk_size: one forward per chunk) or other "
             "collectives in them; the lens's group= holds one rank of the mesh, so its own agreement on the settings "
             "does not reach them: give the ranks of one mesh the same lens (and probe)"
         )
@@ -345,7 +346,7 @@ class PeerRounds:
             try:
                 batch = next(batches, end)
                 digest = 0 if batch is end else batch_digest(batch)
-            except BaseException as exc:  # an interrupt too: agreed at once, then re-raised
+            except BaseException as exc:  # noqa: BLE001 - an interrupt too: agreed at once, then re-raised
                 error = exc
             self.open = False  # this round settles it: the peers raise alike where it raises
             counts, digests = agree_round(self.group, self.forwards + (batch is not end), digest, error,
@@ -392,7 +393,7 @@ class PeerRounds:
         self.open = False
         try:
             agree_round(self.group, 0, 0, error, self.what, self.model, quote=True)
-        except BaseException as exc:  # noqa: BLE001 - it raises error itself, as agreed (marked where it failed)
+        except BaseException as exc:  # agree_round raises error itself, as agreed (marked where it failed)
             if exc is not error:
                 raise
 

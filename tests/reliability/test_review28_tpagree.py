@@ -71,7 +71,6 @@ def _mask_fn_fails_on_rank1(rank: int) -> None:
         calls.append(1)
         if rank == 1 and len(calls) == 2:
             raise ValueError("mask_fn: no attention mask in batch 1")
-        return None
 
     _lens(rank, _pool(), mask_fn=mask_fn).measure(1, 1)
 
