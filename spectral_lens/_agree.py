@@ -209,18 +209,28 @@ def agree_built(group, error: BaseException | None, what: str, model=None) -> No
     with _own_collectives(error, what):
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         failed = [r for r, f in enumerate(flags.tolist()) if f]
-        if failed:  # every rank is here: the text of each failed rank's error, in its own row
-            text = torch.zeros(world, CAUSE_BYTES, dtype=torch.int32, device=dev)
-            if error is not None:
-                mine = f"{type(error).__name__}: {error}".encode()[:CAUSE_BYTES]
-                text[rank, :len(mine)] = torch.tensor(list(mine), dtype=torch.int32)
-            dist.all_reduce(text, op=dist.ReduceOp.MAX, group=group)
+        causes = _causes(group, failed, rank, world, error, dev)
     if error is not None:
         raise error
-    if failed:
-        rows = text.cpu().tolist()
-        causes = [bytes(b for b in rows[r] if b).decode(errors="replace") for r in failed]
-        _raise_failed(group, failed, what, causes=causes)
+    _raise_failed(group, failed, what, causes=causes)
+
+
+def _causes(group, failed: list[int], rank: int, world: int, error: BaseException | None,
+            device) -> list[str] | None:
+    """Each failed group rank's error as text (its first :data:`CAUSE_BYTES` bytes, in the order of ``failed``),
+    in one ``all_reduce(MAX)`` of a row per rank; ``None`` (no collective) where none failed. Called by every rank
+    of ``group`` once the ranks agreed that ``failed`` did (the same list everywhere: the same collective)."""
+    import torch.distributed as dist
+
+    if not failed:
+        return None
+    text = torch.zeros(world, CAUSE_BYTES, dtype=torch.int32, device=device)
+    if error is not None:
+        mine = f"{type(error).__name__}: {error}".encode()[:CAUSE_BYTES]
+        text[rank, :len(mine)] = torch.tensor(list(mine), dtype=torch.int32)
+    dist.all_reduce(text, op=dist.ReduceOp.MAX, group=group)
+    rows = text.cpu().tolist()
+    return [bytes(b for b in rows[r] if b).decode(errors="replace") for r in failed]
 
 
 @contextlib.contextmanager
@@ -254,12 +264,14 @@ def agree_counts(group, count: int, error: BaseException | None, what: str, mode
 
 
 def agree_round(group, count: int, digest: int, error: BaseException | None, what: str,
-                model=None) -> tuple[list[int], list[int]]:
+                model=None, quote: bool = False) -> tuple[list[int], list[int]]:
     """:func:`agree_counts`, and every rank's ``digest`` (an integer in ``[0, 2**56)``: :func:`batch_digest`)
     in the same ``all_reduce(MAX)`` of ``2 * world`` integers. A failed rank's count slot is 0 and its digest
     slot holds :func:`agree`'s code (1, 2 for a :class:`NonFiniteError`), so the ranks that did not fail raise
     a ``NonFiniteError`` too when every failed rank's error was one, as :func:`agree`'s do: a callback then
-    skips the measurement alike on every rank, none going on alone into the training's next collective."""
+    skips the measurement alike on every rank, none going on alone into the training's next collective.
+    ``quote``: where some rank failed, a second ``all_reduce`` (on that path only, :func:`_causes`) carries each
+    failed rank's error text, quoted in the others' error (their logs may be far apart: other hosts)."""
     import torch.distributed as dist
 
     if error is not None and out_of_step(error):
@@ -270,12 +282,13 @@ def agree_round(group, count: int, digest: int, error: BaseException | None, wha
     slots[world + rank] = digest if error is None else 2 if isinstance(error, NonFiniteError) else 1
     with _own_collectives(error, what):
         dist.all_reduce(slots, op=dist.ReduceOp.MAX, group=group)
+        values = slots.tolist()
+        failed = [r for r in range(world) if values[r] == 0]
+        causes = _causes(group, failed, rank, world, error, slots.device) if quote else None
     if error is not None:
         raise error
-    values = slots.tolist()
     counts = [c - 1 for c in values[:world]]
-    failed = [r for r, c in enumerate(counts) if c < 0]
-    _raise_failed(group, failed, what, nonfinite=all(values[world + r] == 2 for r in failed))
+    _raise_failed(group, failed, what, nonfinite=all(values[world + r] == 2 for r in failed), causes=causes)
     return counts, values[world:]
 
 

@@ -8,7 +8,7 @@ to the next, sees a pool that changed at the same size.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -202,6 +202,12 @@ class PoolFingerprint:
         for h in batch_fingerprint(batch, mask):
             s = self._sums.get(h.device)
             self._sums[h.device] = h if s is None else (s + h) % _P
+
+    def read(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """Each of ``batches``, added as it passes (:meth:`add`, the batch's ``attention_mask`` as the mask)."""
+        for batch in batches:
+            self.add(batch)
+            yield batch
 
     def value(self) -> int:
         return sum(int(s) for s in self._sums.values()) % _P

@@ -24,8 +24,8 @@ from torch import nn
 
 from ._dtensor import dtensor_module
 
-__all__ = ["check_replicated", "check_same_forwards", "gradient_layout", "one_replica", "refuse_fsdp_with_tensor_parallel", "refuse_tensor_parallel_params",
-           "replica_ranks", "tensor_parallel_params"]
+__all__ = ["PeerRounds", "check_replicated", "check_same_forwards", "gradient_layout", "one_replica", "probe_settings",
+           "refuse_fsdp_with_tensor_parallel", "refuse_tensor_parallel_params", "replica_ranks", "tensor_parallel_params"]
 
 
 def tensor_parallel_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -258,25 +258,38 @@ def _run(out: list, size: int, count: int) -> None:
 
 
 def check_same_forwards(forwards: int | None, peers_group, who: str = "SpectralLens", what: str = "forwards",
-                        layout: int | None = None) -> None:
+                        layout: int | None = None, settings: str = "") -> None:
     """``ValueError`` on every tensor-parallel peer, before any forward, when they would run different numbers
     of forwards (``forwards``: this rank's, ``None`` for a pool without ``len``, not checked; ``what``: what is
     counted, the activation pass's forwards or the gradient protocol's samples; ``layout``: for the gradient
-    protocol, :func:`gradient_layout` of its pool, ``None`` where unknown, not checked). Needed where the
+    protocol, :func:`gradient_layout` of its pool, ``None`` where unknown, not checked), or with other
+    ``settings`` (text: the lens's and, for the gradient protocol, the probe's :func:`probe_settings`; a
+    ``chunk_size`` of its own on one rank ran other numbers of forwards, a gloo abort). Needed where the
     lens's ``group`` holds one rank of the mesh (each rank's own group, a data-parallel group), whose agreement
-    on the pools does not reach the peers: before, the rank with more batches ran a forward alone and its
-    all-reduce met another collective of its peer (gloo aborted a process, 'collective mismatch'). One
+    on the pools and settings does not reach the peers: before, the rank with more batches ran a forward alone
+    and its all-reduce met another collective of its peer (gloo aborted a process, 'collective mismatch'). One
     all-reduce over ``peers_group`` (of the same size on every peer, whatever it knows)."""
     import torch.distributed as dist
 
-    mine = [-1.0 if forwards is None else float(forwards), -1.0 if layout is None else float(layout)]
+    mine = [-1.0 if forwards is None else float(forwards), -1.0 if layout is None else float(layout),
+            float(zlib.crc32(settings.encode()))]
     both = torch.tensor(mine + [-x for x in mine], dtype=torch.float64)  # a CRC-32 is exact in float64
     if dist.get_backend(peers_group) == "nccl":
         both = both.to(torch.device("cuda", torch.cuda.current_device()))
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=peers_group)
     both = both.cpu()
-    hi, lo = float(both[0]), -float(both[2])
+    n = len(mine)
+    hi, lo = float(both[0]), -float(both[n])
     ranks = dist.get_process_group_ranks(peers_group)
+    if float(both[2]) != -float(both[n + 2]):  # first: other settings may be why the counts differ
+        phase = "gradient protocol" if "gradient" in what else "activation pass"
+        raise ValueError(
+            f"{who}: the tensor-parallel ranks {ranks} run the {phase} with other settings (this rank: {settings}): "
+            "the ranks of one tensor-parallel mesh run every forward together, and other settings run other "
+            "forwards (a probe's chunk_size: one forward per chunk) or other "
+            "collectives in them; the lens's group= holds one rank of the mesh, so its own agreement on the settings "
+            "does not reach them: give the ranks of one mesh the same lens (and probe)"
+        )
     if lo >= 0 and hi != lo:  # every rank knows its count, and they differ (the same on every peer)
         raise ValueError(
             f"{who}: the tensor-parallel ranks {ranks} would run different "
@@ -285,13 +298,104 @@ def check_same_forwards(forwards: int | None, peers_group, who: str = "SpectralL
             "group= holds one rank of the mesh: give the ranks of one mesh the same pool, e.g. a data loader "
             "sharded by the data-parallel rank, not the global rank)"
         )
-    if -float(both[3]) >= 0 and float(both[1]) != -float(both[3]):  # as many, in batches of other sizes
+    if -float(both[n + 1]) >= 0 and float(both[1]) != -float(both[n + 1]):  # as many, in batches of other sizes
         raise ValueError(
             f"{who}: the tensor-parallel ranks {ranks} would run {what.split(' (')[0].replace('samples', 'batches')} "
             f"of other sizes (as many samples, {forwards}, in other batches): the probe runs one forward per "
             "chunk of each batch, and the ranks of one tensor-parallel mesh run every forward together, so each "
             "must get the same pool, in the same batches"
         )
+
+
+def probe_settings(probe) -> str:
+    """The settings of a gradient probe that decide which forwards and collectives its passes run, as text: the
+    chunk size (one forward per chunk of each batch), the engines (the per-sample loop runs a forward per sample),
+    ``max_resident_samples`` (recomputation passes in ``compute``), ``head_loss`` (a check forward) and the
+    autocast dtype (the dtype of the collectives' tensors)."""
+    return (f"chunk_size={probe.chunk_size}, engine={probe.engine!r}, engines={sorted(probe.engines_.items())}, "
+            f"max_resident_samples={probe.max_resident_samples}, head_loss={probe.head_loss!r}, "
+            f"autocast_dtype={probe.autocast_dtype}")
+
+
+class PeerRounds:
+    """The agreement of this rank's tensor-parallel peers between the forwards of one pass, where the lens's
+    ``group`` holds one rank of the mesh (each rank's own group, a data-parallel group), so that its own
+    agreement does not reach them. Before each forward the peers agree, in one ``all_reduce`` of
+    ``2 x peers`` integers over ``group`` (:func:`~spectral_lens._agree.agree_round`), that each has its next batch,
+    of the same shapes and dtypes (:meth:`agreed`), and after the last one that each pool ended; a failure of this
+    rank outside the forwards (loading a batch, its ``mask_fn``, the lens's checks before a forward) is carried
+    into the peers' next round (:meth:`fail`). Then the failed rank raises its own error and the peers a
+    ``RuntimeError`` naming its global rank, ``what`` failed and its error, at once: before, they waited in their
+    next forward's collective until the process-group timeout. A failure inside a forward (from a round's
+    go-ahead to the next round) is not agreed: the peers may wait in its collectives, as in training."""
+
+    def __init__(self, group, what: str, model=None, who: str = "SpectralLens") -> None:
+        self.group, self.what, self.model, self.who = group, what, model, who
+        self.forwards = 0  # the forwards the peers agreed to run so far
+        self.open = True  # rounds are left: a failure of this rank joins the peers' next one
+        self.inside = False  # between a round's go-ahead and the next round: in a forward's collectives
+
+    def agreed(self, batches):
+        """Each of ``batches`` (this rank's, in the order it forwards them; their loading and what precedes it
+        happens in ``next``) once the peers agreed on it; one round more at the end."""
+        from ._agree import agree_round, batch_digest
+
+        end = object()
+        while True:
+            batch, digest, error = end, 0, None
+            try:
+                batch = next(batches, end)
+                digest = 0 if batch is end else batch_digest(batch)
+            except BaseException as exc:  # noqa: BLE001 - an interrupt too: agreed at once, then re-raised
+                error = exc
+            self.open = False  # this round settles it: the peers raise alike where it raises
+            counts, digests = agree_round(self.group, self.forwards + (batch is not end), digest, error,
+                                          self.what, self.model, quote=True)
+            self._refuse_differing(counts, digests, batch is end)
+            if batch is end:
+                return
+            self.open, self.inside = True, True
+            self.forwards += 1
+            yield batch
+            self.inside = False
+
+    def _refuse_differing(self, counts: list[int], digests: list[int], ended: bool) -> None:
+        """``ValueError`` (on every peer: the round's values are the same there) when the peers' pools gave
+        other numbers of batches, or batches of other shapes or dtypes, which would leave their forwards'
+        collectives mismatched."""
+        import torch.distributed as dist
+
+        ranks = dist.get_process_group_ranks(self.group)
+        if len(set(counts)) > 1:
+            each = ", ".join(f"global rank {r}: {c}{'' if c == self.forwards else ' or more'}"
+                             for r, c in zip(ranks, counts))
+            raise ValueError(
+                f"{self.who}: the tensor-parallel ranks {ranks} would run different numbers of forwards ({each}): "
+                "the ranks of one tensor-parallel mesh run every forward together, so each must get the same pool "
+                "(the lens's group= holds one rank of the mesh: give the ranks of one mesh the same pool, e.g. a "
+                "data loader sharded by the data-parallel rank, not the global rank)"
+            )
+        if not ended and len(set(digests)) > 1:
+            raise ValueError(
+                f"{self.who}: the tensor-parallel ranks {ranks} would run their forward {self.forwards} on batches "
+                "of other shapes or dtypes: the ranks of one tensor-parallel mesh run every forward together, so "
+                "each must get the same pool, in the same batches"
+            )
+
+    def fail(self, error: BaseException) -> None:
+        """Carry ``error``, this rank's, into the peers' next round where it was not agreed with them already
+        (a round settled it, or it came from a forward: :meth:`agreed`; or it left the collectives out of step);
+        returns (the caller raises it, after its own group's agreement)."""
+        from ._agree import agree_round, out_of_step
+
+        if not self.open or self.inside or out_of_step(error):
+            return
+        self.open = False
+        try:
+            agree_round(self.group, 0, 0, error, self.what, self.model, quote=True)
+        except BaseException as exc:  # agree_round raises error itself, as agreed (marked where it failed)
+            if exc is not error:
+                raise
 
 
 def refuse_tensor_parallel_params(model: nn.Module, names, who: str = "PerSampleGradientProbe") -> None:

@@ -33,7 +33,7 @@ from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_bl
 from ._pools import PoolFingerprint, attention_mask, reshuffled, sharded_pool, unfixed_pool
 from ._progress import progress_bar, sized_total
 from ._sync import deferred_interrupt
-from ._tensor_parallel import check_replicated, check_same_forwards, gradient_layout, one_replica
+from ._tensor_parallel import PeerRounds, check_replicated, check_same_forwards, gradient_layout, one_replica, probe_settings
 from . import _pipeline
 from .activation_capture import ActivationCapture, attach
 from .attachment import Attachment, attach_once
@@ -655,11 +655,15 @@ class SpectralLens:
         lockstep = (tp is not None and tp[0]) or whole_pipeline
         if lockstep:
             rank, world = 0, 1  # every rank runs every batch; its rows are not summed over the group
-        error = None
+        error, peers = None, None
         try:
             if tp is not None and not tp[0]:  # a group with one rank of the mesh: its peers' pools compared first
                 total = sized_total(self.pool)
-                check_same_forwards(None if total is None else len(range(rank, total, world)), tp[1])
+                check_same_forwards(None if total is None else len(range(rank, total, world)), tp[1],
+                                    settings=self._peer_settings())
+                # and agreed between the forwards (a failure of one rank's loading or mask_fn too)
+                peers = PeerRounds(tp[1], "the activation pass of a tensor-parallel rank outside its forwards "
+                                   "(loading a batch of the pool, its mask_fn)", model)
             why = reshuffled(self.pool) if world > 1 else None
             if why:  # the same pool type on every rank: every rank raises
                 raise ValueError(
@@ -670,9 +674,11 @@ class SpectralLens:
                 )
             capture = (attach(model, self.layers, pick=self._pick, precision=self.precision) if self.layers != []
                        else ActivationCapture({}))  # a pipeline stage holding none of the layers
-            batches = self._activation_pass(model, capture, rank, world, lockstep)
+            batches = self._activation_pass(model, capture, rank, world, lockstep, peers)
         except BaseException as exc:  # an interrupt too (Ctrl-C on one rank): agreed below, then re-raised
             error = exc
+            if peers is not None:  # with this rank's tensor-parallel peers first (their next round)
+                peers.fail(exc)
         agree(self.group, error, "the activation pass", model)
         named = sorted(capture.accumulators.items(), key=lambda item: item[0])  # one order on every rank
         # a Ctrl-C on one rank between these collectives (one sync per layer) is held back until they ended and
@@ -712,14 +718,17 @@ class SpectralLens:
         names = record_names(model, spectra, params=False)  # eager; a PEFT model's as before get_peft_model
         return {f"act:{names[name]}": spectrum for name, spectrum in spectra.items()}
 
-    def _activation_pass(self, model: nn.Module, capture, rank: int, world: int, lockstep: bool = False) -> int:
+    def _activation_pass(self, model: nn.Module, capture, rank: int, world: int, lockstep: bool = False,
+                         peers: PeerRounds | None = None) -> int:
         """This rank's forwards over its share of the pool (batch ``i`` for ``i % world == rank``);
         returns the number of batches the pool gave (all of them, not only this rank's). ``lockstep``: one
-        tensor-parallel replica (``world`` 1 here), whose group's ranks run every forward together."""
+        tensor-parallel replica (``world`` 1 here), whose group's ranks run every forward together; ``peers``:
+        the rounds of this rank's tensor-parallel peers where the group holds one rank of the mesh."""
         with capture, kept_sharded(model):  # first: whatever fails below, the hooks leave with it
-            return self._forwards(model, capture, rank, world, lockstep)
+            return self._forwards(model, capture, rank, world, lockstep, peers)
 
-    def _forwards(self, model: nn.Module, capture, rank: int, world: int, lockstep: bool) -> int:
+    def _forwards(self, model: nn.Module, capture, rank: int, world: int, lockstep: bool,
+                  peers: PeerRounds | None = None) -> int:
         dev = self._device()
         autocast = measurement_autocast(dev, self.autocast_dtype)
         total = sized_total(self.pool)
@@ -733,27 +742,37 @@ class SpectralLens:
             agree_before_pass(self.group, None if self._stage is not None else sorted(capture.accumulators), total,
                               model)
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
-        content = self._content_now["pool"] = PoolFingerprint()  # this rank's batches, read at the end (no sync here)
+        self._content_now["pool"] = PoolFingerprint()  # this rank's batches (_own_batches), read at the end (no sync)
         try:
             with self._eval_mode(), torch.no_grad(), autocast, eager_forwards(), measurement_pass(capture):
                 if fsdp:  # with a len too: a loading or mask_fn failure on one rank is agreed, not a timeout
                     return self._forwards_in_rounds(model, capture, rank, world, bar, lockstep)
-                batches = 0
-                for i, batch in enumerate(self.pool):
-                    batches = i + 1
-                    if i % world != rank:
-                        continue
-                    batch = batch_as_run(batch, self.forward_fn)  # packed: its documents (default forward)
-                    mask = self.mask_fn(batch) if self.mask_fn is not None else None
-                    content.add(batch, mask)
+                seen = [0]  # batches the pool gave (all of them, not only this rank's)
+                mine = self._own_batches(capture, rank, world, seen)
+                for batch, mask in mine if peers is None else peers.agreed(mine):
                     with capture.mask(mask):
                         self.forward_fn(model, batch)
                     if bar is not None:
                         bar.update(1)
-                return batches
+                return seen[0]
         finally:
             if bar is not None:
                 bar.close()
+
+    def _own_batches(self, capture, rank: int, world: int, seen: list[int]):
+        """This rank's batches of the pool (batch ``i`` for ``i % world == rank``) as it runs them, with their
+        masks (checked: :meth:`ActivationCapture.mask`), so that what can fail before a forward fails in ``next``
+        (agreed there by a tensor-parallel rank's peers); ``seen[0]``: the batches the pool gave so far."""
+        for i, batch in enumerate(self.pool):
+            seen[0] = i + 1
+            if i % world != rank:
+                continue
+            batch = batch_as_run(batch, self.forward_fn)  # packed: its documents (default forward)
+            mask = self.mask_fn(batch) if self.mask_fn is not None else None
+            with capture.mask(mask):  # its check of the mask, here
+                pass
+            self._content_now["pool"].add(batch, mask)
+            yield batch, mask
 
     def _forwards_in_rounds(self, model: nn.Module, capture, rank: int, world: int, bar, lockstep: bool) -> int:
         """Under FSDP (any pool, with a ``len`` or without): in rounds of ``world`` batches (batch ``i`` on rank
@@ -837,15 +856,21 @@ class SpectralLens:
         error = None
         everywhere = self._everywhere()
         if rank == 0 or everywhere:
+            peers = None
             try:
                 tp = None if everywhere else one_replica(self.model, self.group)
                 if tp is not None:  # a group with one rank of the mesh (which runs it alike): the peers' pools compared
                     layout = gradient_layout(self.gradient_pool, self.gradient_samples, self.probe.forward_fn)
                     check_same_forwards(self._gradient_total(), tp[1], what="gradient samples (gradient_pool)",
-                                        layout=layout)  # and their batches' sizes (one forward per chunk of each)
-                result = [self._gradient_pass()]
+                                        layout=layout,  # and their batches' sizes (one forward per chunk of each)
+                                        settings=self._peer_settings(probe=True))
+                    peers = PeerRounds(tp[1], "the gradient protocol of a tensor-parallel rank outside its passes "
+                                       "(loading a batch of the gradient pool)", self.model)  # agreed between them
+                result = [self._gradient_pass() if peers is None else self._gradient_pass(peers)]
             except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
                 error = exc
+                if peers is not None:  # with this rank's tensor-parallel peers first (their next round)
+                    peers.fail(exc)
             finally:  # the rows of G (M x P per matrix, on the device) are not kept through the training in between
                 self.probe.reset()
         agree(self.group, error, "the gradient protocol (it runs on every rank under FSDP, ZeRO-3 and tensor "
@@ -867,11 +892,23 @@ class SpectralLens:
     def _settings(self) -> dict[str, str]:
         """What every rank's lens must share, as text (compared by :func:`~spectral_lens._agree.agree_settings`):
         the options that decide which rows each rank feeds to the summed statistics, and whether there is a
-        gradient protocol (a rank without one skips its agreement and broadcast). The layers and the pools'
-        lengths are compared where they are used (a pipeline's stages measure other layers)."""
-        return {"precision": repr(self.precision), "mask_fn": callable_name(self.mask_fn),
-                "pick": callable_name(self._pick), "autocast_dtype": str(self.autocast_dtype),
-                "params": "() (no gradient protocol)" if self.probe is None else "<probed matrices>"}
+        gradient protocol (a rank without one skips its agreement and broadcast); where every rank runs the
+        gradient protocol's passes (FSDP, ZeRO-3, one tensor-parallel replica), the probe's settings that decide
+        them (:func:`~spectral_lens._tensor_parallel.probe_settings`: a ``chunk_size`` of its own on one rank ran
+        other numbers of forwards). The layers and the pools' lengths are compared where they are used (a
+        pipeline's stages measure other layers)."""
+        settings = {"precision": repr(self.precision), "mask_fn": callable_name(self.mask_fn),
+                    "pick": callable_name(self._pick), "autocast_dtype": str(self.autocast_dtype),
+                    "params": "() (no gradient protocol)" if self.probe is None else "<probed matrices>"}
+        if self.probe is not None and self._everywhere():  # every rank runs its passes: the same forwards
+            settings["probe"] = probe_settings(self.probe)
+        return settings
+
+    def _peer_settings(self, probe: bool = False) -> str:
+        """:meth:`_settings` as text, and the probe's :func:`~spectral_lens._tensor_parallel.probe_settings` with
+        ``probe``: what a rank's tensor-parallel peers compare where the lens's group holds one rank of the mesh."""
+        text = ", ".join(f"{k}={v}" for k, v in sorted(self._settings().items()))
+        return text + (f"; probe: {probe_settings(self.probe)}" if probe else "")
 
     def _everywhere(self) -> bool:
         """Whether every rank of the group runs the gradient protocol (the same passes; rank 0's result is
@@ -882,8 +919,9 @@ class SpectralLens:
         tp = one_replica(self.model, self.group)
         return bool(fsdp_sharded(self.model)) or zero3_partitioned(self.model) or (tp is not None and bool(tp[0]))
 
-    def _gradient_pass(self) -> tuple[dict[str, Spectrum], dict[str, float]]:
-        """The gradient protocol over the whole gradient pool, on this rank."""
+    def _gradient_pass(self, peers: PeerRounds | None = None) -> tuple[dict[str, Spectrum], dict[str, float]]:
+        """The gradient protocol over the whole gradient pool, on this rank (``peers``: the rounds of its
+        tensor-parallel peers where the group holds one rank of the mesh)."""
         self.probe.reset()
         bar = progress_bar(self._gradient_total(), "gradients", self.progress, "sample")
         try:
@@ -891,16 +929,15 @@ class SpectralLens:
             # shuffling sampler, numpy augmentation): under the fork, as in the activation pass
             with forked_rng(cuda_devices(self.model)):
                 batches = gradient_batches(self.gradient_pool, self.gradient_samples, self.probe.forward_fn)
+                if self.gradient_pool is not self.pool:  # a gradient pool of its own: fingerprinted as it loads (in
+                    content = self._content_now["gradient_pool"] = PoolFingerprint()  # the ranks' agreements below)
+                    batches = content.read(batches)  # (the pool's own is read by the activation pass)
                 everywhere = self._everywhere()
                 if everywhere:  # every rank runs these passes: the pools compared as they go
                     batches = agreed_batches(self.group, batches, self.gradient_samples, self.model)
-                # a gradient pool of its own: fingerprinted too (the pool's own is read by the activation pass)
-                content = None if self.gradient_pool is self.pool else PoolFingerprint()
-                if content is not None:
-                    self._content_now["gradient_pool"] = content
+                elif peers is not None:  # and this rank's tensor-parallel peers
+                    batches = peers.agreed(batches)
                 for i, batch in enumerate(batches):
-                    if content is not None:
-                        content.add(batch)
                     # everywhere, a forward and backward that are collectives: as in _forwards_in_rounds
                     with (collective_pass(f"the gradient protocol's pass over the gradient pool's batch {i}")
                           if everywhere else contextlib.nullcontext()):

@@ -50,8 +50,16 @@ __all__ = [
 # helpers
 
 
-def _vec(name: str, x, *, positive: bool = False, nonnegative: bool = False) -> np.ndarray:
-    arr = np.asarray(x, dtype=np.float64)
+def _vec(name: str, x, *, positive: bool = False, nonnegative: bool = False,
+         complex_ok: bool = False) -> np.ndarray:
+    """``x`` as a non-empty finite 1-D float64 array (complex128 where ``complex_ok``: Thm. 2's ``beta_r``)."""
+    arr = np.asarray(x)
+    if np.iscomplexobj(arr):
+        if not complex_ok:  # a float64 cast would silently drop the imaginary part
+            raise ValueError(f"examples.toy.theory: {name} must be real, got dtype {arr.dtype}")
+        arr = arr.astype(np.complex128)
+    else:
+        arr = np.asarray(arr, dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"examples.toy.theory: {name} must be a non-empty 1-D array, got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
@@ -67,6 +75,28 @@ def _same_size(**arrays: np.ndarray) -> None:
     sizes = {k: v.size for k, v in arrays.items()}
     if len(set(sizes.values())) != 1:
         raise ValueError(f"examples.toy.theory: arrays must have the same length, got {sizes}")
+
+
+def _real(fn: str, name: str, x, *, low: float | None = None, strict: bool = False) -> float:
+    """``x`` as a finite float, ``> low`` (``strict``) or ``>= low``; the error names ``fn`` and ``name``."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{fn}: {name} must be a real number, got {x!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{fn}: {name} must be finite, got {x!r}")
+    if low is not None and (v <= low if strict else v < low):
+        raise ValueError(f"{fn}: need {name} {'>' if strict else '>='} {low:g}, got {x!r}")
+    return v
+
+
+def _rel_rise(x: np.ndarray) -> np.ndarray:
+    """``(1 - e^{-x}) / x`` for ``x >= 0``, with its limit 1 at ``x = 0`` (no 0/0, no underflow of the ratio)."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.ones_like(x)
+    on = x > 0
+    out[on] = -np.expm1(-x[on]) / x[on]
+    return out
 
 
 def _unit_interval(name: str, x: float) -> float:
@@ -91,30 +121,45 @@ def _bisect_decreasing(f, target: float, lo: float, hi: float) -> float:
 # Theorem 2 / Proposition 3: modewise dynamics and the observable energies
 
 
-def mode_amplitudes(t: float, beta, kappa) -> np.ndarray:
-    """Thm. 2(b): mode amplitudes ``a_r(t) = beta_r (1 - exp(-kappa_r t))`` from zero initialization."""
-    beta, kappa = _vec("beta", beta), _vec("kappa", kappa, nonnegative=True)
+def _modes(fn: str, t, beta, kappa) -> tuple[float, np.ndarray, np.ndarray]:
+    """Validated ``(t, beta, kappa)`` of Thm. 2: finite ``t >= 0``, ``beta`` real or complex, ``kappa >= 0``."""
+    t = _real(fn, "t", t, low=0.0)
+    beta, kappa = _vec("beta", beta, complex_ok=True), _vec("kappa", kappa, nonnegative=True)
     _same_size(beta=beta, kappa=kappa)
-    return beta * -np.expm1(-kappa * float(t))
+    return t, beta, kappa
+
+
+def mode_amplitudes(t: float, beta, kappa) -> np.ndarray:
+    """Thm. 2(b): mode amplitudes ``a_r(t) = beta_r (1 - exp(-kappa_r t))`` from zero initialization.
+
+    ``beta`` may be complex (the paper's Fourier coefficients); the result then is too. ``t >= 0``.
+    """
+    t, beta, kappa = _modes("mode_amplitudes", t, beta, kappa)
+    return beta * -np.expm1(-kappa * t)
 
 
 def activation_energies(t: float, beta, kappa) -> np.ndarray:
     """Prop. 3: activation covariance eigenvalues ``|a_r(t)|^2`` (one per mode, in input order)."""
-    return mode_amplitudes(t, beta, kappa) ** 2
+    return np.abs(mode_amplitudes(t, beta, kappa)) ** 2
 
 
 def gradient_energies(t: float, beta, kappa) -> np.ndarray:
-    """Prop. 3: gradient covariance eigenvalues ``kappa_r^2 |beta_r - a_r(t)|^2 = kappa_r^2 beta_r^2 e^{-2 kappa_r t}``."""
-    beta, kappa = _vec("beta", beta), _vec("kappa", kappa, nonnegative=True)
-    _same_size(beta=beta, kappa=kappa)
-    return kappa**2 * beta**2 * np.exp(-2.0 * kappa * float(t))
+    """Prop. 3: gradient covariance eigenvalues ``kappa_r^2 |beta_r - a_r(t)|^2 = kappa_r^2 |beta_r|^2 e^{-2 kappa_r t}``.
+
+    Squared after the product so that a large ``kappa_r`` does not overflow ``kappa_r^2`` (inf * 0).
+    """
+    t, beta, kappa = _modes("gradient_energies", t, beta, kappa)
+    return (kappa * np.abs(beta) * np.exp(-kappa * t)) ** 2
 
 
 def mode_loss(t: float, beta, kappa) -> float:
-    """Thm. 2(c) with the paper's 1/2: ``L(t) = 1/2 sum_r |beta_r - a_r(t)|^2 = 1/2 sum_r beta_r^2 e^{-2 kappa_r t}``."""
-    beta, kappa = _vec("beta", beta), _vec("kappa", kappa, nonnegative=True)
-    _same_size(beta=beta, kappa=kappa)
-    return float(0.5 * np.sum(beta**2 * np.exp(-2.0 * kappa * float(t))))
+    """``L(t) = 1/2 sum_r |beta_r - a_r(t)|^2 = 1/2 sum_r |beta_r|^2 e^{-2 kappa_r t}``.
+
+    Thm. 2(c) is Parseval without the 1/2 (``||f_t - f*||^2 = sum_r |a_r - beta_r|^2``); the 1/2 is
+    the loss of Props. 4 and 5 (``L_A = m/2 e^{-2 kappa t}``), which is what the toy checks use.
+    """
+    t, beta, kappa = _modes("mode_loss", t, beta, kappa)
+    return float(0.5 * np.sum((np.abs(beta) * np.exp(-kappa * t)) ** 2))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,9 +174,9 @@ def recruitment_time(R: float, delta: float, eta: float, q: float) -> float:
     (Thm. 6) the exponent ``q`` equals ``(alpha_tail - p) / 2``.
     """
     delta = _unit_interval("delta", delta)
-    if R < 1 or eta <= 0 or q < 0:
-        raise ValueError(f"recruitment_time: need R >= 1, eta > 0, q >= 0; got R={R!r}, eta={eta!r}, q={q!r}")
-    return math.log(1.0 / delta) * float(R) ** q / float(eta)
+    fn = "recruitment_time"
+    R, eta, q = _real(fn, "R", R, low=1.0), _real(fn, "eta", eta, low=0.0, strict=True), _real(fn, "q", q, low=0.0)
+    return -math.log(delta) * R**q / eta
 
 
 def simulated_recruitment_time(beta, kappa, R: int, delta: float) -> float:
@@ -139,29 +184,33 @@ def simulated_recruitment_time(beta, kappa, R: int, delta: float) -> float:
 
     Integrates ``a_r' = kappa_r (beta_r - a_r)`` from zero with ``scipy.integrate.solve_ivp``
     (DOP853, rtol 1e-12) and a terminal event on ``max_r (1 - a_r/beta_r) - delta``; makes no
-    assumption about which mode is slowest. The reference for :func:`recruitment_time`.
+    assumption about which mode is slowest. The reference for :func:`recruitment_time`. It
+    integrates the same ODE in the scale-free residual ``w_r = 1 - a_r / beta_r`` (``w_r' = -kappa_r
+    w_r``, ``w_r(0) = 1``), so the relative tolerance holds for the residual itself and a mode with a
+    small ``|beta_r|`` is resolved as well as a large one (``beta_r`` only has to be nonzero).
     """
     from scipy.integrate import solve_ivp
 
     beta, kappa = _vec("beta", beta), _vec("kappa", kappa, positive=True)
     _same_size(beta=beta, kappa=kappa)
     delta = _unit_interval("delta", delta)
-    if not 1 <= int(R) <= beta.size:
-        raise ValueError(f"simulated_recruitment_time: R must lie in [1, {beta.size}], got {R!r}")
-    if np.any(beta[: int(R)] == 0):
+    if isinstance(R, bool) or int(R) != R or not 1 <= int(R) <= beta.size:
+        raise ValueError(f"simulated_recruitment_time: R must be an integer in [1, {beta.size}], got {R!r}")
+    R = int(R)
+    if np.any(beta[:R] == 0):
         raise ValueError("simulated_recruitment_time: beta_r must be nonzero for r <= R (relative residual)")
-    b, k = beta[: int(R)], kappa[: int(R)]
+    k = kappa[:R]
 
-    def rhs(_t, a):
-        return k * (b - a)
+    def rhs(_t, w):
+        return -k * w
 
-    def event(_t, a):
-        return float(np.max(1.0 - a / b)) - delta
+    def event(_t, w):
+        return float(np.max(w)) - delta
 
     event.terminal, event.direction = True, -1
-    t_end = 2.0 * math.log(1.0 / delta) / float(k.min())
-    sol = solve_ivp(rhs, (0.0, t_end), np.zeros_like(b), method="DOP853", events=event, rtol=1e-12,
-                    atol=1e-14 * float(np.abs(b).max()))
+    t_end = 2.0 * -math.log(delta) / float(k.min())
+    sol = solve_ivp(rhs, (0.0, t_end), np.ones(R), method="DOP853", events=event, rtol=1e-12,
+                    atol=1e-15 * delta)  # w >= delta up to the event: the relative tolerance governs
     if sol.t_events[0].size == 0:
         raise RuntimeError("simulated_recruitment_time: the event was not reached (integration failed)")
     return float(sol.t_events[0][0])
@@ -177,21 +226,40 @@ def matched_loss_time(level: float, beta, kappa) -> float:
     The loss falls strictly from ``1/2 sum beta^2`` to 0 (all ``kappa_r > 0``), so Brent's method on
     a bracketing interval finds it to machine precision.
     """
-    beta, kappa = _vec("beta", beta), _vec("kappa", kappa, positive=True)
+    beta, kappa = _vec("beta", beta, complex_ok=True), _vec("kappa", kappa, positive=True)
     _same_size(beta=beta, kappa=kappa)
-    top = 0.5 * float(np.sum(beta**2))
+    top = 0.5 * float(np.sum(np.abs(beta) ** 2))
+    level = _real("matched_loss_time", "level", level)
     if not 0.0 < level < top:
         raise ValueError(f"matched_loss_time: level must lie in (0, {top!r}) (the loss at t=0), got {level!r}")
     return _bisect_decreasing(lambda t: mode_loss(t, beta, kappa), float(level), 0.0, 1.0 / float(kappa.max()))
 
 
 def mode_mass(t: float, beta, kappa, r: int = 0) -> float:
-    """Prop. 4: normalized activation mass ``P(t) = |a_r|^2 / sum_s |a_s|^2`` of mode ``r`` (0-based)."""
-    e = activation_energies(t, beta, kappa)
-    total = float(e.sum())
-    if total <= 0:
-        raise ValueError(f"mode_mass: no activation energy at t={t!r} (t must be > 0)")
-    return float(e[r] / total)
+    """Prop. 4: normalized activation mass ``P(t) = |a_r|^2 / sum_s |a_s|^2`` of mode ``r`` (0-based).
+
+    The amplitudes are rescaled by their largest entry before squaring, and at small times
+    (``kappa_s t < 1`` for all ``s``) taken as ``|beta_s| kappa_s g(kappa_s t)`` with
+    ``g(x) = (1 - e^{-x}) / x`` (the common factor ``t`` dropped), so tiny ``t``, where ``|a_s|^2``
+    underflows, still gives the ratio; it tends to ``|beta_r kappa_r|^2 / sum_s |beta_s kappa_s|^2``.
+    """
+    t, beta, kappa = _modes("mode_mass", t, beta, kappa)
+    if isinstance(r, bool) or int(r) != r or not 0 <= int(r) < beta.size:
+        raise ValueError(f"mode_mass: r must be a 0-based mode index in [0, {beta.size}), got {r!r}")
+    if t <= 0:
+        raise ValueError(f"mode_mass: t must be > 0 (no activation energy at t=0), got {t!r}")
+    bmax, kmax = float(np.abs(beta).max()), float(kappa.max())
+    if bmax == 0 or kmax == 0:
+        raise ValueError("mode_mass: no activation energy (every beta_r = 0 or every kappa_r = 0)")
+    with np.errstate(over="ignore"):  # kappa t = inf is fine: 1 - e^{-inf} = 1
+        x = kappa * t
+    rise = (kappa / kmax) * _rel_rise(x) if x.max() < 1.0 else -np.expm1(-x)  # proportional to 1 - e^{-x}
+    amp = np.abs(beta) / bmax * rise
+    if not np.any(amp > 0):
+        raise ValueError("mode_mass: no activation energy (every mode has beta_r = 0 or kappa_r = 0)")
+    amp = amp / amp.max()
+    e = amp**2
+    return float(e[int(r)] / e.sum())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,17 +272,27 @@ def fast_band_concentration(t0: float, kappa_fast: float, kappa_slow: float, k: 
     ``k`` fast modes at rate ``kappa_fast``, ``m - k`` slow ones at ``kappa_slow``, all ``beta_r = 1``.
     """
     _two_band(kappa_fast, kappa_slow, k, m)
+    t0 = _real("fast_band_concentration", "t0", t0)
     if t0 <= 0:
         raise ValueError(f"fast_band_concentration: need t0 > 0, got {t0!r}")
-    a_f = (-math.expm1(-kappa_fast * t0)) ** 2
-    a_s = (-math.expm1(-kappa_slow * t0)) ** 2
-    return k * a_f / (k * a_f + (m - k) * a_s)
+    # C = k / (k + (m - k) rho^2) with rho = (A_s / A_f)^(1/2); at small times rho from
+    # kappa g(kappa t0), g(x) = (1 - e^{-x}) / x, so there is no 0/0 when A underflows at tiny t0
+    x = np.array([kappa_fast * t0, kappa_slow * t0])
+    if x.max() < 1.0:
+        g = _rel_rise(x)
+        rho = (kappa_slow / kappa_fast) * float(g[1] / g[0])
+    else:
+        a = -np.expm1(-x)
+        rho = float(a[1] / a[0]) if a[0] > 0 else math.inf
+    return k / (k + (m - k) * rho**2)
 
 
 def _two_band(kappa_fast: float, kappa_slow: float, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
-    if not 0 < k < m or kappa_fast <= 0 or kappa_slow <= 0:
-        raise ValueError(f"two-band model: need 0 < k < m and positive rates, got k={k!r}, m={m!r}, "
+    if (not 0 < k < m or int(k) != k or int(m) != m or not kappa_fast > 0 or not kappa_slow > 0
+            or not math.isfinite(kappa_fast) or not math.isfinite(kappa_slow)):
+        raise ValueError(f"two-band model: need integers 0 < k < m and finite positive rates, got k={k!r}, m={m!r}, "
                          f"kappa_fast={kappa_fast!r}, kappa_slow={kappa_slow!r}")
+    k, m = int(k), int(m)
     return np.ones(m), np.r_[np.full(k, float(kappa_fast)), np.full(m - k, float(kappa_slow))]
 
 
@@ -230,7 +308,11 @@ def time_to_target_slope(eps: float, kappa_fast: float, kappa_slow: float, k: in
     ``dT/dks = -(m-k) T e^{-2 ks T} / (k kf e^{-2 kf T} + (m-k) ks e^{-2 ks T})``.
     """
     T = time_to_target(eps, kappa_fast, kappa_slow, k, m)
-    es, ef = math.exp(-2 * kappa_slow * T), math.exp(-2 * kappa_fast * T)
+    # divided through by the larger of e^{-2 ks T}, e^{-2 kf T}: no 0/0 when both underflow (tiny eps)
+    if kappa_fast >= kappa_slow:
+        es, ef = 1.0, math.exp(-2 * (kappa_fast - kappa_slow) * T)
+    else:
+        es, ef = math.exp(-2 * (kappa_slow - kappa_fast) * T), 1.0
     return -(m - k) * T * es / (k * kappa_fast * ef + (m - k) * kappa_slow * es)
 
 
@@ -241,9 +323,9 @@ def time_to_target_slope(eps: float, kappa_fast: float, kappa_slow: float, k: in
 def head_matched_rate(xi: float, t0: float, r_h: float, q: float) -> float:
     """Cor. 8: the ``eta_B`` for which mode ``r_h`` has reached ``a = xi beta`` at ``t0``: ``-log(1-xi) r_h^q / t0``."""
     xi = _unit_interval("xi", xi)
-    if t0 <= 0 or r_h < 1 or q < 0:
-        raise ValueError(f"head_matched_rate: need t0 > 0, r_h >= 1, q >= 0; got {t0!r}, {r_h!r}, {q!r}")
-    return -math.log1p(-xi) * float(r_h) ** q / float(t0)
+    fn = "head_matched_rate"
+    t0, r_h, q = _real(fn, "t0", t0, low=0.0, strict=True), _real(fn, "r_h", r_h, low=1.0), _real(fn, "q", q, low=0.0)
+    return -math.log1p(-xi) * r_h**q / t0
 
 
 def head_matched_recruitment_time(R: float, r_h: float, delta: float, xi: float, t0: float, q: float) -> float:
@@ -253,9 +335,10 @@ def head_matched_recruitment_time(R: float, r_h: float, delta: float, xi: float,
     ``R > r_h``: the batch with the smallest tail exponent reaches the band first.
     """
     delta, xi = _unit_interval("delta", delta), _unit_interval("xi", xi)
-    if t0 <= 0 or r_h < 1 or R < 1 or q < 0:
-        raise ValueError("head_matched_recruitment_time: need t0 > 0, R, r_h >= 1, q >= 0")
-    return math.log(1.0 / delta) / -math.log1p(-xi) * float(t0) * (float(R) / float(r_h)) ** q
+    fn = "head_matched_recruitment_time"
+    t0, q = _real(fn, "t0", t0, low=0.0, strict=True), _real(fn, "q", q, low=0.0)
+    R, r_h = _real(fn, "R", R, low=1.0), _real(fn, "r_h", r_h, low=1.0)
+    return -math.log(delta) / -math.log1p(-xi) * t0 * (R / r_h) ** q
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,10 +354,18 @@ def local_alpha(r, t: float, p: float, eta: float, q: float) -> np.ndarray:
     secant slopes, so it lies between ``local_alpha(R1)`` and ``local_alpha(R2)``.
     """
     r = np.asarray(r, dtype=np.float64)
-    if np.any(r <= 0) or eta <= 0 or t <= 0 or q <= 0:
-        raise ValueError("local_alpha: need r > 0, eta > 0, t > 0, q > 0")
-    x = eta * t * r**-q
-    return p + 2.0 * q * (x * np.exp(-x) / -np.expm1(-x))  # x / (e^x - 1), without overflow
+    if not np.all(np.isfinite(r)) or np.any(r <= 0):
+        raise ValueError(f"local_alpha: need finite r > 0, got {r!r}")
+    fn = "local_alpha"
+    p = _real(fn, "p", p)
+    t, eta, q = (_real(fn, name, v, low=0.0, strict=True) for name, v in (("t", t), ("eta", eta), ("q", q)))
+    with np.errstate(over="ignore", under="ignore"):  # r^-q -> inf / 0 handled below
+        x = np.asarray(eta * t * r**-q, dtype=np.float64)
+    # x / (e^x - 1) = x e^{-x} / (1 - e^{-x}), without overflow; its limits are 1 at x = 0 (r^-q
+    # underflows deep in the tail) and 0 at x = inf (r^-q overflows deep in the head)
+    with np.errstate(invalid="ignore", over="ignore"):
+        h = np.where(x == 0, 1.0, np.where(np.isinf(x), 0.0, x * np.exp(-x) / -np.expm1(-x)))
+    return p + 2.0 * q * h
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,9 +378,16 @@ def gradient_crossover_time(kappa_i: float, kappa_j: float) -> float:
     ``t_ij = log(kappa_i / kappa_j) / (kappa_i - kappa_j)`` for ``kappa_i > kappa_j > 0``; before it the
     faster mode has more gradient energy, after it less (while its activation energy stays larger).
     """
+    fn = "gradient_crossover_time"
+    kappa_i, kappa_j = _real(fn, "kappa_i", kappa_i), _real(fn, "kappa_j", kappa_j)
     if not kappa_i > kappa_j > 0:
         raise ValueError(f"gradient_crossover_time: need kappa_i > kappa_j > 0, got {kappa_i!r}, {kappa_j!r}")
-    return math.log(kappa_i / kappa_j) / (kappa_i - kappa_j)
+    d = kappa_i - kappa_j  # exact when the rates are within a factor 2 (Sterbenz)
+    if d < kappa_j:
+        # log(kappa_i / kappa_j) would round the ratio first: a relative error eps / (ratio - 1)
+        return math.log1p(d / kappa_j) / d
+    ratio = kappa_i / kappa_j
+    return (math.log(ratio) if math.isfinite(ratio) else math.log(kappa_i) - math.log(kappa_j)) / d
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,20 +399,30 @@ def factor_masses(t: float, m0, beta) -> np.ndarray:
 
     ``beta_r > 0``: ``beta_r / (1 + (beta_r/m_r(0) - 1) e^{-2 beta_r t})`` (logistic);
     ``beta_r = 0``: ``m_r(0) / (1 + 2 m_r(0) t)``.
+
+    Where ``beta_r < m_r(0)`` (decay from above, ``beta_r = 0`` included) it is evaluated as
+    ``1 / (e^{-2 beta_r t} / m_r(0) + (1 - e^{-2 beta_r t}) / beta_r)``: the same value as a sum of
+    two nonnegative terms, so there is no cancellation in ``1 + (beta_r/m_r(0) - 1) e^{...}`` at small
+    ``beta_r t`` (it lost ``eps / (beta_r t)`` relative: 2e-5 at ``beta_r = 1e-12``), and
+    ``(1 - e^{-x}) / beta_r -> 2 t`` joins the ``beta_r = 0`` case continuously. Where
+    ``beta_r >= m_r(0)`` the logistic form has no cancellation and keeps ``m_r <= beta_r`` exactly.
+    ``t >= 0``.
     """
+    t = _real("factor_masses", "t", t, low=0.0)
     m0, beta = _vec("m0", m0, positive=True), _vec("beta", beta, nonnegative=True)
     _same_size(m0=m0, beta=beta)
-    t = float(t)
-    out = m0 / (1.0 + 2.0 * m0 * t)
-    on = beta > 0
-    b = beta[on]
-    out[on] = b / (1.0 + (b / m0[on] - 1.0) * np.exp(-2.0 * b * t))
+    x = 2.0 * beta * t
+    out = 1.0 / (np.exp(-x) / m0 + (2.0 * t) * _rel_rise(x))
+    up = beta >= m0  # growth from below: (beta/m0 - 1) >= 0
+    out[up] = beta[up] / (1.0 + (beta[up] / m0[up] - 1.0) * np.exp(-x[up]))
     return out
 
 
 def factor_rhs(m, beta) -> np.ndarray:
     """Thm. 11(b): the vector field ``m_r' = 2 m_r (beta_r - m_r)``."""
     m, beta = np.asarray(m, dtype=np.float64), np.asarray(beta, dtype=np.float64)
+    if m.shape != beta.shape:  # no silent broadcasting of a short beta
+        raise ValueError(f"factor_rhs: m has shape {m.shape}, beta {beta.shape}; expected the same")
     return 2.0 * m * (beta - m)
 
 
@@ -323,6 +431,8 @@ def band_concentration(m, in_band) -> float:
     m, mask = np.asarray(m, dtype=np.float64), np.asarray(in_band, dtype=bool)
     if m.shape != mask.shape:
         raise ValueError(f"band_concentration: m has shape {m.shape}, in_band {mask.shape}")
+    if not m.sum() > 0:
+        raise ValueError(f"band_concentration: total mass must be > 0, got {m.sum()!r}")
     return float(m[mask].sum() / m.sum())
 
 
@@ -333,6 +443,9 @@ def band_concentration_rate(m, beta, in_band) -> float:
     ``0 < m_r < beta_r`` in band and both masses are nonzero.
     """
     m, mask = np.asarray(m, dtype=np.float64), np.asarray(in_band, dtype=bool)
+    if m.shape != mask.shape or not m.sum() > 0:
+        raise ValueError(f"band_concentration_rate: need m and in_band of one shape and total mass > 0, "
+                         f"got shapes {m.shape}, {mask.shape} and mass {m.sum()!r}")
     dm = factor_rhs(m, beta)
     A, B = m[mask].sum(), m[~mask].sum()
     dA, dB = dm[mask].sum(), dm[~mask].sum()
@@ -349,9 +462,9 @@ def polar_factor(G, rtol: float | None = None) -> np.ndarray:
     Singular values at or below ``rtol * sigma_max`` (default ``max(m, n) * eps``) count as zero,
     so for rank-deficient ``G`` only the rank-``r`` part enters, as in the theorem.
     """
-    G = np.asarray(G, dtype=np.float64)
-    if G.ndim != 2 or G.size == 0:
-        raise ValueError(f"polar_factor: expected a non-empty matrix, got shape {G.shape}")
+    G = _matrix("polar_factor", G)
+    if rtol is not None:  # a NaN rtol kept no singular value and returned a zero matrix
+        rtol = _real("polar_factor", "rtol", rtol, low=0.0)
     U, s, Vt = np.linalg.svd(G, full_matrices=False)
     if s.size == 0 or s[0] == 0:
         raise ValueError("polar_factor: G is zero; the polar factor is undefined")
@@ -362,7 +475,19 @@ def polar_factor(G, rtol: float | None = None) -> np.ndarray:
 
 def nuclear_norm(G) -> float:
     """Thm. 17(2): ``||G||_* = sum of singular values``, the dual norm of the operator norm."""
-    return float(np.linalg.svd(np.asarray(G, dtype=np.float64), compute_uv=False).sum())
+    return float(np.linalg.svd(_matrix("nuclear_norm", G), compute_uv=False).sum())
+
+
+def _matrix(fn: str, G) -> np.ndarray:
+    G = np.asarray(G)
+    if np.iscomplexobj(G):
+        raise ValueError(f"{fn}: G must be real, got dtype {G.dtype}")
+    G = G.astype(np.float64)
+    if G.ndim != 2 or G.size == 0:
+        raise ValueError(f"{fn}: expected a non-empty matrix, got shape {G.shape}")
+    if not np.all(np.isfinite(G)):
+        raise ValueError(f"{fn}: G has non-finite entries")
+    return G
 
 
 def quintic_map(s, coefficients: Sequence[float], steps: int = 5) -> np.ndarray:
@@ -372,7 +497,12 @@ def quintic_map(s, coefficients: Sequence[float], steps: int = 5) -> np.ndarray:
     singular value by ``phi(s) = a s + b s^3 + c s^5``; this returns ``phi`` applied ``steps`` times.
     Feed it ``sigma / ||G||_F`` to predict the iteration's output exactly (in exact arithmetic).
     """
+    coefficients = tuple(coefficients)
+    if len(coefficients) != 3:
+        raise ValueError(f"quintic_map: coefficients must be (a, b, c), got {coefficients!r}")
     a, b, c = (float(v) for v in coefficients)
+    if isinstance(steps, bool) or int(steps) != steps or steps < 0:
+        raise ValueError(f"quintic_map: steps must be an integer >= 0, got {steps!r}")
     s = np.asarray(s, dtype=np.float64).copy()
     for _ in range(int(steps)):
         s2 = s * s
@@ -389,5 +519,7 @@ def quintic_band(lo: float, coefficients: Sequence[float], steps: int = 5, n: in
     """
     if not 0 < lo <= 1:
         raise ValueError(f"quintic_band: lo must lie in (0, 1], got {lo!r}")
+    if int(n) != n or n < 2:
+        raise ValueError(f"quintic_band: n must be an integer >= 2, got {n!r}")
     v = quintic_map(np.geomspace(lo, 1.0, n), coefficients, steps)
     return float(v.min()), float(v.max())

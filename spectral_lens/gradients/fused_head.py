@@ -29,6 +29,17 @@ cancellation). So the chunked path is never less exact than the materialized one
 :func:`linear_cross_entropy` uses it whenever the full logits would exceed ``chunk_bytes``; for
 smaller problems it runs the same code with one chunk.
 
+Label smoothing (``label_smoothing=eps``, ``F.cross_entropy``'s): the loss ``(1 - eps) (lse - z_t) +
+eps (lse - mean z)`` is formed as ``(1 - eps) (log s - (z_t - m)) + eps (log s - mean(z - m))``, two
+nonnegative terms, the mean taken per chunk from the same logits as a float32 (float64) sum of the
+``z - m <= 0``, same-sign terms: the smoothing term is within ``(log2 V + 2) 2^-24`` of itself in the
+plain-PyTorch body (``(V / 2048 + 13) 2^-24`` in the kernels' blockwise sum) at any offset, so the bounds
+above hold as they are (tested: ``(log2 V + 4) 2^-24 (|loss| + log V)`` against the same logits, offsets up to
+1e4). The logits' gradient is ``softmax - (1 - eps) onehot - eps / V``: the other entries round at the scale of
+``p_j + eps / V``, the target entry is ``eps (V - 1) / V`` minus the positive sum of the others' ``p_j`` (no
+``p_t - 1`` cancellation), so each entry is within a few ulps of ``|g|_max + eps`` (``2^-20 (1 + log V)``
+tested). ``eps = 0`` runs the plain code, bit for bit.
+
 The probe uses it on its own (``PerSampleGradientProbe(head_loss="auto")``, the default) when
 :func:`find_chunkable_head` proves it computes the same loss as the default one; by hand it is
 :func:`head_loss_fns`.
@@ -49,7 +60,7 @@ from .._matmul import mm_fp32
 from .._triton import triton_available, use_kernels
 from ._batch import default_forward
 from .cast_cache import cast_of
-from .losses import causal_lm_targets, extract_logits
+from .losses import _check_smoothing, causal_lm_targets, extract_logits
 
 __all__ = [
     "linear_cross_entropy",
@@ -107,6 +118,17 @@ def _logits(h, w, b, dtype) -> torch.Tensor:
     return F.linear(h.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
 
 
+def _token_loss(ls: torch.Tensor, zt_m: torch.Tensor, mean_e: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """The per-token loss from a row's ``log s``, ``z_t - m`` and ``mean_j (z_j - m)`` (``None`` when
+    ``eps`` is 0): ``(1 - eps) (log s - (z_t - m)) + eps (log s - mean(z - m))``, the label-smoothed
+    cross-entropy ``(1 - eps) (lse - z_t) + eps (lse - mean z)`` with ``lse = m + log s`` never formed.
+    Both terms are nonnegative (``log s >= 0 >= z_t - m, mean(z - m)``): no cancellation."""
+    nll = ls - zt_m
+    if not eps:
+        return nll
+    return (1.0 - eps) * nll + eps * (ls - mean_e)
+
+
 def _row_norms(z: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(e, m, log s)`` of a block of logits in the plain-PyTorch body: ``e = z - m`` in ``acc`` with
     ``m`` each row's max, and ``s = sum exp(e)``. The log-sum-exp is ``m + log s``; it is kept as the
@@ -117,19 +139,27 @@ def _row_norms(z: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.T
     return e, m, e.exp().sum(-1).log()
 
 
-def _softmax_grad(z, safe, m, ls, weight, acc, dtype, kernel, shifted=None):
-    """``(g, g_acc)`` of one chunk: ``g = (softmax(z) - onehot(t)) * weight`` rounded once to ``dtype``
-    (the rounding an unfused head's logits gradient has), with ``softmax(z) = exp((z - m) - log s)``,
-    the target entry formed as minus the sum of the others (no ``p_t - 1`` cancellation when
-    ``p_t ~ 1``); ``g_acc`` is the unrounded ``g`` in ``acc`` from the plain-PyTorch body (``None`` from
-    the kernel, which never forms it). ``shifted``: ``z - m`` in ``acc`` if the caller has it."""
+def _softmax_grad(z, safe, m, ls, weight, acc, dtype, kernel, shifted=None, eps=0.0):
+    """``(g, g_acc)`` of one chunk: ``g = (softmax(z) - (1 - eps) onehot(t) - eps / V) * weight``
+    rounded once to ``dtype`` (the rounding an unfused head's logits gradient has), with
+    ``softmax(z) = exp((z - m) - log s)``. The target entry is formed from the positive sum ``S`` of
+    the others' ``weight p_j`` as ``weight eps (V - 1) / V - S`` (the entries sum to zero), so there
+    is no ``p_t - 1`` cancellation when ``p_t ~ 1``; ``g_acc`` is the unrounded ``g`` in ``acc`` from
+    the plain-PyTorch body (``None`` from the kernel, which never forms it). ``shifted``: ``z - m`` in
+    ``acc`` if the caller has it. ``eps``: label smoothing (0: plain cross-entropy)."""
     if kernel is not None:  # one read, one write of the block; the same fp32 math, then one rounding
-        return kernel.softmax_grad(z, safe, m, ls, weight.contiguous()), None
+        return kernel.softmax_grad(z, safe, m, ls, weight.contiguous(), eps), None
     e = shifted if shifted is not None else z.to(acc) - m[:, None]
     g = (e - ls[:, None]).exp() * weight[:, None]
     at = safe[:, None]
     g = g.scatter(-1, at, 0.0)
-    g = g.scatter(-1, at, -g.sum(-1, keepdim=True))
+    if eps:
+        v = g.shape[-1]
+        others = g.sum(-1, keepdim=True)
+        g = g - weight[:, None] * (eps / v)
+        g = g.scatter(-1, at, weight[:, None] * (eps * (v - 1) / v) - others)
+    else:
+        g = g.scatter(-1, at, -g.sum(-1, keepdim=True))
     return g.to(dtype), g
 
 
@@ -155,7 +185,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(h, w, b, targets, ignore_index, chunk_rows, dtype, precompute):
+    def forward(h, w, b, targets, ignore_index, chunk_rows, dtype, precompute, eps):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         valid = targets != ignore_index
         safe = targets.masked_fill(~valid, 0)
@@ -170,18 +200,20 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             ts = safe[s : s + chunk_rows]
             g = e = None
             if kernel is not None and precompute:  # log-sum-exp and gradient in one launch
-                m, ls, loss, g = kernel.lse_and_grad(z, ts, unit[s : s + chunk_rows].contiguous())
+                m, ls, loss, g = kernel.lse_and_grad(z, ts, unit[s : s + chunk_rows].contiguous(), eps)
             elif kernel is not None:  # one read of the logits in their own dtype, fp32 inside
-                m, ls, loss = kernel.row_lse(z, ts)
+                m, ls, loss = kernel.row_lse(z, ts, eps)
             else:  # loss = log s - (z_t - m): no rounding at the scale of the logits' offset
                 e, m, ls = _row_norms(z, acc)
-                loss = ls - e.gather(-1, ts[:, None]).squeeze(-1)
+                # the smoothing's mean of the logits as the mean of z - m <= 0: a sum of same-sign terms
+                loss = _token_loss(ls, e.gather(-1, ts[:, None]).squeeze(-1), e.mean(-1) if eps else None, eps)
             ms.append(m)
             lss.append(ls)
             losses.append(loss)
             if precompute:
                 if g is None:
-                    g, _ = _softmax_grad(z, ts, m, ls, unit[s : s + chunk_rows], acc, dtype, kernel, shifted=e)
+                    g, _ = _softmax_grad(z, ts, m, ls, unit[s : s + chunk_rows], acc, dtype, kernel, shifted=e,
+                                         eps=eps)
                 dhs.append(_mm_acc(g, wc, acc))
         m, ls, loss = torch.cat(ms), torch.cat(lss), torch.cat(losses)
         dh_unit = torch.cat(dhs) if precompute else m.new_empty(0)
@@ -189,13 +221,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        h, w, b, targets, ignore_index, chunk_rows, dtype, precompute = inputs
+        h, w, b, targets, ignore_index, chunk_rows, dtype, precompute, eps = inputs
         ctx.mark_non_differentiable(*output[1:])
         if precompute:
             ctx.save_for_backward(targets, output[3])
         else:
             ctx.save_for_backward(h, w, b, targets, output[1], output[2])
         ctx.ignore_index, ctx.chunk_rows, ctx.dtype, ctx.precompute = ignore_index, chunk_rows, dtype, precompute
+        ctx.eps = eps
         ctx.h_dtype = h.dtype
 
     @staticmethod
@@ -203,7 +236,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if ctx.precompute:
             targets, dh_unit = ctx.saved_tensors
             weight = grad_loss.to(dh_unit.dtype) * (targets != ctx.ignore_index)
-            return (dh_unit * weight[:, None]).to(ctx.h_dtype), None, None, None, None, None, None, None
+            return (dh_unit * weight[:, None]).to(ctx.h_dtype), None, None, None, None, None, None, None, None
         h, w, b, targets, m, ls = ctx.saved_tensors
         chunk_rows, dtype = ctx.chunk_rows, ctx.dtype
         acc = m.dtype
@@ -217,7 +250,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk_rows):
             hc = h[s : s + chunk_rows]
             g, g_acc = _softmax_grad(_logits(hc, wc, bc, dtype), safe[s : s + chunk_rows], m[s : s + chunk_rows],
-                                     ls[s : s + chunk_rows], weight[s : s + chunk_rows], acc, dtype, kernel)
+                                     ls[s : s + chunk_rows], weight[s : s + chunk_rows], acc, dtype, kernel,
+                                     eps=ctx.eps)
             if need_b and b is not None:
                 db = g_acc.sum(0) if db is None else db + g_acc.sum(0)
             if need_h:
@@ -232,7 +266,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             dh,
             None if dw is None else dw.to(w.dtype),
             None if db is None else db.to(b.dtype),
-            None, None, None, None, None,
+            None, None, None, None, None, None,
         )
 
 
@@ -244,6 +278,7 @@ def linear_cross_entropy(
     *,
     ignore_index: int = -100,
     chunk_rows: int | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Per-token ``-log softmax(hidden @ weight.T + bias)[target]``, (N,), without the (N, V) logits.
 
@@ -256,6 +291,9 @@ def linear_cross_entropy(
         chunk_rows: tokens per chunk; ``None`` picks ``CHUNK_BYTES / (4 V)`` (at least 1), or
             ``KERNEL_CHUNK_BYTES / (b V)`` with ``b`` the bytes of the logits' dtype where the Triton
             kernels run.
+        label_smoothing: ``eps`` in ``[0, 1]``: each token's loss is
+            ``F.cross_entropy(z, t, label_smoothing=eps)``'s, ``(1 - eps) (lse - z_t) + eps (lse - mean z)``,
+            with gradient ``softmax(z) - (1 - eps) onehot(t) - eps / V`` (ignored tokens: 0, no gradient).
 
     Returns float32 losses (float64 for float64 inputs). Differentiable in ``hidden``, ``weight`` and
     ``bias`` (only what requires grad is formed). Accuracy: see the module docstring.
@@ -280,6 +318,7 @@ def linear_cross_entropy(
             chunk_rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
     if chunk_rows < 1:
         raise ValueError(f"linear_cross_entropy: chunk_rows must be >= 1, got {chunk_rows}")
+    eps = _check_smoothing("linear_cross_entropy", label_smoothing)
     if hidden.shape[0] == 0:
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         return (hidden.sum(-1) + weight.sum() * 0).to(acc)  # (0,), still connected to the graph
@@ -287,18 +326,26 @@ def linear_cross_entropy(
     precompute = (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
                   and (bias is None or not bias.requires_grad))
     with torch.autocast(hidden.device.type, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk_rows, dtype, precompute)[0]
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, ignore_index, chunk_rows, dtype, precompute,
+                                                eps)[0]
 
 
 def causal_lm_head_loss(
-    hidden: torch.Tensor, batch: Any, head: nn.Linear, ignore_index: int = -100, chunk_rows: int | None = None
+    hidden: torch.Tensor,
+    batch: Any,
+    head: nn.Linear,
+    ignore_index: int = -100,
+    chunk_rows: int | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """:func:`~spectral_lens.gradients.causal_lm_loss` computed from hidden states (M, T, d) and an
-    ``nn.Linear`` head, chunked: per-sequence mean next-token cross-entropy, (M,). Same target
-    conventions as ``causal_lm_loss`` (tuple, Hugging Face dict, bare ``input_ids``)."""
+    ``nn.Linear`` head, chunked: per-sequence mean next-token cross-entropy, (M,), label-smoothed by
+    ``label_smoothing`` as ``causal_lm_loss``'s. Same target conventions as ``causal_lm_loss`` (tuple,
+    Hugging Face dict, bare ``input_ids``)."""
     hidden, targets = causal_lm_targets(hidden, batch, ignore_index)
     token = linear_cross_entropy(
-        hidden.flatten(0, -2), head.weight, targets.flatten(), head.bias, ignore_index=ignore_index, chunk_rows=chunk_rows
+        hidden.flatten(0, -2), head.weight, targets.flatten(), head.bias, ignore_index=ignore_index,
+        chunk_rows=chunk_rows, label_smoothing=label_smoothing,
     ).view(targets.shape)
     valid = (targets != ignore_index).to(token.dtype)
     return token.sum(-1) / valid.sum(-1)
@@ -319,7 +366,13 @@ def without_head(model: nn.Module, name: str):
 
 
 def head_loss_fns(
-    model: nn.Module, head: str = "lm_head", ignore_index: int = -100, chunk_rows: int | None = None, *, example: Any = None
+    model: nn.Module,
+    head: str = "lm_head",
+    ignore_index: int = -100,
+    chunk_rows: int | None = None,
+    *,
+    example: Any = None,
+    label_smoothing: float = 0.0,
 ):
     """``forward_fn`` / ``loss_fn`` for :class:`~spectral_lens.gradients.PerSampleGradientProbe` that run
     the model up to its ``nn.Linear`` head and compute the default causal-LM loss with
@@ -329,12 +382,13 @@ def head_loss_fns(
     after the head). Every forward checks that the output's last dimension is the head's input width;
     pass a batch as ``example`` to also check, once and here, that ``head(hidden)`` reproduces the
     model's own logits (this catches element-wise transforms such as soft-capping, which keep the
-    shape). The probe's losses, gradients and spectra are those of the default loss up to the rounding
+    shape). ``label_smoothing``: as ``F.cross_entropy``'s (:func:`linear_cross_entropy`). The probe's losses, gradients and spectra are those of the default loss up to the rounding
     stated in the module docstring.
     """
     module = model.get_submodule(head)
     if type(module) is not nn.Linear:
         raise TypeError(f"head_loss_fns: {head!r} must be an nn.Linear head, got {type(module).__name__}")
+    eps = _check_smoothing("head_loss_fns", label_smoothing)
 
     def forward_fn(m: nn.Module, batch: Any):
         inputs = batch["input_ids"] if isinstance(batch, Mapping) else batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -350,7 +404,7 @@ def head_loss_fns(
         return hidden
 
     def loss_fn(hidden: torch.Tensor, batch: Any) -> torch.Tensor:
-        return causal_lm_head_loss(hidden, batch, module, ignore_index, chunk_rows)
+        return causal_lm_head_loss(hidden, batch, module, ignore_index, chunk_rows, eps)
 
     if example is not None:
         with torch.no_grad():
@@ -532,9 +586,11 @@ def chunked_head_fns(
     ignore_index: int = -100,
     chunk_rows: int | None = None,
     forward: Callable[[nn.Module, Any], Any] = default_forward,
+    label_smoothing: float = 0.0,
 ):
     """``forward_fn`` / ``loss_fn`` that compute the default loss (:func:`causal_lm_loss` of
-    ``forward(model, batch)``) through :func:`causal_lm_head_loss`: ``forward`` runs with the head
+    ``forward(model, batch)``, label-smoothed by ``label_smoothing``) through
+    :func:`causal_lm_head_loss`: ``forward`` runs with the head
     ``head`` bypassed (:func:`without_head`) and the hidden states are read where the logits were
     (``extract_logits``). Exact only for heads :func:`find_chunkable_head` accepts; the probe's
     ``head_loss="auto"`` builds these after that check. Unlike :func:`head_loss_fns`, the model is
@@ -542,12 +598,13 @@ def chunked_head_fns(
     module = model.get_submodule(head)
     if type(module) is not nn.Linear:
         raise TypeError(f"chunked_head_fns: {head!r} must be an nn.Linear head, got {type(module).__name__}")
+    eps = _check_smoothing("chunked_head_fns", label_smoothing)
 
     def forward_fn(m: nn.Module, batch: Any) -> torch.Tensor:
         with without_head(m, head):
             return extract_logits(forward(m, batch))
 
     def loss_fn(hidden: torch.Tensor, batch: Any) -> torch.Tensor:
-        return causal_lm_head_loss(hidden, batch, module, ignore_index, chunk_rows)
+        return causal_lm_head_loss(hidden, batch, module, ignore_index, chunk_rows, eps)
 
     return {"forward_fn": forward_fn, "loss_fn": loss_fn}

@@ -111,6 +111,13 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
 METHODS = ("auto", "native", "recompute")
 
 
+def _check_smoothing(who: str, eps: Any) -> float:
+    """``eps`` as a float in ``[0, 1]`` (``F.cross_entropy``'s ``label_smoothing`` range), else a ``ValueError``."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= float(eps) <= 1.0:
+        raise ValueError(f"{who}: label_smoothing must be a number in [0, 1] (F.cross_entropy's), got {eps!r}")
+    return float(eps)
+
+
 def token_cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, method: str = "auto"
 ) -> torch.Tensor:
@@ -199,7 +206,9 @@ def causal_lm_targets(x: torch.Tensor, batch: Any, ignore_index: int = -100) -> 
     return x, targets
 
 
-def causal_lm_loss(output: Any, batch: Any, ignore_index: int = -100, method: str = "auto") -> torch.Tensor:
+def causal_lm_loss(
+    output: Any, batch: Any, ignore_index: int = -100, method: str = "auto", label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Per-sequence mean autoregressive cross-entropy, shape ``(M,)``, float32 or wider
     (:func:`token_cross_entropy` per position).
 
@@ -219,9 +228,24 @@ def causal_lm_loss(output: Any, batch: Any, ignore_index: int = -100, method: st
     equals ``ignore_index`` are excluded from both the sum and the count, so
     padding never changes ``L_m``. A sequence with no valid position gets ``0/0 = NaN``, which the
     probe reports as a non-finite loss naming the sample.
+
+    ``label_smoothing`` (``eps`` in ``[0, 1]``): each token's loss is ``F.cross_entropy``'s with
+    ``label_smoothing=eps``, ``(1 - eps) * nll + eps * mean over the vocabulary of -log p`` (Hugging
+    Face's ``LabelSmoother``), computed by ``F.cross_entropy`` on the logits in float32 (or their wider
+    dtype); ``method`` must then be ``"auto"`` or ``"native"``.
     """
+    eps = _check_smoothing("causal_lm_loss", label_smoothing)
     logits, targets = causal_lm_targets(extract_logits(output), batch, ignore_index)
-    token_loss = token_cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index, method)
+    if eps:
+        if method not in ("auto", "native"):
+            raise ValueError(f"causal_lm_loss: label_smoothing={eps} runs F.cross_entropy (method 'auto' or "
+                             f"'native'), got method={method!r}")
+        if logits.dtype != torch.float64:
+            logits = logits.float()
+        token_loss = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index,
+                                     reduction="none", label_smoothing=eps)
+    else:
+        token_loss = token_cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index, method)
     token_loss = token_loss.view(targets.shape)
     valid = (targets != ignore_index).to(token_loss.dtype)
     return token_loss.sum(-1) / valid.sum(-1)

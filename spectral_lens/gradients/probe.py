@@ -166,7 +166,8 @@ class PerSampleGradientProbe:
             ``"materialized"``: always the full logits. When ``loss_fn`` or ``forward_fn`` is given,
             ``"auto"`` does nothing (a user's loss is never replaced). The decision is
             ``probe.head_loss_`` (``"chunked (lm_head)"``, ``"materialized: <reason>"``), made once
-            per attached model.
+            per attached model. An integration's label-smoothed default loss (Hugging Face's
+            ``label_smoothing_factor``) takes the same decision (``linear_cross_entropy(label_smoothing=)``).
 
     Measuring has no side effects: ``.grad``, ``requires_grad``, train/eval flags, module buffers
     (BatchNorm running statistics also with ``train_mode=True``), the CPU and CUDA RNG states, Python's
@@ -249,6 +250,7 @@ class PerSampleGradientProbe:
         self.head_loss = head_loss
         self.head_loss_: str | None = self._initial_head_loss()
         self._head_fns: tuple[Callable, Callable] | None = None  # (forward_fn, loss_fn) once chunked is chosen
+        self._label_smoothing = 0.0  # the default loss's (an integration's, _trained_loss), in both head losses
         self.engine = engine
         self.chunk_size = int(chunk_size)
         self.keep_matrix = keep_matrix
@@ -457,21 +459,25 @@ class PerSampleGradientProbe:
         self.head_loss_, self._head_fns = self._initial_head_loss(), None
 
     @contextlib.contextmanager
-    def _trained_loss(self, loss_fn: Callable[[Any, Any], torch.Tensor]):
-        """``loss_fn`` in place of the default loss inside the block, as a user's ``loss_fn`` (an integration's:
-        the loss the trainer trains on, e.g. Hugging Face's label smoothing); the default loss and the head-loss
-        decision are back afterwards. A probe with a user's ``loss_fn`` or ``forward_fn`` is left as it is."""
+    def _trained_loss(self, label_smoothing: float):
+        """The default loss label-smoothed by ``label_smoothing`` inside the block (an integration's: the loss the
+        trainer trains on, e.g. Hugging Face's ``label_smoothing_factor``): :func:`causal_lm_loss`'s
+        ``label_smoothing`` on the materialized logits, :func:`~spectral_lens.gradients.causal_lm_head_loss`'s on the
+        chunked head loss, chosen by ``head_loss`` as for the plain loss (decided again in the block). The default
+        loss and the head-loss decision are back afterwards. A probe with a user's ``loss_fn`` or ``forward_fn`` is
+        left as it is."""
         if self._custom_loss is not None or self._custom_forward is not None:
             yield
             return
-        saved = self.loss_fn, self.head_loss_, self._head_fns
-        self.loss_fn = self._custom_loss = loss_fn
+        saved = self.loss_fn, self.head_loss_, self._head_fns, self._label_smoothing
+        self._label_smoothing = float(label_smoothing)
+        self.loss_fn = functools.partial(causal_lm_loss, ignore_index=self.ignore_index,
+                                         label_smoothing=self._label_smoothing)
         self._forget_head_loss()
         try:
             yield
         finally:
-            self._custom_loss = None
-            self.loss_fn, self.head_loss_, self._head_fns = saved
+            self.loss_fn, self.head_loss_, self._head_fns, self._label_smoothing = saved
 
     def _initial_head_loss(self) -> str | None:
         """The head-loss decision known without the model's output; ``None``: decided at the first update."""
@@ -507,7 +513,8 @@ class PerSampleGradientProbe:
                 )
             self.head_loss_ = f"materialized: {reason}"
             return
-        fns = chunked_head_fns(self.model, head, self.ignore_index, forward=self.forward_fn)
+        fns = chunked_head_fns(self.model, head, self.ignore_index, forward=self.forward_fn,
+                               label_smoothing=self._label_smoothing)
         self._head_fns = (fns["forward_fn"], fns["loss_fn"])
         self.head_loss_ = f"chunked ({head})"
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 import weakref
 from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 
 from .._warnings import SpectralLensWarning
-from ..gradients.losses import causal_lm_targets, extract_logits
+from ..gradients.losses import causal_lm_loss
 from ..lens import SpectralLens
 from ._driver import LensDriver
 from ._require import require
@@ -26,13 +24,10 @@ def _smoothed_causal_lm_loss(output: Any, batch: Any, epsilon: float, ignore_ind
     """Per-sequence mean label-smoothed next-token cross-entropy, ``(M,)``: Hugging Face's ``LabelSmoother``
     per token (``(1 - eps) * nll + eps * mean over the vocabulary of -log p``, the same as ``F.cross_entropy``'s
     ``label_smoothing``), averaged over each sequence's non-ignored targets, with the default loss's targets and
-    masks (:func:`~spectral_lens.gradients.causal_lm_targets`). Computed in float32 or the logits' wider dtype."""
-    logits, targets = causal_lm_targets(extract_logits(output), batch, ignore_index)
-    if logits.dtype != torch.float64:
-        logits = logits.float()
-    tok = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=ignore_index, reduction="none",
-                          label_smoothing=epsilon).view(targets.shape)
-    return tok.sum(-1) / (targets != ignore_index).sum(-1)
+    masks: :func:`~spectral_lens.gradients.causal_lm_loss` with ``label_smoothing=epsilon``, the probe's default
+    loss during a measurement of a smoothing trainer (materialized; chunked through the head where the probe's
+    ``head_loss`` chooses that). Computed in float32 or the logits' wider dtype."""
+    return causal_lm_loss(output, batch, ignore_index, label_smoothing=epsilon)
 
 
 class SpectralLensCallback(_transformers.TrainerCallback):
@@ -160,8 +155,9 @@ class SpectralLensCallback(_transformers.TrainerCallback):
     def _trained_loss(self, state, args):
         """The per-sample loss the trainer trains on, for the lens's gradient probe during a measurement: with
         label smoothing (``TrainingArguments(label_smoothing_factor=eps)``; with :meth:`attach`, the trainer's
-        ``label_smoother``, none when it has a ``compute_loss_func``) the default loss is replaced by the
-        smoothed one (:func:`_smoothed_causal_lm_loss`); a probe with the user's ``loss_fn`` is left as it is."""
+        ``label_smoother``, none when it has a ``compute_loss_func``) the default loss is the smoothed one
+        (:func:`_smoothed_causal_lm_loss`; the probe carries ``eps``, so its ``head_loss`` can chunk it through
+        the head as the plain loss); a probe with the user's ``loss_fn`` is left as it is."""
         probe = self.driver.lens.probe
         trainer = self._trainer_of(state)
         if trainer is not None:
@@ -171,8 +167,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
             eps = getattr(args, "label_smoothing_factor", 0.0) or 0.0
         if probe is None or not eps:
             return contextlib.nullcontext()
-        return probe._trained_loss(functools.partial(_smoothed_causal_lm_loss, epsilon=float(eps),
-                                                     ignore_index=probe.ignore_index))
+        return probe._trained_loss(float(eps))
 
     def _trainer_of(self, state):
         """:attr:`trainer` if ``state`` is its state (the callback runs in that trainer), else ``None``: a
