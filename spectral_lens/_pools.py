@@ -2,11 +2,13 @@
 (:func:`attention_mask`) and the checks, when the lens is built, that iterating the pool gives the same
 whole pool at every measurement (:func:`unfixed_pool`: not reshuffled and cut; :func:`sharded_pool`:
 not one rank's shard), and, at a measurement split between ranks, that it is not reshuffled (:func:`reshuffled`). Import them from :mod:`spectral_lens.lens`.
+The content fingerprint of the batches a measurement reads (:class:`PoolFingerprint`), compared from one measurement
+to the next, sees a pool that changed at the same size.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -98,3 +100,114 @@ def sharded_pool(pool: Any) -> str | None:
     if isinstance(sampler, torch.utils.data.DistributedSampler) and sampler.num_replicas > 1:
         return f"is a DataLoader over a DistributedSampler (rank {sampler.rank} of {sampler.num_replicas} replicas)"
     return None
+
+
+# ------------------------------------------------------------------ content fingerprint
+#: the fingerprint's modulus, a Mersenne prime below 2**31: every product of two residues stays within int64
+_P = 2**31 - 1
+_A, _B, _C = 1_103_515_245, 12_345, 2_654_435_761 % _P  # fixed constants of the per-value and per-row mixes
+#: the fingerprint reads at most this many evenly spaced values of each sample (all of a row of up to 65,536 tokens):
+#: its temporaries stay small beside the forward's activations for any input (pixels, ``inputs_embeds``)
+SAMPLE_VALUES = 65_536
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_INTEGERS = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool}
+
+
+def _salt(path: str) -> int:
+    """A nonzero residue for a tensor's place in the batch (its pytree path), the same in every process."""
+    import zlib
+
+    return 1 + zlib.crc32(path.encode()) % (_P - 1)
+
+
+def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+    """A 0-dim int64 residue mod ``2**31 - 1`` of ``t``'s content, on ``t``'s device (no host sync), or ``None``
+    for a tensor it does not read (empty, sparse, a subclass such as ``DTensor``, quantized).
+
+    Dimension 0 indexes samples: each sample's values are hashed as a multiset (no position weights: a
+    pool re-padded to other lengths, left or right, hashes alike once ``mask`` excludes the padding) and the
+    samples' hashes are mixed and summed, so the result does not depend on how the pool is ordered or
+    batched (a shuffled whole pool hashes as the fixed one). Integer and bool tensors are read as integers,
+    floating-point (and complex) ones by their bits; at most :data:`SAMPLE_VALUES` evenly spaced values of each
+    sample. ``mask``: positions to read (nonzero = read), applied where ``t``'s leading shape is the mask's
+    and both are on one device."""
+    if type(t) is not torch.Tensor or t.layout != torch.strided or t.numel() == 0 or t.device.type == "meta":
+        return None
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    floating = t.is_floating_point()
+    if floating:
+        if t.element_size() not in _BITS:
+            return None
+        t = t.view(_BITS[t.element_size()])
+    elif t.dtype not in _INTEGERS:
+        return None
+    shape = tuple(t.shape)
+    rows = t.reshape(shape[0] if shape else 1, -1)
+    n = rows.shape[1]
+    # evenly spaced, the first and the last included
+    idx = torch.arange(SAMPLE_VALUES, device=t.device) * (n - 1) // (SAMPLE_VALUES - 1) if n > SAMPLE_VALUES else None
+    vals = (rows if idx is None else rows[:, idx]).long()
+    f = vals % _P * _A % _P + _B
+    f = f * f % _P
+    if (isinstance(mask, torch.Tensor) and mask.device == t.device and 0 < mask.ndim <= len(shape)
+            and tuple(mask.shape) == shape[:mask.ndim]):
+        read = (mask != 0).reshape(rows.shape[0], -1)
+        inner = n // read.shape[1]  # values per masked position (a (M, T) mask of an (M, T, d) tensor: d)
+        if inner != 1 or idx is not None:
+            read = read[:, (torch.arange(n, device=t.device) if idx is None else idx) // inner]
+        f = f * read
+    h = f.sum(1) % _P + _C
+    return (h * h % _P).sum() % _P
+
+
+def batch_fingerprint(batch: Any, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The residues (:func:`tensor_fingerprint`) of every tensor in ``batch`` (a tensor, or a nested tuple, list
+    or dict of them; other leaves, such as strings, are not read), each salted by its place in the batch. Without
+    ``mask``, a mapping's ``"attention_mask"`` is the mask (padding not read). A tensor whose kernels fail is
+    not read."""
+    from torch.utils import _pytree as pytree
+
+    from .gradients._batch import plain_batch
+
+    batch = plain_batch(batch)
+    if mask is None and isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
+        mask = batch["attention_mask"]
+    out = []
+    with torch.no_grad():  # (the gradient pass reads its batches outside no_grad)
+        for path, leaf in pytree.tree_flatten_with_path(batch)[0]:
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            try:
+                h = tensor_fingerprint(leaf, mask)
+            except (RuntimeError, TypeError):  # a tensor the kernels do not take (a backend's own): not read, never
+                continue                       # a failed measurement
+            if h is not None:
+                out.append(h * _salt(pytree.keystr(path)) % _P)
+    return out
+
+
+class PoolFingerprint:
+    """A running fingerprint of the batches one measurement's pass reads (:func:`batch_fingerprint`), summed on
+    each batch's device; :meth:`value` reads it once, at the end of the pass (one host sync per device). Two
+    passes over the same samples, in any order and batching, give the same value; other content (almost surely)
+    another. Reads the batches only: no RNG, no state."""
+
+    def __init__(self) -> None:
+        self._sums: dict[torch.device, torch.Tensor] = {}
+        self.batches = 0
+
+    def add(self, batch: Any, mask: torch.Tensor | None = None) -> None:
+        self.batches += 1
+        for h in batch_fingerprint(batch, mask):
+            s = self._sums.get(h.device)
+            self._sums[h.device] = h if s is None else (s + h) % _P
+
+    def read(self, batches: Iterable[Any]) -> Iterator[Any]:
+        """Each of ``batches``, added as it passes (:meth:`add`, the batch's ``attention_mask`` as the mask)."""
+        for batch in batches:
+            self.add(batch)
+            yield batch
+
+    def value(self) -> int:
+        return sum(int(s) for s in self._sums.values()) % _P

@@ -30,7 +30,7 @@ from ._agree import (agree, agree_before_pass, agree_round, agree_settings, agre
 from ._args import AUTOCAST_WHY, NARROW_FLOATS, as_integer, check_callable, check_count, check_dtype, check_window
 from ._gradient_pool import agreed_batches, gradient_batches, gradient_total
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
-from ._pools import attention_mask, reshuffled, sharded_pool, unfixed_pool
+from ._pools import PoolFingerprint, attention_mask, reshuffled, sharded_pool, unfixed_pool
 from ._progress import progress_bar, sized_total
 from ._sync import deferred_interrupt
 from ._tensor_parallel import PeerRounds, check_replicated, check_same_forwards, gradient_layout, one_replica, probe_settings
@@ -130,7 +130,9 @@ class SpectralLens:
             ``model(**batch)`` for dicts and other mappings such as ``BatchEncoding``,
             ``model(batch)`` for tensors). Reuse the same pool at every checkpoint and across runs
             (the paper's protocol). A one-shot iterator (a generator) is refused with a ``TypeError``:
-            it would be empty from the second pass on; a ``DataLoader`` whose passes differ in content
+            it would be empty from the second pass on, and so is a tuple of tensors (``(x, y)`` is one batch: pass
+            ``[(x, y)]``); a pool whose content changes between measurements at the same row counts is warned
+            once (a content fingerprint, :class:`~spectral_lens._pools.PoolFingerprint`); a ``DataLoader`` whose passes differ in content
             (shuffled and cut by ``gradient_samples``, sampled with replacement, a random part of the data
             drawn by ``num_samples``, or shuffled with ``drop_last``) with a ``ValueError`` (:func:`unfixed_pool`), and so is one rank's shard (a
             ``DataLoader`` over a ``DistributedSampler``): every rank passes the same whole pool, not shuffled
@@ -256,6 +258,17 @@ class SpectralLens:
                         f"whose iteration yields its keys, not batches: a single dict batch is passed as [batch], a "
                         f"pool as a list of them or a DataLoader"
                     )
+                if isinstance(p, tuple) and len(p) > 1 and all(isinstance(b, torch.Tensor) for b in p):
+                    # (x, y): a batch everywhere else (the default forward_fn runs model(x)), but iterated as a pool
+                    # it is two batches, x and then y, the targets measured as inputs
+                    shapes = ", ".join(str(tuple(b.shape)) for b in p[:4]) + (", ..." if len(p) > 4 else "")
+                    raise TypeError(
+                        f"SpectralLens: {what} is a tuple of {len(p)} tensors (shapes {shapes}), which the lens reads "
+                        f"as one batch (inputs, targets, ...) elsewhere, but would iterate as a pool of {len(p)} "
+                        f"batches, each tensor measured as the model's inputs (the targets too): pass one (x, y) batch "
+                        f"as {what}=[(x, y)], a pool of tensor batches as a list (e.g. list(ids.split(8))), or a "
+                        f"DataLoader"
+                    )
             who = "SpectralLens"
             gradient_samples = check_count(who, "gradient_samples", gradient_samples, 0, none_ok=True)
             check_callable(who, "mask_fn", mask_fn, "batch -> bool mask")
@@ -340,6 +353,8 @@ class SpectralLens:
             self._window_warned = False  # the tail window's misfit is said once per lens (_warn_window)
             self._rows = {}  # each spectrum's rows at the last measurement (_warn_pool_changed)
             self._pool_warned = False
+            self._content = {}  # each pool's content fingerprint at the last measurement (_warn_pool_changed)
+            self._content_now = {}  # PoolFingerprint of each pool read by this measurement's passes
             self._stage, self._missing = None, []  # the pipeline stage holding the model (_bind), the layers it lacks
             self._depth = 0  # under pipeline parallelism: the blocks of all stages (counted at each measurement)
             if model is not None:
@@ -518,22 +533,39 @@ class SpectralLens:
             "resumed from a checkpoint: call writer.drop_after(checkpoint_step) first", SpectralLensWarning, stacklevel=3)
 
     def _warn_pool_changed(self, spectra: dict[str, Spectrum]) -> None:
-        """Once per lens: a warning when a spectrum's row count differs from the last measurement's (a fixed pool
-        gives the same rows at every checkpoint: a pool whose size changes, a streaming or randomly sampled one,
-        measures other rows). Same-sized pools of other content are not seen: no fingerprint of the content."""
+        """Once per lens: a warning when the pool changed since the last measurement (a fixed pool gives the same
+        rows at every checkpoint: a pool whose size changes, a streaming or randomly sampled one, measures other
+        rows): a spectrum's row count differs, or else the content fingerprint of the batches this rank read
+        (:class:`~spectral_lens._pools.PoolFingerprint` of the pool, and of a ``gradient_pool`` of its own) does.
+        Under ``torch.distributed`` each rank compares its own share (no collective). Both messages start with
+        ``"SpectralLens: the pool changed"``, the filter that silences them."""
         rows = {name: int(s.n_rows) for name, s in spectra.items()}
         changed = [(n, self._rows[n], r) for n, r in rows.items() if n in self._rows and self._rows[n] != r]
-        self._rows = rows
-        if not changed or self._pool_warned:
+        content = {what: fp.value() for what, fp in self._content_now.items()}  # read once: the pass is done
+        other = [what for what, v in content.items() if what in self._content and self._content[what] != v]
+        self._rows, self._content, self._content_now = rows, content, {}
+        if not (changed or other) or self._pool_warned:
             return
         self._pool_warned = True
+        silence = ("; to change the pool on purpose, warnings.filterwarnings('ignore', 'SpectralLens: the pool "
+                   "changed', SpectralLensWarning) silences this (said once per lens)")
+        if not changed:
+            warnings.warn(
+                f"SpectralLens: the pool changed between measurements: the {' and the '.join(other)} gave the same "
+                "row counts as at the previous measurement but other content (its batches' tensors hash otherwise: "
+                "a fresh iterator of training batches, a streaming IterableDataset, random augmentation), and the "
+                "protocol compares spectra of a fixed held-out pool (paper Sec. 2). Pass a pool that yields the same "
+                "batches at every measurement (a list of batches, a DataLoader over a fixed dataset)" + silence,
+                SpectralLensWarning, stacklevel=3)
+            return
         name, before, now = changed[0]
         warnings.warn(
-            f"SpectralLens: {name} has {now} rows at this measurement and had {before} at the previous one"
-            f"{f' ({len(changed) - 1} more spectra alike)' if len(changed) > 1 else ''}: the pool (or its mask) changed "
-            "between measurements, and the protocol compares spectra of a fixed held-out pool (paper Sec. 2). Pass a "
+            f"SpectralLens: the pool changed between measurements: {name} has {now} rows at this measurement and had "
+            f"{before} at the previous one"
+            f"{f' ({len(changed) - 1} more spectra alike)' if len(changed) > 1 else ''} (the pool or its mask changed), "
+            "and the protocol compares spectra of a fixed held-out pool (paper Sec. 2). Pass a "
             "pool that yields the same batches at every measurement (a list of batches, a DataLoader with "
-            "shuffle=False over a fixed dataset) (said once per lens)", SpectralLensWarning, stacklevel=3)
+            "shuffle=False over a fixed dataset)" + silence, SpectralLensWarning, stacklevel=3)
 
     def _warn_window(self, tail, spectra: dict[str, Spectrum], summaries: dict[str, dict[str, float]]) -> None:
         """Once per lens: a warning when the tail window does not fit an activation spectrum (a model narrower
@@ -710,6 +742,7 @@ class SpectralLens:
             agree_before_pass(self.group, None if self._stage is not None else sorted(capture.accumulators), total,
                               model)
         bar = progress_bar(None if total is None else len(range(rank, total, world)), "activations", self.progress, "batch")
+        self._content_now["pool"] = PoolFingerprint()  # this rank's batches (_own_batches), read at the end (no sync)
         try:
             with self._eval_mode(), torch.no_grad(), autocast, eager_forwards(), measurement_pass(capture):
                 if fsdp:  # with a len too: a loading or mask_fn failure on one rank is agreed, not a timeout
@@ -738,6 +771,7 @@ class SpectralLens:
             mask = self.mask_fn(batch) if self.mask_fn is not None else None
             with capture.mask(mask):  # its check of the mask, here
                 pass
+            self._content_now["pool"].add(batch, mask)
             yield batch, mask
 
     def _forwards_in_rounds(self, model: nn.Module, capture, rank: int, world: int, bar, lockstep: bool) -> int:
@@ -765,6 +799,8 @@ class SpectralLens:
                     mine = batch if j == rank else mine
                 if rank < got and self.mask_fn is not None:
                     mask = self.mask_fn(mine)
+                if rank < got:
+                    self._content_now["pool"].add(mine, mask)  # in the agreed part: a failure stops every rank
                 digest = batch_digest(mine) if lockstep and rank < got else 0
             except BaseException as exc:  # an interrupt too: agreed at once, then re-raised
                 error = exc
@@ -893,6 +929,9 @@ class SpectralLens:
             # shuffling sampler, numpy augmentation): under the fork, as in the activation pass
             with forked_rng(cuda_devices(self.model)):
                 batches = gradient_batches(self.gradient_pool, self.gradient_samples, self.probe.forward_fn)
+                if self.gradient_pool is not self.pool:  # a gradient pool of its own: fingerprinted as it loads (in
+                    content = self._content_now["gradient_pool"] = PoolFingerprint()  # the ranks' agreements below)
+                    batches = content.read(batches)  # (the pool's own is read by the activation pass)
                 everywhere = self._everywhere()
                 if everywhere:  # every rank runs these passes: the pools compared as they go
                     batches = agreed_batches(self.group, batches, self.gradient_samples, self.model)
@@ -955,6 +994,7 @@ class SpectralLens:
         except BaseException as exc:  # an interrupt too
             error = exc
         agree_settings(self.group, settings, error, "checking measure()'s arguments and the lens", self.model)
+        self._content_now = {}  # filled by this measurement's passes (_warn_pool_changed)
         spectra = self._activations()
         grad_spectra, scalars = self._gradients()
         spectra.update(grad_spectra)
