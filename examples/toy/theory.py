@@ -334,6 +334,8 @@ def fast_band_concentration(t0: float, kappa_fast: float, kappa_slow: float, k: 
 
 
 def _two_band(kappa_fast: float, kappa_slow: float, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    if any(isinstance(v, complex) or np.iscomplexobj(v) for v in (kappa_fast, kappa_slow)):
+        raise ValueError(f"two-band model: rates must be real, got {kappa_fast!r}, {kappa_slow!r}")
     if (not 0 < k < m or int(k) != k or int(m) != m or not kappa_fast > 0 or not kappa_slow > 0
             or not math.isfinite(kappa_fast) or not math.isfinite(kappa_slow)):
         raise ValueError(f"two-band model: need integers 0 < k < m and finite positive rates, got k={k!r}, m={m!r}, "
