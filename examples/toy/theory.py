@@ -78,7 +78,12 @@ def _same_size(**arrays: np.ndarray) -> None:
 
 
 def _real(fn: str, name: str, x, *, low: float | None = None, strict: bool = False) -> float:
-    """``x`` as a finite float, ``> low`` (``strict``) or ``>= low``; the error names ``fn`` and ``name``."""
+    """``x`` as a finite float, ``> low`` (``strict``) or ``>= low``; the error names ``fn`` and ``name``.
+
+    A complex ``x`` is refused: ``float(np.complex128(...))`` would drop the imaginary part with a warning.
+    """
+    if isinstance(x, complex) or np.iscomplexobj(x):
+        raise ValueError(f"{fn}: {name} must be real, got {x!r}")
     try:
         v = float(x)
     except (TypeError, ValueError):
@@ -88,6 +93,31 @@ def _real(fn: str, name: str, x, *, low: float | None = None, strict: bool = Fal
     if low is not None and (v <= low if strict else v < low):
         raise ValueError(f"{fn}: need {name} {'>' if strict else '>='} {low:g}, got {x!r}")
     return v
+
+
+def _real_array(fn: str, name: str, x) -> np.ndarray:
+    """``x`` as a float64 array; complex input is refused (a float64 cast would drop the imaginary part)."""
+    arr = np.asarray(x)
+    if np.iscomplexobj(arr):
+        raise ValueError(f"{fn}: {name} must be real, got dtype {arr.dtype}")
+    return arr.astype(np.float64)
+
+
+def _decayed(c: np.ndarray, log_c: np.ndarray, kt: np.ndarray) -> np.ndarray:
+    """``c e^{-kt}`` for ``c >= 0`` given with its ``log_c``, without a spurious 0, inf or nan.
+
+    The direct product is exact to rounding while ``e^{-kt}`` and ``c`` are normal floats; where
+    ``e^{-kt}`` underflows or ``c`` overflows (``c = kappa |beta|`` with large factors) the value is
+    ``exp(log_c - kt)`` instead (relative error ~ ``eps |log_c|``, only in that range).
+    """
+    tiny = np.finfo(np.float64).tiny
+    with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+        e = np.exp(-kt)
+        out = c * e
+        bad = ~np.isfinite(c) | ((e < tiny) & (c > 1.0))
+        if np.any(bad):
+            out = np.where(bad, np.exp(log_c - kt), out)
+    return out
 
 
 def _rel_rise(x: np.ndarray) -> np.ndarray:
@@ -146,10 +176,15 @@ def activation_energies(t: float, beta, kappa) -> np.ndarray:
 def gradient_energies(t: float, beta, kappa) -> np.ndarray:
     """Prop. 3: gradient covariance eigenvalues ``kappa_r^2 |beta_r - a_r(t)|^2 = kappa_r^2 |beta_r|^2 e^{-2 kappa_r t}``.
 
-    Squared after the product so that a large ``kappa_r`` does not overflow ``kappa_r^2`` (inf * 0).
+    Squared after the product, and the product ``kappa_r |beta_r| e^{-kappa_r t}`` taken in logs where
+    ``kappa_r |beta_r|`` overflows or ``e^{-kappa_r t}`` underflows, so a large ``kappa_r |beta_r|`` gives
+    neither ``inf * 0 = nan`` nor a spurious 0 (:func:`_decayed`).
     """
     t, beta, kappa = _modes("gradient_energies", t, beta, kappa)
-    return (kappa * np.abs(beta) * np.exp(-kappa * t)) ** 2
+    b = np.abs(beta)
+    with np.errstate(over="ignore", divide="ignore"):
+        c, log_c = kappa * b, np.log(kappa) + np.log(b)
+    return _decayed(c, log_c, kappa * t) ** 2
 
 
 def mode_loss(t: float, beta, kappa) -> float:
@@ -159,7 +194,10 @@ def mode_loss(t: float, beta, kappa) -> float:
     the loss of Props. 4 and 5 (``L_A = m/2 e^{-2 kappa t}``), which is what the toy checks use.
     """
     t, beta, kappa = _modes("mode_loss", t, beta, kappa)
-    return float(0.5 * np.sum((np.abs(beta) * np.exp(-kappa * t)) ** 2))
+    b = np.abs(beta)
+    with np.errstate(divide="ignore"):
+        log_b = np.log(b)
+    return float(0.5 * np.sum(_decayed(b, log_b, kappa * t) ** 2))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,11 +221,14 @@ def simulated_recruitment_time(beta, kappa, R: int, delta: float) -> float:
     """First time at which modes ``1..R`` all have relative residual ``1 - a_r/beta_r <= delta``.
 
     Integrates ``a_r' = kappa_r (beta_r - a_r)`` from zero with ``scipy.integrate.solve_ivp``
-    (DOP853, rtol 1e-12) and a terminal event on ``max_r (1 - a_r/beta_r) - delta``; makes no
+    (DOP853, rtol 1e-13) and a terminal event on ``max_r (1 - a_r/beta_r) - delta``; makes no
     assumption about which mode is slowest. The reference for :func:`recruitment_time`. It
     integrates the same ODE in the scale-free residual ``w_r = 1 - a_r / beta_r`` (``w_r' = -kappa_r
     w_r``, ``w_r(0) = 1``), so the relative tolerance holds for the residual itself and a mode with a
-    small ``|beta_r|`` is resolved as well as a large one (``beta_r`` only has to be nonzero).
+    small ``|beta_r|`` is resolved as well as a large one (``beta_r`` only has to be nonzero). A time
+    error is about the residual's relative error over ``kappa t = log(1/delta)``, so at rtol 1e-12 it
+    reached 8e-12 for ``delta = 0.9``; at 1e-13 it is <= 4e-13 for ``delta <= 0.9`` (5.6e-11 at
+    ``delta = 1 - 1e-6``, where the event falls in the first step).
     """
     from scipy.integrate import solve_ivp
 
@@ -199,7 +240,9 @@ def simulated_recruitment_time(beta, kappa, R: int, delta: float) -> float:
     R = int(R)
     if np.any(beta[:R] == 0):
         raise ValueError("simulated_recruitment_time: beta_r must be nonzero for r <= R (relative residual)")
-    k = kappa[:R]
+    k_min = float(kappa[:R].min())
+    k = kappa[:R] / k_min  # in the time unit 1 / k_min: scipy's step control sees rates >= 1 (no overflow
+    # of its first-step estimate at kappa ~ 1e300, no 4e-5 error at kappa ~ 1e-300)
 
     def rhs(_t, w):
         return -k * w
@@ -208,12 +251,12 @@ def simulated_recruitment_time(beta, kappa, R: int, delta: float) -> float:
         return float(np.max(w)) - delta
 
     event.terminal, event.direction = True, -1
-    t_end = 2.0 * -math.log(delta) / float(k.min())
-    sol = solve_ivp(rhs, (0.0, t_end), np.ones(R), method="DOP853", events=event, rtol=1e-12,
+    t_end = 2.0 * -math.log(delta)
+    sol = solve_ivp(rhs, (0.0, t_end), np.ones(R), method="DOP853", events=event, rtol=1e-13,
                     atol=1e-15 * delta)  # w >= delta up to the event: the relative tolerance governs
     if sol.t_events[0].size == 0:
         raise RuntimeError("simulated_recruitment_time: the event was not reached (integration failed)")
-    return float(sol.t_events[0][0])
+    return float(sol.t_events[0][0]) / k_min
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,26 +281,29 @@ def matched_loss_time(level: float, beta, kappa) -> float:
 def mode_mass(t: float, beta, kappa, r: int = 0) -> float:
     """Prop. 4: normalized activation mass ``P(t) = |a_r|^2 / sum_s |a_s|^2`` of mode ``r`` (0-based).
 
-    The amplitudes are rescaled by their largest entry before squaring, and at small times
-    (``kappa_s t < 1`` for all ``s``) taken as ``|beta_s| kappa_s g(kappa_s t)`` with
-    ``g(x) = (1 - e^{-x}) / x`` (the common factor ``t`` dropped), so tiny ``t``, where ``|a_s|^2``
-    underflows, still gives the ratio; it tends to ``|beta_r kappa_r|^2 / sum_s |beta_s kappa_s|^2``.
+    Each amplitude ``|a_s| = |beta_s| (1 - e^{-x_s})``, ``x_s = kappa_s t``, is kept as a mantissa and a
+    binary exponent (``np.frexp`` of its factors; ``1 - e^{-x} = kappa t g(x)`` with ``g(x) = (1 - e^{-x})
+    / x`` where ``x < 1``) and rescaled by the largest before squaring, so neither a tiny ``t`` (where
+    ``|a_s|^2`` underflows) nor factors of very different size (a product that went subnormal lost
+    digits) cost accuracy; as ``t -> 0`` it tends to ``|beta_r kappa_r|^2 / sum_s |beta_s kappa_s|^2``.
     """
     t, beta, kappa = _modes("mode_mass", t, beta, kappa)
     if isinstance(r, bool) or int(r) != r or not 0 <= int(r) < beta.size:
         raise ValueError(f"mode_mass: r must be a 0-based mode index in [0, {beta.size}), got {r!r}")
     if t <= 0:
         raise ValueError(f"mode_mass: t must be > 0 (no activation energy at t=0), got {t!r}")
-    bmax, kmax = float(np.abs(beta).max()), float(kappa.max())
-    if bmax == 0 or kmax == 0:
-        raise ValueError("mode_mass: no activation energy (every beta_r = 0 or every kappa_r = 0)")
-    with np.errstate(over="ignore"):  # kappa t = inf is fine: 1 - e^{-inf} = 1
-        x = kappa * t
-    rise = (kappa / kmax) * _rel_rise(x) if x.max() < 1.0 else -np.expm1(-x)  # proportional to 1 - e^{-x}
-    amp = np.abs(beta) / bmax * rise
-    if not np.any(amp > 0):
+    b = np.abs(beta)
+    if not np.any((b > 0) & (kappa > 0)):
         raise ValueError("mode_mass: no activation energy (every mode has beta_r = 0 or kappa_r = 0)")
-    amp = amp / amp.max()
+    with np.errstate(over="ignore", under="ignore"):  # kappa t = inf is fine: 1 - e^{-inf} = 1
+        x = kappa * t
+    small = x < 1.0
+    mb, eb = np.frexp(b)
+    mk, ek = np.frexp(np.where(small, kappa, 1.0))
+    mt, et = np.frexp(np.where(small, t, 1.0))
+    mg, eg = np.frexp(np.where(small, _rel_rise(np.where(small, x, 0.0)), -np.expm1(-x)))
+    mant, expo = mb * mk * mt * mg, eb + ek + et + eg  # |a_s| = mant 2^expo, mant in [1/16, 1) or 0
+    amp = np.ldexp(mant, expo - int(expo[mant > 0].max()))
     e = amp**2
     return float(e[int(r)] / e.sum())
 
@@ -284,10 +330,15 @@ def fast_band_concentration(t0: float, kappa_fast: float, kappa_slow: float, k: 
     else:
         a = -np.expm1(-x)
         rho = float(a[1] / a[0]) if a[0] > 0 else math.inf
-    return k / (k + (m - k) * rho**2)
+    if rho <= 1.0:
+        return k / (k + (m - k) * rho**2)
+    s = 1.0 / rho  # rho**2 raised OverflowError for rho > 1.3e154 (a slow band faster than the fast one)
+    return k * s * s / (k * s * s + (m - k))
 
 
 def _two_band(kappa_fast: float, kappa_slow: float, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    if any(isinstance(v, complex) or np.iscomplexobj(v) for v in (kappa_fast, kappa_slow)):
+        raise ValueError(f"two-band model: rates must be real, got {kappa_fast!r}, {kappa_slow!r}")
     if (not 0 < k < m or int(k) != k or int(m) != m or not kappa_fast > 0 or not kappa_slow > 0
             or not math.isfinite(kappa_fast) or not math.isfinite(kappa_slow)):
         raise ValueError(f"two-band model: need integers 0 < k < m and finite positive rates, got k={k!r}, m={m!r}, "
@@ -353,7 +404,7 @@ def local_alpha(r, t: float, p: float, eta: float, q: float) -> np.ndarray:
     ``r`` otherwise. A least-squares band fit over ``[R1, R2]`` is a positively weighted average of
     secant slopes, so it lies between ``local_alpha(R1)`` and ``local_alpha(R2)``.
     """
-    r = np.asarray(r, dtype=np.float64)
+    r = _real_array("local_alpha", "r", r)
     if not np.all(np.isfinite(r)) or np.any(r <= 0):
         raise ValueError(f"local_alpha: need finite r > 0, got {r!r}")
     fn = "local_alpha"
@@ -406,21 +457,52 @@ def factor_masses(t: float, m0, beta) -> np.ndarray:
     ``beta_r t`` (it lost ``eps / (beta_r t)`` relative: 2e-5 at ``beta_r = 1e-12``), and
     ``(1 - e^{-x}) / beta_r -> 2 t`` joins the ``beta_r = 0`` case continuously. Where
     ``beta_r >= m_r(0)`` the logistic form has no cancellation and keeps ``m_r <= beta_r`` exactly.
-    ``t >= 0``.
+    ``t >= 0``. Each form is scaled so that no intermediate overflows where the result does not (review
+    28: ``2 beta_r t = inf`` gave inf, ``beta_r / m_r(0) = inf`` gave nan or 0; see :func:`_factor_up`).
     """
     t = _real("factor_masses", "t", t, low=0.0)
     m0, beta = _vec("m0", m0, positive=True), _vec("beta", beta, nonnegative=True)
     _same_size(m0=m0, beta=beta)
-    x = 2.0 * beta * t
-    out = 1.0 / (np.exp(-x) / m0 + (2.0 * t) * _rel_rise(x))
+    with np.errstate(over="ignore"):
+        x = 2.0 * beta * t  # may be inf: e^{-x} = 0 and 1 - e^{-x} = 1 below
+    out = np.empty_like(m0)
     up = beta >= m0  # growth from below: (beta/m0 - 1) >= 0
-    out[up] = beta[up] / (1.0 + (beta[up] / m0[up] - 1.0) * np.exp(-x[up]))
+    out[up] = _factor_up(x[up], m0[up], beta[up])
+    # decay from above: 1 / (e^{-x}/m0 + (1 - e^{-x})/beta), written per range of x so nothing overflows
+    far = ~up & (x >= 1.0)  # beta > 0: multiply through by beta (beta/m0 < 1, denominator >= 1 - 1/e)
+    out[far] = beta[far] / (beta[far] / m0[far] * np.exp(-x[far]) - np.expm1(-x[far]))
+    near = ~up & (x < 1.0)  # (1 - e^{-x})/beta = 2 t g(x), continuous into beta = 0; multiply through by m0
+    e, d = np.exp(-x[near]), (2.0 * t) * _rel_rise(x[near])
+    with np.errstate(over="ignore"):  # np.where evaluates both forms; each is used where it is finite
+        y = m0[near] * d
+        ok = np.isfinite(y)  # else m0 d is huge and m ~ 1/d (no 1/m0 overflow for a subnormal m0 either)
+        out[near] = np.where(ok, m0[near] / (e + np.where(ok, y, 0.0)), 1.0 / (d + e / m0[near]))
+    return out
+
+
+def _factor_up(x: np.ndarray, m0: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """Logistic ``beta / (1 + (beta/m0 - 1) e^{-x})`` for ``beta >= m0``, also where ``beta/m0`` overflows.
+
+    There ``c = (beta/m0 - 1) e^{-x}`` is taken in logs (``inf * 0`` was nan at large ``x``, ``beta / inf``
+    was 0 at small ``x``); for ``c > 1e300`` the value is ``beta / c = m0 e^{x}`` to within ``1e-300``.
+    """
+    with np.errstate(over="ignore"):
+        u = beta / m0 - 1.0
+    out = beta / (1.0 + np.where(np.isfinite(u), u, 0.0) * np.exp(-x))
+    big = ~np.isfinite(u)
+    if np.any(big):
+        b, m, xb = beta[big], m0[big], x[big]
+        log_c = np.log(b) - np.log(m) - xb  # log1p(-m0/beta) < 1e-308 is dropped
+        with np.errstate(over="ignore", under="ignore"):
+            huge = log_c > 690.0
+            grow = np.where(xb < 700.0, m * np.exp(np.minimum(xb, 700.0)), np.exp(np.log(m) + xb))
+            out[big] = np.where(huge, grow, b / (1.0 + np.exp(np.minimum(log_c, 690.0))))
     return out
 
 
 def factor_rhs(m, beta) -> np.ndarray:
     """Thm. 11(b): the vector field ``m_r' = 2 m_r (beta_r - m_r)``."""
-    m, beta = np.asarray(m, dtype=np.float64), np.asarray(beta, dtype=np.float64)
+    m, beta = _real_array("factor_rhs", "m", m), _real_array("factor_rhs", "beta", beta)
     if m.shape != beta.shape:  # no silent broadcasting of a short beta
         raise ValueError(f"factor_rhs: m has shape {m.shape}, beta {beta.shape}; expected the same")
     return 2.0 * m * (beta - m)
@@ -428,7 +510,7 @@ def factor_rhs(m, beta) -> np.ndarray:
 
 def band_concentration(m, in_band) -> float:
     """Cor. 12: ``H_S = sum_{r in S} m_r / sum_r m_r`` (``in_band``: boolean mask of ``S``)."""
-    m, mask = np.asarray(m, dtype=np.float64), np.asarray(in_band, dtype=bool)
+    m, mask = _real_array("band_concentration", "m", m), np.asarray(in_band, dtype=bool)
     if m.shape != mask.shape:
         raise ValueError(f"band_concentration: m has shape {m.shape}, in_band {mask.shape}")
     if not m.sum() > 0:
@@ -442,7 +524,7 @@ def band_concentration_rate(m, beta, in_band) -> float:
     ``A``/``B`` are the in-band/off-band masses. Positive when ``beta`` vanishes off band,
     ``0 < m_r < beta_r`` in band and both masses are nonzero.
     """
-    m, mask = np.asarray(m, dtype=np.float64), np.asarray(in_band, dtype=bool)
+    m, mask = _real_array("band_concentration_rate", "m", m), np.asarray(in_band, dtype=bool)
     if m.shape != mask.shape or not m.sum() > 0:
         raise ValueError(f"band_concentration_rate: need m and in_band of one shape and total mass > 0, "
                          f"got shapes {m.shape}, {mask.shape} and mass {m.sum()!r}")
@@ -503,7 +585,7 @@ def quintic_map(s, coefficients: Sequence[float], steps: int = 5) -> np.ndarray:
     a, b, c = (float(v) for v in coefficients)
     if isinstance(steps, bool) or int(steps) != steps or steps < 0:
         raise ValueError(f"quintic_map: steps must be an integer >= 0, got {steps!r}")
-    s = np.asarray(s, dtype=np.float64).copy()
+    s = _real_array("quintic_map", "s", s)  # astype: a copy
     for _ in range(int(steps)):
         s2 = s * s
         s = s * (a + s2 * (b + c * s2))
