@@ -20,6 +20,10 @@ max block by block: every term is <= 0, so nothing cancels; within ``(V / BLOCK_
 2^-24`` of itself) and the loss is ``(1 - eps) (log s - (z_t - m)) + eps (log s - mean(z - m))``, two
 nonnegative terms; the gradient is ``(p_j - eps / V) w`` off the target and ``w eps (V - 1) / V - S`` at
 it, ``S`` the fp32 sum of the other entries' ``p_j w`` (positive terms).
+
+``-inf`` logits (a vocabulary masked by a ``-inf`` bias) count 0, also when they fill the leading blocks (the
+running max is then ``-inf``; it is not subtracted while it is, which gave NaN). The target entry of ``g`` is
+stored once, after the row sum (a store of it in the block loop would race that one).
 """
 # no `from __future__ import annotations` here: Triton 3.0's interpreter (torch 2.4's Triton) reads the
 # string annotation "tl.constexpr" as no constexpr, and its kernels then fail (tools/check_floors.sh)
