@@ -188,3 +188,63 @@ def test_the_callbacks_smoothed_loss_is_bit_for_bit_the_old_one(dtype):
             new = causal_lm_loss(out, batch, label_smoothing=eps)
             assert new.dtype == old.dtype and torch.equal(new.isnan(), old.isnan())
             assert torch.equal(new.nan_to_num(), old.nan_to_num()), (eps, batch if torch.is_tensor(batch) else type(batch))
+
+
+# ----------------------------------------------------------------------------- head_loss proofs with smoothing
+
+
+class _SoftCapped(TinyGPT):
+    """Gemma 2's ``final_logit_softcapping``: ``cap * tanh(z / cap)`` after the head (the same shape)."""
+
+    def forward(self, idx):
+        return torch.tanh(super().forward(idx) / 3.0) * 3.0
+
+
+def _tied_biased() -> TinyGPT:
+    torch.manual_seed(1)
+    model = TinyGPT(tie=True).double().eval()
+    head = nn.Linear(16, 37, bias=True).double()
+    head.weight = model.transformer.wte.weight  # tied, with a bias of its own
+    with torch.no_grad():
+        head.bias.normal_()
+    model.lm_head = head
+    return model
+
+
+def test_smoothed_head_loss_proofs_tied_biased_and_soft_capped(monkeypatch):
+    """With smoothing on, ``head_loss`` decides as for the plain loss: a tied head with a bias chunks (rows and
+    losses equal the materialized smoothed loss's in float64), a soft-capped one is refused (``"chunked"`` raises,
+    ``"auto"`` takes the materialized logits and smooths the capped logits, as ``F.cross_entropy`` on them)."""
+    monkeypatch.setattr("spectral_lens.gradients.probe.chunked_is_faster", lambda device: True)
+    x, y = lm_batch(m=4)
+    y[2, :5] = -100
+    model = _tied_biased()
+    probes = {}
+    for mode in ("materialized", "chunked", "auto"):
+        probes[mode] = PerSampleGradientProbe(model, PARAM, head_loss=mode, keep_matrix=True)
+        with probes[mode]._trained_loss(0.3):
+            probes[mode].update((x, y))
+            assert probes[mode].head_loss_ == ("chunked (lm_head)" if mode != "materialized"
+                                               else "materialized: head_loss='materialized'")
+    mat = probes["materialized"]
+    with torch.no_grad():
+        torch.testing.assert_close(mat.losses_, causal_lm_loss(model(x), (x, y), label_smoothing=0.3), rtol=1e-13, atol=0)
+    for mode in ("chunked", "auto"):
+        torch.testing.assert_close(probes[mode].losses_, mat.losses_, rtol=1e-12, atol=0)
+        assert float((probes[mode].matrix() - mat.matrix()).abs().max()) <= 1e-10 * float(mat.matrix().abs().max())
+
+    torch.manual_seed(0)
+    capped = _SoftCapped().double().eval()
+    probe = PerSampleGradientProbe(capped, PARAM, head_loss="chunked")
+    with pytest.raises(ValueError, match="head_loss='chunked' impossible for _SoftCapped"):
+        with probe._trained_loss(0.3):
+            probe.update((x, y))
+    assert probe._label_smoothing == 0.0
+    probe = PerSampleGradientProbe(capped, PARAM, head_loss="auto")
+    with probe._trained_loss(0.3):
+        probe.update((x, y))
+        assert probe.head_loss_.startswith("materialized: the logits")
+    with torch.no_grad():
+        z = capped(x)
+        ref = F.cross_entropy(z.flatten(0, 1), y.flatten(), reduction="none", label_smoothing=0.3).view(y.shape)
+    torch.testing.assert_close(probe.losses_, ref.sum(1) / (y != -100).sum(1), rtol=1e-13, atol=0)
