@@ -53,7 +53,7 @@ for masked, V, lo, hi, t in (("first-block", 4100, 0, 2048, [3001, 4099, 3500]),
                              ("first-3000", 4100, 0, 3000, [3001, 4099, 3500]),
                              ("tail-900", 4100, 3200, 4100, [0, 3199, 2047])):
     t = torch.tensor(t)
-    for eps in (0.0, 0.1, 1.0):
+    for eps in (0.0, 0.1):
         z = torch.randn(3, V, generator=g) * 4
         z[:, lo:hi] = float("-inf")
         w = torch.tensor([1.0, 0.5, 2.0])
@@ -110,7 +110,7 @@ def test_kernels_handle_a_masked_vocabulary_in_the_interpreter():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(out) == 15
+    assert len(out) == 11
     for key, r in out.items():
         assert r["same_inf"] and r["g_finite"] and r["fused_same"], (key, r)
         bound = 1e-5 if key.startswith("chunked") else 2.0**-19
