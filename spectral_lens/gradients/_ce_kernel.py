@@ -20,6 +20,10 @@ max block by block: every term is <= 0, so nothing cancels; within ``(V / BLOCK_
 2^-24`` of itself) and the loss is ``(1 - eps) (log s - (z_t - m)) + eps (log s - mean(z - m))``, two
 nonnegative terms; the gradient is ``(p_j - eps / V) w`` off the target and ``w eps (V - 1) / V - S`` at
 it, ``S`` the fp32 sum of the other entries' ``p_j w`` (positive terms).
+
+``-inf`` logits (a vocabulary masked by a ``-inf`` bias) count 0, also when they fill the leading blocks (the
+running max is then ``-inf``; it is not subtracted while it is, which gave NaN). The target entry of ``g`` is
+stored once, after the row sum (a store of it in the block loop would race that one).
 """
 # no `from __future__ import annotations` here: Triton 3.0's interpreter (torch 2.4's Triton) reads the
 # string annotation "tl.constexpr" as no constexpr, and its kernels then fail (tools/check_floors.sh)
@@ -36,7 +40,9 @@ NUM_WARPS = 8
 def _row_lse(zb, V, BLOCK_V: tl.constexpr, SMOOTH: tl.constexpr):
     """``(m, log s, se)`` of one row of ``V`` logits at ``zb`` in fp32: its max, the log of
     ``sum exp(z - m)`` (online: the max is updated block by block) and, with ``SMOOTH``, ``se = sum (z - m)``
-    (else 0): the running sum is moved to each new max by ``- n (m_new - m)``, a term of its own sign."""
+    (else 0): the running sum is moved to each new max by ``- n (m_new - m)``, a term of its own sign.
+    ``-inf`` logits (a vocabulary masked by a ``-inf`` bias) count 0 in ``s`` and make ``se`` ``-inf``, also
+    when whole leading blocks are ``-inf`` (the max still ``-inf``: subtracting it would give NaN)."""
     cols = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
@@ -45,10 +51,12 @@ def _row_lse(zb, V, BLOCK_V: tl.constexpr, SMOOTH: tl.constexpr):
         inside = v0 + cols < V
         x = tl.load(zb + v0 + cols, mask=inside, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        if SMOOTH:  # the first block has no entries before it (and m = -inf there)
-            shift = tl.where(v0 > 0, m_new - m, 0.0)
-            se = (se - v0 * shift) + tl.sum(tl.where(inside, x - m_new, 0.0), axis=0)
+        # the max to subtract: 0 while every logit so far is -inf (exp(-inf - 0) = 0, not exp(-inf - -inf) = NaN)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_sub) + tl.sum(tl.exp(x - m_sub), axis=0)
+        if SMOOTH:  # no entries before the first block; after -inf ones only, se is -inf and stays so
+            shift = tl.where(m == float("-inf"), 0.0, m_new - m)
+            se = (se - v0 * shift) + tl.sum(tl.where(inside, x - m_sub, 0.0), axis=0)
         m = m_new
     return m, tl.log(s), se
 
@@ -77,7 +85,9 @@ def _grad_row(zb, gb, t, m, ls, w, eps, V, BLOCK_V: tl.constexpr, SMOOTH: tl.con
         others += tl.sum(tl.where(inside, p, 0.0), axis=0)
         if SMOOTH:
             p = p - w * eps / V
-        tl.store(gb + idx, p.to(gb.dtype.element_ty), mask=inside)
+        # the target entry is written once, below: a store of it here too would race that one (another warp's,
+        # both after the row sum's last barrier when t is in the last block)
+        tl.store(gb + idx, p.to(gb.dtype.element_ty), mask=inside & (idx != t))
     if SMOOTH:
         tl.store(gb + t, (w * eps * (V - 1) / V - others).to(gb.dtype.element_ty))
     else:

@@ -38,7 +38,10 @@ above hold as they are (tested: ``(log2 V + 4) 2^-24 (|loss| + log V)`` against 
 1e4). The logits' gradient is ``softmax - (1 - eps) onehot - eps / V``: the other entries round at the scale of
 ``p_j + eps / V``, the target entry is ``eps (V - 1) / V`` minus the positive sum of the others' ``p_j`` (no
 ``p_t - 1`` cancellation), so each entry is within a few ulps of ``|g|_max + eps`` (``2^-20 (1 + log V)``
-tested). ``eps = 0`` runs the plain code, bit for bit.
+tested). ``eps = 0`` runs the plain code, bit for bit. ``-inf`` logits (a vocabulary masked or padded by a
+``-inf`` bias) count 0 in ``s`` on both bodies, however many lead the row: the loss is finite without smoothing
+and ``+inf`` with it (``mean z = -inf``, as in ``F.cross_entropy``), the gradient finite (NaN only where
+``F.cross_entropy``'s is: a row of ``-inf`` only, or ``eps = 1`` with the target's logit ``-inf``).
 
 The probe uses it on its own (``PerSampleGradientProbe(head_loss="auto")``, the default) when
 :func:`find_chunkable_head` proves it computes the same loss as the default one; by hand it is

@@ -948,7 +948,12 @@ class PerSampleGradientProbe:
         losses = torch.cat(self._losses[first:]).cpu()
         bad = (~torch.isfinite(losses)).nonzero().flatten() + start
         if bad.numel():
-            raise NonFiniteError(nonfinite_loss_message(bad.tolist(), list(self.params), self._custom_loss))
+            message = nonfinite_loss_message(bad.tolist(), list(self.params), self._custom_loss)
+            if self._label_smoothing and bool(torch.isposinf(losses).any()):
+                message += (f"; the default loss is label-smoothed (eps={self._label_smoothing:g}, the trainer's): a "
+                            "logit of -inf (a vocabulary masked or padded by a -inf bias) makes the mean of -log p over "
+                            "the vocabulary +inf, in F.cross_entropy and Hugging Face's LabelSmoother too")
+            raise NonFiniteError(message)
         for name in self.params:
             ok = torch.cat([f for n, f in finite if n == name]).cpu()
             bad = (~ok).nonzero().flatten() + start

@@ -55,17 +55,20 @@ def _cases():
                dict(HAS_VALID=False, BLOCK_R=block_r, BLOCK_C=128, TILES=tiles), dict(num_warps=warps))
     for z in ("*bf16", "*fp32"):
         common = dict(num_warps=ce.NUM_WARPS)
-        yield (f"row_lse {z}", ce._row_lse_kernel,
-               dict(z_ptr=z, t_ptr="*i64", m_ptr="*fp32", ls_ptr="*fp32", loss_ptr="*fp32", V="i32", stride="i32"),
-               dict(BLOCK_V=ce.BLOCK_V), common)
-        yield (f"softmax_grad {z}", ce._softmax_grad_kernel,
-               dict(z_ptr=z, t_ptr="*i64", m_ptr="*fp32", ls_ptr="*fp32", w_ptr="*fp32", g_ptr=z, V="i32",
-                    stride_z="i32", stride_g="i32"),
-               dict(BLOCK_V=ce.BLOCK_V), common)
-        yield (f"lse_and_grad {z}", ce._lse_and_grad_kernel,
-               dict(z_ptr=z, t_ptr="*i64", w_ptr="*fp32", m_ptr="*fp32", ls_ptr="*fp32", loss_ptr="*fp32", g_ptr=z,
-                    V="i32", stride_z="i32", stride_g="i32"),
-               dict(BLOCK_V=ce.BLOCK_V), common)
+        for smooth in (False, True):  # label smoothing: a constexpr branch of each kernel
+            consts = dict(BLOCK_V=ce.BLOCK_V, SMOOTH=smooth)
+            yield (f"row_lse {z} smooth={smooth}", ce._row_lse_kernel,
+                   dict(z_ptr=z, t_ptr="*i64", m_ptr="*fp32", ls_ptr="*fp32", loss_ptr="*fp32", V="i32", stride="i32",
+                        eps="fp32"),
+                   consts, common)
+            yield (f"softmax_grad {z} smooth={smooth}", ce._softmax_grad_kernel,
+                   dict(z_ptr=z, t_ptr="*i64", m_ptr="*fp32", ls_ptr="*fp32", w_ptr="*fp32", g_ptr=z, V="i32",
+                        stride_z="i32", stride_g="i32", eps="fp32"),
+                   consts, common)
+            yield (f"lse_and_grad {z} smooth={smooth}", ce._lse_and_grad_kernel,
+                   dict(z_ptr=z, t_ptr="*i64", w_ptr="*fp32", m_ptr="*fp32", ls_ptr="*fp32", loss_ptr="*fp32",
+                        g_ptr=z, V="i32", stride_z="i32", stride_g="i32", eps="fp32"),
+                   consts, common)
 
 
 CASES = list(_cases())
