@@ -592,6 +592,7 @@ class PerSampleGradientProbe:
         # optimizer step count then (_optimizer_steps)
         self._versions: tuple[tuple[int, ...], tuple[int, ...], int] | None = None
         self._mixed_warned = False  # MixedWeightsWarning given in this accumulation
+        self._rows_smoothing: set[float] = set()  # the default loss's label smoothing of the samples held (metadata)
         self._sync_counting()
         return self
 
@@ -938,6 +939,7 @@ class PerSampleGradientProbe:
         self._chunks.append(chunk)
         self._losses.append(losses.detach().to(torch.float64))
         self.n_samples_ = e
+        self._rows_smoothing.add(self._label_smoothing)
 
     def _check_new(self, start: int, first: int) -> None:
         """One host sync per update: non-finite losses or gradients among the new samples (from sample
@@ -1112,9 +1114,19 @@ class PerSampleGradientProbe:
                     "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype).replace("torch.", ""),
                     "train_mode": self.train_mode,
                     "mean_loss": float(self.losses_.mean()),
+                    **self._smoothing_metadata(),
                 },
             )
         return out[next(iter(out))] if len(out) == 1 else out
+
+    def _smoothing_metadata(self) -> dict[str, Any]:
+        """``{"label_smoothing": eps}`` when the samples held were measured with the label-smoothed default loss
+        (an integration's, :meth:`_trained_loss`; a list when the accumulation mixed several), else nothing: the
+        spectrum's record says which loss its rows are the gradients of."""
+        smoothing = sorted(getattr(self, "_rows_smoothing", ()))
+        if not any(smoothing):
+            return {}
+        return {"label_smoothing": smoothing[0] if len(smoothing) == 1 else smoothing}
 
     def noise_scale(self) -> NoiseScale | dict[str, NoiseScale]:
         """Gradient noise scale ``B_simple`` per parameter from the same per-sample gradients
