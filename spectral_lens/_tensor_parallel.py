@@ -329,8 +329,9 @@ class PeerRounds:
     next forward's collective until the process-group timeout. A failure inside a forward (from a round's
     go-ahead to the next round) is not agreed: the peers may wait in its collectives, as in training. With
     ``agreed(..., last_round=False)`` the round after the last forward is the caller's :meth:`end`, once the
-    work after the forwards that has no collective of the mesh is done too (the probe's ``compute``): a failure
-    there on one rank joins it (before, the peer returned the measurement and went on alone)."""
+    work after the forwards is done too (the probe's ``compute``; not where that work runs forwards, as in
+    bounded-memory mode, whose collectives a round would meet): a failure there on one rank joins it (before,
+    the peer returned the measurement and went on alone)."""
 
     def __init__(self, group, what: str, model=None, who: str = "SpectralLens") -> None:
         self.group, self.what, self.model, self.who = group, what, model, who

@@ -900,8 +900,10 @@ class SpectralLens:
                 everywhere = self._everywhere()
                 if everywhere:  # every rank runs these passes: the pools compared as they go
                     batches = agreed_batches(self.group, batches, self.gradient_samples, self.model)
-                elif peers is not None:  # and this rank's tensor-parallel peers
-                    batches = peers.agreed(batches, last_round=False)  # the last round: _gradients'
+                elif peers is not None:  # and this rank's tensor-parallel peers; their last round after the
+                    # compute (_gradients'), except in bounded-memory mode, whose compute recomputes chunks: forwards
+                    # that are collectives of the mesh (a round there would meet a peer's forward)
+                    batches = peers.agreed(batches, last_round=self.probe.max_resident_samples is not None)
                 for i, batch in enumerate(batches):
                     # everywhere, a forward and backward that are collectives: as in _forwards_in_rounds
                     with (collective_pass(f"the gradient protocol's pass over the gradient pool's batch {i}")

@@ -148,3 +148,35 @@ def test_the_peers_settings_text_has_no_process_dependent_value(peer):
     assert texts[0] == texts[1], texts
     assert "0x" not in texts[0] and " at " not in texts[0], texts[0]  # no address (repr of a function)
     assert "chunk_size=2" in texts[0] and "mask_fn=" in texts[0], texts[0]
+
+
+def test_in_bounded_memory_mode_the_last_round_precedes_the_compute_whose_recomputations_are_forwards(peer):
+    """The compute recomputes the non-resident chunks: forwards, collectives of the mesh, where a round sent by a
+    rank whose compute failed would meet its peer's forward (a gloo abort; NCCL: mixed buffers). So the last round
+    comes before it, and a compute failure is not sent (as one inside a forward)."""
+    probe = PerSampleGradientProbe(params="lm_head.weight", chunk_size=2, max_resident_samples=2)
+    lens = _lens(params=None, probe=probe)
+    compute, at, forwards = probe.compute, [], []
+
+    def recorded(*args, **kwargs):
+        at.append(len(peer["calls"]))
+        return compute(*args, **kwargs)
+
+    probe.compute = recorded
+    lens.model.register_forward_hook(lambda *args: forwards.append(len(peer["calls"])))
+    lens.measure(1, 1)
+    kinds = _kinds(peer["calls"])
+    assert kinds[-4:] == ["settings"] + ["round"] * 3, kinds
+    assert at == [len(kinds)], at  # after every round
+    assert forwards[-1] == len(kinds), forwards  # the recomputation's forwards, in the compute
+
+    peer["calls"].clear()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    probe = PerSampleGradientProbe(params="lm_head.weight", chunk_size=2, max_resident_samples=2)
+    probe.compute = broken
+    with pytest.raises(RuntimeError, match="out of memory"):
+        _lens(params=None, probe=probe).measure(1, 1)
+    assert "causes" not in _kinds(peer["calls"]), _kinds(peer["calls"])
