@@ -180,3 +180,21 @@ def test_in_bounded_memory_mode_the_last_round_precedes_the_compute_whose_recomp
     with pytest.raises(RuntimeError, match="out of memory"):
         _lens(params=None, probe=probe).measure(1, 1)
     assert "causes" not in _kinds(peer["calls"]), _kinds(peer["calls"])
+
+
+def test_an_empty_or_capped_gradient_pool_and_a_second_measurement_keep_the_rounds_in_step(peer):
+    # capped mid-batch (6 of 2 x 4 samples: batches of 4 and 2): a round per batch, then the last one
+    lens = _lens(gradient_samples=6)
+    lens.measure(1, 1)
+    first = _kinds(peer["calls"])
+    counts = [int(c[0]) - 1 for c in peer["calls"][-3:]]
+    assert first[-4:] == ["settings"] + ["round"] * 3 and counts == [1, 2, 2], (first, counts)
+    peer["calls"].clear()
+    lens.measure(2, 2)  # measuring again: the same collectives, the rounds counted afresh
+    assert _kinds(peer["calls"]) == first and [int(c[0]) - 1 for c in peer["calls"][-3:]] == counts
+
+    # empty: no sample on either peer, the same ValueError on both (each sends it in the last round, quoted)
+    peer["calls"].clear()
+    with pytest.raises(ValueError, match=r"the gradient pool gave 0 sample\(s\)"):
+        _lens(gradient_pool=[]).measure(1, 1)
+    assert _kinds(peer["calls"])[-3:] == ["settings", "round", "causes"], _kinds(peer["calls"])
