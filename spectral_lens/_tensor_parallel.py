@@ -327,7 +327,11 @@ class PeerRounds:
     into the peers' next round (:meth:`fail`). Then the failed rank raises its own error and the peers a
     ``RuntimeError`` naming its global rank, ``what`` failed and its error, at once: before, they waited in their
     next forward's collective until the process-group timeout. A failure inside a forward (from a round's
-    go-ahead to the next round) is not agreed: the peers may wait in its collectives, as in training."""
+    go-ahead to the next round) is not agreed: the peers may wait in its collectives, as in training. With
+    ``agreed(..., last_round=False)`` the round after the last forward is the caller's :meth:`end`, once the
+    work after the forwards is done too (the probe's ``compute``; not where that work runs forwards, as in
+    bounded-memory mode, whose collectives a round would meet): a failure there on one rank joins it (before,
+    the peer returned the measurement and went on alone)."""
 
     def __init__(self, group, what: str, model=None, who: str = "SpectralLens") -> None:
         self.group, self.what, self.model, self.who = group, what, model, who
@@ -335,9 +339,10 @@ class PeerRounds:
         self.open = True  # rounds are left: a failure of this rank joins the peers' next one
         self.inside = False  # between a round's go-ahead and the next round: in a forward's collectives
 
-    def agreed(self, batches):
+    def agreed(self, batches, last_round: bool = True):
         """Each of ``batches`` (this rank's, in the order it forwards them; their loading and what precedes it
-        happens in ``next``) once the peers agreed on it; one round more at the end."""
+        happens in ``next``) once the peers agreed on it; one round more at the end (``last_round=False``: left
+        to :meth:`end` or :meth:`fail`, the caller's, after its work that follows the forwards)."""
         from ._agree import agree_round, batch_digest
 
         end = object()
@@ -348,6 +353,8 @@ class PeerRounds:
                 digest = 0 if batch is end else batch_digest(batch)
             except BaseException as exc:  # noqa: BLE001 - an interrupt too: agreed at once, then re-raised
                 error = exc
+            if batch is end and error is None and not last_round:
+                return  # the rounds stay open: the last one is end()'s, or fail()'s
             self.open = False  # this round settles it: the peers raise alike where it raises
             counts, digests = agree_round(self.group, self.forwards + (batch is not end), digest, error,
                                           self.what, self.model, quote=True)
@@ -358,6 +365,18 @@ class PeerRounds:
             self.forwards += 1
             yield batch
             self.inside = False
+
+    def end(self) -> None:
+        """The round after the last forward where :meth:`agreed` left it (``last_round=False``): this rank's pool
+        ended and its work after the forwards succeeded (a peer's failure there, carried by its :meth:`fail`, is
+        raised here as in any round; pools of other lengths are the ``ValueError`` of :meth:`agreed`)."""
+        from ._agree import agree_round
+
+        if not self.open or self.inside:  # settled already (a round raised), or called from inside a forward
+            return
+        self.open = False
+        counts, digests = agree_round(self.group, self.forwards, 0, None, self.what, self.model, quote=True)
+        self._refuse_differing(counts, digests, True)
 
     def _refuse_differing(self, counts: list[int], digests: list[int], ended: bool) -> None:
         """``ValueError`` (on every peer: the round's values are the same there) when the peers' pools gave

@@ -675,6 +675,8 @@ class SpectralLens:
             capture = (attach(model, self.layers, pick=self._pick, precision=self.precision) if self.layers != []
                        else ActivationCapture({}))  # a pipeline stage holding none of the layers
             batches = self._activation_pass(model, capture, rank, world, lockstep, peers)
+            if peers is not None:  # their round after the last forward, once the pass's contexts exited too
+                peers.end()
         except BaseException as exc:  # an interrupt too (Ctrl-C on one rank): agreed below, then re-raised
             error = exc
             if peers is not None:  # with this rank's tensor-parallel peers first (their next round)
@@ -749,7 +751,7 @@ class SpectralLens:
                     return self._forwards_in_rounds(model, capture, rank, world, bar, lockstep)
                 seen = [0]  # batches the pool gave (all of them, not only this rank's)
                 mine = self._own_batches(capture, rank, world, seen)
-                for batch, mask in mine if peers is None else peers.agreed(mine):
+                for batch, mask in mine if peers is None else peers.agreed(mine, last_round=False):
                     with capture.mask(mask):
                         self.forward_fn(model, batch)
                     if bar is not None:
@@ -867,6 +869,8 @@ class SpectralLens:
                     peers = PeerRounds(tp[1], "the gradient protocol of a tensor-parallel rank outside its passes "
                                        "(loading a batch of the gradient pool)", self.model)  # agreed between them
                 result = [self._gradient_pass() if peers is None else self._gradient_pass(peers)]
+                if peers is not None:  # their round after the last pass, once this rank's compute succeeded too
+                    peers.end()
             except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
                 error = exc
                 if peers is not None:  # with this rank's tensor-parallel peers first (their next round)
@@ -935,8 +939,10 @@ class SpectralLens:
                 everywhere = self._everywhere()
                 if everywhere:  # every rank runs these passes: the pools compared as they go
                     batches = agreed_batches(self.group, batches, self.gradient_samples, self.model)
-                elif peers is not None:  # and this rank's tensor-parallel peers
-                    batches = peers.agreed(batches)
+                elif peers is not None:  # and this rank's tensor-parallel peers; their last round after the
+                    # compute (_gradients'), except in bounded-memory mode, whose compute recomputes chunks: forwards
+                    # that are collectives of the mesh (a round there would meet a peer's forward)
+                    batches = peers.agreed(batches, last_round=self.probe.max_resident_samples is not None)
                 for i, batch in enumerate(batches):
                     # everywhere, a forward and backward that are collectives: as in _forwards_in_rounds
                     with (collective_pass(f"the gradient protocol's pass over the gradient pool's batch {i}")
