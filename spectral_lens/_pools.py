@@ -105,12 +105,21 @@ def sharded_pool(pool: Any) -> str | None:
 # ------------------------------------------------------------------ content fingerprint
 #: the fingerprint's modulus, a Mersenne prime below 2**31: every product of two residues stays within int64
 _P = 2**31 - 1
-_A, _B, _C = 1_103_515_245, 12_345, 2_654_435_761 % _P  # fixed constants of the per-value and per-row mixes
-#: the fingerprint reads at most this many evenly spaced values of each sample (all of a row of up to 65,536 tokens):
-#: its temporaries stay small beside the forward's activations for any input (pixels, ``inputs_embeds``)
+#: fixed constants of the per-value mix (two rounds of an affine map and a square: a degree-4 polynomial of the value
+#: and its position, so a sample is not summed up by a few power sums of its values) and of the per-row mix
+_A, _B, _C = 1_103_515_245, 12_345, 2_654_435_761 % _P
+_D, _E, _F = 1_597_334_677, 1_664_525, 1_013_904_223
+#: the fingerprint reads at most this many evenly spaced values of each sample where no mask applies (all of a row of
+#: up to 65,536 tokens): its temporaries stay small beside the forward's activations for any input (pixels)
 SAMPLE_VALUES = 65_536
+#: where a mask applies: every position, and at most this many evenly spaced values of each (an ``(M, T, d)``
+#: ``inputs_embeds``: 64 of its ``d``), chosen by the per-position shape only, so that a re-padded batch reads alike
+POSITION_VALUES = 64
+#: the ignore index that collators pad ``labels`` with: not read in an integer tensor the mask does not fit
+IGNORE_INDEX = -100
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _INTEGERS = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool}
+_UNSIGNED = {getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name)}
 
 
 def _salt(path: str) -> int:
@@ -120,42 +129,69 @@ def _salt(path: str) -> int:
     return 1 + zlib.crc32(path.encode()) % (_P - 1)
 
 
+def _spaced(t: torch.Tensor, lead: int, cap: int) -> torch.Tensor:
+    """``t``'s values at every index of its first ``lead`` dimensions and at most ``cap`` evenly spaced flat indices
+    (the first and the last included) of the others, shape ``(*t.shape[:lead], K)``: gathered, never a copy of all
+    of a non-contiguous ``t`` (channels-last pixels, an expanded tensor)."""
+    inner = tuple(t.shape[lead:])
+    n = 1
+    for s in inner:
+        n *= s
+    if n <= cap:
+        return t.reshape(*t.shape[:lead], n)  # a copy of at most the values read
+    idx = torch.arange(cap, device=t.device) * (n - 1) // (cap - 1)
+    coords = []
+    for s in reversed(inner):
+        coords.append(idx % s)
+        idx = idx // s
+    return t[(slice(None),) * lead + tuple(reversed(coords))]
+
+
 def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """A 0-dim int64 residue mod ``2**31 - 1`` of ``t``'s content, on ``t``'s device (no host sync), or ``None``
     for a tensor it does not read (empty, sparse, a subclass such as ``DTensor``, quantized).
 
-    Dimension 0 indexes samples: each sample's values are hashed as a multiset (no position weights: a
-    pool re-padded to other lengths, left or right, hashes alike once ``mask`` excludes the padding) and the
-    samples' hashes are mixed and summed, so the result does not depend on how the pool is ordered or
-    batched (a shuffled whole pool hashes as the fixed one). Integer and bool tensors are read as integers,
-    floating-point (and complex) ones by their bits; at most :data:`SAMPLE_VALUES` evenly spaced values of each
-    sample. ``mask``: positions to read (nonzero = read), applied where ``t``'s leading shape is the mask's
-    and both are on one device."""
+    Dimension 0 indexes samples: each value is mixed with its position in its sample, and the samples' hashes are
+    mixed and summed, so the result does not depend on how the pool is ordered or batched (a shuffled whole pool
+    hashes as the fixed one), but a sample's values in another order (a flipped image) hash otherwise. ``mask``
+    (nonzero = read), applied where ``t``'s leading shape is the mask's and both are on one device: the positions
+    it excludes are not read, and a read position counts from the sample's first read one, so a pool re-padded to
+    other lengths, on either side, hashes alike; every position is read, at most :data:`POSITION_VALUES` evenly
+    spaced values of each. Without a mask: at most :data:`SAMPLE_VALUES` evenly spaced values of each sample, an
+    integer tensor's :data:`IGNORE_INDEX` entries (a collator's ``labels`` padding) not read. Integer and bool
+    tensors are read as integers, floating-point, complex and unsigned ones by their bits."""
     if type(t) is not torch.Tensor or t.layout != torch.strided or t.numel() == 0 or t.device.type == "meta":
         return None
     if t.is_complex():
         t = torch.view_as_real(t)
-    floating = t.is_floating_point()
-    if floating:
+    ints = t.dtype in _INTEGERS and t.dtype != torch.bool
+    if t.is_floating_point() or t.dtype in _UNSIGNED:
         if t.element_size() not in _BITS:
             return None
         t = t.view(_BITS[t.element_size()])
     elif t.dtype not in _INTEGERS:
         return None
     shape = tuple(t.shape)
-    rows = t.reshape(shape[0] if shape else 1, -1)
-    n = rows.shape[1]
-    # evenly spaced, the first and the last included
-    idx = torch.arange(SAMPLE_VALUES, device=t.device) * (n - 1) // (SAMPLE_VALUES - 1) if n > SAMPLE_VALUES else None
-    vals = (rows if idx is None else rows[:, idx]).long()
-    f = vals % _P * _A % _P + _B
-    f = f * f % _P
+    if not shape:
+        t = t.reshape(1)
+    m = t.shape[0]
     if (isinstance(mask, torch.Tensor) and mask.device == t.device and 0 < mask.ndim <= len(shape)
             and tuple(mask.shape) == shape[:mask.ndim]):
-        read = (mask != 0).reshape(rows.shape[0], -1)
-        inner = n // read.shape[1]  # values per masked position (a (M, T) mask of an (M, T, d) tensor: d)
-        if inner != 1 or idx is not None:
-            read = read[:, (torch.arange(n, device=t.device) if idx is None else idx) // inner]
+        vals = _spaced(t, mask.ndim, POSITION_VALUES)  # (M, T, K): every position, K values of each
+        k = vals.shape[-1]
+        vals, read = vals.reshape(m, -1, k), (mask != 0).reshape(m, -1, 1)
+        pos = (read.cumsum(1) - 1) * k + torch.arange(k, device=t.device)  # from the first read position
+        read, vals, pos = read.expand_as(vals).reshape(m, -1), vals.reshape(m, -1), pos.reshape(m, -1)
+    else:
+        vals = _spaced(t, 1, SAMPLE_VALUES)
+        read = vals != IGNORE_INDEX if ints else None
+        pos = read.cumsum(1) - 1 if ints else torch.arange(vals.shape[1], device=t.device)
+    vals = vals.long()
+    f = (vals % _P * _A + pos % _P * _D + _B) % _P
+    f = f * f % _P
+    f = (f * _E + _F) % _P
+    f = f * f % _P
+    if read is not None:
         f = f * read
     h = f.sum(1) % _P + _C
     return (h * h % _P).sum() % _P
