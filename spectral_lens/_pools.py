@@ -8,6 +8,7 @@ to the next, sees a pool that changed at the same size.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -105,10 +106,8 @@ def sharded_pool(pool: Any) -> str | None:
 # ------------------------------------------------------------------ content fingerprint
 #: the fingerprint's modulus, a Mersenne prime below 2**31: every product of two residues stays within int64
 _P = 2**31 - 1
-#: fixed constants of the per-value mix (two rounds of an affine map and a square: a degree-4 polynomial of the value
-#: and its position, so a sample is not summed up by a few power sums of its values) and of the per-row mix
-_A, _B, _C = 1_103_515_245, 12_345, 2_654_435_761 % _P
-_D, _E, _F = 1_597_334_677, 1_664_525, 1_013_904_223
+#: fixed constants of the per-value mix (of the value and its position in its sample) and of the per-row mix
+_A, _B, _C, _D = 1_103_515_245, 12_345, 2_654_435_761 % _P, 1_597_334_677
 #: the fingerprint reads at most this many evenly spaced values of each sample where no mask applies (all of a row of
 #: up to 65,536 tokens): its temporaries stay small beside the forward's activations for any input (pixels)
 SAMPLE_VALUES = 65_536
@@ -147,6 +146,13 @@ def _spaced(t: torch.Tensor, lead: int, cap: int) -> torch.Tensor:
     return t[(slice(None),) * lead + tuple(reversed(coords))]
 
 
+@functools.lru_cache(maxsize=8)
+def _positions(n: int, device: torch.device) -> torch.Tensor:
+    """The position term of the per-value mix for positions ``0 .. n - 1`` (the same for every unmasked batch of a
+    shape: kept)."""
+    return torch.arange(n, device=device) * _D + _B
+
+
 def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """A 0-dim int64 residue mod ``2**31 - 1`` of ``t``'s content, on ``t``'s device (no host sync), or ``None``
     for a tensor it does not read (empty, sparse, a subclass such as ``DTensor``, quantized).
@@ -180,16 +186,19 @@ def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None) -> tor
         vals = _spaced(t, mask.ndim, POSITION_VALUES)  # (M, T, K): every position, K values of each
         k = vals.shape[-1]
         vals, read = vals.reshape(m, -1, k), (mask != 0).reshape(m, -1, 1)
-        pos = (read.cumsum(1) - 1) * k + torch.arange(k, device=t.device)  # from the first read position
-        read, vals, pos = read.expand_as(vals).reshape(m, -1), vals.reshape(m, -1), pos.reshape(m, -1)
+        pos = read.cumsum(1)  # counted from the sample's first read position: either padding side alike
+        if k > 1:
+            pos = pos * k + torch.arange(k, device=t.device)
+        read, vals = read.expand_as(vals).reshape(m, -1), vals.reshape(m, -1)
+        mixed = pos.reshape(m, -1) * _D + _B  # positions < 2**31 (a sample's values): < 2**62
     else:
         vals = _spaced(t, 1, SAMPLE_VALUES)
-        read = vals != IGNORE_INDEX if ints else None
-        pos = read.cumsum(1) - 1 if ints else torch.arange(vals.shape[1], device=t.device)
+        read = vals != IGNORE_INDEX if ints else None  # right-padded labels of any length alike
+        mixed = _positions(vals.shape[1], t.device)
+    wide = vals.element_size() > 4  # int64 (and float64 bits): reduced before the product; the others stay < 2**61
     vals = vals.long()
-    f = (vals % _P * _A + pos % _P * _D + _B) % _P
-    f = f * f % _P
-    f = (f * _E + _F) % _P
+    f = ((vals % _P if wide else vals) * _A + mixed) % _P
+    f = f ^ (f >> 16)  # not a polynomial mod P: a sample's hash is not a few power sums of its values
     f = f * f % _P
     if read is not None:
         f = f * read
