@@ -205,3 +205,50 @@ def test_the_fingerprint_reads_nothing_back_to_the_host_on_the_new_paths(monkeyp
         for b in batches:
             fp.add(b)
     assert fp.batches == 3 and isinstance(fp.value(), int)
+
+
+# --------------------------------------------------------------------------- what docs/lens.md says of collators
+
+def test_a_shuffled_packed_pool_hashes_as_its_documents():
+    """``DataCollatorWithFlattening`` rows, read as the lens runs them (the padded batch of their documents, with
+    the default mask_fn): another packing of the same documents hashes alike."""
+    from spectral_lens._pools import attention_mask
+    from spectral_lens.gradients._batch import batch_as_run, default_forward
+
+    g = torch.Generator().manual_seed(8)
+    docs = [torch.randint(1, 500, (n,), generator=g) for n in (5, 9, 3, 7, 6, 4)]
+
+    def packed(idx):
+        return {"input_ids": torch.cat([docs[i] for i in idx])[None],
+                "position_ids": torch.cat([torch.arange(len(docs[i])) for i in idx])[None],
+                "labels": torch.cat([torch.cat([torch.tensor([-100]), docs[i][1:]]) for i in idx])[None]}
+
+    def fp(batches):
+        f = PoolFingerprint()
+        for b in batches:
+            b = batch_as_run(b, default_forward)
+            f.add(b, attention_mask(b))
+        return f.value()
+
+    assert fp([packed([0, 1, 2]), packed([3, 4, 5])]) == fp([packed([5, 0]), packed([2, 4, 1, 3])])
+    assert fp([packed([0, 1, 2]), packed([3, 4, 5])]) != fp([packed([0, 1, 2]), packed([3, 4])])
+
+
+def test_a_collator_that_masks_at_random_is_warned():
+    """An MLM-style collator draws its masks from the RNG that training moves: other inputs at every measurement."""
+    from support.models import TinyLM
+
+    seq = torch.randint(1, 64, (8, 9), generator=torch.Generator().manual_seed(9))
+
+    def collate(rows):
+        ids = torch.stack(rows)
+        return ids.masked_fill(torch.rand(ids.shape) < 0.15, 0)
+
+    torch.manual_seed(0)
+    lens = SpectralLens(TinyLM(tied=False, dropout=0.0).double().eval(), DataLoader(list(seq), batch_size=4,
+                        collate_fn=collate), params=(), progress=False)
+    torch.manual_seed(1)
+    _quietly(lambda: lens.measure(0, 0))
+    torch.manual_seed(2)  # training moved the RNG
+    with pytest.warns(SpectralLensWarning, match=CHANGED):
+        lens.measure(1, 0)
