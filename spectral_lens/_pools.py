@@ -138,7 +138,9 @@ def _spaced(t: torch.Tensor, lead: int, cap: int) -> torch.Tensor:
         n *= s
     if n <= cap:
         return t.reshape(*t.shape[:lead], n)  # a copy of at most the values read
-    idx = torch.arange(cap, device=t.device) * (n - 1) // (cap - 1)
+    q, r = divmod(n - 1, cap - 1)  # i * (n - 1) // (cap - 1), exact for any n (no int64 product of i and n)
+    i = torch.arange(cap, device=t.device)
+    idx = i * q + i * r // (cap - 1)
     coords = []
     for s in reversed(inner):
         coords.append(idx % s)

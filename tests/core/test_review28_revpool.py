@@ -252,3 +252,15 @@ def test_a_collator_that_masks_at_random_is_warned():
     torch.manual_seed(2)  # training moved the RNG
     with pytest.warns(SpectralLensWarning, match=CHANGED):
         lens.measure(1, 0)
+
+
+def test_the_spaced_indices_do_not_overflow_at_any_sample_size():
+    """``arange(65536) * (n - 1)`` overflows int64 from n = 2**47 values a sample (an expanded tensor): indices
+    wrapped negative, read out of order. Here each value is its own row index: read in order, first and last."""
+    from spectral_lens._pools import _spaced
+
+    rows = torch.arange(2**24)[None, :, None].expand(2, 2**24, 2**24)  # 2**48 values a sample, no memory
+    got = _spaced(rows, 1, 65_536)[0]
+    assert got[0] == 0 and got[-1] == 2**24 - 1 and bool((got.diff() >= 0).all())
+    one = torch.ones((), dtype=torch.int8)
+    assert tensor_fingerprint(one.expand(2, 2**24, 2**24)) != tensor_fingerprint((one + 1).expand(2, 2**24, 2**24))
