@@ -113,7 +113,7 @@ def test_a_shuffled_re_padded_inputs_embeds_pool_is_not_warned():
         torch.manual_seed(seed)  # the training loop moves the RNG between checkpoints: another order each time
         orders.append(tuple(tuple(b["inputs_embeds"].shape) for b in loader))
         torch.manual_seed(seed)
-        _quietly(lambda: lens.measure(seed, 0))
+        _quietly(lambda s=seed: lens.measure(s, 0))
     assert len(set(orders)) > 1  # the batches were padded otherwise
 
 
