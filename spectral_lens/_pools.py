@@ -8,6 +8,7 @@ to the next, sees a pool that changed at the same size.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -105,12 +106,19 @@ def sharded_pool(pool: Any) -> str | None:
 # ------------------------------------------------------------------ content fingerprint
 #: the fingerprint's modulus, a Mersenne prime below 2**31: every product of two residues stays within int64
 _P = 2**31 - 1
-_A, _B, _C = 1_103_515_245, 12_345, 2_654_435_761 % _P  # fixed constants of the per-value and per-row mixes
-#: the fingerprint reads at most this many evenly spaced values of each sample (all of a row of up to 65,536 tokens):
-#: its temporaries stay small beside the forward's activations for any input (pixels, ``inputs_embeds``)
+#: fixed constants of the per-value mix (of the value and its position in its sample) and of the per-row mix
+_A, _B, _C, _D = 1_103_515_245, 12_345, 2_654_435_761 % _P, 1_597_334_677
+#: the fingerprint reads at most this many evenly spaced values of each sample where no mask applies (all of a row of
+#: up to 65,536 tokens): its temporaries stay small beside the forward's activations for any input (pixels)
 SAMPLE_VALUES = 65_536
+#: where a mask applies: every position, and at most this many evenly spaced values of each (an ``(M, T, d)``
+#: ``inputs_embeds``: 64 of its ``d``), chosen by the per-position shape only, so that a re-padded batch reads alike
+POSITION_VALUES = 64
+#: the ignore index that collators pad ``labels`` with: not read in an integer tensor the mask does not fit
+IGNORE_INDEX = -100
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _INTEGERS = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool}
+_UNSIGNED = {getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name)}
 
 
 def _salt(path: str) -> int:
@@ -120,42 +128,81 @@ def _salt(path: str) -> int:
     return 1 + zlib.crc32(path.encode()) % (_P - 1)
 
 
+def _spaced(t: torch.Tensor, lead: int, cap: int) -> torch.Tensor:
+    """``t``'s values at every index of its first ``lead`` dimensions and at most ``cap`` evenly spaced flat indices
+    (the first and the last included) of the others, shape ``(*t.shape[:lead], K)``: gathered, never a copy of all
+    of a non-contiguous ``t`` (channels-last pixels, an expanded tensor)."""
+    inner = tuple(t.shape[lead:])
+    n = 1
+    for s in inner:
+        n *= s
+    if n <= cap:
+        return t.reshape(*t.shape[:lead], n)  # a copy of at most the values read
+    q, r = divmod(n - 1, cap - 1)  # i * (n - 1) // (cap - 1), exact for any n (no int64 product of i and n)
+    i = torch.arange(cap, device=t.device)
+    idx = i * q + i * r // (cap - 1)
+    coords = []
+    for s in reversed(inner):
+        coords.append(idx % s)
+        idx = idx // s
+    return t[(slice(None),) * lead + tuple(reversed(coords))]
+
+
+@functools.lru_cache(maxsize=8)
+def _positions(n: int, device: torch.device) -> torch.Tensor:
+    """The position term of the per-value mix for positions ``0 .. n - 1`` (the same for every unmasked batch of a
+    shape: kept)."""
+    return torch.arange(n, device=device) * _D + _B
+
+
 def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
     """A 0-dim int64 residue mod ``2**31 - 1`` of ``t``'s content, on ``t``'s device (no host sync), or ``None``
     for a tensor it does not read (empty, sparse, a subclass such as ``DTensor``, quantized).
 
-    Dimension 0 indexes samples: each sample's values are hashed as a multiset (no position weights: a
-    pool re-padded to other lengths, left or right, hashes alike once ``mask`` excludes the padding) and the
-    samples' hashes are mixed and summed, so the result does not depend on how the pool is ordered or
-    batched (a shuffled whole pool hashes as the fixed one). Integer and bool tensors are read as integers,
-    floating-point (and complex) ones by their bits; at most :data:`SAMPLE_VALUES` evenly spaced values of each
-    sample. ``mask``: positions to read (nonzero = read), applied where ``t``'s leading shape is the mask's
-    and both are on one device."""
+    Dimension 0 indexes samples: each value is mixed with its position in its sample, and the samples' hashes are
+    mixed and summed, so the result does not depend on how the pool is ordered or batched (a shuffled whole pool
+    hashes as the fixed one), but a sample's values in another order (a flipped image) hash otherwise. ``mask``
+    (nonzero = read), applied where ``t``'s leading shape is the mask's and both are on one device: the positions
+    it excludes are not read, and a read position counts from the sample's first read one, so a pool re-padded to
+    other lengths, on either side, hashes alike; every position is read, at most :data:`POSITION_VALUES` evenly
+    spaced values of each. Without a mask: at most :data:`SAMPLE_VALUES` evenly spaced values of each sample, an
+    integer tensor's :data:`IGNORE_INDEX` entries (a collator's ``labels`` padding) not read. Integer and bool
+    tensors are read as integers, floating-point, complex and unsigned ones by their bits."""
     if type(t) is not torch.Tensor or t.layout != torch.strided or t.numel() == 0 or t.device.type == "meta":
         return None
     if t.is_complex():
         t = torch.view_as_real(t)
-    floating = t.is_floating_point()
-    if floating:
+    ints = t.dtype in _INTEGERS and t.dtype != torch.bool
+    if t.is_floating_point() or t.dtype in _UNSIGNED:
         if t.element_size() not in _BITS:
             return None
         t = t.view(_BITS[t.element_size()])
     elif t.dtype not in _INTEGERS:
         return None
     shape = tuple(t.shape)
-    rows = t.reshape(shape[0] if shape else 1, -1)
-    n = rows.shape[1]
-    # evenly spaced, the first and the last included
-    idx = torch.arange(SAMPLE_VALUES, device=t.device) * (n - 1) // (SAMPLE_VALUES - 1) if n > SAMPLE_VALUES else None
-    vals = (rows if idx is None else rows[:, idx]).long()
-    f = vals % _P * _A % _P + _B
-    f = f * f % _P
+    if not shape:
+        t = t.reshape(1)
+    m = t.shape[0]
     if (isinstance(mask, torch.Tensor) and mask.device == t.device and 0 < mask.ndim <= len(shape)
             and tuple(mask.shape) == shape[:mask.ndim]):
-        read = (mask != 0).reshape(rows.shape[0], -1)
-        inner = n // read.shape[1]  # values per masked position (a (M, T) mask of an (M, T, d) tensor: d)
-        if inner != 1 or idx is not None:
-            read = read[:, (torch.arange(n, device=t.device) if idx is None else idx) // inner]
+        vals = _spaced(t, mask.ndim, POSITION_VALUES)  # (M, T, K): every position, K values of each
+        k = vals.shape[-1]
+        vals, read = vals.reshape(m, -1, k), (mask != 0).reshape(m, -1, 1)
+        pos = read.cumsum(1)  # counted from the sample's first read position: either padding side alike
+        if k > 1:
+            pos = pos * k + torch.arange(k, device=t.device)
+        read, vals = read.expand_as(vals).reshape(m, -1), vals.reshape(m, -1)
+        mixed = pos.reshape(m, -1) * _D + _B  # positions < 2**31 (a sample's values): < 2**62
+    else:
+        vals = _spaced(t, 1, SAMPLE_VALUES)
+        read = vals != IGNORE_INDEX if ints else None  # right-padded labels of any length alike
+        mixed = _positions(vals.shape[1], t.device)
+    wide = vals.element_size() > 4  # int64 (and float64 bits): reduced before the product; the others stay < 2**61
+    vals = vals.long()
+    f = ((vals % _P if wide else vals) * _A + mixed) % _P
+    f = f ^ (f >> 16)  # not a polynomial mod P: a sample's hash is not a few power sums of its values
+    f = f * f % _P
+    if read is not None:
         f = f * read
     h = f.sum(1) % _P + _C
     return (h * h % _P).sum() % _P
