@@ -56,7 +56,7 @@ from .gram import (
     grow_square,
     symmetrized,
 )
-from .losses import causal_lm_loss
+from .losses import _check_smoothing, causal_lm_loss
 from .noise_scale import NoiseScale, noise_scale_from_gram
 from .._deepspeed import is_zero3, whole_shape, zero3_partitioned
 from .._offload import offload_device, offloaded_names, offloading_modules, refuse_offloaded
@@ -166,8 +166,14 @@ class PerSampleGradientProbe:
             ``"materialized"``: always the full logits. When ``loss_fn`` or ``forward_fn`` is given,
             ``"auto"`` does nothing (a user's loss is never replaced). The decision is
             ``probe.head_loss_`` (``"chunked (lm_head)"``, ``"materialized: <reason>"``), made once
-            per attached model. An integration's label-smoothed default loss (Hugging Face's
-            ``label_smoothing_factor``) takes the same decision (``linear_cross_entropy(label_smoothing=)``).
+            per attached model. A label-smoothed default loss takes the same decision
+            (``linear_cross_entropy(label_smoothing=)``).
+        label_smoothing: label smoothing of the default loss, ``F.cross_entropy``'s (in ``[0, 1]``; per token
+            ``(1 - eps) * nll + eps * mean over the vocabulary of -log p``), in both head losses: measure the
+            loss you train on. Refused with ``loss_fn`` (smooth inside it). Without it, the Hugging Face
+            callback smooths the default loss by the trainer's ``label_smoothing_factor`` during its
+            measurements; with it, the probe's own value is kept. A spectrum of smoothed rows has
+            ``metadata["label_smoothing"]``.
 
     Measuring has no side effects: ``.grad``, ``requires_grad``, train/eval flags, module buffers
     (BatchNorm running statistics also with ``train_mode=True``), the CPU and CUDA RNG states, Python's
@@ -208,6 +214,7 @@ class PerSampleGradientProbe:
         train_mode: bool = False,
         ignore_index: int = -100,
         head_loss: str = "auto",
+        label_smoothing: float = 0.0,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -219,6 +226,12 @@ class PerSampleGradientProbe:
                 "with loss_fn/forward_fn (leave them out, or pass head_loss_fns(model, ...) as they are)"
             )
         who = "PerSampleGradientProbe"
+        label_smoothing = _check_smoothing(who, label_smoothing)
+        if label_smoothing and loss_fn is not None:
+            raise ValueError(
+                f"{who}: label_smoothing={label_smoothing:g} smooths the default loss; with loss_fn given, smooth "
+                "inside your loss_fn (e.g. F.cross_entropy(..., label_smoothing=...)) and leave label_smoothing=0"
+            )
         chunk_size = check_count(who, "chunk_size", chunk_size, 1)
         max_resident_samples = check_count(who, "max_resident_samples", max_resident_samples, 1, none_ok=True)
         check_callable(who, "loss_fn", loss_fn, "(model_output, batch) -> per-sample losses (M,)")
@@ -242,7 +255,8 @@ class PerSampleGradientProbe:
         self._rewind_buffers: Callable[[], None] | None = None
         self.params: dict[str, nn.Parameter] = {}
         self.params_spec = params
-        self.loss_fn = loss_fn or functools.partial(causal_lm_loss, ignore_index=ignore_index)  # picklable
+        smooth = {"label_smoothing": label_smoothing} if label_smoothing else {}
+        self.loss_fn = loss_fn or functools.partial(causal_lm_loss, ignore_index=ignore_index, **smooth)  # picklable
         self._custom_loss = loss_fn
         self._custom_forward = forward_fn
         self.forward_fn = forward_fn or default_forward
@@ -250,7 +264,9 @@ class PerSampleGradientProbe:
         self.head_loss = head_loss
         self.head_loss_: str | None = self._initial_head_loss()
         self._head_fns: tuple[Callable, Callable] | None = None  # (forward_fn, loss_fn) once chunked is chosen
-        self._label_smoothing = 0.0  # the default loss's (an integration's, _trained_loss), in both head losses
+        self.label_smoothing = label_smoothing
+        # the default loss's now (label_smoothing, or an integration's: _trained_loss), in both head losses
+        self._label_smoothing = label_smoothing
         self.engine = engine
         self.chunk_size = int(chunk_size)
         self.keep_matrix = keep_matrix
@@ -465,8 +481,8 @@ class PerSampleGradientProbe:
         ``label_smoothing`` on the materialized logits, :func:`~spectral_lens.gradients.causal_lm_head_loss`'s on the
         chunked head loss, chosen by ``head_loss`` as for the plain loss (decided again in the block). The default
         loss and the head-loss decision are back afterwards. A probe with a user's ``loss_fn`` or ``forward_fn`` is
-        left as it is."""
-        if self._custom_loss is not None or self._custom_forward is not None:
+        left as it is, and so is one built with its own ``label_smoothing``."""
+        if self._custom_loss is not None or self._custom_forward is not None or self.label_smoothing:
             yield
             return
         saved = self.loss_fn, self.head_loss_, self._head_fns, self._label_smoothing
@@ -952,7 +968,8 @@ class PerSampleGradientProbe:
         if bad.numel():
             message = nonfinite_loss_message(bad.tolist(), list(self.params), self._custom_loss)
             if self._label_smoothing and bool(torch.isposinf(losses).any()):
-                message += (f"; the default loss is label-smoothed (eps={self._label_smoothing:g}, the trainer's): a "
+                whose = "label_smoothing" if self.label_smoothing else "the trainer's"
+                message += (f"; the default loss is label-smoothed (eps={self._label_smoothing:g}, {whose}): a "
                             "logit of -inf (a vocabulary masked or padded by a -inf bias) makes the mean of -log p over "
                             "the vocabulary +inf, in F.cross_entropy and Hugging Face's LabelSmoother too")
             raise NonFiniteError(message)
