@@ -136,8 +136,12 @@ PER = {"update": 5, "bare": 5, "lens": 10, "probe": 5, "Schedule": 5, "select_mo
 
 
 def start(tree: str) -> tuple[subprocess.Popen, list[str]]:
-    # passive OpenMP waits: a worker that just finished must not spin on the cores the other one is timed on
-    env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE")
+    # passive OpenMP waits: a worker that just finished must not spin on the cores the other one is timed on.
+    # Nor SciPy's OpenBLAS pool (the CPU syrk, >= 8,192 rows), whose threads spin ~0.1 s after each call unless
+    # their timeout is 2^4 cycles: that spin made the second tree of each pair 1.16x slower on the first syrk
+    # case after a non-syrk one (32,768 x 256 exact, same tree on both sides; review 28)
+    env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS="2", OMP_WAIT_POLICY="PASSIVE",
+               OPENBLAS_THREAD_TIMEOUT="4")
     p = subprocess.Popen([sys.executable, "-c", WORKER], cwd=tree, env=env, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     hello = json.loads(p.stdout.readline())

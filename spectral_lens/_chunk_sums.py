@@ -8,7 +8,6 @@ centred rows and the product in per-thread recycled scratch (:func:`_recycled`).
 
 from __future__ import annotations
 
-import functools
 import threading
 from typing import Any, Callable
 
@@ -26,7 +25,9 @@ from .spectra.moments import (
     symmetric_product,
 )
 
-_SHIFT_ROWS = 1024  # rows sampled from each chunk (at least; see _sample_step); their mean is the chunk's shift
+_SHIFT_ROWS = 1024  # rows sampled from each chunk of at least 3 * 1024 rows (see _sample_spacing); their mean is the chunk's shift
+_RUN_ROWS = 64  # the sample: _RUNS runs of _RUN_ROWS consecutive rows, evenly spaced over the chunk
+_RUNS = _SHIFT_ROWS // _RUN_ROWS
 _CPU_DTYPES = (torch.float32, torch.float64)  # CPU rows that take the NumPy-driven one-chunk path
 _CPU_HALF = (torch.bfloat16, torch.float16)  # CPU rows converted exactly into that path's scratch
 _SCRATCH = threading.local()  # CPU: per thread, recycled chunk buffers (see _chunk_scratch)
@@ -34,65 +35,92 @@ _SCRATCH_SHAPES = 4  # chunk shapes kept per thread
 _SCRATCH_MAX_BYTES = 16 << 20  # a chunk whose buffers are larger gets fresh ones each time
 
 
-def _sample_step(n: int) -> int:
-    """Stride of the shift's row sample over a chunk of ``n`` rows: the largest odd prime at most
-    ``n // 1024`` (at least 1024 rows, every ``step``-th from the first), 1 (every row) below 3072 rows.
+def _sample_spacing(n: int) -> int:
+    """Distance between the starts of the shift sample's runs in a chunk of ``n`` rows, 0 below 3,072 rows
+    (the sample is then every row). The sample: :data:`_RUNS` (16) runs of :data:`_RUN_ROWS` (64)
+    consecutive rows, the first at row 0, the last ending at most at row ``n - 1``.
 
-    Why a prime and not ``n // 1024``: a chunk of ``B`` sequences of ``L`` tokens, both powers of two, put
-    every sampled row at a position that is a multiple of ``B`` in its sequence, so the sample held each
-    sequence's first token ``B`` times too often. Models give that token activations 1e2-1e3 times the
-    spread of the others in a few dimensions (GPT-2's "massive activations"): at ``B = 128``, ``L = 1024``
-    the shift was 12% of that size away from the chunk's mean, and the float32 products of the rows
-    centred on it were 3-15x less accurate relative to the largest eigenvalue (bf16 ones: eigenvalues
-    1-10 off by 8-19% at d = 16, under 1% now; ``tests/core/test_review27_core.py``). A prime stride
-    that does not divide ``L`` visits every position of a sequence equally often; only an ``L`` with
-    that prime as a factor (3, 5 or 7, for chunks of 3-10 times 1024 rows) can still alias, as any
-    period can with a fixed stride."""
-    q = n // _SHIFT_ROWS
-    return 1 if q < 3 else _odd_prime_at_most(q)
+    Why runs and not a stride: a sample at a fixed stride ``p`` aliases with sequences of ``L`` tokens
+    whenever ``p`` divides ``L`` (then every sampled row sits at the same ``L / p`` positions of its
+    sequence), and models give a sequence's first token activations 1e2-1e3 times the others' spread
+    in a few dimensions. The odd-prime stride (review 27) had that at every ``L`` that is a multiple
+    of it: at ``L = p`` the sample was all first tokens (3,072-16,383 rows: ``p`` = 3-13), and at
+    ``L = 10 p`` (16,384 rows, ``L = 130``) the shift was 93 spreads from the chunk's mean and bf16
+    products' eigenvalues 1-10 off by 7.5-8.3% (0.2-1.1% now). 64 consecutive rows hold every position of a sequence
+    of ``L <= 64`` tokens equally often (give or take one), and 16 runs spread over the chunk sample
+    longer sequences at 16 unrelated places: over ``L`` = 1..2048 and chunks of 3,072-131,072 rows
+    the most over-sampled position takes at most 15.4/1024 more of the sample than its share (the prime
+    stride: up to 1016/1024; ``tests/core/test_review28_chunk.py``)."""
+    return 0 if n < 3 * _SHIFT_ROWS else (n - _RUN_ROWS) // (_RUNS - 1)
 
 
-@functools.lru_cache(maxsize=64)
-def _odd_prime_at_most(q: int) -> int:
-    """The largest odd prime ``<= q`` (``q >= 3``), by trial division; cached: one per chunk height."""
-    p = q if q % 2 else q - 1
-    while any(p % f == 0 for f in range(3, int(p ** 0.5) + 1, 2)):
-        p -= 2
-    return p
+def _sample_view(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(view, count)``: the shift's sample of a chunk's rows as a view (no copy, no index tensor, any
+    device: ``(runs, run, d)`` from ``unfold``, or the rows themselves below 3,072 rows) and the number
+    of rows it holds."""
+    s = _sample_spacing(rows.shape[0])
+    if not s:
+        return rows, rows.shape[0]
+    return rows.unfold(0, _RUN_ROWS, s).transpose(1, 2), _SHIFT_ROWS
+
+
+def _sample_sum(head: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Column sums of :func:`_sample_view`'s view, in ``dtype``: over the runs' rows, then over the runs.
+    Two one-dim sums: torch's CPU sum over dims (0, 1) of the 3-D view took 10-40x longer (180 us vs 16 us
+    at 32,768 x 256, 2 threads)."""
+    return head.sum(0, dtype=dtype) if head.dim() == 2 else head.sum(1, dtype=dtype).sum(0)
+
+
+def _sample_index(n: int) -> np.ndarray:
+    """The rows of :func:`_sample_view`'s sample of a chunk of ``n`` rows, ascending (NumPy int64)."""
+    s = _sample_spacing(n)
+    if not s:
+        return np.arange(n)
+    return (np.arange(0, _RUNS * s, s)[:, None] + np.arange(_RUN_ROWS)).reshape(-1)
+
+
+def _in_sample(index: np.ndarray, n: int) -> np.ndarray:
+    """Which of the rows ``index`` (of a chunk of ``n`` rows) :func:`_sample_index` holds (NumPy bool)."""
+    s = _sample_spacing(n)
+    if not s:
+        return np.ones(index.shape, dtype=bool)
+    return (index % s < _RUN_ROWS) & (index < (_RUNS - 1) * s + _RUN_ROWS)
 
 
 def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None, wide: bool = False) -> torch.Tensor:
-    """Mean of a sample of about 1024 valid rows of a chunk, every :func:`_sample_step`-th (its shift;
-    need not be exact); 0 if no row is valid.
+    """Mean of a sample of 1024 valid rows of a chunk (every row below 3,072 rows; its shift, need not
+    be exact): 16 runs of 64 consecutive rows (:func:`_sample_spacing`); 0 if no row is valid.
 
     Summed in float64 if ``wide`` (the shift is float64: float64 precision or float64 rows), so
     finite rows near float32's limit (|x| > ~1e35) cannot give an infinite shift; else in the rows'
     precision (fp32 for half types; float32 products of such rows overflow anyway), where a float64
     sum would cost one more conversion kernel per update.
 
-    With a mask the sample is found on the device (no host read): the ``j``-th row is the first whose
-    running count of valid rows exceeds ``j * step * count // n``, for the ``ceil(n / step)`` values of
-    ``j`` the unmasked sample has (``step`` = :func:`_sample_step` of the chunk's ``n`` rows): spread
-    evenly among the valid rows, and with every row valid exactly the unmasked sample (the prime
-    stride). 1021 rows spread evenly among the valid ones (rank ``j * count // 1021``) aliased with the
-    sequences much as a stride does: a spacing near ``L / m`` (``L`` tokens per sequence) sampled
-    nearly the same position of ``m`` sequences in a row, so the last 72,928-row chunk of a call of 204
-    sequences of 1000 tokens, all valid, held 7% first tokens instead of 0.1%
-    (``tests/core/test_review27_revcore.py``). Rows partly masked in a pattern that repeats every
-    sequence can still alias so, less often (a spacing ``step * count / n`` rather than ``count / 1021``).
-    Rows of the chunk at a fixed stride could all be masked (a mask that keeps the last token of each
-    sequence never meets a stride dividing the sequence length): the shift was then 0, and rows far
-    from 0 lost their tail in the float32 products; a sample among the valid rows cannot miss them.
+    With a mask the sample is found on the device (no host read) among the valid rows, at the ranks
+    ``i * count // n`` for the unmasked sample's rows ``i`` (``count`` valid rows): with every row
+    valid exactly the unmasked sample; else runs of consecutive valid rows (each repeated about
+    ``n / count`` times), spread evenly over them. The ``j``-th ranked row is the first whose running
+    count of valid rows exceeds ``j``. Review 27's reasons hold: 1021 rows spread evenly among the valid
+    ones aliased with sequences (``tests/core/test_review27_revcore.py``), and rows of the chunk at fixed
+    places could all be masked (a mask that keeps the last token of each sequence): the shift was then
+    0, and rows far from 0 lost their tail in the float32 products; a sample among the valid rows cannot
+    miss them.
     """
     dtype = torch.float64 if wide else (None if rows.dtype == torch.float32 else torch.float32)
-    if valid is None:  # one kernel: the sample is read and averaged in the accumulation dtype directly
-        step = _sample_step(rows.shape[0])
-        return (rows[::step] if step > 1 else rows).mean(0, dtype=dtype)
+    if valid is None:  # the sample (a view) is read and averaged in the accumulation dtype directly
+        head, count = _sample_view(rows)
+        if head.dim() == 3 and rows.device.type == "cpu":  # see _sample_sum; elsewhere one kernel
+            return _sample_sum(head, dtype).div_(count)
+        return head.mean((0, 1) if head.dim() == 3 else 0, dtype=dtype)
     rank = valid.cumsum(0)
-    # valid ranks j * step * count // n: every step-th valid row when all are valid (int64: the product
-    # j * step * count < n ** 2 fits for chunks of up to 3e9 rows)
-    n = rows.shape[0]
-    targets = torch.arange(0, n, _sample_step(n), device=rows.device).mul_(rank[-1]).div_(n, rounding_mode="floor")
+    n, device = rows.shape[0], rows.device
+    s = _sample_spacing(n)
+    if s:  # the unmasked sample's rows, made on the device (no host-to-device copy)
+        index = (torch.arange(0, _RUNS * s, s, device=device)[:, None] + torch.arange(_RUN_ROWS, device=device)).view(-1)
+    else:
+        index = torch.arange(n, device=device)
+    # valid ranks i * count // n (int64: i * count < n ** 2 fits for chunks of up to 3e9 rows)
+    targets = index.mul_(rank[-1]).div_(n, rounding_mode="floor")
     # searched in rank[:-1]: at most the last row, so no index is out of range when no row is valid
     head = rows.index_select(0, torch.searchsorted(rank[:-1], targets, right=True))
     # no valid row: the row read may hold anything (NaN, Inf); then a finite shift, whatever it is
@@ -215,13 +243,12 @@ def _cpu_centered(rows: torch.Tensor, keep: np.ndarray | None, precision: str):
     if half:  # one exact conversion into the scratch, centred there in place: no fresh fp32 copy
         y.copy_(rows)  # (page faults), no slow mixed-dtype kernel
         rows = y
-    step = _sample_step(n_rows)
-    head = rows[::step] if step > 1 else rows
+    head, count = _sample_view(rows)
     if half and work == torch.float64:  # float64 precision: the shift from fp32 values, as for fp32 rows
         head = head.float()
-    mean = head.sum(0).numpy() / head.shape[0]  # torch's mean bit for bit, one torch call instead of two
+    mean = _sample_sum(head).numpy() / count
     if not np.isfinite(mean).all():  # an fp32 sum overflowed (|x| > ~1e35), or NaN/Inf rows (stay so)
-        mean = np.add.reduce(head.numpy(), 0, dtype=np.float64) / head.shape[0]
+        mean = np.add.reduce(head.numpy(), tuple(range(head.dim() - 1)), dtype=np.float64) / count
     shift = _shift_values(mean, work)
     torch.sub(rows, torch.from_numpy(shift), out=y)
     return n_rows, y.sum(0).numpy(), shift, scratch
@@ -239,8 +266,8 @@ def _cpu_compacted(rows: torch.Tensor, kept: np.ndarray, scratch):
     only the valid rows are gathered into the first ``n`` rows of the scratch (converted to its
     dtype), centred there and multiplied, so masked rows cost neither a pass nor a product (a mask
     keeping 1 position in 64 made the product 64x the kept rows' one). The shift is the mean of
-    the same sample rows as without compaction (the valid ones among every ``step``-th row of the
-    chunk (:func:`_sample_step`), else every ``_sample_step(n)``-th valid row: see :func:`_sample_mean`),
+    the same sample rows as without compaction (the valid ones among :func:`_sample_index`'s rows of
+    the chunk, else, none of them valid, that sample of the ``n`` valid rows: see :func:`_sample_mean`),
     summed in the same dtype.
     Masked rows are never read, whatever they hold. CPU only: on CUDA, where the row count would
     need a host sync, masked rows are zeroed and multiplied (:func:`chunk_moments`)."""
@@ -253,14 +280,13 @@ def _cpu_compacted(rows: torch.Tensor, kept: np.ndarray, scratch):
         torch.index_select(rows, 0, index, out=y)
     else:  # gathered in the rows' dtype into a recycled buffer, then one exact conversion
         y.copy_(torch.index_select(rows, 0, index, out=_gather_scratch(n_rows, d, rows.dtype)[:n]))
-    # the shift's sample, as on the uncompacted rows: valid rows among rows[::step], summed in the
+    # the shift's sample, as on the uncompacted rows: valid rows among the sample's, summed in the
     # rows' dtype (fp32 for half rows, which are exact in it)
-    step = _sample_step(n_rows)
     sdt = np.float64 if rows.dtype == torch.float64 else np.float32
     values = y.numpy()
-    sample = values[kept % step == 0] if step > 1 else values
-    if n and not sample.shape[0]:  # every sampled row masked (see _sample_mean): valid rows instead
-        sample = values[:: _sample_step(n)]
+    sample = values[_in_sample(kept, n_rows)] if _sample_spacing(n_rows) else values
+    if n and not sample.shape[0]:  # every sampled row masked (see _sample_mean): the sample of the valid rows
+        sample = values[_sample_index(n)]
     sample = sample.astype(sdt, copy=False)
     mean = np.add.reduce(sample, 0) / max(1, sample.shape[0])
     if not np.isfinite(mean).all():  # an fp32 sum overflowed (|x| > ~1e35), or NaN/Inf rows (stay so)

@@ -76,6 +76,8 @@ def accumulator_bytes(d: int, precision: str, rows: int, *, device_type: str = "
     if device_type == "cuda" and prod_b == 4 and precision != "fast" and d >= 1024:
         products += 2  # symmetric_product's block form: the blocks, the two block rows, the result
     update = chunk * d * row_b + products * d * d * prod_b + extra
+    if device_type == "cpu" and chunk >= 3 * 1024:  # the shift sample's per-run column sums: 16 d-vectors
+        update += 16 * d * (8 if rows_float64 or (precision == "float64" and rows > max_chunk_rows) else 4)
     return held, update, 2 * square
 
 

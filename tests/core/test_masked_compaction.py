@@ -182,9 +182,8 @@ def test_masked_rows_enter_no_product(monkeypatch, dtype, max_chunk_rows):
 
 def test_compacted_shift_is_the_sample_of_the_whole_chunk():
     """The shift of a compacted chunk is, bit for bit, the mean of the rows the shift-sampling rules pick
-    on the whole chunk: the valid ones among every ``_sample_step(n_rows)``-th row, summed in the rows' dtype
-    (fp32 for half rows), else (every sampled row masked, as the toy's mask at 16,384 rows) evenly
-    spaced valid rows."""
+    on the whole chunk: the valid ones among ``_sample_index(n_rows)``'s rows, summed in the rows' dtype
+    (fp32 for half rows), else (every sampled row masked) that sample of the valid rows."""
     rng = np.random.default_rng(3)
     for n_rows, mask in ((16384, np.arange(16384) % 64 == 63), (5000, rng.random(5000) < 0.3),
                          (700, rng.random(700) < 0.5)):
@@ -195,11 +194,11 @@ def test_compacted_shift_is_the_sample_of_the_whole_chunk():
             acc = ActivationCovarianceAccumulator(precision=precision)
             acc.update(x, torch.from_numpy(mask))
             values = x.float().numpy() if dtype != torch.float64 else x.numpy()
-            step = chunk_sums._sample_step(n_rows)
-            sample = values[::step][mask[::step]]
+            index = chunk_sums._sample_index(n_rows)
+            sample = values[index][mask[index]]
             if not sample.shape[0]:
                 kept = np.flatnonzero(mask)
-                sample = values[kept[:: chunk_sums._sample_step(kept.size)]]
+                sample = values[kept[chunk_sums._sample_index(kept.size)]]
             mean = np.add.reduce(sample, 0) / sample.shape[0]
             wide = precision == "float64" or dtype == torch.float64
             expected = mean.astype(np.float64 if wide else np.float32).astype(np.float64)

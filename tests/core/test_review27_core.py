@@ -6,7 +6,8 @@ every sampled row at a position that is a multiple of ``B``, so the sample held 
 token ``B`` times too often; models give that token activations 1e2-1e3 times the others' spread in a
 few dimensions ("massive activations"), and the rows centred on that shift lost 10-30x more of the
 spectrum in float32 products than around the chunk's mean (bf16 products: 9% of eigenvalues 1-50).
-The stride is now an odd prime (:func:`spectral_lens._chunk_sums._sample_step`).
+The stride became an odd prime; since review 28 the sample is 16 runs of 64 consecutive rows
+(:func:`spectral_lens._chunk_sums._sample_spacing`: the prime stride aliased at lengths it divides).
 
 References are float64 two-pass covariances (``np.cov`` of the rows converted exactly to float64).
 """
@@ -67,7 +68,8 @@ def test_shift_sample_holds_each_sequence_position_equally_often(batch, length):
     # partly masked rows: which first tokens the sample hits depends on the valid counts before them, a
     # random draw (over 40 masks at most 5/1024 off, and 10/1024 with the old spacing): allow 8/1024; the
     # positions of unmasked (or all valid) rows are fixed: 2/1024
-    bad = {k: v for k, v in fractions.items() if abs(v - truth) > (8 if "masked" in k else 2) / 1024}
+    # (review 28: 4/1024 for the runs of 64 rows, which meet a sequence's start 0-3 times at L = 1536: 2.3/1024)
+    bad = {k: v for k, v in fractions.items() if abs(v - truth) > (8 if "masked" in k else 4) / 1024}
     assert not bad, (batch, length, truth, bad)
 
 
@@ -108,18 +110,14 @@ def test_massive_first_tokens_in_power_of_two_batches_keep_their_accuracy(seed):
     shift = chunk_sums._sample_mean(x, None).double()
     m, s = fast_chunk_moments(x, shift, use_triton=False)
     fast = _eigs(covariance_from_moments(torch.tensor(x.shape[0]), m.double(), s.double()).numpy())
-    assert np.abs(fast - ref).max() <= 6e-4 * ref[0]
+    # review 28: within 2.5e-3 of ||C||: the chunk's exact mean as the shift gives 1.8-1.9e-3 here (the first
+    # tokens' bf16 rounding near 1e3, not the shift, sets it), and so does the run sample; the prime stride's
+    # 2-3e-4 was the luck of where its shift put them on the bf16 grid
+    assert np.abs(fast - ref).max() <= 2.5e-3 * ref[0]
     assert (np.abs(fast[:10] - ref[:10]) / ref[:10]).max() <= 2e-2
 
 
-def test_sample_step_is_an_odd_prime_of_at_least_1024_rows():
-    """The stride: 1 below 3,072 rows, else the largest odd prime <= n // 1024, so the sample keeps at
-    least 1024 rows and at most a few more (prime gaps are small)."""
-    assert [chunk_sums._sample_step(n) for n in (1, 1023, 2048, 3071)] == [1, 1, 1, 1]
-    for n in (3072, 4096, 8192, 16384, 65536, 131072, 128000, 10 ** 7):
-        p = chunk_sums._sample_step(n)
-        assert p % 2 and all(p % f for f in range(3, int(p ** 0.5) + 1, 2)), (n, p)
-        assert p <= n // 1024 and (n // 1024) - p < 20 and -(-n // p) >= 1024, (n, p)
+# (review 28: the prime stride's own test went with it; the sample's rows are tested in test_review28_chunk.py)
 
 
 # ------------------------------------------------ low-precision rows far from 0, any chunking and merge tree

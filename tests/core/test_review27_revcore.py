@@ -9,7 +9,7 @@ the first of a long call, when ``L`` does not divide ``max_chunk_rows``) meets i
 sequences of 1000 tokens (72,928 rows) held 7.0% first tokens instead of 0.1%. The sample is now the
 valid ranks ``j * p * count // n`` for the ``ceil(n / p)`` rows the unmasked path samples (``p`` =
 ``_sample_step`` of the chunk's ``n`` rows, its prime stride): spread evenly, and with every row valid
-exactly the unmasked path's rows.
+exactly the unmasked path's rows (review 28: the same ranks of its 16 runs of 64 rows).
 
 References are float64 covariances of the same values.
 """
@@ -46,7 +46,7 @@ def test_masked_sample_of_a_chunk_that_starts_mid_sequence(batch, length, start)
     """The generic path's masked sample (every row valid, or a padding mask that drops the last
     ``length // 8`` tokens of every sequence) of a chunk that starts mid-sequence holds each sequence
     position about equally often: the first-token fraction within 2/1024 of its share among the valid
-    rows. The unmasked sample of the same chunk (a prime stride) is held to the same bound."""
+    rows. The unmasked sample of the same chunk is held to the same bound."""
     x = _first_token_indicator(batch, length)[start:]
     n = x.shape[0]
     every = torch.ones(n, dtype=torch.bool)
@@ -59,13 +59,12 @@ def test_masked_sample_of_a_chunk_that_starts_mid_sequence(batch, length, start)
 
 
 def test_all_valid_mask_samples_the_unmasked_rows():
-    """With every row valid the masked generic sample is the unmasked one (every ``p``-th row), so a
+    """With every row valid the masked generic sample is the unmasked one (``_sample_index``'s rows), so a
     mask of ones does not change the shift beyond summation order."""
     g = torch.Generator().manual_seed(5)
     for n in (1, 7, 1023, 3071, 3072, 8191, 131072 - 5):
         x = torch.randn(n, 3, generator=g, dtype=torch.float64)
-        step = chunk_sums._sample_step(n)
-        expected = x[::step].mean(0)
+        expected = x[torch.from_numpy(chunk_sums._sample_index(n))].mean(0)
         got = chunk_sums._sample_mean(x, torch.ones(n, dtype=torch.bool), wide=True)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
 
