@@ -67,6 +67,17 @@ class _Batches(IterableDataset):
         return iter([(x[:4], y[:4]), (x[4:], y[4:])])
 
 
+class _BatchItems(Dataset):
+    """A map-style dataset whose items are whole batches: the refusal's other remedy, batch_size=None."""
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        x, y = _seq()
+        return x[4 * i: 4 * i + 4], y[4 * i: 4 * i + 4]
+
+
 class _Sized:
     """A re-iterable with a len whose ``__iter__`` is a generator function."""
 
@@ -143,12 +154,13 @@ def _values(lens):
 
 
 def test_what_works_is_still_taken_and_measures_the_same_pool():
-    """A DataLoader over the dataset, an IterableDataset of whole batches, a re-iterable with a len, a tuple of
+    """A DataLoader over the dataset (and over one of whole batches, batch_size=None), an IterableDataset of whole batches, a re-iterable with a len, a tuple of
     dict batches: the same samples, the same spectra as the list of batches (bit for bit: the same batches)."""
     x, y = _seq()
     ref = _values(SpectralLens(_gpt(), pool=[(x[:4], y[:4]), (x[4:], y[4:])], params=GRAD, progress=False))
     assert set(ref) == {"act:transformer.h.1", f"grad:{GRAD}"}
-    pools = [DataLoader(TensorDataset(x, y), batch_size=4), _Batches(), _Sized()]
+    pools = [DataLoader(TensorDataset(x, y), batch_size=4), DataLoader(_BatchItems(), batch_size=None), _Batches(),
+             _Sized()]
     for pool in pools:
         got = _values(SpectralLens(_gpt(), pool=pool, params=GRAD, progress=False))
         for k in ref:
