@@ -125,9 +125,8 @@ def test_the_dict_dataset_failed_deep_in_a_causal_lm_before():
     from support.models import tiny_hf_llama
 
     model = tiny_hf_llama(37)
-    with pytest.raises(Exception) as caught:
-        with torch.no_grad():
-            model(**next(iter(_Dicts())))
+    with pytest.raises(Exception) as caught, torch.no_grad():
+        model(**next(iter(_Dicts())))
     assert "SpectralLens" not in str(caught.value)  # a bare error, naming neither the pool nor the remedy
 
 
@@ -191,7 +190,7 @@ def test_a_list_of_1d_batches_of_a_model_taking_1d_input_is_measured_right():
     x, _ = _seq()
     pool = [x[i] for i in range(8)]  # 8 batches of 10 one-token samples
     got = SpectralLens(model, pool=pool, layers=["mlp"], params=(), progress=False).measure(0, 0).spectra
-    (name, spectrum), = got.items()
+    (spectrum,) = got.values()
     with torch.no_grad():
         rows = model(x.flatten()).to(torch.float64)
     centered = rows - rows.mean(0)
