@@ -52,7 +52,7 @@ def sample_dataset(pool: Any) -> str | None:
         return None
     try:
         size = f" of {len(pool)} samples"
-    except TypeError:  # a dataset without a len: named without its size
+    except (TypeError, NotImplementedError):  # a dataset without a len: named without its size
         size = ""
     return f"is a map-style Dataset ({type(pool).__name__}{size}), whose items are single samples, not batches"
 
