@@ -1,6 +1,6 @@
 """What ``SpectralLens`` reads from its held-out pool besides the batches: the default ``mask_fn``
 (:func:`attention_mask`) and the checks, when the lens is built, that iterating the pool gives the same
-whole pool at every measurement (:func:`unfixed_pool`: not reshuffled and cut; :func:`sharded_pool`:
+whole pool at every measurement (:func:`sample_dataset`: not a dataset of single samples; :func:`unfixed_pool`: not reshuffled and cut; :func:`sharded_pool`:
 not one rank's shard), and, at a measurement split between ranks, that it is not reshuffled (:func:`reshuffled`). Import them from :mod:`spectral_lens.lens`.
 The content fingerprint of the batches a measurement reads (:class:`PoolFingerprint`), compared from one measurement
 to the next, sees a pool that changed at the same size.
@@ -38,6 +38,23 @@ def attention_mask(batch: Any) -> torch.Tensor | None:
             )
         return mask.bool()
     return None
+
+
+def sample_dataset(pool: Any) -> str | None:
+    """What makes ``pool`` a dataset of single samples rather than an iterable of batches, or ``None``: a
+    map-style ``torch.utils.data.Dataset`` (``TensorDataset``, ``Subset``, a dataset of dicts), whose items are
+    samples without a batch dimension (a ``(T,)`` token row that a model reads as ``T`` sequences, or fails on
+    deep inside). A ``DataLoader`` over it batches them. An ``IterableDataset`` is not recognized: it may yield
+    whole batches (as for ``DataLoader(batch_size=None)``), which work as a pool; nor a list of 1-D tensors,
+    which may be the batches of a model taking 1-D input."""
+    data = torch.utils.data
+    if not isinstance(pool, data.Dataset) or isinstance(pool, (data.IterableDataset, data.DataLoader)):
+        return None
+    try:
+        size = f" of {len(pool)} samples"
+    except (TypeError, NotImplementedError):  # a dataset without a len: named without its size
+        size = ""
+    return f"is a map-style Dataset ({type(pool).__name__}{size}), whose items are single samples, not batches"
 
 
 _RANDOM_SAMPLERS = (

@@ -30,7 +30,7 @@ from ._agree import (agree, agree_before_pass, agree_round, agree_settings, agre
 from ._args import AUTOCAST_WHY, NARROW_FLOATS, as_integer, check_callable, check_count, check_dtype, check_window
 from ._gradient_pool import agreed_batches, gradient_batches, gradient_total
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
-from ._pools import PoolFingerprint, attention_mask, reshuffled, sharded_pool, unfixed_pool
+from ._pools import PoolFingerprint, attention_mask, reshuffled, sample_dataset, sharded_pool, unfixed_pool
 from ._progress import progress_bar, sized_total
 from ._sync import deferred_interrupt
 from ._tensor_parallel import PeerRounds, check_replicated, check_same_forwards, gradient_layout, one_replica, probe_settings
@@ -245,6 +245,14 @@ class SpectralLens:
             if pool is None:
                 raise ValueError("SpectralLens needs pool=: a re-iterable of held-out batches")
             for what, p in (("pool", pool), ("gradient_pool", gradient_pool)):
+                why = sample_dataset(p)
+                if why:  # iterated, one sample per "batch": a crash deep in the model, or rows read wrongly
+                    raise TypeError(
+                        f"SpectralLens: {what} {why}; the lens runs each item of its pools as one batch: wrap it in "
+                        f"a DataLoader, {what}=DataLoader(dataset, batch_size=8) (shuffle=False; a collate_fn that "
+                        f"pads for ragged samples), or DataLoader(dataset, batch_size=None) if its items are whole "
+                        f"batches"
+                    )
                 if p is not None and (isinstance(p, (str, bytes, torch.Tensor)) or not isinstance(p, Iterable)):
                     raise TypeError(
                         f"SpectralLens: {what} must be a re-iterable of held-out batches (a list of batches, a "
