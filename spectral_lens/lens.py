@@ -131,7 +131,8 @@ class SpectralLens:
             ``model(batch)`` for tensors). Reuse the same pool at every checkpoint and across runs
             (the paper's protocol). A one-shot iterator (a generator) is refused with a ``TypeError``:
             it would be empty from the second pass on, and so is a tuple of tensors (``(x, y)`` is one batch: pass
-            ``[(x, y)]``); a pool whose content changes between measurements at the same row counts is warned
+            ``[(x, y)]``), and so is a map-style ``Dataset`` (its items are single samples: wrap it in a
+            ``DataLoader``); a pool whose content changes between measurements at the same row counts is warned
             once (a content fingerprint, :class:`~spectral_lens._pools.PoolFingerprint`); a ``DataLoader`` whose passes differ in content
             (shuffled and cut by ``gradient_samples``, sampled with replacement, a random part of the data
             drawn by ``num_samples``, or shuffled with ``drop_last``) with a ``ValueError`` (:func:`unfixed_pool`), and so is one rank's shard (a
