@@ -1142,6 +1142,8 @@ class PerSampleGradientProbe:
                 source=name,
                 metadata={
                     "engine": self.engines_[name],
+                    # before the long head_loss text: `spectral-lens inspect` shows the first 300 characters
+                    **self._smoothing_metadata(),
                     "head_loss": self.head_loss_,
                     "param_shape": list(shape),
                     "n_params": shape.numel(),
@@ -1149,7 +1151,6 @@ class PerSampleGradientProbe:
                     "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype).replace("torch.", ""),
                     "train_mode": self.train_mode,
                     "mean_loss": float(self.losses_.mean()),
-                    **self._smoothing_metadata(),
                 },
             )
         return out[next(iter(out))] if len(out) == 1 else out

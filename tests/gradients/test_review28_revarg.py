@@ -265,3 +265,29 @@ def test_tensor_parallel_settings_text_tells_smoothings_apart():
     assert "label_smoothing=0.1" in probe_settings(smoothed)
     with plain._trained_loss(0.1):
         assert probe_settings(plain) == probe_settings(smoothed)
+
+
+def test_a_lens_with_a_smoothed_probe_records_the_smoothing(tmp_path, capsys):
+    """``SpectralLens(probe=PerSampleGradientProbe(..., label_smoothing=eps))``: the run record's gradient spectrum
+    reads back ``metadata["label_smoothing"]``, and ``spectral-lens inspect`` shows it."""
+    from spectral_lens import SpectralLens
+    from spectral_lens.cli import main
+    from spectral_lens.records import RunInfo, RunRecord, RunWriter
+    from support.models import lm_pool
+
+    torch.manual_seed(0)
+    model = TinyGPT().double().eval()
+    run = tmp_path / "run"
+    with RunWriter(run, RunInfo("r"), fsync=False, tail_window=(4, 16)) as writer:
+        lens = SpectralLens(model, lm_pool(2, batch=3, t=10, vocab=37), writer=writer, progress=False,
+                            probe=PerSampleGradientProbe(params=PARAM, label_smoothing=EPS))
+        lens.measure(1, 1)
+    (m,) = RunRecord.open(run).measurements
+    grads = [s for s in m.spectra.values() if s.kind == "gradient"]
+    assert grads and all(s.metadata["label_smoothing"] == EPS for s in grads)
+    capsys.readouterr()
+    assert main(["inspect", str(run)]) == 0  # the run's summary: no metadata shown, nothing to choke on
+    (path,) = [p for p in run.rglob("*") if p.is_file() and "c_proj" in p.name]
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 0  # one spectrum file: its metadata, the smoothing among it
+    assert '"label_smoothing": 0.3' in capsys.readouterr().out
