@@ -615,8 +615,13 @@ class PerSampleGradientProbe:
 
     def __getstate__(self) -> dict[str, Any]:
         # pickle / copy.deepcopy (a model keeping its probe as an attribute): a copied finalizer is dead, so the
-        # copy takes its own hold of the step hook (__setstate__)
-        return {**self.__dict__, "_counting": None}
+        # copy takes its own hold of the step hook (__setstate__). The chunked head loss's functions close over the
+        # head module it was decided on (a copy would measure the original model's head; a pickle fails on them):
+        # the copy decides again on its own model, at its next update
+        state = {**self.__dict__, "_counting": None}
+        if self._head_fns is not None:
+            state.update(_head_fns=None, head_loss_=None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a probe pickled before label smoothing existed: unsmoothed, its rows of unrecorded smoothing

@@ -291,3 +291,24 @@ def test_a_lens_with_a_smoothed_probe_records_the_smoothing(tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(path)]) == 0  # one spectrum file: its metadata, the smoothing among it
     assert '"label_smoothing": 0.3' in capsys.readouterr().out
+
+
+def test_a_copied_chunked_probe_measures_its_own_models_head():
+    """The chunked head loss is a closure over the head module it was decided on: a deep copy kept it (functions
+    are copied by reference), so a copied model's probe measured with the original model's head weights, and a
+    pickle failed ("Can't pickle local object"). A copy decides its head loss again on its own model."""
+    x, y = _batch()
+    model = _model()
+    model.probe = PerSampleGradientProbe(model, PARAM, head_loss="chunked", label_smoothing=EPS)
+    model.probe.update((x, y))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(1.5)  # the copy trains on
+    twin.probe.reset().update((x, y))
+    _, ref_losses = _reference_gram(twin, x, y, EPS)
+    assert twin.probe.head_loss_.startswith("chunked")
+    torch.testing.assert_close(twin.probe.losses_, ref_losses, rtol=1e-12, atol=0)
+    back = pickle.loads(pickle.dumps(model.probe))
+    back.update((x, y))
+    torch.testing.assert_close(back.losses_[6:], model.probe.losses_, rtol=1e-12, atol=0)
+    assert back.compute().metadata["label_smoothing"] == EPS
