@@ -12,11 +12,11 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from support.models import TinyGPT, lm_batch
 
 from spectral_lens import NonFiniteError, Spectrum
 from spectral_lens._tensor_parallel import probe_settings
 from spectral_lens.gradients import PerSampleGradientProbe
-from support.models import TinyGPT, lm_batch
 
 PARAM = "transformer.h.1.attn.c_proj.weight"
 EPS = 0.3
@@ -89,7 +89,7 @@ def test_autocast_bf16_smoothed_rows_match_the_smoothed_loss_fn():
 
     x, y = _batch()
     model = _model().float()
-    kw = dict(autocast_dtype=torch.bfloat16, head_loss="materialized", keep_matrix=True)
+    kw = {"autocast_dtype": torch.bfloat16, "head_loss": "materialized", "keep_matrix": True}
     arg = PerSampleGradientProbe(model, PARAM, label_smoothing=EPS, **kw).update((x, y))
     ref = PerSampleGradientProbe(model, PARAM, loss_fn=functools.partial(causal_lm_loss, label_smoothing=EPS),
                                  **kw).update((x, y))
@@ -182,7 +182,7 @@ def _neg_inf_bias_model() -> TinyGPT:
     one +inf (a masked vocabulary entry)."""
     model = _model()
     model.lm_head = torch.nn.Linear(16, 37, bias=True).double()
-    unused = sorted(set(range(37)) - set(_batch()[1].flatten().tolist()))[0]
+    unused = min(set(range(37)) - set(_batch()[1].flatten().tolist()))
     with torch.no_grad():
         model.lm_head.bias.zero_()
         model.lm_head.bias[unused] = -float("inf")
@@ -270,10 +270,11 @@ def test_tensor_parallel_settings_text_tells_smoothings_apart():
 def test_a_lens_with_a_smoothed_probe_records_the_smoothing(tmp_path, capsys):
     """``SpectralLens(probe=PerSampleGradientProbe(..., label_smoothing=eps))``: the run record's gradient spectrum
     reads back ``metadata["label_smoothing"]``, and ``spectral-lens inspect`` shows it."""
+    from support.models import lm_pool
+
     from spectral_lens import SpectralLens
     from spectral_lens.cli import main
     from spectral_lens.records import RunInfo, RunRecord, RunWriter
-    from support.models import lm_pool
 
     torch.manual_seed(0)
     model = TinyGPT().double().eval()
