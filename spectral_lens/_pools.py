@@ -57,6 +57,25 @@ def sample_dataset(pool: Any) -> str | None:
     return f"is a map-style Dataset ({type(pool).__name__}{size}), whose items are single samples, not batches"
 
 
+def single_sample_hint(pool: Any, batch: Any) -> str | None:
+    """A note for an error raised by the first forward of ``pool``'s first ``batch`` when every tensor in the batch
+    has at most one dimension (a ``(T,)`` token row, a dict of them): the items of an ``IterableDataset`` of
+    single samples, or a list of 1-D samples, which the lens runs as batches (a map-style ``Dataset`` is refused
+    at construction: :func:`sample_dataset`). ``None`` where some tensor has a batch dimension, or none is a
+    tensor. Only a hint on an error already raised: a model that takes 1-D batches is measured as it is."""
+    from torch.utils import _pytree as pytree
+
+    from .gradients._batch import plain_batch
+
+    leaves = [t for t in pytree.tree_leaves(plain_batch(batch)) if isinstance(t, torch.Tensor)]
+    if not leaves or any(t.dim() > 1 for t in leaves):
+        return None
+    return (f"SpectralLens: the pool ({type(pool).__name__}) gave a first batch whose tensors have at most one "
+            f"dimension ({', '.join(str(list(t.shape)) for t in leaves[:4])}): if its items are single samples, wrap "
+            "it in a DataLoader(pool, batch_size=8) (a collate_fn that pads for ragged samples); the lens runs each "
+            "item of its pools as one batch")
+
+
 _RANDOM_SAMPLERS = (
     torch.utils.data.RandomSampler,
     torch.utils.data.SubsetRandomSampler,

@@ -311,10 +311,11 @@ def probe_settings(probe) -> str:
     """The settings of a gradient probe that decide which forwards and collectives its passes run, as text: the
     chunk size (one forward per chunk of each batch), the engines (the per-sample loop runs a forward per sample),
     ``max_resident_samples`` (recomputation passes in ``compute``), ``head_loss`` (a check forward) and the
-    autocast dtype (the dtype of the collectives' tensors)."""
+    autocast dtype (the dtype of the collectives' tensors); and the default loss's label smoothing in use (its own
+    or an integration's): the ranks of one replica run one backward, which would mix two losses' gradients."""
     return (f"chunk_size={probe.chunk_size}, engine={probe.engine!r}, engines={sorted(probe.engines_.items())}, "
             f"max_resident_samples={probe.max_resident_samples}, head_loss={probe.head_loss!r}, "
-            f"autocast_dtype={probe.autocast_dtype}")
+            f"autocast_dtype={probe.autocast_dtype}, label_smoothing={getattr(probe, '_label_smoothing', 0.0):g}")
 
 
 class PeerRounds:

@@ -30,7 +30,8 @@ from ._agree import (agree, agree_before_pass, agree_round, agree_settings, agre
 from ._args import AUTOCAST_WHY, NARROW_FLOATS, as_integer, check_callable, check_count, check_dtype, check_window
 from ._gradient_pool import agreed_batches, gradient_batches, gradient_total
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
-from ._pools import PoolFingerprint, attention_mask, reshuffled, sample_dataset, sharded_pool, unfixed_pool
+from ._pools import (PoolFingerprint, attention_mask, reshuffled, sample_dataset, sharded_pool, single_sample_hint,
+                     unfixed_pool)
 from ._progress import progress_bar, sized_total
 from ._sync import deferred_interrupt
 from ._tensor_parallel import PeerRounds, check_replicated, check_same_forwards, gradient_layout, one_replica, probe_settings
@@ -95,6 +96,19 @@ class LensMeasurement:
         for name, summ in self.summaries.items():
             out.update({f"{name}/{k}": float(v) for k, v in summ.items()})
         return out
+
+
+@contextlib.contextmanager
+def _hinted(pool, batch, first: bool):
+    """An error of the first forward of this rank's first batch gets :func:`single_sample_hint`'s note (where
+    ``add_note`` exists: Python 3.11+), its type and message unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        note = single_sample_hint(pool, batch) if first and hasattr(exc, "add_note") else None
+        if note:
+            exc.add_note(note)
+        raise
 
 
 def _checked_group(group):
@@ -761,7 +775,7 @@ class SpectralLens:
                 seen = [0]  # batches the pool gave (all of them, not only this rank's)
                 mine = self._own_batches(capture, rank, world, seen)
                 for batch, mask in mine if peers is None else peers.agreed(mine, last_round=False):
-                    with capture.mask(mask):
+                    with capture.mask(mask), _hinted(self.pool, batch, first=seen[0] == 1 + rank):
                         self.forward_fn(model, batch)
                     if bar is not None:
                         bar.update(1)

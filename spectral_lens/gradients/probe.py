@@ -80,6 +80,7 @@ class _Chunk:
     rng: Any = None  # every global RNG state at the first computation (_isolation.rng_state), replayed
     # non-resident: {name: (block against itself, block against the resident rows or None)}, float64
     blocks: Any = None
+    smoothing: float = 0.0  # the default loss's label smoothing it was measured with (recomputed with it only)
 
     @property
     def resident(self) -> bool:
@@ -614,11 +615,17 @@ class PerSampleGradientProbe:
 
     def __getstate__(self) -> dict[str, Any]:
         # pickle / copy.deepcopy (a model keeping its probe as an attribute): a copied finalizer is dead, so the
-        # copy takes its own hold of the step hook (__setstate__)
-        return {**self.__dict__, "_counting": None}
+        # copy takes its own hold of the step hook (__setstate__). The chunked head loss's functions close over the
+        # head module it was decided on (a copy would measure the original model's head; a pickle fails on them):
+        # the copy decides again on its own model, at its next update
+        state = {**self.__dict__, "_counting": None}
+        if self._head_fns is not None:
+            state.update(_head_fns=None, head_loss_=None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        # a probe pickled before label smoothing existed: unsmoothed, its rows of unrecorded smoothing
+        self.__dict__.update({"label_smoothing": 0.0, "_label_smoothing": 0.0, "_rows_smoothing": set(), **state})
         self._sync_counting()
 
     def _sync_counting(self) -> None:
@@ -639,11 +646,11 @@ class PerSampleGradientProbe:
         Gram blocks wait on the new chunks until :meth:`_complete`)."""
         return (self.n_samples_, dict(self._gram), self._gram_device, {n: (r, len(r)) for n, r in self._rows.items()},
                 (self._chunks, len(self._chunks)), (self._losses, len(self._losses)), self._filled, self._far_done,
-                self._versions, dict(self.engines_), self.head_loss_, self._head_fns)
+                self._versions, dict(self.engines_), self.head_loss_, self._head_fns, set(self._rows_smoothing))
 
     def _restore(self, snap) -> None:
         (self.n_samples_, self._gram, self._gram_device, rows, chunks, losses, self._filled, self._far_done,
-         self._versions, self.engines_, self.head_loss_, self._head_fns) = snap
+         self._versions, self.engines_, self.head_loss_, self._head_fns, self._rows_smoothing) = snap
         for kept, n in (*rows.values(), chunks, losses):
             del kept[n:]
         self._rows = {name: kept for name, (kept, _) in rows.items()}
@@ -955,6 +962,7 @@ class PerSampleGradientProbe:
         self._chunks.append(chunk)
         self._losses.append(losses.detach().to(torch.float64))
         self.n_samples_ = e
+        chunk.smoothing = self._label_smoothing
         self._rows_smoothing.add(self._label_smoothing)
 
     def _check_new(self, start: int, first: int) -> None:
@@ -1015,6 +1023,7 @@ class PerSampleGradientProbe:
             return
         self._follow_params()  # a replaced parameter raises here: recomputing with it would mix weights
         self._check_versions()
+        self._check_recomputed_loss(far)
         with self._isolated() as devices:
             casts = self._casts(2)  # every non-resident chunk is recomputed at least once more
             while True:
@@ -1040,6 +1049,20 @@ class PerSampleGradientProbe:
                             self._gram[name][a.start : a.stop, b.start : b.stop] = blk
                             self._gram[name][b.start : b.stop, a.start : a.stop] = blk.t()
                         self._far_done.add((min(i, j), max(i, j)))
+
+    def _check_recomputed_loss(self, far: list[int]) -> None:
+        """Bounded-memory mode recomputes non-resident chunks with the default loss of now: refused where one was
+        measured with another label smoothing (inside an integration's :meth:`_trained_loss`, computed after the
+        block with new samples), whose Gram blocks would mix the gradients of two losses."""
+        other = sorted({c.smoothing for c in (self._chunks[i] for i in far)} - {self._label_smoothing})
+        if other:
+            raise RuntimeError(
+                f"PerSampleGradientProbe: bounded-memory mode (max_resident_samples) must recompute samples measured "
+                f"with the default loss at label smoothing {', '.join(f'{e:g}' for e in other)}, but the default loss "
+                f"now has label smoothing {self._label_smoothing:g} (an integration's smoothing ends with its "
+                "measurement): recomputing them would mix two losses' gradients. Call reset() before adding samples "
+                "with another loss (compute() inside the integration's measurement needs no recomputation later)"
+            )
 
     def _check_grams(self) -> None:
         """``NonFiniteError`` naming the parameters whose Gram matrix holds NaN/Inf. Each update has
@@ -1124,6 +1147,8 @@ class PerSampleGradientProbe:
                 source=name,
                 metadata={
                     "engine": self.engines_[name],
+                    # before the long head_loss text: `spectral-lens inspect` shows the first 300 characters
+                    **self._smoothing_metadata(),
                     "head_loss": self.head_loss_,
                     "param_shape": list(shape),
                     "n_params": shape.numel(),
@@ -1131,7 +1156,6 @@ class PerSampleGradientProbe:
                     "autocast_dtype": None if self.autocast_dtype is None else str(self.autocast_dtype).replace("torch.", ""),
                     "train_mode": self.train_mode,
                     "mean_loss": float(self.losses_.mean()),
-                    **self._smoothing_metadata(),
                 },
             )
         return out[next(iter(out))] if len(out) == 1 else out
