@@ -922,7 +922,7 @@ class SpectralLens:
         gradient protocol (a rank without one skips its agreement and broadcast); where every rank runs the
         gradient protocol's passes (FSDP, ZeRO-3, one tensor-parallel replica), the probe's settings that decide
         them (:func:`~spectral_lens._tensor_parallel.probe_settings`: a ``chunk_size`` of its own on one rank ran
-        other numbers of forwards). The layers and the pools' lengths are compared where they are used (a
+        other numbers of forwards), and its label smoothing in use (one backward of two losses would mix them). The layers and the pools' lengths are compared where they are used (a
         pipeline's stages measure other layers)."""
         settings = {"precision": repr(self.precision), "mask_fn": callable_name(self.mask_fn),
                     "pick": callable_name(self._pick), "autocast_dtype": str(self.autocast_dtype),
