@@ -8,6 +8,11 @@ tensor-parallel mesh as one data-parallel replica (:func:`replica_ranks`, :func:
 after its pass that the measured rows really are the same on them (:func:`check_replicated`: a
 sequence-parallel layer's output is a different slice of the tokens on each rank) and refuses a
 tensor-parallel (sharded) matrix in the probe (:func:`refuse_tensor_parallel_params`).
+Where the lens's ``group`` holds one rank of each mesh (each rank's own group, a data-parallel group), whose
+agreements do not reach a rank's mesh peers, the peers compare their forwards and settings before the pass
+(:func:`check_same_forwards`, :func:`probe_settings`) and agree failures between its forwards
+(:class:`PeerRounds`: loading a batch, ``mask_fn``, the probe's ``compute``), so that none waits alone in a
+forward's collective.
 
 Models sharded with FSDP are left to the FSDP handling (``gradients/_measurable.py``): FSDP2's parameters
 are ``DTensor``s too; FSDP2 combined with tensor parallelism on a 2-D mesh (parameters sharded along two mesh

@@ -2,8 +2,8 @@
 
 State is the float64 shifted sums of :mod:`spectral_lens.spectra.moments` around a shift ``s``:
 ``n``, ``m = sum (x - s)``, ``S = sum (x - s)(x - s)^T``. Each chunk is centered on its own shift (the
-mean of a sample of 1024 of its valid rows, 16 runs of 64 consecutive rows spread over the chunk, so that it
-does not line up with the sequences of a batch: ``_chunk_sums._sample_spacing``) before any product, and its sums are re-shifted into the
+mean of its valid rows, or from 3,072 rows of a sample of 1,024 of them: 16 runs of 64 consecutive rows spread over
+the chunk, so that it does not line up with the sequences of a batch: ``_chunk_sums._sample_spacing``) before any product, and its sums are re-shifted into the
 state exactly in float64, so pools whose mean drifts from chunk to chunk lose no precision. ``update`` never
 synchronizes with the host; ``compute`` solves the eigenproblem once; ``compute_async`` snapshots the
 state without a host sync and solves on the CPU in the background (:mod:`spectral_lens.background`).

@@ -145,7 +145,8 @@ class SpectralLens:
             ``model(batch)`` for tensors). Reuse the same pool at every checkpoint and across runs
             (the paper's protocol). A one-shot iterator (a generator) is refused with a ``TypeError``:
             it would be empty from the second pass on, and so is a tuple of tensors (``(x, y)`` is one batch: pass
-            ``[(x, y)]``); a pool whose content changes between measurements at the same row counts is warned
+            ``[(x, y)]``), and so is a map-style ``Dataset`` (its items are single samples: wrap it in a
+            ``DataLoader``); a pool whose content changes between measurements at the same row counts is warned
             once (a content fingerprint, :class:`~spectral_lens._pools.PoolFingerprint`); a ``DataLoader`` whose passes differ in content
             (shuffled and cut by ``gradient_samples``, sampled with replacement, a random part of the data
             drawn by ``num_samples``, or shuffled with ``drop_last``) with a ``ValueError`` (:func:`unfixed_pool`), and so is one rank's shard (a
@@ -921,7 +922,7 @@ class SpectralLens:
         gradient protocol (a rank without one skips its agreement and broadcast); where every rank runs the
         gradient protocol's passes (FSDP, ZeRO-3, one tensor-parallel replica), the probe's settings that decide
         them (:func:`~spectral_lens._tensor_parallel.probe_settings`: a ``chunk_size`` of its own on one rank ran
-        other numbers of forwards). The layers and the pools' lengths are compared where they are used (a
+        other numbers of forwards), and its label smoothing in use (one backward of two losses would mix them). The layers and the pools' lengths are compared where they are used (a
         pipeline's stages measure other layers)."""
         settings = {"precision": repr(self.precision), "mask_fn": callable_name(self.mask_fn),
                     "pick": callable_name(self._pick), "autocast_dtype": str(self.autocast_dtype),

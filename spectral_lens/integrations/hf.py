@@ -157,7 +157,8 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         label smoothing (``TrainingArguments(label_smoothing_factor=eps)``; with :meth:`attach`, the trainer's
         ``label_smoother``, none when it has a ``compute_loss_func``) the default loss is the smoothed one
         (:func:`_smoothed_causal_lm_loss`; the probe carries ``eps``, so its ``head_loss`` can chunk it through
-        the head as the plain loss); a probe with the user's ``loss_fn`` is left as it is."""
+        the head as the plain loss); a probe with the user's ``loss_fn`` (or ``forward_fn``) is left as it is, and
+        one built with its own ``label_smoothing`` keeps it."""
         probe = self.driver.lens.probe
         trainer = self._trainer_of(state)
         if trainer is not None:
