@@ -50,8 +50,22 @@ def _sample_spacing(n: int) -> int:
     of ``L <= 64`` tokens equally often (give or take one), and 16 runs spread over the chunk sample
     longer sequences at 16 unrelated places: over ``L`` = 1..2048 and chunks of 3,072-131,072 rows
     the most over-sampled position takes at most 15.4/1024 more of the sample than its share (the prime
-    stride: up to 1016/1024; ``tests/core/test_review28_chunk.py``)."""
-    return 0 if n < 3 * _SHIFT_ROWS else (n - _RUN_ROWS) // (_RUNS - 1)
+    stride: up to 1016/1024; ``tests/core/test_review28_chunk.py``).
+
+    Why one less than an odd multiple of 64 (the largest such spacing at most ``(n - 64) // 15``, so the
+    runs still span the chunk but for under 2,000 rows): a plain ``(n - 64) // 15`` put the runs' starts
+    at nearly the same place of power-of-two sequences in power-of-two chunks (256 x 128: 4 tokens
+    apart, so every run began in a sequence's first half and the sample held 1 first token in 1024, not
+    8; 12.9/1024 too many at 15 x 8192). With ``64 * q`` (``q`` odd) the runs' starts fall on 16 distinct
+    multiples of 64 of a sequence of ``2^j >= 1024`` tokens, and on each multiple of 64 equally often
+    below; ``- 1`` moves the ``k``-th run back ``k`` rows, which keeps every position of a power-of-two
+    sequence within 1.5/1024 of its share (the first token within 1/1024) from any offset, and keeps the
+    spacing from being a multiple of a short odd ``L = q`` (``64 * 3`` sampled every 3-token sequence at
+    one phase: 10.7/1024 too many first tokens; ``tests/core/test_review28_revchunk.py``)."""
+    if n < 3 * _SHIFT_ROWS:
+        return 0
+    s = (n - _RUN_ROWS) // (_RUNS - 1)
+    return s - (s - _RUN_ROWS + 1) % (2 * _RUN_ROWS)  # the largest s' <= s with s' = 64 (mod 128) - 1
 
 
 def _sample_view(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -61,7 +75,8 @@ def _sample_view(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
     s = _sample_spacing(rows.shape[0])
     if not s:
         return rows, rows.shape[0]
-    return rows.unfold(0, _RUN_ROWS, s).transpose(1, 2), _SHIFT_ROWS
+    # cut at the last run's end: unfold makes a window at every multiple of s that fits
+    return rows[: (_RUNS - 1) * s + _RUN_ROWS].unfold(0, _RUN_ROWS, s).transpose(1, 2), _SHIFT_ROWS
 
 
 def _sample_sum(head: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

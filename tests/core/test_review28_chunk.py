@@ -94,7 +94,9 @@ def test_every_path_takes_the_same_sample_rows(n):
     torch.testing.assert_close(chunk_sums._sample_mean(x, every, wide=True), expected, rtol=1e-12, atol=0)
     assert np.array_equal(np.flatnonzero(chunk_sums._in_sample(np.arange(n), n)), index)
     if n >= 3072:
-        assert index.size == 1024 and index[0] == 0 and index[-1] == n - 1 - (n - 64) % 15
+        # (review 28, revchunk: spacing 64 q - 1, q odd, the largest at most (n - 64) // 15)
+        s = chunk_sums._sample_spacing(n)
+        assert index.size == 1024 and index[0] == 0 and index[-1] == 15 * s + 63 and n - 1 - index[-1] < 15 * 128 + 15
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
