@@ -65,3 +65,14 @@ def test_massive_first_tokens_leave_the_shift_at_the_chunk_mean(batch, length):
     for name, shift in (("generic", chunk_sums._sample_mean(x, None).double()),
                         ("cpu", torch.as_tensor(acc._shift, dtype=torch.float64))):
         assert float((shift - mean)[:2].abs().max()) <= 1.0, (name, batch, length, (shift - mean)[:2])
+
+
+@pytest.mark.parametrize("n", [3072, 3073, 4095, 5000, 12288, 32768, 131071])
+def test_sample_view_holds_exactly_the_16_runs(n):
+    """``unfold`` makes a window at every multiple of the spacing that fits; with the spacing below
+    ``(n - 64) // 15`` more than 16 fit, so the view is cut at the 16th run's end (else the CPU path's sum,
+    divided by 1024, and the generic mean would read extra runs)."""
+    x = torch.arange(n, dtype=torch.float64)[:, None].expand(n, 2)  # a non-contiguous (stride 0) view too
+    view, count = chunk_sums._sample_view(x)
+    assert count == 1024 and tuple(view.shape) == (16, 64, 2)
+    assert np.array_equal(view[:, :, 0].reshape(-1).numpy(), chunk_sums._sample_index(n).astype(np.float64))
