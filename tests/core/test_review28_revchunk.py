@@ -77,3 +77,28 @@ def test_sample_view_holds_exactly_the_16_runs(n):
     view, count = chunk_sums._sample_view(x)
     assert count == 1024 and tuple(view.shape) == (16, 64, 2)
     assert np.array_equal(view[:, :, 0].reshape(-1).numpy(), chunk_sums._sample_index(n).astype(np.float64))
+
+
+def _sample_checks(device: str) -> None:
+    """The generic path's sample mean (unmasked, all valid, a transposed row view) is the mean of
+    :func:`_sample_index`'s rows (float64 rows, summation order aside)."""
+    for n in (3072, 5000, 32768 - 7):
+        x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n)).to(device).T
+        expected = x.cpu()[torch.from_numpy(chunk_sums._sample_index(n))].mean(0)
+        every = torch.ones(n, dtype=torch.bool, device=device)
+        for rows, valid in ((x, None), (x.contiguous(), None), (x, every)):
+            got = chunk_sums._sample_mean(rows, valid, wide=True).cpu()
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+def test_sample_of_non_contiguous_rows():
+    """Rows that are a transposed view (``unfold`` of a non-contiguous tensor is still a view)."""
+    _sample_checks("cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sample_on_cuda():
+    """On CUDA the unmasked sample is one strided mean over dims (0, 1) of the ``(16, 64, d)`` view; the
+    masked one builds the same rows' index on the device."""
+    _sample_checks("cuda")
