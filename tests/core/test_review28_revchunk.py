@@ -52,9 +52,10 @@ def test_spacing_is_one_less_than_an_odd_multiple_of_64_and_spans_the_chunk():
 
 @pytest.mark.parametrize("batch, length", [(256, 128), (256, 256), (15, 8192)])
 def test_massive_first_tokens_leave_the_shift_at_the_chunk_mean(batch, length):
-    """The shift of a chunk whose first tokens are 1e3 out in two dimensions (d = 16) is within 1 (of the
-    bulk's unit spread) of the chunk's float64 mean in those dimensions on the generic and CPU paths
-    (measured: 0.0-0.9; before 6.8 at 256 x 128, 2.9 at 256 x 256, 12.6 at 15 x 8192)."""
+    """The shift of a chunk whose first tokens are 1e3 out in two dimensions (d = 16) is within 1.5 (of the
+    bulk's unit spread) of the chunk's float64 mean in those dimensions on the generic and CPU paths: one
+    first token more or less in the 1024-row sample moves it by 0.98 (measured: 0.03-0.97; before 6.8 at
+    256 x 128, 2.9 at 256 x 256, 12.6 at 15 x 8192)."""
     n, d = batch * length, 16
     g = torch.Generator().manual_seed(length)
     x = torch.randn(n, d, generator=g, dtype=torch.float64) + 3.0
@@ -65,7 +66,7 @@ def test_massive_first_tokens_leave_the_shift_at_the_chunk_mean(batch, length):
     acc.update(x)
     for name, shift in (("generic", chunk_sums._sample_mean(x, None).double()),
                         ("cpu", torch.as_tensor(acc._shift, dtype=torch.float64))):
-        assert float((shift - mean)[:2].abs().max()) <= 1.0, (name, batch, length, (shift - mean)[:2])
+        assert float((shift - mean)[:2].abs().max()) <= 1.5, (name, batch, length, (shift - mean)[:2])
 
 
 @pytest.mark.parametrize("n", [3072, 3073, 4095, 5000, 12288, 32768, 131071])
