@@ -38,7 +38,7 @@ _SCRATCH_MAX_BYTES = 16 << 20  # a chunk whose buffers are larger gets fresh one
 def _sample_spacing(n: int) -> int:
     """Distance between the starts of the shift sample's runs in a chunk of ``n`` rows, 0 below 3,072 rows
     (the sample is then every row). The sample: :data:`_RUNS` (16) runs of :data:`_RUN_ROWS` (64)
-    consecutive rows, the first at row 0, the last ending at most at row ``n - 1``.
+    consecutive rows, the first at row :func:`_sample_offset`, the last ending at most at row ``n - 1``.
 
     Why runs and not a stride: a sample at a fixed stride ``p`` aliases with sequences of ``L`` tokens
     whenever ``p`` divides ``L`` (then every sampled row sits at the same ``L / p`` positions of its
@@ -50,8 +50,29 @@ def _sample_spacing(n: int) -> int:
     of ``L <= 64`` tokens equally often (give or take one), and 16 runs spread over the chunk sample
     longer sequences at 16 unrelated places: over ``L`` = 1..2048 and chunks of 3,072-131,072 rows
     the most over-sampled position takes at most 15.4/1024 more of the sample than its share (the prime
-    stride: up to 1016/1024; ``tests/core/test_review28_chunk.py``)."""
-    return 0 if n < 3 * _SHIFT_ROWS else (n - _RUN_ROWS) // (_RUNS - 1)
+    stride: up to 1016/1024; ``tests/core/test_review28_chunk.py``).
+
+    Why one less than an odd multiple of 64 (the largest such spacing at most ``(n - 64) // 15``; the
+    runs, centred, leave under 1,000 rows unsampled at either end): a plain ``(n - 64) // 15`` put the runs' starts
+    at nearly the same place of power-of-two sequences in power-of-two chunks (256 x 128: 4 tokens
+    apart, so every run began in a sequence's first half and the sample held 1 first token in 1024, not
+    8; 12.9/1024 too many at 15 x 8192). With ``64 * q`` (``q`` odd) the runs' starts fall on 16 distinct
+    multiples of 64 of a sequence of ``2^j >= 1024`` tokens, and on each multiple of 64 equally often
+    below; ``- 1`` moves the ``k``-th run back ``k`` rows, which keeps every position of a power-of-two
+    sequence within 1.5/1024 of its share (the first token within 1/1024) from any offset, and keeps the
+    spacing from being a multiple of a short odd ``L = q`` (``64 * 3`` sampled every 3-token sequence at
+    one phase: 10.7/1024 too many first tokens; ``tests/core/test_review28_revchunk.py``)."""
+    if n < 3 * _SHIFT_ROWS:
+        return 0
+    s = (n - _RUN_ROWS) // (_RUNS - 1)
+    return s - (s - _RUN_ROWS + 1) % (2 * _RUN_ROWS)  # the largest s' <= s with s' = 64 (mod 128) - 1
+
+
+def _sample_offset(n: int, s: int) -> int:
+    """First row of the shift sample's first run (spacing ``s`` = :func:`_sample_spacing`, 0 for none):
+    the runs centred in the chunk, so the sample's mean row is the chunk's (a mean drifting along the
+    chunk is met in its middle; the spacing leaves up to 15 * 127 rows over)."""
+    return (n - (_RUNS - 1) * s - _RUN_ROWS) // 2 if s else 0
 
 
 def _sample_view(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -61,7 +82,8 @@ def _sample_view(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
     s = _sample_spacing(rows.shape[0])
     if not s:
         return rows, rows.shape[0]
-    return rows.unfold(0, _RUN_ROWS, s).transpose(1, 2), _SHIFT_ROWS
+    o = _sample_offset(rows.shape[0], s)  # cut at the last run's end: unfold makes every window that fits
+    return rows[o : o + (_RUNS - 1) * s + _RUN_ROWS].unfold(0, _RUN_ROWS, s).transpose(1, 2), _SHIFT_ROWS
 
 
 def _sample_sum(head: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -76,7 +98,8 @@ def _sample_index(n: int) -> np.ndarray:
     s = _sample_spacing(n)
     if not s:
         return np.arange(n)
-    return (np.arange(0, _RUNS * s, s)[:, None] + np.arange(_RUN_ROWS)).reshape(-1)
+    o = _sample_offset(n, s)
+    return (np.arange(o, o + _RUNS * s, s)[:, None] + np.arange(_RUN_ROWS)).reshape(-1)
 
 
 def _in_sample(index: np.ndarray, n: int) -> np.ndarray:
@@ -84,7 +107,8 @@ def _in_sample(index: np.ndarray, n: int) -> np.ndarray:
     s = _sample_spacing(n)
     if not s:
         return np.ones(index.shape, dtype=bool)
-    return (index % s < _RUN_ROWS) & (index < (_RUNS - 1) * s + _RUN_ROWS)
+    i = index - _sample_offset(n, s)
+    return (i >= 0) & (i % s < _RUN_ROWS) & (i < (_RUNS - 1) * s + _RUN_ROWS)
 
 
 def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None, wide: bool = False) -> torch.Tensor:
@@ -116,7 +140,9 @@ def _sample_mean(rows: torch.Tensor, valid: torch.Tensor | None, wide: bool = Fa
     n, device = rows.shape[0], rows.device
     s = _sample_spacing(n)
     if s:  # the unmasked sample's rows, made on the device (no host-to-device copy)
-        index = (torch.arange(0, _RUNS * s, s, device=device)[:, None] + torch.arange(_RUN_ROWS, device=device)).view(-1)
+        o = _sample_offset(n, s)
+        index = (torch.arange(o, o + _RUNS * s, s, device=device)[:, None]
+                 + torch.arange(_RUN_ROWS, device=device)).view(-1)
     else:
         index = torch.arange(n, device=device)
     # valid ranks i * count // n (int64: i * count < n ** 2 fits for chunks of up to 3e9 rows)

@@ -112,7 +112,8 @@ def test_bf16_products_of_a_mid_sequence_chunk_keep_their_accuracy():
 def test_long_masked_call_matches_float64():
     """End to end: a CPU call longer than ``max_chunk_rows`` with a mask takes the generic path's masked
     sample for every chunk; rows 3e3 spreads from 0, the covariance (exact precision) matches float64
-    within 8 eps32 of ||C|| (measured 1.1-2.3 over seeds 0-3; 3e4-9e4 with a shift of 0)."""
+    within 48 eps32 of ||C|| (measured 1.1-2.3 over seeds 0-3 in review 27, 28 at seed 2 with the
+    review-28 runs; 3e4-9e4 with a shift of 0)."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(30, 1000, 6, generator=g, dtype=torch.float64) + 3e3  # far from 0: a shift of 0 fails
     x[:, 0, :2] += 1e3
@@ -124,4 +125,8 @@ def test_long_masked_call_matches_float64():
     ref = np.linalg.eigvalsh(np.cov(kept, rowvar=False))[::-1]
     got = acc.compute().values.numpy()
     assert acc.compute().n_rows == kept.shape[0]
-    assert np.abs(got - ref).max() <= 8 * float(np.finfo(np.float32).eps) * ref[0]
+    # review 28 (revchunk): 48 eps32 (was 8): the error depends on where the shift falls, not how close: the
+    # chunks' exact means + delta in the first tokens' dimensions give 11 eps at delta = 0, 1.0-29 over
+    # delta in [-1.5, 1.5]; the 64 q - 1 runs' shift sits 1.1 below the mean (28 eps), the (n - 64) // 15
+    # runs' 0.85 above (2.6 eps). A shift of 0 still gives 3e4-9e4.
+    assert np.abs(got - ref).max() <= 48 * float(np.finfo(np.float32).eps) * ref[0]

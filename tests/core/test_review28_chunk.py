@@ -94,7 +94,10 @@ def test_every_path_takes_the_same_sample_rows(n):
     torch.testing.assert_close(chunk_sums._sample_mean(x, every, wide=True), expected, rtol=1e-12, atol=0)
     assert np.array_equal(np.flatnonzero(chunk_sums._in_sample(np.arange(n), n)), index)
     if n >= 3072:
-        assert index.size == 1024 and index[0] == 0 and index[-1] == n - 1 - (n - 64) % 15
+        # (review 28, revchunk: spacing 64 q - 1, q odd, the largest at most (n - 64) // 15)
+        s = chunk_sums._sample_spacing(n)
+        o = chunk_sums._sample_offset(n, s)  # the runs centred: as many rows unsampled at either end, +-1
+        assert index.size == 1024 and index[0] == o and index[-1] == o + 15 * s + 63 and abs(n - 1 - index[-1] - o) <= 1
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -116,9 +119,17 @@ def test_massive_first_tokens_at_a_multiple_of_the_prime_stride_keep_their_accur
     x = x.float()
     ref = np.linalg.eigvalsh(np.cov(x.double().numpy(), rowvar=False))[::-1]
     shift = chunk_sums._sample_mean(x, None).double()
+    # review 28 (revchunk): the shift within 2.5 spreads of the chunk's mean in the first tokens' dimensions
+    # (measured 1.9 with the 64 q - 1 spacing, 0.06-0.09 with (n - 64) // 15; the prime stride: 93). The bf16
+    # eigenvalues 1-10 are not the test: their error is periodic in the shift, period 4 (bf16's spacing near
+    # 1e3): the exact mean + delta gives 0.2% at delta = 0 or +-4 and 5.5-8.4% at delta = +-2 (seeds 0-2), as
+    # much as the prime stride's 7.5-8.3%; what the first tokens' bf16 rounding costs depends on where the
+    # shift puts them on that grid, not on how close it is. Reported, not asserted.
+    mean = x.double().mean(0)
+    assert float((shift - mean)[:2].abs().max()) <= 2.5
     m, s = fast_chunk_moments(x, shift, use_triton=False)
     fast = np.linalg.eigvalsh(covariance_from_moments(torch.tensor(n), m.double(), s.double()).numpy())[::-1]
-    assert (np.abs(fast[:10] - ref[:10]) / ref[:10]).max() <= 2e-2
+    assert (np.abs(fast[:10] - ref[:10]) / ref[:10]).max() <= 0.1  # every grid phase: at most 8.4%
     acc = ActivationCovarianceAccumulator(precision="exact")
     acc.update(x)
     assert np.abs(acc.compute().values.numpy() - ref).max() <= 4 * EPS32 * ref[0]
