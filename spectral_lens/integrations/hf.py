@@ -8,6 +8,7 @@ import weakref
 from typing import Any, Iterable
 
 import torch
+import torch.distributed as dist
 
 from .._warnings import SpectralLensWarning
 from ..gradients.losses import causal_lm_loss
@@ -168,6 +169,16 @@ class SpectralLensCallback(_transformers.TrainerCallback):
             eps = getattr(args, "label_smoothing_factor", 0.0) or 0.0
         if probe is None or not eps:
             return contextlib.nullcontext()
+        own = getattr(probe, "label_smoothing", 0.0)
+        if own and own != float(eps) and not getattr(self, "_smoothing_warned", False):
+            self._smoothing_warned = True
+            if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+                warnings.warn(
+                    f"SpectralLensCallback: the trainer trains with label_smoothing_factor={float(eps):g}, and the lens's "
+                    f"gradient probe was built with label_smoothing={own:g}: the probe's own value is measured (build "
+                    "it without label_smoothing to measure the trainer's loss)",
+                    SpectralLensWarning, stacklevel=2,
+                )
         return probe._trained_loss(float(eps))
 
     def _trainer_of(self, state):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from spectral_lens import SpectralLens
 from spectral_lens.gradients import PerSampleGradientProbe
 from support.models import TinyGPT, lm_batch
 
@@ -92,3 +93,31 @@ def test_a_probe_with_its_own_label_smoothing_keeps_it_in_an_integrations_block(
     with probe._trained_loss(0.2):
         probe.update((x, y))
     assert probe.compute().metadata["label_smoothing"] == 0.05
+
+
+def test_the_hf_callback_warns_once_when_the_probes_own_smoothing_differs_from_the_trainers():
+    """A probe built with ``label_smoothing=0.05`` keeps it inside the callback's measurements (by design); a trainer
+    smoothing by another factor is then told once, not silently measured against another loss."""
+    transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+    import warnings
+
+    from spectral_lens._warnings import SpectralLensWarning
+    from spectral_lens.integrations import SpectralLensCallback
+
+    model = TinyGPT()
+    for own, warned in ((0.05, True), (0.1, False), (0.0, False)):
+        probe = PerSampleGradientProbe(model, PARAM, label_smoothing=own)
+        lens = SpectralLens(model, [lm_batch(m=2)], probe=probe)
+        callback = SpectralLensCallback(lens)
+        args = transformers.TrainingArguments(output_dir="unused", label_smoothing_factor=0.1, report_to=[],
+                                              use_cpu=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                with callback._trained_loss(None, args):
+                    assert probe._label_smoothing == (own or 0.1)
+        got = [w for w in caught if issubclass(w.category, SpectralLensWarning)
+               and "label_smoothing_factor=0.1" in str(w.message)]
+        assert len(got) == (1 if warned else 0), [str(w.message) for w in caught]
+        if warned:
+            assert "built with label_smoothing=0.05" in str(got[0].message)
