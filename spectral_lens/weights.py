@@ -126,6 +126,8 @@ def weight_spectrum(weight: torch.Tensor, name: str | None = None) -> Spectrum:
     w = values.detach()
     if w.ndim < 2:
         raise ValueError(f"{name or 'weight'}: shape {tuple(w.shape)} is not a matrix (need >= 2 dims)")
+    if w.numel() == 0:  # before: (0, n) was a bare reshape RuntimeError, (n, 0) an empty spectrum
+        raise ValueError(f"{name or 'weight'}: shape {tuple(w.shape)} is empty (no entries); it has no spectrum")
     # a complex weight keeps its imaginary parts (complex128: the singular values of the complex matrix)
     mat = w.reshape(w.shape[0], -1).to("cpu", torch.complex128 if w.is_complex() else torch.float64)
     if not bool(torch.isfinite(mat).all()):
@@ -506,15 +508,22 @@ class PowerLawFit:
     stderr: float
 
 
-def _mle_at(x: np.ndarray, k: int, logs: np.ndarray, suffix: np.ndarray) -> tuple[float, float]:
-    n = x.size - k
-    denom = suffix[k] - n * logs[k]
-    if not denom > 0:
+def _mle_at(x: np.ndarray, xmin: float, k: int, tol: float) -> tuple[float, float]:
+    """MLE and two-sided KS distance of the tail ``x[k:]`` (sorted, all ``>= xmin``) above ``xmin``.
+
+    ``sum log(x_i / xmin)`` is summed directly: the difference of running sums of ``log x`` lost
+    digits to cancellation (relative error 1e-4 on a tail near 1e30). A tail spread no wider than
+    ``tol`` (the eigenvalues' float64 round-off) is degenerate, ``(nan, inf)``: all equal but for
+    round-off, as an orthogonal weight's, whose MLE would be ~1e15 fitted to noise."""
+    tail = x[k:]
+    n = tail.size
+    denom = float(np.sum(np.log(tail / xmin)))
+    if not (denom > 0 and tail[-1] - xmin > tol):
         return math.nan, math.inf
     alpha = 1.0 + n / denom
-    tail = x[k:]
-    cdf = 1.0 - (tail / x[k]) ** (1.0 - alpha)
+    cdf = 1.0 - (tail / xmin) ** (1.0 - alpha)
     i = np.arange(1, n + 1)
+    # both sides of each step of the empirical CDF (S jumps from (i-1)/n to i/n at the i-th value)
     ks = float(max(np.max(i / n - cdf), np.max(cdf - (i - 1) / n)))
     return alpha, ks
 
@@ -557,21 +566,19 @@ def powerlaw_fit(
         raise ValueError(f"min_tail must be >= 2, got {min_tail}")
     if n_total < min_tail:
         raise ValueError(f"powerlaw_fit: need at least min_tail={min_tail} positive eigenvalues, got {n_total}")
-    logs = np.log(x)
-    suffix = np.concatenate([np.cumsum(logs[::-1])[::-1], [0.0]])
+    # float64 round-off of the eigenvalues (an SVD's is ~ dim * eps * lambda_max): a tail spread within it is
+    # degenerate (all equal but for round-off)
+    tol = 4.0 * x.size * np.finfo(np.float64).eps * x[-1]
     if xmin is not None:
         k = int(np.searchsorted(x, xmin, side="left"))
         if x.size - k < min_tail:
             raise ValueError(f"powerlaw_fit: only {x.size - k} eigenvalues >= xmin={xmin}; need {min_tail}")
         # the MLE uses the given xmin, not the smallest eigenvalue above it
         n = x.size - k
-        denom = suffix[k] - n * math.log(xmin)
-        if not denom > 0:
-            raise ValueError(f"powerlaw_fit: degenerate tail above xmin={xmin} (all equal)")
-        alpha = 1.0 + n / denom
-        cdf = 1.0 - (x[k:] / xmin) ** (1.0 - alpha)
-        i = np.arange(1, n + 1)
-        ks = float(max(np.max(i / n - cdf), np.max(cdf - (i - 1) / n)))
+        alpha, ks = _mle_at(x, float(xmin), k, tol)
+        if math.isnan(alpha):
+            raise ValueError(f"powerlaw_fit: degenerate tail above xmin={xmin}: its {n} eigenvalues are all equal "
+                             f"up to float64 round-off ({tol:.3g}), an orthogonal or scaled-orthogonal weight")
         return PowerLawFit(float(alpha), float(xmin), n, n_total, ks, float((alpha - 1) / math.sqrt(n)))
     last = x.size - min_tail
     cands = np.arange(0, last + 1)
@@ -581,25 +588,32 @@ def powerlaw_fit(
     for k in cands:
         if k > 0 and x[k] == x[k - 1]:
             continue
-        alpha, ks = _mle_at(x, int(k), logs, suffix)
+        alpha, ks = _mle_at(x, float(x[k]), int(k), tol)
         if ks < best[0]:
             best = (ks, alpha, int(k))
     ks, alpha, k = best
     if k < 0:
-        raise ValueError("powerlaw_fit: every candidate tail is degenerate (equal eigenvalues)")
+        raise ValueError("powerlaw_fit: every candidate tail is degenerate (its eigenvalues all equal up to float64 "
+                         f"round-off, {tol:.3g}: an orthogonal or scaled-orthogonal weight)")
     n = x.size - k
     return PowerLawFit(float(alpha), float(x[k]), n, n_total, float(ks), float((alpha - 1) / math.sqrt(n)))
 
 
 def esd_alpha_from_rank_alpha(rank_alpha: float) -> float:
     """Density exponent of an exact rank power law ``lambda_r ~ r^-a``: ``alpha_ESD = 1 + 1/a``."""
-    if not rank_alpha > 0:
-        raise ValueError(f"rank_alpha must be > 0, got {rank_alpha}")
-    return 1.0 + 1.0 / rank_alpha
+    # inf (a flat spectrum) would give 1.0, an unnormalizable density rank_alpha_from_esd_alpha refuses
+    if not (math.isfinite(rank_alpha) and rank_alpha > 0):
+        raise ValueError(f"esd_alpha_from_rank_alpha: rank_alpha must be > 0 and finite, got {rank_alpha}")
+    out = 1.0 + 1.0 / rank_alpha
+    if not (math.isfinite(out) and out > 1):  # 1/a overflows (a < 1e-308) or 1 + 1/a rounds to 1 (a > 1e16)
+        raise ValueError(f"esd_alpha_from_rank_alpha: rank_alpha={rank_alpha} gives alpha_ESD={out}, "
+                         "outside (1, inf) in float64")
+    return out
 
 
 def rank_alpha_from_esd_alpha(esd_alpha: float) -> float:
     """Inverse of :func:`esd_alpha_from_rank_alpha`: ``a = 1 / (alpha_ESD - 1)``."""
-    if not esd_alpha > 1:
-        raise ValueError(f"esd_alpha must be > 1, got {esd_alpha}")
+    # inf would give 0.0, a rank slope esd_alpha_from_rank_alpha refuses
+    if not (math.isfinite(esd_alpha) and esd_alpha > 1):
+        raise ValueError(f"rank_alpha_from_esd_alpha: esd_alpha must be > 1 and finite, got {esd_alpha}")
     return 1.0 / (esd_alpha - 1.0)
