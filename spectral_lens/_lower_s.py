@@ -12,6 +12,7 @@ from .spectra.moments import mirror_lower, mirror_lower_
 
 _PENDING = 32  # CPU: rank-2 re-shift terms deferred, then applied as one rank-64 GEMM (or on read)
 _LOWER_BLOCK = 256  # CPU: row-block height of the lower-triangle float64 add
+_SMALL_BLOCK = 128  # ... for d <= _LOWER_BLOCK (see _add_lower)
 
 
 def _pending_factors(pend: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,10 +49,15 @@ def _add_lower(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     float64 sums, as addition commutes). Otherwise each block is a promoting copy of ``b`` then an add
     of ``a``: two torch passes, both parallel, which beat NumPy's single-threaded casting add (2
     threads, d = 768, on the project's 2-core machine: 0.27 ms vs 0.56 ms; one thread: equal, and 2x
-    faster at d = 256); the in-place form measured 0.29 ms there (0.37 ms for the copy form that day)."""
+    faster at d = 256); the in-place form measured 0.29 ms there (0.37 ms for the copy form that day).
+    Up to d = 256 the blocks are :data:`_SMALL_BLOCK` rows (d = 256: 128 x 128 and 128 x 256, 3/4 of the
+    matrix), small enough that torch runs each on the calling thread: one 256 x 256 block is a parallel
+    kernel, and under ``OMP_WAIT_POLICY=PASSIVE`` waking the sleeping pool cost more than the add
+    (review 28: 0.12-0.14 ms vs 0.03 ms; with spinning threads 0.020 vs 0.033 ms)."""
     d = a.shape[0]
-    for r0 in range(0, d, _LOWER_BLOCK):
-        r1 = min(d, r0 + _LOWER_BLOCK)
+    step = _SMALL_BLOCK if d <= _LOWER_BLOCK else _LOWER_BLOCK
+    for r0 in range(0, d, step):
+        r1 = min(d, r0 + step)
         block = out[r0:r1, :r1]
         if out is a:
             block.add_(b[r0:r1, :r1])
