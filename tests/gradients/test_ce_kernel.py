@@ -49,7 +49,8 @@ def test_kernels_in_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("head_grad", [False, True])  # input gradient formed in the forward / recomputed
-def test_kernels_match_torch_body_on_gpu(dtype, head_grad, monkeypatch):
+@pytest.mark.parametrize("eps", [0.0, 0.1])  # label smoothing (the kernels' SMOOTH variant)
+def test_kernels_match_torch_body_on_gpu(dtype, head_grad, eps, monkeypatch):
     from spectral_lens._triton import triton_available
     from spectral_lens.gradients import fused_head as fh
     from spectral_lens.gradients import linear_cross_entropy
@@ -66,7 +67,7 @@ def test_kernels_match_torch_body_on_gpu(dtype, head_grad, monkeypatch):
     for name in ("kernel", "torch"):
         if name == "torch":
             monkeypatch.setattr(fh, "_kernels", lambda hh, dt: None)
-        loss = linear_cross_entropy(h, w, t, chunk_rows=700)
+        loss = linear_cross_entropy(h, w, t, chunk_rows=700, label_smoothing=eps)
         gh = torch.autograd.grad((loss * scale).sum(), h)[0]
         res[name] = loss.detach().double(), gh.double()
     (l1, g1), (l2, g2) = res["kernel"], res["torch"]
