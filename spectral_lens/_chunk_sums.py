@@ -323,12 +323,6 @@ def _cpu_compacted(rows: torch.Tensor, kept: np.ndarray, scratch):
     # rows' dtype (fp32 for half rows, which are exact in it)
     sdt = np.float64 if rows.dtype == torch.float64 else np.float32
     values = y.numpy()
-    if y.dtype == torch.float32 and not _sample_spacing(n_rows) and values.size <= _ONE_SUM_MAX:
-        # the sample is every valid row: one float64 column sum gives the shift and m (see _cpu_centered)
-        total = np.add.reduce(values, 0, dtype=np.float64)
-        shift = _shift_values(total / max(1, n), y.dtype)
-        y.sub_(torch.from_numpy(shift))
-        return n, total - n * shift.astype(np.float64, copy=False), shift, (y, out, lower_panels(y, out))
     sample = values[_in_sample(kept, n_rows)] if _sample_spacing(n_rows) else values
     if n and not sample.shape[0]:  # every sampled row masked (see _sample_mean): the sample of the valid rows
         sample = values[_sample_index(n)]

@@ -121,25 +121,6 @@ def test_cpu_updates_at_odd_panel_counts_match_float64(d):
     assert np.abs(got - ref).max() < 2e-6 * np.abs(np.diag(ref)).max()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**31), n=st.integers(2, 3071), d=st.integers(1, 6),
-       offset=st.sampled_from([0.0, 5.0, 1e4, 1e5, 1e6, -1e6]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       keep_every=st.integers(2, 5))
-def test_masked_m_from_one_float64_sum_matches_float64_reference(seed, n, d, offset, dtype, keep_every):
-    """The compacted (masked) path: m of the valid rows within float64 rounding of their sum."""
-    rows = _rows(seed, n, d, offset, 1.0, dtype)
-    keep = np.zeros(n, dtype=bool)
-    keep[::keep_every] = True
-    with np.errstate(all="ignore"):
-        n_out, m, shift, (y, _, _) = _chunk_sums._cpu_centered(rows, keep, "exact")
-    kept = rows[torch.from_numpy(keep)]
-    assert n_out == kept.shape[0] and y.shape[0] == n_out
-    x64 = kept.double().numpy()
-    bound = 8 * EPS64 * n_out * np.abs(x64).max(0) + 1e-300
-    assert (np.abs(m - _m_reference(kept, shift)) <= bound).all()
-    torch.testing.assert_close(y, kept.float() - torch.from_numpy(shift), rtol=0, atol=0)
-
-
 def test_all_rows_masked_give_no_rows_and_zero_sums():
     rows = _rows(0, 100, 3, 1e4, 1.0)
     with np.errstate(all="ignore"):
