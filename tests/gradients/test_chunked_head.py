@@ -13,25 +13,15 @@ from hypothesis import strategies as st
 
 from spectral_lens.gradients import (
     PerSampleGradientProbe,
-    causal_lm_head_loss,
     causal_lm_loss,
     head_loss_fns,
     linear_cross_entropy,
     without_head,
 )
 
+from support.per_sample import head_problem
 from support.dispatch import LargestAllocation as _LargestAllocation
 from support.models import TinyGPT, lm_batch
-
-
-def _problem(n, d, v, offset, ignore_frac, seed, dtype):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, d, generator=g, dtype=torch.float64)
-    w = torch.randn(v, d, generator=g, dtype=torch.float64) / math.sqrt(d) * 3
-    b = torch.randn(v, generator=g, dtype=torch.float64) + offset  # a large common logit offset
-    t = torch.randint(0, v, (n,), generator=g)
-    t[torch.rand(n, generator=g) < ignore_frac] = -100
-    return h.to(dtype), w.to(dtype), b.to(dtype), t
 
 
 def _reference(h, w, b, t, grad):
@@ -67,7 +57,7 @@ PROBLEMS = dict(
 @settings(max_examples=30, deadline=None)
 @given(**PROBLEMS)
 def test_loss_and_gradients_match_float64(n, d, v, chunk, offset, ignore_frac, dtype, seed):
-    h, w, b, t = _problem(n, d, v, offset, ignore_frac, seed, dtype)
+    h, w, b, t = head_problem(n, d, v, offset, ignore_frac, seed, dtype)
     grad = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.5
     ref_loss, ref_h, ref_w, ref_b = _reference(h, w, b, t, grad)
     h, w, b = (x.clone().requires_grad_() for x in (h, w, b))
@@ -123,7 +113,7 @@ def test_input_gradient_formed_in_the_forward_matches_float64(n, d, v, chunk, of
     """When only the hidden states need a gradient (the probe's fast engine), the forward forms the
     unit-weight input gradient and the backward scales it: same bounds against float64, and the same
     values as the recomputing backward (run when the head weight needs a gradient too)."""
-    h, w, b, t = _problem(n, d, v, offset, ignore_frac, seed, dtype)
+    h, w, b, t = head_problem(n, d, v, offset, ignore_frac, seed, dtype)
     b = b if with_bias else None
     grad = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.5
     ref_loss, ref_h, _, _ = _reference(h, w, b if b is not None else torch.zeros(v, dtype=dtype), t, grad)
@@ -147,7 +137,7 @@ def test_input_gradient_formed_in_the_forward_matches_float64(n, d, v, chunk, of
 def test_forward_formed_gradient_is_used_only_when_the_head_needs_none():
     """The forward forms the (N, d) unit gradient only under grad mode, for hidden states that need a
     gradient, with a head that needs none; otherwise its output is empty and the backward recomputes."""
-    h, w, b, t = _problem(6, 4, 11, 0.0, 0.0, 0, torch.float64)
+    h, w, b, t = head_problem(6, 4, 11, 0.0, 0.0, 0, torch.float64)
     from spectral_lens.gradients.fused_head import _ChunkedLinearCrossEntropy as Fn
 
     seen = []
@@ -182,7 +172,7 @@ def test_confident_target_gradient_keeps_relative_accuracy():
 
 def test_never_forms_the_full_logits():
     n, d, v, chunk = 64, 8, 500, 16
-    h, w, b, t = _problem(n, d, v, 0.0, 0.2, 0, torch.float32)
+    h, w, b, t = head_problem(n, d, v, 0.0, 0.2, 0, torch.float32)
     h.requires_grad_()
     with _LargestAllocation() as mode:
         loss = linear_cross_entropy(h, w, t, b, chunk_rows=chunk)
@@ -194,7 +184,7 @@ def test_never_forms_the_full_logits():
 
 
 def test_default_chunk_and_autocast_dtype():
-    h, w, b, t = _problem(10, 4, 7, 0.0, 0.0, 1, torch.float32)
+    h, w, b, t = head_problem(10, 4, 7, 0.0, 0.0, 1, torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = linear_cross_entropy(h, w, t, b)
         ref = F.cross_entropy(F.linear(h, w, b).float(), t, reduction="none")  # bf16 logits, like a bf16 head
@@ -227,7 +217,7 @@ def test_default_block_budget(kernels):
 
 
 def test_bad_inputs_have_clear_errors():
-    h, w, b, t = _problem(5, 4, 7, 0.0, 0.0, 1, torch.float32)
+    h, w, b, t = head_problem(5, 4, 7, 0.0, 0.0, 1, torch.float32)
     with pytest.raises(ValueError, match=r"hidden \(N, d\) and weight \(V, d\)"):
         linear_cross_entropy(h, w[:, :3], t)
     with pytest.raises(ValueError, match="integer targets"):

@@ -32,22 +32,13 @@ from spectral_lens.gradients import (
     head_loss_fns,
     linear_cross_entropy,
 )
+from support.per_sample import head_problem
 from support.dispatch import LargestAllocation
 from support.models import TinyGPT, lm_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAM = "transformer.h.1.attn.c_proj.weight"
 EPSILONS = st.one_of(st.sampled_from([0.0, 1e-6, 0.1, 0.5, 0.999]), st.floats(0.0, 1.0, exclude_max=True))
-
-
-def _problem(n, d, v, offset, ignore_frac, seed, dtype):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n, d, generator=g, dtype=torch.float64)
-    w = torch.randn(v, d, generator=g, dtype=torch.float64) / math.sqrt(d) * 3
-    b = torch.randn(v, generator=g, dtype=torch.float64) + offset  # a large common logit offset
-    t = torch.randint(0, v, (n,), generator=g)
-    t[torch.rand(n, generator=g) < ignore_frac] = -100
-    return h.to(dtype), w.to(dtype), b.to(dtype), t
 
 
 def _logits_grad(z: torch.Tensor, t: torch.Tensor, eps: float, weight: torch.Tensor) -> torch.Tensor:
@@ -93,7 +84,7 @@ def test_smoothed_loss_and_gradients_match_float64(n, d, v, chunk, offset, ignor
     label_smoothing=eps)``; ignored targets 0; the gradients of hidden states, head and bias (``head_grad``: the
     recomputing backward; else the input gradient formed in the forward) within ``4e-6 (|z|_max + 1)`` of their
     largest entry, as without smoothing."""
-    h, w, b, t = _problem(n, d, v, offset, ignore_frac, seed, dtype)
+    h, w, b, t = head_problem(n, d, v, offset, ignore_frac, seed, dtype)
     grad = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 0.5
     ref_loss, ref_h, ref_w, ref_b = _reference(h, w, b, t, eps, grad)
     hp = h.clone().requires_grad_()
@@ -161,7 +152,7 @@ def test_confident_target_with_small_smoothing_keeps_relative_accuracy():
 
 
 def test_eps_zero_is_the_plain_loss_bit_for_bit():
-    h, w, b, t = _problem(30, 8, 97, 30.0, 0.3, 3, torch.float32)
+    h, w, b, t = head_problem(30, 8, 97, 30.0, 0.3, 3, torch.float32)
     for head_grad in (False, True):
         out = []
         for kw in ({}, {"label_smoothing": 0.0}):
@@ -173,7 +164,7 @@ def test_eps_zero_is_the_plain_loss_bit_for_bit():
 
 def test_never_forms_the_full_logits_with_smoothing():
     n, d, v, chunk = 24, 4, 200, 8
-    h, w, b, t = _problem(n, d, v, 0.0, 0.2, 0, torch.float32)
+    h, w, b, t = head_problem(n, d, v, 0.0, 0.2, 0, torch.float32)
     for head_grad in (False, True):
         hp, wp = h.clone().requires_grad_(), w.clone().requires_grad_(head_grad)
         with LargestAllocation() as mode:
@@ -183,7 +174,7 @@ def test_never_forms_the_full_logits_with_smoothing():
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "0.1"])
 def test_bad_label_smoothing_is_refused_by_name(bad):
-    h, w, b, t = _problem(4, 3, 5, 0.0, 0.0, 0, torch.float32)
+    h, w, b, t = head_problem(4, 3, 5, 0.0, 0.0, 0, torch.float32)
     with pytest.raises(ValueError, match=r"linear_cross_entropy: label_smoothing must be a number in \[0, 1\]"):
         linear_cross_entropy(h, w, t, label_smoothing=bad)
     with pytest.raises(ValueError, match=r"causal_lm_loss: label_smoothing"):

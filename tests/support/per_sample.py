@@ -4,6 +4,7 @@ sample."""
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import torch
@@ -66,3 +67,15 @@ def no_mixed_weights_warning():
         yield
     mixed = [str(w.message) for w in seen if issubclass(w.category, MixedWeightsWarning)]
     assert not mixed, mixed
+
+
+def head_problem(n, d, v, offset, ignore_frac, seed, dtype):
+    """A head + cross-entropy problem: hidden states ``(n, d)``, a head ``(v, d)`` with a bias carrying a large common
+    logit ``offset``, targets with an ``ignore_frac`` share of -100, drawn in float64 and cast to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) / math.sqrt(d) * 3
+    b = torch.randn(v, generator=g, dtype=torch.float64) + offset  # a large common logit offset
+    t = torch.randint(0, v, (n,), generator=g)
+    t[torch.rand(n, generator=g) < ignore_frac] = -100
+    return h.to(dtype), w.to(dtype), b.to(dtype), t
