@@ -67,3 +67,46 @@ def test_stack_and_tensor_datasets_are_still_refused():
         assert sample_dataset(ds) is not None, type(ds).__name__
         with pytest.raises(TypeError, match="map-style Dataset"):
             SpectralLens(_gpt(), pool=ds, params=GRAD, progress=False)
+
+
+def _cov(x, precision):
+    from spectral_lens import ActivationCovarianceAccumulator
+
+    a = ActivationCovarianceAccumulator(x.shape[1], precision=precision)
+    a.update(x)
+    return a.covariance().double().numpy()
+
+
+@pytest.mark.parametrize("case", ["offset", "heavy_rounding", "mixed_scales", "bf16"])
+def test_cpufix2_one_sum_m_is_consistent_with_the_fp32_centred_products(case, monkeypatch):
+    """cpufix2 takes m = sum(x) - n * shift (float64) rather than the fp32 sum of the centred rows y = fl(x - s)
+    that S is formed from. Adversarial rows (offsets 1e3-1e6, rows far from the shift that round in fl(x - s),
+    log-normal column scales, bf16 rows): the covariance is as close to float64 as the two-pass path's (both at
+    fp32 rounding of S), entrywise relative to sqrt(C_ii C_jj)."""
+    import numpy as np
+
+    from spectral_lens import _chunk_sums
+
+    g = np.random.default_rng(7)
+    n, d = 1537, 96
+    if case == "offset":
+        x = 1e6 * (1 + g.random(d)) + g.standard_normal((n, d)) * np.logspace(3, 0, d)  # spreads the fp32 rows resolve
+    elif case == "heavy_rounding":
+        x = g.standard_normal((n, d))
+        x[::7] += 1e6
+    elif case == "mixed_scales":
+        x = 1e3 * np.exp(3 * g.standard_normal((n, d)))
+    else:
+        x = 1e4 + 10 * g.standard_normal((n, d))
+    rows = torch.from_numpy(x).to(torch.bfloat16 if case == "bf16" else torch.float32)
+    x64 = rows.double().numpy()
+    ref = np.cov(x64, rowvar=False)
+    scale = np.sqrt(np.outer(np.diag(ref), np.diag(ref)))
+    for precision in ("exact", "fast"):
+        assert rows.numel() <= _chunk_sums._ONE_SUM_MAX
+        one_sum = np.abs(_cov(rows, precision) - ref) / scale
+        monkeypatch.setattr(_chunk_sums, "_ONE_SUM_MAX", -1)  # the two-pass path, as before cpufix2
+        two_pass = np.abs(_cov(rows, precision) - ref) / scale
+        monkeypatch.undo()
+        assert one_sum.max() <= 2 * two_pass.max() + 1e-6, (case, precision, one_sum.max(), two_pass.max())
+        assert one_sum.max() < 1e-4, (case, precision, one_sum.max())
