@@ -45,11 +45,14 @@ def sample_dataset(pool: Any) -> str | None:
     map-style ``torch.utils.data.Dataset`` (``TensorDataset``, ``Subset``, a dataset of dicts), whose items are
     samples without a batch dimension (a ``(T,)`` token row that a model reads as ``T`` sequences, or fails on
     deep inside). A ``DataLoader`` over it batches them. An ``IterableDataset`` is not recognized: it may yield
-    whole batches (as for ``DataLoader(batch_size=None)``), which work as a pool; nor a list of 1-D tensors,
+    whole batches (as for ``DataLoader(batch_size=None)``), which work as a pool; nor a Dataset subclass with
+    its own ``__iter__`` whose first item is not ``pool[0]`` (it yields e.g. whole batches); nor a list of 1-D tensors,
     which may be the batches of a model taking 1-D input."""
     data = torch.utils.data
     if not isinstance(pool, data.Dataset) or isinstance(pool, (data.IterableDataset, data.DataLoader)):
         return None
+    if getattr(type(pool), "__iter__", None) is not None and not _iterates_items(pool):
+        return None  # its own __iter__ yields something else than its items (e.g. whole batches): a pool
     try:
         size = f" of {len(pool)} samples"
     except (TypeError, NotImplementedError):  # a dataset without a len: named without its size
@@ -74,6 +77,38 @@ def single_sample_hint(pool: Any, batch: Any) -> str | None:
             f"dimension ({', '.join(str(list(t.shape)) for t in leaves[:4])}): if its items are single samples, wrap "
             "it in a DataLoader(pool, batch_size=8) (a collate_fn that pads for ragged samples); the lens runs each "
             "item of its pools as one batch")
+
+
+def _iterates_items(pool: Any) -> bool:
+    """Whether the first item a Dataset's own ``__iter__`` yields is its item 0 (the same tensors, by value):
+    then it iterates its samples. One item read each way, once, when the lens is built; anything that fails
+    (no item 0, an empty pool) says no: the pool is taken, as before the check."""
+    try:
+        it = iter(pool)
+        try:
+            first = next(it)
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+        return _same(first, pool[0])
+    except Exception:  # noqa: BLE001 - any failure: not shown to be a dataset of samples
+        return False
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` hold equal tensors in the same structure (dicts, lists, tuples), and equal leaves."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and bool(torch.equal(a, b)))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - incomparable leaves: not the same
+        return False
 
 
 _RANDOM_SAMPLERS = (
