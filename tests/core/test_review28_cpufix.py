@@ -25,7 +25,7 @@ def test_lower_panels_cover_the_lower_triangle(d):
         assert len(moments.lower_panels(y, out)) == -(-d // 128)
 
 
-@pytest.mark.parametrize("d", [1, 100, 128, 200, 256, 257, 600])
+@pytest.mark.parametrize("d", [1, 2, 100, 127, 128, 129, 200, 255, 256, 257, 600])  # both block sizes
 @pytest.mark.parametrize("in_place", [True, False])
 def test_add_lower_covers_the_lower_triangle(d, in_place):
     g = torch.Generator().manual_seed(d)

@@ -19,7 +19,7 @@ from spectral_lens.gradients import (
     without_head,
 )
 
-from support.per_sample import head_problem
+from support.per_sample import PROBLEMS, head_problem
 from support.dispatch import LargestAllocation as _LargestAllocation
 from support.models import TinyGPT, lm_batch
 
@@ -39,19 +39,6 @@ def _reference(h, w, b, t, grad):
     g = g.scatter(-1, safe, 0.0)
     g = g.scatter(-1, safe, -g.sum(-1, keepdim=True))
     return loss, g @ w, g.t() @ h, g.sum(0)
-
-
-#: hypothesis strategies of one head + loss problem (sizes, chunking, logit offset, padding, dtype)
-PROBLEMS = dict(
-    n=st.integers(1, 40),
-    d=st.integers(1, 24),
-    v=st.integers(2, 300),
-    chunk=st.integers(1, 50),
-    offset=st.sampled_from([0.0, 30.0, 1e4]),
-    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
-    dtype=st.sampled_from([torch.float32, torch.float64]),
-    seed=st.integers(0, 2**31 - 1),
-)
 
 
 @settings(max_examples=30, deadline=None)

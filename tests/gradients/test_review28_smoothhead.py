@@ -32,7 +32,7 @@ from spectral_lens.gradients import (
     head_loss_fns,
     linear_cross_entropy,
 )
-from support.per_sample import head_problem
+from support.per_sample import PROBLEMS, head_problem
 from support.dispatch import LargestAllocation
 from support.models import TinyGPT, lm_batch
 
@@ -66,18 +66,7 @@ def _reference(h, w, b, t, eps, grad):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    n=st.integers(1, 40),
-    d=st.integers(1, 24),
-    v=st.integers(2, 300),
-    chunk=st.integers(1, 50),
-    offset=st.sampled_from([0.0, 30.0, 1e4]),
-    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
-    dtype=st.sampled_from([torch.float32, torch.float64]),
-    eps=EPSILONS,
-    head_grad=st.booleans(),
-    seed=st.integers(0, 2**31 - 1),
-)
+@given(**PROBLEMS, eps=EPSILONS, head_grad=st.booleans())
 def test_smoothed_loss_and_gradients_match_float64(n, d, v, chunk, offset, ignore_frac, dtype, eps, head_grad, seed):
     """Any vocabulary, chunking, ignored targets, offsets up to 1e4, eps in [0, 1): the loss within the bound of
     fused_head's docstring (``4e-6 (|z|_max + log V)`` float32, ``1e-12`` float64) of float64 ``F.cross_entropy(...,

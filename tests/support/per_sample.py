@@ -8,6 +8,7 @@ import math
 import warnings
 
 import torch
+from hypothesis import strategies as st
 
 from spectral_lens.gradients.losses import causal_lm_loss
 
@@ -79,3 +80,16 @@ def head_problem(n, d, v, offset, ignore_frac, seed, dtype):
     t = torch.randint(0, v, (n,), generator=g)
     t[torch.rand(n, generator=g) < ignore_frac] = -100
     return h.to(dtype), w.to(dtype), b.to(dtype), t
+
+
+#: hypothesis strategies of one head + loss problem (sizes, chunking, logit offset, padding, dtype)
+PROBLEMS = dict(
+    n=st.integers(1, 40),
+    d=st.integers(1, 24),
+    v=st.integers(2, 300),
+    chunk=st.integers(1, 50),
+    offset=st.sampled_from([0.0, 30.0, 1e4]),
+    ignore_frac=st.sampled_from([0.0, 0.3, 1.0]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    seed=st.integers(0, 2**31 - 1),
+)
