@@ -1164,7 +1164,7 @@ class PerSampleGradientProbe:
         """``{"label_smoothing": eps}`` when the samples held were measured with the label-smoothed default loss
         (an integration's, :meth:`_trained_loss`; a list when the accumulation mixed several), else nothing: the
         spectrum's record says which loss its rows are the gradients of."""
-        smoothing = sorted(getattr(self, "_rows_smoothing", ()))
+        smoothing = sorted(self._rows_smoothing)
         if not any(smoothing):
             return {}
         return {"label_smoothing": smoothing[0] if len(smoothing) == 1 else smoothing}

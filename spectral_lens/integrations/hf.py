@@ -169,7 +169,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
             eps = getattr(args, "label_smoothing_factor", 0.0) or 0.0
         if probe is None or not eps:
             return contextlib.nullcontext()
-        own = getattr(probe, "label_smoothing", 0.0)
+        own = probe.label_smoothing
         if own and own != float(eps) and not getattr(self, "_smoothing_warned", False):
             self._smoothing_warned = True
             if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
