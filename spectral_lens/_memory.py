@@ -18,7 +18,8 @@ against the real allocations in ``tests/core/test_measurement_memory.py``. Per a
     ``"fast"`` on CUDA; float64 for ``"float64"`` or float64 rows) and the chunk's ``d x d`` product
     (fp32, float64 for float64 products; on CUDA from d = 1024 three of them while the block form is
     concatenated; two on the CPU's ``syrk`` path from 8192 rows); a call of more than ``max_chunk_rows``
-    rows (chunks of that many) holds two chunk products and its float64 ``d x d`` sum;
+    rows (chunks of that many) holds two chunk products and its float64 ``d x d`` sum; bf16/fp16 CPU rows
+    in ``"float64"`` precision also an fp32 copy of the shift's sample (up to 3,072 x d);
   - ``compute``: ``2 B`` (``S`` is mirrored in place, with a strict triangle's temporary; then the
     covariance and its ``m m^T``, or the covariance and the solve's copy of its input).
 
@@ -38,8 +39,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ._chunk_sums import _SHIFT_ROWS  # rows of the shift sample of a CPU chunk of at least 3 x that
 from ._lower_s import _PENDING  # deferred rank-2 re-shift terms of CPU updates
 from .spectra.moments import PRECISIONS, SYRK_MIN_ROWS
+
+
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def _product_bytes(precision: str, device_type: str, rows_float64: bool) -> tuple[int, int]:
@@ -52,10 +57,11 @@ def _product_bytes(precision: str, device_type: str, rows_float64: bool) -> tupl
 
 
 def accumulator_bytes(d: int, precision: str, rows: int, *, device_type: str = "cuda", rows_float64: bool = False,
-                      max_chunk_rows: int = 131072) -> tuple[int, int, int]:
+                      max_chunk_rows: int = 131072, rows_half: bool = False) -> tuple[int, int, int]:
     """``(held, update, solve)`` bytes of one accumulator of width ``d``: what it holds between updates
     (from its first update on), and what an update of ``rows`` rows and its ``compute`` allocate on
-    top of that at their peak (a few d-vectors less: within ``64 d`` bytes). See the module's docstring."""
+    top of that at their peak (a few d-vectors less: within ``64 d`` bytes). ``rows_float64``/``rows_half``:
+    the rows are float64 / bf16 or fp16. See the module's docstring."""
     if precision not in PRECISIONS:
         raise ValueError(f"accumulator_bytes: precision must be one of {PRECISIONS}, got {precision!r}")
     if d < 1 or rows < 0:
@@ -76,6 +82,10 @@ def accumulator_bytes(d: int, precision: str, rows: int, *, device_type: str = "
     if device_type == "cuda" and prod_b == 4 and precision != "fast" and d >= 1024:
         products += 2  # symmetric_product's block form: the blocks, the two block rows, the result
     update = chunk * d * row_b + products * d * d * prod_b + extra
+    if device_type == "cpu" and rows_half and precision == "float64" and rows <= max_chunk_rows:
+        # half rows, converted to float64 in the scratch: their shift sample (every row below 3,072, else 16 runs of
+        # 64) is read again as fp32 values (the shift of fp32 rows), a copy
+        update += (chunk if chunk < 3 * _SHIFT_ROWS else _SHIFT_ROWS) * d * 4
     if device_type == "cpu" and chunk >= 3 * 1024:  # the shift sample's per-run column sums: 16 d-vectors
         update += 16 * d * (8 if rows_float64 or (precision == "float64" and rows > max_chunk_rows) else 4)
     return held, update, 2 * square
@@ -338,8 +348,8 @@ def check_rows(capture, acc, rows: torch.Tensor) -> None:
         mine = dict(layers)
 
     def size(a, d, dev, n):
-        return dev, d, n, accumulator_bytes(d, a.precision, n, device_type=dev.type,
-                                            rows_float64=rows.dtype == torch.float64, max_chunk_rows=a.max_chunk_rows)
+        return dev, d, n, accumulator_bytes(d, a.precision, n, device_type=dev.type, rows_float64=rows.dtype == torch.float64,
+                                            rows_half=rows.dtype in _HALF, max_chunk_rows=a.max_chunk_rows)
 
     sampled = counted is not None and counted[1] is None  # the first layer of a width not known: the others like it
     if sampled:
@@ -417,8 +427,8 @@ def check_fits(accumulators: Sequence, rows: torch.Tensor, widths: Sequence | No
     sample = width if known[at] is None else None
     dims = [width if i == at and d is None else d if d is not None else sample for i, d in enumerate(known)]
     sizes = [(0, 0, 0) if d is None else
-             accumulator_bytes(d, acc.precision, n_rows, device_type=dev.type,
-                               rows_float64=rows.dtype == torch.float64, max_chunk_rows=acc.max_chunk_rows)
+             accumulator_bytes(d, acc.precision, n_rows, device_type=dev.type, rows_float64=rows.dtype == torch.float64,
+                               rows_half=rows.dtype in _HALF, max_chunk_rows=acc.max_chunk_rows)
              for d, acc, dev in zip(dims, accumulators, devs)]
     here = [i for i, dev in enumerate(devs) if dev == device]  # checked now; the others at their device's first rows
     unknown = sum(known[i] is None for i in here if i != at)

@@ -167,11 +167,11 @@ class SpectralLensCallback(_transformers.TrainerCallback):
             eps = 0.0 if smoother is None or getattr(trainer, "compute_loss_func", None) is not None else smoother.epsilon
         else:
             eps = getattr(args, "label_smoothing_factor", 0.0) or 0.0
-        if probe is None or not eps:
+        if probe is None:
             return contextlib.nullcontext()
         own = probe.label_smoothing
         if own and own != float(eps) and not getattr(self, "_smoothing_warned", False):
-            self._smoothing_warned = True
+            self._smoothing_warned = True  # also when the trainer does not smooth: the probe measures another loss
             if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
                 warnings.warn(
                     f"SpectralLensCallback: the trainer trains with label_smoothing_factor={float(eps):g}, and the lens's "
@@ -179,7 +179,7 @@ class SpectralLensCallback(_transformers.TrainerCallback):
                     "it without label_smoothing to measure the trainer's loss)",
                     SpectralLensWarning, stacklevel=2,
                 )
-        return probe._trained_loss(float(eps))
+        return probe._trained_loss(float(eps)) if eps else contextlib.nullcontext()
 
     def _trainer_of(self, state):
         """:attr:`trainer` if ``state`` is its state (the callback runs in that trainer), else ``None``: a

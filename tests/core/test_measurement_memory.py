@@ -82,7 +82,9 @@ def _held(acc) -> int:
 # (d, rows per update, max_chunk_rows, rows' dtype): the CPU one-chunk path, a larger chunk, float64 rows,
 # and calls of several chunks (the generic path)
 CASES = [(256, 64, 131072, torch.float32), (300, 5000, 131072, torch.float32), (128, 500, 131072, torch.float64),
-         (200, 3000, 1000, torch.float32), (128, 500, 100, torch.float32)]
+         (200, 3000, 1000, torch.float32), (128, 500, 100, torch.float32),
+         (256, 64, 131072, torch.bfloat16), (300, 5000, 131072, torch.bfloat16), (96, 2000, 131072, torch.float16),
+         (200, 3000, 1000, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("precision", ["exact", "fast", "float64"])
@@ -92,6 +94,7 @@ def test_estimate_matches_the_real_allocations(precision, d, rows, chunk, dtype)
     acc = ActivationCovarianceAccumulator(d, precision=precision, max_chunk_rows=chunk)
     x = (torch.randn(3, rows, d, dtype=torch.float64) + 3).to(dtype)
     held, update, solve = accumulator_bytes(d, precision, rows, device_type="cpu", rows_float64=dtype == torch.float64,
+                                            rows_half=dtype in (torch.bfloat16, torch.float16),
                                             max_chunk_rows=chunk)
     acc.update(x[0])
     acc.update(x[1])
