@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from spectral_lens.analysis import TailPredictor, alpha_trajectory  # noqa: E402
+from spectral_lens.atomic import write_json_atomic  # noqa: E402
 from spectral_lens.records import RecordWarning, RunInfo, RunRecord, RunWriter, open_runs  # noqa: E402
 from spectral_lens.spectrum import Spectrum  # noqa: E402
 
@@ -164,7 +165,7 @@ def main(argv=None) -> dict:
             tmp.cleanup()
     print(json.dumps(res, indent=2))
     if args.out is not None:
-        args.out.write_text(json.dumps(res, indent=2) + "\n")
+        write_json_atomic(args.out, res)
     return res
 
 
