@@ -739,6 +739,12 @@ class SpectralLens:
             error.__cause__ = exc
         except BaseException as exc:
             error = exc
+        if tp is not None and not tp[0]:  # the peers outside the group: one round (a failure of one rank's solve, its
+            try:  # peer then waited in its next collective with it until the process-group timeout)
+                agree_round(tp[1], 0, 0, error, "computing the activation spectra of a tensor-parallel rank", model,
+                            quote=True)
+            except BaseException as exc:  # this rank's error (raised as agreed), or the peer's: agreed below too
+                error = exc
         agree(self.group, error, "computing the activation spectra", model)
         names = record_names(model, spectra, params=False)  # eager; a PEFT model's as before get_peft_model
         return {f"act:{names[name]}": spectrum for name, spectrum in spectra.items()}
@@ -868,15 +874,24 @@ class SpectralLens:
         through :meth:`measure`), it first agrees on the lens's settings with the other ranks as :meth:`measure`
         does (a lens without a gradient protocol on one rank would otherwise skip the collectives the others wait
         in)."""
-        self._agree_settings("SpectralLens.gradient_spectra: checking the lens")
-        return self._gradients()
+        self._agree_settings("SpectralLens.gradient_spectra: checking the lens", gradient=True)
+        return self._gradients(alone=True)
 
-    def _gradients(self) -> tuple[dict[str, Spectrum], dict[str, float]]:
-        """:meth:`gradient_spectra`, the settings agreed already."""
+    def _gradients(self, alone: bool = False) -> tuple[dict[str, Spectrum], dict[str, float]]:
+        """:meth:`gradient_spectra`, the settings agreed already (``alone``: called by itself, not after the
+        activation pass, whose check compared the tensor-parallel peers' settings, a gradient protocol's presence
+        included)."""
         self._require_model()
-        if self.probe is None:
-            return {}, {}
         rank = ranks(self.group)[0]
+        if self.probe is None:
+            if alone and rank == 0 and not self._everywhere():  # where a peer with a probe checks its settings
+                tp = one_replica(self.model, self.group)
+                if tp is not None:  # a group with one rank of the mesh: the peers' settings compared (params=() on
+                    # one peer only: a ValueError on each naming the difference; before, its peer waited in this
+                    # check until the process-group timeout)
+                    check_same_forwards(None, tp[1], what="gradient samples (gradient_pool)",
+                                        settings=self._peer_settings())
+            return {}, {}
         result: list = [None]
         error = None
         everywhere = self._everywhere()
@@ -905,16 +920,38 @@ class SpectralLens:
               else "the gradient protocol (it runs on the group's rank 0)", self.model)
         return from_rank0(self.group, result[0], self.model)
 
-    def _agree_settings(self, what: str) -> None:
+    def _agree_settings(self, what: str, gradient: bool = False) -> None:
         """This rank's lens checked (attached to a model) and its :meth:`_settings` agreed with the other ranks'
-        (:func:`~spectral_lens._agree.agree_settings`: one ``all_reduce``; none in a single process)."""
+        (:func:`~spectral_lens._agree.agree_settings`: one ``all_reduce``; none in a single process); ``gradient``:
+        before the gradient protocol alone (:meth:`_settings_agreed`)."""
         error, settings = None, {}
         try:
             self._require_model()
             settings = self._settings()
         except BaseException as exc:  # an interrupt too
             error = exc
-        agree_settings(self.group, settings, error, what, self.model)
+        self._settings_agreed(settings, error, what, gradient)
+
+    def _settings_agreed(self, settings: dict[str, str], error: BaseException | None, what: str,
+                         gradient: bool = False) -> None:
+        """:func:`~spectral_lens._agree.agree_settings` over the lens's group; where it raises (this rank's
+        ``error``, or another rank's) and the group holds one rank of a tensor-parallel mesh, the error is carried
+        first into the peers' check before the pass (:func:`check_same_forwards`, which they run next: the activation
+        pass's, or with ``gradient`` the gradient protocol's, on the group's rank 0 only), so that they raise too,
+        naming this rank and quoting its error (before, they waited in that check until the process-group timeout:
+        ``measure(step, 1.5)`` on one rank). No collective more where nothing failed."""
+        try:
+            agree_settings(self.group, settings, error, what, self.model)
+        except BaseException as exc:  # an interrupt too
+            tp = None
+            try:
+                if self.model is not None and not (gradient and ranks(self.group)[0] != 0):
+                    tp = one_replica(self.model, self.group)
+            except Exception:  # noqa: BLE001 - not a member, a group mixing peers: the same on every rank, no peers'
+                pass             # check follows there
+            if tp is not None and not tp[0]:
+                check_same_forwards(None, tp[1], error=exc, failed=what)  # raises exc here, the peers' error there
+            raise
 
     def _settings(self) -> dict[str, str]:
         """What every rank's lens must share, as text (compared by :func:`~spectral_lens._agree.agree_settings`):
@@ -1022,7 +1059,7 @@ class SpectralLens:
             self._warn_measured(step)
         except BaseException as exc:  # an interrupt too
             error = exc
-        agree_settings(self.group, settings, error, "checking measure()'s arguments and the lens", self.model)
+        self._settings_agreed(settings, error, "checking measure()'s arguments and the lens")
         self._content_now = {}  # filled by this measurement's passes (_warn_pool_changed)
         spectra = self._activations()
         grad_spectra, scalars = self._gradients()
