@@ -76,6 +76,7 @@ def _with_failing_solve(rank: int, **kwargs) -> None:
         lens.measure(1, 1)
     finally:
         lens_mod.ActivationCapture.compute = saved
+    lens.model(_pool(1)[0][0])  # the training's next step: a forward, whose all-reduces are the mesh's collectives
 
 
 def _activation_compute_fails_on_rank1(rank: int) -> None:
@@ -83,6 +84,7 @@ def _activation_compute_fails_on_rank1(rank: int) -> None:
 
 
 def _activation_compute_fails_on_rank1_no_gradients(rank: int) -> None:
+    """Before: rank 0 returned the measurement and waited in the next step's forward until the timeout."""
     _with_failing_solve(rank)
 
 
