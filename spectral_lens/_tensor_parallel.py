@@ -263,9 +263,14 @@ def _run(out: list, size: int, count: int) -> None:
         out.append((size, count))
 
 
+PEERS_BEFORE = ("a tensor-parallel rank's work before its peers' check of their pools and settings (measure()'s "
+                "arguments, the lens, a pool's len)")
+"""What the peers name where a rank failed before :func:`check_same_forwards` (they cannot tell which step)."""
+
+
 def check_same_forwards(forwards: int | None, peers_group, who: str = "SpectralLens", what: str = "forwards",
                         layout: int | None = None, settings: str = "", error: BaseException | None = None,
-                        failed: str = "checking the measurement's arguments and the lens") -> None:
+                        failed: str = PEERS_BEFORE) -> None:
     """``ValueError`` on every tensor-parallel peer, before any forward, when they would run different numbers
     of forwards (``forwards``: this rank's, ``None`` for a pool without ``len``, not checked; ``what``: what is
     counted, the activation pass's forwards or the gradient protocol's samples; ``layout``: for the gradient
@@ -277,8 +282,9 @@ def check_same_forwards(forwards: int | None, peers_group, who: str = "SpectralL
     and its all-reduce met another collective of its peer (gloo aborted a process, 'collective mismatch'). One
     all-reduce over ``peers_group`` (of the same size on every peer, whatever it knows).
 
-    ``error``: this rank failed before the pass (``failed``: where; a bad argument of ``measure``, the lens's
-    group agreement), after which it calls this in place of the pass's check, so that its peers, whose group
+    ``error``: this rank failed before the pass (a bad argument of ``measure``, the lens's group agreement, a
+    pool's ``len``; ``failed``: what the peers name, :data:`PEERS_BEFORE`), after which it calls this in place of
+    the pass's check, so that its peers, whose group
     agreement did not see it, learn it here instead of waiting in the check until the process-group timeout:
     this rank raises ``error``, the peers a ``RuntimeError`` naming its global rank and quoting its error (a
     second collective, on that path only; :func:`~spectral_lens._agree.agree_round`'s rules)."""

@@ -111,6 +111,19 @@ def _hinted(pool, batch, first: bool):
         raise
 
 
+def _peers_told(tp, error: BaseException) -> None:
+    """``error``, this rank's, raised before the check of its tensor-parallel peers' pools and settings
+    (:func:`check_same_forwards`: a pool's ``len`` failing on one rank), carried into that check, which they run
+    next (``tp``: :func:`one_replica`'s, a group holding one rank of the mesh): they raise a ``RuntimeError`` naming
+    this rank and quoting its error, instead of waiting in it until the process-group timeout. Returns (the caller
+    agrees ``error`` over its own group, then raises it)."""
+    try:
+        check_same_forwards(None, tp[1], error=error)
+    except BaseException as exc:  # error itself, as agreed with them (or marked where their collective failed)
+        if exc is not error:
+            raise
+
+
 def _checked_group(group):
     """``group`` if it is ``None`` or a ``torch.distributed`` process group; else a ``TypeError`` saying what to
     pass (a ``DeviceMesh`` was accepted here and failed at the first ``measure`` with torch's "Group ... is not
@@ -678,10 +691,11 @@ class SpectralLens:
         lockstep = (tp is not None and tp[0]) or whole_pipeline
         if lockstep:
             rank, world = 0, 1  # every rank runs every batch; its rows are not summed over the group
-        error, peers = None, None
+        error, peers, checked = None, None, False
         try:
             if tp is not None and not tp[0]:  # a group with one rank of the mesh: its peers' pools compared first
                 total = sized_total(self.pool)
+                checked = True
                 check_same_forwards(None if total is None else len(range(rank, total, world)), tp[1],
                                     settings=self._peer_settings())
                 # and agreed between the forwards (a failure of one rank's loading or mask_fn too)
@@ -704,6 +718,8 @@ class SpectralLens:
             error = exc
             if peers is not None:  # with this rank's tensor-parallel peers first (their next round)
                 peers.fail(exc)
+            elif tp is not None and not tp[0] and not checked:  # before their check: carried into it
+                _peers_told(tp, exc)
         agree(self.group, error, "the activation pass", model)
         named = sorted(capture.accumulators.items(), key=lambda item: item[0])  # one order on every rank
         # a Ctrl-C on one rank between these collectives (one sync per layer) is held back until they ended and
@@ -896,12 +912,14 @@ class SpectralLens:
         error = None
         everywhere = self._everywhere()
         if rank == 0 or everywhere:
-            peers = None
+            peers, tp, checked = None, None, False
             try:
                 tp = None if everywhere else one_replica(self.model, self.group)
                 if tp is not None:  # a group with one rank of the mesh (which runs it alike): the peers' pools compared
                     layout = gradient_layout(self.gradient_pool, self.gradient_samples, self.probe.forward_fn)
-                    check_same_forwards(self._gradient_total(), tp[1], what="gradient samples (gradient_pool)",
+                    total = self._gradient_total()
+                    checked = True
+                    check_same_forwards(total, tp[1], what="gradient samples (gradient_pool)",
                                         layout=layout,  # and their batches' sizes (one forward per chunk of each)
                                         settings=self._peer_settings(probe=True))
                     peers = PeerRounds(tp[1], "the gradient protocol of a tensor-parallel rank outside its passes "
@@ -913,6 +931,8 @@ class SpectralLens:
                 error = exc
                 if peers is not None:  # with this rank's tensor-parallel peers first (their next round)
                     peers.fail(exc)
+                elif tp is not None and not checked:  # before their check (its gradient pool's length): carried into it
+                    _peers_told(tp, exc)
             finally:  # the rows of G (M x P per matrix, on the device) are not kept through the training in between
                 self.probe.reset()
         agree(self.group, error, "the gradient protocol (it runs on every rank under FSDP, ZeRO-3 and tensor "
@@ -950,7 +970,7 @@ class SpectralLens:
             except Exception:  # noqa: BLE001 - not a member, a group mixing peers: the same on every rank, no peers'
                 pass             # check follows there
             if tp is not None and not tp[0]:
-                check_same_forwards(None, tp[1], error=exc, failed=what)  # raises exc here, the peers' error there
+                _peers_told(tp, exc)
             raise
 
     def _settings(self) -> dict[str, str]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 import torch.distributed as dist
 from reliability.test_review28_revtp import _counted, _no_new_collective
 from reliability.test_tensor_parallel import LAYERS, _mesh, _plain, _pool, _tp, _values
@@ -37,6 +38,8 @@ WORLD = 2
 PG_TIMEOUT_S = 20  # a collective left waiting fails after this (before the fix: rank 0's error after 20 s)
 DEADLINE_S = 15.0  # an agreed error comes at once
 JOIN_S = 400.0
+BEFORE = ("a tensor-parallel rank's work before its peers' check of their pools and settings (measure()'s arguments, "
+          "the lens, a pool's len)")  # what the peer names (it cannot tell which step failed)
 SOLVE = ("ActivationCovarianceAccumulator(h.1): the covariance is not finite (simulated on one rank: a non-finite "
          "float64 solve)")
 
@@ -175,5 +178,67 @@ def test_a_bad_argument_of_measure_on_one_rank_of_the_mesh_stops_its_peer_at_onc
     r0, r1 = _errors(results, "measure_bad_tokens_on_rank1")
     cause = "TypeError: SpectralLens.measure: step and tokens must be integers"
     assert r1.startswith(cause), r1
-    # (the peer names what it checked: the arguments and the lens, before the pass)
-    _peer_error(r0, "RuntimeError", "checking the measurement's arguments and the lens", cause)
+    _peer_error(r0, "RuntimeError", BEFORE, cause)
+
+
+class _LenFails(list):
+    """A list of batches whose ``len`` raises on this rank once ``broken`` is set (an index file unreadable on one
+    host), after the lens was built."""
+
+    broken = False
+
+    def __len__(self):
+        if self.broken:
+            raise OSError("the pool's index could not be read")
+        return super().__len__()
+
+
+class _Samples(torch.utils.data.Dataset):
+    """The samples of :func:`_pool`'s batches, one ``(input, target)`` pair each; its ``len`` as :class:`_LenFails`'s."""
+
+    broken = False
+
+    def __init__(self, batches):
+        self.items = [(x[i], y[i]) for x, y in batches for i in range(x.shape[0])]
+
+    def __len__(self):
+        if self.broken:
+            raise OSError("the gradient pool's index could not be read")
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _pool_len_fails_on_rank1(rank: int) -> None:
+    pool = _LenFails(_pool(2))
+    lens = SpectralLens(_tp(_plain(), _mesh()), pool, layers=LAYERS, precision="float64", mask_fn=None, params=(),
+                        progress=False, group=[dist.new_group([r]) for r in range(WORLD)][rank])
+    pool.broken = rank == 1
+    lens.measure(1, 1)
+
+
+def _gradient_pool_len_fails_on_rank1(rank: int) -> None:
+    data = _Samples(_pool(2, seed=5))
+    lens = _lens(rank, params="lm_head.weight", gradient_pool=torch.utils.data.DataLoader(data, batch_size=4))
+    data.broken = rank == 1
+    lens.measure(1, 1)
+
+
+CASES.update({
+    "pool_len_fails_on_rank1": _pool_len_fails_on_rank1,
+    "gradient_pool_len_fails_on_rank1": _gradient_pool_len_fails_on_rank1,
+})
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("case, cause", [
+    ("pool_len_fails_on_rank1", "OSError: the pool's index could not be read"),
+    ("gradient_pool_len_fails_on_rank1", "OSError: the gradient pool's index could not be read"),
+])
+def test_a_pool_length_failing_on_one_rank_of_the_mesh_before_the_peers_check_stops_its_peer_at_once(results, case,
+                                                                                                      cause):
+    r0, r1 = _errors(results, case)
+    assert r1 == cause, r1
+    _peer_error(r0, "RuntimeError", BEFORE, cause)
