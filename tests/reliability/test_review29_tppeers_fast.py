@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reliability.test_review28_tpagree_fast import GROUP, peer  # noqa: F401 - the fixture
+from reliability import test_review28_tpagree_fast as tp28
 
 from spectral_lens._agree import CAUSE_BYTES
 from spectral_lens._tensor_parallel import PEERS_BEFORE, _settings_items, check_same_forwards
 from spectral_lens._warnings import NonFiniteError
 
 pytestmark = pytest.mark.distributed
+GROUP = tp28.GROUP
+peer = tp28.peer  # the fixture
 
 
 def _peer_failed(cause: str):
