@@ -21,6 +21,7 @@ dimensions) is refused (:func:`refuse_fsdp_with_tensor_parallel`).
 
 from __future__ import annotations
 
+import re
 import warnings
 import zlib
 
@@ -262,8 +263,14 @@ def _run(out: list, size: int, count: int) -> None:
         out.append((size, count))
 
 
+PEERS_BEFORE = ("a tensor-parallel rank's work before its peers' check of their pools and settings (measure()'s "
+                "arguments, the lens, a pool's len)")
+"""What the peers name where a rank failed before :func:`check_same_forwards` (they cannot tell which step)."""
+
+
 def check_same_forwards(forwards: int | None, peers_group, who: str = "SpectralLens", what: str = "forwards",
-                        layout: int | None = None, settings: str = "") -> None:
+                        layout: int | None = None, settings: str = "", error: BaseException | None = None,
+                        failed: str = PEERS_BEFORE) -> None:
     """``ValueError`` on every tensor-parallel peer, before any forward, when they would run different numbers
     of forwards (``forwards``: this rank's, ``None`` for a pool without ``len``, not checked; ``what``: what is
     counted, the activation pass's forwards or the gradient protocol's samples; ``layout``: for the gradient
@@ -273,23 +280,40 @@ def check_same_forwards(forwards: int | None, peers_group, who: str = "SpectralL
     lens's ``group`` holds one rank of the mesh (each rank's own group, a data-parallel group), whose agreement
     on the pools and settings does not reach the peers: before, the rank with more batches ran a forward alone
     and its all-reduce met another collective of its peer (gloo aborted a process, 'collective mismatch'). One
-    all-reduce over ``peers_group`` (of the same size on every peer, whatever it knows)."""
+    all-reduce over ``peers_group`` (of the same size on every peer, whatever it knows).
+
+    ``error``: this rank failed before the pass (a bad argument of ``measure``, the lens's group agreement, a
+    pool's ``len``; ``failed``: what the peers name, :data:`PEERS_BEFORE`), after which it calls this in place of
+    the pass's check, so that its peers, whose group
+    agreement did not see it, learn it here instead of waiting in the check until the process-group timeout:
+    this rank raises ``error``, the peers a ``RuntimeError`` naming its global rank and quoting its error (a
+    second collective, on that path only; :func:`~spectral_lens._agree.agree_round`'s rules)."""
     import torch.distributed as dist
 
+    from ._agree import out_of_step
+
+    if error is not None and out_of_step(error):  # another collective would only wait too
+        raise error
     mine = [-1.0 if forwards is None else float(forwards), -1.0 if layout is None else float(layout),
-            float(zlib.crc32(settings.encode()))]
+            -1.0 if error is not None else float(zlib.crc32(settings.encode()))]  # -1: failed (a CRC-32 is >= 0)
     both = torch.tensor(mine + [-x for x in mine], dtype=torch.float64)  # a CRC-32 is exact in float64
     if dist.get_backend(peers_group) == "nccl":
         both = both.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=peers_group)
-    both = both.cpu()
+    from ._agree import _own_collectives
+
+    with _own_collectives(error, what):
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=peers_group)
     n = len(mine)
+    if error is not None or float(both[n + 2]) > 0:  # -MAX(-crc) < 0: a peer failed before the pass
+        _peers_failed(peers_group, error, failed, both.device)
+    both = both.cpu()
     hi, lo = float(both[0]), -float(both[n])
     ranks = dist.get_process_group_ranks(peers_group)
     if float(both[2]) != -float(both[n + 2]):  # first: other settings may be why the counts differ
         phase = "gradient protocol" if "gradient" in what else "activation pass"
         raise ValueError(
-            f"{who}: the tensor-parallel ranks {ranks} run the {phase} with other settings (this rank: {settings}): "
+            f"{who}: the tensor-parallel ranks {ranks} run the {phase} with other settings "
+            f"({_differing_settings(peers_group, settings, both.device)}): "
             "the ranks of one tensor-parallel mesh run every forward together, and other settings run other "
             "forwards (a probe's chunk_size: one forward per chunk) or other "
             "collectives in them; the lens's group= holds one rank of the mesh, so its own agreement on the settings "
@@ -310,6 +334,58 @@ def check_same_forwards(forwards: int | None, peers_group, who: str = "SpectralL
             "chunk of each batch, and the ranks of one tensor-parallel mesh run every forward together, so each "
             "must get the same pool, in the same batches"
         )
+
+
+def _peers_failed(peers_group, error: BaseException | None, failed: str, device) -> None:
+    """Where a peer failed before the pass (:func:`check_same_forwards`' ``error``): each peer's error text in one
+    more all-reduce (:func:`~spectral_lens._agree._causes`, every peer's row: empty where it did not fail); then
+    ``error`` on a failed rank, a ``RuntimeError`` naming the failed global ranks and quoting their errors on the
+    others (a ``NonFiniteError`` where each was one, as :func:`~spectral_lens._agree.agree` raises)."""
+    import torch.distributed as dist
+
+    from ._agree import _causes, _own_collectives, _raise_failed
+
+    rank, world = dist.get_rank(peers_group), dist.get_world_size(peers_group)
+    with _own_collectives(error, failed):
+        texts = _causes(peers_group, list(range(world)), rank, world, error, device)
+    if error is not None:
+        raise error
+    down = [r for r, text in enumerate(texts) if text]
+    _raise_failed(peers_group, down, failed, nonfinite=all(texts[r].startswith("NonFiniteError") for r in down),
+                  causes=[texts[r] for r in down])
+
+
+def _settings_items(text: str) -> dict[str, str]:
+    """``{name: value}`` of a settings text (:meth:`SpectralLens._peer_settings`: ``a=1, b=(2, 3); probe: c=4``;
+    the probe's as ``probe.c``)."""
+    lens, _, probe = text.partition("; probe: ")
+    items = {}
+    for prefix, part in (("", lens), ("probe.", probe)):
+        for item in re.split(r", (?=[A-Za-z_]+=)", part) if part else []:
+            name, _, value = item.partition("=")
+            items[prefix + name] = value
+    return items
+
+
+def _differing_settings(peers_group, settings: str, device) -> str:
+    """The settings that differ between the peers, each with its value on each global rank (their texts gathered
+    once, on this failure path only): e.g. ``params=() (no gradient protocol) on global rank 1, params=<probed
+    matrices> on global rank 0``."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    every: list = [None] * dist.get_world_size(peers_group)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        dist.all_gather_object(every, settings, group=peers_group)
+    ranks = dist.get_process_group_ranks(peers_group)
+    parsed = [_settings_items(text) for text in every]
+    names = sorted({name for items in parsed for name in items}, key=lambda n: (n.startswith("probe."), n))
+    differ = [n for n in names if len({items.get(n) for items in parsed}) > 1]
+    shown = [n for n in differ if not n.startswith("probe.")] or differ
+    out = "; ".join(", ".join(f"{n}={items.get(n, '(none)')} on global rank {r}" for r, items in zip(ranks, parsed))
+                    for n in shown[:4])
+    return out or f"this rank: {settings}"
 
 
 def probe_settings(probe) -> str:

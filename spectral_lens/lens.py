@@ -111,6 +111,19 @@ def _hinted(pool, batch, first: bool):
         raise
 
 
+def _peers_told(tp, error: BaseException) -> None:
+    """``error``, this rank's, raised before the check of its tensor-parallel peers' pools and settings
+    (:func:`check_same_forwards`: a pool's ``len`` failing on one rank), carried into that check, which they run
+    next (``tp``: :func:`one_replica`'s, a group holding one rank of the mesh): they raise a ``RuntimeError`` naming
+    this rank and quoting its error, instead of waiting in it until the process-group timeout. Returns (the caller
+    agrees ``error`` over its own group, then raises it)."""
+    try:
+        check_same_forwards(None, tp[1], error=error)
+    except BaseException as exc:  # error itself, as agreed with them (or marked where their collective failed)
+        if exc is not error:
+            raise
+
+
 def _checked_group(group):
     """``group`` if it is ``None`` or a ``torch.distributed`` process group; else a ``TypeError`` saying what to
     pass (a ``DeviceMesh`` was accepted here and failed at the first ``measure`` with torch's "Group ... is not
@@ -678,10 +691,11 @@ class SpectralLens:
         lockstep = (tp is not None and tp[0]) or whole_pipeline
         if lockstep:
             rank, world = 0, 1  # every rank runs every batch; its rows are not summed over the group
-        error, peers = None, None
+        error, peers, checked = None, None, False
         try:
             if tp is not None and not tp[0]:  # a group with one rank of the mesh: its peers' pools compared first
                 total = sized_total(self.pool)
+                checked = True
                 check_same_forwards(None if total is None else len(range(rank, total, world)), tp[1],
                                     settings=self._peer_settings())
                 # and agreed between the forwards (a failure of one rank's loading or mask_fn too)
@@ -704,6 +718,8 @@ class SpectralLens:
             error = exc
             if peers is not None:  # with this rank's tensor-parallel peers first (their next round)
                 peers.fail(exc)
+            elif tp is not None and not tp[0] and not checked:  # before their check: carried into it
+                _peers_told(tp, exc)
         agree(self.group, error, "the activation pass", model)
         named = sorted(capture.accumulators.items(), key=lambda item: item[0])  # one order on every rank
         # a Ctrl-C on one rank between these collectives (one sync per layer) is held back until they ended and
@@ -739,6 +755,12 @@ class SpectralLens:
             error.__cause__ = exc
         except BaseException as exc:
             error = exc
+        if tp is not None and not tp[0]:  # the peers outside the group: one round (a failure of one rank's solve, its
+            try:  # peer then waited in its next collective with it until the process-group timeout)
+                agree_round(tp[1], 0, 0, error, "computing the activation spectra of a tensor-parallel rank", model,
+                            quote=True)
+            except BaseException as exc:  # this rank's error (raised as agreed), or the peer's: agreed below too
+                error = exc
         agree(self.group, error, "computing the activation spectra", model)
         names = record_names(model, spectra, params=False)  # eager; a PEFT model's as before get_peft_model
         return {f"act:{names[name]}": spectrum for name, spectrum in spectra.items()}
@@ -868,25 +890,36 @@ class SpectralLens:
         through :meth:`measure`), it first agrees on the lens's settings with the other ranks as :meth:`measure`
         does (a lens without a gradient protocol on one rank would otherwise skip the collectives the others wait
         in)."""
-        self._agree_settings("SpectralLens.gradient_spectra: checking the lens")
-        return self._gradients()
+        self._agree_settings("SpectralLens.gradient_spectra: checking the lens", gradient=True)
+        return self._gradients(alone=True)
 
-    def _gradients(self) -> tuple[dict[str, Spectrum], dict[str, float]]:
-        """:meth:`gradient_spectra`, the settings agreed already."""
+    def _gradients(self, alone: bool = False) -> tuple[dict[str, Spectrum], dict[str, float]]:
+        """:meth:`gradient_spectra`, the settings agreed already (``alone``: called by itself, not after the
+        activation pass, whose check compared the tensor-parallel peers' settings, a gradient protocol's presence
+        included)."""
         self._require_model()
-        if self.probe is None:
-            return {}, {}
         rank = ranks(self.group)[0]
+        if self.probe is None:
+            if alone and rank == 0 and not self._everywhere():  # where a peer with a probe checks its settings
+                tp = one_replica(self.model, self.group)
+                if tp is not None:  # a group with one rank of the mesh: the peers' settings compared (params=() on
+                    # one peer only: a ValueError on each naming the difference; before, its peer waited in this
+                    # check until the process-group timeout)
+                    check_same_forwards(None, tp[1], what="gradient samples (gradient_pool)",
+                                        settings=self._peer_settings())
+            return {}, {}
         result: list = [None]
         error = None
         everywhere = self._everywhere()
         if rank == 0 or everywhere:
-            peers = None
+            peers, tp, checked = None, None, False
             try:
                 tp = None if everywhere else one_replica(self.model, self.group)
                 if tp is not None:  # a group with one rank of the mesh (which runs it alike): the peers' pools compared
                     layout = gradient_layout(self.gradient_pool, self.gradient_samples, self.probe.forward_fn)
-                    check_same_forwards(self._gradient_total(), tp[1], what="gradient samples (gradient_pool)",
+                    total = self._gradient_total()
+                    checked = True
+                    check_same_forwards(total, tp[1], what="gradient samples (gradient_pool)",
                                         layout=layout,  # and their batches' sizes (one forward per chunk of each)
                                         settings=self._peer_settings(probe=True))
                     peers = PeerRounds(tp[1], "the gradient protocol of a tensor-parallel rank outside its passes "
@@ -898,6 +931,8 @@ class SpectralLens:
                 error = exc
                 if peers is not None:  # with this rank's tensor-parallel peers first (their next round)
                     peers.fail(exc)
+                elif tp is not None and not checked:  # before their check (its gradient pool's length): carried into it
+                    _peers_told(tp, exc)
             finally:  # the rows of G (M x P per matrix, on the device) are not kept through the training in between
                 self.probe.reset()
         agree(self.group, error, "the gradient protocol (it runs on every rank under FSDP, ZeRO-3 and tensor "
@@ -905,16 +940,38 @@ class SpectralLens:
               else "the gradient protocol (it runs on the group's rank 0)", self.model)
         return from_rank0(self.group, result[0], self.model)
 
-    def _agree_settings(self, what: str) -> None:
+    def _agree_settings(self, what: str, gradient: bool = False) -> None:
         """This rank's lens checked (attached to a model) and its :meth:`_settings` agreed with the other ranks'
-        (:func:`~spectral_lens._agree.agree_settings`: one ``all_reduce``; none in a single process)."""
+        (:func:`~spectral_lens._agree.agree_settings`: one ``all_reduce``; none in a single process); ``gradient``:
+        before the gradient protocol alone (:meth:`_settings_agreed`)."""
         error, settings = None, {}
         try:
             self._require_model()
             settings = self._settings()
         except BaseException as exc:  # an interrupt too
             error = exc
-        agree_settings(self.group, settings, error, what, self.model)
+        self._settings_agreed(settings, error, what, gradient)
+
+    def _settings_agreed(self, settings: dict[str, str], error: BaseException | None, what: str,
+                         gradient: bool = False) -> None:
+        """:func:`~spectral_lens._agree.agree_settings` over the lens's group; where it raises (this rank's
+        ``error``, or another rank's) and the group holds one rank of a tensor-parallel mesh, the error is carried
+        first into the peers' check before the pass (:func:`check_same_forwards`, which they run next: the activation
+        pass's, or with ``gradient`` the gradient protocol's, on the group's rank 0 only), so that they raise too,
+        naming this rank and quoting its error (before, they waited in that check until the process-group timeout:
+        ``measure(step, 1.5)`` on one rank). No collective more where nothing failed."""
+        try:
+            agree_settings(self.group, settings, error, what, self.model)
+        except BaseException as exc:  # an interrupt too
+            tp = None
+            try:
+                if self.model is not None and not (gradient and ranks(self.group)[0] != 0):
+                    tp = one_replica(self.model, self.group)
+            except Exception:  # noqa: BLE001 - not a member, a group mixing peers: the same on every rank, no peers'
+                pass             # check follows there
+            if tp is not None and not tp[0]:
+                _peers_told(tp, exc)
+            raise
 
     def _settings(self) -> dict[str, str]:
         """What every rank's lens must share, as text (compared by :func:`~spectral_lens._agree.agree_settings`):
@@ -1022,7 +1079,7 @@ class SpectralLens:
             self._warn_measured(step)
         except BaseException as exc:  # an interrupt too
             error = exc
-        agree_settings(self.group, settings, error, "checking measure()'s arguments and the lens", self.model)
+        self._settings_agreed(settings, error, "checking measure()'s arguments and the lens")
         self._content_now = {}  # filled by this measurement's passes (_warn_pool_changed)
         spectra = self._activations()
         grad_spectra, scalars = self._gradients()

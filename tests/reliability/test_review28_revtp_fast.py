@@ -82,8 +82,9 @@ def test_the_gradient_protocols_last_round_comes_after_the_probes_compute(peer):
     lens.measure(1, 1)
     kinds = _kinds(peer["calls"])
     # the activation pass: its settings, a round per batch (2) and one at the end, the check of the layers (2);
-    # the gradient protocol: its settings, a round per batch (2), then the probe's compute, then the last round
-    assert kinds == ["settings"] + ["round"] * 3 + ["layers"] * 2 + ["settings"] + ["round"] * 3, kinds
+    # (review 29: and a round after the activation compute); the gradient protocol: its settings, a round per
+    # batch (2), then the probe's compute, then the last round
+    assert kinds == ["settings"] + ["round"] * 3 + ["layers"] * 2 + ["round"] + ["settings"] + ["round"] * 3, kinds
     assert at == [len(kinds) - 1], at
     assert int(peer["calls"][-1][0]) == 2 + 1  # the last round: the 2 batches agreed, none more
 

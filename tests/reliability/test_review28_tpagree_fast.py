@@ -128,12 +128,17 @@ def test_peers_with_other_numbers_of_batches_or_other_shapes_raise_alike(peer):
         list(PeerRounds(GROUP, "loading").agreed(_batches(1)))
 
 
-def test_the_peers_compare_their_settings_in_the_same_all_reduce(peer):
-    """One more number in check_same_forwards' one all_reduce; the peer's other chunk_size refused."""
+def test_the_peers_compare_their_settings_in_the_same_all_reduce(peer, monkeypatch):
+    """One more number in check_same_forwards' one all_reduce; the peer's other chunk_size refused (review 29: naming
+    each rank's value, the texts gathered on that failure path)."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj, group=None: out.__setitem__(
+        slice(None), [obj, "chunk_size=8"]))
     check_same_forwards(8, GROUP, settings="chunk_size=16")  # the peer sends zeros: MAX keeps this rank's values
     assert [tuple(c.shape) for c in peer["calls"]] == [(6,)]
     theirs = check_same_forwards.__globals__["zlib"].crc32(b"chunk_size=8")
     peer["peer"] = lambda t: torch.tensor([0, 0, float(theirs), 0, 0, -float(theirs)], dtype=torch.float64)
     with pytest.raises(ValueError, match=r"the tensor-parallel ranks \[4, 5\] run the gradient protocol with other "
-                                         r"settings \(this rank: chunk_size=16\)"):
+                                         r"settings \(chunk_size=16 on global rank 4, chunk_size=8 on global rank 5\)"):
         check_same_forwards(8, GROUP, what="gradient samples (gradient_pool)", settings="chunk_size=16")
