@@ -529,29 +529,24 @@ def _mle_at(x: np.ndarray, xmin: float, k: int, tol: float) -> tuple[float, floa
 
 
 def _roundoff_floor(values: Spectrum | torch.Tensor | np.ndarray, v: np.ndarray) -> float:
-    """The largest eigenvalue that is round-off of an exact zero: values ``<= floor`` are no data.
+    """The largest eigenvalue that is round-off of an exact zero, from what ``values`` says it is: values
+    ``<= floor`` are no data.
 
     A weight spectrum holds the squared singular values of a float64 SVD of an ``m x n`` matrix, whose
     singular values of an exact zero come out below ``max(m, n) * eps * s_max`` (LAPACK's backward error;
-    NumPy's ``matrix_rank`` tolerance): squared, ``(max(m, n) * eps)^2 * lambda_max``, 1e-26 of the largest at
-    ``n = 4,096`` (measured: 1e-31 for a rank-16 ``256 x 256`` product). Other eigenvalues (a covariance's, a
-    Gram matrix's, a plain array) are an eigensolver's, round-off ``sqrt(N) * eps * lambda_max`` for ``N`` of
-    them, as the library's numerical rank (``spectra.fit._numerical_rank``); ``eps`` of the input dtype (float64
-    for integers and lists, float32 for half precision). WeightWatcher drops eigenvalues below a fixed
+    NumPy's ``matrix_rank`` tolerance): squared, ``(max(m, n) * eps)^2 * lambda_max``, 8e-25 of the largest
+    at 4,096 (measured: 3e-31 to 1e-30 of the largest for rank-16 to 100 products of 256 to 2,000 columns). The
+    eigenvalues of another ``Spectrum`` (a covariance's, a Gram matrix's) are an eigensolver's, round-off
+    ``sqrt(N) * eps * lambda_max`` for ``N`` of them, as the library's numerical rank
+    (``spectra.fit._numerical_rank``). A bare array or tensor says nothing of where it came from (a
+    synthetic sample may span 60 decades): ``0.0``, only zeros and negatives are left out (a ``Spectrum``
+    holds float64 values: ``eps`` is float64's). WeightWatcher drops eigenvalues below a fixed
     ``EVALS_THRESH = 1e-5``, which is not scale-free (a weight scaled by 1e-3 would lose genuine ones)."""
     top = float(v.max()) if v.size else 0.0
-    if not top > 0:
+    if not (isinstance(values, Spectrum) and top > 0):
         return 0.0
-    raw = values.values if isinstance(values, Spectrum) else values
-    dtype = raw.dtype if isinstance(raw, (torch.Tensor, np.ndarray)) else None
-    if isinstance(dtype, torch.dtype):
-        eps = torch.finfo(torch.promote_types(dtype, torch.float32)).eps if dtype.is_floating_point else None
-    elif dtype is not None and np.issubdtype(dtype, np.floating):
-        eps = float(np.finfo(np.promote_types(dtype, np.float32)).eps)
-    else:
-        eps = None
-    eps = float(np.finfo(np.float64).eps) if eps is None else float(eps)
-    if isinstance(values, Spectrum) and values.kind == "weight":
+    eps = float(np.finfo(np.float64).eps)
+    if values.kind == "weight":
         shape = values.metadata.get("matrix_shape") if isinstance(values.metadata, dict) else None
         big = max(shape) if isinstance(shape, (list, tuple)) and len(shape) == 2 else max(values.n_rows, values.dim)
         return (big * eps) ** 2 * top
@@ -662,10 +657,12 @@ def powerlaw_fit(
     rank) is searched, as before review 29 (the default was 512, which missed the best ``xmin`` in 16 of 70
     spectra).
 
-    Eigenvalues at or below the round-off of an exact zero (:func:`_roundoff_floor`: for a weight spectrum
-    ``(max(m, n) * eps)^2 * lambda_max``, the SVD's bound; otherwise ``sqrt(N) * eps * lambda_max``) are left
-    out, as zeros and negatives are: they count in neither ``n_total`` nor the candidates (a rank-``r``
-    weight has ``n_total = r``; before, its ~1e-31 round-off values counted).
+    Zeros and negatives are left out, and so, for a ``Spectrum``, are eigenvalues at or below the round-off
+    of an exact zero (:func:`_roundoff_floor`: for a weight spectrum ``(max(m, n) * eps)^2 * lambda_max``,
+    the SVD's bound; for other kinds ``sqrt(N) * eps * lambda_max``, an eigensolver's): they count in neither
+    ``n_total`` nor the candidates (a rank-``r`` weight has ``n_total = r``; before, its ~1e-31 round-off
+    values counted). A bare array or tensor is taken as it is (only zeros and negatives left out): pass the
+    ``Spectrum``.
 
     For a weight spectrum pass the ``Spectrum`` (its values are eigenvalues of ``W^T W``). Values
     must be a 1-D array of finite numbers; ``xmin``, if given, a finite number > 0.
