@@ -572,9 +572,14 @@ def _tail_alphas(x: np.ndarray, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
     The sums run over ``D_k = D_{k+1} + (n - k - 1) log(x_{k+1} / x_k)``: nonnegative terms only (``x`` is
     sorted), so no cancellation, unlike ``sum log x_i - m log x_k`` (relative error 1e-4 on a tail near 1e30);
-    the gaps are ``log1p((x_{k+1} - x_k) / x_k)``, exact to a few ulp however close the values."""
+    the gaps are ``log1p((x_{k+1} - x_k) / x_k)``, exact to a few ulp however close the values (``log x_{k+1} -
+    log x_k`` where the ratio overflows float64, 1e-300 to 1e300)."""
     n = x.size
-    gaps = np.log1p(np.diff(x) / x[:-1]) * (n - np.arange(1, n))  # (n - j) * log(x_j / x_{j-1}), j = 1..n-1
+    with np.errstate(over="ignore"):
+        ratio = np.diff(x) / x[:-1]
+    gaps = np.where(np.isfinite(ratio), np.log1p(np.minimum(ratio, np.finfo(np.float64).max)),
+                    np.log(x[1:]) - np.log(x[:-1]))
+    gaps *= n - np.arange(1, n)  # (n - j) * log(x_j / x_{j-1}), j = 1..n-1
     d = np.zeros(n)
     d[:-1] = np.cumsum(gaps[::-1])[::-1]  # D_k = sum_{j > k} (n - j) g_j
     denom = d[ks]
@@ -596,7 +601,8 @@ def _ks_bound(x: np.ndarray, ks: np.ndarray, alphas: np.ndarray, points: int) ->
         k, a = ks[s:s + step, None], alphas[s:s + step, None]
         m = n - k
         r = np.where(m > points, (j * (m - 1)) // (points - 1), np.minimum(j, m - 1))  # past its end: the last again
-        cdf = 1.0 - (x[k + r] / x[k]) ** (1.0 - a)
+        with np.errstate(over="ignore"):  # a ratio past 1e308: inf, as in _mle_at
+            cdf = 1.0 - (x[k + r] / x[k]) ** (1.0 - a)
         out[s:s + step] = np.maximum((r + 1) / m - cdf, cdf - r / m).max(axis=1)
     return out
 

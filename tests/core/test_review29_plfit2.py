@@ -134,6 +134,14 @@ def test_a_tight_tail_near_1e30_is_not_pruned_by_the_loops_own_round_off(seed, n
     assert (fit.ks_distance, fit.alpha, fit.xmin, fit.n_tail) == _old_loop(x)
 
 
+def test_gaps_wider_than_float64_search_as_the_loop():
+    # x_{k+1} / x_k can overflow (1e-300 to 1e300): the gap is then log(x_{k+1}) - log(x_k)
+    rng = np.random.default_rng(11)
+    x = np.concatenate([10.0 ** rng.uniform(-300, -290, 100), 10.0 ** rng.uniform(290, 300, 100)])
+    fit = powerlaw_fit(x, min_tail=2)
+    assert (fit.ks_distance, fit.alpha, fit.xmin, fit.n_tail) == _old_loop(x, min_tail=2)
+
+
 def test_max_candidates_still_bounds_the_search_to_the_old_subset():
     rng = np.random.default_rng(8)
     x = np.concatenate([rng.uniform(0.05, 1, 1500), (1 - rng.random(500)) ** (-1 / 5.0)])
