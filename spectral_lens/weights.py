@@ -689,8 +689,9 @@ def powerlaw_fit(
     if min_tail < 2:
         raise ValueError(f"min_tail must be >= 2, got {min_tail}")
     if n_total < min_tail:
+        left = f"zeros, negatives and round-off of zeros (<= {floor:.3g})" if floor > 0 else "zeros and negatives"
         raise ValueError(f"powerlaw_fit: need at least min_tail={min_tail} positive eigenvalues, got {n_total} "
-                         f"(of {v.size}; zeros, negatives and round-off of zeros, <= {floor:.3g}, are left out)")
+                         f"(of {v.size}; {left} are left out)")
     if xmin is not None:
         k = int(np.searchsorted(x, xmin, side="left"))
         if x.size - k < min_tail:
