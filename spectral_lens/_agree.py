@@ -226,11 +226,21 @@ def _causes(group, failed: list[int], rank: int, world: int, error: BaseExceptio
         return None
     text = torch.zeros(world, CAUSE_BYTES, dtype=torch.int32, device=device)
     if error is not None:
-        mine = f"{type(error).__name__}: {error}".encode()[:CAUSE_BYTES]
+        mine = error_text(error).encode()[:CAUSE_BYTES]
         text[rank, :len(mine)] = torch.tensor(list(mine), dtype=torch.int32)
     dist.all_reduce(text, op=dist.ReduceOp.MAX, group=group)
     rows = text.cpu().tolist()
     return [bytes(b for b in rows[r] if b).decode(errors="replace") for r in failed]
+
+
+def error_text(error: BaseException) -> str:
+    """``error`` as the other ranks quote it (its type and message); where its ``__str__`` raises (a user's
+    exception class), its type and a note instead: this rank is between its peers' collectives here, and an
+    error raised before the text's ``all_reduce`` left them waiting in it until the process-group timeout."""
+    try:
+        return f"{type(error).__name__}: {error}"
+    except Exception:  # noqa: BLE001 - any error of its __str__
+        return f"{type(error).__name__}: (its message could not be read: its __str__ raised)"
 
 
 @contextlib.contextmanager
