@@ -11,8 +11,9 @@ failure of its ``compute`` and after a bad argument (the third measurement equal
 Before the fixes (process-group timeout 20 s here; these cases come last, as a timeout leaves the group unusable):
 
 * an error whose ``__str__`` raises (a user's exception class), raised by one rank's activation ``compute`` or by
-  its pool's ``len``: the failed rank's error text (``_agree._causes``) raised before its ``all_reduce``, which
-  its peer waited in until the timeout (now the text is the type and a note, ``_agree.error_text``);
+  its pool's ``len``, or whose message UTF-8 cannot encode (a path's undecodable byte, a lone surrogate): the
+  failed rank's error text (``_agree._causes``) raised before its ``all_reduce``, which its peer waited in until
+  the timeout (now the text is the type and a note, ``_agree.error_text``, and the message escaped);
 * an interrupt (or any error) while one rank computed the settings text it sends to its peers' check
   (``SpectralLens._peer_settings``, the probe's ``probe_settings``) came after the rank had marked the check as
   reached, so it was not carried into it: its peer waited in the check until the timeout (activation pass,
@@ -167,6 +168,25 @@ def _unprintable_pool_len_on_rank1(rank: int) -> None:
         lens.measure(1, 1)
 
 
+class _SurrogateLen(list):
+    """A list of batches whose ``len`` raises an error naming a path with an undecodable byte (``os.fsdecode``: a
+    lone surrogate, which UTF-8 cannot encode) once ``broken`` is set."""
+
+    broken = False
+
+    def __len__(self):
+        if self.broken:
+            raise ValueError("cannot read the pool's index /data/\udcff.idx")
+        return super().__len__()
+
+
+def _surrogate_pool_len_on_rank1(rank: int) -> None:
+    lens = _lens(rank)
+    lens.pool = _SurrogateLen(_pool(2))
+    lens.pool.broken = rank == 1
+    lens.measure(1, 1)
+
+
 def _interrupt_in_settings(rank: int, probe: bool, params="lm_head.weight") -> None:
     """Rank 1 interrupted while it computes the settings text for its peers' check (``probe``: the gradient
     protocol's, else the activation pass's; ``gradient_spectra()`` with ``probe`` or without a gradient
@@ -212,6 +232,7 @@ CASES = {  # the cases the old code fails by the timeout last: a timeout leaves 
     "interrupt_in_activation_settings_on_rank1": _interrupt_in_activation_settings_on_rank1,
     "interrupt_in_gradient_settings_on_rank1": _interrupt_in_gradient_settings_on_rank1,
     "interrupt_in_settings_without_gradient_protocol_on_rank1": _interrupt_in_settings_without_gradient_protocol_on_rank1,
+    "surrogate_pool_len_on_rank1": _surrogate_pool_len_on_rank1,
 }
 
 
@@ -271,6 +292,14 @@ def test_an_error_whose_message_cannot_be_read_is_agreed_too(results, case, what
     r0, r1 = _errors(results, case)
     assert r1 == "OSError: Unprintable raised here", r1
     assert _names(r0, "RuntimeError", what, f"Unprintable: {UNREAD}"), r0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_an_error_text_utf8_cannot_encode_is_agreed_escaped(results):
+    r0, r1 = _errors(results, "surrogate_pool_len_on_rank1")
+    assert r1 == "ValueError: cannot read the pool's index /data/\udcff.idx", r1
+    assert _names(r0, "RuntimeError", BEFORE, "ValueError: cannot read the pool's index /data/\\udcff.idx"), r0
 
 
 @pytest.mark.slow

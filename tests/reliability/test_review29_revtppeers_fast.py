@@ -1,5 +1,6 @@
 """Review 29 (revtppeers), fast: a failed rank's error text for its peers (``_agree._causes``) where the error's
-``__str__`` raises (a user's exception class): before, the text raised on the failed rank before the text's
+``__str__`` raises (a user's exception class) or its message holds a lone surrogate (a path's undecodable byte,
+which UTF-8 cannot encode): before, the text raised on the failed rank before the text's
 ``all_reduce``, which its peers then waited in until the process-group timeout (``test_review29_revtppeers.py``
 on 2 gloo ranks, slow). This process as rank 0 of 2 peers with the patched ``torch.distributed`` of
 ``test_review28_tpagree_fast``."""
@@ -44,3 +45,13 @@ def test_its_text_still_goes_into_the_peers_second_all_reduce(peer, where):
     assert got.value is error
     assert [tuple(c.shape) for c in peer["calls"]][1:] == [(2, CAUSE_BYTES)]  # before: no second all_reduce
     assert _text(peer["calls"][1][0]) == UNREAD
+
+
+def test_a_message_utf8_cannot_encode_goes_into_it_escaped(peer):
+    """A path's undecodable byte (``os.fsdecode``: a lone surrogate) in the message: before, ``encode()`` raised
+    before the second all_reduce."""
+    error = ValueError("cannot read /data/\udcff.bin")
+    with pytest.raises(ValueError):
+        check_same_forwards(None, GROUP, error=error)
+    assert [tuple(c.shape) for c in peer["calls"]] == [(6,), (2, CAUSE_BYTES)]
+    assert _text(peer["calls"][1][0]) == "ValueError: cannot read /data/\\udcff.bin"
