@@ -226,11 +226,22 @@ def _causes(group, failed: list[int], rank: int, world: int, error: BaseExceptio
         return None
     text = torch.zeros(world, CAUSE_BYTES, dtype=torch.int32, device=device)
     if error is not None:
-        mine = f"{type(error).__name__}: {error}".encode()[:CAUSE_BYTES]
+        mine = error_text(error).encode(errors="backslashreplace")[:CAUSE_BYTES]  # a lone surrogate: a path's byte
         text[rank, :len(mine)] = torch.tensor(list(mine), dtype=torch.int32)
     dist.all_reduce(text, op=dist.ReduceOp.MAX, group=group)
     rows = text.cpu().tolist()
     return [bytes(b for b in rows[r] if b).decode(errors="replace") for r in failed]
+
+
+def error_text(error: BaseException) -> str:
+    """``error`` as the other ranks quote it (its type and message); where its ``__str__`` raises (a user's
+    exception class), its type and a note instead: this rank is between its peers' collectives here, and an
+    error raised before the text's ``all_reduce`` left them waiting in it until the process-group timeout (so did
+    a message that UTF-8 cannot encode, a path's undecodable byte as a lone surrogate: :func:`_causes` escapes it)."""
+    try:
+        return f"{type(error).__name__}: {error}"
+    except Exception:  # noqa: BLE001 - any error of its __str__
+        return f"{type(error).__name__}: (its message could not be read: its __str__ raised)"
 
 
 @contextlib.contextmanager

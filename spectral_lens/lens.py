@@ -694,10 +694,10 @@ class SpectralLens:
         error, peers, checked = None, None, False
         try:
             if tp is not None and not tp[0]:  # a group with one rank of the mesh: its peers' pools compared first
-                total = sized_total(self.pool)
-                checked = True
+                total, settings = sized_total(self.pool), self._peer_settings()
+                checked = True  # (after the last step that can fail before the check: its failure is carried into it)
                 check_same_forwards(None if total is None else len(range(rank, total, world)), tp[1],
-                                    settings=self._peer_settings())
+                                    settings=settings)
                 # and agreed between the forwards (a failure of one rank's loading or mask_fn too)
                 peers = PeerRounds(tp[1], "the activation pass of a tensor-parallel rank outside its forwards "
                                    "(loading a batch of the pool, its mask_fn)", model)
@@ -905,8 +905,12 @@ class SpectralLens:
                 if tp is not None:  # a group with one rank of the mesh: the peers' settings compared (params=() on
                     # one peer only: a ValueError on each naming the difference; before, its peer waited in this
                     # check until the process-group timeout)
-                    check_same_forwards(None, tp[1], what="gradient samples (gradient_pool)",
-                                        settings=self._peer_settings())
+                    try:
+                        settings = self._peer_settings()
+                    except BaseException as exc:  # an interrupt too: carried into the peers' check
+                        _peers_told(tp, exc)
+                        raise
+                    check_same_forwards(None, tp[1], what="gradient samples (gradient_pool)", settings=settings)
             return {}, {}
         result: list = [None]
         error = None
@@ -917,11 +921,11 @@ class SpectralLens:
                 tp = None if everywhere else one_replica(self.model, self.group)
                 if tp is not None:  # a group with one rank of the mesh (which runs it alike): the peers' pools compared
                     layout = gradient_layout(self.gradient_pool, self.gradient_samples, self.probe.forward_fn)
-                    total = self._gradient_total()
-                    checked = True
+                    total, settings = self._gradient_total(), self._peer_settings(probe=True)
+                    checked = True  # (after the last step that can fail before the check)
                     check_same_forwards(total, tp[1], what="gradient samples (gradient_pool)",
                                         layout=layout,  # and their batches' sizes (one forward per chunk of each)
-                                        settings=self._peer_settings(probe=True))
+                                        settings=settings)
                     peers = PeerRounds(tp[1], "the gradient protocol of a tensor-parallel rank outside its passes "
                                        "(loading a batch of the gradient pool)", self.model)  # agreed between them
                 result = [self._gradient_pass() if peers is None else self._gradient_pass(peers)]
