@@ -41,16 +41,17 @@ from spectral_lens._memory import accumulator_bytes  # noqa: E402
 from core.test_measurement_memory import _LiveBytes  # noqa: E402
 
 
+@pytest.mark.parametrize("precision", ["exact", "float64"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rows, chunk", [(2000, 131072), (5000, 131072), (3000, 1000)])
-def test_a_masked_cpu_update_is_counted_with_its_copies(dtype, rows, chunk):
-    """float64 precision: the torch side (gather buffer; a several-chunk call's compacted chunk) with the
+def test_a_masked_cpu_update_is_counted_with_its_copies(precision, dtype, rows, chunk):
+    """The torch side (gather buffer; a several-chunk call's compacted chunk) with the
     suite's dispatch-mode counter, the NumPy side (the sample's copy and fp32 cast) with tracemalloc; below
     8,192 rows (no syrk product after them) the two peaks add. 1 row in 64 masked: the estimate counts every
     row, so it may exceed by the masked rows' share; the row indices (NumPy int64) are not counted."""
     d = 128
     torch.manual_seed(0)
-    acc = ActivationCovarianceAccumulator(d, precision="float64", max_chunk_rows=chunk)
+    acc = ActivationCovarianceAccumulator(d, precision=precision, max_chunk_rows=chunk)
     x = (torch.randn(3, rows, d, dtype=torch.float64) + 3).to(dtype)
     mask = torch.ones(3, rows, dtype=torch.bool)
     mask[:, ::64] = False
@@ -73,7 +74,7 @@ def test_a_masked_cpu_update_is_counted_with_its_copies(dtype, rows, chunk):
     finally:
         tracemalloc.stop()
     real = live.peak - start + numpy_peak
-    est = accumulator_bytes(d, "float64", rows, device_type="cpu", rows_half=dtype != torch.float32,
+    est = accumulator_bytes(d, precision, rows, device_type="cpu", rows_half=dtype != torch.float32,
                             max_chunk_rows=chunk, masked=True)[1]
     slack = 64 * d + 32 * rows + (rows // 64 + 1) * d * 12
     assert -slack <= est - real <= slack, (est, real, live.peak - start, numpy_peak)
