@@ -56,12 +56,8 @@ def test_a_masked_cpu_update_is_counted_with_its_copies(precision, dtype, rows, 
     mask = torch.ones(3, rows, dtype=torch.bool)
     mask[:, ::64] = False
     acc.update(x[0], mask[0])
-    tracemalloc.start()  # warm: what a first dispatch mode and tracemalloc bring in (imports) is not the update's
-    try:
-        with _LiveBytes():
-            acc.update(x[1], mask[1])
-    finally:
-        tracemalloc.stop()
+    with _LiveBytes():  # warm: what a first dispatch mode imports is not the update's
+        acc.update(x[1], mask[1])
     if hasattr(_chunk_sums._SCRATCH, "chunks"):  # the recycled scratch, allocated anew as on a first call
         del _chunk_sums._SCRATCH.chunks
     live = _LiveBytes()
