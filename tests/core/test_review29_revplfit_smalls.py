@@ -32,7 +32,6 @@ def test_recruitment_time_at_the_edge_of_float64_matches_exact_arithmetic(R, q, 
 
 import tracemalloc  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from spectral_lens import ActivationCovarianceAccumulator, _chunk_sums  # noqa: E402
