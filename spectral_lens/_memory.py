@@ -19,14 +19,19 @@ against the real allocations in ``tests/core/test_measurement_memory.py``. Per a
     (fp32, float64 for float64 products; on CUDA from d = 1024 three of them while the block form is
     concatenated; two on the CPU's ``syrk`` path from 8192 rows); a call of more than ``max_chunk_rows``
     rows (chunks of that many) holds two chunk products and its float64 ``d x d`` sum; bf16/fp16 CPU rows
-    in ``"float64"`` precision also an fp32 copy of the shift's sample (up to 3,072 x d);
+    in ``"float64"`` precision also an fp32 copy of the shift's sample (up to 3,072 x d); a masked CPU update
+    instead its compacted path's copies: rows of another dtype than the centred rows' gathered in their own
+    (``r x d``; a call of several chunks: each chunk's valid rows), from 3,072 rows the valid sample rows
+    copied out (up to 1,024 x d, NumPy), and cast to fp32 where the centred rows are float64 and the rows
+    are not;
   - ``compute``: ``2 B`` (``S`` is mirrored in place, with a strict triangle's temporary; then the
     covariance and its ``m m^T``, or the covariance and the solve's copy of its input).
 
 Not counted: the first update after ``S`` was handed out (``state_dict``, ``merge``, ``covariance`` or
 ``compute``; ``compute_async`` on CUDA) writes into a new ``d x d`` buffer rather than into the one
 read (copy-on-write), one ``B`` more during that update only; a measurement pass reads ``S`` after its
-last update.
+last update. A masked CPU update's row indices (NumPy int64, a few per row) and, where no valid row is in
+the chunk's sample, the sample of the valid rows instead (up to 3,071 rows, not 1,024).
 """
 
 from __future__ import annotations
@@ -57,11 +62,12 @@ def _product_bytes(precision: str, device_type: str, rows_float64: bool) -> tupl
 
 
 def accumulator_bytes(d: int, precision: str, rows: int, *, device_type: str = "cuda", rows_float64: bool = False,
-                      max_chunk_rows: int = 131072, rows_half: bool = False) -> tuple[int, int, int]:
+                      max_chunk_rows: int = 131072, rows_half: bool = False, masked: bool = False) -> tuple[int, int, int]:
     """``(held, update, solve)`` bytes of one accumulator of width ``d``: what it holds between updates
     (from its first update on), and what an update of ``rows`` rows and its ``compute`` allocate on
     top of that at their peak (a few d-vectors less: within ``64 d`` bytes). ``rows_float64``/``rows_half``:
-    the rows are float64 / bf16 or fp16. See the module's docstring."""
+    the rows are float64 / bf16 or fp16; ``masked``: the update has a mask (counted as if some row is masked:
+    on the CPU the compacted path's copies). See the module's docstring."""
     if precision not in PRECISIONS:
         raise ValueError(f"accumulator_bytes: precision must be one of {PRECISIONS}, got {precision!r}")
     if d < 1 or rows < 0:
@@ -82,10 +88,23 @@ def accumulator_bytes(d: int, precision: str, rows: int, *, device_type: str = "
     if device_type == "cuda" and prod_b == 4 and precision != "fast" and d >= 1024:
         products += 2  # symmetric_product's block form: the blocks, the two block rows, the result
     update = chunk * d * row_b + products * d * d * prod_b + extra
+    sample = chunk if chunk < 3 * _SHIFT_ROWS else _SHIFT_ROWS  # rows of the shift's sample
+    half_copy = 0
     if device_type == "cpu" and rows_half and precision == "float64" and rows <= max_chunk_rows:
         # half rows, converted to float64 in the scratch: their shift sample (every row below 3,072, else 16 runs of
         # 64) is read again as fp32 values (the shift of fp32 rows), a copy
-        update += (chunk if chunk < 3 * _SHIFT_ROWS else _SHIFT_ROWS) * d * 4
+        half_copy = sample * d * 4
+    masked_copies = 0
+    if device_type == "cpu" and masked:
+        in_b = 8 if rows_float64 else 2 if rows_half else 4  # bytes per entry of the rows as given
+        if rows > max_chunk_rows:  # _call_sums: each chunk's valid rows, gathered (index_select) before its product
+            masked_copies = chunk * d * in_b
+        else:  # _cpu_compacted: rows of another dtype than the scratch's gathered in theirs first (a recycled
+            # buffer of the whole chunk), the valid sample rows copied out of the scratch (NumPy, from 3,072 rows),
+            # and cast to fp32 where the scratch is float64 and the rows are not (the shift of fp32 rows)
+            masked_copies = (chunk * d * in_b if in_b != row_b else 0) + (sample * d * row_b if chunk >= 3 * _SHIFT_ROWS else 0)
+            masked_copies += sample * d * 4 if row_b == 8 and not rows_float64 else 0
+    update += max(half_copy, masked_copies)  # one path or the other: an update's rows all valid take the first
     if device_type == "cpu" and chunk >= 3 * 1024:  # the shift sample's per-run column sums: 16 d-vectors
         update += 16 * d * (8 if rows_float64 or (precision == "float64" and rows > max_chunk_rows) else 4)
     return held, update, 2 * square
@@ -328,7 +347,7 @@ def check_rows(capture, acc, rows: torch.Tensor) -> None:
             module = modules[name]() if name in modules else None
             devices.append(None if module is None else layer_device(module))
         check_fits(list(accs.values()), rows, [widths.get(name) for name in accs], owner=capture, first=acc,
-                   devices=devices)
+                   devices=devices, masked=getattr(capture, "_mask", None) is not None)
         return
     if not _well_formed(rows):
         return
@@ -349,7 +368,8 @@ def check_rows(capture, acc, rows: torch.Tensor) -> None:
 
     def size(a, d, dev, n):
         return dev, d, n, accumulator_bytes(d, a.precision, n, device_type=dev.type, rows_float64=rows.dtype == torch.float64,
-                                            rows_half=rows.dtype in _HALF, max_chunk_rows=a.max_chunk_rows)
+                                            rows_half=rows.dtype in _HALF, max_chunk_rows=a.max_chunk_rows,
+                                            masked=getattr(capture, "_mask", None) is not None)
 
     sampled = counted is not None and counted[1] is None  # the first layer of a width not known: the others like it
     if sampled:
@@ -395,7 +415,7 @@ def check_rows(capture, acc, rows: torch.Tensor) -> None:
 
 
 def check_fits(accumulators: Sequence, rows: torch.Tensor, widths: Sequence | None = None, *, owner=None,
-               first=None, devices: Sequence | None = None) -> None:
+               first=None, devices: Sequence | None = None, masked: bool = False) -> None:
     """Raise ``MemoryError`` when the ``accumulators`` of one capture, at the pass's first rows (``rows``, of
     ``first``, by default the first accumulator), would need more memory on the rows' device than is free
     (:func:`free_bytes`): before their state exists, not an out-of-memory error later in the pass or in the
@@ -428,7 +448,7 @@ def check_fits(accumulators: Sequence, rows: torch.Tensor, widths: Sequence | No
     dims = [width if i == at and d is None else d if d is not None else sample for i, d in enumerate(known)]
     sizes = [(0, 0, 0) if d is None else
              accumulator_bytes(d, acc.precision, n_rows, device_type=dev.type, rows_float64=rows.dtype == torch.float64,
-                               rows_half=rows.dtype in _HALF, max_chunk_rows=acc.max_chunk_rows)
+                               rows_half=rows.dtype in _HALF, max_chunk_rows=acc.max_chunk_rows, masked=masked)
              for d, acc, dev in zip(dims, accumulators, devs)]
     here = [i for i, dev in enumerate(devs) if dev == device]  # checked now; the others at their device's first rows
     unknown = sum(known[i] is None for i in here if i != at)

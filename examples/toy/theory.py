@@ -212,16 +212,22 @@ def recruitment_time(R: float, delta: float, eta: float, q: float) -> float:
     Under ``kappa_r = eta r^-q`` (rates non-increasing in rank, ``q >= 0``) the slowest mode of the
     band is ``R``, so ``T_{R,delta} = log(1/delta) R^q / eta``. With ``alpha_tail = p + 2q``
     (Thm. 6) the exponent ``q`` equals ``(alpha_tail - p) / 2``. A time beyond the float64 range is
-    ``inf`` (as the product and quotient overflow to; ``R**q`` alone raised ``OverflowError``).
+    ``inf`` (``R**q`` alone raised ``OverflowError``); one whose ``R**q`` or ``log(1/delta) R**q`` overflows
+    but which is in range is computed in log space (review 29: it was ``inf``, or ``OverflowError`` at
+    ``q log R == log(max)``).
     """
     delta = _unit_interval("delta", delta)
     fn = "recruitment_time"
     R, eta, q = _real(fn, "R", R, low=1.0), _real(fn, "eta", eta, low=0.0, strict=True), _real(fn, "q", q, low=0.0)
-    log_rq = q * math.log(R)
-    if log_rq > _LOG_MAX:  # R**q itself overflows; the time is then inf unless a tiny log(1/delta) or a huge
-        log_t = math.log(-math.log(delta)) + log_rq - math.log(eta)  # eta brings it back into range
+    lg = -math.log(delta)
+    try:
+        t = lg * R**q / eta
+    except OverflowError:  # R**q past float64 (also at q log R == log(max), where the test on it missed)
+        t = math.inf
+    if math.isinf(t):  # R**q or lg R**q overflowed: the time may still be in range (a tiny lg, a huge eta)
+        log_t = math.log(lg) + q * math.log(R) - math.log(eta)
         return math.exp(log_t) if log_t < _LOG_MAX else math.inf
-    return -math.log(delta) * R**q / eta
+    return t
 
 
 def simulated_recruitment_time(beta, kappa, R: int, delta: float) -> float:
