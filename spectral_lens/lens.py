@@ -866,7 +866,7 @@ class SpectralLens:
             # sends): a failure inside it is raised at once, unagreed (the other ranks wait inside theirs)
             if rank < got:
                 with collective_pass(f"the activation pass's forward of the pool's batch {batches + rank}"), \
-                        capture.mask(mask):
+                        capture.mask(mask), _hinted(self.pool, mine, first=batches == 0):
                     self.forward_fn(model, mine)
                 if bar is not None:
                     bar.update(1)
