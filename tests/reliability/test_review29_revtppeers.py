@@ -27,6 +27,7 @@ import contextlib
 import pytest
 from reliability.test_review29_tppeers import BEFORE, SOLVE, _LenFails, _lens
 from reliability.test_tensor_parallel import _pool, _values
+from support.lens_faults import compute_raises
 from support.ranks import checked_case, run_gloo_cases
 
 from spectral_lens import SpectralLens
@@ -67,20 +68,9 @@ def _patched(target, name: str, rank: int, replacement):
 
 def _measure_with_failing_compute(rank: int, errors: dict, **kwargs) -> None:
     """A measurement in which rank ``r``'s activation ``compute`` raises ``errors[r]``."""
-    import spectral_lens.lens as lens_mod
-
-    saved = lens_mod.ActivationCapture.compute
-
-    def compute(*args, **kwargs):
-        raise errors[rank]
-
-    if rank in errors:
-        lens_mod.ActivationCapture.compute = compute
     lens = _lens(rank, **kwargs)
-    try:
+    with compute_raises(rank, errors):
         lens.measure(1, 1)
-    finally:
-        lens_mod.ActivationCapture.compute = saved
 
 
 def _interrupt_in_compute_on_rank1(rank: int) -> None:

@@ -15,6 +15,7 @@ import pytest
 from reliability.test_review29_revtppeers import UNREAD, Unprintable, _readable
 from reliability.test_review29_tppeers import BEFORE
 from reliability.test_tensor_parallel import LAYERS, _mesh_2d, _plain, _pool, _tp, _values
+from support.lens_faults import compute_raises
 from support.ranks import checked_case, run_gloo_cases
 
 from spectral_lens import SpectralLens
@@ -48,21 +49,9 @@ def _two_failures_then_again(rank: int) -> dict:
 
 
 def _unprintable_compute_on_rank1(rank: int) -> None:
-    import spectral_lens.lens as lens_mod
-
-    saved = lens_mod.ActivationCapture.compute
-
-    def compute(*args, **kwargs):
-        raise Unprintable()
-
     lens = _lens(rank)
-    if rank == 1:
-        lens_mod.ActivationCapture.compute = compute
-    try:
-        with _readable():
-            lens.measure(1, 1)
-    finally:
-        lens_mod.ActivationCapture.compute = saved
+    with compute_raises(rank, {1: Unprintable()}), _readable():
+        lens.measure(1, 1)
 
 
 CASES = {"two_failures_then_again": _two_failures_then_again,

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from reliability.test_review29_tppeers import BEFORE, SOLVE
 from reliability.test_tensor_parallel import _LM, LAYERS, _pool, _tp, _values
+from support.lens_faults import compute_raises
 from support.ranks import checked_case, run_gloo_cases
 
 from spectral_lens import SpectralLens
@@ -35,20 +36,8 @@ def _lens(rank: int, **kwargs) -> SpectralLens:
 
 
 def _compute_fails_on_two(rank: int) -> None:
-    import spectral_lens.lens as lens_mod
-
-    errors = {1: OSError("out of memory on rank 1"), 2: NonFiniteError(SOLVE)}
-    saved = lens_mod.ActivationCapture.compute
-
-    def compute(*args, **kwargs):
-        raise errors[rank]
-
-    if rank in errors:
-        lens_mod.ActivationCapture.compute = compute
-    try:
+    with compute_raises(rank, {1: OSError("out of memory on rank 1"), 2: NonFiniteError(SOLVE)}):
         _lens(rank, params="lm_head.weight").measure(1, 1)
-    finally:
-        lens_mod.ActivationCapture.compute = saved
 
 
 def _bad_tokens_on_rank2_then_again(rank: int) -> dict:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from reliability.test_review28_revtp import _counted, _no_new_collective
 from reliability.test_tensor_parallel import LAYERS, _mesh, _plain, _pool, _tp, _values
+from support.lens_faults import compute_raises
 from support.ranks import checked_case, run_gloo_cases
 
 from spectral_lens import SpectralLens
@@ -65,20 +66,9 @@ def _counts(rank: int) -> dict:
 
 def _with_failing_solve(rank: int, **kwargs) -> None:
     """A measurement in which rank 1's activation ``compute`` raises, as a non-finite covariance's solve does."""
-    import spectral_lens.lens as lens_mod
-
     lens = _lens(rank, **kwargs)
-    saved = lens_mod.ActivationCapture.compute
-
-    def compute(*args, **kwargs):
-        raise NonFiniteError(SOLVE)
-
-    if rank == 1:
-        lens_mod.ActivationCapture.compute = compute
-    try:
+    with compute_raises(rank, {1: NonFiniteError(SOLVE)}):
         lens.measure(1, 1)
-    finally:
-        lens_mod.ActivationCapture.compute = saved
     lens.model(_pool(1)[0][0])  # the training's next step: a forward, whose all-reduces are the mesh's collectives
 
 

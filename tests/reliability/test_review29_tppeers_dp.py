@@ -14,6 +14,7 @@ from __future__ import annotations
 import pytest
 from reliability.test_review29_tppeers import BEFORE, SOLVE
 from reliability.test_tensor_parallel import LAYERS, _mesh_2d, _plain, _pool, _tp
+from support.lens_faults import compute_raises
 from support.ranks import checked_case, run_gloo_cases
 
 from spectral_lens import SpectralLens
@@ -32,20 +33,9 @@ def _lens(rank: int) -> SpectralLens:
 
 
 def _compute_fails_on_rank1(rank: int) -> None:
-    import spectral_lens.lens as lens_mod
-
     lens = _lens(rank)
-    saved = lens_mod.ActivationCapture.compute
-
-    def compute(*args, **kwargs):
-        raise NonFiniteError(SOLVE)
-
-    if rank == 1:
-        lens_mod.ActivationCapture.compute = compute
-    try:
+    with compute_raises(rank, {1: NonFiniteError(SOLVE)}):
         lens.measure(1, 1)
-    finally:
-        lens_mod.ActivationCapture.compute = saved
 
 
 def _bad_tokens_on_rank1(rank: int) -> None:

@@ -3,6 +3,8 @@ the run as stopped unmeasured): shared by the toy's and the speedrun's job tests
 
 from __future__ import annotations
 
+import contextlib
+
 
 def overflow_on_second_measure(monkeypatch, layer: str = "blocks.0") -> list:
     """Patch ``SpectralLens.measure`` to raise ``NonFiniteError`` on its second call; returns the list of calls."""
@@ -18,3 +20,22 @@ def overflow_on_second_measure(monkeypatch, layer: str = "blocks.0") -> list:
         return real(self, *a, **kw)
     monkeypatch.setattr(sl.SpectralLens, "measure", overflowing)
     return calls
+
+
+@contextlib.contextmanager
+def compute_raises(rank: int, errors: dict):
+    """``ActivationCapture.compute`` raising ``errors[rank]`` on this ``rank`` (unchanged on a rank not in
+    ``errors``) inside the block; restored after it. For multi-rank cases: one rank's activation solve failing."""
+    import spectral_lens.lens as lens_mod
+
+    saved = lens_mod.ActivationCapture.compute
+
+    def compute(*args, **kwargs):
+        raise errors[rank]
+
+    if rank in errors:
+        lens_mod.ActivationCapture.compute = compute
+    try:
+        yield
+    finally:
+        lens_mod.ActivationCapture.compute = saved
