@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -353,26 +354,32 @@ def _ratio_text(r: dict) -> str:
 
 
 def small_chunk(dims=(256, 768), rows: int = 1024, pairs: int = 31, per: int = 5,
-                dtypes=(torch.float32, torch.bfloat16)) -> list[dict]:
+                dtypes=(torch.float32, torch.bfloat16), precisions=("exact", "fast")) -> list[dict]:
     """CPU fixed cost per update: one ``update`` of ``rows`` rows vs a bare ``X.T @ X`` of the same rows.
 
     Interleaved: each of ``pairs`` repetitions times ``per`` bare products, then ``per`` updates, and
     records their ratio; the median and the spread (min, max) of the paired ratios are reported, in
     wall time and in process CPU time (the latter is robust to other processes on a shared machine,
     but counts a spinning thread pool's idle cycles). For bf16 rows (what CPU autocast produces) the
-    bare product is the fp32 one of the same values.
+    bare product is the fp32 one of the same values. Each precision in ``precisions`` is timed for fp32
+    rows, bf16 rows in the first one only. Each row records ``OMP_WAIT_POLICY`` as this process has it
+    ("default": libgomp's, threads spin a while after each parallel region): the ratio depends on it,
+    since passive waits make every parallel kernel wake the sleeping pool (see benchmarks/RESULTS.md).
     """
+    policy = os.environ.get("OMP_WAIT_POLICY", "default")
     out = []
     for d in dims:
-        for dtype in dtypes:
+        for dtype, precision in [(t, p) for t in dtypes for p in precisions
+                                 if t == torch.float32 or p == precisions[0]]:
             x32 = _rows(rows, d, torch.device("cpu"), torch.float32, seed=d).to(dtype).float()
             x = x32.to(dtype)
-            acc = ActivationCovarianceAccumulator(d)
+            acc = ActivationCovarianceAccumulator(d, precision=precision)
             for _ in range(3):  # warm-up: SciPy import, allocator, thread pools
                 acc.update(x)
                 x32.t() @ x32
             ratios, _ = _interleaved(lambda: x32.t() @ x32, lambda: acc.update(x), pairs, per)
             row = {"case": "small_chunk", "d": d, "rows": rows, "dtype": str(dtype).split(".")[-1],
+                   "precision": precision, "omp_wait_policy": policy,
                    "threads": torch.get_num_threads(), "pairs": pairs, **ratios}
             print(json.dumps(row), flush=True)
             out.append(row)
@@ -586,7 +593,8 @@ def main() -> None:
     if args.small_chunk:
         rows = small_chunk(pairs=args.pairs)
         for r in rows:
-            print(f"CPU small chunk, d={r['d']}, {r['rows']} {r['dtype']} rows, {r['threads']} threads: update / bare X.T@X = "
+            print(f"CPU small chunk, d={r['d']}, {r['rows']} {r['dtype']} rows, {r['precision']}, {r['threads']} threads, "
+                  f"OMP_WAIT_POLICY={r['omp_wait_policy']}: update / bare X.T@X = "
                   f"{_ratio_text(r)}; target <= {1.5 if r['d'] <= 256 else 1.1}x")
         if args.out:
             write_json_atomic(args.out, rows)
