@@ -20,7 +20,6 @@ the head cases, logits for the loss-only cases) against float64 on the same bf16
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -39,7 +39,7 @@ from spectral_lens.atomic import write_text_atomic
 from spectral_lens.records import RunRecord, open_runs
 from spectral_lens.report import build_report
 
-from .runs import run_id, train_runs
+from .runs import train_runs
 from .settings import LOCK_FILE, refuse_torchrun  # LOCK_FILE: held by a running job (job_lock)
 from .tuning import TunerSettings, choose_rates
 from .verdict import ALPHA, REPRODUCED_RHO, Verdict, verdict

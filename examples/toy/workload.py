@@ -11,8 +11,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Mapping
 
-import torch
-
 from examples.replicate.machine import machine_info
 from examples.tune.trainable import Candidate, Report
 from spectral_lens.records import RunInfo, RunWriter

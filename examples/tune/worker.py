@@ -27,7 +27,7 @@ import uuid
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 from urllib.parse import quote
 
 from spectral_lens.atomic import TMP_SUFFIX, write_text_atomic
@@ -37,6 +37,9 @@ from .progress import Progress
 from .storage import _optuna, _signals_deferred
 from .trainable import Candidate, Trainable
 from .trials import _candidate, _group_of, _group_state, _is_stale_fail, _live, _orphans, _retry_callback, _rung_losses
+
+if TYPE_CHECKING:  # the tuner's settings (tuner.py imports this module)
+    from .tuner import _Config
 
 optuna = _optuna()
 from optuna.exceptions import UpdateFinishedTrialError  # noqa: E402
