@@ -127,7 +127,7 @@ def test_predict_on_other_runs_keeps_the_fitted_windows(tmp_path):
 
 
 def test_rank_tiers_rejects_no_entries_and_no_draws():
-    from spectral_lens.analysis import TailPredictor, rank_tiers
+    from spectral_lens.analysis import rank_tiers
 
     # before: IndexError 'tuple index out of range'
     with pytest.raises(ValueError, match="family 'f' has no .* entries"):

@@ -5,7 +5,6 @@ exception whose message cannot be read is still the one raised; the report's sta
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 
 import pytest

@@ -101,7 +101,7 @@ def test_crossover_on_noisy_spectrum_and_broken_stick():
     assert est.tail_alpha == pytest.approx(3.0, rel=0.05)
     stick = estimate_crossover(values, method="broken_stick")
     assert 5 < stick.rank < 200 and stick.improvement > 0.5
-    pure = r = np.arange(1, 500.0) ** -1.3
+    pure = np.arange(1, 500.0) ** -1.3
     assert estimate_crossover(pure, method="broken_stick").improvement < 1e-6 + 1e-3  # no bend, no evidence
 
 

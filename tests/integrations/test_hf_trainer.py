@@ -58,7 +58,7 @@ def test_records_and_trainer_logs(tmp_path, monkeypatch):
     if "logging_dir" in {f.name for f in dataclasses.fields(transformers.TrainingArguments)}:
         tb["logging_dir"] = str(tmp_path / "tb")
     trainer = trainer_for(model, tmp_path, report_to=["tensorboard"], eval_strategy="steps", eval_steps=5, **tb)
-    cb = SpectralLensCallback(lens, on_evaluate=True, tokens_per_step=4 * T).attach(trainer)
+    SpectralLensCallback(lens, on_evaluate=True, tokens_per_step=4 * T).attach(trainer)
     trainer.train()
     writer.close()
 

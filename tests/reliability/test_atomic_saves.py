@@ -286,7 +286,6 @@ def test_a_write_through_a_symlink_replaces_the_target_and_keeps_the_link(tmp_pa
 
 def test_a_failed_write_through_a_symlink_names_the_link_and_keeps_the_target(tmp_path, monkeypatch):
     import errno
-    import os
 
     target = tmp_path / "real.txt"
     target.write_text("old\n")

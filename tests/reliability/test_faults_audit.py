@@ -130,7 +130,6 @@ def _run(path, n=3, fsync=False):
 
 def _raise_at(monkeypatch, name, k, err):
     """``os.<name>`` raising ``OSError(err)`` at its ``k``-th call (1-based) from now on."""
-    import errno
 
     real, calls = getattr(os, name), []
 

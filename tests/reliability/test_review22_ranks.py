@@ -13,7 +13,6 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import torch
 
 from spectral_lens import NonFiniteError
 from spectral_lens._agree import agree_counts, agree_round, agree_settings

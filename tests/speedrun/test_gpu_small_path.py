@@ -8,7 +8,6 @@ CUDA-only in the trainer and the lens.
 """
 import math
 
-import pytest
 
 import examples.nanogpt.model as zoo_model
 from examples.speedrun.presets import PRESETS

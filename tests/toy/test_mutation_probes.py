@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from examples.toy.probes import band_concentration, fourier_summaries, mode_energy, pc1_peak_mass, phase_means
+from examples.toy.probes import band_concentration, fourier_summaries, pc1_peak_mass, phase_means
 
 
 def test_band_edges_are_inclusive_and_one_based():

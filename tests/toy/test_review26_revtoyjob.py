@@ -5,7 +5,6 @@ report's numbers against a float64 hand computation, Fig. 4a's tier labels insid
 on machines without ``/proc/cpuinfo``'s ``model name`` (macOS, ARM Linux)."""
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
