@@ -9,7 +9,7 @@ import warnings
 import weakref
 from typing import Any, Iterable, Protocol
 
-from .._agree import agree, from_rank0, ranks
+from .._agree import agree, from_rank0, peers_any, ranks
 from .._warnings import NonFiniteError, SpectralLensWarning
 from ..attachment import Attachment
 from ..lens import LensMeasurement, SpectralLens
@@ -170,6 +170,10 @@ class LensDriver:
         # rank 0, in the run record): an evaluation at the restored step (eval_on_start) measures otherwise;
         # a validation loss recorded there before the resume stands (an evaluation there appends none)
         measured, has_loss = from_rank0(self.lens.group, (measured[0], has_loss[0]), self.lens.model)
+        # under tensor parallelism with a group holding one rank of each mesh (a data-parallel group), the mesh
+        # peers of rank 0 are in other groups, whose rank 0 has no record: whether an evaluation at step measures
+        # (a measurement: collectives of the mesh) is agreed with them too, or they measured alone and waited
+        measured, has_loss = peers_any(self.lens.model, self.lens.group, (measured, has_loss))
         self.last_step = step if measured else None
         self.last_has_val_loss = measured and has_loss
 
@@ -360,8 +364,13 @@ class LensDriver:
         rank raises. A measurement that finds non-finite hidden states or gradients (a diverged run) is
         skipped with a warning on every rank (``{}``): measuring does not end the training."""
         writer = self.lens.writer
-        if from_rank0(self.lens.group, writer is not None and bool(getattr(writer, "closed", False)),
-                      self.lens.model):
+        closed = from_rank0(self.lens.group, writer is not None and bool(getattr(writer, "closed", False)),
+                            self.lens.model)
+        # and the tensor-parallel mesh peers where the group holds one rank of each mesh (a data-parallel group):
+        # rank 0's peers are in other groups, whose rank 0 has no writer; before, they measured and waited in the
+        # peers' check of the measurement until the process-group timeout (one all-reduce more; none otherwise)
+        (closed,) = peers_any(self.lens.model, self.lens.group, (closed,))
+        if closed:
             # the user closed the run record after train()/fit() (the guides do), then evaluated again:
             # nothing to record into; every rank skips alike (the writer lives on rank 0 only)
             warnings.warn(f"spectral-lens: the lens's RunWriter ({getattr(writer, 'path', 'rank 0')}) is closed, so the "
