@@ -9,7 +9,7 @@ import warnings
 import weakref
 from typing import Any, Iterable, Protocol
 
-from .._agree import agree, from_rank0, peers_any, ranks
+from .._agree import agree, from_rank0, out_of_step, peers_any, ranks
 from .._warnings import NonFiniteError, SpectralLensWarning
 from ..attachment import Attachment
 from ..lens import LensMeasurement, SpectralLens
@@ -29,6 +29,12 @@ _STEPS_WARNING = (
 # held weakly (the lens keeps its current one): a strong value would refer to its key (attachment.owner
 # is the lens), so no entry, lens, pool or history would ever be freed.
 _CALLBACK_ATTACHMENTS: "weakref.WeakKeyDictionary[SpectralLens, weakref.ref[Attachment]]" = weakref.WeakKeyDictionary()
+
+
+def _global_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank()
 
 
 class Sink(Protocol):
@@ -161,19 +167,39 @@ class LensDriver:
                 if callable(getattr(sink, "resumed", None)):
                     sink.resumed(step)
 
+        what = "dropping the records after the checkpoint"
+        error = None
         try:
-            self._agreed_on_rank0(on_rank0, "dropping the records after the checkpoint")
+            self._agreed_on_rank0(on_rank0, what)
+            # the checkpoint's step counts as measured only when it was (in this process's history or, on
+            # rank 0, in the run record): an evaluation at the restored step (eval_on_start) measures otherwise;
+            # a validation loss recorded there before the resume stands (an evaluation there appends none)
+            measured, has_loss = from_rank0(self.lens.group, (measured[0], has_loss[0]), self.lens.model)
+        except BaseException as exc:  # an interrupt too: told to the tensor-parallel peers below, then re-raised
+            error, measured, has_loss = exc, False, False
+        try:
+            # under tensor parallelism with a group holding one rank of each mesh (a data-parallel group), rank 0's
+            # mesh peers are in other groups, whose rank 0 has no record: whether an evaluation at step measures (a
+            # measurement: collectives of the mesh) is agreed with them too, and a failure above (rank 0's writer),
+            # or they measured alone, or went on alone, and waited until the process-group timeout
+            failed = error is not None
+            if error is None or not out_of_step(error):  # (one that left the collectives out of step: no more)
+                try:
+                    failed, measured, has_loss = peers_any(self.lens.model, self.lens.group,
+                                                           (failed, measured, has_loss))
+                except BaseException:
+                    if error is None:
+                        raise
+            if error is not None:
+                raise error
+            if failed:
+                raise RuntimeError(
+                    f"spectral-lens callback: {what} failed on a tensor-parallel mesh peer of global rank "
+                    f"{_global_rank()} (this rank), in another rank's group= (the lens's group holds one rank of each "
+                    "mesh); every rank raises: see that rank's error")
         except BaseException:
             self.release()  # the run ends with this error
             raise
-        # the checkpoint's step counts as measured only when it was (in this process's history or, on
-        # rank 0, in the run record): an evaluation at the restored step (eval_on_start) measures otherwise;
-        # a validation loss recorded there before the resume stands (an evaluation there appends none)
-        measured, has_loss = from_rank0(self.lens.group, (measured[0], has_loss[0]), self.lens.model)
-        # under tensor parallelism with a group holding one rank of each mesh (a data-parallel group), the mesh
-        # peers of rank 0 are in other groups, whose rank 0 has no record: whether an evaluation at step measures
-        # (a measurement: collectives of the mesh) is agreed with them too, or they measured alone and waited
-        measured, has_loss = peers_any(self.lens.model, self.lens.group, (measured, has_loss))
         self.last_step = step if measured else None
         self.last_has_val_loss = measured and has_loss
 

@@ -13,7 +13,8 @@ Before (process-group timeout 20 s here; both cases timed out, the ranks out of 
   fresh process: an empty history) measured alone and waited in the peers' check until the timeout.
 
 Now the decisions are or-ed over the mesh peers (:func:`spectral_lens._agree.peers_any`): both skip, or both keep the
-loss, at once. Cost: one ``all_reduce`` in each of ``measure`` and ``resumed`` for such a tensor-parallel model only;
+loss, at once; and a failure of rank 0's writer in ``resumed`` (``drop_after``: a full disk), agreed over rank 0's group
+only, raises on the mesh peer too (before, rank 1 went on, into the training's next forward, alone). Cost: one ``all_reduce`` in each of ``measure`` and ``resumed`` for such a tensor-parallel model only;
 none for a plain model or one replica (counted).
 """
 
@@ -95,6 +96,23 @@ def _resumed_then_evaluated(rank: int) -> dict:
     return out
 
 
+def _drop_after_fails(rank: int) -> dict:
+    """Rank 0's ``RunWriter.drop_after`` fails (a full disk) in ``resumed``: its mesh peer raises too."""
+    writer = _writer(rank, "drop")
+    driver = LensDriver(_lens(rank, writer), (), None)
+    if writer is not None:
+        def drop_after(step):
+            raise OSError("no space left on device (simulated)")
+
+        writer.drop_after = drop_after
+    try:
+        driver.resumed(2)
+    finally:
+        if writer is not None:
+            writer.close()
+    return {"last_step": driver.last_step}
+
+
 def _counts(rank: int) -> dict:
     """The collectives of ``LensDriver.measure`` and ``resumed`` beside those of the lens's own measurement: a plain
     model (the world group, each rank's own), one tensor-parallel replica (the world group is the mesh), and the
@@ -110,7 +128,8 @@ def _counts(rank: int) -> dict:
     return out
 
 
-CASES = {"counts": _counts, "closed_writer": _closed_writer, "resumed_then_evaluated": _resumed_then_evaluated}
+CASES = {"counts": _counts, "closed_writer": _closed_writer, "resumed_then_evaluated": _resumed_then_evaluated,
+         "drop_after_fails": _drop_after_fails}
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +155,15 @@ def test_a_step_rank_0_recorded_counts_as_measured_on_its_mesh_peer_after_a_resu
     assert [g["measured"] for g in got] == [True, True], got
     assert [g["history"] for g in got] == [[], []], got  # the evaluation kept its loss, measuring nothing again
     assert got[0]["val_loss_steps"] == [2], got
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_failure_of_rank_0s_writer_in_resumed_raises_on_its_mesh_peer_too(results):
+    r0, r1 = [r["error"] or "" for r in checked_case(results, "drop_after_fails", DEADLINE_S)]
+    assert r0 == "OSError: no space left on device (simulated)", r0
+    assert r1.startswith("RuntimeError: spectral-lens callback: dropping the records after the checkpoint failed on a "
+                         "tensor-parallel mesh peer of global rank 1 (this rank)"), r1
 
 
 @pytest.mark.slow
