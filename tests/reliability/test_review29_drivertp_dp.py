@@ -6,7 +6,8 @@ Before (process-group timeout 20 s; the reviewer's reproduction, the first case)
 ``LensDriver.measure`` skipped on ranks 0 and 2 (their group's rank 0 holds the closed writer) while ranks 1 and 3
 measured, and rank 1 waited in the peers' check of the measurement until the timeout; after a resume at a step rank
 0's record holds a measurement at, ranks 0 and 2 kept an evaluation's loss there while ranks 1 and 3 measured alone
-(by the timeout too). Now all four skip, or all four keep the loss, at once.
+(by the timeout too). Now all four skip, or all four keep the loss, at once. A regression guard (it passed before): a
+non-finite measurement on one rank is skipped on all four.
 """
 
 from __future__ import annotations
@@ -71,7 +72,37 @@ def _resumed_then_evaluated(rank: int) -> dict:
     return out
 
 
-CASES = {"closed_writer": _closed_writer, "resumed_then_evaluated": _resumed_then_evaluated}
+def _nonfinite_on_rank1(rank: int) -> dict:
+    """Rank 1's activation ``compute`` raises a ``NonFiniteError`` (a diverged run): ``LensDriver.measure`` skips the
+    measurement on every rank alike, its mesh peer (rank 0) and rank 0's group included (a regression guard: the lens
+    agrees it with the peers as a ``NonFiniteError``); then all four measure in step again."""
+    import spectral_lens.lens as lens_mod
+    from reliability.test_review29_tppeers import SOLVE
+
+    from spectral_lens._warnings import NonFiniteError
+
+    lens = _lens(rank)
+    driver = LensDriver(lens, (), None)
+    saved = lens_mod.ActivationCapture.compute
+
+    def compute(*args, **kwargs):
+        raise NonFiniteError(SOLVE)
+
+    if rank == 1:
+        lens_mod.ActivationCapture.compute = compute
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            skipped = driver.measure(3, 3)
+    finally:
+        lens_mod.ActivationCapture.compute = saved
+    driver.measure(4, 4)
+    return {"skipped": skipped, "warned": any("is skipped (the training goes on)" in str(w.message) for w in caught),
+            "history": [m.step for m in lens.history]}
+
+
+CASES = {"closed_writer": _closed_writer, "resumed_then_evaluated": _resumed_then_evaluated,
+         "nonfinite_on_rank1": _nonfinite_on_rank1}
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +128,12 @@ def test_a_step_rank_0_recorded_counts_as_measured_on_all_four_ranks_after_a_res
     assert [g["measured"] for g in got] == [True] * WORLD, got
     assert [g["history"] for g in got] == [[]] * WORLD, got
     assert got[0]["val_loss_steps"] == [2], got
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_non_finite_measurement_on_one_rank_is_skipped_on_all_four(results):
+    got = [r["value"] for r in checked_case(results, "nonfinite_on_rank1", DEADLINE_S)]
+    assert [g["skipped"] for g in got] == [{}] * WORLD, got
+    assert [g["warned"] for g in got] == [True] * WORLD, got
+    assert [g["history"] for g in got] == [[4]] * WORLD, got
