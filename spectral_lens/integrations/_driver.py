@@ -175,7 +175,7 @@ class LensDriver:
             # rank 0, in the run record): an evaluation at the restored step (eval_on_start) measures otherwise;
             # a validation loss recorded there before the resume stands (an evaluation there appends none)
             measured, has_loss = from_rank0(self.lens.group, (measured[0], has_loss[0]), self.lens.model)
-        except BaseException as exc:  # an interrupt too: told to the tensor-parallel peers below, then re-raised
+        except BaseException as exc:  # noqa: BLE001 - an interrupt too: told to the mesh peers below, then re-raised
             error, measured, has_loss = exc, False, False
         try:
             # under tensor parallelism with a group holding one rank of each mesh (a data-parallel group), rank 0's

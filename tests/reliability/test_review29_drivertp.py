@@ -118,8 +118,8 @@ def _counts(rank: int) -> dict:
     model (the world group, each rank's own), one tensor-parallel replica (the world group is the mesh), and the
     tensor-parallel model under each rank's own group."""
     out = {}
-    for where, kwargs in (("plain_world", dict(tp=False, own=False)), ("plain_own", dict(tp=False)),
-                          ("replica", dict(own=False)), ("tp_own", {})):
+    for where, kwargs in (("plain_world", {"tp": False, "own": False}), ("plain_own", {"tp": False}),
+                          ("replica", {"own": False}), ("tp_own", {})):
         lens = _lens(rank, **kwargs)
         driver = LensDriver(lens, (), None)
         out[where] = {"lens": _counted(functools.partial(lens.measure, 1, 1)),

@@ -76,9 +76,9 @@ def _nonfinite_on_rank1(rank: int) -> dict:
     """Rank 1's activation ``compute`` raises a ``NonFiniteError`` (a diverged run): ``LensDriver.measure`` skips the
     measurement on every rank alike, its mesh peer (rank 0) and rank 0's group included (a regression guard: the lens
     agrees it with the peers as a ``NonFiniteError``); then all four measure in step again."""
-    import spectral_lens.lens as lens_mod
     from reliability.test_review29_tppeers import SOLVE
 
+    import spectral_lens.lens as lens_mod
     from spectral_lens._warnings import NonFiniteError
 
     lens = _lens(rank)
