@@ -151,7 +151,9 @@ class LensDriver:
         (an evaluation there keeps only its loss) when the history or rank 0's run record holds a
         measurement at it; otherwise an evaluation at ``step`` measures. When rank 0's run record also
         holds a validation loss at ``step`` (in the measurement or a ``val_loss`` event), that loss
-        stands: an evaluation at ``step`` after the resume appends none, so the step keeps one loss."""
+        stands: an evaluation at ``step`` after the resume appends none, so the step keeps one loss.
+        Under tensor parallelism with a group holding one rank of each mesh, both (and a failure of rank 0's
+        writer here) are agreed with the mesh peers too (:func:`~spectral_lens._agree.peers_any`)."""
         step = int(step)
         lens = self.lens
         lens.history[:] = [m for m in lens.history if m.step <= step]
@@ -180,8 +182,8 @@ class LensDriver:
         try:
             # under tensor parallelism with a group holding one rank of each mesh (a data-parallel group), rank 0's
             # mesh peers are in other groups, whose rank 0 has no record: whether an evaluation at step measures (a
-            # measurement: collectives of the mesh) is agreed with them too, and a failure above (rank 0's writer),
-            # or they measured alone, or went on alone, and waited until the process-group timeout
+            # measurement: collectives of the mesh), and a failure above (rank 0's writer), are agreed with them too
+            # (before, a restarted peer measured alone, or went on training alone, and waited until the timeout)
             failed = error is not None
             if error is None or not out_of_step(error):  # (one that left the collectives out of step: no more)
                 try:
@@ -388,7 +390,9 @@ class LensDriver:
         other ranks). ``log``: called with the scalars on rank 0 after the sinks (the framework's own
         loggers). An error of a sink or of ``log`` on rank 0 is agreed with the other ranks: every
         rank raises. A measurement that finds non-finite hidden states or gradients (a diverged run) is
-        skipped with a warning on every rank (``{}``): measuring does not end the training."""
+        skipped with a warning on every rank (``{}``): measuring does not end the training; so is one whose run
+        record rank 0 closed already (agreed with the tensor-parallel mesh peers too, where the group holds one
+        rank of each mesh: :func:`~spectral_lens._agree.peers_any`)."""
         writer = self.lens.writer
         closed = from_rank0(self.lens.group, writer is not None and bool(getattr(writer, "closed", False)),
                             self.lens.model)
