@@ -530,3 +530,27 @@ def from_rank0(group, value, model=None):
         dist.broadcast_object_list(shared, src=src, group=group, **({"device": dev} if dev.type == "cuda" else {}))
         value = shared[0]
     return value
+
+
+def peers_any(model, group, flags: tuple[bool, ...]) -> tuple[bool, ...]:
+    """``flags`` (each the same on every rank of ``group``, e.g. :func:`from_rank0`'s), each or-ed over this rank's
+    tensor-parallel mesh peers where ``group`` holds one rank of each mesh (a data-parallel group, each rank's own
+    group: :func:`~spectral_lens._tensor_parallel.one_replica`), whose ``group`` agreements do not reach the peers:
+    a decision whether to measure (a measurement runs collectives of the mesh) is then the same on every rank of
+    every mesh. One ``all_reduce`` (MAX) over the peers' group; none for a model without tensor parallelism, one
+    replica (the group is the mesh) or a lens without a model, nor outside ``torch.distributed``."""
+    if model is None:
+        return tuple(flags)
+    from ._tensor_parallel import one_replica
+
+    try:
+        tp = one_replica(model, group)
+    except ValueError:  # a group mixing a mesh's ranks with others: refused by the lens (when built, and measure)
+        return tuple(flags)
+    if tp is None or tp[0]:
+        return tuple(flags)
+    import torch.distributed as dist
+
+    both = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int64, device=collective_device(tp[1], model))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=tp[1])
+    return tuple(bool(f) for f in both.tolist())

@@ -9,7 +9,7 @@ import warnings
 import weakref
 from typing import Any, Iterable, Protocol
 
-from .._agree import agree, from_rank0, ranks
+from .._agree import agree, from_rank0, out_of_step, peers_any, ranks
 from .._warnings import NonFiniteError, SpectralLensWarning
 from ..attachment import Attachment
 from ..lens import LensMeasurement, SpectralLens
@@ -29,6 +29,12 @@ _STEPS_WARNING = (
 # held weakly (the lens keeps its current one): a strong value would refer to its key (attachment.owner
 # is the lens), so no entry, lens, pool or history would ever be freed.
 _CALLBACK_ATTACHMENTS: "weakref.WeakKeyDictionary[SpectralLens, weakref.ref[Attachment]]" = weakref.WeakKeyDictionary()
+
+
+def _global_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank()
 
 
 class Sink(Protocol):
@@ -145,7 +151,9 @@ class LensDriver:
         (an evaluation there keeps only its loss) when the history or rank 0's run record holds a
         measurement at it; otherwise an evaluation at ``step`` measures. When rank 0's run record also
         holds a validation loss at ``step`` (in the measurement or a ``val_loss`` event), that loss
-        stands: an evaluation at ``step`` after the resume appends none, so the step keeps one loss."""
+        stands: an evaluation at ``step`` after the resume appends none, so the step keeps one loss.
+        Under tensor parallelism with a group holding one rank of each mesh, both (and a failure of rank 0's
+        writer here) are agreed with the mesh peers too (:func:`~spectral_lens._agree.peers_any`)."""
         step = int(step)
         lens = self.lens
         lens.history[:] = [m for m in lens.history if m.step <= step]
@@ -161,15 +169,39 @@ class LensDriver:
                 if callable(getattr(sink, "resumed", None)):
                     sink.resumed(step)
 
+        what = "dropping the records after the checkpoint"
+        error = None
         try:
-            self._agreed_on_rank0(on_rank0, "dropping the records after the checkpoint")
+            self._agreed_on_rank0(on_rank0, what)
+            # the checkpoint's step counts as measured only when it was (in this process's history or, on
+            # rank 0, in the run record): an evaluation at the restored step (eval_on_start) measures otherwise;
+            # a validation loss recorded there before the resume stands (an evaluation there appends none)
+            measured, has_loss = from_rank0(self.lens.group, (measured[0], has_loss[0]), self.lens.model)
+        except BaseException as exc:  # noqa: BLE001 - an interrupt too: told to the mesh peers below, then re-raised
+            error, measured, has_loss = exc, False, False
+        try:
+            # under tensor parallelism with a group holding one rank of each mesh (a data-parallel group), rank 0's
+            # mesh peers are in other groups, whose rank 0 has no record: whether an evaluation at step measures (a
+            # measurement: collectives of the mesh), and a failure above (rank 0's writer), are agreed with them too
+            # (before, a restarted peer measured alone, or went on training alone, and waited until the timeout)
+            failed = error is not None
+            if error is None or not out_of_step(error):  # (one that left the collectives out of step: no more)
+                try:
+                    failed, measured, has_loss = peers_any(self.lens.model, self.lens.group,
+                                                           (failed, measured, has_loss))
+                except BaseException:
+                    if error is None:
+                        raise
+            if error is not None:
+                raise error
+            if failed:
+                raise RuntimeError(
+                    f"spectral-lens callback: {what} failed on a tensor-parallel mesh peer of global rank "
+                    f"{_global_rank()} (this rank), in another rank's group= (the lens's group holds one rank of each "
+                    "mesh); every rank raises: see that rank's error")
         except BaseException:
             self.release()  # the run ends with this error
             raise
-        # the checkpoint's step counts as measured only when it was (in this process's history or, on
-        # rank 0, in the run record): an evaluation at the restored step (eval_on_start) measures otherwise;
-        # a validation loss recorded there before the resume stands (an evaluation there appends none)
-        measured, has_loss = from_rank0(self.lens.group, (measured[0], has_loss[0]), self.lens.model)
         self.last_step = step if measured else None
         self.last_has_val_loss = measured and has_loss
 
@@ -358,10 +390,17 @@ class LensDriver:
         other ranks). ``log``: called with the scalars on rank 0 after the sinks (the framework's own
         loggers). An error of a sink or of ``log`` on rank 0 is agreed with the other ranks: every
         rank raises. A measurement that finds non-finite hidden states or gradients (a diverged run) is
-        skipped with a warning on every rank (``{}``): measuring does not end the training."""
+        skipped with a warning on every rank (``{}``): measuring does not end the training; so is one whose run
+        record rank 0 closed already (agreed with the tensor-parallel mesh peers too, where the group holds one
+        rank of each mesh: :func:`~spectral_lens._agree.peers_any`)."""
         writer = self.lens.writer
-        if from_rank0(self.lens.group, writer is not None and bool(getattr(writer, "closed", False)),
-                      self.lens.model):
+        closed = from_rank0(self.lens.group, writer is not None and bool(getattr(writer, "closed", False)),
+                            self.lens.model)
+        # and the tensor-parallel mesh peers where the group holds one rank of each mesh (a data-parallel group):
+        # rank 0's peers are in other groups, whose rank 0 has no writer; before, they measured and waited in the
+        # peers' check of the measurement until the process-group timeout (one all-reduce more; none otherwise)
+        (closed,) = peers_any(self.lens.model, self.lens.group, (closed,))
+        if closed:
             # the user closed the run record after train()/fit() (the guides do), then evaluated again:
             # nothing to record into; every rank skips alike (the writer lives on rank 0 only)
             warnings.warn(f"spectral-lens: the lens's RunWriter ({getattr(writer, 'path', 'rank 0')}) is closed, so the "
