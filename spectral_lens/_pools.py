@@ -248,6 +248,13 @@ def _pair_rows(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     t = t.reshape(m, -1, n, n)
     out = []
     step = max(1, (1 << 22) // max(1, m * t.shape[1] * n))
+    if t.dtype == torch.bool:  # a bool mask: each real key's weight (its position's mix) where True, summed
+        w = key % _P
+        w = w ^ (w >> 16)
+        w = (w * w % _P * real)[:, None, None, :]  # < 2**31: a row's sum < 2**31 * T, within int64
+        for q in range(0, n, step):
+            out.append((t[:, :, q:q + step] * w).sum(-1) % _P)
+        return torch.cat(out, 2)
     for q in range(0, n, step):
         vals = t[:, :, q:q + step].long()  # (M, R, q, T)
         f = ((vals % _P) * _A + key[:, None, None, :]) % _P

@@ -204,6 +204,14 @@ def test_the_4d_mask_is_read_at_its_real_entries():
     y = x.clone()
     y[3, 0, n - 1, 0] = ~y[3, 0, n - 1, 0]  # the last block's first key
     assert int(tensor_fingerprint(y, real)) != int(tensor_fingerprint(x, real))
+    # an additive float mask (0 = read, -inf = not) of the same pattern: read by its bits, the same way
+    small, psmall = x[:, :, :40, :40], padded[:, :, :extra + 40, :extra + 40]
+    rs, prs = real[:, :40], torch.cat([torch.zeros(4, extra, dtype=torch.bool), real[:, :40]], 1)
+    add, padd = (torch.where(m, 0.0, float("-inf")) for m in (small, psmall))
+    assert int(tensor_fingerprint(add, rs)) == int(tensor_fingerprint(padd, prs))
+    other = add.clone()
+    other[0, 0, 3, 1] = -1e9
+    assert int(tensor_fingerprint(other, rs)) != int(tensor_fingerprint(add, rs))
 
 
 # --------------------------------------------------------------------------- seq2seq batches
