@@ -364,19 +364,22 @@ def _masks(batch: Any, mask: torch.Tensor | None) -> tuple[list[Any], list[Any]]
     return [own, mask], [dec] if dec is not None else []
 
 
-def _shared(t: torch.Tensor, masks: list[Any], rows: int | None, key: Any = None) -> torch.Tensor:
-    """``t`` as the ``rows`` samples of the batch read it where it is one value shared by all of them (a ``(1, T)``
-    or, under an ``(M, T)`` mask, a ``(T,)`` ``position_ids``): broadcast to each sample (a view), so that a pool
-    re-batched hashes alike; other tensors as they are. A 1-D tensor of as many values as samples is a per-sample
-    one (lengths, class labels), unless it is a mapping's ``position_ids``."""
-    if rows is None or t.ndim == 0:
+def _shared(t: torch.Tensor, masks: list[Any], key: Any = None) -> torch.Tensor:
+    """``t`` as the samples of the batch read it where it is one value shared by all of them under an ``(M, T)``
+    mask of ``masks``: a ``(1, T, ...)`` or a ``(T,)`` tensor (a ``position_ids``), broadcast to each of the ``M``
+    samples (a view), so that a pool re-batched and re-padded hashes alike. Other tensors as they are: a leading
+    dimension of 1 that is not the mask's ``T`` is a count of its own (one image's ``image_grid_thw``), and a 1-D
+    tensor of ``M`` values a per-sample one (lengths, class labels), unless it is a mapping's ``position_ids``."""
+    if t.ndim == 0:
         return t
-    if t.shape[0] == 1 and rows > 1:
-        return t.expand(rows, *t.shape[1:])
-    if t.ndim == 1 and (t.shape[0] != rows or key == "position_ids") and any(
-            isinstance(m, torch.Tensor) and m.ndim == 2 and m.shape[0] == rows and m.shape[1] == t.shape[0]
-            for m in masks):
-        return t[None].expand(rows, t.shape[0])
+    for m in masks:
+        if not (isinstance(m, torch.Tensor) and m.ndim == 2):
+            continue
+        rows, n = m.shape
+        if t.ndim >= 2 and t.shape[0] == 1 and t.shape[1] == n:
+            return t.expand(rows, *t.shape[1:])
+        if t.ndim == 1 and t.shape[0] == n and (n != rows or key == "position_ids"):
+            return t[None].expand(rows, n)
     return t
 
 
@@ -384,9 +387,9 @@ def batch_fingerprint(batch: Any, mask: torch.Tensor | None = None) -> list[torc
     """The residues (:func:`tensor_fingerprint`) of every tensor in ``batch`` (a tensor, or a nested tuple, list
     or dict of them; other leaves, such as strings, are not read), each salted by its place in the batch, each
     under the first mask of :func:`_masks` that fits it (a mapping's ``attention_mask`` before ``mask``,
-    ``mask_fn``'s). A tensor shared by the batch's samples (a leading dimension of 1, a ``(T,)`` under an
-    ``(M, T)`` mask) is read as each sample's; a 0-dim one (a per-batch count) is not read: either would make a
-    re-batched pool hash otherwise. A tensor whose kernels fail is not read."""
+    ``mask_fn``'s). A tensor shared by the batch's samples under an ``(M, T)`` mask (a ``(1, T)`` or ``(T,)``
+    ``position_ids``) is read as each sample's (:func:`_shared`); a 0-dim one (a per-batch count) is not read:
+    either would make a re-batched pool hash otherwise. A tensor whose kernels fail is not read."""
     from torch.utils import _pytree as pytree
 
     from .gradients._batch import plain_batch
@@ -394,9 +397,6 @@ def batch_fingerprint(batch: Any, mask: torch.Tensor | None = None) -> list[torc
     batch = plain_batch(batch)
     masks, decoder = _masks(batch, mask)
     leaves = [(p, x) for p, x in pytree.tree_flatten_with_path(batch)[0] if isinstance(x, torch.Tensor)]
-    rows = next((m.shape[0] for m in masks + decoder if isinstance(m, torch.Tensor) and m.ndim > 0), None)
-    if rows is None:  # the batch's sample count: the leading size of its first tensor of 2 or more dimensions
-        rows = next((x.shape[0] for _, x in leaves if x.ndim >= 2), None)
     out = []
     with torch.no_grad():  # (the gradient pass reads its batches outside no_grad)
         for path, leaf in leaves:
@@ -404,7 +404,7 @@ def batch_fingerprint(batch: Any, mask: torch.Tensor | None = None) -> list[torc
             mine = decoder if decoder and isinstance(key, str) and (key == "labels" or key.startswith("decoder_")) \
                 else masks
             try:
-                t = _shared(leaf, mine, rows, key)
+                t = _shared(leaf, mine, key)
                 h = tensor_fingerprint(t, next((m for m in mine if _fits(tuple(t.shape), t.dtype, m)), None))
             except (RuntimeError, TypeError):  # a tensor the kernels do not take (a backend's own): not read, never
                 continue                       # a failed measurement

@@ -158,6 +158,26 @@ def test_a_per_sample_length_vector_and_one_sample_batches_hash_alike():
 
     assert fp([[0, 1, 2], [3, 4, 5, 6, 7, 8]]) == fp([[8], [5, 0, 3], [1], [2, 4, 6, 7]])
     assert fp([[0, 1, 2], [3, 4, 5, 6, 7, 8]]) != fp([[0, 1, 2], [3, 4, 5, 6, 7]])
+    shifted = col([docs[i] for i in (0, 1, 2)])
+    shifted["position_ids"] = shifted["position_ids"] + 1  # other positions: other content
+    assert _fp_of([shifted, col([docs[i] for i in (3, 4, 5, 6, 7, 8)])]) != fp([[0, 1, 2], [3, 4, 5, 6, 7, 8]])
+
+
+def test_a_leading_dimension_of_one_that_is_not_the_masks_length_is_rows_of_its_own():
+    """One image's ``(1, 3)`` ``image_grid_thw`` in a batch of more samples is that image's row, not each sample's: the
+    images' rows, batched otherwise, hash alike (as before review 29)."""
+    docs = _docs()
+    grids = torch.tensor([[1, 4, 6], [1, 2, 2], [1, 8, 8]])
+
+    def batch(idx, images):
+        b = _collate()([docs[i] for i in idx])
+        b["image_grid_thw"] = grids[images]
+        return b
+
+    assert _fp_of([batch([0, 1], [0]), batch([2, 3, 4], [1, 2])]) == _fp_of([batch([0, 1], [0, 1]),
+                                                                            batch([2, 3, 4], [2])])
+    assert _fp_of([batch([0, 1], [0]), batch([2, 3, 4], [1, 2])]) != _fp_of([batch([0, 1], [0]),
+                                                                            batch([2, 3, 4], [1, 1])])
 
 
 # --------------------------------------------------------------------------- 4-D attention masks
