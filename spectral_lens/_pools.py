@@ -317,13 +317,13 @@ def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None) -> tor
         pos = (mask != 0).cumsum(1)[:, None, :] * r + torch.arange(r, device=t.device)[None, :, None]
         vals, mixed, wide = rows.reshape(m, -1), pos.reshape(m, -1) * _D + _B, False
     elif how == "lead":
-        t, mask = _on_one_device(t, mask)
         vals = _spaced(t, mask.ndim, POSITION_VALUES)  # (M, T, K): every position, K values of each
+        vals, mask = _on_one_device(vals, mask)  # (the values read, not all of t, copied where they move)
         k = vals.shape[-1]
         vals, read = vals.reshape(m, -1, k), (mask != 0).reshape(m, -1, 1)
         pos = read.cumsum(1)  # counted from the sample's first read position: either padding side alike
         if k > 1:
-            pos = pos * k + torch.arange(k, device=t.device)
+            pos = pos * k + torch.arange(k, device=vals.device)
         read, vals = read.expand_as(vals).reshape(m, -1), vals.reshape(m, -1)
         mixed = pos.reshape(m, -1) * _D + _B  # positions < 2**31 (a sample's values): < 2**62
         wide = vals.element_size() > 4
