@@ -226,20 +226,76 @@ def _positions(n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(n, device=device) * _D + _B
 
 
+def _on_one_device(t: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` and ``mask`` on one device without a host sync: the one on the CPU copied to the other's accelerator
+    (a host-to-device copy, ``non_blocking``: safe from pageable memory), or between accelerators the mask to
+    ``t``'s (a device-to-device copy, ordered on the streams)."""
+    if mask.device == t.device:
+        return t, mask
+    if t.device.type == "cpu":
+        return t.to(mask.device, non_blocking=True), mask
+    return t, mask.to(t.device, non_blocking=True)
+
+
+def _pair_rows(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The per-row residues of an ``(M, ..., T, T)`` tensor (a 4-D attention mask) read at the real query x real key
+    entries of the ``(M, T)`` ``mask``, a key counted from the row's first real one: shape ``(M, R, T)`` (``R`` the
+    middle dimensions' size), one residue per query row, the same for the row re-padded on either side. In blocks of
+    query rows, so that the temporaries stay at most ~4M values whatever ``T``."""
+    m, n = mask.shape
+    real = mask != 0
+    key = real.cumsum(1) * _D + _B  # (M, T)
+    t = t.reshape(m, -1, n, n)
+    out = []
+    step = max(1, (1 << 22) // max(1, m * t.shape[1] * n))
+    if t.dtype == torch.bool:  # a bool mask: each real key's weight (its position's mix) where True, summed
+        w = key % _P
+        w = w ^ (w >> 16)
+        w = (w * w % _P * real)[:, None, None, :]  # < 2**31: a row's sum < 2**31 * T, within int64
+        for q in range(0, n, step):
+            out.append((t[:, :, q:q + step] * w).sum(-1) % _P)
+        return torch.cat(out, 2)
+    for q in range(0, n, step):
+        vals = t[:, :, q:q + step].long()  # (M, R, q, T)
+        f = ((vals % _P) * _A + key[:, None, None, :]) % _P
+        f = f ^ (f >> 16)
+        f = f * f % _P * real[:, None, None, :]
+        out.append(f.sum(-1) % _P)
+    return torch.cat(out, 2)
+
+
+def _fits(shape: tuple[int, ...], dtype: torch.dtype, mask: Any) -> str | None:
+    """How a mask applies to a tensor of ``shape`` and ``dtype``: ``"pair"`` (an ``(M, ..., T, T)`` tensor of 4 or
+    more dimensions, or a bool ``(M, T, T)``, under an ``(M, T)`` mask: a 4-D attention mask), ``"lead"`` (its
+    leading shape is the mask's), or ``None`` (it does not)."""
+    if not isinstance(mask, torch.Tensor) or mask.ndim == 0 or mask.device.type == "meta" or not shape \
+            or mask.shape[0] != shape[0]:
+        return None
+    if (mask.ndim == 2 and shape[-2:] == (mask.shape[1],) * 2
+            and (len(shape) >= 4 or (len(shape) == 3 and dtype == torch.bool))):
+        return "pair"
+    return "lead" if mask.ndim <= len(shape) and tuple(mask.shape) == shape[:mask.ndim] else None
+
+
 def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
-    """A 0-dim int64 residue mod ``2**31 - 1`` of ``t``'s content, on ``t``'s device (no host sync), or ``None``
-    for a tensor it does not read (empty, sparse, a subclass such as ``DTensor``, quantized).
+    """A 0-dim int64 residue mod ``2**31 - 1`` of ``t``'s content, on ``t``'s device (or, for a CPU ``t`` with a mask
+    on an accelerator, the mask's; no host sync), or ``None`` for a tensor it does not read (0-dim, empty, sparse,
+    a subclass such as ``DTensor``, quantized).
 
     Dimension 0 indexes samples: each value is mixed with its position in its sample, and the samples' hashes are
     mixed and summed, so the result does not depend on how the pool is ordered or batched (a shuffled whole pool
     hashes as the fixed one), but a sample's values in another order (a flipped image) hash otherwise. ``mask``
-    (nonzero = read), applied where ``t``'s leading shape is the mask's and both are on one device: the positions
+    (nonzero = read), applied where ``t``'s leading shape is the mask's (moved to one device with it): the positions
     it excludes are not read, and a read position counts from the sample's first read one, so a pool re-padded to
     other lengths, on either side, hashes alike; every position is read, at most :data:`POSITION_VALUES` evenly
-    spaced values of each. Without a mask: at most :data:`SAMPLE_VALUES` evenly spaced values of each sample, an
-    integer tensor's :data:`IGNORE_INDEX` entries (a collator's ``labels`` padding) not read. Integer and bool
-    tensors are read as integers, floating-point, complex and unsigned ones by their bits."""
-    if type(t) is not torch.Tensor or t.layout != torch.strided or t.numel() == 0 or t.device.type == "meta":
+    spaced values of each. An ``(M, ..., T, T)`` tensor of 4 or more dimensions, or a bool ``(M, T, T)`` one, under an
+    ``(M, T)`` mask (a 4-D attention mask) is read at its real query x real key entries, all of them. Without a mask:
+    at most :data:`SAMPLE_VALUES` evenly spaced values of each sample, an integer tensor's :data:`IGNORE_INDEX`
+    entries (a collator's ``labels`` padding) not read. Integer and bool tensors are read as integers,
+    floating-point, complex and unsigned ones by their bits. A 0-dim tensor (a per-batch count) is no sample's
+    content: a pool re-batched would hash otherwise."""
+    if (type(t) is not torch.Tensor or t.layout != torch.strided or t.numel() == 0 or t.device.type == "meta"
+            or t.ndim == 0):
         return None
     if t.is_complex():
         t = torch.view_as_real(t)
@@ -251,24 +307,32 @@ def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     elif t.dtype not in _INTEGERS:
         return None
     shape = tuple(t.shape)
-    if not shape:
-        t = t.reshape(1)
     m = t.shape[0]
-    if (isinstance(mask, torch.Tensor) and mask.device == t.device and 0 < mask.ndim <= len(shape)
-            and tuple(mask.shape) == shape[:mask.ndim]):
+    how = _fits(shape, t.dtype, mask)
+    if how == "pair":
+        t, mask = _on_one_device(t, mask)
+        rows = _pair_rows(t, mask)  # (M, R, T): one residue per query row, then read as the values of positions
+        r = rows.shape[1]
+        read = (mask != 0)[:, None, :].expand_as(rows).reshape(m, -1)
+        pos = (mask != 0).cumsum(1)[:, None, :] * r + torch.arange(r, device=t.device)[None, :, None]
+        vals, mixed, wide = rows.reshape(m, -1), pos.reshape(m, -1) * _D + _B, False
+    elif how == "lead":
         vals = _spaced(t, mask.ndim, POSITION_VALUES)  # (M, T, K): every position, K values of each
+        vals, mask = _on_one_device(vals, mask)  # (the values read, not all of t, copied where they move)
         k = vals.shape[-1]
         vals, read = vals.reshape(m, -1, k), (mask != 0).reshape(m, -1, 1)
         pos = read.cumsum(1)  # counted from the sample's first read position: either padding side alike
         if k > 1:
-            pos = pos * k + torch.arange(k, device=t.device)
+            pos = pos * k + torch.arange(k, device=vals.device)
         read, vals = read.expand_as(vals).reshape(m, -1), vals.reshape(m, -1)
         mixed = pos.reshape(m, -1) * _D + _B  # positions < 2**31 (a sample's values): < 2**62
+        wide = vals.element_size() > 4
     else:
         vals = _spaced(t, 1, SAMPLE_VALUES)
         read = vals != IGNORE_INDEX if ints else None  # right-padded labels of any length alike
         mixed = _positions(vals.shape[1], t.device)
-    wide = vals.element_size() > 4  # int64 (and float64 bits): reduced before the product; the others stay < 2**61
+        wide = vals.element_size() > 4
+    # wide: int64 (and float64 bits), reduced before the product; the others (and the residues) stay < 2**61
     vals = vals.long()
     f = ((vals % _P if wide else vals) * _A + mixed) % _P
     f = f ^ (f >> 16)  # not a polynomial mod P: a sample's hash is not a few power sums of its values
@@ -279,25 +343,69 @@ def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     return (h * h % _P).sum() % _P
 
 
+def _masks(batch: Any, mask: torch.Tensor | None) -> tuple[list[Any], list[Any]]:
+    """The masks the fingerprint tries, in order, on the tensors of ``batch`` (the first that fits a tensor's shape
+    is its mask): for the others, a mapping's own ``attention_mask`` of 1 or 2 dimensions (its padding: every real
+    token, where ``mask_fn``'s ``mask`` may select a part of them, such as the answer tokens, whose rows depend on
+    the others through attention), then ``mask``; for a seq2seq mapping's ``decoder_*`` tensors and its ``labels``,
+    the ``decoder_attention_mask``, or else where the ``labels`` are not :data:`IGNORE_INDEX` (a seq2seq collator's
+    ``decoder_input_ids`` are the labels shifted right, padded with the pad id), never the encoder's."""
+    if not isinstance(batch, Mapping):
+        return [mask], []
+    own = batch.get("attention_mask")
+    own = own if isinstance(own, torch.Tensor) and 1 <= own.ndim <= 2 else None
+    dec = batch.get("decoder_attention_mask")
+    labels = batch.get("labels")
+    if not (isinstance(dec, torch.Tensor) and 1 <= dec.ndim <= 2):
+        dec = None
+        if (isinstance(batch.get("decoder_input_ids"), torch.Tensor) and isinstance(labels, torch.Tensor)
+                and labels.dtype in _INTEGERS and 1 <= labels.ndim <= 2):
+            dec = labels != IGNORE_INDEX
+    return [own, mask], [dec] if dec is not None else []
+
+
+def _shared(t: torch.Tensor, masks: list[Any], key: Any = None) -> torch.Tensor:
+    """``t`` as the samples of the batch read it where it is one value shared by all of them under an ``(M, T)``
+    mask of ``masks``: a ``(1, T, ...)`` or a ``(T,)`` tensor (a ``position_ids``), broadcast to each of the ``M``
+    samples (a view), so that a pool re-batched and re-padded hashes alike. Other tensors as they are: a leading
+    dimension of 1 that is not the mask's ``T`` is a count of its own (one image's ``image_grid_thw``), and a 1-D
+    tensor of ``M`` values a per-sample one (lengths, class labels), unless it is a mapping's ``position_ids``."""
+    if t.ndim == 0:
+        return t
+    for m in masks:
+        if not (isinstance(m, torch.Tensor) and m.ndim == 2):
+            continue
+        rows, n = m.shape
+        if t.ndim >= 2 and t.shape[0] == 1 and t.shape[1] == n:
+            return t.expand(rows, *t.shape[1:])
+        if t.ndim == 1 and t.shape[0] == n and (n != rows or key == "position_ids"):
+            return t[None].expand(rows, n)
+    return t
+
+
 def batch_fingerprint(batch: Any, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The residues (:func:`tensor_fingerprint`) of every tensor in ``batch`` (a tensor, or a nested tuple, list
-    or dict of them; other leaves, such as strings, are not read), each salted by its place in the batch. Without
-    ``mask``, a mapping's ``"attention_mask"`` is the mask (padding not read). A tensor whose kernels fail is
-    not read."""
+    or dict of them; other leaves, such as strings, are not read), each salted by its place in the batch, each
+    under the first mask of :func:`_masks` that fits it (a mapping's ``attention_mask`` before ``mask``,
+    ``mask_fn``'s). A tensor shared by the batch's samples under an ``(M, T)`` mask (a ``(1, T)`` or ``(T,)``
+    ``position_ids``) is read as each sample's (:func:`_shared`); a 0-dim one (a per-batch count) is not read:
+    either would make a re-batched pool hash otherwise. A tensor whose kernels fail is not read."""
     from torch.utils import _pytree as pytree
 
     from .gradients._batch import plain_batch
 
     batch = plain_batch(batch)
-    if mask is None and isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
-        mask = batch["attention_mask"]
+    masks, decoder = _masks(batch, mask)
+    leaves = [(p, x) for p, x in pytree.tree_flatten_with_path(batch)[0] if isinstance(x, torch.Tensor)]
     out = []
     with torch.no_grad():  # (the gradient pass reads its batches outside no_grad)
-        for path, leaf in pytree.tree_flatten_with_path(batch)[0]:
-            if not isinstance(leaf, torch.Tensor):
-                continue
+        for path, leaf in leaves:
+            key = getattr(path[0], "key", None) if path else None
+            mine = decoder if decoder and isinstance(key, str) and (key == "labels" or key.startswith("decoder_")) \
+                else masks
             try:
-                h = tensor_fingerprint(leaf, mask)
+                t = _shared(leaf, mine, key)
+                h = tensor_fingerprint(t, next((m for m in mine if _fits(tuple(t.shape), t.dtype, m)), None))
             except (RuntimeError, TypeError):  # a tensor the kernels do not take (a backend's own): not read, never
                 continue                       # a failed measurement
             if h is not None:
