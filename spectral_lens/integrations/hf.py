@@ -8,7 +8,6 @@ import weakref
 from typing import Any, Iterable
 
 import torch
-import torch.distributed as dist
 
 from .._warnings import SpectralLensWarning
 from ..gradients.losses import causal_lm_loss
@@ -172,13 +171,12 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         own = probe.label_smoothing
         if own and own != float(eps) and not getattr(self, "_smoothing_warned", False):
             self._smoothing_warned = True  # also when the trainer does not smooth: the probe measures another loss
-            if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-                warnings.warn(
-                    f"SpectralLensCallback: the trainer trains with label_smoothing_factor={float(eps):g}, and the lens's "
-                    f"gradient probe was built with label_smoothing={own:g}: the probe's own value is measured (build "
-                    "it without label_smoothing to measure the trainer's loss)",
-                    SpectralLensWarning, stacklevel=2,
-                )
+            # given at rank 0's next agreed work (the measurement's sinks): raised as an error (-W error) on every
+            # rank alike there, where a warning here, on rank 0 only, left the others in the measurement's collectives
+            self.driver.warn_on_rank0(
+                f"SpectralLensCallback: the trainer trains with label_smoothing_factor={float(eps):g}, and the lens's "
+                f"gradient probe was built with label_smoothing={own:g}: the probe's own value is measured (build "
+                "it without label_smoothing to measure the trainer's loss)")
         return probe._trained_loss(float(eps)) if eps else contextlib.nullcontext()
 
     def _trainer_of(self, state):

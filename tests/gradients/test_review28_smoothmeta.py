@@ -116,8 +116,8 @@ def test_the_hf_callback_warns_once_when_the_probes_own_smoothing_differs_from_t
             for _ in range(2):
                 with callback._trained_loss(None, args):
                     assert probe._label_smoothing == (own or 0.1)
-        got = [w for w in caught if issubclass(w.category, SpectralLensWarning)
-               and "label_smoothing_factor=0.1" in str(w.message)]
-        assert len(got) == (1 if warned else 0), [str(w.message) for w in caught]
+        assert not [w for w in caught if issubclass(w.category, SpectralLensWarning)]  # at the next agreed work (review 29)
+        got = [m for m in callback.driver._pending_warnings if "label_smoothing_factor=0.1" in m]
+        assert len(got) == (1 if warned else 0), got
         if warned:
-            assert "built with label_smoothing=0.05" in str(got[0].message)
+            assert "built with label_smoothing=0.05" in got[0]
