@@ -14,14 +14,14 @@ import types
 import warnings
 
 import pytest
+from support.models import TinyGPT, lm_batch
 
 from spectral_lens import PerSampleGradientProbe, SpectralLens
 from spectral_lens._warnings import NonFiniteError, SpectralLensWarning
-from support.models import TinyGPT, lm_batch
 
 transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the hf extra installs it)")
-from spectral_lens.integrations import SpectralLensCallback  # noqa: E402
+from spectral_lens.integrations import SpectralLensCallback
 
 PARAM = "transformer.h.1.attn.c_proj.weight"
 SAID = "built with label_smoothing=0.05"

@@ -26,9 +26,10 @@ SAID = "built with label_smoothing=0.05"
 
 
 def _hf_smoothing_error(rank: int) -> dict:
+    from support.models import TinyGPT, lm_batch
+
     from spectral_lens import PerSampleGradientProbe, SpectralLens
     from spectral_lens.integrations import SpectralLensCallback
-    from support.models import TinyGPT, lm_batch
 
     model = TinyGPT().eval()
     probe = PerSampleGradientProbe(model, "transformer.h.1.attn.c_proj.weight", label_smoothing=0.05)
