@@ -92,6 +92,8 @@ class LensDriver:
         self._warned_steps = False  # tokens() fell back to step counts and said so once
         self._steps_pending = False  # agreed_tokens() fell back to step counts: rank 0's next agreed work says so
         self._pending_warnings: list[str] = []  # warn_on_rank0(): given at rank 0's next agreed work
+        self._once: set[str] = set()  # warn_on_rank0(once=True)'s messages; those given already:
+        self._given_once: set[str] = set()
         self.last_step: int | None = None
         self.last_has_val_loss = False  # whether the record holds a validation loss at last_step
         self.handle = None
@@ -294,14 +296,23 @@ class LensDriver:
         self._agreed_on_rank0(on_rank0, "recording the validation loss")
         self.last_has_val_loss = self.last_has_val_loss or val_loss is not None
 
-    def warn_on_rank0(self, message: str) -> None:
+    def warn_on_rank0(self, message: str, once: bool = False) -> None:
         """Warn (``SpectralLensWarning``) on rank 0 only, at its next agreed work (:meth:`_agreed_on_rank0`: a
         measurement's sinks, a loss event), as :meth:`agreed_tokens` does: about something only rank 0's value
         decides (rank 0 writes the record), and raised as an error (``-W error``) on every rank alike. Call it on
         every rank before that work; the other ranks drop it. A measurement that is skipped or raises drops it too
-        (it was about that measurement)."""
-        if ranks(self.lens.group)[0] == 0:
-            self._pending_warnings.append(str(message))
+        (it was about that measurement). ``once``: given once by this driver (the run's setup, not one
+        measurement's): call it before each measurement it concerns; a message pending or given already is not
+        queued again, and one that a skipped or failed measurement dropped is queued again by the next call
+        (before, a caller's own once-flag, set when queued, lost it: the user never saw it)."""
+        if ranks(self.lens.group)[0] != 0:
+            return
+        message = str(message)
+        if once:
+            if message in self._given_once or message in self._pending_warnings:
+                return
+            self._once.add(message)
+        self._pending_warnings.append(message)
 
     def _agreed_on_rank0(self, work, what: str) -> None:
         """Run ``work()`` on rank 0 of the lens's group; then every rank agrees (one collective) on
@@ -317,6 +328,8 @@ class LensDriver:
                     warnings.warn(_STEPS_WARNING, SpectralLensWarning, stacklevel=3)
                 pending, self._pending_warnings = self._pending_warnings, []
                 for message in pending:
+                    if message in self._once:  # given (also when raised as an error: the user saw it)
+                        self._given_once.add(message)
                     warnings.warn(message, SpectralLensWarning, stacklevel=3)
                 self._record_tokens_per_step()
                 work()

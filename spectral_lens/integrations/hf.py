@@ -169,14 +169,15 @@ class SpectralLensCallback(_transformers.TrainerCallback):
         if probe is None:
             return contextlib.nullcontext()
         own = probe.label_smoothing
-        if own and own != float(eps) and not getattr(self, "_smoothing_warned", False):
-            self._smoothing_warned = True  # also when the trainer does not smooth: the probe measures another loss
+        if own and own != float(eps):  # also when the trainer does not smooth: the probe measures another loss
             # given at rank 0's next agreed work (the measurement's sinks): raised as an error (-W error) on every
-            # rank alike there, where a warning here, on rank 0 only, left the others in the measurement's collectives
+            # rank alike there, where a warning here, on rank 0 only, left the others in the measurement's collectives.
+            # Once (once=True): queued again at each measurement until one gave it (a flag set here, when queued,
+            # lost it where that measurement was skipped, non-finite, or raised: the user never saw it)
             self.driver.warn_on_rank0(
                 f"SpectralLensCallback: the trainer trains with label_smoothing_factor={float(eps):g}, and the lens's "
                 f"gradient probe was built with label_smoothing={own:g}: the probe's own value is measured (build "
-                "it without label_smoothing to measure the trainer's loss)")
+                "it without label_smoothing to measure the trainer's loss)", once=True)
         return probe._trained_loss(float(eps)) if eps else contextlib.nullcontext()
 
     def _trainer_of(self, state):
