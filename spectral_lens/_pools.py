@@ -343,25 +343,38 @@ def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     return (h * h % _P).sum() % _P
 
 
-def _masks(batch: Any, mask: torch.Tensor | None) -> tuple[list[Any], list[Any]]:
+def _not_ignored(labels: Any) -> torch.Tensor | None:
+    """Where an integer ``labels`` tensor of 1 or 2 dimensions is not :data:`IGNORE_INDEX` (its own mask), or ``None``
+    for another (a float, sparse or nested one, one the kernels do not take): never a failed measurement."""
+    if (type(labels) is not torch.Tensor or labels.layout != torch.strided or labels.is_nested
+            or labels.dtype not in _INTEGERS or not 1 <= labels.ndim <= 2 or labels.device.type == "meta"):
+        return None
+    try:
+        return labels != IGNORE_INDEX
+    except (RuntimeError, TypeError):
+        return None
+
+
+def _masks(batch: Any, mask: torch.Tensor | None) -> tuple[list[Any], list[Any], list[Any]]:
     """The masks the fingerprint tries, in order, on the tensors of ``batch`` (the first that fits a tensor's shape
     is its mask): for the others, a mapping's own ``attention_mask`` of 1 or 2 dimensions (its padding: every real
     token, where ``mask_fn``'s ``mask`` may select a part of them, such as the answer tokens, whose rows depend on
-    the others through attention), then ``mask``; for a seq2seq mapping's ``decoder_*`` tensors and its ``labels``,
-    the ``decoder_attention_mask``, or else where the ``labels`` are not :data:`IGNORE_INDEX` (a seq2seq collator's
-    ``decoder_input_ids`` are the labels shifted right, padded with the pad id), never the encoder's."""
+    the others through attention), then ``mask``; for a seq2seq mapping's ``decoder_*`` tensors, the
+    ``decoder_attention_mask``, or else where the ``labels`` are not :data:`IGNORE_INDEX` (a seq2seq collator's
+    ``decoder_input_ids`` are the labels shifted right, padded with the pad id), never the encoder's; for its integer
+    ``labels``, the ``decoder_attention_mask``, or else their own (not :data:`IGNORE_INDEX`): a seq2seq batch
+    without ``decoder_input_ids`` has labels as long as its inputs only by chance, and read under the encoder's
+    mask then they would hash otherwise than in another batching."""
     if not isinstance(batch, Mapping):
-        return [mask], []
+        return [mask], [], []
     own = batch.get("attention_mask")
     own = own if isinstance(own, torch.Tensor) and 1 <= own.ndim <= 2 else None
     dec = batch.get("decoder_attention_mask")
-    labels = batch.get("labels")
+    labels = _not_ignored(batch.get("labels"))
     if not (isinstance(dec, torch.Tensor) and 1 <= dec.ndim <= 2):
-        dec = None
-        if (isinstance(batch.get("decoder_input_ids"), torch.Tensor) and isinstance(labels, torch.Tensor)
-                and labels.dtype in _INTEGERS and 1 <= labels.ndim <= 2):
-            dec = labels != IGNORE_INDEX
-    return [own, mask], [dec] if dec is not None else []
+        dec = labels if isinstance(batch.get("decoder_input_ids"), torch.Tensor) else None
+    mine = dec if dec is not None else labels
+    return [own, mask], [dec] if dec is not None else [], [mine] if mine is not None else []
 
 
 def _shared(t: torch.Tensor, masks: list[Any], key: Any = None) -> torch.Tensor:
@@ -395,14 +408,14 @@ def batch_fingerprint(batch: Any, mask: torch.Tensor | None = None) -> list[torc
     from .gradients._batch import plain_batch
 
     batch = plain_batch(batch)
-    masks, decoder = _masks(batch, mask)
+    masks, decoder, labels = _masks(batch, mask)
     leaves = [(p, x) for p, x in pytree.tree_flatten_with_path(batch)[0] if isinstance(x, torch.Tensor)]
     out = []
     with torch.no_grad():  # (the gradient pass reads its batches outside no_grad)
         for path, leaf in leaves:
             key = getattr(path[0], "key", None) if path else None
-            mine = decoder if decoder and isinstance(key, str) and (key == "labels" or key.startswith("decoder_")) \
-                else masks
+            mine = labels if labels and key == "labels" else decoder \
+                if decoder and isinstance(key, str) and key.startswith("decoder_") else masks
             try:
                 t = _shared(leaf, mine, key)
                 h = tensor_fingerprint(t, next((m for m in mine if _fits(tuple(t.shape), t.dtype, m)), None))

@@ -1,0 +1,82 @@
+"""Review 29 (revpool2) of the pool fingerprint after poolfp2: a seq2seq batch without ``decoder_input_ids``
+(``DataCollatorForSeq2Seq`` without ``model=``) whose padded ``labels`` happened to be as long as its
+``input_ids`` had its labels read under the encoder's ``attention_mask`` (a false alarm at a re-batching), and a
+sparse or nested ``labels`` beside ``decoder_input_ids`` raised (a failed measurement)."""
+
+import warnings
+
+import pytest
+import torch
+
+from spectral_lens._pools import PoolFingerprint, attention_mask, batch_fingerprint
+
+
+def _pad(rows, value):
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+_ENC = [torch.arange(1, 1 + n) for n in (4, 6, 5)]
+_DEC = [torch.arange(50, 50 + n) for n in (6, 3, 2)]
+
+
+def _fp(groups, dec=_DEC, side_pad=0):
+    """The pool's fingerprint as the lens reads it, batched as ``groups`` (the default ``mask_fn``)."""
+    fp = PoolFingerprint()
+    for g in groups:
+        batch = {"input_ids": _pad([_ENC[i] for i in g], 0),
+                 "attention_mask": _pad([torch.ones_like(_ENC[i]) for i in g], 0),
+                 "labels": _pad([dec[i] for i in g], -100)}
+        if side_pad:  # padded to a multiple: other lengths, the same samples
+            batch = {k: torch.nn.functional.pad(v, (0, side_pad), value=-100 if k == "labels" else 0)
+                     for k, v in batch.items()}
+        fp.add(batch, attention_mask(batch))
+    return fp.value()
+
+
+def test_seq2seq_labels_as_long_as_the_inputs_by_chance_hash_alike():
+    # batched together, labels and inputs are both 6 long (the labels fit the encoder's mask); apart they are not
+    same = {_fp([[0, 1, 2]]), _fp([[0], [1], [2]]), _fp([[1, 0], [2]]), _fp([[2, 1, 0]], side_pad=3)}
+    assert len(same) == 1
+    changed = [d.clone() for d in _DEC]
+    changed[0][5] += 1  # a label token the encoder's mask of the batch-of-one would not cover
+    assert _fp([[0, 1, 2]], changed) not in same
+    assert _fp([[0], [1], [2]], changed) not in same
+
+
+def test_causal_lm_labels_still_hash_alike_re_padded_and_see_a_change():
+    ids = [torch.arange(3, 3 + n) for n in (5, 2, 7)]
+
+    def fp(groups, side, change=False):
+        out = PoolFingerprint()
+        for g in groups:
+            rows = [ids[i].clone() for i in g]
+            labels = [r.clone() for r in rows]
+            labels = [torch.cat([torch.tensor([-100]), r[1:]]) for r in labels]  # the first token not a target
+            if change and 0 in g:
+                labels[g.index(0)][2] += 1
+            pad = (lambda rs, v: _pad(rs, v)) if side == "right" else \
+                (lambda rs, v: _pad([r.flip(0) for r in rs], v).flip(1))
+            batch = {"input_ids": pad(rows, 0), "attention_mask": pad([torch.ones_like(r) for r in rows], 0),
+                     "labels": pad(labels, -100)}
+            out.add(batch, attention_mask(batch))
+        return out.value()
+
+    same = {fp([[0, 1, 2]], "right"), fp([[2], [0, 1]], "left"), fp([[1], [2], [0]], "right")}
+    assert len(same) == 1
+    assert fp([[0, 1, 2]], "right", change=True) not in same
+
+
+@pytest.mark.parametrize("kind", ["sparse", "nested", "jagged"])
+def test_unreadable_labels_beside_decoder_inputs_are_not_read_and_never_fail(kind):
+    warnings.simplefilter("ignore")  # (torch's beta/prototype notes on sparse and nested tensors)
+    rows = [torch.ones(3, dtype=torch.long), torch.ones(4, dtype=torch.long)]
+    labels = {"sparse": lambda: _pad(rows, -100).to_sparse(),
+              "nested": lambda: torch.nested.nested_tensor(rows),
+              "jagged": lambda: torch.nested.nested_tensor(rows, layout=torch.jagged)}[kind]()
+    batch = {"input_ids": _pad(rows, 0), "attention_mask": _pad(rows, 0), "labels": labels,
+             "decoder_input_ids": _pad(rows, 0)}
+    got = batch_fingerprint(batch, attention_mask(batch))
+    assert len(got) == 3  # input_ids, attention_mask, decoder_input_ids read; the labels not
