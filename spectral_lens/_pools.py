@@ -377,12 +377,17 @@ def _masks(batch: Any, mask: torch.Tensor | None) -> tuple[list[Any], list[Any],
     return [own, mask], [dec] if dec is not None else [], [mine] if mine is not None else []
 
 
+#: the 1-D tensors of a mapping that are one ``(T,)`` row shared by its samples even where ``T`` is its sample count
+_SHARED_ROWS = ("position_ids", "cache_position")
+
+
 def _shared(t: torch.Tensor, masks: list[Any], key: Any = None) -> torch.Tensor:
     """``t`` as the samples of the batch read it where it is one value shared by all of them under an ``(M, T)``
     mask of ``masks``: a ``(1, T, ...)`` or a ``(T,)`` tensor (a ``position_ids``), broadcast to each of the ``M``
     samples (a view), so that a pool re-batched and re-padded hashes alike. Other tensors as they are: a leading
     dimension of 1 that is not the mask's ``T`` is a count of its own (one image's ``image_grid_thw``), and a 1-D
-    tensor of ``M`` values a per-sample one (lengths, class labels), unless it is a mapping's ``position_ids``."""
+    tensor of ``M`` values a per-sample one (lengths, class labels), unless it is a mapping's ``position_ids`` or
+    ``cache_position`` (:data:`_SHARED_ROWS`: in a batch whose ``T`` is its ``M``, by name only)."""
     if t.ndim == 0:
         return t
     for m in masks:
@@ -391,7 +396,7 @@ def _shared(t: torch.Tensor, masks: list[Any], key: Any = None) -> torch.Tensor:
         rows, n = m.shape
         if t.ndim >= 2 and t.shape[0] == 1 and t.shape[1] == n:
             return t.expand(rows, *t.shape[1:])
-        if t.ndim == 1 and t.shape[0] == n and (n != rows or key == "position_ids"):
+        if t.ndim == 1 and t.shape[0] == n and (n != rows or key in _SHARED_ROWS):
             return t[None].expand(rows, n)
     return t
 

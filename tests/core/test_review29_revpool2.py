@@ -80,3 +80,22 @@ def test_unreadable_labels_beside_decoder_inputs_are_not_read_and_never_fail(kin
              "decoder_input_ids": _pad(rows, 0)}
     got = batch_fingerprint(batch, attention_mask(batch))
     assert len(got) == 3  # input_ids, attention_mask, decoder_input_ids read; the labels not
+
+
+def test_a_shared_cache_position_in_a_batch_as_long_as_it_has_rows_hashes_alike():
+    rows = [torch.arange(1, 1 + n) for n in (4, 3, 2, 4, 1, 2)]
+
+    def fp(groups, change=False):
+        out = PoolFingerprint()
+        for g in groups:
+            rs = [rows[i].clone() for i in g]
+            if change and 1 in g:
+                rs[g.index(1)][0] += 1
+            batch = {"input_ids": _pad(rs, 0), "attention_mask": _pad([torch.ones_like(r) for r in rs], 0)}
+            batch["cache_position"] = torch.arange(batch["input_ids"].shape[1])  # (T,), T = M = 4 in the first
+            out.add(batch, attention_mask(batch))
+        return out.value()
+
+    same = {fp([[0, 1, 2, 3], [4, 5]]), fp([[0, 1], [2, 3], [4, 5]]), fp([[5, 3, 1], [0, 2, 4]])}
+    assert len(same) == 1
+    assert fp([[0, 1, 2, 3], [4, 5]], change=True) not in same
