@@ -255,11 +255,15 @@ def _pair_rows(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         for q in range(0, n, step):
             out.append((t[:, :, q:q + step] * w).sum(-1) % _P)
         return torch.cat(out, 2)
-    for q in range(0, n, step):
-        vals = t[:, :, q:q + step].long()  # (M, R, q, T)
-        f = ((vals % _P) * _A + key[:, None, None, :]) % _P
-        f = f ^ (f >> 16)
-        f = f * f % _P * real[:, None, None, :]
+    wide, key, real = t.element_size() > 4, key[:, None, None, :], real[:, None, None, :]
+    for q in range(0, n, step):  # in place on the one int64 copy: a 4-D mask of 8k x 8k is 64M entries a sample
+        f = t[:, :, q:q + step].to(torch.int64, copy=True)  # (M, R, q, T), a copy (never the batch's own int64
+        # values, changed in place below); values of 4 bytes or less: |v * _A| < 2**62, unreduced
+        if wide:
+            f.remainder_(_P)
+        f.mul_(_A).add_(key).remainder_(_P)
+        f.bitwise_xor_(f >> 16)
+        f.mul_(f).remainder_(_P).mul_(real)
         out.append(f.sum(-1) % _P)
     return torch.cat(out, 2)
 

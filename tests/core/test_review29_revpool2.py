@@ -99,3 +99,18 @@ def test_a_shared_cache_position_in_a_batch_as_long_as_it_has_rows_hashes_alike(
     same = {fp([[0, 1, 2, 3], [4, 5]]), fp([[0, 1], [2, 3], [4, 5]]), fp([[5, 3, 1], [0, 2, 4]])}
     assert len(same) == 1
     assert fp([[0, 1, 2, 3], [4, 5]], change=True) not in same
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float64, torch.float32, torch.bool])
+def test_the_4d_mask_path_leaves_the_batch_unchanged_and_sees_a_change(dtype):
+    # (its blocks are reduced in place: on a copy, never on an int64 or float64 batch's own values)
+    t = (torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(0)) * 100).to(dtype)
+    before = t.clone()
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    first = int(batch_fingerprint({"m": t}, mask)[0])
+    assert torch.equal(t, before)
+    assert int(batch_fingerprint({"m": t}, mask)[0]) == first
+    changed = t.clone()
+    changed[1, 0, 2, 3] = True if dtype == torch.bool and not bool(t[1, 0, 2, 3]) else \
+        (False if dtype == torch.bool else changed[1, 0, 2, 3] + 1)
+    assert int(batch_fingerprint({"m": changed}, mask)[0]) != first
