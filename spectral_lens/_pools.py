@@ -377,8 +377,24 @@ def _masks(batch: Any, mask: torch.Tensor | None) -> tuple[list[Any], list[Any],
     labels = _not_ignored(batch.get("labels"))
     if not (isinstance(dec, torch.Tensor) and 1 <= dec.ndim <= 2):
         dec = labels if isinstance(batch.get("decoder_input_ids"), torch.Tensor) else None
+        if dec is None and labels is not None:
+            labels = _unpadded(labels, batch["labels"], own, batch.get("input_ids"))
     mine = dec if dec is not None else labels
     return [own, mask], [dec] if dec is not None else [], [mine] if mine is not None else []
+
+
+def _unpadded(read: torch.Tensor, labels: torch.Tensor, own: Any, ids: Any) -> torch.Tensor:
+    """``read`` (the ``labels`` not :data:`IGNORE_INDEX`) less the padding of a causal LM's ``labels`` padded with the
+    pad id (``labels = input_ids.clone()``): where the ``attention_mask`` is 0 and the labels are the ``input_ids``.
+    A seq2seq label past its inputs' padding is other than their pad id: still read."""
+    if not (isinstance(ids, torch.Tensor) and isinstance(own, torch.Tensor)
+            and tuple(ids.shape) == tuple(labels.shape) == tuple(own.shape)
+            and ids.device == labels.device == own.device):
+        return read
+    try:
+        return read & ~((own == 0) & (labels == ids))
+    except (RuntimeError, TypeError):  # (input_ids the kernels do not take: the labels' own mask)
+        return read
 
 
 #: the 1-D tensors of a mapping that are one ``(T,)`` row shared by its samples even where ``T`` is its sample count

@@ -114,3 +114,26 @@ def test_the_4d_mask_path_leaves_the_batch_unchanged_and_sees_a_change(dtype):
     changed[1, 0, 2, 3] = True if dtype == torch.bool and not bool(t[1, 0, 2, 3]) else \
         (False if dtype == torch.bool else changed[1, 0, 2, 3] + 1)
     assert int(batch_fingerprint({"m": changed}, mask)[0]) != first
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_labels_padded_with_the_pad_id_hash_alike_re_padded(side):
+    # labels = input_ids.clone() (the padding the pad id, not -100): the padding, where the attention_mask is 0 and
+    # the labels are the inputs, not read
+    ids = [torch.arange(3, 3 + n) for n in (5, 2, 7)]
+
+    def fp(groups, change=False):
+        out = PoolFingerprint()
+        for g in groups:
+            rows = [ids[i].clone() for i in g]
+            if change and 2 in g:
+                rows[g.index(2)][6] += 1
+            pad = _pad if side == "right" else (lambda rs, v: _pad([r.flip(0) for r in rs], v).flip(1))
+            batch = {"input_ids": pad(rows, 0), "attention_mask": pad([torch.ones_like(r) for r in rows], 0)}
+            batch["labels"] = batch["input_ids"].clone()
+            out.add(batch, attention_mask(batch))
+        return out.value()
+
+    same = {fp([[0, 1, 2]]), fp([[2], [0, 1]]), fp([[1], [2], [0]]), fp([[1, 0], [2]])}
+    assert len(same) == 1
+    assert fp([[0, 1, 2]], change=True) not in same
