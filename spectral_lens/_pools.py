@@ -363,7 +363,8 @@ def _masks(batch: Any, mask: torch.Tensor | None) -> tuple[list[Any], list[Any],
     """The masks the fingerprint tries, in order, on the tensors of ``batch`` (the first that fits a tensor's shape
     is its mask): for the others, a mapping's own ``attention_mask`` of 1 or 2 dimensions (its padding: every real
     token, where ``mask_fn``'s ``mask`` may select a part of them, such as the answer tokens, whose rows depend on
-    the others through attention), then ``mask``; for a seq2seq mapping's ``decoder_*`` tensors, the
+    the others through attention), then ``mask`` (a floating-point ``attention_mask`` after ``mask``: an additive
+    one, 0 for the real tokens, would read the padding); for a seq2seq mapping's ``decoder_*`` tensors, the
     ``decoder_attention_mask``, or else where the ``labels`` are not :data:`IGNORE_INDEX` (a seq2seq collator's
     ``decoder_input_ids`` are the labels shifted right, padded with the pad id), never the encoder's; for its integer
     ``labels``, the ``decoder_attention_mask``, or else their own (not :data:`IGNORE_INDEX`): a seq2seq batch
@@ -380,7 +381,8 @@ def _masks(batch: Any, mask: torch.Tensor | None) -> tuple[list[Any], list[Any],
         if dec is None and labels is not None:
             labels = _unpadded(labels, batch["labels"], own, batch.get("input_ids"))
     mine = dec if dec is not None else labels
-    return [own, mask], [dec] if dec is not None else [], [mine] if mine is not None else []
+    first = [mask, own] if own is not None and own.is_floating_point() else [own, mask]  # (an additive one: 0 = real)
+    return first, [dec] if dec is not None else [], [mine] if mine is not None else []
 
 
 def _unpadded(read: torch.Tensor, labels: torch.Tensor, own: Any, ids: Any) -> torch.Tensor:

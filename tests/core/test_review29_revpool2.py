@@ -137,3 +137,25 @@ def test_labels_padded_with_the_pad_id_hash_alike_re_padded(side):
     same = {fp([[0, 1, 2]]), fp([[2], [0, 1]]), fp([[1], [2], [0]]), fp([[1, 0], [2]])}
     assert len(same) == 1
     assert fp([[0, 1, 2]], change=True) not in same
+
+
+def test_an_additive_attention_mask_yields_to_the_mask_fns_mask():
+    # a float attention_mask of 0 (real) and -inf (padding) read as "nonzero = read" is the padding: mask_fn's
+    # mask (the real tokens) comes first for a floating-point one
+    rows = [torch.arange(3, 3 + n) for n in (4, 2, 6)]
+
+    def fp(groups, change=False):
+        out = PoolFingerprint()
+        for g in groups:
+            rs = [rows[i].clone() for i in g]
+            if change and 0 in g:
+                rs[g.index(0)][1] += 1
+            real = _pad([torch.ones_like(r) for r in rs], 0)
+            batch = {"input_ids": _pad(rs, 0),
+                     "attention_mask": torch.zeros(real.shape).masked_fill(real == 0, float("-inf"))}
+            out.add(batch, batch["attention_mask"] == 0)  # mask_fn=lambda b: b["attention_mask"] == 0
+        return out.value()
+
+    same = {fp([[0, 1, 2]]), fp([[0], [1], [2]]), fp([[2, 0], [1]])}
+    assert len(same) == 1
+    assert fp([[0, 1, 2]], change=True) not in same
