@@ -423,19 +423,26 @@ def _shared(t: torch.Tensor, masks: list[Any], key: Any = None) -> torch.Tensor:
     return t
 
 
+#: a mapping's tensors read as a 4-D attention mask (:func:`_pair_rows`) where one fits: those whose key names a mask
+#: or a bias (``attention_mask``, ``attn_bias``), not an ``(M, 3, T, T)`` image of a batch padded to its side ``T``
+_PAIR_NAMES = ("mask", "bias")
+
+
 def batch_fingerprint(batch: Any, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
     """The residues (:func:`tensor_fingerprint`) of every tensor in ``batch`` (a tensor, or a nested tuple, list
     or dict of them; other leaves, such as strings, are not read), each salted by its place in the batch, each
     under the first mask of :func:`_masks` that fits it (a mapping's ``attention_mask`` before ``mask``,
     ``mask_fn``'s). A tensor shared by the batch's samples under an ``(M, T)`` mask (a ``(1, T)`` or ``(T,)``
     ``position_ids``) is read as each sample's (:func:`_shared`); a 0-dim one (a per-batch count) is not read:
-    either would make a re-batched pool hash otherwise. A tensor whose kernels fail is not read."""
+    either would make a re-batched pool hash otherwise. In a mapping, only a tensor under a key naming a mask or a
+    bias (:data:`_PAIR_NAMES`) is read as a 4-D attention mask. A tensor whose kernels fail is not read."""
     from torch.utils import _pytree as pytree
 
     from .gradients._batch import plain_batch
 
     batch = plain_batch(batch)
     masks, decoder, labels = _masks(batch, mask)
+    mapping = isinstance(batch, Mapping)
     leaves = [(p, x) for p, x in pytree.tree_flatten_with_path(batch)[0] if isinstance(x, torch.Tensor)]
     out = []
     with torch.no_grad():  # (the gradient pass reads its batches outside no_grad)
@@ -445,7 +452,9 @@ def batch_fingerprint(batch: Any, mask: torch.Tensor | None = None) -> list[torc
                 if decoder and isinstance(key, str) and key.startswith("decoder_") else masks
             try:
                 t = _shared(leaf, mine, key)
-                h = tensor_fingerprint(t, next((m for m in mine if _fits(tuple(t.shape), t.dtype, m)), None))
+                pairs = not mapping or any(w in pytree.keystr(path).lower() for w in _PAIR_NAMES)
+                h = tensor_fingerprint(t, next((m for m in mine if (how := _fits(tuple(t.shape), t.dtype, m))
+                                                and (pairs or how != "pair")), None))
             except (RuntimeError, TypeError):  # a tensor the kernels do not take (a backend's own): not read, never
                 continue                       # a failed measurement
             if h is not None:

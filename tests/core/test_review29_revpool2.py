@@ -159,3 +159,26 @@ def test_an_additive_attention_mask_yields_to_the_mask_fns_mask():
     same = {fp([[0, 1, 2]]), fp([[0], [1], [2]]), fp([[2, 0], [1]])}
     assert len(same) == 1
     assert fp([[0, 1, 2]], change=True) not in same
+
+
+def test_pixels_as_wide_as_the_padded_length_are_no_4d_mask():
+    # (M, 3, 8, 8) pixels in a batch padded to 8 tokens: read as pixels, as in the batches of other lengths (a 4-D
+    # tensor is read as a mask at its real query x key entries only under a mapping key naming a mask or a bias)
+    rows = [torch.arange(3, 3 + n) for n in (8, 5, 4, 6)]
+    pix = [torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+    def fp(groups, change=False):
+        out = PoolFingerprint()
+        for g in groups:
+            images = torch.stack([pix[i] for i in g])
+            if change and 0 in g:
+                images[g.index(0), 1, 7, 7] += 1
+            batch = {"input_ids": _pad([rows[i] for i in g], 0),
+                     "attention_mask": _pad([torch.ones_like(rows[i]) for i in g], 0), "pixel_values": images}
+            out.add(batch, attention_mask(batch))
+        return out.value()
+
+    same = {fp([[0, 1, 2, 3]]), fp([[1, 2, 3], [0]]), fp([[1, 3], [2, 0]]), fp([[1], [2], [3], [0]])}
+    assert len(same) == 1
+    assert fp([[0, 1, 2, 3]], change=True) not in same
+    assert fp([[1], [2], [3], [0]], change=True) not in same
