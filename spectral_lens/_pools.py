@@ -389,13 +389,13 @@ def _unpadded(read: torch.Tensor, labels: torch.Tensor, own: Any, ids: Any) -> t
     """``read`` (the ``labels`` not :data:`IGNORE_INDEX`) less the padding of a causal LM's ``labels`` padded with the
     pad id (``labels = input_ids.clone()``): where the ``attention_mask`` is 0 and the labels are the ``input_ids``.
     A seq2seq label past its inputs' padding is other than their pad id: still read."""
-    if not (isinstance(ids, torch.Tensor) and isinstance(own, torch.Tensor)
-            and tuple(ids.shape) == tuple(labels.shape) == tuple(own.shape)
-            and ids.device == labels.device == own.device):
-        return read
-    try:
+    try:  # (input_ids or a mask the kernels do not take, a nested one without a shape: the labels' own mask)
+        if not (isinstance(ids, torch.Tensor) and isinstance(own, torch.Tensor)
+                and tuple(ids.shape) == tuple(labels.shape) == tuple(own.shape)
+                and ids.device == labels.device == own.device):
+            return read
         return read & ~((own == 0) & (labels == ids))
-    except (RuntimeError, TypeError):  # (input_ids the kernels do not take: the labels' own mask)
+    except (RuntimeError, TypeError):
         return read
 
 

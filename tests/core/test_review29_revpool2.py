@@ -182,3 +182,33 @@ def test_pixels_as_wide_as_the_padded_length_are_no_4d_mask():
     assert len(same) == 1
     assert fp([[0, 1, 2, 3]], change=True) not in same
     assert fp([[1], [2], [3], [0]], change=True) not in same
+
+
+def test_the_revised_paths_read_nothing_back_to_the_host(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host read in PoolFingerprint.add")
+
+    ids = _pad([torch.arange(3, 3 + n) for n in (5, 2, 7)], 0)
+    real = ids != 0
+    batches = [({"input_ids": ids, "attention_mask": real.long(), "labels": ids.clone(),
+                 "cache_position": torch.arange(ids.shape[1]), "pixel_values": torch.randn(3, 3, 7, 7)}, real),
+               ({"input_ids": ids, "attention_mask": torch.zeros(ids.shape).masked_fill(~real, float("-inf")),
+                 "labels": ids.masked_fill(~real, -100)}, real),
+               ({"input_ids": ids, "attn_bias": torch.randn(3, 2, 7, 7, dtype=torch.float64)}, real)]
+    fp = PoolFingerprint()
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "cpu", "numpy", "nonzero"):
+            m.setattr(torch.Tensor, name, refuse)
+        for b, mask in batches:
+            fp.add(b, mask)
+    assert fp.batches == 3 and isinstance(fp.value(), int)
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_nested_input_ids_beside_labels_never_fail(layout):
+    warnings.simplefilter("ignore")
+    ids = torch.nested.nested_tensor([torch.ones(3, dtype=torch.long), torch.ones(4, dtype=torch.long)], layout=layout)
+    batch = {"input_ids": ids, "attention_mask": torch.ones(2, 4, dtype=torch.long),
+             "labels": torch.ones(2, 4, dtype=torch.long)}
+    got = batch_fingerprint(batch, attention_mask(batch))
+    assert len(got) >= 2  # the attention_mask and the labels read
