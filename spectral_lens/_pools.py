@@ -364,7 +364,8 @@ def _masks(batch: Any, mask: torch.Tensor | None) -> tuple[list[Any], list[Any],
     is its mask): for the others, a mapping's own ``attention_mask`` of 1 or 2 dimensions (its padding: every real
     token, where ``mask_fn``'s ``mask`` may select a part of them, such as the answer tokens, whose rows depend on
     the others through attention), then ``mask`` (a floating-point ``attention_mask`` after ``mask``: an additive
-    one, 0 for the real tokens, would read the padding); for a seq2seq mapping's ``decoder_*`` tensors, the
+    one, 0 for the real tokens, would read the padding), and without an ``attention_mask`` every token of the
+    ``input_ids`` (:func:`_every_token`); for a seq2seq mapping's ``decoder_*`` tensors, the
     ``decoder_attention_mask``, or else where the ``labels`` are not :data:`IGNORE_INDEX` (a seq2seq collator's
     ``decoder_input_ids`` are the labels shifted right, padded with the pad id), never the encoder's; for its integer
     ``labels``, the ``decoder_attention_mask``, or else their own (not :data:`IGNORE_INDEX`): a seq2seq batch
@@ -382,7 +383,20 @@ def _masks(batch: Any, mask: torch.Tensor | None) -> tuple[list[Any], list[Any],
             labels = _unpadded(labels, batch["labels"], own, batch.get("input_ids"))
     mine = dec if dec is not None else labels
     first = [mask, own] if own is not None and own.is_floating_point() else [own, mask]  # (an additive one: 0 = real)
+    if "attention_mask" not in batch:
+        first.append(_every_token(batch.get("input_ids")))
     return first, [dec] if dec is not None else [], [mine] if mine is not None else []
+
+
+def _every_token(ids: Any) -> torch.Tensor | None:
+    """An all-True ``(M, T)`` mask of a mapping's 2-D ``input_ids`` where it has no ``attention_mask`` (the last mask
+    tried, and read as its ``attention_mask``: :func:`batch_fingerprint`): its tensors of that leading shape read
+    position by position, as those of a padded batch of the same samples with an ``attention_mask`` are (a packed
+    row of one document, which the default forward runs as it is, hashes as the same document in a row of several,
+    run as their padded batch)."""
+    if type(ids) is not torch.Tensor or ids.ndim != 2 or ids.layout != torch.strided or ids.device.type == "meta":
+        return None
+    return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
 
 
 def _unpadded(read: torch.Tensor, labels: torch.Tensor, own: Any, ids: Any) -> torch.Tensor:
@@ -459,6 +473,10 @@ def batch_fingerprint(batch: Any, mask: torch.Tensor | None = None) -> list[torc
                 continue                       # a failed measurement
             if h is not None:
                 out.append(h * _salt(pytree.keystr(path)) % _P)
+        every = masks[-1] if mapping and "attention_mask" not in batch else None
+        h = tensor_fingerprint(every, every) if isinstance(every, torch.Tensor) else None  # (None: 0 rows)
+        if h is not None:  # read as the attention_mask of 1s it stands for
+            out.append(h * _salt(pytree.keystr((pytree.MappingKey("attention_mask"),))) % _P)
     return out
 
 

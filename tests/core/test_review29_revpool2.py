@@ -212,3 +212,37 @@ def test_nested_input_ids_beside_labels_never_fail(layout):
              "labels": torch.ones(2, 4, dtype=torch.long)}
     got = batch_fingerprint(batch, attention_mask(batch))
     assert len(got) >= 2  # the attention_mask and the labels read
+
+
+def test_a_packed_pool_with_a_batch_of_one_document_hashes_alike():
+    # DataCollatorWithFlattening's rows as the lens runs them (the default forward: the padded batch of the row's
+    # documents, with an attention_mask; one document as it is, without): read alike, under the input_ids' shape
+    from spectral_lens.gradients._batch import batch_as_run, default_forward
+
+    docs = [torch.arange(5 + 10 * i, 5 + 10 * i + n) for i, n in enumerate((4, 2, 6, 3, 5))]
+
+    def fp(groups, change=False):
+        out = PoolFingerprint()
+        for g in groups:
+            rows = [docs[i].clone() for i in g]
+            if change and 3 in g:
+                rows[g.index(3)][1] += 1
+            packed = {"input_ids": torch.cat(rows)[None],
+                      "position_ids": torch.cat([torch.arange(len(r)) for r in rows])[None],
+                      "labels": torch.cat([torch.cat([torch.tensor([-100]), r[1:]]) for r in rows])[None]}
+            batch = batch_as_run(packed, default_forward)
+            out.add(batch, attention_mask(batch))
+        return out.value()
+
+    same = {fp([[0, 1], [2, 3, 4]]), fp([[4, 0, 1, 2], [3]]), fp([[0], [1], [2], [3], [4]]), fp([[3, 1, 4, 0, 2]])}
+    assert len(same) == 1
+    assert fp([[4, 0, 1, 2], [3]], change=True) not in same
+    assert fp([[0, 1], [2, 3, 4]], change=True) not in same
+
+
+@pytest.mark.parametrize("ids", [torch.empty(0, 5, dtype=torch.long), torch.empty(3, 0, dtype=torch.long),
+                                 torch.ones(2, 3, dtype=torch.long, device="meta")])
+def test_input_ids_without_an_attention_mask_never_fail(ids):
+    fp = PoolFingerprint()
+    fp.add({"input_ids": ids, "labels": ids.clone()})
+    assert isinstance(fp.value(), int)
