@@ -246,3 +246,18 @@ def test_input_ids_without_an_attention_mask_never_fail(ids):
     fp = PoolFingerprint()
     fp.add({"input_ids": ids, "labels": ids.clone()})
     assert isinstance(fp.value(), int)
+
+
+def _targets(batch, rows):
+    """A seq2seq collator's labels without decoder_input_ids (``DataCollatorForSeq2Seq`` without ``model=``): a
+    target of ``11 - n`` tokens for a row of ``n``, padded with -100: as long as the inputs in some batchings."""
+    targets = [torch.cat([d.flip(0)] * 6)[:11 - len(d)] for d in rows]
+    batch["labels"] = _pad(targets, -100)
+
+
+def test_a_re_batched_seq2seq_pool_without_decoder_inputs_is_not_warned_by_the_lens():
+    from core.test_review29_poolfp2 import _collate, _other_pool, _same_pool
+
+    col = _collate(_targets)
+    _same_pool(col)
+    _other_pool(col, (2, 1))
