@@ -474,8 +474,11 @@ def batch_fingerprint(batch: Any, mask: torch.Tensor | None = None) -> list[torc
             if h is not None:
                 out.append(h * _salt(pytree.keystr(path)) % _P)
         every = masks[-1] if mapping and "attention_mask" not in batch else None
-        h = tensor_fingerprint(every, every) if isinstance(every, torch.Tensor) else None  # (None: 0 rows)
-        if h is not None:  # read as the attention_mask of 1s it stands for
+        try:  # read as the attention_mask of 1s it stands for (None: 0 rows)
+            h = tensor_fingerprint(every, every) if isinstance(every, torch.Tensor) else None
+        except (RuntimeError, TypeError):
+            h = None
+        if h is not None:
             out.append(h * _salt(pytree.keystr((pytree.MappingKey("attention_mask"),))) % _P)
     return out
 
