@@ -255,11 +255,15 @@ def _pair_rows(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         for q in range(0, n, step):
             out.append((t[:, :, q:q + step] * w).sum(-1) % _P)
         return torch.cat(out, 2)
-    for q in range(0, n, step):
-        vals = t[:, :, q:q + step].long()  # (M, R, q, T)
-        f = ((vals % _P) * _A + key[:, None, None, :]) % _P
-        f = f ^ (f >> 16)
-        f = f * f % _P * real[:, None, None, :]
+    wide, key, real = t.element_size() > 4, key[:, None, None, :], real[:, None, None, :]
+    for q in range(0, n, step):  # in place on the one int64 copy: a 4-D mask of 8k x 8k is 64M entries a sample
+        f = t[:, :, q:q + step].to(torch.int64, copy=True)  # (M, R, q, T), a copy (never the batch's own int64
+        # values, changed in place below); values of 4 bytes or less: |v * _A| < 2**62, unreduced
+        if wide:
+            f.remainder_(_P)
+        f.mul_(_A).add_(key).remainder_(_P)
+        f.bitwise_xor_(f >> 16)
+        f.mul_(f).remainder_(_P).mul_(real)
         out.append(f.sum(-1) % _P)
     return torch.cat(out, 2)
 
@@ -343,25 +347,74 @@ def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     return (h * h % _P).sum() % _P
 
 
-def _masks(batch: Any, mask: torch.Tensor | None) -> tuple[list[Any], list[Any]]:
+def _not_ignored(labels: Any) -> torch.Tensor | None:
+    """Where an integer ``labels`` tensor of 1 or 2 dimensions is not :data:`IGNORE_INDEX` (its own mask), or ``None``
+    for another (a float, sparse or nested one, one the kernels do not take): never a failed measurement."""
+    if (type(labels) is not torch.Tensor or labels.layout != torch.strided or labels.is_nested
+            or labels.dtype not in _INTEGERS or not 1 <= labels.ndim <= 2 or labels.device.type == "meta"):
+        return None
+    try:
+        return labels != IGNORE_INDEX
+    except (RuntimeError, TypeError):
+        return None
+
+
+def _masks(batch: Any, mask: torch.Tensor | None) -> tuple[list[Any], list[Any], list[Any]]:
     """The masks the fingerprint tries, in order, on the tensors of ``batch`` (the first that fits a tensor's shape
     is its mask): for the others, a mapping's own ``attention_mask`` of 1 or 2 dimensions (its padding: every real
     token, where ``mask_fn``'s ``mask`` may select a part of them, such as the answer tokens, whose rows depend on
-    the others through attention), then ``mask``; for a seq2seq mapping's ``decoder_*`` tensors and its ``labels``,
-    the ``decoder_attention_mask``, or else where the ``labels`` are not :data:`IGNORE_INDEX` (a seq2seq collator's
-    ``decoder_input_ids`` are the labels shifted right, padded with the pad id), never the encoder's."""
+    the others through attention), then ``mask`` (a floating-point ``attention_mask`` after ``mask``: an additive
+    one, 0 for the real tokens, would read the padding), and without an ``attention_mask`` every token of the
+    ``input_ids`` (:func:`_every_token`); for a seq2seq mapping's ``decoder_*`` tensors, the
+    ``decoder_attention_mask``, or else where the ``labels`` are not :data:`IGNORE_INDEX` (a seq2seq collator's
+    ``decoder_input_ids`` are the labels shifted right, padded with the pad id), never the encoder's; for its integer
+    ``labels``, the ``decoder_attention_mask``, or else their own (not :data:`IGNORE_INDEX`): a seq2seq batch
+    without ``decoder_input_ids`` has labels as long as its inputs only by chance, and read under the encoder's
+    mask then they would hash otherwise than in another batching."""
     if not isinstance(batch, Mapping):
-        return [mask], []
+        return [mask], [], []
     own = batch.get("attention_mask")
     own = own if isinstance(own, torch.Tensor) and 1 <= own.ndim <= 2 else None
     dec = batch.get("decoder_attention_mask")
-    labels = batch.get("labels")
+    labels = _not_ignored(batch.get("labels"))
     if not (isinstance(dec, torch.Tensor) and 1 <= dec.ndim <= 2):
-        dec = None
-        if (isinstance(batch.get("decoder_input_ids"), torch.Tensor) and isinstance(labels, torch.Tensor)
-                and labels.dtype in _INTEGERS and 1 <= labels.ndim <= 2):
-            dec = labels != IGNORE_INDEX
-    return [own, mask], [dec] if dec is not None else []
+        dec = labels if isinstance(batch.get("decoder_input_ids"), torch.Tensor) else None
+        if dec is None and labels is not None:
+            labels = _unpadded(labels, batch["labels"], own, batch.get("input_ids"))
+    mine = dec if dec is not None else labels
+    first = [mask, own] if own is not None and own.is_floating_point() else [own, mask]  # (an additive one: 0 = real)
+    if "attention_mask" not in batch:
+        first.append(_every_token(batch.get("input_ids")))
+    return first, [dec] if dec is not None else [], [mine] if mine is not None else []
+
+
+def _every_token(ids: Any) -> torch.Tensor | None:
+    """An all-True ``(M, T)`` mask of a mapping's 2-D ``input_ids`` where it has no ``attention_mask`` (the last mask
+    tried, and read as its ``attention_mask``: :func:`batch_fingerprint`): its tensors of that leading shape read
+    position by position, as those of a padded batch of the same samples with an ``attention_mask`` are (a packed
+    row of one document, which the default forward runs as it is, hashes as the same document in a row of several,
+    run as their padded batch)."""
+    if type(ids) is not torch.Tensor or ids.ndim != 2 or ids.layout != torch.strided or ids.device.type == "meta":
+        return None
+    return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+
+
+def _unpadded(read: torch.Tensor, labels: torch.Tensor, own: Any, ids: Any) -> torch.Tensor:
+    """``read`` (the ``labels`` not :data:`IGNORE_INDEX`) less the padding of a causal LM's ``labels`` padded with the
+    pad id (``labels = input_ids.clone()``): where the ``attention_mask`` is 0 and the labels are the ``input_ids``.
+    A seq2seq label past its inputs' padding is other than their pad id: still read."""
+    try:  # (input_ids or a mask the kernels do not take, a nested one without a shape: the labels' own mask)
+        if not (isinstance(ids, torch.Tensor) and isinstance(own, torch.Tensor)
+                and tuple(ids.shape) == tuple(labels.shape) == tuple(own.shape)
+                and ids.device == labels.device == own.device):
+            return read
+        return read & ~((own == 0) & (labels == ids))
+    except (RuntimeError, TypeError):
+        return read
+
+
+#: the 1-D tensors of a mapping that are one ``(T,)`` row shared by its samples even where ``T`` is its sample count
+_SHARED_ROWS = ("position_ids", "cache_position")
 
 
 def _shared(t: torch.Tensor, masks: list[Any], key: Any = None) -> torch.Tensor:
@@ -369,7 +422,8 @@ def _shared(t: torch.Tensor, masks: list[Any], key: Any = None) -> torch.Tensor:
     mask of ``masks``: a ``(1, T, ...)`` or a ``(T,)`` tensor (a ``position_ids``), broadcast to each of the ``M``
     samples (a view), so that a pool re-batched and re-padded hashes alike. Other tensors as they are: a leading
     dimension of 1 that is not the mask's ``T`` is a count of its own (one image's ``image_grid_thw``), and a 1-D
-    tensor of ``M`` values a per-sample one (lengths, class labels), unless it is a mapping's ``position_ids``."""
+    tensor of ``M`` values a per-sample one (lengths, class labels), unless it is a mapping's ``position_ids`` or
+    ``cache_position`` (:data:`_SHARED_ROWS`: in a batch whose ``T`` is its ``M``, by name only)."""
     if t.ndim == 0:
         return t
     for m in masks:
@@ -378,9 +432,14 @@ def _shared(t: torch.Tensor, masks: list[Any], key: Any = None) -> torch.Tensor:
         rows, n = m.shape
         if t.ndim >= 2 and t.shape[0] == 1 and t.shape[1] == n:
             return t.expand(rows, *t.shape[1:])
-        if t.ndim == 1 and t.shape[0] == n and (n != rows or key == "position_ids"):
+        if t.ndim == 1 and t.shape[0] == n and (n != rows or key in _SHARED_ROWS):
             return t[None].expand(rows, n)
     return t
+
+
+#: a mapping's tensors read as a 4-D attention mask (:func:`_pair_rows`) where one fits: those whose key names a mask
+#: or a bias (``attention_mask``, ``attn_bias``), not an ``(M, 3, T, T)`` image of a batch padded to its side ``T``
+_PAIR_NAMES = ("mask", "bias")
 
 
 def batch_fingerprint(batch: Any, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -389,27 +448,38 @@ def batch_fingerprint(batch: Any, mask: torch.Tensor | None = None) -> list[torc
     under the first mask of :func:`_masks` that fits it (a mapping's ``attention_mask`` before ``mask``,
     ``mask_fn``'s). A tensor shared by the batch's samples under an ``(M, T)`` mask (a ``(1, T)`` or ``(T,)``
     ``position_ids``) is read as each sample's (:func:`_shared`); a 0-dim one (a per-batch count) is not read:
-    either would make a re-batched pool hash otherwise. A tensor whose kernels fail is not read."""
+    either would make a re-batched pool hash otherwise. In a mapping, only a tensor under a key naming a mask or a
+    bias (:data:`_PAIR_NAMES`) is read as a 4-D attention mask. A tensor whose kernels fail is not read."""
     from torch.utils import _pytree as pytree
 
     from .gradients._batch import plain_batch
 
     batch = plain_batch(batch)
-    masks, decoder = _masks(batch, mask)
+    masks, decoder, labels = _masks(batch, mask)
+    mapping = isinstance(batch, Mapping)
     leaves = [(p, x) for p, x in pytree.tree_flatten_with_path(batch)[0] if isinstance(x, torch.Tensor)]
     out = []
     with torch.no_grad():  # (the gradient pass reads its batches outside no_grad)
         for path, leaf in leaves:
             key = getattr(path[0], "key", None) if path else None
-            mine = decoder if decoder and isinstance(key, str) and (key == "labels" or key.startswith("decoder_")) \
-                else masks
+            mine = labels if labels and key == "labels" else decoder \
+                if decoder and isinstance(key, str) and key.startswith("decoder_") else masks
             try:
                 t = _shared(leaf, mine, key)
-                h = tensor_fingerprint(t, next((m for m in mine if _fits(tuple(t.shape), t.dtype, m)), None))
+                pairs = not mapping or any(w in pytree.keystr(path).lower() for w in _PAIR_NAMES)
+                h = tensor_fingerprint(t, next((m for m in mine if (how := _fits(tuple(t.shape), t.dtype, m))
+                                                and (pairs or how != "pair")), None))
             except (RuntimeError, TypeError):  # a tensor the kernels do not take (a backend's own): not read, never
                 continue                       # a failed measurement
             if h is not None:
                 out.append(h * _salt(pytree.keystr(path)) % _P)
+        every = masks[-1] if mapping and "attention_mask" not in batch else None
+        try:  # read as the attention_mask of 1s it stands for (None: 0 rows)
+            h = tensor_fingerprint(every, every) if isinstance(every, torch.Tensor) else None
+        except (RuntimeError, TypeError):
+            h = None
+        if h is not None:
+            out.append(h * _salt(pytree.keystr((pytree.MappingKey("attention_mask"),))) % _P)
     return out
 
 
