@@ -79,9 +79,14 @@ def _resumed_then_evaluated(rank: int) -> dict:
     """Both ranks measure at step 2 (rank 0 records it); a fresh lens and driver on each (a restarted process: an
     empty history) resume at step 2, and an evaluation there measures unless the step counts as measured (the
     callbacks' rule: ``step == driver.last_step`` keeps the loss with ``record_val_loss``)."""
-    writer = _writer(rank, "resumed")
-    LensDriver(_lens(rank, writer), (), None).measure(2, 2)
-    lens = _lens(rank, writer)
+    return resumed_then_evaluated(_writer(rank, "resumed"), functools.partial(_lens, rank))
+
+
+def resumed_then_evaluated(writer, make_lens) -> dict:
+    """:func:`_resumed_then_evaluated` with this rank's ``writer`` (``None`` off rank 0) and ``make_lens(writer)``
+    (the 4-rank file's too)."""
+    LensDriver(make_lens(writer), (), None).measure(2, 2)
+    lens = make_lens(writer)
     driver = LensDriver(lens, (), None)
     driver.resumed(2)
     measured = driver.last_step == 2

@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from reliability.test_review29_drivertp import _writer
+from reliability.test_review29_drivertp import _writer, resumed_then_evaluated
 from reliability.test_tensor_parallel import LAYERS, _mesh_2d, _plain, _pool, _tp, _values
 from support.ranks import checked_case, run_gloo_cases
 
@@ -55,21 +55,7 @@ def _closed_writer(rank: int) -> dict:
 def _resumed_then_evaluated(rank: int) -> dict:
     """Every rank measures at step 2 (rank 0 records it); a fresh lens and driver on each (restarted processes)
     resume at step 2, and an evaluation there measures unless the step counts as measured (the callbacks' rule)."""
-    writer = _writer(rank, "resumed_dp")
-    LensDriver(_lens(rank, writer), (), None).measure(2, 2)
-    lens = _lens(rank, writer)
-    driver = LensDriver(lens, (), None)
-    driver.resumed(2)
-    measured = driver.last_step == 2
-    if measured:
-        driver.record_val_loss(2, 2, 1.25)
-    else:
-        driver.measure(2, 2, val_loss=1.25)
-    out = {"measured": measured, "history": [m.step for m in lens.history]}
-    if writer is not None:
-        out["val_loss_steps"] = sorted(writer.val_loss_steps())
-        writer.close()
-    return out
+    return resumed_then_evaluated(_writer(rank, "resumed_dp"), lambda writer: _lens(rank, writer))
 
 
 def _nonfinite_on_rank1(rank: int) -> dict:
