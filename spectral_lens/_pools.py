@@ -367,7 +367,8 @@ def _masks(batch: Any, mask: torch.Tensor | None) -> tuple[list[Any], list[Any],
     one, 0 for the real tokens, would read the padding), and without an ``attention_mask`` every token of the
     ``input_ids`` (:func:`_every_token`); for a seq2seq mapping's ``decoder_*`` tensors, the
     ``decoder_attention_mask``, or else where the ``labels`` are not :data:`IGNORE_INDEX` (a seq2seq collator's
-    ``decoder_input_ids`` are the labels shifted right, padded with the pad id), never the encoder's; for its integer
+    ``decoder_input_ids`` are the labels shifted right, padded with the pad id), never the encoder's (with neither,
+    they take the others' masks: the encoder's where it fits); for its integer
     ``labels``, the ``decoder_attention_mask``, or else their own (not :data:`IGNORE_INDEX`): a seq2seq batch
     without ``decoder_input_ids`` has labels as long as its inputs only by chance, and read under the encoder's
     mask then they would hash otherwise than in another batching."""
