@@ -236,8 +236,9 @@ class LensDriver:
         ``tokens_per_step``). ``train_loss``: the loss, or a function that gives it (or ``None``:
         nothing to record), called on rank 0 only (a device sync). Every rank calls this at the same
         steps (the logging cadence): rank 0 writes and the ranks agree on its success, one small
-        collective per event (none in a single process), so a failed write (a full disk) raises on
-        every rank instead of leaving the others in the training's next collective. A closed writer,
+        collective per event (none in a single process; one more over the tensor-parallel mesh where the group
+        holds one rank of each mesh), so a failed write (a full disk) raises on every rank instead of leaving the
+        others in the training's next collective. A closed writer,
         or a lens without one, records nothing."""
         tokens = self.agreed_tokens(step, counted)
         start, train_s = self._interval_tokens, self._train_s
@@ -432,7 +433,7 @@ class LensDriver:
         """Measure now; fan out to the sinks on rank 0 and return the flat scalars there (``{}`` on the
         other ranks). ``log``: called with the scalars on rank 0 after the sinks (the framework's own
         loggers). An error of a sink or of ``log`` on rank 0 is agreed with the other ranks: every
-        rank raises. A measurement that finds non-finite hidden states or gradients (a diverged run) is
+        rank raises (the tensor-parallel mesh peers too, where the group holds one rank of each mesh). A measurement that finds non-finite hidden states or gradients (a diverged run) is
         skipped with a warning on every rank (``{}``): measuring does not end the training; so is one whose run
         record rank 0 closed already (agreed with the tensor-parallel mesh peers too, where the group holds one
         rank of each mesh: :func:`~spectral_lens._agree.peers_any`)."""
