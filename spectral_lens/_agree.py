@@ -539,18 +539,25 @@ def peers_any(model, group, flags: tuple[bool, ...]) -> tuple[bool, ...]:
     a decision whether to measure (a measurement runs collectives of the mesh) is then the same on every rank of
     every mesh. One ``all_reduce`` (MAX) over the peers' group; none for a model without tensor parallelism, one
     replica (the group is the mesh) or a lens without a model, nor outside ``torch.distributed``."""
+    return tuple(bool(v) for v in peers_max(model, group, tuple(int(bool(f)) for f in flags)))
+
+
+def peers_max(model, group, values: tuple[int, ...]) -> tuple[int, ...]:
+    """:func:`peers_any` for integers: each of ``values`` maxed over this rank's tensor-parallel mesh peers where
+    ``group`` holds one rank of each mesh (e.g. ``1 +`` the global rank that failed, 0 for none: the peers can name
+    it); ``values`` unchanged, with no collective, otherwise."""
     if model is None:
-        return tuple(flags)
+        return tuple(values)
     from ._tensor_parallel import one_replica
 
     try:
         tp = one_replica(model, group)
     except ValueError:  # a group mixing a mesh's ranks with others: refused by the lens (when built, and measure)
-        return tuple(flags)
+        return tuple(values)
     if tp is None or tp[0]:
-        return tuple(flags)
+        return tuple(values)
     import torch.distributed as dist
 
-    both = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int64, device=collective_device(tp[1], model))
+    both = torch.tensor([int(v) for v in values], dtype=torch.int64, device=collective_device(tp[1], model))
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=tp[1])
-    return tuple(bool(f) for f in both.tolist())
+    return tuple(int(v) for v in both.tolist())

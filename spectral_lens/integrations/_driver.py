@@ -9,7 +9,7 @@ import warnings
 import weakref
 from typing import Any, Iterable, Protocol
 
-from .._agree import agree, from_rank0, out_of_step, peers_any, ranks
+from .._agree import agree, from_rank0, global_rank, out_of_step, peers_any, peers_max, ranks
 from .._warnings import NonFiniteError, SpectralLensWarning
 from ..attachment import Attachment
 from ..lens import LensMeasurement, SpectralLens
@@ -35,6 +35,13 @@ def _global_rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank()
+
+
+def _this_rank() -> int:
+    """This process's global rank (0 outside ``torch.distributed``)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class Sink(Protocol):
@@ -174,7 +181,7 @@ class LensDriver:
         what = "dropping the records after the checkpoint"
         error = None
         try:
-            self._agreed_on_rank0(on_rank0, what)
+            self._agreed_on_rank0(on_rank0, what, peers=False)  # (the mesh peers: below, with the decisions)
             # the checkpoint's step counts as measured only when it was (in this process's history or, on
             # rank 0, in the run record): an evaluation at the restored step (eval_on_start) measures otherwise;
             # a validation loss recorded there before the resume stands (an evaluation there appends none)
@@ -186,26 +193,12 @@ class LensDriver:
             # mesh peers are in other groups, whose rank 0 has no record: whether an evaluation at step measures (a
             # measurement: collectives of the mesh), and a failure above (rank 0's writer), are agreed with them too
             # (before, a restarted peer measured alone, or went on training alone, and waited until the timeout)
-            failed = error is not None
-            if error is None or not out_of_step(error):  # (one that left the collectives out of step: no more)
-                try:
-                    failed, measured, has_loss = peers_any(self.lens.model, self.lens.group,
-                                                           (failed, measured, has_loss))
-                except BaseException:
-                    if error is None:
-                        raise
-            if error is not None:
-                raise error
-            if failed:
-                raise RuntimeError(
-                    f"spectral-lens callback: {what} failed on a tensor-parallel mesh peer of global rank "
-                    f"{_global_rank()} (this rank), in another rank's group= (the lens's group holds one rank of each "
-                    "mesh); every rank raises: see that rank's error")
+            measured, has_loss = self._with_mesh_peers(error, what, (int(measured), int(has_loss)))
         except BaseException:
             self.release()  # the run ends with this error
             raise
         self.last_step = step if measured else None
-        self.last_has_val_loss = measured and has_loss
+        self.last_has_val_loss = bool(measured and has_loss)
 
     def training_starts(self, step: int, counted: int | None = None) -> None:
         """``train()`` / ``fit()`` starts (or resumes) at ``step``: the first interval of the logged
@@ -243,8 +236,9 @@ class LensDriver:
         ``tokens_per_step``). ``train_loss``: the loss, or a function that gives it (or ``None``:
         nothing to record), called on rank 0 only (a device sync). Every rank calls this at the same
         steps (the logging cadence): rank 0 writes and the ranks agree on its success, one small
-        collective per event (none in a single process), so a failed write (a full disk) raises on
-        every rank instead of leaving the others in the training's next collective. A closed writer,
+        collective per event (none in a single process; one more over the tensor-parallel mesh where the group
+        holds one rank of each mesh), so a failed write (a full disk) raises on every rank instead of leaving the
+        others in the training's next collective. A closed writer,
         or a lens without one, records nothing."""
         tokens = self.agreed_tokens(step, counted)
         start, train_s = self._interval_tokens, self._train_s
@@ -314,12 +308,13 @@ class LensDriver:
             self._once.add(message)
         self._pending_warnings.append(message)
 
-    def _agreed_on_rank0(self, work, what: str) -> None:
+    def _agreed_on_rank0(self, work, what: str, peers: bool = True) -> None:
         """Run ``work()`` on rank 0 of the lens's group; then every rank agrees (one collective) on
         whether it succeeded, so a failure there (a full disk, a sink's error) makes every rank raise at
         once instead of leaving the others waiting in the training loop's next collective. Rank 0 first gives
         :meth:`agreed_tokens`'s and :meth:`warn_on_rank0`'s pending warnings, so one raised as an error is
-        agreed too."""
+        agreed too. ``peers``: then with the tensor-parallel mesh peers too (:meth:`_with_mesh_peers`), where the
+        group holds one rank of each mesh (``False``: the caller does it, with its own decisions)."""
         error = None
         if ranks(self.lens.group)[0] == 0:
             try:
@@ -335,7 +330,43 @@ class LensDriver:
                 work()
             except BaseException as exc:  # an interrupt too: agreed below, then re-raised on rank 0
                 error = exc
-        agree(self.lens.group, error, what, self.lens.model)  # (under NCCL: measure's device, the model's GPU)
+        if not peers:
+            agree(self.lens.group, error, what, self.lens.model)  # (under NCCL: measure's device, the model's GPU)
+            return
+        try:
+            agree(self.lens.group, error, what, self.lens.model)
+        except BaseException as exc:  # noqa: BLE001 - this rank's own error or its group's: told to the mesh peers
+            error = exc
+        self._with_mesh_peers(error, what)
+
+    def _with_mesh_peers(self, error: BaseException | None, what: str, values: tuple[int, ...] = ()) -> tuple[int, ...]:
+        """After an agreement over the lens's group: ``error`` (this rank's, or its group's as :func:`agree` raised it)
+        and ``values`` agreed with this rank's tensor-parallel mesh peers where the group holds one rank of each mesh
+        (:func:`~spectral_lens._agree.peers_max`: one ``all_reduce``, on success and on failure alike; none for a
+        plain model, one replica or a single process). The group's rank 0 did the work, so a failed group failed on
+        its global rank, which the peers name. Why: those peers are in other groups; before, rank 0's group raised
+        while they went on into the training's next tensor-parallel forward alone, and waited there until the
+        process-group timeout. An ``error`` that left the collectives out of step starts no collective. Raises
+        ``error``, or on a peer of a failed rank a ``RuntimeError`` naming it; returns ``values`` maxed over the
+        peers."""
+        failed_at = 0 if error is None else 1 + (global_rank(self.lens.group, 0)
+                                                 if ranks(self.lens.group)[1] > 1 else _this_rank())
+        got = (failed_at, *values)
+        if error is None or not out_of_step(error):  # (one that left the collectives out of step: no more)
+            try:
+                got = peers_max(self.lens.model, self.lens.group, got)
+            except BaseException:
+                if error is None:
+                    raise
+        if error is not None:
+            raise error
+        if got[0]:
+            raise RuntimeError(
+                f"spectral-lens callback: {what} failed on a tensor-parallel mesh peer of global rank "
+                f"{_global_rank()} (this rank) or in that peer's group=: on global rank {got[0] - 1} (the lens's "
+                "group holds one rank of each mesh); every rank raises so that none waits in the next forward: "
+                "see that rank's error")
+        return got[1:]
 
     def _record_tokens_per_step(self) -> None:
         """On rank 0: fill the run record's ``RunInfo.tokens_per_step`` (``run.json``, rewritten atomically)
@@ -402,7 +433,7 @@ class LensDriver:
         """Measure now; fan out to the sinks on rank 0 and return the flat scalars there (``{}`` on the
         other ranks). ``log``: called with the scalars on rank 0 after the sinks (the framework's own
         loggers). An error of a sink or of ``log`` on rank 0 is agreed with the other ranks: every
-        rank raises. A measurement that finds non-finite hidden states or gradients (a diverged run) is
+        rank raises (the tensor-parallel mesh peers too, where the group holds one rank of each mesh). A measurement that finds non-finite hidden states or gradients (a diverged run) is
         skipped with a warning on every rank (``{}``): measuring does not end the training; so is one whose run
         record rank 0 closed already (agreed with the tensor-parallel mesh peers too, where the group holds one
         rank of each mesh: :func:`~spectral_lens._agree.peers_any`)."""
