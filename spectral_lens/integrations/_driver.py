@@ -343,14 +343,17 @@ class LensDriver:
         """After an agreement over the lens's group: ``error`` (this rank's, or its group's as :func:`agree` raised it)
         and ``values`` agreed with this rank's tensor-parallel mesh peers where the group holds one rank of each mesh
         (:func:`~spectral_lens._agree.peers_max`: one ``all_reduce``, on success and on failure alike; none for a
-        plain model, one replica or a single process). The group's rank 0 did the work, so a failed group failed on
-        its global rank, which the peers name. Why: those peers are in other groups; before, rank 0's group raised
-        while they went on into the training's next tensor-parallel forward alone, and waited there until the
-        process-group timeout. An ``error`` that left the collectives out of step starts no collective. Raises
+        plain model, one replica or a single process). The group's rank 0 did the work, so a failed group (an
+        ``Exception``: the agreement's, or rank 0's own) failed on its global rank, which the peers name; an interrupt
+        (a ``BaseException`` that is not an ``Exception``, e.g. Ctrl-C inside the agreement) is this rank's own, named
+        as this rank (before, as the group's rank 0, which went on). Why: those peers are in other groups; before,
+        rank 0's group raised while they went on into the training's next tensor-parallel forward alone, and waited
+        there until the process-group timeout. An ``error`` that left the collectives out of step starts no collective. Raises
         ``error``, or on a peer of a failed rank a ``RuntimeError`` naming it; returns ``values`` maxed over the
         peers."""
         failed_at = 0 if error is None else 1 + (global_rank(self.lens.group, 0)
-                                                 if ranks(self.lens.group)[1] > 1 else _this_rank())
+                                                 if isinstance(error, Exception) and ranks(self.lens.group)[1] > 1
+                                                 else _this_rank())
         got = (failed_at, *values)
         if error is None or not out_of_step(error):  # (one that left the collectives out of step: no more)
             try:
