@@ -31,12 +31,6 @@ _STEPS_WARNING = (
 _CALLBACK_ATTACHMENTS: "weakref.WeakKeyDictionary[SpectralLens, weakref.ref[Attachment]]" = weakref.WeakKeyDictionary()
 
 
-def _global_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank()
-
-
 def _this_rank() -> int:
     """This process's global rank (0 outside ``torch.distributed``)."""
     import torch.distributed as dist
@@ -366,7 +360,7 @@ class LensDriver:
         if got[0]:
             raise RuntimeError(
                 f"spectral-lens callback: {what} failed on a tensor-parallel mesh peer of global rank "
-                f"{_global_rank()} (this rank) or in that peer's group=: on global rank {got[0] - 1} (the lens's "
+                f"{_this_rank()} (this rank) or in that peer's group=: on global rank {got[0] - 1} (the lens's "
                 "group holds one rank of each mesh); every rank raises so that none waits in the next forward: "
                 "see that rank's error")
         return got[1:]

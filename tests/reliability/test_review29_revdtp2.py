@@ -35,7 +35,6 @@ def told(monkeypatch) -> list:
     monkeypatch.setattr(_driver, "ranks", lambda group: (1, 2))
     monkeypatch.setattr(_driver, "global_rank", lambda group, rank: GROUP_RANK0 if rank == 0 else THIS)
     monkeypatch.setattr(_driver, "_this_rank", lambda: THIS)
-    monkeypatch.setattr(_driver, "_global_rank", lambda: THIS)
     return got
 
 
