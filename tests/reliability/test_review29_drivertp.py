@@ -60,8 +60,13 @@ def _writer(rank: int, name: str):
 def _closed_writer(rank: int) -> dict:
     """Rank 0's writer closed, then an evaluation's measurement on both ranks; then, the writer taken away, both
     measure in step again (the spectra of a plain measurement)."""
-    writer = _writer(rank, "closed")
-    lens = _lens(rank, writer)
+    return closed_writer(_writer(rank, "closed"), functools.partial(_lens, rank))
+
+
+def closed_writer(writer, make_lens) -> dict:
+    """:func:`_closed_writer` with this rank's ``writer`` (``None`` off rank 0) and ``make_lens(writer)`` (the 4-rank
+    file's too)."""
+    lens = make_lens(writer)
     driver = LensDriver(lens, (), None)
     if writer is not None:
         writer.close()
@@ -72,7 +77,7 @@ def _closed_writer(rank: int) -> dict:
     driver.measure(4, 4)
     return {"skipped": skipped, "warned": any("is closed" in str(w.message) for w in caught),
             "history": [m.step for m in lens.history], "same": _values(lens.history[-1]) == _values(
-                _lens(rank).measure(4, 4))}
+                make_lens(None).measure(4, 4))}
 
 
 def _resumed_then_evaluated(rank: int) -> dict:

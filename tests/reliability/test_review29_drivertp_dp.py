@@ -15,8 +15,8 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from reliability.test_review29_drivertp import _writer, resumed_then_evaluated
-from reliability.test_tensor_parallel import LAYERS, _mesh_2d, _plain, _pool, _tp, _values
+from reliability.test_review29_drivertp import _writer, closed_writer, resumed_then_evaluated
+from reliability.test_tensor_parallel import LAYERS, _mesh_2d, _plain, _pool, _tp
 from support.ranks import checked_case, run_gloo_cases
 
 from spectral_lens import SpectralLens
@@ -37,19 +37,7 @@ def _lens(rank: int, writer=None) -> SpectralLens:
 def _closed_writer(rank: int) -> dict:
     """Rank 0's writer closed, then an evaluation's measurement on every rank; then, the writer taken away, all
     measure in step again (the spectra of a plain measurement)."""
-    writer = _writer(rank, "closed_dp")
-    lens = _lens(rank, writer)
-    driver = LensDriver(lens, (), None)
-    if writer is not None:
-        writer.close()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        skipped = driver.measure(3, 3)
-    lens.writer = None
-    driver.measure(4, 4)
-    return {"skipped": skipped, "warned": any("is closed" in str(w.message) for w in caught),
-            "history": [m.step for m in lens.history],
-            "same": _values(lens.history[-1]) == _values(_lens(rank).measure(4, 4))}
+    return closed_writer(_writer(rank, "closed_dp"), lambda writer: _lens(rank, writer))
 
 
 def _resumed_then_evaluated(rank: int) -> dict:
