@@ -172,37 +172,23 @@ def test_pools_alike_measure_as_before_with_one_all_reduce_per_forward_and_one_a
     assert [(r["value"]["act"], r["value"]["both"]) for r in got] == [(3 + 5 + 1, 3 + 5 + 1 + 1 + 5)] * WORLD, got
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_a_loading_failure_on_one_rank_of_the_mesh_is_agreed_by_its_peer(results):
-    r0, r1 = _errors(results, "loading_fails_on_rank1")
-    assert r1 == "OSError: batch 2 could not be read", r1
-    _peer_error(r0, ACTIVATION, "OSError: batch 2 could not be read")
+GRADIENT = "the gradient protocol of a tensor-parallel rank outside its passes (loading a batch of the gradient pool)"
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_mask_fn_failure_on_one_rank_of_the_mesh_is_agreed_by_its_peer(results):
-    r0, r1 = _errors(results, "mask_fn_fails_on_rank1")
-    assert r1 == "ValueError: mask_fn: no attention mask in batch 1", r1
-    _peer_error(r0, ACTIVATION, "ValueError: mask_fn: no attention mask in batch 1")
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_the_lens_check_of_a_mask_on_one_rank_of_the_mesh_is_agreed_by_its_peer(results):
-    r0, r1 = _errors(results, "mask_not_bool_on_rank1")
-    assert r1.startswith("TypeError: ActivationCapture.mask: mask must be a bool tensor"), r1
-    _peer_error(r0, ACTIVATION, "TypeError: ActivationCapture.mask: mask must be a bool tensor")
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_a_gradient_pool_loading_failure_on_one_rank_of_the_mesh_is_agreed_by_its_peer(results):
-    r0, r1 = _errors(results, "gradient_loading_fails_on_rank1")
-    assert r1 == "OSError: batch 1 could not be read", r1
-    _peer_error(r0, "the gradient protocol of a tensor-parallel rank outside its passes (loading a batch of the "
-                    "gradient pool)", "OSError: batch 1 could not be read")
+@pytest.mark.parametrize("case, what, cause", [
+    ("loading_fails_on_rank1", ACTIVATION, "OSError: batch 2 could not be read"),
+    ("mask_fn_fails_on_rank1", ACTIVATION, "ValueError: mask_fn: no attention mask in batch 1"),
+    ("mask_not_bool_on_rank1", ACTIVATION, "TypeError: ActivationCapture.mask: mask must be a bool tensor"),
+    ("gradient_loading_fails_on_rank1", GRADIENT, "OSError: batch 1 could not be read"),
+], ids=["loading", "mask_fn", "mask_check", "gradient_loading"])
+def test_a_failure_on_one_rank_of_the_mesh_between_forwards_is_agreed_by_its_peer(results, case, what, cause):
+    """A batch's loading, its mask_fn, the lens's check of its mask (activation pool) or a gradient pool batch's
+    loading failing on rank 1: its own error there, and its peer's RuntimeError naming it and quoting it."""
+    r0, r1 = _errors(results, case)
+    assert r1 == cause if case != "mask_not_bool_on_rank1" else r1.startswith(cause), r1  # (the check says more)
+    _peer_error(r0, what, cause)
 
 
 @pytest.mark.slow

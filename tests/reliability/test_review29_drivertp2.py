@@ -113,18 +113,14 @@ def peer_error(what: str, rank: int, failed: int = 0) -> str:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_failed_train_loss_write_on_rank_0_raises_on_its_mesh_peer_before_the_next_forward(results):
-    r0, r1 = [r["error"] or "" for r in checked_case(results, "train_loss_fails", DEADLINE_S)]
-    assert r0 == f"OSError: {DISK_FULL}", r0
-    assert r1.startswith(peer_error("recording the training loss (rank 0 writes it)", 1)), r1
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_a_sink_error_on_rank_0_raises_on_its_mesh_peer_before_the_next_forward(results):
-    r0, r1 = [r["error"] or "" for r in checked_case(results, "sink_fails", DEADLINE_S)]
-    assert r0 == f"RuntimeError: {SINK}", r0
-    assert r1.startswith(peer_error("a sink's log_measurement or the trainer's loggers", 1)), r1
+@pytest.mark.parametrize("case, own, what", [
+    ("train_loss_fails", f"OSError: {DISK_FULL}", "recording the training loss (rank 0 writes it)"),
+    ("sink_fails", f"RuntimeError: {SINK}", "a sink's log_measurement or the trainer's loggers"),
+], ids=["train_loss_write", "sink"])
+def test_a_failure_of_rank_0s_agreed_work_raises_on_its_mesh_peer_before_the_next_forward(results, case, own, what):
+    r0, r1 = [r["error"] or "" for r in checked_case(results, case, DEADLINE_S)]
+    assert r0 == own, r0
+    assert r1.startswith(peer_error(what, 1)), r1
 
 
 @pytest.mark.slow
