@@ -32,10 +32,11 @@ _ARRAYS = {
 
 
 def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: str,
-               current_dim: int | None) -> dict[str, Any]:
+               current_dim: int | None, given_dim: int | None) -> dict[str, Any]:
     """Check every field of a state against the format and an accumulator's configuration (``label``
-    names it in errors; ``current_dim`` is its ``dim``); returns the new attribute values (cloned
-    tensors) without touching the accumulator."""
+    names it in errors; ``current_dim`` is its ``dim``, ``given_dim`` the one it was built with); returns
+    the new attribute values (cloned tensors) without touching the accumulator. A state without a width
+    leaves ``dim`` at ``given_dim``, as ``reset`` does: a width inferred from the replaced rows goes with them."""
     def fail(why: str) -> None:
         raise StateFormatError(f"{label}: cannot load {origin}: {why}")
 
@@ -66,7 +67,7 @@ def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: s
     underflowed = state.get("products_underflowed", False)
     if not isinstance(underflowed, bool):
         fail(f"products_underflowed must be true or false, got {underflowed!r}")
-    out: dict[str, Any] = {"dim": dim if dim is not None else current_dim, "_updates": updates,
+    out: dict[str, Any] = {"dim": dim if dim is not None else given_dim, "_updates": updates,
                            "_synced": synced, "_low_products": low, "_underflowed": underflowed}
     if not initialized:
         if present:
@@ -86,7 +87,10 @@ def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: s
             fail(f"{key!r} must be a tensor of shape {want} and dtype {dtype}, got {got}")
         if t.device != dev:
             fail(f"{key!r} is on {t.device}, 's' on {dev}")
-        out["_" + key] = t.clone()
+        if t.layout != torch.strided or t.device.type == "meta":  # later updates would fail (or read nothing)
+            fail(f"{key!r} must be a dense tensor holding values, got a {t.layout} tensor on {t.device}"
+                 + (" (loaded with map_location='meta'?)" if t.device.type == "meta" else ""))
+        out["_" + key] = t.detach().clone()  # the state's own tensors, outside any autograd graph
     if not bool(torch.isfinite(out["_shift"]).all()):
         fail("shift is not finite")
     if int(out["_n"]) < 0 or int(out["_bad_rows"]) < 0 or int(out["_first_bad"]) < -1:

@@ -57,11 +57,16 @@ def read_npz(path: Path, what: str, error: type[Exception]) -> tuple[Any, dict[s
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise error(f"{path}: a single .npy array, expected {what} (.npz)")
         with data:
-            raw = data["header"]
+            members = {k: data[k] for k in data.files}  # each read (decompressed) afresh
+            # numpy returns a member whose bytes are not an .npy array (a foreign zip's, a tampered one's) as bytes
+            raw_members = sorted(k for k, v in members.items() if not isinstance(v, np.ndarray))
+            if raw_members:
+                raise error(f"{path}: member(s) {raw_members} are not NumPy arrays, expected {what} (.npz)")
+            raw = members.pop("header")
             if raw.dtype.kind != "U" or raw.ndim != 0:
                 raise error(f"{path}: 'header' must be a JSON string, got dtype {raw.dtype}")
             header = json.loads(str(raw))
-            arrays = {k: data[k] for k in data.files if k != "header"}  # each read (decompressed) afresh
+            arrays = members
     except (FileNotFoundError, error):
         raise
     except MemoryError as exc:  # numpy allocates an array's declared size before reading it
