@@ -20,6 +20,9 @@ _STATE_FORMAT = "spectral-lens/covariance-state"
 _NONFINITE = ("raise", "skip")
 _HEADER_KEYS = ("format", "dim", "precision", "nonfinite", "updates", "synced", "initialized", "low_precision_products",
                 "products_underflowed")
+#: The largest row or update count a state may hold: float64 holds every count up to it exactly (the covariance
+#: divides by ``n``) and no pool comes near it; counts near 2**63 would wrap the next int64 sum (a tampered file).
+_MAX_COUNT = 2**53
 # arrays of an initialized state: (shape in terms of d, dtype)
 _ARRAYS = {
     "shift": ("d", torch.float64),
@@ -51,8 +54,8 @@ def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: s
         fail(f"dim must be a positive int or null, got {dim!r}")
     if current_dim is not None and dim is not None and dim != current_dim:
         fail(f"dim {dim} differs from this accumulator's {current_dim}")
-    if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
-        fail(f"updates must be a non-negative int, got {updates!r}")
+    if isinstance(updates, bool) or not isinstance(updates, int) or not 0 <= updates <= _MAX_COUNT:
+        fail(f"updates must be a non-negative int (at most 2**53), got {updates!r}")
     if not isinstance(synced, bool):
         fail(f"synced must be true or false, got {synced!r}")
     present = [k for k in _ARRAYS if k in state]
@@ -93,10 +96,11 @@ def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: s
         out["_" + key] = t.detach().clone()  # the state's own tensors, outside any autograd graph
     if not bool(torch.isfinite(out["_shift"]).all()):
         fail("shift is not finite")
-    if int(out["_n"]) < 0 or int(out["_bad_rows"]) < 0 or int(out["_first_bad"]) < -1:
-        fail(f"counts out of range (n={int(out['_n'])}, bad_rows={int(out['_bad_rows'])}, "
-             f"first_bad={int(out['_first_bad'])})")
-    out["_has_rows"] = int(out["_n"]) > 0
+    n, bad_rows, first_bad = int(out["_n"]), int(out["_bad_rows"]), int(out["_first_bad"])
+    if not (0 <= n <= _MAX_COUNT and 0 <= bad_rows <= _MAX_COUNT and -1 <= first_bad <= _MAX_COUNT):
+        fail(f"counts out of range (n={n}, bad_rows={bad_rows}, first_bad={first_bad}; each at most 2**53, "
+             "n and bad_rows >= 0, first_bad >= -1)")
+    out["_has_rows"] = n > 0
     return out
 
 

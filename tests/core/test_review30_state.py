@@ -126,6 +126,27 @@ def test_loading_an_empty_state_forgets_the_width_of_the_replaced_rows():
     assert given.dim == 4 and not given.initialized
 
 
+@pytest.mark.parametrize("field, value", [("n", 2**63 - 10), ("updates", 2**63), ("bad_rows", 2**60),
+                                          ("first_bad", 2**62), ("n", 2**53 + 1), ("updates", 10**30)])
+def test_counts_beyond_2_53_are_refused_and_the_old_state_kept(field, value):
+    """Accepted before: a count of ``2**63 - 10`` rows wrapped to a negative ``n_rows`` at the next update, an
+    update count of ``2**63`` made the next update with NaN rows raise ``Overflow when unpacking long long``."""
+    sd = _acc(seed=2).state_dict()
+    bad = {**sd, field: value if field == "updates" else torch.tensor(value)}
+    live = _acc(seed=1)
+    before = snapshot(live)
+    with pytest.raises(StateFormatError, match="2\\*\\*53"):
+        live.load_state_dict(bad)
+    assert_same_state(snapshot(live), before)
+
+
+def test_a_count_of_2_53_loads():
+    sd = _acc().state_dict()
+    acc = ActivationCovarianceAccumulator(4, precision="float64")
+    acc.load_state_dict({**sd, "n": torch.tensor(2**53), "updates": 2**53})
+    assert acc.n_rows == 2**53
+
+
 # ------------------------------------------------------------------ rejections keep the old state (guards)
 def _mutations(sd):
     f64 = torch.float64
