@@ -45,6 +45,9 @@ def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: s
 
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         fail("not an ActivationCovarianceAccumulator state")
+    unknown = sorted(map(str, set(state) - set(_HEADER_KEYS) - set(_ARRAYS)))  # as a file's are (_read_state)
+    if unknown:
+        fail(f"unknown field(s) {unknown} (a misspelled field, or a state of a newer version)")
     if state.get("precision") != precision:
         fail(f"precision {state.get('precision')!r} differs from this accumulator's {precision!r}")
     if state.get("nonfinite", nonfinite) != nonfinite:

@@ -140,6 +140,17 @@ def test_counts_beyond_2_53_are_refused_and_the_old_state_kept(field, value):
     assert_same_state(snapshot(live), before)
 
 
+@pytest.mark.parametrize("extra", [{"nonfinte": "skip"}, {"products_overflowed": True}, {"name": "h.3"}])
+def test_a_state_dict_with_an_unknown_field_is_refused_as_a_file_with_one_is(extra, tmp_path):
+    """A state file with an unknown field was refused, the same state as a dict loaded with the field ignored
+    (a misspelled ``nonfinite``, a newer version's flag)."""
+    live = _acc(seed=1)
+    before = snapshot(live)
+    with pytest.raises(StateFormatError, match=rf"unknown field\(s\) \['{next(iter(extra))}'\]"):
+        live.load_state_dict({**_acc(seed=2).state_dict(), **extra})
+    assert_same_state(snapshot(live), before)
+
+
 def test_a_count_of_2_53_loads():
     sd = _acc().state_dict()
     acc = ActivationCovarianceAccumulator(4, precision="float64")
