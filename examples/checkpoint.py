@@ -15,6 +15,8 @@ __all__ = ["read_checkpoint", "state_problems"]
 
 def read_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
     """``torch.load(path, weights_only=True)`` as a dict; an unreadable file is a ``ValueError`` naming it."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):  # opening a FIFO waits for a writer
+        raise ValueError(f"{path}: cannot read the checkpoint (not a regular file: a FIFO, socket or device)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, not a checkpoint, a directory, a forbidden pickle, ...

@@ -109,6 +109,31 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_without_running_it(tmp
         read_checkpoint(tmp_path / "dir.pt")
 
 
+def test_a_fifo_given_as_a_checkpoint_is_refused_instead_of_waiting_for_a_writer(tmp_path):
+    """``torch.load`` opened the FIFO and waited for a writer forever (the library's own loads refuse one)."""
+    import threading
+
+    fifo = tmp_path / "ck.pt"
+    os.mkfifo(fifo)
+    outcome = []
+
+    def load():
+        try:
+            read_checkpoint(fifo)
+        except ValueError as exc:
+            outcome.append(str(exc))
+
+    t = threading.Thread(target=load, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():  # the old behaviour: unblock the reader before failing
+        with open(fifo, "wb"):
+            pass
+        t.join(5)
+        pytest.fail("read_checkpoint waited on a FIFO")
+    assert outcome and "ck.pt: cannot read the checkpoint (not a regular file" in outcome[0], outcome
+
+
 @pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000,
                                   '{"global_step": 4, "log_history": ' + "[" * 100_000 + "]" * 100_000 + "}"])
 def test_a_trainer_state_nested_too_deep_is_a_value_error_naming_the_file(tmp_path, text):
