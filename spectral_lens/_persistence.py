@@ -103,6 +103,8 @@ def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: s
     if not (0 <= n <= _MAX_COUNT and 0 <= bad_rows <= _MAX_COUNT and -1 <= first_bad <= _MAX_COUNT):
         fail(f"counts out of range (n={n}, bad_rows={bad_rows}, first_bad={first_bad}; each at most 2**53, "
              "n and bad_rows >= 0, first_bad >= -1)")
+    if n == 0 and (bool(out["_m"].ne(0).any()) or bool(out["_s"].ne(0).any())):  # no rows sum to exact zeros
+        fail("n is 0 but the sums m and S are not zero: the row count does not belong to these sums")
     out["_has_rows"] = n > 0
     return out
 

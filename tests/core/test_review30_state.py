@@ -151,6 +151,28 @@ def test_a_state_dict_with_an_unknown_field_is_refused_as_a_file_with_one_is(ext
     assert_same_state(snapshot(live), before)
 
 
+@pytest.mark.parametrize("field", ["m", "s"])
+def test_a_zero_row_count_with_nonzero_sums_is_refused(field):
+    """Accepted before, and the next rows were added to the stale sums: a wrong spectrum, silently. A state without
+    rows (masked or skipped rows only) holds exact zeros."""
+    sd = _acc(seed=2).state_dict()
+    live = _acc(seed=1)
+    before = snapshot(live)
+    bad = {**sd, "n": torch.tensor(0), **({"m": torch.zeros(4, dtype=torch.float64)} if field == "s" else {})}
+    with pytest.raises(StateFormatError, match="n is 0 but the sums m and S are not zero"):
+        live.load_state_dict(bad)
+    assert_same_state(snapshot(live), before)
+
+
+def test_a_state_of_masked_rows_only_loads():
+    acc = ActivationCovarianceAccumulator(precision="float64", nonfinite="skip")
+    acc.update(torch.full((5, 3), float("nan"), dtype=torch.float64))
+    acc.update(torch.randn(5, 3, dtype=torch.float64), mask=torch.zeros(5, dtype=torch.bool))
+    back = ActivationCovarianceAccumulator(precision="float64", nonfinite="skip")
+    back.load_state_dict(acc.state_dict())
+    assert_same_state(snapshot(back), snapshot(acc))
+
+
 def test_a_count_of_2_53_loads():
     sd = _acc().state_dict()
     acc = ActivationCovarianceAccumulator(4, precision="float64")
