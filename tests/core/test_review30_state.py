@@ -239,6 +239,17 @@ def test_a_load_replaces_the_rows_an_accumulator_holds():
     assert_same_state(snapshot(live), snapshot(saved))
 
 
+def test_a_torn_accumulator_is_restored_by_a_load():
+    """Documented: a state torn by an interrupted in-place update is refused until ``reset()`` or a load."""
+    acc = _acc(seed=1)
+    saved = _acc(seed=2)
+    acc._torn = True  # as an interrupt between the in-place add into S and the stores leaves it
+    with pytest.raises(RuntimeError, match="interrupted"):
+        acc.state_dict()
+    acc.load_state_dict(saved.state_dict())
+    assert_same_state(snapshot(acc), snapshot(saved))
+
+
 class _Boom:
     def __reduce__(self):
         return (os.system, ("touch review30-pickle-ran",))
