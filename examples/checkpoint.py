@@ -34,6 +34,14 @@ def _dense(v: torch.Tensor) -> bool:
     return v.layout == torch.strided and v.device.type != "meta"
 
 
+def _hashable(v) -> bool:
+    try:
+        hash(v)
+    except TypeError:
+        return False
+    return True
+
+
 def _optimizer_problems(i: int, opt: torch.optim.Optimizer, s) -> list[str]:
     if not isinstance(s, dict) or not isinstance(s.get("param_groups"), list) or not isinstance(s.get("state"), dict):
         return [f"optimizer {i} ({type(opt).__name__}): not an optimizer state dict"]
@@ -46,8 +54,9 @@ def _optimizer_problems(i: int, opt: torch.optim.Optimizer, s) -> list[str]:
         if not isinstance(ids, list) or len(ids) != len(g["params"]):
             return [f"optimizer {i} ({type(opt).__name__}) group {k}: "
                     f"{len(ids) if isinstance(ids, list) else '?'} parameters, this run has {len(g['params'])}"]
-        if not all(isinstance(pid, int) for pid in ids):  # torch numbers them; another key raised a TypeError
-            return [f"optimizer {i} ({type(opt).__name__}) group {k}: parameter ids {ids[:5]} are not all ints"]
+        if not all(_hashable(pid) for pid in ids):  # torch's load_state_dict keys a dict by them: a TypeError
+            return [f"optimizer {i} ({type(opt).__name__}) group {k}: parameter ids {ids[:5]} are not all hashable "
+                    "(torch numbers them)"]
         params.update(zip(ids, g["params"]))
     out = []
     for pid, entry in s["state"].items():

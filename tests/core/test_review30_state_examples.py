@@ -51,7 +51,7 @@ def _bad_states():
         "state entry not a dict": (msd, opt_with(lambda s: s["state"].update({3: 5})),
                                    "parameter 3: state is a int, expected a dict"),
         "unhashable parameter id": (msd, opt_with(lambda s: s["param_groups"][0].update(params=[[0], 1, 2, 3])),
-                                    r"parameter ids \[\[0\], 1, 2, 3\] are not all ints"),
+                                    r"parameter ids \[\[0\], 1, 2, 3\] are not all hashable"),
     }
 
 
