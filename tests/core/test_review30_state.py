@@ -239,6 +239,17 @@ def test_a_load_replaces_the_rows_an_accumulator_holds():
     assert_same_state(snapshot(live), snapshot(saved))
 
 
+def test_a_loaded_single_row_state_computes_nothing_and_says_why():
+    one = ActivationCovarianceAccumulator(precision="float64")
+    one.update(torch.randn(1, 3, dtype=torch.float64))
+    back = ActivationCovarianceAccumulator(precision="float64")
+    back.load_state_dict(one.state_dict())
+    with pytest.raises(ValueError, match="need at least 2 rows, have 1"):
+        back.compute()
+    back.update(torch.randn(4, 3, dtype=torch.float64))
+    assert back.n_rows == 5
+
+
 def test_a_torn_accumulator_is_restored_by_a_load():
     """Documented: a state torn by an interrupted in-place update is refused until ``reset()`` or a load."""
     acc = _acc(seed=1)
