@@ -316,9 +316,10 @@ def fast_engine(
     input or output gradient does not have the chunk's ``n`` samples in dimension 0 (a sequence-first
     ``(T, M, d)`` layout, tokens flattened to ``(M * T, d)``, a weight applied to something other
     than the samples): the fast path's ``g_m`` contracts dimension 0 as the sample index. Where an
-    input holds ``n`` in dimensions 0 and 1 (a sequence-first layout with ``T == n`` passes the shape
-    check), one more backward, of the even samples' losses, tells them apart: a gradient on an odd row
-    of dimension 0 sends the module to the generic engine. A module
+    input holds ``n`` in dimension 0 and also in dimension 1 or the batch beyond its dimension 0 (a
+    sequence-first layout, or a position table ``(T, d)`` the samples share, with ``T == n`` passes the
+    shape check), one more backward, of the even samples' losses, tells them apart: a gradient on an odd
+    row of dimension 0 sends the module to the generic engine. A module
     called several times gets the sum over calls. Raises :class:`NoGradientPathError` when a probed
     module's output does not reach the loss.
     """
@@ -366,9 +367,13 @@ def fast_engine(
             losses = _checked_losses(loss_fn(forward_fn(model, batch), batch), n)
             recording[0] = False
             ys = [y for k in calls for _, _, y in calls[k]]
-            # a sequence-first (T, n, d) input with T == n passes the shape check below: where dimensions 0
-            # and 1 both hold n, the even samples' losses must not reach the odd rows of dimension 0
-            both = [y for k in calls for x, _, y in calls[k] if n > 1 and x.ndim >= 3 and x.shape[0] == x.shape[1] == n]
+            # a sequence-first (T, n, d) input with T == n passes the shape check below, and so does a tensor the
+            # samples share whose T rows are not samples (a position table (T, d) or (T, 1, d), projected once
+            # and broadcast over the batch): where dimension 0 holds n and so does dimension 1, or the batch
+            # beyond its dimension 0 (the sequence length), the even samples' losses must not reach the odd rows
+            sizes = {s for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) for s in t.shape[1:]}
+            both = [y for k in calls for x, _, y in calls[k] if n > 1 and x.ndim >= 1 and x.shape[0] == n
+                    and (n in sizes or (x.ndim >= 3 and x.shape[1] == n))]
             mixed = set()
             if both and losses.requires_grad:
                 with _reentrant_below(sites):
@@ -417,7 +422,8 @@ def fast_engine(
             not_called[name] = (
                 f"{type(mod).__name__} saw inputs of shape {tuple(grads_of[id(mod)][0][0].shape)} for a chunk of {n} "
                 "samples, and a sample's loss reaches other rows of dimension 0: the fast path needs the sample "
-                "index in dimension 0 (not a sequence-first (T, M, d) layout with T == chunk_size)"
+                "index in dimension 0 (not a sequence-first (T, M, d) layout, nor a tensor the samples share such as "
+                "a position table (T, d), with T == chunk_size)"
             )
             continue
         if shapes:

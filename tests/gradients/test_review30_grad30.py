@@ -1,0 +1,118 @@
+"""Review 30 (grad30): per-sample gradients against an independent float64 reference, adversarial layouts.
+
+(a) A probed ``nn.Linear`` applied to a tensor the samples share, whose dimension 0 is not the sample
+index: a position table ``(T, d)`` (or Transformer-XL's ``(T, 1, d)``) projected once and broadcast over
+the batch. Where ``T`` differs from the chunk's ``M`` the fast path's shape check refuses it; where
+``T == M`` (``chunk_size == T``, or a last chunk of ``T`` samples) the check passed and the rows were
+per-position gradients, silently (1.3 relative error). The even-samples backward that tells a
+sequence-first ``(T, M, d)`` layout apart now runs for every call whose dimension 0 has the chunk's
+``M`` when ``M`` is also a size the batch holds beyond dimension 0 (the sequence length).
+
+(b) Uses the fast path serves exactly: one layer applied twice (the second call on the first's output),
+the same layer in two branches, 4-D ``(B, T, H, d)`` inputs, non-contiguous and stride-0 inputs, keyword
+calls, a layer of a per-sample pooled input with ``T == M``; and the measurement leaves a pre-existing
+``.grad`` (gradient accumulation), optimizer state, modes and RNG streams as they were.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectral_lens.gradients import PerSampleGradientProbe, causal_lm_loss
+
+VOCAB, D = 23, 8
+
+
+def _batch(m, t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (m, t + 1), generator=g)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def _reference(model, names, batch):
+    """float64 rows: a copy of the model, one ``torch.autograd.grad`` of each sample's own mean loss."""
+    m64 = copy.deepcopy(model).double()
+    named = dict(m64.named_parameters(remove_duplicate=False))
+    rows = {k: [] for k in names}
+    for i in range(batch[0].shape[0]):
+        sample = (batch[0][i : i + 1], batch[1][i : i + 1])
+        gs = torch.autograd.grad(causal_lm_loss(m64(sample[0]), sample).sum(), [named[k] for k in names])
+        for k, g in zip(names, gs):
+            rows[k].append(g.reshape(-1))
+    return {k: torch.stack(v) for k, v in rows.items()}
+
+
+def _rel(a, b):
+    return float((a.double() - b).abs().max() / b.abs().max())
+
+
+class _LM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(VOCAB, D), nn.Embedding(16, D)
+        self.lin, self.head = nn.Linear(D, D), nn.Linear(D, VOCAB)
+
+
+# ---------------------------------------------------------------------- (a) a shared tensor with T == M rows
+class PositionProjection(_LM):
+    """``lin`` projects the position table once, ``(T, d)`` (or ``(T, 1, d)``), broadcast over the samples."""
+
+    def __init__(self, layout="2d"):
+        super().__init__()
+        self.layout = layout
+
+    def forward(self, ids):
+        table = self.pos.weight[: ids.shape[1]]
+        if self.layout == "2d":
+            shared = self.lin(table)
+        else:  # Transformer-XL's relative-position layout
+            shared = self.lin(table[:, None]).transpose(0, 1)
+        return self.head(torch.tanh(self.emb(ids) + shared))
+
+
+class PooledPerSample(_LM):
+    """``lin`` sees ``(M, d)``, one pooled row per sample: dimension 0 is the sample index."""
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.pos.weight[: ids.shape[1]]
+        return self.head(torch.tanh(h + self.lin(h.mean(1))[:, None]))
+
+
+@pytest.mark.parametrize("layout", ["2d", "3d"])
+@pytest.mark.parametrize("m, t, chunk", [(12, 6, 6), (12, 5, 5)])  # every chunk T == M; two of three chunks
+def test_a_layer_of_a_shared_position_table_with_t_equal_to_the_chunk_leaves_the_fast_path(layout, m, t, chunk):
+    torch.manual_seed(0)
+    model, batch = PositionProjection(layout).double().eval(), _batch(m, t)
+    names = ["lin.weight", "lin.bias"]
+    ref = _reference(model, names, batch)
+    probe = PerSampleGradientProbe(model, names, chunk_size=chunk, keep_matrix=True).update(batch)
+    assert probe.engines_ == {k: "vmap" for k in names}
+    for k in names:
+        assert _rel(probe.matrix(k), ref[k]) <= 1e-10, k  # before: 1.3 (fast-path rows per position)
+        r = ref[k]
+        ev = torch.linalg.eigvalsh(r @ r.T).flip(0)[: probe.compute()[k].dim]
+        torch.testing.assert_close(probe.compute()[k].values.double(), ev, rtol=1e-10, atol=1e-10 * float(ev[0]))
+    shape = "(6, 8)" if layout == "2d" else "(6, 1, 8)"
+    if t == 6:
+        with pytest.raises(ValueError, match=r"engine='fast' impossible for lin\.weight: .*" + re.escape(shape)):
+            PerSampleGradientProbe(copy.deepcopy(model), "lin.weight", engine="fast", chunk_size=chunk).update(batch)
+
+
+def test_a_per_sample_two_dimensional_input_with_t_equal_to_the_chunk_keeps_the_fast_path():
+    """The check does not send a per-sample ``(M, d)`` layer away from the fast path."""
+    torch.manual_seed(0)
+    model, batch = PooledPerSample().double().eval(), _batch(8, 4)
+    names = ["lin.weight", "lin.bias"]
+    ref = _reference(model, names, batch)
+    probe = PerSampleGradientProbe(model, names, engine="fast", chunk_size=4, keep_matrix=True).update(batch)
+    for k in names:
+        assert _rel(probe.matrix(k), ref[k]) <= 1e-10, k
