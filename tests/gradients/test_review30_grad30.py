@@ -107,6 +107,34 @@ def test_a_layer_of_a_shared_position_table_with_t_equal_to_the_chunk_leaves_the
             PerSampleGradientProbe(copy.deepcopy(model), "lin.weight", engine="fast", chunk_size=chunk).update(batch)
 
 
+class Routed(_LM):
+    """A mixture-of-experts-like layer: ``lin`` sees the tokens with id < 3, gathered across the samples
+    as ``(k, d)``, and its output is added back at their positions."""
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        flat, sel = h.reshape(-1, D), (ids.reshape(-1) < 3).nonzero().squeeze(1)
+        return self.head(flat.index_add(0, sel, torch.tanh(self.lin(flat[sel]))).view_as(h))
+
+
+def test_tokens_gathered_across_samples_as_many_as_the_chunk_leave_the_fast_path():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (8, 7), generator=g)
+    ids[0, 1], ids[0, 4], ids[2, 2], ids[3, 5] = 0, 1, 2, 0  # 4 routed tokens in each chunk of 4 samples,
+    ids[4, 1], ids[5, 3], ids[5, 5], ids[7, 2] = 1, 2, 0, 1  # 2 of them in one sample
+    batch = (ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    torch.manual_seed(0)
+    model = Routed().double().eval()
+    ref = _reference(model, ["lin.weight"], batch)["lin.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # vmap cannot trace nonzero(): the loop, with EngineFallbackWarning
+        probe = PerSampleGradientProbe(model, "lin.weight", chunk_size=4, keep_matrix=True).update(batch)
+    assert probe.engines_ == {"lin.weight": "loop"}
+    assert _rel(probe.matrix("lin.weight"), ref) <= 1e-10  # before: 0.96
+    with pytest.raises(ValueError, match=r"engine='fast' impossible for lin\.weight: .*\(4, 8\).*gathered"):
+        PerSampleGradientProbe(copy.deepcopy(model), "lin.weight", engine="fast", chunk_size=4).update(batch)
+
+
 def test_a_per_sample_two_dimensional_input_with_t_equal_to_the_chunk_keeps_the_fast_path():
     """The check does not send a per-sample ``(M, d)`` layer away from the fast path."""
     torch.manual_seed(0)
