@@ -144,3 +144,89 @@ def test_a_per_sample_two_dimensional_input_with_t_equal_to_the_chunk_keeps_the_
     probe = PerSampleGradientProbe(model, names, engine="fast", chunk_size=4, keep_matrix=True).update(batch)
     for k in names:
         assert _rel(probe.matrix(k), ref[k]) <= 1e-10, k
+
+
+# ---------------------------------------------------------------------- (b) uses the fast path serves exactly
+def _twice(s, h):  # the second call on the first call's output: the row is the sum over both calls
+    return s.lin(torch.tanh(s.lin(h)))
+
+
+def _branches(s, h):  # the same layer in two branches
+    return torch.tanh(s.lin(h)) * torch.sigmoid(s.lin(h.flip(-1)))
+
+
+def _four_d(s, h):  # (B, T, H, d): a layer on heads of width d / 2, its transpose's rows as input
+    return s.per_head(h.view(*h.shape[:2], 2, D // 2)).reshape(h.shape)
+
+
+def _transposed(s, h):  # a non-contiguous input
+    return s.lin(h.transpose(1, 2).contiguous().transpose(1, 2))
+
+
+def _stride_zero(s, h):  # expanded inputs: stride 0 along the tokens, and along the samples
+    return s.lin(h.mean(1, keepdim=True).expand_as(h)) + s.lin(s.emb.weight[:1].expand_as(h)) * h
+
+
+def _keyword(s, h):
+    return s.lin(input=h)
+
+
+def _pooled(s, h):  # 2-D per-sample input (M, d), T != M
+    return h + s.lin(h.mean(1))[:, None]
+
+
+class Uses(_LM):
+    def __init__(self, use):
+        super().__init__()
+        self.use, self.per_head = use, nn.Linear(D // 2, D // 2)
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.pos.weight[: ids.shape[1]]
+        return self.head(torch.tanh(self.use(self, h)))
+
+
+USES = [_twice, _branches, _four_d, _transposed, _stride_zero, _keyword, _pooled]
+
+
+def _trained(use):
+    """A model with a pre-existing ``.grad`` (an accumulated micro-batch), AdamW state and mixed modes."""
+    torch.manual_seed(0)
+    model = Uses(use).double().train()
+    model.head.eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = _batch(3, 6, seed=1)
+    F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    opt.step()
+    F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    return model, opt
+
+
+@pytest.mark.parametrize("use", USES, ids=lambda f: f.__name__.strip("_"))
+def test_fast_path_uses_against_float64_and_no_side_effects(use):
+    model, opt = _trained(use)
+    names = ["per_head.weight", "per_head.bias"] if use is _four_d else ["lin.weight", "lin.bias"]
+    batch = _batch(7, 6)  # chunks of 3, 3, 1
+    ref = _reference(model.eval(), names, batch)
+    model.train()
+    model.head.eval()
+    grads = {k: (p.grad, None if p.grad is None else p.grad.clone()) for k, p in model.named_parameters()}
+    assert grads[names[0]][0] is not None and grads["pos.weight"][0] is not None  # an accumulated micro-batch
+    state = copy.deepcopy(opt.state_dict())
+    before = model(batch[0]).detach()
+    rng, py, npy = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    probe = PerSampleGradientProbe(model, names, engine="fast", chunk_size=3, keep_matrix=True).update(batch)
+    for k in names:
+        assert _rel(probe.matrix(k), ref[k]) <= 1e-10, k
+    ns, r = probe.noise_scale()[names[0]], ref[names[0]]
+    mean = r.mean(0)
+    trace = float(((r - mean) ** 2).sum()) / 6  # the centred sample variance, summed over coordinates
+    assert ns.trace_sigma == pytest.approx(trace, rel=1e-10)
+    assert ns.grad_norm_sq == pytest.approx(float(mean @ mean) - trace / 7, rel=1e-9, abs=1e-12 * trace)
+    for k, p in model.named_parameters():  # .grad: the same tensor object, the same values
+        assert p.grad is grads[k][0] and (p.grad is None or torch.equal(p.grad, grads[k][1])), k
+    assert [m.training for m in model.modules()] == [True, True, True, True, False, True]
+    torch.testing.assert_close(opt.state_dict(), state, rtol=0, atol=0)
+    assert torch.equal(model(batch[0]).detach(), before)
+    assert torch.equal(torch.get_rng_state(), rng) and random.getstate() == py
+    assert np.array_equal(np.random.get_state()[1], npy)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
