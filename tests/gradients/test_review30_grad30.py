@@ -230,3 +230,27 @@ def test_fast_path_uses_against_float64_and_no_side_effects(use):
     assert torch.equal(torch.get_rng_state(), rng) and random.getstate() == py
     assert np.array_equal(np.random.get_state()[1], npy)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("engine", ["fast", "vmap", "loop"])
+def test_duplicated_samples_single_tokens_and_uneven_chunks_against_float64(engine):
+    """Three distinct sequences, each twice (one with a single real target, one with every other target
+    ignored), in chunks of 4 (not dividing M = 6): rank 3, every value as float64's; then M = 2."""
+    torch.manual_seed(0)
+    model = Uses(_twice).double().eval()
+    x, y = _batch(3, 6)
+    y[0, 1:] = -100
+    y[1, ::2] = -100
+    batch = (torch.cat([x, x]), torch.cat([y, y]))
+    names = ["lin.weight"]
+    r = _reference(model, names, batch)["lin.weight"]
+    probe = PerSampleGradientProbe(model, names, engine=engine, chunk_size=4, keep_matrix=True).update(batch)
+    assert _rel(probe.matrix("lin.weight"), r) <= 1e-10
+    values = probe.compute().values.double()
+    ref = torch.linalg.svdvals(r) ** 2
+    torch.testing.assert_close(values[:3], ref[:3], rtol=1e-10, atol=0)
+    assert float(values[3:].max()) <= 1e-13 * float(values[0])  # duplicated rows: rank 3
+    two = PerSampleGradientProbe(copy.deepcopy(model), names, engine=engine, keep_matrix=True).update((x[1:], y[1:]))
+    assert _rel(two.matrix("lin.weight"), r[1:3]) <= 1e-10
+    ns, mean = two.noise_scale(), r[1:3].mean(0)
+    assert ns.trace_sigma == pytest.approx(float(((r[1:3] - mean) ** 2).sum()), rel=1e-10)  # M / (M - 1) = 2
