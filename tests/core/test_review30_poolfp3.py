@@ -56,6 +56,8 @@ def _nest(layout, side="right"):
     def collate(rows):
         b = flat(rows)
         ids, mask = b["input_ids"], b["attention_mask"]
+        if layout == "inputs":
+            return {"inputs": {"input_ids": ids, "attention_mask": mask}}
         if layout == "inputs+labels":  # labels -100 at the padding, beside the nested inputs
             return {"inputs": {"input_ids": ids, "attention_mask": mask}, "labels": ids.masked_fill(mask == 0, -100)}
         if layout == "inputs+pad-id-labels":  # labels = input_ids.clone(): padded with the pad id
@@ -74,7 +76,7 @@ def _nest(layout, side="right"):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("layout", ["inputs+labels", "inputs+pad-id-labels", "all-nested", "user-dict", "pair"])
+@pytest.mark.parametrize("layout", ["inputs", "inputs+labels", "inputs+pad-id-labels", "all-nested", "user-dict", "pair"])
 def test_a_nested_dict_batch_re_padded_hashes_alike_and_sees_a_change(layout, side):
     """Before: the nested ``attention_mask`` was not found (the default ``mask_fn`` reads the top level only), so
     the nested tensors were read with their padding: every re-padding warned."""
@@ -82,28 +84,38 @@ def test_a_nested_dict_batch_re_padded_hashes_alike_and_sees_a_change(layout, si
     _check(_nest(layout, side), (7, 0))
 
 
-def test_a_nested_batch_is_not_warned_by_the_lens_and_a_change_is():
+def test_a_nested_batch_under_a_selecting_mask_fn_sees_a_changed_prompt_through_the_lens():
+    """Through the lens: a ``mask_fn`` that measures each row's last real token of a nested batch. Before, the
+    fingerprint read the tokens under that mask only (the nested ``attention_mask`` not found), so a changed earlier
+    token, which the measured rows read through attention, was not warned; the same samples re-batched still are
+    not."""
+    def last_token(b):
+        real = b["inputs"]["attention_mask"].bool()
+        return real & (real.long().cumsum(1) == real.sum(1, keepdim=True))
+
     def measure(docs_at):
         class Pool:
             i = 0
 
             def __iter__(self):
                 loader = torch.utils.data.DataLoader(docs_at(Pool.i), batch_size=4, shuffle=True,
-                                                     collate_fn=_nest("inputs+labels"))
+                                                     collate_fn=_nest("inputs"))
                 Pool.i += 1
                 return iter(loader)
 
-        lens = SpectralLens(_Kw(), Pool(), layers="m.h.2", params=(), progress=False,
+        lens = SpectralLens(_Kw(), Pool(), layers="m.h.2", params=(), progress=False, mask_fn=last_token,
                             forward_fn=lambda model, b: model(**b["inputs"]))
         with warnings.catch_warnings(record=True) as got:
             warnings.simplefilter("always")
+            warnings.filterwarnings("ignore", message=".*tail window.*")
             for seed in range(3):
                 torch.manual_seed(seed)
                 lens.measure(seed, 0)
-        return [str(w.message) for w in got if issubclass(w.category, SpectralLensWarning) and CHANGED in str(w.message)]
+        return [str(w.message) for w in got if issubclass(w.category, SpectralLensWarning)]
 
-    assert measure(lambda i: _docs()) == []
-    assert measure(lambda i: _docs((2, 4) if i else None))
+    assert not [w for w in measure(lambda i: _docs()) if CHANGED in w]
+    said = measure(lambda i: _docs((2, 1) if i else None))  # document 2 (5 tokens): its second token
+    assert [w for w in said if CHANGED in w and "other content" in w], said
 
 
 # --------------------------------------------------------------------------- (M, K) tensors with K = T by chance
@@ -241,20 +253,39 @@ def test_labels_shifted_against_unchanged_inputs_are_seen(side):
 
 # --------------------------------------------------------------------------- 1-D rows and packed batches
 
+#: eight documents of lengths 4, 2, 3, 4, 6, 5, 7, 3: a batch of the first four is as long (4) as it has rows
+_SQUARE = [torch.arange(10 * i, 10 * i + n) % PAD for i, n in enumerate((4, 2, 3, 4, 6, 5, 7, 3))]
+_SQUARE_GROUPS = [[[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 4, 1, 5], [2, 6, 3, 7]], [[7, 6, 5, 4], [3, 2, 1, 0]],
+                  [[0, 1], [2, 3, 4, 5, 6, 7]], [[5, 2, 7], [0, 6, 3, 1, 4]]]
+
+
+def _square_check(extra):
+    """The eight documents re-batched hash alike (a batch of 4 x 4 tokens in some batchings); a changed token of
+    document 3 (in the 4 x 4 batch) is seen."""
+    col = _collate(extra)
+    assert col(_SQUARE[:4])["input_ids"].shape == (4, 4)
+    same = {_fp([col([_SQUARE[i] for i in g]) for g in gs]) for gs in _SQUARE_GROUPS}
+    assert len(same) == 1, same
+    other = [d.clone() for d in _SQUARE]
+    other[3][2] = (other[3][2] + 1) % PAD
+    for gs in _SQUARE_GROUPS:
+        assert _fp([col([other[i] for i in g]) for g in gs]) not in same, gs
+
+
 def _weights(batch, rows):
-    """A per-position loss weight shared by the batch's samples, ``(T,)``."""
+    """A per-position loss weight shared by the batch's samples, ``(T,)``, and a per-document value beside it."""
     batch["loss_weights"] = (torch.arange(batch["input_ids"].shape[1]) % 3 + 1).float()
 
 
 def test_a_shared_1d_row_in_a_batch_of_as_many_samples_as_tokens_hashes_alike():
-    """Before: the ``(T,)`` row of the batch of all nine documents (``T`` = ``M`` = 9) was read as nine samples of one
-    value, in the other batchings as each sample's row: a false alarm."""
-    assert _collate()(_docs())["input_ids"].shape == (9, 9)
-    _check(_collate(_weights), (6, 6))
+    """Before: the ``(T,)`` row of a batch of ``T`` = ``M`` = 4 was read as four samples of one value, in the other
+    batches as each sample's row: another batching hashed otherwise. Now per sample only where every batch of the
+    pass has as many rows as its row has values."""
+    _square_check(_weights)
 
 
 def test_a_per_sample_vector_in_a_batch_of_as_many_samples_as_tokens_is_still_per_sample():
-    _check(_collate(lambda b, rows: b.update(lengths=b["attention_mask"].sum(1))), (8, 8))
+    _square_check(lambda b, rows: b.update(lengths=b["attention_mask"].sum(1), first=b["input_ids"][:, 0] * 2))
 
 
 def _packed(flat=False, cu_key="cu_seqlens", boundaries=None):
@@ -317,7 +348,7 @@ def test_the_new_paths_read_nothing_back_to_the_host(monkeypatch):
     batches = [(_nest("inputs+pad-id-labels")(docs[:4]), None), (_nest("pair", "left")(docs[4:]), None),
                (_targets("targets")([docs[i] for i in (0, 2, 4, 5)]), None),
                (_collate(_three_d("additive"))(docs[:3]), None), (_labels(True)(docs[3:7]), None),
-               (_collate(_weights)(docs), None), (_packed()(docs[:5]), None), (_packed(True)(docs[5:]), None)]
+               (_collate(_weights)(_SQUARE[:4]), None), (_packed()(docs[:5]), None), (_packed(True)(docs[5:]), None)]
     batches = [(b, _real(b) if "attention_mask" in b and b["attention_mask"].ndim == 3 else attention_mask(b))
                for b, _ in batches]
     fp = PoolFingerprint()
