@@ -448,11 +448,12 @@ def _context(batch: Any, mask: torch.Tensor | None, found: tuple[Any, Any, bool]
         own, ids, present = found
     dec = batch.get("decoder_attention_mask")
     labels = _not_ignored(batch.get("labels"))
-    align, aligned = False, None
+    align, aligned, real = False, None, None
     if not (isinstance(dec, torch.Tensor) and 1 <= dec.ndim <= 2):
         dec = labels if isinstance(batch.get("decoder_input_ids"), torch.Tensor) else None
         if dec is None and labels is not None:
-            labels = _unpadded(labels, batch["labels"], own, ids)
+            real = _real_tokens(own)
+            labels = _unpadded(labels, batch["labels"], real, ids)
             align = labels.ndim == 2
     mine = dec if dec is not None else labels
     first = [mask, own] if own is not None and own.is_floating_point() else [own, mask]  # (an additive one: 0 = real)
@@ -461,11 +462,24 @@ def _context(batch: Any, mask: torch.Tensor | None, found: tuple[Any, Any, bool]
         every = _every_token(batch.get("input_ids"))
         first.append(every)
     if align:  # the inputs' padding as wide as the labels: a causal LM's, or a seq2seq batch's by chance
-        pad = own if own is not None else every
-        aligned = pad if isinstance(pad, torch.Tensor) and tuple(pad.shape) == tuple(labels.shape) else None
+        pad = real if real is not None else every
+        aligned = pad if (isinstance(pad, torch.Tensor) and tuple(pad.shape) == tuple(labels.shape)
+                          and pad.device == labels.device) else None
     bounds, grid = _packing(batch) if not present else (None, ())
     return _Context(first, [dec] if dec is not None else [], [mine] if mine is not None else [], align, aligned,
                     every, bounds, grid)
+
+
+def _real_tokens(own: Any) -> Any:
+    """The real tokens of a mapping's ``attention_mask`` ``own``: where an integer or bool one is nonzero, where a
+    floating-point one is its row's maximum (1 of a 1/0 mask, 0 of an additive one, whose padding is -inf or
+    -1e9: either convention, told apart on the device); ``own`` itself where the kernels do not take it."""
+    if not isinstance(own, torch.Tensor):
+        return own
+    try:
+        return own == own.amax(-1, keepdim=True) if own.is_floating_point() else own != 0
+    except (RuntimeError, TypeError):
+        return own
 
 
 def _every_token(ids: Any) -> torch.Tensor | None:

@@ -358,3 +358,34 @@ def test_the_new_paths_read_nothing_back_to_the_host(monkeypatch):
         for b, mask in batches:
             fp.add(b, mask)
     assert fp.batches == len(batches) and isinstance(fp.value(), int)
+
+
+# --------------------------------------------------------------------------- labels beside an additive mask
+
+def _additive_labels(shift=False, side="right"):
+    """A float ``attention_mask`` of 0 (real) and -inf (padding), and causal-LM ``labels = input_ids.clone()`` (the
+    padding the pad id), or those labels shifted by one (the last real one -100)."""
+
+    def extra(batch, rows):
+        real = batch["attention_mask"].bool()
+        lab = batch["input_ids"].clone()
+        if shift:
+            for i in range(len(rows)):
+                where = real[i].nonzero().flatten()
+                lab[i, where] = torch.cat([lab[i, where][1:], torch.tensor([-100])])
+        batch["labels"] = lab
+        batch["attention_mask"] = torch.zeros(real.shape).masked_fill(~real, float("-inf"))
+
+    return _collate(extra, side)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_id_labels_beside_an_additive_attention_mask_hash_alike_and_see_a_shift(side):
+    """Before: the labels' padding (the pad id, where the ``attention_mask`` is 0 and they are the inputs) was taken
+    where an additive mask is 0, its real tokens: the labels were read at the padding only, so a re-padded pool was
+    warned and a changed label not seen."""
+    _check(_additive_labels(False, side), (4, 3), _real)
+    docs = _docs()
+    for gs in GROUPS:
+        assert _fp([_additive_labels(False, side)([docs[i] for i in g]) for g in gs], _real) != \
+            _fp([_additive_labels(True, side)([docs[i] for i in g]) for g in gs], _real), gs
