@@ -311,8 +311,7 @@ def _mixed(vals: torch.Tensor, mixed: torch.Tensor, read: torch.Tensor | None) -
     return f if read is None else f * read
 
 
-def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None, *, named: bool = False,
-                       origin: torch.Tensor | None = None) -> torch.Tensor | None:
+def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None, *, named: bool = False) -> torch.Tensor | None:
     """A 0-dim int64 residue mod ``2**31 - 1`` of ``t``'s content, on ``t``'s device (or, for a CPU ``t`` with a mask
     on an accelerator, the mask's; no host sync), or ``None`` for a tensor it does not read (0-dim, empty, sparse,
     a subclass such as ``DTensor``, quantized).
@@ -321,10 +320,8 @@ def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None, *, nam
     mixed and summed, so the result does not depend on how the pool is ordered or batched (a shuffled whole pool
     hashes as the fixed one), but a sample's values in another order (a flipped image) hash otherwise. ``mask``
     (nonzero = read), applied where ``t``'s leading shape is the mask's (moved to one device with it): the positions
-    it excludes are not read, and a read position counts from the sample's first read one (or, with ``origin``, an
-    ``(M, T)`` mask of the mask's shape, from the sample's first nonzero position of ``origin``: labels counted from
-    their inputs' first real token), so a pool re-padded to other lengths, on either side, hashes alike; every
-    position is read, at most :data:`POSITION_VALUES` evenly spaced values of each. An ``(M, ..., T, T)`` tensor of 4
+    it excludes are not read, and a read position counts from the sample's first read one, so a pool re-padded to
+    other lengths, on either side, hashes alike; every position is read, at most :data:`POSITION_VALUES` evenly spaced values of each. An ``(M, ..., T, T)`` tensor of 4
     or more dimensions, or a bool (any, if ``named``) ``(M, T, T)`` one, under an ``(M, T)`` mask (an attention mask
     of query x key entries) is read at its real query x real key entries, all of them. Without a mask: at most
     :data:`SAMPLE_VALUES` evenly spaced values of each sample, an integer tensor's :data:`IGNORE_INDEX` entries (a
@@ -350,12 +347,7 @@ def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None, *, nam
         vals, mask = _on_one_device(vals, mask)  # (the values read, not all of t, copied where they move)
         k = vals.shape[-1]
         vals, read = vals.reshape(m, -1, k), (mask != 0).reshape(m, -1, 1)
-        if origin is None:
-            pos = read.cumsum(1)  # counted from the sample's first read position: either padding side alike
-        else:  # from origin's first nonzero position (argmax: the first maximum), 1 there
-            real = origin.to(vals.device, non_blocking=True) != 0
-            first = real.to(torch.uint8).argmax(1, keepdim=True)
-            pos = (torch.arange(real.shape[1], device=vals.device) - first + 1).reshape(m, -1, 1)
+        pos = read.cumsum(1)  # counted from the sample's first read position: either padding side alike
         if k > 1:
             pos = pos * k + torch.arange(k, device=vals.device)
         read, vals = read.expand_as(vals).reshape(m, -1), vals.reshape(m, -1)
@@ -366,6 +358,21 @@ def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None, *, nam
         mixed = _positions(vals.shape[1], t.device)
     h = _mixed(vals, mixed, read).sum(1) % _P + _C
     return (h * h % _P).sum() % _P
+
+
+def _aligned_labels(labels: torch.Tensor, read: torch.Tensor, real: torch.Tensor) -> torch.Tensor | None:
+    """Two residues of 2-D integer ``labels`` read where ``read``: each label's position counted from its row's first
+    ``real`` token (an ``(M, T)`` mask of the inputs' real tokens, as wide as the labels, on their device), and
+    counted from the row's first read label (:func:`tensor_fingerprint` under ``read``, the same value), in one
+    pass, shape ``(2,)`` (``None`` for empty labels). The first sees labels shifted against their inputs (``[-100, x1, x2]`` and
+    ``[x1, x2, -100]``), the second does not."""
+    if labels.numel() == 0:
+        return None
+    first = real.to(torch.uint8).argmax(1, keepdim=True)  # the first maximum: the first real token (0 in a row of none)
+    ahead = torch.arange(labels.shape[1], device=labels.device) - first + 1
+    mixed = torch.stack([ahead, read.cumsum(1)]) * _D + _B  # (2, M, T)
+    h = _mixed(labels, mixed, read).sum(-1) % _P + _C
+    return (h * h % _P).sum(-1) % _P
 
 
 def _documents(t: torch.Tensor, bounds: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor | None:
@@ -611,12 +618,16 @@ def _shared(t: torch.Tensor, masks: list[Any], key: Any = None) -> torch.Tensor:
 _PAIR_NAMES = ("mask", "bias")
 
 
+#: what a tensor the fingerprint cannot read raises in its kernels (a backend's own, a nested one, an empty dimension)
+_UNREAD = (RuntimeError, TypeError, IndexError, ValueError)
+
+
 def _attempt(read: Any, *args: Any, **kwargs: Any) -> torch.Tensor | None:
     """``read(*args, **kwargs)``, or ``None`` where the kernels do not take the tensor (a backend's own): never a
     failed measurement."""
     try:
         return read(*args, **kwargs)
-    except (RuntimeError, TypeError):
+    except _UNREAD:
         return None
 
 
@@ -656,8 +667,8 @@ def _leaf(t: torch.Tensor, key: Any, ctx: _Context, named: bool, mapping: bool) 
     if t.ndim == 0:
         return [None]
     if ctx.align and mine is ctx.labels and key == "labels":
-        aligned = None if ctx.aligned is None else _attempt(tensor_fingerprint, t, mine[0], origin=ctx.aligned)
-        return [aligned, plain(t)]
+        both = None if ctx.aligned is None else _attempt(_aligned_labels, t, mine[0], ctx.aligned)
+        return [None, plain(t)] if both is None else [both[0], both[1]]
     rows = next((m for m in mine if isinstance(m, torch.Tensor) and m.ndim == 2), None)  # the batch's (M, T)
     x = _shared(t, mine, key)
     if t.ndim == 1 and not (mapping and key in _SHARED_ROWS):
@@ -702,7 +713,7 @@ def _readings(batch: Any, mask: torch.Tensor | None = None) -> list[tuple[str, l
             named = mapping and any(w in place.lower() for w in _PAIR_NAMES)
             try:
                 found = _leaf(leaf, key, contexts[at], named, mapping)
-            except (RuntimeError, TypeError):  # a tensor the kernels do not take (a backend's own, a nested one
+            except _UNREAD:  # a tensor the kernels do not take (a backend's own, a nested one
                 continue                       # without sizes): not read, never a failed measurement
             if found[-1] is not None:
                 salt = _salt(place)

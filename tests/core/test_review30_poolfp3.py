@@ -389,3 +389,22 @@ def test_pad_id_labels_beside_an_additive_attention_mask_hash_alike_and_see_a_sh
     for gs in GROUPS:
         assert _fp([_additive_labels(False, side)([docs[i] for i in g]) for g in gs], _real) != \
             _fp([_additive_labels(True, side)([docs[i] for i in g]) for g in gs], _real), gs
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_the_aligned_labels_second_residue_is_the_labels_own_reading(dtype):
+    # (a pass takes the labels' own reading from _aligned_labels in some batches, from tensor_fingerprint in others:
+    # they must agree)
+    from spectral_lens._pools import _aligned_labels, tensor_fingerprint
+
+    g = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, 200, (5, 11), generator=g)
+    labels[:, 0] = -100 if dtype != torch.uint8 else 0
+    labels[2, 7:] = -100 if dtype != torch.uint8 else 0
+    labels = labels.to(dtype)
+    read = labels != (-100 if dtype != torch.uint8 else 0)
+    real = torch.ones(5, 11, dtype=torch.bool)
+    real[3, :4] = False
+    both = _aligned_labels(labels, read, real)
+    assert int(both[1]) == int(tensor_fingerprint(labels, read))
+    assert int(both[0]) != int(both[1])
