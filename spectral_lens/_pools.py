@@ -311,7 +311,8 @@ def _mixed(vals: torch.Tensor, mixed: torch.Tensor, read: torch.Tensor | None) -
     return f if read is None else f * read
 
 
-def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None, *, named: bool = False) -> torch.Tensor | None:
+def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None, *,
+                       named: bool = False) -> torch.Tensor | None:
     """A 0-dim int64 residue mod ``2**31 - 1`` of ``t``'s content, on ``t``'s device (or, for a CPU ``t`` with a mask
     on an accelerator, the mask's; no host sync), or ``None`` for a tensor it does not read (0-dim, empty, sparse,
     a subclass such as ``DTensor``, quantized).
@@ -321,7 +322,8 @@ def tensor_fingerprint(t: torch.Tensor, mask: torch.Tensor | None = None, *, nam
     hashes as the fixed one), but a sample's values in another order (a flipped image) hash otherwise. ``mask``
     (nonzero = read), applied where ``t``'s leading shape is the mask's (moved to one device with it): the positions
     it excludes are not read, and a read position counts from the sample's first read one, so a pool re-padded to
-    other lengths, on either side, hashes alike; every position is read, at most :data:`POSITION_VALUES` evenly spaced values of each. An ``(M, ..., T, T)`` tensor of 4
+    other lengths, on either side, hashes alike; every position is read, at most :data:`POSITION_VALUES` evenly
+    spaced values of each. An ``(M, ..., T, T)`` tensor of 4
     or more dimensions, or a bool (any, if ``named``) ``(M, T, T)`` one, under an ``(M, T)`` mask (an attention mask
     of query x key entries) is read at its real query x real key entries, all of them. Without a mask: at most
     :data:`SAMPLE_VALUES` evenly spaced values of each sample, an integer tensor's :data:`IGNORE_INDEX` entries (a
@@ -364,7 +366,8 @@ def _aligned_labels(labels: torch.Tensor, read: torch.Tensor, real: torch.Tensor
     """Two residues of 2-D integer ``labels`` read where ``read``: each label's position counted from its row's first
     ``real`` token (an ``(M, T)`` mask of the inputs' real tokens, as wide as the labels, on their device), and
     counted from the row's first read label (:func:`tensor_fingerprint` under ``read``, the same value), in one
-    pass, shape ``(2,)`` (``None`` for empty labels). The first sees labels shifted against their inputs (``[-100, x1, x2]`` and
+    pass, shape ``(2,)`` (``None`` for empty labels). The first sees labels shifted against their inputs
+    (``[-100, x1, x2]`` and
     ``[x1, x2, -100]``), the second does not."""
     if labels.numel() == 0:
         return None
@@ -525,7 +528,8 @@ _PER_BATCH = ("max_seqlen", "max_seqlen_q", "max_seqlen_k", "max_length_q", "max
 def _packing(batch: Mapping) -> tuple[torch.Tensor | None, tuple[int, ...]]:
     """A packed mapping's document boundaries (the first of :data:`_BOUNDARIES` that is a 1-D integer tensor of 2 or
     more values) and the shape of its tokens (its 1-D or 2-D ``input_ids``, else ``position_ids``, ``labels``, or an
-    ``inputs_embeds``' leading shape), or ``(None, ())``: read by name (the offsets' values are not read on the host)."""
+    ``inputs_embeds``' leading shape), or ``(None, ())``: read by name (the offsets' values are not read on the
+    host)."""
     bounds = next((b for b in (batch.get(k) for k in _BOUNDARIES) if type(b) is torch.Tensor and b.ndim == 1
                    and b.numel() >= 2 and b.layout == torch.strided and b.dtype in _INTEGERS - {torch.bool}
                    and b.device.type != "meta"), None)
@@ -632,9 +636,10 @@ def _attempt(read: Any, *args: Any, **kwargs: Any) -> torch.Tensor | None:
 
 
 def _leaf(t: torch.Tensor, key: Any, ctx: _Context, named: bool, mapping: bool) -> list[torch.Tensor | None]:
-    """The candidate readings of one tensor of a batch, in order of preference, the last the rule of review 29 (and
-    always computed where the tensor is read at all): where a shape alone cannot say how the tensor is laid out,
-    the first that fits in every batch of a pass is the pass's (:class:`PoolFingerprint`):
+    """The candidate readings of one tensor of a batch, in order of preference, ``None`` for one this batch's shapes
+    rule out, the last computed wherever the tensor is read at all (``None``: not read). Where a shape alone cannot
+    say how the tensor is laid out, the first candidate that every batch of a pass had is the pass's
+    (:class:`PoolFingerprint`), so a shape that fits only by chance in some batches does not decide:
 
     * integer ``labels`` beside a padding mask as wide as them: counted from their inputs' first real token (a
       causal LM's, whose shift against the inputs is other content), or from their own first (a seq2seq batch's,
@@ -643,7 +648,10 @@ def _leaf(t: torch.Tensor, key: Any, ctx: _Context, named: bool, mapping: bool) 
       the samples (a per-position weight);
     * a 2-D tensor as wide as the mask: per position under it, or per sample (``(M, K)`` targets of ``K == T``);
     * a non-bool 3-D ``(M, T, T)`` tensor not under a key naming a mask: at its real query x key entries (a float
-      attention mask of a tuple batch), or by position (an ``(M, T, d)`` embedding of ``d == T``)."""
+      attention mask of a tuple batch), or by position (an ``(M, T, d)`` embedding of ``d == T``).
+
+    In a packed mapping (``ctx.bounds``) a tensor of its tokens' shape is read by document (:func:`_documents`), and
+    the boundaries and per-batch values (:data:`_BOUNDARIES`, :data:`_PER_BATCH`) are not read."""
     if ctx.bounds is not None:
         if key in _BOUNDARIES or key in _PER_BATCH:
             return [None]

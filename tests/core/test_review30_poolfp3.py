@@ -17,11 +17,10 @@ from collections import UserDict
 
 import pytest
 import torch
+from core.test_review29_poolfp2 import CHANGED, PAD, _collate, _docs, _Kw
 
 from spectral_lens import SpectralLens, SpectralLensWarning
 from spectral_lens._pools import PoolFingerprint, attention_mask, batch_fingerprint
-
-from core.test_review29_poolfp2 import CHANGED, PAD, _collate, _docs, _Kw
 
 #: batchings of the nine documents (lengths 3, 8, 5, 9, 4, 6, 7, 2, 9): other padded lengths in each
 GROUPS = [[[0, 1, 2, 3], [4, 5, 6, 7, 8]], [[8, 0], [5, 1, 3], [2, 4, 6, 7]], [[3], [0, 1, 2, 4, 5, 6, 7, 8]],
@@ -76,7 +75,8 @@ def _nest(layout, side="right"):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-@pytest.mark.parametrize("layout", ["inputs", "inputs+labels", "inputs+pad-id-labels", "all-nested", "user-dict", "pair"])
+@pytest.mark.parametrize("layout", ["inputs", "inputs+labels", "inputs+pad-id-labels", "all-nested", "user-dict",
+                                    "pair"])
 def test_a_nested_dict_batch_re_padded_hashes_alike_and_sees_a_change(layout, side):
     """Before: the nested ``attention_mask`` was not found (the default ``mask_fn`` reads the top level only), so
     the nested tensors were read with their padding: every re-padding warned."""
