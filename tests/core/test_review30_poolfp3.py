@@ -326,6 +326,10 @@ def test_a_packed_pool_re_packed_hashes_alike_and_sees_a_change(flat, cu_key):
 
     same = _fp([_packed(flat, cu_key)([docs[i] for i in g]) for g in GROUPS[0]], None)
     assert _fp([_packed(flat, cu_key, boundaries=moved)([docs[i] for i in g]) for g in GROUPS[0]], None) != same
+    swapped = [d.clone() for d in docs]
+    swapped[1][[2, 5]] = swapped[1][[5, 2]]  # two tokens of a document in the other order: other content
+    assert not torch.equal(swapped[1], docs[1])
+    assert _fp([_packed(flat, cu_key)([swapped[i] for i in g]) for g in GROUPS[0]], None) != same
 
 
 def test_packed_boundaries_that_are_not_offsets_never_fail():
