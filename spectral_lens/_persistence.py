@@ -97,12 +97,14 @@ def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: s
             fail(f"{key!r} must be a dense tensor holding values, got a {t.layout} tensor on {t.device}"
                  + (" (loaded with map_location='meta'?)" if t.device.type == "meta" else ""))
         out["_" + key] = t.detach().clone()  # the state's own tensors, outside any autograd graph
-    if not bool(torch.isfinite(out["_shift"]).all()):
-        fail("shift is not finite")
     n, bad_rows, first_bad = int(out["_n"]), int(out["_bad_rows"]), int(out["_first_bad"])
     if not (0 <= n <= _MAX_COUNT and 0 <= bad_rows <= _MAX_COUNT and -1 <= first_bad <= _MAX_COUNT):
         fail(f"counts out of range (n={n}, bad_rows={bad_rows}, first_bad={first_bad}; each at most 2**53, "
              "n and bad_rows >= 0, first_bad >= -1)")
+    # NaN/Inf rows summed under "raise" (first_bad >= 0) may be in the shift too, a mean of rows: such a state is
+    # what the live accumulator holds (its compute names the update), so it moves (to) and loads as it was saved
+    if not bool(torch.isfinite(out["_shift"]).all()) and not (nonfinite == "raise" and first_bad >= 0):
+        fail("shift is not finite (and the state records no NaN/Inf rows that could have made it so)")
     if n == 0 and (bool(out["_m"].ne(0).any()) or bool(out["_s"].ne(0).any())):  # no rows sum to exact zeros
         fail("n is 0 but the sums m and S are not zero: the row count does not belong to these sums")
     out["_has_rows"] = n > 0
