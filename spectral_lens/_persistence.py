@@ -23,6 +23,17 @@ _HEADER_KEYS = ("format", "dim", "precision", "nonfinite", "updates", "synced", 
 #: The largest row or update count a state may hold: float64 holds every count up to it exactly (the covariance
 #: divides by ``n``) and no pool comes near it; counts near 2**63 would wrap the next int64 sum (a tampered file).
 _MAX_COUNT = 2**53
+
+
+def _unknown_why() -> str:
+    """Why a state may hold a field this version does not know, and what to do. Refused, not ignored: a newer
+    field may change what the sums mean (``products_underflowed`` did)."""
+    from . import __version__  # at the call: the package defines it after importing this module
+
+    return (f"a misspelled field, or a state written by a newer spectral-lens than this one ({__version__}), whose "
+            "fields this version cannot honour; load it with the version that wrote it or a newer one")
+
+
 # arrays of an initialized state: (shape in terms of d, dtype)
 _ARRAYS = {
     "shift": ("d", torch.float64),
@@ -47,7 +58,7 @@ def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: s
         fail("not an ActivationCovarianceAccumulator state")
     unknown = sorted(map(str, set(state) - set(_HEADER_KEYS) - set(_ARRAYS)))  # as a file's are (_read_state)
     if unknown:
-        fail(f"unknown field(s) {unknown} (a misspelled field, or a state of a newer version)")
+        fail(f"unknown field(s) {unknown}: {_unknown_why()}")
     if state.get("precision") != precision:
         fail(f"precision {state.get('precision')!r} differs from this accumulator's {precision!r}")
     if state.get("nonfinite", nonfinite) != nonfinite:
@@ -151,7 +162,7 @@ def _read_state(path: Path, device: str | torch.device) -> tuple[dict[str, Any],
         raise StateFormatError(f"{path}: header field nonfinite={header.get('nonfinite')!r} is not one of {_NONFINITE}")
     unknown = sorted(set(header) - set(_HEADER_KEYS)) + sorted(set(arrays) - set(_ARRAYS))
     if unknown:
-        raise StateFormatError(f"{path}: unknown field(s) {unknown} in an accumulator state file")
+        raise StateFormatError(f"{path}: unknown field(s) {unknown} in an accumulator state file: {_unknown_why()}")
     dim = header.get("dim")
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
         raise StateFormatError(f"{path}: header field dim={dim!r} is not a positive int or null")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import threading
-import warnings
 
 import numpy as np
 import pytest
@@ -81,3 +80,177 @@ def test_a_non_finite_shift_without_nan_rows_recorded_is_still_refused(state):
     with pytest.raises(StateFormatError, match="shift is not finite"):
         live.load_state_dict(sd)
     assert_same_state(snapshot(live), before)
+
+
+@pytest.mark.parametrize("via", ["state_dict", "file"])
+def test_a_state_with_a_newer_versions_field_says_what_to_do(tmp_path, via):
+    """A field this version does not know is refused (it may change what the sums mean: ``products_underflowed``
+    did, and an older reader that ignored it would give a wrong spectrum without a word); the error said only
+    "a state of a newer version", not which version this is or what to do."""
+    import json
+    import zipfile
+
+    from spectral_lens import __version__
+
+    acc = A(4)
+    acc.update(torch.randn(6, 4, dtype=torch.float64))
+    if via == "state_dict":
+        load = lambda: A(4).load_state_dict({**acc.state_dict(), "rows_reweighted": True})  # noqa: E731
+    else:
+        src, dst = acc.save(tmp_path / "s"), tmp_path / "newer.npz"
+        with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+            for info in zin.infolist():
+                data = zin.read(info)
+                if info.filename == "header.npy":
+                    header = json.loads(str(np.load(src)["header"]))
+                    buf = __import__("io").BytesIO()
+                    np.save(buf, np.array(json.dumps({**header, "rows_reweighted": True})))
+                    data = buf.getvalue()
+                zout.writestr(info.filename, data)
+        load = lambda: A.load(dst)  # noqa: E731
+    with pytest.raises(StateFormatError, match=rf"unknown field\(s\) \['rows_reweighted'\].*newer spectral-lens than "
+                                               rf"this one \({__version__}\).*load it with the version that wrote it"):
+        load()
+
+
+# ------------------------------------------------------------------------------------ legitimate states (guards)
+def _old_state(version: str) -> dict:
+    """A state as an earlier version's ``state_dict`` wrote it (its keys: git history of ``accumulate.py``)."""
+    acc = A(4)
+    acc.update(torch.randn(9, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) + 7)
+    sd = acc.state_dict()
+    keys = {"15d59a0": ("format", "dim", "precision", "nonfinite", "updates", "synced"),  # the first format
+            "12cf2a8": ("format", "dim", "precision", "nonfinite", "updates", "synced", "initialized"),
+            "a4a6b42": ("format", "dim", "precision", "nonfinite", "updates", "synced", "initialized",
+                        "low_precision_products")}[version]
+    arrays = ("shift", "n", "m", "s", "bad_rows", "first_bad")
+    return {k: v for k, v in sd.items() if k in keys or k in arrays}, acc
+
+
+@pytest.mark.parametrize("version", ["15d59a0", "12cf2a8", "a4a6b42"])
+def test_states_of_earlier_versions_still_load(version):
+    """The unknown-field and count refusals keep every earlier format (fields were only ever added)."""
+    old, acc = _old_state(version)
+    got = A(4)
+    got.load_state_dict(old)
+    assert torch.equal(got.covariance(), acc.covariance()) and got.n_rows == 9
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_states_of_masked_skipped_and_empty_updates_load_in_every_precision_and_dtype():
+    """``n = 0`` with non-zero sums is refused: no way of measuring makes one. Updates of masked rows only (some
+    holding NaN/Inf), of NaN rows skipped, of no rows at all, in every precision and row dtype, on the CPU's
+    one-chunk path and its torch path (``max_chunk_rows`` below the rows), and their merges, all load."""
+    for precision in ("float64", "exact", "fast"):
+        for nonfinite in ("raise", "skip"):
+            for mcr in (131072, 2):
+                for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+                    acc = A(precision=precision, nonfinite=nonfinite, max_chunk_rows=mcr)
+                    x = (torch.randn(6, 5, dtype=torch.float64) * 1e3 + 40).to(dtype)
+                    x[0, 1], x[3, 2] = float("nan"), float("inf")
+                    acc.update(x, torch.zeros(6, dtype=torch.bool))
+                    acc.update(x[:0])
+                    if nonfinite == "skip":
+                        acc.update(x[[0, 3]])
+                    merged = A(precision=precision, nonfinite=nonfinite).merge(acc).merge(copy.deepcopy(acc))
+                    for state in (acc.state_dict(), merged.state_dict()):
+                        assert int(state["n"]) == 0
+                        got = A(precision=precision, nonfinite=nonfinite)
+                        got.load_state_dict(state)
+                        assert _same_bits(got.state_dict(), state)
+
+
+def _resume_case(seed: int):
+    """Random updates (masks, NaN rows under "skip", empty calls, every row dtype) and a split point."""
+    r = np.random.default_rng(seed)
+    precision, nonfinite = ("float64", "exact", "fast")[seed % 3], ("raise", "skip")[seed // 3 % 2]
+    mcr = (131072, 3, 7)[seed // 6 % 3]
+    dtype = (torch.float32, torch.float64, torch.bfloat16, torch.float16)[seed // 18 % 4]
+    g = torch.Generator().manual_seed(seed)
+    d, calls = int(r.integers(2, 9)), []
+    for _ in range(int(r.integers(2, 7))):
+        n = int(r.integers(0, 20))
+        x = (torch.randn(n, d, generator=g, dtype=torch.float64) * 3 + float(r.choice([0, 50, -1e3]))).to(dtype)
+        mask = None if r.random() < 0.5 else torch.rand(n, generator=g) < float(r.choice([0.0, 0.5, 0.9]))
+        if nonfinite == "skip" and n and r.random() < 0.3:
+            x[int(r.integers(n)), int(r.integers(d))] = float("nan")
+        calls.append((x, mask))
+    return precision, nonfinite, mcr, calls, int(r.integers(0, len(calls) + 1))
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("how", ["state_dict", "file", "to"])
+def test_resuming_goes_on_bit_for_bit_as_the_saved_accumulator_with_masks_skips_and_every_dtype(tmp_path, how):
+    """api-core.md's corrected claim, on the paths review 30's hypothesis test did not take: masked rows (the
+    shift adopted from the first valid rows), rows skipped under ``"skip"``, empty calls, bf16/fp16 rows, calls of
+    several chunks (the CPU torch path), and ``to()``. CPU only (no GPU in this review)."""
+    for seed in range(72):
+        precision, nonfinite, mcr, calls, split = _resume_case(seed)
+        saved = A(precision=precision, nonfinite=nonfinite, max_chunk_rows=mcr)
+        for x, mask in calls[:split]:
+            saved.update(x, mask)
+        if how == "state_dict":
+            resumed = A(precision=precision, nonfinite=nonfinite, max_chunk_rows=mcr)
+            resumed.load_state_dict(saved.state_dict())
+        elif how == "file":
+            resumed = A.load(saved.save(tmp_path / f"s{seed}"), max_chunk_rows=mcr)
+        else:
+            saved.state_dict()  # the read that a save makes
+            resumed = copy.deepcopy(saved).to("cpu")
+        for x, mask in calls[split:]:
+            saved.update(x, mask)
+            resumed.update(x, mask)
+        assert _same_bits(resumed.state_dict(), saved.state_dict()), seed
+
+
+def test_the_toy_generator_check_leaves_the_global_rng_untouched(tmp_path):
+    """The toy's pre-check tries ``gen`` on a scratch generator: the global stream (and the run's own, for a
+    refused checkpoint) is as before, for a good checkpoint and a refused one."""
+    from examples.toy.train import ToyRun
+    from tests.toy.test_train import CFG, LRS, TASK
+
+    s = TASK.split()
+    donor = ToyRun("Baseline", 8, LRS["Baseline"], CFG, seed=1)
+    donor.train_until(16, 32, s.x_train, s.y_train)
+    donor.save(tmp_path / "good.pt")
+    state = donor.state_dict()
+    state["gen"] = torch.zeros_like(state["gen"])
+    torch.save(state, tmp_path / "bad.pt")
+    run = ToyRun("Baseline", 8, LRS["Baseline"], CFG, seed=2)
+    torch.manual_seed(123)
+    before, run_gen = torch.get_rng_state(), run.gen.get_state()
+    with pytest.raises(ValueError, match="'gen' is not a CPU generator state"):
+        run.load(tmp_path / "bad.pt")
+    assert torch.equal(torch.get_rng_state(), before) and torch.equal(run.gen.get_state(), run_gen)
+    run.load(tmp_path / "good.pt")
+    assert torch.equal(torch.get_rng_state(), before) and torch.equal(run.gen.get_state(), donor.gen.get_state())
+
+
+def test_load_state_dict_and_to_under_concurrent_updates_neither_deadlock_nor_lose_rows():
+    """The new lock: ``load_state_dict`` and ``to`` from other threads while updates run (each takes the lock
+    once: no re-entry, so no deadlock); every update lands either before a load (replaced) or after it."""
+    acc = A(4, precision="float64")
+    saved = A(4, precision="float64")
+    saved.update(torch.randn(10, 4, dtype=torch.float64))
+    state = saved.state_dict()
+    stop = threading.Event()
+    errors = []
+
+    def updates():
+        try:
+            while not stop.is_set():
+                acc.update(torch.randn(3, 4, dtype=torch.float64))
+        except Exception as exc:  # pragma: no cover - a failure shows below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=updates, daemon=True) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for _ in range(50):
+        acc.load_state_dict(state)
+        acc.to("cpu")
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads) and not errors
+    assert (acc.n_rows - 10) % 3 == 0 and acc.n_rows >= 10
