@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -243,14 +244,22 @@ def test_load_state_dict_and_to_under_concurrent_updates_neither_deadlock_nor_lo
         except Exception as exc:  # pragma: no cover - a failure shows below
             errors.append(exc)
 
-    threads = [threading.Thread(target=updates, daemon=True) for _ in range(2)]
+    def loads():
+        try:
+            for _ in range(50):
+                acc.load_state_dict(state)
+                acc.to("cpu")
+        except Exception as exc:  # pragma: no cover - a failure shows below
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (updates, updates, loads)]
     for t in threads:
         t.start()
-    for _ in range(50):
-        acc.load_state_dict(state)
-        acc.to("cpu")
-    stop.set()
+    deadline = time.monotonic() + 30
     for t in threads:
-        t.join(10)
-    assert not any(t.is_alive() for t in threads) and not errors
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "deadlock: a thread still waits for the accumulator's lock"
+    assert not errors, errors
     assert (acc.n_rows - 10) % 3 == 0 and acc.n_rows >= 10
