@@ -315,8 +315,9 @@ class ActivationCovarianceAccumulator:
 
         Thread-safe: concurrent calls (a hooked module run from several threads, as
         ``nn.DataParallel`` runs its replicas) are serialized by a lock, so no row is lost or
-        mixed; ``merge``, ``compute``, ``covariance``, ``compute_async`` and ``state_dict`` take
-        the same lock. (Uncontended, it costs well under a microsecond per call.)
+        mixed; ``merge``, ``compute``, ``covariance``, ``compute_async``, ``state_dict``,
+        ``load_state_dict`` and ``to`` take the same lock (``reset`` and ``sync`` do not).
+        (Uncontended, it costs well under a microsecond per call.)
         """
         with self._lock:
             if torch.is_inference_mode_enabled():
