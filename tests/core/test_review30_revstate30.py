@@ -263,3 +263,61 @@ def test_load_state_dict_and_to_under_concurrent_updates_neither_deadlock_nor_lo
     assert not any(t.is_alive() for t in threads), "deadlock: a thread still waits for the accumulator's lock"
     assert not errors, errors
     assert (acc.n_rows - 10) % 3 == 0 and acc.n_rows >= 10
+
+
+# --------------------------------------------------------------------------------------------- two ranks
+_SYNC_CASES = ("all masked", "one rank empty", "no rows", "nan rows on rank 0")
+
+
+def _sync_worker(rank: int, port: int, out: str) -> None:
+    """Per case: each rank's synced state (rows masked, absent, or NaN under ``"raise"``), loaded into a new
+    accumulator and moved with ``to``."""
+    from support.ranks import gloo_group, write_case
+
+    with gloo_group(rank, port, 2, 30):
+        for case in _SYNC_CASES:
+            acc = A(4, precision="float64")
+            x = torch.randn(5, 4, dtype=torch.float64) + 10 * (rank + 1)
+            if case == "all masked":
+                acc.update(x, torch.zeros(5, dtype=torch.bool))
+            elif case == "one rank empty" and rank == 0:
+                acc.update(x, torch.zeros(5, dtype=torch.bool))
+            elif case == "nan rows on rank 0":
+                x[0, 0] = float("nan") if rank == 0 else x[0, 0]
+                acc.update(x)
+            acc.sync()
+            sd = acc.state_dict()
+            result = {"n": int(sd["n"]), "zero sums": not (bool(sd["m"].ne(0).any()) or bool(sd["s"].ne(0).any()))}
+            try:
+                loaded = A(4, precision="float64")
+                loaded.load_state_dict(sd)
+                acc.to("cpu")
+                result["loaded"] = _same_bits(loaded.state_dict(), sd) and _same_bits(acc.state_dict(), sd)
+            except Exception as exc:  # noqa: BLE001 - recorded for the parent
+                result["loaded"] = f"{type(exc).__name__}: {exc}"
+            for key, which in (("error", loaded), ("moved error", acc)):
+                try:
+                    which.compute()
+                except Exception as exc:  # noqa: BLE001 - recorded for the parent
+                    result[key] = f"{type(exc).__name__}: {exc}"
+            write_case(out, case.replace(" ", "-"), rank, result)
+
+
+@pytest.mark.distributed
+def test_synced_states_without_rows_or_with_nan_rows_load_and_move(tmp_path):
+    """``sync`` of ranks without rows gives ``n = 0`` with exact zero sums (the new refusal keeps it); a synced
+    state whose rows held NaN under ``"raise"`` loads (its ``compute`` names the update) and moves with ``to``
+    (naming the rank too)."""
+    from support.ranks import case_results, run_ranks
+
+    hung = run_ranks(_sync_worker, 2, tmp_path, 120.0)
+    got = case_results(tmp_path, [c.replace(" ", "-") for c in _SYNC_CASES], 2)
+    assert hung == [] and all(None not in r for r in got.values()), (hung, got)
+    for case in ("all-masked", "one-rank-empty", "no-rows"):
+        for r in got[case]:
+            assert r["n"] == 0 and r["zero sums"] and r["loaded"] is True, (case, r)
+            assert r["error"].startswith("ValueError") and "need at least 2 rows" in r["error"], (case, r)
+    for r in got["nan-rows-on-rank-0"]:  # the rank is not part of a saved state (to() keeps it): the update is
+        assert r["n"] == 10 and r["loaded"] is True, r
+        assert r["error"].startswith("NonFiniteError") and "in the rows of update #0" in r["error"], r
+        assert "global rank 0's update #0" in r["moved error"], r
