@@ -303,6 +303,7 @@ def _sync_worker(rank: int, port: int, out: str) -> None:
             write_case(out, case.replace(" ", "-"), rank, result)
 
 
+@pytest.mark.slow  # two spawned ranks: ~5 s
 @pytest.mark.distributed
 def test_synced_states_without_rows_or_with_nan_rows_load_and_move(tmp_path):
     """``sync`` of ranks without rows gives ``n = 0`` with exact zero sums (the new refusal keeps it); a synced
