@@ -46,11 +46,12 @@ _ARRAYS = {
 
 
 def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: str,
-               current_dim: int | None, given_dim: int | None) -> dict[str, Any]:
+               given_dim: int | None) -> dict[str, Any]:
     """Check every field of a state against the format and an accumulator's configuration (``label``
-    names it in errors; ``current_dim`` is its ``dim``, ``given_dim`` the one it was built with); returns
-    the new attribute values (cloned tensors) without touching the accumulator. A state without a width
-    leaves ``dim`` at ``given_dim``, as ``reset`` does: a width inferred from the replaced rows goes with them."""
+    names it in errors; ``given_dim`` is the ``dim`` it was built with); returns the new attribute values
+    (cloned tensors) without touching the accumulator. The state replaces the rows, so a width inferred from
+    them goes with them, as on ``reset``: a state of any width loads, unless ``dim`` was given (then it must
+    match), and a state without a width leaves ``dim`` at ``given_dim``."""
     def fail(why: str) -> None:
         raise StateFormatError(f"{label}: cannot load {origin}: {why}")
 
@@ -66,8 +67,8 @@ def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: s
     dim, updates, synced = state.get("dim"), state.get("updates", 0), state.get("synced", False)
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
         fail(f"dim must be a positive int or null, got {dim!r}")
-    if current_dim is not None and dim is not None and dim != current_dim:
-        fail(f"dim {dim} differs from this accumulator's {current_dim}")
+    if given_dim is not None and dim is not None and dim != given_dim:
+        fail(f"dim {dim} differs from this accumulator's {given_dim}")
     if isinstance(updates, bool) or not isinstance(updates, int) or not 0 <= updates <= _MAX_COUNT:
         fail(f"updates must be a non-negative int (at most 2**53), got {updates!r}")
     if not isinstance(synced, bool):

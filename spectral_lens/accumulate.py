@@ -751,7 +751,7 @@ class ActivationCovarianceAccumulator:
             self._load_state_dict(state, origin)
 
     def _load_state_dict(self, state: dict[str, Any], origin: str = "state_dict") -> None:
-        new = _validated(state, origin, self._label(), self.precision, self.nonfinite, self.dim,
+        new = _validated(state, origin, self._label(), self.precision, self.nonfinite,
                          getattr(self, "_dim_given", self.dim))
         self.reset()
         for key, value in new.items():

@@ -114,6 +114,26 @@ def test_a_state_with_a_newer_versions_field_says_what_to_do(tmp_path, via):
         load()
 
 
+def test_a_load_replaces_an_inferred_width_as_a_reset_does():
+    """A load replaces the rows, and (review 30) the width inferred from them goes with them, yet a state of
+    another width was refused while the inferred one was held (``dim 6 differs from this accumulator's 4``):
+    loading an empty state first, or ``reset()``, let the same state load. A width given at construction is
+    still enforced."""
+    other = A(precision="float64")
+    other.update(torch.randn(7, 6, dtype=torch.float64))
+    acc = A(precision="float64")
+    acc.update(torch.randn(5, 4, dtype=torch.float64))
+    acc.load_state_dict(other.state_dict())
+    assert _same_bits(acc.state_dict(), other.state_dict()) and acc.dim == 6
+    acc.update(torch.randn(3, 6, dtype=torch.float64))  # goes on at the loaded width
+    given = A(4, precision="float64")
+    given.update(torch.randn(5, 4, dtype=torch.float64))
+    before = snapshot(given)
+    with pytest.raises(StateFormatError, match="dim 6 differs from this accumulator's 4"):
+        given.load_state_dict(other.state_dict())
+    assert_same_state(snapshot(given), before)
+
+
 # ------------------------------------------------------------------------------------ legitimate states (guards)
 def _old_state(version: str) -> dict:
     """A state as an earlier version's ``state_dict`` wrote it (its keys: git history of ``accumulate.py``)."""
