@@ -502,11 +502,14 @@ class ActivationCovarianceAccumulator:
         return _Setup(self._label(), self.name, self.dim, self.precision, self.nonfinite, self._updates,
                       self._low_products, self._underflowed, self._bad_ranks)
 
-    def _live_sums(self) -> _Sums | None:
+    def _live_sums(self) -> tuple[_Setup, _Sums | None]:
+        """The configuration and the sums as of now, read under one hold of the lock: an update or a
+        ``load_state_dict`` in between would pair one state's sums with another's flags and counts."""
         with self._lock:
+            setup = self._setup()
             if not self.initialized:
-                return None
-            return _Sums(self._n, self._m, self._s, self._bad_rows, self._first_bad)
+                return setup, None
+            return setup, _Sums(self._n, self._m, self._s, self._bad_rows, self._first_bad)
 
     def _snapshot(self) -> tuple[_Setup, Callable[[], _Sums | None]]:
         with self._lock:  # not between two threads' updates (see update)
@@ -547,9 +550,9 @@ class ActivationCovarianceAccumulator:
         """The float64 (d, d) centered covariance ``1/(N-1) sum (h - mean)(h - mean)^T``."""
         notes: list = []
         try:
-            sums = self._live_sums()
-            _finite_check(sums, self._setup(), notes)
-            self._require_rows(2)
+            setup, sums = self._live_sums()
+            _finite_check(sums, setup, notes)
+            _row_count(None if sums is None else sums.n, setup.label, 2, setup.updates)
             return covariance_from_moments(sums.n, sums.m, sums.s)
         finally:
             emit(notes, stacklevel=2)
@@ -566,7 +569,8 @@ class ActivationCovarianceAccumulator:
         """
         notes: list = []
         try:
-            return _spectrum_of(self._live_sums(), self._setup(), notes)
+            setup, sums = self._live_sums()
+            return _spectrum_of(sums, setup, notes)
         finally:
             emit(notes, stacklevel=2)
 

@@ -134,6 +134,52 @@ def test_a_load_replaces_an_inferred_width_as_a_reset_does():
     assert_same_state(snapshot(given), before)
 
 
+class _LoadAfterRelease:
+    """An accumulator's lock that, the first time it is released, lets "another thread" load ``state`` (as a
+    thread waiting on the lock would, right then): a deterministic interleaving."""
+
+    def __init__(self, acc, state):
+        self.lock, self.acc, self.state, self.armed = acc._lock, acc, state, True
+
+    def __enter__(self):
+        self.lock.acquire()
+
+    def __exit__(self, *exc):
+        self.lock.release()
+        if self.armed:
+            self.armed = False
+            with self.lock:
+                self.acc._load_state_dict(self.state)
+
+
+def test_compute_reads_the_sums_and_their_flags_under_one_lock():
+    """``compute`` took the lock for the sums but read the flags and counts that go with them (float32 products,
+    the update count) after releasing it: a ``load_state_dict`` (now locked too) or an update landing in between
+    paired one state's sums with another's flags. Here: rows too small for float32 products (refused), with
+    the flags of a float64 state loaded in between: a spectrum of underflowed values came back, 2.9e-47."""
+    tiny = A(4, precision="exact")
+    tiny.update(torch.randn(50, 4, generator=torch.Generator().manual_seed(0)) * 1e-23)
+    other = A(4, precision="exact")
+    other.update(torch.randn(50, 4, dtype=torch.float64))  # float64 rows: float64 products
+    assert tiny.state_dict()["low_precision_products"] and not other.state_dict()["low_precision_products"]
+    tiny._lock = _LoadAfterRelease(tiny, other.state_dict())
+    with pytest.raises(NonFiniteError, match="too small for float32 products"):
+        tiny.compute()  # the state as of the call
+    assert tiny.n_rows == 50 and not tiny._low_products  # the load did land, after it
+
+
+def test_covariance_counts_the_rows_of_the_sums_it_read():
+    """``covariance`` checked ``n >= 2`` on the state after the lock was released: a state of one row, replaced
+    in between by one of many, gave a covariance divided by n - 1 = 0 (non-finite) instead of the error."""
+    one = A(4, precision="float64")
+    one.update(torch.randn(1, 4, dtype=torch.float64))
+    other = A(4, precision="float64")
+    other.update(torch.randn(9, 4, dtype=torch.float64))
+    one._lock = _LoadAfterRelease(one, other.state_dict())
+    with pytest.raises(ValueError, match="need at least 2 rows|at least 2"):
+        one.covariance()
+
+
 # ------------------------------------------------------------------------------------ legitimate states (guards)
 def _old_state(version: str) -> dict:
     """A state as an earlier version's ``state_dict`` wrote it (its keys: git history of ``accumulate.py``)."""
