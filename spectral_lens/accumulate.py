@@ -595,8 +595,16 @@ class ActivationCovarianceAccumulator:
 
     # ------------------------------------------------------------ combination
     def merge(self, other: "ActivationCovarianceAccumulator") -> "ActivationCovarianceAccumulator":
-        """Add ``other``'s rows to this accumulator (exact float64 re-shift); returns ``self``."""
-        with self._lock:  # not between two threads' updates (see update)
+        """Add ``other``'s rows to this accumulator (exact float64 re-shift); returns ``self``.
+
+        Holds both accumulators' locks (see update), taken in one order (by ``id``), so ``a.merge(b)`` and
+        ``b.merge(a)`` at once cannot deadlock: ``other`` is read (its first read may mirror its ``S`` in place)
+        between its updates, not during one."""
+        if other is self or not isinstance(other, ActivationCovarianceAccumulator):
+            with self._lock:  # not between two threads' updates (see update)
+                return self._merge(other)
+        first, second = sorted((self, other), key=id)
+        with first._lock, second._lock:
             return self._merge(other)
 
     def _merge(self, other: "ActivationCovarianceAccumulator") -> "ActivationCovarianceAccumulator":

@@ -180,6 +180,46 @@ def test_covariance_counts_the_rows_of_the_sums_it_read():
         one.covariance()
 
 
+def test_merge_waits_for_an_update_of_the_other_accumulator_in_flight():
+    """``a.merge(b)`` took ``a``'s lock only, yet reads ``b``'s sums and may write ``b``'s ``S`` in place (the
+    first read mirrors it): beside a thread updating ``b`` (its lock held here, as by an update in flight) it
+    went ahead, reading a half-updated ``b`` and racing its in-place writes."""
+    a, b = A(4, precision="float64"), A(4, precision="float64")
+    a.update(torch.randn(6, 4, dtype=torch.float64))
+    b.update(torch.randn(6, 4, dtype=torch.float64))
+    done = threading.Event()
+    with b._lock:  # an update of b in flight
+        t = threading.Thread(target=lambda: (a.merge(b), done.set()), daemon=True)
+        t.start()
+        assert not done.wait(0.5), "merge read b while b's update held its lock"
+    t.join(10)
+    assert done.is_set() and a.n_rows == 12
+
+
+def test_merges_both_ways_at_once_and_a_self_merge_do_not_deadlock():
+    """The guard of the fix above: ``a.merge(b)`` and ``b.merge(a)`` at once take the two locks in one order
+    (no deadlock), and ``a.merge(a)`` takes its one lock once."""
+    a, b = A(4, precision="float64"), A(4, precision="float64")
+    a.update(torch.randn(3, 4, dtype=torch.float64))
+    b.update(torch.randn(3, 4, dtype=torch.float64))
+    a.merge(a)
+    assert a.n_rows == 6
+    src_a, src_b = copy.deepcopy(a), copy.deepcopy(b)
+
+    def loop(x, y):
+        for _ in range(200):
+            x.load_state_dict(src_a.state_dict() if x is a else src_b.state_dict())
+            x.merge(y)
+
+    threads = [threading.Thread(target=loop, args=pair, daemon=True) for pair in ((a, b), (b, a))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "deadlock between a.merge(b) and b.merge(a)"
+
+
 # ------------------------------------------------------------------------------------ legitimate states (guards)
 def _old_state(version: str) -> dict:
     """A state as an earlier version's ``state_dict`` wrote it (its keys: git history of ``accumulate.py``)."""
