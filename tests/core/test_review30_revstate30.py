@@ -8,6 +8,7 @@ on bit for bit; errors say what to do.
 from __future__ import annotations
 
 import copy
+import re
 import threading
 import time
 
@@ -369,6 +370,32 @@ def test_load_state_dict_and_to_under_concurrent_updates_neither_deadlock_nor_lo
     assert not any(t.is_alive() for t in threads), "deadlock: a thread still waits for the accumulator's lock"
     assert not errors, errors
     assert (acc.n_rows - 10) % 3 == 0 and acc.n_rows >= 10
+
+
+@pytest.mark.parametrize("where", ["model", "optimizer"])
+def test_a_complex_tensor_for_a_real_one_is_a_state_problem(tmp_path, where):
+    """``state_problems`` let a complex tensor for a real weight (or its Adam moment) through: the load cast it,
+    dropping the imaginary part with a warning, and under ``-W error`` failed part-way, after the tensors before
+    it (the model, for the optimizer's) were copied: a half-loaded run."""
+    from examples.checkpoint import read_checkpoint, state_problems
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    msd, osd = model.state_dict(), copy.deepcopy(opt.state_dict())
+    if where == "model":
+        msd = {**msd, "1.bias": msd["1.bias"].to(torch.complex64)}
+        why = r"model 1\.bias: torch\.complex64, this run's torch\.float32 is real"
+    else:
+        osd["state"][3]["exp_avg"] = osd["state"][3]["exp_avg"].to(torch.complex64)
+        why = r"optimizer 0 parameter 3 exp_avg: torch\.complex64, the parameter's torch\.float32 is real"
+    torch.save({"model": msd, "optimizers": [osd]}, tmp_path / "ck.pt")
+    ck = read_checkpoint(tmp_path / "ck.pt")
+    problems = state_problems(model, [opt], ck["model"], ck["optimizers"])
+    assert any(re.search(why, p) for p in problems), problems
+    assert state_problems(model, [opt], model.state_dict(), [opt.state_dict()]) == []
 
 
 # --------------------------------------------------------------------------------------------- two ranks
