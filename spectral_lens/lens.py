@@ -1120,8 +1120,25 @@ class SpectralLens:
                                             **done)
         except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
             error = exc
-        agree(self.group, error, "summarizing or writing the run record (rank 0 writes it)", self.model)
+        what = "summarizing or writing the run record (rank 0 writes it)"
+        peers = self._mesh_peers()
+        if peers is not None:  # this rank's tensor-parallel mesh peers first, outside the group: one round (before,
+            try:  # a failed write on rank 0 was agreed over its group only; its peers returned and waited in the
+                agree_round(peers, 0, 0, error, what, self.model, quote=True)  # next forward until the timeout)
+            except BaseException as exc:  # this rank's error (raised as agreed), or a peer's: agreed below too
+                error = exc
+        agree(self.group, error, what, self.model)
         return m
+
+    def _mesh_peers(self):
+        """The process group of this rank's tensor-parallel mesh peers where the lens's group holds one rank of
+        each mesh (each rank's own group, a data-parallel group: :func:`one_replica`), whose agreements do not
+        reach them; else ``None`` (a plain model, one replica, a single process: no collective more)."""
+        try:
+            tp = one_replica(self.model, self.group)
+        except ValueError:  # a group mixing a mesh's ranks with others: refused before the passes, on every rank
+            return None
+        return None if tp is None or tp[0] else tp[1]
 
     def maybe_measure(self, step: int, tokens: int, **kwargs) -> LensMeasurement | None:
         """``measure`` if ``step`` is in the schedule, else ``None``."""
