@@ -1062,7 +1062,8 @@ class SpectralLens:
         local work (its forwards, rank 0's gradient protocol, an out-of-memory) is agreed before the
         next collective: that rank raises its own exception and every other rank a ``RuntimeError``
         naming it, at once and with the process group still usable. So is a failure of rank 0's record
-        write (``writer.log_measurement``, a full disk), after the gradient broadcast. Before any pass the ranks
+        write (``writer.log_measurement``, a full disk), after the gradient broadcast (where the group holds one rank
+        of each tensor-parallel mesh, with the mesh peers too: one ``all_reduce`` more). Before any pass the ranks
         agree on the arguments and on the lens's ``precision``, ``mask_fn``, ``pick``, ``autocast_dtype`` and
         whether it has a gradient protocol (one ``all_reduce``): a bad argument on one rank stops every rank
         there, and settings that differ are a ``ValueError`` on every rank naming them.
