@@ -1123,9 +1123,12 @@ class SpectralLens:
             error = exc
         what = "summarizing or writing the run record (rank 0 writes it)"
         peers = self._mesh_peers()
-        if peers is not None:  # this rank's tensor-parallel mesh peers first, outside the group: one round (before,
-            try:  # a failed write on rank 0 was agreed over its group only; its peers returned and waited in the
-                agree_round(peers, 0, 0, error, what, self.model, quote=True)  # next forward until the timeout)
+        if peers is not None:
+            # this rank's tensor-parallel mesh peers first, outside the group: one round (before, a failed write on
+            # rank 0 was agreed over its group only; its mesh peers returned the measurement and waited in the next
+            # forward until the process-group timeout)
+            try:
+                agree_round(peers, 0, 0, error, what, self.model, quote=True)
             except BaseException as exc:  # this rank's error (raised as agreed), or a peer's: agreed below too
                 error = exc
         agree(self.group, error, what, self.model)
