@@ -11,12 +11,16 @@
   regression guard: it held before), so this rank does not wait in one whose peer may be anywhere, and it raises
   the collective's error itself; where the mesh's all-reduce after an ordinary failure fails too, the original
   error is raised, not the mesh's.
+* ``SpectralLens.measure``'s record write (review 28's stand-ins of the mesh): a failed write is sent to the mesh
+  peers in one round after it, with its text (before: no round, the peers waited in their next forward); a written
+  record ends the measurement with that round (the 2- and 4-rank cases: ``test_review30_tplens.py``, ``_dp.py``).
 """
 
 from __future__ import annotations
 
 import pytest
-from reliability.test_review29_revdtp2 import GROUP_RANK0, THIS, _driver_of, _raising, told  # noqa: F401 (fixture)
+from reliability.test_review28_revtp_fast import _kinds, _lens, peer  # noqa: F401 (a fixture)
+from reliability.test_review29_revdtp2 import GROUP_RANK0, THIS, _driver_of, _raising, told  # noqa: F401 (a fixture)
 
 from spectral_lens._agree import mark_out_of_step, out_of_step
 from spectral_lens.integrations import _driver
@@ -82,3 +86,37 @@ def test_resumed_raises_the_groups_error_where_the_mesh_collective_fails_too(tol
     with pytest.raises(RuntimeError) as raised:
         _driver_of().resumed(3)
     assert raised.value is group_error
+
+
+# ----------------------------------------------------------------------------- the record write, in one process
+# (review 28's stand-ins: this rank global rank 4 of the mesh peers [4, 5], its lens's group a world of this rank
+# alone; the peer agrees on everything)
+
+def _writer(tmp_path, fails: bool):
+    from spectral_lens.records import RunInfo, RunWriter
+
+    writer = RunWriter(tmp_path / "run", RunInfo("r", total_tokens=1000), fsync=False, tail_window=(2, 8))
+    if fails:
+        def log_measurement(*args, **kwargs):
+            raise OSError("no space left on device (simulated)")
+
+        writer.log_measurement = log_measurement
+    return writer
+
+
+def test_a_failed_record_write_is_sent_to_the_mesh_peers_quoted(peer, tmp_path):
+    with pytest.raises(OSError, match="no space left on device"):
+        _lens(params=(), writer=_writer(tmp_path, fails=True)).measure(1, 1)
+    assert _kinds(peer["calls"])[-2:] == ["round", "causes"], _kinds(peer["calls"])  # before: not sent
+    flags, text = peer["calls"][-2:]
+    assert flags.tolist()[0] == 0 and flags.tolist()[2] == 1  # failed: count slot 0, code 1
+    assert bytes(b for b in text[0].tolist() if b).decode() == "OSError: no space left on device (simulated)"
+
+
+def test_a_written_record_ends_the_measurement_with_one_round_of_the_mesh(peer, tmp_path):
+    writer = _writer(tmp_path, fails=False)
+    _lens(params=(), writer=writer).measure(1, 1)
+    assert set(writer.measured_steps()) == {1}
+    # the activation pass's rounds, its check of the layers, the round after its compute, then the record's
+    assert _kinds(peer["calls"]) == ["settings"] + ["round"] * 3 + ["layers"] * 2 + ["round"] * 2, _kinds(peer["calls"])
+    assert peer["calls"][-1].tolist()[0] == 1 and peer["calls"][-1].tolist()[2] == 0  # no forward, no batch digest
