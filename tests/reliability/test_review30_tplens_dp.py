@@ -20,8 +20,15 @@ import pytest
 from reliability.test_review28_revtp import _counted
 from reliability.test_review29_drivertp import _writer
 from reliability.test_review29_drivertp_dp import _lens
-from reliability.test_review30_tplens import (DISK_FULL, RECORD, WINDOW, driver_record_write_fails, quoted,
-                                              record_write_fails, warning_as_error)
+from reliability.test_review30_tplens import (
+    DISK_FULL,
+    RECORD,
+    WINDOW,
+    driver_record_write_fails,
+    quoted,
+    record_write_fails,
+    warning_as_error,
+)
 from support.ranks import checked_case, run_gloo_cases
 
 from spectral_lens.integrations._driver import LensDriver

@@ -20,7 +20,13 @@ from __future__ import annotations
 
 import pytest
 from reliability.test_review28_revtp_fast import _kinds, _lens, peer  # noqa: F401 (a fixture)
-from reliability.test_review29_revdtp2 import GROUP_RANK0, THIS, _driver_of, _raising, told  # noqa: F401 (a fixture)
+from reliability.test_review29_revdtp2 import (  # noqa: F401 (a fixture)
+    GROUP_RANK0,
+    THIS,
+    _driver_of,
+    _raising,
+    told,
+)
 
 from spectral_lens._agree import mark_out_of_step, out_of_step
 from spectral_lens.integrations import _driver
