@@ -15,6 +15,8 @@ __all__ = ["read_checkpoint", "state_problems"]
 
 def read_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
     """``torch.load(path, weights_only=True)`` as a dict; an unreadable file is a ``ValueError`` naming it."""
+    if os.path.exists(path) and not os.path.isfile(path) and not os.path.isdir(path):  # opening a FIFO waits for a writer
+        raise ValueError(f"{path}: cannot read the checkpoint (not a regular file: a FIFO, socket or device)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, not a checkpoint, a directory, a forbidden pickle, ...
@@ -23,6 +25,21 @@ def read_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: the checkpoint holds a {type(state).__name__}, expected a dict")
     return state
+
+
+def _dense(v: torch.Tensor) -> bool:
+    """Whether ``v`` holds values a ``copy_`` into a parameter or an optimizer's cast can read: a strided tensor
+    not on ``meta`` (``torch.load(weights_only=True)`` returns sparse and meta tensors too; loading one failed
+    part-way, after the tensors before it were copied)."""
+    return v.layout == torch.strided and v.device.type != "meta"
+
+
+def _hashable(v) -> bool:
+    try:
+        hash(v)
+    except TypeError:
+        return False
+    return True
 
 
 def _optimizer_problems(i: int, opt: torch.optim.Optimizer, s) -> list[str]:
@@ -37,14 +54,23 @@ def _optimizer_problems(i: int, opt: torch.optim.Optimizer, s) -> list[str]:
         if not isinstance(ids, list) or len(ids) != len(g["params"]):
             return [f"optimizer {i} ({type(opt).__name__}) group {k}: "
                     f"{len(ids) if isinstance(ids, list) else '?'} parameters, this run has {len(g['params'])}"]
+        if not all(_hashable(pid) for pid in ids):  # torch's load_state_dict keys a dict by them: a TypeError
+            return [f"optimizer {i} ({type(opt).__name__}) group {k}: parameter ids {ids[:5]} are not all hashable "
+                    "(torch numbers them)"]
         params.update(zip(ids, g["params"]))
     out = []
     for pid, entry in s["state"].items():
         if pid not in params:
             out.append(f"optimizer {i}: state for unknown parameter {pid!r}")
             continue
-        for name, v in (entry.items() if isinstance(entry, dict) else ()):
-            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != params[pid].shape:
+        if not isinstance(entry, dict):  # the optimizer's load_state_dict fails on it, after the model loaded
+            out.append(f"optimizer {i} parameter {pid}: state is a {type(entry).__name__}, expected a dict")
+            continue
+        for name, v in entry.items():
+            if isinstance(v, torch.Tensor) and not _dense(v):
+                out.append(f"optimizer {i} parameter {pid} {name}: a {v.layout} tensor on {v.device}, "
+                           "expected a dense tensor holding values")
+            elif isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != params[pid].shape:
                 out.append(f"optimizer {i} parameter {pid} {name}: shape {tuple(v.shape)}, "
                            f"the parameter's {tuple(params[pid].shape)}")
     return out
@@ -53,8 +79,9 @@ def _optimizer_problems(i: int, opt: torch.optim.Optimizer, s) -> list[str]:
 def state_problems(model: torch.nn.Module, optimizers, model_state, optimizer_states) -> list[str]:
     """What keeps ``model_state`` / ``optimizer_states`` from loading into ``model`` / ``optimizers`` (empty: loadable).
 
-    Checks the model's keys and shapes and the optimizers' count, group and parameter counts and
-    per-parameter state shapes, without changing anything.
+    Checks the model's keys, shapes and tensors (dense, holding values) and the optimizers' count, group and
+    parameter counts and per-parameter states (dicts of dense tensors of the parameter's shape), without
+    changing anything.
     """
     out = []
     if not isinstance(model_state, dict):
@@ -70,6 +97,8 @@ def state_problems(model: torch.nn.Module, optimizers, model_state, optimizer_st
         if not isinstance(v, torch.Tensor) or v.shape != live[k].shape:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             out.append(f"model {k}: {got}, this run has {tuple(live[k].shape)}")
+        elif not _dense(v):
+            out.append(f"model {k}: a {v.layout} tensor on {v.device}, expected a dense tensor holding values")
     optimizers = list(optimizers)
     if not isinstance(optimizer_states, (list, tuple)) or len(optimizer_states) != len(optimizers):
         n = len(optimizer_states) if isinstance(optimizer_states, (list, tuple)) else type(optimizer_states).__name__

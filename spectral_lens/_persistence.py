@@ -20,6 +20,9 @@ _STATE_FORMAT = "spectral-lens/covariance-state"
 _NONFINITE = ("raise", "skip")
 _HEADER_KEYS = ("format", "dim", "precision", "nonfinite", "updates", "synced", "initialized", "low_precision_products",
                 "products_underflowed")
+#: The largest row or update count a state may hold: float64 holds every count up to it exactly (the covariance
+#: divides by ``n``) and no pool comes near it; counts near 2**63 would wrap the next int64 sum (a tampered file).
+_MAX_COUNT = 2**53
 # arrays of an initialized state: (shape in terms of d, dtype)
 _ARRAYS = {
     "shift": ("d", torch.float64),
@@ -32,15 +35,19 @@ _ARRAYS = {
 
 
 def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: str,
-               current_dim: int | None) -> dict[str, Any]:
+               current_dim: int | None, given_dim: int | None) -> dict[str, Any]:
     """Check every field of a state against the format and an accumulator's configuration (``label``
-    names it in errors; ``current_dim`` is its ``dim``); returns the new attribute values (cloned
-    tensors) without touching the accumulator."""
+    names it in errors; ``current_dim`` is its ``dim``, ``given_dim`` the one it was built with); returns
+    the new attribute values (cloned tensors) without touching the accumulator. A state without a width
+    leaves ``dim`` at ``given_dim``, as ``reset`` does: a width inferred from the replaced rows goes with them."""
     def fail(why: str) -> None:
         raise StateFormatError(f"{label}: cannot load {origin}: {why}")
 
     if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
         fail("not an ActivationCovarianceAccumulator state")
+    unknown = sorted(map(str, set(state) - set(_HEADER_KEYS) - set(_ARRAYS)))  # as a file's are (_read_state)
+    if unknown:
+        fail(f"unknown field(s) {unknown} (a misspelled field, or a state of a newer version)")
     if state.get("precision") != precision:
         fail(f"precision {state.get('precision')!r} differs from this accumulator's {precision!r}")
     if state.get("nonfinite", nonfinite) != nonfinite:
@@ -50,8 +57,8 @@ def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: s
         fail(f"dim must be a positive int or null, got {dim!r}")
     if current_dim is not None and dim is not None and dim != current_dim:
         fail(f"dim {dim} differs from this accumulator's {current_dim}")
-    if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
-        fail(f"updates must be a non-negative int, got {updates!r}")
+    if isinstance(updates, bool) or not isinstance(updates, int) or not 0 <= updates <= _MAX_COUNT:
+        fail(f"updates must be a non-negative int (at most 2**53), got {updates!r}")
     if not isinstance(synced, bool):
         fail(f"synced must be true or false, got {synced!r}")
     present = [k for k in _ARRAYS if k in state]
@@ -66,7 +73,7 @@ def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: s
     underflowed = state.get("products_underflowed", False)
     if not isinstance(underflowed, bool):
         fail(f"products_underflowed must be true or false, got {underflowed!r}")
-    out: dict[str, Any] = {"dim": dim if dim is not None else current_dim, "_updates": updates,
+    out: dict[str, Any] = {"dim": dim if dim is not None else given_dim, "_updates": updates,
                            "_synced": synced, "_low_products": low, "_underflowed": underflowed}
     if not initialized:
         if present:
@@ -86,13 +93,19 @@ def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: s
             fail(f"{key!r} must be a tensor of shape {want} and dtype {dtype}, got {got}")
         if t.device != dev:
             fail(f"{key!r} is on {t.device}, 's' on {dev}")
-        out["_" + key] = t.clone()
+        if t.layout != torch.strided or t.device.type == "meta":  # later updates would fail (or read nothing)
+            fail(f"{key!r} must be a dense tensor holding values, got a {t.layout} tensor on {t.device}"
+                 + (" (loaded with map_location='meta'?)" if t.device.type == "meta" else ""))
+        out["_" + key] = t.detach().clone()  # the state's own tensors, outside any autograd graph
     if not bool(torch.isfinite(out["_shift"]).all()):
         fail("shift is not finite")
-    if int(out["_n"]) < 0 or int(out["_bad_rows"]) < 0 or int(out["_first_bad"]) < -1:
-        fail(f"counts out of range (n={int(out['_n'])}, bad_rows={int(out['_bad_rows'])}, "
-             f"first_bad={int(out['_first_bad'])})")
-    out["_has_rows"] = int(out["_n"]) > 0
+    n, bad_rows, first_bad = int(out["_n"]), int(out["_bad_rows"]), int(out["_first_bad"])
+    if not (0 <= n <= _MAX_COUNT and 0 <= bad_rows <= _MAX_COUNT and -1 <= first_bad <= _MAX_COUNT):
+        fail(f"counts out of range (n={n}, bad_rows={bad_rows}, first_bad={first_bad}; each at most 2**53, "
+             "n and bad_rows >= 0, first_bad >= -1)")
+    if n == 0 and (bool(out["_m"].ne(0).any()) or bool(out["_s"].ne(0).any())):  # no rows sum to exact zeros
+        fail("n is 0 but the sums m and S are not zero: the row count does not belong to these sums")
+    out["_has_rows"] = n > 0
     return out
 
 

@@ -744,9 +744,14 @@ class ActivationCovarianceAccumulator:
 
         Every field is validated (format, configuration including ``nonfinite``, shapes, dtypes,
         counts) before anything changes: a rejected state raises :class:`StateFormatError` and leaves
-        this accumulator exactly as it was.
+        this accumulator exactly as it was. Takes the lock ``update`` takes: not between two threads' updates.
         """
-        new = _validated(state, origin, self._label(), self.precision, self.nonfinite, self.dim)
+        with self._lock:
+            self._load_state_dict(state, origin)
+
+    def _load_state_dict(self, state: dict[str, Any], origin: str = "state_dict") -> None:
+        new = _validated(state, origin, self._label(), self.precision, self.nonfinite, self.dim,
+                         getattr(self, "_dim_given", self.dim))
         self.reset()
         for key, value in new.items():
             setattr(self, key, value)
@@ -762,7 +767,7 @@ class ActivationCovarianceAccumulator:
         with self._lock:  # not between two threads' updates (see update)
             moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self._state_dict().items()}
             bad_ranks = self._bad_ranks
-            self.load_state_dict(moved)
+            self._load_state_dict(moved)
             self._bad_ranks = bad_ranks
         return self
 

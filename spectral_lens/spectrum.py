@@ -39,9 +39,9 @@ def _is_numpy_file(path: Path) -> bool:
 def read_npz(path: Path, what: str, error: type[Exception]) -> tuple[Any, dict[str, np.ndarray]]:
     """The parsed JSON ``header`` and the other arrays of a ``.npz`` file this library wrote, read
     without pickle. ``what`` names the expected file with its article ("an accumulator state file");
-    a directory, a FIFO or device, another kind of file, a single ``.npy`` array, a damaged archive, an array
-    declaring more bytes than the file holds or a header that is not a JSON string raises ``error`` naming
-    ``path``. A missing file raises ``FileNotFoundError``; an intact file whose arrays do not fit in memory, a
+    a directory, a FIFO or device, another kind of file, a single ``.npy`` array, a damaged archive, a member
+    that is not an ``.npy`` array, an array declaring more bytes than the file holds or a header that is not a
+    JSON string raises ``error`` naming ``path``. A missing file raises ``FileNotFoundError``; an intact file whose arrays do not fit in memory, a
     ``MemoryError`` naming it (the file is not damaged). A ``path`` without ``.npz`` that does not exist is
     read with ``.npz`` appended, the file ``save(path)`` wrote (``Spectrum.load`` as the accumulator's)."""
     if path.suffix != ".npz" and not path.exists() and path.with_name(path.name + ".npz").exists():
@@ -57,11 +57,18 @@ def read_npz(path: Path, what: str, error: type[Exception]) -> tuple[Any, dict[s
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise error(f"{path}: a single .npy array, expected {what} (.npz)")
         with data:
-            raw = data["header"]
+            members = {k: data[k] for k in data.files}  # each read (decompressed) afresh
+            # numpy returns a member whose bytes are not an .npy array (a foreign zip's, a tampered one's) as bytes
+            raw_members = sorted(k for k, v in members.items() if not isinstance(v, np.ndarray))
+            if raw_members:
+                raise error(f"{path}: member(s) {raw_members} are not NumPy arrays, expected {what} (.npz)")
+            if "header" not in members:
+                raise error(f"{path}: no 'header' member, expected {what} (.npz)")
+            raw = members.pop("header")
             if raw.dtype.kind != "U" or raw.ndim != 0:
                 raise error(f"{path}: 'header' must be a JSON string, got dtype {raw.dtype}")
             header = json.loads(str(raw))
-            arrays = {k: data[k] for k in data.files if k != "header"}  # each read (decompressed) afresh
+            arrays = members
     except (FileNotFoundError, error):
         raise
     except MemoryError as exc:  # numpy allocates an array's declared size before reading it

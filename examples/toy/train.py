@@ -189,6 +189,11 @@ class ToyRun:
             gen = state["gen"]
             if not (isinstance(gen, torch.Tensor) and gen.dtype == torch.uint8 and gen.shape == self.gen.get_state().shape):
                 problems.append("'gen' is not a CPU generator state")
+            else:  # an invalid Mersenne Twister state is refused by set_state: here, not after the model loaded
+                try:
+                    torch.Generator().set_state(gen)
+                except (RuntimeError, TypeError, NotImplementedError) as exc:
+                    problems.append(f"'gen' is not a CPU generator state ({exc})")
             for k in ("seen", "step"):
                 if isinstance(state[k], bool) or not isinstance(state[k], int) or state[k] < 0:
                     problems.append(f"{k!r} = {state[k]!r}, expected an int >= 0")

@@ -316,9 +316,11 @@ def fast_engine(
     input or output gradient does not have the chunk's ``n`` samples in dimension 0 (a sequence-first
     ``(T, M, d)`` layout, tokens flattened to ``(M * T, d)``, a weight applied to something other
     than the samples): the fast path's ``g_m`` contracts dimension 0 as the sample index. Where an
-    input holds ``n`` in dimensions 0 and 1 (a sequence-first layout with ``T == n`` passes the shape
-    check), one more backward, of the even samples' losses, tells them apart: a gradient on an odd row
-    of dimension 0 sends the module to the generic engine. A module
+    input holds ``n`` in dimension 0 and is 2-D or holds ``n`` also in dimension 1 or the batch beyond
+    its dimension 0 (a sequence-first layout or a position table ``(T, d)`` the samples share with
+    ``T == n``, ``n`` tokens gathered across samples: they pass the shape check), one more backward, of
+    the even samples' losses, tells them apart: a gradient on an odd row of dimension 0 sends the
+    module to the generic engine. A module
     called several times gets the sum over calls. Raises :class:`NoGradientPathError` when a probed
     module's output does not reach the loss.
     """
@@ -366,9 +368,16 @@ def fast_engine(
             losses = _checked_losses(loss_fn(forward_fn(model, batch), batch), n)
             recording[0] = False
             ys = [y for k in calls for _, _, y in calls[k]]
-            # a sequence-first (T, n, d) input with T == n passes the shape check below: where dimensions 0
-            # and 1 both hold n, the even samples' losses must not reach the odd rows of dimension 0
-            both = [y for k in calls for x, _, y in calls[k] if n > 1 and x.ndim >= 3 and x.shape[0] == x.shape[1] == n]
+            # inputs whose dimension 0 holds n without being the sample index pass the shape check below: a
+            # sequence-first (T, n, d) input with T == n, a tensor the samples share (a position table (T, d) or
+            # (T, 1, d) projected once and broadcast over the batch) with T == n, n tokens gathered across the
+            # samples (a mixture-of-experts layer's (k, d) with k == n). Where dimension 0 holds n and so does
+            # dimension 1 or the batch beyond its dimension 0 (the sequence length), or the input is 2-D (a
+            # per-sample one, (n, d), is a pooled or last-token head: little graph above it), the even samples'
+            # losses must not reach the odd rows of dimension 0
+            sizes = {s for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) for s in t.shape[1:]}
+            both = [y for k in calls for x, _, y in calls[k] if n > 1 and x.ndim >= 1 and x.shape[0] == n
+                    and (x.ndim <= 2 or x.shape[1] == n or n in sizes)]
             mixed = set()
             if both and losses.requires_grad:
                 with _reentrant_below(sites):
@@ -417,7 +426,8 @@ def fast_engine(
             not_called[name] = (
                 f"{type(mod).__name__} saw inputs of shape {tuple(grads_of[id(mod)][0][0].shape)} for a chunk of {n} "
                 "samples, and a sample's loss reaches other rows of dimension 0: the fast path needs the sample "
-                "index in dimension 0 (not a sequence-first (T, M, d) layout with T == chunk_size)"
+                "index in dimension 0 (not a sequence-first (T, M, d) layout, a tensor the samples share such as a "
+                "position table (T, d) with T == chunk_size, or tokens gathered across the samples)"
             )
             continue
         if shapes:

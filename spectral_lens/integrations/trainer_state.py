@@ -45,7 +45,7 @@ def _read_state(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         raise FileNotFoundError(f"{where}: expected a Trainer checkpoint directory (checkpoint-N/) or its {STATE_FILE}")
     try:
         state = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep to parse
         raise ValueError(f"{file}: not a JSON file ({exc})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{file}: expected a JSON object (a Trainer state), got {type(state).__name__}")
