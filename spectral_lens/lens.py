@@ -1062,7 +1062,8 @@ class SpectralLens:
         local work (its forwards, rank 0's gradient protocol, an out-of-memory) is agreed before the
         next collective: that rank raises its own exception and every other rank a ``RuntimeError``
         naming it, at once and with the process group still usable. So is a failure of rank 0's record
-        write (``writer.log_measurement``, a full disk), after the gradient broadcast. Before any pass the ranks
+        write (``writer.log_measurement``, a full disk), after the gradient broadcast (where the group holds one rank
+        of each tensor-parallel mesh, with the mesh peers too: one ``all_reduce`` more). Before any pass the ranks
         agree on the arguments and on the lens's ``precision``, ``mask_fn``, ``pick``, ``autocast_dtype`` and
         whether it has a gradient protocol (one ``all_reduce``): a bad argument on one rank stops every rank
         there, and settings that differ are a ``ValueError`` on every rank naming them.
@@ -1120,8 +1121,28 @@ class SpectralLens:
                                             **done)
         except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
             error = exc
-        agree(self.group, error, "summarizing or writing the run record (rank 0 writes it)", self.model)
+        what = "summarizing or writing the run record (rank 0 writes it)"
+        peers = self._mesh_peers()
+        if peers is not None:
+            # this rank's tensor-parallel mesh peers first, outside the group: one round (before, a failed write on
+            # rank 0 was agreed over its group only; its mesh peers returned the measurement and waited in the next
+            # forward until the process-group timeout)
+            try:
+                agree_round(peers, 0, 0, error, what, self.model, quote=True)
+            except BaseException as exc:  # this rank's error (raised as agreed), or a peer's: agreed below too
+                error = exc
+        agree(self.group, error, what, self.model)
         return m
+
+    def _mesh_peers(self):
+        """The process group of this rank's tensor-parallel mesh peers where the lens's group holds one rank of
+        each mesh (each rank's own group, a data-parallel group: :func:`one_replica`), whose agreements do not
+        reach them; else ``None`` (a plain model, one replica, a single process: no collective more)."""
+        try:
+            tp = one_replica(self.model, self.group)
+        except ValueError:  # a group mixing a mesh's ranks with others: refused before the passes, on every rank
+            return None
+        return None if tp is None or tp[0] else tp[1]
 
     def maybe_measure(self, step: int, tokens: int, **kwargs) -> LensMeasurement | None:
         """``measure`` if ``step`` is in the schedule, else ``None``."""
