@@ -1,0 +1,87 @@
+"""Review 30 (records30): adversarial audit of run records and atomic writes.
+
+Each test failed before the fix it guards (see docs/reliability.md)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import warnings
+
+import numpy as np
+import pytest
+
+from spectral_lens.atomic import write_atomic, write_text_atomic
+from spectral_lens.records import RecordWarning, RunInfo, RunRecord, RunWriter
+from spectral_lens.spectrum import Spectrum
+
+
+def _spectrum(seed: int = 0, n: int = 30) -> Spectrum:
+    values = np.sort(np.random.default_rng(seed).random(n))[::-1] + 0.01
+    return Spectrum(values, dim=n, kind="activation_covariance", n_rows=500)
+
+
+# ---- atomic writes onto devices and FIFOs --------------------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_an_atomic_write_to_a_fifo_writes_into_it_and_keeps_it(tmp_path):
+    # the rename replaced the FIFO with a regular file (a reader waiting on it got nothing)
+    fifo = tmp_path / "out.json"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    try:
+        write_text_atomic(fifo, '{"a": 1}\n')
+    finally:
+        if not got and stat.S_ISFIFO(os.stat(fifo).st_mode):  # unblock the reader if nothing was written
+            with open(fifo, "wb"):
+                pass
+        reader.join(10)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert got == [b'{"a": 1}\n']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temporary file
+
+
+@pytest.mark.skipif(not hasattr(os, "mknod") or os.geteuid() != 0, reason="creating a device needs root")
+def test_an_atomic_write_to_a_device_keeps_the_device(tmp_path):
+    # as root, an atomic write to /dev/null (a report, a JSON file) replaced /dev/null with a regular file
+    null = tmp_path / "null"
+    os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # what /dev/null is
+    write_text_atomic(null, "hello\n")
+    link = tmp_path / "link"
+    link.symlink_to(null)  # /dev/stdout is a link too
+    write_atomic(link, lambda fh: fh.write(b"x"))
+    assert stat.S_ISCHR(os.stat(null).st_mode) and os.stat(null).st_rdev == os.makedev(1, 3)
+    assert link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "null"]
+
+
+# ---- the permission bits of an overwrite ---------------------------------------------------------
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_a_private_files_new_content_is_never_readable_by_others(tmp_path):
+    # the old file's mode was set on the temporary file only after its content was written: meanwhile (and in
+    # the temporary file a killed write leaves behind) the new content of a 0o600 file was 0o644
+    target = tmp_path / "ckpt.npz"
+    target.write_bytes(b"old secret")
+    target.chmod(0o600)
+    seen = []
+
+    def write(fh):
+        fh.write(b"new ")
+        fh.flush()
+        (tmp,) = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        seen.append(stat.S_IMODE(os.stat(tmp).st_mode))
+        fh.write(b"secret")
+
+    old_umask = os.umask(0o022)
+    try:
+        write_atomic(target, write)
+    finally:
+        os.umask(old_umask)
+    assert seen == [0o600]
+    assert target.read_bytes() == b"new secret" and stat.S_IMODE(target.stat().st_mode) == 0o600
