@@ -944,4 +944,6 @@ def _spectrum_files(line: Mapping[str, Any]) -> set[str]:
     return out
 
 
-_SPECTRUM_FILE = re.compile(r"\d{8}_[A-Za-z0-9._-]+\.npz")
+#: The names :meth:`RunWriter._spectrum_file` gives: ``f"{step:08d}_"``, so 9 digits and more from step 10**8 on,
+#: and ``-`` with 7 or more for a negative step (before, ``\d{8}_`` only: those files were never removed).
+_SPECTRUM_FILE = re.compile(r"(?:\d{8,}|-\d{7,})_[A-Za-z0-9._-]+\.npz")

@@ -85,3 +85,26 @@ def test_a_private_files_new_content_is_never_readable_by_others(tmp_path):
         os.umask(old_umask)
     assert seen == [0o600]
     assert target.read_bytes() == b"new secret" and stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+# ---- spectrum files of steps with other than 8 digits --------------------------------------------
+
+
+@pytest.mark.parametrize("step", [10**8, 123_456_789_012, -1])
+def test_drop_after_and_resume_remove_the_spectrum_files_of_any_step(tmp_path, step):
+    # the files are named f"{step:08d}_NAME.npz": 9 digits from step 10**8 on, "-0000001" for step -1; the
+    # writer took only 8 digits for its own files, so drop_after left them behind and no resume removed them
+    run = tmp_path / "run"
+    with RunWriter(run, RunInfo("r"), fsync=False) as w:
+        w.log_measurement(step - 10, 0, {"a": _spectrum(1)})
+        w.log_measurement(step, 5, {"a": _spectrum(2), "b": _spectrum(3)})
+        kept = set(os.listdir(run / "spectra"))
+        assert w.drop_after(step - 10) == 1
+    left = set(os.listdir(run / "spectra"))
+    assert left == {f"{step - 10:08d}_a.npz"}, sorted(kept)
+    orphan = run / "spectra" / f"{step:08d}_c.npz"  # a writer killed before its line was appended left it
+    _spectrum(4).save(orphan)
+    with pytest.warns(RecordWarning, match="1 spectrum file"):
+        RunWriter(run, resume=True, fsync=False).close()
+    assert set(os.listdir(run / "spectra")) == left
+    assert [m.step for m in RunRecord.open(run, verify=True).measurements] == [step - 10]
