@@ -243,25 +243,26 @@ class RunWriter:
 
     @staticmethod
     def _fix_last_line(path: Path, fd: int) -> None:
+        """End the last line of the JSONL file open on ``fd``: a complete line that only lacks its newline
+        (another tool's) gets it; a partial one (a crash mid-write) is cut off with a :class:`RecordWarning`,
+        so that the next line does not glue onto it. The last newline is searched backwards a MiB at a time,
+        so a line of any length is handled (before, one longer than 1 MiB refused the resume with a
+        ``RecordFormatError``: a crash while a writer appended its own long line left a run no writer could
+        resume); the line is read whole only when it ends with ``}`` (it may be complete)."""
         size = os.fstat(fd).st_size
-        if size:
-            # cut off a partial last line left by a crash, so the next line does not glue onto it
-            os.lseek(fd, max(0, size - (1 << 20)), os.SEEK_SET)  # O_APPEND writes still go to the end
-            tail = os.read(fd, min(size, 1 << 20))
-            if not tail.endswith(b"\n") and _is_record_line(tail[tail.rfind(b"\n") + 1 :]):
-                # a complete line that only lacks its newline (e.g. written by another tool): keep it
-                os.write(fd, b"\n")
-            elif not tail.endswith(b"\n"):
-                cut = tail.rfind(b"\n")
-                keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= len(tail) else None)
-                if keep is None:
-                    raise RecordFormatError(f"{path}: last line longer than 1 MiB without a newline")
-                warnings.warn(
-                    f"{path}: dropping a truncated last line ({size - keep} bytes) before appending",
-                    RecordWarning,
-                    stacklevel=4,  # the same frame as before the body moved here (RunWriter.__init__)
-                )
-                os.ftruncate(fd, keep)
+        if not size or os.pread(fd, 1, size - 1) == b"\n":
+            return
+        start = _last_line_start(fd, size)
+        tail = os.pread(fd, min(size - start, _CHUNK), size - min(size - start, _CHUNK))
+        if tail.rstrip().endswith(b"}") and _is_record_line(_pread_all(fd, size - start, start)):
+            os.write(fd, b"\n")  # a complete line that only lacks its newline (e.g. written by another tool): kept
+            return
+        warnings.warn(
+            f"{path}: dropping a truncated last line ({size - start} bytes) before appending",
+            RecordWarning,
+            stacklevel=4,  # the same frame as before the body moved here (RunWriter.__init__)
+        )
+        os.ftruncate(fd, start)
 
     def _clean_orphans(self) -> None:
         """On resume: remove temporary files and spectrum files no measurement line refers to, both
@@ -874,6 +875,35 @@ def _lock_run_dir(path: Path) -> int | None:
 
 #: Event keys the reader requires to be numbers (see ``RunRecord.open``).
 _NUMERIC_EVENT_KEYS = ("val_loss", "train_loss", "tokens_per_s")
+
+
+#: The bytes :func:`_last_line_start` reads at a time.
+_CHUNK = 1 << 20
+
+
+def _last_line_start(fd: int, size: int) -> int:
+    """The offset just after the last newline within the first ``size`` bytes of the file open on ``fd`` (0:
+    none), searched backwards :data:`_CHUNK` bytes at a time (bounded memory for a line of any length)."""
+    end = size
+    while end > 0:
+        begin = max(0, end - _CHUNK)
+        i = os.pread(fd, end - begin, begin).rfind(b"\n")
+        if i >= 0:
+            return begin + i + 1
+        end = begin
+    return 0
+
+
+def _pread_all(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` of the file open on ``fd`` (fewer at its end): ``pread`` until done."""
+    parts, read = [], 0
+    while read < n:
+        part = os.pread(fd, n - read, offset + read)
+        if not part:
+            break
+        parts.append(part)
+        read += len(part)
+    return b"".join(parts)
 
 
 def _lines_held(file: Path, size: int) -> Iterator[bytes]:

@@ -4,6 +4,7 @@ Each test failed before the fix it guards (see docs/reliability.md)."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import threading
@@ -108,3 +109,37 @@ def test_drop_after_and_resume_remove_the_spectrum_files_of_any_step(tmp_path, s
         RunWriter(run, resume=True, fsync=False).close()
     assert set(os.listdir(run / "spectra")) == left
     assert [m.step for m in RunRecord.open(run, verify=True).measurements] == [step - 10]
+
+
+# ---- a last line longer than 1 MiB ---------------------------------------------------------------
+
+
+def test_a_resume_cuts_a_torn_last_line_of_any_length(tmp_path):
+    # a crash while the writer appended a line of more than 1 MiB (a measurement of thousands of spectra, a
+    # long list logged) left a record no writer could resume: "last line longer than 1 MiB without a newline"
+    run = tmp_path / "run"
+    with RunWriter(run, RunInfo("r"), fsync=False) as w:
+        w.log(1, 10, train_loss=2.5)
+    line = b'{"step": 2, "tokens": 20, "hist": [' + b"0.125, " * 400_000 + b"1.0]}\n"
+    with open(run / "log.jsonl", "ab") as fh:
+        fh.write(line[: len(line) * 3 // 4])  # torn by the crash, 2.1 MB of it written
+    with pytest.warns(RecordWarning, match=f"truncated last line \\({len(line) * 3 // 4} bytes\\)"):
+        w = RunWriter(run, resume=True, fsync=False)
+    with w:
+        w.log(3, 30, train_loss=2.0)
+    assert [(e["step"], e["train_loss"]) for e in RunRecord.open(run).events] == [(1, 2.5), (3, 2.0)]
+
+
+def test_a_resume_keeps_a_complete_last_line_of_any_length_that_lacks_its_newline(tmp_path):
+    run = tmp_path / "run"
+    with RunWriter(run, RunInfo("r"), fsync=False) as w:
+        w.log(1, 10, train_loss=2.5)
+    hist = [0.125] * 300_000 + [1.0]
+    with open(run / "log.jsonl", "ab") as fh:  # another tool's line, complete but for its newline
+        fh.write(json.dumps({"step": 2, "tokens": 20, "hist": hist}).encode() + b"  ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecordWarning)
+        with RunWriter(run, resume=True, fsync=False) as w:
+            w.log(3, 30, train_loss=2.0)
+    events = RunRecord.open(run).events
+    assert [e["step"] for e in events] == [1, 2, 3] and events[1]["hist"] == hist
