@@ -236,8 +236,12 @@ class RunWriter:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             self._fix_last_line(path, fd)
-        except BaseException:  # an I/O error, or the warning below raised as an error: no descriptor left open
+        except BaseException as exc:  # an I/O error, or the warning raised as an error: no descriptor left open
             os.close(fd)
+            if isinstance(exc, OSError):  # the read, cut or newline failing (EIO) named no file
+                named = named_os_error(exc, path)
+                if named is not exc:
+                    raise named from exc
             raise
         return fd
 
@@ -506,7 +510,8 @@ class RunWriter:
         Each JSONL file is rewritten atomically (temporary file, fsync, rename), and the spectrum
         files are removed only after ``measurements.jsonl`` no longer refers to them, so a crash at
         any point leaves a readable record; calling ``drop_after`` again completes the job (spectrum
-        files left behind are also removed by the next ``RunWriter(resume=True)``). Lines without a
+        files left behind are also removed by the next ``RunWriter(resume=True)``). A spectrum file that cannot be
+        removed (``EACCES``) is a :class:`RecordWarning` naming it, and the others are still removed. Lines without a
         numeric ``step`` are kept; while ``measurements.jsonl`` has a line that is not a JSON object,
         no spectrum file is removed (that line's references are unknown). A partial last line (another
         program's, mid-write) of a file rewritten is cut off with a :class:`RecordWarning`, as on resume;
@@ -568,11 +573,18 @@ class RunWriter:
             self._before[name] = os.fstat(self._fds[name]).st_size
         if not unknown:
             spectra = self.path / SPECTRA_DIR
+            failed = []
             for file_name in sorted(dropped_files - kept_files):
                 try:
                     (spectra / file_name).unlink()
                 except FileNotFoundError:
                     pass
+                except OSError as exc:  # the lines are rewritten: a leftover the next resume removes, not an
+                    failed.append(f"{spectra / file_name} ({exc.strerror or exc})")  # error (it lost the rest)
+            if failed:
+                warnings.warn(f"{self.path}: drop_after({step}) could not remove {len(failed)} spectrum file(s) no "
+                              f"line refers to any more: {'; '.join(failed[:3])}{'; ...' if len(failed) > 3 else ''}; "
+                              "the next RunWriter(resume=True) removes them", RecordWarning, stacklevel=2)
             if dropped_files and self.fsync:
                 _fsync_dir(spectra)
         return n_dropped
