@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import threading
 import warnings
@@ -200,3 +201,82 @@ def test_an_io_error_repairing_the_last_line_on_resume_names_the_file(tmp_path, 
     with pytest.warns(RecordWarning, match="truncated last line"), RunWriter(run, resume=True, fsync=False) as w:
         w.log(2, 20, train_loss=2.0)  # the lock was released, and the next resume repairs the line
     assert [e["step"] for e in RunRecord.open(run).events] == [1, 2]
+
+
+# ---- regression guard: a damaged line costs that line only (hypothesis) --------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from spectral_lens.records import RecordFormatError  # noqa: E402
+
+_DAMAGE = st.one_of(
+    st.binary(max_size=40).filter(lambda b: b"\n" not in b),  # random bytes
+    st.sampled_from([b"\xef\xbb\xbf", b"\x00", b"\xff", b"\r", b"[1, 2]", b"3", b"NaN", b"Infinity", b'"x"', b"null",
+                     b'{"step": 1, "step": "x"}', b'{"tokens": 5}', b'{"step": true, "tokens": 1}']),
+)
+
+
+def _base_record(root):
+    run = root / "base"
+    if not run.exists():
+        with RunWriter(run, RunInfo("r", total_tokens=10_000), fsync=False) as w:
+            for step in range(1, 6):
+                w.log(step, step * 10, train_loss=1.0 / step, note="é\u2028")
+                w.log_measurement(step, step * 10, {"a": _spectrum(step, 12)}, val_loss=0.5 / step)
+    return run
+
+
+def _rows(rec, name):
+    if name == "log.jsonl":
+        return [json.dumps(e, sort_keys=True) for e in rec.events]
+    return [json.dumps([m.step, m.tokens, m.val_loss, m.files, m.summaries, m.progress, m.time]) for m in rec.measurements]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(["log.jsonl", "measurements.jsonl"]), line=st.integers(0, 4), cut=st.floats(0, 1),
+       how=st.sampled_from(["replace", "prefix", "suffix", "truncate"]), damage=_DAMAGE)
+def test_a_damaged_line_costs_that_line_only(tmp_path_factory, name, line, cut, how, damage):
+    """Regression guard (no failure found): the damaged line is skipped with a warning naming the file and its
+    line (``errors="raise"``: refused naming them), every other line reads exactly, and a resume appends."""
+    root = tmp_path_factory.getbasetemp() / "review30_damage"
+    root.mkdir(exist_ok=True)
+    base = _base_record(root)
+    run = root / "case"
+    shutil.rmtree(run, ignore_errors=True)
+    shutil.copytree(base, run)
+    lines = (base / name).read_bytes().split(b"\n")[:-1]
+    raw = lines[line]
+    if how == "replace":
+        lines[line] = damage
+    elif how == "prefix":
+        lines[line] = damage + raw
+    elif how == "suffix":
+        lines[line] = raw + damage
+    data = b"\n".join(lines) + b"\n"
+    if how == "truncate":  # a torn last line: the crash cut it anywhere
+        lines = lines[: line + 1]
+        lines[line] = raw[: int(cut * (len(raw) - 1))]
+        data = b"\n".join(lines)
+    (run / name).write_bytes(data)
+    want = _rows(RunRecord.open(base), name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _rows(RunRecord.open(run, errors="skip", verify=True), name)
+    kept = [r for i, r in enumerate(want) if i != line]
+    assert [r for r in got if r in kept] == (kept if how != "truncate" else want[:line])
+    assert len(got) - len(kept if how != "truncate" else want[:line]) <= 1  # at most the damaged line, if valid
+    blank = not lines[line].strip()  # whitespace (or a cut before the line's first byte) is no line: no word
+    if len(got) < (len(want) if how != "truncate" else line + 1) and not blank:  # skipped: it was named
+        assert any(f"{run / name}, line {line + 1}:" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        if how != "truncate":
+            with pytest.raises(RecordFormatError, match=f"{name}, line {line + 1}:"):
+                RunRecord.open(run, verify=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecordWarning)
+        with RunWriter(run, resume=True, fsync=False) as w:
+            w.log(9, 90, train_loss=0.01)
+            w.log_measurement(9, 90, {"a": _spectrum(9, 12)})
+        rec = RunRecord.open(run, errors="skip", verify=True)
+    assert rec.events[-1]["step"] == 9 and rec.measurements[-1].step == 9
+    assert [r for r in _rows(rec, name) if r in kept] == [r for r in got if r in kept]
