@@ -13,9 +13,11 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from spectral_lens.atomic import write_atomic, write_text_atomic
-from spectral_lens.records import RecordWarning, RunInfo, RunRecord, RunWriter
+from spectral_lens.records import RecordFormatError, RecordWarning, RunInfo, RunRecord, RunWriter
 from spectral_lens.spectrum import Spectrum
 
 
@@ -204,11 +206,6 @@ def test_an_io_error_repairing_the_last_line_on_resume_names_the_file(tmp_path, 
 
 
 # ---- regression guard: a damaged line costs that line only (hypothesis) --------------------------
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from spectral_lens.records import RecordFormatError  # noqa: E402
 
 _DAMAGE = st.one_of(
     st.binary(max_size=40).filter(lambda b: b"\n" not in b),  # random bytes
