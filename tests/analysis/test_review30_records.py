@@ -17,7 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spectral_lens.atomic import write_atomic, write_text_atomic
-from spectral_lens.records import RecordFormatError, RecordWarning, RunInfo, RunRecord, RunWriter
+from spectral_lens.records import (
+    RecordFormatError,
+    RecordWarning,
+    RunInfo,
+    RunRecord,
+    RunWriter,
+)
 from spectral_lens.spectrum import Spectrum
 
 
