@@ -51,6 +51,7 @@ from .schema import (
     RecordWarning,
     RunInfo,
     _is_count,
+    _is_number,
     _json_line,
     _safe_name,
     _write_json_atomic,
@@ -346,6 +347,9 @@ class RunWriter:
                 isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype != torch.bool and not v.is_complex())
             if v is not None and (isinstance(v, bool) or not number):
                 raise TypeError(f"RunWriter.log: {key} must be a number or None, got {v!r}")
+            if isinstance(v, numbers.Integral) and not _is_number(int(v)):  # written, the reader refused the line
+                raise ValueError(f"RunWriter.log: {key} is an integer beyond the float range ({_digits(v)} digits), "
+                                 "which the reader refuses")
         event = {"step": _count_arg(step, "log", "step"), "tokens": _count_arg(tokens, "log", "tokens")}
         event.update(scalars)
         event.setdefault("time", time.time())
@@ -938,9 +942,14 @@ def _count_arg(value: Any, method: str, what: str) -> int:
     if isinstance(value, (str, bytes, bool)):
         raise TypeError(f"RunWriter.{method}: {what} must be an integer, got {repr(value)[:80]}")
     try:
-        return operator.index(value)
+        n = operator.index(value)
     except TypeError:
         pass
+    else:  # the reader refuses an integer a float cannot hold (it refused the whole record by default)
+        if not _is_number(n):
+            raise ValueError(f"RunWriter.{method}: {what} is an integer beyond the float range ({_digits(n)} "
+                             "digits), which the reader refuses")
+        return n
     try:
         number = float(value)
     except (TypeError, ValueError, OverflowError):
@@ -948,6 +957,12 @@ def _count_arg(value: Any, method: str, what: str) -> int:
     if not number.is_integer():
         raise ValueError(f"RunWriter.{method}: {what} must be a whole number, got {repr(value)[:80]}")
     return int(number)
+
+
+def _digits(n: Any) -> str:
+    """About how many decimal digits the integer ``n`` has, from its bits (``str`` refuses one of more than
+    4,300 digits)."""
+    return f"about {int(abs(int(n)).bit_length() * 0.30103) + 1}"
 
 
 def _float_arg(value: Any, what: str) -> float:

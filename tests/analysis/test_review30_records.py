@@ -283,3 +283,28 @@ def test_a_damaged_line_costs_that_line_only(tmp_path_factory, name, line, cut, 
         rec = RunRecord.open(run, errors="skip", verify=True)
     assert rec.events[-1]["step"] == 9 and rec.measurements[-1].step == 9
     assert [r for r in _rows(rec, name) if r in kept] == [r for r in got if r in kept]
+
+
+# ---- numbers the reader refuses are refused by the writer ---------------------------------------
+
+
+@pytest.mark.parametrize("call", [
+    lambda w: w.log(10**400, 1, train_loss=1.0),
+    lambda w: w.log(1, -(10**400)),
+    lambda w: w.log(1, 1, train_loss=10**400),
+    lambda w: w.log(1, 1, tokens_per_s=-(10**309)),
+    lambda w: w.log_measurement(10**400, 1, {"a": _spectrum()}),
+    lambda w: w.log_measurement(1, 10**400),
+    lambda w: w.fill_tokens_per_step(10**400),
+])
+def test_an_integer_beyond_the_float_range_is_refused_before_it_is_written(tmp_path, call):
+    # written as it was, the line (or run.json's field) was refused by the reader: RunRecord.open raised for the
+    # whole record ("event needs integer 'step' and 'tokens' within the float range")
+    run = tmp_path / "run"
+    with RunWriter(run, RunInfo("r"), fsync=False) as w:
+        w.log(1, 10, train_loss=2.5)
+        with pytest.raises(ValueError, match="beyond the float range"):
+            call(w)
+    rec = RunRecord.open(run, verify=True)
+    assert [e["step"] for e in rec.events] == [1] and rec.measurements == [] and rec.info.tokens_per_step is None
+    assert os.listdir(run / "spectra") == []
