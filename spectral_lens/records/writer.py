@@ -255,11 +255,11 @@ class RunWriter:
         ``RecordFormatError``: a crash while a writer appended its own long line left a run no writer could
         resume); the line is read whole only when it ends with ``}`` (it may be complete)."""
         size = os.fstat(fd).st_size
-        if not size or os.pread(fd, 1, size - 1) == b"\n":
+        if not size or _read_at(fd, 1, size - 1) == b"\n":
             return
         start = _last_line_start(fd, size)
-        tail = os.pread(fd, min(size - start, _CHUNK), size - min(size - start, _CHUNK))
-        if tail.rstrip().endswith(b"}") and _is_record_line(_pread_all(fd, size - start, start)):
+        tail = _read_at(fd, min(size - start, _CHUNK), size - min(size - start, _CHUNK))
+        if tail.rstrip().endswith(b"}") and _is_record_line(_read_at(fd, size - start, start)):
             os.write(fd, b"\n")  # a complete line that only lacks its newline (e.g. written by another tool): kept
             return
         warnings.warn(
@@ -903,18 +903,20 @@ def _last_line_start(fd: int, size: int) -> int:
     end = size
     while end > 0:
         begin = max(0, end - _CHUNK)
-        i = os.pread(fd, end - begin, begin).rfind(b"\n")
+        i = _read_at(fd, end - begin, begin).rfind(b"\n")
         if i >= 0:
             return begin + i + 1
         end = begin
     return 0
 
 
-def _pread_all(fd: int, n: int, offset: int) -> bytes:
-    """``n`` bytes at ``offset`` of the file open on ``fd`` (fewer at its end): ``pread`` until done."""
+def _read_at(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` of the file open on ``fd`` (fewer at its end), read until done. ``lseek`` and
+    ``read``, not ``pread`` (Windows has none); the writes of an ``O_APPEND`` descriptor still go to the end."""
+    os.lseek(fd, offset, os.SEEK_SET)
     parts, read = [], 0
     while read < n:
-        part = os.pread(fd, n - read, offset + read)
+        part = os.read(fd, n - read)
         if not part:
             break
         parts.append(part)
