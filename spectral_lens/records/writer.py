@@ -38,7 +38,7 @@ from ._status import (  # the status lifecycle (see _status)
 # imported from here by the analyses, the CLI and tests:
 from ._status import _ENDED, FAILED, FAILURE_AFTER_END, FAILURE_HISTORY, failure_history_lines  # noqa: F401
 from ._scan import _int_step, _is_val_loss, _json_object, _Scan, _scan_file  # the incremental reader
-from .reader import RunRecord, _event_problem, _is_record_line
+from .reader import RunRecord, _check_regular, _event_problem, _is_record_line
 from .schema import (
     LOG_FILE,
     MEASUREMENTS_FILE,
@@ -155,6 +155,9 @@ class RunWriter:
         marked = False  # a resumed run marked failed, or failure_after_end (by __exit__)
         stale = None  # the entry of an earlier writer's "running" it never settled (killed)
         existing = run_file.exists()  # resumed: a "running" there is no writer's (see below)
+        if resume:  # read below (a FIFO waited for good): refused before anything is written
+            for name in (LOG_FILE, MEASUREMENTS_FILE):
+                _check_regular(self.path / name)
         if existing:
             if not resume:
                 raise FileExistsError(

@@ -308,3 +308,49 @@ def test_an_integer_beyond_the_float_range_is_refused_before_it_is_written(tmp_p
     rec = RunRecord.open(run, verify=True)
     assert [e["step"] for e in rec.events] == [1] and rec.measurements == [] and rec.info.tokens_per_step is None
     assert os.listdir(run / "spectra") == []
+
+
+# ---- a record file that is not a regular file ----------------------------------------------------
+
+
+def _unblock_a_reader_later(fifo, done: threading.Event, after: float = 3.0) -> threading.Thread:
+    """A helper that, unless ``done`` is set first, writes junk into ``fifo`` after ``after`` seconds so that
+    the old code (which waited on the FIFO for good) ends with another error instead of hanging the suite."""
+
+    def unblock():
+        if not done.wait(after):
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO when nobody reads it
+            except OSError:
+                return
+            os.write(fd, b"junk\n")
+            os.close(fd)
+
+    helper = threading.Thread(target=unblock, daemon=True)
+    helper.start()
+    return helper
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+@pytest.mark.parametrize("name", ["log.jsonl", "measurements.jsonl"])
+def test_a_record_file_that_is_a_fifo_is_refused_at_once(tmp_path, name):
+    # RunRecord.open (spectral-lens inspect / report) and RunWriter(resume=True) read it and waited for good for
+    # a writer (and a link to /dev/zero read without end); run.json and spectrum files were refused already
+    run = tmp_path / "run"
+    with RunWriter(run, RunInfo("r"), fsync=False) as w:
+        w.log(1, 10, train_loss=2.5)
+    (run / name).unlink()
+    os.mkfifo(run / name)
+    for opener in (RunRecord.open, lambda p: RunWriter(p, resume=True, fsync=False)):
+        done = threading.Event()
+        helper = _unblock_a_reader_later(run / name, done)
+        try:
+            with pytest.raises(RecordFormatError, match=f"{name}: not a regular file"):
+                opener(run)
+        finally:
+            done.set()
+            helper.join(10)
+    assert stat.S_ISFIFO(os.stat(run / name).st_mode)
+    (run / name).unlink()
+    with RunWriter(run, resume=True, fsync=False) as w:  # the lock was released
+        w.log(2, 20)
