@@ -802,23 +802,31 @@ class RunWriter:
 
     def _record_end(self) -> tuple[int | None, int | None]:
         """``(step, tokens)`` of the record's last line with integer ``step`` and ``tokens`` in
-        ``log.jsonl`` or ``measurements.jsonl`` (the one with more tokens; only the last MiB of each file
-        is read), ``(None, None)`` when neither has one: where a failed run stopped, read on resume."""
+        ``log.jsonl`` or ``measurements.jsonl`` (the one with more tokens), ``(None, None)`` when neither has
+        one: where a failed run stopped, read on resume. Each file's lines are read backwards, each whole,
+        until one has them or a MiB of lines was passed over (before, only the last MiB was read, and a line
+        it cut was skipped: a last line over 1 MiB read as no end)."""
         best: tuple[int | None, int | None] = (None, None)
         for name in (LOG_FILE, MEASUREMENTS_FILE):
             try:
-                with open(self.path / name, "rb") as fh:
-                    size = fh.seek(0, os.SEEK_END)
-                    fh.seek(max(0, size - (1 << 20)))
-                    lines = fh.read().split(b"\n")
+                fd = os.open(self.path / name, os.O_RDONLY)
             except OSError:
                 continue
-            for raw in reversed(lines[1:] if size > 1 << 20 else lines):  # the first may be cut by the seek
-                obj = _json_object(raw)
-                if obj is not None and _is_count(obj.get("step")) and _is_count(obj.get("tokens")):
-                    if best[1] is None or obj["tokens"] > best[1]:
-                        best = (obj["step"], obj["tokens"])
-                    break
+            try:
+                passed = 0
+                for raw in _lines_backward(fd, os.fstat(fd).st_size):
+                    obj = _json_object(raw)
+                    if obj is not None and _is_count(obj.get("step")) and _is_count(obj.get("tokens")):
+                        if best[1] is None or obj["tokens"] > best[1]:
+                            best = (obj["step"], obj["tokens"])
+                        break
+                    passed += len(raw) + 1
+                    if passed > _CHUNK:
+                        break
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
         return best
 
     def _ended_before(self, header: Mapping[str, Any]) -> bool:
@@ -911,6 +919,19 @@ def _last_line_start(fd: int, size: int) -> int:
             return begin + i + 1
         end = begin
     return 0
+
+
+def _lines_backward(fd: int, size: int) -> Iterator[bytes]:
+    """The lines (without newline) within the first ``size`` bytes of the file open on ``fd``, last first: what
+    follows the last newline (``b""`` when the file ends with one), then each line before it. Read
+    :data:`_CHUNK` bytes at a time; a line is held whole, however long (one longer than a chunk too)."""
+    end, rest = size, b""
+    while end > 0:
+        begin = max(0, end - _CHUNK)
+        parts = (_read_at(fd, end - begin, begin) + rest).split(b"\n")
+        end, rest = begin, parts[0]  # the first may go on before this chunk
+        yield from reversed(parts[1:])
+    yield rest
 
 
 def _read_at(fd: int, n: int, offset: int) -> bytes:

@@ -354,3 +354,20 @@ def test_a_record_file_that_is_a_fifo_is_refused_at_once(tmp_path, name):
     (run / name).unlink()
     with RunWriter(run, resume=True, fsync=False) as w:  # the lock was released
         w.log(2, 20)
+
+
+def test_a_failed_runs_end_is_read_past_a_last_line_over_1_mib(tmp_path):
+    # _record_end read only the last MiB of each file and skipped the line it cut: a run whose last log line is
+    # longer (a long list logged at the crash's step) "ended" at an earlier line, so a script that only measured
+    # its checkpoints (lines up to where it ended) counted as going on: the failure was removed at the close
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError), RunWriter(run, RunInfo("r", total_tokens=10_000), fsync=False) as w:
+        w.log(1, 1000, train_loss=3.0)
+        w.log(4, 4000, train_loss=2.0, hist=[0.125] * 200_000)  # 1.4 MB
+        raise RuntimeError("preempted")
+    with RunWriter(run, resume=True, fsync=False) as w:
+        (entry,) = w.info.extras["failure_history"]
+        assert (entry["step"], entry["tokens"]) == (4, 4000)
+        w.log_measurement(3, 3000, {"a": _spectrum()})  # a checkpoint before the crash, measured
+    extras = RunRecord.open(run).info.extras
+    assert extras["status"] == "failed" and extras["failure"] == "RuntimeError: preempted"
