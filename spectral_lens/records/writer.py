@@ -904,7 +904,8 @@ def _lock_run_dir(path: Path) -> int | None:
 _NUMERIC_EVENT_KEYS = ("val_loss", "train_loss", "tokens_per_s")
 
 
-#: The bytes :func:`_last_line_start` reads at a time.
+#: The bytes :func:`_last_line_start` and :func:`_lines_backward` read at a time; also how many bytes of lines
+#: :meth:`RunWriter._record_end` passes over at most.
 _CHUNK = 1 << 20
 
 

@@ -1,6 +1,7 @@
 """Review 30 (records30): adversarial audit of run records and atomic writes.
 
-Each test failed before the fix it guards (see docs/reliability.md)."""
+Each test failed before the fix it guards (see docs/reliability.md), except
+``test_a_damaged_line_costs_that_line_only``, a regression guard (checked against two mutations of the reader)."""
 
 from __future__ import annotations
 
