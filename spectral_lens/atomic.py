@@ -22,7 +22,8 @@ read-only, ``chmod a-w``; another user's file in a directory everyone may write)
 ``PermissionError``, not replaced (the probe, an ``open`` without truncation, is skipped for the caller's
 own file whose mode lets it write; any other error of it is left to the rename). An overwrite
 keeps the old file's permission bits, set on the temporary file before its content is written (a private
-file's new content is never readable by others, even in a temporary file a killed write leaves); a
+file's new content is never readable by others, even in a temporary file a killed write leaves; set-user/group-ID
+bits, which the write of an unprivileged process clears, are set again after it); a
 new file gets ``open``'s (``0o666`` less the umask). Owner, group, ACLs and extended attributes are
 those of the new file (the writing process's), as with any rename-based write.
 """
@@ -172,6 +173,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
                 os.chmod(tmp, mode)  # (and in the temporary file a killed write left); the descriptor still writes
             write(fh)
             fh.flush()
+            if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):  # a write by a process without CAP_FSETID
+                os.chmod(tmp, mode)  # clears the set-user/group-ID bits: set again
             if fsync:
                 os.fsync(fh.fileno())
         os.replace(tmp, target)

@@ -11,6 +11,7 @@ import shutil
 import stat
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -372,3 +373,35 @@ def test_a_failed_runs_end_is_read_past_a_last_line_over_1_mib(tmp_path):
         w.log_measurement(3, 3000, {"a": _spectrum()})  # a checkpoint before the crash, measured
     extras = RunRecord.open(run).info.extras
     assert extras["status"] == "failed" and extras["failure"] == "RuntimeError: preempted"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or os.name != "posix" or os.geteuid() != 0,
+                    reason="needs root to write as another user")
+def test_an_overwrite_by_an_unprivileged_user_keeps_the_set_user_id_bit():
+    # with the mode set before the content (above), the write of a process without CAP_FSETID cleared the
+    # set-user-ID bit it had just set: 0o4755 became 0o755 (before the reorder, the mode came after the content)
+    import tempfile
+
+    root = Path(tempfile.mkdtemp())  # pytest's tmp_path is private to root: nobody could not reach it
+    try:
+        if any(not p.stat().st_mode & stat.S_IXOTH for p in root.parents if p != Path("/")):
+            pytest.skip(f"{root.parent} is not reachable for other users")
+        root.chmod(0o777)
+        target = root / "tool.sh"
+        pid = os.fork()
+        if pid == 0:  # the child writes as nobody
+            code = 1
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                target.write_text("#!/bin/sh\n")
+                target.chmod(0o4755)
+                write_text_atomic(target, "#!/bin/sh\necho 2\n")
+                code = 0 if stat.S_IMODE(target.stat().st_mode) == 0o4755 else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, f"mode {oct(stat.S_IMODE(target.stat().st_mode))}"
+        assert target.read_text() == "#!/bin/sh\necho 2\n"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
