@@ -405,3 +405,22 @@ def test_an_overwrite_by_an_unprivileged_user_keeps_the_set_user_id_bit():
         assert target.read_text() == "#!/bin/sh\necho 2\n"
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- a tensor of several values logged -----------------------------------------------------------
+
+
+def test_a_tensor_of_several_values_is_logged_as_a_numpy_array_is(tmp_path):
+    # a NumPy array was written as a list, a tensor of more than one value raised a bare RuntimeError ("a Tensor
+    # with 2 elements cannot be converted to Scalar") that named neither the key nor the writer
+    import torch
+
+    run = tmp_path / "run"
+    norms = torch.tensor([0.5, 0.25, 1e-30], dtype=torch.float64, requires_grad=True)
+    with RunWriter(run, RunInfo("r"), fsync=False) as w:
+        w.log(1, 10, grad_norms=norms * 1, lr=np.array([0.1, 0.2]), scale=torch.tensor(2.0),
+              per_head=torch.tensor([[1, 2], [3, 4]]))
+        w.log_measurement(1, 10, {"a": _spectrum()}, val_loss=torch.tensor(3.25))
+    (event,) = RunRecord.open(run).events
+    assert event["grad_norms"] == [0.5, 0.25, 1e-30] and event["lr"] == [0.1, 0.2]
+    assert event["scale"] == 2.0 and event["per_head"] == [[1, 2], [3, 4]]
