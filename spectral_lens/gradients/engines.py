@@ -293,15 +293,14 @@ def _mixes_rows(even: torch.Tensor | None, full: torch.Tensor | None) -> bool:
     even sample's loss reaches an odd row (a row per position, or a token of an even sample on an odd row),
     or an even row that no even sample's loss reaches has a gradient all the same (a token of an odd sample
     on an even row: tokens of odd samples alone, gathered across the samples, k == n, passed the first test)."""
-    if even is None:
+    if even is None or even.ndim == 0:  # no gradient; no rows (the shape check refuses a 0-dim output)
         return False
-    if bool(even[1::2].ne(0).any()):
-        return True
+    odd = even[1::2].ne(0).any()
     if full is None:
-        return False
+        return bool(odd)
     k = (even.shape[0] + 1) // 2
     e, f = even[::2].reshape(k, -1), full[::2].reshape(k, -1)
-    return bool((f.ne(0).any(1) & ~e.ne(0).any(1)).any())
+    return bool(odd | (f.ne(0).any(1) & ~e.ne(0).any(1)).any())  # one host sync, as the first test alone
 
 
 def fast_engine(
