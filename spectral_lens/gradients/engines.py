@@ -335,8 +335,9 @@ def fast_engine(
     input holds ``n`` in dimension 0 and is 2-D or holds ``n`` also in dimension 1 or the batch beyond
     its dimension 0 (a sequence-first layout or a position table ``(T, d)`` the samples share with
     ``T == n``, ``n`` tokens gathered across samples: they pass the shape check), one more backward, of
-    the even samples' losses, tells them apart: a gradient on an odd row of dimension 0 sends the
-    module to the generic engine. A module
+    the even samples' losses at the main backward's loss scale, tells them apart: a gradient on an odd
+    row of dimension 0, or an even row that only the odd samples' losses reach (:func:`_mixes_rows`),
+    sends the module to the generic engine. A module
     called several times gets the sum over calls. Raises :class:`NoGradientPathError` when a probed
     module's output does not reach the loss.
     """
