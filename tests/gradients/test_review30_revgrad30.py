@@ -6,7 +6,7 @@ saw zeros and the fast path took row ``2j`` (a token of sample ``2j + 1``) as sa
 (0.53 relative error). An even row that no even sample's loss reaches but the chunk's losses do is now
 a mixed layout too.
 
-(b) float16: the even-samples backward was not loss-scaled, so small per-sample gradients underflowed
+(b) float16 (weights, or autocast): the even-samples backward was not loss-scaled, so small per-sample gradients underflowed
 to zero in it and a shared position table ``(T, d)`` with ``T == M`` kept the fast path (1.1 relative
 error); it now runs after the main backward, at that backward's loss scale.
 
@@ -73,19 +73,22 @@ def _small_loss(out, batch):
     return causal_lm_loss(out, batch) * _SMALL
 
 
+@pytest.mark.parametrize("half", ["weights", "autocast"])
 @pytest.mark.parametrize("layout", ["2d", "3d"])
-def test_float16_shared_position_table_with_small_gradients_leaves_the_fast_path(layout):
+def test_float16_shared_position_table_with_small_gradients_leaves_the_fast_path(layout, half):
     torch.manual_seed(0)
-    model, batch = PositionProjection(layout).half().eval(), _batch(12, 6)
+    model, batch = PositionProjection(layout).eval(), _batch(12, 6)
+    model, cast = (model.half(), None) if half == "weights" else (model, torch.float16)
     names = ["lin.weight", "lin.bias"]
     ref = _reference(model, names, batch, _SMALL)
-    probe = PerSampleGradientProbe(model, names, loss_fn=_small_loss, chunk_size=6, keep_matrix=True).update(batch)
+    probe = PerSampleGradientProbe(model, names, loss_fn=_small_loss, chunk_size=6, keep_matrix=True,
+                                   autocast_dtype=cast).update(batch)
     assert probe.engines_ == {k: "vmap" for k in names}
     for k in names:
         assert _rel(probe.matrix(k), ref[k]) <= 1e-2, k  # float16 rounding: 1e-3; before: 1.1 (per position)
     with pytest.raises(ValueError, match=r"engine='fast' impossible for lin\.weight: .*position table"):
         PerSampleGradientProbe(copy.deepcopy(model), "lin.weight", loss_fn=_small_loss, engine="fast",
-                               chunk_size=6).update(batch)
+                               chunk_size=6, autocast_dtype=cast).update(batch)
 
 
 # ---------------------------------------------------------------------- (c) per-sample layouts keep the fast path
