@@ -6,9 +6,10 @@ saw zeros and the fast path took row ``2j`` (a token of sample ``2j + 1``) as sa
 (0.53 relative error). An even row that no even sample's loss reaches but the chunk's losses do is now
 a mixed layout too.
 
-(b) float16 (weights, or autocast): the even-samples backward was not loss-scaled, so small per-sample gradients underflowed
-to zero in it and a shared position table ``(T, d)`` with ``T == M`` kept the fast path (1.1 relative
-error); it now runs after the main backward, at that backward's loss scale.
+(b) float16 (weights, or autocast): the even-samples backward was not loss-scaled, so small per-sample
+gradients underflowed to zero in it and a shared position table ``(T, d)`` with ``T == M`` kept the fast
+path (1.1 relative error); it now runs after the main backward, at that backward's loss scale (which the
+second test of (a) needs: unscaled, a float16 per-sample head's even rows underflowed there, a false alarm).
 
 (c) Layouts that are per sample keep the fast path: an even sample whose row gets no gradient (a gate
 that zeroes it), ``M == 2``, a float16 pooled head, dropout in ``train_mode=True`` under non-reentrant
