@@ -576,8 +576,8 @@ def _packing(batch: Mapping) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, 
         idx = torch.arange(n, device=rows.device)
         doc = start.long().cumsum(0)  # 1 .. D
         at = idx - torch.where(start, idx, 0).cummax(0).values + 1
-        live = torch.ones(n + 1, dtype=torch.bool, device=rows.device)
-        live[0] = False
+        slots = torch.arange(n + 1, device=rows.device)
+        live = (slots >= 1) & (slots <= doc[-1])  # documents 1 .. D (D on the device)
     else:
         return None, ()
     return (torch.stack([doc, at]), live), shape

@@ -194,7 +194,8 @@ def test_a_row_of_one_document_hashes_as_the_same_document_packed_with_others():
     col = _flattened()
     one_each = [col([d]) for d in docs]
     packed = [col([docs[i] for i in g]) for g in GROUPS[0]]
-    assert _fp(one_each, None) == _fp(packed, None)
+    padded = [dict(b, attention_mask=torch.ones_like(b["input_ids"])) for b in one_each]  # as read before packing
+    assert _fp(one_each, None) == _fp(packed, None) == _fp(padded, None)
     blocks = {"input_ids": torch.stack([docs[3][:8], docs[8][:8]]), "position_ids": torch.arange(8).repeat(2, 1)}
     blocks["labels"] = blocks["input_ids"].clone()
     rows = [{k: v[i:i + 1] for k, v in blocks.items()} for i in range(2)]
