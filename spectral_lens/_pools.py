@@ -483,7 +483,8 @@ def _context(batch: Any, mask: torch.Tensor | None, found: tuple[Any, Any, bool]
                           and pad.device == labels.device) else None
     sided = tuple((pre, suf, p) for k, v in batch.items() if isinstance(k, str) and "attention_mask" in k
                   and k not in ("attention_mask", "decoder_attention_mask")
-                  for (pre, _, suf), p in [(k.partition("attention_mask"), _padding(v))] if p is not None)
+                  for (pre, _, suf), p in [(k.partition("attention_mask"), _padding(v))]
+                  if p is not None and pre + "input_ids" + suf in batch)  # (not a global_attention_mask)
     docs, grid = _packing(batch) if not (present or sided) else (None, ())
     return _Context(first, [dec] if dec is not None else [], [mine] if mine is not None else [], align, aligned,
                     every, docs, grid, sided)

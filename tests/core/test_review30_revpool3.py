@@ -227,3 +227,40 @@ def test_cu_seqlens_padded_with_repeated_offsets_hash_alike():
         return {"input_ids": torch.cat(rows)[None], "cu_seqlens": cu}
 
     _check(col, (3, 5), mask_fn=None)
+
+
+# --------------------------------------------------------------------------- cost
+
+def test_the_new_readings_read_nothing_back_to_the_host(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host read in PoolFingerprint.add")
+
+    docs = _docs()
+    batches = [_collate(_float_mask("-inf", labels=True))(docs[:4]), _collate(_float_mask("1/0", labels=True))(docs[4:]),
+               _preference("prefix")(docs[:3]), _preference("suffix")(docs[3:]), _flattened(seq_idx=True)(docs[:5]),
+               _flattened(flat=True)(docs[5:])]
+    fp = PoolFingerprint()
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "cpu", "numpy", "nonzero"):
+            m.setattr(torch.Tensor, name, refuse)
+        for b in batches:
+            fp.add(b, None)
+    assert fp.batches == len(batches) and isinstance(fp.value(), int)
+
+
+def test_a_mask_of_other_tokens_than_padding_is_still_read_whole():
+    """``global_attention_mask`` (Longformer: 1 at the tokens that attend globally) names no inputs of its own
+    (``global_input_ids``): not a padding mask for a flat preference batch's tensors, so a moved global token is
+    seen (read under its own mask, its 1s alone would hash alike wherever they are)."""
+    docs = _docs()
+
+    def col(at):
+        def collate(rows):
+            b = _collate()(rows)
+            b["global_attention_mask"] = torch.zeros_like(b["input_ids"])
+            b["global_attention_mask"][:, at] = 1
+            return b
+        return collate
+
+    _check(col(0), (3, 2))
+    assert _fp([col(0)(docs[:4])]) != _fp([col(1)(docs[:4])])
