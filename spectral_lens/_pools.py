@@ -444,18 +444,22 @@ def _context(batch: Any, mask: torch.Tensor | None, found: tuple[Any, Any, bool]
     """How ``batch``'s tensors are read: the masks the fingerprint tries, in order, on its tensors (the first that
     fits a tensor's shape is its mask): for the others, the mapping's ``attention_mask`` of 1 or 2 dimensions (its
     padding: every real token, where ``mask_fn``'s ``mask`` may select a part of them, such as the answer tokens,
-    whose rows depend on the others through attention), then ``mask`` (a floating-point ``attention_mask`` after
-    ``mask``: an additive one, 0 for the real tokens, would read the padding), and without an ``attention_mask``
-    every token of the ``input_ids`` (:func:`_every_token`); for a seq2seq mapping's ``decoder_*`` tensors, the
-    ``decoder_attention_mask``, or else where the ``labels`` are not :data:`IGNORE_INDEX` (a seq2seq collator's
+    whose rows depend on the others through attention; a floating-point one as its real tokens, :func:`_padding`: an
+    additive one's are its 0s), then ``mask``, and without an ``attention_mask`` every token of the ``input_ids``
+    (:func:`_every_token`); for a tensor ``X_input_ids``, ``X_labels`` beside ``X_attention_mask`` and
+    ``X_input_ids`` (TRL's flat ``chosen_``/``rejected_``/``prompt_`` batches, or ``_chosen`` suffixes), that mask
+    first; for a seq2seq mapping's ``decoder_*`` tensors, the
+    ``decoder_attention_mask``, or else where the ``labels`` are not negative (a seq2seq collator's
     ``decoder_input_ids`` are the labels shifted right, padded with the pad id), never the encoder's (with neither,
     they take the others' masks: the encoder's where it fits); for its integer ``labels``, the
-    ``decoder_attention_mask``, or else their own (not :data:`IGNORE_INDEX`): a seq2seq batch without
+    ``decoder_attention_mask``, or else their own (not negative: -100, or another ignore index): a seq2seq batch
+    without
     ``decoder_input_ids`` has labels as long as its inputs only by chance, and read under the encoder's mask then
     they would hash otherwise than in another batching. ``found``: the ``attention_mask`` (its padding or ``None``),
     ``input_ids`` and whether there was one, of a mapping without its own (of the nearest enclosing mapping with
     one, else of the first it encloses: a nested ``{"inputs": {...}, "labels": ...}`` batch). A mapping without a
-    mask whose ``cu_seqlens`` (:data:`_BOUNDARIES`) are 1-D integers is packed (:func:`_packing`)."""
+    mask whose ``cu_seqlens`` (:data:`_BOUNDARIES`) are 1-D integers, or whose integer ``position_ids`` have its
+    tokens' shape, is packed (:func:`_packing`)."""
     if not isinstance(batch, Mapping):
         return _Context([mask], [], [], False, None, None, None, ())
     if "attention_mask" in batch:
@@ -519,7 +523,7 @@ def _every_token(ids: Any) -> torch.Tensor | None:
 
 
 def _unpadded(read: torch.Tensor, labels: torch.Tensor, own: Any, ids: Any) -> torch.Tensor:
-    """``read`` (the ``labels`` not :data:`IGNORE_INDEX`) less the padding of a causal LM's ``labels`` padded with the
+    """``read`` (the ``labels`` not negative) less the padding of a causal LM's ``labels`` padded with the
     pad id (``labels = input_ids.clone()``): where the ``attention_mask`` is 0 and the labels are the ``input_ids``.
     A seq2seq label past its inputs' padding is other than their pad id: still read."""
     try:  # (input_ids or a mask the kernels do not take, a nested one without a shape: the labels' own mask)
@@ -810,7 +814,8 @@ def batch_fingerprint(batch: Any, mask: torch.Tensor | None = None) -> list[torc
     ``(M, T)`` mask (a ``(1, T)`` or ``(T,)`` ``position_ids``) is read as each sample's (:func:`_shared`); a 0-dim
     one (a per-batch count) is not read: either would make a re-batched pool hash otherwise. In a mapping, only a
     tensor under a key naming a mask or a bias (:data:`_PAIR_NAMES`) is read as a 4-D attention mask. A packed
-    mapping (``cu_seqlens``) is read by document (:func:`_documents`). A tensor whose kernels fail is not read. Of
+    mapping (``cu_seqlens``, or ``position_ids`` restarts) is read by document (:func:`_documents`). A tensor whose
+    kernels fail, or a mapping whose mask does (a nested one), is read as if without it, never raising. Of
     a tensor's candidate readings (:func:`_leaf`), the first this batch has."""
     return [next(h for h in found if h is not None) for _, found in _readings(batch, mask)]
 

@@ -218,8 +218,6 @@ def test_hugging_faces_flattening_collator_under_a_forward_fn_of_ones_own():
 def test_cu_seqlens_padded_with_repeated_offsets_hash_alike():
     """Before: each empty document of ``cu_seqlens`` padded to a fixed length (repeated last offsets, for a static
     shape) was read as an empty sample: another number of them warned."""
-    docs = _docs()
-
     def col(rows):
         lens = torch.tensor([len(r) for r in rows])
         cu = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
