@@ -556,7 +556,7 @@ def _packing(batch: Mapping) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, 
     grid = next(((t, tuple(t.shape[:t.ndim - drop])) for t, drop in ((batch.get(k), d) for k, d in (
         ("input_ids", 0), ("position_ids", 0), ("labels", 0), ("inputs_embeds", 1)))
         if type(t) is torch.Tensor and not t.is_nested and 1 + drop <= t.ndim <= 2 + drop and t.numel() > 0), None)
-    if grid is None:
+    if grid is None or grid[0].device.type == "meta":  # (no values to read: its tensors read as they are)
         return None, ()
     ref, shape = grid
     n = 1

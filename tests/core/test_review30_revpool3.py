@@ -262,3 +262,15 @@ def test_a_mask_of_other_tokens_than_padding_is_still_read_whole():
 
     _check(col(0), (3, 2))
     assert _fp([col(0)(docs[:4])]) != _fp([col(1)(docs[:4])])
+
+
+def test_a_packed_mapping_on_the_meta_device_never_fails():
+    """A packed row whose ``input_ids`` are on the meta device beside real ``position_ids``: its documents were put on
+    the meta device, and :meth:`PoolFingerprint.value` raised reading them (a failed measurement)."""
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    for batch in ({"input_ids": torch.ones(1, 8, dtype=torch.long, device="meta"), "position_ids": pos},
+                  {"input_ids": torch.ones(1, 8, dtype=torch.long, device="meta"), "position_ids": pos,
+                   "cu_seqlens": torch.tensor([0, 3, 8])}):
+        f = PoolFingerprint()
+        f.add(batch, None)
+        assert isinstance(f.value(), int)
