@@ -838,7 +838,7 @@ class PoolFingerprint:
         for place, found in _readings(batch, mask):
             for i, h in enumerate(found):
                 key = (place, len(found), i)
-                if h is None:
+                if h is None or h.device.type == "meta":  # (nothing to read back: never a failed value())
                     self._missed.add(key)
                     continue
                 sums = self._sums.setdefault(key, {})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from core.test_review29_poolfp2 import PAD, _collate, _docs
+from core.test_review29_poolfp2 import CHANGED, PAD, _collate, _docs, _Kw
 from core.test_review30_poolfp3 import GROUPS, _check, _fp
 
 from spectral_lens._pools import PoolFingerprint, attention_mask
@@ -72,6 +72,36 @@ def test_an_additive_mask_without_a_mask_fn_hashes_alike_and_sees_a_change(kind,
     is, nonzero = read: the padding only (a changed token unseen, another padding warned)."""
     _check(_collate(_float_mask(kind), side), (3, 2), mask_fn=None)
     _check(_collate(_float_mask(kind, labels=True), side), (7, 1), mask_fn=None)
+
+
+def test_an_additive_mask_without_a_mask_fn_through_the_lens():
+    """The same, as ``SpectralLens.measure`` reads a fixed list of batches (every row measured, the padding too: a
+    re-padded pool is warned by its row count): a changed token is warned. Before: the fingerprint read the padding
+    only, and the row counts were the same, so nothing was said."""
+    import warnings
+
+    from spectral_lens import SpectralLens, SpectralLensWarning
+
+    col = _collate(_float_mask("-inf"))
+
+    def said(change):
+        class Pool:
+            i = 0
+
+            def __iter__(self):
+                docs = _docs(change if Pool.i else None)
+                Pool.i += 1
+                return iter([col(docs[:4]), col(docs[4:])])
+
+        lens = SpectralLens(_Kw(), Pool(), layers="m.h.2", params=(), progress=False, mask_fn=None)
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            for step in range(2):
+                lens.measure(step, 0)
+        return [str(w.message) for w in got if issubclass(w.category, SpectralLensWarning) and CHANGED in str(w.message)]
+
+    assert not said(None)
+    assert [w for w in said((5, 2)) if "other content" in w]
 
 
 @pytest.mark.parametrize("kind", ["-inf", "1/0"])
