@@ -378,13 +378,15 @@ def _aligned_labels(labels: torch.Tensor, read: torch.Tensor, real: torch.Tensor
     return (h * h % _P).sum(-1) % _P
 
 
-def _documents(t: torch.Tensor, bounds: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor | None:
+def _documents(t: torch.Tensor, docs: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, ...],
+               labels: bool = False) -> torch.Tensor | None:
     """The residue of a packed batch's per-token tensor ``t`` (its leading ``grid``, the batch's tokens, in row-major
-    order) read document by document: ``bounds`` (1-D, ``cu_seqlens``: document ``j`` is tokens ``bounds[j]`` to
-    ``bounds[j + 1]``) split the tokens; each document is a sample (its values at their positions in it, at most
-    :data:`POSITION_VALUES` of each token, an integer tensor's :data:`IGNORE_INDEX` not read), as in
-    :func:`tensor_fingerprint`, so the same documents packed otherwise hash alike. Tokens outside the boundaries (a
-    tail padded to a multiple) are not read. On the device (``searchsorted``, ``index_add_``): no host sync."""
+    order) read document by document: ``docs`` (:func:`_packing`) gives each token's document slot and position in it
+    (slot 0: outside every document, a tail padded to a multiple; not read) and which slots hold a token; each
+    document is a sample (its values at their positions in it, at most :data:`POSITION_VALUES` of each token, an
+    integer tensor's :data:`IGNORE_INDEX`, integer ``labels``' negative values, not read), as in
+    :func:`tensor_fingerprint`, so the same documents packed otherwise hash alike; an empty document (repeated
+    offsets) is none. On the device (``index_add_``): no host sync."""
     got = _as_integers(t)
     if got is None:
         return None
@@ -392,26 +394,26 @@ def _documents(t: torch.Tensor, bounds: torch.Tensor, grid: tuple[int, ...]) -> 
     n = 1
     for s in grid:
         n *= s
+    where, live = docs
     vals = _spaced(t.reshape(n, *t.shape[len(grid):]), 1, POSITION_VALUES)  # (N, K)
-    vals, cu = _on_one_device(vals, bounds)
-    cu, k, d = cu.to(torch.long), vals.shape[1], bounds.shape[0] - 1
-    idx = torch.arange(n, device=vals.device)
-    doc = torch.searchsorted(cu, idx, right=True)  # 1 .. d inside the documents, 0 before, d + 1 after
-    pos = idx - cu[(doc - 1).clamp(0, d)] + 1
+    vals, where = _on_one_device(vals, where)
+    live, (doc, pos), k = live.to(where.device, non_blocking=True), where, vals.shape[1]
     mixed = (pos[:, None] * k + torch.arange(k, device=vals.device)) * _D + _B
-    f = _mixed(vals, mixed, vals != IGNORE_INDEX if ints else None).sum(1)
-    h = torch.zeros(d + 2, dtype=torch.long, device=vals.device).index_add_(0, doc, f)[1:d + 1] % _P + _C
-    return (h * h % _P).sum() % _P
+    read = (vals >= 0 if labels else vals != IGNORE_INDEX) if ints else None
+    f = _mixed(vals, mixed, read).sum(1)
+    h = torch.zeros(live.shape[0], dtype=torch.long, device=vals.device).index_add_(0, doc, f) % _P + _C
+    return (h * h % _P * live).sum() % _P
 
 
 def _not_ignored(labels: Any) -> torch.Tensor | None:
-    """Where an integer ``labels`` tensor of 1 or 2 dimensions is not :data:`IGNORE_INDEX` (its own mask), or ``None``
-    for another (a float, sparse or nested one, one the kernels do not take): never a failed measurement."""
+    """Where an integer ``labels`` tensor of 1 or 2 dimensions is not negative (its own mask: :data:`IGNORE_INDEX`, or
+    another ignore index such as -1, which no class index is), or ``None`` for another (a float, sparse or nested one,
+    one the kernels do not take): never a failed measurement."""
     if (type(labels) is not torch.Tensor or labels.layout != torch.strided or labels.is_nested
             or labels.dtype not in _INTEGERS or not 1 <= labels.ndim <= 2 or labels.device.type == "meta"):
         return None
     try:
-        return labels != IGNORE_INDEX
+        return labels >= 0
     except (RuntimeError, TypeError):
         return None
 
@@ -425,48 +427,56 @@ class _Context(NamedTuple):
     align: bool  #: its ``labels`` are a causal LM's candidates: read also counted from their inputs' first token
     aligned: Any  #: the ``(M, T)`` padding mask of its inputs that the labels are as wide as (else None)
     every: Any  #: the all-True mask read as its ``attention_mask`` (it has none, nor its enclosing mappings)
-    bounds: Any  #: a packed mapping's document boundaries (``cu_seqlens``), or None
+    docs: Any  #: a packed mapping's tokens' documents (:func:`_packing`), or None
     grid: tuple[int, ...]  #: and the shape of its tokens
+    sided: tuple = ()  #: ``(prefix, suffix, padding)`` of its other ``attention_mask`` keys (``chosen_attention_mask``)
 
 
 def _padding(mask: Any) -> Any:
-    """A mapping's ``attention_mask`` as its padding: a tensor of 1 or 2 dimensions, else ``None``."""
-    return mask if isinstance(mask, torch.Tensor) and 1 <= mask.ndim <= 2 else None
+    """A mapping's ``attention_mask`` as its padding: a tensor of 1 or 2 dimensions (a floating-point one as its real
+    tokens, :func:`_real_tokens`: an additive mask's are its 0s), else ``None``."""
+    if not (isinstance(mask, torch.Tensor) and 1 <= mask.ndim <= 2) or mask.is_nested:
+        return None
+    return _real_tokens(mask) if mask.is_floating_point() else mask
 
 
 def _context(batch: Any, mask: torch.Tensor | None, found: tuple[Any, Any, bool]) -> _Context:
     """How ``batch``'s tensors are read: the masks the fingerprint tries, in order, on its tensors (the first that
     fits a tensor's shape is its mask): for the others, the mapping's ``attention_mask`` of 1 or 2 dimensions (its
     padding: every real token, where ``mask_fn``'s ``mask`` may select a part of them, such as the answer tokens,
-    whose rows depend on the others through attention), then ``mask`` (a floating-point ``attention_mask`` after
-    ``mask``: an additive one, 0 for the real tokens, would read the padding), and without an ``attention_mask``
-    every token of the ``input_ids`` (:func:`_every_token`); for a seq2seq mapping's ``decoder_*`` tensors, the
-    ``decoder_attention_mask``, or else where the ``labels`` are not :data:`IGNORE_INDEX` (a seq2seq collator's
+    whose rows depend on the others through attention; a floating-point one as its real tokens, :func:`_padding`: an
+    additive one's are its 0s), then ``mask``, and without an ``attention_mask`` every token of the ``input_ids``
+    (:func:`_every_token`); for a tensor ``X_input_ids``, ``X_labels`` beside ``X_attention_mask`` and
+    ``X_input_ids`` (TRL's flat ``chosen_``/``rejected_``/``prompt_`` batches, or ``_chosen`` suffixes), that mask
+    first; for a seq2seq mapping's ``decoder_*`` tensors, the
+    ``decoder_attention_mask``, or else where the ``labels`` are not negative (a seq2seq collator's
     ``decoder_input_ids`` are the labels shifted right, padded with the pad id), never the encoder's (with neither,
     they take the others' masks: the encoder's where it fits); for its integer ``labels``, the
-    ``decoder_attention_mask``, or else their own (not :data:`IGNORE_INDEX`): a seq2seq batch without
+    ``decoder_attention_mask``, or else their own (not negative: -100, or another ignore index): a seq2seq batch
+    without
     ``decoder_input_ids`` has labels as long as its inputs only by chance, and read under the encoder's mask then
     they would hash otherwise than in another batching. ``found``: the ``attention_mask`` (its padding or ``None``),
     ``input_ids`` and whether there was one, of a mapping without its own (of the nearest enclosing mapping with
     one, else of the first it encloses: a nested ``{"inputs": {...}, "labels": ...}`` batch). A mapping without a
-    mask whose ``cu_seqlens`` (:data:`_BOUNDARIES`) are 1-D integers is packed (:func:`_packing`)."""
+    mask whose ``cu_seqlens`` (:data:`_BOUNDARIES`) are 1-D integers, or whose integer ``position_ids`` have its
+    tokens' shape, is packed (:func:`_packing`)."""
     if not isinstance(batch, Mapping):
         return _Context([mask], [], [], False, None, None, None, ())
     if "attention_mask" in batch:
         own, ids, present = _padding(batch["attention_mask"]), batch.get("input_ids"), True
     else:
         own, ids, present = found
-    dec = batch.get("decoder_attention_mask")
+    dec = _padding(batch.get("decoder_attention_mask"))
     labels = _not_ignored(batch.get("labels"))
     align, aligned, real = False, None, None
-    if not (isinstance(dec, torch.Tensor) and 1 <= dec.ndim <= 2):
+    if dec is None:
         dec = labels if isinstance(batch.get("decoder_input_ids"), torch.Tensor) else None
         if dec is None and labels is not None:
-            real = _real_tokens(own)
+            real = own
             labels = _unpadded(labels, batch["labels"], real, ids)
             align = labels.ndim == 2
     mine = dec if dec is not None else labels
-    first = [mask, own] if own is not None and own.is_floating_point() else [own, mask]  # (an additive one: 0 = real)
+    first = [own, mask]  # (a float one as its real tokens: _padding)
     every = None
     if not present:
         every = _every_token(batch.get("input_ids"))
@@ -475,19 +485,27 @@ def _context(batch: Any, mask: torch.Tensor | None, found: tuple[Any, Any, bool]
         pad = real if real is not None else every
         aligned = pad if (isinstance(pad, torch.Tensor) and tuple(pad.shape) == tuple(labels.shape)
                           and pad.device == labels.device) else None
-    bounds, grid = _packing(batch) if not present else (None, ())
+    sided = tuple((pre, suf, p) for k, v in batch.items() if isinstance(k, str) and "attention_mask" in k
+                  and k not in ("attention_mask", "decoder_attention_mask")
+                  for (pre, _, suf), p in [(k.partition("attention_mask"), _padding(v))]
+                  if p is not None and pre + "input_ids" + suf in batch)  # (not a global_attention_mask)
+    docs, grid = _packing(batch) if not (present or sided) else (None, ())
     return _Context(first, [dec] if dec is not None else [], [mine] if mine is not None else [], align, aligned,
-                    every, bounds, grid)
+                    every, docs, grid, sided)
 
 
 def _real_tokens(own: Any) -> Any:
-    """The real tokens of a mapping's ``attention_mask`` ``own``: where an integer or bool one is nonzero, where a
-    floating-point one is its row's maximum (1 of a 1/0 mask, 0 of an additive one, whose padding is -inf or
-    -1e9: either convention, told apart on the device); ``own`` itself where the kernels do not take it."""
+    """The real tokens of a mapping's ``attention_mask`` ``own``: where an integer or bool one is nonzero; a
+    floating-point one with a positive entry is a 1/0 mask (real where positive), one without an additive mask (real
+    where 0, the padding -inf, ``finfo.min`` or -1e9; all 0: no padding), told apart on the device for the whole
+    tensor, so that a row of padding only (an empty document) has no real token in either (not its row's maximum);
+    ``own`` itself where the kernels do not take it."""
     if not isinstance(own, torch.Tensor):
         return own
     try:
-        return own == own.amax(-1, keepdim=True) if own.is_floating_point() else own != 0
+        if not own.is_floating_point():
+            return own != 0
+        return torch.where((own > 0).any(), own > 0, own == 0)
     except (RuntimeError, TypeError):
         return own
 
@@ -498,13 +516,14 @@ def _every_token(ids: Any) -> torch.Tensor | None:
     position by position, as those of a padded batch of the same samples with an ``attention_mask`` are (a packed
     row of one document, which the default forward runs as it is, hashes as the same document in a row of several,
     run as their padded batch)."""
-    if type(ids) is not torch.Tensor or ids.ndim != 2 or ids.layout != torch.strided or ids.device.type == "meta":
+    if (type(ids) is not torch.Tensor or ids.ndim != 2 or ids.layout != torch.strided or ids.is_nested
+            or ids.device.type == "meta"):
         return None
     return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
 
 
 def _unpadded(read: torch.Tensor, labels: torch.Tensor, own: Any, ids: Any) -> torch.Tensor:
-    """``read`` (the ``labels`` not :data:`IGNORE_INDEX`) less the padding of a causal LM's ``labels`` padded with the
+    """``read`` (the ``labels`` not negative) less the padding of a causal LM's ``labels`` padded with the
     pad id (``labels = input_ids.clone()``): where the ``attention_mask`` is 0 and the labels are the ``input_ids``.
     A seq2seq label past its inputs' padding is other than their pad id: still read."""
     try:  # (input_ids or a mask the kernels do not take, a nested one without a shape: the labels' own mask)
@@ -525,21 +544,54 @@ _BOUNDARIES = ("cu_seqlens", "cu_seqlens_q", "cu_seq_lens_q", "cu_seqlens_k", "c
 _PER_BATCH = ("max_seqlen", "max_seqlen_q", "max_seqlen_k", "max_length_q", "max_length_k", "seq_idx")
 
 
-def _packing(batch: Mapping) -> tuple[torch.Tensor | None, tuple[int, ...]]:
-    """A packed mapping's document boundaries (the first of :data:`_BOUNDARIES` that is a 1-D integer tensor of 2 or
-    more values) and the shape of its tokens (its 1-D or 2-D ``input_ids``, else ``position_ids``, ``labels``, or an
-    ``inputs_embeds``' leading shape), or ``(None, ())``: read by name (the offsets' values are not read on the
-    host)."""
-    bounds = next((b for b in (batch.get(k) for k in _BOUNDARIES) if type(b) is torch.Tensor and b.ndim == 1
-                   and b.numel() >= 2 and b.layout == torch.strided and b.dtype in _INTEGERS - {torch.bool}
-                   and b.device.type != "meta"), None)
-    if bounds is None:
+def _packing(batch: Mapping) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, tuple[int, ...]]:
+    """A packed mapping's documents and the shape of its tokens (its 1-D or 2-D ``input_ids``, else ``position_ids``,
+    ``labels``, or an ``inputs_embeds``' leading shape), or ``(None, ())``. The documents are told by the first of
+    :data:`_BOUNDARIES` that is a 1-D integer tensor of 2 or more values (flash-attention's varlen offsets), else by
+    integer ``position_ids`` of the tokens' shape (Hugging Face's rule, as ``DataCollatorWithFlattening`` makes them
+    without ``cu_seqlens``: a new document at each row's start and wherever the position does not grow by 1; a row
+    of one document, positions ``0 .. T - 1``, reads as that sample would). Read by name and on the device (the
+    offsets' values are not read on the host): each token's document slot and position in it, ``(2, N)``, and which
+    slots hold a token (:func:`_documents`)."""
+    grid = next(((t, tuple(t.shape[:t.ndim - drop])) for t, drop in ((batch.get(k), d) for k, d in (
+        ("input_ids", 0), ("position_ids", 0), ("labels", 0), ("inputs_embeds", 1)))
+        if type(t) is torch.Tensor and not t.is_nested and 1 + drop <= t.ndim <= 2 + drop and t.numel() > 0), None)
+    if grid is None or grid[0].device.type == "meta":  # (no values to read: its tensors read as they are)
         return None, ()
-    for key, drop in (("input_ids", 0), ("position_ids", 0), ("labels", 0), ("inputs_embeds", 1)):
-        t = batch.get(key)
-        if type(t) is torch.Tensor and 1 + drop <= t.ndim <= 2 + drop and t.numel() > 0:
-            return bounds, tuple(t.shape[:t.ndim - drop])
-    return None, ()
+    ref, shape = grid
+    n = 1
+    for size in shape:
+        n *= size
+    bounds = next((b for b in (batch.get(k) for k in _BOUNDARIES) if _integers(b) and b.ndim == 1 and b.numel() >= 2),
+                  None)
+    pos = batch.get("position_ids")
+    if bounds is not None:
+        cu = bounds.to(bounds.device if ref.device.type == "cpu" else ref.device, torch.long, non_blocking=True)
+        d = cu.shape[0] - 1
+        idx = torch.arange(n, device=cu.device)
+        doc = torch.searchsorted(cu, idx, right=True)  # 1 .. d inside the documents, 0 before, d + 1 after
+        at = idx - cu[(doc - 1).clamp(0, d)] + 1
+        doc = doc.masked_fill(doc > d, 0)
+        live = torch.zeros(d + 1, dtype=torch.long, device=cu.device).index_add_(0, doc, torch.ones_like(doc)) > 0
+    elif _integers(pos) and tuple(pos.shape) == shape:
+        rows = pos.reshape(-1, shape[-1]).long()
+        start = torch.ones(rows.shape, dtype=torch.bool, device=rows.device)
+        start[:, 1:] = rows[:, 1:] - rows[:, :-1] != 1
+        start = start.reshape(-1)
+        idx = torch.arange(n, device=rows.device)
+        doc = start.long().cumsum(0)  # 1 .. D
+        at = idx - torch.where(start, idx, 0).cummax(0).values + 1
+        slots = torch.arange(n + 1, device=rows.device)
+        live = (slots >= 1) & (slots <= doc[-1])  # documents 1 .. D (D on the device)
+    else:
+        return None, ()
+    return (torch.stack([doc, at]), live), shape
+
+
+def _integers(t: Any) -> bool:
+    """Whether ``t`` is a plain strided integer tensor (not bool, nested or on the meta device)."""
+    return (type(t) is torch.Tensor and t.layout == torch.strided and not t.is_nested
+            and t.dtype in _INTEGERS - {torch.bool} and t.device.type != "meta")
 
 
 def _enclosed(batch: Any) -> tuple[Any, Any, bool] | None:
@@ -576,7 +628,10 @@ def _contexts(batch: Any, mask: torch.Tensor | None) -> dict[tuple, _Context]:
                 found = (_padding(node["attention_mask"]), node.get("input_ids"), True)
             elif not found[2]:
                 found = _enclosed(node) or none
-            out[at] = _context(node, mask, found)
+            try:
+                out[at] = _context(node, mask, found)
+            except _UNREAD:  # a mask or inputs the kernels do not take (a nested one): its tensors read as they are
+                out[at] = _context(None, mask, none)
             for k, v in node.items():
                 visit(v, at + (k,), found)
         elif type(node) in (list, tuple):
@@ -650,15 +705,17 @@ def _leaf(t: torch.Tensor, key: Any, ctx: _Context, named: bool, mapping: bool) 
     * a non-bool 3-D ``(M, T, T)`` tensor not under a key naming a mask: at its real query x key entries (a float
       attention mask of a tuple batch), or by position (an ``(M, T, d)`` embedding of ``d == T``).
 
-    In a packed mapping (``ctx.bounds``) a tensor of its tokens' shape is read by document (:func:`_documents`), and
+    In a packed mapping (``ctx.docs``) a tensor of its tokens' shape is read by document (:func:`_documents`), and
     the boundaries and per-batch values (:data:`_BOUNDARIES`, :data:`_PER_BATCH`) are not read."""
-    if ctx.bounds is not None:
+    if ctx.docs is not None:
         if key in _BOUNDARIES or key in _PER_BATCH:
             return [None]
         if t.ndim >= len(ctx.grid) and tuple(t.shape[:len(ctx.grid)]) == ctx.grid:
-            return [_attempt(_documents, t, ctx.bounds, ctx.grid)]
-    mine = ctx.labels if ctx.labels and key == "labels" else ctx.decoder \
-        if ctx.decoder and isinstance(key, str) and key.startswith("decoder_") else ctx.masks
+            return [_attempt(_documents, t, ctx.docs, ctx.grid, labels=key == "labels")]
+    side = next((p for pre, suf, p in ctx.sided if isinstance(key, str) and key.startswith(pre) and key.endswith(suf)),
+                None)  # under a flat mapping's chosen_attention_mask (its chosen_input_ids, chosen_labels)
+    mine = [side, *ctx.masks] if side is not None else ctx.labels if ctx.labels and key == "labels" else \
+        ctx.decoder if ctx.decoder and isinstance(key, str) and key.startswith("decoder_") else ctx.masks
     pairs = not mapping or named
 
     def fit(x: torch.Tensor) -> tuple[Any, str | None]:
@@ -727,7 +784,13 @@ def _readings(batch: Any, mask: torch.Tensor | None = None) -> list[tuple[str, l
                 salt = _salt(place)
                 out.append((place, [None if h is None else h * salt % _P for h in found]))
         for at, ctx in contexts.items():
-            if isinstance(ctx.every, torch.Tensor) and ctx.bounds is None:  # read as the attention_mask of 1s it
+            if ctx.docs is not None:  # packed: its all-True mask by document (a row of one reads as unpacked)
+                place = "".join(f"[{k!r}]" for k in at) + "['attention_mask']"
+                h = _attempt(_documents, torch.ones(ctx.grid, dtype=torch.bool, device=ctx.docs[0].device), ctx.docs,
+                             ctx.grid)
+                if h is not None:
+                    out.append((place, [h * _salt(place) % _P]))
+            elif isinstance(ctx.every, torch.Tensor):  # read as the attention_mask of 1s it
                 place = "".join(f"[{k!r}]" for k in at) + "['attention_mask']"  # stands for (None: 0 rows)
                 h = _attempt(tensor_fingerprint, ctx.every, ctx.every)
                 if h is not None:
@@ -751,7 +814,8 @@ def batch_fingerprint(batch: Any, mask: torch.Tensor | None = None) -> list[torc
     ``(M, T)`` mask (a ``(1, T)`` or ``(T,)`` ``position_ids``) is read as each sample's (:func:`_shared`); a 0-dim
     one (a per-batch count) is not read: either would make a re-batched pool hash otherwise. In a mapping, only a
     tensor under a key naming a mask or a bias (:data:`_PAIR_NAMES`) is read as a 4-D attention mask. A packed
-    mapping (``cu_seqlens``) is read by document (:func:`_documents`). A tensor whose kernels fail is not read. Of
+    mapping (``cu_seqlens``, or ``position_ids`` restarts) is read by document (:func:`_documents`). A tensor whose
+    kernels fail, or a mapping whose mask does (a nested one), is read as if without it, never raising. Of
     a tensor's candidate readings (:func:`_leaf`), the first this batch has."""
     return [next(h for h in found if h is not None) for _, found in _readings(batch, mask)]
 
@@ -774,7 +838,7 @@ class PoolFingerprint:
         for place, found in _readings(batch, mask):
             for i, h in enumerate(found):
                 key = (place, len(found), i)
-                if h is None:
+                if h is None or h.device.type == "meta":  # (nothing to read back: never a failed value())
                     self._missed.add(key)
                     continue
                 sums = self._sums.setdefault(key, {})
