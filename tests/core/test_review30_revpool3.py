@@ -20,7 +20,8 @@ import torch
 from core.test_review29_poolfp2 import CHANGED, PAD, _collate, _docs, _Kw
 from core.test_review30_poolfp3 import GROUPS, _check, _fp
 
-from spectral_lens._pools import PoolFingerprint, attention_mask
+from spectral_lens._pools import attention_mask
+from spectral_lens._fingerprint import PoolFingerprint
 
 
 def _real(batch):
