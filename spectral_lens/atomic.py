@@ -11,13 +11,19 @@ process can leave a ``.*.tmp`` file behind; :class:`~spectral_lens.records.RunWr
 resume). The temporary file's name is the target's, cut to fit the file system's limit on names
 (255 bytes; 143 on eCryptfs, asked with ``pathconf`` only when a name is refused as too long).
 
+A device or FIFO at ``path`` (``/dev/null``; ``/dev/stdout`` on a pipe) is written in place, as ``open(path,
+"wb")`` does (a FIFO waits for its reader), not replaced by a regular file (before, as root, ``/dev/null``
+itself was); it has no old content to keep, and is not fsynced.
+
 Like ``open(path, "w")``, a write to a symlink writes the file it points to (the end of the chain; a
 dangling link's target is created) and leaves the link in place: the temporary file goes in the
 target's directory, so the rename stays atomic. A file this process may not open for writing (made
 read-only, ``chmod a-w``; another user's file in a directory everyone may write) is refused with ``open``'s
 ``PermissionError``, not replaced (the probe, an ``open`` without truncation, is skipped for the caller's
 own file whose mode lets it write; any other error of it is left to the rename). An overwrite
-keeps the old file's permission bits; a
+keeps the old file's permission bits, set on the temporary file before its content is written (a private
+file's new content is never readable by others, even in a temporary file a killed write leaves; set-user/group-ID
+bits, which the write of an unprivileged process clears, are set again after it); a
 new file gets ``open``'s (``0o666`` less the umask). Owner, group, ACLs and extended attributes are
 those of the new file (the writing process's), as with any rename-based write.
 """
@@ -143,6 +149,9 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
     file; only durability across a power loss is traded for speed). Returns ``path``.
     """
     path = Path(path)
+    if _is_special(path):  # a device or FIFO (/dev/null, /dev/stdout piped): replaced by the rename before
+        _write_in_place(path, write)
+        return path
     target = _write_target(path)
     old = _old_stat(target)
     mode = None if old is None else stat.S_IMODE(old.st_mode)
@@ -160,10 +169,12 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
             fh = open(tmp, "wb")  # noqa: SIM115 - entered below
         with fh:
             created = True
+            if mode is not None:  # before the content: a private file's was readable by all while written
+                os.chmod(tmp, mode)  # (and in the temporary file a killed write left); the descriptor still writes
             write(fh)
             fh.flush()
-            if mode is not None:
-                os.chmod(tmp, mode)
+            if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):  # a write by a process without CAP_FSETID
+                os.chmod(tmp, mode)  # clears the set-user/group-ID bits: set again
             if fsync:
                 os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -184,6 +195,30 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
     if fsync:
         fsync_dir(target.parent)
     return path
+
+
+def _is_special(path: Path) -> bool:
+    """Whether ``path`` (symbolic links followed) is an existing file that is neither a regular file nor a
+    directory: a character or block device, a FIFO, a socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # none (created by the atomic write), a loop, an unencodable name: its errors
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _write_in_place(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """``write(fh)`` on ``path`` opened as ``open(path, "wb")`` does, for a device or FIFO: a rename would
+    replace it with a regular file (as root, ``/dev/null`` itself), and it holds no old content to keep. An
+    ``OSError`` names ``path``; no fsync (a pipe refuses it)."""
+    try:
+        with open(path, "wb") as fh:
+            write(fh)
+    except OSError as exc:
+        named = named_os_error(exc, path)
+        if named is not exc:
+            raise named from exc
+        raise
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, fsync: bool = True) -> Path:

@@ -6,9 +6,9 @@ the whole pool) and the gradient protocol (per-sample gradient spectra of the ch
 appends one measurement to a run record when a :class:`~spectral_lens.records.RunWriter` is given.
 
 :class:`~spectral_lens.schedule.Schedule` (when to measure) is in ``schedule``; the layer-stack defaults
-(``_blocks``) and the default mask and pool checks (``_pools``) are in private modules; all are importable
-from here. The ranks' agreement under ``torch.distributed`` (on failures, layers, pool lengths, and rank
-0's values) is in the private module ``_agree``; the gradient protocol's batches (the gradient pool cut to
+(``_blocks``), the default mask and pool checks (``_pools``) and the pool's content fingerprint
+(``_fingerprint``) are in private modules; all are importable from here. The ranks' agreement under
+``torch.distributed`` (on failures, layers, pool lengths, and rank 0's values) is in the private module ``_agree``; the gradient protocol's batches (the gradient pool cut to
 ``gradient_samples``, and the ranks' agreement on each batch where every rank runs the protocol) in ``_gradient_pool``.
 """
 
@@ -30,8 +30,8 @@ from ._agree import (agree, agree_before_pass, agree_round, agree_settings, agre
 from ._args import AUTOCAST_WHY, NARROW_FLOATS, as_integer, check_callable, check_count, check_dtype, check_window
 from ._gradient_pool import agreed_batches, gradient_batches, gradient_total
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
-from ._pools import (PoolFingerprint, attention_mask, reshuffled, sample_dataset, sharded_pool, single_sample_hint,
-                     unfixed_pool)
+from ._fingerprint import PoolFingerprint
+from ._pools import attention_mask, reshuffled, sample_dataset, sharded_pool, single_sample_hint, unfixed_pool
 from ._progress import progress_bar, sized_total
 from ._sync import deferred_interrupt
 from ._tensor_parallel import PeerRounds, check_replicated, check_same_forwards, gradient_layout, one_replica, probe_settings
@@ -160,7 +160,7 @@ class SpectralLens:
             it would be empty from the second pass on, and so is a tuple of tensors (``(x, y)`` is one batch: pass
             ``[(x, y)]``), and so is a map-style ``Dataset`` (its items are single samples: wrap it in a
             ``DataLoader``); a pool whose content changes between measurements at the same row counts is warned
-            once (a content fingerprint, :class:`~spectral_lens._pools.PoolFingerprint`); a ``DataLoader`` whose passes differ in content
+            once (a content fingerprint, :class:`~spectral_lens._fingerprint.PoolFingerprint`); a ``DataLoader`` whose passes differ in content
             (shuffled and cut by ``gradient_samples``, sampled with replacement, a random part of the data
             drawn by ``num_samples``, or shuffled with ``drop_last``) with a ``ValueError`` (:func:`unfixed_pool`), and so is one rank's shard (a
             ``DataLoader`` over a ``DistributedSampler``): every rank passes the same whole pool, not shuffled
@@ -572,7 +572,7 @@ class SpectralLens:
         """Once per lens: a warning when the pool changed since the last measurement (a fixed pool gives the same
         rows at every checkpoint: a pool whose size changes, a streaming or randomly sampled one, measures other
         rows): a spectrum's row count differs, or else the content fingerprint of the batches this rank read
-        (:class:`~spectral_lens._pools.PoolFingerprint` of the pool, and of a ``gradient_pool`` of its own) does.
+        (:class:`~spectral_lens._fingerprint.PoolFingerprint` of the pool, and of a ``gradient_pool`` of its own) does.
         Under ``torch.distributed`` each rank compares its own share (no collective). Both messages start with
         ``"SpectralLens: the pool changed"``, the filter that silences them."""
         rows = {name: int(s.n_rows) for name, s in spectra.items()}
@@ -1062,7 +1062,8 @@ class SpectralLens:
         local work (its forwards, rank 0's gradient protocol, an out-of-memory) is agreed before the
         next collective: that rank raises its own exception and every other rank a ``RuntimeError``
         naming it, at once and with the process group still usable. So is a failure of rank 0's record
-        write (``writer.log_measurement``, a full disk), after the gradient broadcast. Before any pass the ranks
+        write (``writer.log_measurement``, a full disk), after the gradient broadcast (where the group holds one rank
+        of each tensor-parallel mesh, with the mesh peers too: one ``all_reduce`` more). Before any pass the ranks
         agree on the arguments and on the lens's ``precision``, ``mask_fn``, ``pick``, ``autocast_dtype`` and
         whether it has a gradient protocol (one ``all_reduce``): a bad argument on one rank stops every rank
         there, and settings that differ are a ``ValueError`` on every rank naming them.
@@ -1120,8 +1121,28 @@ class SpectralLens:
                                             **done)
         except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
             error = exc
-        agree(self.group, error, "summarizing or writing the run record (rank 0 writes it)", self.model)
+        what = "summarizing or writing the run record (rank 0 writes it)"
+        peers = self._mesh_peers()
+        if peers is not None:
+            # this rank's tensor-parallel mesh peers first, outside the group: one round (before, a failed write on
+            # rank 0 was agreed over its group only; its mesh peers returned the measurement and waited in the next
+            # forward until the process-group timeout)
+            try:
+                agree_round(peers, 0, 0, error, what, self.model, quote=True)
+            except BaseException as exc:  # this rank's error (raised as agreed), or a peer's: agreed below too
+                error = exc
+        agree(self.group, error, what, self.model)
         return m
+
+    def _mesh_peers(self):
+        """The process group of this rank's tensor-parallel mesh peers where the lens's group holds one rank of
+        each mesh (each rank's own group, a data-parallel group: :func:`one_replica`), whose agreements do not
+        reach them; else ``None`` (a plain model, one replica, a single process: no collective more)."""
+        try:
+            tp = one_replica(self.model, self.group)
+        except ValueError:  # a group mixing a mesh's ranks with others: refused before the passes, on every rank
+            return None
+        return None if tp is None or tp[0] else tp[1]
 
     def maybe_measure(self, step: int, tokens: int, **kwargs) -> LensMeasurement | None:
         """``measure`` if ``step`` is in the schedule, else ``None``."""

@@ -287,6 +287,22 @@ def _checked_losses(losses: Any, n: int) -> torch.Tensor:
     return losses
 
 
+def _mixes_rows(even: torch.Tensor | None, full: torch.Tensor | None) -> bool:
+    """Whether an output's rows of dimension 0 are not the chunk's samples in order, from its gradient of the
+    even samples' losses (``even``) and of all of them (``full``), by exact zeros alone (no tolerance): an
+    even sample's loss reaches an odd row (a row per position, or a token of an even sample on an odd row),
+    or an even row that no even sample's loss reaches has a gradient all the same (a token of an odd sample
+    on an even row: tokens of odd samples alone, gathered across the samples, k == n, passed the first test)."""
+    if even is None or even.ndim == 0:  # no gradient; no rows (the shape check refuses a 0-dim output)
+        return False
+    odd = even[1::2].ne(0).any()
+    if full is None:
+        return bool(odd)
+    k = (even.shape[0] + 1) // 2
+    e, f = even[::2].reshape(k, -1), full[::2].reshape(k, -1)
+    return bool(odd | (f.ne(0).any(1) & ~e.ne(0).any(1)).any())  # one host sync, as the first test alone
+
+
 def fast_engine(
     model: nn.Module,
     sites: dict[str, tuple[nn.Module, str]],
@@ -319,8 +335,9 @@ def fast_engine(
     input holds ``n`` in dimension 0 and is 2-D or holds ``n`` also in dimension 1 or the batch beyond
     its dimension 0 (a sequence-first layout or a position table ``(T, d)`` the samples share with
     ``T == n``, ``n`` tokens gathered across samples: they pass the shape check), one more backward, of
-    the even samples' losses, tells them apart: a gradient on an odd row of dimension 0 sends the
-    module to the generic engine. A module
+    the even samples' losses at the main backward's loss scale, tells them apart: a gradient on an odd
+    row of dimension 0, or an even row that only the odd samples' losses reach (:func:`_mixes_rows`),
+    sends the module to the generic engine. A module
     called several times gets the sum over calls. Raises :class:`NoGradientPathError` when a probed
     module's output does not reach the loss.
     """
@@ -373,16 +390,12 @@ def fast_engine(
             # (T, 1, d) projected once and broadcast over the batch) with T == n, n tokens gathered across the
             # samples (a mixture-of-experts layer's (k, d) with k == n). Where dimension 0 holds n and so does
             # dimension 1 or the batch beyond its dimension 0 (the sequence length), or the input is 2-D (a
-            # per-sample one, (n, d), is a pooled or last-token head: little graph above it), the even samples'
-            # losses must not reach the odd rows of dimension 0
+            # per-sample one, (n, d), is a pooled or last-token head: little graph above it), one more backward,
+            # of the even samples' losses, after the main one (at its loss scale), checks the rows (_mixes_rows)
             sizes = {s for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) for s in t.shape[1:]}
             both = [y for k in calls for x, _, y in calls[k] if n > 1 and x.ndim >= 1 and x.shape[0] == n
                     and (x.ndim <= 2 or x.shape[1] == n or n in sizes)]
-            mixed = set()
-            if both and losses.requires_grad:
-                with _reentrant_below(sites):
-                    odd = torch.autograd.grad(losses[::2].sum(), both, retain_graph=True, allow_unused=True)
-                mixed = {id(y) for y, g in zip(both, odd) if g is not None and bool(g[1::2].ne(0).any())}
+            check = bool(both) and losses.requires_grad
             # float16 output gradients, or float32 ones of modules inside a float16 model (PEFT's float32 LoRA
             # factors on a float16 base): loss-scaled (the graph kept for another try); others: one plain pass
             half_ys = _half(ys)
@@ -394,11 +407,20 @@ def fast_engine(
                     if not losses.requires_grad:
                         return [None] * (len(ys) + len(probed))
                     seed = losses.new_full(losses.shape, s)
-                    return list(torch.autograd.grad(losses, ys + probed, seed, retain_graph=half, allow_unused=True))
+                    return list(torch.autograd.grad(losses, ys + probed, seed, retain_graph=half or check,
+                                                    allow_unused=True))
 
             got, scale = scaled_backward(grads_at, lambda gs: (_half_of if half_ys else _present)(gs[: len(ys)]),
                                          (loss_scale or LossScale()) if half else None,
                                          _HALF_SEED_TOP if losses.dtype == torch.float16 else 2.0 ** _SCALE_MAX_EXP)
+            mixed = set()
+            if check:
+                with _reentrant_below(sites), silenced_tensor_hooks(probed):
+                    seed = losses.new_zeros(losses.shape)
+                    seed[::2] = scale  # the main pass's loss scale: a float16 gradient unscaled underflows to 0
+                    even = torch.autograd.grad(losses, both, seed, allow_unused=True)
+                full = dict(zip(map(id, ys), got))
+                mixed = {id(y) for y, g in zip(both, even) if _mixes_rows(g, full[id(y)])}
             dys, elsewhere = got[: len(ys)], {id(p) for p, g in zip(probed, got[len(ys) :]) if g is not None}
     finally:
         for h in handles:

@@ -9,7 +9,7 @@ import warnings
 import weakref
 from typing import Any, Iterable, Protocol
 
-from .._agree import agree, from_rank0, global_rank, out_of_step, peers_any, peers_max, ranks
+from .._agree import agree, from_rank0, global_rank, out_of_step, peers_max, ranks
 from .._warnings import NonFiniteError, SpectralLensWarning
 from ..attachment import Attachment
 from ..lens import LensMeasurement, SpectralLens
@@ -156,7 +156,7 @@ class LensDriver:
         holds a validation loss at ``step`` (in the measurement or a ``val_loss`` event), that loss
         stands: an evaluation at ``step`` after the resume appends none, so the step keeps one loss.
         Under tensor parallelism with a group holding one rank of each mesh, both (and a failure of rank 0's
-        writer here) are agreed with the mesh peers too (:func:`~spectral_lens._agree.peers_any`)."""
+        writer here) are agreed with the mesh peers too (:meth:`_with_mesh_peers`)."""
         step = int(step)
         lens = self.lens
         lens.history[:] = [m for m in lens.history if m.step <= step]
@@ -433,23 +433,31 @@ class LensDriver:
         rank raises (the tensor-parallel mesh peers too, where the group holds one rank of each mesh). A measurement that finds non-finite hidden states or gradients (a diverged run) is
         skipped with a warning on every rank (``{}``): measuring does not end the training; so is one whose run
         record rank 0 closed already (agreed with the tensor-parallel mesh peers too, where the group holds one
-        rank of each mesh: :func:`~spectral_lens._agree.peers_any`)."""
+        rank of each mesh, with a failure of that decision, an interrupt included: :meth:`_with_mesh_peers`). Rank 0's
+        record write inside ``SpectralLens.measure`` is agreed with them by the lens itself."""
         writer = self.lens.writer
-        closed = from_rank0(self.lens.group, writer is not None and bool(getattr(writer, "closed", False)),
-                            self.lens.model)
-        # and the tensor-parallel mesh peers where the group holds one rank of each mesh (a data-parallel group):
-        # rank 0's peers are in other groups, whose rank 0 has no writer; before, they measured and waited in the
-        # peers' check of the measurement until the process-group timeout (one all-reduce more; none otherwise)
-        (closed,) = peers_any(self.lens.model, self.lens.group, (closed,))
-        if closed:
-            # the user closed the run record after train()/fit() (the guides do), then evaluated again:
-            # nothing to record into; every rank skips alike (the writer lives on rank 0 only)
-            warnings.warn(f"spectral-lens: the lens's RunWriter ({getattr(writer, 'path', 'rank 0')}) is closed, so the "
-                          f"measurement due at step {step} is skipped; close the writer after the last evaluation "
-                          "to record it", SpectralLensWarning, stacklevel=3)
-            self._pending_warnings.clear()  # about what this measurement would have recorded
-            return {}
         try:
+            error, closed = None, False
+            try:
+                closed = from_rank0(self.lens.group, writer is not None and bool(getattr(writer, "closed", False)),
+                                    self.lens.model)
+            except BaseException as exc:  # noqa: BLE001 - an interrupt too (Ctrl-C as the broadcast returns): told
+                error = exc                 # to the mesh peers below, then re-raised
+            # and the tensor-parallel mesh peers where the group holds one rank of each mesh (a data-parallel group):
+            # rank 0's peers are in other groups, whose rank 0 has no writer; before, they measured and waited in the
+            # peers' check of the measurement until the process-group timeout (one all-reduce more; none otherwise).
+            # A failure above is agreed in the same all-reduce (before, an interrupted rank left its peers waiting in
+            # it until the timeout)
+            (closed,) = self._with_mesh_peers(error, "deciding whether rank 0's run record is closed",
+                                              (int(bool(closed)),))
+            if closed:
+                # the user closed the run record after train()/fit() (the guides do), then evaluated again:
+                # nothing to record into; every rank skips alike (the writer lives on rank 0 only)
+                warnings.warn(f"spectral-lens: the lens's RunWriter ({getattr(writer, 'path', 'rank 0')}) is closed, so "
+                              f"the measurement due at step {step} is skipped; close the writer after the last "
+                              "evaluation to record it", SpectralLensWarning, stacklevel=3)
+                self._pending_warnings.clear()  # about what this measurement would have recorded
+                return {}
             try:
                 m = self.lens.measure(step, tokens, val_loss=val_loss)
             except NonFiniteError as exc:  # on every rank alike (agreed by the lens)

@@ -33,10 +33,19 @@ from .schema import (
 SKIP_HINT = "open with errors='skip' to skip it"
 
 
+def _check_regular(path: Path) -> None:
+    """``RecordFormatError`` naming ``path`` when it exists (symbolic links followed) and is not a regular file:
+    reading a FIFO waited for good for a writer, a device (a link to ``/dev/zero``) was read without end."""
+    if path.exists() and not path.is_file():
+        raise RecordFormatError(f"{path}: not a regular file (a directory, FIFO, socket or device), expected a "
+                                "JSON Lines file of the run record")
+
+
 def _read_jsonl(path: Path, errors: str) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) of every complete, valid line; see the module docstring for the rules."""
     if not path.exists():
         return []
+    _check_regular(path)
     data = path.read_bytes()
     if not data:
         return []

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 from ..atomic import write_json_atomic
 from .._warnings import InsufficientRowsWarning, SpectralLensWarning, SpectrumFormatError
@@ -332,9 +333,9 @@ def _json_default(obj):
         return int(obj)
     if isinstance(obj, (np.floating,)):
         return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if hasattr(obj, "item") and callable(obj.item):  # 0-d torch tensors
+    if isinstance(obj, (np.ndarray, torch.Tensor)):  # a tensor of several values as an array (.item() raised a
+        return obj.detach().tolist() if isinstance(obj, torch.Tensor) else obj.tolist()  # bare RuntimeError)
+    if hasattr(obj, "item") and callable(obj.item):  # other 0-d scalars
         return obj.item()
     raise TypeError(f"value of type {type(obj).__name__} is not JSON-serializable")
 

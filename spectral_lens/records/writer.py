@@ -38,7 +38,7 @@ from ._status import (  # the status lifecycle (see _status)
 # imported from here by the analyses, the CLI and tests:
 from ._status import _ENDED, FAILED, FAILURE_AFTER_END, FAILURE_HISTORY, failure_history_lines  # noqa: F401
 from ._scan import _int_step, _is_val_loss, _json_object, _Scan, _scan_file  # the incremental reader
-from .reader import RunRecord, _event_problem, _is_record_line
+from .reader import RunRecord, _check_regular, _event_problem, _is_record_line
 from .schema import (
     LOG_FILE,
     MEASUREMENTS_FILE,
@@ -51,6 +51,7 @@ from .schema import (
     RecordWarning,
     RunInfo,
     _is_count,
+    _is_number,
     _json_line,
     _safe_name,
     _write_json_atomic,
@@ -154,6 +155,9 @@ class RunWriter:
         marked = False  # a resumed run marked failed, or failure_after_end (by __exit__)
         stale = None  # the entry of an earlier writer's "running" it never settled (killed)
         existing = run_file.exists()  # resumed: a "running" there is no writer's (see below)
+        if resume:  # read below (a FIFO waited for good): refused before anything is written
+            for name in (LOG_FILE, MEASUREMENTS_FILE):
+                _check_regular(self.path / name)
         if existing:
             if not resume:
                 raise FileExistsError(
@@ -236,32 +240,37 @@ class RunWriter:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             self._fix_last_line(path, fd)
-        except BaseException:  # an I/O error, or the warning below raised as an error: no descriptor left open
+        except BaseException as exc:  # an I/O error, or the warning raised as an error: no descriptor left open
             os.close(fd)
+            if isinstance(exc, OSError):  # the read, cut or newline failing (EIO) named no file
+                named = named_os_error(exc, path)
+                if named is not exc:
+                    raise named from exc
             raise
         return fd
 
     @staticmethod
     def _fix_last_line(path: Path, fd: int) -> None:
+        """End the last line of the JSONL file open on ``fd``: a complete line that only lacks its newline
+        (another tool's) gets it; a partial one (a crash mid-write) is cut off with a :class:`RecordWarning`,
+        so that the next line does not glue onto it. The last newline is searched backwards a MiB at a time,
+        so a line of any length is handled (before, one longer than 1 MiB refused the resume with a
+        ``RecordFormatError``: a crash while a writer appended its own long line left a run no writer could
+        resume); the line is read whole only when it ends with ``}`` (it may be complete)."""
         size = os.fstat(fd).st_size
-        if size:
-            # cut off a partial last line left by a crash, so the next line does not glue onto it
-            os.lseek(fd, max(0, size - (1 << 20)), os.SEEK_SET)  # O_APPEND writes still go to the end
-            tail = os.read(fd, min(size, 1 << 20))
-            if not tail.endswith(b"\n") and _is_record_line(tail[tail.rfind(b"\n") + 1 :]):
-                # a complete line that only lacks its newline (e.g. written by another tool): keep it
-                os.write(fd, b"\n")
-            elif not tail.endswith(b"\n"):
-                cut = tail.rfind(b"\n")
-                keep = size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= len(tail) else None)
-                if keep is None:
-                    raise RecordFormatError(f"{path}: last line longer than 1 MiB without a newline")
-                warnings.warn(
-                    f"{path}: dropping a truncated last line ({size - keep} bytes) before appending",
-                    RecordWarning,
-                    stacklevel=4,  # the same frame as before the body moved here (RunWriter.__init__)
-                )
-                os.ftruncate(fd, keep)
+        if not size or _read_at(fd, 1, size - 1) == b"\n":
+            return
+        start = _last_line_start(fd, size)
+        tail = _read_at(fd, min(size - start, _CHUNK), size - min(size - start, _CHUNK))
+        if tail.rstrip().endswith(b"}") and _is_record_line(_read_at(fd, size - start, start)):
+            os.write(fd, b"\n")  # a complete line that only lacks its newline (e.g. written by another tool): kept
+            return
+        warnings.warn(
+            f"{path}: dropping a truncated last line ({size - start} bytes) before appending",
+            RecordWarning,
+            stacklevel=4,  # the same frame as before the body moved here (RunWriter.__init__)
+        )
+        os.ftruncate(fd, start)
 
     def _clean_orphans(self) -> None:
         """On resume: remove temporary files and spectrum files no measurement line refers to, both
@@ -341,6 +350,9 @@ class RunWriter:
                 isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype != torch.bool and not v.is_complex())
             if v is not None and (isinstance(v, bool) or not number):
                 raise TypeError(f"RunWriter.log: {key} must be a number or None, got {v!r}")
+            if isinstance(v, numbers.Integral) and not _is_number(int(v)):  # written, the reader refused the line
+                raise ValueError(f"RunWriter.log: {key} is an integer beyond the float range ({_digits(v)} digits), "
+                                 "which the reader refuses")
         event = {"step": _count_arg(step, "log", "step"), "tokens": _count_arg(tokens, "log", "tokens")}
         event.update(scalars)
         event.setdefault("time", time.time())
@@ -505,7 +517,8 @@ class RunWriter:
         Each JSONL file is rewritten atomically (temporary file, fsync, rename), and the spectrum
         files are removed only after ``measurements.jsonl`` no longer refers to them, so a crash at
         any point leaves a readable record; calling ``drop_after`` again completes the job (spectrum
-        files left behind are also removed by the next ``RunWriter(resume=True)``). Lines without a
+        files left behind are also removed by the next ``RunWriter(resume=True)``). A spectrum file that cannot be
+        removed (``EACCES``) is a :class:`RecordWarning` naming it, and the others are still removed. Lines without a
         numeric ``step`` are kept; while ``measurements.jsonl`` has a line that is not a JSON object,
         no spectrum file is removed (that line's references are unknown). A partial last line (another
         program's, mid-write) of a file rewritten is cut off with a :class:`RecordWarning`, as on resume;
@@ -567,11 +580,18 @@ class RunWriter:
             self._before[name] = os.fstat(self._fds[name]).st_size
         if not unknown:
             spectra = self.path / SPECTRA_DIR
+            failed = []
             for file_name in sorted(dropped_files - kept_files):
                 try:
                     (spectra / file_name).unlink()
                 except FileNotFoundError:
                     pass
+                except OSError as exc:  # the lines are rewritten: a leftover the next resume removes, not an
+                    failed.append(f"{spectra / file_name} ({exc.strerror or exc})")  # error (it lost the rest)
+            if failed:
+                warnings.warn(f"{self.path}: drop_after({step}) could not remove {len(failed)} spectrum file(s) no "
+                              f"line refers to any more: {'; '.join(failed[:3])}{'; ...' if len(failed) > 3 else ''}; "
+                              "the next RunWriter(resume=True) removes them", RecordWarning, stacklevel=2)
             if dropped_files and self.fsync:
                 _fsync_dir(spectra)
         return n_dropped
@@ -782,23 +802,31 @@ class RunWriter:
 
     def _record_end(self) -> tuple[int | None, int | None]:
         """``(step, tokens)`` of the record's last line with integer ``step`` and ``tokens`` in
-        ``log.jsonl`` or ``measurements.jsonl`` (the one with more tokens; only the last MiB of each file
-        is read), ``(None, None)`` when neither has one: where a failed run stopped, read on resume."""
+        ``log.jsonl`` or ``measurements.jsonl`` (the one with more tokens), ``(None, None)`` when neither has
+        one: where a failed run stopped, read on resume. Each file's lines are read backwards, each whole,
+        until one has them or a MiB of lines was passed over (before, only the last MiB was read, and a line
+        it cut was skipped: a last line over 1 MiB read as no end)."""
         best: tuple[int | None, int | None] = (None, None)
         for name in (LOG_FILE, MEASUREMENTS_FILE):
             try:
-                with open(self.path / name, "rb") as fh:
-                    size = fh.seek(0, os.SEEK_END)
-                    fh.seek(max(0, size - (1 << 20)))
-                    lines = fh.read().split(b"\n")
+                fd = os.open(self.path / name, os.O_RDONLY)
             except OSError:
                 continue
-            for raw in reversed(lines[1:] if size > 1 << 20 else lines):  # the first may be cut by the seek
-                obj = _json_object(raw)
-                if obj is not None and _is_count(obj.get("step")) and _is_count(obj.get("tokens")):
-                    if best[1] is None or obj["tokens"] > best[1]:
-                        best = (obj["step"], obj["tokens"])
-                    break
+            try:
+                passed = 0
+                for raw in _lines_backward(fd, os.fstat(fd).st_size):
+                    obj = _json_object(raw)
+                    if obj is not None and _is_count(obj.get("step")) and _is_count(obj.get("tokens")):
+                        if best[1] is None or obj["tokens"] > best[1]:
+                            best = (obj["step"], obj["tokens"])
+                        break
+                    passed += len(raw) + 1
+                    if passed > _CHUNK:
+                        break
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
         return best
 
     def _ended_before(self, header: Mapping[str, Any]) -> bool:
@@ -876,6 +904,51 @@ def _lock_run_dir(path: Path) -> int | None:
 _NUMERIC_EVENT_KEYS = ("val_loss", "train_loss", "tokens_per_s")
 
 
+#: The bytes :func:`_last_line_start` and :func:`_lines_backward` read at a time; also how many bytes of lines
+#: :meth:`RunWriter._record_end` passes over at most.
+_CHUNK = 1 << 20
+
+
+def _last_line_start(fd: int, size: int) -> int:
+    """The offset just after the last newline within the first ``size`` bytes of the file open on ``fd`` (0:
+    none), searched backwards :data:`_CHUNK` bytes at a time (bounded memory for a line of any length)."""
+    end = size
+    while end > 0:
+        begin = max(0, end - _CHUNK)
+        i = _read_at(fd, end - begin, begin).rfind(b"\n")
+        if i >= 0:
+            return begin + i + 1
+        end = begin
+    return 0
+
+
+def _lines_backward(fd: int, size: int) -> Iterator[bytes]:
+    """The lines (without newline) within the first ``size`` bytes of the file open on ``fd``, last first: what
+    follows the last newline (``b""`` when the file ends with one), then each line before it. Read
+    :data:`_CHUNK` bytes at a time; a line is held whole, however long (one longer than a chunk too)."""
+    end, rest = size, b""
+    while end > 0:
+        begin = max(0, end - _CHUNK)
+        parts = (_read_at(fd, end - begin, begin) + rest).split(b"\n")
+        end, rest = begin, parts[0]  # the first may go on before this chunk
+        yield from reversed(parts[1:])
+    yield rest
+
+
+def _read_at(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` of the file open on ``fd`` (fewer at its end), read until done. ``lseek`` and
+    ``read``, not ``pread`` (Windows has none); the writes of an ``O_APPEND`` descriptor still go to the end."""
+    os.lseek(fd, offset, os.SEEK_SET)
+    parts, read = [], 0
+    while read < n:
+        part = os.read(fd, n - read)
+        if not part:
+            break
+        parts.append(part)
+        read += len(part)
+    return b"".join(parts)
+
+
 def _lines_held(file: Path, size: int) -> Iterator[bytes]:
     """The lines of ``file`` (newline kept) within its first ``size`` bytes, read one at a time (bounded
     memory): what it held when the writer opened it (``RunWriter._before``), not the lines appended since.
@@ -896,9 +969,14 @@ def _count_arg(value: Any, method: str, what: str) -> int:
     if isinstance(value, (str, bytes, bool)):
         raise TypeError(f"RunWriter.{method}: {what} must be an integer, got {repr(value)[:80]}")
     try:
-        return operator.index(value)
+        n = operator.index(value)
     except TypeError:
         pass
+    else:  # the reader refuses an integer a float cannot hold (it refused the whole record by default)
+        if not _is_number(n):
+            raise ValueError(f"RunWriter.{method}: {what} is an integer beyond the float range ({_digits(n)} "
+                             "digits), which the reader refuses")
+        return n
     try:
         number = float(value)
     except (TypeError, ValueError, OverflowError):
@@ -906,6 +984,12 @@ def _count_arg(value: Any, method: str, what: str) -> int:
     if not number.is_integer():
         raise ValueError(f"RunWriter.{method}: {what} must be a whole number, got {repr(value)[:80]}")
     return int(number)
+
+
+def _digits(n: Any) -> str:
+    """About how many decimal digits the integer ``n`` has, from its bits (``str`` refuses one of more than
+    4,300 digits)."""
+    return f"about {int(abs(int(n)).bit_length() * 0.30103) + 1}"
 
 
 def _float_arg(value: Any, what: str) -> float:
@@ -944,4 +1028,6 @@ def _spectrum_files(line: Mapping[str, Any]) -> set[str]:
     return out
 
 
-_SPECTRUM_FILE = re.compile(r"\d{8}_[A-Za-z0-9._-]+\.npz")
+#: The names :meth:`RunWriter._spectrum_file` gives: ``f"{step:08d}_"``, so 9 digits and more from step 10**8 on,
+#: and ``-`` with 7 or more for a negative step (before, ``\d{8}_`` only: those files were never removed).
+_SPECTRUM_FILE = re.compile(r"(?:\d{8,}|-\d{7,})_[A-Za-z0-9._-]+\.npz")

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from spectral_lens import SpectralLens, SpectralLensWarning
-from spectral_lens._pools import PoolFingerprint, batch_fingerprint
+from spectral_lens._fingerprint import PoolFingerprint, batch_fingerprint
 
 from support.models import TinyLM
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from spectral_lens import SpectralLens, SpectralLensWarning
-from spectral_lens._pools import PoolFingerprint, tensor_fingerprint
+from spectral_lens._fingerprint import PoolFingerprint, tensor_fingerprint
 
 CHANGED = "SpectralLens: the pool changed between measurements"
 
@@ -257,7 +257,7 @@ def test_a_collator_that_masks_at_random_is_warned():
 def test_the_spaced_indices_do_not_overflow_at_any_sample_size():
     """``arange(65536) * (n - 1)`` overflows int64 from n = 2**47 values a sample (an expanded tensor): indices
     wrapped negative, read out of order. Here each value is its own row index: read in order, first and last."""
-    from spectral_lens._pools import _spaced
+    from spectral_lens._fingerprint import _spaced
 
     rows = torch.arange(2**24)[None, :, None].expand(2, 2**24, 2**24)  # 2**48 values a sample, no memory
     got = _spaced(rows, 1, 65_536)[0]

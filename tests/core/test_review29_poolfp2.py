@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from spectral_lens import SpectralLens, SpectralLensWarning
-from spectral_lens._pools import PoolFingerprint, batch_fingerprint, tensor_fingerprint
+from spectral_lens._fingerprint import PoolFingerprint, batch_fingerprint, tensor_fingerprint
 
 from support.models import TinyLM
 
@@ -345,11 +345,11 @@ def test_a_mask_on_another_device_is_applied():
 
 def test_a_mask_on_another_device_is_moved_without_a_host_read(monkeypatch):
     """The CPU one copied to the other's device (``non_blocking``): checked on the CPU by the call it makes."""
-    from spectral_lens import _pools
+    from spectral_lens import _fingerprint
 
     calls = []
     t, m = torch.arange(6).reshape(2, 3), torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)
-    assert _pools._on_one_device(t, m) == (t, m)  # one device: as they are
+    assert _fingerprint._on_one_device(t, m) == (t, m)  # one device: as they are
 
     class Fake:
         def __init__(self, kind):
@@ -363,8 +363,8 @@ def test_a_mask_on_another_device_is_moved_without_a_host_read(monkeypatch):
             calls.append((self.device.type, device.type, non_blocking))
             return self
 
-    _pools._on_one_device(T("cpu"), T("cuda"))
-    _pools._on_one_device(T("cuda"), T("cpu"))
+    _fingerprint._on_one_device(T("cpu"), T("cuda"))
+    _fingerprint._on_one_device(T("cuda"), T("cpu"))
     assert calls == [("cpu", "cuda", True), ("cpu", "cuda", True)]
 
 

@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-from spectral_lens._pools import PoolFingerprint, attention_mask, batch_fingerprint
+from spectral_lens._pools import attention_mask
+from spectral_lens._fingerprint import PoolFingerprint, batch_fingerprint
 
 
 def _pad(rows, value):

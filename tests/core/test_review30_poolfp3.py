@@ -20,7 +20,8 @@ import torch
 from core.test_review29_poolfp2 import CHANGED, PAD, _collate, _docs, _Kw
 
 from spectral_lens import SpectralLens, SpectralLensWarning
-from spectral_lens._pools import PoolFingerprint, attention_mask, batch_fingerprint
+from spectral_lens._pools import attention_mask
+from spectral_lens._fingerprint import PoolFingerprint, batch_fingerprint
 
 #: batchings of the nine documents (lengths 3, 8, 5, 9, 4, 6, 7, 2, 9): other padded lengths in each
 GROUPS = [[[0, 1, 2, 3], [4, 5, 6, 7, 8]], [[8, 0], [5, 1, 3], [2, 4, 6, 7]], [[3], [0, 1, 2, 4, 5, 6, 7, 8]],
@@ -399,7 +400,7 @@ def test_pad_id_labels_beside_an_additive_attention_mask_hash_alike_and_see_a_sh
 def test_the_aligned_labels_second_residue_is_the_labels_own_reading(dtype):
     # (a pass takes the labels' own reading from _aligned_labels in some batches, from tensor_fingerprint in others:
     # they must agree)
-    from spectral_lens._pools import _aligned_labels, tensor_fingerprint
+    from spectral_lens._fingerprint import _aligned_labels, tensor_fingerprint
 
     g = torch.Generator().manual_seed(4)
     labels = torch.randint(0, 200, (5, 11), generator=g)

@@ -83,10 +83,11 @@ def test_the_gradient_protocols_last_round_comes_after_the_probes_compute(peer):
     kinds = _kinds(peer["calls"])
     # the activation pass: its settings, a round per batch (2) and one at the end, the check of the layers (2);
     # (review 29: and a round after the activation compute); the gradient protocol: its settings, a round per
-    # batch (2), then the probe's compute, then the last round
-    assert kinds == ["settings"] + ["round"] * 3 + ["layers"] * 2 + ["round"] + ["settings"] + ["round"] * 3, kinds
-    assert at == [len(kinds) - 1], at
-    assert int(peer["calls"][-1][0]) == 2 + 1  # the last round: the 2 batches agreed, none more
+    # batch (2), then the probe's compute, then the last round; (review 30: and a round after the record write)
+    assert kinds == (["settings"] + ["round"] * 3 + ["layers"] * 2 + ["round"] + ["settings"] + ["round"] * 3
+                     + ["round"]), kinds
+    assert at == [len(kinds) - 2], at
+    assert int(peer["calls"][-2][0]) == 2 + 1  # the last round: the 2 batches agreed, none more
 
 
 def test_a_compute_failure_of_this_rank_is_sent_to_its_peer(peer):
@@ -167,9 +168,9 @@ def test_in_bounded_memory_mode_the_last_round_precedes_the_compute_whose_recomp
     lens.model.register_forward_hook(lambda *args: forwards.append(len(peer["calls"])))
     lens.measure(1, 1)
     kinds = _kinds(peer["calls"])
-    assert kinds[-4:] == ["settings"] + ["round"] * 3, kinds
-    assert at == [len(kinds)], at  # after every round
-    assert forwards[-1] == len(kinds), forwards  # the recomputation's forwards, in the compute
+    assert kinds[-5:] == ["settings"] + ["round"] * 3 + ["round"], kinds  # (the last: the record's, review 30)
+    assert at == [len(kinds) - 1], at  # after every round of the pass
+    assert forwards[-1] == len(kinds) - 1, forwards  # the recomputation's forwards, in the compute
 
     peer["calls"].clear()
 
@@ -188,11 +189,11 @@ def test_an_empty_or_capped_gradient_pool_and_a_second_measurement_keep_the_roun
     lens = _lens(gradient_samples=6)
     lens.measure(1, 1)
     first = _kinds(peer["calls"])
-    counts = [int(c[0]) - 1 for c in peer["calls"][-3:]]
-    assert first[-4:] == ["settings"] + ["round"] * 3 and counts == [1, 2, 2], (first, counts)
+    counts = [int(c[0]) - 1 for c in peer["calls"][-4:-1]]  # (the last round: the record's, review 30)
+    assert first[-5:] == ["settings"] + ["round"] * 4 and counts == [1, 2, 2], (first, counts)
     peer["calls"].clear()
     lens.measure(2, 2)  # measuring again: the same collectives, the rounds counted afresh
-    assert _kinds(peer["calls"]) == first and [int(c[0]) - 1 for c in peer["calls"][-3:]] == counts
+    assert _kinds(peer["calls"]) == first and [int(c[0]) - 1 for c in peer["calls"][-4:-1]] == counts
 
     # empty: no sample on either peer, the same ValueError on both (each sends it in the last round, quoted)
     peer["calls"].clear()

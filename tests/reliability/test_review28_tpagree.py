@@ -168,8 +168,9 @@ def test_pools_alike_measure_as_before_with_one_all_reduce_per_forward_and_one_a
     # before the fix 3 all_reduces for the activations (the peers' forwards and settings, their layers, their
     # digests) and 1 for the gradient protocol (its samples, batches and settings); the rounds add one per forward
     # (4 batches) and one at the end in each (the forwards' own collectives are functional ones, not counted)
-    # (review 29: one round more after the activation compute, test_review29_tppeers)
-    assert [(r["value"]["act"], r["value"]["both"]) for r in got] == [(3 + 5 + 1, 3 + 5 + 1 + 1 + 5)] * WORLD, got
+    # (review 29: one round more after the activation compute, test_review29_tppeers; review 30: one after rank 0's
+    # record write, test_review30_tplens)
+    assert [(r["value"]["act"], r["value"]["both"]) for r in got] == [(3 + 5 + 1 + 1, 3 + 5 + 1 + 1 + 5 + 1)] * WORLD, got
 
 
 GRADIENT = "the gradient protocol of a tensor-parallel rank outside its passes (loading a batch of the gradient pool)"
