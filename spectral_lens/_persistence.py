@@ -27,8 +27,9 @@ _MAX_COUNT = 2**53
 
 def _unknown_why() -> str:
     """Why a state may hold a field this version does not know, and what to do. Refused, not ignored: a newer
-    field may change what the sums mean (``products_underflowed`` did)."""
-    from . import __version__  # at the call: the package defines it after importing this module
+    field may change what the sums mean (``products_underflowed`` did). Imports the version at the call: the
+    package defines it after importing this module."""
+    from . import __version__
 
     return (f"a misspelled field, or a state written by a newer spectral-lens than this one ({__version__}), whose "
             "fields this version cannot honour; load it with the version that wrote it or a newer one")

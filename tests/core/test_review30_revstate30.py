@@ -15,10 +15,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from support.state import assert_same_state, snapshot
 
 from spectral_lens import ActivationCovarianceAccumulator, NonFiniteError
 from spectral_lens._warnings import StateFormatError
-from support.state import assert_same_state, snapshot
 
 A = ActivationCovarianceAccumulator
 
@@ -97,7 +97,7 @@ def test_a_state_with_a_newer_versions_field_says_what_to_do(tmp_path, via):
     acc = A(4)
     acc.update(torch.randn(6, 4, dtype=torch.float64))
     if via == "state_dict":
-        load = lambda: A(4).load_state_dict({**acc.state_dict(), "rows_reweighted": True})  # noqa: E731
+        load = lambda: A(4).load_state_dict({**acc.state_dict(), "rows_reweighted": True})
     else:
         src, dst = acc.save(tmp_path / "s"), tmp_path / "newer.npz"
         with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
@@ -109,7 +109,7 @@ def test_a_state_with_a_newer_versions_field_says_what_to_do(tmp_path, via):
                     np.save(buf, np.array(json.dumps({**header, "rows_reweighted": True})))
                     data = buf.getvalue()
                 zout.writestr(info.filename, data)
-        load = lambda: A.load(dst)  # noqa: E731
+        load = lambda: A.load(dst)
     with pytest.raises(StateFormatError, match=rf"unknown field\(s\) \['rows_reweighted'\].*newer spectral-lens than "
                                                rf"this one \({__version__}\).*load it with the version that wrote it"):
         load()
@@ -348,7 +348,7 @@ def test_load_state_dict_and_to_under_concurrent_updates_neither_deadlock_nor_lo
         try:
             while not stop.is_set():
                 acc.update(torch.randn(3, 4, dtype=torch.float64))
-        except Exception as exc:  # pragma: no cover - a failure shows below
+        except Exception as exc:  # noqa: BLE001 - recorded, shown below
             errors.append(exc)
 
     def loads():
@@ -356,7 +356,7 @@ def test_load_state_dict_and_to_under_concurrent_updates_neither_deadlock_nor_lo
             for _ in range(50):
                 acc.load_state_dict(state)
                 acc.to("cpu")
-        except Exception as exc:  # pragma: no cover - a failure shows below
+        except Exception as exc:  # noqa: BLE001 - recorded, shown below
             errors.append(exc)
         finally:
             stop.set()
@@ -411,9 +411,7 @@ def _sync_worker(rank: int, port: int, out: str) -> None:
         for case in _SYNC_CASES:
             acc = A(4, precision="float64")
             x = torch.randn(5, 4, dtype=torch.float64) + 10 * (rank + 1)
-            if case == "all masked":
-                acc.update(x, torch.zeros(5, dtype=torch.bool))
-            elif case == "one rank empty" and rank == 0:
+            if case == "all masked" or (case == "one rank empty" and rank == 0):
                 acc.update(x, torch.zeros(5, dtype=torch.bool))
             elif case == "nan rows on rank 0":
                 x[0, 0] = float("nan") if rank == 0 else x[0, 0]
