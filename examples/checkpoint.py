@@ -34,6 +34,12 @@ def _dense(v: torch.Tensor) -> bool:
     return v.layout == torch.strided and v.device.type != "meta"
 
 
+def _drops_imaginary(v: torch.Tensor, into: torch.Tensor) -> bool:
+    """Whether loading ``v`` into the real ``into`` casts complex values to real: torch warns and drops the
+    imaginary part (under ``-W error`` the load fails part-way, after the tensors before it were copied)."""
+    return v.is_complex() and into.is_floating_point()
+
+
 def _hashable(v) -> bool:
     try:
         hash(v)
@@ -73,15 +79,18 @@ def _optimizer_problems(i: int, opt: torch.optim.Optimizer, s) -> list[str]:
             elif isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != params[pid].shape:
                 out.append(f"optimizer {i} parameter {pid} {name}: shape {tuple(v.shape)}, "
                            f"the parameter's {tuple(params[pid].shape)}")
+            elif isinstance(v, torch.Tensor) and _drops_imaginary(v, params[pid]):
+                out.append(f"optimizer {i} parameter {pid} {name}: {v.dtype}, the parameter's {params[pid].dtype} "
+                           "is real (the cast would drop the imaginary part)")
     return out
 
 
 def state_problems(model: torch.nn.Module, optimizers, model_state, optimizer_states) -> list[str]:
     """What keeps ``model_state`` / ``optimizer_states`` from loading into ``model`` / ``optimizers`` (empty: loadable).
 
-    Checks the model's keys, shapes and tensors (dense, holding values) and the optimizers' count, group and
-    parameter counts and per-parameter states (dicts of dense tensors of the parameter's shape), without
-    changing anything.
+    Checks the model's keys, shapes and tensors (dense, holding values, not complex for a real tensor) and the
+    optimizers' count, group and parameter counts and per-parameter states (dicts of dense tensors of the
+    parameter's shape, not complex for a real parameter), without changing anything.
     """
     out = []
     if not isinstance(model_state, dict):
@@ -99,6 +108,9 @@ def state_problems(model: torch.nn.Module, optimizers, model_state, optimizer_st
             out.append(f"model {k}: {got}, this run has {tuple(live[k].shape)}")
         elif not _dense(v):
             out.append(f"model {k}: a {v.layout} tensor on {v.device}, expected a dense tensor holding values")
+        elif _drops_imaginary(v, live[k]):
+            out.append(f"model {k}: {v.dtype}, this run's {live[k].dtype} is real (the copy would drop the "
+                       "imaginary part)")
     optimizers = list(optimizers)
     if not isinstance(optimizer_states, (list, tuple)) or len(optimizer_states) != len(optimizers):
         n = len(optimizer_states) if isinstance(optimizer_states, (list, tuple)) else type(optimizer_states).__name__

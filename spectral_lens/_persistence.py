@@ -23,6 +23,18 @@ _HEADER_KEYS = ("format", "dim", "precision", "nonfinite", "updates", "synced", 
 #: The largest row or update count a state may hold: float64 holds every count up to it exactly (the covariance
 #: divides by ``n``) and no pool comes near it; counts near 2**63 would wrap the next int64 sum (a tampered file).
 _MAX_COUNT = 2**53
+
+
+def _unknown_why() -> str:
+    """Why a state may hold a field this version does not know, and what to do. Refused, not ignored: a newer
+    field may change what the sums mean (``products_underflowed`` did). Imports the version at the call: the
+    package defines it after importing this module."""
+    from . import __version__
+
+    return (f"a misspelled field, or a state written by a newer spectral-lens than this one ({__version__}), whose "
+            "fields this version cannot honour; load it with the version that wrote it or a newer one")
+
+
 # arrays of an initialized state: (shape in terms of d, dtype)
 _ARRAYS = {
     "shift": ("d", torch.float64),
@@ -35,11 +47,12 @@ _ARRAYS = {
 
 
 def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: str,
-               current_dim: int | None, given_dim: int | None) -> dict[str, Any]:
+               given_dim: int | None) -> dict[str, Any]:
     """Check every field of a state against the format and an accumulator's configuration (``label``
-    names it in errors; ``current_dim`` is its ``dim``, ``given_dim`` the one it was built with); returns
-    the new attribute values (cloned tensors) without touching the accumulator. A state without a width
-    leaves ``dim`` at ``given_dim``, as ``reset`` does: a width inferred from the replaced rows goes with them."""
+    names it in errors; ``given_dim`` is the ``dim`` it was built with); returns the new attribute values
+    (cloned tensors) without touching the accumulator. The state replaces the rows, so a width inferred from
+    them goes with them, as on ``reset``: a state of any width loads, unless ``dim`` was given (then it must
+    match), and a state without a width leaves ``dim`` at ``given_dim``."""
     def fail(why: str) -> None:
         raise StateFormatError(f"{label}: cannot load {origin}: {why}")
 
@@ -47,7 +60,7 @@ def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: s
         fail("not an ActivationCovarianceAccumulator state")
     unknown = sorted(map(str, set(state) - set(_HEADER_KEYS) - set(_ARRAYS)))  # as a file's are (_read_state)
     if unknown:
-        fail(f"unknown field(s) {unknown} (a misspelled field, or a state of a newer version)")
+        fail(f"unknown field(s) {unknown}: {_unknown_why()}")
     if state.get("precision") != precision:
         fail(f"precision {state.get('precision')!r} differs from this accumulator's {precision!r}")
     if state.get("nonfinite", nonfinite) != nonfinite:
@@ -55,8 +68,8 @@ def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: s
     dim, updates, synced = state.get("dim"), state.get("updates", 0), state.get("synced", False)
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
         fail(f"dim must be a positive int or null, got {dim!r}")
-    if current_dim is not None and dim is not None and dim != current_dim:
-        fail(f"dim {dim} differs from this accumulator's {current_dim}")
+    if given_dim is not None and dim is not None and dim != given_dim:
+        fail(f"dim {dim} differs from this accumulator's {given_dim}")
     if isinstance(updates, bool) or not isinstance(updates, int) or not 0 <= updates <= _MAX_COUNT:
         fail(f"updates must be a non-negative int (at most 2**53), got {updates!r}")
     if not isinstance(synced, bool):
@@ -97,12 +110,14 @@ def _validated(state: Any, origin: str, label: str, precision: str, nonfinite: s
             fail(f"{key!r} must be a dense tensor holding values, got a {t.layout} tensor on {t.device}"
                  + (" (loaded with map_location='meta'?)" if t.device.type == "meta" else ""))
         out["_" + key] = t.detach().clone()  # the state's own tensors, outside any autograd graph
-    if not bool(torch.isfinite(out["_shift"]).all()):
-        fail("shift is not finite")
     n, bad_rows, first_bad = int(out["_n"]), int(out["_bad_rows"]), int(out["_first_bad"])
     if not (0 <= n <= _MAX_COUNT and 0 <= bad_rows <= _MAX_COUNT and -1 <= first_bad <= _MAX_COUNT):
         fail(f"counts out of range (n={n}, bad_rows={bad_rows}, first_bad={first_bad}; each at most 2**53, "
              "n and bad_rows >= 0, first_bad >= -1)")
+    # NaN/Inf rows summed under "raise" (first_bad >= 0) may be in the shift too, a mean of rows: such a state is
+    # what the live accumulator holds (its compute names the update), so it moves (to) and loads as it was saved
+    if not bool(torch.isfinite(out["_shift"]).all()) and not (nonfinite == "raise" and first_bad >= 0):
+        fail("shift is not finite (and the state records no NaN/Inf rows that could have made it so)")
     if n == 0 and (bool(out["_m"].ne(0).any()) or bool(out["_s"].ne(0).any())):  # no rows sum to exact zeros
         fail("n is 0 but the sums m and S are not zero: the row count does not belong to these sums")
     out["_has_rows"] = n > 0
@@ -149,7 +164,7 @@ def _read_state(path: Path, device: str | torch.device) -> tuple[dict[str, Any],
         raise StateFormatError(f"{path}: header field nonfinite={header.get('nonfinite')!r} is not one of {_NONFINITE}")
     unknown = sorted(set(header) - set(_HEADER_KEYS)) + sorted(set(arrays) - set(_ARRAYS))
     if unknown:
-        raise StateFormatError(f"{path}: unknown field(s) {unknown} in an accumulator state file")
+        raise StateFormatError(f"{path}: unknown field(s) {unknown} in an accumulator state file: {_unknown_why()}")
     dim = header.get("dim")
     if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim < 1):
         raise StateFormatError(f"{path}: header field dim={dim!r} is not a positive int or null")

@@ -315,8 +315,9 @@ class ActivationCovarianceAccumulator:
 
         Thread-safe: concurrent calls (a hooked module run from several threads, as
         ``nn.DataParallel`` runs its replicas) are serialized by a lock, so no row is lost or
-        mixed; ``merge``, ``compute``, ``covariance``, ``compute_async`` and ``state_dict`` take
-        the same lock. (Uncontended, it costs well under a microsecond per call.)
+        mixed; ``merge``, ``compute``, ``covariance``, ``compute_async``, ``state_dict``,
+        ``load_state_dict`` and ``to`` take the same lock (``reset`` and ``sync`` do not).
+        (Uncontended, it costs well under a microsecond per call.)
         """
         with self._lock:
             if torch.is_inference_mode_enabled():
@@ -501,11 +502,14 @@ class ActivationCovarianceAccumulator:
         return _Setup(self._label(), self.name, self.dim, self.precision, self.nonfinite, self._updates,
                       self._low_products, self._underflowed, self._bad_ranks)
 
-    def _live_sums(self) -> _Sums | None:
+    def _live_sums(self) -> tuple[_Setup, _Sums | None]:
+        """The configuration and the sums as of now, read under one hold of the lock: an update or a
+        ``load_state_dict`` in between would pair one state's sums with another's flags and counts."""
         with self._lock:
+            setup = self._setup()
             if not self.initialized:
-                return None
-            return _Sums(self._n, self._m, self._s, self._bad_rows, self._first_bad)
+                return setup, None
+            return setup, _Sums(self._n, self._m, self._s, self._bad_rows, self._first_bad)
 
     def _snapshot(self) -> tuple[_Setup, Callable[[], _Sums | None]]:
         with self._lock:  # not between two threads' updates (see update)
@@ -546,9 +550,9 @@ class ActivationCovarianceAccumulator:
         """The float64 (d, d) centered covariance ``1/(N-1) sum (h - mean)(h - mean)^T``."""
         notes: list = []
         try:
-            sums = self._live_sums()
-            _finite_check(sums, self._setup(), notes)
-            self._require_rows(2)
+            setup, sums = self._live_sums()
+            _finite_check(sums, setup, notes)
+            _row_count(None if sums is None else sums.n, setup.label, 2, setup.updates)
             return covariance_from_moments(sums.n, sums.m, sums.s)
         finally:
             emit(notes, stacklevel=2)
@@ -565,7 +569,8 @@ class ActivationCovarianceAccumulator:
         """
         notes: list = []
         try:
-            return _spectrum_of(self._live_sums(), self._setup(), notes)
+            setup, sums = self._live_sums()
+            return _spectrum_of(sums, setup, notes)
         finally:
             emit(notes, stacklevel=2)
 
@@ -590,8 +595,16 @@ class ActivationCovarianceAccumulator:
 
     # ------------------------------------------------------------ combination
     def merge(self, other: "ActivationCovarianceAccumulator") -> "ActivationCovarianceAccumulator":
-        """Add ``other``'s rows to this accumulator (exact float64 re-shift); returns ``self``."""
-        with self._lock:  # not between two threads' updates (see update)
+        """Add ``other``'s rows to this accumulator (exact float64 re-shift); returns ``self``.
+
+        Holds both accumulators' locks (see update), taken in one order (by ``id``), so ``a.merge(b)`` and
+        ``b.merge(a)`` at once cannot deadlock: ``other`` is read (its first read may mirror its ``S`` in place)
+        between its updates, not during one."""
+        if other is self or not isinstance(other, ActivationCovarianceAccumulator):
+            with self._lock:  # not between two threads' updates (see update)
+                return self._merge(other)
+        first, second = sorted((self, other), key=id)
+        with first._lock, second._lock:
             return self._merge(other)
 
     def _merge(self, other: "ActivationCovarianceAccumulator") -> "ActivationCovarianceAccumulator":
@@ -750,7 +763,7 @@ class ActivationCovarianceAccumulator:
             self._load_state_dict(state, origin)
 
     def _load_state_dict(self, state: dict[str, Any], origin: str = "state_dict") -> None:
-        new = _validated(state, origin, self._label(), self.precision, self.nonfinite, self.dim,
+        new = _validated(state, origin, self._label(), self.precision, self.nonfinite,
                          getattr(self, "_dim_given", self.dim))
         self.reset()
         for key, value in new.items():

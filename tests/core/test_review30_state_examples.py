@@ -109,6 +109,7 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_without_running_it(tmp
         read_checkpoint(tmp_path / "dir.pt")
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
 def test_a_fifo_given_as_a_checkpoint_is_refused_instead_of_waiting_for_a_writer(tmp_path):
     """``torch.load`` opened the FIFO and waited for a writer forever (the library's own loads refuse one)."""
     import threading
