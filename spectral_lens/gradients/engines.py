@@ -58,6 +58,7 @@ from .cast_cache import CastCache, cached_linear_casts
 from .registry import fast_path_for
 
 __all__ = [
+    "LayoutRefusal",
     "LossScale",
     "scaled_backward",
     "fast_engine",
@@ -287,6 +288,13 @@ def _checked_losses(losses: Any, n: int) -> torch.Tensor:
     return losses
 
 
+class LayoutRefusal(str):
+    """A reason of :func:`fast_engine`'s ``not_called`` that is the input's layout (dimension 0 is not the sample
+    index: the shape check, or the even-samples check), not a module never called or a weight used elsewhere. A
+    chunk refused so after an earlier chunk was accepted means that acceptance was a coincidence (the probe
+    recomputes or refuses those rows)."""
+
+
 def _mixes_rows(even: torch.Tensor | None, full: torch.Tensor | None) -> bool:
     """Whether an output's rows of dimension 0 are not the chunk's samples in order, from its gradient of the
     even samples' losses (``even``) and of all of them (``full``), by exact zeros alone (no tolerance): an
@@ -313,6 +321,7 @@ def fast_engine(
     casts: CastCache | None = None,
     every: list[torch.Tensor] | None = None,
     loss_scale: LossScale | None = None,
+    checked: set | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
     """Rows ``(n, P)`` for every ``name -> (module, local_param_name)`` in ``sites`` from one backward.
 
@@ -337,7 +346,11 @@ def fast_engine(
     ``T == n``, ``n`` tokens gathered across samples: they pass the shape check), one more backward, of
     the even samples' losses at the main backward's loss scale, tells them apart: a gradient on an odd
     row of dimension 0, or an even row that only the odd samples' losses reach (:func:`_mixes_rows`),
-    sends the module to the generic engine. A module
+    sends the module to the generic engine. An input of 3 or more dimensions with ``n`` in dimension 0 alone
+    (an LM's ``(n, T, d)``, or a shared ``(K, a, d)`` table with ``K == n``) is checked so once per signature
+    ``(name, module id, shape, dtype)``: ``checked`` holds the signatures found per-sample (a shared tensor's
+    layout is static), filled here; ``None``: checked in every call. Layout refusals (the shape check, the
+    even-samples check) are :class:`LayoutRefusal` reasons. A module
     called several times gets the sum over calls. Raises :class:`NoGradientPathError` when a probed
     module's output does not reach the loss.
     """
@@ -392,9 +405,15 @@ def fast_engine(
             # dimension 1 or the batch beyond its dimension 0 (the sequence length), or the input is 2-D (a
             # per-sample one, (n, d), is a pooled or last-token head: little graph above it), one more backward,
             # of the even samples' losses, after the main one (at its loss scale), checks the rows (_mixes_rows)
+            # of the other inputs with dimension 0 == n, those of 3 or more dimensions (a shared (K, a, d) table with
+            # K == n, not the sequence length) are checked once per signature (``checked``): a shared tensor's
+            # layout is static, so an LM's or ViT's (n, T, d) layers pay one backward per distinct shape, not per
+            # chunk; data-dependent layouts (tokens gathered by a router: 2-D) stay checked per chunk
             sizes = {s for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) for s in t.shape[1:]}
+            signature = lambda k, x: (names[k], k, tuple(x.shape), x.dtype)  # noqa: E731
+            per_chunk = lambda x: x.ndim <= 2 or x.shape[1] == n or n in sizes  # noqa: E731
             both = [y for k in calls for x, _, y in calls[k] if n > 1 and x.ndim >= 1 and x.shape[0] == n
-                    and (x.ndim <= 2 or x.shape[1] == n or n in sizes)]
+                    and (per_chunk(x) or checked is None or signature(k, x) not in checked)]
             check = bool(both) and losses.requires_grad
             # float16 output gradients, or float32 ones of modules inside a float16 model (PEFT's float32 LoRA
             # factors on a float16 base): loss-scaled (the graph kept for another try); others: one plain pass
@@ -421,6 +440,10 @@ def fast_engine(
                     even = torch.autograd.grad(losses, both, seed, allow_unused=True)
                 full = dict(zip(map(id, ys), got))
                 mixed = {id(y) for y, g in zip(both, even) if _mixes_rows(g, full[id(y)])}
+                if checked is not None:  # the static layouts found per-sample: not checked again
+                    ids = {id(y) for y in both} - mixed
+                    checked.update(signature(k, x) for k in calls for x, _, y in calls[k]
+                                   if id(y) in ids and not per_chunk(x))
             dys, elsewhere = got[: len(ys)], {id(p) for p, g in zip(probed, got[len(ys) :]) if g is not None}
     finally:
         for h in handles:
@@ -445,7 +468,7 @@ def fast_engine(
         shapes = [(tuple(x.shape), tuple(dy.shape)) for x, _, dy in used if x.ndim == 0 or x.shape[0] != n
                   or dy.ndim == 0 or dy.shape[0] != n]
         if id(mod) in mixes:
-            not_called[name] = (
+            not_called[name] = LayoutRefusal(
                 f"{type(mod).__name__} saw inputs of shape {tuple(grads_of[id(mod)][0][0].shape)} for a chunk of {n} "
                 "samples, and a sample's loss reaches other rows of dimension 0: the fast path needs the sample "
                 "index in dimension 0 (not a sequence-first (T, M, d) layout, a tensor the samples share such as a "
@@ -453,7 +476,7 @@ def fast_engine(
             )
             continue
         if shapes:
-            not_called[name] = (
+            not_called[name] = LayoutRefusal(
                 f"{type(mod).__name__} saw an input of shape {shapes[0][0]} (output {shapes[0][1]}) for a chunk of "
                 f"{n} samples: the fast path needs the sample index in dimension 0 (not a sequence-first "
                 "layout or tokens flattened across samples)"
