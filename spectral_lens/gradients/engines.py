@@ -440,10 +440,13 @@ def fast_engine(
                     even = torch.autograd.grad(losses, both, seed, allow_unused=True)
                 full = dict(zip(map(id, ys), got))
                 mixed = {id(y) for y, g in zip(both, even) if _mixes_rows(g, full[id(y)])}
-                if checked is not None:  # the static layouts found per-sample: not checked again
+                if checked is not None:  # the static layouts found per-sample: not checked again, where the check
+                    # saw something (an even sample's loss reached the output: not a chunk of ignored labels)
                     ids = {id(y) for y in both} - mixed
-                    checked.update(signature(k, x) for k in calls for x, _, y in calls[k]
-                                   if id(y) in ids and not per_chunk(x))
+                    static = {id(y): signature(k, x) for k in calls for x, _, y in calls[k]
+                              if id(y) in ids and not per_chunk(x)}
+                    checked.update(static[id(y)] for y, g in zip(both, even)
+                                   if id(y) in static and g is not None and bool(g.ne(0).any()))
             dys, elsewhere = got[: len(ys)], {id(p) for p, g in zip(probed, got[len(ys) :]) if g is not None}
     finally:
         for h in handles:

@@ -236,3 +236,20 @@ def test_a_module_not_called_in_a_later_chunk_keeps_the_earlier_rows():
     assert probe.engines_ == {"lin.weight": "vmap"}
     probe.update(batch)  # earlier updates on the fast path: no error for a refusal that is not the layout
     assert probe.n_samples_ == 12
+
+
+def test_a_chunk_whose_losses_reach_nothing_does_not_vouch_for_its_shape():
+    """A first chunk of zero-weighted losses (no gradient anywhere: the check sees nothing) does not mark the
+    ``(4, 2, d)`` signature per-sample; the next chunk is checked and leaves the fast path."""
+    torch.manual_seed(0)
+    model, (x, y) = Shared3D().double().eval(), _batch(8, 6)
+    w = torch.tensor([0.0] * 4 + [1.0] * 4, dtype=torch.float64)
+
+    def loss_fn(out, b):
+        return causal_lm_loss(out, (b[0], b[1])) * b[2]
+
+    ref = _reference(model, ["lin.weight"], (x, y))["lin.weight"] * w[:, None]
+    probe = PerSampleGradientProbe(model, "lin.weight", forward_fn=lambda m, b: m(b[0]), loss_fn=loss_fn,
+                                   chunk_size=4, keep_matrix=True).update((x, y, w))
+    assert probe.engines_ == {"lin.weight": "vmap"}
+    assert _rel(probe.matrix(), ref) <= 1e-10
