@@ -404,16 +404,19 @@ def fast_engine(
             # samples (a mixture-of-experts layer's (k, d) with k == n). Where dimension 0 holds n and so does
             # dimension 1 or the batch beyond its dimension 0 (the sequence length), or the input is 2-D (a
             # per-sample one, (n, d), is a pooled or last-token head: little graph above it), one more backward,
-            # of the even samples' losses, after the main one (at its loss scale), checks the rows (_mixes_rows)
-            # of the other inputs with dimension 0 == n, those of 3 or more dimensions (a shared (K, a, d) table with
+            # of the even samples' losses, after the main one (at its loss scale), checks the rows (_mixes_rows).
+            # Of the other inputs with dimension 0 == n, those of 3 or more dimensions (a shared (K, a, d) table with
             # K == n, not the sequence length) are checked once per signature (``checked``): a shared tensor's
             # layout is static, so an LM's or ViT's (n, T, d) layers pay one backward per distinct shape, not per
             # chunk; data-dependent layouts (tokens gathered by a router: 2-D) stay checked per chunk
             sizes = {s for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) for s in t.shape[1:]}
-            signature = lambda k, x: (names[k], k, tuple(x.shape), x.dtype)  # noqa: E731
             per_chunk = lambda x: x.ndim <= 2 or x.shape[1] == n or n in sizes  # noqa: E731
-            both = [y for k in calls for x, _, y in calls[k] if n > 1 and x.ndim >= 1 and x.shape[0] == n
-                    and (per_chunk(x) or checked is None or signature(k, x) not in checked)]
+            # id(y) -> the signature of a call checked once per signature, or None (checked in every chunk)
+            static = {id(y): None if per_chunk(x) else (names[k], k, tuple(x.shape), x.dtype)
+                      for k in calls for x, _, y in calls[k] if n > 1 and x.ndim >= 1 and x.shape[0] == n}
+            both = [y for y in ys if id(y) in static and (static[id(y)] is None or (
+                y.ndim >= 1 and y.shape[0] == n  # else the shape check refuses it
+                and (checked is None or static[id(y)] not in checked)))]
             check = bool(both) and losses.requires_grad
             # float16 output gradients, or float32 ones of modules inside a float16 model (PEFT's float32 LoRA
             # factors on a float16 base): loss-scaled (the graph kept for another try); others: one plain pass
@@ -434,19 +437,26 @@ def fast_engine(
                                          _HALF_SEED_TOP if losses.dtype == torch.float16 else 2.0 ** _SCALE_MAX_EXP)
             mixed = set()
             if check:
-                with _reentrant_below(sites), silenced_tensor_hooks(probed):
-                    seed = losses.new_zeros(losses.shape)
-                    seed[::2] = scale  # the main pass's loss scale: a float16 gradient unscaled underflows to 0
-                    even = torch.autograd.grad(losses, both, seed, allow_unused=True)
+                try:
+                    with _reentrant_below(sites), silenced_tensor_hooks(probed):
+                        seed = losses.new_zeros(losses.shape)
+                        seed[::2] = scale  # the main pass's loss scale: a float16 gradient unscaled underflows to 0
+                        even = torch.autograd.grad(losses, both, seed, allow_unused=True)
+                except RuntimeError as exc:
+                    # selective activation checkpointing allows one backward only: the once-per-signature check
+                    # cannot run there, and those layers keep the fast path unchecked (as before it existed);
+                    # a per-chunk one raises as it did
+                    if "selective activation checkpoint" not in str(exc) or any(static[id(y)] is None for y in both):
+                        raise
+                    even = [None] * len(both)
+                    if checked is not None:
+                        checked.update(static[id(y)] for y in both)  # not tried again: each try costs a backward
                 full = dict(zip(map(id, ys), got))
                 mixed = {id(y) for y, g in zip(both, even) if _mixes_rows(g, full[id(y)])}
                 if checked is not None:  # the static layouts found per-sample: not checked again, where the check
                     # saw something (an even sample's loss reached the output: not a chunk of ignored labels)
-                    ids = {id(y) for y in both} - mixed
-                    static = {id(y): signature(k, x) for k in calls for x, _, y in calls[k]
-                              if id(y) in ids and not per_chunk(x)}
-                    checked.update(static[id(y)] for y, g in zip(both, even)
-                                   if id(y) in static and g is not None and bool(g.ne(0).any()))
+                    checked.update(static[id(y)] for y, g in zip(both, even) if static[id(y)] is not None
+                                   and id(y) not in mixed and g is not None and bool(g.ne(0).any()))
             dys, elsewhere = got[: len(ys)], {id(p) for p, g in zip(probed, got[len(ys) :]) if g is not None}
     finally:
         for h in handles:

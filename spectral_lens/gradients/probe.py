@@ -248,6 +248,7 @@ class PerSampleGradientProbe:
         self.model: nn.Module | None = None
         self._every: list[torch.Tensor] | None = None  # list(model.parameters()) during an update
         self._devices: list[int] | None = None  # cuda_devices(model) during an update (_isolated)
+        self._forked: tuple | None = None  # the RNG state _isolated forked, during an update (rng_state's value)
         self._modules: list[nn.Module] | None = None  # list(model.modules()) during an update (_isolated)
         # float16 backward passes' seeds, carried between chunks (engines): the fast engine's (read from module
         # output gradients) and the vmap / loop engines' (read from the rows, larger)
@@ -715,7 +716,7 @@ class PerSampleGradientProbe:
         cast = measurement_autocast(dev, self.autocast_dtype)
         called_train = False
         try:
-            with forked_rng(devices), preserved_buffers(self.model, modules) as self._rewind_buffers, \
+            with forked_rng(devices) as self._forked, preserved_buffers(self.model, modules) as self._rewind_buffers, \
                     silenced_module_backward_hooks(self.model, modules), cast, \
                     eager_forwards(), measurement_pass():
                 if switch:  # model.train(), or its flags directly
@@ -724,7 +725,7 @@ class PerSampleGradientProbe:
             if self._versions is not None:  # bumped by the pass's own writes, undone on exit: not the user's
                 self._versions = (*self._parameter_versions(params), self._versions[2])
         finally:
-            self._every = self._rewind_buffers = self._devices = self._modules = None
+            self._every = self._rewind_buffers = self._devices = self._modules = self._forked = None
             try:
                 # an override's side effects of the switch undone by the override itself (a Hugging Face model
                 # with use_kernels re-kernelizes for the mode; PEFT's DoRA layer clears its cache): model.train()
@@ -892,7 +893,7 @@ class PerSampleGradientProbe:
         stays off it). Rows of earlier updates cannot be measured again: :meth:`_refuse_kept_fast_rows`."""
         begin = (len(self._chunks), {k: len(r) for k, r in self._rows.items()}, len(self._losses), len(self._finite),
                  self.n_samples_)
-        start_rng, s, accepted = rng_state(devices), 0, set()
+        s, accepted = 0, set()
         while s < n:
             e = min(n, s + self.chunk_size)
             sub = slice_batch(batch, s, e)
@@ -907,7 +908,7 @@ class PerSampleGradientProbe:
                 for k, r in self._rows.items():
                     del r[begin[1][k]:]
                 self.n_samples_ = begin[4]
-                set_rng_state(start_rng, devices)
+                set_rng_state(self._forked, devices)  # the streams as the update found them: nothing drew before
                 s, accepted = 0, set()
                 continue
             accepted.update(k for k in fast if self.engines_[k] == "fast")
