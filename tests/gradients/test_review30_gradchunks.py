@@ -91,9 +91,9 @@ class Slots(_LM):
         return self.head(self.drop(torch.tanh(self.emb(ids) + shared[ids[:, 0] % 4][:, None])))
 
 
-def _slots_batch(m, t=5, seed=0):
+def _slots_batch(m, t=5, seed=0, rows=(2, 3, 0, 1, 1, 2)):
     x, y = _batch(m, t, seed)
-    x[:, 0] = torch.tensor([2, 3, 0, 1, 1, 2][:m])  # the first four samples: rows 2, 3, 0, 1
+    x[:, 0] = torch.tensor(rows[:m])  # the first four samples: rows 2, 3, 0, 1
     return x, y
 
 
@@ -143,22 +143,27 @@ def test_the_three_dimensional_check_runs_once_per_shape_and_keeps_per_sample_ro
 
 # ---------------------------------------------------------------------- (2) refused after an earlier acceptance
 @pytest.mark.parametrize("resident", [None, 4, 2])
-def test_a_layout_refused_in_a_later_chunk_measures_the_update_again(resident):
-    """M = 6 in chunks of 4: the first chunk passes every check (samples permuted within the even and the odd
-    ones), the last one of 2 samples is refused by the shape check; the first chunk's rows were another sample's
-    (kept before). Bounded-memory mode too (``max_resident_samples``)."""
+@pytest.mark.parametrize("later", ["shape", "mixed"])
+def test_a_layout_refused_in_a_later_chunk_measures_the_update_again(resident, later):
+    """Chunks of 4: the first passes every check (samples permuted within the even and the odd ones); a later one
+    is refused, by the shape check (a last chunk of 2 samples, M = 6) or by the even-samples check (a chunk of 4
+    whose even sample selects an odd row, M = 8). The first chunk's rows were other samples' (kept before). The
+    per-sample ``head`` keeps the fast path and its exact rows. Bounded-memory mode too (``max_resident_samples``)."""
     torch.manual_seed(0)
-    model, batch = Slots().double().eval(), _slots_batch(6)
-    ref = _reference(model, ["lin.weight"], batch)["lin.weight"]
-    probe = PerSampleGradientProbe(model, "lin.weight", chunk_size=4, keep_matrix=resident is None,
+    m = 6 if later == "shape" else 8
+    model, batch = Slots().double().eval(), _slots_batch(m, rows=(2, 3, 0, 1, 0, 1, 3, 2))
+    names = ["lin.weight", "head.weight"]
+    ref = _reference(model, names, batch)
+    probe = PerSampleGradientProbe(model, names, chunk_size=4, keep_matrix=resident is None,
                                    max_resident_samples=resident).update(batch)
-    assert probe.engines_ == {"lin.weight": "vmap"}
-    if resident is None:
-        assert _rel(probe.matrix("lin.weight"), ref) <= 1e-10
-    gram = ref @ ref.T
-    assert float((probe.gram() - gram).abs().max() / gram.abs().max()) <= 1e-10
+    assert probe.engines_ == {"lin.weight": "vmap", "head.weight": "fast"}
+    for k in names:
+        if resident is None:
+            assert _rel(probe.matrix(k), ref[k]) <= 1e-10, k
+        gram = ref[k] @ ref[k].T
+        assert float((probe.gram(k) - gram).abs().max() / gram.abs().max()) <= 1e-10, k
     torch.testing.assert_close(probe.losses_, torch.stack([causal_lm_loss(model(batch[0][i:i + 1]),
-                               (batch[0][i:i + 1], batch[1][i:i + 1]))[0] for i in range(6)]).detach(),
+                               (batch[0][i:i + 1], batch[1][i:i + 1]))[0] for i in range(m)]).detach(),
                                rtol=1e-12, atol=0)
 
 
@@ -190,14 +195,14 @@ def test_the_update_measured_again_draws_as_vmap_and_has_no_side_effects():
     assert torch.equal(model(batch[0]).detach(), before)
 
 
-@pytest.mark.parametrize("resident", [None, 4])
-def test_a_layout_refused_after_earlier_updates_on_the_fast_path_raises(resident):
+@pytest.mark.parametrize("resident, engine", [(None, "auto"), (4, "auto"), (None, "fast")])
+def test_a_layout_refused_after_earlier_updates_on_the_fast_path_raises(resident, engine):
     """Rows of an earlier update whose batch is not kept cannot be measured again: ``RuntimeError`` naming the
     parameter, the shapes and ``engine='vmap'``; the probe as before the update (its 4 samples, the fast
     engine), RNG streams and ``.grad`` untouched."""
     torch.manual_seed(0)
     model, batch = Slots().double().eval(), _slots_batch(6)
-    probe = PerSampleGradientProbe(model, "lin.weight", chunk_size=4, max_resident_samples=resident)
+    probe = PerSampleGradientProbe(model, "lin.weight", chunk_size=4, max_resident_samples=resident, engine=engine)
     probe.update((batch[0][:4], batch[1][:4]))
     assert probe.engines_ == {"lin.weight": "fast"}  # wrong rows, undetectable in that update
     rng = torch.get_rng_state()
