@@ -167,8 +167,9 @@ def cuda_devices(model: nn.Module, params: list[torch.Tensor] | None = None) -> 
 
 
 @contextlib.contextmanager
-def forked_rng(devices: Iterable = ()) -> Iterator[None]:
+def forked_rng(devices: Iterable = ()) -> Iterator[tuple]:
     """Fork every global RNG stream a measurement may draw from; restore each on exit, also on exceptions.
+    Yields the state forked (:func:`rng_state`'s value), for a caller that replays it inside the block.
 
     The torch CPU generator and the CUDA generators of ``devices`` (as ``torch.random.fork_rng``), Python's
     ``random`` module and numpy's legacy global generator (``np.random.seed``/``np.random.random``): the
@@ -179,7 +180,7 @@ def forked_rng(devices: Iterable = ()) -> Iterator[None]:
     devices = list(devices)
     state = rng_state(devices)
     try:
-        yield
+        yield state
     finally:
         set_rng_state(state, devices, reinstall=True)
 

@@ -58,6 +58,7 @@ from .cast_cache import CastCache, cached_linear_casts
 from .registry import fast_path_for
 
 __all__ = [
+    "LayoutRefusal",
     "LossScale",
     "scaled_backward",
     "fast_engine",
@@ -287,6 +288,13 @@ def _checked_losses(losses: Any, n: int) -> torch.Tensor:
     return losses
 
 
+class LayoutRefusal(str):
+    """A reason of :func:`fast_engine`'s ``not_called`` that is the input's layout (dimension 0 is not the sample
+    index: the shape check, or the even-samples check), not a module never called or a weight used elsewhere. A
+    chunk refused so after an earlier chunk was accepted means that acceptance was a coincidence (the probe
+    recomputes or refuses those rows)."""
+
+
 def _mixes_rows(even: torch.Tensor | None, full: torch.Tensor | None) -> bool:
     """Whether an output's rows of dimension 0 are not the chunk's samples in order, from its gradient of the
     even samples' losses (``even``) and of all of them (``full``), by exact zeros alone (no tolerance): an
@@ -313,6 +321,7 @@ def fast_engine(
     casts: CastCache | None = None,
     every: list[torch.Tensor] | None = None,
     loss_scale: LossScale | None = None,
+    checked: set | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
     """Rows ``(n, P)`` for every ``name -> (module, local_param_name)`` in ``sites`` from one backward.
 
@@ -337,7 +346,11 @@ def fast_engine(
     ``T == n``, ``n`` tokens gathered across samples: they pass the shape check), one more backward, of
     the even samples' losses at the main backward's loss scale, tells them apart: a gradient on an odd
     row of dimension 0, or an even row that only the odd samples' losses reach (:func:`_mixes_rows`),
-    sends the module to the generic engine. A module
+    sends the module to the generic engine. An input of 3 or more dimensions with ``n`` in dimension 0 alone
+    (an LM's ``(n, T, d)``, or a shared ``(K, a, d)`` table with ``K == n``) is checked so once per signature
+    ``(name, module id, shape, dtype)``: ``checked`` holds the signatures found per-sample (a shared tensor's
+    layout is static), filled here; ``None``: checked in every call. Layout refusals (the shape check, the
+    even-samples check) are :class:`LayoutRefusal` reasons. A module
     called several times gets the sum over calls. Raises :class:`NoGradientPathError` when a probed
     module's output does not reach the loss.
     """
@@ -391,10 +404,19 @@ def fast_engine(
             # samples (a mixture-of-experts layer's (k, d) with k == n). Where dimension 0 holds n and so does
             # dimension 1 or the batch beyond its dimension 0 (the sequence length), or the input is 2-D (a
             # per-sample one, (n, d), is a pooled or last-token head: little graph above it), one more backward,
-            # of the even samples' losses, after the main one (at its loss scale), checks the rows (_mixes_rows)
+            # of the even samples' losses, after the main one (at its loss scale), checks the rows (_mixes_rows).
+            # Of the other inputs with dimension 0 == n, those of 3 or more dimensions (a shared (K, a, d) table with
+            # K == n, not the sequence length) are checked once per signature (``checked``): a shared tensor's
+            # layout is static, so an LM's or ViT's (n, T, d) layers pay one backward per distinct shape, not per
+            # chunk; data-dependent layouts (tokens gathered by a router: 2-D) stay checked per chunk
             sizes = {s for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor) for s in t.shape[1:]}
-            both = [y for k in calls for x, _, y in calls[k] if n > 1 and x.ndim >= 1 and x.shape[0] == n
-                    and (x.ndim <= 2 or x.shape[1] == n or n in sizes)]
+            per_chunk = lambda x: x.ndim <= 2 or x.shape[1] == n or n in sizes  # noqa: E731
+            # id(y) -> the signature of a call checked once per signature, or None (checked in every chunk)
+            static = {id(y): None if per_chunk(x) else (names[k], k, tuple(x.shape), x.dtype)
+                      for k in calls for x, _, y in calls[k] if n > 1 and x.ndim >= 1 and x.shape[0] == n}
+            both = [y for y in ys if id(y) in static and (static[id(y)] is None or (
+                y.ndim >= 1 and y.shape[0] == n  # else the shape check refuses it
+                and (checked is None or static[id(y)] not in checked)))]
             check = bool(both) and losses.requires_grad
             # float16 output gradients, or float32 ones of modules inside a float16 model (PEFT's float32 LoRA
             # factors on a float16 base): loss-scaled (the graph kept for another try); others: one plain pass
@@ -415,12 +437,26 @@ def fast_engine(
                                          _HALF_SEED_TOP if losses.dtype == torch.float16 else 2.0 ** _SCALE_MAX_EXP)
             mixed = set()
             if check:
-                with _reentrant_below(sites), silenced_tensor_hooks(probed):
-                    seed = losses.new_zeros(losses.shape)
-                    seed[::2] = scale  # the main pass's loss scale: a float16 gradient unscaled underflows to 0
-                    even = torch.autograd.grad(losses, both, seed, allow_unused=True)
+                try:
+                    with _reentrant_below(sites), silenced_tensor_hooks(probed):
+                        seed = losses.new_zeros(losses.shape)
+                        seed[::2] = scale  # the main pass's loss scale: a float16 gradient unscaled underflows to 0
+                        even = torch.autograd.grad(losses, both, seed, allow_unused=True)
+                except RuntimeError as exc:
+                    # selective activation checkpointing allows one backward only: the once-per-signature check
+                    # cannot run there, and those layers keep the fast path unchecked (as before it existed);
+                    # a per-chunk one raises as it did
+                    if "selective activation checkpoint" not in str(exc) or any(static[id(y)] is None for y in both):
+                        raise
+                    even = [None] * len(both)
+                    if checked is not None:
+                        checked.update(static[id(y)] for y in both)  # not tried again: each try costs a backward
                 full = dict(zip(map(id, ys), got))
                 mixed = {id(y) for y, g in zip(both, even) if _mixes_rows(g, full[id(y)])}
+                if checked is not None:  # the static layouts found per-sample: not checked again, where the check
+                    # saw something (an even sample's loss reached the output: not a chunk of ignored labels)
+                    checked.update(static[id(y)] for y, g in zip(both, even) if static[id(y)] is not None
+                                   and id(y) not in mixed and g is not None and bool(g.ne(0).any()))
             dys, elsewhere = got[: len(ys)], {id(p) for p, g in zip(probed, got[len(ys) :]) if g is not None}
     finally:
         for h in handles:
@@ -445,7 +481,7 @@ def fast_engine(
         shapes = [(tuple(x.shape), tuple(dy.shape)) for x, _, dy in used if x.ndim == 0 or x.shape[0] != n
                   or dy.ndim == 0 or dy.shape[0] != n]
         if id(mod) in mixes:
-            not_called[name] = (
+            not_called[name] = LayoutRefusal(
                 f"{type(mod).__name__} saw inputs of shape {tuple(grads_of[id(mod)][0][0].shape)} for a chunk of {n} "
                 "samples, and a sample's loss reaches other rows of dimension 0: the fast path needs the sample "
                 "index in dimension 0 (not a sequence-first (T, M, d) layout, a tensor the samples share such as a "
@@ -453,7 +489,7 @@ def fast_engine(
             )
             continue
         if shapes:
-            not_called[name] = (
+            not_called[name] = LayoutRefusal(
                 f"{type(mod).__name__} saw an input of shape {shapes[0][0]} (output {shapes[0][1]}) for a chunk of "
                 f"{n} samples: the fast path needs the sample index in dimension 0 (not a sequence-first "
                 "layout or tokens flattened across samples)"

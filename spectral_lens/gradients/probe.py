@@ -42,7 +42,7 @@ from ._engine_choice import (choose_engine, fast_refusal, general_engine, other_
                              running_statistics)
 from ._batch import _autograd_usable, batch_as_run, batch_size, default_forward, map_tensors, slice_batch
 from . import cast_cache
-from .engines import LossScale, fast_engine, loop_engine
+from .engines import LayoutRefusal, LossScale, fast_engine, loop_engine
 from .fallback import vmap_or_loop
 from .fused_head import HeadWatch, chunked_head_fns, chunked_is_faster, find_chunkable_head
 from .gram import (
@@ -248,12 +248,16 @@ class PerSampleGradientProbe:
         self.model: nn.Module | None = None
         self._every: list[torch.Tensor] | None = None  # list(model.parameters()) during an update
         self._devices: list[int] | None = None  # cuda_devices(model) during an update (_isolated)
+        self._forked: tuple | None = None  # the RNG state _isolated forked, during an update (rng_state's value)
         self._modules: list[nn.Module] | None = None  # list(model.modules()) during an update (_isolated)
         # float16 backward passes' seeds, carried between chunks (engines): the fast engine's (read from module
         # output gradients) and the vmap / loop engines' (read from the rows, larger)
         self._loss_scale, self._row_loss_scale = LossScale(), LossScale()
         # during an update: puts back the buffers a pass wrote (preserved_buffers' rewind)
         self._rewind_buffers: Callable[[], None] | None = None
+        # signatures of static 3-D+ fast-path inputs the even-samples check found per-sample (fast_engine's
+        # ``checked``): checked once per probe and model, not per chunk
+        self._layouts: set = set()
         self.params: dict[str, nn.Parameter] = {}
         self.params_spec = params
         smooth = {"label_smoothing": label_smoothing} if label_smoothing else {}
@@ -302,6 +306,7 @@ class PerSampleGradientProbe:
         self._untraceable = vmap_untraceable(model)
         self._offloading = offloading_modules(model)
         self.sites = {n: self._site(n) for n in params}
+        self._layouts = set()
         self._choose_engines()
         self._refuse_offloaded()  # Accelerate's meta placeholders: the fast engine only
         self._forget_head_loss()
@@ -330,7 +335,7 @@ class PerSampleGradientProbe:
         """Unbind the probe from its model and forget every sample (idempotent)."""
         self.model, self.params, self.sites, self.engines_ = None, {}, {}, {}
         self._wrappers, self._copies, self._untraceable, self._adapters = {}, {}, {}, None
-        self._offloading = []
+        self._offloading, self._layouts = [], set()
         self._forget_head_loss()
         self.reset()
 
@@ -610,6 +615,7 @@ class PerSampleGradientProbe:
         self._versions: tuple[tuple[int, ...], tuple[int, ...], int] | None = None
         self._mixed_warned = False  # MixedWeightsWarning given in this accumulation
         self._rows_smoothing: set[float] = set()  # the default loss's label smoothing of the samples held (metadata)
+        self._fast_rows: set[str] = set()  # parameters with rows from the fast path among the samples held
         self._sync_counting()
         return self
 
@@ -625,7 +631,8 @@ class PerSampleGradientProbe:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a probe pickled before label smoothing existed: unsmoothed, its rows of unrecorded smoothing
-        self.__dict__.update({"label_smoothing": 0.0, "_label_smoothing": 0.0, "_rows_smoothing": set(), **state})
+        self.__dict__.update({"label_smoothing": 0.0, "_label_smoothing": 0.0, "_rows_smoothing": set(),
+                              "_layouts": set(), "_fast_rows": set(), **state})
         self._sync_counting()
 
     def _sync_counting(self) -> None:
@@ -646,11 +653,12 @@ class PerSampleGradientProbe:
         Gram blocks wait on the new chunks until :meth:`_complete`)."""
         return (self.n_samples_, dict(self._gram), self._gram_device, {n: (r, len(r)) for n, r in self._rows.items()},
                 (self._chunks, len(self._chunks)), (self._losses, len(self._losses)), self._filled, self._far_done,
-                self._versions, dict(self.engines_), self.head_loss_, self._head_fns, set(self._rows_smoothing))
+                self._versions, dict(self.engines_), self.head_loss_, self._head_fns, set(self._rows_smoothing),
+                set(self._fast_rows))
 
     def _restore(self, snap) -> None:
         (self.n_samples_, self._gram, self._gram_device, rows, chunks, losses, self._filled, self._far_done,
-         self._versions, self.engines_, self.head_loss_, self._head_fns, self._rows_smoothing) = snap
+         self._versions, self.engines_, self.head_loss_, self._head_fns, self._rows_smoothing, self._fast_rows) = snap
         for kept, n in (*rows.values(), chunks, losses):
             del kept[n:]
         self._rows = {name: kept for name, (kept, _) in rows.items()}
@@ -708,7 +716,7 @@ class PerSampleGradientProbe:
         cast = measurement_autocast(dev, self.autocast_dtype)
         called_train = False
         try:
-            with forked_rng(devices), preserved_buffers(self.model, modules) as self._rewind_buffers, \
+            with forked_rng(devices) as self._forked, preserved_buffers(self.model, modules) as self._rewind_buffers, \
                     silenced_module_backward_hooks(self.model, modules), cast, \
                     eager_forwards(), measurement_pass():
                 if switch:  # model.train(), or its flags directly
@@ -717,7 +725,7 @@ class PerSampleGradientProbe:
             if self._versions is not None:  # bumped by the pass's own writes, undone on exit: not the user's
                 self._versions = (*self._parameter_versions(params), self._versions[2])
         finally:
-            self._every = self._rewind_buffers = self._devices = self._modules = None
+            self._every = self._rewind_buffers = self._devices = self._modules = self._forked = None
             try:
                 # an override's side effects of the switch undone by the override itself (a Hugging Face model
                 # with use_kernels re-kernelizes for the mode; PEFT's DoRA layer clears its cache): model.train()
@@ -794,11 +802,12 @@ class PerSampleGradientProbe:
     # ----------------------------------------------------------------------------- gradients
     def _gradients(
         self, batch: Any, n: int, casts: cast_cache.CastCache | None = None, rng: tuple | None = None
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Rows (n, P) in storage dtype for every probed parameter, and the n losses. ``casts``: the
-        autocast casts shared by the chunks of one update (fast engine only). ``rng``: in bounded-memory mode,
-        the RNG state (:func:`~._isolation.rng_state`) the streams are in now, where the caller has just taken or
-        set it (a non-resident chunk's: not taken a second time)."""
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, str]]:
+        """Rows (n, P) in storage dtype for every probed parameter, the n losses, and the parameters the fast
+        path refused in this pass for their input's layout, with the reason (:class:`~.engines.LayoutRefusal`).
+        ``casts``: the autocast casts shared by the chunks of one update (fast engine only). ``rng``: in
+        bounded-memory mode, the RNG state (:func:`~._isolation.rng_state`) the streams are in now, where the
+        caller has just taken or set it (a non-resident chunk's: not taken a second time)."""
         rows: dict[str, torch.Tensor] = {}
         losses = None
         # every pass starts from the buffers the measurement found (preserved_buffers' rewind after each
@@ -813,12 +822,15 @@ class PerSampleGradientProbe:
             start = rng_state(devices) if rng is None else rng
             rewind = lambda: set_rng_state(start, devices)  # noqa: E731
         fast = {k: self.sites[k] for k, e in self.engines_.items() if e == "fast"}
+        layout: dict[str, str] = {}
         if fast:
             forward_fn, loss_fn = self._deciding_fns() if self.head_loss_ is None else self._loss_fns()
             got, losses, not_called = fast_engine(self.model, fast, batch, n, forward_fn, loss_fn, casts, self._every,
-                                                 self._loss_scale)
+                                                 self._loss_scale, self._layouts)
             self._rewind_buffers()
             rows.update(got)
+            layout = {k: why for k, why in not_called.items() if isinstance(why, LayoutRefusal)}
+            self._refuse_kept_fast_rows(layout)
             for k, why in not_called.items():
                 if self.engine == "fast":
                     refuse_fast(self.model, k, why, self._untraceable, self._offloading, train_mode=self.train_mode)
@@ -848,13 +860,61 @@ class PerSampleGradientProbe:
             if todo:
                 rows.update(got)
                 losses = lo if losses is None else losses
-        return {k: rows[k].to(self._row_dtype(k)) for k in self.params}, losses
+        return {k: rows[k].to(self._row_dtype(k)) for k in self.params}, losses, layout
+
+    def _refuse_kept_fast_rows(self, layout: dict[str, str]) -> None:
+        """``RuntimeError`` where a parameter the fast path measured in earlier updates is refused now for its
+        input's layout (``layout``: name -> reason): its earlier acceptance was a coincidence (dimension 0 of the
+        input equal to the chunk size without being the sample index), so the rows held are wrong, and the batches
+        of those updates are not kept to measure them again (bounded-memory mode keeps none for its resident rows)."""
+        kept = [k for k in layout if k in self._fast_rows]
+        if kept:
+            k = kept[0]
+            raise RuntimeError(
+                f"PerSampleGradientProbe: {k}: the fast path measured it for the {self.n_samples_} samples of earlier "
+                f"updates, and now refuses it: {layout[k]}. The earlier chunks passed only by coincidence (dimension 0 "
+                "of the input equal to their chunk size without being the sample index), so the rows held are wrong, "
+                "and their batches are not kept to measure them again. Call reset() and measure with engine='vmap' "
+                "(a new PerSampleGradientProbe(..., engine='vmap'), or leave this parameter out of params)"
+            )
 
     def _chunk_rows(self, chunk: _Chunk, devices, casts) -> dict[str, torch.Tensor]:
         """Recompute a non-resident chunk's rows, replaying its RNG states (torch CPU and CUDA, Python's
         ``random``, numpy's global generator: the forward draws what it drew the first time)."""
         set_rng_state(chunk.rng, devices)
         return self._gradients(chunk.batch, chunk.stop - chunk.start, casts, chunk.rng)[0]
+
+    def _measure(self, batch: Any, n: int, casts: cast_cache.CastCache | None, devices) -> None:
+        """Add the update's chunks. A parameter the fast path accepted in an earlier chunk of the update and
+        refuses in a later one for its input's layout (the acceptance was a coincidence: a shared or gathered tensor
+        with as many rows as that chunk has samples) has wrong rows in the earlier chunks: the update's chunks are
+        then all measured again, from the RNG state and buffers the update started from, with the engines as they
+        are now, as if that parameter had left the fast path at the first chunk (at most once per parameter: it
+        stays off it). Rows of earlier updates cannot be measured again: :meth:`_refuse_kept_fast_rows`."""
+        begin = (len(self._chunks), {k: len(r) for k, r in self._rows.items()}, len(self._losses), len(self._finite),
+                 self.n_samples_)
+        s, accepted = 0, set()
+        while s < n:
+            e = min(n, s + self.chunk_size)
+            sub = slice_batch(batch, s, e)
+            chunk = _Chunk(self.n_samples_, self.n_samples_ + e - s)
+            if not self._fits(e - s):  # keep what recomputation needs instead of the rows
+                chunk.batch = map_tensors(torch.clone, sub)
+                chunk.rng = rng_state(devices)
+            fast = [k for k, engine in self.engines_.items() if engine == "fast"]
+            rows, losses, layout = self._gradients(sub, e - s, casts, chunk.rng)
+            if accepted & set(layout):  # measure the update again: drop its chunks, rewind its RNG streams
+                del self._chunks[begin[0]:], self._losses[begin[2]:], self._finite[begin[3]:]
+                for k, r in self._rows.items():
+                    del r[begin[1][k]:]
+                self.n_samples_ = begin[4]
+                set_rng_state(self._forked, devices)  # the streams as the update found them: nothing drew before
+                s, accepted = 0, set()
+                continue
+            accepted.update(k for k in fast if self.engines_[k] == "fast")
+            self._add_chunk(chunk, rows, losses)
+            s = e
+        self._fast_rows |= accepted
 
     def _casts(self, passes: int) -> cast_cache.CastCache | None:
         """A cast cache for ``passes`` forward passes of one call; none for a single pass (nothing to
@@ -910,15 +970,7 @@ class PerSampleGradientProbe:
                     # the vmap and loop engines: a check forward of one sequence (on the fast engine
                     # alone the first chunk's own forward decides, _deciding_fns)
                     self._decide_head_loss(slice_batch(batch, 0, 1), devices)
-                casts = self._casts(-(-n // self.chunk_size))
-                for s in range(0, n, self.chunk_size):
-                    e = min(n, s + self.chunk_size)
-                    sub = slice_batch(batch, s, e)
-                    chunk = _Chunk(self.n_samples_, self.n_samples_ + e - s)
-                    if not self._fits(e - s):  # keep what recomputation needs instead of the rows
-                        chunk.batch = map_tensors(torch.clone, sub)
-                        chunk.rng = rng_state(devices)
-                    self._add_chunk(chunk, *self._gradients(sub, e - s, casts, chunk.rng))
+                self._measure(batch, n, casts=self._casts(-(-n // self.chunk_size)), devices=devices)
             self._check_new(start, first)
         except BaseException:
             self._restore(snap)
