@@ -237,7 +237,7 @@ class RunWriter:
         return out
 
     def _open_append(self, path: Path) -> int:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | _BINARY, 0o644)
         try:
             self._fix_last_line(path, fd)
         except BaseException as exc:  # an I/O error, or the warning raised as an error: no descriptor left open
@@ -320,7 +320,7 @@ class RunWriter:
             # the line starts on a fresh line: where the file is not as this writer's last line left it
             # (another program appended, or a failed write's cut failed too), its last byte is read, and a
             # line left without its newline is ended first, so the two lines are not glued (losing both)
-            if start and start != self._ends.get(name) and os.pread(fd, 1, start - 1) != b"\n":
+            if start and start != self._ends.get(name) and _read_at(fd, 1, start - 1) != b"\n":
                 data = b"\n" + data
             written = os.write(fd, data)
             while written < len(data):  # a short write (disk filling up): write the rest, or fail below
@@ -571,7 +571,7 @@ class RunWriter:
             write_atomic(path, lambda fh: fh.writelines(keep), fsync=self.fsync)
             # the append descriptor still points at the replaced file: reopen it on the new one
             os.close(self._fds.pop(name))
-            self._fds[name] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            self._fds[name] = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | _BINARY, 0o644)
             self._ends.pop(name, None)
             st = os.fstat(self._fds[name])  # the lines just written are the file's, all of them whole
             scan.ident, scan.offset, scan.before = (st.st_dev, st.st_ino), sum(map(len, keep)), b"".join(keep[-256:])[-256:]
@@ -811,7 +811,7 @@ class RunWriter:
         best: tuple[int | None, int | None] = (None, None)
         for name in (LOG_FILE, MEASUREMENTS_FILE):
             try:
-                fd = os.open(self.path / name, os.O_RDONLY)
+                fd = os.open(self.path / name, os.O_RDONLY | _BINARY)
             except OSError:
                 continue
             try:
@@ -905,6 +905,10 @@ def _lock_run_dir(path: Path) -> int | None:
 #: Event keys the reader requires to be numbers (see ``RunRecord.open``).
 _NUMERIC_EVENT_KEYS = ("val_loss", "train_loss", "tokens_per_s")
 
+
+#: ``O_BINARY`` where there is one (Windows): without it ``os.open`` gives a text-mode descriptor, whose writes turn
+#: ``\n`` into ``\r\n`` and whose reads stop at a Ctrl-Z and shift the offsets the line searches compute.
+_BINARY = getattr(os, "O_BINARY", 0)
 
 #: The bytes :func:`_last_line_start` and :func:`_lines_backward` read at a time; also how many bytes of lines
 #: :meth:`RunWriter._record_end` passes over at most.

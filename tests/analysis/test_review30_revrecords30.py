@@ -238,3 +238,48 @@ def test_integers_at_the_float_range_edge_and_of_every_kind(tmp_path):
         warnings.simplefilter("error", RecordWarning)
         RunWriter(run, resume=True, fsync=False).close()  # the 31-digit step's spectrum file is the writer's
     assert os.listdir(run / "spectra") == [f"{10**30}_a.npz"]
+
+
+# ---- portability: no Unix-only call, binary descriptors -------------------------------------------
+
+
+def test_a_platform_without_pread_appends_after_another_programs_line(tmp_path, monkeypatch):
+    # the check of the last byte before an append (another program wrote since) called os.pread, which Windows
+    # lacks: AttributeError from log() there; read with lseek / read as the resume's repair is
+    run = tmp_path / "run"
+    monkeypatch.delattr(os, "pread", raising=False)
+    with RunWriter(run, RunInfo("r"), fsync=False) as w:
+        w.log(1, 10, train_loss=2.5)
+        with open(run / "log.jsonl", "ab") as fh:
+            fh.write(b'{"step": 2, "tokens": 20}')  # another tool's line, no newline yet
+        w.log(3, 30, train_loss=2.0)
+    assert [e["step"] for e in RunRecord.open(run).events] == [1, 2, 3]
+
+
+def test_every_descriptor_on_a_jsonl_file_is_binary(tmp_path, monkeypatch):
+    # os.open without O_BINARY is a text-mode descriptor on Windows: writes turn "\n" into "\r\n", reads stop at a
+    # Ctrl-Z and no longer match the offsets lseek gives (the resume's repair, where a failed run ended). Spied with
+    # a stand-in flag (Linux has no O_BINARY), removed before the real open
+    fake = 1 << 30
+    monkeypatch.setattr(writer_mod, "_BINARY", fake, raising=False)
+    real_open, seen = os.open, []
+
+    def spy(path, flags, *args, **kwargs):
+        if str(path).endswith(".jsonl"):
+            seen.append((Path(path).name, bool(flags & fake)))
+        return real_open(path, flags & ~fake, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError), RunWriter(run, RunInfo("r"), fsync=False) as w:
+        w.log(1, 10, train_loss=2.5)
+        w.log_measurement(1, 10, {"a": _spectrum()})
+        w.log(2, 20, train_loss=2.0)
+        w.drop_after(1)
+        raise RuntimeError("preempted")
+    with RunWriter(run, resume=True, fsync=False) as w:  # reads where the failed run ended
+        w.log(2, 20, train_loss=2.0)
+    assert {name for name, _ in seen} == {"log.jsonl", "measurements.jsonl"} and len(seen) >= 6, seen
+    assert all(binary for _, binary in seen), seen
+    monkeypatch.undo()
+    assert writer_mod._BINARY == getattr(os, "O_BINARY", 0)
