@@ -153,10 +153,10 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
     file; only durability across a power loss is traded for speed). Returns ``path``.
     """
     path = Path(path)
-    if _is_special(path) and _write_in_place(path, write):  # a device or FIFO (/dev/null, /dev/stdout piped):
-        return path  # replaced by the rename before
     target = _write_target(path)
     old = _old_stat(target)
+    if old is not None and _is_special(old) and _write_in_place(path, write):  # a device or FIFO (/dev/null,
+        return path  # /dev/stdout piped): replaced by the rename before
     mode = None if old is None else stat.S_IMODE(old.st_mode)
     if old is not None and stat.S_ISREG(old.st_mode) and not _owner_may_write(old):
         _refuse_unwritable(target, path)
@@ -202,21 +202,18 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
     return path
 
 
-def _is_special(path: Path) -> bool:
-    """Whether ``path`` (symbolic links followed) is an existing file that is neither a regular file nor a
-    directory: a character or block device, a FIFO, a socket."""
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):  # none (created by the atomic write), a loop, an unencodable name: its errors
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+def _is_special(st: os.stat_result) -> bool:
+    """Whether the file of ``st`` (the write's target, symbolic links followed) is neither a regular file nor a
+    directory: a character or block device, a FIFO, a socket. From the ``stat`` the write takes anyway (review
+    30 added one of its own: 3 us of the 44 us an atomic write of a small file takes on tmpfs)."""
+    return not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode))
 
 
 def _write_in_place(path: Path, write: Callable[[IO[bytes]], None]) -> bool:
     """``write(fh)`` on ``path`` opened for writing as ``open(path, "wb")`` does, for a device or FIFO: a rename
     would replace it with a regular file (as root, ``/dev/null`` itself), and it holds no old content to keep.
     Opened without ``O_CREAT`` / ``O_TRUNC`` and checked with ``fstat``: ``False`` (nothing written) when what it
-    opened is a regular file or there is none any more (replaced since the ``stat`` of :func:`_is_special`; the
+    opened is a regular file or there is none any more (replaced since the ``stat`` that :func:`_is_special` read; the
     caller writes it atomically; before, a regular file was truncated and written in place). An ``OSError``
     names ``path``; no fsync (a pipe refuses it)."""
     try:

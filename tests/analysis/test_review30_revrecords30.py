@@ -60,7 +60,7 @@ def test_a_file_that_became_regular_after_the_stat_is_written_atomically(tmp_pat
     # path truncated it with open(path, "wb"), and a write that failed left it empty instead of as it was
     target = tmp_path / "report.json"
     target.write_bytes(b"old")
-    monkeypatch.setattr(atomic, "_is_special", lambda path: True)
+    monkeypatch.setattr(atomic, "_is_special", lambda st: True)
 
     def failing(fh):
         fh.write(b"half")
