@@ -297,15 +297,23 @@ class RunWriter:
         else:
             orphans = [p for p in spectra.iterdir() if _SPECTRUM_FILE.fullmatch(p.name) and p.name not in referenced] \
                 if spectra.is_dir() else []
-        for p in tmps + orphans:
-            try:
-                p.unlink()
-            except OSError:
-                pass
+        removed, failed = [0, 0], []  # temporary, spectrum files; one it could not remove (EACCES: another user's
+        for kind, files in enumerate((tmps, orphans)):  # in a sticky directory) was counted removed all the same
+            for p in files:
+                try:
+                    p.unlink()
+                except FileNotFoundError:  # gone meanwhile
+                    pass
+                except OSError as exc:
+                    failed.append(f"{p} ({exc.strerror or exc})")
+                    continue
+                removed[kind] += 1
         if tmps or orphans:
             warnings.warn(
-                f"{self.path}: removed {len(tmps)} temporary file(s) and {len(orphans)} spectrum file(s) that no "
-                f"measurement refers to, left by an interrupted writer",
+                f"{self.path}: removed {removed[0]} temporary file(s) and {removed[1]} spectrum file(s) that no "
+                f"measurement refers to, left by an interrupted writer"
+                + (f"; could not remove {len(failed)}: {'; '.join(failed[:3])}{'; ...' if len(failed) > 3 else ''}"
+                   if failed else ""),
                 RecordWarning,
                 stacklevel=3,
             )

@@ -283,3 +283,38 @@ def test_every_descriptor_on_a_jsonl_file_is_binary(tmp_path, monkeypatch):
     assert all(binary for _, binary in seen), seen
     monkeypatch.undo()
     assert writer_mod._BINARY == getattr(os, "O_BINARY", 0)
+
+
+# ---- what the resume's cleanup says, and RunInfo's error on a huge integer ---------------------------
+
+
+def test_a_resume_does_not_count_a_spectrum_file_it_could_not_remove_as_removed(tmp_path, monkeypatch):
+    # drop_after's warning says the next resume removes a file it could not; that resume's unlink failing too
+    # (EACCES) was passed over, and its warning said "removed ... 1 spectrum file(s)" of the file still there
+    run = tmp_path / "run"
+    with RunWriter(run, RunInfo("r"), fsync=False) as w:
+        w.log_measurement(1, 10, {"a": _spectrum(1)})
+    blocked = run / "spectra" / "00000002_a.npz"
+    _spectrum(2).save(blocked)
+    (run / "spectra" / "00000003_a.npz").write_bytes(b"x")
+    real_unlink = type(run).unlink
+
+    def unlink(self, *args, **kwargs):
+        if self == blocked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(run), "unlink", unlink)
+    with pytest.warns(RecordWarning, match=r"removed 0 temporary file\(s\) and 1 spectrum file\(s\) .*; could not "
+                                           r"remove 1: .*00000002_a\.npz \(Permission denied\)"):
+        RunWriter(run, resume=True, fsync=False).close()
+    assert sorted(os.listdir(run / "spectra")) == ["00000001_a.npz", "00000002_a.npz"]
+
+
+def test_run_info_refuses_an_integer_too_long_to_print_naming_the_field():
+    # the message counted the digits with str(), which refuses an integer of over 4,300 digits: Python's own
+    # "Exceeds the limit (4300 digits) for integer string conversion", naming no field
+    with pytest.raises(ValueError, match=r"RunInfo.total_tokens is an integer beyond the float range \(about 5001 "):
+        RunInfo("r", total_tokens=10**5000)
+    with pytest.raises(ValueError, match=r"RunInfo.seed is an integer beyond the float range \(about 401 digits"):
+        RunInfo("r", seed=-(10**400))
