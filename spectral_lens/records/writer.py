@@ -954,12 +954,16 @@ def _lines_backward(fd: int, size: int) -> Iterator[bytes]:
 
 
 def _read_at(fd: int, n: int, offset: int) -> bytes:
-    """``n`` bytes at ``offset`` of the file open on ``fd`` (fewer at its end), read until done. ``lseek`` and
-    ``read``, not ``pread`` (Windows has none); the writes of an ``O_APPEND`` descriptor still go to the end."""
-    os.lseek(fd, offset, os.SEEK_SET)
+    """``n`` bytes at ``offset`` of the file open on ``fd`` (fewer at its end), read until done: ``pread`` (it
+    leaves the descriptor's offset alone, so two threads appending through one writer cannot move each other's),
+    else, where there is none (Windows), ``lseek`` and ``read``; the writes of an ``O_APPEND`` descriptor still
+    go to the end."""
+    pread = getattr(os, "pread", None)
+    if pread is None:
+        os.lseek(fd, offset, os.SEEK_SET)
     parts, read = [], 0
     while read < n:
-        part = os.read(fd, n - read)
+        part = os.read(fd, n - read) if pread is None else pread(fd, n - read, offset + read)
         if not part:
             break
         parts.append(part)

@@ -119,18 +119,23 @@ _LINE_BYTES = st.sampled_from([b"\n", b"\r", b"\r\n", b"a", b"}", b"\xc3\xa9", b
 
 
 @settings(max_examples=150, deadline=None)
-@given(data=st.lists(_LINE_BYTES, max_size=40).map(b"".join), chunk=st.integers(1, 9))
-def test_the_backward_search_equals_a_split_at_every_chunk_boundary(tmp_path_factory, data, chunk):
+@given(data=st.lists(_LINE_BYTES, max_size=40).map(b"".join), chunk=st.integers(1, 9), no_pread=st.booleans())
+def test_the_backward_search_equals_a_split_at_every_chunk_boundary(tmp_path_factory, data, chunk, no_pread):
     # regression guard: a newline on a chunk boundary, CRLF or a UTF-8 character split across chunks, a file
     # that is exactly a chunk, empty, or only newlines: the lines and the last line's start equal a forward split
+    # (with pread, and with lseek / read as where there is none)
     path = tmp_path_factory.getbasetemp() / "review30_backward.bin"
     path.write_bytes(data)
-    old = writer_mod._CHUNK
+    old, pread = writer_mod._CHUNK, getattr(os, "pread", None)
     writer_mod._CHUNK = chunk
+    if no_pread and pread is not None:
+        del os.pread
     try:
         lines, start = _backward(path)
     finally:
         writer_mod._CHUNK = old
+        if pread is not None:
+            os.pread = pread
     assert lines == data.split(b"\n")[::-1]
     assert start == data.rfind(b"\n") + 1
 
