@@ -150,15 +150,21 @@ def test_a_resume_cuts_a_torn_line_at_a_mib_boundary(tmp_path, where):
     mib = 1 << 20
     if where == "exactly_1_mib":  # a file of exactly 1 MiB, its one newline the previous line's
         torn = b'{"step": 2, "tok' + b"x" * (mib - len(head) - 16)
-    else:  # the last newline is the byte before / at the start of the last MiB
+    else:  # the last newline is the last byte of the second MiB from the end / the first byte of the last MiB
         pad = b'{"step": 2, "tokens": 20, "pad": "' + b"p" * (mib // 2) + b'"}\n'
-        tail = mib + (1 if where == "newline_last_of_a_chunk" else 0)
+        tail = mib if where == "newline_last_of_a_chunk" else mib - 1  # the torn line's length
         torn = pad + b'{"step": 3, "tok' + b"y" * (tail - 16)
     with open(run / "log.jsonl", "ab") as fh:
         fh.write(torn)
     size = (run / "log.jsonl").stat().st_size
     assert where != "exactly_1_mib" or size == mib
+    newline = size - len(torn) + (len(pad) if where != "exactly_1_mib" else 0) - 1
+    assert (run / "log.jsonl").read_bytes()[newline:newline + 1] == b"\n"
+    assert newline == {"newline_last_of_a_chunk": size - mib - 1, "newline_first_of_a_chunk": size - mib,
+                       "exactly_1_mib": len(head) - 1}[where]
     keep = size - len(torn) + (0 if where == "exactly_1_mib" else len(pad))
+    data = (run / "log.jsonl").read_bytes()
+    assert _backward(run / "log.jsonl") == (data.split(b"\n")[::-1], keep)  # as _record_end reads it
     with pytest.warns(RecordWarning, match=f"truncated last line \\({size - keep} bytes\\)"):
         RunWriter(run, resume=True, fsync=False).close()
     assert (run / "log.jsonl").stat().st_size == keep
