@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import spectral_lens.atomic as atomic
+from spectral_lens import atomic
 from spectral_lens.atomic import write_atomic, write_text_atomic
 from spectral_lens.records import RecordWarning, RunInfo, RunRecord, RunWriter
 from spectral_lens.records import writer as writer_mod
