@@ -76,6 +76,32 @@ def test_a_file_that_became_regular_after_the_stat_is_written_atomically(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gone.json", "report.json"]
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_a_fifo_replaced_by_a_private_file_between_the_stat_and_the_open(tmp_path, monkeypatch):
+    # regression guard of the race itself: the FIFO the stat saw is a 0o600 file when it is opened; it is written
+    # atomically with its own mode (not the FIFO's 0o644: the private content readable by all)
+    target = tmp_path / "out.json"
+    os.mkfifo(target, 0o644)
+    real = atomic._is_special
+
+    def racing(arg):
+        special = real(arg)
+        if special and stat.S_ISFIFO(os.stat(target).st_mode):
+            target.unlink()
+            target.write_bytes(b"old")
+            target.chmod(0o600)
+        return special
+
+    monkeypatch.setattr(atomic, "_is_special", racing)
+    old_umask = os.umask(0o022)
+    try:
+        write_text_atomic(target, "new")
+    finally:
+        os.umask(old_umask)
+    assert target.read_bytes() == b"new" and stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/null") or not stat.S_ISCHR(os.stat("/dev/null").st_mode),
                     reason="a POSIX /dev/null")
 def test_a_write_through_a_link_to_dev_null_keeps_the_link_and_the_device(tmp_path):
