@@ -154,11 +154,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
     """
     path = Path(path)
     target = _write_target(path)
-    old = _old_stat(target)
-    if old is not None and _is_special(old):  # a device or FIFO (/dev/null, /dev/stdout piped): replaced by the
-        if _write_in_place(path, write):  # rename before
+    old = _old_stat(path)  # the target's, links followed by the kernel: realpath cannot follow /dev/stdout's
+    if old is not None and _is_special(old):  # (/proc/self/fd/1 -> "pipe:[N]"). A device or FIFO (/dev/null,
+        if _write_in_place(path, write):  # /dev/stdout piped): replaced by the rename before
             return path
-        old = _old_stat(target)  # replaced since the stat (a regular file, or none): the mode and probe are its
+        old = _old_stat(path)  # replaced since the stat (a regular file, or none): the mode and probe are its
     mode = None if old is None else stat.S_IMODE(old.st_mode)
     if old is not None and stat.S_ISREG(old.st_mode) and not _owner_may_write(old):
         _refuse_unwritable(target, path)

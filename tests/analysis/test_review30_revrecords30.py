@@ -113,6 +113,19 @@ def test_a_write_through_a_link_to_dev_null_keeps_the_link_and_the_device(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd") or not os.path.islink("/dev/fd"), reason="Linux /dev/fd")
+def test_a_write_to_dev_fd_of_a_pipe_goes_into_the_pipe():
+    # regression guard (/dev/stdout piped is /proc/self/fd/1): realpath reads the magic link as "pipe:[N]", a
+    # file that does not exist; the stat that picks the in-place write must follow the link as the kernel does
+    r, w = os.pipe()
+    try:
+        assert write_text_atomic(f"/dev/fd/{w}", "hello\n") == Path(f"/dev/fd/{w}")
+        assert os.read(r, 100) == b"hello\n"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="Unix sockets")
 def test_a_socket_is_refused_as_open_refuses_it():
     # regression guard (review 30 changed it; before, the rename replaced a live socket with a regular file)
