@@ -190,7 +190,8 @@ def band_alpha(p, window: tuple[int, int]) -> AlphaFit:
         )
     ranks = np.arange(lo, hi + 1, dtype=np.float64)
     slope, intercept, r2, stderr = _line_fit(np.log(ranks), np.log(arr[lo - 1 : hi]))
-    return AlphaFit((lo, hi), -slope, intercept, r2, stderr, hi - lo + 1)
+    # + 0.0: a flat window's slope is 0.0 and its negation -0.0, printed '-0.000' and stored as -0.0
+    return AlphaFit((lo, hi), -slope + 0.0, intercept, r2, stderr, hi - lo + 1)
 
 
 def window_that_fits(size: int) -> tuple[int, int]:

@@ -128,3 +128,17 @@ def test_effective_ranks_take_numpys_descending_view(name):
 def test_js_divergence_takes_numpys_descending_view():
     p, q = np.sort(np.arange(1.0, 6.0))[::-1], np.array([5.0, 3.0, 3.0, 1.0, 0.5])
     assert js_divergence(p, q) == pytest.approx(ref_jsd(p, q), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- band alpha of a flat window
+
+
+@pytest.mark.parametrize("value", [1.0, 1 / 300, 1e-300, 7.5e12])
+def test_flat_window_alpha_is_plus_zero(value):
+    """A flat spectrum (equal eigenvalues: white noise, a collapsed tail) has alpha 0; it came back as -0.0,
+    printed '-0.000' in summaries and reports and stored as -0.0 in run.json."""
+    fit = band_alpha(np.full(300, value), (100, 200))
+    assert fit.alpha == 0.0 and math.copysign(1.0, fit.alpha) == 1.0
+    assert f"{fit.alpha:.3f}" == "0.000" and fit.r2 == 1.0
+    spec = Spectrum(np.full(300, value), n_rows=1000, dim=300)
+    assert f"{BandAlphaFitter((100, 200)).fit(spec).alpha:+.3f}" == "+0.000"
