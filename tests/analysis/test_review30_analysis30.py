@@ -142,3 +142,58 @@ def test_flat_window_alpha_is_plus_zero(value):
     assert f"{fit.alpha:.3f}" == "0.000" and fit.r2 == 1.0
     spec = Spectrum(np.full(300, value), n_rows=1000, dim=300)
     assert f"{BandAlphaFitter((100, 200)).fit(spec).alpha:+.3f}" == "+0.000"
+
+
+# ----------------------------------------------------------------------------- crossover estimator: bad input
+
+
+def _theorem6(p=1.0, eta=25.0, t=0.2, q=0.6, d=768):
+    r = np.arange(1, d + 1, dtype=np.float64)
+    lam = r**-p * (-np.expm1(-eta * t * r**-q)) ** 2
+    return lam / lam.sum()
+
+
+def test_crossover_refuses_ascending_eigenvalues():
+    """eigvalsh's ascending order gave a 'crossover' with negative head and tail exponents (band_alpha
+    refuses the same input); noisy energies in mode order still fit."""
+    from spectral_lens.spectra import estimate_crossover
+
+    with pytest.raises(ValueError, match=r"ranks \[1, 100\]: the spectrum rises from 0.001 at rank 1 to 1 at rank 100"):
+        estimate_crossover(np.logspace(-3, 0, 100))
+    with pytest.raises(ValueError, match="rises from"):
+        estimate_crossover(np.logspace(-3, 0, 100), method="broken_stick")
+    noisy = _theorem6() * np.exp(0.05 * np.random.default_rng(0).standard_normal(768))  # mode order: kept
+    assert estimate_crossover(noisy, method="broken_stick").located
+
+
+@pytest.mark.parametrize("n_grid", [0, 1, 2, 8, 2.5, True])
+def test_crossover_refuses_a_grid_too_small_to_fit(n_grid):
+    """n_grid=1 returned located=True at rank 1.25 from a single point (NaN slopes, RuntimeWarnings);
+    n_grid=0 failed inside NumPy ('zero-size array to reduction operation')."""
+    from spectral_lens.spectra import estimate_crossover
+
+    with pytest.raises(ValueError, match="n_grid must be an integer >= 9"):
+        estimate_crossover(_theorem6(), n_grid=n_grid)
+
+
+@pytest.mark.parametrize("min_segment", [-1.0, 0.6, 1.5, math.nan])
+def test_crossover_refuses_a_min_segment_outside_half_the_range(min_segment):
+    """-1 searched breaks outside the ranks, 0.6 a reversed range; both 'located' a crossover."""
+    from spectral_lens.spectra import estimate_crossover
+
+    with pytest.raises(ValueError, match=r"min_segment must be in \[0, 0.5\]"):
+        estimate_crossover(_theorem6(), min_segment=min_segment)
+
+
+@pytest.mark.parametrize("p, eta, t, q", [(1.0, 25.0, 0.2, 0.6), (1.2, 100.0, 0.5, 0.8), (0.7, 60.0, 1.0, 0.9)])
+def test_crossover_recovers_theorem6_from_the_protocol_formulas(p, eta, t, q):
+    """Protocol sec. 10: r* = (eta t)^(1/q), head exponent p, tail exponent p + 2q; also at the edges of
+    the arguments' ranges (n_grid 9, min_segment 0 and 0.5 still run)."""
+    from spectral_lens.spectra import estimate_crossover
+
+    fit = estimate_crossover(_theorem6(p, eta, t, q))
+    assert fit.located
+    assert fit.rank == pytest.approx((eta * t) ** (1 / q), rel=1e-6)
+    assert fit.head_alpha == pytest.approx(p, abs=1e-6) and fit.tail_alpha == pytest.approx(p + 2 * q, abs=1e-6)
+    for kw in (dict(n_grid=9), dict(min_segment=0.0), dict(min_segment=0.5), dict(n_grid=np.int64(64))):
+        assert math.isfinite(estimate_crossover(_theorem6(p, eta, t, q), **kw).rank)
