@@ -20,6 +20,7 @@ from scipy import stats
 from spectral_lens import BandAlphaFitter, Spectrum
 from spectral_lens.analysis import js_divergence
 from spectral_lens.analysis.ranking import rank_tiers
+from spectral_lens.analysis.spearman import spearman
 from spectral_lens.spectra import band_alpha
 
 
@@ -197,3 +198,79 @@ def test_crossover_recovers_theorem6_from_the_protocol_formulas(p, eta, t, q):
     assert fit.head_alpha == pytest.approx(p, abs=1e-6) and fit.tail_alpha == pytest.approx(p + 2 * q, abs=1e-6)
     for kw in (dict(n_grid=9), dict(min_segment=0.0), dict(min_segment=0.5), dict(n_grid=np.int64(64))):
         assert math.isfinite(estimate_crossover(_theorem6(p, eta, t, q), **kw).rank)
+
+
+# ----------------------------------------------------------------------------- references on adversarial spectra
+
+
+def ref_alpha(lam, lo, hi):
+    """Protocol sec. 2: minus the OLS slope of (log j, log p_j), j = lo..hi (1-based, inclusive), p = lam / trace."""
+    lam = np.asarray(lam, dtype=np.float64)
+    p = lam / lam.max()
+    p = p / p.sum()
+    j = np.arange(lo, hi + 1, dtype=np.float64)
+    x, y = np.log(j), np.log(p[lo - 1 : hi])
+    return -float(np.sum((x - x.mean()) * (y - y.mean())) / np.sum((x - x.mean()) ** 2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(20, 400), st.floats(0.0, 12.0), st.integers(0, 2**31 - 1), st.integers(-300, 300))
+def test_band_alpha_of_a_spectrum_over_up_to_12_decades_matches_the_reference(d, decades, seed, scale):
+    """Random descending spectra spanning up to 12 decades at any scale (trace normalization changes only the
+    intercept), every window inside them, through ``BandAlphaFitter`` on a ``Spectrum``."""
+    rng = np.random.default_rng(seed)
+    lam = np.sort(10.0 ** rng.uniform(-decades, 0.0, d))[::-1] * 10.0**scale
+    lo = int(rng.integers(1, d - 1))
+    hi = int(rng.integers(lo + 1, d + 1))
+    spec = Spectrum(lam.copy(), n_rows=10 * d, dim=d)
+    got = BandAlphaFitter((lo, hi)).fit(spec).alpha
+    assert got == pytest.approx(ref_alpha(lam, lo, hi), rel=1e-9, abs=1e-9)
+
+
+def test_band_alpha_on_spectra_shorter_than_the_window_zeros_and_ties():
+    """Shorter than the window, exact zeros inside it: a ValueError that names the window and the count;
+    ties are fine; a single tier of equal values is alpha 0."""
+    short = Spectrum(np.logspace(0, -3, 150), n_rows=10_000, dim=150)
+    with pytest.raises(ValueError, match=r"window \[100, 200\] exceeds the spectrum: only 150 eigenvalues"):
+        BandAlphaFitter.tail(12).fit(short)
+    lam = np.logspace(0, -3, 300)
+    lam[180:] = 0.0
+    with pytest.raises(ValueError, match=r"window \[100, 200\] reaches zero eigenvalues: only 180 are nonzero"):
+        BandAlphaFitter.tail(12).fit(Spectrum(lam, n_rows=10_000, dim=300))
+    ties = np.repeat(np.logspace(0, -3, 150), 2)  # every eigenvalue twice
+    assert BandAlphaFitter((100, 200)).fit(Spectrum(ties, n_rows=10_000, dim=300)).alpha == pytest.approx(
+        ref_alpha(ties, 100, 200), rel=1e-12)
+
+
+def ref_spearman_exact(x, y):
+    """Average ranks, Pearson of the ranks, two-sided p = 2 min(P(r >= obs), P(r <= obs)) over all n! pairings."""
+    import itertools
+
+    rx, ry = stats.rankdata(x), stats.rankdata(y)
+    perms = np.array(list(itertools.permutations(range(len(x)))), dtype=np.int8)
+    a = rx[perms]
+    a = a - a.mean(axis=1, keepdims=True)
+    b = ry - ry.mean()
+    r = (a @ b) / np.sqrt((a * a).sum(axis=1) * (b @ b))
+    a0 = rx - rx.mean()
+    obs = float(a0 @ b / math.sqrt((a0 @ a0) * (b @ b)))
+    return obs, min(1.0, 2 * min(float(np.mean(r >= obs - 1e-12)), float(np.mean(r <= obs + 1e-12))))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_spearman_exact_at_nine_points_with_ties_matches_enumeration(seed):
+    """``exact_max=9``: the p-value over all 9! pairings, with ties in x (a sweep's repeated tiers)."""
+    rng = np.random.default_rng(seed)
+    x, y = rng.integers(0, 5, 9).astype(float), rng.normal(size=9)
+    rho, p = ref_spearman_exact(x, y)
+    got = spearman(x, y, exact_max=9)
+    assert got[0] == pytest.approx(rho, abs=1e-12) and got[1] == pytest.approx(p, abs=1e-12)
+    assert got[0] == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+
+
+def test_p_best_of_two_tiers_is_the_normal_cdf():
+    """Two tiers with values mu_1 < mu_2 and sigmas s_1, s_2: P(tier 1 best) = Phi((mu_2 - mu_1) / hypot(s_1, s_2))."""
+    rk = rank_tiers("f", [(8, "a", 0.0, 0.1), (16, "b", 0.1, 0.1)], n_draws=200_000)
+    ref = stats.norm.cdf(0.1 / math.hypot(0.1, 0.1))
+    assert rk.p_best[8] == pytest.approx(ref, abs=5 * math.sqrt(ref * (1 - ref) / 200_000))
+    assert rk.recommended == 8 and rk.p_best[8] + rk.p_best[16] == pytest.approx(1.0)
