@@ -274,3 +274,55 @@ def test_p_best_of_two_tiers_is_the_normal_cdf():
     ref = stats.norm.cdf(0.1 / math.hypot(0.1, 0.1))
     assert rk.p_best[8] == pytest.approx(ref, abs=5 * math.sqrt(ref * (1 - ref) / 200_000))
     assert rk.recommended == 8 and rk.p_best[8] + rk.p_best[16] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- controller and predictor arguments
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(keep=math.nan), r"keep must be >= 1, an integer .* got nan"),
+    (dict(keep=1.5), r"keep must be >= 1, an integer .* got 1.5"),
+    (dict(keep=True), r"keep must be >= 1, an integer .* got True"),
+    (dict(n_sigma=math.nan), r"n_sigma must be a number >= 0, got nan"),
+    (dict(n_sigma=-1.0), r"n_sigma must be a number >= 0, got -1.0"),
+    (dict(margin=math.nan), r"margin must be a number >= 0, got nan"),
+    (dict(margin=-0.1), r"margin must be a number >= 0, got -0.1"),
+    (dict(min_probability=math.nan), r"min_probability must be in \[0, 1\] .* got nan"),
+    (dict(min_probability=1.5), r"min_probability must be in \[0, 1\] .* got 1.5"),
+])
+def test_sweep_controller_refuses_rules_that_cannot_be_applied(kw, match):
+    """NaN fails every comparison: keep=nan stopped the best tier itself (rule 1 never held), a NaN n_sigma,
+    margin or min_probability switched rules 2 and 3 off without a word."""
+    from spectral_lens.analysis import SweepController
+
+    with pytest.raises(ValueError, match=match):
+        SweepController(**kw)
+
+
+def test_sweep_controller_keeps_the_best_tier_with_valid_rules(tmp_path):
+    """Regression guard on a 3-tier Theorem-6 sweep: the best tier (4, by construction) continues."""
+    from spectral_lens.analysis import SweepController
+    from spectral_lens.analysis.synthetic import write_theorem6_sweep
+    from spectral_lens.records import open_runs
+
+    write_theorem6_sweep(tmp_path, (2, 4, 8), dim=256, grad_dim=64, n_eval=20, n_measure=10)
+    runs = open_runs(sorted(tmp_path.iterdir()))
+    for kw in (dict(), dict(keep=np.int64(1), n_sigma=np.float32(0.0), margin=0, min_probability=1)):
+        dec = SweepController(**kw).decide(runs)["toy"]
+        assert dec.ready and dec.decisions[0].tier == 4 and dec.decisions[0].action == "continue"
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(noise_neighbors=3.5), r"noise_neighbors must be >= 3, an integer .* got 3.5"),
+    (dict(noise_neighbors=math.nan), r"noise_neighbors must be >= 3, an integer .* got nan"),
+    (dict(n_draws=0), r"n_draws must be >= 1, an integer .* got 0"),
+    (dict(n_draws=2.5), r"n_draws must be >= 1, an integer .* got 2.5"),
+])
+@pytest.mark.parametrize("cls", ["TailPredictor", "NoiseScalePredictor"])
+def test_predictors_refuse_non_integer_neighbors_and_draws_when_built(cls, kw, match):
+    """noise_neighbors=3.5 or NaN passed and failed in NumPy's slicing at fit time; n_draws=2.5 in the draws."""
+    import spectral_lens.analysis as an
+
+    with pytest.raises(ValueError, match=f"{cls}: {match}"):
+        getattr(an, cls)(**kw)
+    getattr(an, cls)(noise_neighbors=np.int64(4), n_draws=np.int32(10))  # NumPy integers are integers
