@@ -326,3 +326,39 @@ def test_predictors_refuse_non_integer_neighbors_and_draws_when_built(cls, kw, m
     with pytest.raises(ValueError, match=f"{cls}: {match}"):
         getattr(an, cls)(**kw)
     getattr(an, cls)(noise_neighbors=np.int64(4), n_draws=np.int32(10))  # NumPy integers are integers
+
+
+# ----------------------------------------------------------------------------- alignment targets
+
+
+def _curve_run(tmp_path):
+    from spectral_lens.records import RunInfo, RunRecord, RunWriter
+
+    with RunWriter(tmp_path / "r", RunInfo(run_id="r", total_tokens=1000)) as w:
+        for k, loss in enumerate((4.0, 3.5, 3.0, 3.2), start=1):
+            w.log_measurement(k, 100 * k, {"act": Spectrum(np.array([2.0, 1.0]), n_rows=10, dim=2)}, val_loss=loss)
+    return RunRecord.open(tmp_path / "r")
+
+
+@pytest.mark.parametrize("by", ["loss", "tokens", "progress"])
+@pytest.mark.parametrize("rule", [None, "nearest"])
+def test_align_refuses_a_nan_target(tmp_path, by, rule):
+    """align(runs, 'loss', nan, rule='nearest') returned each run's first measurement with gap NaN."""
+    from spectral_lens.analysis.efficiency import align
+
+    run = _curve_run(tmp_path)
+    with pytest.raises(ValueError, match=f"align: target {by} must be a finite number, got nan"):
+        align([run], by, math.nan, rule=rule)
+
+
+def test_align_refuses_a_nan_or_negative_tolerance(tmp_path):
+    """A NaN tolerance let every match through (|gap| > nan is False)."""
+    from spectral_lens.analysis.efficiency import align, matched_loss
+
+    run = _curve_run(tmp_path)
+    for tol in (math.nan, -0.1):
+        with pytest.raises(ValueError, match="align: tolerance must be >= 0"):
+            matched_loss([run], 3.1, tolerance=tol)
+    m = align([run], "loss", 3.1, rule="nearest", tolerance=0.2)["r"]
+    assert m.measurement.step == 3 and m.gap == pytest.approx(-0.1)  # nearest: 3.0 (gap -0.1) before 3.2 (+0.1)
+    assert align([run], "loss", 3.1, tolerance=0.05)["r"] is None  # first_below: 3.0 is 0.1 away
