@@ -61,8 +61,9 @@ class CrossoverFit:
             [0, 1] (0 = no evidence of a bend, also where a line fits to round-off; near 1 = a clean
             two-regime spectrum).
         located: ``False`` when the fit did not locate a crossover inside ``ranks``: ``rank`` lies
-            outside them, or the bend's sharpness ``q`` stopped at a bound of its search (then
-            ``tail_alpha`` is that bound's artefact, e.g. ``head_alpha + 100``). Read ``rank``,
+            outside them, the bend's sharpness ``q`` stopped at a bound of its search (then
+            ``tail_alpha`` is that bound's artefact, e.g. ``head_alpha + 100``), or ``improvement`` is 0
+            (one line fits: a pure power law or a flat spectrum has no bend to locate). Read ``rank``,
             ``head_alpha`` and ``tail_alpha`` only when it is ``True``.
     """
 
@@ -348,5 +349,7 @@ def estimate_crossover(
     tiny = 1e-24 * y.size * max(1.0, float(np.abs(y).max())) ** 2
     improvement = min(1.0, max(0.0, 1.0 - sse / sse_line)) if sse_line > tiny else 0.0
     rank = float(np.exp(log_rstar))
-    located = bool(q_free and lo <= rank <= hi)
+    # improvement 0: a line fits (a pure power law, a flat spectrum); the broken stick still placed a 'break'
+    # inside the ranks, with equal slopes, and called it located
+    located = bool(q_free and lo <= rank <= hi and improvement > 0)
     return CrossoverFit(rank, float(head), float(tail), (lo, hi), float(improvement), located)

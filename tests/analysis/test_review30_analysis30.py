@@ -362,3 +362,17 @@ def test_align_refuses_a_nan_or_negative_tolerance(tmp_path):
     m = align([run], "loss", 3.1, rule="nearest", tolerance=0.2)["r"]
     assert m.measurement.step == 3 and m.gap == pytest.approx(-0.1)  # nearest: 3.0 (gap -0.1) before 3.2 (+0.1)
     assert align([run], "loss", 3.1, tolerance=0.05)["r"] is None  # first_below: 3.0 is 0.1 away
+
+
+@pytest.mark.parametrize("method", ["bend", "broken_stick"])
+@pytest.mark.parametrize("shape", ["power_law", "flat"])
+def test_crossover_of_a_spectrum_without_a_bend_is_not_located(method, shape):
+    """A pure power law (p_j ~ j^-1.3) or a flat spectrum: the broken stick put a 'break' at rank 3.5 (41 when
+    flat) with equal head and tail slopes, improvement 0, and said located=True."""
+    from spectral_lens.spectra import estimate_crossover
+
+    lam = np.arange(1, 500.0) ** -1.3 if shape == "power_law" else np.full(499, 1.0)
+    fit = estimate_crossover(lam / lam.sum(), method=method)
+    assert fit.improvement == 0.0 and not fit.located
+    bent = estimate_crossover(_theorem6(), method=method)  # a Theorem-6 spectrum still has its crossover
+    assert bent.located and bent.improvement > 0.5
