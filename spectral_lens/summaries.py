@@ -139,11 +139,13 @@ def _values(spectrum: Spectrum | torch.Tensor, where: str) -> torch.Tensor:
     """The eigenvalues of ``spectrum`` as a tensor of their own dtype, which sets the round-off tolerance of
     negatives (:func:`spectral_lens.spectra.ranks._negative_tolerance`). A list is read as NumPy reads it
     (Python floats are float64): through ``torch.as_tensor`` alone it took torch's default dtype, float32,
-    which rounded the values, turned 1e39 into Inf and gave float64 data float32's tolerance."""
+    which rounded the values, turned 1e39 into Inf and gave float64 data float32's tolerance. Arrays are
+    copied first: torch refuses a reversed view (``np.sort(x)[::-1]``, negative strides), which was
+    reported as 'needs a Spectrum or a 1-D tensor ... got ndarray', and warns on a read-only one."""
     if isinstance(spectrum, Spectrum):
         return spectrum.values
     try:
-        values = spectrum if isinstance(spectrum, torch.Tensor) else torch.as_tensor(np.asarray(spectrum))
+        values = spectrum if isinstance(spectrum, torch.Tensor) else torch.as_tensor(np.array(spectrum))
     except (TypeError, ValueError, RuntimeError):
         values = None
     if values is None or values.is_complex() or values.dtype == torch.bool:

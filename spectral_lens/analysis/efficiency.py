@@ -623,6 +623,12 @@ def align(
     rule = rule or _RULES[by][0]
     if rule not in _RULES[by]:
         raise ValueError(f"align: rule for by={by!r} must be one of {_RULES[by]}, got {rule!r}")
+    # NaN compares False: 'nearest' picked each run's first measurement with a gap of NaN, 'first_below' none,
+    # and a NaN tolerance let every match through
+    if not math.isfinite(target):
+        raise ValueError(f"align: target {by} must be a finite number, got {target}")
+    if tolerance is not None and not tolerance >= 0:
+        raise ValueError(f"align: tolerance must be >= 0 (or None), got {tolerance}")
     out: dict[str, Matched | None] = {}
     for run in runs:
         cands = []

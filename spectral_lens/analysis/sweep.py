@@ -9,13 +9,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..records import open_runs
 from ..spectra.fit import window_ranks
 from .early import FractionNotReachedError, NoEarlyStatisticError
 from .efficiency import NO_FAMILY, divergence, failure, group_by_family, percent, pick_learning_rates
 from .ranking import TierRanking, rank_tiers
 from .tail import TailPredictor
-from .tier_predictor import TierPredictor
+from .tier_predictor import TierPredictor, _is_int
 
 __all__ = ["TierDecision", "SweepDecision", "SweepController"]
 
@@ -128,8 +130,15 @@ class SweepController:
         margin: float = 0.0,
         wait_for_all: bool = True,
     ):
-        if keep < 1:
-            raise ValueError(f"keep must be >= 1, got {keep}")
+        # NaN passed every comparison below as False: keep=nan stopped even the best tier, n_sigma, margin or
+        # min_probability of nan silently turned rules 2 and 3 off (tiers stopped that the rules keep)
+        if not _is_int(keep) or keep < 1:
+            raise ValueError(f"SweepController: keep must be >= 1, an integer (best tiers always continued), got {keep!r}")
+        for name, v in (("n_sigma", n_sigma), ("margin", margin)):
+            if not (isinstance(v, (int, float, np.integer, np.floating)) and v >= 0):
+                raise ValueError(f"SweepController: {name} must be a number >= 0, got {v!r}")
+        if not (isinstance(min_probability, (int, float, np.integer, np.floating)) and 0 <= min_probability <= 1):
+            raise ValueError(f"SweepController: min_probability must be in [0, 1] (a P(best)), got {min_probability!r}")
         if predictor is not None and window is not None:
             raise ValueError("SweepController: pass window= or a configured predictor=, not both")
         if window is not None:  # checked here, so the error names the class the caller built

@@ -36,7 +36,8 @@ import numpy as np
 from .._args import check_window
 from ..records import RunRecord
 from ..spectrum import Spectrum
-from ..summaries import BandAlphaFitter, InsufficientRowsWarning
+from ..spectra import ranks as _ranks
+from ..summaries import BandAlphaFitter, InsufficientRowsWarning, _values
 from .efficiency import (
     divergence,
     ended,
@@ -96,16 +97,20 @@ LABELS = (
 def js_divergence(a: Spectrum | np.ndarray, b: Spectrum | np.ndarray) -> float:
     """Jensen-Shannon divergence (natural log, in [0, log 2]) of two trace-normalized spectra.
 
-    Spectra are compared rank by rank; a shorter one is padded with zeros. Computed with
-    ``scipy.spatial.distance.jensenshannon`` (which returns the JS *distance*, the square root of
-    the divergence). For nearly equal spectra scipy's sum of relative entropies can round to a tiny
-    negative number, whose square root it returns as NaN (about half the time for spectra equal to
-    1e-15 relative, see ``tests/analysis/test_stack_scipy_stats.py``); that case is the divergence 0.
+    Spectra are compared rank by rank, in the order given; a shorter one is padded with zeros. Each is
+    divided by its largest entry before it is normalized (a sum that overflows, e.g. entries near 1e308,
+    made every share 0 and the divergence 0). ``ValueError`` for a spectrum that is not 1-D, holds NaN/Inf,
+    a negative eigenvalue beyond round-off (as :func:`spectral_lens.RankMe`'s tolerance: those within count
+    as 0), or is all zero (or empty): such input was read as no displacement (0.0) or clipped to 0 without
+    a word. Computed with ``scipy.spatial.distance.jensenshannon`` (which returns the JS *distance*, the
+    square root of the divergence). For nearly equal spectra scipy's sum of relative entropies can round
+    to a tiny negative number, whose square root it returns as NaN (about half the time for spectra equal
+    to 1e-15 relative, see ``tests/analysis/test_stack_scipy_stats.py``); that case is the divergence 0.
     """
     from scipy.spatial.distance import jensenshannon
 
-    p = _normalized(a)
-    q = _normalized(b)
+    p = _normalized(a, "first")
+    q = _normalized(b, "second")
     n = max(p.size, q.size)
     p = np.pad(p, (0, n - p.size))
     q = np.pad(q, (0, n - q.size))
@@ -114,13 +119,14 @@ def js_divergence(a: Spectrum | np.ndarray, b: Spectrum | np.ndarray) -> float:
     return 0.0 if math.isnan(distance) else min(distance * distance, math.log(2.0))
 
 
-def _normalized(s: Spectrum | np.ndarray) -> np.ndarray:
-    v = s.values.numpy() if isinstance(s, Spectrum) else np.asarray(s, dtype=np.float64)
-    v = np.clip(v.astype(np.float64), 0.0, None)
-    total = v.sum()
-    if not total > 0:
-        raise ValueError("js_divergence: spectrum is all zero")
-    return v / total
+def _normalized(s: Spectrum | np.ndarray, which: str) -> np.ndarray:
+    """``s`` (a Spectrum, tensor, array or list of eigenvalues) divided by its largest entry, then by its
+    sum, in float64; checked as :func:`spectral_lens.spectra.ranks.rankme` checks its input."""
+    where = f"js_divergence ({which} spectrum)"
+    scaled = _ranks._scaled(_values(s, where), where)
+    if scaled is None:
+        raise ValueError(f"{where}: spectrum is all zero (or empty); the divergence needs a nonzero trace")
+    return (scaled / scaled.sum()).numpy()
 
 
 def _signed(v: float) -> str:

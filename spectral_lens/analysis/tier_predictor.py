@@ -69,8 +69,14 @@ class TierPredictor:
     def __init__(self, fraction: float = 0.2, *, noise_neighbors: int = 5, n_draws: int = 4000, random_state: int = 0):
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-        if noise_neighbors < 3:  # the jitter is the residual of a line through them: 3 points at least
-            raise ValueError(f"noise_neighbors must be >= 3 (the jitter is a line fit's residual), got {noise_neighbors}")
+        # the jitter is the residual of a line through them: 3 points at least; 3.5 and NaN passed here and
+        # failed in NumPy's slicing at fit time, n_draws=2.5 in the Monte Carlo draws
+        if not _is_int(noise_neighbors) or noise_neighbors < 3:
+            raise ValueError(f"{type(self).__name__}: noise_neighbors must be >= 3, an integer (the jitter is a "
+                             f"line fit's residual), got {noise_neighbors!r}")
+        if not _is_int(n_draws) or n_draws < 1:
+            raise ValueError(f"{type(self).__name__}: n_draws must be >= 1, an integer (Monte Carlo draws for "
+                             f"p_best), got {n_draws!r}")
         self.fraction = fraction
         self.noise_neighbors = noise_neighbors
         self.n_draws = n_draws
@@ -251,6 +257,11 @@ class TierPredictor:
             mean_within_rho=float(np.mean(finite)) if finite else math.nan,
             points=points,
         )
+
+
+def _is_int(v) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def _pairs(x, y) -> int:

@@ -61,8 +61,9 @@ class CrossoverFit:
             [0, 1] (0 = no evidence of a bend, also where a line fits to round-off; near 1 = a clean
             two-regime spectrum).
         located: ``False`` when the fit did not locate a crossover inside ``ranks``: ``rank`` lies
-            outside them, or the bend's sharpness ``q`` stopped at a bound of its search (then
-            ``tail_alpha`` is that bound's artefact, e.g. ``head_alpha + 100``). Read ``rank``,
+            outside them, the bend's sharpness ``q`` stopped at a bound of its search (then
+            ``tail_alpha`` is that bound's artefact, e.g. ``head_alpha + 100``), or ``improvement`` is 0
+            (one line fits: a pure power law or a flat spectrum has no bend to locate). Read ``rank``,
             ``head_alpha`` and ``tail_alpha`` only when it is ``True``.
     """
 
@@ -153,6 +154,18 @@ def _check_window(p: np.ndarray, window: tuple[int, int], name: str = "window") 
     return lo, hi
 
 
+def _check_descending(arr: np.ndarray, lo: int, hi: int, name: str) -> None:
+    """``ValueError`` when ranks ``lo..hi`` of ``arr`` are not sorted descending (ties are fine)."""
+    rises = np.flatnonzero(arr[lo:hi] > arr[lo - 1 : hi - 1])
+    if rises.size:  # e.g. torch.linalg.eigvalsh's ascending output: alpha came out negative, without a word
+        r = lo + int(rises[0])
+        raise ValueError(
+            f"{name} [{lo}, {hi}] is not sorted descending: rank {r + 1} ({arr[r]:.6g}) exceeds rank {r} "
+            f"({arr[r - 1]:.6g}); pass the eigenvalues largest first (torch.linalg.eigvalsh returns them "
+            "ascending: flip them)"
+        )
+
+
 def _line_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float]:
     """OLS of y on x: (slope, intercept, r2, stderr of slope)."""
     # a window of equal values (a flat spectrum) has no spread: centre it on that value itself, since the
@@ -180,17 +193,11 @@ def band_alpha(p, window: tuple[int, int]) -> AlphaFit:
     """
     arr = _as_numpy(p)
     lo, hi = _check_window(arr, window)
-    rises = np.flatnonzero(arr[lo : hi] > arr[lo - 1 : hi - 1])
-    if rises.size:  # e.g. torch.linalg.eigvalsh's ascending output: alpha came out negative, without a word
-        r = lo + int(rises[0])
-        raise ValueError(
-            f"window [{lo}, {hi}] is not sorted descending: rank {r + 1} ({arr[r]:.6g}) exceeds rank {r} "
-            f"({arr[r - 1]:.6g}); pass the eigenvalues largest first (torch.linalg.eigvalsh returns them "
-            "ascending: flip them)"
-        )
+    _check_descending(arr, lo, hi, "window")
     ranks = np.arange(lo, hi + 1, dtype=np.float64)
     slope, intercept, r2, stderr = _line_fit(np.log(ranks), np.log(arr[lo - 1 : hi]))
-    return AlphaFit((lo, hi), -slope, intercept, r2, stderr, hi - lo + 1)
+    # + 0.0: a flat window's slope is 0.0 and its negation -0.0, printed '-0.000' and stored as -0.0
+    return AlphaFit((lo, hi), -slope + 0.0, intercept, r2, stderr, hi - lo + 1)
 
 
 def window_that_fits(size: int) -> tuple[int, int]:
@@ -277,7 +284,9 @@ def estimate_crossover(
       on analytic spectra ``lambda_r = C r^-p (1 - exp(-eta t r^-q))^2`` it returns
       ``r* = (eta t)^(1/q)``, ``head_alpha = p`` and ``tail_alpha = p + 2q``.
 
-    ``min_segment`` is the smallest fraction of the log-rank range either broken-stick segment covers.
+    ``min_segment`` is the smallest fraction of the log-rank range either broken-stick segment covers, in
+    ``[0, 0.5]``; ``n_grid`` an integer >= 9. ``p`` must not rise from the first to the last of ``ranks``
+    (ascending eigenvalues: ``ValueError``); local rises (noisy energies in mode order) are fitted as given.
     Use the estimate to check that a tail window lies beyond the bend (``window[0] > rank``).
     """
     from scipy.optimize import least_squares
@@ -294,8 +303,23 @@ def estimate_crossover(
     lo, hi = _check_window(arr, ranks, "ranks")
     if hi - lo < 8:
         raise ValueError(f"ranks [{lo}, {hi}]: need at least 9 ranks to locate a crossover")
+    # ascending input (eigvalsh's order) gave a 'crossover' with negative exponents. Local rises are let
+    # through (energies in mode order, with noise, as Theorem 6 indexes them); a spectrum larger at its
+    # last rank than at its first is not one largest first
+    if arr[hi - 1] > arr[lo - 1]:
+        raise ValueError(
+            f"ranks [{lo}, {hi}]: the spectrum rises from {arr[lo - 1]:.6g} at rank {lo} to {arr[hi - 1]:.6g} at rank "
+            f"{hi}; pass the eigenvalues largest first (torch.linalg.eigvalsh returns them ascending: flip them)"
+        )
     if method not in ("bend", "broken_stick"):
         raise ValueError(f"method must be 'bend' or 'broken_stick', got {method!r}")
+    # n_grid = 1 returned a 'located' crossover from one point (NaN slopes); a min_segment above 0.5
+    # (the two segments cannot both cover more than half) or below 0 searched breaks outside the ranks
+    if isinstance(n_grid, (bool, np.bool_)) or not isinstance(n_grid, (int, np.integer)) or n_grid < 9:
+        raise ValueError(f"estimate_crossover: n_grid must be an integer >= 9 (log-spaced ranks to fit), got {n_grid!r}")
+    if not 0 <= min_segment <= 0.5:
+        raise ValueError(f"estimate_crossover: min_segment must be in [0, 0.5] (the smallest share of the log-rank "
+                         f"range either segment covers), got {min_segment!r}")
     grid = np.unique(np.round(np.geomspace(lo, hi, n_grid)).astype(np.int64))
     x = np.log(grid.astype(np.float64))
     y = np.log(arr[grid - 1])
@@ -325,5 +349,7 @@ def estimate_crossover(
     tiny = 1e-24 * y.size * max(1.0, float(np.abs(y).max())) ** 2
     improvement = min(1.0, max(0.0, 1.0 - sse / sse_line)) if sse_line > tiny else 0.0
     rank = float(np.exp(log_rstar))
-    located = bool(q_free and lo <= rank <= hi)
+    # improvement 0: a line fits (a pure power law, a flat spectrum); the broken stick still placed a 'break'
+    # inside the ranks, with equal slopes, and called it located
+    located = bool(q_free and lo <= rank <= hi and improvement > 0)
     return CrossoverFit(rank, float(head), float(tail), (lo, hi), float(improvement), located)
