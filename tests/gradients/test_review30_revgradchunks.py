@@ -27,7 +27,7 @@ import torch
 from spectral_lens.gradients import PerSampleGradientProbe
 from spectral_lens.gradients import probe as probe_module
 
-from .test_review30_gradchunks import _LM, Slots, _batch, _reference, _rel, _slots_batch
+from .test_review30_gradchunks import _LM, D, Slots, _batch, _reference, _rel, _slots_batch
 
 
 class OnePath(_LM):
@@ -99,3 +99,53 @@ def test_the_update_measured_again_in_bounded_memory_under_dropout_is_vmaps_bit_
     assert probe.engines_ == {"lin.weight": "vmap", "head.weight": "fast"}
     assert torch.equal(probe.gram("lin.weight"), vmap.gram("lin.weight"))
     assert torch.equal(probe.losses_, vmap.losses_)
+
+
+class TwoTables(_LM):
+    """Two layers on shared ``(4, d)`` tables, each sample adding the rows its first and second tokens select (per
+    sample: the same alone as in a batch): ``lin``'s selections pass the even-samples check in the first chunk of 4
+    and not in the second, ``lin2``'s pass it in both, and the shape check refuses ``lin2`` in the last chunk of 2
+    (4 rows, as many as the accepted chunks had samples). Chunks of 4, 4, 2: refused in different chunks."""
+
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        self.lin2 = torch.nn.Linear(D, D)
+        self.drop = torch.nn.Dropout(dropout)
+
+    def forward(self, ids):
+        a = self.lin(self.emb.weight[:4])[ids[:, 0] % 4]
+        b = self.lin2(self.emb.weight[4:8])[ids[:, 1] % 4]
+        return self.head(self.drop(torch.tanh(self.emb(ids) + (a + b)[:, None])))
+
+
+@pytest.mark.parametrize("resident", [None, 6])
+def test_two_layers_refused_in_different_chunks_measure_the_update_again_twice_and_stop(resident, monkeypatch):
+    """The update is measured again once per refused layer (two restarts, not a loop): rows exact against float64,
+    and with train-mode dropout bit for bit a fresh probe's on the final engines (Gram matrices and losses)."""
+    starts = []
+    measure = probe_module.PerSampleGradientProbe._gradients
+    monkeypatch.setattr(probe_module.PerSampleGradientProbe, "_gradients",
+                        lambda self, b, n, *a: starts.append(n) or measure(self, b, n, *a))
+    torch.manual_seed(0)
+    names = ["lin.weight", "lin2.weight", "head.weight"]
+    model, batch = TwoTables().double().eval(), _slots_batch(10, rows=(2, 3, 0, 1, 0, 1, 3, 2, 1, 3))
+    batch[0][:, 1] = torch.tensor([0, 1, 2, 3, 2, 1, 0, 3, 0, 1])
+    probe = PerSampleGradientProbe(model, names, chunk_size=4, keep_matrix=resident is None,
+                                   max_resident_samples=resident).update(batch)
+    assert probe.engines_ == {"lin.weight": "vmap", "lin2.weight": "vmap", "head.weight": "fast"}
+    assert starts == [4, 4, 4, 4, 2, 4, 4, 2]  # restarts at chunk 2 (lin) and at chunk 3 (lin2)
+    ref = _reference(model, names, batch)
+    for k in names:
+        gram = ref[k] @ ref[k].T
+        assert float((probe.gram(k) - gram).abs().max() / gram.abs().max()) <= 1e-10, k
+    dropped = TwoTables(dropout=0.3).double().eval()
+    dropped.load_state_dict(model.state_dict())
+    kw = {"chunk_size": 4, "max_resident_samples": resident, "train_mode": True}
+    got = PerSampleGradientProbe(dropped, names, **kw).update(batch)
+    fresh = PerSampleGradientProbe(dropped, names, **kw)
+    fresh.engines_.update({"lin.weight": "vmap", "lin2.weight": "vmap"})  # the final engines from the start
+    fresh.update(batch)
+    assert got.engines_ == probe.engines_ == fresh.engines_
+    for k in names:
+        assert torch.equal(got.gram(k), fresh.gram(k)), k
+    assert torch.equal(got.losses_, fresh.losses_)
