@@ -27,7 +27,15 @@ import torch
 from spectral_lens.gradients import PerSampleGradientProbe
 from spectral_lens.gradients import probe as probe_module
 
-from .test_review30_gradchunks import _LM, D, Slots, _batch, _reference, _rel, _slots_batch
+from .test_review30_gradchunks import (
+    _LM,
+    D,
+    Slots,
+    _batch,
+    _reference,
+    _rel,
+    _slots_batch,
+)
 
 
 class OnePath(_LM):
