@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from spectral_lens.gradients import PerSampleGradientProbe
+from spectral_lens.gradients import PerSampleGradientProbe, causal_lm_loss
 from spectral_lens.gradients import probe as probe_module
 
 from .test_review30_gradchunks import (
@@ -157,3 +157,47 @@ def test_two_layers_refused_in_different_chunks_measure_the_update_again_twice_a
     for k in names:
         assert torch.equal(got.gram(k), fresh.gram(k)), k
     assert torch.equal(got.losses_, fresh.losses_)
+
+
+
+def test_an_exception_in_the_update_measured_again_leaves_the_probe_as_before():
+    """A failure inside the second attempt (the loss of its first chunk, on the fast path for ``head`` alone once
+    ``lin`` left it) leaves the probe as before the update: no samples, both engines "fast" (the refusal found again
+    at the next update), RNG streams and ``.grad`` untouched; the next update matches float64."""
+    torch.manual_seed(0)
+    model, batch = Slots().double().eval(), _slots_batch(6)
+    failed = []
+
+    def loss_fn(out, b):
+        if b[0].shape[0] == 4 and probe.engines_["lin.weight"] != "fast" and not failed:
+            failed.append(True)
+            raise KeyError("boom")
+        return causal_lm_loss(out, b)
+
+    names = ["lin.weight", "head.weight"]
+    probe = PerSampleGradientProbe(model, names, chunk_size=4, loss_fn=loss_fn, keep_matrix=True)
+    rng = torch.get_rng_state()
+    with pytest.raises(KeyError, match="boom"):
+        probe.update(batch)
+    assert failed and probe.n_samples_ == 0 and probe.engines_ == {k: "fast" for k in names}
+    assert probe.losses_.numel() == 0 and torch.equal(torch.get_rng_state(), rng)
+    assert model.lin.weight.grad is None and all(p.requires_grad for p in model.parameters())
+    probe.update(batch)
+    ref = _reference(model, names, batch)
+    assert probe.engines_ == {"lin.weight": "vmap", "head.weight": "fast"}
+    assert all(_rel(probe.matrix(k), ref[k]) <= 1e-10 for k in names)
+
+
+def test_a_probe_pickled_with_a_set_of_fast_rows_stays_conservative():
+    """A probe pickled by the gradchunks pass held the parameters with fast-path rows as a set, without their chunks'
+    sample counts: unpickled, any layout refusal of such a parameter still raises (counts unknown)."""
+    torch.manual_seed(0)
+    model, batch = OnePath().double().eval(), _batch(9, 5)
+    probe = PerSampleGradientProbe(model, "lin.weight", chunk_size=4).update((batch[0][:8], batch[1][:8]))
+    state = {**probe.__getstate__(), "_fast_rows": {"lin.weight"}}
+    old = PerSampleGradientProbe.__new__(PerSampleGradientProbe)
+    old.__setstate__(state)
+    with pytest.raises(RuntimeError, match=r"lin\.weight: the fast path measured it for the 8 samples"):
+        old.update((batch[0][8:], batch[1][8:]))
+    probe.update((batch[0][8:], batch[1][8:]))  # its counts recorded: {4}, and the refused (5, 8) is no coincidence
+    assert probe.n_samples_ == 9
