@@ -890,8 +890,9 @@ class PerSampleGradientProbe:
 
     def _measure(self, batch: Any, n: int, casts: cast_cache.CastCache | None, devices) -> None:
         """Add the update's chunks. A parameter the fast path accepted in an earlier chunk of the update and
-        refuses in a later one for its input's layout (the acceptance was a coincidence: a shared or gathered tensor
-        with as many rows as that chunk has samples) has wrong rows in the earlier chunks: the update's chunks are
+        refuses in a later one for its input's layout in a way that shows the acceptance was a coincidence (a shared
+        or gathered tensor with as many rows as that chunk had samples: :func:`~.engines.coincidence`; a refused
+        ``(T, d)`` of a batch of one sequence is none) has wrong rows in the earlier chunks: the update's chunks are
         then all measured again, from the RNG state and buffers the update started from, with the engines as they
         are now, as if that parameter had left the fast path at the first chunk (at most once per parameter: it
         stays off it). Rows of earlier updates cannot be measured again: :meth:`_refuse_kept_fast_rows`."""
