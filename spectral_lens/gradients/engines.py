@@ -60,6 +60,7 @@ from .registry import fast_path_for
 __all__ = [
     "LayoutRefusal",
     "LossScale",
+    "coincidence",
     "scaled_backward",
     "fast_engine",
     "vmap_engine",
@@ -290,9 +291,30 @@ def _checked_losses(losses: Any, n: int) -> torch.Tensor:
 
 class LayoutRefusal(str):
     """A reason of :func:`fast_engine`'s ``not_called`` that is the input's layout (dimension 0 is not the sample
-    index: the shape check, or the even-samples check), not a module never called or a weight used elsewhere. A
-    chunk refused so after an earlier chunk was accepted means that acceptance was a coincidence (the probe
-    recomputes or refuses those rows)."""
+    index: the shape check, or the even-samples check), not a module never called or a weight used elsewhere.
+    ``sizes``: for the shape check, the dimension-0 sizes of the refused calls' inputs and outputs; ``None`` for
+    the even-samples check. A chunk refused so after an earlier chunk of ``n`` samples was accepted means that
+    acceptance was a coincidence (the probe recomputes or refuses those rows) where the even-samples check refused
+    it, or a refused call has ``n`` rows (a shared tensor keeps its rows whatever the chunk): other row counts (a
+    batch of one sequence taking a per-sequence path, ``(T, d)``) say nothing about the earlier chunks
+    (:func:`coincidence`)."""
+
+    sizes: frozenset[int] | None = None
+
+    def __new__(cls, text: str, sizes: Iterable[int] | None = None) -> LayoutRefusal:  # noqa: PYI034
+        self = super().__new__(cls, text)
+        self.sizes = None if sizes is None else frozenset(sizes)
+        return self
+
+
+def coincidence(why: str, accepted: Iterable[int] | None) -> bool:
+    """Whether the refusal ``why`` shows that the fast path's acceptance of the same parameter in chunks of
+    ``accepted`` sample counts was a coincidence (``accepted`` ``None``: counts unknown, taken as yes; empty: never
+    accepted). Only a :class:`LayoutRefusal` does: by the even-samples check always, by the shape check where a
+    refused call had as many rows as an accepted chunk had samples."""
+    if not isinstance(why, LayoutRefusal) or (accepted is not None and not accepted):
+        return False
+    return why.sizes is None or accepted is None or bool(why.sizes & set(accepted))
 
 
 def _mixes_rows(even: torch.Tensor | None, full: torch.Tensor | None) -> bool:
@@ -492,7 +514,8 @@ def fast_engine(
             not_called[name] = LayoutRefusal(
                 f"{type(mod).__name__} saw an input of shape {shapes[0][0]} (output {shapes[0][1]}) for a chunk of "
                 f"{n} samples: the fast path needs the sample index in dimension 0 (not a sequence-first "
-                "layout or tokens flattened across samples)"
+                "layout or tokens flattened across samples)",
+                {s[0] for pair in shapes for s in pair if s},
             )
             continue
         if not used:

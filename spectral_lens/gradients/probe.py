@@ -42,7 +42,7 @@ from ._engine_choice import (choose_engine, fast_refusal, general_engine, other_
                              running_statistics)
 from ._batch import _autograd_usable, batch_as_run, batch_size, default_forward, map_tensors, slice_batch
 from . import cast_cache
-from .engines import LayoutRefusal, LossScale, fast_engine, loop_engine
+from .engines import LayoutRefusal, LossScale, coincidence, fast_engine, loop_engine
 from .fallback import vmap_or_loop
 from .fused_head import HeadWatch, chunked_head_fns, chunked_is_faster, find_chunkable_head
 from .gram import (
@@ -615,7 +615,8 @@ class PerSampleGradientProbe:
         self._versions: tuple[tuple[int, ...], tuple[int, ...], int] | None = None
         self._mixed_warned = False  # MixedWeightsWarning given in this accumulation
         self._rows_smoothing: set[float] = set()  # the default loss's label smoothing of the samples held (metadata)
-        self._fast_rows: set[str] = set()  # parameters with rows from the fast path among the samples held
+        # parameters with rows from the fast path among the samples held -> the sample counts of those chunks
+        self._fast_rows: dict[str, set[int] | None] = {}  # None: counts not recorded (an older pickle)
         self._sync_counting()
         return self
 
@@ -632,7 +633,9 @@ class PerSampleGradientProbe:
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a probe pickled before label smoothing existed: unsmoothed, its rows of unrecorded smoothing
         self.__dict__.update({"label_smoothing": 0.0, "_label_smoothing": 0.0, "_rows_smoothing": set(),
-                              "_layouts": set(), "_fast_rows": set(), **state})
+                              "_layouts": set(), "_fast_rows": {}, **state})
+        if isinstance(self._fast_rows, set):  # pickled by review 30's gradchunks pass: chunk sizes not recorded
+            self._fast_rows = dict.fromkeys(self._fast_rows)
         self._sync_counting()
 
     def _sync_counting(self) -> None:
@@ -654,7 +657,7 @@ class PerSampleGradientProbe:
         return (self.n_samples_, dict(self._gram), self._gram_device, {n: (r, len(r)) for n, r in self._rows.items()},
                 (self._chunks, len(self._chunks)), (self._losses, len(self._losses)), self._filled, self._far_done,
                 self._versions, dict(self.engines_), self.head_loss_, self._head_fns, set(self._rows_smoothing),
-                set(self._fast_rows))
+                {k: v if v is None else set(v) for k, v in self._fast_rows.items()})
 
     def _restore(self, snap) -> None:
         (self.n_samples_, self._gram, self._gram_device, rows, chunks, losses, self._filled, self._far_done,
@@ -864,10 +867,11 @@ class PerSampleGradientProbe:
 
     def _refuse_kept_fast_rows(self, layout: dict[str, str]) -> None:
         """``RuntimeError`` where a parameter the fast path measured in earlier updates is refused now for its
-        input's layout (``layout``: name -> reason): its earlier acceptance was a coincidence (dimension 0 of the
-        input equal to the chunk size without being the sample index), so the rows held are wrong, and the batches
-        of those updates are not kept to measure them again (bounded-memory mode keeps none for its resident rows)."""
-        kept = [k for k in layout if k in self._fast_rows]
+        input's layout (``layout``: name -> reason) in a way that shows the earlier acceptance was a coincidence
+        (dimension 0 of the input equal to the chunk size without being the sample index:
+        :func:`~.engines.coincidence`), so the rows held are wrong, and the batches of those updates are not kept
+        to measure them again (bounded-memory mode keeps none for its resident rows)."""
+        kept = [k for k, why in layout.items() if k in self._fast_rows and coincidence(why, self._fast_rows[k])]
         if kept:
             k = kept[0]
             raise RuntimeError(
@@ -886,14 +890,15 @@ class PerSampleGradientProbe:
 
     def _measure(self, batch: Any, n: int, casts: cast_cache.CastCache | None, devices) -> None:
         """Add the update's chunks. A parameter the fast path accepted in an earlier chunk of the update and
-        refuses in a later one for its input's layout (the acceptance was a coincidence: a shared or gathered tensor
-        with as many rows as that chunk has samples) has wrong rows in the earlier chunks: the update's chunks are
+        refuses in a later one for its input's layout in a way that shows the acceptance was a coincidence (a shared
+        or gathered tensor with as many rows as that chunk had samples: :func:`~.engines.coincidence`; a refused
+        ``(T, d)`` of a batch of one sequence is none) has wrong rows in the earlier chunks: the update's chunks are
         then all measured again, from the RNG state and buffers the update started from, with the engines as they
         are now, as if that parameter had left the fast path at the first chunk (at most once per parameter: it
         stays off it). Rows of earlier updates cannot be measured again: :meth:`_refuse_kept_fast_rows`."""
         begin = (len(self._chunks), {k: len(r) for k, r in self._rows.items()}, len(self._losses), len(self._finite),
                  self.n_samples_)
-        s, accepted = 0, set()
+        s, accepted = 0, {}  # name -> the sample counts of the chunks the fast path served it in
         while s < n:
             e = min(n, s + self.chunk_size)
             sub = slice_batch(batch, s, e)
@@ -903,18 +908,23 @@ class PerSampleGradientProbe:
                 chunk.rng = rng_state(devices)
             fast = [k for k, engine in self.engines_.items() if engine == "fast"]
             rows, losses, layout = self._gradients(sub, e - s, casts, chunk.rng)
-            if accepted & set(layout):  # measure the update again: drop its chunks, rewind its RNG streams
+            if any(coincidence(why, accepted.get(k, ())) for k, why in layout.items()):  # measure it again:
+                # drop its chunks, rewind its RNG streams
                 del self._chunks[begin[0]:], self._losses[begin[2]:], self._finite[begin[3]:]
                 for k, r in self._rows.items():
                     del r[begin[1][k]:]
                 self.n_samples_ = begin[4]
                 set_rng_state(self._forked, devices)  # the streams as the update found them: nothing drew before
-                s, accepted = 0, set()
+                s, accepted = 0, {}
                 continue
-            accepted.update(k for k in fast if self.engines_[k] == "fast")
+            for k in fast:
+                if self.engines_[k] == "fast":
+                    accepted.setdefault(k, set()).add(e - s)
             self._add_chunk(chunk, rows, losses)
             s = e
-        self._fast_rows |= accepted
+        for k, sizes in accepted.items():
+            kept = self._fast_rows.get(k, set())
+            self._fast_rows[k] = None if kept is None else kept | sizes
 
     def _casts(self, passes: int) -> cast_cache.CastCache | None:
         """A cast cache for ``passes`` forward passes of one call; none for a single pass (nothing to
