@@ -125,6 +125,27 @@ def _own_collectives(error: BaseException | None, what: str):
         raise mark_out_of_step(error, what, failed=False)  # noqa: B904 (the collective's error is the context)
 
 
+def _held(two: bool):
+    """Around an agreement's collectives where a second one may follow the first (``two``: the quoted causes of
+    :func:`_causes`, on the failure path): a Ctrl-C on this rank is held until both ended
+    (:func:`~spectral_lens._sync.deferred_interrupt`), then raised by :func:`_raise_held`. Why: Python raises the
+    signal's ``KeyboardInterrupt`` as the first collective returns, so the rank left, and its peers, another rank
+    having failed, waited in the second until the process-group timeout. One collective: nothing held (no handler
+    replaced)."""
+    if not two:
+        return contextlib.nullcontext([])
+    from ._sync import deferred_interrupt
+
+    return deferred_interrupt()
+
+
+def _raise_held(interrupted: list, error: BaseException | None) -> None:
+    """The ``KeyboardInterrupt`` of a Ctrl-C :func:`_held` held, caused by this rank's own ``error`` if any (which
+    the peers were told)."""
+    if interrupted and not isinstance(error, KeyboardInterrupt):
+        raise KeyboardInterrupt from error
+
+
 def agree(group, error: BaseException | None, what: str, model=None) -> None:
     """Collective agreement on this rank's local work before the next collective phase.
 
@@ -206,10 +227,11 @@ def agree_built(group, error: BaseException | None, what: str, model=None) -> No
     dev = built_device(group, model)
     flags = torch.zeros(world, dtype=torch.int64, device=dev)
     flags[rank] = int(error is not None)
-    with _own_collectives(error, what):
+    with _held(True) as interrupted, _own_collectives(error, what):
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         failed = [r for r, f in enumerate(flags.tolist()) if f]
         causes = _causes(group, failed, rank, world, error, dev)
+    _raise_held(interrupted, error)
     if error is not None:
         raise error
     _raise_failed(group, failed, what, causes=causes)
@@ -291,11 +313,12 @@ def agree_round(group, count: int, digest: int, error: BaseException | None, wha
     slots = torch.zeros(2 * world, dtype=torch.int64, device=collective_device(group, model))
     slots[rank] = 0 if error is not None else count + 1  # 0: failed (the other ranks' slots are 0 here)
     slots[world + rank] = digest if error is None else 2 if isinstance(error, NonFiniteError) else 1
-    with _own_collectives(error, what):
+    with _held(quote) as interrupted, _own_collectives(error, what):
         dist.all_reduce(slots, op=dist.ReduceOp.MAX, group=group)
         values = slots.tolist()
         failed = [r for r in range(world) if values[r] == 0]
         causes = _causes(group, failed, rank, world, error, slots.device) if quote else None
+    _raise_held(interrupted, error)
     if error is not None:
         raise error
     counts = [c - 1 for c in values[:world]]
