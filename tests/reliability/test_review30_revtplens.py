@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import time
 
@@ -33,6 +34,7 @@ from reliability.test_review30_tplens import DISK_FULL, RECORD, full_disk, quote
 from support.ranks import checked_case, run_gloo_cases
 
 import spectral_lens.lens as lens_module
+from spectral_lens._warnings import SpectralLensWarning
 
 WORLD = 2
 PG_TIMEOUT_S = 20  # a collective left waiting fails after this (before the fix: every failing case by the timeout)
@@ -114,6 +116,33 @@ def again_after_a_failed_write(lens, writer) -> dict:
     if writer is not None:
         writer.close()
     return got
+
+
+POOL = "SpectralLens: the pool changed (simulated)"
+
+
+def failing_tail(lens, writer, werror: set[int]) -> dict:
+    """Rank 0's write fails where ``writer`` is given (a full disk), and the pool warning (each rank's own, after the
+    summaries) is raised as an error on the global ranks ``werror`` only (their ``-W error``); then the next forward.
+    """
+    import warnings
+
+    if writer is not None:
+        full_disk(writer)
+
+    def warn_pool_changed(*args, **kwargs):
+        warnings.warn(POOL, SpectralLensWarning, stacklevel=2)
+
+    lens._warn_pool_changed = warn_pool_changed
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if dist.get_rank() in werror:
+                warnings.filterwarnings("error", message=re.escape(POOL))
+            return then_forward(lens, functools.partial(lens.measure, 3, 3))
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _windows_rank0(rank: int) -> dict:

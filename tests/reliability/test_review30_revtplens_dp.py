@@ -9,6 +9,9 @@ second one and its mesh peer in the record's round until the timeout. Now the Ct
 ended, then agreed like a failure of the local work after it: the interrupted rank raises ``KeyboardInterrupt``, its
 mesh peer a ``RuntimeError`` quoting it, both groups' other ranks a ``RuntimeError`` naming their group's failed rank.
 
+Also checked (regression guards, they passed before): the pool warning raised as an error on global rank 3 alone
+(not a group's rank 0), and that with rank 0's write failing too (two ranks, two causes): all four raise at once.
+
 Rerun: ``PYTHONPATH=. python -m pytest -q -m slow tests/reliability/test_review30_revtplens_dp.py``
 """
 
@@ -19,10 +22,11 @@ import functools
 import pytest
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+from reliability.test_review29_drivertp import _writer
 from reliability.test_review29_drivertp_dp import _lens
 from reliability.test_review29_drivertp2 import then_forward
-from reliability.test_review30_revtplens import sigint_here
-from reliability.test_review30_tplens import RECORD, quoted
+from reliability.test_review30_revtplens import POOL, failing_tail, sigint_here
+from reliability.test_review30_tplens import DISK_FULL, RECORD, quoted
 from support.ranks import checked_case, run_gloo_cases
 
 import spectral_lens.lens as lens_module
@@ -68,7 +72,16 @@ def _rank3(rank: int) -> dict:
     return interrupted_between_the_broadcasts(_lens(rank), 3)
 
 
-CASES = {"rank0": _rank0, "rank3": _rank3}
+def _werror_rank3(rank: int) -> dict:
+    return failing_tail(_lens(rank), None, {3})
+
+
+def _two_causes(rank: int) -> dict:
+    writer = _writer(rank, "revtplens_two_dp")
+    return failing_tail(_lens(rank, writer), writer, {3})
+
+
+CASES = {"rank0": _rank0, "rank3": _rank3, "werror_rank3": _werror_rank3, "two_causes": _two_causes}
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +105,22 @@ def test_a_ctrl_c_between_the_windows_two_broadcasts_is_held_then_agreed_on_all_
     assert got[other].startswith(f"RuntimeError: SpectralLens: {RECORD} failed on global rank(s) [{interrupted}]; "), got
     last = MESH_PEER[other]  # its group's failed rank: the interrupted rank's mesh peer
     assert got[last].startswith(f"RuntimeError: SpectralLens: {RECORD} failed on global rank(s) [{peer}]; "), got
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_warning_raised_as_an_error_on_rank_3_alone_raises_on_all_four_ranks(results):
+    got = [r["error"] or "" for r in checked_case(results, "werror_rank3", DEADLINE_S)]
+    assert got[3] == f"SpectralLensWarning: {POOL}", got
+    assert got[2].startswith(quoted(3, f"SpectralLensWarning: {POOL}")), got
+    assert got[1].startswith(f"RuntimeError: SpectralLens: {RECORD} failed on global rank(s) [3]; "), got
+    assert got[0].startswith(f"RuntimeError: SpectralLens: {RECORD} failed on global rank(s) [2]; "), got
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_failures_with_other_causes_on_two_meshes_raise_on_all_four_ranks(results):
+    got = [r["error"] or "" for r in checked_case(results, "two_causes", DEADLINE_S)]
+    assert got[0] == f"OSError: {DISK_FULL}" and got[3] == f"SpectralLensWarning: {POOL}", got
+    assert got[1].startswith(quoted(0, f"OSError: {DISK_FULL}")), got
+    assert got[2].startswith(quoted(3, f"SpectralLensWarning: {POOL}")), got
