@@ -226,7 +226,60 @@ def test_the_sigint_handler_is_pythons_own_afterwards(results):
     assert [r["value"] for r in got] == [{"default": True}] * WORLD, got
 
 
-def test_one_collective_holds_nothing_and_two_hold_a_ctrl_c_until_both_ended():
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler during the test (pytest's or a runner's may be another), restored after."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.fixture
+def peer(monkeypatch):
+    """Fast: this process as rank 0 of 2 (gloo); ``calls``: the sizes of the all_reduces made; ``peer_failed``: the
+    other rank's slots say it failed; a real SIGINT reaches this rank as the first all_reduce returns."""
+    state = {"calls": [], "peer_failed": False}
+
+    def all_reduce(t, op=None, group=None):
+        state["calls"].append(t.numel())
+        if len(state["calls"]) == 1:  # the round's slots: the other rank's count slot and code
+            t[1], t[3] = (0, 1) if state["peer_failed"] else (1, 0)
+            sigint_here()
+
+    for name, value in {"is_initialized": lambda: True, "get_rank": lambda group=None: 0,
+                        "get_world_size": lambda group=None: 2, "get_backend": lambda group=None: "gloo",
+                        "all_reduce": all_reduce}.items():
+        monkeypatch.setattr(dist, name, value)
+    return state
+
+
+@pytest.mark.parametrize("mine, peer_failed", [(True, False), (False, True), (True, True)],
+                         ids=["this_rank_failed", "the_peer_failed", "both"])
+def test_a_ctrl_c_as_a_quoted_rounds_first_all_reduce_returns_waits_for_the_second(peer, python_sigint, mine,
+                                                                                   peer_failed):
+    """Before: ``KeyboardInterrupt`` out of the first all_reduce, the second (the quoted error text, which the other
+    rank makes: a rank failed) never made here, so that rank waited in it until the process-group timeout."""
+    from spectral_lens._agree import CAUSE_BYTES, agree_round
+
+    error = OSError(DISK_FULL) if mine else None
+    peer["peer_failed"] = peer_failed
+    with pytest.raises(KeyboardInterrupt) as got:
+        agree_round(None, 0, 0, error, RECORD, quote=True)
+    assert peer["calls"] == [4, 2 * CAUSE_BYTES], peer["calls"]
+    assert got.value.__cause__ is error
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_ctrl_c_in_a_round_where_none_failed_is_raised_after_it(peer, python_sigint):
+    """No rank failed: one all_reduce, then the interrupt (as before: no collective follows to carry it)."""
+    from spectral_lens._agree import agree_round
+
+    with pytest.raises(KeyboardInterrupt):
+        agree_round(None, 0, 0, None, RECORD, quote=True)
+    assert peer["calls"] == [4], peer["calls"]
+
+
+def test_one_collective_holds_nothing_and_two_hold_a_ctrl_c_until_both_ended(python_sigint):
     """Fast: :func:`~spectral_lens._agree._held` replaces no handler for one collective (``quote=False``); for two
     it holds a real SIGINT and :func:`~spectral_lens._agree._raise_held` raises it, caused by this rank's error."""
     from spectral_lens._agree import _held, _raise_held
