@@ -215,7 +215,8 @@ def agree_built(group, error: BaseException | None, what: str, model=None) -> No
     ranks quote in their ``RuntimeError`` naming the failed ranks (their own error may be far from the failed
     rank's in a merged log). A failed rank re-raises its own exception. In a single process, on a rank outside
     ``group`` or with a ``group`` that is not a process group, ``error`` is simply raised (no collective).
-    Under NCCL its tensors are on :func:`built_device` (``model``: the lens's model, a hint at this rank's GPU)."""
+    Under NCCL its tensors are on :func:`built_device` (``model``: the lens's model, a hint at this rank's GPU).
+    A Ctrl-C on this rank is held across both collectives and raised after them (:func:`_held`)."""
     world = _member_world(group)
     if world == 1 or (error is not None and out_of_step(error)):
         if error is not None:
@@ -304,7 +305,8 @@ def agree_round(group, count: int, digest: int, error: BaseException | None, wha
     a ``NonFiniteError`` too when every failed rank's error was one, as :func:`agree`'s do: a callback then
     skips the measurement alike on every rank, none going on alone into the training's next collective.
     ``quote``: where some rank failed, a second ``all_reduce`` (on that path only, :func:`_causes`) carries each
-    failed rank's error text, quoted in the others' error (their logs may be far apart: other hosts)."""
+    failed rank's error text, quoted in the others' error (their logs may be far apart: other hosts); a Ctrl-C on
+    this rank is then held across both and raised after them (:func:`_held`)."""
     import torch.distributed as dist
 
     if error is not None and out_of_step(error):
