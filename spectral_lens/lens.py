@@ -24,10 +24,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ._agree import (agree, agree_before_pass, agree_round, agree_settings, agree_widths, batch_digest,
-                     batch_structure, built_together, callable_name, collective_device, collective_pass, from_rank0,
-                     ranks, refuse_other_counts)
-from ._agree import _own_collectives
+from ._agree import (_own_collectives, agree, agree_before_pass, agree_round, agree_settings, agree_widths,
+                     batch_digest, batch_structure, built_together, callable_name, collective_device, collective_pass,
+                     from_rank0, ranks, refuse_other_counts)
 from ._args import AUTOCAST_WHY, NARROW_FLOATS, as_integer, check_callable, check_count, check_dtype, check_window
 from ._gradient_pool import agreed_batches, gradient_batches, gradient_total
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block

@@ -23,8 +23,8 @@ import pytest
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from reliability.test_review29_drivertp import _writer
-from reliability.test_review29_drivertp_dp import _lens
 from reliability.test_review29_drivertp2 import then_forward
+from reliability.test_review29_drivertp_dp import _lens
 from reliability.test_review30_revtplens import POOL, failing_tail, sigint_here
 from reliability.test_review30_tplens import DISK_FULL, RECORD, quoted
 from support.ranks import checked_case, run_gloo_cases
