@@ -334,7 +334,9 @@ def agree_settings(group, settings: dict[str, str], error: BaseException | None,
     must share: an option set on one rank only would mix the ranks' rows silently, or send them into
     different collectives) compared, in one ``all_reduce(MAX)`` of ``2 * world`` integers (:func:`agree_round`).
     Settings that differ: a ``ValueError`` on every rank naming the argument, both values and the ranks
-    (their text gathered once more, on this failure path only)."""
+    (their text gathered once more, on this failure path only). A Ctrl-C on this rank is held across both
+    collectives and raised after them (:func:`_held`; before, the rank left, and the others waited in the gathering
+    until the process-group timeout)."""
     world = ranks(group)[1]
     if world == 1:
         if error is not None:
@@ -342,9 +344,16 @@ def agree_settings(group, settings: dict[str, str], error: BaseException | None,
         return
     text = "\n".join(f"{k}={v}" for k, v in sorted(settings.items()))
     digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
-    digests = agree_round(group, 0, digest, error, what, model)[1]
-    if len(set(digests)) == 1:
-        return
+    with _held(True) as interrupted:
+        digests = agree_round(group, 0, digest, error, what, model)[1]
+        if len(set(digests)) > 1:
+            _refuse_other_settings(group, settings, world, model)
+    _raise_held(interrupted, None)
+
+
+def _refuse_other_settings(group, settings: dict[str, str], world: int, model=None) -> None:
+    """:func:`agree_settings`'s ``ValueError`` where the ranks' settings digests differ (agreed: every rank is here),
+    naming the settings that differ, each with its value on two of the ranks (gathered in one ``all_gather_object``)."""
     import torch.distributed as dist
 
     every: list = [None] * world

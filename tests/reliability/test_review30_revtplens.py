@@ -296,3 +296,33 @@ def test_one_collective_holds_nothing_and_two_hold_a_ctrl_c_until_both_ended(pyt
     assert ran and got.value.__cause__ is error
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     _raise_held([], None)  # nothing held: nothing raised
+
+
+def test_a_ctrl_c_as_the_settings_round_returns_waits_for_the_gathering_of_settings_that_differ(monkeypatch,
+                                                                                                 python_sigint):
+    """Before: ``KeyboardInterrupt`` out of the settings' all_reduce; the other rank, the digests differing, waited
+    in ``all_gather_object`` until the process-group timeout. Now this rank gathers too, then raises the interrupt,
+    caused by the same ``ValueError`` the other rank raises."""
+    from spectral_lens._agree import agree_settings
+
+    calls = []
+
+    def all_reduce(t, op=None, group=None):
+        calls.append("all_reduce")
+        t[1], t[3] = 1, 12345  # the other rank: no failure, another settings digest
+        sigint_here()
+
+    def all_gather_object(out, obj, group=None):
+        calls.append("all_gather_object")
+        out[0], out[1] = obj, {"precision": "'float32'"}
+
+    for name, value in {"is_initialized": lambda: True, "get_rank": lambda group=None: 0,
+                        "get_world_size": lambda group=None: 2, "get_backend": lambda group=None: "gloo",
+                        "all_reduce": all_reduce, "all_gather_object": all_gather_object}.items():
+        monkeypatch.setattr(dist, name, value)
+    with pytest.raises(KeyboardInterrupt) as got:
+        agree_settings(None, {"precision": "'float64'"}, None, "checking measure()'s arguments and the lens")
+    assert calls == ["all_reduce", "all_gather_object"], calls
+    assert isinstance(got.value.__cause__, ValueError) and "precision='float64' on global rank 0" in str(
+        got.value.__cause__), got.value.__cause__
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
