@@ -125,6 +125,27 @@ def _own_collectives(error: BaseException | None, what: str):
         raise mark_out_of_step(error, what, failed=False)  # noqa: B904 (the collective's error is the context)
 
 
+def _held(two: bool):
+    """Around an agreement's collectives where a second one may follow the first (``two``: the quoted causes of
+    :func:`_causes`, on the failure path): a Ctrl-C on this rank is held until both ended
+    (:func:`~spectral_lens._sync.deferred_interrupt`), then raised by :func:`_raise_held`. Why: Python raises the
+    signal's ``KeyboardInterrupt`` as the first collective returns, so the rank left, and its peers, another rank
+    having failed, waited in the second until the process-group timeout. One collective: nothing held (no handler
+    replaced)."""
+    if not two:
+        return contextlib.nullcontext([])
+    from ._sync import deferred_interrupt
+
+    return deferred_interrupt()
+
+
+def _raise_held(interrupted: list, error: BaseException | None) -> None:
+    """The ``KeyboardInterrupt`` of a Ctrl-C :func:`_held` held, caused by this rank's own ``error`` if any (which
+    the peers were told)."""
+    if interrupted and not isinstance(error, KeyboardInterrupt):
+        raise KeyboardInterrupt from error
+
+
 def agree(group, error: BaseException | None, what: str, model=None) -> None:
     """Collective agreement on this rank's local work before the next collective phase.
 
@@ -194,7 +215,8 @@ def agree_built(group, error: BaseException | None, what: str, model=None) -> No
     ranks quote in their ``RuntimeError`` naming the failed ranks (their own error may be far from the failed
     rank's in a merged log). A failed rank re-raises its own exception. In a single process, on a rank outside
     ``group`` or with a ``group`` that is not a process group, ``error`` is simply raised (no collective).
-    Under NCCL its tensors are on :func:`built_device` (``model``: the lens's model, a hint at this rank's GPU)."""
+    Under NCCL its tensors are on :func:`built_device` (``model``: the lens's model, a hint at this rank's GPU).
+    A Ctrl-C on this rank is held across both collectives and raised after them (:func:`_held`)."""
     world = _member_world(group)
     if world == 1 or (error is not None and out_of_step(error)):
         if error is not None:
@@ -206,10 +228,11 @@ def agree_built(group, error: BaseException | None, what: str, model=None) -> No
     dev = built_device(group, model)
     flags = torch.zeros(world, dtype=torch.int64, device=dev)
     flags[rank] = int(error is not None)
-    with _own_collectives(error, what):
+    with _held(True) as interrupted, _own_collectives(error, what):
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         failed = [r for r, f in enumerate(flags.tolist()) if f]
         causes = _causes(group, failed, rank, world, error, dev)
+    _raise_held(interrupted, error)
     if error is not None:
         raise error
     _raise_failed(group, failed, what, causes=causes)
@@ -282,7 +305,8 @@ def agree_round(group, count: int, digest: int, error: BaseException | None, wha
     a ``NonFiniteError`` too when every failed rank's error was one, as :func:`agree`'s do: a callback then
     skips the measurement alike on every rank, none going on alone into the training's next collective.
     ``quote``: where some rank failed, a second ``all_reduce`` (on that path only, :func:`_causes`) carries each
-    failed rank's error text, quoted in the others' error (their logs may be far apart: other hosts)."""
+    failed rank's error text, quoted in the others' error (their logs may be far apart: other hosts); a Ctrl-C on
+    this rank is then held across both and raised after them (:func:`_held`)."""
     import torch.distributed as dist
 
     if error is not None and out_of_step(error):
@@ -291,11 +315,12 @@ def agree_round(group, count: int, digest: int, error: BaseException | None, wha
     slots = torch.zeros(2 * world, dtype=torch.int64, device=collective_device(group, model))
     slots[rank] = 0 if error is not None else count + 1  # 0: failed (the other ranks' slots are 0 here)
     slots[world + rank] = digest if error is None else 2 if isinstance(error, NonFiniteError) else 1
-    with _own_collectives(error, what):
+    with _held(quote) as interrupted, _own_collectives(error, what):
         dist.all_reduce(slots, op=dist.ReduceOp.MAX, group=group)
         values = slots.tolist()
         failed = [r for r in range(world) if values[r] == 0]
         causes = _causes(group, failed, rank, world, error, slots.device) if quote else None
+    _raise_held(interrupted, error)
     if error is not None:
         raise error
     counts = [c - 1 for c in values[:world]]
@@ -309,7 +334,9 @@ def agree_settings(group, settings: dict[str, str], error: BaseException | None,
     must share: an option set on one rank only would mix the ranks' rows silently, or send them into
     different collectives) compared, in one ``all_reduce(MAX)`` of ``2 * world`` integers (:func:`agree_round`).
     Settings that differ: a ``ValueError`` on every rank naming the argument, both values and the ranks
-    (their text gathered once more, on this failure path only)."""
+    (their text gathered once more, on this failure path only). A Ctrl-C on this rank is held across both
+    collectives and raised after them (:func:`_held`; before, the rank left, and the others waited in the gathering
+    until the process-group timeout)."""
     world = ranks(group)[1]
     if world == 1:
         if error is not None:
@@ -317,9 +344,16 @@ def agree_settings(group, settings: dict[str, str], error: BaseException | None,
         return
     text = "\n".join(f"{k}={v}" for k, v in sorted(settings.items()))
     digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
-    digests = agree_round(group, 0, digest, error, what, model)[1]
-    if len(set(digests)) == 1:
-        return
+    with _held(True) as interrupted:
+        digests = agree_round(group, 0, digest, error, what, model)[1]
+        if len(set(digests)) > 1:
+            _refuse_other_settings(group, settings, world, model)
+    _raise_held(interrupted, None)
+
+
+def _refuse_other_settings(group, settings: dict[str, str], world: int, model=None) -> None:
+    """:func:`agree_settings`'s ``ValueError`` where the ranks' settings digests differ (agreed: every rank is here),
+    naming the settings that differ, each with its value on two of the ranks (gathered in one ``all_gather_object``)."""
     import torch.distributed as dist
 
     every: list = [None] * world

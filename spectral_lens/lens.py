@@ -24,9 +24,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from ._agree import (agree, agree_before_pass, agree_round, agree_settings, agree_widths, batch_digest,
-                     batch_structure, built_together, callable_name, collective_device, collective_pass, from_rank0,
-                     ranks, refuse_other_counts)
+from ._agree import (_own_collectives, agree, agree_before_pass, agree_round, agree_settings, agree_widths,
+                     batch_digest, batch_structure, built_together, callable_name, collective_device, collective_pass,
+                     from_rank0, ranks, refuse_other_counts)
 from ._args import AUTOCAST_WHY, NARROW_FLOATS, as_integer, check_callable, check_count, check_dtype, check_window
 from ._gradient_pool import agreed_batches, gradient_batches, gradient_total
 from ._blocks import _names_modules, all_blocks, block_hidden_states, deepest_block
@@ -1100,9 +1100,18 @@ class SpectralLens:
         # rank 0's windows on every rank: only rank 0 has the writer and its recorded windows, and summaries
         # that differ between ranks could send code that branches on them (an early stop) down different
         # paths, into mismatched collectives
-        tail, head = from_rank0(self.group, self._windows(), self.model)
+        windows = self._windows()
         m, error = None, None
         try:
+            # inside: a Ctrl-C on one rank during the broadcast (held until it ended, or raised as it returns) is
+            # agreed below, with the mesh peers too; before, that rank raised alone, its mesh peers waited in their
+            # round below and its group's ranks in their agreement until the process-group timeout. A broadcast that
+            # failed is marked: no agreement is tried after it (the other ranks may wait in it)
+            with deferred_interrupt() if ranks(self.group)[1] > 1 else contextlib.nullcontext([]) as interrupted, \
+                    _own_collectives(None, "the broadcast of rank 0's summary windows"):
+                tail, head = from_rank0(self.group, windows, self.model)
+            if interrupted:
+                raise KeyboardInterrupt
             summaries = {name: spectrum_summaries(s, tail=tail, head=head) for name, s in spectra.items()}
             self._warn_window(tail, spectra, summaries)
             self._warn_pool_changed(spectra)
