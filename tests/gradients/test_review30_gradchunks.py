@@ -19,7 +19,6 @@ Every value against a float64 per-sample autograd reference (the review-30 grad 
 
 from __future__ import annotations
 
-import copy
 import random
 
 import numpy as np
@@ -30,30 +29,7 @@ from torch import nn
 from spectral_lens.gradients import PerSampleGradientProbe, causal_lm_loss
 from spectral_lens.gradients import engines
 
-VOCAB, D = 23, 8
-
-
-def _batch(m, t, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (m, t + 1), generator=g)
-    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
-
-
-def _reference(model, names, batch):
-    """float64 rows: a copy of the model, one ``torch.autograd.grad`` of each sample's own mean loss."""
-    m64 = copy.deepcopy(model).double()
-    named = dict(m64.named_parameters(remove_duplicate=False))
-    rows = {k: [] for k in names}
-    for i in range(batch[0].shape[0]):
-        sample = (batch[0][i : i + 1], batch[1][i : i + 1])
-        gs = torch.autograd.grad(causal_lm_loss(m64(sample[0]), sample).sum(), [named[k] for k in names])
-        for k, g in zip(names, gs):
-            rows[k].append(g.reshape(-1))
-    return {k: torch.stack(v) for k, v in rows.items()}
-
-
-def _rel(a, b):
-    return float((a.double() - b).abs().max() / b.abs().max())
+from .test_review30_grad30 import VOCAB, D, _batch, _reference, _rel  # the float64 reference of review 30
 
 
 class _LM(nn.Module):
