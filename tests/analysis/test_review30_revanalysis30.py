@@ -75,6 +75,26 @@ def test_crossover_still_refuses_every_ascending_eigensolver_output():
     assert estimate_crossover(bumped).located
 
 
+@pytest.mark.parametrize("clamp", [False, True])
+@pytest.mark.parametrize("ranks", [None, (5, 40)])
+def test_crossover_names_the_order_of_a_rank_deficient_eigvalsh_output(clamp, ranks):
+    """eigvalsh of a covariance of fewer rows than dimensions (the usual case for gradient spectra) puts
+    its round-off first: the ascending check was never reached, and the error named a negative eigenvalue
+    at rank 1 ('clamp it'), then, clamped, 'reaches zero eigenvalues: only 160 are nonzero'. The order is
+    named now; the error still says which window check failed."""
+    g = np.random.default_rng(11)
+    x = torch.as_tensor(g.standard_normal((64, 256)) * np.arange(1, 257) ** -0.7)
+    ev = torch.linalg.eigvalsh((x - x.mean(0)).T @ (x - x.mean(0)) / 63)
+    ev = ev.clamp_min(0) if clamp else ev
+    why = "reaches zero eigenvalues" if clamp else "negative eigenvalue"
+    with pytest.raises(ValueError, match=rf"rises from .* at rank 1 to .* at rank 256 and never falls .*{why}.* "
+                                         r"pass the eigenvalues largest first"):
+        estimate_crossover(ev, ranks=ranks)
+    assert estimate_crossover(ev.flip(0).clamp_min(0), ranks=ranks).ranks == (ranks or (1, 63))
+    with pytest.raises(ValueError, match=r"^window \[200, 256\] reaches zero eigenvalues"):  # not ascending: as before
+        estimate_crossover(ev.flip(0).clamp_min(0), ranks=(200, 256))
+
+
 # ----------------------------------------------------------------------------- located: real bends stay located
 
 
