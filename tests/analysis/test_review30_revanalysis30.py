@@ -164,3 +164,21 @@ def test_controller_and_predictors_take_numpy_scalars():
     for cls in (TailPredictor, NoiseScalePredictor):
         p = cls(noise_neighbors=np.int64(3), n_draws=np.uint16(10))
         assert p.noise_neighbors == 3 and p.n_draws == 10
+
+
+# ----------------------------------------------------------------------------- js_divergence: NumPy's extended precision
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).bits <= 64, reason="long double is float64 on this platform")
+def test_js_divergence_and_ranks_take_numpys_long_double():
+    """js_divergence read its input with np.asarray(..., float64) before review 30; through the effective
+    ranks' reader a float128 array was refused as 'needs a Spectrum or a 1-D tensor ... got ndarray'
+    (torch has no such dtype). Read as float64, the library's precision."""
+    from spectral_lens import RankMe, participation_ratio
+
+    a = np.array([3.0, 1.0, 0.5], dtype=np.longdouble)
+    assert js_divergence(a, [2.0, 2.0, 0.1]) == pytest.approx(_jsd_before([3.0, 1.0, 0.5], [2.0, 2.0, 0.1]), abs=1e-15)
+    assert RankMe()(a) == pytest.approx(RankMe()(np.array([3.0, 1.0, 0.5])), rel=1e-15)
+    assert participation_ratio(a) == pytest.approx(participation_ratio(np.array([3.0, 1.0, 0.5])), rel=1e-15)
+    with pytest.raises(ValueError, match="NaN/Inf"):  # beyond float64's range: Inf, refused as such
+        js_divergence(np.array([1e400, 1.0], dtype=np.longdouble), [1.0, 1.0])
