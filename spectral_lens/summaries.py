@@ -141,11 +141,16 @@ def _values(spectrum: Spectrum | torch.Tensor, where: str) -> torch.Tensor:
     (Python floats are float64): through ``torch.as_tensor`` alone it took torch's default dtype, float32,
     which rounded the values, turned 1e39 into Inf and gave float64 data float32's tolerance. Arrays are
     copied first: torch refuses a reversed view (``np.sort(x)[::-1]``, negative strides), which was
-    reported as 'needs a Spectrum or a 1-D tensor ... got ndarray', and warns on a read-only one."""
+    reported as 'needs a Spectrum or a 1-D tensor ... got ndarray', and warns on a read-only one. NumPy's
+    long double (float128 on x86 Linux), which torch has no dtype for, is read as float64."""
     if isinstance(spectrum, Spectrum):
         return spectrum.values
     try:
-        values = spectrum if isinstance(spectrum, torch.Tensor) else torch.as_tensor(np.array(spectrum))
+        if isinstance(spectrum, torch.Tensor):
+            values = spectrum
+        else:
+            arr = np.array(spectrum)
+            values = torch.as_tensor(arr.astype(np.float64) if arr.dtype == np.longdouble else arr)
     except (TypeError, ValueError, RuntimeError):
         values = None
     if values is None or values.is_complex() or values.dtype == torch.bool:
