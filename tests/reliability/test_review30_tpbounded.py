@@ -123,7 +123,13 @@ def interrupted_failure_round(lens, failing: bool) -> dict:
     """The eigendecomposition fails on the ``failing`` rank, and a Ctrl-C reaches it as the first ``all_reduce`` of
     its failure's round with its mesh peers returns (``PeerRounds.fail``)."""
     fail_in_compute(lens, "eigh", failing)
-    real, armed = dist.all_reduce, [failing]
+    real, armed, failed = dist.all_reduce, [False], probe_mod.gram_spectrum
+
+    def gram_spectrum(*args, **kwargs):  # armed from the failure on (this rank's next round: its failure's)
+        armed[:] = [failing]
+        return failed(*args, **kwargs)
+
+    probe_mod.gram_spectrum = gram_spectrum
 
     def all_reduce(t, *args, **kwargs):
         mine = armed and armed[0] and t.dtype == torch.int64 and t.numel() == 4 \
