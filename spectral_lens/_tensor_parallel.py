@@ -21,6 +21,7 @@ dimensions) is refused (:func:`refuse_fsdp_with_tensor_parallel`).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 import zlib
@@ -411,9 +412,9 @@ class PeerRounds:
     next forward's collective until the process-group timeout. A failure inside a forward (from a round's
     go-ahead to the next round) is not agreed: the peers may wait in its collectives, as in training. With
     ``agreed(..., last_round=False)`` the round after the last forward is the caller's :meth:`end`, once the
-    work after the forwards is done too (the probe's ``compute``; not where that work runs forwards, as in
-    bounded-memory mode, whose collectives a round would meet): a failure there on one rank joins it (before,
-    the peer returned the measurement and went on alone)."""
+    work after the forwards is done too (the probe's ``compute``): a failure there on one rank joins it (before,
+    the peer returned the measurement and went on alone); where that work runs forwards too (bounded-memory
+    mode's recomputations), each is preceded by a round of its own (:meth:`forward`)."""
 
     def __init__(self, group, what: str, model=None, who: str = "SpectralLens") -> None:
         self.group, self.what, self.model, self.who = group, what, model, who
@@ -483,20 +484,55 @@ class PeerRounds:
                 "each must get the same pool, in the same batches"
             )
 
-    def fail(self, error: BaseException) -> None:
-        """Carry ``error``, this rank's, into the peers' next round where it was not agreed with them already
-        (a round settled it, or it came from a forward: :meth:`agreed`; or it left the collectives out of step);
-        returns (the caller raises it, after its own group's agreement)."""
-        from ._agree import agree_round, out_of_step
+    @contextlib.contextmanager
+    def forward(self):
+        """One round more, then the caller's forward(s) of the mesh inside the block: where the work after
+        :meth:`agreed`'s forwards runs forwards too (the probe's ``compute`` in bounded-memory mode recomputes its
+        non-resident chunks; the lens passes this as its ``_around_recompute``), a failure of one rank outside them
+        (replaying a chunk's RNG state, the eigendecomposition, a non-finite Gram) is carried into the peers' round
+        before their next recomputation, or into :meth:`end` after ``compute`` (before, they waited in that
+        forward's collectives, or in the training's next forward, until the process-group timeout). A failure
+        inside the block is not agreed (as inside :meth:`agreed`'s forwards)."""
+        from ._agree import agree_round
 
-        if not self.open or self.inside or out_of_step(error):
+        if not self.open or self.inside:  # settled already, or nested in a forward: no round
+            yield
             return
         self.open = False
-        try:
-            agree_round(self.group, 0, 0, error, self.what, self.model, quote=True)
-        except BaseException as exc:  # agree_round raises error itself, as agreed (marked where it failed)
-            if exc is not error:
-                raise
+        counts, digests = agree_round(self.group, self.forwards + 1, 0, None, self.what, self.model, quote=True)
+        self._refuse_differing(counts, digests, True)  # (other counts: a peer with fewer forwards ended its pass)
+        self.open, self.inside = True, True
+        self.forwards += 1
+        yield
+        self.inside = False
+
+    def fail(self, error: BaseException) -> BaseException:
+        """Carry ``error``, this rank's, into the peers' next round where it was not agreed with them already
+        (a round settled it, or it came from a forward: :meth:`agreed`; or it left the collectives out of step).
+        Returns what the caller agrees on with its own group, then raises: ``error``, or a ``KeyboardInterrupt``
+        caused by it where a Ctrl-C reached this rank during the round, held across the round's collectives
+        (:func:`~spectral_lens._sync.deferred_interrupt`; before, that ``KeyboardInterrupt`` left here and the
+        caller skipped its group's agreement, whose other ranks, a (dp, tp) mesh's other replica, then waited in it
+        until the process-group timeout)."""
+        from ._agree import _OUT_OF_STEP, agree_round, out_of_step
+        from ._sync import deferred_interrupt
+
+        if not self.open or self.inside or out_of_step(error):
+            return error
+        self.open = False
+        with deferred_interrupt() as interrupted:  # (agree_round's own hold is nested in this one: it holds it)
+            try:
+                agree_round(self.group, 0, 0, error, self.what, self.model, quote=True)
+            except BaseException as exc:  # agree_round raises error itself, as agreed (marked where it failed)
+                if exc is not error:
+                    raise
+        if not interrupted or isinstance(error, KeyboardInterrupt):
+            return error
+        interrupt = KeyboardInterrupt()
+        interrupt.__cause__ = error
+        if out_of_step(error):  # no agreement is tried after it either
+            setattr(interrupt, _OUT_OF_STEP, True)
+        return interrupt
 
 
 def refuse_tensor_parallel_params(model: nn.Module, names, who: str = "PerSampleGradientProbe") -> None:

@@ -716,8 +716,8 @@ class SpectralLens:
                 peers.end()
         except BaseException as exc:  # an interrupt too (Ctrl-C on one rank): agreed below, then re-raised
             error = exc
-            if peers is not None:  # with this rank's tensor-parallel peers first (their next round)
-                peers.fail(exc)
+            if peers is not None:  # with this rank's tensor-parallel peers first (their next round; a Ctrl-C
+                error = peers.fail(exc)  # there held, agreed below as this rank's error)
             elif tp is not None and not tp[0] and not checked:  # before their check: carried into it
                 _peers_told(tp, exc)
         agree(self.group, error, "the activation pass", model)
@@ -933,8 +933,8 @@ class SpectralLens:
                     peers.end()
             except BaseException as exc:  # an interrupt too: agreed with the other ranks below, then re-raised
                 error = exc
-                if peers is not None:  # with this rank's tensor-parallel peers first (their next round)
-                    peers.fail(exc)
+                if peers is not None:  # with this rank's tensor-parallel peers first (their next round; a Ctrl-C
+                    error = peers.fail(exc)  # there held, agreed below as this rank's error)
                 elif tp is not None and not checked:  # before their check (its gradient pool's length): carried into it
                     _peers_told(tp, exc)
             finally:  # the rows of G (M x P per matrix, on the device) are not kept through the training in between
@@ -1024,9 +1024,7 @@ class SpectralLens:
                 if everywhere:  # every rank runs these passes: the pools compared as they go
                     batches = agreed_batches(self.group, batches, self.gradient_samples, self.model)
                 elif peers is not None:  # and this rank's tensor-parallel peers; their last round after the
-                    # compute (_gradients'), except in bounded-memory mode, whose compute recomputes chunks: forwards
-                    # that are collectives of the mesh (a round there would meet a peer's forward)
-                    batches = peers.agreed(batches, last_round=self.probe.max_resident_samples is not None)
+                    batches = peers.agreed(batches, last_round=False)  # compute (_gradients'), see below
                 for i, batch in enumerate(batches):
                     # everywhere, a forward and backward that are collectives: as in _forwards_in_rounds
                     with (collective_pass(f"the gradient protocol's pass over the gradient pool's batch {i}")
@@ -1044,8 +1042,14 @@ class SpectralLens:
                 "batches at every measurement (a list or a DataLoader, not an exhausted iterator), or "
                 "params=() to measure activations only"
             )
-        spectra = self.probe.compute()
-        noise = self.probe.noise_scale()
+        # bounded-memory mode's compute recomputes chunks: forwards that are collectives of a tensor-parallel mesh,
+        # each after a round of the peers (a failure of one rank between them raises on each at once)
+        self.probe._around_recompute = None if peers is None else peers.forward
+        try:
+            spectra = self.probe.compute()
+            noise = self.probe.noise_scale()
+        finally:
+            self.probe._around_recompute = None
         if isinstance(spectra, Spectrum):
             spectra = {next(iter(self.probe.params)): spectra}
             noise = {next(iter(self.probe.params)): noise}

@@ -255,6 +255,10 @@ class PerSampleGradientProbe:
         self._loss_scale, self._row_loss_scale = LossScale(), LossScale()
         # during an update: puts back the buffers a pass wrote (preserved_buffers' rewind)
         self._rewind_buffers: Callable[[], None] | None = None
+        # a caller's context around each recomputation of a non-resident chunk in compute (bounded-memory mode),
+        # entered after its RNG state is replayed, before its forwards: the lens's round of a tensor-parallel
+        # rank's mesh peers (PeerRounds.forward), whose forwards are collectives of the mesh; None: nothing
+        self._around_recompute: Callable[[], Any] | None = None
         # signatures of static 3-D+ fast-path inputs the even-samples check found per-sample (fast_engine's
         # ``checked``): checked once per probe and model, not per chunk
         self._layouts: set = set()
@@ -884,9 +888,11 @@ class PerSampleGradientProbe:
 
     def _chunk_rows(self, chunk: _Chunk, devices, casts) -> dict[str, torch.Tensor]:
         """Recompute a non-resident chunk's rows, replaying its RNG states (torch CPU and CUDA, Python's
-        ``random``, numpy's global generator: the forward draws what it drew the first time)."""
+        ``random``, numpy's global generator: the forward draws what it drew the first time); its forwards inside
+        ``_around_recompute()`` where a caller set one."""
         set_rng_state(chunk.rng, devices)
-        return self._gradients(chunk.batch, chunk.stop - chunk.start, casts, chunk.rng)[0]
+        with contextlib.nullcontext() if self._around_recompute is None else self._around_recompute():
+            return self._gradients(chunk.batch, chunk.stop - chunk.start, casts, chunk.rng)[0]
 
     def _measure(self, batch: Any, n: int, casts: cast_cache.CastCache | None, devices) -> None:
         """Add the update's chunks. A parameter the fast path accepted in an earlier chunk of the update and
