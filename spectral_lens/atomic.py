@@ -144,13 +144,18 @@ def _refuse_unwritable(target: Path, path: Path) -> None:
     os.close(fd)
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, fsync: bool = True) -> Path:
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, fsync: bool = True,
+                 sync_dir: bool = True) -> Path:
     """Call ``write(fh)`` on a binary temporary file next to ``path``, then rename it onto ``path``.
 
     A symlink at ``path`` is written through (its target is replaced, the link kept) and an existing
     file's permission bits are kept, as ``open(path, "w")`` would (see the module docstring).
     ``fsync=False`` skips the fsyncs (the rename is still atomic, so readers never see a partial
-    file; only durability across a power loss is traded for speed). Returns ``path``.
+    file; only durability across a power loss is traded for speed). ``sync_dir=False`` (with ``fsync``)
+    fsyncs the file but not its directory: for a caller that writes several files into one directory
+    and fsyncs it once after the last rename (``RunWriter.log_measurement``), before anything refers
+    to them; until then the renames are not durable (a write through a symlink still fsyncs the target's
+    directory, which is not the caller's). Returns ``path``.
     """
     path = Path(path)
     target = _write_target(path)
@@ -199,8 +204,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
             if named is not exc:
                 raise named from exc
         raise
-    if fsync:
-        fsync_dir(target.parent)
+    if fsync and (sync_dir or target != path):  # written through a symlink: the target's directory is not the
+        fsync_dir(target.parent)  # one the caller fsyncs
     return path
 
 

@@ -469,7 +469,8 @@ class RunWriter:
         try:
             for name, spec in spectra.items():
                 rel = self._spectrum_file(step, name, taken)
-                spec.save(self.path / rel, fsync=self.fsync)  # atomic: temp file, fsync, rename
+                # atomic: temp file, fsync, rename; the directory is fsynced once, after the last (below), before
+                spec.save(self.path / rel, fsync=self.fsync, sync_dir=False)  # the line refers to any of them
                 entries[name] = {"file": rel, "kind": spec.kind}
                 summ = spectrum_summaries(spec, self.tail_window, self.head_window) if summarize else {}
                 summ.update(user_summaries.get(name, {}))

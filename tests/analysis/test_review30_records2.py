@@ -1,0 +1,76 @@
+"""Review 30 (records2): run-record follow-ups left by today's two record reviews.
+
+Each test failed before the fix it guards (see docs/reliability.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spectral_lens.records import RecordWarning, RunInfo, RunRecord, RunWriter
+from spectral_lens.spectrum import Spectrum
+
+
+def _spectrum(seed: int = 0, n: int = 30) -> Spectrum:
+    values = np.sort(np.random.default_rng(seed).random(n))[::-1] + 0.01
+    return Spectrum(values, dim=n, kind="activation_covariance", n_rows=500)
+
+
+def _info(**kw) -> RunInfo:
+    base = dict(family="F", batch_tier=8, tokens_per_step=1000, seed=0, n_layer=12, total_tokens=10**6,
+                batch_size=16, primary_spectrum="act:a")
+    base.update(kw)
+    return RunInfo("r", **base)
+
+
+# ---- 1. one directory fsync per measurement, after every spectrum's rename, before the line ----------------
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names descriptors through /proc")
+def test_a_measurement_fsyncs_the_spectra_directory_once_after_the_renames_and_before_its_line(tmp_path, monkeypatch):
+    # Spectrum.save fsynced spectra/ once per spectrum, then log_measurement once more: N + 1 per measurement
+    run = tmp_path / "run"
+    w = RunWriter(run, _info())
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        events.append((f"fsync-{kind}", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **kw):
+        events.append(("replace", os.fspath(dst)))
+        return real_replace(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        w.log_measurement(10, 100, {f"act:{i}": _spectrum(i) for i in range(5)})
+    finally:
+        monkeypatch.undo()
+        w.close()
+    spectra = os.path.realpath(run / "spectra")
+    dirs = [e for e in events if e[0] == "fsync-dir"]
+    assert dirs == [("fsync-dir", spectra)]  # once per measurement (before: 6)
+    kinds = [e[0] for e in events]
+    at = kinds.index("fsync-dir")
+    assert kinds[:at] == ["fsync-file", "replace"] * 5  # each spectrum fsynced before its rename, all renamed
+    assert events[at + 1:] == [("fsync-file", os.path.realpath(run / "measurements.jsonl"))]  # then the line
+    assert len(RunRecord.open(run).measurements[-1].spectra) == 5
+
+
+def test_spectrum_save_alone_still_fsyncs_its_directory(tmp_path, monkeypatch):
+    # the default of Spectrum.save (and write_atomic) keeps its own directory fsync: durable on its own
+    dirs = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (dirs.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real(fd))[1])
+    _spectrum().save(tmp_path / "s.npz")
+    monkeypatch.undo()
+    assert dirs == [False, True]
