@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .. import _locks as locks
+from .._args import as_integer
 from ..atomic import TMP_SUFFIX, named_os_error, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
 from ..spectra.fit import tail_window as _tail_window
@@ -268,7 +269,7 @@ class RunWriter:
         warnings.warn(
             f"{path}: dropping a truncated last line ({size - start} bytes) before appending",
             RecordWarning,
-            stacklevel=4,  # the same frame as before the body moved here (RunWriter.__init__)
+            stacklevel=5,  # the user's RunWriter(...) call: _fix_last_line < _open_append < _open < __init__
         )
         os.ftruncate(fd, start)
 
@@ -315,7 +316,7 @@ class RunWriter:
                 + (f"; could not remove {len(failed)}: {'; '.join(failed[:3])}{'; ...' if len(failed) > 3 else ''}"
                    if failed else ""),
                 RecordWarning,
-                stacklevel=3,
+                stacklevel=4,  # the user's RunWriter(...) call: _clean_orphans < _open < __init__
             )
 
     def _append(self, name: str, obj: Mapping[str, Any]) -> None:
@@ -537,7 +538,10 @@ class RunWriter:
         """
         if not self._fds:
             raise ValueError(f"RunWriter for {self.path} is closed")
-        step = int(step)
+        try:  # int() truncated: drop_after(2.7) kept step 2's lines and dropped the rest
+            step = as_integer(step)
+        except TypeError as exc:
+            raise TypeError(f"RunWriter.drop_after: step must be an integer (the checkpoint's step): {exc}") from None
         self._dropped = True  # the training resumed from a checkpoint (see _settle)
         dropped_files: set[str] = set()
         kept_files: set[str] = set()
@@ -907,7 +911,7 @@ def _lock_run_dir(path: Path) -> int | None:
         ) from None
     if fd is None and locks.SUPPORTED:
         warnings.warn(f"{path}: the file system does not support locks; a second RunWriter on this directory "
-                      "would not be refused", RecordWarning, stacklevel=4)
+                      "would not be refused", RecordWarning, stacklevel=3)  # the user's RunWriter(...)
     return fd
 
 

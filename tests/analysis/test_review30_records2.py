@@ -74,3 +74,53 @@ def test_spectrum_save_alone_still_fsyncs_its_directory(tmp_path, monkeypatch):
     _spectrum().save(tmp_path / "s.npz")
     monkeypatch.undo()
     assert dirs == [False, True]
+
+
+# ---- 3. drop_after refuses a step that is not an integer ------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [2.7, "2", True, float("nan")])
+def test_drop_after_refuses_a_step_that_is_not_an_integer(tmp_path, bad):
+    # drop_after(2.7) was int(2.7) == 2: step 2's lines kept, everything after silently removed
+    with RunWriter(tmp_path / "run", _info(), fsync=False) as w:
+        for step in (1, 2, 3):
+            w.log(step, step * 10, train_loss=1.0)
+            w.log_measurement(step, step * 10, {"act:a": _spectrum(step)})
+        with pytest.raises(TypeError, match=r"RunWriter\.drop_after: step must be an integer"):
+            w.drop_after(bad)
+        assert w.measured_steps() == {1, 2, 3}  # nothing removed
+        assert w.drop_after(np.int64(2)) == 1 and w.drop_after(2.0) == 0  # integral values as before
+    assert [m.step for m in RunRecord.open(tmp_path / "run").measurements] == [1, 2]
+
+
+# ---- 4. the resume's warnings point at the user's RunWriter(...) call ----------------------------------------
+
+
+def _warned_here(run, **kw) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        w = RunWriter(run, resume=True, fsync=False, **kw)
+    w.close()
+    return [g for g in got if issubclass(g.category, RecordWarning)]
+
+
+def test_the_resume_warnings_point_at_the_callers_line(tmp_path):
+    run = tmp_path / "run"
+    with RunWriter(run, _info(), fsync=False) as w:
+        w.log_measurement(1, 10, {"act:a": _spectrum()})
+    with open(run / "log.jsonl", "ab") as fh:  # a line cut off by a crash
+        fh.write(b'{"step": 2, "tok')
+    (run / "spectra" / "00000005_act_a.npz").write_bytes(b"orphan")  # a spectrum file no line refers to
+    got = _warned_here(run)
+    assert len(got) == 2, [str(g.message) for g in got]
+    assert {g.filename for g in got} == {__file__}  # before: writer.py (RunWriter.__init__, _open)
+
+
+def test_the_no_lock_warning_points_at_the_callers_line(tmp_path, monkeypatch):
+    from spectral_lens import _locks
+    monkeypatch.setattr(_locks, "acquire", lambda path: None)  # a file system without locks
+    monkeypatch.setattr(_locks, "SUPPORTED", True)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        RunWriter(tmp_path / "run", _info(), fsync=False).close()
+    assert [g.filename for g in got if "does not support locks" in str(g.message)] == [__file__]
