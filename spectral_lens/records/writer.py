@@ -7,6 +7,7 @@ import numbers
 import operator
 import os
 import re
+import stat
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -134,9 +135,9 @@ class RunWriter:
         self._trained = False  # it trained a step again (see _retrained, _status._went_on)
         self._trained_before: dict[int, bool] | None = None  # steps of the record's training lines before (_retrained)
         run_file = self.path / RUN_FILE
-        if not run_file.exists():  # a new run: check the arguments before creating its directory
+        if not _holds_run_file(run_file):  # a new run: check the arguments before creating its directory
             if info is None:
-                raise ValueError(f"{self.path}: a new run needs a RunInfo (info=...)")
+                raise _needs_info(self.path)
             if not isinstance(info, RunInfo):
                 raise TypeError(f"info must be a RunInfo, got {type(info).__name__}")
             for window, what in ((tail_window, "tail_window"), (head_window, "head_window")):
@@ -155,7 +156,7 @@ class RunWriter:
         fsync = self.fsync
         marked = False  # a resumed run marked failed, or failure_after_end (by __exit__)
         stale = None  # the entry of an earlier writer's "running" it never settled (killed)
-        existing = run_file.exists()  # resumed: a "running" there is no writer's (see below)
+        existing = _holds_run_file(run_file)  # resumed: a "running" there is no writer's (see below)
         if resume:  # read below (a FIFO waited for good): refused before anything is written
             for name in (LOG_FILE, MEASUREMENTS_FILE):
                 _check_regular(self.path / name)
@@ -184,7 +185,7 @@ class RunWriter:
             stale = None if marked or self._lock_fd is None else _stale_running(_extras(header))
         else:
             if info is None:
-                raise ValueError(f"{self.path}: a new run needs a RunInfo (info=...)")
+                raise _needs_info(self.path)
             if not isinstance(info, RunInfo):
                 raise TypeError(f"info must be a RunInfo, got {type(info).__name__}")
             leftovers = [] if resume else self._leftovers()
@@ -206,6 +207,9 @@ class RunWriter:
                 "summary_windows": {"tail": list(self.tail_window), "head": self.head_window and list(self.head_window)},
                 "created": time.time(),
             }
+            if os.path.lexists(run_file):  # empty: nothing in it is lost
+                warnings.warn(f"{run_file} is empty (a crash while it was created): written again from the RunInfo "
+                              "given", RecordWarning, stacklevel=3)  # the user's RunWriter(...): _open < __init__
             _write_json_atomic(run_file, header, fsync)
         (self.path / SPECTRA_DIR).mkdir(exist_ok=True)
         if resume:
@@ -231,7 +235,8 @@ class RunWriter:
     def _leftovers(self) -> list[str]:
         """The record files of another run in this directory: ``log.jsonl``, ``measurements.jsonl``,
         ``spectra/`` with files in it."""
-        out = [name for name in (LOG_FILE, MEASUREMENTS_FILE) if os.path.lexists(self.path / name)]
+        out = [name for name in (LOG_FILE, MEASUREMENTS_FILE)  # an empty one (a crash right after creating it)
+               if os.path.lexists(self.path / name) and not _is_empty_file(self.path / name)]  # holds no run
         n = sum(1 for _ in (self.path / SPECTRA_DIR).iterdir()) if (self.path / SPECTRA_DIR).is_dir() else 0
         if n:
             out.append(f"{SPECTRA_DIR}/ ({n} file{'' if n == 1 else 's'})")
@@ -890,6 +895,32 @@ class RunWriter:
             self._close()
         except Exception:
             pass
+
+
+def _needs_info(path: Path) -> ValueError:
+    """The error of a new run (no ``run.json``, or an empty one) opened without a :class:`RunInfo`."""
+    empty = os.path.lexists(path / RUN_FILE)
+    return ValueError(f"{path}: a new run needs a RunInfo (info=...)" + (
+        f"; its {RUN_FILE} is empty (a crash while it was created): pass the run's RunInfo to write it again"
+        if empty else ""))
+
+
+def _is_empty_file(path: Path) -> bool:
+    """Whether ``path`` is an empty regular file (links followed): a record file created by a writer that was killed
+    before it wrote anything into it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
+def _holds_run_file(run_file: Path) -> bool:
+    """Whether ``run_file`` holds a run's metadata: it exists and is not empty. An empty ``run.json`` (a crash while
+    the writer created it, before its content was durable) counts as none: a new run, or a resume with a
+    :class:`RunInfo`, writes it again (before, it was a ``RecordFormatError`` on resume and a ``FileExistsError``
+    without, so no writer could open the directory)."""
+    return run_file.exists() and not _is_empty_file(run_file)
 
 
 #: The lock file :class:`RunWriter` holds an exclusive ``flock`` on while it is open (never removed).

@@ -124,3 +124,42 @@ def test_the_no_lock_warning_points_at_the_callers_line(tmp_path, monkeypatch):
         warnings.simplefilter("always")
         RunWriter(tmp_path / "run", _info(), fsync=False).close()
     assert [g.filename for g in got if "does not support locks" in str(g.message)] == [__file__]
+
+
+# ---- 5. empty record files left by a crash right after creating them -----------------------------------------
+
+
+@pytest.mark.parametrize("resume", [False, True])
+@pytest.mark.parametrize("empty", [("log.jsonl",), ("log.jsonl", "measurements.jsonl"), ("run.json",),
+                                   ("run.json", "log.jsonl", "measurements.jsonl")])
+def test_empty_record_files_are_an_empty_run_of_this_name(tmp_path, empty, resume):
+    # an empty log.jsonl was "another run's files" (FileExistsError); an empty run.json a RecordFormatError on
+    # resume and a FileExistsError without: no writer could open the directory
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in empty:
+        (run / name).write_bytes(b"")
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        with RunWriter(run, _info(), resume=resume, fsync=False) as w:
+            w.log(1, 10, train_loss=2.0)
+    said = [(str(g.message).split(": ")[0][-8:], g.filename) for g in got if issubclass(g.category, RecordWarning)]
+    assert [str(g.message) for g in got if "is empty (a crash" not in str(g.message)] == []
+    assert len(said) == ("run.json" in empty) and all(f == __file__ for _, f in said)
+    rec = RunRecord.open(run)
+    assert rec.info.run_id == "r" and rec.info.total_tokens == 10**6 and [e["step"] for e in rec.events] == [1]
+
+
+def test_an_empty_run_json_beside_another_runs_lines_loses_nothing(tmp_path):
+    run = tmp_path / "run"
+    with RunWriter(run, _info(), fsync=False) as w:
+        w.log(1, 10, train_loss=2.0)
+    (run / "run.json").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="log.jsonl"):  # lines of a run: refused without resume
+        RunWriter(run, _info(), fsync=False)
+    with pytest.raises(ValueError, match="run.json is empty"):  # a resume needs the RunInfo to write it again
+        RunWriter(run, resume=True, fsync=False)
+    assert (run / "log.jsonl").read_bytes().count(b"\n") == 1 and (run / "run.json").read_bytes() == b""
+    with pytest.warns(RecordWarning, match="is empty"):
+        RunWriter(run, _info(), resume=True, fsync=False).close()  # appended to, as with run.json missing
+    assert [e["step"] for e in RunRecord.open(run).events] == [1]
