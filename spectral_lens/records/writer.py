@@ -166,10 +166,14 @@ class RunWriter:
                     f"{run_file} already exists: pass resume=True to append to this run, or choose a new directory"
                 )
             stored = RunRecord._read_info(self.path)
+            if info is not None and not isinstance(info, RunInfo):
+                raise TypeError(f"info must be a RunInfo, got {type(info).__name__}")
             if info is not None and info.run_id != stored.run_id:
                 raise ValueError(
                     f"{run_file}: resuming run {stored.run_id!r} with info for run {info.run_id!r}"
                 )
+            # before, every other field given was dropped without a word (a budget extended, another batch size)
+            filled = {} if info is None else _resumed_fields(run_file, stored, info, self.path / MEASUREMENTS_FILE)
             self.info = stored
             header = RunRecord._read_header(self.path)
             windows = header.get("summary_windows", {})
@@ -220,6 +224,11 @@ class RunWriter:
         if fsync:  # the entries just created (the JSONL files, spectra/, the run directory) must be durable
             _fsync_dir(self.path)  # too, not only what is fsynced into them
             _fsync_dir(self.path.parent)
+        if existing and filled:  # fields the record lacked (or a budget no measurement used yet): only now, so that
+            header.update(filled)  # a resume refused above leaves run.json as it was
+            _write_json_atomic(run_file, header, fsync)
+            for key, value in filled.items():
+                setattr(self.info, key, value)
         if marked:  # resumed, the run (or the work on it) goes on: the writer's own marks (see __exit__)
             end, now = self._record_end(), time.time()  # are withdrawn into the history; only now, so that a
             header["extras"], withdrawn = _withdraw_marks(header["extras"], end, now)  # resume refused above
@@ -895,6 +904,62 @@ class RunWriter:
             self._close()
         except Exception:
             pass
+
+
+#: The :class:`RunInfo` fields a resume compares with the record (``run_id`` must match; ``extras`` see
+#: :func:`_resumed_fields`).
+_INFO_FIELDS = ("family", "batch_tier", "tokens_per_step", "seed", "n_layer", "total_tokens", "batch_size",
+                "primary_spectrum")
+
+
+def _resumed_fields(run_file: Path, stored: RunInfo, given: RunInfo, measurements: Path) -> dict[str, Any]:
+    """The fields of ``given`` (the ``RunInfo`` passed to a resume) to write into ``run_file``: those the record
+    left ``None``, and a changed ``total_tokens`` while ``measurements`` holds no line (nothing was measured as a
+    fraction of the old budget; a :class:`RecordWarning` says it). Any other field given that differs from the
+    record (``None`` given: the record's) is a ``ValueError`` naming each field, recorded and given, before
+    anything is written: the analyses group runs by family and batch tier, read the budget's fractions that each
+    measurement stored, compare the noise scale against the batch size. ``extras`` given that differ from the
+    record's are a :class:`RecordWarning` pointing to :meth:`RunWriter.update_info` (kept as recorded)."""
+    filled: dict[str, Any] = {}
+    differ: list[str] = []
+    for key in _INFO_FIELDS:
+        old, new = getattr(stored, key), getattr(given, key)
+        if new is None or old == new:
+            continue
+        if old is None:
+            filled[key] = new
+        elif key == "total_tokens" and _holds_no_line(measurements):
+            filled[key] = new
+            warnings.warn(f"{run_file}: total_tokens changed from the recorded {old!r} to {new!r} (no measurement "
+                          "was recorded yet)", RecordWarning, stacklevel=4)  # the user's RunWriter(...) call
+        else:
+            differ.append(f"{key}: recorded {old!r}, given {new!r}")
+    if differ:
+        budget = any(d.startswith("total_tokens") for d in differ)
+        raise ValueError(
+            f"{run_file}: resuming run {stored.run_id!r} with a RunInfo that differs from the record's ("
+            + "; ".join(differ) + "). Omit info (RunWriter(path, resume=True)) to resume with the recorded RunInfo, "
+            "or give the recorded values"
+            + ("; the measurements recorded store their progress as fractions of the recorded total_tokens (the "
+               "early prediction reads them): a new budget would mix two budgets' fractions in one run, so record "
+               "an extended run in a new directory" if budget else "")
+            + ". Free-form metadata (RunInfo.extras) can be changed with writer.update_info(**extras)")
+    extras = [f"{k}: recorded {stored.extras.get(k, '(none)')!r}, given {v!r}"
+              for k, v in given.extras.items() if k not in stored.extras or stored.extras[k] != v]
+    if extras:
+        warnings.warn(f"{run_file}: RunInfo.extras given to the resume differ from the record's ({'; '.join(extras)});"
+                      " kept as recorded: change them with writer.update_info(**extras)", RecordWarning,
+                      stacklevel=4)  # the user's RunWriter(...) call: _resumed_fields < _open < __init__
+    return filled
+
+
+def _holds_no_line(path: Path) -> bool:
+    """Whether the JSONL file ``path`` is missing or holds only blanks (read only when it is small)."""
+    try:
+        st = os.stat(path)
+        return st.st_size == 0 or (st.st_size <= 4096 and not path.read_bytes().strip())
+    except OSError:
+        return not os.path.lexists(path)
 
 
 def _needs_info(path: Path) -> ValueError:

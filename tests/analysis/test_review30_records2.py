@@ -163,3 +163,76 @@ def test_an_empty_run_json_beside_another_runs_lines_loses_nothing(tmp_path):
     with pytest.warns(RecordWarning, match="is empty"):
         RunWriter(run, _info(), resume=True, fsync=False).close()  # appended to, as with run.json missing
     assert [e["step"] for e in RunRecord.open(run).events] == [1]
+
+
+# ---- 2. a resume with a RunInfo that differs from the record ---------------------------------------------------
+
+
+def _recorded(tmp_path, measured: bool = True, **kw) -> Path:
+    run = tmp_path / "run"
+    with RunWriter(run, _info(**kw), fsync=False) as w:
+        w.log(1, 1000, train_loss=2.0)
+        if measured:
+            w.log_measurement(1, 1000, {"act:a": _spectrum()})
+    return run
+
+
+@pytest.mark.parametrize("field, value", [("total_tokens", 2 * 10**6), ("batch_size", 32), ("family", "G"),
+                                          ("batch_tier", 4), ("seed", 1), ("n_layer", 24),
+                                          ("tokens_per_step", 2000), ("primary_spectrum", "act:b")])
+def test_a_resume_with_a_differing_field_names_it_before_writing_anything(tmp_path, field, value):
+    # every field but run_id was dropped without a word: a doubled budget left every fraction as it was
+    run = _recorded(tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(ValueError) as err:
+        RunWriter(run, _info(**{field: value}), resume=True, fsync=False)
+    msg = str(err.value)
+    assert f"{field}: recorded {getattr(_info(), field)!r}, given {value!r}" in msg
+    assert "RunWriter(path, resume=True)" in msg and "update_info" in msg
+    assert ("fractions" in msg) == (field == "total_tokens")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing written
+    with RunWriter(run, _info(), resume=True, fsync=False) as w:  # the same values: resumed
+        assert w.info.total_tokens == 10**6
+
+
+def test_a_resume_names_every_differing_field(tmp_path):
+    run = _recorded(tmp_path)
+    with pytest.raises(ValueError, match=r"seed: recorded 0, given 7; batch_size: recorded 16, given 32"):
+        RunWriter(run, _info(batch_size=32, seed=7), resume=True, fsync=False)
+
+
+def test_a_resume_fills_the_fields_the_record_lacked(tmp_path):
+    run = _recorded(tmp_path, total_tokens=None, batch_size=None)
+    assert RunRecord.open(run).measurements[0].progress is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with RunWriter(run, _info(), resume=True, fsync=False) as w:  # None given: the record's
+            assert (w.info.total_tokens, w.info.batch_size) == (10**6, 16)
+    rec = RunRecord.open(run)
+    assert (rec.info.total_tokens, rec.info.batch_size) == (10**6, 16)
+    assert rec.progress(rec.measurements[0]) == pytest.approx(1000 / 10**6)
+    with RunWriter(run, RunInfo("r"), resume=True, fsync=False) as w:  # fields not given: the record's kept
+        assert w.info.batch_size == 16
+
+
+def test_a_budget_changed_before_any_measurement_is_updated_with_a_warning(tmp_path):
+    run = _recorded(tmp_path, measured=False)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        with RunWriter(run, _info(total_tokens=3 * 10**6), resume=True, fsync=False) as w:
+            m = w.log_measurement(2, 2000, {"act:a": _spectrum()})
+    said = [g for g in got if "total_tokens changed" in str(g.message)]
+    assert len(said) == 1 and said[0].filename == __file__ and "1000000 to 3000000" in str(said[0].message)
+    assert RunRecord.open(run).info.total_tokens == 3 * 10**6 and m.progress == pytest.approx(2000 / 3e6)
+
+
+def test_differing_extras_are_a_warning_pointing_to_update_info(tmp_path):
+    run = _recorded(tmp_path, extras={"lr": 0.04})
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        with RunWriter(run, _info(extras={"lr": 0.05, "git": "abc"}), resume=True, fsync=False) as w:
+            assert w.info.extras.get("lr") == 0.04 and "git" not in w.info.extras
+    said = [g for g in got if "extras" in str(g.message)]
+    assert len(said) == 1 and said[0].filename == __file__
+    assert "lr: recorded 0.04, given 0.05" in str(said[0].message) and "update_info" in str(said[0].message)
+    assert "git: recorded '(none)'" in str(said[0].message)
