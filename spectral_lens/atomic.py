@@ -37,12 +37,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 import uuid
 from pathlib import Path
 from typing import Any, Callable, IO
 
-__all__ = ["write_atomic", "write_text_atomic", "write_json_atomic", "fsync_dir", "named_os_error", "TMP_SUFFIX"]
+__all__ = ["write_atomic", "write_text_atomic", "write_json_atomic", "fsync_dir", "named_os_error", "TMP_SUFFIX",
+           "is_tmp_name"]
 
 #: Suffix of every temporary file written here (``.<name>.<hex>.tmp``).
 TMP_SUFFIX = ".tmp"
@@ -106,11 +108,32 @@ def _tmp_name(name: str, name_max: int = _NAME_MAX) -> str:
     a target whose own name is within the limit but less than 38 bytes under it can be written (its
     full temporary name was refused, ``ENAMETOOLONG``, where ``open(path, "w")`` succeeds)."""
     tail = f".{uuid.uuid4().hex}{TMP_SUFFIX}"
-    room = name_max - 1 - len(tail)
+    return f".{_cut(name, name_max - 1 - len(tail))}{tail}"
+
+
+def _cut(name: str, room: int) -> str:
+    """``name`` cut (whole characters) to at most ``room`` bytes."""
     name = name[:room]
     while len(os.fsencode(name)) > room:  # multi-byte characters (or undecodable bytes) take more room
         name = name[:-1]
-    return f".{name}{tail}"
+    return name
+
+
+#: ``.<name>.<32 hex>.tmp``: the names :func:`_tmp_name` gives
+_TMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{32}" + re.escape(TMP_SUFFIX), re.DOTALL)
+
+
+def is_tmp_name(name: str, target: str | os.PathLike) -> bool:
+    """Whether ``name`` is one :func:`write_atomic` gives the temporary file of a write to the file ``target`` (in
+    ``target``'s directory): ``.<target's name>.<32 hex digits>.tmp``, the name cut as :func:`_tmp_name` cuts it
+    (to 255 bytes, or the directory's limit). A killed write leaves such a file; a caller cleaning up removes
+    only these, not every ``.*.tmp`` of a directory it does not own (a symlinked record file's target folder)."""
+    m = _TMP_NAME.fullmatch(name)
+    if m is None:
+        return False
+    target = Path(target)
+    tail = 1 + 32 + len(TMP_SUFFIX)
+    return m.group(1) in {target.name, *(_cut(target.name, nm - 1 - tail) for nm in {_NAME_MAX, _name_max(target.parent)})}
 
 
 def _old_stat(path: Path) -> os.stat_result | None:

@@ -18,7 +18,7 @@ import torch
 
 from .. import _locks as locks
 from .._args import as_integer
-from ..atomic import TMP_SUFFIX, named_os_error, write_atomic
+from ..atomic import TMP_SUFFIX, is_tmp_name, named_os_error, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
 from ..spectra.fit import tail_window as _tail_window
 from ..spectrum import Spectrum
@@ -294,6 +294,7 @@ class RunWriter:
         spectra = self.path / SPECTRA_DIR
         tmps = [p for d in (self.path, spectra) if d.is_dir() for p in d.iterdir()
                 if p.name.startswith(".") and (p.name.endswith(TMP_SUFFIX) or p.name.endswith(".tmp.npz"))]
+        tmps += [p for p in self._linked_tmps() if p not in tmps]
         referenced: set[str] = set()
         unknown = [False]
 
@@ -332,6 +333,24 @@ class RunWriter:
                 RecordWarning,
                 stacklevel=4,  # the user's RunWriter(...) call: _clean_orphans < _open < __init__
             )
+
+    def _linked_tmps(self) -> list[Path]:
+        """The temporary files a killed atomic write through a symlinked ``run.json``, ``log.jsonl`` or
+        ``measurements.jsonl`` left beside the link's target (``write_atomic`` writes the target, in its folder),
+        outside this directory: only names that write gives for that target (:func:`~spectral_lens.atomic.is_tmp_name`),
+        regular files. Before, the resume's cleanup scanned only the run directory and ``spectra/``."""
+        out = []
+        for name in (RUN_FILE, LOG_FILE, MEASUREMENTS_FILE):
+            link = self.path / name
+            if not link.is_symlink():
+                continue
+            target = Path(os.path.realpath(link))
+            try:
+                entries = list(os.scandir(target.parent))
+            except OSError:  # a dangling link's folder that does not exist, or one not readable
+                continue
+            out += [Path(e.path) for e in entries if is_tmp_name(e.name, target) and e.is_file(follow_symlinks=False)]
+        return out
 
     def _append(self, name: str, obj: Mapping[str, Any]) -> None:
         fd = self._fds.get(name)

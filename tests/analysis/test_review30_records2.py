@@ -236,3 +236,40 @@ def test_differing_extras_are_a_warning_pointing_to_update_info(tmp_path):
     assert len(said) == 1 and said[0].filename == __file__
     assert "lr: recorded 0.04, given 0.05" in str(said[0].message) and "update_info" in str(said[0].message)
     assert "git: recorded '(none)'" in str(said[0].message)
+
+
+# ---- 6. a killed atomic write through a symlinked record file ----------------------------------------------
+
+
+def test_the_resume_removes_a_temp_file_left_beside_a_symlinked_record_files_target(tmp_path):
+    # write_atomic puts the temporary file beside the link's target; the resume's cleanup scanned only the run
+    # directory and spectra/, so a killed drop_after / update_info left it there for good
+    from spectral_lens.atomic import _tmp_name
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    with RunWriter(run, _info(), fsync=False) as w:
+        w.log(1, 10, train_loss=2.0)
+    elsewhere.mkdir()
+    long = "x" * 250 + ".json"  # a target whose temporary name is cut to fit 255 bytes
+    for name, target in (("log.jsonl", "log-target.jsonl"), ("run.json", long)):
+        os.replace(run / name, elsewhere / target)
+        os.symlink(elsewhere / target, run / name)
+    left = [elsewhere / _tmp_name("log-target.jsonl"), elsewhere / _tmp_name(long)]
+    assert len(left[1].name.encode()) == 255 and long not in left[1].name
+    kept = [elsewhere / ".other.jsonl.0123456789abcdef0123456789abcdef.tmp",  # another file's temporary file
+            elsewhere / ".log-target.jsonl.notahexname.tmp", elsewhere / "log-target.jsonl.tmp",
+            elsewhere / (".log-target.jsonl" + ".0123456789abcdef0123456789abcdef.tmp.bak")]
+    for p in left + kept:
+        p.write_bytes(b"partial")
+    with pytest.warns(RecordWarning, match="removed 2 temporary file"):
+        RunWriter(run, resume=True, fsync=False).close()
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
+    assert [e["step"] for e in RunRecord.open(run).events] == [1]
+
+
+def test_is_tmp_name_matches_write_atomics_names_only(tmp_path):
+    from spectral_lens.atomic import _tmp_name, is_tmp_name
+    for target in ("a.json", "é" * 127 + ".npz", "y" * 255):
+        assert is_tmp_name(_tmp_name(target), tmp_path / target)
+        assert not is_tmp_name(_tmp_name(target), tmp_path / ("z" + target))
+    assert not is_tmp_name(".a.json.0123456789ABCDEF0123456789ABCDEF.tmp", tmp_path / "a.json")  # uuid4().hex: lower
+    assert not is_tmp_name(".a.js.0123456789abcdef0123456789abcdef.tmp", tmp_path / "a.json")  # not cut: too short
