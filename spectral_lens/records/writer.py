@@ -71,7 +71,10 @@ class RunWriter:
     Args:
         path: the run directory (created if needed).
         info: the run's metadata. Required for a new run; for ``resume=True`` it may be omitted
-            (read from ``run.json``) or must carry the same ``run_id``.
+            (read from ``run.json``) or must carry the same ``run_id``, and no field other than the record's:
+            a field the record left ``None`` is filled in, any other difference is a ``ValueError`` naming
+            each field (``total_tokens`` is written while nothing was measured), differing ``extras`` a
+            :class:`RecordWarning` (use :meth:`update_info`); see :func:`_resumed_fields`.
         resume: append to an existing run. Without it, an existing ``run.json`` is an error, and so
             is a directory without ``run.json`` that holds another run's ``log.jsonl``,
             ``measurements.jsonl`` or files in ``spectra/`` (its ``run.json`` lost or deleted), so two
