@@ -297,7 +297,7 @@ class RunWriter:
         spectra = self.path / SPECTRA_DIR
         tmps = [p for d in (self.path, spectra) if d.is_dir() for p in d.iterdir()
                 if p.name.startswith(".") and (p.name.endswith(TMP_SUFFIX) or p.name.endswith(".tmp.npz"))]
-        tmps += [p for p in self._linked_tmps() if p not in tmps]
+        tmps += self._linked_tmps()
         referenced: set[str] = set()
         unknown = [False]
 
@@ -342,17 +342,21 @@ class RunWriter:
         ``measurements.jsonl`` left beside the link's target (``write_atomic`` writes the target, in its folder),
         outside this directory: only names that write gives for that target (:func:`~spectral_lens.atomic.is_tmp_name`),
         regular files. Before, the resume's cleanup scanned only the run directory and ``spectra/``."""
-        out = []
+        out: list[Path] = []
+        scanned = {os.path.realpath(self.path), os.path.realpath(self.path / SPECTRA_DIR)}  # by _clean_orphans
         for name in (RUN_FILE, LOG_FILE, MEASUREMENTS_FILE):
             link = self.path / name
             if not link.is_symlink():
                 continue
             target = Path(os.path.realpath(link))
+            if str(target.parent) in scanned:  # counted there
+                continue
             try:
                 entries = list(os.scandir(target.parent))
             except OSError:  # a dangling link's folder that does not exist, or one not readable
                 continue
-            out += [Path(e.path) for e in entries if is_tmp_name(e.name, target) and e.is_file(follow_symlinks=False)]
+            out += [Path(e.path) for e in entries if is_tmp_name(e.name, target) and e.is_file(follow_symlinks=False)
+                    and Path(e.path) not in out]  # two links to one file
         return out
 
     def _append(self, name: str, obj: Mapping[str, Any]) -> None:

@@ -273,3 +273,15 @@ def test_is_tmp_name_matches_write_atomics_names_only(tmp_path):
         assert not is_tmp_name(_tmp_name(target), tmp_path / ("z" + target))
     assert not is_tmp_name(".a.json.0123456789ABCDEF0123456789ABCDEF.tmp", tmp_path / "a.json")  # uuid4().hex: lower
     assert not is_tmp_name(".a.js.0123456789abcdef0123456789abcdef.tmp", tmp_path / "a.json")  # not cut: too short
+
+
+def test_a_link_to_a_file_in_the_run_directory_counts_its_temp_file_once(tmp_path):
+    from spectral_lens.atomic import _tmp_name
+    run = tmp_path / "run"
+    with RunWriter(run, _info(), fsync=False) as w:
+        w.log(1, 10, train_loss=2.0)
+    os.replace(run / "log.jsonl", run / "real-log.jsonl")
+    os.symlink("real-log.jsonl", run / "log.jsonl")
+    (run / _tmp_name("real-log.jsonl")).write_bytes(b"partial")
+    with pytest.warns(RecordWarning, match="removed 1 temporary file"):
+        RunWriter(run, resume=True, fsync=False).close()
