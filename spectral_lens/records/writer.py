@@ -214,7 +214,7 @@ class RunWriter:
                 "summary_windows": {"tail": list(self.tail_window), "head": self.head_window and list(self.head_window)},
                 "created": time.time(),
             }
-            if os.path.lexists(run_file):  # empty: nothing in it is lost
+            if _is_empty_file(run_file):  # nothing in it is lost
                 warnings.warn(f"{run_file} is empty (a crash while it was created): written again from the RunInfo "
                               "given", RecordWarning, stacklevel=3)  # the user's RunWriter(...): _open < __init__
             _write_json_atomic(run_file, header, fsync)
@@ -971,12 +971,20 @@ def _resumed_fields(run_file: Path, stored: RunInfo, given: RunInfo, measurement
                "an extended run in a new directory" if budget else "")
             + ". Free-form metadata (RunInfo.extras) can be changed with writer.update_info(**extras)")
     extras = [f"{k}: recorded {stored.extras.get(k, '(none)')!r}, given {v!r}"
-              for k, v in given.extras.items() if k not in stored.extras or stored.extras[k] != v]
+              for k, v in given.extras.items() if k not in stored.extras or not _same(stored.extras[k], v)]
     if extras:
         warnings.warn(f"{run_file}: RunInfo.extras given to the resume differ from the record's ({'; '.join(extras)});"
                       " kept as recorded: change them with writer.update_info(**extras)", RecordWarning,
                       stacklevel=4)  # the user's RunWriter(...) call: _resumed_fields < _open < __init__
     return filled
+
+
+def _same(recorded: Any, given: Any) -> bool:
+    """Whether an extras value given equals the recorded one (a comparison that fails, e.g. of an array, is no)."""
+    try:
+        return bool(recorded == given)
+    except Exception:
+        return False
 
 
 def _holds_no_line(path: Path) -> bool:
@@ -990,7 +998,7 @@ def _holds_no_line(path: Path) -> bool:
 
 def _needs_info(path: Path) -> ValueError:
     """The error of a new run (no ``run.json``, or an empty one) opened without a :class:`RunInfo`."""
-    empty = os.path.lexists(path / RUN_FILE)
+    empty = _is_empty_file(path / RUN_FILE)
     return ValueError(f"{path}: a new run needs a RunInfo (info=...)" + (
         f"; its {RUN_FILE} is empty (a crash while it was created): pass the run's RunInfo to write it again"
         if empty else ""))
