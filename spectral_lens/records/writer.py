@@ -983,7 +983,7 @@ def _same(recorded: Any, given: Any) -> bool:
     """Whether an extras value given equals the recorded one (a comparison that fails, e.g. of an array, is no)."""
     try:
         return bool(recorded == given)
-    except Exception:
+    except (TypeError, ValueError):  # an array's truth value is ambiguous
         return False
 
 

@@ -4,7 +4,6 @@ Each test failed before the fix it guards (see docs/reliability.md)."""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import warnings
