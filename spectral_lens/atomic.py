@@ -37,12 +37,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 import uuid
 from pathlib import Path
 from typing import Any, Callable, IO
 
-__all__ = ["write_atomic", "write_text_atomic", "write_json_atomic", "fsync_dir", "named_os_error", "TMP_SUFFIX"]
+__all__ = ["write_atomic", "write_text_atomic", "write_json_atomic", "fsync_dir", "named_os_error", "TMP_SUFFIX",
+           "is_tmp_name"]
 
 #: Suffix of every temporary file written here (``.<name>.<hex>.tmp``).
 TMP_SUFFIX = ".tmp"
@@ -106,11 +108,32 @@ def _tmp_name(name: str, name_max: int = _NAME_MAX) -> str:
     a target whose own name is within the limit but less than 38 bytes under it can be written (its
     full temporary name was refused, ``ENAMETOOLONG``, where ``open(path, "w")`` succeeds)."""
     tail = f".{uuid.uuid4().hex}{TMP_SUFFIX}"
-    room = name_max - 1 - len(tail)
+    return f".{_cut(name, name_max - 1 - len(tail))}{tail}"
+
+
+def _cut(name: str, room: int) -> str:
+    """``name`` cut (whole characters) to at most ``room`` bytes."""
     name = name[:room]
     while len(os.fsencode(name)) > room:  # multi-byte characters (or undecodable bytes) take more room
         name = name[:-1]
-    return f".{name}{tail}"
+    return name
+
+
+#: ``.<name>.<32 hex>.tmp``: the names :func:`_tmp_name` gives
+_TMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{32}" + re.escape(TMP_SUFFIX), re.DOTALL)
+
+
+def is_tmp_name(name: str, target: str | os.PathLike) -> bool:
+    """Whether ``name`` is one :func:`write_atomic` gives the temporary file of a write to the file ``target`` (in
+    ``target``'s directory): ``.<target's name>.<32 hex digits>.tmp``, the name cut as :func:`_tmp_name` cuts it
+    (to 255 bytes, or the directory's limit). A killed write leaves such a file; a caller cleaning up removes
+    only these, not every ``.*.tmp`` of a directory it does not own (a symlinked record file's target folder)."""
+    m = _TMP_NAME.fullmatch(name)
+    if m is None:
+        return False
+    target = Path(target)
+    tail = 1 + 32 + len(TMP_SUFFIX)
+    return m.group(1) in {target.name, *(_cut(target.name, nm - 1 - tail) for nm in {_NAME_MAX, _name_max(target.parent)})}
 
 
 def _old_stat(path: Path) -> os.stat_result | None:
@@ -144,13 +167,18 @@ def _refuse_unwritable(target: Path, path: Path) -> None:
     os.close(fd)
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, fsync: bool = True) -> Path:
+def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, fsync: bool = True,
+                 sync_dir: bool = True) -> Path:
     """Call ``write(fh)`` on a binary temporary file next to ``path``, then rename it onto ``path``.
 
     A symlink at ``path`` is written through (its target is replaced, the link kept) and an existing
     file's permission bits are kept, as ``open(path, "w")`` would (see the module docstring).
     ``fsync=False`` skips the fsyncs (the rename is still atomic, so readers never see a partial
-    file; only durability across a power loss is traded for speed). Returns ``path``.
+    file; only durability across a power loss is traded for speed). ``sync_dir=False`` (with ``fsync``)
+    fsyncs the file but not its directory: for a caller that writes several files into one directory
+    and fsyncs it once after the last rename (``RunWriter.log_measurement``), before anything refers
+    to them; until then the renames are not durable (a write through a symlink still fsyncs the target's
+    directory, which is not the caller's). Returns ``path``.
     """
     path = Path(path)
     target = _write_target(path)
@@ -199,8 +227,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
             if named is not exc:
                 raise named from exc
         raise
-    if fsync:
-        fsync_dir(target.parent)
+    if fsync and (sync_dir or target != path):  # written through a symlink: the target's directory is not the
+        fsync_dir(target.parent)  # one the caller fsyncs
     return path
 
 

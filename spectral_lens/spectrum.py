@@ -224,11 +224,13 @@ class Spectrum:
             "metadata": self.metadata,
         }
 
-    def save(self, path: str | Path, *, fsync: bool = True) -> Path:
+    def save(self, path: str | Path, *, fsync: bool = True, sync_dir: bool = True) -> Path:
         """Write an ``.npz`` (no pickle): the eigenvalues plus a JSON header.
 
         ``.npz`` is appended to a path without it. The write is atomic (temporary file in the same
-        directory, fsync, rename): a failed save leaves a previous file at ``path`` intact. A spectrum
+        directory, fsync, rename): a failed save leaves a previous file at ``path`` intact.
+        ``sync_dir=False`` leaves the directory's fsync (which makes the rename durable) to a caller
+        saving many files into one directory, once after the last (``RunWriter.log_measurement``). A spectrum
         that :meth:`load` would refuse (negative ``n_rows`` or eigenvalues, ``dim`` not the number of
         values) raises ``SpectrumFormatError`` instead of being written.
         """
@@ -244,7 +246,8 @@ class Spectrum:
             ) from None
         values = self.values.numpy()
         self.from_dict(self.to_dict(), values, origin=f"Spectrum.save({path})")  # what load will check
-        write_atomic(path, lambda fh: np.savez(fh, values=values, header=np.array(header)), fsync=fsync)
+        write_atomic(path, lambda fh: np.savez(fh, values=values, header=np.array(header)), fsync=fsync,
+                     sync_dir=sync_dir)
         return path
 
     @classmethod

@@ -7,6 +7,7 @@ import numbers
 import operator
 import os
 import re
+import stat
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -16,7 +17,8 @@ from typing import Any
 import torch
 
 from .. import _locks as locks
-from ..atomic import TMP_SUFFIX, named_os_error, write_atomic
+from .._args import as_integer
+from ..atomic import TMP_SUFFIX, is_tmp_name, named_os_error, write_atomic
 from ..atomic import fsync_dir as _fsync_dir
 from ..spectra.fit import tail_window as _tail_window
 from ..spectrum import Spectrum
@@ -69,7 +71,10 @@ class RunWriter:
     Args:
         path: the run directory (created if needed).
         info: the run's metadata. Required for a new run; for ``resume=True`` it may be omitted
-            (read from ``run.json``) or must carry the same ``run_id``.
+            (read from ``run.json``) or must carry the same ``run_id``, and no field other than the record's:
+            a field the record left ``None`` is filled in, any other difference is a ``ValueError`` naming
+            each field (``total_tokens`` is written while nothing was measured), differing ``extras`` a
+            :class:`RecordWarning` (use :meth:`update_info`); see :func:`_resumed_fields`.
         resume: append to an existing run. Without it, an existing ``run.json`` is an error, and so
             is a directory without ``run.json`` that holds another run's ``log.jsonl``,
             ``measurements.jsonl`` or files in ``spectra/`` (its ``run.json`` lost or deleted), so two
@@ -133,9 +138,9 @@ class RunWriter:
         self._trained = False  # it trained a step again (see _retrained, _status._went_on)
         self._trained_before: dict[int, bool] | None = None  # steps of the record's training lines before (_retrained)
         run_file = self.path / RUN_FILE
-        if not run_file.exists():  # a new run: check the arguments before creating its directory
+        if not _holds_run_file(run_file):  # a new run: check the arguments before creating its directory
             if info is None:
-                raise ValueError(f"{self.path}: a new run needs a RunInfo (info=...)")
+                raise _needs_info(self.path)
             if not isinstance(info, RunInfo):
                 raise TypeError(f"info must be a RunInfo, got {type(info).__name__}")
             for window, what in ((tail_window, "tail_window"), (head_window, "head_window")):
@@ -154,7 +159,7 @@ class RunWriter:
         fsync = self.fsync
         marked = False  # a resumed run marked failed, or failure_after_end (by __exit__)
         stale = None  # the entry of an earlier writer's "running" it never settled (killed)
-        existing = run_file.exists()  # resumed: a "running" there is no writer's (see below)
+        existing = _holds_run_file(run_file)  # resumed: a "running" there is no writer's (see below)
         if resume:  # read below (a FIFO waited for good): refused before anything is written
             for name in (LOG_FILE, MEASUREMENTS_FILE):
                 _check_regular(self.path / name)
@@ -164,10 +169,14 @@ class RunWriter:
                     f"{run_file} already exists: pass resume=True to append to this run, or choose a new directory"
                 )
             stored = RunRecord._read_info(self.path)
+            if info is not None and not isinstance(info, RunInfo):
+                raise TypeError(f"info must be a RunInfo, got {type(info).__name__}")
             if info is not None and info.run_id != stored.run_id:
                 raise ValueError(
                     f"{run_file}: resuming run {stored.run_id!r} with info for run {info.run_id!r}"
                 )
+            # before, every other field given was dropped without a word (a budget extended, another batch size)
+            filled = {} if info is None else _resumed_fields(run_file, stored, info, self.path / MEASUREMENTS_FILE)
             self.info = stored
             header = RunRecord._read_header(self.path)
             windows = header.get("summary_windows", {})
@@ -183,7 +192,7 @@ class RunWriter:
             stale = None if marked or self._lock_fd is None else _stale_running(_extras(header))
         else:
             if info is None:
-                raise ValueError(f"{self.path}: a new run needs a RunInfo (info=...)")
+                raise _needs_info(self.path)
             if not isinstance(info, RunInfo):
                 raise TypeError(f"info must be a RunInfo, got {type(info).__name__}")
             leftovers = [] if resume else self._leftovers()
@@ -205,6 +214,9 @@ class RunWriter:
                 "summary_windows": {"tail": list(self.tail_window), "head": self.head_window and list(self.head_window)},
                 "created": time.time(),
             }
+            if _is_empty_file(run_file):  # nothing in it is lost
+                warnings.warn(f"{run_file} is empty (a crash while it was created): written again from the RunInfo "
+                              "given", RecordWarning, stacklevel=3)  # the user's RunWriter(...): _open < __init__
             _write_json_atomic(run_file, header, fsync)
         (self.path / SPECTRA_DIR).mkdir(exist_ok=True)
         if resume:
@@ -215,6 +227,11 @@ class RunWriter:
         if fsync:  # the entries just created (the JSONL files, spectra/, the run directory) must be durable
             _fsync_dir(self.path)  # too, not only what is fsynced into them
             _fsync_dir(self.path.parent)
+        if existing and filled:  # fields the record lacked (or a budget no measurement used yet): only now, so that
+            header.update(filled)  # a resume refused above leaves run.json as it was
+            _write_json_atomic(run_file, header, fsync)
+            for key, value in filled.items():
+                setattr(self.info, key, value)
         if marked:  # resumed, the run (or the work on it) goes on: the writer's own marks (see __exit__)
             end, now = self._record_end(), time.time()  # are withdrawn into the history; only now, so that a
             header["extras"], withdrawn = _withdraw_marks(header["extras"], end, now)  # resume refused above
@@ -230,7 +247,8 @@ class RunWriter:
     def _leftovers(self) -> list[str]:
         """The record files of another run in this directory: ``log.jsonl``, ``measurements.jsonl``,
         ``spectra/`` with files in it."""
-        out = [name for name in (LOG_FILE, MEASUREMENTS_FILE) if os.path.lexists(self.path / name)]
+        out = [name for name in (LOG_FILE, MEASUREMENTS_FILE)  # an empty one (a crash right after creating it)
+               if os.path.lexists(self.path / name) and not _is_empty_file(self.path / name)]  # holds no run
         n = sum(1 for _ in (self.path / SPECTRA_DIR).iterdir()) if (self.path / SPECTRA_DIR).is_dir() else 0
         if n:
             out.append(f"{SPECTRA_DIR}/ ({n} file{'' if n == 1 else 's'})")
@@ -268,7 +286,7 @@ class RunWriter:
         warnings.warn(
             f"{path}: dropping a truncated last line ({size - start} bytes) before appending",
             RecordWarning,
-            stacklevel=4,  # the same frame as before the body moved here (RunWriter.__init__)
+            stacklevel=5,  # the user's RunWriter(...) call: _fix_last_line < _open_append < _open < __init__
         )
         os.ftruncate(fd, start)
 
@@ -279,6 +297,7 @@ class RunWriter:
         spectra = self.path / SPECTRA_DIR
         tmps = [p for d in (self.path, spectra) if d.is_dir() for p in d.iterdir()
                 if p.name.startswith(".") and (p.name.endswith(TMP_SUFFIX) or p.name.endswith(".tmp.npz"))]
+        tmps += self._linked_tmps()
         referenced: set[str] = set()
         unknown = [False]
 
@@ -315,8 +334,30 @@ class RunWriter:
                 + (f"; could not remove {len(failed)}: {'; '.join(failed[:3])}{'; ...' if len(failed) > 3 else ''}"
                    if failed else ""),
                 RecordWarning,
-                stacklevel=3,
+                stacklevel=4,  # the user's RunWriter(...) call: _clean_orphans < _open < __init__
             )
+
+    def _linked_tmps(self) -> list[Path]:
+        """The temporary files a killed atomic write through a symlinked ``run.json``, ``log.jsonl`` or
+        ``measurements.jsonl`` left beside the link's target (``write_atomic`` writes the target, in its folder),
+        outside this directory: only names that write gives for that target (:func:`~spectral_lens.atomic.is_tmp_name`),
+        regular files. Before, the resume's cleanup scanned only the run directory and ``spectra/``."""
+        out: list[Path] = []
+        scanned = {os.path.realpath(self.path), os.path.realpath(self.path / SPECTRA_DIR)}  # by _clean_orphans
+        for name in (RUN_FILE, LOG_FILE, MEASUREMENTS_FILE):
+            link = self.path / name
+            if not link.is_symlink():
+                continue
+            target = Path(os.path.realpath(link))
+            if str(target.parent) in scanned:  # counted there
+                continue
+            try:
+                entries = list(os.scandir(target.parent))
+            except OSError:  # a dangling link's folder that does not exist, or one not readable
+                continue
+            out += [Path(e.path) for e in entries if is_tmp_name(e.name, target) and e.is_file(follow_symlinks=False)
+                    and Path(e.path) not in out]  # two links to one file
+        return out
 
     def _append(self, name: str, obj: Mapping[str, Any]) -> None:
         fd = self._fds.get(name)
@@ -469,7 +510,8 @@ class RunWriter:
         try:
             for name, spec in spectra.items():
                 rel = self._spectrum_file(step, name, taken)
-                spec.save(self.path / rel, fsync=self.fsync)  # atomic: temp file, fsync, rename
+                # atomic: temp file, fsync, rename; the directory is fsynced once, after the last (below), before
+                spec.save(self.path / rel, fsync=self.fsync, sync_dir=False)  # the line refers to any of them
                 entries[name] = {"file": rel, "kind": spec.kind}
                 summ = spectrum_summaries(spec, self.tail_window, self.head_window) if summarize else {}
                 summ.update(user_summaries.get(name, {}))
@@ -536,7 +578,10 @@ class RunWriter:
         """
         if not self._fds:
             raise ValueError(f"RunWriter for {self.path} is closed")
-        step = int(step)
+        try:  # int() truncated: drop_after(2.7) kept step 2's lines and dropped the rest
+            step = as_integer(step)
+        except TypeError as exc:
+            raise TypeError(f"RunWriter.drop_after: step must be an integer (the checkpoint's step): {exc}") from None
         self._dropped = True  # the training resumed from a checkpoint (see _settle)
         dropped_files: set[str] = set()
         kept_files: set[str] = set()
@@ -887,6 +932,96 @@ class RunWriter:
             pass
 
 
+#: The :class:`RunInfo` fields a resume compares with the record (``run_id`` must match; ``extras`` see
+#: :func:`_resumed_fields`).
+_INFO_FIELDS = ("family", "batch_tier", "tokens_per_step", "seed", "n_layer", "total_tokens", "batch_size",
+                "primary_spectrum")
+
+
+def _resumed_fields(run_file: Path, stored: RunInfo, given: RunInfo, measurements: Path) -> dict[str, Any]:
+    """The fields of ``given`` (the ``RunInfo`` passed to a resume) to write into ``run_file``: those the record
+    left ``None``, and a changed ``total_tokens`` while ``measurements`` holds no line (nothing was measured as a
+    fraction of the old budget; a :class:`RecordWarning` says it). Any other field given that differs from the
+    record (``None`` given: the record's) is a ``ValueError`` naming each field, recorded and given, before
+    anything is written: the analyses group runs by family and batch tier, read the budget's fractions that each
+    measurement stored, compare the noise scale against the batch size. ``extras`` given that differ from the
+    record's are a :class:`RecordWarning` pointing to :meth:`RunWriter.update_info` (kept as recorded)."""
+    filled: dict[str, Any] = {}
+    differ: list[str] = []
+    for key in _INFO_FIELDS:
+        old, new = getattr(stored, key), getattr(given, key)
+        if new is None or old == new:
+            continue
+        if old is None:
+            filled[key] = new
+        elif key == "total_tokens" and _holds_no_line(measurements):
+            filled[key] = new
+            warnings.warn(f"{run_file}: total_tokens changed from the recorded {old!r} to {new!r} (no measurement "
+                          "was recorded yet)", RecordWarning, stacklevel=4)  # the user's RunWriter(...) call
+        else:
+            differ.append(f"{key}: recorded {old!r}, given {new!r}")
+    if differ:
+        budget = any(d.startswith("total_tokens") for d in differ)
+        raise ValueError(
+            f"{run_file}: resuming run {stored.run_id!r} with a RunInfo that differs from the record's ("
+            + "; ".join(differ) + "). Omit info (RunWriter(path, resume=True)) to resume with the recorded RunInfo, "
+            "or give the recorded values"
+            + ("; the measurements recorded store their progress as fractions of the recorded total_tokens (the "
+               "early prediction reads them): a new budget would mix two budgets' fractions in one run, so record "
+               "an extended run in a new directory" if budget else "")
+            + ". Free-form metadata (RunInfo.extras) can be changed with writer.update_info(**extras)")
+    extras = [f"{k}: recorded {stored.extras.get(k, '(none)')!r}, given {v!r}"
+              for k, v in given.extras.items() if k not in stored.extras or not _same(stored.extras[k], v)]
+    if extras:
+        warnings.warn(f"{run_file}: RunInfo.extras given to the resume differ from the record's ({'; '.join(extras)});"
+                      " kept as recorded: change them with writer.update_info(**extras)", RecordWarning,
+                      stacklevel=4)  # the user's RunWriter(...) call: _resumed_fields < _open < __init__
+    return filled
+
+
+def _same(recorded: Any, given: Any) -> bool:
+    """Whether an extras value given equals the recorded one (a comparison that fails, e.g. of an array, is no)."""
+    try:
+        return bool(recorded == given)
+    except (TypeError, ValueError):  # an array's truth value is ambiguous
+        return False
+
+
+def _holds_no_line(path: Path) -> bool:
+    """Whether the JSONL file ``path`` is missing or holds only blanks (read only when it is small)."""
+    try:
+        st = os.stat(path)
+        return st.st_size == 0 or (st.st_size <= 4096 and not path.read_bytes().strip())
+    except OSError:
+        return not os.path.lexists(path)
+
+
+def _needs_info(path: Path) -> ValueError:
+    """The error of a new run (no ``run.json``, or an empty one) opened without a :class:`RunInfo`."""
+    empty = _is_empty_file(path / RUN_FILE)
+    return ValueError(f"{path}: a new run needs a RunInfo (info=...)" + (
+        f"; its {RUN_FILE} is empty (a crash while it was created): pass the run's RunInfo to write it again"
+        if empty else ""))
+
+
+def _is_empty_file(path: Path) -> bool:
+    """Whether ``path`` is an empty regular file (links followed): a record file created by a writer that was killed
+    before it wrote anything into it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
+def _holds_run_file(run_file: Path) -> bool:
+    """Whether ``run_file`` holds a run's metadata: it exists and is not empty. An empty ``run.json`` (a crash while
+    the writer created it, before its content was durable) counts as none: a new run, or a resume with a
+    :class:`RunInfo`, writes it again (before, it was a ``RecordFormatError`` on resume and a ``FileExistsError``
+    without, so no writer could open the directory)."""
+    return run_file.exists() and not _is_empty_file(run_file)
+
+
 #: The lock file :class:`RunWriter` holds an exclusive ``flock`` on while it is open (never removed).
 LOCK_FILE = ".writer.lock"
 
@@ -906,7 +1041,7 @@ def _lock_run_dir(path: Path) -> int | None:
         ) from None
     if fd is None and locks.SUPPORTED:
         warnings.warn(f"{path}: the file system does not support locks; a second RunWriter on this directory "
-                      "would not be refused", RecordWarning, stacklevel=4)
+                      "would not be refused", RecordWarning, stacklevel=3)  # the user's RunWriter(...)
     return fd
 
 

@@ -47,11 +47,12 @@ def test_an_atomic_write_to_a_fifo_writes_into_it_and_keeps_it(tmp_path):
     reader.start()
     try:
         write_text_atomic(fifo, '{"a": 1}\n')
-    finally:
-        if not got and stat.S_ISFIFO(os.stat(fifo).st_mode):  # unblock the reader if nothing was written
+    finally:  # joined first: a reader that closed the FIFO but had not yet appended to `got` left no reader for
+        reader.join(10)  # the unblocking open below, which then waited for good (a hang seen on a loaded machine)
+        if reader.is_alive() and stat.S_ISFIFO(os.stat(fifo).st_mode):  # unblock the reader if nothing was written
             with open(fifo, "wb"):
                 pass
-        reader.join(10)
+            reader.join(10)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert got == [b'{"a": 1}\n']
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temporary file
