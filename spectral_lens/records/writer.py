@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import operator
@@ -54,6 +55,7 @@ from .schema import (
     RunInfo,
     _is_count,
     _is_number,
+    _json_default,
     _json_line,
     _safe_name,
     _write_json_atomic,
@@ -971,7 +973,8 @@ def _resumed_fields(run_file: Path, stored: RunInfo, given: RunInfo, measurement
                "an extended run in a new directory" if budget else "")
             + ". Free-form metadata (RunInfo.extras) can be changed with writer.update_info(**extras)")
     extras = [f"{k}: recorded {stored.extras.get(k, '(none)')!r}, given {v!r}"
-              for k, v in given.extras.items() if k not in stored.extras or not _same(stored.extras[k], v)]
+              for k, v in map(_as_recorded, given.extras.items())  # compared as run.json holds them
+              if k not in stored.extras or not _same(stored.extras[k], v)]
     if extras:
         warnings.warn(f"{run_file}: RunInfo.extras given to the resume differ from the record's ({'; '.join(extras)});"
                       " kept as recorded: change them with writer.update_info(**extras)", RecordWarning,
@@ -979,11 +982,22 @@ def _resumed_fields(run_file: Path, stored: RunInfo, given: RunInfo, measurement
     return filled
 
 
-def _same(recorded: Any, given: Any) -> bool:
-    """Whether an extras value given equals the recorded one (a comparison that fails, e.g. of an array, is no)."""
+def _as_recorded(item: tuple[Any, Any]) -> tuple[Any, Any]:
+    """An extras ``(key, value)`` given as ``run.json`` would hold it (a JSON round trip: a tuple is a list, a NumPy
+    value a number or list, a key a string), so that a resume with the ``RunInfo`` the run was created with finds
+    no difference; as given when JSON cannot hold it (it differs from anything recorded)."""
     try:
-        return bool(recorded == given)
-    except (TypeError, ValueError):  # an array's truth value is ambiguous
+        return next(iter(json.loads(json.dumps(dict([item]), default=_json_default)).items()))
+    except (TypeError, ValueError, RecursionError):
+        return item
+
+
+def _same(recorded: Any, given: Any) -> bool:
+    """Whether an extras value given (:func:`_as_recorded`) is the recorded one: their JSON texts, keys sorted, are
+    equal (before, ``==``: a NaN recorded differed from itself; a comparison that fails, of an array, is no)."""
+    try:
+        return json.dumps(recorded, sort_keys=True) == json.dumps(given, sort_keys=True)
+    except (TypeError, ValueError, RecursionError):
         return False
 
 
