@@ -217,9 +217,14 @@ class RunWriter:
                 "summary_windows": {"tail": list(self.tail_window), "head": self.head_window and list(self.head_window)},
                 "created": time.time(),
             }
-            if _is_empty_file(run_file):  # nothing in it is lost
+            if _is_empty_file(run_file):  # nothing in it is lost; but the windows the summaries recorded were
+                measured = resume and not _holds_no_line(self.path / MEASUREMENTS_FILE)  # computed with may be
                 warnings.warn(f"{run_file} is empty (a crash while it was created): written again from the RunInfo "
-                              "given", RecordWarning, stacklevel=3)  # the user's RunWriter(...): _open < __init__
+                              "given" + (f"; {MEASUREMENTS_FILE} holds measurements whose stored summaries used the "
+                                         "windows of the writer that recorded them, now recorded as tail_window="
+                                         f"{self.tail_window}, head_window={self.head_window}: pass that writer's "
+                                         "tail_window= / head_window= if they differ" if measured else ""),
+                              RecordWarning, stacklevel=3)  # the user's RunWriter(...): _open < __init__
             _write_json_atomic(run_file, header, fsync)
         (self.path / SPECTRA_DIR).mkdir(exist_ok=True)
         if resume:

@@ -84,3 +84,36 @@ def test_a_resume_refused_for_one_field_says_nothing_of_a_budget_it_did_not_writ
         with pytest.raises(ValueError, match="tail_window"):
             RunWriter(run, _info(total_tokens=2 * 10**6), resume=True, fsync=False, tail_window=(3, 9))
     assert RunRecord.open(run).info.total_tokens == 10**6
+
+
+def test_an_emptied_run_json_of_a_measured_run_says_which_windows_it_records(tmp_path):
+    # run.json emptied (a crash, or an editor that truncates in place) beside measurements: the resume writes it
+    # again from the RunInfo with the default windows, while the stored summaries used the recorded ones; the
+    # analyses read run.json's windows, and nothing said which it wrote
+    run = tmp_path / "run"
+    with RunWriter(run, _info(), fsync=False, tail_window=(2, 8)) as w:
+        w.log_measurement(1, 1000, {"act:a": _spectrum()})
+    (run / "run.json").write_bytes(b"")
+    with pytest.warns(RecordWarning, match=r"holds measurements.*tail_window=\(100, 200\)") as got:
+        RunWriter(run, _info(), resume=True, fsync=False).close()
+    assert [g.filename for g in got if "is empty" in str(g.message)] == [__file__]
+    (run / "run.json").write_bytes(b"")
+    with pytest.warns(RecordWarning, match="is empty") as got:  # the recorded window given: said as written
+        RunWriter(run, _info(), resume=True, fsync=False, tail_window=(2, 8)).close()
+    assert "tail_window=(2, 8)" in " ".join(str(g.message) for g in got)
+    assert RunRecord.open(run).summary_windows["tail"] == (2, 8)
+
+
+@pytest.mark.parametrize("given", [dict(batch_size=16.0, total_tokens=1e6),
+                                   dict(batch_size=np.int64(16), seed=np.int64(0), batch_tier=np.float64(8.0),
+                                        n_layer=np.int32(12))])
+def test_numbers_equal_to_the_recorded_ones_are_no_difference(tmp_path, given):
+    # a regression guard on the new refusal: the fields compare by value, as the record reads them back
+    run = tmp_path / "run"
+    with RunWriter(run, _info(), fsync=False) as w:
+        w.log_measurement(1, 1000, {"act:a": _spectrum()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RunWriter(run, _info(**given), resume=True, fsync=False).close()
+    with pytest.raises(ValueError, match="batch_size: recorded 16, given 16.5"):
+        RunWriter(run, _info(batch_size=16.5), resume=True, fsync=False)
