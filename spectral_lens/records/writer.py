@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import operator
@@ -54,6 +55,7 @@ from .schema import (
     RunInfo,
     _is_count,
     _is_number,
+    _json_default,
     _json_line,
     _safe_name,
     _write_json_atomic,
@@ -175,8 +177,6 @@ class RunWriter:
                 raise ValueError(
                     f"{run_file}: resuming run {stored.run_id!r} with info for run {info.run_id!r}"
                 )
-            # before, every other field given was dropped without a word (a budget extended, another batch size)
-            filled = {} if info is None else _resumed_fields(run_file, stored, info, self.path / MEASUREMENTS_FILE)
             self.info = stored
             header = RunRecord._read_header(self.path)
             windows = header.get("summary_windows", {})
@@ -187,6 +187,9 @@ class RunWriter:
                     f"{run_file}: resuming a run recorded with tail_window={self.tail_window} with "
                     f"tail_window={tuple(tail_window)}; one run's summaries use one window (omit tail_window to keep it)"
                 )
+            # before, every other field given was dropped without a word (a budget extended, another batch size)
+            filled, budget_said = ({}, None) if info is None else _resumed_fields(run_file, stored, info,
+                                                                                   self.path / MEASUREMENTS_FILE)
             marked = _is_marked(_extras(header))  # withdrawn below
             # held by this writer, the lock says the writer that set a "running" is gone (without locks: unknown)
             stale = None if marked or self._lock_fd is None else _stale_running(_extras(header))
@@ -214,9 +217,14 @@ class RunWriter:
                 "summary_windows": {"tail": list(self.tail_window), "head": self.head_window and list(self.head_window)},
                 "created": time.time(),
             }
-            if _is_empty_file(run_file):  # nothing in it is lost
+            if _is_empty_file(run_file):  # nothing in it is lost; but the windows the summaries recorded were
+                measured = resume and not _holds_no_line(self.path / MEASUREMENTS_FILE)  # computed with may be
                 warnings.warn(f"{run_file} is empty (a crash while it was created): written again from the RunInfo "
-                              "given", RecordWarning, stacklevel=3)  # the user's RunWriter(...): _open < __init__
+                              "given" + (f"; {MEASUREMENTS_FILE} holds measurements whose stored summaries used the "
+                                         "windows of the writer that recorded them, now recorded as tail_window="
+                                         f"{self.tail_window}, head_window={self.head_window}: pass that writer's "
+                                         "tail_window= / head_window= if they differ" if measured else ""),
+                              RecordWarning, stacklevel=3)  # the user's RunWriter(...): _open < __init__
             _write_json_atomic(run_file, header, fsync)
         (self.path / SPECTRA_DIR).mkdir(exist_ok=True)
         if resume:
@@ -229,6 +237,8 @@ class RunWriter:
             _fsync_dir(self.path.parent)
         if existing and filled:  # fields the record lacked (or a budget no measurement used yet): only now, so that
             header.update(filled)  # a resume refused above leaves run.json as it was
+            if budget_said is not None:
+                warnings.warn(budget_said, RecordWarning, stacklevel=3)  # the user's RunWriter(...): _open < __init__
             _write_json_atomic(run_file, header, fsync)
             for key, value in filled.items():
                 setattr(self.info, key, value)
@@ -517,12 +527,12 @@ class RunWriter:
                 summ.update(user_summaries.get(name, {}))
                 all_summaries[name] = summ
                 entries[name]["summaries"] = summ
+            if spectra and self.fsync:  # inside: a failure (EIO) leaves no files either (before, they stayed)
+                _fsync_dir(self.path / SPECTRA_DIR)
         except BaseException:  # e.g. a later spectrum refused or the disk full: no line will refer to the
             for entry in entries.values():  # files already saved, so do not leave them behind
                 (self.path / entry["file"]).unlink(missing_ok=True)
             raise
-        if spectra and self.fsync:
-            _fsync_dir(self.path / SPECTRA_DIR)
         now = time.time()
         line = {
             "step": int(step),
@@ -938,16 +948,19 @@ _INFO_FIELDS = ("family", "batch_tier", "tokens_per_step", "seed", "n_layer", "t
                 "primary_spectrum")
 
 
-def _resumed_fields(run_file: Path, stored: RunInfo, given: RunInfo, measurements: Path) -> dict[str, Any]:
+def _resumed_fields(run_file: Path, stored: RunInfo, given: RunInfo,
+                    measurements: Path) -> tuple[dict[str, Any], str | None]:
     """The fields of ``given`` (the ``RunInfo`` passed to a resume) to write into ``run_file``: those the record
     left ``None``, and a changed ``total_tokens`` while ``measurements`` holds no line (nothing was measured as a
-    fraction of the old budget; a :class:`RecordWarning` says it). Any other field given that differs from the
+    fraction of the old budget), with the text of the :class:`RecordWarning` that the caller says when it writes
+    it (said here, it came before another field's refusal, for a budget never written). Any other field given that differs from the
     record (``None`` given: the record's) is a ``ValueError`` naming each field, recorded and given, before
     anything is written: the analyses group runs by family and batch tier, read the budget's fractions that each
     measurement stored, compare the noise scale against the batch size. ``extras`` given that differ from the
     record's are a :class:`RecordWarning` pointing to :meth:`RunWriter.update_info` (kept as recorded)."""
     filled: dict[str, Any] = {}
     differ: list[str] = []
+    budget_said = None
     for key in _INFO_FIELDS:
         old, new = getattr(stored, key), getattr(given, key)
         if new is None or old == new:
@@ -956,8 +969,8 @@ def _resumed_fields(run_file: Path, stored: RunInfo, given: RunInfo, measurement
             filled[key] = new
         elif key == "total_tokens" and _holds_no_line(measurements):
             filled[key] = new
-            warnings.warn(f"{run_file}: total_tokens changed from the recorded {old!r} to {new!r} (no measurement "
-                          "was recorded yet)", RecordWarning, stacklevel=4)  # the user's RunWriter(...) call
+            budget_said = (f"{run_file}: total_tokens changed from the recorded {old!r} to {new!r} (no measurement "
+                           "was recorded yet)")  # said by _open when it writes it
         else:
             differ.append(f"{key}: recorded {old!r}, given {new!r}")
     if differ:
@@ -971,19 +984,31 @@ def _resumed_fields(run_file: Path, stored: RunInfo, given: RunInfo, measurement
                "an extended run in a new directory" if budget else "")
             + ". Free-form metadata (RunInfo.extras) can be changed with writer.update_info(**extras)")
     extras = [f"{k}: recorded {stored.extras.get(k, '(none)')!r}, given {v!r}"
-              for k, v in given.extras.items() if k not in stored.extras or not _same(stored.extras[k], v)]
+              for k, v in map(_as_recorded, given.extras.items())  # compared as run.json holds them
+              if k not in stored.extras or not _same(stored.extras[k], v)]
     if extras:
         warnings.warn(f"{run_file}: RunInfo.extras given to the resume differ from the record's ({'; '.join(extras)});"
                       " kept as recorded: change them with writer.update_info(**extras)", RecordWarning,
                       stacklevel=4)  # the user's RunWriter(...) call: _resumed_fields < _open < __init__
-    return filled
+    return filled, budget_said
+
+
+def _as_recorded(item: tuple[Any, Any]) -> tuple[Any, Any]:
+    """An extras ``(key, value)`` given as ``run.json`` would hold it (a JSON round trip: a tuple is a list, a NumPy
+    value a number or list, a key a string), so that a resume with the ``RunInfo`` the run was created with finds
+    no difference; as given when JSON cannot hold it (it differs from anything recorded)."""
+    try:
+        return next(iter(json.loads(json.dumps(dict([item]), default=_json_default)).items()))
+    except (TypeError, ValueError, RecursionError):
+        return item
 
 
 def _same(recorded: Any, given: Any) -> bool:
-    """Whether an extras value given equals the recorded one (a comparison that fails, e.g. of an array, is no)."""
+    """Whether an extras value given (:func:`_as_recorded`) is the recorded one: their JSON texts, keys sorted, are
+    equal (before, ``==``: a NaN recorded differed from itself; a comparison that fails, of an array, is no)."""
     try:
-        return bool(recorded == given)
-    except (TypeError, ValueError):  # an array's truth value is ambiguous
+        return json.dumps(recorded, sort_keys=True) == json.dumps(given, sort_keys=True)
+    except (TypeError, ValueError, RecursionError):
         return False
 
 
