@@ -1056,7 +1056,8 @@ class SpectralLens:
                 "params=() to measure activations only"
             )
         # bounded-memory mode's compute recomputes chunks: forwards that are collectives of a tensor-parallel mesh,
-        # each after a round of the peers (a failure of one rank between them raises on each at once)
+        # each after a round of the peers (a failure of one rank between them raises on each at once); where every
+        # rank runs the protocol, collectives over the group: a round of its ranks before each, and one after
         rounds = peers
         if peers is None and everywhere and self.probe.max_resident_samples is not None:
             rounds = PeerRounds(self.group, "the gradient protocol's compute in bounded-memory mode (between its "
