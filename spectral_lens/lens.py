@@ -142,6 +142,19 @@ def _checked_group(group):
     raise TypeError(f"SpectralLens: group= takes a torch.distributed process group, got {kind}: {hint}")
 
 
+@contextlib.contextmanager
+def _recomputation(rounds: PeerRounds):
+    """Around one recomputation of a non-resident chunk in bounded-memory mode where every rank runs the gradient
+    protocol (FSDP, ZeRO-3, one tensor-parallel replica): a round of the ranks first (:meth:`PeerRounds.forward`),
+    so that a failure of one rank between the recomputations (the Gram blocks out of memory, replaying a chunk's RNG
+    state) raises on every rank at once; the recomputation's forwards and backwards are collectives, so an error
+    inside them is :func:`~spectral_lens._agree.collective_pass`'s (as in the pass's updates). Before, the failed
+    rank's agreement met the other ranks' recomputation collectives: a gloo abort (NCCL: mixed buffers)."""
+    with rounds.forward(), collective_pass("the gradient protocol's recomputation of a non-resident chunk "
+                                           "(bounded-memory mode)"):
+        yield
+
+
 class SpectralLens:
     """Measure activation and per-sample gradient spectra of a model over a fixed held-out pool.
 
@@ -1043,13 +1056,29 @@ class SpectralLens:
                 "params=() to measure activations only"
             )
         # bounded-memory mode's compute recomputes chunks: forwards that are collectives of a tensor-parallel mesh,
-        # each after a round of the peers (a failure of one rank between them raises on each at once)
-        self.probe._around_recompute = None if peers is None else peers.forward
+        # each after a round of the peers (a failure of one rank between them raises on each at once); where every
+        # rank runs the protocol, collectives over the group: a round of its ranks before each, and one after
+        rounds = peers
+        if peers is None and everywhere and self.probe.max_resident_samples is not None:
+            rounds = PeerRounds(self.group, "the gradient protocol's compute in bounded-memory mode (between its "
+                                "recomputations, collectives over the ranks)", self.model)
         try:
-            spectra = self.probe.compute()
-            noise = self.probe.noise_scale()
-        finally:
-            self.probe._around_recompute = None
+            self.probe._around_recompute = None if rounds is None else (
+                rounds.forward if rounds is peers else lambda: _recomputation(rounds))
+            try:
+                spectra = self.probe.compute()
+                noise = self.probe.noise_scale()
+            finally:
+                self.probe._around_recompute = None
+            if rounds is not peers:
+                rounds.end()
+        except BaseException as exc:  # an interrupt too
+            if rounds is None or rounds is peers:
+                raise
+            failed = rounds.fail(exc)  # into the other ranks' next round (held Ctrl-C: a KeyboardInterrupt)
+            if failed is exc:
+                raise
+            raise failed from exc
         if isinstance(spectra, Spectrum):
             spectra = {next(iter(self.probe.params)): spectra}
             noise = {next(iter(self.probe.params)): noise}

@@ -629,15 +629,18 @@ class PerSampleGradientProbe:
         # copy takes its own hold of the step hook (__setstate__). The chunked head loss's functions close over the
         # head module it was decided on (a copy would measure the original model's head; a pickle fails on them):
         # the copy decides again on its own model, at its next update
-        state = {**self.__dict__, "_counting": None}
+        # the lens's hook around recomputations (set during its compute only: a copy made then, from a model's hook or
+        # another thread, would run the original's peers' rounds) is not copied
+        state = {**self.__dict__, "_counting": None, "_around_recompute": None}
         if self._head_fns is not None:
             state.update(_head_fns=None, head_loss_=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # a probe pickled before label smoothing existed: unsmoothed, its rows of unrecorded smoothing
+        # a probe pickled before label smoothing existed: unsmoothed, its rows of unrecorded smoothing; before review
+        # 30 (tpbounded): no hook around recomputations
         self.__dict__.update({"label_smoothing": 0.0, "_label_smoothing": 0.0, "_rows_smoothing": set(),
-                              "_layouts": set(), "_fast_rows": {}, **state})
+                              "_layouts": set(), "_fast_rows": {}, "_around_recompute": None, **state})
         if isinstance(self._fast_rows, set):  # pickled by review 30's gradchunks pass: chunk sizes not recorded
             self._fast_rows = dict.fromkeys(self._fast_rows)
         self._sync_counting()
