@@ -8,8 +8,9 @@ appends one measurement to a run record when a :class:`~spectral_lens.records.Ru
 :class:`~spectral_lens.schedule.Schedule` (when to measure) is in ``schedule``; the layer-stack defaults
 (``_blocks``), the default mask and pool checks (``_pools``) and the pool's content fingerprint
 (``_fingerprint``) are in private modules; all are importable from here. The ranks' agreement under
-``torch.distributed`` (on failures, layers, pool lengths, and rank 0's values) is in the private module ``_agree``; the gradient protocol's batches (the gradient pool cut to
-``gradient_samples``, and the ranks' agreement on each batch where every rank runs the protocol) in ``_gradient_pool``.
+``torch.distributed`` (on failures, layers, pool lengths, and rank 0's values) is in the private module ``_agree``;
+the gradient protocol's batches (the gradient pool cut to ``gradient_samples``, and the ranks' agreement on each batch
+where every rank runs the protocol) in ``_gradient_pool``.
 """
 
 from __future__ import annotations
