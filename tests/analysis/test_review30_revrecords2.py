@@ -12,19 +12,9 @@ import numpy as np
 import pytest
 
 from spectral_lens.records import RecordWarning, RunInfo, RunRecord, RunWriter
-from spectral_lens.spectrum import Spectrum
 
 
-def _spectrum(seed: int = 0, n: int = 30) -> Spectrum:
-    values = np.sort(np.random.default_rng(seed).random(n))[::-1] + 0.01
-    return Spectrum(values, dim=n, kind="activation_covariance", n_rows=500)
-
-
-def _info(**kw) -> RunInfo:
-    base = dict(family="F", batch_tier=8, tokens_per_step=1000, seed=0, n_layer=12, total_tokens=10**6,
-                batch_size=16, primary_spectrum="act:a")
-    base.update(kw)
-    return RunInfo("r", **base)
+from .test_review30_records2 import _info, _spectrum  # the records2 tests' spectrum and RunInfo
 
 
 def test_extras_that_json_records_as_given_are_no_difference(tmp_path):
