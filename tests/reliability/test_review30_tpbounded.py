@@ -31,6 +31,7 @@ import torch.distributed as dist
 from reliability.test_review28_revtp import _counted
 from reliability.test_review29_drivertp2 import then_forward
 from reliability.test_review30_revtplens import sigint_here
+from reliability.test_review30_tpbounded_fast import _in_compute
 from reliability.test_tensor_parallel import LAYERS, _mesh, _plain, _pool, _tp, _values
 from support.ranks import checked_case, run_gloo_cases
 
@@ -68,16 +69,7 @@ def fail_in_compute(lens, where: str, failing: bool) -> None:
     if not failing:
         return
     probe, flag = lens.probe, []
-    compute = probe.compute
-
-    def flagged(*args, **kwargs):
-        flag.append(True)
-        try:
-            return compute(*args, **kwargs)
-        finally:
-            flag.clear()
-
-    probe.compute = flagged
+    _in_compute(probe, flag)
     if where == "rng":
         real = probe_mod.set_rng_state
 
